@@ -1,0 +1,5 @@
+"""Recording a forward pass: :func:`trace` and the :class:`Trace` it returns."""
+
+from .trace import Activations, Trace, trace
+
+__all__ = ["Activations", "Trace", "trace"]

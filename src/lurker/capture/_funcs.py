@@ -1,0 +1,129 @@
+"""Facts about torch callables, computed once per callable and cached.
+
+The recorder asks these questions for every intercepted call, so the answers are memoised
+in a dict keyed by the callable itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+_RENAMES = {"truediv": "div", "rtruediv": "rdiv", "floordiv": "floor_divide"}
+
+# In-place dunder operators: they mutate their first argument.
+_INPLACE_DUNDERS = {
+    "iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "imatmul",
+    "iand", "ior", "ixor", "ilshift", "irshift", "setitem",
+}  # fmt: skip
+
+# Ops whose output depends on the random generator (or is uninitialised memory), so a
+# re-execution cannot be compared with the recorded output.
+_RANDOM = {
+    "rand", "randn", "randint", "rand_like", "randn_like", "randint_like", "randperm",
+    "normal", "normal_", "uniform_", "bernoulli", "bernoulli_", "multinomial", "poisson",
+    "exponential_", "geometric_", "cauchy_", "log_normal_", "random_", "rrelu", "rrelu_",
+    "empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided", "gumbel_softmax",
+}  # fmt: skip
+_DROPOUTS = {
+    "dropout", "dropout_", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout",
+    "alpha_dropout_", "feature_alpha_dropout", "feature_dropout", "feature_dropout_",
+}  # fmt: skip
+
+
+def _unchecked(fn: Any) -> Any:
+    """A copy of a torch.nn.functional composite whose torch-function check is off.
+
+    Such a function first asks ``has_torch_function`` and, under a mode, hands itself to
+    the mode again; the copy skips that question so that, run inside the recorder, its
+    parts (projections, the attention softmax) are recorded as ops of their own.
+    """
+    g = dict(fn.__globals__)
+    g["has_torch_function"] = lambda *a, **k: False
+    g["has_torch_function_unary"] = lambda *a, **k: False
+    g["has_torch_function_variadic"] = lambda *a, **k: False
+    copy = types.FunctionType(fn.__code__, g, fn.__name__, fn.__defaults__, fn.__closure__)
+    copy.__kwdefaults__ = fn.__kwdefaults__
+    return copy
+
+
+# Python-level composites worth seeing inside: callable -> its unchecked copy.
+DECOMPOSE: dict[Any, Any] = {
+    f: _unchecked(f) for f in (torch.nn.functional.multi_head_attention_forward,)
+}
+
+# Conversions of tensor data to Python values: the model's control flow may depend on them.
+READOUTS = {"__bool__", "item", "__int__", "__float__", "__index__", "tolist", "__len__"}
+
+
+@dataclass(frozen=True, slots=True)
+class FuncInfo:
+    """What the recorder needs to know about one callable."""
+
+    name: str  # readable op name: 'conv2d', 'add', 'getitem', 'relu_'
+    inplace_first: bool  # mutates its first tensor argument
+    readout: bool  # converts tensor data to a Python value (bool/int/float)
+    random: bool  # depends on the RNG (dropout only when training=True)
+    dropout: bool
+
+
+def op_name(func: Any) -> str:
+    """A readable, stable name for a torch callable."""
+    name = getattr(func, "__name__", None) or type(func).__name__
+    if name == "__get__":  # a Tensor property such as .T or .data
+        owner = getattr(func, "__self__", None)
+        name = getattr(owner, "__name__", "get")
+    if name.startswith("__") and name.endswith("__") and len(name) > 4:
+        name = name[2:-2]
+    return _RENAMES.get(name, name)
+
+
+_cache: dict[Any, FuncInfo] = {}
+
+
+def func_info(func: Any) -> FuncInfo:
+    info = _cache.get(func)
+    if info is None:
+        raw = getattr(func, "__name__", "") or ""
+        name = op_name(func)
+        inplace = (name.endswith("_") and not name.endswith("__")) or name in _INPLACE_DUNDERS
+        info = FuncInfo(
+            name=name,
+            inplace_first=inplace,
+            readout=raw in READOUTS,
+            random=name in _RANDOM,
+            dropout=name in _DROPOUTS,
+        )
+        with contextlib.suppress(TypeError):  # unhashable callable: just don't cache
+            _cache[func] = info
+    return info
+
+
+def mutated_buffers(info: FuncInfo, args: tuple, kwargs: dict) -> list[Any]:
+    """Running statistics a normalisation op updates in place (training mode only)."""
+    if info.name == "batch_norm":
+        training = kwargs.get("training", args[5] if len(args) > 5 else False)
+    elif info.name == "instance_norm":
+        training = kwargs.get("use_input_stats", args[5] if len(args) > 5 else True)
+    else:
+        return []
+    if not training:
+        return []
+    stats = [kwargs.get("running_mean"), kwargs.get("running_var")]
+    stats = [a for a in (*args[1:3], *stats) if isinstance(a, torch.Tensor)]
+    return stats
+
+
+def is_random_call(info: FuncInfo, args: tuple, kwargs: dict) -> bool:
+    """Whether this particular call draws random numbers."""
+    if info.random:
+        return True
+    if info.dropout:
+        training = kwargs.get("training", args[2] if len(args) > 2 else True)
+        p = kwargs.get("p", args[1] if len(args) > 1 else 0.5)
+        return bool(training) and p != 0
+    return False

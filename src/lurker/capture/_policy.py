@@ -1,0 +1,87 @@
+"""Which activations a trace keeps: ``save=`` in :func:`lurker.trace`."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from torch import nn
+
+from ..errors import LurkerError
+from ..graph.nodes import Op
+
+
+class SavePolicy:
+    """Decides per op (at record time) and per module call (when it returns)."""
+
+    def __init__(
+        self,
+        ops: Callable[[Op], bool] | None = None,
+        modules: Callable[[str, nn.Module], bool] | None = None,
+        everything: bool = False,
+    ):
+        self._ops = ops
+        self._modules = modules
+        self.everything = everything
+
+    def wants_op(self, op: Op) -> bool:
+        return self.everything or (self._ops is not None and self._ops(op))
+
+    def wants_module(self, path: str, module: nn.Module) -> bool:
+        return self._modules is not None and self._modules(path, module)
+
+    @property
+    def saves_modules(self) -> bool:
+        return self._modules is not None
+
+
+def _match(patterns: list[str], *names: str) -> bool:
+    for n in names:
+        for p in patterns:
+            if n == p or fnmatch.fnmatchcase(n, p):
+                return True
+    return False
+
+
+def make_policy(save: Any) -> SavePolicy:
+    """Turn the user's ``save=`` into a :class:`SavePolicy`.
+
+    Accepts ``"all"``/``True``, ``"none"``/``False``/``None``, a name or glob or a list of
+    them (op labels like ``conv2d_3``, rolled labels, module paths like ``features.*``),
+    a module class or tuple of classes, or a predicate ``fn(op) -> bool``.
+    """
+    if save is True or save == "all":
+        return SavePolicy(everything=True)
+    if save is False or save is None or save == "none":
+        return SavePolicy()
+    if isinstance(save, type) and issubclass(save, nn.Module):
+        save = (save,)
+    if isinstance(save, tuple) and save and all(isinstance(s, type) for s in save):
+        types = save
+        return SavePolicy(modules=lambda path, mod: isinstance(mod, types))
+    if isinstance(save, str):
+        save = [save]
+    if callable(save):
+        fn = save
+        return SavePolicy(ops=lambda op: bool(fn(op)))
+    if isinstance(save, Iterable):
+        pats = list(save)
+        if not all(isinstance(p, str) for p in pats):
+            raise LurkerError(
+                f"save={save!r} mixes names with other things. Pass names/globs "
+                "(['features.*', 'conv2d_3']), module classes ((nn.Conv2d, nn.Linear)), "
+                "'all', 'none' or a function op -> bool."
+            )
+
+        def ops(op: Op) -> bool:
+            return _match(pats, op.label, f"{op.label}:{op.pass_num}", op.name)
+
+        def modules(path: str, mod: nn.Module) -> bool:
+            return _match(pats, path)
+
+        return SavePolicy(ops=ops, modules=modules)
+    raise LurkerError(
+        f"save={save!r} is not understood. Use 'all', 'none', a list of op labels or "
+        "module paths (globs allowed), module classes, or a function op -> bool."
+    )

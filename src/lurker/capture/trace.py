@@ -1,0 +1,439 @@
+"""``lurker.trace``: record a model's forward pass, and the :class:`Trace` it returns."""
+
+from __future__ import annotations
+
+import fnmatch
+import inspect
+import threading
+import traceback
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import nullcontext
+from pathlib import Path
+from time import perf_counter
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import LurkerError, TraceError
+from ..graph import postprocess
+from ..graph.nodes import ModuleInfo, Op, TensorMeta
+from ._policy import make_policy
+from ._recorder import Recorder
+from ._tree import map_tensors, paths
+
+
+def trace(
+    model: nn.Module,
+    *args: Any,
+    save: Any = "all",
+    transform: Callable[[Tensor], Tensor] | None = None,
+    save_to: str | torch.device | None = None,
+    grads: bool = False,
+    **kwargs: Any,
+) -> Trace:
+    """Run ``model(*args, **kwargs)`` once and record every tensor operation.
+
+    Args:
+        model: any ``nn.Module``; it is not modified (hooks are removed afterwards).
+        save: which activations to keep: ``"all"`` (default), ``"none"``, op labels /
+            module paths / globs (``["features.*", "conv2d_3"]``), module classes
+            (``nn.Conv2d``), or a predicate ``fn(op) -> bool``.
+        transform: applied to each saved activation (and gradient) before it is kept,
+            e.g. ``lambda t: t.mean((2, 3))`` to keep only spatial means.
+        save_to: device for saved tensors (e.g. ``"cpu"`` to keep GPU memory free).
+        grads: register gradient hooks so that after ``trace.backward()`` (or your own
+            ``.backward()`` on ``trace.output``) each saved op holds its gradient.
+
+    Raises:
+        TraceError: the model raised; ``err.partial`` holds the trace up to the failing op.
+    """
+    if not isinstance(model, nn.Module):
+        raise LurkerError(
+            f"lurker.trace needs an nn.Module, got {type(model).__name__}. "
+            "Pass the model object itself: lurker.trace(model, x)."
+        )
+    policy = make_policy(save)
+    device = torch.device(save_to) if save_to is not None else None
+    rec = Recorder(model, save=policy, transform=transform, device=device, grads=grads)
+    named = _name_inputs(model, args, kwargs)
+    for name, t in named:
+        rec.add_source_node("input", name, t)
+    inputs_copy = (
+        map_tensors(args, lambda t: t.detach().clone()),
+        map_tensors(kwargs, lambda t: t.detach().clone()),
+    )
+    rng = _rng_state()
+    rec.attach()
+    rec.active = True
+    grad_ctx = torch.enable_grad() if grads else nullcontext()
+    t0 = perf_counter()
+    try:
+        with grad_ctx, rec:
+            output = model(*args, **kwargs)
+    except Exception as e:
+        rec.active = False
+        rec.detach()
+        partial = Trace._build(rec, None, inputs_copy, rng, perf_counter() - t0, complete=False)
+        raise _trace_error(model, e, partial, rec) from e
+    finally:
+        rec.active = False
+        rec.detach()
+    wall = perf_counter() - t0
+    return Trace._build(rec, output, inputs_copy, rng, wall, complete=True)
+
+
+def _name_inputs(model: nn.Module, args: tuple, kwargs: dict) -> list[tuple[str, Tensor]]:
+    """Name each input tensor by the forward() parameter it binds to (``x``, ``mask[0]``)."""
+    try:
+        bound = inspect.signature(model.forward).bind(*args, **kwargs)
+        items = list(bound.arguments.items())
+    except (TypeError, ValueError):
+        items = [(f"args[{i}]", a) for i, a in enumerate(args)] + list(kwargs.items())
+    out: list[tuple[str, Tensor]] = []
+    for name, value in items:
+        paths(value, name, out)
+    return out
+
+
+def _rng_state() -> tuple[Tensor, list[Tensor] | None]:
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), cuda
+
+
+def _trace_error(model: nn.Module, e: Exception, partial: Trace, rec: Recorder) -> TraceError:
+    msg = str(e).strip().splitlines()
+    first = msg[0] if msg else ""
+    detail = " ".join(m.strip() for m in msg[1:3] if m.strip())
+    kind = type(e).__name__
+    mname = type(model).__name__
+    failed = rec.failed
+    if failed is not None:
+        label = partial.ops[failed.index].label
+        shapes = [
+            tuple(partial.ops[s].outputs[k].shape) if s >= 0 else tuple(_param_shape(rec, k))
+            for s, k in failed._inputs
+        ]
+        where = f" in module '{failed.module}'" if failed.module else ""
+        src = f", called at {failed.source}" if failed.source else ""
+        near_input = failed.dist_from_input is not None and failed.dist_from_input <= 2
+        hint = (
+            " This op is right after the model's input, so the input probably does not have "
+            "the shape or dtype the model expects: check the shape you passed "
+            "(CLI: --input-shape)."
+            if near_input
+            else " Check the shapes flowing into this op; `err.partial.summary()` shows "
+            "every op recorded before it."
+        )
+        text = (
+            f"{mname} failed in op {label} ({failed.name}){where}{src}: {kind}: {first}"
+            f"{(' ' + detail) if detail else ''}. Its tensor inputs had shapes {shapes}."
+            f"{hint} The partial trace ({len(partial.ops) - 1} ops before the failure) "
+            "is in `err.partial`; torch is left untouched."
+        )
+        return TraceError(text, partial=partial, failed_op=label)
+    tb = traceback.extract_tb(e.__traceback__)
+    loc = f" at {tb[-1].filename}:{tb[-1].lineno}" if tb else ""
+    last = partial.ops[-1].label if partial.ops else "none"
+    text = (
+        f"{mname} raised {kind}{loc} (in its own code, not in a tensor op; last op "
+        f"recorded: {last}): {first}. Fix the model code or its inputs; the partial trace "
+        "is in `err.partial`."
+    )
+    return TraceError(text, partial=partial, failed_op=None)
+
+
+def _param_shape(rec: Recorder, name: str) -> tuple[int, ...]:
+    return rec.param_shapes.get(name, ())
+
+
+class Trace:
+    """Everything recorded during one traced forward pass.
+
+    Index it by op label (``trace["conv2d_3"]``), module path (``trace["features.3"]``,
+    the op that produced that module's output; ``"cell:2"`` for a later pass), input or
+    output name, or position. Iterating yields the ops in execution order.
+    """
+
+    SCHEMA_VERSION = 1
+
+    def __init__(self) -> None:
+        self.ops: list[Op] = []
+        self.modules: dict[str, ModuleInfo] = {}
+        self.output: Any = None
+        self.model: nn.Module | None = None
+        self.model_name = ""
+        self.complete = True
+        self.time = 0.0
+        self.failed_op: str | None = None
+        self.param_shapes: dict[str, tuple[int, ...]] = {}
+        self._inputs: tuple[tuple, dict] = ((), {})
+        self._rng: Any = None
+        self._transform: Callable[[Tensor], Tensor] | None = None
+        self._index: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def _build(
+        cls, rec: Recorder, output: Any, inputs: tuple, rng: Any, wall: float, complete: bool
+    ) -> Trace:
+        tr = cls()
+        tr.model = rec.model
+        tr.model_name = type(rec.model).__name__
+        tr.complete = complete
+        tr.time = wall
+        tr._inputs = inputs
+        tr._rng = rng
+        tr._transform = rec.transform
+        tr.param_shapes = rec.param_shapes
+        tr.modules = rec.module_info
+        tr.output = output
+        if output is not None:
+            for name, t in paths(output, "output", []):
+                hit = rec.producers.get(id(t))
+                src = hit[1] if hit is not None and hit[0]() is t else rec._resolve(t)[0]
+                k = hit[2] if hit is not None and hit[0]() is t else 0
+                idx = len(rec.nodes)
+                node = Op(index=idx, kind="output", name=name, parents=[src])
+                node.outputs = [TensorMeta(tuple(t.shape), t.dtype, t.device, t.requires_grad)]
+                node._inputs = [(src, k)]
+                parent_act = rec.nodes[src].activation
+                if parent_act is not None:
+                    node.activation = parent_act[k] if isinstance(parent_act, tuple) else parent_act
+                if rec.save.wants_op(node) and node.activation is None:
+                    node.activation = t.detach()
+                rec.nodes[src].children.append(idx)
+                rec.nodes.append(node)
+        postprocess.finish(rec.nodes, rec.module_info, rec.keys)
+        tr.ops = rec.nodes
+        if rec.failed is not None:
+            tr.failed_op = rec.failed.label
+        tr._reindex()
+        return tr
+
+    def _reindex(self) -> None:
+        idx: dict[str, int] = {}
+        for op in self.ops:
+            idx.setdefault(op.label, op.index)
+            if op.kind in ("input", "output", "buffer"):
+                idx.setdefault(op.name, op.index)
+            for m in op.module_outputs:
+                idx[m] = op.index  # the last op producing a module output wins
+        self._index = idx
+
+    # ------------------------------------------------------------------ lookup
+    def __len__(self) -> int:
+        return len(self.ops)
+
+    def __iter__(self) -> Iterator[Op]:
+        return iter(self.ops)
+
+    def __contains__(self, key: object) -> bool:
+        try:
+            self[key]  # type: ignore[index]
+        except KeyError:
+            return False
+        return True
+
+    def __getitem__(self, key: str | int) -> Op:
+        if isinstance(key, int):
+            return self.ops[key]
+        i = self._index.get(key)
+        if i is not None:
+            return self.ops[i]
+        info = self.modules.get(key)
+        if info is not None and info.num_passes > 1:
+            raise KeyError(
+                f"module '{key}' ran {info.num_passes} times; name a pass: "
+                + ", ".join(f"'{key}:{p}'" for p in range(1, min(info.num_passes, 5) + 1))
+                + (" ..." if info.num_passes > 5 else "")
+            )
+        if info is not None:
+            raise KeyError(f"module '{key}' produced no tensor output in this forward pass")
+        rolled = [op for op in self.ops if op.rolled == key]
+        if rolled:
+            raise KeyError(
+                f"'{key}' ran {len(rolled)} times; name a pass: '{rolled[0].label}' .. "
+                f"'{rolled[-1].label}' (or use trace.passes('{key}'))"
+            )
+        import difflib
+
+        names = list(self._index)
+        close = difflib.get_close_matches(str(key), names, n=5)
+        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        raise KeyError(f"no op or module named {key!r} in this trace.{hint}")
+
+    def passes(self, rolled: str) -> list[Op]:
+        """All passes of a layer that ran several times (``trace.passes('linear_1')``)."""
+        return [op for op in self.ops if op.rolled == rolled]
+
+    def find(self, pattern: str) -> list[Op]:
+        """Ops whose label, name or module path matches a glob pattern."""
+        return [
+            op
+            for op in self.ops
+            if fnmatch.fnmatchcase(op.label, pattern)
+            or fnmatch.fnmatchcase(op.name, pattern)
+            or any(fnmatch.fnmatchcase(m, pattern) for m in op.module_outputs)
+        ]
+
+    @property
+    def inputs(self) -> list[Op]:
+        return [op for op in self.ops if op.kind == "input"]
+
+    @property
+    def outputs(self) -> list[Op]:
+        return [op for op in self.ops if op.kind == "output"]
+
+    @property
+    def layers(self) -> list[Op]:
+        """The operations proper (no inputs, outputs, buffers or constants)."""
+        return [op for op in self.ops if op.kind in ("op", "generated")]
+
+    # ------------------------------------------------------------------ model facts
+    @property
+    def num_ops(self) -> int:
+        return len(self.layers)
+
+    @property
+    def num_params(self) -> int:
+        return self.modules[""].num_params if "" in self.modules else 0
+
+    @property
+    def activation_bytes(self) -> int:
+        """Bytes of every op's output (what saving all activations costs)."""
+        return sum(op.nbytes for op in self.layers)
+
+    @property
+    def flops(self) -> int:
+        return sum(op.flops or 0 for op in self.ops)
+
+    @property
+    def is_recurrent(self) -> bool:
+        return any(op.num_passes > 1 for op in self.ops)
+
+    @property
+    def has_branching(self) -> bool:
+        return any(op.kind == "readout" for op in self.ops)
+
+    @property
+    def branches(self) -> list[Op]:
+        """Readouts (``bool(t)``, ``t.item()``) whose values steered the Python code."""
+        return [op for op in self.ops if op.kind == "readout"]
+
+    def activations(self) -> dict[str, Any]:
+        """Saved activations by op label."""
+        return {op.label: op.activation for op in self.ops if op.activation is not None}
+
+    # ------------------------------------------------------------------ actions
+    def run(self, *args: Any, save: Any = None, **kwargs: Any) -> Activations:
+        """Activations for new inputs, reusing this trace's graph (no re-recording).
+
+        By default the same ops as in this trace are saved; ``save=`` selects others.
+        Raises :class:`~lurker.errors.GraphChangedError` if the new input takes another
+        path through the model (a data-dependent branch), naming the first op that differs.
+        """
+        from ._replay import replay
+
+        return replay(self, args, kwargs, save)
+
+    def backward(self, gradient: Any = None, output: Callable[[Any], Tensor] | None = None) -> None:
+        """Backpropagate from the traced output so saved ops receive ``.grad``.
+
+        ``output`` picks the tensor to differentiate from the model's output (e.g.
+        ``lambda out: out[0, 3]``); without it, the output must be a single tensor, and
+        ``gradient`` defaults to ones (the gradient of its sum).
+        """
+        if self.output is None:
+            raise LurkerError("This trace has no output (the forward pass failed).")
+        target = output(self.output) if output is not None else self.output
+        if not isinstance(target, Tensor):
+            raise LurkerError(
+                "trace.backward() needs one tensor; the model returned "
+                f"{type(target).__name__}. Pick one: trace.backward(output=lambda out: out['logits'].sum())."
+            )
+        if not target.requires_grad:
+            raise LurkerError(
+                "The traced output does not require grad: trace with grads=True, outside "
+                "torch.no_grad(), with parameters or inputs that require grad."
+            )
+        if gradient is None:
+            gradient = torch.ones_like(target)
+        target.backward(gradient)
+
+    def validate(self, *, rtol: float = 1e-4, atol: float = 1e-5) -> ValidationReport:
+        """Re-execute every op from its saved inputs and compare; check the final output.
+
+        Raises :class:`~lurker.errors.ValidationError` naming the first op that differs.
+        """
+        from ..validation.validate import validate
+
+        return validate(self, rtol=rtol, atol=atol)
+
+    def summary(self, depth: int | None = None) -> str:
+        """A torchinfo-like table of modules (down to ``depth``) with shapes, params, FLOPs."""
+        from ..render.summary import summary
+
+        return summary(self, depth=depth)
+
+    def to_json(self, path: str | Path | None = None) -> dict[str, Any]:
+        """The graph as a versioned JSON document (schema ``lurker.trace/1``, no activations)."""
+        from ..graph.schema import to_json
+
+        doc = to_json(self)
+        if path is not None:
+            import json
+
+            Path(path).write_text(json.dumps(doc, indent=1))
+        return doc
+
+    def render(
+        self,
+        path: str | Path,
+        *,
+        depth: int | None = None,
+        rolled: bool = False,
+        direction: str = "TB",
+        buffers: bool = False,
+    ) -> Path:
+        """Draw the graph with graphviz to ``.svg``, ``.pdf``, ``.png`` or ``.dot``.
+
+        Modules nest as clusters down to ``depth`` (all by default); deeper modules are
+        drawn as one box with their op and parameter counts. ``rolled=True`` draws one
+        node per layer of a loop, with pass counts on nodes and ``xN`` on repeated edges.
+        """
+        from ..render.graphviz import render
+
+        return render(self, path, depth=depth, rolled=rolled, direction=direction, buffers=buffers)
+
+    def __repr__(self) -> str:
+        state = "" if self.complete else f", failed at {self.failed_op}"
+        return (
+            f"<Trace {self.model_name}: {self.num_ops} ops, {self.num_params:,} params"
+            f", {self.activation_bytes / 2**20:.1f} MiB activations{state}>"
+        )
+
+
+class Activations(Mapping[str, Any]):
+    """Activations of one :meth:`Trace.run`, by op label (and module path)."""
+
+    def __init__(self, trace: Trace, values: dict[int, Any], output: Any):
+        self._trace = trace
+        self._values = values
+        self.output = output
+
+    def __getitem__(self, key: str | int) -> Any:
+        op = self._trace[key]
+        if op.index not in self._values:
+            raise KeyError(f"{op.label} was not saved in this run; pass save=[{op.label!r}]")
+        return self._values[op.index]
+
+    def __iter__(self) -> Iterator[str]:
+        return (self._trace.ops[i].label for i in self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+
+from ..validation.validate import ValidationReport  # noqa: E402  (re-export for typing)

@@ -1,0 +1,109 @@
+"""Derive what the hot path left out: labels with passes, distances, FLOPs, branches."""
+
+from __future__ import annotations
+
+from collections import deque
+from math import prod
+
+from .nodes import ModuleInfo, Op, TensorMeta
+
+
+def finish(
+    nodes: list[Op],
+    modules: dict[str, ModuleInfo],
+    passes: dict[object, list[int]],
+) -> None:
+    """Complete the recorded nodes in place (called once per trace)."""
+    counters: dict[str, int] = {}
+    for node in nodes:
+        if node._key is not None and node.kind in ("op", "generated", "readout", "failed"):
+            entry = passes.get(node._key)
+            node.num_passes = entry[1] if entry else 1
+            node.label = node.rolled if node.num_passes == 1 else f"{node.rolled}:{node.pass_num}"
+        elif not node.label:  # inputs, outputs, buffers, constants
+            counters[node.kind] = counters.get(node.kind, 0) + 1
+            node.label = node.rolled = f"{node.kind}_{counters[node.kind]}"
+        node.module_outputs = [
+            p if modules[p].num_passes <= 1 else f"{p}:{n}"
+            for p, n in node.module_outputs  # type: ignore[misc]
+        ]
+        for path, _ in node.modules:
+            modules[path].ops.append(node.index)
+        if node.kind == "readout":
+            for p in node.parents:
+                nodes[p].decides_branch = True
+            node.decides_branch = True
+        node.flops = flops(node, nodes)
+    _distances(nodes)
+
+
+def _distances(nodes: list[Op]) -> None:
+    q: deque[int] = deque()
+    for n in nodes:
+        if n.kind == "input":
+            n.dist_from_input = 0
+            q.append(n.index)
+    while q:
+        i = q.popleft()
+        d = nodes[i].dist_from_input + 1  # type: ignore[operator]
+        for c in nodes[i].children:
+            if nodes[c].dist_from_input is None:
+                nodes[c].dist_from_input = d
+                q.append(c)
+    for n in nodes:
+        if n.kind == "output":
+            n.dist_from_output = 0
+            q.append(n.index)
+    while q:
+        i = q.popleft()
+        d = nodes[i].dist_from_output + 1  # type: ignore[operator]
+        for p in nodes[i].parents:
+            if nodes[p].dist_from_output is None:
+                nodes[p].dist_from_output = d
+                q.append(p)
+
+
+def input_metas(node: Op, nodes: list[Op], param_shapes: dict[str, tuple[int, ...]] | None = None):
+    """Shapes of an op's tensor arguments, in argument order."""
+    metas: list[tuple[int, ...]] = []
+    for src, what in node._inputs:
+        if src >= 0:
+            metas.append(nodes[src].outputs[what].shape)
+        else:
+            metas.append(next((p.shape for p in node.params if p.name == what), ()))
+    return metas
+
+
+_CONV = {"conv1d", "conv2d", "conv3d", "convolution", "_convolution"}
+_CONV_T = {"conv_transpose1d", "conv_transpose2d", "conv_transpose3d"}
+_MATMUL = {"matmul", "mm", "bmm", "rmatmul"}
+
+
+def flops(node: Op, nodes: list[Op]) -> int | None:
+    """Floating-point operations (2 per multiply-add) of conv, linear and matmul-like ops."""
+    name = node.name
+    if not node.outputs or not node._inputs:
+        return None
+    out: TensorMeta = node.outputs[0]
+    try:
+        ins = input_metas(node, nodes)
+        if name in _CONV and len(ins) >= 2:
+            w = ins[1]
+            return 2 * out.numel * prod(w[1:])
+        if name in _CONV_T and len(ins) >= 2:
+            return 2 * prod(ins[0]) * prod(ins[1][1:])
+        if name == "linear" and len(ins) >= 2:
+            return 2 * out.numel * ins[1][-1]
+        if name in _MATMUL and len(ins) >= 2:
+            return 2 * out.numel * ins[0][-1]
+        if name in ("addmm", "baddbmm", "addbmm") and len(ins) >= 3:
+            return 2 * out.numel * ins[1][-1]
+        if name == "scaled_dot_product_attention" and len(ins) >= 3:
+            q, k, v = ins[:3]
+            lead = prod(q[:-2])
+            return 2 * lead * q[-2] * k[-2] * (q[-1] + v[-1])
+        if name == "einsum":
+            return None
+    except (IndexError, TypeError):
+        return None
+    return None

@@ -1,0 +1,495 @@
+"""Turn what a user types (a model spec, a weights path, an input shape) into torch objects.
+
+Everything a user can get wrong here raises a :mod:`lurker.errors` exception whose message
+names the cause and the fix, so the CLI can print it instead of a traceback from torch.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import importlib.util
+import itertools
+import os
+import pickle
+import re
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+from torch import nn
+
+from lurker.errors import InputSpecError, LurkerError, ModelSpecError, WeightsError
+
+__all__ = ["example_inputs", "load_model", "parse_input_shape"]
+
+_SPEC_FORMS = (
+    "Accepted forms: 'torchvision:NAME' (a torchvision architecture, random init, e.g. "
+    "'torchvision:resnet18'), 'timm:NAME' (e.g. 'timm:vit_tiny_patch16_224'), "
+    "'package.module:callable' (an importable zero-argument factory or nn.Module instance, "
+    "e.g. 'mypkg.models:build_model') and 'path/to/file.py:callable' (e.g. "
+    "'./net.py:Net' or './net.py:Net.small')."
+)
+_LIST_TORCHVISION = 'python -c "import torchvision; print(torchvision.models.list_models())"'
+_SAVE_STATE_DICT = "torch.save(model.state_dict(), path)"
+# Keys under which training scripts commonly nest the state dict in a checkpoint dict.
+_WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights")
+# Prefixes added by nn.DataParallel / DistributedDataParallel and by torch.compile.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+_MAX_LISTED = 5
+_file_module_ids = itertools.count()
+
+
+def load_model(
+    spec: str,
+    weights: str | os.PathLike[str] | None = None,
+    *,
+    device: str | torch.device = "cpu",
+) -> nn.Module:
+    """Build the model named by ``spec``, optionally load a state dict, and return it in eval mode.
+
+    Pretrained weights are never fetched (lurker runs offline and must be reproducible);
+    pass ``weights`` to load a local state dict instead. Raises :class:`ModelSpecError` or
+    :class:`WeightsError` with an actionable message for anything a user can get wrong.
+    """
+    spec = spec.strip()
+    model = _build(spec)
+    if weights is not None:
+        _load_weights(model, Path(os.fspath(weights)).expanduser(), spec)
+    try:
+        model = model.to(device)
+    except (RuntimeError, AssertionError, ValueError) as e:
+        raise LurkerError(
+            f"Could not move the model from spec '{spec}' to device '{device}': "
+            f"{type(e).__name__}: {_first_line(e)}. Pick a device that exists on this machine "
+            f"(e.g. 'cpu', or 'cuda' when torch.cuda.is_available() is True)."
+        ) from e
+    return model.eval()
+
+
+def parse_input_shape(text: str) -> list[tuple[int, ...]]:
+    """Parse a CLI shape string such as ``"1,3,224,224"`` or ``"1x10;1x5"`` into tuples.
+
+    One shape per model input, separated by ``;`` or whitespace; dims separated by ``,`` or
+    ``x``. Raises :class:`InputSpecError` naming the offending token, so a typo in a long
+    command line is easy to spot.
+    """
+    example = "e.g. '1,3,224,224' for one input or '1,10;1,5' for two"
+    # Tolerate spaces around dim separators ("1, 3, 224") before splitting on whitespace.
+    normalized = re.sub(r"\s*([,xX])\s*", r"\1", text.strip())
+    tokens = [t for t in re.split(r"[;\s]+", normalized) if t]
+    if not tokens:
+        raise InputSpecError(
+            f"Empty input shape {text!r}: give comma-separated positive dimensions, {example}."
+        )
+    shapes: list[tuple[int, ...]] = []
+    for token in tokens:
+        dims: list[int] = []
+        for part in re.split(r"[,xX]", token.strip("()[]")):
+            if not re.fullmatch(r"\d+", part):
+                what = "an empty dimension" if not part else f"{part!r} is not an integer"
+                raise InputSpecError(
+                    f"Invalid input shape token {token!r} in {text!r}: {what}. Dimensions must "
+                    f"be positive integers separated by ',' or 'x', {example}."
+                )
+            if int(part) <= 0:
+                raise InputSpecError(
+                    f"Invalid input shape token {token!r} in {text!r}: dimension {part} must be "
+                    f"positive, {example}."
+                )
+            dims.append(int(part))
+        shapes.append(tuple(dims))
+    return shapes
+
+
+def example_inputs(
+    shapes: list[tuple[int, ...]],
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+) -> list[torch.Tensor]:
+    """Return one random tensor per shape, identical for the same ``seed`` on any device.
+
+    Values are drawn on the CPU from a private generator (the global RNG is untouched) and
+    then moved, so traces are reproducible across runs and machines. Floating and complex
+    dtypes get standard-normal values; integer and bool dtypes get 0s and 1s, which are
+    valid indices for any embedding or class table.
+    """
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    tensors = []
+    for shape in shapes:
+        if dtype.is_complex:
+            t = torch.randn(shape, generator=generator, dtype=torch.complex64)
+        elif dtype.is_floating_point:
+            t = torch.randn(shape, generator=generator, dtype=torch.float32)
+        else:
+            t = torch.randint(0, 2, shape, generator=generator)
+        tensors.append(t.to(dtype=dtype).to(device))
+    return tensors
+
+
+# --------------------------------------------------------------------------- model specs
+
+
+def _build(spec: str) -> nn.Module:
+    if ":" not in spec:
+        raise ModelSpecError(_no_colon_message(spec))
+    if spec.startswith("torchvision:"):
+        return _build_torchvision(spec.partition(":")[2].strip())
+    if spec.startswith("timm:"):
+        return _build_timm(spec.partition(":")[2].strip())
+    target, _, attr_path = spec.rpartition(":")
+    target, attr_path = target.strip(), attr_path.strip()
+    if not target or not attr_path:
+        raise ModelSpecError(
+            f"Model spec '{spec}' needs a module or file before ':' and a callable after it. "
+            f"{_SPEC_FORMS}"
+        )
+    if target.endswith(".py"):
+        module = _import_file(Path(target).expanduser(), spec)
+    elif "/" in target or "\\" in target:
+        raise ModelSpecError(
+            f"Model spec '{spec}' looks like a file path, but '{target}' does not end in '.py'. "
+            f"Point at the Python file that defines the model, e.g. 'path/to/net.py:Net'."
+        )
+    else:
+        module = _import_module(target, spec)
+    return _call_factory(module, attr_path, spec)
+
+
+def _no_colon_message(spec: str) -> str:
+    hint = ""
+    if spec.endswith(".py"):
+        hint = f" Name the callable after a colon, e.g. '{spec}:build_model'."
+    elif spec:
+        import torchvision
+
+        if spec in torchvision.models.list_models():
+            hint = f" Did you mean 'torchvision:{spec}'?"
+    return f"Model spec '{spec}' has no ':' separating source and name.{hint} {_SPEC_FORMS}"
+
+
+def _build_torchvision(name: str) -> nn.Module:
+    import torchvision
+
+    available = torchvision.models.list_models()
+    if name not in available:
+        close = difflib.get_close_matches(name.lower(), available, n=5, cutoff=0.6)
+        suggestion = f"Close matches: {', '.join(close)}. " if close else ""
+        raise ModelSpecError(
+            f"torchvision has no model named '{name}'. {suggestion}List all names with "
+            f"`{_LIST_TORCHVISION}` and use one as 'torchvision:NAME'."
+        )
+    try:
+        return torchvision.models.get_model(name, weights=None)
+    except Exception as e:
+        raise ModelSpecError(
+            f"Building torchvision model '{name}' raised {type(e).__name__}: {_first_line(e)}. "
+            f"This torchvision version may not support it without arguments; wrap it in a "
+            f"zero-argument factory and use the 'package.module:callable' or 'file.py:callable' "
+            f"form."
+        ) from e
+
+
+def _build_timm(name: str) -> nn.Module:
+    try:
+        timm = importlib.import_module("timm")
+    except ImportError as e:
+        raise ModelSpecError(
+            f"Model spec 'timm:{name}' needs the timm package, which is not installed. Install "
+            f"it with `pip install timm`, or use a 'torchvision:NAME' or 'file.py:callable' spec."
+        ) from e
+    try:
+        model = timm.create_model(name, pretrained=False)
+    except Exception as e:
+        close: list[str] = []
+        list_models = getattr(timm, "list_models", None)
+        if callable(list_models):
+            try:
+                close = difflib.get_close_matches(name, list(list_models()), n=5)
+            except Exception:
+                close = []
+        suggestion = f" Close matches: {', '.join(close)}." if close else ""
+        raise ModelSpecError(
+            f"timm.create_model('{name}') raised {type(e).__name__}: {_first_line(e)}."
+            f'{suggestion} List names with `python -c "import timm; print(timm.list_models())"`.'
+        ) from e
+    return _require_module(model, f"timm.create_model('{name}')", f"timm:{name}")
+
+
+def _import_module(name: str, spec: str) -> ModuleType:
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        missing = e.name or name
+        if name == missing or name.startswith(missing + "."):
+            raise ModelSpecError(
+                f"Model spec '{spec}': module '{name}' could not be found (no module named "
+                f"'{missing}'). Install the package that provides it, add its parent directory "
+                f"to PYTHONPATH (or run from that directory), or use the 'path/to/file.py:"
+                f"callable' form to load a file directly."
+            ) from e
+        raise ModelSpecError(
+            f"Model spec '{spec}': importing module '{name}' failed because it imports "
+            f"'{missing}', which is not installed. Install it (e.g. `pip install {missing}`) "
+            f"or make it importable, then retry."
+        ) from e
+    except Exception as e:
+        raise ModelSpecError(
+            f"Model spec '{spec}': importing module '{name}' raised {type(e).__name__}: "
+            f'{_first_line(e)}. Fix the error in that module (try `python -c "import {name}"` '
+            f"to see the full traceback)."
+        ) from e
+
+
+def _import_file(path: Path, spec: str) -> ModuleType:
+    if not path.is_file():
+        where = "is a directory, not a file" if path.is_dir() else "does not exist"
+        raise ModelSpecError(
+            f"Model spec '{spec}': file '{path}'{_resolved(path)} {where}. Check the path; "
+            f"relative paths are relative to the current directory '{Path.cwd()}'."
+        )
+    stem = re.sub(r"\W", "_", path.stem)
+    module_name = f"_lurker_user_{stem}_{next(_file_module_ids)}"
+    file_spec = importlib.util.spec_from_file_location(module_name, path)
+    if file_spec is None or file_spec.loader is None:
+        raise ModelSpecError(
+            f"Model spec '{spec}': Python cannot load '{path}' as a module. Make sure it is a "
+            f"plain '.py' source file."
+        )
+    module = importlib.util.module_from_spec(file_spec)
+    # Registered so that classes defined in the file can be found by pickle/dataclasses.
+    sys.modules[module_name] = module
+    directory = str(path.resolve().parent)
+    sys.path.insert(0, directory)  # let the file import its sibling modules
+    try:
+        file_spec.loader.exec_module(module)
+    except Exception as e:
+        sys.modules.pop(module_name, None)
+        fix = (
+            f"Make sure '{e.name}' is installed or lives next to the file."
+            if isinstance(e, ModuleNotFoundError)
+            else f"Fix the error in the file (run `python {path}` to see the full traceback)."
+        )
+        raise ModelSpecError(
+            f"Model spec '{spec}': executing '{path}' raised {type(e).__name__}: "
+            f"{_first_line(e)}. {fix}"
+        ) from e
+    finally:
+        if directory in sys.path:
+            sys.path.remove(directory)
+    return module
+
+
+def _call_factory(module: ModuleType, attr_path: str, spec: str) -> nn.Module:
+    obj: Any = module
+    walked: list[str] = []
+    for part in attr_path.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError as e:
+            owner = ".".join(walked) or f"module '{_display_name(module, spec)}'"
+            available = _public_callables(obj, module)
+            close = difflib.get_close_matches(part, available, n=3)
+            suggestion = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            listing = ", ".join(available[:20])
+            if len(available) > 20:
+                listing += f" and {len(available) - 20} more"
+            raise ModelSpecError(
+                f"Model spec '{spec}': {owner} has no attribute '{part}'.{suggestion} "
+                f"Public callables there: {listing or '(none)'}. Put one of them after the ':'."
+            ) from e
+        walked.append(part)
+    if isinstance(obj, nn.Module):
+        return obj
+    if not callable(obj):
+        raise ModelSpecError(
+            f"Model spec '{spec}': '{attr_path}' is a {type(obj).__name__}, neither a callable "
+            f"nor an nn.Module. Point the spec at a zero-argument factory, a model class, or a "
+            f"module-level nn.Module instance."
+        )
+    try:
+        result = obj()
+    except Exception as e:
+        raise ModelSpecError(
+            f"Model spec '{spec}': calling '{attr_path}()' raised {type(e).__name__}: "
+            f"{_first_line(e)}. The callable is called with no arguments; if it needs some, "
+            f"wrap it in a factory such as `def build(): return {attr_path}(...)` and point "
+            f"the spec at that."
+        ) from e
+    return _require_module(result, f"'{attr_path}()'", spec)
+
+
+def _require_module(result: object, what: str, spec: str) -> nn.Module:
+    if isinstance(result, nn.Module):
+        return result
+    raise ModelSpecError(
+        f"Model spec '{spec}': {what} returned a {type(result).__name__}, not a "
+        f"torch.nn.Module. Make the callable return the model instance itself (e.g. "
+        f"`return Net()`, not a tuple, class, or state dict)."
+    )
+
+
+def _public_callables(obj: object, module: ModuleType) -> list[str]:
+    """Names worth suggesting: public callables, those defined in ``module`` first."""
+    names = [n for n in dir(obj) if not n.startswith("_")]
+    found = []
+    for n in names:
+        value = getattr(obj, n, None)
+        if isinstance(value, ModuleType) or not (callable(value) or isinstance(value, nn.Module)):
+            continue
+        local = getattr(value, "__module__", None) == module.__name__
+        found.append((not local, n))
+    return [n for _, n in sorted(found)]
+
+
+def _display_name(module: ModuleType, spec: str) -> str:
+    if module.__name__.startswith("_lurker_user_"):
+        return spec.rpartition(":")[0]
+    return module.__name__
+
+
+# --------------------------------------------------------------------------- weights
+
+
+def _load_weights(model: nn.Module, path: Path, spec: str) -> None:
+    if not path.is_file():
+        where = "is a directory, not a file" if path.is_dir() else "does not exist"
+        raise WeightsError(
+            f"Weights file '{path}'{_resolved(path)} {where}. Check the path passed as "
+            f"weights; relative paths are relative to the current directory '{Path.cwd()}'."
+        )
+    how = (
+        f"lurker only loads state dicts, with torch.load(weights_only=True) so that a "
+        f"checkpoint cannot run arbitrary code. Save one with `{_SAVE_STATE_DICT}`."
+    )
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights only load failed" not in str(e).lower():
+            raise WeightsError(
+                f"Weights file '{path}' could not be read as a PyTorch checkpoint "
+                f"({type(e).__name__}: {_first_line(e)}). {how}"
+            ) from e
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        culprit = f" (it contains {found.group(1)})" if found else ""
+        raise WeightsError(
+            f"Weights file '{path}' contains pickled Python objects that weights_only=True "
+            f"refuses to load{culprit}; it is probably a whole model saved with "
+            f"torch.save(model). {how}"
+        ) from e
+    except Exception as e:
+        raise WeightsError(
+            f"Weights file '{path}' could not be read as a PyTorch checkpoint "
+            f"({type(e).__name__}: {_first_line(e)}). {how}"
+        ) from e
+    state = _extract_state_dict(checkpoint, path, how)
+    model_state = model.state_dict()
+    state = _strip_wrapper_prefixes(state, model_state)
+    problem = _describe_mismatch(state, model_state)
+    if problem:
+        raise WeightsError(
+            f"Weights file '{path}' does not fit the model from spec '{spec}': {problem}"
+        )
+    try:
+        model.load_state_dict(state, strict=True)
+    except Exception as e:
+        raise WeightsError(
+            f"Loading weights file '{path}' into the model from spec '{spec}' failed "
+            f"({type(e).__name__}: {_first_line(e)}). Check that the checkpoint was saved from "
+            f"the same architecture, with `{_SAVE_STATE_DICT}`."
+        ) from e
+
+
+def _is_state_dict(obj: object) -> bool:
+    return isinstance(obj, Mapping) and all(
+        isinstance(k, str) and (isinstance(v, torch.Tensor) or k.endswith("_extra_state"))
+        for k, v in obj.items()
+    )
+
+
+def _extract_state_dict(checkpoint: object, path: Path, how: str) -> Mapping[str, Any]:
+    if _is_state_dict(checkpoint):
+        return checkpoint  # type: ignore[return-value]
+    if isinstance(checkpoint, Mapping):
+        for key in _WRAPPER_KEYS:
+            if key in checkpoint and _is_state_dict(checkpoint[key]):
+                return checkpoint[key]
+        keys = ", ".join(repr(k) for k in list(checkpoint)[:10])
+        raise WeightsError(
+            f"Weights file '{path}' holds a dict that is not a state dict and has none under "
+            f"the keys {', '.join(repr(k) for k in _WRAPPER_KEYS)} (its keys: {keys}). {how}"
+        )
+    raise WeightsError(
+        f"Weights file '{path}' holds a {type(checkpoint).__name__}, not a state dict. {how}"
+    )
+
+
+def _strip_wrapper_prefixes(
+    state: Mapping[str, Any], model_state: Mapping[str, Any]
+) -> Mapping[str, Any]:
+    changed = True
+    while changed and state:
+        changed = False
+        for prefix in _WRAPPER_PREFIXES:
+            if all(k.startswith(prefix) for k in state) and not all(
+                k.startswith(prefix) for k in model_state
+            ):
+                state = {k[len(prefix) :]: v for k, v in state.items()}
+                changed = True
+    return state
+
+
+def _describe_mismatch(state: Mapping[str, Any], model_state: Mapping[str, Any]) -> str:
+    missing = [k for k in model_state if k not in state]
+    unexpected = [k for k in state if k not in model_state]
+    shapes = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(model_state[k].shape)}"
+        for k in model_state
+        if k in state
+        and isinstance(state[k], torch.Tensor)
+        and isinstance(model_state[k], torch.Tensor)
+        and state[k].shape != model_state[k].shape
+    ]
+    parts = [
+        _listing(f"{len(missing)} missing key(s) the model needs", missing),
+        _listing(f"{len(unexpected)} unexpected key(s) the model does not have", unexpected),
+        _listing(f"{len(shapes)} shape mismatch(es)", shapes),
+    ]
+    parts = [p for p in parts if p]
+    if not parts:
+        return ""
+    if shapes and not missing and not unexpected:
+        cause = (
+            "The parameter names match but sizes differ, so the checkpoint is from the same "
+            "architecture with a different configuration (e.g. num_classes or width): build "
+            "the model with that configuration."
+        )
+    else:
+        cause = (
+            "The checkpoint was most likely saved from a different architecture: check that "
+            "the spec names the model that produced it (e.g. resnet50 vs resnet18)."
+        )
+    return "; ".join(parts) + ". " + cause
+
+
+def _listing(title: str, items: list[str]) -> str:
+    if not items:
+        return ""
+    shown = ", ".join(items[:_MAX_LISTED])
+    more = f", ... and {len(items) - _MAX_LISTED} more" if len(items) > _MAX_LISTED else ""
+    return f"{title}: {shown}{more}"
+
+
+def _resolved(path: Path) -> str:
+    resolved = path.resolve()
+    return "" if str(resolved) == str(path) else f" (resolved to '{resolved}')"
+
+
+def _first_line(e: BaseException) -> str:
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()
+    return text.splitlines()[0] if text else "(no message)"

@@ -1,0 +1,41 @@
+"""The run store: the on-disk format of a ``lurker probe`` run (see docs/run-store.md).
+
+A run is a directory holding ``run.db`` (SQLite, readable with plain ``sqlite3``), a
+resumable ``checkpoint.pt`` while the probe runs, and a ``cache/`` of lazily rendered
+images. :class:`RunWriter` writes it atomically; :class:`Run` reads it without the model.
+"""
+
+from lurker.store.errors import (
+    NotARunError,
+    RunExistsError,
+    RunIncompleteError,
+    SchemaVersionError,
+    StoreError,
+    UnitRangeError,
+    UnknownLayerError,
+    UnknownSampleError,
+)
+from lurker.store.files import atomic_write_bytes
+from lurker.store.run import LayerInfo, Run, Sample, TopEntry, Unit
+from lurker.store.schema import SCHEMA_VERSION
+from lurker.store.writer import LayerResult, RunWriter
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "LayerInfo",
+    "LayerResult",
+    "NotARunError",
+    "Run",
+    "RunExistsError",
+    "RunIncompleteError",
+    "RunWriter",
+    "Sample",
+    "SchemaVersionError",
+    "StoreError",
+    "TopEntry",
+    "Unit",
+    "UnitRangeError",
+    "UnknownLayerError",
+    "UnknownSampleError",
+    "atomic_write_bytes",
+]

@@ -1,0 +1,87 @@
+"""File helpers of the run store: atomic writes and safe cache file names."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import tempfile
+from pathlib import Path
+
+#: Prefix of the temporary files :func:`atomic_write_bytes` (and run creation) leave
+#: behind only if the process dies mid-write; safe to delete.
+TMP_PREFIX = ".lurker-tmp-"
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_MAX_COMPONENT = 96
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write ``data`` to ``path`` so that readers see either the old file or the new one.
+
+    The bytes go to a temporary file in the same directory (same filesystem, so the
+    final :func:`os.replace` is atomic), are fsynced, then renamed over ``path``; a crash
+    at any point leaves at most a stray ``.lurker-tmp-*`` file, never a truncated
+    ``path``. Parent directories are created. Returns ``path`` as a :class:`Path`.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f"{TMP_PREFIX}{target.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if hasattr(os, "fchmod"):
+                os.fchmod(f.fileno(), 0o644)  # mkstemp's 0600 would hide files from servers
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(target.parent)
+    return target
+
+
+def fsync_dir(path: Path) -> None:
+    """Persist a rename in ``path`` (best effort: not every OS can fsync a directory)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def safe_component(text: str) -> str:
+    """Turn ``text`` into one path component that is safe on any filesystem.
+
+    Names made only of ``[A-Za-z0-9._-]`` are kept (readable cache folders); anything
+    else is replaced by ``_`` and suffixed with a short hash of the original, so two
+    different names (``a/b`` and ``a_b``) never share a file. ``..`` and dot-names are
+    hashed too, so a component can never climb out of the cache.
+    """
+    clean = _UNSAFE.sub("_", text)
+    if clean == text and text and not text.startswith(".") and len(text) <= _MAX_COMPONENT:
+        return text
+    digest = hashlib.sha1(text.encode("utf-8")).hexdigest()[:10]
+    stem = clean.strip("._")[:_MAX_COMPONENT] or "x"
+    return f"{stem}-{digest}"
+
+
+def cache_file(
+    root: Path, kind: str, layer: str, unit: int, rank: int, list: str, ext: str = "png"
+) -> Path:
+    """Path of one cached image under ``root/cache`` (parent directories created).
+
+    Layout: ``cache/<kind>/<layer>/<unit:05d>-<list>-<rank:03d>.<ext>`` with every
+    component passed through :func:`safe_component`.
+    """
+    for label, value in (("unit", unit), ("rank", rank)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"cache_path: {label} must be a non-negative int, got {value!r}")
+    suffix = safe_component(ext.lstrip(".") or "bin")
+    folder = root / "cache" / safe_component(kind) / safe_component(layer)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"{unit:05d}-{safe_component(list)}-{rank:03d}.{suffix}"

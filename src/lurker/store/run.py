@@ -1,0 +1,464 @@
+"""Reading a run: :class:`Run` answers per-(layer, unit) queries straight from SQLite.
+
+Nothing is loaded up front except the run's meta, class names and layer list, so a web
+server can open a run of any size and serve single units with a few indexed lookups.
+The connection is read-only and shareable between threads.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import os
+import sqlite3
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal
+
+import numpy as np
+
+from lurker.store.errors import (
+    NotARunError,
+    RunIncompleteError,
+    SchemaVersionError,
+    StoreError,
+    UnitRangeError,
+    UnknownLayerError,
+    UnknownSampleError,
+)
+from lurker.store.files import cache_file
+from lurker.store.schema import (
+    CLASS_MEAN_DTYPE,
+    DB_NAME,
+    EDGES_DTYPE,
+    HIST_DTYPE,
+    SCHEMA_VERSION,
+    STATUS_COMPLETE,
+    TOP_LISTS,
+    from_blob,
+)
+
+_NAN = float("nan")
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One probed layer. ``name`` is the trace label (or module path) the run keys on."""
+
+    name: str
+    module: str | None
+    op: str | None
+    kind: str | None
+    num_units: int
+    shape: tuple[int, ...]
+    rf: dict[str, Any] | None
+    position: int = 0
+    id: int = field(default=0, repr=False)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One dataset sample. ``label``/``class_name`` are ``None`` when unlabeled."""
+
+    id: int
+    path: str | None
+    label: int | None
+    class_name: str | None
+    source_index: int | None = None
+
+
+@dataclass(frozen=True)
+class TopEntry:
+    """One slot of a unit's top-k list; ``y``/``x`` (peak position) only in the 'max' list."""
+
+    rank: int
+    sample_id: int
+    value: float
+    y: int | None
+    x: int | None
+    label: int | None
+    class_name: str | None
+    path: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "rank": self.rank,
+            "sample_id": self.sample_id,
+            "value": _json_float(self.value),
+            "y": self.y,
+            "x": self.x,
+            "label": self.label,
+            "class_name": self.class_name,
+            "path": self.path,
+        }
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One unit (channel) of a layer; lists, class means and histogram load on demand."""
+
+    layer: str
+    index: int
+    mean: float
+    max: float
+    info: LayerInfo = field(repr=False, compare=False)
+    _run: Run = field(repr=False, compare=False)
+
+    def top(self, which: Literal["max", "mean"] = "max") -> list[TopEntry]:
+        """The unit's top samples by spatial max (with peak y, x) or by spatial mean."""
+        if which not in TOP_LISTS:
+            raise ValueError(f"top list must be one of {TOP_LISTS}, got {which!r}")
+        rows = self._run._query(
+            "SELECT t.rank, t.sample_id, t.value, t.y, t.x, s.label, c.name, s.path "
+            "FROM top t LEFT JOIN samples s ON s.id = t.sample_id "
+            "LEFT JOIN classes c ON c.id = s.label "
+            "WHERE t.layer_id = ? AND t.unit = ? AND t.list = ? ORDER BY t.rank",
+            (self.info.id, self.index, which),
+        )
+        return [
+            TopEntry(rank, sid, _nan(value), y, x, label, cname, path)
+            for rank, sid, value, y, x, label, cname, path in rows
+        ]
+
+    def class_mean_array(self) -> np.ndarray:
+        """Mean activation per class id, as float64 (NaN where the probe had no data)."""
+        return from_blob(self._blob("class_mean"), CLASS_MEAN_DTYPE)
+
+    def class_means(self) -> dict[str, float]:
+        """Mean activation per class name, in class-id order.
+
+        Duplicate names (ImageNet has two 'crane's) get `` (id)`` appended so no class
+        is lost; classes without names are keyed by their id.
+        """
+        names = self._run.class_keys
+        return {
+            names[i] if i < len(names) else str(i): float(v)
+            for i, v in enumerate(self.class_mean_array())
+        }
+
+    def histogram(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(counts, edges)`` of the unit's activations; ``len(edges) == len(counts) + 1``."""
+        return from_blob(self._blob("hist"), HIST_DTYPE), self._run._edges(self.info)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything about the unit as strict JSON types (NaN becomes ``None``)."""
+        counts, edges = self.histogram()
+        return {
+            "layer": {
+                "name": self.info.name,
+                "module": self.info.module,
+                "op": self.info.op,
+                "kind": self.info.kind,
+                "num_units": self.info.num_units,
+                "shape": list(self.info.shape),
+                "rf": self.info.rf,
+            },
+            "unit": self.index,
+            "mean": _json_float(self.mean),
+            "max": _json_float(self.max),
+            "top": {which: [e.to_dict() for e in self.top(which)] for which in ("max", "mean")},
+            "class_means": {k: _json_float(v) for k, v in self.class_means().items()},
+            "histogram": {
+                "counts": [_json_float(v) for v in counts.tolist()],
+                "edges": [_json_float(v) for v in edges.tolist()],
+            },
+        }
+
+    def _blob(self, column: Literal["hist", "class_mean"]) -> bytes:
+        rows = self._run._query(
+            f"SELECT {column} FROM units WHERE layer_id = ? AND unit = ?",
+            (self.info.id, self.index),
+        )
+        return bytes(rows[0][0]) if rows and rows[0][0] is not None else b""
+
+
+class Run:
+    """A probe run on disk, opened read-only. Use :meth:`open`."""
+
+    def __init__(self, path: Path, conn: sqlite3.Connection) -> None:
+        self.path = path
+        self._conn = conn
+        self._lock = threading.Lock()
+        self.meta: dict[str, Any] = {
+            k: json.loads(v) for k, v in self._query("SELECT key, value FROM meta")
+        }
+        self.classes: list[str] = [
+            n for (n,) in self._query("SELECT name FROM classes ORDER BY id")
+        ]
+        self.layers: list[LayerInfo] = [
+            LayerInfo(
+                name=name,
+                module=module,
+                op=op,
+                kind=kind,
+                num_units=int(num_units),
+                shape=tuple(json.loads(shape)),
+                rf=None if rf is None else json.loads(rf),
+                position=int(position),
+                id=int(layer_id),
+            )
+            for layer_id, name, module, op, kind, num_units, shape, rf, position in self._query(
+                "SELECT id, name, module, op, kind, num_units, shape, rf, position "
+                "FROM layers ORDER BY position"
+            )
+        ]
+        self._by_name = {info.name: info for info in self.layers}
+        self._edge_cache: dict[int, np.ndarray] = {}
+        seen: dict[str, int] = {}
+        for name in self.classes:
+            seen[name] = seen.get(name, 0) + 1
+        #: Class names made unique for use as dict keys (see :meth:`Unit.class_means`).
+        self.class_keys = [n if seen[n] == 1 else f"{n} ({i})" for i, n in enumerate(self.classes)]
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], *, allow_incomplete: bool = False) -> Run:
+        """Open the run directory ``path`` (or its ``run.db``) for reading.
+
+        Raises :class:`NotARunError` if it is not a run, :class:`SchemaVersionError` if
+        it was written by an incompatible lurker, and :class:`RunIncompleteError` if the
+        probe has not finished (unless ``allow_incomplete``).
+        """
+        root = Path(path)
+        if root.name == DB_NAME and root.is_file():
+            root = root.parent
+        db = root / DB_NAME
+        if not root.exists():
+            raise NotARunError(f"no run at {root}: the path does not exist")
+        if not db.is_file():
+            raise NotARunError(
+                f"{root} is not a lurker run directory (no {DB_NAME}); "
+                "point at the --out directory of `lurker probe`"
+            )
+        conn = _connect_ro(db)
+        try:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            has_meta = conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'"
+            ).fetchone()
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            raise NotARunError(f"{db} is not a readable lurker run database ({exc})") from exc
+        if not has_meta:
+            conn.close()
+            raise NotARunError(f"{db} is an SQLite file but not a lurker run (no meta table)")
+        if version != SCHEMA_VERSION:
+            conn.close()
+            raise SchemaVersionError(
+                f"run {root} has schema version {version}, but this lurker reads version "
+                f"{SCHEMA_VERSION}; open it with the lurker version that wrote it "
+                f"(meta lurker_version), or re-run `lurker probe --overwrite`",
+                found=int(version),
+                expected=SCHEMA_VERSION,
+            )
+        run = cls(root, conn)
+        status = run.meta.get("status")
+        if status != STATUS_COMPLETE and not allow_incomplete:
+            run.close()
+            raise RunIncompleteError(
+                f"run {root} is incomplete (status {status!r}): its probe was interrupted or is "
+                f"still running. Resume it by re-running the same `lurker probe` command with "
+                f"--out {root}"
+            )
+        return run
+
+    # -- queries -----------------------------------------------------------------------
+
+    @property
+    def complete(self) -> bool:
+        """Whether the probe finished and wrote all results."""
+        return self.meta.get("status") == STATUS_COMPLETE
+
+    def layer(self, name: str) -> LayerInfo:
+        """A layer by name, op label or module path (names win; a module must be unique)."""
+        if name in self._by_name:
+            return self._by_name[name]
+        for attr in ("op", "module"):
+            hits = [info for info in self.layers if getattr(info, attr) == name]
+            if len(hits) == 1:
+                return hits[0]
+            if len(hits) > 1:
+                raise UnknownLayerError(
+                    f"{attr} {name!r} matches several layers of run {self.path}: "
+                    f"{', '.join(h.name for h in hits)}; use one of these names"
+                )
+        raise UnknownLayerError(self._unknown_layer_message(name))
+
+    def _unknown_layer_message(self, name: str) -> str:
+        valid = [info.name for info in self.layers]
+        candidates = set(valid) | {x for i in self.layers for x in (i.op, i.module) if x}
+        close = difflib.get_close_matches(name, sorted(candidates), n=3, cutoff=0.5)
+        shown = ", ".join(valid[:40]) + (
+            f", ... ({len(valid) - 40} more)" if len(valid) > 40 else ""
+        )
+        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        return f"no layer {name!r} in run {self.path}.{hint} Valid layers: {shown or '(none)'}"
+
+    def unit(self, layer: str, unit: int) -> Unit:
+        """One unit of a layer; :class:`UnitRangeError` if ``unit`` is out of range."""
+        info = self.layer(layer)
+        index = int(unit)
+        if not 0 <= index < info.num_units:
+            raise UnitRangeError(
+                f"layer {info.name!r} has {info.num_units} units (0..{info.num_units - 1}); "
+                f"unit {unit} does not exist"
+            )
+        rows = self._query(
+            "SELECT mean, max FROM units WHERE layer_id = ? AND unit = ?", (info.id, index)
+        )
+        if not rows:
+            raise StoreError(f"run {self.path} has no stored statistics for {info.name}:{index}")
+        return Unit(info.name, index, _nan(rows[0][0]), _nan(rows[0][1]), info, self)
+
+    def units(
+        self,
+        layer: str,
+        order_by: Literal["max", "mean", "index"] = "max",
+        limit: int | None = None,
+    ) -> list[Unit]:
+        """A layer's units, highest ``max``/``mean`` first (or by index), sorted in SQL."""
+        orders = {"max": "max DESC, unit", "mean": "mean DESC, unit", "index": "unit"}
+        if order_by not in orders:
+            raise ValueError(f"order_by must be one of {sorted(orders)}, got {order_by!r}")
+        info = self.layer(layer)
+        rows = self._query(
+            f"SELECT unit, mean, max FROM units WHERE layer_id = ? ORDER BY {orders[order_by]} "
+            "LIMIT ?",
+            (info.id, -1 if limit is None else int(limit)),
+        )
+        return [Unit(info.name, u, _nan(mean), _nan(mx), info, self) for u, mean, mx in rows]
+
+    def samples(self, ids: Iterable[int]) -> list[Sample]:
+        """Samples by id, in the order asked; :class:`UnknownSampleError` for unknown ids."""
+        wanted = [int(i) for i in ids]
+        found: dict[int, Sample] = {}
+        unique = sorted(set(wanted))
+        for start in range(0, len(unique), 500):  # stay under SQLite's variable limit
+            chunk = unique[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            for sid, path, label, src, cname in self._query(
+                "SELECT s.id, s.path, s.label, s.source_index, c.name FROM samples s "
+                f"LEFT JOIN classes c ON c.id = s.label WHERE s.id IN ({marks})",
+                chunk,
+            ):
+                found[sid] = Sample(sid, path, label, cname, src)
+        missing = [i for i in unique if i not in found]
+        if missing:
+            raise UnknownSampleError(f"run {self.path} has no sample(s) with id {missing[:10]}")
+        return [found[i] for i in wanted]
+
+    def sample(self, sample_id: int) -> Sample:
+        """One sample by id."""
+        return self.samples([sample_id])[0]
+
+    @property
+    def skipped(self) -> list[tuple[str, str]]:
+        """Inputs the probe could not read, as ``(path, reason)`` in the order met."""
+        return [(p, r) for p, r in self._query("SELECT path, reason FROM skipped ORDER BY id")]
+
+    def to_dict(self, layer: str, unit: int) -> dict[str, Any]:
+        """One unit as a JSON-serializable dict (the web explorer's unit payload)."""
+        return self.unit(layer, unit).to_dict()
+
+    def cache_path(
+        self, kind: str, layer: str, unit: int, rank: int, list: str, ext: str = "png"
+    ) -> Path:
+        """Path for a lazily rendered image in ``cache/`` (safe name, parents created).
+
+        Write it with :func:`lurker.store.atomic_write_bytes` so concurrent readers
+        never see a half-written image. The cache is wiped whenever results are rewritten.
+        """
+        return cache_file(self.path, kind, layer, unit, rank, list, ext)
+
+    # -- plumbing ------------------------------------------------------------------------
+
+    def _query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        with self._lock:  # one connection shared by a threaded web server
+            try:
+                return self._conn.execute(sql, params).fetchall()
+            except sqlite3.OperationalError as exc:
+                if not _is_hot_journal(exc):  # a writer crashed while this run was open
+                    raise
+                _roll_back_hot_journal(self.path / DB_NAME)
+                return self._conn.execute(sql, params).fetchall()
+
+    def _edges(self, info: LayerInfo) -> np.ndarray:
+        if info.id not in self._edge_cache:
+            rows = self._query("SELECT hist_edges FROM layers WHERE id = ?", (info.id,))
+            self._edge_cache[info.id] = from_blob(rows[0][0], EDGES_DTYPE)
+        return self._edge_cache[info.id]
+
+    def close(self) -> None:
+        """Close the connection (idempotent)."""
+        self._conn.close()
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"Run({str(self.path)!r}, model={self.meta.get('model')!r}, layers={len(self.layers)})"
+        )
+
+
+def _connect_ro(db: Path) -> sqlite3.Connection:
+    """Read-only, thread-shareable connection; repairs an interrupted write first."""
+    uri = db.resolve().as_uri() + "?mode=ro"
+    for attempt in range(2):
+        conn = sqlite3.connect(uri, uri=True, check_same_thread=False, timeout=10.0)
+        try:
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            return conn
+        except sqlite3.OperationalError as exc:
+            conn.close()
+            if not _is_hot_journal(exc) or attempt:
+                raise StoreError(f"cannot read run database {db}: {exc}") from exc
+            _roll_back_hot_journal(db)
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            raise NotARunError(f"{db} is not a readable lurker run database ({exc})") from exc
+    raise AssertionError("unreachable")
+
+
+def _is_hot_journal(exc: sqlite3.Error) -> bool:
+    return getattr(exc, "sqlite_errorname", "") == "SQLITE_READONLY_ROLLBACK"
+
+
+def _roll_back_hot_journal(db: Path) -> None:
+    """Undo a write that a crash interrupted, as SQLite's own crash recovery would.
+
+    The crash left a hot journal that only a writable connection may roll back; a
+    read-only one fails with SQLITE_READONLY_ROLLBACK. Rolling back is always safe: the
+    journal holds the pages as they were before the uncommitted transaction.
+    """
+    try:
+        repair = sqlite3.connect(db, timeout=10.0)
+        try:
+            repair.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        finally:
+            repair.close()
+    except sqlite3.Error as exc:
+        raise RunIncompleteError(
+            f"run database {db} holds an interrupted write that needs write access to roll "
+            f"back ({exc}); resume the probe, or open the run once as the user who wrote it"
+        ) from exc
+
+
+def _nan(value: float | None) -> float:
+    """SQLite stores NaN as NULL; give it back as NaN."""
+    return _NAN if value is None else float(value)
+
+
+def _json_float(value: float) -> float | None:
+    return float(value) if math.isfinite(value) else None

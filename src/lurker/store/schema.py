@@ -1,0 +1,116 @@
+"""The run store's on-disk schema (version :data:`SCHEMA_VERSION`), shared by writer and reader.
+
+docs/run-store.md documents every table and column; keep the two in sync. Any change
+that an older reader could misread (a renamed or retyped column, a new blob encoding)
+must bump :data:`SCHEMA_VERSION`; purely additive changes that old readers ignore
+(a new index, a new meta key) need not.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+
+#: Stored in ``PRAGMA user_version`` and in ``meta.schema_version``.
+SCHEMA_VERSION = 1
+
+DB_NAME = "run.db"
+CACHE_DIR = "cache"
+CHECKPOINT_NAME = "checkpoint.pt"
+
+STATUS_RUNNING = "running"
+STATUS_COMPLETE = "complete"
+
+TOP_LISTS = ("mean", "max")
+
+#: Blob encodings (little-endian, so a run copied between machines reads the same).
+HIST_DTYPE = np.dtype("<f8")  # counts can pass 2**24, where float32 stops being exact
+EDGES_DTYPE = np.dtype("<f8")
+CLASS_MEAN_DTYPE = np.dtype("<f4")
+
+DDL = """
+CREATE TABLE meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE classes (
+    id   INTEGER PRIMARY KEY,
+    name TEXT NOT NULL
+);
+CREATE TABLE samples (
+    id           INTEGER PRIMARY KEY,
+    path         TEXT,
+    label        INTEGER,
+    source_index INTEGER NOT NULL
+);
+CREATE TABLE skipped (
+    id     INTEGER PRIMARY KEY,
+    path   TEXT NOT NULL UNIQUE,
+    reason TEXT NOT NULL
+);
+CREATE TABLE layers (
+    id         INTEGER PRIMARY KEY,
+    name       TEXT NOT NULL UNIQUE,
+    module     TEXT,
+    op         TEXT,
+    kind       TEXT,
+    num_units  INTEGER NOT NULL,
+    shape      TEXT NOT NULL,
+    rf         TEXT,
+    position   INTEGER NOT NULL,
+    hist_edges BLOB NOT NULL
+);
+CREATE INDEX layers_by_module ON layers(module);
+CREATE INDEX layers_by_op ON layers(op);
+CREATE TABLE units (
+    layer_id   INTEGER NOT NULL REFERENCES layers(id),
+    unit       INTEGER NOT NULL,
+    mean       REAL,
+    max        REAL,
+    hist       BLOB NOT NULL,
+    class_mean BLOB NOT NULL,
+    PRIMARY KEY (layer_id, unit)
+);
+CREATE INDEX units_by_mean ON units(layer_id, mean);
+CREATE INDEX units_by_max ON units(layer_id, max);
+CREATE TABLE top (
+    layer_id  INTEGER NOT NULL REFERENCES layers(id),
+    unit      INTEGER NOT NULL,
+    list      TEXT NOT NULL CHECK (list IN ('mean', 'max')),
+    rank      INTEGER NOT NULL,
+    sample_id INTEGER NOT NULL REFERENCES samples(id),
+    value     REAL,
+    y         INTEGER,
+    x         INTEGER,
+    PRIMARY KEY (layer_id, unit, list, rank)
+) WITHOUT ROWID;
+"""
+
+
+def to_blob(values: np.ndarray, dtype: np.dtype) -> bytes:
+    """Encode a 1-D array as raw little-endian bytes of ``dtype``."""
+    return np.ascontiguousarray(values, dtype=dtype).tobytes()
+
+
+def from_blob(blob: bytes | None, dtype: np.dtype) -> np.ndarray:
+    """Decode a blob written by :func:`to_blob` into a native float64 array."""
+    if not blob:
+        return np.zeros(0, dtype=np.float64)
+    return np.frombuffer(blob, dtype=dtype).astype(np.float64)
+
+
+def dump_json(value: Any) -> str:
+    """JSON for meta values and layer fields; strict (no NaN), so any JSON parser reads it."""
+    return json.dumps(value, allow_nan=False, sort_keys=True, default=_json_default)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, tuple):
+        return list(value)
+    raise TypeError(f"not JSON-serializable: {type(value).__name__}")

@@ -1,0 +1,531 @@
+"""Writing a run: :class:`RunWriter` and the :class:`LayerResult` it stores.
+
+Every write is one SQLite transaction, and the database file itself is created under a
+temporary name and renamed into place, so a crash at any moment leaves either no run or
+a consistent one (``status='running'`` until :meth:`RunWriter.write_layers_result`
+commits). Readers (:class:`lurker.store.Run`) only ever see committed data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import os
+import shutil
+import sqlite3
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from itertools import repeat
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+
+from lurker.errors import LurkerError
+from lurker.store.errors import NotARunError, RunExistsError
+from lurker.store.files import TMP_PREFIX, cache_file, fsync_dir
+from lurker.store.schema import (
+    CACHE_DIR,
+    CHECKPOINT_NAME,
+    CLASS_MEAN_DTYPE,
+    DB_NAME,
+    DDL,
+    EDGES_DTYPE,
+    HIST_DTYPE,
+    SCHEMA_VERSION,
+    STATUS_COMPLETE,
+    STATUS_RUNNING,
+    dump_json,
+    to_blob,
+)
+
+#: A numpy array, a torch tensor (any device) or anything ``np.asarray`` accepts.
+ArrayLike = Any
+
+#: Meta keys that must match for a resume: a run of another model, dataset, k or image
+#: size cannot be continued without mixing two experiments.
+RESUME_KEYS = ("model_fingerprint", "k", "image_size", "dataset")
+
+_OWNED_KEYS = ("schema_version", "status")
+_LIST_NAMES = np.array(["max", "mean"], dtype=object)  # sorted, as the primary key orders them
+_SET_STATUS = "UPDATE meta SET value = ? WHERE key = 'status'"
+
+
+@dataclass(kw_only=True)
+class LayerResult:
+    """Final statistics of one layer, as the probe computed them (C units, top-k lists).
+
+    Top-list slots whose sample id is ``-1`` (the dataset had fewer than k samples) are
+    not stored. ``shape`` is the layer's output shape; ``rf`` its receptive field (any
+    JSON-serializable dict) or ``None``.
+    """
+
+    name: str
+    module: str | None
+    op: str | None
+    kind: str | None
+    shape: tuple[int, ...]
+    mean_values: ArrayLike  # (C, k) spatial-mean activation of each top sample
+    mean_ids: ArrayLike  # (C, k) sample ids, -1 = empty slot
+    max_values: ArrayLike  # (C, k) spatial-max activation of each top sample
+    max_ids: ArrayLike  # (C, k)
+    max_y: ArrayLike  # (C, k) row of the peak in the layer's output grid
+    max_x: ArrayLike  # (C, k) column of the peak
+    unit_mean: ArrayLike  # (C,) mean activation over the dataset
+    unit_max: ArrayLike  # (C,) max activation over the dataset
+    class_mean: ArrayLike  # (C, num_classes) mean activation per class
+    hist: ArrayLike  # (C, bins) histogram counts
+    hist_edges: ArrayLike  # (bins + 1,) shared bin edges
+    rf: dict[str, Any] | None = None
+
+
+@dataclass
+class _Arrays:
+    """A validated :class:`LayerResult` as contiguous numpy arrays."""
+
+    result: LayerResult
+    shape_json: str
+    rf_json: str | None
+    mean_values: np.ndarray
+    mean_ids: np.ndarray
+    max_values: np.ndarray
+    max_ids: np.ndarray
+    max_y: np.ndarray
+    max_x: np.ndarray
+    unit_mean: np.ndarray
+    unit_max: np.ndarray
+    class_mean: np.ndarray
+    hist: np.ndarray
+    hist_edges: np.ndarray
+
+
+def _np(value: ArrayLike) -> np.ndarray:
+    """Accept torch tensors without importing torch (the reader side must not need it)."""
+    if hasattr(value, "detach"):
+        value = value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def _prepare(result: LayerResult, num_classes: int | None) -> _Arrays:
+    """Convert and shape-check one layer before any database write begins."""
+    name = result.name
+
+    def fail(msg: str) -> LurkerError:
+        return LurkerError(f"layer {name!r}: {msg}")
+
+    unit_mean = _np(result.unit_mean).astype(np.float64).reshape(-1)
+    c = unit_mean.shape[0]
+    fields = ("mean_values", "mean_ids", "max_values", "max_ids", "max_y", "max_x")
+    grids = {f: _np(getattr(result, f)) for f in fields}
+    k = grids["max_ids"].shape[-1] if grids["max_ids"].ndim == 2 else -1
+    for f, arr in grids.items():
+        if arr.shape != (c, k):
+            raise fail(f"{f} has shape {arr.shape}, expected ({c}, k) like max_ids")
+    unit_max = _np(result.unit_max).astype(np.float64).reshape(-1)
+    if unit_max.shape != (c,):
+        raise fail(f"unit_max has shape {unit_max.shape}, expected ({c},)")
+    class_mean = _np(result.class_mean).astype(CLASS_MEAN_DTYPE)
+    if class_mean.ndim != 2 or class_mean.shape[0] != c:
+        raise fail(f"class_mean has shape {class_mean.shape}, expected ({c}, num_classes)")
+    if num_classes and class_mean.shape[1] != num_classes:
+        raise fail(
+            f"class_mean has {class_mean.shape[1]} columns but the run has {num_classes} classes"
+        )
+    hist = _np(result.hist).astype(HIST_DTYPE)
+    edges = _np(result.hist_edges).astype(EDGES_DTYPE).reshape(-1)
+    if hist.ndim != 2 or hist.shape[0] != c or edges.shape != (hist.shape[1] + 1,):
+        raise fail(f"hist {hist.shape} and hist_edges {edges.shape} must be ({c}, bins), (bins+1,)")
+    try:
+        shape_json = dump_json([int(s) for s in result.shape])
+        rf_json = None if result.rf is None else dump_json(result.rf)
+    except (TypeError, ValueError) as exc:
+        raise fail(f"shape and rf must be JSON-serializable without NaN ({exc})") from exc
+    return _Arrays(
+        result=result,
+        shape_json=shape_json,
+        rf_json=rf_json,
+        mean_values=grids["mean_values"].astype(np.float64),
+        mean_ids=grids["mean_ids"].astype(np.int64),
+        max_values=grids["max_values"].astype(np.float64),
+        max_ids=grids["max_ids"].astype(np.int64),
+        max_y=grids["max_y"].astype(np.int64),
+        max_x=grids["max_x"].astype(np.int64),
+        unit_mean=unit_mean,
+        unit_max=unit_max,
+        class_mean=np.ascontiguousarray(class_mean),
+        hist=np.ascontiguousarray(hist),
+        hist_edges=edges,
+    )
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _lurker_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lurker")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def connect_rw(db: Path) -> sqlite3.Connection:
+    """Writer connection: autocommit mode, so transactions are exactly our BEGIN/COMMIT."""
+    conn = sqlite3.connect(db, isolation_level=None, timeout=30.0)
+    conn.execute("PRAGMA journal_mode=DELETE")
+    conn.execute("PRAGMA synchronous=FULL")
+    return conn
+
+
+def read_stored(db: Path) -> tuple[int, dict[str, Any]]:
+    """``(user_version, meta)`` of an existing ``run.db``; :class:`NotARunError` if unreadable."""
+    try:
+        conn = sqlite3.connect(db, timeout=30.0)
+        try:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            rows = conn.execute("SELECT key, value FROM meta").fetchall()
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError as exc:
+        raise NotARunError(f"{db} is not a readable lurker run database ({exc})") from exc
+    return int(version), {key: json.loads(value) for key, value in rows}
+
+
+class RunWriter:
+    """Creates or resumes a run directory and writes the probe's results into it.
+
+    Use :meth:`create`; the probe then calls :meth:`set_classes`, :meth:`add_samples`,
+    :meth:`add_skipped` as it goes and :meth:`write_layers_result` once at the end.
+    """
+
+    def __init__(self, path: Path, conn: sqlite3.Connection, *, resumed: bool) -> None:
+        self.path = path
+        self.resumed = resumed
+        self._conn = conn
+
+    # -- opening ---------------------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls, path: str | os.PathLike[str], *, meta: dict[str, Any], overwrite: bool = False
+    ) -> RunWriter:
+        """Start a run at ``path``, or resume the one there if it is of the same model.
+
+        ``meta`` must hold ``model`` and ``model_fingerprint``; ``dataset``, ``k``,
+        ``image_size`` and ``config`` are recommended (see docs/run-store.md). If
+        ``path`` holds a run of another model (or dataset, k, image size), raise
+        :class:`RunExistsError` unless ``overwrite``, which deletes that run first. On
+        resume the stored meta is kept (``resumed`` is True); update it with
+        :meth:`meta_set`.
+        """
+        for key in ("model", "model_fingerprint"):
+            if key not in meta:
+                raise ValueError(f"RunWriter.create: meta needs {key!r}")
+        for key in _OWNED_KEYS:
+            if key in meta:
+                raise ValueError(f"RunWriter.create: meta {key!r} is set by the store itself")
+        root = Path(path)
+        db = root / DB_NAME
+        if root.exists() and not root.is_dir():
+            raise RunExistsError(f"{root} is a file, not a run directory; choose another --out")
+        if db.exists():
+            if overwrite:
+                _remove_run(root)
+            else:
+                cls._check_resumable(root, db, meta)
+                _remove_stale_tmp(root)
+                return cls(root, connect_rw(db), resumed=True)
+        elif root.exists():
+            _remove_stale_tmp(root)
+            if any(root.iterdir()):
+                raise RunExistsError(
+                    f"{root} is not empty and holds no lurker run (no {DB_NAME}); "
+                    "choose another --out directory (lurker never deletes files it did not write)"
+                )
+        root.mkdir(parents=True, exist_ok=True)
+        full = {
+            "lurker_version": _lurker_version(),
+            "created": _now(),
+            "dataset": None,
+            "k": None,
+            "image_size": None,
+            "config": {},
+            **meta,
+            "schema_version": SCHEMA_VERSION,
+            "status": STATUS_RUNNING,
+        }
+        _init_db(db, full)
+        return cls(root, connect_rw(db), resumed=False)
+
+    @staticmethod
+    def _check_resumable(root: Path, db: Path, meta: dict[str, Any]) -> None:
+        """Raise :class:`RunExistsError` unless the run at ``db`` may be continued."""
+        fix = "Pass --overwrite to replace it, or choose another --out directory."
+        try:
+            version, stored = read_stored(db)
+        except NotARunError as exc:
+            raise RunExistsError(f"{root} holds an unreadable run ({exc}). {fix}") from exc
+        if version != SCHEMA_VERSION:
+            raise RunExistsError(
+                f"{root} holds a run of schema version {version}; this lurker writes version "
+                f"{SCHEMA_VERSION} and cannot resume it. {fix}"
+            )
+        old_fp, new_fp = stored.get("model_fingerprint"), meta["model_fingerprint"]
+        if old_fp != new_fp:
+            raise RunExistsError(
+                f"{root} already holds a run of model {stored.get('model')!r} (fingerprint "
+                f"{old_fp}), not of model {meta['model']!r} (fingerprint {new_fp}). {fix}"
+            )
+        for key in RESUME_KEYS[1:]:
+            if key in meta and key in stored and stored[key] != meta[key]:
+                raise RunExistsError(
+                    f"{root} holds a run of the same model but with {key}={stored[key]!r}, "
+                    f"not {meta[key]!r}; resuming would mix the two. {fix}"
+                )
+
+    # -- metadata --------------------------------------------------------------------
+
+    @property
+    def checkpoint_path(self) -> Path:
+        """Where the probe keeps its resumable state (write it with ``atomic_write_bytes``).
+
+        :meth:`write_layers_result` deletes it once the results are committed.
+        """
+        return self.path / CHECKPOINT_NAME
+
+    @property
+    def status(self) -> str:
+        """``'running'`` or ``'complete'``."""
+        return str(self.meta_get("status"))
+
+    def meta_get(self, key: str, default: Any = None) -> Any:
+        """One meta value (decoded from JSON), or ``default``."""
+        row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return default if row is None else json.loads(row[0])
+
+    def meta_set(self, key: str, value: Any) -> None:
+        """Store a small JSON-serializable value under ``key`` (committed at once)."""
+        if key in _OWNED_KEYS:
+            raise ValueError(f"meta {key!r} is managed by the store")
+        with self._tx(demote=False) as cur:
+            cur.execute(
+                "INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, dump_json(value))
+            )
+
+    # -- incremental writes ------------------------------------------------------------
+
+    def set_classes(self, names: Sequence[str]) -> None:
+        """Replace the class list; class id = position in ``names`` (= the dataset label)."""
+        with self._tx() as cur:
+            cur.execute("DELETE FROM classes")
+            cur.executemany(
+                "INSERT INTO classes(id, name) VALUES (?, ?)", enumerate(map(str, names))
+            )
+
+    def add_samples(
+        self,
+        rows: Iterable[
+            tuple[int, str | None, int | None] | tuple[int, str | None, int | None, int]
+        ],
+    ) -> None:
+        """Record samples as ``(id, path, label)`` or ``(id, path, label, source_index)``.
+
+        ``path`` is ``None`` for in-memory datasets, ``label`` ``None`` or negative when
+        unlabeled; ``source_index`` (index in the underlying dataset) defaults to ``id``.
+        Re-adding an id replaces it, so a resumed probe may re-send a batch.
+        """
+
+        def norm(row: tuple[Any, ...]) -> tuple[int, str | None, int | None, int]:
+            sid, path, label = int(row[0]), row[1], row[2]
+            label = None if label is None or int(label) < 0 else int(label)
+            src = int(row[3]) if len(row) > 3 else sid
+            return sid, None if path is None else str(path), label, src
+
+        with self._tx() as cur:
+            cur.executemany(
+                "INSERT OR REPLACE INTO samples(id, path, label, source_index) VALUES (?,?,?,?)",
+                map(norm, rows),
+            )
+
+    def add_skipped(self, rows: Iterable[tuple[str, str]]) -> None:
+        """Record unreadable inputs as ``(path, reason)``; a path seen again is updated."""
+        with self._tx() as cur:
+            cur.executemany(
+                "INSERT INTO skipped(path, reason) VALUES (?, ?) "
+                "ON CONFLICT(path) DO UPDATE SET reason = excluded.reason",
+                ((str(p), str(r)) for p, r in rows),
+            )
+
+    # -- final results ---------------------------------------------------------------
+
+    def write_layers_result(self, layers: Sequence[LayerResult]) -> None:
+        """Store all layers' statistics and mark the run complete, in one transaction.
+
+        Replaces any results already stored (a resumed run is rewritten, never merged).
+        Everything is validated before the transaction starts; if anything fails
+        midway, the transaction rolls back and the run stays as it was. After the
+        commit the checkpoint and the image cache (now possibly stale) are deleted.
+        """
+        names = [layer.name for layer in layers]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise LurkerError(f"write_layers_result: duplicate layer names {dupes}")
+        num_classes = self._conn.execute("SELECT count(*) FROM classes").fetchone()[0]
+        prepared = [_prepare(layer, num_classes) for layer in layers]
+        with self._tx() as cur:
+            cur.execute("DELETE FROM top")
+            cur.execute("DELETE FROM units")
+            cur.execute("DELETE FROM layers")
+            for position, arrays in enumerate(prepared):
+                self._insert_layer(cur, position, arrays)
+            cur.execute(_SET_STATUS, (dump_json(STATUS_COMPLETE),))
+        with contextlib.suppress(FileNotFoundError):
+            self.checkpoint_path.unlink()
+        shutil.rmtree(self.path / CACHE_DIR, ignore_errors=True)
+
+    def _insert_layer(self, cur: sqlite3.Cursor, position: int, a: _Arrays) -> None:
+        r = a.result
+        c, k = a.max_ids.shape
+        cur.execute(
+            "INSERT INTO layers(name, module, op, kind, num_units, shape, rf, position, "
+            "hist_edges) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                r.name,
+                r.module,
+                r.op,
+                r.kind,
+                c,
+                a.shape_json,
+                a.rf_json,
+                position,
+                to_blob(a.hist_edges, EDGES_DTYPE),
+            ),
+        )
+        layer_id = cur.lastrowid
+        cur.executemany(
+            "INSERT INTO units(layer_id, unit, mean, max, hist, class_mean) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            zip(
+                repeat(layer_id),
+                range(c),
+                a.unit_mean.tolist(),
+                a.unit_max.tolist(),
+                map(bytes, a.hist),
+                map(bytes, a.class_mean),
+            ),
+        )
+        # Rows in primary-key order (unit, 'max' < 'mean', rank): B-tree appends are fastest.
+        shape = (c, 2, k)
+        ids = np.stack([a.max_ids, a.mean_ids], axis=1).reshape(-1)
+        keep = ids >= 0
+        none = np.full((c, k), None, dtype=object)
+        ys = np.stack([a.max_y.astype(object), none], axis=1).reshape(-1)
+        xs = np.stack([a.max_x.astype(object), none], axis=1).reshape(-1)
+        cur.executemany(
+            "INSERT INTO top(layer_id, unit, list, rank, sample_id, value, y, x) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            zip(
+                repeat(layer_id),
+                np.broadcast_to(np.arange(c)[:, None, None], shape).reshape(-1)[keep].tolist(),
+                np.broadcast_to(_LIST_NAMES[None, :, None], shape).reshape(-1)[keep].tolist(),
+                np.broadcast_to(np.arange(k)[None, None, :], shape).reshape(-1)[keep].tolist(),
+                ids[keep].tolist(),
+                np.stack([a.max_values, a.mean_values], axis=1).reshape(-1)[keep].tolist(),
+                ys[keep].tolist(),
+                xs[keep].tolist(),
+            ),
+        )
+
+    # -- plumbing --------------------------------------------------------------------
+
+    def cache_path(
+        self, kind: str, layer: str, unit: int, rank: int, list: str, ext: str = "png"
+    ) -> Path:
+        """Same as :meth:`lurker.store.Run.cache_path`."""
+        return cache_file(self.path, kind, layer, unit, rank, list, ext)
+
+    @contextlib.contextmanager
+    def _tx(self, *, demote: bool = True) -> Iterator[sqlite3.Cursor]:
+        """One write transaction, rolled back if anything inside raises.
+
+        With ``demote`` (every data write), the run's status becomes 'running' in the same
+        transaction. That keeps the invariant readers rely on: ``status='complete'`` means
+        the stored results describe exactly the stored samples and classes.
+        """
+        cur = self._conn.cursor()
+        cur.execute("BEGIN IMMEDIATE")
+        try:
+            if demote:
+                cur.execute(_SET_STATUS, (dump_json(STATUS_RUNNING),))
+            yield cur
+        except BaseException:
+            if self._conn.in_transaction:
+                self._conn.execute("ROLLBACK")
+            raise
+        self._conn.execute("COMMIT")
+
+    def close(self) -> None:
+        """Close the database connection (idempotent)."""
+        self._conn.close()
+
+    def __enter__(self) -> RunWriter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def _init_db(db: Path, meta: dict[str, Any]) -> None:
+    """Build the schema in a temporary file and rename it to ``db``: all or nothing."""
+    tmp = db.parent / f"{TMP_PREFIX}{uuid.uuid4().hex}.db"
+    try:
+        conn = sqlite3.connect(tmp, isolation_level=None)
+        try:
+            conn.execute("BEGIN")
+            for statement in DDL.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.executemany(
+                "INSERT INTO meta(key, value) VALUES (?, ?)",
+                ((key, dump_json(value)) for key, value in meta.items()),
+            )
+            conn.execute(f"PRAGMA user_version = {int(SCHEMA_VERSION)}")
+            conn.execute("COMMIT")
+        finally:
+            conn.close()
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, db)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    fsync_dir(db.parent)
+
+
+def _remove_run(root: Path) -> None:
+    """Delete what a run consists of (database, journal, checkpoint, cache), nothing else."""
+    for name in (DB_NAME, f"{DB_NAME}-journal", f"{DB_NAME}-wal", f"{DB_NAME}-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            (root / name).unlink()
+    with contextlib.suppress(FileNotFoundError):
+        (root / CHECKPOINT_NAME).unlink()
+    shutil.rmtree(root / CACHE_DIR, ignore_errors=True)
+    _remove_stale_tmp(root)
+
+
+def _remove_stale_tmp(root: Path) -> None:
+    """Delete temporary files a crashed write left behind (they are never valid data)."""
+    for entry in root.glob(f"{TMP_PREFIX}*"):
+        with contextlib.suppress(OSError):
+            entry.unlink()

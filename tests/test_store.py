@@ -1,0 +1,400 @@
+"""The run store: exact round trip, resume/overwrite rules, atomicity, clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lurker.errors import LurkerError
+from lurker.store import (
+    SCHEMA_VERSION,
+    LayerResult,
+    NotARunError,
+    Run,
+    RunExistsError,
+    RunIncompleteError,
+    RunWriter,
+    SchemaVersionError,
+    UnitRangeError,
+    UnknownLayerError,
+    atomic_write_bytes,
+)
+
+CLASSES = ["cat", "dog", "crane", "crane"]
+N_SAMPLES = 12
+K = 4
+BINS = 8
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+def meta(fp: str = "fp-A", model: str = "torchvision:resnet18") -> dict:
+    return {
+        "model": model,
+        "model_fingerprint": fp,
+        "dataset": "folder:/data/x",
+        "k": K,
+        "image_size": 32,
+        "config": {"batch_size": 4},
+    }
+
+
+def layer_result(name: str, c: int, seed: int, *, empty_slots: bool = False) -> LayerResult:
+    rng = np.random.default_rng(seed)
+    f32 = np.float32
+    mean_ids = np.stack([rng.permutation(N_SAMPLES)[:K] for _ in range(c)])
+    max_ids = np.stack([rng.permutation(N_SAMPLES)[:K] for _ in range(c)])
+    if empty_slots:
+        mean_ids[0, 2:] = -1
+        max_ids[1, 3:] = -1
+    hist = rng.integers(0, 1000, size=(c, BINS))
+    hist[0, 0] = 2**40  # beyond float32's exact integers
+    return LayerResult(
+        name=name,
+        module=f"features.{seed}",
+        op=f"conv2d_{seed}",
+        kind="Conv2d",
+        shape=(c, 7, 7),
+        rf={"size": [11, 11], "stride": [4, 4]} if seed == 1 else None,
+        mean_values=-np.sort(-rng.standard_normal((c, K)).astype(f32), axis=1),
+        mean_ids=mean_ids,
+        max_values=-np.sort(-rng.standard_normal((c, K)).astype(f32), axis=1),
+        max_ids=max_ids,
+        max_y=rng.integers(0, 7, size=(c, K)),
+        max_x=rng.integers(0, 7, size=(c, K)),
+        unit_mean=rng.standard_normal(c).astype(f32),
+        unit_max=rng.standard_normal(c).astype(f32) + 3,
+        class_mean=rng.standard_normal((c, len(CLASSES))).astype(f32),
+        hist=hist,
+        hist_edges=np.linspace(-1, 5, BINS + 1).astype(f32),
+    )
+
+
+def labels() -> list[int]:
+    return [i % len(CLASSES) if i != 5 else -1 for i in range(N_SAMPLES)]
+
+
+def start(path: Path, fp: str = "fp-A", **kw: object) -> RunWriter:
+    w = RunWriter.create(path, meta=meta(fp), **kw)
+    w.set_classes(CLASSES)
+    w.add_samples((i, None if i == 3 else f"img/{i}.png", lab) for i, lab in enumerate(labels()))
+    w.add_skipped([("img/bad.png", "cannot identify image file")])
+    return w
+
+
+def complete_run(path: Path, fp: str = "fp-A", **kw: object) -> list[LayerResult]:
+    results = [layer_result("conv1", 6, 1, empty_slots=True), layer_result("layer1.0", 5, 2)]
+    with start(path, fp, **kw) as w:
+        w.write_layers_result(results)
+    return results
+
+
+def test_round_trip_exact(tmp_path: Path) -> None:
+    results = complete_run(tmp_path / "run")
+    with Run.open(tmp_path / "run") as run:
+        assert run.meta["model_fingerprint"] == "fp-A"
+        assert run.meta["status"] == "complete" and run.complete
+        assert run.meta["schema_version"] == SCHEMA_VERSION
+        assert run.meta["k"] == K and run.meta["config"] == {"batch_size": 4}
+        assert run.classes == CLASSES
+        assert [info.name for info in run.layers] == ["conv1", "layer1.0"]
+        assert run.skipped == [("img/bad.png", "cannot identify image file")]
+        for res, info in zip(results, run.layers):
+            assert (info.module, info.op, info.kind, info.shape, info.rf) == (
+                res.module,
+                res.op,
+                res.kind,
+                res.shape,
+                res.rf,
+            )
+            c = info.num_units
+            assert c == len(res.unit_mean)
+            for u in range(c):
+                unit = run.unit(info.name, u)
+                assert unit.mean == float(res.unit_mean[u]) and unit.max == float(res.unit_max[u])
+                for which, ids, vals in (
+                    ("mean", res.mean_ids, res.mean_values),
+                    ("max", res.max_ids, res.max_values),
+                ):
+                    top = unit.top(which)
+                    keep = [r for r in range(K) if ids[u, r] >= 0]
+                    assert [e.rank for e in top] == keep
+                    assert [e.sample_id for e in top] == [int(ids[u, r]) for r in keep]
+                    assert [e.value for e in top] == [float(vals[u, r]) for r in keep]
+                    if which == "max":
+                        assert [(e.y, e.x) for e in top] == [
+                            (int(res.max_y[u, r]), int(res.max_x[u, r])) for r in keep
+                        ]
+                    else:
+                        assert all(e.y is None and e.x is None for e in top)
+                    for e in top:
+                        lab = labels()[e.sample_id]
+                        assert e.label == (None if lab < 0 else lab)
+                        assert e.class_name == (None if lab < 0 else CLASSES[lab])
+                        assert e.path == (None if e.sample_id == 3 else f"img/{e.sample_id}.png")
+                np.testing.assert_array_equal(unit.class_mean_array(), res.class_mean[u])
+                assert list(unit.class_means()) == ["cat", "dog", "crane (2)", "crane (3)"]
+                counts, edges = unit.histogram()
+                np.testing.assert_array_equal(counts, res.hist[u])
+                np.testing.assert_array_equal(edges, res.hist_edges)
+    # Empty slots are simply absent.
+    with Run.open(tmp_path / "run") as run:
+        assert len(run.unit("conv1", 0).top("mean")) == 2
+        assert len(run.unit("conv1", 1).top("max")) == 3
+
+
+def test_queries_and_export(tmp_path: Path) -> None:
+    results = complete_run(tmp_path / "run")
+    with Run.open(tmp_path / "run") as run:
+        res = results[1]
+        by_max = run.units("layer1.0", order_by="max")
+        assert [u.index for u in by_max] == list(np.argsort(-res.unit_max, kind="stable"))
+        assert [u.index for u in run.units("layer1.0", "mean", limit=2)] == list(
+            np.argsort(-res.unit_mean, kind="stable")[:2]
+        )
+        assert [u.index for u in run.units("layer1.0", "index")] == list(range(5))
+        # Lookup by op label and by module path.
+        assert run.layer("conv2d_2").name == "layer1.0"
+        assert run.layer("features.1").name == "conv1"
+        samples = run.samples([4, 0, 5])
+        assert [(s.id, s.label, s.class_name) for s in samples] == [
+            (4, 0, "cat"),
+            (0, 0, "cat"),
+            (5, None, None),
+        ]
+        d = run.to_dict("conv1", 0)
+        text = json.dumps(d, allow_nan=False)
+        assert json.loads(text)["unit"] == 0
+        assert d["layer"]["rf"] == {"size": [11, 11], "stride": [4, 4]}
+        assert len(d["top"]["max"]) == K and d["top"]["max"][0]["y"] is not None
+        assert len(d["top"]["mean"]) == 2 and d["top"]["mean"][0]["y"] is None
+        assert d["histogram"]["counts"][0] == 2**40
+        path = run.cache_path("crop", "layer1/0:../x", 3, 1, "max")
+        assert path.parent.is_dir() and path.suffix == ".png"
+        assert (tmp_path / "run" / "cache") in path.parents and ".." not in path.parts
+
+
+def test_plain_sqlite_readable(tmp_path: Path) -> None:
+    results = complete_run(tmp_path / "run")
+    db = sqlite3.connect(tmp_path / "run" / "run.db")
+    (version,) = db.execute("PRAGMA user_version").fetchone()
+    assert version == SCHEMA_VERSION
+    rows = db.execute(
+        "SELECT t.rank, t.sample_id, t.value FROM top t JOIN layers l ON l.id = t.layer_id "
+        "WHERE l.name = 'layer1.0' AND t.unit = 3 AND t.list = 'max' ORDER BY t.rank"
+    ).fetchall()
+    assert [r[1] for r in rows] == results[1].max_ids[3].tolist()
+    plan = " ".join(
+        str(r)
+        for r in db.execute(
+            "EXPLAIN QUERY PLAN SELECT * FROM top WHERE layer_id=1 AND unit=3 AND list='max'"
+        )
+    )
+    assert "SEARCH" in plan
+    (blob,) = db.execute("SELECT hist FROM units WHERE layer_id = 1 AND unit = 0").fetchone()
+    assert np.frombuffer(blob, "<f8")[0] == 2**40
+    db.close()
+
+
+def test_other_model_refused_same_resumed_overwrite_replaces(tmp_path: Path) -> None:
+    path = tmp_path / "run"
+    complete_run(path, "fp-A")
+    with pytest.raises(RunExistsError) as info:
+        RunWriter.create(path, meta=meta("fp-B", model="torchvision:vgg16"))
+    msg = str(info.value)
+    assert "--overwrite" in msg and "resnet18" in msg and "vgg16" in msg
+    assert isinstance(info.value, LurkerError)
+    # Same model: resumed, data intact; a different k is refused.
+    with RunWriter.create(path, meta=meta("fp-A")) as w:
+        assert w.resumed and w.status == "complete"
+        assert w.checkpoint_path.parent == path
+    with pytest.raises(RunExistsError, match="k=4"):
+        RunWriter.create(path, meta={**meta("fp-A"), "k": 9})
+    # Overwrite: a fresh, empty run of the new model.
+    atomic_write_bytes(path / "checkpoint.pt", b"old")
+    with RunWriter.create(path, meta=meta("fp-B"), overwrite=True) as w:
+        assert not w.resumed and w.meta_get("model_fingerprint") == "fp-B"
+    assert not (path / "checkpoint.pt").exists()
+    with Run.open(path, allow_incomplete=True) as run:
+        assert run.layers == [] and run.classes == []
+
+
+def test_non_run_directory_never_clobbered(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(RunExistsError, match="holds no lurker run"):
+        RunWriter.create(tmp_path, meta=meta(), overwrite=True)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    with pytest.raises(NotARunError, match="not a lurker run"):
+        Run.open(tmp_path)
+
+
+def test_incomplete_run_refused(tmp_path: Path) -> None:
+    start(tmp_path / "run").close()
+    with pytest.raises(RunIncompleteError) as info:
+        Run.open(tmp_path / "run")
+    assert "incomplete" in str(info.value) and "--out" in str(info.value)
+    # A new data write on a complete run demotes it until results are rewritten.
+    complete_run(tmp_path / "r2")
+    with RunWriter.create(tmp_path / "r2", meta=meta()) as w:
+        w.add_samples([(99, "img/99.png", 1)])
+        assert w.status == "running"
+    with pytest.raises(RunIncompleteError):
+        Run.open(tmp_path / "r2")
+
+
+def test_failure_mid_write_rolls_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "run"
+    w = start(path)
+    original = RunWriter._insert_layer
+    calls = []
+
+    def flaky(self: RunWriter, cur: sqlite3.Cursor, position: int, arrays: object) -> None:
+        if calls:
+            raise RuntimeError("disk on fire")
+        calls.append(position)
+        original(self, cur, position, arrays)
+
+    monkeypatch.setattr(RunWriter, "_insert_layer", flaky)
+    results = [layer_result("conv1", 6, 1), layer_result("layer1.0", 5, 2)]
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        w.write_layers_result(results)
+    assert calls == [0]
+    assert w.status == "running"
+    w.close()
+    with Run.open(path, allow_incomplete=True) as run:
+        assert not run.complete and run.layers == []
+        assert run._query("SELECT count(*) FROM top") == [(0,)]
+        assert run._query("SELECT count(*) FROM units") == [(0,)]
+        assert len(run.samples(range(N_SAMPLES))) == N_SAMPLES  # earlier commits kept
+    monkeypatch.setattr(RunWriter, "_insert_layer", original)
+    with RunWriter.create(path, meta=meta()) as w2:  # resume and finish
+        w2.write_layers_result(results)
+    with Run.open(path) as run:
+        assert len(run.layers) == 2
+
+
+def test_process_crash_mid_write_recovers(tmp_path: Path) -> None:
+    """A real kill (no Python cleanup) mid-transaction leaves a hot journal, not corruption."""
+    path = tmp_path / "run"
+    start(path).close()
+    script = textwrap.dedent(
+        f"""
+        import os, sys
+        sys.path[:0] = [{SRC!r}, {str(Path(__file__).parent)!r}]
+        from test_store import layer_result, meta
+        from lurker.store import RunWriter
+        w = RunWriter.create({str(path)!r}, meta=meta())
+        w._conn.execute("PRAGMA cache_size=1")  # spill pages to the db file early
+        orig = RunWriter._insert_layer
+        def die(self, cur, position, arrays):
+            orig(self, cur, position, arrays)
+            os._exit(3)
+        RunWriter._insert_layer = die
+        w.write_layers_result([layer_result("a", 64, 1), layer_result("b", 5, 2)])
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == 3, proc.stderr
+    assert (path / "run.db-journal").exists()
+    with Run.open(path, allow_incomplete=True) as run:  # rolls the hot journal back
+        assert not (path / "run.db-journal").exists()
+        assert not run.complete and run.layers == []
+        assert run._query("SELECT count(*) FROM top") == [(0,)]
+        assert run._query("PRAGMA integrity_check") == [("ok",)]
+    with pytest.raises(RunIncompleteError):
+        Run.open(path)
+
+
+def test_atomic_write_bytes(tmp_path: Path) -> None:
+    target = tmp_path / "sub" / "img.png"
+    atomic_write_bytes(target, b"first")
+    atomic_write_bytes(target, b"second")
+    assert target.read_bytes() == b"second"
+    assert os.listdir(target.parent) == ["img.png"]
+
+    with pytest.raises(TypeError):
+        atomic_write_bytes(target, "not bytes")  # type: ignore[arg-type]
+    assert target.read_bytes() == b"second"
+    assert os.listdir(target.parent) == ["img.png"]
+
+
+def test_unknown_layer_and_unit_errors(tmp_path: Path) -> None:
+    complete_run(tmp_path / "run")
+    with Run.open(tmp_path / "run") as run:
+        with pytest.raises(UnknownLayerError) as info:
+            run.layer("conv_1")
+        msg = str(info.value)
+        assert "conv1" in msg and "layer1.0" in msg and "Did you mean" in msg
+        assert isinstance(info.value, KeyError) and isinstance(info.value, LurkerError)
+        with pytest.raises(UnitRangeError, match=r"6 units \(0\.\.5\)"):
+            run.unit("conv1", 6)
+        with pytest.raises(IndexError):
+            run.unit("conv1", -1)
+
+
+def test_schema_version_mismatch(tmp_path: Path) -> None:
+    complete_run(tmp_path / "run")
+    db = sqlite3.connect(tmp_path / "run" / "run.db")
+    db.execute("PRAGMA user_version = 99")
+    db.commit()
+    db.close()
+    with pytest.raises(SchemaVersionError) as info:
+        Run.open(tmp_path / "run")
+    assert "99" in str(info.value) and str(SCHEMA_VERSION) in str(info.value)
+    assert (info.value.found, info.value.expected) == (99, SCHEMA_VERSION)
+    with pytest.raises(RunExistsError, match="schema version 99"):
+        RunWriter.create(tmp_path / "run", meta=meta())
+
+
+def test_bad_shapes_rejected_before_writing(tmp_path: Path) -> None:
+    with start(tmp_path / "run") as w:
+        bad = layer_result("conv1", 6, 1)
+        bad.max_y = np.zeros((5, K))
+        with pytest.raises(LurkerError, match="max_y"):
+            w.write_layers_result([bad])
+        assert w.status == "running"
+
+
+def test_bulk_write_is_fast(tmp_path: Path) -> None:
+    import time
+
+    rng = np.random.default_rng(0)
+    c, k, n = 512, 9, 50_000
+    layers = []
+    for i in range(24):
+        ids = rng.integers(0, n, size=(c, k))
+        layers.append(
+            LayerResult(
+                name=f"l{i}",
+                module=f"m{i}",
+                op=f"op{i}",
+                kind="Conv2d",
+                shape=(c, 14, 14),
+                mean_values=rng.standard_normal((c, k)),
+                mean_ids=ids,
+                max_values=rng.standard_normal((c, k)),
+                max_ids=ids,
+                max_y=rng.integers(0, 14, (c, k)),
+                max_x=rng.integers(0, 14, (c, k)),
+                unit_mean=rng.standard_normal(c),
+                unit_max=rng.standard_normal(c),
+                class_mean=rng.standard_normal((c, 10)),
+                hist=rng.integers(0, 100, (c, 64)),
+                hist_edges=np.linspace(0, 1, 65),
+            )
+        )
+    with RunWriter.create(tmp_path / "run", meta=meta()) as w:
+        t0 = time.perf_counter()
+        w.write_layers_result(layers)
+        elapsed = time.perf_counter() - t0
+    print(f"24 layers x 512 units written in {elapsed:.3f} s")
+    assert elapsed < 5.0, elapsed  # well under a second locally; generous for slow CI
+    with Run.open(tmp_path / "run") as run:
+        assert run.unit("l23", 511).top("max")[0].sample_id == int(layers[23].max_ids[511, 0])

@@ -1,0 +1,414 @@
+"""lurker.trace on real architectures and on hand-checked small models."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import lurker
+from lurker.capture._tree import paths
+from models_zoo import (
+    Branchy,
+    Fails,
+    Generates,
+    InPlace,
+    LSTMNet,
+    RNNLoop,
+    Small,
+    Structured,
+    Twice,
+)
+
+
+def _assert_same_output(tr: lurker.Trace, model: nn.Module, *args, **kwargs) -> None:
+    with torch.no_grad():
+        plain = model(*args, **kwargs)
+    got = dict(paths(tr.output, "o", []))
+    exp = dict(paths(plain, "o", []))
+    assert got.keys() == exp.keys()
+    for k in got:
+        torch.testing.assert_close(got[k].detach(), exp[k], rtol=1e-4, atol=1e-5)
+
+
+def _check_links(tr: lurker.Trace) -> None:
+    for op in tr:
+        for p in op.parents:
+            assert op.index in tr.ops[p].children
+            assert p < op.index  # execution order
+        for c in op.children:
+            assert op.index in tr.ops[c].parents
+
+
+TORCHVISION = [
+    ("resnet18", (1, 3, 64, 64)),
+    ("vgg11", (1, 3, 64, 64)),
+    ("mobilenet_v3_small", (1, 3, 64, 64)),
+]
+
+
+@pytest.mark.parametrize(("name", "shape"), TORCHVISION)
+def test_torchvision_models(name, shape):
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None).eval()
+    x = torch.randn(shape)
+    tr = lurker.trace(model, x)
+    report = tr.validate()
+    assert report.checked == tr.num_ops
+    assert report.output_checked
+    _assert_same_output(tr, model, x)
+    _check_links(tr)
+    # every parametrised module appears as the producer of its output
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    assert len([op for op in tr if op.name == "conv2d"]) == len(convs)
+    for n in convs:
+        assert tr[n].name == "conv2d"
+        assert tr[n].params[0].name == f"{n}.weight"
+    assert tr.num_params == sum(p.numel() for p in model.parameters())
+    assert not tr.is_recurrent and not tr.has_branching
+
+
+def test_resnet_structure_details():
+    model = torchvision.models.resnet18().eval()
+    tr = lurker.trace(model, torch.randn(1, 3, 32, 32))
+    conv1 = tr["conv1"]
+    assert conv1.label == "conv2d_1" and tr["conv2d_1"] is conv1
+    assert conv1.module == "conv1" and conv1.parents == [tr["input_1"].index]
+    # FLOPs of a conv: 2 * out elements * (in_channels * kh * kw)
+    assert conv1.flops == 2 * (64 * 16 * 16) * (3 * 7 * 7)
+    assert tr["fc"].flops == 2 * 1000 * 512
+    # the skip connection: layer1.0's add has two parents, one of them the block input
+    add = tr.find("add_*")[0]
+    assert len(add.parents) == 2 and add.module == "layer1.0"
+    # shared ReLU module called twice per block is not a loop
+    assert tr["layer1.0.relu:1"].label != tr["layer1.0.relu:2"].label
+    assert tr["layer1.0.relu:2"].num_passes == 1
+    assert conv1.source and "resnet.py" in conv1.source
+    assert tr["output_1"].dist_from_output == 0 and conv1.dist_from_input == 1
+    assert tr.ops[-1].kind == "output"
+
+
+def test_googlenet_aux_outputs():
+    torch.manual_seed(0)
+    model = torchvision.models.googlenet(weights=None, aux_logits=True, init_weights=True)
+    model.train()
+    x = torch.randn(2, 3, 64, 64)
+    tr = lurker.trace(model, x)
+    outs = [op.name for op in tr.outputs]
+    assert len(outs) == 3  # logits, aux_logits2, aux_logits1
+    report = tr.validate()  # dropout ops are random: skipped, and said so
+    assert "random" in report.skipped.values()
+    assert report.checked > 100
+    _check_links(tr)
+
+
+def test_small_model_hand_checked():
+    model = Small()
+    x = torch.randn(2, 4)
+    tr = lurker.trace(model, x)
+    assert [op.label for op in tr] == ["input_1", "linear_1", "relu_1", "add_1", "output_1"]
+    inp, lin, relu, add, out = tr.ops
+    assert inp.name == "x" and inp.kind == "input" and out.kind == "output"
+    assert lin.parents == [0] and relu.parents == [1] and add.parents == [2] and out.parents == [3]
+    assert lin.children == [2] and add.children == [4]
+    assert [p.name for p in lin.params] == ["fc.weight", "fc.bias"]
+    assert lin.num_params == 4 * 3 + 3 and relu.num_params == 0
+    assert lin.module == "fc" and relu.module is None and tr["fc"] is lin
+    assert lin.shape == (2, 3) and lin.dtype == torch.float32 and lin.nbytes == 2 * 3 * 4
+    assert lin.flops == 2 * 2 * 3 * 4
+    assert tr.num_ops == 3
+    assert [op.dist_from_input for op in tr.ops] == [0, 1, 2, 3, 4]
+    assert [op.dist_from_output for op in tr.ops] == [4, 3, 2, 1, 0]
+    assert lin.source.endswith(".py:" + lin.source.rsplit(":", 1)[1])
+    torch.testing.assert_close(relu.activation, torch.relu(model.fc(x)).detach())
+    tr.validate()
+
+
+def test_branch_recorded_and_marked():
+    torch.manual_seed(0)
+    model = Branchy()
+    x = torch.ones(1, 4)
+    tr = lurker.trace(model, x)
+    assert tr.has_branching
+    (rd,) = tr.branches
+    assert rd.kind == "readout" and rd.value is True
+    gt = tr.ops[rd.parents[0]]
+    assert gt.name == "gt" and gt.decides_branch
+    assert tr.ops[gt.parents[0]].name == "sum"
+    assert "pos" in tr and "neg" not in tr  # only the taken branch ran
+    tr.validate()
+    _assert_same_output(tr, model, x)
+    # the other branch: a new input taking it is detected by run()
+    with pytest.raises(lurker.GraphChangedError, match="another path"):
+        tr.run(-torch.ones(1, 4))
+
+
+def test_rnn_loop_is_recurrent():
+    torch.manual_seed(0)
+    T = 4
+    model = RNNLoop()
+    x = torch.randn(T, 2, 3)
+    tr = lurker.trace(model, x)
+    assert tr.is_recurrent
+    cell_ops = [op for op in tr if op.module == "cell"]
+    assert cell_ops and all(op.num_passes == T for op in cell_ops)
+    rnn = [op for op in cell_ops if op.name == "rnn_tanh_cell"]
+    assert [op.pass_num for op in rnn] == list(range(1, T + 1))
+    assert rnn[1].label == f"{rnn[1].rolled}:2"
+    assert tr.modules["cell"].num_passes == T
+    assert tr[f"cell:{T}"] is rnn[-1]
+    with pytest.raises(KeyError, match="ran 4 times"):
+        tr["cell"]
+    assert len(tr.passes(rnn[0].rolled)) == T
+    # the loop-carried state: pass t+1 of the cell consumes pass t's output
+    for a, b in itertools.pairwise(rnn):
+        assert a.index in b.parents
+    # getitem x[t] in the forward's loop is one rolled layer too
+    getitems = [op for op in tr if op.name == "getitem"]
+    assert len({op.rolled for op in getitems}) == 1 and len(getitems) == T
+    zeros = next(op for op in tr if op.name == "zeros")
+    assert zeros.kind == "generated"
+    tr.validate()
+    _assert_same_output(tr, model, x)
+
+
+def test_lstm():
+    torch.manual_seed(0)
+    model = LSTMNet().eval()
+    x = torch.randn(2, 7, 6)
+    tr = lurker.trace(model, x)
+    lstm = tr.find("lstm_*")
+    assert len(lstm) == 1 and len(lstm[0].outputs) == 3  # output, h, c
+    assert lstm[0].num_params == sum(p.numel() for p in model.lstm.parameters())
+    tr.validate()
+    _assert_same_output(tr, model, x)
+
+
+def test_transformer_encoder_decomposed():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 4, 64, batch_first=True)
+    model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    x = torch.randn(2, 10, 32)
+    tr = lurker.trace(model, x)
+    names = [op.name for op in tr]
+    # attention is recorded in parts, not as one opaque op
+    assert "multi_head_attention_forward" not in names
+    assert names.count("layer_norm") == 4
+    assert any(n in names for n in ("softmax", "scaled_dot_product_attention"))
+    assert tr["layers.0.self_attn"].module_outputs[0] == "layers.0.self_attn"
+    tr.validate()
+    _assert_same_output(tr, model, x)
+
+
+def test_generated_tensors():
+    model = Generates()
+    x = torch.randn(2, 5)
+    tr = lurker.trace(model, x)
+    gen = {op.name for op in tr if op.kind == "generated"}
+    assert {"arange", "zeros", "randn"} <= gen
+    assert next(op for op in tr if op.name == "randn").random
+    assert next(op for op in tr if op.name == "ones_like").kind == "op"
+    report = tr.validate()
+    assert report.skipped.get(next(op.label for op in tr if op.name == "randn")) == "random"
+
+
+def test_inplace_ops_keep_pre_mutation_values():
+    torch.manual_seed(0)
+    model = InPlace()
+    x = torch.randn(3, 4)
+    tr = lurker.trace(model, x)
+    lin = tr["fc"] if tr["fc"].name == "linear" else tr.find("linear_*")[0]
+    y = model.fc(x).detach()
+    torch.testing.assert_close(lin.activation, y)  # not overwritten by relu_ later
+    mul = next(op for op in tr if op.name == "mul")
+    torch.testing.assert_close(mul.activation, y * 1.0)
+    iadd = next(op for op in tr if op.name == "add_")  # z += 1
+    assert iadd.inplace
+    torch.testing.assert_close(iadd.activation, y + 1)  # before mul_ and setitem
+    mul_ = next(op for op in tr if op.name == "mul_")
+    torch.testing.assert_close(mul_.activation, (y + 1) * 2)
+    setitem = next(op for op in tr if op.name == "setitem")
+    assert setitem.inplace and setitem.parents == [mul_.index]
+    expected = (y + 1) * 2
+    expected[0, 0] = 5.0
+    torch.testing.assert_close(setitem.activation, expected)
+    adds = [op for op in tr if op.name == "add"]
+    assert len({op.rolled for op in adds}) == 2  # two adds on one line are not a loop
+    assert next(op for op in tr if op.name == "relu").inplace
+    tr.validate()
+    _assert_same_output(tr, model, x)
+
+
+def test_submodule_called_twice():
+    model = Twice()
+    x = torch.randn(2, 4)
+    tr = lurker.trace(model, x)
+    lins = [op for op in tr if op.module == "block.0"]
+    assert [op.pass_num for op in lins] == [1, 2] and lins[0].rolled == lins[1].rolled
+    assert tr["block:1"].name == "tanh" and tr["block:2"].name == "tanh"
+    assert tr["block:2"].index in tr.ops[tr["out"].index].parents
+    assert tr.is_recurrent
+    tr.validate()
+    _assert_same_output(tr, model, x)
+
+
+def test_structured_inputs_and_dict_output():
+    torch.manual_seed(0)
+    model = Structured()
+    x, y, z, s = torch.randn(2, 4), torch.randn(2, 4), torch.randn(2, 4), torch.tensor(3.0)
+    tr = lurker.trace(model, (x, y), {"z": z}, scale=s)
+    assert [op.name for op in tr.inputs] == ["pair[0]", "pair[1]", "feats['z']", "scale"]
+    assert [op.name for op in tr.outputs] == [
+        "output['logits']",
+        "output['aux'][0]",
+        "output['aux'][1]",
+    ]
+    assert tr["output['logits']"].kind == "output"
+    torch.testing.assert_close(tr["output['logits']"].activation, tr.output["logits"].detach())
+    tr.validate()
+    _assert_same_output(tr, model, (x, y), {"z": z}, scale=s)
+
+
+def test_failure_leaves_partial_trace_and_clean_torch():
+    model = Fails()
+    with pytest.raises(lurker.TraceError) as ei:
+        lurker.trace(model, torch.randn(2, 4))
+    err = ei.value
+    msg = str(err)
+    assert "linear" in msg and "fc2" in msg and "(2, 6)" in msg
+    assert err.failed_op == "linear_2"
+    partial = err.partial
+    assert not partial.complete and partial.ops[-1].kind == "failed"
+    assert [op.label for op in partial.ops[:3]] == ["input_1", "linear_1", "relu_1"]
+    # torch is left as it was: no mode on the stack, no global hooks
+    assert torch._C._len_torch_function_stack() == 0
+    from torch.nn.modules import module as mod
+
+    assert not mod._global_forward_hooks and not mod._global_forward_pre_hooks
+    # the model still works normally afterwards
+    ok = nn.Linear(4, 2)
+    lurker.trace(ok, torch.randn(1, 4)).validate()
+
+
+def test_wrong_input_shape_error_names_fix():
+    model = torchvision.models.resnet18()
+    with pytest.raises(lurker.TraceError, match="input-shape") as ei:
+        lurker.trace(model, torch.randn(1, 1, 32, 32))
+    assert ei.value.failed_op == "conv2d_1"
+
+
+def test_not_a_module():
+    with pytest.raises(lurker.LurkerError, match=r"nn\.Module"):
+        lurker.trace(lambda x: x, torch.randn(1))
+
+
+def test_save_policies_and_transform():
+    model = torchvision.models.resnet18().eval()
+    x = torch.randn(1, 3, 32, 32)
+    none = lurker.trace(model, x, save="none")
+    assert all(op.activation is None for op in none.layers)
+    names = lurker.trace(model, x, save=["layer1.*", "conv2d_1"])
+    saved = {op.label for op in names.layers if op.activation is not None}
+    assert "conv2d_1" in saved and names["layer1.0"].label in saved
+    assert names["layer2"].activation is None
+    types = lurker.trace(model, x, save=nn.Conv2d)
+    assert {op.name for op in types.layers if op.activation is not None} == {"conv2d"}
+    pred = lurker.trace(model, x, save=lambda op: op.name == "relu")
+    assert {op.name for op in pred.layers if op.activation is not None} == {"relu"}
+    mean = lurker.trace(model, x, transform=lambda t: t.mean((2, 3)) if t.dim() == 4 else t)
+    full = lurker.trace(model, x)
+    torch.testing.assert_close(mean["layer1"].activation, full["layer1"].activation.mean((2, 3)))
+    with pytest.raises(lurker.ValidationError, match="transform"):
+        mean.validate()
+    cpu = lurker.trace(model, x, save_to="cpu")
+    assert cpu["conv1"].activation.device.type == "cpu"
+    with pytest.raises(lurker.LurkerError, match="not understood"):
+        lurker.trace(model, x, save=3.5)
+
+
+def test_run_new_input_matches_fresh_trace():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18().eval()
+    tr = lurker.trace(model, torch.randn(1, 3, 32, 32))
+    x2 = torch.randn(1, 3, 32, 32)
+    acts = tr.run(x2)
+    fresh = lurker.trace(model, x2)
+    for op in fresh.layers:
+        torch.testing.assert_close(acts[op.label], op.activation)
+    torch.testing.assert_close(acts["layer2.1"], fresh["layer2.1"].activation)
+    some = tr.run(x2, save=["fc"])
+    assert list(some) == [tr["fc"].label, "output_1"]
+
+
+def test_gradients_match_autograd():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    x = torch.randn(5, 4)
+    tr = lurker.trace(model, x, grads=True)
+    tr.backward(output=lambda out: out[:, 1].sum())
+    # oracle: autograd on a plain forward
+    h1 = model[0](x)
+    h2 = model[1](h1)
+    out = model[2](h2)
+    g1, g2, go = torch.autograd.grad(out[:, 1].sum(), [h1, h2, out])
+    torch.testing.assert_close(tr["0"].grad, g1)
+    torch.testing.assert_close(tr["1"].grad, g2)
+    torch.testing.assert_close(tr["2"].grad, go)
+
+
+def test_gradients_after_users_own_backward_with_inplace():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(inplace=True), nn.Linear(8, 2))
+    x = torch.randn(3, 4)
+    tr = lurker.trace(model, x, grads=True)
+    tr.output.pow(2).sum().backward()
+    h1 = model[0](x)
+    h2 = torch.relu(h1)
+    out = model[2](h2)
+    g1, g2 = torch.autograd.grad(out.pow(2).sum(), [h1, h2])
+    torch.testing.assert_close(tr["0"].grad, g1)
+    torch.testing.assert_close(tr["1"].grad, g2)
+
+
+def test_two_threads_do_not_mix():
+    torch.manual_seed(0)
+    models = [torchvision.models.resnet18().eval(), RNNLoop(), Small()]
+    inputs = [torch.randn(1, 3, 32, 32), torch.randn(3, 2, 3), torch.randn(2, 4)]
+    expected = [[op.label for op in lurker.trace(m, x)] for m, x in zip(models, inputs)]
+    results: dict[int, list[list[str]]] = {0: [], 1: [], 2: []}
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(4)
+
+    def work(i: int, j: int) -> None:
+        try:
+            barrier.wait()
+            for _ in range(4):
+                results[i].append([op.label for op in lurker.trace(models[i], inputs[i])])
+        except BaseException as e:
+            errors.append(e)
+
+    # two threads on different models, two on the same model
+    threads = [
+        threading.Thread(target=work, args=(i, j)) for i, j in ((0, 0), (1, 0), (2, 0), (2, 1))
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for i in range(3):
+        assert results[i] and all(r == expected[i] for r in results[i])
+
+
+def test_lookup_errors_are_helpful():
+    tr = lurker.trace(Small(), torch.randn(1, 4))
+    with pytest.raises(KeyError, match="linear_1"):
+        tr["linear_9"]
+    assert "fc" in tr and "nope" not in tr
+    assert next(op.label for op in tr) == "input_1"
+    assert len(tr) == 5
+    assert "3 ops" in repr(tr)
