@@ -1,12 +1,14 @@
-"""Re-run a traced model on new inputs, saving activations by position in the op sequence.
+"""Re-run a traced model on new inputs and hand over the outputs of chosen ops.
 
 The graph is not re-derived: a light mode counts recorded calls exactly as the recorder
-does and keeps the outputs of the wanted ones, checking that the same callables run in
-the same order (otherwise the input took another branch, and we say so).
+does and passes the outputs of the wanted ones to a callback, checking that the same
+callables run in the same order (otherwise the input took another branch, and we say so).
+This is what ``Trace.run`` and the probe's sweep are built on.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
@@ -18,21 +20,23 @@ from ._policy import make_policy
 from ._tree import paths, tensors
 
 if TYPE_CHECKING:
+    from ..graph.nodes import Op
     from .trace import Activations, Trace
 
+OnOutput = Callable[[int, Any], None]  # (node index, tensor or tuple of tensors)
 
-class _Replayer(TorchFunctionMode):
-    def __init__(
-        self, funcs: list[Any], labels: list[str], want: dict[int, int], transform, device
-    ):
+
+class Replayer(TorchFunctionMode):
+    """Calls ``on_output(node_index, value)`` for the wanted ops, with live tensors."""
+
+    def __init__(self, trace: Trace, want: Iterable[int], on_output: OnOutput):
         super().__init__()
-        self.funcs = funcs
-        self.labels = labels
-        self.want = want
-        self.transform = transform
-        self.device = device
+        calls = sorted((op for op in trace.ops if op.seq >= 0), key=lambda op: op.seq)
+        self.funcs = [op._func for op in calls]
+        self.labels = [op.label for op in calls]
+        self.want = {trace.ops[i].seq: i for i in want if trace.ops[i].seq >= 0}
+        self.on_output = on_output
         self.seq = 0
-        self.saved: dict[int, Any] = {}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if kwargs is None:
@@ -41,17 +45,36 @@ class _Replayer(TorchFunctionMode):
         if inner is not None:
             with self:
                 return inner(*args, **kwargs)
+        ins: list[Tensor] = []  # mirror the recorder exactly, so the op counts agree
+        for a in args:
+            if isinstance(a, Tensor):
+                ins.append(a)
+            elif isinstance(a, (tuple, list, dict)):
+                tensors(a, ins)
+        if kwargs:
+            tensors(kwargs, ins)
+        versions = [t._version for t in ins]
         out = func(*args, **kwargs)
         if isinstance(out, Tensor):
             outs = [out]
         elif isinstance(out, (tuple, list)):
             outs = tensors(out, [])
+        elif _funcs.func_info(func).readout:
+            self._count(func)
+            return out
+        else:
+            outs = []
+        if not outs:
+            outs = [t for t, v in zip(ins, versions) if t._version != v][:1]
             if not outs:
                 return out
-        elif _funcs.func_info(func).readout and args and isinstance(args[0], Tensor):
-            outs = []
-        else:
-            return out
+        seq = self._count(func)
+        idx = self.want.get(seq)
+        if idx is not None and outs:
+            self.on_output(idx, outs[0] if len(outs) == 1 else tuple(outs))
+        return out
+
+    def _count(self, func: Any) -> int:
         seq = self.seq
         self.seq += 1
         if seq >= len(self.funcs) or self.funcs[seq] is not func:
@@ -61,47 +84,56 @@ class _Replayer(TorchFunctionMode):
                 f"{_funcs.op_name(func)} where the trace recorded {expected}. The model's "
                 "control flow depends on the data; trace this input with lurker.trace() instead."
             )
-        idx = self.want.get(seq)
-        if idx is not None and outs:
-            vals = []
-            for o in outs:
-                s = o.detach()
-                if self.transform is not None:
-                    s = self.transform(s)
-                s = s.clone() if self.device is None else s.to(self.device, copy=True)
-                vals.append(s)
-            self.saved[idx] = vals[0] if len(vals) == 1 else tuple(vals)
-        return out
+        return seq
+
+    def finish(self) -> None:
+        if self.seq != len(self.funcs):
+            raise GraphChangedError(
+                f"This input ran {self.seq} ops where the trace recorded {len(self.funcs)}: the "
+                "model's control flow depends on the data; trace this input with "
+                "lurker.trace() instead."
+            )
+
+
+def run_with(trace: Trace, args: tuple, kwargs: dict, want: Iterable[int], on_output: OnOutput) -> Any:
+    """Run the traced model on new inputs, calling ``on_output`` for the wanted ops."""
+    if trace.model is None or not trace.complete:
+        raise GraphChangedError("Only a complete trace can be re-run on new inputs.")
+    rep = Replayer(trace, want, on_output)
+    with rep:
+        output = trace.model(*args, **kwargs)
+    rep.finish()
+    return output
+
+
+def chosen_ops(trace: Trace, save: Any) -> list[Op]:
+    """The ops ``save=`` selects (default: those this trace saved)."""
+    calls = [op for op in trace.ops if op.seq >= 0]
+    if save is None:
+        return [op for op in calls if op.activation is not None]
+    policy = make_policy(save)
+    return [
+        op
+        for op in calls
+        if policy.wants_op(op)
+        or any(policy.wants_module(m.split(":")[0], None) for m in op.module_outputs)  # type: ignore[arg-type]
+    ]
 
 
 def replay(trace: Trace, args: tuple, kwargs: dict, save: Any) -> Activations:
     from .trace import Activations
 
-    if trace.model is None or not trace.complete:
-        raise GraphChangedError("Only a complete trace can be re-run on new inputs.")
-    calls = sorted((op for op in trace.ops if op.seq >= 0), key=lambda op: op.seq)
-    funcs = [op._func for op in calls]
-    labels = [op.label for op in calls]
-    if save is None:
-        chosen = [op for op in calls if op.activation is not None]
-    else:
-        policy = make_policy(save)
-        chosen = [
-            op
-            for op in calls
-            if policy.wants_op(op)
-            or any(policy.wants_module(m.split(":")[0], None) for m in op.module_outputs)  # type: ignore[arg-type]
-        ]
-    want = {op.seq: op.index for op in chosen}
-    rep = _Replayer(funcs, labels, want, trace._transform, None)
-    with rep:
-        output = trace.model(*args, **kwargs)
-    if rep.seq != len(funcs):
-        raise GraphChangedError(
-            f"This input ran {rep.seq} ops where the trace recorded {len(funcs)}: the model's "
-            "control flow depends on the data; trace this input with lurker.trace() instead."
-        )
-    values = dict(rep.saved)
+    transform = trace._transform
+    values: dict[int, Any] = {}
+
+    def keep(idx: int, value: Any) -> None:
+        def one(t: Tensor) -> Tensor:
+            t = t.detach()
+            return transform(t) if transform is not None else t.clone()
+
+        values[idx] = tuple(one(t) for t in value) if isinstance(value, tuple) else one(value)
+
+    output = run_with(trace, args, kwargs, [op.index for op in chosen_ops(trace, save)], keep)
     named = dict(paths(output, "output", []))
     for op in trace.ops:
         if op.kind == "output" and op.name in named:

@@ -1,0 +1,374 @@
+"""UnitStats against an independent brute-force oracle over the whole activation tensor."""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from lurker.probe.stats import UnitStats
+
+N = 57
+SIZES = [1, 8, 16, 3, 1, 20, 8]  # batch size 1 included, last batch partial
+assert sum(SIZES) == N
+
+
+def make_data(shape, seed=0, num_classes=4, ties=False):
+    """Activations (N, *shape), unique non-contiguous sample ids, labels with unlabelled -1."""
+    rng = np.random.default_rng(seed)
+    if ties:  # quarter steps, mostly zeros (ReLU-like): spatial means are exact in float32
+        vals = np.maximum(rng.integers(-4, 3, size=(N, *shape)), 0) / 4.0
+        vals[:, 0] = 0.0  # a dead unit: every sample ties at 0
+    else:
+        vals = rng.standard_normal((N, *shape))
+    ids = rng.choice(10_000, size=N, replace=False)
+    labels = rng.integers(-1, num_classes - 1, size=N)  # the last class never occurs
+    return (
+        torch.tensor(vals, dtype=torch.float32),
+        torch.tensor(ids, dtype=torch.int64),
+        torch.tensor(labels, dtype=torch.int64),
+    )
+
+
+def feed(stats, acts, ids, labels, sizes=SIZES, order=None):
+    if order is not None:
+        acts, ids, labels = acts[order], ids[order], labels[order]
+    start = 0
+    for size in sizes:
+        sl = slice(start, start + size)
+        stats.update(acts[sl], ids[sl], None if labels is None else labels[sl])
+        start += size
+    assert start == len(ids)
+    return stats
+
+
+def oracle(acts, ids, labels, k, num_classes, edges):
+    """Brute force in numpy (float64): per unit lexsort by (-value, id) over all samples."""
+    a = acts.double().numpy()
+    n, c = a.shape[:2]
+    width = a.shape[-1] if a.ndim > 2 else 1
+    flat = a.reshape(n, c, -1)
+    means, peaks = flat.mean(axis=2), flat.max(axis=2)
+    argmax = flat.argmax(axis=2)  # first occurrence in row-major order
+    ids_np = ids.numpy()
+    out = {}
+    for name, vals in (("mean", means), ("max", peaks)):
+        v = np.full((c, k), -np.inf)
+        i = np.full((c, k), -1, dtype=np.int64)
+        y = np.full((c, k), -1, dtype=np.int64)
+        x = np.full((c, k), -1, dtype=np.int64)
+        for u in range(c):
+            best = np.lexsort((ids_np, -vals[:, u]))[:k]
+            v[u, : len(best)] = vals[best, u]
+            i[u, : len(best)] = ids_np[best]
+            y[u, : len(best)] = argmax[best, u] // width
+            x[u, : len(best)] = argmax[best, u] % width
+        out[f"{name}_values"], out[f"{name}_ids"] = v, i
+        if name == "max":
+            out["max_y"], out["max_x"] = y, x
+    lab = labels.numpy()
+    class_mean = np.full((c, num_classes), np.nan)
+    class_count = np.zeros(num_classes, dtype=np.int64)
+    for cls in range(num_classes):
+        sel = lab == cls
+        class_count[cls] = sel.sum()
+        if sel.any():
+            class_mean[:, cls] = means[sel].mean(axis=0)
+    out.update(class_mean=class_mean, class_count=class_count)
+    out.update(unit_mean=means.mean(axis=0), unit_max=peaks.max(axis=0), count=n)
+    e = edges.numpy().astype(np.float64)
+    m32 = means.astype(np.float32).astype(np.float64)
+    bins = np.clip(np.searchsorted(e, m32, side="right") - 1, 0, len(e) - 2)
+    hist = np.zeros((c, len(e) - 1), dtype=np.int64)
+    for u in range(c):
+        hist[u] = np.bincount(bins[:, u], minlength=len(e) - 1)
+    out.update(hist=hist, hist_underflow=(m32 < e[0]).sum(0), hist_overflow=(m32 > e[-1]).sum(0))
+    return out, means
+
+
+def check_against(res, exp):
+    for key in ("mean_ids", "max_ids", "max_y", "max_x", "class_count", "hist"):
+        np.testing.assert_array_equal(res[key].numpy(), exp[key], err_msg=key)
+    for key in ("hist_underflow", "hist_overflow"):
+        np.testing.assert_array_equal(res[key].numpy(), exp[key], err_msg=key)
+    for key in ("mean_values", "max_values", "class_mean", "unit_mean", "unit_max"):
+        np.testing.assert_allclose(res[key].numpy(), exp[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    assert int(res["count"]) == exp["count"]
+
+
+def assert_same(r1, r2):
+    """Equal results: exact except float sums, which may differ by rounding."""
+    assert r1.keys() == r2.keys()
+    for key in r1:
+        if key in ("class_mean", "unit_mean"):
+            torch.testing.assert_close(r1[key], r2[key], equal_nan=True, msg=key)
+        else:
+            assert torch.equal(r1[key], r2[key]) or (
+                r1[key].is_floating_point() and torch.allclose(r1[key], r2[key], equal_nan=True)
+            ), key
+
+
+@pytest.mark.parametrize("shape", [(5,), (4, 7), (3, 5, 6)], ids=["2d", "3d", "4d"])
+def test_matches_bruteforce_auto_range(shape):
+    acts, ids, labels = make_data(shape, seed=len(shape))
+    res = feed(UnitStats(shape[0], 5, 4, device="cpu", hist_bins=16), acts, ids, labels).result()
+    exp, means = oracle(acts, ids, labels, 5, 4, res["hist_edges"])
+    check_against(res, exp)
+    # The automatic range comes from the first batch (1 sample here), padded by 10%.
+    lo, hi = means[0].min(), means[0].max()
+    pad = 0.1 * (hi - lo)
+    want = np.linspace(lo - pad, hi + pad, 17)
+    np.testing.assert_allclose(res["hist_edges"].numpy(), want, rtol=1e-5, atol=1e-6)
+    assert res["hist_underflow"].sum() + res["hist_overflow"].sum() > 0  # clamping exercised
+    assert res["hist"].sum(1).tolist() == [N] * shape[0]
+    assert torch.isnan(res["class_mean"][:, 3]).all() and res["class_count"][3] == 0
+    if len(shape) == 1:
+        assert (res["max_y"] == 0).all() and (res["max_x"] == 0).all()
+    if len(shape) == 2:
+        assert (res["max_y"] == 0).all() and (res["max_x"] > 0).any()
+
+
+@pytest.mark.parametrize("shape", [(6, 4, 4), (6, 8), (6,)], ids=["4d", "3d", "2d"])
+def test_many_exact_ties(shape):
+    acts, ids, labels = make_data(shape, seed=7, ties=True)
+    k = 7
+    res = feed(
+        UnitStats(6, k, 4, device="cpu", hist_bins=8, hist_range=(0.0, 0.5)), acts, ids, labels
+    ).result()
+    np.testing.assert_array_equal(res["hist_edges"].numpy(), np.linspace(0, 0.5, 9))
+    exp, means = oracle(acts, ids, labels, k, 4, res["hist_edges"])
+    check_against(res, exp)
+    # The dead unit ties everywhere: its top-k are the k smallest ids, peak at the first pixel.
+    smallest = np.sort(ids.numpy())[:k]
+    np.testing.assert_array_equal(res["mean_ids"][0].numpy(), smallest)
+    np.testing.assert_array_equal(res["max_ids"][0].numpy(), smallest)
+    assert (res["max_y"][0] == 0).all() and (res["max_x"][0] == 0).all()
+    # Ties really happen at the top-k boundary of the other units, too.
+    assert len(np.unique(means[:, 1])) < N // 2
+
+
+def test_negative_zero_ties_with_zero():
+    # -0.0 == 0.0, so the tie goes to the smaller id whichever sign each sample's zero has.
+    acts = torch.tensor([[0.0], [-0.0], [0.0], [-0.0]]).expand(4, 2).contiguous()
+    acts[:, 1] = -acts[:, 1]
+    ids = torch.tensor([7, 3, 1, 5])
+    res = UnitStats(2, 4, 1, device="cpu", hist_range=(-1.0, 1.0))
+    res.update(acts[:2], ids[:2], None)
+    res.update(acts[2:], ids[2:], None)
+    out = res.result()
+    assert out["mean_ids"].tolist() == [[1, 3, 5, 7]] * 2
+    assert out["max_ids"].tolist() == [[1, 3, 5, 7]] * 2
+
+
+def test_half_precision_and_channels_last_input():
+    acts, ids, labels = make_data((3, 4, 5), seed=31)
+    acts16 = acts.half().to(memory_format=torch.channels_last)
+    res = feed(UnitStats(3, 4, 4, device="cpu"), acts16, ids, labels).result()
+    exp = feed(UnitStats(3, 4, 4, device="cpu"), acts16.float().contiguous(), ids, labels).result()
+    assert_same(exp, res)
+    assert res["mean_values"].dtype == torch.float32
+
+
+def test_nan_ranks_first_and_stays_out_of_histogram():
+    acts = torch.tensor([[1.0, 0.0], [math.nan, 0.5], [2.0, 0.25], [0.5, -1.0]])
+    stats = UnitStats(2, 2, 1, device="cpu", hist_bins=4, hist_range=(0.0, 2.0))
+    stats.update(acts, torch.tensor([4, 3, 2, 1]), torch.tensor([0, 0, 0, -1]))
+    res = stats.result()
+    assert res["mean_ids"].tolist() == [[3, 2], [3, 2]]  # NaN above all, as torch.sort has it
+    assert math.isnan(res["mean_values"][0, 0]) and math.isnan(res["unit_max"][0])
+    assert res["hist"].tolist() == [[0, 1, 1, 1], [3, 1, 0, 0]]  # NaN left out, -1 clamped
+    assert res["hist_underflow"].tolist() == [0, 1]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("ties", [False, True])
+def test_cuda_matches_bruteforce(ties):
+    acts, ids, labels = make_data((6, 4, 4), seed=37, ties=ties)
+    stats = UnitStats(6, 7, 4, device="cuda", hist_bins=8)
+    res = feed(stats, acts.cuda(), ids.cuda(), labels.cuda()).result()
+    exp, _ = oracle(acts, ids, labels, 7, 4, res["hist_edges"])
+    check_against(res, exp)
+    assert_same(
+        feed(UnitStats(6, 7, 4, device="cpu", hist_bins=8), acts, ids, labels).result(), res
+    )
+
+
+def test_fewer_samples_than_k():
+    acts, ids, labels = make_data((3, 2, 3), seed=3)
+    acts, ids, labels = acts[:3], ids[:3], labels[:3]
+    stats = UnitStats(3, 5, 4, device="cpu", hist_range=(-3.0, 3.0))
+    res = feed(stats, acts, ids, labels, sizes=[2, 1]).result()
+    exp, _ = oracle(acts, ids, labels, 5, 4, res["hist_edges"])
+    check_against(res, exp)
+    assert (res["mean_ids"][:, 3:] == -1).all() and (res["max_y"][:, 3:] == -1).all()
+    assert torch.isneginf(res["mean_values"][:, 3:]).all()
+    assert torch.isneginf(res["max_values"][:, 3:]).all()
+
+
+def test_empty_state_result():
+    res = UnitStats(2, 3, 2, device="cpu").result()
+    assert (res["mean_ids"] == -1).all() and torch.isnan(res["unit_mean"]).all()
+    assert torch.isnan(res["hist_edges"]).all() and int(res["count"]) == 0
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_shuffled_batch_order_is_identical(ties):
+    acts, ids, labels = make_data((4, 3, 3), seed=11, ties=ties)
+
+    def run(order, sizes):
+        stats = UnitStats(4, 6, 4, device="cpu", hist_bins=10, hist_range=(-1.0, 1.0))
+        return feed(stats, acts, ids, labels, sizes=sizes, order=order).result()
+
+    base = run(None, SIZES)
+    perm = torch.randperm(N, generator=torch.Generator().manual_seed(5))
+    assert_same(base, run(perm, list(reversed(SIZES))))
+    assert_same(base, run(perm.flip(0), [N]))
+
+
+def test_merge_of_shards_equals_single_pass():
+    acts, ids, labels = make_data((5, 4, 3), seed=13, ties=True)
+    kw = {"device": "cpu", "hist_bins": 12, "hist_range": (0.0, 1.0)}
+    single = feed(UnitStats(5, 4, 4, **kw), acts, ids, labels).result()
+    a = feed(UnitStats(5, 4, 4, **kw), acts[0::2], ids[0::2], labels[0::2], sizes=[10, 19])
+    b = feed(UnitStats(5, 4, 4, **kw), acts[1::2], ids[1::2], labels[1::2], sizes=[1, 27])
+    b.merge(a)
+    assert_same(single, b.result())
+    # An empty state (no range yet) adopts the other's range.
+    empty = UnitStats(5, 4, 4, device="cpu", hist_bins=12)
+    empty.merge(b)
+    assert_same(single, empty.result())
+
+
+def test_merge_rejects_incompatible_states():
+    base = UnitStats(3, 4, 2, device="cpu", hist_range=(0.0, 1.0))
+    with pytest.raises(ValueError, match="ranges"):
+        base.merge(UnitStats(3, 4, 2, device="cpu", hist_range=(0.0, 2.0)))
+    with pytest.raises(ValueError, match="num_units"):
+        base.merge(UnitStats(3, 5, 2, device="cpu", hist_range=(0.0, 1.0)))
+
+
+def test_state_dict_round_trip_mid_stream():
+    acts, ids, labels = make_data((4, 5), seed=17)
+    whole = feed(UnitStats(4, 5, 4, device="cpu", hist_bins=9), acts, ids, labels).result()
+    first = feed(UnitStats(4, 5, 4, device="cpu", hist_bins=9), acts[:25], ids[:25], labels[:25],
+                 sizes=SIZES[:3])  # fmt: skip
+    buf = io.BytesIO()
+    torch.save(first.state_dict(), buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)
+    assert all(v.device.type == "cpu" for v in state.values() if isinstance(v, torch.Tensor))
+    resumed = UnitStats.from_state_dict(state, device="cpu")
+    feed(resumed, acts[25:], ids[25:], labels[25:], sizes=SIZES[3:])
+    assert_same(whole, resumed.result())
+
+
+def test_labels_none_skips_class_stats():
+    acts, ids, _ = make_data((3,), seed=19)
+    res = feed(UnitStats(3, 2, 4, device="cpu"), acts, ids, None).result()
+    assert (res["class_count"] == 0).all() and torch.isnan(res["class_mean"]).all()
+    assert int(res["count"]) == N
+
+
+def test_bad_inputs_raise():
+    stats = UnitStats(3, 2, 2, device="cpu")
+    ids = torch.arange(2)
+    with pytest.raises(ValueError, match=r"\(2, 3, 4, 4, 1\)"):
+        stats.update(torch.zeros(2, 3, 4, 4, 1), ids, None)
+    with pytest.raises(ValueError, match=r"\(2,\)"):
+        stats.update(torch.zeros(2), ids, None)
+    with pytest.raises(ValueError, match="units"):
+        stats.update(torch.zeros(2, 4), ids, None)
+    with pytest.raises(ValueError, match="sample_ids"):
+        stats.update(torch.zeros(2, 3), torch.arange(3), None)
+    with pytest.raises(ValueError, match="sample_ids"):
+        stats.update(torch.zeros(2, 3), torch.tensor([0, -1]), None)
+    with pytest.raises(ValueError, match="num_classes"):
+        stats.update(torch.zeros(2, 3), ids, torch.tensor([0, 2]))
+    with pytest.raises(ValueError, match="hist_range"):
+        UnitStats(3, 2, 2, device="cpu", hist_range=(1.0, 1.0))
+
+
+def test_set_hist_range_from_without_distributed():
+    acts, _, _ = make_data((2, 3), seed=23)
+    stats = UnitStats(2, 2, 2, device="cpu")
+    stats.set_hist_range_from(acts[:4])
+    means = acts[:4].double().mean(2)
+    lo, hi = float(means.min()), float(means.max())
+    assert stats.hist_range == pytest.approx((lo - 0.1 * (hi - lo), hi + 0.1 * (hi - lo)))
+    with pytest.raises(ValueError, match="already"):
+        stats.set_hist_range_from(acts[:4])
+
+
+# ---------------------------------------------------------------- torch.distributed (gloo)
+
+DIST_SHAPE = (4, 3, 5)
+DIST_SIZES = [[1, 12, 9, 7], [5, 2, 16, 5]]  # rank 0 gets 29 samples, rank 1 gets 28
+
+
+def _dist_worker(rank, world, init_file, out_dir):
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    acts, ids, labels = make_data(DIST_SHAPE, seed=29, ties=True)
+    mine = slice(rank, None, world)
+    a, i, lab = acts[mine], ids[mine], labels[mine]
+    out = {}
+    # Automatic range, agreed across ranks from each rank's first batch.
+    stats = UnitStats(4, 6, 4, device="cpu", hist_bins=10)
+    stats.set_hist_range_from(a[: DIST_SIZES[rank][0]])
+    feed(stats, a, i, lab, sizes=DIST_SIZES[rank]).all_reduce()
+    out["agreed"] = stats.result()
+    # Only rank 0 sees data; rank 1 (no range yet) adopts rank 0's automatic range.
+    stats = UnitStats(4, 6, 4, device="cpu", hist_bins=10)
+    if rank == 0:
+        feed(stats, a, i, lab, sizes=DIST_SIZES[0])
+    stats.all_reduce()
+    out["one_sided"] = stats.result()
+    # Different ranges: every rank raises instead of deadlocking or merging garbage.
+    stats = UnitStats(4, 6, 4, device="cpu", hist_range=(0.0, 1.0 + rank))
+    stats.update(a[:3], i[:3], lab[:3])
+    try:
+        stats.all_reduce()
+        out["raised"] = False
+    except ValueError:
+        out["raised"] = True
+    dist.barrier()
+    torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_all_reduce_two_gloo_ranks_equals_single_process(tmp_path):
+    ctx = mp.start_processes(
+        _dist_worker,
+        args=(2, str(tmp_path / "init"), str(tmp_path)),
+        nprocs=2,
+        join=False,
+        start_method="spawn",
+    )
+    deadline = time.monotonic() + 120
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("distributed workers timed out")
+    acts, ids, labels = make_data(DIST_SHAPE, seed=29, ties=True)
+    single = UnitStats(4, 6, 4, device="cpu", hist_bins=10)
+    single.set_hist_range_from(torch.cat([acts[0:1], acts[1:11:2]]))  # both first batches
+    sizes = DIST_SIZES[0] + DIST_SIZES[1]
+    order = torch.cat([torch.arange(0, N, 2), torch.arange(1, N, 2)])
+    single = feed(single, acts, ids, labels, sizes=sizes, order=order).result()
+    exp, _ = oracle(acts, ids, labels, 6, 4, single["hist_edges"])
+    check_against(single, exp)
+    rank0 = feed(UnitStats(4, 6, 4, device="cpu", hist_bins=10), acts[0::2], ids[0::2],
+                 labels[0::2], sizes=DIST_SIZES[0]).result()  # fmt: skip
+    for rank in range(2):
+        out = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert_same(single, out["agreed"])
+        assert_same(rank0, out["one_sided"])
+        assert out["raised"]
