@@ -8,7 +8,7 @@ downstream (rendering, validation, JSON, the probe) only reads them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -18,9 +18,8 @@ import torch
 KINDS = ("input", "output", "op", "generated", "buffer", "constant", "readout", "failed")
 
 
-@dataclass(slots=True)
-class TensorMeta:
-    """Shape, dtype and placement of one output tensor."""
+class TensorMeta(NamedTuple):
+    """Shape, dtype and placement of one output tensor (a tuple: cheap to make per op)."""
 
     shape: tuple[int, ...]
     dtype: torch.dtype
@@ -61,31 +60,28 @@ class ParamRef:
         return n
 
 
-@dataclass(eq=False, slots=True)
 class Op:
     """One node of the graph: an operation, or a model input/output/buffer/constant.
 
     ``label`` is unique and stable for a given model and input (``conv2d_3``; ``linear_1:2``
     for the second pass of a reused layer); ``rolled`` is the label shared by all passes.
+    A plain class rather than a dataclass: one is made per op on the recording hot path,
+    so only per-instance state is set in ``__init__``; the rest are class-level defaults.
     """
 
-    index: int
-    kind: str
-    name: str  # function name ('conv2d', 'add', 'relu_') or the input/output name
-    label: str = ""
-    rolled: str = ""
-    pass_num: int = 1
-    num_passes: int = 1
-    modules: tuple[tuple[str, int], ...] = ()  # enclosing module calls, outer to inner
-    module_outputs: list[str] = field(default_factory=list)  # 'features.3', 'cell:2'
-    parents: list[int] = field(default_factory=list)
-    children: list[int] = field(default_factory=list)
-    outputs: list[TensorMeta] = field(default_factory=list)
-    params: list[ParamRef] = field(default_factory=list)
+    label: str
+    rolled: str
+    pass_num: int
+    num_passes: int
+    modules: tuple[tuple[str, int], ...]  # enclosing module calls, outer to inner
+    module_outputs: list[Any]  # 'features.3', 'cell:2' (module calls it produced)
+    parents: list[int]
+    children: list[int]
+    outputs: list[TensorMeta]
+    params: list[ParamRef]
     time: float = 0.0  # seconds spent in the op during the traced forward
     flops: int | None = None
-    source: str | None = None  # 'file.py:42' of the user code that called it
-    func_name: str = ""  # qualified callable: 'torch.nn.functional.relu'
+    source: str | None = None  # 'file.py:42' of the model code that called it
     inplace: bool = False
     random: bool = False
     dist_from_input: int | None = None
@@ -96,13 +92,39 @@ class Op:
     activation: Any = None  # saved tensor (or tuple for multi-output ops), if saved
     grad: Any = None  # gradient of the output, after a backward pass with grads=True
     stale: bool = False  # saved activation was modified in place after saving
-    # private: how to re-execute this op (validation)
+    # private: how to re-execute this op (validation, replay)
     _func: Any = None
     _skel_args: Any = None
     _skel_kwargs: Any = None
-    _inputs: list[tuple[int, Any]] = field(default_factory=list)  # (node, out) or (-1, param)
+    _inputs: list[tuple[int, Any]] = ()  # type: ignore[assignment]  # (node, out) / (-1, param)
     _key: Any = None
     _snapshots: dict[int, Any] | None = None  # inputs changed through an alias: their values
+
+    def __init__(
+        self,
+        index: int,
+        kind: str,
+        name: str,
+        label: str = "",
+        rolled: str = "",
+        pass_num: int = 1,
+        num_passes: int = 1,
+        modules: tuple[tuple[str, int], ...] = (),
+        parents: list[int] | None = None,
+    ):
+        self.index = index
+        self.kind = kind
+        self.name = name  # function name ('conv2d', 'add') or the input/output name
+        self.label = label
+        self.rolled = rolled
+        self.pass_num = pass_num
+        self.num_passes = num_passes
+        self.modules = modules
+        self.module_outputs = []
+        self.parents = parents if parents is not None else []
+        self.children = []
+        self.outputs = []
+        self.params = []
 
     @property
     def module(self) -> str | None:

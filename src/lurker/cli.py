@@ -1,0 +1,186 @@
+"""The ``lurker`` command.
+
+Errors lurker explains (bad model spec, wrong input shape, ...) are printed as one
+paragraph without a traceback; set ``LURKER_DEBUG=1`` to see the traceback as well.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .errors import LurkerError
+
+
+def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn LurkerErrors into a clean message and exit status 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except LurkerError as e:
+            if os.environ.get("LURKER_DEBUG"):
+                raise
+            click.secho(f"error: {e}", fg="red", err=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="lurker")
+def main() -> None:
+    """lurker: a microscope for PyTorch models."""
+
+
+@main.command()
+@click.argument("model")
+@click.option(
+    "--input-shape",
+    "-i",
+    required=True,
+    help="Input shape(s), e.g. 1,3,224,224; several inputs separated by ';'.",
+)
+@click.option("--weights", "-w", type=click.Path(dir_okay=False), help="State dict to load.")
+@click.option(
+    "--out",
+    "-o",
+    type=click.Path(dir_okay=False),
+    default="graph.svg",
+    show_default=True,
+    help="Graph file: .svg, .pdf, .png or .dot.",
+)
+@click.option("--depth", type=int, default=None, help="Collapse modules deeper than this.")
+@click.option("--rolled", is_flag=True, help="One node per layer of a loop (with pass counts).")
+@click.option(
+    "--direction", type=click.Choice(["TB", "LR", "BT", "RL"]), default="TB", show_default=True
+)
+@click.option(
+    "--json", "json_out", type=click.Path(dir_okay=False), help="Also write the graph JSON."
+)
+@click.option("--validate/--no-validate", default=True, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@_friendly
+def trace(
+    model: str,
+    input_shape: str,
+    weights: str | None,
+    out: str,
+    depth: int | None,
+    rolled: bool,
+    direction: str,
+    json_out: str | None,
+    validate: bool,
+    device: str,
+) -> None:
+    """Trace MODEL on random inputs: print a summary, draw the graph, validate.
+
+    MODEL is torchvision:NAME, timm:NAME, package.module:callable or path/file.py:callable.
+    """
+    import torch
+
+    from . import trace as do_trace
+    from .models import example_inputs, load_model, parse_input_shape
+
+    shapes = parse_input_shape(input_shape)
+    net = load_model(model, weights, device=device)
+    inputs = example_inputs(shapes, device=device)
+    with torch.no_grad():
+        tr = do_trace(net, *inputs)
+    click.echo(tr.summary(depth=depth))
+    if validate:
+        report = tr.validate()
+        click.secho(f"validation: {report}", fg="green")
+    path = tr.render(out, depth=depth, rolled=rolled, direction=direction)
+    click.echo(f"graph: {path}")
+    if json_out:
+        tr.to_json(json_out)
+        click.echo(f"json: {Path(json_out)}")
+
+
+@main.command()
+@click.argument("model")
+@click.option("--data", "-d", required=True, help="'digits', 'digits:train' or an ImageFolder dir.")
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Run dir.")
+@click.option("--weights", "-w", type=click.Path(dir_okay=False), help="State dict to load.")
+@click.option(
+    "--layers", "-l", multiple=True, help="Layers to probe (labels, paths, types, globs)."
+)
+@click.option("--k", "k", default=9, show_default=True, help="Top-k samples kept per unit.")
+@click.option("--image-size", default=224, show_default=True, help="Images are resized to this.")
+@click.option("--batch-size", "-b", default=64, show_default=True)
+@click.option("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available).")
+@click.option("--workers", default=0, show_default=True, help="DataLoader worker processes.")
+@click.option("--overwrite", is_flag=True, help="Replace a run of another model in --out.")
+@_friendly
+def probe(
+    model: str,
+    data: str,
+    out: str,
+    weights: str | None,
+    layers: tuple[str, ...],
+    k: int,
+    image_size: int,
+    batch_size: int,
+    device: str | None,
+    workers: int,
+    overwrite: bool,
+) -> None:
+    """Sweep a dataset through MODEL; keep what every unit of every layer responds to.
+
+    Rerun the same command after an interruption to resume. Under torchrun each process
+    sweeps a shard and the results are merged.
+    """
+    from .models import load_model
+    from .probe import data as pdata
+    from .probe import probe as do_probe
+
+    net = load_model(model, weights, device=device or "cpu")
+    first = next(net.parameters(), None)
+    channels = first.shape[1] if first is not None and first.dim() == 4 else None
+    ds = pdata.load_dataset(data, image_size, channels=channels)
+    run = do_probe(
+        net,
+        ds,
+        out=out,
+        layers=list(layers) or None,
+        k=k,
+        batch_size=batch_size,
+        device=device,
+        num_workers=workers,
+        overwrite=overwrite,
+        meta={
+            "model_spec": model,
+            "weights": str(Path(weights).resolve()) if weights else None,
+            "data": data,
+        },
+    )
+    if run is not None:  # rank 0
+        n = sum(layer.num_units for layer in run.layers)
+        click.echo(f"run: {run.path} ({len(run.layers)} layers, {n} units)")
+        if run.skipped:
+            click.secho(
+                f"skipped {len(run.skipped)} unreadable images (listed in the run)", fg="yellow"
+            )
+
+
+@main.command()
+@click.argument("run", type=click.Path(exists=True, file_okay=False))
+@_friendly
+def render(run: str) -> None:
+    """Precompute every image of RUN (inputs, receptive-field crops, gradients)."""
+    from .probe.views import UnitImages
+
+    n = UnitImages(run).render_all()
+    click.echo(f"{n} images in {Path(run) / 'cache'}")
+
+
+if __name__ == "__main__":
+    main()

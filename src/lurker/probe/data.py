@@ -1,0 +1,559 @@
+"""Datasets for the probe: every item is ``(image, label, sample_id)``.
+
+The probe keeps top-k lists of *sample ids*, and the explorer later shows those samples
+again, so the contract is simple and stable: ``sample_id`` is the item's index in the
+dataset object, i.e. ``dataset[sample_id]`` gives the same sample back. Each dataset also
+carries what the explorer needs to show "the input as the model saw it": ``class_names``,
+``paths`` (image files, or None for in-memory data), and the ``mean``/``std`` it was
+normalised with.
+
+Image folders are read defensively: a corrupt or truncated file must not abort an hours-long
+sweep. Bad files are dropped up front (a cheap parallel header check) and, if one still fails
+to decode later, ``__getitem__`` returns a :class:`Skipped` marker that :func:`collate`
+drops. Failures are logged to a small file shared with DataLoader workers, so
+``dataset.skipped`` in the main process lists them whatever ``num_workers`` was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import weakref
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import Dataset, TensorDataset
+
+from ..errors import LurkerError
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "DigitsDataset",
+    "ImageFolderDataset",
+    "ProbeDataset",
+    "Skipped",
+    "WrappedDataset",
+    "collate",
+    "denormalize",
+    "digits",
+    "image_folder",
+    "input_image",
+    "load_dataset",
+    "to_pil",
+    "wrap",
+]
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+_LAYOUT = "root/<class_name>/<image>.jpg (one sub-folder per class, images inside)"
+
+
+@runtime_checkable
+class ProbeDataset(Protocol):
+    """What the probe and the explorer need from a dataset.
+
+    ``__getitem__(i)`` returns ``(image CxHxW float, label int, sample_id int)`` with
+    ``sample_id == i`` (label -1 if unlabelled), or a :class:`Skipped` marker for an
+    unreadable item, which :func:`collate` drops.
+    """
+
+    class_names: list[str]
+    paths: list[str] | None
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    description: str
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int, int] | Skipped: ...
+
+    @property
+    def skipped(self) -> list[tuple[str, str]]: ...
+
+    def first_image(self) -> Tensor: ...
+
+    def sample_rows(self) -> list[tuple[int, str | None, int | None, int]]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Skipped:
+    """Marker for an item that could not be read; :func:`collate` drops it.
+
+    ``shape`` is the image shape a good item would have had, so that a batch made only of
+    skipped items still collates to a correctly shaped empty tensor.
+    """
+
+    sample_id: int
+    path: str
+    reason: str
+    shape: tuple[int, ...] | None = None
+
+
+def collate(batch: Sequence[tuple[Tensor, int, int] | Skipped]) -> tuple[Tensor, Tensor, Tensor]:
+    """Stack a list of items into ``(images, labels, ids)``, dropping :class:`Skipped` ones.
+
+    Use as ``DataLoader(..., collate_fn=collate)``. If every item was skipped the result
+    has batch size 0 (``images`` shaped ``(0, C, H, W)`` when the shape is known).
+    """
+    good = [b for b in batch if not isinstance(b, Skipped)]
+    if not good:
+        shape = next((b.shape for b in batch if isinstance(b, Skipped) and b.shape), ())
+        none = torch.empty(0, dtype=torch.long)
+        return torch.empty((0, *shape)), none, none.clone()
+    images = torch.stack([b[0] for b in good])
+    labels = torch.tensor([int(b[1]) for b in good], dtype=torch.long)
+    ids = torch.tensor([int(b[2]) for b in good], dtype=torch.long)
+    return images, labels, ids
+
+
+class _Base(Dataset):
+    """What every dataset of this module shares (see :class:`ProbeDataset`)."""
+
+    class_names: list[str]
+    paths: list[str] | None
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    description: str
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int, int] | Skipped:
+        raise NotImplementedError
+
+    @property
+    def skipped(self) -> list[tuple[str, str]]:
+        """Unreadable items as ``(path, reason)``; none for in-memory data."""
+        return []
+
+    def labels_list(self) -> list[int] | None:
+        """Every item's label without loading images, or None if that is not cheap."""
+        return None
+
+    def source_indices(self) -> list[int]:
+        """Each item's index in the underlying data (default: the sample id)."""
+        return list(range(len(self)))
+
+    def first_image(self) -> Tensor:
+        """The first readable image: the example input the model is traced with."""
+        for i in range(len(self)):
+            item = self[i]
+            if not isinstance(item, Skipped):
+                return item[0]
+        raise LurkerError(f"no readable image in {self.description}")
+
+    def sample_rows(self) -> list[tuple[int, str | None, int | None, int]]:
+        """``(id, path, label, source_index)`` per item, for ``RunWriter.add_samples``.
+
+        Labels are None where the dataset cannot tell them without loading every image.
+        """
+        labels = self.labels_list()
+        paths, source = self.paths, self.source_indices()
+        return [
+            (
+                i,
+                None if paths is None else paths[i],
+                None if labels is None or labels[i] < 0 else labels[i],
+                source[i],
+            )
+            for i in range(len(self))
+        ]
+
+
+# --------------------------------------------------------------------------- wrap
+
+
+class WrappedDataset(_Base):
+    """Any ``(image, label)`` (or image-only) dataset, also returning the index as sample id."""
+
+    def __init__(
+        self,
+        dataset: Any,
+        *,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+    ) -> None:
+        self.dataset = dataset
+        classes = getattr(dataset, "classes", None)
+        self.class_names: list[str] = [str(c) for c in classes] if classes is not None else []
+        samples = getattr(dataset, "samples", None) or getattr(dataset, "imgs", None)
+        self.paths: list[str] | None = (
+            [str(s[0]) for s in samples] if isinstance(samples, list) else None
+        )
+        found_mean, found_std = _find_normalize(dataset)
+        self.mean: tuple[float, ...] = tuple(mean if mean is not None else found_mean)
+        self.std: tuple[float, ...] = tuple(std if std is not None else found_std)
+        root = getattr(dataset, "root", None)
+        self.description = type(dataset).__name__ + (f"({root})" if root is not None else "")
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int, int]:
+        item = self.dataset[index]
+        if isinstance(item, (tuple, list)):
+            image, label = item[0], (int(item[1]) if len(item) > 1 else -1)
+        else:
+            image, label = item, -1
+        if isinstance(image, Image.Image):
+            image = _pil_to_tensor(image)
+        if not isinstance(image, Tensor):
+            raise LurkerError(
+                f"dataset item {index} is a {type(image).__name__}, not an image tensor; "
+                "give the dataset a transform that ends with ToTensor()."
+            )
+        return image, label, index
+
+    def labels_list(self) -> list[int] | None:
+        targets = getattr(self.dataset, "targets", None)
+        if targets is None and isinstance(self.dataset, TensorDataset):
+            tensors = self.dataset.tensors
+            targets = tensors[1] if len(tensors) > 1 else None
+        if targets is None or len(targets) != len(self):
+            return None
+        try:
+            return [int(t) for t in targets]
+        except (TypeError, ValueError, RuntimeError):  # e.g. one-hot or multi-label targets
+            return None
+
+
+def _find_normalize(dataset: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """mean/std of the dataset: its own attributes, a Normalize in its transform, or 0/1."""
+    mean, std = getattr(dataset, "mean", None), getattr(dataset, "std", None)
+    if mean is not None and std is not None:
+        return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+    from torchvision import transforms
+
+    transform = getattr(dataset, "transform", None)
+    for t in getattr(transform, "transforms", [transform]):
+        if isinstance(t, transforms.Normalize):
+            return tuple(float(v) for v in t.mean), tuple(float(v) for v in t.std)
+    return (0.0,), (1.0,)
+
+
+def wrap(
+    dataset: Any, *, mean: Sequence[float] | None = None, std: Sequence[float] | None = None
+) -> ProbeDataset:
+    """Make ``dataset`` a :class:`ProbeDataset` (datasets of this module pass through).
+
+    ``mean``/``std`` (how its images were normalised) default to the dataset's own
+    ``mean``/``std`` attributes, else a ``Normalize`` in its ``transform``, else 0 and 1.
+    """
+    if isinstance(dataset, _Base):
+        return dataset
+    return WrappedDataset(dataset, mean=mean, std=std)
+
+
+# --------------------------------------------------------------------------- digits
+
+
+class DigitsDataset(_Base):
+    """scikit-learn's bundled 8x8 digits, upsampled on the fly (no download, tiny memory)."""
+
+    def __init__(
+        self, images: Tensor, labels: list[int], origin: list[int], image_size: int, channels: int
+    ) -> None:
+        self._images = images  # (N, 1, 8, 8) in [0, 1]
+        self.labels = labels
+        #: Index of each item in scikit-learn's ``load_digits()`` (the ids are split-local).
+        self.origin = origin
+        self.image_size = image_size
+        self.channels = channels
+        self.class_names: list[str] = [str(d) for d in range(10)]
+        self.paths: list[str] | None = None
+        self.mean: tuple[float, ...] = (0.0,) * channels
+        self.std: tuple[float, ...] = (1.0,) * channels
+        self.description = f"digits (scikit-learn, {len(labels)} images, {image_size}px)"
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int, int]:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"sample {index} out of range for {len(self)} digits")
+        index %= len(self)
+        img = self._images[index : index + 1]
+        if self.image_size != img.shape[-1]:
+            size = (self.image_size, self.image_size)
+            img = F.interpolate(img, size=size, mode="bilinear", align_corners=False)
+        img = img[0].clamp(0.0, 1.0).expand(self.channels, -1, -1).contiguous()
+        return img, self.labels[index], index
+
+    def labels_list(self) -> list[int] | None:
+        return list(self.labels)
+
+    def source_indices(self) -> list[int]:
+        return list(self.origin)
+
+
+def digits(
+    image_size: int = 32, *, channels: int = 1, split: str = "all", seed: int = 0
+) -> DigitsDataset:
+    """The scikit-learn digits (1797 images, bundled, no download) scaled to [0, 1].
+
+    Images are upsampled bilinearly to ``image_size`` and repeated to ``channels`` (1 or
+    3). ``split`` is ``"all"`` (original order), or ``"train"``/``"test"``: a fixed 80/20
+    split by a permutation seeded with ``seed``, so both halves are reproducible.
+    """
+    from sklearn.datasets import load_digits
+
+    if channels not in (1, 3):
+        raise LurkerError(f"digits: channels must be 1 or 3, got {channels}")
+    if image_size < 1:
+        raise LurkerError(f"digits: image_size must be positive, got {image_size}")
+    bunch = load_digits()
+    images = torch.as_tensor(np.asarray(bunch.images), dtype=torch.float32) / 16.0
+    labels = torch.as_tensor(np.asarray(bunch.target), dtype=torch.long)
+    origin = torch.arange(len(labels))
+    if split != "all":
+        if split not in ("train", "test"):
+            raise LurkerError(f"digits: split must be 'all', 'train' or 'test', got {split!r}")
+        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+        cut = (4 * len(labels)) // 5
+        keep = order[:cut] if split == "train" else order[cut:]
+        images, labels, origin = images[keep], labels[keep], origin[keep]
+    ds = DigitsDataset(images.unsqueeze(1), labels.tolist(), origin.tolist(), image_size, channels)
+    if split != "all":
+        ds.description = f"digits:{split} (scikit-learn, {len(ds)} images, {image_size}px)"
+    return ds
+
+
+# --------------------------------------------------------------------------- image folder
+
+
+def _check_image(path: str) -> str | None:
+    """Why ``path`` is not a readable image (header and structure check), or None."""
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except Exception as e:
+        return _reason(e)
+    return None
+
+
+def _reason(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}".strip()
+
+
+def _remove_log(path: str, pid: int) -> None:
+    if os.getpid() == pid:  # never from a DataLoader worker holding a copy of the dataset
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
+def _load_image(path: str, mode: str) -> Image.Image:
+    with Image.open(path) as im:
+        return im.convert(mode)
+
+
+class ImageFolderDataset(_Base):
+    """An ImageFolder tree that skips unreadable images instead of crashing.
+
+    Built by :func:`image_folder`; items are ``(image, label, sample_id)`` or
+    :class:`Skipped`. ``samples`` holds the readable ``(path, class_id)`` pairs only.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        image_size: int = 224,
+        *,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        channels: int = 3,
+        verify: bool = True,
+        workers: int | None = None,
+    ) -> None:
+        from torchvision import datasets, transforms
+
+        self.root = Path(root)
+        if not self.root.is_dir():
+            what = "is not a directory" if self.root.exists() else "does not exist"
+            raise LurkerError(
+                f"image folder {self.root} {what}. Expected the layout {_LAYOUT}, "
+                "or the spec 'digits'."
+            )
+        if channels not in (1, 3):
+            raise LurkerError(f"image folder: channels must be 1 or 3, got {channels}")
+        if len(mean) != channels or len(std) != channels:
+            raise LurkerError(
+                f"image folder: mean and std need {channels} values each, got {len(mean)} and "
+                f"{len(std)}"
+            )
+        try:
+            folder = datasets.ImageFolder(str(self.root))
+        except FileNotFoundError as e:
+            raise LurkerError(
+                f"no images found in {self.root} ({e}). Expected the layout {_LAYOUT}; "
+                f"accepted extensions: {', '.join(datasets.folder.IMG_EXTENSIONS)}."
+            ) from None
+        self.mode = "RGB" if channels == 3 else "L"
+        self.channels = channels
+        self.image_size = image_size
+        self.transform = transforms.Compose(
+            [
+                transforms.Resize(image_size),
+                transforms.CenterCrop(image_size),
+                transforms.ToTensor(),
+                transforms.Normalize(list(mean), list(std)),
+            ]
+        )
+        self.class_names: list[str] = list(folder.classes)
+        self.class_to_idx: dict[str, int] = dict(folder.class_to_idx)
+        self.mean: tuple[float, ...] = tuple(float(v) for v in mean)
+        self.std: tuple[float, ...] = tuple(float(v) for v in std)
+        self._skipped: list[tuple[str, str]] = []
+        samples = [(str(p), int(c)) for p, c in folder.samples]
+        if verify and samples:
+            n = workers or min(32, 4 * (os.cpu_count() or 1))
+            with ThreadPoolExecutor(max_workers=max(1, n)) as pool:
+                reasons = list(pool.map(_check_image, [p for p, _ in samples]))
+            self._skipped = [(p, r) for (p, _), r in zip(samples, reasons) if r is not None]
+            samples = [s for s, r in zip(samples, reasons) if r is None]
+        if not samples:
+            shown = "; ".join(f"{p}: {r}" for p, r in self._skipped[:3])
+            raise LurkerError(
+                f"none of the {len(self._skipped)} images in {self.root} could be read ({shown})."
+            )
+        self.samples: list[tuple[str, int]] = samples
+        self.targets: list[int] = [c for _, c in samples]
+        self.paths: list[str] | None = [p for p, _ in samples]
+        self.description = str(self.root)
+        # Decode failures are appended here by whichever process hits them (workers too).
+        fd, self._log = tempfile.mkstemp(prefix="lurker-skipped-", suffix=".tsv")
+        os.close(fd)
+        self._finalizer = weakref.finalize(self, _remove_log, self._log, os.getpid())
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def labels_list(self) -> list[int] | None:
+        return list(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int, int] | Skipped:
+        path, label = self.samples[index]
+        try:
+            image = self.transform(_load_image(path, self.mode))
+        except Exception as e:
+            reason = _reason(e)
+            self._record(path, reason)
+            shape = (self.channels, self.image_size, self.image_size)
+            return Skipped(index % len(self), path, reason, shape)
+        return image, label, index % len(self)
+
+    def _record(self, path: str, reason: str) -> None:
+        line = f"{path}\t{reason}".replace("\n", " ") + "\n"
+        with contextlib.suppress(OSError), open(self._log, "a", encoding="utf-8") as f:
+            f.write(line)  # one short append: atomic enough between processes
+
+    @property
+    def skipped(self) -> list[tuple[str, str]]:
+        """Unreadable images as ``(path, reason)``: found up front, then during loading."""
+        rows = list(self._skipped)
+        with contextlib.suppress(OSError), open(self._log, encoding="utf-8") as f:
+            for line in f:
+                path, _, reason = line.rstrip("\n").partition("\t")
+                rows.append((path, reason))
+        seen: set[str] = set()
+        unique = []
+        for path, reason in rows:
+            if path not in seen:
+                seen.add(path)
+                unique.append((path, reason))
+        return unique
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("_finalizer", None)  # workers must never delete the shared log
+        return state
+
+
+def image_folder(
+    root: str | os.PathLike[str],
+    image_size: int = 224,
+    *,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    channels: int = 3,
+    verify: bool = True,
+) -> ImageFolderDataset:
+    """Images under ``root/<class_name>/``, resized, center-cropped and normalised.
+
+    Unreadable files are skipped and listed in ``dataset.skipped`` (path, reason) rather
+    than raising. ``verify`` checks every file's header in parallel up front (a truncated
+    JPEG may pass that and is then skipped when it fails to decode). ``channels`` 1 reads
+    images as grayscale; mean/std must then have one value each.
+    """
+    return ImageFolderDataset(
+        root, image_size, mean=mean, std=std, channels=channels, verify=verify
+    )
+
+
+def load_dataset(spec: str, image_size: int, *, channels: int | None = None) -> ProbeDataset:
+    """The dataset a CLI spec names: ``digits`` (``digits:train``/``digits:test``) or a folder.
+
+    ``channels`` should match the model's input (None: digits 1, folders 3). A folder read
+    with 1 channel is normalised with the mean of the ImageNet statistics.
+    """
+    name, _, split = spec.partition(":")
+    if name == "digits":
+        return digits(image_size, channels=channels or 1, split=split or "all")
+    path = Path(spec).expanduser()
+    if path.exists():
+        if channels == 1:
+            m, s = sum(IMAGENET_MEAN) / 3, sum(IMAGENET_STD) / 3
+            return image_folder(path, image_size, mean=(m,), std=(s,), channels=1)
+        if channels not in (None, 3):
+            raise LurkerError(f"image folders have 1 or 3 channels; the model wants {channels}")
+        return image_folder(path, image_size)
+    raise LurkerError(
+        f"unknown dataset {spec!r}: give 'digits' (or 'digits:train' / 'digits:test') or an "
+        f"existing directory laid out as {_LAYOUT}."
+    )
+
+
+# --------------------------------------------------------------------------- display
+
+
+def denormalize(img: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """Undo ``Normalize(mean, std)`` on a (C, H, W) image, clamped to [0, 1] for display."""
+    shape = (-1,) + (1,) * (img.dim() - 1)
+    m = torch.as_tensor(list(mean), dtype=img.dtype, device=img.device).reshape(shape)
+    s = torch.as_tensor(list(std), dtype=img.dtype, device=img.device).reshape(shape)
+    return (img * s + m).clamp(0.0, 1.0)
+
+
+def to_pil(img: Tensor) -> Image.Image:
+    """A [0, 1] float image (C, H, W) or (H, W) as a uint8 PIL image: "L" for 1 channel, else RGB."""
+    t = img.detach().float().cpu()
+    if t.dim() == 2:
+        t = t.unsqueeze(0)
+    if t.dim() != 3 or t.shape[0] not in (1, 3):
+        raise LurkerError(f"to_pil needs a (1|3, H, W) or (H, W) image, got {tuple(img.shape)}")
+    arr = (t.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    return Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr)  # "L" or "RGB"
+
+
+def _pil_to_tensor(image: Image.Image) -> Tensor:
+    arr = np.asarray(image.convert("RGB" if image.mode not in ("L", "RGB") else image.mode))
+    t = torch.from_numpy(arr.copy()).float() / 255.0
+    return t.unsqueeze(0) if t.dim() == 2 else t.permute(2, 0, 1)
+
+
+def input_image(dataset: ProbeDataset, sample_id: int) -> Image.Image:
+    """Sample ``sample_id`` as the model saw it (after resize/crop, normalisation undone)."""
+    item = dataset[sample_id]
+    if isinstance(item, Skipped):
+        raise LurkerError(f"sample {sample_id} ({item.path}) cannot be read: {item.reason}")
+    return to_pil(denormalize(item[0], dataset.mean, dataset.std))

@@ -1,0 +1,324 @@
+"""lurker.probe: exact top-k against brute force, resume after SIGKILL, distributed merge."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from click.testing import CliRunner
+from PIL import Image
+from torch import nn
+
+import lurker
+from lurker.errors import LurkerError
+from lurker.examples import DigitsNet
+from lurker.probe import UnitImages, probe, select_layers
+from lurker.probe.data import digits, image_folder
+
+LAYERS = ["features.0", "features.2", "features.6", "classifier.1", "classifier.3"]
+
+
+def _model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return DigitsNet().eval()
+
+
+def _brute(model: nn.Module, ds, module: str):
+    """Every sample's output of one module, by a plain forward with a hook (the oracle)."""
+    acts = []
+    mod = dict(model.named_modules())[module]
+    h = mod.register_forward_hook(lambda m, i, o: acts.append(o.detach().clone()))
+    xs = torch.stack([ds[i][0] for i in range(len(ds))])
+    with torch.no_grad():
+        model(xs)
+    h.remove()
+    return acts[0]
+
+
+def _topk(vals: np.ndarray, k: int) -> np.ndarray:
+    ids = np.arange(len(vals))
+    order = np.lexsort((ids, -vals))  # value descending, then id ascending
+    return order[:k]
+
+
+def _runs_equal(a: lurker.store.Run, b: lurker.store.Run) -> None:
+    assert [la.name for la in a.layers] == [lb.name for lb in b.layers]
+    for info in a.layers:
+        for u in range(info.num_units):
+            ua, ub = a.unit(info.name, u), b.unit(info.name, u)
+            for which in ("max", "mean"):
+                ta, tb = ua.top(which), ub.top(which)
+                assert [(e.sample_id, e.y, e.x) for e in ta] == [
+                    (e.sample_id, e.y, e.x) for e in tb
+                ]
+                np.testing.assert_allclose([e.value for e in ta], [e.value for e in tb], rtol=1e-6)
+            np.testing.assert_allclose(ua.class_mean_array(), ub.class_mean_array(), rtol=1e-5)
+            np.testing.assert_allclose(ua.max, ub.max, rtol=1e-6)
+
+
+def test_topk_equals_brute_force(tmp_path: Path):
+    model = _model()
+    ds = digits(16, split="test")
+    k = 5
+    run = probe(model, ds, out=tmp_path / "run", layers=LAYERS, k=k, batch_size=37, progress=False)
+    assert [layer.name for layer in run.layers] == LAYERS
+    labels = np.array([ds[i][1] for i in range(len(ds))])
+    for name in LAYERS:
+        act = _brute(model, ds, name)
+        flat = act.flatten(2) if act.dim() > 2 else act.unsqueeze(-1)
+        means, maxs = flat.mean(2).numpy(), flat.amax(2).numpy()
+        argmax = flat.argmax(2).numpy()
+        width = act.shape[-1] if act.dim() == 4 else 1
+        for u in range(act.shape[1]):
+            unit = run.unit(name, u)
+            top_mean = unit.top("mean")
+            exp = _topk(means[:, u], k)
+            assert [e.sample_id for e in top_mean] == exp.tolist(), (name, u)
+            np.testing.assert_allclose([e.value for e in top_mean], means[exp, u], rtol=1e-5)
+            top_max = unit.top("max")
+            exp = _topk(maxs[:, u], k)
+            assert [e.sample_id for e in top_max] == exp.tolist(), (name, u)
+            np.testing.assert_allclose([e.value for e in top_max], maxs[exp, u], rtol=1e-5)
+            if act.dim() == 4:
+                assert [(e.y, e.x) for e in top_max] == [
+                    (int(argmax[i, u]) // width, int(argmax[i, u]) % width) for i in exp
+                ]
+            cm = unit.class_mean_array()
+            for c in range(10):
+                np.testing.assert_allclose(
+                    cm[c], means[labels == c, u].mean(), rtol=1e-4, atol=1e-6
+                )
+            np.testing.assert_allclose(unit.mean, means[:, u].mean(), rtol=1e-4, atol=1e-6)
+            np.testing.assert_allclose(unit.max, maxs[:, u].max(), rtol=1e-6)
+            counts, edges = unit.histogram()
+            assert counts.sum() == len(ds) and len(edges) == len(counts) + 1
+    # ReLU outputs tie at exactly 0 for many samples: ties resolved by sample id
+    assert run.classes == [str(i) for i in range(10)]
+    assert run.layer("features.0").rf["y"]["size"] == 3
+
+
+def test_default_layers_cover_any_architecture():
+    for name in ("resnet18", "vgg11", "mobilenet_v3_small", "googlenet"):
+        kw = {"aux_logits": False, "init_weights": True} if name == "googlenet" else {}
+        model = torchvision.models.get_model(name, weights=None, **kw).eval()
+        tr = lurker.trace(model, torch.randn(1, 3, 64, 64))
+        layers = select_layers(tr)
+        names = {layer.name for layer in layers}
+        convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+        assert set(convs) <= names, name
+        assert len(layers) > len(convs)  # activations and linear layers too
+
+
+def test_probe_resnet_small_dataset(tmp_path: Path):
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18().eval()
+    xs = torch.randn(12, 3, 48, 48)
+    ds = torch.utils.data.TensorDataset(xs, torch.arange(12) % 3)
+    run = probe(
+        model,
+        ds,
+        out=tmp_path / "r",
+        layers=["layer2.*.conv1", "fc"],
+        k=3,
+        batch_size=5,
+        progress=False,
+    )
+    assert [la.name for la in run.layers] == ["layer2.0.conv1", "layer2.1.conv1", "fc"]
+    assert all(len(run.unit("fc", u).top("max")) == 3 for u in range(5))
+    assert run.layer("fc").rf is None or run.layer("fc").rf.get("full")
+
+
+def test_bad_inputs(tmp_path: Path):
+    ds = digits(16, split="test")
+    with pytest.raises(LurkerError, match=r"features\.0"):
+        probe(_model(), ds, out=tmp_path / "a", layers=["nope.*"], progress=False)
+    probe(_model(0), ds, out=tmp_path / "b", layers=["features.0"], k=2, progress=False)
+    with pytest.raises(LurkerError, match="overwrite"):
+        probe(_model(1), ds, out=tmp_path / "b", layers=["features.0"], k=2, progress=False)
+    run = probe(
+        _model(1),
+        ds,
+        out=tmp_path / "b",
+        layers=["features.0"],
+        k=2,
+        overwrite=True,
+        progress=False,
+    )
+    assert run.layers[0].name == "features.0"
+
+
+def test_image_folder_with_corrupt_files(tmp_path: Path):
+    root = tmp_path / "imgs"
+    rng = np.random.default_rng(0)
+    for cls in ("cat", "dog"):
+        (root / cls).mkdir(parents=True)
+        for i in range(4):
+            arr = rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)
+            Image.fromarray(arr).save(root / cls / f"{i}.png")
+    (root / "dog" / "broken.jpg").write_bytes(b"not an image at all")
+    ds = image_folder(root, 32)
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)
+    )
+    run = probe(model, ds, out=tmp_path / "run", k=3, batch_size=3, progress=False)
+    assert run.classes == ["cat", "dog"]
+    assert [Path(p).name for p, _ in run.skipped] == ["broken.jpg"]
+    tops = run.unit("0", 0).top("max")
+    assert all(e.path and Path(e.path).exists() for e in tops)
+
+
+RESUME_SCRIPT = textwrap.dedent(
+    """
+    import sys, time, torch
+    from lurker.examples import DigitsNet
+    from lurker.probe import probe
+    from lurker.probe.data import digits
+
+    torch.manual_seed(0)
+    model = DigitsNet().eval()
+    if sys.argv[2] == "slow":
+        model.features[0].register_forward_hook(lambda *a: time.sleep(0.15))
+    probe(model, digits(16, split="test"), out=sys.argv[1], k=4, batch_size=16,
+          checkpoint_every=2, progress=False)
+    """
+)
+
+
+def test_resume_after_sigkill_equals_uninterrupted(tmp_path: Path):
+    script = tmp_path / "sweep.py"
+    script.write_text(RESUME_SCRIPT)
+    run_dir = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, str(script), str(run_dir), "slow"])
+    ckpt = run_dir / "checkpoint.pt"
+    deadline = time.time() + 120
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    assert proc.poll() is None, "the sweep finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = torch.load(ckpt, weights_only=True)["done"]
+    assert 0 < done < 360
+    with pytest.raises(LurkerError, match=r"incomplete|resume"):
+        lurker.store.Run.open(run_dir)
+    subprocess.run([sys.executable, str(script), str(run_dir), "fast"], check=True)
+    subprocess.run([sys.executable, str(script), str(tmp_path / "whole"), "fast"], check=True)
+    assert not ckpt.exists()
+    _runs_equal(lurker.store.Run.open(run_dir), lurker.store.Run.open(tmp_path / "whole"))
+
+
+def _dist_worker(rank: int, world: int, store: str, out: str) -> None:
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=world
+    )
+    try:
+        probe(
+            _model(),
+            digits(16, split="test"),
+            out=out,
+            layers=LAYERS,
+            k=4,
+            batch_size=32,
+            progress=False,
+        )
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_distributed_equals_single_process(tmp_path: Path):
+    out = tmp_path / "dist"
+    torch.multiprocessing.spawn(_dist_worker, args=(2, str(tmp_path / "store"), str(out)), nprocs=2)
+    single = probe(
+        _model(),
+        digits(16, split="test"),
+        out=tmp_path / "single",
+        layers=LAYERS,
+        k=4,
+        batch_size=32,
+        progress=False,
+    )
+    _runs_equal(lurker.store.Run.open(out), single)
+    assert not list(out.glob("checkpoint*"))
+
+
+def test_lazy_images(tmp_path: Path):
+    model = _model()
+    ds = digits(16, split="test")
+    run = probe(
+        model, ds, out=tmp_path / "run", layers=["features.4", "classifier.1"], k=2, progress=False
+    )
+    imgs = UnitImages(run, model=model, dataset=ds)
+    e = run.unit("features.4", 3).top("max")[0]
+    inp = Image.open(imgs.get("input", "features.4", 3, 0, "max"))
+    assert inp.size == (16, 16)
+    y0, y1, x0, x1 = imgs.box("features.4", e.y, e.x)
+    # features.4 is conv(3x3) after a 2x2 max pool after conv(3x3): RF 8x8 at stride 2
+    assert 0 < y1 - y0 <= 8 and 0 < x1 - x0 <= 8 and y0 <= 2 * e.y + 1 < y1
+    crop = Image.open(imgs.get("crop", "features.4", 3, 0, "max"))
+    scale = crop.size[0] // (x1 - x0)
+    assert crop.size == ((x1 - x0) * scale, (y1 - y0) * scale)
+    grad = np.asarray(Image.open(imgs.get("grad", "features.4", 3, 0, "max")), dtype=float)
+    support = np.argwhere(np.abs(grad - 127.5) > 1.5)  # render_gradient: 0 -> mid-grey
+    if len(support):  # guided gradient of the peak lives inside the receptive field
+        assert support[:, 0].min() >= y0 and support[:, 0].max() < y1
+        assert support[:, 1].min() >= x0 and support[:, 1].max() < x1
+    path = imgs.get("grad_crop", "features.4", 3, 0, "mean")
+    assert path.exists()
+    mtime = path.stat().st_mtime_ns
+    assert imgs.get("grad_crop", "features.4", 3, 0, "mean").stat().st_mtime_ns == mtime
+    with pytest.raises(LurkerError, match="out of range"):
+        imgs.get("input", "features.4", 3, 5, "max")
+
+
+def test_cli_probe_and_render(tmp_path: Path):
+    from lurker.cli import main
+
+    out = tmp_path / "run"
+    r = CliRunner().invoke(
+        main,
+        [
+            "probe",
+            "lurker.examples:DigitsNet",
+            "--data",
+            "digits:test",
+            "--out",
+            str(out),
+            "--image-size",
+            "16",
+            "--layers",
+            "features.8",
+            "--k",
+            "2",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    assert "1 layers, 32 units" in r.output
+    r = CliRunner().invoke(main, ["render", str(out)])
+    assert r.exit_code == 0, r.output
+    assert len(list((out / "cache").rglob("*.png"))) == 32 * 2 * 2 * 4
+    r = CliRunner().invoke(
+        main,
+        [
+            "probe",
+            "lurker.examples:DigitsNet",
+            "--data",
+            "digits",
+            "--out",
+            str(out),
+            "--layers",
+            "zzz",
+            "--image-size",
+            "16",
+        ],
+    )
+    assert r.exit_code == 2 and "features.8" in r.output
