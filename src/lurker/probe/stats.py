@@ -261,7 +261,12 @@ class UnitStats:
         else:
             rows = labels.to(device=dev, dtype=torch.int64)
             rows = rows.masked_fill(rows < 0, self.num_classes)
-        self._class_sum.index_add_(0, rows, means.to(self._acc))
+        # Per-class sums of the batch as a one-hot matmul in float32 (index_add_ hits slow CPU
+        # paths, up to ~1000x, for float64 and for some float32 inputs); across batches the
+        # sums accumulate in float64.
+        onehot = torch.zeros((b, self.num_classes + 1), dtype=means.dtype, device=dev)
+        onehot.scatter_(1, rows[:, None], 1.0)
+        self._class_sum += onehot.T @ means
         self._class_count.index_add_(0, rows, self._one.expand(b))
         self._count += b
 

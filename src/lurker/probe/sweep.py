@@ -117,16 +117,19 @@ def select_layers(trace: Trace, layers: Sequence[str] | str | None = None) -> li
 
 
 def fingerprint(model: nn.Module) -> str:
-    """Identifies a model by architecture AND weights, to refuse mixing two models' runs."""
+    """Identifies a model by architecture AND weights, to refuse mixing two models' runs.
+
+    Hashes names, shapes and a strided sample of up to 4,096 values per tensor: cheap even
+    for large models, and two different trainings differ at sampled positions.
+    """
     h = hashlib.sha1(type(model).__name__.encode())
     with torch.no_grad():
         for name, p in model.state_dict().items():
             h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
-            if p.is_floating_point() and p.numel():
+            if p.numel():
                 flat = p.detach().flatten()
-                h.update(
-                    f"{float(flat.double().sum()):.6e}{float(flat[:: max(1, flat.numel() // 64)].double().sum()):.6e}".encode()
-                )
+                sample = flat[:: max(1, flat.numel() // 4096)].to("cpu", torch.float64)
+                h.update(sample.numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -260,7 +263,10 @@ def probe(
         pin_memory=dev.type == "cuda",
     )
     by_index = {layer.op.index: layer for layer in selected}
-    if any(s.hist_range is None for s in stats.values()):
+    if world > 1 and any(s.hist_range is None for s in stats.values()):
+        # one process fixes histogram ranges from its first batch (= the dataset's first
+        # batch_size items) as it goes; ranks see other first batches, so each one runs
+        # that same batch once up front and all agree without a collective
         _calibrate(tr, ds, by_index, stats, batch_size, dev)
 
     def save_checkpoint() -> None:
@@ -291,7 +297,11 @@ def probe(
 
                 def update(idx: int, value: Any, labels=labels, ids=ids) -> None:
                     t = value[0] if isinstance(value, tuple) else value
-                    stats[idx].update(by_index[idx].units(t), ids, labels)
+                    s = stats[idx]
+                    a = by_index[idx].units(t)
+                    if s.hist_range is None:
+                        s.set_hist_range_from(a)
+                    s.update(a, ids, labels)
 
                 run_with(tr, (images,), {}, by_index.keys(), update)
             step = min(batch_size, len(todo) - n_batches * batch_size)

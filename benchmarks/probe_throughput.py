@@ -1,0 +1,96 @@
+"""Probe throughput: images/s of ``lurker.probe`` vs a plain ``no_grad`` forward.
+
+Both read the same synthetic images through the same DataLoader (batch 64); the probe
+keeps k=9 top samples by mean and by max for every unit of every conv layer. Runs are
+interleaved and the medians compared. Target (issue #3): probe >= 0.9x the plain forward.
+
+    python benchmarks/probe_throughput.py [--images 512] [--size 64] [--device cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import torch
+import torchvision
+from torch.utils.data import DataLoader, TensorDataset
+
+from lurker.probe import probe
+from lurker.probe.data import collate, wrap
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def plain_pass(model, ds, batch_size: int, device: str) -> float:
+    loader = DataLoader(
+        ds,
+        batch_size=batch_size,
+        shuffle=False,
+        collate_fn=collate,
+        pin_memory=device.startswith("cuda"),
+    )
+    _sync(device)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for images, _, _ in loader:
+            model(images.to(device, non_blocking=True))
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def probe_pass(model, ds, batch_size: int, device: str, out: str) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    probe(
+        model,
+        ds,
+        out=out,
+        layers=["Conv2d"],
+        k=9,
+        batch_size=batch_size,
+        device=device,
+        overwrite=True,
+        progress=False,
+    )
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--images", type=int, default=512)
+    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--models", default="vgg11,resnet18")
+    a = ap.parse_args()
+    torch.manual_seed(0)
+    xs = torch.randn(a.images, 3, a.size, a.size)
+    ds = wrap(TensorDataset(xs, torch.arange(a.images) % 10))
+    print(
+        f"torch {torch.__version__}, device {a.device}, threads {torch.get_num_threads()}, "
+        f"{a.images} images {a.size}x{a.size}, batch {a.batch_size}, k=9, all conv layers"
+    )
+    print(f"{'model':10s} {'plain img/s':>12s} {'probe img/s':>12s} {'ratio':>6s}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in a.models.split(","):
+            model = torchvision.models.get_model(name, weights=None).eval().to(a.device)
+            plain_pass(model, ds, a.batch_size, a.device)  # warm-up (allocator, cudnn)
+            probe_pass(model, ds, a.batch_size, a.device, f"{tmp}/{name}")
+            plain, probed = [], []
+            for _ in range(a.repeats):
+                plain.append(plain_pass(model, ds, a.batch_size, a.device))
+                probed.append(probe_pass(model, ds, a.batch_size, a.device, f"{tmp}/{name}"))
+            p, q = statistics.median(plain), statistics.median(probed)
+            print(f"{name:10s} {a.images / p:12.1f} {a.images / q:12.1f} {p / q:5.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1141 @@
+"""Receptive fields: which input pixels each position of each op's output can see.
+
+:func:`receptive_fields` walks a :class:`~lurker.Trace` in execution order and, for every
+op whose output still carries the input's spatial axes, gives an :class:`RF`: per axis
+(``y`` = input height, ``x`` = input width) both
+
+- the classic affine map (size, stride, start): position ``i`` sees input rows
+  ``[start + i*stride, start + i*stride + size - 1]`` (inclusive, may run past the image).
+  Through a conv/pool with kernel ``k``, stride ``s``, left padding ``p``, dilation ``d``:
+  ``k_eff = d*(k-1) + 1``, ``size' = size + (k_eff-1)*stride``, ``stride' = stride*s``,
+  ``start' = start - p*stride``; and
+- the exact per-position bounds (``Axis.lo``/``Axis.hi``, half-open, clipped to the image),
+  which :meth:`RF.box` returns.
+
+Both come from one rule. Every spatial op is described, per tensor dim, by the parent
+positions ``idx[i, :]`` that output position ``i`` reads plus a nominal ratio ``r`` (its
+stride). The exact bounds are the hull of the parent bounds over the in-range entries (so
+padding, reflection, interpolation taps and ragged windows are exact), and the affine
+map is fitted as ``lo = min(idx - i*r)``, ``hi = max(idx - i*r)``, giving
+``start' = start + lo*stride``, ``size' = size + (hi-lo)*stride``, ``stride' = r*stride``
+(for conv/pool this is the formula above). Ops that read several tensors (add, mul, cat,
+``where``) take per position the union of their parents: same stride -> min start, max
+end; different strides -> the smallest affine map over the output's extent that bounds
+all of them (so the affine map is then conservative; the exact bounds stay exact).
+
+What is exact, approximate or unsupported:
+
+- conv/pool (1-D/2-D, any kernel, stride, padding incl. ``'same'``, dilation, groups,
+  ``ceil_mode``), conv_transpose, adaptive pools, ``F.pad`` (all modes), pixel
+  (un)shuffle, slicing, cat/split/stack, flip/roll, permutes and reshapes that keep the
+  spatial dims, reductions and softmax over spatial dims: exact bounds. For conv_transpose,
+  interpolation and adaptive pools the affine map is a bound (fractional stride); for
+  reflect/replicate/circular padding it is the nominal shift (wrong only in the padded
+  border, where the exact bounds fold back into the image).
+- ``interpolate``: exact source taps for nearest/nearest-exact/(bi)linear/bicubic/area
+  (computed as torch does, in float32 and float64, keeping both); with ``antialias`` the
+  taps are widened by one pixel each side (approximate but conservative).
+- Normalisation layers (batch/instance/group/layer norm) are position-wise: their
+  statistics pool over the map, a global but weak dependence that receptive fields, as is
+  conventional, ignore. Position-independent inputs that are *not* ignored by default
+  (squeeze-excitation gates, image-pooling branches) make every later position see the
+  whole image; ``global_context=False`` leaves them out.
+- 1-D inputs (N, C, L): ``y`` is a trivial axis (one position, the single input row).
+- An op that collapses a spatial dim (flatten, linear over it, global means, a reshape
+  that merges H and W) makes that axis one box: the hull of everything it saw (``full``
+  when it covers the input). That is always a valid bound.
+- An op not known here that keeps the spatial sizes is assumed position-wise and its RF
+  (and its descendants') gets ``exact=False``; one that changes them gets no RF, and
+  neither does anything computed from it, rather than a wrong box.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from torch import Tensor
+
+from ..errors import LurkerError
+from ..graph.nodes import Op
+
+if TYPE_CHECKING:
+    from ..capture.trace import Trace
+
+__all__ = ["RF", "Axis", "receptive_fields"]
+
+_BIG = 1 << 62  # "sees nothing" sentinel for the inclusive bounds: lo = BIG > hi = -BIG
+_EPS = 1e-9
+
+
+# --------------------------------------------------------------------------- public types
+@dataclass(frozen=True)
+class Axis:
+    """One spatial axis of a receptive field.
+
+    ``size``/``stride``/``start``: the classic affine map (position ``i`` sees
+    ``[start + i*stride, start + i*stride + size - 1]``); ints unless an upsampling made
+    them fractional. ``lo[i]:hi[i]`` are the exact, clipped, half-open bounds per
+    position (``lo == hi``: sees nothing). ``dim`` is the tensor dim holding this axis in
+    the op's output, ``None`` when it was reduced away (then ``lo``/``hi`` hold one box).
+    """
+
+    size: float
+    stride: float
+    start: float
+    dim: int | None
+    lo: tuple[int, ...]
+    hi: tuple[int, ...]
+
+    def bounds(self, i: int) -> tuple[int, int]:
+        """Exact half-open bounds of position ``i`` (ignored for a reduced axis)."""
+        if self.dim is None:
+            i = 0
+        return self.lo[i], self.hi[i]
+
+    def nominal(self, i: int) -> tuple[int, int]:
+        """Half-open integer bounds of the affine map at ``i`` (not clipped)."""
+        a = self.start + i * self.stride
+        return math.ceil(a - _EPS), math.floor(a + self.size - 1 + _EPS) + 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "size": self.size,
+            "stride": self.stride,
+            "start": self.start,
+            "dim": self.dim,
+            "lo": list(self.lo),
+            "hi": list(self.hi),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Axis:
+        return cls(d["size"], d["stride"], d["start"], d["dim"], tuple(d["lo"]), tuple(d["hi"]))
+
+
+@dataclass(frozen=True)
+class RF:
+    """The input region each position of one op's output can see.
+
+    ``full``: every position sees the whole input. ``exact``: every op on the way has a
+    known spatial footprint (``False``: one was assumed position-wise, so boxes are a
+    guess). ``input_size`` is the (H, W) of the traced input ((1, L) for 1-D inputs).
+    """
+
+    y: Axis
+    x: Axis
+    input_size: tuple[int, int]
+    full: bool
+    exact: bool
+
+    @property
+    def size(self) -> tuple[float, float]:
+        return self.y.size, self.x.size
+
+    @property
+    def stride(self) -> tuple[float, float]:
+        return self.y.stride, self.x.stride
+
+    @property
+    def start(self) -> tuple[float, float]:
+        return self.y.start, self.x.start
+
+    def box(
+        self, y: int = 0, x: int = 0, clip_to: tuple[int, int] | None = None
+    ) -> tuple[int, int, int, int]:
+        """Half-open ``(y0, y1, x0, x1)`` seen by output position ``(y, x)``.
+
+        Exact and already inside the traced input; ``clip_to`` clips further. A position
+        that sees nothing (it lies in zero padding) gives ``(0, 0, 0, 0)``.
+        """
+        y0, y1 = self.y.bounds(y)
+        x0, x1 = self.x.bounds(x)
+        return _clip((y0, y1, x0, x1), clip_to)
+
+    def affine_box(
+        self, y: int = 0, x: int = 0, clip_to: tuple[int, int] | None = None
+    ) -> tuple[int, int, int, int]:
+        """Half-open box of the affine map at ``(y, x)``, unclipped unless ``clip_to``."""
+        y0, y1 = self.y.nominal(0 if self.y.dim is None else y)
+        x0, x1 = self.x.nominal(0 if self.x.dim is None else x)
+        return _clip((y0, y1, x0, x1), clip_to)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe form (see :meth:`from_dict`)."""
+        return {
+            "y": self.y.to_dict(),
+            "x": self.x.to_dict(),
+            "input_size": list(self.input_size),
+            "full": self.full,
+            "exact": self.exact,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RF:
+        h, w = d["input_size"]
+        return cls(Axis.from_dict(d["y"]), Axis.from_dict(d["x"]), (h, w), d["full"], d["exact"])
+
+
+def _clip(
+    b: tuple[int, int, int, int], clip_to: tuple[int, int] | None
+) -> tuple[int, int, int, int]:
+    y0, y1, x0, x1 = b
+    if clip_to is not None:
+        h, w = clip_to
+        y0, y1, x0, x1 = max(y0, 0), min(y1, h), max(x0, 0), min(x1, w)
+    if y0 >= y1 or x0 >= x1:
+        return (0, 0, 0, 0)
+    return (y0, y1, x0, x1)
+
+
+# --------------------------------------------------------------------------- internal state
+@dataclass
+class _Ax:
+    """One axis of one tensor while propagating: affine map + inclusive bounds per position."""
+
+    dim: int | None
+    size: float
+    stride: float
+    start: float
+    lo: np.ndarray
+    hi: np.ndarray
+
+
+@dataclass
+class _State:
+    axes: tuple[_Ax, _Ax]
+    exact: bool
+
+
+@dataclass
+class _Parent:
+    j: int  # position among the op's tensor arguments (Op._inputs)
+    state: _State
+    shape: tuple[int, ...]
+
+
+@dataclass
+class _Map:
+    """How one parent dim reaches the output: position ``i`` reads ``idx[i, present[i]]``.
+
+    Out-of-range entries are padding: they count for the affine fit, not for the bounds.
+    ``aff`` (default ``idx``) are the nominal positions for the affine fit.
+    """
+
+    out_dim: int | None
+    idx: np.ndarray
+    ratio: float
+    present: np.ndarray | None = None
+    aff: np.ndarray | None = None
+
+
+_Maps = dict[int, dict[int, "_Map | None"]]  # parent j -> parent dim -> map (None: impossible)
+_MISSING = object()
+
+
+def _col(a: np.ndarray) -> np.ndarray:
+    return a.astype(np.int64)[:, None]
+
+
+def _keep(out_dim: int, n_in: int, n_out: int) -> _Map | None:
+    if n_in == n_out:
+        return _Map(out_dim, _col(np.arange(n_out)), 1.0)
+    if n_in == 1:  # broadcast
+        return _Map(out_dim, np.zeros((n_out, 1), np.int64), 0.0)
+    return None
+
+
+def _whole(n_in: int, out_dim: int | None, n_out: int = 1) -> _Map:
+    """Every output position reads the whole parent axis."""
+    return _Map(out_dim, np.broadcast_to(np.arange(n_in, dtype=np.int64), (n_out, n_in)), 0.0)
+
+
+def _index(n_in: int, i: int) -> _Map:
+    return _Map(None, np.array([[i % n_in if n_in else 0]], np.int64), 0.0)
+
+
+def _window(n_out: int, k: int, s: int, p: int, d: int) -> _Map:
+    idx = _col(np.arange(n_out) * s - p) + np.arange(k, dtype=np.int64) * d
+    return _Map(None, idx, float(s))
+
+
+def _ragged(start: np.ndarray, end: np.ndarray, ratio: float) -> _Map:
+    """Windows ``[start[i], end[i])`` of varying length."""
+    k = max(int((end - start).max()), 1)
+    idx = _col(start) + np.arange(k, dtype=np.int64)
+    return _Map(None, idx, ratio, present=idx < end[:, None])
+
+
+def _apply(ax: _Ax, m: _Map, n_in: int) -> _Ax | None:
+    idx = m.idx
+    present = m.present if m.present is not None else np.ones(idx.shape, bool)
+    if not present.any():
+        return None
+    valid = present & (idx >= 0) & (idx < n_in)
+    safe = idx.clip(0, max(n_in - 1, 0))
+    lo = np.where(valid, ax.lo[safe], _BIG).min(1)
+    hi = np.where(valid, ax.hi[safe], -_BIG).max(1)
+    ratio = m.ratio if idx.shape[0] > 1 else 0.0  # one position: a constant box
+    off = (m.aff if m.aff is not None else idx) - np.arange(idx.shape[0])[:, None] * ratio
+    a, b = float(off[present].min()), float(off[present].max())
+    t = ax.stride
+    return _Ax(
+        m.out_dim, ax.size + (b - a) * abs(t), ratio * t, ax.start + min(a * t, b * t), lo, hi
+    )
+
+
+def _collapse(q: _Ax) -> _Ax:
+    if q.dim is None:
+        return q
+    out = _apply(q, _whole(len(q.lo), None), len(q.lo))
+    assert out is not None
+    return out
+
+
+def _union(parts: list[_Ax], dim: int | None, n: int, context: bool = True) -> _Ax:
+    if not context and any(q.stride for q in parts):
+        parts = [q for q in parts if q.stride]  # drop position-independent (global) inputs
+    lo = np.min([np.broadcast_to(q.lo, (n,)) for q in parts], 0)
+    hi = np.max([np.broadcast_to(q.hi, (n,)) for q in parts], 0)
+    if len(parts) == 1:
+        q = parts[0]
+        return _Ax(dim, q.size, q.stride, q.start, lo, hi)
+    best: tuple[float, float, float] | None = None  # (size, stride, start)
+    for t in sorted({q.stride for q in parts}):
+        # box(i) - i*t is linear in i for each part, so its extremes are at i = 0 and n - 1
+        ends = [
+            (q.start + i * (q.stride - t), q.start + q.size + i * (q.stride - t))
+            for q in parts
+            for i in (0, n - 1)
+        ]
+        s, e = min(a for a, _ in ends), max(b for _, b in ends)
+        if best is None or e - s < best[0] - _EPS:
+            best = (e - s, t, s)
+    assert best is not None
+    return _Ax(dim, best[0], best[1], best[2], lo, hi)
+
+
+def _combine(
+    parents: list[_Parent], maps: _Maps, out: tuple[int, ...], exact: bool, context: bool = True
+) -> _State | None:
+    axes: list[_Ax] = []
+    for a in (0, 1):
+        parts: list[_Ax] = []
+        for p in parents:
+            ax = p.state.axes[a]
+            if ax.dim is None:
+                parts.append(ax)
+                continue
+            m = maps.get(p.j, {}).get(ax.dim, _MISSING)
+            if m is _MISSING:
+                m = _whole(p.shape[ax.dim], None)
+            if m is None:
+                return None
+            assert isinstance(m, _Map)
+            if m.idx.shape[0] != (out[m.out_dim] if m.out_dim is not None else 1):
+                return None
+            new = _apply(ax, m, p.shape[ax.dim])
+            if new is not None:
+                parts.append(new)
+        if not parts:
+            return None
+        dim = next((q.dim for q in parts if q.dim is not None), None)
+        if a == 1 and dim is not None and dim == axes[0].dim:
+            dim = None
+        parts = [q if q.dim == dim else _collapse(q) for q in parts]
+        axes.append(_union(parts, dim, out[dim] if dim is not None else 1, context))
+    return _State((axes[0], axes[1]), exact)
+
+
+# --------------------------------------------------------------------------- call arguments
+class _Call:
+    """The recorded arguments of one op, looked up by name or position."""
+
+    def __init__(self, op: Op, names: Sequence[str]):
+        if op._skel_args is None:
+            raise LurkerError(
+                f"receptive_fields needs the call arguments of {op.label} ({op.name}), but "
+                "this trace did not keep them (it saved no activation for that op). Trace "
+                "with save='all' (the default): lurker.trace(model, x)."
+            )
+        self.args: tuple = tuple(op._skel_args)
+        self.kwargs: dict[str, Any] = dict(op._skel_kwargs or {})
+        self.names = names
+
+    def get(self, name: str, default: Any = None) -> Any:
+        if name in self.kwargs:
+            return self.kwargs[name]
+        i = self.names.index(name)
+        return self.args[i] if i < len(self.args) else default
+
+
+def _tup(v: Any, n: int) -> tuple[int, ...]:
+    if isinstance(v, (tuple, list)):
+        return tuple(int(a) for a in v) if len(v) == n else (int(v[0]),) * n
+    return (int(v),) * n
+
+
+def _dims(v: Any, nd: int) -> list[int]:
+    seq = v if isinstance(v, (tuple, list)) else [v]
+    return [int(d) % nd if nd else 0 for d in seq]
+
+
+def _main(parents: list[_Parent]) -> _Parent | None:
+    return next((p for p in parents if p.j == 0), None)
+
+
+def _batch_dims(p: _Parent, out: tuple[int, ...], upto: int) -> dict[int, _Map | None]:
+    return {d: _keep(d, p.shape[d], out[d]) for d in range(upto)}
+
+
+# --------------------------------------------------------------------------- op handlers
+# A handler returns, per parent, per parent dim, how it reaches the output; dims and
+# parents it leaves out are mixed (each output sees the whole parent axis: always valid).
+# ``None`` means "not understood here": the op falls back to the unknown-op rule.
+_Handler = Callable[[Op, int, list[_Parent], tuple[int, ...]], "_Maps | None"]
+
+
+def _h_pointwise(op: Op, k: int, parents: list[_Parent], out: tuple[int, ...]) -> _Maps | None:
+    maps: _Maps = {}
+    for p in parents:
+        shift = len(out) - len(p.shape)
+        mp: dict[int, _Map | None] = {}
+        for ax in p.state.axes:
+            if ax.dim is None:
+                continue
+            d = ax.dim + shift
+            if d < 0:
+                return None
+            m = _keep(d, p.shape[ax.dim], out[d])
+            if m is None:
+                return None
+            mp[ax.dim] = m
+        maps[p.j] = mp
+    return maps
+
+
+_CONV = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_CONVT = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
+_MAXPOOL = ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
+_AVGPOOL = ("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad")
+_LPPOOL = ("input", "norm_type", "kernel_size", "stride", "ceil_mode")
+
+
+def _spatial_op(nd: int, kind: str) -> _Handler:
+    """conv / conv_transpose / max, avg and lp pools over the last ``nd`` dims."""
+
+    def handler(op: Op, k: int, parents: list[_Parent], out: tuple[int, ...]) -> _Maps | None:
+        p = _main(parents)
+        if p is None:
+            return {}
+        names = {"conv": _CONV, "convt": _CONVT, "max": _MAXPOOL, "avg": _AVGPOOL}.get(
+            kind, _LPPOOL
+        )
+        c = _Call(op, names)
+        if kind in ("conv", "convt"):
+            w = c.get("weight")
+            if not isinstance(w, Tensor) or w.dim() != nd + 2:
+                return None
+            ks = tuple(int(s) for s in w.shape[2:])
+            stride = _tup(c.get("stride", 1), nd)
+        else:
+            ks = _tup(c.get("kernel_size"), nd)
+            s = c.get("stride")
+            stride = ks if s is None or (isinstance(s, (tuple, list)) and not s) else _tup(s, nd)
+        dil = _tup(c.get("dilation", 1), nd) if kind in ("conv", "convt", "max") else (1,) * nd
+        pad: Any = c.get("padding", 0) if kind != "lp" else 0
+        base = len(p.shape) - nd
+        maps = _batch_dims(p, out, base - 1)
+        if kind != "conv" and kind != "convt":  # pools work per channel
+            maps[base - 1] = _keep(base - 1, p.shape[base - 1], out[base - 1])
+        for a in range(nd):
+            d, kk, s, dl = base + a, ks[a], stride[a], dil[a]
+            if pad == "same":
+                left = dl * (kk - 1) // 2
+            elif pad == "valid":
+                left = 0
+            else:
+                left = _tup(pad, nd)[a]
+            if kind == "convt":
+                o = np.arange(out[d], dtype=np.int64)[:, None]
+                num = o + left - np.arange(kk, dtype=np.int64) * dl
+                m = _Map(d, num // s, 1.0 / s, present=(num % s) == 0)
+            else:
+                m = _window(out[d], kk, s, left, dl)
+                m.out_dim = d
+            maps[d] = m
+        return {p.j: maps}
+
+    return handler
+
+
+def _adaptive_map(n_in: int, n_out: int) -> _Map:
+    i = np.arange(n_out, dtype=np.int64)
+    return _ragged((i * n_in) // n_out, ((i + 1) * n_in + n_out - 1) // n_out, n_in / n_out)
+
+
+def _adaptive(nd: int) -> _Handler:
+    def handler(op: Op, k: int, parents: list[_Parent], out: tuple[int, ...]) -> _Maps | None:
+        p = _main(parents)
+        if p is None:
+            return {}
+        base = len(p.shape) - nd
+        maps = _batch_dims(p, out, base)
+        for d in range(base, len(p.shape)):
+            m = _adaptive_map(p.shape[d], out[d])
+            m.out_dim = d
+            maps[d] = m
+        return {p.j: maps}
+
+    return handler
+
+
+_INTERP = (
+    "input",
+    "size",
+    "scale_factor",
+    "mode",
+    "align_corners",
+    "recompute_scale_factor",
+    "antialias",
+)
+
+
+def _interp_map(n_in: int, n_out: int, mode: str, align: bool, sf: float | None, aa: bool) -> _Map:
+    """Source taps of one interpolated dim, as torch computes them (float32 and float64)."""
+    if mode == "area":
+        return _adaptive_map(n_in, n_out)
+    i = np.arange(n_out)
+    f32 = np.float32
+    if align and not mode.startswith("nearest"):
+        scales = [(f(n_in - 1) / f(n_out - 1) if n_out > 1 else f(0)) for f in (float, f32)]
+    else:  # torch divides in the kernel's float type: keep both float64 and float32 taps
+        scales = [float(1.0 / sf), f32(1.0 / sf)] if sf else [n_in / n_out, f32(n_in) / f32(n_out)]
+    scale = float(scales[0])
+    if mode.startswith("nearest"):
+        off = 0.5 if mode == "nearest-exact" else 0.0
+        cols = [np.floor((i.astype(type(sc)) + type(sc)(off)) * sc) for sc in scales]
+        if n_out == 2 * n_in and mode == "nearest":
+            cols = [i // 2]
+        idx = np.minimum(np.stack(cols, 1).astype(np.int64), n_in - 1)
+        return _Map(None, idx, scale)
+    cubic = mode == "bicubic"
+    if aa:  # antialiased: a support of interp_size/2 input pixels, stretched when shrinking
+        support = (2.0 if cubic else 1.0) * max(scale, 1.0)
+        centres = np.stack([scale * (i + 0.5), scale * i + 0.5], 1)
+        start = np.floor(centres.min(1) - support).astype(np.int64) - 1
+        end = np.ceil(centres.max(1) + support).astype(np.int64) + 2
+        return _ragged(start.clip(0, n_in - 1), end.clip(1, n_in), scale)
+    cols = []
+    for sc in scales:
+        dt = type(sc)
+        ii = i.astype(dt)
+        src = ii * sc if align else (ii + dt(0.5)) * sc - dt(0.5)
+        if not cubic:
+            src = np.maximum(src, 0)
+        base = np.floor(src).astype(np.int64)
+        cols += [base + t for t in ((-1, 0, 1, 2) if cubic else (0, 1))]
+    return _Map(None, np.stack(cols, 1).clip(0, n_in - 1), scale)
+
+
+def _h_interpolate(op: Op, k: int, parents: list[_Parent], out: tuple[int, ...]) -> _Maps | None:
+    p = _main(parents)
+    if p is None:
+        return {}
+    c = _Call(op, _INTERP)
+    mode = str(c.get("mode", "nearest"))
+    nd = len(p.shape) - 2
+    sf = c.get("scale_factor")
+    if sf is None or c.get("recompute_scale_factor"):
+        sfs: tuple[float | None, ...] = (None,) * nd
+    else:
+        sfs = tuple(float(s) for s in sf) if isinstance(sf, (tuple, list)) else (float(sf),) * nd
+    align = bool(c.get("align_corners")) and mode not in ("nearest", "nearest-exact", "area")
+    aa = bool(c.get("antialias", False))
+    maps = _batch_dims(p, out, 2)
+    for a in range(nd):
+        d = 2 + a
+        m = _interp_map(p.shape[d], out[d], mode, align, sfs[a], aa)
+        m.out_dim = d
+        maps[d] = m
+    return {p.j: maps}
+
+
+def _h_pad(op: Op, k: int, parents: list[_Parent], out: tuple[int, ...]) -> _Maps | None:
+    p = _main(parents)
+    if p is None:
+        return {}
+    c = _Call(op, ("input", "pad", "mode", "value"))
+    pad = [int(v) for v in c.get("pad")]
+    mode = str(c.get("mode", "constant"))
+    maps: dict[int, _Map | None] = {d: _keep(d, p.shape[d], out[d]) for d in range(len(p.shape))}
+    for q in range(len(pad) // 2):
+        d = len(p.shape) - 1 - q
+        n = p.shape[d]
+        x = np.arange(out[d], dtype=np.int64) - pad[2 * q]  # nominal: a shift by the left pad
+        if mode == "reflect":
+            src = np.where(x < 0, -x, np.where(x >= n, 2 * (n - 1) - x, x))
+        elif mode == "replicate":
+            src = x.clip(0, n - 1)
+        elif mode == "circular":
+            src = x % n
+        else:
+            src = x
+        maps[d] = _Map(d, src[:, None], 1.0, aff=x[:, None])
+    return {p.j: maps}
+
+
+def _h_reshape(op: Op, k: int, parents: list[_Parent], out: tuple[int, ...]) -> _Maps | None:
+    """view/reshape/flatten/squeeze...: a dim survives if the products before it match."""
+    p = _main(parents)
+    if p is None:
+        return {}
+    pre_out = np.cumprod((1, *out))
+    maps: dict[int, _Map | None] = {}
+    pre = 1
+    for d, n in enumerate(p.shape):
+        for e, m in enumerate(out):
+            if pre_out[e] == pre and m == n:
+                maps[d] = _keep(e, n, m)
+                break
+        pre *= n
+    return {p.j: maps}
+
+
+def _perm(op: Op, nd: int) -> list[int] | None:
+    """Output dim e holds input dim perm[e]."""
+    name = op.name
+    c = _Call(op, ("input", "a", "b"))
+    args = c.args
+    perm = list(range(nd))
+    if name == "permute":
+        dims = c.kwargs.get("dims", args[1] if len(args) == 2 else args[1:])
+        dims = dims if isinstance(dims, (tuple, list)) else [dims]
+        return _dims(dims, nd)
+    if name in ("transpose", "swapaxes", "swapdims"):
+        kw = c.kwargs
+        a = kw.get("dim0", kw.get("axis0", args[1] if len(args) > 1 else None))
+        b = kw.get("dim1", kw.get("axis1", args[2] if len(args) > 2 else None))
+        if a is None or b is None:
+            return None
+        a, b = int(a) % nd, int(b) % nd
+        perm[a], perm[b] = perm[b], perm[a]
+        return perm
+    if name in ("t", "T", "H"):
+        return perm[::-1]
+    if name in ("mT", "mH", "adjoint") and nd >= 2:
+        perm[-1], perm[-2] = perm[-2], perm[-1]
+        return perm
+    if name in ("movedim", "moveaxis"):
+        src = _dims(c.kwargs.get("source", args[1] if len(args) > 1 else 0), nd)
+        dst = _dims(c.kwargs.get("destination", args[2] if len(args) > 2 else 0), nd)
+        res: list[int | None] = [None] * nd
+        for s, t in zip(src, dst):
+            res[t] = s
+        rest = iter(d for d in range(nd) if d not in src)
+        return [r if r is not None else next(rest) for r in res]
+    return None
+
+
+def _h_permute(op: Op, k: int, parents: list[_Parent], out: tuple[int, ...]) -> _Maps | None:
+    p = _main(parents)
+    if p is None:
+        return {}
+    perm = _perm(op, len(p.shape))
+    if perm is None or len(perm) != len(out):
+        return None
+    return {p.j: {d: _keep(e, p.shape[d], out[e]) for e, d in enumerate(perm)}}
+
+
+def _h_getitem(op: Op, k: int, parents: list[_Parent], out: tuple[int, ...]) -> _Maps | None:
+    p = _main(parents)
+    if p is None:
+        return {}
+    c = _Call(op, ("input", "index"))
+    index = c.get("index")
+    items = list(index) if isinstance(index, tuple) else [index]
+    if any(
+        not (e is None or e is Ellipsis or isinstance(e, (int, slice))) or isinstance(e, bool)
+        for e in items
+    ):
+        return None  # advanced indexing
+    nd = len(p.shape)
+    n_spec = sum(1 for e in items if e is not None and e is not Ellipsis)
+    if Ellipsis in items:
+        i = items.index(Ellipsis)
+        items[i : i + 1] = [slice(None)] * (nd - n_spec)
+    items += [slice(None)] * (nd - sum(1 for e in items if e is not None))
+    maps: dict[int, _Map | None] = {}
+    d = e = 0
+    for it in items:
+        if it is None:
+            e += 1
+            continue
+        n = p.shape[d]
+        if isinstance(it, int):
+            maps[d] = _index(n, it)
+        else:
+            start, _, step = it.indices(n)
+            cnt = len(range(*it.indices(n)))
+            if e >= len(out) or out[e] != cnt:
+                return None
+            maps[d] = _Map(e, _col(start + np.arange(cnt) * step), float(step))
+            e += 1
+        d += 1
+    return {p.j: maps}
+
+
+def _offset_map(out_dim: int, n_out: int, off: int, n_in: int) -> _Map:
+    i = np.arange(n_out, dtype=np.int64) - off
+    return _Map(out_dim, i[:, None], 1.0, present=((i >= 0) & (i < n_in))[:, None])
+
+
+def _h_cat(op: Op, k: int, parents: list[_Parent], out: tuple[int, ...]) -> _Maps | None:
+    c = _Call(op, ("tensors", "dim"))
+    seq = c.get("tensors")
+    if not isinstance(seq, (tuple, list)) or not all(isinstance(t, Tensor) for t in seq):
+        return None
+    dim = int(c.get("dim", 0)) % len(out)
+    stack = op.name == "stack"
+    offs = (
+        np.cumsum([0] + [0 if t.dim() == 1 and t.shape[0] == 0 else int(t.shape[dim]) for t in seq])
+        if not stack
+        else None
+    )
+    maps: _Maps = {}
+    for p in parents:
+        if p.j >= len(seq):
+            continue
+        mp: dict[int, _Map | None] = {}
+        for d, n in enumerate(p.shape):
+            if stack:
+                e = d if d < dim else d + 1
+                mp[d] = _keep(e, n, out[e])
+            elif d == dim:
+                assert offs is not None
+                mp[d] = _offset_map(d, out[d], int(offs[p.j]), n)
+            else:
+                mp[d] = _keep(d, n, out[d])
+        maps[p.j] = mp
+    return maps
+
+
+def _h_split(op: Op, k: int, parents: list[_Parent], out: tuple[int, ...]) -> _Maps | None:
+    p = _main(parents)
+    if p is None:
+        return {}
+    unbind = op.name == "unbind"
+    c = _Call(op, ("input", "dim") if unbind else ("input", "sections", "dim"))
+    dim = int(c.get("dim", 0)) % len(p.shape)
+    maps: dict[int, _Map | None] = {}
+    e = 0
+    for d, n in enumerate(p.shape):
+        if d == dim and unbind:
+            maps[d] = _index(n, k)
+            continue
+        if d == dim:
+            off = sum(op.outputs[q].shape[d] for q in range(k))
+            maps[d] = _Map(e, _col(off + np.arange(out[e])), 1.0)
+        else:
+            maps[d] = _keep(e, n, out[e])
+        e += 1
+    return {p.j: maps}
+
+
+def _h_narrow(op: Op, k: int, parents: list[_Parent], out: tuple[int, ...]) -> _Maps | None:
+    p = _main(parents)
+    if p is None:
+        return {}
+    select = op.name == "select"
+    c = _Call(op, ("input", "dim", "index") if select else ("input", "dim", "start", "length"))
+    dim = int(c.get("dim")) % len(p.shape)
+    pos = c.get("index") if select else c.get("start")
+    if not isinstance(pos, int):
+        return None
+    maps: dict[int, _Map | None] = {}
+    e = 0
+    for d, n in enumerate(p.shape):
+        if d == dim and select:
+            maps[d] = _index(n, pos)
+            continue
+        if d == dim:
+            maps[d] = _Map(e, _col(pos % n + np.arange(out[e])), 1.0)
+        else:
+            maps[d] = _keep(e, n, out[e])
+        e += 1
+    return {p.j: maps}
+
+
+def _h_flip(op: Op, k: int, parents: list[_Parent], out: tuple[int, ...]) -> _Maps | None:
+    p = _main(parents)
+    if p is None:
+        return {}
+    nd = len(p.shape)
+    if op.name in ("fliplr", "flipud"):
+        dims = [1 if op.name == "fliplr" else 0]
+    else:
+        c = _Call(op, ("input", "dims"))
+        a = c.args[1:] if len(c.args) > 2 else c.get("dims")
+        dims = _dims(a, nd)
+    maps: dict[int, _Map | None] = {}
+    for d, n in enumerate(p.shape):
+        maps[d] = _Map(d, _col(n - 1 - np.arange(n)), -1.0) if d in dims else _keep(d, n, out[d])
+    return {p.j: maps}
+
+
+def _h_roll(op: Op, k: int, parents: list[_Parent], out: tuple[int, ...]) -> _Maps | None:
+    p = _main(parents)
+    if p is None:
+        return {}
+    c = _Call(op, ("input", "shifts", "dims"))
+    dims, shifts = c.get("dims"), c.get("shifts")
+    if dims is None or (isinstance(dims, (tuple, list)) and not dims):
+        return {}  # rolls the flattened tensor: mix everything
+    nd = len(p.shape)
+    roll = dict(zip(_dims(dims, nd), _tup(shifts, len(_dims(dims, nd)))))
+    maps: dict[int, _Map | None] = {}
+    for d, n in enumerate(p.shape):
+        maps[d] = (
+            _Map(d, _col((np.arange(n) - roll[d]) % n), 1.0) if d in roll else _keep(d, n, out[d])
+        )
+    return {p.j: maps}
+
+
+def _h_repeat(op: Op, k: int, parents: list[_Parent], out: tuple[int, ...]) -> _Maps | None:
+    p = _main(parents)
+    if p is None:
+        return {}
+    shift = len(out) - len(p.shape)
+    return {
+        p.j: {
+            d: _Map(d + shift, _col(np.arange(out[d + shift]) % n), 1.0)
+            for d, n in enumerate(p.shape)
+        }
+    }
+
+
+def _h_pixel_shuffle(op: Op, k: int, parents: list[_Parent], out: tuple[int, ...]) -> _Maps | None:
+    p = _main(parents)
+    if p is None or len(p.shape) < 3:
+        return None
+    nd = len(p.shape)
+    maps = _batch_dims(p, out, nd - 3)
+    for d in (nd - 2, nd - 1):
+        n_in, n_out = p.shape[d], out[d]
+        if op.name == "pixel_shuffle":
+            r = n_out // n_in
+            maps[d] = _Map(d, _col(np.arange(n_out) // r), 1.0 / r)
+        else:
+            r = n_in // n_out
+            maps[d] = _Map(d, _col(np.arange(n_out) * r) + np.arange(r), float(r))
+    return {p.j: maps}
+
+
+_REDUCE = {
+    "mean", "sum", "nansum", "nanmean", "prod", "amax", "amin", "max", "min", "std", "var",
+    "std_mean", "var_mean", "norm", "logsumexp", "median", "nanmedian", "mode", "all", "any",
+    "argmax", "argmin", "count_nonzero", "aminmax",
+}  # fmt: skip
+
+
+def _h_reduce(op: Op, k: int, parents: list[_Parent], out: tuple[int, ...]) -> _Maps | None:
+    p = _main(parents)
+    if p is None:
+        return {}
+    c = _Call(op, ("input", "p", "dim") if op.name == "norm" else ("input", "dim"))
+    if op.name in ("max", "min") and (
+        isinstance(c.kwargs.get("other"), Tensor)
+        or (len(c.args) > 1 and isinstance(c.args[1], Tensor))
+    ):
+        return _h_pointwise(op, k, parents, out)  # torch.max(a, b): elementwise
+    nd = len(p.shape)
+    dim = c.get("dim", -1 if op.name == "mode" else None)
+    if isinstance(dim, bool) or (dim is not None and not isinstance(dim, (int, tuple, list))):
+        return None  # std(x, True): that is 'unbiased'
+    red = set(range(nd)) if dim is None or dim == () or dim == [] else set(_dims(dim, nd))
+    keep = len(out) == nd and nd > 0
+    expect = (
+        [1 if d in red else n for d, n in enumerate(p.shape)]
+        if keep
+        else [n for d, n in enumerate(p.shape) if d not in red]
+    )
+    if tuple(expect) != tuple(out):
+        return None
+    maps: dict[int, _Map | None] = {}
+    e = 0
+    for d, n in enumerate(p.shape):
+        if d in red:
+            maps[d] = _whole(n, e if keep else None)
+            e += keep
+        else:
+            maps[d] = _keep(e, n, out[e])
+            e += 1
+    return {p.j: maps}
+
+
+_ALONG = {  # name -> (argument names, default dim); None: softmax's legacy implicit dim
+    "softmax": (("input", "dim"), None),
+    "log_softmax": (("input", "dim"), None),
+    "softmin": (("input", "dim"), None),
+    "normalize": (("input", "p", "dim"), 1),
+    "sort": (("input", "dim"), -1),
+    "argsort": (("input", "dim"), -1),
+    "cumsum": (("input", "dim"), 0),
+    "cumprod": (("input", "dim"), 0),
+    "cummax": (("input", "dim"), 0),
+    "cummin": (("input", "dim"), 0),
+    "logcumsumexp": (("input", "dim"), 0),
+}
+
+
+def _h_along(op: Op, k: int, parents: list[_Parent], out: tuple[int, ...]) -> _Maps | None:
+    """Ops that mix along one dim: each output sees that whole axis (cum*: a prefix)."""
+    p = _main(parents)
+    if p is None:
+        return {}
+    names, default = _ALONG[op.name]
+    nd = len(p.shape)
+    dim = _Call(op, names).get("dim", default)
+    if dim is None:
+        dim = 0 if nd in (0, 1, 3) else 1
+    dim = int(dim) % nd
+    maps: dict[int, _Map | None] = {d: _keep(d, n, out[d]) for d, n in enumerate(p.shape)}
+    n = p.shape[dim]
+    if op.name.startswith("cum") or op.name == "logcumsumexp":
+        idx = np.broadcast_to(np.arange(n, dtype=np.int64), (n, n))
+        maps[dim] = _Map(dim, idx, 1.0, present=idx <= np.arange(n)[:, None])
+    else:
+        maps[dim] = _whole(n, dim, n)
+    return {p.j: maps}
+
+
+def _h_linear(op: Op, k: int, parents: list[_Parent], out: tuple[int, ...]) -> _Maps | None:
+    """linear acts on the last dim; the others (e.g. H, W of an NHWC tensor) are kept."""
+    p = _main(parents)
+    if p is None or len(p.shape) != len(out):
+        return {} if p is None else None
+    return {p.j: _batch_dims(p, out, len(out) - 1)}
+
+
+def _h_matmul(op: Op, k: int, parents: list[_Parent], out: tuple[int, ...]) -> _Maps | None:
+    maps: _Maps = {}
+    for p in parents:
+        nd = len(p.shape)
+        if p.j > 1 or nd < 2 or len(out) < 2:
+            continue
+        shift = len(out) - nd
+        mp: dict[int, _Map | None] = {}
+        for d, n in enumerate(p.shape):
+            if (p.j == 0 and d < nd - 1) or (p.j == 1 and d != nd - 2):
+                mp[d] = _keep(d + shift, n, out[d + shift])
+        maps[p.j] = mp
+    return maps
+
+
+def _h_grid_sample(op: Op, k: int, parents: list[_Parent], out: tuple[int, ...]) -> _Maps | None:
+    """The input is sampled anywhere (mixed); the grid's (N, H, W) dims are the output's."""
+    maps: _Maps = {}
+    for p in parents:
+        if p.j == 1 and len(p.shape) == len(out):
+            nd = len(out)
+            maps[1] = {0: _keep(0, p.shape[0], out[0])}
+            maps[1].update({d: _keep(d + 1, p.shape[d], out[d + 1]) for d in range(1, nd - 1)})
+    return maps
+
+
+def _h_setitem(op: Op, k: int, parents: list[_Parent], out: tuple[int, ...]) -> _Maps | None:
+    """``x[i] = v``: x is kept position-wise; v may land anywhere (mixed)."""
+    p = _main(parents)
+    if p is None:
+        return {}
+    return {p.j: {d: _keep(d, n, out[d]) for d, n in enumerate(p.shape)}}
+
+
+_POINTWISE = {
+    "add", "sub", "subtract", "mul", "multiply", "div", "divide", "true_divide", "floor_divide",
+    "remainder", "fmod", "mod", "pow", "float_power", "neg", "negative", "pos", "positive", "abs",
+    "absolute", "exp", "exp2", "expm1", "log", "log2", "log10", "log1p", "sqrt", "rsqrt",
+    "square", "reciprocal", "sign", "sgn", "sin", "cos", "tan", "sinh", "cosh", "asin", "acos",
+    "atan", "atan2", "floor", "ceil", "round", "trunc", "frac", "erf", "erfc", "erfinv",
+    "sigmoid", "logit", "tanh", "relu", "relu6", "leaky_relu", "elu", "selu", "celu", "gelu",
+    "silu", "mish", "hardswish", "hardsigmoid", "hardtanh", "hardshrink", "softshrink",
+    "softplus", "softsign", "tanhshrink", "threshold", "logsigmoid", "prelu", "rrelu", "clamp",
+    "clip", "clamp_min", "clamp_max", "maximum", "minimum", "fmax", "fmin", "where", "lerp",
+    "addcmul", "addcdiv", "masked_fill", "nan_to_num", "eq", "ne", "lt", "le", "gt", "ge",
+    "logical_and", "logical_or", "logical_not", "logical_xor", "bitwise_and", "bitwise_or",
+    "bitwise_not", "bitwise_xor", "and", "or", "xor", "invert", "isnan", "isinf", "isfinite",
+    "batch_norm", "instance_norm", "group_norm", "layer_norm", "rms_norm",
+    "local_response_norm", "dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout",
+    "feature_alpha_dropout", "feature_dropout", "contiguous", "clone", "detach", "to", "type",
+    "type_as", "float", "double", "half", "bfloat16", "int", "long", "bool", "cpu", "cuda",
+    "copy", "zero", "fill", "expand", "expand_as", "broadcast_to", "channel_shuffle",
+    "native_channel_shuffle", "requires_grad", "radd", "rsub", "rmul", "rdiv", "rpow",
+    "rfloordiv", "rmod", "iadd", "isub", "imul", "itruediv", "idiv", "ifloordiv", "imod", "ipow",
+    "real", "imag", "conj", "masked_scatter",
+}  # fmt: skip
+
+_HANDLERS: dict[str, _Handler] = {n: _h_pointwise for n in _POINTWISE}
+for _nd in (1, 2, 3):
+    _HANDLERS[f"conv{_nd}d"] = _spatial_op(_nd, "conv")
+    _HANDLERS[f"conv_transpose{_nd}d"] = _spatial_op(_nd, "convt")
+    _HANDLERS[f"max_pool{_nd}d"] = _spatial_op(_nd, "max")
+    _HANDLERS[f"max_pool{_nd}d_with_indices"] = _spatial_op(_nd, "max")
+    _HANDLERS[f"avg_pool{_nd}d"] = _spatial_op(_nd, "avg")
+    _HANDLERS[f"lp_pool{_nd}d"] = _spatial_op(_nd, "lp")
+    for _kind in ("avg", "max"):
+        _HANDLERS[f"adaptive_{_kind}_pool{_nd}d"] = _adaptive(_nd)
+        _HANDLERS[f"adaptive_{_kind}_pool{_nd}d_with_indices"] = _adaptive(_nd)
+_HANDLERS.update({n: _h_reduce for n in _REDUCE})
+_HANDLERS.update({n: _h_along for n in _ALONG})
+for _h, _names in {
+    _h_reshape: "view reshape flatten unflatten squeeze unsqueeze view_as reshape_as ravel",
+    _h_permute: "permute transpose swapaxes swapdims t T H mT mH adjoint movedim moveaxis",
+    _h_split: "split split_with_sizes chunk tensor_split unsafe_split unsafe_chunk unbind",
+    _h_narrow: "narrow select",
+    _h_flip: "flip fliplr flipud",
+    _h_cat: "cat concat concatenate stack",
+    _h_repeat: "repeat tile",
+    _h_pixel_shuffle: "pixel_shuffle pixel_unshuffle",
+    _h_matmul: "matmul mm bmm",
+    _h_interpolate: "interpolate upsample",
+    _h_pad: "pad",
+    _h_getitem: "getitem",
+    _h_roll: "roll",
+    _h_linear: "linear",
+    _h_grid_sample: "grid_sample",
+    _h_setitem: "setitem",
+}.items():
+    _HANDLERS.update(dict.fromkeys(_names.split(), _h))
+
+
+# Ops whose output takes only the shape (or device) of their tensor argument, not its values.
+_VALUE_FREE = {
+    "zeros_like", "ones_like", "full_like", "empty_like", "rand_like", "randn_like",
+    "randint_like", "new_zeros", "new_ones", "new_full", "new_empty", "new_tensor", "size",
+}  # fmt: skip
+
+
+def _base_name(name: str) -> str:
+    if name.endswith("_") and not name.endswith("__") and name[:-1] in _HANDLERS:
+        return name[:-1]  # in-place variant: relu_, add_
+    return name
+
+
+# --------------------------------------------------------------------------- the walk
+def _propagate(
+    op: Op, k: int, parents: list[_Parent], out: tuple[int, ...], context: bool
+) -> _State | None:
+    if any(n == 0 for n in out):
+        return None
+    exact = all(p.state.exact for p in parents)
+    if all(ax.dim is None for p in parents for ax in p.state.axes):
+        return _combine(parents, {}, out, exact)  # no spatial dims left: any op sees the hull
+    if op.kind == "output":
+        return _combine(parents, _h_pointwise(op, k, parents, out) or {}, out, exact, context)
+    handler = _HANDLERS.get(_base_name(op.name))
+    maps = handler(op, k, parents, out) if handler is not None else None
+    if maps is None:  # unknown: position-wise if the spatial sizes are kept, else no RF
+        maps = _h_pointwise(op, k, parents, out)
+        exact = False
+        if maps is None:
+            return None
+    return _combine(parents, maps, out, exact, context)
+
+
+def _pick_input(trace: Trace, label: str | None) -> Op:
+    if label is not None:
+        op = trace[label]
+        if op.kind != "input":
+            raise LurkerError(
+                f"{label!r} is not a model input of this trace ({op.label} is {op.kind!r})."
+            )
+    else:
+        op = next((o for o in trace.inputs if o.shape is not None and len(o.shape) in (3, 4)), None)
+        if op is None:
+            raise LurkerError(
+                "receptive_fields needs a model input of shape (N, C, H, W) or (N, C, L); "
+                f"this trace's inputs have shapes {[o.shape for o in trace.inputs]}."
+            )
+    if op.shape is None or len(op.shape) not in (3, 4):
+        raise LurkerError(
+            f"input {label!r} has shape {op.shape}; expected (N, C, H, W) or (N, C, L)."
+        )
+    return op
+
+
+def _num(v: float) -> float:
+    r = round(v)
+    return int(r) if abs(v - r) < 1e-6 else float(v)
+
+
+def _finish(st: _State, hw: tuple[int, int]) -> RF:
+    axes = []
+    full = True
+    for ax, n in zip(st.axes, hw):
+        empty = ax.lo > ax.hi
+        lo = np.where(empty, 0, ax.lo)
+        hi = np.where(empty, 0, ax.hi + 1)
+        full = full and bool((lo == 0).all() and (hi == n).all())
+        axes.append(
+            Axis(
+                _num(ax.size),
+                _num(ax.stride),
+                _num(ax.start),
+                ax.dim,
+                tuple(lo.tolist()),
+                tuple(hi.tolist()),
+            )
+        )
+    return RF(axes[0], axes[1], hw, full, st.exact)
+
+
+def receptive_fields(
+    trace: Trace, input_label: str | None = None, *, global_context: bool = True
+) -> dict[int, RF]:
+    """Receptive field of every op (by node index) whose output depends on one input.
+
+    ``input_label`` names the input (label or name, e.g. ``'x'``); by default the first
+    input of shape (N, C, H, W) or (N, C, L). Ops whose outputs have no spatial dims left
+    (flatten, linear, global means) get one box for the whole output. Ops of unknown
+    footprint that change the spatial sizes, and everything computed from them, are
+    absent. Needs the recorded call arguments: trace with ``save='all'`` (the default).
+
+    ``global_context=False`` leaves out, where an op combines a local input with a
+    position-independent one (a squeeze-excitation gate, an image-pooling branch), the
+    latter: strictly every later position then sees the whole image, which is true but
+    hides the local region that shapes a unit's response (what a crop should show).
+    """
+    src = _pick_input(trace, input_label)
+    shape = tuple(src.shape or ())
+    nd = len(shape)
+    hw = (1, shape[2]) if nd == 3 else (shape[2], shape[3])
+    y = (
+        _Ax(None, 1, 0, 0, np.zeros(1, np.int64), np.zeros(1, np.int64))
+        if nd == 3
+        else _Ax(nd - 2, 1, 1, 0, np.arange(hw[0]), np.arange(hw[0]))
+    )
+    x = _Ax(nd - 1, 1, 1, 0, np.arange(hw[1]), np.arange(hw[1]))
+    states: dict[tuple[int, int], _State] = {(src.index, 0): _State((y, x), True)}
+    dep = {src.index}
+    for op in trace.ops:
+        if op.kind not in ("op", "output"):
+            continue
+        ins = [(j, s, k) for j, (s, k) in enumerate(op._inputs) if isinstance(s, int) and s in dep]
+        if not ins or op.name in _VALUE_FREE:
+            continue
+        dep.add(op.index)
+        parents = []
+        for j, s, k in ins:
+            st = states.get((s, k))
+            if st is None:
+                break  # depends on something without an RF: so does this op
+            parents.append(_Parent(j, st, tuple(trace.ops[s].outputs[k].shape)))
+        else:
+            for k, meta in enumerate(op.outputs):
+                st = _propagate(op, k, parents, tuple(meta.shape), global_context)
+                if st is not None:
+                    states[(op.index, k)] = st
+    return {i: _finish(st, hw) for (i, k), st in states.items() if k == 0}
