@@ -322,3 +322,45 @@ def test_cli_probe_and_render(tmp_path: Path):
         ],
     )
     assert r.exit_code == 2 and "features.8" in r.output
+
+
+def test_torchrun_cli_equals_single_process(tmp_path: Path):
+    """The documented multi-process command: torchrun with 2 CPU (gloo) processes."""
+    torchrun = Path(sys.executable).parent / "torchrun"
+    args = [
+        "probe",
+        "lurker.examples:DigitsNet",
+        "--data",
+        "digits:test",
+        "--image-size",
+        "16",
+        "--layers",
+        "features.4",
+        "--k",
+        "3",
+        "--batch-size",
+        "50",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(
+        [
+            str(torchrun),
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "lurker.cli",
+            *args,
+            "--out",
+            str(tmp_path / "dist"),
+        ],
+        check=True,
+        env=env,
+        capture_output=True,
+    )
+    from lurker.cli import main
+
+    r = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "single")])
+    assert r.exit_code == 0, r.output
+    _runs_equal(
+        lurker.store.Run.open(tmp_path / "dist"), lurker.store.Run.open(tmp_path / "single")
+    )

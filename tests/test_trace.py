@@ -412,3 +412,15 @@ def test_lookup_errors_are_helpful():
     assert next(op.label for op in tr) == "input_1"
     assert len(tr) == 5
     assert "3 ops" in repr(tr)
+
+
+def test_tolist_is_a_readout():
+    class M(nn.Module):
+        def forward(self, x):
+            n = int(x.sum().tolist() > 0)  # tensor data steering Python
+            return x * (n + 1)
+
+    tr = lurker.trace(M(), torch.ones(3))
+    (rd,) = tr.branches
+    assert rd.name == "tolist" and rd.value == 3.0
+    assert tr.run(torch.ones(3))["output_1"].sum() == 6

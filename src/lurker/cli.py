@@ -6,10 +6,11 @@ paragraph without a traceback; set ``LURKER_DEBUG=1`` to see the traceback as we
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -138,6 +139,45 @@ def probe(
     Rerun the same command after an interruption to resume. Under torchrun each process
     sweeps a shard and the results are merged.
     """
+    with _torchrun_group(device):
+        _probe(
+            model, data, out, weights, layers, k, image_size, batch_size, device, workers, overwrite
+        )
+
+
+@contextlib.contextmanager
+def _torchrun_group(device: str | None) -> Iterator[None]:
+    """Under torchrun (WORLD_SIZE > 1), join the process group for the sweep's duration."""
+    import torch
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    dist = torch.distributed
+    if world <= 1 or not dist.is_available() or dist.is_initialized():
+        yield
+        return
+    gpu = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
+    if gpu:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if gpu else "gloo")
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _probe(
+    model: str,
+    data: str,
+    out: str,
+    weights: str | None,
+    layers: tuple[str, ...],
+    k: int,
+    image_size: int,
+    batch_size: int,
+    device: str | None,
+    workers: int,
+    overwrite: bool,
+) -> None:
     from .models import load_model
     from .probe import data as pdata
     from .probe import probe as do_probe

@@ -1,7 +1,7 @@
 """``make demo``: train a small CNN on scikit-learn's digits, then look inside it.
 
-Everything runs offline on a CPU in well under a minute: the data ships with
-scikit-learn, the model trains in seconds, and the outputs land in ``--out``.
+Everything runs offline on a CPU in about a minute: the data ships with scikit-learn,
+the model trains in seconds, and the outputs land in ``--out``.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ import torch
 
 import lurker
 from lurker.examples import digits_tensors, train_digits
+from lurker.probe import UnitImages, probe
+from lurker.probe.data import digits
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -34,21 +36,35 @@ def main(argv: list[str] | None = None) -> None:
     x, _ = digits_tensors()
     tr = lurker.trace(model, x[:1])
     print(tr.summary())
-    report = tr.validate()
-    print(f"validation: {report}")
+    print(f"validation: {tr.validate()}")
     (out / "summary.txt").write_text(tr.summary() + "\n")
     tr.to_json(out / "trace.json")
     graph = tr.render(out / "graph.svg")
     collapsed = tr.render(out / "graph-depth1.svg", depth=1)
 
+    print("\n3. probing every unit of every layer over all 1,797 digits")
+    data = digits(16)
+    run = probe(model, data, out=out / "run", k=9, batch_size=256, overwrite=True)
+    layer = "features.8"
+    print(f"what the units of {layer} (the last conv) respond to:")
+    for unit in run.units(layer, order_by="max", limit=5):
+        top = unit.top("max")
+        classes = ", ".join(e.class_name for e in top)
+        print(f"  unit {unit.index:2d}: peak {unit.max:6.2f}; top-9 images are digits {classes}")
+    images = UnitImages(run, model=model, dataset=data)
+    n = images.render_all(layers=[layer], progress=False)
+    print(f"{n} images (inputs, receptive-field crops, guided gradients) in {run.path / 'cache'}")
+
     elapsed = time.perf_counter() - t0
     print(f"\ndone in {elapsed:.0f} s (test accuracy {acc:.1%}). Open these:")
-    for p in (graph, collapsed, out / "summary.txt", out / "trace.json", weights):
+    for p in (graph, collapsed, out / "summary.txt", out / "trace.json", run.path / "run.db"):
         print(f"  {p}")
     print(
-        "Same from the command line:\n"
+        "The same from the command line:\n"
         f"  lurker trace lurker.examples:DigitsNet --weights {weights} -i 1,1,16,16 "
-        f"--out {out / 'graph-cli.svg'}"
+        f"--out {out / 'graph-cli.svg'}\n"
+        f"  lurker probe lurker.examples:DigitsNet --weights {weights} --data digits "
+        f"--image-size 16 --out {out / 'run-cli'}"
     )
 
 

@@ -36,36 +36,32 @@ class DigitsNet(nn.Module):
         return self.classifier(self.pool(self.features(x)))
 
 
-def digits_tensors(image_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    """All 1,797 digits as (N, 1, image_size, image_size) floats in [0, 1] and labels."""
-    from sklearn.datasets import load_digits
+def digits_tensors(image_size: int = 16, split: str = "all") -> tuple[torch.Tensor, torch.Tensor]:
+    """Digits as one (N, 1, image_size, image_size) batch in [0, 1] and their labels."""
+    from .probe.data import digits
 
-    d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    x = nn.functional.interpolate(x, size=(image_size, image_size), mode="bilinear")
-    return x.clamp(0, 1), torch.tensor(d.target, dtype=torch.long)
+    ds = digits(image_size, split=split)
+    return torch.stack([ds[i][0] for i in range(len(ds))]), torch.tensor(ds.labels)
 
 
 def train_digits(
     epochs: int = 3, *, seed: int = 0, image_size: int = 16, log=print
 ) -> tuple[DigitsNet, float]:
-    """Train :class:`DigitsNet` on 80% of digits; return it (eval mode) and test accuracy."""
+    """Train :class:`DigitsNet` on the digits' train split; return it (eval) and test accuracy."""
     torch.manual_seed(seed)
-    x, y = digits_tensors(image_size)
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    cut = int(0.8 * len(x))
-    tr, te = perm[:cut], perm[cut:]
+    x, y = digits_tensors(image_size, "train")
+    xt, yt = digits_tensors(image_size, "test")
     model = DigitsNet()
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     for epoch in range(epochs):
         model.train()
-        for idx in tr[torch.randperm(len(tr))].split(32):
+        for idx in torch.randperm(len(x)).split(32):
             opt.zero_grad()
             loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
             loss.backward()
             opt.step()
         model.eval()
         with torch.no_grad():
-            acc = (model(x[te]).argmax(1) == y[te]).float().mean().item()
+            acc = (model(xt).argmax(1) == yt).float().mean().item()
         log(f"epoch {epoch + 1}/{epochs}: loss {loss.item():.3f}, test accuracy {acc:.1%}")
     return model.eval(), acc

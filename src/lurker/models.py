@@ -56,7 +56,9 @@ def load_model(
     :class:`WeightsError` with an actionable message for anything a user can get wrong.
     """
     spec = spec.strip()
-    model = _build(spec)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # random-init models are the same in every process and run
+        model = _build(spec)
     if weights is not None:
         _load_weights(model, Path(os.fspath(weights)).expanduser(), spec)
     try:

@@ -78,10 +78,7 @@ class Recorder(TorchFunctionMode):
         self.stale_hit = False
         self.params: dict[int, str] = {}
         self.param_shapes: dict[str, tuple[int, ...]] = {}
-        for n, p in model.named_parameters(remove_duplicate=True):
-            self.params[id(p)] = n
-            self.param_shapes[n] = tuple(p.shape)
-        self.buffers: dict[int, str] = {id(b): n for n, b in model.named_buffers()}
+        self.buffers: dict[int, str] = {}
         self.buffer_nodes: dict[int, int] = {}
         self.constant_nodes: dict[int, int] = {}
         self.keys: dict[Any, list[int]] = {}  # rolling key -> [class number, passes so far]
@@ -95,27 +92,37 @@ class Recorder(TorchFunctionMode):
 
     # ------------------------------------------------------------------ module hooks
     def attach(self) -> None:
-        model = self.model
-        counts: dict[str, int] = {}
-        for name, p in model.named_parameters():
-            parts = name.split(".")[:-1]
-            n = p.numel()
-            counts[""] = counts.get("", 0) + n
-            for i in range(1, len(parts) + 1):
-                prefix = ".".join(parts[:i])
-                counts[prefix] = counts.get(prefix, 0) + n
+        """Index modules, parameters and buffers in one walk, then hook module calls."""
         self.paths: dict[int, str] = {}
-        for path, mod in model.named_modules():
+        counts: dict[str, int] = {}
+        infos = self.module_info
+        for path, mod in self.model.named_modules():
             parent = path.rsplit(".", 1)[0] if "." in path else ("" if path else None)
-            info = ModuleInfo(path=path, type=type(mod).__name__, parent=parent)
-            info.num_params = counts.get(path, 0)
-            self.module_info[path] = info
-            if parent is not None and parent in self.module_info:
-                self.module_info[parent].children.append(path)
-            if info.num_params:
-                self.param_modules.add(path)
+            infos[path] = ModuleInfo(path=path, type=type(mod).__name__, parent=parent)
+            if parent is not None and parent in infos:
+                infos[parent].children.append(path)
             if path:  # the root's call is made by trace() itself
                 self.paths[id(mod)] = path
+            prefix = f"{path}." if path else ""
+            for n, p in mod._parameters.items():
+                if p is None or id(p) in self.params:
+                    continue  # shared parameters keep their first name
+                name = prefix + n
+                self.params[id(p)] = name
+                self.param_shapes[name] = tuple(p.shape)
+                numel = p.numel()
+                counts[""] = counts.get("", 0) + numel
+                parts = path.split(".") if path else []
+                for i in range(1, len(parts) + 1):
+                    key = ".".join(parts[:i])
+                    counts[key] = counts.get(key, 0) + numel
+            for n, b in mod._buffers.items():
+                if b is not None and id(b) not in self.buffers:
+                    self.buffers[id(b)] = prefix + n
+        for path, info in infos.items():
+            info.num_params = counts.get(path, 0)
+            if info.num_params:
+                self.param_modules.add(path)
         # Four global hooks cost less than two per submodule; they ignore other threads
         # and modules outside this model, and are removed as soon as the trace ends.
         self.hooks.append(register_module_forward_pre_hook(self._pre_hook))
@@ -298,11 +305,11 @@ class Recorder(TorchFunctionMode):
 
         if isinstance(out, Tensor):
             outs = [out]
-        elif isinstance(out, (tuple, list)):
-            outs = tensors(out, [])
-        elif info.readout:
+        elif info.readout:  # before the list case: tolist() returns a list
             self._record(func, info, inputs, args, kwargs, [], dt, "readout", out)
             return out
+        elif isinstance(out, (tuple, list)):
+            outs = tensors(out, [])
         else:
             outs = []
         changed = [t for t, v in zip(ins, versions) if t._version != v]

@@ -57,11 +57,11 @@ class Replayer(TorchFunctionMode):
         out = func(*args, **kwargs)
         if isinstance(out, Tensor):
             outs = [out]
-        elif isinstance(out, (tuple, list)):
-            outs = tensors(out, [])
-        elif _funcs.func_info(func).readout:
+        elif _funcs.func_info(func).readout:  # before the list case: tolist() returns a list
             self._count(func)
             return out
+        elif isinstance(out, (tuple, list)):
+            outs = tensors(out, [])
         else:
             outs = []
         if not outs:
@@ -95,7 +95,9 @@ class Replayer(TorchFunctionMode):
             )
 
 
-def run_with(trace: Trace, args: tuple, kwargs: dict, want: Iterable[int], on_output: OnOutput) -> Any:
+def run_with(
+    trace: Trace, args: tuple, kwargs: dict, want: Iterable[int], on_output: OnOutput
+) -> Any:
     """Run the traced model on new inputs, calling ``on_output`` for the wanted ops."""
     if trace.model is None or not trace.complete:
         raise GraphChangedError("Only a complete trace can be re-run on new inputs.")

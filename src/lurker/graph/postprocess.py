@@ -77,12 +77,18 @@ def input_metas(node: Op, nodes: list[Op], param_shapes: dict[str, tuple[int, ..
 _CONV = {"conv1d", "conv2d", "conv3d", "convolution", "_convolution"}
 _CONV_T = {"conv_transpose1d", "conv_transpose2d", "conv_transpose3d"}
 _MATMUL = {"matmul", "mm", "bmm", "rmatmul"}
+_FLOP_OPS = (
+    _CONV
+    | _CONV_T
+    | _MATMUL
+    | {"linear", "addmm", "baddbmm", "addbmm", "scaled_dot_product_attention"}
+)
 
 
 def flops(node: Op, nodes: list[Op]) -> int | None:
     """Floating-point operations (2 per multiply-add) of conv, linear and matmul-like ops."""
     name = node.name
-    if not node.outputs or not node._inputs:
+    if name not in _FLOP_OPS or not node.outputs or not node._inputs:
         return None
     out: TensorMeta = node.outputs[0]
     try:

@@ -225,6 +225,14 @@ def probe(
             **(meta or {}),
         },
     }
+    if world > 1:
+        prints: list[Any] = [None] * world
+        torch.distributed.all_gather_object(prints, run_meta["model_fingerprint"])
+        if len(set(prints)) > 1:
+            raise LurkerError(
+                f"The {world} processes hold different models (fingerprints {prints}): load "
+                "the same weights on every rank before probing."
+            )
     writer: RunWriter | None = None
     if rank == 0:
         writer = RunWriter.create(out, meta=run_meta, overwrite=overwrite)

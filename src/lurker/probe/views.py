@@ -148,12 +148,15 @@ class UnitImages:
         )
         return render_gradient(grad.detach().cpu())
 
-    def render_all(self, progress: bool = True) -> int:
-        """Make every image of every unit's top lists; returns how many exist now."""
+    def render_all(self, layers: list[str] | None = None, progress: bool = True) -> int:
+        """Make every image of every unit's top lists (of ``layers``, default all).
+
+        Returns how many images exist now.
+        """
         from rich.progress import Progress
 
         jobs = []
-        for info in self.run.layers:
+        for info in self.run.layers if layers is None else map(self.run.layer, layers):
             for u in range(info.num_units):
                 unit = self.run.unit(info.name, u)
                 for which in ("max", "mean"):

@@ -1,0 +1,436 @@
+"""Draw a :class:`~lurker.Trace` with graphviz: modules as nested clusters, deep ones collapsed.
+
+The layout work is done by ``dot``; this module only decides what is drawn. Every op is
+mapped to one drawn node (its own, its rolled layer's, or the box of a collapsed module),
+then the shared edge list (:mod:`lurker.graph.edges`) is mapped through that and merged,
+so collapsing and rolling never need special edge logic.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from html import escape
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import graphviz
+
+from ..errors import LurkerError
+from ..graph.edges import edges as graph_edges
+from ..graph.nodes import Op, TensorMeta
+
+if TYPE_CHECKING:
+    from ..capture.trace import Trace
+
+TIMES = "\N{MULTIPLICATION SIGN}"  # in shapes (1x64x32x32) and repeat counts (x4)
+FORMATS = {".svg": "svg", ".pdf": "pdf", ".png": "png", ".dot": "dot"}
+DIRECTIONS = ("TB", "LR", "BT", "RL")
+
+# Styles, named so that tests and users can rely on them.
+INPUT_STYLE = {
+    "shape": "ellipse",
+    "style": "filled",
+    "fillcolor": "palegreen",
+    "color": "darkgreen",
+}
+OUTPUT_STYLE = {"shape": "ellipse", "style": "filled", "fillcolor": "lightcoral", "color": "red3"}
+PARAM_OP_STYLE = {"shape": "box", "style": "filled", "fillcolor": "gray85", "color": "gray30"}
+PLAIN_OP_STYLE = {"shape": "box", "style": "filled", "fillcolor": "white", "color": "gray30"}
+GENERATED_STYLE = {
+    "shape": "box",
+    "style": "dashed,filled",
+    "fillcolor": "white",
+    "color": "gray30",
+}
+SOURCE_STYLE = {  # buffers and constants
+    "shape": "note",
+    "style": "filled",
+    "fillcolor": "lightyellow",
+    "color": "gray60",
+    "fontsize": "8",
+}
+READOUT_STYLE = {"shape": "diamond", "style": "filled", "fillcolor": "lavender", "color": "purple4"}
+FAILED_STYLE = {
+    "shape": "box",
+    "style": "filled",
+    "fillcolor": "mistyrose",
+    "color": "red",
+    "penwidth": "2.5",
+}
+MODULE_STYLE = {
+    "shape": "box3d",
+    "style": "filled",
+    "fillcolor": "aliceblue",
+    "color": "steelblue4",
+}
+BRANCH_EDGE = {"style": "dashed", "color": "purple3", "fontcolor": "purple3"}
+BACK_EDGE = {"color": "royalblue3", "fontcolor": "royalblue3", "constraint": "false"}
+
+# Layout tuning: clusters are what makes dot slow on big models. newrank lets it rank
+# clusters globally; the limits bound network-simplex and crossing-minimisation passes,
+# which otherwise grow super-linearly with thousands of nodes.
+GRAPH_ATTRS = {
+    "newrank": "true",
+    "fontname": "Helvetica",
+    "fontsize": "11",
+    "nodesep": "0.25",
+    "ranksep": "0.3",
+    "labelloc": "t",
+    "remincross": "false",
+}
+BIG_GRAPH_ATTRS = {"nslimit": "1", "nslimit1": "1", "mclimit": "0.3"}
+BIG_GRAPH = 3000  # estimated layout size (see _layout_cost) from which the limits apply
+
+
+def render(
+    trace: Trace,
+    path: str | Path,
+    *,
+    depth: int | None = None,
+    rolled: bool = False,
+    direction: str = "TB",
+    buffers: bool = False,
+) -> Path:
+    """Draw ``trace`` to ``path`` (``.svg``, ``.pdf``, ``.png`` or ``.dot``); return that path.
+
+    See :meth:`lurker.Trace.render` for the options. The file appears atomically: it is
+    written under a temporary name in the same folder and then renamed.
+    """
+    path = Path(path)
+    fmt = FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise LurkerError(
+            f"Cannot render to '{path.name}': unknown format '{path.suffix or '(none)'}'. "
+            f"Use one of {', '.join(FORMATS)}."
+        )
+    if direction not in DIRECTIONS:
+        raise LurkerError(f"direction must be one of {', '.join(DIRECTIONS)}, got {direction!r}.")
+    if depth is not None and depth < 0:
+        raise LurkerError(f"depth must be None or >= 0, got {depth}.")
+    dot = to_dot(trace, depth=depth, rolled=rolled, direction=direction, buffers=buffers)
+    if fmt == "dot":
+        data = dot.source.encode()
+    else:
+        if shutil.which("dot") is None:
+            raise _no_dot()
+        try:
+            data = dot.pipe(format=fmt, quiet=True)
+        except graphviz.ExecutableNotFound as e:
+            raise _no_dot() from e
+        except graphviz.CalledProcessError as e:
+            err = (e.stderr or b"").decode(errors="replace").strip()
+            raise LurkerError(f"graphviz 'dot' failed to draw {path.name}: {err}") from e
+    _write_atomic(path, data)
+    return path
+
+
+def _no_dot() -> LurkerError:
+    return LurkerError(
+        "Rendering needs the graphviz 'dot' program, which is not installed. Install it "
+        "(Debian/Ubuntu: apt-get install graphviz; macOS: brew install graphviz), or render "
+        "to a .dot file, which works without it."
+    )
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ---------------------------------------------------------------------- what to draw
+
+
+@dataclass
+class _Cluster:
+    """A module call drawn as a cluster: its own nodes and nested clusters, in order."""
+
+    name: str
+    label: str
+    nodes: list[str] = field(default_factory=list)
+    children: dict[tuple, _Cluster] = field(default_factory=dict)
+
+
+@dataclass
+class _Box:
+    """A collapsed module (one call, or all calls when rolled): what its label counts."""
+
+    path: str
+    pass_num: int | None  # None: all passes (rolled) or the module ran once
+    ops: set[str] = field(default_factory=set)  # op labels (rolled labels when rolled)
+
+
+def to_dot(
+    trace: Trace,
+    *,
+    depth: int | None = None,
+    rolled: bool = False,
+    direction: str = "TB",
+    buffers: bool = False,
+) -> graphviz.Digraph:
+    """The graphviz graph :func:`render` lays out (useful to inspect or tweak the source)."""
+    ops = trace.ops
+    root = _Cluster("", "")
+    draw: list[str | None] = [None] * len(ops)  # node index -> drawn node id
+    call: list[Any] = [None] * len(ops)  # node index -> identity of its unrolled drawn node
+    reps: dict[str, list[Op]] = {}  # drawn op node id -> the ops it stands for
+    boxes: dict[str, _Box] = {}
+    box_ids: dict[tuple[str, Any], str] = {}  # (cluster, module key) -> box id
+    order: dict[str, int] = {}  # drawn node id -> first node index (for back edges)
+    anchor: dict[str, str] = {}  # drawn node id -> the node drawn just before it
+    last: str | None = None
+
+    for op in ops:
+        if op.kind == "buffer" and not buffers:
+            continue
+        cluster = root
+        ukey: tuple = ()  # unrolled identity of the enclosing calls
+        bid: str | None = None  # the collapsed module box this op falls into
+        for path, pass_num in op.modules:
+            info = trace.modules.get(path)
+            ukey += ((path, pass_num),)
+            key = path if rolled else (path, pass_num)
+            if depth is not None and _depth(path) > depth:
+                bid = box_ids.get((cluster.name, key))
+                if bid is None:
+                    bid = box_ids[(cluster.name, key)] = f"m{len(boxes)}"
+                    many = info is not None and info.num_passes > 1
+                    boxes[bid] = _Box(path, pass_num if many and not rolled else None)
+                    cluster.nodes.append(bid)
+                    order[bid] = op.index
+                    if last is not None:
+                        anchor[bid] = last
+                break
+            child = cluster.children.get(key)
+            if child is None:
+                child = cluster.children[key] = _Cluster(
+                    f"cluster_{_uid(cluster.name, len(cluster.children))}",
+                    _cluster_label(trace, path, pass_num, rolled),
+                )
+            cluster = child
+        if bid is not None:
+            if op.kind in ("op", "generated"):
+                boxes[bid].ops.add(op.rolled if rolled else op.label)
+            draw[op.index] = last = bid
+            call[op.index] = ukey
+            continue
+        nid = f"r_{op.rolled}" if rolled else f"n{op.index}"
+        group = reps.get(nid)
+        if group is None:
+            reps[nid] = [op]
+            cluster.nodes.append(nid)
+            order[nid] = op.index
+            if last is not None:
+                anchor[nid] = last
+        else:
+            group.append(op)
+        draw[op.index] = last = nid
+        call[op.index] = op.index
+
+    g = graphviz.Digraph(name=trace.model_name or "model")
+    g.attr("graph", rankdir=direction, label=_title(trace), **GRAPH_ATTRS)
+    g.attr("node", fontname="Helvetica", fontsize="10", margin="0.08,0.04", height="0.3")
+    g.attr("edge", color="gray35", arrowsize="0.6", fontname="Helvetica", fontsize="9")
+
+    node_attrs: dict[str, dict[str, str]] = {}
+    for nid, group in reps.items():
+        node_attrs[nid] = _op_attrs(trace, group, rolled)
+    for bid, box in boxes.items():
+        node_attrs[bid] = _box_attrs(trace, box, rolled)
+    _emit(g, root, node_attrs)
+
+    # Edges: map through the drawn nodes, drop those inside one collapsed call, merge.
+    merged: dict[tuple[str, str, str, str | None], int] = {}
+    for e in graph_edges(ops):
+        s, d = draw[e.src], draw[e.dst]
+        if s is None or d is None or call[e.src] == call[e.dst]:
+            continue
+        key = (s, d, e.kind, e.label)
+        merged[key] = merged.get(key, 0) + 1
+    if _layout_cost(order, merged) >= BIG_GRAPH:
+        g.attr("graph", **BIG_GRAPH_ATTRS)
+    fed: set[str] = set()
+    for (s, d, kind, label), n in merged.items():
+        attrs: dict[str, str] = {}
+        text = label or ""
+        if rolled and n > 1:
+            text = f"{text} {TIMES}{n}".strip()
+        if kind == "branch":
+            attrs.update(BRANCH_EDGE)
+        if order[s] >= order[d]:  # a loop: drawn, but not allowed to bend the ranking
+            attrs.update(BRANCH_EDGE if kind == "branch" else BACK_EDGE)
+            attrs["constraint"] = "false"
+        else:
+            fed.add(d)
+        if text:
+            attrs["label"] = text
+        g.edge(s, d, **attrs)
+    # A node nothing flows into (zeros(), a counter on a hidden buffer) would be ranked at
+    # the very top, stretching its cluster across the whole graph: tie it invisibly to the
+    # node drawn just before it, so it sits where it ran.
+    for nid, prev in anchor.items():
+        if nid not in fed and ops[order[nid]].kind != "input":
+            g.edge(prev, nid, style="invis")
+    return g
+
+
+def _layout_cost(order: dict[str, int], merged: dict[tuple[str, str, str, str | None], int]) -> int:
+    """Roughly how many nodes dot will lay out: drawn nodes plus the virtual nodes it adds
+    along edges that skip ranks (dense skip connections multiply those)."""
+    pos = {nid: i for i, nid in enumerate(sorted(order, key=order.__getitem__))}
+    span = sum(max(0, pos[d] - pos[s] - 1) for s, d, _, _ in merged)
+    return len(order) + span
+
+
+def _uid(parent: str, n: int) -> str:
+    return f"{parent.removeprefix('cluster_')}_{n}" if parent else str(n)
+
+
+def _depth(path: str) -> int:
+    return path.count(".") + 1 if path else 0
+
+
+def _emit(g: graphviz.Digraph, cluster: _Cluster, attrs: dict[str, dict[str, str]]) -> None:
+    for nid in cluster.nodes:
+        g.node(nid, **attrs[nid])
+    for child in cluster.children.values():
+        sub = graphviz.Digraph(name=child.name)
+        sub.attr(
+            "graph",
+            label=child.label,
+            style="rounded",
+            color="gray55",
+            fontcolor="gray20",
+            fontsize="10",
+            labeljust="l",
+        )
+        _emit(sub, child, attrs)
+        g.subgraph(sub)
+
+
+# ---------------------------------------------------------------------- labels
+
+
+def _title(trace: Trace) -> str:
+    state = "" if trace.complete else f" (partial: failed at {trace.failed_op})"
+    return f"{trace.model_name}: {trace.num_ops:,} ops, {trace.num_params:,} params{state}"
+
+
+def _cluster_label(trace: Trace, path: str, pass_num: int, rolled: bool) -> str:
+    info = trace.modules.get(path)
+    kind = f" ({info.type})" if info is not None else ""
+    many = info is not None and info.num_passes > 1
+    if rolled:
+        return f"{path}{kind}" + (f" {TIMES}{info.num_passes}" if many and info else "")
+    return f"{path}:{pass_num}{kind}" if many else f"{path}{kind}"
+
+
+def shape_text(meta: TensorMeta) -> str:
+    """``1x64x32x32``, with a multiplication sign (``scalar`` for a 0-d tensor)."""
+    return TIMES.join(map(str, meta.shape)) if meta.shape else "scalar"
+
+
+def _html(lines: list[str], small: list[str] = ()) -> str:  # type: ignore[assignment]
+    head, *rest = lines
+    body = "".join(f"<br/>{escape(s, quote=False)}" for s in rest)
+    tail = "".join(f'<br/><font point-size="8">{escape(s, quote=False)}</font>' for s in small)
+    return f"<<b>{escape(head, quote=False)}</b>{body}{tail}>"
+
+
+def _params_text(op: Op) -> str:
+    n = f"{op.num_params:,} params"
+    if len(op.params) > 3:
+        return n
+    shapes = ", ".join(
+        f"{p.name.rsplit('.', 1)[-1]} {TIMES.join(map(str, p.shape)) or 'scalar'}"
+        for p in op.params
+    )
+    return f"{shapes} ({n})"
+
+
+def _value_text(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 20 else text[:17] + "..."
+
+
+def _op_attrs(trace: Trace, group: list[Op], rolled: bool) -> dict[str, str]:
+    op = group[0]
+    kind = op.kind
+    head = op.rolled if rolled else op.label
+    lines = [head]
+    small: list[str] = []
+    if kind in ("input", "output", "buffer", "constant") and op.name != op.label:
+        lines.append(op.name)
+    if kind == "readout":
+        values: list[str] = []
+        for o in group:
+            v = _value_text(o.value)
+            if v not in values:
+                values.append(v)
+        shown = " / ".join(values[:3]) + (" / ..." if len(values) > 3 else "")
+        lines.append(f"{op.name} → {shown}")
+    elif op.outputs:
+        lines.append(", ".join(shape_text(m) for m in op.outputs[:3]))
+    if kind == "failed":
+        lines.append("raised an error")
+    if op.params:
+        small.append(_params_text(op))
+    if rolled and len(group) > 1:
+        small.append(f"{TIMES}{len(group)} passes")
+    style = {
+        "input": INPUT_STYLE,
+        "output": OUTPUT_STYLE,
+        "generated": GENERATED_STYLE,
+        "buffer": SOURCE_STYLE,
+        "constant": SOURCE_STYLE,
+        "readout": READOUT_STYLE,
+        "failed": FAILED_STYLE,
+    }.get(kind, PARAM_OP_STYLE if op.params else PLAIN_OP_STYLE)
+    attrs = dict(style)
+    attrs["label"] = _html(lines, small)
+    attrs["tooltip"] = _tooltip(op, group)
+    return attrs
+
+
+def _tooltip(op: Op, group: list[Op]) -> str:
+    parts = [f"{op.rolled if len(group) > 1 else op.label} ({op.name}, {op.kind})"]
+    parts.append(f"module: {op.module or '(model)'}")
+    if op.source:
+        parts.append(f"source: {op.source}")
+    flops = sum(o.flops or 0 for o in group)
+    if any(o.flops is not None for o in group):
+        parts.append(f"FLOPs: {flops:,}")
+    if len(group) > 1:
+        parts.append(f"passes: {len(group)}")
+    return "\n".join(parts)
+
+
+def _box_attrs(trace: Trace, box: _Box, rolled: bool) -> dict[str, str]:
+    info = trace.modules.get(box.path)
+    kind = info.type if info is not None else "?"
+    name = box.path if box.pass_num is None else f"{box.path}:{box.pass_num}"
+    n_ops = len(box.ops)
+    lines = [name, f"({kind})", f"{n_ops} op{'s' if n_ops != 1 else ''}"]
+    if info is not None and info.num_params:
+        lines[-1] += f" · {info.num_params:,} params"
+    small: list[str] = []
+    if info is not None:
+        outs = info.outputs.get(box.pass_num or 1, [])
+        shapes = [shape_text(trace.ops[i].outputs[0]) for i in outs if trace.ops[i].outputs]
+        if shapes:
+            small.append(", ".join(shapes[:3]))
+        if rolled and info.num_passes > 1:
+            small.append(f"{TIMES}{info.num_passes} passes")
+    attrs = dict(MODULE_STYLE)
+    attrs["label"] = _html(lines, small)
+    attrs["tooltip"] = f"module {name} ({kind}), collapsed: {n_ops} ops"
+    return attrs

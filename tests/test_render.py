@@ -1,0 +1,297 @@
+"""Drawing traces with graphviz (lurker.render.graphviz) and the text summary."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import lurker
+from lurker.errors import LurkerError
+from lurker.graph import edges as edges_mod
+from lurker.render import graphviz as gv
+from models_zoo import Branchy, Fails, Generates, RNNLoop, Small, Twice
+
+X = gv.TIMES  # the multiplication sign in shapes and counts
+MAGIC = {".svg": b"<svg", ".png": b"\x89PNG", ".pdf": b"%PDF", ".dot": b"digraph"}
+
+
+@pytest.fixture(scope="module")
+def resnet() -> tuple[nn.Module, lurker.Trace]:
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18()  # random init, train mode: has buffer ops too
+    return model, lurker.trace(model, torch.randn(1, 3, 64, 64))
+
+
+def _nodes(src: str) -> dict[str, str]:
+    """Node id -> its attribute text, from a .dot source (edges and clusters excluded)."""
+    out: dict[str, str] = {}
+    for m in re.finditer(r"^\t+(\w+) \[(.*?)\]$", src, re.M | re.S):
+        if m.group(1) not in ("graph", "node", "edge"):
+            out[m.group(1)] = m.group(2)
+    return out
+
+
+def _edges(src: str) -> list[str]:
+    return re.findall(r"^\t+\w+ -> \w+.*$", src, re.M)
+
+
+def _bold(op_label: str) -> str:
+    return f"<b>{op_label}</b>"
+
+
+# ---------------------------------------------------------------------- formats, depth
+
+
+@pytest.mark.parametrize("suffix", [".svg", ".png", ".pdf", ".dot"])
+@pytest.mark.parametrize("depth", [None, 1])
+def test_resnet_formats(resnet, tmp_path: Path, suffix: str, depth: int | None) -> None:
+    _, tr = resnet
+    out = tr.render(tmp_path / f"g{suffix}", depth=depth)
+    assert out == tmp_path / f"g{suffix}"
+    data = out.read_bytes()
+    assert MAGIC[suffix] in data[:512]
+    assert len(data) > 2000
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]  # no temp file left behind
+
+
+def test_depth_collapses_modules(resnet, tmp_path: Path) -> None:
+    _, tr = resnet
+    src = tr.render(tmp_path / "d1.dot", depth=1).read_text()
+    nodes = _nodes(src)
+    boxes = {k: v for k, v in nodes.items() if "shape=box3d" in v}
+    # layer1..layer4 each hold two BasicBlocks (depth 2): eight collapsed boxes
+    assert len(boxes) == 8
+    n_ops = sum(tr.ops[i].kind in ("op", "generated") for i in tr.modules["layer2.0"].ops)
+    assert any("<b>layer2.0</b>" in v and f"{n_ops} ops" in v for v in boxes.values())
+    params = tr.modules["layer2.0"].num_params
+    assert any(f"{params:,} params" in v for v in boxes.values())
+
+    svg = tr.render(tmp_path / "d1.svg", depth=1).read_text()
+    for path, info in tr.modules.items():
+        if info.depth == 1:
+            assert f"{path} ({info.type})" in svg  # cluster title
+    for op in tr.ops:
+        depths = [p.count(".") + 1 for p, _ in op.modules]
+        text = f">{op.label}<"
+        if depths and max(depths) >= 2:
+            assert text not in svg, op.label
+        elif op.kind in ("op", "input", "output"):
+            assert text in svg, op.label
+    # edges into/out of a box are merged: at most one edge per drawn pair
+    pairs = [re.match(r"\t+(\w+ -> \w+)", e).group(1) for e in _edges(src)]  # type: ignore[union-attr]
+    assert len(pairs) == len(set(pairs))
+
+
+def test_depth_zero_and_full(resnet) -> None:
+    _, tr = resnet
+    top = _nodes(gv.to_dot(tr, depth=0).source)
+    assert "subgraph" not in gv.to_dot(tr, depth=0).source
+    assert sum("box3d" in v for v in top.values()) == 10  # every child of ResNet
+    full = gv.to_dot(tr).source
+    assert "box3d" not in full
+    assert "subgraph cluster_" in full
+    assert "layer1.0.relu:2 (ReLU)" in full  # a module called twice: one cluster per pass
+
+
+# ---------------------------------------------------------------------- styles
+
+
+def test_inputs_green_outputs_red_params_grey() -> None:
+    tr = lurker.trace(Small(), torch.randn(2, 4))
+    nodes = _nodes(gv.to_dot(tr).source)
+    assert "fillcolor=palegreen" in nodes["n0"] and "shape=ellipse" in nodes["n0"]
+    out = tr.outputs[0].index
+    assert "fillcolor=lightcoral" in nodes[f"n{out}"] and "shape=ellipse" in nodes[f"n{out}"]
+    assert "fillcolor=gray85" in nodes["n1"]  # linear: has parameters
+    assert f"weight 3{X}4" in nodes["n1"] and "15 params" in nodes["n1"]
+    assert "fillcolor=white" in nodes["n2"]  # relu: none
+    assert f"2{X}3" in nodes["n2"]
+    assert "source: " in nodes["n1"] and "module: fc" in nodes["n1"]  # tooltip
+    assert "FLOPs: 48" in nodes["n1"]
+
+
+def test_generated_dashed() -> None:
+    tr = lurker.trace(Generates(), torch.randn(2, 4))
+    nodes = _nodes(gv.to_dot(tr).source)
+    generated = [op for op in tr.ops if op.kind == "generated"]
+    assert len(generated) >= 3
+    for op in generated:
+        assert 'style="dashed,filled"' in nodes[f"n{op.index}"], op.label
+    for op in tr.ops:
+        if op.kind == "op":
+            assert "dashed" not in nodes[f"n{op.index}"]
+
+
+def test_buffers_only_on_request(resnet) -> None:
+    _, tr = resnet
+    buffers = [op for op in tr.ops if op.kind == "buffer"]
+    assert buffers
+    hidden = gv.to_dot(tr).source
+    shown = gv.to_dot(tr, buffers=True).source
+    b = f"n{buffers[0].index}"
+    assert f"\t{b} [" not in hidden and f"{b} ->" not in hidden
+    assert "shape=note" in _nodes(shown)[b]
+    assert f"{b} ->" in shown
+
+
+def test_failed_op_red(tmp_path: Path) -> None:
+    with pytest.raises(lurker.TraceError) as ei:
+        lurker.trace(Fails(), torch.randn(2, 4))
+    partial = ei.value.partial
+    failed = partial[partial.failed_op]
+    attrs = _nodes(gv.to_dot(partial).source)[f"n{failed.index}"]
+    assert "color=red" in attrs and "penwidth" in attrs
+    assert partial.render(tmp_path / "partial.svg").stat().st_size > 500
+
+
+# ---------------------------------------------------------------------- loops, branches
+
+
+def test_rolled_vs_unrolled(tmp_path: Path) -> None:
+    tr = lurker.trace(RNNLoop(), torch.randn(4, 2, 3))
+    unrolled = gv.to_dot(tr).source
+    rolled = gv.to_dot(tr, rolled=True).source
+    n_un, n_ro = _nodes(unrolled), _nodes(rolled)
+    assert len(n_ro) < len(n_un)
+    cells = tr.passes("rnn_tanh_cell_1")
+    assert len(cells) == 4
+    for op in cells:  # one node per pass when unrolled
+        assert _bold(op.label) in n_un[f"n{op.index}"]
+    assert sum(_bold("rnn_tanh_cell_1") in v for v in n_ro.values()) == 1
+    assert f"{X}4 passes" in rolled
+    assert f'label="{X}4"' in rolled  # repeated edges merged
+    # the recurrence h -> cell is a back edge (self-loop) that does not bend the ranking
+    loop = [e for e in _edges(rolled) if "r_rnn_tanh_cell_1 -> r_rnn_tanh_cell_1" in e]
+    assert len(loop) == 1 and "constraint=false" in loop[0] and f"{X}3" in loop[0]
+    assert f"cell (RNNCell) {X}4" in rolled
+    assert "cell:3 (RNNCell)" in unrolled
+    assert tr.render(tmp_path / "rolled.svg", rolled=True).stat().st_size > 500
+
+
+def test_rolled_collapsed_module() -> None:
+    tr = lurker.trace(Twice(), torch.randn(2, 4))
+    src = gv.to_dot(tr, depth=0).source
+    boxes = [v for v in _nodes(src).values() if "box3d" in v]
+    assert sum("<b>block:1</b>" in v or "<b>block:2</b>" in v for v in boxes) == 2
+    rolled = gv.to_dot(tr, depth=0, rolled=True).source
+    boxes = [v for v in _nodes(rolled).values() if "box3d" in v]
+    assert sum("<b>block</b>" in v and f"{X}2 passes" in v for v in boxes) == 1
+    assert re.search(r"(\w+) -> \1 .*constraint=false", rolled)  # block feeds itself
+
+
+@pytest.mark.parametrize(("sign", "label"), [(1.0, "THEN"), (-1.0, "ELSE")])
+def test_branch_edge(sign: float, label: str) -> None:
+    tr = lurker.trace(Branchy(), sign * torch.ones(2, 4))
+    src = gv.to_dot(tr).source
+    readout = tr.branches[0]
+    assert "shape=diamond" in _nodes(src)[f"n{readout.index}"]
+    assert f"bool → {sign > 0}" in src
+    branch = [e for e in _edges(src) if e.strip().startswith(f"n{readout.index} ->")]
+    assert len(branch) == 1
+    assert f"label={label}" in branch[0] and "dashed" in branch[0]
+    nxt = next(op for op in tr.ops[readout.index + 1 :] if op.kind == "op")
+    assert f"-> n{nxt.index}" in branch[0]
+
+
+def test_branch_labels_for_values() -> None:
+    assert edges_mod.branch_label(True) == "THEN"
+    assert edges_mod.branch_label(False) == "ELSE"
+    assert edges_mod.branch_label(3) == "= 3"
+    assert edges_mod.branch_label(0.5) == "= 0.5"
+
+
+def test_render_uses_shared_edges() -> None:
+    assert gv.graph_edges is edges_mod.edges
+
+
+# ---------------------------------------------------------------------- errors
+
+
+def test_bad_suffix(tmp_path: Path) -> None:
+    tr = lurker.trace(Small(), torch.randn(2, 4))
+    with pytest.raises(LurkerError, match=r"\.svg.*\.pdf.*\.png.*\.dot"):
+        tr.render(tmp_path / "g.jpeg")
+    with pytest.raises(LurkerError, match="direction"):
+        tr.render(tmp_path / "g.svg", direction="UP")
+    assert not list(tmp_path.iterdir())
+
+
+def test_missing_dot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tr = lurker.trace(Small(), torch.randn(2, 4))
+    monkeypatch.setattr(gv.shutil, "which", lambda name: None)
+    with pytest.raises(LurkerError, match="apt-get install graphviz") as ei:
+        tr.render(tmp_path / "g.svg")
+    assert "brew install graphviz" in str(ei.value) and ".dot" in str(ei.value)
+    assert tr.render(tmp_path / "g.dot").read_text().startswith("digraph")
+
+
+# ---------------------------------------------------------------------- a big model
+
+
+class _Block(nn.Sequential):
+    def __init__(self) -> None:
+        super().__init__(nn.Linear(8, 8), nn.ReLU())
+
+
+def big_model(groups: int = 10, stages: int = 5, blocks: int = 20) -> nn.Module:
+    """groups x stages x blocks x (Linear, ReLU): 2,000 ops in four levels of nesting."""
+    return nn.Sequential(
+        *[
+            nn.Sequential(
+                *[nn.Sequential(*[_Block() for _ in range(blocks)]) for _ in range(stages)]
+            )
+            for _ in range(groups)
+        ]
+    )
+
+
+def test_big_model_renders(tmp_path: Path) -> None:
+    tr = lurker.trace(big_model(), torch.randn(2, 8), save="none")
+    assert tr.num_ops == 2000
+    t0 = time.perf_counter()
+    out = tr.render(tmp_path / "big.svg")
+    dt = time.perf_counter() - t0
+    print(f"\n2,000-op model rendered to SVG in {dt:.2f} s")
+    assert out.stat().st_size > 100_000
+    assert out.read_text().rstrip().endswith("</svg>")
+
+
+# ---------------------------------------------------------------------- summary
+
+
+def test_summary_resnet(resnet) -> None:
+    model, tr = resnet
+    text = tr.summary()
+    n_params = sum(p.numel() for p in model.parameters())
+    assert f"Params:      {n_params:,}" in text
+    assert f"Ops:         {tr.num_ops}" in text
+    assert "Recurrent:   no" in text and "Branching:   no" in text
+    assert "├─conv1 (Conv2d)" in text and "[1, 64, 32, 32]" in text
+    assert "layer1.0.relu:2 (ReLU)" in text  # a module called twice: a row per pass
+    assert "└─fc (Linear)" in text
+    rows = [ln for ln in text.splitlines() if "─" in ln]
+    assert len(rows) == sum(max(info.num_passes, 0) for p, info in tr.modules.items() if p)
+    # the conv1 row: its params and FLOPs
+    conv1 = next(ln for ln in rows if "conv1 (Conv2d)" in ln)
+    assert "9,408" in conv1 and "19.27M" in conv1
+    assert text == tr.summary()  # deterministic
+
+    top = tr.summary(depth=1)
+    assert "layer1 (Sequential)" in top and "layer1.0" not in top
+    assert f"{n_params:,}" in top
+
+
+def test_summary_loop_and_partial() -> None:
+    tr = lurker.trace(RNNLoop(), torch.randn(4, 2, 3))
+    text = tr.summary()
+    assert "cell:4 (RNNCell)" in text and "(reused)" in text
+    assert "Recurrent:   yes" in text
+    with pytest.raises(lurker.TraceError) as ei:
+        lurker.trace(Fails(), torch.randn(2, 4))
+    assert "partial: failed at" in ei.value.partial.summary()
