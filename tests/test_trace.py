@@ -424,3 +424,71 @@ def test_tolist_is_a_readout():
     (rd,) = tr.branches
     assert rd.name == "tolist" and rd.value == 3.0
     assert tr.run(torch.ones(3))["output_1"].sum() == 6
+
+
+ZOO = {
+    "small": (Small, lambda: (torch.randn(2, 4),)),
+    "branchy": (Branchy, lambda: (torch.ones(1, 4),)),
+    "rnn_loop": (RNNLoop, lambda: (torch.randn(4, 2, 3),)),
+    "lstm": (LSTMNet, lambda: (torch.randn(2, 7, 6),)),
+    "generates": (Generates, lambda: (torch.randn(2, 5),)),
+    "inplace": (InPlace, lambda: (torch.randn(3, 4),)),
+    "twice": (Twice, lambda: (torch.randn(2, 4),)),
+    "structured": (
+        Structured,
+        lambda: ((torch.randn(2, 4), torch.randn(2, 4)), {"z": torch.randn(2, 4)}),
+    ),
+    "transformer": (
+        lambda: nn.TransformerEncoder(
+            nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), 2, enable_nested_tensor=False
+        ),
+        lambda: (torch.randn(1, 5, 16),),
+    ),
+    "googlenet": (
+        lambda: torchvision.models.googlenet(weights=None, aux_logits=True, init_weights=True),
+        lambda: (torch.randn(1, 3, 64, 64),),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_every_model_renders(name, tmp_path):
+    make, inputs = ZOO[name]
+    torch.manual_seed(0)
+    model = make().eval()
+    kwargs = {"scale": torch.tensor(2.0)} if name == "structured" else {}
+    tr = lurker.trace(model, *inputs(), **kwargs)
+    for rolled in (False, True):
+        path = tr.render(tmp_path / f"{name}-{rolled}.svg", rolled=rolled)
+        text = path.read_text()
+        op = tr.ops[1]
+        assert "<svg" in text and (op.rolled if rolled else op.label) in text
+
+
+def test_iterating_a_tensor_is_recorded():
+    class Rows(nn.Module):
+        def forward(self, x):
+            return torch.stack([r * i for i, r in enumerate(x)])
+
+    x = torch.randn(3, 2)
+    tr = lurker.trace(Rows(), x)
+    names = [op.name for op in tr.layers]
+    assert names[0] == "unbind" and names.count("mul") == 3 and names[-1] == "stack"
+    assert not [op for op in tr if op.kind == "constant"]  # rows come from the unbind
+    tr.validate()
+    torch.testing.assert_close(tr.run(x)["output_1"], Rows()(x))
+
+
+def test_shape_queries_are_not_ops_and_readouts_are():
+    class Q(nn.Module):
+        def forward(self, x):
+            n = x.shape[0] + x.dim() + x.size(1)
+            if torch.equal(x, x):
+                return x * n
+            return x
+
+    tr = lurker.trace(Q(), torch.ones(2, 3))
+    assert [op.name for op in tr.layers] == ["mul"]
+    assert [op.name for op in tr.branches] == ["equal"]
+    tr2 = lurker.trace(Q(), torch.ones(2, 3))  # second trace: queries skipped, same graph
+    assert [op.label for op in tr2] == [op.label for op in tr]

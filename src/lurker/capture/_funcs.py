@@ -57,7 +57,14 @@ DECOMPOSE: dict[Any, Any] = {
 }
 
 # Conversions of tensor data to Python values: the model's control flow may depend on them.
-READOUTS = {"__bool__", "item", "__int__", "__float__", "__index__", "tolist", "__len__"}
+READOUTS = {
+    "__bool__", "item", "__int__", "__float__", "__index__", "tolist", "__contains__",
+    "equal", "allclose", "is_nonzero",
+}  # fmt: skip
+
+# Callables seen returning plain Python values (shapes, dtypes, flags): no tensor in, no
+# tensor out, so later calls skip all bookkeeping. Learned at run time, shared by traces.
+PASSTHROUGH: set[Any] = set()
 
 
 @dataclass(frozen=True, slots=True)

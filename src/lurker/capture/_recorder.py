@@ -37,14 +37,39 @@ from ._tree import tensors
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 _LURKER_DIR = os.path.dirname(os.path.dirname(__file__)) + os.sep
 _CALL_IMPL = nn.Module._call_impl.__code__
-_internal_cache: dict[str, bool] = {}
+_TENSOR_ITER = Tensor.__iter__
+_USER, _TORCH_MODEL, _PLUMBING = 0, 1, 2
+# torch files that only dispatch calls: never shown as an op's source
+_PLUMBING_FILES = tuple(
+    os.path.join(_TORCH_DIR, f)
+    for f in (
+        "overrides.py",
+        "_tensor.py",
+        "functional.py",
+        "nn/functional.py",
+        "nn/modules/module.py",
+    )
+)
+_kind_cache: dict[str, int] = {}
+# (module paths, call frames) -> source line; call sites are few, so this is shared
+_SOURCES: dict[tuple, str | None] = {}
 
 
-def _is_internal(filename: str) -> bool:
-    r = _internal_cache.get(filename)
+def _kind_of(filename: str) -> int:
+    """Is a frame's file the user's code, torch's model code (nn.Module forwards), or plumbing?"""
+    r = _kind_cache.get(filename)
     if r is None:
-        r = filename.startswith((_TORCH_DIR, _LURKER_DIR)) or filename.startswith("<")
-        _internal_cache[filename] = r
+        if (
+            filename.startswith(_LURKER_DIR)
+            or filename.startswith("<")
+            or filename in _PLUMBING_FILES
+        ):
+            r = _PLUMBING
+        elif filename.startswith(_TORCH_DIR):
+            r = _TORCH_MODEL if "/nn/modules/" in filename else _PLUMBING
+        else:
+            r = _USER
+        _kind_cache[filename] = r
     return r
 
 
@@ -89,6 +114,7 @@ class Recorder(TorchFunctionMode):
         self.param_modules: set[str] = set()  # modules whose subtree holds parameters
         self.hooks: list[Any] = []
         self.active = False
+        self.fast_save = save.everything and transform is None and device is None and not grads
 
     # ------------------------------------------------------------------ module hooks
     def attach(self) -> None:
@@ -265,10 +291,14 @@ class Recorder(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if kwargs is None:
             kwargs = {}
+        if func in _funcs.PASSTHROUGH:  # x.shape, x.dim(), x.size(1): nothing to record
+            return func(*args, **kwargs)
         inner = _funcs.DECOMPOSE.get(func)
         if inner is not None:
             with self:
                 return inner(*args, **kwargs)
+        if func is _TENSOR_ITER:  # `for row in x`: record the unbind that yields the rows
+            return iter(self.__torch_function__(Tensor.unbind, types, (args[0],), {}))
         info = _funcs.func_info(func)
         ins: list[Tensor] = []
         for a in args:  # flat fast path; nested containers take the recursive walk
@@ -315,6 +345,8 @@ class Recorder(TorchFunctionMode):
         changed = [t for t, v in zip(ins, versions) if t._version != v]
         if not outs:
             if not changed:
+                if out is not None and not isinstance(out, (tuple, list, dict)):
+                    _funcs.PASSTHROUGH.add(func)  # a query: skip it from now on
                 return out
             outs = changed[:1]  # x[i] = v and friends: the op "produces" the mutated tensor
             inplace = True
@@ -364,8 +396,14 @@ class Recorder(TorchFunctionMode):
         if kind is None:
             kind = "op" if parents or params else "generated"
         stack = self.stack
-        source, frames = self._where(stack)
-        key = (info.name, stack and tuple(p for p, _ in stack), frames, *[p.name for p in params])
+        paths = stack and tuple(p for p, _ in stack)
+        frames = self._frames(stack)
+        source = _SOURCES.get((paths, frames))
+        if source is None:
+            source = _SOURCES[(paths, frames)] = self._source(len(stack))
+            if len(_SOURCES) > 200_000:  # a bound, not a policy: code locations are few
+                _SOURCES.clear()
+        key = (info.name, paths, frames, *[p.name for p in params])
         entry = self.keys.get(key)
         if entry is None:
             n = self.name_counts.get(info.name, 0) + 1
@@ -385,8 +423,9 @@ class Recorder(TorchFunctionMode):
         node._inputs = inputs
         node._key = key
         self.seq += 1
+        new_meta = tuple.__new__  # TensorMeta is a NamedTuple: skip its Python __new__
         node.outputs = [
-            TensorMeta(tuple(o.shape), o.dtype, o.device, o.requires_grad) for o in outs
+            new_meta(TensorMeta, (tuple(o.shape), o.dtype, o.device, o.requires_grad)) for o in outs
         ]
         self.nodes.append(node)
         nodes = self.nodes
@@ -396,7 +435,12 @@ class Recorder(TorchFunctionMode):
         for k, o in enumerate(outs):
             producers[id(o)] = (weakref.ref(o), idx, k, o._version)
         if outs:
-            self._maybe_save(node, outs)
+            if self.fast_save and len(outs) == 1:  # the default: keep every output as is
+                o = outs[0]
+                node.activation = o.detach() if o.requires_grad else o
+                self.aliases.setdefault(o.untyped_storage().data_ptr(), []).append(idx)
+            else:
+                self._maybe_save(node, outs)
         if node.activation is not None or self.save.everything:
             node._skel_args = args  # raw call arguments: validation swaps in saved tensors
             node._skel_kwargs = kwargs
@@ -408,37 +452,54 @@ class Recorder(TorchFunctionMode):
             node.kind = "failed"
             self.failed = node
 
-    def _where(self, stack: tuple[tuple[str, int], ...]) -> tuple[str | None, tuple]:
-        """Source line of the call, and the call frames that identify it within its layer.
+    def _frames(self, stack: tuple[tuple[str, int], ...]) -> tuple:
+        """The call frames that identify an op within its layer.
 
-        The frames are taken up to the call of the innermost enclosing module that holds
+        They are taken up to the call of the innermost enclosing module that holds
         parameters: ops repeated at the same place inside such a module (or in a loop of
         the model's forward) are passes of one layer; a parameter-free module reused at
-        different places (ResNet's shared ReLU) is not a loop.
+        different places (ResNet's shared ReLU) is not a loop. Each frame is (code id,
+        bytecode offset): a loop repeats one call instruction, while two calls on one line
+        are two instructions; ids hash fast.
         """
         climb = 0  # module calls to climb: up to the innermost one with parameters
         for path, _ in reversed(stack):
             if path in self.param_modules:
                 break
             climb += 1
-        f = sys._getframe(1)
-        while f is not None and f.f_code.co_filename.startswith(_LURKER_DIR):
-            f = f.f_back
+        f = sys._getframe(2)  # the caller of __torch_function__'s caller
         frames = []
-        source = None
         crossed = 0
         while f is not None:
             code = f.f_code
             if code is _CALL_IMPL:
                 crossed += 1
-            else:
-                if crossed <= climb:
-                    # (code id, bytecode offset): a loop repeats the same call instruction,
-                    # two calls on one line are two instructions; ids hash fast
-                    frames.append((id(code), f.f_lasti))
-                if source is None and not _is_internal(code.co_filename):
-                    source = f"{code.co_filename}:{f.f_lineno}"
-            if crossed > climb and source is not None:
-                break
+                if crossed > climb:
+                    break
+            elif not code.co_filename.startswith(_LURKER_DIR):
+                frames.append((id(code), f.f_lasti))
             f = f.f_back
-        return source, tuple(frames)
+        return tuple(frames)
+
+    def _source(self, depth: int) -> str | None:
+        """``file:line`` of the model code that made the call: the innermost frame of user
+        code (or else of torch's own module code) within the model's call. Cached by the
+        caller per call site, so this walk happens once per place in the code.
+        """
+        f = sys._getframe(2)
+        fallback = None
+        crossed = 0
+        while f is not None:
+            code = f.f_code
+            if code is _CALL_IMPL:
+                crossed += 1
+                if crossed > depth:  # the model's own call: never look above it
+                    break
+            else:
+                where = _kind_of(code.co_filename)
+                if where == _USER:
+                    return f"{code.co_filename}:{f.f_lineno}"
+                if where == _TORCH_MODEL and fallback is None:
+                    fallback = f"{code.co_filename}:{f.f_lineno}"
+            f = f.f_back
+        return fallback

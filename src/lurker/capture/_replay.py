@@ -41,10 +41,14 @@ class Replayer(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if kwargs is None:
             kwargs = {}
+        if func in _funcs.PASSTHROUGH:
+            return func(*args, **kwargs)
         inner = _funcs.DECOMPOSE.get(func)
         if inner is not None:
             with self:
                 return inner(*args, **kwargs)
+        if func is Tensor.__iter__:  # mirror the recorder: rows come from a recorded unbind
+            return iter(self.__torch_function__(Tensor.unbind, types, (args[0],), {}))
         ins: list[Tensor] = []  # mirror the recorder exactly, so the op counts agree
         for a in args:
             if isinstance(a, Tensor):
