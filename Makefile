@@ -29,6 +29,7 @@ test: $(VENV)/.installed sysdeps lint
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/trace_overhead.py
+	$(PY) benchmarks/probe_throughput.py
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache

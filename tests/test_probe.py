@@ -364,3 +364,20 @@ def test_torchrun_cli_equals_single_process(tmp_path: Path):
     _runs_equal(
         lurker.store.Run.open(tmp_path / "dist"), lurker.store.Run.open(tmp_path / "single")
     )
+
+
+def test_top_level_api(tmp_path: Path):
+    run = lurker.probe(
+        _model(),
+        digits(16, split="test"),
+        out=tmp_path / "r",
+        layers="features.0",
+        k=2,
+        progress=False,
+    )
+    assert isinstance(run, lurker.Run)
+    again = lurker.Run.open(tmp_path / "r")
+    assert (
+        again.unit("features.0", 1).top("max")[0].sample_id
+        == run.unit("features.0", 1).top("max")[0].sample_id
+    )
