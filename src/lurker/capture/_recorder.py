@@ -114,6 +114,8 @@ class Recorder(TorchFunctionMode):
         self.param_modules: set[str] = set()  # modules whose subtree holds parameters
         self.hooks: list[Any] = []
         self.active = False
+        self._stack_seen: Any = None
+        self._paths: tuple[str, ...] = ()
         self.fast_save = save.everything and transform is None and device is None and not grads
 
     # ------------------------------------------------------------------ module hooks
@@ -396,21 +398,30 @@ class Recorder(TorchFunctionMode):
         if kind is None:
             kind = "op" if parents or params else "generated"
         stack = self.stack
-        paths = stack and tuple(p for p, _ in stack)
+        if stack is not self._stack_seen:  # module paths without passes, per stack change
+            self._stack_seen = stack
+            self._paths = tuple(p for p, _ in stack)
+        paths = self._paths
         frames = self._frames(stack)
-        source = _SOURCES.get((paths, frames))
-        if source is None:
-            source = _SOURCES[(paths, frames)] = self._source(len(stack))
-            if len(_SOURCES) > 200_000:  # a bound, not a policy: code locations are few
-                _SOURCES.clear()
-        key = (info.name, paths, frames, *[p.name for p in params])
+        key = (
+            (info.name, paths, frames, *[p.name for p in params])
+            if params
+            else (info.name, paths, frames)
+        )
         entry = self.keys.get(key)
-        if entry is None:
+        if entry is None:  # first time at this place: number the layer, find its source
             n = self.name_counts.get(info.name, 0) + 1
             self.name_counts[info.name] = n
-            entry = self.keys[key] = [n, 0]
+            where = (paths, frames)
+            source = _SOURCES.get(where)
+            if source is None:
+                source = _SOURCES[where] = self._source(len(stack))
+                if len(_SOURCES) > 200_000:  # a bound, not a policy: call sites are few
+                    _SOURCES.clear()
+            entry = self.keys[key] = [n, 0, f"{info.name}_{n}", source]
         entry[1] += 1
-        label = f"{info.name}_{entry[0]}"
+        label = entry[2]
+        source = entry[3]
         node = Op(idx, kind, info.name, label, label, entry[1], 1, stack)
         node.parents = parents
         node.params = params
