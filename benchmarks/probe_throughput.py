@@ -78,18 +78,26 @@ def main() -> None:
         f"torch {torch.__version__}, device {a.device}, threads {torch.get_num_threads()}, "
         f"{a.images} images {a.size}x{a.size}, batch {a.batch_size}, k=9, all conv layers"
     )
-    print(f"{'model':10s} {'plain img/s':>12s} {'probe img/s':>12s} {'ratio':>6s}")
+    print(
+        f"{'model':10s} {'plain img/s':>12s} {'probe img/s':>12s} {'ratio':>6s}"
+        f" {'sweep img/s':>12s} {'ratio':>6s}"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         for name in a.models.split(","):
             model = torchvision.models.get_model(name, weights=None).eval().to(a.device)
             plain_pass(model, ds, a.batch_size, a.device)  # warm-up (allocator, cudnn)
             probe_pass(model, ds, a.batch_size, a.device, f"{tmp}/{name}")
-            plain, probed = [], []
+            plain, probed, swept = [], [], []
             for _ in range(a.repeats):
                 plain.append(plain_pass(model, ds, a.batch_size, a.device))
-                probed.append(probe_pass(model, ds, a.batch_size, a.device, f"{tmp}/{name}"))
-            p, q = statistics.median(plain), statistics.median(probed)
-            print(f"{name:10s} {a.images / p:12.1f} {a.images / q:12.1f} {p / q:5.2f}x")
+                total, sweep = probe_pass(model, ds, a.batch_size, a.device, f"{tmp}/{name}")
+                probed.append(total)
+                swept.append(sweep)
+            p, q, w = (statistics.median(x) for x in (plain, probed, swept))
+            n = a.images
+            print(
+                f"{name:10s} {n / p:12.1f} {n / q:12.1f} {p / q:5.2f}x {n / w:12.1f} {p / w:5.2f}x"
+            )
 
 
 if __name__ == "__main__":

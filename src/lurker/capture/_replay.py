@@ -90,6 +90,16 @@ class Replayer(TorchFunctionMode):
             )
         return seq
 
+    def run(self, model: Any, args: tuple, kwargs: dict, on_output: OnOutput | None = None) -> Any:
+        """One forward of ``model`` under this mode (reusable: a sweep makes one Replayer)."""
+        if on_output is not None:
+            self.on_output = on_output
+        self.seq = 0
+        with self:
+            output = model(*args, **kwargs)
+        self.finish()
+        return output
+
     def finish(self) -> None:
         if self.seq != len(self.funcs):
             raise GraphChangedError(
@@ -105,11 +115,7 @@ def run_with(
     """Run the traced model on new inputs, calling ``on_output`` for the wanted ops."""
     if trace.model is None or not trace.complete:
         raise GraphChangedError("Only a complete trace can be re-run on new inputs.")
-    rep = Replayer(trace, want, on_output)
-    with rep:
-        output = trace.model(*args, **kwargs)
-    rep.finish()
-    return output
+    return Replayer(trace, want, on_output).run(trace.model, args, kwargs)
 
 
 def chosen_ops(trace: Trace, save: Any) -> list[Op]:

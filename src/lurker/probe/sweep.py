@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ..capture import Trace, trace
-from ..capture._replay import run_with
+from ..capture._replay import Replayer, run_with
 from ..errors import LurkerError
 from ..graph.nodes import Op
 from ..store import LayerResult, Run, RunWriter, atomic_write_bytes
@@ -292,6 +292,7 @@ def probe(
         atomic_write_bytes(ckpt, buf.getvalue())
 
     n_batches = 0
+    replayer = Replayer(tr, by_index.keys(), lambda i, v: None)
     t_start = time.perf_counter()
     seen = 0
     with _progress(len(indices), progress and rank == 0) as bar, torch.no_grad():
@@ -311,7 +312,7 @@ def probe(
                         s.set_hist_range_from(a)
                     s.update(a, ids, labels)
 
-                run_with(tr, (images,), {}, by_index.keys(), update)
+                replayer.run(model, (images,), {}, update)
             step = min(batch_size, len(todo) - n_batches * batch_size)
             done += step
             seen += step
@@ -320,6 +321,9 @@ def probe(
             bar.update(task, completed=done, rate=f"{rate:,.0f}")
             if n_batches % checkpoint_every == 0:
                 save_checkpoint()
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    sweep_s = time.perf_counter() - t_start
     skipped = _merge_skipped(skipped, ds.skipped)
     if world > 1:
         for i in sorted(stats):
@@ -358,6 +362,15 @@ def probe(
                 hist_edges=r["hist_edges"],
             )
         )
+    writer.meta_set(
+        "sweep",
+        {
+            "seconds": sweep_s,
+            "images": seen,
+            "images_per_s": seen / max(sweep_s, 1e-9),
+            "world": world,
+        },
+    )
     writer.set_classes(classes)
     writer.add_samples(
         (i, path, all_labels[i] if all_labels[i] >= 0 else None, src)
