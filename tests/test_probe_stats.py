@@ -324,6 +324,11 @@ def _dist_worker(rank, world, init_file, out_dir):
     stats.set_hist_range_from(a[: DIST_SIZES[rank][0]])
     feed(stats, a, i, lab, sizes=DIST_SIZES[rank]).all_reduce()
     out["agreed"] = stats.result()
+    # The same with a buffer smaller than most batches: all_reduce folds in what is buffered.
+    stats = UnitStats(4, 6, 4, device="cpu", hist_bins=10, buffer_samples=6)
+    stats.set_hist_range_from(a[: DIST_SIZES[rank][0]])
+    feed(stats, a, i, lab, sizes=DIST_SIZES[rank]).all_reduce()
+    out["agreed_small_buffer"] = stats.result()
     # Only rank 0 sees data; rank 1 (no range yet) adopts rank 0's automatic range.
     stats = UnitStats(4, 6, 4, device="cpu", hist_bins=10)
     if rank == 0:
@@ -370,5 +375,207 @@ def test_all_reduce_two_gloo_ranks_equals_single_process(tmp_path):
     for rank in range(2):
         out = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         assert_same(single, out["agreed"])
+        assert_same(single, out["agreed_small_buffer"])
         assert_same(rank0, out["one_sided"])
         assert out["raised"]
+
+
+# ---------------------------------------------------------------- buffering (deferred folding)
+
+
+class DevicePath(UnitStats):
+    """UnitStats on the CPU taking the code paths of other devices (GPUs): sample-major buffer,
+    max with indices for every map, one-hot matmul class sums, bucketize, one fold per buffer."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._cpu = False
+        self._linear = None
+        self._limit = self.buffer_samples
+
+
+@pytest.mark.parametrize("shape", [(5,), (4, 7), (3, 5, 6)], ids=["2d", "3d", "4d"])
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("buffer_samples", [1, 7, 20, 64])
+def test_buffer_boundaries_match_bruteforce(shape, ties, buffer_samples):
+    # 7: smaller than and not a divisor of most batches (8, 16, 20 are folded in directly);
+    # 20: batches straddle the boundary; 64: everything buffered until result().
+    acts, ids, labels = make_data(shape, seed=41 + len(shape), ties=ties)
+    kw = {"device": "cpu", "hist_bins": 8, "hist_range": (0.0, 0.5) if ties else None}
+    stats = UnitStats(shape[0], 6, 4, **kw, buffer_samples=buffer_samples)
+    res = feed(stats, acts, ids, labels).result()
+    exp, _ = oracle(acts, ids, labels, 6, 4, res["hist_edges"])
+    check_against(res, exp)
+    # ... and identical (float sums up to rounding) to an unbuffered pass, range included.
+    ref = UnitStats(shape[0], 6, 4, **kw, buffer_samples=1)
+    assert_same(feed(ref, acts, ids, labels).result(), res)
+
+
+@pytest.mark.parametrize("buffer_samples", [3, 19, 100])
+def test_automatic_range_from_first_batch_whatever_the_buffer(buffer_samples):
+    # The first batch (20 samples) is larger than a 3- or 19-sample buffer, fits in 100.
+    acts, ids, labels = make_data((3, 4), seed=43)
+    sizes = [20, 1, 16, 8, 12]
+    stats = UnitStats(3, 4, 4, device="cpu", hist_bins=10, buffer_samples=buffer_samples)
+    res = feed(stats, acts, ids, labels, sizes=sizes).result()
+    means = acts[:20].double().mean(2)
+    lo, hi = float(means.min()), float(means.max())
+    want = np.linspace(lo - 0.1 * (hi - lo), hi + 0.1 * (hi - lo), 11)
+    np.testing.assert_allclose(res["hist_edges"].numpy(), want, rtol=1e-5, atol=1e-6)
+    exp, _ = oracle(acts, ids, labels, 4, 4, res["hist_edges"])
+    check_against(res, exp)
+
+
+@pytest.mark.parametrize("cls", [UnitStats, DevicePath])
+def test_pending_automatic_range_is_fixed_when_read(cls):
+    acts, ids, labels = make_data((2, 3), seed=47)
+    stats = cls(2, 2, 4, device="cpu", buffer_samples=100)
+    stats.update(acts[:5], ids[:5], labels[:5])
+    assert stats._n == 5 and stats._range is None  # buffered, not folded in yet
+    stats.update(acts[5:9], ids[5:9], labels[5:9])
+    means = acts[:5].double().mean(2)
+    lo, hi = float(means.min()), float(means.max())
+    assert stats.hist_range == pytest.approx((lo - 0.1 * (hi - lo), hi + 0.1 * (hi - lo)))
+    with pytest.raises(ValueError, match="already"):
+        stats.set_hist_range_from(acts[:5])
+    res = stats.result()
+    exp, _ = oracle(acts[:9], ids[:9], labels[:9], 2, 4, res["hist_edges"])
+    check_against(res, exp)
+
+
+def test_activation_is_read_during_update_only():
+    # The probe hands over outputs that a later in-place op may overwrite.
+    acts, ids, labels = make_data((4, 3, 5), seed=53)
+    stats = UnitStats(4, 5, 4, device="cpu", buffer_samples=1000)
+    scratch = acts.clone()
+    start = 0
+    for size in SIZES:
+        sl = slice(start, start + size)
+        stats.update(scratch[sl], ids[sl], labels[sl])
+        scratch[sl] = -scratch[sl] + 7.0  # clobbered right after the update
+        start += size
+    res = stats.result()
+    exp, _ = oracle(acts, ids, labels, 5, 4, res["hist_edges"])
+    check_against(res, exp)
+
+
+def test_map_size_may_change_between_batches():
+    # Flat peak indices are split into (y, x) by the width of the batch they came from.
+    rng = np.random.default_rng(59)
+    shapes = [(6, 3, 4, 5), (5, 3, 2, 7), (4, 3, 6, 1), (3, 3, 4, 5)]
+    acts = [torch.tensor(rng.standard_normal(s), dtype=torch.float32) for s in shapes]
+    ids = torch.tensor(rng.choice(1000, size=18, replace=False))
+    stats = UnitStats(3, 18, 0, device="cpu", hist_range=(-1.0, 1.0), buffer_samples=50)
+    start = 0
+    want = {}
+    for a in acts:
+        b = len(a)
+        stats.update(a, ids[start : start + b], None)
+        flat = a.flatten(2)
+        peak, arg = flat.max(2)
+        for i in range(b):
+            for u in range(3):
+                idx = int(arg[i, u])
+                want[int(ids[start + i]), u] = (
+                    float(peak[i, u]),
+                    idx // a.shape[3],
+                    idx % a.shape[3],
+                )
+        start += b
+    res = stats.result()
+    for u in range(3):
+        got = {
+            int(i): (float(v), int(y), int(x))
+            for i, v, y, x in zip(
+                res["max_ids"][u], res["max_values"][u], res["max_y"][u], res["max_x"][u]
+            )
+        }
+        assert got == {i: w for (i, uu), w in want.items() if uu == u}
+
+
+def test_cpu_peak_candidates_at_the_threshold_and_nan():
+    # On the CPU peaks are located only for maps that can still enter the top-k (max not below
+    # the k-th best so far): a late map that only ties with that threshold, and a NaN maximum,
+    # must still be located.
+    acts, ids, labels = make_data((3, 3, 4), seed=61)
+    rng = np.random.default_rng(61)
+    acts[:, 2] = torch.tensor(rng.uniform(0.0, 0.4, size=(N, 3, 4)), dtype=torch.float32)
+    for i in range(49):  # unit 2 saturates: every early map peaks at exactly 0.5
+        acts[i, 2, i % 3, i % 4] = 0.5
+    acts[50, 2, 1, 1] = 0.5  # the last batch (49..56): only this one reaches the threshold,
+    first = int(ids.argmin())  # and it has the smallest id, so it ranks first
+    ids[[50, first]] = ids[[first, 50]]
+    acts[52, 1, 2, 3] = math.nan
+    stats = UnitStats(3, 4, 4, device="cpu", hist_range=(-2.0, 2.0), buffer_samples=8)
+    res = feed(stats, acts, ids, labels).result()
+    # NaN ranks above everything (the oracle cannot rank it): like a huge value at that pixel.
+    finite = acts.clone()
+    finite[52, 1, 2, 3] = 1e30
+    exp, _ = oracle(finite, ids, labels, 4, 4, res["hist_edges"])
+    for key in ("mean_ids", "max_ids", "max_y", "max_x", "class_count"):
+        np.testing.assert_array_equal(res[key].numpy(), exp[key], err_msg=key)
+    np.testing.assert_array_equal(res["hist"][[0, 2]].numpy(), exp["hist"][[0, 2]])
+    assert int(res["max_ids"][1, 0]) == int(ids[52]) and math.isnan(res["max_values"][1, 0])
+    assert (res["max_y"][1, 0], res["max_x"][1, 0]) == (2, 3)
+    assert int(res["max_ids"][2, 0]) == int(ids[50])
+    assert (res["max_y"][2, 0], res["max_x"][2, 0]) == (1, 1)
+
+
+@pytest.mark.parametrize("bins", [1, 7, 64, 1000])
+def test_cpu_histogram_binning_equals_bucketize(bins):
+    g = torch.Generator().manual_seed(bins)
+    for lo, hi in [(0.0, 1.0), (-3.5, 2.0), (1e4, 1e4 + 3.0), (5.0, 5.0 + 1e-4), (-1e-30, 1e-30)]:
+        stats = UnitStats(1, 1, 0, device="cpu", hist_bins=bins, hist_range=(lo, hi))
+        e = stats._edges
+        inf = torch.tensor(math.inf)
+        v = torch.cat([
+            e, torch.nextafter(e, inf), torch.nextafter(e, -inf),
+            lo + (hi - lo) * (torch.rand(3000, generator=g) * 1.4 - 0.2),
+            torch.tensor([math.inf, -math.inf, 0.0, -0.0, 3e38, -3e38, 1e-45, -1e-45]),
+        ])  # fmt: skip
+        want = torch.bucketize(v, stats._search, right=True)
+        assert torch.equal(stats._bucket(v), want), (lo, hi)
+
+
+def test_state_dict_and_merge_include_buffered_samples():
+    acts, ids, labels = make_data((4, 3, 2), seed=67)
+    whole = feed(UnitStats(4, 5, 4, device="cpu", hist_range=(-2.0, 2.0)), acts, ids, labels)
+    whole = whole.result()
+    kw = {"device": "cpu", "hist_range": (-2.0, 2.0), "buffer_samples": 1000}
+    first = feed(UnitStats(4, 5, 4, **kw), acts[:25], ids[:25], labels[:25], sizes=SIZES[:3])
+    state = first.state_dict()
+    assert state["count"] == 25 and int(state["class_count"].sum()) == 25
+    resumed = UnitStats.from_state_dict(state, buffer_samples=5)
+    assert resumed.buffer_samples == 5
+    feed(resumed, acts[25:], ids[25:], labels[25:], sizes=SIZES[3:])
+    assert_same(whole, resumed.result())
+    # merge: both sides still hold buffered samples
+    a = feed(UnitStats(4, 5, 4, **kw), acts[:30], ids[:30], labels[:30], sizes=[30])
+    b = feed(UnitStats(4, 5, 4, **kw), acts[30:], ids[30:], labels[30:], sizes=[20, 7])
+    a.merge(b)
+    assert_same(whole, a.result())
+    # Saving folded the buffer in; the saved-from state goes on as if nothing happened.
+    feed(first, acts[25:], ids[25:], labels[25:], sizes=SIZES[3:])
+    assert_same(whole, first.result())
+
+
+def test_buffer_samples_validated_and_sized_by_units():
+    with pytest.raises(ValueError, match="buffer_samples"):
+        UnitStats(3, 2, 2, device="cpu", buffer_samples=0)
+    assert UnitStats(8, 2, 2, device="cpu").buffer_samples == 1024
+    assert UnitStats(4096, 2, 2, device="cpu").buffer_samples == 256  # 16 MiB at 16 B each
+    assert UnitStats(8, 2, 2, device="meta").buffer_samples == 4096
+    assert UnitStats(4096, 2, 2, device="meta").buffer_samples == 1024  # 64 MiB
+
+
+@pytest.mark.parametrize("shape", [(5,), (4, 7), (3, 5, 6)], ids=["2d", "3d", "4d"])
+@pytest.mark.parametrize("buffer_samples", [1, 7, 64])
+def test_device_code_path_matches_bruteforce(shape, buffer_samples):
+    acts, ids, labels = make_data(shape, seed=71 + len(shape), ties=True)
+    stats = DevicePath(shape[0], 6, 4, device="cpu", hist_bins=8, buffer_samples=buffer_samples)
+    res = feed(stats, acts, ids, labels).result()
+    assert stats._buf is None or stats._buf.is_contiguous()  # the sample-major layout
+    exp, _ = oracle(acts, ids, labels, 6, 4, res["hist_edges"])
+    check_against(res, exp)
+    cpu = UnitStats(shape[0], 6, 4, device="cpu", hist_bins=8, buffer_samples=buffer_samples)
+    assert_same(feed(cpu, acts, ids, labels).result(), res)

@@ -1,16 +1,23 @@
-"""Streaming per-unit statistics for the probe: one vectorized update per layer per batch.
+"""Streaming per-unit statistics for the probe: a few kernels per layer per batch.
 
 The probe sweeps a dataset once; for every unit (channel) of a layer :class:`UnitStats` keeps
 the top-k samples by spatial mean and by spatial max (with the peak's position), per-class mean
 activations, a histogram of spatial means, and dataset mean/max. Memory is independent of the
-dataset size, and every update is a fixed ~35 kernels on the activation's device (two reductions
-that read the activation once each, the rest on (C, B)-sized tensors) with no host sync, so the
-cost does not grow with the number of units or images beyond what reading the activation takes.
+dataset size.
+
+An update only reads the activation while it is live: one ``mean`` and one ``max`` (values and
+first-maximum indices) per batch, written with two small copies (sample ids, labels) into
+preallocated buffers on the activation's device; no host sync. The real work (order keys, top-k
+merge, class sums, histograms) runs over all buffered samples at once when the buffer is full,
+and before anything reads or combines the state, so its ~30 kernels are paid once per
+``buffer_samples`` samples instead of once per batch. The CPU, where kernels cost by the element
+rather than by the launch, takes a few other paths: peaks located for candidates only, folding
+in cache-sized blocks, arithmetic histogram bins.
 
 Top-k ordering is value descending, then sample id ascending. To make that rule cheap and exact,
 each (value, sample id) pair is packed into one int64 *order key* whose integer order is exactly
 that rule (see :func:`_encode`): top-k then is a single ``torch.topk`` over unique keys, which is
-deterministic no matter how ties, batches, shards or ranks are arranged.
+deterministic no matter how ties, batches, buffers, shards or ranks are arranged.
 """
 
 from __future__ import annotations
@@ -27,6 +34,13 @@ _SHIFT = 1 << 32  # the value half of an order key sits above bit 32
 _ID_MASK = (1 << 32) - 1  # ids are stored as ``_ID_MASK - id`` so smaller ids rank higher
 _EMPTY = -(1 << 63)  # key of an unfilled slot: below every real (value, id) pair
 _STATE_FORMAT = 1
+# Default buffer length (samples) and size cap (bytes) of one layer, off the CPU and on it: on a
+# GPU a longer buffer means fewer kernel launches; the CPU gains little beyond 1024 samples.
+_BUFFER = {False: (4096, 64 << 20), True: (1024, 16 << 20)}
+# On the CPU a buffer is folded in in blocks of units of about this many (sample, unit) pairs:
+# fresh allocations of many MB page-fault on every use (the CPU allocator does not cache),
+# which would cost more than the work, and small blocks stay in cache.
+_CPU_BLOCK = 1 << 16
 
 
 def _encode(values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -39,9 +53,14 @@ def _encode(values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     NaNs into one positive NaN (ranked above ``+inf``, as ``torch.sort`` ranks it) so that values
     that compare equal get equal high halves.
     """
-    v = torch.where(torch.isnan(values), math.nan, values + 0.0)
+    v = torch.empty(values.shape, dtype=torch.float32, device=values.device)
+    torch.add(values, 0.0, out=v)  # contiguous whatever the layout of ``values``
+    nan = torch.isnan(v)
+    if v.device.type != "cpu" or bool(nan.any()):  # a free check on the CPU, a sync elsewhere
+        v.masked_fill_(nan, math.nan)
     bits = v.view(torch.int32)
-    bits = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    flip = bits >> 31
+    bits ^= flip.bitwise_and_(0x7FFFFFFF)
     return torch.add(_ID_MASK - ids, bits, alpha=_SHIFT)  # int64: high half value, low half id
 
 
@@ -90,7 +109,8 @@ class UnitStats:
 
     If ``hist_range`` is None the range is fixed by the first non-empty batch (min/max of its
     finite spatial means over all units, padded by 10% of the span; equal bounds are widened by
-    max(10% of |value|, 1)). That costs the one host sync of the whole sweep. Because it depends on
+    max(10% of |value|, 1)). That costs the one host sync of the whole sweep, paid when the first
+    buffer is folded in or :attr:`hist_range` is read, whichever comes first. Because it depends on
     the first batch, the histograms of states with different ranges cannot be combined:
     :meth:`merge` and :meth:`all_reduce` raise ValueError then. For several shards or ranks either
     pass ``hist_range`` or call :meth:`set_hist_range_from` with each rank's first batch before
@@ -100,6 +120,14 @@ class UnitStats:
     Sample ids must be unique over the dataset and lie in [0, 2**32) (checked only when they come
     on the CPU, to avoid device syncs); a sample seen twice (e.g. DistributedSampler padding)
     would be counted twice. Sums are accumulated in float64 (float32 on MPS, which lacks float64).
+
+    Updates are buffered: each batch's per-unit spatial means, maxima and first-maximum indices
+    are written into device buffers for ``buffer_samples`` samples and folded into the statistics
+    when the buffer is full, or when :meth:`result`, :meth:`state_dict`, :meth:`merge` or
+    :meth:`all_reduce` need them. The default is 4096 samples, fewer for wide layers so that a
+    buffer stays within 64 MiB (16 bytes a sample and unit); on the CPU 1024 and 16 MiB. Results
+    do not depend on ``buffer_samples``, except sums by float rounding; a batch larger than the
+    buffer is folded in directly.
     """
 
     def __init__(
@@ -111,31 +139,39 @@ class UnitStats:
         device: torch.device | str,
         hist_bins: int = 64,
         hist_range: tuple[float, float] | None = None,
+        buffer_samples: int | None = None,
     ) -> None:
         if num_units < 1 or k < 1 or num_classes < 0 or hist_bins < 1:
             raise ValueError(
                 "UnitStats needs num_units >= 1, k >= 1, num_classes >= 0, hist_bins >= 1; got "
                 f"num_units={num_units}, k={k}, num_classes={num_classes}, hist_bins={hist_bins}"
             )
+        cpu = torch.device(device).type == "cpu"
+        if buffer_samples is None:
+            # 16 bytes per sample and unit: float32 mean and max, int64 peak index
+            most, size = _BUFFER[cpu]
+            buffer_samples = max(1, min(most, size // (16 * num_units)))
+        elif buffer_samples < 1:
+            raise ValueError(f"buffer_samples must be >= 1, got {buffer_samples}")
         self.num_units = num_units
         self.k = k
         self.num_classes = num_classes
         self.hist_bins = hist_bins
         self.device = torch.device(device)
         self._acc = torch.float32 if self.device.type == "mps" else torch.float64
+        # The CPU takes other code paths where its costs differ (see _read, _fold, _bucket).
+        self._cpu = cpu
         dev, c, i64 = self.device, num_units, torch.int64
-        # The state is laid out so that an update needs as few kernels as possible:
+        # The state is laid out so that folding in a buffer needs as few kernels as possible:
         self._count = 0  # a host int: batch sizes are known on the host, so this never syncs
         # Order keys of the top-k by spatial mean ([0]) and by spatial max ([1]), best first; the
         # dataset max of a unit is its best max key, so it needs no state of its own.
         self._keys = torch.full((2, c, k), _EMPTY, dtype=i64, device=dev)
         self._max_pos = torch.full((c, k), -1, dtype=i64, device=dev)  # y * 2**32 + x
-        self._zero_pos = torch.zeros((c, k), dtype=i64, device=dev)  # peaks of 1-position maps
         # Sums/counts per class plus a last row for unlabelled samples: together they are the
-        # dataset sums, so one index_add_ serves both.
+        # dataset sums, so one matmul and one index_add_ serve both.
         self._class_sum = torch.zeros((num_classes + 1, c), dtype=self._acc, device=dev)
         self._class_count = torch.zeros(num_classes + 1, dtype=i64, device=dev)
-        self._unlabelled = torch.full((1,), num_classes, dtype=i64, device=dev)
         self._one = torch.ones(1, dtype=i64, device=dev)
         # Histogram with an underflow column in front and an overflow column behind, so that a
         # single bucketize + index_add_ also counts the out-of-range values.
@@ -144,15 +180,44 @@ class UnitStats:
         self._range: tuple[float, float] | None = None
         self._edges: torch.Tensor | None = None  # hist_bins + 1 float32 edges
         self._search: torch.Tensor | None = None  # the edges, last one nudged to just above hi
+        self._linear: tuple[float, float] | None = None  # see _bucket (CPU only)
         if hist_range is not None:
             self._set_range(_check_range(hist_range))
+        # The sample buffer, allocated by the first update: per-sample spatial means ([0]) and
+        # maxima ([1]) as (2, n, C), flat first-maximum indices (n, C), sample ids and labels.
+        self.buffer_samples = buffer_samples
+        self._buf: torch.Tensor | None = None
+        self._buf_pos: torch.Tensor | None = None
+        self._buf_ids: torch.Tensor | None = None
+        self._buf_labels: torch.Tensor | None = None
+        self._n = 0  # buffered samples
+        self._width = 1  # map width of the buffered samples (to split flat indices into y, x)
+        self._first = 0  # while the range is automatic and unfixed: the first batch's size
+        # On the CPU the buffer is flushed early at first (after 1 batch, then after twice as
+        # many samples as the previous flush, ...) so that _read soon has thresholds to use.
+        self._limit = 1 if self._cpu else buffer_samples
+        self._threshold: torch.Tensor | None = None  # see _read; None: to be recomputed
 
     # ------------------------------------------------------------------ histogram range
 
     @property
     def hist_range(self) -> tuple[float, float] | None:
         """The histogram's (lo, hi), or None while it is still to be fixed by the first batch."""
+        self._fix_pending_range()
         return self._range
+
+    def _fix_pending_range(self) -> None:
+        """Fix an automatic range from the buffered first batch, if that is still to be done."""
+        if self._range is None and self._first:
+            assert self._buf is not None
+            self._range_from_means(self._buf[0, : self._first])
+
+    def _range_from_means(self, means: torch.Tensor) -> None:
+        finite = torch.isfinite(means)
+        lo = torch.where(finite, means, math.inf).amin()
+        hi = torch.where(finite, means, -math.inf).amax()
+        self._set_range(_auto_range(*torch.stack([lo, hi]).tolist()))  # the one host sync
+        self._first = 0
 
     def _set_range(self, hist_range: tuple[float, float]) -> None:
         # Edges are computed on the CPU in float64 so every device and rank gets identical bits.
@@ -164,6 +229,15 @@ class UnitStats:
         search = edges.clone()
         search[-1] = torch.nextafter(edges[-1], torch.tensor(math.inf))
         self._edges, self._search = edges.to(self.device), search.to(self.device)
+        # _bucket's arithmetic bins are right to within a quarter bin if float32 rounding (of
+        # the edges, of v - lo) is far below a bin width; else (and off the CPU) use bucketize.
+        lo, hi = hist_range
+        width = (hi - lo) / self.hist_bins
+        top = torch.tensor(max(abs(lo), abs(hi)), dtype=torch.float32)
+        ulp = float(torch.nextafter(top, torch.tensor(math.inf))) - float(top)  # float32's
+        self._linear = None
+        if self._cpu and width >= 64 * ulp and self.hist_bins <= 1 << 16:
+            self._linear = (lo - 0.75 * width, 1 / width)
 
     def set_hist_range_from(self, act: torch.Tensor, group: Any = None) -> None:
         """Fix the histogram range from ``act`` as the first batch would, agreed across ranks.
@@ -172,6 +246,7 @@ class UnitStats:
         ``group`` (a rank may pass an empty batch), so every rank gets the same range: the one a
         single process would fix from all ranks' batches together. Collective: call on all ranks.
         """
+        self._fix_pending_range()
         if self._range is not None:
             raise ValueError(f"the histogram range is already fixed at {self._range}")
         means = self._maps(act)[0].mean(dim=2)
@@ -208,8 +283,10 @@ class UnitStats:
         """Fold one batch of a layer's output into the statistics of all its units at once.
 
         ``sample_ids`` are the batch's int64 global dataset indices (B,), ``labels`` its int64
-        class indices (B,) or None to skip class statistics. About 35 kernels whatever B and C;
-        no host sync except, once, to fix an automatic histogram range.
+        class indices (B,) or None to skip class statistics. ``act`` is read during the call
+        (later in-place changes to it do not matter); the rest of the work is deferred until
+        the buffer is folded in. Off the CPU that is four kernels (mean, max with indices, two
+        small copies into the buffer) and no host sync per call; see :meth:`_read` for the CPU.
         """
         flat, width = self._maps(act)
         b = act.shape[0]
@@ -226,59 +303,210 @@ class UnitStats:
         labels_cpu = labels is not None and labels.device.type == "cpu"
         if labels_cpu and bool((labels >= self.num_classes).any()):
             raise ValueError(f"labels must be < num_classes={self.num_classes}")
-        dev = self.device
-        ids = sample_ids.to(device=dev, dtype=torch.int64)
-        # Spatial means and maxima side by side, written in place (no stacking copy). amax is
-        # about twice as fast as max-with-indices; peak positions are found for candidates only.
-        stat = torch.empty((2, b, self.num_units), dtype=torch.float32, device=dev)
-        torch.mean(flat, dim=2, out=stat[0])
-        torch.amax(flat, dim=2, out=stat[1])
-        means = stat[0]
-
-        # Top-k by mean and by max together: keep the batch's best min(k, B) keys per unit, then
-        # re-select k from the current top-k and those. The max side carries peak positions.
-        keys = _encode(stat.transpose(1, 2), ids)  # (2, C, B)
-        kb = min(self.k, b)
-        maps = flat.transpose(0, 1)  # (C, B, S)
-        if kb < b:
-            keys, sel = keys.topk(kb, dim=2, sorted=False)
-            if flat.shape[2] > 1:
-                maps = maps.gather(1, sel[1, :, :, None].expand(-1, -1, flat.shape[2]))
-        if flat.shape[2] > 1:
-            pos = maps.argmax(dim=2)  # the first maximal position on ties, row-major
-            if width > 1:
-                y = torch.div(pos, width, rounding_mode="floor")
-                pos = torch.add(torch.sub(pos, y, alpha=width), y, alpha=_SHIFT)
-        else:
-            pos = self._zero_pos[:, :kb]
-        top = torch.cat([self._keys, keys], dim=2).topk(self.k, dim=2)
-        self._keys = top.values
-        self._max_pos = torch.cat([self._max_pos, pos], dim=1).gather(1, top.indices[1])
-
-        # Class sums and counts; unlabelled samples go to the extra last row.
+        if b > self.buffer_samples:  # too big to buffer: fold it in on its own
+            self._flush()
+            stat, pos = self._alloc(b)
+            self._read(flat, stat, pos)
+            ids = sample_ids.to(device=self.device, dtype=torch.int64)
+            if labels is None:
+                rows = torch.full((b,), -1, dtype=torch.int64, device=self.device)
+            else:
+                rows = labels.to(device=self.device, dtype=torch.int64)
+            self._fold(stat, pos, ids, rows, width, b)
+            return
+        if self._n and (self._n + b > self._limit or width != self._width):
+            self._flush()
+        if self._buf is None:
+            cap, dev = self.buffer_samples, self.device
+            self._buf, self._buf_pos = self._alloc(cap)
+            self._buf_ids = torch.empty(cap, dtype=torch.int64, device=dev)
+            self._buf_labels = torch.empty(cap, dtype=torch.int64, device=dev)
+        assert self._buf_pos is not None and self._buf_ids is not None
+        assert self._buf_labels is not None
+        at = slice(self._n, self._n + b)
+        self._read(flat, self._buf[:, at], self._buf_pos[at])
+        self._buf_ids[at].copy_(sample_ids)
         if labels is None:
-            rows = self._unlabelled.expand(b)
+            self._buf_labels[at].fill_(-1)
         else:
-            rows = labels.to(device=dev, dtype=torch.int64)
-            rows = rows.masked_fill(rows < 0, self.num_classes)
-        # Per-class sums of the batch as a one-hot matmul in float32 (index_add_ hits slow CPU
-        # paths, up to ~1000x, for float64 and for some float32 inputs); across batches the
-        # sums accumulate in float64.
-        onehot = torch.zeros((b, self.num_classes + 1), dtype=means.dtype, device=dev)
-        onehot.scatter_(1, rows[:, None], 1.0)
-        self._class_sum += onehot.T @ means
-        self._class_count.index_add_(0, rows, self._one.expand(b))
-        self._count += b
+            self._buf_labels[at].copy_(labels)
+        if self._range is None and not self._n:
+            self._first = b  # the first batch fixes the automatic range
+        self._n += b
+        self._width = width
 
-        if self._search is None:
-            finite = torch.isfinite(means)
-            lo = torch.where(finite, means, math.inf).amin()
-            hi = torch.where(finite, means, -math.inf).amax()
-            self._set_range(_auto_range(*torch.stack([lo, hi]).tolist()))  # the one host sync
+    def _alloc(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Room for n samples: stat (2, n, C) float32, flat peak indices (n, C) int64.
+
+        On the CPU the memory is unit-major (the tensors are transposed views), so that folding
+        in works on contiguous per-unit rows; elsewhere sample-major, so that an update writes
+        contiguous rows.
+        """
+        c, dev = self.num_units, self.device
+        if self._cpu:
+            stat = torch.empty((2, c, n), dtype=torch.float32, device=dev).transpose(1, 2)
+            return stat, torch.empty((c, n), dtype=torch.int64, device=dev).T
+        stat = torch.empty((2, n, c), dtype=torch.float32, device=dev)
+        return stat, torch.empty((n, c), dtype=torch.int64, device=dev)
+
+    def _read(self, flat: torch.Tensor, stat: torch.Tensor, pos: torch.Tensor) -> None:
+        """Spatial means and maxima of (B, C, S) maps into ``stat`` (2, B, C), and the flat
+        index of each map's first maximum (row-major) into ``pos`` (B, C).
+
+        Two kernels (mean, max with indices) off the CPU. On the CPU max with indices is a
+        scalar loop, ~10x slower than amax, so there positions are found only for *candidates*:
+        maps whose max is not below the k-th best max of their unit so far. Other maps can never
+        enter the top-k (that threshold only rises), so their ``pos`` is left unset.
+        """
+        if not self._cpu:
+            torch.mean(flat, dim=2, out=stat[0])
+            torch.max(flat, dim=2, out=(stat[1], pos))
+            return
+        # CPU reductions into the strided (unit-major) buffer are slow: go via a temporary.
+        b, c, _ = flat.shape
+        tmp = torch.empty((2, b, c), dtype=torch.float32, device=self.device)
+        torch.mean(flat, dim=2, out=tmp[0])
+        thr = None
+        if flat.shape[2] > 1 and self._count >= self.k:  # else every map is a candidate
+            if self._threshold is None:
+                self._threshold = _decode(self._keys[1, :, -1])[0]
+            thr = self._threshold
+        if flat.shape[2] == 1:  # one position: max = mean = the value, at 0
+            tmp[1].copy_(tmp[0])
+            pos.fill_(0)
+        elif thr is None:
+            torch.max(flat, dim=2, out=(tmp[1], pos))
+        else:
+            torch.amax(flat, dim=2, out=tmp[1])
+            cand = (tmp[1] < thr).logical_not_().nonzero()  # NaN maxima are candidates too
+            if 4 * len(cand) > b * c:  # many candidates: one pass over all maps is cheaper
+                torch.max(flat, dim=2, out=(tmp[1], pos))
+            elif len(cand):
+                i, j = cand.unbind(1)
+                pos[i, j] = flat[i, j].argmax(dim=1)
+        stat.copy_(tmp)
+
+    def _flush(self) -> None:
+        """Fold the buffered samples into the statistics and empty the buffer."""
+        if not self._n:
+            return
+        assert self._buf is not None and self._buf_pos is not None
+        assert self._buf_ids is not None and self._buf_labels is not None
+        n, self._n = self._n, 0
+        self._limit = min(self.buffer_samples, max(self._limit, 2 * n))
+        self._fold(
+            self._buf[:, :n],
+            self._buf_pos[:n],
+            self._buf_ids[:n],
+            self._buf_labels[:n],
+            self._width,
+            self._first,
+        )
+
+    def _fold(
+        self,
+        stat: torch.Tensor,
+        pos: torch.Tensor,
+        ids: torch.Tensor,
+        labels: torch.Tensor,
+        width: int,
+        first: int,
+    ) -> None:
+        """Fold n samples into the statistics: ``stat`` (2, n, C) spatial means and maxima,
+        ``pos`` (n, C) flat first-maximum indices in maps ``width`` wide, ``ids`` and
+        ``labels`` (n,) (label < 0: unlabelled). If the range is still automatic, the first
+        ``first`` samples are the first batch, which fixes it."""
+        if self._range is None:
+            self._range_from_means(stat[0, :first])
+        n = ids.shape[0]
+        # Class counts; unlabelled samples go to the extra last row.
+        rows = labels.masked_fill(labels < 0, self.num_classes)
+        self._class_count.index_add_(0, rows, self._one.expand(n))
+        self._count += n
+        onehot = None
+        if self._cpu:
+            # Blocks of units with all samples: long rows keep topk on its fast path, small
+            # blocks keep temporaries in cache (and clear of page faults).
+            step = max(1, _CPU_BLOCK // n)
+        else:
+            step = self.num_units
+            # Class sums as a one-hot matmul in float32 (deterministic, unlike atomic
+            # index_add_ on GPUs); across folds they accumulate in float64.
+            onehot = torch.zeros((n, self.num_classes + 1), dtype=stat.dtype, device=self.device)
+            onehot.scatter_(1, rows[:, None], 1.0)
+        tops = [
+            self._fold_units(slice(c0, c0 + step), stat, pos, ids, rows, onehot, width)
+            for c0 in range(0, self.num_units, step)
+        ]
+        if len(tops) == 1:
+            self._keys, self._max_pos = tops[0]
+        else:
+            self._keys = torch.cat([t[0] for t in tops], dim=1)
+            self._max_pos = torch.cat([t[1] for t in tops], dim=0)
+        self._threshold = None
+
+    def _fold_units(
+        self,
+        units: slice,
+        stat: torch.Tensor,
+        pos: torch.Tensor,
+        ids: torch.Tensor,
+        rows: torch.Tensor,
+        onehot: torch.Tensor | None,
+        width: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`_fold` for a block of units; ``rows`` are the class rows of the samples,
+        ``onehot`` their one-hot (n, num_classes + 1) or None for index_add_ sums. Adds to the
+        sums and histograms; returns the block's new top-k keys (2, c, k) and peaks (c, k)."""
+        stat, pos = stat[:, :, units], pos[:, units]
+        n, c = pos.shape
+        # Top-k by mean and by max together: keep the best min(k, n) keys per unit of the new
+        # samples, then re-select k from the current top-k and those. The max side carries the
+        # peak positions, split into y * 2**32 + x for the candidates only.
+        keys = _encode(stat.transpose(1, 2), ids)  # (2, c, n), contiguous
+        kn = min(self.k, n)
+        cand = pos.T  # (c, n)
+        if kn < n:
+            keys, sel = keys.topk(kn, dim=2, sorted=False)
+            cand = cand.gather(1, sel[1])
+        y = torch.div(cand, width, rounding_mode="floor")  # also for width 1: (H, 1) maps
+        cand = torch.add(torch.sub(cand, y, alpha=width), y, alpha=_SHIFT)
+        top = torch.cat([self._keys[:, units], keys], dim=2).topk(self.k, dim=2)
+        peaks = torch.cat([self._max_pos[units], cand], 1).gather(1, top.indices[1])
+
+        means = stat[0]  # (n, c)
+        if onehot is None:
+            # Row-wise index_add_ of contiguous float64 rows: fast on the CPU, exact in float64.
+            means64 = torch.empty((n, c), dtype=self._acc, device=self.device)
+            self._class_sum[:, units].index_add_(0, rows, means64.copy_(means))
+        else:
+            self._class_sum[:, units].add_(onehot.T @ means)
+
+        # Histogram: under- and overflow columns included, NaN means left out.
+        offsets = self._bin_offsets[:c]
+        if means.stride(0) == 1 and n > 1:  # unit-major: work along the rows of units
+            means, offsets = means.T, offsets[:, None]
+        cols = self._bucket(means)
+        cols += offsets
+        weights = (means == means).to(torch.int64)
+        self._hist[units].view(-1).index_add_(0, cols.reshape(-1), weights.reshape(-1))
+        return top.values, peaks
+
+    def _bucket(self, v: torch.Tensor) -> torch.Tensor:
+        """``bucketize(v, search, right=True)``: 0 below lo, bins + 1 above hi, i + 1 in bin i.
+
+        On the CPU bucketize is a slow binary search (~30 ns a value). When the float32 edges
+        are evenly spaced (see _set_range), ``c = floor((v - lo) / width + 0.75)`` clamped to
+        [0, bins] is the answer or one less (its rounding errors are far below a quarter bin),
+        and one comparison with ``search[c]`` settles which: the same result, exactly.
+        """
         assert self._search is not None
-        cols = torch.bucketize(means, self._search, right=True) + self._bin_offsets
-        weights = (means == means).to(torch.int64)  # NaN means are left out
-        self._hist.view(-1).index_add_(0, cols.view(-1), weights.view(-1))
+        if self._linear is None:
+            return torch.bucketize(v.contiguous(), self._search, right=True)
+        origin, scale = self._linear
+        c = torch.sub(v, origin).mul_(scale).floor_().clamp_(0, self.hist_bins)
+        c = c.nan_to_num_(0.0).to(torch.int64)  # NaNs: any column, they get weight 0
+        return c.add_(v >= self._search.take(c))
 
     # ------------------------------------------------------------------ combining states
 
@@ -300,6 +528,7 @@ class UnitStats:
         """Keep the best k of candidate keys (2, C, n) and the max side's positions (C, n)."""
         top = keys.topk(self.k, dim=2)
         self._keys = top.values
+        self._threshold = None
         self._max_pos = pos.gather(1, top.indices[1])
 
     def merge(self, other: UnitStats) -> None:
@@ -308,6 +537,8 @@ class UnitStats:
         The result equals a single pass over both shards' data: top-k is re-selected from the
         union of both candidate sets with the same order keys, sums and counts add up.
         """
+        self._flush()
+        other._flush()
         self._check_compatible(other)
         if self._range is None and other._range is not None:
             self._set_range(other._range)
@@ -330,6 +561,7 @@ class UnitStats:
         histogram ranges are checked across ranks first; on a mismatch every rank raises
         ValueError. Ranks that have no range yet (no data) adopt the others'.
         """
+        self._flush()
         dist = torch.distributed
         world = dist.get_world_size(group)
         dev = self.device
@@ -379,8 +611,10 @@ class UnitStats:
         """Everything needed to resume or merge later, as CPU tensors and plain values.
 
         The layout is internal (top-k as order keys, an unlabelled row in the class sums, under-
-        and overflow columns in the histogram); use :meth:`result` to read statistics.
+        and overflow columns in the histogram); use :meth:`result` to read statistics. Buffered
+        samples are folded in first, so the state holds everything seen so far.
         """
+        self._flush()
         state: dict[str, torch.Tensor | int | tuple[float, float] | None] = {
             "format": _STATE_FORMAT,
             "num_units": self.num_units,
@@ -396,7 +630,11 @@ class UnitStats:
 
     @classmethod
     def from_state_dict(
-        cls, state: Mapping[str, Any], device: torch.device | str = "cpu"
+        cls,
+        state: Mapping[str, Any],
+        device: torch.device | str = "cpu",
+        *,
+        buffer_samples: int | None = None,
     ) -> UnitStats:
         """Rebuild a state saved by :meth:`state_dict` on ``device``."""
         if state.get("format") != _STATE_FORMAT:
@@ -408,6 +646,7 @@ class UnitStats:
             device=device,
             hist_bins=int(state["hist_bins"]),
             hist_range=state["hist_range"],
+            buffer_samples=buffer_samples,
         )
         stats._count = int(state["count"])
         for name in cls._TENSORS:
@@ -431,8 +670,9 @@ class UnitStats:
         data) and ``unit_max`` (-inf before any data) are (C,), ``count`` a scalar. ``hist`` is
         (C, hist_bins) over ``hist_edges`` (hist_bins + 1,; NaN while no range is fixed), its edge
         bins including the clamped out-of-range values, which ``hist_underflow`` and
-        ``hist_overflow`` (C,) count.
+        ``hist_overflow`` (C,) count. Folds in the buffered samples first.
         """
+        self._flush()
         keys = self._keys.cpu()
         mean_values, mean_ids = _decode(keys[0])
         max_values, max_ids = _decode(keys[1])

@@ -255,10 +255,23 @@ def probe(
                 stats[layer.op.index] = UnitStats.from_state_dict(
                     state["stats"][layer.name], device=dev
                 )
+    widths = {
+        layer.op.index: layer.op.shape[-1] if layer.channels_last else layer.op.shape[1]
+        for layer in selected
+    }
+    # per-sample statistics are buffered on the device (16 bytes per unit and sample) and
+    # folded in every few batches; keep all layers' buffers together under ~512 MiB
+    buffered = max(batch_size, min(4096, (512 << 20) // (16 * sum(widths.values()))))
     for layer in selected:
         if layer.op.index not in stats:
-            c = layer.op.shape[-1] if layer.channels_last else layer.op.shape[1]
-            stats[layer.op.index] = UnitStats(c, k, num_classes, device=dev, hist_bins=hist_bins)
+            stats[layer.op.index] = UnitStats(
+                widths[layer.op.index],
+                k,
+                num_classes,
+                device=dev,
+                hist_bins=hist_bins,
+                buffer_samples=None if dev.type == "cpu" else buffered,
+            )
 
     indices = list(range(rank, len(ds), world))  # disjoint shards, no padding duplicates
     todo = indices[done:]
