@@ -169,7 +169,8 @@ def probe(
     batch_size: int = 64,
     device: str | torch.device | None = None,
     num_workers: int = 0,
-    checkpoint_every: int = 20,
+    checkpoint_every: int | None = None,
+    checkpoint_seconds: float = 30.0,
     hist_bins: int = 64,
     overwrite: bool = False,
     progress: bool = True,
@@ -178,8 +179,10 @@ def probe(
     """Sweep ``dataset`` once through ``model`` and store per-unit statistics in ``out``.
 
     ``dataset`` is any torch Dataset of (image, label), or one from
-    :mod:`lurker.probe.data`. Rerunning the same call after an interruption resumes it;
-    under ``torchrun`` every rank sweeps its shard and rank 0 writes the merged run.
+    :mod:`lurker.probe.data`. State is checkpointed every ``checkpoint_seconds`` (and
+    every ``checkpoint_every`` batches, if given); rerunning the same call after an
+    interruption resumes it. Under ``torchrun`` every rank sweeps its shard and rank 0
+    writes the merged run.
     """
     from . import data as pdata
     from .receptive import receptive_fields
@@ -306,7 +309,7 @@ def probe(
 
     n_batches = 0
     replayer = Replayer(tr, by_index.keys(), lambda i, v: None)
-    t_start = time.perf_counter()
+    t_start = last_ckpt = time.perf_counter()
     seen = 0
     with _progress(len(indices), progress and rank == 0) as bar, torch.no_grad():
         task = bar.add_task("probe", total=len(indices), completed=done, rate="-")
@@ -332,8 +335,12 @@ def probe(
             n_batches += 1
             rate = seen / max(time.perf_counter() - t_start, 1e-9)
             bar.update(task, completed=done, rate=f"{rate:,.0f}")
-            if n_batches % checkpoint_every == 0:
-                save_checkpoint()
+            now = time.perf_counter()
+            if now - last_ckpt >= checkpoint_seconds or (
+                checkpoint_every and n_batches % checkpoint_every == 0
+            ):
+                save_checkpoint()  # a device sync and a file write: not every batch
+                last_ckpt = now
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     sweep_s = time.perf_counter() - t_start
