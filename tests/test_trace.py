@@ -492,3 +492,10 @@ def test_shape_queries_are_not_ops_and_readouts_are():
     assert [op.name for op in tr.branches] == ["equal"]
     tr2 = lurker.trace(Q(), torch.ones(2, 3))  # second trace: queries skipped, same graph
     assert [op.label for op in tr2] == [op.label for op in tr]
+
+
+def test_run_save_by_module_type():
+    model = torchvision.models.resnet18().eval()
+    tr = lurker.trace(model, torch.randn(1, 3, 32, 32), save="none")
+    acts = tr.run(torch.randn(1, 3, 32, 32), save=nn.Linear)
+    assert [k for k in acts if k != "output_1"] == [tr["fc"].label]

@@ -139,10 +139,38 @@ def probe(
     Rerun the same command after an interruption to resume. Under torchrun each process
     sweeps a shard and the results are merged.
     """
+    from .models import load_model
+    from .probe import data as pdata
+    from .probe import probe as do_probe
+
     with _torchrun_group(device):
-        _probe(
-            model, data, out, weights, layers, k, image_size, batch_size, device, workers, overwrite
+        net = load_model(model, weights, device=device or "cpu")
+        first = next(net.parameters(), None)
+        channels = first.shape[1] if first is not None and first.dim() == 4 else None
+        ds = pdata.load_dataset(data, image_size, channels=channels)
+        run = do_probe(
+            net,
+            ds,
+            out=out,
+            layers=list(layers) or None,
+            k=k,
+            batch_size=batch_size,
+            device=device,
+            num_workers=workers,
+            overwrite=overwrite,
+            meta={
+                "model_spec": model,
+                "weights": str(Path(weights).resolve()) if weights else None,
+                "data": data,
+            },
         )
+    if run is not None:  # rank 0
+        n = sum(layer.num_units for layer in run.layers)
+        click.echo(f"run: {run.path} ({len(run.layers)} layers, {n} units)")
+        if run.skipped:
+            click.secho(
+                f"skipped {len(run.skipped)} unreadable images (listed in the run)", fg="yellow"
+            )
 
 
 @contextlib.contextmanager
@@ -163,52 +191,6 @@ def _torchrun_group(device: str | None) -> Iterator[None]:
         yield
     finally:
         dist.destroy_process_group()
-
-
-def _probe(
-    model: str,
-    data: str,
-    out: str,
-    weights: str | None,
-    layers: tuple[str, ...],
-    k: int,
-    image_size: int,
-    batch_size: int,
-    device: str | None,
-    workers: int,
-    overwrite: bool,
-) -> None:
-    from .models import load_model
-    from .probe import data as pdata
-    from .probe import probe as do_probe
-
-    net = load_model(model, weights, device=device or "cpu")
-    first = next(net.parameters(), None)
-    channels = first.shape[1] if first is not None and first.dim() == 4 else None
-    ds = pdata.load_dataset(data, image_size, channels=channels)
-    run = do_probe(
-        net,
-        ds,
-        out=out,
-        layers=list(layers) or None,
-        k=k,
-        batch_size=batch_size,
-        device=device,
-        num_workers=workers,
-        overwrite=overwrite,
-        meta={
-            "model_spec": model,
-            "weights": str(Path(weights).resolve()) if weights else None,
-            "data": data,
-        },
-    )
-    if run is not None:  # rank 0
-        n = sum(layer.num_units for layer in run.layers)
-        click.echo(f"run: {run.path} ({len(run.layers)} layers, {n} units)")
-        if run.skipped:
-            click.secho(
-                f"skipped {len(run.skipped)} unreadable images (listed in the run)", fg="yellow"
-            )
 
 
 @main.command()

@@ -32,7 +32,7 @@ from torch.overrides import TorchFunctionMode
 from ..graph.nodes import ModuleInfo, Op, ParamRef, TensorMeta
 from . import _funcs
 from ._policy import SavePolicy
-from ._tree import tensors
+from ._tree import call_tensors, tensors
 
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 _LURKER_DIR = os.path.dirname(os.path.dirname(__file__)) + os.sep
@@ -302,14 +302,7 @@ class Recorder(TorchFunctionMode):
         if func is _TENSOR_ITER:  # `for row in x`: record the unbind that yields the rows
             return iter(self.__torch_function__(Tensor.unbind, types, (args[0],), {}))
         info = _funcs.func_info(func)
-        ins: list[Tensor] = []
-        for a in args:  # flat fast path; nested containers take the recursive walk
-            if isinstance(a, Tensor):
-                ins.append(a)
-            elif isinstance(a, (tuple, list, dict)):
-                tensors(a, ins)
-        if kwargs:
-            tensors(kwargs, ins)
+        ins = call_tensors(args, kwargs)
         # resolve before running: a buffer or constant first met by an in-place op must be
         # saved with the value it had going in
         inputs = [self._resolve(t) for t in ins]

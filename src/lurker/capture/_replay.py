@@ -17,7 +17,7 @@ from torch.overrides import TorchFunctionMode
 from ..errors import GraphChangedError
 from . import _funcs
 from ._policy import make_policy
-from ._tree import paths, tensors
+from ._tree import call_tensors, paths, tensors
 
 if TYPE_CHECKING:
     from ..graph.nodes import Op
@@ -49,14 +49,7 @@ class Replayer(TorchFunctionMode):
                 return inner(*args, **kwargs)
         if func is Tensor.__iter__:  # mirror the recorder: rows come from a recorded unbind
             return iter(self.__torch_function__(Tensor.unbind, types, (args[0],), {}))
-        ins: list[Tensor] = []  # mirror the recorder exactly, so the op counts agree
-        for a in args:
-            if isinstance(a, Tensor):
-                ins.append(a)
-            elif isinstance(a, (tuple, list, dict)):
-                tensors(a, ins)
-        if kwargs:
-            tensors(kwargs, ins)
+        ins = call_tensors(args, kwargs)
         versions = [t._version for t in ins]
         out = func(*args, **kwargs)
         if isinstance(out, Tensor):
@@ -124,11 +117,16 @@ def chosen_ops(trace: Trace, save: Any) -> list[Op]:
     if save is None:
         return [op for op in calls if op.activation is not None]
     policy = make_policy(save)
+    modules = dict(trace.model.named_modules()) if trace.model is not None else {}
+
+    def wanted_module(name: str) -> bool:
+        path = name.split(":")[0]
+        return path in modules and policy.wants_module(path, modules[path])
+
     return [
         op
         for op in calls
-        if policy.wants_op(op)
-        or any(policy.wants_module(m.split(":")[0], None) for m in op.module_outputs)  # type: ignore[arg-type]
+        if policy.wants_op(op) or any(wanted_module(m) for m in op.module_outputs)
     ]
 
 

@@ -28,6 +28,23 @@ def refill(obj: Any, values: Any) -> Any:
     return obj
 
 
+def call_tensors(args: tuple, kwargs: dict) -> list[Tensor]:
+    """The tensors of one call's arguments, in a fixed order (hot path: flat args first).
+
+    The recorder and the replayer must agree on this order and on which calls count as
+    ops, so both use this one function.
+    """
+    ins: list[Tensor] = []
+    for a in args:
+        if isinstance(a, Tensor):
+            ins.append(a)
+        elif isinstance(a, (tuple, list, dict)):
+            tensors(a, ins)
+    if kwargs:
+        tensors(kwargs, ins)
+    return ins
+
+
 def tensors(obj: Any, acc: list[Tensor]) -> list[Tensor]:
     """Append every tensor nested in ``obj`` (tuples, lists, dicts, namedtuples) to ``acc``."""
     if isinstance(obj, Tensor):

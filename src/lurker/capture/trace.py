@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import fnmatch
 import inspect
-import threading
 import traceback
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import nullcontext
@@ -18,6 +17,7 @@ from torch import Tensor, nn
 from ..errors import LurkerError, TraceError
 from ..graph import postprocess
 from ..graph.nodes import ModuleInfo, Op, TensorMeta
+from ..graph.schema import SCHEMA_VERSION
 from ._policy import make_policy
 from ._recorder import Recorder
 from ._tree import map_tensors, paths
@@ -155,7 +155,7 @@ class Trace:
     output name, or position. Iterating yields the ops in execution order.
     """
 
-    SCHEMA_VERSION = 1
+    SCHEMA_VERSION = SCHEMA_VERSION  # of ``to_json()``: see docs/trace-schema.md
 
     def __init__(self) -> None:
         self.ops: list[Op] = []
@@ -171,7 +171,6 @@ class Trace:
         self._rng: Any = None
         self._transform: Callable[[Tensor], Tensor] | None = None
         self._index: dict[str, int] = {}
-        self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ building
     @classmethod
