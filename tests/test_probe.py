@@ -38,10 +38,11 @@ def _brute(model: nn.Module, ds, module: str):
     mod = dict(model.named_modules())[module]
     h = mod.register_forward_hook(lambda m, i, o: acts.append(o.detach().clone()))
     xs = torch.stack([ds[i][0] for i in range(len(ds))])
+    device = next(model.parameters()).device  # the probe moved it to its device
     with torch.no_grad():
-        model(xs)
+        model(xs.to(device))
     h.remove()
-    return acts[0]
+    return acts[0].cpu()
 
 
 def _topk(vals: np.ndarray, k: int) -> np.ndarray:
@@ -69,7 +70,18 @@ def test_topk_equals_brute_force(tmp_path: Path):
     model = _model()
     ds = digits(16, split="test")
     k = 5
-    run = probe(model, ds, out=tmp_path / "run", layers=LAYERS, k=k, batch_size=37, progress=False)
+    # on the CPU: GPU convolutions may round differently per batch size, which would
+    # reorder near-ties between the probe's batches and the oracle's single batch
+    run = probe(
+        model,
+        ds,
+        out=tmp_path / "run",
+        layers=LAYERS,
+        k=k,
+        batch_size=37,
+        device="cpu",
+        progress=False,
+    )
     assert [layer.name for layer in run.layers] == LAYERS
     labels = np.array([ds[i][1] for i in range(len(ds))])
     for name in LAYERS:
