@@ -499,3 +499,51 @@ def test_run_save_by_module_type():
     tr = lurker.trace(model, torch.randn(1, 3, 32, 32), save="none")
     acts = tr.run(torch.randn(1, 3, 32, 32), save=nn.Linear)
     assert [k for k in acts if k != "output_1"] == [tr["fc"].label]
+
+
+def test_list_argument_mutated_after_the_call():
+    """DenseNet keeps appending to the list it passes to torch.cat."""
+
+    class Dense(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.convs = nn.ModuleList(nn.Conv2d(2 + 2 * i, 2, 1) for i in range(3))
+
+        def forward(self, x):
+            feats = [x]
+            for conv in self.convs:
+                feats.append(conv(torch.cat(feats, 1)))
+            return torch.cat(feats, 1)
+
+    model = Dense()
+    x = torch.randn(1, 2, 4, 4)
+    tr = lurker.trace(model, x)
+    assert tr.validate().checked == tr.num_ops
+    _assert_same_output(tr, model, x)
+    assert [len(op.parents) for op in tr if op.name == "cat"] == [1, 2, 3, 4]
+
+
+MORE = [
+    ("efficientnet_b0", {}, [(1, 3, 64, 64)]),
+    ("convnext_tiny", {}, [(1, 3, 64, 64)]),
+    ("swin_t", {}, [(1, 3, 64, 64)]),
+    ("vit_b_16", {}, [(1, 3, 224, 224)]),
+    ("shufflenet_v2_x0_5", {}, [(1, 3, 64, 64)]),
+    ("densenet121", {}, [(1, 3, 64, 64)]),
+    ("inception_v3", {"init_weights": True, "aux_logits": False}, [(1, 3, 96, 96)]),
+    ("deeplabv3_mobilenet_v3_large", {"weights_backbone": None}, [(1, 3, 64, 64)]),
+    ("raft_small", {}, [(1, 3, 128, 128), (1, 3, 128, 128)]),  # optical flow: a loop
+]
+
+
+@pytest.mark.parametrize(("name", "kw", "shapes"), MORE, ids=[m[0] for m in MORE])
+def test_more_torchvision_architectures(name, kw, shapes):
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None, **kw).eval()
+    args = [torch.randn(s) for s in shapes]
+    with torch.no_grad():
+        tr = lurker.trace(model, *args)
+    assert tr.validate().checked == tr.num_ops
+    _check_links(tr)
+    if name == "raft_small":
+        assert tr.is_recurrent  # the refinement loop reuses its update block

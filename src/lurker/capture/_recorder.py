@@ -446,7 +446,13 @@ class Recorder(TorchFunctionMode):
             else:
                 self._maybe_save(node, outs)
         if node.activation is not None or self.save.everything:
-            node._skel_args = args  # raw call arguments: validation swaps in saved tensors
+            # raw call arguments (validation swaps in saved tensors); lists are copied
+            # because models keep appending to them (DenseNet's torch.cat(features))
+            if any(type(a) is list for a in args):
+                args = tuple(list(a) if type(a) is list else a for a in args)
+            if kwargs and any(type(v) is list for v in kwargs.values()):
+                kwargs = {k: list(v) if type(v) is list else v for k, v in kwargs.items()}
+            node._skel_args = args
             node._skel_kwargs = kwargs
         return node
 

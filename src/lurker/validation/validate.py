@@ -111,8 +111,16 @@ def validate(trace: Trace, *, rtol: float, atol: float) -> ValidationReport:
                 report.skipped[op.label] = "input not saved"
                 continue
             it = iter(values)
-            args = refill(op._skel_args, it)
-            kwargs = refill(op._skel_kwargs, it)
+            try:
+                args = refill(op._skel_args, it)
+                kwargs = refill(op._skel_kwargs, it)
+            except StopIteration:
+                raise ValidationError(
+                    f"{op.label} ({op.name}{_where(op)}): its recorded arguments no longer hold "
+                    f"the {len(values)} tensors it was called with (a container changed after "
+                    "the call). Please report this model.",
+                    op=op.label,
+                ) from None
             try:
                 result = op._func(*args, **kwargs)
             except Exception as e:
