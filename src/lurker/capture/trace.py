@@ -190,9 +190,9 @@ class Trace:
         tr.output = output
         if output is not None:
             for name, t in paths(output, "output", []):
-                hit = rec.producers.get(id(t))
-                src = hit[1] if hit is not None and hit[0]() is t else rec._resolve(t)[0]
-                k = hit[2] if hit is not None and hit[0]() is t else 0
+                src, k = rec._resolve(t)  # the producing op (or buffer/constant node)
+                if src < 0:  # the model returned a parameter itself
+                    src, k = rec.add_source_node("constant", name, t), 0
                 idx = len(rec.nodes)
                 node = Op(index=idx, kind="output", name=name, parents=[src])
                 node.outputs = [TensorMeta(tuple(t.shape), t.dtype, t.device, t.requires_grad)]

@@ -63,7 +63,7 @@ def _distances(nodes: list[Op]) -> None:
                 q.append(p)
 
 
-def input_metas(node: Op, nodes: list[Op], param_shapes: dict[str, tuple[int, ...]] | None = None):
+def input_metas(node: Op, nodes: list[Op]) -> list[tuple[int, ...]]:
     """Shapes of an op's tensor arguments, in argument order."""
     metas: list[tuple[int, ...]] = []
     for src, what in node._inputs:

@@ -418,7 +418,7 @@ def _labels(ds: Any) -> list[int]:
     out = []  # last resort: one pass that reads every item
     for i in range(len(ds)):
         item = ds[i]
-        out.append(-1 if isinstance(item, tuple) is False else int(item[1]))
+        out.append(int(item[1]) if isinstance(item, tuple) else -1)  # Skipped: no label
     return out
 
 

@@ -104,7 +104,8 @@ class UnitImages:
         from .receptive import RF
 
         info = self.run.layer(layer)
-        h, w = self._sample(0).shape[-2:]
+        size = self.run.meta.get("image_size")  # (H, W) the model saw; no image to read
+        h, w = size[-2:] if size and len(size) >= 2 else self._sample(0).shape[-2:]
         if not info.rf:
             return (0, h, 0, w)
         return RF.from_dict(info.rf).box(y, x, clip_to=(h, w))
