@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import itertools
 import threading
+import weakref
 
 import pytest
 import torch
@@ -289,9 +291,51 @@ def test_failure_leaves_partial_trace_and_clean_torch():
     from torch.nn.modules import module as mod
 
     assert not mod._global_forward_hooks and not mod._global_forward_pre_hooks
+    assert gc.isenabled()  # the GC, paused while recording, is back on
     # the model still works normally afterwards
     ok = nn.Linear(4, 2)
     lurker.trace(ok, torch.randn(1, 4)).validate()
+
+
+def test_trace_is_freed_without_the_cycle_collector():
+    """A dropped trace releases its activations at once: it holds no reference cycle (the
+    recorder keeps Python frames while recording, which must not outlive it)."""
+    model = torchvision.models.resnet18().eval()
+    gc.collect()
+    gc.disable()
+    try:
+        tr = lurker.trace(model, torch.randn(1, 3, 32, 32))
+        assert gc.isenabled() is False  # trace() leaves a disabled GC disabled
+        act = weakref.ref(tr["conv2d_1"].activation)
+        ref = weakref.ref(tr)
+        del tr
+        assert ref() is None and act() is None
+        assert gc.collect() == 0
+    finally:
+        gc.enable()
+
+
+def test_module_calls_outside_the_model_and_identity():
+    """Modules are found on the Python stack: a module that is not part of the model is
+    not a module of the trace, and a module that runs no tensor op has no passes."""
+
+    class Outside(nn.Module):
+        def __init__(self, helper: nn.Module):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.skip = nn.Identity()
+            self._helper = [helper]  # not registered: not part of the model
+
+        def forward(self, x):
+            return self._helper[0](self.skip(self.fc(x)))
+
+    model = Outside(nn.ReLU())
+    tr = lurker.trace(model, torch.randn(2, 4))
+    relu = next(op for op in tr if op.name == "relu")
+    assert relu.modules == () and relu.module is None
+    assert tr.modules["fc"].num_passes == 1 and tr.modules["skip"].num_passes == 0
+    assert tr["fc"].name == "linear" and tr["fc"].module_outputs == ["fc"]
+    tr.validate()
 
 
 def test_wrong_input_shape_error_names_fix():

@@ -76,6 +76,7 @@ class FuncInfo:
     readout: bool  # converts tensor data to a Python value (bool/int/float)
     random: bool  # depends on the RNG (dropout only when training=True)
     dropout: bool
+    norm: bool  # batch/instance norm: may update running statistics in place
 
 
 def op_name(func: Any) -> str:
@@ -89,7 +90,10 @@ def op_name(func: Any) -> str:
     return _RENAMES.get(name, name)
 
 
-_cache: dict[Any, FuncInfo] = {}
+# callable -> FuncInfo. Never holds DECOMPOSE entries or Tensor.__iter__, so a hit
+# tells the recorder that a callable needs no special handling.
+INFO: dict[Any, FuncInfo] = {}
+_cache = INFO
 
 
 def func_info(func: Any) -> FuncInfo:
@@ -104,9 +108,11 @@ def func_info(func: Any) -> FuncInfo:
             readout=raw in READOUTS,
             random=name in _RANDOM,
             dropout=name in _DROPOUTS,
+            norm=name in ("batch_norm", "instance_norm"),
         )
         with contextlib.suppress(TypeError):  # unhashable callable: just don't cache
-            _cache[func] = info
+            if func not in DECOMPOSE and func is not torch.Tensor.__iter__:
+                _cache[func] = info
     return info
 
 

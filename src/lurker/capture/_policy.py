@@ -32,6 +32,11 @@ class SavePolicy:
         return self._modules is not None and self._modules(path, module)
 
     @property
+    def asks_ops(self) -> bool:
+        """Whether it looks at each op (which must then be complete when recorded)."""
+        return self._ops is not None
+
+    @property
     def saves_modules(self) -> bool:
         return self._modules is not None
 

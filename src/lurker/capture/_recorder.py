@@ -3,8 +3,11 @@
 Design notes
 - Scoped, not patched: torch function modes live on a per-thread stack, so a trace sees
   only its own thread's calls and nothing is left behind once the ``with`` block exits.
-- Module calls are tracked with per-module hooks that check the recording thread, so two
-  threads may trace (even the same model) at once.
+- No module hooks: an op's enclosing module calls are read off the Python stack, whose
+  ``Module._call_impl`` frames name the module (``self``) and, by frame identity, the
+  call. Hooks would push every module call onto torch's slow path; the walk is needed
+  anyway to tell the call sites of a loop apart. Stacks are per thread, so two threads
+  may trace (even the same model) at once.
 - Per op we store only cheap facts (shapes, a weakref per output, a skeleton of the
   arguments); labels, passes, distances and FLOPs are derived afterwards.
 - In-place ops: a saved activation that shares storage with a tensor about to be modified
@@ -15,7 +18,6 @@ from __future__ import annotations
 
 import os
 import sys
-import threading
 import weakref
 from collections.abc import Callable
 from time import perf_counter
@@ -23,10 +25,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.module import (
-    register_module_forward_hook,
-    register_module_forward_pre_hook,
-)
 from torch.overrides import TorchFunctionMode
 
 from ..graph.nodes import ModuleInfo, Op, ParamRef, TensorMeta
@@ -39,6 +37,30 @@ _LURKER_DIR = os.path.dirname(os.path.dirname(__file__)) + os.sep
 _CALL_IMPL = nn.Module._call_impl.__code__
 _TENSOR_ITER = Tensor.__iter__
 _USER, _TORCH_MODEL, _PLUMBING = 0, 1, 2
+_MODULE_PY = os.path.join(_TORCH_DIR, "nn", "modules", "module.py")
+_OVERRIDES_PY = os.path.join(_TORCH_DIR, "overrides.py")
+_SITE, _CALL, _SKIP = 0, 1, 2
+# id(code) -> _SITE (a frame that tells call sites apart), _CALL (Module._call_impl) or
+# _SKIP (lurker's and torch's dispatch plumbing). Keyed by id: hashing a code object
+# hashes its bytecode.
+_code_kinds: dict[int, int] = {}
+
+
+def _code_kind(code: Any) -> int:
+    if code is _CALL_IMPL:
+        k = _CALL
+    elif code.co_filename.startswith(_LURKER_DIR) or code.co_filename in (
+        _MODULE_PY,
+        _OVERRIDES_PY,
+    ):
+        k = _SKIP
+    else:
+        k = _SITE
+        _codes[id(code)] = code  # keeps the id valid and the source findable
+    _code_kinds[id(code)] = k
+    return k
+
+
 # torch files that only dispatch calls: never shown as an op's source
 _PLUMBING_FILES = tuple(
     os.path.join(_TORCH_DIR, f)
@@ -51,8 +73,9 @@ _PLUMBING_FILES = tuple(
     )
 )
 _kind_cache: dict[str, int] = {}
-# (module paths, call frames) -> source line; call sites are few, so this is shared
-_SOURCES: dict[tuple, str | None] = {}
+_PASSTHROUGH = _funcs.PASSTHROUGH
+_INFO = _funcs.INFO
+_NO_KWARGS: dict[str, Any] = {}  # shared by calls without keywords: never mutated
 
 
 def _kind_of(filename: str) -> int:
@@ -91,12 +114,12 @@ class Recorder(TorchFunctionMode):
         self.transform = transform
         self.device = device
         self.grads = grads
-        self.tid = threading.get_ident()
         self.nodes: list[Op] = []
         self.seq = 0
         self.failed: Op | None = None
-        # id(tensor) -> (weakref, node index, output index); weakrefs guard against id reuse
-        self.producers: dict[int, tuple[Any, int, int]] = {}
+        # id(tensor) -> (weakref, (node index, output index), version when produced);
+        # weakrefs guard against id reuse
+        self.producers: dict[int, tuple[Any, tuple[int, int], int]] = {}
         # storage pointer -> nodes whose saved activation aliases it (for in-place safety)
         self.aliases: dict[int, list[int]] = {}
         self.mutators: dict[int, int] = {}  # storage pointer -> last in-place op on it
@@ -109,102 +132,170 @@ class Recorder(TorchFunctionMode):
         self.keys: dict[Any, list[int]] = {}  # rolling key -> [class number, passes so far]
         self.name_counts: dict[str, int] = {}
         # module bookkeeping
-        self.stack: tuple[tuple[str, int], ...] = ()
+        self.stack: tuple[tuple[str, int], ...] = ()  # (path, pass) of the current op's calls
         self.module_info: dict[str, ModuleInfo] = {}
+        self.modules: dict[str, nn.Module] = {}
         self.param_modules: set[str] = set()  # modules whose subtree holds parameters
-        self.hooks: list[Any] = []
-        self.active = False
-        self._stack_seen: Any = None
+        self.saved_modules: set[str] = set()  # modules whose outputs save= asks for
+        # the current op's module calls, outer to inner: [frame, path or None, pass]
+        self._chain: list[list[Any]] = []
         self._paths: tuple[str, ...] = ()
+        self._param_depth = -1  # index in _chain of the innermost call with parameters
+        self._sites: list[int] = []
+        self._calls: list[Any] = []
+        self.stop_frame: Any = None  # trace()'s frame: stack walks end there
         self.fast_save = save.everything and transform is None and device is None and not grads
 
-    # ------------------------------------------------------------------ module hooks
+    # ------------------------------------------------------------------ modules
     def attach(self) -> None:
-        """Index modules, parameters and buffers in one walk, then hook module calls."""
-        self.paths: dict[int, str] = {}
+        """Index modules, parameters and buffers in one walk of the module tree."""
+        self.paths: dict[int, str] = {}  # id(module) -> path, the root excluded
         counts: dict[str, int] = {}
         infos = self.module_info
-        for path, mod in self.model.named_modules():
-            parent = path.rsplit(".", 1)[0] if "." in path else ("" if path else None)
+        mods = self.modules
+        save = self.save
+        todo: list[tuple[str, nn.Module, str | None]] = [("", self.model, None)]
+        seen: set[int] = set()
+        while todo:  # depth first, children in order: named_modules() order, faster
+            path, mod, parent = todo.pop()
+            if id(mod) in seen:
+                continue  # a module registered twice keeps its first path
+            seen.add(id(mod))
+            mods[path] = mod
             infos[path] = ModuleInfo(path=path, type=type(mod).__name__, parent=parent)
-            if parent is not None and parent in infos:
+            if parent is not None:
                 infos[parent].children.append(path)
-            if path:  # the root's call is made by trace() itself
                 self.paths[id(mod)] = path
+            if save.saves_modules and save.wants_module(path, mod):
+                self.saved_modules.add(path)
             prefix = f"{path}." if path else ""
+            numel = 0
             for n, p in mod._parameters.items():
                 if p is None or id(p) in self.params:
                     continue  # shared parameters keep their first name
                 name = prefix + n
                 self.params[id(p)] = name
                 self.param_shapes[name] = tuple(p.shape)
-                numel = p.numel()
-                counts[""] = counts.get("", 0) + numel
-                parts = path.split(".") if path else []
-                for i in range(1, len(parts) + 1):
-                    key = ".".join(parts[:i])
-                    counts[key] = counts.get(key, 0) + numel
+                numel += p.numel()
+            if numel:
+                counts[path] = counts.get(path, 0) + numel
             for n, b in mod._buffers.items():
                 if b is not None and id(b) not in self.buffers:
                     self.buffers[id(b)] = prefix + n
-        for path, info in infos.items():
-            info.num_params = counts.get(path, 0)
+            todo.extend(
+                (prefix + n, m, path) for n, m in reversed(mod._modules.items()) if m is not None
+            )
+        for path in reversed(list(infos)):  # children before parents: sum subtrees
+            info = infos[path]
+            info.num_params += counts.get(path, 0)
             if info.num_params:
                 self.param_modules.add(path)
-        # Four global hooks cost less than two per submodule; they ignore other threads
-        # and modules outside this model, and are removed as soon as the trace ends.
-        self.hooks.append(register_module_forward_pre_hook(self._pre_hook))
-        self.hooks.append(register_module_forward_hook(self._post_hook, always_call=True))
+                if info.parent is not None:
+                    infos[info.parent].num_params += info.num_params
 
-    def detach(self) -> None:
-        for h in self.hooks:
-            h.remove()
-        self.hooks.clear()
+    def _locate(self) -> None:
+        """Walk the Python stack: the op's module calls and its call-site frames.
 
-    def _pre_hook(self, mod: nn.Module, args: Any) -> None:
-        if not self.active or threading.get_ident() != self.tid:
-            return
-        path = self.paths.get(id(mod))
-        if path is None:
-            return
-        info = self.module_info[path]
-        info.num_passes += 1
-        self.stack = (*self.stack, (path, info.num_passes))
+        ``Module._call_impl`` frames mark module calls (a new frame object is a new call,
+        so a module's pass number is counted here); every other frame adds its (code id,
+        bytecode offset) to ``_sites``, which tells call sites apart for loop detection
+        and gives the source line later. The walk stops at the first module call the
+        previous op was also inside: everything outside that call is unchanged (its
+        callers are suspended in it), so the previous op's outer part is reused and a
+        module's ``f_locals`` is read once per call.
+        """
+        f = sys._getframe(2)
+        stop = self.stop_frame
+        kinds = _code_kinds
+        chain = self._chain
+        sites: list[int] = []  # flat: code id, offset, code id, offset, ... inner to outer
+        calls: list[Any] = []  # flat: _call_impl frame, len(sites) there, ... inner to outer
+        known = -1  # position in chain of the first known call met
+        while f is not None and f is not stop:
+            code = f.f_code
+            k = kinds.get(id(code))
+            if k is None:
+                k = _code_kind(code)
+            if k == _SITE:
+                sites.append(id(code))
+                sites.append(f.f_lasti)
+            elif k == _CALL:
+                for q in range(len(chain) - 1, -1, -1):
+                    if chain[q][0] is f:
+                        known = q
+                        break
+                if known >= 0:
+                    break
+                calls.append(f)
+                calls.append(len(sites))
+            f = f.f_back
+        if known >= 0:  # splice in the previous op's walk from that call outwards
+            prev_sites = self._sites
+            prev_calls = self._calls
+            j = 2 * (len(chain) - 1 - known)  # the call's pair in prev_calls
+            cut = prev_calls[j + 1]
+            shift = len(sites) - cut
+            for i in range(j, len(prev_calls), 2):
+                calls.append(prev_calls[i])
+                calls.append(prev_calls[i + 1] + shift)
+            sites.extend(prev_sites[cut:])
+        self._sites = sites
+        self._calls = calls
+        new = (len(calls) >> 1) - (known + 1)  # calls this op is in and the last was not
+        if known == len(chain) - 1 and not new:
+            return  # same module call as the previous op
+        del chain[known + 1 :]
+        for j in range(new - 1, -1, -1):  # the new calls, outer to inner
+            fr = calls[2 * j]
+            path = self.paths.get(id(fr.f_locals.get("self")))
+            if path is None:  # the model itself, or a module that is not part of it
+                chain.append([fr, None, 0])
+            else:
+                info = self.module_info[path]
+                info.num_passes += 1
+                chain.append([fr, path, info.num_passes])
+        self.stack = tuple((c[1], c[2]) for c in chain if c[1] is not None)
+        self._paths = tuple(c[1] for c in chain if c[1] is not None)
+        self._param_depth = -1
+        for j in range(len(chain) - 1, -1, -1):
+            if chain[j][1] in self.param_modules:
+                self._param_depth = j
+                break
 
-    def _post_hook(self, mod: nn.Module, args: Any, output: Any) -> None:
-        if not self.active or threading.get_ident() != self.tid:
-            return
-        path = self.paths.get(id(mod))
-        if path is None or not self.stack or self.stack[-1][0] != path:
-            return
-        pass_num = self.stack[-1][1]
-        self.stack = self.stack[:-1]
-        produced: dict[int, dict[int, Tensor]] = {}
-        for t in tensors(output, []):
-            hit = self.producers.get(id(t))
-            if hit is not None and hit[0]() is t:
-                produced.setdefault(hit[1], {})[hit[2]] = t
-        save = self.save
-        for idx, outs in produced.items():
-            node = self.nodes[idx]
-            node.module_outputs.append((path, pass_num))  # named in postprocess
-            if (
-                save.saves_modules
-                and node.activation is None
-                and len(outs) == len(node.outputs)
-                and save.wants_module(path, mod)
-            ):
-                self._store(node, [outs[k] for k in range(len(outs))])
-        self.module_info[path].outputs[pass_num] = list(produced)
+    def release_frames(self) -> None:
+        """Drop every frame reference: frames hold the model's locals, and trace()'s frame
+        holds this recorder, so keeping one would leave the whole trace in a cycle."""
+        self.stop_frame = None
+        self._chain = []
+        self._calls = []
+
+    def _cut(self) -> int:
+        """How many entries of ``_sites`` lie inside the innermost call with parameters.
+
+        Only those frames identify an op within its layer: ops repeated at the same place
+        inside such a module (or in a loop of the model's forward) are passes of one
+        layer, while a parameter-free module reused at different places (ResNet's shared
+        ReLU) is not a loop. A loop repeats one call instruction; two calls on one line
+        are two instructions.
+        """
+        d = self._param_depth
+        if d < 0:
+            return len(self._sites)
+        calls = self._calls
+        return calls[2 * ((len(calls) >> 1) - 1 - d) + 1]
 
     # ------------------------------------------------------------------ sources
     def add_source_node(self, kind: str, name: str, t: Tensor) -> int:
         idx = len(self.nodes)
-        node = Op(index=idx, kind=kind, name=name, modules=self.stack)
-        node.outputs = [TensorMeta(tuple(t.shape), t.dtype, t.device, t.requires_grad)]
+        node = Op(idx, kind, name, "", "", 1, 1, self.stack)
+        node.outputs = [_meta(t)]
         self.nodes.append(node)
-        self._register_output(t, idx, 0)
-        self._maybe_save(node, [t])
+        self.producers[id(t)] = (weakref.ref(t), (idx, 0), t._version)
+        if self.fast_save:
+            node.activation = t.detach() if t.requires_grad else t
+            self.aliases.setdefault(t.untyped_storage().data_ptr(), []).append(idx)
+        else:
+            self._maybe_save(node, [t])
         return idx
 
     def _resolve(self, t: Tensor) -> tuple[int, Any]:
@@ -212,9 +303,9 @@ class Recorder(TorchFunctionMode):
         i = id(t)
         hit = self.producers.get(i)
         if hit is not None and hit[0]() is t:
-            if hit[3] != t._version:  # changed since, through another view of its storage
+            if hit[2] != t._version:  # changed since, through another view of its storage
                 self.stale_hit = True
-            return hit[1], hit[2]
+            return hit[1]
         name = self.params.get(i)
         if name is not None:
             return -1, name
@@ -232,7 +323,7 @@ class Recorder(TorchFunctionMode):
         return idx, 0
 
     def _register_output(self, t: Tensor, idx: int, k: int) -> None:
-        self.producers[id(t)] = (weakref.ref(t), idx, k, t._version)
+        self.producers[id(t)] = (weakref.ref(t), (idx, k), t._version)
 
     # ------------------------------------------------------------------ saving
     def _maybe_save(self, node: Op, outs: list[Tensor]) -> None:
@@ -242,6 +333,21 @@ class Recorder(TorchFunctionMode):
                     o.register_hook(self._grad_hook(node, k, len(outs)))
         if self.save.wants_op(node):
             self._store(node, outs)
+        elif self.saved_modules and not self.saved_modules.isdisjoint(self._paths):
+            # inside a module whose output save= wants: keep it until we know whether
+            # it is that output (see prune)
+            self._store(node, outs)
+            node._provisional = True
+
+    def prune(self) -> None:
+        """Drop provisionally saved activations that turned out not to be module outputs."""
+        if not self.saved_modules:
+            return
+        for node in self.nodes:
+            if node._provisional and not any(
+                m.split(":")[0] in self.saved_modules for m in node.module_outputs
+            ):
+                node.activation = None
 
     def _store(self, node: Op, outs: list[Tensor]) -> None:
         saved = []
@@ -291,35 +397,50 @@ class Recorder(TorchFunctionMode):
 
     # ------------------------------------------------------------------ the op hook
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if kwargs is None:
-            kwargs = {}
-        if func in _funcs.PASSTHROUGH:  # x.shape, x.dim(), x.size(1): nothing to record
-            return func(*args, **kwargs)
-        inner = _funcs.DECOMPOSE.get(func)
-        if inner is not None:
-            with self:
-                return inner(*args, **kwargs)
-        if func is _TENSOR_ITER:  # `for row in x`: record the unbind that yields the rows
-            return iter(self.__torch_function__(Tensor.unbind, types, (args[0],), {}))
-        info = _funcs.func_info(func)
+        if func in _PASSTHROUGH:  # x.dim(), x.size(1): nothing to record
+            return func(*args, **kwargs) if kwargs else func(*args)
+        info = _INFO.get(func)
+        if info is None:  # first call of this callable, or one handled specially
+            inner = _funcs.DECOMPOSE.get(func)
+            if inner is not None:
+                with self:
+                    return inner(*args, **(kwargs or {}))
+            if func is _TENSOR_ITER:  # `for row in x`: record the unbind that yields the rows
+                return iter(self.__torch_function__(Tensor.unbind, types, (args[0],), {}))
+            info = _funcs.func_info(func)
+        if not kwargs:
+            kwargs = _NO_KWARGS
+        self._locate()
         ins = call_tensors(args, kwargs)
         # resolve before running: a buffer or constant first met by an in-place op must be
         # saved with the value it had going in
-        inputs = [self._resolve(t) for t in ins]
+        producers = self.producers
+        inputs = []
+        versions = []
+        for t in ins:
+            hit = producers.get(id(t))
+            v = t._version
+            if hit is not None and hit[0]() is t:
+                if hit[2] != v:  # changed since, through another view of its storage
+                    self.stale_hit = True
+                inputs.append(hit[1])
+            else:
+                inputs.append(self._resolve(t))
+            versions.append(v)
         snaps = self._snapshots(ins) if self.stale_hit else None
-        inplace = (
-            info.inplace_first or kwargs.get("inplace") is True or (kwargs.get("out") is not None)
-        )
-        if inplace and self.aliases:
-            if kwargs.get("out") is not None:
-                for t in tensors(kwargs["out"], []):
+        inplace = info.inplace_first
+        if kwargs is not _NO_KWARGS:
+            inplace = inplace or kwargs.get("inplace") is True or kwargs.get("out") is not None
+        if self.aliases:
+            if inplace:
+                if kwargs.get("out") is not None:
+                    for t in tensors(kwargs["out"], []):
+                        self._protect(t)
+                elif ins:
+                    self._protect(ins[0])
+            if info.norm:
+                for t in _funcs.mutated_buffers(info, args, kwargs):
                     self._protect(t)
-            elif ins:
-                self._protect(ins[0])
-        if info.name in ("batch_norm", "instance_norm") and self.aliases:
-            for t in _funcs.mutated_buffers(info, args, kwargs):
-                self._protect(t)
-        versions = [t._version for t in ins]
         t0 = perf_counter()
         try:
             out = func(*args, **kwargs)
@@ -337,21 +458,28 @@ class Recorder(TorchFunctionMode):
             outs = tensors(out, [])
         else:
             outs = []
-        changed = [t for t, v in zip(ins, versions) if t._version != v]
+        changed = None
+        for j, t in enumerate(ins):
+            if t._version != versions[j]:
+                if changed is None:
+                    changed = []
+                changed.append(t)
         if not outs:
-            if not changed:
-                if out is not None and not isinstance(out, (tuple, list, dict)):
-                    _funcs.PASSTHROUGH.add(func)  # a query: skip it from now on
+            if changed is None:
+                if out is not None and (
+                    type(out) is torch.Size or not isinstance(out, (tuple, list, dict))
+                ):
+                    _PASSTHROUGH.add(func)  # a query: skip it from now on
                 return out
             outs = changed[:1]  # x[i] = v and friends: the op "produces" the mutated tensor
             inplace = True
-        if changed and not inplace:  # an in-place op we did not foresee: saved copies are off
+        if changed is not None and not inplace:  # an in-place op we did not foresee
             for t in changed:
-                self._mark_stale(t)
+                self._mark_stale(t)  # saved copies of its storage are off
             inplace = True
         node = self._record(func, info, inputs, args, kwargs, outs, dt, None, None)
-        node.inplace = inplace
         if inplace:
+            node.inplace = True
             self.mutators[outs[0].untyped_storage().data_ptr()] = node.index
         if snaps:
             self._link_mutators(node, ins, snaps)
@@ -366,92 +494,70 @@ class Recorder(TorchFunctionMode):
         snaps = {}
         for j, t in enumerate(ins):
             hit = self.producers.get(id(t))
-            if hit is not None and hit[0]() is t and hit[3] != t._version:
+            if hit is not None and hit[0]() is t and hit[2] != t._version:
                 snaps[j] = t.detach().clone()
         return snaps
 
     def _link_mutators(self, node: Op, ins: list[Tensor], snaps: dict[int, Tensor]) -> None:
         node._snapshots = snaps
+        extra = []
         for j in snaps:
             m = self.mutators.get(ins[j].untyped_storage().data_ptr())
-            if m is not None and m not in node.parents and m != node.index:
-                node.parents.append(m)
-                self.nodes[m].children.append(node.index)
+            if m is not None and m != node.index and m not in extra:
+                extra.append(m)
+        if node._where is None:  # completed already (save= asked about it by label)
+            for m in extra:
+                if m not in node.parents:
+                    node.parents.append(m)
+                    self.nodes[m].children.append(node.index)
+        else:
+            node._extra_parents = extra
 
     def _record(self, func, info, inputs, args, kwargs, outs, dt, kind, value) -> Op:
+        """The per-op minimum; :meth:`finalize` derives the rest once the forward is done.
+
+        Python run between torch kernels is several times slower than the same code run
+        in one batch afterwards (caches are cold), so only what cannot wait is done here:
+        output registration (later ops resolve their inputs by it) and saving.
+        """
         idx = len(self.nodes)
-        parents = []
-        params = []
-        for src, what in inputs:
-            if src >= 0:
-                if src not in parents:
-                    parents.append(src)
-            elif not any(p.name == what for p in params):
-                params.append(ParamRef(what, self.param_shapes[what]))
-        if kind is None:
-            kind = "op" if parents or params else "generated"
-        stack = self.stack
-        if stack is not self._stack_seen:  # module paths without passes, per stack change
-            self._stack_seen = stack
-            self._paths = tuple(p for p, _ in stack)
-        paths = self._paths
-        frames = self._frames(stack)
-        key = (
-            (info.name, paths, frames, *[p.name for p in params])
-            if params
-            else (info.name, paths, frames)
-        )
-        entry = self.keys.get(key)
-        if entry is None:  # first time at this place: number the layer, find its source
-            n = self.name_counts.get(info.name, 0) + 1
-            self.name_counts[info.name] = n
-            where = (paths, frames)
-            source = _SOURCES.get(where)
-            if source is None:
-                source = _SOURCES[where] = self._source(len(stack))
-                if len(_SOURCES) > 200_000:  # a bound, not a policy: call sites are few
-                    _SOURCES.clear()
-            entry = self.keys[key] = [n, 0, f"{info.name}_{n}", source]
-        entry[1] += 1
-        label = entry[2]
-        source = entry[3]
-        node = Op(idx, kind, info.name, label, label, entry[1], 1, stack)
-        node.parents = parents
-        node.params = params
+        node = Op(idx, kind, info.name, "", "", 1, 1, self.stack)
         node.time = dt
-        node.source = source
-        node.random = (info.random or info.dropout) and _funcs.is_random_call(info, args, kwargs)
         node.value = value
         node.seq = self.seq
+        self.seq += 1
         node._func = func
         node._inputs = inputs
-        node._key = key
-        self.seq += 1
-        new_meta = tuple.__new__  # TensorMeta is a NamedTuple: skip its Python __new__
-        node.outputs = [
-            new_meta(TensorMeta, (tuple(o.shape), o.dtype, o.device, o.requires_grad)) for o in outs
-        ]
+        node._where = (self._paths, self._sites, self._cut())
+        if info.random or info.dropout:
+            node.random = _funcs.is_random_call(info, args, kwargs)
         self.nodes.append(node)
-        nodes = self.nodes
-        for p in parents:
-            nodes[p].children.append(idx)
-        producers = self.producers
-        for k, o in enumerate(outs):
-            producers[id(o)] = (weakref.ref(o), idx, k, o._version)
         if outs:
+            producers = self.producers
+            for k, o in enumerate(outs):
+                producers[id(o)] = (weakref.ref(o), (idx, k), o._version)
             if self.fast_save and len(outs) == 1:  # the default: keep every output as is
                 o = outs[0]
                 node.activation = o.detach() if o.requires_grad else o
                 self.aliases.setdefault(o.untyped_storage().data_ptr(), []).append(idx)
+                node._outs = outs  # shapes are read in finalize (the tensor is kept anyway)
             else:
+                node.outputs = [_meta(o) for o in outs]
+                if self.save.asks_ops:  # it decides by label, shape, ...: complete it now
+                    self._complete(node)
                 self._maybe_save(node, outs)
         if node.activation is not None or self.save.everything:
             # raw call arguments (validation swaps in saved tensors); lists are copied
             # because models keep appending to them (DenseNet's torch.cat(features))
-            if any(type(a) is list for a in args):
-                args = tuple(list(a) if type(a) is list else a for a in args)
-            if kwargs and any(type(v) is list for v in kwargs.values()):
-                kwargs = {k: list(v) if type(v) is list else v for k, v in kwargs.items()}
+            for a in args:
+                if type(a) is list:
+                    args = tuple(list(a) if type(a) is list else a for a in args)
+                    break
+            if kwargs:
+                for v in kwargs.values():
+                    if type(v) is list:
+                        kwargs = {k: list(v) if type(v) is list else v for k, v in kwargs.items()}
+                        break
             node._skel_args = args
             node._skel_kwargs = kwargs
         return node
@@ -462,54 +568,98 @@ class Recorder(TorchFunctionMode):
             node.kind = "failed"
             self.failed = node
 
-    def _frames(self, stack: tuple[tuple[str, int], ...]) -> tuple:
-        """The call frames that identify an op within its layer.
+    def finalize(self) -> None:
+        """Derive, in one pass after the forward, what :meth:`_record` left out."""
+        for node in self.nodes:
+            if node._where is not None:
+                self._complete(node)
 
-        They are taken up to the call of the innermost enclosing module that holds
-        parameters: ops repeated at the same place inside such a module (or in a loop of
-        the model's forward) are passes of one layer; a parameter-free module reused at
-        different places (ResNet's shared ReLU) is not a loop. Each frame is (code id,
-        bytecode offset): a loop repeats one call instruction, while two calls on one line
-        are two instructions; ids hash fast.
+    def _complete(self, node: Op) -> None:
+        """Parents and children, parameters used, kind, output metadata, and the rolling
+        key that numbers the layer (``conv2d_3``), counts its passes and finds its source.
         """
-        climb = 0  # module calls to climb: up to the innermost one with parameters
-        for path, _ in reversed(stack):
-            if path in self.param_modules:
-                break
-            climb += 1
-        f = sys._getframe(2)  # the caller of __torch_function__'s caller
-        frames = []
-        crossed = 0
-        while f is not None:
-            code = f.f_code
-            if code is _CALL_IMPL:
-                crossed += 1
-                if crossed > climb:
-                    break
-            elif not code.co_filename.startswith(_LURKER_DIR):
-                frames.append((id(code), f.f_lasti))
-            f = f.f_back
-        return tuple(frames)
+        paths, sites, cut = node._where
+        node._where = None
+        parents: list[int] = []
+        params: list[ParamRef] = []
+        for src, what in node._inputs:
+            if src >= 0:
+                if src not in parents:
+                    parents.append(src)
+            elif not any(p.name == what for p in params):
+                params.append(ParamRef(what, self.param_shapes[what]))
+        extra = node._extra_parents
+        if extra:
+            parents.extend(m for m in extra if m not in parents)
+        node.parents = parents
+        node.params = params
+        nodes = self.nodes
+        for p in parents:
+            nodes[p].children.append(node.index)
+        if node.kind is None:
+            node.kind = "op" if parents or params else "generated"
+        outs = node._outs
+        if outs is not None:
+            node.outputs = [_meta(o) for o in outs]
+            node._outs = None
+        name = node.name
+        frames = tuple(sites[:cut])
+        key = (name, paths, frames, *[p.name for p in params]) if params else (name, paths, frames)
+        entry = self.keys.get(key)
+        if entry is None:  # first time at this place: number the layer, find its source
+            n = self.name_counts.get(name, 0) + 1
+            self.name_counts[name] = n
+            entry = self.keys[key] = [n, 0, f"{name}_{n}", _source(sites)]
+        entry[1] += 1
+        node.label = node.rolled = entry[2]
+        node.pass_num = entry[1]
+        node.source = entry[3]
+        node._key = key
 
-    def _source(self, depth: int) -> str | None:
-        """``file:line`` of the model code that made the call: the innermost frame of user
-        code (or else of torch's own module code) within the model's call. Cached by the
-        caller per call site, so this walk happens once per place in the code.
-        """
-        f = sys._getframe(2)
-        fallback = None
-        crossed = 0
-        while f is not None:
-            code = f.f_code
-            if code is _CALL_IMPL:
-                crossed += 1
-                if crossed > depth:  # the model's own call: never look above it
-                    break
-            else:
-                where = _kind_of(code.co_filename)
-                if where == _USER:
-                    return f"{code.co_filename}:{f.f_lineno}"
-                if where == _TORCH_MODEL and fallback is None:
-                    fallback = f"{code.co_filename}:{f.f_lineno}"
-            f = f.f_back
-        return fallback
+
+def _meta(t: Tensor) -> TensorMeta:
+    # TensorMeta is a NamedTuple: tuple.__new__ skips its slower Python __new__
+    return tuple.__new__(TensorMeta, (tuple(t.shape), t.dtype, t.device, t.requires_grad))
+
+
+_codes: dict[int, Any] = {}  # id -> code object, for the ids kept in call sites
+
+
+_SOURCES: dict[tuple[int, ...], str | None] = {}  # call sites -> source; sites are few
+
+
+def _source(sites: list[int]) -> str | None:
+    """``file:line`` of the model code that made the call: the innermost frame of user
+    code (or else of torch's own module code) within the model's call.
+    """
+    key = tuple(sites)
+    src = _SOURCES.get(key, False)
+    if src is False:
+        if len(_SOURCES) > 100_000:  # a bound, not a policy
+            _SOURCES.clear()
+        src = _SOURCES[key] = _find_source(sites)
+    return src  # type: ignore[return-value]
+
+
+def _find_source(sites: list[int]) -> str | None:
+    fallback = None
+    for i in range(0, len(sites), 2):
+        code = _codes.get(sites[i])
+        if code is None:
+            continue
+        where = _kind_of(code.co_filename)
+        if where == _PLUMBING:
+            continue
+        line = _line(code, sites[i + 1])
+        if where == _USER:
+            return f"{code.co_filename}:{line}"
+        if fallback is None:
+            fallback = f"{code.co_filename}:{line}"
+    return fallback
+
+
+def _line(code: Any, offset: int) -> int | None:
+    for start, end, line in code.co_lines():
+        if start <= offset < end:
+            return line
+    return code.co_firstlineno

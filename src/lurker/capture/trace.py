@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import fnmatch
+import gc
 import inspect
+import sys
 import traceback
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import nullcontext
@@ -65,28 +67,43 @@ def trace(
     )
     rng = _rng_state()
     rec.attach()
-    rec.active = True
+    rec.stop_frame = sys._getframe()
     grad_ctx = torch.enable_grad() if grads else nullcontext()
+    # The recorder makes a few container objects per op, all alive until the trace is
+    # built; letting the cyclic GC scan them (and all of torch) over and over costs more
+    # than the recording itself, so it waits until the trace is complete.
+    gc_was_on = gc.isenabled()
+    gc.disable()
     t0 = perf_counter()
     try:
-        with grad_ctx, rec:
-            output = model(*args, **kwargs)
-    except Exception as e:
-        rec.active = False
-        rec.detach()
-        partial = Trace._build(rec, None, inputs_copy, rng, perf_counter() - t0, complete=False)
-        raise _trace_error(model, e, partial, rec) from e
+        try:
+            with grad_ctx, rec:
+                output = model(*args, **kwargs)
+        except Exception as e:
+            rec.release_frames()
+            partial = Trace._build(rec, None, inputs_copy, rng, perf_counter() - t0, complete=False)
+            raise _trace_error(model, e, partial, rec) from e
+        finally:
+            rec.release_frames()
+        wall = perf_counter() - t0
+        return Trace._build(rec, output, inputs_copy, rng, wall, complete=True)
     finally:
-        rec.active = False
-        rec.detach()
-    wall = perf_counter() - t0
-    return Trace._build(rec, output, inputs_copy, rng, wall, complete=True)
+        if gc_was_on:
+            gc.enable()
+
+
+_SIGNATURES: dict[Any, inspect.Signature] = {}
 
 
 def _name_inputs(model: nn.Module, args: tuple, kwargs: dict) -> list[tuple[str, Tensor]]:
     """Name each input tensor by the forward() parameter it binds to (``x``, ``mask[0]``)."""
     try:
-        bound = inspect.signature(model.forward).bind(*args, **kwargs)
+        fwd = model.forward
+        key = getattr(fwd, "__func__", fwd)
+        sig = _SIGNATURES.get(key)
+        if sig is None:  # inspect.signature is slow; a forward's signature never changes
+            sig = _SIGNATURES[key] = inspect.signature(fwd)
+        bound = sig.bind(*args, **kwargs)
         items = list(bound.arguments.items())
     except (TypeError, ValueError):
         items = [(f"args[{i}]", a) for i, a in enumerate(args)] + list(kwargs.items())
@@ -188,6 +205,7 @@ class Trace:
         tr.param_shapes = rec.param_shapes
         tr.modules = rec.module_info
         tr.output = output
+        rec.finalize()
         if output is not None:
             for name, t in paths(output, "output", []):
                 src, k = rec._resolve(t)  # the producing op (or buffer/constant node)
@@ -205,6 +223,7 @@ class Trace:
                 rec.nodes[src].children.append(idx)
                 rec.nodes.append(node)
         postprocess.finish(rec.nodes, rec.module_info, rec.keys)
+        rec.prune()
         tr.ops = rec.nodes
         if rec.failed is not None:
             tr.failed_op = rec.failed.label

@@ -99,6 +99,10 @@ class Op:
     _inputs: list[tuple[int, Any]] = ()  # type: ignore[assignment]  # (node, out) / (-1, param)
     _key: Any = None
     _snapshots: dict[int, Any] | None = None  # inputs changed through an alias: their values
+    _where: Any = None  # (module paths, call sites, cut) until the recorder finalizes it
+    _outs: Any = None  # output tensors whose metadata finalize() reads
+    _extra_parents: Any = None  # ops that mutated an input through another view
+    _provisional: bool = False  # saved in case it is the output of a module save= names
 
     def __init__(
         self,

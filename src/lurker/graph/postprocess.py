@@ -14,27 +14,61 @@ def finish(
     passes: dict[object, list[int]],
 ) -> None:
     """Complete the recorded nodes in place (called once per trace)."""
+    _module_outputs(nodes, modules)
     counters: dict[str, int] = {}
+    recorded = ("op", "generated", "readout", "failed")
     for node in nodes:
-        if node._key is not None and node.kind in ("op", "generated", "readout", "failed"):
+        kind = node.kind
+        if node._key is not None and kind in recorded:
             entry = passes.get(node._key)
-            node.num_passes = entry[1] if entry else 1
-            node.label = node.rolled if node.num_passes == 1 else f"{node.rolled}:{node.pass_num}"
+            n = node.num_passes = entry[1] if entry else 1
+            node.label = node.rolled if n == 1 else f"{node.rolled}:{node.pass_num}"
         elif not node.label:  # inputs, outputs, buffers, constants
-            counters[node.kind] = counters.get(node.kind, 0) + 1
-            node.label = node.rolled = f"{node.kind}_{counters[node.kind]}"
-        node.module_outputs = [
-            p if modules[p].num_passes <= 1 else f"{p}:{n}"
-            for p, n in node.module_outputs  # type: ignore[misc]
-        ]
+            counters[kind] = counters.get(kind, 0) + 1
+            node.label = node.rolled = f"{kind}_{counters[kind]}"
+        if node.module_outputs:
+            node.module_outputs = [
+                p if modules[p].num_passes <= 1 else f"{p}:{n}"
+                for p, n in node.module_outputs  # type: ignore[misc]
+            ]
         for path, _ in node.modules:
             modules[path].ops.append(node.index)
-        if node.kind == "readout":
+        if kind == "readout":
             for p in node.parents:
                 nodes[p].decides_branch = True
             node.decides_branch = True
-        node.flops = flops(node, nodes)
+        if node.name in _FLOP_OPS:
+            node.flops = flops(node, nodes)
     _distances(nodes)
+
+
+def _module_outputs(nodes: list[Op], modules: dict[str, ModuleInfo]) -> None:
+    """Which module calls each op's output leaves: those are the calls' outputs.
+
+    An output is what a call hands back to code outside it: an op is an output of each
+    enclosing call that one of its consumers (or the model's output) lies outside. An
+    op nobody consumes is taken to be returned by all of its calls. Innermost first.
+    """
+    for node in nodes:
+        ms = node.modules
+        if not ms or not node.outputs or node.kind == "failed":
+            continue
+        depth = len(ms)
+        exit_at = 0 if not node.children else depth
+        for c in node.children:
+            cm = nodes[c].modules
+            j = 0
+            n = min(depth, len(cm))
+            while j < n and cm[j] == ms[j]:
+                j += 1
+            if j < exit_at:
+                exit_at = j
+                if not j:
+                    break
+        for j in range(depth - 1, exit_at - 1, -1):
+            path, pass_num = ms[j]
+            node.module_outputs.append((path, pass_num))
+            modules[path].outputs.setdefault(pass_num, []).append(node.index)
 
 
 def _distances(nodes: list[Op]) -> None:
