@@ -4,7 +4,7 @@ Design notes
 - Scoped, not patched: torch function modes live on a per-thread stack, so a trace sees
   only its own thread's calls and nothing is left behind once the ``with`` block exits.
 - No module hooks: an op's enclosing module calls are read off the Python stack, whose
-  ``Module._call_impl`` frames name the module (``self``) and, by frame identity, the
+  ``Module.__call__`` frames name the module (``self``) and, by frame identity, the
   call. Hooks would push every module call onto torch's slow path; the walk is needed
   anyway to tell the call sites of a loop apart. Stacks are per thread, so two threads
   may trace (even the same model) at once.
@@ -20,6 +20,7 @@ import os
 import sys
 import weakref
 from collections.abc import Callable
+from functools import partial
 from time import perf_counter
 from typing import Any
 
@@ -34,13 +35,15 @@ from ._tree import call_tensors, tensors
 
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 _LURKER_DIR = os.path.dirname(os.path.dirname(__file__)) + os.sep
-_CALL_IMPL = nn.Module._call_impl.__code__
+# The frame that marks a module call: Module.__call__ (``_wrapped_call_impl`` since torch 2.1;
+# its three locals make ``f_locals`` cheaper than on ``_call_impl``).
+_CALL_IMPL = nn.Module.__call__.__code__
 _TENSOR_ITER = Tensor.__iter__
 _USER, _TORCH_MODEL, _PLUMBING = 0, 1, 2
 _MODULE_PY = os.path.join(_TORCH_DIR, "nn", "modules", "module.py")
 _OVERRIDES_PY = os.path.join(_TORCH_DIR, "overrides.py")
 _SITE, _CALL, _SKIP = 0, 1, 2
-# id(code) -> _SITE (a frame that tells call sites apart), _CALL (Module._call_impl) or
+# id(code) -> _SITE (a frame that tells call sites apart), _CALL (Module.__call__) or
 # _SKIP (lurker's and torch's dispatch plumbing). Keyed by id: hashing a code object
 # hashes its bytecode.
 _code_kinds: dict[int, int] = {}
@@ -96,6 +99,82 @@ def _kind_of(filename: str) -> int:
     return r
 
 
+def _stamp(modules: Any) -> list[Any]:
+    """What :class:`_ModelIndex` depends on: the identity of every submodule, parameter and
+    buffer, and parameter shapes (``p.data = ...`` keeps the identity)."""
+    out: list[Any] = []
+    for mod in modules:
+        out.append([id(m) for m in mod._modules.values()])
+        ps = mod._parameters
+        if ps:
+            out.append([(id(p), p.shape if p is not None else None) for p in ps.values()])
+        if mod._buffers:
+            out.append([id(b) for b in mod._buffers.values()])
+    return out
+
+
+class _ModelIndex:
+    """A model's module tree, parameters and buffers, indexed in one walk.
+
+    Cached per model (weakly) and checked against :func:`_stamp` on every trace, which is
+    several times cheaper than walking the tree again.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.modules: dict[str, nn.Module] = {}
+        self.paths: dict[int, str] = {}  # id(module) -> path, the root excluded
+        self.params: dict[int, str] = {}
+        self.param_shapes: dict[str, tuple[int, ...]] = {}
+        self.buffers: dict[int, str] = {}
+        self.param_modules: set[str] = set()  # modules whose subtree holds parameters
+        parents: dict[str, str | None] = {}
+        children: dict[str, list[str]] = {}
+        counts: dict[str, int] = {}
+        todo: list[tuple[str, nn.Module, str | None]] = [("", model, None)]
+        seen: set[int] = set()
+        while todo:  # depth first, children in order: named_modules() order, faster
+            path, mod, parent = todo.pop()
+            if id(mod) in seen:
+                continue  # a module registered twice keeps its first path
+            seen.add(id(mod))
+            self.modules[path] = mod
+            parents[path] = parent
+            children[path] = []
+            if parent is not None:
+                children[parent].append(path)
+                self.paths[id(mod)] = path
+            prefix = f"{path}." if path else ""
+            numel = 0
+            for n, p in mod._parameters.items():
+                if p is None or id(p) in self.params:
+                    continue  # shared parameters keep their first name
+                name = prefix + n
+                self.params[id(p)] = name
+                self.param_shapes[name] = tuple(p.shape)
+                numel += p.numel()
+            counts[path] = numel
+            for n, b in mod._buffers.items():
+                if b is not None and id(b) not in self.buffers:
+                    self.buffers[id(b)] = prefix + n
+            todo.extend(
+                (prefix + n, m, path) for n, m in reversed(mod._modules.items()) if m is not None
+            )
+        for path in reversed(list(self.modules)):  # children before parents: sum subtrees
+            parent = parents[path]
+            if counts[path]:
+                self.param_modules.add(path)
+                if parent is not None:
+                    counts[parent] += counts[path]
+        self.rows = [
+            (path, type(mod).__name__, parents[path], tuple(children[path]), counts[path])
+            for path, mod in self.modules.items()
+        ]
+        self.stamp = _stamp(self.modules.values())
+
+
+_INDEX: weakref.WeakKeyDictionary[nn.Module, _ModelIndex] = weakref.WeakKeyDictionary()
+
+
 class Recorder(TorchFunctionMode):
     """Records one forward pass. Use through :func:`lurker.trace`, not directly."""
 
@@ -144,59 +223,35 @@ class Recorder(TorchFunctionMode):
         self._sites: list[int] = []
         self._calls: list[Any] = []
         self.stop_frame: Any = None  # trace()'s frame: stack walks end there
+        self._top: Any = None  # the previous op's innermost call-site frame
         self.fast_save = save.everything and transform is None and device is None and not grads
 
     # ------------------------------------------------------------------ modules
     def attach(self) -> None:
-        """Index modules, parameters and buffers in one walk of the module tree."""
-        self.paths: dict[int, str] = {}  # id(module) -> path, the root excluded
-        counts: dict[str, int] = {}
+        """Index modules, parameters and buffers (cached per model while its tree is unchanged)."""
+        idx = _INDEX.get(self.model)
+        if idx is None or idx.stamp != _stamp(idx.modules.values()):
+            idx = _ModelIndex(self.model)
+            _INDEX[self.model] = idx
+        self.paths = idx.paths
+        self.params = idx.params
+        self.param_shapes = idx.param_shapes
+        self.buffers = idx.buffers
+        self.param_modules = idx.param_modules
+        self.modules = idx.modules
         infos = self.module_info
-        mods = self.modules
+        for path, type_name, parent, children, num_params in idx.rows:
+            infos[path] = ModuleInfo(path, type_name, parent, list(children), 0, num_params)
         save = self.save
-        todo: list[tuple[str, nn.Module, str | None]] = [("", self.model, None)]
-        seen: set[int] = set()
-        while todo:  # depth first, children in order: named_modules() order, faster
-            path, mod, parent = todo.pop()
-            if id(mod) in seen:
-                continue  # a module registered twice keeps its first path
-            seen.add(id(mod))
-            mods[path] = mod
-            infos[path] = ModuleInfo(path=path, type=type(mod).__name__, parent=parent)
-            if parent is not None:
-                infos[parent].children.append(path)
-                self.paths[id(mod)] = path
-            if save.saves_modules and save.wants_module(path, mod):
-                self.saved_modules.add(path)
-            prefix = f"{path}." if path else ""
-            numel = 0
-            for n, p in mod._parameters.items():
-                if p is None or id(p) in self.params:
-                    continue  # shared parameters keep their first name
-                name = prefix + n
-                self.params[id(p)] = name
-                self.param_shapes[name] = tuple(p.shape)
-                numel += p.numel()
-            if numel:
-                counts[path] = counts.get(path, 0) + numel
-            for n, b in mod._buffers.items():
-                if b is not None and id(b) not in self.buffers:
-                    self.buffers[id(b)] = prefix + n
-            todo.extend(
-                (prefix + n, m, path) for n, m in reversed(mod._modules.items()) if m is not None
-            )
-        for path in reversed(list(infos)):  # children before parents: sum subtrees
-            info = infos[path]
-            info.num_params += counts.get(path, 0)
-            if info.num_params:
-                self.param_modules.add(path)
-                if info.parent is not None:
-                    infos[info.parent].num_params += info.num_params
+        if save.saves_modules:
+            for path, mod in idx.modules.items():
+                if save.wants_module(path, mod):
+                    self.saved_modules.add(path)
 
     def _locate(self) -> None:
         """Walk the Python stack: the op's module calls and its call-site frames.
 
-        ``Module._call_impl`` frames mark module calls (a new frame object is a new call,
+        ``Module.__call__`` frames mark module calls (a new frame object is a new call,
         so a module's pass number is counted here); every other frame adds its (code id,
         bytecode offset) to ``_sites``, which tells call sites apart for loop detection
         and gives the source line later. The walk stops at the first module call the
@@ -209,8 +264,10 @@ class Recorder(TorchFunctionMode):
         kinds = _code_kinds
         chain = self._chain
         sites: list[int] = []  # flat: code id, offset, code id, offset, ... inner to outer
-        calls: list[Any] = []  # flat: _call_impl frame, len(sites) there, ... inner to outer
+        calls: list[Any] = []  # flat: Module.__call__ frame, len(sites) there, ... inner to outer
         known = -1  # position in chain of the first known call met
+        top = self._top  # the previous op's innermost call site
+        first = None
         while f is not None and f is not stop:
             code = f.f_code
             k = kinds.get(id(code))
@@ -219,6 +276,17 @@ class Recorder(TorchFunctionMode):
             if k == _SITE:
                 sites.append(id(code))
                 sites.append(f.f_lasti)
+                if first is None:
+                    first = f
+                if f is top:  # same function as the previous op: the rest is as it was
+                    base = len(sites)
+                    prev_calls = self._calls
+                    for i in range(0, len(prev_calls), 2):
+                        calls.append(prev_calls[i])
+                        calls.append(prev_calls[i + 1] - 2 + base)
+                    sites.extend(self._sites[2:])
+                    known = len(chain) - 1
+                    break
             elif k == _CALL:
                 for q in range(len(chain) - 1, -1, -1):
                     if chain[q][0] is f:
@@ -229,7 +297,11 @@ class Recorder(TorchFunctionMode):
                 calls.append(f)
                 calls.append(len(sites))
             f = f.f_back
-        if known >= 0:  # splice in the previous op's walk from that call outwards
+        else:
+            known = -2  # no frame shared with the previous op
+        if known == -2:
+            known = -1
+        elif f is not top:  # splice in the previous op's walk from that call outwards
             prev_sites = self._sites
             prev_calls = self._calls
             j = 2 * (len(chain) - 1 - known)  # the call's pair in prev_calls
@@ -241,26 +313,32 @@ class Recorder(TorchFunctionMode):
             sites.extend(prev_sites[cut:])
         self._sites = sites
         self._calls = calls
+        # the innermost site, if it lies inside every call (true unless an op is called
+        # straight from Module.__call__)
+        self._top = first if not calls or calls[1] >= 2 else None
         new = (len(calls) >> 1) - (known + 1)  # calls this op is in and the last was not
         if known == len(chain) - 1 and not new:
             return  # same module call as the previous op
         del chain[known + 1 :]
+        if chain:
+            _, _, stack, paths, depth = chain[-1]
+        else:
+            stack, paths, depth = (), (), -1
         for j in range(new - 1, -1, -1):  # the new calls, outer to inner
             fr = calls[2 * j]
             path = self.paths.get(id(fr.f_locals.get("self")))
-            if path is None:  # the model itself, or a module that is not part of it
-                chain.append([fr, None, 0])
-            else:
+            if path is not None:  # else the model itself, or a module not part of it
                 info = self.module_info[path]
                 info.num_passes += 1
-                chain.append([fr, path, info.num_passes])
-        self.stack = tuple((c[1], c[2]) for c in chain if c[1] is not None)
-        self._paths = tuple(c[1] for c in chain if c[1] is not None)
-        self._param_depth = -1
-        for j in range(len(chain) - 1, -1, -1):
-            if chain[j][1] in self.param_modules:
-                self._param_depth = j
-                break
+                stack = (*stack, (path, info.num_passes))
+                paths = (*paths, path)
+                if path in self.param_modules:
+                    depth = len(chain)
+            # [frame, path, module stack, paths, innermost call with parameters], so far
+            chain.append([fr, path, stack, paths, depth])
+        self.stack = stack
+        self._paths = paths
+        self._param_depth = depth
 
     def release_frames(self) -> None:
         """Drop every frame reference: frames hold the model's locals, and trace()'s frame
@@ -268,6 +346,7 @@ class Recorder(TorchFunctionMode):
         self.stop_frame = None
         self._chain = []
         self._calls = []
+        self._top = None
 
     def _cut(self) -> int:
         """How many entries of ``_sites`` lie inside the innermost call with parameters.
@@ -581,39 +660,44 @@ class Recorder(TorchFunctionMode):
         paths, sites, cut = node._where
         node._where = None
         parents: list[int] = []
-        params: list[ParamRef] = []
+        pnames: list[str] | None = None
         for src, what in node._inputs:
             if src >= 0:
                 if src not in parents:
                     parents.append(src)
-            elif not any(p.name == what for p in params):
-                params.append(ParamRef(what, self.param_shapes[what]))
+            elif pnames is None:
+                pnames = [what]
+            elif what not in pnames:
+                pnames.append(what)
         extra = node._extra_parents
         if extra:
             parents.extend(m for m in extra if m not in parents)
         node.parents = parents
-        node.params = params
         nodes = self.nodes
         for p in parents:
             nodes[p].children.append(node.index)
+        if pnames:
+            shapes = self.param_shapes
+            node.params = [ParamRef(w, shapes[w]) for w in pnames]
         if node.kind is None:
-            node.kind = "op" if parents or params else "generated"
+            node.kind = "op" if parents or pnames else "generated"
         outs = node._outs
         if outs is not None:
             node.outputs = [_meta(o) for o in outs]
             node._outs = None
         name = node.name
         frames = tuple(sites[:cut])
-        key = (name, paths, frames, *[p.name for p in params]) if params else (name, paths, frames)
+        key = (name, paths, frames, *pnames) if pnames else (name, paths, frames)
         entry = self.keys.get(key)
-        if entry is None:  # first time at this place: number the layer, find its source
+        if entry is None:  # first time at this place: number the layer
             n = self.name_counts.get(name, 0) + 1
             self.name_counts[name] = n
-            entry = self.keys[key] = [n, 0, f"{name}_{n}", _source(sites)]
+            # the source line is looked up only if asked for
+            entry = self.keys[key] = [n, 0, f"{name}_{n}", partial(_source, sites)]
         entry[1] += 1
         node.label = node.rolled = entry[2]
         node.pass_num = entry[1]
-        node.source = entry[3]
+        node._source = entry[3]
         node._key = key
 
 

@@ -202,7 +202,7 @@ class Trace:
         tr._inputs = inputs
         tr._rng = rng
         tr._transform = rec.transform
-        tr.param_shapes = rec.param_shapes
+        tr.param_shapes = dict(rec.param_shapes)  # the recorder shares its index across traces
         tr.modules = rec.module_info
         tr.output = output
         rec.finalize()

@@ -81,7 +81,6 @@ class Op:
     params: list[ParamRef]
     time: float = 0.0  # seconds spent in the op during the traced forward
     flops: int | None = None
-    source: str | None = None  # 'file.py:42' of the model code that called it
     inplace: bool = False
     random: bool = False
     dist_from_input: int | None = None
@@ -129,6 +128,20 @@ class Op:
         self.children = []
         self.outputs = []
         self.params = []
+
+    _source: Any = None  # the source, or a function that finds it (looked up on demand)
+
+    @property
+    def source(self) -> str | None:
+        """``file.py:42`` of the model code that made the call."""
+        s = self._source
+        if callable(s):
+            s = self._source = s()
+        return s
+
+    @source.setter
+    def source(self, value: str | None) -> None:
+        self._source = value
 
     @property
     def module(self) -> str | None:
