@@ -291,6 +291,13 @@ def test_bad_inputs_raise():
         stats.update(torch.zeros(2, 3), torch.tensor([0, -1]), None)
     with pytest.raises(ValueError, match="num_classes"):
         stats.update(torch.zeros(2, 3), ids, torch.tensor([0, 2]))
+    # ids are checked once per tensor (a sweep passes one batch's ids to every layer), and
+    # again once that tensor is changed in place
+    ok = torch.arange(2)
+    stats.update(torch.zeros(2, 3), ok, None)
+    ok[1] = -5
+    with pytest.raises(ValueError, match="sample_ids"):
+        UnitStats(3, 2, 2, device="cpu").update(torch.zeros(2, 3), ok, None)
     with pytest.raises(ValueError, match="hist_range"):
         UnitStats(3, 2, 2, device="cpu", hist_range=(1.0, 1.0))
 

@@ -23,6 +23,7 @@ deterministic no matter how ties, batches, buffers, shards or ranks are arranged
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -62,6 +63,19 @@ def _encode(values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     flip = bits >> 31
     bits ^= flip.bitwise_and_(0x7FFFFFFF)
     return torch.add(_ID_MASK - ids, bits, alpha=_SHIFT)  # int64: high half value, low half id
+
+
+# The last sample ids checked (weakly) and their version: a sweep passes one batch's ids
+# to the statistics of every layer, so they are checked once, not once per layer.
+_last_ids: list[Any] = [lambda: None, -1]
+
+
+def _already_checked(ids: torch.Tensor) -> bool:
+    return _last_ids[0]() is ids and _last_ids[1] == ids._version
+
+
+def _remember_ids(ids: torch.Tensor) -> None:
+    _last_ids[:] = [weakref.ref(ids), ids._version]
 
 
 def _decode(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -298,8 +312,10 @@ class UnitStats:
             return
         # Range checks need the values on the host: only done when they already are (no sync).
         ids_cpu = sample_ids.device.type == "cpu"
-        if ids_cpu and bool(((sample_ids < 0) | (sample_ids > _ID_MASK)).any()):
-            raise ValueError("sample_ids must lie in [0, 2**32)")
+        if ids_cpu and not _already_checked(sample_ids):  # a batch's ids serve every layer
+            if bool(((sample_ids < 0) | (sample_ids > _ID_MASK)).any()):
+                raise ValueError("sample_ids must lie in [0, 2**32)")
+            _remember_ids(sample_ids)
         labels_cpu = labels is not None and labels.device.type == "cpu"
         if labels_cpu and bool((labels >= self.num_classes).any()):
             raise ValueError(f"labels must be < num_classes={self.num_classes}")
