@@ -315,6 +315,119 @@ def test_trace_is_freed_without_the_cycle_collector():
         gc.enable()
 
 
+def test_traced_model_is_not_kept_alive():
+    """The per-model index lurker caches must not keep the model (and its weights) alive."""
+    model = nn.Sequential(nn.Linear(8, 8))
+    ref = weakref.ref(model)
+    tr = lurker.trace(model, torch.randn(1, 8))
+    del tr, model
+    gc.collect()
+    assert ref() is None
+
+
+class _SideValue(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = self.lin(x).relu()
+        self.stat = y.mean()  # kept on the side, not returned
+        return y
+
+
+class _Gen(nn.Module):
+    def forward(self, g):
+        return next(g)
+
+
+def test_module_outputs_are_what_the_rest_of_the_model_uses():
+    """Derived from the graph: values kept on the side, a forward hook's own computations
+    and dropped attention weights are not a module's output."""
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blk = _SideValue()
+            self.probe = nn.Linear(4, 1)
+            self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):
+            y = self.blk(x)
+            y, _ = self.attn(y, y, y)
+            return self.head(y)
+
+    model = M().eval()
+    seen = []
+    model.blk.register_forward_hook(lambda m, i, o: seen.append(model.probe(o)))
+    tr = lurker.trace(model, torch.randn(2, 3, 4))
+    assert tr["blk"].name == "relu" and tr["blk"].shape == (2, 3, 4)
+    assert tr["attn"].shape == (2, 3, 4)
+    assert [tr.ops[i].name for i in tr.modules["attn"].outputs[1]] == [tr["attn"].name]
+    mean = next(op for op in tr.layers if op.name == "mean")
+    assert mean.module == "blk" and mean.module_outputs == []
+    probe = next(op for op in tr.layers if op.module == "probe")
+    assert probe.modules == (("blk", 1), ("probe", 1)) and probe.module_outputs == []
+    tr.validate()
+
+
+def test_generator_resumed_under_another_module():
+    """A generator's frame resumes under whichever module pulls from it."""
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = _Gen(), _Gen()
+
+        def forward(self, x):
+            g = (t * 2 for t in (x, x + 1))
+            return self.a(g) + self.b(g)
+
+    tr = lurker.trace(M(), torch.randn(2, 4))
+    muls = [op for op in tr.layers if op.name == "mul"]
+    assert [op.module for op in muls] == ["a", "b"]
+    assert tr.modules["a"].num_passes == tr.modules["b"].num_passes == 1
+    assert tr["b"].index == muls[1].index
+    tr.validate()
+
+
+def test_output_metadata_is_read_before_later_in_place_changes():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 4)
+
+        def forward(self, x):
+            y = self.lin(x)
+            y.unsqueeze_(0)
+            z = x * 2
+            z.requires_grad_()
+            return y.sum() + z.sum()
+
+    with torch.no_grad():
+        tr = lurker.trace(M(), torch.randn(2, 3))
+    assert tr["lin"].shape == (2, 4) and tr["lin"].activation.shape == (2, 4)
+    assert tr["mul_1"].outputs[0].requires_grad is False
+
+
+def test_renamed_submodule_is_seen_on_the_next_trace():
+    model = nn.Sequential()
+    model.add_module("body", nn.Linear(4, 4))
+    model.add_module("fc", nn.Linear(4, 2))
+    x = torch.randn(2, 4)
+    lurker.trace(model, x)
+    model.head = model.fc
+    del model.fc
+    tr = lurker.trace(model, x)
+    assert "head" in tr and "fc" not in tr.modules
+    assert [p.name for op in tr.layers for p in op.params][-2:] == ["head.weight", "head.bias"]
+    model.head.weight = nn.Parameter(torch.randn(3, 4))
+    model.head.bias = nn.Parameter(torch.randn(3))
+    tr = lurker.trace(model, x)
+    assert tr["head"].params[0].shape == (3, 4) and tr.num_params == 4 * 4 + 4 + 3 * 4 + 3
+
+
 def test_module_calls_outside_the_model_and_identity():
     """Modules are found on the Python stack: a module that is not part of the model is
     not a module of the trace, and a module that runs no tensor op has no passes."""

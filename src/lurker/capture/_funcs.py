@@ -28,6 +28,9 @@ _RANDOM = {
     "normal", "normal_", "uniform_", "bernoulli", "bernoulli_", "multinomial", "poisson",
     "exponential_", "geometric_", "cauchy_", "log_normal_", "random_", "rrelu", "rrelu_",
     "empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided", "gumbel_softmax",
+    # torch.nn.init, recorded whole when a model builds a layer inside its forward
+    "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_", "xavier_normal_",
+    "trunc_normal_", "orthogonal_", "sparse_",
 }  # fmt: skip
 _DROPOUTS = {
     "dropout", "dropout_", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout",

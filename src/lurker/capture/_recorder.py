@@ -16,6 +16,8 @@ Design notes
 
 from __future__ import annotations
 
+import inspect
+import math
 import os
 import sys
 import weakref
@@ -42,7 +44,9 @@ _TENSOR_ITER = Tensor.__iter__
 _USER, _TORCH_MODEL, _PLUMBING = 0, 1, 2
 _MODULE_PY = os.path.join(_TORCH_DIR, "nn", "modules", "module.py")
 _OVERRIDES_PY = os.path.join(_TORCH_DIR, "overrides.py")
-_SITE, _CALL, _SKIP = 0, 1, 2
+_SITE, _CALL, _SKIP, _RESUMABLE = 0, 1, 2, 3
+# generators and coroutines: a call site whose frame may be resumed under other callers
+_RESUMABLE_FLAGS = inspect.CO_GENERATOR | inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR
 # id(code) -> _SITE (a frame that tells call sites apart), _CALL (Module.__call__) or
 # _SKIP (lurker's and torch's dispatch plumbing). Keyed by id: hashing a code object
 # hashes its bytecode.
@@ -58,7 +62,7 @@ def _code_kind(code: Any) -> int:
     ):
         k = _SKIP
     else:
-        k = _SITE
+        k = _RESUMABLE if code.co_flags & _RESUMABLE_FLAGS else _SITE
         _codes[id(code)] = code  # keeps the id valid and the source findable
     _code_kinds[id(code)] = k
     return k
@@ -100,17 +104,31 @@ def _kind_of(filename: str) -> int:
 
 
 def _stamp(modules: Any) -> list[Any]:
-    """What :class:`_ModelIndex` depends on: the identity of every submodule, parameter and
-    buffer, and parameter shapes (``p.data = ...`` keeps the identity)."""
+    """What :class:`_ModelIndex` depends on: the names and identities of every submodule,
+    parameter and buffer, and parameter shapes (``p.data = ...`` keeps the identity)."""
     out: list[Any] = []
     for mod in modules:
-        out.append([id(m) for m in mod._modules.values()])
+        ms = mod._modules
+        out.append(tuple(ms))
+        out.append([id(m) for m in ms.values()])
         ps = mod._parameters
         if ps:
-            out.append([(id(p), p.shape if p is not None else None) for p in ps.values()])
-        if mod._buffers:
-            out.append([id(b) for b in mod._buffers.values()])
+            out.append(tuple(ps))
+            out.append([(id(p), _shape(p)) for p in ps.values()])
+        bs = mod._buffers
+        if bs:
+            out.append(tuple(bs))
+            out.append([id(b) for b in bs.values()])
     return out
+
+
+def _shape(p: Any) -> tuple[int, ...] | None:
+    """A parameter's shape; () while a lazy module's parameter is uninitialized."""
+    if p is None:
+        return None
+    if isinstance(p, nn.parameter.UninitializedParameter):
+        return ()
+    return tuple(p.shape)
 
 
 class _ModelIndex:
@@ -150,8 +168,9 @@ class _ModelIndex:
                     continue  # shared parameters keep their first name
                 name = prefix + n
                 self.params[id(p)] = name
-                self.param_shapes[name] = tuple(p.shape)
-                numel += p.numel()
+                shape = _shape(p)
+                self.param_shapes[name] = shape
+                numel += math.prod(shape) if shape else 0
             counts[path] = numel
             for n, b in mod._buffers.items():
                 if b is not None and id(b) not in self.buffers:
@@ -170,6 +189,9 @@ class _ModelIndex:
             for path, mod in self.modules.items()
         ]
         self.stamp = _stamp(self.modules.values())
+        # the model is the cache's weak key: a strong reference to it here would keep it
+        # (and all its weights) alive for good
+        del self.modules[""]
 
 
 _INDEX: weakref.WeakKeyDictionary[nn.Module, _ModelIndex] = weakref.WeakKeyDictionary()
@@ -230,7 +252,7 @@ class Recorder(TorchFunctionMode):
     def attach(self) -> None:
         """Index modules, parameters and buffers (cached per model while its tree is unchanged)."""
         idx = _INDEX.get(self.model)
-        if idx is None or idx.stamp != _stamp(idx.modules.values()):
+        if idx is None or idx.stamp != _stamp((self.model, *idx.modules.values())):
             idx = _ModelIndex(self.model)
             _INDEX[self.model] = idx
         self.paths = idx.paths
@@ -238,7 +260,7 @@ class Recorder(TorchFunctionMode):
         self.param_shapes = idx.param_shapes
         self.buffers = idx.buffers
         self.param_modules = idx.param_modules
-        self.modules = idx.modules
+        self.modules = {"": self.model, **idx.modules}
         infos = self.module_info
         for path, type_name, parent, children, num_params in idx.rows:
             infos[path] = ModuleInfo(path, type_name, parent, list(children), 0, num_params)
@@ -273,11 +295,12 @@ class Recorder(TorchFunctionMode):
             k = kinds.get(id(code))
             if k is None:
                 k = _code_kind(code)
-            if k == _SITE:
+            if k in (_SITE, _RESUMABLE):
                 sites.append(id(code))
                 sites.append(f.f_lasti)
                 if first is None:
-                    first = f
+                    # a generator's frame can resume under other callers: never a shortcut
+                    first = f if k == _SITE else False
                 if f is top:  # same function as the previous op: the rest is as it was
                     base = len(sites)
                     prev_calls = self._calls
@@ -315,7 +338,7 @@ class Recorder(TorchFunctionMode):
         self._calls = calls
         # the innermost site, if it lies inside every call (true unless an op is called
         # straight from Module.__call__)
-        self._top = first if not calls or calls[1] >= 2 else None
+        self._top = first if first and (not calls or calls[1] >= 2) else None
         new = (len(calls) >> 1) - (known + 1)  # calls this op is in and the last was not
         if known == len(chain) - 1 and not new:
             return  # same module call as the previous op
@@ -510,6 +533,8 @@ class Recorder(TorchFunctionMode):
         inplace = info.inplace_first
         if kwargs is not _NO_KWARGS:
             inplace = inplace or kwargs.get("inplace") is True or kwargs.get("out") is not None
+        if inplace and ins:
+            self._settle_meta(ins[0])  # before unsqueeze_/t_/requires_grad_ change it
         if self.aliases:
             if inplace:
                 if kwargs.get("out") is not None:
@@ -563,6 +588,17 @@ class Recorder(TorchFunctionMode):
         if snaps:
             self._link_mutators(node, ins, snaps)
         return out
+
+    def _settle_meta(self, t: Tensor) -> None:
+        """Read now the output metadata of the op that produced ``t`` (normally left for
+        :meth:`finalize`), because an in-place op is about to run on ``t``."""
+        hit = self.producers.get(id(t))
+        if hit is not None and hit[0]() is t:
+            node = self.nodes[hit[1][0]]
+            outs = node._outs
+            if outs is not None:
+                node.outputs = [_meta(o) for o in outs]
+                node._outs = None
 
     def _snapshots(self, ins: list[Tensor]) -> dict[int, Tensor]:
         """Inputs modified through another view since their op produced them.

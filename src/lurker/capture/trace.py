@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import gc
 import inspect
 import sys
 import traceback
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import nullcontext
 from pathlib import Path
@@ -92,7 +94,8 @@ def trace(
             gc.enable()
 
 
-_SIGNATURES: dict[Any, inspect.Signature] = {}
+# forward function -> its signature; weak, so a closure over a model never keeps it alive
+_SIGNATURES: weakref.WeakKeyDictionary[Any, inspect.Signature] = weakref.WeakKeyDictionary()
 
 
 def _name_inputs(model: nn.Module, args: tuple, kwargs: dict) -> list[tuple[str, Tensor]]:
@@ -100,9 +103,14 @@ def _name_inputs(model: nn.Module, args: tuple, kwargs: dict) -> list[tuple[str,
     try:
         fwd = model.forward
         key = getattr(fwd, "__func__", fwd)
-        sig = _SIGNATURES.get(key)
+        try:
+            sig = _SIGNATURES.get(key)
+        except TypeError:  # not weakly referenceable: not cached
+            sig = None
         if sig is None:  # inspect.signature is slow; a forward's signature never changes
-            sig = _SIGNATURES[key] = inspect.signature(fwd)
+            sig = inspect.signature(fwd)
+            with contextlib.suppress(TypeError):
+                _SIGNATURES[key] = sig
         bound = sig.bind(*args, **kwargs)
         items = list(bound.arguments.items())
     except (TypeError, ValueError):

@@ -46,15 +46,17 @@ def _module_outputs(nodes: list[Op], modules: dict[str, ModuleInfo]) -> None:
     """Which module calls each op's output leaves: those are the calls' outputs.
 
     An output is what a call hands back to code outside it: an op is an output of each
-    enclosing call that one of its consumers (or the model's output) lies outside. An
-    op nobody consumes is taken to be returned by all of its calls. Innermost first.
+    enclosing call that one of its consumers (or the model's output) lies outside,
+    innermost first. An op nobody consumes (a value kept on the side, attention weights
+    the caller drops) is an output of no call, so ``trace["block"]`` stays the tensor the
+    rest of the model used.
     """
     for node in nodes:
         ms = node.modules
-        if not ms or not node.outputs or node.kind == "failed":
+        if not ms or not node.children or node.kind == "failed":
             continue
         depth = len(ms)
-        exit_at = 0 if not node.children else depth
+        exit_at = depth
         for c in node.children:
             cm = nodes[c].modules
             j = 0
