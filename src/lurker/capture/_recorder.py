@@ -8,8 +8,14 @@ Design notes
   call. Hooks would push every module call onto torch's slow path; the walk is needed
   anyway to tell the call sites of a loop apart. Stacks are per thread, so two threads
   may trace (even the same model) at once.
-- Per op we store only cheap facts (shapes, a weakref per output, a skeleton of the
-  arguments); labels, passes, distances and FLOPs are derived afterwards.
+- Per op, while the model runs, only what cannot wait: the module call and call site,
+  where each input came from, a weakref per output (later ops resolve their inputs by
+  it), saved tensors and the raw arguments. Parents, parameters, labels, passes and
+  output metadata are derived in one pass afterwards (:meth:`Recorder.finalize`),
+  distances and FLOPs in ``graph.postprocess``: Python run between torch kernels costs
+  2-3x what it does in a batch, because the kernels leave the caches cold.
+- The cyclic GC is paused while recording (trace() does that), and frame references are
+  dropped at the end, so a trace holds no reference cycle and frees at once.
 - In-place ops: a saved activation that shares storage with a tensor about to be modified
   in place is cloned first, so every saved tensor keeps the value its op produced.
 """
@@ -423,9 +429,6 @@ class Recorder(TorchFunctionMode):
             self.constant_nodes[i] = idx
             self.nodes[idx]._key = t  # keep the constant alive and identifiable
         return idx, 0
-
-    def _register_output(self, t: Tensor, idx: int, k: int) -> None:
-        self.producers[id(t)] = (weakref.ref(t), (idx, k), t._version)
 
     # ------------------------------------------------------------------ saving
     def _maybe_save(self, node: Op, outs: list[Tensor]) -> None:
