@@ -4,7 +4,7 @@ Both read the same synthetic images through the same DataLoader (batch 64); the 
 keeps k=9 top samples by mean and by max for every unit of every conv layer. Runs are
 interleaved and the medians compared. Target (issue #3): probe >= 0.9x the plain forward.
 
-    python benchmarks/probe_throughput.py [--images 512] [--size 64] [--device cuda]
+    python benchmarks/probe_throughput.py [--images 1024] [--size 64] [--device cuda]
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def probe_pass(model, ds, batch_size: int, device: str, out: str) -> tuple[float
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--images", type=int, default=512)
+    ap.add_argument("--images", type=int, default=1024)
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
