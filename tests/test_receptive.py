@@ -377,6 +377,26 @@ def test_slicing_cat_split_flip_and_nhwc() -> None:
     check(rf, model, x, all_positions(shape), tight=True)
 
 
+def test_narrow_select_unbind_against_autograd() -> None:
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(2, 3, 3)
+            self.mix = nn.Conv2d(2, 2, 1)
+
+        def forward(self, x: Tensor) -> Tensor:
+            y = self.conv(x).narrow(2, -20, 12)  # rows 10..21 of 30
+            rows = y.unbind(3)  # one map per column
+            col = torch.stack([rows[4], rows[-3]], dim=3)  # columns 4 and 27
+            chans = torch.stack([y.select(1, 0), y.select(1, -1)], 1)
+            return self.mix(chans) + col[:, :2].sum(3, keepdim=True)
+
+    model = positive(M())
+    x = torch.randn(1, 2, 32, 32)
+    rf, shape = rf_of(model, x)
+    check(rf, model, x, all_positions(shape), tight=False)
+
+
 # --------------------------------------------------------------------------- real networks
 def test_resnet18_inside_and_tight() -> None:
     torch.manual_seed(0)

@@ -730,19 +730,8 @@ def _h_split(op: Op, k: int, parents: list[_Parent], out: tuple[int, ...]) -> _M
     unbind = op.name == "unbind"
     c = _Call(op, ("input", "dim") if unbind else ("input", "sections", "dim"))
     dim = int(c.get("dim", 0)) % len(p.shape)
-    maps: dict[int, _Map | None] = {}
-    e = 0
-    for d, n in enumerate(p.shape):
-        if d == dim and unbind:
-            maps[d] = _index(n, k)
-            continue
-        if d == dim:
-            off = sum(op.outputs[q].shape[d] for q in range(k))
-            maps[d] = _Map(e, _col(off + np.arange(out[e])), 1.0)
-        else:
-            maps[d] = _keep(e, n, out[e])
-        e += 1
-    return {p.j: maps}
+    start = k if unbind else sum(op.outputs[q].shape[dim] for q in range(k))
+    return {p.j: _slice_maps(p.shape, dim, start, out, drop=unbind)}
 
 
 def _h_narrow(op: Op, k: int, parents: list[_Parent], out: tuple[int, ...]) -> _Maps | None:
@@ -755,18 +744,28 @@ def _h_narrow(op: Op, k: int, parents: list[_Parent], out: tuple[int, ...]) -> _
     pos = c.get("index") if select else c.get("start")
     if not isinstance(pos, int):
         return None
+    start = pos if select else pos % p.shape[dim]
+    return {p.j: _slice_maps(p.shape, dim, start, out, drop=select)}
+
+
+def _slice_maps(
+    shape: tuple[int, ...], dim: int, start: int, out: tuple[int, ...], *, drop: bool
+) -> dict[int, _Map | None]:
+    """Maps of an op that keeps positions ``start, start + 1, ...`` of ``dim`` and every
+    other dimension whole (split, narrow); ``drop``: it keeps the one index ``start`` and
+    removes the dimension (unbind, select)."""
     maps: dict[int, _Map | None] = {}
     e = 0
-    for d, n in enumerate(p.shape):
-        if d == dim and select:
-            maps[d] = _index(n, pos)
+    for d, n in enumerate(shape):
+        if d == dim and drop:
+            maps[d] = _index(n, start)
             continue
         if d == dim:
-            maps[d] = _Map(e, _col(pos % n + np.arange(out[e])), 1.0)
+            maps[d] = _Map(e, _col(start + np.arange(out[e])), 1.0)
         else:
             maps[d] = _keep(e, n, out[e])
         e += 1
-    return {p.j: maps}
+    return maps
 
 
 def _h_flip(op: Op, k: int, parents: list[_Parent], out: tuple[int, ...]) -> _Maps | None:
