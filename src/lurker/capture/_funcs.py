@@ -96,11 +96,10 @@ def op_name(func: Any) -> str:
 # callable -> FuncInfo. Never holds DECOMPOSE entries or Tensor.__iter__, so a hit
 # tells the recorder that a callable needs no special handling.
 INFO: dict[Any, FuncInfo] = {}
-_cache = INFO
 
 
 def func_info(func: Any) -> FuncInfo:
-    info = _cache.get(func)
+    info = INFO.get(func)
     if info is None:
         raw = getattr(func, "__name__", "") or ""
         name = op_name(func)
@@ -115,7 +114,7 @@ def func_info(func: Any) -> FuncInfo:
         )
         with contextlib.suppress(TypeError):  # unhashable callable: just don't cache
             if func not in DECOMPOSE and func is not torch.Tensor.__iter__:
-                _cache[func] = info
+                INFO[func] = info
     return info
 
 

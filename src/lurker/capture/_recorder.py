@@ -244,7 +244,8 @@ class Recorder(TorchFunctionMode):
         self.modules: dict[str, nn.Module] = {}
         self.param_modules: set[str] = set()  # modules whose subtree holds parameters
         self.saved_modules: set[str] = set()  # modules whose outputs save= asks for
-        # the current op's module calls, outer to inner: [frame, path or None, pass]
+        # the current op's module calls, outer to inner: [frame, path or None, module
+        # stack, paths, innermost call with parameters], the last three up to that call
         self._chain: list[list[Any]] = []
         self._paths: tuple[str, ...] = ()
         self._param_depth = -1  # index in _chain of the innermost call with parameters
@@ -296,6 +297,8 @@ class Recorder(TorchFunctionMode):
         known = -1  # position in chain of the first known call met
         top = self._top  # the previous op's innermost call site
         first = None
+        splice = -1  # where in the previous op's _calls (and, at cut, _sites) to reuse it
+        cut = 0
         while f is not None and f is not stop:
             code = f.f_code
             k = kinds.get(id(code))
@@ -308,38 +311,28 @@ class Recorder(TorchFunctionMode):
                     # a generator's frame can resume under other callers: never a shortcut
                     first = f if k == _SITE else False
                 if f is top:  # same function as the previous op: the rest is as it was
-                    base = len(sites)
-                    prev_calls = self._calls
-                    for i in range(0, len(prev_calls), 2):
-                        calls.append(prev_calls[i])
-                        calls.append(prev_calls[i + 1] - 2 + base)
-                    sites.extend(self._sites[2:])
                     known = len(chain) - 1
+                    splice, cut = 0, 2
                     break
             elif k == _CALL:
                 for q in range(len(chain) - 1, -1, -1):
                     if chain[q][0] is f:
                         known = q
                         break
-                if known >= 0:
+                if known >= 0:  # a call the previous op was in: outside it, all is as it was
+                    splice = 2 * (len(chain) - 1 - known)  # the call's pair in _calls
+                    cut = self._calls[splice + 1]
                     break
                 calls.append(f)
                 calls.append(len(sites))
             f = f.f_back
-        else:
-            known = -2  # no frame shared with the previous op
-        if known == -2:
-            known = -1
-        elif f is not top:  # splice in the previous op's walk from that call outwards
-            prev_sites = self._sites
+        if splice >= 0:  # the previous op's walk from there outwards, offsets shifted
             prev_calls = self._calls
-            j = 2 * (len(chain) - 1 - known)  # the call's pair in prev_calls
-            cut = prev_calls[j + 1]
             shift = len(sites) - cut
-            for i in range(j, len(prev_calls), 2):
+            for i in range(splice, len(prev_calls), 2):
                 calls.append(prev_calls[i])
                 calls.append(prev_calls[i + 1] + shift)
-            sites.extend(prev_sites[cut:])
+            sites.extend(self._sites[cut:])
         self._sites = sites
         self._calls = calls
         # the innermost site, if it lies inside every call (true unless an op is called
@@ -363,7 +356,6 @@ class Recorder(TorchFunctionMode):
                 paths = (*paths, path)
                 if path in self.param_modules:
                     depth = len(chain)
-            # [frame, path, module stack, paths, innermost call with parameters], so far
             chain.append([fr, path, stack, paths, depth])
         self.stack = stack
         self._paths = paths
@@ -414,6 +406,11 @@ class Recorder(TorchFunctionMode):
             if hit[2] != t._version:  # changed since, through another view of its storage
                 self.stale_hit = True
             return hit[1]
+        return self._source_of(t)
+
+    def _source_of(self, t: Tensor) -> tuple[int, Any]:
+        """A tensor no recorded op produced: a parameter, a buffer or a constant."""
+        i = id(t)
         name = self.params.get(i)
         if name is not None:
             return -1, name
@@ -530,7 +527,7 @@ class Recorder(TorchFunctionMode):
                     self.stale_hit = True
                 inputs.append(hit[1])
             else:
-                inputs.append(self._resolve(t))
+                inputs.append(self._source_of(t))
             versions.append(v)
         snaps = self._snapshots(ins) if self.stale_hit else None
         inplace = info.inplace_first

@@ -82,7 +82,6 @@ def trace(
             with grad_ctx, rec:
                 output = model(*args, **kwargs)
         except Exception as e:
-            rec.release_frames()
             partial = Trace._build(rec, None, inputs_copy, rng, perf_counter() - t0, complete=False)
             raise _trace_error(model, e, partial, rec) from e
         finally:

@@ -102,6 +102,7 @@ class Op:
     _outs: Any = None  # output tensors whose metadata finalize() reads
     _extra_parents: Any = None  # ops that mutated an input through another view
     _provisional: bool = False  # saved in case it is the output of a module save= names
+    _source: Any = None  # the source, or a function that finds it (looked up on demand)
 
     def __init__(
         self,
@@ -128,8 +129,6 @@ class Op:
         self.children = []
         self.outputs = []
         self.params = []
-
-    _source: Any = None  # the source, or a function that finds it (looked up on demand)
 
     @property
     def source(self) -> str | None:
