@@ -104,11 +104,11 @@ def check_against(res, exp):
 
 
 def assert_same(r1, r2):
-    """Equal results: exact except float sums, which may differ by rounding."""
+    """Equal results: exact except float sums (means too), which may differ by rounding."""
     assert r1.keys() == r2.keys()
     for key in r1:
-        if key in ("class_mean", "unit_mean"):
-            torch.testing.assert_close(r1[key], r2[key], equal_nan=True, msg=key)
+        if key in ("class_mean", "unit_mean", "mean_values"):
+            torch.testing.assert_close(r1[key], r2[key], atol=1e-6, rtol=1e-5, equal_nan=True)
         else:
             assert torch.equal(r1[key], r2[key]) or (
                 r1[key].is_floating_point() and torch.allclose(r1[key], r2[key], equal_nan=True)
@@ -185,6 +185,48 @@ def test_nan_ranks_first_and_stays_out_of_histogram():
     assert math.isnan(res["mean_values"][0, 0]) and math.isnan(res["unit_max"][0])
     assert res["hist"].tolist() == [[0, 1, 1, 1], [3, 1, 0, 0]]  # NaN left out, -1 clamped
     assert res["hist_underflow"].tolist() == [0, 1]
+
+
+@pytest.mark.parametrize("hw", [(2, 2), (5, 7)], ids=["4-positions", "35-positions"])
+def test_non_finite_maps_match_the_torch_path(hw):
+    # A NaN anywhere makes a map's mean and max NaN, its peak the first NaN; +inf and -inf in
+    # one map make its mean NaN and its max +inf. The CPU's compiled kernel reads maps in SIMD
+    # lanes plus a remainder (4 positions: remainder only) and must agree with torch's path.
+    rng = np.random.default_rng(73)
+    acts = torch.tensor(rng.standard_normal((12, 3, *hw)), dtype=torch.float32)
+    acts[1, 0, 1, 1] = acts[1, 0, 0, 1] = math.nan
+    acts[4, 0] = -math.inf
+    acts[5, 1, 1, 0], acts[5, 1, 0, 1] = math.inf, -math.inf
+    acts[6, 1, 1, 1] = math.inf
+    acts[7, 2], acts[8, 2] = 0.0, -0.0
+    ids = torch.tensor([9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 11, 10])
+    labels = torch.tensor([0, 1] * 6)
+    kw = {"device": "cpu", "hist_bins": 4, "hist_range": (-1.0, 1.0)}
+    res = feed(UnitStats(3, 12, 2, **kw), acts, ids, labels, sizes=[5, 7]).result()
+    assert_same(feed(DevicePath(3, 12, 2, **kw), acts, ids, labels, sizes=[5, 7]).result(), res)
+    assert res["max_ids"][0, 0] == 8 and (res["max_y"][0, 0], res["max_x"][0, 0]) == (0, 1)
+    assert res["max_ids"][0, -1] == 5 and res["max_values"][0, -1] == -math.inf
+    assert res["max_ids"][1, :2].tolist() == [3, 4] and res["max_values"][1, 0] == math.inf
+    assert (res["max_y"][1, 1], res["max_x"][1, 1]) == (1, 0)
+    assert res["mean_ids"][0, 0] == 8 and res["mean_ids"][1, 0] == 4  # NaN means rank first
+    assert res["hist"].sum(1).tolist() == [11, 11, 12]  # NaN means are left out
+    # a non-finite mean stays in its own class (no 0 * inf leaking into the others)
+    assert res["class_mean"][0, 0] == -math.inf and res["class_mean"][1, 0] == math.inf
+
+
+def test_float32_overflow_in_a_map_sum():
+    # Sums of huge values of both signs overflow float32 SIMD lanes to inf and -inf; the CPU
+    # kernel then sums in float64, so the mean is the true one (0 here), not NaN.
+    big = np.float32(3e38)
+    acts = torch.tensor([[[big] * 16 + [-big] * 16, [big, -big] * 16]])
+    stats = UnitStats(2, 1, 0, device="cpu", hist_range=(-1.0, 1.0))
+    stats.update(acts, torch.tensor([0]), None)
+    res = stats.result()
+    assert res["mean_values"][:, 0].tolist() == [0.0, 0.0]
+    assert res["max_values"][:, 0].tolist() == [float(big)] * 2 and res["max_x"][:, 0].tolist() == [
+        0,
+        0,
+    ]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -391,14 +433,16 @@ def test_all_reduce_two_gloo_ranks_equals_single_process(tmp_path):
 
 
 class DevicePath(UnitStats):
-    """UnitStats on the CPU taking the code paths of other devices (GPUs): sample-major buffer,
-    max with indices for every map, one-hot matmul class sums, bucketize, one fold per buffer."""
+    """UnitStats on the CPU taking the torch code path of other devices (GPUs), which the CPU
+    also takes without numba: buffered samples, max with indices for every map, one-hot matmul
+    class sums, bucketize, one fold per buffer."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._cpu = False
-        self._linear = None
-        self._limit = self.buffer_samples
+        self._fused = False
+
+
+PATHS = pytest.mark.parametrize("cls", [UnitStats, DevicePath], ids=["cpu", "torch"])
 
 
 @pytest.mark.parametrize("shape", [(5,), (4, 7), (3, 5, 6)], ids=["2d", "3d", "4d"])
@@ -409,21 +453,24 @@ def test_buffer_boundaries_match_bruteforce(shape, ties, buffer_samples):
     # 20: batches straddle the boundary; 64: everything buffered until result().
     acts, ids, labels = make_data(shape, seed=41 + len(shape), ties=ties)
     kw = {"device": "cpu", "hist_bins": 8, "hist_range": (0.0, 0.5) if ties else None}
-    stats = UnitStats(shape[0], 6, 4, **kw, buffer_samples=buffer_samples)
+    stats = DevicePath(shape[0], 6, 4, **kw, buffer_samples=buffer_samples)
     res = feed(stats, acts, ids, labels).result()
     exp, _ = oracle(acts, ids, labels, 6, 4, res["hist_edges"])
     check_against(res, exp)
-    # ... and identical (float sums up to rounding) to an unbuffered pass, range included.
-    ref = UnitStats(shape[0], 6, 4, **kw, buffer_samples=1)
+    # ... and identical (float sums up to rounding) to an unbuffered pass, range included,
+    # and to the CPU's compiled path.
+    ref = DevicePath(shape[0], 6, 4, **kw, buffer_samples=1)
     assert_same(feed(ref, acts, ids, labels).result(), res)
+    assert_same(feed(UnitStats(shape[0], 6, 4, **kw), acts, ids, labels).result(), res)
 
 
+@PATHS
 @pytest.mark.parametrize("buffer_samples", [3, 19, 100])
-def test_automatic_range_from_first_batch_whatever_the_buffer(buffer_samples):
+def test_automatic_range_from_first_batch_whatever_the_buffer(cls, buffer_samples):
     # The first batch (20 samples) is larger than a 3- or 19-sample buffer, fits in 100.
     acts, ids, labels = make_data((3, 4), seed=43)
     sizes = [20, 1, 16, 8, 12]
-    stats = UnitStats(3, 4, 4, device="cpu", hist_bins=10, buffer_samples=buffer_samples)
+    stats = cls(3, 4, 4, device="cpu", hist_bins=10, buffer_samples=buffer_samples)
     res = feed(stats, acts, ids, labels, sizes=sizes).result()
     means = acts[:20].double().mean(2)
     lo, hi = float(means.min()), float(means.max())
@@ -433,12 +480,15 @@ def test_automatic_range_from_first_batch_whatever_the_buffer(buffer_samples):
     check_against(res, exp)
 
 
-@pytest.mark.parametrize("cls", [UnitStats, DevicePath])
-def test_pending_automatic_range_is_fixed_when_read(cls):
+@PATHS
+def test_automatic_range_is_fixed_by_the_first_batch(cls):
     acts, ids, labels = make_data((2, 3), seed=47)
     stats = cls(2, 2, 4, device="cpu", buffer_samples=100)
     stats.update(acts[:5], ids[:5], labels[:5])
-    assert stats._n == 5 and stats._range is None  # buffered, not folded in yet
+    if cls is DevicePath:
+        assert stats._n == 5 and stats._range is None  # buffered: fixed when folded or read
+    else:
+        assert stats._n == 0 and stats._range is not None  # folded in at once
     stats.update(acts[5:9], ids[5:9], labels[5:9])
     means = acts[:5].double().mean(2)
     lo, hi = float(means.min()), float(means.max())
@@ -450,10 +500,11 @@ def test_pending_automatic_range_is_fixed_when_read(cls):
     check_against(res, exp)
 
 
-def test_activation_is_read_during_update_only():
+@PATHS
+def test_activation_is_read_during_update_only(cls):
     # The probe hands over outputs that a later in-place op may overwrite.
     acts, ids, labels = make_data((4, 3, 5), seed=53)
-    stats = UnitStats(4, 5, 4, device="cpu", buffer_samples=1000)
+    stats = cls(4, 5, 4, device="cpu", buffer_samples=1000)
     scratch = acts.clone()
     start = 0
     for size in SIZES:
@@ -466,13 +517,14 @@ def test_activation_is_read_during_update_only():
     check_against(res, exp)
 
 
-def test_map_size_may_change_between_batches():
+@PATHS
+def test_map_size_may_change_between_batches(cls):
     # Flat peak indices are split into (y, x) by the width of the batch they came from.
     rng = np.random.default_rng(59)
-    shapes = [(6, 3, 4, 5), (5, 3, 2, 7), (4, 3, 6, 1), (3, 3, 4, 5)]
+    shapes = [(6, 3, 4, 5), (5, 3, 2, 7), (4, 3, 6, 1), (3, 3, 2, 4), (3, 3, 4, 5)]
     acts = [torch.tensor(rng.standard_normal(s), dtype=torch.float32) for s in shapes]
-    ids = torch.tensor(rng.choice(1000, size=18, replace=False))
-    stats = UnitStats(3, 18, 0, device="cpu", hist_range=(-1.0, 1.0), buffer_samples=50)
+    ids = torch.tensor(rng.choice(1000, size=21, replace=False))
+    stats = cls(3, 21, 0, device="cpu", hist_range=(-1.0, 1.0), buffer_samples=50)
     start = 0
     want = {}
     for a in acts:
@@ -500,10 +552,11 @@ def test_map_size_may_change_between_batches():
         assert got == {i: w for (i, uu), w in want.items() if uu == u}
 
 
-def test_cpu_peak_candidates_at_the_threshold_and_nan():
-    # On the CPU peaks are located only for maps that can still enter the top-k (max not below
-    # the k-th best so far): a late map that only ties with that threshold, and a NaN maximum,
-    # must still be located.
+@PATHS
+def test_peaks_at_the_threshold_and_nan(cls):
+    # On the CPU peaks are located only for maps that enter the top-k by max: a late map that
+    # only ties with the k-th best max so far (and wins on its id), and a NaN maximum, must
+    # still be located.
     acts, ids, labels = make_data((3, 3, 4), seed=61)
     rng = np.random.default_rng(61)
     acts[:, 2] = torch.tensor(rng.uniform(0.0, 0.4, size=(N, 3, 4)), dtype=torch.float32)
@@ -513,7 +566,7 @@ def test_cpu_peak_candidates_at_the_threshold_and_nan():
     first = int(ids.argmin())  # and it has the smallest id, so it ranks first
     ids[[50, first]] = ids[[first, 50]]
     acts[52, 1, 2, 3] = math.nan
-    stats = UnitStats(3, 4, 4, device="cpu", hist_range=(-2.0, 2.0), buffer_samples=8)
+    stats = cls(3, 4, 4, device="cpu", hist_range=(-2.0, 2.0), buffer_samples=8)
     res = feed(stats, acts, ids, labels).result()
     # NaN ranks above everything (the oracle cannot rank it): like a huge value at that pixel.
     finite = acts.clone()
@@ -528,37 +581,54 @@ def test_cpu_peak_candidates_at_the_threshold_and_nan():
     assert (res["max_y"][2, 0], res["max_x"][2, 0]) == (1, 1)
 
 
+@PATHS
 @pytest.mark.parametrize("bins", [1, 7, 64, 1000])
-def test_cpu_histogram_binning_equals_bucketize(bins):
+def test_histogram_binning_equals_bucketize(cls, bins):
+    # Values on, just above and just below every edge, random ones, and extremes: the counts
+    # equal those of torch.bucketize against the edges (the compiled CPU kernel bins by
+    # arithmetic, then steps to the exact column).
     g = torch.Generator().manual_seed(bins)
     for lo, hi in [(0.0, 1.0), (-3.5, 2.0), (1e4, 1e4 + 3.0), (5.0, 5.0 + 1e-4), (-1e-30, 1e-30)]:
-        stats = UnitStats(1, 1, 0, device="cpu", hist_bins=bins, hist_range=(lo, hi))
-        e = stats._edges
+        stats = cls(1, 1, 0, device="cpu", hist_bins=bins, hist_range=(lo, hi))
+        e = stats.result()["hist_edges"]
         inf = torch.tensor(math.inf)
         v = torch.cat([
             e, torch.nextafter(e, inf), torch.nextafter(e, -inf),
             lo + (hi - lo) * (torch.rand(3000, generator=g) * 1.4 - 0.2),
             torch.tensor([math.inf, -math.inf, 0.0, -0.0, 3e38, -3e38, 1e-45, -1e-45]),
         ])  # fmt: skip
-        want = torch.bucketize(v, stats._search, right=True)
-        assert torch.equal(stats._bucket(v), want), (lo, hi)
+        stats.update(v[:, None], torch.arange(len(v)), None)
+        res = stats.result()
+        # independent binning: bin i holds edges[i] <= v < edges[i + 1], the top bin hi too
+        inside = (v >= e[0]) & (v <= e[-1])
+        col = (torch.searchsorted(e, v, right=True) - 1).clamp(0, bins - 1)
+        want = torch.bincount(col[inside], minlength=bins)
+        want[0] += int((v < e[0]).sum())
+        want[-1] += int((v > e[-1]).sum())
+        assert torch.equal(res["hist"][0], want), (lo, hi)
+        assert int(res["hist_underflow"][0]) == int((v < e[0]).sum())
+        assert int(res["hist_overflow"][0]) == int((v > e[-1]).sum())
 
 
-def test_state_dict_and_merge_include_buffered_samples():
+@PATHS
+def test_state_dict_and_merge_include_buffered_samples(cls):
     acts, ids, labels = make_data((4, 3, 2), seed=67)
     whole = feed(UnitStats(4, 5, 4, device="cpu", hist_range=(-2.0, 2.0)), acts, ids, labels)
     whole = whole.result()
     kw = {"device": "cpu", "hist_range": (-2.0, 2.0), "buffer_samples": 1000}
-    first = feed(UnitStats(4, 5, 4, **kw), acts[:25], ids[:25], labels[:25], sizes=SIZES[:3])
+    first = feed(cls(4, 5, 4, **kw), acts[:25], ids[:25], labels[:25], sizes=SIZES[:3])
     state = first.state_dict()
+    saved = {key: v.clone() if torch.is_tensor(v) else v for key, v in state.items()}
     assert state["count"] == 25 and int(state["class_count"].sum()) == 25
-    resumed = UnitStats.from_state_dict(state, buffer_samples=5)
+    resumed = cls.from_state_dict(state, buffer_samples=5)
     assert resumed.buffer_samples == 5
     feed(resumed, acts[25:], ids[25:], labels[25:], sizes=SIZES[3:])
     assert_same(whole, resumed.result())
+    for key, v in saved.items():  # updates never write into the tensors they were given
+        assert torch.equal(state[key], v) if torch.is_tensor(v) else state[key] == v
     # merge: both sides still hold buffered samples
-    a = feed(UnitStats(4, 5, 4, **kw), acts[:30], ids[:30], labels[:30], sizes=[30])
-    b = feed(UnitStats(4, 5, 4, **kw), acts[30:], ids[30:], labels[30:], sizes=[20, 7])
+    a = feed(cls(4, 5, 4, **kw), acts[:30], ids[:30], labels[:30], sizes=[30])
+    b = feed(cls(4, 5, 4, **kw), acts[30:], ids[30:], labels[30:], sizes=[20, 7])
     a.merge(b)
     assert_same(whole, a.result())
     # Saving folded the buffer in; the saved-from state goes on as if nothing happened.

@@ -362,9 +362,8 @@ def test_bad_shapes_rejected_before_writing(tmp_path: Path) -> None:
         assert w.status == "running"
 
 
-def test_bulk_write_is_fast(tmp_path: Path) -> None:
-    import time
-
+def test_bulk_write_round_trip(tmp_path: Path) -> None:
+    # Many multi-row INSERT statements per layer, the last one partial: every row comes back.
     rng = np.random.default_rng(0)
     c, k, n = 512, 9, 50_000
     layers = []
@@ -391,10 +390,17 @@ def test_bulk_write_is_fast(tmp_path: Path) -> None:
             )
         )
     with RunWriter.create(tmp_path / "run", meta=meta()) as w:
-        t0 = time.perf_counter()
         w.write_layers_result(layers)
-        elapsed = time.perf_counter() - t0
-    print(f"24 layers x 512 units written in {elapsed:.3f} s")
-    assert elapsed < 5.0, elapsed  # well under a second locally; generous for slow CI
     with Run.open(tmp_path / "run") as run:
         assert run.unit("l23", 511).top("max")[0].sample_id == int(layers[23].max_ids[511, 0])
+        for i, u in [(0, 0), (5, 137), (23, 511)]:
+            res, unit = layers[i], run.unit(f"l{i}", u)
+            top = unit.top("max")
+            assert [e.sample_id for e in top] == res.max_ids[u].tolist()
+            assert [e.value for e in top] == res.max_values[u].tolist()
+            assert [(e.y, e.x) for e in top] == list(
+                zip(res.max_y[u].tolist(), res.max_x[u].tolist())
+            )
+            assert [e.value for e in unit.top("mean")] == res.mean_values[u].tolist()
+        rows = run._conn.execute("SELECT count(*) FROM top").fetchone()[0]
+        assert rows == 24 * 512 * 9 * 2

@@ -5,14 +5,14 @@ the top-k samples by spatial mean and by spatial max (with the peak's position),
 activations, a histogram of spatial means, and dataset mean/max. Memory is independent of the
 dataset size.
 
-An update only reads the activation while it is live: one ``mean`` and one ``max`` (values and
-first-maximum indices) per batch, written with two small copies (sample ids, labels) into
-preallocated buffers on the activation's device; no host sync. The real work (order keys, top-k
-merge, class sums, histograms) runs over all buffered samples at once when the buffer is full,
-and before anything reads or combines the state, so its ~30 kernels are paid once per
-``buffer_samples`` samples instead of once per batch. The CPU, where kernels cost by the element
-rather than by the launch, takes a few other paths: peaks located for candidates only, folding
-in cache-sized blocks, arithmetic histogram bins.
+Off the CPU an update only reads the activation while it is live: one ``mean`` and one ``max``
+(values and first-maximum indices) per batch, written with two small copies (sample ids,
+labels) into preallocated buffers on the activation's device; no host sync. The real work (order
+keys, top-k merge, class sums, histograms) runs over all buffered samples at once when the
+buffer is full, and before anything reads or combines the state, so its ~30 kernels are paid
+once per ``buffer_samples`` samples instead of once per batch. On the CPU, where every torch
+call costs tens of microseconds, two compiled calls per batch do all of it at once (see
+:mod:`lurker.probe._kernels`; without numba the CPU takes the buffered path too).
 
 Top-k ordering is value descending, then sample id ascending. To make that rule cheap and exact,
 each (value, sample id) pair is packed into one int64 *order key* whose integer order is exactly
@@ -27,7 +27,13 @@ import weakref
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
+
+try:
+    from . import _kernels
+except ImportError:  # no numba: the CPU takes the buffered torch path, which is slower
+    _kernels = None  # type: ignore[assignment]
 
 __all__ = ["UnitStats"]
 
@@ -38,10 +44,6 @@ _STATE_FORMAT = 1
 # Default buffer length (samples) and size cap (bytes) of one layer, off the CPU and on it: on a
 # GPU a longer buffer means fewer kernel launches; the CPU gains little beyond 1024 samples.
 _BUFFER = {False: (4096, 64 << 20), True: (1024, 16 << 20)}
-# On the CPU a buffer is folded in in blocks of units of about this many (sample, unit) pairs:
-# fresh allocations of many MB page-fault on every use (the CPU allocator does not cache),
-# which would cost more than the work, and small blocks stay in cache.
-_CPU_BLOCK = 1 << 16
 
 
 def _encode(values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -135,13 +137,14 @@ class UnitStats:
     on the CPU, to avoid device syncs); a sample seen twice (e.g. DistributedSampler padding)
     would be counted twice. Sums are accumulated in float64 (float32 on MPS, which lacks float64).
 
-    Updates are buffered: each batch's per-unit spatial means, maxima and first-maximum indices
-    are written into device buffers for ``buffer_samples`` samples and folded into the statistics
-    when the buffer is full, or when :meth:`result`, :meth:`state_dict`, :meth:`merge` or
-    :meth:`all_reduce` need them. The default is 4096 samples, fewer for wide layers so that a
-    buffer stays within 64 MiB (16 bytes a sample and unit); on the CPU 1024 and 16 MiB. Results
-    do not depend on ``buffer_samples``, except sums by float rounding; a batch larger than the
-    buffer is folded in directly.
+    Off the CPU updates are buffered: each batch's per-unit spatial means, maxima and
+    first-maximum indices are written into device buffers for ``buffer_samples`` samples and
+    folded into the statistics when the buffer is full, or when :meth:`result`,
+    :meth:`state_dict`, :meth:`merge` or :meth:`all_reduce` need them. The default is 4096
+    samples, fewer for wide layers so that a buffer stays within 64 MiB (16 bytes a sample and
+    unit); on the CPU, which folds every batch in at once with compiled kernels and buffers only
+    when numba is missing, 1024 and 16 MiB. Results do not depend on ``buffer_samples``, except
+    sums by float rounding; a batch larger than the buffer is folded in directly.
     """
 
     def __init__(
@@ -173,8 +176,8 @@ class UnitStats:
         self.hist_bins = hist_bins
         self.device = torch.device(device)
         self._acc = torch.float32 if self.device.type == "mps" else torch.float64
-        # The CPU takes other code paths where its costs differ (see _read, _fold, _bucket).
-        self._cpu = cpu
+        # The CPU folds each batch in at once with compiled kernels (see _update_fused).
+        self._fused = cpu and _kernels is not None
         dev, c, i64 = self.device, num_units, torch.int64
         # The state is laid out so that folding in a buffer needs as few kernels as possible:
         self._count = 0  # a host int: batch sizes are known on the host, so this never syncs
@@ -194,7 +197,6 @@ class UnitStats:
         self._range: tuple[float, float] | None = None
         self._edges: torch.Tensor | None = None  # hist_bins + 1 float32 edges
         self._search: torch.Tensor | None = None  # the edges, last one nudged to just above hi
-        self._linear: tuple[float, float] | None = None  # see _bucket (CPU only)
         if hist_range is not None:
             self._set_range(_check_range(hist_range))
         # The sample buffer, allocated by the first update: per-sample spatial means ([0]) and
@@ -207,10 +209,6 @@ class UnitStats:
         self._n = 0  # buffered samples
         self._width = 1  # map width of the buffered samples (to split flat indices into y, x)
         self._first = 0  # while the range is automatic and unfixed: the first batch's size
-        # On the CPU the buffer is flushed early at first (after 1 batch, then after twice as
-        # many samples as the previous flush, ...) so that _read soon has thresholds to use.
-        self._limit = 1 if self._cpu else buffer_samples
-        self._threshold: torch.Tensor | None = None  # see _read; None: to be recomputed
 
     # ------------------------------------------------------------------ histogram range
 
@@ -243,15 +241,6 @@ class UnitStats:
         search = edges.clone()
         search[-1] = torch.nextafter(edges[-1], torch.tensor(math.inf))
         self._edges, self._search = edges.to(self.device), search.to(self.device)
-        # _bucket's arithmetic bins are right to within a quarter bin if float32 rounding (of
-        # the edges, of v - lo) is far below a bin width; else (and off the CPU) use bucketize.
-        lo, hi = hist_range
-        width = (hi - lo) / self.hist_bins
-        top = torch.tensor(max(abs(lo), abs(hi)), dtype=torch.float32)
-        ulp = float(torch.nextafter(top, torch.tensor(math.inf))) - float(top)  # float32's
-        self._linear = None
-        if self._cpu and width >= 64 * ulp and self.hist_bins <= 1 << 16:
-            self._linear = (lo - 0.75 * width, 1 / width)
 
     def set_hist_range_from(self, act: torch.Tensor, group: Any = None) -> None:
         """Fix the histogram range from ``act`` as the first batch would, agreed across ranks.
@@ -300,7 +289,8 @@ class UnitStats:
         class indices (B,) or None to skip class statistics. ``act`` is read during the call
         (later in-place changes to it do not matter); the rest of the work is deferred until
         the buffer is folded in. Off the CPU that is four kernels (mean, max with indices, two
-        small copies into the buffer) and no host sync per call; see :meth:`_read` for the CPU.
+        small copies into the buffer) and no host sync per call; on the CPU all of the work, in
+        two compiled calls (see :meth:`_update_fused`).
         """
         flat, width = self._maps(act)
         b = act.shape[0]
@@ -319,6 +309,9 @@ class UnitStats:
         labels_cpu = labels is not None and labels.device.type == "cpu"
         if labels_cpu and bool((labels >= self.num_classes).any()):
             raise ValueError(f"labels must be < num_classes={self.num_classes}")
+        if self._fused:
+            self._update_fused(flat, width, sample_ids, labels)
+            return
         if b > self.buffer_samples:  # too big to buffer: fold it in on its own
             self._flush()
             stat, pos = self._alloc(b)
@@ -330,7 +323,7 @@ class UnitStats:
                 rows = labels.to(device=self.device, dtype=torch.int64)
             self._fold(stat, pos, ids, rows, width, b)
             return
-        if self._n and (self._n + b > self._limit or width != self._width):
+        if self._n and (self._n + b > self.buffer_samples or width != self._width):
             self._flush()
         if self._buf is None:
             cap, dev = self.buffer_samples, self.device
@@ -351,56 +344,67 @@ class UnitStats:
         self._n += b
         self._width = width
 
-    def _alloc(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Room for n samples: stat (2, n, C) float32, flat peak indices (n, C) int64.
+    def _update_fused(
+        self,
+        flat: torch.Tensor,
+        width: int,
+        sample_ids: torch.Tensor,
+        labels: torch.Tensor | None,
+    ) -> None:
+        """The CPU's update, unbuffered: two compiled calls read the (B, C, S) maps once and
+        fold them in (top-k, peaks, class sums, histogram); see :mod:`lurker.probe._kernels`."""
+        x = flat.detach().contiguous()
+        b, c, size = x.shape
+        if self._range is None:
+            self._range_from_means(x.mean(dim=2))
+        # update() checked ids and labels that came on the CPU; the kernel indexes with labels
+        ids = sample_ids.to("cpu", torch.int64)
+        if sample_ids.device.type != "cpu" and bool(((ids < 0) | (ids > _ID_MASK)).any()):
+            raise ValueError("sample_ids must lie in [0, 2**32)")
+        if labels is None:
+            rows = torch.full((b,), self.num_classes, dtype=torch.int64)
+        else:
+            rows = labels.to("cpu", torch.int64)
+            if labels.device.type != "cpu" and bool((rows >= self.num_classes).any()):
+                raise ValueError(f"labels must be < num_classes={self.num_classes}")
+            rows = rows.masked_fill(rows < 0, self.num_classes)
+        self._class_count.index_add_(0, rows, self._one.expand(b))
+        self._count += b
+        for name in ("_keys", "_max_pos", "_class_sum", "_hist"):  # written in place
+            if not getattr(self, name).is_contiguous():
+                setattr(self, name, getattr(self, name).contiguous())
+        assert self._search is not None
+        maps = x.view(b * c, size).numpy()
+        bits = maps.view(np.int32)
+        means = np.empty(b * c, np.float32)
+        peaks = np.empty(b * c, np.int32)
+        state = (self._keys, self._max_pos, self._class_sum, self._hist)
+        with _kernels.lock:
+            _kernels.read(maps, bits, means, peaks)
+            _kernels.fold(
+                bits,
+                means,
+                means.view(np.int32),
+                peaks,
+                ids.numpy(),
+                rows.numpy(),
+                *(t.numpy() for t in state),
+                self._search.numpy(),
+                width,
+            )
 
-        On the CPU the memory is unit-major (the tensors are transposed views), so that folding
-        in works on contiguous per-unit rows; elsewhere sample-major, so that an update writes
-        contiguous rows.
-        """
+    def _alloc(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Room for n samples: stat (2, n, C) float32, flat peak indices (n, C) int64, sample-
+        major so that an update writes contiguous rows."""
         c, dev = self.num_units, self.device
-        if self._cpu:
-            stat = torch.empty((2, c, n), dtype=torch.float32, device=dev).transpose(1, 2)
-            return stat, torch.empty((c, n), dtype=torch.int64, device=dev).T
         stat = torch.empty((2, n, c), dtype=torch.float32, device=dev)
         return stat, torch.empty((n, c), dtype=torch.int64, device=dev)
 
     def _read(self, flat: torch.Tensor, stat: torch.Tensor, pos: torch.Tensor) -> None:
         """Spatial means and maxima of (B, C, S) maps into ``stat`` (2, B, C), and the flat
-        index of each map's first maximum (row-major) into ``pos`` (B, C).
-
-        Two kernels (mean, max with indices) off the CPU. On the CPU max with indices is a
-        scalar loop, ~10x slower than amax, so there positions are found only for *candidates*:
-        maps whose max is not below the k-th best max of their unit so far. Other maps can never
-        enter the top-k (that threshold only rises), so their ``pos`` is left unset.
-        """
-        if not self._cpu:
-            torch.mean(flat, dim=2, out=stat[0])
-            torch.max(flat, dim=2, out=(stat[1], pos))
-            return
-        # CPU reductions into the strided (unit-major) buffer are slow: go via a temporary.
-        b, c, _ = flat.shape
-        tmp = torch.empty((2, b, c), dtype=torch.float32, device=self.device)
-        torch.mean(flat, dim=2, out=tmp[0])
-        thr = None
-        if flat.shape[2] > 1 and self._count >= self.k:  # else every map is a candidate
-            if self._threshold is None:
-                self._threshold = _decode(self._keys[1, :, -1])[0]
-            thr = self._threshold
-        if flat.shape[2] == 1:  # one position: max = mean = the value, at 0
-            tmp[1].copy_(tmp[0])
-            pos.fill_(0)
-        elif thr is None:
-            torch.max(flat, dim=2, out=(tmp[1], pos))
-        else:
-            torch.amax(flat, dim=2, out=tmp[1])
-            cand = (tmp[1] < thr).logical_not_().nonzero()  # NaN maxima are candidates too
-            if 4 * len(cand) > b * c:  # many candidates: one pass over all maps is cheaper
-                torch.max(flat, dim=2, out=(tmp[1], pos))
-            elif len(cand):
-                i, j = cand.unbind(1)
-                pos[i, j] = flat[i, j].argmax(dim=1)
-        stat.copy_(tmp)
+        index of each map's first maximum (row-major) into ``pos`` (B, C): two kernels."""
+        torch.mean(flat, dim=2, out=stat[0])
+        torch.max(flat, dim=2, out=(stat[1], pos))
 
     def _flush(self) -> None:
         """Fold the buffered samples into the statistics and empty the buffer."""
@@ -409,7 +413,6 @@ class UnitStats:
         assert self._buf is not None and self._buf_pos is not None
         assert self._buf_ids is not None and self._buf_labels is not None
         n, self._n = self._n, 0
-        self._limit = min(self.buffer_samples, max(self._limit, 2 * n))
         self._fold(
             self._buf[:, :n],
             self._buf_pos[:n],
@@ -439,43 +442,7 @@ class UnitStats:
         rows = labels.masked_fill(labels < 0, self.num_classes)
         self._class_count.index_add_(0, rows, self._one.expand(n))
         self._count += n
-        onehot = None
-        if self._cpu:
-            # Blocks of units with all samples: long rows keep topk on its fast path, small
-            # blocks keep temporaries in cache (and clear of page faults).
-            step = max(1, _CPU_BLOCK // n)
-        else:
-            step = self.num_units
-            # Class sums as a one-hot matmul in float32 (deterministic, unlike atomic
-            # index_add_ on GPUs); across folds they accumulate in float64.
-            onehot = torch.zeros((n, self.num_classes + 1), dtype=stat.dtype, device=self.device)
-            onehot.scatter_(1, rows[:, None], 1.0)
-        tops = [
-            self._fold_units(slice(c0, c0 + step), stat, pos, ids, rows, onehot, width)
-            for c0 in range(0, self.num_units, step)
-        ]
-        if len(tops) == 1:
-            self._keys, self._max_pos = tops[0]
-        else:
-            self._keys = torch.cat([t[0] for t in tops], dim=1)
-            self._max_pos = torch.cat([t[1] for t in tops], dim=0)
-        self._threshold = None
-
-    def _fold_units(
-        self,
-        units: slice,
-        stat: torch.Tensor,
-        pos: torch.Tensor,
-        ids: torch.Tensor,
-        rows: torch.Tensor,
-        onehot: torch.Tensor | None,
-        width: int,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`_fold` for a block of units; ``rows`` are the class rows of the samples,
-        ``onehot`` their one-hot (n, num_classes + 1) or None for index_add_ sums. Adds to the
-        sums and histograms; returns the block's new top-k keys (2, c, k) and peaks (c, k)."""
-        stat, pos = stat[:, :, units], pos[:, units]
-        n, c = pos.shape
+        c = self.num_units
         # Top-k by mean and by max together: keep the best min(k, n) keys per unit of the new
         # samples, then re-select k from the current top-k and those. The max side carries the
         # peak positions, split into y * 2**32 + x for the candidates only.
@@ -487,42 +454,27 @@ class UnitStats:
             cand = cand.gather(1, sel[1])
         y = torch.div(cand, width, rounding_mode="floor")  # also for width 1: (H, 1) maps
         cand = torch.add(torch.sub(cand, y, alpha=width), y, alpha=_SHIFT)
-        top = torch.cat([self._keys[:, units], keys], dim=2).topk(self.k, dim=2)
-        peaks = torch.cat([self._max_pos[units], cand], 1).gather(1, top.indices[1])
+        top = torch.cat([self._keys, keys], dim=2).topk(self.k, dim=2)
+        self._keys = top.values
+        self._max_pos = torch.cat([self._max_pos, cand], 1).gather(1, top.indices[1])
 
+        # Class sums as a one-hot matmul in float32 (deterministic, unlike atomic index_add_ on
+        # GPUs); across folds they accumulate in float64. Non-finite means go in apart, lest
+        # 0 * inf put NaN into every class: their sum does not depend on order.
         means = stat[0]  # (n, c)
-        if onehot is None:
-            # Row-wise index_add_ of contiguous float64 rows: fast on the CPU, exact in float64.
-            means64 = torch.empty((n, c), dtype=self._acc, device=self.device)
-            self._class_sum[:, units].index_add_(0, rows, means64.copy_(means))
-        else:
-            self._class_sum[:, units].add_(onehot.T @ means)
+        finite = torch.isfinite(means)
+        onehot = torch.zeros((n, self.num_classes + 1), dtype=stat.dtype, device=self.device)
+        onehot.scatter_(1, rows[:, None], 1.0)
+        self._class_sum.add_(onehot.T @ means.where(finite, 0.0))
+        self._class_sum.index_add_(0, rows, means.where(~finite, 0.0).to(self._acc))
 
-        # Histogram: under- and overflow columns included, NaN means left out.
-        offsets = self._bin_offsets[:c]
-        if means.stride(0) == 1 and n > 1:  # unit-major: work along the rows of units
-            means, offsets = means.T, offsets[:, None]
-        cols = self._bucket(means)
-        cols += offsets
-        weights = (means == means).to(torch.int64)
-        self._hist[units].view(-1).index_add_(0, cols.reshape(-1), weights.reshape(-1))
-        return top.values, peaks
-
-    def _bucket(self, v: torch.Tensor) -> torch.Tensor:
-        """``bucketize(v, search, right=True)``: 0 below lo, bins + 1 above hi, i + 1 in bin i.
-
-        On the CPU bucketize is a slow binary search (~30 ns a value). When the float32 edges
-        are evenly spaced (see _set_range), ``c = floor((v - lo) / width + 0.75)`` clamped to
-        [0, bins] is the answer or one less (its rounding errors are far below a quarter bin),
-        and one comparison with ``search[c]`` settles which: the same result, exactly.
-        """
+        # Histogram: under- and overflow columns included, NaN means left out. bucketize with
+        # right=True gives 0 below lo, bins + 1 above hi, i + 1 in bin i.
         assert self._search is not None
-        if self._linear is None:
-            return torch.bucketize(v.contiguous(), self._search, right=True)
-        origin, scale = self._linear
-        c = torch.sub(v, origin).mul_(scale).floor_().clamp_(0, self.hist_bins)
-        c = c.nan_to_num_(0.0).to(torch.int64)  # NaNs: any column, they get weight 0
-        return c.add_(v >= self._search.take(c))
+        cols = torch.bucketize(means.contiguous(), self._search, right=True)
+        cols += self._bin_offsets[:c]
+        weights = (means == means).to(torch.int64)
+        self._hist.view(-1).index_add_(0, cols.reshape(-1), weights.reshape(-1))
 
     # ------------------------------------------------------------------ combining states
 
@@ -544,7 +496,6 @@ class UnitStats:
         """Keep the best k of candidate keys (2, C, n) and the max side's positions (C, n)."""
         top = keys.topk(self.k, dim=2)
         self._keys = top.values
-        self._threshold = None
         self._max_pos = pos.gather(1, top.indices[1])
 
     def merge(self, other: UnitStats) -> None:
@@ -672,7 +623,8 @@ class UnitStats:
                 raise ValueError(
                     f"state {name!r} has shape {tuple(saved.shape)}, expected {tuple(mine.shape)}"
                 )
-            setattr(stats, "_" + name, saved.to(device=stats.device, dtype=mine.dtype))
+            # a copy: updates write into the state in place, never into the caller's tensors
+            setattr(stats, "_" + name, saved.to(device=stats.device, dtype=mine.dtype, copy=True))
         return stats
 
     # ------------------------------------------------------------------ output

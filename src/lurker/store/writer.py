@@ -424,22 +424,20 @@ class RunWriter:
         ids = np.stack([a.max_ids, a.mean_ids], axis=1).reshape(-1)
         keep = ids >= 0
         none = np.full((c, k), None, dtype=object)
-        ys = np.stack([a.max_y.astype(object), none], axis=1).reshape(-1)
-        xs = np.stack([a.max_x.astype(object), none], axis=1).reshape(-1)
-        cur.executemany(
-            "INSERT INTO top(layer_id, unit, list, rank, sample_id, value, y, x) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            zip(
-                repeat(layer_id),
-                np.broadcast_to(np.arange(c)[:, None, None], shape).reshape(-1)[keep].tolist(),
-                np.broadcast_to(_LIST_NAMES[None, :, None], shape).reshape(-1)[keep].tolist(),
-                np.broadcast_to(np.arange(k)[None, None, :], shape).reshape(-1)[keep].tolist(),
-                ids[keep].tolist(),
-                np.stack([a.max_values, a.mean_values], axis=1).reshape(-1)[keep].tolist(),
-                ys[keep].tolist(),
-                xs[keep].tolist(),
-            ),
+        columns = (
+            np.full(shape, layer_id),
+            np.broadcast_to(np.arange(c)[:, None, None], shape),
+            np.broadcast_to(_LIST_NAMES[None, :, None], shape),
+            np.broadcast_to(np.arange(k)[None, None, :], shape),
+            ids,
+            np.stack([a.max_values, a.mean_values], axis=1),
+            np.stack([a.max_y.astype(object), none], axis=1),
+            np.stack([a.max_x.astype(object), none], axis=1),
         )
+        table = np.empty((int(keep.sum()), len(columns)), dtype=object)  # Python scalars
+        for j, column in enumerate(columns):
+            table[:, j] = column.reshape(-1)[keep]
+        _insert_rows(cur, "top(layer_id, unit, list, rank, sample_id, value, y, x)", table)
 
     # -- plumbing --------------------------------------------------------------------
 
@@ -483,6 +481,30 @@ class RunWriter:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+# Bound variables per statement in _insert_rows: SQLite's oldest default limit.
+_MAX_VARIABLES = 999
+
+
+def _insert_rows(cur: sqlite3.Cursor, target: str, table: np.ndarray) -> None:
+    """INSERT the rows of an object array into ``target`` (``table(col, ...)``), many rows per
+    statement: a multi-row VALUES binds for about half of what executemany's row-by-row
+    statements cost (86k top-k rows of a ResNet: 0.13 s instead of 0.21 s)."""
+    n, width = table.shape
+    per = max(1, _MAX_VARIABLES // width)
+    row = "(" + ", ".join("?" * width) + ")"
+
+    def statement(rows: int) -> str:
+        return f"INSERT INTO {target} VALUES " + ", ".join([row] * rows)
+
+    full = statement(per)
+    flat = table.reshape(-1).tolist()
+    for start in range(0, n, per):
+        rows = min(per, n - start)
+        cur.execute(
+            full if rows == per else statement(rows), flat[start * width : (start + rows) * width]
+        )
 
 
 def _init_db(db: Path, meta: dict[str, Any]) -> None:
