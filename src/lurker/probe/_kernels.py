@@ -115,18 +115,32 @@ def read(x, bits, means, peaks):  # pragma: no cover - compiled
 
 @njit(parallel=True, cache=True)
 def fold(
-    bits, means, mean_bits, peaks, ids, rows, keys, max_pos, class_sum, hist, search, width
+    bits,
+    means,
+    mean_bits,
+    peaks,
+    ids,
+    rows,
+    keys,
+    max_pos,
+    class_sum,
+    class_count,
+    hist,
+    search,
+    width,
 ):  # pragma: no cover - compiled
     """Fold one batch into the statistics of all units, in place.
 
     ``bits``: the (B * C, S) maps, sample-major, as int32 bit patterns; ``means`` (B * C,)
     float32 and ``mean_bits`` the same memory as int32, ``peaks`` the maxima's bit patterns, all
     from :func:`read`; ``ids``/``rows``: (B,) sample ids and class rows (the unlabelled row
-    included); ``keys`` (2, C, k), ``max_pos`` (C, k), ``class_sum`` (classes + 1, C), ``hist``
-    (C, bins + 2): the state; ``search``: the bucketize edges; ``width``: the map width, to split
-    a flat peak index into (y, x).
+    included); ``keys`` (2, C, k), ``max_pos`` (C, k), ``class_sum`` (classes + 1, C),
+    ``class_count`` (classes + 1,), ``hist`` (C, bins + 2): the state; ``search``: the bucketize
+    edges; ``width``: the map width, to split a flat peak index into (y, x).
     """
     n = ids.shape[0]
+    for b in range(n):
+        class_count[rows[b]] += 1
     units = keys.shape[1]
     k = keys.shape[2]
     edges = search.shape[0]  # bins + 1: a histogram column is the count of edges <= value

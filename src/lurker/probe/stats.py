@@ -80,6 +80,34 @@ def _remember_ids(ids: torch.Tensor) -> None:
     _last_ids[:] = [weakref.ref(ids), ids._version]
 
 
+# The CPU path's last batch: ids, labels, (their versions, num_classes), checked host arrays.
+_last_batch: list[Any] = [None]
+
+
+def _host_batch(
+    ids: torch.Tensor, labels: torch.Tensor | None, num_classes: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """A batch's sample ids and class rows (unlabelled: ``num_classes``) as checked int64
+    arrays for the CPU kernels; made once per batch, which every layer is handed."""
+    versions = (ids._version, None if labels is None else labels._version, num_classes)
+    last = _last_batch[0]
+    if last is not None and last[0] is ids and last[1] is labels and last[2] == versions:
+        return last[3], last[4]
+    host = ids.detach().to("cpu", torch.int64)
+    if bool(((host < 0) | (host > _ID_MASK)).any()):
+        raise ValueError("sample_ids must lie in [0, 2**32)")
+    if labels is None:
+        rows = torch.full(host.shape, num_classes, dtype=torch.int64)
+    else:
+        rows = labels.detach().to("cpu", torch.int64)
+        if bool((rows >= num_classes).any()):  # the kernels index class rows with them
+            raise ValueError(f"labels must be < num_classes={num_classes}")
+        rows = rows.masked_fill(rows < 0, num_classes)
+    out = host.numpy(), rows.numpy()
+    _last_batch[0] = (ids, labels, versions, *out)  # holds one batch's ids and labels
+    return out
+
+
 def _decode(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Invert :func:`_encode`: (values float32, ids int64), unfilled slots as (-inf, -1)."""
     high = torch.div(keys, _SHIFT, rounding_mode="floor")
@@ -300,6 +328,9 @@ class UnitStats:
             raise ValueError(f"labels must have shape ({b},), got {tuple(labels.shape)}")
         if b == 0:
             return
+        if self._fused:
+            self._update_fused(flat, width, *_host_batch(sample_ids, labels, self.num_classes))
+            return
         # Range checks need the values on the host: only done when they already are (no sync).
         ids_cpu = sample_ids.device.type == "cpu"
         if ids_cpu and not _already_checked(sample_ids):  # a batch's ids serve every layer
@@ -309,9 +340,6 @@ class UnitStats:
         labels_cpu = labels is not None and labels.device.type == "cpu"
         if labels_cpu and bool((labels >= self.num_classes).any()):
             raise ValueError(f"labels must be < num_classes={self.num_classes}")
-        if self._fused:
-            self._update_fused(flat, width, sample_ids, labels)
-            return
         if b > self.buffer_samples:  # too big to buffer: fold it in on its own
             self._flush()
             stat, pos = self._alloc(b)
@@ -345,40 +373,23 @@ class UnitStats:
         self._width = width
 
     def _update_fused(
-        self,
-        flat: torch.Tensor,
-        width: int,
-        sample_ids: torch.Tensor,
-        labels: torch.Tensor | None,
+        self, flat: torch.Tensor, width: int, ids: np.ndarray, rows: np.ndarray
     ) -> None:
         """The CPU's update, unbuffered: two compiled calls read the (B, C, S) maps once and
-        fold them in (top-k, peaks, class sums, histogram); see :mod:`lurker.probe._kernels`."""
-        x = flat.detach().contiguous()
+        fold them in (top-k, peaks, class sums and counts, histogram); ``ids`` and ``rows``
+        come from :func:`_host_batch`. See :mod:`lurker.probe._kernels`."""
+        x = flat.detach()
+        if not x.is_contiguous():
+            x = x.contiguous()
         b, c, size = x.shape
         if self._range is None:
             self._range_from_means(x.mean(dim=2))
-        # update() checked ids and labels that came on the CPU; the kernel indexes with labels
-        ids = sample_ids.to("cpu", torch.int64)
-        if sample_ids.device.type != "cpu" and bool(((ids < 0) | (ids > _ID_MASK)).any()):
-            raise ValueError("sample_ids must lie in [0, 2**32)")
-        if labels is None:
-            rows = torch.full((b,), self.num_classes, dtype=torch.int64)
-        else:
-            rows = labels.to("cpu", torch.int64)
-            if labels.device.type != "cpu" and bool((rows >= self.num_classes).any()):
-                raise ValueError(f"labels must be < num_classes={self.num_classes}")
-            rows = rows.masked_fill(rows < 0, self.num_classes)
-        self._class_count.index_add_(0, rows, self._one.expand(b))
-        self._count += b
-        for name in ("_keys", "_max_pos", "_class_sum", "_hist"):  # written in place
-            if not getattr(self, name).is_contiguous():
-                setattr(self, name, getattr(self, name).contiguous())
         assert self._search is not None
         maps = x.view(b * c, size).numpy()
         bits = maps.view(np.int32)
         means = np.empty(b * c, np.float32)
         peaks = np.empty(b * c, np.int32)
-        state = (self._keys, self._max_pos, self._class_sum, self._hist)
+        state = (self._keys, self._max_pos, self._class_sum, self._class_count, self._hist)
         with _kernels.lock:
             _kernels.read(maps, bits, means, peaks)
             _kernels.fold(
@@ -386,12 +397,13 @@ class UnitStats:
                 means,
                 means.view(np.int32),
                 peaks,
-                ids.numpy(),
-                rows.numpy(),
-                *(t.numpy() for t in state),
+                ids,
+                rows,
+                *(t.numpy() for t in state),  # the state is written in place
                 self._search.numpy(),
                 width,
             )
+        self._count += b
 
     def _alloc(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Room for n samples: stat (2, n, C) float32, flat peak indices (n, C) int64, sample-
