@@ -3,6 +3,8 @@
 Both read the same synthetic images through the same DataLoader (batch 64); the probe
 keeps k=9 top samples by mean and by max for every unit of every conv layer. Runs are
 interleaved and the medians compared. Target (issue #3): probe >= 0.9x the plain forward.
+"probe" is end to end; "sweep" leaves out the one-off costs that do not grow with the
+dataset (trace, receptive fields, writing the run), printed as "fixed s".
 
     python benchmarks/probe_throughput.py [--images 1024] [--size 64] [--device cuda]
 """
@@ -82,7 +84,7 @@ def main() -> None:
     )
     print(
         f"{'model':10s} {'plain img/s':>12s} {'probe img/s':>12s} {'ratio':>6s}"
-        f" {'sweep img/s':>12s} {'ratio':>6s}"
+        f" {'sweep img/s':>12s} {'ratio':>6s} {'fixed s':>8s}"
     )
     with tempfile.TemporaryDirectory() as tmp:
         for name in a.models.split(","):
@@ -99,6 +101,7 @@ def main() -> None:
             n = a.images
             print(
                 f"{name:10s} {n / p:12.1f} {n / q:12.1f} {p / q:5.2f}x {n / w:12.1f} {p / w:5.2f}x"
+                f" {q - w:8.2f}"
             )
 
 

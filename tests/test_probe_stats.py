@@ -20,6 +20,19 @@ SIZES = [1, 8, 16, 3, 1, 20, 8]  # batch size 1 included, last batch partial
 assert sum(SIZES) == N
 
 
+class DevicePath(UnitStats):
+    """UnitStats on the CPU taking the torch code path of other devices (GPUs), which the CPU
+    also takes without numba: buffered samples, max with indices for every map, one-hot matmul
+    class sums, bucketize, one fold per buffer."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._fused = False
+
+
+PATHS = pytest.mark.parametrize("cls", [UnitStats, DevicePath], ids=["cpu", "torch"])
+
+
 def make_data(shape, seed=0, num_classes=4, ties=False):
     """Activations (N, *shape), unique non-contiguous sample ids, labels with unlabelled -1."""
     rng = np.random.default_rng(seed)
@@ -229,6 +242,68 @@ def test_float32_overflow_in_a_map_sum():
     ]
 
 
+@pytest.mark.parametrize(
+    "first, hist_range",
+    [([[-2e38, 0.0], [2e38, 1.0]], None), ([[0.0, 0.0], [0.5, 1.0]], (-1e39, 1.0))],
+    ids=["automatic", "given"],
+)
+def test_histogram_range_wider_than_float32(first, hist_range):
+    # A range whose float32 span overflows (padded from means of +-2e38, or given so): every
+    # value still lands in exactly one column of its own unit, as bucketize puts it.
+    later = torch.tensor([[math.inf, 0.5], [1e38, 2e38]])
+    results = []
+    for cls in (UnitStats, DevicePath):
+        stats = cls(2, 1, 0, device="cpu", hist_bins=4, hist_range=hist_range)
+        stats.update(torch.tensor(first), torch.tensor([0, 1]), None)
+        stats.update(later, torch.tensor([2, 3]), None)
+        results.append(stats.result())
+    assert_same(*results)
+    assert results[0]["hist"].sum(1).tolist() == [4, 4]
+
+
+@PATHS
+def test_maps_without_positions_are_refused(cls):
+    with pytest.raises(ValueError, match="no positions"):
+        cls(3, 2, 0, device="cpu").update(torch.zeros(2, 3, 0), torch.arange(2), None)
+    with pytest.raises(ValueError, match="no positions"):
+        cls(3, 2, 0, device="cpu").update(torch.zeros(2, 3, 4, 0), torch.arange(2), None)
+
+
+@PATHS
+@pytest.mark.parametrize("how", ["numpy", "data"])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
+def test_reused_id_and_label_buffers_refilled_without_a_version_bump(cls, how, dtype):
+    # A loader that refills one ids/labels tensor per batch through .numpy() or .data (which
+    # do not bump tensor versions): every batch counts with its own ids and labels.
+    acts = torch.arange(8, dtype=torch.float32).reshape(4, 2, 1)
+    ids_buf, labels_buf = torch.zeros(2, dtype=dtype), torch.zeros(2, dtype=torch.int64)
+    stats = cls(2, 4, 3, device="cpu", hist_range=(0.0, 8.0))
+    for b in range(2):
+        ids, labels = torch.tensor([10 + 2 * b, 11 + 2 * b], dtype=dtype), torch.tensor([b, b + 1])
+        if how == "numpy":
+            ids_buf.numpy()[:] = ids.numpy()
+            labels_buf.numpy()[:] = labels.numpy()
+        else:
+            ids_buf.data.copy_(ids)
+            labels_buf.data.copy_(labels)
+        stats.update(acts[2 * b : 2 * b + 2], ids_buf, labels_buf)
+    res = stats.result()
+    assert res["max_ids"][0].tolist() == [13, 12, 11, 10]
+    assert res["class_count"].tolist() == [1, 2, 1]
+
+
+@PATHS
+def test_inference_mode_ids_labels_and_activations_needing_grad(cls):
+    acts, ids, labels = make_data((3, 4), seed=79)
+    with torch.inference_mode():
+        ids_inf, labels_inf = ids.clone(), labels.clone()
+    stats = cls(3, 4, 4, device="cpu", hist_bins=8)
+    feed(stats, acts.requires_grad_(), ids_inf, labels_inf)
+    res = stats.result()
+    exp, _ = oracle(acts.detach(), ids, labels, 4, 4, res["hist_edges"])
+    check_against(res, exp)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("ties", [False, True])
 def test_cuda_matches_bruteforce(ties):
@@ -430,19 +505,6 @@ def test_all_reduce_two_gloo_ranks_equals_single_process(tmp_path):
 
 
 # ---------------------------------------------------------------- buffering (deferred folding)
-
-
-class DevicePath(UnitStats):
-    """UnitStats on the CPU taking the torch code path of other devices (GPUs), which the CPU
-    also takes without numba: buffered samples, max with indices for every map, one-hot matmul
-    class sums, bucketize, one fold per buffer."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._fused = False
-
-
-PATHS = pytest.mark.parametrize("cls", [UnitStats, DevicePath], ids=["cpu", "torch"])
 
 
 @pytest.mark.parametrize("shape", [(5,), (4, 7), (3, 5, 6)], ids=["2d", "3d", "4d"])

@@ -30,6 +30,20 @@ from numba import njit, prange
 
 __all__ = ["fold", "lock", "read"]
 
+
+def _compiled(**options):  # type: ignore[no-untyped-def]
+    """``njit(parallel=True)``, cached on disk where numba finds a writable place, else
+    compiled afresh in each process (numba refuses cache=True with nowhere to write)."""
+
+    def wrap(fn):  # type: ignore[no-untyped-def]
+        try:
+            return njit(parallel=True, cache=True, **options)(fn)
+        except RuntimeError:
+            return njit(parallel=True, **options)(fn)
+
+    return wrap
+
+
 # numba's default thread pool ("workqueue") must not be entered by two threads at once.
 lock = threading.Lock()
 
@@ -100,7 +114,7 @@ def _first(bits, peak):  # pragma: no cover - compiled
     return p
 
 
-@njit(parallel=True, cache=True)
+@_compiled()
 def read(x, bits, means, peaks):  # pragma: no cover - compiled
     """Spatial mean (float32) and the bit pattern of the max (int32) of each of the R maps of
     ``x`` (R, S) float32, whose int32 view is ``bits``, into ``means`` and ``peaks`` (R,)."""
@@ -113,7 +127,7 @@ def read(x, bits, means, peaks):  # pragma: no cover - compiled
         peaks[r] = peak
 
 
-@njit(parallel=True, cache=True)
+@_compiled()
 def fold(
     bits,
     means,
@@ -144,8 +158,8 @@ def fold(
     units = keys.shape[1]
     k = keys.shape[2]
     edges = search.shape[0]  # bins + 1: a histogram column is the count of edges <= value
-    lo = search[0]
-    scale = (edges - 1) / (search[edges - 1] - lo)
+    lo = np.float64(search[0])
+    scale = (edges - 1) / (np.float64(search[edges - 1]) - lo)  # 0 if edges overflow float32
     for c in prange(units):
         top_mean, top_max, positions = keys[0, c], keys[1, c], max_pos[c]
         for b in range(n):
@@ -174,14 +188,15 @@ def fold(
             class_sum[rows[b], c] += mean
             if mean == mean:  # NaN means stay out of the histogram
                 # bucketize(search, right=True): guess from the even spacing, then step to
-                # the exact column, so rounding of the guess never matters
-                t = (mean - lo) * scale
-                if t < 0:
-                    col = 0
-                elif t >= edges - 1:
+                # the exact column, so rounding of the guess never matters (NaN guesses,
+                # from ranges too wide for float32, step from 0)
+                t = (np.float64(mean) - lo) * scale
+                if t >= edges - 1:
                     col = edges
-                else:
+                elif t >= 0:
                     col = int(t) + 1
+                else:
+                    col = 0
                 while col > 0 and search[col - 1] > mean:
                     col -= 1
                 while col < edges and search[col] <= mean:

@@ -73,14 +73,16 @@ _last_ids: list[Any] = [lambda: None, -1]
 
 
 def _already_checked(ids: torch.Tensor) -> bool:
-    return _last_ids[0]() is ids and _last_ids[1] == ids._version
+    # inference tensors have no version counter: checked every time
+    return not ids.is_inference() and _last_ids[0]() is ids and _last_ids[1] == ids._version
 
 
 def _remember_ids(ids: torch.Tensor) -> None:
-    _last_ids[:] = [weakref.ref(ids), ids._version]
+    if not ids.is_inference():
+        _last_ids[:] = [weakref.ref(ids), ids._version]
 
 
-# The CPU path's last batch: ids, labels, (their versions, num_classes), checked host arrays.
+# The CPU path's last batch: (num_classes, ids, labels as given, ids, class rows checked).
 _last_batch: list[Any] = [None]
 
 
@@ -88,24 +90,39 @@ def _host_batch(
     ids: torch.Tensor, labels: torch.Tensor | None, num_classes: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """A batch's sample ids and class rows (unlabelled: ``num_classes``) as checked int64
-    arrays for the CPU kernels; made once per batch, which every layer is handed."""
-    versions = (ids._version, None if labels is None else labels._version, num_classes)
+    arrays for the CPU kernels. Every layer is handed the same batch, so the last one is
+    kept and reused while the values are equal (compared, not trusted to version counters:
+    writes through ``.numpy()`` or ``.data`` do not bump them)."""
+    host = ids.detach().to("cpu", torch.int64).numpy()
+    given = None if labels is None else labels.detach().to("cpu", torch.int64).numpy()
     last = _last_batch[0]
-    if last is not None and last[0] is ids and last[1] is labels and last[2] == versions:
+    if (
+        last is not None
+        and last[0] == num_classes
+        and np.array_equal(last[1], host)
+        and (
+            last[2] is given is None
+            or (last[2] is not None and given is not None and np.array_equal(last[2], given))
+        )
+    ):
         return last[3], last[4]
-    host = ids.detach().to("cpu", torch.int64)
-    if bool(((host < 0) | (host > _ID_MASK)).any()):
+    if ((host < 0) | (host > _ID_MASK)).any():
         raise ValueError("sample_ids must lie in [0, 2**32)")
-    if labels is None:
-        rows = torch.full(host.shape, num_classes, dtype=torch.int64)
+    if given is None:
+        rows = np.full(host.shape, num_classes, dtype=np.int64)
     else:
-        rows = labels.detach().to("cpu", torch.int64)
-        if bool((rows >= num_classes).any()):  # the kernels index class rows with them
+        if (given >= num_classes).any():  # the kernels index class rows with them
             raise ValueError(f"labels must be < num_classes={num_classes}")
-        rows = rows.masked_fill(rows < 0, num_classes)
-    out = host.numpy(), rows.numpy()
-    _last_batch[0] = (ids, labels, versions, *out)  # holds one batch's ids and labels
-    return out
+        rows = np.where(given < 0, num_classes, given)
+    ids_copy = host.copy()  # the caller may refill its tensors; the cache keeps the values
+    _last_batch[0] = (
+        num_classes,
+        ids_copy,
+        None if given is None else given.copy(),
+        ids_copy,
+        rows,
+    )
+    return ids_copy, rows
 
 
 def _decode(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -305,8 +322,13 @@ class UnitStats:
                 f"activation has {act.shape[1]} units (shape {tuple(act.shape)}), "
                 f"UnitStats was built for {self.num_units}"
             )
-        flat = act.to(device=self.device, dtype=torch.float32).reshape(*act.shape[:2], -1)
-        return flat, act.shape[-1] if act.dim() > 2 else 1
+        if act.dim() > 2 and act[0, 0].numel() == 0:
+            raise ValueError(
+                f"activation maps have no positions (shape {tuple(act.shape)}): nothing to "
+                "take a mean or max of"
+            )
+        flat = act.detach().to(device=self.device, dtype=torch.float32)
+        return flat.reshape(*act.shape[:2], -1), act.shape[-1] if act.dim() > 2 else 1
 
     def update(
         self, act: torch.Tensor, sample_ids: torch.Tensor, labels: torch.Tensor | None
@@ -334,7 +356,8 @@ class UnitStats:
         # Range checks need the values on the host: only done when they already are (no sync).
         ids_cpu = sample_ids.device.type == "cpu"
         if ids_cpu and not _already_checked(sample_ids):  # a batch's ids serve every layer
-            if bool(((sample_ids < 0) | (sample_ids > _ID_MASK)).any()):
+            wide = sample_ids.to(torch.int64)  # int32 ids would wrap in the comparison
+            if bool(((wide < 0) | (wide > _ID_MASK)).any()):
                 raise ValueError("sample_ids must lie in [0, 2**32)")
             _remember_ids(sample_ids)
         labels_cpu = labels is not None and labels.device.type == "cpu"
