@@ -111,20 +111,22 @@ def _kind_of(filename: str) -> int:
 
 def _stamp(modules: Any) -> list[Any]:
     """What :class:`_ModelIndex` depends on: the names and identities of every submodule,
-    parameter and buffer, and parameter shapes (``p.data = ...`` keeps the identity)."""
+    parameter and buffer, and parameter shapes (``p.data = ...`` keeps the identity).
+    One flat tuple per dict, built by C-level unpacking: this runs on every trace."""
     out: list[Any] = []
+    add = out.append
+    parameter = nn.Parameter
     for mod in modules:
         ms = mod._modules
-        out.append(tuple(ms))
-        out.append([id(m) for m in ms.values()])
+        add((*ms, *map(id, ms.values())))
         ps = mod._parameters
         if ps:
-            out.append(tuple(ps))
-            out.append([(id(p), _shape(p)) for p in ps.values()])
+            vals = ps.values()
+            shapes = [p.shape if type(p) is parameter else _shape(p) for p in vals]
+            add((*ps, *map(id, vals), *shapes))
         bs = mod._buffers
         if bs:
-            out.append(tuple(bs))
-            out.append([id(b) for b in bs.values()])
+            add((*bs, *map(id, bs.values())))
     return out
 
 
@@ -734,7 +736,7 @@ class Recorder(TorchFunctionMode):
         node.label = node.rolled = entry[2]
         node.pass_num = entry[1]
         node._source = entry[3]
-        node._key = key
+        node._key = entry  # its final pass count labels it in postprocess.finish
 
 
 def _meta(t: Tensor) -> TensorMeta:

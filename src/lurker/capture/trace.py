@@ -229,7 +229,7 @@ class Trace:
                     node.activation = t.detach()
                 rec.nodes[src].children.append(idx)
                 rec.nodes.append(node)
-        postprocess.finish(rec.nodes, rec.module_info, rec.keys)
+        postprocess.finish(rec.nodes, rec.module_info)
         rec.prune()
         tr.ops = rec.nodes
         if rec.failed is not None:

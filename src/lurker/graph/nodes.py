@@ -96,7 +96,7 @@ class Op:
     _skel_args: Any = None
     _skel_kwargs: Any = None
     _inputs: list[tuple[int, Any]] = ()  # type: ignore[assignment]  # (node, out) / (-1, param)
-    _key: Any = None
+    _key: Any = None  # the recorder's entry for the op's place (a constant: its tensor)
     _snapshots: dict[int, Any] | None = None  # inputs changed through an alias: their values
     _where: Any = None  # (module paths, call sites, cut) until the recorder finalizes it
     _outs: Any = None  # output tensors whose metadata finalize() reads

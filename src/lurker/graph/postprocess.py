@@ -8,11 +8,7 @@ from math import prod
 from .nodes import ModuleInfo, Op, TensorMeta
 
 
-def finish(
-    nodes: list[Op],
-    modules: dict[str, ModuleInfo],
-    passes: dict[object, list[int]],
-) -> None:
+def finish(nodes: list[Op], modules: dict[str, ModuleInfo]) -> None:
     """Complete the recorded nodes in place (called once per trace)."""
     _module_outputs(nodes, modules)
     counters: dict[str, int] = {}
@@ -20,8 +16,8 @@ def finish(
     for node in nodes:
         kind = node.kind
         if node._key is not None and kind in recorded:
-            entry = passes.get(node._key)
-            n = node.num_passes = entry[1] if entry else 1
+            # the recorder's [number, passes, label, source] entry of the op's place
+            n = node.num_passes = node._key[1]
             node.label = node.rolled if n == 1 else f"{node.rolled}:{node.pass_num}"
         elif not node.label:  # inputs, outputs, buffers, constants
             counters[kind] = counters.get(kind, 0) + 1
