@@ -28,6 +28,7 @@ class DevicePath(UnitStats):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._fused = False
+        self._hist = self._hist.to(torch.int64)  # as built off the CPU
 
 
 PATHS = pytest.mark.parametrize("cls", [UnitStats, DevicePath], ids=["cpu", "torch"])
@@ -302,6 +303,26 @@ def test_inference_mode_ids_labels_and_activations_needing_grad(cls):
     res = stats.result()
     exp, _ = oracle(acts.detach(), ids, labels, 4, 4, res["hist_edges"])
     check_against(res, exp)
+
+
+def test_cpu_histogram_widens_before_int32_overflow_and_paths_merge():
+    # The CPU path counts in int32 and must switch to int64 before any bin could pass 2**31;
+    # its states merge with the torch path's (int64) either way round.
+    acts, ids, labels = make_data((3, 4), seed=83)
+    kw = {"device": "cpu", "hist_bins": 8, "hist_range": (-2.0, 2.0)}
+    whole = feed(UnitStats(3, 4, 4, **kw), acts, ids, labels).result()
+    for a_cls, b_cls in [(UnitStats, DevicePath), (DevicePath, UnitStats)]:
+        a = feed(a_cls(3, 4, 4, **kw), acts[:30], ids[:30], labels[:30], sizes=[30])
+        b = feed(b_cls(3, 4, 4, **kw), acts[30:], ids[30:], labels[30:], sizes=[27])
+        a.merge(b)
+        assert_same(whole, a.result())
+    stats = UnitStats(3, 4, 4, **kw)
+    assert stats._hist.dtype == torch.int32
+    stats._count = (1 << 31) - 3  # as if 2**31 - 3 samples had been seen
+    stats.update(acts[:5], ids[:5], labels[:5])
+    assert stats._hist.dtype == torch.int64 and int(stats._hist.sum()) == 5 * 3
+    state = stats.state_dict()
+    assert UnitStats.from_state_dict(state)._hist.dtype == torch.int64
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

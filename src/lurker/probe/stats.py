@@ -41,6 +41,7 @@ _SHIFT = 1 << 32  # the value half of an order key sits above bit 32
 _ID_MASK = (1 << 32) - 1  # ids are stored as ``_ID_MASK - id`` so smaller ids rank higher
 _EMPTY = -(1 << 63)  # key of an unfilled slot: below every real (value, id) pair
 _STATE_FORMAT = 1
+_INT32_MAX = (1 << 31) - 1
 # Default buffer length (samples) and size cap (bytes) of one layer, off the CPU and on it: on a
 # GPU a longer buffer means fewer kernel launches; the CPU gains little beyond 1024 samples.
 _BUFFER = {False: (4096, 64 << 20), True: (1024, 16 << 20)}
@@ -236,8 +237,10 @@ class UnitStats:
         self._class_count = torch.zeros(num_classes + 1, dtype=i64, device=dev)
         self._one = torch.ones(1, dtype=i64, device=dev)
         # Histogram with an underflow column in front and an overflow column behind, so that a
-        # single bucketize + index_add_ also counts the out-of-range values.
-        self._hist = torch.zeros((c, hist_bins + 2), dtype=i64, device=dev)
+        # single bucketize + index_add_ also counts the out-of-range values. int32 on the CPU
+        # path (half the memory its fold touches per batch), widened before it could overflow.
+        hist_dtype = torch.int32 if self._fused else i64
+        self._hist = torch.zeros((c, hist_bins + 2), dtype=hist_dtype, device=dev)
         self._bin_offsets = torch.arange(c, dtype=i64, device=dev) * (hist_bins + 2)
         self._range: tuple[float, float] | None = None
         self._edges: torch.Tensor | None = None  # hist_bins + 1 float32 edges
@@ -408,6 +411,7 @@ class UnitStats:
         if self._range is None:
             self._range_from_means(x.mean(dim=2))
         assert self._search is not None
+        self._widen_hist(self._count + b)
         maps = x.view(b * c, size).numpy()
         bits = maps.view(np.int32)
         means = np.empty(b * c, np.float32)
@@ -427,6 +431,11 @@ class UnitStats:
                 width,
             )
         self._count += b
+
+    def _widen_hist(self, count: int) -> None:
+        """Make the histogram int64 if ``count`` samples could overflow an int32 bin."""
+        if self._hist.dtype != torch.int64 and count > _INT32_MAX:
+            self._hist = self._hist.to(torch.int64)
 
     def _alloc(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Room for n samples: stat (2, n, C) float32, flat peak indices (n, C) int64, sample-
@@ -552,7 +561,8 @@ class UnitStats:
         self._count += other._count
         self._class_sum += other._class_sum.to(device=dev, dtype=self._acc)
         self._class_count += other._class_count.to(dev)
-        self._hist += other._hist.to(dev)
+        self._widen_hist(self._count)
+        self._hist += other._hist.to(dev, self._hist.dtype)
 
     def all_reduce(self, group: Any = None) -> None:
         """Merge the states of all ranks of ``group`` in place; every rank ends with the result.
@@ -598,9 +608,10 @@ class UnitStats:
         self._reselect(allc[:2], allc[2])
 
         count = torch.tensor([self._count], dtype=torch.int64, device=dev)
-        ints = torch.cat([count, self._class_count, self._hist.view(-1)])
+        ints = torch.cat([count, self._class_count, self._hist.view(-1).to(torch.int64)])
         dist.all_reduce(ints, group=group)
         self._count = int(ints[0])
+        self._widen_hist(self._count)
         self._class_count.copy_(ints[1 : self.num_classes + 2])
         self._hist.view(-1).copy_(ints[self.num_classes + 2 :])
         dist.all_reduce(self._class_sum, group=group)
@@ -651,6 +662,7 @@ class UnitStats:
             buffer_samples=buffer_samples,
         )
         stats._count = int(state["count"])
+        stats._widen_hist(stats._count)
         for name in cls._TENSORS:
             mine = getattr(stats, "_" + name)
             saved = state[name]
@@ -687,7 +699,7 @@ class UnitStats:
         class_count = self._class_count.cpu()
         class_mean = class_sum[:-1] / class_count[:-1, None].double()
         unit_mean = class_sum.sum(dim=0) / self._count
-        ext = self._hist.cpu()
+        ext = self._hist.cpu().to(torch.int64)
         hist = ext[:, 1:-1].clone()
         hist[:, 0] += ext[:, 0]
         hist[:, -1] += ext[:, -1]
