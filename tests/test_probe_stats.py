@@ -325,6 +325,18 @@ def test_cpu_histogram_widens_before_int32_overflow_and_paths_merge():
     assert UnitStats.from_state_dict(state)._hist.dtype == torch.int64
 
 
+def test_without_numba_the_cpu_takes_the_torch_path(monkeypatch):
+    import lurker.probe.stats as stats_module
+
+    monkeypatch.setattr(stats_module, "_kernels", False)  # as if importing numba failed
+    acts, ids, labels = make_data((3, 2, 2), seed=89)
+    stats = UnitStats(3, 4, 4, device="cpu", hist_bins=8)
+    assert not stats._fused
+    res = feed(stats, acts, ids, labels).result()
+    exp, _ = oracle(acts, ids, labels, 4, 4, res["hist_edges"])
+    check_against(res, exp)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("ties", [False, True])
 def test_cuda_matches_bruteforce(ties):

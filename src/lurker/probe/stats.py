@@ -30,10 +30,22 @@ from typing import Any
 import numpy as np
 import torch
 
-try:
-    from . import _kernels
-except ImportError:  # no numba: the CPU takes the buffered torch path, which is slower
-    _kernels = None  # type: ignore[assignment]
+# lurker.probe._kernels once the first CPU UnitStats loads it (numba takes a second to
+# import, which a trace alone should not pay); False if numba is missing.
+_kernels: Any = None
+
+
+def _cpu_kernels() -> Any:
+    """The compiled CPU kernels, or None without numba (the CPU then takes the buffered
+    torch path, which is slower)."""
+    global _kernels
+    if _kernels is None:
+        try:
+            from . import _kernels as kernels
+        except ImportError:
+            kernels = False
+        _kernels = kernels
+    return _kernels or None
 
 __all__ = ["UnitStats"]
 
@@ -223,7 +235,7 @@ class UnitStats:
         self.device = torch.device(device)
         self._acc = torch.float32 if self.device.type == "mps" else torch.float64
         # The CPU folds each batch in at once with compiled kernels (see _update_fused).
-        self._fused = cpu and _kernels is not None
+        self._fused = cpu and _cpu_kernels() is not None
         dev, c, i64 = self.device, num_units, torch.int64
         # The state is laid out so that folding in a buffer needs as few kernels as possible:
         self._count = 0  # a host int: batch sizes are known on the host, so this never syncs
