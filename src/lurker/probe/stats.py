@@ -352,10 +352,10 @@ class UnitStats:
 
         ``sample_ids`` are the batch's int64 global dataset indices (B,), ``labels`` its int64
         class indices (B,) or None to skip class statistics. ``act`` is read during the call
-        (later in-place changes to it do not matter); the rest of the work is deferred until
-        the buffer is folded in. Off the CPU that is four kernels (mean, max with indices, two
-        small copies into the buffer) and no host sync per call; on the CPU all of the work, in
-        two compiled calls (see :meth:`_update_fused`).
+        (later in-place changes to it do not matter). Off the CPU the call costs four kernels
+        (mean, max with indices, two small copies into the buffer) and no host sync, and the
+        rest of the work waits until the buffer is folded in; on the CPU two compiled calls do
+        all of it at once (see :meth:`_update_fused`).
         """
         flat, width = self._maps(act)
         b = act.shape[0]
@@ -416,9 +416,7 @@ class UnitStats:
         """The CPU's update, unbuffered: two compiled calls read the (B, C, S) maps once and
         fold them in (top-k, peaks, class sums and counts, histogram); ``ids`` and ``rows``
         come from :func:`_host_batch`. See :mod:`lurker.probe._kernels`."""
-        x = flat.detach()
-        if not x.is_contiguous():
-            x = x.contiguous()
+        x = flat.contiguous()
         b, c, size = x.shape
         if self._range is None:
             self._range_from_means(x.mean(dim=2))
