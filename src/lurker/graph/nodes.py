@@ -65,10 +65,15 @@ class Op:
 
     ``label`` is unique and stable for a given model and input (``conv2d_3``; ``linear_1:2``
     for the second pass of a reused layer); ``rolled`` is the label shared by all passes.
-    A plain class rather than a dataclass: one is made per op on the recording hot path,
-    so only per-instance state is set in ``__init__``; the rest are class-level defaults.
+    A slotted class rather than a dataclass: one is made per op on the recording hot path,
+    and without a per-instance dict the nodes are smaller and closer together in memory,
+    which the passes over the graph after a forward (caches cold) feel: measured 3% (resnet18)
+    to 12% (a transformer) off a trace.
     """
 
+    index: int
+    kind: str  # input, output, op, generated, buffer, constant, readout, failed
+    name: str  # function name ('conv2d', 'add') or the input/output name
     label: str
     rolled: str
     pass_num: int
@@ -79,30 +84,39 @@ class Op:
     children: list[int]
     outputs: list[TensorMeta]
     params: list[ParamRef]
-    time: float = 0.0  # seconds spent in the op during the traced forward
-    flops: int | None = None
-    inplace: bool = False
-    random: bool = False
-    dist_from_input: int | None = None
-    dist_from_output: int | None = None
-    decides_branch: bool = False  # its value flows into a readout (bool/item) directly
-    value: Any = None  # for readouts: the Python value the model got
-    seq: int = -1  # position among recorded calls, used to re-run on new inputs
-    activation: Any = None  # saved tensor (or tuple for multi-output ops), if saved
-    grad: Any = None  # gradient of the output, after a backward pass with grads=True
-    stale: bool = False  # saved activation was modified in place after saving
+    time: float  # seconds spent in the op during the traced forward
+    flops: int | None
+    inplace: bool
+    random: bool
+    dist_from_input: int | None
+    dist_from_output: int | None
+    decides_branch: bool  # its value flows into a readout (bool/item) directly
+    value: Any  # for readouts: the Python value the model got
+    seq: int  # position among recorded calls, used to re-run on new inputs
+    activation: Any  # saved tensor (or tuple for multi-output ops), if saved
+    grad: Any  # gradient of the output, after a backward pass with grads=True
+    stale: bool  # saved activation was modified in place after saving
     # private: how to re-execute this op (validation, replay)
-    _func: Any = None
-    _skel_args: Any = None
-    _skel_kwargs: Any = None
-    _inputs: list[tuple[int, Any]] = ()  # type: ignore[assignment]  # (node, out) / (-1, param)
-    _key: Any = None  # the recorder's entry for the op's place (a constant: its tensor)
-    _snapshots: dict[int, Any] | None = None  # inputs changed through an alias: their values
-    _where: Any = None  # (module paths, call sites, cut) until the recorder finalizes it
-    _outs: Any = None  # output tensors whose metadata finalize() reads
-    _extra_parents: Any = None  # ops that mutated an input through another view
-    _provisional: bool = False  # saved in case it is the output of a module save= names
-    _source: Any = None  # the source, or a function that finds it (looked up on demand)
+    _func: Any
+    _skel_args: Any
+    _skel_kwargs: Any
+    _inputs: Any  # [(node, output) or (-1, param name)] per tensor argument
+    _key: Any  # the recorder's entry for the op's place (a constant: its tensor)
+    _snapshots: dict[int, Any] | None  # inputs changed through an alias: their values
+    _where: Any  # (module paths, call sites, cut) until the recorder finalizes it
+    _outs: Any  # output tensors whose metadata finalize() reads
+    _extra_parents: Any  # ops that mutated an input through another view
+    _provisional: bool  # saved in case it is the output of a module save= names
+    _source: Any  # the source, or a function that finds it (looked up on demand)
+
+    __slots__ = (  # noqa: RUF023 - in the order of the annotations above
+        "index", "kind", "name", "label", "rolled", "pass_num", "num_passes", "modules",
+        "module_outputs", "parents", "children", "outputs", "params", "time", "flops",
+        "inplace", "random", "dist_from_input", "dist_from_output", "decides_branch", "value",
+        "seq", "activation", "grad", "stale", "_func", "_skel_args", "_skel_kwargs", "_inputs",
+        "_key", "_snapshots", "_where", "_outs", "_extra_parents", "_provisional", "_source",
+        "__weakref__",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -118,7 +132,7 @@ class Op:
     ):
         self.index = index
         self.kind = kind
-        self.name = name  # function name ('conv2d', 'add') or the input/output name
+        self.name = name
         self.label = label
         self.rolled = rolled
         self.pass_num = pass_num
@@ -129,6 +143,29 @@ class Op:
         self.children = []
         self.outputs = []
         self.params = []
+        self.time = 0.0
+        self.flops = None
+        self.inplace = False
+        self.random = False
+        self.dist_from_input = None
+        self.dist_from_output = None
+        self.decides_branch = False
+        self.value = None
+        self.seq = -1
+        self.activation = None
+        self.grad = None
+        self.stale = False
+        self._func = None
+        self._skel_args = None
+        self._skel_kwargs = None
+        self._inputs = ()
+        self._key = None
+        self._snapshots = None
+        self._where = None
+        self._outs = None
+        self._extra_parents = None
+        self._provisional = False
+        self._source = None
 
     @property
     def source(self) -> str | None:

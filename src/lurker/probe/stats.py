@@ -47,6 +47,7 @@ def _cpu_kernels() -> Any:
         _kernels = kernels
     return _kernels or None
 
+
 __all__ = ["UnitStats"]
 
 _SHIFT = 1 << 32  # the value half of an order key sits above bit 32
