@@ -337,6 +337,26 @@ def test_without_numba_the_cpu_takes_the_torch_path(monkeypatch):
     check_against(res, exp)
 
 
+@pytest.mark.parametrize("numba", [True, False], ids=["kernels-not-loaded", "numba-missing"])
+def test_unpickled_cpu_state_goes_on(monkeypatch, numba):
+    # Unpickling skips __init__, which loads the kernels: a state sent to a fresh process
+    # loads them at its first update, or takes the torch path where numba is missing.
+    import pickle
+
+    import lurker.probe.stats as stats_module
+
+    acts, ids, labels = make_data((3, 4), seed=97)
+    kw = {"device": "cpu", "hist_bins": 8, "hist_range": (-2.0, 2.0)}
+    whole = feed(UnitStats(3, 4, 4, **kw), acts, ids, labels).result()
+    first = feed(UnitStats(3, 4, 4, **kw), acts[:25], ids[:25], labels[:25], sizes=SIZES[:3])
+    blob = pickle.dumps(first)
+    monkeypatch.setattr(stats_module, "_kernels", None if numba else False)
+    resumed = pickle.loads(blob)
+    feed(resumed, acts[25:], ids[25:], labels[25:], sizes=SIZES[3:])
+    assert resumed._fused is numba
+    assert_same(whole, resumed.result())
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("ties", [False, True])
 def test_cuda_matches_bruteforce(ties):

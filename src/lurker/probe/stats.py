@@ -367,8 +367,13 @@ class UnitStats:
         if b == 0:
             return
         if self._fused:
-            self._update_fused(flat, width, *_host_batch(sample_ids, labels, self.num_classes))
-            return
+            kernels = _cpu_kernels()  # (an unpickled state has not loaded them yet)
+            if kernels is not None:
+                ids, rows = _host_batch(sample_ids, labels, self.num_classes)
+                self._update_fused(kernels, flat, width, ids, rows)
+                return
+            self._fused = False  # unpickled where numba is missing: the torch path from now on
+            self._hist = self._hist.to(torch.int64)
         # Range checks need the values on the host: only done when they already are (no sync).
         ids_cpu = sample_ids.device.type == "cpu"
         if ids_cpu and not _already_checked(sample_ids):  # a batch's ids serve every layer
@@ -412,11 +417,11 @@ class UnitStats:
         self._width = width
 
     def _update_fused(
-        self, flat: torch.Tensor, width: int, ids: np.ndarray, rows: np.ndarray
+        self, kernels: Any, flat: torch.Tensor, width: int, ids: np.ndarray, rows: np.ndarray
     ) -> None:
         """The CPU's update, unbuffered: two compiled calls read the (B, C, S) maps once and
         fold them in (top-k, peaks, class sums and counts, histogram); ``ids`` and ``rows``
-        come from :func:`_host_batch`. See :mod:`lurker.probe._kernels`."""
+        come from :func:`_host_batch`; ``kernels`` is :mod:`lurker.probe._kernels`."""
         x = flat.contiguous()
         b, c, size = x.shape
         if self._range is None:
@@ -428,9 +433,9 @@ class UnitStats:
         means = np.empty(b * c, np.float32)
         peaks = np.empty(b * c, np.int32)
         state = (self._keys, self._max_pos, self._class_sum, self._class_count, self._hist)
-        with _kernels.lock:
-            _kernels.read(maps, bits, means, peaks)
-            _kernels.fold(
+        with kernels.lock:
+            kernels.read(maps, bits, means, peaks)
+            kernels.fold(
                 bits,
                 means,
                 means.view(np.int32),
