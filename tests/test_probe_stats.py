@@ -357,6 +357,21 @@ def test_unpickled_cpu_state_goes_on(monkeypatch, numba):
     assert_same(whole, resumed.result())
 
 
+def test_cpu_kernels_use_as_many_threads_as_torch():
+    # torchrun ranks limited to one thread each must not each fan out to every core.
+    numba = pytest.importorskip("numba")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        acts, ids, labels = make_data((3, 4), seed=101)
+        res = feed(UnitStats(3, 4, 4, device="cpu", hist_bins=8), acts, ids, labels).result()
+        assert numba.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    exp, _ = oracle(acts, ids, labels, 4, 4, res["hist_edges"])
+    check_against(res, exp)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("ties", [False, True])
 def test_cuda_matches_bruteforce(ties):

@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import threading
 
+import numba
 import numpy as np
 from numba import njit, prange
 
-__all__ = ["fold", "lock", "read"]
+__all__ = ["fold", "lock", "read", "use_threads"]
 
 
 def _compiled(**options):  # type: ignore[no-untyped-def]
@@ -46,6 +47,13 @@ def _compiled(**options):  # type: ignore[no-untyped-def]
 
 # numba's default thread pool ("workqueue") must not be entered by two threads at once.
 lock = threading.Lock()
+
+
+def use_threads(n: int) -> None:
+    """Run the kernels on ``n`` threads (at most numba's pool): as many as torch uses, so
+    that e.g. torchrun ranks limited to one thread each do not all fan out to every core."""
+    numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
+
 
 _SHIFT = np.int64(1 << 32)
 _ID_MASK = np.int64((1 << 32) - 1)

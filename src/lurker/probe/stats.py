@@ -434,6 +434,7 @@ class UnitStats:
         peaks = np.empty(b * c, np.int32)
         state = (self._keys, self._max_pos, self._class_sum, self._class_count, self._hist)
         with kernels.lock:
+            kernels.use_threads(torch.get_num_threads())
             kernels.read(maps, bits, means, peaks)
             kernels.fold(
                 bits,
