@@ -270,6 +270,7 @@ class UnitStats:
         self._n = 0  # buffered samples
         self._width = 1  # map width of the buffered samples (to split flat indices into y, x)
         self._first = 0  # while the range is automatic and unfixed: the first batch's size
+        self._scratch: tuple[np.ndarray, np.ndarray] | None = None  # see _update_fused
 
     # ------------------------------------------------------------------ histogram range
 
@@ -430,8 +431,10 @@ class UnitStats:
         self._widen_hist(self._count + b)
         maps = x.view(b * c, size).numpy()
         bits = maps.view(np.int32)
-        means = np.empty(b * c, np.float32)
-        peaks = np.empty(b * c, np.int32)
+        scratch = self._scratch  # per-map means and peak bit patterns, kept between batches
+        if scratch is None or len(scratch[0]) != b * c:
+            scratch = self._scratch = (np.empty(b * c, np.float32), np.empty(b * c, np.int32))
+        means, peaks = scratch
         state = (self._keys, self._max_pos, self._class_sum, self._class_count, self._hist)
         with kernels.lock:
             kernels.use_threads(torch.get_num_threads())
