@@ -476,8 +476,8 @@ def test_bad_inputs_raise():
         stats.update(torch.zeros(2, 3), torch.tensor([0, -1]), None)
     with pytest.raises(ValueError, match="num_classes"):
         stats.update(torch.zeros(2, 3), ids, torch.tensor([0, 2]))
-    # ids are checked once per tensor (a sweep passes one batch's ids to every layer), and
-    # again once that tensor is changed in place
+    # the CPU path checks a batch's ids once for all layers (a sweep passes one batch's ids
+    # to every layer), and again once their values change
     ok = torch.arange(2)
     stats.update(torch.zeros(2, 3), ok, None)
     ok[1] = -5

@@ -29,20 +29,18 @@ import numba
 import numpy as np
 from numba import njit, prange
 
+from . import stats
+
 __all__ = ["fold", "lock", "read", "use_threads"]
 
 
-def _compiled(**options):  # type: ignore[no-untyped-def]
+def _compiled(fn):  # type: ignore[no-untyped-def]
     """``njit(parallel=True)``, cached on disk where numba finds a writable place, else
     compiled afresh in each process (numba refuses cache=True with nowhere to write)."""
-
-    def wrap(fn):  # type: ignore[no-untyped-def]
-        try:
-            return njit(parallel=True, cache=True, **options)(fn)
-        except RuntimeError:
-            return njit(parallel=True, **options)(fn)
-
-    return wrap
+    try:
+        return njit(parallel=True, cache=True)(fn)
+    except RuntimeError:
+        return njit(parallel=True)(fn)
 
 
 # numba's default thread pool ("workqueue") must not be entered by two threads at once.
@@ -55,8 +53,9 @@ def use_threads(n: int) -> None:
     numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
 
 
-_SHIFT = np.int64(1 << 32)
-_ID_MASK = np.int64((1 << 32) - 1)
+# the order-key layout of stats._encode, which the keys made here must match bit for bit
+_SHIFT = np.int64(stats._SHIFT)
+_ID_MASK = np.int64(stats._ID_MASK)
 _ABS = np.int32(0x7FFFFFFF)
 _INF_BITS = np.int32(0x7F800000)
 _NAN_BITS = np.int32(0x7FC00000)  # the one NaN that order keys use (torch's math.nan)
@@ -122,7 +121,7 @@ def _first(bits, peak):  # pragma: no cover - compiled
     return p
 
 
-@_compiled()
+@_compiled
 def read(x, bits, means, peaks):  # pragma: no cover - compiled
     """Spatial mean (float32) and the bit pattern of the max (int32) of each of the R maps of
     ``x`` (R, S) float32, whose int32 view is ``bits``, into ``means`` and ``peaks`` (R,)."""
@@ -135,7 +134,7 @@ def read(x, bits, means, peaks):  # pragma: no cover - compiled
         peaks[r] = peak
 
 
-@_compiled()
+@_compiled
 def fold(
     bits,
     means,

@@ -23,7 +23,6 @@ deterministic no matter how ties, batches, buffers, shards or ranks are arranged
 from __future__ import annotations
 
 import math
-import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -81,22 +80,7 @@ def _encode(values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return torch.add(_ID_MASK - ids, bits, alpha=_SHIFT)  # int64: high half value, low half id
 
 
-# The last sample ids checked (weakly) and their version: a sweep passes one batch's ids
-# to the statistics of every layer, so they are checked once, not once per layer.
-_last_ids: list[Any] = [lambda: None, -1]
-
-
-def _already_checked(ids: torch.Tensor) -> bool:
-    # inference tensors have no version counter: checked every time
-    return not ids.is_inference() and _last_ids[0]() is ids and _last_ids[1] == ids._version
-
-
-def _remember_ids(ids: torch.Tensor) -> None:
-    if not ids.is_inference():
-        _last_ids[:] = [weakref.ref(ids), ids._version]
-
-
-# The CPU path's last batch: (num_classes, ids, labels as given, ids, class rows checked).
+# The CPU path's last batch: (num_classes, ids, labels as given, class rows), checked.
 _last_batch: list[Any] = [None]
 
 
@@ -119,7 +103,7 @@ def _host_batch(
             or (last[2] is not None and given is not None and np.array_equal(last[2], given))
         )
     ):
-        return last[3], last[4]
+        return last[1], last[3]
     if ((host < 0) | (host > _ID_MASK)).any():
         raise ValueError("sample_ids must lie in [0, 2**32)")
     if given is None:
@@ -129,13 +113,7 @@ def _host_batch(
             raise ValueError(f"labels must be < num_classes={num_classes}")
         rows = np.where(given < 0, num_classes, given)
     ids_copy = host.copy()  # the caller may refill its tensors; the cache keeps the values
-    _last_batch[0] = (
-        num_classes,
-        ids_copy,
-        None if given is None else given.copy(),
-        ids_copy,
-        rows,
-    )
+    _last_batch[0] = (num_classes, ids_copy, None if given is None else given.copy(), rows)
     return ids_copy, rows
 
 
@@ -376,12 +354,10 @@ class UnitStats:
             self._fused = False  # unpickled where numba is missing: the torch path from now on
             self._hist = self._hist.to(torch.int64)
         # Range checks need the values on the host: only done when they already are (no sync).
-        ids_cpu = sample_ids.device.type == "cpu"
-        if ids_cpu and not _already_checked(sample_ids):  # a batch's ids serve every layer
+        if sample_ids.device.type == "cpu":
             wide = sample_ids.to(torch.int64)  # int32 ids would wrap in the comparison
             if bool(((wide < 0) | (wide > _ID_MASK)).any()):
                 raise ValueError("sample_ids must lie in [0, 2**32)")
-            _remember_ids(sample_ids)
         labels_cpu = labels is not None and labels.device.type == "cpu"
         if labels_cpu and bool((labels >= self.num_classes).any()):
             raise ValueError(f"labels must be < num_classes={self.num_classes}")

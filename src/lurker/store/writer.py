@@ -415,7 +415,7 @@ class RunWriter:
             map(bytes, a.hist),
             map(bytes, a.class_mean),
         )
-        _insert_rows(cur, "units(layer_id, unit, mean, max, hist, class_mean)", 6, units)
+        _insert_rows(cur, "units(layer_id, unit, mean, max, hist, class_mean)", units)
         # Rows in primary-key order (unit, 'max' < 'mean', rank): B-tree appends are fastest.
         shape = (c, 2, k)
         ids = np.stack([a.max_ids, a.mean_ids], axis=1).reshape(-1)
@@ -435,7 +435,7 @@ class RunWriter:
             column(np.stack([a.max_y.astype(object), none], axis=1)),
             column(np.stack([a.max_x.astype(object), none], axis=1)),
         )
-        _insert_rows(cur, "top(layer_id, unit, list, rank, sample_id, value, y, x)", 8, top)
+        _insert_rows(cur, "top(layer_id, unit, list, rank, sample_id, value, y, x)", top)
 
     # -- plumbing --------------------------------------------------------------------
 
@@ -485,12 +485,11 @@ class RunWriter:
 _MAX_VARIABLES = 999
 
 
-def _insert_rows(
-    cur: sqlite3.Cursor, target: str, width: int, rows: Iterable[tuple[Any, ...]]
-) -> None:
-    """INSERT ``rows`` of ``width`` values into ``target`` (``table(col, ...)``), many rows
+def _insert_rows(cur: sqlite3.Cursor, target: str, rows: Iterable[tuple[Any, ...]]) -> None:
+    """INSERT ``rows`` into ``target`` (``table(col, ...)``, one value per column), many rows
     per statement: a multi-row VALUES binds for about half of what executemany's row-by-row
     statements cost (86k top-k rows of a ResNet: 0.13 s instead of 0.21 s)."""
+    width = target.count(",") + 1
     per = max(1, _MAX_VARIABLES // width)
     row = "(" + ", ".join("?" * width) + ")"
 
