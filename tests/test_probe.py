@@ -393,3 +393,27 @@ def test_top_level_api(tmp_path: Path):
         again.unit("features.0", 1).top("max")[0].sample_id
         == run.unit("features.0", 1).top("max")[0].sample_id
     )
+
+
+def test_cli_rerun_over_python_run_records_how_to_load(tmp_path: Path):
+    """A CLI probe that resumes a run made from Python stores its own model spec and data,
+    so `lurker render` can load them (the docs run the two in this order)."""
+    from lurker.cli import main
+    from lurker.probe.data import load_dataset
+
+    model = _model()
+    weights = tmp_path / "w.pt"
+    torch.save(model.state_dict(), weights)
+    out = tmp_path / "run"
+    probe(model, load_dataset("digits:test", 16), out=out, layers=["features.8"], k=2)
+    assert "model_spec" not in lurker.Run.open(out).meta["config"]
+    args = ["lurker.examples:DigitsNet", "--weights", str(weights), "--data", "digits:test"]
+    args += ["--out", str(out), "--image-size", "16", "--layers", "features.8", "--k", "2"]
+    r = CliRunner().invoke(main, ["probe", *args])
+    assert r.exit_code == 0, r.output
+    config = lurker.Run.open(out).meta["config"]
+    assert config["model_spec"] == "lurker.examples:DigitsNet"
+    assert config["data"] == "digits:test"
+    r = CliRunner().invoke(main, ["render", str(out)])
+    assert r.exit_code == 0, r.output
+    assert len(list((out / "cache").rglob("*.png"))) == 32 * 2 * 2 * 4

@@ -382,6 +382,9 @@ def probe(
                 hist_edges=r["hist_edges"],
             )
         )
+    # On resume the store keeps the first call's meta; the config (how to load the model
+    # and data again, batch size, ...) is this call's, the one that wrote the results.
+    writer.meta_set("config", run_meta["config"])
     writer.meta_set(
         "sweep",
         {
