@@ -58,6 +58,7 @@ def test_resnet_formats(resnet, tmp_path: Path, suffix: str, depth: int | None) 
     assert MAGIC[suffix] in data[:512]
     assert len(data) > 2000
     assert [p.name for p in tmp_path.iterdir()] == [out.name]  # no temp file left behind
+    assert out.stat().st_mode & 0o044 == 0o044  # readable by others (a web server), not 0600
 
 
 def test_depth_collapses_modules(resnet, tmp_path: Path) -> None:
