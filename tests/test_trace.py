@@ -704,3 +704,15 @@ def test_more_torchvision_architectures(name, kw, shapes):
     _check_links(tr)
     if name == "raft_small":
         assert tr.is_recurrent  # the refinement loop reuses its update block
+
+
+def test_example_models_are_model_code():
+    """lurker's own example models are sourced like user code (not skipped as lurker's
+    plumbing): sources point into examples.py, and its lines tell call sites apart."""
+    import inspect
+
+    from lurker import examples
+
+    lines, start = inspect.getsourcelines(examples.DigitsNet.forward)  # one `return` line
+    tr = lurker.trace(examples.DigitsNet().eval(), torch.randn(1, 1, 16, 16))
+    assert {op.source for op in tr.layers} == {f"{examples.__file__}:{start + len(lines) - 1}"}

@@ -43,6 +43,8 @@ from ._tree import call_tensors, tensors
 
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 _LURKER_DIR = os.path.dirname(os.path.dirname(__file__)) + os.sep
+# lurker's example models are model code like the user's, not plumbing
+_EXAMPLES_PY = os.path.join(_LURKER_DIR, "examples.py")
 # The frame that marks a module call: Module.__call__ (``_wrapped_call_impl`` since torch 2.1;
 # its three locals make ``f_locals`` cheaper than on ``_call_impl``).
 _CALL_IMPL = nn.Module.__call__.__code__
@@ -62,7 +64,7 @@ _code_kinds: dict[int, int] = {}
 def _code_kind(code: Any) -> int:
     if code is _CALL_IMPL:
         k = _CALL
-    elif code.co_filename.startswith(_LURKER_DIR) or code.co_filename in (
+    elif _is_lurker(code.co_filename) or code.co_filename in (
         _MODULE_PY,
         _OVERRIDES_PY,
     ):
@@ -91,15 +93,15 @@ _INFO = _funcs.INFO
 _NO_KWARGS: dict[str, Any] = {}  # shared by calls without keywords: never mutated
 
 
+def _is_lurker(filename: str) -> bool:
+    return filename.startswith(_LURKER_DIR) and filename != _EXAMPLES_PY
+
+
 def _kind_of(filename: str) -> int:
     """Is a frame's file the user's code, torch's model code (nn.Module forwards), or plumbing?"""
     r = _kind_cache.get(filename)
     if r is None:
-        if (
-            filename.startswith(_LURKER_DIR)
-            or filename.startswith("<")
-            or filename in _PLUMBING_FILES
-        ):
+        if _is_lurker(filename) or filename.startswith("<") or filename in _PLUMBING_FILES:
             r = _PLUMBING
         elif filename.startswith(_TORCH_DIR):
             r = _TORCH_MODEL if "/nn/modules/" in filename else _PLUMBING
