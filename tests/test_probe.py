@@ -417,3 +417,30 @@ def test_cli_rerun_over_python_run_records_how_to_load(tmp_path: Path):
     r = CliRunner().invoke(main, ["render", str(out)])
     assert r.exit_code == 0, r.output
     assert len(list((out / "cache").rglob("*.png"))) == 32 * 2 * 2 * 4
+
+
+def test_crash_before_results_never_leaves_complete_run_with_new_meta(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """A rerun that dies before its results are committed leaves the run 'running' (so
+    readers refuse it and a rerun finishes it), never 'complete' with the new config."""
+    from lurker.store.writer import RunWriter
+
+    model, ds, out = _model(), digits(16, split="test"), tmp_path / "run"
+    probe(model, ds, out=out, layers=["features.8"], k=2, batch_size=64)
+
+    meta_set = RunWriter.meta_set
+
+    def crash(self, key, value):  # dies as the sweep's figures are stored
+        if key == "sweep":
+            raise KeyboardInterrupt
+        meta_set(self, key, value)
+
+    monkeypatch.setattr(RunWriter, "meta_set", crash)
+    with pytest.raises(KeyboardInterrupt):
+        probe(model, ds, out=out, layers=["features.8"], k=2, batch_size=32)
+    run = lurker.Run.open(out, allow_incomplete=True)
+    assert not run.complete and run.meta["config"]["batch_size"] == 32
+    monkeypatch.undo()
+    run = probe(model, ds, out=out, layers=["features.8"], k=2, batch_size=32)
+    assert run.complete and run.meta["config"]["batch_size"] == 32

@@ -382,8 +382,11 @@ def probe(
                 hist_edges=r["hist_edges"],
             )
         )
+    # Demotes the run to 'running' until write_layers_result commits: a crash from here
+    # on never leaves a 'complete' run whose meta describes other results.
+    writer.set_classes(classes)
     # On resume the store keeps the first call's meta; the config (how to load the model
-    # and data again, batch size, ...) is this call's, the one that wrote the results.
+    # and data again, batch size, ...) is this call's, the one that writes the results.
     writer.meta_set("config", run_meta["config"])
     writer.meta_set(
         "sweep",
@@ -394,7 +397,6 @@ def probe(
             "world": world,
         },
     )
-    writer.set_classes(classes)
     writer.add_samples(
         (i, path, all_labels[i] if all_labels[i] >= 0 else None, src)
         for i, path, _, src in ds.sample_rows()
