@@ -8,9 +8,7 @@ so collapsing and rolling never need special edge logic.
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from html import escape
 from pathlib import Path
@@ -21,6 +19,7 @@ import graphviz
 from ..errors import LurkerError
 from ..graph.edges import edges as graph_edges
 from ..graph.nodes import Op, TensorMeta
+from ..store.files import atomic_write_bytes
 
 if TYPE_CHECKING:
     from ..capture.trace import Trace
@@ -123,7 +122,7 @@ def render(
         except graphviz.CalledProcessError as e:
             err = (e.stderr or b"").decode(errors="replace").strip()
             raise LurkerError(f"graphviz 'dot' failed to draw {path.name}: {err}") from e
-    _write_atomic(path, data)
+    atomic_write_bytes(path, data)
     return path
 
 
@@ -133,20 +132,6 @@ def _no_dot() -> LurkerError:
         "(Debian/Ubuntu: apt-get install graphviz; macOS: brew install graphviz), or render "
         "to a .dot file, which works without it."
     )
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if hasattr(os, "fchmod"):
-                os.fchmod(f.fileno(), 0o644)  # mkstemp's 0600 would hide it from a web server
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ---------------------------------------------------------------------- what to draw
