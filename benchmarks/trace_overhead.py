@@ -58,7 +58,13 @@ def main() -> None:
         import torchlens  # type: ignore[import-not-found]
     except ImportError:
         torchlens = None
-    print(f"torch {torch.__version__}, device {a.device}, threads {torch.get_num_threads()}")
+    from lurker import _compiled
+
+    hot = "compiled" if set(_compiled.STATUS.values()) == {"compiled"} else "pure Python"
+    print(
+        f"torch {torch.__version__}, device {a.device}, threads {torch.get_num_threads()}, "
+        f"lurker's hot path: {hot}"
+    )
     print(f"{'model':28s} {'ops':>5s} {'forward ms':>11s} {'trace ms':>9s} {'ratio':>6s}")
     for name, model, args in models(a.device):
         print(bench(name, model, args, a.repeats, a.device, torchlens))

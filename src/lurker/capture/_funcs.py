@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import types
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -70,9 +69,8 @@ READOUTS = {
 PASSTHROUGH: set[Any] = set()
 
 
-@dataclass(frozen=True, slots=True)
 class FuncInfo:
-    """What the recorder needs to know about one callable."""
+    """What the recorder needs to know about one callable (made once per callable)."""
 
     name: str  # readable op name: 'conv2d', 'add', 'getitem', 'relu_'
     inplace_first: bool  # mutates its first tensor argument
@@ -80,6 +78,24 @@ class FuncInfo:
     random: bool  # depends on the RNG (dropout only when training=True)
     dropout: bool
     norm: bool  # batch/instance norm: may update running statistics in place
+
+    __slots__ = ("name", "inplace_first", "readout", "random", "dropout", "norm")  # noqa: RUF023
+
+    def __init__(
+        self, name: str, inplace_first: bool, readout: bool, random: bool, dropout: bool, norm: bool
+    ):
+        self.name = name
+        self.inplace_first = inplace_first
+        self.readout = readout
+        self.random = random
+        self.dropout = dropout
+        self.norm = norm
+
+    def __repr__(self) -> str:
+        flags = [
+            f for f in ("inplace_first", "readout", "random", "dropout", "norm") if getattr(self, f)
+        ]
+        return f"FuncInfo({self.name!r}{', ' if flags else ''}{', '.join(flags)})"
 
 
 def op_name(func: Any) -> str:

@@ -30,6 +30,7 @@ import weakref
 from collections.abc import Callable
 from functools import partial
 from time import perf_counter
+from types import FunctionType
 from typing import Any
 
 import torch
@@ -90,6 +91,10 @@ _PLUMBING_FILES = tuple(
 _kind_cache: dict[str, int] = {}
 _PASSTHROUGH = _funcs.PASSTHROUGH
 _INFO = _funcs.INFO
+# bound once: the hot path would otherwise look each up through its module per op
+_getframe = sys._getframe
+_ref = weakref.ref
+_new_tuple = tuple.__new__
 _NO_KWARGS: dict[str, Any] = {}  # shared by calls without keywords: never mutated
 
 
@@ -112,33 +117,53 @@ def _kind_of(filename: str) -> int:
 
 
 def _stamp(modules: Any) -> list[Any]:
-    """What :class:`_ModelIndex` depends on: the names and identities of every submodule,
-    parameter and buffer, and parameter shapes (``p.data = ...`` keeps the identity).
-    One flat tuple per dict, built by C-level unpacking: this runs on every trace."""
+    """What :class:`_ModelIndex` depends on: every submodule, parameter and buffer by name
+    and identity, and parameter shapes (``p.data = ...`` keeps the identity). The objects
+    themselves, not their ids: an id can be reused once its object is gone."""
     out: list[Any] = []
     add = out.append
-    parameter = nn.Parameter
     for mod in modules:
-        ms = mod._modules
-        add((*ms, *map(id, ms.values())))
-        ps = mod._parameters
-        if ps:
-            vals = ps.values()
-            shapes = [p.shape if type(p) is parameter else _shape(p) for p in vals]
-            add((*ps, *map(id, vals), *shapes))
-        bs = mod._buffers
-        if bs:
-            add((*bs, *map(id, bs.values())))
+        for d in (mod._modules, mod._parameters, mod._buffers):
+            add(len(d))
+            for k, v in d.items():
+                add(k)
+                add(v)
+        for p in mod._parameters.values():
+            add(_shape(p))
     return out
+
+
+def _same_stamp(stamp: list[Any], modules: Any) -> bool:
+    """Whether :func:`_stamp` of ``modules`` would equal ``stamp``, without building it:
+    this runs on every trace."""
+    i = 0
+    n = len(stamp)
+    for mod in modules:
+        for d in (mod._modules, mod._parameters, mod._buffers):
+            if i >= n or stamp[i] != len(d):
+                return False
+            i += 1
+            for k, v in d.items():
+                if stamp[i + 1] is not v or (stamp[i] is not k and stamp[i] != k):
+                    return False
+                i += 2
+        for p in mod._parameters.values():
+            if stamp[i] != _shape(p):
+                return False
+            i += 1
+    return i == n
 
 
 def _shape(p: Any) -> tuple[int, ...] | None:
     """A parameter's shape; () while a lazy module's parameter is uninitialized."""
     if p is None:
         return None
-    if isinstance(p, nn.parameter.UninitializedParameter):
+    if type(p) is not _PARAMETER and isinstance(p, nn.parameter.UninitializedParameter):
         return ()
     return tuple(p.shape)
+
+
+_PARAMETER = nn.Parameter
 
 
 class _ModelIndex:
@@ -153,6 +178,7 @@ class _ModelIndex:
         self.paths: dict[int, str] = {}  # id(module) -> path, the root excluded
         self.params: dict[int, str] = {}
         self.param_shapes: dict[str, tuple[int, ...]] = {}
+        self.param_refs: dict[str, ParamRef] = {}  # shared by every op that uses one
         self.buffers: dict[int, str] = {}
         self.param_modules: set[str] = set()  # modules whose subtree holds parameters
         parents: dict[str, str | None] = {}
@@ -180,6 +206,7 @@ class _ModelIndex:
                 self.params[id(p)] = name
                 shape = _shape(p)
                 self.param_shapes[name] = shape
+                self.param_refs[name] = ParamRef(name, shape)
                 numel += math.prod(shape) if shape else 0
             counts[path] = numel
             for n, b in mod._buffers.items():
@@ -207,8 +234,9 @@ class _ModelIndex:
 _INDEX: weakref.WeakKeyDictionary[nn.Module, _ModelIndex] = weakref.WeakKeyDictionary()
 
 
-class Recorder(TorchFunctionMode):
-    """Records one forward pass. Use through :func:`lurker.trace`, not directly."""
+class _Core:
+    """The recorder's state and per-op work; :class:`Recorder` adds the torch function
+    mode around it. Split so that, compiled, this part is a C type (``_recorder.pxd``)."""
 
     def __init__(
         self,
@@ -219,7 +247,6 @@ class Recorder(TorchFunctionMode):
         device: torch.device | None,
         grads: bool,
     ):
-        super().__init__()
         self.model = model
         self.save = save
         self.transform = transform
@@ -231,12 +258,14 @@ class Recorder(TorchFunctionMode):
         # id(tensor) -> (weakref, (node index, output index), version when produced);
         # weakrefs guard against id reuse
         self.producers: dict[int, tuple[Any, tuple[int, int], int]] = {}
-        # storage pointer -> nodes whose saved activation aliases it (for in-place safety)
-        self.aliases: dict[int, list[int]] = {}
+        # storage pointer -> nodes whose saved activation aliases it (for in-place safety);
+        # None until the first in-place op (see _arm): models without any never pay for it
+        self.aliases: dict[int, list[int]] | None = None
         self.mutators: dict[int, int] = {}  # storage pointer -> last in-place op on it
         self.stale_hit = False
         self.params: dict[int, str] = {}
         self.param_shapes: dict[str, tuple[int, ...]] = {}
+        self.param_refs: dict[str, ParamRef] = {}
         self.buffers: dict[int, str] = {}
         self.buffer_nodes: dict[int, int] = {}
         self.constant_nodes: dict[int, int] = {}
@@ -257,18 +286,20 @@ class Recorder(TorchFunctionMode):
         self._calls: list[Any] = []
         self.stop_frame: Any = None  # trace()'s frame: stack walks end there
         self._top: Any = None  # the previous op's innermost call-site frame
+        self.save_all = save.everything
         self.fast_save = save.everything and transform is None and device is None and not grads
 
     # ------------------------------------------------------------------ modules
     def attach(self) -> None:
         """Index modules, parameters and buffers (cached per model while its tree is unchanged)."""
         idx = _INDEX.get(self.model)
-        if idx is None or idx.stamp != _stamp((self.model, *idx.modules.values())):
+        if idx is None or not _same_stamp(idx.stamp, (self.model, *idx.modules.values())):
             idx = _ModelIndex(self.model)
             _INDEX[self.model] = idx
         self.paths = idx.paths
         self.params = idx.params
         self.param_shapes = idx.param_shapes
+        self.param_refs = idx.param_refs
         self.buffers = idx.buffers
         self.param_modules = idx.param_modules
         self.modules = {"": self.model, **idx.modules}
@@ -292,14 +323,25 @@ class Recorder(TorchFunctionMode):
         callers are suspended in it), so the previous op's outer part is reused and a
         module's ``f_locals`` is read once per call.
         """
-        f = sys._getframe(2)
-        stop = self.stop_frame
+        f = _getframe(_DEPTH)
         kinds = _code_kinds
+        top = self._top  # the previous op's innermost call site
+        if top is not None:
+            # the common case: another op called from the same function frame as the
+            # previous one (past torch's dispatch frames); only the offset there changed
+            g = f
+            while kinds.get(id(g.f_code)) == _SKIP:
+                g = g.f_back
+            if g is top:
+                sites = self._sites[:]
+                sites[1] = g.f_lasti
+                self._sites = sites
+                return
+        stop = self.stop_frame
         chain = self._chain
         sites: list[int] = []  # flat: code id, offset, code id, offset, ... inner to outer
         calls: list[Any] = []  # flat: Module.__call__ frame, len(sites) there, ... inner to outer
         known = -1  # position in chain of the first known call met
-        top = self._top  # the previous op's innermost call site
         first = None
         splice = -1  # where in the previous op's _calls (and, at cut, _sites) to reuse it
         cut = 0
@@ -394,10 +436,11 @@ class Recorder(TorchFunctionMode):
         node = Op(idx, kind, name, "", "", 1, 1, self.stack)
         node.outputs = [_meta(t)]
         self.nodes.append(node)
-        self.producers[id(t)] = (weakref.ref(t), (idx, 0), t._version)
+        self.producers[id(t)] = (_ref(t), (idx, 0), t._version)
         if self.fast_save:
             node.activation = t.detach() if t.requires_grad else t
-            self.aliases.setdefault(t.untyped_storage().data_ptr(), []).append(idx)
+            if self.aliases is not None:
+                self.aliases.setdefault(t.untyped_storage().data_ptr(), []).append(idx)
         else:
             self._maybe_save(node, [t])
         return idx
@@ -461,7 +504,7 @@ class Recorder(TorchFunctionMode):
             s = o.detach()
             if self.transform is not None:
                 s = self.transform(s)
-            elif self.device is None:
+            elif self.device is None and self.aliases is not None:
                 ptr = o.untyped_storage().data_ptr()
                 self.aliases.setdefault(ptr, []).append(node.index)
             if self.device is not None:
@@ -485,6 +528,44 @@ class Recorder(TorchFunctionMode):
 
         return hook
 
+    def _guard(
+        self, inplace: bool, info: Any, ins: list[Tensor], args: tuple, kwargs: dict
+    ) -> None:
+        """Before an op writes into tensors (in place, ``out=``, running statistics),
+        clone the saved activations that share their storage."""
+        targets: list[Tensor] = []
+        if inplace:
+            out = kwargs.get("out")
+            if out is not None:
+                targets = tensors(out, [])
+            elif ins:
+                targets = [ins[0]]
+        if info.norm:
+            targets += _funcs.mutated_buffers(info, args, kwargs)
+        if targets:
+            if self.aliases is None:
+                self._arm()
+            for t in targets:
+                self._protect(t)
+
+    def _arm(self) -> dict[int, list[int]]:
+        """Start tracking which saved activations share storage, at the first in-place op.
+
+        Until then nothing could have changed a saved tensor, so the map is built from the
+        activations saved so far, exactly as if every op had registered its own.
+        """
+        aliases: dict[int, list[int]] = {}
+        self.aliases = aliases
+        if self.transform is not None or self.device is not None:
+            return aliases  # saved copies never share the model's storage
+        for node in self.nodes:
+            a = node.activation
+            if a is None:
+                continue
+            for x in a if isinstance(a, tuple) else (a,):
+                aliases.setdefault(x.untyped_storage().data_ptr(), []).append(node.index)
+        return aliases
+
     def _protect(self, t: Tensor) -> None:
         """Clone saved activations that alias ``t`` before ``t`` is modified in place."""
         ptr = t.untyped_storage().data_ptr()
@@ -498,11 +579,15 @@ class Recorder(TorchFunctionMode):
 
     def _mark_stale(self, t: Tensor) -> None:
         """An op we did not expect to be in-place modified ``t``: saved copies are wrong."""
-        for i in self.aliases.pop(t.untyped_storage().data_ptr(), []):
+        aliases = self.aliases if self.aliases is not None else self._arm()
+        for i in aliases.pop(t.untyped_storage().data_ptr(), []):
             self.nodes[i].stale = True
 
     # ------------------------------------------------------------------ the op hook
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        return self._op(func, types, args, kwargs)
+
+    def _op(self, func, types, args, kwargs):
         if func in _PASSTHROUGH:  # x.dim(), x.size(1): nothing to record
             return func(*args, **kwargs) if kwargs else func(*args)
         info = _INFO.get(func)
@@ -539,19 +624,11 @@ class Recorder(TorchFunctionMode):
             inplace = inplace or kwargs.get("inplace") is True or kwargs.get("out") is not None
         if inplace and ins:
             self._settle_meta(ins[0])  # before unsqueeze_/t_/requires_grad_ change it
-        if self.aliases:
-            if inplace:
-                if kwargs.get("out") is not None:
-                    for t in tensors(kwargs["out"], []):
-                        self._protect(t)
-                elif ins:
-                    self._protect(ins[0])
-            if info.norm:
-                for t in _funcs.mutated_buffers(info, args, kwargs):
-                    self._protect(t)
+        if inplace or info.norm:
+            self._guard(inplace, info, ins, args, kwargs)
         t0 = perf_counter()
         try:
-            out = func(*args, **kwargs)
+            out = func(*args, **kwargs) if kwargs else func(*args)
         except BaseException:
             self._record_failure(func, info, inputs, args, kwargs)
             raise
@@ -567,7 +644,8 @@ class Recorder(TorchFunctionMode):
         else:
             outs = []
         changed = None
-        for j, t in enumerate(ins):
+        for j in range(len(ins)):
+            t = ins[j]
             if t._version != versions[j]:
                 if changed is None:
                     changed = []
@@ -654,23 +732,24 @@ class Recorder(TorchFunctionMode):
         if outs:
             producers = self.producers
             for k, o in enumerate(outs):
-                producers[id(o)] = (weakref.ref(o), (idx, k), o._version)
+                producers[id(o)] = (_ref(o), (idx, k), o._version)
             if self.fast_save and len(outs) == 1:  # the default: keep every output as is
                 o = outs[0]
                 node.activation = o.detach() if o.requires_grad else o
-                self.aliases.setdefault(o.untyped_storage().data_ptr(), []).append(idx)
+                if self.aliases is not None:
+                    self.aliases.setdefault(o.untyped_storage().data_ptr(), []).append(idx)
                 node._outs = outs  # shapes are read in finalize (the tensor is kept anyway)
             else:
                 node.outputs = [_meta(o) for o in outs]
                 if self.save.asks_ops:  # it decides by label, shape, ...: complete it now
                     self._complete(node)
                 self._maybe_save(node, outs)
-        if node.activation is not None or self.save.everything:
+        if node.activation is not None or self.save_all:
             # raw call arguments (validation swaps in saved tensors); lists are copied
             # because models keep appending to them (DenseNet's torch.cat(features))
             for a in args:
                 if type(a) is list:
-                    args = tuple(list(a) if type(a) is list else a for a in args)
+                    args = tuple([list(a) if type(a) is list else a for a in args])
                     break
             if kwargs:
                 for v in kwargs.values():
@@ -711,14 +790,15 @@ class Recorder(TorchFunctionMode):
                 pnames.append(what)
         extra = node._extra_parents
         if extra:
-            parents.extend(m for m in extra if m not in parents)
+            parents.extend([m for m in extra if m not in parents])
         node.parents = parents
         nodes = self.nodes
         for p in parents:
-            nodes[p].children.append(node.index)
+            parent = nodes[p]
+            parent.children.append(node.index)
         if pnames:
-            shapes = self.param_shapes
-            node.params = [ParamRef(w, shapes[w]) for w in pnames]
+            refs = self.param_refs
+            node.params = [refs[w] for w in pnames]
         if node.kind is None:
             node.kind = "op" if parents or pnames else "generated"
         outs = node._outs
@@ -741,9 +821,18 @@ class Recorder(TorchFunctionMode):
         node._key = entry  # its final pass count labels it in postprocess.finish
 
 
+class Recorder(_Core, TorchFunctionMode):
+    """Records one forward pass. Use through :func:`lurker.trace`, not directly."""
+
+
+# Compiled, the recorder's methods have no Python frames: the stack walk starts right at
+# the op's caller rather than two frames (``_locate``, ``__torch_function__``) above it.
+_DEPTH = 2 if isinstance(_is_lurker, FunctionType) else 0
+
+
 def _meta(t: Tensor) -> TensorMeta:
     # TensorMeta is a NamedTuple: tuple.__new__ skips its slower Python __new__
-    return tuple.__new__(TensorMeta, (tuple(t.shape), t.dtype, t.device, t.requires_grad))
+    return _new_tuple(TensorMeta, (tuple(t.shape), t.dtype, t.device, t.requires_grad))
 
 
 _codes: dict[int, Any] = {}  # id -> code object, for the ids kept in call sites

@@ -238,14 +238,7 @@ class Trace:
         return tr
 
     def _reindex(self) -> None:
-        idx: dict[str, int] = {}
-        for op in self.ops:
-            idx.setdefault(op.label, op.index)
-            if op.kind in ("input", "output", "buffer"):
-                idx.setdefault(op.name, op.index)
-            for m in op.module_outputs:
-                idx[m] = op.index  # the last op producing a module output wins
-        self._index = idx
+        self._index = postprocess.index(self.ops)
 
     # ------------------------------------------------------------------ lookup
     def __len__(self) -> int:

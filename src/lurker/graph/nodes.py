@@ -7,7 +7,7 @@ downstream (rendering, validation, JSON, the probe) only reads them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
@@ -45,9 +45,10 @@ def _itemsize(dtype: torch.dtype) -> int:
         return torch.empty((), dtype=dtype).element_size()
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class ParamRef:
-    """A parameter an op used directly (by name in the model)."""
+    """A parameter an op used directly (by name in the model). Immutable: the recorder
+    makes one per parameter of a model and every op that uses it shares it."""
 
     name: str
     shape: tuple[int, ...]
@@ -230,18 +231,61 @@ class Op:
         return f"<Op {self.label} {self.kind}{where} [{shape}]>"
 
 
-@dataclass(slots=True)
 class ModuleInfo:
     """One submodule of the traced model and what its calls contained."""
 
     path: str  # '' for the model itself
     type: str  # class name
     parent: str | None
-    children: list[str] = field(default_factory=list)
-    num_passes: int = 0
-    num_params: int = 0  # parameters owned by this module and its submodules
-    ops: list[int] = field(default_factory=list)  # node indices run inside (any pass)
-    outputs: dict[int, list[int]] = field(default_factory=dict)  # pass -> producing nodes
+    children: list[str]
+    num_passes: int
+    num_params: int  # parameters owned by this module and its submodules
+    ops: list[int]  # node indices run inside (any pass)
+    outputs: dict[int, list[int]]  # pass -> producing nodes
+
+    # a plain slotted class (compiled: a C struct, nodes.pxd) rather than a dataclass: the
+    # recorder counts passes on it for every module call
+    __slots__ = (  # noqa: RUF023 - in the order of the annotations above
+        "path", "type", "parent", "children", "num_passes", "num_params", "ops", "outputs",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        path: str,
+        type: str,
+        parent: str | None,
+        children: list[str] | None = None,
+        num_passes: int = 0,
+        num_params: int = 0,
+        ops: list[int] | None = None,
+        outputs: dict[int, list[int]] | None = None,
+    ):
+        self.path = path
+        self.type = type
+        self.parent = parent
+        self.children = children if children is not None else []
+        self.num_passes = num_passes
+        self.num_params = num_params
+        self.ops = ops if ops is not None else []
+        self.outputs = outputs if outputs is not None else {}
+
+    def _fields(self) -> tuple[Any, ...]:
+        return (
+            self.path, self.type, self.parent, self.children, self.num_passes,
+            self.num_params, self.ops, self.outputs,
+        )  # fmt: skip
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ModuleInfo):
+            return NotImplemented
+        return self._fields() == other._fields()
+
+    def __repr__(self) -> str:
+        return (
+            f"ModuleInfo(path={self.path!r}, type={self.type!r}, parent={self.parent!r}, "
+            f"children={self.children!r}, num_passes={self.num_passes}, "
+            f"num_params={self.num_params}, ops={self.ops!r}, outputs={self.outputs!r})"
+        )
 
     @property
     def depth(self) -> int:

@@ -24,11 +24,12 @@ def finish(nodes: list[Op], modules: dict[str, ModuleInfo]) -> None:
             node.label = node.rolled = f"{kind}_{counters[kind]}"
         if node.module_outputs:
             node.module_outputs = [
-                p if modules[p].num_passes <= 1 else f"{p}:{n}"
-                for p, n in node.module_outputs  # type: ignore[misc]
+                path if modules[path].num_passes <= 1 else f"{path}:{pass_num}"
+                for path, pass_num in node.module_outputs  # type: ignore[misc]
             ]
         for path, _ in node.modules:
-            modules[path].ops.append(node.index)
+            info = modules[path]
+            info.ops.append(node.index)
         if kind == "readout":
             for p in node.parents:
                 nodes[p].decides_branch = True
@@ -36,6 +37,19 @@ def finish(nodes: list[Op], modules: dict[str, ModuleInfo]) -> None:
         if node.name in _FLOP_OPS:
             node.flops = flops(node, nodes)
     _distances(nodes)
+
+
+def index(nodes: list[Op]) -> dict[str, int]:
+    """What ``trace[key]`` looks up: op labels, input/output/buffer names, and module
+    outputs (``'features.3'``, ``'cell:2'``; the last op producing one wins)."""
+    idx: dict[str, int] = {}
+    for op in nodes:
+        idx.setdefault(op.label, op.index)
+        if op.kind in ("input", "output", "buffer"):
+            idx.setdefault(op.name, op.index)
+        for m in op.module_outputs:
+            idx[m] = op.index
+    return idx
 
 
 def _module_outputs(nodes: list[Op], modules: dict[str, ModuleInfo]) -> None:
@@ -54,7 +68,8 @@ def _module_outputs(nodes: list[Op], modules: dict[str, ModuleInfo]) -> None:
         depth = len(ms)
         exit_at = depth
         for c in node.children:
-            cm = nodes[c].modules
+            child = nodes[c]
+            cm = child.modules
             j = 0
             n = min(depth, len(cm))
             while j < n and cm[j] == ms[j]:
@@ -66,7 +81,8 @@ def _module_outputs(nodes: list[Op], modules: dict[str, ModuleInfo]) -> None:
         for j in range(depth - 1, exit_at - 1, -1):
             path, pass_num = ms[j]
             node.module_outputs.append((path, pass_num))
-            modules[path].outputs.setdefault(pass_num, []).append(node.index)
+            info = modules[path]
+            info.outputs.setdefault(pass_num, []).append(node.index)
 
 
 def _distances(nodes: list[Op]) -> None:
@@ -77,10 +93,12 @@ def _distances(nodes: list[Op]) -> None:
             q.append(n.index)
     while q:
         i = q.popleft()
-        d = nodes[i].dist_from_input + 1  # type: ignore[operator]
-        for c in nodes[i].children:
-            if nodes[c].dist_from_input is None:
-                nodes[c].dist_from_input = d
+        node = nodes[i]
+        d = node.dist_from_input + 1  # type: ignore[operator]
+        for c in node.children:
+            n = nodes[c]
+            if n.dist_from_input is None:
+                n.dist_from_input = d
                 q.append(c)
     for n in nodes:
         if n.kind == "output":
@@ -88,10 +106,12 @@ def _distances(nodes: list[Op]) -> None:
             q.append(n.index)
     while q:
         i = q.popleft()
-        d = nodes[i].dist_from_output + 1  # type: ignore[operator]
-        for p in nodes[i].parents:
-            if nodes[p].dist_from_output is None:
-                nodes[p].dist_from_output = d
+        node = nodes[i]
+        d = node.dist_from_output + 1  # type: ignore[operator]
+        for p in node.parents:
+            n = nodes[p]
+            if n.dist_from_output is None:
+                n.dist_from_output = d
                 q.append(p)
 
 

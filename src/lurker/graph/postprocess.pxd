@@ -1,0 +1,18 @@
+# C types for postprocess.py when setup.py compiles it with Cython (the .py is the source).
+cimport cython
+
+from .nodes cimport ModuleInfo, Op
+
+
+@cython.locals(node=Op, counters=dict, n=Py_ssize_t, info=ModuleInfo)
+cpdef finish(list nodes, dict modules)
+
+@cython.locals(node=Op, child=Op, ms=tuple, cm=tuple, depth=Py_ssize_t, exit_at=Py_ssize_t,
+               c=Py_ssize_t, j=Py_ssize_t, n=Py_ssize_t, info=ModuleInfo)
+cpdef _module_outputs(list nodes, dict modules)
+
+@cython.locals(n=Op, node=Op, i=Py_ssize_t, c=Py_ssize_t, p=Py_ssize_t)
+cpdef _distances(list nodes)
+
+@cython.locals(op=Op, idx=dict)
+cpdef dict index(list nodes)
