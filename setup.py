@@ -6,6 +6,8 @@ op (docs/tracing.md, "Performance"); where the build fails (no compiler), the sa
 run as Python and lurker works unchanged. ``lurker._compiled`` decides at import time.
 """
 
+import os
+
 from setuptools import Extension, setup
 
 # Keep in sync with lurker._compiled.MODULES (a test checks).
@@ -19,6 +21,8 @@ MODULES = [
 
 
 def extensions() -> list[Extension]:
+    if os.environ.get("LURKER_NO_COMPILE"):  # the Makefile compiles in a step of its own
+        return []
     try:
         from Cython.Build import cythonize
     except ImportError:

@@ -37,7 +37,7 @@ cdef class _Core:
                    info=FuncInfo, node=Op)
     cdef _op(self, func, types, tuple args, kwargs)
 
-    @cython.locals(idx=Py_ssize_t, k=Py_ssize_t, producers=dict, node=Op)
+    @cython.locals(idx=Py_ssize_t, k=Py_ssize_t, producers=dict, node=Op, hold=bint)
     cdef Op _record(self, func, FuncInfo info, list inputs, tuple args, dict kwargs, list outs,
                  double dt, kind, value)
 
@@ -56,3 +56,6 @@ cpdef list _stamp(modules)
 
 @cython.locals(i=Py_ssize_t, n=Py_ssize_t, d=dict)
 cpdef bint _same_stamp(list stamp, modules)
+
+
+cdef inline bint _alive(held, t)

@@ -28,7 +28,6 @@ import os
 import sys
 import weakref
 from collections.abc import Callable
-from functools import partial
 from time import perf_counter
 from types import FunctionType
 from typing import Any
@@ -255,8 +254,10 @@ class _Core:
         self.nodes: list[Op] = []
         self.seq = 0
         self.failed: Op | None = None
-        # id(tensor) -> (weakref, (node index, output index), version when produced);
-        # weakrefs guard against id reuse
+        # id(tensor) -> (tensor or weakref to it, (node index, output index), version when
+        # produced). Saving everything keeps every output alive anyway, so the tensor itself
+        # is held (no id can be reused); otherwise a weakref guards against id reuse
+        # without keeping unsaved outputs alive. _alive(hit[0], t) checks either.
         self.producers: dict[int, tuple[Any, tuple[int, int], int]] = {}
         # storage pointer -> nodes whose saved activation aliases it (for in-place safety);
         # None until the first in-place op (see _arm): models without any never pay for it
@@ -436,7 +437,7 @@ class _Core:
         node = Op(idx, kind, name, "", "", 1, 1, self.stack)
         node.outputs = [_meta(t)]
         self.nodes.append(node)
-        self.producers[id(t)] = (_ref(t), (idx, 0), t._version)
+        self.producers[id(t)] = (t if self.fast_save else _ref(t), (idx, 0), t._version)
         if self.fast_save:
             node.activation = t.detach() if t.requires_grad else t
             if self.aliases is not None:
@@ -449,7 +450,7 @@ class _Core:
         """Where does a tensor argument come from: (node, output) or (-1, param name)."""
         i = id(t)
         hit = self.producers.get(i)
-        if hit is not None and hit[0]() is t:
+        if hit is not None and _alive(hit[0], t):
             if hit[2] != t._version:  # changed since, through another view of its storage
                 self.stale_hit = True
             return hit[1]
@@ -611,7 +612,7 @@ class _Core:
         for t in ins:
             hit = producers.get(id(t))
             v = t._version
-            if hit is not None and hit[0]() is t:
+            if hit is not None and _alive(hit[0], t):
                 if hit[2] != v:  # changed since, through another view of its storage
                     self.stale_hit = True
                 inputs.append(hit[1])
@@ -675,7 +676,7 @@ class _Core:
         """Read now the output metadata of the op that produced ``t`` (normally left for
         :meth:`finalize`), because an in-place op is about to run on ``t``."""
         hit = self.producers.get(id(t))
-        if hit is not None and hit[0]() is t:
+        if hit is not None and _alive(hit[0], t):
             node = self.nodes[hit[1][0]]
             outs = node._outs
             if outs is not None:
@@ -691,7 +692,7 @@ class _Core:
         snaps = {}
         for j, t in enumerate(ins):
             hit = self.producers.get(id(t))
-            if hit is not None and hit[0]() is t and hit[2] != t._version:
+            if hit is not None and _alive(hit[0], t) and hit[2] != t._version:
                 snaps[j] = t.detach().clone()
         return snaps
 
@@ -731,8 +732,9 @@ class _Core:
         self.nodes.append(node)
         if outs:
             producers = self.producers
+            hold = self.fast_save
             for k, o in enumerate(outs):
-                producers[id(o)] = (_ref(o), (idx, k), o._version)
+                producers[id(o)] = (o if hold else _ref(o), (idx, k), o._version)
             if self.fast_save and len(outs) == 1:  # the default: keep every output as is
                 o = outs[0]
                 node.activation = o.detach() if o.requires_grad else o
@@ -813,7 +815,7 @@ class _Core:
             n = self.name_counts.get(name, 0) + 1
             self.name_counts[name] = n
             # the source line is looked up only if asked for
-            entry = self.keys[key] = [n, 0, f"{name}_{n}", partial(_source, sites)]
+            entry = self.keys[key] = [n, 0, f"{name}_{n}", sites]
         entry[1] += 1
         node.label = node.rolled = entry[2]
         node.pass_num = entry[1]
@@ -823,6 +825,14 @@ class _Core:
 
 class Recorder(_Core, TorchFunctionMode):
     """Records one forward pass. Use through :func:`lurker.trace`, not directly."""
+
+
+def _alive(held: Any, t: Tensor) -> bool:
+    """Whether a producers entry (the tensor, or a weakref to it) still refers to ``t``."""
+    return held is t or (type(held) is _REF and held() is t)
+
+
+_REF = weakref.ReferenceType
 
 
 # Compiled, the recorder's methods have no Python frames: the stack walk starts right at

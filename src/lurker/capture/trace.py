@@ -229,16 +229,13 @@ class Trace:
                     node.activation = t.detach()
                 rec.nodes[src].children.append(idx)
                 rec.nodes.append(node)
-        postprocess.finish(rec.nodes, rec.module_info)
+        index = postprocess.finish(rec.nodes, rec.module_info)
         rec.prune()
         tr.ops = rec.nodes
         if rec.failed is not None:
             tr.failed_op = rec.failed.label
-        tr._reindex()
+        tr._index = index
         return tr
-
-    def _reindex(self) -> None:
-        self._index = postprocess.index(self.ops)
 
     # ------------------------------------------------------------------ lookup
     def __len__(self) -> int:

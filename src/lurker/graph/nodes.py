@@ -108,7 +108,7 @@ class Op:
     _outs: Any  # output tensors whose metadata finalize() reads
     _extra_parents: Any  # ops that mutated an input through another view
     _provisional: bool  # saved in case it is the output of a module save= names
-    _source: Any  # the source, or a function that finds it (looked up on demand)
+    _source: Any  # the source, or the call sites it is found from (on first use)
 
     __slots__ = (  # noqa: RUF023 - in the order of the annotations above
         "index", "kind", "name", "label", "rolled", "pass_num", "num_passes", "modules",
@@ -172,8 +172,10 @@ class Op:
     def source(self) -> str | None:
         """``file.py:42`` of the model code that made the call."""
         s = self._source
-        if callable(s):
-            s = self._source = s()
+        if type(s) is list:  # the recorder's call sites, resolved on first use
+            from ..capture._recorder import _source
+
+            s = self._source = _source(s)
         return s
 
     @source.setter

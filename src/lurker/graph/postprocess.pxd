@@ -4,8 +4,8 @@ cimport cython
 from .nodes cimport ModuleInfo, Op
 
 
-@cython.locals(node=Op, counters=dict, n=Py_ssize_t, info=ModuleInfo)
-cpdef finish(list nodes, dict modules)
+@cython.locals(node=Op, counters=dict, index=dict, n=Py_ssize_t, info=ModuleInfo)
+cpdef dict finish(list nodes, dict modules)
 
 @cython.locals(node=Op, child=Op, ms=tuple, cm=tuple, depth=Py_ssize_t, exit_at=Py_ssize_t,
                c=Py_ssize_t, j=Py_ssize_t, n=Py_ssize_t, info=ModuleInfo)
@@ -13,6 +13,3 @@ cpdef _module_outputs(list nodes, dict modules)
 
 @cython.locals(n=Op, node=Op, i=Py_ssize_t, c=Py_ssize_t, p=Py_ssize_t)
 cpdef _distances(list nodes)
-
-@cython.locals(op=Op, idx=dict)
-cpdef dict index(list nodes)

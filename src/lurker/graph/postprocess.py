@@ -8,10 +8,15 @@ from math import prod
 from .nodes import ModuleInfo, Op, TensorMeta
 
 
-def finish(nodes: list[Op], modules: dict[str, ModuleInfo]) -> None:
-    """Complete the recorded nodes in place (called once per trace)."""
+def finish(nodes: list[Op], modules: dict[str, ModuleInfo]) -> dict[str, int]:
+    """Complete the recorded nodes in place (called once per trace).
+
+    Returns what ``trace[key]`` looks up: op labels, input/output/buffer names, and module
+    outputs (``'features.3'``, ``'cell:2'``; the last op producing one wins).
+    """
     _module_outputs(nodes, modules)
     counters: dict[str, int] = {}
+    index: dict[str, int] = {}
     recorded = ("op", "generated", "readout", "failed")
     for node in nodes:
         kind = node.kind
@@ -22,11 +27,16 @@ def finish(nodes: list[Op], modules: dict[str, ModuleInfo]) -> None:
         elif not node.label:  # inputs, outputs, buffers, constants
             counters[kind] = counters.get(kind, 0) + 1
             node.label = node.rolled = f"{kind}_{counters[kind]}"
+        index.setdefault(node.label, node.index)
+        if kind in ("input", "output", "buffer"):
+            index.setdefault(node.name, node.index)
         if node.module_outputs:
             node.module_outputs = [
                 path if modules[path].num_passes <= 1 else f"{path}:{pass_num}"
                 for path, pass_num in node.module_outputs  # type: ignore[misc]
             ]
+            for m in node.module_outputs:
+                index[m] = node.index
         for path, _ in node.modules:
             info = modules[path]
             info.ops.append(node.index)
@@ -37,19 +47,7 @@ def finish(nodes: list[Op], modules: dict[str, ModuleInfo]) -> None:
         if node.name in _FLOP_OPS:
             node.flops = flops(node, nodes)
     _distances(nodes)
-
-
-def index(nodes: list[Op]) -> dict[str, int]:
-    """What ``trace[key]`` looks up: op labels, input/output/buffer names, and module
-    outputs (``'features.3'``, ``'cell:2'``; the last op producing one wins)."""
-    idx: dict[str, int] = {}
-    for op in nodes:
-        idx.setdefault(op.label, op.index)
-        if op.kind in ("input", "output", "buffer"):
-            idx.setdefault(op.name, op.index)
-        for m in op.module_outputs:
-            idx[m] = op.index
-    return idx
+    return index
 
 
 def _module_outputs(nodes: list[Op], modules: dict[str, ModuleInfo]) -> None:
