@@ -38,6 +38,8 @@ lint: $(VENV)/.installed
 
 test: $(BUILT) sysdeps lint
 	$(PY) -m pytest -n 2 -q tests
+	@echo "The tracing tests again, on the pure-Python hot path (what runs without a compiler):"
+	LURKER_PURE_PYTHON=1 $(PY) -m pytest -n 2 -q tests/test_trace.py tests/test_models.py tests/test_schema.py
 
 bench: $(BUILT)
 	$(PY) benchmarks/trace_overhead.py

@@ -422,12 +422,14 @@ def test_cli_rerun_over_python_run_records_how_to_load(tmp_path: Path):
 def test_crash_before_results_never_leaves_complete_run_with_new_meta(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
-    """A rerun that dies before its results are committed leaves the run 'running' (so
-    readers refuse it and a rerun finishes it), never 'complete' with the new config."""
+    """A rerun that dies before its results are committed leaves the run exactly as it
+    was (its results, config and sweep figures stored together in one transaction), never
+    'complete' with the new config; rerunning finishes it."""
     from lurker.store.writer import RunWriter
 
     model, ds, out = _model(), digits(16, split="test"), tmp_path / "run"
-    probe(model, ds, out=out, layers=["features.8"], k=2, batch_size=64)
+    first = probe(model, ds, out=out, layers=["features.8"], k=2, batch_size=64)
+    before = (dict(first.meta), first.unit("features.8", 0).to_dict())
 
     meta_set = RunWriter.meta_set
 
@@ -440,7 +442,8 @@ def test_crash_before_results_never_leaves_complete_run_with_new_meta(
     with pytest.raises(KeyboardInterrupt):
         probe(model, ds, out=out, layers=["features.8"], k=2, batch_size=32)
     run = lurker.Run.open(out, allow_incomplete=True)
-    assert not run.complete and run.meta["config"]["batch_size"] == 32
+    assert (dict(run.meta), run.unit("features.8", 0).to_dict()) == before
+    assert run.complete and run.meta["config"]["batch_size"] == 64
     monkeypatch.undo()
     run = probe(model, ds, out=out, layers=["features.8"], k=2, batch_size=32)
     assert run.complete and run.meta["config"]["batch_size"] == 32

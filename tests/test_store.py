@@ -186,16 +186,21 @@ def test_plain_sqlite_readable(tmp_path: Path) -> None:
     db = sqlite3.connect(tmp_path / "run" / "run.db")
     (version,) = db.execute("PRAGMA user_version").fetchone()
     assert version == SCHEMA_VERSION
-    rows = db.execute(
-        "SELECT t.rank, t.sample_id, t.value FROM top t JOIN layers l ON l.id = t.layer_id "
-        "WHERE l.name = 'layer1.0' AND t.unit = 3 AND t.list = 'max' ORDER BY t.rank"
-    ).fetchall()
-    assert [r[1] for r in rows] == results[1].max_ids[3].tolist()
+    # a unit's top lists: one blob of 2 x k records, as docs/run-store.md lays them out
+    ((k,),) = db.execute("SELECT value FROM meta WHERE key = 'k'").fetchall()
+    (blob,) = db.execute(
+        "SELECT u.top FROM units u JOIN layers l ON l.id = u.layer_id "
+        "WHERE l.name = 'layer1.0' AND u.unit = 3"
+    ).fetchone()
+    dtype = np.dtype([("sample_id", "<i8"), ("value", "<f8"), ("y", "<i4"), ("x", "<i4")])
+    lists = np.frombuffer(blob, dtype).reshape(2, int(k))
+    assert lists[0]["sample_id"].tolist() == results[1].max_ids[3].tolist()
+    assert lists[0]["y"].tolist() == results[1].max_y[3].tolist()
+    assert lists[1]["sample_id"].tolist() == results[1].mean_ids[3].tolist()
+    assert (lists[1]["y"] == -1).all()
     plan = " ".join(
         str(r)
-        for r in db.execute(
-            "EXPLAIN QUERY PLAN SELECT * FROM top WHERE layer_id=1 AND unit=3 AND list='max'"
-        )
+        for r in db.execute("EXPLAIN QUERY PLAN SELECT top FROM units WHERE layer_id=1 AND unit=3")
     )
     assert "SEARCH" in plan
     (blob,) = db.execute("SELECT hist FROM units WHERE layer_id = 1 AND unit = 0").fetchone()
@@ -270,7 +275,6 @@ def test_failure_mid_write_rolls_back(tmp_path: Path, monkeypatch: pytest.Monkey
     w.close()
     with Run.open(path, allow_incomplete=True) as run:
         assert not run.complete and run.layers == []
-        assert run._query("SELECT count(*) FROM top") == [(0,)]
         assert run._query("SELECT count(*) FROM units") == [(0,)]
         assert len(run.samples(range(N_SAMPLES))) == N_SAMPLES  # earlier commits kept
     monkeypatch.setattr(RunWriter, "_insert_layer", original)
@@ -278,6 +282,34 @@ def test_failure_mid_write_rolls_back(tmp_path: Path, monkeypatch: pytest.Monkey
         w2.write_layers_result(results)
     with Run.open(path) as run:
         assert len(run.layers) == 2
+
+
+def test_batch_is_one_transaction_and_keeps_the_checkpoint_until_it_commits(
+    tmp_path: Path,
+) -> None:
+    """Writes inside ``batch()`` commit together; if the batch fails after the results were
+    written, nothing is stored and the checkpoint (the probe's resumable work) is kept."""
+    path = tmp_path / "run"
+    complete_run(path)
+    with RunWriter.create(path, meta=meta()) as w:
+        w.checkpoint_path.write_bytes(b"state")
+        with pytest.raises(RuntimeError, match="late failure"), w.batch():
+            w.set_classes(CLASSES[::-1])
+            w.meta_set("sweep", {"images": 1})
+            w.write_layers_result([layer_result("only", 3, 7)])
+            assert w.checkpoint_path.exists()  # not before the commit
+            raise RuntimeError("late failure")
+        assert w.checkpoint_path.read_bytes() == b"state"
+        with Run.open(path) as run:  # as it was: the first results, complete
+            assert [info.name for info in run.layers] == ["conv1", "layer1.0"]
+            assert run.classes == CLASSES and "sweep" not in run.meta
+        with w.batch():
+            w.meta_set("sweep", {"images": 1})
+            w.write_layers_result([layer_result("only", 3, 7)])
+        assert not w.checkpoint_path.exists()
+    with Run.open(path) as run:
+        assert [info.name for info in run.layers] == ["only"] and run.meta["sweep"]
+        assert run.unit("only", 2).top("max")
 
 
 def test_process_crash_mid_write_recovers(tmp_path: Path) -> None:
@@ -306,7 +338,7 @@ def test_process_crash_mid_write_recovers(tmp_path: Path) -> None:
     with Run.open(path, allow_incomplete=True) as run:  # rolls the hot journal back
         assert not (path / "run.db-journal").exists()
         assert not run.complete and run.layers == []
-        assert run._query("SELECT count(*) FROM top") == [(0,)]
+        assert run._query("SELECT count(*) FROM units") == [(0,)]
         assert run._query("PRAGMA integrity_check") == [("ok",)]
     with pytest.raises(RunIncompleteError):
         Run.open(path)
@@ -402,5 +434,5 @@ def test_bulk_write_round_trip(tmp_path: Path) -> None:
                 zip(res.max_y[u].tolist(), res.max_x[u].tolist())
             )
             assert [e.value for e in unit.top("mean")] == res.mean_values[u].tolist()
-        rows = run._conn.execute("SELECT count(*) FROM top").fetchone()[0]
-        assert rows == 24 * 512 * 9 * 2
+        rows = run._conn.execute("SELECT count(*) FROM units").fetchone()[0]
+        assert rows == 24 * 512

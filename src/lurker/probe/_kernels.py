@@ -47,10 +47,17 @@ def _compiled(fn):  # type: ignore[no-untyped-def]
 lock = threading.Lock()
 
 
+# what use_threads last set in this thread (numba's setting is per thread, and its setter
+# costs microseconds per call)
+_threads = threading.local()
+
+
 def use_threads(n: int) -> None:
     """Run the kernels on ``n`` threads (at most numba's pool): as many as torch uses, so
     that e.g. torchrun ranks limited to one thread each do not all fan out to every core."""
-    numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
+    if getattr(_threads, "n", None) != n:
+        numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
+        _threads.n = n
 
 
 # the order-key layout of stats._encode, which the keys made here must match bit for bit

@@ -47,7 +47,7 @@ def _cpu_kernels() -> Any:
     return _kernels or None
 
 
-__all__ = ["UnitStats"]
+__all__ = ["HostBatch", "UnitStats"]
 
 _SHIFT = 1 << 32  # the value half of an order key sits above bit 32
 _ID_MASK = (1 << 32) - 1  # ids are stored as ``_ID_MASK - id`` so smaller ids rank higher
@@ -78,6 +78,17 @@ def _encode(values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     flip = bits >> 31
     bits ^= flip.bitwise_and_(0x7FFFFFFF)
     return torch.add(_ID_MASK - ids, bits, alpha=_SHIFT)  # int64: high half value, low half id
+
+
+class HostBatch:
+    """A batch's sample ids and class rows as checked int64 arrays for the CPU kernels, made
+    once for all the layers that the batch is handed to (:meth:`UnitStats.update`)."""
+
+    __slots__ = ("ids", "num_classes", "rows")
+
+    def __init__(self, sample_ids: torch.Tensor, labels: torch.Tensor | None, num_classes: int):
+        self.ids, self.rows = _host_batch(sample_ids, labels, num_classes)
+        self.num_classes = num_classes
 
 
 # The CPU path's last batch: (num_classes, ids, labels as given, class rows), checked.
@@ -248,7 +259,10 @@ class UnitStats:
         self._n = 0  # buffered samples
         self._width = 1  # map width of the buffered samples (to split flat indices into y, x)
         self._first = 0  # while the range is automatic and unfixed: the first batch's size
-        self._scratch: tuple[np.ndarray, np.ndarray] | None = None  # see _update_fused
+        # see _update_fused: scratch arrays, and numpy views of the state (not pickled: a
+        # copy's views would no longer share the state's memory)
+        self._scratch: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._views: tuple[tuple[Any, ...], list[np.ndarray]] | None = None
 
     # ------------------------------------------------------------------ histogram range
 
@@ -263,6 +277,11 @@ class UnitStats:
         if self._range is None and self._first:
             assert self._buf is not None
             self._range_from_means(self._buf[0, : self._first])
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_views"] = state["_scratch"] = None
+        return state
 
     def _range_from_means(self, means: torch.Tensor) -> None:
         finite = torch.isfinite(means)
@@ -326,7 +345,12 @@ class UnitStats:
         return flat.reshape(*act.shape[:2], -1), act.shape[-1] if act.dim() > 2 else 1
 
     def update(
-        self, act: torch.Tensor, sample_ids: torch.Tensor, labels: torch.Tensor | None
+        self,
+        act: torch.Tensor,
+        sample_ids: torch.Tensor,
+        labels: torch.Tensor | None,
+        *,
+        host: HostBatch | None = None,
     ) -> None:
         """Fold one batch of a layer's output into the statistics of all its units at once.
 
@@ -335,7 +359,8 @@ class UnitStats:
         (later in-place changes to it do not matter). Off the CPU the call costs four kernels
         (mean, max with indices, two small copies into the buffer) and no host sync, and the
         rest of the work waits until the buffer is folded in; on the CPU two compiled calls do
-        all of it at once (see :meth:`_update_fused`).
+        all of it at once (see :meth:`_update_fused`). A caller that hands one batch to many
+        layers may pass ``host=HostBatch(sample_ids, labels, num_classes)``, made once.
         """
         flat, width = self._maps(act)
         b = act.shape[0]
@@ -348,8 +373,9 @@ class UnitStats:
         if self._fused:
             kernels = _cpu_kernels()  # (an unpickled state has not loaded them yet)
             if kernels is not None:
-                ids, rows = _host_batch(sample_ids, labels, self.num_classes)
-                self._update_fused(kernels, flat, width, ids, rows)
+                if host is None or host.num_classes != self.num_classes:
+                    host = HostBatch(sample_ids, labels, self.num_classes)
+                self._update_fused(kernels, flat, width, host.ids, host.rows)
                 return
             self._fused = False  # unpickled where numba is missing: the torch path from now on
             self._hist = self._hist.to(torch.int64)
@@ -409,23 +435,20 @@ class UnitStats:
         bits = maps.view(np.int32)
         scratch = self._scratch  # per-map means and peak bit patterns, kept between batches
         if scratch is None or len(scratch[0]) != b * c:
-            scratch = self._scratch = (np.empty(b * c, np.float32), np.empty(b * c, np.int32))
-        means, peaks = scratch
-        state = (self._keys, self._max_pos, self._class_sum, self._class_count, self._hist)
+            means = np.empty(b * c, np.float32)
+            scratch = self._scratch = (means, means.view(np.int32), np.empty(b * c, np.int32))
+        means, mean_bits, peaks = scratch
+        state = (
+            self._keys, self._max_pos, self._class_sum, self._class_count, self._hist,
+            self._search,
+        )  # fmt: skip
+        views = self._views  # numpy views of the state, written in place; remade if replaced
+        if views is None or any(a is not b for a, b in zip(views[0], state)):
+            views = self._views = (state, [t.numpy() for t in state])
         with kernels.lock:
             kernels.use_threads(torch.get_num_threads())
             kernels.read(maps, bits, means, peaks)
-            kernels.fold(
-                bits,
-                means,
-                means.view(np.int32),
-                peaks,
-                ids,
-                rows,
-                *(t.numpy() for t in state),  # the state is written in place
-                self._search.numpy(),
-                width,
-            )
+            kernels.fold(bits, means, mean_bits, peaks, ids, rows, *views[1], width)
         self._count += b
 
     def _widen_hist(self, count: int) -> None:

@@ -28,7 +28,7 @@ from ..capture._replay import Replayer, run_with
 from ..errors import LurkerError
 from ..graph.nodes import Op
 from ..store import LayerResult, Run, RunWriter, atomic_write_bytes
-from .stats import UnitStats
+from .stats import HostBatch, UnitStats
 
 CONV = {"conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"}
 LINEAR = {"linear", "addmm"}
@@ -320,13 +320,16 @@ def probe(
                 labels = labels.to(dev, non_blocking=True)
                 ids = ids.to(dev, non_blocking=True)
 
-                def update(idx: int, value: Any, labels=labels, ids=ids) -> None:
+                # the batch's ids and labels as the CPU kernels take them, once for all layers
+                host = HostBatch(ids, labels, num_classes) if dev.type == "cpu" else None
+
+                def update(idx: int, value: Any, labels=labels, ids=ids, host=host) -> None:
                     t = value[0] if isinstance(value, tuple) else value
                     s = stats[idx]
                     a = by_index[idx].units(t)
                     if s.hist_range is None:
                         s.set_hist_range_from(a)
-                    s.update(a, ids, labels)
+                    s.update(a, ids, labels, host=host)
 
                 replayer.run(model, (images,), {}, update)
             step = min(batch_size, len(todo) - n_batches * batch_size)
@@ -382,27 +385,28 @@ def probe(
                 hist_edges=r["hist_edges"],
             )
         )
-    # Demotes the run to 'running' until write_layers_result commits: a crash from here
-    # on never leaves a 'complete' run whose meta describes other results.
-    writer.set_classes(classes)
-    # On resume the store keeps the first call's meta; the config (how to load the model
-    # and data again, batch size, ...) is this call's, the one that writes the results.
-    writer.meta_set("config", run_meta["config"])
-    writer.meta_set(
-        "sweep",
-        {
-            "seconds": sweep_s,
-            "images": seen,
-            "images_per_s": seen / max(sweep_s, 1e-9),
-            "world": world,
-        },
-    )
-    writer.add_samples(
-        (i, path, all_labels[i] if all_labels[i] >= 0 else None, src)
-        for i, path, _, src in ds.sample_rows()
-    )
-    writer.add_skipped(skipped)
-    writer.write_layers_result(results)
+    # One transaction (one fsync): classes, this call's config (on resume the store keeps
+    # the first call's other meta; the config says how to load this call's model and data
+    # again), the sweep's figures, samples, skipped files and results are all stored, and
+    # the run marked complete, or none of it is.
+    with writer.batch():
+        writer.set_classes(classes)
+        writer.meta_set("config", run_meta["config"])
+        writer.meta_set(
+            "sweep",
+            {
+                "seconds": sweep_s,
+                "images": seen,
+                "images_per_s": seen / max(sweep_s, 1e-9),
+                "world": world,
+            },
+        )
+        writer.add_samples(
+            (i, path, all_labels[i] if all_labels[i] >= 0 else None, src)
+            for i, path, _, src in ds.sample_rows()
+        )
+        writer.add_skipped(skipped)
+        writer.write_layers_result(results)
     writer.close()
     if world > 1:
         torch.distributed.barrier()

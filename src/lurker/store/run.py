@@ -38,6 +38,7 @@ from lurker.store.schema import (
     HIST_DTYPE,
     SCHEMA_VERSION,
     STATUS_COMPLETE,
+    TOP_DTYPE,
     TOP_LISTS,
     from_blob,
 )
@@ -112,16 +113,31 @@ class Unit:
         """The unit's top samples by spatial max (with peak y, x) or by spatial mean."""
         if which not in TOP_LISTS:
             raise ValueError(f"top list must be one of {TOP_LISTS}, got {which!r}")
-        rows = self._run._query(
-            "SELECT t.rank, t.sample_id, t.value, t.y, t.x, s.label, c.name, s.path "
-            "FROM top t LEFT JOIN samples s ON s.id = t.sample_id "
-            "LEFT JOIN classes c ON c.id = s.label "
-            "WHERE t.layer_id = ? AND t.unit = ? AND t.list = ? ORDER BY t.rank",
-            (self.info.id, self.index, which),
-        )
+        lists = np.frombuffer(self._blob("top"), TOP_DTYPE)
+        slots = lists.reshape(2, -1)[0 if which == "max" else 1] if len(lists) else lists
+        filled = [(rank, slot) for rank, slot in enumerate(slots.tolist()) if slot[0] >= 0]
+        if not filled:
+            return []
+        marks = ",".join("?" * len(filled))
+        found = {
+            sid: (label, cname, path)
+            for sid, label, cname, path in self._run._query(
+                "SELECT s.id, s.label, c.name, s.path FROM samples s "
+                f"LEFT JOIN classes c ON c.id = s.label WHERE s.id IN ({marks})",
+                [slot[0] for _, slot in filled],
+            )
+        }
+        peak = which == "max"
         return [
-            TopEntry(rank, sid, _nan(value), y, x, label, cname, path)
-            for rank, sid, value, y, x, label, cname, path in rows
+            TopEntry(
+                rank,
+                sid,
+                float(value),
+                y if peak else None,
+                x if peak else None,
+                *found.get(sid, (None, None, None)),
+            )
+            for rank, (sid, value, y, x) in filled
         ]
 
     def class_mean_array(self) -> np.ndarray:
@@ -168,7 +184,7 @@ class Unit:
             },
         }
 
-    def _blob(self, column: Literal["hist", "class_mean"]) -> bytes:
+    def _blob(self, column: Literal["hist", "class_mean", "top"]) -> bytes:
         rows = self._run._query(
             f"SELECT {column} FROM units WHERE layer_id = ? AND unit = ?",
             (self.info.id, self.index),

@@ -13,8 +13,9 @@ from typing import Any
 
 import numpy as np
 
-#: Stored in ``PRAGMA user_version`` and in ``meta.schema_version``.
-SCHEMA_VERSION = 1
+#: Stored in ``PRAGMA user_version`` and in ``meta.schema_version``. Version 2 keeps a
+#: unit's top-k lists in its ``units`` row (``top`` blob) instead of a row per entry.
+SCHEMA_VERSION = 2
 
 DB_NAME = "run.db"
 CACHE_DIR = "cache"
@@ -29,6 +30,12 @@ TOP_LISTS = ("mean", "max")
 HIST_DTYPE = np.dtype("<f8")  # counts can pass 2**24, where float32 stops being exact
 EDGES_DTYPE = np.dtype("<f8")
 CLASS_MEAN_DTYPE = np.dtype("<f4")
+#: One slot of a top-k list. ``units.top`` holds 2 x k of them: the 'max' list (ranks
+#: 0..k-1), then the 'mean' list. Empty slots have ``sample_id`` -1; ``y``/``x`` (the peak)
+#: are -1 in the 'mean' list.
+TOP_DTYPE = np.dtype([("sample_id", "<i8"), ("value", "<f8"), ("y", "<i4"), ("x", "<i4")])
+#: Database page size: a unit's row (top lists, histogram, class means) fits in one page.
+PAGE_SIZE = 16384
 
 DDL = """
 CREATE TABLE meta (
@@ -71,21 +78,9 @@ CREATE TABLE units (
     max        REAL,
     hist       BLOB NOT NULL,
     class_mean BLOB NOT NULL,
+    top        BLOB NOT NULL,
     PRIMARY KEY (layer_id, unit)
 );
-CREATE INDEX units_by_mean ON units(layer_id, mean);
-CREATE INDEX units_by_max ON units(layer_id, max);
-CREATE TABLE top (
-    layer_id  INTEGER NOT NULL REFERENCES layers(id),
-    unit      INTEGER NOT NULL,
-    list      TEXT NOT NULL CHECK (list IN ('mean', 'max')),
-    rank      INTEGER NOT NULL,
-    sample_id INTEGER NOT NULL REFERENCES samples(id),
-    value     REAL,
-    y         INTEGER,
-    x         INTEGER,
-    PRIMARY KEY (layer_id, unit, list, rank)
-) WITHOUT ROWID;
 """
 
 

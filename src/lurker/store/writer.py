@@ -35,9 +35,11 @@ from lurker.store.schema import (
     DDL,
     EDGES_DTYPE,
     HIST_DTYPE,
+    PAGE_SIZE,
     SCHEMA_VERSION,
     STATUS_COMPLETE,
     STATUS_RUNNING,
+    TOP_DTYPE,
     dump_json,
     to_blob,
 )
@@ -50,7 +52,6 @@ ArrayLike = Any
 RESUME_KEYS = ("model_fingerprint", "k", "image_size", "dataset")
 
 _OWNED_KEYS = ("schema_version", "status")
-_LIST_NAMES = np.array(["max", "mean"], dtype=object)  # sorted, as the primary key orders them
 _SET_STATUS = "UPDATE meta SET value = ? WHERE key = 'status'"
 
 
@@ -207,6 +208,8 @@ class RunWriter:
         self.path = path
         self.resumed = resumed
         self._conn = conn
+        self._batch: sqlite3.Cursor | None = None
+        self._after_commit: list[Any] = []  # file clean-ups that wait for the commit
 
     # -- opening ---------------------------------------------------------------------
 
@@ -378,12 +381,14 @@ class RunWriter:
         num_classes = self._conn.execute("SELECT count(*) FROM classes").fetchone()[0]
         prepared = [_prepare(layer, num_classes) for layer in layers]
         with self._tx() as cur:
-            cur.execute("DELETE FROM top")
             cur.execute("DELETE FROM units")
             cur.execute("DELETE FROM layers")
             for position, arrays in enumerate(prepared):
                 self._insert_layer(cur, position, arrays)
             cur.execute(_SET_STATUS, (dump_json(STATUS_COMPLETE),))
+            self._after_commit.append(self._drop_checkpoint_and_cache)
+
+    def _drop_checkpoint_and_cache(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.checkpoint_path.unlink()
         shutil.rmtree(self.path / CACHE_DIR, ignore_errors=True)
@@ -407,35 +412,26 @@ class RunWriter:
             ),
         )
         layer_id = cur.lastrowid
+        # each unit's top lists as one blob: 2 x k TOP_DTYPE records ('max', then 'mean'),
+        # made for the whole layer at once and handed to SQLite as views of one buffer
+        top = np.empty((c, 2, k), dtype=TOP_DTYPE)
+        top["sample_id"] = np.stack([a.max_ids, a.mean_ids], axis=1)
+        top["value"] = np.stack([a.max_values, a.mean_values], axis=1)
+        top["y"][:, 0], top["x"][:, 0] = a.max_y, a.max_x
+        top["y"][:, 1] = top["x"][:, 1] = -1
+        empty = top["sample_id"] < 0
+        top["value"][empty] = np.nan
+        top["y"][empty] = top["x"][empty] = -1
         units = zip(
             repeat(layer_id),
             range(c),
             a.unit_mean.tolist(),
             a.unit_max.tolist(),
-            map(bytes, a.hist),
-            map(bytes, a.class_mean),
+            _rows(a.hist),
+            _rows(a.class_mean),
+            _rows(top.reshape(c, -1)),
         )
-        _insert_rows(cur, "units(layer_id, unit, mean, max, hist, class_mean)", units)
-        # Rows in primary-key order (unit, 'max' < 'mean', rank): B-tree appends are fastest.
-        shape = (c, 2, k)
-        ids = np.stack([a.max_ids, a.mean_ids], axis=1).reshape(-1)
-        keep = ids >= 0
-        none = np.full((c, k), None, dtype=object)
-
-        def column(values: np.ndarray) -> list[Any]:  # as Python scalars, empty slots left out
-            return np.broadcast_to(values, shape).reshape(-1)[keep].tolist()
-
-        top = zip(
-            repeat(layer_id),
-            column(np.arange(c)[:, None, None]),
-            column(_LIST_NAMES[None, :, None]),
-            column(np.arange(k)[None, None, :]),
-            ids[keep].tolist(),
-            column(np.stack([a.max_values, a.mean_values], axis=1)),
-            column(np.stack([a.max_y.astype(object), none], axis=1)),
-            column(np.stack([a.max_x.astype(object), none], axis=1)),
-        )
-        _insert_rows(cur, "top(layer_id, unit, list, rank, sample_id, value, y, x)", top)
+        _insert_rows(cur, "units(layer_id, unit, mean, max, hist, class_mean, top)", units)
 
     # -- plumbing --------------------------------------------------------------------
 
@@ -446,24 +442,48 @@ class RunWriter:
         return cache_file(self.path, kind, layer, unit, rank, list, ext)
 
     @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Make the writes inside one transaction (one commit, one fsync): all of them are
+        stored, or none. The probe finishes a run this way."""
+        if self._batch is not None:
+            yield
+            return
+        with self._tx(demote=False) as cur:
+            self._batch = cur
+            try:
+                yield
+            finally:
+                self._batch = None
+
+    @contextlib.contextmanager
     def _tx(self, *, demote: bool = True) -> Iterator[sqlite3.Cursor]:
-        """One write transaction, rolled back if anything inside raises.
+        """One write transaction, rolled back if anything inside raises (inside
+        :meth:`batch`, part of the batch's transaction).
 
         With ``demote`` (every data write), the run's status becomes 'running' in the same
         transaction. That keeps the invariant readers rely on: ``status='complete'`` means
         the stored results describe exactly the stored samples and classes.
         """
-        cur = self._conn.cursor()
-        cur.execute("BEGIN IMMEDIATE")
+        cur = self._batch
+        if cur is None:
+            cur = self._conn.cursor()
+            cur.execute("BEGIN IMMEDIATE")
         try:
             if demote:
                 cur.execute(_SET_STATUS, (dump_json(STATUS_RUNNING),))
             yield cur
         except BaseException:
-            if self._conn.in_transaction:
-                self._conn.execute("ROLLBACK")
+            if self._batch is None:
+                self._after_commit.clear()
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
             raise
-        self._conn.execute("COMMIT")
+        if self._batch is None:
+            self._conn.execute("COMMIT")
+            # only now: a crash before the commit must still find the checkpoint
+            done, self._after_commit = self._after_commit, []
+            for clean_up in done:
+                clean_up()
 
     def close(self) -> None:
         """Close the database connection (idempotent)."""
@@ -504,12 +524,24 @@ def _insert_rows(cur: sqlite3.Cursor, target: str, rows: Iterable[tuple[Any, ...
         cur.execute(full if len(chunk) == step else statement(len(chunk) // width), chunk)
 
 
+def _rows(a: np.ndarray) -> list[memoryview]:
+    """The rows of an array as views of its bytes (SQLite binds them as blobs), with no
+    bytes object made per row."""
+    a = np.ascontiguousarray(a)
+    n = a.nbytes // len(a) if len(a) else 0
+    if not n:
+        return [b""] * len(a)
+    flat = memoryview(a.reshape(-1).view(np.uint8))
+    return [flat[i : i + n] for i in range(0, a.nbytes, n)]
+
+
 def _init_db(db: Path, meta: dict[str, Any]) -> None:
     """Build the schema in a temporary file and rename it to ``db``: all or nothing."""
     tmp = db.parent / f"{TMP_PREFIX}{uuid.uuid4().hex}.db"
     try:
         conn = sqlite3.connect(tmp, isolation_level=None)
         try:
+            conn.execute(f"PRAGMA page_size = {PAGE_SIZE}")
             conn.execute("BEGIN")
             for statement in DDL.split(";"):
                 if statement.strip():
