@@ -42,8 +42,7 @@ cdef class _Core:
                  double dt, kind, value)
 
     @cython.locals(parents=list, pnames=list, nodes=list, shapes=dict, n=Py_ssize_t,
-                   entry=list, sites=list, cut=Py_ssize_t, p=Py_ssize_t, parent=Op,
-                   refs=dict, src=Py_ssize_t)
+                   entry=list, sites=list, cut=Py_ssize_t, parent=Op, refs=dict)
     cdef _complete(self, Op node)
 
 

@@ -348,11 +348,12 @@ class _Core:
         cut = 0
         while f is not None and f is not stop:
             code = f.f_code
-            k = kinds.get(id(code))
+            cid = id(code)
+            k = kinds.get(cid)
             if k is None:
                 k = _code_kind(code)
             if k in (_SITE, _RESUMABLE):
-                sites.append(id(code))
+                sites.append(cid)
                 sites.append(f.f_lasti)
                 if first is None:
                     # a generator's frame can resume under other callers: never a shortcut
@@ -376,9 +377,12 @@ class _Core:
         if splice >= 0:  # the previous op's walk from there outwards, offsets shifted
             prev_calls = self._calls
             shift = len(sites) - cut
-            for i in range(splice, len(prev_calls), 2):
-                calls.append(prev_calls[i])
-                calls.append(prev_calls[i + 1] + shift)
+            if shift:
+                for i in range(splice, len(prev_calls), 2):
+                    calls.append(prev_calls[i])
+                    calls.append(prev_calls[i + 1] + shift)
+            else:
+                calls.extend(prev_calls[splice:])
             sites.extend(self._sites[cut:])
         self._sites = sites
         self._calls = calls

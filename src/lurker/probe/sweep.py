@@ -324,12 +324,9 @@ def probe(
                 host = HostBatch(ids, labels, num_classes) if dev.type == "cpu" else None
 
                 def update(idx: int, value: Any, labels=labels, ids=ids, host=host) -> None:
+                    # an unfixed histogram range is fixed by the first batch's update
                     t = value[0] if isinstance(value, tuple) else value
-                    s = stats[idx]
-                    a = by_index[idx].units(t)
-                    if s.hist_range is None:
-                        s.set_hist_range_from(a)
-                    s.update(a, ids, labels, host=host)
+                    stats[idx].update(by_index[idx].units(t), ids, labels, host=host)
 
                 replayer.run(model, (images,), {}, update)
             step = min(batch_size, len(todo) - n_batches * batch_size)
