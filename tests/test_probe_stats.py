@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from lurker.probe.stats import UnitStats
+from lurker.probe.stats import HostBatch, UnitStats
 
 N = 57
 SIZES = [1, 8, 16, 3, 1, 20, 8]  # batch size 1 included, last batch partial
@@ -291,6 +291,24 @@ def test_reused_id_and_label_buffers_refilled_without_a_version_bump(cls, how, d
     res = stats.result()
     assert res["max_ids"][0].tolist() == [13, 12, 11, 10]
     assert res["class_count"].tolist() == [1, 2, 1]
+
+
+def test_a_host_batch_made_once_serves_every_layer_and_a_wrong_one_is_not_trusted():
+    """The sweep converts a batch's ids and labels once (HostBatch) for all its layers: the
+    result equals plain updates, and a HostBatch of another batch size or class count is
+    remade rather than handed to the kernels (which index it by the activation's batch)."""
+    acts, ids, labels = make_data((4, 6), seed=5)
+    plain = UnitStats(4, 3, 3, device="cpu", hist_range=(-3.0, 3.0))
+    shared = UnitStats(4, 3, 3, device="cpu", hist_range=(-3.0, 3.0))
+    for start in range(0, len(ids), 8):
+        at = slice(start, start + 8)
+        plain.update(acts[at], ids[at], labels[at])
+        host = HostBatch(ids[at], labels[at], 3)
+        wrong = HostBatch(ids[at][:1], labels[at][:1], 3)
+        shared.update(acts[at], ids[at], labels[at], host=wrong if start else host)
+    a, b = plain.result(), shared.result()
+    for key in a:
+        assert torch.equal(torch.as_tensor(a[key]), torch.as_tensor(b[key])), key
 
 
 @PATHS

@@ -312,6 +312,31 @@ def test_batch_is_one_transaction_and_keeps_the_checkpoint_until_it_commits(
         assert run.unit("only", 2).top("max")
 
 
+def test_failed_commit_keeps_the_checkpoint_and_the_writer_usable(tmp_path: Path) -> None:
+    """A commit that fails (here: a reader holds the database past the busy timeout) stores
+    nothing, and the clean-ups waiting for it never run: not then, and not at the next
+    write's commit. The writer goes on and can write the results again."""
+    path = tmp_path / "run"
+    with start(path) as w:
+        w.checkpoint_path.write_bytes(b"state")
+        w._conn.execute("PRAGMA busy_timeout = 50")
+        reader = sqlite3.connect(path / "run.db")
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM meta").fetchall()  # a read lock, kept
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            w.write_layers_result([layer_result("only", 3, 7)])
+        reader.close()
+        assert w.checkpoint_path.read_bytes() == b"state"
+        w.meta_set("note", "after the failure")
+        assert w.checkpoint_path.read_bytes() == b"state"
+        assert w.status == "running"
+        w.write_layers_result([layer_result("only", 3, 7)])
+        assert not w.checkpoint_path.exists()
+    with Run.open(path) as run:
+        assert [info.name for info in run.layers] == ["only"]
+        assert run.meta["note"] == "after the failure"
+
+
 def test_process_crash_mid_write_recovers(tmp_path: Path) -> None:
     """A real kill (no Python cleanup) mid-transaction leaves a hot journal, not corruption."""
     path = tmp_path / "run"

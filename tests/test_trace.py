@@ -716,3 +716,38 @@ def test_example_models_are_model_code():
     lines, start = inspect.getsourcelines(examples.DigitsNet.forward)  # one `return` line
     tr = lurker.trace(examples.DigitsNet().eval(), torch.randn(1, 1, 16, 16))
     assert {op.source for op in tr.layers} == {f"{examples.__file__}:{start + len(lines) - 1}"}
+
+
+def test_list_valued_keyword_arguments():
+    """A list passed by keyword (``x.sum(dim=[1])``, ``torch.cat(tensors=[...])``) is copied
+    into the op's saved arguments like a positional one, in the compiled recorder too."""
+
+    class KwLists(nn.Module):
+        def forward(self, x):
+            feats = [x, x]
+            y = torch.cat(tensors=feats, dim=1)
+            feats.append(y)  # after the call: the saved arguments keep the list as it was
+            return y.sum(dim=[1], keepdim=True) + y.permute(dims=[1, 0]).mean(dim=[0])
+
+    model = KwLists()
+    x = torch.randn(2, 3)
+    tr = lurker.trace(model, x)
+    cat = next(op for op in tr if op.name == "cat")
+    assert len(cat._skel_kwargs["tensors"]) == 2
+    assert tr.validate().checked == tr.num_ops
+    _assert_same_output(tr, model, x)
+
+
+def test_containers_after_deleting_an_item():
+    """``del seq[i]`` rebuilds a container's ``_modules`` as an OrderedDict: the model index
+    (built, then checked on the next trace) takes any dict type."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    del model[1]
+    assert type(model._modules) is not dict
+    x = torch.randn(2, 4)
+    for _ in range(2):  # the first trace builds the index, the second checks its stamp
+        tr = lurker.trace(model, x)
+        assert [op.module for op in tr.layers] == ["0", "1"]
+        _assert_same_output(tr, model, x)
+    model.append(nn.Tanh())
+    assert lurker.trace(model, x).layers[-1].name == "tanh"

@@ -3,9 +3,10 @@
 ``setup.py`` compiles the per-op hot path (:data:`MODULES`) with Cython into extension
 modules beside their ``.py`` files; each ``.py`` stays the source and, without a build,
 runs as is. Python imports an extension in preference to the ``.py`` of the same name, so
-an edited ``.py`` would be shadowed by an older build: a build older than its source is
-skipped here (with a warning) and the ``.py`` runs instead. ``LURKER_PURE_PYTHON=1`` runs
-every module from its ``.py``, to debug or to check that both agree.
+an edited ``.py`` would be shadowed by an older build: in a source checkout, a build older
+than its source is skipped here (with a warning) and the ``.py`` runs instead.
+``LURKER_PURE_PYTHON=1`` runs every module from its ``.py``, to debug or to check that both
+agree.
 
 :func:`install` runs first thing in ``lurker/__init__.py``, before any of these modules is
 imported; :data:`STATUS` then says, per module, what runs and why.
@@ -75,11 +76,26 @@ def install() -> None:
     files = {name: _files(name) for name in MODULES}
     for name, (py, built) in files.items():
         STATUS[name] = choose(
-            py.stat().st_mtime if py.exists() else None,
+            # Only a source checkout (its .pxd beside the .py; wheels leave .pxd files out)
+            # can hold a .py edited after its build. Installed, the times say nothing: pip
+            # writes a wheel's files in archive order (a build before its .py) and keeps
+            # none of their times.
+            py.stat().st_mtime if py.exists() and py.with_suffix(".pxd").exists() else None,
             built.stat().st_mtime if built is not None else None,
             pure,
         )
     if all(s == "compiled" for s in STATUS.values()):
+        return
+    missing = [name for name, (py, b) in files.items() if b is not None and not py.exists()]
+    if missing:  # nothing to fall back to: keep the builds
+        for name, (_, built) in files.items():
+            if built is not None:
+                STATUS[name] = "compiled"
+        warnings.warn(
+            f"lurker: cannot run {', '.join(missing)} from source (no .py beside the build); "
+            "the compiled modules run.",
+            stacklevel=3,
+        )
         return
     for name, s in STATUS.items():
         if s == "compiled":

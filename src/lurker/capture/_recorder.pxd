@@ -50,10 +50,12 @@ cdef class _Core:
 cdef _meta(t)
 
 
-@cython.locals(out=list, d=dict)
+# ``d`` (a module's _modules, _parameters or _buffers) stays untyped: torch itself swaps in
+# an OrderedDict (``del seq[i]``), which a ``dict``-typed local rejects
+@cython.locals(out=list)
 cpdef list _stamp(modules)
 
-@cython.locals(i=Py_ssize_t, n=Py_ssize_t, d=dict)
+@cython.locals(i=Py_ssize_t, n=Py_ssize_t)
 cpdef bint _same_stamp(list stamp, modules)
 
 

@@ -760,7 +760,11 @@ class _Core:
             if kwargs:
                 for v in kwargs.values():
                     if type(v) is list:
-                        kwargs = {k: list(v) if type(v) is list else v for k, v in kwargs.items()}
+                        # not ``k``: compiled, that name is a C integer in this function
+                        # (_recorder.pxd), and it would be one in the comprehension too
+                        kwargs = {
+                            key: list(v) if type(v) is list else v for key, v in kwargs.items()
+                        }
                         break
             node._skel_args = args
             node._skel_kwargs = kwargs

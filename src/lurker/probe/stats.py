@@ -373,8 +373,8 @@ class UnitStats:
         if self._fused:
             kernels = _cpu_kernels()  # (an unpickled state has not loaded them yet)
             if kernels is not None:
-                if host is None or host.num_classes != self.num_classes:
-                    host = HostBatch(sample_ids, labels, self.num_classes)
+                if host is None or host.num_classes != self.num_classes or len(host.ids) != b:
+                    host = HostBatch(sample_ids, labels, self.num_classes)  # (kernels index by b)
                 self._update_fused(kernels, flat, width, host.ids, host.rows)
                 return
             self._fused = False  # unpickled where numba is missing: the torch path from now on

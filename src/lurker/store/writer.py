@@ -60,8 +60,8 @@ class LayerResult:
     """Final statistics of one layer, as the probe computed them (C units, top-k lists).
 
     Top-list slots whose sample id is ``-1`` (the dataset had fewer than k samples) are
-    not stored. ``shape`` is the layer's output shape; ``rf`` its receptive field (any
-    JSON-serializable dict) or ``None``.
+    stored as empty (readers leave them out). ``shape`` is the layer's output shape; ``rf``
+    its receptive field (any JSON-serializable dict) or ``None``.
     """
 
     name: str
@@ -479,9 +479,16 @@ class RunWriter:
                     self._conn.execute("ROLLBACK")
             raise
         if self._batch is None:
-            self._conn.execute("COMMIT")
-            # only now: a crash before the commit must still find the checkpoint
+            # only after the commit: a crash before it must still find the checkpoint
             done, self._after_commit = self._after_commit, []
+            try:
+                self._conn.execute("COMMIT")
+            except BaseException:
+                # nothing stored: a busy database leaves the transaction open, so end it
+                # (the writer stays usable), and the clean-ups waiting for it never run
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
+                raise
             for clean_up in done:
                 clean_up()
 
