@@ -9,11 +9,15 @@ Design notes
   anyway to tell the call sites of a loop apart. Stacks are per thread, so two threads
   may trace (even the same model) at once.
 - Per op, while the model runs, only what cannot wait: the module call and call site,
-  where each input came from, a weakref per output (later ops resolve their inputs by
+  where each input came from, each output's identity (later ops resolve their inputs by
   it), saved tensors and the raw arguments. Parents, parameters, labels, passes and
   output metadata are derived in one pass afterwards (:meth:`Recorder.finalize`),
   distances and FLOPs in ``graph.postprocess``: Python run between torch kernels costs
   2-3x what it does in a batch, because the kernels leave the caches cold.
+- Compiled: setup.py builds this file with Cython, typed by ``_recorder.pxd`` (``_Core``
+  becomes a C type, ``Op``/``FuncInfo``/``ModuleInfo`` fields are read as C struct
+  fields). Without a build it runs as is; everything here must mean the same both ways
+  (tests/test_compiled.py checks), so C-typed names stay out of comprehensions.
 - The cyclic GC is paused while recording (trace() does that), and frame references are
   dropped at the end, so a trace holds no reference cycle and frees at once.
 - In-place ops: a saved activation that shares storage with a tensor about to be modified
