@@ -41,12 +41,11 @@ cdef class _Core:
     cdef Op _record(self, func, FuncInfo info, list inputs, tuple args, dict kwargs, list outs,
                  double dt, kind, value)
 
-    @cython.locals(parents=list, pnames=list, nodes=list, shapes=dict, n=Py_ssize_t,
+    @cython.locals(parents=list, pnames=list, nodes=list, n=Py_ssize_t,
                    entry=list, sites=list, cut=Py_ssize_t, parent=Op, refs=dict)
     cdef _complete(self, Op node)
 
 
-@cython.locals(shape=tuple)
 cdef _meta(t)
 
 

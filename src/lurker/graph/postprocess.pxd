@@ -11,5 +11,8 @@ cpdef dict finish(list nodes, dict modules)
                c=Py_ssize_t, j=Py_ssize_t, n=Py_ssize_t, info=ModuleInfo)
 cpdef _module_outputs(list nodes, dict modules)
 
-@cython.locals(n=Op, node=Op, i=Py_ssize_t, c=Py_ssize_t, p=Py_ssize_t)
+@cython.locals(node=Op)
 cpdef _distances(list nodes)
+
+@cython.locals(dist=list, node=Op, i=Py_ssize_t, j=Py_ssize_t)
+cpdef list _levels(list nodes, str start, bint down)

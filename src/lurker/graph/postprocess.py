@@ -84,33 +84,31 @@ def _module_outputs(nodes: list[Op], modules: dict[str, ModuleInfo]) -> None:
 
 
 def _distances(nodes: list[Op]) -> None:
+    down = _levels(nodes, "input", True)
+    up = _levels(nodes, "output", False)
+    for node, d_in, d_out in zip(nodes, down, up):
+        node.dist_from_input = d_in
+        node.dist_from_output = d_out
+
+
+def _levels(nodes: list[Op], start: str, down: bool) -> list[int | None]:
+    """Hops from the nearest node of kind ``start`` (breadth first), following children
+    (``down``) or parents; None where none is reachable."""
+    dist: list[int | None] = [None] * len(nodes)
     q: deque[int] = deque()
-    for n in nodes:
-        if n.kind == "input":
-            n.dist_from_input = 0
-            q.append(n.index)
+    for node in nodes:
+        if node.kind == start:
+            dist[node.index] = 0
+            q.append(node.index)
     while q:
         i = q.popleft()
         node = nodes[i]
-        d = node.dist_from_input + 1  # type: ignore[operator]
-        for c in node.children:
-            n = nodes[c]
-            if n.dist_from_input is None:
-                n.dist_from_input = d
-                q.append(c)
-    for n in nodes:
-        if n.kind == "output":
-            n.dist_from_output = 0
-            q.append(n.index)
-    while q:
-        i = q.popleft()
-        node = nodes[i]
-        d = node.dist_from_output + 1  # type: ignore[operator]
-        for p in node.parents:
-            n = nodes[p]
-            if n.dist_from_output is None:
-                n.dist_from_output = d
-                q.append(p)
+        d = dist[i] + 1  # type: ignore[operator]
+        for j in node.children if down else node.parents:
+            if dist[j] is None:
+                dist[j] = d
+                q.append(j)
+    return dist
 
 
 def input_metas(node: Op, nodes: list[Op]) -> list[tuple[int, ...]]:

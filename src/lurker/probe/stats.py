@@ -81,51 +81,26 @@ def _encode(values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 
 class HostBatch:
-    """A batch's sample ids and class rows as checked int64 arrays for the CPU kernels, made
-    once for all the layers that the batch is handed to (:meth:`UnitStats.update`)."""
+    """A batch's sample ids and class rows (unlabelled: ``num_classes``) as checked int64
+    arrays for the CPU kernels, made once for all the layers the batch is handed to
+    (:meth:`UnitStats.update`). The values are copied: the caller may refill its tensors."""
 
     __slots__ = ("ids", "num_classes", "rows")
 
     def __init__(self, sample_ids: torch.Tensor, labels: torch.Tensor | None, num_classes: int):
-        self.ids, self.rows = _host_batch(sample_ids, labels, num_classes)
+        ids = sample_ids.detach().to("cpu", torch.int64).numpy()
+        if ((ids < 0) | (ids > _ID_MASK)).any():
+            raise ValueError("sample_ids must lie in [0, 2**32)")
+        if labels is None:
+            rows = np.full(ids.shape, num_classes, dtype=np.int64)
+        else:
+            given = labels.detach().to("cpu", torch.int64).numpy()
+            if (given >= num_classes).any():  # the kernels index class rows with them
+                raise ValueError(f"labels must be < num_classes={num_classes}")
+            rows = np.where(given < 0, num_classes, given)
+        self.ids = ids.copy()
+        self.rows = rows
         self.num_classes = num_classes
-
-
-# The CPU path's last batch: (num_classes, ids, labels as given, class rows), checked.
-_last_batch: list[Any] = [None]
-
-
-def _host_batch(
-    ids: torch.Tensor, labels: torch.Tensor | None, num_classes: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """A batch's sample ids and class rows (unlabelled: ``num_classes``) as checked int64
-    arrays for the CPU kernels. Every layer is handed the same batch, so the last one is
-    kept and reused while the values are equal (compared, not trusted to version counters:
-    writes through ``.numpy()`` or ``.data`` do not bump them)."""
-    host = ids.detach().to("cpu", torch.int64).numpy()
-    given = None if labels is None else labels.detach().to("cpu", torch.int64).numpy()
-    last = _last_batch[0]
-    if (
-        last is not None
-        and last[0] == num_classes
-        and np.array_equal(last[1], host)
-        and (
-            last[2] is given is None
-            or (last[2] is not None and given is not None and np.array_equal(last[2], given))
-        )
-    ):
-        return last[1], last[3]
-    if ((host < 0) | (host > _ID_MASK)).any():
-        raise ValueError("sample_ids must lie in [0, 2**32)")
-    if given is None:
-        rows = np.full(host.shape, num_classes, dtype=np.int64)
-    else:
-        if (given >= num_classes).any():  # the kernels index class rows with them
-            raise ValueError(f"labels must be < num_classes={num_classes}")
-        rows = np.where(given < 0, num_classes, given)
-    ids_copy = host.copy()  # the caller may refill its tensors; the cache keeps the values
-    _last_batch[0] = (num_classes, ids_copy, None if given is None else given.copy(), rows)
-    return ids_copy, rows
 
 
 def _decode(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -424,7 +399,7 @@ class UnitStats:
     ) -> None:
         """The CPU's update, unbuffered: two compiled calls read the (B, C, S) maps once and
         fold them in (top-k, peaks, class sums and counts, histogram); ``ids`` and ``rows``
-        come from :func:`_host_batch`; ``kernels`` is :mod:`lurker.probe._kernels`."""
+        come from a :class:`HostBatch`; ``kernels`` is :mod:`lurker.probe._kernels`."""
         x = flat.contiguous()
         b, c, size = x.shape
         if self._range is None:

@@ -465,30 +465,27 @@ class RunWriter:
         the stored results describe exactly the stored samples and classes.
         """
         cur = self._batch
-        if cur is None:
+        outer = cur is None  # else part of the batch's transaction
+        if outer:
             cur = self._conn.cursor()
             cur.execute("BEGIN IMMEDIATE")
         try:
             if demote:
                 cur.execute(_SET_STATUS, (dump_json(STATUS_RUNNING),))
             yield cur
+            if outer:
+                # clean-ups only after the commit: a crash before it must still find the
+                # checkpoint; a failed COMMIT (a busy database) is rolled back below, and
+                # the writer stays usable
+                done, self._after_commit = self._after_commit, []
+                self._conn.execute("COMMIT")
         except BaseException:
-            if self._batch is None:
+            if outer:
                 self._after_commit.clear()
                 if self._conn.in_transaction:
                     self._conn.execute("ROLLBACK")
             raise
-        if self._batch is None:
-            # only after the commit: a crash before it must still find the checkpoint
-            done, self._after_commit = self._after_commit, []
-            try:
-                self._conn.execute("COMMIT")
-            except BaseException:
-                # nothing stored: a busy database leaves the transaction open, so end it
-                # (the writer stays usable), and the clean-ups waiting for it never run
-                if self._conn.in_transaction:
-                    self._conn.execute("ROLLBACK")
-                raise
+        if outer:
             for clean_up in done:
                 clean_up()
 
