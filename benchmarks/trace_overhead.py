@@ -58,13 +58,7 @@ def main() -> None:
         import torchlens  # type: ignore[import-not-found]
     except ImportError:
         torchlens = None
-    from lurker import _compiled
-
-    hot = "compiled" if set(_compiled.STATUS.values()) == {"compiled"} else "pure Python"
-    print(
-        f"torch {torch.__version__}, device {a.device}, threads {torch.get_num_threads()}, "
-        f"lurker's hot path: {hot}"
-    )
+    print(f"torch {torch.__version__}, device {a.device}, threads {torch.get_num_threads()}")
     print(f"{'model':28s} {'ops':>5s} {'forward ms':>11s} {'trace ms':>9s} {'ratio':>6s}")
     for name, model, args in models(a.device):
         print(bench(name, model, args, a.repeats, a.device, torchlens))
@@ -81,7 +75,7 @@ def bench(name: str, model: nn.Module, args: tuple, repeats: int, device: str, t
             plain.append(_time(lambda: model(*args), device))
             traced.append(_time(lambda: lurker.trace(model, *args), device))
             if torchlens is not None:
-                lens.append(_time(lambda: torchlens.log_forward_pass(model, list(args)), device))
+                lens.append(_time(lambda: torchlens.trace(model, list(args)), device))
     p, t = statistics.median(plain), statistics.median(traced)
     line = f"{name:28s} {tr.num_ops:5d} {p * 1e3:11.2f} {t * 1e3:9.2f} {t / p:5.2f}x"
     if lens:

@@ -5,15 +5,11 @@
 to, into a run that ``lurker.Run.open(path)`` reads back.
 """
 
-from . import _compiled
-
-_compiled.install()  # before the modules it covers are first imported
-
-from . import probe  # noqa: E402
-from .capture import Activations, Trace, trace  # noqa: E402
-from .errors import GraphChangedError, LurkerError, TraceError, ValidationError  # noqa: E402
-from .graph.nodes import ModuleInfo, Op  # noqa: E402
-from .store import Run  # noqa: E402
+from . import probe
+from .capture import Activations, Trace, trace
+from .errors import GraphChangedError, LurkerError, TraceError, ValidationError
+from .graph.nodes import ModuleInfo, Op
+from .store import Run
 
 __version__ = "0.1.0"
 

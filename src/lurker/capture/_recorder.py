@@ -14,10 +14,6 @@ Design notes
   output metadata are derived in one pass afterwards (:meth:`Recorder.finalize`),
   distances and FLOPs in ``graph.postprocess``: Python run between torch kernels costs
   2-3x what it does in a batch, because the kernels leave the caches cold.
-- Compiled: setup.py builds this file with Cython, typed by ``_recorder.pxd`` (``_Core``
-  becomes a C type, ``Op``/``FuncInfo``/``ModuleInfo`` fields are read as C struct
-  fields). Without a build it runs as is; everything here must mean the same both ways
-  (tests/test_compiled.py checks), so C-typed names stay out of comprehensions.
 - The cyclic GC is paused while recording (trace() does that), and frame references are
   dropped at the end, so a trace holds no reference cycle and frees at once.
 - In-place ops: a saved activation that shares storage with a tensor about to be modified
@@ -33,7 +29,6 @@ import sys
 import weakref
 from collections.abc import Callable
 from time import perf_counter
-from types import FunctionType
 from typing import Any
 
 import torch
@@ -239,7 +234,7 @@ _INDEX: weakref.WeakKeyDictionary[nn.Module, _ModelIndex] = weakref.WeakKeyDicti
 
 class _Core:
     """The recorder's state and per-op work; :class:`Recorder` adds the torch function
-    mode around it. Split so that, compiled, this part is a C type (``_recorder.pxd``)."""
+    mode around it."""
 
     def __init__(
         self,
@@ -764,8 +759,6 @@ class _Core:
             if kwargs:
                 for v in kwargs.values():
                     if type(v) is list:
-                        # not ``k``: compiled, that name is a C integer in this function
-                        # (_recorder.pxd), and it would be one in the comprehension too
                         kwargs = {
                             key: list(v) if type(v) is list else v for key, v in kwargs.items()
                         }
@@ -847,9 +840,9 @@ def _alive(held: Any, t: Tensor) -> bool:
 _REF = weakref.ReferenceType
 
 
-# Compiled, the recorder's methods have no Python frames: the stack walk starts right at
-# the op's caller rather than two frames (``_locate``, ``__torch_function__``) above it.
-_DEPTH = 2 if isinstance(_is_lurker, FunctionType) else 0
+# The stack walk starts at the op's caller, two frames (``_locate``,
+# ``__torch_function__``) above it.
+_DEPTH = 2
 
 
 def _meta(t: Tensor) -> TensorMeta:

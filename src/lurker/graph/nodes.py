@@ -245,7 +245,7 @@ class ModuleInfo:
     ops: list[int]  # node indices run inside (any pass)
     outputs: dict[int, list[int]]  # pass -> producing nodes
 
-    # a plain slotted class (compiled: a C struct, nodes.pxd) rather than a dataclass: the
+    # a plain slotted class rather than a dataclass: the
     # recorder counts passes on it for every module call
     __slots__ = (  # noqa: RUF023 - in the order of the annotations above
         "path", "type", "parent", "children", "num_passes", "num_params", "ops", "outputs",
