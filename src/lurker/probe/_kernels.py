@@ -14,7 +14,9 @@ calls per layer and batch do all of it, in parallel over maps (:func:`read`) and
 * the mean and max become order keys (the same int64 keys as
   :func:`lurker.probe.stats._encode`) that enter the unit's top-k if they beat its k-th key;
   peaks are located only for maps that enter the top-k by max;
-* the mean is added to the class sums and the histogram.
+* the mean is added to the class sums and the histogram; the histogram's grid is first widened
+  to the batch's finite extremes (:func:`lurker.probe.stats._grid`, compiled here too), merging
+  the counts so far, as the torch path does.
 
 The results are those of the torch path (same keys, same bins, class sums in the same order),
 except that a map's values are summed in another order, so means may differ in the last bits;
@@ -23,6 +25,7 @@ the tests check both paths against each other and against a brute-force oracle.
 
 from __future__ import annotations
 
+import math
 import threading
 
 import numba
@@ -66,6 +69,10 @@ _ID_MASK = np.int64(stats._ID_MASK)
 _ABS = np.int32(0x7FFFFFFF)
 _INF_BITS = np.int32(0x7F800000)
 _NAN_BITS = np.int32(0x7FC00000)  # the one NaN that order keys use (torch's math.nan)
+
+# the histogram grid of the torch path, compiled; numba's disk cache keys on this file only, so
+# after changing stats._grid touch this file
+_grid = njit(stats._grid)
 
 
 @njit(inline="always")
@@ -154,7 +161,7 @@ def fold(
     class_sum,
     class_count,
     hist,
-    search,
+    grid,
     width,
 ):  # pragma: no cover - compiled
     """Fold one batch into the statistics of all units, in place.
@@ -163,17 +170,20 @@ def fold(
     float32 and ``mean_bits`` the same memory as int32, ``peaks`` the maxima's bit patterns, all
     from :func:`read`; ``ids``/``rows``: (B,) sample ids and class rows (the unlabelled row
     included); ``keys`` (2, C, k), ``max_pos`` (C, k), ``class_sum`` (classes + 1, C),
-    ``class_count`` (classes + 1,), ``hist`` (C, bins + 2): the state; ``search``: the bucketize
-    edges; ``width``: the map width, to split a flat peak index into (y, x).
+    ``class_count`` (classes + 1,), ``hist`` (C, bins + 3: bins, then -inf, +inf, NaN counts),
+    ``grid`` (4,) float64: the finite min and max so far and the grid (e, m) of
+    :func:`lurker.probe.stats._grid`: the state; ``width``: the map width, to split a flat peak
+    index into (y, x).
     """
     n = ids.shape[0]
     for b in range(n):
         class_count[rows[b]] += 1
     units = keys.shape[1]
     k = keys.shape[2]
-    edges = search.shape[0]  # bins + 1: a histogram column is the count of edges <= value
-    lo = np.float64(search[0])
-    scale = (edges - 1) / (np.float64(search[edges - 1]) - lo)  # 0 if edges overflow float32
+    bins = hist.shape[1] - 3
+    _widen(means, hist, grid, bins)
+    scale = math.ldexp(1.0, -np.int64(grid[2]))  # bin of v: floor(v * scale) - m, exactly
+    m = np.int64(grid[3])
     for c in prange(units):
         top_mean, top_max, positions = keys[0, c], keys[1, c], max_pos[c]
         for b in range(n):
@@ -200,19 +210,52 @@ def fold(
                 top_max[j] = key
                 positions[j] = np.int64(y) * _SHIFT + (p - y * width)
             class_sum[rows[b], c] += mean
-            if mean == mean:  # NaN means stay out of the histogram
-                # bucketize(search, right=True): guess from the even spacing, then step to
-                # the exact column, so rounding of the guess never matters (NaN guesses,
-                # from ranges too wide for float32, step from 0)
-                t = (np.float64(mean) - lo) * scale
-                if t >= edges - 1:
-                    col = edges
-                elif t >= 0:
-                    col = int(t) + 1
-                else:
-                    col = 0
-                while col > 0 and search[col - 1] > mean:
-                    col -= 1
-                while col < edges and search[col] <= mean:
-                    col += 1
-                hist[c, col] += 1
+            if np.isfinite(mean):
+                col = np.int64(math.floor(np.float64(mean) * scale)) - m
+            elif mean != mean:
+                col = bins + 2
+            elif mean > 0:
+                col = bins + 1
+            else:
+                col = bins
+            hist[c, col] += 1
+
+
+@njit
+def _widen(means, hist, grid, bins):  # pragma: no cover - compiled
+    """Widen the histogram's ``grid`` (see :func:`fold`) to the finite extremes of ``means``,
+    merging the counts so far into the new grid as stats._rebin does."""
+    lo = grid[0]
+    hi = grid[1]
+    new_lo = lo
+    new_hi = hi
+    for r in range(means.shape[0]):
+        v = np.float64(means[r])
+        if v < new_lo and np.isfinite(v):
+            new_lo = v
+        if v > new_hi and np.isfinite(v):
+            new_hi = v
+    if new_lo == lo and new_hi == hi:
+        return
+    e, m = _grid(new_lo, new_hi, bins)
+    old_e = np.int64(grid[2])
+    old_m = np.int64(grid[3])
+    if lo <= hi and (e != old_e or m != old_m):
+        _rebin(hist, bins, old_e, old_m, e, m)
+    grid[0] = new_lo
+    grid[1] = new_hi
+    grid[2] = e
+    grid[3] = m
+
+
+@_compiled
+def _rebin(hist, bins, old_e, old_m, e, m):  # pragma: no cover - compiled
+    """Every unit's bins counted on grid (old_e, old_m), on the grid (e, m) covering them."""
+    shift = min(e - old_e, 40)  # |m + i| < 2**26: a larger shift changes nothing
+    for c in prange(hist.shape[0]):
+        row = hist[c]
+        counts = np.zeros(bins, hist.dtype)
+        for i in range(bins):
+            if row[i] != 0:  # only empty old bins can fall outside the new grid
+                counts[((old_m + i) >> shift) - m] += row[i]
+        row[:bins] = counts

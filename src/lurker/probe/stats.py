@@ -2,8 +2,8 @@
 
 The probe sweeps a dataset once; for every unit (channel) of a layer :class:`UnitStats` keeps
 the top-k samples by spatial mean and by spatial max (with the peak's position), per-class mean
-activations, a histogram of spatial means, and dataset mean/max. Memory is independent of the
-dataset size.
+activations, a histogram of spatial means on a canonical grid (see :func:`_grid`), and dataset
+mean/max. Memory is independent of the dataset size.
 
 Off the CPU an update only reads the activation while it is live: one ``mean`` and one ``max``
 (values and first-maximum indices) per batch, written with two small copies (sample ids,
@@ -52,7 +52,9 @@ __all__ = ["HostBatch", "UnitStats"]
 _SHIFT = 1 << 32  # the value half of an order key sits above bit 32
 _ID_MASK = (1 << 32) - 1  # ids are stored as ``_ID_MASK - id`` so smaller ids rank higher
 _EMPTY = -(1 << 63)  # key of an unfilled slot: below every real (value, id) pair
-_STATE_FORMAT = 1
+_STATE_FORMAT = 2  # 2: histograms on a canonical grid; 1: over a range fixed by the first batch
+_E_MIN = -149  # the finest histogram bin: 2**-149, float32's spacing near zero
+_EXTRA = 3  # histogram columns after the bins: -inf, +inf and NaN means
 _INT32_MAX = (1 << 31) - 1
 # Default buffer length (samples) and size cap (bytes) of one layer, off the CPU and on it: on a
 # GPU a longer buffer means fewer kernel launches; the CPU gains little beyond 1024 samples.
@@ -114,20 +116,63 @@ def _decode(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return values, ids.masked_fill(empty, -1)
 
 
-def _auto_range(lo: float, hi: float) -> tuple[float, float]:
-    """Pad a first-batch [lo, hi] by 10% of its span (equal bounds: by max(10% of |lo|, 1))."""
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        return (-1.0, 1.0)
+def _grid(lo: float, hi: float, bins: int) -> tuple[int, int]:
+    """The canonical histogram grid ``(e, m)`` of finite values spanning ``[lo, hi]``.
+
+    Bins are ``2**e`` wide with edges ``(m + i) * 2**e`` for i in 0..bins, and ``e`` is the
+    smallest integer such that ``floor(hi / 2**e) - floor(lo / 2**e) < bins`` and ``2**e`` is
+    no finer than the float32 spacing at ``max(|lo|, |hi|)`` (``2**-149`` near zero);
+    ``m = floor(lo / 2**e)``. So every value lies in a half-open bin ``[edge_i, edge_i+1)``
+    and the grid depends only on the extremes of the values, never on how they arrived: when
+    the extremes grow, ``e`` can only grow and each old bin lies inside one new bin (a bin
+    2**(e+d) wide is a union of 2**d aligned bins 2**e wide), so counts are merged exactly
+    (:func:`_rebin`) and nothing is ever clamped or seen twice. Needs ``bins >= 2`` (a single
+    bin cannot hold values of both signs on such a grid).
+
+    Also compiled by numba (:mod:`lurker.probe._kernels`): keep to what it supports.
+    """
+    a = max(abs(lo), abs(hi))
+    e = _E_MIN
+    if a > 0.0:
+        e = max(e, math.frexp(a)[1] - 24)  # the float32 spacing at a: 2**(exponent - 24)
     span = hi - lo
-    pad = 0.1 * span if span > 0 else max(0.1 * abs(lo), 1.0)
-    return (lo - pad, hi + pad)
+    if span > 0.0:
+        # bins must be wider than span / bins: start just below that, step up (exact test)
+        e = max(e, math.frexp(span / bins)[1] - 2)
+    while math.floor(hi * math.ldexp(1.0, -e)) - math.floor(lo * math.ldexp(1.0, -e)) >= bins:
+        e += 1
+    return e, math.floor(lo * math.ldexp(1.0, -e))
 
 
-def _check_range(hist_range: tuple[float, float]) -> tuple[float, float]:
-    lo, hi = (float(v) for v in hist_range)
-    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
-        raise ValueError(f"hist_range must be finite with lo < hi, got {hist_range!r}")
-    return (lo, hi)
+def _bin_index(values: torch.Tensor, e: int, m: int, exact64: bool = True) -> torch.Tensor:
+    """``floor(v / 2**e) - m`` of finite float32 ``values`` as int64, exactly.
+
+    In float64 the scaling by a power of two is exact. Without float64 (MPS) it takes two
+    float32 scalings, each within float32's range and exact unless the result is below 2**-126,
+    where the floor is 0 or -1 anyway (a negative value that rounds to -0.0 gets its -1 back).
+    """
+    if exact64:
+        q = torch.floor(values.to(torch.float64) * math.ldexp(1.0, -e))
+    else:
+        a = -e // 2
+        q = values.to(torch.float32) * math.ldexp(1.0, a) * math.ldexp(1.0, -e - a)
+        q = torch.floor(q) - ((q == 0) & (values < 0)).to(q.dtype)
+    return q.to(torch.int64) - m
+
+
+def _rebin(
+    hist: torch.Tensor, bins: int, old: tuple[int, int], new: tuple[int, int]
+) -> torch.Tensor:
+    """``hist`` (C, bins + extra columns) counted on grid ``old`` = (e, m), on the coarser or
+    shifted grid ``new`` that covers all its values: old bin i lies in new bin
+    ``floor((m_old + i) / 2**(e_new - e_old)) - m_new``. The extra columns are kept."""
+    d = min(new[0] - old[0], 40)  # |m + i| < 2**26: a larger shift changes nothing
+    src = torch.arange(old[1], old[1] + bins, dtype=torch.int64, device=hist.device)
+    src = torch.div(src, 1 << d, rounding_mode="floor") - new[1]
+    inside = (src >= 0) & (src < bins)  # only empty old bins can fall outside
+    counts = torch.zeros_like(hist[:, :bins])
+    counts.index_add_(1, src[inside], hist[:, :bins][:, inside])
+    return torch.cat([counts, hist[:, bins:]], dim=1)
 
 
 class UnitStats:
@@ -142,19 +187,18 @@ class UnitStats:
       by value descending then sample id ascending;
     * sum and count of spatial means per class (labels < 0 are unlabelled and skipped);
     * count, sum of spatial means, max of spatial maxima;
-    * a histogram of spatial means with ``hist_bins`` equal bins over ``hist_range``. Values
-      outside the range are clamped into the edge bins *and* counted in ``hist_underflow`` /
-      ``hist_overflow``; NaN means are left out of the histogram.
+    * a histogram of the finite spatial means in ``hist_bins`` bins; -inf, +inf and NaN means
+      are counted apart, never in a bin.
 
-    If ``hist_range`` is None the range is fixed by the first non-empty batch (min/max of its
-    finite spatial means over all units, padded by 10% of the span; equal bounds are widened by
-    max(10% of |value|, 1)). That costs the one host sync of the whole sweep, paid when the first
-    buffer is folded in or :attr:`hist_range` is read, whichever comes first. Because it depends on
-    the first batch, the histograms of states with different ranges cannot be combined:
-    :meth:`merge` and :meth:`all_reduce` raise ValueError then. For several shards or ranks either
-    pass ``hist_range`` or call :meth:`set_hist_range_from` with each rank's first batch before
-    any update: it MIN/MAX-reduces the range across ranks so all agree, and equals what a single
-    process would fix from the union of those batches.
+    The histogram's edges are shared by all units of the layer and lie on the canonical grid of
+    :func:`_grid`: bins a power of two wide, at multiples of their width, the narrowest on which
+    the finite means seen so far span fewer than ``hist_bins`` bins. When a batch widens that
+    span the counts are merged exactly into the coarser grid, so the histogram is exactly that
+    of all values on the final edges (``numpy.histogram`` agrees), whatever the batch sizes,
+    their order, the buffer, resumption, or the shards and ranks merged. The price: the data
+    occupy between about a quarter and all of the bins (the span fits where its bin width
+    allows, not stretched to fill them), and the grid holds the running finite min/max of the
+    means over all units (a host sync per fold off the CPU, as it decides the bins).
 
     Sample ids must be unique over the dataset and lie in [0, 2**32) (checked only when they come
     on the CPU, to avoid device syncs); a sample seen twice (e.g. DistributedSampler padding)
@@ -178,12 +222,11 @@ class UnitStats:
         *,
         device: torch.device | str,
         hist_bins: int = 64,
-        hist_range: tuple[float, float] | None = None,
         buffer_samples: int | None = None,
     ) -> None:
-        if num_units < 1 or k < 1 or num_classes < 0 or hist_bins < 1:
+        if num_units < 1 or k < 1 or num_classes < 0 or hist_bins < 2:
             raise ValueError(
-                "UnitStats needs num_units >= 1, k >= 1, num_classes >= 0, hist_bins >= 1; got "
+                "UnitStats needs num_units >= 1, k >= 1, num_classes >= 0, hist_bins >= 2; got "
                 f"num_units={num_units}, k={k}, num_classes={num_classes}, hist_bins={hist_bins}"
             )
         cpu = torch.device(device).type == "cpu"
@@ -213,17 +256,15 @@ class UnitStats:
         self._class_sum = torch.zeros((num_classes + 1, c), dtype=self._acc, device=dev)
         self._class_count = torch.zeros(num_classes + 1, dtype=i64, device=dev)
         self._one = torch.ones(1, dtype=i64, device=dev)
-        # Histogram with an underflow column in front and an overflow column behind, so that a
-        # single bucketize + index_add_ also counts the out-of-range values. int32 on the CPU
-        # path (half the memory its fold touches per batch), widened before it could overflow.
+        # Histogram bins, then columns counting -inf, +inf and NaN means (_EXTRA), so that one
+        # index_add_ counts them all. int32 on the CPU path (half the memory its fold touches
+        # per batch), widened before it could overflow.
         hist_dtype = torch.int32 if self._fused else i64
-        self._hist = torch.zeros((c, hist_bins + 2), dtype=hist_dtype, device=dev)
-        self._bin_offsets = torch.arange(c, dtype=i64, device=dev) * (hist_bins + 2)
-        self._range: tuple[float, float] | None = None
-        self._edges: torch.Tensor | None = None  # hist_bins + 1 float32 edges
-        self._search: torch.Tensor | None = None  # the edges, last one nudged to just above hi
-        if hist_range is not None:
-            self._set_range(_check_range(hist_range))
+        self._hist = torch.zeros((c, hist_bins + _EXTRA), dtype=hist_dtype, device=dev)
+        self._bin_offsets = torch.arange(c, dtype=i64, device=dev) * (hist_bins + _EXTRA)
+        # The grid: running finite (min, max) of the means over all units, and (e, m) of
+        # _grid(min, max), all float64 (exact) on the host; min > max while none was seen.
+        self._hist_grid = torch.tensor([math.inf, -math.inf, 0.0, 0.0], dtype=torch.float64)
         # The sample buffer, allocated by the first update: per-sample spatial means ([0]) and
         # maxima ([1]) as (2, n, C), flat first-maximum indices (n, C), sample ids and labels.
         self.buffer_samples = buffer_samples
@@ -233,70 +274,38 @@ class UnitStats:
         self._buf_labels: torch.Tensor | None = None
         self._n = 0  # buffered samples
         self._width = 1  # map width of the buffered samples (to split flat indices into y, x)
-        self._first = 0  # while the range is automatic and unfixed: the first batch's size
         # see _update_fused: scratch arrays, and numpy views of the state (not pickled: a
         # copy's views would no longer share the state's memory)
         self._scratch: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         self._views: tuple[tuple[Any, ...], list[np.ndarray]] | None = None
 
-    # ------------------------------------------------------------------ histogram range
-
-    @property
-    def hist_range(self) -> tuple[float, float] | None:
-        """The histogram's (lo, hi), or None while it is still to be fixed by the first batch."""
-        self._fix_pending_range()
-        return self._range
-
-    def _fix_pending_range(self) -> None:
-        """Fix an automatic range from the buffered first batch, if that is still to be done."""
-        if self._range is None and self._first:
-            assert self._buf is not None
-            self._range_from_means(self._buf[0, : self._first])
+    # ------------------------------------------------------------------ histogram grid
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_views"] = state["_scratch"] = None
         return state
 
-    def _range_from_means(self, means: torch.Tensor) -> None:
-        finite = torch.isfinite(means)
-        lo = torch.where(finite, means, math.inf).amin()
-        hi = torch.where(finite, means, -math.inf).amax()
-        self._set_range(_auto_range(*torch.stack([lo, hi]).tolist()))  # the one host sync
-        self._first = 0
+    def _extend(self, lo: float, hi: float) -> None:
+        """Widen the histogram's grid to take finite values in [lo, hi] (lo > hi: none),
+        merging the counts so far into the new grid."""
+        old_lo, old_hi, old_e, old_m = self._hist_grid.tolist()
+        new_lo, new_hi = min(old_lo, lo), max(old_hi, hi)
+        if new_lo == old_lo and new_hi == old_hi:
+            return
+        e, m = _grid(new_lo, new_hi, self.hist_bins)
+        if old_lo <= old_hi and (e, m) != (old_e, old_m):
+            self._hist = _rebin(self._hist, self.hist_bins, (int(old_e), int(old_m)), (e, m))
+        self._hist_grid[:] = torch.tensor([new_lo, new_hi, e, m], dtype=torch.float64)
 
-    def _set_range(self, hist_range: tuple[float, float]) -> None:
-        # Edges are computed on the CPU in float64 so every device and rank gets identical bits.
-        self._range = hist_range
-        edges = torch.linspace(*hist_range, self.hist_bins + 1, dtype=torch.float64)
-        edges = edges.to(torch.float32)
-        # bucketize(right=True) against these gives 0 for v < lo, bins + 1 for v > hi (v >= the
-        # next float above hi), and i + 1 for v in bin i, where the top bin includes hi itself.
-        search = edges.clone()
-        search[-1] = torch.nextafter(edges[-1], torch.tensor(math.inf))
-        self._edges, self._search = edges.to(self.device), search.to(self.device)
-
-    def set_hist_range_from(self, act: torch.Tensor, group: Any = None) -> None:
-        """Fix the histogram range from ``act`` as the first batch would, agreed across ranks.
-
-        When torch.distributed is initialized the local min/max are MIN/MAX all-reduced over
-        ``group`` (a rank may pass an empty batch), so every rank gets the same range: the one a
-        single process would fix from all ranks' batches together. Collective: call on all ranks.
-        """
-        self._fix_pending_range()
-        if self._range is not None:
-            raise ValueError(f"the histogram range is already fixed at {self._range}")
-        means = self._maps(act)[0].mean(dim=2)
-        if means.numel():
-            finite = torch.isfinite(means)
-            lo = torch.where(finite, means, math.inf).amin()
-            lo_hi = torch.stack([-lo, torch.where(finite, means, -math.inf).amax()])
-        else:  # an empty shard contributes nothing to the MAX reduction
-            lo_hi = torch.full((2,), -math.inf, device=self.device)
-        if _dist_active():
-            torch.distributed.all_reduce(lo_hi, torch.distributed.ReduceOp.MAX, group=group)
-        neg_lo, hi = lo_hi.tolist()
-        self._set_range(_auto_range(-neg_lo, hi))
+    def _hist_on(self, other: UnitStats) -> torch.Tensor:
+        """``other``'s histogram on our grid (which must cover its values), on our device."""
+        hist = other._hist.to(self.device, torch.int64)
+        lo, hi, e, m = other._hist_grid.tolist()
+        grid = (int(self._hist_grid[2]), int(self._hist_grid[3]))
+        if lo <= hi and (int(e), int(m)) != grid:
+            hist = _rebin(hist, self.hist_bins, (int(e), int(m)), grid)
+        return hist
 
     # ------------------------------------------------------------------ update
 
@@ -371,7 +380,7 @@ class UnitStats:
                 rows = torch.full((b,), -1, dtype=torch.int64, device=self.device)
             else:
                 rows = labels.to(device=self.device, dtype=torch.int64)
-            self._fold(stat, pos, ids, rows, width, b)
+            self._fold(stat, pos, ids, rows, width)
             return
         if self._n and (self._n + b > self.buffer_samples or width != self._width):
             self._flush()
@@ -389,8 +398,6 @@ class UnitStats:
             self._buf_labels[at].fill_(-1)
         else:
             self._buf_labels[at].copy_(labels)
-        if self._range is None and not self._n:
-            self._first = b  # the first batch fixes the automatic range
         self._n += b
         self._width = width
 
@@ -402,9 +409,6 @@ class UnitStats:
         come from a :class:`HostBatch`; ``kernels`` is :mod:`lurker.probe._kernels`."""
         x = flat.contiguous()
         b, c, size = x.shape
-        if self._range is None:
-            self._range_from_means(x.mean(dim=2))
-        assert self._search is not None
         self._widen_hist(self._count + b)
         maps = x.view(b * c, size).numpy()
         bits = maps.view(np.int32)
@@ -415,7 +419,7 @@ class UnitStats:
         means, mean_bits, peaks = scratch
         state = (
             self._keys, self._max_pos, self._class_sum, self._class_count, self._hist,
-            self._search,
+            self._hist_grid,
         )  # fmt: skip
         views = self._views  # numpy views of the state, written in place; remade if replaced
         if views is None or any(a is not b for a, b in zip(views[0], state)):
@@ -457,7 +461,6 @@ class UnitStats:
             self._buf_ids[:n],
             self._buf_labels[:n],
             self._width,
-            self._first,
         )
 
     def _fold(
@@ -467,14 +470,10 @@ class UnitStats:
         ids: torch.Tensor,
         labels: torch.Tensor,
         width: int,
-        first: int,
     ) -> None:
         """Fold n samples into the statistics: ``stat`` (2, n, C) spatial means and maxima,
         ``pos`` (n, C) flat first-maximum indices in maps ``width`` wide, ``ids`` and
-        ``labels`` (n,) (label < 0: unlabelled). If the range is still automatic, the first
-        ``first`` samples are the first batch, which fixes it."""
-        if self._range is None:
-            self._range_from_means(stat[0, :first])
+        ``labels`` (n,) (label < 0: unlabelled)."""
         n = ids.shape[0]
         # Class counts; unlabelled samples go to the extra last row.
         rows = labels.masked_fill(labels < 0, self.num_classes)
@@ -506,13 +505,18 @@ class UnitStats:
         self._class_sum.add_(onehot.T @ means.where(finite, 0.0))
         self._class_sum.index_add_(0, rows, means.where(~finite, 0.0).to(self._acc))
 
-        # Histogram: under- and overflow columns included, NaN means left out. bucketize with
-        # right=True gives 0 below lo, bins + 1 above hi, i + 1 in bin i.
-        assert self._search is not None
-        cols = torch.bucketize(means.contiguous(), self._search, right=True)
+        # Histogram: widen the grid to the new finite extremes (the one host sync of a fold: it
+        # decides the bins), then one index_add_ with the -inf, +inf, NaN columns.
+        finite_lo = torch.where(finite, means, math.inf).amin()
+        finite_hi = torch.where(finite, means, -math.inf).amax()
+        self._extend(*torch.stack([finite_lo, finite_hi]).tolist())
+        bins = self.hist_bins
+        _, _, e, m = self._hist_grid.tolist()
+        index = _bin_index(means.where(finite, 0.0), int(e), int(m), self._acc == torch.float64)
+        special = torch.where(means != means, bins + 2, bins + (means > 0).to(torch.int64))
+        cols = torch.where(finite, index, special)
         cols += self._bin_offsets[:c]
-        weights = (means == means).to(torch.int64)
-        self._hist.view(-1).index_add_(0, cols.reshape(-1), weights.reshape(-1))
+        self._hist.view(-1).index_add_(0, cols.reshape(-1), self._one.expand(cols.numel()))
 
     # ------------------------------------------------------------------ combining states
 
@@ -523,11 +527,6 @@ class UnitStats:
             raise ValueError(
                 f"cannot merge UnitStats (num_units, k, num_classes, hist_bins)={theirs} "
                 f"into {mine}"
-            )
-        if self._range is not None and other._range is not None and self._range != other._range:
-            raise ValueError(
-                f"cannot merge histograms over different ranges {other._range} and {self._range};"
-                " pass hist_range or use set_hist_range_from so that all shards agree"
             )
 
     def _reselect(self, keys: torch.Tensor, pos: torch.Tensor) -> None:
@@ -540,13 +539,13 @@ class UnitStats:
         """Fold ``other`` (e.g. another data shard's state) into this one.
 
         The result equals a single pass over both shards' data: top-k is re-selected from the
-        union of both candidate sets with the same order keys, sums and counts add up.
+        union of both candidate sets with the same order keys, sums and counts add up, and both
+        histograms are brought to the grid of the union's extremes before they are added.
         """
         self._flush()
         other._flush()
         self._check_compatible(other)
-        if self._range is None and other._range is not None:
-            self._set_range(other._range)
+        self._extend(*other._hist_grid[:2].tolist())
         dev = self.device
         self._reselect(
             torch.cat([self._keys, other._keys.to(dev)], dim=2),
@@ -556,25 +555,24 @@ class UnitStats:
         self._class_sum += other._class_sum.to(device=dev, dtype=self._acc)
         self._class_count += other._class_count.to(dev)
         self._widen_hist(self._count)
-        self._hist += other._hist.to(dev, self._hist.dtype)
+        self._hist += self._hist_on(other).to(self._hist.dtype)
 
     def all_reduce(self, group: Any = None) -> None:
         """Merge the states of all ranks of ``group`` in place; every rank ends with the result.
 
         Collective: call on all ranks. Top-k candidates are all-gathered and re-selected (the
-        dataset max comes with them); sums, counts and histograms are SUM-reduced. Tensors live
-        on ``self.device``, so the backend must support it (gloo: CPU, nccl: CUDA). Layouts and
-        histogram ranges are checked across ranks first; on a mismatch every rank raises
-        ValueError. Ranks that have no range yet (no data) adopt the others'.
+        dataset max comes with them); sums, counts and histograms are SUM-reduced, the
+        histograms once every rank has brought its own to the grid of all ranks' extremes.
+        Tensors live on ``self.device``, so the backend must support it (gloo: CPU, nccl: CUDA).
+        Layouts are checked across ranks first; on a mismatch every rank raises ValueError.
         """
         self._flush()
         dist = torch.distributed
         world = dist.get_world_size(group)
         dev = self.device
-        has_range = float(self._range is not None)
-        lo, hi = self._range if self._range is not None else (0.0, 0.0)
+        lo, hi = self._hist_grid[:2].tolist()
         meta = torch.tensor(
-            [self.num_units, self.k, self.num_classes, self.hist_bins, has_range, lo, hi],
+            [self.num_units, self.k, self.num_classes, self.hist_bins, -lo, hi],
             dtype=torch.float64,
             device=dev,
         )
@@ -586,14 +584,8 @@ class UnitStats:
                 "all_reduce: ranks disagree on (num_units, k, num_classes, hist_bins): "
                 f"{table[:, :4].tolist()}"
             )
-        ranges = {(r[5], r[6]) for r in table.tolist() if r[4]}
-        if len(ranges) > 1:
-            raise ValueError(
-                f"all_reduce: ranks have different histogram ranges {sorted(ranges)}; pass "
-                "hist_range or call set_hist_range_from on all ranks before the first update"
-            )
-        if ranges and self._range is None:
-            self._set_range(ranges.pop())
+        extremes = table[:, 4:].amax(dim=0).tolist()  # (-min, max) over all ranks
+        self._extend(-extremes[0], extremes[1])
 
         cands = torch.cat([self._keys, self._max_pos[None]])  # (3, C, k)
         gathered = [torch.empty_like(cands) for _ in range(world)]
@@ -612,14 +604,14 @@ class UnitStats:
 
     # ------------------------------------------------------------------ persistence
 
-    _TENSORS = ("keys", "max_pos", "class_sum", "class_count", "hist")
+    _TENSORS = ("keys", "max_pos", "class_sum", "class_count", "hist", "hist_grid")
 
     def state_dict(self) -> dict[str, torch.Tensor | int | tuple[float, float] | None]:
         """Everything needed to resume or merge later, as CPU tensors and plain values.
 
-        The layout is internal (top-k as order keys, an unlabelled row in the class sums, under-
-        and overflow columns in the histogram); use :meth:`result` to read statistics. Buffered
-        samples are folded in first, so the state holds everything seen so far.
+        The layout is internal (top-k as order keys, an unlabelled row in the class sums, columns
+        for non-finite means in the histogram, its grid); use :meth:`result` to read statistics.
+        Buffered samples are folded in first, so the state holds everything seen so far.
         """
         self._flush()
         state: dict[str, torch.Tensor | int | tuple[float, float] | None] = {
@@ -628,7 +620,6 @@ class UnitStats:
             "k": self.k,
             "num_classes": self.num_classes,
             "hist_bins": self.hist_bins,
-            "hist_range": self._range,
             "count": self._count,
         }
         for name in self._TENSORS:
@@ -644,6 +635,12 @@ class UnitStats:
         buffer_samples: int | None = None,
     ) -> UnitStats:
         """Rebuild a state saved by :meth:`state_dict` on ``device``."""
+        if state.get("format") == 1:
+            raise ValueError(
+                "this UnitStats state (format 1) was saved by an older lurker, whose histograms "
+                "used a range fixed by the first batch and clamped the values outside it; they "
+                "cannot be converted to the canonical grid: sweep the data again"
+            )
         if state.get("format") != _STATE_FORMAT:
             raise ValueError(f"unsupported UnitStats state format {state.get('format')!r}")
         stats = cls(
@@ -652,7 +649,6 @@ class UnitStats:
             int(state["num_classes"]),
             device=device,
             hist_bins=int(state["hist_bins"]),
-            hist_range=state["hist_range"],
             buffer_samples=buffer_samples,
         )
         stats._count = int(state["count"])
@@ -665,7 +661,7 @@ class UnitStats:
                     f"state {name!r} has shape {tuple(saved.shape)}, expected {tuple(mine.shape)}"
                 )
             # a copy: updates write into the state in place, never into the caller's tensors
-            setattr(stats, "_" + name, saved.to(device=stats.device, dtype=mine.dtype, copy=True))
+            setattr(stats, "_" + name, saved.to(device=mine.device, dtype=mine.dtype, copy=True))
         return stats
 
     # ------------------------------------------------------------------ output
@@ -677,9 +673,10 @@ class UnitStats:
         unfilled slots hold value -inf and id/y/x -1. ``class_mean`` is (C, num_classes), NaN for
         classes without samples; ``class_count`` (num_classes,). ``unit_mean`` (NaN before any
         data) and ``unit_max`` (-inf before any data) are (C,), ``count`` a scalar. ``hist`` is
-        (C, hist_bins) over ``hist_edges`` (hist_bins + 1,; NaN while no range is fixed), its edge
-        bins including the clamped out-of-range values, which ``hist_underflow`` and
-        ``hist_overflow`` (C,) count. Folds in the buffered samples first.
+        (C, hist_bins), the counts of finite spatial means in ``[edge_i, edge_i+1)`` of
+        ``hist_edges`` (hist_bins + 1,) float64, on the canonical grid of :func:`_grid` (NaN
+        before any finite mean); ``hist_neginf``, ``hist_posinf`` and ``hist_nan`` (C,) count
+        the other means. Folds in the buffered samples first.
         """
         self._flush()
         keys = self._keys.cpu()
@@ -694,13 +691,13 @@ class UnitStats:
         class_mean = class_sum[:-1] / class_count[:-1, None].double()
         unit_mean = class_sum.sum(dim=0) / self._count
         ext = self._hist.cpu().to(torch.int64)
-        hist = ext[:, 1:-1].clone()
-        hist[:, 0] += ext[:, 0]
-        hist[:, -1] += ext[:, -1]
-        if self._edges is None:
-            edges = torch.full((self.hist_bins + 1,), math.nan)
+        bins = self.hist_bins
+        lo, hi, e, m = self._hist_grid.tolist()
+        edges = torch.arange(bins + 1, dtype=torch.float64)
+        if lo <= hi:  # exact: |m| + bins stays far below 2**53
+            edges = (edges + m) * math.ldexp(1.0, int(e))
         else:
-            edges = self._edges.cpu()
+            edges.fill_(math.nan)
         return {
             "mean_values": mean_values,
             "mean_ids": mean_ids,
@@ -713,10 +710,11 @@ class UnitStats:
             "unit_mean": unit_mean.to(torch.float32),
             "unit_max": max_values[:, 0].clone(),
             "count": torch.tensor(self._count, dtype=torch.int64),
-            "hist": hist,
+            "hist": ext[:, :bins].clone(),
             "hist_edges": edges,
-            "hist_underflow": ext[:, 0].clone(),
-            "hist_overflow": ext[:, -1].clone(),
+            "hist_neginf": ext[:, bins].clone(),
+            "hist_posinf": ext[:, bins + 1].clone(),
+            "hist_nan": ext[:, bins + 2].clone(),
         }
 
 

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ..capture import Trace, trace
-from ..capture._replay import Replayer, run_with
+from ..capture._replay import Replayer
 from ..errors import LurkerError
 from ..graph.nodes import Op
 from ..store import LayerResult, Run, RunWriter, atomic_write_bytes
@@ -248,6 +248,13 @@ def probe(
     skipped: list[tuple[str, str]] = []
     if ckpt.exists() and (writer is None or writer.resumed):
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        if any(s.get("format") == 1 for s in state.get("stats", {}).values()):
+            raise LurkerError(
+                f"{ckpt} was written by an older lurker, whose histograms used a range fixed by "
+                "the first batch and clamped the values outside it; it cannot be resumed with "
+                "order-independent histograms. Delete it to sweep again from the start, or "
+                "finish the sweep with the lurker version that started it."
+            )
         if (
             state.get("layers") == [layer.name for layer in selected]
             and state.get("world") == world
@@ -287,11 +294,6 @@ def probe(
         pin_memory=dev.type == "cuda",
     )
     by_index = {layer.op.index: layer for layer in selected}
-    if world > 1 and any(s.hist_range is None for s in stats.values()):
-        # one process fixes histogram ranges from its first batch (= the dataset's first
-        # batch_size items) as it goes; ranks see other first batches, so each one runs
-        # that same batch once up front and all agree without a collective
-        _calibrate(tr, ds, by_index, stats, batch_size, dev)
 
     def save_checkpoint() -> None:
         buf = io.BytesIO()
@@ -324,7 +326,6 @@ def probe(
                 host = HostBatch(ids, labels, num_classes) if dev.type == "cpu" else None
 
                 def update(idx: int, value: Any, labels=labels, ids=ids, host=host) -> None:
-                    # an unfixed histogram range is fixed by the first batch's update
                     t = value[0] if isinstance(value, tuple) else value
                     stats[idx].update(by_index[idx].units(t), ids, labels, host=host)
 
@@ -435,22 +436,3 @@ def _merge_skipped(*parts: Any) -> list[tuple[str, str]]:
         for path, reason in part:
             seen.setdefault(str(path), str(reason))
     return sorted(seen.items())
-
-
-def _calibrate(
-    tr: Trace, ds: Any, by_index: dict[int, Layer], stats: dict[int, UnitStats], n: int, dev
-) -> None:
-    """Fix each layer's histogram range from the dataset's first batch.
-
-    Every rank (and a resumed sweep) sees the same first batch, so every rank agrees on
-    the bins without a collective, and a distributed run equals a single-process one.
-    """
-    from . import data as pdata
-
-    images, _, _ = pdata.collate([ds[i] for i in range(min(n, len(ds)))])
-
-    def first(idx: int, value: Any) -> None:
-        t = value[0] if isinstance(value, tuple) else value
-        stats[idx].set_hist_range_from(by_index[idx].units(t))
-
-    run_with(tr, (images.to(dev),), {}, by_index.keys(), first)
