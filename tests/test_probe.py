@@ -64,6 +64,10 @@ def _runs_equal(a: lurker.store.Run, b: lurker.store.Run) -> None:
                 np.testing.assert_allclose([e.value for e in ta], [e.value for e in tb], rtol=1e-6)
             np.testing.assert_allclose(ua.class_mean_array(), ub.class_mean_array(), rtol=1e-5)
             np.testing.assert_allclose(ua.max, ub.max, rtol=1e-6)
+            # histograms: the same edges and counts (a mean rounded differently by another
+            # batch's kernels could only move across an edge it lies within an ulp of)
+            (ca, ea), (cb, eb) = ua.histogram(), ub.histogram()
+            assert np.array_equal(ea, eb) and np.array_equal(ca, cb), (info.name, u)
 
 
 def test_topk_equals_brute_force(tmp_path: Path):
@@ -447,3 +451,112 @@ def test_crash_before_results_never_leaves_complete_run_with_new_meta(
     monkeypatch.undo()
     run = probe(model, ds, out=out, layers=["features.8"], k=2, batch_size=32)
     assert run.complete and run.meta["config"]["batch_size"] == 32
+
+
+# ---------------------------------------------------------------- histograms: batch, order, ranks
+
+HIST_LAYERS = ["conv1", "act", "conv2", "fc"]
+HIST_N = 120  # 3 classes of 40, sorted by class
+
+
+class ExactNet(nn.Module):
+    """Integer weights on integer images: every sum is exact in float32 (and the spatial means,
+    over 64 and 16 positions, too), so a sample's activations do not depend on the batch it is
+    in or on how a kernel orders its sums; histograms can then be compared bit for bit."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(2, 4, 1)
+        self.act = nn.ReLU()
+        self.conv2 = nn.Conv2d(4, 3, 2, stride=2)
+        self.fc = nn.Linear(48, 5)
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randint(-2, 3, p.shape, generator=g).float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.conv2(self.act(self.conv1(x))).flatten(1))
+
+
+def _class_sorted(order: torch.Tensor | None = None) -> torch.utils.data.TensorDataset:
+    """An ImageFolder's order: class by class, each class's values larger than the last's,
+    so the first batch holds a sliver of the final range."""
+    g = torch.Generator().manual_seed(1)
+    labels = torch.arange(HIST_N) // 40
+    xs = (
+        torch.randint(0, 4, (HIST_N, 2, 8, 8), generator=g).float()
+        + 6.0 * labels[:, None, None, None]
+    )
+    if order is not None:
+        xs, labels = xs[order], labels[order]
+    return torch.utils.data.TensorDataset(xs, labels)
+
+
+def _hist_probe(out: Path, batch_size: int, order: torch.Tensor | None = None) -> lurker.Run:
+    return probe(
+        ExactNet().eval(),
+        _class_sorted(order),
+        out=out,
+        layers=HIST_LAYERS,
+        k=3,
+        batch_size=batch_size,
+        device="cpu",
+        progress=False,
+    )
+
+
+def _hist_dist_worker(rank: int, world: int, store: str, out: str) -> None:
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=world
+    )
+    try:
+        _hist_probe(Path(out), 7)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_histograms_identical_for_any_batch_size_order_and_ranks(tmp_path: Path):
+    """Batch sizes 1, 7 and 64, a permuted order and two gloo ranks give bit-identical
+    histograms and edges, and each equals numpy.histogram of the brute-force spatial means
+    (a forward hook) over the same edges: no value clamped although the data come sorted by
+    class with growing values."""
+    torch.multiprocessing.spawn(
+        _hist_dist_worker, args=(2, str(tmp_path / "store"), str(tmp_path / "dist")), nprocs=2
+    )
+    perm = torch.randperm(HIST_N, generator=torch.Generator().manual_seed(2))
+    runs = {
+        "b64": _hist_probe(tmp_path / "b64", 64),
+        "b1": _hist_probe(tmp_path / "b1", 1),
+        "b7": _hist_probe(tmp_path / "b7", 7),
+        "perm": _hist_probe(tmp_path / "perm", 7, perm),
+        "ranks": lurker.store.Run.open(tmp_path / "dist"),
+    }
+    model, ds = ExactNet().eval(), _class_sorted()
+    for name in HIST_LAYERS:
+        act = _brute(model, ds, name)
+        means = (act.flatten(2).mean(2) if act.dim() > 2 else act).numpy()
+        first = means[:64]  # the first batch of 64 misses an end of the layer's range
+        assert first.min() > means.min() or first.max() < means.max(), name
+        for u in range(means.shape[1]):
+            counts, edges = runs["b64"].unit(name, u).histogram()
+            assert edges[0] <= means[:, u].min() and means[:, u].max() < edges[-1]
+            want, _ = np.histogram(means[:, u].astype(np.float64), bins=edges)
+            np.testing.assert_array_equal(counts, want, err_msg=f"{name} {u}")
+            assert counts.sum() == HIST_N
+            for other, run in runs.items():
+                c, e = run.unit(name, u).histogram()
+                assert np.array_equal(c, counts) and np.array_equal(e, edges), (other, name, u)
+
+
+def test_checkpoint_with_old_histograms_is_refused(tmp_path: Path):
+    """A checkpoint of an older lurker (histograms over a clamped range) cannot be converted:
+    the resumed sweep says so and what to do, rather than mixing two kinds of histograms."""
+    _hist_probe(tmp_path / "r", 30)
+    torch.save(
+        {"done": 30, "world": 1, "layers": HIST_LAYERS, "skipped": [],
+         "stats": {name: {"format": 1} for name in HIST_LAYERS}},
+        tmp_path / "r" / "checkpoint.pt",
+    )  # fmt: skip
+    with pytest.raises(LurkerError, match=r"older lurker.*Delete it"):
+        _hist_probe(tmp_path / "r", 30)
