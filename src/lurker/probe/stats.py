@@ -196,8 +196,8 @@ class UnitStats:
     span the counts are merged exactly into the coarser grid, so the histogram is exactly that
     of all values on the final edges (``numpy.histogram`` agrees), whatever the batch sizes,
     their order, the buffer, resumption, or the shards and ranks merged. The price: the data
-    occupy between about a quarter and all of the bins (the span fits where its bin width
-    allows, not stretched to fill them), and the grid holds the running finite min/max of the
+    span between about half and all of the bins (the span fits where its bin width allows,
+    not stretched to fill them), and the grid holds the running finite min/max of the
     means over all units (a host sync per fold off the CPU, as it decides the bins).
 
     Sample ids must be unique over the dataset and lie in [0, 2**32) (checked only when they come
