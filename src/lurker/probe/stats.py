@@ -279,12 +279,12 @@ class UnitStats:
         self._scratch: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         self._views: tuple[tuple[Any, ...], list[np.ndarray]] | None = None
 
-    # ------------------------------------------------------------------ histogram grid
-
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_views"] = state["_scratch"] = None
         return state
+
+    # ------------------------------------------------------------------ histogram grid
 
     def _extend(self, lo: float, hi: float) -> None:
         """Widen the histogram's grid to take finite values in [lo, hi] (lo > hi: none),
@@ -606,7 +606,7 @@ class UnitStats:
 
     _TENSORS = ("keys", "max_pos", "class_sum", "class_count", "hist", "hist_grid")
 
-    def state_dict(self) -> dict[str, torch.Tensor | int | tuple[float, float] | None]:
+    def state_dict(self) -> dict[str, torch.Tensor | int]:
         """Everything needed to resume or merge later, as CPU tensors and plain values.
 
         The layout is internal (top-k as order keys, an unlabelled row in the class sums, columns
@@ -614,7 +614,7 @@ class UnitStats:
         Buffered samples are folded in first, so the state holds everything seen so far.
         """
         self._flush()
-        state: dict[str, torch.Tensor | int | tuple[float, float] | None] = {
+        state: dict[str, torch.Tensor | int] = {
             "format": _STATE_FORMAT,
             "num_units": self.num_units,
             "k": self.k,
@@ -716,7 +716,3 @@ class UnitStats:
             "hist_posinf": ext[:, bins + 1].clone(),
             "hist_nan": ext[:, bins + 2].clone(),
         }
-
-
-def _dist_active() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
