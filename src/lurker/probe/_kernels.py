@@ -138,14 +138,22 @@ def _first(bits, peak):  # pragma: no cover - compiled
 @_compiled
 def read(x, bits, means, peaks):  # pragma: no cover - compiled
     """Spatial mean (float32) and the bit pattern of the max (int32) of each of the R maps of
-    ``x`` (R, S) float32, whose int32 view is ``bits``, into ``means`` and ``peaks`` (R,)."""
+    ``x`` (R, S) float32, whose int32 view is ``bits``, into ``means`` and ``peaks`` (R,).
+    Returns the smallest and largest finite mean (inf, -inf if none), for :func:`fold`."""
     size = x.shape[1]
+    lo = np.inf
+    hi = -np.inf
     for r in prange(x.shape[0]):
         s, peak = _sum_max(x[r], bits[r])
         if not np.isfinite(s):  # a NaN or an inf in the map, or float32 overflow: exact
             s, peak = _exact(x[r], bits[r])
-        means[r] = s / size
+        mean = np.float32(s / size)
+        means[r] = mean
         peaks[r] = peak
+        if np.isfinite(mean):  # a min/max reduction over the threads: exact in any order
+            lo = min(lo, np.float64(mean))
+            hi = max(hi, np.float64(mean))
+    return lo, hi
 
 
 @_compiled
@@ -162,6 +170,8 @@ def fold(
     class_count,
     hist,
     grid,
+    lo,
+    hi,
     width,
 ):  # pragma: no cover - compiled
     """Fold one batch into the statistics of all units, in place.
@@ -172,8 +182,8 @@ def fold(
     included); ``keys`` (2, C, k), ``max_pos`` (C, k), ``class_sum`` (classes + 1, C),
     ``class_count`` (classes + 1,), ``hist`` (C, bins + 3: bins, then -inf, +inf, NaN counts),
     ``grid`` (4,) float64: the finite min and max so far and the grid (e, m) of
-    :func:`lurker.probe.stats._grid`: the state; ``width``: the map width, to split a flat peak
-    index into (y, x).
+    :func:`lurker.probe.stats._grid`: the state; ``lo``, ``hi``: the batch's finite extremes
+    from :func:`read`; ``width``: the map width, to split a flat peak index into (y, x).
     """
     n = ids.shape[0]
     for b in range(n):
@@ -181,7 +191,7 @@ def fold(
     units = keys.shape[1]
     k = keys.shape[2]
     bins = hist.shape[1] - 3
-    _widen(means, hist, grid, bins)
+    _widen(lo, hi, hist, grid, bins)
     scale = math.ldexp(1.0, -np.int64(grid[2]))  # bin of v: floor(v * scale) - m, exactly
     m = np.int64(grid[3])
     for c in prange(units):
@@ -222,19 +232,14 @@ def fold(
 
 
 @njit
-def _widen(means, hist, grid, bins):  # pragma: no cover - compiled
-    """Widen the histogram's ``grid`` (see :func:`fold`) to the finite extremes of ``means``,
-    merging the counts so far into the new grid as stats._rebin does."""
+def _widen(batch_lo, batch_hi, hist, grid, bins):  # pragma: no cover - compiled
+    """Widen the histogram's ``grid`` (see :func:`fold`) to take finite values in
+    [batch_lo, batch_hi] (none if batch_lo > batch_hi), merging the counts so far into the new
+    grid as stats._rebin does."""
     lo = grid[0]
     hi = grid[1]
-    new_lo = lo
-    new_hi = hi
-    for r in range(means.shape[0]):
-        v = np.float64(means[r])
-        if v < new_lo and np.isfinite(v):
-            new_lo = v
-        if v > new_hi and np.isfinite(v):
-            new_hi = v
+    new_lo = min(lo, batch_lo)
+    new_hi = max(hi, batch_hi)
     if new_lo == lo and new_hi == hi:
         return
     e, m = _grid(new_lo, new_hi, bins)
@@ -252,10 +257,10 @@ def _widen(means, hist, grid, bins):  # pragma: no cover - compiled
 def _rebin(hist, bins, old_e, old_m, e, m):  # pragma: no cover - compiled
     """Every unit's bins counted on grid (old_e, old_m), on the grid (e, m) covering them."""
     shift = min(e - old_e, 40)  # |m + i| < 2**26: a larger shift changes nothing
+    counts = np.zeros((hist.shape[0], bins), hist.dtype)
     for c in prange(hist.shape[0]):
         row = hist[c]
-        counts = np.zeros(bins, hist.dtype)
         for i in range(bins):
             if row[i] != 0:  # only empty old bins can fall outside the new grid
-                counts[((old_m + i) >> shift) - m] += row[i]
-        row[:bins] = counts
+                counts[c, ((old_m + i) >> shift) - m] += row[i]
+        row[:bins] = counts[c]

@@ -426,8 +426,8 @@ class UnitStats:
             views = self._views = (state, [t.numpy() for t in state])
         with kernels.lock:
             kernels.use_threads(torch.get_num_threads())
-            kernels.read(maps, bits, means, peaks)
-            kernels.fold(bits, means, mean_bits, peaks, ids, rows, *views[1], width)
+            lo, hi = kernels.read(maps, bits, means, peaks)
+            kernels.fold(bits, means, mean_bits, peaks, ids, rows, *views[1], lo, hi, width)
         self._count += b
 
     def _widen_hist(self, count: int) -> None:
