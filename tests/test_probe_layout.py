@@ -296,3 +296,36 @@ def test_layout_units_view_and_json_round_trip():
     assert Layout.from_dict(lay.to_dict()) == lay
     many = Layout(0, 1, (2, 3, 4))
     assert many.units(torch.randn(2, 3, 4, 5, 6)).shape == (2, 3, 20, 6)
+
+
+def test_cli_unit_dim(tmp_path: Path):
+    from click.testing import CliRunner
+
+    from lurker.cli import main
+
+    spec = tmp_path / "einsum_net.py"
+    spec.write_text(
+        "import torch\nfrom torch import nn\n\n"
+        "class Net(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.conv = nn.Conv2d(1, 4, 3, stride=2)\n"
+        "        self.act = nn.ReLU()\n\n"
+        "    def forward(self, x):\n"
+        "        return self.act(torch.einsum('bchw->bhwc', self.conv(x))).mean((1, 2))\n"
+    )
+    base = [f"{spec}:Net", "--data", "digits", "--image-size", "8", "--k", "2", "--device", "cpu"]
+    res = CliRunner().invoke(main, ["probe", *base, "--out", str(tmp_path / "a"), "-l", "act"])
+    assert res.exit_code == 2 and "--unit-dim" in res.output and "act" in res.output
+    res = CliRunner().invoke(
+        main, ["probe", *base, "--out", str(tmp_path / "b"), "--unit-dim", "x"]
+    )
+    assert res.exit_code == 2 and "LAYER=AXIS" in res.output
+    out = tmp_path / "c"
+    res = CliRunner().invoke(main, ["probe", *base, "--out", str(out), "--unit-dim", "act=-1"])
+    assert res.exit_code == 0, res.output
+    run = lurker.Run.open(out)
+    assert run.layer("act").num_units == 4 and run.layer("act").layout["unit"] == 3
+    res = CliRunner().invoke(main, ["probe", *base, "--out", str(tmp_path / "d")])
+    assert res.exit_code == 0, res.output
+    assert "skipped 1 layers" in res.output and "act" in res.output
