@@ -335,9 +335,12 @@ def _token_start(op: Op, trace: Trace, rfs: Mapping[int, RF]) -> tuple[int, np.n
     pre = int(np.prod(pshape[:a]))
     for e in range(len(out)):
         if out[e] == hh * ww and int(np.prod(out[:e])) == pre and hh * ww > 1:
-            boxes = np.array(
-                [rf.box(i // ww, i % ww) for i in range(hh * ww)], dtype=np.int64
-            ).reshape(hh * ww, 4)
+            ylo, yhi = np.asarray(rf.y.lo)[:hh], np.asarray(rf.y.hi)[:hh]
+            xlo, xhi = np.asarray(rf.x.lo)[:ww], np.asarray(rf.x.hi)[:ww]
+            boxes = np.stack(
+                np.broadcast_arrays(ylo[:, None], yhi[:, None], xlo[None, :], xhi[None, :]),
+                axis=-1,
+            ).reshape(hh * ww, 4)  # token i*ww + j: the box of grid position (i, j)
             return e, boxes
     return None
 
