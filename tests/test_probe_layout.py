@@ -329,3 +329,21 @@ def test_cli_unit_dim(tmp_path: Path):
     res = CliRunner().invoke(main, ["probe", *base, "--out", str(tmp_path / "d")])
     assert res.exit_code == 0, res.output
     assert "skipped 1 layers" in res.output and "act" in res.output
+
+
+class OneAtATime(nn.Module):
+    """Flattens the whole batch into one row: it cannot take batches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3 * 32 * 32, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(x.reshape(1, -1))
+
+
+def test_model_that_cannot_take_batches_gets_a_clear_error(tmp_path: Path):
+    tr = lurker.trace(OneAtATime().eval(), _data()[0][0][None])
+    with pytest.raises(LurkerError, match="batches of 2 and 3") as err:
+        select_layers(tr)
+    assert "must accept them" in str(err.value)

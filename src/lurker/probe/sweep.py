@@ -89,12 +89,17 @@ def _is_transformer(trace: Trace) -> bool:
     return False
 
 
+_CONTAINERS = {"Sequential", "ModuleList", "ModuleDict"}
+
+
 def _blocks(trace: Trace) -> set[str]:
-    """Module paths of repeated blocks: non-leaf modules with a sibling of the same type."""
+    """Module paths of repeated blocks: modules with submodules, not plain containers,
+    with a sibling of the same type (``encoder.layers.encoder_layer_3``, Swin's
+    ``features.1.0``, timm's ``blocks.5``)."""
     out = set()
     for path, info in trace.modules.items():
         parent = trace.modules.get(info.parent) if info.parent is not None else None
-        if not path or parent is None or not info.children:
+        if not path or parent is None or not info.children or info.type in _CONTAINERS:
             continue
         same = [
             c for c in parent.children if c in trace.modules and trace.modules[c].type == info.type
