@@ -347,3 +347,37 @@ def test_model_that_cannot_take_batches_gets_a_clear_error(tmp_path: Path):
     with pytest.raises(LurkerError, match="batches of 2 and 3") as err:
         select_layers(tr)
     assert "must accept them" in str(err.value)
+
+
+def test_unit_dim_mistakes_are_named():
+    model = Einsum().eval()
+    tr = lurker.trace(model, _data()[0][0][None])
+    with pytest.raises(LurkerError, match="match none of the layers") as err:
+        select_layers(tr, ["act"], unit_dim={"act": -1, "nothing.*": 2})
+    assert "nothing.*" in str(err.value) and "act" in str(err.value)
+    with pytest.raises(LurkerError, match="unit_dim must be"):
+        select_layers(tr, ["act"], unit_dim="last")  # type: ignore[arg-type]
+    with pytest.raises(LurkerError, match="batch axis"):
+        select_layers(tr, ["act"], unit_dim={"act": 0})
+
+
+def test_unit_gradient_follows_the_layout():
+    """Gradient of one token's unit (a GELU model: guided backprop is plain autograd here)."""
+    from lurker.probe.images import unit_gradient
+
+    model = _vit()
+    x = _data()[0][0]
+    tr = lurker.trace(model, x[None])
+    layer = next(la for la in select_layers(tr) if la.name.endswith("encoder_layer_0.mlp.1"))
+    unit, token = 5, 7
+    grad = unit_gradient(
+        tr, layer.op.index, x, unit, "max", peak=(0, token), layout=layer.layout.to_dict()
+    )
+    xin = x[None].clone().requires_grad_(True)
+    found = {}
+    mod = dict(model.named_modules())["encoder.layers.encoder_layer_0.mlp.1"]
+    h = mod.register_forward_hook(lambda m, i, o: found.setdefault("o", o))
+    model(xin)
+    h.remove()
+    (expected,) = torch.autograd.grad(found["o"][0, token, unit], xin)
+    torch.testing.assert_close(grad, expected[0], rtol=1e-4, atol=1e-6)

@@ -365,6 +365,7 @@ def infer_layouts(
     """
     from .receptive import receptive_fields
 
+    check_unit_dim(unit_dim)
     if example is None:
         example = tuple(trace._inputs[0])
     batch = _batch_axes(trace, example)
@@ -420,6 +421,23 @@ def _carry_tokens(
         return None
     boxes = _merge([c[1] for c in cands])
     return None if boxes is None else (cands[0][0], boxes)
+
+
+def check_unit_dim(unit_dim: Any) -> None:
+    """Raise a clear error unless ``unit_dim`` is None, an int or ``{pattern: int}``."""
+    if unit_dim is None:
+        return
+    ok = isinstance(unit_dim, int) and not isinstance(unit_dim, bool)
+    if isinstance(unit_dim, Mapping):
+        ok = all(
+            isinstance(p, str) and isinstance(a, int) and not isinstance(a, bool)
+            for p, a in unit_dim.items()
+        )
+    if not ok:
+        raise LurkerError(
+            f"unit_dim must be an axis number (e.g. -1) or a dict of layer pattern -> axis "
+            f"(e.g. {{'features.1.0.mlp.0': -1}}); got {unit_dim!r}."
+        )
 
 
 def _user_axis(op: Op, unit_dim: int | Mapping[str, int] | None, names: Any) -> int | None:

@@ -163,10 +163,9 @@ def select_layers(
     candidates = [
         op for op in trace.ops if op.kind == "op" and op.shape is not None and len(op.shape) >= 2
     ]
-    types = {op.index: t for op in candidates if (t := _module_type(op, trace))}
+    types = {op.index: [t] for op in candidates if (t := _module_type(op, trace))}
     if layouts is None:
-        names = {i: [t] for i, t in types.items()}
-        layouts = infer_layouts(trace, unit_dim=unit_dim, names=names)
+        layouts = infer_layouts(trace, unit_dim=unit_dim, names=types)
     exact: set[int] = set()
     if layers is None:
         chosen = _default_ops(trace, candidates)
@@ -176,8 +175,7 @@ def select_layers(
         unmatched = set(pats)
         for op in candidates:
             names_ = [op.label, op.rolled, op.name, *op.module_outputs]
-            if op.index in types:
-                names_.append(types[op.index])
+            names_ += types.get(op.index, [])
             hit = [p for p in pats if any(fnmatch.fnmatchcase(n, p) for n in names_)]
             if hit:
                 chosen.append(op)
@@ -191,6 +189,22 @@ def select_layers(
             raise LurkerError(
                 f"No layer matches {sorted(unmatched)}. Name op labels, module paths, module "
                 f"types or op names (globs allowed). Layers with channels here: {shown}"
+            )
+    if isinstance(unit_dim, Mapping):
+        keys = {
+            op.index: [op.label, op.rolled, op.name, *op.module_outputs, *types.get(op.index, ())]
+            for op in chosen
+        }
+        unused = [
+            p
+            for p in unit_dim
+            if not any(fnmatch.fnmatchcase(n, p) for names_ in keys.values() for n in names_)
+        ]
+        if unused:
+            shown = ", ".join(sorted({_layer_name(op) for op in chosen})[:40])
+            raise LurkerError(
+                f"unit_dim names {unused}, which match none of the layers to probe ({shown}). "
+                "Use their names (globs allowed), or select the layer with layers=."
             )
     out: list[Layer] = []
     seen: set[int] = set()
