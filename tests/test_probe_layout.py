@@ -381,3 +381,22 @@ def test_unit_gradient_follows_the_layout():
     h.remove()
     (expected,) = torch.autograd.grad(found["o"][0, token, unit], xin)
     torch.testing.assert_close(grad, expected[0], rtol=1e-4, atol=1e-6)
+
+
+def test_runs_without_the_layout_column_still_open_and_resume(tmp_path: Path):
+    import sqlite3
+
+    torch.manual_seed(0)
+    model, ds, out = Einsum().eval(), _data(), tmp_path / "run"
+    kw = {"out": out, "layers": ["conv"], "k": K, "batch_size": 7, "device": "cpu"}
+    probe(model, ds, progress=False, **kw)
+    with sqlite3.connect(out / "run.db") as db:  # as a lurker before layouts wrote it
+        db.execute("ALTER TABLE layers DROP COLUMN layout")
+    run = lurker.Run.open(out)
+    assert run.layer("conv").layout is None and run.layer("conv").num_units == 6
+    images = UnitImages(run, model=model, dataset=ds)
+    e = run.unit("conv", 2).top("max")[0]
+    assert images.peak("conv", 2, e.sample_id) == (e.y, e.x)  # read as (N, C, H, W)
+    run.close()
+    run = probe(model, ds, progress=False, **kw)  # rewriting it adds the column
+    assert run.layer("conv").layout["unit"] == 1
