@@ -400,3 +400,25 @@ def test_runs_without_the_layout_column_still_open_and_resume(tmp_path: Path):
     run.close()
     run = probe(model, ds, progress=False, **kw)  # rewriting it adds the column
     assert run.layer("conv").layout["unit"] == 1
+
+
+def test_swin_v2_position_bias_mlp_is_not_a_default_layer():
+    """Its continuous position bias MLP runs on a table, not on samples: not listed."""
+    from torchvision.models.swin_transformer import (
+        PatchMergingV2,
+        SwinTransformer,
+        SwinTransformerBlockV2,
+    )
+
+    torch.manual_seed(0)
+    model = SwinTransformer(
+        patch_size=[4, 4], embed_dim=8, depths=[2, 2], num_heads=[1, 2], window_size=[2, 2],
+        num_classes=5, block=SwinTransformerBlockV2, downsample_layer=PatchMergingV2,
+    ).eval()  # fmt: skip
+    tr = lurker.trace(model, _data()[0][0][None])
+    skipped: list[tuple[str, str]] = []
+    names = [layer.name for layer in select_layers(tr, skipped=skipped)]
+    assert skipped == [] and not [n for n in names if "cpb_mlp" in n]
+    assert {"features.1.0", "features.1.0.mlp.1"} <= set(names)
+    with pytest.raises(LurkerError, match="does not depend on the batch"):
+        select_layers(tr, "features.1.0.attn.cpb_mlp.1")

@@ -113,9 +113,11 @@ class Layout:
 
 @dataclass(frozen=True)
 class Skip:
-    """An op the probe cannot read units from, and why."""
+    """An op the probe cannot read units from, and why. ``per_sample`` is False for ops
+    that do not depend on the batch at all (weights, position tables): not activations."""
 
     reason: str
+    per_sample: bool = True
 
 
 def as_units(layout: Layout | Mapping[str, Any] | None, t: Any) -> Any:
@@ -219,7 +221,9 @@ def _batch_axes(trace: Trace, example: tuple) -> dict[int, int | Skip]:
             continue
         grown = [d for d in range(len(s1)) if not (s1[d] == a[d] == b[d])]
         if not grown:
-            out[op.index] = Skip("its output does not depend on the batch (not per sample)")
+            out[op.index] = Skip(
+                "its output does not depend on the batch (not per sample)", per_sample=False
+            )
             continue
         if len(grown) > 1:
             out[op.index] = Skip(f"the batch is spread over axes {grown} of its output")
@@ -465,7 +469,7 @@ def _layout(
     shape = tuple(op.shape or ())
     nd = len(shape)
     if batch is None:
-        return Skip("it does not run on the batch")
+        return Skip("it does not run on the batch", per_sample=False)
     if isinstance(batch, Skip):
         return batch
     user = _user_axis(op, unit_dim, names)

@@ -216,6 +216,8 @@ def select_layers(
         if isinstance(lay, Layout):
             out.append(Layer(op, _layer_name(op), lay))
             continue
+        if layers is None and not (isinstance(lay, Skip) and lay.per_sample):
+            continue  # weights or position tables computed in forward: not activations
         reason = lay.reason if isinstance(lay, Skip) else "it is not a per-sample activation"
         if op.index in exact:
             raise LurkerError(
