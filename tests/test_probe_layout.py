@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from PIL import Image
 from torch import Tensor, nn
 
 import lurker
@@ -136,6 +137,16 @@ def test_torchvision_vit_blocks_and_mlp_equal_brute_force(tmp_path: Path):
     for u in range(3):
         e = run.unit(hidden[0], u).top("max")[0]
         assert images.peak(hidden[0], u, e.sample_id) == (e.y, e.x)
+    # unit images of a token layer: the crop is the peak token's patch (or the whole image)
+    from lurker.probe.data import input_image
+    from lurker.probe.images import crop
+
+    e = run.unit(blocks[1], 0).top("max")[0]
+    box = images.box(blocks[1], e.y, e.x)
+    expected = crop(input_image(images.dataset, e.sample_id), box)
+    with Image.open(images.get("crop", blocks[1], 0, 0, "max")) as made:
+        np.testing.assert_array_equal(np.asarray(made), np.asarray(expected))
+    assert images.get("grad", blocks[1], 0, 0, "max").exists()
 
 
 def test_swin_units_are_channels_not_rows(tmp_path: Path):

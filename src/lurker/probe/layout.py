@@ -58,8 +58,9 @@ class Layout:
 
     ``boxes``: for one position axis of tokens that map to patches, each token's
     half-open input box ``(y0, y1, x0, x1)``, ``None`` for a token with no position.
-    ``source`` says how the unit axis was found (``"conv"``, ``"linear"``, ``"carried"``,
-    ``"unit_dim"``).
+    ``source`` says how the unit axis was found: the op's own semantics (``"conv"``,
+    ``"norm"``, ``"linear"``), from its inputs (``"carried"``) or named by the user
+    (``"unit_dim"``).
     """
 
     batch: int
@@ -274,7 +275,8 @@ def _carry(op: Op, k: int, parent_axes: list[tuple[int, int, tuple[int, ...]]]) 
     return found
 
 
-def _defined_unit(op: Op, trace: Trace) -> tuple[int, str] | None:
+def _defined_unit(op: Op) -> tuple[int, str] | None:
+    """The unit axis an op makes by what it computes, if it makes one."""
     nd = len(op.shape or ())
     name = op.name.rstrip("_") if op.name.endswith("_") and not op.name.endswith("__") else op.name
     if name in _CONV:
@@ -386,7 +388,7 @@ def infer_layouts(
             continue
         parents = _tensor_parents(op, trace)
         for k in range(len(op.outputs)):
-            unit = _defined_unit(op, trace) if k == 0 else None
+            unit = _defined_unit(op) if k == 0 else None
             if unit is None:
                 known = [
                     (j, u[0], tuple(trace.ops[s].outputs[q].shape))
