@@ -120,6 +120,13 @@ def trace(
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available).")
 @click.option("--workers", default=0, show_default=True, help="DataLoader worker processes.")
 @click.option("--overwrite", is_flag=True, help="Replace a run of another model in --out.")
+@click.option(
+    "--unit-dim",
+    multiple=True,
+    metavar="[LAYER=]AXIS",
+    help="The axis holding the units (counting the batch axis; -1 = last), for every layer "
+    "or for layers matching LAYER (globs allowed); repeatable. For layers lurker cannot read.",
+)
 @_friendly
 def probe(
     model: str,
@@ -133,6 +140,7 @@ def probe(
     device: str | None,
     workers: int,
     overwrite: bool,
+    unit_dim: tuple[str, ...],
 ) -> None:
     """Sweep a dataset through MODEL; keep what every unit of every layer responds to.
 
@@ -158,6 +166,7 @@ def probe(
             device=device,
             num_workers=workers,
             overwrite=overwrite,
+            unit_dim=_unit_dims(unit_dim),
             meta={
                 "model_spec": model,
                 "weights": str(Path(weights).resolve()) if weights else None,
@@ -171,6 +180,41 @@ def probe(
             click.secho(
                 f"skipped {len(run.skipped)} unreadable images (listed in the run)", fg="yellow"
             )
+        lost = run.meta.get("skipped_layers") or []
+        if lost:
+            click.secho(
+                f"skipped {len(lost)} layers whose units lurker cannot locate (listed in the "
+                "run; name the axis with --unit-dim LAYER=AXIS): "
+                + ", ".join(s["layer"] for s in lost),
+                fg="yellow",
+            )
+
+
+def _unit_dims(values: tuple[str, ...]) -> int | dict[str, int] | None:
+    """``--unit-dim`` values (``AXIS`` or ``LAYER=AXIS``) as probe's ``unit_dim``."""
+    if not values:
+        return None
+    named: dict[str, int] = {}
+    every: int | None = None
+    for v in values:
+        pattern, _, axis = v.rpartition("=")
+        try:
+            n = int(axis)
+        except ValueError:
+            raise click.BadParameter(
+                f"{v!r}: give an axis number (e.g. 3 or -1), or LAYER=AXIS "
+                "(e.g. features.1.0.mlp.0=-1)",
+                param_hint="--unit-dim",
+            ) from None
+        if pattern:
+            named[pattern] = n
+        else:
+            every = n
+    if not named:
+        return every
+    if every is not None:
+        named["*"] = every  # last: a named layer's own axis wins
+    return named
 
 
 @contextlib.contextmanager

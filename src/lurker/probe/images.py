@@ -32,6 +32,7 @@ from ..errors import LurkerError
 from ..store import atomic_write_bytes
 from ..store.files import cache_file
 from .data import to_pil
+from .layout import as_units
 
 if TYPE_CHECKING:
     from ..capture.trace import Trace
@@ -187,6 +188,7 @@ def unit_gradient(
     unit: int,
     mode: Literal["max", "mean"] = "max",
     peak: tuple[int, int] | None = None,
+    layout: Any = None,
 ) -> Tensor:
     """Guided-backprop image of one unit of op ``op_index`` for the single sample ``x``.
 
@@ -194,6 +196,8 @@ def unit_gradient(
     accepted); the result has that shape, on ``x``'s device. ``mode="max"`` differentiates
     the activation at ``peak`` = (y, x) (None: the map's first maximum; 1-D maps use x
     only), ``"mean"`` the unit's spatial mean; a ``(B, C)`` output has one value per unit.
+    ``layout`` (a layer's stored layout) says where units and positions are in the op's
+    output (None: ``(B, C, ...)``).
 
     The model re-runs under two torch-function modes: the guided-ReLU mode outside and
     the trace's replay mode inside, so that the replay sees (and checks) the model's own
@@ -210,7 +214,7 @@ def unit_gradient(
     found: list[Tensor] = []
 
     def keep(_: int, value: Any) -> None:
-        found.append(_unit_scalar(value, unit, mode, peak, op.label))
+        found.append(_unit_scalar(as_units(layout, value), unit, mode, peak, op.label))
 
     with torch.enable_grad():
         with GuidedReLUMode():

@@ -15,7 +15,7 @@ import hashlib
 import io
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from ..capture._replay import Replayer
 from ..errors import LurkerError
 from ..graph.nodes import Op
 from ..store import LayerResult, Run, RunWriter, atomic_write_bytes
+from .layout import Layout, Skip, infer_layouts, rf_matches
 from .stats import HostBatch, UnitStats
 
 CONV = {"conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"}
@@ -39,33 +40,30 @@ ACTIVATIONS = {
 }  # fmt: skip
 
 
+ATTENTION = {"scaled_dot_product_attention", "_native_multi_head_attention"}
+_PRODUCTS = {"matmul", "bmm", "baddbmm", "einsum", "mm"}
+
+
 @dataclass
 class Layer:
-    """A selected op and how to read units out of its output."""
+    """A selected op and how to read units out of its output (see :mod:`.layout`)."""
 
     op: Op
     name: str  # module path when the op produces a module's output, else the op label
-    channels_last: bool  # (B, L, C) outputs of linear layers on sequences
+    layout: Layout
+
+    @property
+    def width(self) -> int:
+        """The number of units."""
+        return int(self.op.shape[self.layout.unit])  # type: ignore[index]
 
     def units(self, t: Tensor) -> Tensor:
-        return t.transpose(1, -1) if self.channels_last else t
+        """``t`` as the (B, C, *positions) view :class:`UnitStats` takes."""
+        return self.layout.units(t)
 
 
 def _layer_name(op: Op) -> str:
     return op.module_outputs[0] if op.module_outputs else op.label
-
-
-def _is_channels_last(op: Op, trace: Trace) -> bool:
-    if op.shape is None or len(op.shape) != 3:
-        return False
-    node = op
-    for _ in range(4):  # the op itself or the linear right before an activation
-        if node.name in LINEAR:
-            return True
-        if node.name in CONV or not node.parents:
-            return False
-        node = trace.ops[node.parents[0]]
-    return False
 
 
 def _module_type(op: Op, trace: Trace) -> str | None:
@@ -75,33 +73,116 @@ def _module_type(op: Op, trace: Trace) -> str | None:
     return info.type if info else None
 
 
-def select_layers(trace: Trace, layers: Sequence[str] | str | None = None) -> list[Layer]:
-    """Pick the layers to probe.
+def _is_transformer(trace: Trace) -> bool:
+    """Attention anywhere: a fused attention op, or a softmax over a product of tensors."""
+    for op in trace.ops:
+        if op.name in ATTENTION:
+            return True
+        if op.name == "softmax":
+            todo, seen = list(op.parents), 0
+            while todo and seen < 4:  # the product, maybe scaled or masked on the way
+                parent = trace.ops[todo.pop(0)]
+                if parent.name in _PRODUCTS and not parent.params:
+                    return True
+                todo.extend(parent.parents[:1])
+                seen += 1
+    return False
 
-    Default: every conv and linear op and every activation function, where the output has
-    a channel dimension. ``layers`` may name op labels (``conv2d_3``), module paths
-    (``features.10``), module types (``Conv2d``) or op names (``relu``), globs allowed.
+
+_CONTAINERS = {"Sequential", "ModuleList", "ModuleDict"}
+
+
+def _blocks(trace: Trace) -> set[str]:
+    """Module paths of repeated blocks: modules with submodules, not plain containers,
+    with a sibling of the same type (``encoder.layers.encoder_layer_3``, Swin's
+    ``features.1.0``, timm's ``blocks.5``)."""
+    out = set()
+    for path, info in trace.modules.items():
+        parent = trace.modules.get(info.parent) if info.parent is not None else None
+        if not path or parent is None or not info.children or info.type in _CONTAINERS:
+            continue
+        same = [
+            c for c in parent.children if c in trace.modules and trace.modules[c].type == info.type
+        ]
+        if len(same) >= 2:
+            out.add(path)
+    return out
+
+
+def _default_ops(trace: Trace, candidates: list[Op]) -> list[Op]:
+    """CNNs: every conv, linear and activation op with a (B, C[, L | H, W]) output.
+
+    Transformers: the outputs of repeated blocks, the MLP hidden layers (an activation
+    right after a linear) and convs outside the blocks (patch embeddings, stems); not the
+    reshapes and attention internals in between."""
+    if not _is_transformer(trace):
+        return [
+            op
+            for op in candidates
+            if op.name in CONV | LINEAR | ACTIVATIONS and len(op.shape or ()) in (2, 3, 4)
+        ]
+    blocks = _blocks(trace)
+
+    def in_block(op: Op) -> bool:
+        return any(path in blocks for path, _ in op.modules)
+
+    def wanted(op: Op) -> bool:
+        if {m.split(":")[0] for m in op.module_outputs} & blocks:
+            return True  # a block's output
+        if op.name in ACTIVATIONS:  # an MLP's hidden layer
+            return any(trace.ops[p].name in LINEAR for p in op.parents[:1])
+        return op.name in CONV and not in_block(op)
+
+    chosen = [op for op in candidates if wanted(op)]
+    return chosen
+
+
+def _has_glob(pattern: str) -> bool:
+    return any(c in pattern for c in "*?[")
+
+
+def select_layers(
+    trace: Trace,
+    layers: Sequence[str] | str | None = None,
+    *,
+    unit_dim: int | Mapping[str, int] | None = None,
+    skipped: list[tuple[str, str]] | None = None,
+    layouts: Mapping[int, Layout | Skip] | None = None,
+) -> list[Layer]:
+    """Pick the layers to probe, each with its layout (which axis holds the units).
+
+    Default: for CNNs every conv and linear op and every activation function; for
+    transformers the block outputs and MLP hidden layers. ``layers`` may name op labels
+    (``conv2d_3``), module paths (``features.10``), module types (``Conv2d``) or op names
+    (``relu``), globs allowed. Ops whose units lurker cannot locate (see
+    :func:`~lurker.probe.layout.infer_layouts`) are left out and appended to ``skipped`` as
+    ``(name, reason)``; a layer named exactly (no glob, not a type or op name) that cannot
+    be probed raises :class:`LurkerError` with the reason. ``unit_dim`` names the unit
+    axis: an int for every selected layer, or ``{pattern: axis}``.
     """
     candidates = [
-        op
-        for op in trace.ops
-        if op.kind == "op" and op.shape is not None and len(op.shape) in (2, 3, 4)
+        op for op in trace.ops if op.kind == "op" and op.shape is not None and len(op.shape) >= 2
     ]
+    types = {op.index: [t] for op in candidates if (t := _module_type(op, trace))}
+    if layouts is None:
+        layouts = infer_layouts(trace, unit_dim=unit_dim, names=types)
+    exact: set[int] = set()
     if layers is None:
-        chosen = [op for op in candidates if op.name in CONV | LINEAR | ACTIVATIONS]
+        chosen = _default_ops(trace, candidates)
     else:
         pats = [layers] if isinstance(layers, str) else list(layers)
         chosen = []
         unmatched = set(pats)
         for op in candidates:
-            names = [op.label, op.rolled, op.name, *op.module_outputs]
-            mtype = _module_type(op, trace)
-            if mtype:
-                names.append(mtype)
-            hit = [p for p in pats if any(fnmatch.fnmatchcase(n, p) for n in names)]
+            names_ = [op.label, op.rolled, op.name, *op.module_outputs]
+            names_ += types.get(op.index, [])
+            hit = [p for p in pats if any(fnmatch.fnmatchcase(n, p) for n in names_)]
             if hit:
                 chosen.append(op)
                 unmatched.difference_update(hit)
+                specific = [op.label, op.rolled, *op.module_outputs]
+                if any(not _has_glob(p) and p in specific for p in hit):
+                    exact.add(op.index)
         if unmatched:
             valid = sorted({_layer_name(op) for op in candidates})
             shown = ", ".join(valid[:60]) + (" ..." if len(valid) > 60 else "")
@@ -109,11 +190,52 @@ def select_layers(trace: Trace, layers: Sequence[str] | str | None = None) -> li
                 f"No layer matches {sorted(unmatched)}. Name op labels, module paths, module "
                 f"types or op names (globs allowed). Layers with channels here: {shown}"
             )
-    if not chosen:
+    if isinstance(unit_dim, Mapping):
+        keys = {
+            op.index: [op.label, op.rolled, op.name, *op.module_outputs, *types.get(op.index, ())]
+            for op in chosen
+        }
+        unused = [
+            p
+            for p in unit_dim
+            if not any(fnmatch.fnmatchcase(n, p) for names_ in keys.values() for n in names_)
+        ]
+        if unused:
+            shown = ", ".join(sorted({_layer_name(op) for op in chosen})[:40])
+            raise LurkerError(
+                f"unit_dim names {unused}, which match none of the layers to probe ({shown}). "
+                "Use their names (globs allowed), or select the layer with layers=."
+            )
+    out: list[Layer] = []
+    seen: set[int] = set()
+    for op in chosen:
+        if op.index in seen:
+            continue
+        seen.add(op.index)
+        lay = layouts.get(op.index)
+        if isinstance(lay, Layout):
+            out.append(Layer(op, _layer_name(op), lay))
+            continue
+        if layers is None and not (isinstance(lay, Skip) and lay.per_sample):
+            continue  # weights or position tables computed in forward: not activations
+        reason = lay.reason if isinstance(lay, Skip) else "it is not a per-sample activation"
+        if op.index in exact:
+            raise LurkerError(
+                f"Layer {_layer_name(op)!r} ({op.label}, output {list(op.shape or ())}) cannot "
+                f"be probed: {reason}. If you know which axis holds its units, pass "
+                f"unit_dim={{{_layer_name(op)!r}: AXIS}} (CLI: --unit-dim "
+                f"{_layer_name(op)}=AXIS), counting the batch axis."
+            )
+        if skipped is not None:
+            skipped.append((_layer_name(op), reason))
+    if not out:
+        why = "; ".join(f"{n}: {r}" for n, r in (skipped or [])[:5])
         raise LurkerError(
-            "No layer with a channel dimension was found to probe; name layers explicitly."
+            "No layer with a unit (channel) axis was found to probe"
+            + (f" ({why})" if why else "")
+            + "; name layers explicitly, with unit_dim= where lurker cannot tell the axis."
         )
-    return [Layer(op, _layer_name(op), _is_channels_last(op, trace)) for op in chosen]
+    return out
 
 
 def fingerprint(model: nn.Module) -> str:
@@ -175,6 +297,7 @@ def probe(
     overwrite: bool = False,
     progress: bool = True,
     meta: dict[str, Any] | None = None,
+    unit_dim: int | Mapping[str, int] | None = None,
 ) -> Run:
     """Sweep ``dataset`` once through ``model`` and store per-unit statistics in ``out``.
 
@@ -183,6 +306,11 @@ def probe(
     every ``checkpoint_every`` batches, if given); rerunning the same call after an
     interruption resumes it. Under ``torchrun`` every rank sweeps its shard and rank 0
     writes the merged run.
+
+    Each layer's batch, unit and position axes are found from the trace (see
+    :mod:`lurker.probe.layout`); layers whose units cannot be located are skipped, printed
+    and listed in the run's meta (``skipped_layers``). ``unit_dim`` names the unit axis
+    (counting the batch axis) for every layer, or per layer as ``{pattern: axis}``.
     """
     from . import data as pdata
     from .receptive import receptive_fields
@@ -202,11 +330,18 @@ def probe(
     x0 = ds.first_image().unsqueeze(0).to(dev)
     with torch.no_grad():
         tr = trace(model, x0)
-    selected = select_layers(tr, layers)
     try:
         rfs = receptive_fields(tr)
     except LurkerError:
         rfs = {}
+    layer_skips: list[tuple[str, str]] = []
+    types = {op.index: [t] for op in tr.ops if (t := _module_type(op, tr))}
+    layouts = infer_layouts(tr, (x0,), unit_dim=unit_dim, names=types, rfs=rfs)
+    selected = select_layers(tr, layers, unit_dim=unit_dim, skipped=layer_skips, layouts=layouts)
+    if layer_skips and progress and rank == 0:
+        print(f"lurker: skipping {len(layer_skips)} layer(s) whose units it cannot locate:")
+        for name, reason in layer_skips:
+            print(f"  {name}: {reason}")
     all_labels = _labels(ds)
     classes = list(ds.class_names or [str(i) for i in range(max(all_labels, default=-1) + 1)])
     num_classes = max(len(classes), 1)
@@ -265,10 +400,7 @@ def probe(
                 stats[layer.op.index] = UnitStats.from_state_dict(
                     state["stats"][layer.name], device=dev
                 )
-    widths = {
-        layer.op.index: layer.op.shape[-1] if layer.channels_last else layer.op.shape[1]
-        for layer in selected
-    }
+    widths = {layer.op.index: layer.width for layer in selected}
     # per-sample statistics are buffered on the device (16 bytes per unit and sample) and
     # folded in every few batches; keep all layers' buffers together under ~512 MiB
     buffered = max(batch_size, min(4096, (512 << 20) // (16 * sum(widths.values()))))
@@ -362,14 +494,17 @@ def probe(
     for layer in selected:
         r = stats[layer.op.index].result()
         rf = rfs.get(layer.op.index)
+        if rf is not None and not rf_matches(layer.layout, rf):
+            rf = None  # its y/x are not this layer's position axes
         results.append(
             LayerResult(
                 name=layer.name,
                 module=layer.op.module_outputs[0] if layer.op.module_outputs else layer.op.module,
                 op=layer.op.label,
                 kind=_module_type(layer.op, tr) or layer.op.name,
-                shape=tuple(layer.op.shape[1:]),
+                shape=tuple(n for d, n in enumerate(layer.op.shape) if d != layer.layout.batch),
                 rf=rf.to_dict() if rf is not None else None,
+                layout=layer.layout.to_dict(),
                 mean_values=r["mean_values"],
                 mean_ids=r["mean_ids"],
                 max_values=r["max_values"],
@@ -404,6 +539,9 @@ def probe(
             for i, path, _, src in ds.sample_rows()
         )
         writer.add_skipped(skipped)
+        writer.meta_set(
+            "skipped_layers", [{"layer": name, "reason": why} for name, why in layer_skips]
+        )
         writer.write_layers_result(results)
     writer.close()
     if world > 1:

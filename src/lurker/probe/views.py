@@ -20,6 +20,7 @@ from ..errors import LurkerError
 from ..store import Run
 from . import data as pdata
 from .images import ImageCache, crop, render_gradient, unit_gradient
+from .layout import position_box, unit_map
 
 Kind = Literal["input", "crop", "grad", "grad_crop"]
 
@@ -91,7 +92,7 @@ class UnitImages:
 
         with torch.no_grad():
             run_with(self.trace, (self._sample(sample_id).unsqueeze(0),), {}, [idx], grab)
-        a = found["t"][0, unit]
+        a = unit_map(self.run.layer(layer).layout, found["t"], unit)
         if a.dim() == 0:
             return (0, 0)
         if a.dim() == 1:
@@ -100,15 +101,13 @@ class UnitImages:
         return (flat // a.shape[-1], flat % a.shape[-1])
 
     def box(self, layer: str, y: int, x: int) -> tuple[int, int, int, int]:
-        """Half-open input box ``(y0, y1, x0, x1)`` seen by position (y, x) of ``layer``."""
-        from .receptive import RF
-
+        """Half-open input box ``(y0, y1, x0, x1)`` seen by position (y, x) of ``layer``
+        (the whole image where the position has no place in it, e.g. a class token)."""
         info = self.run.layer(layer)
         size = self.run.meta.get("image_size")  # (H, W) the model saw; no image to read
         h, w = size[-2:] if size and len(size) >= 2 else self._sample(0).shape[-2:]
-        if not info.rf:
-            return (0, h, 0, w)
-        return RF.from_dict(info.rf).box(y, x, clip_to=(h, w))
+        found = position_box(info.layout, info.rf, y, x, (h, w))
+        return found if found is not None else (0, h, 0, w)
 
     def get(self, kind: Kind, layer: str, unit: int, rank: int, which: str = "max") -> Path:
         """Path of one cached image (made now if missing)."""
@@ -146,6 +145,7 @@ class UnitImages:
             unit,
             mode="max" if which == "max" else "mean",
             peak=(y, x) if which == "max" else None,
+            layout=self.run.layer(layer).layout,
         )
         return render_gradient(grad.detach().cpu())
 

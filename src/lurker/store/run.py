@@ -41,6 +41,7 @@ from lurker.store.schema import (
     TOP_DTYPE,
     TOP_LISTS,
     from_blob,
+    has_layout_column,
 )
 
 _NAN = float("nan")
@@ -59,6 +60,9 @@ class LayerInfo:
     rf: dict[str, Any] | None
     position: int = 0
     id: int = field(default=0, repr=False)
+    #: Which axes of the op's full output hold the batch, the units and the positions
+    #: (see lurker.probe.layout); ``None`` for runs written before layouts: (N, C, ...).
+    layout: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -172,6 +176,7 @@ class Unit:
                 "num_units": self.info.num_units,
                 "shape": list(self.info.shape),
                 "rf": self.info.rf,
+                "layout": self.info.layout,
             },
             "unit": self.index,
             "mean": _json_float(self.mean),
@@ -205,6 +210,7 @@ class Run:
         self.classes: list[str] = [
             n for (n,) in self._query("SELECT name FROM classes ORDER BY id")
         ]
+        layout_col = "layout" if has_layout_column(self._conn) else "NULL"
         self.layers: list[LayerInfo] = [
             LayerInfo(
                 name=name,
@@ -216,10 +222,22 @@ class Run:
                 rf=None if rf is None else json.loads(rf),
                 position=int(position),
                 id=int(layer_id),
+                layout=None if layout is None else json.loads(layout),
             )
-            for layer_id, name, module, op, kind, num_units, shape, rf, position in self._query(
-                "SELECT id, name, module, op, kind, num_units, shape, rf, position "
-                "FROM layers ORDER BY position"
+            for (
+                layer_id,
+                name,
+                module,
+                op,
+                kind,
+                num_units,
+                shape,
+                rf,
+                position,
+                layout,
+            ) in self._query(
+                "SELECT id, name, module, op, kind, num_units, shape, rf, position, "
+                f"{layout_col} FROM layers ORDER BY position"
             )
         ]
         self._by_name = {info.name: info for info in self.layers}

@@ -37,6 +37,13 @@ TOP_DTYPE = np.dtype([("sample_id", "<i8"), ("value", "<f8"), ("y", "<i4"), ("x"
 #: Database page size: a unit's row (top lists, histogram, class means) fits in one page.
 PAGE_SIZE = 16384
 
+
+def has_layout_column(conn: Any) -> bool:
+    """Whether ``layers`` has the ``layout`` column (added within version 2: runs written
+    before it lack it, and their layers are laid out (N, C, ...))."""
+    return any(row[1] == "layout" for row in conn.execute("PRAGMA table_info(layers)"))
+
+
 DDL = """
 CREATE TABLE meta (
     key   TEXT PRIMARY KEY,
@@ -67,7 +74,8 @@ CREATE TABLE layers (
     shape      TEXT NOT NULL,
     rf         TEXT,
     position   INTEGER NOT NULL,
-    hist_edges BLOB NOT NULL
+    hist_edges BLOB NOT NULL,
+    layout     TEXT
 );
 CREATE INDEX layers_by_module ON layers(module);
 CREATE INDEX layers_by_op ON layers(op);

@@ -41,6 +41,7 @@ from lurker.store.schema import (
     STATUS_RUNNING,
     TOP_DTYPE,
     dump_json,
+    has_layout_column,
     to_blob,
 )
 
@@ -60,8 +61,10 @@ class LayerResult:
     """Final statistics of one layer, as the probe computed them (C units, top-k lists).
 
     Top-list slots whose sample id is ``-1`` (the dataset had fewer than k samples) are
-    stored as empty (readers leave them out). ``shape`` is the layer's output shape; ``rf``
-    its receptive field (any JSON-serializable dict) or ``None``.
+    stored as empty (readers leave them out). ``shape`` is the layer's output shape
+    without the batch axis; ``rf`` its receptive field (any JSON-serializable dict) or
+    ``None``; ``layout`` which axes of the full output hold the batch, the units and the
+    positions (``None``: ``(N, C, ...)``).
     """
 
     name: str
@@ -81,6 +84,7 @@ class LayerResult:
     hist: ArrayLike  # (C, bins) histogram counts
     hist_edges: ArrayLike  # (bins + 1,) shared bin edges
     rf: dict[str, Any] | None = None
+    layout: dict[str, Any] | None = None  # batch/unit/position axes (probe.layout.Layout)
 
 
 @dataclass
@@ -90,6 +94,7 @@ class _Arrays:
     result: LayerResult
     shape_json: str
     rf_json: str | None
+    layout_json: str | None
     mean_values: np.ndarray
     mean_ids: np.ndarray
     max_values: np.ndarray
@@ -142,12 +147,14 @@ def _prepare(result: LayerResult, num_classes: int | None) -> _Arrays:
     try:
         shape_json = dump_json([int(s) for s in result.shape])
         rf_json = None if result.rf is None else dump_json(result.rf)
+        layout_json = None if result.layout is None else dump_json(result.layout)
     except (TypeError, ValueError) as exc:
-        raise fail(f"shape and rf must be JSON-serializable without NaN ({exc})") from exc
+        raise fail(f"shape, rf and layout must be JSON-serializable without NaN ({exc})") from exc
     return _Arrays(
         result=result,
         shape_json=shape_json,
         rf_json=rf_json,
+        layout_json=layout_json,
         mean_values=grids["mean_values"].astype(np.float64),
         mean_ids=grids["mean_ids"].astype(np.int64),
         max_values=grids["max_values"].astype(np.float64),
@@ -380,6 +387,8 @@ class RunWriter:
             raise LurkerError(f"write_layers_result: duplicate layer names {dupes}")
         num_classes = self._conn.execute("SELECT count(*) FROM classes").fetchone()[0]
         prepared = [_prepare(layer, num_classes) for layer in layers]
+        if not has_layout_column(self._conn):  # a run begun by a lurker before layouts
+            self._conn.execute("ALTER TABLE layers ADD COLUMN layout TEXT")
         with self._tx() as cur:
             cur.execute("DELETE FROM units")
             cur.execute("DELETE FROM layers")
@@ -398,7 +407,7 @@ class RunWriter:
         c, k = a.max_ids.shape
         cur.execute(
             "INSERT INTO layers(name, module, op, kind, num_units, shape, rf, position, "
-            "hist_edges) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "hist_edges, layout) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 r.name,
                 r.module,
@@ -409,6 +418,7 @@ class RunWriter:
                 a.rf_json,
                 position,
                 to_blob(a.hist_edges, EDGES_DTYPE),
+                a.layout_json,
             ),
         )
         layer_id = cur.lastrowid

@@ -1,0 +1,501 @@
+"""Which axis of an op's output is the batch, which the units, which the positions.
+
+The probe must never read "dim 0 is the batch, dim 1 the channel" into a tensor that is
+laid out otherwise (``(B, H, W, C)`` in Swin, ``(L, B, E)`` inside a sequence-first
+``nn.MultiheadAttention``, windows folded into the batch): that gives silently wrong
+units. :func:`infer_layouts` works the layout out for every op of a trace:
+
+- **Batch axis**, from the trace itself: the model is replayed on batches of 2x and 3x
+  the traced one; the axis whose size grows by exactly those factors is the batch. An
+  axis that grows by them but holds more than one slot per sample (``2m -> 3m``: windows
+  folded into the batch) or no axis at all (weights, position tables) means the op has
+  no per-sample activation to probe: it is skipped, with that reason.
+- **Unit axis**, from the op's semantics, carried along the graph: convolutions and
+  batch/group/instance norms make units on the axis after the batch (``NC...``); linear
+  layers, ``layer_norm`` and matmuls with a weight make them on the last axis. Every other
+  op carries its parents' unit axis where it keeps that axis whole (elementwise ops,
+  permutes, reshapes that keep the axis and what comes before it, slicing, concatenation;
+  the same per-axis rules as :mod:`lurker.probe.receptive`); parents that disagree, or an
+  op that mixes or splits the axis (attention heads), leave it unknown. Unknown -> the op is
+  skipped with a reason, unless the caller names the axis (``unit_dim``).
+- **Positions** are the remaining axes, kept as they are (one or two; more are merged
+  into two). Token axes made by flattening a conv's spatial grid (ViT patch embeddings)
+  are followed through the graph too, so each token maps back to its patch box; tokens
+  that come from elsewhere (the class token) have no box.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..errors import LurkerError
+
+if TYPE_CHECKING:
+    from ..capture.trace import Trace
+    from ..graph.nodes import Op
+    from .receptive import RF
+
+__all__ = ["Layout", "Skip", "as_units", "infer_layouts", "position_box", "unit_map"]
+
+_CONV = {
+    f"{p}{n}d" for p in ("conv", "conv_transpose") for n in (1, 2, 3)
+}  # units on the axis after the batch
+_CHANNEL_NORMS = {"batch_norm", "instance_norm", "group_norm"}
+_LAST_AXIS = {"linear", "embedding", "_native_multi_head_attention"}
+_WEIGHT_PRODUCTS = {"matmul", "mm", "bmm", "addmm"}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where batch, units and positions are in one op's output (axes of the full output).
+
+    ``boxes``: for one position axis of tokens that map to patches, each token's
+    half-open input box ``(y0, y1, x0, x1)``, ``None`` for a token with no position.
+    ``source`` says how the unit axis was found: the op's own semantics (``"conv"``,
+    ``"norm"``, ``"linear"``), from its inputs (``"carried"``) or named by the user
+    (``"unit_dim"``).
+    """
+
+    batch: int
+    unit: int
+    positions: tuple[int, ...]
+    source: str = "carried"
+    boxes: tuple[tuple[int, int, int, int] | None, ...] | None = None
+
+    @property
+    def identity(self) -> bool:
+        """The output already is ``(B, C, *positions)`` with at most two positions."""
+        return (
+            self.batch == 0
+            and self.unit == 1
+            and self.positions == tuple(range(2, 2 + len(self.positions)))
+            and len(self.positions) <= 2
+        )
+
+    def units(self, t: Tensor) -> Tensor:
+        """``t`` as ``(B, C)``, ``(B, C, L)`` or ``(B, C, H, W)``: what UnitStats takes."""
+        if self.identity:
+            return t
+        t = t.permute(self.batch, self.unit, *self.positions)
+        if len(self.positions) > 2:
+            t = t.reshape(*t.shape[:2], -1, t.shape[-1])
+        return t
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON record stored with a layer (see docs/run-store.md)."""
+        d: dict[str, Any] = {
+            "batch": self.batch,
+            "unit": self.unit,
+            "positions": list(self.positions),
+            "source": self.source,
+        }
+        if self.boxes is not None:
+            d["boxes"] = [None if b is None else list(b) for b in self.boxes]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Layout:
+        boxes = d.get("boxes")
+        return cls(
+            int(d["batch"]),
+            int(d["unit"]),
+            tuple(int(p) for p in d["positions"]),
+            str(d.get("source", "carried")),
+            None if boxes is None else tuple(None if b is None else tuple(b) for b in boxes),  # type: ignore[misc]
+        )
+
+
+@dataclass(frozen=True)
+class Skip:
+    """An op the probe cannot read units from, and why. ``per_sample`` is False for ops
+    that do not depend on the batch at all (weights, position tables): not activations."""
+
+    reason: str
+    per_sample: bool = True
+
+
+def as_units(layout: Layout | Mapping[str, Any] | None, t: Any) -> Any:
+    """A layer's output (a tensor, or the tuple a multi-output op gives: its first) as
+    ``(B, C, *positions)``; ``layout`` None (runs written before layouts) leaves it as is."""
+    if isinstance(t, (tuple, list)):
+        t = next((v for v in t if isinstance(v, Tensor)), t)
+    if layout is None or not isinstance(t, Tensor):
+        return t
+    lay = layout if isinstance(layout, Layout) else Layout.from_dict(layout)
+    return lay.units(t)
+
+
+def unit_map(layout: Layout | Mapping[str, Any] | None, t: Any, unit: int) -> Tensor:
+    """One unit's map on the first sample of ``t`` (a layer's output): 0-, 1- or 2-D,
+    in the layer's position grid (the grid its stored peaks ``(y, x)`` index)."""
+    return as_units(layout, t)[0, unit]
+
+
+def position_box(
+    layout: Layout | Mapping[str, Any] | None,
+    rf: RF | Mapping[str, Any] | None,
+    y: int,
+    x: int,
+    image_size: tuple[int, int],
+) -> tuple[int, int, int, int] | None:
+    """Half-open input box ``(y0, y1, x0, x1)`` seen by position ``(y, x)`` of a layer.
+
+    ``None`` when the position has no place in the image (a class token) or the layer's
+    positions do not map to it; callers then show the whole image.
+    """
+    from .receptive import RF
+
+    lay = (
+        layout if isinstance(layout, Layout) or layout is None else Layout.from_dict(layout)  # type: ignore[arg-type]
+    )
+    h, w = image_size
+    if lay is not None and lay.boxes is not None:
+        if not 0 <= x < len(lay.boxes) or lay.boxes[x] is None:
+            return None
+        y0, y1, x0, x1 = lay.boxes[x]  # type: ignore[misc]
+        return (max(y0, 0), min(y1, h), max(x0, 0), min(x1, w))
+    if rf is None:
+        return None
+    r = rf if isinstance(rf, RF) else RF.from_dict(dict(rf))
+    return r.box(y, x, clip_to=(h, w))
+
+
+def rf_matches(layout: Layout, rf: RF) -> bool:
+    """Whether ``rf``'s y/x axes are the layout's position axes (else its boxes do not
+    index the stored peaks)."""
+    dims = [a.dim for a in (rf.y, rf.x) if a.dim is not None]
+    return len(layout.positions) <= 2 and dims == list(layout.positions)
+
+
+# --------------------------------------------------------------------------- batch axes
+def _batch_shapes(trace: Trace, example: tuple, factor: int) -> dict[int, tuple[int, ...]]:
+    from ..capture._replay import run_with
+
+    args = tuple(
+        torch.cat([a] * factor) if isinstance(a, Tensor) and a.dim() else a for a in example
+    )
+    shapes: dict[int, tuple[int, ...]] = {}
+
+    def grab(i: int, value: Any) -> None:
+        t = value[0] if isinstance(value, tuple) else value
+        shapes[i] = tuple(t.shape)
+
+    want = [op.index for op in trace.ops if op.kind == "op" and op.outputs]
+    with torch.no_grad():
+        run_with(trace, args, {}, want, grab)
+    return shapes
+
+
+def _batch_axes(trace: Trace, example: tuple) -> dict[int, int | Skip]:
+    b0 = next((int(a.shape[0]) for a in example if isinstance(a, Tensor) and a.dim()), None)
+    if b0 is None:
+        raise LurkerError(
+            "lurker finds each layer's batch axis by growing the batch (dim 0) of the "
+            "model's first tensor input, and this trace has none: pass example=(x,)."
+        )
+    try:
+        s2, s3 = _batch_shapes(trace, example, 2), _batch_shapes(trace, example, 3)
+    except Exception as e:
+        raise LurkerError(
+            "lurker finds which axis of each layer is the batch by running the model on "
+            f"batches of {2 * b0} and {3 * b0} copies of the traced input (dim 0), and that "
+            f"failed: {type(e).__name__}: {e}. The probe feeds the model batches along dim 0, "
+            "so it must accept them."
+        ) from e
+    out: dict[int, int | Skip] = {}
+    for op in trace.ops:
+        if op.kind != "op" or not op.outputs:
+            continue
+        s1, a, b = tuple(op.shape or ()), s2.get(op.index), s3.get(op.index)
+        if a is None or b is None or not (len(s1) == len(a) == len(b)):
+            out[op.index] = Skip(
+                "its number of dimensions changes with the batch size, so lurker cannot "
+                "tell which axis is the batch"
+            )
+            continue
+        grown = [d for d in range(len(s1)) if not (s1[d] == a[d] == b[d])]
+        if not grown:
+            out[op.index] = Skip(
+                "its output does not depend on the batch (not per sample)", per_sample=False
+            )
+            continue
+        if len(grown) > 1:
+            out[op.index] = Skip(f"the batch is spread over axes {grown} of its output")
+            continue
+        d = grown[0]
+        if not (a[d] == 2 * s1[d] and b[d] == 3 * s1[d] and s1[d] % b0 == 0):
+            out[op.index] = Skip(f"axis {d} grows with the batch, but not in proportion")
+        elif s1[d] != b0:
+            m = s1[d] // b0
+            out[op.index] = Skip(
+                f"its axis {d} holds the batch folded with {m} slots per sample (attention "
+                "heads or windows), so one sample's units cannot be read apart; probe the "
+                "block's output instead"
+            )
+        else:
+            out[op.index] = d
+    return out
+
+
+# --------------------------------------------------------------------------- unit axes
+def _carry(op: Op, k: int, parent_axes: list[tuple[int, int, tuple[int, ...]]]) -> list[Any]:
+    """For each (parent position j, parent axis, parent shape): the output axis it becomes
+    whole (one parent entry per output entry), with the per-entry source indices."""
+    from .receptive import _HANDLERS, _Ax, _base_name, _Parent, _State
+
+    handler = _HANDLERS.get(_base_name(op.name))
+    if handler is None:
+        return [None] * len(parent_axes)
+    out = tuple(op.outputs[k].shape)
+    found: list[Any] = []
+    for j, axis, shape in parent_axes:
+        n = shape[axis]
+        ax = _Ax(axis, 1, 1, 0, np.arange(n), np.arange(n))
+        none = _Ax(None, 1, 1, 0, np.zeros(1, np.int64), np.zeros(1, np.int64))
+        try:
+            maps = handler(op, k, [_Parent(j, _State((ax, none), True), shape)], out)
+        except Exception:  # arguments the rule does not understand: the axis is not carried
+            maps = None
+        m = (maps or {}).get(j, {}).get(axis)
+        if m is None or m.out_dim is None or m.idx.shape[1] != 1 or m.ratio == 0:
+            found.append(None)
+            continue
+        idx = m.idx[:, 0]
+        ok = (idx >= 0) & (idx < n)
+        if m.present is not None:
+            ok &= m.present[:, 0]
+        found.append((m.out_dim, np.where(ok, idx, -1)))
+    return found
+
+
+def _defined_unit(op: Op) -> tuple[int, str] | None:
+    """The unit axis an op makes by what it computes, if it makes one."""
+    nd = len(op.shape or ())
+    name = op.name.rstrip("_") if op.name.endswith("_") and not op.name.endswith("__") else op.name
+    if name in _CONV:
+        return max(nd - int(name[-2]) - 1, 0), "conv"
+    if name in _CHANNEL_NORMS and nd >= 2:
+        return 1, "norm"
+    if name in ("layer_norm", "rms_norm"):
+        shape = op._skel_args[1] if op._skel_args and len(op._skel_args) > 1 else None
+        shape = (op._skel_kwargs or {}).get("normalized_shape", shape)
+        if isinstance(shape, (list, tuple)) and len(shape) != 1:
+            return None
+        return nd - 1, "norm"
+    if name in _LAST_AXIS:
+        return nd - 1, "linear"
+    if name in _WEIGHT_PRODUCTS and op.params and nd >= 2:
+        srcs = [s for s, _ in op._inputs]
+        if name == "addmm" or (len(srcs) > 1 and srcs[1] == -1):
+            return nd - 1, "linear"
+        if srcs and srcs[0] == -1:
+            return nd - 2, "linear"
+    return None
+
+
+def _tensor_parents(op: Op, trace: Trace) -> list[tuple[int, int, int]]:
+    """(position among the op's tensor arguments, parent node, its output index)."""
+    return [
+        (j, s, k)
+        for j, (s, k) in enumerate(op._inputs)
+        if isinstance(s, int) and s >= 0 and trace.ops[s].kind == "op"
+    ]
+
+
+def _merge(cands: list[Any]) -> Any:
+    """The one value all candidates agree on, or None (none, or a conflict)."""
+    if not cands:
+        return None
+    first = cands[0]
+    for c in cands[1:]:
+        if isinstance(first, np.ndarray) or isinstance(c, np.ndarray):
+            if not (np.shape(first) == np.shape(c) and np.array_equal(first, c)):
+                return None
+        elif c != first:
+            return None
+    return first
+
+
+def _token_start(op: Op, trace: Trace, rfs: Mapping[int, RF]) -> tuple[int, np.ndarray] | None:
+    """A reshape that merges a parent's (y, x) grid into one axis: tokens with patch boxes."""
+    if op.name not in ("view", "reshape", "flatten"):
+        return None
+    parents = _tensor_parents(op, trace)
+    if not parents:
+        return None
+    _, s, _ = parents[0]
+    rf = rfs.get(s)
+    pshape = tuple(trace.ops[s].shape or ())
+    out = tuple(op.shape or ())
+    if rf is None or rf.y.dim is None or rf.x.dim is None or rf.x.dim != rf.y.dim + 1:
+        return None
+    a = rf.y.dim
+    hh, ww = pshape[a], pshape[a + 1]
+    pre = int(np.prod(pshape[:a]))
+    for e in range(len(out)):
+        if out[e] == hh * ww and int(np.prod(out[:e])) == pre and hh * ww > 1:
+            ylo, yhi = np.asarray(rf.y.lo)[:hh], np.asarray(rf.y.hi)[:hh]
+            xlo, xhi = np.asarray(rf.x.lo)[:ww], np.asarray(rf.x.hi)[:ww]
+            boxes = np.stack(
+                np.broadcast_arrays(ylo[:, None], yhi[:, None], xlo[None, :], xhi[None, :]),
+                axis=-1,
+            ).reshape(hh * ww, 4)  # token i*ww + j: the box of grid position (i, j)
+            return e, boxes
+    return None
+
+
+def infer_layouts(
+    trace: Trace,
+    example: tuple | None = None,
+    *,
+    unit_dim: int | Mapping[str, int] | None = None,
+    names: Mapping[int, list[str]] | None = None,
+    rfs: Mapping[int, RF] | None = None,
+) -> dict[int, Layout | Skip]:
+    """The layout of every op's output (by node index), or why it has none.
+
+    ``example`` is the model's positional input with the batch on dim 0 (default: the
+    input the trace recorded); the model is replayed on 2x and 3x that batch to find
+    batch axes. ``unit_dim`` names the unit axis (of the full output, batch included;
+    negative counts from the end) for every op, or per layer as ``{pattern: axis}``
+    (globs matched against the op label, rolled label, op name and module outputs; the
+    first matching pattern wins): it overrides what the semantics say. ``rfs``: the
+    trace's receptive fields, if already computed.
+    """
+    from .receptive import receptive_fields
+
+    check_unit_dim(unit_dim)
+    if example is None:
+        example = tuple(trace._inputs[0])
+    batch = _batch_axes(trace, example)
+    if rfs is None:
+        try:
+            rfs = receptive_fields(trace)
+        except LurkerError:
+            rfs = {}
+    units: dict[tuple[int, int], tuple[int, str] | None] = {}
+    tokens: dict[tuple[int, int], tuple[int, np.ndarray] | None] = {}
+    result: dict[int, Layout | Skip] = {}
+    for op in trace.ops:
+        if op.kind not in ("op",) or not op.outputs:
+            continue
+        parents = _tensor_parents(op, trace)
+        for k in range(len(op.outputs)):
+            unit = _defined_unit(op) if k == 0 else None
+            if unit is None:
+                known = [
+                    (j, u[0], tuple(trace.ops[s].outputs[q].shape))
+                    for j, s, q in parents
+                    if (u := units.get((s, q))) is not None
+                ]
+                axes = {c[0] for c in _carry(op, k, known) if c is not None} if known else set()
+                unit = (axes.pop(), "carried") if len(axes) == 1 else None
+            units[(op.index, k)] = unit
+            tokens[(op.index, k)] = (_token_start(op, trace, rfs) if k == 0 else None) or (
+                _carry_tokens(op, k, trace, parents, tokens)
+            )
+        result[op.index] = _layout(
+            op, batch.get(op.index), units[(op.index, 0)], tokens[(op.index, 0)], unit_dim, names
+        )
+    return result
+
+
+def _carry_tokens(
+    op: Op, k: int, trace: Trace, parents: list[tuple[int, int, int]], tokens: dict
+) -> tuple[int, np.ndarray] | None:
+    """A token axis of the parents, carried whole: each output token's box (-1: none)."""
+    known = [
+        (j, t, tuple(trace.ops[s].outputs[q].shape))
+        for j, s, q in parents
+        if (t := tokens.get((s, q))) is not None
+    ]
+    if not known:
+        return None
+    cands = []
+    for (_, (_, src), _), c in zip(known, _carry(op, k, [(j, t[0], sh) for j, t, sh in known])):
+        if c is not None:
+            e, idx = c
+            cands.append((e, np.where((idx >= 0)[:, None], src[np.clip(idx, 0, None)], -1)))
+    if not cands or any(c[0] != cands[0][0] for c in cands):
+        return None
+    boxes = _merge([c[1] for c in cands])
+    return None if boxes is None else (cands[0][0], boxes)
+
+
+def check_unit_dim(unit_dim: Any) -> None:
+    """Raise a clear error unless ``unit_dim`` is None, an int or ``{pattern: int}``."""
+    if unit_dim is None:
+        return
+    ok = isinstance(unit_dim, int) and not isinstance(unit_dim, bool)
+    if isinstance(unit_dim, Mapping):
+        ok = all(
+            isinstance(p, str) and isinstance(a, int) and not isinstance(a, bool)
+            for p, a in unit_dim.items()
+        )
+    if not ok:
+        raise LurkerError(
+            f"unit_dim must be an axis number (e.g. -1) or a dict of layer pattern -> axis "
+            f"(e.g. {{'features.1.0.mlp.0': -1}}); got {unit_dim!r}."
+        )
+
+
+def _user_axis(op: Op, unit_dim: int | Mapping[str, int] | None, names: Any) -> int | None:
+    if unit_dim is None:
+        return None
+    if isinstance(unit_dim, int):
+        return unit_dim
+    keys = [op.label, op.rolled, op.name, *op.module_outputs]
+    if names is not None:
+        keys += list(names.get(op.index, ()))
+    for pat, axis in unit_dim.items():
+        if any(fnmatch.fnmatchcase(n, pat) for n in keys):
+            return int(axis)
+    return None
+
+
+def _layout(
+    op: Op,
+    batch: int | Skip | None,
+    unit: tuple[int, str] | None,
+    token: tuple[int, np.ndarray] | None,
+    unit_dim: Any,
+    names: Any,
+) -> Layout | Skip:
+    shape = tuple(op.shape or ())
+    nd = len(shape)
+    if batch is None:
+        return Skip("it does not run on the batch", per_sample=False)
+    if isinstance(batch, Skip):
+        return batch
+    user = _user_axis(op, unit_dim, names)
+    if user is not None:
+        if not -nd <= user < nd:
+            return Skip(f"unit_dim={user} is out of range for its {nd} dimensions")
+        u, source = user % nd, "unit_dim"
+        if u == batch:
+            return Skip(f"unit_dim={user} names its batch axis")
+    elif unit is None:
+        return Skip(
+            f"lurker cannot tell which axis of its output {list(shape)} holds the units "
+            f"({op.name} mixes or reshapes them, or no op before it says); name it with "
+            "unit_dim= (--unit-dim)"
+        )
+    else:
+        u, source = unit
+        if u == batch:
+            return Skip(f"its unit axis would be its batch axis ({u})")
+    positions = tuple(d for d in range(nd) if d not in (batch, u))
+    boxes = None
+    if token is not None and positions == (token[0],):
+        boxes = tuple(
+            None if b[0] < 0 or b[0] >= b[1] or b[2] >= b[3] else tuple(int(v) for v in b)
+            for b in token[1]
+        )
+    return Layout(batch, u, positions, source, boxes)  # type: ignore[arg-type]

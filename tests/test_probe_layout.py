@@ -1,0 +1,435 @@
+"""The probe reads units from the right axis on every layout (lurker.probe.layout).
+
+Oracle: a plain forward of the whole dataset with forward hooks on the probed modules,
+the outputs permuted by hand to (N, C, *positions) as the architecture is known to lay
+them out (channels-last Swin, sequence-first attention, ViT tokens), and top-k, peaks and
+class means computed from those by numpy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+from torch import Tensor, nn
+
+import lurker
+from lurker.errors import LurkerError
+from lurker.probe import UnitImages, probe, select_layers
+from lurker.probe.layout import Layout, Skip, infer_layouts
+
+N, K, CLASSES = 20, 3, 3
+
+
+def _data(seed: int = 0, size: int = 32) -> torch.utils.data.TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    xs = torch.randn(N, 3, size, size, generator=g)
+    return torch.utils.data.TensorDataset(xs, torch.arange(N) % CLASSES)
+
+
+def _brute(model: nn.Module, ds, modules: dict[str, Callable[[Tensor], Tensor]]):
+    """Each module's output for every sample, permuted by ``modules[name]`` to (N, C, ...)."""
+    found: dict[str, Tensor] = {}
+    mods = dict(model.named_modules())
+    hooks = []
+    for name, perm in modules.items():
+
+        def hook(m, i, o, name=name, perm=perm):
+            o = o[0] if isinstance(o, tuple) else o
+            found[name] = perm(o.detach()).contiguous().clone()
+
+        hooks.append(mods[name].register_forward_hook(hook))
+    xs = torch.stack([ds[i][0] for i in range(len(ds))])
+    with torch.no_grad():
+        model(xs)
+    for h in hooks:
+        h.remove()
+    return found
+
+
+def _topk(vals: np.ndarray, k: int) -> list[int]:
+    ids = np.arange(len(vals))
+    return np.lexsort((ids, -vals))[:k].tolist()
+
+
+def _check(run: lurker.Run, name: str, act: Tensor, labels: np.ndarray) -> None:
+    """The run's statistics of layer ``name`` equal brute force on ``act`` (N, C, *pos)."""
+    info = run.layer(name)
+    assert info.num_units == act.shape[1], (name, info.num_units, tuple(act.shape))
+    flat = act.flatten(2) if act.dim() > 2 else act.unsqueeze(-1)
+    means, maxs = flat.mean(2).numpy(), flat.amax(2).numpy()
+    argmax = flat.argmax(2).numpy()
+    width = act.shape[-1] if act.dim() >= 3 else 1
+    for u in range(act.shape[1]):
+        unit = run.unit(name, u)
+        top = unit.top("mean")
+        exp = _topk(means[:, u], K)
+        assert [e.sample_id for e in top] == exp, (name, u)
+        np.testing.assert_allclose([e.value for e in top], means[exp, u], rtol=1e-4, atol=1e-6)
+        top = unit.top("max")
+        exp = _topk(maxs[:, u], K)
+        assert [e.sample_id for e in top] == exp, (name, u)
+        np.testing.assert_allclose([e.value for e in top], maxs[exp, u], rtol=1e-5, atol=1e-6)
+        peaks = [divmod(int(argmax[i, u]), width) for i in exp]
+        if act.dim() == 3:
+            peaks = [(0, int(argmax[i, u])) for i in exp]
+        elif act.dim() == 2:
+            peaks = [(0, 0)] * len(exp)
+        assert [(e.y, e.x) for e in top] == peaks, (name, u)
+        cm = unit.class_mean_array()
+        for c in range(CLASSES):
+            np.testing.assert_allclose(cm[c], means[labels == c, u].mean(), rtol=1e-4, atol=1e-6)
+
+
+def _probe(model: nn.Module, tmp_path: Path, **kw) -> tuple[lurker.Run, Any]:
+    ds = _data()
+    torch.manual_seed(0)
+    run = probe(
+        model, ds, out=tmp_path / "run", k=K, batch_size=7, device="cpu", progress=False, **kw
+    )
+    return run, ds
+
+
+def _labels() -> np.ndarray:
+    return (np.arange(N) % CLASSES).astype(np.int64)
+
+
+TOKENS_LAST = lambda o: o.permute(0, 2, 1)  # noqa: E731 - (N, L, C) -> (N, C, L)
+NHWC = lambda o: o.permute(0, 3, 1, 2)  # noqa: E731 - (N, H, W, C) -> (N, C, H, W)
+
+
+def _vit() -> nn.Module:
+    torch.manual_seed(0)
+    return torchvision.models.VisionTransformer(
+        image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32,
+        num_classes=5,
+    ).eval()  # fmt: skip
+
+
+def test_torchvision_vit_blocks_and_mlp_equal_brute_force(tmp_path: Path):
+    model = _vit()
+    run, ds = _probe(model, tmp_path)
+    names = [info.name for info in run.layers]
+    blocks = [f"encoder.layers.encoder_layer_{i}" for i in range(2)]
+    hidden = [f"encoder.layers.encoder_layer_{i}.mlp.1" for i in range(2)]
+    assert set(blocks + hidden) <= set(names)
+    # no attention internals, reshapes or folded-batch ops among the defaults
+    assert not [n for n in names if "self_attention" in n or n.startswith(("view", "reshape"))]
+    acts = _brute(model, ds, dict.fromkeys(blocks + hidden, TOKENS_LAST))
+    for name in blocks + hidden:
+        _check(run, name, acts[name], _labels())
+        layout = run.layer(name).layout
+        assert layout["batch"] == 0 and layout["unit"] == 2 and layout["positions"] == [1]
+    # each token maps back to its 8x8 patch; the class token (0) has no position
+    images = UnitImages(run, model=model, dataset=ds)
+    for t in range(1, 17):
+        i, j = divmod(t - 1, 4)
+        assert images.box(blocks[1], 0, t) == (8 * i, 8 * i + 8, 8 * j, 8 * j + 8)
+    assert images.box(blocks[1], 0, 0) == (0, 32, 0, 32)
+    assert run.layer(blocks[0]).layout["boxes"][0] is None
+    # the peak the viewer re-finds on a sample is the stored one
+    for u in range(3):
+        e = run.unit(hidden[0], u).top("max")[0]
+        assert images.peak(hidden[0], u, e.sample_id) == (e.y, e.x)
+    # unit images of a token layer: the crop is the peak token's patch (or the whole image)
+    from lurker.probe.data import input_image
+    from lurker.probe.images import crop
+
+    e = run.unit(blocks[1], 0).top("max")[0]
+    box = images.box(blocks[1], e.y, e.x)
+    expected = crop(input_image(images.dataset, e.sample_id), box)
+    with Image.open(images.get("crop", blocks[1], 0, 0, "max")) as made:
+        np.testing.assert_array_equal(np.asarray(made), np.asarray(expected))
+    assert images.get("grad", blocks[1], 0, 0, "max").exists()
+
+
+def test_swin_units_are_channels_not_rows(tmp_path: Path):
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    torch.manual_seed(0)
+    model = SwinTransformer(
+        patch_size=[4, 4], embed_dim=8, depths=[2, 2], num_heads=[1, 2], window_size=[2, 2],
+        num_classes=5,
+    ).eval()  # fmt: skip
+    tr = lurker.trace(model, _data()[0][0].unsqueeze(0))
+    default = {layer.name for layer in select_layers(tr)}
+    assert {"features.1.0", "features.1.1", "features.1.0.mlp.1", "features.3.1"} <= default
+    mlp0 = "features.1.0.mlp.0"  # Linear on (N, 8, 8, 8) -> (N, 8, 8, 32): 32 units, not 8 rows
+    layers = ["features.1.0", "features.1.0.mlp.1", "features.3.1", mlp0]
+    run, ds = _probe(model, tmp_path, layers=layers)
+    assert run.layer(mlp0).num_units == 32 and run.layer(mlp0).shape == (8, 8, 32)
+    acts = _brute(model, ds, dict.fromkeys(layers, NHWC))
+    for name in layers:
+        _check(run, name, acts[name], _labels())
+    # window attention folds windows into the batch: such ops are skipped with that reason
+    layouts = infer_layouts(tr)
+    folded = [
+        op
+        for op in tr.ops
+        if isinstance(layouts.get(op.index), Skip) and "folded" in layouts[op.index].reason
+    ]
+    assert folded
+    with pytest.raises(LurkerError, match="folded") as err:
+        select_layers(tr, folded[0].label)
+    assert "unit_dim" in str(err.value)
+
+
+def test_maxvit_units_are_channels_not_windows(tmp_path: Path):
+    torch.manual_seed(0)
+    model = torchvision.models.MaxVit(
+        input_size=(32, 32), stem_channels=8, partition_size=2, block_channels=[8, 16],
+        block_layers=[1, 1], head_dim=4, stochastic_depth_prob=0.0, num_classes=5,
+    ).eval()  # fmt: skip
+    base = "blocks.0.layers.0.layers"
+    lin = f"{base}.window_attention.mlp_layer.1"  # (N, 16 windows, 4, 32): 32 units
+    # a block's output is recorded under its innermost module (here the departition op)
+    grid_out = f"{base}.grid_attention"
+    block_out = "blocks.1.layers.0.layers.grid_attention.departition_op"
+    layers = [lin, f"{base}.window_attention.mlp_layer.2", grid_out, "blocks.1"]
+    run, ds = _probe(model, tmp_path, layers=layers)
+    assert run.layer(lin).num_units == 32
+    perms = {
+        lin: NHWC,
+        f"{base}.window_attention.mlp_layer.2": NHWC,
+        grid_out: lambda o: o,  # departitioned back to (N, C, H, W)
+        "blocks.1": lambda o: o,
+    }
+    acts = _brute(model, ds, perms)
+    acts[f"{grid_out}.departition_op"] = acts.pop(grid_out)
+    acts[block_out] = acts.pop("blocks.1")
+    assert sorted(acts) == sorted(info.name for info in run.layers)
+    for name, act in acts.items():
+        _check(run, name, act, _labels())
+
+
+class SeqFirst(nn.Module):
+    """Patch tokens through a sequence-first nn.MultiheadAttention: (L, N, E) inside."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, 8, 8, stride=8)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=False)
+        self.fc1 = nn.Linear(8, 12)
+        self.act = nn.ReLU()
+        self.head = nn.Linear(12, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        t = self.patch(x).flatten(2).permute(2, 0, 1)  # (L, N, E)
+        a, _ = self.attn(t, t, t, need_weights=False)
+        h = self.act(self.fc1(a + t))
+        return self.head(h.mean(0))
+
+
+def test_seq_first_attention_equal_brute_force(tmp_path: Path):
+    torch.manual_seed(0)
+    model = SeqFirst().eval()
+    layers = ["patch", "attn", "fc1", "act", "head"]
+    run, ds = _probe(model, tmp_path, layers=layers)
+    seq = lambda o: o.permute(1, 2, 0)  # noqa: E731 - (L, N, C) -> (N, C, L)
+    perms = {"patch": lambda o: o, "attn": seq, "fc1": seq, "act": seq, "head": lambda o: o}
+    acts = _brute(model, ds, perms)
+    for name in layers:
+        _check(run, name, acts[name], _labels())
+    assert run.layer("attn").layout["batch"] == 1 and run.layer("attn").layout["unit"] == 2
+    # tokens of the seq-first layers still map to their patches
+    images = UnitImages(run, model=model, dataset=ds)
+    assert images.box("act", 0, 5) == (8, 16, 8, 16)
+    # default layers on a transformer: the patch conv and the MLP hidden layer
+    assert {"patch", "act"} <= {
+        layer.name for layer in select_layers(lurker.trace(model, ds[0][0][None]))
+    }
+
+
+def test_timm_vit_equal_brute_force(tmp_path: Path):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.models.vision_transformer.VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=16, depth=2, num_heads=2, num_classes=5
+    ).eval()
+    run, ds = _probe(model, tmp_path)
+    names = {info.name for info in run.layers}
+    layers = ["blocks.0", "blocks.1", "blocks.0.mlp.act", "blocks.1.mlp.act"]
+    assert set(layers) <= names
+    acts = _brute(model, ds, dict.fromkeys(layers, TOKENS_LAST))
+    for name in layers:
+        _check(run, name, acts[name], _labels())
+    images = UnitImages(run, model=model, dataset=ds)
+    assert images.box("blocks.1", 0, 16) == (24, 32, 24, 32)
+
+
+class Einsum(nn.Module):
+    """A layout lurker cannot know: an einsum moves the channels last."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, stride=2)
+        self.act = nn.ReLU()
+        self.head = nn.Linear(6, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.act(torch.einsum("bchw->bhwc", self.conv(x)))
+        return self.head(h.mean((1, 2)))
+
+
+def test_unknown_layout_is_skipped_named_error_or_unit_dim(tmp_path: Path):
+    torch.manual_seed(0)
+    model = Einsum().eval()
+    ds = _data()
+    tr = lurker.trace(model, ds[0][0][None])
+    with pytest.raises(LurkerError, match="unit_dim") as err:
+        select_layers(tr, "act")
+    assert "cannot tell which axis" in str(err.value)
+    # default layers: the relu is skipped and listed, the others probed
+    run = probe(
+        model, ds, out=tmp_path / "default", k=K, batch_size=7, device="cpu", progress=False
+    )
+    assert [s["layer"] for s in run.meta["skipped_layers"]] == ["act"]
+    assert "act" not in {info.name for info in run.layers}
+    # named by the user: the right units, equal to brute force
+    run = probe(
+        model, ds, out=tmp_path / "named", layers=["act"], unit_dim={"act": -1}, k=K,
+        batch_size=7, device="cpu", progress=False,
+    )  # fmt: skip
+    assert run.layer("act").layout["source"] == "unit_dim"
+    _check(run, "act", _brute(model, ds, {"act": NHWC})["act"], _labels())
+
+
+def test_layout_units_view_and_json_round_trip():
+    lay = Layout(batch=1, unit=3, positions=(0, 2), boxes=None)
+    t = torch.randn(5, 2, 4, 7)  # (L0, B, L2, C)
+    assert torch.equal(lay.units(t), t.permute(1, 3, 0, 2))
+    assert Layout.from_dict(lay.to_dict()) == lay
+    many = Layout(0, 1, (2, 3, 4))
+    assert many.units(torch.randn(2, 3, 4, 5, 6)).shape == (2, 3, 20, 6)
+
+
+def test_cli_unit_dim(tmp_path: Path):
+    from click.testing import CliRunner
+
+    from lurker.cli import main
+
+    spec = tmp_path / "einsum_net.py"
+    spec.write_text(
+        "import torch\nfrom torch import nn\n\n"
+        "class Net(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.conv = nn.Conv2d(1, 4, 3, stride=2)\n"
+        "        self.act = nn.ReLU()\n\n"
+        "    def forward(self, x):\n"
+        "        return self.act(torch.einsum('bchw->bhwc', self.conv(x))).mean((1, 2))\n"
+    )
+    base = [f"{spec}:Net", "--data", "digits", "--image-size", "8", "--k", "2", "--device", "cpu"]
+    res = CliRunner().invoke(main, ["probe", *base, "--out", str(tmp_path / "a"), "-l", "act"])
+    assert res.exit_code == 2 and "--unit-dim" in res.output and "act" in res.output
+    res = CliRunner().invoke(
+        main, ["probe", *base, "--out", str(tmp_path / "b"), "--unit-dim", "x"]
+    )
+    assert res.exit_code == 2 and "LAYER=AXIS" in res.output
+    out = tmp_path / "c"
+    res = CliRunner().invoke(main, ["probe", *base, "--out", str(out), "--unit-dim", "act=-1"])
+    assert res.exit_code == 0, res.output
+    run = lurker.Run.open(out)
+    assert run.layer("act").num_units == 4 and run.layer("act").layout["unit"] == 3
+    res = CliRunner().invoke(main, ["probe", *base, "--out", str(tmp_path / "d")])
+    assert res.exit_code == 0, res.output
+    assert "skipped 1 layers" in res.output and "act" in res.output
+
+
+class OneAtATime(nn.Module):
+    """Flattens the whole batch into one row: it cannot take batches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3 * 32 * 32, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(x.reshape(1, -1))
+
+
+def test_model_that_cannot_take_batches_gets_a_clear_error(tmp_path: Path):
+    tr = lurker.trace(OneAtATime().eval(), _data()[0][0][None])
+    with pytest.raises(LurkerError, match="batches of 2 and 3") as err:
+        select_layers(tr)
+    assert "must accept them" in str(err.value)
+
+
+def test_unit_dim_mistakes_are_named():
+    model = Einsum().eval()
+    tr = lurker.trace(model, _data()[0][0][None])
+    with pytest.raises(LurkerError, match="match none of the layers") as err:
+        select_layers(tr, ["act"], unit_dim={"act": -1, "nothing.*": 2})
+    assert "nothing.*" in str(err.value) and "act" in str(err.value)
+    with pytest.raises(LurkerError, match="unit_dim must be"):
+        select_layers(tr, ["act"], unit_dim="last")  # type: ignore[arg-type]
+    with pytest.raises(LurkerError, match="batch axis"):
+        select_layers(tr, ["act"], unit_dim={"act": 0})
+
+
+def test_unit_gradient_follows_the_layout():
+    """Gradient of one token's unit (a GELU model: guided backprop is plain autograd here)."""
+    from lurker.probe.images import unit_gradient
+
+    model = _vit()
+    x = _data()[0][0]
+    tr = lurker.trace(model, x[None])
+    layer = next(la for la in select_layers(tr) if la.name.endswith("encoder_layer_0.mlp.1"))
+    unit, token = 5, 7
+    grad = unit_gradient(
+        tr, layer.op.index, x, unit, "max", peak=(0, token), layout=layer.layout.to_dict()
+    )
+    xin = x[None].clone().requires_grad_(True)
+    found = {}
+    mod = dict(model.named_modules())["encoder.layers.encoder_layer_0.mlp.1"]
+    h = mod.register_forward_hook(lambda m, i, o: found.setdefault("o", o))
+    model(xin)
+    h.remove()
+    (expected,) = torch.autograd.grad(found["o"][0, token, unit], xin)
+    torch.testing.assert_close(grad, expected[0], rtol=1e-4, atol=1e-6)
+
+
+def test_runs_without_the_layout_column_still_open_and_resume(tmp_path: Path):
+    import sqlite3
+
+    torch.manual_seed(0)
+    model, ds, out = Einsum().eval(), _data(), tmp_path / "run"
+    kw = {"out": out, "layers": ["conv"], "k": K, "batch_size": 7, "device": "cpu"}
+    probe(model, ds, progress=False, **kw)
+    with sqlite3.connect(out / "run.db") as db:  # as a lurker before layouts wrote it
+        db.execute("ALTER TABLE layers DROP COLUMN layout")
+    run = lurker.Run.open(out)
+    assert run.layer("conv").layout is None and run.layer("conv").num_units == 6
+    images = UnitImages(run, model=model, dataset=ds)
+    e = run.unit("conv", 2).top("max")[0]
+    assert images.peak("conv", 2, e.sample_id) == (e.y, e.x)  # read as (N, C, H, W)
+    run.close()
+    run = probe(model, ds, progress=False, **kw)  # rewriting it adds the column
+    assert run.layer("conv").layout["unit"] == 1
+
+
+def test_swin_v2_position_bias_mlp_is_not_a_default_layer():
+    """Its continuous position bias MLP runs on a table, not on samples: not listed."""
+    from torchvision.models.swin_transformer import (
+        PatchMergingV2,
+        SwinTransformer,
+        SwinTransformerBlockV2,
+    )
+
+    torch.manual_seed(0)
+    model = SwinTransformer(
+        patch_size=[4, 4], embed_dim=8, depths=[2, 2], num_heads=[1, 2], window_size=[2, 2],
+        num_classes=5, block=SwinTransformerBlockV2, downsample_layer=PatchMergingV2,
+    ).eval()  # fmt: skip
+    tr = lurker.trace(model, _data()[0][0][None])
+    skipped: list[tuple[str, str]] = []
+    names = [layer.name for layer in select_layers(tr, skipped=skipped)]
+    assert skipped == [] and not [n for n in names if "cpb_mlp" in n]
+    assert {"features.1.0", "features.1.0.mlp.1"} <= set(names)
+    with pytest.raises(LurkerError, match="does not depend on the batch"):
+        select_layers(tr, "features.1.0.attn.cpb_mlp.1")
