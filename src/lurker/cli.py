@@ -141,11 +141,30 @@ def trace(
 @click.option(
     "--layers", "-l", multiple=True, help="Layers to probe (labels, paths, types, globs)."
 )
-@click.option("--k", "k", default=9, show_default=True, help="Top-k samples kept per unit.")
-@click.option("--image-size", default=224, show_default=True, help="Images are resized to this.")
-@click.option("--batch-size", "-b", default=64, show_default=True)
+@click.option(
+    "--k",
+    "k",
+    type=click.IntRange(min=1),
+    default=9,
+    show_default=True,
+    help="Top-k samples kept per unit.",
+)
+@click.option(
+    "--image-size",
+    type=click.IntRange(min=1),
+    default=224,
+    show_default=True,
+    help="Images are resized to this.",
+)
+@click.option("--batch-size", "-b", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available).")
-@click.option("--workers", default=0, show_default=True, help="DataLoader worker processes.")
+@click.option(
+    "--workers",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="DataLoader worker processes.",
+)
 @click.option("--overwrite", is_flag=True, help="Replace a run of another model in --out.")
 @_friendly
 def probe(

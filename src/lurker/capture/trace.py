@@ -23,7 +23,7 @@ from ..errors import LurkerError, TraceError
 from ..graph import postprocess
 from ..graph.nodes import ModuleInfo, Op, TensorMeta
 from ..graph.schema import SCHEMA_VERSION
-from ._policy import make_policy
+from ._policy import check_patterns, make_policy
 from ._recorder import Recorder
 from ._tree import map_tensors, paths
 
@@ -88,7 +88,9 @@ def trace(
         finally:
             rec.release_frames()
         wall = perf_counter() - t0
-        return Trace._build(rec, output, inputs_copy, rng, wall, complete=True)
+        tr = Trace._build(rec, output, inputs_copy, rng, wall, complete=True)
+        check_patterns(policy, tr.ops, tr.modules)
+        return tr
     finally:
         if gc_was_on:
             gc.enable()
@@ -228,12 +230,37 @@ def _failing_layer(model: nn.Module, e: BaseException) -> tuple[str, str, str] |
         got = f"a tensor of shape {tuple(arg.shape)} ({str(arg.dtype).removeprefix('torch.')})"
     else:
         got = f"a {type(arg).__name__}"
-    expects = _expected_input(module)
+    expects = _expected_input(module) if not _fits(module, arg) else None
     what = f"{type(module).__name__} '{path}' expects {expects}." if expects and path else ""
     return path or "(the model itself)", got, what
 
 
 _SPATIAL = {1: "L", 2: "H, W", 3: "D, H, W"}
+
+
+def _fits(m: nn.Module, x: Any) -> bool:
+    """Whether ``x`` has the layout :func:`_expected_input` describes (then saying what
+    the layer expects would mislead: the failure has another cause)."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+    from torch.nn.modules.conv import _ConvNd
+
+    if not isinstance(x, Tensor):
+        return False
+    if isinstance(m, _ConvNd):
+        k = len(m.kernel_size)
+        return x.dim() in (k + 1, k + 2) and x.shape[-k - 1] == m.in_channels
+    if isinstance(m, _BatchNorm) and not isinstance(m, nn.BatchNorm1d):
+        return x.dim() == {nn.BatchNorm2d: 4, nn.BatchNorm3d: 5}.get(type(m), -1) and (
+            x.shape[1] == m.num_features
+        )
+    if isinstance(m, nn.Linear):
+        return x.dim() >= 1 and x.shape[-1] == m.in_features
+    if isinstance(m, nn.LayerNorm):
+        n = len(m.normalized_shape)
+        return tuple(x.shape[x.dim() - n :]) == tuple(m.normalized_shape)
+    if isinstance(m, nn.Embedding):
+        return not (x.dtype.is_floating_point or x.dtype.is_complex)
+    return False
 
 
 def _expected_input(m: nn.Module) -> str | None:
