@@ -307,3 +307,31 @@ def test_render_of_a_python_run_says_what_to_pass(tmp_path: Path):
 
     with pytest.raises(LurkerError, match=r"UnitImages\(run, model=\.\.\., dataset=\.\.\.\)"):
         UnitImages(out)
+
+
+# --------------------------------------------------------------------------- trace errors
+
+
+class _BadBroadcast(nn.Module):
+    def forward(self, x):
+        torch.broadcast_shapes((2, 3), (4, 5))  # torch's Python code raises, called from here
+        return x
+
+
+def test_error_inside_torch_called_by_model_code_names_the_calling_line():
+    with pytest.raises(lurker.TraceError) as info:
+        lurker.trace(_BadBroadcast(), torch.randn(1, 2))
+    cli = info.value.for_cli()
+    assert "raised RuntimeError inside torch" in cli
+    assert f"called from {__file__}:" in cli and "in its own code" not in cli
+    assert "err.partial" not in cli and "err.partial" in str(info.value)
+
+
+def test_torch_layer_refusing_a_deep_tensor_is_named():
+    """A 3-D tensor reaching a BatchNorm2d deep inside the model: the layer and both shapes."""
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.Flatten(2), nn.BatchNorm2d(3)).eval()
+    with pytest.raises(lurker.TraceError) as info:
+        lurker.trace(model, torch.randn(2, 1, 6, 6))
+    cli = info.value.for_cli()
+    assert "does not fit layer '2'" in cli and "(2, 3, 16)" in cli
+    assert "BatchNorm2d '2' expects (N, 3, H, W)" in cli

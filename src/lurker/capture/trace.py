@@ -168,7 +168,10 @@ def _trace_error(model: nn.Module, e: Exception, partial: Trace, rec: Recorder) 
             cli = text
         else:
             cli = text + " Check the shapes flowing into this op."
-            text += " Check the shapes flowing into this op; `err.partial.summary()` shows every op recorded before it."
+            text += (
+                " Check the shapes flowing into this op; `err.partial.summary()` shows every "
+                "op recorded before it."
+            )
         text += (
             f" The partial trace ({len(partial.ops) - 1} ops before the failure) is in "
             "`err.partial`; torch is left untouched."
@@ -179,21 +182,30 @@ def _trace_error(model: nn.Module, e: Exception, partial: Trace, rec: Recorder) 
     loc = f" at {inner.filename}:{inner.lineno}" if inner else ""
     last = partial.ops[-1].label if partial.ops else "none"
     in_torch = inner is not None and _in_torch(inner.filename)
-    if in_torch and layer is not None:
-        # torch's own checks (a norm layer's _check_input_dim, ...) refuse what reached the
-        # layer: the model's code is not at fault, the input's shape or dtype is
-        path, got_here, expects = layer
+    if in_torch and layer is not None and layer[3]:
+        # a torch layer's own checks (a norm layer's _check_input_dim, ...) refuse what
+        # reached it: the model's code is not at fault, the input's shape or dtype is
+        path, got_here, expects, _ = layer
         text = (
             f"The input does not fit layer '{path}' of {mname}: it reached that layer as "
-            f"{got_here}, and torch refused it ({kind}: {first}{loc}).{(' ' + expects) if expects else ''}"
-            f"{inputs} {_TRY_INPUT}"
+            f"{got_here}, and torch refused it ({kind}: {first}{loc})."
+            f"{(' ' + expects) if expects else ''}{inputs} {_TRY_INPUT}"
         )
         more = " The partial trace (up to the last op before that layer) is in `err.partial`."
         return TraceError(text + more, partial=partial, failed_op=None, cli=text)
-    text = (
-        f"{mname} raised {kind}{loc} (in its own code, not in a tensor op; last op "
-        f"recorded: {last}): {first}.{inputs} Fix the model code or its inputs"
-    )
+    if in_torch:  # torch refused what the model's own code handed it
+        caller = next((f for f in reversed(tb) if not _in_torch(f.filename)), None)
+        at = f", called from {caller.filename}:{caller.lineno}" if caller else ""
+        text = (
+            f"{mname} raised {kind} inside torch{loc}{at} (last op recorded: {last}): "
+            f"{first}.{inputs} Check what that line passes to torch (shapes, dtypes, "
+            "arguments), or the model's inputs"
+        )
+    else:
+        text = (
+            f"{mname} raised {kind}{loc} (in its own code, not in a tensor op; last op "
+            f"recorded: {last}): {first}.{inputs} Fix the model code or its inputs"
+        )
     return TraceError(
         text + "; the partial trace is in `err.partial`.",
         partial=partial,
@@ -209,9 +221,9 @@ def _in_torch(filename: str) -> bool:
         return False
 
 
-def _failing_layer(model: nn.Module, e: BaseException) -> tuple[str, str, str] | None:
-    """``(path, what it got, what it expects)`` for the innermost module whose forward is on
-    the traceback: the layer an input that does not fit was refused by."""
+def _failing_layer(model: nn.Module, e: BaseException) -> tuple[str, str, str, bool] | None:
+    """``(path, what it got, what it expects, is a torch layer)`` for the innermost module
+    whose forward is on the traceback: the layer an input that does not fit was refused by."""
     names = {id(m): name for name, m in model.named_modules()}
     found: tuple[str, nn.Module, Any] | None = None
     tb = e.__traceback__
@@ -232,7 +244,8 @@ def _failing_layer(model: nn.Module, e: BaseException) -> tuple[str, str, str] |
         got = f"a {type(arg).__name__}"
     expects = _expected_input(module) if not _fits(module, arg) else None
     what = f"{type(module).__name__} '{path}' expects {expects}." if expects and path else ""
-    return path or "(the model itself)", got, what
+    builtin = type(module).__module__.startswith("torch.")
+    return path or "(the model itself)", got, what, builtin
 
 
 _SPATIAL = {1: "L", 2: "H, W", 3: "D, H, W"}
