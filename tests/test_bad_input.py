@@ -335,3 +335,13 @@ def test_torch_layer_refusing_a_deep_tensor_is_named():
     cli = info.value.for_cli()
     assert "does not fit layer '2'" in cli and "(2, 3, 16)" in cli
     assert "BatchNorm2d '2' expects (N, 3, H, W)" in cli
+
+
+def test_out_that_cannot_be_created_is_one_paragraph(tmp_path: Path):
+    (tmp_path / "file").write_text("mine")
+    r = _cli(*CLI_PROBE, "--out", str(tmp_path / "file" / "run"))
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    assert "cannot create the run directory" in r.output and "--out" in r.output
+    with pytest.raises(LurkerError, match="is a file, not a run directory"):
+        probe(_model(), digits(16, split="test"), out=tmp_path / "file", progress=False)
+    assert (tmp_path / "file").read_text() == "mine"

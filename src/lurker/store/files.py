@@ -10,7 +10,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from lurker.store.errors import RunExistsError, RunInUseError
+from lurker.store.errors import RunExistsError, RunInUseError, StoreError
 from lurker.store.schema import LOCK_NAME
 
 try:
@@ -113,7 +113,15 @@ def run_lock(root: str | os.PathLike[str]) -> Iterator[None]:
             cli=f"{root} is a file, not a run directory; choose another --out",
         )
     created = not root.exists()
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise StoreError(
+            f"cannot create the run directory {root} ({e.strerror or e}); choose an out "
+            "directory you can write to",
+            cli=f"cannot create the run directory {root} ({e.strerror or e}); choose an "
+            "--out you can write to",
+        ) from e
     if fcntl is None:
         yield
         return
