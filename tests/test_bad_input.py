@@ -61,6 +61,14 @@ def test_probe_refuses_bad_arguments_before_creating_the_run(tmp_path: Path, kwa
     assert not out.exists()
 
 
+def test_probe_takes_numpy_integers(tmp_path: Path):
+    run = probe(
+        _model(), digits(16, split="test"), out=tmp_path / "run", layers="features.8",
+        k=np.int64(2), batch_size=np.int32(100), progress=False,
+    )  # fmt: skip
+    assert run.meta["k"] == 2
+
+
 @pytest.mark.parametrize(
     ("args", "option"),
     [

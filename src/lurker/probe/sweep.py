@@ -14,6 +14,7 @@ import fnmatch
 import functools
 import hashlib
 import io
+import numbers
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -166,7 +167,7 @@ def _one_writer(fn: Callable[..., Run]) -> Callable[..., Run]:
 
     @functools.wraps(fn)
     def locked(*args: Any, out: str | os.PathLike[str], **kwargs: Any) -> Run:
-        _check_args(**kwargs)  # before the lock creates the directory
+        kwargs = _check_args(**kwargs)  # before the lock creates the directory
         if _dist()[0] != 0:
             return fn(*args, out=out, **kwargs)
         with run_lock(out):
@@ -175,26 +176,33 @@ def _one_writer(fn: Callable[..., Run]) -> Callable[..., Run]:
     return locked
 
 
-def _check_args(**kwargs: Any) -> None:
-    """Refuse arguments the sweep cannot use before anything is traced or created."""
+def _check_args(**kwargs: Any) -> dict[str, Any]:
+    """Refuse arguments the sweep cannot use before anything is traced or created; return
+    them with integer ones as Python ints (numpy ones would not go into the run's JSON)."""
     at_least = {"k": 1, "batch_size": 1, "num_workers": 0, "hist_bins": 1}
+    options = {"k": " (CLI: --k)", "batch_size": " (CLI: -b)", "num_workers": " (CLI: --workers)"}
     for name, low in at_least.items():
         value = kwargs.get(name)
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        if not _is_int(value) or value < low:
             raise LurkerError(
-                f"probe: {name} must be an integer >= {low}, got {value!r} "
-                f"(CLI: --{name.replace('_', '-')})."
+                f"probe: {name} must be an integer >= {low}, got {value!r}{options.get(name, '')}."
             )
+        kwargs[name] = int(value)
     every = kwargs.get("checkpoint_every")
-    if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+    if every is not None and (not _is_int(every) or every < 1):
         raise LurkerError(
             f"probe: checkpoint_every must be None or an integer >= 1, got {every!r}."
         )
     seconds = kwargs.get("checkpoint_seconds")
     if seconds is not None and not (isinstance(seconds, (int, float)) and seconds >= 0):
         raise LurkerError(f"probe: checkpoint_seconds must be a number >= 0, got {seconds!r}.")
+    return kwargs
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 @_one_writer
