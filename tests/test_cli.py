@@ -7,13 +7,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
+import torchvision
 from click.testing import CliRunner
 
 from lurker.cli import main
 
 MODEL_FILE = """
+import pytest
 import torch
+import torchvision
 from torch import nn
 
 class Tiny(nn.Module):
@@ -91,3 +95,105 @@ def test_console_script_is_installed():
     exe = Path(sys.executable).parent / "lurker"
     r = subprocess.run([str(exe), "--help"], capture_output=True, text=True, check=False)
     assert r.returncode == 0 and "trace" in r.stdout
+
+
+@pytest.fixture
+def traced_inputs(monkeypatch: pytest.MonkeyPatch) -> list:
+    """The inputs `lurker trace` hands to lurker.trace, recorded."""
+    import lurker
+
+    seen: list = []
+    real = lurker.trace
+
+    def spy(model, *args, **kwargs):
+        seen.append(args)
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(lurker, "trace", spy)
+    return seen
+
+
+def test_input_dtype_feeds_token_ids(tmp_path: Path, traced_inputs: list):
+    args = ["trace", "lurker.examples:TinyGPT", "-i", "2,40", "--out", str(tmp_path / "g.dot")]
+    r = _invoke(*args, "--input-dtype", "long:50250-50257")
+    assert r.exit_code == 0, r.output
+    ((ids,),) = traced_inputs
+    assert ids.shape == (2, 40) and ids.dtype == torch.int64
+    assert set(ids.flatten().tolist()) == set(range(50250, 50257))  # 80 draws of 7 values
+    # without it the embedding gets floats: the error names the layer and the option
+    msg = _error(*args)
+    assert "Embedding 'tok' expects integer indices" in msg
+    assert "--input-dtype long:0-50257" in msg
+    assert "err.partial" not in msg
+
+
+def test_input_shape_lists_feed_a_detection_model(tmp_path: Path, traced_inputs: list):
+    """A list input goes to the model as a list: a detector gets its two images."""
+    r = _invoke(
+        "trace",
+        "torchvision:ssdlite320_mobilenet_v3_large",
+        "-i",
+        "[3,64,64; 3,48,64]",
+        "--no-validate",
+        "--out",
+        str(tmp_path / "d.dot"),
+    )
+    assert r.exit_code == 0, r.output
+    ((images,),) = traced_inputs
+    assert isinstance(images, list) and [t.shape for t in images] == [(3, 64, 64), (3, 48, 64)]
+    assert "SSD" in r.output
+
+
+def test_documented_commands_run(tmp_path: Path, monkeypatch):
+    """docs/tracing.md's `lurker trace` commands (GPT-like, detection, ...) run as written."""
+    import shlex
+
+    from lurker.examples import DigitsNet
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "tracing.md").read_text()
+    lines = [ln for ln in doc.splitlines() if ln.startswith("lurker trace ")]
+    assert any("TinyGPT" in ln and "--input-dtype long" in ln for ln in lines)
+    assert any("fasterrcnn_mobilenet_v3_large_fpn" in ln and "[3," in ln for ln in lines)
+    monkeypatch.chdir(tmp_path)
+    Path("demo-out").mkdir()
+    torch.save(DigitsNet().state_dict(), "demo-out/digits_net.pt")  # what `make demo` leaves
+    for line in lines:
+        args = shlex.split(line)[1:]
+        r = _invoke(*args)
+        assert r.exit_code == 0, f"{line}\n{r.output}"
+        assert "validation:" in r.output
+        out = args[args.index("--out") + 1] if "--out" in args else "graph.svg"
+        assert Path(out).stat().st_size > 1000
+
+
+def test_input_that_torch_refuses_blames_the_input_not_the_model(tmp_path: Path):
+    """resnet18 on an unbatched image: its conv accepts it, its BatchNorm2d (torch's own
+    code) refuses the 3-D tensor. The CLI names the layer, what it got and what it expects,
+    and points to -i, not to `err.partial`."""
+    msg = _error("trace", "torchvision:resnet18", "-i", "3,32,32", "--out", str(tmp_path / "x.svg"))
+    assert "The input does not fit layer 'bn1'" in msg
+    assert "(64, 16, 16)" in msg and "expects (N, 64, H, W)" in msg
+    assert "expected 4D input (got 3D input)" in msg and "-i" in msg
+    assert "err.partial" not in msg and "in its own code" not in msg
+    msg = _error(
+        "trace", "torchvision:resnet18", "-i", "1,1,32,32", "--out", str(tmp_path / "x.svg")
+    )
+    assert "expects (N, 3, H, W)" in msg and "err.partial" not in msg
+    # from Python, the same error still leads to the partial trace
+    import lurker
+
+    with pytest.raises(lurker.TraceError) as info:
+        lurker.trace(torchvision.models.resnet18(), torch.randn(3, 32, 32))
+    assert "err.partial" in str(info.value) and "bn1" in str(info.value)
+    assert info.value.partial.ops[-1].label == "conv2d_1"
+
+
+def test_unsupported_graph_format_is_rejected_before_tracing(monkeypatch):
+    import lurker.models
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("the model was built before --out was checked")
+
+    monkeypatch.setattr(lurker.models, "load_model", no_build)
+    msg = _error("trace", "torchvision:resnet18", "-i", "1,3,8,8", "--out", "x.jpg")
+    assert "x.jpg" in msg and ".svg" in msg and ".png" in msg

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 import textwrap
 import types
@@ -380,8 +381,40 @@ def test_garbage_file_is_rejected(tmp_path: Path, model_file: Path):
     with pytest.raises(WeightsError) as info:
         load_model(f"{model_file}:build", weights=path)
     assert str(path) in str(info.value)
-    assert "could not be read as a PyTorch checkpoint" in str(info.value)
+    assert "is not a PyTorch checkpoint: it is a text file" in str(info.value)
     assert "state dict" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("data", "what"),
+    [
+        (b"x\n", "a text file (it starts with 'x')"),
+        (b"", "an empty file"),
+        (b"\x89HDF\r\n\x1a\n" + bytes(8), "an HDF5 file"),
+        (b"<html><body>404</body></html>", "an HTML or XML document"),
+        (b"\x00\x01\x02\xfe\xff" * 4, "binary data of an unknown format"),
+    ],
+)
+def test_file_that_is_not_a_checkpoint_is_named(
+    tmp_path: Path, model_file: Path, data: bytes, what: str
+):
+    """`echo x > w.pt` is a text file, not "a pickled model"."""
+    path = tmp_path / "w.pt"
+    path.write_bytes(data)
+    with pytest.raises(WeightsError) as info:
+        load_model(f"{model_file}:build", weights=path)
+    assert what in str(info.value)
+    assert "pickled" not in str(info.value)
+
+
+def test_legacy_pickle_checkpoint_still_loads(tmp_path: Path, model_file: Path):
+    model = load_model(f"{model_file}:build")
+    with torch.no_grad():
+        model.fc1.weight.add_(1.0)  # differs from the random init load_model starts from
+    path = tmp_path / "legacy.pt"
+    torch.save(model.state_dict(), path, _use_new_zipfile_serialization=False)
+    loaded = load_model(f"{model_file}:build", weights=path)
+    assert torch.equal(loaded.fc1.weight, model.fc1.weight)
 
 
 def test_dict_without_state_dict_is_rejected(tmp_path: Path, model_file: Path):
@@ -528,3 +561,135 @@ def test_example_inputs_feed_a_loaded_model():
     (x,) = example_inputs(parse_input_shape("1x3x64x64"))
     with torch.no_grad():
         assert model(x).shape == (1, 1000)
+
+
+# --------------------------------------------------------------------------- offline builds
+
+
+def _block_network(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[str]:
+    """Make every way torchvision fetches or reuses weights fail loudly; returns the log."""
+    import socket
+    import urllib.request
+
+    import torchvision
+
+    attempts: list[str] = []
+
+    def refuse(what: str):
+        def fail(*args, **kwargs):
+            attempts.append(f"{what} {args[:2]}")
+            raise AssertionError(f"{what} called: building a model must not fetch anything")
+
+        return fail
+
+    monkeypatch.setattr(socket.socket, "connect", refuse("socket.connect"))
+    monkeypatch.setattr(urllib.request, "urlopen", refuse("urlopen"))
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refuse("load_state_dict_from_url"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse("download_url_to_file"))
+    # weights already in TORCH_HOME are read through this, without any network
+    monkeypatch.setattr(
+        torchvision.models.WeightsEnum, "get_state_dict", refuse("WeightsEnum.get_state_dict")
+    )
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    return attempts
+
+
+def test_every_advertised_torchvision_spec_builds_offline(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+):
+    """Detection and segmentation builders fetch an ImageNet backbone unless told not to
+    (weights_backbone); with the network blocked every advertised spec must still build.
+
+    Built on the meta device (no memory, no init cost); the regnets' constructors need real
+    tensors, so their smallest members are built on the CPU (one builder per family)."""
+    from lurker.models import torchvision_specs
+
+    attempts = _block_network(monkeypatch, tmp_path)
+    specs = torchvision_specs()
+    assert {"classification", "detection", "segmentation", "video", "optical flow"} <= set(specs)
+    assert "fasterrcnn_mobilenet_v3_large_fpn" in specs["detection"]
+    assert {"deeplabv3_resnet50", "lraspp_mobilenet_v3_large"} <= set(specs["segmentation"])
+    names = [n for task in specs.values() for n in task]
+    assert len(names) > 100
+    meta_failed = []
+    for name in names:
+        try:
+            with torch.device("meta"):
+                load_model(f"torchvision:{name}", device="meta")
+        except ModelSpecError as e:
+            assert "meta tensor" in str(e), f"{name}: {e}"
+            meta_failed.append(name)
+    assert attempts == []
+    assert meta_failed and all(n.startswith("regnet_") for n in meta_failed)
+    for name in ("regnet_x_400mf", "regnet_y_400mf"):
+        assert name in meta_failed
+        load_model(f"torchvision:{name}")
+    assert attempts == []
+
+
+def test_detection_spec_has_random_backbone(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """The backbone is random-init too: two seeds' models would differ, none has weights
+    from a cache (a cached ImageNet backbone would be used silently otherwise)."""
+    attempts = _block_network(monkeypatch, tmp_path)
+    model = load_model("torchvision:lraspp_mobilenet_v3_large")
+    assert attempts == []
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert model(x)["out"].shape == (1, 21, 32, 32)
+
+
+# --------------------------------------------------------------------------- input specs
+
+
+def test_parse_inputs_dtypes_ranges_and_lists():
+    from lurker.models import InputSpec, parse_inputs
+
+    (tokens,) = parse_inputs("1,16", "long:0-50257")
+    assert tokens == InputSpec(((1, 16),), dtype=torch.int64, low=0, high=50257)
+    a, b = parse_inputs("1,16; 1,16", "long:100;bool")
+    assert (a.dtype, a.low, a.high) == (torch.int64, 0, 100)
+    assert (b.dtype, b.low, b.high) == (torch.bool, None, None)
+    (imgs,) = parse_inputs("[3,128,128; 3,96,64]")
+    assert imgs.is_list and imgs.shapes == ((3, 128, 128), (3, 96, 64))
+    x, lst = parse_inputs("1,3,8,8 [3,8,8]", "half")
+    assert not x.is_list and lst.is_list and x.dtype == lst.dtype == torch.float16
+    (f,) = parse_inputs("4", "float:-1-1")
+    assert (f.low, f.high) == (-1.0, 1.0)
+
+
+@pytest.mark.parametrize(
+    ("shapes", "dtypes", "bad"),
+    [
+        ("1,16", "long:0-", "Invalid value range"),
+        ("1,16", "long:5-5", "empty value range"),
+        ("1,16", "long:0-1.5", "integer bounds"),
+        ("1,16", "uint8:0-300", "does not fit"),
+        ("1,16", "bool:0-3", "not bool"),
+        ("1,16", "token", "Unknown input dtype 'token'"),
+        ("1,16;1,16;1,4", "long;long", "2 dtypes for 3 inputs"),
+        ("[3,8,8", None, "Unbalanced"),
+        ("[]", None, "Empty list"),
+        ("[3,0,8]", None, "dimension 0"),
+    ],
+)
+def test_parse_inputs_errors_name_the_problem(shapes: str, dtypes: str | None, bad: str):
+    from lurker.models import parse_inputs
+
+    with pytest.raises(InputSpecError, match=re.escape(bad)):
+        parse_inputs(shapes, dtypes)
+
+
+def test_example_inputs_follow_specs():
+    from lurker.models import parse_inputs
+
+    ids, mask, images = example_inputs(
+        parse_inputs("2,500;2,500;[3,8,8;3,4,4]", "long:7-11;bool;float")
+    )
+    assert ids.dtype == torch.int64 and int(ids.min()) >= 7 and int(ids.max()) < 11
+    assert set(ids.flatten().tolist()) == {7, 8, 9, 10}  # 1000 draws cover the range
+    assert mask.dtype == torch.bool
+    assert isinstance(images, list) and [t.shape for t in images] == [(3, 8, 8), (3, 4, 4)]
+    (u,) = example_inputs(parse_inputs("1000", "double:2-3"))
+    assert u.dtype == torch.float64 and float(u.min()) >= 2 and float(u.max()) < 3
+    again = example_inputs(parse_inputs("2,500;2,500;[3,8,8;3,4,4]", "long:7-11;bool;float"))
+    assert torch.equal(again[0], ids) and torch.equal(again[2][1], images[1])

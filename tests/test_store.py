@@ -214,7 +214,8 @@ def test_other_model_refused_same_resumed_overwrite_replaces(tmp_path: Path) -> 
     with pytest.raises(RunExistsError) as info:
         RunWriter.create(path, meta=meta("fp-B", model="torchvision:vgg16"))
     msg = str(info.value)
-    assert "--overwrite" in msg and "resnet18" in msg and "vgg16" in msg
+    assert "overwrite=True" in msg and "resnet18" in msg and "vgg16" in msg
+    assert "--overwrite" in info.value.for_cli()
     assert isinstance(info.value, LurkerError)
     # Same model: resumed, data intact; a different k is refused.
     with RunWriter.create(path, meta=meta("fp-A")) as w:

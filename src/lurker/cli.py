@@ -29,7 +29,7 @@ def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
         except LurkerError as e:
             if os.environ.get("LURKER_DEBUG"):
                 raise
-            click.secho(f"error: {e}", fg="red", err=True)
+            click.secho(f"error: {e.for_cli()}", fg="red", err=True)
             sys.exit(2)
 
     return wrapper
@@ -41,13 +41,28 @@ def main() -> None:
     """lurker: a microscope for PyTorch models."""
 
 
-@main.command()
+@main.command(
+    epilog="""\b
+Examples:
+  lurker trace torchvision:resnet18 -i 1,3,224,224 --depth 2
+  lurker trace lurker.examples:TinyGPT -i 1,32 --input-dtype long:0-50257
+  lurker trace torchvision:fasterrcnn_mobilenet_v3_large_fpn -i "[3,128,128]"
+"""
+)
 @click.argument("model")
 @click.option(
     "--input-shape",
     "-i",
     required=True,
-    help="Input shape(s), e.g. 1,3,224,224; several inputs separated by ';'.",
+    help="Input shape(s), e.g. 1,3,224,224; several inputs separated by ';'; a list of "
+    "tensors in brackets, e.g. '[3,128,128]' (detection models take a list of images).",
+)
+@click.option(
+    "--input-dtype",
+    default=None,
+    help="dtype of the inputs, with an optional value range LOW-HIGH (HIGH excluded), e.g. "
+    "long:0-50257 for token ids; one for all inputs or one per input separated by ';'. "
+    "Default: float (standard normal).",
 )
 @click.option("--weights", "-w", type=click.Path(dir_okay=False), help="State dict to load.")
 @click.option(
@@ -72,6 +87,7 @@ def main() -> None:
 def trace(
     model: str,
     input_shape: str,
+    input_dtype: str | None,
     weights: str | None,
     out: str,
     depth: int | None,
@@ -84,15 +100,26 @@ def trace(
     """Trace MODEL on random inputs: print a summary, draw the graph, validate.
 
     MODEL is torchvision:NAME, timm:NAME, package.module:callable or path/file.py:callable.
+    torchvision:NAME is any classification, detection, segmentation, video or optical-flow
+    model of torchvision.models.list_models(), random-init: nothing is downloaded (pass
+    --weights for a local state dict).
     """
     import torch
 
     from . import trace as do_trace
-    from .models import example_inputs, load_model, parse_input_shape
+    from .models import example_inputs, load_model, parse_inputs
+    from .render.graphviz import FORMATS
 
-    shapes = parse_input_shape(input_shape)
+    suffix = Path(out).suffix.lower()
+    if suffix not in FORMATS:  # before the model is built and traced, not after
+        raise click.BadParameter(
+            f"cannot draw to '{out}': the graph is written as {', '.join(FORMATS)} "
+            f"(got '{suffix or 'no suffix'}'); e.g. --out {Path(out).stem or 'graph'}.svg",
+            param_hint="'--out'",
+        )
+    specs = parse_inputs(input_shape, input_dtype)
     net = load_model(model, weights, device=device)
-    inputs = example_inputs(shapes, device=device)
+    inputs = example_inputs(specs, device=device)
     with torch.no_grad():
         tr = do_trace(net, *inputs)
     click.echo(tr.summary(depth=depth))
@@ -114,11 +141,30 @@ def trace(
 @click.option(
     "--layers", "-l", multiple=True, help="Layers to probe (labels, paths, types, globs)."
 )
-@click.option("--k", "k", default=9, show_default=True, help="Top-k samples kept per unit.")
-@click.option("--image-size", default=224, show_default=True, help="Images are resized to this.")
-@click.option("--batch-size", "-b", default=64, show_default=True)
+@click.option(
+    "--k",
+    "k",
+    type=click.IntRange(min=1),
+    default=9,
+    show_default=True,
+    help="Top-k samples kept per unit.",
+)
+@click.option(
+    "--image-size",
+    type=click.IntRange(min=1),
+    default=224,
+    show_default=True,
+    help="Images are resized to this.",
+)
+@click.option("--batch-size", "-b", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available).")
-@click.option("--workers", default=0, show_default=True, help="DataLoader worker processes.")
+@click.option(
+    "--workers",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="DataLoader worker processes.",
+)
 @click.option("--overwrite", is_flag=True, help="Replace a run of another model in --out.")
 @click.option(
     "--unit-dim",

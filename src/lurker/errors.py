@@ -11,7 +11,20 @@ from typing import Any
 
 
 class LurkerError(Exception):
-    """Base class: a problem lurker explains in its message."""
+    """Base class: a problem lurker explains in its message.
+
+    ``cli`` is the message as a command-line user should read it, where the fix differs
+    (``--overwrite`` instead of ``overwrite=True``, no ``err.partial``); the CLI prints
+    :meth:`for_cli`.
+    """
+
+    def __init__(self, *args: Any, cli: str | None = None) -> None:
+        super().__init__(*args)
+        self.cli_message = cli
+
+    def for_cli(self) -> str:
+        """The message for the command line (the Python one where they do not differ)."""
+        return self.cli_message or str(self)
 
 
 class ModelSpecError(LurkerError):
@@ -33,8 +46,15 @@ class TraceError(LurkerError):
     (its last op is the one that failed), and ``failed_op`` that op's label.
     """
 
-    def __init__(self, message: str, partial: Any = None, failed_op: str | None = None):
-        super().__init__(message)
+    def __init__(
+        self,
+        message: str,
+        partial: Any = None,
+        failed_op: str | None = None,
+        *,
+        cli: str | None = None,
+    ):
+        super().__init__(message, cli=cli)
         self.partial = partial
         self.failed_op = failed_op
 

@@ -1,7 +1,8 @@
-"""A small CNN for scikit-learn's bundled digits, trained in seconds on a CPU.
+"""Small example models: a CNN for scikit-learn's bundled digits, trained in seconds on a
+CPU, and a GPT-like decoder fed token ids.
 
-Used by ``make demo`` and by tests that need a *trained* model without downloading
-anything: the data ships with scikit-learn.
+Used by ``make demo``, the docs' command-line examples and tests that need a *trained*
+model without downloading anything: the digits ship with scikit-learn.
 """
 
 from __future__ import annotations
@@ -65,3 +66,50 @@ def train_digits(
             acc = (model(xt).argmax(1) == yt).float().mean().item()
         log(f"epoch {epoch + 1}/{epochs}: loss {loss.item():.3f}, test accuracy {acc:.1%}")
     return model.eval(), acc
+
+
+class TinyGPT(nn.Module):
+    """A GPT-like decoder (token and position embeddings, causal self-attention blocks, a
+    language-model head) small enough to trace on a CPU in a second. Takes token ids
+    ``(B, T)`` with ``T <= context`` and returns logits ``(B, T, vocab_size)``."""
+
+    def __init__(
+        self,
+        vocab_size: int = 50257,
+        context: int = 64,
+        dim: int = 64,
+        depth: int = 2,
+        heads: int = 4,
+    ) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(vocab_size, dim)
+        self.pos = nn.Embedding(context, dim)
+        self.blocks = nn.ModuleList(_Block(dim, heads) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, vocab_size, bias=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(ids.shape[1], device=ids.device)
+        x = self.tok(ids) + self.pos(positions)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x))
+
+
+class _Block(nn.Module):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape
+        q, k, v = self.qkv(self.norm1(x)).split(c, dim=2)
+        q, k, v = (z.view(b, t, self.heads, c // self.heads).transpose(1, 2) for z in (q, k, v))
+        y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(y.transpose(1, 2).reshape(b, t, c))
+        return x + self.mlp(self.norm2(x))

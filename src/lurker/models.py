@@ -9,12 +9,14 @@ from __future__ import annotations
 import difflib
 import importlib
 import importlib.util
+import inspect
 import itertools
 import os
 import pickle
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -24,7 +26,14 @@ from torch import nn
 
 from lurker.errors import InputSpecError, LurkerError, ModelSpecError, WeightsError
 
-__all__ = ["example_inputs", "load_model", "parse_input_shape"]
+__all__ = [
+    "InputSpec",
+    "example_inputs",
+    "load_model",
+    "parse_input_shape",
+    "parse_inputs",
+    "torchvision_specs",
+]
 
 _SPEC_FORMS = (
     "Accepted forms: 'torchvision:NAME' (a torchvision architecture, random init, e.g. "
@@ -87,51 +96,203 @@ def parse_input_shape(text: str) -> list[tuple[int, ...]]:
         raise InputSpecError(
             f"Empty input shape {text!r}: give comma-separated positive dimensions, {example}."
         )
-    shapes: list[tuple[int, ...]] = []
+    return [_parse_dims(token.strip("[]"), text, example) for token in tokens]
+
+
+_DTYPES: dict[str, torch.dtype] = {
+    "float": torch.float32,
+    "float32": torch.float32,
+    "double": torch.float64,
+    "float64": torch.float64,
+    "half": torch.float16,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "long": torch.int64,
+    "int64": torch.int64,
+    "int": torch.int32,
+    "int32": torch.int32,
+    "int16": torch.int16,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+    "complex64": torch.complex64,
+}
+_DTYPE_EXAMPLE = (
+    "e.g. 'long:0-50257' (token ids 0 <= v < 50257), 'long:10' (0 <= v < 10), 'float', "
+    "'half', or one per input separated by ';' such as 'long:0-1000;bool'"
+)
+_NUMBER = r"-?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?"
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One model input as the command line describes it.
+
+    ``shapes`` holds one shape for a tensor input, or one per tensor for a list input
+    (``-i "[3,128,128; 3,96,96]"``, what torchvision detection models take). Values are
+    drawn from ``low <= v < high`` when a range is given.
+    """
+
+    shapes: tuple[tuple[int, ...], ...]
+    is_list: bool = False
+    dtype: torch.dtype = torch.float32
+    low: float | None = None
+    high: float | None = None
+
+
+def parse_inputs(shapes: str, dtypes: str | None = None) -> list[InputSpec]:
+    """Parse ``--input-shape`` (and ``--input-dtype``) into one :class:`InputSpec` per input.
+
+    Shapes are as in :func:`parse_input_shape`; a token in brackets is a list of tensors
+    (``[3,128,128]`` is a list holding one image; ``[3,128,128; 3,96,96]`` two). ``dtypes``
+    is ``NAME[:LOW-HIGH]`` (or ``NAME:HIGH``, meaning ``0-HIGH``; ``HIGH`` is excluded),
+    one for all inputs or one per input separated by ``;``.
+    """
+    example = "e.g. '1,3,224,224' for one input, '1,10;1,5' for two, '[3,128,128]' for a list"
+    text = shapes.strip()
+    if text.count("[") != text.count("]") or re.search(r"\[[^\]]*\[", text):
+        raise InputSpecError(
+            f"Unbalanced or nested brackets in input shape {shapes!r}: a list input is one "
+            f"pair of brackets around its tensors' shapes, {example}."
+        )
+    normalized = re.sub(r"\s*([,xX])\s*", r"\1", text)
+    tokens = re.findall(r"\[[^\]]*\]|[^;\s\[\]]+", normalized)
+    if not tokens:
+        raise InputSpecError(
+            f"Empty input shape {shapes!r}: give comma-separated positive dimensions, {example}."
+        )
+    parsed: list[tuple[tuple[tuple[int, ...], ...], bool]] = []
     for token in tokens:
-        dims: list[int] = []
-        for part in re.split(r"[,xX]", token.strip("()[]")):
-            if not re.fullmatch(r"\d+", part):
-                what = "an empty dimension" if not part else f"{part!r} is not an integer"
+        if token.startswith("["):
+            inner = [t for t in re.split(r"[;\s]+", token[1:-1]) if t]
+            if not inner:
                 raise InputSpecError(
-                    f"Invalid input shape token {token!r} in {text!r}: {what}. Dimensions must "
-                    f"be positive integers separated by ',' or 'x', {example}."
+                    f"Empty list {token!r} in input shape {shapes!r}: put at least one tensor "
+                    f"shape inside the brackets, {example}."
                 )
-            if int(part) <= 0:
-                raise InputSpecError(
-                    f"Invalid input shape token {token!r} in {text!r}: dimension {part} must be "
-                    f"positive, {example}."
-                )
-            dims.append(int(part))
-        shapes.append(tuple(dims))
-    return shapes
+            parsed.append((tuple(_parse_dims(t, shapes, example) for t in inner), True))
+        else:
+            parsed.append(((_parse_dims(token, shapes, example),), False))
+    kinds = _parse_dtypes(dtypes, len(parsed))
+    return [
+        InputSpec(shapes=dims, is_list=is_list, dtype=dtype, low=low, high=high)
+        for (dims, is_list), (dtype, low, high) in zip(parsed, kinds)
+    ]
+
+
+def _parse_dims(token: str, text: str, example: str) -> tuple[int, ...]:
+    dims: list[int] = []
+    for part in re.split(r"[,xX]", token.strip("()")):
+        if not re.fullmatch(r"\d+", part):
+            what = "an empty dimension" if not part else f"{part!r} is not an integer"
+            raise InputSpecError(
+                f"Invalid input shape token {token!r} in {text!r}: {what}. Dimensions must "
+                f"be positive integers separated by ',' or 'x', {example}."
+            )
+        if int(part) <= 0:
+            raise InputSpecError(
+                f"Invalid input shape token {token!r} in {text!r}: dimension {part} must be "
+                f"positive, {example}."
+            )
+        dims.append(int(part))
+    return tuple(dims)
+
+
+def _parse_dtypes(text: str | None, n: int) -> list[tuple[torch.dtype, float | None, float | None]]:
+    if text is None or not text.strip():
+        return [(torch.float32, None, None)] * n
+    items = [t.strip() for t in text.split(";") if t.strip()]
+    if len(items) not in (1, n):
+        raise InputSpecError(
+            f"--input-dtype {text!r} gives {len(items)} dtypes for {n} inputs: give one for "
+            f"all inputs or one per input, in the order of --input-shape ({_DTYPE_EXAMPLE})."
+        )
+    parsed = [_parse_dtype(item, text) for item in items]
+    return parsed * n if len(parsed) == 1 else parsed
+
+
+def _parse_dtype(item: str, text: str) -> tuple[torch.dtype, float | None, float | None]:
+    name, _, rng = item.partition(":")
+    dtype = _DTYPES.get(name.strip().lower())
+    if dtype is None:
+        raise InputSpecError(
+            f"Unknown input dtype {name.strip()!r} in --input-dtype {text!r}. Known: "
+            f"{', '.join(_DTYPES)} ({_DTYPE_EXAMPLE})."
+        )
+    rng = rng.strip()
+    if not rng:
+        return dtype, None, None
+    found = re.fullmatch(rf"(?:({_NUMBER})-)?({_NUMBER})", rng)
+    if found is None:
+        raise InputSpecError(
+            f"Invalid value range {rng!r} in --input-dtype {text!r}: write LOW-HIGH or HIGH "
+            f"(values are drawn from LOW <= v < HIGH; LOW defaults to 0), {_DTYPE_EXAMPLE}."
+        )
+    low, high = float(found.group(1) or 0), float(found.group(2))
+    if dtype == torch.bool or dtype.is_complex:
+        raise InputSpecError(
+            f"--input-dtype {text!r}: a value range is for integer and float inputs, not "
+            f"{name.strip()}."
+        )
+    if not dtype.is_floating_point:
+        if low != int(low) or high != int(high):
+            raise InputSpecError(
+                f"--input-dtype {text!r}: the range of an integer input needs integer bounds, "
+                f"got {rng!r}."
+            )
+        info = torch.iinfo(dtype)
+        if low < info.min or high - 1 > info.max:
+            raise InputSpecError(
+                f"--input-dtype {text!r}: {dtype} holds {info.min}..{info.max}; the range "
+                f"{rng!r} does not fit. Pick a wider dtype (e.g. long)."
+            )
+    if high <= low:
+        raise InputSpecError(
+            f"--input-dtype {text!r}: empty value range {rng!r}; HIGH must be greater than "
+            f"LOW (values are drawn from LOW <= v < HIGH)."
+        )
+    return dtype, low, high
 
 
 def example_inputs(
-    shapes: list[tuple[int, ...]],
+    shapes: Sequence[tuple[int, ...] | InputSpec],
     *,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     seed: int = 0,
-) -> list[torch.Tensor]:
-    """Return one random tensor per shape, identical for the same ``seed`` on any device.
+) -> list[Any]:
+    """Return one random input per shape or :class:`InputSpec`, the same for the same ``seed``.
 
     Values are drawn on the CPU from a private generator (the global RNG is untouched) and
-    then moved, so traces are reproducible across runs and machines. Floating and complex
-    dtypes get standard-normal values; integer and bool dtypes get 0s and 1s, which are
-    valid indices for any embedding or class table.
+    then moved, so traces are reproducible across runs and machines. Without a range,
+    floating and complex dtypes get standard-normal values; integer and bool dtypes get 0s
+    and 1s, which are valid indices for any embedding or class table. A list spec gives a
+    list of tensors. ``dtype`` applies to plain shapes; a spec carries its own.
     """
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    tensors = []
-    for shape in shapes:
-        if dtype.is_complex:
-            t = torch.randn(shape, generator=generator, dtype=torch.complex64)
-        elif dtype.is_floating_point:
-            t = torch.randn(shape, generator=generator, dtype=torch.float32)
-        else:
-            t = torch.randint(0, 2, shape, generator=generator)
-        tensors.append(t.to(dtype=dtype).to(device))
-    return tensors
+    out: list[Any] = []
+    for item in shapes:
+        spec = item if isinstance(item, InputSpec) else InputSpec((tuple(item),), dtype=dtype)
+        tensors = [_random(shape, spec, generator).to(device) for shape in spec.shapes]
+        out.append(tensors if spec.is_list else tensors[0])
+    return out
+
+
+def _random(shape: tuple[int, ...], spec: InputSpec, generator: torch.Generator) -> torch.Tensor:
+    dtype = spec.dtype
+    if spec.high is not None:
+        low = spec.low or 0.0
+        if dtype.is_floating_point:
+            t = torch.rand(shape, generator=generator, dtype=torch.float32)
+            return (t * (spec.high - low) + low).to(dtype)
+        return torch.randint(int(low), int(spec.high), shape, generator=generator).to(dtype)
+    if dtype.is_complex:
+        t = torch.randn(shape, generator=generator, dtype=torch.complex64)
+    elif dtype.is_floating_point:
+        t = torch.randn(shape, generator=generator, dtype=torch.float32)
+    else:
+        t = torch.randint(0, 2, shape, generator=generator)
+    return t.to(dtype=dtype)
 
 
 # --------------------------------------------------------------------------- model specs
@@ -187,7 +348,7 @@ def _build_torchvision(name: str) -> nn.Module:
             f"`{_LIST_TORCHVISION}` and use one as 'torchvision:NAME'."
         )
     try:
-        return torchvision.models.get_model(name, weights=None)
+        return torchvision.models.get_model(name, **_no_download_kwargs(name))
     except Exception as e:
         raise ModelSpecError(
             f"Building torchvision model '{name}' raised {type(e).__name__}: {_first_line(e)}. "
@@ -195,6 +356,44 @@ def _build_torchvision(name: str) -> nn.Module:
             f"zero-argument factory and use the 'package.module:callable' or 'file.py:callable' "
             f"form."
         ) from e
+
+
+def _no_download_kwargs(name: str) -> dict[str, Any]:
+    """Builder arguments that keep a torchvision model random-init and offline.
+
+    ``weights=None`` alone still lets detection and segmentation builders fetch (or quietly
+    reuse from ``TORCH_HOME``) an ImageNet backbone through ``weights_backbone``; every
+    argument that names weights or asks for a pretrained part is turned off.
+    """
+    import torchvision
+
+    params = inspect.signature(torchvision.models.get_model_builder(name)).parameters
+    kwargs: dict[str, Any] = {"weights": None}
+    for p in params:
+        if p.startswith("weights"):
+            kwargs[p] = None
+        elif p.startswith("pretrained"):  # older torchvision builders
+            kwargs[p] = False
+    return kwargs
+
+
+def torchvision_specs() -> dict[str, list[str]]:
+    """The ``torchvision:NAME`` specs lurker builds, by task (what ``lurker trace -h`` names).
+
+    Every one is random-init and built without touching the network or a weights cache.
+    """
+    import torchvision
+    from torchvision import models
+
+    tasks = {
+        "classification": models,
+        "detection": models.detection,
+        "segmentation": models.segmentation,
+        "video": models.video,
+        "optical flow": models.optical_flow,
+        "quantizable classification": models.quantization,
+    }
+    return {task: torchvision.models.list_models(module=mod) for task, mod in tasks.items()}
 
 
 def _build_timm(name: str) -> nn.Module:
@@ -369,6 +568,12 @@ def _load_weights(model: nn.Module, path: Path, spec: str) -> None:
         f"lurker only loads state dicts, with torch.load(weights_only=True) so that a "
         f"checkpoint cannot run arbitrary code. Save one with `{_SAVE_STATE_DICT}`."
     )
+    what = _not_a_checkpoint(path)
+    if what is not None:
+        raise WeightsError(
+            f"Weights file '{path}' is not a PyTorch checkpoint: it is {what}. Point the "
+            f"weights at a state dict file; {how}"
+        )
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -405,6 +610,45 @@ def _load_weights(model: nn.Module, path: Path, spec: str) -> None:
             f"({type(e).__name__}: {_first_line(e)}). Check that the checkpoint was saved from "
             f"the same architecture, with `{_SAVE_STATE_DICT}`."
         ) from e
+
+
+def _not_a_checkpoint(path: Path) -> str | None:
+    """What the file is when its first bytes show it is not something torch.save wrote.
+
+    torch.save writes a zip archive (or, with the legacy format, a pickle, which starts with
+    the protocol byte 0x80); anything else would be reported by torch.load as a pickle it
+    refuses, which sends users looking for a pickled model that is not there.
+    """
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        return None
+    if not head:
+        return "an empty file (0 bytes)"
+    size = int.from_bytes(head[:8], "little") if len(head) >= 9 else 0
+    if head[8:9] == b"{" and 0 < size < path.stat().st_size:
+        return (
+            "a safetensors file; convert it with `torch.save(safetensors.torch.load_file("
+            "path), 'weights.pt')`"
+        )
+    known = {
+        b"\x89HDF": "an HDF5 file (e.g. Keras .h5 weights), not a PyTorch one",
+        b"\x93NUMPY": "a NumPy .npy array",
+        b"\x1f\x8b": "a gzip-compressed file; decompress it first",
+        b"\x89PNG": "a PNG image",
+        b"\xff\xd8\xff": "a JPEG image",
+        b"<": "an HTML or XML document (a failed download saves an error page like this)",
+    }
+    for magic, name in known.items():
+        if head.lstrip().startswith(magic):
+            return name
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        shown = head[:8].hex(" ")
+        return f"binary data of an unknown format (it starts with the bytes {shown})"
+    first = text.strip().splitlines()[0][:40] if text.strip() else ""
+    return f"a text file (it starts with {first!r})"
 
 
 def _is_state_dict(obj: object) -> bool:

@@ -20,10 +20,12 @@ class SavePolicy:
         ops: Callable[[Op], bool] | None = None,
         modules: Callable[[str, nn.Module], bool] | None = None,
         everything: bool = False,
+        patterns: list[str] | None = None,
     ):
         self._ops = ops
         self._modules = modules
         self.everything = everything
+        self.patterns = patterns  # the names/globs given, checked against the trace after
 
     def wants_op(self, op: Op) -> bool:
         return self.everything or (self._ops is not None and self._ops(op))
@@ -85,8 +87,42 @@ def make_policy(save: Any) -> SavePolicy:
         def modules(path: str, mod: nn.Module) -> bool:
             return _match(pats, path)
 
-        return SavePolicy(ops=ops, modules=modules)
+        return SavePolicy(ops=ops, modules=modules, patterns=pats)
     raise LurkerError(
         f"save={save!r} is not understood. Use 'all', 'none', a list of op labels or "
         "module paths (globs allowed), module classes, or a function op -> bool."
+    )
+
+
+def check_patterns(policy: SavePolicy, ops: Iterable[Op], module_paths: Iterable[str]) -> None:
+    """Raise if a ``save=`` name or glob matched nothing in the trace: a typo would
+    otherwise silently save nothing. The message lists what the names can match."""
+    if not policy.patterns:
+        return
+    labels: list[str] = []
+    names: set[str] = set()
+    extra: set[str] = set()
+    for op in ops:
+        if op.kind in ("buffer", "constant"):  # matched by name, but not worth listing
+            extra.update((op.label, op.name))
+            continue
+        labels.append(op.label)
+        names.add(op.name)
+        extra.update((op.rolled, f"{op.label}:{op.pass_num}"))
+    paths = [p for p in module_paths if p]
+    everything = [*labels, *names, *extra, *paths]
+    missing = [p for p in policy.patterns if not _match([p], *everything)]
+    if not missing:
+        return
+
+    def some(items: Iterable[str], n: int = 12) -> str:
+        items = list(dict.fromkeys(items))
+        more = f", ... ({len(items) - n} more)" if len(items) > n else ""
+        return ", ".join(items[:n]) + more
+
+    raise LurkerError(
+        f"save={missing!r} matches no op or module of this model, so nothing would be saved "
+        f"for {'it' if len(missing) == 1 else 'them'}. save= names (globs allowed) match op "
+        f"labels ({some(labels)}), op names ({some(sorted(names))}) and module paths "
+        f"({some(paths) or 'none'}); or pass 'all', 'none', module classes or a function."
     )

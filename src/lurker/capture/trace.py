@@ -6,6 +6,7 @@ import contextlib
 import fnmatch
 import gc
 import inspect
+import os
 import sys
 import traceback
 import weakref
@@ -22,7 +23,7 @@ from ..errors import LurkerError, TraceError
 from ..graph import postprocess
 from ..graph.nodes import ModuleInfo, Op, TensorMeta
 from ..graph.schema import SCHEMA_VERSION
-from ._policy import make_policy
+from ._policy import check_patterns, make_policy
 from ._recorder import Recorder
 from ._tree import map_tensors, paths
 
@@ -87,7 +88,9 @@ def trace(
         finally:
             rec.release_frames()
         wall = perf_counter() - t0
-        return Trace._build(rec, output, inputs_copy, rng, wall, complete=True)
+        tr = Trace._build(rec, output, inputs_copy, rng, wall, complete=True)
+        check_patterns(policy, tr.ops, tr.modules)
+        return tr
     finally:
         if gc_was_on:
             gc.enable()
@@ -125,12 +128,22 @@ def _rng_state() -> tuple[Tensor, list[Tensor] | None]:
     return torch.get_rng_state(), cuda
 
 
+_TORCH_DIR = str(Path(torch.__file__).resolve().parent)
+_TRY_INPUT = (
+    "Pass inputs of the shape and dtype the model takes (CLI: --input-shape/-i and --input-dtype)."
+)
+
+
 def _trace_error(model: nn.Module, e: Exception, partial: Trace, rec: Recorder) -> TraceError:
+    """One paragraph on why the forward failed; for the CLI, without ``err.partial``."""
     msg = str(e).strip().splitlines()
     first = msg[0] if msg else ""
     detail = " ".join(m.strip() for m in msg[1:3] if m.strip())
     kind = type(e).__name__
     mname = type(model).__name__
+    got = ", ".join(str(tuple(op.outputs[0].shape)) for op in partial.inputs if op.outputs)
+    inputs = f" The model's input shapes were {got}." if got else ""
+    layer = _failing_layer(model, e)
     failed = rec.failed
     if failed is not None:
         label = partial.ops[failed.index].label
@@ -141,30 +154,163 @@ def _trace_error(model: nn.Module, e: Exception, partial: Trace, rec: Recorder) 
         where = f" in module '{failed.module}'" if failed.module else ""
         src = f", called at {failed.source}" if failed.source else ""
         near_input = failed.dist_from_input is not None and failed.dist_from_input <= 2
-        hint = (
-            " This op is right after the model's input, so the input probably does not have "
-            "the shape or dtype the model expects: check the shape you passed "
-            "(CLI: --input-shape)."
-            if near_input
-            else " Check the shapes flowing into this op; `err.partial.summary()` shows "
-            "every op recorded before it."
-        )
+        expects = f" {layer[2]}" if layer is not None and layer[2] else ""
         text = (
             f"{mname} failed in op {label} ({failed.name}){where}{src}: {kind}: {first}"
             f"{(' ' + detail) if detail else ''}. Its tensor inputs had shapes {shapes}."
-            f"{hint} The partial trace ({len(partial.ops) - 1} ops before the failure) "
-            "is in `err.partial`; torch is left untouched."
+            f"{expects}{inputs}"
         )
-        return TraceError(text, partial=partial, failed_op=label)
+        if near_input:
+            text += (
+                " This op is right after the model's input, so the input probably does not "
+                f"have the shape or dtype the model expects. {_TRY_INPUT}"
+            )
+            cli = text
+        else:
+            cli = text + " Check the shapes flowing into this op."
+            text += (
+                " Check the shapes flowing into this op; `err.partial.summary()` shows every "
+                "op recorded before it."
+            )
+        text += (
+            f" The partial trace ({len(partial.ops) - 1} ops before the failure) is in "
+            "`err.partial`; torch is left untouched."
+        )
+        return TraceError(text, partial=partial, failed_op=label, cli=cli)
     tb = traceback.extract_tb(e.__traceback__)
-    loc = f" at {tb[-1].filename}:{tb[-1].lineno}" if tb else ""
+    inner = tb[-1] if tb else None
+    loc = f" at {inner.filename}:{inner.lineno}" if inner else ""
     last = partial.ops[-1].label if partial.ops else "none"
-    text = (
-        f"{mname} raised {kind}{loc} (in its own code, not in a tensor op; last op "
-        f"recorded: {last}): {first}. Fix the model code or its inputs; the partial trace "
-        "is in `err.partial`."
+    in_torch = inner is not None and _in_torch(inner.filename)
+    if in_torch and layer is not None and layer[3]:
+        # a torch layer's own checks (a norm layer's _check_input_dim, ...) refuse what
+        # reached it: the model's code is not at fault, the input's shape or dtype is
+        path, got_here, expects, _ = layer
+        text = (
+            f"The input does not fit layer '{path}' of {mname}: it reached that layer as "
+            f"{got_here}, and torch refused it ({kind}: {first}{loc})."
+            f"{(' ' + expects) if expects else ''}{inputs} {_TRY_INPUT}"
+        )
+        more = " The partial trace (up to the last op before that layer) is in `err.partial`."
+        return TraceError(text + more, partial=partial, failed_op=None, cli=text)
+    if in_torch:  # torch refused what the model's own code handed it
+        caller = next((f for f in reversed(tb) if not _in_torch(f.filename)), None)
+        at = f", called from {caller.filename}:{caller.lineno}" if caller else ""
+        text = (
+            f"{mname} raised {kind} inside torch{loc}{at} (last op recorded: {last}): "
+            f"{first}.{inputs} Check what that line passes to torch (shapes, dtypes, "
+            "arguments), or the model's inputs"
+        )
+    else:
+        text = (
+            f"{mname} raised {kind}{loc} (in its own code, not in a tensor op; last op "
+            f"recorded: {last}): {first}.{inputs} Fix the model code or its inputs"
+        )
+    return TraceError(
+        text + "; the partial trace is in `err.partial`.",
+        partial=partial,
+        failed_op=None,
+        cli=text + ".",
     )
-    return TraceError(text, partial=partial, failed_op=None)
+
+
+def _in_torch(filename: str) -> bool:
+    try:
+        return str(Path(filename).resolve()).startswith(_TORCH_DIR + os.sep)
+    except OSError:
+        return False
+
+
+def _failing_layer(model: nn.Module, e: BaseException) -> tuple[str, str, str, bool] | None:
+    """``(path, what it got, what it expects, is a torch layer)`` for the innermost module
+    whose forward is on the traceback: the layer an input that does not fit was refused by."""
+    names = {id(m): name for name, m in model.named_modules()}
+    found: tuple[str, nn.Module, Any] | None = None
+    tb = e.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, nn.Module) and id(owner) in names:
+            code = frame.f_code
+            arg = frame.f_locals.get(code.co_varnames[1]) if code.co_argcount > 1 else None
+            found = (names[id(owner)], owner, arg)
+        tb = tb.tb_next
+    if found is None:
+        return None
+    path, module, arg = found
+    if isinstance(arg, Tensor):
+        got = f"a tensor of shape {tuple(arg.shape)} ({str(arg.dtype).removeprefix('torch.')})"
+    else:
+        got = f"a {type(arg).__name__}"
+    expects = _expected_input(module) if not _fits(module, arg) else None
+    what = f"{type(module).__name__} '{path}' expects {expects}." if expects and path else ""
+    builtin = type(module).__module__.startswith("torch.")
+    return path or "(the model itself)", got, what, builtin
+
+
+_SPATIAL = {1: "L", 2: "H, W", 3: "D, H, W"}
+
+
+def _fits(m: nn.Module, x: Any) -> bool:
+    """Whether ``x`` has the layout :func:`_expected_input` describes (then saying what
+    the layer expects would mislead: the failure has another cause)."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+    from torch.nn.modules.conv import _ConvNd
+
+    if not isinstance(x, Tensor):
+        return False
+    if isinstance(m, _ConvNd):
+        k = len(m.kernel_size)
+        return x.dim() in (k + 1, k + 2) and x.shape[-k - 1] == m.in_channels
+    if isinstance(m, _BatchNorm) and not isinstance(m, nn.BatchNorm1d):
+        return x.dim() == {nn.BatchNorm2d: 4, nn.BatchNorm3d: 5}.get(type(m), -1) and (
+            x.shape[1] == m.num_features
+        )
+    if isinstance(m, nn.Linear):
+        return x.dim() >= 1 and x.shape[-1] == m.in_features
+    if isinstance(m, nn.LayerNorm):
+        n = len(m.normalized_shape)
+        return tuple(x.shape[x.dim() - n :]) == tuple(m.normalized_shape)
+    if isinstance(m, nn.Embedding):
+        return not (x.dtype.is_floating_point or x.dtype.is_complex)
+    return False
+
+
+def _expected_input(m: nn.Module) -> str | None:
+    """The input a layer takes, in words with its sizes (``(N, 64, H, W)``), or None."""
+    from torch.nn.modules.batchnorm import _NormBase
+    from torch.nn.modules.conv import _ConvNd
+    from torch.nn.modules.rnn import RNNBase
+
+    if isinstance(m, _ConvNd):
+        dims = _SPATIAL.get(len(m.kernel_size), "...")
+        return f"(N, {m.in_channels}, {dims}) or an unbatched ({m.in_channels}, {dims})"
+    if isinstance(m, nn.Linear):
+        return f"(..., {m.in_features}): its last dimension is in_features={m.in_features}"
+    if isinstance(m, (nn.BatchNorm1d, nn.InstanceNorm1d)):
+        return f"(N, {m.num_features}) or (N, {m.num_features}, L)"
+    if isinstance(m, (nn.BatchNorm2d, nn.InstanceNorm2d)):
+        return f"(N, {m.num_features}, H, W)"
+    if isinstance(m, (nn.BatchNorm3d, nn.InstanceNorm3d)):
+        return f"(N, {m.num_features}, D, H, W)"
+    if isinstance(m, _NormBase):
+        return f"(N, {m.num_features}, ...)"
+    if isinstance(m, nn.GroupNorm):
+        return f"(N, {m.num_channels}, ...)"
+    if isinstance(m, nn.LayerNorm):
+        return f"(..., {', '.join(map(str, m.normalized_shape))})"
+    if isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
+        return (
+            f"integer indices (long) in 0..{m.num_embeddings - 1}, e.g. --input-dtype "
+            f"long:0-{m.num_embeddings}"
+        )
+    if isinstance(m, nn.MultiheadAttention):
+        order = "(N, L, E)" if m.batch_first else "(L, N, E)"
+        return f"{order} with E = {m.embed_dim}"
+    if isinstance(m, RNNBase):
+        order = "N, L" if m.batch_first else "L, N"
+        return f"({order}, {m.input_size}) or an unbatched (L, {m.input_size})"
+    return None
 
 
 def _param_shape(rec: Recorder, name: str) -> tuple[int, ...]:

@@ -151,7 +151,8 @@ class _Base(Dataset):
             item = self[i]
             if not isinstance(item, Skipped):
                 return item[0]
-        raise LurkerError(f"no readable image in {self.description}")
+        why = "; ".join(f"{p}: {r}" for p, r in self.skipped[:3])
+        raise LurkerError(f"no readable image in {self.description}" + (f" ({why})" if why else ""))
 
     def sample_rows(self) -> list[tuple[int, str | None, int | None, int]]:
         """``(id, path, label, source_index)`` per item, for ``RunWriter.add_samples``.
@@ -171,11 +172,52 @@ class _Base(Dataset):
         ]
 
 
+class _SkipLog:
+    """A small file shared with DataLoader workers where unreadable files are listed, so
+    that ``dataset.skipped`` in the main process sees them whatever ``num_workers`` was."""
+
+    _log: str
+
+    def _open_log(self) -> None:
+        fd, self._log = tempfile.mkstemp(prefix="lurker-skipped-", suffix=".tsv")
+        os.close(fd)
+        self._finalizer = weakref.finalize(self, _remove_log, self._log, os.getpid())
+
+    def _record(self, path: str, reason: str) -> None:
+        line = f"{path}\t{reason}".replace("\n", " ") + "\n"
+        with contextlib.suppress(OSError), open(self._log, "a", encoding="utf-8") as f:
+            f.write(line)  # one short append: atomic enough between processes
+
+    def _logged(self, found: Sequence[tuple[str, str]] = ()) -> list[tuple[str, str]]:
+        rows = list(found)
+        with contextlib.suppress(OSError), open(self._log, encoding="utf-8") as f:
+            for line in f:
+                path, _, reason = line.rstrip("\n").partition("\t")
+                rows.append((path, reason))
+        seen: set[str] = set()
+        unique = []
+        for path, reason in rows:
+            if path not in seen:
+                seen.add(path)
+                unique.append((path, reason))
+        return unique
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("_finalizer", None)  # workers must never delete the shared log
+        return state
+
+
 # --------------------------------------------------------------------------- wrap
 
 
-class WrappedDataset(_Base):
-    """Any ``(image, label)`` (or image-only) dataset, also returning the index as sample id."""
+class WrappedDataset(_SkipLog, _Base):
+    """Any ``(image, label)`` (or image-only) dataset, also returning the index as sample id.
+
+    A file-backed dataset (one with ``samples``, like torchvision's ``ImageFolder``) whose
+    file cannot be read gives a :class:`Skipped` item, listed in ``skipped``, instead of
+    aborting the sweep; an error its transform raises on a readable file still raises.
+    """
 
     def __init__(
         self,
@@ -196,12 +238,26 @@ class WrappedDataset(_Base):
         self.std: tuple[float, ...] = tuple(std if std is not None else found_std)
         root = getattr(dataset, "root", None)
         self.description = type(dataset).__name__ + (f"({root})" if root is not None else "")
+        self._shape: tuple[int, ...] | None = None
+        if self.paths is not None:
+            self._open_log()
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> tuple[Tensor, int, int]:
-        item = self.dataset[index]
+    @property
+    def skipped(self) -> list[tuple[str, str]]:
+        """Files that could not be read, as ``(path, reason)``."""
+        return self._logged() if self.paths is not None else []
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int, int] | Skipped:
+        try:
+            item = self.dataset[index]
+        except Exception as e:
+            skipped = self._unreadable(index, e)
+            if skipped is None:
+                raise
+            return skipped
         if isinstance(item, (tuple, list)):
             image, label = item[0], (int(item[1]) if len(item) > 1 else -1)
         else:
@@ -213,7 +269,26 @@ class WrappedDataset(_Base):
                 f"dataset item {index} is a {type(image).__name__}, not an image tensor; "
                 "give the dataset a transform that ends with ToTensor()."
             )
+        self._shape = tuple(image.shape)
         return image, label, index
+
+    def _unreadable(self, index: int, error: Exception) -> Skipped | None:
+        """A :class:`Skipped` item when the item's file itself cannot be read (the
+        dataset's own loader fails on it too), else None: the error is not the file's."""
+        if self.paths is None or not -len(self.paths) <= index < len(self.paths):
+            return None
+        path = self.paths[index]
+        loader = getattr(self.dataset, "loader", None)
+        try:
+            if callable(loader):
+                loader(path)
+            else:
+                _load_image(path, "RGB")
+        except Exception:
+            reason = _reason(error)
+            self._record(path, reason)
+            return Skipped(index % len(self), path, reason, self._shape)
+        return None
 
     def labels_list(self) -> list[int] | None:
         targets = getattr(self.dataset, "targets", None)
@@ -357,7 +432,7 @@ def _load_image(path: str, mode: str) -> Image.Image:
         return im.convert(mode)
 
 
-class ImageFolderDataset(_Base):
+class ImageFolderDataset(_SkipLog, _Base):
     """An ImageFolder tree that skips unreadable images instead of crashing.
 
     Built by :func:`image_folder`; items are ``(image, label, sample_id)`` or
@@ -386,6 +461,10 @@ class ImageFolderDataset(_Base):
             )
         if channels not in (1, 3):
             raise LurkerError(f"image folder: channels must be 1 or 3, got {channels}")
+        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+            raise LurkerError(
+                f"image folder: image_size must be a positive integer, got {image_size!r}"
+            )
         if len(mean) != channels or len(std) != channels:
             raise LurkerError(
                 f"image folder: mean and std need {channels} values each, got {len(mean)} and "
@@ -430,10 +509,7 @@ class ImageFolderDataset(_Base):
         self.targets: list[int] = [c for _, c in samples]
         self.paths: list[str] | None = [p for p, _ in samples]
         self.description = str(self.root)
-        # Decode failures are appended here by whichever process hits them (workers too).
-        fd, self._log = tempfile.mkstemp(prefix="lurker-skipped-", suffix=".tsv")
-        os.close(fd)
-        self._finalizer = weakref.finalize(self, _remove_log, self._log, os.getpid())
+        self._open_log()  # decode failures, from whichever process hits them (workers too)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -452,31 +528,10 @@ class ImageFolderDataset(_Base):
             return Skipped(index % len(self), path, reason, shape)
         return image, label, index % len(self)
 
-    def _record(self, path: str, reason: str) -> None:
-        line = f"{path}\t{reason}".replace("\n", " ") + "\n"
-        with contextlib.suppress(OSError), open(self._log, "a", encoding="utf-8") as f:
-            f.write(line)  # one short append: atomic enough between processes
-
     @property
     def skipped(self) -> list[tuple[str, str]]:
         """Unreadable images as ``(path, reason)``: found up front, then during loading."""
-        rows = list(self._skipped)
-        with contextlib.suppress(OSError), open(self._log, encoding="utf-8") as f:
-            for line in f:
-                path, _, reason = line.rstrip("\n").partition("\t")
-                rows.append((path, reason))
-        seen: set[str] = set()
-        unique = []
-        for path, reason in rows:
-            if path not in seen:
-                seen.add(path)
-                unique.append((path, reason))
-        return unique
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state.pop("_finalizer", None)  # workers must never delete the shared log
-        return state
+        return self._logged(self._skipped)
 
 
 def image_folder(

@@ -11,11 +11,13 @@ every few batches (atomically), so a killed sweep resumes where it stopped; unde
 from __future__ import annotations
 
 import fnmatch
+import functools
 import hashlib
 import io
+import numbers
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +29,7 @@ from ..capture import Trace, trace
 from ..capture._replay import Replayer
 from ..errors import LurkerError
 from ..graph.nodes import Op
-from ..store import LayerResult, Run, RunWriter, atomic_write_bytes
+from ..store import LayerResult, Run, RunWriter, atomic_write_bytes, run_lock
 from .layout import Layout, Skip, infer_layouts, rf_matches
 from .stats import HostBatch, UnitStats
 
@@ -281,6 +283,51 @@ def _progress(total: int, enabled: bool):
     )
 
 
+def _one_writer(fn: Callable[..., Run]) -> Callable[..., Run]:
+    """Run ``fn`` holding the run directory's lock (rank 0, the only writer, takes it):
+    a second probe into the same ``out`` fails at once instead of redoing the sweep."""
+
+    @functools.wraps(fn)
+    def locked(*args: Any, out: str | os.PathLike[str], **kwargs: Any) -> Run:
+        kwargs = _check_args(**kwargs)  # before the lock creates the directory
+        if _dist()[0] != 0:
+            return fn(*args, out=out, **kwargs)
+        with run_lock(out):
+            return fn(*args, out=out, **kwargs)
+
+    return locked
+
+
+def _check_args(**kwargs: Any) -> dict[str, Any]:
+    """Refuse arguments the sweep cannot use before anything is traced or created; return
+    them with integer ones as Python ints (numpy ones would not go into the run's JSON)."""
+    at_least = {"k": 1, "batch_size": 1, "num_workers": 0, "hist_bins": 2}
+    options = {"k": " (CLI: --k)", "batch_size": " (CLI: -b)", "num_workers": " (CLI: --workers)"}
+    for name, low in at_least.items():
+        value = kwargs.get(name)
+        if value is None:
+            continue
+        if not _is_int(value) or value < low:
+            raise LurkerError(
+                f"probe: {name} must be an integer >= {low}, got {value!r}{options.get(name, '')}."
+            )
+        kwargs[name] = int(value)
+    every = kwargs.get("checkpoint_every")
+    if every is not None and (not _is_int(every) or every < 1):
+        raise LurkerError(
+            f"probe: checkpoint_every must be None or an integer >= 1, got {every!r}."
+        )
+    seconds = kwargs.get("checkpoint_seconds")
+    if seconds is not None and not (isinstance(seconds, (int, float)) and seconds >= 0):
+        raise LurkerError(f"probe: checkpoint_seconds must be a number >= 0, got {seconds!r}.")
+    return kwargs
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+@_one_writer
 def probe(
     model: nn.Module,
     dataset: Any,
@@ -305,7 +352,8 @@ def probe(
     :mod:`lurker.probe.data`. State is checkpointed every ``checkpoint_seconds`` (and
     every ``checkpoint_every`` batches, if given); rerunning the same call after an
     interruption resumes it. Under ``torchrun`` every rank sweeps its shard and rank 0
-    writes the merged run.
+    writes the merged run. Arguments are checked before anything is created; while the
+    probe runs, its process holds ``out`` (a second probe into it fails at once).
 
     Each layer's batch, unit and position axes are found from the trace (see
     :mod:`lurker.probe.layout`); layers whose units cannot be located are skipped, printed
@@ -484,6 +532,10 @@ def probe(
         gathered: list[Any] = [None] * world
         torch.distributed.all_gather_object(gathered, skipped)
         skipped = _merge_skipped(*gathered)
+        figures: list[Any] = [None] * world  # the run's figures count every rank's share
+        torch.distributed.all_gather_object(figures, (seen, sweep_s))
+        seen = sum(n for n, _ in figures)
+        sweep_s = max(t for _, t in figures)
     if rank != 0:
         if ckpt.exists():
             ckpt.unlink()

@@ -40,9 +40,16 @@ class UnitImages:
 
             spec = cfg.get("model_spec")
             if (model is None and not spec) or (dataset is None and not cfg.get("data")):
+                where = self.run.path
                 raise LurkerError(
                     "This run does not record how to load its model and data (it was made "
-                    "from Python). Pass them: UnitImages(run, model=..., dataset=...)."
+                    "from Python). Pass them: UnitImages(run, model=..., dataset=...).",
+                    cli=f"The run in {where} was made from Python and does not record how to "
+                    "load its model and data, so `lurker render` cannot rebuild them. Probe "
+                    f"it once from the command line: `lurker probe MODEL --data DATA --out "
+                    f"{where}` with its model spec (and --weights), data, --layers, --k and "
+                    "--image-size; that sweep records them, then `lurker render` works. Or "
+                    "render from Python: UnitImages(run, model=..., dataset=...).render_all().",
                 )
             if model is None:
                 model = load_model(spec, cfg.get("weights"))

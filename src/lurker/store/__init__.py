@@ -9,13 +9,14 @@ from lurker.store.errors import (
     NotARunError,
     RunExistsError,
     RunIncompleteError,
+    RunInUseError,
     SchemaVersionError,
     StoreError,
     UnitRangeError,
     UnknownLayerError,
     UnknownSampleError,
 )
-from lurker.store.files import atomic_write_bytes
+from lurker.store.files import atomic_write_bytes, run_lock
 from lurker.store.run import LayerInfo, Run, Sample, TopEntry, Unit
 from lurker.store.schema import SCHEMA_VERSION
 from lurker.store.writer import LayerResult, RunWriter
@@ -28,6 +29,7 @@ __all__ = [
     "Run",
     "RunExistsError",
     "RunIncompleteError",
+    "RunInUseError",
     "RunWriter",
     "Sample",
     "SchemaVersionError",
@@ -38,4 +40,5 @@ __all__ = [
     "UnknownLayerError",
     "UnknownSampleError",
     "atomic_write_bytes",
+    "run_lock",
 ]

@@ -17,6 +17,10 @@ class RunExistsError(StoreError):
     """The output directory already holds a run that cannot be resumed (another model, ...)."""
 
 
+class RunInUseError(StoreError):
+    """Another process is writing the run (a probe into the same directory)."""
+
+
 class RunIncompleteError(StoreError):
     """The run has no final results yet: the probe was interrupted or is still running."""
 

@@ -7,7 +7,16 @@ import hashlib
 import os
 import re
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+
+from lurker.store.errors import RunExistsError, RunInUseError, StoreError
+from lurker.store.schema import LOCK_NAME
+
+try:
+    import fcntl
+except ImportError:  # Windows: runs are not locked there
+    fcntl = None  # type: ignore[assignment]
 
 #: Prefix of the temporary files :func:`atomic_write_bytes` (and run creation) leave
 #: behind only if the process dies mid-write; safe to delete.
@@ -85,3 +94,68 @@ def cache_file(
     folder = root / "cache" / safe_component(kind) / safe_component(layer)
     folder.mkdir(parents=True, exist_ok=True)
     return folder / f"{unit:05d}-{safe_component(list)}-{rank:03d}.{suffix}"
+
+
+@contextlib.contextmanager
+def run_lock(root: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold the run directory ``root`` for this process while it writes the run.
+
+    A second writer (another probe into the same directory) fails at once with
+    :class:`RunInUseError` naming the holder's process id, instead of repeating the whole
+    sweep. The lock is an ``flock`` on ``root/.lock``, so the OS releases it when the
+    holder exits or crashes. A directory this call created and that holds nothing else on
+    release (the probe failed before it made its run) is removed again.
+    """
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise RunExistsError(
+            f"{root} is a file, not a run directory; choose another out directory",
+            cli=f"{root} is a file, not a run directory; choose another --out",
+        )
+    created = not root.exists()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise StoreError(
+            f"cannot create the run directory {root} ({e.strerror or e}); choose an out "
+            "directory you can write to",
+            cli=f"cannot create the run directory {root} ({e.strerror or e}); choose an "
+            "--out you can write to",
+        ) from e
+    if fcntl is None:
+        yield
+        return
+    path = root / LOCK_NAME
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise RunInUseError(
+                f"run {root} is in use by another process (pid {holder}), which is writing "
+                "it. Wait for that process to finish (or stop it), or choose another out "
+                "directory.",
+                cli=f"run {root} is in use by another process (pid {holder}), which is "
+                "writing it. Wait for that process to finish (or stop it), or choose another "
+                "--out.",
+            ) from None
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the previous holder removed the file we opened: take the new one
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            if [p.name for p in root.iterdir()] == [LOCK_NAME]:
+                path.unlink()  # still held: a waiting process sees the inode change
+                if created:
+                    root.rmdir()
+        os.close(fd)

@@ -284,7 +284,7 @@ class Run:
             raise SchemaVersionError(
                 f"run {root} has schema version {version}, but this lurker reads version "
                 f"{SCHEMA_VERSION}; open it with the lurker version that wrote it "
-                f"(meta lurker_version), or re-run `lurker probe --overwrite`",
+                f"(meta lurker_version), or probe again with overwrite=True (CLI: --overwrite)",
                 found=int(version),
                 expected=SCHEMA_VERSION,
             )
@@ -294,8 +294,8 @@ class Run:
             run.close()
             raise RunIncompleteError(
                 f"run {root} is incomplete (status {status!r}): its probe was interrupted or is "
-                f"still running. Resume it by re-running the same `lurker probe` command with "
-                f"--out {root}"
+                f"still running. Resume it by running the same probe again into {root} (the "
+                f"same `lurker probe ... --out {root}` command, or the same probe() call)"
             )
         return run
 

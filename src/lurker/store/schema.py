@@ -20,6 +20,8 @@ SCHEMA_VERSION = 2
 DB_NAME = "run.db"
 CACHE_DIR = "cache"
 CHECKPOINT_NAME = "checkpoint.pt"
+#: Held (``flock``) by the process writing the run; holds that process's id.
+LOCK_NAME = ".lock"
 
 STATUS_RUNNING = "running"
 STATUS_COMPLETE = "complete"

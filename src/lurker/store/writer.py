@@ -35,6 +35,7 @@ from lurker.store.schema import (
     DDL,
     EDGES_DTYPE,
     HIST_DTYPE,
+    LOCK_NAME,
     PAGE_SIZE,
     SCHEMA_VERSION,
     STATUS_COMPLETE,
@@ -229,9 +230,10 @@ class RunWriter:
         ``meta`` must hold ``model`` and ``model_fingerprint``; ``dataset``, ``k``,
         ``image_size`` and ``config`` are recommended (see docs/run-store.md). If
         ``path`` holds a run of another model (or dataset, k, image size), raise
-        :class:`RunExistsError` unless ``overwrite``, which deletes that run first. On
-        resume the stored meta is kept (``resumed`` is True); update it with
-        :meth:`meta_set`.
+        :class:`RunExistsError` unless ``overwrite``, which deletes that run first, or the
+        run never saved a batch (no checkpoint, no results: a probe that failed early),
+        which is replaced since nothing would be lost. On resume the stored meta is kept
+        (``resumed`` is True); update it with :meth:`meta_set`.
         """
         for key in ("model", "model_fingerprint"):
             if key not in meta:
@@ -242,21 +244,31 @@ class RunWriter:
         root = Path(path)
         db = root / DB_NAME
         if root.exists() and not root.is_dir():
-            raise RunExistsError(f"{root} is a file, not a run directory; choose another --out")
+            raise RunExistsError(
+                f"{root} is a file, not a run directory; choose another out directory",
+                cli=f"{root} is a file, not a run directory; choose another --out",
+            )
         if db.exists():
             if overwrite:
                 _remove_run(root)
             else:
-                cls._check_resumable(root, db, meta)
-                _remove_stale_tmp(root)
-                return cls(root, connect_rw(db), resumed=True)
+                try:
+                    cls._check_resumable(root, db, meta)
+                except RunExistsError:
+                    if not _never_swept(root, db):
+                        raise
+                    _remove_run(root)  # nothing to lose: no checkpoint, no results
+                else:
+                    _remove_stale_tmp(root)
+                    return cls(root, connect_rw(db), resumed=True)
         elif root.exists():
             _remove_stale_tmp(root)
-            if any(root.iterdir()):
-                raise RunExistsError(
-                    f"{root} is not empty and holds no lurker run (no {DB_NAME}); "
-                    "choose another --out directory (lurker never deletes files it did not write)"
+            if any(p.name != LOCK_NAME for p in root.iterdir()):
+                why = (
+                    f"{root} is not empty and holds no lurker run (no {DB_NAME}); choose "
+                    "another {} (lurker never deletes files it did not write)"
                 )
+                raise RunExistsError(why.format("out directory"), cli=why.format("--out"))
         root.mkdir(parents=True, exist_ok=True)
         full = {
             "lurker_version": _lurker_version(),
@@ -275,27 +287,33 @@ class RunWriter:
     @staticmethod
     def _check_resumable(root: Path, db: Path, meta: dict[str, Any]) -> None:
         """Raise :class:`RunExistsError` unless the run at ``db`` may be continued."""
-        fix = "Pass --overwrite to replace it, or choose another --out directory."
+
+        def refuse(why: str) -> RunExistsError:
+            return RunExistsError(
+                f"{why} Pass overwrite=True to replace it, or choose another out directory.",
+                cli=f"{why} Pass --overwrite to replace it, or choose another --out directory.",
+            )
+
         try:
             version, stored = read_stored(db)
         except NotARunError as exc:
-            raise RunExistsError(f"{root} holds an unreadable run ({exc}). {fix}") from exc
+            raise refuse(f"{root} holds an unreadable run ({exc}).") from exc
         if version != SCHEMA_VERSION:
-            raise RunExistsError(
+            raise refuse(
                 f"{root} holds a run of schema version {version}; this lurker writes version "
-                f"{SCHEMA_VERSION} and cannot resume it. {fix}"
+                f"{SCHEMA_VERSION} and cannot resume it."
             )
         old_fp, new_fp = stored.get("model_fingerprint"), meta["model_fingerprint"]
         if old_fp != new_fp:
-            raise RunExistsError(
+            raise refuse(
                 f"{root} already holds a run of model {stored.get('model')!r} (fingerprint "
-                f"{old_fp}), not of model {meta['model']!r} (fingerprint {new_fp}). {fix}"
+                f"{old_fp}), not of model {meta['model']!r} (fingerprint {new_fp})."
             )
         for key in RESUME_KEYS[1:]:
             if key in meta and key in stored and stored[key] != meta[key]:
-                raise RunExistsError(
+                raise refuse(
                     f"{root} holds a run of the same model but with {key}={stored[key]!r}, "
-                    f"not {meta[key]!r}; resuming would mix the two. {fix}"
+                    f"not {meta[key]!r}; resuming would mix the two."
                 )
 
     # -- metadata --------------------------------------------------------------------
@@ -576,6 +594,24 @@ def _init_db(db: Path, meta: dict[str, Any]) -> None:
             tmp.unlink()
         raise
     fsync_dir(db.parent)
+
+
+def _never_swept(root: Path, db: Path) -> bool:
+    """Whether the run at ``db`` holds nothing a rerun could lose: still running, no
+    results and no checkpoint (its probe failed before saving any batch), so another
+    probe may replace it even with other arguments."""
+    if any(root.glob("checkpoint*.pt")):
+        return False
+    try:
+        _, stored = read_stored(db)
+        conn = sqlite3.connect(db, timeout=30.0)
+        try:
+            (layers,) = conn.execute("SELECT count(*) FROM layers").fetchone()
+        finally:
+            conn.close()
+    except (NotARunError, sqlite3.DatabaseError):
+        return False
+    return stored.get("status") == STATUS_RUNNING and layers == 0
 
 
 def _remove_run(root: Path) -> None:

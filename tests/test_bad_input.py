@@ -1,0 +1,355 @@
+"""Bad input gets one clear paragraph and loses nothing (issue 10, point 5)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from click.testing import CliRunner
+from PIL import Image
+from torch import nn
+
+import lurker
+from lurker.cli import main
+from lurker.errors import LurkerError
+from lurker.examples import DigitsNet
+from lurker.probe import probe
+from lurker.probe.data import digits
+from lurker.store import RunExistsError, RunInUseError, run_lock
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return DigitsNet().eval()
+
+
+def _cli(*args: str):
+    return CliRunner().invoke(main, list(args))
+
+
+CLI_PROBE = ["probe", "lurker.examples:DigitsNet", "--data", "digits:test", "--image-size", "16"]
+CLI_PROBE += ["--layers", "features.8"]
+
+
+# --------------------------------------------------------------------------- arguments
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"k": 0}, "k"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"batch_size": -4}, "batch_size"),
+        ({"num_workers": -1}, "num_workers"),
+        ({"hist_bins": 0}, "hist_bins"),
+        ({"checkpoint_every": 0}, "checkpoint_every"),
+        ({"k": 2.5}, "k"),
+    ],
+)
+def test_probe_refuses_bad_arguments_before_creating_the_run(tmp_path: Path, kwargs, name):
+    out = tmp_path / "run"
+    with pytest.raises(LurkerError, match=rf"{name} must be"):
+        probe(_model(), digits(16, split="test"), out=out, layers="features.8", **kwargs)
+    assert not out.exists()
+
+
+def test_probe_takes_numpy_integers(tmp_path: Path):
+    run = probe(
+        _model(), digits(16, split="test"), out=tmp_path / "run", layers="features.8",
+        k=np.int64(2), batch_size=np.int32(100), progress=False,
+    )  # fmt: skip
+    assert run.meta["k"] == 2
+
+
+@pytest.mark.parametrize(
+    ("args", "option"),
+    [
+        (["--k", "0"], "--k"),
+        (["-b", "0"], "--batch-size"),
+        (["-b", "-4"], "--batch-size"),
+        (["--image-size", "0"], "--image-size"),
+        (["--workers", "-1"], "--workers"),
+    ],
+)
+def test_cli_bad_arguments_then_the_corrected_command_runs(tmp_path: Path, args, option):
+    out = tmp_path / "run"
+    r = _cli(*CLI_PROBE, "--out", str(out), *args)
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    assert f"Invalid value for '{option}'" in r.output
+    assert len(r.output.strip().splitlines()) <= 4
+    assert not out.exists()
+    r = _cli(*CLI_PROBE, "--out", str(out), "--k", "2")
+    assert r.exit_code == 0, r.output
+
+
+def test_run_that_never_swept_a_batch_does_not_block(tmp_path: Path, monkeypatch):
+    """A probe that dies before saving any batch leaves nothing to lose: the next probe
+    into the folder, with other arguments, replaces it. One that saved a batch is kept."""
+    from lurker.probe import stats
+
+    out, ds = tmp_path / "run", digits(16, split="test")
+    real = stats.UnitStats.update
+    calls = {"n": 0, "fail_at": 1}
+
+    def update(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] >= calls["fail_at"]:
+            raise RuntimeError("out of memory (simulated)")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(stats.UnitStats, "update", update)
+    with pytest.raises(RuntimeError, match="simulated"):
+        probe(_model(), ds, out=out, layers="features.8", k=5, progress=False)
+    assert (out / "run.db").exists() and not (out / "checkpoint.pt").exists()
+    monkeypatch.setattr(stats.UnitStats, "update", real)
+    run = probe(_model(), ds, out=out, layers="features.8", k=2, batch_size=50, progress=False)
+    assert run.complete and run.meta["k"] == 2
+
+    # a run with a saved batch (a checkpoint) is not thrown away
+    other = tmp_path / "other"
+    monkeypatch.setattr(stats.UnitStats, "update", update)
+    calls.update(n=0, fail_at=3)
+    with pytest.raises(RuntimeError, match="simulated"):
+        probe(
+            _model(), ds, out=other, layers="features.8", k=5, batch_size=50,
+            checkpoint_every=1, progress=False,
+        )  # fmt: skip
+    assert (other / "checkpoint.pt").exists()
+    monkeypatch.setattr(stats.UnitStats, "update", real)
+    with pytest.raises(RunExistsError) as info:
+        probe(_model(), ds, out=other, layers="features.8", k=2, progress=False)
+    assert "k=5" in str(info.value) and (other / "checkpoint.pt").exists()
+
+
+def test_run_exists_error_speaks_python_or_cli(tmp_path: Path):
+    out = tmp_path / "run"
+    ds = digits(16, split="test")
+    probe(_model(), ds, out=out, layers="features.8", k=2, progress=False)
+    torch.manual_seed(1)
+    with pytest.raises(RunExistsError) as info:
+        probe(DigitsNet(), ds, out=out, layers="features.8", k=2, progress=False)
+    assert "overwrite=True" in str(info.value) and "--overwrite" not in str(info.value)
+    assert "--overwrite" in info.value.for_cli()
+    r = _cli(*CLI_PROBE, "--out", str(out), "--k", "3")
+    assert r.exit_code == 2 and "--overwrite" in r.output and "overwrite=True" not in r.output
+
+
+# --------------------------------------------------------------------------- the lock
+
+HOLD = textwrap.dedent(
+    """
+    import sys, time
+    from lurker.store import run_lock
+
+    with run_lock(sys.argv[1]):
+        print("held", flush=True)
+        time.sleep(600)
+    """
+)
+
+
+def test_second_probe_into_a_run_in_use_fails_at_once(tmp_path: Path):
+    """Another process holds the run: the probe says so (with its pid) before any work;
+    when that process dies (SIGKILL, no clean-up), the OS releases the lock."""
+    out = tmp_path / "run"
+    script = tmp_path / "hold.py"
+    script.write_text(HOLD)
+    holder = subprocess.Popen(
+        [sys.executable, str(script), str(out)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        ds = digits(16, split="test")
+        with pytest.raises(RunInUseError, match=rf"in use by another process \(pid {holder.pid}\)"):
+            probe(_model(), ds, out=out, layers="features.8", k=2, progress=False)
+        assert not (out / "run.db").exists()  # nothing was traced or created
+        r = _cli(*CLI_PROBE, "--out", str(out), "--k", "2")
+        assert r.exit_code == 2 and f"pid {holder.pid}" in r.output and "--out" in r.output
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+    run = probe(_model(), ds, out=out, layers="features.8", k=2, progress=False)
+    assert run.complete
+
+
+def test_lock_is_held_for_the_whole_probe_and_released_after(tmp_path: Path, monkeypatch):
+    out = tmp_path / "run"
+    from lurker.probe import stats
+
+    real = stats.UnitStats.update
+    tried: list[str] = []
+
+    def update(self, *args, **kwargs):  # mid-sweep, another writer is refused
+        if not tried:
+            with pytest.raises(RunInUseError) as info, run_lock(out):
+                pass
+            tried.append(str(info.value))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(stats.UnitStats, "update", update)
+    probe(_model(), digits(16, split="test"), out=out, layers="features.8", k=2, progress=False)
+    assert tried and f"pid {os.getpid()}" in tried[0]
+    with run_lock(out):  # released once the probe returned
+        pass
+    failed = tmp_path / "failed"
+    with pytest.raises(LurkerError, match="No layer matches"):
+        probe(_model(), digits(16, split="test"), out=failed, layers="nope", progress=False)
+    assert not failed.exists()  # a probe that created nothing leaves nothing behind
+
+
+# --------------------------------------------------------------------------- torchrun figures
+
+
+def _dist_worker(rank: int, world: int, store: str, out: str) -> None:
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=world
+    )
+    try:
+        probe(
+            _model(), digits(16, split="test"), out=out, layers="features.8", k=2,
+            batch_size=40, progress=False,
+        )  # fmt: skip
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_distributed_sweep_figures_count_every_rank(tmp_path: Path):
+    out = tmp_path / "dist"
+    torch.multiprocessing.spawn(_dist_worker, args=(2, str(tmp_path / "store"), str(out)), nprocs=2)
+    sweep = lurker.Run.open(out).meta["sweep"]
+    n = len(digits(16, split="test"))
+    assert sweep["world"] == 2 and sweep["images"] == n
+    assert sweep["images_per_s"] == pytest.approx(n / sweep["seconds"])
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+def _folder(root: Path) -> Path:
+    rng = np.random.default_rng(0)
+    for cls in ("cat", "dog"):
+        (root / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(
+                root / cls / f"{i}.png"
+            )
+    (root / "dog" / "broken.jpg").write_bytes(b"not an image at all")
+    return root
+
+
+def _tiny() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_torchvision_image_folder_with_a_corrupt_file(tmp_path: Path, workers: int):
+    from torchvision import transforms
+
+    root = _folder(tmp_path / "imgs")
+    tf = transforms.Compose(
+        [transforms.Resize(16), transforms.CenterCrop(16), transforms.ToTensor()]
+    )
+    ds = torchvision.datasets.ImageFolder(str(root), transform=tf)
+    run = probe(
+        _tiny(), ds, out=tmp_path / "run", k=2, batch_size=3, num_workers=workers, progress=False
+    )
+    assert [Path(p).name for p, _ in run.skipped] == ["broken.jpg"]
+    assert "UnidentifiedImageError" in run.skipped[0][1]
+    ids = {e.sample_id for e in run.unit("0", 0).top("max")}
+    broken = [i for i, (p, _) in enumerate(ds.samples) if p.endswith("broken.jpg")]
+    assert ids and not ids & set(broken)
+
+
+def test_transform_error_on_a_readable_file_still_raises(tmp_path: Path):
+    """Only files that cannot be read are skipped; a bug in the transform is not hidden."""
+    root = _folder(tmp_path / "imgs")
+
+    def bad(image):
+        raise TypeError("my transform is broken")
+
+    ds = torchvision.datasets.ImageFolder(str(root), transform=bad)
+    with pytest.raises(TypeError, match="my transform is broken"):
+        probe(_tiny(), ds, out=tmp_path / "run", k=2, progress=False)
+
+
+# --------------------------------------------------------------------------- save=
+
+
+@pytest.mark.parametrize("save", ["bogus", ["nothing.*"], ["features.0", "nope"]])
+def test_save_pattern_matching_nothing_is_an_error(save):
+    with pytest.raises(LurkerError) as info:
+        lurker.trace(_model(), torch.randn(1, 1, 16, 16), save=save)
+    msg = str(info.value)
+    assert "matches no op or module" in msg
+    assert "conv2d_1" in msg and "features.0" in msg  # what names can match
+
+
+def test_save_patterns_that_match_still_save():
+    tr = lurker.trace(
+        _model(), torch.randn(1, 1, 16, 16), save=["features.0", "relu_*", "classifier.3"]
+    )
+    saved = set(tr.activations())
+    assert "conv2d_1" in saved and "relu_1" in saved and "linear_2" in saved
+
+
+# --------------------------------------------------------------------------- render
+
+
+def test_render_of_a_python_run_says_what_to_pass(tmp_path: Path):
+    out = tmp_path / "run"
+    probe(_model(), digits(16, split="test"), out=out, layers="features.8", k=2, progress=False)
+    r = _cli("render", str(out))
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    assert "made from Python" in r.output
+    assert f"lurker probe MODEL --data DATA --out {out}" in r.output.replace("\n", " ")
+    from lurker.probe import UnitImages
+
+    with pytest.raises(LurkerError, match=r"UnitImages\(run, model=\.\.\., dataset=\.\.\.\)"):
+        UnitImages(out)
+
+
+# --------------------------------------------------------------------------- trace errors
+
+
+class _BadBroadcast(nn.Module):
+    def forward(self, x):
+        torch.broadcast_shapes((2, 3), (4, 5))  # torch's Python code raises, called from here
+        return x
+
+
+def test_error_inside_torch_called_by_model_code_names_the_calling_line():
+    with pytest.raises(lurker.TraceError) as info:
+        lurker.trace(_BadBroadcast(), torch.randn(1, 2))
+    cli = info.value.for_cli()
+    assert "raised RuntimeError inside torch" in cli
+    assert f"called from {__file__}:" in cli and "in its own code" not in cli
+    assert "err.partial" not in cli and "err.partial" in str(info.value)
+
+
+def test_torch_layer_refusing_a_deep_tensor_is_named():
+    """A 3-D tensor reaching a BatchNorm2d deep inside the model: the layer and both shapes."""
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.Flatten(2), nn.BatchNorm2d(3)).eval()
+    with pytest.raises(lurker.TraceError) as info:
+        lurker.trace(model, torch.randn(2, 1, 6, 6))
+    cli = info.value.for_cli()
+    assert "does not fit layer '2'" in cli and "(2, 3, 16)" in cli
+    assert "BatchNorm2d '2' expects (N, 3, H, W)" in cli
+
+
+def test_out_that_cannot_be_created_is_one_paragraph(tmp_path: Path):
+    (tmp_path / "file").write_text("mine")
+    r = _cli(*CLI_PROBE, "--out", str(tmp_path / "file" / "run"))
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    assert "cannot create the run directory" in r.output and "--out" in r.output
+    with pytest.raises(LurkerError, match="is a file, not a run directory"):
+        probe(_model(), digits(16, split="test"), out=tmp_path / "file", progress=False)
+    assert (tmp_path / "file").read_text() == "mine"
