@@ -76,7 +76,8 @@ def cache_file(
     """Path of one cached image under ``root/cache`` (parent directories created).
 
     Layout: ``cache/<kind>/<layer>/<unit:05d>-<list>-<rank:03d>.<ext>`` with every
-    component passed through :func:`safe_component`.
+    component passed through :func:`safe_component`. A sample's own image is not per
+    unit: see :func:`sample_file`.
     """
     for label, value in (("unit", unit), ("rank", rank)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -85,3 +86,15 @@ def cache_file(
     folder = root / "cache" / safe_component(kind) / safe_component(layer)
     folder.mkdir(parents=True, exist_ok=True)
     return folder / f"{unit:05d}-{safe_component(list)}-{rank:03d}.{suffix}"
+
+
+def sample_file(root: Path, sample_id: int, ext: str = "png") -> Path:
+    """Path of one sample's cached image: ``cache/samples/<sample_id:08d>.<ext>``.
+
+    One file per sample, however many units rank it (parent directory created).
+    """
+    if isinstance(sample_id, bool) or not isinstance(sample_id, int) or sample_id < 0:
+        raise ValueError(f"sample_file: sample_id must be a non-negative int, got {sample_id!r}")
+    folder = root / "cache" / "samples"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"{sample_id:08d}.{safe_component(ext.lstrip('.') or 'bin')}"
