@@ -586,3 +586,41 @@ def test_rows_that_interact_fall_back_to_one_per_pass(tmp_path: Path) -> None:
         one = unit_gradient(tr, tr["3"].index, ds[e.sample_id][0], 1, "max", (e.y, e.x))
         got = np.asarray(Image.open(p)).astype(int)
         assert np.abs(got - np.asarray(render_gradient(one)).astype(int)).max() <= 1
+
+
+def test_cli_render(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from lurker.cli import main
+
+    out = tmp_path / "run"
+    probe_args = ["probe", "lurker.examples:DigitsNet", "--data", "digits:test", "--out", str(out)]
+    probe_args += ["--image-size", "16", "--layers", "features.4", "--layers", "features.8"]
+    r = CliRunner().invoke(main, [*probe_args, "--k", "2"])
+    assert r.exit_code == 0, r.output
+    args = ["render", str(out), "--layers", "features.8", "--kinds", "input,grad,crop"]
+    r = CliRunner().invoke(main, [*args, "--which", "max", "-b", "5"])
+    assert r.exit_code == 0, r.output
+    cache = out / "cache"
+    assert sorted(p.name for p in cache.iterdir()) == ["crop", "grad", "samples"]
+    assert len(list((cache / "grad" / "features.8").iterdir())) == 32 * 2  # units x k, max only
+    assert len(list((cache / "crop" / "features.8").iterdir())) == 32 * 2
+    n = len(list((cache / "samples").iterdir()))
+    assert f"render: 0/{128 + n} images" in r.output  # not a terminal: plain progress lines
+    assert f"{128 + n} images made (0 already there)" in r.output and "images/s" in r.output
+    r = CliRunner().invoke(main, [*args, "--which", "max"])  # resumes: nothing left to do
+    assert r.exit_code == 0 and f"0 images made ({128 + n} already there)" in r.output
+    r = CliRunner().invoke(main, ["render", str(out), "--kinds", "grad,thumbs"])
+    assert r.exit_code == 2 and "kinds must be some of input, grad, crop, grad_crop" in r.output
+    r = CliRunner().invoke(main, ["render", str(out), "--layers", "features.9*"])
+    assert r.exit_code == 2 and "features.4, features.8" in r.output
+    assert not (cache / "grad" / "features.4").exists()
+
+
+def test_cli_render_of_a_python_run(probed: Any) -> None:
+    from click.testing import CliRunner
+
+    from lurker.cli import main
+
+    r = CliRunner().invoke(main, ["render", str(probed[0])])
+    assert r.exit_code == 2 and "probed from Python" in r.output and "render_all" in r.output

@@ -385,6 +385,15 @@ def _png(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
+def cached(path: Path) -> bool:
+    """Whether ``path`` holds a cached image: an empty file (left by a power cut during a
+    render, which does not fsync each image) counts as missing."""
+    try:
+        return path.stat().st_size > 0
+    except OSError:
+        return False
+
+
 def _root(run: Any) -> Path:
     """The run directory of a ``Run``, a ``RunWriter``, a run directory or its run.db."""
     if hasattr(run, "path") and not isinstance(run, (str, os.PathLike)):
@@ -447,10 +456,10 @@ class ImageCache:
         self, target: Path, producer: Callable[[], Image.Image], what: str = "image"
     ) -> Path:
         """``target``, calling ``producer()`` and writing its PNG there if it is missing."""
-        if target.is_file():
+        if cached(target):
             return target
         with self.lock(target):
-            if not target.is_file():
+            if not cached(target):
                 image = producer()
                 if not isinstance(image, Image.Image):
                     raise LurkerError(

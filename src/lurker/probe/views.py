@@ -46,6 +46,7 @@ from .images import (
     _png,
     _Reached,
     _unit_map,
+    cached,
     crop,
     gradient_pixels,
 )
@@ -291,13 +292,13 @@ class UnitImages:
             raise LurkerError(f"which must be 'max' or 'mean', got {which!r}")
         entries = self.run.unit(layer, unit).top(which)  # type: ignore[arg-type]
         paths = [self.cache.path(self.run, "grad", layer, unit, e.rank, which) for e in entries]
-        if not paths or all(p.is_file() for p in paths):
+        if not paths or all(cached(p) for p in paths):
             return paths
         with self.cache.lock(paths[0]):
             jobs = [
                 _Job(unit, which, e.rank, e.sample_id, _peak(e), grad=True)
                 for e, p in zip(entries, paths)
-                if not p.is_file()
+                if not cached(p)
             ]
             for start in range(0, len(jobs), self.batch_size):
                 part = jobs[start : start + self.batch_size]
@@ -315,7 +316,7 @@ class UnitImages:
             return self.sample_image(e.sample_id)
         if kind == "grad":
             path = self.cache.path(self.run, "grad", layer, unit, rank, which)
-            return path if path.is_file() else self.gradients(layer, unit, which)[rank]
+            return path if cached(path) else self.gradients(layer, unit, which)[rank]
 
         def make() -> Image.Image:
             box = self.crop_box(layer, unit, which, rank)
@@ -507,12 +508,14 @@ def _peak(e: Any) -> tuple[int, int] | None:
 
 
 def _exists(images: UnitImages, layer: str, j: _Job) -> bool:
-    return images.cache.path(images.run, "grad", layer, j.unit, j.rank, j.which).is_file()
+    return cached(images.cache.path(images.run, "grad", layer, j.unit, j.rank, j.which))
 
 
 def _listing(folder: Path) -> set[str]:
+    """Names of the non-empty files in ``folder`` (see :func:`cached`)."""
     try:
-        return set(os.listdir(folder))
+        with os.scandir(folder) as it:
+            return {e.name for e in it if e.is_file() and e.stat().st_size > 0}
     except FileNotFoundError:
         return set()
 
@@ -635,7 +638,8 @@ class _Writer:
 
 
 def _write(target: Path, image: Image.Image) -> None:
-    atomic_write_bytes(target, _png(image))
+    # atomic, without an fsync per file: a render writes many; empty files count as missing
+    atomic_write_bytes(target, _png(image), durable=False)
 
 
 __all__ = ["DEFAULT_KINDS", "KINDS", "RenderResult", "UnitImages"]

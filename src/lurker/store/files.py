@@ -17,13 +17,18 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _MAX_COMPONENT = 96
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, durable: bool = True) -> Path:
     """Write ``data`` to ``path`` so that readers see either the old file or the new one.
 
     The bytes go to a temporary file in the same directory (same filesystem, so the
     final :func:`os.replace` is atomic), are fsynced, then renamed over ``path``; a crash
     at any point leaves at most a stray ``.lurker-tmp-*`` file, never a truncated
     ``path``. Parent directories are created. Returns ``path`` as a :class:`Path`.
+
+    ``durable=False`` skips both fsyncs, for many small files of derived data (cache
+    images): still atomic for readers and when the process is killed, but a power cut
+    before the OS flushes them may leave empty files (readers of the cache treat an
+    empty file as missing).
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -34,13 +39,15 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
                 os.fchmod(f.fileno(), 0o644)  # mkstemp's 0600 would hide files from servers
             f.write(data)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    fsync_dir(target.parent)
+    if durable:
+        fsync_dir(target.parent)
     return target
 
 
