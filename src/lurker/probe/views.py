@@ -471,7 +471,9 @@ class UnitImages:
 
     def _render_layer(self, name: str, jobs: list[_Job], out: _Writer) -> None:
         path = self.cache.path
-        # gradients first: their pass also finds the peaks that crops of "mean" entries need
+        # In sample order: a sample that many units rank is decoded once, not once a unit.
+        # Gradients first: their pass also finds the peaks that crops of "mean" entries need.
+        jobs = sorted(jobs, key=lambda j: (j.sample_id, j.unit, j.which, j.rank))
         grads = [j for j in jobs if j.grad or (j.grad_crop and not _exists(self, name, j))]
         for start in range(0, len(grads), self.batch_size):
             part = grads[start : start + self.batch_size]
