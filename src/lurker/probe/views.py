@@ -153,6 +153,7 @@ class UnitImages:
         self._sample_bytes = 0
         self._sample_budget = 256 << 20  # decoded samples kept for reuse across units
         self._compute = threading.RLock()  # one model, shared by a threaded server
+        self._loading = threading.Lock()  # guards the decoded-sample cache
         self._checked: dict[str, bool] = {}  # layer -> rows of a batch are independent
 
     @property
@@ -185,19 +186,22 @@ class UnitImages:
 
     def _sample(self, sample_id: int) -> torch.Tensor:
         """The sample as the model takes it (on the CPU), decoded once while it is reused."""
-        t = self._samples.get(sample_id)
-        if t is not None:
-            self._samples.move_to_end(sample_id)
-            return t
+        with self._loading:
+            t = self._samples.get(sample_id)
+            if t is not None:
+                self._samples.move_to_end(sample_id)
+                return t
         item = self.dataset[sample_id]
         if isinstance(item, pdata.Skipped):
             raise LurkerError(f"sample {sample_id} ({item.path}) cannot be read: {item.reason}")
         t = item[0].detach().cpu()
-        self._samples[sample_id] = t
-        self._sample_bytes += t.numel() * t.element_size()
-        while self._sample_bytes > self._sample_budget and len(self._samples) > 1:
-            _, old = self._samples.popitem(last=False)
-            self._sample_bytes -= old.numel() * old.element_size()
+        with self._loading:
+            if sample_id not in self._samples:
+                self._samples[sample_id] = t
+                self._sample_bytes += t.numel() * t.element_size()
+            while self._sample_bytes > self._sample_budget and len(self._samples) > 1:
+                _, old = self._samples.popitem(last=False)
+                self._sample_bytes -= old.numel() * old.element_size()
         return t
 
     def _sample_pil(self, sample_id: int) -> Image.Image:
