@@ -615,6 +615,9 @@ def test_cli_render(tmp_path: Path) -> None:
     r = CliRunner().invoke(main, ["render", str(out), "--layers", "features.9*"])
     assert r.exit_code == 2 and "features.4, features.8" in r.output
     assert not (cache / "grad" / "features.4").exists()
+    if not torch.cuda.is_available():
+        r = CliRunner().invoke(main, ["render", str(out), "--device", "cuda"])
+        assert r.exit_code == 2 and "no CUDA GPU" in r.output
 
 
 def test_cli_render_of_a_python_run(probed: Any) -> None:
@@ -624,3 +627,28 @@ def test_cli_render_of_a_python_run(probed: Any) -> None:
 
     r = CliRunner().invoke(main, ["render", str(probed[0])])
     assert r.exit_code == 2 and "probed from Python" in r.output and "render_all" in r.output
+
+
+def test_gradients_one_backward_per_unit_and_many_units_per_pass(
+    probed: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lurker.probe import views
+
+    _, images = fresh(probed, tmp_path)
+    rows: list[list[int]] = []
+    real = views._gradients
+
+    def counted(tr: Any, op: int, x: torch.Tensor, units: list[int], *a: Any) -> Any:
+        rows.append(list(units))
+        return real(tr, op, x, units, *a)
+
+    monkeypatch.setattr(views, "_gradients", counted)
+    paths = images.gradients("3", 1, "max")
+    assert len(paths) == 3 and rows == [[1, 1, 1], [1]]  # one pass, then the one-row check
+    rows.clear()
+    images.gradients("3", 2, "max")
+    assert rows == [[2, 2, 2]]  # checked once per layer
+    rows.clear()
+    result = images.render_all(layers=["3"], kinds=["grad"], which=["max"], progress=False)
+    assert result.made == 3 * 3 and len(rows) == 1  # the three other units in one pass
+    assert sorted(rows[0]) == [0, 0, 0, 3, 3, 3, 4, 4, 4]

@@ -120,6 +120,8 @@ class UnitImages:
     ):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise LurkerError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if device is not None and str(device).startswith("cuda") and not torch.cuda.is_available():
+            raise LurkerError(f"device {device!r}: no CUDA GPU is available here; use cpu")
         self.run = run if isinstance(run, Run) else Run.open(run)
         cfg = self.run.meta.get("config") or {}
         if model is None or dataset is None:
