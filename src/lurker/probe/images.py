@@ -150,6 +150,9 @@ def _unit_map(t: Tensor, units: Tensor, channels_last: bool = False) -> Tensor:
     """
     if channels_last:
         t = t.movedim(-1, 1)
+    wrong = units[(units < 0) | (units >= t.shape[1])]
+    if len(wrong):
+        raise LurkerError(f"this layer has {t.shape[1]} units; unit {int(wrong[0])} does not exist")
     return t[torch.arange(t.shape[0], device=t.device), units.to(t.device)]
 
 
@@ -219,10 +222,6 @@ def _gradients(
 
     def keep(_: int, value: Any) -> None:
         act = _output_tensor(value, op.label)
-        width = act.shape[-1] if channels_last else act.shape[1]
-        wrong = [u for u in units if not 0 <= u < width]
-        if wrong:
-            raise LurkerError(f"{op.label} has {width} units; unit {wrong[0]} does not exist")
         maps = _unit_map(act, torch.tensor(list(units), dtype=torch.long), channels_last)
         pos = tuple(maps.shape[1:])
         flat = maps.reshape(n, -1)
