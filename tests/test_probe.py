@@ -321,7 +321,15 @@ def test_cli_probe_and_render(tmp_path: Path):
     assert "1 layers, 32 units" in r.output
     r = CliRunner().invoke(main, ["render", str(out)])
     assert r.exit_code == 0, r.output
-    assert len(list((out / "cache").rglob("*.png"))) == 32 * 2 * 2 * 4
+    grads = list((out / "cache" / "grad").rglob("*.png"))
+    assert len(grads) == 32 * 2 * 2  # units x lists x k
+    with lurker.Run.open(out) as run:
+        ids = {
+            e.sample_id for u in run.units("features.8") for w in ("max", "mean") for e in u.top(w)
+        }
+    samples = sorted(p.name for p in (out / "cache" / "samples").iterdir())
+    assert samples == [f"{i:08d}.png" for i in sorted(ids)]  # each sample once
+    assert sorted(p.name for p in (out / "cache").iterdir()) == ["grad", "samples"]
     r = CliRunner().invoke(
         main,
         [
@@ -420,7 +428,15 @@ def test_cli_rerun_over_python_run_records_how_to_load(tmp_path: Path):
     assert config["data"] == "digits:test"
     r = CliRunner().invoke(main, ["render", str(out)])
     assert r.exit_code == 0, r.output
-    assert len(list((out / "cache").rglob("*.png"))) == 32 * 2 * 2 * 4
+    grads = list((out / "cache" / "grad").rglob("*.png"))
+    assert len(grads) == 32 * 2 * 2  # units x lists x k
+    with lurker.Run.open(out) as run:
+        ids = {
+            e.sample_id for u in run.units("features.8") for w in ("max", "mean") for e in u.top(w)
+        }
+    samples = sorted(p.name for p in (out / "cache" / "samples").iterdir())
+    assert samples == [f"{i:08d}.png" for i in sorted(ids)]  # each sample once
+    assert sorted(p.name for p in (out / "cache").iterdir()) == ["grad", "samples"]
 
 
 def test_crash_before_results_never_leaves_complete_run_with_new_meta(

@@ -19,9 +19,11 @@ from lurker.probe.images import (
     GuidedReLUMode,
     ImageCache,
     crop,
+    gradient_pixels,
     guided_backprop,
     render_gradient,
     unit_gradient,
+    unit_gradients,
 )
 from lurker.store import RunWriter
 
@@ -248,11 +250,15 @@ def test_image_cache_writes_once(tmp_path: Path) -> None:
         im.verify()
     with Image.open(p1) as im:
         assert im.format == "PNG" and im.size == (7, 5) and im.getpixel((0, 0)) == (10, 20, 30)
-    p4 = cache.get(tmp_path / "run", "input", "features.0", 3, 0, "max", produce)
+    p4 = cache.get(tmp_path / "run", "crop", "features.0", 3, 0, "max", produce)
     assert p4 != p1 and calls == [1, 1]
+    sample = cache.sample_path(tmp_path / "run", 12)  # one file per sample, not per unit
+    assert sample == tmp_path / "run" / "cache" / "samples" / "00000012.png"
     assert not [f for f in p1.parent.iterdir() if f.name.startswith(".lurker-tmp")]
     with pytest.raises(LurkerError, match="kind"):
         cache.get(tmp_path / "run", "thumbnail", "x", 0, 0, "max", produce)
+    with pytest.raises(LurkerError, match="kind"):  # the input is per sample, not per unit
+        cache.get(tmp_path / "run", "input", "x", 0, 0, "max", produce)
 
 
 def test_image_cache_concurrent_requests_render_once(tmp_path: Path) -> None:
@@ -299,3 +305,356 @@ def test_unit_gradient_of_output_later_changed_in_place(mode: str) -> None:
     assert torch.allclose(got, want, atol=1e-6)
     relu = unit_gradient(tr, tr["1"].index, x, 1, "max", peak)  # after the relu: cut off
     assert relu.abs().sum() == 0
+
+
+# --------------------------------------------------------------------------- at scale
+
+
+def batch_model() -> nn.Sequential:
+    """conv -> relu -> conv (RF 5x5) -> relu -> conv: three layers, 6x6 to 12x12 maps."""
+    torch.manual_seed(6)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(4, 5, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(5, 3, 3, padding=1),
+    )
+
+
+def test_batched_gradients_equal_one_at_a_time() -> None:
+    model = batch_model()
+    x = torch.randn(7, 3, 12, 12)
+    tr = lurker.trace(model, x[:1])
+    units = [0, 4, 4, 1, 2, 3, 4]
+    modes = ["max", "mean", "max", "max", "mean", "max", "mean"]
+    peaks = [(1, 2), None, None, (5, 5), (0, 3), (3, 0), None]
+    for op in (tr["2"], tr["3"]):
+        got = unit_gradients(tr, op.index, x, units, modes, peaks)  # type: ignore[arg-type]
+        assert got.shape == x.shape
+        for i in range(len(x)):
+            one = unit_gradient(tr, op.index, x[i], units[i], modes[i], peaks[i])  # type: ignore[arg-type]
+            assert torch.allclose(got[i], one, atol=1e-6), i
+            part = model[: op.index]  # ops 1..n are the model's children 0..n-1
+            out = part(x[i : i + 1])[0, units[i]]
+            peak = peaks[i] or divmod(int(out.argmax()), out.shape[1])
+
+            def select(o: torch.Tensor, i: int = i, peak: Any = peak) -> torch.Tensor:
+                m = o[0, units[i]]
+                return m.mean() if modes[i] == "mean" else m[peak]
+
+            assert torch.allclose(got[i], guided_backprop(part, x[i : i + 1], select)[0], atol=1e-6)
+
+
+def test_batched_gradients_equal_autograd_without_relus() -> None:
+    """No relu, so guided backprop is the plain gradient: autograd per sample is the oracle."""
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.Tanh(), nn.Conv2d(4, 3, 3, stride=2))
+    x = torch.randn(5, 2, 11, 11)
+    tr = lurker.trace(model, x[:1])
+    units, modes, peaks = [2, 0, 1, 2, 0], ["max", "mean", "max", "mean", "max"], [None] * 5
+    got = unit_gradients(tr, tr["2"].index, x, units, modes, peaks)  # type: ignore[arg-type]
+    for i in range(5):
+        xi = x[i : i + 1].clone().requires_grad_(True)
+        m = model(xi)[0, units[i]]
+        target = m.mean() if modes[i] == "mean" else m.flatten().max()
+        (want,) = torch.autograd.grad(target, xi)
+        assert torch.allclose(got[i], want[0], atol=1e-6)
+
+
+def test_batched_gradients_channels_last_sequence() -> None:
+    """(B, L, C) linear outputs: the unit is the last axis, the peak a token (x)."""
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4))
+    x = torch.randn(3, 7, 6)
+    tr = lurker.trace(model, x[:1])
+    op = tr["2"]
+    got = unit_gradients(
+        tr,
+        op.index,
+        x,
+        [3, 0, 1],
+        ["max", "mean", "max"],
+        [(0, 5), None, None],
+        layout={"batch": 0, "unit": 2, "positions": [1]},
+    )
+    for i, (u, mode, tok) in enumerate([(3, "max", 5), (0, "mean", None), (1, "max", None)]):
+        xi = x[i : i + 1].clone().requires_grad_(True)
+        m = model(xi)[0, :, u]
+        target = m.mean() if mode == "mean" else (m[tok] if tok is not None else m.max())
+        (want,) = torch.autograd.grad(target, xi)
+        assert torch.allclose(got[i], want[0], atol=1e-6)
+
+
+def test_gradient_pixels_match_render_gradient() -> None:
+    g = torch.randn(4, 3, 5, 6)
+    g[2] = 0
+    pixels = gradient_pixels(g).numpy()
+    for i in range(4):
+        assert np.array_equal(pixels[i], np.asarray(render_gradient(g[i])))
+
+
+class Data(torch.utils.data.Dataset):
+    """40 synthetic 3x12x12 images in 4 classes, with a bright square in class-dependent places."""
+
+    def __init__(self, n: int = 40):
+        g = torch.Generator().manual_seed(9)
+        self.x = torch.randn(n, 3, 12, 12, generator=g) * 0.3
+        self.y = torch.arange(n) % 4
+        for i in range(n):
+            c = int(self.y[i]) * 2
+            self.x[i, :, c : c + 4, c : c + 4] += 1.5
+        self.classes = ["a", "b", "c", "d"]
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.x[i], int(self.y[i])
+
+
+LAYERS = ["1", "3", "4"]
+
+
+@pytest.fixture(scope="module")
+def probed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, nn.Module, Data]:
+    model, ds = batch_model(), Data()
+    out = tmp_path_factory.mktemp("units") / "run"
+    lurker.probe(model, ds, out=out, layers=LAYERS, k=3, batch_size=16, progress=False)
+    return out, model, ds
+
+
+def fresh(probed: Any, tmp_path: Path, **kw: Any) -> Any:
+    """A copy of the probed run with an empty cache, and its UnitImages."""
+    import shutil
+
+    from lurker.probe import UnitImages
+
+    out, model, ds = probed
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    shutil.rmtree(run / "cache", ignore_errors=True)
+    return run, UnitImages(run, model=model, dataset=ds, **kw)
+
+
+def entries(run_dir: Path, layers: list[str] = LAYERS) -> list[tuple[str, int, str, Any]]:
+    with lurker.Run.open(run_dir) as run:
+        return [
+            (layer, u.index, w, e)
+            for layer in layers
+            for u in run.units(layer, order_by="index")
+            for w in ("max", "mean")
+            for e in u.top(w)  # type: ignore[arg-type]
+        ]
+
+
+def test_sample_image_stored_once(probed: Any, tmp_path: Path) -> None:
+    run, images = fresh(probed, tmp_path)
+    result = images.render_all(kinds=["input"], progress=False)
+    ids = {e.sample_id for *_, e in entries(run)}
+    files = sorted(p.name for p in (run / "cache").rglob("*.png"))
+    assert files == [f"{i:08d}.png" for i in sorted(ids)]  # each distinct sample once
+    assert result.total == result.made == len(ids) < len(entries(run))
+    shared = [(layer, u, w, e) for layer, u, w, e in entries(run) if e.sample_id == min(ids)]
+    assert len(shared) > 1  # several units rank it ...
+    paths = {images.get("input", layer, u, e.rank, w) for layer, u, w, e in shared}
+    assert paths == {images.sample_image(min(ids))}  # ... and all get the same file
+    ds = probed[2]
+    want = np.asarray(lurker.probe.data.to_pil(ds[min(ids)][0]))  # mean 0, std 1
+    assert np.array_equal(np.asarray(Image.open(paths.pop())), want)
+
+
+def test_crop_boxes_are_the_stored_receptive_fields(probed: Any, tmp_path: Path) -> None:
+    from lurker.probe.receptive import RF
+
+    run, images = fresh(probed, tmp_path)
+    model, ds = probed[1], probed[2]
+    r = lurker.Run.open(run)
+    for layer, u, w, e in entries(run, ["3"]):
+        rf = RF.from_dict(r.layer(layer).rf)
+        if w == "max":
+            y, x = e.y, e.x
+        else:  # brute force: the unit's first maximum on that sample
+            fmap = model[:3](ds[e.sample_id][0][None])[0, u]
+            y, x = divmod(int(fmap.argmax()), fmap.shape[1])
+        want = rf.box(y, x, clip_to=(12, 12))
+        assert images.crop_box(layer, u, w, e.rank) == want
+        assert 0 < want[1] - want[0] <= 5 and want[0] <= 2 * y < want[1]
+    layer, u, w, e = entries(run, ["3"])[1]
+    box = images.crop_box(layer, u, w, e.rank)
+    cut = crop(Image.open(images.sample_image(e.sample_id)), box)
+    assert np.array_equal(
+        np.asarray(Image.open(images.get("crop", layer, u, e.rank, w))), np.asarray(cut)
+    )
+
+
+def test_render_gradients_equal_lazy_single_ones(probed: Any, tmp_path: Path) -> None:
+    run, images = fresh(probed, tmp_path, batch_size=7)
+    result = images.render_all(progress=False)  # input and grad, batched across units
+    n = len(entries(run))
+    grads = list((run / "cache" / "grad").rglob("*.png"))
+    assert len(grads) == n and result.total == n + len(list((run / "cache" / "samples").iterdir()))
+    assert not (run / "cache" / "crop").exists() and not (run / "cache" / "grad_crop").exists()
+    tr = images.trace
+    for layer, u, w, e in entries(run)[::5]:
+        one = unit_gradient(
+            tr, tr[layer].index, probed[2][e.sample_id][0], u, w, (e.y, e.x) if w == "max" else None
+        )
+        want = np.asarray(render_gradient(one)).astype(int)
+        got = np.asarray(Image.open(images.get("grad", layer, u, e.rank, w))).astype(int)
+        assert np.abs(got - want).max() <= 1  # the same up to float rounding
+    paths = images.gradients("3", 2, "mean")
+    assert [p.name for p in paths] == [f"00002-mean-{r:03d}.png" for r in range(3)]
+
+
+def test_render_layers_and_kinds(probed: Any, tmp_path: Path) -> None:
+    run, images = fresh(probed, tmp_path)
+    result = images.render_all(
+        layers=["3"], kinds=["grad", "grad_crop"], which=["max"], progress=False
+    )
+    assert sorted(p.name for p in (run / "cache").iterdir()) == ["grad", "grad_crop"]
+    assert [p.name for p in (run / "cache" / "grad").iterdir()] == ["3"]
+    assert len(list((run / "cache" / "grad_crop" / "3").iterdir())) == 5 * 3 == result.made / 2
+    with pytest.raises(LurkerError, match=r"zzz.*This run's layers: 1, 3, 4"):
+        images.render_all(layers=["zzz"], progress=False)
+    with pytest.raises(LurkerError, match="kinds must be some of"):
+        images.render_all(kinds=["inputs"], progress=False)
+
+
+def test_render_progress_lines_when_not_a_terminal(
+    probed: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, images = fresh(probed, tmp_path, batch_size=8)
+    result = images.render_all(layers=["1"], progress=True, progress_every=0.0)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) > 3 and all(line.startswith("render: ") for line in lines)
+    assert lines[0].startswith(f"render: 0/{result.total} images")
+    assert lines[-1].startswith(f"render: {result.total}/{result.total} images (100%)")
+    assert all("images/s" in line for line in lines)
+
+
+class Killed(Exception):
+    pass
+
+
+def test_killed_render_resumes_without_redoing(
+    probed: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lurker.probe import views
+
+    run, images = fresh(probed, tmp_path, batch_size=5)
+    write, calls = views._write, []
+
+    def dies(target: Path, image: Image.Image) -> None:
+        calls.append(1)
+        if len(calls) > 30:
+            raise Killed
+        write(target, image)
+
+    monkeypatch.setattr(views, "_write", dies)
+    with pytest.raises(Killed):
+        images.render_all(kinds=views.KINDS, progress=False)
+    monkeypatch.setattr(views, "_write", write)
+    before = {p: p.stat().st_mtime_ns for p in (run / "cache").rglob("*") if p.is_file()}
+    assert 0 < len(before) <= 30
+    assert not [p for p in before if p.name.startswith(".lurker-tmp")]
+    for p in before:
+        with Image.open(p) as im:
+            im.verify()  # every file there is whole
+    again = views.UnitImages(run, model=probed[1], dataset=probed[2], batch_size=5)
+    result = again.render_all(kinds=views.KINDS, progress=False)
+    assert result.existing == len(before) and result.made == result.total - len(before)
+    assert all(p.stat().st_mtime_ns == t for p, t in before.items())  # not redone
+    files = [p for p in (run / "cache").rglob("*.png")]
+    assert len(files) == result.total
+    assert again.render_all(kinds=views.KINDS, progress=False).made == 0
+
+
+class BatchMean(nn.Module):
+    """Subtracts the batch mean: the rows of a batch change each other."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x - x.mean(0, keepdim=True)
+
+
+def test_rows_that_interact_fall_back_to_one_per_pass(tmp_path: Path) -> None:
+    from lurker.probe import UnitImages
+
+    torch.manual_seed(10)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), BatchMean(), nn.ReLU(), nn.Conv2d(4, 2, 3))
+    ds = Data(12)
+    lurker.probe(model, ds, out=tmp_path / "run", layers=["3"], k=3, progress=False)
+    images = UnitImages(tmp_path / "run", model=model, dataset=ds, batch_size=6)
+    with pytest.warns(RuntimeWarning, match="one image per pass"):
+        paths = images.gradients("3", 1, "max")
+    tr = images.trace
+    for e, p in zip(images.run.unit("3", 1).top("max"), paths):
+        one = unit_gradient(tr, tr["3"].index, ds[e.sample_id][0], 1, "max", (e.y, e.x))
+        got = np.asarray(Image.open(p)).astype(int)
+        assert np.abs(got - np.asarray(render_gradient(one)).astype(int)).max() <= 1
+
+
+def test_cli_render(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from lurker.cli import main
+
+    out = tmp_path / "run"
+    probe_args = ["probe", "lurker.examples:DigitsNet", "--data", "digits:test", "--out", str(out)]
+    probe_args += ["--image-size", "16", "--layers", "features.4", "--layers", "features.8"]
+    r = CliRunner().invoke(main, [*probe_args, "--k", "2"])
+    assert r.exit_code == 0, r.output
+    args = ["render", str(out), "--layers", "features.8", "--kinds", "input,grad,crop"]
+    r = CliRunner().invoke(main, [*args, "--which", "max", "-b", "5"])
+    assert r.exit_code == 0, r.output
+    cache = out / "cache"
+    assert sorted(p.name for p in cache.iterdir()) == ["crop", "grad", "samples"]
+    assert len(list((cache / "grad" / "features.8").iterdir())) == 32 * 2  # units x k, max only
+    assert len(list((cache / "crop" / "features.8").iterdir())) == 32 * 2
+    n = len(list((cache / "samples").iterdir()))
+    assert f"render: 0/{128 + n} images" in r.output  # not a terminal: plain progress lines
+    assert f"{128 + n} images made (0 already there)" in r.output and "images/s" in r.output
+    r = CliRunner().invoke(main, [*args, "--which", "max"])  # resumes: nothing left to do
+    assert r.exit_code == 0 and f"0 images made ({128 + n} already there)" in r.output
+    r = CliRunner().invoke(main, ["render", str(out), "--kinds", "grad,thumbs"])
+    assert r.exit_code == 2 and "kinds must be some of input, grad, crop, grad_crop" in r.output
+    r = CliRunner().invoke(main, ["render", str(out), "--layers", "features.9*"])
+    assert r.exit_code == 2 and "features.4, features.8" in r.output
+    assert not (cache / "grad" / "features.4").exists()
+    if not torch.cuda.is_available():
+        r = CliRunner().invoke(main, ["render", str(out), "--device", "cuda"])
+        assert r.exit_code == 2 and "no CUDA GPU" in r.output
+
+
+def test_cli_render_of_a_python_run(probed: Any) -> None:
+    from click.testing import CliRunner
+
+    from lurker.cli import main
+
+    r = CliRunner().invoke(main, ["render", str(probed[0])])
+    assert r.exit_code == 2 and "made from Python" in r.output and "render_all" in r.output
+
+
+def test_gradients_one_backward_per_unit_and_many_units_per_pass(
+    probed: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lurker.probe import views
+
+    _, images = fresh(probed, tmp_path)
+    rows: list[list[int]] = []
+    real = views._gradients
+
+    def counted(tr: Any, op: int, x: torch.Tensor, units: list[int], *a: Any) -> Any:
+        rows.append(list(units))
+        return real(tr, op, x, units, *a)
+
+    monkeypatch.setattr(views, "_gradients", counted)
+    paths = images.gradients("3", 1, "max")
+    assert len(paths) == 3 and rows == [[1, 1, 1], [1]]  # one pass, then the one-row check
+    rows.clear()
+    images.gradients("3", 2, "max")
+    assert rows == [[2, 2, 2]]  # checked once per layer
+    rows.clear()
+    result = images.render_all(layers=["3"], kinds=["grad"], which=["max"], progress=False)
+    assert result.made == 3 * 3 and len(rows) == 1  # the three other units in one pass
+    assert sorted(rows[0]) == [0, 0, 0, 3, 3, 3, 4, 4, 4]

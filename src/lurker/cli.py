@@ -285,13 +285,47 @@ def _torchrun_group(device: str | None) -> Iterator[None]:
 
 @main.command()
 @click.argument("run", type=click.Path(exists=True, file_okay=False))
+@click.option(
+    "--layers",
+    "-l",
+    multiple=True,
+    help="Layers to render (names, module paths, op labels or types; globs). Default: all.",
+)
+@click.option(
+    "--kinds",
+    default="input,grad",
+    show_default=True,
+    help="Comma-separated, of input, grad, crop, grad_crop (crops are boxes the explorer "
+    "cuts itself; files only when asked).",
+)
+@click.option(
+    "--which", default="max,mean", show_default=True, help="Top lists: max, mean or both."
+)
+@click.option("--batch-size", "-b", default=32, show_default=True, help="Gradients per pass.")
+@click.option("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available).")
 @_friendly
-def render(run: str) -> None:
-    """Precompute every image of RUN (inputs, receptive-field crops, gradients)."""
+def render(
+    run: str,
+    layers: tuple[str, ...],
+    kinds: str,
+    which: str,
+    batch_size: int,
+    device: str | None,
+) -> None:
+    """Precompute the images of RUN's units: each top-k sample once, guided-backprop
+    gradients (batched), crops if asked. Rerun after an interruption to resume."""
     from .probe.views import UnitImages
 
-    n = UnitImages(run).render_all()
-    click.echo(f"{n} images in {Path(run) / 'cache'}")
+    if batch_size < 1:
+        raise click.BadParameter(f"must be at least 1, got {batch_size}", param_hint="-b")
+    images = UnitImages(run, device=device, batch_size=batch_size)  # errors say what to pass
+    result = images.render_all(
+        layers=list(layers) or None, kinds=kinds.split(","), which=which.split(",")
+    )
+    click.echo(
+        f"{result.made} images made ({result.existing} already there) in "
+        f"{result.seconds:.1f} s: {result.rate:.1f} images/s; in {Path(run) / 'cache'}"
+    )
 
 
 if __name__ == "__main__":

@@ -52,8 +52,11 @@ def main(argv: list[str] | None = None) -> None:
         classes = ", ".join(e.class_name for e in top)
         print(f"  unit {unit.index:2d}: peak {unit.max:6.2f}; top-9 images are digits {classes}")
     images = UnitImages(run, model=model, dataset=data)
-    n = images.render_all(layers=[layer], progress=False)
-    print(f"{n} images (inputs, receptive-field crops, guided gradients) in {run.path / 'cache'}")
+    made = images.render_all(layers=[layer], kinds=("input", "grad", "crop"), progress=False)
+    print(
+        f"{made.total} images (each top sample once, guided gradients, receptive-field crops) "
+        f"in {run.path / 'cache'}"
+    )
 
     elapsed = time.perf_counter() - t0
     print(f"\ndone in {elapsed:.0f} s (test accuracy {acc:.1%}). Open these:")

@@ -13,11 +13,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -30,7 +31,7 @@ from torch.overrides import TorchFunctionMode
 from ..capture._replay import run_with
 from ..errors import LurkerError
 from ..store import atomic_write_bytes
-from ..store.files import cache_file
+from ..store.files import cache_file, sample_file
 from .data import to_pil
 from .layout import as_units
 
@@ -42,14 +43,17 @@ __all__ = [
     "GuidedReLUMode",
     "ImageCache",
     "crop",
+    "gradient_pixels",
     "guided_backprop",
     "render_gradient",
     "unit_gradient",
+    "unit_gradients",
 ]
 
-#: What :class:`ImageCache` stores: the input as the model saw it, its receptive-field
-#: crop, the unit's guided-backprop image, and that image's crop.
-CACHE_KINDS = ("input", "crop", "grad", "grad_crop")
+#: What :class:`ImageCache` stores per (layer, unit, list, rank): the receptive-field crop
+#: of the input, the unit's guided-backprop image, and that image's crop. The input image
+#: itself is stored once per sample (:meth:`ImageCache.sample_path`).
+CACHE_KINDS = ("crop", "grad", "grad_crop")
 
 
 class _GuidedReLU(torch.autograd.Function):
@@ -134,33 +138,144 @@ def guided_backprop(
         return _input_grad(target, x_in)
 
 
-def _unit_scalar(
-    act: Any, unit: int, mode: str, peak: tuple[int, int] | None, label: str
-) -> Tensor:
-    """The scalar of ``unit`` in the batch-of-one activation ``act`` (see unit_gradient)."""
+class _Reached(Exception):
+    """Ends a replay once the wanted op has run: nothing after it reaches the gradient."""
+
+
+def _unit_map(t: Tensor, units: Tensor, layout: Any = None) -> Tensor:
+    """Row ``i``'s map of unit ``units[i]`` out of an op output: ``(B, *positions)``.
+
+    ``layout`` (a layer's stored layout, :mod:`lurker.probe.layout`) says where the batch,
+    unit and position axes are; None (runs made before layouts) means ``(B, C, ...)``.
+    """
+    t = as_units(layout, t)
+    wrong = units[(units < 0) | (units >= t.shape[1])]
+    if len(wrong):
+        raise LurkerError(f"this layer has {t.shape[1]} units; unit {int(wrong[0])} does not exist")
+    return t[torch.arange(t.shape[0], device=t.device), units.to(t.device)]
+
+
+def _output_tensor(act: Any, label: str) -> Tensor:
     if isinstance(act, (tuple, list)):
         act = next((t for t in act if isinstance(t, Tensor)), None)
-    if not isinstance(act, Tensor) or act.dim() not in (2, 3, 4):
+    if not isinstance(act, Tensor) or act.dim() < 2:
         shape = tuple(act.shape) if isinstance(act, Tensor) else type(act).__name__
         raise LurkerError(
-            f"{label}: units need a (1, C), (1, C, L) or (1, C, H, W) output, got {shape}"
+            f"{label}: units need a (B, C), (B, C, L) or (B, C, H, W) output, got {shape}"
         )
-    if not 0 <= unit < act.shape[1]:
-        raise LurkerError(f"{label} has {act.shape[1]} units; unit {unit} does not exist")
-    fmap = act[0, unit]
-    if act.dim() == 2:
-        return fmap.clone()  # one position: max == mean
-    if mode == "mean":
-        return fmap.mean()
-    if peak is None:
-        flat = int(torch.argmax(fmap.detach().reshape(-1)))  # first maximum, row-major
-        index = divmod(flat, fmap.shape[-1]) if act.dim() == 4 else (flat,)
-    else:
-        index = (int(peak[0]), int(peak[1])) if act.dim() == 4 else (int(peak[1]),)
-    if any(not 0 <= i < n for i, n in zip(index, fmap.shape)):
-        raise LurkerError(f"{label}: peak {peak} lies outside its {tuple(fmap.shape)} map")
-    # clone: the value as it is now, even if a later in-place op changes the output
-    return fmap[index].clone()
+    return act
+
+
+def _flat_peaks(
+    peaks: Sequence[tuple[int, int] | None], pos: tuple[int, ...], label: str
+) -> list[int | None]:
+    """Stored ``(y, x)`` peaks as flat indices into a map of shape ``pos`` (row-major).
+
+    The probe stores ``flat // W, flat % W`` with ``W`` the map's last size, so
+    ``y * W + x`` inverts it; 1-D maps use x only, maps without positions have one value.
+    """
+    size = math.prod(pos)
+    width = pos[-1] if pos else 1
+    out: list[int | None] = []
+    for peak in peaks:
+        if peak is None:
+            out.append(None)
+            continue
+        y, x = int(peak[0]), int(peak[1])
+        flat = 0 if not pos else x if len(pos) == 1 else y * width + x
+        if not (0 <= x < width and 0 <= flat < size and y >= 0):
+            raise LurkerError(f"{label}: peak {tuple(peak)} lies outside its {pos} map")
+        out.append(flat)
+    return out
+
+
+def _gradients(
+    trace: Trace,
+    op_index: int,
+    x: Tensor,
+    units: Sequence[int],
+    modes: Sequence[str],
+    peaks: Sequence[tuple[int, int] | None],
+    layout: Any = None,
+) -> tuple[Tensor, Tensor, tuple[int, ...]]:
+    """Guided-backprop images of one job per row of the batch ``x`` (see unit_gradients).
+
+    Returns the gradients ``x.shape`` (detached, on the trace's device), each row's flat
+    position of its unit's first maximum (for crops of "mean" entries) and the map shape.
+    """
+    if not 0 <= op_index < len(trace.ops):
+        raise LurkerError(f"op index {op_index} out of range: this trace has {len(trace.ops)} ops")
+    op = trace.ops[op_index]
+    n = x.shape[0]
+    if not len(units) == len(modes) == len(peaks) == n:
+        raise LurkerError(
+            f"unit_gradients needs one unit, mode and peak per row of x ({n} rows); got "
+            f"{len(units)}, {len(modes)} and {len(peaks)}"
+        )
+    bad = sorted({m for m in modes if m not in ("max", "mean")})
+    if bad:
+        raise LurkerError(f"mode must be 'max' or 'mean', got {bad[0]!r}")
+    device = trace.inputs[0].device or x.device
+    x_in = x.detach().to(device).clone().requires_grad_(True)
+    found: dict[str, Any] = {}
+
+    def keep(_: int, value: Any) -> None:
+        act = _output_tensor(value, op.label)
+        maps = _unit_map(act, torch.tensor(list(units), dtype=torch.long), layout)
+        pos = tuple(maps.shape[1:])
+        flat = maps.reshape(n, -1)
+        if flat.shape[1] == 0:
+            raise LurkerError(f"{op.label}: its maps {pos} have no positions")
+        argmax = flat.detach().argmax(1)  # first maximum, row-major
+        want = _flat_peaks(peaks, pos, op.label)
+        index = torch.tensor(
+            [a if w is None else w for w, a in zip(want, argmax.tolist())], device=flat.device
+        )
+        at_peak = flat.gather(1, index[:, None])[:, 0]
+        is_mean = torch.tensor([m == "mean" for m in modes], device=flat.device)
+        objective = torch.where(is_mean, flat.mean(1), at_peak)
+        found.update(objective=objective, argmax=argmax, pos=pos)
+        raise _Reached
+
+    with torch.enable_grad():
+        with GuidedReLUMode(), contextlib.suppress(_Reached):
+            run_with(trace, (x_in,), {}, [op_index], keep)
+        if not found:
+            raise LurkerError(
+                f"{op.label} is a model {op.kind}, not an op that runs; pick the op "
+                "that computes it"
+            )
+        # Rows of a batch are independent in eval mode, so the gradient of the sum is
+        # every row's own gradient, all in one backward.
+        grad = _input_grad(found["objective"].sum(), x_in)
+    return grad, found["argmax"], found["pos"]
+
+
+def unit_gradients(
+    trace: Trace,
+    op_index: int,
+    x: Tensor,
+    units: Sequence[int],
+    modes: Sequence[Literal["max", "mean"]] | Literal["max", "mean"] = "max",
+    peaks: Sequence[tuple[int, int] | None] | None = None,
+    layout: Any = None,
+) -> Tensor:
+    """Guided-backprop images of many (sample, unit) jobs of one op, in one backward.
+
+    Row ``i`` of ``x`` (a batch shaped like the model's input) is differentiated for unit
+    ``units[i]``: its value at ``peaks[i]`` (None: the first maximum) in mode "max", its
+    spatial mean in mode "mean". In eval mode the rows of a batch do not interact, so one
+    backward of the sum of the rows' objectives gives each row its own gradient; a model
+    whose rows do interact (a batch statistic) gets wrong images this way, which
+    :class:`~lurker.probe.UnitImages` checks for. The forward stops at the op. Returns
+    ``x``'s shape, on ``x``'s device.
+    """
+    n = x.shape[0]
+    mode_list = [modes] * n if isinstance(modes, str) else list(modes)
+    grad, _, _ = _gradients(
+        trace, op_index, x, list(units), mode_list, list(peaks or [None] * n), layout
+    )
+    return grad.to(x.device)
 
 
 def _one_sample(trace: Trace, x: Tensor) -> tuple[Tensor, bool]:
@@ -198,34 +313,30 @@ def unit_gradient(
     only), ``"mean"`` the unit's spatial mean; a ``(B, C)`` output has one value per unit.
     ``layout`` (a layer's stored layout) says where units and positions are in the op's
     output (None: ``(B, C, ...)``).
+    Many jobs at once: :func:`unit_gradients`.
 
     The model re-runs under two torch-function modes: the guided-ReLU mode outside and
     the trace's replay mode inside, so that the replay sees (and checks) the model's own
     calls while every relu is still swapped for its guided version.
     """
-    if mode not in ("max", "mean"):
-        raise LurkerError(f"mode must be 'max' or 'mean', got {mode!r}")
-    if not 0 <= op_index < len(trace.ops):
-        raise LurkerError(f"op index {op_index} out of range: this trace has {len(trace.ops)} ops")
-    op = trace.ops[op_index]
     xb, _ = _one_sample(trace, x)
-    device = trace.inputs[0].device or xb.device
-    x_in = xb.detach().to(device).clone().requires_grad_(True)
-    found: list[Tensor] = []
-
-    def keep(_: int, value: Any) -> None:
-        found.append(_unit_scalar(as_units(layout, value), unit, mode, peak, op.label))
-
-    with torch.enable_grad():
-        with GuidedReLUMode():
-            run_with(trace, (x_in,), {}, [op_index], keep)
-        if not found:
-            raise LurkerError(
-                f"{op.label} is a model {op.kind}, not an op that runs; pick the op "
-                "that computes it"
-            )
-        grad = _input_grad(found[0], x_in)
+    grad, _, _ = _gradients(trace, op_index, xb, [unit], [mode], [peak], layout)
     return grad[0].to(x.device)
+
+
+def gradient_pixels(grad: Tensor) -> Tensor:
+    """Batched :func:`render_gradient`: ``(N, C, H, W)`` gradients as ``(N, H, W, 3)`` uint8.
+
+    Computed where ``grad`` lives (the GPU during a render), so only bytes reach the host.
+    """
+    g = grad.detach().float()
+    if g.dim() != 4 or g.shape[1] not in (1, 3):
+        raise LurkerError(f"gradient_pixels needs (N, 1|3, H, W) gradients, got {tuple(g.shape)}")
+    scale = g.abs().amax(dim=(1, 2, 3), keepdim=True)
+    ok = torch.isfinite(scale) & (scale > 0)
+    g = torch.where(ok, g / torch.where(ok, scale, 1.0) * 0.5 + 0.5, torch.full_like(g, 0.5))
+    g = g.expand(-1, 3, -1, -1)
+    return (g.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8).permute(0, 2, 3, 1)
 
 
 def render_gradient(grad: Tensor) -> Image.Image:
@@ -269,8 +380,26 @@ def crop(img: Image.Image, box: tuple[int, int, int, int], min_size: int = 64) -
 
 def _png(image: Image.Image) -> bytes:
     buf = io.BytesIO()
-    image.save(buf, format="PNG")
+    # level 1: much faster to encode than the default (6), for slightly larger files
+    image.save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
+
+
+def cached(path: Path) -> bool:
+    """Whether ``path`` holds a cached image: an empty file (left by a power cut during a
+    render, which does not fsync each image) counts as missing."""
+    try:
+        return path.stat().st_size > 0
+    except OSError:
+        return False
+
+
+def _root(run: Any) -> Path:
+    """The run directory of a ``Run``, a ``RunWriter``, a run directory or its run.db."""
+    if hasattr(run, "path") and not isinstance(run, (str, os.PathLike)):
+        return Path(run.path)
+    root = Path(os.fspath(run))
+    return root.parent if root.is_file() else root
 
 
 class ImageCache:
@@ -289,12 +418,24 @@ class ImageCache:
         """Where the image lives; ``run`` is a ``Run``, a ``RunWriter`` or a run directory."""
         if kind not in CACHE_KINDS:
             raise LurkerError(f"unknown image kind {kind!r}; expected one of {CACHE_KINDS}")
-        if hasattr(run, "cache_path"):
-            return run.cache_path(kind, layer, unit, rank, list, "png")
-        root = Path(os.fspath(run))
-        if root.is_file():  # the run's run.db
-            root = root.parent
-        return cache_file(root, kind, layer, unit, rank, list, "png")
+        return cache_file(_root(run), kind, layer, unit, rank, list, "png")
+
+    @staticmethod
+    def sample_path(run: Any, sample_id: int) -> Path:
+        """Where sample ``sample_id``'s image (as the model saw it) lives: one per sample."""
+        return sample_file(_root(run), sample_id, "png")
+
+    @contextlib.contextmanager
+    def lock(self, target: Path) -> Iterator[None]:
+        """Hold the lock of ``target`` (one per file, so one thread renders it)."""
+        with self._guard:
+            lock = self._locks.setdefault(target, threading.Lock())
+        try:
+            with lock:
+                yield
+        finally:
+            with self._guard:
+                self._locks.pop(target, None)
 
     def get(
         self,
@@ -307,22 +448,22 @@ class ImageCache:
         producer: Callable[[], Image.Image],
     ) -> Path:
         """The cached PNG's path, calling ``producer()`` and writing it on first request."""
-        target = self.path(run, kind, layer, unit, rank, list)
-        if target.is_file():
+        return self.get_file(
+            self.path(run, kind, layer, unit, rank, list), producer, f"{kind} {layer}/{unit}"
+        )
+
+    def get_file(
+        self, target: Path, producer: Callable[[], Image.Image], what: str = "image"
+    ) -> Path:
+        """``target``, calling ``producer()`` and writing its PNG there if it is missing."""
+        if cached(target):
             return target
-        with self._guard:
-            lock = self._locks.setdefault(target, threading.Lock())
-        try:
-            with lock:
-                if not target.is_file():
-                    image = producer()
-                    if not isinstance(image, Image.Image):
-                        raise LurkerError(
-                            f"the producer of {kind} {layer}/{unit} returned "
-                            f"{type(image).__name__}, not a PIL image"
-                        )
-                    atomic_write_bytes(target, _png(image))
-        finally:
-            with self._guard:
-                self._locks.pop(target, None)
+        with self.lock(target):
+            if not cached(target):
+                image = producer()
+                if not isinstance(image, Image.Image):
+                    raise LurkerError(
+                        f"the producer of {what} returned {type(image).__name__}, not a PIL image"
+                    )
+                atomic_write_bytes(target, _png(image))
         return target

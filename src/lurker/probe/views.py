@@ -1,38 +1,128 @@
 """Images derived from a probe run, made on request and cached in the run directory.
 
-For any (layer, unit, list, rank) of a unit's top lists: the input image as the model saw
-it, the receptive-field crop around the unit's peak, the unit's guided-backprop gradient
-image (of its peak for the "max" list, of its spatial mean for the "mean" list), and the
-crop of that gradient. ``lurker render RUN`` precomputes them all for export.
+What the explorer shows for an entry (layer, unit, list, rank) of a unit's top lists:
+
+* the sample as the model saw it: **one file per sample** (``cache/samples/``), however
+  many units rank it;
+* the unit's guided-backprop gradient image (of its peak for the "max" list, of its
+  spatial mean for the "mean" list): made for all entries of a unit in one batched
+  backward, and for many units per pass by :meth:`UnitImages.render_all`;
+* the receptive-field crop around the unit's peak, as a box on the sample
+  (:meth:`UnitImages.crop_box`); a crop file ("crop", "grad_crop") only when asked for.
+
+``lurker render RUN`` precomputes them (for export), with progress, and resumes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fnmatch
+import os
+import sys
+import threading
+import time
+import warnings
+from collections import OrderedDict
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from PIL import Image
 
 from ..capture import Trace, trace
 from ..capture._replay import run_with
 from ..errors import LurkerError
-from ..store import Run
+from ..store import Run, atomic_write_bytes
+from ..store.files import safe_component
+from ..store.run import LayerInfo
 from . import data as pdata
-from .images import ImageCache, crop, render_gradient, unit_gradient
-from .layout import position_box, unit_map
+from .images import (
+    ImageCache,
+    _gradients,
+    _png,
+    _Reached,
+    _unit_map,
+    cached,
+    crop,
+    gradient_pixels,
+)
+from .layout import position_box
 
 Kind = Literal["input", "crop", "grad", "grad_crop"]
+#: Every kind of image; :meth:`UnitImages.render_all` makes ``DEFAULT_KINDS`` unless told.
+KINDS: tuple[str, ...] = ("input", "grad", "crop", "grad_crop")
+#: Cheap and enough for the explorer: crops are boxes it cuts out of these.
+DEFAULT_KINDS: tuple[str, ...] = ("input", "grad")
+LISTS: tuple[str, ...] = ("max", "mean")
+
+
+@dataclass(frozen=True)
+class RenderResult:
+    """What :meth:`UnitImages.render_all` did: ``made`` new files of ``total`` wanted."""
+
+    total: int
+    made: int
+    seconds: float
+
+    @property
+    def existing(self) -> int:
+        """Files that were already there (a resumed render skips them)."""
+        return self.total - self.made
+
+    @property
+    def rate(self) -> float:
+        """Images made per second."""
+        return self.made / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class _Layer:
+    info: LayerInfo
+    op_index: int
+    layout: dict[str, Any] | None  # the layer's stored layout (None: (B, C, ...))
+
+
+@dataclass
+class _Job:
+    """One (layer, unit, list, rank) entry and which of its files a render must write."""
+
+    unit: int
+    which: str
+    rank: int
+    sample_id: int
+    peak: tuple[int, int] | None  # stored for the max list
+    grad: bool = False
+    crop: bool = False
+    grad_crop: bool = False
 
 
 class UnitImages:
     """Lazy, cached images for the units of a run. Needs the model and the dataset.
 
     ``model`` and ``dataset`` default to what the run recorded (runs made by
-    ``lurker probe`` store the model spec, weights and data spec).
+    ``lurker probe`` store the model spec, weights and data spec). A model loaded here
+    goes to ``device`` (default: the GPU when there is one); a model passed in stays
+    where it is unless ``device`` is given. ``batch_size`` caps the gradient jobs of one
+    forward and backward (lower it if the device runs out of memory).
     """
 
-    def __init__(self, run: Run | str | Path, model: Any = None, dataset: Any = None):
+    def __init__(
+        self,
+        run: Run | str | Path,
+        model: Any = None,
+        dataset: Any = None,
+        *,
+        device: str | torch.device | None = None,
+        batch_size: int = 32,
+    ):
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise LurkerError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if device is not None and str(device).startswith("cuda") and not torch.cuda.is_available():
+            raise LurkerError(f"device {device!r}: no CUDA GPU is available here; use cpu")
         self.run = run if isinstance(run, Run) else Run.open(run)
         cfg = self.run.meta.get("config") or {}
         if model is None or dataset is None:
@@ -52,17 +142,29 @@ class UnitImages:
                     "render from Python: UnitImages(run, model=..., dataset=...).render_all().",
                 )
             if model is None:
-                model = load_model(spec, cfg.get("weights"))
+                auto = "cuda" if torch.cuda.is_available() else "cpu"
+                model = load_model(spec, cfg.get("weights"), device=device or auto)
             if dataset is None:
                 size = self.run.meta.get("image_size") or [224]
                 dataset = pdata.load_dataset(
                     cfg["data"], int(size[0]), channels=(cfg.get("input_shape") or [None])[0]
                 )
+        if device is not None:
+            model = model.to(device)
         self.model = model.eval()
         self.dataset = pdata.wrap(dataset)
         self.device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
+        self.batch_size = batch_size
         self.cache = ImageCache()
         self._trace: Trace | None = None
+        self._layers: dict[str, _Layer] = {}
+        self._peaks: dict[tuple[str, int, int], tuple[int, int]] = {}
+        self._samples: OrderedDict[int, torch.Tensor] = OrderedDict()
+        self._sample_bytes = 0
+        self._sample_budget = 256 << 20  # decoded samples kept for reuse across units
+        self._compute = threading.RLock()  # one model, shared by a threaded server
+        self._loading = threading.Lock()  # guards the decoded-sample cache
+        self._checked: dict[str, bool] = {}  # layer -> rows of a batch are independent
 
     @property
     def trace(self) -> Trace:
@@ -72,40 +174,95 @@ class UnitImages:
                 self._trace = trace(self.model, x0)
         return self._trace
 
+    def _layer(self, layer: str) -> _Layer:
+        found = self._layers.get(layer)
+        if found is None:
+            info = self.run.layer(layer)
+            try:
+                op = self.trace[info.op or info.name]
+            except KeyError as e:
+                raise LurkerError(
+                    f"Layer {layer!r} of this run is not in the model's trace: is this the "
+                    "model the run was made with?"
+                ) from e
+            found = _Layer(info, op.index, info.layout)
+            self._layers[layer] = found
+        return found
+
     def _op_index(self, layer: str) -> int:
-        info = self.run.layer(layer)
-        try:
-            return self.trace[info.op or info.name].index
-        except KeyError as e:
-            raise LurkerError(
-                f"Layer {layer!r} of this run is not in the model's trace: is this the model "
-                "the run was made with?"
-            ) from e
+        return self._layer(layer).op_index
 
     def _sample(self, sample_id: int) -> torch.Tensor:
+        """The sample as the model takes it (on the CPU), decoded once while it is reused."""
+        with self._loading:
+            t = self._samples.get(sample_id)
+            if t is not None:
+                self._samples.move_to_end(sample_id)
+                return t
         item = self.dataset[sample_id]
         if isinstance(item, pdata.Skipped):
             raise LurkerError(f"sample {sample_id} ({item.path}) cannot be read: {item.reason}")
-        return item[0].to(self.device)
+        t = item[0].detach().cpu()
+        with self._loading:
+            if sample_id not in self._samples:
+                self._samples[sample_id] = t
+                self._sample_bytes += t.numel() * t.element_size()
+            while self._sample_bytes > self._sample_budget and len(self._samples) > 1:
+                _, old = self._samples.popitem(last=False)
+                self._sample_bytes -= old.numel() * old.element_size()
+        return t
+
+    def _sample_pil(self, sample_id: int) -> Image.Image:
+        return pdata.to_pil(
+            pdata.denormalize(self._sample(sample_id), self.dataset.mean, self.dataset.std)
+        )
+
+    def _entry(self, layer: str, unit: int, which: str, rank: int) -> Any:
+        if which not in LISTS:
+            raise LurkerError(f"which must be 'max' or 'mean', got {which!r}")
+        entries = self.run.unit(layer, unit).top(which)  # type: ignore[arg-type]
+        if not 0 <= rank < len(entries):
+            raise LurkerError(
+                f"{layer} unit {unit} has {len(entries)} entries in its {which!r} list; "
+                f"rank {rank} is out of range."
+            )
+        return entries[rank]
+
+    # -- peaks and boxes -------------------------------------------------------------
+
+    def _find_peaks(self, layer: str, units: Sequence[int], sample_ids: Sequence[int]) -> None:
+        """First maxima of ``units[i]`` on ``sample_ids[i]``, batched, into the peak cache."""
+        lay = self._layer(layer)
+        todo = [
+            (u, s)
+            for u, s in dict.fromkeys(zip(units, sample_ids))
+            if (layer, u, s) not in self._peaks
+        ]
+        for start in range(0, len(todo), self.batch_size):
+            part = todo[start : start + self.batch_size]
+            x = torch.stack([self._sample(s) for _, s in part]).to(self.device)
+            found: list[torch.Tensor] = []
+
+            def grab(_: int, value: Any, part: list = part, found: list = found) -> None:
+                t = value[0] if isinstance(value, tuple) else value
+                ids = torch.tensor([u for u, _ in part], dtype=torch.long)
+                found.append(_unit_map(t, ids, lay.layout))
+                raise _Reached
+
+            with self._compute, torch.no_grad(), contextlib.suppress(_Reached):
+                run_with(self.trace, (x,), {}, [lay.op_index], grab)
+            if not found:
+                raise LurkerError(f"{layer}: its op did not run on these samples")
+            maps = found[0]
+            width = maps.shape[-1] if maps.dim() > 1 else 1
+            for (u, s), flat in zip(part, maps.reshape(len(part), -1).argmax(1).tolist()):
+                self._peaks[(layer, u, s)] = (flat // width, flat % width)
 
     def peak(self, layer: str, unit: int, sample_id: int) -> tuple[int, int]:
         """Where ``unit`` peaks on one sample (first maximum in row-major order)."""
-        idx = self._op_index(layer)
-        found: dict[str, Any] = {}
-
-        def grab(i: int, value: Any) -> None:
-            t = value[0] if isinstance(value, tuple) else value
-            found["t"] = t.detach().clone()
-
-        with torch.no_grad():
-            run_with(self.trace, (self._sample(sample_id).unsqueeze(0),), {}, [idx], grab)
-        a = unit_map(self.run.layer(layer).layout, found["t"], unit)
-        if a.dim() == 0:
-            return (0, 0)
-        if a.dim() == 1:
-            return (0, int(a.argmax()))
-        flat = int(a.flatten().argmax())
-        return (flat // a.shape[-1], flat % a.shape[-1])
+        if (layer, unit, sample_id) not in self._peaks:
+            self._find_peaks(layer, [unit], [sample_id])
+        return self._peaks[(layer, unit, sample_id)]
 
     def box(self, layer: str, y: int, x: int) -> tuple[int, int, int, int]:
         """Half-open input box ``(y0, y1, x0, x1)`` seen by position (y, x) of ``layer``
@@ -116,65 +273,385 @@ class UnitImages:
         found = position_box(info.layout, info.rf, y, x, (h, w))
         return found if found is not None else (0, h, 0, w)
 
-    def get(self, kind: Kind, layer: str, unit: int, rank: int, which: str = "max") -> Path:
-        """Path of one cached image (made now if missing)."""
-        entries = self.run.unit(layer, unit).top(which)  # type: ignore[arg-type]
-        if not 0 <= rank < len(entries):
-            raise LurkerError(
-                f"{layer} unit {unit} has {len(entries)} entries in its {which!r} list; "
-                f"rank {rank} is out of range."
-            )
-        e = entries[rank]
-        return self.cache.get(
-            self.run,
-            kind,
-            layer,
-            unit,
-            rank,
-            which,
-            lambda: self._make(kind, layer, unit, e, which),
-        )
+    def crop_box(self, layer: str, unit: int, which: str, rank: int) -> tuple[int, int, int, int]:
+        """The receptive-field box ``(y0, y1, x0, x1)`` of an entry, on its sample image.
 
-    def _make(self, kind: str, layer: str, unit: int, e: Any, which: str) -> Image.Image:
-        if kind == "input":
-            return pdata.input_image(self.dataset, e.sample_id)
-        y, x = (e.y, e.x) if e.y is not None else self.peak(layer, unit, e.sample_id)
-        box = self.box(layer, y, x)
-        if kind == "crop":
-            return crop(pdata.input_image(self.dataset, e.sample_id), box)
-        if kind == "grad_crop":  # reuse the (cached) full gradient image
-            with Image.open(self.get("grad", layer, unit, e.rank, which)) as full:
-                return crop(full.copy(), box)
-        grad = unit_gradient(
-            self.trace,
-            self._op_index(layer),
-            self._sample(e.sample_id),
-            unit,
-            mode="max" if which == "max" else "mean",
-            peak=(y, x) if which == "max" else None,
-            layout=self.run.layer(layer).layout,
-        )
-        return render_gradient(grad.detach().cpu())
-
-    def render_all(self, layers: list[str] | None = None, progress: bool = True) -> int:
-        """Make every image of every unit's top lists (of ``layers``, default all).
-
-        Returns how many images exist now.
+        Around the stored peak for the "max" list; for the "mean" list around the unit's
+        peak on that sample (found with a forward pass, then remembered). The explorer
+        cuts crops out of :meth:`sample_image` and :meth:`gradients` with it.
         """
-        from rich.progress import Progress
+        e = self._entry(layer, unit, which, rank)
+        y, x = (e.y, e.x) if e.y is not None else self.peak(layer, unit, e.sample_id)
+        return self.box(layer, y, x)
 
-        jobs = []
-        for info in self.run.layers if layers is None else map(self.run.layer, layers):
+    # -- files -----------------------------------------------------------------------
+
+    def sample_image(self, sample_id: int) -> Path:
+        """Path of the sample's image as the model saw it (one file per sample)."""
+        target = self.cache.sample_path(self.run, sample_id)
+        return self.cache.get_file(
+            target, lambda: self._sample_pil(sample_id), f"sample {sample_id}"
+        )
+
+    def gradients(self, layer: str, unit: int, which: str = "max") -> list[Path]:
+        """Paths of the unit's gradient images, one per rank of its ``which`` list.
+
+        Missing ones are made together (one batched backward) and cached.
+        """
+        if which not in LISTS:
+            raise LurkerError(f"which must be 'max' or 'mean', got {which!r}")
+        entries = self.run.unit(layer, unit).top(which)  # type: ignore[arg-type]
+        paths = [self.cache.path(self.run, "grad", layer, unit, e.rank, which) for e in entries]
+        if not paths or all(cached(p) for p in paths):
+            return paths
+        with self.cache.lock(paths[0]):
+            jobs = [
+                _Job(unit, which, e.rank, e.sample_id, _peak(e), grad=True)
+                for e, p in zip(entries, paths)
+                if not cached(p)
+            ]
+            for start in range(0, len(jobs), self.batch_size):
+                part = jobs[start : start + self.batch_size]
+                for job, pixels in zip(part, self._grad_pixels(layer, part)):
+                    path = self.cache.path(self.run, "grad", layer, unit, job.rank, which)
+                    atomic_write_bytes(path, _png(Image.fromarray(pixels)))
+        return paths
+
+    def get(self, kind: Kind, layer: str, unit: int, rank: int, which: str = "max") -> Path:
+        """Path of one cached image (made now if missing). "input" is the sample's own file."""
+        if kind not in KINDS:
+            raise LurkerError(f"unknown image kind {kind!r}; expected one of {KINDS}")
+        e = self._entry(layer, unit, which, rank)
+        if kind == "input":
+            return self.sample_image(e.sample_id)
+        if kind == "grad":
+            path = self.cache.path(self.run, "grad", layer, unit, rank, which)
+            return path if cached(path) else self.gradients(layer, unit, which)[rank]
+
+        def make() -> Image.Image:
+            box = self.crop_box(layer, unit, which, rank)
+            if kind == "crop":
+                return crop(self._sample_pil(e.sample_id), box)
+            with Image.open(self.get("grad", layer, unit, rank, which)) as full:
+                return crop(full.copy(), box)
+
+        return self.cache.get(self.run, kind, layer, unit, rank, which, make)
+
+    # -- batched gradients -------------------------------------------------------------
+
+    def _grad_pixels(self, layer: str, jobs: Sequence[_Job]) -> np.ndarray:
+        """Gradient images of ``jobs`` (one layer) as ``(N, H, W, 3)`` uint8, batched.
+
+        The first batch of each layer is checked against one job run alone: if the rows
+        of a batch interact (a model using batch statistics), the layer falls back to
+        one job per pass with a warning, rather than give wrong images.
+        """
+        lay = self._layer(layer)
+        if self._checked.get(layer) is False:
+            return np.concatenate([self._grad_batch(lay, layer, [j])[0] for j in jobs])
+        pixels, grad = self._grad_batch(lay, layer, jobs)
+        if layer not in self._checked and len(jobs) > 1:
+            _, alone = self._grad_batch(lay, layer, jobs[:1])
+            scale = float(alone.abs().max())
+            ok = bool((grad[:1] - alone).abs().max() <= 1e-3 * scale + 1e-7)
+            self._checked[layer] = ok
+            if not ok:
+                warnings.warn(
+                    f"{layer}: the samples of a batch change each other's gradients (the "
+                    "model uses batch statistics?); rendering this layer one image per pass",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+                return self._grad_pixels(layer, jobs)
+        return pixels
+
+    def _grad_batch(
+        self, lay: _Layer, layer: str, jobs: Sequence[_Job]
+    ) -> tuple[np.ndarray, torch.Tensor]:
+        x = torch.stack([self._sample(j.sample_id) for j in jobs]).to(self.device)
+        with self._compute:
+            grad, argmax, pos = _gradients(
+                self.trace,
+                lay.op_index,
+                x,
+                [j.unit for j in jobs],
+                [j.which for j in jobs],
+                [j.peak for j in jobs],
+                lay.layout,
+            )
+        width = pos[-1] if pos else 1
+        for j, flat in zip(jobs, argmax.tolist()):
+            self._peaks[(layer, j.unit, j.sample_id)] = (flat // width, flat % width)
+        return gradient_pixels(grad).cpu().numpy(), grad
+
+    # -- render ------------------------------------------------------------------------
+
+    def select(self, layers: Sequence[str] | str | None = None) -> list[str]:
+        """The run's layers matching ``layers`` (names, module paths, op labels or types,
+        globs allowed); all when None."""
+        if layers is None:
+            return [info.name for info in self.run.layers]
+        pats = [layers] if isinstance(layers, str) else list(layers)
+        chosen = []
+        unmatched = set(pats)
+        for info in self.run.layers:
+            names = [n for n in (info.name, info.module, info.op, info.kind) if n]
+            hit = [p for p in pats if any(fnmatch.fnmatchcase(n, p) for n in names)]
+            if hit:
+                chosen.append(info.name)
+                unmatched.difference_update(hit)
+        if unmatched:
+            valid = [info.name for info in self.run.layers]
+            shown = ", ".join(valid[:60]) + (" ..." if len(valid) > 60 else "")
+            raise LurkerError(
+                f"No layer of this run matches {sorted(unmatched)}. Name layers, module "
+                f"paths, op labels or types (globs allowed). This run's layers: {shown}"
+            )
+        return chosen
+
+    def render_all(
+        self,
+        layers: Sequence[str] | str | None = None,
+        kinds: Sequence[str] = DEFAULT_KINDS,
+        which: Sequence[str] = LISTS,
+        progress: bool = True,
+        progress_every: float = 5.0,
+    ) -> RenderResult:
+        """Make the images of every unit's top lists (of ``layers``, default all).
+
+        ``kinds``: any of "input" (each sample once), "grad" (batched across the units of
+        a layer), "crop" and "grad_crop" (files cut around the peak; the explorer can cut
+        them itself from :meth:`crop_box`). Files already there are skipped, so a killed
+        render resumes; each file is written atomically. ``progress``: a bar on a
+        terminal, else a line every ``progress_every`` seconds, on stderr.
+        """
+        kinds = _checked_choice("kinds", kinds, KINDS)
+        lists = _checked_choice("which", which, LISTS)
+        names = self.select(layers)
+        t0 = time.perf_counter()
+        plan, samples, total = self._plan(names, kinds, lists)
+        bar = _Progress(total, total - _count(plan, samples), progress, progress_every)
+        made = 0
+        with _Writer(bar) as out:
+            for sid in samples:
+                target = self.cache.sample_path(self.run, sid)
+                out.submit(target, self._sample_pil(sid))
+            for name, jobs in plan:
+                self._render_layer(name, jobs, out)
+            made = out.close()
+        bar.close()
+        return RenderResult(total, made, time.perf_counter() - t0)
+
+    def _plan(
+        self, names: list[str], kinds: tuple[str, ...], lists: tuple[str, ...]
+    ) -> tuple[list[tuple[str, list[_Job]]], list[int], int]:
+        """Per layer, the entries with a file to write; missing sample ids; files wanted."""
+        total = 0
+        samples: set[int] = set()
+        plan = []
+        for name in names:
+            info = self.run.layer(name)
+            have = {  # one listing per folder, not a stat per file
+                kind: _listing(
+                    self.run.path / "cache" / safe_component(kind) / safe_component(name)
+                )
+                for kind in ("grad", "crop", "grad_crop")
+            }
+            jobs = []
             for u in range(info.num_units):
-                unit = self.run.unit(info.name, u)
-                for which in ("max", "mean"):
-                    for rank in range(len(unit.top(which))):  # type: ignore[arg-type]
-                        jobs.append((info.name, u, rank, which))
-        kinds: tuple[Kind, ...] = ("input", "crop", "grad", "grad_crop")
-        with Progress(disable=not progress) as bar:
-            task = bar.add_task("rendering", total=len(jobs) * len(kinds))
-            for layer, u, rank, which in jobs:
-                for kind in kinds:
-                    self.get(kind, layer, u, rank, which)
-                    bar.advance(task)
-        return len(jobs) * len(kinds)
+                unit = self.run.unit(name, u)
+                for lst in lists:
+                    for e in unit.top(lst):  # type: ignore[arg-type]
+                        samples.add(e.sample_id)
+                        file = f"{u:05d}-{lst}-{e.rank:03d}.png"
+                        job = _Job(u, lst, e.rank, e.sample_id, _peak(e))
+                        for kind in ("grad", "crop", "grad_crop"):
+                            if kind in kinds:
+                                total += 1
+                                setattr(job, kind, file not in have[kind])
+                        if job.grad or job.crop or job.grad_crop:
+                            jobs.append(job)
+            plan.append((name, jobs))
+        missing = []
+        if "input" in kinds:
+            total += len(samples)
+            have_samples = _listing(self.run.path / "cache" / "samples")
+            missing = [s for s in sorted(samples) if f"{s:08d}.png" not in have_samples]
+        return plan, missing, total
+
+    def _render_layer(self, name: str, jobs: list[_Job], out: _Writer) -> None:
+        path = self.cache.path
+        # In sample order: a sample that many units rank is decoded once, not once a unit.
+        # Gradients first: their pass also finds the peaks that crops of "mean" entries need.
+        jobs = sorted(jobs, key=lambda j: (j.sample_id, j.unit, j.which, j.rank))
+        grads = [j for j in jobs if j.grad or (j.grad_crop and not _exists(self, name, j))]
+        for start in range(0, len(grads), self.batch_size):
+            part = grads[start : start + self.batch_size]
+            for j, pixels in zip(part, self._grad_pixels(name, part)):
+                image = Image.fromarray(pixels)
+                if j.grad:
+                    out.submit(path(self.run, "grad", name, j.unit, j.rank, j.which), image)
+                if j.grad_crop:
+                    box = self._box_of(name, j)
+                    target = path(self.run, "grad_crop", name, j.unit, j.rank, j.which)
+                    out.submit(target, crop(image, box))
+                    j.grad_crop = False
+        rest = [j for j in jobs if j.crop or j.grad_crop]
+        need = [j for j in rest if j.peak is None]
+        self._find_peaks(name, [j.unit for j in need], [j.sample_id for j in need])
+        for j in rest:
+            box = self._box_of(name, j)
+            if j.crop:
+                target = path(self.run, "crop", name, j.unit, j.rank, j.which)
+                out.submit(target, crop(self._sample_pil(j.sample_id), box))
+            if j.grad_crop:  # its gradient image is already on disk
+                grad = path(self.run, "grad", name, j.unit, j.rank, j.which)
+                with Image.open(grad) as full:
+                    image = crop(full.copy(), box)
+                out.submit(path(self.run, "grad_crop", name, j.unit, j.rank, j.which), image)
+
+    def _box_of(self, layer: str, j: _Job) -> tuple[int, int, int, int]:
+        y, x = j.peak if j.peak is not None else self.peak(layer, j.unit, j.sample_id)
+        return self.box(layer, y, x)
+
+
+def _peak(e: Any) -> tuple[int, int] | None:
+    return (e.y, e.x) if e.y is not None else None
+
+
+def _exists(images: UnitImages, layer: str, j: _Job) -> bool:
+    return cached(images.cache.path(images.run, "grad", layer, j.unit, j.rank, j.which))
+
+
+def _listing(folder: Path) -> set[str]:
+    """Names of the non-empty files in ``folder`` (see :func:`cached`)."""
+    try:
+        with os.scandir(folder) as it:
+            return {e.name for e in it if e.is_file() and e.stat().st_size > 0}
+    except FileNotFoundError:
+        return set()
+
+
+def _count(plan: list[tuple[str, list[_Job]]], samples: list[int]) -> int:
+    """Files a render still has to write."""
+    return len(samples) + sum(j.grad + j.crop + j.grad_crop for _, jobs in plan for j in jobs)
+
+
+def _checked_choice(what: str, values: Sequence[str] | str, allowed: tuple[str, ...]) -> tuple:
+    vals = tuple(v.strip() for v in values.split(",")) if isinstance(values, str) else tuple(values)
+    bad = [v for v in vals if v not in allowed]
+    if bad or not vals:
+        raise LurkerError(
+            f"{what} must be some of {', '.join(allowed)} (comma-separated); got "
+            f"{', '.join(map(repr, bad)) or 'nothing'}"
+        )
+    return tuple(dict.fromkeys(vals))
+
+
+class _Progress:
+    """A rich bar on a terminal, else a plain line every ``every`` seconds (on stderr)."""
+
+    def __init__(self, total: int, done: int, enabled: bool, every: float):
+        self.total, self.done, self.made = total, done, 0
+        self.every = every
+        self.t0 = self.last = time.perf_counter()
+        self.bar: Any = None
+        self.lines = enabled and not sys.stderr.isatty()
+        if enabled and not self.lines:
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+            )
+
+            self.bar = Progress(
+                TextColumn("rendering"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]}"),
+                TimeRemainingColumn(),
+                console=Console(stderr=True),
+            )
+            self.task = self.bar.add_task("render", total=total, completed=done, rate="")
+            self.bar.start()
+        elif self.lines:
+            self._line()
+
+    def rate(self) -> float:
+        elapsed = time.perf_counter() - self.t0
+        return self.made / elapsed if elapsed > 0 else 0.0
+
+    def _line(self) -> None:
+        pct = 100.0 * self.done / self.total if self.total else 100.0
+        print(
+            f"render: {self.done}/{self.total} images ({pct:.0f}%), {self.rate():.1f} images/s",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        self.made += n
+        now = time.perf_counter()
+        if self.bar is not None:
+            self.bar.update(self.task, advance=n, rate=f"{self.rate():.1f} images/s")
+        elif self.lines and now - self.last >= self.every:
+            self.last = now
+            self._line()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+        elif self.lines:
+            self._line()
+
+
+class _Writer:
+    """Encodes and writes PNGs on a few threads (zlib releases the GIL) while the model
+    computes the next batch; each file atomically. At most a few batches are in flight."""
+
+    def __init__(self, progress: _Progress, threads: int = min(4, os.cpu_count() or 1)):
+        self.progress = progress
+        self.pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="lurker-png")
+        self.pending: list[Future] = []
+        self.limit = 256
+        self.made = 0
+
+    def submit(self, target: Path, image: Image.Image) -> None:
+        self.pending.append(self.pool.submit(_write, target, image))
+        if len(self.pending) >= self.limit:
+            self._collect(wait=len(self.pending) // 2)
+        else:
+            self._collect(wait=0)
+
+    def _collect(self, wait: int) -> None:
+        for f in self.pending[:wait]:
+            f.result()
+        done = {f for f in self.pending if f.done()}
+        for f in done:
+            f.result()  # raises a failed write
+        self.pending = [f for f in self.pending if f not in done]
+        if done:
+            self.made += len(done)
+            self.progress.advance(len(done))
+
+    def close(self) -> int:
+        self._collect(wait=len(self.pending))
+        return self.made
+
+    def __enter__(self) -> _Writer:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=exc[0] is not None)
+
+
+def _write(target: Path, image: Image.Image) -> None:
+    # atomic, without an fsync per file: a render writes many; empty files count as missing
+    atomic_write_bytes(target, _png(image), durable=False)
+
+
+__all__ = ["DEFAULT_KINDS", "KINDS", "RenderResult", "UnitImages"]

@@ -26,13 +26,18 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _MAX_COMPONENT = 96
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, durable: bool = True) -> Path:
     """Write ``data`` to ``path`` so that readers see either the old file or the new one.
 
     The bytes go to a temporary file in the same directory (same filesystem, so the
     final :func:`os.replace` is atomic), are fsynced, then renamed over ``path``; a crash
     at any point leaves at most a stray ``.lurker-tmp-*`` file, never a truncated
     ``path``. Parent directories are created. Returns ``path`` as a :class:`Path`.
+
+    ``durable=False`` skips both fsyncs, for many small files of derived data (cache
+    images): still atomic for readers and when the process is killed, but a power cut
+    before the OS flushes them may leave empty files (readers of the cache treat an
+    empty file as missing).
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -43,13 +48,15 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
                 os.fchmod(f.fileno(), 0o644)  # mkstemp's 0600 would hide files from servers
             f.write(data)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    fsync_dir(target.parent)
+    if durable:
+        fsync_dir(target.parent)
     return target
 
 
@@ -85,7 +92,8 @@ def cache_file(
     """Path of one cached image under ``root/cache`` (parent directories created).
 
     Layout: ``cache/<kind>/<layer>/<unit:05d>-<list>-<rank:03d>.<ext>`` with every
-    component passed through :func:`safe_component`.
+    component passed through :func:`safe_component`. A sample's own image is not per
+    unit: see :func:`sample_file`.
     """
     for label, value in (("unit", unit), ("rank", rank)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -159,3 +167,15 @@ def run_lock(root: str | os.PathLike[str]) -> Iterator[None]:
                 if created:
                     root.rmdir()
         os.close(fd)
+
+
+def sample_file(root: Path, sample_id: int, ext: str = "png") -> Path:
+    """Path of one sample's cached image: ``cache/samples/<sample_id:08d>.<ext>``.
+
+    One file per sample, however many units rank it (parent directory created).
+    """
+    if isinstance(sample_id, bool) or not isinstance(sample_id, int) or sample_id < 0:
+        raise ValueError(f"sample_file: sample_id must be a non-negative int, got {sample_id!r}")
+    folder = root / "cache" / "samples"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"{sample_id:08d}.{safe_component(ext.lstrip('.') or 'bin')}"
