@@ -89,10 +89,10 @@ BIG_GRAPH = 3000  # estimated layout size (see _layout_cost) from which the limi
 # graphviz 2.43 (Debian, Ubuntu 22.04) can crash (SIGSEGV) when nslimit stops its network
 # simplex this early under newrank; a crash is retried with these, each less truncated.
 CRASH_RETRIES = ({"nslimit": "5"}, {"nslimit": "1000000"})
-# Past this estimated layout size, dot runs for many minutes (a loop of 100 passes reading
-# shared tensors routes hundreds of thousands of edge segments), so by default the layers
+# Past this estimated layout size, dot can run for many minutes (a loop of 100 passes
+# reading shared tensors routes about a million edge segments), so by default the layers
 # of long loops are drawn rolled, with a note in the drawing, until the estimate fits.
-ROLL_COST = 50_000
+ROLL_COST = 100_000
 ROLL_MIN_PASSES = 4  # layers run fewer times are never rolled automatically
 DOT_TIMEOUT = 600.0  # seconds
 
@@ -274,8 +274,8 @@ def to_dot(
     )
     g.attr("graph", label=f"{_title(trace)}\\n{note}")  # the later label wins
     warnings.warn(
-        f"Drawing every pass of {trace.model_name} would keep graphviz busy for many "
-        f"minutes; {note}.",
+        f"Drawing every pass of {trace.model_name} (about {cost:,} layout nodes) could keep "
+        f"graphviz busy for many minutes; {note}.",
         stacklevel=2,
     )
     return g
