@@ -192,6 +192,8 @@ def _dot_failure(returncode: int, stderr: bytes) -> str:
         except ValueError:
             sig = f"signal {-returncode}"
         what = f"dot was killed by {sig}" + (" (it crashed)" if sig in _CRASHES else "")
+        if sig == "SIGKILL":
+            what += " (often the system running out of memory)"
     else:
         what = f"dot exited with status {returncode}"
     lines = [ln.strip() for ln in stderr.decode(errors="replace").splitlines() if ln.strip()]
