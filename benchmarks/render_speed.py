@@ -49,7 +49,7 @@ def draw(tr: lurker.Trace, path: Path, depth: int | None, auto_roll: bool, timeo
             return f"failed ({str(e)[:40]}...)"
     dt = time.perf_counter() - t0
     rolled = any("loops drawn rolled" in str(w.message) for w in caught)
-    return f"{dt:7.1f} s" + (" rolled" if rolled else "")
+    return f"{dt:7.2f} s" + (" rolled" if rolled else "")
 
 
 def main() -> None:
