@@ -340,6 +340,11 @@ def test_auto_roll_off_and_thresholds(monkeypatch: pytest.MonkeyPatch) -> None:
     for op in tr.ops:
         assert drawn[op.index] == (f"r_{op.rolled}" if op.num_passes == 12 else f"n{op.index}")
 
+    with pytest.warns(UserWarning, match="layers and modules that ran 12 times"):
+        top = gv.to_dot(tr, depth=0).source  # the cell's calls collapse into one box
+    boxes = [v for v in _nodes(top).values() if "box3d" in v]
+    assert sum("<b>cell</b>" in v and f"{X}12 passes" in v for v in boxes) == 1
+
     monkeypatch.setattr(gv, "ROLL_MIN_PASSES", 13)  # no loop long enough to roll
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -270,8 +270,9 @@ def to_dot(
     g, _, layers = best
     lo, hi = min(layers.values()), max(layers.values())
     times = f"{hi:,}" if lo == hi else f"{lo:,} to {hi:,}"
+    what = "layers and modules" if any(k.startswith("module ") for k in layers) else "layers"
     note = (
-        f"loops drawn rolled: {len(layers):,} layers that ran {times} times are drawn once "
+        f"loops drawn rolled: {len(layers):,} {what} that ran {times} times are drawn once "
         f"each, {TIMES}N on their edges (auto_roll=False draws every pass)"
     )
     g.attr("graph", label=f"{_title(trace)}\\n{note}")  # the later label wins
@@ -290,7 +291,8 @@ def _build(
     direction: str,
     buffers: bool,
 ) -> tuple[graphviz.Digraph, int, dict[str, int]]:
-    """The graph, its estimated layout size, and the layers drawn rolled (with pass counts).
+    """The graph, its estimated layout size, and the layers (op labels) and collapsed modules
+    (``module PATH``) drawn rolled, with their pass counts.
 
     ``roll``: layers (and module calls) that ran at least this many times are drawn once;
     1 rolls everything (``rolled=True``), None nothing.
@@ -410,7 +412,11 @@ def _build(
     for nid, prev in anchor.items():
         if nid not in fed and ops[order[nid]].kind != "input":
             g.edge(prev, nid, style="invis")
-    layers = {group[0].rolled: group[0].num_passes for nid, group in reps.items() if len(group) > 1}
+    layers = {group[0].rolled: group[0].num_passes for group in reps.values() if len(group) > 1}
+    for box in boxes.values():  # a collapsed module that stands for all its calls
+        info = trace.modules.get(box.path)
+        if box.rolled and info is not None and info.num_passes > 1:
+            layers[f"module {box.path}"] = info.num_passes
     return g, cost, layers
 
 
