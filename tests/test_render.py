@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -261,6 +264,201 @@ def test_big_model_renders(tmp_path: Path) -> None:
     print(f"\n2,000-op model rendered to SVG in {dt:.2f} s")
     assert out.stat().st_size > 100_000
     assert out.read_text().rstrip().endswith("</svg>")
+
+
+# ---------------------------------------------------------------------- long loops
+
+
+class PerRoi(nn.Module):
+    """A loop over rows that reads shared tensors each pass and writes into one result, as
+    detection models post-process each box: cheap to run, slow for dot to lay out."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, s = x.sum(1), x.mean(1)
+        out = torch.zeros_like(x)
+        for i in range(x.shape[0]):
+            out[i] = torch.relu(x[i] * w[i] + s[i])
+        return out
+
+
+def _drawn(src: str, tr: lurker.Trace) -> dict[int, str]:
+    """Op index -> the id of the node that draws it (its own, or its rolled layer's)."""
+    nodes = _nodes(src)
+    out: dict[int, str] = {}
+    for op in tr.ops:
+        for nid in (f"n{op.index}", f"r_{op.rolled}"):
+            if nid in nodes:
+                out[op.index] = nid
+    return out
+
+
+def test_long_loop_rolled_automatically(tmp_path: Path) -> None:
+    tr = lurker.trace(PerRoi(), torch.randn(150, 4))
+    with pytest.warns(UserWarning, match="loops drawn rolled") as rec:
+        src = gv.to_dot(tr).source
+    assert "auto_roll=False" in str(rec[0].message)
+    long = {op.rolled for op in tr.ops if op.num_passes == 150}
+    assert len(long) >= 5  # getitem x3, mul, add, relu, setitem
+    assert f"{len(long)} layers that ran 150 times are drawn once each" in src  # the title
+    drawn = _drawn(src, tr)
+    nodes = _nodes(src)
+    for op in tr.ops:  # every op is drawn: its own node, or its layer's with the pass count
+        nid = drawn[op.index]
+        if op.rolled in long:
+            assert nid == f"r_{op.rolled}" and f"{X}150 passes" in nodes[nid], op.label
+        else:
+            assert nid == f"n{op.index}", op.label
+    # the shared tensors feed the rolled layer 150 times: one edge, counted
+    w = next(op for op in tr.ops if op.label == "sum_1")
+    edge = [e for e in _edges(src) if e.strip().startswith(f"n{w.index} -> r_")]
+    assert len(edge) == 1 and f"{X}150" in edge[0]
+    with pytest.warns(UserWarning):
+        svg = tr.render(tmp_path / "loop.svg").read_text()
+    assert "loops drawn rolled" in svg and "</svg>" in svg
+
+
+def test_auto_roll_off_and_thresholds(monkeypatch: pytest.MonkeyPatch) -> None:
+    tr = lurker.trace(RNNLoop(), torch.randn(12, 2, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # small: drawn unrolled, no warning
+        plain = gv.to_dot(tr).source
+    assert "loops drawn rolled" not in plain
+    assert all(nid.startswith("n") for nid in _drawn(plain, tr).values())
+
+    monkeypatch.setattr(gv, "ROLL_COST", 1)  # pretend it is too big for dot
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert gv.to_dot(tr, auto_roll=False).source == plain
+        assert "loops drawn rolled" not in gv.to_dot(tr, rolled=True).source
+    with pytest.warns(UserWarning, match="ran 12 times"):
+        src = gv.to_dot(tr).source
+    # the cell and input modules ran 12 times: one cluster each, rolled; head ran once
+    assert f"cell (RNNCell) {X}12" in src and "cell:3" not in src
+    assert "head (Linear)" in src
+    drawn = _drawn(src, tr)
+    assert len(drawn) == len(tr.ops)
+    for op in tr.ops:
+        assert drawn[op.index] == (f"r_{op.rolled}" if op.num_passes == 12 else f"n{op.index}")
+
+    with pytest.warns(UserWarning, match="layers and modules that ran 12 times"):
+        top = gv.to_dot(tr, depth=0).source  # the cell's calls collapse into one box
+    boxes = [v for v in _nodes(top).values() if "box3d" in v]
+    assert sum("<b>cell</b>" in v and f"{X}12 passes" in v for v in boxes) == 1
+
+    monkeypatch.setattr(gv, "ROLL_MIN_PASSES", 13)  # no loop long enough to roll
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert gv.to_dot(tr).source == plain
+
+
+# ---------------------------------------------------------------------- dot failures
+
+
+def _fake_dot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, script: str) -> None:
+    """Put a `dot` that runs ``script`` (sh) first on PATH."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    exe = bin_dir / "dot"
+    exe.write_text("#!/bin/sh\n" + script + "\n")
+    exe.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+
+
+def test_dot_crash_says_signal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tr = lurker.trace(Small(), torch.randn(2, 4))
+    _fake_dot(tmp_path, monkeypatch, "cat > /dev/null; kill -SEGV $$")
+    with pytest.raises(LurkerError) as ei:
+        tr.render(tmp_path / "g.svg")
+    msg = str(ei.value)
+    assert "g.svg" in msg and "SIGSEGV" in msg and "crashed" in msg and "printed nothing" in msg
+    assert not (tmp_path / "g.svg").exists()
+
+
+def test_dot_error_shows_stderr(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tr = lurker.trace(Small(), torch.randn(2, 4))
+    _fake_dot(
+        tmp_path, monkeypatch, "cat > /dev/null; echo 'Error: syntax error in line 3' >&2; exit 3"
+    )
+    with pytest.raises(LurkerError, match=r"status 3.*syntax error in line 3"):
+        tr.render(tmp_path / "g.png")
+
+
+def test_dot_timeout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tr = lurker.trace(Small(), torch.randn(2, 4))
+    _fake_dot(tmp_path, monkeypatch, "exec sleep 30")
+    t0 = time.perf_counter()
+    with pytest.raises(LurkerError, match=r"within 0.5 s.*depth=2.*timeout=None"):
+        tr.render(tmp_path / "g.svg", timeout=0.5)
+    assert time.perf_counter() - t0 < 20  # dot was stopped, not waited for
+    with pytest.raises(LurkerError, match="timeout must be"):
+        tr.render(tmp_path / "g.svg", timeout=0)
+
+
+def test_dot_crash_retried_with_less_truncation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """graphviz 2.43 segfaults on some graphs when nslimit cuts its network simplex short
+    (train-mode fasterrcnn_mobilenet_v3_large_fpn, fcos): the drawing is retried with a
+    larger limit. The fake dot crashes unless the retry's limit is in its input."""
+    real = shutil.which("dot")
+    assert real is not None
+    monkeypatch.setattr(gv, "BIG_GRAPH", 0)  # every graph gets the layout limits
+    tr = lurker.trace(Small(), torch.randn(2, 4))
+    src = tmp_path / "in.dot"
+    _fake_dot(
+        tmp_path,
+        monkeypatch,
+        f'cat > {src}; grep -q "nslimit=5" {src} || kill -SEGV $$; exec {real} "$@" {src}',
+    )
+    out = tr.render(tmp_path / "g.svg")
+    assert out.read_text().rstrip().endswith("</svg>")
+
+    _fake_dot(
+        tmp_path, monkeypatch, "cat > /dev/null; echo 'trouble in init_rank' >&2; kill -ABRT $$"
+    )
+    with pytest.raises(LurkerError) as ei:
+        tr.render(tmp_path / "h.svg")
+    msg = str(ei.value)
+    assert msg.count("SIGABRT") == 1 + len(gv.CRASH_RETRIES)  # every attempt, each reason
+    assert "trouble in init_rank" in msg
+
+
+@pytest.mark.skipif(not os.environ.get("LURKER_SLOW"), reason="slow (minutes): LURKER_SLOW=1")
+@pytest.mark.parametrize(
+    "name",
+    ["fasterrcnn_mobilenet_v3_large_fpn", "fcos_resnet50_fpn", "retinanet_resnet50_fpn"],
+)
+def test_train_mode_detection_draws(tmp_path: Path, name: str) -> None:
+    """These crashed graphviz 2.43 (SIGSEGV) and were reported with an empty reason."""
+    torch.manual_seed(0)
+    model = getattr(torchvision.models.detection, name)(weights=None, weights_backbone=None)
+    target = {"boxes": torch.tensor([[10.0, 20.0, 60.0, 90.0]]), "labels": torch.tensor([1])}
+    tr = lurker.trace(model.train(), [torch.rand(3, 128, 128)], [target], save="none")
+    svg = tr.render(tmp_path / "g.svg").read_text()
+    assert svg.rstrip().endswith("</svg>")
+    for op in tr.ops:
+        if op.kind == "op":
+            assert f">{op.label}<" in svg, op.label
+
+
+@pytest.mark.skipif(not os.environ.get("LURKER_SLOW"), reason="slow (minutes): LURKER_SLOW=1")
+def test_keypointrcnn_full_depth_draws(tmp_path: Path) -> None:
+    """3,900 ops, 100 passes of the keypoint loop: dot ran for minutes before the loop was
+    rolled automatically."""
+    torch.manual_seed(1)  # this seed keeps 100 detections
+    model = torchvision.models.detection.keypointrcnn_resnet50_fpn(
+        weights=None, weights_backbone=None
+    )
+    with torch.no_grad():
+        tr = lurker.trace(model.eval(), [torch.rand(3, 128, 128)], save="none")
+    assert tr.num_ops > 3000
+    with pytest.warns(UserWarning, match="ran 100 times"):
+        svg = tr.render(tmp_path / "g.svg", timeout=300).read_text()
+    assert svg.rstrip().endswith("</svg>")
+    for op in tr.ops:
+        if op.kind == "op":
+            shown = op.rolled if op.num_passes >= 100 else op.label
+            assert f">{shown}<" in svg, op.label
 
 
 # ---------------------------------------------------------------------- summary

@@ -557,16 +557,31 @@ class Trace:
         rolled: bool = False,
         direction: str = "TB",
         buffers: bool = False,
+        auto_roll: bool = True,
+        timeout: float | None = 600.0,
     ) -> Path:
         """Draw the graph with graphviz to ``.svg``, ``.pdf``, ``.png`` or ``.dot``.
 
         Modules nest as clusters down to ``depth`` (all by default); deeper modules are
         drawn as one box with their op and parameter counts. ``rolled=True`` draws one
         node per layer of a loop, with pass counts on nodes and ``xN`` on repeated edges.
+        A graph too big for ``dot`` to lay out in reasonable time (long loops) has its
+        longest loops rolled, with a note in the title and a warning, unless
+        ``auto_roll=False``. ``dot`` gets ``timeout`` seconds (None: no limit); when it
+        fails, the error says why (its message, exit status or signal).
         """
         from ..render.graphviz import render
 
-        return render(self, path, depth=depth, rolled=rolled, direction=direction, buffers=buffers)
+        return render(
+            self,
+            path,
+            depth=depth,
+            rolled=rolled,
+            direction=direction,
+            buffers=buffers,
+            auto_roll=auto_roll,
+            timeout=timeout,
+        )
 
     def __repr__(self) -> str:
         state = "" if self.complete else f", failed at {self.failed_op}"

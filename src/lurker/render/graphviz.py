@@ -9,6 +9,10 @@ so collapsing and rolling never need special edge logic.
 from __future__ import annotations
 
 import shutil
+import signal
+import subprocess
+import time
+import warnings
 from dataclasses import dataclass, field
 from html import escape
 from pathlib import Path
@@ -82,6 +86,15 @@ GRAPH_ATTRS = {
 }
 BIG_GRAPH_ATTRS = {"nslimit": "1", "nslimit1": "1", "mclimit": "0.3"}
 BIG_GRAPH = 3000  # estimated layout size (see _layout_cost) from which the limits apply
+# graphviz 2.43 (Debian, Ubuntu 22.04) can crash (SIGSEGV) when nslimit stops its network
+# simplex this early under newrank; a crash is retried with these, each less truncated.
+CRASH_RETRIES = ({"nslimit": "5"}, {"nslimit": "1000000"})
+# Past this estimated layout size, dot can run for many minutes (a loop of 100 passes
+# reading shared tensors routes about a million edge segments), so by default the layers
+# of long loops are drawn rolled, with a note in the drawing, until the estimate fits.
+ROLL_COST = 100_000
+ROLL_MIN_PASSES = 4  # layers run fewer times are never rolled automatically
+DOT_TIMEOUT = 600.0  # seconds
 
 
 def render(
@@ -92,6 +105,8 @@ def render(
     rolled: bool = False,
     direction: str = "TB",
     buffers: bool = False,
+    auto_roll: bool = True,
+    timeout: float | None = DOT_TIMEOUT,
 ) -> Path:
     """Draw ``trace`` to ``path`` (``.svg``, ``.pdf``, ``.png`` or ``.dot``); return that path.
 
@@ -109,21 +124,87 @@ def render(
         raise LurkerError(f"direction must be one of {', '.join(DIRECTIONS)}, got {direction!r}.")
     if depth is not None and depth < 0:
         raise LurkerError(f"depth must be None or >= 0, got {depth}.")
-    dot = to_dot(trace, depth=depth, rolled=rolled, direction=direction, buffers=buffers)
+    if timeout is not None and not timeout > 0:
+        raise LurkerError(f"timeout must be None or > 0 seconds, got {timeout}.")
+    dot = to_dot(
+        trace, depth=depth, rolled=rolled, direction=direction, buffers=buffers, auto_roll=auto_roll
+    )
     if fmt == "dot":
         data = dot.source.encode()
     else:
-        if shutil.which("dot") is None:
-            raise _no_dot()
-        try:
-            data = dot.pipe(format=fmt, quiet=True)
-        except graphviz.ExecutableNotFound as e:
-            raise _no_dot() from e
-        except graphviz.CalledProcessError as e:
-            err = (e.stderr or b"").decode(errors="replace").strip()
-            raise LurkerError(f"graphviz 'dot' failed to draw {path.name}: {err}") from e
+        data = _run_dot(dot, fmt, path.name, timeout)
     atomic_write_bytes(path, data)
     return path
+
+
+def _run_dot(g: graphviz.Digraph, fmt: str, name: str, timeout: float | None) -> bytes:
+    """Lay ``g`` out with ``dot``; a crash is retried with less truncated layout limits.
+
+    Every failure says why: dot's own message, its exit status or the signal that killed
+    it, or the timeout, so that a failure is never an empty reason.
+    """
+    exe = shutil.which("dot")
+    if exe is None:
+        raise _no_dot()
+    deadline = None if timeout is None else time.monotonic() + timeout
+    limited = any(line.lstrip().startswith("graph [") and "nslimit" in line for line in g.body)
+    attempts = [g]
+    for attrs in CRASH_RETRIES if limited else ():
+        retry = g.copy()
+        retry.attr("graph", **attrs)  # a later graph attribute overrides the earlier one
+        attempts.append(retry)
+    crashes: list[str] = []
+    for attempt in attempts:
+        left = None if deadline is None else max(deadline - time.monotonic(), 0.001)
+        try:
+            proc = subprocess.run(
+                [exe, f"-T{fmt}"], input=attempt.source.encode(), capture_output=True, timeout=left
+            )
+        except FileNotFoundError as e:
+            raise _no_dot() from e
+        except subprocess.TimeoutExpired as e:
+            n = sum(1 for line in g.body if " [" in line and "->" not in line)
+            tried = f" (after {'; '.join(crashes)})" if crashes else ""
+            raise LurkerError(
+                f"graphviz 'dot' did not finish drawing {name} within {timeout:g} s{tried}: "
+                f"the graph has about {n:,} nodes. Draw less (depth=2 collapses deeper "
+                f"modules, rolled=True draws loops once), allow more time (timeout=None "
+                f"waits), or render to a .dot file and run dot on it yourself."
+            ) from e
+        if proc.returncode == 0:
+            return proc.stdout
+        why = _dot_failure(proc.returncode, proc.stderr)
+        if proc.returncode > 0 or attempt is attempts[-1]:
+            tried = f" (it crashed first: {'; '.join(crashes)})" if crashes else ""
+            raise LurkerError(
+                f"graphviz 'dot' failed to draw {name}: {why}{tried}. Drawing less (depth=, "
+                f"rolled=True) may avoid it; a .dot file is written without dot."
+            )
+        crashes.append(why)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _dot_failure(returncode: int, stderr: bytes) -> str:
+    """Why dot failed, in words: its signal or exit status, then the end of its stderr."""
+    if returncode < 0:
+        try:
+            sig = signal.Signals(-returncode).name
+        except ValueError:
+            sig = f"signal {-returncode}"
+        what = f"dot was killed by {sig}" + (" (it crashed)" if sig in _CRASHES else "")
+        if sig == "SIGKILL":
+            what += " (often the system running out of memory)"
+    else:
+        what = f"dot exited with status {returncode}"
+    lines = [ln.strip() for ln in stderr.decode(errors="replace").splitlines() if ln.strip()]
+    if lines:
+        shown = lines[-5:]
+        more = f"[{len(lines) - 5} earlier lines] " if len(lines) > 5 else ""
+        return f"{what}; it said: {more}{' / '.join(shown)}"
+    return f"{what} and printed nothing"
+
+
+_CRASHES = ("SIGSEGV", "SIGABRT", "SIGBUS", "SIGFPE", "SIGILL")
 
 
 def _no_dot() -> LurkerError:
@@ -154,6 +235,7 @@ class _Box:
     path: str
     pass_num: int | None  # None: all passes (rolled) or the module ran once
     ops: set[str] = field(default_factory=set)  # op labels (rolled labels when rolled)
+    rolled: bool = False  # stands for all calls of the module
 
 
 def to_dot(
@@ -163,8 +245,58 @@ def to_dot(
     rolled: bool = False,
     direction: str = "TB",
     buffers: bool = False,
+    auto_roll: bool = True,
 ) -> graphviz.Digraph:
-    """The graphviz graph :func:`render` lays out (useful to inspect or tweak the source)."""
+    """The graphviz graph :func:`render` lays out (useful to inspect or tweak the source).
+
+    With ``auto_roll`` (and ``rolled=False``), a drawing too big for dot to lay out in
+    reasonable time has the layers of its longest loops rolled (drawn once, with pass
+    counts), and says so in its title and in a warning; ``auto_roll=False`` draws every pass.
+    """
+    g, cost, layers = _build(trace, depth, 1 if rolled else None, direction, buffers)
+    if rolled or not auto_roll or cost < ROLL_COST:
+        return g
+    # Roll the layers that ran most often first, and stop as soon as the drawing fits.
+    counts = {op.num_passes for op in trace.ops if op.num_passes >= ROLL_MIN_PASSES}
+    best = None
+    for least in sorted(counts, reverse=True):
+        cand = _build(trace, depth, least, direction, buffers)
+        if best is None or cand[1] < best[1]:
+            best = cand
+        if cand[1] < ROLL_COST:
+            break
+    if best is None or best[1] >= cost or not best[2]:
+        return g
+    g, _, layers = best
+    lo, hi = min(layers.values()), max(layers.values())
+    times = f"{hi:,}" if lo == hi else f"{lo:,} to {hi:,}"
+    what = "layers and modules" if any(k.startswith("module ") for k in layers) else "layers"
+    note = (
+        f"loops drawn rolled: {len(layers):,} {what} that ran {times} times are drawn once "
+        f"each, {TIMES}N on their edges (auto_roll=False draws every pass)"
+    )
+    g.attr("graph", label=f"{_title(trace)}\\n{note}")  # the later label wins
+    warnings.warn(
+        f"Drawing every pass of {trace.model_name} (about {cost:,} layout nodes) could keep "
+        f"graphviz busy for many minutes; {note}.",
+        stacklevel=2,
+    )
+    return g
+
+
+def _build(
+    trace: Trace,
+    depth: int | None,
+    roll: int | None,
+    direction: str,
+    buffers: bool,
+) -> tuple[graphviz.Digraph, int, dict[str, int]]:
+    """The graph, its estimated layout size, and the layers (op labels) and collapsed modules
+    (``module PATH``) drawn rolled, with their pass counts.
+
+    ``roll``: layers (and module calls) that ran at least this many times are drawn once;
+    1 rolls everything (``rolled=True``), None nothing.
+    """
     ops = trace.ops
     root = _Cluster("", "")
     draw: list[str | None] = [None] * len(ops)  # node index -> drawn node id
@@ -174,7 +306,11 @@ def to_dot(
     box_ids: dict[tuple[str, Any], str] = {}  # (cluster, module key) -> box id
     order: dict[str, int] = {}  # drawn node id -> first node index (for back edges)
     anchor: dict[str, str] = {}  # drawn node id -> the node drawn just before it
+    rolled_ids: set[str] = set()  # drawn nodes that stand for several passes
     last: str | None = None
+
+    def rolls(num_passes: int) -> bool:
+        return roll is not None and num_passes >= roll
 
     for op in ops:
         if op.kind == "buffer" and not buffers:
@@ -185,13 +321,18 @@ def to_dot(
         for path, pass_num in op.modules:
             info = trace.modules.get(path)
             ukey += ((path, pass_num),)
-            key = path if rolled else (path, pass_num)
+            mod_rolled = rolls(info.num_passes if info is not None else 1)
+            key = path if mod_rolled else (path, pass_num)
             if depth is not None and _depth(path) > depth:
                 bid = box_ids.get((cluster.name, key))
                 if bid is None:
                     bid = box_ids[(cluster.name, key)] = f"m{len(boxes)}"
                     many = info is not None and info.num_passes > 1
-                    boxes[bid] = _Box(path, pass_num if many and not rolled else None)
+                    boxes[bid] = _Box(
+                        path, pass_num if many and not mod_rolled else None, rolled=mod_rolled
+                    )
+                    if mod_rolled:
+                        rolled_ids.add(bid)
                     cluster.nodes.append(bid)
                     order[bid] = op.index
                     if last is not None:
@@ -201,16 +342,17 @@ def to_dot(
             if child is None:
                 child = cluster.children[key] = _Cluster(
                     f"cluster_{_uid(cluster.name, len(cluster.children))}",
-                    _cluster_label(trace, path, pass_num, rolled),
+                    _cluster_label(trace, path, pass_num, mod_rolled),
                 )
             cluster = child
         if bid is not None:
             if op.kind in ("op", "generated"):
-                boxes[bid].ops.add(op.rolled if rolled else op.label)
+                boxes[bid].ops.add(op.rolled if boxes[bid].rolled else op.label)
             draw[op.index] = last = bid
             call[op.index] = ukey
             continue
-        nid = f"r_{op.rolled}" if rolled else f"n{op.index}"
+        op_rolled = rolls(op.num_passes)
+        nid = f"r_{op.rolled}" if op_rolled else f"n{op.index}"
         group = reps.get(nid)
         if group is None:
             reps[nid] = [op]
@@ -218,6 +360,8 @@ def to_dot(
             order[nid] = op.index
             if last is not None:
                 anchor[nid] = last
+            if op_rolled:
+                rolled_ids.add(nid)
         else:
             group.append(op)
         draw[op.index] = last = nid
@@ -230,9 +374,9 @@ def to_dot(
 
     node_attrs: dict[str, dict[str, str]] = {}
     for nid, group in reps.items():
-        node_attrs[nid] = _op_attrs(trace, group, rolled)
+        node_attrs[nid] = _op_attrs(trace, group, nid in rolled_ids)
     for bid, box in boxes.items():
-        node_attrs[bid] = _box_attrs(trace, box, rolled)
+        node_attrs[bid] = _box_attrs(trace, box, box.rolled)
     _emit(g, root, node_attrs)
 
     # Edges: map through the drawn nodes, drop those inside one collapsed call, merge.
@@ -243,13 +387,14 @@ def to_dot(
             continue
         key = (s, d, e.kind, e.label)
         merged[key] = merged.get(key, 0) + 1
-    if _layout_cost(order, merged) >= BIG_GRAPH:
+    cost = _layout_cost(order, merged)
+    if cost >= BIG_GRAPH:
         g.attr("graph", **BIG_GRAPH_ATTRS)
     fed: set[str] = set()
     for (s, d, kind, label), n in merged.items():
         attrs: dict[str, str] = {}
         text = label or ""
-        if rolled and n > 1:
+        if n > 1 and (s in rolled_ids or d in rolled_ids):
             text = f"{text} {TIMES}{n}".strip()
         if kind == "branch":
             attrs.update(BRANCH_EDGE)
@@ -267,7 +412,12 @@ def to_dot(
     for nid, prev in anchor.items():
         if nid not in fed and ops[order[nid]].kind != "input":
             g.edge(prev, nid, style="invis")
-    return g
+    layers = {group[0].rolled: group[0].num_passes for group in reps.values() if len(group) > 1}
+    for box in boxes.values():  # a collapsed module that stands for all its calls
+        info = trace.modules.get(box.path)
+        if box.rolled and info is not None and info.num_passes > 1:
+            layers[f"module {box.path}"] = info.num_passes
+    return g, cost, layers
 
 
 def _layout_cost(order: dict[str, int], merged: dict[tuple[str, str, str, str | None], int]) -> int:
@@ -286,10 +436,16 @@ def _depth(path: str) -> int:
     return path.count(".") + 1 if path else 0
 
 
+def _has_nodes(cluster: _Cluster) -> bool:
+    return bool(cluster.nodes) or any(_has_nodes(c) for c in cluster.children.values())
+
+
 def _emit(g: graphviz.Digraph, cluster: _Cluster, attrs: dict[str, dict[str, str]]) -> None:
     for nid in cluster.nodes:
         g.node(nid, **attrs[nid])
     for child in cluster.children.values():
+        if not _has_nodes(child):  # all its ops drawn rolled in an earlier pass's cluster
+            continue
         sub = graphviz.Digraph(name=child.name)
         sub.attr(
             "graph",
