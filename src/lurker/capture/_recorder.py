@@ -264,6 +264,7 @@ class _Core:
         # None until the first in-place op (see _arm): models without any never pay for it
         self.aliases: dict[int, list[int]] | None = None
         self.mutators: dict[int, int] = {}  # storage pointer -> last in-place op on it
+        self.model_writes: list[Tensor] = []  # buffers and parameters written in place
         self.stale_hit = False
         self.params: dict[int, str] = {}
         self.param_shapes: dict[str, tuple[int, ...]] = {}
@@ -554,6 +555,15 @@ class _Core:
                 self._arm()
             for t in targets:
                 self._protect(t)
+                if id(t) in self.buffers or id(t) in self.params:
+                    self.model_writes.append(t)
+
+    def detach_from_model(self) -> None:
+        """After the forward: clone saved activations that share storage with a buffer or
+        parameter an op wrote into, since the model's next forward writes into it again."""
+        for t in self.model_writes:
+            self._protect(t)
+        self.model_writes = []
 
     def _arm(self) -> dict[int, list[int]]:
         """Start tracking which saved activations share storage, at the first in-place op.

@@ -89,6 +89,8 @@ def trace(
         finally:
             rec.release_frames()
         wall = perf_counter() - t0
+        if rec.model_writes:
+            rec.detach_from_model()
         tr = Trace._build(rec, output, inputs_copy, rng, wall, complete=True)
         tr._state = _state.changes(state)
         return tr
