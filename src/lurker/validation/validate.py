@@ -57,6 +57,10 @@ def _close(a: Any, b: Any, rtol: float, atol: float) -> bool:
     if isinstance(a, Tensor) and isinstance(b, Tensor):
         if a.shape != b.shape or a.dtype != b.dtype:
             return False
+        if a.device == b.device and torch.equal(a, b):
+            # the common case (a deterministic op re-run on the same inputs), in one pass:
+            # allclose makes about ten, which cost more than re-running the op
+            return True
         if a.dtype.is_floating_point or a.dtype.is_complex:
             return torch.allclose(a, b.to(a.device), rtol=rtol, atol=atol, equal_nan=True)
         return torch.equal(a, b.to(a.device))
