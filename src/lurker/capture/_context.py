@@ -48,8 +48,19 @@ def autocast_state() -> tuple[tuple[str, torch.dtype], ...]:
     )
 
 
-def current(rng: bool = False) -> OpContext:
-    return OpContext(autocast_state(), grad_enabled(), rng_state() if rng else None)
+_new = tuple.__new__  # skips NamedTuple's slower __new__: this runs once per trace
+
+
+def current(rng: bool = False, grad: bool | None = None) -> OpContext:
+    """The state now (``grad``: the grad mode to record instead of the current one)."""
+    return _new(
+        OpContext,
+        (
+            autocast_state(),
+            grad_enabled() if grad is None else grad,
+            rng_state() if rng else None,
+        ),
+    )
 
 
 @contextmanager

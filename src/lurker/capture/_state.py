@@ -152,9 +152,12 @@ def _unchanged(was: dict, now: dict) -> bool:
     )
 
 
+NO_CHANGES = StateChanges()  # shared: never modified
+
+
 def changes(snap: Snapshot) -> StateChanges:
     """What changed since :func:`snapshot` (nothing, for almost every model)."""
-    out = StateChanges()
+    out = NO_CHANGES
     for path, mod, attrs, buffers, params, kept in snap:
         now_attrs = mod.__dict__
         if (
@@ -164,6 +167,8 @@ def changes(snap: Snapshot) -> StateChanges:
             and (not kept or all(_same_items(v, now_attrs[k]) for k, v in kept.items()))
         ):
             continue
+        if out is NO_CHANGES:
+            out = StateChanges()
         _module_changes(out, path, mod, attrs, buffers, params, kept)
     return out
 

@@ -68,7 +68,7 @@ def trace(
         map_tensors(args, lambda t: t.detach().clone()),
         map_tensors(kwargs, lambda t: t.detach().clone()),
     )
-    rng = _context.current(rng=True)._replace(grad=rec.grad0)  # the state it starts in
+    rng = _context.current(rng=True, grad=rec.grad0)  # the state it starts in
     rec.attach()
     state = _state.snapshot(rec.modules)
     rec.stop_frame = sys._getframe()
@@ -194,7 +194,7 @@ class Trace:
         self.param_shapes: dict[str, tuple[int, ...]] = {}
         self._inputs: tuple[tuple, dict] = ((), {})
         self._rng: Any = None  # autocast, grad mode and RNG state the forward started in
-        self._state = _state.StateChanges()  # what the traced forward changed in the model
+        self._state = _state.NO_CHANGES  # what the traced forward changed in the model
         self._transform: Callable[[Tensor], Tensor] | None = None
         self._index: dict[str, int] = {}
 
