@@ -55,7 +55,6 @@ NOT_REEXECUTABLE: dict[Any, str] = {
     torch.autograd.grad: f"autograd.grad {_NEEDS_GRAPH}",
     torch.autograd.backward: f"backward {_NEEDS_GRAPH}",
     torch.Tensor.backward: f"backward {_NEEDS_GRAPH}",
-    torch.Tensor.grad.__get__: ".grad is not carried by saved values",
 }
 
 
