@@ -8,6 +8,7 @@ that trace, validate and ``Trace.run`` (on the traced input and on another) must
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -257,12 +258,14 @@ def test_model_that_changes_its_own_state():
 class InnerLoop(nn.Module):
     """MAML-style: one gradient step on an inner loss, inside forward."""
 
-    def __init__(self) -> None:
+    def __init__(self, own_grad_mode: bool) -> None:
         super().__init__()
         self.w = nn.Parameter(torch.randn(4, 4))
+        self.own_grad_mode = own_grad_mode
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.enable_grad():
+        # without its own enable_grad, it needs the caller's grad mode (the trace's)
+        with torch.enable_grad() if self.own_grad_mode else contextlib.nullcontext():
             w = self.w
             loss = (x @ w).pow(2).mean()
             (g,) = torch.autograd.grad(loss, w, create_graph=True)
@@ -270,9 +273,10 @@ class InnerLoop(nn.Module):
         return x @ w
 
 
-def test_autograd_grad_inside_forward_is_reported_not_a_mismatch():
+@pytest.mark.parametrize("own_grad_mode", [True, False])
+def test_autograd_grad_inside_forward_is_reported_not_a_mismatch(own_grad_mode):
     torch.manual_seed(0)
-    model = InnerLoop()
+    model = InnerLoop(own_grad_mode)
     x = torch.randn(3, 4)
     tr, report = _check(model, x, torch.randn(3, 4), atol=1e-5)
     grad = tr.find("grad")[0]

@@ -154,13 +154,16 @@ def validate(trace: Trace, *, rtol: float, atol: float) -> ValidationReport:
     return report
 
 
+def _not_reexecutable(op: Any) -> str | None:
+    try:
+        return _funcs.NOT_REEXECUTABLE.get(op._func)
+    except TypeError:  # an unhashable callable
+        return None
+
+
 def _skip_reason(op: Any) -> str | None:
     """Why an op cannot be re-executed and compared, or None if it can."""
-    func = op._func
-    try:
-        reason = _funcs.NOT_REEXECUTABLE.get(func)
-    except TypeError:  # an unhashable callable
-        reason = None
+    reason = _not_reexecutable(op)
     if reason is not None:
         return reason
     if op.random:
@@ -235,7 +238,11 @@ def _check_output(trace: Trace, rtol: float, atol: float) -> list[str]:
                 if not torch.equal(a.to(b.device), b):
                     b.copy_(a)
                     changes.append(f"buffer {op.name} updated in place")
-        with _context.applied(trace._rng):  # its RNG state, autocast and grad mode
+        start = trace._rng  # its RNG state, autocast and grad mode
+        if start.grad and not any(_not_reexecutable(op) for op in trace.layers):
+            # no autograd inside forward: no graph needed, which would hold memory
+            start = start._replace(grad=False)
+        with _context.applied(start):
             plain = model(*args, **kwargs)
     finally:
         trace._state.undo(undo)
