@@ -20,21 +20,49 @@ _INPLACE_DUNDERS = {
     "iand", "ior", "ixor", "ilshift", "irshift", "setitem",
 }  # fmt: skip
 
-# Ops whose output depends on the random generator (or is uninitialised memory), so a
-# re-execution cannot be compared with the recorded output.
+# Ops whose output depends on the random generator: the recorder keeps the RNG state they
+# ran with, and validation re-executes them under it.
 _RANDOM = {
     "rand", "randn", "randint", "rand_like", "randn_like", "randint_like", "randperm",
     "normal", "normal_", "uniform_", "bernoulli", "bernoulli_", "multinomial", "poisson",
     "exponential_", "geometric_", "cauchy_", "log_normal_", "random_", "rrelu", "rrelu_",
-    "empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided", "gumbel_softmax",
+    "gumbel_softmax", "fractional_max_pool2d", "fractional_max_pool3d",
+    "fractional_max_pool2d_with_indices", "fractional_max_pool3d_with_indices",
     # torch.nn.init, recorded whole when a model builds a layer inside its forward
     "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_", "xavier_normal_",
     "trunc_normal_", "orthogonal_", "sparse_",
+    *("empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided"),
 }  # fmt: skip
+# Uninitialised memory: no re-execution can reproduce it (flagged random, never compared).
+UNINITIALISED = {"empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided"}
+# Random only for some arguments: dropout with training=True and p > 0, attention with
+# dropout_p > 0. name -> (position of p, its keyword, its default, position of the
+# training flag or None).
 _DROPOUTS = {
-    "dropout", "dropout_", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout",
-    "alpha_dropout_", "feature_alpha_dropout", "feature_dropout", "feature_dropout_",
+    **{
+        n: (1, "p", 0.5, 2)
+        for n in (
+            "dropout", "dropout_", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout",
+            "alpha_dropout_", "feature_alpha_dropout", "feature_alpha_dropout_",
+            "feature_dropout", "feature_dropout_", "native_dropout",
+        )
+    },
+    "scaled_dot_product_attention": (4, "dropout_p", 0.0, None),
 }  # fmt: skip
+# Ops that cannot be re-executed from saved values: the reason, shown in validation reports.
+_NEEDS_GRAPH = "needs the autograd graph of the forward, which saved values do not carry"
+NOT_REEXECUTABLE: dict[Any, str] = {
+    torch.autograd.grad: f"autograd.grad {_NEEDS_GRAPH}",
+    torch.autograd.backward: f"backward {_NEEDS_GRAPH}",
+    torch.Tensor.backward: f"backward {_NEEDS_GRAPH}",
+}
+
+
+def same_callable(recorded: Any, func: Any) -> bool:
+    """Whether ``func`` is the callable a trace recorded. Property getters (``x.T``,
+    ``x.real``) reach the mode as a new bound ``__get__`` on every access: equal, not
+    identical."""
+    return recorded is func or recorded == func
 
 
 def _unchecked(fn: Any) -> Any:
@@ -154,7 +182,11 @@ def is_random_call(info: FuncInfo, args: tuple, kwargs: dict) -> bool:
     if info.random:
         return True
     if info.dropout:
-        training = kwargs.get("training", args[2] if len(args) > 2 else True)
-        p = kwargs.get("p", args[1] if len(args) > 1 else 0.5)
-        return bool(training) and p != 0
+        p_pos, p_key, p_default, t_pos = _DROPOUTS[info.name]
+        p = kwargs.get(p_key, args[p_pos] if len(args) > p_pos else p_default)
+        if t_pos is not None:
+            default = args[t_pos] if len(args) > t_pos else True
+            if not kwargs.get("training", kwargs.get("train", default)):
+                return False
+        return p != 0
     return False

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from ..graph.nodes import ModuleInfo, Op, ParamRef, TensorMeta
-from . import _funcs
+from . import _context, _funcs
 from ._policy import SavePolicy
 from ._tree import call_tensors, tensors
 
@@ -93,6 +93,8 @@ _INFO = _funcs.INFO
 _getframe = sys._getframe
 _ref = weakref.ref
 _new_tuple = tuple.__new__
+_any_autocast = _context.any_autocast
+_grad_enabled = _context.grad_enabled
 _NO_KWARGS: dict[str, Any] = {}  # shared by calls without keywords: never mutated
 
 
@@ -262,6 +264,7 @@ class _Core:
         # None until the first in-place op (see _arm): models without any never pay for it
         self.aliases: dict[int, list[int]] | None = None
         self.mutators: dict[int, int] = {}  # storage pointer -> last in-place op on it
+        self.model_writes: list[Tensor] = []  # buffers and parameters written in place
         self.stale_hit = False
         self.params: dict[int, str] = {}
         self.param_shapes: dict[str, tuple[int, ...]] = {}
@@ -288,6 +291,7 @@ class _Core:
         self._top: Any = None  # the previous op's innermost call-site frame
         self.save_all = save.everything
         self.fast_save = save.everything and transform is None and device is None and not grads
+        self.grad0 = grads or _grad_enabled()  # the grad mode trace() records under
 
     # ------------------------------------------------------------------ modules
     def attach(self) -> None:
@@ -551,6 +555,15 @@ class _Core:
                 self._arm()
             for t in targets:
                 self._protect(t)
+                if id(t) in self.buffers or id(t) in self.params:
+                    self.model_writes.append(t)
+
+    def detach_from_model(self) -> None:
+        """After the forward: clone saved activations that share storage with a buffer or
+        parameter an op wrote into, since the model's next forward writes into it again."""
+        for t in self.model_writes:
+            self._protect(t)
+        self.model_writes = []
 
     def _arm(self) -> dict[int, list[int]]:
         """Start tracking which saved activations share storage, at the first in-place op.
@@ -630,6 +643,9 @@ class _Core:
             self._settle_meta(ins[0])  # before unsqueeze_/t_/requires_grad_ change it
         if inplace or info.norm:
             self._guard(inplace, info, ins, args, kwargs)
+        ctx = None
+        if info.random or info.dropout or _any_autocast() or _grad_enabled() is not self.grad0:
+            ctx = self._context(info, args, kwargs)
         t0 = perf_counter()
         try:
             out = func(*args, **kwargs) if kwargs else func(*args)
@@ -668,12 +684,22 @@ class _Core:
                 self._mark_stale(t)  # saved copies of its storage are off
             inplace = True
         node = self._record(func, info, inputs, args, kwargs, outs, dt, None, None)
+        if ctx is not None:
+            node._ctx = ctx
         if inplace:
             node.inplace = True
             self.mutators[outs[0].untyped_storage().data_ptr()] = node.index
         if snaps:
             self._link_mutators(node, ins, snaps)
         return out
+
+    def _context(self, info: Any, args: tuple, kwargs: dict) -> _context.OpContext | None:
+        """The autocast, grad mode and RNG state this op runs under, if not the default."""
+        random = (info.random or info.dropout) and _funcs.is_random_call(info, args, kwargs)
+        ctx = _context.current(rng=random)
+        if not random and not ctx.autocast and ctx.grad is self.grad0:
+            return None
+        return ctx
 
     def _settle_meta(self, t: Tensor) -> None:
         """Read now the output metadata of the op that produced ``t`` (normally left for

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
@@ -37,6 +38,8 @@ class Replayer(TorchFunctionMode):
         self.want = {trace.ops[i].seq: i for i in want if trace.ops[i].seq >= 0}
         self.on_output = on_output
         self.seq = 0
+        self.trace = trace
+        self.call: tuple[tuple, dict] = ((), {})  # the inputs of the forward being run
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if kwargs is None:
@@ -74,20 +77,45 @@ class Replayer(TorchFunctionMode):
     def _count(self, func: Any) -> int:
         seq = self.seq
         self.seq += 1
-        if seq >= len(self.funcs) or self.funcs[seq] is not func:
+        if seq >= len(self.funcs) or not _same(self.funcs[seq], func):
             expected = self.labels[seq] if seq < len(self.labels) else "the end of the forward"
             raise GraphChangedError(
                 f"This input takes another path through the model: call #{seq + 1} was "
-                f"{_funcs.op_name(func)} where the trace recorded {expected}. The model's "
-                "control flow depends on the data; trace this input with lurker.trace() instead."
+                f"{_funcs.op_name(func)} where the trace recorded {expected}. {self._why()}"
             )
         return seq
+
+    def _why(self) -> str:
+        """Why the path changed: the model's own state, or the data."""
+        changes = self.trace._state.lines
+        if changes:
+            listed = ", ".join(changes[:3]) + (
+                f" and {len(changes) - 3} more" if len(changes) > 3 else ""
+            )
+            return (
+                f"The model changed its own state while it was traced ({listed}), so later "
+                "forwards run other ops than the traced one: the graph depends on the model's "
+                "state, not on the data. Trace the model again now that its state has settled "
+                "(lurker.trace(model, x)): that trace records the ops its forwards now run."
+            )
+        if _same_inputs(self.call, self.trace._inputs):
+            return (
+                "This is the input the trace was made with, so the path depends on the model's "
+                "state (attributes or caches changed since the trace, e.g. by train()/eval() or "
+                "another forward) or on random numbers, not on the data. Trace the model again "
+                "in the state you will run it in."
+            )
+        return (
+            "The model's control flow depends on the data; trace this input with "
+            "lurker.trace() instead."
+        )
 
     def run(self, model: Any, args: tuple, kwargs: dict, on_output: OnOutput | None = None) -> Any:
         """One forward of ``model`` under this mode (reusable: a sweep makes one Replayer)."""
         if on_output is not None:
             self.on_output = on_output
         self.seq = 0
+        self.call = (args, kwargs)
         with self:
             output = model(*args, **kwargs)
         self.finish()
@@ -96,10 +124,25 @@ class Replayer(TorchFunctionMode):
     def finish(self) -> None:
         if self.seq != len(self.funcs):
             raise GraphChangedError(
-                f"This input ran {self.seq} ops where the trace recorded {len(self.funcs)}: the "
-                "model's control flow depends on the data; trace this input with "
-                "lurker.trace() instead."
+                f"This input ran {self.seq} ops where the trace recorded {len(self.funcs)}. "
+                f"{self._why()}"
             )
+
+
+_same = _funcs.same_callable
+
+
+def _same_inputs(a: tuple[tuple, dict], b: tuple[tuple, dict]) -> bool:
+    """Whether two calls' arguments hold equal tensors in the same places."""
+    ta, tb = tensors(a, []), tensors(b, [])
+    if len(ta) != len(tb) or not ta:
+        return False
+    for x, y in zip(ta, tb):
+        if x.shape != y.shape or x.dtype != y.dtype:
+            return False
+        if not torch.equal(x.detach(), y.detach().to(x.device)):
+            return False
+    return True
 
 
 def run_with(

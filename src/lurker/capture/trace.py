@@ -23,6 +23,7 @@ from ..errors import LurkerError, TraceError
 from ..graph import postprocess
 from ..graph.nodes import ModuleInfo, Op, TensorMeta
 from ..graph.schema import SCHEMA_VERSION
+from . import _context, _state
 from ._policy import check_patterns, make_policy
 from ._recorder import Recorder
 from ._tree import map_tensors, paths
@@ -68,8 +69,9 @@ def trace(
         map_tensors(args, lambda t: t.detach().clone()),
         map_tensors(kwargs, lambda t: t.detach().clone()),
     )
-    rng = _rng_state()
+    rng = _context.current(rng=True, grad=rec.grad0)  # the state it starts in
     rec.attach()
+    state = _state.snapshot(rec.modules)
     rec.stop_frame = sys._getframe()
     grad_ctx = torch.enable_grad() if grads else nullcontext()
     # The recorder makes a few container objects per op, all alive until the trace is
@@ -88,7 +90,10 @@ def trace(
         finally:
             rec.release_frames()
         wall = perf_counter() - t0
+        if rec.model_writes:
+            rec.detach_from_model()
         tr = Trace._build(rec, output, inputs_copy, rng, wall, complete=True)
+        tr._state = _state.changes(state)
         check_patterns(policy, tr.ops, tr.modules)
         return tr
     finally:
@@ -121,11 +126,6 @@ def _name_inputs(model: nn.Module, args: tuple, kwargs: dict) -> list[tuple[str,
     for name, value in items:
         paths(value, name, out)
     return out
-
-
-def _rng_state() -> tuple[Tensor, list[Tensor] | None]:
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-    return torch.get_rng_state(), cuda
 
 
 _TORCH_DIR = str(Path(torch.__file__).resolve().parent)
@@ -338,7 +338,8 @@ class Trace:
         self.failed_op: str | None = None
         self.param_shapes: dict[str, tuple[int, ...]] = {}
         self._inputs: tuple[tuple, dict] = ((), {})
-        self._rng: Any = None
+        self._rng: Any = None  # autocast, grad mode and RNG state the forward started in
+        self._state = _state.NO_CHANGES  # what the traced forward changed in the model
         self._transform: Callable[[Tensor], Tensor] | None = None
         self._index: dict[str, int] = {}
 

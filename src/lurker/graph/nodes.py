@@ -109,6 +109,7 @@ class Op:
     _extra_parents: Any  # ops that mutated an input through another view
     _provisional: bool  # saved in case it is the output of a module save= names
     _source: Any  # the source, or the call sites it is found from (on first use)
+    _ctx: Any  # autocast, grad mode and RNG state it ran under, where not the default
 
     __slots__ = (  # noqa: RUF023 - in the order of the annotations above
         "index", "kind", "name", "label", "rolled", "pass_num", "num_passes", "modules",
@@ -116,7 +117,7 @@ class Op:
         "inplace", "random", "dist_from_input", "dist_from_output", "decides_branch", "value",
         "seq", "activation", "grad", "stale", "_func", "_skel_args", "_skel_kwargs", "_inputs",
         "_key", "_snapshots", "_where", "_outs", "_extra_parents", "_provisional", "_source",
-        "__weakref__",
+        "_ctx", "__weakref__",
     )  # fmt: skip
 
     def __init__(
@@ -167,6 +168,7 @@ class Op:
         self._extra_parents = None
         self._provisional = False
         self._source = None
+        self._ctx = None
 
     @property
     def source(self) -> str | None:

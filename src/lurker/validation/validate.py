@@ -1,8 +1,10 @@
 """``Trace.validate``: prove that what a trace saved is what the model computed.
 
 Each op is re-executed from the saved activations of its parents (and the model's
-parameters) and its result compared with its own saved activation; then the model is run
-once more without tracing (same RNG state) and its output compared with the traced one.
+parameters), under the autocast, grad mode and RNG state it ran in, and its result
+compared with its own saved activation; then the model is run once more without tracing,
+from the state the traced forward started in (RNG, autocast, grad mode, buffers and
+attributes the forward reassigned), and its output compared with the traced one.
 A mismatch raises :class:`~lurker.errors.ValidationError` naming the op.
 """
 
@@ -14,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from ..capture import _context, _funcs
 from ..capture._tree import paths, refill
 from ..errors import ValidationError
 
@@ -28,13 +31,25 @@ class ValidationReport:
     checked: int = 0
     skipped: dict[str, str] = field(default_factory=dict)
     output_checked: bool = False
+    # what the model changed in itself during the traced forward (reassigned buffers or
+    # attributes, caches filled, buffers updated in place); the untraced forward the
+    # output is compared with starts from the state before those changes
+    state_changes: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         s = f"{self.checked} ops re-executed and matched"
         if self.output_checked:
             s += "; traced output equals an untraced forward"
+            if self.state_changes:
+                s += " from the same starting state"
         if self.skipped:
             s += f"; {len(self.skipped)} skipped ({', '.join(sorted(set(self.skipped.values())))})"
+        if self.state_changes:
+            more = len(self.state_changes) - 3
+            s += "; the model changed its own state in forward: " + ", ".join(
+                self.state_changes[:3]
+            )
+            s += f" and {more} more" if more > 0 else ""
         return s
 
 
@@ -42,6 +57,10 @@ def _close(a: Any, b: Any, rtol: float, atol: float) -> bool:
     if isinstance(a, Tensor) and isinstance(b, Tensor):
         if a.shape != b.shape or a.dtype != b.dtype:
             return False
+        if a.device == b.device and torch.equal(a, b):
+            # the common case (a deterministic op re-run on the same inputs), in one pass:
+            # allclose makes about ten, which cost more than re-running the op
+            return True
         if a.dtype.is_floating_point or a.dtype.is_complex:
             return torch.allclose(a, b.to(a.device), rtol=rtol, atol=atol, equal_nan=True)
         return torch.equal(a, b.to(a.device))
@@ -75,7 +94,7 @@ def validate(trace: Trace, *, rtol: float, atol: float) -> ValidationReport:
     report = ValidationReport()
     params = dict(trace.model.named_parameters()) if trace.model is not None else {}
     ops = trace.ops
-    with torch.no_grad():
+    with _context.applied(None):  # ops that ran in the default state: no autocast, no grad
         for op in ops:
             if op.kind in ("input", "buffer", "constant", "output", "readout"):
                 continue
@@ -88,15 +107,16 @@ def validate(trace: Trace, *, rtol: float, atol: float) -> ValidationReport:
             if op.activation is None:
                 report.skipped[op.label] = "not saved"
                 continue
-            if op.random:
-                report.skipped[op.label] = "random"
+            skip = _skip_reason(op)
+            if skip is not None:
+                report.skipped[op.label] = skip
                 continue
             values: list[Any] = []
             missing = None
             snaps = op._snapshots or {}
             for j, (src, what) in enumerate(op._inputs):
                 if j in snaps:
-                    values.append(snaps[j].clone() if op.inplace else snaps[j])
+                    values.append(snaps[j])
                     continue
                 if src < 0:
                     values.append(params[what])
@@ -105,73 +125,131 @@ def validate(trace: Trace, *, rtol: float, atol: float) -> ValidationReport:
                 if a is None:
                     missing = ops[src].label
                     break
-                a = a[what] if isinstance(a, tuple) else a
-                values.append(a.clone() if op.inplace else a)
+                values.append(a[what] if isinstance(a, tuple) else a)
             if missing is not None or op._skel_args is None:
                 report.skipped[op.label] = "input not saved"
                 continue
-            it = iter(values)
-            try:
-                args = refill(op._skel_args, it)
-                kwargs = refill(op._skel_kwargs, it)
-            except StopIteration:
-                raise ValidationError(
-                    f"{op.label} ({op.name}{_where(op)}): its recorded arguments no longer hold "
-                    f"the {len(values)} tensors it was called with (a container changed after "
-                    "the call). Please report this model.",
-                    op=op.label,
-                ) from None
-            try:
-                result = op._func(*args, **kwargs)
-            except Exception as e:
-                raise ValidationError(
-                    f"Re-executing {op.label} ({op.name}{_where(op)}) from its saved inputs "
-                    f"raised {type(e).__name__}: {e}",
-                    op=op.label,
-                ) from e
-            if result is None and op.inplace and values:  # x[i] = v returns None
-                result = values[0]
-            if isinstance(result, (tuple, list)):
-                result = tuple(r for r in result if isinstance(r, Tensor))
-                if len(result) == 1:
-                    result = result[0]
+            result = _execute(op, values)
             if not _close(op.activation, result, rtol, atol):
+                ctx = op._ctx
+                if (
+                    ctx is not None
+                    and ctx.rng is not None
+                    and not _close(result, _execute(op, values), rtol, atol)
+                ):
+                    # another result from the same values and RNG state: a kernel that
+                    # does not draw its random numbers reproducibly cannot be checked
+                    report.skipped[op.label] = "random (not reproducible from its RNG state)"
+                    continue
+                how = f" {_context.describe(ctx)}" if ctx is not None else ""
                 raise ValidationError(
                     f"Saved activation of {op.label} ({op.name}{_where(op)}) does not match a "
-                    f"re-execution from its saved inputs: {_first_diff(op.activation, result)}.",
+                    f"re-execution from its saved inputs{how}: "
+                    f"{_first_diff(op.activation, result)}.",
                     op=op.label,
                 )
             report.checked += 1
-    _check_output(trace, rtol, atol)
+    report.state_changes = _check_output(trace, rtol, atol)
     report.output_checked = True
     return report
+
+
+def _not_reexecutable(op: Any) -> str | None:
+    try:
+        return _funcs.NOT_REEXECUTABLE.get(op._func)
+    except TypeError:  # an unhashable callable
+        return None
+
+
+def _skip_reason(op: Any) -> str | None:
+    """Why an op cannot be re-executed and compared, or None if it can."""
+    reason = _not_reexecutable(op)
+    if reason is not None:
+        return reason
+    if op.random:
+        if op.name in _funcs.UNINITIALISED:
+            return "uninitialised memory"
+        if op._ctx is None or op._ctx.rng is None:
+            return "random (RNG state not recorded)"
+        if isinstance(op._skel_kwargs, dict) and op._skel_kwargs.get("generator") is not None:
+            return "random (draws from its own generator)"
+    return None
+
+
+def _execute(op: Any, values: list[Any]) -> Any:
+    """Run ``op`` on ``values`` (its tensor arguments in order) under the state it ran in."""
+    if op.inplace:  # it writes into its first argument: never into a saved activation
+        values = [v.clone() for v in values]
+    it = iter(values)
+    try:
+        args = refill(op._skel_args, it)
+        kwargs = refill(op._skel_kwargs, it)
+    except StopIteration:
+        raise ValidationError(
+            f"{op.label} ({op.name}{_where(op)}): its recorded arguments no longer hold "
+            f"the {len(values)} tensors it was called with (a container changed after "
+            "the call). Please report this model.",
+            op=op.label,
+        ) from None
+    try:
+        if op._ctx is None:
+            result = op._func(*args, **kwargs)
+        else:
+            with _context.applied(op._ctx):
+                result = op._func(*args, **kwargs)
+    except Exception as e:
+        how = f" {_context.describe(op._ctx)}" if op._ctx is not None else ""
+        raise ValidationError(
+            f"Re-executing {op.label} ({op.name}{_where(op)}) from its saved inputs{how} "
+            f"raised {type(e).__name__}: {e}",
+            op=op.label,
+        ) from e
+    if result is None and op.inplace and values:  # x[i] = v returns None
+        result = values[0]
+    if isinstance(result, (tuple, list)):
+        result = tuple(r for r in result if isinstance(r, Tensor))
+        if len(result) == 1:
+            result = result[0]
+    return result
 
 
 def _where(op: Any) -> str:
     return f" in {op.module}" if op.module else ""
 
 
-def _check_output(trace: Trace, rtol: float, atol: float) -> None:
+def _check_output(trace: Trace, rtol: float, atol: float) -> list[str]:
+    """Compare the traced output with an untraced forward from the state the traced one
+    started in; return what the model changed in its own state during the traced one."""
     model = trace.model
     args, kwargs = trace._inputs
-    cpu_rng, cuda_rng = trace._rng
-    now_cpu = torch.get_rng_state()
-    now_cuda = torch.cuda.get_rng_state_all() if cuda_rng is not None else None
-    torch.set_rng_state(cpu_rng)
-    if cuda_rng is not None:
-        torch.cuda.set_rng_state_all(cuda_rng)
-    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+    changes = list(trace._state.lines)
+    after = {n: b.detach().clone() for n, b in model.named_buffers()}
+    undo = trace._state.restored()  # attributes and buffers the forward reassigned
     try:
+        named = dict(model.named_buffers())
         with torch.no_grad():
+            # buffers the forward updated in place: back to the value they had going in
+            # (the buffer's node saved it; in-place ops clone saved values first)
+            for op in trace.ops:
+                b = named.get(op.name) if op.kind == "buffer" else None
+                a = op.activation
+                if b is None or a is None or a is b or a.shape != b.shape:
+                    continue
+                if not torch.equal(a.to(b.device), b):
+                    b.copy_(a)
+                    changes.append(f"buffer {op.name} updated in place")
+        start = trace._rng  # its RNG state, autocast and grad mode
+        if start.grad and not any(_not_reexecutable(op) for op in trace.layers):
+            # no autograd inside forward: no graph needed, which would hold memory
+            start = start._replace(grad=False)
+        with _context.applied(start):
             plain = model(*args, **kwargs)
     finally:
-        with torch.no_grad():  # a training-mode forward updates running stats: undo that
+        trace._state.undo(undo)
+        with torch.no_grad():  # the state the traced forward left, as the user has it
             for n, b in model.named_buffers():
-                if n in buffers:
-                    b.copy_(buffers[n])
-        torch.set_rng_state(now_cpu)
-        if now_cuda is not None:
-            torch.cuda.set_rng_state_all(now_cuda)
+                if n in after and b.shape == after[n].shape:
+                    b.copy_(after[n])
     traced = dict(paths(trace.output, "output", []))
     untraced = dict(paths(plain, "output", []))
     if traced.keys() != untraced.keys():
@@ -185,7 +263,14 @@ def _check_output(trace: Trace, rtol: float, atol: float) -> None:
         # float rounding, relative to the output's scale
         scale = float(t.detach().abs().max()) if t.numel() and t.is_floating_point() else 1.0
         if not _close(t.detach(), u, rtol * 10, max(atol, 1e-5 * scale) * 10):
+            state = (
+                f" (compared from the state the traced forward started in; the model changed "
+                f"in forward: {', '.join(changes[:3])})"
+                if changes
+                else ""
+            )
             raise ValidationError(
-                f"The traced output {name} differs from an untraced forward: "
+                f"The traced output {name} differs from an untraced forward{state}: "
                 f"{_first_diff(t.detach(), u)}. Tracing changed what the model computes."
             )
+    return changes

@@ -1,0 +1,96 @@
+"""The state an op ran under besides its arguments: autocast, grad mode, the RNG.
+
+The recorder keeps it per op only where it is not the default (a random op, an op under
+autocast or another grad mode than the trace's), so that validation re-executes each op
+under the state it ran in, and the untraced comparison forward runs under the trace's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from typing import Any, NamedTuple
+
+import torch
+
+# device types whose autocast state is recorded
+_AUTOCAST_DEVICES = ("cpu", "cuda")
+any_autocast = torch._C._is_any_autocast_enabled
+grad_enabled = torch._C.is_grad_enabled
+
+RngState = tuple[torch.Tensor, "list[torch.Tensor] | None"]
+
+
+class OpContext(NamedTuple):
+    autocast: tuple[tuple[str, torch.dtype], ...]  # (device type, dtype) where enabled
+    grad: bool
+    rng: RngState | None  # the generators' state just before a random op ran
+
+
+def rng_state() -> RngState:
+    """The CPU generator's state and, if CUDA is in use, every CUDA generator's."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), cuda
+
+
+def set_rng_state(state: RngState) -> None:
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def autocast_state() -> tuple[tuple[str, torch.dtype], ...]:
+    if not any_autocast():
+        return ()
+    return tuple(
+        (d, torch.get_autocast_dtype(d)) for d in _AUTOCAST_DEVICES if torch.is_autocast_enabled(d)
+    )
+
+
+_new = tuple.__new__  # skips NamedTuple's slower __new__: this runs once per trace
+
+
+def current(rng: bool = False, grad: bool | None = None) -> OpContext:
+    """The state now (``grad``: the grad mode to record instead of the current one)."""
+    return _new(
+        OpContext,
+        (
+            autocast_state(),
+            grad_enabled() if grad is None else grad,
+            rng_state() if rng else None,
+        ),
+    )
+
+
+@contextmanager
+def applied(ctx: OpContext | None, grad_default: bool = False) -> Iterator[None]:
+    """Run under ``ctx``: its autocast (and none where it had none), grad mode and RNG
+    state; the caller's RNG state is restored afterwards. ``None``: no autocast and
+    ``grad_default``."""
+    autocast = ctx.autocast if ctx is not None else ()
+    on = dict(autocast)
+    saved = rng_state() if ctx is not None and ctx.rng is not None else None
+    with ExitStack() as stack:
+        for d in _AUTOCAST_DEVICES:
+            if d in on:
+                stack.enter_context(torch.autocast(d, dtype=on[d]))
+            elif torch.is_autocast_enabled(d):  # the caller's, not the op's
+                stack.enter_context(torch.autocast(d, enabled=False))
+        stack.enter_context(torch.set_grad_enabled(ctx.grad if ctx is not None else grad_default))
+        if saved is not None:
+            set_rng_state(ctx.rng)  # type: ignore[union-attr, arg-type]
+        try:
+            yield
+        finally:
+            if saved is not None:
+                set_rng_state(saved)
+
+
+def describe(ctx: Any) -> str:
+    """``under autocast(cpu, bfloat16), grad enabled`` for messages."""
+    parts = [f"autocast({d}, {str(t).replace('torch.', '')})" for d, t in ctx.autocast]
+    parts.append("grad enabled" if ctx.grad else "grad disabled")
+    if ctx.rng is not None:
+        parts.append("the RNG state it drew from")
+    return "under " + ", ".join(parts)

@@ -1,0 +1,354 @@
+"""Validation and replay on models that use tensor properties, random ops, autocast,
+autograd.grad, or change their own state in forward (issue #10, point 8).
+
+Each model here is small and shows one defect class. The oracle is always the untraced
+model: a deep copy taken before the call, run under the same RNG seed, gives the outputs
+that trace, validate and ``Trace.run`` (on the traced input and on another) must give.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lurker
+from lurker.capture import _funcs
+from lurker.capture._tree import paths
+from lurker.errors import GraphChangedError, ValidationError
+
+
+def _same(a, b, atol=1e-6) -> None:
+    pa, pb = dict(paths(a, "out", [])), dict(paths(b, "out", []))
+    assert pa.keys() == pb.keys()
+    for k, t in pa.items():
+        u = pb[k]
+        assert t.dtype == u.dtype and t.shape == u.shape, k
+        torch.testing.assert_close(t.detach(), u.detach(), rtol=1e-5, atol=atol)
+
+
+def _untraced(model: nn.Module, x, seed: int):
+    """The output an untraced forward gives from the model's current state."""
+    twin = copy.deepcopy(model)
+    torch.manual_seed(seed)
+    return twin(x)
+
+
+def _check(model: nn.Module, x, x2, seed: int = 0, atol: float = 1e-6):
+    """Trace, validate and replay (traced input and another) match untraced forwards from
+    the same starting state; return the trace and the validation report."""
+    want = _untraced(model, x, seed)
+    torch.manual_seed(seed)
+    tr = lurker.trace(model, x)
+    _same(tr.output, want, atol)
+    report = tr.validate()
+    assert report.output_checked
+    for i, inp in enumerate((x, x2)):
+        want = _untraced(model, inp, seed + 1 + i)
+        torch.manual_seed(seed + 1 + i)
+        _same(tr.run(inp).output, want, atol)
+    return tr, report
+
+
+# ---------------------------------------------------------------- tensor properties
+class Properties(nn.Module):
+    """``self.A.T`` in a loop, ``z1.T @ z2``, ``fft(x).real/.imag``, ``.mT``, ``.H``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.A = nn.Parameter(torch.randn(4, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for _ in range(3):
+            x = torch.tanh(x @ self.A.T)
+        z1 = F.normalize(x, dim=0)
+        z2 = F.normalize(x + 1, dim=0)
+        sim = z1.T @ z2
+        f = torch.fft.fft(x)
+        spec = f.real + f.imag + (f.H @ f).real.sum() + x.mT.sum()
+        return sim.sum() + spec
+
+
+def test_tensor_properties_record_and_replay():
+    torch.manual_seed(0)
+    model = Properties()
+    x = torch.randn(3, 4)
+    tr, report = _check(model, x, torch.randn(3, 4))
+    names = [op.name for op in tr.layers]
+    assert names.count("T") == 4 and {"real", "imag", "H", "mT"} <= set(names)
+    assert report.checked == len(tr.layers) and not report.skipped
+    # the properties' saved values are what the model computed
+    f = torch.fft.fft(tr["tanh_1:3"].activation)
+    torch.testing.assert_close(tr.find("real")[0].activation, f.real)
+    torch.testing.assert_close(tr.find("imag")[0].activation, f.imag)
+    # and replay hands them over for a new input
+    x2 = torch.randn(3, 4)
+    got = tr.run(x2, save=[tr.find("imag")[0].label])
+    h = x2
+    for _ in range(3):
+        h = torch.tanh(h @ model.A.T)
+    torch.testing.assert_close(got[tr.find("imag")[0].label], torch.fft.fft(h).imag.detach())
+
+
+def test_same_callable_for_property_getters():
+    a, b = torch.Tensor.T.__get__, torch.Tensor.T.__get__
+    assert a is not b and _funcs.same_callable(a, b)
+    assert not _funcs.same_callable(a, torch.Tensor.mT.__get__)
+
+
+# ---------------------------------------------------------------- random ops in training
+class Attention(nn.Module):
+    """Explicit scaled_dot_product_attention with dropout_p while training."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(8, 24)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).unflatten(-1, (3, 2, 4)).permute(2, 0, 3, 1, 4)
+        p = 0.4 if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+        return F.dropout(y.transpose(1, 2).flatten(2), 0.3, self.training) + torch.rand_like(x)
+
+
+@pytest.mark.parametrize("which", ["encoder", "decoder", "sdpa"])
+def test_random_ops_in_training_mode_validate(which):
+    torch.manual_seed(0)
+    if which == "encoder":
+        layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.5, batch_first=True)
+        model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+    elif which == "decoder":
+        layer = nn.TransformerDecoderLayer(8, 2, 16, dropout=0.5, batch_first=True)
+        dec = nn.TransformerDecoder(layer, 1)
+        memory = torch.randn(2, 3, 8)
+        model = _WithMemory(dec, memory)
+    else:
+        model = Attention()
+    model.train()
+    tr, report = _check(model, torch.randn(2, 5, 8), torch.randn(2, 5, 8))
+    random = [op for op in tr.layers if op.random]
+    assert random and not report.skipped  # every random op re-executed and compared
+    if which == "sdpa":
+        sdpa = tr.find("scaled_dot_product_attention")[0]
+        assert sdpa.random
+        # a wrong saved value of a random op is caught, not excused as "random"
+        sdpa.activation.add_(0.5)
+        with pytest.raises(ValidationError, match="scaled_dot_product_attention"):
+            tr.validate()
+    # in eval mode, dropout_p=0 and training=False: nothing random
+    model.eval()
+    tr = lurker.trace(model, torch.randn(2, 5, 8))
+    assert not any(op.random for op in tr.layers if op.name != "rand_like")
+
+
+class _WithMemory(nn.Module):
+    def __init__(self, dec: nn.Module, memory: torch.Tensor) -> None:
+        super().__init__()
+        self.dec = dec
+        self.register_buffer("memory", memory)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dec(x, self.memory.expand(x.shape[0], -1, -1))
+
+
+def test_random_call_decided_by_arguments():
+    info = _funcs.func_info(F.dropout)
+    x = torch.ones(2)
+    assert _funcs.is_random_call(info, (x,), {})
+    assert not _funcs.is_random_call(info, (x, 0.5, False), {})
+    assert not _funcs.is_random_call(info, (x,), {"p": 0.0})
+    sdpa = _funcs.func_info(F.scaled_dot_product_attention)
+    assert not _funcs.is_random_call(sdpa, (x, x, x), {})
+    assert _funcs.is_random_call(sdpa, (x, x, x, None, 0.1), {})
+    assert _funcs.is_random_call(sdpa, (x, x, x), {"dropout_p": 0.1})
+
+
+def test_uninitialised_memory_is_skipped_with_its_reason():
+    class Empty(nn.Module):
+        def forward(self, x):
+            return x + torch.empty(x.shape).zero_()
+
+    tr = lurker.trace(Empty(), torch.randn(3))
+    report = tr.validate()
+    assert report.skipped == {tr.find("empty")[0].label: "uninitialised memory"}
+
+
+# ---------------------------------------------------------------- autocast in forward
+class Autocast(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(8, 16)
+        self.fc2 = nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.fc1(x).relu()
+        with torch.amp.autocast("cpu", dtype=torch.bfloat16):
+            x = self.fc2(x)
+        with torch.no_grad():
+            x = x + 1
+        return x.float().softmax(-1)
+
+
+def test_autocast_and_grad_mode_inside_forward():
+    torch.manual_seed(0)
+    model = Autocast()
+    tr, report = _check(model, torch.randn(4, 8), torch.randn(4, 8))
+    assert tr["fc2"].dtype == torch.bfloat16  # it ran under autocast
+    assert report.checked == len(tr.layers) and not report.skipped
+    # validation re-executed fc2 under autocast: a bf16 re-execution without it would not
+    # even run (fp32 weights); a corrupted saved value is caught
+    tr["fc2"].activation.add_(1)
+    with pytest.raises(ValidationError, match="autocast"):
+        tr.validate()
+
+
+def test_trace_under_outer_autocast_validates():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 4))
+    x = torch.randn(3, 8)
+    with torch.amp.autocast("cpu", dtype=torch.bfloat16):
+        tr = lurker.trace(model, x)
+        want = model(x)
+    assert tr.output.dtype == torch.bfloat16
+    _same(tr.output, want)
+    report = tr.validate()  # called outside autocast: each op re-runs under its own
+    assert report.checked == len(tr.layers)
+
+
+# ---------------------------------------------------------------- state changed in forward
+class ReassignsBuffers(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("buffer1", torch.zeros(4))
+        self.register_buffer("buffer2", torch.ones(4))
+        self.register_buffer("count", torch.zeros(()))
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.count += 1  # in place
+        y = self.fc(x) * self.buffer2 + self.buffer1 * self.count
+        self.buffer1 = torch.rand(4)
+        self.buffer2 = x[0].detach() ** 2
+        return y
+
+
+def test_model_that_changes_its_own_state():
+    torch.manual_seed(0)
+    model = ReassignsBuffers()
+    x = torch.randn(2, 4)
+    tr, report = _check(model, x, torch.randn(2, 4))
+    text = " ".join(report.state_changes)
+    assert "buffer buffer1 reassigned" in text and "buffer buffer2 reassigned" in text
+    assert "buffer count updated in place" in text
+    assert "buffer1" in str(report)
+    # validation left the model in the state the forwards left it in, as the user has it
+    before = {n: b.clone() for n, b in model.named_buffers()}
+    b1 = model.buffer1
+    tr.validate()
+    assert model.buffer1 is b1
+    for n, b in model.named_buffers():
+        torch.testing.assert_close(b, before[n])
+
+
+# ---------------------------------------------------------------- autograd.grad in forward
+class InnerLoop(nn.Module):
+    """MAML-style: one gradient step on an inner loss, inside forward."""
+
+    def __init__(self, own_grad_mode: bool) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 4))
+        self.own_grad_mode = own_grad_mode
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # without its own enable_grad, it needs the caller's grad mode (the trace's)
+        with torch.enable_grad() if self.own_grad_mode else contextlib.nullcontext():
+            w = self.w
+            loss = (x @ w).pow(2).mean()
+            (g,) = torch.autograd.grad(loss, w, create_graph=True)
+            w = w - 0.1 * g
+        return x @ w
+
+
+@pytest.mark.parametrize("own_grad_mode", [True, False])
+def test_autograd_grad_inside_forward_is_reported_not_a_mismatch(own_grad_mode):
+    torch.manual_seed(0)
+    model = InnerLoop(own_grad_mode)
+    x = torch.randn(3, 4)
+    tr, report = _check(model, x, torch.randn(3, 4), atol=1e-5)
+    grad = tr.find("grad")[0]
+    assert "autograd" in report.skipped[grad.label]
+    assert report.checked == len(tr.layers) - 1  # every other op compared
+    # the gradient the trace saved is the one autograd gives
+    w = model.w.detach().requires_grad_()
+    (g,) = torch.autograd.grad((x @ w).pow(2).mean(), w)
+    torch.testing.assert_close(grad.activation, g)
+
+
+# ---------------------------------------------------------------- caches filled in forward
+class CachedBias(nn.Module):
+    """timm LeViT's pattern: in eval mode, the attention bias is indexed once and cached."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.biases = nn.Parameter(torch.randn(2, 5))
+        self.register_buffer("idx", torch.tensor([[0, 1, 2], [3, 4, 0], [1, 2, 3]]))
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def train(self, mode: bool = True) -> CachedBias:
+        super().train(mode)
+        self.cache = {}
+        return self
+
+    def bias(self) -> torch.Tensor:
+        if self.training:
+            return self.biases[:, self.idx]
+        if "cpu" not in self.cache:
+            self.cache["cpu"] = self.biases[:, self.idx]
+        return self.cache["cpu"]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.unsqueeze(1) @ x.unsqueeze(1).transpose(-1, -2) + self.bias()).softmax(-1)
+
+
+def test_graph_that_depends_on_the_models_state_says_so():
+    torch.manual_seed(0)
+    # no grad: the cached bias is then a leaf tensor, which the oracle's deepcopy needs
+    model = nn.Sequential(nn.Linear(3, 3), CachedBias()).eval().requires_grad_(False)
+    x = torch.randn(2, 3, 3)
+    tr = lurker.trace(model, x)  # the first eval forward fills the cache
+    report = tr.validate()
+    assert report.state_changes == ["attribute 1.cache (dict) changed from 0 to 1 items"]
+    assert len(model[1].cache) == 1  # validation's own forward did not leave another state
+    for inp in (x, torch.randn(2, 3, 3)):
+        with pytest.raises(GraphChangedError) as err:
+            tr.run(inp)
+        msg = str(err.value)
+        assert "1.cache" in msg and "model's state, not on the data" in msg
+        assert "Trace the model again" in msg
+    # traced again, the graph is the one later forwards run
+    _check(model, x, torch.randn(2, 3, 3))
+    # state changed after the trace: the traced input itself takes another path
+    tr = lurker.trace(model, x)
+    model.train().eval()  # empties the cache
+    with pytest.raises(GraphChangedError, match="input the trace was made with"):
+        tr.run(x)
+
+
+def test_timm_levit_replays_after_retrace():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("levit_128", pretrained=False, img_size=64).eval()
+    x = torch.randn(1, 3, 64, 64)
+    tr = lurker.trace(model, x)
+    assert any("attention_bias_cache" in c for c in tr.validate().state_changes)
+    with pytest.raises(GraphChangedError, match="model's state, not on the data"):
+        tr.run(x)
+    tr = lurker.trace(model, x)  # the caches are full now: this graph is stable
+    x2 = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        want = model(x2)
+    _same(tr.run(x2).output, want, atol=1e-5)
