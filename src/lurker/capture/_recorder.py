@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from ..graph.nodes import ModuleInfo, Op, ParamRef, TensorMeta
-from . import _funcs
+from . import _funcs, _memory
 from ._policy import SavePolicy
 from ._tree import call_tensors, tensors
 
@@ -288,6 +288,47 @@ class _Core:
         self._top: Any = None  # the previous op's innermost call-site frame
         self.save_all = save.everything
         self.fast_save = save.everything and transform is None and device is None and not grads
+        # the memory guard (see _memory): bytes saved so far, the total at which to look
+        # again (None: no guard), and the fraction of available memory "auto" allows
+        self.saved_bytes = 0
+        self.mem_check: int | None = None
+        self.mem_fraction: float | None = None
+        self.mem_basis = ""
+        self.over_limit: _memory.OverLimit | None = None
+
+    def set_memory_limit(self, limit: int | None, fraction: float | None) -> None:
+        """A fixed budget in bytes, or a fraction of the memory available (measured only
+        once the saved total reaches ``_memory.AUTO_FIRST_CHECK``)."""
+        if limit is not None:
+            self.mem_check = limit
+            self.mem_basis = f"max_memory={limit:,} bytes"
+        elif fraction is not None:
+            self.mem_check = _memory.AUTO_FIRST_CHECK
+            self.mem_fraction = fraction
+
+    def _over(self, node_index: int, nbytes: int, device: torch.device) -> None:
+        """The saved total passed the point to check: measure the budget, or stop."""
+        saved = self.saved_bytes
+        if self.mem_fraction is not None:  # "auto": measure once, now
+            fraction = self.mem_fraction
+            self.mem_fraction = None
+            avail = _memory.available_bytes(self.device or device)
+            if avail is None:  # cannot tell: no guard rather than a wrong one
+                self.mem_check = None
+                return
+            # what was available when the trace started: now, plus what it has saved
+            start = avail + saved
+            self.mem_check = int(fraction * start)
+            self.mem_basis = (
+                f"{fraction:.0%} of the {_memory.fmt_bytes(start)} available on "
+                f"{self.device or device} when the trace started"
+            )
+            if saved <= self.mem_check:
+                return
+        self.over_limit = _memory.OverLimit(
+            node_index, nbytes, saved, self.mem_check or 0, self.mem_basis
+        )
+        raise self.over_limit
 
     # ------------------------------------------------------------------ modules
     def attach(self) -> None:
@@ -513,6 +554,8 @@ class _Core:
                 self.aliases.setdefault(ptr, []).append(node.index)
             if self.device is not None:
                 s = s.to(self.device, copy=True)
+            if self.transform is not None or self.device is not None:
+                self.saved_bytes += s.nbytes  # a new tensor (counted for the memory guard)
             saved.append(s)
         node.activation = saved[0] if len(saved) == 1 else tuple(saved)
 
@@ -580,6 +623,8 @@ class _Core:
             node = self.nodes[i]
             a = node.activation
             node.activation = tuple(x.clone() for x in a) if isinstance(a, tuple) else a.clone()
+            if self.mem_check is not None:  # a copy: memory the guard counts
+                self.saved_bytes += sum(x.nbytes for x in a) if isinstance(a, tuple) else a.nbytes
 
     def _mark_stale(self, t: Tensor) -> None:
         """An op we did not expect to be in-place modified ``t``: saved copies are wrong."""
@@ -736,7 +781,17 @@ class _Core:
         if outs:
             producers = self.producers
             hold = self.fast_save
+            check = self.mem_check
+            fresh = 0  # bytes of new storage (not a view, not an input modified in place)
             for k, o in enumerate(outs):
+                if check is not None:
+                    base = o._base
+                    if base is None:
+                        prev = producers.get(id(o))
+                        if prev is None or not _alive(prev[0], o):
+                            fresh += o.nbytes
+                    elif id(base) not in producers and id(base) not in self.params:
+                        fresh += o.nbytes  # a view of a temporary (reshape's copy)
                 producers[id(o)] = (o if hold else _ref(o), (idx, k), o._version)
             if self.fast_save and len(outs) == 1:  # the default: keep every output as is
                 o = outs[0]
@@ -744,11 +799,20 @@ class _Core:
                 if self.aliases is not None:
                     self.aliases.setdefault(o.untyped_storage().data_ptr(), []).append(idx)
                 node._outs = outs  # shapes are read in finalize (the tensor is kept anyway)
+                if check is not None:
+                    self.saved_bytes += fresh
+                    if self.saved_bytes > check:
+                        self._over(idx, fresh, o.device)
             else:
                 node.outputs = [_meta(o) for o in outs]
                 if self.save.asks_ops:  # it decides by label, shape, ...: complete it now
                     self._complete(node)
                 self._maybe_save(node, outs)
+                if check is not None and node.activation is not None:
+                    if self.transform is None and self.device is None:
+                        self.saved_bytes += fresh  # else _store counted the copies
+                    if self.saved_bytes > check:
+                        self._over(idx, fresh, outs[0].device)
         if node.activation is not None or self.save_all:
             # raw call arguments (validation swaps in saved tensors); lists are copied
             # because models keep appending to them (DenseNet's torch.cat(features))

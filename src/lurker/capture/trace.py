@@ -18,10 +18,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..errors import LurkerError, TraceError
+from ..errors import LurkerError, MemoryLimitError, TraceError
 from ..graph import postprocess
 from ..graph.nodes import ModuleInfo, Op, TensorMeta
 from ..graph.schema import SCHEMA_VERSION
+from ._memory import fmt_bytes, parse_max_memory
 from ._policy import make_policy
 from ._recorder import Recorder
 from ._tree import map_tensors, paths
@@ -34,6 +35,7 @@ def trace(
     transform: Callable[[Tensor], Tensor] | None = None,
     save_to: str | torch.device | None = None,
     grads: bool = False,
+    max_memory: Any = "auto",
     **kwargs: Any,
 ) -> Trace:
     """Run ``model(*args, **kwargs)`` once and record every tensor operation.
@@ -48,9 +50,15 @@ def trace(
         save_to: device for saved tensors (e.g. ``"cpu"`` to keep GPU memory free).
         grads: register gradient hooks so that after ``trace.backward()`` (or your own
             ``.backward()`` on ``trace.output``) each saved op holds its gradient.
+        max_memory: most bytes of saved activations before the trace stops with
+            :class:`~lurker.errors.MemoryLimitError` instead of running the machine out
+            of memory: ``"auto"`` (80% of the memory available on the device they are
+            saved to), a size (``2_000_000_000``, ``"2GB"``, ``"512MiB"``), a fraction of
+            the available memory (``0.5``), or ``None``/``"off"`` for no limit.
 
     Raises:
         TraceError: the model raised; ``err.partial`` holds the trace up to the failing op.
+        MemoryLimitError: the saved activations would pass ``max_memory``.
     """
     if not isinstance(model, nn.Module):
         raise LurkerError(
@@ -59,7 +67,10 @@ def trace(
         )
     policy = make_policy(save)
     device = torch.device(save_to) if save_to is not None else None
+    limit, fraction = parse_max_memory(max_memory)
     rec = Recorder(model, save=policy, transform=transform, device=device, grads=grads)
+    if policy.everything or policy.asks_ops or policy.saves_modules:
+        rec.set_memory_limit(limit, fraction)
     named = _name_inputs(model, args, kwargs)
     for name, t in named:
         rec.add_source_node("input", name, t)
@@ -82,10 +93,17 @@ def trace(
             with grad_ctx, rec:
                 output = model(*args, **kwargs)
         except Exception as e:
-            partial = Trace._build(rec, None, inputs_copy, rng, perf_counter() - t0, complete=False)
-            raise _trace_error(model, e, partial, rec) from e
+            if rec.over_limit is None:
+                partial = Trace._build(
+                    rec, None, inputs_copy, rng, perf_counter() - t0, complete=False
+                )
+                raise _trace_error(model, e, partial, rec) from e
+            # past max_memory: raised below, out of this block, so that the error does
+            # not chain the model's frames (and the tensors they hold)
         finally:
             rec.release_frames()
+        if rec.over_limit is not None:  # (also if the model caught the signal and went on)
+            raise _memory_error(model, rec, inputs_copy, rng)
         wall = perf_counter() - t0
         return Trace._build(rec, output, inputs_copy, rng, wall, complete=True)
     finally:
@@ -165,6 +183,50 @@ def _trace_error(model: nn.Module, e: Exception, partial: Trace, rec: Recorder) 
         "is in `err.partial`."
     )
     return TraceError(text, partial=partial, failed_op=None)
+
+
+def _memory_error(model: nn.Module, rec: Recorder, inputs: tuple, rng: Any) -> MemoryLimitError:
+    """The trace passed ``max_memory``: say where, how much, and how to save less."""
+    over = rec.over_limit
+    assert over is not None
+    over.__traceback__ = None  # it holds the model's frames
+    partial = Trace._build(rec, None, inputs, rng, 0.0, complete=False)
+    for node in partial.ops:  # what ran out of room: free every reference to it
+        node.activation = None
+        node._skel_args = node._skel_kwargs = node._snapshots = None
+    rec.producers.clear()
+    rec.aliases = None
+    rec.over_limit = None
+    op = partial.ops[over.node_index]
+    partial.failed_op = op.label
+    where = f" in module '{op.modules[-1][0]}'" if op.modules else ""
+    n_ops = sum(1 for o in partial.ops[: over.node_index + 1] if o.kind in ("op", "generated"))
+    fixes = [
+        "save only what you need: save=['layer4.*', 'conv2d_3'] (module paths or op "
+        "labels, globs allowed) or save=nn.Conv3d (module classes)",
+        "keep a reduction instead of each tensor: transform=lambda t: t.mean(tuple(range(2, "
+        "t.dim()))) (per-channel means)",
+    ]
+    if op.outputs and op.outputs[0].device.type != "cpu" and rec.device is None:
+        fixes.append("move saved activations off the device: save_to='cpu'")
+    fixes += [
+        "trace a smaller input (fewer frames, smaller images, batch 1)",
+        "save='none' records the graph alone",
+        "max_memory=None turns this check off",
+    ]
+    text = (
+        f"Tracing {type(model).__name__} stopped before it could run out of memory: the "
+        f"activations saved so far add up to {fmt_bytes(over.saved)} after {n_ops} ops, "
+        f"past the limit of {fmt_bytes(over.limit)} ({over.basis}). It stopped at op "
+        f"{op.label} ({op.name}){where}, whose output is {fmt_bytes(over.nbytes)}; every op "
+        "after it would have added more. To save less: "
+        + "; ".join(fixes)
+        + ". `err.partial` holds the graph up to that op, without its activations "
+        "(freed), so you can see which ops are large (`err.partial.summary()`)."
+    )
+    return MemoryLimitError(
+        text, partial=partial, failed_op=op.label, saved_bytes=over.saved, limit=over.limit
+    )
 
 
 def _param_shape(rec: Recorder, name: str) -> tuple[int, ...]:
