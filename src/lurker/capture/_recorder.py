@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import operator
 import os
 import sys
 import weakref
@@ -114,42 +115,50 @@ def _kind_of(filename: str) -> int:
     return r
 
 
-def _stamp(modules: Any) -> list[Any]:
+def _stamp(modules: Any) -> tuple[list[Any], list[Any], list[Any], list[int], list[Any]]:
     """What :class:`_ModelIndex` depends on: every submodule, parameter and buffer by name
     and identity, and parameter shapes (``p.data = ...`` keeps the identity). The objects
-    themselves, not their ids: an id can be reused once its object is gone."""
-    out: list[Any] = []
-    add = out.append
+    themselves, not their ids: an id can be reused once its object is gone.
+
+    Flat lists, built with ``extend`` and compared with ``map(operator.is_, ...)``: this
+    runs on every trace, and C-level loops make it several times cheaper than a Python
+    loop over the entries (the check is a fixed cost that small models feel).
+    """
+    objs: list[Any] = []
+    params: list[Any] = []
+    keys: list[Any] = []
+    lens: list[int] = []
     for mod in modules:
-        for d in (mod._modules, mod._parameters, mod._buffers):
-            add(len(d))
-            for k, v in d.items():
-                add(k)
-                add(v)
-        for p in mod._parameters.values():
-            add(_shape(p))
-    return out
+        d = mod._modules
+        lens.append(len(d))
+        keys.extend(d)
+        objs.extend(d.values())
+        d = mod._parameters
+        lens.append(len(d))
+        keys.extend(d)
+        params.extend(d.values())
+        d = mod._buffers
+        lens.append(len(d))
+        keys.extend(d)
+        objs.extend(d.values())
+    shapes = [p.shape if type(p) is _PARAMETER else _shape(p) for p in params]
+    return objs, params, keys, lens, shapes
 
 
-def _same_stamp(stamp: list[Any], modules: Any) -> bool:
-    """Whether :func:`_stamp` of ``modules`` would equal ``stamp``, without building it:
-    this runs on every trace."""
-    i = 0
-    n = len(stamp)
-    for mod in modules:
-        for d in (mod._modules, mod._parameters, mod._buffers):
-            if i >= n or stamp[i] != len(d):
-                return False
-            i += 1
-            for k, v in d.items():
-                if stamp[i + 1] is not v or (stamp[i] is not k and stamp[i] != k):
-                    return False
-                i += 2
-        for p in mod._parameters.values():
-            if stamp[i] != _shape(p):
-                return False
-            i += 1
-    return i == n
+def _same_stamp(stamp: Any, modules: Any) -> bool:
+    """Whether :func:`_stamp` of ``modules`` equals ``stamp``: same objects (by identity:
+    ``==`` on tensors compares values), same names, same parameter shapes."""
+    objs, params, keys, lens, shapes = _stamp(modules)
+    old_objs, old_params, old_keys, old_lens, old_shapes = stamp
+    return (
+        lens == old_lens
+        and keys == old_keys
+        and len(objs) == len(old_objs)
+        and len(params) == len(old_params)
+        and all(map(_is, objs, old_objs))
+        and all(map(_is, params, old_params))
+        and shapes == old_shapes
+    )
 
 
 def _shape(p: Any) -> tuple[int, ...] | None:
@@ -162,6 +171,7 @@ def _shape(p: Any) -> tuple[int, ...] | None:
 
 
 _PARAMETER = nn.Parameter
+_is = operator.is_
 
 
 class _ModelIndex:

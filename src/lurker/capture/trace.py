@@ -74,10 +74,10 @@ def trace(
     named = _name_inputs(model, args, kwargs)
     for name, t in named:
         rec.add_source_node("input", name, t)
-    inputs_copy = (
-        map_tensors(args, lambda t: t.detach().clone()),
-        map_tensors(kwargs, lambda t: t.detach().clone()),
-    )
+    if not kwargs and all(type(a) is Tensor for a in args):  # the common case, quicker
+        inputs_copy: tuple = (tuple([a.detach().clone() for a in args]), {})
+    else:
+        inputs_copy = (map_tensors(args, _copy), map_tensors(kwargs, _copy))
     rng = _rng_state()
     rec.attach()
     rec.stop_frame = sys._getframe()
@@ -111,31 +111,55 @@ def trace(
             gc.enable()
 
 
-# forward function -> its signature; weak, so a closure over a model never keeps it alive
-_SIGNATURES: weakref.WeakKeyDictionary[Any, inspect.Signature] = weakref.WeakKeyDictionary()
+# forward function -> its signature, and the names of its positional parameters when
+# it has only those (then positional args need no bind); weak, so a closure over a model
+# never keeps it alive
+_SIGNATURES: weakref.WeakKeyDictionary[Any, tuple[inspect.Signature, tuple[str, ...] | None]] = (
+    weakref.WeakKeyDictionary()
+)
+_POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+
+
+def _signature(fwd: Any) -> tuple[inspect.Signature, tuple[str, ...] | None]:
+    key = getattr(fwd, "__func__", fwd)
+    try:
+        hit = _SIGNATURES.get(key)
+    except TypeError:  # not weakly referenceable: not cached
+        hit = None
+    if hit is None:  # inspect.signature is slow; a forward's signature never changes
+        sig = inspect.signature(fwd)
+        params = list(sig.parameters.values())
+        simple = all(p.kind in _POSITIONAL for p in params)
+        names = tuple(p.name for p in params) if simple else None
+        hit = (sig, names)
+        with contextlib.suppress(TypeError):
+            _SIGNATURES[key] = hit
+    return hit
 
 
 def _name_inputs(model: nn.Module, args: tuple, kwargs: dict) -> list[tuple[str, Tensor]]:
     """Name each input tensor by the forward() parameter it binds to (``x``, ``mask[0]``)."""
+    out: list[tuple[str, Tensor]] = []
     try:
-        fwd = model.forward
-        key = getattr(fwd, "__func__", fwd)
-        try:
-            sig = _SIGNATURES.get(key)
-        except TypeError:  # not weakly referenceable: not cached
-            sig = None
-        if sig is None:  # inspect.signature is slow; a forward's signature never changes
-            sig = inspect.signature(fwd)
-            with contextlib.suppress(TypeError):
-                _SIGNATURES[key] = sig
-        bound = sig.bind(*args, **kwargs)
-        items = list(bound.arguments.items())
+        sig, names = _signature(model.forward)
+        if names is not None and not kwargs and len(args) == len(names):
+            # what bind() would give, without its cost
+            for name, value in zip(names, args):
+                if isinstance(value, Tensor):
+                    out.append((name, value))
+                else:
+                    paths(value, name, out)
+            return out
+        items = list(sig.bind(*args, **kwargs).arguments.items())
     except (TypeError, ValueError):
         items = [(f"args[{i}]", a) for i, a in enumerate(args)] + list(kwargs.items())
-    out: list[tuple[str, Tensor]] = []
     for name, value in items:
         paths(value, name, out)
     return out
+
+
+def _copy(t: Tensor) -> Tensor:
+    return t.detach().clone()
 
 
 def _rng_state() -> tuple[Tensor, list[Tensor] | None]:
