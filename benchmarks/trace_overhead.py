@@ -10,6 +10,7 @@ trace and for ``Trace.run``. The "small models" section (a 1-op model, a 10-op M
 sub-millisecond forwards. If torchlens is installed it is timed in the same loop.
 
     python benchmarks/trace_overhead.py [--repeats 30] [--device cpu|cuda] [--only small|large]
+                                        [--threads N]
 """
 
 from __future__ import annotations
@@ -95,7 +96,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--only", choices=["small", "large"], default=None)
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     try:
         import torchlens  # type: ignore[import-not-found]
     except ImportError:
