@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import weakref
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -152,6 +153,9 @@ def test_available_bytes_on_cpu_is_plausible():
         ("2GB", (2 * 10**9, None)),
         ("512MiB", (512 * 2**20, None)),
         (1000, (1000, None)),
+        ("1000", (1000, None)),
+        (np.int64(1000), (1000, None)),
+        ("1.5kB", (1500, None)),
         (0.5, (None, 0.5)),
         ("auto", (None, _memory.AUTO_FRACTION)),
         (None, (None, None)),
@@ -162,7 +166,7 @@ def test_max_memory_values(value, expected):
     assert _memory.parse_max_memory(value) == expected
 
 
-@pytest.mark.parametrize("value", [0, -5, "lots", True, 1.5, "3 parsecs"])
+@pytest.mark.parametrize("value", [0, -5, "lots", True, 1.5, "3 parsecs", "0.5", "0B", [1]])
 def test_bad_max_memory_is_a_clear_error(value):
     with pytest.raises(lurker.LurkerError, match=r"max_memory=.*not understood.*'2GB'"):
         lurker.trace(nn.ReLU(), torch.randn(3), max_memory=value)

@@ -13,6 +13,7 @@ started (what is available now plus what the trace has saved so far).
 
 from __future__ import annotations
 
+import numbers
 import os
 import re
 from typing import Any
@@ -49,14 +50,16 @@ def parse_max_memory(value: Any) -> tuple[int | None, float | None]:
         return None, AUTO_FRACTION
     if isinstance(value, bool):
         value = "invalid"  # True is not a size
-    if isinstance(value, float) and 0 < value <= 1:
-        return None, value
-    if isinstance(value, int) and value > 0:
-        return value, None
+    if isinstance(value, numbers.Integral) and value > 0:  # numpy integers too
+        return int(value), None
+    if isinstance(value, numbers.Real) and 0 < value <= 1:
+        return None, float(value)
     if isinstance(value, str):
         m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", value)
-        if m and m.group(2).lower() in _UNITS and float(m.group(1)) > 0:
-            return int(float(m.group(1)) * _UNITS[m.group(2).lower()]), None
+        if m and m.group(2).lower() in _UNITS:
+            n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+            if n >= 1 and (m.group(2) or "." not in m.group(1)):  # "0.5": not a size
+                return n, None
     raise LurkerError(
         f"max_memory={value!r} is not understood. Pass a size in bytes (2_000_000_000) or "
         "with a unit ('2GB', '512MiB'), a fraction of the available memory (0.5), 'auto' "
