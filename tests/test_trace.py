@@ -752,3 +752,63 @@ def test_containers_after_deleting_an_item():
         _assert_same_output(tr, model, x)
     model.append(nn.Tanh())
     assert lurker.trace(model, x).layers[-1].name == "tanh"
+
+
+def test_cached_model_index_follows_every_change_to_the_model():
+    """The per-model index (paths, parameters, buffers) is cached between traces; each
+    change below must show in the next trace exactly as in a trace of a fresh copy."""
+    import copy
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)).eval()
+    x = torch.randn(3, 4)
+
+    def same_as_fresh(tr: lurker.Trace) -> None:
+        ref = lurker.trace(copy.deepcopy(model), x)  # a new object: never cached
+        assert [(op.label, [p.name for p in op.params], op.modules) for op in tr.ops] == [
+            (op.label, [p.name for p in op.params], op.modules) for op in ref.ops
+        ]
+        assert tr.param_shapes == ref.param_shapes
+        assert {k: m.num_params for k, m in tr.modules.items()} == {
+            k: m.num_params for k, m in ref.modules.items()
+        }
+        torch.testing.assert_close(tr.output, model(x))
+
+    lurker.trace(model, x)  # cached from here on
+    model.append(nn.ReLU())  # a module added
+    same_as_fresh(tr := lurker.trace(model, x))
+    assert tr["3"].name == "relu"
+    model[0].weight = nn.Parameter(torch.randn(4, 4))  # a parameter replaced
+    same_as_fresh(lurker.trace(model, x))
+    model[2].weight.data = torch.randn(5, 4)  # same object, new shape
+    model[2].bias.data = torch.randn(5)
+    same_as_fresh(tr := lurker.trace(model, x))
+    assert tr.param_shapes["2.weight"] == (5, 4)
+    model[1].running_mean = torch.ones(4)  # a buffer replaced
+    same_as_fresh(tr := lurker.trace(model, x))
+    assert any(op.kind == "buffer" and op.name == "1.running_mean" for op in tr.ops)
+    model[1].register_buffer("extra", torch.zeros(1))  # a buffer added
+    model[0].bias = None  # a parameter removed
+    same_as_fresh(lurker.trace(model, x))
+
+
+def test_inputs_are_named_by_the_forward_parameters_they_bind_to():
+    class Two(nn.Module):
+        def forward(self, x, mask=None):
+            return x if mask is None else x[0] * mask
+
+    class Star(nn.Module):
+        def forward(self, x, *rest, scale=1.0):
+            return x * scale + sum(rest)
+
+    a, b, c = torch.randn(3), torch.randn(3), torch.randn(3)
+
+    def names(model, *args, **kwargs):
+        return [op.name for op in lurker.trace(model, *args, **kwargs).inputs]
+
+    for _ in range(2):  # the second time from the cached signature
+        assert names(Two(), a, b) == ["x", "mask"]
+        assert names(Two(), a) == ["x"]
+        assert names(Two(), a, mask=b) == ["x", "mask"]
+        assert names(Two(), [a, b], c) == ["x[0]", "x[1]", "mask"]
+        assert names(Star(), a, b, c, scale=2.0) == ["x", "rest[0]", "rest[1]"]

@@ -7,7 +7,13 @@ to, into a run that ``lurker.Run.open(path)`` reads back.
 
 from . import probe
 from .capture import Activations, Trace, trace
-from .errors import GraphChangedError, LurkerError, TraceError, ValidationError
+from .errors import (
+    GraphChangedError,
+    LurkerError,
+    MemoryLimitError,
+    TraceError,
+    ValidationError,
+)
 from .graph.nodes import ModuleInfo, Op
 from .store import Run
 
@@ -17,6 +23,7 @@ __all__ = [
     "Activations",
     "GraphChangedError",
     "LurkerError",
+    "MemoryLimitError",
     "ModuleInfo",
     "Op",
     "Run",

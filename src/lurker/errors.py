@@ -59,6 +59,26 @@ class TraceError(LurkerError):
         self.failed_op = failed_op
 
 
+class MemoryLimitError(TraceError):
+    """A trace stopped because the activations it saves would exceed ``max_memory``.
+
+    ``partial`` is the graph recorded so far, with its saved activations dropped (they
+    are what ran out of room); ``saved_bytes`` what had been saved, ``limit`` the budget.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        partial: Any = None,
+        failed_op: str | None = None,
+        saved_bytes: int = 0,
+        limit: int = 0,
+    ):
+        super().__init__(message, partial=partial, failed_op=failed_op)
+        self.saved_bytes = saved_bytes
+        self.limit = limit
+
+
 class ValidationError(LurkerError):
     """A saved activation does not match a re-execution of its op."""
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import operator
 import os
 import sys
 import weakref
@@ -36,7 +37,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from ..graph.nodes import ModuleInfo, Op, ParamRef, TensorMeta
-from . import _context, _funcs
+from . import _context, _funcs, _memory
 from ._policy import SavePolicy
 from ._tree import call_tensors, tensors
 
@@ -116,42 +117,50 @@ def _kind_of(filename: str) -> int:
     return r
 
 
-def _stamp(modules: Any) -> list[Any]:
+def _stamp(modules: Any) -> tuple[list[Any], list[Any], list[Any], list[int], list[Any]]:
     """What :class:`_ModelIndex` depends on: every submodule, parameter and buffer by name
     and identity, and parameter shapes (``p.data = ...`` keeps the identity). The objects
-    themselves, not their ids: an id can be reused once its object is gone."""
-    out: list[Any] = []
-    add = out.append
+    themselves, not their ids: an id can be reused once its object is gone.
+
+    Flat lists, built with ``extend`` and compared with ``map(operator.is_, ...)``: this
+    runs on every trace, and C-level loops make it several times cheaper than a Python
+    loop over the entries (the check is a fixed cost that small models feel).
+    """
+    objs: list[Any] = []
+    params: list[Any] = []
+    keys: list[Any] = []
+    lens: list[int] = []
     for mod in modules:
-        for d in (mod._modules, mod._parameters, mod._buffers):
-            add(len(d))
-            for k, v in d.items():
-                add(k)
-                add(v)
-        for p in mod._parameters.values():
-            add(_shape(p))
-    return out
+        d = mod._modules
+        lens.append(len(d))
+        keys.extend(d)
+        objs.extend(d.values())
+        d = mod._parameters
+        lens.append(len(d))
+        keys.extend(d)
+        params.extend(d.values())
+        d = mod._buffers
+        lens.append(len(d))
+        keys.extend(d)
+        objs.extend(d.values())
+    shapes = [p.shape if type(p) is _PARAMETER else _shape(p) for p in params]
+    return objs, params, keys, lens, shapes
 
 
-def _same_stamp(stamp: list[Any], modules: Any) -> bool:
-    """Whether :func:`_stamp` of ``modules`` would equal ``stamp``, without building it:
-    this runs on every trace."""
-    i = 0
-    n = len(stamp)
-    for mod in modules:
-        for d in (mod._modules, mod._parameters, mod._buffers):
-            if i >= n or stamp[i] != len(d):
-                return False
-            i += 1
-            for k, v in d.items():
-                if stamp[i + 1] is not v or (stamp[i] is not k and stamp[i] != k):
-                    return False
-                i += 2
-        for p in mod._parameters.values():
-            if stamp[i] != _shape(p):
-                return False
-            i += 1
-    return i == n
+def _same_stamp(stamp: Any, modules: Any) -> bool:
+    """Whether :func:`_stamp` of ``modules`` equals ``stamp``: same objects (by identity:
+    ``==`` on tensors compares values), same names, same parameter shapes."""
+    objs, params, keys, lens, shapes = _stamp(modules)
+    old_objs, old_params, old_keys, old_lens, old_shapes = stamp
+    return (
+        lens == old_lens
+        and keys == old_keys
+        and len(objs) == len(old_objs)
+        and len(params) == len(old_params)
+        and all(map(_is, objs, old_objs))
+        and all(map(_is, params, old_params))
+        and shapes == old_shapes
+    )
 
 
 def _shape(p: Any) -> tuple[int, ...] | None:
@@ -164,6 +173,7 @@ def _shape(p: Any) -> tuple[int, ...] | None:
 
 
 _PARAMETER = nn.Parameter
+_is = operator.is_
 
 
 class _ModelIndex:
@@ -292,6 +302,47 @@ class _Core:
         self.save_all = save.everything
         self.fast_save = save.everything and transform is None and device is None and not grads
         self.grad0 = grads or _grad_enabled()  # the grad mode trace() records under
+        # the memory guard (see _memory): bytes saved so far, the total at which to look
+        # again (None: no guard), and the fraction of available memory "auto" allows
+        self.saved_bytes = 0
+        self.mem_check: int | None = None
+        self.mem_fraction: float | None = None
+        self.mem_basis = ""
+        self.over_limit: _memory.OverLimit | None = None
+
+    def set_memory_limit(self, limit: int | None, fraction: float | None) -> None:
+        """A fixed budget in bytes, or a fraction of the memory available (measured only
+        once the saved total reaches ``_memory.AUTO_FIRST_CHECK``)."""
+        if limit is not None:
+            self.mem_check = limit
+            self.mem_basis = f"max_memory={limit:,} bytes"
+        elif fraction is not None:
+            self.mem_check = _memory.AUTO_FIRST_CHECK
+            self.mem_fraction = fraction
+
+    def _over(self, node_index: int, nbytes: int, device: torch.device) -> None:
+        """The saved total passed the point to check: measure the budget, or stop."""
+        saved = self.saved_bytes
+        if self.mem_fraction is not None:  # "auto": measure once, now
+            fraction = self.mem_fraction
+            self.mem_fraction = None
+            avail = _memory.available_bytes(self.device or device)
+            if avail is None:  # cannot tell: no guard rather than a wrong one
+                self.mem_check = None
+                return
+            # what was available when the trace started: now, plus what it has saved
+            start = avail + saved
+            self.mem_check = int(fraction * start)
+            self.mem_basis = (
+                f"{fraction:.0%} of the {_memory.fmt_bytes(start)} available on "
+                f"{self.device or device} when the trace started"
+            )
+            if saved <= self.mem_check:
+                return
+        self.over_limit = _memory.OverLimit(
+            node_index, nbytes, saved, self.mem_check or 0, self.mem_basis
+        )
+        raise self.over_limit
 
     # ------------------------------------------------------------------ modules
     def attach(self) -> None:
@@ -517,6 +568,8 @@ class _Core:
                 self.aliases.setdefault(ptr, []).append(node.index)
             if self.device is not None:
                 s = s.to(self.device, copy=True)
+            if self.transform is not None or self.device is not None:
+                self.saved_bytes += s.nbytes  # a new tensor (counted for the memory guard)
             saved.append(s)
         node.activation = saved[0] if len(saved) == 1 else tuple(saved)
 
@@ -593,6 +646,8 @@ class _Core:
             node = self.nodes[i]
             a = node.activation
             node.activation = tuple(x.clone() for x in a) if isinstance(a, tuple) else a.clone()
+            if self.mem_check is not None:  # a copy: memory the guard counts
+                self.saved_bytes += sum(x.nbytes for x in a) if isinstance(a, tuple) else a.nbytes
 
     def _mark_stale(self, t: Tensor) -> None:
         """An op we did not expect to be in-place modified ``t``: saved copies are wrong."""
@@ -762,7 +817,17 @@ class _Core:
         if outs:
             producers = self.producers
             hold = self.fast_save
+            check = self.mem_check
+            fresh = 0  # bytes of new storage (not a view, not an input modified in place)
             for k, o in enumerate(outs):
+                if check is not None:
+                    base = o._base
+                    if base is None:
+                        prev = producers.get(id(o))
+                        if prev is None or not _alive(prev[0], o):
+                            fresh += o.nbytes
+                    elif id(base) not in producers and id(base) not in self.params:
+                        fresh += o.nbytes  # a view of a temporary (reshape's copy)
                 producers[id(o)] = (o if hold else _ref(o), (idx, k), o._version)
             if self.fast_save and len(outs) == 1:  # the default: keep every output as is
                 o = outs[0]
@@ -770,11 +835,20 @@ class _Core:
                 if self.aliases is not None:
                     self.aliases.setdefault(o.untyped_storage().data_ptr(), []).append(idx)
                 node._outs = outs  # shapes are read in finalize (the tensor is kept anyway)
+                if check is not None:
+                    self.saved_bytes += fresh
+                    if self.saved_bytes > check:
+                        self._over(idx, fresh, o.device)
             else:
                 node.outputs = [_meta(o) for o in outs]
                 if self.save.asks_ops:  # it decides by label, shape, ...: complete it now
                     self._complete(node)
                 self._maybe_save(node, outs)
+                if check is not None and node.activation is not None:
+                    if self.transform is None and self.device is None:
+                        self.saved_bytes += fresh  # else _store counted the copies
+                    if self.saved_bytes > check:
+                        self._over(idx, fresh, outs[0].device)
         if node.activation is not None or self.save_all:
             # raw call arguments (validation swaps in saved tensors); lists are copied
             # because models keep appending to them (DenseNet's torch.cat(features))

@@ -32,9 +32,12 @@ class Replayer(TorchFunctionMode):
 
     def __init__(self, trace: Trace, want: Iterable[int], on_output: OnOutput):
         super().__init__()
-        calls = sorted((op for op in trace.ops if op.seq >= 0), key=lambda op: op.seq)
-        self.funcs = [op._func for op in calls]
-        self.labels = [op.label for op in calls]
+        cached = trace.__dict__.get("_replay_calls")
+        if cached is None:  # a trace's ops never change: sorted once, not per run
+            calls = sorted((op for op in trace.ops if op.seq >= 0), key=lambda op: op.seq)
+            cached = ([op._func for op in calls], [op.label for op in calls])
+            trace.__dict__["_replay_calls"] = cached
+        self.funcs, self.labels = cached
         self.want = {trace.ops[i].seq: i for i in want if trace.ops[i].seq >= 0}
         self.on_output = on_output
         self.seq = 0

@@ -19,11 +19,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..errors import LurkerError, TraceError
+from ..errors import LurkerError, MemoryLimitError, TraceError
 from ..graph import postprocess
 from ..graph.nodes import ModuleInfo, Op, TensorMeta
 from ..graph.schema import SCHEMA_VERSION
 from . import _context, _state
+from ._memory import fmt_bytes, parse_max_memory
 from ._policy import check_patterns, make_policy
 from ._recorder import Recorder
 from ._tree import map_tensors, paths
@@ -36,6 +37,7 @@ def trace(
     transform: Callable[[Tensor], Tensor] | None = None,
     save_to: str | torch.device | None = None,
     grads: bool = False,
+    max_memory: Any = "auto",
     **kwargs: Any,
 ) -> Trace:
     """Run ``model(*args, **kwargs)`` once and record every tensor operation.
@@ -50,9 +52,15 @@ def trace(
         save_to: device for saved tensors (e.g. ``"cpu"`` to keep GPU memory free).
         grads: register gradient hooks so that after ``trace.backward()`` (or your own
             ``.backward()`` on ``trace.output``) each saved op holds its gradient.
+        max_memory: most bytes of saved activations before the trace stops with
+            :class:`~lurker.errors.MemoryLimitError` instead of running the machine out
+            of memory: ``"auto"`` (80% of the memory available on the device they are
+            saved to), a size (``2_000_000_000``, ``"2GB"``, ``"512MiB"``), a fraction of
+            the available memory (``0.5``), or ``None``/``"off"`` for no limit.
 
     Raises:
         TraceError: the model raised; ``err.partial`` holds the trace up to the failing op.
+        MemoryLimitError: the saved activations would pass ``max_memory``.
     """
     if not isinstance(model, nn.Module):
         raise LurkerError(
@@ -61,14 +69,17 @@ def trace(
         )
     policy = make_policy(save)
     device = torch.device(save_to) if save_to is not None else None
+    limit, fraction = parse_max_memory(max_memory)
     rec = Recorder(model, save=policy, transform=transform, device=device, grads=grads)
+    if policy.everything or policy.asks_ops or policy.saves_modules:
+        rec.set_memory_limit(limit, fraction)
     named = _name_inputs(model, args, kwargs)
     for name, t in named:
         rec.add_source_node("input", name, t)
-    inputs_copy = (
-        map_tensors(args, lambda t: t.detach().clone()),
-        map_tensors(kwargs, lambda t: t.detach().clone()),
-    )
+    if not kwargs and all(type(a) is Tensor for a in args):  # the common case, quicker
+        inputs_copy: tuple = (tuple([a.detach().clone() for a in args]), {})
+    else:
+        inputs_copy = (map_tensors(args, _copy), map_tensors(kwargs, _copy))
     rng = _context.current(rng=True, grad=rec.grad0)  # the state it starts in
     rec.attach()
     state = _state.snapshot(rec.modules)
@@ -85,10 +96,17 @@ def trace(
             with grad_ctx, rec:
                 output = model(*args, **kwargs)
         except Exception as e:
-            partial = Trace._build(rec, None, inputs_copy, rng, perf_counter() - t0, complete=False)
-            raise _trace_error(model, e, partial, rec) from e
+            if rec.over_limit is None:
+                partial = Trace._build(
+                    rec, None, inputs_copy, rng, perf_counter() - t0, complete=False
+                )
+                raise _trace_error(model, e, partial, rec) from e
+            # past max_memory: raised below, out of this block, so that the error does
+            # not chain the model's frames (and the tensors they hold)
         finally:
             rec.release_frames()
+        if rec.over_limit is not None:  # (also if the model caught the signal and went on)
+            raise _memory_error(model, rec, inputs_copy, rng)
         wall = perf_counter() - t0
         if rec.model_writes:
             rec.detach_from_model()
@@ -101,28 +119,48 @@ def trace(
             gc.enable()
 
 
-# forward function -> its signature; weak, so a closure over a model never keeps it alive
-_SIGNATURES: weakref.WeakKeyDictionary[Any, inspect.Signature] = weakref.WeakKeyDictionary()
+# forward function -> its signature, and the names of its positional parameters when
+# it has only those (then positional args need no bind); weak, so a closure over a model
+# never keeps it alive
+_SIGNATURES: weakref.WeakKeyDictionary[Any, tuple[inspect.Signature, tuple[str, ...] | None]] = (
+    weakref.WeakKeyDictionary()
+)
+_POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+
+
+def _signature(fwd: Any) -> tuple[inspect.Signature, tuple[str, ...] | None]:
+    key = getattr(fwd, "__func__", fwd)
+    try:
+        hit = _SIGNATURES.get(key)
+    except TypeError:  # not weakly referenceable: not cached
+        hit = None
+    if hit is None:  # inspect.signature is slow; a forward's signature never changes
+        sig = inspect.signature(fwd)
+        params = list(sig.parameters.values())
+        simple = all(p.kind in _POSITIONAL for p in params)
+        names = tuple(p.name for p in params) if simple else None
+        hit = (sig, names)
+        with contextlib.suppress(TypeError):
+            _SIGNATURES[key] = hit
+    return hit
 
 
 def _name_inputs(model: nn.Module, args: tuple, kwargs: dict) -> list[tuple[str, Tensor]]:
     """Name each input tensor by the forward() parameter it binds to (``x``, ``mask[0]``)."""
+    out: list[tuple[str, Tensor]] = []
     try:
-        fwd = model.forward
-        key = getattr(fwd, "__func__", fwd)
-        try:
-            sig = _SIGNATURES.get(key)
-        except TypeError:  # not weakly referenceable: not cached
-            sig = None
-        if sig is None:  # inspect.signature is slow; a forward's signature never changes
-            sig = inspect.signature(fwd)
-            with contextlib.suppress(TypeError):
-                _SIGNATURES[key] = sig
-        bound = sig.bind(*args, **kwargs)
-        items = list(bound.arguments.items())
+        sig, names = _signature(model.forward)
+        if names is not None and not kwargs and len(args) == len(names):
+            # what bind() would give, without its cost
+            for name, value in zip(names, args):
+                if isinstance(value, Tensor):
+                    out.append((name, value))
+                else:
+                    paths(value, name, out)
+            return out
+        items = list(sig.bind(*args, **kwargs).arguments.items())
     except (TypeError, ValueError):
         items = [(f"args[{i}]", a) for i, a in enumerate(args)] + list(kwargs.items())
-    out: list[tuple[str, Tensor]] = []
     for name, value in items:
         paths(value, name, out)
     return out
@@ -132,6 +170,10 @@ _TORCH_DIR = str(Path(torch.__file__).resolve().parent)
 _TRY_INPUT = (
     "Pass inputs of the shape and dtype the model takes (CLI: --input-shape/-i and --input-dtype)."
 )
+
+
+def _copy(t: Tensor) -> Tensor:
+    return t.detach().clone()
 
 
 def _trace_error(model: nn.Module, e: Exception, partial: Trace, rec: Recorder) -> TraceError:
@@ -311,6 +353,50 @@ def _expected_input(m: nn.Module) -> str | None:
         order = "N, L" if m.batch_first else "L, N"
         return f"({order}, {m.input_size}) or an unbatched (L, {m.input_size})"
     return None
+
+
+def _memory_error(model: nn.Module, rec: Recorder, inputs: tuple, rng: Any) -> MemoryLimitError:
+    """The trace passed ``max_memory``: say where, how much, and how to save less."""
+    over = rec.over_limit
+    assert over is not None
+    over.__traceback__ = None  # it holds the model's frames
+    partial = Trace._build(rec, None, inputs, rng, 0.0, complete=False)
+    for node in partial.ops:  # what ran out of room: free every reference to it
+        node.activation = None
+        node._skel_args = node._skel_kwargs = node._snapshots = None
+    rec.producers.clear()
+    rec.aliases = None
+    rec.over_limit = None
+    op = partial.ops[over.node_index]
+    partial.failed_op = op.label
+    where = f" in module '{op.modules[-1][0]}'" if op.modules else ""
+    n_ops = sum(1 for o in partial.ops[: over.node_index + 1] if o.kind in ("op", "generated"))
+    fixes = [
+        "save only what you need: save=['layer4.*', 'conv2d_3'] (module paths or op "
+        "labels, globs allowed) or save=nn.Conv3d (module classes)",
+        "keep a reduction instead of each tensor: transform=lambda t: t.mean(tuple(range(2, "
+        "t.dim()))) (per-channel means)",
+    ]
+    if op.outputs and op.outputs[0].device.type != "cpu" and rec.device is None:
+        fixes.append("move saved activations off the device: save_to='cpu'")
+    fixes += [
+        "trace a smaller input (fewer frames, smaller images, batch 1)",
+        "save='none' records the graph alone",
+        "max_memory=None turns this check off",
+    ]
+    text = (
+        f"Tracing {type(model).__name__} stopped before it could run out of memory: the "
+        f"activations saved so far add up to {fmt_bytes(over.saved)} after {n_ops} ops, "
+        f"past the limit of {fmt_bytes(over.limit)} ({over.basis}). It stopped at op "
+        f"{op.label} ({op.name}){where}, whose output is {fmt_bytes(over.nbytes)}; every op "
+        "after it would have added more. To save less: "
+        + "; ".join(fixes)
+        + ". `err.partial` holds the graph up to that op, without its activations "
+        "(freed), so you can see which ops are large (`err.partial.summary()`)."
+    )
+    return MemoryLimitError(
+        text, partial=partial, failed_op=op.label, saved_bytes=over.saved, limit=over.limit
+    )
 
 
 def _param_shape(rec: Recorder, name: str) -> tuple[int, ...]:

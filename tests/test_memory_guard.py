@@ -1,0 +1,173 @@
+"""``max_memory=``: a trace stops with a clear error before its saved activations pass a
+budget, instead of the kernel killing the process."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import lurker
+from lurker.capture import _memory
+
+
+class Net(nn.Module):
+    """Fresh outputs, an in-place op (the trace keeps a copy of what it overwrites), views
+    (no new memory), a reshape that copies, a linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 16 * 16, 5)
+        self.seen: weakref.ref | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        self.seen = weakref.ref(y)
+        y = torch.relu_(y)  # in place: the same storage
+        z = self.conv2(y).sigmoid()
+        z = z.transpose(2, 3)  # a view
+        return self.fc(z.flatten(1))
+
+
+def _new_storage_bytes(tr: lurker.Trace, x: torch.Tensor, model: nn.Module) -> int:
+    """Oracle: bytes of the distinct storages the saved activations hold, less the input's
+    and the parameters' (which the trace does not allocate)."""
+    known = {x.untyped_storage().data_ptr()}
+    known |= {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+    for op in tr.layers:
+        a = op.activation
+        for t in a if isinstance(a, tuple) else (a,):
+            s = t.untyped_storage()
+            if s.data_ptr() not in known:
+                seen[s.data_ptr()] = s.nbytes()
+    return sum(seen.values())
+
+
+def _nothing_installed() -> None:
+    assert torch.overrides._get_current_function_mode_stack() == []
+    assert gc.isenabled()
+
+
+def test_budget_counts_new_storage_exactly_and_stops_with_a_clear_error():
+    torch.manual_seed(0)
+    model, x = Net().eval(), torch.randn(2, 3, 16, 16)
+    full = lurker.trace(model, x, max_memory=None)
+    total = _new_storage_bytes(full, x, model)
+    assert total > 0
+    # exactly the total fits ...
+    tr = lurker.trace(model, x, max_memory=total)
+    assert tr.complete
+    torch.testing.assert_close(tr.output, full.output)
+    # ... one byte less does not
+    with pytest.raises(lurker.MemoryLimitError) as info:
+        lurker.trace(model, x, max_memory=total - 1)
+    err = info.value
+    _nothing_installed()
+    assert isinstance(err, lurker.TraceError)
+    assert err.saved_bytes == total and err.limit == total - 1
+    last = err.failed_op
+    assert last == "linear_1"  # the last op that allocates
+    text = str(err)
+    for part in (last, "module 'fc'", "max_memory=", "save=", "transform=", "max_memory=None"):
+        assert part in text, part
+    assert f"{total / 1024:.1f} KiB" in text
+    # the partial graph is there, its activations are freed (nothing holds them)
+    assert [op.label for op in err.partial.layers][-1] == last
+    assert all(op.activation is None for op in err.partial.ops)
+    assert model.seen is not None and model.seen() is None
+
+
+def test_error_at_the_first_op_past_the_budget():
+    model, x = Net().eval(), torch.randn(2, 3, 16, 16)
+    conv_bytes = 2 * 4 * 16 * 16 * 4
+    with pytest.raises(lurker.MemoryLimitError) as info:
+        lurker.trace(model, x, max_memory=conv_bytes + 1)
+    # conv2d_1 fits; relu_ overwrites it, so the trace keeps a copy: past the budget
+    assert info.value.failed_op == "relu__1"
+    assert info.value.saved_bytes == 2 * conv_bytes
+    assert "after 2 ops" in str(info.value)
+    _nothing_installed()
+
+
+def test_what_is_saved_is_what_counts():
+    model, x = Net().eval(), torch.randn(2, 3, 16, 16)
+    budget = 2 * 4 * 16 * 16 * 4  # one conv output
+    # transform=: the reduced copies are counted, not the outputs
+    tr = lurker.trace(model, x, transform=lambda t: t.flatten(1).mean(1), max_memory=budget)
+    assert tr.complete
+    # save=: only the selected ops
+    tr = lurker.trace(model, x, save=["conv"], max_memory=budget)
+    assert tr["conv"].activation is not None
+    with pytest.raises(lurker.MemoryLimitError):
+        lurker.trace(model, x, save=["conv", "conv2"], max_memory=budget)
+    # nothing saved: no limit applies
+    assert lurker.trace(model, x, save="none", max_memory=1).complete
+
+
+def test_a_model_that_swallows_exceptions_is_still_stopped():
+    class Swallows(nn.Module):
+        def forward(self, x):
+            try:
+                return torch.relu(x * 2)
+            except Exception:
+                return x
+
+    with pytest.raises(lurker.MemoryLimitError):
+        lurker.trace(Swallows(), torch.randn(100), max_memory=10)
+    _nothing_installed()
+
+
+def test_auto_budget_is_a_fraction_of_available_memory(monkeypatch):
+    model, x = Net().eval(), torch.randn(2, 3, 16, 16)
+    monkeypatch.setattr(_memory, "AUTO_FIRST_CHECK", 1000)
+    calls = []
+    monkeypatch.setattr(_memory, "available_bytes", lambda device: calls.append(device) or 10_000)
+    # the first conv output (8 KiB) passes the first check: the budget is then measured,
+    # once, as 80% of (available now + saved so far); relu_'s copy passes it
+    with pytest.raises(lurker.MemoryLimitError) as info:
+        lurker.trace(model, x)
+    assert calls == [torch.device("cpu")]
+    assert "80% of the" in str(info.value) and "available on cpu" in str(info.value)
+    assert info.value.failed_op == "relu__1"
+    assert info.value.limit == int(0.8 * (10_000 + 8192))
+    # where the available memory cannot be told, no guard rather than a wrong one
+    monkeypatch.setattr(_memory, "available_bytes", lambda device: None)
+    assert lurker.trace(model, x).complete
+
+
+def test_available_bytes_on_cpu_is_plausible():
+    n = _memory.available_bytes(torch.device("cpu"))
+    assert n is not None and 0 < n < 2**50
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("2GB", (2 * 10**9, None)),
+        ("512MiB", (512 * 2**20, None)),
+        (1000, (1000, None)),
+        ("1000", (1000, None)),
+        (np.int64(1000), (1000, None)),
+        ("1.5kB", (1500, None)),
+        (0.5, (None, 0.5)),
+        ("auto", (None, _memory.AUTO_FRACTION)),
+        (None, (None, None)),
+        ("off", (None, None)),
+    ],
+)
+def test_max_memory_values(value, expected):
+    assert _memory.parse_max_memory(value) == expected
+
+
+@pytest.mark.parametrize("value", [0, -5, "lots", True, 1.5, "3 parsecs", "0.5", "0B", [1]])
+def test_bad_max_memory_is_a_clear_error(value):
+    with pytest.raises(lurker.LurkerError, match=r"max_memory=.*not understood.*'2GB'"):
+        lurker.trace(nn.ReLU(), torch.randn(3), max_memory=value)
+    _nothing_installed()
