@@ -50,6 +50,7 @@ CLI_PROBE += ["--layers", "features.8"]
         ({"batch_size": -4}, "batch_size"),
         ({"num_workers": -1}, "num_workers"),
         ({"hist_bins": 0}, "hist_bins"),
+        ({"hist_bins": 1}, "hist_bins"),  # one bin cannot hold both signs on the grid
         ({"checkpoint_every": 0}, "checkpoint_every"),
         ({"k": 2.5}, "k"),
     ],
