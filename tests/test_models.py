@@ -389,6 +389,8 @@ def test_garbage_file_is_rejected(tmp_path: Path, model_file: Path):
     ("data", "what"),
     [
         (b"x\n", "a text file (it starts with 'x')"),
+        # a multi-byte character cut by the 64 bytes read is still text
+        (("a" * 63 + "é and more").encode(), "a text file"),
         (b"", "an empty file"),
         (b"\x89HDF\r\n\x1a\n" + bytes(8), "an HDF5 file"),
         (b"<html><body>404</body></html>", "an HTML or XML document"),

@@ -433,3 +433,32 @@ def test_swin_v2_position_bias_mlp_is_not_a_default_layer():
     assert {"features.1.0", "features.1.0.mlp.1"} <= set(names)
     with pytest.raises(LurkerError, match="does not depend on the batch"):
         select_layers(tr, "features.1.0.attn.cpb_mlp.1")
+
+
+class _CachesOnFirstCall(nn.Module):
+    """Like timm's LeViT: the first eval forward computes a bias and caches it, so every
+    later forward runs fewer ops than the first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.table = nn.Parameter(torch.randn(4))
+        self.cache: dict[str, Tensor] = {}
+
+    def forward(self, x: Tensor) -> Tensor:
+        if "bias" not in self.cache:
+            self.cache["bias"] = (self.table * 2).tanh()[None, :, None, None]
+        return torch.relu(self.conv(x) + self.cache["bias"])
+
+
+def test_probe_of_a_model_that_caches_on_its_first_call(tmp_path: Path) -> None:
+    """The probe traces the model again once its state has settled, instead of failing on
+    the first batch with 'this input takes another path'."""
+    torch.manual_seed(0)
+    model = _CachesOnFirstCall().eval()
+    ds = _data(size=8)
+    run = probe(model, ds, out=tmp_path / "run", layers="conv", k=K, batch_size=8, progress=False)
+    act = _brute(model, ds, {"conv": lambda o: o})["conv"]
+    _check(run, "conv", act, np.asarray([int(ds[i][1]) for i in range(N)]))
+    images = UnitImages(run, model=model, dataset=ds)
+    assert images.trace.state_changes == []  # the settled model's trace

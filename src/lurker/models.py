@@ -642,8 +642,8 @@ def _not_a_checkpoint(path: Path) -> str | None:
     for magic, name in known.items():
         if head.lstrip().startswith(magic):
             return name
-    try:
-        text = head.decode("utf-8")
+    try:  # (a multi-byte character may be cut at the end of the 64 bytes read)
+        text = head[:-3].decode("utf-8") + head[-3:].decode("utf-8", errors="ignore")
     except UnicodeDecodeError:
         shown = head[:8].hex(" ")
         return f"binary data of an unknown format (it starts with the bytes {shown})"

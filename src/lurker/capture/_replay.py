@@ -125,11 +125,14 @@ class Replayer(TorchFunctionMode):
         return output
 
     def finish(self) -> None:
-        if self.seq != len(self.funcs):
-            raise GraphChangedError(
-                f"This input ran {self.seq} ops where the trace recorded {len(self.funcs)}. "
-                f"{self._why()}"
-            )
+        try:
+            if self.seq != len(self.funcs):
+                raise GraphChangedError(
+                    f"This input ran {self.seq} ops where the trace recorded "
+                    f"{len(self.funcs)}. {self._why()}"
+                )
+        finally:
+            self.call = ((), {})  # (kept for the messages only: not the batch after it ran)
 
 
 _same = _funcs.same_callable

@@ -549,6 +549,12 @@ class Trace:
         return self.modules[""].num_params if "" in self.modules else 0
 
     @property
+    def state_changes(self) -> list[str]:
+        """What the traced forward changed in the model's own state (attributes reassigned,
+        buffers written, caches filled), one line each; empty when it changed nothing."""
+        return list(self._state.lines)
+
+    @property
     def activation_bytes(self) -> int:
         """Bytes of every op's output (what saving all activations costs)."""
         return sum(op.nbytes for op in self.layers)

@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from ..graph.nodes import Op
     from .receptive import RF
 
-__all__ = ["Layout", "Skip", "as_units", "infer_layouts", "position_box", "unit_map"]
+__all__ = ["Layout", "Skip", "as_units", "infer_layouts", "position_box"]
 
 _CONV = {
     f"{p}{n}d" for p in ("conv", "conv_transpose") for n in (1, 2, 3)
@@ -130,12 +130,6 @@ def as_units(layout: Layout | Mapping[str, Any] | None, t: Any) -> Any:
         return t
     lay = layout if isinstance(layout, Layout) else Layout.from_dict(layout)
     return lay.units(t)
-
-
-def unit_map(layout: Layout | Mapping[str, Any] | None, t: Any, unit: int) -> Tensor:
-    """One unit's map on the first sample of ``t`` (a layer's output): 0-, 1- or 2-D,
-    in the layer's position grid (the grid its stored peaks ``(y, x)`` index)."""
-    return as_units(layout, t)[0, unit]
 
 
 def position_box(

@@ -240,6 +240,20 @@ def select_layers(
     return out
 
 
+def settled_trace(model: nn.Module, x: Tensor) -> Trace:
+    """Trace ``model`` on ``x`` as it will run on every later batch.
+
+    Some models change their own state in their first forward (timm's LeViT and
+    EfficientFormer cache attention biases), so later forwards run fewer ops than the
+    first: the probe replays the model on many batches, so it traces it again once the
+    state has settled.
+    """
+    tr = trace(model, x)
+    if tr.state_changes:
+        tr = trace(model, x)
+    return tr
+
+
 def fingerprint(model: nn.Module) -> str:
     """Identifies a model by architecture AND weights, to refuse mixing two models' runs.
 
@@ -377,7 +391,7 @@ def probe(
     model = model.eval().to(dev)
     x0 = ds.first_image().unsqueeze(0).to(dev)
     with torch.no_grad():
-        tr = trace(model, x0)
+        tr = settled_trace(model, x0)
     try:
         rfs = receptive_fields(tr)
     except LurkerError:

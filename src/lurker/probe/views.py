@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..capture import Trace, trace
+from ..capture import Trace
 from ..capture._replay import run_with
 from ..errors import LurkerError
 from ..store import Run, atomic_write_bytes
@@ -51,6 +51,7 @@ from .images import (
     gradient_pixels,
 )
 from .layout import position_box
+from .sweep import settled_trace
 
 Kind = Literal["input", "crop", "grad", "grad_crop"]
 #: Every kind of image; :meth:`UnitImages.render_all` makes ``DEFAULT_KINDS`` unless told.
@@ -171,7 +172,7 @@ class UnitImages:
         if self._trace is None:
             x0 = self.dataset.first_image().unsqueeze(0).to(self.device)
             with torch.no_grad():
-                self._trace = trace(self.model, x0)
+                self._trace = settled_trace(self.model, x0)
         return self._trace
 
     def _layer(self, layer: str) -> _Layer:
