@@ -319,17 +319,7 @@ def test_cli_probe_and_render(tmp_path: Path):
     )
     assert r.exit_code == 0, r.output
     assert "1 layers, 32 units" in r.output
-    r = CliRunner().invoke(main, ["render", str(out)])
-    assert r.exit_code == 0, r.output
-    grads = list((out / "cache" / "grad").rglob("*.png"))
-    assert len(grads) == 32 * 2 * 2  # units x lists x k
-    with lurker.Run.open(out) as run:
-        ids = {
-            e.sample_id for u in run.units("features.8") for w in ("max", "mean") for e in u.top(w)
-        }
-    samples = sorted(p.name for p in (out / "cache" / "samples").iterdir())
-    assert samples == [f"{i:08d}.png" for i in sorted(ids)]  # each sample once
-    assert sorted(p.name for p in (out / "cache").iterdir()) == ["grad", "samples"]
+    _render_digits_run(out)
     r = CliRunner().invoke(
         main,
         [
@@ -426,6 +416,14 @@ def test_cli_rerun_over_python_run_records_how_to_load(tmp_path: Path):
     config = lurker.Run.open(out).meta["config"]
     assert config["model_spec"] == "lurker.examples:DigitsNet"
     assert config["data"] == "digits:test"
+    _render_digits_run(out)
+
+
+def _render_digits_run(out: Path) -> None:
+    """`lurker render` of a k=2 run of DigitsNet's features.8: the default kinds, with
+    each top sample stored once."""
+    from lurker.cli import main
+
     r = CliRunner().invoke(main, ["render", str(out)])
     assert r.exit_code == 0, r.output
     grads = list((out / "cache" / "grad").rglob("*.png"))
