@@ -440,14 +440,21 @@ def check_unit_dim(unit_dim: Any) -> None:
         )
 
 
+def op_names(op: Op, types: Mapping[int, list[str]] | None = None) -> list[str]:
+    """Every name a layer pattern matches: op label, rolled label, op name, the module
+    outputs and (from ``types``, by op index) the module type."""
+    names = [op.label, op.rolled, op.name, *op.module_outputs]
+    if types is not None:
+        names += types.get(op.index, ())
+    return names
+
+
 def _user_axis(op: Op, unit_dim: int | Mapping[str, int] | None, names: Any) -> int | None:
     if unit_dim is None:
         return None
     if isinstance(unit_dim, int):
         return unit_dim
-    keys = [op.label, op.rolled, op.name, *op.module_outputs]
-    if names is not None:
-        keys += list(names.get(op.index, ()))
+    keys = op_names(op, names)
     for pat, axis in unit_dim.items():
         if any(fnmatch.fnmatchcase(n, pat) for n in keys):
             return int(axis)

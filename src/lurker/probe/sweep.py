@@ -30,7 +30,7 @@ from ..capture._replay import Replayer
 from ..errors import LurkerError
 from ..graph.nodes import Op
 from ..store import LayerResult, Run, RunWriter, atomic_write_bytes, run_lock
-from .layout import Layout, Skip, infer_layouts, rf_matches
+from .layout import Layout, Skip, infer_layouts, op_names, rf_matches
 from .stats import HostBatch, UnitStats
 
 CONV = {"conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"}
@@ -135,8 +135,7 @@ def _default_ops(trace: Trace, candidates: list[Op]) -> list[Op]:
             return any(trace.ops[p].name in LINEAR for p in op.parents[:1])
         return op.name in CONV and not in_block(op)
 
-    chosen = [op for op in candidates if wanted(op)]
-    return chosen
+    return [op for op in candidates if wanted(op)]
 
 
 def _has_glob(pattern: str) -> bool:
@@ -176,9 +175,8 @@ def select_layers(
         chosen = []
         unmatched = set(pats)
         for op in candidates:
-            names_ = [op.label, op.rolled, op.name, *op.module_outputs]
-            names_ += types.get(op.index, [])
-            hit = [p for p in pats if any(fnmatch.fnmatchcase(n, p) for n in names_)]
+            names = op_names(op, types)
+            hit = [p for p in pats if any(fnmatch.fnmatchcase(n, p) for n in names)]
             if hit:
                 chosen.append(op)
                 unmatched.difference_update(hit)
@@ -193,15 +191,8 @@ def select_layers(
                 f"types or op names (globs allowed). Layers with channels here: {shown}"
             )
     if isinstance(unit_dim, Mapping):
-        keys = {
-            op.index: [op.label, op.rolled, op.name, *op.module_outputs, *types.get(op.index, ())]
-            for op in chosen
-        }
-        unused = [
-            p
-            for p in unit_dim
-            if not any(fnmatch.fnmatchcase(n, p) for names_ in keys.values() for n in names_)
-        ]
+        keys = [n for op in chosen for n in op_names(op, types)]
+        unused = [p for p in unit_dim if not any(fnmatch.fnmatchcase(n, p) for n in keys)]
         if unused:
             shown = ", ".join(sorted({_layer_name(op) for op in chosen})[:40])
             raise LurkerError(
@@ -543,13 +534,12 @@ def probe(
     if world > 1:
         for i in sorted(stats):
             stats[i].all_reduce()
+        # one gather: every rank's unreadable files, and its share of the run's figures
         gathered: list[Any] = [None] * world
-        torch.distributed.all_gather_object(gathered, skipped)
-        skipped = _merge_skipped(*gathered)
-        figures: list[Any] = [None] * world  # the run's figures count every rank's share
-        torch.distributed.all_gather_object(figures, (seen, sweep_s))
-        seen = sum(n for n, _ in figures)
-        sweep_s = max(t for _, t in figures)
+        torch.distributed.all_gather_object(gathered, (skipped, seen, sweep_s))
+        skipped = _merge_skipped(*(g[0] for g in gathered))
+        seen = sum(g[1] for g in gathered)
+        sweep_s = max(g[2] for g in gathered)
     if rank != 0:
         if ckpt.exists():
             ckpt.unlink()

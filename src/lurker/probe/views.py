@@ -84,7 +84,6 @@ class RenderResult:
 class _Layer:
     info: LayerInfo
     op_index: int
-    layout: dict[str, Any] | None  # the layer's stored layout (None: (B, C, ...))
 
 
 @dataclass
@@ -186,7 +185,7 @@ class UnitImages:
                     f"Layer {layer!r} of this run is not in the model's trace: is this the "
                     "model the run was made with?"
                 ) from e
-            found = _Layer(info, op.index, info.layout)
+            found = _Layer(info, op.index)
             self._layers[layer] = found
         return found
 
@@ -247,7 +246,7 @@ class UnitImages:
             def grab(_: int, value: Any, part: list = part, found: list = found) -> None:
                 t = value[0] if isinstance(value, tuple) else value
                 ids = torch.tensor([u for u, _ in part], dtype=torch.long)
-                found.append(_unit_map(t, ids, lay.layout))
+                found.append(_unit_map(t, ids, lay.info.layout))
                 raise _Reached
 
             with self._compute, torch.no_grad(), contextlib.suppress(_Reached):
@@ -378,7 +377,7 @@ class UnitImages:
                 [j.unit for j in jobs],
                 [j.which for j in jobs],
                 [j.peak for j in jobs],
-                lay.layout,
+                lay.info.layout,
             )
         width = pos[-1] if pos else 1
         for j, flat in zip(jobs, argmax.tolist()):
