@@ -465,7 +465,7 @@ def test_sample_image_stored_once(probed: Any, tmp_path: Path) -> None:
 
 
 def test_crop_boxes_are_the_stored_receptive_fields(probed: Any, tmp_path: Path) -> None:
-    from lurker.probe.receptive import RF
+    from lurker.graph.receptive import RF
 
     run, images = fresh(probed, tmp_path)
     model, ds = probed[1], probed[2]

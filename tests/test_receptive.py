@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
+import sys
+import textwrap
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,7 +25,8 @@ from torch import Tensor, nn
 
 import lurker
 from lurker.errors import LurkerError
-from lurker.probe.receptive import RF, receptive_fields
+from lurker.graph.nodes import ParamRef
+from lurker.graph.receptive import RF, receptive_fields
 
 Box = tuple[int, int, int, int]
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same'")
@@ -516,3 +521,55 @@ def test_json_round_trip_and_input_choice() -> None:
     assert RF.from_dict(json.loads(json.dumps(ra.to_dict()))) == ra
     with pytest.raises(LurkerError):
         receptive_fields(t, t.outputs[0].label)
+
+
+# --------------------------------------------------------------------------- graph data only
+def test_module_loads_without_torch() -> None:
+    """Receptive fields are a graph analysis: the module loads with torch blocked (the
+    package roots are bypassed here, so only graph/receptive.py's own imports count)."""
+    src = Path(lurker.__file__).parent
+    code = textwrap.dedent(
+        f"""
+        import sys, types
+        sys.modules["torch"] = None  # any import of torch now raises ImportError
+        for name, path in (("lurker", {str(src)!r}), ("lurker.graph", {str(src / "graph")!r})):
+            pkg = types.ModuleType(name)
+            pkg.__path__ = [path]
+            sys.modules[name] = pkg
+        from lurker.graph.receptive import RF, follow_axes, receptive_fields
+        """
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+def test_tensor_arguments_are_read_by_shape_only() -> None:
+    """Arguments that only carry a shape (what a stored graph keeps of a tensor: a
+    ParamRef) give the same fields as the live tensors (conv weight, cat, max(a, b))."""
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(2, 3, 3, stride=2, padding=1)
+
+        def forward(self, x: Tensor) -> Tensor:
+            y = self.conv(x)
+            y = torch.cat([y, F.max_pool2d(y, 3, 1, 1)], dim=1)
+            return torch.max(y, torch.relu(y))
+
+    t = lurker.trace(M(), torch.randn(1, 2, 20, 24))
+    live = receptive_fields(t)
+
+    def strip(v: object) -> object:
+        if isinstance(v, Tensor):
+            return ParamRef("stand-in", tuple(v.shape))
+        if isinstance(v, (list, tuple)):
+            return type(v)(strip(e) for e in v)
+        return v
+
+    for op in t.ops:
+        if op._skel_args is not None:
+            op._skel_args = strip(op._skel_args)
+            op._skel_kwargs = {k: strip(v) for k, v in (op._skel_kwargs or {}).items()}
+    assert receptive_fields(t) == live
+    assert all(rf.exact for rf in live.values()) and t.outputs[0].index in live

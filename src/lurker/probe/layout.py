@@ -15,7 +15,7 @@ units. :func:`infer_layouts` works the layout out for every op of a trace:
   layers, ``layer_norm`` and matmuls with a weight make them on the last axis. Every other
   op carries its parents' unit axis where it keeps that axis whole (elementwise ops,
   permutes, reshapes that keep the axis and what comes before it, slicing, concatenation;
-  the same per-axis rules as :mod:`lurker.probe.receptive`); parents that disagree, or an
+  the same per-axis rules as :mod:`lurker.graph.receptive`); parents that disagree, or an
   op that mixes or splits the axis (attention heads), leave it unknown. Unknown -> the op is
   skipped with a reason, unless the caller names the axis (``unit_dim``).
 - **Positions** are the remaining axes, kept as they are (one or two; more are merged
@@ -36,11 +36,11 @@ import torch
 from torch import Tensor
 
 from ..errors import LurkerError
+from ..graph.receptive import RF, follow_axes, receptive_fields
 
 if TYPE_CHECKING:
     from ..capture.trace import Trace
     from ..graph.nodes import Op
-    from .receptive import RF
 
 __all__ = ["Layout", "Skip", "as_units", "infer_layouts", "position_box"]
 
@@ -144,8 +144,6 @@ def position_box(
     ``None`` when the position has no place in the image (a class token) or the layer's
     positions do not map to it; callers then show the whole image.
     """
-    from .receptive import RF
-
     lay = (
         layout if isinstance(layout, Layout) or layout is None else Layout.from_dict(layout)  # type: ignore[arg-type]
     )
@@ -239,36 +237,6 @@ def _batch_axes(trace: Trace, example: tuple) -> dict[int, int | Skip]:
 
 
 # --------------------------------------------------------------------------- unit axes
-def _carry(op: Op, k: int, parent_axes: list[tuple[int, int, tuple[int, ...]]]) -> list[Any]:
-    """For each (parent position j, parent axis, parent shape): the output axis it becomes
-    whole (one parent entry per output entry), with the per-entry source indices."""
-    from .receptive import _HANDLERS, _Ax, _base_name, _Parent, _State
-
-    handler = _HANDLERS.get(_base_name(op.name))
-    if handler is None:
-        return [None] * len(parent_axes)
-    out = tuple(op.outputs[k].shape)
-    found: list[Any] = []
-    for j, axis, shape in parent_axes:
-        n = shape[axis]
-        ax = _Ax(axis, 1, 1, 0, np.arange(n), np.arange(n))
-        none = _Ax(None, 1, 1, 0, np.zeros(1, np.int64), np.zeros(1, np.int64))
-        try:
-            maps = handler(op, k, [_Parent(j, _State((ax, none), True), shape)], out)
-        except Exception:  # arguments the rule does not understand: the axis is not carried
-            maps = None
-        m = (maps or {}).get(j, {}).get(axis)
-        if m is None or m.out_dim is None or m.idx.shape[1] != 1 or m.ratio == 0:
-            found.append(None)
-            continue
-        idx = m.idx[:, 0]
-        ok = (idx >= 0) & (idx < n)
-        if m.present is not None:
-            ok &= m.present[:, 0]
-        found.append((m.out_dim, np.where(ok, idx, -1)))
-    return found
-
-
 def _defined_unit(op: Op) -> tuple[int, str] | None:
     """The unit axis an op makes by what it computes, if it makes one."""
     nd = len(op.shape or ())
@@ -363,8 +331,6 @@ def infer_layouts(
     first matching pattern wins): it overrides what the semantics say. ``rfs``: the
     trace's receptive fields, if already computed.
     """
-    from .receptive import receptive_fields
-
     check_unit_dim(unit_dim)
     if example is None:
         example = tuple(trace._inputs[0])
@@ -389,7 +355,9 @@ def infer_layouts(
                     for j, s, q in parents
                     if (u := units.get((s, q))) is not None
                 ]
-                axes = {c[0] for c in _carry(op, k, known) if c is not None} if known else set()
+                axes = (
+                    {c[0] for c in follow_axes(op, k, known) if c is not None} if known else set()
+                )
                 unit = (axes.pop(), "carried") if len(axes) == 1 else None
             units[(op.index, k)] = unit
             tokens[(op.index, k)] = (_token_start(op, trace, rfs) if k == 0 else None) or (
@@ -413,7 +381,9 @@ def _carry_tokens(
     if not known:
         return None
     cands = []
-    for (_, (_, src), _), c in zip(known, _carry(op, k, [(j, t[0], sh) for j, t, sh in known])):
+    for (_, (_, src), _), c in zip(
+        known, follow_axes(op, k, [(j, t[0], sh) for j, t, sh in known])
+    ):
         if c is not None:
             e, idx = c
             cands.append((e, np.where((idx >= 0)[:, None], src[np.clip(idx, 0, None)], -1)))

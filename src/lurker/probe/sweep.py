@@ -365,8 +365,8 @@ def probe(
     and listed in the run's meta (``skipped_layers``). ``unit_dim`` names the unit axis
     (counting the batch axis) for every layer, or per layer as ``{pattern: axis}``.
     """
+    from ..graph.receptive import receptive_fields
     from . import data as pdata
-    from .receptive import receptive_fields
 
     ds = pdata.wrap(dataset)
     if len(ds) == 0:

@@ -1,7 +1,7 @@
 """Receptive fields: which input pixels each position of each op's output can see.
 
-:func:`receptive_fields` walks a :class:`~lurker.Trace` in execution order and, for every
-op whose output still carries the input's spatial axes, gives an :class:`RF`: per axis
+:func:`receptive_fields` walks a traced graph in execution order and, for every op whose
+output still carries the input's spatial axes, gives an :class:`RF`: per axis
 (``y`` = input height, ``x`` = input width) both
 
 - the classic affine map (size, stride, start): position ``i`` sees input rows
@@ -54,18 +54,30 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
-from torch import Tensor
 
 from ..errors import LurkerError
-from ..graph.nodes import Op
 
 if TYPE_CHECKING:
-    from ..capture.trace import Trace
+    from .nodes import Op
 
-__all__ = ["RF", "Axis", "receptive_fields"]
+__all__ = ["RF", "Axis", "follow_axes", "receptive_fields"]
+
+
+class _OpGraph(Protocol):
+    """What this module reads of a graph (a :class:`~lurker.Trace` is one): its ops in
+    execution order, its inputs, and lookup by label or name."""
+
+    @property
+    def ops(self) -> list[Op]: ...
+
+    @property
+    def inputs(self) -> list[Op]: ...
+
+    def __getitem__(self, key: str) -> Op: ...
+
 
 _BIG = 1 << 62  # "sees nothing" sentinel for the inclusive bounds: lo = BIG > hi = -BIG
 _EPS = 1e-9
@@ -372,6 +384,16 @@ class _Call:
         return self.args[i] if i < len(self.args) else default
 
 
+def _tensor_shape(v: Any) -> tuple[int, ...] | None:
+    """The shape of a tensor argument, or None for anything else (numbers, None, strings).
+
+    Read off the value's ``shape`` (a live tensor's ``torch.Size``, a :class:`ParamRef`'s
+    tuple), so this module needs only graph data and never imports torch.
+    """
+    shape = getattr(v, "shape", None)
+    return tuple(int(n) for n in shape) if isinstance(shape, tuple) else None
+
+
 def _tup(v: Any, n: int) -> tuple[int, ...]:
     if isinstance(v, (tuple, list)):
         return tuple(int(a) for a in v) if len(v) == n else (int(v[0]),) * n
@@ -395,7 +417,7 @@ def _batch_dims(p: _Parent, out: tuple[int, ...], upto: int) -> dict[int, _Map |
 # A handler returns, per parent, per parent dim, how it reaches the output; dims and
 # parents it leaves out are mixed (each output sees the whole parent axis: always valid).
 # ``None`` means "not understood here": the op falls back to the unknown-op rule.
-_Handler = Callable[[Op, int, list[_Parent], tuple[int, ...]], "_Maps | None"]
+_Handler = Callable[["Op", int, list[_Parent], tuple[int, ...]], "_Maps | None"]
 
 
 def _h_pointwise(op: Op, k: int, parents: list[_Parent], out: tuple[int, ...]) -> _Maps | None:
@@ -437,9 +459,10 @@ def _spatial_op(nd: int, kind: str) -> _Handler:
         c = _Call(op, names)
         if kind in ("conv", "convt"):
             w = c.get("weight")
-            if not isinstance(w, Tensor) or w.dim() != nd + 2:
+            ws = _tensor_shape(w)
+            if ws is None or len(ws) != nd + 2:
                 return None
-            ks = tuple(int(s) for s in w.shape[2:])
+            ks = tuple(int(s) for s in ws[2:])
             stride = _tup(c.get("stride", 1), nd)
         else:
             ks = _tup(c.get("kernel_size"), nd)
@@ -696,12 +719,15 @@ def _offset_map(out_dim: int, n_out: int, off: int, n_in: int) -> _Map:
 def _h_cat(op: Op, k: int, parents: list[_Parent], out: tuple[int, ...]) -> _Maps | None:
     c = _Call(op, ("tensors", "dim"))
     seq = c.get("tensors")
-    if not isinstance(seq, (tuple, list)) or not all(isinstance(t, Tensor) for t in seq):
+    if not isinstance(seq, (tuple, list)):
+        return None
+    shapes = [_tensor_shape(t) for t in seq]
+    if any(sh is None for sh in shapes):
         return None
     dim = int(c.get("dim", 0)) % len(out)
     stack = op.name == "stack"
     offs = (
-        np.cumsum([0] + [0 if t.dim() == 1 and t.shape[0] == 0 else int(t.shape[dim]) for t in seq])
+        np.cumsum([0] + [0 if sh == (0,) else int(sh[dim]) for sh in shapes])  # type: ignore[index]
         if not stack
         else None
     )
@@ -846,8 +872,8 @@ def _h_reduce(op: Op, k: int, parents: list[_Parent], out: tuple[int, ...]) -> _
         return {}
     c = _Call(op, ("input", "p", "dim") if op.name == "norm" else ("input", "dim"))
     if op.name in ("max", "min") and (
-        isinstance(c.kwargs.get("other"), Tensor)
-        or (len(c.args) > 1 and isinstance(c.args[1], Tensor))
+        _tensor_shape(c.kwargs.get("other")) is not None
+        or (len(c.args) > 1 and _tensor_shape(c.args[1]) is not None)
     ):
         return _h_pointwise(op, k, parents, out)  # torch.max(a, b): elementwise
     nd = len(p.shape)
@@ -1044,7 +1070,7 @@ def _propagate(
     return _combine(parents, maps, out, exact, context)
 
 
-def _pick_input(trace: Trace, label: str | None) -> Op:
+def _pick_input(trace: _OpGraph, label: str | None) -> Op:
     if label is not None:
         op = trace[label]
         if op.kind != "input":
@@ -1092,9 +1118,10 @@ def _finish(st: _State, hw: tuple[int, int]) -> RF:
 
 
 def receptive_fields(
-    trace: Trace, input_label: str | None = None, *, global_context: bool = True
+    graph: _OpGraph, input_label: str | None = None, *, global_context: bool = True
 ) -> dict[int, RF]:
-    """Receptive field of every op (by node index) whose output depends on one input.
+    """Receptive field of every op of ``graph`` (by node index) whose output depends on
+    one input.
 
     ``input_label`` names the input (label or name, e.g. ``'x'``); by default the first
     input of shape (N, C, H, W) or (N, C, L). Ops whose outputs have no spatial dims left
@@ -1107,7 +1134,7 @@ def receptive_fields(
     latter: strictly every later position then sees the whole image, which is true but
     hides the local region that shapes a unit's response (what a crop should show).
     """
-    src = _pick_input(trace, input_label)
+    src = _pick_input(graph, input_label)
     shape = tuple(src.shape or ())
     nd = len(shape)
     hw = (1, shape[2]) if nd == 3 else (shape[2], shape[3])
@@ -1119,7 +1146,7 @@ def receptive_fields(
     x = _Ax(nd - 1, 1, 1, 0, np.arange(hw[1]), np.arange(hw[1]))
     states: dict[tuple[int, int], _State] = {(src.index, 0): _State((y, x), True)}
     dep = {src.index}
-    for op in trace.ops:
+    for op in graph.ops:
         if op.kind not in ("op", "output"):
             continue
         ins = [(j, s, k) for j, (s, k) in enumerate(op._inputs) if isinstance(s, int) and s in dep]
@@ -1131,10 +1158,49 @@ def receptive_fields(
             st = states.get((s, k))
             if st is None:
                 break  # depends on something without an RF: so does this op
-            parents.append(_Parent(j, st, tuple(trace.ops[s].outputs[k].shape)))
+            parents.append(_Parent(j, st, tuple(graph.ops[s].outputs[k].shape)))
         else:
             for k, meta in enumerate(op.outputs):
                 st = _propagate(op, k, parents, tuple(meta.shape), global_context)
                 if st is not None:
                     states[(op.index, k)] = st
     return {i: _finish(st, hw) for (i, k), st in states.items() if k == 0}
+
+
+def follow_axes(
+    op: Op, k: int, axes: Sequence[tuple[int, int, tuple[int, ...]]]
+) -> list[tuple[int, np.ndarray] | None]:
+    """Where whole parent axes go in output ``k`` of ``op``, by the same per-axis rules as
+    :func:`receptive_fields` (other analyses follow an axis of their own this way: the
+    probe its unit and token axes).
+
+    ``axes``: per entry, the parent's position among the op's tensor arguments, the axis,
+    and the parent's shape. Each entry gives ``(output axis, idx)`` where every output
+    position ``i`` along that axis reads the one parent position ``idx[i]`` (``-1``: it
+    reads padding or nothing), as through elementwise ops, permutes, reshapes that keep
+    the axis, slicing, flips, padding and concatenation; ``None`` where the op mixes,
+    splits or drops the axis, or is not known here.
+    """
+    handler = _HANDLERS.get(_base_name(op.name))
+    if handler is None:
+        return [None] * len(axes)
+    out = tuple(op.outputs[k].shape)
+    found: list[tuple[int, np.ndarray] | None] = []
+    for j, axis, shape in axes:
+        n = shape[axis]
+        ax = _Ax(axis, 1, 1, 0, np.arange(n), np.arange(n))
+        none = _Ax(None, 1, 1, 0, np.zeros(1, np.int64), np.zeros(1, np.int64))
+        try:
+            maps = handler(op, k, [_Parent(j, _State((ax, none), True), shape)], out)
+        except Exception:  # arguments the rule does not understand: the axis is not carried
+            maps = None
+        m = (maps or {}).get(j, {}).get(axis)
+        if m is None or m.out_dim is None or m.idx.shape[1] != 1 or m.ratio == 0:
+            found.append(None)
+            continue
+        idx = m.idx[:, 0]
+        ok = (idx >= 0) & (idx < n)
+        if m.present is not None:
+            ok &= m.present[:, 0]
+        found.append((m.out_dim, np.where(ok, idx, -1)))
+    return found
