@@ -41,7 +41,7 @@ def _new_storage_bytes(tr: lurker.Trace, x: torch.Tensor, model: nn.Module) -> i
     known = {x.untyped_storage().data_ptr()}
     known |= {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}
-    for op in tr.layers:
+    for op in tr.compute_ops:
         a = op.activation
         for t in a if isinstance(a, tuple) else (a,):
             s = t.untyped_storage()
@@ -79,7 +79,7 @@ def test_budget_counts_new_storage_exactly_and_stops_with_a_clear_error():
         assert part in text, part
     assert f"{total / 1024:.1f} KiB" in text
     # the partial graph is there, its activations are freed (nothing holds them)
-    assert [op.label for op in err.partial.layers][-1] == last
+    assert [op.label for op in err.partial.compute_ops][-1] == last
     assert all(op.activation is None for op in err.partial.ops)
     assert model.seen is not None and model.seen() is None
 

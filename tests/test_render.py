@@ -299,7 +299,7 @@ def test_long_loop_rolled_automatically(tmp_path: Path) -> None:
     assert "auto_roll=False" in str(rec[0].message)
     long = {op.rolled for op in tr.ops if op.num_passes == 150}
     assert len(long) >= 5  # getitem x3, mul, add, relu, setitem
-    assert f"{len(long)} layers that ran 150 times are drawn once each" in src  # the title
+    assert f"{len(long)} ops that ran 150 times are drawn once each" in src  # the title
     drawn = _drawn(src, tr)
     nodes = _nodes(src)
     for op in tr.ops:  # every op is drawn: its own node, or its layer's with the pass count
@@ -340,7 +340,7 @@ def test_auto_roll_off_and_thresholds(monkeypatch: pytest.MonkeyPatch) -> None:
     for op in tr.ops:
         assert drawn[op.index] == (f"r_{op.rolled}" if op.num_passes == 12 else f"n{op.index}")
 
-    with pytest.warns(UserWarning, match="layers and modules that ran 12 times"):
+    with pytest.warns(UserWarning, match="ops and modules that ran 12 times"):
         top = gv.to_dot(tr, depth=0).source  # the cell's calls collapse into one box
     boxes = [v for v in _nodes(top).values() if "box3d" in v]
     assert sum("<b>cell</b>" in v and f"{X}12 passes" in v for v in boxes) == 1

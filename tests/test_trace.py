@@ -216,7 +216,7 @@ def test_generated_tensors():
     assert next(op for op in tr if op.name == "randn").random
     assert next(op for op in tr if op.name == "ones_like").kind == "op"
     report = tr.validate()  # randn re-executed under the RNG state it drew from: checked
-    assert not report.skipped and report.checked == len(tr.layers)
+    assert not report.skipped and report.checked == len(tr.compute_ops)
 
 
 def test_inplace_ops_keep_pre_mutation_values():
@@ -366,9 +366,9 @@ def test_module_outputs_are_what_the_rest_of_the_model_uses():
     assert tr["blk"].name == "relu" and tr["blk"].shape == (2, 3, 4)
     assert tr["attn"].shape == (2, 3, 4)
     assert [tr.ops[i].name for i in tr.modules["attn"].outputs[1]] == [tr["attn"].name]
-    mean = next(op for op in tr.layers if op.name == "mean")
+    mean = next(op for op in tr.compute_ops if op.name == "mean")
     assert mean.module == "blk" and mean.module_outputs == []
-    probe = next(op for op in tr.layers if op.module == "probe")
+    probe = next(op for op in tr.compute_ops if op.module == "probe")
     assert probe.modules == (("blk", 1), ("probe", 1)) and probe.module_outputs == []
     tr.validate()
 
@@ -386,7 +386,7 @@ def test_generator_resumed_under_another_module():
             return self.a(g) + self.b(g)
 
     tr = lurker.trace(M(), torch.randn(2, 4))
-    muls = [op for op in tr.layers if op.name == "mul"]
+    muls = [op for op in tr.compute_ops if op.name == "mul"]
     assert [op.module for op in muls] == ["a", "b"]
     assert tr.modules["a"].num_passes == tr.modules["b"].num_passes == 1
     assert tr["b"].index == muls[1].index
@@ -422,7 +422,7 @@ def test_renamed_submodule_is_seen_on_the_next_trace():
     del model.fc
     tr = lurker.trace(model, x)
     assert "head" in tr and "fc" not in tr.modules
-    assert [p.name for op in tr.layers for p in op.params][-2:] == ["head.weight", "head.bias"]
+    assert [p.name for op in tr.compute_ops for p in op.params][-2:] == ["head.weight", "head.bias"]
     model.head.weight = nn.Parameter(torch.randn(3, 4))
     model.head.bias = nn.Parameter(torch.randn(3))
     tr = lurker.trace(model, x)
@@ -468,15 +468,15 @@ def test_save_policies_and_transform():
     model = torchvision.models.resnet18().eval()
     x = torch.randn(1, 3, 32, 32)
     none = lurker.trace(model, x, save="none")
-    assert all(op.activation is None for op in none.layers)
+    assert all(op.activation is None for op in none.compute_ops)
     names = lurker.trace(model, x, save=["layer1.*", "conv2d_1"])
-    saved = {op.label for op in names.layers if op.activation is not None}
+    saved = {op.label for op in names.compute_ops if op.activation is not None}
     assert "conv2d_1" in saved and names["layer1.0"].label in saved
     assert names["layer2"].activation is None
     types = lurker.trace(model, x, save=nn.Conv2d)
-    assert {op.name for op in types.layers if op.activation is not None} == {"conv2d"}
+    assert {op.name for op in types.compute_ops if op.activation is not None} == {"conv2d"}
     pred = lurker.trace(model, x, save=lambda op: op.name == "relu")
-    assert {op.name for op in pred.layers if op.activation is not None} == {"relu"}
+    assert {op.name for op in pred.compute_ops if op.activation is not None} == {"relu"}
     mean = lurker.trace(model, x, transform=lambda t: t.mean((2, 3)) if t.dim() == 4 else t)
     full = lurker.trace(model, x)
     torch.testing.assert_close(mean["layer1"].activation, full["layer1"].activation.mean((2, 3)))
@@ -495,7 +495,7 @@ def test_run_new_input_matches_fresh_trace():
     x2 = torch.randn(1, 3, 32, 32)
     acts = tr.run(x2)
     fresh = lurker.trace(model, x2)
-    for op in fresh.layers:
+    for op in fresh.compute_ops:
         torch.testing.assert_close(acts[op.label], op.activation)
     torch.testing.assert_close(acts["layer2.1"], fresh["layer2.1"].activation)
     some = tr.run(x2, save=["fc"])
@@ -630,7 +630,7 @@ def test_iterating_a_tensor_is_recorded():
 
     x = torch.randn(3, 2)
     tr = lurker.trace(Rows(), x)
-    names = [op.name for op in tr.layers]
+    names = [op.name for op in tr.compute_ops]
     assert names[0] == "unbind" and names.count("mul") == 3 and names[-1] == "stack"
     assert not [op for op in tr if op.kind == "constant"]  # rows come from the unbind
     tr.validate()
@@ -646,7 +646,7 @@ def test_shape_queries_are_not_ops_and_readouts_are():
             return x
 
     tr = lurker.trace(Q(), torch.ones(2, 3))
-    assert [op.name for op in tr.layers] == ["mul"]
+    assert [op.name for op in tr.compute_ops] == ["mul"]
     assert [op.name for op in tr.branches] == ["equal"]
     tr2 = lurker.trace(Q(), torch.ones(2, 3))  # second trace: queries skipped, same graph
     assert [op.label for op in tr2] == [op.label for op in tr]
@@ -716,7 +716,7 @@ def test_example_models_are_model_code():
 
     lines, start = inspect.getsourcelines(examples.DigitsNet.forward)  # one `return` line
     tr = lurker.trace(examples.DigitsNet().eval(), torch.randn(1, 1, 16, 16))
-    assert {op.source for op in tr.layers} == {f"{examples.__file__}:{start + len(lines) - 1}"}
+    assert {op.source for op in tr.compute_ops} == {f"{examples.__file__}:{start + len(lines) - 1}"}
 
 
 def test_list_valued_keyword_arguments():
@@ -748,10 +748,21 @@ def test_containers_after_deleting_an_item():
     x = torch.randn(2, 4)
     for _ in range(2):  # the first trace builds the index, the second checks its stamp
         tr = lurker.trace(model, x)
-        assert [op.module for op in tr.layers] == ["0", "1"]
+        assert [op.module for op in tr.compute_ops] == ["0", "1"]
         _assert_same_output(tr, model, x)
     model.append(nn.Tanh())
-    assert lurker.trace(model, x).layers[-1].name == "tanh"
+    assert lurker.trace(model, x).compute_ops[-1].name == "tanh"
+
+
+def test_layers_is_a_deprecated_alias_of_compute_ops():
+    """A "layer" is a probed layer; the ops proper are ``compute_ops`` (no inputs, outputs,
+    buffers or constants), and the old name still answers, with a warning naming the new."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    tr = lurker.trace(model, torch.randn(2, 4))
+    assert [op.name for op in tr.compute_ops] == ["linear", "relu"]
+    with pytest.warns(DeprecationWarning, match="compute_ops"):
+        old = tr.layers
+    assert old == tr.compute_ops
 
 
 def test_cached_model_index_follows_every_change_to_the_model():

@@ -78,9 +78,9 @@ def test_tensor_properties_record_and_replay():
     model = Properties()
     x = torch.randn(3, 4)
     tr, report = _check(model, x, torch.randn(3, 4))
-    names = [op.name for op in tr.layers]
+    names = [op.name for op in tr.compute_ops]
     assert names.count("T") == 4 and {"real", "imag", "H", "mT"} <= set(names)
-    assert report.checked == len(tr.layers) and not report.skipped
+    assert report.checked == len(tr.compute_ops) and not report.skipped
     # the properties' saved values are what the model computed
     f = torch.fft.fft(tr["tanh_1:3"].activation)
     torch.testing.assert_close(tr.find("real")[0].activation, f.real)
@@ -130,7 +130,7 @@ def test_random_ops_in_training_mode_validate(which):
         model = Attention()
     model.train()
     tr, report = _check(model, torch.randn(2, 5, 8), torch.randn(2, 5, 8))
-    random = [op for op in tr.layers if op.random]
+    random = [op for op in tr.compute_ops if op.random]
     assert random and not report.skipped  # every random op re-executed and compared
     if which == "sdpa":
         sdpa = tr.find("scaled_dot_product_attention")[0]
@@ -142,7 +142,7 @@ def test_random_ops_in_training_mode_validate(which):
     # in eval mode, dropout_p=0 and training=False: nothing random
     model.eval()
     tr = lurker.trace(model, torch.randn(2, 5, 8))
-    assert not any(op.random for op in tr.layers if op.name != "rand_like")
+    assert not any(op.random for op in tr.compute_ops if op.name != "rand_like")
 
 
 class _WithMemory(nn.Module):
@@ -198,7 +198,7 @@ def test_autocast_and_grad_mode_inside_forward():
     model = Autocast()
     tr, report = _check(model, torch.randn(4, 8), torch.randn(4, 8))
     assert tr["fc2"].dtype == torch.bfloat16  # it ran under autocast
-    assert report.checked == len(tr.layers) and not report.skipped
+    assert report.checked == len(tr.compute_ops) and not report.skipped
     # validation re-executed fc2 under autocast: a bf16 re-execution without it would not
     # even run (fp32 weights); a corrupted saved value is caught
     tr["fc2"].activation.add_(1)
@@ -216,7 +216,7 @@ def test_trace_under_outer_autocast_validates():
     assert tr.output.dtype == torch.bfloat16
     _same(tr.output, want)
     report = tr.validate()  # called outside autocast: each op re-runs under its own
-    assert report.checked == len(tr.layers)
+    assert report.checked == len(tr.compute_ops)
 
 
 # ---------------------------------------------------------------- state changed in forward
@@ -281,7 +281,7 @@ def test_autograd_grad_inside_forward_is_reported_not_a_mismatch(own_grad_mode):
     tr, report = _check(model, x, torch.randn(3, 4), atol=1e-5)
     grad = tr.find("grad")[0]
     assert "autograd" in report.skipped[grad.label]
-    assert report.checked == len(tr.layers) - 1  # every other op compared
+    assert report.checked == len(tr.compute_ops) - 1  # every other op compared
     # the gradient the trace saved is the one autograd gives
     w = model.w.detach().requires_grad_()
     (g,) = torch.autograd.grad((x @ w).pow(2).mean(), w)

@@ -74,7 +74,7 @@ Examples:
     help="Graph file: .svg, .pdf, .png or .dot.",
 )
 @click.option("--depth", type=int, default=None, help="Collapse modules deeper than this.")
-@click.option("--rolled", is_flag=True, help="One node per layer of a loop (with pass counts).")
+@click.option("--rolled", is_flag=True, help="One node per op of a loop (with pass counts).")
 @click.option(
     "--direction", type=click.Choice(["TB", "LR", "BT", "RL"]), default="TB", show_default=True
 )

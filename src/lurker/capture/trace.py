@@ -9,6 +9,7 @@ import inspect
 import os
 import sys
 import traceback
+import warnings
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import nullcontext
@@ -513,7 +514,7 @@ class Trace:
         raise KeyError(f"no op or module named {key!r} in this trace.{hint}")
 
     def passes(self, rolled: str) -> list[Op]:
-        """All passes of a layer that ran several times (``trace.passes('linear_1')``)."""
+        """All passes of an op that ran several times (``trace.passes('linear_1')``)."""
         return [op for op in self.ops if op.rolled == rolled]
 
     def find(self, pattern: str) -> list[Op]:
@@ -535,14 +536,24 @@ class Trace:
         return [op for op in self.ops if op.kind == "output"]
 
     @property
-    def layers(self) -> list[Op]:
+    def compute_ops(self) -> list[Op]:
         """The operations proper (no inputs, outputs, buffers or constants)."""
         return [op for op in self.ops if op.kind in ("op", "generated")]
+
+    @property
+    def layers(self) -> list[Op]:
+        """Deprecated alias of :attr:`compute_ops` ("layer" now means a probed layer)."""
+        warnings.warn(
+            "Trace.layers is deprecated: use Trace.compute_ops (the same ops)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.compute_ops
 
     # ------------------------------------------------------------------ model facts
     @property
     def num_ops(self) -> int:
-        return len(self.layers)
+        return len(self.compute_ops)
 
     @property
     def num_params(self) -> int:
@@ -557,7 +568,7 @@ class Trace:
     @property
     def activation_bytes(self) -> int:
         """Bytes of every op's output (what saving all activations costs)."""
-        return sum(op.nbytes for op in self.layers)
+        return sum(op.nbytes for op in self.compute_ops)
 
     @property
     def flops(self) -> int:
@@ -657,7 +668,7 @@ class Trace:
 
         Modules nest as clusters down to ``depth`` (all by default); deeper modules are
         drawn as one box with their op and parameter counts. ``rolled=True`` draws one
-        node per layer of a loop, with pass counts on nodes and ``xN`` on repeated edges.
+        node per op of a loop, with pass counts on nodes and ``xN`` on repeated edges.
         A graph too big for ``dot`` to lay out in reasonable time (long loops) has its
         longest loops rolled, with a note in the title and a warning, unless
         ``auto_roll=False``. ``dot`` gets ``timeout`` seconds (None: no limit); when it

@@ -1,7 +1,7 @@
 """Draw a :class:`~lurker.Trace` with graphviz: modules as nested clusters, deep ones collapsed.
 
 The layout work is done by ``dot``; this module only decides what is drawn. Every op is
-mapped to one drawn node (its own, its rolled layer's, or the box of a collapsed module),
+mapped to one drawn node (its own, its rolled op's, or the box of a collapsed module),
 then the shared edge list (:mod:`lurker.graph.edges`) is mapped through that and merged,
 so collapsing and rolling never need special edge logic.
 """
@@ -90,10 +90,10 @@ BIG_GRAPH = 3000  # estimated layout size (see _layout_cost) from which the limi
 # simplex this early under newrank; a crash is retried with these, each less truncated.
 CRASH_RETRIES = ({"nslimit": "5"}, {"nslimit": "1000000"})
 # Past this estimated layout size, dot can run for many minutes (a loop of 100 passes
-# reading shared tensors routes about a million edge segments), so by default the layers
+# reading shared tensors routes about a million edge segments), so by default the ops
 # of long loops are drawn rolled, with a note in the drawing, until the estimate fits.
 ROLL_COST = 100_000
-ROLL_MIN_PASSES = 4  # layers run fewer times are never rolled automatically
+ROLL_MIN_PASSES = 4  # ops run fewer times are never rolled automatically
 DOT_TIMEOUT = 600.0  # seconds
 
 
@@ -250,13 +250,13 @@ def to_dot(
     """The graphviz graph :func:`render` lays out (useful to inspect or tweak the source).
 
     With ``auto_roll`` (and ``rolled=False``), a drawing too big for dot to lay out in
-    reasonable time has the layers of its longest loops rolled (drawn once, with pass
+    reasonable time has the ops of its longest loops rolled (drawn once, with pass
     counts), and says so in its title and in a warning; ``auto_roll=False`` draws every pass.
     """
-    g, cost, layers = _build(trace, depth, 1 if rolled else None, direction, buffers)
+    g, cost, rolled_ops = _build(trace, depth, 1 if rolled else None, direction, buffers)
     if rolled or not auto_roll or cost < ROLL_COST:
         return g
-    # Roll the layers that ran most often first, and stop as soon as the drawing fits.
+    # Roll the ops that ran most often first, and stop as soon as the drawing fits.
     counts = {op.num_passes for op in trace.ops if op.num_passes >= ROLL_MIN_PASSES}
     best = None
     for least in sorted(counts, reverse=True):
@@ -267,12 +267,12 @@ def to_dot(
             break
     if best is None or best[1] >= cost or not best[2]:
         return g
-    g, _, layers = best
-    lo, hi = min(layers.values()), max(layers.values())
+    g, _, rolled_ops = best
+    lo, hi = min(rolled_ops.values()), max(rolled_ops.values())
     times = f"{hi:,}" if lo == hi else f"{lo:,} to {hi:,}"
-    what = "layers and modules" if any(k.startswith("module ") for k in layers) else "layers"
+    what = "ops and modules" if any(k.startswith("module ") for k in rolled_ops) else "ops"
     note = (
-        f"loops drawn rolled: {len(layers):,} {what} that ran {times} times are drawn once "
+        f"loops drawn rolled: {len(rolled_ops):,} {what} that ran {times} times are drawn once "
         f"each, {TIMES}N on their edges (auto_roll=False draws every pass)"
     )
     g.attr("graph", label=f"{_title(trace)}\\n{note}")  # the later label wins
@@ -291,10 +291,10 @@ def _build(
     direction: str,
     buffers: bool,
 ) -> tuple[graphviz.Digraph, int, dict[str, int]]:
-    """The graph, its estimated layout size, and the layers (op labels) and collapsed modules
+    """The graph, its estimated layout size, and the ops (rolled labels) and collapsed modules
     (``module PATH``) drawn rolled, with their pass counts.
 
-    ``roll``: layers (and module calls) that ran at least this many times are drawn once;
+    ``roll``: ops (and module calls) that ran at least this many times are drawn once;
     1 rolls everything (``rolled=True``), None nothing.
     """
     ops = trace.ops
@@ -412,12 +412,12 @@ def _build(
     for nid, prev in anchor.items():
         if nid not in fed and ops[order[nid]].kind != "input":
             g.edge(prev, nid, style="invis")
-    layers = {group[0].rolled: group[0].num_passes for group in reps.values() if len(group) > 1}
+    rolled_ops = {group[0].rolled: group[0].num_passes for group in reps.values() if len(group) > 1}
     for box in boxes.values():  # a collapsed module that stands for all its calls
         info = trace.modules.get(box.path)
         if box.rolled and info is not None and info.num_passes > 1:
-            layers[f"module {box.path}"] = info.num_passes
-    return g, cost, layers
+            rolled_ops[f"module {box.path}"] = info.num_passes
+    return g, cost, rolled_ops
 
 
 def _layout_cost(order: dict[str, int], merged: dict[tuple[str, str, str, str | None], int]) -> int:

@@ -239,7 +239,7 @@ def _check_output(trace: Trace, rtol: float, atol: float) -> list[str]:
                     b.copy_(a)
                     changes.append(f"buffer {op.name} updated in place")
         start = trace._rng  # its RNG state, autocast and grad mode
-        if start.grad and not any(_not_reexecutable(op) for op in trace.layers):
+        if start.grad and not any(_not_reexecutable(op) for op in trace.compute_ops):
             # no autograd inside forward: no graph needed, which would hold memory
             start = start._replace(grad=False)
         with _context.applied(start):
