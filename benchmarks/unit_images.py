@@ -4,10 +4,10 @@ A random-init resnet18 is probed on synthetic in-memory images (one layer, k top
 samples per list); then the guided-backprop images of the first ``--units`` units' top
 lists ("max" and "mean") are made twice, each time from scratch into an empty cache:
 
-* **one at a time**, as ``lurker render`` did before: per image one forward and backward
-  (:func:`lurker.probe.images.unit_gradient`), ``render_gradient``, a PNG at the default
-  compression, written with an fsync;
-* **batched**, as ``lurker render`` does now: ``--batch-size`` images per forward and
+* **one at a time**, as ``lurker images`` (then named ``lurker render``) did before: per
+  image one forward and backward (:func:`lurker.probe.images.unit_gradient`),
+  ``gradient_image``, a PNG at the default compression, written with an fsync;
+* **batched**, as ``lurker images`` does now: ``--batch-size`` images per forward and
   backward, across units, the forward stopped at the layer, pixels scaled on the device,
   PNGs encoded and written on worker threads.
 
@@ -32,7 +32,7 @@ import torchvision
 from torch.utils.data import TensorDataset
 
 from lurker.probe import UnitImages, probe
-from lurker.probe.images import render_gradient, unit_gradient
+from lurker.probe.images import gradient_image, unit_gradient
 from lurker.probe.views import _Job, _Progress, _Writer
 from lurker.store import atomic_write_bytes
 
@@ -59,7 +59,7 @@ def one_at_a_time(images: UnitImages, layer: str, jobs: list[_Job], device: str)
         x = images._sample(j.sample_id).to(images.device)
         grad = unit_gradient(tr, op, x, j.unit, j.which, j.peak)  # type: ignore[arg-type]
         buf = io.BytesIO()
-        render_gradient(grad).save(buf, format="PNG")
+        gradient_image(grad).save(buf, format="PNG")
         path = images.cache.path(images.run, "grad", layer, j.unit, j.rank, j.which)
         atomic_write_bytes(path, buf.getvalue())
     _sync(device)
@@ -70,7 +70,7 @@ def batched(images: UnitImages, layer: str, jobs: list[_Job], device: str) -> fl
     _sync(device)
     t0 = time.perf_counter()
     with _Writer(_Progress(len(jobs), 0, False, 0.0)) as out:
-        images._render_layer(layer, [_Job(**vars(j)) for j in jobs], out)
+        images._write_layer(layer, [_Job(**vars(j)) for j in jobs], out)
         out.close()
     _sync(device)
     return time.perf_counter() - t0

@@ -302,13 +302,13 @@ def test_save_patterns_that_match_still_save():
     assert "conv2d_1" in saved and "relu_1" in saved and "linear_2" in saved
 
 
-# --------------------------------------------------------------------------- render
+# --------------------------------------------------------------------------- images
 
 
-def test_render_of_a_python_run_says_what_to_pass(tmp_path: Path):
+def test_images_of_a_python_run_says_what_to_pass(tmp_path: Path):
     out = tmp_path / "run"
     probe(_model(), digits(16, split="test"), out=out, layers="features.8", k=2, progress=False)
-    r = _cli("render", str(out))
+    r = _cli("images", str(out))
     assert r.exit_code == 2 and "Traceback" not in r.output
     assert "made from Python" in r.output
     assert f"lurker probe MODEL --data DATA --out {out}" in r.output.replace("\n", " ")

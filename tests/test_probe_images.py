@@ -19,9 +19,9 @@ from lurker.probe.images import (
     GuidedReLUMode,
     ImageCache,
     crop,
+    gradient_image,
     gradient_pixels,
     guided_backprop,
-    render_gradient,
     unit_gradient,
     unit_gradients,
 )
@@ -205,15 +205,15 @@ def test_unit_gradient_mean_linear_batched_and_relu_op() -> None:
         unit_gradient(tr, tr.inputs[0].index, x, 0)
 
 
-def test_render_gradient() -> None:
+def test_gradient_image() -> None:
     g = torch.zeros(3, 4, 5)
     g[0, 1, 2], g[2, 0, 0] = 2.0, -1.0
-    img = render_gradient(g)
+    img = gradient_image(g)
     arr = np.asarray(img)
     assert img.mode == "RGB" and img.size == (5, 4) and arr.dtype == np.uint8
     assert arr[1, 2, 0] == 255 and arr[0, 0, 2] == 64 and arr[3, 3, 1] == 128
-    assert (np.asarray(render_gradient(torch.zeros(1, 3, 3))) == 128).all()
-    one = np.asarray(render_gradient(torch.randn(1, 6, 6)))
+    assert (np.asarray(gradient_image(torch.zeros(1, 3, 3))) == 128).all()
+    one = np.asarray(gradient_image(torch.randn(1, 6, 6)))
     assert one.shape == (6, 6, 3) and (one[..., 0] == one[..., 2]).all()
 
 
@@ -261,7 +261,7 @@ def test_image_cache_writes_once(tmp_path: Path) -> None:
         cache.get(tmp_path / "run", "input", "x", 0, 0, "max", produce)
 
 
-def test_image_cache_concurrent_requests_render_once(tmp_path: Path) -> None:
+def test_image_cache_concurrent_requests_make_it_once(tmp_path: Path) -> None:
     calls: list[int] = []
     gate = threading.Event()
 
@@ -386,12 +386,12 @@ def test_batched_gradients_channels_last_sequence() -> None:
         assert torch.allclose(got[i], want[0], atol=1e-6)
 
 
-def test_gradient_pixels_match_render_gradient() -> None:
+def test_gradient_pixels_match_gradient_image() -> None:
     g = torch.randn(4, 3, 5, 6)
     g[2] = 0
     pixels = gradient_pixels(g).numpy()
     for i in range(4):
-        assert np.array_equal(pixels[i], np.asarray(render_gradient(g[i])))
+        assert np.array_equal(pixels[i], np.asarray(gradient_image(g[i])))
 
 
 class Data(torch.utils.data.Dataset):
@@ -450,7 +450,7 @@ def entries(run_dir: Path, layers: list[str] = LAYERS) -> list[tuple[str, int, s
 
 def test_sample_image_stored_once(probed: Any, tmp_path: Path) -> None:
     run, images = fresh(probed, tmp_path)
-    result = images.render_all(kinds=["input"], progress=False)
+    result = images.write_all(kinds=["input"], progress=False)
     ids = {e.sample_id for *_, e in entries(run)}
     files = sorted(p.name for p in (run / "cache").rglob("*.png"))
     assert files == [f"{i:08d}.png" for i in sorted(ids)]  # each distinct sample once
@@ -488,9 +488,9 @@ def test_crop_boxes_are_the_stored_receptive_fields(probed: Any, tmp_path: Path)
     )
 
 
-def test_render_gradients_equal_lazy_single_ones(probed: Any, tmp_path: Path) -> None:
+def test_written_gradients_equal_lazy_single_ones(probed: Any, tmp_path: Path) -> None:
     run, images = fresh(probed, tmp_path, batch_size=7)
-    result = images.render_all(progress=False)  # input and grad, batched across units
+    result = images.write_all(progress=False)  # input and grad, batched across units
     n = len(entries(run))
     grads = list((run / "cache" / "grad").rglob("*.png"))
     assert len(grads) == n and result.total == n + len(list((run / "cache" / "samples").iterdir()))
@@ -500,36 +500,36 @@ def test_render_gradients_equal_lazy_single_ones(probed: Any, tmp_path: Path) ->
         one = unit_gradient(
             tr, tr[layer].index, probed[2][e.sample_id][0], u, w, (e.y, e.x) if w == "max" else None
         )
-        want = np.asarray(render_gradient(one)).astype(int)
+        want = np.asarray(gradient_image(one)).astype(int)
         got = np.asarray(Image.open(images.get("grad", layer, u, e.rank, w))).astype(int)
         assert np.abs(got - want).max() <= 1  # the same up to float rounding
     paths = images.gradients("3", 2, "mean")
     assert [p.name for p in paths] == [f"00002-mean-{r:03d}.png" for r in range(3)]
 
 
-def test_render_layers_and_kinds(probed: Any, tmp_path: Path) -> None:
+def test_write_all_layers_and_kinds(probed: Any, tmp_path: Path) -> None:
     run, images = fresh(probed, tmp_path)
-    result = images.render_all(
+    result = images.write_all(
         layers=["3"], kinds=["grad", "grad_crop"], which=["max"], progress=False
     )
     assert sorted(p.name for p in (run / "cache").iterdir()) == ["grad", "grad_crop"]
     assert [p.name for p in (run / "cache" / "grad").iterdir()] == ["3"]
     assert len(list((run / "cache" / "grad_crop" / "3").iterdir())) == 5 * 3 == result.made / 2
     with pytest.raises(LurkerError, match=r"zzz.*This run's layers: 1, 3, 4"):
-        images.render_all(layers=["zzz"], progress=False)
+        images.write_all(layers=["zzz"], progress=False)
     with pytest.raises(LurkerError, match="kinds must be some of"):
-        images.render_all(kinds=["inputs"], progress=False)
+        images.write_all(kinds=["inputs"], progress=False)
 
 
-def test_render_progress_lines_when_not_a_terminal(
+def test_write_all_progress_lines_when_not_a_terminal(
     probed: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     _, images = fresh(probed, tmp_path, batch_size=8)
-    result = images.render_all(layers=["1"], progress=True, progress_every=0.0)
+    result = images.write_all(layers=["1"], progress=True, progress_every=0.0)
     lines = capsys.readouterr().err.splitlines()
-    assert len(lines) > 3 and all(line.startswith("render: ") for line in lines)
-    assert lines[0].startswith(f"render: 0/{result.total} images")
-    assert lines[-1].startswith(f"render: {result.total}/{result.total} images (100%)")
+    assert len(lines) > 3 and all(line.startswith("images: ") for line in lines)
+    assert lines[0].startswith(f"images: 0/{result.total} (")
+    assert lines[-1].startswith(f"images: {result.total}/{result.total} (100%)")
     assert all("images/s" in line for line in lines)
 
 
@@ -537,7 +537,7 @@ class Killed(Exception):
     pass
 
 
-def test_killed_render_resumes_without_redoing(
+def test_killed_write_all_resumes_without_redoing(
     probed: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from lurker.probe import views
@@ -553,7 +553,7 @@ def test_killed_render_resumes_without_redoing(
 
     monkeypatch.setattr(views, "_write", dies)
     with pytest.raises(Killed):
-        images.render_all(kinds=views.KINDS, progress=False)
+        images.write_all(kinds=views.KINDS, progress=False)
     monkeypatch.setattr(views, "_write", write)
     before = {p: p.stat().st_mtime_ns for p in (run / "cache").rglob("*") if p.is_file()}
     assert 0 < len(before) <= 30
@@ -562,12 +562,12 @@ def test_killed_render_resumes_without_redoing(
         with Image.open(p) as im:
             im.verify()  # every file there is whole
     again = views.UnitImages(run, model=probed[1], dataset=probed[2], batch_size=5)
-    result = again.render_all(kinds=views.KINDS, progress=False)
+    result = again.write_all(kinds=views.KINDS, progress=False)
     assert result.existing == len(before) and result.made == result.total - len(before)
     assert all(p.stat().st_mtime_ns == t for p, t in before.items())  # not redone
     files = [p for p in (run / "cache").rglob("*.png")]
     assert len(files) == result.total
-    assert again.render_all(kinds=views.KINDS, progress=False).made == 0
+    assert again.write_all(kinds=views.KINDS, progress=False).made == 0
 
 
 class BatchMean(nn.Module):
@@ -591,10 +591,10 @@ def test_rows_that_interact_fall_back_to_one_per_pass(tmp_path: Path) -> None:
     for e, p in zip(images.run.unit("3", 1).top("max"), paths):
         one = unit_gradient(tr, tr["3"].index, ds[e.sample_id][0], 1, "max", (e.y, e.x))
         got = np.asarray(Image.open(p)).astype(int)
-        assert np.abs(got - np.asarray(render_gradient(one)).astype(int)).max() <= 1
+        assert np.abs(got - np.asarray(gradient_image(one)).astype(int)).max() <= 1
 
 
-def test_cli_render(tmp_path: Path) -> None:
+def test_cli_images(tmp_path: Path) -> None:
     from click.testing import CliRunner
 
     from lurker.cli import main
@@ -604,7 +604,7 @@ def test_cli_render(tmp_path: Path) -> None:
     probe_args += ["--image-size", "16", "--layers", "features.4", "--layers", "features.8"]
     r = CliRunner().invoke(main, [*probe_args, "--k", "2"])
     assert r.exit_code == 0, r.output
-    args = ["render", str(out), "--layers", "features.8", "--kinds", "input,grad,crop"]
+    args = ["images", str(out), "--layers", "features.8", "--kinds", "input,grad,crop"]
     r = CliRunner().invoke(main, [*args, "--which", "max", "-b", "5"])
     assert r.exit_code == 0, r.output
     cache = out / "cache"
@@ -612,27 +612,49 @@ def test_cli_render(tmp_path: Path) -> None:
     assert len(list((cache / "grad" / "features.8").iterdir())) == 32 * 2  # units x k, max only
     assert len(list((cache / "crop" / "features.8").iterdir())) == 32 * 2
     n = len(list((cache / "samples").iterdir()))
-    assert f"render: 0/{128 + n} images" in r.output  # not a terminal: plain progress lines
+    assert f"images: 0/{128 + n} (" in r.output  # not a terminal: plain progress lines
     assert f"{128 + n} images made (0 already there)" in r.output and "images/s" in r.output
     r = CliRunner().invoke(main, [*args, "--which", "max"])  # resumes: nothing left to do
     assert r.exit_code == 0 and f"0 images made ({128 + n} already there)" in r.output
-    r = CliRunner().invoke(main, ["render", str(out), "--kinds", "grad,thumbs"])
+    # the deprecated name still works, and says which name to use
+    r = CliRunner().invoke(main, ["render", *args[1:], "--which", "max"])
+    assert r.exit_code == 0 and f"0 images made ({128 + n} already there)" in r.output
+    assert r.output.startswith("`lurker render` is deprecated: use `lurker images`")
+    r = CliRunner().invoke(main, ["images", str(out), "--kinds", "grad,thumbs"])
     assert r.exit_code == 2 and "kinds must be some of input, grad, crop, grad_crop" in r.output
-    r = CliRunner().invoke(main, ["render", str(out), "--layers", "features.9*"])
+    r = CliRunner().invoke(main, ["images", str(out), "--layers", "features.9*"])
     assert r.exit_code == 2 and "features.4, features.8" in r.output
     assert not (cache / "grad" / "features.4").exists()
     if not torch.cuda.is_available():
-        r = CliRunner().invoke(main, ["render", str(out), "--device", "cuda"])
+        r = CliRunner().invoke(main, ["images", str(out), "--device", "cuda"])
         assert r.exit_code == 2 and "no CUDA GPU" in r.output
 
 
-def test_cli_render_of_a_python_run(probed: Any) -> None:
+def test_cli_images_of_a_python_run(probed: Any) -> None:
     from click.testing import CliRunner
 
     from lurker.cli import main
 
-    r = CliRunner().invoke(main, ["render", str(probed[0])])
-    assert r.exit_code == 2 and "made from Python" in r.output and "render_all" in r.output
+    r = CliRunner().invoke(main, ["images", str(probed[0])])
+    assert r.exit_code == 2 and "made from Python" in r.output and "write_all" in r.output
+
+
+def test_deprecated_render_names_still_answer(probed: Any, tmp_path: Path) -> None:
+    """The word "render" means drawing the graph: the old names of the image API warn, work."""
+    from lurker.probe import images as pimages
+    from lurker.probe import views
+
+    g = torch.randn(3, 4, 5)
+    with pytest.warns(DeprecationWarning, match="gradient_image"):
+        old = pimages.render_gradient(g)
+    assert np.array_equal(np.asarray(old), np.asarray(gradient_image(g)))
+    with pytest.warns(DeprecationWarning, match="ImagesResult"):
+        assert views.RenderResult is views.ImagesResult
+    run, images = fresh(probed, tmp_path)
+    with pytest.warns(DeprecationWarning, match="write_all"):
+        result = images.render_all(layers=["3"], kinds=["grad"], which=["max"], progress=False)
+    assert isinstance(result, views.ImagesResult) and result.made == 5 * 3
+    assert len(list((run / "cache" / "grad" / "3").iterdir())) == 5 * 3
 
 
 def test_gradients_one_backward_per_unit_and_many_units_per_pass(
@@ -655,6 +677,6 @@ def test_gradients_one_backward_per_unit_and_many_units_per_pass(
     images.gradients("3", 2, "max")
     assert rows == [[2, 2, 2]]  # checked once per layer
     rows.clear()
-    result = images.render_all(layers=["3"], kinds=["grad"], which=["max"], progress=False)
+    result = images.write_all(layers=["3"], kinds=["grad"], which=["max"], progress=False)
     assert result.made == 3 * 3 and len(rows) == 1  # the three other units in one pass
     assert sorted(rows[0]) == [0, 0, 0, 3, 3, 3, 4, 4, 4]

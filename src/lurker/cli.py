@@ -289,7 +289,8 @@ def _torchrun_group(device: str | None) -> Iterator[None]:
     "--layers",
     "-l",
     multiple=True,
-    help="Layers to render (names, module paths, op labels or types; globs). Default: all.",
+    help="Layers whose units' images to make (names, module paths, op labels or types; "
+    "globs). Default: all.",
 )
 @click.option(
     "--kinds",
@@ -304,7 +305,7 @@ def _torchrun_group(device: str | None) -> Iterator[None]:
 @click.option("--batch-size", "-b", default=32, show_default=True, help="Gradients per pass.")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available).")
 @_friendly
-def render(
+def images(
     run: str,
     layers: tuple[str, ...],
     kinds: str,
@@ -318,14 +319,31 @@ def render(
 
     if batch_size < 1:
         raise click.BadParameter(f"must be at least 1, got {batch_size}", param_hint="-b")
-    images = UnitImages(run, device=device, batch_size=batch_size)  # errors say what to pass
-    result = images.render_all(
+    unit_images = UnitImages(run, device=device, batch_size=batch_size)  # errors say what to pass
+    result = unit_images.write_all(
         layers=list(layers) or None, kinds=kinds.split(","), which=which.split(",")
     )
     click.echo(
         f"{result.made} images made ({result.existing} already there) in "
         f"{result.seconds:.1f} s: {result.rate:.1f} images/s; in {Path(run) / 'cache'}"
     )
+
+
+def _render_alias(**kwargs: Any) -> None:
+    click.echo("`lurker render` is deprecated: use `lurker images` (same arguments).", err=True)
+    images.callback(**kwargs)  # type: ignore[misc]
+
+
+# "render" means drawing the graph; the old name of `images` is kept for one release.
+main.add_command(
+    click.Command(
+        "render",
+        params=images.params,
+        callback=_render_alias,
+        help="Deprecated: use `lurker images` (same arguments).",
+        hidden=True,
+    )
+)
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
         classes = ", ".join(e.class_name for e in top)
         print(f"  unit {unit.index:2d}: peak {unit.max:6.2f}; top-9 images are digits {classes}")
     images = UnitImages(run, model=model, dataset=data)
-    made = images.render_all(layers=[layer], kinds=("input", "grad", "crop"), progress=False)
+    made = images.write_all(layers=[layer], kinds=("input", "grad", "crop"), progress=False)
     print(
         f"{made.total} images (each top sample once, guided gradients, receptive-field crops) "
         f"in {run.path / 'cache'}"

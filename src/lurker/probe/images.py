@@ -7,7 +7,7 @@
   during the forward pass, so it reaches ``nn.ReLU`` modules and functional relus alike
   and the model itself is never modified.
 * the receptive-field crop around a unit's peak, upscaled so tiny crops stay visible;
-* :class:`ImageCache`: every image is rendered on first request and written as a PNG
+* :class:`ImageCache`: every image is made on first request and written as a PNG
   into the run's ``cache/`` atomically, so a web server never serves half a file.
 """
 
@@ -18,6 +18,7 @@ import io
 import math
 import os
 import threading
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -43,9 +44,9 @@ __all__ = [
     "GuidedReLUMode",
     "ImageCache",
     "crop",
+    "gradient_image",
     "gradient_pixels",
     "guided_backprop",
-    "render_gradient",
     "unit_gradient",
     "unit_gradients",
 ]
@@ -325,9 +326,9 @@ def unit_gradient(
 
 
 def gradient_pixels(grad: Tensor) -> Tensor:
-    """Batched :func:`render_gradient`: ``(N, C, H, W)`` gradients as ``(N, H, W, 3)`` uint8.
+    """Batched :func:`gradient_image`: ``(N, C, H, W)`` gradients as ``(N, H, W, 3)`` uint8.
 
-    Computed where ``grad`` lives (the GPU during a render), so only bytes reach the host.
+    Computed where ``grad`` lives (the GPU while making images), so only bytes reach the host.
     """
     g = grad.detach().float()
     if g.dim() != 4 or g.shape[1] not in (1, 3):
@@ -339,7 +340,7 @@ def gradient_pixels(grad: Tensor) -> Tensor:
     return (g.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8).permute(0, 2, 3, 1)
 
 
-def render_gradient(grad: Tensor) -> Image.Image:
+def gradient_image(grad: Tensor) -> Image.Image:
     """A gradient image (C, H, W) as RGB uint8: ``grad / max|grad| * 0.5 + 0.5``.
 
     One scale for the whole image (not per channel) keeps signs and the relative
@@ -352,10 +353,20 @@ def render_gradient(grad: Tensor) -> Image.Image:
     if g.dim() == 2:
         g = g.unsqueeze(0)
     if g.dim() != 3 or g.shape[0] not in (1, 3):
-        raise LurkerError(f"render_gradient needs a (1|3, H, W) gradient, got {tuple(grad.shape)}")
+        raise LurkerError(f"gradient_image needs a (1|3, H, W) gradient, got {tuple(grad.shape)}")
     scale = float(g.abs().max())
     g = g / scale * 0.5 + 0.5 if scale > 0 and math.isfinite(scale) else torch.full_like(g, 0.5)
     return to_pil(g.expand(3, -1, -1))
+
+
+def render_gradient(grad: Tensor) -> Image.Image:
+    """Deprecated name of :func:`gradient_image` ("render" now means drawing the graph)."""
+    warnings.warn(
+        "lurker.probe.images.render_gradient is deprecated: use gradient_image",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return gradient_image(grad)
 
 
 def crop(img: Image.Image, box: tuple[int, int, int, int], min_size: int = 64) -> Image.Image:
@@ -387,7 +398,7 @@ def _png(image: Image.Image) -> bytes:
 
 def cached(path: Path) -> bool:
     """Whether ``path`` holds a cached image: an empty file (left by a power cut during a
-    render, which does not fsync each image) counts as missing."""
+    write_all, which does not fsync each image) counts as missing."""
     try:
         return path.stat().st_size > 0
     except OSError:
@@ -405,7 +416,7 @@ def _root(run: Any) -> Path:
 class ImageCache:
     """Renders each explorer image once and serves it from the run's ``cache/`` after.
 
-    Thread-safe: concurrent requests for the same image render it once (one lock per
+    Thread-safe: concurrent requests for the same image make it once (one lock per
     file); files are written atomically, so other processes never read a partial PNG.
     """
 
@@ -427,7 +438,7 @@ class ImageCache:
 
     @contextlib.contextmanager
     def lock(self, target: Path) -> Iterator[None]:
-        """Hold the lock of ``target`` (one per file, so one thread renders it)."""
+        """Hold the lock of ``target`` (one per file, so one thread makes it)."""
         with self._guard:
             lock = self._locks.setdefault(target, threading.Lock())
         try:

@@ -6,11 +6,11 @@ What the explorer shows for an entry (layer, unit, list, rank) of a unit's top l
   many units rank it;
 * the unit's guided-backprop gradient image (of its peak for the "max" list, of its
   spatial mean for the "mean" list): made for all entries of a unit in one batched
-  backward, and for many units per pass by :meth:`UnitImages.render_all`;
+  backward, and for many units per pass by :meth:`UnitImages.write_all`;
 * the receptive-field crop around the unit's peak, as a box on the sample
   (:meth:`UnitImages.crop_box`); a crop file ("crop", "grad_crop") only when asked for.
 
-``lurker render RUN`` precomputes them (for export), with progress, and resumes.
+``lurker images RUN`` precomputes them (for export), with progress, and resumes.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ from .layout import position_box
 from .sweep import settled_trace
 
 Kind = Literal["input", "crop", "grad", "grad_crop"]
-#: Every kind of image; :meth:`UnitImages.render_all` makes ``DEFAULT_KINDS`` unless told.
+#: Every kind of image; :meth:`UnitImages.write_all` makes ``DEFAULT_KINDS`` unless told.
 KINDS: tuple[str, ...] = ("input", "grad", "crop", "grad_crop")
 #: Cheap and enough for the explorer: crops are boxes it cuts out of these.
 DEFAULT_KINDS: tuple[str, ...] = ("input", "grad")
@@ -62,8 +62,8 @@ LISTS: tuple[str, ...] = ("max", "mean")
 
 
 @dataclass(frozen=True)
-class RenderResult:
-    """What :meth:`UnitImages.render_all` did: ``made`` new files of ``total`` wanted."""
+class ImagesResult:
+    """What :meth:`UnitImages.write_all` did: ``made`` new files of ``total`` wanted."""
 
     total: int
     made: int
@@ -71,7 +71,7 @@ class RenderResult:
 
     @property
     def existing(self) -> int:
-        """Files that were already there (a resumed render skips them)."""
+        """Files that were already there (a resumed run of write_all skips them)."""
         return self.total - self.made
 
     @property
@@ -88,7 +88,7 @@ class _Layer:
 
 @dataclass
 class _Job:
-    """One (layer, unit, list, rank) entry and which of its files a render must write."""
+    """One (layer, unit, list, rank) entry and which of its files write_all must write."""
 
     unit: int
     which: str
@@ -135,11 +135,11 @@ class UnitImages:
                     "This run does not record how to load its model and data (it was made "
                     "from Python). Pass them: UnitImages(run, model=..., dataset=...).",
                     cli=f"The run in {where} was made from Python and does not record how to "
-                    "load its model and data, so `lurker render` cannot rebuild them. Probe "
+                    "load its model and data, so `lurker images` cannot rebuild them. Probe "
                     f"it once from the command line: `lurker probe MODEL --data DATA --out "
                     f"{where}` with its model spec (and --weights), data, --layers, --k and "
-                    "--image-size; that sweep records them, then `lurker render` works. Or "
-                    "render from Python: UnitImages(run, model=..., dataset=...).render_all().",
+                    "--image-size; that sweep records them, then `lurker images` works. Or "
+                    "make them from Python: UnitImages(run, model=..., dataset=...).write_all().",
                 )
             if model is None:
                 auto = "cuda" if torch.cuda.is_available() else "cpu"
@@ -358,7 +358,8 @@ class UnitImages:
             if not ok:
                 warnings.warn(
                     f"{layer}: the samples of a batch change each other's gradients (the "
-                    "model uses batch statistics?); rendering this layer one image per pass",
+                    "model uses batch statistics?); making this layer's gradients one image "
+                    "per pass",
                     RuntimeWarning,
                     stacklevel=3,
                 )
@@ -384,7 +385,7 @@ class UnitImages:
             self._peaks[(layer, j.unit, j.sample_id)] = (flat // width, flat % width)
         return gradient_pixels(grad).cpu().numpy(), grad
 
-    # -- render ------------------------------------------------------------------------
+    # -- writing all images ------------------------------------------------------------
 
     def select(self, layers: Sequence[str] | str | None = None) -> list[str]:
         """The run's layers matching ``layers`` (names, module paths, op labels or types,
@@ -409,20 +410,20 @@ class UnitImages:
             )
         return chosen
 
-    def render_all(
+    def write_all(
         self,
         layers: Sequence[str] | str | None = None,
         kinds: Sequence[str] = DEFAULT_KINDS,
         which: Sequence[str] = LISTS,
         progress: bool = True,
         progress_every: float = 5.0,
-    ) -> RenderResult:
+    ) -> ImagesResult:
         """Make the images of every unit's top lists (of ``layers``, default all).
 
         ``kinds``: any of "input" (each sample once), "grad" (batched across the units of
         a layer), "crop" and "grad_crop" (files cut around the peak; the explorer can cut
         them itself from :meth:`crop_box`). Files already there are skipped, so a killed
-        render resumes; each file is written atomically. ``progress``: a bar on a
+        run resumes; each file is written atomically. ``progress``: a bar on a
         terminal, else a line every ``progress_every`` seconds, on stderr.
         """
         kinds = _checked_choice("kinds", kinds, KINDS)
@@ -437,10 +438,19 @@ class UnitImages:
                 target = self.cache.sample_path(self.run, sid)
                 out.submit(target, self._sample_pil(sid))
             for name, jobs in plan:
-                self._render_layer(name, jobs, out)
+                self._write_layer(name, jobs, out)
             made = out.close()
         bar.close()
-        return RenderResult(total, made, time.perf_counter() - t0)
+        return ImagesResult(total, made, time.perf_counter() - t0)
+
+    def render_all(self, *args: Any, **kwargs: Any) -> ImagesResult:
+        """Deprecated name of :meth:`write_all` ("render" now means drawing the graph)."""
+        warnings.warn(
+            "UnitImages.render_all is deprecated: use UnitImages.write_all (same arguments)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.write_all(*args, **kwargs)
 
     def _plan(
         self, names: list[str], kinds: tuple[str, ...], lists: tuple[str, ...]
@@ -479,7 +489,7 @@ class UnitImages:
             missing = [s for s in sorted(samples) if f"{s:08d}.png" not in have_samples]
         return plan, missing, total
 
-    def _render_layer(self, name: str, jobs: list[_Job], out: _Writer) -> None:
+    def _write_layer(self, name: str, jobs: list[_Job], out: _Writer) -> None:
         path = self.cache.path
         # In sample order: a sample that many units rank is decoded once, not once a unit.
         # Gradients first: their pass also finds the peaks that crops of "mean" entries need.
@@ -533,7 +543,7 @@ def _listing(folder: Path) -> set[str]:
 
 
 def _count(plan: list[tuple[str, list[_Job]]], samples: list[int]) -> int:
-    """Files a render still has to write."""
+    """Files write_all still has to write."""
     return len(samples) + sum(j.grad + j.crop + j.grad_crop for _, jobs in plan for j in jobs)
 
 
@@ -568,14 +578,14 @@ class _Progress:
             )
 
             self.bar = Progress(
-                TextColumn("rendering"),
+                TextColumn("images"),
                 BarColumn(),
                 MofNCompleteColumn(),
                 TextColumn("{task.fields[rate]}"),
                 TimeRemainingColumn(),
                 console=Console(stderr=True),
             )
-            self.task = self.bar.add_task("render", total=total, completed=done, rate="")
+            self.task = self.bar.add_task("images", total=total, completed=done, rate="")
             self.bar.start()
         elif self.lines:
             self._line()
@@ -587,7 +597,7 @@ class _Progress:
     def _line(self) -> None:
         pct = 100.0 * self.done / self.total if self.total else 100.0
         print(
-            f"render: {self.done}/{self.total} images ({pct:.0f}%), {self.rate():.1f} images/s",
+            f"images: {self.done}/{self.total} ({pct:.0f}%), {self.rate():.1f} images/s",
             file=sys.stderr,
             flush=True,
         )
@@ -650,8 +660,20 @@ class _Writer:
 
 
 def _write(target: Path, image: Image.Image) -> None:
-    # atomic, without an fsync per file: a render writes many; empty files count as missing
+    # atomic, without an fsync per file: write_all writes many; empty files count as missing
     atomic_write_bytes(target, _png(image), durable=False)
 
 
-__all__ = ["DEFAULT_KINDS", "KINDS", "RenderResult", "UnitImages"]
+__all__ = ["DEFAULT_KINDS", "KINDS", "ImagesResult", "UnitImages"]
+
+
+def __getattr__(name: str) -> Any:
+    """``RenderResult``: the deprecated name of :class:`ImagesResult`, kept one release."""
+    if name == "RenderResult":
+        warnings.warn(
+            "lurker.probe.views.RenderResult is deprecated: use ImagesResult",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return ImagesResult
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,7 +1,7 @@
 """The run store: the on-disk format of a ``lurker probe`` run (see docs/run-store.md).
 
 A run is a directory holding ``run.db`` (SQLite, readable with plain ``sqlite3``), a
-resumable ``checkpoint.pt`` while the probe runs, and a ``cache/`` of lazily rendered
+resumable ``checkpoint.pt`` while the probe runs, and a ``cache/`` of lazily made
 images. :class:`RunWriter` writes it atomically; :class:`Run` reads it without the model.
 """
 

@@ -400,7 +400,7 @@ class Run:
     def cache_path(
         self, kind: str, layer: str, unit: int, rank: int, list: str, ext: str = "png"
     ) -> Path:
-        """Path for a lazily rendered image in ``cache/`` (safe name, parents created).
+        """Path for a lazily made image in ``cache/`` (safe name, parents created).
 
         Write it with :func:`lurker.store.atomic_write_bytes` so concurrent readers
         never see a half-written image. The cache is wiped whenever results are rewritten.
