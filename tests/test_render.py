@@ -282,7 +282,7 @@ class PerRoi(nn.Module):
 
 
 def _drawn(src: str, tr: lurker.Trace) -> dict[int, str]:
-    """Op index -> the id of the node that draws it (its own, or its rolled layer's)."""
+    """Op index -> the id of the node that draws it (its own, or its rolled op's)."""
     nodes = _nodes(src)
     out: dict[int, str] = {}
     for op in tr.ops:
@@ -302,13 +302,13 @@ def test_long_loop_rolled_automatically(tmp_path: Path) -> None:
     assert f"{len(long)} ops that ran 150 times are drawn once each" in src  # the title
     drawn = _drawn(src, tr)
     nodes = _nodes(src)
-    for op in tr.ops:  # every op is drawn: its own node, or its layer's with the pass count
+    for op in tr.ops:  # every op is drawn: its own node, or its rolled op's with the pass count
         nid = drawn[op.index]
         if op.rolled in long:
             assert nid == f"r_{op.rolled}" and f"{X}150 passes" in nodes[nid], op.label
         else:
             assert nid == f"n{op.index}", op.label
-    # the shared tensors feed the rolled layer 150 times: one edge, counted
+    # the shared tensors feed the rolled op 150 times: one edge, counted
     w = next(op for op in tr.ops if op.label == "sum_1")
     edge = [e for e in _edges(src) if e.strip().startswith(f"n{w.index} -> r_")]
     assert len(edge) == 1 and f"{X}150" in edge[0]

@@ -170,7 +170,7 @@ def test_rnn_loop_is_recurrent():
     # the loop-carried state: pass t+1 of the cell consumes pass t's output
     for a, b in itertools.pairwise(rnn):
         assert a.index in b.parents
-    # getitem x[t] in the forward's loop is one rolled layer too
+    # getitem x[t] in the forward's loop is one rolled op too
     getitems = [op for op in tr if op.name == "getitem"]
     assert len({op.rolled for op in getitems}) == 1 and len(getitems) == T
     zeros = next(op for op in tr if op.name == "zeros")

@@ -477,9 +477,9 @@ class _Core:
     def _cut(self) -> int:
         """How many entries of ``_sites`` lie inside the innermost call with parameters.
 
-        Only those frames identify an op within its layer: ops repeated at the same place
-        inside such a module (or in a loop of the model's forward) are passes of one
-        layer, while a parameter-free module reused at different places (ResNet's shared
+        Only those frames identify an op within its rolled op: ops repeated at the same
+        place inside such a module (or in a loop of the model's forward) are passes of one
+        rolled op, while a parameter-free module reused at different places (ResNet's shared
         ReLU) is not a loop. A loop repeats one call instruction; two calls on one line
         are two instructions.
         """
@@ -881,7 +881,7 @@ class _Core:
 
     def _complete(self, node: Op) -> None:
         """Parents and children, parameters used, kind, output metadata, and the rolling
-        key that numbers the layer (``conv2d_3``), counts its passes and finds its source.
+        key that numbers the op (``conv2d_3``), counts its passes and finds its source.
         """
         paths, sites, cut = node._where
         node._where = None
@@ -916,7 +916,7 @@ class _Core:
         frames = tuple(sites[:cut])
         key = (name, paths, frames, *pnames) if pnames else (name, paths, frames)
         entry = self.keys.get(key)
-        if entry is None:  # first time at this place: number the layer
+        if entry is None:  # first time at this place: number the op
             n = self.name_counts.get(name, 0) + 1
             self.name_counts[name] = n
             # the source line is looked up only if asked for

@@ -65,7 +65,7 @@ class Op:
     """One node of the graph: an operation, or a model input/output/buffer/constant.
 
     ``label`` is unique and stable for a given model and input (``conv2d_3``; ``linear_1:2``
-    for the second pass of a reused layer); ``rolled`` is the label shared by all passes.
+    for the second pass of a reused module); ``rolled`` is the label shared by all passes.
     A slotted class rather than a dataclass: one is made per op on the recording hot path,
     and without a per-instance dict the nodes are smaller and closer together in memory,
     which the passes over the graph after a forward (caches cold) feel: measured 3% (resnet18)
