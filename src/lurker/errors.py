@@ -87,5 +87,16 @@ class ValidationError(LurkerError):
         self.op = op
 
 
+class OpKeyError(LurkerError, KeyError):
+    """A name or index given for an op (a hook's key) names no op of the trace.
+
+    A ``KeyError`` too, as for ``trace[key]``; its message says what the key could have
+    been (close matches) rather than repeating the key.
+    """
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
 class GraphChangedError(LurkerError):
     """``Trace.run`` saw a different sequence of ops than the trace (data-dependent control flow)."""

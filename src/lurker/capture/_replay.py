@@ -1,14 +1,14 @@
-"""Re-run a traced model on new inputs and hand over the outputs of chosen ops.
+"""Re-run a traced model on new inputs and hand the outputs of chosen ops to hooks.
 
 The graph is not re-derived: a light mode counts recorded calls exactly as the recorder
-does and passes the outputs of the wanted ones to a callback, checking that the same
-callables run in the same order (otherwise the input took another branch, and we say so).
-This is what ``Trace.run`` and the probe's sweep are built on.
+does and passes the outputs of the hooked ones to their hooks (which may replace them),
+checking that the same callables run in the same order (otherwise the input took another
+branch, or the model's hooks changed, and we say which). ``Trace.run`` is built on it,
+and through it the probe's sweep and unit images.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -16,7 +16,8 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 from ..errors import GraphChangedError
-from . import _funcs
+from . import _funcs, _hooks
+from ._hooks import Resolved
 from ._policy import make_policy
 from ._tree import call_tensors, paths, tensors
 
@@ -24,13 +25,11 @@ if TYPE_CHECKING:
     from ..graph.nodes import Op
     from .trace import Activations, Trace
 
-OnOutput = Callable[[int, Any], None]  # (node index, tensor or tuple of tensors)
-
 
 class Replayer(TorchFunctionMode):
-    """Calls ``on_output(node_index, value)`` for the wanted ops, with live tensors."""
+    """Calls each hooked op's hooks with its live output; what they return replaces it."""
 
-    def __init__(self, trace: Trace, want: Iterable[int], on_output: OnOutput):
+    def __init__(self, trace: Trace, hooks: Resolved):
         super().__init__()
         cached = trace.__dict__.get("_replay_calls")
         if cached is None:  # a trace's ops never change: sorted once, not per run
@@ -38,8 +37,8 @@ class Replayer(TorchFunctionMode):
             cached = ([op._func for op in calls], [op.label for op in calls])
             trace.__dict__["_replay_calls"] = cached
         self.funcs, self.labels = cached
-        self.want = {trace.ops[i].seq: i for i in want if trace.ops[i].seq >= 0}
-        self.on_output = on_output
+        ops = trace.ops
+        self.hooks = {ops[i].seq: (ops[i], fns) for i, fns in hooks.items() if ops[i].seq >= 0}
         self.seq = 0
         self.trace = trace
         self.call: tuple[tuple, dict] = ((), {})  # the inputs of the forward being run
@@ -71,11 +70,12 @@ class Replayer(TorchFunctionMode):
             outs = [t for t, v in zip(ins, versions) if t._version != v][:1]
             if not outs:
                 return out
-        seq = self._count(func)
-        idx = self.want.get(seq)
-        if idx is not None and outs:
-            self.on_output(idx, outs[0] if len(outs) == 1 else tuple(outs))
-        return out
+        hooked = self.hooks.get(self._count(func))
+        if hooked is None:
+            return out
+        # in place: the output is an input the call modified (returned, or not: x[i] = v)
+        inplace = any(outs[0] is t and t._version != v for t, v in zip(ins, versions))
+        return _hooks.call(hooked[0], hooked[1], out, outs, inplace)
 
     def _count(self, func: Any) -> int:
         seq = self.seq
@@ -89,7 +89,27 @@ class Replayer(TorchFunctionMode):
         return seq
 
     def _why(self) -> str:
-        """Why the path changed: the model's own state, or the data."""
+        """Why the path changed: the model's hooks, its own state, or the data."""
+        hooks = _hooks.hook_changes(self.trace)
+        if hooks:
+            listed = "; ".join(hooks[:3]) + (
+                f" and {len(hooks) - 3} more" if len(hooks) > 3 else ""
+            )
+            return (
+                f"The model's hooks changed since the trace: {listed}. A forward runs the "
+                "ops of the model's hooks, so it no longer runs the traced ones. Trace the "
+                "model again with the hooks it will run with (lurker.trace(model, x)), or "
+                "undo the change."
+            )
+        grad = torch.is_grad_enabled()
+        traced = self.trace._rng
+        if traced is not None and grad != traced.grad and _hooks.has_backward_hooks(self.trace):
+            return (
+                "The model has backward hooks, whose forward ops run only while autograd "
+                f"records: the trace ran with grad {'on' if traced.grad else 'off'}, this "
+                f"forward with grad {'on' if grad else 'off'}. Run it in the trace's grad "
+                "mode (torch.no_grad() / torch.enable_grad()), or trace it in this one."
+            )
         changes = self.trace._state.lines
         if changes:
             listed = ", ".join(changes[:3]) + (
@@ -113,10 +133,8 @@ class Replayer(TorchFunctionMode):
             "lurker.trace() instead."
         )
 
-    def run(self, model: Any, args: tuple, kwargs: dict, on_output: OnOutput | None = None) -> Any:
-        """One forward of ``model`` under this mode (reusable: a sweep makes one Replayer)."""
-        if on_output is not None:
-            self.on_output = on_output
+    def run(self, model: Any, args: tuple, kwargs: dict) -> Any:
+        """One forward of ``model`` under this mode."""
         self.seq = 0
         self.call = (args, kwargs)
         with self:
@@ -151,17 +169,10 @@ def _same_inputs(a: tuple[tuple, dict], b: tuple[tuple, dict]) -> bool:
     return True
 
 
-def run_with(
-    trace: Trace, args: tuple, kwargs: dict, want: Iterable[int], on_output: OnOutput
-) -> Any:
-    """Run the traced model on new inputs, calling ``on_output`` for the wanted ops."""
-    if trace.model is None or not trace.complete:
-        raise GraphChangedError("Only a complete trace can be re-run on new inputs.")
-    return Replayer(trace, want, on_output).run(trace.model, args, kwargs)
-
-
 def chosen_ops(trace: Trace, save: Any) -> list[Op]:
     """The ops ``save=`` selects (default: those this trace saved)."""
+    if save is False or save == "none":
+        return []
     calls = [op for op in trace.ops if op.seq >= 0]
     if save is None:
         return [op for op in calls if op.activation is not None]
@@ -179,20 +190,29 @@ def chosen_ops(trace: Trace, save: Any) -> list[Op]:
     ]
 
 
-def replay(trace: Trace, args: tuple, kwargs: dict, save: Any) -> Activations:
+def replay(trace: Trace, args: tuple, kwargs: dict, save: Any, hooks: Resolved) -> Activations:
+    """Run the traced model on new inputs with ``hooks``; save what ``save`` selects
+    (after the hooks: the values the rest of the forward used)."""
     from .trace import Activations
 
+    if trace.model is None or not trace.complete:
+        raise GraphChangedError("Only a complete trace can be re-run on new inputs.")
     transform = trace._transform
     values: dict[int, Any] = {}
 
-    def keep(idx: int, value: Any) -> None:
+    def keep(op: Op, value: Any) -> None:
         def one(t: Tensor) -> Tensor:
             t = t.detach()
             return transform(t) if transform is not None else t.clone()
 
-        values[idx] = tuple(one(t) for t in value) if isinstance(value, tuple) else one(value)
+        values[op.index] = tuple(one(t) for t in value) if isinstance(value, tuple) else one(value)
 
-    output = run_with(trace, args, kwargs, [op.index for op in chosen_ops(trace, save)], keep)
+    chosen = chosen_ops(trace, save)
+    if chosen:
+        hooks = {i: list(fns) for i, fns in hooks.items()}  # (the caller's stay as they are)
+        for op in chosen:
+            hooks.setdefault(op.index, []).append(keep)
+    output = Replayer(trace, hooks).run(trace.model, args, kwargs)
     named = dict(paths(output, "output", []))
     for op in trace.ops:
         if op.kind == "output" and op.name in named:

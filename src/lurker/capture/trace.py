@@ -24,7 +24,8 @@ from ..errors import LurkerError, MemoryLimitError, TraceError
 from ..graph import postprocess
 from ..graph.nodes import ModuleInfo, Op, TensorMeta
 from ..graph.schema import SCHEMA_VERSION
-from . import _context, _state
+from . import _context, _hooks, _state
+from ._hooks import HookFn
 from ._memory import fmt_bytes, parse_max_memory
 from ._policy import check_patterns, make_policy
 from ._recorder import Recorder
@@ -84,6 +85,7 @@ def trace(
     rng = _context.current(rng=True, grad=rec.grad0)  # the state it starts in
     rec.attach()
     state = _state.snapshot(rec.modules)
+    model_hooks = _hooks.model_hooks(rec.modules)  # (a replay that diverges compares)
     rec.stop_frame = sys._getframe()
     grad_ctx = torch.enable_grad() if grads else nullcontext()
     # The recorder makes a few container objects per op, all alive until the trace is
@@ -113,6 +115,7 @@ def trace(
             rec.detach_from_model()
         tr = Trace._build(rec, output, inputs_copy, rng, wall, complete=True)
         tr._state = _state.changes(state)
+        tr._model_hooks = model_hooks
         check_patterns(policy, tr.ops, tr.modules)
         return tr
     finally:
@@ -429,6 +432,8 @@ class Trace:
         self._state = _state.NO_CHANGES  # what the traced forward changed in the model
         self._transform: Callable[[Tensor], Tensor] | None = None
         self._index: dict[str, int] = {}
+        self._model_hooks: _hooks.ModelHooks = {}  # the model's own hooks when traced
+        self._active_hooks: list[_hooks.Resolved] = []  # of the `with trace.hooks()` blocks
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -592,16 +597,68 @@ class Trace:
         return {op.label: op.activation for op in self.ops if op.activation is not None}
 
     # ------------------------------------------------------------------ actions
-    def run(self, *args: Any, save: Any = None, **kwargs: Any) -> Activations:
+    def run(
+        self,
+        *args: Any,
+        save: Any = None,
+        hooks: Mapping[str | int, HookFn] | None = None,
+        **kwargs: Any,
+    ) -> Activations:
         """Activations for new inputs, reusing this trace's graph (no re-recording).
 
-        By default the same ops as in this trace are saved; ``save=`` selects others.
+        By default the same ops as in this trace are saved; ``save=`` selects others
+        (``"none"``: only the output). ``hooks`` maps ops to functions ``fn(op, output)``
+        that may return a replacement output, as in :meth:`hooks`, for this call only
+        (after those of any ``with trace.hooks(...)`` block). Saved values are those after
+        the hooks. The forward runs in the caller's grad mode: gradients flow through
+        replacements.
+
         Raises :class:`~lurker.errors.GraphChangedError` if the new input takes another
-        path through the model (a data-dependent branch), naming the first op that differs.
+        path through the model (a data-dependent branch, or hooks of the model's own added
+        or removed since the trace), naming the first op that differs and the cause.
         """
         from ._replay import replay
 
-        return replay(self, args, kwargs, save)
+        active = self._active_hooks
+        if hooks:
+            active = [*active, _hooks.resolve(self, hooks)]
+        if not active:
+            merged: _hooks.Resolved = {}
+        elif len(active) == 1:
+            merged = active[0]
+        else:
+            merged = {}
+            for resolved in active:  # outer blocks first, this call's hooks last
+                for i, fns in resolved.items():
+                    merged.setdefault(i, []).extend(fns)
+        return replay(self, args, kwargs, save, merged)
+
+    def hooks(self, hooks: Mapping[str | int, HookFn]) -> contextlib.AbstractContextManager[Trace]:
+        """Within the ``with`` block, :meth:`run` calls ``fn(op, output)`` for each op a key
+        names, with the op's live output; a tensor it returns replaces the output for the
+        rest of the forward (None keeps it).
+
+        ``output`` is a tensor, or a tuple of tensors for an op with several outputs (return
+        a tuple of as many). A key is an op label (``"relu_4"``, ``"linear_1:2"``), a
+        rolled label (``"linear_1"``: every pass), a module path (``"features.3"``: the op
+        that produced that module's output; every pass for a module that ran several times,
+        ``"cell:2"`` for one) or an op index. Every key is checked here, before anything
+        runs (:class:`~lurker.errors.OpKeyError` with close matches). The hooks are removed
+        when the block exits, however it exits; blocks nest, outer hooks running first.
+        """
+        resolved = _hooks.resolve(self, hooks)
+        return self._hooked(resolved)
+
+    @contextlib.contextmanager
+    def _hooked(self, resolved: _hooks.Resolved) -> Iterator[Trace]:
+        self._active_hooks.append(resolved)
+        try:
+            yield self
+        finally:  # this block's own entry, wherever it is (blocks may exit out of order)
+            for i, entry in enumerate(self._active_hooks):
+                if entry is resolved:
+                    del self._active_hooks[i]
+                    break
 
     def backward(self, gradient: Any = None, output: Callable[[Any], Tensor] | None = None) -> None:
         """Backpropagate from the traced output so saved ops receive ``.grad``.
@@ -632,7 +689,7 @@ class Trace:
 
         Raises :class:`~lurker.errors.ValidationError` naming the first op that differs.
         """
-        from ..validation.validate import validate
+        from .validate import validate
 
         return validate(self, rtol=rtol, atol=atol)
 
@@ -716,4 +773,4 @@ class Activations(Mapping[str, Any]):
         return len(self._values)
 
 
-from ..validation.validate import ValidationReport  # noqa: E402  (re-export for typing)
+from .validate import ValidationReport  # noqa: E402  (re-export for typing)

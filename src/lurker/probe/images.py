@@ -29,7 +29,6 @@ from PIL import Image
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-from ..capture._replay import run_with
 from ..errors import LurkerError
 from ..store import atomic_write_bytes
 from ..store.files import cache_file, sample_file
@@ -220,7 +219,7 @@ def _gradients(
     x_in = x.detach().to(device).clone().requires_grad_(True)
     found: dict[str, Any] = {}
 
-    def keep(_: int, value: Any) -> None:
+    def keep(_: Any, value: Any) -> None:
         act = _output_tensor(value, op.label)
         maps = _unit_map(act, torch.tensor(list(units), dtype=torch.long), layout)
         pos = tuple(maps.shape[1:])
@@ -238,9 +237,13 @@ def _gradients(
         found.update(objective=objective, argmax=argmax, pos=pos)
         raise _Reached
 
+    if op.seq < 0:
+        raise LurkerError(
+            f"{op.label} is a model {op.kind}, not an op that runs; pick the op that computes it"
+        )
     with torch.enable_grad():
         with GuidedReLUMode(), contextlib.suppress(_Reached):
-            run_with(trace, (x_in,), {}, [op_index], keep)
+            trace.run(x_in, save="none", hooks={op_index: keep})
         if not found:
             raise LurkerError(
                 f"{op.label} is a model {op.kind}, not an op that runs; pick the op "

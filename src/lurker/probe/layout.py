@@ -168,20 +168,18 @@ def rf_matches(layout: Layout, rf: RF) -> bool:
 
 # --------------------------------------------------------------------------- batch axes
 def _batch_shapes(trace: Trace, example: tuple, factor: int) -> dict[int, tuple[int, ...]]:
-    from ..capture._replay import run_with
-
     args = tuple(
         torch.cat([a] * factor) if isinstance(a, Tensor) and a.dim() else a for a in example
     )
     shapes: dict[int, tuple[int, ...]] = {}
 
-    def grab(i: int, value: Any) -> None:
+    def grab(op: Any, value: Any) -> None:
         t = value[0] if isinstance(value, tuple) else value
-        shapes[i] = tuple(t.shape)
+        shapes[op.index] = tuple(t.shape)
 
     want = [op.index for op in trace.ops if op.kind == "op" and op.outputs]
     with torch.no_grad():
-        run_with(trace, args, {}, want, grab)
+        trace.run(*args, save="none", hooks=dict.fromkeys(want, grab))
     return shapes
 
 

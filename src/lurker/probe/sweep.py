@@ -26,7 +26,6 @@ import torch
 from torch import Tensor, nn
 
 from ..capture import Trace, trace
-from ..capture._replay import Replayer
 from ..errors import LurkerError
 from ..graph.nodes import Op
 from ..store import LayerResult, Run, RunWriter, atomic_write_bytes, run_lock
@@ -495,7 +494,6 @@ def probe(
         atomic_write_bytes(ckpt, buf.getvalue())
 
     n_batches = 0
-    replayer = Replayer(tr, by_index.keys(), lambda i, v: None)
     t_start = last_ckpt = time.perf_counter()
     seen = 0
     with _progress(len(indices), progress and rank == 0) as bar, torch.no_grad():
@@ -510,11 +508,11 @@ def probe(
                 # the batch's ids and labels as the CPU kernels take them, once for all layers
                 host = HostBatch(ids, labels, num_classes) if dev.type == "cpu" else None
 
-                def update(idx: int, value: Any, labels=labels, ids=ids, host=host) -> None:
+                def update(op: Any, value: Any, labels=labels, ids=ids, host=host) -> None:
                     t = value[0] if isinstance(value, tuple) else value
-                    stats[idx].update(by_index[idx].units(t), ids, labels, host=host)
+                    stats[op.index].update(by_index[op.index].units(t), ids, labels, host=host)
 
-                replayer.run(model, (images,), {}, update)
+                tr.run(images, save="none", hooks=dict.fromkeys(by_index, update))
             step = min(batch_size, len(todo) - n_batches * batch_size)
             done += step
             seen += step

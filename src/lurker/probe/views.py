@@ -34,7 +34,6 @@ import torch
 from PIL import Image
 
 from ..capture import Trace
-from ..capture._replay import run_with
 from ..errors import LurkerError
 from ..store import Run, atomic_write_bytes
 from ..store.files import safe_component
@@ -243,14 +242,14 @@ class UnitImages:
             x = torch.stack([self._sample(s) for _, s in part]).to(self.device)
             found: list[torch.Tensor] = []
 
-            def grab(_: int, value: Any, part: list = part, found: list = found) -> None:
+            def grab(_: Any, value: Any, part: list = part, found: list = found) -> None:
                 t = value[0] if isinstance(value, tuple) else value
                 ids = torch.tensor([u for u, _ in part], dtype=torch.long)
                 found.append(_unit_map(t, ids, lay.info.layout))
                 raise _Reached
 
             with self._compute, torch.no_grad(), contextlib.suppress(_Reached):
-                run_with(self.trace, (x,), {}, [lay.op_index], grab)
+                self.trace.run(x, save="none", hooks={lay.op_index: grab})
             if not found:
                 raise LurkerError(f"{layer}: its op did not run on these samples")
             maps = found[0]

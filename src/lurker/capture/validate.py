@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from ..capture import _context, _funcs
-from ..capture._tree import paths, refill
 from ..errors import ValidationError
+from . import _context, _funcs
+from ._tree import paths, refill
 
 if TYPE_CHECKING:
-    from ..capture.trace import Trace
+    from .trace import Trace
 
 
 @dataclass
