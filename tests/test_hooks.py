@@ -296,6 +296,8 @@ def test_an_in_place_op_takes_its_replacement_in_place():
     hooks = {"relu_1": lambda op, h: h + 1, "add__1": lambda op, h: h * 3}
     out = tr.run(x, hooks=hooks).output
     torch.testing.assert_close(out, oracle(x))
+    with pytest.raises(LurkerError, match=r"in place.*must have its shape \(5, 4\)"):
+        tr.run(x, hooks={"relu_1": lambda op, h: h[:, :2]})
 
 
 def test_saved_activations_are_the_values_after_the_hooks():

@@ -122,6 +122,12 @@ def call(op: Op, fns: list[HookFn], out: Any, outs: list[Tensor], inplace: bool)
         if value is outs[0]:
             return out
         if inplace:
+            if value.shape != outs[0].shape:
+                raise LurkerError(
+                    f"a hook on {op.label} returned shape {tuple(value.shape)}; {op.label} "
+                    f"writes its input in place, so its replacement is written into that "
+                    f"tensor and must have its shape {tuple(outs[0].shape)}"
+                )
             outs[0].copy_(value)  # (autograd records it: gradients reach the replacement)
             return out
         if isinstance(out, Tensor) or out is None:
