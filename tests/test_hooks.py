@@ -359,11 +359,11 @@ def _hooked_convnet() -> nn.Sequential:
 def test_a_model_with_its_own_hooks_traces_validates_and_replays():
     model = _hooked_convnet()
     tr = lurker.trace(model, _x(0))
-    names = [op.name for op in tr.layers]
+    names = [op.name for op in tr.compute_ops]
     assert names[:2] == ["mul", "conv2d"] and "add" in names and "sub" in names
     assert tr["1"].name == "add"  # the hook's output is the module's output
     report = tr.validate()
-    assert report.checked == len(tr.layers) and report.output_checked
+    assert report.checked == len(tr.compute_ops) and report.output_checked
 
     x1 = _x().requires_grad_(True)
     x2 = _x().requires_grad_(True)
