@@ -14,7 +14,7 @@ from torch import nn
 
 import lurker
 from lurker.graph.edges import edges
-from lurker.graph.schema import SCHEMA_VERSION, json_schema, json_value, to_json
+from lurker.graph.schema import SCHEMA_VERSION, decode, json_schema, json_value, to_json
 from models_zoo import Branchy, Fails, Generates, LSTMNet, RNNLoop, Small, Structured, Twice
 
 
@@ -127,7 +127,17 @@ def test_small_by_hand() -> None:
         {"name": "fc.weight", "shape": [3, 4], "numel": 12},
         {"name": "fc.bias", "shape": [3], "numel": 3},
     ]
-    assert lin["outputs"] == [{"shape": [2, 3], "dtype": "float32", "device": "cpu", "bytes": 24}]
+    assert lin["outputs"] == [
+        {"shape": [2, 3], "dtype": "float32", "device": "cpu", "requires_grad": True, "bytes": 24}
+    ]
+    # the call, fx-style: the input node's output, then the parameters by name
+    assert lin["target"] == "torch.nn.functional.linear"
+    assert lin["args"] == [{"op": 0, "output": 0}, {"param": "fc.weight"}, {"param": "fc.bias"}]
+    assert lin["kwargs"] == {} and lin["meta"] == {"flops": 48}
+    add = doc["ops"][3]
+    assert add["target"] == "torch.Tensor.add" and add["args"] == [{"op": 2, "output": 0}, 1]
+    assert doc["ops"][4]["args"] == [{"op": 3, "output": 0}] and doc["ops"][4]["target"] is None
+    assert [o["seq"] for o in doc["ops"]] == [-1, 0, 1, 2, -1]
     assert lin["flops"] == 2 * 2 * 3 * 4
     assert [o["dist_from_input"] for o in doc["ops"]] == [0, 1, 2, 3, 4]
     assert [o["dist_from_output"] for o in doc["ops"]] == [4, 3, 2, 1, 0]
@@ -178,7 +188,9 @@ def test_branch_and_loop_fields() -> None:
 def test_readout_values_are_json_safe() -> None:
     doc = to_json(TRACES["readouts"])
     values = [o["value"] for o in doc["ops"] if o["kind"] == "readout"]
-    assert values == ["nan", 1]
+    assert values == [{"float": "nan"}, 1]  # encoded exactly (version 2): decode gives a NaN
+    back = [decode(v) for v in values]
+    assert math.isnan(back[0]) and back[1] == 1
     labels = [e["label"] for e in doc["edges"] if e["kind"] == "branch"]
     assert labels == ["= nan", "= 1"]
     assert json_value(math.inf) == "inf" and json_value((1, 2.5)) == [1, 2.5]
@@ -212,7 +224,7 @@ def test_schema_rejects_drift(validator: jsonschema.Draft202012Validator) -> Non
     data_with_label = copy.deepcopy(good)
     data_with_label["edges"][0]["label"] = "THEN"
     bad_version = copy.deepcopy(good)
-    bad_version["version"] = 2
+    bad_version["version"] = 1
     for doc in (bad_kind, extra, missing, branch_with_output, data_with_label, bad_version):
         assert not validator.is_valid(doc)
 

@@ -11,8 +11,8 @@ Design notes
 - Per op, while the model runs, only what cannot wait: the module call and call site,
   where each input came from, each output's identity (later ops resolve their inputs by
   it), saved tensors and the raw arguments. Parents, parameters, labels, passes and
-  output metadata are derived in one pass afterwards (:meth:`Recorder.finalize`),
-  distances and FLOPs in ``graph.postprocess``: Python run between torch kernels costs
+  output metadata are derived in one pass afterwards (``_build.build``, which also runs
+  the graph's own steps: labels, distances, FLOPs): Python run between torch kernels costs
   2-3x what it does in a batch, because the kernels leave the caches cold.
 - The cyclic GC is paused while recording (trace() does that), and frame references are
   dropped at the end, so a trace holds no reference cycle and frees at once.
@@ -36,8 +36,10 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from ..graph.nodes import ModuleInfo, Op, ParamRef, TensorMeta
-from . import _context, _funcs, _memory
+from ..graph.nodes import ITEMSIZE, ModuleInfo, Op, ParamRef, TensorMeta
+
+# _build imports this module back: its names are read at call time
+from . import _build, _context, _funcs, _memory
 from ._policy import SavePolicy
 from ._tree import call_tensors, tensors
 
@@ -543,19 +545,9 @@ class _Core:
             self._store(node, outs)
         elif self.saved_modules and not self.saved_modules.isdisjoint(self._paths):
             # inside a module whose output save= wants: keep it until we know whether
-            # it is that output (see prune)
+            # it is that output (see _build.drop_provisional)
             self._store(node, outs)
             node._provisional = True
-
-    def prune(self) -> None:
-        """Drop provisionally saved activations that turned out not to be module outputs."""
-        if not self.saved_modules:
-            return
-        for node in self.nodes:
-            if node._provisional and not any(
-                m.split(":")[0] in self.saved_modules for m in node.module_outputs
-            ):
-                node.activation = None
 
     def _store(self, node: Op, outs: list[Tensor]) -> None:
         saved = []
@@ -758,7 +750,7 @@ class _Core:
 
     def _settle_meta(self, t: Tensor) -> None:
         """Read now the output metadata of the op that produced ``t`` (normally left for
-        :meth:`finalize`), because an in-place op is about to run on ``t``."""
+        :func:`._build.complete_calls`), because an in-place op is about to run on ``t``."""
         hit = self.producers.get(id(t))
         if hit is not None and _alive(hit[0], t):
             node = self.nodes[hit[1][0]]
@@ -796,7 +788,7 @@ class _Core:
             node._extra_parents = extra
 
     def _record(self, func, info, inputs, args, kwargs, outs, dt, kind, value) -> Op:
-        """The per-op minimum; :meth:`finalize` derives the rest once the forward is done.
+        """The per-op minimum; the build derives the rest once the forward is done.
 
         Python run between torch kernels is several times slower than the same code run
         in one batch afterwards (caches are cold), so only what cannot wait is done here:
@@ -834,7 +826,7 @@ class _Core:
                 node.activation = o.detach() if o.requires_grad else o
                 if self.aliases is not None:
                     self.aliases.setdefault(o.untyped_storage().data_ptr(), []).append(idx)
-                node._outs = outs  # shapes are read in finalize (the tensor is kept anyway)
+                node._outs = outs  # shapes are read in the build (the tensor is kept anyway)
                 if check is not None:
                     self.saved_bytes += fresh
                     if self.saved_bytes > check:
@@ -865,6 +857,8 @@ class _Core:
                         break
             node._skel_args = args
             node._skel_kwargs = kwargs
+        else:  # the raw arguments would keep unsaved tensors alive: their skeleton now
+            node.args, node.kwargs = _build.call_skeleton(args, kwargs, inputs, self.param_refs)
         return node
 
     def _record_failure(self, func, info, inputs, args, kwargs) -> None:
@@ -872,12 +866,6 @@ class _Core:
             node = self._record(func, info, inputs, args, kwargs, [], 0.0, None, None)
             node.kind = "failed"
             self.failed = node
-
-    def finalize(self) -> None:
-        """Derive, in one pass after the forward, what :meth:`_record` left out."""
-        for node in self.nodes:
-            if node._where is not None:
-                self._complete(node)
 
     def _complete(self, node: Op) -> None:
         """Parents and children, parameters used, kind, output metadata, and the rolling
@@ -924,8 +912,7 @@ class _Core:
         entry[1] += 1
         node.label = node.rolled = entry[2]
         node.pass_num = entry[1]
-        node._source = entry[3]
-        node._key = entry  # its final pass count labels it in postprocess.finish
+        node._key = entry  # its final pass count (and source) is read in the build
 
 
 class Recorder(_Core, TorchFunctionMode):
@@ -947,7 +934,28 @@ _DEPTH = 2
 
 def _meta(t: Tensor) -> TensorMeta:
     # TensorMeta is a NamedTuple: tuple.__new__ skips its slower Python __new__
-    return _new_tuple(TensorMeta, (tuple(t.shape), t.dtype, t.device, t.requires_grad))
+    try:
+        dtype = _DTYPE_NAMES[t.dtype]
+    except KeyError:
+        dtype = _dtype_name(t.dtype)
+    try:
+        device = _DEVICE_NAMES[t.device]
+    except KeyError:
+        device = _DEVICE_NAMES[t.device] = str(t.device)
+    return _new_tuple(TensorMeta, (tuple(t.shape), dtype, device, t.requires_grad))
+
+
+# torch.dtype -> "float32", torch.device -> "cuda:0": the graph holds strings (it is
+# torch-free), converted once per dtype and device rather than with str() per op
+_DTYPE_NAMES: dict[torch.dtype, str] = {}
+_DEVICE_NAMES: dict[torch.device, str] = {}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    name = _DTYPE_NAMES[dtype] = str(dtype).removeprefix("torch.")
+    if name not in ITEMSIZE:  # a dtype newer than the graph's table
+        ITEMSIZE[name] = dtype.itemsize
+    return name
 
 
 _codes: dict[int, Any] = {}  # id -> code object, for the ids kept in call sites

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import gc
 import inspect
 import os
 import sys
 import traceback
-import warnings
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import nullcontext
@@ -21,10 +19,9 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import LurkerError, MemoryLimitError, TraceError
-from ..graph import postprocess
-from ..graph.nodes import ModuleInfo, Op, TensorMeta
-from ..graph.schema import SCHEMA_VERSION
+from ..graph.graph import Graph
 from . import _context, _hooks, _state
+from ._build import build
 from ._hooks import HookFn
 from ._memory import fmt_bytes, parse_max_memory
 from ._policy import check_patterns, make_policy
@@ -367,6 +364,8 @@ def _memory_error(model: nn.Module, rec: Recorder, inputs: tuple, rng: Any) -> M
     partial = Trace._build(rec, None, inputs, rng, 0.0, complete=False)
     for node in partial.ops:  # what ran out of room: free every reference to it
         node.activation = None
+        if node._skel_args is not None:
+            node.args  # noqa: B018  (its skeleton, made before the raw call is freed)
         node._skel_args = node._skel_kwargs = node._snapshots = None
     rec.producers.clear()
     rec.aliases = None
@@ -381,7 +380,7 @@ def _memory_error(model: nn.Module, rec: Recorder, inputs: tuple, rng: Any) -> M
         "keep a reduction instead of each tensor: transform=lambda t: t.mean(tuple(range(2, "
         "t.dim()))) (per-channel means)",
     ]
-    if op.outputs and op.outputs[0].device.type != "cpu" and rec.device is None:
+    if op.outputs and op.outputs[0].device != "cpu" and rec.device is None:
         fixes.append("move saved activations off the device: save_to='cpu'")
     fixes += [
         "trace a smaller input (fewer frames, smaller images, batch 1)",
@@ -407,190 +406,40 @@ def _param_shape(rec: Recorder, name: str) -> tuple[int, ...]:
     return rec.param_shapes.get(name, ())
 
 
-class Trace:
-    """Everything recorded during one traced forward pass.
+class Trace(Graph):
+    """Everything recorded during one traced forward pass: a :class:`~lurker.graph.Graph`
+    (ops, modules, lookups, facts, ``to_json``) plus what only a live trace has: the
+    model, its output, saved activations and gradients, the inputs and RNG state the
+    forward ran with, and ``run``, ``backward``, ``validate``.
 
     Index it by op label (``trace["conv2d_3"]``), module path (``trace["features.3"]``,
     the op that produced that module's output; ``"cell:2"`` for a later pass), input or
     output name, or position. Iterating yields the ops in execution order.
     """
 
-    SCHEMA_VERSION = SCHEMA_VERSION  # of ``to_json()``: see docs/trace-schema.md
-
     def __init__(self) -> None:
-        self.ops: list[Op] = []
-        self.modules: dict[str, ModuleInfo] = {}
+        super().__init__()
         self.output: Any = None
         self.model: nn.Module | None = None
-        self.model_name = ""
-        self.complete = True
-        self.time = 0.0
-        self.failed_op: str | None = None
         self.param_shapes: dict[str, tuple[int, ...]] = {}
         self._inputs: tuple[tuple, dict] = ((), {})
         self._rng: Any = None  # autocast, grad mode and RNG state the forward started in
         self._state = _state.NO_CHANGES  # what the traced forward changed in the model
         self._transform: Callable[[Tensor], Tensor] | None = None
-        self._index: dict[str, int] = {}
         self._model_hooks: _hooks.ModelHooks = {}  # the model's own hooks when traced
         self._active_hooks: list[_hooks.Resolved] = []  # of the `with trace.hooks()` blocks
 
-    # ------------------------------------------------------------------ building
     @classmethod
     def _build(
         cls, rec: Recorder, output: Any, inputs: tuple, rng: Any, wall: float, complete: bool
     ) -> Trace:
-        tr = cls()
-        tr.model = rec.model
-        tr.model_name = type(rec.model).__name__
-        tr.complete = complete
-        tr.time = wall
-        tr._inputs = inputs
-        tr._rng = rng
-        tr._transform = rec.transform
-        tr.param_shapes = dict(rec.param_shapes)  # the recorder shares its index across traces
-        tr.modules = rec.module_info
-        tr.output = output
-        rec.finalize()
-        if output is not None:
-            for name, t in paths(output, "output", []):
-                src, k = rec._resolve(t)  # the producing op (or buffer/constant node)
-                if src < 0:  # the model returned a parameter itself
-                    src, k = rec.add_source_node("constant", name, t), 0
-                idx = len(rec.nodes)
-                node = Op(index=idx, kind="output", name=name, parents=[src])
-                node.outputs = [TensorMeta(tuple(t.shape), t.dtype, t.device, t.requires_grad)]
-                node._inputs = [(src, k)]
-                parent_act = rec.nodes[src].activation
-                if parent_act is not None:
-                    node.activation = parent_act[k] if isinstance(parent_act, tuple) else parent_act
-                if rec.save.wants_op(node) and node.activation is None:
-                    node.activation = t.detach()
-                rec.nodes[src].children.append(idx)
-                rec.nodes.append(node)
-        index = postprocess.finish(rec.nodes, rec.module_info)
-        rec.prune()
-        tr.ops = rec.nodes
-        if rec.failed is not None:
-            tr.failed_op = rec.failed.label
-        tr._index = index
-        return tr
-
-    # ------------------------------------------------------------------ lookup
-    def __len__(self) -> int:
-        return len(self.ops)
-
-    def __iter__(self) -> Iterator[Op]:
-        return iter(self.ops)
-
-    def __contains__(self, key: object) -> bool:
-        try:
-            self[key]  # type: ignore[index]
-        except KeyError:
-            return False
-        return True
-
-    def __getitem__(self, key: str | int) -> Op:
-        if isinstance(key, int):
-            return self.ops[key]
-        i = self._index.get(key)
-        if i is not None:
-            return self.ops[i]
-        info = self.modules.get(key)
-        if info is not None and info.num_passes > 1:
-            raise KeyError(
-                f"module '{key}' ran {info.num_passes} times; name a pass: "
-                + ", ".join(f"'{key}:{p}'" for p in range(1, min(info.num_passes, 5) + 1))
-                + (" ..." if info.num_passes > 5 else "")
-            )
-        if info is not None:
-            raise KeyError(f"module '{key}' produced no tensor output in this forward pass")
-        rolled = [op for op in self.ops if op.rolled == key]
-        if rolled:
-            raise KeyError(
-                f"'{key}' ran {len(rolled)} times; name a pass: '{rolled[0].label}' .. "
-                f"'{rolled[-1].label}' (or use trace.passes('{key}'))"
-            )
-        import difflib
-
-        names = list(self._index)
-        close = difflib.get_close_matches(str(key), names, n=5)
-        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-        raise KeyError(f"no op or module named {key!r} in this trace.{hint}")
-
-    def passes(self, rolled: str) -> list[Op]:
-        """All passes of an op that ran several times (``trace.passes('linear_1')``)."""
-        return [op for op in self.ops if op.rolled == rolled]
-
-    def find(self, pattern: str) -> list[Op]:
-        """Ops whose label, name or module path matches a glob pattern."""
-        return [
-            op
-            for op in self.ops
-            if fnmatch.fnmatchcase(op.label, pattern)
-            or fnmatch.fnmatchcase(op.name, pattern)
-            or any(fnmatch.fnmatchcase(m, pattern) for m in op.module_outputs)
-        ]
-
-    @property
-    def inputs(self) -> list[Op]:
-        return [op for op in self.ops if op.kind == "input"]
-
-    @property
-    def outputs(self) -> list[Op]:
-        return [op for op in self.ops if op.kind == "output"]
-
-    @property
-    def compute_ops(self) -> list[Op]:
-        """The operations proper (no inputs, outputs, buffers or constants)."""
-        return [op for op in self.ops if op.kind in ("op", "generated")]
-
-    @property
-    def layers(self) -> list[Op]:
-        """Deprecated alias of :attr:`compute_ops` ("layer" now means a probed layer)."""
-        warnings.warn(
-            "Trace.layers is deprecated: use Trace.compute_ops (the same ops)",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return self.compute_ops
-
-    # ------------------------------------------------------------------ model facts
-    @property
-    def num_ops(self) -> int:
-        return len(self.compute_ops)
-
-    @property
-    def num_params(self) -> int:
-        return self.modules[""].num_params if "" in self.modules else 0
+        return build(cls(), rec, output, inputs, rng, wall, complete)
 
     @property
     def state_changes(self) -> list[str]:
         """What the traced forward changed in the model's own state (attributes reassigned,
         buffers written, caches filled), one line each; empty when it changed nothing."""
         return list(self._state.lines)
-
-    @property
-    def activation_bytes(self) -> int:
-        """Bytes of every op's output (what saving all activations costs)."""
-        return sum(op.nbytes for op in self.compute_ops)
-
-    @property
-    def flops(self) -> int:
-        return sum(op.flops or 0 for op in self.ops)
-
-    @property
-    def is_recurrent(self) -> bool:
-        return any(op.num_passes > 1 for op in self.ops)
-
-    @property
-    def has_branching(self) -> bool:
-        return any(op.kind == "readout" for op in self.ops)
-
-    @property
-    def branches(self) -> list[Op]:
-        """Readouts (``bool(t)``, ``t.item()``) whose values steered the Python code."""
-        return [op for op in self.ops if op.kind == "readout"]
 
     def activations(self) -> dict[str, Any]:
         """Saved activations by op label."""
@@ -692,57 +541,6 @@ class Trace:
         from .validate import validate
 
         return validate(self, rtol=rtol, atol=atol)
-
-    def summary(self, depth: int | None = None) -> str:
-        """A torchinfo-like table of modules (down to ``depth``) with shapes, params, FLOPs."""
-        from ..render.summary import summary
-
-        return summary(self, depth=depth)
-
-    def to_json(self, path: str | Path | None = None) -> dict[str, Any]:
-        """The graph as a versioned JSON document (schema ``lurker.trace/1``, no activations)."""
-        from ..graph.schema import to_json
-
-        doc = to_json(self)
-        if path is not None:
-            import json
-
-            Path(path).write_text(json.dumps(doc, indent=1))
-        return doc
-
-    def render(
-        self,
-        path: str | Path,
-        *,
-        depth: int | None = None,
-        rolled: bool = False,
-        direction: str = "TB",
-        buffers: bool = False,
-        auto_roll: bool = True,
-        timeout: float | None = 600.0,
-    ) -> Path:
-        """Draw the graph with graphviz to ``.svg``, ``.pdf``, ``.png`` or ``.dot``.
-
-        Modules nest as clusters down to ``depth`` (all by default); deeper modules are
-        drawn as one box with their op and parameter counts. ``rolled=True`` draws one
-        node per op of a loop, with pass counts on nodes and ``xN`` on repeated edges.
-        A graph too big for ``dot`` to lay out in reasonable time (long loops) has its
-        longest loops rolled, with a note in the title and a warning, unless
-        ``auto_roll=False``. ``dot`` gets ``timeout`` seconds (None: no limit); when it
-        fails, the error says why (its message, exit status or signal).
-        """
-        from ..render.graphviz import render
-
-        return render(
-            self,
-            path,
-            depth=depth,
-            rolled=rolled,
-            direction=direction,
-            buffers=buffers,
-            auto_roll=auto_roll,
-            timeout=timeout,
-        )
 
     def __repr__(self) -> str:
         state = "" if self.complete else f", failed at {self.failed_op}"

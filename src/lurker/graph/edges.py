@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from .nodes import Op
 
 if TYPE_CHECKING:
-    from ..capture.trace import Trace
+    from .graph import Graph
 
 #: Node kinds that are recorded calls, i.e. what "the next op after a readout" may be.
 #: Outputs count too, so ``if x.sum() > 0: return x`` still points somewhere.
@@ -47,7 +47,7 @@ def branch_label(value: Any) -> str:
     return f"= {text}"
 
 
-def edges(graph: Trace | Sequence[Op]) -> list[Edge]:
+def edges(graph: Graph | Sequence[Op]) -> list[Edge]:
     """Data edges (deduplicated on src, dst, src_output) then branch edges, in node order.
 
     ``graph`` is a trace (complete or partial) or its op list; node ``i`` must be ``ops[i]``.

@@ -1,9 +1,10 @@
-"""A trace as a versioned JSON document (``lurker.trace`` version :data:`SCHEMA_VERSION`).
+"""A graph as a versioned JSON document (``lurker.trace`` version :data:`SCHEMA_VERSION`),
+and back: ``from_json(to_json(g)) == g``.
 
 This is the contract with anything outside Python (the web explorer, other tools), so it
 is spelled out field by field in ``lurker/schema/trace.schema.json`` and documented in
 docs/trace-schema.md; keep all three in step. Additive fields keep the version; renaming,
-retyping or removing a field bumps it.
+retyping or removing a field bumps it. Torch-free: a server reads graphs without torch.
 """
 
 from __future__ import annotations
@@ -15,18 +16,18 @@ from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 from .edges import edges
-from .nodes import Op, TensorMeta
+from .nodes import ITEMSIZE, ModuleInfo, Op, Opaque, OpRef, ParamRef, TensorMeta, refs
 
 if TYPE_CHECKING:
-    from ..capture.trace import Trace
+    from .graph import Graph
 
 SCHEMA_ID = "lurker.trace"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
-def to_json(trace: Trace) -> dict[str, Any]:
-    """The trace's graph as plain JSON types (no tensors, no activations)."""
-    from .. import __version__
+def to_json(trace: Graph) -> dict[str, Any]:
+    """The graph as plain JSON types (no tensors, no activations)."""
+    from .. import __version__  # the package root is lazy: no torch
 
     doc: dict[str, Any] = {
         "schema": SCHEMA_ID,
@@ -74,6 +75,154 @@ def to_json(trace: Trace) -> dict[str, Any]:
     return doc
 
 
+def from_json(doc: dict[str, Any]) -> Graph:
+    """The graph a :func:`to_json` document describes (of this schema version only)."""
+    from .graph import Graph
+
+    if doc.get("schema") != SCHEMA_ID:
+        raise ValueError(f"not a lurker graph document: schema is {doc.get('schema')!r}")
+    if doc.get("version") != SCHEMA_VERSION:
+        raise ValueError(
+            f"lurker.trace document version {doc.get('version')!r}: this lurker reads version "
+            f"{SCHEMA_VERSION} only; trace the model again (or read it with the lurker that "
+            "wrote it)"
+        )
+    g = Graph()
+    model = doc["model"]
+    g.model_name = model["name"]
+    g.complete = model["complete"]
+    g.failed_op = model["failed_op"]
+    g.time = model["time_s"]
+    params: dict[str, ParamRef] = {}  # shared, as the recorder shares them
+    g.ops = [_op_from(d, params) for d in doc["ops"]]
+    for m in doc["modules"]:
+        g.modules[m["path"]] = ModuleInfo(
+            m["path"],
+            m["type"],
+            m["parent"],
+            list(m["children"]),
+            m["num_passes"],
+            m["num_params"],
+            list(m["ops"]),
+            {int(p): list(nodes) for p, nodes in m["outputs"].items()},
+        )
+    from .build import index
+
+    g._index = index(g.ops)
+    return g
+
+
+def _op_from(d: dict[str, Any], params: dict[str, ParamRef]) -> Op:
+    op = Op(d["index"], d["kind"], d["name"], d["label"], d["rolled"], d["pass"], d["num_passes"])
+    op.modules = tuple((path, n) for path, n in d["modules"])
+    op.module_outputs = list(d["module_outputs"])
+    op.parents = list(d["parents"])
+    op.children = list(d["children"])
+    op.outputs = [_tensor_from(m) for m in d["outputs"]]
+    op.params = [_param(params, p["name"], p["shape"]) for p in d["params"]]
+    op.time = d["time_s"]
+    op.inplace = d["inplace"]
+    op.random = d["random"]
+    op.dist_from_input = d["dist_from_input"]
+    op.dist_from_output = d["dist_from_output"]
+    op.decides_branch = d["decides_branch"]
+    op.value = decode(d["value"], params)
+    op.seq = d["seq"]
+    op.target = d["target"]
+    op.args = decode(d["args"], params)
+    op.kwargs = {k: decode(v, params) for k, v in d["kwargs"].items()}
+    op.meta = dict(d["meta"])
+    op.source = d["source"]
+    # what edges() and FLOPs read, as on a traced graph
+    op._inputs = [(r.index, r.output) if type(r) is OpRef else (-1, r.name) for r in refs(op)]
+    return op
+
+
+def _param(params: dict[str, ParamRef], name: str, shape: list[int]) -> ParamRef:
+    p = params.get(name)
+    if p is None:
+        p = params[name] = ParamRef(name, tuple(shape))
+    return p
+
+
+def _tensor_from(m: dict[str, Any]) -> TensorMeta:
+    shape = tuple(m["shape"])
+    meta = TensorMeta(shape, m["dtype"], m["device"], m["requires_grad"])
+    if meta.dtype not in ITEMSIZE and meta.numel:  # a dtype this lurker does not know
+        ITEMSIZE[meta.dtype] = m["bytes"] // meta.numel
+    return meta
+
+
+def encode(value: Any) -> Any:
+    """An argument (or readout value) as JSON, exactly: :func:`decode` gives it back.
+
+    JSON types stand for themselves, tuples are arrays; what JSON lacks is an object with
+    one key: ``{"op": i, "output": k}`` (an :class:`OpRef`), ``{"param": name}``,
+    ``{"list": [...]}``, ``{"dict": [[key, value], ...]}``, ``{"float": "nan"}`` (also
+    ``"inf"``, ``"-inf"``), ``{"slice": [start, stop, step]}``, ``{"ellipsis": null}``,
+    and ``{"repr": text}`` for anything else (a ``torch.dtype``: read back as
+    :class:`Opaque`).
+    """
+    t = type(value)
+    if value is None or t is bool or t is int or t is str:
+        return value
+    if t is float:
+        return value if math.isfinite(value) else {"float": str(value)}
+    if t is OpRef:
+        return {"op": value.index, "output": value.output}
+    if t is ParamRef:
+        return {"param": value.name}
+    if isinstance(value, tuple):
+        return [encode(v) for v in value]
+    if isinstance(value, list):
+        return {"list": [encode(v) for v in value]}
+    if isinstance(value, dict):
+        return {"dict": [[encode(k), encode(v)] for k, v in value.items()]}
+    if t is slice:
+        return {"slice": [encode(value.start), encode(value.stop), encode(value.step)]}
+    if value is Ellipsis:
+        return {"ellipsis": None}
+    if t is Opaque:
+        return {"repr": value.repr}
+    if isinstance(value, bool):  # numpy-free subclasses of the JSON types
+        return bool(value)
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return encode(float(value))
+    if isinstance(value, str):
+        return str(value)
+    return {"repr": repr(value)}
+
+
+def decode(value: Any, params: dict[str, ParamRef] | None = None) -> Any:
+    """The Python value :func:`encode` wrote (``params`` shares one ParamRef per name)."""
+    if isinstance(value, list):
+        return tuple(decode(v, params) for v in value)
+    if not isinstance(value, dict):
+        return value
+    if "op" in value:
+        return OpRef(value["op"], value["output"])
+    if "param" in value:
+        name = value["param"]
+        if params is not None and name in params:
+            return params[name]
+        return ParamRef(name, ())
+    if "list" in value:
+        return [decode(v, params) for v in value["list"]]
+    if "dict" in value:
+        return {decode(k, params): decode(v, params) for k, v in value["dict"]}
+    if "float" in value:
+        return float(value["float"])
+    if "slice" in value:
+        return slice(*(decode(v, params) for v in value["slice"]))
+    if "ellipsis" in value:
+        return Ellipsis
+    if "repr" in value:
+        return Opaque(value["repr"])
+    raise ValueError(f"not an encoded argument: {value!r}")
+
+
 def _op(op: Op) -> dict[str, Any]:
     return {
         "index": op.index,
@@ -91,12 +240,17 @@ def _op(op: Op) -> dict[str, Any]:
         "time_s": float(op.time),
         "flops": op.flops,
         "source": op.source,
+        "target": op.target,
+        "args": encode(op.args),
+        "kwargs": {k: encode(v) for k, v in op.kwargs.items()},
+        "meta": {k: json_value(v) for k, v in op.meta.items()},
+        "seq": op.seq,
         "pass": op.pass_num,
         "num_passes": op.num_passes,
         "dist_from_input": op.dist_from_input,
         "dist_from_output": op.dist_from_output,
         "decides_branch": bool(op.decides_branch),
-        "value": json_value(op.value) if op.kind == "readout" else None,
+        "value": encode(op.value),
         "inplace": bool(op.inplace),
         "random": bool(op.random),
         "saved": op.activation is not None,
@@ -107,8 +261,9 @@ def _op(op: Op) -> dict[str, Any]:
 def _tensor(m: TensorMeta) -> dict[str, Any]:
     return {
         "shape": [int(s) for s in m.shape],
-        "dtype": str(m.dtype).removeprefix("torch."),
-        "device": str(m.device),
+        "dtype": m.dtype,
+        "device": m.device,
+        "requires_grad": bool(m.requires_grad),
         "bytes": m.nbytes,
     }
 

@@ -1,4 +1,10 @@
-"""Derive what the hot path left out: labels with passes, distances, FLOPs, branches."""
+"""The torch-free steps of building a graph after a forward pass.
+
+:func:`lurker.capture._build.build` runs them, in the order its docstring lists, on the
+nodes the recorder completed; :meth:`lurker.graph.Graph.from_json` reruns :func:`index`.
+Each is one pass over the nodes: Python run between torch kernels costs 2-3x what it does
+in a batch afterwards, so the recorder leaves all of this until the forward is done.
+"""
 
 from __future__ import annotations
 
@@ -7,50 +13,68 @@ from math import prod
 
 from .nodes import ModuleInfo, Op, TensorMeta
 
+#: kinds of the nodes the recorder records (a call of the model's); the others (inputs,
+#: outputs, buffers, constants) are sources and sinks it adds around them
+RECORDED = frozenset({"op", "generated", "readout", "failed"})
 
-def finish(nodes: list[Op], modules: dict[str, ModuleInfo]) -> dict[str, int]:
-    """Complete the recorded nodes in place (called once per trace).
 
-    Returns what ``trace[key]`` looks up: op labels, input/output/buffer names, and module
-    outputs (``'features.3'``, ``'cell:2'``; the last op producing one wins).
-    """
-    _module_outputs(nodes, modules)
+def labels(nodes: list[Op], modules: dict[str, ModuleInfo]) -> None:
+    """Name what the recorder left unnamed: ``input_1``, ``output_2``, ``buffer_1``...;
+    module calls an op's output leaves as ``features.3`` or ``cell:2`` (a module called
+    several times); and record each module's ops and the ops a readout read."""
     counters: dict[str, int] = {}
-    index: dict[str, int] = {}
-    recorded = ("op", "generated", "readout", "failed")
     for node in nodes:
         kind = node.kind
-        if node._key is not None and kind in recorded:
-            # the recorder's [number, passes, label, source] entry of the op's place
-            n = node.num_passes = node._key[1]
-            node.label = node.rolled if n == 1 else f"{node.rolled}:{node.pass_num}"
-        elif not node.label:  # inputs, outputs, buffers, constants
+        if not node.label and kind not in RECORDED:
             counters[kind] = counters.get(kind, 0) + 1
             node.label = node.rolled = f"{kind}_{counters[kind]}"
-        index.setdefault(node.label, node.index)
-        if kind in ("input", "output", "buffer"):
-            index.setdefault(node.name, node.index)
         if node.module_outputs:
             node.module_outputs = [
                 path if modules[path].num_passes <= 1 else f"{path}:{pass_num}"
                 for path, pass_num in node.module_outputs  # type: ignore[misc]
             ]
-            for m in node.module_outputs:
-                index[m] = node.index
         for path, _ in node.modules:
-            info = modules[path]
-            info.ops.append(node.index)
+            modules[path].ops.append(node.index)
         if kind == "readout":
             for p in node.parents:
                 nodes[p].decides_branch = True
             node.decides_branch = True
+
+
+def passes(nodes: list[Op]) -> None:
+    """Each recorded op's pass count, and its label: ``linear_1:2`` for pass 2 of an op
+    that ran several times (the recorder numbered the passes; the count is final now)."""
+    for node in nodes:
+        key = node._key
+        if key is not None and node.kind in RECORDED:
+            # the recorder's [number, passes, label, source] entry of the op's place
+            n = node.num_passes = key[1]
+            node.label = node.rolled if n == 1 else f"{node.rolled}:{node.pass_num}"
+
+
+def index(nodes: list[Op]) -> dict[str, int]:
+    """What ``graph[key]`` looks up: op labels, input/output/buffer names, and module
+    outputs (``'features.3'``, ``'cell:2'``; the last op producing one wins)."""
+    found: dict[str, int] = {}
+    for node in nodes:
+        found.setdefault(node.label, node.index)
+        if node.kind in ("input", "output", "buffer"):
+            found.setdefault(node.name, node.index)
+        for m in node.module_outputs:
+            found[m] = node.index
+    return found
+
+
+def count_flops(nodes: list[Op]) -> None:
+    """``meta["flops"]`` of every conv, linear and matmul-like op whose count is known."""
+    for node in nodes:
         if node.name in _FLOP_OPS:
-            node.flops = flops(node, nodes)
-    _distances(nodes)
-    return index
+            n = flops(node, nodes)
+            if n is not None:
+                node.meta["flops"] = n
 
 
-def _module_outputs(nodes: list[Op], modules: dict[str, ModuleInfo]) -> None:
+def module_outputs(nodes: list[Op], modules: dict[str, ModuleInfo]) -> None:
     """Which module calls each op's output leaves: those are the calls' outputs.
 
     An output is what a call hands back to code outside it: an op is an output of each
@@ -83,7 +107,8 @@ def _module_outputs(nodes: list[Op], modules: dict[str, ModuleInfo]) -> None:
             info.outputs.setdefault(pass_num, []).append(node.index)
 
 
-def _distances(nodes: list[Op]) -> None:
+def distances(nodes: list[Op]) -> None:
+    """Hops from the nearest input (following children) and to the nearest output."""
     down = _levels(nodes, "input", True)
     up = _levels(nodes, "output", False)
     for node, d_in, d_out in zip(nodes, down, up):

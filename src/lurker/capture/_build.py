@@ -1,0 +1,206 @@
+"""The build after a forward pass: the recorder's raw nodes become a :class:`Trace`.
+
+One function, :func:`build`, runs every step in one written order. It lives in capture/
+because its first steps read live tensors (output metadata, the model's returned
+tensors); the steps that need only graph data are in :mod:`lurker.graph.build`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from torch import Tensor
+
+from ..graph import build as steps
+from ..graph import nodes
+from ..graph.nodes import Op, OpRef, ParamRef
+from . import _recorder
+from ._tree import paths
+
+if TYPE_CHECKING:
+    from ._recorder import Recorder
+    from .trace import Trace
+
+
+def build(
+    tr: Trace, rec: Recorder, output: Any, inputs: tuple, rng: Any, wall: float, complete: bool
+) -> Trace:
+    """Fill the empty trace ``tr`` from what ``rec`` recorded, in this order:
+
+    1. ``complete_calls``: each recorded op's parents and children, parameters, kind,
+       output metadata and place (the rolling key that numbers ``conv2d_3``);
+    2. ``attach_outputs``: an ``output`` node per tensor the model returned;
+    3. ``module_outputs``: which module calls each op's output leaves;
+    4. ``labels``: names of inputs, outputs, buffers, constants and module outputs;
+       each module's ops; the ops readouts read;
+    5. ``passes``: pass counts, and ``linear_1:2`` labels for ops that ran several times;
+    6. ``distances``: hops from the nearest input and to the nearest output;
+    7. ``count_flops``: ``meta["flops"]``;
+    8. ``public_calls``: each op's ``target`` and ``source`` (``args``/``kwargs`` are made
+       from the raw call when first read: see :func:`live_call`);
+    9. ``drop_provisional``: activations kept in case they were a module output ``save=``
+       names, and that were not;
+    10. ``index``: what ``trace[key]`` looks up.
+    """
+    tr.model = rec.model
+    tr.model_name = type(rec.model).__name__
+    tr.complete = complete
+    tr.time = wall
+    tr._inputs = inputs
+    tr._rng = rng
+    tr._transform = rec.transform
+    tr.param_shapes = dict(rec.param_shapes)  # the recorder shares its index across traces
+    tr.modules = rec.module_info
+    tr.output = output
+    nodes = rec.nodes
+    complete_calls(rec)
+    attach_outputs(rec, output)
+    steps.module_outputs(nodes, rec.module_info)
+    steps.labels(nodes, rec.module_info)
+    steps.passes(nodes)
+    steps.distances(nodes)
+    steps.count_flops(nodes)
+    public_calls(rec)
+    drop_provisional(rec)
+    tr._index = steps.index(nodes)
+    tr.ops = nodes
+    if rec.failed is not None:
+        tr.failed_op = rec.failed.label
+    return tr
+
+
+def complete_calls(rec: Recorder) -> None:
+    """What the recorder's hot path left out, for every op not completed already."""
+    for node in rec.nodes:
+        if node._where is not None:
+            rec._complete(node)
+
+
+def attach_outputs(rec: Recorder, output: Any) -> None:
+    """An ``output`` node per tensor in the model's output (``output['logits']``)."""
+    if output is None:
+        return
+    _meta = _recorder._meta
+    nodes = rec.nodes
+    for name, t in paths(output, "output", []):
+        src, k = rec._resolve(t)  # the producing op (or buffer/constant node)
+        if src < 0:  # the model returned a parameter itself
+            src, k = rec.add_source_node("constant", name, t), 0
+        idx = len(nodes)
+        node = Op(index=idx, kind="output", name=name, parents=[src])
+        node.outputs = [_meta(t)]
+        node._inputs = [(src, k)]
+        node.args = (OpRef(src, k),)
+        parent_act = nodes[src].activation
+        if parent_act is not None:
+            node.activation = parent_act[k] if isinstance(parent_act, tuple) else parent_act
+        if rec.save.wants_op(node) and node.activation is None:
+            node.activation = t.detach()
+        nodes[src].children.append(idx)
+        nodes.append(node)
+
+
+def public_calls(rec: Recorder) -> None:
+    """Each recorded op's ``target`` and ``source`` (resolved once per call site, then
+    shared by every op made there). ``args``/``kwargs`` of an op whose raw call the
+    recorder kept are made from it when first read (:func:`live_call`)."""
+    _source = _recorder._source
+    targets = _TARGETS
+    for node in rec.nodes:
+        func = node._func
+        if func is None:  # inputs, outputs, buffers, constants
+            continue
+        try:
+            node.target = targets[func]
+        except (KeyError, TypeError):
+            node.target = target_name(func)
+        if node._skel_args is not None:  # else the recorder made the skeleton at once
+            node._args = node._kwargs = None
+        entry = node._key
+        sites = entry[3]
+        if type(sites) is list:  # first op from this place: find its source line
+            sites = entry[3] = _source(sites)
+        node.source = sites
+
+
+def live_call(op: Op) -> None:
+    """``op.args``/``op.kwargs`` from the raw call the recorder kept (on first read)."""
+    refs = {p.name: p for p in op.params}
+    op._args, op._kwargs = call_skeleton(op._skel_args, op._skel_kwargs, op._inputs, refs)
+
+
+nodes._live_call = live_call  # graph/ cannot import capture/: capture hands it over
+
+
+def drop_provisional(rec: Recorder) -> None:
+    """Drop provisionally saved activations that turned out not to be module outputs."""
+    saved = rec.saved_modules
+    if not saved:
+        return
+    for node in rec.nodes:
+        if node._provisional and not any(m.split(":")[0] in saved for m in node.module_outputs):
+            node.activation = None
+
+
+def call_skeleton(
+    args: tuple, kwargs: dict, inputs: Any, param_refs: dict[str, ParamRef]
+) -> tuple[tuple, dict[str, Any]]:
+    """``args``/``kwargs`` with each tensor replaced, in :func:`~._tree.call_tensors`
+    order, by where it came from (``inputs``: ``(node, output)`` or ``(-1, param name)``)."""
+    it = iter([_new_tuple(OpRef, i) if i[0] >= 0 else param_refs[i[1]] for i in inputs])
+    out = []
+    for a in args:
+        if isinstance(a, Tensor):
+            out.append(next(it, None))
+        elif isinstance(a, (tuple, list, dict)):
+            out.append(_skeleton(a, it))
+        else:
+            out.append(a)
+    return tuple(out), {k: _skeleton(v, it) for k, v in kwargs.items()} if kwargs else {}
+
+
+def _skeleton(obj: Any, it: Any) -> Any:
+    if isinstance(obj, Tensor):
+        return next(it, None)
+    if isinstance(obj, list):
+        return [_skeleton(o, it) for o in obj]
+    if isinstance(obj, tuple):  # torch.Size and named tuples too: a plain tuple
+        return tuple([_skeleton(o, it) for o in obj])
+    if isinstance(obj, dict):
+        return {k: _skeleton(v, it) for k, v in obj.items()}
+    return obj
+
+
+_new_tuple = tuple.__new__
+_TARGETS: dict[Any, str] = {}  # callable -> its qualified name
+
+
+def target_name(func: Any) -> str:
+    """The qualified name of a torch callable, as ``torch.fx`` would write it:
+    ``torch.nn.functional.conv2d``, ``torch.Tensor.add``, ``torch.Tensor.T.__get__``."""
+    try:
+        hit = _TARGETS.get(func)
+    except TypeError:  # unhashable
+        return _target_name(func)
+    if hit is None:
+        hit = _TARGETS[func] = _target_name(func)
+    return hit
+
+
+def _target_name(func: Any) -> str:
+    import torch
+    import torch.nn.functional as F
+
+    name = getattr(func, "__name__", None) or type(func).__name__
+    owner = getattr(func, "__objclass__", None)
+    if isinstance(owner, type) and issubclass(owner, torch._C.TensorBase):
+        return f"torch.Tensor.{name}"
+    if name == "__get__":  # a Tensor property (x.T, x.real): its getter
+        attr = getattr(getattr(func, "__self__", None), "__name__", "get")
+        return f"torch.Tensor.{attr}.__get__"
+    for space, prefix in ((F, "torch.nn.functional"), (torch, "torch")):
+        if getattr(space, name, None) is func:
+            return f"{prefix}.{name}"
+    module = getattr(func, "__module__", None) or ""
+    qual = getattr(func, "__qualname__", None) or name
+    return f"{module}.{qual}" if module else qual
