@@ -238,7 +238,7 @@ def _dist_worker(rank: int, world: int, store: str, out: str) -> None:
         "gloo", init_method=f"file://{store}", rank=rank, world_size=world
     )
     try:
-        probe(
+        run = probe(
             _model(),
             digits(16, split="test"),
             out=out,
@@ -247,6 +247,12 @@ def _dist_worker(rank: int, world: int, store: str, out: str) -> None:
             batch_size=32,
             progress=False,
         )
+        # rank 0 writes the run and returns it; the other ranks return None
+        if rank == 0:
+            assert isinstance(run, lurker.store.Run), run
+            assert Path(run.path).resolve() == Path(out).resolve()
+        else:
+            assert run is None, run
     finally:
         torch.distributed.destroy_process_group()
 

@@ -1,11 +1,15 @@
 """The probe's sweep: one pass over a dataset, statistics for every unit of every layer.
 
-Per batch, the traced model is re-run under the replay mode, which hands the output of
-each selected op to that layer's :class:`~lurker.probe.stats.UnitStats` as it is produced
-(before any later in-place op can change it): one vectorised top-k merge per layer, no
-per-image or per-unit Python loops, nothing stored per sample. State is checkpointed
-every few batches (atomically), so a killed sweep resumes where it stopped; under
-``torchrun`` each rank sweeps its shard and the statistics are merged with collectives.
+:func:`probe` runs four steps: plan (trace the model, pick the layers and their layouts),
+restore (resume from a checkpoint or start afresh), sweep (the per-batch loop) and finish
+(merge the ranks, write the run). Per batch, the traced model is re-run under the replay
+mode, which hands the output of each selected op to every consumer
+(:mod:`lurker.probe.consumers`) as it is produced, before any later in-place op can change
+it; the per-unit statistics (:class:`~lurker.probe.stats.UnitStats`: one vectorised top-k
+merge per layer, no per-image or per-unit Python loops, nothing stored per sample) are
+one consumer. State is checkpointed every few batches (atomically), so a killed sweep
+resumes where it stopped; under ``torchrun`` each rank sweeps its shard and the consumers
+are merged with collectives.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import numbers
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +32,9 @@ from torch import Tensor, nn
 from ..capture import Trace, trace
 from ..errors import LurkerError
 from ..graph.nodes import Op
-from ..store import LayerResult, Run, RunWriter, atomic_write_bytes, run_lock
+from ..store import Run, RunWriter, atomic_write_bytes, run_lock
+from .consumers import Batch, BatchConsumer, UnitStatsConsumer
 from .layout import Layout, Skip, infer_layouts, op_names, rf_matches
-from .stats import HostBatch, UnitStats
 
 CONV = {"conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"}
 LINEAR = {"linear", "addmm"}
@@ -59,7 +63,7 @@ class Layer:
         return int(self.op.shape[self.layout.unit])  # type: ignore[index]
 
     def units(self, t: Tensor) -> Tensor:
-        """``t`` as the (B, C, *positions) view :class:`UnitStats` takes."""
+        """``t`` as the (B, C, *positions) view :class:`~.stats.UnitStats` takes."""
         return self.layout.units(t)
 
 
@@ -287,12 +291,12 @@ def _progress(total: int, enabled: bool):
     )
 
 
-def _one_writer(fn: Callable[..., Run]) -> Callable[..., Run]:
+def _one_writer(fn: Callable[..., Run | None]) -> Callable[..., Run | None]:
     """Run ``fn`` holding the run directory's lock (rank 0, the only writer, takes it):
     a second probe into the same ``out`` fails at once instead of redoing the sweep."""
 
     @functools.wraps(fn)
-    def locked(*args: Any, out: str | os.PathLike[str], **kwargs: Any) -> Run:
+    def locked(*args: Any, out: str | os.PathLike[str], **kwargs: Any) -> Run | None:
         kwargs = _check_args(**kwargs)  # before the lock creates the directory
         if _dist()[0] != 0:
             return fn(*args, out=out, **kwargs)
@@ -349,7 +353,7 @@ def probe(
     progress: bool = True,
     meta: dict[str, Any] | None = None,
     unit_dim: int | Mapping[str, int] | None = None,
-) -> Run:
+) -> Run | None:
     """Sweep ``dataset`` once through ``model`` and store per-unit statistics in ``out``.
 
     ``dataset`` is any torch Dataset of (image, label), or one from
@@ -363,7 +367,115 @@ def probe(
     :mod:`lurker.probe.layout`); layers whose units cannot be located are skipped, printed
     and listed in the run's meta (``skipped_layers``). ``unit_dim`` names the unit axis
     (counting the batch axis) for every layer, or per layer as ``{pattern: axis}``.
+
+    Returns the written :class:`~lurker.store.Run` on rank 0 (always, without
+    ``torchrun``), and ``None`` on the other ranks, which write nothing.
     """
+    plan = _plan(
+        model,
+        dataset,
+        out=Path(out),
+        layers=layers,
+        k=k,
+        batch_size=batch_size,
+        device=device,
+        num_workers=num_workers,
+        checkpoint_every=checkpoint_every,
+        checkpoint_seconds=checkpoint_seconds,
+        hist_bins=hist_bins,
+        progress=progress,
+        meta=meta,
+        unit_dim=unit_dim,
+    )
+    writer = _open_writer(plan, overwrite)
+    consumers = _consumers(plan)
+    start = _restore(plan, writer, consumers)
+    swept = _sweep(plan, consumers, start)
+    return _finish(plan, writer, consumers, swept)
+
+
+@dataclass
+class _Plan:
+    """What a probe call will do, settled before the sweep: the model on its device, the
+    dataset and this rank's shard of it, the traced graph, the layers to probe and the
+    run's meta. Everything after it reads this, so each step stays a small function."""
+
+    model: nn.Module
+    ds: Any  # a lurker.probe.data wrapper
+    dev: torch.device
+    rank: int
+    world: int
+    trace: Trace
+    rfs: dict[int, Any]  # op index -> receptive field, where one could be computed
+    layers: list[Layer]
+    layer_skips: list[tuple[str, str]]  # (layer, why its units cannot be located)
+    labels: list[int]  # every sample's label, -1: none
+    classes: list[str]
+    run_meta: dict[str, Any]
+    out: Path
+    k: int
+    batch_size: int
+    num_workers: int
+    checkpoint_every: int | None
+    checkpoint_seconds: float
+    hist_bins: int
+    progress: bool
+
+    @property
+    def num_classes(self) -> int:
+        return max(len(self.classes), 1)
+
+    @property
+    def layer_names(self) -> list[str]:
+        return [layer.name for layer in self.layers]
+
+    @property
+    def shard(self) -> list[int]:
+        """This rank's sample indices: disjoint shards, no padding duplicates."""
+        return list(range(self.rank, len(self.ds), self.world))
+
+    @property
+    def checkpoint(self) -> Path:
+        name = f"checkpoint-rank{self.rank}.pt" if self.world > 1 else "checkpoint.pt"
+        return self.out / name
+
+    def describe(self, layer: Layer) -> dict[str, Any]:
+        """A layer's stored description: every :class:`LayerResult` field but the
+        statistics (the graph's side of a layer, which consumers do not know)."""
+        op = layer.op
+        rf = self.rfs.get(op.index)
+        if rf is not None and not rf_matches(layer.layout, rf):
+            rf = None  # its y/x are not this layer's position axes
+        return {
+            "name": layer.name,
+            "module": op.module_outputs[0] if op.module_outputs else op.module,
+            "op": op.label,
+            "kind": _module_type(op, self.trace) or op.name,
+            "shape": tuple(n for d, n in enumerate(op.shape or ()) if d != layer.layout.batch),
+            "rf": rf.to_dict() if rf is not None else None,
+            "layout": layer.layout.to_dict(),
+        }
+
+
+def _plan(
+    model: nn.Module,
+    dataset: Any,
+    *,
+    out: Path,
+    layers: Sequence[str] | str | None,
+    k: int,
+    batch_size: int,
+    device: str | torch.device | None,
+    num_workers: int,
+    checkpoint_every: int | None,
+    checkpoint_seconds: float,
+    hist_bins: int,
+    progress: bool,
+    meta: dict[str, Any] | None,
+    unit_dim: int | Mapping[str, int] | None,
+) -> _Plan:
+    """Trace the model on the first image, pick the layers and their layouts, and check
+    that every rank holds the same model: all that can fail before the run is created."""
     from ..graph.receptive import receptive_fields
     from . import data as pdata
 
@@ -396,9 +508,6 @@ def probe(
             print(f"  {name}: {reason}")
     all_labels = _labels(ds)
     classes = list(ds.class_names or [str(i) for i in range(max(all_labels, default=-1) + 1)])
-    num_classes = max(len(classes), 1)
-
-    out = Path(out)
     run_meta = {
         "model": type(model).__name__,
         "model_fingerprint": fingerprint(model),
@@ -423,184 +532,222 @@ def probe(
                 f"The {world} processes hold different models (fingerprints {prints}): load "
                 "the same weights on every rank before probing."
             )
-    writer: RunWriter | None = None
-    if rank == 0:
-        writer = RunWriter.create(out, meta=run_meta, overwrite=overwrite)
-    if world > 1:
+    return _Plan(
+        model=model,
+        ds=ds,
+        dev=dev,
+        rank=rank,
+        world=world,
+        trace=tr,
+        rfs=rfs,
+        layers=selected,
+        layer_skips=layer_skips,
+        labels=all_labels,
+        classes=classes,
+        run_meta=run_meta,
+        out=out,
+        k=k,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        checkpoint_every=checkpoint_every,
+        checkpoint_seconds=checkpoint_seconds,
+        hist_bins=hist_bins,
+        progress=progress,
+    )
+
+
+def _open_writer(plan: _Plan, overwrite: bool) -> RunWriter | None:
+    """Create (or reopen, to resume) the run on rank 0, the only writer; the other ranks
+    wait for it, so that their checkpoints land in an existing directory."""
+    writer = None
+    if plan.rank == 0:
+        writer = RunWriter.create(plan.out, meta=plan.run_meta, overwrite=overwrite)
+    if plan.world > 1:
         torch.distributed.barrier()
-    ckpt = out / (f"checkpoint-rank{rank}.pt" if world > 1 else "checkpoint.pt")
+    return writer
 
-    stats: dict[int, UnitStats] = {}
-    done = 0
-    skipped: list[tuple[str, str]] = []
-    if ckpt.exists() and (writer is None or writer.resumed):
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
-        if any(s.get("format") == 1 for s in state.get("stats", {}).values()):
-            raise LurkerError(
-                f"{ckpt} was written by an older lurker, whose histograms used a range fixed by "
-                "the first batch and clamped the values outside it; it cannot be resumed with "
-                "order-independent histograms. Delete it to sweep again from the start, or "
-                "finish the sweep with the lurker version that started it."
-            )
-        if (
-            state.get("layers") == [layer.name for layer in selected]
-            and state.get("world") == world
-        ):
-            done = int(state["done"])
-            skipped = [tuple(s) for s in state["skipped"]]  # type: ignore[misc]
-            for layer in selected:
-                stats[layer.op.index] = UnitStats.from_state_dict(
-                    state["stats"][layer.name], device=dev
-                )
-    widths = {layer.op.index: layer.width for layer in selected}
-    # per-sample statistics are buffered on the device (16 bytes per unit and sample) and
-    # folded in every few batches; keep all layers' buffers together under ~512 MiB
-    buffered = max(batch_size, min(4096, (512 << 20) // (16 * sum(widths.values()))))
-    for layer in selected:
-        if layer.op.index not in stats:
-            stats[layer.op.index] = UnitStats(
-                widths[layer.op.index],
-                k,
-                num_classes,
-                device=dev,
-                hist_bins=hist_bins,
-                buffer_samples=None if dev.type == "cpu" else buffered,
-            )
 
-    indices = list(range(rank, len(ds), world))  # disjoint shards, no padding duplicates
-    todo = indices[done:]
+def _consumers(plan: _Plan) -> list[BatchConsumer]:
+    """What the sweep feeds with each probed layer's output: a new statistic is one more
+    consumer here, with no change to the loop, the checkpoint or the ranks' merge."""
+    return [
+        UnitStatsConsumer(
+            plan.layers,
+            k=plan.k,
+            num_classes=plan.num_classes,
+            device=plan.dev,
+            hist_bins=plan.hist_bins,
+            batch_size=plan.batch_size,
+            describe=plan.describe,
+        )
+    ]
+
+
+@dataclass
+class _Progress:
+    """How far this rank's sweep has come: samples of its shard done (in shard order) and
+    the unreadable files met so far. ``seen`` and ``seconds`` count this call only."""
+
+    done: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    seen: int = 0
+    seconds: float = 0.0
+
+
+def _restore(
+    plan: _Plan, writer: RunWriter | None, consumers: Sequence[BatchConsumer]
+) -> _Progress:
+    """Resume from this rank's checkpoint when the run is being resumed and the checkpoint
+    is of the same layers, ranks and consumers; otherwise start from the first sample (a
+    mismatched checkpoint is overwritten by the first save)."""
+    ckpt = plan.checkpoint
+    if not ckpt.exists() or (writer is not None and not writer.resumed):
+        return _Progress()
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    if (
+        state.get("layers") != plan.layer_names
+        or state.get("world") != plan.world
+        or any(c.key not in state for c in consumers)
+    ):
+        return _Progress()
+    for c in consumers:
+        try:
+            c.load_state_dict(state[c.key])
+        except LurkerError as err:
+            raise LurkerError(f"{ckpt} cannot be resumed: {err}") from None
+    return _Progress(done=int(state["done"]), skipped=[tuple(s) for s in state["skipped"]])
+
+
+def _save_checkpoint(plan: _Plan, consumers: Sequence[BatchConsumer], position: _Progress) -> None:
+    """Write this rank's checkpoint atomically (a killed sweep leaves the previous one)."""
+    buf = io.BytesIO()
+    state: dict[str, Any] = {
+        "done": position.done,
+        "world": plan.world,
+        "layers": plan.layer_names,
+        "skipped": [list(s) for s in _merge_skipped(position.skipped, plan.ds.skipped)],
+    }
+    for c in consumers:
+        state[c.key] = c.state_dict()
+    torch.save(state, buf)
+    atomic_write_bytes(plan.checkpoint, buf.getvalue())
+
+
+def _sweep(plan: _Plan, consumers: Sequence[BatchConsumer], start: _Progress) -> _Progress:
+    """Run the rest of this rank's shard through the model, once, feeding every probed
+    layer's output to every consumer as the op produces it (before a later in-place op can
+    change it); checkpoint every few batches. Returns where it ended, with this call's
+    samples and seconds."""
+    from . import data as pdata
+
+    dev, batch_size = plan.dev, plan.batch_size
+    position = _Progress(done=start.done, skipped=list(start.skipped))
+    todo = plan.shard[start.done :]
     loader = torch.utils.data.DataLoader(
-        torch.utils.data.Subset(ds, todo),
+        torch.utils.data.Subset(plan.ds, todo),
         batch_size=batch_size,
         shuffle=False,
-        num_workers=num_workers,
+        num_workers=plan.num_workers,
         collate_fn=pdata.collate,
         pin_memory=dev.type == "cuda",
     )
-    by_index = {layer.op.index: layer for layer in selected}
-
-    def save_checkpoint() -> None:
-        buf = io.BytesIO()
-        torch.save(
-            {
-                "done": done,
-                "world": world,
-                "layers": [layer.name for layer in selected],
-                "skipped": [list(s) for s in _merge_skipped(skipped, ds.skipped)],
-                "stats": {by_index[i].name: s.state_dict() for i, s in stats.items()},
-            },
-            buf,
-        )
-        atomic_write_bytes(ckpt, buf.getvalue())
-
+    by_index = {layer.op.index: layer for layer in plan.layers}
     n_batches = 0
     t_start = last_ckpt = time.perf_counter()
-    seen = 0
-    with _progress(len(indices), progress and rank == 0) as bar, torch.no_grad():
-        task = bar.add_task("probe", total=len(indices), completed=done, rate="-")
-        for batch in loader:
-            images, labels, ids = batch  # unreadable images were dropped (ds.skipped)
+    total = len(plan.shard)
+    with _progress(total, plan.progress and plan.rank == 0) as bar, torch.no_grad():
+        task = bar.add_task("probe", total=total, completed=position.done, rate="-")
+        for images, labels, ids in loader:  # unreadable images were dropped (ds.skipped)
             if len(images):
-                images = images.to(dev, non_blocking=True)
-                labels = labels.to(dev, non_blocking=True)
-                ids = ids.to(dev, non_blocking=True)
+                batch = Batch(
+                    images.to(dev, non_blocking=True),
+                    ids.to(dev, non_blocking=True),
+                    labels.to(dev, non_blocking=True),
+                    plan.num_classes,
+                )
+                for c in consumers:
+                    c.begin(batch)
 
-                # the batch's ids and labels as the CPU kernels take them, once for all layers
-                host = HostBatch(ids, labels, num_classes) if dev.type == "cpu" else None
+                def feed(op: Any, value: Any, batch: Batch = batch) -> None:
+                    output = value[0] if isinstance(value, tuple) else value
+                    for c in consumers:
+                        c.update(by_index[op.index], output, batch)
 
-                def update(op: Any, value: Any, labels=labels, ids=ids, host=host) -> None:
-                    t = value[0] if isinstance(value, tuple) else value
-                    stats[op.index].update(by_index[op.index].units(t), ids, labels, host=host)
-
-                tr.run(images, save="none", hooks=dict.fromkeys(by_index, update))
+                plan.trace.run(batch.images, save="none", hooks=dict.fromkeys(by_index, feed))
             step = min(batch_size, len(todo) - n_batches * batch_size)
-            done += step
-            seen += step
+            position.done += step
+            position.seen += step
             n_batches += 1
-            rate = seen / max(time.perf_counter() - t_start, 1e-9)
-            bar.update(task, completed=done, rate=f"{rate:,.0f}")
+            rate = position.seen / max(time.perf_counter() - t_start, 1e-9)
+            bar.update(task, completed=position.done, rate=f"{rate:,.0f}")
             now = time.perf_counter()
-            if now - last_ckpt >= checkpoint_seconds or (
-                checkpoint_every and n_batches % checkpoint_every == 0
+            if now - last_ckpt >= plan.checkpoint_seconds or (
+                plan.checkpoint_every and n_batches % plan.checkpoint_every == 0
             ):
-                save_checkpoint()  # a device sync and a file write: not every batch
+                _save_checkpoint(plan, consumers, position)  # a device sync and a file write
                 last_ckpt = now
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
-    sweep_s = time.perf_counter() - t_start
-    skipped = _merge_skipped(skipped, ds.skipped)
-    if world > 1:
-        for i in sorted(stats):
-            stats[i].all_reduce()
+    position.seconds = time.perf_counter() - t_start
+    position.skipped = _merge_skipped(position.skipped, plan.ds.skipped)
+    return position
+
+
+def _finish(
+    plan: _Plan,
+    writer: RunWriter | None,
+    consumers: Sequence[BatchConsumer],
+    swept: _Progress,
+) -> Run | None:
+    """Merge the ranks' consumers and figures, then write the run on rank 0 in one
+    transaction; the other ranks drop their checkpoints and return None."""
+    skipped, seen, seconds = swept.skipped, swept.seen, swept.seconds
+    if plan.world > 1:
+        for c in consumers:
+            c.merge()
         # one gather: every rank's unreadable files, and its share of the run's figures
-        gathered: list[Any] = [None] * world
-        torch.distributed.all_gather_object(gathered, (skipped, seen, sweep_s))
+        gathered: list[Any] = [None] * plan.world
+        torch.distributed.all_gather_object(gathered, (skipped, seen, seconds))
         skipped = _merge_skipped(*(g[0] for g in gathered))
         seen = sum(g[1] for g in gathered)
-        sweep_s = max(g[2] for g in gathered)
-    if rank != 0:
-        if ckpt.exists():
-            ckpt.unlink()
+        seconds = max(g[2] for g in gathered)
+    if plan.rank != 0:
+        plan.checkpoint.unlink(missing_ok=True)
         torch.distributed.barrier()
-        return None  # type: ignore[return-value]
+        return None
     assert writer is not None
-    results = []
-    for layer in selected:
-        r = stats[layer.op.index].result()
-        rf = rfs.get(layer.op.index)
-        if rf is not None and not rf_matches(layer.layout, rf):
-            rf = None  # its y/x are not this layer's position axes
-        results.append(
-            LayerResult(
-                name=layer.name,
-                module=layer.op.module_outputs[0] if layer.op.module_outputs else layer.op.module,
-                op=layer.op.label,
-                kind=_module_type(layer.op, tr) or layer.op.name,
-                shape=tuple(n for d, n in enumerate(layer.op.shape) if d != layer.layout.batch),
-                rf=rf.to_dict() if rf is not None else None,
-                layout=layer.layout.to_dict(),
-                mean_values=r["mean_values"],
-                mean_ids=r["mean_ids"],
-                max_values=r["max_values"],
-                max_ids=r["max_ids"],
-                max_y=r["max_y"],
-                max_x=r["max_x"],
-                unit_mean=r["unit_mean"],
-                unit_max=r["unit_max"],
-                class_mean=r["class_mean"],
-                hist=r["hist"],
-                hist_edges=r["hist_edges"],
-            )
-        )
+    labels = plan.labels
     # One transaction (one fsync): classes, this call's config (on resume the store keeps
     # the first call's other meta; the config says how to load this call's model and data
-    # again), the sweep's figures, samples, skipped files and results are all stored, and
-    # the run marked complete, or none of it is.
+    # again), the sweep's figures, samples, skipped files and every consumer's results are
+    # all stored, and the run marked complete, or none of it is.
     with writer.batch():
-        writer.set_classes(classes)
-        writer.meta_set("config", run_meta["config"])
+        writer.set_classes(plan.classes)
+        writer.meta_set("config", plan.run_meta["config"])
         writer.meta_set(
             "sweep",
             {
-                "seconds": sweep_s,
+                "seconds": seconds,
                 "images": seen,
-                "images_per_s": seen / max(sweep_s, 1e-9),
-                "world": world,
+                "images_per_s": seen / max(seconds, 1e-9),
+                "world": plan.world,
             },
         )
         writer.add_samples(
-            (i, path, all_labels[i] if all_labels[i] >= 0 else None, src)
-            for i, path, _, src in ds.sample_rows()
+            (i, path, labels[i] if labels[i] >= 0 else None, src)
+            for i, path, _, src in plan.ds.sample_rows()
         )
         writer.add_skipped(skipped)
         writer.meta_set(
-            "skipped_layers", [{"layer": name, "reason": why} for name, why in layer_skips]
+            "skipped_layers",
+            [{"layer": name, "reason": why} for name, why in plan.layer_skips],
         )
-        writer.write_layers_result(results)
+        for c in consumers:
+            c.finish(writer)
     writer.close()
-    if world > 1:
+    if plan.world > 1:
         torch.distributed.barrier()
-    return Run.open(out)
+    return Run.open(plan.out)
 
 
 def _labels(ds: Any) -> list[int]:

@@ -1,0 +1,187 @@
+"""What the probe's sweep feeds: consumers of the probed layers' outputs, batch by batch.
+
+The sweep (:mod:`.sweep`) runs each batch through the model once and hands every probed
+layer's output to each consumer as the op produces it. A consumer keeps whatever it
+accumulates, saves and restores it with the sweep's checkpoint, merges it across
+``torchrun`` ranks and writes it into the run. The per-unit statistics
+(:class:`UnitStatsConsumer`) are one consumer; later statistics are more, added without
+touching the sweep's loop.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from ..errors import LurkerError
+from ..store import LayerResult, RunWriter
+from .stats import HostBatch, UnitStats
+
+if TYPE_CHECKING:
+    from .sweep import Layer
+
+__all__ = ["Batch", "BatchConsumer", "UnitStatsConsumer"]
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One batch as consumers see it, all on the sweep's device (unreadable images dropped)."""
+
+    images: Tensor  # (B, ...) the model's input
+    ids: Tensor  # (B,) int64 global dataset indices: unique, so merges never double-count
+    labels: Tensor  # (B,) int64 class indices, -1 for unlabelled samples
+    num_classes: int
+
+
+class BatchConsumer(ABC):
+    """Accumulates something over the sweep from the probed layers' outputs.
+
+    Per batch the sweep calls :meth:`begin` once, then :meth:`update` for each probed layer
+    in the order the forward produces them. After the last batch every rank calls
+    :meth:`merge` (a collective under ``torchrun``), then rank 0 calls :meth:`finish`
+    inside the run's one write transaction. :meth:`state_dict` goes into the checkpoint
+    under :attr:`key`; a resumed sweep hands it back to :meth:`load_state_dict` instead.
+    """
+
+    key: ClassVar[str]  # this consumer's entry in the checkpoint: unique among consumers
+
+    def begin(self, batch: Batch) -> None:  # noqa: B027 (an optional hook, not abstract)
+        """Prepare for ``batch`` before any layer's output arrives (default: nothing)."""
+
+    @abstractmethod
+    def update(self, layer: Layer, output: Tensor, batch: Batch) -> None:
+        """Fold ``layer``'s ``output`` for ``batch`` in.
+
+        ``output`` is the live tensor (no copy, whatever its layout: see
+        :meth:`Layer.units`): read it during the call, as an in-place op later in the
+        forward may change it.
+        """
+
+    @abstractmethod
+    def state_dict(self) -> dict[str, Any]:
+        """Everything accumulated so far, as CPU tensors and plain values (``torch.save``
+        with ``weights_only`` must load it)."""
+
+    @abstractmethod
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from a :meth:`state_dict` of an interrupted sweep over the same layers.
+
+        Raise :class:`~lurker.errors.LurkerError` saying what to do when ``state`` cannot
+        be continued (the sweep prefixes the checkpoint's path).
+        """
+
+    @abstractmethod
+    def merge(self, group: Any = None) -> None:
+        """Combine the ranks' accumulations in place (a collective: all ranks call it, in
+        the same order; a single process never calls it)."""
+
+    @abstractmethod
+    def finish(self, writer: RunWriter) -> None:
+        """Write the result into the run (rank 0 only, inside ``writer.batch()``)."""
+
+
+class UnitStatsConsumer(BatchConsumer):
+    """Per-unit statistics of every probed layer (:class:`~.stats.UnitStats`): the run's
+    layers and units, with their top-k samples, means, class means and histograms.
+
+    ``describe(layer)`` gives a layer's stored description (the :class:`LayerResult` fields
+    other than the statistics: name, module, op, kind, shape, rf, layout); the sweep owns
+    it, as it comes from the trace. ``batch_size`` is the least number of samples a device
+    buffer holds (see :class:`~.stats.UnitStats`).
+    """
+
+    key = "stats"
+
+    def __init__(
+        self,
+        layers: Sequence[Layer],
+        *,
+        k: int,
+        num_classes: int,
+        device: torch.device,
+        hist_bins: int,
+        batch_size: int,
+        describe: Callable[[Layer], dict[str, Any]],
+    ) -> None:
+        self.layers = list(layers)
+        self.device = device
+        self.describe = describe
+        self._host: HostBatch | None = None
+        # per-sample statistics are buffered on the device (16 bytes per unit and sample)
+        # and folded in every few batches; keep all layers' buffers together under ~512 MiB
+        widths = sum(layer.width for layer in self.layers)
+        buffered = max(batch_size, min(4096, (512 << 20) // (16 * widths)))
+        self.stats = {
+            layer.op.index: UnitStats(
+                layer.width,
+                k,
+                num_classes,
+                device=device,
+                hist_bins=hist_bins,
+                buffer_samples=None if device.type == "cpu" else buffered,
+            )
+            for layer in self.layers
+        }
+
+    def begin(self, batch: Batch) -> None:
+        """The batch's ids and labels as the CPU kernels take them, once for all layers."""
+        cpu = self.device.type == "cpu"
+        self._host = HostBatch(batch.ids, batch.labels, batch.num_classes) if cpu else None
+
+    def update(self, layer: Layer, output: Tensor, batch: Batch) -> None:
+        """One vectorised top-k and histogram update for all of ``layer``'s units."""
+        self.stats[layer.op.index].update(
+            layer.units(output), batch.ids, batch.labels, host=self._host
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """Each layer's :meth:`UnitStats.state_dict`, by layer name."""
+        return {layer.name: self.stats[layer.op.index].state_dict() for layer in self.layers}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore each layer's statistics; refuse histograms of an older lurker, which
+        cannot be brought onto the order-independent grid."""
+        if any(s.get("format") == 1 for s in state.values()):
+            raise LurkerError(
+                "its unit statistics were written by an older lurker, whose histograms used a "
+                "range fixed by the first batch and clamped the values outside it, and cannot "
+                "be converted to order-independent histograms. Delete it to sweep again from "
+                "the start, or finish the sweep with the lurker version that started it."
+            )
+        for layer in self.layers:
+            self.stats[layer.op.index] = UnitStats.from_state_dict(
+                state[layer.name], device=self.device
+            )
+
+    def merge(self, group: Any = None) -> None:
+        """All-reduce each layer's statistics (in op order, the same on every rank)."""
+        for i in sorted(self.stats):
+            self.stats[i].all_reduce(group)
+
+    def finish(self, writer: RunWriter) -> None:
+        """Write every layer with its units' statistics (the run's layers table)."""
+        results = []
+        for layer in self.layers:
+            r = self.stats[layer.op.index].result()
+            results.append(
+                LayerResult(
+                    **self.describe(layer),
+                    mean_values=r["mean_values"],
+                    mean_ids=r["mean_ids"],
+                    max_values=r["max_values"],
+                    max_ids=r["max_ids"],
+                    max_y=r["max_y"],
+                    max_x=r["max_x"],
+                    unit_mean=r["unit_mean"],
+                    unit_max=r["unit_max"],
+                    class_mean=r["class_mean"],
+                    hist=r["hist"],
+                    hist_edges=r["hist_edges"],
+                )
+            )
+        writer.write_layers_result(results)
