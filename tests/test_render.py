@@ -210,8 +210,32 @@ def test_branch_labels_for_values() -> None:
     assert edges_mod.branch_label(0.5) == "= 0.5"
 
 
-def test_render_uses_shared_edges() -> None:
-    assert gv.graph_edges is edges_mod.edges
+@pytest.mark.parametrize(
+    ("model", "x"),
+    [
+        (Branchy(), torch.ones(2, 4)),
+        (Branchy(), -torch.ones(2, 4)),
+        (Twice(), torch.randn(2, 4)),
+        (RNNLoop(), torch.randn(4, 2, 3)),
+        (Generates(), torch.randn(2, 4)),
+    ],
+    ids=["then", "else", "twice", "rnn", "generates"],
+)
+def test_drawn_edges_are_the_graphs_edges(model: nn.Module, x: torch.Tensor) -> None:
+    """At full depth, unrolled (every op its own node ``n<index>``), the drawing has exactly
+    the edges of ``lurker.graph.edges``, data and branch alike, each once with its label:
+    the drawing and the graph's users see one edge list."""
+    tr = lurker.trace(model, x)
+    drawn = []
+    for line in _edges(gv.to_dot(tr, auto_roll=False).source):
+        if "invis" in line:  # layout anchors, not edges of the graph
+            continue
+        src, dst = re.match(r"\t+(\w+) -> (\w+)", line).groups()  # type: ignore[union-attr]
+        label = re.search(r"label=([^\s\]]+)", line)
+        drawn.append((src, dst, label.group(1).strip('"') if label else None))
+    want = {(f"n{e.src}", f"n{e.dst}", e.label) for e in edges_mod.edges(tr)}
+    assert len(drawn) == len(set(drawn))
+    assert set(drawn) == want
 
 
 # ---------------------------------------------------------------------- errors
