@@ -555,6 +555,7 @@ def probe(
                 name=layer.name,
                 module=layer.op.module_outputs[0] if layer.op.module_outputs else layer.op.module,
                 op=layer.op.label,
+                op_index=layer.op.index,
                 kind=_module_type(layer.op, tr) or layer.op.name,
                 shape=tuple(n for d, n in enumerate(layer.op.shape) if d != layer.layout.batch),
                 rf=rf.to_dict() if rf is not None else None,
@@ -593,6 +594,7 @@ def probe(
             for i, path, _, src in ds.sample_rows()
         )
         writer.add_skipped(skipped)
+        writer.set_graph(tr.to_json())  # the layers' op_index and op label index into it
         writer.meta_set(
             "skipped_layers", [{"layer": name, "reason": why} for name, why in layer_skips]
         )
