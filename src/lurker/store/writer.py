@@ -42,6 +42,7 @@ from lurker.store.schema import (
     STATUS_RUNNING,
     TOP_DTYPE,
     dump_json,
+    has_layout_column,
     rf_record,
     to_blob,
 )
@@ -449,6 +450,8 @@ class RunWriter:
             raise LurkerError(f"write_layers_result: duplicate layer names {dupes}")
         num_classes = self._conn.execute("SELECT count(*) FROM classes").fetchone()[0]
         prepared = [_prepare(layer, num_classes) for layer in layers]
+        if not has_layout_column(self._conn):  # a run made without the column
+            self._conn.execute("ALTER TABLE layers ADD COLUMN layout TEXT")
         labels = self._graph_labels()
         for layer in layers if labels is not None else ():
             i = layer.op_index
