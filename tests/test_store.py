@@ -576,7 +576,7 @@ def test_rf_record_matches_its_json_schema(tmp_path: Path, rf_validator) -> None
     import torchvision
 
     import lurker
-    from lurker.probe.receptive import receptive_fields
+    from lurker.graph.receptive import receptive_fields
 
     complete_run(tmp_path / "run")
     with Run.open(tmp_path / "run") as run:
