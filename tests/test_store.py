@@ -519,15 +519,10 @@ def test_graph_and_op_indices_round_trip(tmp_path: Path) -> None:
         ]
         d = run.to_dict("conv1", 0)["layer"]
         assert (d["op_index"], d["op_label"]) == (conv, "conv2d_2")
-        import lurker.graph
+        from lurker.graph import Graph
 
-        graph_cls = getattr(lurker.graph, "Graph", None)
-        if hasattr(graph_cls, "from_json"):
-            assert run.graph == graph_cls.from_json(doc)
-            assert run.graph.ops[run.layer("conv1").op_index].label == "conv2d_2"
-        else:  # before lurker.graph.Graph exists: said so, not a wrong object
-            with pytest.raises(LurkerError, match="graph_json"):
-                _ = run.graph
+        assert run.graph == Graph.from_json(doc)
+        assert run.graph.ops[run.layer("conv1").op_index].label == "conv2d_2"
     # stored as the document's text: plain sqlite3 reads it
     db = sqlite3.connect(tmp_path / "run" / "run.db")
     (text,) = db.execute("SELECT doc FROM graph").fetchone()
@@ -804,6 +799,8 @@ def test_reading_a_run_loads_no_torch(probed_run: Path) -> None:
             top = run.units(names[-1], limit=2)[0].top("max")
             doc = run.graph_json()
             indices = [info.op_index for info in run.layers]
+            graph = run.graph  # lurker.graph.Graph, torch-free
+            assert [graph.ops[i].label for i in indices] == [i.op_label for i in run.layers]
             payload = run.to_dict(names[0], 0)
         import lurker
         with lurker.Run.open({str(probed_run)!r}) as run:

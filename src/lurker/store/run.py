@@ -17,11 +17,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from lurker.errors import LurkerError
 from lurker.store.errors import (
     MissingFromRunError,
     NotARunError,
@@ -47,6 +46,9 @@ from lurker.store.schema import (
     has_graph_table,
     has_layout_column,
 )
+
+if TYPE_CHECKING:
+    from lurker.graph import Graph
 
 _NAN = float("nan")
 
@@ -240,7 +242,7 @@ class Run:
         self.schema_version = version
         self._conn = conn
         self._lock = threading.Lock()
-        self._graph: Any = None
+        self._graph: Graph | None = None
         self.meta: dict[str, Any] = {
             k: json.loads(v) for k, v in self._query("SELECT key, value FROM meta")
         }
@@ -371,23 +373,15 @@ class Run:
         return doc
 
     @property
-    def graph(self) -> Any:
+    def graph(self) -> Graph:
         """The traced graph (``lurker.graph.Graph.from_json(run.graph_json())``), read once.
 
         Raises :class:`MissingFromRunError` as :meth:`graph_json` does.
         """
         if self._graph is None:
-            doc = self.graph_json()
-            import lurker.graph
+            from lurker.graph import Graph  # torch-free, but only loaded when asked
 
-            graph_cls = getattr(lurker.graph, "Graph", None)
-            from_json = getattr(graph_cls, "from_json", None)
-            if from_json is None:
-                raise LurkerError(
-                    "this lurker's lurker.graph has no Graph.from_json to rebuild the graph; "
-                    "read the document with run.graph_json()"
-                )
-            self._graph = from_json(doc)
+            self._graph = Graph.from_json(self.graph_json())
         return self._graph
 
     def _has_graph(self) -> bool:
