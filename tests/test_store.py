@@ -17,16 +17,20 @@ from lurker.errors import LurkerError
 from lurker.store import (
     SCHEMA_VERSION,
     LayerResult,
+    MissingFromRunError,
     NotARunError,
     Run,
     RunExistsError,
     RunIncompleteError,
     RunWriter,
     SchemaVersionError,
+    StoreError,
     UnitRangeError,
     UnknownLayerError,
     atomic_write_bytes,
+    receptive_json_schema,
 )
+from lurker.store.schema import rf_record
 
 CLASSES = ["cat", "dog", "crane", "crane"]
 N_SAMPLES = 12
@@ -46,6 +50,21 @@ def meta(fp: str = "fp-A", model: str = "torchvision:resnet18") -> dict:
     }
 
 
+def rf_dict() -> dict:
+    """A receptive field as ``RF.to_dict()`` gives it: a conv with kernel 11, stride 4,
+    padding 2 on a 32 x 32 input (7 x 7 output positions)."""
+    lo = [max(0, 4 * i - 2) for i in range(7)]
+    hi = [min(32, 4 * i - 2 + 11) for i in range(7)]
+    axis = {"size": 11, "stride": 4, "start": -2, "lo": lo, "hi": hi}
+    return {
+        "y": {**axis, "dim": 2},
+        "x": {**axis, "dim": 3},
+        "input_size": [32, 32],
+        "full": False,
+        "exact": True,
+    }
+
+
 def layer_result(name: str, c: int, seed: int, *, empty_slots: bool = False) -> LayerResult:
     rng = np.random.default_rng(seed)
     f32 = np.float32
@@ -62,7 +81,7 @@ def layer_result(name: str, c: int, seed: int, *, empty_slots: bool = False) -> 
         op=f"conv2d_{seed}",
         kind="Conv2d",
         shape=(c, 7, 7),
-        rf={"size": [11, 11], "stride": [4, 4]} if seed == 1 else None,
+        rf=rf_dict() if seed == 1 else None,
         mean_values=-np.sort(-rng.standard_normal((c, K)).astype(f32), axis=1),
         mean_ids=mean_ids,
         max_values=-np.sort(-rng.standard_normal((c, K)).astype(f32), axis=1),
@@ -107,12 +126,14 @@ def test_round_trip_exact(tmp_path: Path) -> None:
         assert [info.name for info in run.layers] == ["conv1", "layer1.0"]
         assert run.skipped == [("img/bad.png", "cannot identify image file")]
         for res, info in zip(results, run.layers):
+            # the receptive field comes back as the versioned record
+            rf = None if res.rf is None else {"schema": "lurker.receptive", "version": 1, **res.rf}
             assert (info.module, info.op, info.kind, info.shape, info.rf) == (
                 res.module,
                 res.op,
                 res.kind,
                 res.shape,
-                res.rf,
+                rf,
             )
             c = info.num_units
             assert c == len(res.unit_mean)
@@ -172,7 +193,7 @@ def test_queries_and_export(tmp_path: Path) -> None:
         d = run.to_dict("conv1", 0)
         text = json.dumps(d, allow_nan=False)
         assert json.loads(text)["unit"] == 0
-        assert d["layer"]["rf"] == {"size": [11, 11], "stride": [4, 4]}
+        assert d["layer"]["rf"] == {"schema": "lurker.receptive", "version": 1, **rf_dict()}
         assert len(d["top"]["max"]) == K and d["top"]["max"][0]["y"] is not None
         assert len(d["top"]["mean"]) == 2 and d["top"]["mean"][0]["y"] is None
         assert d["histogram"]["counts"][0] == 2**40
@@ -462,3 +483,367 @@ def test_bulk_write_round_trip(tmp_path: Path) -> None:
             assert [e.value for e in unit.top("mean")] == res.mean_values[u].tolist()
         rows = run._conn.execute("SELECT count(*) FROM units").fetchone()[0]
         assert rows == 24 * 512
+
+
+# -- version 3: the graph, op indices, the receptive-field record ------------------------
+
+
+def _graph_doc() -> dict:
+    """A real graph document: what ``trace.to_json()`` gives for a small CNN."""
+    import torch
+    from torch import nn
+
+    import lurker
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 5, 3)).eval()
+    return lurker.trace(model, torch.randn(1, 3, 16, 16)).to_json()
+
+
+def test_graph_and_op_indices_round_trip(tmp_path: Path) -> None:
+    doc = _graph_doc()
+    labels = [op["label"] for op in doc["ops"]]
+    conv = labels.index("conv2d_2")
+    results = [layer_result("conv1", 6, 1), layer_result("layer1.0", 5, 2)]
+    results[0].op, results[0].op_index = "conv2d_2", conv
+    results[1].op, results[1].op_index = labels[conv - 1], conv - 1
+    with start(tmp_path / "run") as w:
+        w.set_graph(doc)
+        w.write_layers_result(results)
+    with Run.open(tmp_path / "run") as run:
+        assert run.schema_version == SCHEMA_VERSION == 3
+        assert run.graph_json() == json.loads(json.dumps(doc))
+        assert [(i.op_index, i.op_label) for i in run.layers] == [
+            (conv, "conv2d_2"),
+            (conv - 1, labels[conv - 1]),
+        ]
+        d = run.to_dict("conv1", 0)["layer"]
+        assert (d["op_index"], d["op_label"]) == (conv, "conv2d_2")
+        from lurker.graph import Graph
+
+        assert run.graph == Graph.from_json(doc)
+        assert run.graph.ops[run.layer("conv1").op_index].label == "conv2d_2"
+    # stored as the document's text: plain sqlite3 reads it
+    db = sqlite3.connect(tmp_path / "run" / "run.db")
+    (text,) = db.execute("SELECT doc FROM graph").fetchone()
+    ((index,),) = db.execute("SELECT op_index FROM layers WHERE name = 'conv1'").fetchall()
+    db.close()
+    assert json.loads(text)["ops"][index]["label"] == "conv2d_2"
+
+
+def test_op_index_must_name_the_layers_op(tmp_path: Path) -> None:
+    doc = _graph_doc()
+    bad = layer_result("conv1", 6, 1)
+    bad.op, bad.op_index = "conv2d_2", 0  # op 0 is the input
+    with start(tmp_path / "run") as w:
+        w.set_graph(doc)
+        with pytest.raises(LurkerError, match="op_index 0 names op 'input_1'"):
+            w.write_layers_result([bad])
+        bad.op_index = None
+        with pytest.raises(LurkerError, match="op_index None"):
+            w.write_layers_result([bad])
+        with pytest.raises(LurkerError, match="graph document"):
+            w.set_graph({"nodes": []})
+        assert w.status == "running"
+
+
+def test_run_without_graph_says_so(tmp_path: Path) -> None:
+    complete_run(tmp_path / "run")  # written without set_graph or op indices
+    with Run.open(tmp_path / "run") as run:
+        for read in (run.graph_json, lambda: run.graph, lambda: run.layers[0].op_index):
+            with pytest.raises(MissingFromRunError, match=r"[Pp]robe the model again"):
+                read()
+        assert run.layers[0].op_label == "conv2d_1"
+
+
+@pytest.fixture(scope="module")
+def rf_validator():
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = receptive_json_schema()
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return jsonschema.Draft202012Validator(schema)
+
+
+def test_rf_record_matches_its_json_schema(tmp_path: Path, rf_validator) -> None:
+    """The stored record is exactly the documented shape: the JSON Schema accepts it, and
+    it accepts nothing but the record's fields."""
+    import torch
+    import torchvision
+
+    import lurker
+    from lurker.graph.receptive import receptive_fields
+
+    complete_run(tmp_path / "run")
+    with Run.open(tmp_path / "run") as run:
+        record = run.layer("conv1").rf
+    rf_validator.validate(record)
+    assert record["schema"] == "lurker.receptive" and record["version"] == 1
+    # every receptive field of real models, through the writer's normalisation
+    for model, x in [
+        (torchvision.models.resnet18().eval(), torch.randn(1, 3, 64, 64)),
+        (torch.nn.Sequential(torch.nn.Conv1d(2, 4, 3), torch.nn.Upsample(scale_factor=1.5)),
+         torch.randn(1, 2, 10)),
+    ]:  # fmt: skip
+        rfs = receptive_fields(lurker.trace(model, x))
+        assert rfs
+        for rf in rfs.values():
+            stored = rf_record(rf.to_dict())
+            rf_validator.validate(stored)
+            assert stored == {"schema": "lurker.receptive", "version": 1, **rf.to_dict()}
+    # the schema refuses what the record is not
+    for broken in (
+        {k: v for k, v in record.items() if k != "version"},
+        {**record, "version": 2},
+        {**record, "extra": 1},
+        {**record, "y": {**record["y"], "lo": [-1, 0]}},
+        {**record, "input_size": [32]},
+    ):
+        assert not rf_validator.is_valid(broken)
+
+
+def test_bad_rf_refused_before_writing(tmp_path: Path) -> None:
+    good = rf_dict()
+    cases = {
+        "unknown field": {**good, "size": [11, 11]},
+        "one bound per position": {**good, "x": {**good["x"], "hi": good["x"]["hi"][:-1]}},
+        r"lo <= hi <= 32": {**good, "y": {**good["y"], "hi": [40] * 7}},
+        "version 2": {**good, "version": 2},
+        "finite number": {**good, "y": {**good["y"], "size": float("inf")}},
+    }
+    with start(tmp_path / "run") as w:
+        for why, rf in cases.items():
+            res = layer_result("conv1", 6, 1)
+            res.rf = rf
+            with pytest.raises(LurkerError, match=why):
+                w.write_layers_result([res])
+        assert w.status == "running"
+
+
+# -- a version-2 run still opens --------------------------------------------------------
+
+#: The layout of a version-2 run, as lurker wrote it before version 3 (schema.py at the
+#: time): no graph table, no layers.op_index, receptive fields without schema/version.
+V2_DDL = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE classes (id INTEGER PRIMARY KEY, name TEXT NOT NULL);
+CREATE TABLE samples (id INTEGER PRIMARY KEY, path TEXT, label INTEGER,
+                      source_index INTEGER NOT NULL);
+CREATE TABLE skipped (id INTEGER PRIMARY KEY, path TEXT NOT NULL UNIQUE, reason TEXT NOT NULL);
+CREATE TABLE layers (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, module TEXT, op TEXT,
+                     kind TEXT, num_units INTEGER NOT NULL, shape TEXT NOT NULL, rf TEXT,
+                     position INTEGER NOT NULL, hist_edges BLOB NOT NULL, layout TEXT);
+CREATE TABLE units (layer_id INTEGER NOT NULL REFERENCES layers(id), unit INTEGER NOT NULL,
+                    mean REAL, max REAL, hist BLOB NOT NULL, class_mean BLOB NOT NULL,
+                    top BLOB NOT NULL, PRIMARY KEY (layer_id, unit));
+"""
+
+
+def _v2_run(path: Path) -> None:
+    """A version-2 run written by hand: 2 classes, 3 samples, one layer of 2 units, k=2."""
+    path.mkdir()
+    db = sqlite3.connect(path / "run.db")
+    db.executescript(V2_DDL)
+    meta_rows = {
+        "schema_version": 2,
+        "status": "complete",
+        "lurker_version": "0.0.9",
+        "model": "Net",
+        "model_fingerprint": "fp-old",
+        "k": 2,
+        "image_size": [8, 8],
+        "config": {},
+        "dataset": "tensors",
+    }
+    db.executemany(
+        "INSERT INTO meta VALUES (?, ?)", [(k, json.dumps(v)) for k, v in meta_rows.items()]
+    )
+    db.executemany("INSERT INTO classes VALUES (?, ?)", [(0, "cat"), (1, "dog")])
+    db.executemany(
+        "INSERT INTO samples VALUES (?, ?, ?, ?)",
+        [(0, "a.png", 0, 0), (1, None, 1, 1), (2, None, None, 2)],
+    )
+    old_rf = rf_dict()  # v2: RF.to_dict() as it was, no schema or version
+    db.execute(
+        "INSERT INTO layers VALUES (1, 'features.0', 'features.0', 'conv2d_1', 'Conv2d', 2, "
+        "'[2, 7, 7]', ?, 0, ?, NULL)",
+        (json.dumps(old_rf), np.array([0.0, 1.0, 2.0], "<f8").tobytes()),
+    )
+    rec = np.dtype([("sample_id", "<i8"), ("value", "<f8"), ("y", "<i4"), ("x", "<i4")])
+    tops = {
+        0: [(2, 5.0, 1, 2), (0, 4.0, 3, 3), (1, 2.5, -1, -1), (-1, np.nan, -1, -1)],
+        1: [(1, 9.0, 0, 6), (2, 1.0, 6, 0), (0, 0.5, -1, -1), (2, 0.25, -1, -1)],
+    }
+    for unit, (mean, mx) in enumerate([(1.5, 5.0), (0.75, 9.0)]):
+        db.execute(
+            "INSERT INTO units VALUES (1, ?, ?, ?, ?, ?, ?)",
+            (
+                unit,
+                mean,
+                mx,
+                np.array([1.0, 2.0], "<f8").tobytes(),
+                np.array([0.5, 1.5], "<f4").tobytes(),
+                np.array(tops[unit], rec).tobytes(),
+            ),
+        )
+    db.execute("PRAGMA user_version = 2")
+    db.commit()
+    db.close()
+
+
+def test_v2_run_opens_and_names_what_it_lacks(tmp_path: Path) -> None:
+    _v2_run(tmp_path / "old")
+    with Run.open(tmp_path / "old") as run:
+        assert run.schema_version == 2 and run.complete
+        (info,) = run.layers
+        assert (info.name, info.op_label, info.num_units, info.shape) == (
+            "features.0", "conv2d_1", 2, (2, 7, 7),
+        )  # fmt: skip
+        assert info.rf == rf_dict()  # as stored, nothing added
+        assert [(u.index, u.max) for u in run.units("features.0")] == [(1, 9.0), (0, 5.0)]
+        assert [(u.index, u.mean) for u in run.units("features.0", "mean")] == [(0, 1.5), (1, 0.75)]
+        top = run.unit("features.0", 0).top("max")
+        assert [(e.sample_id, e.value, e.y, e.x, e.class_name) for e in top] == [
+            (2, 5.0, 1, 2, None),
+            (0, 4.0, 3, 3, "cat"),
+        ]
+        mean_top = run.unit("features.0", 0).top("mean")
+        assert [(e.sample_id, e.value, e.y) for e in mean_top] == [(1, 2.5, None)]
+        assert [e.sample_id for e in run.unit("features.0", 1).top("mean")] == [0, 2]
+        assert run.unit("features.0", 1).class_means() == {"cat": 0.5, "dog": 1.5}
+        payload = run.to_dict("features.0", 1)
+        assert payload["layer"]["op_index"] is None and payload["layer"]["op_label"] == "conv2d_1"
+        with pytest.raises(MissingFromRunError) as err:
+            _ = run.graph
+        msg = str(err.value)
+        assert err.value.missing == "graph" and isinstance(err.value, StoreError)
+        assert "version 2" in msg and "0.0.9" in msg and "Probe the model again" in msg
+        with pytest.raises(MissingFromRunError, match="store version 2") as err:
+            run.graph_json()
+        with pytest.raises(MissingFromRunError, match="no op index") as err:
+            _ = info.op_index
+        assert err.value.missing == "op_index"
+    # never resumed into a v3 run (that would mix the formats); overwrite replaces it
+    with pytest.raises(RunExistsError, match="schema version 2"):
+        RunWriter.create(tmp_path / "old", meta={**meta("fp-old"), "model": "Net"})
+
+
+# -- reading a run loads no torch -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def probed_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run written by the probe: a small CNN over 12 random images."""
+    import torch
+    from torch import nn
+
+    import lurker
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 6, 3), nn.ReLU()
+    )
+    data = torch.utils.data.TensorDataset(torch.randn(12, 3, 16, 16), torch.arange(12) % 3)
+    out = tmp_path_factory.mktemp("probed") / "run"
+    lurker.probe(model, data, out=out, k=3, batch_size=5, progress=False, device="cpu").close()
+    return out
+
+
+def test_probe_writes_graph_op_indices_and_rf_records(probed_run: Path, rf_validator) -> None:
+    import torch
+
+    import lurker
+
+    with Run.open(probed_run) as run:
+        doc = run.graph_json()
+        assert doc["schema"] == "lurker.trace"
+        ops = doc["ops"]
+        assert [i.name for i in run.layers] == ["0", "1", "3", "4"]
+        for info in run.layers:
+            op = ops[info.op_index]
+            assert op["index"] == info.op_index and op["label"] == info.op_label
+            assert info.name in op["module_outputs"]
+            assert op["outputs"][0]["shape"][1:] == list(info.shape)
+            rf_validator.validate(info.rf)
+        # the stored graph is the probed model's: the same ops as tracing it again
+        model = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+            torch.nn.Conv2d(4, 6, 3), torch.nn.ReLU(),
+        )  # fmt: skip
+        again = lurker.trace(model, torch.randn(1, 3, 16, 16)).to_json()
+        assert [(o["label"], o["parents"]) for o in ops] == [
+            (o["label"], o["parents"]) for o in again["ops"]
+        ]
+
+
+def _fresh_python(code: str) -> str:
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": SRC},
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def test_reading_a_run_loads_no_torch(probed_run: Path) -> None:
+    out = _fresh_python(
+        f"""
+        import sys
+        import lurker.store
+        from lurker.store import Run
+        assert "torch" not in sys.modules, "import lurker.store"
+        with Run.open({str(probed_run)!r}) as run:
+            names = [info.name for info in run.layers]
+            top = run.units(names[-1], limit=2)[0].top("max")
+            doc = run.graph_json()
+            indices = [info.op_index for info in run.layers]
+            graph = run.graph  # lurker.graph.Graph, torch-free
+            assert [graph.ops[i].label for i in indices] == [i.op_label for i in run.layers]
+            payload = run.to_dict(names[0], 0)
+        import lurker
+        with lurker.Run.open({str(probed_run)!r}) as run:
+            run.layers
+        assert isinstance(lurker.LurkerError("x"), Exception) and lurker.__version__
+        import json
+        print(json.dumps([len(names), len(top), indices, payload["layer"]["op_index"]]))
+        print("torch" in sys.modules)
+        """
+    )
+    found, torch_loaded = out.splitlines()
+    assert torch_loaded == "False"
+    n_layers, n_top, indices, first = json.loads(found)
+    with Run.open(probed_run) as run:  # what this (torch-loaded) process reads
+        assert [n_layers, n_top] == [4, 3]
+        assert indices == [info.op_index for info in run.layers] and first == indices[0]
+
+
+def test_package_root_is_lazy_and_complete() -> None:
+    out = _fresh_python(
+        """
+        import sys
+        import lurker
+        assert "torch" not in sys.modules, "import lurker"
+        listed = dir(lurker)
+        missing = [n for n in lurker.__all__ if n not in listed]
+        assert not missing, missing
+        from lurker import *  # every name of __all__ imports
+        assert callable(lurker.probe) and lurker.probe is sys.modules["lurker.probe"]
+        assert lurker.probe.probe.__name__ == "probe"  # the function, beside the package
+        ns = {}
+        exec("from lurker import " + ", ".join(lurker.__all__), ns)
+        assert ns["Run"].__module__ == "lurker.store.run" and ns["trace"].__module__.startswith("lurker.capture")
+        assert lurker.store.Run is ns["Run"]  # subpackages as attributes, as before
+        try:
+            lurker.no_such_name
+        except AttributeError as exc:
+            print(exc)
+        """
+    )
+    assert "module 'lurker' has no attribute 'no_such_name'" in out
+
+
+def test_graph_import_loads_no_torch() -> None:
+    code = "import sys, lurker.graph; print('torch' in sys.modules)"
+    assert _fresh_python(code).strip() == "False"

@@ -11,6 +11,7 @@ The package root is lazy: each name below is imported on first use, so that
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -49,6 +50,10 @@ if TYPE_CHECKING:
 def __getattr__(name: str) -> Any:
     spec = _LAZY.get(name)
     if spec is None:
+        # a subpackage used as an attribute (``import lurker; lurker.store.Run``), as
+        # when the root imported them all
+        if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}"):
+            return importlib.import_module(f"{__name__}.{name}")
         raise AttributeError(f"module 'lurker' has no attribute {name!r}")
     module, attr = spec
     mod = importlib.import_module(module)

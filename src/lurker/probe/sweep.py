@@ -450,6 +450,7 @@ class _Plan:
             "name": layer.name,
             "module": op.module_outputs[0] if op.module_outputs else op.module,
             "op": op.label,
+            "op_index": op.index,
             "kind": _module_type(op, self.trace) or op.name,
             "shape": tuple(n for d, n in enumerate(op.shape or ()) if d != layer.layout.batch),
             "rf": rf.to_dict() if rf is not None else None,
@@ -738,6 +739,7 @@ def _finish(
             for i, path, _, src in plan.ds.sample_rows()
         )
         writer.add_skipped(skipped)
+        writer.set_graph(plan.trace.to_json())  # the layers' op_index and op label index into it
         writer.meta_set(
             "skipped_layers",
             [{"layer": name, "reason": why} for name, why in plan.layer_skips],

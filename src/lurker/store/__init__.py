@@ -6,6 +6,7 @@ images. :class:`RunWriter` writes it atomically; :class:`Run` reads it without t
 """
 
 from lurker.store.errors import (
+    MissingFromRunError,
     NotARunError,
     RunExistsError,
     RunIncompleteError,
@@ -18,13 +19,14 @@ from lurker.store.errors import (
 )
 from lurker.store.files import atomic_write_bytes, run_lock
 from lurker.store.run import LayerInfo, Run, Sample, TopEntry, Unit
-from lurker.store.schema import SCHEMA_VERSION
+from lurker.store.schema import SCHEMA_VERSION, receptive_json_schema
 from lurker.store.writer import LayerResult, RunWriter
 
 __all__ = [
     "SCHEMA_VERSION",
     "LayerInfo",
     "LayerResult",
+    "MissingFromRunError",
     "NotARunError",
     "Run",
     "RunExistsError",
@@ -40,5 +42,6 @@ __all__ = [
     "UnknownLayerError",
     "UnknownSampleError",
     "atomic_write_bytes",
+    "receptive_json_schema",
     "run_lock",
 ]

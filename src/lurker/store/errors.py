@@ -34,6 +34,15 @@ class SchemaVersionError(StoreError):
         self.expected = expected
 
 
+class MissingFromRunError(StoreError):
+    """The run does not hold what was asked for (a run of an older schema version lacks
+    the graph and the layers' op indices); the message says how to get it."""
+
+    def __init__(self, message: str, missing: str):
+        super().__init__(message)
+        self.missing = missing
+
+
 class _KeyMessage:
     """Mixin: print the message as-is (``KeyError`` would ``repr`` it)."""
 

@@ -17,11 +17,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from lurker.store.errors import (
+    MissingFromRunError,
     NotARunError,
     RunIncompleteError,
     SchemaVersionError,
@@ -36,20 +37,29 @@ from lurker.store.schema import (
     DB_NAME,
     EDGES_DTYPE,
     HIST_DTYPE,
+    READABLE_VERSIONS,
     SCHEMA_VERSION,
     STATUS_COMPLETE,
     TOP_DTYPE,
     TOP_LISTS,
     from_blob,
+    has_graph_table,
     has_layout_column,
 )
+
+if TYPE_CHECKING:
+    from lurker.graph import Graph
 
 _NAN = float("nan")
 
 
 @dataclass(frozen=True)
 class LayerInfo:
-    """One probed layer. ``name`` is the trace label (or module path) the run keys on."""
+    """One probed layer. ``name`` is the trace label (or module path) the run keys on;
+    ``op`` (= :attr:`op_label`) and :attr:`op_index` name the op it probes in the run's
+    graph (:attr:`Run.graph`); ``rf`` is the receptive-field record of
+    ``receptive.schema.json`` (as stored, without ``schema``/``version``, in version-2 runs).
+    """
 
     name: str
     module: str | None
@@ -63,6 +73,30 @@ class LayerInfo:
     #: Which axes of the op's full output hold the batch, the units and the positions
     #: (see lurker.probe.layout); ``None`` for runs written before layouts: (N, C, ...).
     layout: dict[str, Any] | None = None
+    #: As stored: ``None`` where the run does not record it (read :attr:`op_index`).
+    _op_index: int | None = field(default=None, repr=False)
+
+    @property
+    def op_label(self) -> str | None:
+        """The label of the probed op in the run's graph (the ``op`` column)."""
+        return self.op
+
+    @property
+    def op_index(self) -> int:
+        """Index of the probed op in the run's graph (``run.graph.ops[info.op_index]``).
+
+        Raises :class:`MissingFromRunError` for a run that does not record it (one written
+        before run-store version 3): it is never guessed from the label.
+        """
+        if self._op_index is None:
+            raise MissingFromRunError(
+                f"layer {self.name!r} has no op index: the run does not record which op of "
+                "the model's graph each layer probes (runs of store version 2 do not). Probe "
+                "the model again into a new run (another out directory, or overwrite=True) "
+                "to get op indices and the graph",
+                missing="op_index",
+            )
+        return self._op_index
 
 
 @dataclass(frozen=True)
@@ -177,6 +211,8 @@ class Unit:
                 "shape": list(self.info.shape),
                 "rf": self.info.rf,
                 "layout": self.info.layout,
+                "op_label": self.info.op_label,
+                "op_index": self.info._op_index,
             },
             "unit": self.index,
             "mean": _json_float(self.mean),
@@ -200,10 +236,13 @@ class Unit:
 class Run:
     """A probe run on disk, opened read-only. Use :meth:`open`."""
 
-    def __init__(self, path: Path, conn: sqlite3.Connection) -> None:
+    def __init__(self, path: Path, conn: sqlite3.Connection, version: int = SCHEMA_VERSION) -> None:
         self.path = path
+        #: The run's store schema version (2 or 3; see docs/run-store.md).
+        self.schema_version = version
         self._conn = conn
         self._lock = threading.Lock()
+        self._graph: Graph | None = None
         self.meta: dict[str, Any] = {
             k: json.loads(v) for k, v in self._query("SELECT key, value FROM meta")
         }
@@ -211,6 +250,7 @@ class Run:
             n for (n,) in self._query("SELECT name FROM classes ORDER BY id")
         ]
         layout_col = "layout" if has_layout_column(self._conn) else "NULL"
+        op_index_col = "op_index" if version >= 3 else "NULL"
         self.layers: list[LayerInfo] = [
             LayerInfo(
                 name=name,
@@ -223,6 +263,7 @@ class Run:
                 position=int(position),
                 id=int(layer_id),
                 layout=None if layout is None else json.loads(layout),
+                _op_index=None if op_index is None else int(op_index),
             )
             for (
                 layer_id,
@@ -235,9 +276,10 @@ class Run:
                 rf,
                 position,
                 layout,
+                op_index,
             ) in self._query(
                 "SELECT id, name, module, op, kind, num_units, shape, rf, position, "
-                f"{layout_col} FROM layers ORDER BY position"
+                f"{layout_col}, {op_index_col} FROM layers ORDER BY position"
             )
         ]
         self._by_name = {info.name: info for info in self.layers}
@@ -279,16 +321,17 @@ class Run:
         if not has_meta:
             conn.close()
             raise NotARunError(f"{db} is an SQLite file but not a lurker run (no meta table)")
-        if version != SCHEMA_VERSION:
+        if version not in READABLE_VERSIONS:
             conn.close()
+            readable = " and ".join(map(str, READABLE_VERSIONS))
             raise SchemaVersionError(
-                f"run {root} has schema version {version}, but this lurker reads version "
-                f"{SCHEMA_VERSION}; open it with the lurker version that wrote it "
+                f"run {root} has schema version {version}, but this lurker reads versions "
+                f"{readable}; open it with the lurker version that wrote it "
                 f"(meta lurker_version), or probe again with overwrite=True (CLI: --overwrite)",
                 found=int(version),
                 expected=SCHEMA_VERSION,
             )
-        run = cls(root, conn)
+        run = cls(root, conn, int(version))
         status = run.meta.get("status")
         if status != STATUS_COMPLETE and not allow_incomplete:
             run.close()
@@ -305,6 +348,45 @@ class Run:
     def complete(self) -> bool:
         """Whether the probe finished and wrote all results."""
         return self.meta.get("status") == STATUS_COMPLETE
+
+    def graph_json(self) -> dict[str, Any]:
+        """The traced graph's JSON document, as the probe stored it (``trace.to_json()``).
+
+        Needs neither the model nor torch. Raises :class:`MissingFromRunError` if the run
+        holds no graph (runs of store version 2, or written without ``set_graph``).
+        """
+        rows = self._query("SELECT doc FROM graph WHERE id = 1") if self._has_graph() else []
+        if not rows:
+            why = (
+                f"it was written by lurker {self.meta.get('lurker_version', '?')} with run-store "
+                f"version {self.schema_version}, which did not store graphs"
+                if self.schema_version < 3
+                else "it was written without one (RunWriter.set_graph was not called)"
+            )
+            raise MissingFromRunError(
+                f"run {self.path} holds no graph of its model: {why}. Probe the model again "
+                "into a new run (another out directory, or overwrite=True; CLI: --overwrite) "
+                "to store the graph and each layer's op index",
+                missing="graph",
+            )
+        doc: dict[str, Any] = json.loads(rows[0][0])
+        return doc
+
+    @property
+    def graph(self) -> Graph:
+        """The traced graph (``lurker.graph.Graph.from_json(run.graph_json())``), read once.
+
+        Raises :class:`MissingFromRunError` as :meth:`graph_json` does.
+        """
+        if self._graph is None:
+            from lurker.graph import Graph  # torch-free, but only loaded when asked
+
+            self._graph = Graph.from_json(self.graph_json())
+        return self._graph
+
+    def _has_graph(self) -> bool:
+        with self._lock:
+            return has_graph_table(self._conn)
 
     def layer(self, name: str) -> LayerInfo:
         """A layer by name, op label or module path (names win; a module must be unique)."""

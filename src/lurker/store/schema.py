@@ -3,19 +3,35 @@
 docs/run-store.md documents every table and column; keep the two in sync. Any change
 that an older reader could misread (a renamed or retyped column, a new blob encoding)
 must bump :data:`SCHEMA_VERSION`; purely additive changes that old readers ignore
-(a new index, a new meta key) need not.
+(a new index, a new meta key) need not. The receptive-field record stored per layer has
+its own version (:data:`RF_VERSION`) and JSON Schema (``lurker/schema/receptive.schema.json``).
 """
 
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Mapping
+from functools import cache
+from importlib import resources
 from typing import Any
 
 import numpy as np
 
+from lurker.errors import LurkerError
+
 #: Stored in ``PRAGMA user_version`` and in ``meta.schema_version``. Version 2 keeps a
-#: unit's top-k lists in its ``units`` row (``top`` blob) instead of a row per entry.
-SCHEMA_VERSION = 2
+#: unit's top-k lists in its ``units`` row (``top`` blob) instead of a row per entry;
+#: version 3 adds the traced graph (``graph`` table), each layer's op index and the
+#: versioned receptive-field record.
+SCHEMA_VERSION = 3
+#: Versions :class:`lurker.store.Run` opens. A version-2 run lacks the graph and the op
+#: indices: reading them raises :class:`~lurker.store.MissingFromRunError`, nothing is made up.
+READABLE_VERSIONS = (2, 3)
+
+#: The receptive-field record (``layers.rf``): ``schema`` and ``version`` fields of each.
+RF_SCHEMA_ID = "lurker.receptive"
+RF_VERSION = 1
 
 DB_NAME = "run.db"
 CACHE_DIR = "cache"
@@ -77,10 +93,15 @@ CREATE TABLE layers (
     rf         TEXT,
     position   INTEGER NOT NULL,
     hist_edges BLOB NOT NULL,
-    layout     TEXT
+    layout     TEXT,
+    op_index   INTEGER
 );
 CREATE INDEX layers_by_module ON layers(module);
 CREATE INDEX layers_by_op ON layers(op);
+CREATE TABLE graph (
+    id  INTEGER PRIMARY KEY CHECK (id = 1),
+    doc TEXT NOT NULL
+);
 CREATE TABLE units (
     layer_id   INTEGER NOT NULL REFERENCES layers(id),
     unit       INTEGER NOT NULL,
@@ -92,6 +113,122 @@ CREATE TABLE units (
     PRIMARY KEY (layer_id, unit)
 );
 """
+
+
+def has_graph_table(conn: Any) -> bool:
+    """Whether the database has the ``graph`` table (runs of version 3 and later)."""
+    row = conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='graph'")
+    return row.fetchone() is not None
+
+
+def rf_record(rf: Any) -> dict[str, Any]:
+    """The receptive-field record a run stores for a layer: exactly the shape of
+    ``receptive.schema.json``, with its ``schema`` and ``version``.
+
+    ``rf`` is an ``RF`` (anything with ``to_dict()``) or its dict, with or without the
+    ``schema``/``version`` fields (a record of another version is refused). Checked here,
+    field by field, so that a reader (the web explorer) can rely on the documented shape;
+    raises :class:`LurkerError` naming the first field that does not fit.
+    """
+    if hasattr(rf, "to_dict"):
+        rf = rf.to_dict()
+    if not isinstance(rf, Mapping):
+        raise LurkerError(f"rf must be an RF or its dict, got {type(rf).__name__}")
+    if (
+        rf.get("schema", RF_SCHEMA_ID) != RF_SCHEMA_ID
+        or rf.get("version", RF_VERSION) != RF_VERSION
+    ):
+        raise LurkerError(
+            f"rf is a {rf.get('schema')!r} record of version {rf.get('version')!r}; "
+            f"this lurker stores {RF_SCHEMA_ID!r} version {RF_VERSION}"
+        )
+    extra = sorted(set(rf) - {"schema", "version", "y", "x", "input_size", "full", "exact"})
+    if extra:
+        raise LurkerError(f"rf has unknown field(s) {extra}")
+    size = _ints(rf, "input_size", low=1)
+    if len(size) != 2:
+        raise LurkerError(f"rf input_size must be [H, W], got {rf['input_size']!r}")
+    return {
+        "schema": RF_SCHEMA_ID,
+        "version": RF_VERSION,
+        "y": _axis(rf, "y", size[0]),
+        "x": _axis(rf, "x", size[1]),
+        "input_size": size,
+        "full": _bool(rf, "full"),
+        "exact": _bool(rf, "exact"),
+    }
+
+
+def _axis(rf: Mapping[str, Any], key: str, extent: int) -> dict[str, Any]:
+    axis = rf.get(key)
+    if not isinstance(axis, Mapping):
+        raise LurkerError(f"rf {key} must be an axis object, got {axis!r}")
+    extra = sorted(set(axis) - {"size", "stride", "start", "dim", "lo", "hi"})
+    if extra:
+        raise LurkerError(f"rf {key} has unknown field(s) {extra}")
+    where = f"rf {key}"
+    dim = axis.get("dim")
+    if dim is not None and (not _is_int(dim) or dim < 0):
+        raise LurkerError(f"{where}.dim must be a dim index >= 0 or None, got {dim!r}")
+    lo, hi = _ints(axis, "lo", where=where), _ints(axis, "hi", where=where)
+    if not lo or len(lo) != len(hi) or (dim is None and len(lo) != 1):
+        raise LurkerError(
+            f"{where}: lo and hi need one bound per position (one for a reduced axis), got "
+            f"{len(lo)} and {len(hi)}"
+        )
+    if any(not 0 <= a <= b <= extent for a, b in zip(lo, hi)):
+        raise LurkerError(f"{where}: bounds must satisfy 0 <= lo <= hi <= {extent}")
+    return {
+        "size": _number(axis, "size", where, low=0),
+        "stride": _number(axis, "stride", where, low=0),
+        "start": _number(axis, "start", where),
+        "dim": None if dim is None else int(dim),
+        "lo": lo,
+        "hi": hi,
+    }
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _ints(d: Mapping[str, Any], key: str, *, low: int = 0, where: str = "rf") -> list[int]:
+    values = d.get(key)
+    if not isinstance(values, (list, tuple, np.ndarray)) or not all(
+        _is_int(v) and v >= low for v in values
+    ):
+        raise LurkerError(f"{where}.{key} must be a list of integers >= {low}, got {values!r}")
+    return [int(v) for v in values]
+
+
+def _number(d: Mapping[str, Any], key: str, where: str, low: float | None = None) -> int | float:
+    value = d.get(key)
+    if _is_int(value):
+        value = int(value)
+    elif isinstance(value, (float, np.floating)) and math.isfinite(value):
+        value = float(value)
+    else:
+        raise LurkerError(f"{where}.{key} must be a finite number, got {value!r}")
+    if low is not None and value < low:
+        raise LurkerError(f"{where}.{key} must be >= {low}, got {value!r}")
+    return value
+
+
+def _bool(d: Mapping[str, Any], key: str) -> bool:
+    value = d.get(key)
+    if not isinstance(value, (bool, np.bool_)):
+        raise LurkerError(f"rf.{key} must be true or false, got {value!r}")
+    return bool(value)
+
+
+def receptive_json_schema() -> dict[str, Any]:
+    """The JSON Schema (draft 2020-12) of the receptive-field record, shipped with lurker."""
+    return json.loads(_rf_schema_text())
+
+
+@cache
+def _rf_schema_text() -> str:
+    return resources.files("lurker").joinpath("schema/receptive.schema.json").read_text("utf-8")
 
 
 def to_blob(values: np.ndarray, dtype: np.dtype) -> bytes:

@@ -43,6 +43,7 @@ from lurker.store.schema import (
     TOP_DTYPE,
     dump_json,
     has_layout_column,
+    rf_record,
     to_blob,
 )
 
@@ -63,9 +64,11 @@ class LayerResult:
 
     Top-list slots whose sample id is ``-1`` (the dataset had fewer than k samples) are
     stored as empty (readers leave them out). ``shape`` is the layer's output shape
-    without the batch axis; ``rf`` its receptive field (any JSON-serializable dict) or
-    ``None``; ``layout`` which axes of the full output hold the batch, the units and the
-    positions (``None``: ``(N, C, ...)``).
+    without the batch axis; ``rf`` its receptive field (an ``RF`` or its dict, stored as
+    the versioned record of ``receptive.schema.json``) or ``None``; ``layout`` which axes
+    of the full output hold the batch, the units and the positions (``None``:
+    ``(N, C, ...)``). ``op_index`` is the position in the run's graph of the op the layer
+    probes (whose label is ``op``); a run with a graph needs it for every layer.
     """
 
     name: str
@@ -84,8 +87,9 @@ class LayerResult:
     class_mean: ArrayLike  # (C, num_classes) mean activation per class
     hist: ArrayLike  # (C, bins) histogram counts
     hist_edges: ArrayLike  # (bins + 1,) shared bin edges
-    rf: dict[str, Any] | None = None
+    rf: Any = None  # an RF, its dict (see receptive.schema.json), or None
     layout: dict[str, Any] | None = None  # batch/unit/position axes (probe.layout.Layout)
+    op_index: int | None = None  # the probed op's index in the run's graph
 
 
 @dataclass
@@ -145,9 +149,17 @@ def _prepare(result: LayerResult, num_classes: int | None) -> _Arrays:
     edges = _np(result.hist_edges).astype(EDGES_DTYPE).reshape(-1)
     if hist.ndim != 2 or hist.shape[0] != c or edges.shape != (hist.shape[1] + 1,):
         raise fail(f"hist {hist.shape} and hist_edges {edges.shape} must be ({c}, bins), (bins+1,)")
+    if result.op_index is not None and (
+        not isinstance(result.op_index, (int, np.integer)) or result.op_index < 0
+    ):
+        raise fail(f"op_index must be an op's index (an int >= 0), got {result.op_index!r}")
+    try:
+        rf = None if result.rf is None else rf_record(result.rf)
+    except LurkerError as exc:
+        raise fail(str(exc)) from exc
     try:
         shape_json = dump_json([int(s) for s in result.shape])
-        rf_json = None if result.rf is None else dump_json(result.rf)
+        rf_json = None if rf is None else dump_json(rf)
         layout_json = None if result.layout is None else dump_json(result.layout)
     except (TypeError, ValueError) as exc:
         raise fail(f"shape, rf and layout must be JSON-serializable without NaN ({exc})") from exc
@@ -389,6 +401,39 @@ class RunWriter:
                 ((str(p), str(r)) for p, r in rows),
             )
 
+    def set_graph(self, doc: dict[str, Any] | str) -> None:
+        """Store the traced graph's JSON document (``trace.to_json()``), replacing any.
+
+        Kept as the document's text, as is: :meth:`lurker.store.Run.graph_json` gives it
+        back and ``Run.graph`` rebuilds the graph, with no model and no torch. A ``str``
+        must be that document already serialised.
+        """
+        if isinstance(doc, str):
+            text = doc
+            try:
+                parsed = json.loads(text)
+            except ValueError as exc:
+                raise LurkerError(f"set_graph: the text is not a JSON document ({exc})") from exc
+        else:
+            parsed = doc
+            try:
+                text = json.dumps(doc, allow_nan=False, separators=(",", ":"))
+            except (TypeError, ValueError) as exc:
+                raise LurkerError(f"set_graph: the document is not strict JSON ({exc})") from exc
+        if not isinstance(parsed, dict) or not isinstance(parsed.get("ops"), list):
+            raise LurkerError("set_graph: expected a graph document (an object with 'ops')")
+        with self._tx() as cur:
+            cur.execute("INSERT OR REPLACE INTO graph(id, doc) VALUES (1, ?)", (text,))
+
+    def _graph_labels(self) -> list[Any] | None:
+        """The op labels of the stored graph, by index; ``None`` if it has none."""
+        row = self._conn.execute("SELECT doc FROM graph WHERE id = 1").fetchone()
+        if row is None:
+            return None
+        return [
+            op.get("label") if isinstance(op, dict) else None for op in json.loads(row[0])["ops"]
+        ]
+
     # -- final results ---------------------------------------------------------------
 
     def write_layers_result(self, layers: Sequence[LayerResult]) -> None:
@@ -405,8 +450,17 @@ class RunWriter:
             raise LurkerError(f"write_layers_result: duplicate layer names {dupes}")
         num_classes = self._conn.execute("SELECT count(*) FROM classes").fetchone()[0]
         prepared = [_prepare(layer, num_classes) for layer in layers]
-        if not has_layout_column(self._conn):  # a run begun by a lurker before layouts
+        if not has_layout_column(self._conn):  # a run made without the column
             self._conn.execute("ALTER TABLE layers ADD COLUMN layout TEXT")
+        labels = self._graph_labels()
+        for layer in layers if labels is not None else ():
+            i = layer.op_index
+            if i is None or not 0 <= i < len(labels) or labels[i] != layer.op:
+                found = labels[i] if i is not None and 0 <= i < len(labels) else None
+                raise LurkerError(
+                    f"layer {layer.name!r}: op_index {i!r} names op {found!r} of the run's "
+                    f"graph, not its op {layer.op!r}; give each layer the index of its op"
+                )
         with self._tx() as cur:
             cur.execute("DELETE FROM units")
             cur.execute("DELETE FROM layers")
@@ -425,7 +479,7 @@ class RunWriter:
         c, k = a.max_ids.shape
         cur.execute(
             "INSERT INTO layers(name, module, op, kind, num_units, shape, rf, position, "
-            "hist_edges, layout) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "hist_edges, layout, op_index) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 r.name,
                 r.module,
@@ -437,6 +491,7 @@ class RunWriter:
                 position,
                 to_blob(a.hist_edges, EDGES_DTYPE),
                 a.layout_json,
+                None if r.op_index is None else int(r.op_index),
             ),
         )
         layer_id = cur.lastrowid
