@@ -194,6 +194,9 @@ def test_calls_bound_for_the_recorder() -> None:
     assert tf.is_random_call(tf.func_info(F.alpha_dropout), (x, 0.5, True), {})
     assert tf.is_random_call(tf.func_info(torch.dropout), (x, 0.5, True), {})
     assert not tf.is_random_call(tf.func_info(torch.dropout), (x, 0.5), {"train": False})
+    # a call its entry's parameters do not take: assumed random, every tensor guarded
+    assert tf.is_random_call(tf.func_info(F.dropout), (x, 0.5, True, False, "extra"), {})
+    assert tf.mutated_buffers(f_info, (x, m, v, w, b, True, 0.1, 1e-5, "extra"), {}) == [m, v, w, b]
 
 
 # --------------------------------------------------------------------------- FLOPs

@@ -155,7 +155,10 @@ def mutated_buffers(info: FuncInfo, args: tuple, kwargs: dict) -> list[Any]:
     if rule is None:
         return []
     flag, stats = rule
-    bound = _bind(info, args, kwargs)
+    try:
+        bound = _bind(info, args, kwargs)
+    except TypeError:  # a same-named callable of other parameters: guard every tensor
+        return [t for t in (*args[1:], *kwargs.values()) if isinstance(t, torch.Tensor)]
     if not bound.get(flag):
         return []
     return [bound[s] for s in stats if isinstance(bound.get(s), torch.Tensor)]
@@ -166,5 +169,8 @@ def is_random_call(info: FuncInfo, args: tuple, kwargs: dict) -> bool:
     if info.random:
         return True
     if info.dropout:
-        return catalogue.draws_random(info.name, _bind(info, args, kwargs))
+        try:
+            return catalogue.draws_random(info.name, _bind(info, args, kwargs))
+        except TypeError:  # a same-named callable of other parameters: keep its RNG state
+            return True
     return False
