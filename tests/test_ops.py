@@ -169,6 +169,28 @@ def test_bind_by_name() -> None:
     assert (tb["weight"], tb["running_mean"], tb["training"]) == ("w", "m", True)
 
 
+@pytest.mark.parametrize(
+    ("name", "args", "kwargs"),
+    [
+        ("dropout", ("x",), {}),
+        ("dropout", ("x", 0.2, False), {}),
+        ("dropout", ("x",), {"train": False, "p": 0.0}),
+        ("dropout_", ("x", 0.2), {"training": True}),
+        ("batch_norm", ("x", "m", "v", None, None, True), {}),
+        ("instance_norm", ("x",), {"running_mean": "m"}),
+        ("scaled_dot_product_attention", ("q", "k", "v"), {"dropout_p": 0.1, "scale": 2.0}),
+        ("permute", ("x", 2, 0, 1), {}),
+        ("sum", (), {"input": "x", "dim": 1}),
+    ],
+)
+def test_one_argument_equals_bind(name: str, args: tuple, kwargs: dict) -> None:
+    """``arg``, the recorder's one-argument read, agrees with ``bind`` on every name."""
+    spec = SPECS[name]
+    bound = spec.bind(args, kwargs)
+    for key in (*spec.names, *kwargs, "absent"):
+        assert spec.arg(args, kwargs, key, "dflt") == bound.get(key, "dflt"), key
+
+
 def test_bind_errors() -> None:
     with pytest.raises(KeyError, match="relu"):
         bind("relu", ("x",))

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import ast
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from math import prod
 from typing import Any
 
@@ -48,6 +48,46 @@ class OpSpec:
     source: str | None
     flops: str | None = None  # the FLOPs rule (see flops()); None: not counted
     names: frozenset[str] = frozenset()  # the parameter names, for binding keywords
+    # name -> (position, or -1 for keyword-only; default): what arg() reads
+    _at: dict[str, tuple[int, Any]] = field(init=False, repr=False, compare=False)
+    _npos: int = field(init=False, repr=False, compare=False)
+    _spread: bool = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        pos = [p for p in self.params if not p.kw_only]
+        at = {p.name: (i, p.default) for i, p in enumerate(pos)}
+        at.update({p.name: (-1, p.default) for p in self.params if p.kw_only})
+        object.__setattr__(self, "_at", at)
+        object.__setattr__(self, "_npos", len(pos))
+        object.__setattr__(self, "_spread", bool(pos) and pos[-1].spread)
+
+    def arg(
+        self, args: tuple | list, kwargs: Mapping[str, Any] | None, name: str, default: Any = None
+    ) -> Any:
+        """One argument of a call by name: ``bind(args, kwargs).get(name, default)`` without
+        binding the rest (the recorder asks this of every dropout and norm call)."""
+        n = self._npos
+        if len(args) > n:
+            if not self._spread:
+                raise TypeError(
+                    f"{self.name}() takes {n} positional arguments, the call gave {len(args)}"
+                )
+            return self.bind(args, kwargs).get(name, default)
+        if kwargs:
+            alt = _ALIASES.get(name)
+            if name in kwargs:
+                if name in self.names or alt not in self.names:
+                    return kwargs[name]
+                return default  # bound under its other spelling, alt
+            if alt is not None and alt in kwargs and alt not in self.names:
+                return kwargs[alt]
+        at = self._at.get(name)
+        if at is None:
+            return default
+        i, d = at
+        if 0 <= i < len(args):
+            return args[i]
+        return default if d is _REQUIRED else d
 
     def positional(self) -> tuple[str, ...]:
         return tuple(p.name for p in self.params if not p.kw_only)
@@ -378,19 +418,23 @@ DROPOUTS: dict[str, tuple[str, str | None]] = {
 }  # fmt: skip
 
 
-def draws_random(name: str, bound: Mapping[str, Any]) -> bool:
-    """Whether a call of ``name`` with these bound arguments draws random numbers."""
+def draws_random(
+    name: str, args: tuple | list, kwargs: Mapping[str, Any] | None, op: OpSpec | None = None
+) -> bool:
+    """Whether a call of ``name`` with these arguments draws random numbers (``op``: its
+    parameters where they differ from the name's entry)."""
     if name in RANDOM:
         return True
     rule = DROPOUTS.get(name)
     if rule is None:
         return False
+    op = op or SPECS[name]
     p_name, train_name = rule
     if train_name is not None:
-        train = bound.get(train_name, True)
+        train = op.arg(args, kwargs, train_name, True)
         if train is not None and not train:  # native_dropout(train=None): training
             return False
-    return bound.get(p_name) != 0
+    return op.arg(args, kwargs, p_name) != 0
 
 
 # Normalisations that update running statistics in place while training:

@@ -143,25 +143,21 @@ def func_info(func: Any) -> FuncInfo:
     return info
 
 
-def _bind(info: FuncInfo, args: tuple, kwargs: dict) -> dict[str, Any]:
-    if info.spec is None:  # never for the ops asked about here: the catalogue lists them
-        raise KeyError(f"the op catalogue does not know the parameters of {info.name!r}")
-    return info.spec.bind(args, kwargs)
-
-
 def mutated_buffers(info: FuncInfo, args: tuple, kwargs: dict) -> list[Any]:
     """Running statistics a normalisation op updates in place (training mode only)."""
     rule = catalogue.NORMS.get(info.name)
     if rule is None:
         return []
     flag, stats = rule
+    spec = info.spec
+    assert spec is not None  # NORMS names are catalogue entries
     try:
-        bound = _bind(info, args, kwargs)
+        if not spec.arg(args, kwargs, flag):
+            return []
+        found = [spec.arg(args, kwargs, s) for s in stats]
     except TypeError:  # a same-named callable of other parameters: guard every tensor
         return [t for t in (*args[1:], *kwargs.values()) if isinstance(t, torch.Tensor)]
-    if not bound.get(flag):
-        return []
-    return [bound[s] for s in stats if isinstance(bound.get(s), torch.Tensor)]
+    return [t for t in found if isinstance(t, torch.Tensor)]
 
 
 def is_random_call(info: FuncInfo, args: tuple, kwargs: dict) -> bool:
@@ -170,7 +166,7 @@ def is_random_call(info: FuncInfo, args: tuple, kwargs: dict) -> bool:
         return True
     if info.dropout:
         try:
-            return catalogue.draws_random(info.name, _bind(info, args, kwargs))
+            return catalogue.draws_random(info.name, args, kwargs, info.spec)
         except TypeError:  # a same-named callable of other parameters: keep its RNG state
             return True
     return False
