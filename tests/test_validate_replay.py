@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import lurker
-from lurker.capture import _funcs
 from lurker.capture._tree import paths
 from lurker.errors import GraphChangedError, ValidationError
+from lurker.ops import torch_funcs as _funcs
 
 
 def _same(a, b, atol=1e-6) -> None:

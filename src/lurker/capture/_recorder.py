@@ -34,12 +34,15 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.overrides import TorchFunctionMode
 
 from ..graph.nodes import ITEMSIZE, ModuleInfo, Op, ParamRef, TensorMeta
+from ..ops import torch_funcs as _funcs
 
 # _build imports this module back: its names are read at call time
-from . import _build, _context, _funcs, _memory
+from . import _build, _context, _memory
+from ._mode import NO_KWARGS as _NO_KWARGS
+from ._mode import OpMode
+from ._mode import produced as _produced
 from ._policy import SavePolicy
 from ._tree import call_tensors, tensors
 
@@ -50,7 +53,6 @@ _EXAMPLES_PY = os.path.join(_LURKER_DIR, "examples.py")
 # The frame that marks a module call: Module.__call__ (``_wrapped_call_impl`` since torch 2.1;
 # its three locals make ``f_locals`` cheaper than on ``_call_impl``).
 _CALL_IMPL = nn.Module.__call__.__code__
-_TENSOR_ITER = Tensor.__iter__
 _USER, _TORCH_MODEL, _PLUMBING = 0, 1, 2
 _MODULE_PY = os.path.join(_TORCH_DIR, "nn", "modules", "module.py")
 _OVERRIDES_PY = os.path.join(_TORCH_DIR, "overrides.py")
@@ -90,15 +92,12 @@ _PLUMBING_FILES = tuple(
     )
 )
 _kind_cache: dict[str, int] = {}
-_PASSTHROUGH = _funcs.PASSTHROUGH
-_INFO = _funcs.INFO
 # bound once: the hot path would otherwise look each up through its module per op
 _getframe = sys._getframe
 _ref = weakref.ref
 _new_tuple = tuple.__new__
 _any_autocast = _context.any_autocast
 _grad_enabled = _context.grad_enabled
-_NO_KWARGS: dict[str, Any] = {}  # shared by calls without keywords: never mutated
 
 
 def _is_lurker(filename: str) -> bool:
@@ -648,23 +647,8 @@ class _Core:
             self.nodes[i].stale = True
 
     # ------------------------------------------------------------------ the op hook
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        return self._op(func, types, args, kwargs)
-
-    def _op(self, func, types, args, kwargs):
-        if func in _PASSTHROUGH:  # x.dim(), x.size(1): nothing to record
-            return func(*args, **kwargs) if kwargs else func(*args)
-        info = _INFO.get(func)
-        if info is None:  # first call of this callable, or one handled specially
-            inner = _funcs.DECOMPOSE.get(func)
-            if inner is not None:
-                with self:
-                    return inner(*args, **(kwargs or {}))
-            if func is _TENSOR_ITER:  # `for row in x`: record the unbind that yields the rows
-                return iter(self.__torch_function__(Tensor.unbind, types, (args[0],), {}))
-            info = _funcs.func_info(func)
-        if not kwargs:
-            kwargs = _NO_KWARGS
+    def _op(self, func, info, args, kwargs):
+        """Record one call that may be an op (:class:`OpMode` routed it here)."""
         self._locate()
         ins = call_tensors(args, kwargs)
         # resolve before running: a buffer or constant first met by an in-place op must be
@@ -701,30 +685,14 @@ class _Core:
             raise
         dt = perf_counter() - t0
 
-        if isinstance(out, Tensor):
-            outs = [out]
-        elif info.readout:  # before the list case: tolist() returns a list
+        made = _produced(func, info, out, ins, versions)  # the replayer asks the same
+        if made is None:
+            return out
+        outs, changed, by_mutation = made
+        if not outs:  # a readout
             self._record(func, info, inputs, args, kwargs, [], dt, "readout", out)
             return out
-        elif isinstance(out, (tuple, list)):
-            outs = tensors(out, [])
-        else:
-            outs = []
-        changed = None
-        for j in range(len(ins)):
-            t = ins[j]
-            if t._version != versions[j]:
-                if changed is None:
-                    changed = []
-                changed.append(t)
-        if not outs:
-            if changed is None:
-                if out is not None and (
-                    type(out) is torch.Size or not isinstance(out, (tuple, list, dict))
-                ):
-                    _PASSTHROUGH.add(func)  # a query: skip it from now on
-                return out
-            outs = changed[:1]  # x[i] = v and friends: the op "produces" the mutated tensor
+        if by_mutation:  # x[i] = v and friends: the op "produces" the mutated tensor
             inplace = True
         if changed is not None and not inplace:  # an in-place op we did not foresee
             for t in changed:
@@ -915,7 +883,7 @@ class _Core:
         node._key = entry  # its final pass count (and source) is read in the build
 
 
-class Recorder(_Core, TorchFunctionMode):
+class Recorder(_Core, OpMode):
     """Records one forward pass. Use through :func:`lurker.trace`, not directly."""
 
 

@@ -13,11 +13,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
-from torch.overrides import TorchFunctionMode
 
 from ..errors import GraphChangedError
-from . import _funcs, _hooks
+from ..ops import torch_funcs as _funcs
+from . import _hooks
 from ._hooks import Resolved
+from ._mode import OpMode, produced
 from ._policy import make_policy
 from ._tree import call_tensors, paths, tensors
 
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
     from .trace import Activations, Trace
 
 
-class Replayer(TorchFunctionMode):
+class Replayer(OpMode):
     """Calls each hooked op's hooks with its live output; what they return replaces it."""
 
     def __init__(self, trace: Trace, hooks: Resolved):
@@ -43,34 +44,20 @@ class Replayer(TorchFunctionMode):
         self.trace = trace
         self.call: tuple[tuple, dict] = ((), {})  # the inputs of the forward being run
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if kwargs is None:
-            kwargs = {}
-        if func in _funcs.PASSTHROUGH:
-            return func(*args, **kwargs)
-        inner = _funcs.DECOMPOSE.get(func)
-        if inner is not None:
-            with self:
-                return inner(*args, **kwargs)
-        if func is Tensor.__iter__:  # mirror the recorder: rows come from a recorded unbind
-            return iter(self.__torch_function__(Tensor.unbind, types, (args[0],), {}))
+    def _op(self, func: Any, info: _funcs.FuncInfo, args: tuple, kwargs: dict) -> Any:
+        """Count one call that may be an op (:class:`OpMode` routed it here, as it does
+        for the recorder) and hand its output to its hooks, if it has any."""
         ins = call_tensors(args, kwargs)
         versions = [t._version for t in ins]
-        out = func(*args, **kwargs)
-        if isinstance(out, Tensor):
-            outs = [out]
-        elif _funcs.func_info(func).readout:  # before the list case: tolist() returns a list
-            self._count(func)
+        out = func(*args, **kwargs) if kwargs else func(*args)
+        made = produced(func, info, out, ins, versions)  # the recorder asks the same
+        if made is None:
             return out
-        elif isinstance(out, (tuple, list)):
-            outs = tensors(out, [])
-        else:
-            outs = []
-        if not outs:
-            outs = [t for t, v in zip(ins, versions) if t._version != v][:1]
-            if not outs:
-                return out
-        hooked = self.hooks.get(self._count(func))
+        outs = made[0]
+        seq = self._count(func)
+        if not outs:  # a readout: a value, nothing to hook
+            return out
+        hooked = self.hooks.get(seq)
         if hooked is None:
             return out
         # in place: the output is an input the call modified (returned, or not: x[i] = v)

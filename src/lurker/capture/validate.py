@@ -17,7 +17,8 @@ import torch
 from torch import Tensor
 
 from ..errors import ValidationError
-from . import _context, _funcs
+from ..ops import torch_funcs as _funcs
+from . import _context
 from ._tree import paths, refill
 
 if TYPE_CHECKING:

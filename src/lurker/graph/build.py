@@ -9,9 +9,10 @@ in a batch afterwards, so the recorder leaves all of this until the forward is d
 from __future__ import annotations
 
 from collections import deque
-from math import prod
+from typing import Any
 
-from .nodes import ModuleInfo, Op, TensorMeta
+from ..ops import catalogue
+from .nodes import ModuleInfo, Op
 
 #: kinds of the nodes the recorder records (a call of the model's); the others (inputs,
 #: outputs, buffers, constants) are sources and sinks it adds around them
@@ -147,42 +148,33 @@ def input_metas(node: Op, nodes: list[Op]) -> list[tuple[int, ...]]:
     return metas
 
 
-_CONV = {"conv1d", "conv2d", "conv3d", "convolution", "_convolution"}
-_CONV_T = {"conv_transpose1d", "conv_transpose2d", "conv_transpose3d"}
-_MATMUL = {"matmul", "mm", "bmm", "rmatmul"}
-_FLOP_OPS = (
-    _CONV
-    | _CONV_T
-    | _MATMUL
-    | {"linear", "addmm", "baddbmm", "addbmm", "scaled_dot_product_attention"}
-)
+_FLOP_OPS = frozenset(n for n, s in catalogue.SPECS.items() if s.flops is not None)
 
 
 def flops(node: Op, nodes: list[Op]) -> int | None:
-    """Floating-point operations (2 per multiply-add) of conv, linear and matmul-like ops."""
+    """Floating-point operations (2 per multiply-add) of conv, linear and matmul-like ops,
+    by the catalogue's rule for the op, from its arguments bound by name."""
     name = node.name
     if name not in _FLOP_OPS or not node.outputs or not node._inputs:
         return None
-    out: TensorMeta = node.outputs[0]
     try:
-        ins = input_metas(node, nodes)
-        if name in _CONV and len(ins) >= 2:
-            w = ins[1]
-            return 2 * out.numel * prod(w[1:])
-        if name in _CONV_T and len(ins) >= 2:
-            return 2 * prod(ins[0]) * prod(ins[1][1:])
-        if name == "linear" and len(ins) >= 2:
-            return 2 * out.numel * ins[1][-1]
-        if name in _MATMUL and len(ins) >= 2:
-            return 2 * out.numel * ins[0][-1]
-        if name in ("addmm", "baddbmm", "addbmm") and len(ins) >= 3:
-            return 2 * out.numel * ins[1][-1]
-        if name == "scaled_dot_product_attention" and len(ins) >= 3:
-            q, k, v = ins[:3]
-            lead = prod(q[:-2])
-            return 2 * lead * q[-2] * k[-2] * (q[-1] + v[-1])
-        if name == "einsum":
-            return None
-    except (IndexError, TypeError):
+        shapes = _bound_shapes(node, nodes)
+    except (TypeError, IndexError):  # a call the op's signature does not take
         return None
-    return None
+    return catalogue.flops(name, shapes, node.outputs[0].shape)
+
+
+def _bound_shapes(node: Op, nodes: list[Op]) -> dict[str, Any]:
+    """The op's arguments by parameter name, tensors replaced by their shapes.
+
+    Without its recorded arguments (an op that save= did not keep) its tensor arguments
+    are bound in order, which is how these ops are called.
+    """
+    if node._skel_args is None:
+        return catalogue.bind(node.name, tuple(input_metas(node, nodes)))
+    bound = catalogue.bind(node.name, node._skel_args, node._skel_kwargs)
+    for k, v in bound.items():
+        shape = getattr(v, "shape", None)  # a tensor or a ParamRef
+        if shape is not None:
+            bound[k] = tuple(shape)
+    return bound

@@ -59,6 +59,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from ..errors import LurkerError
+from ..ops.catalogue import bind
 
 if TYPE_CHECKING:
     from .nodes import Op
@@ -363,25 +364,22 @@ def _combine(
 
 
 # --------------------------------------------------------------------------- call arguments
-class _Call:
-    """The recorded arguments of one op, looked up by name or position."""
+class _Unbound(Exception):
+    """A recorded call that its op's signature does not take: the op is not understood."""
 
-    def __init__(self, op: Op, names: Sequence[str]):
-        if op._skel_args is None:
-            raise LurkerError(
-                f"receptive_fields needs the call arguments of {op.label} ({op.name}), but "
-                "this trace did not keep them (it saved no activation for that op). Trace "
-                "with save='all' (the default): lurker.trace(model, x)."
-            )
-        self.args: tuple = tuple(op._skel_args)
-        self.kwargs: dict[str, Any] = dict(op._skel_kwargs or {})
-        self.names = names
 
-    def get(self, name: str, default: Any = None) -> Any:
-        if name in self.kwargs:
-            return self.kwargs[name]
-        i = self.names.index(name)
-        return self.args[i] if i < len(self.args) else default
+def _args(op: Op) -> dict[str, Any]:
+    """The recorded arguments of one op by parameter name (the op catalogue's ``bind``)."""
+    if op._skel_args is None:
+        raise LurkerError(
+            f"receptive_fields needs the call arguments of {op.label} ({op.name}), but "
+            "this trace did not keep them (it saved no activation for that op). Trace "
+            "with save='all' (the default): lurker.trace(model, x)."
+        )
+    try:
+        return bind(_base_name(op.name), op._skel_args, op._skel_kwargs)
+    except TypeError as e:
+        raise _Unbound(str(e)) from None
 
 
 def _tensor_shape(v: Any) -> tuple[int, ...] | None:
@@ -439,13 +437,6 @@ def _h_pointwise(op: Op, k: int, parents: list[_Parent], out: tuple[int, ...]) -
     return maps
 
 
-_CONV = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
-_CONVT = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
-_MAXPOOL = ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
-_AVGPOOL = ("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad")
-_LPPOOL = ("input", "norm_type", "kernel_size", "stride", "ceil_mode")
-
-
 def _spatial_op(nd: int, kind: str) -> _Handler:
     """conv / conv_transpose / max, avg and lp pools over the last ``nd`` dims."""
 
@@ -453,10 +444,7 @@ def _spatial_op(nd: int, kind: str) -> _Handler:
         p = _main(parents)
         if p is None:
             return {}
-        names = {"conv": _CONV, "convt": _CONVT, "max": _MAXPOOL, "avg": _AVGPOOL}.get(
-            kind, _LPPOOL
-        )
-        c = _Call(op, names)
+        c = _args(op)
         if kind in ("conv", "convt"):
             w = c.get("weight")
             ws = _tensor_shape(w)
@@ -516,17 +504,6 @@ def _adaptive(nd: int) -> _Handler:
     return handler
 
 
-_INTERP = (
-    "input",
-    "size",
-    "scale_factor",
-    "mode",
-    "align_corners",
-    "recompute_scale_factor",
-    "antialias",
-)
-
-
 def _interp_map(n_in: int, n_out: int, mode: str, align: bool, sf: float | None, aa: bool) -> _Map:
     """Source taps of one interpolated dim, as torch computes them (float32 and float64)."""
     if mode == "area":
@@ -568,7 +545,7 @@ def _h_interpolate(op: Op, k: int, parents: list[_Parent], out: tuple[int, ...])
     p = _main(parents)
     if p is None:
         return {}
-    c = _Call(op, _INTERP)
+    c = _args(op)
     mode = str(c.get("mode", "nearest"))
     nd = len(p.shape) - 2
     sf = c.get("scale_factor")
@@ -591,7 +568,7 @@ def _h_pad(op: Op, k: int, parents: list[_Parent], out: tuple[int, ...]) -> _Map
     p = _main(parents)
     if p is None:
         return {}
-    c = _Call(op, ("input", "pad", "mode", "value"))
+    c = _args(op)
     pad = [int(v) for v in c.get("pad")]
     mode = str(c.get("mode", "constant"))
     maps: dict[int, _Map | None] = {d: _keep(d, p.shape[d], out[d]) for d in range(len(p.shape))}
@@ -630,18 +607,14 @@ def _h_reshape(op: Op, k: int, parents: list[_Parent], out: tuple[int, ...]) -> 
 
 def _perm(op: Op, nd: int) -> list[int] | None:
     """Output dim e holds input dim perm[e]."""
-    name = op.name
-    c = _Call(op, ("input", "a", "b"))
-    args = c.args
+    name = _base_name(op.name)
     perm = list(range(nd))
     if name == "permute":
-        dims = c.kwargs.get("dims", args[1] if len(args) == 2 else args[1:])
-        dims = dims if isinstance(dims, (tuple, list)) else [dims]
-        return _dims(dims, nd)
+        return _dims(_args(op).get("dims"), nd)
     if name in ("transpose", "swapaxes", "swapdims"):
-        kw = c.kwargs
-        a = kw.get("dim0", kw.get("axis0", args[1] if len(args) > 1 else None))
-        b = kw.get("dim1", kw.get("axis1", args[2] if len(args) > 2 else None))
+        c = _args(op)
+        a = c.get("dim0", c.get("axis0"))
+        b = c.get("dim1", c.get("axis1"))
         if a is None or b is None:
             return None
         a, b = int(a) % nd, int(b) % nd
@@ -653,8 +626,9 @@ def _perm(op: Op, nd: int) -> list[int] | None:
         perm[-1], perm[-2] = perm[-2], perm[-1]
         return perm
     if name in ("movedim", "moveaxis"):
-        src = _dims(c.kwargs.get("source", args[1] if len(args) > 1 else 0), nd)
-        dst = _dims(c.kwargs.get("destination", args[2] if len(args) > 2 else 0), nd)
+        c = _args(op)
+        src = _dims(c.get("source", 0), nd)
+        dst = _dims(c.get("destination", 0), nd)
         res: list[int | None] = [None] * nd
         for s, t in zip(src, dst):
             res[t] = s
@@ -677,8 +651,7 @@ def _h_getitem(op: Op, k: int, parents: list[_Parent], out: tuple[int, ...]) -> 
     p = _main(parents)
     if p is None:
         return {}
-    c = _Call(op, ("input", "index"))
-    index = c.get("index")
+    index = _args(op).get("index")
     items = list(index) if isinstance(index, tuple) else [index]
     if any(
         not (e is None or e is Ellipsis or isinstance(e, (int, slice))) or isinstance(e, bool)
@@ -717,7 +690,7 @@ def _offset_map(out_dim: int, n_out: int, off: int, n_in: int) -> _Map:
 
 
 def _h_cat(op: Op, k: int, parents: list[_Parent], out: tuple[int, ...]) -> _Maps | None:
-    c = _Call(op, ("tensors", "dim"))
+    c = _args(op)
     seq = c.get("tensors")
     if not isinstance(seq, (tuple, list)):
         return None
@@ -754,7 +727,7 @@ def _h_split(op: Op, k: int, parents: list[_Parent], out: tuple[int, ...]) -> _M
     if p is None:
         return {}
     unbind = op.name == "unbind"
-    c = _Call(op, ("input", "dim") if unbind else ("input", "sections", "dim"))
+    c = _args(op)
     dim = int(c.get("dim", 0)) % len(p.shape)
     start = k if unbind else sum(op.outputs[q].shape[dim] for q in range(k))
     return {p.j: _slice_maps(p.shape, dim, start, out, drop=unbind)}
@@ -765,7 +738,7 @@ def _h_narrow(op: Op, k: int, parents: list[_Parent], out: tuple[int, ...]) -> _
     if p is None:
         return {}
     select = op.name == "select"
-    c = _Call(op, ("input", "dim", "index") if select else ("input", "dim", "start", "length"))
+    c = _args(op)
     dim = int(c.get("dim")) % len(p.shape)
     pos = c.get("index") if select else c.get("start")
     if not isinstance(pos, int):
@@ -802,9 +775,7 @@ def _h_flip(op: Op, k: int, parents: list[_Parent], out: tuple[int, ...]) -> _Ma
     if op.name in ("fliplr", "flipud"):
         dims = [1 if op.name == "fliplr" else 0]
     else:
-        c = _Call(op, ("input", "dims"))
-        a = c.args[1:] if len(c.args) > 2 else c.get("dims")
-        dims = _dims(a, nd)
+        dims = _dims(_args(op).get("dims"), nd)
     maps: dict[int, _Map | None] = {}
     for d, n in enumerate(p.shape):
         maps[d] = _Map(d, _col(n - 1 - np.arange(n)), -1.0) if d in dims else _keep(d, n, out[d])
@@ -815,7 +786,7 @@ def _h_roll(op: Op, k: int, parents: list[_Parent], out: tuple[int, ...]) -> _Ma
     p = _main(parents)
     if p is None:
         return {}
-    c = _Call(op, ("input", "shifts", "dims"))
+    c = _args(op)
     dims, shifts = c.get("dims"), c.get("shifts")
     if dims is None or (isinstance(dims, (tuple, list)) and not dims):
         return {}  # rolls the flattened tensor: mix everything
@@ -870,14 +841,13 @@ def _h_reduce(op: Op, k: int, parents: list[_Parent], out: tuple[int, ...]) -> _
     p = _main(parents)
     if p is None:
         return {}
-    c = _Call(op, ("input", "p", "dim") if op.name == "norm" else ("input", "dim"))
+    c = _args(op)
     if op.name in ("max", "min") and (
-        _tensor_shape(c.kwargs.get("other")) is not None
-        or (len(c.args) > 1 and _tensor_shape(c.args[1]) is not None)
+        _tensor_shape(c.get("other")) is not None or _tensor_shape(c.get("dim")) is not None
     ):
         return _h_pointwise(op, k, parents, out)  # torch.max(a, b): elementwise
     nd = len(p.shape)
-    dim = c.get("dim", -1 if op.name == "mode" else None)
+    dim = c.get("dim")
     if isinstance(dim, bool) or (dim is not None and not isinstance(dim, (int, tuple, list))):
         return None  # std(x, True): that is 'unbiased'
     red = set(range(nd)) if dim is None or dim == () or dim == [] else set(_dims(dim, nd))
@@ -901,19 +871,12 @@ def _h_reduce(op: Op, k: int, parents: list[_Parent], out: tuple[int, ...]) -> _
     return {p.j: maps}
 
 
-_ALONG = {  # name -> (argument names, default dim); None: softmax's legacy implicit dim
-    "softmax": (("input", "dim"), None),
-    "log_softmax": (("input", "dim"), None),
-    "softmin": (("input", "dim"), None),
-    "normalize": (("input", "p", "dim"), 1),
-    "sort": (("input", "dim"), -1),
-    "argsort": (("input", "dim"), -1),
-    "cumsum": (("input", "dim"), 0),
-    "cumprod": (("input", "dim"), 0),
-    "cummax": (("input", "dim"), 0),
-    "cummin": (("input", "dim"), 0),
-    "logcumsumexp": (("input", "dim"), 0),
-}
+# Ops that mix along one dim (its default is the op's own; softmax's None: the legacy
+# implicit dim).
+_ALONG = {
+    "softmax", "log_softmax", "softmin", "normalize", "sort", "argsort", "cumsum", "cumprod",
+    "cummax", "cummin", "logcumsumexp",
+}  # fmt: skip
 
 
 def _h_along(op: Op, k: int, parents: list[_Parent], out: tuple[int, ...]) -> _Maps | None:
@@ -921,9 +884,8 @@ def _h_along(op: Op, k: int, parents: list[_Parent], out: tuple[int, ...]) -> _M
     p = _main(parents)
     if p is None:
         return {}
-    names, default = _ALONG[op.name]
     nd = len(p.shape)
-    dim = _Call(op, names).get("dim", default)
+    dim = _args(op).get("dim", 0)  # cumsum and friends: dim has no default
     if dim is None:
         dim = 0 if nd in (0, 1, 3) else 1
     dim = int(dim) % nd
@@ -1061,7 +1023,10 @@ def _propagate(
     if op.kind == "output":
         return _combine(parents, _h_pointwise(op, k, parents, out) or {}, out, exact, context)
     handler = _HANDLERS.get(_base_name(op.name))
-    maps = handler(op, k, parents, out) if handler is not None else None
+    try:
+        maps = handler(op, k, parents, out) if handler is not None else None
+    except _Unbound:  # a call its op's signature does not take
+        maps = None
     if maps is None:  # unknown: position-wise if the spatial sizes are kept, else no RF
         maps = _h_pointwise(op, k, parents, out)
         exact = False

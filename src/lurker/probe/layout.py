@@ -26,6 +26,7 @@ units. :func:`infer_layouts` works the layout out for every op of a trace:
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ from torch import Tensor
 
 from ..errors import LurkerError
 from ..graph.receptive import RF, follow_axes, receptive_fields
+from ..ops.catalogue import bind
 
 if TYPE_CHECKING:
     from ..capture.trace import Trace
@@ -244,8 +246,10 @@ def _defined_unit(op: Op) -> tuple[int, str] | None:
     if name in _CHANNEL_NORMS and nd >= 2:
         return 1, "norm"
     if name in ("layer_norm", "rms_norm"):
-        shape = op._skel_args[1] if op._skel_args and len(op._skel_args) > 1 else None
-        shape = (op._skel_kwargs or {}).get("normalized_shape", shape)
+        shape = None
+        if op._skel_args is not None:
+            with contextlib.suppress(TypeError):  # a call the signature does not take
+                shape = bind(name, op._skel_args, op._skel_kwargs).get("normalized_shape")
         if isinstance(shape, (list, tuple)) and len(shape) != 1:
             return None
         return nd - 1, "norm"
