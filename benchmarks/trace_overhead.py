@@ -149,6 +149,9 @@ def bench(
             tr = lurker.trace(model, *args)
             tr.run(*args, save="all")
         plain, traced, ran, lens = [], [], [], []
+        skip_lens = torchlens is not None and tr.num_ops > LENS_MAX_OPS
+        if skip_lens:
+            torchlens = None
         if torchlens is not None:
             torchlens.trace(model, list(args))  # its first-call costs are not overhead either
         for i in range(repeats):
@@ -161,7 +164,12 @@ def bench(
     line = f"{name:28s} {tr.num_ops:5d} {p * 1e3:11.3f} {t * 1e3:9.3f} {t / p:5.2f}x {r / p:5.2f}x"
     if lens:
         line += f"   torchlens {statistics.median(lens) / p:.0f}x"
+    elif skip_lens:
+        line += f"   torchlens skipped (over {LENS_MAX_OPS} ops: tens of seconds a call)"
     return line
+
+
+LENS_MAX_OPS = 1000
 
 
 if __name__ == "__main__":
