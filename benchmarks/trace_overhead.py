@@ -154,12 +154,14 @@ def bench(
             torchlens = None
         if torchlens is not None:
             torchlens.trace(model, list(args))  # its first-call costs are not overhead either
+            _unwrap(torchlens)
         for i in range(repeats):
             plain.append(_time(lambda: model(*args), device))
             traced.append(_time(lambda: lurker.trace(model, *args), device))
             ran.append(_time(lambda: tr.run(*args, save="all"), device))
             if torchlens is not None and i < lens_repeats:
                 lens.append(_time(lambda: torchlens.trace(model, list(args)), device))
+                _unwrap(torchlens)
     p, t, r = statistics.median(plain), statistics.median(traced), statistics.median(ran)
     line = f"{name:28s} {tr.num_ops:5d} {p * 1e3:11.3f} {t * 1e3:9.3f} {t / p:5.2f}x {r / p:5.2f}x"
     if lens:
@@ -170,6 +172,13 @@ def bench(
 
 
 LENS_MAX_OPS = 1000
+
+
+def _unwrap(torchlens) -> None:
+    """torchlens leaves its wrappers on torch's functions after a trace (the next trace
+    reuses them): take them off, untimed, so that the plain forward, lurker's trace and
+    its replay (which checks it meets the callables it recorded) run on torch as it is."""
+    torchlens.backends.torch.wrappers.unwrap_torch()
 
 
 if __name__ == "__main__":
