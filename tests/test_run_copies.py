@@ -108,3 +108,15 @@ def test_run_values_are_those_produced(make, shape, training):
                 b.add_(1.0)
     for op in calls:
         assert torch.equal(_first(acts[op.label]), kept[op.label]), op.label
+
+
+def test_run_with_hooks_copies_what_a_hook_hands_back():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    x = torch.randn(2, 4)
+    tr = lurker.trace(model, x)
+    held = torch.ones(2, 4)  # the hook's own tensor, changed by its owner afterwards
+    acts = tr.run(x, save="all", hooks={"0": lambda op, out: held})
+    held.zero_()
+    torch.testing.assert_close(acts["0"], torch.ones(2, 4))
+    torch.testing.assert_close(acts["1"], torch.ones(2, 4))  # relu of the replacement
