@@ -7,10 +7,13 @@ saved activations) is freed after the timer stops, as a caller would free it lat
 Targets: resnet18 64 px <= 1.4x, vgg11 64 px <= 1.15x, the transformer <= 3.0x, for the
 trace and for ``Trace.run``. The "small models" section (a 1-op model, a 10-op MLP, a
 2,944-op random graph of tiny ops) shows the fixed cost of a trace, which dominates
-sub-millisecond forwards. If torchlens is installed it is timed in the same loop.
+sub-millisecond forwards. If torchlens is installed (``pip install -e '.[bench]'``) its
+``torchlens.trace(model, [x])`` is timed in the same loop, in the first ``--lens-repeats``
+rounds only (it is several hundred times slower than a forward), and its ratio printed
+beside ours.
 
     python benchmarks/trace_overhead.py [--repeats 30] [--device cpu|cuda] [--only small|large]
-                                        [--threads N]
+                                        [--threads N] [--lens-repeats 3]
 """
 
 from __future__ import annotations
@@ -97,6 +100,9 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--only", choices=["small", "large"], default=None)
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    ap.add_argument(
+        "--lens-repeats", type=int, default=3, help="rounds that also time torchlens (0: none)"
+    )
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -106,6 +112,12 @@ def main() -> None:
         torchlens = None
     print(f"torch {torch.__version__}, device {a.device}, threads {torch.get_num_threads()}")
     print("(medians of interleaved runs; on a shared machine the figures are noisy)")
+    if torchlens is None:
+        print("torchlens is not installed: no torchlens column (pip install -e '.[bench]')")
+    elif a.lens_repeats <= 0:
+        torchlens = None
+    else:
+        print(f"torchlens {torchlens.__version__}: timed in the first {a.lens_repeats} rounds")
     head = (
         f"{'model':28s} {'ops':>5s} {'forward ms':>11s} {'trace ms':>9s} {'trace':>6s} {'run':>6s}"
     )
@@ -118,10 +130,18 @@ def main() -> None:
         for name, model, args in make(a.device):
             # thousands of ops: fewer repeats keep the run short, the medians stay stable
             reps = max(5, a.repeats // 3) if name.startswith("random") else a.repeats
-            print(bench(name, model, args, reps, a.device, torchlens))
+            print(bench(name, model, args, reps, a.device, torchlens, a.lens_repeats), flush=True)
 
 
-def bench(name: str, model: nn.Module, args: tuple, repeats: int, device: str, torchlens) -> str:
+def bench(
+    name: str,
+    model: nn.Module,
+    args: tuple,
+    repeats: int,
+    device: str,
+    torchlens,
+    lens_repeats: int = 3,
+) -> str:
     """One row: medians of interleaved plain / traced / replayed (/ torchlens) forwards."""
     with torch.no_grad():
         for _ in range(3):  # warm up both paths (first-call costs are not overhead)
@@ -129,17 +149,36 @@ def bench(name: str, model: nn.Module, args: tuple, repeats: int, device: str, t
             tr = lurker.trace(model, *args)
             tr.run(*args, save="all")
         plain, traced, ran, lens = [], [], [], []
-        for _ in range(repeats):
+        skip_lens = torchlens is not None and tr.num_ops > LENS_MAX_OPS
+        if skip_lens:
+            torchlens = None
+        if torchlens is not None:
+            torchlens.trace(model, list(args))  # its first-call costs are not overhead either
+            _unwrap(torchlens)
+        for i in range(repeats):
             plain.append(_time(lambda: model(*args), device))
             traced.append(_time(lambda: lurker.trace(model, *args), device))
             ran.append(_time(lambda: tr.run(*args, save="all"), device))
-            if torchlens is not None:
+            if torchlens is not None and i < lens_repeats:
                 lens.append(_time(lambda: torchlens.trace(model, list(args)), device))
+                _unwrap(torchlens)
     p, t, r = statistics.median(plain), statistics.median(traced), statistics.median(ran)
     line = f"{name:28s} {tr.num_ops:5d} {p * 1e3:11.3f} {t * 1e3:9.3f} {t / p:5.2f}x {r / p:5.2f}x"
     if lens:
-        line += f"   torchlens {statistics.median(lens) / p:.1f}x"
+        line += f"   torchlens {statistics.median(lens) / p:.0f}x"
+    elif skip_lens:
+        line += f"   torchlens skipped (over {LENS_MAX_OPS} ops: tens of seconds a call)"
     return line
+
+
+LENS_MAX_OPS = 1000
+
+
+def _unwrap(torchlens) -> None:
+    """torchlens leaves its wrappers on torch's functions after a trace (the next trace
+    reuses them): take them off, untimed, so that the plain forward, lurker's trace and
+    its replay (which checks it meets the callables it recorded) run on torch as it is."""
+    torchlens.backends.torch.wrappers.unwrap_torch()
 
 
 if __name__ == "__main__":

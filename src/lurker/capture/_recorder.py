@@ -711,6 +711,8 @@ class _Core:
     def _context(self, info: Any, args: tuple, kwargs: dict) -> _context.OpContext | None:
         """The autocast, grad mode and RNG state this op runs under, if not the default."""
         random = (info.random or info.dropout) and _funcs.is_random_call(info, args, kwargs)
+        if not random and not _any_autocast() and _grad_enabled() is self.grad0:
+            return None  # dropout in eval mode, p=0: the default state, nothing to read
         ctx = _context.current(rng=random)
         if not random and not ctx.autocast and ctx.grad is self.grad0:
             return None

@@ -9,6 +9,7 @@ and through it the probe's sweep and unit images.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -43,12 +44,17 @@ class Replayer(OpMode):
         self.seq = 0
         self.trace = trace
         self.call: tuple[tuple, dict] = ((), {})  # the inputs of the forward being run
+        # called before each call at a position in `writes` (see _Keeper); None: no one asks
+        self.before_write: Callable[[Any, list[Tensor], tuple, dict], None] | None = None
+        self.writes: frozenset[int] = frozenset()
 
     def _op(self, func: Any, info: _funcs.FuncInfo, args: tuple, kwargs: dict) -> Any:
         """Count one call that may be an op (:class:`OpMode` routed it here, as it does
         for the recorder) and hand its output to its hooks, if it has any."""
         ins = call_tensors(args, kwargs)
         versions = [t._version for t in ins]
+        if self.before_write is not None and self.seq in self.writes:
+            self.before_write(func, ins, args, kwargs)
         out = func(*args, **kwargs) if kwargs else func(*args)
         made = produced(func, info, out, ins, versions)  # the recorder asks the same
         if made is None:
@@ -164,7 +170,13 @@ def chosen_ops(trace: Trace, save: Any) -> list[Op]:
     if save is None:
         return [op for op in calls if op.activation is not None]
     policy = make_policy(save)
-    modules = dict(trace.model.named_modules()) if trace.model is not None else {}
+    if policy.everything:
+        return calls
+    modules = (
+        dict(trace.model.named_modules())
+        if trace.model is not None and policy.saves_modules
+        else {}
+    )
 
     def wanted_module(name: str) -> bool:
         path = name.split(":")[0]
@@ -177,6 +189,103 @@ def chosen_ops(trace: Trace, save: Any) -> list[Op]:
     ]
 
 
+class _Keeper:
+    """Keeps the wanted outputs of one replay, copying only those that need it.
+
+    A copy of every output (what a caller needs: values that later ops, the model or the
+    caller cannot change) costs as much as the ops of a small model. An output that the op
+    made fresh, or a view of one kept already, is kept as it is; it is copied only if a
+    later call may write into its storage (an op the trace recorded as in place, or a
+    normalisation updating running statistics), just before that call. An output that
+    is, or views, a tensor from outside the forward (an input, a parameter, a buffer, a
+    constant) is copied at once, since the caller or an optimizer may change that later.
+    """
+
+    def __init__(self, trace: Trace, args: tuple, kwargs: dict):
+        self.values: dict[int, Any] = {}
+        self.transform = trace._transform
+        cached = trace.__dict__.get("_replay_keep")
+        if cached is None:  # per trace: positions of calls that may write; the modules
+            writes = frozenset(
+                op.seq
+                for op in trace.ops
+                if op.seq >= 0 and (op.inplace or op.name in ("batch_norm", "instance_norm"))
+            )
+            mods = list(trace.model.modules()) if trace.model is not None else []
+            consts = [op._key for op in trace.ops if op.kind == "constant"]
+            cached = (writes, mods, [id(t) for t in consts if isinstance(t, Tensor)])
+            trace.__dict__["_replay_keep"] = cached
+        self.writes, mods, consts = cached
+        # ids of tensors from outside the forward: inputs, constants the trace holds, and
+        # the parameters and buffers the model holds now (they may have been replaced)
+        outside = set(consts)
+        outside.update(map(id, tensors((args, kwargs), [])))
+        for m in mods:
+            outside.update(map(id, m._parameters.values()))
+            outside.update(map(id, m._buffers.values()))
+        self.outside = outside
+        self.inputs = (args, kwargs)  # keeps the input ids above valid while it runs
+        self.made: dict[int, Tensor] = {}  # id -> each output kept as is (holds it)
+        # storage pointer -> indices of kept values on it; only if some call may write
+        self.aliases: dict[int, list[int]] | None = {} if self.writes else None
+
+    def keep(self, idx: int, value: Any) -> None:
+        if self.transform is not None:
+            transform = self.transform
+            self.values[idx] = (
+                tuple(transform(t.detach()) for t in value)
+                if isinstance(value, tuple)
+                else transform(value.detach())
+            )
+            return
+        if isinstance(value, tuple):
+            self.values[idx] = tuple(self._one(idx, t) for t in value)
+        else:
+            self.values[idx] = self._one(idx, value)
+
+    def _one(self, idx: int, t: Tensor) -> Tensor:
+        i = id(t)
+        base = t._base
+        if i in self.outside or (base is not None and id(base) not in self.made):
+            return t.detach().clone()  # (a view of) a tensor from outside the forward
+        if self.aliases is not None:
+            try:
+                ptr = t.untyped_storage().data_ptr()
+            except (RuntimeError, NotImplementedError):  # no plain storage (sparse, ...)
+                return t.detach().clone()
+            self.aliases.setdefault(ptr, []).append(idx)
+        self.made[i] = t
+        return t.detach()
+
+    def before_write(self, func: Any, ins: list[Tensor], args: tuple, kwargs: dict) -> None:
+        """Copy the kept values that share storage with what this call may write into."""
+        aliases = self.aliases
+        if not aliases:
+            return
+        info = _funcs.func_info(func)
+        out = kwargs.get("out")
+        if out is not None:
+            targets = tensors(out, [])
+        elif info.inplace_first and ins:
+            targets = ins[:1]
+        elif info.norm:  # running statistics, in training mode
+            targets = _funcs.mutated_buffers(info, args, kwargs)
+        else:  # recorded as in place, by no rule known beforehand: any argument
+            targets = ins
+        values = self.values
+        for t in targets:
+            try:
+                ptr = t.untyped_storage().data_ptr()
+            except (RuntimeError, NotImplementedError):
+                continue  # no plain storage: no kept value was left sharing it
+            for i in aliases.pop(ptr, ()):
+                v = values.get(i)
+                if isinstance(v, tuple):
+                    values[i] = tuple(x.clone() for x in v)
+                elif v is not None:
+                    values[i] = v.clone()
+
+
 def replay(trace: Trace, args: tuple, kwargs: dict, save: Any, hooks: Resolved) -> Activations:
     """Run the traced model on new inputs with ``hooks``; save what ``save`` selects
     (after the hooks: the values the rest of the forward used)."""
@@ -184,22 +293,39 @@ def replay(trace: Trace, args: tuple, kwargs: dict, save: Any, hooks: Resolved) 
 
     if trace.model is None or not trace.complete:
         raise GraphChangedError("Only a complete trace can be re-run on new inputs.")
-    transform = trace._transform
-    values: dict[int, Any] = {}
+    keeper: _Keeper | None = None
+    if hooks:
+        # a hook may hand back a tensor it keeps, or write into an output outside any
+        # call: every kept value is copied when it is made
+        transform = trace._transform
+        values: dict[int, Any] = {}
 
-    def keep(op: Op, value: Any) -> None:
-        def one(t: Tensor) -> Tensor:
-            t = t.detach()
-            return transform(t) if transform is not None else t.clone()
+        def keep(op: Op, value: Any) -> None:
+            def one(t: Tensor) -> Tensor:
+                t = t.detach()
+                return transform(t) if transform is not None else t.clone()
 
-        values[op.index] = tuple(one(t) for t in value) if isinstance(value, tuple) else one(value)
+            values[op.index] = (
+                tuple(one(t) for t in value) if isinstance(value, tuple) else one(value)
+            )
+
+    else:
+        keeper = _Keeper(trace, args, kwargs)
+        values = keeper.values
+
+        def keep(op: Op, value: Any) -> None:
+            keeper.keep(op.index, value)  # type: ignore[union-attr]
 
     chosen = chosen_ops(trace, save)
     if chosen:
         hooks = {i: list(fns) for i, fns in hooks.items()}  # (the caller's stay as they are)
         for op in chosen:
             hooks.setdefault(op.index, []).append(keep)
-    output = Replayer(trace, hooks).run(trace.model, args, kwargs)
+    replayer = Replayer(trace, hooks)
+    if keeper is not None:
+        replayer.before_write = keeper.before_write
+        replayer.writes = keeper.writes
+    output = replayer.run(trace.model, args, kwargs)
     named = dict(paths(output, "output", []))
     for op in trace.ops:
         if op.kind == "output" and op.name in named:

@@ -35,10 +35,14 @@ def call_tensors(args: tuple, kwargs: dict) -> list[Tensor]:
     ops, so both use this one function.
     """
     ins: list[Tensor] = []
+    kinds = _KINDS
     for a in args:
-        if isinstance(a, Tensor):
+        k = kinds.get(type(a))
+        if k is None:
+            k = _kind(type(a))
+        if k is _TENSOR:
             ins.append(a)
-        elif isinstance(a, (tuple, list, dict)):
+        elif k is _NESTED:
             tensors(a, ins)
     if kwargs:
         tensors(kwargs, ins)
@@ -47,15 +51,44 @@ def call_tensors(args: tuple, kwargs: dict) -> list[Tensor]:
 
 def tensors(obj: Any, acc: list[Tensor]) -> list[Tensor]:
     """Append every tensor nested in ``obj`` (tuples, lists, dicts, namedtuples) to ``acc``."""
-    if isinstance(obj, Tensor):
+    kinds = _KINDS
+    k = kinds.get(type(obj))
+    if k is None:
+        k = _kind(type(obj))
+    if k is _TENSOR:
         acc.append(obj)
-    elif isinstance(obj, (tuple, list)):
-        for o in obj:
-            tensors(o, acc)
-    elif isinstance(obj, dict):
-        for o in obj.values():
+        return acc
+    if k is not _NESTED:
+        return acc
+    # items tested here, not by a call each: calls carry many scalars (conv2d's stride,
+    # padding, dilation; interpolate's keywords)
+    for o in obj.values() if isinstance(obj, dict) else obj:
+        k = kinds.get(type(o))
+        if k is None:
+            k = _kind(type(o))
+        if k is _TENSOR:
+            acc.append(o)
+        elif k is _NESTED:
             tensors(o, acc)
     return acc
+
+
+# What a value is, by its type: looked up per argument of every op. ``isinstance(x,
+# Tensor)`` is slow when x is not a tensor (Tensor's metaclass sends it down the generic
+# path, which reads ``x.__class__``): several times a dict lookup, for every scalar.
+_TENSOR, _NESTED, _OTHER = "tensor", "nested", "other"
+_KINDS: dict[type, str] = {}
+
+
+def _kind(t: type) -> str:
+    if issubclass(t, Tensor):
+        k = _TENSOR
+    elif issubclass(t, (tuple, list, dict)):
+        k = _NESTED
+    else:
+        k = _OTHER
+    _KINDS[t] = k
+    return k
 
 
 def paths(obj: Any, prefix: str, acc: list[tuple[str, Tensor]]) -> list[tuple[str, Tensor]]:
