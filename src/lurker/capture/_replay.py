@@ -85,9 +85,7 @@ class Replayer(OpMode):
         """Why the path changed: the model's hooks, its own state, or the data."""
         hooks = _hooks.hook_changes(self.trace)
         if hooks:
-            listed = "; ".join(hooks[:3]) + (
-                f" and {len(hooks) - 3} more" if len(hooks) > 3 else ""
-            )
+            listed = _first_three(hooks, "; ")
             return (
                 f"The model's hooks changed since the trace: {listed}. A forward runs the "
                 "ops of the model's hooks, so it no longer runs the traced ones. Trace the "
@@ -105,9 +103,7 @@ class Replayer(OpMode):
             )
         changes = self.trace._state.lines
         if changes:
-            listed = ", ".join(changes[:3]) + (
-                f" and {len(changes) - 3} more" if len(changes) > 3 else ""
-            )
+            listed = _first_three(changes, ", ")
             return (
                 f"The model changed its own state while it was traced ({listed}), so later "
                 "forwards run other ops than the traced one: the graph depends on the model's "
@@ -147,6 +143,12 @@ class Replayer(OpMode):
 
 
 _same = _funcs.same_callable
+
+
+def _first_three(items: list[str], sep: str) -> str:
+    """Up to three items for a message, and how many more there are."""
+    more = f" and {len(items) - 3} more" if len(items) > 3 else ""
+    return sep.join(items[:3]) + more
 
 
 def _same_inputs(a: tuple[tuple, dict], b: tuple[tuple, dict]) -> bool:
