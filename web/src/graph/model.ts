@@ -213,7 +213,8 @@ export function nodeSize(n: ViewNode): [number, number] {
   const [a, b] = nodeLines(n);
   const w = Math.max(textWidth(a, 11), textWidth(b, 10)) + 20;
   const round = n.k === "input" || n.k === "output" ? 18 : 0;
-  return [Math.max(60, Math.ceil(w + round)), n.k === "readout" ? NODE_H + 6 : NODE_H];
+  if (n.k === "readout") return [Math.ceil(w * 1.5), NODE_H + 12]; // a diamond: text in its middle
+  return [Math.max(60, Math.ceil(w + round)), NODE_H];
 }
 
 export function boxSize(gr: ViewGroup): [number, number] {

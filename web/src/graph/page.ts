@@ -348,6 +348,12 @@ class GraphPage {
         for (let i = 2; i < pts.length; i += 2) d += " L" + pts[i] + "," + pts[i + 1];
         const j = Math.floor(pts.length / 4) * 2;
         mid = [pts[j], pts[j + 1]];
+      } else if (a === b) {
+        // a rolled op feeding its own next pass: a loop on its right-hand side
+        const x1 = ra[0] + ra[2] / 2;
+        const y1 = ra[1];
+        d = `M${f1(x1)},${f1(y1 - 6)} C${f1(x1 + 42)},${f1(y1 - 26)} ${f1(x1 + 42)},${f1(y1 + 26)} ${f1(x1 + 2)},${f1(y1 + 6)}`;
+        mid = [x1 + 30, y1 + 3];
       } else if (back) {
         // around the right-hand side, from the source's right edge to the target's
         const x1 = ra[0] + ra[2] / 2;
