@@ -56,7 +56,7 @@ export function histogramChart(
   svg
     .append("g")
     .attr("transform", `translate(0,${height - M.bottom})`)
-    .call(axisBottom(x).ticks(6, "~g"));
+    .call(axisBottom(x).ticks(6).tickFormat((d) => tick(Number(d))));
   const yTicks = niceSymlogTicks(top);
   svg.append("g").attr("transform", `translate(${M.left},0)`).call(axisLeft(y).tickValues(yTicks).tickFormat((d) => compact(Number(d))));
   axisLabels(svg.node()!, width, height, xLabel, "count (symlog)");
@@ -112,7 +112,7 @@ export function barChart(
   svg
     .append("g")
     .attr("transform", `translate(0,${height - M.bottom})`)
-    .call(axisBottom(x).ticks(5, "~g"));
+    .call(axisBottom(x).ticks(5).tickFormat((d) => tick(Number(d))));
   axisLabels(svg.node()!, width, height, xLabel, null, left);
   return svg.node()!;
 }
@@ -144,4 +144,12 @@ function compact(v: number): string {
   if (v >= 1e6) return v / 1e6 + "M";
   if (v >= 1e3) return v / 1e3 + "k";
   return String(v);
+}
+
+/** Axis tick text: plain decimals (never "1e+1"), 3 significant digits at most. */
+function tick(v: number): string {
+  if (v === 0) return "0";
+  const a = Math.abs(v);
+  if (a >= 1e4 || a < 1e-3) return v.toExponential(1);
+  return String(Number(v.toPrecision(3)));
 }

@@ -12,7 +12,7 @@ export async function renderHome(root: HTMLElement, ctx: PageContext): Promise<v
   const classes = d.classes.length;
   const shownClasses = d.classes.slice(0, 40).join(", ") + (classes > 40 ? `, … (${classes - 40} more)` : "");
   append(root, 
-    h("h1", null, m.name ?? ctx.run, h("span", { class: "sub" }, ` run ${s.id}`)),
+    h("h1", null, m.name ?? ctx.run, h("span", { class: "sub" }, ` · run ${s.id}`)),
     s.missing.length ? notice(`This run lacks: ${s.missing.join("; ")}.`) : null,
     h(
       "div",

@@ -38,7 +38,7 @@ export async function renderLayer(root: HTMLElement, ctx: PageContext, args: str
             ? h("img", { src, loading: "lazy", decoding: "async", alt: `unit ${u.unit}: top image`, width: 96, height: 96 })
             : h("div", { class: "no-img" }, "no top image"),
           h("span", { class: "unit-id" }, `unit ${u.unit}`),
-          h("span", { class: "unit-stats" }, `max ${fmt(u.max)} · mean ${fmt(u.mean)}`),
+          h("span", { class: "unit-stats" }, h("span", null, `max ${fmt(u.max)}`), h("span", null, `mean ${fmt(u.mean)}`)),
         );
       }),
     );

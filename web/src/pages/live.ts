@@ -45,7 +45,7 @@ export async function renderLive(root: HTMLElement, ctx: PageContext): Promise<v
   };
 
   const status = h("div", { class: "status-line", role: "status" });
-  const file = h("input", { type: "file", accept: "image/*", id: "live-file", "aria-label": "upload an image" });
+  const file = h("input", { type: "file", accept: "image/*", id: "live-file", class: "visually-hidden", "aria-label": "upload an image" });
   file.addEventListener("change", async () => {
     const f = file.files?.[0];
     if (!f) return;

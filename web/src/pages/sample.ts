@@ -12,7 +12,7 @@ export async function renderSample(root: HTMLElement, ctx: PageContext, args: st
   for (const a of doc.appearances) byLayer.set(a.layer, [...(byLayer.get(a.layer) ?? []), a]);
   const pred = doc.prediction;
   append(root, 
-    h("h1", null, `Sample ${s.id}`, s.class_name ? h("span", { class: "sub" }, ` ${s.class_name}`) : null),
+    h("h1", null, `Sample ${s.id}`, s.class_name ? h("span", { class: "sub" }, ` · class ${s.class_name}`) : null),
     h(
       "div",
       { class: "sample-head" },
