@@ -155,7 +155,7 @@ function figure(ctx: PageContext, layer: string, unit: number, list: Tab, kind: 
   if (box) frame.append(h("div", { class: "peak", style: box, title: `peak at (${e.y}, ${e.x})` }));
   return h(
     "figure",
-    { class: "top-entry", "data-sample": e.sample_id, "data-rank": e.rank },
+    { class: "top-entry", "data-sample": e.sample_id, "data-rank": e.rank, "data-value": e.value === null ? null : String(e.value) },
     frame,
     h(
       "figcaption",
