@@ -68,9 +68,13 @@ function renderTopbar(run: string | null, active: string, summary: RunSummary | 
           h(
             "nav",
             { class: "main-nav" },
-            link("home", "Home", []),
+            h("a", { href: runHref(run!), class: active === "home" && !location.hash.includes("show=layers") ? "active" : null }, "Home"),
             link("graph", "Graph", ["graph"]),
-            h("a", { href: runHref(run) + "?show=layers", class: active === "layer" || active === "unit" ? "active" : null }, "Layers"),
+            h(
+              "a",
+              { href: runHref(run) + "?show=layers", class: active === "layer" || active === "unit" || (active === "home" && location.hash.includes("show=layers")) ? "active" : null },
+              "Layers",
+            ),
             link("samples", "Samples", ["samples"]),
             link("live", "Live", ["live"]),
           ),
@@ -140,6 +144,17 @@ async function render(): Promise<void> {
   if (ctl.signal.aborted) return;
   main.replaceChildren();
   await guard(() => page(main, ctx, args));
+  prefetch();
+}
+
+let prefetched = false;
+/** After the first page is up, fetch the layer and unit pages' code (a few KB) so that a
+ * click into a unit costs one JSON request and its images, nothing else. */
+function prefetch(): void {
+  if (prefetched) return;
+  prefetched = true;
+  const idle = window.requestIdleCallback ?? ((f: () => void) => setTimeout(f, 300));
+  idle(() => void Promise.all([pages.layer(), pages.unit()]).catch(() => undefined));
 }
 
 async function guard(fn: () => Promise<void> | void): Promise<void> {
