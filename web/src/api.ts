@@ -136,7 +136,7 @@ export interface LiveOp {
 
 export interface Kernel {
   shape: number[];
-  values: number[] | number[][];
+  values: unknown;
   min: number;
   max: number;
 }

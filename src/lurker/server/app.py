@@ -1,0 +1,184 @@
+"""The explorer's web app: the JSON API over one run or a folder of runs, and the front end.
+
+``create_app`` opens every run read-only once; everything else (inverted indexes, the
+graph view, datasets, models, images) is made on first request. Errors are JSON
+``{"detail": ...}`` bodies that say what exists or what to do, never a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from lurker.errors import LurkerError
+
+from .errors import ApiError
+from .session import ModelSource
+from .state import Registry
+
+log = logging.getLogger("lurker.server")
+
+#: Where `make` builds the front end (web/ -> here); shipped in the wheel.
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+#: Uploads larger than this are refused with 413.
+UPLOAD_LIMIT = 20 << 20
+
+_NOT_BUILT = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>lurker explorer: front end not built</title>
+<style>body{{font:16px/1.5 system-ui,sans-serif;max-width:40em;margin:4em auto;color:#222}}
+code{{background:#eee;padding:0 .3em}}</style></head><body>
+<h1>The explorer's front end is not built</h1>
+<p>This lurker has no built web assets in <code>{where}</code>. Build them from
+<code>web/</code> with <code>make</code> in the repository (it runs <code>npm ci</code> and
+<code>npm run build</code>), then reload this page.</p>
+<p>The JSON API works without them: <a href="/api/runs">/api/runs</a>,
+<a href="/docs">/docs</a>, <a href="/openapi.json">/openapi.json</a>.</p>
+</body></html>
+"""
+
+
+def create_app(
+    source: str | os.PathLike[str],
+    *,
+    model: str | None = None,
+    weights: str | None = None,
+    model_obj: Any = None,
+    dataset: Any = None,
+    static_dir: str | os.PathLike[str] | None = None,
+    device: str | None = None,
+    upload_limit: int = UPLOAD_LIMIT,
+) -> FastAPI:
+    """The explorer app over ``source``: a run directory or a folder of run directories.
+
+    ``model``/``weights`` (a model spec as ``lurker probe`` takes it) or ``model_obj`` (an
+    ``nn.Module``) attach a model to every run for the live views; without them each run
+    loads the model its config records, if any. ``dataset`` replaces the runs' recorded
+    dataset (for runs probed from Python). Raises :class:`~lurker.server.state.NotServableError`
+    when ``source`` holds no run.
+    """
+    if weights is not None and model is None and model_obj is None:
+        raise LurkerError("weights were given without a model: pass model='SPEC' as well")
+    registry = Registry(source)
+    static = Path(static_dir) if static_dir is not None else STATIC_DIR
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> Any:
+        yield
+        registry.close()
+
+    app = FastAPI(
+        title="lurker explorer",
+        version=_version(),
+        summary="Browse a probed model: its graph, layers, units, samples and live activations.",
+        lifespan=lifespan,
+    )
+    app.state.registry = registry
+    app.state.source = ModelSource(
+        spec=model, weights=weights, model_obj=model_obj, dataset=dataset, device=device
+    )
+    app.state.static_dir = static
+    app.state.upload_limit = upload_limit
+    _install_errors(app)
+
+    from .routes import graph, images, layers, live, runs, samples, units
+
+    for module in (runs, layers, units, samples, images, graph, live):
+        app.include_router(module.router)
+    _install_static(app, static)
+    return app
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("lurker")
+    except Exception:  # not installed (a source checkout on PYTHONPATH)
+        return "0"
+
+
+def _install_errors(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(LurkerError)
+    async def lurker_error(_: Request, exc: LurkerError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=409)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        if exc.status_code == 404 and detail == "Not Found":
+            detail = "no such page or API endpoint; the API is listed at /docs and /openapi.json"
+        return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err.get("loc", ()) if p not in ("path", "query"))
+            parts.append(f"{where}: {err.get('msg', 'invalid')}")
+        return JSONResponse({"detail": "invalid request: " + "; ".join(parts)}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # A bug, not a user error: say so in one line, keep the traceback in the log.
+        log.exception("lurker explorer: %s %s failed", request.method, request.url.path)
+        return JSONResponse(
+            {"detail": f"internal error: {type(exc).__name__}: {exc} (see the server's log)"},
+            status_code=500,
+        )
+
+    @app.middleware("http")
+    async def upload_size(request: Request, call_next: Any) -> Response:
+        # Refuse a too-large upload before its body is read and spooled.
+        if request.method == "POST":
+            length = request.headers.get("content-length")
+            limit = request.app.state.upload_limit
+            if length is not None and length.isdigit() and int(length) > limit + (64 << 10):
+                return JSONResponse({"detail": _too_big(int(length), limit)}, status_code=413)
+        return await call_next(request)
+
+
+def _too_big(size: int, limit: int) -> str:
+    return (
+        f"the upload is {size / 2**20:.1f} MB; the limit is {limit / 2**20:.0f} MB. "
+        "Send a smaller image (the model sees it resized anyway)"
+    )
+
+
+def _install_static(app: FastAPI, static: Path) -> None:
+    """``/`` serves index.html; other paths the built assets, never outside ``static``."""
+    root = static.resolve()
+
+    def index() -> Response:
+        page = root / "index.html"
+        if not page.is_file():
+            return HTMLResponse(_NOT_BUILT.format(where=root), status_code=503)
+        return FileResponse(page, media_type="text/html", headers={"Cache-Control": "no-cache"})
+
+    @app.get("/", include_in_schema=False)
+    def home() -> Response:
+        return index()
+
+    @app.get("/{path:path}", include_in_schema=False)
+    def asset(path: str) -> Response:
+        if path == "api" or path.startswith("api/"):
+            raise ApiError(
+                404, f"no API endpoint /{path}; the API is listed at /docs and /openapi.json"
+            )
+        target = (root / path).resolve()
+        if not target.is_relative_to(root) or not target.is_file():
+            raise ApiError(404, f"no file /{path} in the explorer's assets")
+        hashed = target.parent.name == "assets"  # Vite's content-hashed files
+        cache = "public, max-age=31536000, immutable" if hashed else "public, max-age=3600"
+        return FileResponse(target, headers={"Cache-Control": cache})

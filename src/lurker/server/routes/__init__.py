@@ -1,0 +1,1 @@
+"""One router per resource of the explorer's JSON API (see docs/explorer.md)."""

@@ -1,0 +1,97 @@
+"""PNG endpoints of a run: sample images and the images of units' top-k entries.
+
+Served from the run's ``cache/``; made on first request (sample images and max-list
+crops from the dataset alone, gradients and mean-list crops with the model) and cached.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path as FsPath
+from typing import Literal
+
+from fastapi import APIRouter, Path, Request
+from fastapi.responses import FileResponse, Response
+
+from ..deps import IMMUTABLE, entry, session
+from ..errors import ApiError
+
+router = APIRouter(prefix="/api", tags=["images"])
+
+PNG = {200: {"content": {"image/png": {}}, "description": "a PNG image"}}
+
+
+def png_response(found: bytes | FsPath) -> Response:
+    if isinstance(found, bytes):
+        return Response(found, media_type="image/png", headers=IMMUTABLE)
+    return FileResponse(found, media_type="image/png", headers=IMMUTABLE)
+
+
+@router.get(
+    "/runs/{run_id}/samples/{sample_id}/image.png",
+    response_class=Response,
+    responses=PNG,
+    summary="The sample as the model saw it",
+)
+def sample_image(request: Request, run_id: str, sample_id: int = Path(ge=0, le=2**62)) -> Response:
+    e = entry(request, run_id)
+    sid, path, _, _ = e.sample_row(sample_id)
+    s = session(request, e)
+    target = s.sample_file(sid)
+    if target.is_file() and target.stat().st_size > 0:
+        return png_response(target)
+    reason = s.dataset_reason()
+    if reason is not None:
+        raise ApiError(
+            404,
+            f"the image of sample {sid} is not cached and cannot be made: {reason}. Run "
+            f"`lurker images RUN` to cache the images of the units' top samples",
+        )
+    return png_response(s.sample_png(sid, path))
+
+
+@router.get(
+    "/runs/{run_id}/layers/{layer}/units/{unit}/{which}/{rank}/{kind}.png",
+    response_class=Response,
+    responses=PNG,
+    summary="An image of one top-k entry: the input, its crop, the gradient, its crop",
+)
+def unit_image(
+    request: Request,
+    run_id: str,
+    layer: str,
+    which: Literal["max", "mean"],
+    kind: Literal["input", "crop", "grad", "grad_crop"],
+    unit: int = Path(ge=0, le=2**31),
+    rank: int = Path(ge=0, le=2**31),
+) -> Response:
+    e = entry(request, run_id)
+    info = e.layer(layer)
+    e.unit_index(info, unit)
+    entries = e.open_run().unit(info.name, unit).top(which)
+    if not rank < len(entries):
+        raise ApiError(
+            404,
+            f"no rank {rank} in the {which!r} list of {info.name} unit {unit}: it has "
+            f"{len(entries)} entries (ranks 0..{len(entries) - 1})",
+        )
+    top = entries[rank]
+    s = session(request, e)
+    if kind == "input":
+        return sample_image(request, run_id, top.sample_id)
+    target = s.unit_file(kind, info.name, unit, which, rank)
+    if target.is_file() and target.stat().st_size > 0:
+        return png_response(target)
+    max_crop = kind == "crop" and which == "max" and top.y is not None and top.x is not None
+    if max_crop and s.dataset_reason() is None:
+        return png_response(s.crop_png(info, unit, rank, top.sample_id, top.y, top.x, top.path))
+    model_reason, data_reason = s.model_reason(), s.dataset_reason()
+    if model_reason is None and data_reason is None:
+        return png_response(s.model_image(kind, info.name, unit, rank, which))
+    why = model_reason or data_reason
+    raise ApiError(
+        404,
+        f"the {kind} image of {info.name} unit {unit} ({which} list, rank {rank}) is not "
+        f"cached, and making it needs the model and the dataset ({why}). Serve the run with "
+        "`lurker serve RUN --model SPEC --weights WEIGHTS`, or cache the images first with "
+        "`lurker images RUN`",
+    )

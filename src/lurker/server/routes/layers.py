@@ -1,0 +1,48 @@
+"""``/api/runs/{run}/layers/{layer}``: a layer's units in one payload (the layer grid)."""
+
+from __future__ import annotations
+
+import math
+
+from fastapi import APIRouter, Request
+
+from ..deps import entry
+from ..schemas import Histogram, LayerDetail, UnitBrief
+from .runs import layer_brief
+
+router = APIRouter(prefix="/api", tags=["layers"])
+
+
+def _f(v: float | None) -> float | None:
+    return float(v) if v is not None and math.isfinite(v) else None
+
+
+@router.get(
+    "/runs/{run_id}/layers/{layer}",
+    response_model=LayerDetail,
+    summary="A layer: its units' mean, max and top samples, the summed histogram",
+)
+def layer_detail(request: Request, run_id: str, layer: str) -> LayerDetail:
+    e = entry(request, run_id)
+    info = e.layer(layer)
+    rows, counts = e.layer_rows(info)
+    edges = e.open_run()._edges(info)
+    return LayerDetail(
+        layer=layer_brief(info),
+        rf=info.rf,
+        layout=info.layout,
+        histogram=Histogram(
+            edges=[_f(v) for v in edges.tolist()],
+            counts=[] if counts is None else [_f(v) for v in counts.tolist()],
+        ),
+        units=[
+            UnitBrief(
+                unit=u,
+                mean=_f(mean),
+                max=_f(mx),
+                top_max=tm if tm >= 0 else None,
+                top_mean=tn if tn >= 0 else None,
+            )
+            for u, mean, mx, tm, tn in rows
+        ],
+    )

@@ -1,0 +1,260 @@
+"""``/api/runs/{run}/live``: the model on an uploaded image or a dataset sample.
+
+Predictions, any op's input and output feature maps (one channel per request, PNG or raw
+JSON) and convolution kernels. Needs a model (409 naming ``lurker serve RUN --model``
+otherwise). FastAPI runs these sync endpoints in worker threads; the session's lock lets
+one call at a time reach the model.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from typing import Annotated, Literal
+
+import numpy as np
+from fastapi import APIRouter, File, Path, Request, UploadFile
+from fastapi.responses import Response
+
+from ..deps import IMMUTABLE, entry, session
+from ..errors import ApiError
+from ..schemas import FeatureSide, KernelInfo, KernelValues, LiveImage, LiveOp, MapValues
+from ..session import Session, finite_range, json_values, map_png
+
+router = APIRouter(prefix="/api", tags=["live"])
+
+PNG = {200: {"content": {"image/png": {}}, "description": "a PNG image"}}
+#: Decoded images larger than this many pixels are refused (a decompression bomb).
+MAX_PIXELS = 40_000_000
+
+
+def _live(request: Request, run_id: str) -> Session:
+    s = session(request, entry(request, run_id))
+    s.model()  # 409 naming how to attach one
+    return s
+
+
+def _image_id(image: str) -> str:
+    if not (image.isalnum() or (image.startswith("sample-") and image[7:].isdigit())):
+        raise ApiError(
+            404,
+            f"no live image {image!r}: ids are the hex ids uploads return, or sample-N",
+        )
+    return image
+
+
+@router.post(
+    "/runs/{run_id}/live/images",
+    response_model=LiveImage,
+    responses={400: {"description": "not an image"}, 413: {"description": "too large"}},
+    summary="Upload an image; returns its id and the model's top-5 predictions",
+)
+def upload(request: Request, run_id: str, file: Annotated[UploadFile, File()]) -> LiveImage:
+    s = _live(request, run_id)
+    limit: int = request.app.state.upload_limit
+    data = file.file.read(limit + 1)
+    if len(data) > limit:
+        raise ApiError(
+            413,
+            f"the upload is larger than the limit of {limit / 2**20:.0f} MB; send a smaller "
+            "image (the model sees it resized anyway)",
+        )
+    if not data:
+        raise ApiError(400, f"the upload {file.filename or ''!r} is empty; send an image file")
+    image = _decode(data, file.filename)
+    image_id = s.add_upload(data, image)
+    x = s.live_input(image_id)
+    return LiveImage(
+        image=image_id, predictions=s.predictions(x), width=image.width, height=image.height
+    )
+
+
+def _decode(data: bytes, name: str | None) -> object:
+    from PIL import Image, UnidentifiedImageError
+
+    what = repr(name) if name else "the upload"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                if im.width * im.height > MAX_PIXELS:
+                    raise ApiError(
+                        413,
+                        f"{what} is {im.width}x{im.height} pixels; the limit is "
+                        f"{MAX_PIXELS // 1_000_000} megapixels",
+                    )
+                im.load()
+                return im.copy()
+    except ApiError:
+        raise
+    except UnidentifiedImageError:
+        raise ApiError(
+            400,
+            f"{what} is not an image this server can read (PNG, JPEG, GIF, BMP, WebP, TIFF, "
+            "...); send an image file",
+        ) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ApiError(413, f"{what} has too many pixels: {e}") from None
+    except Exception as e:  # truncated or corrupt data: Pillow raises many kinds
+        raise ApiError(
+            400, f"{what} is a corrupt or truncated image ({type(e).__name__}: {e})"
+        ) from None
+
+
+@router.get(
+    "/runs/{run_id}/live/{image}",
+    response_model=LiveImage,
+    summary="The model's top-5 predictions for an uploaded image or sample-N",
+)
+def predictions(request: Request, run_id: str, image: str) -> LiveImage:
+    s = _live(request, run_id)
+    x = s.live_input(_image_id(image))
+    return LiveImage(
+        image=image, predictions=s.predictions(x), width=int(x.shape[-1]), height=int(x.shape[-2])
+    )
+
+
+@router.get(
+    "/runs/{run_id}/live/{image}/input.png",
+    response_class=Response,
+    responses=PNG,
+    summary="The image as the model sees it (resized, cropped)",
+)
+def input_png(request: Request, run_id: str, image: str) -> Response:
+    from lurker.probe.images import _png
+
+    s = _live(request, run_id)
+    pil = s.input_pil(_image_id(image))
+    return Response(_png(pil), media_type="image/png", headers=IMMUTABLE)
+
+
+def _side(shape: list[int], maps: object) -> FeatureSide:
+    m = maps  # (channels, h, w)
+    return FeatureSide(
+        shape=shape,
+        channels=int(m.shape[0]),  # type: ignore[attr-defined]
+        map_shape=[int(m.shape[1]), int(m.shape[2])],  # type: ignore[attr-defined]
+    )
+
+
+@router.get(
+    "/runs/{run_id}/live/{image}/ops/{op}",
+    response_model=LiveOp,
+    summary="An op of the trace on this image: its input and output shapes, its kernel",
+)
+def live_op(request: Request, run_id: str, image: str, op: str) -> LiveOp:
+    s = _live(request, run_id)
+    node, inp, out = s.op_maps(_image_id(image), op)
+    kernel = s.kernel_param(node)
+    tr = s.trace()
+    from lurker.graph.nodes import OpRef, refs
+
+    ref = next((r for r in refs(node) if isinstance(r, OpRef)), None)
+    return LiveOp(
+        op=node.label,
+        index=node.index,
+        name=node.name,
+        input=None if inp is None else _side(*inp),
+        input_op=None if ref is None or inp is None else tr.ops[ref.index].label,
+        output=_side(*out),
+        kernel=None if kernel is None else KernelInfo(shape=list(kernel[1].shape), param=kernel[0]),
+    )
+
+
+def _channel_map(
+    s: Session, image: str, op: str, side: str, channel: int
+) -> tuple[str, np.ndarray]:
+    node, inp, out = s.op_maps(_image_id(image), op)
+    pair = inp if side == "input" else out
+    if pair is None:
+        raise ApiError(404, f"op {node.label!r} has no tensor input to show (its input: none)")
+    maps = pair[1]
+    if not channel < maps.shape[0]:
+        raise ApiError(
+            404,
+            f"no channel {channel} in the {side} of {node.label!r}: it has {maps.shape[0]} "
+            f"channels (0..{maps.shape[0] - 1})",
+        )
+    return node.label, maps[channel].numpy()
+
+
+@router.get(
+    "/runs/{run_id}/live/{image}/ops/{op}/{side}/{channel}.png",
+    response_class=Response,
+    responses=PNG,
+    summary="One channel of an op's input or output as an 8-bit grayscale PNG",
+)
+def channel_png(
+    request: Request,
+    run_id: str,
+    image: str,
+    op: str,
+    side: Literal["input", "output"],
+    channel: int = Path(ge=0, le=2**31),
+) -> Response:
+    s = _live(request, run_id)
+    _, a = _channel_map(s, image, op, side, channel)
+    data, scale, lo, hi = map_png(a)
+    headers = {
+        **IMMUTABLE,
+        "X-Lurker-Scale": str(scale),
+        "X-Lurker-Min": repr(lo) if lo is not None else "nan",
+        "X-Lurker-Max": repr(hi) if hi is not None else "nan",
+        "Access-Control-Expose-Headers": "X-Lurker-Scale, X-Lurker-Min, X-Lurker-Max",
+    }
+    return Response(data, media_type="image/png", headers=headers)
+
+
+@router.get(
+    "/runs/{run_id}/live/{image}/ops/{op}/{side}/{channel}.json",
+    response_model=MapValues,
+    summary="One channel of an op's input or output, raw values",
+)
+def channel_json(
+    request: Request,
+    run_id: str,
+    image: str,
+    op: str,
+    side: Literal["input", "output"],
+    channel: int = Path(ge=0, le=2**31),
+) -> MapValues:
+    s = _live(request, run_id)
+    _, a = _channel_map(s, image, op, side, channel)
+    lo, hi = finite_range(a)
+    return MapValues(shape=list(a.shape), min=lo, max=hi, values=json_values(a))
+
+
+@router.get(
+    "/runs/{run_id}/live/{image}/ops/{op}/kernels/{out}/{inp}.json",
+    response_model=KernelValues,
+    summary="The convolution kernel weight[out, in] of an op",
+)
+def kernel_json(
+    request: Request,
+    run_id: str,
+    image: str,
+    op: str,
+    out: int = Path(ge=0, le=2**31),
+    inp: int = Path(ge=0, le=2**31),
+) -> KernelValues:
+    s = _live(request, run_id)
+    _image_id(image)
+    node = s.op(op)
+    found = s.kernel_param(node)
+    if found is None:
+        raise ApiError(
+            404,
+            f"op {node.label!r} ({node.name}) has no convolution kernel (no weight of rank >= 3)",
+        )
+    name, weight = found
+    if not (out < weight.shape[0] and inp < weight.shape[1]):
+        raise ApiError(
+            404,
+            f"no kernel [{out}, {inp}] in {name}: its shape is {list(weight.shape)} "
+            f"(out 0..{weight.shape[0] - 1}, in 0..{weight.shape[1] - 1})",
+        )
+    k = weight[out, inp].detach().to("cpu").double().numpy()
+    shape = list(k.shape)
+    grid = k.reshape(1, -1) if k.ndim <= 1 else k.reshape(-1, k.shape[-1])
+    lo, hi = finite_range(grid)
+    return KernelValues(shape=shape, min=lo, max=hi, values=json_values(grid))

@@ -1,0 +1,123 @@
+"""``/api/runs``: the served runs and each run's summary (the home page's manifest)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+
+from ..deps import entry, registry, session
+from ..schemas import (
+    DatasetInfo,
+    Holds,
+    LayerBrief,
+    ModelInfo,
+    ProbeInfo,
+    RunList,
+    RunListEntry,
+    RunSummary,
+    SkippedFile,
+)
+from ..state import RunEntry
+
+router = APIRouter(prefix="/api", tags=["runs"])
+
+#: Skipped inputs listed in a summary (the rest are counted).
+SKIPPED_LISTED = 100
+
+
+def layer_brief(info: Any) -> LayerBrief:
+    return LayerBrief(
+        name=info.name,
+        module=info.module,
+        op=info.op,
+        kind=info.kind,
+        num_units=info.num_units,
+        shape=list(info.shape),
+        op_index=info._op_index,
+    )
+
+
+@router.get("/runs", response_model=RunList, summary="The served runs")
+def list_runs(request: Request) -> RunList:
+    out = []
+    for e in registry(request).entries.values():
+        if e.run is None:
+            out.append(RunListEntry(id=e.id, error=e.error))
+            continue
+        out.append(
+            RunListEntry(
+                id=e.id,
+                model=e.run.meta.get("model"),
+                status=e.run.meta.get("status"),
+                layers=len(e.run.layers),
+                units=sum(i.num_units for i in e.run.layers),
+                samples=e.sample_count(),
+            )
+        )
+    return RunList(runs=out)
+
+
+@router.get(
+    "/runs/{run_id}",
+    response_model=RunSummary,
+    summary="One run: model, dataset, probe settings, what it holds, its layers",
+)
+def run_summary(request: Request, run_id: str) -> RunSummary:
+    e = entry(request, run_id)
+    return summarize(request, e)
+
+
+def summarize(request: Request, e: RunEntry) -> RunSummary:
+    run = e.open_run()
+    meta = run.meta
+    cfg: dict[str, Any] = meta.get("config") or {}
+    has_graph = e.has_graph()
+    params = ops = flops = None
+    if has_graph:
+        graph = run.graph
+        params, ops, flops = graph.num_params, graph.num_ops, graph.flops
+    s = session(request, e)
+    live_reason = s.model_reason()
+    skipped = run._query("SELECT path, reason FROM skipped ORDER BY id LIMIT ?", (SKIPPED_LISTED,))
+    skipped_count = run._query("SELECT count(*) FROM skipped")[0][0]
+    return RunSummary(
+        id=e.id,
+        model=ModelInfo(
+            name=meta.get("model"),
+            spec=cfg.get("model_spec"),
+            weights=cfg.get("weights"),
+            params=params,
+            ops=ops,
+            input_shape=cfg.get("input_shape"),
+            flops=flops,
+        ),
+        dataset=DatasetInfo(
+            spec=cfg.get("data"),
+            description=meta.get("dataset"),
+            size=e.sample_count(),
+            classes=list(run.classes),
+            skipped=[SkippedFile(path=p, reason=r) for p, r in skipped],
+            skipped_count=int(skipped_count),
+            image_size=meta.get("image_size"),
+            mean=cfg.get("mean"),
+            std=cfg.get("std"),
+        ),
+        probe=ProbeInfo(
+            k=meta.get("k"),
+            hist_bins=cfg.get("hist_bins"),
+            created=meta.get("created"),
+            lurker_version=meta.get("lurker_version"),
+            store_version=run.schema_version,
+            status=meta.get("status"),
+        ),
+        holds=Holds(
+            graph=has_graph,
+            live=live_reason is None,
+            live_reason=live_reason,
+            dataset=s.dataset_reason() is None,
+            cached_images=e.cached_images(),
+        ),
+        missing=e.missing(),
+        layers=[layer_brief(info) for info in run.layers],
+    )

@@ -1,0 +1,70 @@
+"""``/api/runs/{run}/samples``: the dataset's samples and where each ranks in top-k lists."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Path, Query, Request
+
+from ..deps import entry, session
+from ..errors import ApiError
+from ..schemas import Appearance, Prediction, SampleDetail, SampleModel, SamplePage
+
+router = APIRouter(prefix="/api", tags=["samples"])
+
+#: The largest page of samples one request returns.
+MAX_PAGE = 1000
+
+
+@router.get("/runs/{run_id}/samples", response_model=SamplePage, summary="A page of samples")
+def list_samples(
+    request: Request,
+    run_id: str,
+    offset: int = Query(0, ge=0, le=2**62),
+    limit: int = Query(100, ge=1, le=MAX_PAGE),
+) -> SamplePage:
+    e = entry(request, run_id)
+    rows = e.sample_rows(offset, limit)
+    return SamplePage(
+        total=e.sample_count(),
+        offset=offset,
+        limit=limit,
+        samples=[SampleModel(id=i, path=p, label=lab, class_name=c) for i, p, lab, c in rows],
+    )
+
+
+@router.get(
+    "/runs/{run_id}/samples/{sample_id}",
+    response_model=SampleDetail,
+    summary="One sample, the model's prediction (with a model) and the top-k lists it is in",
+)
+def sample_detail(
+    request: Request, run_id: str, sample_id: int = Path(ge=0, le=2**62)
+) -> SampleDetail:
+    e = entry(request, run_id)
+    sid, path, label, cname = e.sample_row(sample_id)
+    run = e.open_run()
+    appearances = [
+        Appearance(
+            layer=run.layers[layer].name,
+            unit=unit,
+            list="max" if which == 0 else "mean",
+            rank=rank,
+            value=value if value == value and abs(value) != float("inf") else None,
+        )
+        for layer, unit, which, rank, value in e.appearances().of(sid)
+    ]
+    prediction = error = None
+    s = session(request, e)
+    if s.model_reason() is None:
+        try:
+            if s.dataset_reason() is not None:
+                raise ApiError(409, f"no dataset: {s.dataset_reason()}")
+            preds = s.predictions(s.live_input(f"sample-{sid}"))
+            prediction = [Prediction.model_validate(p) for p in preds]
+        except ApiError as err:
+            error = err.detail
+    return SampleDetail(
+        sample=SampleModel(id=sid, path=path, label=label, class_name=cname),
+        prediction=prediction,
+        prediction_error=error,
+        appearances=appearances,
+    )

@@ -1,0 +1,46 @@
+"""``/api/runs/{run}/layers/{layer}/units/{unit}``: one unit (Unit.to_dict and neighbours)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Path, Request
+
+from ..deps import entry
+from ..schemas import UnitDetail
+
+router = APIRouter(prefix="/api", tags=["units"])
+
+
+@router.get(
+    "/runs/{run_id}/layers/{layer}/units/{unit}",
+    response_model=UnitDetail,
+    summary="A unit: top-k lists, class means, histogram, previous and next unit",
+)
+def unit_detail(
+    request: Request, run_id: str, layer: str, unit: int = Path(ge=0, le=2**31)
+) -> UnitDetail:
+    e = entry(request, run_id)
+    info = e.layer(layer)
+    index = e.unit_index(info, unit)
+    doc: dict[str, Any] = e.open_run().unit(info.name, index).to_dict()
+    size = e.open_run().meta.get("image_size")
+    for item in doc["top"]["max"]:
+        item["box"] = _box(info, item["y"], item["x"], size)
+    doc["prev"] = index - 1 if index > 0 else None
+    doc["next"] = index + 1 if index + 1 < info.num_units else None
+    doc["num_units"] = info.num_units
+    return UnitDetail.model_validate(doc)
+
+
+def _box(info: Any, y: int | None, x: int | None, size: list[int] | None) -> list[int] | None:
+    """The input box the peak sees, or None where it has none."""
+    if y is None or x is None or not size or len(size) < 2:
+        return None
+    from lurker.probe.layout import position_box
+
+    try:
+        box = position_box(info.layout, info.rf, y, x, (int(size[-2]), int(size[-1])))
+    except (ValueError, KeyError, TypeError, IndexError):
+        return None
+    return None if box is None else [int(v) for v in box]

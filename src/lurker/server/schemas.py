@@ -1,0 +1,265 @@
+"""Pydantic models of every JSON response of the explorer's API (see docs/explorer.md).
+
+They are the contract the web front end and scripts build against; ``/openapi.json`` is
+generated from them. Floats that the run stores as NaN travel as ``null``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class ErrorBody(BaseModel):
+    """Every error: one sentence or paragraph that says what went wrong and what exists."""
+
+    detail: str
+
+
+# -- runs ---------------------------------------------------------------------------------
+
+
+class RunListEntry(BaseModel):
+    id: str
+    model: str | None = None
+    status: str | None = None
+    layers: int = 0
+    units: int = 0
+    samples: int = 0
+    #: Set for a folder entry that is not a readable run (the reason); such a run
+    #: cannot be opened.
+    error: str | None = None
+
+
+class RunList(BaseModel):
+    runs: list[RunListEntry]
+
+
+class ModelInfo(BaseModel):
+    name: str | None = None
+    spec: str | None = None
+    weights: str | None = None
+    params: int | None = None
+    ops: int | None = None
+    input_shape: list[int] | None = None
+    flops: int | None = None
+
+
+class SkippedFile(BaseModel):
+    path: str
+    reason: str
+
+
+class DatasetInfo(BaseModel):
+    spec: str | None = None
+    description: str | None = None
+    size: int
+    classes: list[str]
+    skipped: list[SkippedFile] = Field(description="the first 100 unreadable inputs")
+    skipped_count: int
+    image_size: list[int] | None = None
+    mean: list[float] | None = None
+    std: list[float] | None = None
+
+
+class ProbeInfo(BaseModel):
+    k: int | None = None
+    hist_bins: int | None = None
+    created: str | None = None
+    lurker_version: str | None = None
+    store_version: int
+    status: str | None = None
+
+
+class Holds(BaseModel):
+    graph: bool
+    #: A model is attached or loadable (the live endpoints work).
+    live: bool
+    #: Why ``live`` is false (what to pass to get a model); null when it is true.
+    live_reason: str | None = None
+    #: The run's dataset can be loaded (sample images without a cached file).
+    dataset: bool = False
+    cached_images: int
+
+
+class LayerBrief(BaseModel):
+    name: str
+    module: str | None = None
+    op: str | None = None
+    kind: str | None = None
+    num_units: int
+    shape: list[int]
+    op_index: int | None = None
+
+
+class RunSummary(BaseModel):
+    id: str
+    model: ModelInfo
+    dataset: DatasetInfo
+    probe: ProbeInfo
+    holds: Holds
+    #: What this run lacks (older store versions): e.g. "graph", "op_index".
+    missing: list[str]
+    layers: list[LayerBrief]
+
+
+# -- layers and units ---------------------------------------------------------------------
+
+
+class Histogram(BaseModel):
+    edges: list[float | None]
+    counts: list[float | None]
+
+
+class UnitBrief(BaseModel):
+    unit: int
+    mean: float | None = None
+    max: float | None = None
+    top_max: int | None = Field(None, description="sample id at rank 0 of the max list")
+    top_mean: int | None = Field(None, description="sample id at rank 0 of the mean list")
+
+
+class LayerDetail(BaseModel):
+    layer: LayerBrief
+    rf: dict[str, Any] | None = None
+    layout: dict[str, Any] | None = None
+    histogram: Histogram
+    units: list[UnitBrief]
+
+
+class UnitLayer(BaseModel):
+    name: str
+    module: str | None = None
+    op: str | None = None
+    kind: str | None = None
+    num_units: int
+    shape: list[int]
+    rf: dict[str, Any] | None = None
+    layout: dict[str, Any] | None = None
+    op_label: str | None = None
+    op_index: int | None = None
+
+
+class TopEntryModel(BaseModel):
+    rank: int
+    sample_id: int
+    value: float | None = None
+    y: int | None = None
+    x: int | None = None
+    label: int | None = None
+    class_name: str | None = None
+    path: str | None = None
+    #: Half-open input box ``[y0, y1, x0, x1]`` the peak sees (max list; null when the
+    #: position has no place in the image or the run has no receptive field for it).
+    box: list[int] | None = None
+
+
+class TopLists(BaseModel):
+    max: list[TopEntryModel]
+    mean: list[TopEntryModel]
+
+
+class UnitDetail(BaseModel):
+    layer: UnitLayer
+    unit: int
+    mean: float | None = None
+    max: float | None = None
+    top: TopLists
+    class_means: dict[str, float | None]
+    histogram: Histogram
+    prev: int | None = None
+    next: int | None = None
+    num_units: int
+
+
+# -- samples ------------------------------------------------------------------------------
+
+
+class SampleModel(BaseModel):
+    id: int
+    path: str | None = None
+    label: int | None = None
+    class_name: str | None = None
+
+
+class SamplePage(BaseModel):
+    total: int
+    offset: int
+    limit: int
+    samples: list[SampleModel]
+
+
+class Prediction(BaseModel):
+    #: class index
+    class_: int = Field(alias="class", serialization_alias="class")
+    name: str
+    prob: float
+
+    model_config = {"populate_by_name": True}
+
+
+class Appearance(BaseModel):
+    layer: str
+    unit: int
+    list: str
+    rank: int
+    value: float | None = None
+
+
+class SampleDetail(BaseModel):
+    sample: SampleModel
+    prediction: list[Prediction] | None = None
+    #: Why there is no prediction although a model is attached (null otherwise).
+    prediction_error: str | None = None
+    appearances: list[Appearance]
+
+
+# -- live ---------------------------------------------------------------------------------
+
+
+class LiveImage(BaseModel):
+    image: str
+    predictions: list[Prediction]
+    width: int
+    height: int
+
+
+class FeatureSide(BaseModel):
+    #: The op's whole tensor, batch axis included.
+    shape: list[int]
+    channels: int
+    #: ``[height, width]`` of one channel's map (see docs/explorer.md for how tensors
+    #: of other ranks are laid out as maps).
+    map_shape: list[int]
+
+
+class KernelInfo(BaseModel):
+    #: The weight's shape: ``[out, in, *kernel]``.
+    shape: list[int]
+    param: str
+
+
+class LiveOp(BaseModel):
+    op: str
+    index: int
+    name: str
+    input: FeatureSide | None = None
+    #: Label of the op whose output is this op's input (null for model inputs too).
+    input_op: str | None = None
+    output: FeatureSide
+    kernel: KernelInfo | None = None
+
+
+class MapValues(BaseModel):
+    shape: list[int]
+    min: float | None = None
+    max: float | None = None
+    values: list[list[float | None]]
+
+
+class KernelValues(BaseModel):
+    shape: list[int]
+    min: float | None = None
+    max: float | None = None
+    values: list[list[float | None]]

@@ -1,0 +1,633 @@
+"""What a run needs beyond its database: its dataset (sample images) and a live model.
+
+One :class:`Session` per served run. Everything is loaded on first use; model work runs
+in the caller's worker thread (FastAPI runs sync endpoints off the event loop) under the
+model's lock, so one call at a time reaches a model while other requests are served.
+Per-image results (the preprocessed input, each op's maps) sit in small LRU caches, so
+clicking through the channels of an op costs no forward pass.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from lurker.errors import LurkerError
+from lurker.store.files import safe_component
+
+from .errors import ApiError, listing, no_model
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+    from lurker.capture import Trace
+    from lurker.store.run import LayerInfo
+
+    from .state import RunEntry
+
+#: Feature maps smaller than this (pixels, on their longer side) are upscaled.
+MIN_MAP_PX = 64
+#: Live inputs kept (preprocessed), and bytes of per-(image, op) maps kept.
+LIVE_IMAGES = 64
+MAP_BUDGET = 256 << 20
+
+
+@dataclass
+class ModelSource:
+    """What the server was given: a model spec and weights, a model object, a dataset.
+
+    A model given here is shared by every run served (loaded once, one lock); without
+    one, each run loads the model its config records, on first use.
+    """
+
+    spec: str | None = None
+    weights: str | None = None
+    model_obj: Any = None
+    dataset: Any = None
+    device: str | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    _loaded: Any = None
+    _error: str | None = None
+
+    def given(self) -> bool:
+        return self.model_obj is not None or self.spec is not None
+
+    def load(self) -> Any:
+        """The shared model (loading it from ``spec`` once)."""
+        if self.model_obj is not None:
+            return self.model_obj
+        if self._loaded is None:
+            if self._error is not None:
+                raise LurkerError(self._error)
+            try:
+                self._loaded = _load(self.spec, self.weights, self.device)
+            except LurkerError as e:
+                self._error = f"cannot load model {self.spec!r}: {e}"
+                raise LurkerError(self._error) from e
+        return self._loaded
+
+
+def _load(spec: str | None, weights: str | None, device: str | None) -> Any:
+    import torch
+
+    from lurker.models import load_model
+
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return load_model(spec, weights, device=dev).eval()
+
+
+class Session:
+    """The dataset, model, unit images and live state of one served run."""
+
+    def __init__(self, entry: RunEntry, source: ModelSource):
+        self.entry = entry
+        self.source = source
+        run = entry.open_run()
+        self.config: dict[str, Any] = run.meta.get("config") or {}
+        self._guard = threading.Lock()
+        self._own_lock = threading.Lock()
+        self._dataset: Any = None
+        self._dataset_error: str | None = None
+        self._model: Any = None
+        self._model_error: str | None = None
+        self._unit_images: Any = None
+        self._trace: Trace | None = None
+        self._images: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._maps: OrderedDict[tuple[str, int], tuple[Any, Any]] = OrderedDict()
+        self._map_bytes = 0
+
+    # -- what is available ----------------------------------------------------------------
+
+    def dataset_reason(self) -> str | None:
+        """None when the dataset can be had, else why not."""
+        if self.source.dataset is not None:
+            return None
+        if self._dataset_error is not None:
+            return self._dataset_error
+        if not self.config.get("data"):
+            return (
+                "the run does not record its dataset (it was probed from Python); serve it "
+                "with create_app(..., dataset=...) or probe it with `lurker probe --data`"
+            )
+        return None
+
+    def model_reason(self) -> str | None:
+        """None when a model is attached or loadable, else why not."""
+        if self.source.given():
+            return self.source._error
+        if self._model_error is not None:
+            return self._model_error
+        spec = self.config.get("model_spec")
+        if not spec:
+            return "the run does not record its model (it was probed from Python)"
+        weights = self.config.get("weights")
+        if weights and not Path(weights).is_file():
+            return f"the run's recorded weights {weights} do not exist here"
+        return None
+
+    @property
+    def model_lock(self) -> threading.Lock:
+        return self.source.lock if self.source.given() else self._own_lock
+
+    # -- loading ---------------------------------------------------------------------------
+
+    def dataset(self) -> Any:
+        """The run's dataset as a ProbeDataset (409 with the reason when there is none)."""
+        from lurker.probe import data as pdata
+
+        with self._guard:
+            if self._dataset is not None:
+                return self._dataset
+            reason = self.dataset_reason()
+            if reason is not None:
+                raise ApiError(409, f"run {self.entry.id!r} has no dataset: {reason}")
+            try:
+                if self.source.dataset is not None:
+                    self._dataset = pdata.wrap(self.source.dataset)
+                else:
+                    run = self.entry.open_run()
+                    size = run.meta.get("image_size") or [224]
+                    shape = self.config.get("input_shape") or [None]
+                    self._dataset = pdata.load_dataset(
+                        self.config["data"], int(size[0]), channels=shape[0]
+                    )
+            except LurkerError as e:
+                self._dataset_error = f"cannot load the run's dataset: {e}"
+                raise ApiError(409, self._dataset_error) from None
+            return self._dataset
+
+    def model(self) -> Any:
+        """The live model (409 naming how to attach one when there is none)."""
+        with self._guard:
+            if self._model is not None:
+                return self._model
+            reason = self.model_reason()
+            if reason is not None:
+                raise no_model(self.entry.id, reason)
+            try:
+                if self.source.given():
+                    self._model = self.source.load()
+                else:
+                    self._model = _load(
+                        self.config["model_spec"], self.config.get("weights"), self.source.device
+                    )
+            except LurkerError as e:
+                if not self.source.given():
+                    self._model_error = f"cannot load the run's model: {e}"
+                raise no_model(self.entry.id, self.model_reason() or str(e)) from None
+            return self._model
+
+    def unit_images(self) -> Any:
+        """lurker.probe.UnitImages over this run's model and dataset."""
+        model, dataset = self.model(), self.dataset()
+        with self._guard:
+            if self._unit_images is None:
+                from lurker.probe import UnitImages
+
+                self._unit_images = UnitImages(self.entry.open_run(), model=model, dataset=dataset)
+            return self._unit_images
+
+    # -- sample and unit images ------------------------------------------------------------
+
+    def sample_file(self, sample_id: int) -> Path:
+        return self.entry.path / "cache" / "samples" / f"{sample_id:08d}.png"
+
+    def unit_file(self, kind: str, layer: str, unit: int, which: str, rank: int) -> Path:
+        folder = self.entry.path / "cache" / safe_component(kind) / safe_component(layer)
+        return folder / f"{unit:05d}-{safe_component(which)}-{rank:03d}.png"
+
+    def sample_pil(self, sample_id: int, path: str | None) -> Image.Image:
+        """Sample ``sample_id`` as the model saw it, from the dataset."""
+        from lurker.probe import data as pdata
+
+        ds = self.dataset()
+        if not 0 <= sample_id < len(ds):
+            raise ApiError(
+                409,
+                f"sample {sample_id} is not in the run's dataset any more ({len(ds)} items): "
+                "the dataset changed since the probe",
+            )
+        paths = getattr(ds, "paths", None)
+        if path is not None and paths is not None and paths[sample_id] != path:
+            raise ApiError(
+                409,
+                f"the run's dataset changed since the probe: sample {sample_id} was {path}, "
+                f"the dataset now has {paths[sample_id]} there",
+            )
+        try:
+            return pdata.input_image(ds, sample_id)
+        except LurkerError as e:
+            raise ApiError(409, str(e)) from None
+
+    def sample_png(self, sample_id: int, path: str | None) -> bytes | Path:
+        """The cached sample image, made from the dataset on first request."""
+        target = self.sample_file(sample_id)
+        if _cached(target):
+            return target
+        return self._make(target, lambda: self.sample_pil(sample_id, path))
+
+    def crop_png(
+        self,
+        info: LayerInfo,
+        unit: int,
+        rank: int,
+        sample_id: int,
+        y: int,
+        x: int,
+        path: str | None,
+    ) -> bytes | Path:
+        """The receptive-field crop of a max-list entry: needs only the dataset."""
+        from lurker.probe.images import crop
+        from lurker.probe.layout import position_box
+
+        target = self.unit_file("crop", info.name, unit, "max", rank)
+        if _cached(target):
+            return target
+        run = self.entry.open_run()
+
+        def make() -> Image.Image:
+            image = self.sample_pil(sample_id, path)
+            size = run.meta.get("image_size") or [image.height, image.width]
+            h, w = (size[-2], size[-1]) if len(size) >= 2 else (image.height, image.width)
+            box = position_box(info.layout, info.rf, y, x, (h, w)) or (0, h, 0, w)
+            return crop(image, box)
+
+        return self._make(target, make)
+
+    def _make(self, target: Path, producer: Callable[[], Image.Image]) -> bytes | Path:
+        """Write ``producer()``'s PNG to the cache; in memory only if the run is read-only."""
+        from lurker.probe.images import _png
+        from lurker.store import atomic_write_bytes
+
+        data = _png(producer())
+        try:
+            atomic_write_bytes(target, data, durable=False)
+        except OSError:
+            return data
+        return target
+
+    def model_image(self, kind: str, layer: str, unit: int, rank: int, which: str) -> Path:
+        """An image only the model can make (gradients, crops of mean-list entries)."""
+        images = self.unit_images()
+        with self.model_lock:
+            try:
+                return Path(images.get(kind, layer, unit, rank, which))
+            except LurkerError as e:
+                raise ApiError(409, f"cannot make the {kind} image: {e}") from None
+
+    # -- live ------------------------------------------------------------------------------
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """An uploaded image as the run's dataset prepares its images (size, channels,
+        mean/std)."""
+        import torch
+        from torchvision.transforms import functional as TF
+
+        run = self.entry.open_run()
+        shape = self.config.get("input_shape") or [3]
+        channels = int(shape[0]) if shape and shape[0] in (1, 3) else 3
+        size = run.meta.get("image_size") or shape[-2:] or [224, 224]
+        h, w = (int(size[-2]), int(size[-1])) if len(size) >= 2 else (int(size[0]),) * 2
+        image = image.convert("L" if channels == 1 else "RGB")
+        image = TF.resize(image, min(h, w), antialias=True)
+        image = TF.center_crop(image, [h, w])
+        t = TF.to_tensor(image)
+        mean = self.config.get("mean") or [0.0] * channels
+        std = self.config.get("std") or [1.0] * channels
+        if len(mean) != channels or len(std) != channels:
+            mean, std = [0.0] * channels, [1.0] * channels
+        m = torch.tensor(mean, dtype=t.dtype).reshape(-1, 1, 1)
+        s = torch.tensor(std, dtype=t.dtype).reshape(-1, 1, 1)
+        return (t - m) / s
+
+    def add_upload(self, data: bytes, image: Image.Image) -> str:
+        """Keep an uploaded image; its id is the sha256 prefix of the file."""
+        image_id = hashlib.sha256(data).hexdigest()[:16]
+        with self._guard:
+            if image_id in self._images:
+                self._images.move_to_end(image_id)
+                return image_id
+        t = self.preprocess(image)
+        with self._guard:
+            self._images[image_id] = t
+            while len(self._images) > LIVE_IMAGES:
+                old, _ = self._images.popitem(last=False)
+                self._drop_maps(old)
+        return image_id
+
+    def live_input(self, image_id: str) -> torch.Tensor:
+        """The preprocessed input of an uploaded image or of ``sample-N``."""
+        with self._guard:
+            t = self._images.get(image_id)
+            if t is not None:
+                self._images.move_to_end(image_id)
+                return t
+        if image_id.startswith("sample-") and image_id[7:].isdigit():
+            sid = int(image_id[7:])
+            _, path, _, _ = self.entry.sample_row(sid)
+            ds = self.dataset()
+            self.sample_pil(sid, path)  # checks that the dataset still matches the run
+            item = ds[sid]
+            t = item[0].detach().cpu().float()
+            with self._guard:
+                self._images[image_id] = t
+                while len(self._images) > LIVE_IMAGES:
+                    old, _ = self._images.popitem(last=False)
+                    self._drop_maps(old)
+            return t
+        raise ApiError(
+            404,
+            f"no live image {image_id!r} in run {self.entry.id!r}: upload it (POST "
+            "/api/runs/RUN/live/images) or name a dataset sample as sample-N; uploads are "
+            f"kept while the server runs (the last {LIVE_IMAGES})",
+        )
+
+    def input_pil(self, image_id: str) -> Image.Image:
+        from lurker.probe import data as pdata
+
+        t = self.live_input(image_id)
+        mean = self.config.get("mean") or [0.0] * t.shape[0]
+        std = self.config.get("std") or [1.0] * t.shape[0]
+        if len(mean) != t.shape[0]:
+            mean, std = [0.0] * t.shape[0], [1.0] * t.shape[0]
+        return pdata.to_pil(pdata.denormalize(t, mean, std))
+
+    def predictions(self, x: torch.Tensor, top: int = 5) -> list[dict[str, Any]]:
+        """Top-``top`` classes of the model's output for one input (softmax)."""
+        import torch
+
+        model = self.model()
+        with self.model_lock:
+            device = next((p.device for p in model.parameters()), torch.device("cpu"))
+            try:
+                with torch.no_grad():
+                    out = model(x.unsqueeze(0).to(device))
+            except Exception as e:  # the model's own error, said in one line
+                raise ApiError(
+                    400, f"the model failed on this image: {type(e).__name__}: {e}"
+                ) from None
+        logits = _first_tensor(out)
+        if logits is None or logits.dim() != 2 or logits.shape[0] != 1:
+            return []
+        probs = torch.softmax(logits.detach().float()[0], 0).cpu()
+        k = min(top, probs.numel())
+        values, idx = probs.topk(k)
+        names = self.entry.open_run().classes
+        return [
+            {"class": int(i), "name": names[i] if i < len(names) else str(i), "prob": float(v)}
+            for v, i in zip(values.tolist(), idx.tolist())
+        ]
+
+    def trace(self) -> Trace:
+        """The live model's trace (made once, on an input shaped like the run's)."""
+        import torch
+
+        from lurker.probe.sweep import settled_trace
+
+        model = self.model()
+        with self.model_lock:
+            if self._trace is None:
+                run = self.entry.open_run()
+                shape = self.config.get("input_shape")
+                if not shape:
+                    shape = [3, *(run.meta.get("image_size") or [224, 224])]
+                device = next((p.device for p in model.parameters()), torch.device("cpu"))
+                x0 = torch.zeros(1, *[int(s) for s in shape], device=device)
+                try:
+                    with torch.no_grad():
+                        self._trace = settled_trace(model, x0)
+                except LurkerError as e:
+                    raise ApiError(409, f"cannot trace the model: {e}") from None
+            return self._trace
+
+    def op(self, label: str) -> Any:
+        """An op of the live trace by label (404 listing labels)."""
+        tr = self.trace()
+        try:
+            return tr[label]
+        except KeyError:
+            raise ApiError(
+                404,
+                f"no op {label!r} in the model's trace; ops: "
+                + listing([op.label for op in tr.ops]),
+            ) from None
+
+    def op_maps(self, image_id: str, label: str) -> tuple[Any, Any, Any]:
+        """``(op, input maps or None, output maps)`` of an op for one image; maps are
+        (channels, h, w) float tensors (see :func:`as_maps`), cached per (image, op)."""
+        op = self.op(label)
+        key = (image_id, op.index)
+        with self._guard:
+            hit = self._maps.get(key)
+            if hit is not None:
+                self._maps.move_to_end(key)
+                return op, hit[0], hit[1]
+        x = self.live_input(image_id)
+        inp, out = self._compute(op, x)
+        pair = (None if inp is None else as_maps(inp), as_maps(out))
+        with self._guard:
+            self._maps[key] = pair
+            self._map_bytes += sum(m[1].numel() * 4 for m in pair if m is not None)
+            while self._map_bytes > MAP_BUDGET and len(self._maps) > 1:
+                _, old = self._maps.popitem(last=False)
+                self._map_bytes -= sum(m[1].numel() * 4 for m in old if m is not None)
+        return op, pair[0], pair[1]
+
+    def _drop_maps(self, image_id: str) -> None:
+        for key in [k for k in self._maps if k[0] == image_id]:
+            old = self._maps.pop(key)
+            self._map_bytes -= sum(m[1].numel() * 4 for m in old if m is not None)
+
+    def _compute(self, op: Any, x: torch.Tensor) -> tuple[Any, Any]:
+        """The op's input (its first tensor argument's value) and output on ``x``."""
+        import contextlib
+
+        import torch
+
+        from lurker.graph.nodes import OpRef, refs
+
+        tr = self.trace()
+        model = self.model()
+        producer_ref = next((r for r in refs(op) if isinstance(r, OpRef)), None)
+        wanted: dict[int, Any] = {}
+
+        def need(node: Any) -> None:
+            if node.seq >= 0:
+                wanted[node.index] = None
+
+        target = op
+        if op.kind == "output" and producer_ref is not None:
+            target = tr.ops[producer_ref.index]
+        need(target)
+        producer = tr.ops[producer_ref.index] if producer_ref is not None else None
+        if producer is not None and op.kind != "output":
+            need(producer)
+        last = max(wanted, default=-1)
+
+        class _Done(Exception):
+            pass
+
+        def grab(node: Any, value: Any) -> None:
+            wanted[node.index] = _detach(value)
+            if node.index == last and all(v is not None for v in wanted.values()):
+                raise _Done
+
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        xb = x.unsqueeze(0).to(device)
+        if wanted:
+            with self.model_lock, torch.no_grad(), contextlib.suppress(_Done):
+                try:
+                    tr.run(xb, save="none", hooks={i: grab for i in wanted})
+                except LurkerError as e:
+                    raise ApiError(
+                        409, f"the model takes another path on this image: {e}"
+                    ) from None
+                except Exception as e:
+                    raise ApiError(
+                        400, f"the model failed on this image: {type(e).__name__}: {e}"
+                    ) from None
+
+        def value(node: Any, output: int) -> Any:
+            if node.kind == "input":
+                pos = [n.index for n in tr.inputs].index(node.index)
+                return xb if pos == 0 else None
+            if node.index in wanted:
+                v = wanted[node.index]
+            elif node.kind == "buffer":
+                v = dict(model.named_buffers()).get(node.name)
+            else:
+                v = node.activation
+            if isinstance(v, (tuple, list)):
+                v = v[output] if output < len(v) else None
+            return v if isinstance(v, torch.Tensor) else None
+
+        out = value(target, producer_ref.output if target is not op and producer_ref else 0)
+        if out is None:
+            raise ApiError(
+                404,
+                f"op {op.label!r} ({op.kind}) has no tensor value per image to show",
+            )
+        inp = None
+        if producer is not None and op.kind != "output" and producer_ref is not None:
+            inp = value(producer, producer_ref.output)
+        return inp, out
+
+    def kernel_param(self, op: Any) -> tuple[str, Any] | None:
+        """The op's convolution weight ``(name, tensor)``: its first weight of rank >= 3."""
+        model = self.model()
+        params = dict(model.named_parameters())
+        for ref in op.params:
+            if ref.name.endswith("weight") and len(ref.shape) >= 3 and ref.name in params:
+                return ref.name, params[ref.name]
+        return None
+
+
+def _cached(path: Path) -> bool:
+    try:
+        return path.stat().st_size > 0
+    except OSError:
+        return False
+
+
+def _first_tensor(out: Any) -> Any:
+    import torch
+
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (tuple, list)):
+        for o in out:
+            t = _first_tensor(o)
+            if t is not None:
+                return t
+    return getattr(out, "logits", None)
+
+
+def _detach(value: Any) -> Any:
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, (tuple, list)):
+        return tuple(_detach(v) for v in value)
+    return value
+
+
+def as_maps(t: Any) -> tuple[list[int], Any]:
+    """``(full shape, maps)``: a tensor as channels of 2-D maps (float32, CPU).
+
+    A leading batch axis of size 1 is dropped; then rank 0 -> one 1x1 map, rank 1 (a
+    vector) -> one 1xN map, rank 2 (C, L) -> C maps of 1xL, rank 3 (C, H, W) -> C maps of
+    HxW, higher ranks (C, H, ...) -> C maps of H x (the rest flattened).
+    """
+    import torch
+
+    shape = list(t.shape)
+    v = t.detach()
+    if v.is_complex():
+        v = v.abs()
+    v = v.to("cpu", torch.float32)
+    if v.dim() >= 1 and v.shape[0] == 1:
+        v = v[0]
+    if v.dim() == 0:
+        m = v.reshape(1, 1, 1)
+    elif v.dim() == 1:
+        m = v.reshape(1, 1, -1)
+    elif v.dim() == 2:
+        m = v.reshape(v.shape[0], 1, v.shape[1])
+    else:
+        m = v.reshape(v.shape[0], v.shape[1], -1)
+    return shape, m.contiguous()
+
+
+def finite_range(a: np.ndarray) -> tuple[float | None, float | None]:
+    """Min and max over the finite values (None, None when there are none)."""
+    fin = a[np.isfinite(a)]
+    if not fin.size:
+        return None, None
+    return float(fin.min()), float(fin.max())
+
+
+def map_png(a: np.ndarray) -> tuple[bytes, int, float | None, float | None]:
+    """A 2-D map as an 8-bit grayscale PNG: ``round(255 * (v - min) / (max - min))`` over
+    the map (zeros when max == min or where a value is not finite), upscaled by nearest
+    neighbour by an integer factor when its longer side is under MIN_MAP_PX.
+
+    Returns ``(png bytes, scale, min, max)``.
+    """
+    from PIL import Image
+
+    a = np.asarray(a, dtype=np.float64)
+    lo, hi = finite_range(a)
+    if lo is None or hi is None or hi == lo:
+        pix = np.zeros(a.shape, np.uint8)
+    else:
+        with np.errstate(invalid="ignore"):
+            scaled = np.rint(255.0 * (a - lo) / (hi - lo))
+        pix = np.where(np.isfinite(scaled), scaled, 0).astype(np.uint8)
+    longest = max(a.shape) if a.size else 1
+    scale = math.ceil(MIN_MAP_PX / longest) if longest < MIN_MAP_PX else 1
+    if scale > 1:
+        pix = np.repeat(np.repeat(pix, scale, axis=0), scale, axis=1)
+    buf = io.BytesIO()
+    Image.fromarray(pix, mode="L").save(buf, format="PNG", compress_level=1)
+    return buf.getvalue(), scale, lo, hi
+
+
+def json_values(a: np.ndarray) -> list[list[float | None]]:
+    """A 2-D array as nested lists, non-finite values as None (strict JSON)."""
+    a = np.asarray(a, dtype=np.float64)
+    if np.isfinite(a).all():
+        return a.tolist()  # type: ignore[no-any-return]
+    return [[float(v) if math.isfinite(v) else None for v in row] for row in a.tolist()]

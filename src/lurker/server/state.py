@@ -1,0 +1,301 @@
+"""The runs a server serves, each opened read-only once, and what is derived from them lazily.
+
+Run ids are the run folders' names. A request's run id is looked up in this table and
+never joined onto a path, so no id can reach outside the served folder.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from lurker.errors import LurkerError
+from lurker.store import MissingFromRunError, Run, StoreError
+from lurker.store.schema import DB_NAME, HIST_DTYPE, TOP_DTYPE, from_blob
+
+from .errors import ApiError, listing, not_found
+
+if TYPE_CHECKING:
+    from lurker.store.run import LayerInfo
+
+    from .session import ModelSource, Session
+
+
+class NotServableError(LurkerError):
+    """The folder given to the server is neither a run nor a folder of runs."""
+
+
+@dataclass
+class Appearances:
+    """Inverted index of every unit's top-k lists: sample id -> (layer, unit, list, rank,
+    value), sorted by sample id so one lookup is two binary searches."""
+
+    sample: np.ndarray
+    layer: np.ndarray
+    unit: np.ndarray
+    which: np.ndarray  # 0: max list, 1: mean list
+    rank: np.ndarray
+    value: np.ndarray
+
+    def of(self, sample_id: int) -> list[tuple[int, int, int, int, float]]:
+        lo = int(np.searchsorted(self.sample, sample_id, "left"))
+        hi = int(np.searchsorted(self.sample, sample_id, "right"))
+        return [
+            (
+                int(self.layer[i]),
+                int(self.unit[i]),
+                int(self.which[i]),
+                int(self.rank[i]),
+                float(self.value[i]),
+            )
+            for i in range(lo, hi)
+        ]
+
+
+@dataclass
+class RunEntry:
+    """One served run (``run`` is None when the folder entry is not readable: ``error``)."""
+
+    id: str
+    path: Path
+    run: Run | None
+    error: str | None = None
+    session: Session | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _appearances: Appearances | None = field(default=None, repr=False)
+    _graph_view: dict[str, Any] | None = field(default=None, repr=False)
+    _counted: tuple[float, int] | None = field(default=None, repr=False)
+    _sample_count: int | None = field(default=None, repr=False)
+
+    # -- lookups that raise 404s listing what exists -----------------------------------
+
+    def open_run(self) -> Run:
+        if self.run is None:
+            raise ApiError(409, f"run {self.id!r} cannot be read: {self.error}")
+        return self.run
+
+    def layer(self, name: str) -> LayerInfo:
+        run = self.open_run()
+        for info in run.layers:
+            if info.name == name:
+                return info
+        raise not_found("layer", name, [i.name for i in run.layers], f"in run {self.id!r}")
+
+    def unit_index(self, info: LayerInfo, unit: int) -> int:
+        if not 0 <= unit < info.num_units:
+            raise ApiError(
+                404,
+                f"no unit {unit} in layer {info.name!r}: it has {info.num_units} units "
+                f"(0..{info.num_units - 1})",
+            )
+        return unit
+
+    def sample_count(self) -> int:
+        if self._sample_count is None:
+            self._sample_count = int(self.open_run()._query("SELECT count(*) FROM samples")[0][0])
+        return self._sample_count
+
+    def sample_row(self, sample_id: int) -> tuple[int, str | None, int | None, str | None]:
+        rows = self.open_run()._query(
+            "SELECT s.id, s.path, s.label, c.name FROM samples s "
+            "LEFT JOIN classes c ON c.id = s.label WHERE s.id = ?",
+            (int(sample_id),),
+        )
+        if not rows:
+            total = self.sample_count()
+            near = self.sample_rows(0, 20)
+            ids = [r[0] for r in near]
+            raise ApiError(
+                404,
+                f"no sample {sample_id} in run {self.id!r}: it has {total} samples; ids: "
+                f"{listing(ids, 20)}",
+            )
+        sid, path, label, cname = rows[0]
+        return int(sid), path, label, cname
+
+    def sample_rows(
+        self, offset: int, limit: int
+    ) -> list[tuple[int, str | None, int | None, str | None]]:
+        return [
+            (int(sid), path, label, cname)
+            for sid, path, label, cname in self.open_run()._query(
+                "SELECT s.id, s.path, s.label, c.name FROM samples s "
+                "LEFT JOIN classes c ON c.id = s.label ORDER BY s.id LIMIT ? OFFSET ?",
+                (int(limit), int(offset)),
+            )
+        ]
+
+    # -- derived data, made once --------------------------------------------------------
+
+    def layer_rows(self, info: LayerInfo) -> tuple[list[tuple[int, float, float, int, int]], Any]:
+        """``(unit, mean, max, top max sample, top mean sample)`` per unit and the summed
+        histogram counts, in one query (the layer page's payload)."""
+        rows = self.open_run()._query(
+            "SELECT unit, mean, max, hist, top FROM units WHERE layer_id = ? ORDER BY unit",
+            (info.id,),
+        )
+        out = []
+        total: np.ndarray | None = None
+        for unit, mean, mx, hist, top in rows:
+            counts = from_blob(hist, HIST_DTYPE)
+            if len(counts):
+                total = counts.copy() if total is None else total + counts
+            slots = np.frombuffer(bytes(top), TOP_DTYPE) if top is not None else None
+            first_max = first_mean = -1
+            if slots is not None and len(slots):
+                half = len(slots) // 2
+                first_max = int(slots["sample_id"][0])
+                first_mean = int(slots["sample_id"][half])
+            out.append((int(unit), mean, mx, first_max, first_mean))
+        return out, total
+
+    def appearances(self) -> Appearances:
+        """The inverted index of all top lists, built on first use (one query)."""
+        with self._lock:
+            if self._appearances is None:
+                self._appearances = self._build_appearances()
+            return self._appearances
+
+    def _build_appearances(self) -> Appearances:
+        run = self.open_run()
+        position = {info.id: i for i, info in enumerate(run.layers)}
+        parts: dict[str, list[np.ndarray]] = {
+            k: [] for k in ("sample", "layer", "unit", "which", "rank", "value")
+        }
+        for layer_id, unit, top in run._query("SELECT layer_id, unit, top FROM units"):
+            if top is None or layer_id not in position:
+                continue
+            slots = np.frombuffer(bytes(top), TOP_DTYPE)
+            if not len(slots):
+                continue
+            k = len(slots) // 2
+            keep = slots["sample_id"] >= 0
+            n = int(keep.sum())
+            parts["sample"].append(slots["sample_id"][keep])
+            parts["value"].append(slots["value"][keep])
+            idx = np.arange(len(slots))
+            parts["which"].append((idx >= k)[keep].astype(np.int8))
+            parts["rank"].append((idx % k)[keep].astype(np.int32))
+            parts["layer"].append(np.full(n, position[layer_id], np.int32))
+            parts["unit"].append(np.full(n, unit, np.int32))
+        if not parts["sample"]:
+            empty = np.zeros(0, np.int64)
+            return Appearances(empty, empty, empty, empty, empty, np.zeros(0))
+        cat = {k: np.concatenate(v) for k, v in parts.items()}
+        order = np.lexsort((cat["rank"], cat["which"], cat["unit"], cat["layer"], cat["sample"]))
+        return Appearances(*(cat[k][order] for k in Appearances.__dataclass_fields__))
+
+    def graph_view(self) -> dict[str, Any]:
+        """``lurker.graph.view.graph_view(run.graph)``, made once per run."""
+        with self._lock:
+            if self._graph_view is None:
+                try:
+                    from lurker.graph.view import graph_view
+                except ImportError:
+                    raise ApiError(
+                        501,
+                        "this lurker has no graph view (lurker.graph.view is missing); "
+                        "update lurker to browse the graph",
+                    ) from None
+                try:
+                    graph = self.open_run().graph
+                except MissingFromRunError as e:
+                    raise ApiError(404, str(e)) from None
+                self._graph_view = graph_view(graph)
+            return self._graph_view
+
+    def has_graph(self) -> bool:
+        run = self.open_run()
+        try:
+            return run._has_graph() and bool(run._query("SELECT 1 FROM graph WHERE id = 1"))
+        except StoreError:
+            return False
+
+    def missing(self) -> list[str]:
+        """What the run lacks that newer runs hold (names of MissingFromRunError.missing)."""
+        run = self.open_run()
+        out = []
+        if not self.has_graph():
+            out.append("graph")
+        if any(info._op_index is None for info in run.layers):
+            out.append("op_index")
+        return out
+
+    def cached_images(self) -> int:
+        """PNG files in the run's ``cache/`` (counted at most every 10 s: a big run has many)."""
+        now = time.monotonic()
+        if self._counted is not None and now - self._counted[0] < 10.0:
+            return self._counted[1]
+        count = 0
+        stack = [self.path / "cache"]
+        while stack:
+            folder = stack.pop()
+            try:
+                with os.scandir(folder) as it:
+                    for e in it:
+                        if e.is_dir(follow_symlinks=False):
+                            stack.append(Path(e.path))
+                        elif e.name.endswith(".png"):
+                            count += 1
+            except OSError:
+                continue
+        self._counted = (now, count)
+        return count
+
+
+class Registry:
+    """The runs of one server: a single run directory, or the run folders inside a folder."""
+
+    def __init__(self, source: str | os.PathLike[str], sources: ModelSource | None = None):
+        root = Path(source).expanduser()
+        if not root.exists():
+            raise NotServableError(f"cannot serve {root}: the path does not exist")
+        if root.is_file() and root.name == DB_NAME:
+            root = root.parent
+        if not root.is_dir():
+            raise NotServableError(
+                f"cannot serve {root}: it is a file; expected a run directory (holding "
+                f"{DB_NAME}, the --out of `lurker probe`) or a folder of run directories"
+            )
+        self.root = root
+        self.single = (root / DB_NAME).is_file()
+        folders = (
+            [root]
+            if self.single
+            else sorted(p for p in root.iterdir() if p.is_dir() and (p / DB_NAME).is_file())
+        )
+        if not folders:
+            raise NotServableError(
+                f"cannot serve {root}: it is neither a lurker run (no {DB_NAME} in it) nor a "
+                f"folder of runs (no sub-folder holds a {DB_NAME}). Expected the --out "
+                "directory of `lurker probe`, or a folder holding such directories."
+            )
+        self.entries: dict[str, RunEntry] = {}
+        for folder in folders:
+            name = folder.resolve().name if folder == root else folder.name
+            try:
+                run: Run | None = Run.open(folder)
+                error = None
+            except LurkerError as e:
+                run, error = None, str(e)
+            self.entries[name] = RunEntry(name, folder, run, error)
+        if self.single and self.entries[next(iter(self.entries))].run is None:
+            entry = next(iter(self.entries.values()))
+            raise NotServableError(f"cannot serve {root}: {entry.error}")
+
+    def get(self, run_id: str) -> RunEntry:
+        entry = self.entries.get(run_id)
+        if entry is None:
+            raise not_found("run", run_id, list(self.entries))
+        return entry
+
+    def close(self) -> None:
+        for entry in self.entries.values():
+            if entry.run is not None:
+                entry.run.close()

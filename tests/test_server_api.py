@@ -1,0 +1,344 @@
+"""The explorer's read-only JSON and PNG API, checked against the run itself.
+
+Oracle: lurker.store.Run read directly, numpy over its blobs, and the run's image cache
+files; never the server's own helpers.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from explorer_fixtures import ExplorerRun, explorer_run  # noqa: F401
+from lurker.probe.data import input_image, load_dataset
+from lurker.server import NotServableError, create_app
+from lurker.store import Run
+
+
+@pytest.fixture(scope="module")
+def client(explorer_run: ExplorerRun, tmp_path_factory: pytest.TempPathFactory) -> TestClient:  # noqa: F811
+    static = tmp_path_factory.mktemp("static")
+    (static / "assets").mkdir()
+    (static / "index.html").write_text("<!doctype html><html><head></head><body>hi</body></html>")
+    (static / "assets" / "app-1234.js").write_text("console.log('x')")
+    with TestClient(create_app(explorer_run.path, static_dir=static)) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def run(explorer_run: ExplorerRun) -> Run:  # noqa: F811
+    with Run.open(explorer_run.path) as r:
+        yield r
+
+
+def test_runs_list(client: TestClient, run: Run):
+    body = client.get("/api/runs").json()
+    assert body == {
+        "runs": [
+            {
+                "id": "digits",
+                "model": "DigitsNet",
+                "status": "complete",
+                "layers": len(run.layers),
+                "units": sum(i.num_units for i in run.layers),
+                "samples": 360,
+                "error": None,
+            }
+        ]
+    }
+
+
+def test_run_summary(client: TestClient, run: Run):
+    r = client.get("/api/runs/digits")
+    assert r.status_code == 200
+    s = r.json()
+    assert s["id"] == "digits"
+    assert s["model"]["name"] == "DigitsNet"
+    assert s["model"]["spec"] == "lurker.examples:DigitsNet"
+    assert s["model"]["params"] == run.graph.num_params == 47626
+    assert s["model"]["ops"] == run.graph.num_ops
+    assert s["model"]["input_shape"] == [1, 16, 16]
+    assert s["dataset"]["spec"] == "digits:test"
+    assert s["dataset"]["size"] == 360
+    assert s["dataset"]["classes"] == [str(d) for d in range(10)]
+    assert s["dataset"]["skipped"] == [] and s["dataset"]["skipped_count"] == 0
+    assert s["dataset"]["image_size"] == [16, 16]
+    assert s["probe"]["k"] == 5 and s["probe"]["store_version"] == 3
+    assert s["probe"]["status"] == "complete"
+    assert s["holds"]["graph"] is True
+    assert s["holds"]["live"] is True  # the run records a loadable model
+    assert s["missing"] == []
+    assert [ly["name"] for ly in s["layers"]] == [i.name for i in run.layers]
+    first = s["layers"][0]
+    info = run.layers[0]
+    assert first == {
+        "name": info.name,
+        "module": info.module,
+        "op": info.op,
+        "kind": info.kind,
+        "num_units": info.num_units,
+        "shape": list(info.shape),
+        "op_index": info.op_index,
+    }
+    assert len(r.content) < 500_000
+
+
+def test_layer(client: TestClient, run: Run):
+    info = run.layers[1]
+    body = client.get(f"/api/runs/digits/layers/{info.name}").json()
+    assert body["layer"]["name"] == info.name
+    assert body["rf"] == info.rf and body["layout"] == info.layout
+    units = run.units(info.name, order_by="index")
+    assert [u["unit"] for u in body["units"]] == list(range(info.num_units))
+    for got, unit in zip(body["units"], units):
+        assert got["mean"] == pytest.approx(unit.mean) and got["max"] == pytest.approx(unit.max)
+        assert got["top_max"] == unit.top("max")[0].sample_id
+        assert got["top_mean"] == unit.top("mean")[0].sample_id
+    counts = np.sum([u.histogram()[0] for u in units], axis=0)
+    edges = units[0].histogram()[1]
+    assert body["histogram"]["counts"] == pytest.approx(counts.tolist())
+    assert body["histogram"]["edges"] == pytest.approx(edges.tolist())
+
+
+def test_unit(client: TestClient, run: Run):
+    info = run.layers[0]
+    last = info.num_units - 1
+    for index, prev, nxt in ((0, None, 1), (3, 2, 4), (last, last - 1, None)):
+        body = client.get(f"/api/runs/digits/layers/{info.name}/units/{index}").json()
+        want = run.unit(info.name, index).to_dict()
+        for key in ("unit", "mean", "max", "class_means", "histogram"):
+            assert body[key] == want[key]
+        assert body["layer"] == want["layer"]
+        for which in ("max", "mean"):
+            got = [{k: v for k, v in e.items() if k != "box"} for e in body["top"][which]]
+            assert got == want["top"][which]
+        assert (body["prev"], body["next"], body["num_units"]) == (prev, nxt, info.num_units)
+    # the peak's box is the receptive field of (y, x): 3x3 around it, clipped
+    top = body["top"]["max"][0]
+    y, x = top["y"], top["x"]
+    assert top["box"] == [max(y - 1, 0), min(y + 2, 16), max(x - 1, 0), min(x + 2, 16)]
+
+
+def test_samples_page(client: TestClient, run: Run):
+    body = client.get("/api/runs/digits/samples?offset=350&limit=100").json()
+    assert body["total"] == 360 and body["offset"] == 350
+    ids = [s["id"] for s in body["samples"]]
+    assert ids == list(range(350, 360))
+    want = run.samples(ids)
+    assert [(s["label"], s["class_name"], s["path"]) for s in body["samples"]] == [
+        (w.label, w.class_name, w.path) for w in want
+    ]
+
+
+def test_sample_appearances(client: TestClient, run: Run):
+    # oracle: every unit's top lists, read one unit at a time
+    found: dict[int, list[tuple]] = {}
+    for info in run.layers:
+        for u in range(info.num_units):
+            unit = run.unit(info.name, u)
+            for which in ("max", "mean"):
+                for e in unit.top(which):
+                    found.setdefault(e.sample_id, []).append(
+                        (info.name, u, which, e.rank, pytest.approx(e.value))
+                    )
+    some = [*sorted(found, key=lambda s: -len(found[s]))[:3], min(found)]
+    for sid in some:
+        body = client.get(f"/api/runs/digits/samples/{sid}").json()
+        assert body["sample"]["id"] == sid
+        assert body["sample"]["class_name"] == run.sample(sid).class_name
+        got = sorted(
+            (a["layer"], a["unit"], a["list"], a["rank"], a["value"]) for a in body["appearances"]
+        )
+        assert got == sorted(found[sid], key=lambda t: t[:4])
+        # a model is recorded in the run: the sample page carries its prediction
+        assert body["prediction"] is not None and len(body["prediction"]) == 5
+    unranked = next(i for i in range(360) if i not in found)
+    assert client.get(f"/api/runs/digits/samples/{unranked}").json()["appearances"] == []
+
+
+def test_sample_image_from_dataset(client: TestClient, explorer_run: ExplorerRun):  # noqa: F811
+    r = client.get("/api/runs/digits/samples/7/image.png")
+    assert r.status_code == 200
+    assert r.headers["content-type"] == "image/png"
+    assert "max-age" in r.headers["cache-control"]
+    got = np.asarray(Image.open(io.BytesIO(r.content)))
+    want = np.asarray(input_image(load_dataset("digits:test", 16, channels=1), 7))
+    assert np.array_equal(got, want)
+    assert (explorer_run.path / "cache" / "samples" / "00000007.png").is_file()
+
+
+def test_unit_images(client: TestClient, run: Run):
+    info = run.layers[0]
+    entry = run.unit(info.name, 2).top("max")[1]
+    base = f"/api/runs/digits/layers/{info.name}/units/2/max/1"
+    r = client.get(f"{base}/input.png")
+    assert r.status_code == 200
+    sample = client.get(f"/api/runs/digits/samples/{entry.sample_id}/image.png")
+    assert r.content == sample.content
+    crop = client.get(f"{base}/crop.png")
+    assert crop.status_code == 200 and crop.headers["content-type"] == "image/png"
+    grad = client.get(f"{base}/grad.png")  # made with the run's recorded model
+    assert grad.status_code == 200
+    assert Image.open(io.BytesIO(grad.content)).size == (16, 16)
+    assert run.cache_path("grad", info.name, 2, 1, "max").is_file()
+
+
+def test_not_found_bodies_list_what_exists(client: TestClient, run: Run):
+    r = client.get("/api/runs/nope")
+    assert r.status_code == 404 and r.json() == {"detail": "no run 'nope'; runs: digits"}
+    r = client.get("/api/runs/digits/layers/nope")
+    assert r.status_code == 404
+    assert run.layers[0].name in r.json()["detail"] and "layers:" in r.json()["detail"]
+    n = run.layers[0].num_units
+    r = client.get(f"/api/runs/digits/layers/{run.layers[0].name}/units/{n}")
+    assert r.status_code == 404 and f"0..{n - 1}" in r.json()["detail"]
+    r = client.get("/api/runs/digits/samples/360")
+    assert r.status_code == 404 and "360 samples" in r.json()["detail"]
+    r = client.get(f"/api/runs/digits/layers/{run.layers[0].name}/units/0/max/5/input.png")
+    assert r.status_code == 404 and "ranks 0..4" in r.json()["detail"]
+    r = client.get("/api/runs/digits/layers/x/units/0/sideways/0/input.png")
+    assert r.status_code == 422
+    r = client.get("/api/nothing")
+    assert r.status_code == 404 and "/docs" in r.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/api/runs/%2e%2e",
+        "/api/runs/..%2f..%2f",
+        "/api/runs/%2e%2e%2f%2e%2e%2fetc/layers/x",
+        "/api/runs/digits/layers/..%2f..%2frun.db",
+        "/api/runs/digits/layers/%2e%2e/units/0/max/0/input.png",
+        "/..%2f..%2f..%2fetc%2fpasswd",
+        "/%2e%2e/%2e%2e/etc/passwd",
+        "/assets/..%2f..%2frun.db",
+        "/assets/%2e%2e/%2e%2e/%2e%2e/etc/passwd",
+    ],
+)
+def test_traversal_never_leaves_the_run(client: TestClient, path: str):
+    r = client.get(path)
+    assert r.status_code in (404, 422)
+    assert b"root:" not in r.content and b"SQLite" not in r.content
+
+
+def test_front_end(client: TestClient):
+    r = client.get("/")
+    assert r.status_code == 200 and "hi" in r.text
+    assert r.headers["cache-control"] == "no-cache"
+    r = client.get("/assets/app-1234.js")
+    assert r.status_code == 200 and "immutable" in r.headers["cache-control"]
+    assert client.get("/assets/nope.js").status_code == 404
+
+
+def test_front_end_not_built(explorer_run: ExplorerRun, tmp_path: Path):  # noqa: F811
+    c = TestClient(create_app(explorer_run.path, static_dir=tmp_path / "none"))
+    r = c.get("/")
+    assert r.status_code == 503 and "text/html" in r.headers["content-type"]
+    assert "make" in r.text and "Traceback" not in r.text
+    assert c.get("/api/runs").status_code == 200
+
+
+def test_openapi_lists_every_endpoint(client: TestClient):
+    spec = client.get("/openapi.json").json()
+    paths = set(spec["paths"])
+    for p in (
+        "/api/runs",
+        "/api/runs/{run_id}",
+        "/api/runs/{run_id}/layers/{layer}",
+        "/api/runs/{run_id}/layers/{layer}/units/{unit}",
+        "/api/runs/{run_id}/samples",
+        "/api/runs/{run_id}/samples/{sample_id}",
+        "/api/runs/{run_id}/samples/{sample_id}/image.png",
+        "/api/runs/{run_id}/layers/{layer}/units/{unit}/{which}/{rank}/{kind}.png",
+        "/api/runs/{run_id}/graph",
+        "/api/runs/{run_id}/live/images",
+        "/api/runs/{run_id}/live/{image}/ops/{op}/{side}/{channel}.png",
+    ):
+        assert p in paths
+    for path, ops in spec["paths"].items():
+        for op in ops.values():
+            assert "200" in op["responses"], path
+
+
+def test_folder_of_runs(explorer_run: ExplorerRun, tmp_path: Path):  # noqa: F811
+    root = tmp_path / "runs"
+    shutil.copytree(explorer_run.path, root / "a", ignore=shutil.ignore_patterns("cache"))
+    (root / "broken").mkdir()
+    (root / "broken" / "run.db").write_bytes(b"not a database at all" * 100)
+    (root / "notes").mkdir()  # no run.db: not listed
+    c = TestClient(create_app(root))
+    runs = c.get("/api/runs").json()["runs"]
+    assert [r["id"] for r in runs] == ["a", "broken"]
+    assert runs[0]["error"] is None and runs[0]["units"] > 0
+    assert runs[1]["error"] and "not a readable lurker run" in runs[1]["error"]
+    assert c.get("/api/runs/a").status_code == 200
+    r = c.get("/api/runs/broken")
+    assert r.status_code == 409 and "cannot be read" in r.json()["detail"]
+
+
+def test_refuses_a_folder_without_runs(tmp_path: Path):
+    (tmp_path / "x").mkdir()
+    with pytest.raises(NotServableError, match=r"neither a lurker run.*folder of runs"):
+        create_app(tmp_path)
+    with pytest.raises(NotServableError, match="does not exist"):
+        create_app(tmp_path / "missing")
+
+
+def test_version_2_run_reports_what_it_lacks(explorer_run: ExplorerRun, tmp_path: Path):  # noqa: F811
+    old = tmp_path / "old"
+    shutil.copytree(explorer_run.path, old, ignore=shutil.ignore_patterns("cache"))
+    db = sqlite3.connect(old / "run.db")
+    db.execute("DROP TABLE graph")
+    db.execute("UPDATE layers SET op_index = NULL")
+    db.execute("PRAGMA user_version = 2")
+    db.commit()
+    db.close()
+    c = TestClient(create_app(old))
+    s = c.get("/api/runs/old").json()
+    assert s["missing"] == ["graph", "op_index"]
+    assert s["holds"]["graph"] is False and s["model"]["params"] is None
+    assert s["layers"][0]["op_index"] is None
+    r = c.get("/api/runs/old/graph")
+    assert r.status_code in (404, 501) and "graph" in r.json()["detail"]
+    assert c.get(f"/api/runs/old/layers/{s['layers'][0]['name']}/units/0").status_code == 200
+
+
+def test_without_model_or_dataset_cached_images_are_served(
+    explorer_run: ExplorerRun,  # noqa: F811
+    tmp_path: Path,
+):
+    """A run probed from Python (no model or data recorded): cached files are served,
+    the rest is a 404 that says what to do."""
+    bare = tmp_path / "bare"
+    shutil.copytree(explorer_run.path, bare, ignore=shutil.ignore_patterns("cache"))
+    db = sqlite3.connect(bare / "run.db")
+    db.execute("UPDATE meta SET value = '{}' WHERE key = 'config'")
+    db.commit()
+    db.close()
+    (bare / "cache" / "samples").mkdir(parents=True)
+    _png_file(bare / "cache" / "samples" / "00000003.png")
+    c = TestClient(create_app(bare))
+    assert c.get("/api/runs/bare").json()["holds"]["live"] is False
+    r = c.get("/api/runs/bare/samples/3/image.png")
+    assert r.status_code == 200
+    r = c.get("/api/runs/bare/samples/4/image.png")
+    assert r.status_code == 404 and "lurker images" in r.json()["detail"]
+    with Run.open(bare) as run:
+        name = run.layers[0].name
+    r = c.get(f"/api/runs/bare/layers/{name}/units/0/max/0/grad.png")
+    assert r.status_code == 404 and "--model" in r.json()["detail"]
+    r = c.get("/api/runs/bare/live/sample-1")
+    assert r.status_code == 409 and "lurker serve RUN --model" in r.json()["detail"]
+
+
+def _png_file(path: Path) -> Path:
+    Image.new("L", (16, 16), 128).save(path)
+    return path
