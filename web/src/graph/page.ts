@@ -7,7 +7,7 @@
 import { select } from "d3-selection";
 import { zoom, zoomIdentity, type ZoomBehavior } from "d3-zoom";
 
-import { p } from "../api";
+import { p, type RunSummary } from "../api";
 import type { PageContext } from "../context";
 import "./graph.css";
 import type { GroupLayout, WorkerIn, WorkerOut } from "./layout.worker";
@@ -40,7 +40,25 @@ export async function renderGraphPage(root: HTMLElement, ctx: PageContext): Prom
     return;
   }
   if (ctx.signal.aborted) return;
+  if (!doc.nodes.some((n) => n.L)) await linkLayers(doc, ctx);
   new GraphPage(page, status, doc, ctx).start();
+}
+
+/** Marks each probed op with its layer (`L`) from the run's manifest, when the document
+ * came without them: the manifest's layers name the op label they probe. */
+async function linkLayers(doc: GraphView, ctx: PageContext): Promise<void> {
+  let summary: RunSummary;
+  try {
+    summary = await ctx.api.json<RunSummary>(p("runs", ctx.run));
+  } catch {
+    return; // the graph still draws; only the links to layer pages are missing
+  }
+  const byLabel = new Map(doc.nodes.map((n) => [n.l, n]));
+  for (const layer of summary.layers ?? []) {
+    if (!layer.op) continue;
+    const n = byLabel.get(layer.op) ?? byLabel.get(layer.op.replace(/:\d+$/, ""));
+    if (n && !n.L) n.L = layer.name;
+  }
 }
 
 function el<K extends keyof HTMLElementTagNameMap>(tag: K, cls?: string): HTMLElementTagNameMap[K] {
