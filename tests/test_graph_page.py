@@ -131,8 +131,27 @@ def servers(explorer_run: ExplorerRun, resnet_run: Path) -> Iterator[dict[str, s
         thread.join(10)
 
 
+def _running_browser() -> Any:
+    """A chromium another test module of this process launched and still holds, if any.
+
+    Playwright's sync API allows one instance per thread at a time, and the explorer's
+    page tests keep theirs for the whole session; this module borrows it then, and
+    otherwise launches its own for its own tests only (so it never holds one when the
+    other module starts)."""
+    import gc
+
+    for obj in gc.get_objects():
+        if isinstance(obj, playwright.Browser) and obj.is_connected():
+            return obj
+    return None
+
+
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
+    borrowed = _running_browser()
+    if borrowed is not None:
+        yield borrowed
+        return
     with playwright.sync_playwright() as p:
         b = p.chromium.launch(executable_path=str(CHROMIUM), args=FLAGS)
         yield b
