@@ -20,6 +20,8 @@ import numpy as np
 import pytest
 import torch
 
+from explorer_fixtures import ExplorerRun, explorer_run  # noqa: F401
+
 CHROMIUM = Path("/usr/bin/chromium")
 STATIC = Path(__file__).resolve().parents[1] / "src" / "lurker" / "server" / "static"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
@@ -42,21 +44,17 @@ OP = "conv2d_2"
 
 
 @pytest.fixture(scope="session")
-def explorer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """A probed run (360 digits, untrained seeded DigitsNet, k=4) served on a free port."""
+def explorer(explorer_run: ExplorerRun) -> Iterator[dict[str, Any]]:  # noqa: F811
+    """The server helper's small run (360 digits, its model attached) served on a free port
+    by uvicorn in a thread."""
     import uvicorn
 
-    import lurker
-    from lurker.examples import DigitsNet
-    from lurker.probe.data import digits
-    from lurker.server.app import create_app
+    from lurker.probe.data import load_dataset
+    from lurker.server import create_app
+    from lurker.store import Run
 
-    torch.manual_seed(0)
-    model = DigitsNet().eval()
-    ds = digits(16, split="test")
-    out = tmp_path_factory.mktemp("explorer") / "run"
-    lurker.probe(model, ds, out=out, k=4, batch_size=128, progress=False)
-    app = create_app(out, model_obj=model, dataset=ds)
+    model = explorer_run.model
+    app = create_app(explorer_run.path, model_obj=model)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -67,8 +65,14 @@ def explorer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any
     while not server.started:
         assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
         time.sleep(0.05)
-    run = lurker.Run.open(out)
-    yield {"url": f"http://127.0.0.1:{port}/", "run": run, "id": out.name, "model": model, "ds": ds}
+    run = Run.open(explorer_run.path)
+    yield {
+        "url": f"http://127.0.0.1:{port}/",
+        "run": run,
+        "id": explorer_run.path.name,
+        "model": model,
+        "ds": load_dataset("digits:test", 16, channels=1),
+    }
     run.close()
     server.should_exit = True
     thread.join(10)
