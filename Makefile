@@ -4,7 +4,13 @@ VENV := .venv
 PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test lint bench sysdeps clean
+.PHONY: demo test lint bench sysdeps clean web
+
+# The explorer's built front end (shipped in the wheel; users need no Node). Rebuilt when
+# missing or older than any source of it.
+STATIC := src/lurker/server/static/index.html
+WEB_SRC := $(shell find web/src -type f 2>/dev/null) web/index.html web/package.json \
+	web/package-lock.json web/vite.config.ts web/tsconfig.json
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,18 +19,27 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
-# Debian's graphviz provides `dot`, which draws the graphs.
+$(STATIC): $(WEB_SRC)
+	@command -v npm >/dev/null || { echo "building the explorer (web/) needs Node 20+ and npm" >&2; exit 1; }
+	cd web && npm ci --prefer-offline --no-audit --no-fund && npm run build
+	touch $@
+
+web: $(STATIC)
+
+# Debian's graphviz provides `dot`, which draws the graphs; its chromium runs the browser
+# tests (Playwright drives /usr/bin/chromium; no browser download).
 sysdeps:
 	@command -v dot >/dev/null || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q graphviz; }
+	@[ -x /usr/bin/chromium ] || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium; }
 
-demo: $(VENV)/.installed sysdeps
+demo: $(VENV)/.installed sysdeps $(STATIC)
 	$(PY) -m lurker.demo --out demo-out
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
 
-test: $(VENV)/.installed sysdeps lint
+test: $(VENV)/.installed sysdeps $(STATIC) lint
 	$(PY) -m pytest -n 2 -q tests
 
 bench: $(VENV)/.installed
@@ -32,4 +47,4 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/probe_throughput.py
 
 clean:
-	rm -rf $(VENV) demo-out .pytest_cache build
+	rm -rf $(VENV) demo-out .pytest_cache build web/node_modules src/lurker/server/static

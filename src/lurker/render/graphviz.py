@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import graphviz
 
 from ..errors import LurkerError
+from ..graph.drawn import merge_edges, readout_values
 from ..graph.edges import edges as graph_edges
 from ..graph.nodes import Op, TensorMeta
 from ..store.files import atomic_write_bytes
@@ -380,13 +381,7 @@ def _build(
     _emit(g, root, node_attrs)
 
     # Edges: map through the drawn nodes, drop those inside one collapsed call, merge.
-    merged: dict[tuple[str, str, str, str | None], int] = {}
-    for e in graph_edges(ops):
-        s, d = draw[e.src], draw[e.dst]
-        if s is None or d is None or call[e.src] == call[e.dst]:
-            continue
-        key = (s, d, e.kind, e.label)
-        merged[key] = merged.get(key, 0) + 1
+    merged = merge_edges(graph_edges(ops), draw, call)
     cost = _layout_cost(order, merged)
     if cost >= BIG_GRAPH:
         g.attr("graph", **BIG_GRAPH_ATTRS)
@@ -500,11 +495,6 @@ def _params_text(op: Op) -> str:
     return f"{shapes} ({n})"
 
 
-def _value_text(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 20 else text[:17] + "..."
-
-
 def _op_attrs(trace: Trace, group: list[Op], rolled: bool) -> dict[str, str]:
     op = group[0]
     kind = op.kind
@@ -514,13 +504,7 @@ def _op_attrs(trace: Trace, group: list[Op], rolled: bool) -> dict[str, str]:
     if kind in ("input", "output", "buffer", "constant") and op.name != op.label:
         lines.append(op.name)
     if kind == "readout":
-        values: list[str] = []
-        for o in group:
-            v = _value_text(o.value)
-            if v not in values:
-                values.append(v)
-        shown = " / ".join(values[:3]) + (" / ..." if len(values) > 3 else "")
-        lines.append(f"{op.name} → {shown}")
+        lines.append(f"{op.name} → {readout_values(group)}")
     elif op.outputs:
         lines.append(", ".join(shape_text(m) for m in op.outputs[:3]))
     if kind == "failed":

@@ -1,0 +1,319 @@
+"""The explorer in a real browser: Debian's chromium driven by Playwright, over the real
+server (uvicorn in a thread) and a small probed run with its model attached.
+
+What each page shows is checked against independent oracles: the run read back with
+lurker.store.Run, and the model itself (a forward hook) for the live feature maps and
+kernels. No page may log a console error.
+"""
+
+from __future__ import annotations
+
+import io
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+CHROMIUM = Path("/usr/bin/chromium")
+STATIC = Path(__file__).resolve().parents[1] / "src" / "lurker" / "server" / "static"
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+
+if not CHROMIUM.exists():
+    pytest.skip(
+        "the browser tests need Debian's chromium at /usr/bin/chromium (make sysdeps)",
+        allow_module_level=True,
+    )
+if not (STATIC / "index.html").exists():
+    pytest.skip(
+        f"the explorer's front end is not built ({STATIC}/index.html): run `make web`",
+        allow_module_level=True,
+    )
+playwright = pytest.importorskip("playwright.sync_api")
+pytest.importorskip("uvicorn")
+
+LAYER = "features.4"  # conv2d_2: a conv with 16 input and 32 output channels, 8x8 maps
+OP = "conv2d_2"
+
+
+@pytest.fixture(scope="session")
+def explorer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """A probed run (360 digits, untrained seeded DigitsNet, k=4) served on a free port."""
+    import uvicorn
+
+    import lurker
+    from lurker.examples import DigitsNet
+    from lurker.probe.data import digits
+    from lurker.server.app import create_app
+
+    torch.manual_seed(0)
+    model = DigitsNet().eval()
+    ds = digits(16, split="test")
+    out = tmp_path_factory.mktemp("explorer") / "run"
+    lurker.probe(model, ds, out=out, k=4, batch_size=128, progress=False)
+    app = create_app(out, model_obj=model, dataset=ds)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.05)
+    run = lurker.Run.open(out)
+    yield {"url": f"http://127.0.0.1:{port}/", "run": run, "id": out.name, "model": model, "ds": ds}
+    run.close()
+    server.should_exit = True
+    thread.join(10)
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[Any]:
+    with playwright.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=FLAGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def console() -> list[str]:
+    """The console errors of the test's page (a test that provokes one clears it)."""
+    return []
+
+
+@pytest.fixture
+def page(browser: Any, console: list[str]) -> Iterator[Any]:
+    """A 1280x800 page that fails the test on any console error or uncaught exception."""
+    ctx = browser.new_context(viewport={"width": 1280, "height": 800})
+    pg = ctx.new_page()
+    errors = console
+    pg.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    pg.on("pageerror", lambda e: errors.append(f"uncaught: {e}"))
+    yield pg
+    ctx.close()
+    assert not errors, f"console errors: {errors}"
+
+
+def go(page: Any, url: str) -> None:
+    page.goto(url)
+    page.wait_for_load_state("networkidle")
+
+
+def images_loaded(page: Any, selector: str) -> None:
+    """Every image under ``selector`` finished loading with real pixels."""
+    page.wait_for_function(
+        "sel => { const imgs = [...document.querySelectorAll(sel)];"
+        " return imgs.length > 0 && imgs.every(i => i.complete && i.naturalWidth > 0); }",
+        arg=selector,
+        timeout=15000,
+    )
+
+
+def png_values(page: Any, src: str) -> tuple[np.ndarray, dict[str, str]]:
+    from PIL import Image
+
+    res = page.request.get(page.url.split("#")[0] + src)
+    assert res.ok, res.text()
+    return np.asarray(Image.open(io.BytesIO(res.body()))), res.headers
+
+
+def test_home_and_runs_list(page: Any, explorer: dict[str, Any]) -> None:
+    run = explorer["run"]
+    go(page, explorer["url"])
+    page.wait_for_url(f"**#/r/{explorer['id']}")  # one run: the list opens it
+    page.wait_for_selector("table.layers")
+    rows = page.locator("table.layers tbody tr")
+    assert rows.count() == len(run.layers)
+    for i, info in enumerate(run.layers):
+        cells = rows.nth(i).locator("td")
+        assert cells.nth(1).inner_text() == info.name
+        assert cells.nth(4).inner_text() == str(info.num_units)
+    text = page.locator("main").inner_text()
+    assert "DigitsNet" in text and str(len(explorer["ds"])) in text
+    assert page.locator(".topbar").inner_text().split()[:2] == ["lurker", explorer["id"]]
+    for name in ("Home", "Graph", "Layers", "Samples", "Live"):
+        assert page.locator(".main-nav a", has_text=name).count() == 1
+
+
+def test_layer_grid_unit_toggles_and_history(page: Any, explorer: dict[str, Any]) -> None:
+    run, rid = explorer["run"], explorer["id"]
+    info = next(i for i in run.layers if i.name == LAYER)
+    go(page, f"{explorer['url']}#/r/{rid}/layer/{LAYER}?sort=max")
+    cards = page.locator(".unit-card")
+    assert cards.count() == info.num_units
+    by_max = [u.index for u in run.units(LAYER, order_by="max")]
+    shown = [int(cards.nth(i).get_attribute("data-unit")) for i in range(cards.count())]
+    assert shown == by_max
+    assert page.locator("svg.histogram text", has_text="activation").count() >= 1
+    page.get_by_role("button", name="index").click()
+    assert page.locator(".unit-card").first.get_attribute("data-unit") == "0"
+    assert "sort=index" in page.url
+
+    # open a unit from the grid
+    unit = 5
+    page.locator(f'.unit-card[data-unit="{unit}"]').click()
+    page.wait_for_url(f"**/unit/{LAYER}/{unit}**")
+    page.wait_for_selector(".top-entry")
+    images_loaded(page, ".top-entry img")
+    expected = run.unit(LAYER, unit)
+    for which in ("max", "mean"):
+        page.locator(f'.tabs button[data-tab="{which}"]').click()
+        figs = page.locator(".top-entry")
+        top = expected.top(which)
+        assert figs.count() == len(top)
+        for fig, e in zip(figs.all(), top, strict=True):
+            assert int(fig.get_attribute("data-sample")) == e.sample_id
+            assert float(fig.get_attribute("data-value")) == pytest.approx(e.value, rel=1e-6)
+    assert page.locator(".peak").count() == 0  # the peak box is the max tab's
+    page.locator('.tabs button[data-tab="max"]').click()
+    assert page.locator(".peak").count() == len(expected.top("max"))
+
+    first = page.locator(".top-entry img").first
+    before = first.get_attribute("src")
+    page.locator('button[data-value="grad"]').click()
+    assert first.get_attribute("src").endswith("/grad.png") and first.get_attribute("src") != before
+    images_loaded(page, ".top-entry img")
+    page.locator('button[data-value="1"]').click()
+    assert first.get_attribute("src").endswith("/grad_crop.png")
+    images_loaded(page, ".top-entry img")
+    page.locator('button[data-value="input"]').click()
+    assert first.get_attribute("src").endswith("/crop.png")
+    images_loaded(page, ".top-entry img")
+    assert "img=input" in page.url and "crop=1" in page.url and "tab=max" in page.url
+
+    # classes bar chart: the ten highest class means, in order
+    means = sorted(
+        ((k, v) for k, v in expected.class_means().items() if np.isfinite(v)), key=lambda kv: -kv[1]
+    )[:10]
+    labels = page.locator("svg.bars-h text.label").evaluate_all(
+        "els => els.map(e => e.firstChild.nodeValue)"
+    )
+    assert labels == [k for k, _ in means]
+
+    # keyboard and history
+    page.keyboard.press("ArrowRight")
+    page.wait_for_url(f"**/unit/{LAYER}/{unit + 1}?**")
+    page.wait_for_selector(".top-entry")
+    page.go_back()
+    page.wait_for_url(f"**/unit/{LAYER}/{unit}?**")
+    page.go_back()
+    page.wait_for_url(f"**/layer/{LAYER}**")
+    page.wait_for_selector(".unit-card")
+    page.go_forward()
+    page.wait_for_url(f"**/unit/{LAYER}/{unit}**")
+    assert page.locator("h1").inner_text().startswith(f"{LAYER} · unit {unit}")
+    graph = page.locator("a", has_text="place in graph")
+    assert graph.get_attribute("href").endswith(f"/graph?focus={info.op_label}")
+
+
+def test_samples_and_sample(page: Any, explorer: dict[str, Any]) -> None:
+    run, rid = explorer["run"], explorer["id"]
+    go(page, f"{explorer['url']}#/r/{rid}/samples")
+    cards = page.locator(".sample-card")
+    assert cards.count() == min(100, len(explorer["ds"]))
+    page.locator("a", has_text="next →").first.click()
+    page.wait_for_url("**offset=100")
+    page.wait_for_selector('.sample-card[data-sample="100"]')
+
+    # the top sample of some unit: it must list that unit
+    info = run.layers[0]
+    sid = run.unit(info.name, 0).top("max")[0].sample_id
+    go(page, f"{explorer['url']}#/r/{rid}/sample/{sid}")
+    images_loaded(page, "img.sample-img")
+    want = {
+        (i.name, u.index, which)
+        for i in run.layers
+        for u in run.units(i.name)
+        for which in ("max", "mean")
+        if any(e.sample_id == sid for e in u.top(which))
+    }
+    chips = page.locator(".chip")
+    got = set()
+    for chip in chips.all():
+        layer = chip.locator("xpath=ancestor::section[1]//h3/a").inner_text()
+        got.add((layer, int(chip.get_attribute("data-unit")), chip.get_attribute("data-list")))
+    assert got == want
+    sample = run.sample(sid)
+    text = page.locator("main").inner_text()
+    assert f"Sample {sid}" in text and f"{sample.class_name} ({sample.label})" in text
+    with torch.no_grad():
+        probs = torch.softmax(explorer["model"](explorer["ds"][sid][0][None]), 1)[0]
+    top = [str(int(c)) for c in probs.argsort(descending=True)[:5]]
+    assert [t.split()[0] for t in page.locator(".preds li").all_inner_texts()] == top
+
+
+def test_live_upload_maps_and_kernel(page: Any, explorer: dict[str, Any]) -> None:
+    from PIL import Image
+
+    rid, model = explorer["id"], explorer["model"]
+    go(page, f"{explorer['url']}#/r/{rid}/live")
+    rng = np.random.default_rng(0)
+    pixels = (rng.random((16, 16)) * 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels, "L").save(buf, "PNG")
+    page.set_input_files(
+        "#live-file", {"name": "x.png", "mimeType": "image/png", "buffer": buf.getvalue()}
+    )
+    page.wait_for_url("**image=**")
+    page.locator(f'.op-list li[data-op="{OP}"]').click()
+    page.wait_for_url(f"**op={OP}**")
+    page.wait_for_selector('.fmaps[data-side="output"] .fmap img')
+
+    # what the model computes for the uploaded image, through a forward hook
+    seen: dict[str, torch.Tensor] = {}
+    conv = model.features[4]
+    hook = conv.register_forward_hook(
+        lambda m, i, o: seen.update(input=i[0].detach(), output=o.detach())
+    )
+    try:
+        with torch.no_grad():
+            logits = model(torch.from_numpy(pixels).float()[None, None] / 255.0)
+    finally:
+        hook.remove()
+    top5 = [str(int(c)) for c in logits[0].argsort(descending=True)[:5]]
+    assert [t.split()[0] for t in page.locator(".live-result .preds li").all_inner_texts()] == top5
+
+    for side, channel in (("output", 3), ("input", 7)):
+        img = page.locator(f'.fmaps[data-side="{side}"] .fmap[data-channel="{channel}"] img')
+        img.scroll_into_view_if_needed()
+        images_loaded(page, f'.fmaps[data-side="{side}"] .fmap[data-channel="{channel}"] img')
+        shown, headers = png_values(page, img.get_attribute("src"))
+        scale = int(headers.get("x-lurker-scale", "1"))
+        v = seen[side][0, channel].numpy()
+        lo, hi = float(v.min()), float(v.max())
+        want = np.zeros_like(v) if hi == lo else np.round(255 * (v - lo) / (hi - lo))
+        assert shown.shape == (v.shape[0] * scale, v.shape[1] * scale)
+        assert np.abs(shown[::scale, ::scale].astype(int) - want.astype(int)).max() <= 1
+        assert float(headers["x-lurker-min"]) == pytest.approx(lo, rel=1e-5, abs=1e-6)
+        assert float(headers["x-lurker-max"]) == pytest.approx(hi, rel=1e-5, abs=1e-6)
+
+    # kernel between input 7 and output 3: click the input map, then the output map
+    page.locator('.fmaps[data-side="input"] .fmap[data-channel="7"]').click()
+    page.locator('.fmaps[data-side="output"] .fmap[data-channel="3"]').click()
+    page.wait_for_selector('.kernel[data-out="3"][data-in="7"] td')
+    cells = page.locator(".kernel td")
+    shown_w = np.array([float(c.get_attribute("data-value")) for c in cells.all()])
+    weight = conv.weight[3, 7].detach().numpy().ravel()
+    np.testing.assert_allclose(shown_w, weight, rtol=1e-6, atol=1e-7)
+    images_loaded(page, ".pair img")
+
+
+def test_graph_page_and_errors(page: Any, console: list[str], explorer: dict[str, Any]) -> None:
+    rid = explorer["id"]
+    go(page, f"{explorer['url']}#/r/{rid}/graph?focus={OP}")
+    assert page.locator("main").inner_text().strip()
+    assert page.locator(".notice.error").count() == 0
+    assert not console
+    # an unknown layer says what exists (the API's 404 body); the browser logs the 404
+    go(page, f"{explorer['url']}#/r/{rid}/layer/nope")
+    msg = page.locator(".notice.error").inner_text()
+    assert "nope" in msg and LAYER in msg
+    assert all("404" in e for e in console)
+    console.clear()

@@ -1,0 +1,334 @@
+"""The graph page in a real browser (Debian's chromium via Playwright) over the real server.
+
+Two runs: the digits CNN (the explorer's shared test run) and resnet18 (random init,
+probed on CPU on four random images). What the page draws is checked against the graph
+view document, read independently here: which nodes and collapsed groups a first view
+shows, what expanding a group adds, that every drawn edge starts and ends on a drawn
+item, search, the hover tooltip's shape, the colour code, ``?focus=`` and layer links.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from explorer_fixtures import ExplorerRun, explorer_run  # noqa: F401
+
+CHROMIUM = Path("/usr/bin/chromium")
+STATIC = Path(__file__).resolve().parents[1] / "src" / "lurker" / "server" / "static"
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+
+if not CHROMIUM.exists():
+    pytest.skip(
+        "the browser tests need Debian's chromium at /usr/bin/chromium", allow_module_level=True
+    )
+if not (STATIC / "index.html").exists():
+    pytest.skip(f"the front end is not built ({STATIC}): run `make web`", allow_module_level=True)
+playwright = pytest.importorskip("playwright.sync_api")
+pytest.importorskip("uvicorn")
+
+
+# ---------------------------------------------------------------------- oracle
+
+
+class Expect:
+    """What the page should draw for a graph view document and a set of open groups,
+    derived here from the document alone (the module tree and each node's group)."""
+
+    def __init__(self, doc: dict[str, Any]) -> None:
+        self.doc = doc
+        groups = doc["groups"]
+        self.chain: list[list[int]] = []
+        for g in range(len(groups)):
+            c = [g]
+            while c[-1] != 0:
+                c.append(groups[c[-1]].get("u", 0))
+            self.chain.append(c[::-1])
+        # a group of at most one node is drawn as that node
+        self.thin = [g != 0 and groups[g].get("N", 0) <= 1 for g in range(len(groups))]
+
+    def default_open(self) -> set[int]:
+        groups = self.doc["groups"]
+        return {0} | {
+            g
+            for g in range(1, len(groups))
+            if len(self.chain[g]) - 1 <= 1 and not self.thin[g] and groups[g].get("N", 0) > 0
+        }
+
+    def drawn_as(self, k: int, open_: set[int]) -> str:
+        for g in self.chain[self.doc["nodes"][k].get("m", 0)][1:]:
+            if self.thin[g]:
+                break
+            if g not in open_:
+                return f"g{g}"
+        return f"n{k}"
+
+    def items(self, open_: set[int]) -> set[str]:
+        return {self.drawn_as(k, open_) for k in range(len(self.doc["nodes"]))}
+
+    def edges(self, open_: set[int]) -> set[tuple[str, str]]:
+        out = set()
+        for e in self.doc["edges"]:
+            a, b = self.drawn_as(e[0], open_), self.drawn_as(e[1], open_)
+            if a != b or (e[0] == e[1] and a[0] == "n"):
+                out.add((a, b))
+        return out
+
+
+# ---------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def resnet_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import torchvision
+    from torch.utils.data import TensorDataset
+
+    from lurker.probe import probe
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("graph-page") / "resnet18"
+    data = TensorDataset(torch.randn(4, 3, 64, 64), torch.zeros(4, dtype=torch.long))
+    model = torchvision.models.resnet18().eval()
+    run = probe(model, data, out=out, layers=["layer3.0.conv1"], k=2, batch_size=4, progress=False)
+    assert run is not None
+    run.close()
+    return out
+
+
+@pytest.fixture(scope="module")
+def servers(explorer_run: ExplorerRun, resnet_run: Path) -> Iterator[dict[str, str]]:  # noqa: F811
+    """One explorer server per run (uvicorn threads on free ports): run id -> base URL."""
+    import uvicorn
+
+    from lurker.server import create_app
+
+    urls, stops = {}, []
+    for path in (explorer_run.path, resnet_run):
+        app = create_app(path)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cfg = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
+        server = uvicorn.Server(cfg)
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 20
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
+            time.sleep(0.05)
+        urls[path.name] = f"http://127.0.0.1:{port}/"
+        stops.append((server, thread))
+    yield urls
+    for server, thread in stops:
+        server.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    with playwright.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=FLAGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser: Any) -> Iterator[Any]:
+    ctx = browser.new_context(viewport={"width": 1280, "height": 800})
+    pg = ctx.new_page()
+    errors: list[str] = []
+    pg.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    pg.on("pageerror", lambda e: errors.append(f"uncaught: {e}"))
+    yield pg
+    ctx.close()
+    assert not errors, f"console errors: {errors}"
+
+
+RUNS = ["digits", "resnet18"]
+
+
+def open_graph(page: Any, servers: dict[str, str], run: str, query: str = "") -> dict[str, Any]:
+    url = servers[run]
+    doc = page.request.get(f"{url}api/runs/{run}/graph").json()
+    page.goto(f"{url}#/r/{run}/graph{query}")
+    page.wait_for_selector(".graph-page[data-ready]", state="attached", timeout=30_000)
+    return doc
+
+
+def drawn(page: Any) -> set[str]:
+    return set(
+        page.eval_on_selector_all("svg.graph .nd, svg.graph .box", "es => es.map(e => e.dataset.k)")
+    )
+
+
+def wait_draw(page: Any, before: int) -> None:
+    page.wait_for_function(
+        "n => +document.querySelector('.graph-page').dataset.draws > n", arg=before, timeout=15_000
+    )
+
+
+def draws(page: Any) -> int:
+    return int(page.get_attribute(".graph-page", "data-draws"))
+
+
+# ---------------------------------------------------------------------- tests
+
+
+@pytest.mark.parametrize("run", RUNS)
+def test_first_view_matches_the_document(page: Any, servers: dict[str, str], run: str) -> None:
+    doc = open_graph(page, servers, run)
+    ex = Expect(doc)
+    open_ = ex.default_open()
+    assert drawn(page) == ex.items(open_)
+    assert int(page.get_attribute(".graph-page", "data-drawn")) == len(ex.items(open_))
+    frames = set(page.eval_on_selector_all("svg.graph .frame", "es => es.map(e => e.dataset.k)"))
+    assert frames == {f"g{g}" for g in open_ if g}
+    pairs = page.eval_on_selector_all(
+        "svg.graph path.e", "es => es.map(e => [e.dataset.a, e.dataset.b])"
+    )
+    assert {tuple(p) for p in pairs} == ex.edges(open_)
+
+
+def _edge_ends_on_items(page: Any) -> list[str]:
+    """Edges whose first point is not on their source's box or whose last is not on their
+    target's (tolerance 4 px), in the SVG's user space."""
+    return page.evaluate(
+        """() => {
+        const bad = [];
+        const box = k => document.querySelector(`svg.graph [data-k="${k}"]`).getBBox();
+        const near = (p, b) => p.x >= b.x - 4 && p.x <= b.x + b.width + 4
+                             && p.y >= b.y - 4 && p.y <= b.y + b.height + 4;
+        for (const e of document.querySelectorAll('svg.graph path.e')) {
+          const len = e.getTotalLength();
+          const s = e.getPointAtLength(0), t = e.getPointAtLength(len);
+          if (!near(s, box(e.dataset.a)) || !near(t, box(e.dataset.b)))
+            bad.push(`${e.dataset.a}->${e.dataset.b}`);
+        }
+        return bad;
+      }"""
+    )
+
+
+@pytest.mark.parametrize("run", RUNS)
+def test_expand_a_group(page: Any, servers: dict[str, str], run: str) -> None:
+    doc = open_graph(page, servers, run)
+    ex = Expect(doc)
+    open_ = ex.default_open()
+    assert _edge_ends_on_items(page) == []
+    boxes = sorted(k for k in drawn(page) if k[0] == "g")
+    if not boxes:  # the digits CNN: every group is open at depth 1; close one first
+        g = min(g for g in open_ if g)
+        before = draws(page)
+        page.click(f'svg.graph .frame[data-k="g{g}"] > .title')
+        wait_draw(page, before)
+        open_.discard(g)
+        assert drawn(page) == ex.items(open_)
+        boxes = [f"g{g}"]
+    g = int(boxes[0][1:])
+    before = draws(page)
+    page.click(f'svg.graph .box[data-k="g{g}"]')
+    wait_draw(page, before)
+    open_.add(g)
+    now = drawn(page)
+    assert now == ex.items(open_)
+    inside = {
+        ex.drawn_as(k, open_) for k, n in enumerate(doc["nodes"]) if g in ex.chain[n.get("m", 0)]
+    }
+    assert inside and inside <= now and f"g{g}" not in now
+    pairs = page.eval_on_selector_all(
+        "svg.graph path.e", "es => es.map(e => [e.dataset.a, e.dataset.b])"
+    )
+    assert {tuple(p) for p in pairs} == ex.edges(open_)
+    assert _edge_ends_on_items(page) == []
+    # every item inside the opened group is connected: an edge arrives or leaves
+    ends = {a for a, _ in pairs} | {b for _, b in pairs}
+    assert inside <= ends
+    assert float(page.get_attribute(".graph-page", "data-expand-ms")) < 2000
+
+
+def test_search_hover_colours_and_links(
+    page: Any, servers: dict[str, str], resnet_run: Path
+) -> None:
+    from lurker.store import Run
+
+    run = Run.open(resnet_run)
+    graph = run.graph
+    layer = run.layers[0]
+    doc = open_graph(page, servers, "resnet18")
+    labels = [n["l"] for n in doc["nodes"]]
+    # search: an op deep in a closed group is found, its groups opened, it is centred
+    target = "conv2d_12"
+    k = labels.index(target)
+    before = draws(page)
+    page.fill(".graph-bar input[type=search]", target)
+    page.press(".graph-bar input[type=search]", "Enter")
+    wait_draw(page, before)
+    node = page.locator(f'svg.graph .nd[data-k="n{k}"]')
+    assert "current" in node.get_attribute("class")
+    box = node.bounding_box()
+    canvas = page.locator(".graph-canvas").bounding_box()
+    assert abs(box["x"] + box["width"] / 2 - (canvas["x"] + canvas["width"] / 2)) < 40
+    assert abs(box["y"] + box["height"] / 2 - (canvas["y"] + canvas["height"] / 2)) < 40
+    assert page.inner_text(".graph-bar .hits") == "1 of 1"
+    # hover: the tooltip shows the op's shape as the graph records it
+    node.hover()
+    tip = page.locator(".graph-tip")
+    tip.wait_for(state="visible")
+    shape = "\u00d7".join(map(str, graph[target].shape))
+    text = tip.inner_text()
+    assert target in text and shape in text and "params:" in text and "FLOPs:" in text
+    assert f"{graph[target].num_params:,}" in text and "source:" in text
+    # colours: trace.render's code, as the browser computes it
+    fills = page.evaluate(
+        """() => Object.fromEntries(['n-input', 'n-output', 'n-param', 'n-op'].map(c => {
+            const sh = document.querySelector(`svg.graph .${c} > .sh`);
+            const s = getComputedStyle(sh);
+            return [c, [s.fill, s.stroke]];
+        }))"""
+    )
+    assert fills["n-input"] == ["rgb(152, 251, 152)", "rgb(0, 100, 0)"]  # palegreen, darkgreen
+    assert fills["n-output"] == ["rgb(240, 128, 128)", "rgb(205, 0, 0)"]  # lightcoral, red3
+    assert fills["n-param"][0] == "rgb(217, 217, 217)"  # gray85
+    assert fills["n-op"][0] == "rgb(255, 255, 255)"
+    inputs = page.eval_on_selector_all("svg.graph .n-input", "es => es.map(e => e.dataset.k)")
+    assert inputs == [f"n{i}" for i, n in enumerate(doc["nodes"]) if n.get("k") == "input"]
+    params = set(page.eval_on_selector_all("svg.graph .n-param", "es => es.map(e => e.dataset.k)"))
+    assert params and all(doc["nodes"][int(p[1:])].get("P", 0) > 0 for p in params)
+    # a probed op links to its layer page
+    k = labels.index(layer.op)
+    before = draws(page)
+    page.fill(".graph-bar input[type=search]", layer.op)
+    page.press(".graph-bar input[type=search]", "Enter")
+    wait_draw(page, before)
+    page.click(f'svg.graph .nd[data-k="n{k}"]')
+    page.wait_for_function("h => location.hash === h", arg=f"#/r/resnet18/layer/{layer.name}")
+    run.close()
+
+
+@pytest.mark.parametrize("run", RUNS)
+def test_focus_opens_and_centres(page: Any, servers: dict[str, str], run: str) -> None:
+    doc = open_graph(page, servers, run)
+    ex = Expect(doc)
+    # the deepest op: the one inside the most groups
+    k = max(range(len(doc["nodes"])), key=lambda i: len(ex.chain[doc["nodes"][i].get("m", 0)]))
+    label = doc["nodes"][k]["l"]
+    open_graph(page, servers, run, f"?focus={label}")
+    node = page.locator(f'svg.graph .nd[data-k="n{k}"]')
+    assert "current" in node.get_attribute("class")
+    box = node.bounding_box()
+    canvas = page.locator(".graph-canvas").bounding_box()
+    assert abs(box["x"] + box["width"] / 2 - (canvas["x"] + canvas["width"] / 2)) < 40
+    assert abs(box["y"] + box["height"] / 2 - (canvas["y"] + canvas["height"] / 2)) < 40
+
+
+def test_focus_on_an_unknown_op_says_so(page: Any, servers: dict[str, str]) -> None:
+    open_graph(page, servers, "digits", "?focus=no_such_op")
+    assert "No op 'no_such_op'" in page.inner_text(".graph-status")
+    assert page.locator("svg.graph .nd").count() > 0

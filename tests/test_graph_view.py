@@ -1,0 +1,236 @@
+"""The explorer's graph view document (lurker.graph.view): its schema, counts, tree, size."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections import Counter
+
+import jsonschema
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import lurker
+from lurker.graph import Graph
+from lurker.graph.view import HIDDEN_KINDS, VIEW_VERSION, graph_view, json_schema
+from models_zoo import Branchy, Fails, Generates, LSTMNet, RNNLoop, Twice
+
+
+class Block(nn.Module):
+    """A residual MLP block: linear, layer norm, GELU, add (5 ops with the norm)."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(d, d)
+        self.norm = nn.LayerNorm(d)
+        self.act = nn.GELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.act(self.norm(self.fc(x)))
+
+
+class Stage(nn.Module):
+    def __init__(self, blocks: int, d: int) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(*[Block(d) for _ in range(blocks)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(x)
+
+
+def deep_model(ops: int, d: int = 8) -> nn.Module:
+    """Stages of 25 residual blocks (4 ops each): about ``ops`` ops, nested 3 deep."""
+    stages = max(1, ops // 100)
+    return nn.Sequential(*[Stage(25, d) for _ in range(stages)])
+
+
+def _partial() -> lurker.Trace:
+    with pytest.raises(lurker.TraceError) as ei:
+        lurker.trace(Fails(), torch.randn(2, 4))
+    return ei.value.partial
+
+
+@pytest.fixture(scope="module")
+def traces() -> dict[str, Graph]:
+    torch.manual_seed(0)
+    return {
+        "resnet18": lurker.trace(torchvision.models.resnet18(), torch.randn(1, 3, 64, 64)),
+        "rnn_loop": lurker.trace(RNNLoop(), torch.randn(4, 2, 3)),
+        "branch": lurker.trace(Branchy(), torch.ones(2, 4)),
+        "branch_else": lurker.trace(Branchy(), -torch.ones(2, 4)),
+        "partial": _partial(),
+        "generates": lurker.trace(Generates(), torch.randn(2, 4)),
+        "lstm": lurker.trace(LSTMNet(), torch.randn(2, 5, 6)),
+        "twice": lurker.trace(Twice(), torch.randn(2, 4)),
+    }
+
+
+@pytest.fixture(scope="module")
+def validator() -> jsonschema.Draft202012Validator:
+    schema = json_schema()
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return jsonschema.Draft202012Validator(schema)
+
+
+NAMES = ["resnet18", "rnn_loop", "branch", "branch_else", "partial", "generates", "lstm", "twice"]
+
+
+def _check(doc: dict, validator: jsonschema.Draft202012Validator) -> None:
+    errors = sorted(validator.iter_errors(doc), key=lambda e: list(e.path))
+    assert not errors, [f"{list(e.path)}: {e.message[:200]}" for e in errors[:5]]
+    assert json.loads(json.dumps(doc, allow_nan=False)) == doc
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_validates_and_counts(name: str, traces, validator) -> None:
+    g = traces[name]
+    doc = graph_view(g)
+    _check(doc, validator)
+    assert doc["version"] == VIEW_VERSION and doc["model"] == g.model_name
+    assert doc["ops"] == g.num_ops and doc["params"] == g.num_params and doc["flops"] == g.flops
+    assert doc["complete"] == g.complete and doc["failed"] == g.failed_op
+    # one node per rolled op (buffers left out), in order of first pass
+    rolled = {k: v for k, v in g.rolled().items() if v[0].kind not in HIDDEN_KINDS}
+    nodes = doc["nodes"]
+    assert [n["l"] for n in nodes] == list(rolled)
+    assert [n["i"] for n in nodes] == [v[0].index for v in rolled.values()]
+    for n, passes in zip(nodes, rolled.values(), strict=True):
+        op = passes[0]
+        assert n.get("p", 1) == len(passes) == op.num_passes
+        assert n.get("k", "op") == op.kind and n["t"] == op.name
+        assert doc["groups"][n.get("m", 0)]["p"] == (op.module or "")
+        assert n.get("s", []) == [list(t.shape) for t in op.outputs]
+        assert n.get("d", doc["dtype"]) == (op.dtype or doc["dtype"])
+        assert n.get("P", 0) == op.num_params
+        flops = [o.flops for o in passes if o.flops is not None]
+        assert n.get("f") == (sum(flops) if flops else None)
+        if op.source:
+            file, line = n["src"]
+            assert f"{doc['files'][file]}:{line}" == op.source
+    # edges: Graph.edges() between drawn ops, by rolled label, counted (independent merge)
+    drawn = {o.index: o.rolled for o in g.ops if o.kind not in HIDDEN_KINDS}
+    want = Counter(
+        (drawn[e.src], drawn[e.dst], e.label)
+        for e in g.edges()
+        if e.src in drawn and e.dst in drawn
+    )
+    got = Counter()
+    for e in doc["edges"]:
+        s, d = nodes[e[0]]["l"], nodes[e[1]]["l"]
+        got[(s, d, e[3] if len(e) > 3 else None)] += e[2] if len(e) > 2 else 1
+    assert got == want
+    assert len({(e[0], e[1], e[3] if len(e) > 3 else None) for e in doc["edges"]}) == len(
+        doc["edges"]
+    )  # merged: one row per drawn pair and label
+
+
+def test_resnet18_unrolled(traces) -> None:
+    """A model without loops: every op is a node and every data edge one row."""
+    g = traces["resnet18"]
+    doc = graph_view(g)
+    shown = [o for o in g.ops if o.kind != "buffer"]
+    assert len(doc["nodes"]) == len(shown)
+    assert all("p" not in n for n in doc["nodes"])
+    pairs = {(e.src, e.dst) for e in g.edges() if g.ops[e.src].kind != "buffer"}
+    assert len(doc["edges"]) == len(pairs)
+    kinds = Counter(n.get("k", "op") for n in doc["nodes"])
+    assert kinds["input"] == 1 and kinds["output"] == 1
+    convs = [n for n in doc["nodes"] if n["t"] == "conv2d"]
+    assert len(convs) == 20 and all(n["P"] > 0 for n in convs)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_module_tree(name: str, traces) -> None:
+    g = traces[name]
+    doc = graph_view(g)
+    groups = doc["groups"]
+    assert [x["p"] for x in groups] == list(g.modules)
+    index = {x["p"]: i for i, x in enumerate(groups)}
+    direct = Counter(n.get("m", 0) for n in doc["nodes"])
+    for i, (path, info) in enumerate(g.modules.items()):
+        grp = groups[i]
+        assert grp["c"] == info.type
+        assert grp.get("x", 1) == max(info.num_passes, 1)
+        assert grp.get("P", 0) == info.num_params
+        assert grp.get("u") == (index[info.parent] if info.parent is not None else None)
+        assert [groups[c]["p"] for c in grp.get("ch", [])] == [
+            c for c in info.children if c in index
+        ]
+        assert grp.get("n", 0) == direct[i]
+        # total: nodes whose module is this one or under it
+        under = [
+            n
+            for n in doc["nodes"]
+            if path == "" or any(m == path for m, _ in g.ops[n["i"]].modules)
+        ]
+        assert grp.get("N", 0) == len(under)
+    assert groups[0]["p"] == "" and groups[0].get("N", 0) == len(doc["nodes"])
+
+
+def test_branch_labels_and_loops(traces) -> None:
+    then = graph_view(traces["branch"])
+    other = graph_view(traces["branch_else"])
+    label = [e[3] for e in then["edges"] if len(e) > 3]
+    assert label == ["THEN"] and [e[3] for e in other["edges"] if len(e) > 3] == ["ELSE"]
+    readout = next(n for n in then["nodes"] if n.get("k") == "readout")
+    assert readout["v"] == "True"
+    loop = graph_view(traces["rnn_loop"])
+    pos = {n["l"]: i for i, n in enumerate(loop["nodes"])}
+    cell = loop["nodes"][pos["rnn_tanh_cell_1"]]
+    assert cell["p"] == 4
+    back = [e for e in loop["edges"] if e[0] >= e[1]]  # the hidden state fed back: 3 times
+    assert back == [[pos["rnn_tanh_cell_1"], pos["rnn_tanh_cell_1"], 3]]
+    cellgrp = next(x for x in loop["groups"] if x["p"] == "cell")
+    assert cellgrp["x"] == 4 and cellgrp["n"] == 1
+
+
+def test_layers_link(traces) -> None:
+    g = traces["rnn_loop"]
+    doc = graph_view(g, layers={"linear_2": "head", "rnn_tanh_cell_1:3": "cell:3"})
+    by = {n["l"]: n for n in doc["nodes"]}
+    assert by["linear_2"]["L"] == "head" and by["rnn_tanh_cell_1"]["L"] == "cell:3"
+    assert sum("L" in n for n in doc["nodes"]) == 2
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_round_trip_from_json(name: str, traces) -> None:
+    g = traces[name]
+    back = Graph.from_json(json.loads(json.dumps(g.to_json())))
+    assert graph_view(back) == graph_view(g)
+
+
+def test_torch_free(tmp_path) -> None:
+    path = tmp_path / "g.json"
+    lurker.trace(Twice(), torch.randn(2, 4)).to_json(path)
+    code = (
+        "import sys, json\n"
+        "from lurker.graph import Graph\n"
+        "from lurker.graph.view import graph_view\n"
+        f"doc = graph_view(Graph.from_json({str(path)!r}))\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+        "print(len(doc['nodes']))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "5"
+
+
+def test_size_of_big_graphs(traces, validator) -> None:
+    """Small enough to send: measured in bytes of compact JSON (as the server sends it)."""
+    sizes = {"resnet18": len(json.dumps(graph_view(traces["resnet18"]), separators=(",", ":")))}
+    for ops in (2000, 10000):
+        torch.manual_seed(0)
+        g = lurker.trace(deep_model(ops), torch.randn(1, 8))
+        assert abs(g.num_ops - ops) < ops * 0.05
+        doc = graph_view(g)
+        _check(doc, validator)
+        sizes[str(ops)] = len(json.dumps(doc, separators=(",", ":")))
+    print("graph view bytes:", sizes)
+    assert sizes["resnet18"] < 30_000
+    assert sizes["2000"] < 500_000
+    assert sizes["10000"] < 2_000_000  # the target is well under ~3 MB

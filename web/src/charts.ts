@@ -1,0 +1,155 @@
+/** D3 charts: an activation histogram and a horizontal bar chart, both with labelled axes. */
+import { max as d3max } from "d3-array";
+import { axisBottom, axisLeft } from "d3-axis";
+import { scaleBand, scaleLinear, scaleSymlog } from "d3-scale";
+import { create } from "d3-selection";
+import type { Histogram } from "./api";
+
+const M = { top: 10, right: 14, bottom: 40, left: 56 };
+
+/** Counts per bin over the activation axis; y on a symlog scale since the mass sits near 0. */
+export function histogramChart(
+  hist: Histogram,
+  { width = 420, height = 200, xLabel = "activation", mark }: { width?: number; height?: number; xLabel?: string; mark?: number | null } = {},
+): SVGSVGElement {
+  const edges = hist.edges.map((e) => e ?? 0);
+  const counts = hist.counts.map((c) => c ?? 0);
+  const svg = create("svg")
+    .attr("class", "chart histogram")
+    .attr("viewBox", `0 0 ${width} ${height}`)
+    .attr("width", width)
+    .attr("height", height)
+    .attr("role", "img")
+    .attr("aria-label", "activation histogram");
+  if (edges.length < 2 || counts.length === 0) {
+    svg.append("text").attr("x", width / 2).attr("y", height / 2).attr("text-anchor", "middle").text("no histogram");
+    return svg.node()!;
+  }
+  const x = scaleLinear()
+    .domain([edges[0], edges[edges.length - 1]])
+    .range([M.left, width - M.right]);
+  const top = d3max(counts) ?? 1;
+  const y = scaleSymlog()
+    .domain([0, top || 1])
+    .range([height - M.bottom, M.top]);
+  svg
+    .append("g")
+    .attr("class", "bars")
+    .selectAll("rect")
+    .data(counts)
+    .join("rect")
+    .attr("x", (_, i) => x(edges[i]))
+    .attr("width", (_, i) => Math.max(0.5, x(edges[i + 1]) - x(edges[i]) - 0.3))
+    .attr("y", (c) => y(c))
+    .attr("height", (c) => y(0) - y(c))
+    .append("title")
+    .text((c, i) => `[${edges[i].toPrecision(3)}, ${edges[i + 1].toPrecision(3)}): ${c}`);
+  if (mark !== null && mark !== undefined && Number.isFinite(mark)) {
+    svg
+      .append("line")
+      .attr("class", "mark")
+      .attr("x1", x(mark))
+      .attr("x2", x(mark))
+      .attr("y1", M.top)
+      .attr("y2", height - M.bottom);
+  }
+  svg
+    .append("g")
+    .attr("transform", `translate(0,${height - M.bottom})`)
+    .call(axisBottom(x).ticks(6).tickFormat((d) => tick(Number(d))));
+  const yTicks = niceSymlogTicks(top);
+  svg.append("g").attr("transform", `translate(${M.left},0)`).call(axisLeft(y).tickValues(yTicks).tickFormat((d) => compact(Number(d))));
+  axisLabels(svg.node()!, width, height, xLabel, "count (symlog)");
+  return svg.node()!;
+}
+
+/** Horizontal bars, label on the left, value at the bar's end. */
+export function barChart(
+  rows: { label: string; value: number }[],
+  { width = 420, xLabel = "mean activation" }: { width?: number; xLabel?: string } = {},
+): SVGSVGElement {
+  const left = Math.min(160, 12 + 7 * Math.max(4, ...rows.map((r) => Math.min(r.label.length, 22))));
+  const band = 20;
+  const height = M.top + rows.length * band + M.bottom;
+  const svg = create("svg")
+    .attr("class", "chart bars-h")
+    .attr("viewBox", `0 0 ${width} ${height}`)
+    .attr("width", width)
+    .attr("height", height)
+    .attr("role", "img")
+    .attr("aria-label", xLabel);
+  const lo = Math.min(0, ...rows.map((r) => r.value));
+  const hi = Math.max(0, ...rows.map((r) => r.value));
+  const x = scaleLinear()
+    .domain([lo, hi || 1])
+    .nice()
+    .range([left, width - M.right - 40]);
+  const y = scaleBand<number>()
+    .domain(rows.map((_, i) => i))
+    .range([M.top, height - M.bottom])
+    .padding(0.2);
+  const g = svg.append("g").selectAll("g").data(rows).join("g");
+  g.append("rect")
+    .attr("x", (r) => Math.min(x(0), x(r.value)))
+    .attr("width", (r) => Math.abs(x(r.value) - x(0)))
+    .attr("y", (_, i) => y(i)!)
+    .attr("height", y.bandwidth());
+  g.append("text")
+    .attr("class", "label")
+    .attr("x", left - 6)
+    .attr("y", (_, i) => y(i)! + y.bandwidth() / 2)
+    .attr("dy", "0.35em")
+    .attr("text-anchor", "end")
+    .text((r) => (r.label.length > 22 ? r.label.slice(0, 21) + "…" : r.label))
+    .append("title")
+    .text((r) => r.label);
+  g.append("text")
+    .attr("class", "value")
+    .attr("x", (r) => Math.max(x(0), x(r.value)) + 4)
+    .attr("y", (_, i) => y(i)! + y.bandwidth() / 2)
+    .attr("dy", "0.35em")
+    .text((r) => r.value.toPrecision(3));
+  svg
+    .append("g")
+    .attr("transform", `translate(0,${height - M.bottom})`)
+    .call(axisBottom(x).ticks(5).tickFormat((d) => tick(Number(d))));
+  axisLabels(svg.node()!, width, height, xLabel, null, left);
+  return svg.node()!;
+}
+
+function axisLabels(svg: SVGSVGElement, width: number, height: number, xl: string, yl: string | null, left = M.left): void {
+  const s = create("svg:g").attr("class", "axis-label");
+  s.append("text")
+    .attr("x", (left + width - M.right) / 2)
+    .attr("y", height - 6)
+    .attr("text-anchor", "middle")
+    .text(xl);
+  if (yl) {
+    s.append("text")
+      .attr("transform", `translate(12,${(M.top + height - M.bottom) / 2}) rotate(-90)`)
+      .attr("text-anchor", "middle")
+      .text(yl);
+  }
+  svg.append(s.node()!);
+}
+
+function niceSymlogTicks(top: number): number[] {
+  const ticks = [0];
+  for (let t = 1; t <= top; t *= 10) ticks.push(t);
+  if (ticks.length < 3 && top > 1) ticks.push(Math.round(top));
+  return ticks;
+}
+
+function compact(v: number): string {
+  if (v >= 1e6) return v / 1e6 + "M";
+  if (v >= 1e3) return v / 1e3 + "k";
+  return String(v);
+}
+
+/** Axis tick text: plain decimals (never "1e+1"), 3 significant digits at most. */
+function tick(v: number): string {
+  if (v === 0) return "0";
+  const a = Math.abs(v);
+  if (a >= 1e4 || a < 1e-3) return v.toExponential(1);
+  return String(Number(v.toPrecision(3)));
+}

@@ -1,0 +1,19 @@
+/** What every page renderer gets from the router. */
+import type { Api } from "./api";
+
+export interface PageContext {
+  /** The run id (the run folder's name), as in the URL. */
+  run: string;
+  /** The route's query (the part after `?` in the hash), e.g. `focus`, `sort`, `tab`. */
+  params: URLSearchParams;
+  /** The JSON/PNG client; maps paths to /api or to the static export's data/ files. */
+  api: Api;
+  /** Go to another view: `hash` like `#/r/RUN/layer/L` (pushes a history entry). */
+  navigate(hash: string): void;
+  /** Replace the current URL's query without a new history entry or a re-render. */
+  replaceParams(params: URLSearchParams): void;
+  /** Hash for a view of this run: `href("layer", name)` -> `#/r/RUN/layer/NAME`. */
+  href(...segments: (string | number)[]): string;
+  /** Set when the route is left; long work and listeners should stop when it fires. */
+  signal: AbortSignal;
+}

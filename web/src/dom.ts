@@ -1,0 +1,64 @@
+/** Small DOM helpers: enough to build pages without a framework. */
+
+type Child = Node | string | number | null | undefined | false;
+type Attrs = Record<string, string | number | boolean | null | undefined | EventListener>;
+
+/** `h("a", {href: "#/"}, "Home")`: an element with attributes (on* = listeners) and children. */
+export function h<K extends keyof HTMLElementTagNameMap>(
+  tag: K,
+  attrs: Attrs | null = null,
+  ...children: (Child | Child[])[]
+): HTMLElementTagNameMap[K] {
+  const el = document.createElement(tag);
+  for (const [key, value] of Object.entries(attrs ?? {})) {
+    if (value === null || value === undefined || value === false) continue;
+    if (key.startsWith("on") && typeof value === "function") {
+      el.addEventListener(key.slice(2), value);
+    } else if (key === "class") {
+      el.className = String(value);
+    } else {
+      el.setAttribute(key, value === true ? "" : String(value));
+    }
+  }
+  append(el, ...children);
+  return el;
+}
+
+export function append(el: Element, ...children: (Child | Child[])[]): void {
+  for (const c of children.flat()) {
+    if (c === null || c === undefined || c === false) continue;
+    el.append(c instanceof Node ? c : String(c));
+  }
+}
+
+/** Replace everything inside `el`. */
+export function fill(el: Element, ...children: (Child | Child[])[]): void {
+  el.replaceChildren();
+  append(el, ...children);
+}
+
+/** A number shown compactly: 1234567 -> "1.23M"; small floats to 3 significant digits. */
+export function fmt(v: number | null | undefined, digits = 3): string {
+  if (v === null || v === undefined || Number.isNaN(v)) return "–";
+  const a = Math.abs(v);
+  if (Number.isInteger(v) && a < 1e4) return String(v);
+  if (a >= 1e9) return (v / 1e9).toPrecision(3) + "G";
+  if (a >= 1e6) return (v / 1e6).toPrecision(3) + "M";
+  if (a >= 1e4) return (v / 1e3).toPrecision(3) + "k";
+  if (a !== 0 && (a < 1e-3 || a >= 1e4)) return v.toExponential(2);
+  return String(Number(v.toPrecision(digits)));
+}
+
+export function shape(s: number[] | null | undefined): string {
+  return s && s.length ? s.join("×") : "–";
+}
+
+/** A message box (errors say what went wrong and what to do). */
+export function notice(text: string, kind: "error" | "info" = "info"): HTMLElement {
+  return h("div", { class: `notice ${kind}`, role: kind === "error" ? "alert" : "status" }, text);
+}
+
+/** Key/value rows as a definition list. */
+export function facts(rows: [string, Child | Child[]][]): HTMLElement {
+  return h("dl", { class: "facts" }, rows.flatMap(([k, v]) => [h("dt", null, k), h("dd", null, ...[v].flat())]));
+}

@@ -1,0 +1,223 @@
+/**
+ * The graph view document (`GET /api/runs/RUN/graph`, see docs/explorer.md "Graph view
+ * document") and the structure both the page and the layout worker derive from it: which
+ * items a module group shows, and which item a node falls into for a set of expanded groups.
+ */
+
+export interface ViewGroup {
+  p: string; // module path ('' for the model)
+  c: string; // class name
+  u?: number; // parent group
+  ch?: number[];
+  n?: number; // nodes directly in it
+  N?: number; // nodes in its subtree
+  x?: number; // calls, when more than one
+  P?: number; // parameters
+}
+
+export interface ViewNode {
+  i: number;
+  l: string;
+  t: string;
+  k?: string;
+  m?: number;
+  s?: number[][];
+  d?: string;
+  P?: number;
+  f?: number;
+  src?: [number, number];
+  p?: number;
+  v?: string;
+  L?: string;
+}
+
+/** `[src, dst, count?, branchLabel?]` node positions. */
+export type ViewEdge = [number, number, number?, string?];
+
+export interface GraphView {
+  version: string;
+  model: string;
+  complete: boolean;
+  failed: string | null;
+  ops: number;
+  params: number;
+  flops: number;
+  dtype: string;
+  files: string[];
+  groups: ViewGroup[];
+  nodes: ViewNode[];
+  edges: ViewEdge[];
+}
+
+/** An item drawn inside a group: `n12` (node 12) or `g5` (group 5, a box or a frame). */
+export type ItemKey = string;
+
+export const nodeKey = (i: number): ItemKey => "n" + i;
+export const groupKey = (g: number): ItemKey => "g" + g;
+
+/** Groups expanded by default: the model and its direct submodules (depth <= 1). */
+export const DEFAULT_DEPTH = 1;
+
+export class Structure {
+  readonly doc: GraphView;
+  /** per group: its depth (the model 0, its direct submodules 1, ...) */
+  readonly depth: number[];
+  /** a group with at most one node is drawn as that node (a leaf layer is its op) */
+  readonly transparent: boolean[];
+  /** per node: its group chain, root first */
+  readonly chains: number[][];
+  /** per group: its direct items (nodes, including those of transparent subgroups, and
+   * drawn child groups), in order of first node */
+  readonly items: ItemKey[][];
+  /** per item: position of its first node (execution order), to tell back edges */
+  readonly first = new Map<ItemKey, number>();
+
+  constructor(doc: GraphView) {
+    this.doc = doc;
+        this.depth = doc.groups.map((_, g) => this.chainOfGroup(g).length - 1);
+    this.transparent = doc.groups.map((gr, g) => g !== 0 && (gr.N ?? 0) <= 1);
+    this.chains = doc.nodes.map((n) => this.chainOfGroup(n.m ?? 0));
+    this.items = doc.groups.map(() => []);
+    const seen = new Set<ItemKey>();
+    doc.nodes.forEach((_, k) => {
+      const chain = this.chains[k];
+      // the group in which it is a direct item, and the item it is there
+      let owner = 0;
+      const item = nodeKey(k);
+      for (let j = 1; j < chain.length; j++) {
+        const g = chain[j];
+        if (this.transparent[g]) break;
+        // in the frame of chain[j-1], node k falls into group g
+        const key = groupKey(g);
+        if (!seen.has(key)) {
+          seen.add(key);
+          this.items[chain[j - 1]].push(key);
+          this.first.set(key, k);
+        }
+        owner = g;
+      }
+      this.items[owner].push(item);
+      this.first.set(item, k);
+    });
+  }
+
+  /** The group chain from the model down to group g, inclusive. */
+  chainOfGroup(g: number): number[] {
+    const out: number[] = [];
+    for (let c: number | undefined = g; c !== undefined; c = c === 0 ? undefined : this.doc.groups[c].u ?? 0) {
+      out.push(c);
+      if (out.length > 10_000) break; // a malformed tree: never loop forever
+    }
+    return out.reverse();
+  }
+
+  /** The item node `k` falls into inside group `g` (g must be on its chain), or null. */
+  itemIn(k: number, g: number): ItemKey | null {
+    const chain = this.chains[k];
+    const at = chain.indexOf(g);
+    if (at < 0) return null;
+    const below = chain[at + 1];
+    if (below === undefined || this.transparent[below]) return nodeKey(k);
+    return groupKey(below);
+  }
+
+  /** The deepest group containing both nodes (their edge is laid out there). */
+  commonGroup(a: number, b: number): number {
+    const ca = this.chains[a];
+    const cb = this.chains[b];
+    let g = 0;
+    for (let j = 0; j < Math.min(ca.length, cb.length) && ca[j] === cb[j]; j++) g = ca[j];
+    return g;
+  }
+
+  /** What node `k` is drawn as for a set of expanded groups: itself, or the collapsed box
+   * of the outermost closed group around it. */
+  visible(k: number, expanded: Set<number>): ItemKey {
+    const chain = this.chains[k];
+    for (let j = 1; j < chain.length; j++) {
+      const g = chain[j];
+      if (this.transparent[g]) break;
+      if (!expanded.has(g)) return groupKey(g);
+    }
+    return nodeKey(k);
+  }
+
+  /** The groups to open so that node `k` is drawn itself. */
+  opening(k: number): number[] {
+    return this.chains[k].filter((g) => g !== 0 && !this.transparent[g]);
+  }
+
+  /** The default expanded set: groups at depth <= DEFAULT_DEPTH that are drawn as groups. */
+  defaultExpanded(): Set<number> {
+    const out = new Set<number>([0]);
+    this.doc.groups.forEach((_, g) => {
+      if (g && this.depth[g] <= DEFAULT_DEPTH && !this.transparent[g] && (this.doc.groups[g].N ?? 0) > 0)
+        out.add(g);
+    });
+    return out;
+  }
+
+  /** Edges of the layout of group `g`: `[a, b, edge indices]` between its items, back
+   * edges (to an earlier item) and edges inside one item left out. */
+  groupEdges(): Map<number, [ItemKey, ItemKey][]> {
+    const by = new Map<number, Map<string, [ItemKey, ItemKey]>>();
+    for (const e of this.doc.edges) {
+      const [s, d] = e;
+      if (s === d) continue;
+      const g = this.commonGroup(s, d);
+      const a = this.itemIn(s, g);
+      const b = this.itemIn(d, g);
+      if (a === null || b === null || a === b) continue;
+      if ((this.first.get(a) ?? 0) >= (this.first.get(b) ?? 0)) continue; // back edge
+      let m = by.get(g);
+      if (!m) by.set(g, (m = new Map()));
+      m.set(a + ">" + b, [a, b]);
+    }
+    const out = new Map<number, [ItemKey, ItemKey][]>();
+    for (const [g, m] of by) out.set(g, [...m.values()]);
+    return out;
+  }
+}
+
+const TIMES = "\u00d7";
+
+export function shapeText(s: number[]): string {
+  return s.length ? s.join(TIMES) : "scalar";
+}
+
+/** The two lines a node shows: its label, then its first output shape (or readout value). */
+export function nodeLines(n: ViewNode): [string, string] {
+  let second = n.v !== undefined ? `${n.t} \u2192 ${n.v}` : n.s && n.s.length ? shapeText(n.s[0]) : "";
+  if (n.k === "input" || n.k === "output") second = (n.t !== n.l ? n.t + " " : "") + second;
+  const head = n.p ? `${n.l} ${TIMES}${n.p}` : n.l;
+  return [head, second];
+}
+
+/** The lines of a collapsed group's box: its name and class, then its op count. */
+export function groupLines(gr: ViewGroup): [string, string] {
+  const name = gr.p.slice(gr.p.lastIndexOf(".") + 1) || gr.p;
+  const n = gr.N ?? 0;
+  const count = `${n} op${n === 1 ? "" : "s"}` + (gr.x ? ` ${TIMES}${gr.x}` : "");
+  return [`${name} (${gr.c})`, count];
+}
+
+/** Rough text width (Helvetica-like, 11 px): the worker has no DOM to measure with. */
+export function textWidth(s: string, px = 11): number {
+  return s.length * px * 0.58;
+}
+
+export const NODE_H = 34;
+export const PAD = { x: 12, top: 24, bottom: 12 };
+
+export function nodeSize(n: ViewNode): [number, number] {
+  const [a, b] = nodeLines(n);
+  const w = Math.max(textWidth(a, 11), textWidth(b, 10)) + 20;
+  const round = n.k === "input" || n.k === "output" ? 18 : 0;
+  if (n.k === "readout") return [Math.ceil(w * 1.5), NODE_H + 12]; // a diamond: text in its middle
+  return [Math.max(60, Math.ceil(w + round)), NODE_H];
+}
+
+export function boxSize(gr: ViewGroup): [number, number] {
+  const [a, b] = groupLines(gr);
+  return [Math.max(80, Math.ceil(Math.max(textWidth(a, 11), textWidth(b, 10)) + 24)), NODE_H + 4];
+}

@@ -1,0 +1,606 @@
+/**
+ * The graph page (`#/r/RUN/graph?focus=LABEL`): the traced graph nested by module, laid
+ * out one group at a time in a Web Worker, drawn as SVG with pan and zoom. Groups open
+ * and close on click; search finds ops by label, type or module path; hovering shows an
+ * op's shapes, params, FLOPs and source line; a probed op links to its layer page.
+ */
+import { select } from "d3-selection";
+import { zoom, zoomIdentity, type ZoomBehavior } from "d3-zoom";
+
+import { p, type RunSummary } from "../api";
+import type { PageContext } from "../context";
+import "./graph.css";
+import type { GroupLayout, WorkerIn, WorkerOut } from "./layout.worker";
+import LayoutWorker from "./layout.worker?worker";
+import {
+  type GraphView,
+  groupKey,
+  groupLines,
+  type ItemKey,
+  nodeKey,
+  nodeLines,
+  shapeText,
+  Structure,
+  type ViewNode,
+} from "./model";
+
+export async function renderGraphPage(root: HTMLElement, ctx: PageContext): Promise<void> {
+  const page = el("div", "graph-page");
+  root.append(page);
+  const status = el("div", "graph-status");
+  status.textContent = "Loading the graph\u2026";
+  page.append(status);
+  let doc: GraphView;
+  try {
+    doc = await ctx.api.json<GraphView>(p("runs", ctx.run, "graph"));
+  } catch (e) {
+    status.classList.add("error");
+    status.textContent = `Cannot show the graph: ${(e as Error).message}`;
+    page.dataset.error = "1";
+    return;
+  }
+  if (ctx.signal.aborted) return;
+  if (!doc.nodes.some((n) => n.L)) await linkLayers(doc, ctx);
+  new GraphPage(page, status, doc, ctx).start();
+}
+
+/** Marks each probed op with its layer (`L`) from the run's manifest, when the document
+ * came without them: the manifest's layers name the op label they probe. */
+async function linkLayers(doc: GraphView, ctx: PageContext): Promise<void> {
+  let summary: RunSummary;
+  try {
+    summary = await ctx.api.json<RunSummary>(p("runs", ctx.run));
+  } catch {
+    return; // the graph still draws; only the links to layer pages are missing
+  }
+  const byLabel = new Map(doc.nodes.map((n) => [n.l, n]));
+  for (const layer of summary.layers ?? []) {
+    if (!layer.op) continue;
+    const n = byLabel.get(layer.op) ?? byLabel.get(layer.op.replace(/:\d+$/, ""));
+    if (n && !n.L) n.L = layer.name;
+  }
+}
+
+function el<K extends keyof HTMLElementTagNameMap>(tag: K, cls?: string): HTMLElementTagNameMap[K] {
+  const e = document.createElement(tag);
+  if (cls) e.className = cls;
+  return e;
+}
+
+const esc = (s: string) =>
+  s.replace(/[&<>"]/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;" })[c]!);
+const fmt = (n: number) => n.toLocaleString("en-US");
+const f1 = (x: number) => Math.round(x * 10) / 10;
+const TIMES = "\u00d7";
+
+type Target = { k: number } | { g: number };
+
+class GraphPage {
+  private st: Structure;
+  private expanded: Set<number>;
+  private layouts: Record<number, GroupLayout> = {};
+  /** absolute centre and size of every drawn item */
+  private rects = new Map<ItemKey, [number, number, number, number]>();
+  private worker: Worker;
+  private reqId = 0;
+  private pending = new Map<number, (l: Record<number, GroupLayout>) => void>();
+  private svg!: SVGSVGElement;
+  private viewport!: SVGGElement;
+  private zoomer!: ZoomBehavior<SVGSVGElement, unknown>;
+  private tip!: HTMLDivElement;
+  private hitsEl!: HTMLSpanElement;
+  private matches: Target[] = [];
+  private matchAt = -1;
+  private current: ItemKey | null = null;
+  private draws = 0;
+  private byLabel = new Map<string, number>();
+
+  constructor(
+    private page: HTMLElement,
+    private status: HTMLElement,
+    private doc: GraphView,
+    private ctx: PageContext,
+  ) {
+    this.st = new Structure(doc);
+    this.expanded = this.st.defaultExpanded();
+    doc.nodes.forEach((n, k) => this.byLabel.set(n.l, k));
+    this.worker = new LayoutWorker();
+    this.worker.onmessage = (ev: MessageEvent<WorkerOut>) => this.onWorker(ev.data);
+    this.worker.onerror = (ev) => this.fail(`the layout worker failed: ${ev.message || "unknown error"}`);
+    ctx.signal.addEventListener("abort", () => this.worker.terminate());
+  }
+
+  start(): void {
+    this.build();
+    this.worker.postMessage({ type: "init", doc: this.doc } satisfies WorkerIn);
+    const focus = this.ctx.params.get("focus");
+    const target = focus ? this.findLabel(focus) : null;
+    if (focus && target === null) this.say(`No op '${focus}' in this graph.`, true);
+    if (target !== null) for (const g of this.st.opening(target)) this.expanded.add(g);
+    this.relayout().then(() => {
+      if (target !== null) this.reveal({ k: target }, false);
+      else this.fitInitial();
+      this.page.dataset.ready = "1";
+    });
+  }
+
+  // ------------------------------------------------------------------ worker
+  private onWorker(m: WorkerOut): void {
+    if (m.type === "progress" && m.id === this.reqId && m.total > 1)
+      this.say(`Laying out ${m.done} of ${m.total} groups\u2026`);
+    else if (m.type === "layout") {
+      this.page.dataset.layoutMs = String(Math.round(m.ms));
+      this.pending.get(m.id)?.(m.groups);
+      this.pending.delete(m.id);
+    } else if (m.type === "error") this.fail(`layout failed: ${m.message}`);
+  }
+
+  /** Lays out the open groups (in the worker) and draws them; resolves when drawn. Only
+   * the latest request is drawn, so quick clicks never draw a stale layout. */
+  private relayout(): Promise<void> {
+    const id = ++this.reqId;
+    const open = [...this.expanded];
+    const slow = setTimeout(() => this.say("Laying out\u2026"), 150);
+    return new Promise<void>((resolve) => {
+      this.pending.set(id, (groups) => {
+        clearTimeout(slow);
+        if (id !== this.reqId || this.ctx.signal.aborted) return resolve();
+        this.layouts = groups;
+        this.draw();
+        this.say("");
+        resolve();
+      });
+      this.worker.postMessage({ type: "layout", id, expanded: open } satisfies WorkerIn);
+    });
+  }
+
+  private say(text: string, error = false): void {
+    if (error || !this.status.classList.contains("error")) {
+      this.status.textContent = text;
+      this.status.classList.toggle("error", error);
+    }
+  }
+
+  private fail(text: string): void {
+    this.say(`Cannot lay out the graph: ${text}`, true);
+    this.page.dataset.error = "1";
+  }
+
+  // ------------------------------------------------------------------ DOM
+  private build(): void {
+    const d = this.doc;
+    const bar = el("div", "graph-bar");
+    const h1 = el("h1");
+    h1.textContent = `Graph of ${d.model}`;
+    const facts = el("span", "facts");
+    facts.textContent =
+      `${fmt(d.ops)} ops \u00b7 ${fmt(d.params)} params \u00b7 ${fmt(d.flops)} FLOPs` +
+      (d.complete ? "" : ` \u00b7 partial: failed at ${d.failed}`);
+    const search = el("input");
+    search.type = "search";
+    search.placeholder = "Search op, type or module path";
+    search.setAttribute("aria-label", "Search the graph");
+    this.hitsEl = el("span", "hits");
+    const fit = el("button");
+    fit.textContent = "Fit";
+    fit.title = "Show the whole graph";
+    fit.onclick = () => this.fit();
+    const reset = el("button");
+    reset.textContent = "Collapse";
+    reset.title = "Back to the model's top-level modules";
+    reset.onclick = () => {
+      this.expanded = this.st.defaultExpanded();
+      this.relayout().then(() => this.fitInitial());
+    };
+    bar.append(h1, facts, search, this.hitsEl, fit, reset);
+    let timer = 0;
+    search.addEventListener("input", () => {
+      clearTimeout(timer);
+      timer = window.setTimeout(() => this.search(search.value), 120);
+    });
+    search.addEventListener("keydown", (ev) => {
+      if (ev.key !== "Enter") return;
+      ev.preventDefault();
+      clearTimeout(timer);
+      if (search.value.trim() && !this.matches.length) this.search(search.value);
+      this.next(ev.shiftKey ? -1 : 1);
+    });
+
+    const legend = el("div", "graph-legend");
+    legend.innerHTML = [
+      ["l-in", "input"],
+      ["l-out", "output"],
+      ["l-param", "op with parameters"],
+      ["l-op", "op"],
+      ["l-gen", "generated tensor"],
+      ["l-mod", "module (click to open)"],
+      ["l-branch", "branch taken"],
+      ["l-back", "loop (back edge)"],
+    ]
+      .map(([c, t]) => `<span><i class="${c}"></i>${t}</span>`)
+      .join("");
+
+    const canvas = el("div", "graph-canvas");
+    this.svg = document.createElementNS("http://www.w3.org/2000/svg", "svg");
+    this.svg.setAttribute("class", "graph");
+    this.svg.innerHTML =
+      `<defs>${marker("gv-arrow", "#595959")}${marker("gv-arrow-b", "#7d26cd")}${marker("gv-arrow-k", "#3a5fcd")}</defs>` +
+      `<g class="viewport"></g>`;
+    this.viewport = this.svg.querySelector("g.viewport")!;
+    this.tip = el("div", "graph-tip");
+    this.tip.hidden = true;
+    canvas.append(this.svg, this.tip);
+    this.page.insertBefore(bar, this.status);
+    this.page.append(legend, canvas);
+
+    this.zoomer = zoom<SVGSVGElement, unknown>()
+      .scaleExtent([0.02, 4])
+      .on("zoom", (ev) => this.viewport.setAttribute("transform", ev.transform.toString()));
+    select(this.svg).call(this.zoomer).on("dblclick.zoom", null);
+
+    this.svg.addEventListener("click", (ev) => this.onClick(ev));
+    this.svg.addEventListener("mouseover", (ev) => this.onHover(ev));
+    this.svg.addEventListener("mousemove", (ev) => this.moveTip(ev));
+    this.svg.addEventListener("mouseleave", () => (this.tip.hidden = true));
+  }
+
+  // ------------------------------------------------------------------ drawing
+  private draw(): void {
+    const parts: string[] = [];
+    const edges: string[] = [];
+    this.rects.clear();
+    const hits = this.hitKeys();
+    this.drawGroup(0, 0, 0, parts, hits);
+    this.drawEdges(edges);
+    this.viewport.innerHTML = `<g class="edges">${edges.join("")}</g>${parts.join("")}`;
+    this.draws++;
+    this.page.dataset.draws = String(this.draws);
+    this.page.dataset.drawn = String(this.viewport.querySelectorAll(".nd,.box").length);
+  }
+
+  private drawGroup(g: number, ox: number, oy: number, out: string[], hits: Map<ItemKey, string>): void {
+    const lay = this.layouts[g];
+    if (!lay) return;
+    const st = this.st;
+    for (const it of st.items[g]) {
+      const pos = lay.pos[it];
+      if (!pos) continue;
+      const [x, y, w, h] = pos;
+      const cx = ox + x;
+      const cy = oy + y;
+      this.rects.set(it, [cx, cy, w, h]);
+      const extra = (hits.get(it) ?? "") + (it === this.current ? " current" : "");
+      if (it[0] === "n") {
+        out.push(this.nodeSvg(Number(it.slice(1)), cx, cy, w, h, extra));
+        continue;
+      }
+      const c = Number(it.slice(1));
+      const gr = this.doc.groups[c];
+      const x0 = f1(cx - w / 2);
+      const y0 = f1(cy - h / 2);
+      if (this.expanded.has(c) && this.layouts[c]) {
+        const title = `\u2212 ${gr.p} (${gr.c})${gr.x ? ` ${TIMES}${gr.x}` : ""}`;
+        out.push(
+          `<g class="frame${extra}" data-k="${it}"><rect class="sh" x="${x0}" y="${y0}" width="${w}" height="${h}" rx="6"/>` +
+            `<g class="title" data-k="${it}"><rect x="${x0}" y="${y0}" width="${w}" height="18" fill="transparent"/>` +
+            `<text x="${f1(x0 + 8)}" y="${f1(y0 + 13)}">${esc(title)}</text></g></g>`,
+        );
+        this.drawGroup(c, x0, y0, out, hits);
+      } else {
+        const [a, b] = groupLines(gr);
+        out.push(
+          `<g class="box${extra}" data-k="${it}"><rect class="sh3" x="${f1(x0 + 3)}" y="${f1(y0 + 3)}" width="${w}" height="${h}" rx="3"/>` +
+            `<rect class="sh" x="${x0}" y="${y0}" width="${w}" height="${h}" rx="3"/>` +
+            `<text class="l1" x="${f1(cx)}" y="${f1(cy - 3)}" text-anchor="middle">${esc(a)}</text>` +
+            `<text class="l2" x="${f1(cx)}" y="${f1(cy + 11)}" text-anchor="middle">${esc("+ " + b)}</text></g>`,
+        );
+      }
+    }
+  }
+
+  private nodeSvg(k: number, cx: number, cy: number, w: number, h: number, extra: string): string {
+    const n = this.doc.nodes[k];
+    const kind = n.k ?? (n.P ? "param" : "op");
+    const cls = `nd n-${kind}${n.k === "generated" && n.P ? " n-param" : ""}${n.L ? " probed" : ""}${extra}`;
+    const x0 = f1(cx - w / 2);
+    const y0 = f1(cy - h / 2);
+    let shape: string;
+    if (n.k === "readout")
+      shape = `<polygon class="sh" points="${f1(cx)},${y0} ${f1(cx + w / 2)},${f1(cy)} ${f1(cx)},${f1(cy + h / 2)} ${f1(cx - w / 2)},${f1(cy)}"/>`;
+    else {
+      const rx = n.k === "input" || n.k === "output" ? h / 2 : 3;
+      shape = `<rect class="sh" x="${x0}" y="${y0}" width="${w}" height="${h}" rx="${rx}"/>`;
+    }
+    const [a, b] = nodeLines(n);
+    return (
+      `<g class="${cls}" data-k="n${k}">${shape}` +
+      `<text class="l1" x="${f1(cx)}" y="${f1(b ? cy - 3 : cy + 4)}" text-anchor="middle">${esc(a)}</text>` +
+      (b ? `<text class="l2" x="${f1(cx)}" y="${f1(cy + 11)}" text-anchor="middle">${esc(b)}</text>` : "") +
+      `</g>`
+    );
+  }
+
+  /** Edges between what is drawn: each graph edge goes from the item its source is drawn
+   * as to the item its target is drawn as; edges inside one closed box vanish. Edges the
+   * group layout routed keep dagre's points; the rest (into open groups, loops) are curves. */
+  private drawEdges(out: string[]): void {
+    const st = this.st;
+    const routed = new Map<string, number[]>();
+    const origin = new Map<number, [number, number]>([[0, [0, 0]]]);
+    for (const [key, r] of this.rects)
+      if (key[0] === "g" && this.expanded.has(Number(key.slice(1))))
+        origin.set(Number(key.slice(1)), [r[0] - r[2] / 2, r[1] - r[3] / 2]);
+    for (const [gs, lay] of Object.entries(this.layouts)) {
+      const o = origin.get(Number(gs));
+      if (!o) continue;
+      for (const e of lay.edges) {
+        const pts: number[] = [];
+        for (let i = 0; i < e.pts.length; i += 2) pts.push(e.pts[i] + o[0], e.pts[i + 1] + o[1]);
+        routed.set(e.a + ">" + e.b, pts);
+      }
+    }
+    const merged = new Map<string, { a: ItemKey; b: ItemKey; n: number; label?: string; rolled: boolean }>();
+    for (const [s, d, n = 1, label] of this.doc.edges) {
+      const a = st.visible(s, this.expanded);
+      const b = st.visible(d, this.expanded);
+      if (a === b && !(s === d && a[0] === "n")) continue;
+      const key = `${a}>${b}>${label ?? ""}`;
+      const m = merged.get(key);
+      const rolled = !!(this.doc.nodes[s].p || this.doc.nodes[d].p);
+      if (m) {
+        m.n += n;
+        m.rolled ||= rolled;
+      } else merged.set(key, { a, b, n, label, rolled });
+    }
+    for (const { a, b, n, label, rolled } of merged.values()) {
+      const ra = this.rects.get(a);
+      const rb = this.rects.get(b);
+      if (!ra || !rb) continue;
+      const back = (st.first.get(a) ?? 0) >= (st.first.get(b) ?? 0);
+      const cls = `e${label !== undefined ? " branch" : ""}${back ? " back" : ""}`;
+      let d: string;
+      let mid: [number, number];
+      const pts = !back ? routed.get(a + ">" + b) : undefined;
+      if (pts && pts.length >= 4) {
+        d = "M" + pts.slice(0, 2).join(",");
+        for (let i = 2; i < pts.length; i += 2) d += " L" + pts[i] + "," + pts[i + 1];
+        const j = Math.floor(pts.length / 4) * 2;
+        mid = [pts[j], pts[j + 1]];
+      } else if (a === b) {
+        // a rolled op feeding its own next pass: a loop on its right-hand side
+        const x1 = ra[0] + ra[2] / 2;
+        const y1 = ra[1];
+        d = `M${f1(x1)},${f1(y1 - 6)} C${f1(x1 + 42)},${f1(y1 - 26)} ${f1(x1 + 42)},${f1(y1 + 26)} ${f1(x1 + 2)},${f1(y1 + 6)}`;
+        mid = [x1 + 30, y1 + 3];
+      } else if (back) {
+        // around the right-hand side, from the source's right edge to the target's
+        const x1 = ra[0] + ra[2] / 2;
+        const y1 = ra[1];
+        const x2 = rb[0] + rb[2] / 2;
+        const y2 = rb[1];
+        const bulge = Math.max(x1, x2) + 30 + Math.min(200, Math.abs(y1 - y2) * 0.15);
+        d = `M${f1(x1)},${f1(y1)} C${f1(bulge)},${f1(y1)} ${f1(bulge)},${f1(y2)} ${f1(x2 + 2)},${f1(y2)}`;
+        mid = [bulge - 8, (y1 + y2) / 2];
+      } else {
+        const x1 = ra[0];
+        const y1 = ra[1] + ra[3] / 2;
+        const x2 = rb[0];
+        const y2 = rb[1] - rb[3] / 2;
+        const dy = Math.max(20, (y2 - y1) / 2);
+        d = `M${f1(x1)},${f1(y1)} C${f1(x1)},${f1(y1 + dy)} ${f1(x2)},${f1(y2 - dy)} ${f1(x2)},${f1(y2)}`;
+        mid = [(x1 + x2) / 2, (y1 + y2) / 2];
+      }
+      out.push(`<path class="${cls}" data-a="${a}" data-b="${b}" d="${d}"/>`);
+      const text = [label ?? "", n > 1 && rolled ? `${TIMES}${n}` : ""].filter(Boolean).join(" ");
+      if (text)
+        out.push(
+          `<text class="el${label !== undefined ? " branch" : ""}${back ? " back" : ""}" x="${f1(mid[0] + 4)}" y="${f1(mid[1])}">${esc(text)}</text>`,
+        );
+    }
+  }
+
+  // ------------------------------------------------------------------ view
+  private bounds(): [number, number, number, number] {
+    const lay = this.layouts[0];
+    return [0, 0, lay?.w ?? 100, lay?.h ?? 100];
+  }
+
+  private fit(): void {
+    const [, , w, h] = this.bounds();
+    const W = this.svg.clientWidth || 800;
+    const H = this.svg.clientHeight || 600;
+    const k = Math.min(2, Math.max(0.02, Math.min(W / (w + 40), H / (h + 40))));
+    select(this.svg).call(this.zoomer.transform, zoomIdentity.translate((W - w * k) / 2, 20).scale(k));
+  }
+
+  /** The whole graph when it is readable that small, else its top at a readable scale. */
+  private fitInitial(): void {
+    const [, , w, h] = this.bounds();
+    const W = this.svg.clientWidth || 800;
+    const H = this.svg.clientHeight || 600;
+    const fitK = Math.min(W / (w + 40), H / (h + 40));
+    if (fitK >= 0.85) return this.fit();
+    const k = Math.min(1, Math.max(0.85, W / (w + 40)));
+    select(this.svg).call(this.zoomer.transform, zoomIdentity.translate((W - w * k) / 2, 16).scale(k));
+  }
+
+  private centre(key: ItemKey): void {
+    const r = this.rects.get(key);
+    if (!r) return;
+    const W = this.svg.clientWidth || 800;
+    const H = this.svg.clientHeight || 600;
+    const k = 1;
+    select(this.svg).call(this.zoomer.transform, zoomIdentity.translate(W / 2 - r[0] * k, H / 2 - r[1] * k).scale(k));
+  }
+
+  // ------------------------------------------------------------------ interaction
+  private keyAt(ev: Event): { key: ItemKey; title: boolean } | null {
+    const t = (ev.target as Element | null)?.closest?.("[data-k]");
+    if (!t) return null;
+    return { key: t.getAttribute("data-k")!, title: t.classList.contains("title") };
+  }
+
+  private onClick(ev: MouseEvent): void {
+    const hit = this.keyAt(ev);
+    if (!hit) return;
+    const { key, title } = hit;
+    if (key[0] === "g") {
+      const g = Number(key.slice(1));
+      if (this.expanded.has(g)) {
+        if (!title) return; // clicks inside an open group's frame do nothing
+        this.collapse(g);
+      } else this.expand(g);
+      return;
+    }
+    const n = this.doc.nodes[Number(key.slice(1))];
+    if (n.L) this.ctx.navigate(this.ctx.href("layer", n.L));
+    else {
+      this.current = key;
+      const q = new URLSearchParams(this.ctx.params);
+      q.set("focus", n.l);
+      this.ctx.replaceParams(q);
+      this.draw();
+    }
+  }
+
+  /** Opens group g; the time from click to drawn is kept in data-expand-ms. */
+  expand(g: number): Promise<void> {
+    const t0 = performance.now();
+    this.expanded.add(g);
+    return this.relayout().then(() => {
+      this.page.dataset.expandMs = String(Math.round(performance.now() - t0));
+    });
+  }
+
+  private collapse(g: number): void {
+    this.expanded.delete(g);
+    // closing a group closes what was open inside it, so reopening starts tidy
+    for (const c of [...this.expanded]) if (this.st.chainOfGroup(c).includes(g)) this.expanded.delete(c);
+    this.relayout();
+  }
+
+  private onHover(ev: MouseEvent): void {
+    const hit = this.keyAt(ev);
+    if (!hit || (hit.key[0] === "g" && this.expanded.has(Number(hit.key.slice(1))) && !hit.title)) {
+      this.tip.hidden = true;
+      return;
+    }
+    this.tip.innerHTML = this.tipHtml(hit.key);
+    this.tip.hidden = false;
+    this.moveTip(ev);
+  }
+
+  private moveTip(ev: MouseEvent): void {
+    if (this.tip.hidden) return;
+    const box = this.svg.getBoundingClientRect();
+    let x = ev.clientX - box.left + 14;
+    let y = ev.clientY - box.top + 14;
+    if (x + this.tip.offsetWidth > box.width) x = Math.max(0, ev.clientX - box.left - this.tip.offsetWidth - 10);
+    if (y + this.tip.offsetHeight > box.height) y = Math.max(0, ev.clientY - box.top - this.tip.offsetHeight - 10);
+    this.tip.style.left = x + "px";
+    this.tip.style.top = y + "px";
+  }
+
+  private tipHtml(key: ItemKey): string {
+    const d = this.doc;
+    if (key[0] === "g") {
+      const gr = d.groups[Number(key.slice(1))];
+      const rows = [
+        `<b>${esc(gr.p || d.model)}</b> <span class="k">(${esc(gr.c)})</span>`,
+        `${fmt(gr.N ?? 0)} ops${gr.x ? ` \u00b7 called ${gr.x} times` : ""}`,
+        gr.P ? `params: ${fmt(gr.P)}` : "",
+        this.expanded.has(Number(key.slice(1))) ? "click the title to close" : "click to open",
+      ];
+      return rows.filter(Boolean).join("<br>");
+    }
+    const n: ViewNode = d.nodes[Number(key.slice(1))];
+    const mod = d.groups[n.m ?? 0].p;
+    const rows = [
+      `<b>${esc(n.l)}</b> <span class="k">${esc(n.t)} \u00b7 ${esc(n.k ?? "op")}</span>`,
+      `module: ${esc(mod || "(model)")}${mod ? ` <span class="k">(${esc(d.groups[n.m ?? 0].c)})</span>` : ""}`,
+    ];
+    if (n.s?.length)
+      rows.push(`shape: ${n.s.map((s) => esc(shapeText(s))).join(", ")} <span class="k">${esc(n.d ?? d.dtype)}</span>`);
+    if (n.v !== undefined) rows.push(`value: ${esc(n.v)}`);
+    if (n.P) rows.push(`params: ${fmt(n.P)}`);
+    if (n.f !== undefined) rows.push(`FLOPs: ${fmt(n.f)}${n.p ? " (all passes)" : ""}`);
+    if (n.p) rows.push(`passes: ${n.p} <span class="k">(${esc(n.l)}:1 \u2026 ${esc(n.l)}:${n.p})</span>`);
+    if (n.src) {
+      const file = d.files[n.src[0]] ?? "?";
+      rows.push(`source: <span title="${esc(file)}">${esc(file.split("/").pop() ?? file)}:${n.src[1]}</span>`);
+    }
+    if (n.L) rows.push(`probed layer <b>${esc(n.L)}</b>: click to open it`);
+    return rows.join("<br>");
+  }
+
+  // ------------------------------------------------------------------ search
+  private findLabel(label: string): number | null {
+    const k = this.byLabel.get(label) ?? this.byLabel.get(label.replace(/:\d+$/, ""));
+    return k ?? null;
+  }
+
+  private search(q: string): void {
+    const s = q.trim().toLowerCase();
+    this.matches = [];
+    this.matchAt = -1;
+    if (s) {
+      const d = this.doc;
+      d.groups.forEach((gr, g) => {
+        if (g && !this.st.transparent[g] && (gr.N ?? 0) > 0 && (gr.p.toLowerCase().includes(s) || gr.c.toLowerCase() === s))
+          this.matches.push({ g });
+      });
+      d.nodes.forEach((n, k) => {
+        const mod = d.groups[n.m ?? 0].p.toLowerCase();
+        if (n.l.toLowerCase().includes(s) || n.t.toLowerCase() === s || (mod && mod === s) || n.L?.toLowerCase() === s)
+          this.matches.push({ k });
+      });
+      // in drawing order: by first node
+      const first = (t: Target) => ("k" in t ? t.k : (this.st.first.get(groupKey(t.g)) ?? 0) - 0.5);
+      this.matches.sort((a, b) => first(a) - first(b));
+    }
+    this.hitsEl.textContent = s ? (this.matches.length ? `${this.matches.length} found` : "none found") : "";
+    this.draw();
+  }
+
+  /** Keys of drawn items that match (`hit`) or hide a match inside (`hit-in`). */
+  private hitKeys(): Map<ItemKey, string> {
+    const out = new Map<ItemKey, string>();
+    for (const t of this.matches) {
+      const key = "k" in t ? this.st.visible(t.k, this.expanded) : this.visibleGroup(t.g);
+      const own = "k" in t ? nodeKey(t.k) : groupKey(t.g);
+      if (key === own) out.set(key, " hit");
+      else if (!out.has(key)) out.set(key, " hit-in");
+    }
+    return out;
+  }
+
+  private visibleGroup(g: number): ItemKey {
+    for (const c of this.st.chainOfGroup(g)) if (c !== 0 && c !== g && !this.expanded.has(c)) return groupKey(c);
+    return groupKey(g);
+  }
+
+  private next(step: number): void {
+    if (!this.matches.length) return;
+    this.matchAt = (this.matchAt + step + this.matches.length) % this.matches.length;
+    this.hitsEl.textContent = `${this.matchAt + 1} of ${this.matches.length}`;
+    this.reveal(this.matches[this.matchAt], true);
+  }
+
+  /** Opens the groups around a node or group, then centres and marks it. */
+  private async reveal(t: Target, relayout: boolean): Promise<void> {
+    const opening = "k" in t ? this.st.opening(t.k) : this.st.chainOfGroup(t.g).filter((c) => c !== 0 && c !== t.g);
+    const missing = opening.filter((g) => !this.expanded.has(g));
+    for (const g of missing) this.expanded.add(g);
+    this.current = "k" in t ? nodeKey(t.k) : groupKey(t.g);
+    if (relayout && missing.length) await this.relayout();
+    else this.draw();
+    this.centre(this.current);
+  }
+}
+
+function marker(id: string, color: string): string {
+  return (
+    `<marker id="${id}" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="7" markerHeight="7" orient="auto-start-reverse">` +
+    `<path d="M0,0 L10,5 L0,10 z" fill="${color}"/></marker>`
+  );
+}

@@ -1,0 +1,171 @@
+/**
+ * The explorer's router: hash routes (`#/r/RUN/layer/LAYER?sort=max`), so every view has a
+ * URL, back/forward work, and a static export needs no server rewrites. Pages load lazily
+ * (dynamic imports) so first paint needs only this module and the run's manifest.
+ */
+import "./style.css";
+import { Api, ApiError, type RunSummary } from "./api";
+import type { PageContext } from "./context";
+import { fill, h, notice } from "./dom";
+
+type Page = (root: HTMLElement, ctx: PageContext, args: string[]) => Promise<void> | void;
+
+const pages: Record<string, () => Promise<Page>> = {
+  home: () => import("./pages/home").then((m) => m.renderHome),
+  layer: () => import("./pages/layer").then((m) => m.renderLayer),
+  unit: () => import("./pages/unit").then((m) => m.renderUnit),
+  sample: () => import("./pages/sample").then((m) => m.renderSample),
+  samples: () => import("./pages/samples").then((m) => m.renderSamples),
+  live: () => import("./pages/live").then((m) => m.renderLive),
+  graph: () => import("./graph/page").then((m) => m.renderGraphPage as Page),
+};
+
+const api = new Api();
+const topbar = h("header", { class: "topbar" });
+const crumbs = h("nav", { class: "crumbs", "aria-label": "breadcrumbs" });
+const main = h("main", { id: "page" });
+let current: AbortController | null = null;
+
+document.body.append(topbar, crumbs, main);
+
+/** `#/r/RUN/unit/L/3?tab=max` -> {path: ["r", "RUN", "unit", "L", "3"], params}. */
+export function parseHash(hash: string): { path: string[]; params: URLSearchParams } {
+  const raw = hash.replace(/^#\/?/, "");
+  const q = raw.indexOf("?");
+  const pathPart = q >= 0 ? raw.slice(0, q) : raw;
+  const params = new URLSearchParams(q >= 0 ? raw.slice(q + 1) : "");
+  const path = pathPart
+    .split("/")
+    .filter((s) => s.length)
+    .map((s) => {
+      try {
+        return decodeURIComponent(s);
+      } catch {
+        return s;
+      }
+    });
+  return { path, params };
+}
+
+export function runHref(run: string, ...segments: (string | number)[]): string {
+  return "#/" + ["r", run, ...segments].map((s) => encodeURIComponent(String(s))).join("/");
+}
+
+function navigate(hash: string): void {
+  if (location.hash === hash) void render();
+  else location.hash = hash;
+}
+
+function renderTopbar(run: string | null, active: string, summary: RunSummary | null): void {
+  const link = (name: string, label: string, seg: string[]) =>
+    h("a", { href: runHref(run!, ...seg), class: active === name ? "active" : null }, label);
+  fill(
+    topbar,
+    h("a", { class: "brand", href: "#/" }, "lurker"),
+    run
+      ? [
+          h("span", { class: "run-name", title: summary?.model.spec ?? run }, run, summary?.model.name ? h("small", null, " · " + summary.model.name) : null),
+          h(
+            "nav",
+            { class: "main-nav" },
+            h("a", { href: runHref(run!), class: active === "home" && !location.hash.includes("show=layers") ? "active" : null }, "Home"),
+            link("graph", "Graph", ["graph"]),
+            h(
+              "a",
+              { href: runHref(run) + "?show=layers", class: active === "layer" || active === "unit" || (active === "home" && location.hash.includes("show=layers")) ? "active" : null },
+              "Layers",
+            ),
+            link("samples", "Samples", ["samples"]),
+            link("live", "Live", ["live"]),
+          ),
+        ]
+      : h("span", { class: "run-name" }, "runs"),
+  );
+}
+
+function renderCrumbs(run: string | null, kind: string, args: string[]): void {
+  const items: (HTMLElement | string)[] = [h("a", { href: "#/" }, "runs")];
+  if (run) items.push(kind === "home" ? run : h("a", { href: runHref(run) }, run));
+  if (run && kind === "layer") items.push("layer " + args[0]);
+  if (run && kind === "unit") items.push(h("a", { href: runHref(run, "layer", args[0]) }, "layer " + args[0]), "unit " + args[1]);
+  if (run && kind === "samples") items.push("samples");
+  if (run && kind === "sample") items.push(h("a", { href: runHref(run, "samples") }, "samples"), "sample " + args[0]);
+  if (run && (kind === "live" || kind === "graph")) items.push(kind);
+  fill(
+    crumbs,
+    items.flatMap((it, i) => (i ? [h("span", { class: "sep", "aria-hidden": "true" }, "›"), it] : [it])),
+  );
+}
+
+async function render(): Promise<void> {
+  current?.abort();
+  const ctl = new AbortController();
+  current = ctl;
+  const { path, params } = parseHash(location.hash);
+  window.scrollTo(0, 0);
+  if (path[0] !== "r" || !path[1]) {
+    renderTopbar(null, "", null);
+    renderCrumbs(null, "", []);
+    const { renderRuns } = await import("./pages/runs");
+    if (ctl.signal.aborted) return;
+    await guard(() => renderRuns(main, api, ctl.signal));
+    return;
+  }
+  const run = path[1];
+  const kind = path[2] ?? "home";
+  const args = path.slice(3);
+  renderCrumbs(run, kind, args);
+  renderTopbar(run, kind, null);
+  api
+    .json<RunSummary>(`/runs/${encodeURIComponent(run)}`)
+    .then((s) => !ctl.signal.aborted && renderTopbar(run, kind, s))
+    .catch(() => undefined);
+  const loader = pages[kind];
+  if (!loader) {
+    fill(main, notice(`No page '${kind}'. Pages: ${Object.keys(pages).join(", ")}.`, "error"));
+    return;
+  }
+  const ctx: PageContext = {
+    run,
+    params,
+    api,
+    navigate,
+    signal: ctl.signal,
+    href: (...segments) => runHref(run, ...segments),
+    replaceParams(next) {
+      const base = location.hash.split("?")[0];
+      const q = next.toString();
+      history.replaceState(history.state, "", base + (q ? "?" + q : ""));
+    },
+  };
+  main.replaceChildren(h("p", { class: "loading" }, "Loading…"));
+  main.className = "page-" + kind;
+  const page = await loader();
+  if (ctl.signal.aborted) return;
+  main.replaceChildren();
+  await guard(() => page(main, ctx, args));
+  prefetch();
+}
+
+let prefetched = false;
+/** After the first page is up, fetch the layer and unit pages' code (a few KB) so that a
+ * click into a unit costs one JSON request and its images, nothing else. */
+function prefetch(): void {
+  if (prefetched) return;
+  prefetched = true;
+  const idle = window.requestIdleCallback ?? ((f: () => void) => setTimeout(f, 300));
+  idle(() => void Promise.all([pages.layer(), pages.unit()]).catch(() => undefined));
+}
+
+async function guard(fn: () => Promise<void> | void): Promise<void> {
+  try {
+    await fn();
+  } catch (err) {
+    if (err instanceof DOMException && err.name === "AbortError") return;
+    const msg = err instanceof ApiError || err instanceof Error ? err.message : String(err);
+    main.replaceChildren(notice(msg, "error"));
+  }
+}
+
+window.addEventListener("hashchange", () => void render());
+void render();

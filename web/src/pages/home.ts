@@ -1,0 +1,102 @@
+/** `#/r/RUN`: what the model and dataset are, what the run holds, and where to go next. */
+import type { RunSummary } from "../api";
+import type { PageContext } from "../context";
+import { append, facts, fmt, h, notice, shape } from "../dom";
+
+export async function renderHome(root: HTMLElement, ctx: PageContext): Promise<void> {
+  const s = await ctx.api.json<RunSummary>(`/runs/${encodeURIComponent(ctx.run)}`);
+  document.title = `${ctx.run} · lurker`;
+  const m = s.model;
+  const d = s.dataset;
+  const units = s.layers.reduce((a, l) => a + l.num_units, 0);
+  const classes = d.classes.length;
+  const shownClasses = d.classes.slice(0, 40).join(", ") + (classes > 40 ? `, … (${classes - 40} more)` : "");
+  append(root, 
+    h("h1", null, m.name ?? ctx.run, h("span", { class: "sub" }, ` · run ${s.id}`)),
+    s.missing.length ? notice(`This run lacks: ${s.missing.join("; ")}.`) : null,
+    h(
+      "div",
+      { class: "cards" },
+      h(
+        "section",
+        { class: "card" },
+        h("h2", null, "Model"),
+        facts([
+          ["name", m.name ?? "–"],
+          ["spec", h("code", null, m.spec ?? "–")],
+          ["weights", m.weights ? h("code", null, m.weights) : "–"],
+          ["parameters", fmt(m.params)],
+          ["ops", fmt(m.ops)],
+          ["input size", shape(m.input_shape)],
+          ["FLOPs", fmt(m.flops)],
+        ]),
+      ),
+      h(
+        "section",
+        { class: "card" },
+        h("h2", null, "Dataset"),
+        facts([
+          ["spec", h("code", null, d.spec ?? "–")],
+          ["samples", fmt(d.size)],
+          ["classes", classes ? `${classes}: ${shownClasses}` : "unlabelled"],
+          ["image size", Array.isArray(d.image_size) ? shape(d.image_size) : fmt(d.image_size)],
+          ["skipped files", d.skipped_count ? String(d.skipped_count) : "none"],
+        ]),
+        d.skipped.length
+          ? h(
+              "details",
+              null,
+              h("summary", null, `${d.skipped_count} skipped file${d.skipped_count === 1 ? "" : "s"}`),
+              h("ul", { class: "skipped" }, d.skipped.map((k) => h("li", null, h("code", null, k.path), ": ", k.reason))),
+            )
+          : null,
+      ),
+      h(
+        "section",
+        { class: "card" },
+        h("h2", null, "This run holds"),
+        facts([
+          ["layers", `${s.layers.length} (${fmt(units)} units)`],
+          ["top-k", `${s.probe.k} images per unit, by max and by mean`],
+          ["histograms", `${s.probe.hist_bins} bins per unit`],
+          ["graph", s.holds.graph ? h("a", { href: ctx.href("graph") }, "traced graph") : "not recorded"],
+          ["live model", s.holds.live ? h("a", { href: ctx.href("live") }, "attached") : "none (lurker serve RUN --model SPEC)"],
+          ["cached images", fmt(s.holds.cached_images)],
+          ["probed", [s.probe.created ?? "–", s.probe.lurker_version ? ` with lurker ${s.probe.lurker_version}` : ""]],
+          ["status", s.probe.status ?? "–"],
+        ]),
+        h(
+          "p",
+          { class: "entry-links" },
+          h("a", { class: "button", href: ctx.href("samples") }, "Browse samples"),
+          s.holds.graph ? h("a", { class: "button", href: ctx.href("graph") }, "Open the graph") : null,
+          h("a", { class: "button", href: ctx.href("live") }, "Live view"),
+        ),
+      ),
+    ),
+    h("h2", { id: "layers" }, "Layers"),
+    h(
+      "table",
+      { class: "table layers" },
+      h("thead", null, h("tr", null, ["#", "layer", "op", "kind", "units", "output shape", ""].map((c) => h("th", null, c)))),
+      h(
+        "tbody",
+        null,
+        s.layers.map((l, i) =>
+          h(
+            "tr",
+            null,
+            h("td", { class: "num" }, i),
+            h("td", null, h("a", { href: ctx.href("layer", l.name) }, l.name)),
+            h("td", null, h("code", null, l.op ?? "–")),
+            h("td", null, l.kind ?? "–"),
+            h("td", { class: "num" }, fmt(l.num_units)),
+            h("td", null, shape(l.shape)),
+            h("td", null, s.holds.graph && l.op ? h("a", { href: ctx.href("graph") + "?focus=" + encodeURIComponent(l.op), class: "muted" }, "in graph") : null),
+          ),
+        ),
+      ),
+    ),
+  );
+  if (ctx.params.get("show") === "layers") document.getElementById("layers")?.scrollIntoView();
+}

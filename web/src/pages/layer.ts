@@ -1,0 +1,101 @@
+/** `#/r/RUN/layer/LAYER?sort=max|mean|index&thumb=input|crop`: every unit as a thumbnail. */
+import { p, type LayerDoc } from "../api";
+import { histogramChart } from "../charts";
+import type { PageContext } from "../context";
+import { append, facts, fill, fmt, h, shape } from "../dom";
+
+const SORTS = ["max", "mean", "index"] as const;
+type Sort = (typeof SORTS)[number];
+
+export async function renderLayer(root: HTMLElement, ctx: PageContext, args: string[]): Promise<void> {
+  const name = args[0];
+  const doc = await ctx.api.json<LayerDoc>(p("runs", ctx.run, "layers", name));
+  document.title = `${name} · ${ctx.run} · lurker`;
+  const params = new URLSearchParams(ctx.params);
+  let sort: Sort = (SORTS as readonly string[]).includes(params.get("sort") ?? "") ? (params.get("sort") as Sort) : "max";
+  let thumb = params.get("thumb") === "crop" ? "crop" : "input";
+  const l = doc.layer;
+
+  const grid = h("div", { class: "unit-grid", role: "list" });
+  const sortButtons = h("div", { class: "seg", role: "group", "aria-label": "sort units" });
+  const thumbButtons = h("div", { class: "seg", role: "group", "aria-label": "thumbnail" });
+
+  const draw = () => {
+    const units = [...doc.units];
+    if (sort !== "index") {
+      const key = sort;
+      units.sort((a, b) => (b[key] ?? -Infinity) - (a[key] ?? -Infinity));
+    }
+    fill(
+      grid,
+      units.map((u) => {
+        const src =
+          u.top_max === null ? null : ctx.api.pngUrl(p("runs", ctx.run, "layers", name, "units", u.unit, "max", 0, `${thumb}.png`));
+        return h(
+          "a",
+          { class: "unit-card", role: "listitem", href: ctx.href("unit", name, u.unit), "data-unit": u.unit },
+          src
+            ? h("img", { src, loading: "lazy", decoding: "async", alt: `unit ${u.unit}: top image`, width: 96, height: 96 })
+            : h("div", { class: "no-img" }, "no top image"),
+          h("span", { class: "unit-id" }, `unit ${u.unit}`),
+          h("span", { class: "unit-stats" }, h("span", null, `max ${fmt(u.max)}`), h("span", null, `mean ${fmt(u.mean)}`)),
+        );
+      }),
+    );
+    const seg = (el: HTMLElement, options: string[], value: string, set: (v: string) => void) =>
+      fill(
+        el,
+        options.map((o) =>
+          h("button", { type: "button", "aria-pressed": String(o === value), class: o === value ? "on" : null, onclick: () => set(o) }, o),
+        ),
+      );
+    seg(sortButtons, [...SORTS], sort, (v) => {
+      sort = v as Sort;
+      params.set("sort", sort);
+      ctx.replaceParams(params);
+      draw();
+    });
+    seg(thumbButtons, ["input", "crop"], thumb, (v) => {
+      thumb = v;
+      params.set("thumb", thumb);
+      ctx.replaceParams(params);
+      draw();
+    });
+  };
+  draw();
+
+  append(root, 
+    h("h1", null, name, h("span", { class: "sub" }, ` ${l.kind ?? ""} · ${fmt(l.num_units)} units · ${shape(l.shape)}`)),
+    h(
+      "div",
+      { class: "layer-head" },
+      h(
+        "section",
+        { class: "card" },
+        facts([
+          ["module", h("code", null, l.module ?? "–")],
+          ["op", l.op ? h("a", { href: ctx.href("graph") + "?focus=" + encodeURIComponent(l.op) }, l.op) : "–"],
+          ["output shape", shape(l.shape)],
+          ["units", fmt(l.num_units)],
+          ["receptive field", rfText(doc.rf)],
+        ]),
+      ),
+      h(
+        "section",
+        { class: "card chart-card" },
+        h("h3", null, "Activations of all units"),
+        histogramChart(doc.histogram, { width: 460, height: 190 }),
+      ),
+    ),
+    h("div", { class: "toolbar" }, h("span", null, "Sort by"), sortButtons, h("span", null, "Thumbnail"), thumbButtons),
+    grid,
+  );
+}
+
+/** `7×7 px, stride 2×2` from the receptive-field record's y and x axes. */
+function rfText(rf: Record<string, unknown> | null): string {
+  const y = rf?.["y"] as { size?: number; stride?: number } | undefined;
+  const x = rf?.["x"] as { size?: number; stride?: number } | undefined;
+  if (!y || !x || y.size === undefined || x.size === undefined) return rf ? "recorded" : "–";
+  return `${fmt(y.size)}×${fmt(x.size)} px, stride ${fmt(y.stride)}×${fmt(x.stride)}`;
+}

@@ -1,0 +1,182 @@
+/**
+ * `#/r/RUN/unit/LAYER/UNIT?tab=mean|max&img=input|grad&crop=0|1`: Torchlurk's popup as a
+ * page. One JSON request (the unit) plus its images; toggles only swap image URLs.
+ */
+import { p, type TopEntry, type UnitDoc } from "../api";
+import { barChart, histogramChart } from "../charts";
+import type { PageContext } from "../context";
+import { append, fill, fmt, h, notice } from "../dom";
+
+type Tab = "mean" | "max";
+
+interface Axis {
+  lo?: number[];
+  hi?: number[];
+}
+
+export async function renderUnit(root: HTMLElement, ctx: PageContext, args: string[]): Promise<void> {
+  const [layer, unitArg] = args;
+  const unit = Number(unitArg);
+  const doc = await ctx.api.json<UnitDoc>(p("runs", ctx.run, "layers", layer, "units", unitArg));
+  document.title = `${layer} unit ${unit} · ${ctx.run} · lurker`;
+  const params = new URLSearchParams(ctx.params);
+  let tab: Tab = params.get("tab") === "mean" ? "mean" : "max";
+  let img: "input" | "grad" = params.get("img") === "grad" ? "grad" : "input";
+  let crop = params.get("crop") === "1";
+
+  const goto = (u: number | null) => {
+    if (u === null) return;
+    const q = params.toString();
+    ctx.navigate(ctx.href("unit", layer, u) + (q ? "?" + q : ""));
+  };
+  const onKey = (e: KeyboardEvent) => {
+    if (e.target instanceof HTMLInputElement || e.altKey || e.ctrlKey || e.metaKey) return;
+    if (e.key === "ArrowLeft") goto(doc.prev);
+    if (e.key === "ArrowRight") goto(doc.next);
+  };
+  document.addEventListener("keydown", onKey);
+  ctx.signal.addEventListener("abort", () => document.removeEventListener("keydown", onKey));
+
+  const tabs = h("div", { class: "tabs", role: "tablist" });
+  const toggles = h("div", { class: "toolbar" });
+  const gallery = h("div", { class: "topk", role: "tabpanel" });
+
+  const kind = () => (img === "grad" ? (crop ? "grad_crop" : "grad") : crop ? "crop" : "input");
+  const sync = () => {
+    params.set("tab", tab);
+    params.set("img", img);
+    params.set("crop", crop ? "1" : "0");
+    ctx.replaceParams(params);
+    draw();
+  };
+  const seg = (label: string, options: [string, string][], value: string, set: (v: string) => void) =>
+    h(
+      "div",
+      { class: "seg", role: "group", "aria-label": label },
+      options.map(([v, text]) =>
+        h("button", { type: "button", "data-value": v, "aria-pressed": String(v === value), class: v === value ? "on" : null, onclick: () => set(v) }, text),
+      ),
+    );
+
+  const draw = () => {
+    fill(
+      tabs,
+      (
+        [
+          ["mean", "Average activation"],
+          ["max", "Max activation"],
+        ] as [Tab, string][]
+      ).map(([t, text]) =>
+        h(
+          "button",
+          {
+            type: "button",
+            role: "tab",
+            "data-tab": t,
+            "aria-selected": String(t === tab),
+            class: t === tab ? "on" : null,
+            onclick: () => {
+              tab = t;
+              sync();
+            },
+          },
+          text,
+        ),
+      ),
+    );
+    fill(
+      toggles,
+      seg("image or gradient", [["input", "image"], ["grad", "gradient"]], img, (v) => {
+        img = v as "input" | "grad";
+        sync();
+      }),
+      seg("full or receptive-field crop", [["0", "full"], ["1", "receptive-field crop"]], crop ? "1" : "0", (v) => {
+        crop = v === "1";
+        sync();
+      }),
+      h("span", { class: "muted" }, tab === "max" ? "value: the peak of the unit's map; box: the peak's receptive field" : "value: the mean of the unit's map"),
+    );
+    const entries = doc.top[tab];
+    fill(
+      gallery,
+      entries.length ? entries.map((e) => figure(ctx, layer, unit, tab, kind(), e, tab === "max" && !crop ? doc.layer.rf : null)) : notice("This list is empty."),
+    );
+  };
+  draw();
+
+  const classes = Object.entries(doc.class_means)
+    .filter((kv): kv is [string, number] => kv[1] !== null && Number.isFinite(kv[1]))
+    .sort((a, b) => b[1] - a[1])
+    .slice(0, 10)
+    .map(([label, value]) => ({ label, value }));
+  const opLabel = doc.layer.op_label ?? doc.layer.op;
+
+  append(root, 
+    h(
+      "div",
+      { class: "unit-head" },
+      h("h1", null, `${layer} · unit ${unit}`, h("span", { class: "sub" }, ` of ${doc.num_units}`)),
+      h(
+        "div",
+        { class: "unit-nav" },
+        h("a", { class: "button", href: doc.prev === null ? null : ctx.href("unit", layer, doc.prev) + "?" + params, "aria-disabled": String(doc.prev === null), rel: "prev", title: "previous unit (←)" }, "← prev"),
+        h("a", { class: "button", href: doc.next === null ? null : ctx.href("unit", layer, doc.next) + "?" + params, "aria-disabled": String(doc.next === null), rel: "next", title: "next unit (→)" }, "next →"),
+        opLabel ? h("a", { class: "button", href: ctx.href("graph") + "?focus=" + encodeURIComponent(opLabel) }, "place in graph") : null,
+      ),
+    ),
+    h("p", { class: "stats" }, `max ${fmt(doc.max)} · mean ${fmt(doc.mean)} · layer `, h("a", { href: ctx.href("layer", layer) }, layer), doc.layer.kind ? ` (${doc.layer.kind})` : ""),
+    tabs,
+    toggles,
+    gallery,
+    h(
+      "div",
+      { class: "cards two" },
+      h(
+        "section",
+        { class: "card" },
+        h("h3", null, "Classes that excite it most"),
+        classes.length ? barChart(classes, { width: 520, xLabel: "mean activation over the class's samples" }) : notice("No class means (unlabelled data)."),
+      ),
+      h(
+        "section",
+        { class: "card" },
+        h("h3", null, "Activation distribution"),
+        histogramChart(doc.histogram, { width: 520, height: 220, mark: doc.max }),
+        h("p", { class: "muted small" }, "all positions over all samples; the line marks the unit's max"),
+      ),
+    ),
+  );
+}
+
+function figure(ctx: PageContext, layer: string, unit: number, list: Tab, kind: string, e: TopEntry, rf: Record<string, unknown> | null): HTMLElement {
+  const src = ctx.api.pngUrl(p("runs", ctx.run, "layers", layer, "units", unit, list, e.rank, `${kind}.png`));
+  const frame = h("div", { class: "frame" }, h("img", { src, alt: `rank ${e.rank + 1}: sample ${e.sample_id} (${kind})`, "data-kind": kind }));
+  const box = peakBox(rf, e);
+  if (box) frame.append(h("div", { class: "peak", style: box, title: `peak at (${e.y}, ${e.x})` }));
+  return h(
+    "figure",
+    { class: "top-entry", "data-sample": e.sample_id, "data-rank": e.rank, "data-value": e.value === null ? null : String(e.value) },
+    frame,
+    h(
+      "figcaption",
+      null,
+      h("span", { class: "value" }, fmt(e.value)),
+      h("a", { href: ctx.href("sample", e.sample_id) }, `#${e.sample_id}`),
+      e.class_name ? h("span", { class: "cls", title: e.class_name }, e.class_name) : null,
+    ),
+  );
+}
+
+/** CSS box (in % of the image) of the receptive field of the peak at (y, x). */
+function peakBox(rf: Record<string, unknown> | null, e: TopEntry): string | null {
+  if (!rf || e.y === null || e.x === null) return null;
+  const size = rf["input_size"] as number[] | undefined;
+  const ay = rf["y"] as Axis | undefined;
+  const ax = rf["x"] as Axis | undefined;
+  if (!size || !ay?.lo || !ay.hi || !ax?.lo || !ax.hi) return null;
+  const iy = Math.min(e.y, ay.lo.length - 1);
+  const ix = Math.min(e.x, ax.lo.length - 1);
+  const [H, W] = size;
+  const pct = (v: number, n: number) => `${((100 * v) / n).toFixed(2)}%`;
+  return `top:${pct(ay.lo[iy], H)};height:${pct(ay.hi[iy] - ay.lo[iy], H)};left:${pct(ax.lo[ix], W)};width:${pct(ax.hi[ix] - ax.lo[ix], W)}`;
+}
