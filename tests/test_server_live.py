@@ -152,6 +152,10 @@ def test_kernels_equal_the_weights(client: TestClient, explorer_run: ExplorerRun
         assert body["shape"] == [3, 3]
         assert np.allclose(body["values"], weight[out, inp].numpy(), atol=1e-7)
         assert body["min"] == pytest.approx(float(weight[out, inp].min()))
+    # the client's JSON paths carry no ".json": the same documents answer there
+    base = "/api/runs/digits/live/sample-0/ops/conv2d_2"
+    assert client.get(f"{base}/kernels/7/3").json() == client.get(f"{base}/kernels/7/3.json").json()
+    assert client.get(f"{base}/input/2").json() == client.get(f"{base}/input/2.json").json()
     r = client.get("/api/runs/digits/live/sample-0/ops/conv2d_2/kernels/32/0.json")
     assert r.status_code == 404 and "[32, 16, 3, 3]" in r.json()["detail"]
     r = client.get("/api/runs/digits/live/sample-0/ops/relu_1/kernels/0/0.json")
