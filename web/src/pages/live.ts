@@ -35,6 +35,16 @@ export async function renderLive(root: HTMLElement, ctx: PageContext): Promise<v
     return;
   }
   const summary = await ctx.api.json<RunSummary>(p("runs", ctx.run));
+  if (!summary.holds.live) {
+    append(
+      root,
+      notice(
+        `The live view runs the model, and this run has none attached${summary.holds.live_reason ? ` (${summary.holds.live_reason})` : ""}. Serve it with: lurker serve ${ctx.run} --model SPEC --weights W.`,
+        "error",
+      ),
+    );
+    return;
+  }
   const params = new URLSearchParams(ctx.params);
   const image = params.get("image");
   const op = params.get("op") ?? (image ? summary.layers.find((l) => l.op)?.op ?? null : null);
