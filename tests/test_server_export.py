@@ -205,3 +205,33 @@ def test_cli_serve_refuses_a_folder_without_runs(tmp_path: Path):
     r = CliRunner().invoke(main, ["serve", str(tmp_path), "--no-browser"])
     assert r.exit_code == 2
     assert "neither a lurker run" in r.output and "Traceback" not in r.output
+
+
+def test_cli_serve_bad_model_fails_before_serving(explorer_run: ExplorerRun):  # noqa: F811
+    r = CliRunner().invoke(
+        main, ["serve", str(explorer_run.path), "--model", "nowhere:Nothing", "--no-browser"]
+    )
+    assert r.exit_code == 2
+    assert "cannot load model 'nowhere:Nothing'" in r.output and "Traceback" not in r.output
+
+
+def test_serve_helpers(monkeypatch: pytest.MonkeyPatch):
+    from lurker.server import serve
+
+    assert serve.url_of("0.0.0.0", 81) == "http://127.0.0.1:81/"
+    assert serve.url_of("127.0.0.1", 8765) == "http://127.0.0.1:8765/"
+    assert serve.url_of("::1", 9) == "http://[::1]:9/"
+    monkeypatch.setattr(serve.sys, "platform", "linux")
+    monkeypatch.delenv("DISPLAY", raising=False)
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    assert not serve.has_display()
+    monkeypatch.setenv("DISPLAY", ":0")
+    assert serve.has_display()
+    taken = serve.bind("127.0.0.1", 0)
+    port = taken.getsockname()[1]
+    taken.listen()
+    try:
+        with pytest.raises(Exception, match=f"port {port}"):
+            serve.bind("127.0.0.1", port)
+    finally:
+        taken.close()

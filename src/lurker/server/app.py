@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,8 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> Any:
+        # torch takes a second or two to import: do it now, not on the first unit click
+        threading.Thread(target=_warm_up, name="lurker-warm-up", daemon=True).start()
         yield
         registry.close()
 
@@ -101,6 +104,15 @@ def create_app(
         app.include_router(module.router)
     _install_static(app, static)
     return app
+
+
+def _warm_up() -> None:
+    """Import what the first unit and image requests need (torch among it)."""
+    try:
+        import lurker.probe.images
+        import lurker.probe.layout  # noqa: F401
+    except Exception:  # only a head start: the request that needs them reports any error
+        return
 
 
 def _version() -> str:

@@ -321,7 +321,12 @@ class Session:
             if image_id in self._images:
                 self._images.move_to_end(image_id)
                 return image_id
-        t = self.preprocess(image)
+        try:
+            t = self.preprocess(image)
+        except Exception as e:  # an image Pillow opened but cannot convert (odd modes)
+            raise ApiError(
+                400, f"cannot prepare this image for the model ({type(e).__name__}: {e})"
+            ) from None
         with self._guard:
             self._images[image_id] = t
             while len(self._images) > LIVE_IMAGES:
