@@ -28,6 +28,7 @@ export interface RunSummary {
   };
   dataset: {
     spec: string | null;
+    description?: string | null;
     size: number;
     classes: string[];
     skipped: { path: string; reason: string }[];
