@@ -20,6 +20,8 @@ import numpy as np
 import pytest
 import torch
 
+from explorer_fixtures import ExplorerRun, explorer_run  # noqa: F401
+
 CHROMIUM = Path("/usr/bin/chromium")
 STATIC = Path(__file__).resolve().parents[1] / "src" / "lurker" / "server" / "static"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
@@ -42,21 +44,17 @@ OP = "conv2d_2"
 
 
 @pytest.fixture(scope="session")
-def explorer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """A probed run (360 digits, untrained seeded DigitsNet, k=4) served on a free port."""
+def explorer(explorer_run: ExplorerRun) -> Iterator[dict[str, Any]]:  # noqa: F811
+    """The server helper's small run (360 digits, its model attached) served on a free port
+    by uvicorn in a thread."""
     import uvicorn
 
-    import lurker
-    from lurker.examples import DigitsNet
-    from lurker.probe.data import digits
-    from lurker.server.app import create_app
+    from lurker.probe.data import load_dataset
+    from lurker.server import create_app
+    from lurker.store import Run
 
-    torch.manual_seed(0)
-    model = DigitsNet().eval()
-    ds = digits(16, split="test")
-    out = tmp_path_factory.mktemp("explorer") / "run"
-    lurker.probe(model, ds, out=out, k=4, batch_size=128, progress=False)
-    app = create_app(out, model_obj=model, dataset=ds)
+    model = explorer_run.model
+    app = create_app(explorer_run.path, model_obj=model)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -67,8 +65,14 @@ def explorer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any
     while not server.started:
         assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
         time.sleep(0.05)
-    run = lurker.Run.open(out)
-    yield {"url": f"http://127.0.0.1:{port}/", "run": run, "id": out.name, "model": model, "ds": ds}
+    run = Run.open(explorer_run.path)
+    yield {
+        "url": f"http://127.0.0.1:{port}/",
+        "run": run,
+        "id": explorer_run.path.name,
+        "model": model,
+        "ds": load_dataset("digits:test", 16, channels=1),
+    }
     run.close()
     server.should_exit = True
     thread.join(10)
@@ -96,6 +100,7 @@ def page(browser: Any, console: list[str]) -> Iterator[Any]:
     errors = console
     pg.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
     pg.on("pageerror", lambda e: errors.append(f"uncaught: {e}"))
+    pg.on("response", lambda r: errors.append(f"{r.status} {r.url}") if r.status >= 400 else None)
     yield pg
     ctx.close()
     assert not errors, f"console errors: {errors}"
@@ -226,6 +231,7 @@ def test_samples_and_sample(page: Any, explorer: dict[str, Any]) -> None:
     info = run.layers[0]
     sid = run.unit(info.name, 0).top("max")[0].sample_id
     go(page, f"{explorer['url']}#/r/{rid}/sample/{sid}")
+    page.wait_for_selector(".chip")
     images_loaded(page, "img.sample-img")
     want = {
         (i.name, u.index, which)
@@ -313,7 +319,88 @@ def test_graph_page_and_errors(page: Any, console: list[str], explorer: dict[str
     assert not console
     # an unknown layer says what exists (the API's 404 body); the browser logs the 404
     go(page, f"{explorer['url']}#/r/{rid}/layer/nope")
+    page.wait_for_selector(".notice.error")
     msg = page.locator(".notice.error").inner_text()
     assert "nope" in msg and LAYER in msg
+    assert all("404" in e for e in console)
+    console.clear()
+
+
+@pytest.fixture(scope="session")
+def static_site(
+    explorer_run: ExplorerRun,  # noqa: F811
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[str]:
+    """`lurker export` of the run, served by a plain static file server (no lurker)."""
+    import functools
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    from lurker.server.export import export_site
+
+    site = export_site(explorer_run.path, tmp_path_factory.mktemp("site") / "site", progress=False)
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(site)))
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/"
+    httpd.shutdown()
+    thread.join(10)
+
+
+def test_static_export_pages(
+    page: Any, console: list[str], static_site: str, explorer: dict[str, Any]
+) -> None:
+    run, rid = explorer["run"], explorer["id"]
+    go(page, static_site)
+    page.wait_for_url(f"**#/r/{rid}")
+    page.wait_for_selector("table.layers")
+    assert page.locator("table.layers tbody tr").count() == len(run.layers)
+
+    go(page, f"{static_site}#/r/{rid}/layer/{LAYER}")
+    page.wait_for_selector(".unit-card")
+    assert page.locator(".unit-card").count() == run.layer(LAYER).num_units
+    images_loaded(page, ".unit-card img")
+
+    go(page, f"{static_site}#/r/{rid}/unit/{LAYER}/2?tab=max")
+    page.wait_for_selector(".top-entry")
+    images_loaded(page, ".top-entry img")
+    shown = [
+        int(s)
+        for s in page.locator(".top-entry").evaluate_all("es => es.map(e => e.dataset.sample)")
+    ]
+    assert shown == [e.sample_id for e in run.unit(LAYER, 2).top("max")]
+    page.locator('button[data-value="1"]').click()  # crops of the max list are exported
+    images_loaded(page, ".top-entry img")
+
+    go(page, f"{static_site}#/r/{rid}/samples?offset=100")
+    page.wait_for_selector('.sample-card[data-sample="100"]')
+    page.wait_for_load_state("networkidle")
+    # the export holds the images of top-k samples only: the others 404 and say so
+    ranked = {
+        e.sample_id
+        for i in run.layers
+        for u in run.units(i.name)
+        for w in ("max", "mean")
+        for e in u.top(w)
+    }
+    missing = {
+        int(c.get_attribute("data-sample")) for c in page.locator(".sample-card:has(.no-img)").all()
+    }
+    assert not missing & ranked  # (the served tests may have cached the others)
+    sid = shown[0]
+    go(page, f"{static_site}#/r/{rid}/sample/{sid}")
+    page.wait_for_selector(".chip")
+    images_loaded(page, "img.sample-img")
+
+    go(page, f"{static_site}#/r/{rid}/live")
+    assert "lurker serve" in page.locator("main .notice").inner_text()
+
+    # nothing failed to load but those sample images
+    failed = {int(e.split("/samples/")[1].split("/")[0]) for e in console if e.startswith("404 ")}
+    assert missing <= failed and not failed & ranked
     assert all("404" in e for e in console)
     console.clear()

@@ -7,6 +7,7 @@ files; never the server's own helpers.
 from __future__ import annotations
 
 import io
+import json
 import shutil
 import sqlite3
 from pathlib import Path
@@ -342,3 +343,14 @@ def test_without_model_or_dataset_cached_images_are_served(
 def _png_file(path: Path) -> Path:
     Image.new("L", (16, 16), 128).save(path)
     return path
+
+
+def test_graph_view(client: TestClient, run: Run):
+    pytest.importorskip("lurker.graph.view")
+    from lurker.graph.view import graph_view
+
+    r = client.get("/api/runs/digits/graph")
+    assert r.status_code == 200
+    layers = {info.op: info.name for info in run.layers if info.op}
+    assert r.json() == json.loads(json.dumps(graph_view(run.graph, layers=layers)))
+    assert all(name in r.text for name in layers.values())

@@ -329,6 +329,89 @@ def images(
     )
 
 
+@main.command(
+    epilog="""\b
+Examples:
+  lurker serve runs/digits
+  lurker serve runs/ --port 8000            # every run in the folder
+  lurker serve runs/vgg --model torchvision:vgg16 --weights vgg16.pth
+"""
+)
+@click.argument("run", type=click.Path(exists=True))
+@click.option(
+    "--model",
+    "-m",
+    default=None,
+    help="Model spec for the live views (default: the one the run records, if any).",
+)
+@click.option("--weights", "-w", type=click.Path(dir_okay=False), help="State dict to load.")
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Interface to bind; 0.0.0.0 makes the explorer reachable from other machines.",
+)
+@click.option(
+    "--port",
+    "-p",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="Port (default 8765, or a free one when it is taken; 0: any free port).",
+)
+@click.option("--no-browser", is_flag=True, help="Do not open a browser.")
+@click.option("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available).")
+@_friendly
+def serve(
+    run: str,
+    model: str | None,
+    weights: str | None,
+    host: str,
+    port: int | None,
+    no_browser: bool,
+    device: str | None,
+) -> None:
+    """Open the explorer on RUN (a run directory, or a folder of runs) in the browser.
+
+    Prints the URL and serves until Ctrl-C. Without --model, the live views use the model
+    the run records (runs made by `lurker probe`); everything precomputed works without one.
+    """
+    from .server.serve import serve_forever
+
+    serve_forever(
+        run,
+        model=model,
+        weights=weights,
+        host=host,
+        port=port,
+        browser=not no_browser,
+        device=device,
+    )
+
+
+@main.command()
+@click.argument("run", type=click.Path(exists=True))
+@click.argument("site", type=click.Path(file_okay=False))
+@click.option(
+    "--no-images",
+    is_flag=True,
+    help="Export only the images already cached; do not make the top samples' images and "
+    "crops from the dataset first.",
+)
+@_friendly
+def export(run: str, site: str, no_images: bool) -> None:
+    """Write RUN's explorer as a static site to SITE (no Python needed to view it).
+
+    Everything precomputed is exported: the run's JSON documents, the top samples'
+    images and crops (made from the run's dataset when it can be loaded) and every cached
+    image (make gradients first with `lurker images RUN`). View it with any static file server, e.g.
+    `python -m http.server -d SITE`. The live views need `lurker serve RUN --model SPEC`.
+    """
+    from .server.export import export_site
+
+    out = export_site(run, site, make_images=not no_images)
+    click.echo(f"site: {out} (open it with: python -m http.server -d {out})")
+
+
 def _render_alias(**kwargs: Any) -> None:
     click.echo("`lurker render` is deprecated: use `lurker images` (same arguments).", err=True)
     images.callback(**kwargs)  # type: ignore[misc]

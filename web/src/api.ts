@@ -28,6 +28,7 @@ export interface RunSummary {
   };
   dataset: {
     spec: string | null;
+    description?: string | null;
     size: number;
     classes: string[];
     skipped: { path: string; reason: string }[];
@@ -44,7 +45,7 @@ export interface RunSummary {
     store_version: number | null;
     status: string | null;
   };
-  holds: { graph: boolean; live: boolean; cached_images: number };
+  holds: { graph: boolean; live: boolean; live_reason?: string | null; cached_images: number };
   missing: string[];
   layers: LayerBrief[];
 }

@@ -81,7 +81,7 @@ export function barChart(
   const lo = Math.min(0, ...rows.map((r) => r.value));
   const hi = Math.max(0, ...rows.map((r) => r.value));
   const x = scaleLinear()
-    .domain([lo, hi || 1])
+    .domain(lo === hi ? [0, 1] : [lo, hi])
     .nice()
     .range([left, width - M.right - 40]);
   const y = scaleBand<number>()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -55,13 +56,15 @@ def create_app(
     static_dir: str | os.PathLike[str] | None = None,
     device: str | None = None,
     upload_limit: int = UPLOAD_LIMIT,
+    live: bool = True,
 ) -> FastAPI:
     """The explorer app over ``source``: a run directory or a folder of run directories.
 
     ``model``/``weights`` (a model spec as ``lurker probe`` takes it) or ``model_obj`` (an
     ``nn.Module``) attach a model to every run for the live views; without them each run
     loads the model its config records, if any. ``dataset`` replaces the runs' recorded
-    dataset (for runs probed from Python). Raises :class:`~lurker.server.state.NotServableError`
+    dataset (for runs probed from Python). ``live=False`` attaches no model at all (what
+    the static export uses: its documents must not depend on one). Raises :class:`~lurker.server.state.NotServableError`
     when ``source`` holds no run.
     """
     if weights is not None and model is None and model_obj is None:
@@ -71,6 +74,8 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> Any:
+        # torch takes a second or two to import: do it now, not on the first unit click
+        threading.Thread(target=_warm_up, name="lurker-warm-up", daemon=True).start()
         yield
         registry.close()
 
@@ -82,7 +87,12 @@ def create_app(
     )
     app.state.registry = registry
     app.state.source = ModelSource(
-        spec=model, weights=weights, model_obj=model_obj, dataset=dataset, device=device
+        spec=model,
+        weights=weights,
+        model_obj=model_obj,
+        dataset=dataset,
+        device=device,
+        live=live,
     )
     app.state.static_dir = static
     app.state.upload_limit = upload_limit
@@ -94,6 +104,15 @@ def create_app(
         app.include_router(module.router)
     _install_static(app, static)
     return app
+
+
+def _warm_up() -> None:
+    """Import what the first unit and image requests need (torch among it)."""
+    try:
+        import lurker.probe.images
+        import lurker.probe.layout  # noqa: F401
+    except Exception:  # only a head start: the request that needs them reports any error
+        return
 
 
 def _version() -> str:

@@ -9,6 +9,7 @@ through FastAPI's TestClient), so the export can never disagree with the server.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -17,7 +18,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
+
+import numpy as np
 
 from lurker.errors import LurkerError
 from lurker.store.files import safe_component
@@ -79,12 +82,16 @@ def export_site(
     *,
     static_dir: str | os.PathLike[str] | None = None,
     dataset: Any = None,
+    make_images: bool = True,
     progress: bool = True,
 ) -> Path:
     """Write the static explorer of ``run`` (a run directory or a folder of runs) to ``out``.
 
     ``out`` must be empty, missing, or an earlier export (it is updated in place). The
-    built front end (``make``) must exist. Returns ``out``.
+    built front end (``make``) must exist. With ``make_images``, the images that need only
+    the dataset (every top-k sample, the receptive-field crops of the max lists) are made
+    first, through the API, into the run's cache; then every cached PNG is exported.
+    Gradient images need the model: make them with ``lurker images RUN``. Returns ``out``.
     """
     from fastapi.testclient import TestClient
 
@@ -98,7 +105,7 @@ def export_site(
         )
     site = Path(out)
     _check_out(site)
-    app = create_app(run, static_dir=static, dataset=dataset)
+    app = create_app(run, static_dir=static, dataset=dataset, live=False)
     bar = _Progress(progress)
     site.mkdir(parents=True, exist_ok=True)
     _copy_front_end(static, site)
@@ -112,14 +119,26 @@ def export_site(
             return r.content
 
         runs = app.state.registry.entries
+        if make_images:  # first: the summaries then count the images made
+            for e in runs.values():
+                summary = get(f"/api/runs/{quote(e.id, safe='')}") if e.run is not None else None
+                if summary is not None and json.loads(summary)["holds"]["dataset"]:
+                    made = list(_dataset_images(e))
+                    bar.total += len(made)
+                    for api in made:
+                        get(api)  # made and cached by the server (a 404 if it cannot be)
+                        bar.add()
+        for e in runs.values():
+            e._counted = None  # count the cached images again, with those just made
         jobs = list(_json_paths(app))
-        pngs = [p for e in runs.values() if e.run is not None for p in _png_files(e)]
-        bar.total = len(jobs) + len(pngs)
+        bar.total += len(jobs)
         for api in jobs:
             body = get(api)
             if body is not None:
                 _write(data, static_path(api) + ".json", body)
             bar.add()
+        pngs = [p for e in runs.values() if e.run is not None for p in _png_files(e)]
+        bar.total += len(pngs)
         for api, source in pngs:
             _link(source, _inside(data, static_path(api)))
             bar.add()
@@ -161,8 +180,6 @@ def _copy_front_end(static: Path, site: Path) -> None:
 
 def _json_paths(app: Any) -> Iterator[str]:
     """Every API path whose JSON the static site needs (no live endpoints)."""
-    from urllib.parse import quote
-
     yield "/api/runs"
     for e in app.state.registry.entries.values():
         if e.run is None:
@@ -180,6 +197,19 @@ def _json_paths(app: Any) -> Iterator[str]:
             yield f"{base}/samples?offset={offset}&limit={SAMPLES_PAGE}"
         for sid, *_ in e.sample_rows(0, total):
             yield f"{base}/samples/{sid}"
+
+
+def _dataset_images(e: Any) -> Iterator[str]:
+    """API paths of the images made from the dataset alone: each top-k sample's image
+    once, and the crop of every max-list entry."""
+    base = f"/api/runs/{quote(e.id, safe='')}"
+    index = e.appearances()
+    for sid in np.unique(index.sample).tolist():
+        yield f"{base}/samples/{sid}/image.png"
+    layers = e.run.layers
+    for i in np.flatnonzero(index.which == 0).tolist():
+        layer = quote(layers[int(index.layer[i])].name, safe="")
+        yield f"{base}/layers/{layer}/units/{int(index.unit[i])}/max/{int(index.rank[i])}/crop.png"
 
 
 def _png_files(e: Any) -> Iterator[tuple[str, Path]]:

@@ -55,6 +55,8 @@ class ModelSource:
     model_obj: Any = None
     dataset: Any = None
     device: str | None = None
+    #: False: attach no model at all (the static export: what it writes needs none).
+    live: bool = True
     lock: threading.Lock = field(default_factory=threading.Lock)
     _loaded: Any = None
     _error: str | None = None
@@ -123,6 +125,8 @@ class Session:
 
     def model_reason(self) -> str | None:
         """None when a model is attached or loadable, else why not."""
+        if not self.source.live:
+            return "this server was started without models"
         if self.source.given():
             return self.source._error
         if self._model_error is not None:
@@ -317,7 +321,12 @@ class Session:
             if image_id in self._images:
                 self._images.move_to_end(image_id)
                 return image_id
-        t = self.preprocess(image)
+        try:
+            t = self.preprocess(image)
+        except Exception as e:  # an image Pillow opened but cannot convert (odd modes)
+            raise ApiError(
+                400, f"cannot prepare this image for the model ({type(e).__name__}: {e})"
+            ) from None
         with self._guard:
             self._images[image_id] = t
             while len(self._images) > LIVE_IMAGES:
@@ -450,8 +459,6 @@ class Session:
 
     def _compute(self, op: Any, x: torch.Tensor) -> tuple[Any, Any]:
         """The op's input (its first tensor argument's value) and output on ``x``."""
-        import contextlib
-
         import torch
 
         from lurker.graph.nodes import OpRef, refs
@@ -485,9 +492,11 @@ class Session:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         xb = x.unsqueeze(0).to(device)
         if wanted:
-            with self.model_lock, torch.no_grad(), contextlib.suppress(_Done):
+            with self.model_lock, torch.no_grad():
                 try:
                     tr.run(xb, save="none", hooks={i: grab for i in wanted})
+                except _Done:  # every value wanted is in: the rest of the forward is not needed
+                    pass
                 except LurkerError as e:
                     raise ApiError(
                         409, f"the model takes another path on this image: {e}"

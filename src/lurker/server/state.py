@@ -192,7 +192,8 @@ class RunEntry:
         return Appearances(*(cat[k][order] for k in Appearances.__dataclass_fields__))
 
     def graph_view(self) -> dict[str, Any]:
-        """``lurker.graph.view.graph_view(run.graph)``, made once per run."""
+        """``lurker.graph.view.graph_view(run.graph)`` with the probed layers named on their
+        ops, made once per run."""
         with self._lock:
             if self._graph_view is None:
                 try:
@@ -203,11 +204,13 @@ class RunEntry:
                         "this lurker has no graph view (lurker.graph.view is missing); "
                         "update lurker to browse the graph",
                     ) from None
+                run = self.open_run()
                 try:
-                    graph = self.open_run().graph
+                    graph = run.graph
                 except MissingFromRunError as e:
                     raise ApiError(404, str(e)) from None
-                self._graph_view = graph_view(graph)
+                layers = {info.op: info.name for info in run.layers if info.op}
+                self._graph_view = graph_view(graph, layers=layers)
             return self._graph_view
 
     def has_graph(self) -> bool:

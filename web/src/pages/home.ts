@@ -36,7 +36,7 @@ export async function renderHome(root: HTMLElement, ctx: PageContext): Promise<v
         { class: "card" },
         h("h2", null, "Dataset"),
         facts([
-          ["spec", h("code", null, d.spec ?? "–")],
+          d.spec || !d.description ? ["spec", h("code", null, d.spec ?? "–")] : ["source", d.description],
           ["samples", fmt(d.size)],
           ["classes", classes ? `${classes}: ${shownClasses}` : "unlabelled"],
           ["image size", Array.isArray(d.image_size) ? shape(d.image_size) : fmt(d.image_size)],

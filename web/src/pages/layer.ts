@@ -97,5 +97,6 @@ function rfText(rf: Record<string, unknown> | null): string {
   const y = rf?.["y"] as { size?: number; stride?: number } | undefined;
   const x = rf?.["x"] as { size?: number; stride?: number } | undefined;
   if (!y || !x || y.size === undefined || x.size === undefined) return rf ? "recorded" : "–";
+  if (y.stride === 0 && x.stride === 0) return "the whole input"; // spatial axes reduced away
   return `${fmt(y.size)}×${fmt(x.size)} px, stride ${fmt(y.stride)}×${fmt(x.stride)}`;
 }

@@ -35,6 +35,16 @@ export async function renderLive(root: HTMLElement, ctx: PageContext): Promise<v
     return;
   }
   const summary = await ctx.api.json<RunSummary>(p("runs", ctx.run));
+  if (!summary.holds.live) {
+    append(
+      root,
+      notice(
+        `The live view runs the model, and this run has none attached${summary.holds.live_reason ? ` (${summary.holds.live_reason})` : ""}. Serve it with: lurker serve ${ctx.run} --model SPEC --weights W.`,
+        "error",
+      ),
+    );
+    return;
+  }
   const params = new URLSearchParams(ctx.params);
   const image = params.get("image");
   const op = params.get("op") ?? (image ? summary.layers.find((l) => l.op)?.op ?? null : null);
@@ -157,7 +167,7 @@ async function showOp(el: HTMLElement, ctx: PageContext, image: string, op: stri
   if (ctx.signal.aborted) return;
   const sel: { in: number | null; out: number | null } = { in: null, out: null };
   const kernelBox = h("div", { class: "kernel-box" });
-  const pair = h("section", { class: "card pair" });
+  const pair = h("section", { class: "card pair", "aria-label": "chosen maps and kernel" });
 
   const showPair = async () => {
     document.querySelectorAll(".fmap.sel").forEach((n) => n.classList.remove("sel"));
@@ -171,7 +181,7 @@ async function showOp(el: HTMLElement, ctx: PageContext, image: string, op: stri
     fill(pair, big("input", sel.in), kernelBox, big("output", sel.out));
     if (info.kernel && sel.in !== null && sel.out !== null) {
       try {
-        const k = await ctx.api.json<Kernel>(`${base}/kernels/${sel.out}/${sel.in}`);
+        const k = await ctx.api.json<Kernel>(`${base}/kernels/${sel.out}/${sel.in}.json`);
         fill(kernelBox, kernelGrid(k, sel.out, sel.in));
       } catch (err) {
         fill(kernelBox, notice((err as Error).message, "error"));
@@ -217,8 +227,13 @@ async function showOp(el: HTMLElement, ctx: PageContext, image: string, op: stri
     el,
     h("h2", null, h("code", null, info.op), info.kernel ? h("span", { class: "sub" }, ` kernel ${shape(info.kernel.shape)}`) : null),
     info.kernel ? h("p", { class: "muted" }, "Click an input map, then an output map, to see the kernel between them.") : null,
-    pair,
-    h("div", { class: "cards two" }, info.input ? grid("input", info.input) : h("section", { class: "card" }, notice("This op has no tensor input.")), grid("output", info.output)),
+    h(
+      "div",
+      { class: "maps-row" },
+      info.input ? grid("input", info.input) : h("section", { class: "card" }, notice("This op has no tensor input.")),
+      pair,
+      grid("output", info.output),
+    ),
   );
   void showPair();
 }

@@ -1,7 +1,7 @@
 /** `#/r/RUN/samples?offset=N`: the dataset, a page of thumbnails at a time. */
 import { p, type SampleList } from "../api";
 import type { PageContext } from "../context";
-import { append, h } from "../dom";
+import { append, h, notice } from "../dom";
 
 const LIMIT = 100;
 
@@ -19,6 +19,7 @@ export async function renderSamples(root: HTMLElement, ctx: PageContext): Promis
     );
   append(root, 
     h("h1", null, "Samples", h("span", { class: "sub" }, ` ${list.total}`)),
+    ctx.api.isStatic ? notice("This static export holds the images of the samples that some unit ranks in its top-k; the other samples have no image here.") : null,
     pager(),
     h(
       "div",
@@ -27,7 +28,14 @@ export async function renderSamples(root: HTMLElement, ctx: PageContext): Promis
         h(
           "a",
           { class: "sample-card", href: ctx.href("sample", s.id), "data-sample": s.id },
-          h("img", { src: ctx.api.pngUrl(p("runs", ctx.run, "samples", s.id, "image.png")), loading: "lazy", alt: `sample ${s.id}`, width: 80, height: 80 }),
+          h("img", {
+            src: ctx.api.pngUrl(p("runs", ctx.run, "samples", s.id, "image.png")),
+            loading: "lazy",
+            alt: `sample ${s.id}`,
+            width: 80,
+            height: 80,
+            onerror: (e: Event) => (e.target as HTMLElement).replaceWith(h("div", { class: "no-img" }, ctx.api.isStatic ? "not exported" : "no image")),
+          }),
           h("span", null, `#${s.id}`),
           h("small", { title: s.class_name ?? "" }, s.class_name ?? ""),
         ),

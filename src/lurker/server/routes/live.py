@@ -205,7 +205,12 @@ def channel_png(
     return Response(data, media_type="image/png", headers=headers)
 
 
-@router.get(
+@router.get(  # the same without ".json", as the client names JSON documents
+    "/runs/{run_id}/live/{image}/ops/{op}/{side}/{channel}",
+    response_model=MapValues,
+    include_in_schema=False,
+)
+@router.get(  # registered first (decorators apply bottom-up): "3.json" is not an int
     "/runs/{run_id}/live/{image}/ops/{op}/{side}/{channel}.json",
     response_model=MapValues,
     summary="One channel of an op's input or output, raw values",
@@ -224,7 +229,12 @@ def channel_json(
     return MapValues(shape=list(a.shape), min=lo, max=hi, values=json_values(a))
 
 
-@router.get(
+@router.get(  # the same without ".json", as the client names JSON documents
+    "/runs/{run_id}/live/{image}/ops/{op}/kernels/{out}/{inp}",
+    response_model=KernelValues,
+    include_in_schema=False,
+)
+@router.get(  # registered first (decorators apply bottom-up): "3.json" is not an int
     "/runs/{run_id}/live/{image}/ops/{op}/kernels/{out}/{inp}.json",
     response_model=KernelValues,
     summary="The convolution kernel weight[out, in] of an op",

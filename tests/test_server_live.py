@@ -1,0 +1,234 @@
+"""The live endpoints: predictions, feature maps and kernels equal the model's own values.
+
+Oracle: the model run directly in the test with PyTorch forward hooks on its modules
+(not through lurker's trace), and its parameters read directly.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import threading
+import time
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from explorer_fixtures import ExplorerRun, explorer_run  # noqa: F401
+from lurker.probe.data import load_dataset, to_pil
+from lurker.server import create_app
+
+
+@pytest.fixture(scope="module")
+def client(explorer_run: ExplorerRun) -> TestClient:  # noqa: F811
+    app = create_app(explorer_run.path, model_obj=explorer_run.model, upload_limit=200_000)
+    with TestClient(app) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def digit_png() -> bytes:
+    """A test digit, upscaled to 48x48, as PNG bytes (what a user would upload)."""
+    ds = load_dataset("digits:test", 48, channels=1)
+    buf = io.BytesIO()
+    to_pil(ds[11][0]).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _input(png: bytes) -> torch.Tensor:
+    """The upload as the run's dataset prepares images: grayscale, 16x16, mean 0, std 1."""
+    im = Image.open(io.BytesIO(png)).convert("L").resize((16, 16), Image.BILINEAR)
+    return torch.from_numpy(np.asarray(im, np.float32) / 255.0)[None, None]
+
+
+def _hooked(model: torch.nn.Module, x: torch.Tensor, modules: list[str]) -> dict[str, Any]:
+    """Inputs and outputs of ``modules`` on ``x``, copied when the hook fires (a later
+    in-place ReLU must not change them)."""
+    seen: dict[str, Any] = {}
+    handles = []
+    named = dict(model.named_modules())
+    for name in modules:
+
+        def hook(_m: Any, args: tuple, out: torch.Tensor, name: str = name) -> None:
+            seen[name] = (args[0].detach().clone(), out.detach().clone())
+
+        handles.append(named[name].register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def _upload(client: TestClient, data: bytes, name: str = "digit.png") -> Any:
+    return client.post("/api/runs/digits/live/images", files={"file": (name, data, "image/png")})
+
+
+def test_upload_predictions(client: TestClient, digit_png: bytes, explorer_run: ExplorerRun):  # noqa: F811
+    r = _upload(client, digit_png)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert len(body["image"]) == 16 and (body["width"], body["height"]) == (48, 48)
+    with torch.no_grad():
+        probs = torch.softmax(explorer_run.model(_input(digit_png))[0], 0)
+    values, idx = probs.topk(5)
+    assert [p["class"] for p in body["predictions"]] == idx.tolist()
+    assert [p["name"] for p in body["predictions"]] == [str(i) for i in idx.tolist()]
+    assert [p["prob"] for p in body["predictions"]] == pytest.approx(values.tolist(), abs=1e-4)
+    again = client.get(f"/api/runs/digits/live/{body['image']}").json()
+    assert again["predictions"] == body["predictions"]
+    # the same bytes give the same id
+    assert _upload(client, digit_png).json()["image"] == body["image"]
+    png = client.get(f"/api/runs/digits/live/{body['image']}/input.png")
+    assert png.status_code == 200 and Image.open(io.BytesIO(png.content)).size == (16, 16)
+
+
+@pytest.mark.parametrize(
+    ("op", "module", "channels"),
+    [
+        ("conv2d_1", "features.0", 16),  # input: the model's input
+        ("conv2d_2", "features.4", 32),  # input: max_pool2d_1's output
+        ("conv2d_3", "features.8", 32),  # its output is then changed in place by a ReLU
+        ("linear_2", "classifier.3", 1),  # a vector: one 1xN map
+    ],
+)
+def test_feature_maps_equal_the_models(
+    client: TestClient,
+    digit_png: bytes,
+    explorer_run: ExplorerRun,  # noqa: F811
+    op: str,
+    module: str,
+    channels: int,
+):
+    image = _upload(client, digit_png).json()["image"]
+    x = _input(digit_png)
+    want_in, want_out = _hooked(explorer_run.model, x, [module])[module]
+    info = client.get(f"/api/runs/digits/live/{image}/ops/{op}").json()
+    assert info["op"] == op
+    assert info["output"]["shape"] == list(want_out.shape)
+    assert info["output"]["channels"] == channels
+    assert info["input"]["shape"] == list(want_in.shape)
+    for side, want in (("input", want_in), ("output", want_out)):
+        for c in (0, info[side]["channels"] - 1):
+            got = client.get(f"/api/runs/digits/live/{image}/ops/{op}/{side}/{c}.json").json()
+            ref = want[0, c].numpy() if want.dim() == 4 else want[0].numpy()[None]
+            assert got["shape"] == list(ref.shape)
+            assert np.allclose(got["values"], ref, atol=1e-5, rtol=1e-5)
+            assert got["min"] == pytest.approx(float(ref.min()), abs=1e-5)
+            assert got["max"] == pytest.approx(float(ref.max()), abs=1e-5)
+            r = client.get(f"/api/runs/digits/live/{image}/ops/{op}/{side}/{c}.png")
+            assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+            pixels = np.asarray(Image.open(io.BytesIO(r.content)))
+            lo, hi = float(r.headers["x-lurker-min"]), float(r.headers["x-lurker-max"])
+            scale = int(r.headers["x-lurker-scale"])
+            assert lo == pytest.approx(float(ref.min()), abs=1e-5)
+            assert scale == math.ceil(64 / max(ref.shape))
+            a = np.asarray(got["values"], np.float64)  # the server's raw values, as sent
+            expect = (
+                np.zeros(a.shape, np.uint8)
+                if hi == lo
+                else np.rint(255 * (a - lo) / (hi - lo)).astype(np.uint8)
+            )
+            expect = np.repeat(np.repeat(expect, scale, 0), scale, 1)
+            assert np.array_equal(pixels, expect)
+            # and against the model's own values: within one grey level
+            own = np.rint(255 * (ref - ref.min()) / (ref.max() - ref.min() or 1))
+            assert np.abs(pixels[::scale, ::scale].astype(int) - own).max() <= 1
+
+
+def test_kernels_equal_the_weights(client: TestClient, explorer_run: ExplorerRun):  # noqa: F811
+    weight = explorer_run.model.features[4].weight.detach()
+    info = client.get("/api/runs/digits/live/sample-0/ops/conv2d_2").json()
+    assert info["kernel"] == {"shape": [32, 16, 3, 3], "param": "features.4.weight"}
+    for out, inp in ((0, 0), (31, 15), (7, 3)):
+        got = client.get(f"/api/runs/digits/live/sample-0/ops/conv2d_2/kernels/{out}/{inp}.json")
+        body = got.json()
+        assert body["shape"] == [3, 3]
+        assert np.allclose(body["values"], weight[out, inp].numpy(), atol=1e-7)
+        assert body["min"] == pytest.approx(float(weight[out, inp].min()))
+    # the client's JSON paths carry no ".json": the same documents answer there
+    base = "/api/runs/digits/live/sample-0/ops/conv2d_2"
+    assert client.get(f"{base}/kernels/7/3").json() == client.get(f"{base}/kernels/7/3.json").json()
+    assert client.get(f"{base}/input/2").json() == client.get(f"{base}/input/2.json").json()
+    r = client.get("/api/runs/digits/live/sample-0/ops/conv2d_2/kernels/32/0.json")
+    assert r.status_code == 404 and "[32, 16, 3, 3]" in r.json()["detail"]
+    r = client.get("/api/runs/digits/live/sample-0/ops/relu_1/kernels/0/0.json")
+    assert r.status_code == 404 and "no convolution kernel" in r.json()["detail"]
+    assert client.get("/api/runs/digits/live/sample-0/ops/relu_1").json()["kernel"] is None
+
+
+def test_dataset_sample_as_live_image(client: TestClient, explorer_run: ExplorerRun):  # noqa: F811
+    ds = load_dataset("digits:test", 16, channels=1)
+    x = ds[3][0][None]
+    body = client.get("/api/runs/digits/live/sample-3").json()
+    with torch.no_grad():
+        top = torch.softmax(explorer_run.model(x)[0], 0).topk(5)
+    assert [p["class"] for p in body["predictions"]] == top.indices.tolist()
+    out = _hooked(explorer_run.model, x, ["features.0"])["features.0"][1]
+    got = client.get("/api/runs/digits/live/sample-3/ops/features.0/output/5.json").json()
+    assert np.allclose(got["values"], out[0, 5].numpy(), atol=1e-5)
+
+
+def test_live_errors(client: TestClient, digit_png: bytes):
+    r = _upload(client, b"this is not an image at all", "notes.txt")
+    assert r.status_code == 400 and "not an image" in r.json()["detail"]
+    r = _upload(client, digit_png[: len(digit_png) // 2], "cut.png")
+    assert r.status_code == 400 and "corrupt or truncated" in r.json()["detail"]
+    r = _upload(client, b"", "empty.png")
+    assert r.status_code == 400 and "empty" in r.json()["detail"]
+    big = b"\x89PNG" + b"0" * 300_000
+    r = _upload(client, big, "big.png")
+    assert r.status_code == 413 and "limit" in r.json()["detail"]
+    r = client.post("/api/runs/digits/live/images")
+    assert r.status_code == 422
+    r = client.get("/api/runs/digits/live/0123abcd/ops/conv2d_1")
+    assert r.status_code == 404 and "upload it" in r.json()["detail"]
+    r = client.get("/api/runs/digits/live/sample-0/ops/nope")
+    assert r.status_code == 404 and "conv2d_1" in r.json()["detail"]
+    r = client.get("/api/runs/digits/live/sample-0/ops/conv2d_1/output/16.png")
+    assert r.status_code == 404 and "0..15" in r.json()["detail"]
+    r = client.get("/api/runs/digits/live/sample-99999/ops/conv2d_1")
+    assert r.status_code == 404 and "no sample 99999" in r.json()["detail"]
+    r = client.get("/api/runs/digits/live/..%2f..%2frun.db")
+    assert r.status_code == 404
+
+
+def test_a_busy_model_does_not_block_other_requests(
+    explorer_run: ExplorerRun,  # noqa: F811
+):
+    app = create_app(explorer_run.path, model_obj=explorer_run.model)
+    with TestClient(app) as c:
+        assert c.get("/api/runs/digits/live/sample-1").status_code == 200
+        lock = app.state.source.lock  # the model's lock: held as by a long forward
+        done: list[int] = []
+        with lock:
+            t = threading.Thread(
+                target=lambda: done.append(c.get("/api/runs/digits/live/sample-2").status_code)
+            )
+            t.start()
+            time.sleep(0.2)
+            t0 = time.perf_counter()
+            assert c.get("/api/runs/digits").status_code == 200
+            assert c.get("/api/runs/digits/layers/features.0").status_code == 200
+            assert time.perf_counter() - t0 < 5
+            assert not done  # still waiting for the model
+        t.join(10)
+        assert done == [200]
+
+
+def test_model_spec_from_the_command_line(explorer_run: ExplorerRun):  # noqa: F811
+    app = create_app(
+        explorer_run.path, model="lurker.examples:DigitsNet", weights=str(explorer_run.weights)
+    )
+    with TestClient(app) as c:
+        body = c.get("/api/runs/digits/live/sample-4").json()
+        x = load_dataset("digits:test", 16, channels=1)[4][0][None]
+        with torch.no_grad():
+            want = torch.softmax(explorer_run.model(x)[0], 0).topk(5).indices.tolist()
+        assert [p["class"] for p in body["predictions"]] == want
