@@ -164,7 +164,8 @@ def _running_browser() -> Any:
     import gc
 
     for obj in gc.get_objects():
-        if isinstance(obj, playwright.Browser) and obj.is_connected():
+        # type(), not isinstance(): isinstance warns on lazy module proxies (torch)
+        if type(obj) is playwright.Browser and obj.is_connected():
             return obj
     return None
 
