@@ -24,7 +24,6 @@ from explorer_fixtures import ExplorerRun, explorer_run  # noqa: F401
 
 CHROMIUM = Path("/usr/bin/chromium")
 STATIC = Path(__file__).resolve().parents[1] / "src" / "lurker" / "server" / "static"
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 
 if not CHROMIUM.exists():
     pytest.skip(
@@ -76,14 +75,6 @@ def explorer(explorer_run: ExplorerRun) -> Iterator[dict[str, Any]]:  # noqa: F8
     run.close()
     server.should_exit = True
     thread.join(10)
-
-
-@pytest.fixture(scope="session")
-def browser() -> Iterator[Any]:
-    with playwright.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), args=FLAGS)
-        yield b
-        b.close()
 
 
 @pytest.fixture

@@ -23,7 +23,6 @@ from explorer_fixtures import ExplorerRun, explorer_run  # noqa: F401
 
 CHROMIUM = Path("/usr/bin/chromium")
 STATIC = Path(__file__).resolve().parents[1] / "src" / "lurker" / "server" / "static"
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 
 if not CHROMIUM.exists():
     pytest.skip(
@@ -152,34 +151,6 @@ def servers(
     for server, thread in stops:
         server.should_exit = True
         thread.join(10)
-
-
-def _running_browser() -> Any:
-    """A chromium another test module of this process launched and still holds, if any.
-
-    Playwright's sync API allows one instance per thread at a time, and the explorer's
-    page tests keep theirs for the whole session; this module borrows it then, and
-    otherwise launches its own for its own tests only (so it never holds one when the
-    other module starts)."""
-    import gc
-
-    for obj in gc.get_objects():
-        # type(), not isinstance(): isinstance warns on lazy module proxies (torch)
-        if type(obj) is playwright.Browser and obj.is_connected():
-            return obj
-    return None
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    borrowed = _running_browser()
-    if borrowed is not None:
-        yield borrowed
-        return
-    with playwright.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), args=FLAGS)
-        yield b
-        b.close()
 
 
 @pytest.fixture

@@ -1,7 +1,8 @@
-"""``make demo``: train a small CNN on scikit-learn's digits, then look inside it.
+"""``make demo``: train a small CNN on scikit-learn's digits, look inside it, open the explorer.
 
-Everything runs offline on a CPU in about a minute: the data ships with scikit-learn,
-the model trains in seconds, and the outputs land in ``--out``.
+Everything runs offline on a CPU in well under a minute: the data ships with scikit-learn,
+the model trains in seconds, the outputs land in ``--out``, and the explorer serves the
+probe run (with the model attached, so the live page works) until Ctrl-C.
 """
 
 from __future__ import annotations
@@ -22,6 +23,10 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default="demo-out", help="folder for everything the demo writes")
     ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--port", type=int, default=None, help="explorer port (default 8765, else free)")
+    ap.add_argument("--host", default="127.0.0.1", help="explorer address (default: this machine)")
+    ap.add_argument("--no-browser", action="store_true", help="do not open a browser window")
+    ap.add_argument("--no-serve", action="store_true", help="stop after writing the outputs")
     a = ap.parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -44,7 +49,17 @@ def main(argv: list[str] | None = None) -> None:
 
     print("\n3. probing every unit of every layer over all 1,797 digits")
     data = digits(16)
-    run = probe(model, data, out=out / "run", k=9, batch_size=256, overwrite=True)
+    # The run records how to rebuild its model and data, so `lurker serve` can attach them.
+    config = {"model_spec": "lurker.examples:DigitsNet", "weights": str(weights.resolve())}
+    run = probe(
+        model,
+        data,
+        out=out / "run",
+        k=9,
+        batch_size=256,
+        overwrite=True,
+        meta={**config, "data": "digits"},
+    )
     layer = "features.8"
     print(f"what the units of {layer} (the last conv) respond to:")
     for unit in run.units(layer, order_by="max", limit=5):
@@ -52,10 +67,10 @@ def main(argv: list[str] | None = None) -> None:
         classes = ", ".join(e.class_name for e in top)
         print(f"  unit {unit.index:2d}: peak {unit.max:6.2f}; top-9 images are digits {classes}")
     images = UnitImages(run, model=model, dataset=data)
-    made = images.write_all(layers=[layer], kinds=("input", "grad", "crop"), progress=False)
+    made = images.write_all(progress=False)
     print(
-        f"{made.total} images (each top sample once, guided gradients, receptive-field crops) "
-        f"in {run.path / 'cache'}"
+        f"{made.total} images of every layer's units (each top sample once, guided gradients, "
+        f"receptive-field crops) in {run.path / 'cache'}"
     )
 
     elapsed = time.perf_counter() - t0
@@ -67,8 +82,18 @@ def main(argv: list[str] | None = None) -> None:
         f"  lurker trace lurker.examples:DigitsNet --weights {weights} -i 1,1,16,16 "
         f"--out {out / 'graph-cli.svg'}\n"
         f"  lurker probe lurker.examples:DigitsNet --weights {weights} --data digits "
-        f"--image-size 16 --out {out / 'run-cli'}"
+        f"--image-size 16 --out {out / 'run-cli'}\n"
+        f"  lurker serve {run.path}"
     )
+    if a.no_serve:
+        return
+    from lurker.server.serve import serve_forever
+
+    print("\n4. the explorer (graph, layers, units, samples, live) at:", flush=True)
+    try:
+        serve_forever(str(run.path), host=a.host, port=a.port, browser=not a.no_browser)
+    except KeyboardInterrupt:
+        print("stopped")
 
 
 if __name__ == "__main__":

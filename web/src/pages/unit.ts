@@ -141,8 +141,8 @@ export async function renderUnit(root: HTMLElement, ctx: PageContext, args: stri
         "section",
         { class: "card" },
         h("h3", null, "Activation distribution"),
-        histogramChart(doc.histogram, { width: 520, height: 220, mark: doc.max }),
-        h("p", { class: "muted small" }, "all positions over all samples; the line marks the unit's max"),
+        histogramChart(doc.histogram, { width: 520, height: 220, mark: doc.mean, xLabel: "spatial mean activation of a sample" }),
+        h("p", { class: "muted small" }, "one value per sample: the unit's map averaged over its positions; the line marks the mean over the dataset"),
       ),
     ),
   );
