@@ -77,6 +77,9 @@ def serve_forever(
     if model is not None:
         app.state.source.load()  # a bad spec or weights file fails now, not on first use
     sock = bind(host, port)
+    # Listen before printing the URL: a client that reads it and connects at once waits in
+    # the backlog until uvicorn accepts, instead of being refused.
+    sock.listen(2048)
     url = url_of(host, sock.getsockname()[1])
     runs = app.state.registry.entries
     print(url, flush=True)
