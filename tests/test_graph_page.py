@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 import torch
@@ -291,6 +292,9 @@ def test_search_hover_colours_and_links(
     canvas = page.locator(".graph-canvas").bounding_box()
     assert abs(box["x"] + box["width"] / 2 - (canvas["x"] + canvas["width"] / 2)) < 40
     assert abs(box["y"] + box["height"] / 2 - (canvas["y"] + canvas["height"] / 2)) < 40
+    # a found op can be opened in the live view (its feature maps on an image)
+    link = page.locator(".graph-bar .live-link")
+    assert link.is_visible() and link.get_attribute("href").endswith(f"/live?op={target}")
     assert page.inner_text(".graph-bar .hits") == "1 of 1"
     # hover: the tooltip shows the op's shape as the graph records it
     node.hover()
@@ -341,6 +345,9 @@ def test_focus_opens_and_centres(page: Any, servers: dict[str, str], run: str) -
     canvas = page.locator(".graph-canvas").bounding_box()
     assert abs(box["x"] + box["width"] / 2 - (canvas["x"] + canvas["width"] / 2)) < 40
     assert abs(box["y"] + box["height"] / 2 - (canvas["y"] + canvas["height"] / 2)) < 40
+    # the focused op can be opened in the live view (its feature maps on an image)
+    link = page.locator(".graph-bar .live-link")
+    assert link.is_visible() and link.get_attribute("href").endswith(f"/live?op={quote(label)}")
 
 
 def test_focus_on_an_unknown_op_says_so(page: Any, servers: dict[str, str]) -> None:

@@ -89,6 +89,8 @@ class GraphPage {
   private zoomer!: ZoomBehavior<SVGSVGElement, unknown>;
   private tip!: HTMLDivElement;
   private hitsEl!: HTMLSpanElement;
+  /** "see LABEL live": the live view of the op last clicked, searched or focused. */
+  private liveLink!: HTMLAnchorElement;
   private matches: Target[] = [];
   private matchAt = -1;
   private current: ItemKey | null = null;
@@ -192,7 +194,9 @@ class GraphPage {
       this.expanded = this.st.defaultExpanded();
       this.relayout().then(() => this.fitInitial());
     };
-    bar.append(h1, facts, search, this.hitsEl, fit, reset);
+    this.liveLink = el("a", "live-link");
+    this.liveLink.hidden = true;
+    bar.append(h1, facts, search, this.hitsEl, fit, reset, this.liveLink);
     let timer = 0;
     search.addEventListener("input", () => {
       clearTimeout(timer);
@@ -456,6 +460,7 @@ class GraphPage {
     if (n.L) this.ctx.navigate(this.ctx.href("layer", n.L));
     else {
       this.current = key;
+      this.showLive(Number(key.slice(1)));
       const q = new URLSearchParams(this.ctx.params);
       q.set("focus", n.l);
       this.ctx.replaceParams(q);
@@ -586,12 +591,26 @@ class GraphPage {
     this.reveal(this.matches[this.matchAt], true);
   }
 
+  /** Points the bar's live link at node k: its input and output maps on an image. */
+  private showLive(k: number): void {
+    const n = this.doc.nodes[k];
+    if (!n || n.k === "input" || n.k === "output") {
+      this.liveLink.hidden = true;
+      return;
+    }
+    this.liveLink.href = this.ctx.href("live") + "?op=" + encodeURIComponent(n.l);
+    this.liveLink.textContent = `see ${n.l} live →`;
+    this.liveLink.title = "its input and output feature maps (and kernels) on an image";
+    this.liveLink.hidden = false;
+  }
+
   /** Opens the groups around a node or group, then centres and marks it. */
   private async reveal(t: Target, relayout: boolean): Promise<void> {
     const opening = "k" in t ? this.st.opening(t.k) : this.st.chainOfGroup(t.g).filter((c) => c !== 0 && c !== t.g);
     const missing = opening.filter((g) => !this.expanded.has(g));
     for (const g of missing) this.expanded.add(g);
     this.current = "k" in t ? nodeKey(t.k) : groupKey(t.g);
+    if ("k" in t) this.showLive(t.k);
     if (relayout && missing.length) await this.relayout();
     else this.draw();
     this.centre(this.current);
