@@ -209,6 +209,30 @@ def test_layer_grid_unit_toggles_and_history(page: Any, explorer: dict[str, Any]
     assert graph.get_attribute("href").endswith(f"/graph?focus={info.op_label}")
 
 
+def test_a_late_page_never_renders_into_the_next(page: Any, explorer: dict[str, Any]) -> None:
+    """Navigating away before a page's data arrives: the late page must not be appended."""
+    base, rid = explorer["url"], explorer["id"]
+    arrived: list[str] = []
+
+    def slow(route: Any) -> None:  # hold the sample's JSON until the next page is up
+        time.sleep(0.8)
+        arrived.append(route.request.url)
+        route.continue_()
+
+    page.route("**/api/runs/*/samples/3", slow)
+    page.goto(f"{base}#/r/{rid}/sample/3")
+    page.evaluate(f"location.hash = '#/r/{rid}/layer/features.4'")
+    page.wait_for_selector(".unit-card")
+    deadline = time.monotonic() + 10
+    while not arrived and time.monotonic() < deadline:
+        page.wait_for_timeout(50)
+    page.wait_for_load_state("networkidle")
+    page.wait_for_timeout(300)
+    text = page.inner_text("main")
+    assert arrived and "Units that rank it" not in text and "Sample 3" not in text
+    assert page.locator(".unit-card").count() == 32
+
+
 def test_samples_and_sample(page: Any, explorer: dict[str, Any]) -> None:
     run, rid = explorer["run"], explorer["id"]
     go(page, f"{explorer['url']}#/r/{rid}/samples")

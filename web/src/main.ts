@@ -103,12 +103,18 @@ async function render(): Promise<void> {
   current = ctl;
   const { path, params } = parseHash(location.hash);
   window.scrollTo(0, 0);
+  // Each navigation renders into a fresh view, swapped into <main> at once: a page of an
+  // earlier navigation whose data arrives late writes into its own, detached view and can
+  // never add itself to this one.
+  const view = h("div", { class: "view" }, h("p", { class: "loading" }, "Loading…"));
+  main.replaceChildren(view);
   if (path[0] !== "r" || !path[1]) {
     renderTopbar(null, "", null);
     renderCrumbs(null, "", []);
     const { renderRuns } = await import("./pages/runs");
     if (ctl.signal.aborted) return;
-    await guard(() => renderRuns(main, api, ctl.signal));
+    view.replaceChildren();
+    await guard(view, () => renderRuns(view, api, ctl.signal));
     return;
   }
   const run = path[1];
@@ -122,7 +128,7 @@ async function render(): Promise<void> {
     .catch(() => undefined);
   const loader = pages[kind];
   if (!loader) {
-    fill(main, notice(`No page '${kind}'. Pages: ${Object.keys(pages).join(", ")}.`, "error"));
+    fill(view, notice(`No page '${kind}'. Pages: ${Object.keys(pages).join(", ")}.`, "error"));
     return;
   }
   const ctx: PageContext = {
@@ -138,12 +144,11 @@ async function render(): Promise<void> {
       history.replaceState(history.state, "", base + (q ? "?" + q : ""));
     },
   };
-  main.replaceChildren(h("p", { class: "loading" }, "Loading…"));
   main.className = "page-" + kind;
   const page = await loader();
   if (ctl.signal.aborted) return;
-  main.replaceChildren();
-  await guard(() => page(main, ctx, args));
+  view.replaceChildren();
+  await guard(view, () => page(view, ctx, args));
   prefetch();
 }
 
@@ -157,13 +162,13 @@ function prefetch(): void {
   idle(() => void Promise.all([pages.layer(), pages.unit()]).catch(() => undefined));
 }
 
-async function guard(fn: () => Promise<void> | void): Promise<void> {
+async function guard(view: HTMLElement, fn: () => Promise<void> | void): Promise<void> {
   try {
     await fn();
   } catch (err) {
     if (err instanceof DOMException && err.name === "AbortError") return;
     const msg = err instanceof ApiError || err instanceof Error ? err.message : String(err);
-    main.replaceChildren(notice(msg, "error"));
+    view.replaceChildren(notice(msg, "error"));
   }
 }
 
