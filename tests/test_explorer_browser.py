@@ -212,24 +212,20 @@ def test_layer_grid_unit_toggles_and_history(page: Any, explorer: dict[str, Any]
 def test_a_late_page_never_renders_into_the_next(page: Any, explorer: dict[str, Any]) -> None:
     """Navigating away before a page's data arrives: the late page must not be appended."""
     base, rid = explorer["url"], explorer["id"]
-    arrived: list[str] = []
-
-    def slow(route: Any) -> None:  # hold the sample's JSON until the next page is up
-        time.sleep(0.8)
-        arrived.append(route.request.url)
-        route.continue_()
-
-    page.route("**/api/runs/*/samples/3", slow)
+    held: list[Any] = []
+    page.route("**/api/runs/*/samples/3", lambda route: held.append(route))  # held back
     page.goto(f"{base}#/r/{rid}/sample/3")
+    deadline = time.monotonic() + 20
+    while not held and time.monotonic() < deadline:
+        page.wait_for_timeout(50)
+    assert held, "the sample page never asked for its JSON"
     page.evaluate(f"location.hash = '#/r/{rid}/layer/features.4'")
     page.wait_for_selector(".unit-card")
-    deadline = time.monotonic() + 10
-    while not arrived and time.monotonic() < deadline:
-        page.wait_for_timeout(50)
+    held[0].continue_()  # now the sample page's data arrives, late
     page.wait_for_load_state("networkidle")
     page.wait_for_timeout(300)
     text = page.inner_text("main")
-    assert arrived and "Units that rank it" not in text and "Sample 3" not in text
+    assert "Units that rank it" not in text and "Sample 3" not in text
     assert page.locator(".unit-card").count() == 32
 
 
