@@ -392,7 +392,9 @@ def test_model_left_untouched_also_when_raising(digits, xd, method) -> None:
 
 # ---------------------------------------------------------------------- bad input
 def test_bad_input_errors(digits, xd) -> None:
-    with pytest.raises(LurkerError, match=r"unknown explanation method 'lime'.*saliency.*occlusion"):
+    with pytest.raises(
+        LurkerError, match=r"unknown explanation method 'lime'.*saliency.*occlusion"
+    ):
         lurker.explain(digits, xd, method="lime")
     with pytest.raises(LurkerError, match=r"target class 12 is out of range.*10 outputs"):
         lurker.explain(digits, xd, target=12)
@@ -424,3 +426,59 @@ def test_overlay_is_an_image(digits, xd) -> None:
     rgb, alpha = colorize(torch.tensor([[0.0, 1.0, -1.0]]), signed=True)
     assert rgb[:, 0, 0].tolist() == [1, 1, 1] and alpha[0, 0] == 0
     assert rgb[:, 0, 1].tolist() == [1, 0, 0] and rgb[:, 0, 2].tolist() == [0, 0, 1]
+
+
+# ---------------------------------------------------------------------- CLI
+def test_cli_explain_writes_the_overlay(tmp_path) -> None:
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from lurker.cli import main
+    from lurker.explain.cli import load_image
+    from lurker.models import load_model
+
+    img = tmp_path / "seven.png"
+    Image.fromarray((torch.rand(20, 20) * 255).byte().numpy(), "L").save(img)
+    out = tmp_path / "heat.png"
+    args = ["explain", "lurker.examples:DigitsNet", "--image", str(img), "--image-size", "16"]
+    r = CliRunner().invoke(
+        main,
+        [*args, "-m", "integrated_gradients", "-t", "3", "--option", "n_steps=8", "-o", str(out)],
+    )
+    assert r.exit_code == 0, r.output
+    assert "integrated_gradients of class 3, convergence delta" in r.output
+    # the same picture as the Python API's overlay of the same input
+    x, shown = load_image(img, 16, 1)
+    e = lurker.explain(
+        load_model("lurker.examples:DigitsNet"), x, 3, "integrated_gradients", n_steps=8
+    )
+    assert Image.open(out).tobytes() == e.overlay(0, image=shown, alpha=0.6).tobytes()
+
+    r = CliRunner().invoke(main, [*args, "-m", "gradcam", "--layer", "features.8", "-o", str(out)])
+    assert r.exit_code == 0 and "gradcam of class" in r.output, r.output
+    r = CliRunner().invoke(main, [*args, "-t", "features.8:5:1:2", "-o", str(out)])
+    assert r.exit_code == 0 and "unit features.8:5:1:2" in r.output, r.output
+
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not a png")
+    for extra, message in [
+        (["-m", "lime"], "unknown explanation method 'lime'; supported: saliency"),
+        (["-t", "12"], "target class 12 is out of range"),
+        (["-t", "features.88:1"], "layer 'features.88' is not in the model"),
+    ]:
+        r = CliRunner().invoke(main, [*args, *extra, "-o", str(out)])
+        assert r.exit_code == 2 and message in r.output, r.output
+    r = CliRunner().invoke(main, [*args[:3], str(bad), "-o", str(out)])
+    assert r.exit_code == 2 and "cannot read image" in r.output, r.output
+
+
+def test_cli_target_parsing() -> None:
+    from lurker.explain.cli import parse_target
+
+    U = lurker.explain.UnitTarget
+    assert parse_target("7") == 7 and parse_target("top") == "top"
+    assert parse_target("features.8:5") == U("features.8", 5)
+    assert parse_target("features.8:5:1:2") == U("features.8", 5, 1, 2)
+    assert parse_target("cell:2:5") == U("cell:2", 5)
+    with pytest.raises(LurkerError, match="class index"):
+        parse_target("features.8")
