@@ -32,7 +32,8 @@ class Explanation:
     ``target`` is what was explained, resolved: the class index of each row, or the
     :class:`~lurker.explain.targets.UnitTarget`. ``output`` is the model's output for the
     input where the method computed it; ``delta`` the convergence delta of integrated
-    gradients (per row: sum of attributions minus ``f(x) - f(baseline)``).
+    gradients (per row: sum of attributions minus ``f(x) - f(baseline)``). ``signed``:
+    whether the values have a sign that matters (the overlay's colour map follows it).
     """
 
     attribution: Tensor
@@ -42,6 +43,8 @@ class Explanation:
     output: Tensor | None = None
     delta: Tensor | None = None
     signed: bool = True
+    #: a layer method's map at the layer's own resolution (Grad-CAM: ``(B, 1, h, w)``)
+    layer_attribution: Tensor | None = None
 
     def heatmap(self, index: int = 0) -> Tensor:
         """Row ``index``'s attribution as one ``(H, W)`` map: channels summed (a signed
@@ -113,12 +116,12 @@ class Method:
 
     def explanation(self, attribution: Tensor, fw: Any, options: dict, **extra: Any) -> Explanation:
         """The result, with the resolved target of the :class:`~.targets.Forward` ``fw``."""
+        extra.setdefault("signed", self.signed)
         return Explanation(
             attribution=attribution.detach(),
             method=self.name,
             target=fw.target,
             options=options,
-            signed=self.signed,
             **extra,
         )
 
