@@ -283,7 +283,9 @@ class Engine:
         self.params = {"epsilon": 1e-6, "stabilizer": 1e-6, "gamma": 0.25, **params}
         self.inputs = [op.index for op in ops if op.kind == "input"]
         if len(self.inputs) != 1:
-            raise LurkerError(f"LRP needs a model with one tensor input; this one has {len(self.inputs)}")
+            raise LurkerError(
+                f"LRP needs a model with one tensor input; this one has {len(self.inputs)}"
+            )
         self.plan: dict[int, tuple[str, Any]] = {}
         self._plan()
 
@@ -319,7 +321,9 @@ class Engine:
             name = op.name
             parents = [ops[i] for i in op.parents]
             if name in _CONSTANT or (
-                name in _ROUTE and parents and all(p.index in self.constant for p in parents if self._on_path(p))
+                name in _ROUTE
+                and parents
+                and all(p.index in self.constant for p in parents if self._on_path(p))
                 and any(p.index in self.constant for p in parents)
             ):
                 self.constant.add(op.index)
@@ -406,7 +410,9 @@ class Engine:
         return call
 
     # ------------------------------------------------------------------ rules
-    def _rule(self, op: Op, out: Tensor, live: dict[int, Any], flows: dict[str, Flow]) -> Tensor | None:
+    def _rule(
+        self, op: Op, out: Tensor, live: dict[int, Any], flows: dict[str, Flow]
+    ) -> Tensor | None:
         kind, info = self.plan[op.index]
         p = self.params
         graph = {
@@ -423,11 +429,22 @@ class Engine:
             if bn is not None:
                 w, b = _merge(w, b, bn, lambda r: self._value(r, live))
             extra = [self._value(a, live) for a in lin.args[3:]]
+            extra_kw = {
+                k: self._value(v, live)
+                for k, v in lin.kwargs.items()
+                if k not in ("input", "weight", "bias")
+            }
             fn = F.linear if lin.name == "linear" else getattr(F, lin.name)
-            call = (lambda v, ww, bb: fn(v, ww, bb, *extra))
+            wd, bd = w.detach(), None if b is None else b.detach()
+
+            def call(v: Tensor, ww: Tensor, bb: Tensor | None) -> Tensor:
+                return fn(v, ww, bb, *extra, **extra_kw)
+
+            def fwd(r: Tensor, ins: tuple) -> tuple:
+                return (_linear_rule(rule, call, ins[0], wd, bd, r, p),)
+
             # a bias keeps its share; so does the epsilon rule's epsilon, by design
-            absorbs = rule == "epsilon" or (b is not None and bool(b.detach().abs().max() > 0))
-            fwd = lambda r, ins: (_linear_rule(rule, call, ins[0], w.detach(), None if b is None else b.detach(), r, p),)  # noqa: E731
+            absorbs = rule == "epsilon" or (bd is not None and bool(bd.abs().max() > 0))
             return self._apply(op, out, [x], fwd, flows, absorbs, f"{lin.name} ({rule})")
         if not graph:
             return None
@@ -476,7 +493,9 @@ class Engine:
             fwd = lambda r, ins_: _vjp(ln, ins_[:1], r, p["epsilon"])  # noqa: E731
             return self._apply(op, out, [x], fwd, flows, absorbs, "layer norm, std constant")
         if kind == "attention":
-            q, k, v = (self._value(_arg(op, i, n), live) for i, n in enumerate(("query", "key", "value")))
+            q, k, v = (
+                self._value(_arg(op, i, n), live) for i, n in enumerate(("query", "key", "value"))
+            )
             mask = self._value(_arg(op, 3, "attn_mask"), live)
             causal = bool(_arg(op, 5, "is_causal", False))
             scale = _arg(op, 6, "scale")
@@ -492,7 +511,9 @@ class Engine:
 
         def backward(r: Tensor, saved: tuple) -> tuple:
             rel = list(rule(r, saved))
-            flows[label] = Flow(label, f"{op.name}: {what}", _rows(r), sum(_rows(t) for t in rel), absorbs)
+            flows[label] = Flow(
+                label, f"{op.name}: {what}", _rows(r), sum(_rows(t) for t in rel), absorbs
+            )
             return tuple(t.detach() for t in rel)
 
         return _Rule.apply(backward, out, *ins)
@@ -602,7 +623,10 @@ class Engine:
         # a merged BatchNorm's conv carries no relevance of its own: use the BatchNorm
         if op.index not in self.plan and len(op.children) == 1:
             child = self.trace.ops[op.children[0]]
-            if self.plan.get(child.index, ("", None))[0] == "linear" and self.plan[child.index][1][1] is op:
+            if (
+                self.plan.get(child.index, ("", None))[0] == "linear"
+                and self.plan[child.index][1][1] is op
+            ):
                 op = child
         return op
 
@@ -632,7 +656,9 @@ def _attention_weights(q: Tensor, k: Tensor, mask: Any, causal: bool, scale: Any
         keep = torch.ones(n, m, dtype=torch.bool, device=q.device).tril()
         scores = scores.masked_fill(~keep, float("-inf"))
     if isinstance(mask, Tensor):
-        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+        scores = (
+            scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+        )
     if k.shape[-3:-2] != q.shape[-3:-2] and q.dim() == 4:  # grouped-query attention
         raise LurkerError("LRP: grouped-query attention is not supported")
     return scores.softmax(-1)
@@ -651,7 +677,9 @@ def _unit_relevance(act: Tensor, u: UnitTarget) -> Tensor:
         r[:, u.channel] = per / max(per[0].numel(), 1)
     else:
         if a.dim() != 4 or u.y >= a.shape[2] or u.x is None or u.x >= a.shape[3]:
-            raise LurkerError(f"unit target {u}: position outside {u.layer}'s output {tuple(a.shape)}")
+            raise LurkerError(
+                f"unit target {u}: position outside {u.layer}'s output {tuple(a.shape)}"
+            )
         r[:, u.channel, u.y, u.x] = a[:, u.channel, u.y, u.x]
     return r
 
@@ -708,7 +736,14 @@ class LRP(Method):
         tolerance: float = 1e-3,
     ) -> Explanation:
         eng = Engine(
-            model, x, composite, epsilon=epsilon, stabilizer=stabilizer, gamma=gamma, low=low, high=high
+            model,
+            x,
+            composite,
+            epsilon=epsilon,
+            stabilizer=stabilizer,
+            gamma=gamma,
+            low=low,
+            high=high,
         )
         rel, tgt = eng.run(x, target)
         _warn_leaks(rel, tolerance)

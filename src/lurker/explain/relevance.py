@@ -87,7 +87,9 @@ def concepts(
         rel, tgt = eng.run(x, target, at=layer, mask=None)
         _warn_leaks(rel, tolerance)
         if rel.layer is None:
-            raise LurkerError(f"no relevance reached layer {layer!r}: it is not between the input and the target")
+            raise LurkerError(
+                f"no relevance reached layer {layer!r}: it is not between the input and the target"
+            )
         at = rel.layer
         if at.dim() < 2:
             raise LurkerError(f"layer {layer!r} has output {tuple(at.shape)}: no channels to rank")
@@ -96,7 +98,9 @@ def concepts(
         if units is not None:
             bad = [u for u in units if not 0 <= u < C]
             if bad:
-                raise LurkerError(f"unit {bad[0]} out of range: {layer!r} has {C} channels (0 to {C - 1})")
+                raise LurkerError(
+                    f"unit {bad[0]} out of range: {layer!r} has {C} channels (0 to {C - 1})"
+                )
             chosen = torch.tensor(units, device=per.device).expand(per.shape[0], -1)
         else:
             chosen = per.argsort(1, descending=True)[:, : min(top, C)]
