@@ -269,8 +269,20 @@ class Engine:
         from ..capture import trace as _trace
 
         self.model = model
-        with torch.enable_grad():  # (attention takes another path without gradients)
-            self.trace = _trace(model, x[:1].clone().requires_grad_(True), save="none")
+        from ..errors import TraceError
+
+        try:
+            with torch.enable_grad():  # (attention takes another path without gradients)
+                self.trace = _trace(model, x[:1].clone().requires_grad_(True), save="none")
+        except TraceError as e:
+            cause = e.__cause__
+            if isinstance(cause, Exception) and not isinstance(cause, LurkerError):
+                # the model's own error, as the other methods raise it (the trace's
+                # account of where it happened goes along as a note)
+                if hasattr(cause, "add_note"):
+                    cause.add_note(f"(while tracing the model for LRP) {e}")
+                raise cause from None
+            raise
         ops = self.trace.ops
         self.attention = any(op.name in _ATTENTION | _CONSTANT | {"layer_norm"} for op in ops)
         if composite is None:
@@ -411,9 +423,14 @@ class Engine:
 
     # ------------------------------------------------------------------ rules
     def _rule(
-        self, op: Op, out: Tensor, live: dict[int, Any], flows: dict[str, Flow]
+        self,
+        op: Op,
+        out: Tensor,
+        live: dict[int, Any],
+        flows: dict[str, Flow],
+        plan: dict[int, tuple[str, Any]],
     ) -> Tensor | None:
-        kind, info = self.plan[op.index]
+        kind, info = plan[op.index]
         p = self.params
         graph = {
             i: self._value(a, live)
@@ -534,7 +551,16 @@ class Engine:
         parsed = parse_target(target, x.shape[0])
         unit_op = None
         if isinstance(parsed, UnitTarget):
-            unit_op = self._one_op(parsed.layer, resolve)
+            unit_op = self._one_op(parsed.layer, resolve, merged=False)
+        plan = dict(self.plan)
+        if unit_op is not None and unit_op.index not in plan:
+            # a unit of a convolution merged with its BatchNorm: the relevance starts at
+            # the convolution's own output, so for this run it keeps its own weights
+            for c in unit_op.children:
+                kind, info = plan.get(c, ("", None))
+                if kind == "linear" and info[1] is unit_op:
+                    plan[unit_op.index] = ("linear", (info[0], unit_op, None))
+                    plan[c] = ("pass", None)
         at_op = self._one_op(at, resolve) if at is not None else None
         live: dict[int, Any] = {}
         flows: dict[str, Flow] = {}
@@ -544,8 +570,8 @@ class Engine:
 
         def hook(op: Op, out: Any) -> Any:
             new = None
-            if op.index in self.plan and isinstance(out, Tensor):
-                new = self._rule(op, out, live, flows)
+            if op.index in plan and isinstance(out, Tensor):
+                new = self._rule(op, out, live, flows, plan)
             val = new if new is not None else out
             if at_op is not None and op.index == at_op.index and isinstance(val, Tensor):
                 if not val.requires_grad:
@@ -607,7 +633,7 @@ class Engine:
         )
         return rel, parsed
 
-    def _one_op(self, key: str, resolve: Callable) -> Op:
+    def _one_op(self, key: str, resolve: Callable, merged: bool = True) -> Op:
         from ..errors import OpKeyError
 
         try:
@@ -621,7 +647,7 @@ class Engine:
             raise LurkerError(f"layer {key!r} names {len(idx)} passes; name one by its trace label")
         op = self.trace.ops[idx[0]]
         # a merged BatchNorm's conv carries no relevance of its own: use the BatchNorm
-        if op.index not in self.plan and len(op.children) == 1:
+        if merged and op.index not in self.plan and len(op.children) == 1:
             child = self.trace.ops[op.children[0]]
             if (
                 self.plan.get(child.index, ("", None))[0] == "linear"
