@@ -287,3 +287,11 @@ def test_unit_target_on_a_convolution_merged_with_its_batchnorm() -> None:
     h.remove()
     score = act["a"][0, 3].mean()
     assert abs(float(e.attribution.sum() - score)) < 1e-5 * abs(float(score))
+
+
+def test_softmax_output_leaks_with_a_warning() -> None:
+    """Explaining a probability: LRP holds softmax constant, so nothing passes it; the
+    warning names the softmax rather than returning zeros silently."""
+    m = nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 3), nn.Softmax(dim=1)).eval()
+    with pytest.warns(UserWarning, match=r"not conserved at softmax_1 \(softmax: constant\)"):
+        lurker.explain(m, torch.randn(2, 6), target=1, method="lrp")

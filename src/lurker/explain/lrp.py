@@ -70,6 +70,7 @@ _NORM = {
 }  # fmt: skip
 _PRODUCT = {"mul", "mul_", "__mul__", "__rmul__", "__imul__", "div", "div_", "__truediv__",
             "matmul", "__matmul__", "bmm"}  # fmt: skip
+_DIV = {"div", "div_", "__truediv__", "__itruediv__"}
 _ROUTE = {
     "relu", "relu_", "max_pool1d", "max_pool2d", "max_pool3d", "adaptive_max_pool1d", "adaptive_max_pool2d",
     "flatten", "view", "reshape", "permute", "transpose", "contiguous", "cat", "concat",
@@ -480,6 +481,8 @@ class Engine:
             return self._apply(op, out, ins, fwd, flows, absorbs, "z-rule")
         if kind == "product":
             live_ops = [i for i in idx if op.args[i].index not in self.constant]
+            if op.name in _DIV and 0 in graph:
+                live_ops = [0]  # a divisor is a constant of the backward, as LayerNorm's std
             if len(live_ops) == 1 or len(ins) == 1:
                 keep = live_ops[:1] or idx[:1]
                 sub = {i: graph[i] for i in keep}
@@ -490,8 +493,10 @@ class Engine:
             fwd = lambda r, ins_: [0.5 * t for t in _vjp(call, ins_, r, p["epsilon"])]  # noqa: E731
             return self._apply(op, out, ins, fwd, flows, False, "uniform")
         if kind == "constant":
+            # inside attention no relevance reaches it (products treat it as a constant);
+            # anywhere else (a softmax output explained) what reaches it is lost: a leak
             fwd = lambda r, ins_: [torch.zeros_like(t) for t in ins_]  # noqa: E731
-            return self._apply(op, out, ins, fwd, flows, True, "constant")
+            return self._apply(op, out, ins, fwd, flows, False, "constant")
         if kind == "layer_norm":
             x = ins[0]
             shape = _arg(op, 1, "normalized_shape")
