@@ -22,6 +22,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "Trace": ("lurker.capture", "Trace"),
     "trace": ("lurker.capture", "trace"),
     "probe": ("lurker.probe", None),
+    "explain": ("lurker.explain", None),
     "Run": ("lurker.store", "Run"),
     "Graph": ("lurker.graph", "Graph"),
     "ModuleInfo": ("lurker.graph", "ModuleInfo"),
@@ -34,7 +35,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {
 }
 
 if TYPE_CHECKING:
-    from . import probe
+    from . import explain, probe
     from .capture import Activations, Trace, trace
     from .errors import (
         GraphChangedError,
@@ -79,6 +80,7 @@ __all__ = [
     "TraceError",
     "ValidationError",
     "__version__",
+    "explain",
     "probe",
     "trace",
 ]

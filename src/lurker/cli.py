@@ -412,6 +412,121 @@ def export(run: str, site: str, no_images: bool) -> None:
     click.echo(f"site: {out} (open it with: python -m http.server -d {out})")
 
 
+@main.command(
+    epilog="""\b
+Examples:
+  lurker explain torchvision:resnet18 --image cat.jpg --method gradcam --target top
+  lurker explain net.py:Net -w net.pt --image 7.png --image-size 16 \\
+      --method integrated_gradients --target 7 --option n_steps=32
+  lurker explain net.py:Net -w net.pt --image 7.png --target features.8:5 --out unit.png
+"""
+)
+@click.argument("model")
+@click.option("--image", required=True, type=click.Path(dir_okay=False), help="Image file.")
+@click.option("--weights", "-w", type=click.Path(dir_okay=False), help="State dict to load.")
+@click.option(
+    "--image-size",
+    type=click.IntRange(min=1),
+    default=224,
+    show_default=True,
+    help="The image is resized (shorter side) and centre-cropped to this.",
+)
+@click.option("--method", "-m", default="saliency", show_default=True, help="Attribution method.")
+@click.option(
+    "--target",
+    "-t",
+    default="top",
+    show_default=True,
+    help="Class index, 'top' (top predicted class), or a unit LAYER:CHANNEL[:Y:X] "
+    "(module path or trace label).",
+)
+@click.option("--layer", default=None, help="Grad-CAM's layer (module path or trace label).")
+@click.option(
+    "--option",
+    "options",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="A method option, e.g. n_steps=32 or window=16; repeatable.",
+)
+@click.option(
+    "--mean",
+    default=None,
+    help="Normalisation mean, e.g. 0.5,0.5,0.5 (default: "
+    "ImageNet's for 3-channel models, 0 for 1-channel).",
+)
+@click.option("--std", default=None, help="Normalisation std (default: ImageNet's / 1).")
+@click.option("--alpha", default=0.6, show_default=True, help="Heatmap opacity at its strongest.")
+@click.option("--out", "-o", default="heat.png", show_default=True, type=click.Path(dir_okay=False))
+@click.option("--device", default="cpu", show_default=True)
+@_friendly
+def explain(
+    model: str,
+    image: str,
+    weights: str | None,
+    image_size: int,
+    method: str,
+    target: str,
+    layer: str | None,
+    options: tuple[str, ...],
+    mean: str | None,
+    std: str | None,
+    alpha: float,
+    out: str,
+    device: str,
+) -> None:
+    """Explain MODEL's decision on one image: write the heatmap over the image to --out.
+
+    MODEL is a spec as for `lurker trace`. Methods: saliency, input_x_gradient,
+    guided_backprop, deconvnet, integrated_gradients, smoothgrad, gradcam,
+    gradcam_plus_plus, occlusion (and lrp where installed); see docs/explain.md.
+    """
+    from . import explain as explain_pkg
+    from .explain.cli import load_image, parse_options, parse_target
+    from .models import load_model
+
+    if method not in explain_pkg.METHODS:  # before the model is built
+        raise LurkerError(
+            f"unknown explanation method {method!r}; supported: " + ", ".join(explain_pkg.METHODS)
+        )
+    if Path(out).suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
+        raise click.BadParameter(
+            f"{out!r}: the overlay is an image: .png, .jpg or .webp", param_hint="'--out'"
+        )
+    opts = parse_options(options)
+    if layer is not None:
+        opts["layer"] = layer
+    goal = parse_target(target)
+    net = load_model(model, weights, device=device)
+    first = next((p for p in net.parameters() if p.dim() == 4), None)
+    channels = first.shape[1] if first is not None else 3
+    x, shown = load_image(
+        image, image_size, channels, _floats(mean, "--mean"), _floats(std, "--std")
+    )
+    x = x.to(device)
+    e = explain_pkg.explain(net, x, target=goal, method=method, **opts)
+    e.overlay(0, image=shown, alpha=alpha).save(out)
+    what = (
+        f"unit {e.target}"
+        if isinstance(e.target, explain_pkg.UnitTarget)
+        else (f"class {e.target[0]}")
+    )
+    extra = ""
+    if e.delta is not None:
+        extra = f", convergence delta {float(e.delta[0]):.3g}"
+    click.echo(f"{method} of {what}{extra}: {out}")
+
+
+def _floats(text: str | None, name: str) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise click.BadParameter(
+            f"comma-separated numbers, got {text!r}", param_hint=name
+        ) from None
+
+
 def _render_alias(**kwargs: Any) -> None:
     click.echo("`lurker render` is deprecated: use `lurker images` (same arguments).", err=True)
     images.callback(**kwargs)  # type: ignore[misc]

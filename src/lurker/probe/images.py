@@ -3,9 +3,8 @@
 * guided backprop (Springenberg et al., 2015): the gradient of one unit's activation
   with respect to the input, where every ReLU passes back only positive gradients and
   only where its input was positive. It shows *what in the input* drives the unit, much
-  sharper than the plain gradient. The ReLU rule is swapped in by a torch-function mode
-  during the forward pass, so it reaches ``nn.ReLU`` modules and functional relus alike
-  and the model itself is never modified.
+  sharper than the plain gradient. The ReLU rule (:class:`GuidedReLUMode`) lives in
+  :mod:`lurker.explain.guided_backprop`, shared with ``lurker.explain``.
 * the receptive-field crop around a unit's peak, upscaled so tiny crops stay visible;
 * :class:`ImageCache`: every image is made on first request and written as a PNG
   into the run's ``cache/`` atomically, so a web server never serves half a file.
@@ -24,12 +23,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
-from torch.overrides import TorchFunctionMode
 
 from ..errors import LurkerError
+from ..explain.guided_backprop import GuidedReLUMode
 from ..store import atomic_write_bytes
 from ..store.files import cache_file, sample_file
 from .data import to_pil
@@ -54,62 +52,6 @@ __all__ = [
 #: of the input, the unit's guided-backprop image, and that image's crop. The input image
 #: itself is stored once per sample (:meth:`ImageCache.sample_path`).
 CACHE_KINDS = ("crop", "grad", "grad_crop")
-
-
-class _GuidedReLU(torch.autograd.Function):
-    """ReLU whose backward keeps a gradient only if it is positive and the input was too."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, inplace: bool) -> Tensor:
-        if inplace:
-            ctx.mark_dirty(x)
-            out = x.clamp_(min=0)
-        else:
-            out = x.clamp(min=0)
-        # A fresh mask, not ``out``: a later in-place op on the output must not corrupt it.
-        ctx.save_for_backward(out > 0)
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        (mask,) = ctx.saved_tensors
-        return grad.clamp(min=0) * mask, None
-
-
-# relu callables as a torch-function mode sees them -> whether they work in place.
-# (F.relu_ is torch.relu_; F.relu's own ``inplace`` argument is read per call.)
-_RELUS: dict[Any, bool] = {
-    torch.relu: False,
-    torch.relu_: True,
-    F.relu: False,
-    torch.Tensor.relu: False,
-    torch.Tensor.relu_: True,
-}
-
-
-class GuidedReLUMode(TorchFunctionMode):
-    """Within this mode every relu call uses the guided-backprop backward rule.
-
-    Forward values are unchanged. Enter it *outside* any other mode that must see the
-    model's own calls (such as the replay mode): the innermost mode sees a call first,
-    and this one replaces ``relu`` by a custom autograd function whose forward is made
-    of other ops.
-    """
-
-    def __torch_function__(
-        self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None
-    ) -> Any:
-        kwargs = kwargs or {}
-        try:
-            inplace = _RELUS.get(func)
-        except TypeError:  # an unhashable callable is no relu
-            inplace = None
-        if inplace is None:
-            return func(*args, **kwargs)
-        x = args[0] if args else kwargs["input"]
-        if func is F.relu:
-            inplace = bool(args[1] if len(args) > 1 else kwargs.get("inplace", False))
-        return _GuidedReLU.apply(x, inplace)
 
 
 def _input_grad(target: Any, x: Tensor) -> Tensor:

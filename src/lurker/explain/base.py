@@ -1,0 +1,253 @@
+"""What every attribution method shares: the :class:`Explanation` it returns, the
+:class:`Method` base class and its registry, and :func:`untouched`, the guard that leaves
+the model as it was found (hooks, ``requires_grad`` flags, train/eval mode), also when a
+method raises."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules import module as _module
+
+from ..errors import LurkerError
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from .targets import UnitTarget
+
+__all__ = ["METHODS", "Explanation", "Method", "register", "untouched"]
+
+
+@dataclass
+class Explanation:
+    """One attribution: ``attribution`` has the input's shape (a batch: one map per row).
+
+    ``target`` is what was explained, resolved: the class index of each row, or the
+    :class:`~lurker.explain.targets.UnitTarget`. ``output`` is the model's output for the
+    input where the method computed it; ``delta`` the convergence delta of integrated
+    gradients (per row: sum of attributions minus ``f(x) - f(baseline)``). ``signed``:
+    whether the values have a sign that matters (the overlay's colour map follows it).
+    """
+
+    attribution: Tensor
+    method: str
+    target: list[int] | UnitTarget
+    options: dict[str, Any] = field(default_factory=dict)
+    output: Tensor | None = None
+    delta: Tensor | None = None
+    signed: bool = True
+    #: a layer method's map at the layer's own resolution (Grad-CAM: ``(B, 1, h, w)``)
+    layer_attribution: Tensor | None = None
+
+    def heatmap(self, index: int = 0) -> Tensor:
+        """Row ``index``'s attribution as one ``(H, W)`` map: channels summed (a signed
+        method keeps its sign; an unsigned one, such as saliency, is already >= 0)."""
+        a = self.attribution
+        if not 0 <= index < a.shape[0]:
+            raise LurkerError(f"index {index} out of range: this explanation has {a.shape[0]} rows")
+        a = a[index].detach().float().cpu()
+        if a.dim() == 3:
+            return a.sum(0)
+        if a.dim() == 2:
+            return a
+        raise LurkerError(
+            f"a heatmap needs an image-shaped attribution (C, H, W), got {tuple(a.shape)}"
+        )
+
+    def overlay(
+        self, index: int = 0, image: Tensor | Image.Image | None = None, alpha: float = 0.5
+    ) -> Image.Image:
+        """The heatmap of row ``index`` over its image, as an RGB PIL image.
+
+        ``image``: the picture to draw on (a ``(C, H, W)`` tensor in [0, 1] or a PIL
+        image); None draws on a grey plate. Signed methods use a diverging map (blue
+        negative, white zero, red positive, one scale for both signs, so zero stays
+        white); unsigned ones a sequential map from transparent to hot.
+        """
+        from .overlay import overlay
+
+        return overlay(self.heatmap(index), image, signed=self.signed, alpha=alpha)
+
+
+class Method:
+    """An attribution method: subclasses set ``name`` and ``signed`` and implement
+    :meth:`compute`; :func:`register` makes them reachable as ``method=name``.
+
+    :meth:`attribute` is the one entry point: it checks the input and the options, and
+    runs :meth:`compute` inside :func:`untouched` (the model is left as it was, however
+    it exits) with the parameters frozen (only the input's gradient is wanted).
+    """
+
+    name: ClassVar[str] = ""
+    signed: ClassVar[bool] = True
+    #: one line: what it computes and where it comes from (the docs and errors list it)
+    summary: ClassVar[str] = ""
+
+    def attribute(
+        self, model: nn.Module, x: Tensor, target: Any = None, **options: Any
+    ) -> Explanation:
+        """Explain ``model``'s decision on the batch ``x`` for ``target`` (see
+        :mod:`lurker.explain.targets`); ``options`` are the method's own."""
+        x = check_input(model, x, f"method {self.name!r}")
+        allowed = [
+            p.name
+            for p in inspect.signature(self.compute).parameters.values()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY
+        ]
+        bad = [k for k in options if k not in allowed]
+        if bad:
+            raise LurkerError(
+                f"method {self.name!r} has no option {bad[0]!r}; its options are: "
+                + (", ".join(allowed) or "none")
+            )
+        with untouched(model), no_param_grads(model), torch.enable_grad():
+            return self.compute(model, x, target, **options)
+
+    def compute(self, model: nn.Module, x: Tensor, target: Any) -> Explanation:
+        """The method itself; options are keyword-only parameters after ``target``."""
+        raise NotImplementedError
+
+    def explanation(self, attribution: Tensor, fw: Any, options: dict, **extra: Any) -> Explanation:
+        """The result, with the resolved target of the :class:`~.targets.Forward` ``fw``."""
+        extra.setdefault("signed", self.signed)
+        return Explanation(
+            attribution=attribution.detach(),
+            method=self.name,
+            target=fw.target,
+            options=options,
+            **extra,
+        )
+
+
+#: method name -> class, in the order they were registered
+METHODS: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: add ``cls`` to :data:`METHODS` under ``cls.name``."""
+    if not cls.name:
+        raise LurkerError(f"{cls.__name__} has no name")
+    METHODS[cls.name] = cls
+    return cls
+
+
+def check_input(model: Any, x: Any, what: str = "explain") -> Tensor:
+    """``x`` as a floating-point batch the model takes, or a clear error."""
+    if not isinstance(model, nn.Module):
+        raise LurkerError(f"{what} needs an nn.Module, got {type(model).__name__}")
+    if not isinstance(x, Tensor):
+        raise LurkerError(f"{what} needs the input as a tensor (a batch), got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise LurkerError(
+            f"{what} differentiates with respect to the input, so it must be floating point; "
+            f"got {x.dtype}"
+        )
+    if x.dim() < 2:
+        raise LurkerError(
+            f"{what} needs a batch: x of shape (B, ...), got {tuple(x.shape)}; add a batch "
+            "dimension with x[None]"
+        )
+    return x.detach()
+
+
+# ----------------------------------------------------------------------- the model guard
+_KINDS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+_GLOBAL = (
+    "_global_forward_pre_hooks",
+    "_global_forward_hooks",
+    "_global_backward_pre_hooks",
+    "_global_backward_hooks",
+)
+
+
+def _hook_ids(model: nn.Module) -> dict[tuple[int, str], set[int]]:
+    out: dict[tuple[int, str], set[int]] = {}
+    for attr in _GLOBAL:
+        d = getattr(_module, attr, None)
+        out[(0, attr)] = set(d or ())
+    for mod in model.modules():
+        for attr in _KINDS:
+            out[(id(mod), attr)] = set(getattr(mod, attr, None) or ())
+    return out
+
+
+def _remove_new_hooks(model: nn.Module, before: dict[tuple[int, str], set[int]]) -> list[str]:
+    """Remove every hook added since ``before``; describe each one removed."""
+    removed: list[str] = []
+    for attr in _GLOBAL:
+        d = getattr(_module, attr, None) or {}
+        for k in [k for k in d if k not in before.get((0, attr), set())]:
+            removed.append(f"global {attr.strip('_')}")
+            del d[k]
+    for name, mod in model.named_modules():
+        for attr in _KINDS:
+            d = getattr(mod, attr, None) or {}
+            for k in [k for k in d if k not in before.get((id(mod), attr), set())]:
+                removed.append(f"{attr.strip('_')} on {name or 'the model'}")
+                del d[k]
+    return removed
+
+
+@contextlib.contextmanager
+def untouched(model: nn.Module) -> Iterator[None]:
+    """Run a method so that the model is left as it was, however the block exits.
+
+    Records the model's hooks (forward, pre-forward, backward, on every module, and
+    torch's global ones), each parameter's ``requires_grad`` and ``.grad`` and each
+    module's ``training`` flag; on exit restores them, removing any hook added inside.
+    A hook left behind by lurker itself would be a bug, so on a clean exit it raises.
+    """
+    hooks = _hook_ids(model)
+    params = [(p, p.requires_grad, p.grad) for p in model.parameters()]
+    modes = [(m, m.training) for m in model.modules()]
+    ok = False
+    try:
+        yield
+        ok = True
+    finally:
+        for p, rg, g in params:
+            if p.requires_grad != rg:
+                p.requires_grad_(rg)
+            if p.grad is not g:
+                p.grad = g
+        for m, training in modes:
+            m.training = training
+        removed = _remove_new_hooks(model, hooks)
+        if removed and ok:
+            raise LurkerError(
+                "an attribution left hooks on the model (removed now): " + ", ".join(removed)
+            )
+
+
+def no_param_grads(model: nn.Module) -> contextlib.AbstractContextManager[None]:
+    """Parameters stop requiring grad for the block: only the input's gradient is
+    wanted, and weight gradients would cost a backward through every weight."""
+    return _frozen(model)
+
+
+@contextlib.contextmanager
+def _frozen(model: nn.Module) -> Iterator[None]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+def input_grad(score: Tensor, x: Tensor) -> Tensor:
+    """d score.sum() / d x: the rows of a batch are independent in eval mode, so one
+    backward of the sum gives each row its own gradient. Zeros where x does not reach."""
+    if not score.requires_grad:
+        return torch.zeros_like(x)
+    (g,) = torch.autograd.grad(score.sum(), x, allow_unused=True)
+    return torch.zeros_like(x) if g is None else g

@@ -1,0 +1,103 @@
+"""What ``lurker explain`` needs besides the methods: reading an image the way the
+probe's image-folder loader does, and parsing ``--target`` and ``--option``."""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+from ..errors import LurkerError
+from .targets import UnitTarget
+
+
+def load_image(
+    path: str | Path,
+    image_size: int,
+    channels: int,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``(x, shown)``: the model's input ``(1, C, S, S)`` (resized, centre-cropped,
+    normalised) and the same picture in [0, 1] to draw the heatmap on.
+
+    As the probe's image folders: shorter side resized to ``image_size``, centre crop,
+    ImageNet mean/std for 3-channel models, none (0 and 1) for 1-channel ones, unless
+    ``mean``/``std`` are given."""
+    from torchvision import transforms
+
+    if channels not in (1, 3):
+        raise LurkerError(
+            f"lurker explain reads 1- or 3-channel images; this model takes {channels}"
+        )
+    try:
+        with Image.open(path) as im:
+            img = im.convert("RGB" if channels == 3 else "L")
+    except (OSError, ValueError) as e:
+        raise LurkerError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
+    from ..probe.data import IMAGENET_MEAN, IMAGENET_STD
+
+    if mean is None:
+        mean = IMAGENET_MEAN if channels == 3 else (0.0,)
+    if std is None:
+        std = IMAGENET_STD if channels == 3 else (1.0,)
+    if len(mean) != channels or len(std) != channels:
+        raise LurkerError(
+            f"--mean and --std need {channels} values each for this model, got {len(mean)} "
+            f"and {len(std)}"
+        )
+    shown = transforms.Compose(
+        [transforms.Resize(image_size), transforms.CenterCrop(image_size), transforms.ToTensor()]
+    )(img)
+    m = torch.tensor(mean).view(-1, 1, 1)
+    s = torch.tensor(std).view(-1, 1, 1)
+    return ((shown - m) / s)[None], shown
+
+
+def parse_target(text: str) -> int | str | UnitTarget:
+    """``--target``: an int class, ``top``, ``LAYER:CHANNEL`` or ``LAYER:CHANNEL:Y:X``
+    (a layer name may itself hold ':', as ``cell:2`` does: the trailing ints are read
+    from the right)."""
+    text = text.strip()
+    if text == "top":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    parts = text.split(":")
+    ints: list[int] = []
+    for p in reversed(parts[1:]):
+        try:
+            ints.insert(0, int(p))
+        except ValueError:
+            break
+    if len(ints) >= 3 and len(parts) - 3 >= 1:
+        c, y, x = ints[-3:]
+        return UnitTarget(":".join(parts[:-3]), c, y, x)
+    if ints:
+        return UnitTarget(":".join(parts[:-1]), ints[-1])
+    raise LurkerError(
+        f"--target {text!r}: give a class index (3), 'top', or a unit LAYER:CHANNEL "
+        "(features.8:5) or LAYER:CHANNEL:Y:X"
+    )
+
+
+def parse_options(items: Sequence[str]) -> dict[str, Any]:
+    """``--option KEY=VALUE`` pairs; values are Python literals (``8``, ``0.1``,
+    ``(1, 5, 5)``) or plain strings."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise LurkerError(f"--option {item!r}: write KEY=VALUE, e.g. n_steps=32")
+        try:
+            out[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            out[key.strip()] = value.strip()
+    return out

@@ -1,0 +1,105 @@
+"""Occlusion (Zeiler and Fergus, 2014, arXiv:1311.2901): slide a window over the input,
+replace it by a baseline, and credit each input value with the mean drop of the target
+score over the windows that covered it, as Captum's ``Occlusion`` (same window
+positions: starts ``0, s, 2s, ...`` until the window reaches the end, the last one
+clipped).
+
+Several occluded copies go through the model per forward (``internal_batch_size`` rows),
+not one forward per window; no gradients are taken.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import LurkerError
+from .base import Explanation, Method, register
+from .integrated_gradients import as_baseline
+from .targets import Forward
+
+
+def _per_dim(value: Any, dims: tuple[int, ...], what: str) -> tuple[int, ...]:
+    """An int or tuple for the sample's dims; a tuple for the trailing dims only leaves the
+    leading ones (channels) whole."""
+    n = len(dims)
+    if isinstance(value, int) and not isinstance(value, bool):
+        vals = (value,) * (n - 1) if n > 1 else (value,)
+    elif isinstance(value, (tuple, list)) and all(isinstance(v, int) for v in value):
+        vals = tuple(value)
+    else:
+        raise LurkerError(f"{what} must be an int or a tuple of ints, got {value!r}")
+    if len(vals) > n:
+        raise LurkerError(f"{what} {vals} has more dims than a sample {dims}")
+    return (
+        tuple(dims[: n - len(vals)]) + tuple(vals)
+        if what == "window"
+        else ((1,) * (n - len(vals)) + tuple(vals))
+    )
+
+
+def windows(
+    dims: tuple[int, ...], window: tuple[int, ...], strides: tuple[int, ...]
+) -> list[tuple[slice, ...]]:
+    """Every window position as slices into a sample (Captum's positions)."""
+    starts = []
+    for d, w, s in zip(dims, window, strides):
+        if not 1 <= w <= d:
+            raise LurkerError(f"window {window} does not fit a sample of shape {dims}")
+        if s < 1 or (s > w and d != w):
+            raise LurkerError(f"strides {strides} must be >= 1 and at most the window {window}")
+        count = math.ceil((d - w) / s) + 1
+        starts.append([slice(k * s, min(k * s + w, d)) for k in range(count)])
+    return list(itertools.product(*starts))
+
+
+@register
+class Occlusion(Method):
+    name = "occlusion"
+    signed = True
+    summary = "drop of the target score when a sliding window is replaced by a baseline (Zeiler and Fergus, 2014)"
+
+    def compute(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        target: Any,
+        *,
+        window: int | tuple[int, ...] = 8,
+        strides: int | tuple[int, ...] = 4,
+        baseline: Any = None,
+        internal_batch_size: int = 64,
+    ) -> Explanation:
+        dims = tuple(x.shape[1:])
+        win = _per_dim(window, dims, "window")
+        st = _per_dim(strides, dims, "strides")
+        spots = windows(dims, win, st)
+        if internal_batch_size < 1:
+            raise LurkerError(f"internal_batch_size must be >= 1, got {internal_batch_size}")
+        fw = Forward(model, x, target)
+        x0 = as_baseline(baseline, x)
+        B = x.shape[0]
+        with torch.no_grad():
+            clean = fw(x)
+            f_x = clean.score
+            total = torch.zeros_like(x)
+            count = torch.zeros(dims, dtype=x.dtype, device=x.device)
+            for sl in spots:
+                count[sl] += 1
+            jobs = [(w, r) for w in range(len(spots)) for r in range(B)]  # window-major
+            for start in range(0, len(jobs), internal_batch_size):
+                part = jobs[start : start + internal_batch_size]
+                rows = torch.tensor([r for _, r in part], device=x.device)
+                xb = x[rows].clone()
+                for i, (w, r) in enumerate(part):
+                    xb[(i, *spots[w])] = x0[(r, *spots[w])]
+                drop = f_x[rows] - fw(xb, rows).score
+                for i, (w, r) in enumerate(part):
+                    total[(r, *spots[w])] += drop[i]
+        options = {"window": win, "strides": st, "baseline": baseline}
+        out = None if clean.output is None else clean.output.detach()
+        return self.explanation(total / count, fw, options, output=out)

@@ -1,0 +1,309 @@
+"""What an explanation explains: a class of the model's output or one unit inside it.
+
+``target`` is an int class index (every row), a sequence of ints (one per row), None or
+``"top"`` (each row's top predicted class), or a unit ``(layer, channel)`` /
+``(layer, channel, y, x)`` with ``layer`` a module path (``"features.3"``) or a trace
+label (``"relu_4"``, ``"add_2"``: functional ops too, which no module hook reaches). A
+unit's score is its activation at ``(y, x)``, or its spatial mean without a position
+(the value the probe ranks units by); layer outputs are read as ``(B, C, ...)``.
+
+:class:`Forward` turns the target into one differentiable score per batch row, and taps
+other layers' outputs on the way (Grad-CAM). A module path is tapped with a forward hook
+on that module, removed after each call; any other label through the trace's hook API
+(``lurker.trace`` once, then ``trace.run(x, hooks=...)`` per forward).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import LurkerError
+
+__all__ = ["Forward", "Scored", "UnitTarget", "parse_target"]
+
+
+@dataclass(frozen=True)
+class UnitTarget:
+    """One unit: ``channel`` of ``layer``'s output, at ``(y, x)`` or spatially averaged."""
+
+    layer: str
+    channel: int
+    y: int | None = None
+    x: int | None = None
+
+    def __str__(self) -> str:
+        at = "" if self.y is None else f":{self.y}:{self.x}"
+        return f"{self.layer}:{self.channel}{at}"
+
+
+def parse_target(target: Any, batch: int) -> list[int] | UnitTarget | None:
+    """``target`` checked and normalised: class list (one per row), a unit, or None (top)."""
+    if target is None or (isinstance(target, str) and target == "top"):
+        return None
+    if isinstance(target, UnitTarget):
+        return target
+    if isinstance(target, bool):
+        raise LurkerError(_TARGET_HELP.format(got=repr(target)))
+    if isinstance(target, int):
+        _check_class(target)
+        return [target] * batch
+    if isinstance(target, Tensor):
+        target = target.tolist() if target.dim() else int(target)
+        return parse_target(target, batch)
+    if isinstance(target, (tuple, list)) and target and isinstance(target[0], str):
+        if len(target) not in (2, 4) or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in target[1:]
+        ):
+            raise LurkerError(
+                f"a unit target is (layer, channel) or (layer, channel, y, x) with ints; got "
+                f"{tuple(target)!r}"
+            )
+        if any(v < 0 for v in target[1:]):
+            raise LurkerError(
+                f"a unit target's channel and position are >= 0; got {tuple(target)!r}"
+            )
+        return UnitTarget(*target)
+    if isinstance(target, Sequence) and not isinstance(target, str):
+        values = list(target)
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            raise LurkerError(_TARGET_HELP.format(got=repr(target)))
+        if len(values) != batch:
+            raise LurkerError(
+                f"a target list has one class per row of the batch: {batch} rows, "
+                f"{len(values)} targets"
+            )
+        for v in values:
+            _check_class(v)
+        return values
+    raise LurkerError(_TARGET_HELP.format(got=repr(target)))
+
+
+_TARGET_HELP = (
+    "target {got} is not supported: give a class index (int), one per row (list of ints), "
+    "None or 'top' (the top predicted class), or a unit (layer, channel[, y, x])"
+)
+
+
+def _check_class(v: int) -> None:
+    if v < 0:
+        raise LurkerError(f"target class {v} is negative; class indices start at 0")
+
+
+@dataclass
+class Scored:
+    """One forward: the score per row (differentiable), the model output (None when the
+    forward stopped at the unit target) and the tapped layers' outputs by name."""
+
+    score: Tensor
+    output: Tensor | None
+    layers: dict[str, Tensor]
+
+
+class _Stop(Exception):
+    """Ends a forward once everything it needs has run."""
+
+
+class Forward:
+    """Scores the target for batches derived from ``x`` (scaled, noised, occluded copies).
+
+    ``rows[i]`` of each call says which row of ``x`` batch row ``i`` stands for, so that
+    each copy is scored for its own row's class. ``layers``: outputs to tap (Grad-CAM).
+    """
+
+    def __init__(
+        self, model: nn.Module, x: Tensor, target: Any, layers: Sequence[str] = ()
+    ) -> None:
+        self.model = model
+        self.x = x
+        self.target = parse_target(target, x.shape[0])
+        self.unit = self.target if isinstance(self.target, UnitTarget) else None
+        self.classes: Tensor | None = (
+            torch.tensor(self.target, device=x.device) if isinstance(self.target, list) else None
+        )
+        self.layers = list(dict.fromkeys(layers))
+        taps = [*self.layers, *([self.unit.layer] if self.unit else [])]
+        self._modules = dict(model.named_modules())
+        self._trace: Any = None
+        self._trace_hooks: dict[str, Any] = {}
+        self.taps = list(dict.fromkeys(taps))
+        for name in self.taps:
+            self._check_layer(name)
+
+    # ------------------------------------------------------------------ layers
+    def _check_layer(self, name: str) -> None:
+        if not isinstance(name, str) or not name:
+            raise LurkerError(f"a layer is a module path or trace label (a string); got {name!r}")
+        if name in self._modules:
+            return
+        from ..capture import trace as _trace
+        from ..capture._hooks import resolve
+        from ..errors import OpKeyError
+
+        if self._trace is None:
+            with torch.no_grad():
+                self._trace = _trace(self.model, self.x[:1], save="none")
+        try:
+            resolve(self._trace, {name: lambda op, out: None})
+        except OpKeyError as e:
+            names = [*self._modules, *self._trace._index]
+            close = difflib.get_close_matches(name, [n for n in names if n], n=5)
+            hint = f" Close names: {', '.join(close)}." if close else ""
+            raise LurkerError(
+                f"layer {name!r} is not in the model: name a module path "
+                f"(model.named_modules()) or a trace label (lurker.trace(model, x)).{hint}"
+            ) from e
+
+    def resolve_top(self) -> Tensor:
+        """Each row's top predicted class (a forward without gradients, when needed)."""
+        if self.classes is None:
+            if self.unit is not None:
+                raise LurkerError("a unit target has no classes")
+            with torch.no_grad():
+                out = self._model_output(self.model(self.x))
+            self.classes = out.argmax(1)
+            self.target = self.classes.tolist()
+        return self.classes
+
+    @staticmethod
+    def _model_output(out: Any) -> Tensor:
+        if not isinstance(out, Tensor) or out.dim() != 2:
+            what = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise LurkerError(
+                f"a class target needs a model output of shape (batch, classes), got {what}; "
+                "target a unit (layer, channel) instead"
+            )
+        return out
+
+    # ------------------------------------------------------------------ forward
+    def __call__(self, xb: Tensor, rows: Tensor | None = None) -> Scored:
+        """Score ``xb``; ``rows`` None means ``xb`` is ``x`` itself (then "top" is read off
+        this very output)."""
+        grabbed: dict[str, Tensor] = {}
+        stop_after = self.unit.layer if self.unit is not None and not self.layers else None
+        output: Any = None
+        with self._tapped(grabbed, stop_after) as run, contextlib.suppress(_Stop):
+            output = run(xb)
+        for name in self.taps:
+            if name not in grabbed:
+                raise LurkerError(f"layer {name!r} did not run in this forward pass")
+        if self.unit is not None:
+            score = self._unit_score(grabbed[self.unit.layer])
+            out = output if isinstance(output, Tensor) else None
+        else:
+            out = self._model_output(output)
+            if self.classes is None:
+                if rows is not None:
+                    self.resolve_top()
+                else:
+                    self.classes = out.detach().argmax(1)
+                    self.target = self.classes.tolist()
+            assert self.classes is not None
+            classes = self.classes if rows is None else self.classes[rows]
+            big = int(classes.max()) if len(classes) else -1
+            if big >= out.shape[1]:
+                raise LurkerError(
+                    f"target class {big} is out of range: the model has {out.shape[1]} "
+                    f"outputs (classes 0 to {out.shape[1] - 1})"
+                )
+            score = out.gather(1, classes.to(out.device)[:, None])[:, 0]
+        return Scored(score, out, {k: grabbed[k] for k in self.layers})
+
+    def _unit_score(self, act: Tensor) -> Tensor:
+        u = self.unit
+        assert u is not None
+        if act.dim() < 2:
+            raise LurkerError(
+                f"unit target {u}: the layer's output {tuple(act.shape)} has no channels"
+            )
+        if u.channel >= act.shape[1]:
+            raise LurkerError(
+                f"unit target {u}: channel {u.channel} is out of range; {u.layer} has "
+                f"{act.shape[1]} channels (0 to {act.shape[1] - 1})"
+            )
+        a = act[:, u.channel]
+        if u.y is None:
+            return a.reshape(a.shape[0], -1).mean(1)
+        if a.dim() != 3:
+            raise LurkerError(
+                f"unit target {u}: a position (y, x) needs a (B, C, H, W) output; "
+                f"{u.layer} gives {tuple(act.shape)}"
+            )
+        if not (u.y < a.shape[1] and u.x is not None and u.x < a.shape[2]):
+            raise LurkerError(
+                f"unit target {u}: position ({u.y}, {u.x}) lies outside the "
+                f"{a.shape[1]}x{a.shape[2]} map of {u.layer}"
+            )
+        return a[:, u.y, u.x]
+
+    @contextlib.contextmanager
+    def _tapped(self, grabbed: dict[str, Tensor], stop_after: str | None) -> Iterator[Any]:
+        """A ``run(x)`` that forwards the model, keeping the taps' outputs in ``grabbed``.
+
+        Each tapped value is the tensor the rest of the forward depends on and which no
+        later in-place op modifies (a clone goes on instead), so gradients taken with
+        respect to it are the layer's own.
+        """
+        # all on the trace as soon as one needs it: the replay refuses module hooks added
+        # since the trace (they change the ops a forward runs)
+        on_trace = self.taps if any(n not in self._modules for n in self.taps) else []
+        on_modules = [] if on_trace else self.taps
+        handles = []
+
+        def module_hook(name: str) -> Any:
+            def hook(mod: nn.Module, inp: Any, out: Any) -> Any:
+                if name in grabbed:
+                    raise LurkerError(
+                        f"module {name!r} runs more than once in a forward; name one pass by "
+                        f"its trace label ('{name}:2' for the second)"
+                    )
+                if not isinstance(out, Tensor):
+                    raise LurkerError(
+                        f"module {name!r} returns {type(out).__name__}, not a tensor; name the "
+                        "op inside it (a trace label) instead"
+                    )
+                grabbed[name] = out
+                if name == stop_after:
+                    raise _Stop
+                return out.clone()
+
+            return hook
+
+        def trace_hook(name: str) -> Any:
+            def hook(op: Any, out: Any) -> Any:
+                if not isinstance(out, Tensor):
+                    out = next((t for t in out if isinstance(t, Tensor)), None)
+                    if out is None:
+                        raise LurkerError(f"{name!r} has no tensor output")
+                if name in grabbed:  # a rolled label or reused module: every pass
+                    raise LurkerError(f"{name!r} names several passes; name one ({op.label!r})")
+                keep = out.clone()  # (an in-place op writes the replacement into `out`)
+                grabbed[name] = keep
+                if name == stop_after:
+                    raise _Stop
+                return keep.clone()
+
+            return hook
+
+        try:
+            for name in on_modules:
+                handles.append(self._modules[name].register_forward_hook(module_hook(name)))
+            if on_trace:
+                hooks = {name: trace_hook(name) for name in on_trace}
+                tr = self._trace
+
+                def run(xb: Tensor) -> Any:
+                    return tr.run(xb, save="none", hooks=hooks).output
+
+                yield run
+            else:
+                yield self.model
+        finally:
+            for h in handles:
+                h.remove()

@@ -1,0 +1,484 @@
+"""lurker.explain: every method against an independent oracle (Captum, autograd, axioms),
+targets, batches, the model left untouched, bad input, the CLI."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import lurker
+from lurker.errors import LurkerError
+from lurker.examples import DigitsNet
+
+captum_attr = pytest.importorskip("captum.attr")
+
+
+def close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-5) -> None:
+    """max |a - b| < rel * max |b| (relative to the oracle's scale)."""
+    assert a.shape == b.shape, (a.shape, b.shape)
+    a, b = a.detach(), b.detach()
+    scale = float(b.abs().max())
+    err = float((a - b).abs().max())
+    assert err <= rel * max(scale, 1e-12), f"max abs diff {err:.3g} vs scale {scale:.3g}"
+
+
+@pytest.fixture(scope="module")
+def digits() -> nn.Module:
+    torch.manual_seed(0)
+    m = DigitsNet().eval()
+    # non-trivial BatchNorm statistics, as after training
+    for mod in m.modules():
+        if isinstance(mod, nn.BatchNorm2d):
+            mod.running_mean.uniform_(-0.2, 0.2)
+            mod.running_var.uniform_(0.5, 1.5)
+    return m.double()
+
+
+@pytest.fixture(scope="module")
+def xd() -> torch.Tensor:
+    torch.manual_seed(1)
+    return torch.rand(3, 1, 16, 16, dtype=torch.float64)
+
+
+def test_callable_from_package_root(digits, xd) -> None:
+    e = lurker.explain(digits, xd, target=3)
+    assert e.attribution.shape == xd.shape and e.method == "saliency"
+    assert e.target == [3, 3, 3]
+    assert "saliency" in lurker.explain.METHODS
+
+
+def test_saliency_equals_captum(digits, xd) -> None:
+    e = lurker.explain(digits, xd, target=[1, 4, 7], method="saliency")
+    ref = captum_attr.Saliency(digits).attribute(xd, target=[1, 4, 7])
+    close(e.attribution, ref)
+    assert (e.attribution >= 0).all()
+
+
+# ---------------------------------------------------------------------- helpers
+def no_inplace(model: nn.Module) -> nn.Module:
+    """A copy whose ReLUs are not in place: Captum's module backward hooks refuse
+    in-place modules; the math is the same."""
+    import copy
+
+    m = copy.deepcopy(model)
+    for mod in m.modules():
+        if isinstance(mod, nn.ReLU):
+            mod.inplace = False
+    return m
+
+
+def snapshot(model: nn.Module) -> tuple:
+    from lurker.capture._hooks import model_hooks
+
+    return (
+        model_hooks(dict(model.named_modules())),
+        [p.requires_grad for p in model.parameters()],
+        [p.grad for p in model.parameters()],
+        [m.training for m in model.modules()],
+    )
+
+
+ALL = [
+    "saliency",
+    "input_x_gradient",
+    "guided_backprop",
+    "deconvnet",
+    "integrated_gradients",
+    "smoothgrad",
+    "gradcam",
+    "gradcam_plus_plus",
+    "occlusion",
+]
+OPTS: dict[str, dict] = {
+    "integrated_gradients": {"n_steps": 8},
+    "smoothgrad": {"n_samples": 4, "seed": 0},
+    "gradcam": {"layer": "features.8"},
+    "gradcam_plus_plus": {"layer": "features.8"},
+    "occlusion": {"window": 4, "strides": 4},
+}
+
+
+# ---------------------------------------------------------------------- Captum equality
+def test_input_x_gradient_equals_captum(digits, xd) -> None:
+    e = lurker.explain(digits, xd, target=2, method="input_x_gradient")
+    close(e.attribution, captum_attr.InputXGradient(digits).attribute(xd, target=2))
+
+
+@pytest.mark.parametrize(
+    ("method", "oracle"), [("guided_backprop", "GuidedBackprop"), ("deconvnet", "Deconvolution")]
+)
+def test_modified_relu_methods_equal_captum(digits, xd, method, oracle) -> None:
+    e = lurker.explain(digits, xd, target=[0, 5, 9], method=method)  # in-place ReLUs here
+    ref = getattr(captum_attr, oracle)(no_inplace(digits)).attribute(xd, target=[0, 5, 9])
+    close(e.attribution, ref)
+    assert not torch.equal(e.attribution, lurker.explain(digits, xd, target=[0, 5, 9]).attribution)
+
+
+def test_deconvnet_ignores_the_forward_input() -> None:
+    """Through one ReLU the deconvnet passes relu(grad) even where the input was negative."""
+
+    class M(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return (torch.relu(x) * torch.tensor([[1.0, -1.0, 2.0]])).sum(1, keepdim=True)
+
+    x = torch.tensor([[-1.0, 2.0, 3.0]])
+    d = lurker.explain(M(), x, target=0, method="deconvnet").attribution
+    g = lurker.explain(M(), x, target=0, method="guided_backprop").attribution
+    assert d.tolist() == [[1.0, 0.0, 2.0]]
+    assert g.tolist() == [[0.0, 0.0, 2.0]]
+
+
+@pytest.mark.parametrize("integration", ["gausslegendre", "riemann_trapezoid", "riemann_left"])
+def test_integrated_gradients_equals_captum(digits, xd, integration) -> None:
+    base = torch.full_like(xd, 0.1)
+    e = lurker.explain(
+        digits,
+        xd,
+        target=[3, 1, 4],
+        method="integrated_gradients",
+        baseline=base,
+        n_steps=20,
+        integration=integration,
+        internal_batch_size=7,  # chunks that split a step's rows
+    )
+    ref, delta = captum_attr.IntegratedGradients(digits).attribute(
+        xd,
+        baselines=base,
+        target=[3, 1, 4],
+        n_steps=20,
+        method=integration,
+        return_convergence_delta=True,
+    )
+    close(e.attribution, ref)
+    close(e.delta, delta, rel=1e-4)
+
+
+def test_integrated_gradients_completeness(digits, xd) -> None:
+    e = lurker.explain(digits, xd, target=7, method="integrated_gradients", n_steps=256)
+    with torch.no_grad():
+        gap = digits(xd)[:, 7] - digits(torch.zeros_like(xd))[:, 7]
+    total = e.attribution.sum((1, 2, 3))
+    assert torch.allclose(total - gap, e.delta, atol=1e-9)
+    assert (e.delta.abs() <= 0.02 * gap.abs()).all()  # within 2% at 256 nodes (ReLU kinks)
+    coarse = lurker.explain(digits, xd, target=7, method="integrated_gradients", n_steps=8)
+    assert e.delta.abs().sum() < coarse.delta.abs().sum()  # the quadrature converges
+    close(e.output, digits(xd).detach())
+
+
+@pytest.mark.parametrize("abs_", [True, False])
+def test_smoothgrad_equals_captum_noise_tunnel(digits, xd, abs_) -> None:
+    n, stdev = 6, 0.2
+    torch.manual_seed(123)
+    ref = captum_attr.NoiseTunnel(captum_attr.Saliency(digits)).attribute(
+        xd, nt_type="smoothgrad", nt_samples=n, stdevs=stdev, target=[2, 3, 4], abs=abs_
+    )
+    # Captum's draw: one torch.normal over (B * n, ...) rows, row b's samples together
+    torch.manual_seed(123)
+    noise = torch.normal(0, torch.tensor(stdev).repeat((xd.shape[0] * n, *xd.shape[1:])))
+    noise = noise.reshape(xd.shape[0], n, *xd.shape[1:]).transpose(0, 1)
+    e = lurker.explain(digits, xd, target=[2, 3, 4], method="smoothgrad", noise=noise, abs=abs_)
+    close(e.attribution, ref)
+    assert e.signed is not abs_
+
+
+def test_smoothgrad_seed_reproducible_and_noise_matters(digits, xd) -> None:
+    a = lurker.explain(digits, xd, method="smoothgrad", n_samples=3, seed=5).attribution
+    b = lurker.explain(digits, xd, method="smoothgrad", n_samples=3, seed=5).attribution
+    c = lurker.explain(digits, xd, method="smoothgrad", n_samples=3, seed=6).attribution
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("layer", ["features.8", "conv2d_3", "features.6"])
+def test_gradcam_equals_captum(digits, xd, layer) -> None:
+    """At a module path, at a trace label (the same conv by its op), and at an in-place
+    ReLU module, at the layer's resolution and upsampled."""
+    from captum.attr import LayerAttribution, LayerGradCam
+
+    module = {"conv2d_3": "features.8"}.get(layer, layer)
+    e = lurker.explain(digits, xd, target=[1, 2, 3], method="gradcam", layer=layer)
+    m = no_inplace(digits)
+    ref = LayerGradCam(m, m.get_submodule(module)).attribute(
+        xd, target=[1, 2, 3], relu_attributions=True
+    )
+    close(e.layer_attribution, ref)
+    up = LayerAttribution.interpolate(ref, xd.shape[2:], interpolate_mode="bilinear")
+    close(e.attribution, up.expand_as(xd))
+    assert e.attribution.shape == xd.shape and e.options["layer"] == layer
+
+
+def test_gradcam_at_a_functional_op_equals_autograd() -> None:
+    """The sum of two branches, a functional add that no module hook reaches."""
+
+    class Two(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Conv2d(3, 6, 3, padding=1)
+            self.b = nn.Conv2d(3, 6, 5, padding=2)
+            self.head = nn.Linear(6, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            s = self.a(x) + self.b(x)
+            return self.head(torch.relu(s).mean((2, 3)))
+
+    torch.manual_seed(0)
+    m, x = Two().eval(), torch.randn(2, 3, 8, 8)
+    e = lurker.explain(m, x, target=[1, 3], method="gradcam", layer="add_1")
+    s = (m.a(x) + m.b(x)).detach().requires_grad_(True)
+    score = m.head(torch.relu(s).mean((2, 3)))[[0, 1], [1, 3]].sum()
+    (g,) = torch.autograd.grad(score, s)
+    cam = (g.mean((2, 3), keepdim=True) * s).sum(1, keepdim=True).clamp(min=0)
+    close(e.layer_attribution, cam.detach())
+
+
+def test_gradcam_plus_plus_equals_brute_force(digits, xd) -> None:
+    e = lurker.explain(digits, xd, target=[4, 4, 6], method="gradcam_plus_plus", layer="features.8")
+    acts: dict = {}
+    m = no_inplace(digits)
+    h = m.features[8].register_forward_hook(lambda mod, i, o: acts.update(A=o))
+    out = m(xd)
+    h.remove()
+    A = acts["A"]
+    (G,) = torch.autograd.grad(out[[0, 1, 2], [4, 4, 6]].sum(), A)
+    B, K, H, W = A.shape
+    cam = torch.zeros(B, 1, H, W, dtype=A.dtype)
+    for b in range(B):
+        for k in range(K):
+            total = float(A[b, k].sum())
+            w = 0.0
+            for i in range(H):
+                for j in range(W):
+                    g = float(G[b, k, i, j])
+                    den = 2 * g**2 + total * g**3
+                    alpha = g**2 / den if den != 0 else 0.0
+                    w += alpha * max(g, 0.0)
+            cam[b, 0] += w * A[b, k].detach()
+    close(e.layer_attribution, cam.clamp(min=0))
+
+
+def test_occlusion_equals_captum(digits, xd) -> None:
+    """A 5x5 window at stride 4 on 16x16: Captum's last window sticks out and is clipped."""
+    base = torch.full_like(xd, 0.3)
+    e = lurker.explain(
+        digits,
+        xd,
+        target=[7, 8, 9],
+        method="occlusion",
+        window=5,
+        strides=4,
+        baseline=base,
+        internal_batch_size=5,
+    )
+    ref = captum_attr.Occlusion(digits).attribute(
+        xd, sliding_window_shapes=(1, 5, 5), strides=(1, 4, 4), baselines=base, target=[7, 8, 9]
+    )
+    close(e.attribution, ref)
+
+
+# ---------------------------------------------------------------------- torchvision
+@pytest.fixture(scope="module")
+def resnet() -> nn.Module:
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    return torchvision.models.resnet18(num_classes=10).eval()
+
+
+def test_resnet18_gradients_and_gradcam_equal_captum(resnet) -> None:
+    from captum.attr import LayerGradCam
+
+    torch.manual_seed(2)
+    x = torch.randn(2, 3, 64, 64)
+    e = lurker.explain(resnet, x, target=[3, 5], method="input_x_gradient")
+    close(e.attribution, captum_attr.InputXGradient(resnet).attribute(x, target=[3, 5]), 1e-4)
+    e = lurker.explain(resnet, x, target=[3, 5], method="gradcam", layer="layer3")
+    ref = LayerGradCam(resnet, resnet.layer3).attribute(x, target=[3, 5], relu_attributions=True)
+    close(e.layer_attribution, ref, 1e-4)
+    # the residual sum inside the last block (out += identity), a functional op
+    add = [op.label for op in lurker.trace(resnet, x[:1]).ops if op.module == "layer4.1"]
+    e = lurker.explain(resnet, x, method="gradcam", layer=[a for a in add if "add" in a][-1])
+    assert e.attribution.shape == x.shape and torch.isfinite(e.attribution).all()
+
+
+# ---------------------------------------------------------------------- targets
+def _unit(model: nn.Module, x: torch.Tensor, upto: int, c: int, y=None, x_=None) -> torch.Tensor:
+    """The unit by hand: the first layers of ``features`` run as plain modules."""
+    a = no_inplace(model).features[: upto + 1](x)[:, c]
+    return a.mean((1, 2)) if y is None else a[:, y, x_]
+
+
+@pytest.mark.parametrize("method", ["saliency", "input_x_gradient"])
+@pytest.mark.parametrize("pos", [(None, None), (2, 1)])
+def test_unit_target_equals_autograd(digits, xd, method, pos) -> None:
+    target = ("features.8", 5) if pos[0] is None else ("features.8", 5, *pos)
+    e = lurker.explain(digits, xd, target=target, method=method)
+    xi = xd.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(_unit(digits, xi, 8, 5, *pos).sum(), xi)
+    close(e.attribution, g.abs() if method == "saliency" else xd * g)
+    assert e.target == lurker.explain.UnitTarget("features.8", 5, *pos)
+    assert e.output is None  # the forward stopped at the unit
+
+
+def test_unit_target_by_trace_label_and_integrated_gradients(digits, xd) -> None:
+    """A unit named by its op's trace label; integrated gradients of a unit is complete."""
+    tr = lurker.trace(digits, xd[:1])
+    label = tr["features.9"].label  # the in-place relu after the last conv
+    e = lurker.explain(digits, xd, target=(label, 3), method="integrated_gradients", n_steps=64)
+    with torch.no_grad():
+        gap = _unit(digits, xd, 9, 3) - _unit(digits, torch.zeros_like(xd), 9, 3)
+    assert torch.allclose(e.attribution.sum((1, 2, 3)) - gap, e.delta, atol=1e-9)
+    xi = xd.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(_unit(digits, xi, 9, 3).sum(), xi)
+    s = lurker.explain(digits, xd, target=(label, 3), method="saliency")
+    close(s.attribution, g.abs())
+
+
+def test_top_and_per_row_targets(digits, xd) -> None:
+    top = digits(xd).argmax(1).tolist()
+    for method in ("saliency", "integrated_gradients", "occlusion"):
+        opts = OPTS.get(method, {})
+        a = lurker.explain(digits, xd, method=method, **opts)
+        b = lurker.explain(digits, xd, target="top", method=method, **opts)
+        c = lurker.explain(digits, xd, target=top, method=method, **opts)
+        assert a.target == b.target == c.target == top
+        close(a.attribution, c.attribution)
+        close(b.attribution, c.attribution)
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_batch_rows_equal_single_rows(digits, xd, method) -> None:
+    opts = dict(OPTS.get(method, {}))
+    if method == "smoothgrad":
+        opts = {
+            "noise": 0.2
+            * torch.randn(4, *xd.shape, generator=torch.Generator().manual_seed(0), dtype=xd.dtype)
+        }
+    e = lurker.explain(digits, xd, target=[1, 2, 3], method=method, **opts)
+    for i in range(xd.shape[0]):
+        o = dict(opts)
+        if method == "smoothgrad":
+            o["noise"] = opts["noise"][:, i : i + 1]
+        one = lurker.explain(digits, xd[i : i + 1], target=[1 + i], method=method, **o)
+        close(one.attribution[0], e.attribution[i], 1e-9)
+
+
+# ---------------------------------------------------------------------- model untouched
+@pytest.mark.parametrize("method", ALL)
+def test_model_left_untouched_also_when_raising(digits, xd, method) -> None:
+    m = no_inplace(digits)
+    m.features[0].weight.requires_grad_(False)
+    keep = m.features[4].register_forward_hook(lambda *a: None)  # the user's own
+    before = snapshot(m)
+    lurker.explain(m, xd, target=1, method=method, **OPTS.get(method, {}))
+    assert snapshot(m) == before
+    with pytest.raises(LurkerError, match="out of range"):
+        lurker.explain(m, xd, target=10, method=method, **OPTS.get(method, {}))
+    assert snapshot(m) == before
+
+    class Boom(RuntimeError):
+        pass
+
+    def boom(*a):
+        raise Boom("inside the forward")
+
+    h = m.classifier[1].register_forward_hook(boom)
+    mid = snapshot(m)
+    with pytest.raises(Boom):
+        lurker.explain(m, xd, target=1, method=method, **OPTS.get(method, {}))
+    assert snapshot(m) == mid
+    h.remove()
+    keep.remove()
+    assert all(p.grad is None for p in m.parameters())
+
+
+# ---------------------------------------------------------------------- bad input
+def test_bad_input_errors(digits, xd) -> None:
+    with pytest.raises(
+        LurkerError, match=r"unknown explanation method 'lime'.*saliency.*occlusion"
+    ):
+        lurker.explain(digits, xd, method="lime")
+    with pytest.raises(LurkerError, match=r"target class 12 is out of range.*10 outputs"):
+        lurker.explain(digits, xd, target=12)
+    with pytest.raises(LurkerError, match=r"one class per row.*3 rows, 2 targets"):
+        lurker.explain(digits, xd, target=[1, 2])
+    with pytest.raises(LurkerError, match=r"not in the model.*features.8"):
+        lurker.explain(digits, xd, method="gradcam", layer="features.88")
+    with pytest.raises(LurkerError, match=r"not in the model.*conv2d_3"):
+        lurker.explain(digits, xd, target=("conv2d_33", 1))
+    with pytest.raises(LurkerError, match=r"channel 40 is out of range.*32 channels"):
+        lurker.explain(digits, xd, target=("features.8", 40))
+    with pytest.raises(LurkerError, match=r"no option 'steps'.*n_steps"):
+        lurker.explain(digits, xd, method="integrated_gradients", steps=3)
+    with pytest.raises(LurkerError, match=r"floating point"):
+        lurker.explain(digits, xd.long())
+    with pytest.raises(LurkerError, match=r"unknown integration method.*gausslegendre"):
+        lurker.explain(digits, xd, method="integrated_gradients", integration="simpson")
+    with pytest.raises(LurkerError, match=r"target 1.5 is not supported"):
+        lurker.explain(digits, xd, target=1.5)
+
+
+def test_overlay_is_an_image(digits, xd) -> None:
+    e = lurker.explain(digits, xd, method="input_x_gradient")
+    img = e.overlay(1, image=xd[1].float())
+    assert img.size == (16, 16) and img.mode == "RGB"
+    # signed: zero is white under the diverging map at full opacity
+    from lurker.explain.overlay import colorize
+
+    rgb, alpha = colorize(torch.tensor([[0.0, 1.0, -1.0]]), signed=True)
+    assert rgb[:, 0, 0].tolist() == [1, 1, 1] and alpha[0, 0] == 0
+    assert rgb[:, 0, 1].tolist() == [1, 0, 0] and rgb[:, 0, 2].tolist() == [0, 0, 1]
+
+
+# ---------------------------------------------------------------------- CLI
+def test_cli_explain_writes_the_overlay(tmp_path) -> None:
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from lurker.cli import main
+    from lurker.explain.cli import load_image
+    from lurker.models import load_model
+
+    img = tmp_path / "seven.png"
+    Image.fromarray((torch.rand(20, 20) * 255).byte().numpy(), "L").save(img)
+    out = tmp_path / "heat.png"
+    args = ["explain", "lurker.examples:DigitsNet", "--image", str(img), "--image-size", "16"]
+    r = CliRunner().invoke(
+        main,
+        [*args, "-m", "integrated_gradients", "-t", "3", "--option", "n_steps=8", "-o", str(out)],
+    )
+    assert r.exit_code == 0, r.output
+    assert "integrated_gradients of class 3, convergence delta" in r.output
+    # the same picture as the Python API's overlay of the same input
+    x, shown = load_image(img, 16, 1)
+    e = lurker.explain(
+        load_model("lurker.examples:DigitsNet"), x, 3, "integrated_gradients", n_steps=8
+    )
+    assert Image.open(out).tobytes() == e.overlay(0, image=shown, alpha=0.6).tobytes()
+
+    r = CliRunner().invoke(main, [*args, "-m", "gradcam", "--layer", "features.8", "-o", str(out)])
+    assert r.exit_code == 0 and "gradcam of class" in r.output, r.output
+    r = CliRunner().invoke(main, [*args, "-t", "features.8:5:1:2", "-o", str(out)])
+    assert r.exit_code == 0 and "unit features.8:5:1:2" in r.output, r.output
+
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not a png")
+    for extra, message in [
+        (["-m", "lime"], "unknown explanation method 'lime'; supported: saliency"),
+        (["-t", "12"], "target class 12 is out of range"),
+        (["-t", "features.88:1"], "layer 'features.88' is not in the model"),
+    ]:
+        r = CliRunner().invoke(main, [*args, *extra, "-o", str(out)])
+        assert r.exit_code == 2 and message in r.output, r.output
+    r = CliRunner().invoke(main, [*args[:3], str(bad), "-o", str(out)])
+    assert r.exit_code == 2 and "cannot read image" in r.output, r.output
+
+
+def test_cli_target_parsing() -> None:
+    from lurker.explain.cli import parse_target
+
+    U = lurker.explain.UnitTarget
+    assert parse_target("7") == 7 and parse_target("top") == "top"
+    assert parse_target("features.8:5") == U("features.8", 5)
+    assert parse_target("features.8:5:1:2") == U("features.8", 5, 1, 2)
+    assert parse_target("cell:2:5") == U("cell:2", 5)
+    with pytest.raises(LurkerError, match="class index"):
+        parse_target("features.8")
