@@ -482,3 +482,18 @@ def test_cli_target_parsing() -> None:
     assert parse_target("cell:2:5") == U("cell:2", 5)
     with pytest.raises(LurkerError, match="class index"):
         parse_target("features.8")
+
+
+@pytest.mark.parametrize("layer", ["features.8", "conv2d_3"])
+def test_guided_backprop_of_a_unit_equals_the_probes_unit_images(digits, xd, layer) -> None:
+    """The probe's unit gradient images and explain's unit targets: one rule, one answer."""
+    from lurker.probe.images import unit_gradients
+
+    tr = lurker.trace(digits, xd[:1], save="none")
+    op = tr["features.8"].index
+    mean = unit_gradients(tr, op, xd, [5] * 3, "mean")
+    e = lurker.explain(digits, xd, target=(layer, 5), method="guided_backprop")
+    close(e.attribution, mean, 1e-9)
+    peak = unit_gradients(tr, op, xd, [5] * 3, "max", [(1, 2)] * 3)
+    e = lurker.explain(digits, xd, target=(layer, 5, 1, 2), method="guided_backprop")
+    close(e.attribution, peak, 1e-9)
