@@ -20,7 +20,17 @@ from ..errors import LurkerError
 from .base import METHODS, Explanation, Method, register, untouched
 from .targets import UnitTarget
 
-__all__ = ["METHODS", "Explanation", "Method", "UnitTarget", "explain", "register", "untouched"]
+__all__ = [
+    "METHODS",
+    "Concepts",
+    "Explanation",
+    "Method",
+    "UnitTarget",
+    "concepts",
+    "explain",
+    "register",
+    "untouched",
+]
 
 # one module per method; importing it registers it. (lrp lives on its own branch and is
 # imported when present.)
@@ -41,6 +51,10 @@ for _name in _MODULES:
     except ModuleNotFoundError as _e:
         if _e.name != f"{__name__}.{_name}":
             raise
+
+
+# after the methods, so that METHODS lists them in the order above (relevance imports lrp)
+from .relevance import Concepts, concepts  # noqa: E402
 
 
 def explain(

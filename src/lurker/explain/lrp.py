@@ -1,0 +1,769 @@
+"""Layer-wise relevance propagation (Bach et al., 2015) over lurker's trace.
+
+Why not Zennit's hooks: Zennit attaches rules to *modules*, so a functional op (ResNet's
+``out += identity``, a ViT's ``x + pos_embedding``, ``scaled_dot_product_attention``)
+needs a hand-written canonizer per architecture, and it has no transformer rules at all.
+The trace sees every op, module or not, so here each op gets its rule from what it is:
+
+- ``conv*d`` / ``linear``: the composite's rule (``epsilon_plus_flat``: flat on the first
+  layer, z+ on convolutions, epsilon on dense layers; ``epsilon_gamma_box``: z-box on the
+  first convolution, gamma on convolutions, epsilon on dense layers; ``alpha2_beta1``:
+  alpha-beta (2, 1) on convolutions, epsilon on dense layers; ``epsilon``: epsilon
+  everywhere), with an eval-mode BatchNorm that directly follows it merged into its
+  weights (Zennit's canonizers do the same by module order; the graph makes it exact,
+  e.g. DenseNet's ``norm5`` follows a concatenation, not the last convolution);
+- additions (skip connections), average pools and means: the z-rule (Zennit's ``Norm``);
+- element-wise activations and a BatchNorm that follows no linear layer: passed through;
+- transformers (Ali et al., 2022, "XAI for Transformers: better explanations through
+  conservative propagation"; Achtibat et al., 2024, AttnLRP): softmax attention weights
+  and LayerNorm's standard deviation are constants of the backward, so attention is linear
+  in the values and LayerNorm linear in its input (epsilon rule over both); a product of
+  two activations splits the relevance in halves (AttnLRP's uniform rule);
+- reshapes, concatenations, max pools, dropout in eval mode, indexing: the gradient,
+  which routes the relevance unchanged.
+
+The relevance is carried as the gradient (as in Zennit): each rule is an autograd function
+whose forward returns the op's own output and whose backward maps the relevance of the
+output to its inputs. Every rule records the relevance it received and passed on, so a
+leak (relevance not conserved by an op that should conserve it) is reported by op.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import LurkerError
+from ..graph.nodes import Op, OpRef, ParamRef
+from .base import Explanation, Method, register
+from .targets import UnitTarget, parse_target
+
+__all__ = ["COMPOSITES", "LRP", "Relevance", "lrp_relevance"]
+
+#: composite -> rule for convolutions, dense layers and the first layer (None: no special
+#: first layer; "conv" in the name: applies only if the first layer is a convolution)
+COMPOSITES: dict[str, dict[str, str | None]] = {
+    "epsilon_plus_flat": {"conv": "zplus", "linear": "epsilon", "first": "flat"},
+    "epsilon_gamma_box": {"conv": "gamma", "linear": "epsilon", "first": "zbox_conv"},
+    "alpha2_beta1": {"conv": "alpha2_beta1", "linear": "epsilon", "first": None},
+    "epsilon": {"conv": "epsilon", "linear": "epsilon", "first": None},
+}
+
+_LINEAR = {"conv1d", "conv2d", "conv3d", "linear"}
+_PASS = {
+    "relu6", "hardtanh", "hardtanh_", "leaky_relu", "leaky_relu_", "elu",
+    "elu_", "selu", "celu", "gelu", "silu", "mish", "sigmoid", "tanh", "softplus",
+    "hardswish", "hardsigmoid", "threshold", "threshold_", "neg", "__neg__",
+}  # fmt: skip
+_ADD = {"add", "add_", "__add__", "__iadd__", "__radd__", "sub", "sub_", "__sub__", "__isub__"}
+_NORM = {
+    "avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
+    "adaptive_avg_pool3d", "mean", "sum",
+}  # fmt: skip
+_PRODUCT = {"mul", "mul_", "__mul__", "__rmul__", "__imul__", "div", "div_", "__truediv__",
+            "matmul", "__matmul__", "bmm"}  # fmt: skip
+_ROUTE = {
+    "relu", "relu_", "max_pool1d", "max_pool2d", "max_pool3d", "adaptive_max_pool1d", "adaptive_max_pool2d",
+    "flatten", "view", "reshape", "permute", "transpose", "contiguous", "cat", "concat",
+    "stack", "unsqueeze", "squeeze", "unflatten", "getitem", "dropout", "dropout1d",
+    "dropout2d", "clone", "expand", "unbind", "split", "chunk", "narrow", "select", "t",
+    "to", "type_as", "float", "identity", "max_pool2d_with_indices",
+}  # fmt: skip
+_ATTENTION = {"scaled_dot_product_attention"}
+_CONSTANT = {"softmax", "log_softmax"}
+
+SUPPORTED = (
+    "convolutions and linear layers (composite rules), BatchNorm (merged into the preceding "
+    "convolution or linear layer, else passed through), LayerNorm, element-wise "
+    "activations, additions (skip connections), average pools and means, products of two "
+    "activations, scaled_dot_product_attention and softmax attention, max pools, "
+    "reshapes, concatenation, indexing and dropout"
+)
+
+
+def stabilize(z: Tensor, eps: float) -> Tensor:
+    """``z + eps * sign(z)`` with sign(0) = 1: Zennit's stabilizer, so equal numbers."""
+    return z + ((z == 0).to(z) + z.sign()) * eps
+
+
+# ---------------------------------------------------------------------------- bookkeeping
+@dataclass
+class Flow:
+    """Relevance an op received (``out``) and passed to its inputs (``into``), per batch
+    row; ``absorbs``: the rule may legitimately keep some (a bias, a constant operand)."""
+
+    label: str
+    what: str
+    out: Tensor
+    into: Tensor
+    absorbs: bool
+
+
+@dataclass
+class Relevance:
+    """One LRP backward: the input relevance, the model output, the relevance the
+    backward started from (per row) and each rule op's :class:`Flow` by op label."""
+
+    input: Tensor
+    output: Tensor | None
+    start: Tensor
+    flows: dict[str, Flow] = field(default_factory=dict)
+    layer: Tensor | None = None  # relevance arriving at ``at`` (concepts), when asked
+
+    def leaks(self, tolerance: float) -> list[tuple[Flow, float]]:
+        """Ops that should conserve but lost or created more than ``tolerance`` of the
+        starting relevance (largest first)."""
+        scale = self.start.abs().clamp(min=1e-12)
+        found = []
+        for f in self.flows.values():
+            if f.absorbs:
+                continue
+            rel = float(((f.out - f.into).abs() / scale).max())
+            if rel > tolerance:
+                found.append((f, rel))
+        return sorted(found, key=lambda t: -t[1])
+
+
+class _Rule(torch.autograd.Function):
+    """Forward: the op's own output. Backward: ``rule(relevance, inputs)``."""
+
+    @staticmethod
+    def forward(ctx: Any, rule: Callable, out: Tensor, *inputs: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.rule = rule
+        ctx.save_for_backward(*inputs)
+        return out.detach().clone()
+
+    @staticmethod
+    def backward(ctx: Any, r: Tensor) -> Any:  # type: ignore[override]
+        rel = ctx.rule(r, ctx.saved_tensors)
+        return (None, None, *rel)
+
+
+def _masker(mask: Tensor | None, keep: list) -> Callable[[Tensor], Tensor]:
+    """A tensor hook: hands the relevance arriving at a layer to ``keep`` and lets only
+    the part where ``mask`` is 1 go on (conditional relevance). A hook on the tensor, not
+    a replacement of it, so an in-place op's output can carry it too."""
+
+    def hook(r: Tensor) -> Tensor:
+        keep.append(r.detach())
+        return r if mask is None else r * mask.to(r)
+
+    return hook
+
+
+def _rows(t: Tensor) -> Tensor:
+    return t.detach().reshape(t.shape[0], -1).sum(1) if t.dim() else t.detach().reshape(1)
+
+
+def _vjp(fn: Callable[..., Tensor], xs: Sequence[Tensor], r: Tensor, eps: float):
+    """z-rule core: ``x_i * d/dx_i <fn(x), r / stab(fn(x))>`` for every x_i."""
+    with torch.enable_grad():
+        leaves = [x.detach().requires_grad_(True) for x in xs]
+        z = fn(*leaves)
+        gs = torch.autograd.grad(z, leaves, r / stabilize(z.detach(), eps), allow_unused=True)
+    return [x * g if g is not None else torch.zeros_like(x) for x, g in zip(leaves, gs)]
+
+
+# ---------------------------------------------------------------------------- linear rules
+def _linear_rule(
+    name: str, call: Callable, x: Tensor, w: Tensor, b: Tensor | None, r: Tensor, p: dict
+) -> Tensor:
+    """Input relevance of ``call(x, w, b)`` (a conv or linear) for output relevance ``r``."""
+    eps, stab = p["epsilon"], p["stabilizer"]
+    pos = lambda t: None if t is None else t.clamp(min=0)  # noqa: E731
+    neg = lambda t: None if t is None else t.clamp(max=0)  # noqa: E731
+    with torch.enable_grad():
+        if name == "epsilon":
+            return _vjp(lambda v: call(v, w, b), [x], r, eps)[0]
+        if name == "flat":
+            ones = torch.ones_like(x).requires_grad_(True)
+            z = call(ones, torch.ones_like(w), None)
+            (g,) = torch.autograd.grad(z, ones, r / stabilize(z.detach(), stab))
+            return g
+        xp = x.detach().clamp(min=0).requires_grad_(True)
+        xn = x.detach().clamp(max=0).requires_grad_(True)
+        if name == "zplus":
+            z = call(xp, pos(w), pos(b)) + call(xn, neg(w), None)
+            gp, gn = torch.autograd.grad(z, [xp, xn], r / stabilize(z.detach(), stab))
+            return xp * gp + xn * gn
+        if name == "alpha2_beta1":
+            zp = call(xp, pos(w), pos(b)) + call(xn, neg(w), None)
+            zn = call(xp, neg(w), neg(b)) + call(xn, pos(w), None)
+            sp = r / stabilize(zp.detach(), stab)
+            sn = r / stabilize(zn.detach(), stab)
+            gp = torch.autograd.grad(zp, [xp, xn], sp)
+            gn = torch.autograd.grad(zn, [xp, xn], sn)
+            return 2.0 * (xp * gp[0] + xn * gp[1]) - 1.0 * (xp * gn[0] + xn * gn[1])
+        if name == "gamma":
+            g_ = p["gamma"]
+            gw = lambda t, f: None if t is None else t + g_ * f(t)  # noqa: E731
+            z = call(x.detach(), w, b)
+            o0 = call(xp, gw(w, pos), gw(b, pos))
+            o1 = call(xn, gw(w, neg), None)
+            o2 = call(xp, gw(w, neg), gw(b, neg))
+            o3 = call(xn, gw(w, pos), None)
+            s01 = (z > 0).to(r) * r / stabilize((o0 + o1).detach(), stab)
+            s23 = (z < 0).to(r) * r / stabilize((o2 + o3).detach(), stab)
+            a = torch.autograd.grad(o0 + o1, [xp, xn], s01)
+            c = torch.autograd.grad(o2 + o3, [xp, xn], s23)
+            return xp * (a[0] + c[0]) + xn * (a[1] + c[1])
+        if name == "zbox_conv":
+            low = _bound(p["low"], x, True)
+            high = _bound(p["high"], x, False)
+            xl = low.requires_grad_(True)
+            xh = high.requires_grad_(True)
+            xx = x.detach().requires_grad_(True)
+            z = call(xx, w, b) - call(xl, pos(w), pos(b)) - call(xh, neg(w), neg(b))
+            gx, gl, gh = torch.autograd.grad(z, [xx, xl, xh], r / stabilize(z.detach(), stab))
+            return xx * gx + xl * gl + xh * gh  # (gl, gh carry the minus signs of z)
+    raise LurkerError(f"unknown LRP rule {name!r}")
+
+
+def _bound(v: Any, x: Tensor, lowest: bool) -> Tensor:
+    """The z-box bound broadcast to ``x``: a float, per-channel values, or (None) each
+    row's own minimum / maximum, so that the box holds the input."""
+    if v is None:
+        dims = tuple(range(1, x.dim()))
+        t = x.detach().amin(dims, keepdim=True) if lowest else x.detach().amax(dims, keepdim=True)
+    else:
+        t = torch.as_tensor(v, dtype=x.dtype, device=x.device)
+        if t.dim() == 1 and x.dim() > 2:
+            t = t.reshape(1, -1, *([1] * (x.dim() - 2)))
+    return t.expand_as(x).clone()
+
+
+# ---------------------------------------------------------------------------- the engine
+def _resolve(target: str, inplace: bool) -> Callable:
+    """The callable an op's ``target`` names; the out-of-place twin of an in-place op."""
+    parts = target.split(".")
+    obj: Any = importlib.import_module(parts[0])
+    for i, p in enumerate(parts[1:]):
+        if inplace and i == len(parts) - 2:
+            p = {"__iadd__": "__add__", "__isub__": "__sub__", "__imul__": "__mul__"}.get(
+                p, p[:-1] if p.endswith("_") and not p.endswith("__") else p
+            )
+        obj = getattr(obj, p)
+    return obj
+
+
+def _arg(op: Op, pos: int, name: str, default: Any = None) -> Any:
+    if len(op.args) > pos:
+        return op.args[pos]
+    return op.kwargs.get(name, default)
+
+
+class Engine:
+    """Rules for every op of one traced model; :meth:`run` is one LRP forward+backward."""
+
+    def __init__(
+        self, model: nn.Module, x: Tensor, composite: str | None = None, **params: Any
+    ) -> None:
+        from ..capture import trace as _trace
+
+        self.model = model
+        with torch.enable_grad():  # (attention takes another path without gradients)
+            self.trace = _trace(model, x[:1].clone().requires_grad_(True), save="none")
+        ops = self.trace.ops
+        self.attention = any(op.name in _ATTENTION | _CONSTANT | {"layer_norm"} for op in ops)
+        if composite is None:
+            composite = "epsilon" if self.attention else "epsilon_plus_flat"
+        if composite not in COMPOSITES:
+            raise LurkerError(
+                f"unknown LRP composite {composite!r}; supported: {', '.join(COMPOSITES)}"
+            )
+        self.composite = composite
+        self.params = {"epsilon": 1e-6, "stabilizer": 1e-6, "gamma": 0.25, **params}
+        self.inputs = [op.index for op in ops if op.kind == "input"]
+        if len(self.inputs) != 1:
+            raise LurkerError(
+                f"LRP needs a model with one tensor input; this one has {len(self.inputs)}"
+            )
+        self.plan: dict[int, tuple[str, Any]] = {}
+        self._plan()
+
+    # ------------------------------------------------------------------ planning
+    def _where(self, op: Op) -> str:
+        if not op.modules:
+            return f"{op.label} ({op.name}, a function call in the model's forward)"
+        path = op.modules[-1][0]
+        try:
+            kind = type(self.model.get_submodule(path)).__name__
+        except AttributeError:
+            kind = "?"
+        return f"{op.label} ({op.name} in '{path}', {kind})"
+
+    def _on_path(self, op: Op) -> bool:
+        return op.kind == "op" and op.dist_from_input is not None
+
+    def _plan(self) -> None:
+        ops = self.trace.ops
+        rules = COMPOSITES[self.composite]
+        first_done = rules["first"] is None
+        merged: set[int] = set()
+        self.constant: set[int] = set()  # ops whose value is a constant of the backward
+        # producer -> the op that later writes into its output in place
+        self.inplace_fed = {
+            op.args[0].index: op
+            for op in ops
+            if op.inplace and op.args and type(op.args[0]) is OpRef
+        }
+        for op in ops:
+            if op.kind != "op" or op.seq < 0:
+                continue
+            name = op.name
+            parents = [ops[i] for i in op.parents]
+            if name in _CONSTANT or (
+                name in _ROUTE
+                and parents
+                and all(p.index in self.constant for p in parents if self._on_path(p))
+                and any(p.index in self.constant for p in parents)
+            ):
+                self.constant.add(op.index)
+            if not self._on_path(op):
+                continue
+            if name in _LINEAR:
+                kind = "conv" if name.startswith("conv") else "linear"
+                rule = rules[kind]
+                if not first_done:
+                    first = rules["first"]
+                    if first == "flat" or (first == "zbox_conv" and kind == "conv"):
+                        rule, first_done = ("flat" if first == "flat" else "zbox_conv"), True
+                bn = self._mergeable_bn(op)
+                if bn is not None:
+                    merged.add(bn.index)
+                    self.plan[bn.index] = ("linear", (rule, op, bn))
+                else:
+                    self.plan[op.index] = ("linear", (rule, op, None))
+            elif name == "batch_norm":
+                if op.index not in merged:
+                    self.plan[op.index] = ("pass", None)
+            elif name == "layer_norm":
+                self.plan[op.index] = ("layer_norm", None)
+            elif name in _PASS:
+                self.plan[op.index] = ("pass", None)
+            elif name in _ADD or name in _NORM:
+                self.plan[op.index] = ("norm", None)
+            elif name in _PRODUCT:
+                self.plan[op.index] = ("product", None)
+            elif name in _ATTENTION:
+                self.plan[op.index] = ("attention", None)
+            elif name in _CONSTANT:
+                self.plan[op.index] = ("constant", None)
+            elif name in _ROUTE:
+                pass
+            else:
+                raise LurkerError(
+                    f"LRP has no rule for {self._where(op)}. Supported: {SUPPORTED}. "
+                    "Explain this model with a gradient method (method='input_x_gradient', "
+                    "'integrated_gradients') instead."
+                )
+
+    def _mergeable_bn(self, op: Op) -> Op | None:
+        """The eval-mode BatchNorm that is ``op``'s only consumer, reading it as input."""
+        ops = self.trace.ops
+        if len(op.children) != 1:
+            return None
+        bn = ops[op.children[0]]
+        if bn.name != "batch_norm" or _arg(bn, 5, "training", False):
+            return None
+        x = _arg(bn, 0, "input")
+        return bn if type(x) is OpRef and x.index == op.index else None
+
+    # ------------------------------------------------------------------ values
+    def _value(self, ref: Any, live: dict[int, Any]) -> Any:
+        if type(ref) is ParamRef:
+            return self.model.get_parameter(ref.name)
+        if type(ref) is OpRef:
+            if ref.index in live:
+                v = live[ref.index]
+                return v[ref.output] if isinstance(v, (tuple, list)) else v
+            op = self.trace.ops[ref.index]
+            if op.kind == "buffer":
+                return self.model.get_buffer(op.name)
+            raise LurkerError(f"LRP: no value for {op.label} ({op.kind})")
+        if isinstance(ref, (tuple, list)):
+            return type(ref)(self._value(v, live) for v in ref)
+        return ref
+
+    def _call(self, op: Op, live: dict[int, Any], subs: dict[int, Tensor]) -> Callable:
+        """``f(*tensors)`` recomputing ``op`` with its graph inputs (those in ``subs``, by
+        position in ``op.args``) replaced."""
+        fn = _resolve(op.target, op.inplace)
+        args = [self._value(a, live) for a in op.args]
+        kwargs = {k: self._value(v, live) for k, v in op.kwargs.items() if k != "inplace"}
+        where = list(subs)
+
+        def call(*ts: Tensor) -> Tensor:
+            a = list(args)
+            for i, t in zip(where, ts):
+                a[i] = t
+            return fn(*a, **kwargs)
+
+        return call
+
+    # ------------------------------------------------------------------ rules
+    def _rule(
+        self, op: Op, out: Tensor, live: dict[int, Any], flows: dict[str, Flow]
+    ) -> Tensor | None:
+        kind, info = self.plan[op.index]
+        p = self.params
+        graph = {
+            i: self._value(a, live)
+            for i, a in enumerate(op.args)
+            if type(a) is OpRef and self._on_path(self.trace.ops[a.index])
+        }
+        graph = {i: t for i, t in graph.items() if isinstance(t, Tensor) and t.requires_grad}
+        if kind == "linear":
+            rule, lin, bn = info
+            x = self._value(lin.args[0], live)
+            w = self._value(_arg(lin, 1, "weight"), live)
+            b = self._value(_arg(lin, 2, "bias"), live)
+            if bn is not None:
+                w, b = _merge(w, b, bn, lambda r: self._value(r, live))
+            extra = [self._value(a, live) for a in lin.args[3:]]
+            extra_kw = {
+                k: self._value(v, live)
+                for k, v in lin.kwargs.items()
+                if k not in ("input", "weight", "bias")
+            }
+            fn = F.linear if lin.name == "linear" else getattr(F, lin.name)
+            wd, bd = w.detach(), None if b is None else b.detach()
+
+            def call(v: Tensor, ww: Tensor, bb: Tensor | None) -> Tensor:
+                return fn(v, ww, bb, *extra, **extra_kw)
+
+            def fwd(r: Tensor, ins: tuple) -> tuple:
+                return (_linear_rule(rule, call, ins[0], wd, bd, r, p),)
+
+            # a bias keeps its share; so does the epsilon rule's epsilon, by design
+            absorbs = rule == "epsilon" or (bd is not None and bool(bd.abs().max() > 0))
+            return self._apply(op, out, [x], fwd, flows, absorbs, f"{lin.name} ({rule})")
+        if not graph:
+            return None
+        idx, ins = list(graph), list(graph.values())
+        if kind == "pass":
+            main = ins[0]
+            fwd = lambda r, ins_: (r.reshape(ins_[0].shape) if r.shape == out.shape else r,)  # noqa: E731
+            if main.shape != out.shape:
+                return None
+            return self._apply(op, out, [main], fwd, flows, False, "pass")
+        if kind == "norm":
+            call = self._call(op, live, graph)
+            # an addition with a constant, a parameter or a number keeps that operand's share
+            absorbs = op.name in _ADD and len(graph) < 2
+            fwd = lambda r, ins_: _vjp(call, ins_, r, p["stabilizer"])  # noqa: E731
+            return self._apply(op, out, ins, fwd, flows, absorbs, "z-rule")
+        if kind == "product":
+            live_ops = [i for i in idx if op.args[i].index not in self.constant]
+            if len(live_ops) == 1 or len(ins) == 1:
+                keep = live_ops[:1] or idx[:1]
+                sub = {i: graph[i] for i in keep}
+                call = self._call(op, live, sub)
+                fwd = lambda r, ins_: _vjp(call, ins_, r, p["epsilon"])  # noqa: E731
+                return self._apply(op, out, list(sub.values()), fwd, flows, False, "epsilon")
+            call = self._call(op, live, graph)
+            fwd = lambda r, ins_: [0.5 * t for t in _vjp(call, ins_, r, p["epsilon"])]  # noqa: E731
+            return self._apply(op, out, ins, fwd, flows, False, "uniform")
+        if kind == "constant":
+            fwd = lambda r, ins_: [torch.zeros_like(t) for t in ins_]  # noqa: E731
+            return self._apply(op, out, ins, fwd, flows, True, "constant")
+        if kind == "layer_norm":
+            x = ins[0]
+            shape = _arg(op, 1, "normalized_shape")
+            w = self._value(_arg(op, 2, "weight"), live)
+            b = self._value(_arg(op, 3, "bias"), live)
+            eps = _arg(op, 4, "eps", 1e-5)
+            dims = tuple(range(-len(shape), 0))
+            std = (x.detach().var(dims, unbiased=False, keepdim=True) + eps).sqrt()
+
+            def ln(v: Tensor) -> Tensor:
+                y = (v - v.mean(dims, keepdim=True)) / std
+                y = y if w is None else y * w.detach()
+                return y if b is None else y + b.detach()
+
+            absorbs = b is not None and bool(b.detach().abs().max() > 0)
+            fwd = lambda r, ins_: _vjp(ln, ins_[:1], r, p["epsilon"])  # noqa: E731
+            return self._apply(op, out, [x], fwd, flows, absorbs, "layer norm, std constant")
+        if kind == "attention":
+            q, k, v = (
+                self._value(_arg(op, i, n), live) for i, n in enumerate(("query", "key", "value"))
+            )
+            mask = self._value(_arg(op, 3, "attn_mask"), live)
+            causal = bool(_arg(op, 5, "is_causal", False))
+            scale = _arg(op, 6, "scale")
+            a = _attention_weights(q.detach(), k.detach(), mask, causal, scale)
+            fwd = lambda r, ins_: _vjp(lambda vv: a @ vv, ins_[:1], r, p["epsilon"])  # noqa: E731
+            if not v.requires_grad:
+                return None
+            return self._apply(op, out, [v], fwd, flows, False, "attention weights constant")
+        return None
+
+    def _apply(self, op, out, ins, rule, flows, absorbs, what) -> Tensor:
+        label = op.label
+
+        def backward(r: Tensor, saved: tuple) -> tuple:
+            rel = list(rule(r, saved))
+            flows[label] = Flow(
+                label, f"{op.name}: {what}", _rows(r), sum(_rows(t) for t in rel), absorbs
+            )
+            return tuple(t.detach() for t in rel)
+
+        return _Rule.apply(backward, out, *ins)
+
+    # ------------------------------------------------------------------ run
+    def run(
+        self,
+        x: Tensor,
+        target: Any,
+        at: str | None = None,
+        mask: Tensor | None = None,
+    ) -> tuple[Relevance, list[int] | UnitTarget]:
+        """Relevance of ``x`` for ``target``; ``at``/``mask``: keep only the relevance
+        where ``mask`` is 1 at op ``at``'s output (conditional relevance)."""
+        from ..capture._hooks import resolve
+
+        ops = self.trace.ops
+        parsed = parse_target(target, x.shape[0])
+        unit_op = None
+        if isinstance(parsed, UnitTarget):
+            unit_op = self._one_op(parsed.layer, resolve)
+        at_op = self._one_op(at, resolve) if at is not None else None
+        live: dict[int, Any] = {}
+        flows: dict[str, Flow] = {}
+        kept: list[Tensor] = []
+        xi = x.detach().clone().requires_grad_(True)
+        live[self.inputs[0]] = xi
+
+        def hook(op: Op, out: Any) -> Any:
+            new = None
+            if op.index in self.plan and isinstance(out, Tensor):
+                new = self._rule(op, out, live, flows)
+            val = new if new is not None else out
+            if at_op is not None and op.index == at_op.index and isinstance(val, Tensor):
+                if not val.requires_grad:
+                    raise LurkerError(f"layer {at!r} does not depend on the input")
+                val.register_hook(_masker(mask, kept))
+            writer = self.inplace_fed.get(op.index)
+            if writer is None:
+                live[op.index] = val
+                return new
+            if writer.index in self.plan and len(op.children) == 1:
+                # the in-place op gets a rule (from ``live``): let it write into a tensor
+                # outside autograd, or its saved tensors would be overwritten by the
+                # replacement before the backward reads them
+                live[op.index] = val
+                return val.detach() if op.inplace else val.detach().clone()
+            if new is None:  # keep the value from before the in-place write
+                live[op.index] = out.clone() if isinstance(out, Tensor) else out
+                return None
+            live[op.index] = new
+            return new if op.inplace else new.clone()
+
+        hooks = {op.index: hook for op in ops if op.kind == "op" and op.seq >= 0}
+        result = self.trace.run(xi, save="none", hooks=hooks)
+        output = result.output
+        if unit_op is not None:
+            assert isinstance(parsed, UnitTarget)
+            act = live[unit_op.index]
+            r0 = _unit_relevance(act, parsed)
+            score_t = act
+        else:
+            if not isinstance(output, Tensor) or output.dim() != 2:
+                raise LurkerError(
+                    "a class target needs a model output of shape (batch, classes); target a "
+                    "unit (layer, channel) instead"
+                )
+            classes = output.detach().argmax(1).tolist() if parsed is None else parsed
+            big = max(classes)
+            if big >= output.shape[1]:
+                raise LurkerError(
+                    f"target class {big} is out of range: the model has {output.shape[1]} "
+                    f"outputs (classes 0 to {output.shape[1] - 1})"
+                )
+            onehot = torch.zeros_like(output)
+            onehot[torch.arange(len(classes)), torch.tensor(classes)] = 1
+            r0 = onehot * output.detach()
+            score_t = output
+            parsed = classes
+        if not score_t.requires_grad:
+            raise LurkerError("LRP: the target does not depend on the input")
+        (rx,) = torch.autograd.grad(score_t, xi, r0, allow_unused=True)
+        if rx is None:
+            rx = torch.zeros_like(xi)
+        rel = Relevance(
+            input=rx.detach(),
+            output=output.detach() if isinstance(output, Tensor) else None,
+            start=_rows(r0),
+            flows=flows,
+            layer=kept[0] if kept else None,
+        )
+        return rel, parsed
+
+    def _one_op(self, key: str, resolve: Callable) -> Op:
+        from ..errors import OpKeyError
+
+        try:
+            idx = list(resolve(self.trace, {key: lambda op, out: None}))
+        except OpKeyError as e:
+            raise LurkerError(
+                f"layer {key!r} is not in the model: name a module path "
+                f"(model.named_modules()) or a trace label (lurker.trace(model, x)). {e}"
+            ) from e
+        if len(idx) != 1:
+            raise LurkerError(f"layer {key!r} names {len(idx)} passes; name one by its trace label")
+        op = self.trace.ops[idx[0]]
+        # a merged BatchNorm's conv carries no relevance of its own: use the BatchNorm
+        if op.index not in self.plan and len(op.children) == 1:
+            child = self.trace.ops[op.children[0]]
+            if (
+                self.plan.get(child.index, ("", None))[0] == "linear"
+                and self.plan[child.index][1][1] is op
+            ):
+                op = child
+        return op
+
+
+def _merge(w: Tensor, b: Tensor | None, bn: Op, value: Callable) -> tuple[Tensor, Tensor]:
+    """Weights and bias of a linear layer followed by an eval-mode BatchNorm, as one."""
+    mean = value(_arg(bn, 1, "running_mean"))
+    var = value(_arg(bn, 2, "running_var"))
+    gamma = value(_arg(bn, 3, "weight"))
+    beta = value(_arg(bn, 4, "bias"))
+    eps = _arg(bn, 7, "eps", 1e-5)
+    scale = 1 / (var + eps) ** 0.5  # (as Zennit's canonizer computes it: equal numbers)
+    if gamma is not None:
+        scale = gamma * scale
+    w2 = w * scale.reshape(-1, *([1] * (w.dim() - 1)))
+    b2 = ((b if b is not None else torch.zeros_like(mean)) - mean) * scale
+    if beta is not None:
+        b2 = b2 + beta
+    return w2.detach(), b2.detach()
+
+
+def _attention_weights(q: Tensor, k: Tensor, mask: Any, causal: bool, scale: Any) -> Tensor:
+    s = (1.0 / math.sqrt(q.shape[-1])) if scale is None else scale
+    scores = (q @ k.transpose(-2, -1)) * s
+    if causal:
+        n, m = scores.shape[-2:]
+        keep = torch.ones(n, m, dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~keep, float("-inf"))
+    if isinstance(mask, Tensor):
+        scores = (
+            scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+        )
+    if k.shape[-3:-2] != q.shape[-3:-2] and q.dim() == 4:  # grouped-query attention
+        raise LurkerError("LRP: grouped-query attention is not supported")
+    return scores.softmax(-1)
+
+
+def _unit_relevance(act: Tensor, u: UnitTarget) -> Tensor:
+    if act.dim() < 2 or u.channel >= act.shape[1]:
+        n = act.shape[1] if act.dim() >= 2 else 0
+        raise LurkerError(
+            f"unit target {u}: channel {u.channel} is out of range; {u.layer} has {n} channels"
+        )
+    r = torch.zeros_like(act)
+    a = act.detach()
+    if u.y is None:
+        per = a[:, u.channel]
+        r[:, u.channel] = per / max(per[0].numel(), 1)
+    else:
+        if a.dim() != 4 or u.y >= a.shape[2] or u.x is None or u.x >= a.shape[3]:
+            raise LurkerError(
+                f"unit target {u}: position outside {u.layer}'s output {tuple(a.shape)}"
+            )
+        r[:, u.channel, u.y, u.x] = a[:, u.channel, u.y, u.x]
+    return r
+
+
+def lrp_relevance(
+    model: nn.Module,
+    x: Tensor,
+    target: Any = None,
+    composite: str | None = None,
+    tolerance: float = 1e-3,
+    **params: Any,
+) -> tuple[Relevance, list[int] | UnitTarget]:
+    """One LRP pass (no guard: :class:`LRP` and :func:`~.relevance.concepts` wrap it)."""
+    eng = Engine(model, x, composite, **params)
+    rel, tgt = eng.run(x, target)
+    _warn_leaks(rel, tolerance)
+    return rel, tgt
+
+
+def _warn_leaks(rel: Relevance, tolerance: float) -> None:
+    leaks = rel.leaks(tolerance)
+    if leaks:
+        f, frac = leaks[0]
+        more = f" (and {len(leaks) - 1} more ops)" if len(leaks) > 1 else ""
+        warnings.warn(
+            f"LRP relevance is not conserved at {f.label} ({f.what}): it received "
+            f"{float(f.out.sum()):.6g} and passed on {float(f.into.sum()):.6g}, "
+            f"{frac:.2%} of the target's relevance{more}",
+            stacklevel=3,
+        )
+
+
+@register
+class LRP(Method):
+    name = "lrp"
+    signed = True
+    summary = (
+        "layer-wise relevance propagation (Bach et al., 2015) with Zennit's composites on "
+        "CNNs and conservative attention/LayerNorm rules on transformers (Ali et al., 2022)"
+    )
+
+    def compute(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        target: Any,
+        *,
+        composite: str | None = None,
+        epsilon: float = 1e-6,
+        stabilizer: float = 1e-6,
+        gamma: float = 0.25,
+        low: Any = None,
+        high: Any = None,
+        tolerance: float = 1e-3,
+    ) -> Explanation:
+        eng = Engine(
+            model,
+            x,
+            composite,
+            epsilon=epsilon,
+            stabilizer=stabilizer,
+            gamma=gamma,
+            low=low,
+            high=high,
+        )
+        rel, tgt = eng.run(x, target)
+        _warn_leaks(rel, tolerance)
+        flows = {k: (float(f.out.sum()), float(f.into.sum())) for k, f in rel.flows.items()}
+        options = {
+            "composite": eng.composite,
+            "epsilon": epsilon,
+            "stabilizer": stabilizer,
+            "gamma": gamma,
+            "low": low,
+            "high": high,
+            "relevance_start": rel.start.tolist(),
+            "relevance_input": _rows(rel.input).tolist(),
+            "flows": flows,
+        }
+        return Explanation(
+            attribution=rel.input,
+            method=self.name,
+            target=tgt,
+            options=options,
+            output=rel.output,
+            signed=True,
+        )

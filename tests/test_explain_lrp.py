@@ -1,0 +1,274 @@
+"""LRP and concept relevance: equal to Zennit on VGG and ResNet, conservation on every
+supported family (CNNs and vision transformers), leaks and unsupported layers reported,
+conditional relevance against a brute-force loop and against Zennit with a masked
+gradient (how zennit-crp computes it)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import lurker
+from lurker.errors import LurkerError
+from lurker.explain.lrp import Engine
+
+zennit = pytest.importorskip("zennit")
+from zennit.attribution import Gradient  # noqa: E402
+from zennit.composites import EpsilonAlpha2Beta1, EpsilonGammaBox, EpsilonPlusFlat  # noqa: E402
+from zennit.torchvision import ResNetCanonizer, VGGCanonizer  # noqa: E402
+
+TINY = {"epsilon": 1e-20, "stabilizer": 1e-20}  # (far under float32 activations of 1e-10)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp(min=1e-12))
+
+
+def cnn(arch: str, zero_bias: bool = False) -> nn.Module:
+    torch.manual_seed(0)
+    m = getattr(torchvision.models, arch)(num_classes=10).eval()
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                # as after training; eps 0 because Zennit's canonizer leaves the merged
+                # BatchNorm computing x / sqrt(1 + eps), off by 5e-6 per layer
+                mod.eps = 0.0
+                mod.running_mean.uniform_(-0.5, 0.5)
+                mod.running_var.uniform_(0.5, 2.0)
+                mod.weight.uniform_(0.5, 1.5)
+                mod.bias.uniform_(-0.2, 0.2)
+        if zero_bias:
+            zero_biases(m)
+    return m
+
+
+def zero_biases(m: nn.Module) -> nn.Module:
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.endswith("bias") or name.split(".")[-1] in (
+                "pos_embedding", "class_token", "pos_embed", "cls_token",
+            ):  # fmt: skip
+                p.zero_()
+        for mod in m.modules():
+            if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+                mod.running_mean.zero_()
+    return m
+
+
+ZENNIT = {
+    "epsilon_plus_flat": lambda c: EpsilonPlusFlat(canonizers=c),
+    "epsilon_gamma_box": lambda c: EpsilonGammaBox(low=-3.0, high=3.0, canonizers=c),
+    "alpha2_beta1": lambda c: EpsilonAlpha2Beta1(canonizers=c),
+}
+
+
+@pytest.fixture(scope="module")
+def x64() -> torch.Tensor:
+    torch.manual_seed(1)
+    return torch.randn(1, 3, 64, 64)
+
+
+@pytest.mark.parametrize("arch", ["vgg11", "resnet18"])
+@pytest.mark.parametrize("composite", list(ZENNIT))
+def test_lrp_equals_zennit(arch, composite, x64) -> None:
+    m = cnn(arch if arch == "resnet18" else "vgg11_bn" if composite == "alpha2_beta1" else arch)
+    e = lurker.explain(m, x64, target=3, method="lrp", composite=composite, low=-3.0, high=3.0)
+    can = [ResNetCanonizer()] if arch == "resnet18" else [VGGCanonizer()]
+    with Gradient(model=m, composite=ZENNIT[composite](can)) as attr:
+        _, ref = attr(x64, lambda out: nn.functional.one_hot(torch.tensor([3]), 10) * out)
+    assert rel_err(e.attribution, ref) < 1e-4
+    assert e.options["composite"] == composite and e.target == [3]
+
+
+@pytest.mark.parametrize("arch", ["vgg11_bn", "resnet18", "mobilenet_v2", "densenet121"])
+@pytest.mark.parametrize("composite", ["epsilon_plus_flat", "epsilon_gamma_box"])
+def test_conservation_with_biases_zeroed(arch, composite) -> None:
+    """Sum of the input relevance = the target's logit, for each row."""
+    if arch == "densenet121" and composite != "epsilon_plus_flat":
+        pytest.skip("one composite is enough for the slowest model")
+    m = cnn(arch, zero_bias=True)
+    torch.manual_seed(2)
+    x = torch.randn(2, 3, 32, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # and no leak warning
+        e = lurker.explain(m, x, target=None, method="lrp", composite=composite, **TINY)
+    logit = e.output.gather(1, torch.tensor(e.target)[:, None])[:, 0]
+    total = e.attribution.flatten(1).sum(1)
+    assert float(((total - logit).abs() / logit.abs()).max()) < 1e-5
+
+
+def test_alpha2_beta1_conserves_where_both_parts_exist() -> None:
+    """alpha - beta = 1 conserves a neuron's relevance when it has both positive and
+    negative contributions (random weights: every neuron of VGG)."""
+    m = cnn("vgg11", zero_bias=True)
+    x = torch.randn(1, 3, 32, 32)
+    e = lurker.explain(m, x, target=2, method="lrp", composite="alpha2_beta1", **TINY)
+    logit = e.output[0, 2]
+    assert abs(float(e.attribution.sum() - logit)) < 1e-5 * abs(float(logit))
+
+
+def vit_tv() -> nn.Module:
+    torch.manual_seed(0)
+    m = torchvision.models.VisionTransformer(
+        image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32,
+        num_classes=5,
+    ).eval()  # fmt: skip
+    nn.init.normal_(m.heads.head.weight)  # (torchvision starts the head at zero)
+    return m
+
+
+def vit_timm() -> nn.Module:
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    return timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2, num_classes=5
+    ).eval()
+
+
+@pytest.mark.parametrize("make", [vit_tv, vit_timm], ids=["torchvision", "timm"])
+def test_vit_conservation(make) -> None:
+    """Attention weights and LayerNorm's std held constant: with biases, positional
+    embedding and class token at zero, the input relevance sums to the logit."""
+    m = zero_biases(make())
+    torch.manual_seed(3)
+    x = torch.randn(2, 3, 32, 32)
+    e = lurker.explain(m, x, target=[0, 4], method="lrp", **TINY)
+    assert e.options["composite"] == "epsilon"  # the transformer default
+    logit = e.output.gather(1, torch.tensor([[0], [4]]))[:, 0]
+    total = e.attribution.flatten(1).sum(1)
+    assert float(((total - logit).abs() / logit.abs()).max()) < 1e-5
+    whats = {f.split(":")[1].strip() for f in _flow_kinds(m, x)}
+    assert {"attention weights constant", "layer norm, std constant", "z-rule"} <= whats
+
+
+def _flow_kinds(m: nn.Module, x: torch.Tensor) -> set[str]:
+    rel, _ = Engine(m, x, None, **TINY).run(x, 0)
+    return {f.what for f in rel.flows.values()}
+
+
+def test_vit_with_biases_runs_and_is_finite() -> None:
+    m = vit_timm()
+    e = lurker.explain(m, torch.randn(1, 3, 32, 32), method="lrp")
+    assert torch.isfinite(e.attribution).all() and e.attribution.abs().sum() > 0
+
+
+def test_unsupported_layer_is_named() -> None:
+    m = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4), nn.ReLU(), nn.Flatten(), nn.LazyLinear(3)
+    )
+    m(torch.randn(1, 3, 8, 8))
+    m.eval()
+    with pytest.raises(LurkerError, match=r"no rule for .*group_norm.*GroupNorm.*Supported"):
+        lurker.explain(m, torch.randn(1, 3, 8, 8), method="lrp")
+
+
+def test_unknown_composite() -> None:
+    with pytest.raises(LurkerError, match=r"unknown LRP composite 'zplus'.*epsilon_plus_flat"):
+        lurker.explain(cnn("vgg11"), torch.randn(1, 3, 32, 32), method="lrp", composite="zplus")
+
+
+def test_leak_warns_naming_the_op() -> None:
+    """A stabilizer as large as the activations swallows relevance in a rule that should
+    conserve it: the warning names the op."""
+    m = cnn("vgg11", zero_bias=True)
+    with pytest.warns(
+        UserWarning,
+        match=r"not conserved at (conv2d|adaptive_avg_pool2d)_\d+ \((conv2d|adaptive_avg_pool2d): \S+",
+    ):
+        lurker.explain(m, torch.randn(1, 3, 32, 32), method="lrp", stabilizer=10.0)
+
+
+def test_batch_equals_rows() -> None:
+    m = cnn("resnet18")
+    x = torch.randn(2, 3, 32, 32)
+    both = lurker.explain(m, x, target=[1, 3], method="lrp").attribution
+    one = lurker.explain(m, x[1:], target=3, method="lrp").attribution
+    assert rel_err(both[1:], one) < 1e-5
+
+
+def test_unit_target_conserves() -> None:
+    """Relevance started at a unit (its spatial mean) sums to that unit's score."""
+    m = cnn("vgg11", zero_bias=True)
+    x = torch.randn(1, 3, 32, 32)
+    e = lurker.explain(m, x, target=("features.7", 5), method="lrp", **TINY)
+    act = {}
+    h = m.features[7].register_forward_hook(lambda mod, i, o: act.setdefault("a", o.clone()))
+    with torch.no_grad():
+        m(x)
+    h.remove()
+    score = act["a"][0, 5].mean()
+    assert abs(float(e.attribution.sum() - score)) < 1e-5 * abs(float(score))
+
+
+def test_model_left_untouched_also_on_error() -> None:
+    m = cnn("resnet18")
+    flags = [p.requires_grad for p in m.parameters()]
+    lurker.explain(m, torch.randn(1, 3, 32, 32), method="lrp")
+    lurker.explain.concepts(m, torch.randn(1, 3, 32, 32), layer="layer3", top=2)
+    with pytest.raises(LurkerError):
+        lurker.explain(m, torch.randn(1, 3, 32, 32), target=99, method="lrp")
+    assert [p.requires_grad for p in m.parameters()] == flags
+    for mod in m.modules():
+        assert not (mod._forward_hooks or mod._forward_pre_hooks or mod._backward_hooks)
+
+
+# ----------------------------------------------------------------------------- concepts
+def test_concepts_conserve_and_match_brute_force() -> None:
+    m = cnn("vgg11", zero_bias=True)
+    torch.manual_seed(4)
+    x = torch.randn(2, 3, 32, 32)
+    c = lurker.explain.concepts(
+        m, x, target=[1, 3], layer="features.8", top=3, batch_size=4, **TINY
+    )
+    assert c.units.shape == (2, 3) and c.heatmaps.shape == (2, 3, 3, 32, 32)
+    # the units partition the layer's relevance, and the layer holds the logit's
+    assert torch.allclose(c.relevance.sum(1), c.total, rtol=1e-5)
+    e = lurker.explain(m, x, target=[1, 3], method="lrp", **TINY)
+    assert rel_err(c.total, e.output.gather(1, torch.tensor([[1], [3]]))[:, 0]) < 1e-5
+    # ranked, and each conditional heatmap sums to its unit's relevance
+    assert (c.unit_relevance[:, :-1] >= c.unit_relevance[:, 1:]).all()
+    assert rel_err(c.heatmap_sums, c.unit_relevance) < 1e-5
+    # brute force: one masked backward per unit
+    eng = Engine(m, x, None, **TINY)
+    for b in range(2):
+        for j, u in enumerate(c.units[b].tolist()):
+            mask = torch.zeros(1, c.relevance.shape[1], 1, 1)
+            mask[0, u] = 1
+            rel, _ = eng.run(x[b : b + 1], [1, 3][b], at="features.8", mask=mask)
+            assert rel_err(c.heatmaps[b, j], rel.input[0]) < 1e-5
+
+
+def test_concepts_equal_zennit_masked_gradient() -> None:
+    """zennit-crp's conditional relevance: Zennit's LRP with the gradient masked to one
+    channel at the layer (a tensor hook on the layer's output)."""
+    m = cnn("vgg11")
+    torch.manual_seed(5)
+    x = torch.randn(1, 3, 32, 32)
+    c = lurker.explain.concepts(m, x, target=2, layer="features.5", units=[0, 7, 9])
+    for j, u in enumerate([0, 7, 9]):
+
+        def mask(mod, i, o, u=u):
+            keep = torch.zeros_like(o)
+            keep[:, u] = 1
+            o.register_hook(lambda g: g * keep)
+
+        h = m.features[5].register_forward_hook(mask)
+        try:
+            with Gradient(model=m, composite=EpsilonPlusFlat(canonizers=[VGGCanonizer()])) as attr:
+                _, ref = attr(x, lambda out: nn.functional.one_hot(torch.tensor([2]), 10) * out)
+        finally:
+            h.remove()
+        assert rel_err(c.heatmaps[0, j], ref[0]) < 1e-4
+
+
+def test_concepts_bad_layer_and_unit() -> None:
+    m = cnn("vgg11")
+    x = torch.randn(1, 3, 32, 32)
+    with pytest.raises(LurkerError, match=r"layer 'features\.99' is not in the model"):
+        lurker.explain.concepts(m, x, layer="features.99")
+    with pytest.raises(LurkerError, match="unit 512 out of range"):
+        lurker.explain.concepts(m, x, layer="features.8", units=[512])
