@@ -403,6 +403,7 @@ def test_explain_page(page: Any, explorer: dict[str, Any]) -> None:
     """Every method's heatmap loads over the sample; the one slider sets every overlay's
     opacity; another target class reloads them all; the sample page links here."""
     from lurker.explain import METHODS
+    from lurker.explain import concepts as lurker_concepts
 
     rid, model, ds = explorer["id"], explorer["model"], explorer["ds"]
     sid = 5
@@ -413,9 +414,9 @@ def test_explain_page(page: Any, explorer: dict[str, Any]) -> None:
     page.locator("#explain-this").click()
     page.wait_for_url(f"**#/r/{rid}/explain?image=sample-{sid}")
     page.wait_for_selector(".explain-card")
-    assert page.locator(".explain-card").count() == len(METHODS)
-    images_loaded(page, ".explain-grid img.heat")
-    heat = page.locator(".explain-grid img.heat")
+    assert page.locator(".methods .explain-card").count() == len(METHODS)
+    images_loaded(page, ".methods img.heat")
+    heat = page.locator(".methods img.heat")
     srcs = heat.evaluate_all("es => es.map(e => e.getAttribute('src'))")
     assert sorted(s.split("/explain/")[1].split(".png")[0] for s in srcs) == sorted(METHODS)
     assert all("target=top" in s and "overlay=0" in s for s in srcs)
@@ -427,10 +428,22 @@ def test_explain_page(page: Any, explorer: dict[str, Any]) -> None:
     assert page.locator(".target-list .target.on").get_attribute("data-class") == str(top[0])
     # captions filled from the JSON (min/max/sum; Grad-CAM names its layer)
     page.wait_for_function(
-        "() => [...document.querySelectorAll('.explain-card figcaption')]"
+        "() => [...document.querySelectorAll('.methods figcaption')]"
         ".every(f => f.textContent.includes('max'))"
     )
     assert "features.9" in page.locator('.explain-card[data-method="gradcam"]').inner_text()
+
+    # concept relevance of the default layer: 8 units, each map loaded, each linked to its
+    # unit page (the layer is probed), ranked as lurker.explain.concepts ranks them
+    page.wait_for_selector(".concept")
+    assert page.locator(".concept").count() == 8
+    images_loaded(page, ".concepts img.heat")
+    units = page.locator(".concept").evaluate_all("es => es.map(e => Number(e.dataset.unit))")
+    want = lurker_concepts(model, ds[sid][0][None], layer="features.9", top=8)
+    assert units == want.units[0].tolist()
+    links = page.locator(".concept h3 a").evaluate_all("es => es.map(e => e.getAttribute('href'))")
+    assert links == [f"#/r/{rid}/unit/features.9/{u}" for u in units]
+    heat = page.locator("img.heat")  # method and concept overlays alike
 
     opacities = "es => es.map(e => getComputedStyle(e).opacity)"
     assert set(heat.evaluate_all(opacities)) == {"0.7"}
@@ -443,15 +456,15 @@ def test_explain_page(page: Any, explorer: dict[str, Any]) -> None:
     page.locator(f'.target-list .target[data-class="{second}"]').click()
     page.wait_for_url(f"**target={second}**")
     page.wait_for_function(
-        "t => { const imgs = [...document.querySelectorAll('.explain-grid img.heat')];"
+        "t => { const imgs = [...document.querySelectorAll('.methods img.heat')];"
         " return imgs.length > 0 && imgs.every(i => i.src.includes('target=' + t)"
         " && i.complete && i.naturalWidth > 0); }",
         arg=str(second),
         timeout=20000,
     )
-    assert page.locator(".explain-grid img.heat").count() == len(METHODS)
+    assert page.locator(".methods img.heat").count() == len(METHODS)
     assert page.locator(".target-list .target.on").get_attribute("data-class") == str(second)
-    assert set(page.locator(".explain-grid img.heat").evaluate_all(opacities)) == {"0.25"}
+    assert set(page.locator(".methods img.heat").evaluate_all(opacities)) == {"0.25"}
 
     # a unit target: typed as LAYER:CHANNEL, linked to its unit page
     page.locator("#explain-unit").fill(f"{LAYER}:3")
@@ -459,4 +472,4 @@ def test_explain_page(page: Any, explorer: dict[str, Any]) -> None:
     page.wait_for_url(f"**target={LAYER}:3**".replace(":", "%3A"))
     page.wait_for_selector(f'main a[href="#/r/{rid}/unit/{LAYER}/3"]')
     assert "for unit features.4:3" in page.locator("main h2").first.inner_text()
-    images_loaded(page, ".explain-grid img.heat")
+    images_loaded(page, ".methods img.heat")

@@ -6,6 +6,7 @@ one attribution per (image, method, target, layer) is computed.
 
 from __future__ import annotations
 
+import inspect
 import io
 import sys
 import threading
@@ -63,7 +64,10 @@ def _expected_rgba(heat: np.ndarray, signed: bool) -> np.ndarray:
 
 
 def _oracle(model: torch.nn.Module, x: torch.Tensor, method: str, target: Any, options: dict):
-    opts = {k: v for k, v in options.items() if v is not None}
+    """The method run in the test with the options the server reports (those that are
+    the method's own parameters: a method may also record derived facts there)."""
+    params = inspect.signature(METHODS[method].compute).parameters
+    opts = {k: v for k, v in options.items() if v is not None and k in params}
     return XP.explain(model, x, target=target, method=method, **opts)
 
 
@@ -238,3 +242,88 @@ def test_cached_per_image_method_target_layer(
         hooks_before
     )
     assert [p.requires_grad for p in model.parameters()] == flags
+
+
+def test_concept_relevance_equals_concepts(
+    client: TestClient,
+    explorer_run: ExplorerRun,  # noqa: F811
+    x: torch.Tensor,
+):
+    model = explorer_run.model
+    r = client.get(f"{BASE}/concepts.json", params={"layer": "features.4", "top": 5})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    c = XP.concepts(model, x, None, layer="features.4", top=5)
+    assert body["layer"] == "features.4" and body["probed"] and body["channels"] == 32
+    assert body["target_class"] == int(c.target[0]) and body["composite"] == c.composite
+    assert [u["unit"] for u in body["units"]] == c.units[0].tolist()
+    rel = [u["relevance"] for u in body["units"]]
+    assert rel == pytest.approx(c.unit_relevance[0].tolist(), rel=1e-4, abs=1e-7)
+    assert rel == sorted(rel, reverse=True)
+    # the units partition the layer's relevance: the total is the sum over all of them
+    assert body["total"] == pytest.approx(float(c.relevance[0].sum()), rel=1e-4)
+    for u in body["units"]:
+        assert u["share"] == pytest.approx(u["relevance"] / body["total"], rel=1e-6)
+    sums = [u["heatmap_sum"] for u in body["units"]]
+    assert sums == pytest.approx(c.heatmap_sums[0].tolist(), rel=1e-4, abs=1e-6)
+
+    first = body["units"][0]["unit"]
+    rgba = _png(
+        client.get(f"{BASE}/concepts/{first}.png", params={"layer": "features.4", "overlay": 0})
+    )
+    heat = c.heatmaps[0, 0].sum(0).double().numpy()
+    assert np.abs(rgba[::14, ::14].astype(int) - _expected_rgba(heat, True)).max() <= 1
+    # a unit outside the ranking gets its conditional heatmap too
+    last = int(c.relevance[0].argmin())
+    rgba = _png(
+        client.get(f"{BASE}/concepts/{last}.png", params={"layer": "features.4", "overlay": 0})
+    )
+    one = XP.concepts(model, x, None, layer="features.4", units=[last])
+    heat = one.heatmaps[0, 0].sum(0).double().numpy()
+    assert np.abs(rgba[::14, ::14].astype(int) - _expected_rgba(heat, True)).max() <= 1
+
+    # a unit target and the default layer (the last probed spatial one)
+    body = client.get(f"{BASE}/concepts.json", params={"target": "features.9:0"}).json()
+    assert body["target"] == "features.9:0" and body["layer"] == "features.9"
+
+
+@pytest.mark.parametrize(
+    ("path", "params", "status", "says"),
+    [
+        ("concepts/32.png", {"layer": "features.4"}, 404, "no unit 32 in layer 'features.4'"),
+        ("concepts.json", {"layer": "nope"}, 404, "layer 'nope' is not in the model"),
+        ("concepts.json", {"layer": "features.9", "target": "features.4:1"}, 400, "not between"),
+        ("concepts.json", {"target": "12"}, 400, "target class 12 is out of range"),
+        ("concepts.json", {"top": 0}, 422, "top"),
+    ],
+)
+def test_concepts_bad_input(client: TestClient, path: str, params: dict, status: int, says: str):
+    r = client.get(f"{BASE}/{path}", params=params)
+    assert r.status_code == status, r.text
+    assert says in r.json()["detail"]
+
+
+def test_concepts_cached(
+    explorer_run: ExplorerRun,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+):
+    calls: list[Any] = []
+    real = XP.concepts
+
+    def counting(*a: Any, **kw: Any) -> Any:
+        calls.append(kw.get("units"))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(XP, "concepts", counting)
+    with TestClient(create_app(explorer_run.path, model_obj=explorer_run.model)) as c:
+        q = {"layer": "features.4"}
+        ranked = [u["unit"] for u in c.get(f"{BASE}/concepts.json", params=q).json()["units"]]
+        assert len(ranked) == 8 and calls == [None]
+        assert c.get(f"{BASE}/concepts.json", params={**q, "top": 3}).json()["cached"]
+        for u in ranked:
+            assert c.get(f"{BASE}/concepts/{u}.png", params=q).status_code == 200
+        assert calls == [None]  # the ranked units' maps came with the ranking
+        other = next(u for u in range(32) if u not in ranked)
+        for _ in range(2):
+            assert c.get(f"{BASE}/concepts/{other}.png", params=q).status_code == 200
+        assert calls == [None, [other]]

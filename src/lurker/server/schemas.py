@@ -282,6 +282,8 @@ class ExplainMethods(BaseModel):
     default_layer: str | None
     #: the run's probed layers with a spatial output (the page's layer chooser)
     layers: list[str]
+    #: whether concept relevance (``.../explain/concepts.json``) is available
+    concepts: bool
 
 
 class ExplainResult(BaseModel):
@@ -309,5 +311,36 @@ class ExplainResult(BaseModel):
     #: the PNGs' nearest-neighbour upscale factor
     scale: int
     #: seconds the attribution took (0 when it came from the cache)
+    seconds: float
+    cached: bool
+
+
+class ConceptUnit(BaseModel):
+    unit: int
+    #: the unit's relevance at the layer (signed: positive supports the target)
+    relevance: float
+    #: its share of the layer's total relevance (null when the total is 0)
+    share: float | None
+    #: the sum of its conditional heatmap (equals ``relevance`` where the rules below
+    #: the layer conserve)
+    heatmap_sum: float
+
+
+class ConceptRanking(BaseModel):
+    image: str
+    #: the layer as asked (a run layer name, module path or trace label)
+    layer: str
+    #: whether the layer is a probed layer of the run (each unit has a unit page)
+    probed: bool
+    target: str
+    target_class: int | None
+    target_name: str | None
+    composite: str
+    #: the layer's number of units and its total relevance (the sum over all units)
+    channels: int
+    total: float
+    #: the top units by relevance, most relevant first
+    units: list[ConceptUnit]
+    scale: int
     seconds: float
     cached: bool

@@ -5,7 +5,9 @@
  * changes every overlay at once without a request. The target is one of the top-5
  * predictions (default: the top class) or a unit `LAYER:CHANNEL`; Grad-CAM's layer has its
  * own chooser. Each heatmap is computed once per (image, method, target, layer) by the
- * server, which caches it.
+ * server, which caches it. Below, concept relevance (when lurker has LRP): a chosen layer's
+ * units ranked by their share of the relevance, each with its conditional heatmap and a
+ * link to its unit page.
  */
 import { p, type LiveImage, type RunSummary } from "../api";
 import type { PageContext } from "../context";
@@ -22,6 +24,18 @@ interface ExplainMethods {
   methods: ExplainMethod[];
   default_layer: string | null;
   layers: string[];
+  concepts: boolean;
+}
+
+interface ConceptRanking {
+  layer: string;
+  probed: boolean;
+  target: string;
+  composite: string;
+  channels: number;
+  total: number;
+  units: { unit: number; relevance: number; share: number | null; heatmap_sum: number }[];
+  seconds: number;
 }
 
 interface ExplainResult {
@@ -202,11 +216,13 @@ export async function renderExplain(root: HTMLElement, ctx: PageContext): Promis
     ),
     h("p", { class: "small" }, h("a", { href: ctx.href("live") + "?image=" + encodeURIComponent(image) }, "Open this image in the live view")),
   );
-  const grid = h("section", { class: "explain-grid", "aria-label": "heatmaps" });
-  append(root, h("div", { class: "explain-top" }, imageCard, controls), h("h2", null, "Heatmaps ", h("span", { class: "sub" }, targetLine(target, live))), grid);
+  const grid = h("section", { class: "explain-grid methods", "aria-label": "heatmaps" });
+  const page = h("div", { class: "explain-page" });
+  root.append(page);
+  append(page, h("div", { class: "explain-top" }, imageCard, controls), h("h2", null, "Heatmaps ", h("span", { class: "sub" }, targetLine(target, live))), grid);
 
   const setOpacity = (v: number) => {
-    grid.style.setProperty("--heat-opacity", String(v));
+    page.style.setProperty("--heat-opacity", String(v));
     sliderValue.textContent = `${Math.round(v * 100)}%`;
   };
   setOpacity(opacity);
@@ -217,6 +233,71 @@ export async function renderExplain(root: HTMLElement, ctx: PageContext): Promis
   });
 
   for (const m of info.methods) grid.append(methodCard(ctx, image, m, target, m.needs_layer ? layer : null, inputSrc));
+  if (info.concepts) {
+    const clayer = params.get("clayer") || (isUnit ? null : info.default_layer) || null;
+    page.append(conceptSection(ctx, summary, image, target, clayer, inputSrc, (l) => go({ clayer: l })));
+  }
+}
+
+/** Concept relevance: the units of `layer` ranked by their share of the relevance for the
+ * target, each with its conditional heatmap (the relevance that flowed through it). */
+function conceptSection(ctx: PageContext, summary: RunSummary, image: string, target: string, layer: string | null, inputSrc: string, choose: (layer: string | null) => void): HTMLElement {
+  const select = h(
+    "select",
+    { id: "concept-layer", "aria-label": "concept relevance layer" },
+    h("option", { value: "" }, "default layer"),
+    summary.layers.map((l) => h("option", { value: l.name, selected: l.name === layer }, `${l.name} (${l.num_units} units)`)),
+  );
+  select.addEventListener("change", () => choose(select.value || null));
+  const status = h("p", { class: "muted small" }, "Ranking the units…");
+  const list = h("div", { class: "explain-grid concepts", "aria-label": "units by relevance" });
+  const q = new URLSearchParams({ target });
+  if (layer) q.set("layer", layer);
+  const base = p("runs", ctx.run, "live", image, "explain", "concepts");
+  void (async () => {
+    let r: ConceptRanking;
+    try {
+      r = await ctx.api.json<ConceptRanking>(`${base}.json?${q}&top=8`);
+    } catch (err) {
+      fill(status, h("span", { class: "error-text" }, (err as Error).message));
+      return;
+    }
+    if (ctx.signal.aborted) return;
+    if (!layer) select.value = summary.layers.some((l) => l.name === r.layer) ? r.layer : "";
+    fill(
+      status,
+      `The ${r.units.length} of ${r.channels} units of `,
+      h("code", null, r.layer),
+      ` with the most relevance (LRP, ${r.composite}) for ${r.target.includes(":") ? "unit " : "class "}${r.target}; the layer's total relevance is ${fmt(r.total)}. Each map is the relevance that flowed through that unit alone (blue negative, red positive).`,
+    );
+    const cq = new URLSearchParams(q);
+    cq.set("layer", r.layer);
+    cq.set("overlay", "0");
+    for (const u of r.units) {
+      const heat = h("img", { class: "heat pixelated", alt: `unit ${u.unit} conditional heatmap`, "data-unit": u.unit, loading: "lazy", decoding: "async" });
+      const stack = h("div", { class: "stack busy" }, h("img", { class: "base pixelated", src: inputSrc, alt: "" }), heat, h("div", { class: "spinner", role: "status", "aria-label": `computing unit ${u.unit}` }));
+      heat.addEventListener("load", () => stack.classList.remove("busy"));
+      heat.addEventListener("error", () => (stack.classList.remove("busy"), stack.classList.add("failed")));
+      heat.src = ctx.api.pngUrl(`${base}/${u.unit}.png?${cq}`);
+      list.append(
+        h(
+          "figure",
+          { class: "card explain-card concept", "data-unit": u.unit },
+          h("h3", null, r.probed ? h("a", { class: "name", href: ctx.href("unit", r.layer, u.unit), title: "its unit page" }, `unit ${u.unit}`) : h("span", { class: "name" }, `unit ${u.unit}`), h("span", { class: "muted" }, u.share === null ? "" : `${(100 * u.share).toFixed(1)}%`)),
+          stack,
+          h("figcaption", { class: "small muted" }, `relevance ${fmt(u.relevance)} · map sum ${fmt(u.heatmap_sum)}`),
+        ),
+      );
+    }
+  })();
+  return h(
+    "section",
+    { class: "concept-section" },
+    h("h2", null, "Concept relevance ", h("span", { class: "sub" }, "which units of a layer carried this decision")),
+    h("div", { class: "toolbar" }, h("label", { for: "concept-layer" }, "Layer"), select),
+    status,
+    list,
+  );
 }
 
 function methodCard(ctx: PageContext, image: string, m: ExplainMethod, target: string, layer: string | null, inputSrc: string): HTMLElement {

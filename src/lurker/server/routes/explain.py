@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -25,14 +26,20 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import Response
 
 from lurker.errors import LurkerError
 
 from ..deps import IMMUTABLE, entry
 from ..errors import ApiError
-from ..schemas import ExplainMethod, ExplainMethods, ExplainResult
+from ..schemas import (
+    ConceptRanking,
+    ConceptUnit,
+    ExplainMethod,
+    ExplainMethods,
+    ExplainResult,
+)
 from ..session import Session
 from .live import PNG, _image_id, _live
 
@@ -201,10 +208,21 @@ def _explained(
     return s, result, False
 
 
-def _compute(s: Session, model: Any, x: Any, method: str, target: str, layer: str | None) -> Result:
+@dataclass
+class Prepared:
+    """A request's target and layer checked and named as the explain package names them."""
+
+    xb: Any  # the input batch on the model's device
+    target: Any  # for lurker.explain: int, "top" or a UnitTarget with a model layer name
+    asked: str  # the unit target as asked (the run's layer name), or ""
+    layer: str | None  # the layer for lurker.explain (module path or trace label)
+
+
+def _prepare(s: Session, model: Any, x: Any, target: str, layer: str | None) -> Prepared:
+    """Parse ``target`` (400 when malformed) and check the layers it and ``layer`` name
+    (404 with the explain package's message when not in the model)."""
     import torch
 
-    import lurker.explain as xp
     from lurker.explain.base import untouched
     from lurker.explain.cli import parse_target
     from lurker.explain.targets import Forward, UnitTarget
@@ -213,39 +231,47 @@ def _compute(s: Session, model: Any, x: Any, method: str, target: str, layer: st
         parsed = parse_target(target)
     except LurkerError as e:
         raise ApiError(400, str(e).replace("--target", "target")) from None
-    asked = parsed
+    asked = ""
     if isinstance(parsed, UnitTarget):
+        asked = str(parsed)
         parsed = UnitTarget(_model_name(s, model, parsed.layer), parsed.channel, parsed.y, parsed.x)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     xb = x.unsqueeze(0).to(device)
-    options = _options(method, x)
-    if layer is not None:
-        options["layer"] = _model_name(s, model, layer)
-    # layers named (Grad-CAM's, a unit target's) checked first: a name not in the model
-    # is a 404 with the explain package's message
-    taps = [options["layer"]] if "layer" in options else []
+    name = None if layer is None else _model_name(s, model, layer)
     try:
         with untouched(model):
-            Forward(model, xb, parsed, layers=taps)
+            Forward(model, xb, parsed, layers=[name] if name else [])
     except LurkerError as e:
         raise ApiError(404, str(e)) from None
+    return Prepared(xb, parsed, asked, name)
+
+
+def _resolved(asked: str, target: Any) -> tuple[str, int | None]:
+    """The target as the responses name it: the unit as asked, or the class index."""
+    if asked:
+        return asked, None
+    return str(int(target[0])), int(target[0])
+
+
+def _compute(s: Session, model: Any, x: Any, method: str, target: str, layer: str | None) -> Result:
+    import lurker.explain as xp
+
+    prep = _prepare(s, model, x, target, layer)
+    options = _options(method, x)
+    if prep.layer is not None:
+        options["layer"] = prep.layer
     start = time.perf_counter()
     try:
-        ex = xp.explain(model, xb, target=parsed, method=method, **options)
+        ex = xp.explain(model, prep.xb, target=prep.target, method=method, **options)
     except LurkerError as e:
         raise ApiError(400, str(e)) from None
     except Exception as e:  # the model's own error, said in one line
         raise ApiError(400, f"{method} failed on this image: {type(e).__name__}: {e}") from None
     seconds = time.perf_counter() - start
-    heat = ex.heatmap(0).float().cpu()
-    if isinstance(ex.target, UnitTarget):
-        resolved, cls = str(asked), None  # as asked: the run's layer name
-    else:
-        cls = int(ex.target[0])
-        resolved = str(cls)
+    resolved, cls = _resolved(prep.asked, ex.target)
     delta = None if ex.delta is None else float(ex.delta.reshape(-1)[0])
     return Result(
-        heat=heat,
+        heat=ex.heatmap(0).float().cpu(),
         signed=bool(ex.signed),
         target=resolved,
         target_class=cls,
@@ -254,6 +280,93 @@ def _compute(s: Session, model: Any, x: Any, method: str, target: str, layer: st
         options=_jsonable(ex.options),
         seconds=seconds,
     )
+
+
+# ------------------------------------------------------------------ concept relevance
+@dataclass
+class ConceptResult:
+    """Concept relevance at one layer: every unit's relevance and the conditional
+    heatmaps computed so far (more are added as unit PNGs are asked for)."""
+
+    target: str
+    target_class: int | None
+    composite: str
+    relevance: Any  # (C,) float tensor
+    heat: dict[int, Any]  # unit -> (H, W) conditional heatmap
+    seconds: float
+
+
+def _concepts(
+    request: Request, run_id: str, image: str, target: str, layer: str | None, units: Any
+) -> tuple[Session, ConceptResult, str, bool]:
+    """The layer's concept relevance, with the conditional heatmaps of ``units`` (a list,
+    or an int: the top that many) computed; cached per (image, target, layer)."""
+    import lurker.explain as xp
+
+    if not hasattr(xp, "concepts"):
+        raise ApiError(404, "this lurker has no concept relevance (lurker.explain.concepts)")
+    s = _live(request, run_id)
+    image = _image_id(image)
+    if layer is None:
+        layer = _default_layer(s, target)
+        if layer is None:
+            raise ApiError(400, "name a layer: this run has no probed layer with a spatial output")
+    key = (image, "concepts", target.strip(), layer)
+    cache = _cache(s)
+
+    def wanted(r: ConceptResult) -> list[int]:
+        if isinstance(units, int):
+            return [int(u) for u in r.relevance.argsort(descending=True)[:units]]
+        return list(units)
+
+    hit = cache.get(key)
+    if hit is not None and all(u in hit.heat for u in wanted(hit)):
+        return s, hit, layer, True
+    x = s.live_input(image)
+    model = s.model()
+    with s.model_lock:
+        hit = cache.get(key)
+        if hit is not None:
+            missing = [u for u in wanted(hit) if u not in hit.heat]
+            if not missing:
+                return s, hit, layer, True
+        prep = _prepare(s, model, x, target, layer)
+        start = time.perf_counter()
+        try:
+            if hit is None:
+                c = xp.concepts(
+                    model,
+                    prep.xb,
+                    prep.target,
+                    layer=prep.layer,
+                    **({"top": units} if isinstance(units, int) else {"units": list(units)}),
+                )
+            else:
+                c = xp.concepts(model, prep.xb, prep.target, layer=prep.layer, units=missing)
+        except LurkerError as e:
+            raise ApiError(400, str(e)) from None
+        except Exception as e:  # the model's own error, said in one line
+            raise ApiError(
+                400, f"concept relevance failed on this image: {type(e).__name__}: {e}"
+            ) from None
+        seconds = time.perf_counter() - start
+        maps = c.heatmaps[0].float().cpu()  # (k, C, H, W)
+        new = {int(u): maps[i].sum(0) for i, u in enumerate(c.units[0].tolist())}
+        if hit is None:
+            resolved, cls = _resolved(prep.asked, c.target)
+            hit = ConceptResult(
+                target=resolved,
+                target_class=cls,
+                composite=c.composite,
+                relevance=c.relevance[0].double().cpu(),
+                heat=new,
+                seconds=seconds,
+            )
+            cache.put(key, hit)
+        else:
+            hit.heat.update(new)
+            hit.seconds = seconds
+    return s, hit, layer, False
 
 
 def _scale(shape: tuple[int, ...]) -> int:
@@ -297,6 +410,7 @@ def methods(request: Request, run_id: str) -> ExplainMethods:
         ],
         default_layer=layers[-1] if layers else None,
         layers=layers,
+        concepts=hasattr(sys.modules.get("lurker.explain"), "concepts"),
     )
 
 
@@ -312,6 +426,126 @@ LAYER = Query(
     description="the layer of a layer method (Grad-CAM): a run layer name, module path or "
     "trace label; default the run's last probed spatial layer",
 )
+
+
+CONCEPT_LAYER = Query(
+    None,
+    max_length=500,
+    description="the layer whose units are ranked: a run layer name, module path or trace "
+    "label; default the run's last probed spatial layer",
+)
+
+
+def _png_response(pil: Any, heat: Any, target: str) -> Response:
+    from PIL import Image
+
+    from lurker.probe.images import _png
+
+    scale = _scale(tuple(heat.shape))
+    if scale > 1:
+        pil = pil.resize((pil.width * scale, pil.height * scale), Image.Resampling.NEAREST)
+    lo, hi, _ = _stats(heat)
+    headers = {
+        **IMMUTABLE,
+        "X-Lurker-Scale": str(scale),
+        "X-Lurker-Min": repr(lo),
+        "X-Lurker-Max": repr(hi),
+        "X-Lurker-Target": target,
+        "Access-Control-Expose-Headers": "X-Lurker-Scale, X-Lurker-Min, X-Lurker-Max, "
+        "X-Lurker-Target",
+    }
+    return Response(_png(pil), media_type="image/png", headers=headers)
+
+
+def _heat_image(
+    s: Session, image: str, heat: Any, signed: bool, overlay: bool, opacity: float
+) -> Any:
+    """The heatmap over the image (RGB), or alone (RGBA)."""
+    from PIL import Image
+
+    from lurker.explain.overlay import overlay as draw
+
+    if overlay:
+        return draw(heat, s.input_pil(image), signed=signed, alpha=opacity)
+    return Image.fromarray(heat_rgba(heat, signed), "RGBA")
+
+
+@router.get(  # the same without ".json", as the client names JSON documents
+    "/runs/{run_id}/live/{image}/explain/concepts",
+    response_model=ConceptRanking,
+    include_in_schema=False,
+)
+@router.get(
+    "/runs/{run_id}/live/{image}/explain/concepts.json",
+    response_model=ConceptRanking,
+    summary="Concept relevance: a layer's units ranked by their share of the relevance (LRP)",
+)
+def concepts_json(
+    request: Request,
+    run_id: str,
+    image: str,
+    target: str = TARGET,
+    layer: str | None = CONCEPT_LAYER,
+    top: int = Query(8, ge=1, le=64, description="how many units to rank"),
+) -> ConceptRanking:
+    s, r, name, cached = _concepts(request, run_id, image, target, layer, top)
+    total = float(r.relevance.sum())
+    ranked = [int(u) for u in r.relevance.argsort(descending=True)[:top]]
+    run = s.entry.open_run()
+    names = run.classes
+    cls = r.target_class
+    shape = next(iter(r.heat.values())).shape
+    return ConceptRanking(
+        image=image,
+        layer=name,
+        probed=any(i.name == name for i in run.layers),
+        target=r.target,
+        target_class=cls,
+        target_name=None if cls is None else (names[cls] if cls < len(names) else str(cls)),
+        composite=r.composite,
+        channels=int(r.relevance.numel()),
+        total=total,
+        units=[
+            ConceptUnit(
+                unit=u,
+                relevance=float(r.relevance[u]),
+                share=float(r.relevance[u]) / total if total else None,
+                heatmap_sum=float(r.heat[u].double().sum()),
+            )
+            for u in ranked
+        ],
+        scale=_scale(tuple(shape)),
+        seconds=0.0 if cached else r.seconds,
+        cached=cached,
+    )
+
+
+@router.get(
+    "/runs/{run_id}/live/{image}/explain/concepts/{unit}.png",
+    response_class=Response,
+    responses=PNG,
+    summary="A unit's conditional heatmap: the relevance that flowed through it (overlay=0: bare)",
+)
+def concept_png(
+    request: Request,
+    run_id: str,
+    image: str,
+    unit: int = Path(ge=0, le=2**31),
+    target: str = TARGET,
+    layer: str | None = CONCEPT_LAYER,
+    overlay: bool = Query(True, description="draw over the image (false: RGBA heatmap alone)"),
+    opacity: float = Query(0.5, ge=0, le=1, description="the strongest relevance's opacity"),
+) -> Response:
+    s, r, name, _ = _concepts(request, run_id, image, target, layer, 1)
+    channels = int(r.relevance.numel())
+    if unit >= channels:
+        raise ApiError(
+            404, f"no unit {unit} in layer {name!r}: it has {channels} (0 to {channels - 1})"
+        )
+    if unit not in r.heat:
+        s, r, name, _ = _concepts(request, run_id, image, target, layer, [unit])
+    heat = r.heat[unit]
+    return _png_response(_heat_image(s, image, heat, True, overlay, opacity), heat, r.target)
 
 
 @router.get(
@@ -330,30 +564,10 @@ def explain_png(
     overlay: bool = Query(True, description="draw over the image (false: RGBA heatmap alone)"),
     opacity: float = Query(0.5, ge=0, le=1, description="the strongest attribution's opacity"),
 ) -> Response:
-    from PIL import Image
-
-    from lurker.explain.overlay import overlay as draw
-    from lurker.probe.images import _png
 
     s, r, _ = _explained(request, run_id, image, method, target, layer)
-    if overlay:
-        pil = draw(r.heat, s.input_pil(image), signed=r.signed, alpha=opacity)
-    else:
-        pil = Image.fromarray(heat_rgba(r.heat, r.signed), "RGBA")
-    scale = _scale(tuple(r.heat.shape))
-    if scale > 1:
-        pil = pil.resize((pil.width * scale, pil.height * scale), Image.Resampling.NEAREST)
-    lo, hi, _ = _stats(r.heat)
-    headers = {
-        **IMMUTABLE,
-        "X-Lurker-Scale": str(scale),
-        "X-Lurker-Min": repr(lo),
-        "X-Lurker-Max": repr(hi),
-        "X-Lurker-Target": r.target,
-        "Access-Control-Expose-Headers": "X-Lurker-Scale, X-Lurker-Min, X-Lurker-Max, "
-        "X-Lurker-Target",
-    }
-    return Response(_png(pil), media_type="image/png", headers=headers)
+    pil = _heat_image(s, image, r.heat, r.signed, overlay, opacity)
+    return _png_response(pil, r.heat, r.target)
 
 
 # registered after the PNG: "{method}" without a suffix would take "x.png"
