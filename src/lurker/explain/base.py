@@ -167,29 +167,39 @@ _GLOBAL = (
 )
 
 
-def _hook_ids(model: nn.Module) -> dict[tuple[int, str], set[int]]:
+def _hook_ids(modules: list[nn.Module]) -> dict[tuple[int, str], set[int]]:
+    """The handle ids of every non-empty hook dict (most modules have none, so this is
+    cheap: it runs around every attribution)."""
     out: dict[tuple[int, str], set[int]] = {}
     for attr in _GLOBAL:
         d = getattr(_module, attr, None)
-        out[(0, attr)] = set(d or ())
-    for mod in model.modules():
+        if d:
+            out[(0, attr)] = set(d)
+    for mod in modules:
+        dd = mod.__dict__
         for attr in _KINDS:
-            out[(id(mod), attr)] = set(getattr(mod, attr, None) or ())
+            d = dd.get(attr)
+            if d:
+                out[(id(mod), attr)] = set(d)
     return out
 
 
 def _remove_new_hooks(model: nn.Module, before: dict[tuple[int, str], set[int]]) -> list[str]:
     """Remove every hook added since ``before``; describe each one removed."""
     removed: list[str] = []
+    empty: set[int] = set()
     for attr in _GLOBAL:
         d = getattr(_module, attr, None) or {}
-        for k in [k for k in d if k not in before.get((0, attr), set())]:
+        for k in [k for k in d if k not in before.get((0, attr), empty)]:
             removed.append(f"global {attr.strip('_')}")
             del d[k]
     for name, mod in model.named_modules():
+        dd = mod.__dict__
         for attr in _KINDS:
-            d = getattr(mod, attr, None) or {}
-            for k in [k for k in d if k not in before.get((id(mod), attr), set())]:
+            d = dd.get(attr)
+            if not d:
+                continue
+            for k in [k for k in d if k not in before.get((id(mod), attr), empty)]:
                 removed.append(f"{attr.strip('_')} on {name or 'the model'}")
                 del d[k]
     return removed
@@ -204,9 +214,10 @@ def untouched(model: nn.Module) -> Iterator[None]:
     module's ``training`` flag; on exit restores them, removing any hook added inside.
     A hook left behind by lurker itself would be a bug, so on a clean exit it raises.
     """
-    hooks = _hook_ids(model)
+    modules = list(model.modules())
+    hooks = _hook_ids(modules)
     params = [(p, p.requires_grad, p.grad) for p in model.parameters()]
-    modes = [(m, m.training) for m in model.modules()]
+    modes = [(m, m.training) for m in modules]
     ok = False
     try:
         yield
@@ -218,7 +229,8 @@ def untouched(model: nn.Module) -> Iterator[None]:
             if p.grad is not g:
                 p.grad = g
         for m, training in modes:
-            m.training = training
+            if m.training != training:
+                m.training = training
         removed = _remove_new_hooks(model, hooks)
         if removed and ok:
             raise LurkerError(
