@@ -1,12 +1,14 @@
 """Time per attribution of each ``lurker.explain`` method, as a ratio to one forward +
 backward of the same batch, side by side with Captum doing the same math in the same
-loop (interleaved, so both see the same machine state).
+loop (interleaved, so both see the same machine state); LRP beside Zennit (the same
+composite, epsilon-plus-flat, with Zennit's VGG or ResNet canonizer).
 
 Models: torchvision vgg11 and resnet50, random init (the cost does not depend on the
 weights), batch 1 and 8. Captum is given its batched options where it has them
 (``internal_batch_size`` None for integrated gradients: all steps at once, as lurker;
 ``perturbations_per_eval`` for occlusion matched to lurker's rows per forward), so the
-comparison is of equal work. Grad-CAM++ has no Captum counterpart.
+comparison is of equal work. Grad-CAM++ has no Captum counterpart. The ``library``
+column is Captum's time, Zennit's for ``lrp``.
 
     python benchmarks/explain_speed.py                       # 224 px, the issue's setting
     python benchmarks/explain_speed.py --small               # CPU: 64 px, fewer steps/repeats
@@ -60,8 +62,24 @@ def fwd_bwd(model: nn.Module, x: torch.Tensor, t: list[int]) -> None:
     torch.autograd.grad(out[torch.arange(len(t)), t].sum(), xi)
 
 
-def cases(model: nn.Module, layer: str, a: argparse.Namespace, batch: int) -> dict:
-    """method -> (lurker call, Captum call or None)."""
+def zennit_lrp(model: nn.Module, name: str) -> Callable[[torch.Tensor, list[int]], object]:
+    """Zennit's epsilon-plus-flat LRP with the canonizer for the architecture."""
+    from zennit.attribution import Gradient
+    from zennit.composites import EpsilonPlusFlat
+    from zennit.torchvision import ResNetCanonizer, VGGCanonizer
+
+    def run(x: torch.Tensor, t: list[int]) -> object:
+        can = ResNetCanonizer() if name.startswith("resnet") else VGGCanonizer()
+        idx = torch.tensor(t, device=x.device)[:, None]
+        with Gradient(model=model, composite=EpsilonPlusFlat(canonizers=[can])) as attr:
+            # the relevance starts at the target's logit, as lurker's
+            return attr(x, lambda o: torch.zeros_like(o).scatter(1, idx, 1.0) * o)
+
+    return run
+
+
+def cases(model: nn.Module, layer: str, a: argparse.Namespace, batch: int, name: str) -> dict:
+    """method -> (lurker call, Captum's (Zennit's for LRP) call or None)."""
     steps, samples, win, stride = a.steps, a.samples, a.window, a.stride
     windows_per_eval = max(1, a.occlusion_rows // batch)
     occ_rows = windows_per_eval * batch
@@ -111,6 +129,7 @@ def cases(model: nn.Module, layer: str, a: argparse.Namespace, batch: int) -> di
                 perturbations_per_eval=windows_per_eval,
             ),
         ),
+        "lrp": (lk("lrp", composite="epsilon_plus_flat"), zennit_lrp(model, name)),
     }
 
 
@@ -141,7 +160,7 @@ def main() -> None:
         f"{a.samples} samples, occlusion {a.window} px window / {a.stride} stride"
     )
     print("times as multiples of one forward + backward to the input, same batch")
-    print(f"{'model':9} {'B':>2} {'method':21} {'lurker':>8} {'captum':>8}  lurker/captum")
+    print(f"{'model':9} {'B':>2} {'method':21} {'lurker':>8} {'library':>8}  lurker/library")
     for name in a.models.split(","):
         torch.manual_seed(0)
         model = _no_inplace(getattr(torchvision.models, name)(num_classes=1000).eval()).to(a.device)
@@ -151,7 +170,7 @@ def main() -> None:
 
             unit = functools.partial(fwd_bwd, model, x, t)
             unit()  # warm-up
-            table = cases(model, layers[name], a, b)
+            table = cases(model, layers[name], a, b, name)
             for method in a.methods.split(",") if a.methods else table:
                 ours, theirs = table[method]
                 ours(x, t)  # warm-up (and the trace of a layer tap, made once per call anyway)

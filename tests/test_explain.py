@@ -89,6 +89,7 @@ ALL = [
     "gradcam",
     "gradcam_plus_plus",
     "occlusion",
+    "lrp",
 ]
 OPTS: dict[str, dict] = {
     "integrated_gradients": {"n_steps": 8},

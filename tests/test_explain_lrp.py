@@ -272,3 +272,26 @@ def test_concepts_bad_layer_and_unit() -> None:
         lurker.explain.concepts(m, x, layer="features.99")
     with pytest.raises(LurkerError, match="unit 512 out of range"):
         lurker.explain.concepts(m, x, layer="features.8", units=[512])
+
+
+def test_unit_target_on_a_convolution_merged_with_its_batchnorm() -> None:
+    """The unit is the convolution's own output, so its relevance starts there (the
+    BatchNorm after it plays no part): sums to the unit's score with biases zeroed."""
+    m = cnn("vgg11_bn", zero_bias=True)
+    x = torch.randn(1, 3, 32, 32)
+    e = lurker.explain(m, x, target=("features.4", 3), method="lrp", **TINY)
+    act = {}
+    h = m.features[4].register_forward_hook(lambda mod, i, o: act.setdefault("a", o.clone()))
+    with torch.no_grad():
+        m(x)
+    h.remove()
+    score = act["a"][0, 3].mean()
+    assert abs(float(e.attribution.sum() - score)) < 1e-5 * abs(float(score))
+
+
+def test_softmax_output_leaks_with_a_warning() -> None:
+    """Explaining a probability: LRP holds softmax constant, so nothing passes it; the
+    warning names the softmax rather than returning zeros silently."""
+    m = nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 3), nn.Softmax(dim=1)).eval()
+    with pytest.warns(UserWarning, match=r"not conserved at softmax_1 \(softmax: constant\)"):
+        lurker.explain(m, torch.randn(2, 6), target=1, method="lrp")

@@ -70,6 +70,7 @@ _NORM = {
 }  # fmt: skip
 _PRODUCT = {"mul", "mul_", "__mul__", "__rmul__", "__imul__", "div", "div_", "__truediv__",
             "matmul", "__matmul__", "bmm"}  # fmt: skip
+_DIV = {"div", "div_", "__truediv__", "__itruediv__"}
 _ROUTE = {
     "relu", "relu_", "max_pool1d", "max_pool2d", "max_pool3d", "adaptive_max_pool1d", "adaptive_max_pool2d",
     "flatten", "view", "reshape", "permute", "transpose", "contiguous", "cat", "concat",
@@ -269,8 +270,20 @@ class Engine:
         from ..capture import trace as _trace
 
         self.model = model
-        with torch.enable_grad():  # (attention takes another path without gradients)
-            self.trace = _trace(model, x[:1].clone().requires_grad_(True), save="none")
+        from ..errors import TraceError
+
+        try:
+            with torch.enable_grad():  # (attention takes another path without gradients)
+                self.trace = _trace(model, x[:1].clone().requires_grad_(True), save="none")
+        except TraceError as e:
+            cause = e.__cause__
+            if isinstance(cause, Exception) and not isinstance(cause, LurkerError):
+                # the model's own error, as the other methods raise it (the trace's
+                # account of where it happened goes along as a note)
+                if hasattr(cause, "add_note"):
+                    cause.add_note(f"(while tracing the model for LRP) {e}")
+                raise cause from None
+            raise
         ops = self.trace.ops
         self.attention = any(op.name in _ATTENTION | _CONSTANT | {"layer_norm"} for op in ops)
         if composite is None:
@@ -411,9 +424,14 @@ class Engine:
 
     # ------------------------------------------------------------------ rules
     def _rule(
-        self, op: Op, out: Tensor, live: dict[int, Any], flows: dict[str, Flow]
+        self,
+        op: Op,
+        out: Tensor,
+        live: dict[int, Any],
+        flows: dict[str, Flow],
+        plan: dict[int, tuple[str, Any]],
     ) -> Tensor | None:
-        kind, info = self.plan[op.index]
+        kind, info = plan[op.index]
         p = self.params
         graph = {
             i: self._value(a, live)
@@ -463,6 +481,8 @@ class Engine:
             return self._apply(op, out, ins, fwd, flows, absorbs, "z-rule")
         if kind == "product":
             live_ops = [i for i in idx if op.args[i].index not in self.constant]
+            if op.name in _DIV and 0 in graph:
+                live_ops = [0]  # a divisor is a constant of the backward, as LayerNorm's std
             if len(live_ops) == 1 or len(ins) == 1:
                 keep = live_ops[:1] or idx[:1]
                 sub = {i: graph[i] for i in keep}
@@ -473,8 +493,10 @@ class Engine:
             fwd = lambda r, ins_: [0.5 * t for t in _vjp(call, ins_, r, p["epsilon"])]  # noqa: E731
             return self._apply(op, out, ins, fwd, flows, False, "uniform")
         if kind == "constant":
+            # inside attention no relevance reaches it (products treat it as a constant);
+            # anywhere else (a softmax output explained) what reaches it is lost: a leak
             fwd = lambda r, ins_: [torch.zeros_like(t) for t in ins_]  # noqa: E731
-            return self._apply(op, out, ins, fwd, flows, True, "constant")
+            return self._apply(op, out, ins, fwd, flows, False, "constant")
         if kind == "layer_norm":
             x = ins[0]
             shape = _arg(op, 1, "normalized_shape")
@@ -534,7 +556,16 @@ class Engine:
         parsed = parse_target(target, x.shape[0])
         unit_op = None
         if isinstance(parsed, UnitTarget):
-            unit_op = self._one_op(parsed.layer, resolve)
+            unit_op = self._one_op(parsed.layer, resolve, merged=False)
+        plan = dict(self.plan)
+        if unit_op is not None and unit_op.index not in plan:
+            # a unit of a convolution merged with its BatchNorm: the relevance starts at
+            # the convolution's own output, so for this run it keeps its own weights
+            for c in unit_op.children:
+                kind, info = plan.get(c, ("", None))
+                if kind == "linear" and info[1] is unit_op:
+                    plan[unit_op.index] = ("linear", (info[0], unit_op, None))
+                    plan[c] = ("pass", None)
         at_op = self._one_op(at, resolve) if at is not None else None
         live: dict[int, Any] = {}
         flows: dict[str, Flow] = {}
@@ -544,8 +575,8 @@ class Engine:
 
         def hook(op: Op, out: Any) -> Any:
             new = None
-            if op.index in self.plan and isinstance(out, Tensor):
-                new = self._rule(op, out, live, flows)
+            if op.index in plan and isinstance(out, Tensor):
+                new = self._rule(op, out, live, flows, plan)
             val = new if new is not None else out
             if at_op is not None and op.index == at_op.index and isinstance(val, Tensor):
                 if not val.requires_grad:
@@ -607,7 +638,7 @@ class Engine:
         )
         return rel, parsed
 
-    def _one_op(self, key: str, resolve: Callable) -> Op:
+    def _one_op(self, key: str, resolve: Callable, merged: bool = True) -> Op:
         from ..errors import OpKeyError
 
         try:
@@ -621,7 +652,7 @@ class Engine:
             raise LurkerError(f"layer {key!r} names {len(idx)} passes; name one by its trace label")
         op = self.trace.ops[idx[0]]
         # a merged BatchNorm's conv carries no relevance of its own: use the BatchNorm
-        if op.index not in self.plan and len(op.children) == 1:
+        if merged and op.index not in self.plan and len(op.children) == 1:
             child = self.trace.ops[op.children[0]]
             if (
                 self.plan.get(child.index, ("", None))[0] == "linear"
