@@ -284,7 +284,10 @@ def test_concept_relevance_equals_concepts(
 
     # a unit target and the default layer (the last probed spatial one)
     body = client.get(f"{BASE}/concepts.json", params={"target": "features.9:0"}).json()
-    assert body["target"] == "features.9:0" and body["layer"] == "features.9"
+    # the last spatial layer before the unit's (the relevance must pass the layer)
+    assert body["target"] == "features.9:0" and body["layer"] == "features.8"
+    body = client.get(f"{BASE}/concepts.json", params={"target": "features.4:3"}).json()
+    assert body["layer"] == "features.2"
 
 
 @pytest.mark.parametrize(

@@ -119,17 +119,18 @@ def _spatial_layers(s: Session) -> list[str]:
     ]
 
 
-def _default_layer(s: Session, target: str) -> str | None:
+def _default_layer(s: Session, target: str, before: bool = False) -> str | None:
     """A layer method's layer when none is asked: the run's last probed spatial layer, or
     for a unit target of a probed layer the last one at or before that layer (the target
-    must depend on the layer)."""
+    must depend on the layer; ``before``: strictly before it, as concept relevance needs
+    the relevance to pass the layer)."""
     layers = _spatial_layers(s)
     names = [i.name for i in s.entry.open_run().layers]
     unit_layer = target.strip().rsplit(":", 1)[0] if ":" in target else None
     while unit_layer is not None and unit_layer not in names and ":" in unit_layer:
         unit_layer = unit_layer.rsplit(":", 1)[0]  # LAYER:CHANNEL:Y:X
     if unit_layer in names:
-        upto = names.index(unit_layer)
+        upto = names.index(unit_layer) - (1 if before else 0)
         layers = [n for n in layers if names.index(n) <= upto]
     return layers[-1] if layers else None
 
@@ -308,9 +309,13 @@ def _concepts(
     s = _live(request, run_id)
     image = _image_id(image)
     if layer is None:
-        layer = _default_layer(s, target)
+        layer = _default_layer(s, target, before=True)
         if layer is None:
-            raise ApiError(400, "name a layer: this run has no probed layer with a spatial output")
+            raise ApiError(
+                400,
+                "name a layer: this run has no probed layer with a spatial output "
+                "(before the target unit's layer)",
+            )
     key = (image, "concepts", target.strip(), layer)
     cache = _cache(s)
 
