@@ -409,9 +409,87 @@ def test_static_export_pages(
 
     go(page, f"{static_site}#/r/{rid}/live")
     assert "lurker serve" in page.locator("main .notice").inner_text()
+    go(page, f"{static_site}#/r/{rid}/explain?image=sample-1")
+    assert "lurker serve" in page.locator("main .notice").inner_text()
 
     # nothing failed to load but those sample images
     failed = {int(e.split("/samples/")[1].split("/")[0]) for e in console if e.startswith("404 ")}
     assert missing <= failed and not failed & ranked
     assert all("404" in e for e in console)
     console.clear()
+
+
+def test_explain_page(page: Any, explorer: dict[str, Any]) -> None:
+    """Every method's heatmap loads over the sample; the one slider sets every overlay's
+    opacity; another target class reloads them all; the sample page links here."""
+    from lurker.explain import METHODS
+    from lurker.explain import concepts as lurker_concepts
+
+    rid, model, ds = explorer["id"], explorer["model"], explorer["ds"]
+    sid = 5
+    with torch.no_grad():
+        top = torch.softmax(model(ds[sid][0][None])[0], 0).topk(5).indices.tolist()
+
+    go(page, f"{explorer['url']}#/r/{rid}/sample/{sid}")
+    page.locator("#explain-this").click()
+    page.wait_for_url(f"**#/r/{rid}/explain?image=sample-{sid}")
+    page.wait_for_selector(".explain-card")
+    assert page.locator(".methods .explain-card").count() == len(METHODS)
+    images_loaded(page, ".methods img.heat")
+    heat = page.locator(".methods img.heat")
+    srcs = heat.evaluate_all("es => es.map(e => e.getAttribute('src'))")
+    assert sorted(s.split("/explain/")[1].split(".png")[0] for s in srcs) == sorted(METHODS)
+    assert all("target=top" in s and "overlay=0" in s for s in srcs)
+    # the top-5 target chooser, the top class marked
+    classes = page.locator(".target-list .target").evaluate_all(
+        "es => es.map(e => Number(e.dataset.class))"
+    )
+    assert classes == top
+    assert page.locator(".target-list .target.on").get_attribute("data-class") == str(top[0])
+    # captions filled from the JSON (min/max/sum; Grad-CAM names its layer)
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('.methods figcaption')]"
+        ".every(f => f.textContent.includes('max'))"
+    )
+    assert "features.9" in page.locator('.explain-card[data-method="gradcam"]').inner_text()
+
+    # concept relevance of the default layer: 8 units, each map loaded, each linked to its
+    # unit page (the layer is probed), ranked as lurker.explain.concepts ranks them
+    page.wait_for_selector(".concept")
+    assert page.locator(".concept").count() == 8
+    images_loaded(page, ".concepts img.heat")
+    units = page.locator(".concept").evaluate_all("es => es.map(e => Number(e.dataset.unit))")
+    want = lurker_concepts(model, ds[sid][0][None], layer="features.9", top=8)
+    assert units == want.units[0].tolist()
+    links = page.locator(".concept h3 a").evaluate_all("es => es.map(e => e.getAttribute('href'))")
+    assert links == [f"#/r/{rid}/unit/features.9/{u}" for u in units]
+    heat = page.locator("img.heat")  # method and concept overlays alike
+
+    opacities = "es => es.map(e => getComputedStyle(e).opacity)"
+    assert set(heat.evaluate_all(opacities)) == {"0.7"}
+    page.locator("#explain-opacity").fill("0.25")
+    assert set(heat.evaluate_all(opacities)) == {"0.25"}
+    assert page.locator("#explain-opacity-value").inner_text() == "25%"
+    assert "opacity=0.25" in page.url
+
+    second = top[1]
+    page.locator(f'.target-list .target[data-class="{second}"]').click()
+    page.wait_for_url(f"**target={second}**")
+    page.wait_for_function(
+        "t => { const imgs = [...document.querySelectorAll('.methods img.heat')];"
+        " return imgs.length > 0 && imgs.every(i => i.src.includes('target=' + t)"
+        " && i.complete && i.naturalWidth > 0); }",
+        arg=str(second),
+        timeout=20000,
+    )
+    assert page.locator(".methods img.heat").count() == len(METHODS)
+    assert page.locator(".target-list .target.on").get_attribute("data-class") == str(second)
+    assert set(page.locator(".methods img.heat").evaluate_all(opacities)) == {"0.25"}
+
+    # a unit target: typed as LAYER:CHANNEL, linked to its unit page
+    page.locator("#explain-unit").fill(f"{LAYER}:3")
+    page.locator("#explain-unit").press("Enter")
+    page.wait_for_url(f"**target={LAYER}:3**".replace(":", "%3A"))
+    page.wait_for_selector(f'main a[href="#/r/{rid}/unit/{LAYER}/3"]')
+    assert "for unit features.4:3" in page.locator("main h2").first.inner_text()
+    images_loaded(page, ".methods img.heat")

@@ -98,9 +98,9 @@ def create_app(
     app.state.upload_limit = upload_limit
     _install_errors(app)
 
-    from .routes import graph, images, layers, live, runs, samples, units
+    from .routes import explain, graph, images, layers, live, runs, samples, units
 
-    for module in (runs, layers, units, samples, images, graph, live):
+    for module in (runs, layers, units, samples, images, graph, live, explain):
         app.include_router(module.router)
     _install_static(app, static)
     return app

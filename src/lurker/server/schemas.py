@@ -263,3 +263,84 @@ class KernelValues(BaseModel):
     min: float | None = None
     max: float | None = None
     values: list[list[float | None]]
+
+
+class ExplainMethod(BaseModel):
+    name: str
+    #: one line: what it computes and where it comes from
+    summary: str
+    #: whether it explains at a layer (Grad-CAM): the ``layer`` query picks it
+    needs_layer: bool
+    #: whether its values have a sign that matters (diverging colours) or are >= 0
+    signed: bool
+
+
+class ExplainMethods(BaseModel):
+    methods: list[ExplainMethod]
+    #: the layer a layer method uses when none is given: the run's last probed layer
+    #: with a spatial (C, H, W) output larger than 1x1; null: the method's own default
+    default_layer: str | None
+    #: the run's probed layers with a spatial output (the page's layer chooser)
+    layers: list[str]
+    #: whether concept relevance (``.../explain/concepts.json``) is available
+    concepts: bool
+
+
+class ExplainResult(BaseModel):
+    image: str
+    method: str
+    #: the target as resolved: a class index ("3") or a unit ("features.4:5")
+    target: str
+    #: the class explained (null for a unit target) and its name
+    target_class: int | None
+    target_name: str | None
+    #: the layer a layer method used, as asked (a run layer name, module path or trace
+    #: label); null for input methods
+    layer: str | None
+    signed: bool
+    #: ``[height, width]`` of the heatmap (the input's spatial size)
+    shape: list[int]
+    #: of the heatmap: the attribution summed over the input's channels
+    min: float
+    max: float
+    sum: float
+    #: integrated gradients' convergence delta (sum of attributions - (f(x) - f(baseline)))
+    delta: float | None
+    #: the method's options as used (defaults filled in)
+    options: dict[str, Any]
+    #: the PNGs' nearest-neighbour upscale factor
+    scale: int
+    #: seconds the attribution took (0 when it came from the cache)
+    seconds: float
+    cached: bool
+
+
+class ConceptUnit(BaseModel):
+    unit: int
+    #: the unit's relevance at the layer (signed: positive supports the target)
+    relevance: float
+    #: its share of the layer's total relevance (null when the total is 0)
+    share: float | None
+    #: the sum of its conditional heatmap (equals ``relevance`` where the rules below
+    #: the layer conserve)
+    heatmap_sum: float
+
+
+class ConceptRanking(BaseModel):
+    image: str
+    #: the layer as asked (a run layer name, module path or trace label)
+    layer: str
+    #: whether the layer is a probed layer of the run (each unit has a unit page)
+    probed: bool
+    target: str
+    target_class: int | None
+    target_name: str | None
+    composite: str
+    #: the layer's number of units and its total relevance (the sum over all units)
+    channels: int
+    total: float
+    #: the top units by relevance, most relevant first
+    units: list[ConceptUnit]
+    scale: int
+    seconds: float
+    cached: bool

@@ -102,11 +102,16 @@ export async function renderLive(root: HTMLElement, ctx: PageContext): Promise<v
       { class: "live-result" },
       h("img", { class: "live-img pixelated", src: ctx.api.pngUrl(p("runs", ctx.run, "live", image, "input.png")), alt: "the image as the model sees it", width: 128, height: 128 }),
       h(
-        "ol",
-        { class: "preds" },
-        live.predictions.map((q) =>
-          h("li", null, h("span", { class: "pname" }, String(q.name ?? q.class)), h("span", { class: "pbar", style: `width:${(100 * q.prob).toFixed(1)}%` }), h("span", { class: "muted" }, `${(100 * q.prob).toFixed(1)}%`)),
+        "div",
+        null,
+        h(
+          "ol",
+          { class: "preds" },
+          live.predictions.map((q) =>
+            h("li", null, h("span", { class: "pname" }, String(q.name ?? q.class)), h("span", { class: "pbar", style: `width:${(100 * q.prob).toFixed(1)}%` }), h("span", { class: "muted" }, `${(100 * q.prob).toFixed(1)}%`)),
+          ),
         ),
+        h("p", null, h("a", { class: "button", id: "explain-this", href: ctx.href("explain") + "?image=" + encodeURIComponent(image) }, "Explain this image")),
       ),
     ),
   );

@@ -31,7 +31,12 @@ export async function renderSample(root: HTMLElement, ctx: PageContext, args: st
           ],
           ["in top-k of", `${doc.appearances.length} unit list${doc.appearances.length === 1 ? "" : "s"} in ${byLayer.size} layer${byLayer.size === 1 ? "" : "s"}`],
         ]),
-        h("p", null, h("a", { class: "button", href: ctx.href("live") + "?image=sample-" + s.id }, "Open in live view")),
+        h(
+          "p",
+          { class: "entry-links" },
+          h("a", { class: "button", href: ctx.href("live") + "?image=sample-" + s.id }, "Open in live view"),
+          pred ? h("a", { class: "button", id: "explain-this", href: ctx.href("explain") + "?image=sample-" + s.id }, "Explain this image") : null,
+        ),
       ),
     ),
     h("h2", null, "Units that rank it in their top-k"),

@@ -1,0 +1,620 @@
+"""``/api/runs/{run}/live/{image}/explain``: why the model decided this, per method.
+
+Each method of :data:`lurker.explain.METHODS` explains the current live image (an upload
+or ``sample-N``) for a target: a class index, ``top`` (the top predicted class) or a unit
+``LAYER:CHANNEL``. One attribution per (image, method, target, layer) is computed, off
+the event loop (FastAPI runs these sync endpoints in worker threads) under the model's
+lock, and kept in a small LRU, so the page's PNG and JSON requests and a later opacity
+or overlay change cost no recomputation.
+
+The heatmap is the attribution summed over the input's channels (``Explanation.heatmap``),
+coloured as :func:`lurker.explain.overlay.colorize` does: scaled by ``max |heatmap|`` (one
+scale for both signs), signed methods blue-white-red, unsigned ones black-red-yellow, with
+opacity ``|heatmap| / max |heatmap|``. ``overlay=0`` serves that as RGBA (the page stacks
+it over the image); the default draws it over the image as the model sees it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import sys
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, Path, Query, Request
+from fastapi.responses import Response
+
+from lurker.errors import LurkerError
+
+from ..deps import IMMUTABLE, entry
+from ..errors import ApiError
+from ..schemas import (
+    ConceptRanking,
+    ConceptUnit,
+    ExplainMethod,
+    ExplainMethods,
+    ExplainResult,
+)
+from ..session import Session
+from .live import PNG, _image_id, _live
+
+router = APIRouter(prefix="/api", tags=["explain"])
+
+#: Heatmaps smaller than this (pixels, longer side) are upscaled by nearest neighbour.
+MIN_PX = 224
+#: Attributions kept per served run (a 224x224 heatmap is 200 KB).
+CACHED = 64
+
+
+@dataclass
+class Result:
+    """One attribution, reduced to what the endpoints serve."""
+
+    heat: Any  # (H, W) float32 tensor on the CPU
+    signed: bool
+    target: str
+    target_class: int | None
+    layer: str | None
+    delta: float | None
+    options: dict[str, Any]
+    seconds: float
+
+
+class ExplainCache:
+    """LRU of :class:`Result` by (image, method, target, layer)."""
+
+    def __init__(self, size: int = CACHED) -> None:
+        self.size = size
+        self._items: OrderedDict[tuple[str, str, str, str], Result] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[str, str, str, str]) -> Result | None:
+        with self._lock:
+            hit = self._items.get(key)
+            if hit is not None:
+                self._items.move_to_end(key)
+            return hit
+
+    def put(self, key: tuple[str, str, str, str], value: Result) -> None:
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+
+
+_caches_lock = threading.Lock()
+
+
+def _cache(s: Session) -> ExplainCache:
+    with _caches_lock:
+        cache = getattr(s, "explain_cache", None)
+        if cache is None:
+            cache = s.explain_cache = ExplainCache()  # type: ignore[attr-defined]
+        return cache
+
+
+def _methods() -> dict[str, Any]:
+    import lurker.explain as xp
+
+    return xp.METHODS
+
+
+def _needs_layer(cls: Any) -> bool:
+    params = inspect.signature(cls.compute).parameters
+    return "layer" in params and params["layer"].kind is inspect.Parameter.KEYWORD_ONLY
+
+
+def _spatial_layers(s: Session) -> list[str]:
+    run = s.entry.open_run()
+    return [
+        info.name
+        for info in run.layers
+        if info.shape is not None and len(info.shape) == 3 and info.shape[1] * info.shape[2] > 1
+    ]
+
+
+def _default_layer(s: Session, target: str, before: bool = False) -> str | None:
+    """A layer method's layer when none is asked: the run's last probed spatial layer, or
+    for a unit target of a probed layer the last one at or before that layer (the target
+    must depend on the layer; ``before``: strictly before it, as concept relevance needs
+    the relevance to pass the layer)."""
+    layers = _spatial_layers(s)
+    names = [i.name for i in s.entry.open_run().layers]
+    unit_layer = target.strip().rsplit(":", 1)[0] if ":" in target else None
+    while unit_layer is not None and unit_layer not in names and ":" in unit_layer:
+        unit_layer = unit_layer.rsplit(":", 1)[0]  # LAYER:CHANNEL:Y:X
+    if unit_layer in names:
+        upto = names.index(unit_layer) - (1 if before else 0)
+        layers = [n for n in layers if names.index(n) <= upto]
+    return layers[-1] if layers else None
+
+
+def _model_name(s: Session, model: Any, name: str) -> str:
+    """A run layer name as the explain package names layers: its module path when the
+    model has that module, else its op's trace label; any other name is passed on."""
+    run = s.entry.open_run()
+    info = next((i for i in run.layers if i.name == name), None)
+    if info is None:
+        return name
+    modules = dict(model.named_modules())
+    if info.module and info.module in modules:
+        return info.module
+    return info.op or name
+
+
+def _options(method: str, x: Any) -> dict[str, Any]:
+    """The server's options per method: deterministic (a seeded SmoothGrad, so the cache
+    and a recomputation agree) and bounded in cost (about 15x15 occlusion windows at any
+    input size)."""
+    if method == "smoothgrad":
+        return {"seed": 0}
+    if method == "occlusion":
+        side = min(int(x.shape[-2]), int(x.shape[-1]))
+        window = max(2, round(side / 8))
+        return {"window": window, "strides": max(1, window // 2)}
+    return {}
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, (tuple, list)):
+        return [_jsonable(i) for i in v]
+    if isinstance(v, dict):
+        return {str(k): _jsonable(i) for k, i in v.items()}
+    if v is None or isinstance(v, (bool, int, str)):
+        return v
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    return repr(v)
+
+
+def _explained(
+    request: Request, run_id: str, image: str, method: str, target: str, layer: str | None
+) -> tuple[Session, Result, bool]:
+    """The attribution (cached), or the error that says what is wrong."""
+    s = _live(request, run_id)
+    image = _image_id(image)
+    methods = _methods()
+    cls = methods.get(method)
+    if cls is None:
+        raise ApiError(
+            404, f"unknown explanation method {method!r}; supported: {', '.join(methods)}"
+        )
+    if layer is not None and not _needs_layer(cls):
+        raise ApiError(
+            400,
+            f"method {method!r} explains at the input and takes no layer; the methods with a "
+            "layer: " + ", ".join(n for n, c in methods.items() if _needs_layer(c)),
+        )
+    if layer is None and _needs_layer(cls):
+        layer = _default_layer(s, target)
+    key = (image, method, target.strip(), layer or "")
+    cache = _cache(s)
+    hit = cache.get(key)
+    if hit is not None:
+        return s, hit, True
+    x = s.live_input(image)
+    model = s.model()
+    with s.model_lock:
+        hit = cache.get(key)  # computed by a request that held the lock before this one
+        if hit is not None:
+            return s, hit, True
+        result = _compute(s, model, x, method, target, layer)
+        cache.put(key, result)
+    return s, result, False
+
+
+@dataclass
+class Prepared:
+    """A request's target and layer checked and named as the explain package names them."""
+
+    xb: Any  # the input batch on the model's device
+    target: Any  # for lurker.explain: int, "top" or a UnitTarget with a model layer name
+    asked: str  # the unit target as asked (the run's layer name), or ""
+    layer: str | None  # the layer for lurker.explain (module path or trace label)
+
+
+def _prepare(s: Session, model: Any, x: Any, target: str, layer: str | None) -> Prepared:
+    """Parse ``target`` (400 when malformed) and check the layers it and ``layer`` name
+    (404 with the explain package's message when not in the model)."""
+    import torch
+
+    from lurker.explain.base import untouched
+    from lurker.explain.cli import parse_target
+    from lurker.explain.targets import Forward, UnitTarget
+
+    try:
+        parsed = parse_target(target)
+    except LurkerError as e:
+        raise ApiError(400, str(e).replace("--target", "target")) from None
+    asked = ""
+    if isinstance(parsed, UnitTarget):
+        asked = str(parsed)
+        parsed = UnitTarget(_model_name(s, model, parsed.layer), parsed.channel, parsed.y, parsed.x)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    xb = x.unsqueeze(0).to(device)
+    name = None if layer is None else _model_name(s, model, layer)
+    try:
+        with untouched(model):
+            Forward(model, xb, parsed, layers=[name] if name else [])
+    except LurkerError as e:
+        raise ApiError(404, str(e)) from None
+    return Prepared(xb, parsed, asked, name)
+
+
+def _resolved(asked: str, target: Any) -> tuple[str, int | None]:
+    """The target as the responses name it: the unit as asked, or the class index."""
+    if asked:
+        return asked, None
+    return str(int(target[0])), int(target[0])
+
+
+def _compute(s: Session, model: Any, x: Any, method: str, target: str, layer: str | None) -> Result:
+    import lurker.explain as xp
+
+    prep = _prepare(s, model, x, target, layer)
+    options = _options(method, x)
+    if prep.layer is not None:
+        options["layer"] = prep.layer
+    start = time.perf_counter()
+    try:
+        ex = xp.explain(model, prep.xb, target=prep.target, method=method, **options)
+    except LurkerError as e:
+        raise ApiError(400, str(e)) from None
+    except Exception as e:  # the model's own error, said in one line
+        raise ApiError(400, f"{method} failed on this image: {type(e).__name__}: {e}") from None
+    seconds = time.perf_counter() - start
+    resolved, cls = _resolved(prep.asked, ex.target)
+    delta = None if ex.delta is None else float(ex.delta.reshape(-1)[0])
+    return Result(
+        heat=ex.heatmap(0).float().cpu(),
+        signed=bool(ex.signed),
+        target=resolved,
+        target_class=cls,
+        layer=layer,
+        delta=delta,
+        options=_jsonable(ex.options),
+        seconds=seconds,
+    )
+
+
+# ------------------------------------------------------------------ concept relevance
+@dataclass
+class ConceptResult:
+    """Concept relevance at one layer: every unit's relevance and the conditional
+    heatmaps computed so far (more are added as unit PNGs are asked for)."""
+
+    target: str
+    target_class: int | None
+    composite: str
+    relevance: Any  # (C,) float tensor
+    heat: dict[int, Any]  # unit -> (H, W) conditional heatmap
+    seconds: float
+
+
+def _concepts(
+    request: Request, run_id: str, image: str, target: str, layer: str | None, units: Any
+) -> tuple[Session, ConceptResult, str, bool]:
+    """The layer's concept relevance, with the conditional heatmaps of ``units`` (a list,
+    or an int: the top that many) computed; cached per (image, target, layer)."""
+    import lurker.explain as xp
+
+    if not hasattr(xp, "concepts"):
+        raise ApiError(404, "this lurker has no concept relevance (lurker.explain.concepts)")
+    s = _live(request, run_id)
+    image = _image_id(image)
+    if layer is None:
+        layer = _default_layer(s, target, before=True)
+        if layer is None:
+            raise ApiError(
+                400,
+                "name a layer: this run has no probed layer with a spatial output "
+                "(before the target unit's layer)",
+            )
+    key = (image, "concepts", target.strip(), layer)
+    cache = _cache(s)
+
+    def wanted(r: ConceptResult) -> list[int]:
+        if isinstance(units, int):
+            return [int(u) for u in r.relevance.argsort(descending=True)[:units]]
+        return list(units)
+
+    hit = cache.get(key)
+    if hit is not None and all(u in hit.heat for u in wanted(hit)):
+        return s, hit, layer, True
+    x = s.live_input(image)
+    model = s.model()
+    with s.model_lock:
+        hit = cache.get(key)
+        if hit is not None:
+            missing = [u for u in wanted(hit) if u not in hit.heat]
+            if not missing:
+                return s, hit, layer, True
+        prep = _prepare(s, model, x, target, layer)
+        start = time.perf_counter()
+        try:
+            if hit is None:
+                c = xp.concepts(
+                    model,
+                    prep.xb,
+                    prep.target,
+                    layer=prep.layer,
+                    **({"top": units} if isinstance(units, int) else {"units": list(units)}),
+                )
+            else:
+                c = xp.concepts(model, prep.xb, prep.target, layer=prep.layer, units=missing)
+        except LurkerError as e:
+            raise ApiError(400, str(e)) from None
+        except Exception as e:  # the model's own error, said in one line
+            raise ApiError(
+                400, f"concept relevance failed on this image: {type(e).__name__}: {e}"
+            ) from None
+        seconds = time.perf_counter() - start
+        maps = c.heatmaps[0].float().cpu()  # (k, C, H, W)
+        new = {int(u): maps[i].sum(0) for i, u in enumerate(c.units[0].tolist())}
+        if hit is None:
+            resolved, cls = _resolved(prep.asked, c.target)
+            hit = ConceptResult(
+                target=resolved,
+                target_class=cls,
+                composite=c.composite,
+                relevance=c.relevance[0].double().cpu(),
+                heat=new,
+                seconds=seconds,
+            )
+            cache.put(key, hit)
+        else:
+            hit.heat.update(new)
+            hit.seconds = seconds
+    return s, hit, layer, False
+
+
+def _scale(shape: tuple[int, ...]) -> int:
+    longest = max(shape) if shape else 1
+    return math.ceil(MIN_PX / longest) if longest < MIN_PX else 1
+
+
+def heat_rgba(heat: Any, signed: bool) -> np.ndarray:
+    """The bare heatmap ``(H, W, 4)`` uint8: colorize's colour and opacity."""
+    from lurker.explain.overlay import colorize
+
+    rgb, alpha = colorize(heat, signed)
+    rgba = np.concatenate([rgb.numpy(), alpha.numpy()[None]], 0).transpose(1, 2, 0)
+    return np.rint(np.clip(rgba, 0, 1) * 255).astype(np.uint8)
+
+
+def _stats(heat: Any) -> tuple[float, float, float]:
+    h = heat.double()
+    fin = h[h.isfinite()]
+    if not fin.numel():
+        return math.nan, math.nan, math.nan
+    return float(fin.min()), float(fin.max()), float(fin.sum())
+
+
+@router.get(
+    "/runs/{run_id}/explain/methods",
+    response_model=ExplainMethods,
+    summary="The attribution methods the Explain page can show, and the layers to explain at",
+)
+def methods(request: Request, run_id: str) -> ExplainMethods:
+    from ..deps import session
+
+    s = session(request, entry(request, run_id))
+    layers = _spatial_layers(s)
+    return ExplainMethods(
+        methods=[
+            ExplainMethod(
+                name=name, summary=cls.summary, needs_layer=_needs_layer(cls), signed=cls.signed
+            )
+            for name, cls in _methods().items()
+        ],
+        default_layer=layers[-1] if layers else None,
+        layers=layers,
+        concepts=hasattr(sys.modules.get("lurker.explain"), "concepts"),
+    )
+
+
+TARGET = Query(
+    "top",
+    max_length=500,
+    description="a class index, 'top' (the top predicted class) or a unit LAYER:CHANNEL "
+    "(LAYER:CHANNEL:Y:X for one position)",
+)
+LAYER = Query(
+    None,
+    max_length=500,
+    description="the layer of a layer method (Grad-CAM): a run layer name, module path or "
+    "trace label; default the run's last probed spatial layer",
+)
+
+
+CONCEPT_LAYER = Query(
+    None,
+    max_length=500,
+    description="the layer whose units are ranked: a run layer name, module path or trace "
+    "label; default the run's last probed spatial layer",
+)
+
+
+def _png_response(pil: Any, heat: Any, target: str) -> Response:
+    from PIL import Image
+
+    from lurker.probe.images import _png
+
+    scale = _scale(tuple(heat.shape))
+    if scale > 1:
+        pil = pil.resize((pil.width * scale, pil.height * scale), Image.Resampling.NEAREST)
+    lo, hi, _ = _stats(heat)
+    headers = {
+        **IMMUTABLE,
+        "X-Lurker-Scale": str(scale),
+        "X-Lurker-Min": repr(lo),
+        "X-Lurker-Max": repr(hi),
+        "X-Lurker-Target": target,
+        "Access-Control-Expose-Headers": "X-Lurker-Scale, X-Lurker-Min, X-Lurker-Max, "
+        "X-Lurker-Target",
+    }
+    return Response(_png(pil), media_type="image/png", headers=headers)
+
+
+def _heat_image(
+    s: Session, image: str, heat: Any, signed: bool, overlay: bool, opacity: float
+) -> Any:
+    """The heatmap over the image (RGB), or alone (RGBA)."""
+    from PIL import Image
+
+    from lurker.explain.overlay import overlay as draw
+
+    if overlay:
+        return draw(heat, s.input_pil(image), signed=signed, alpha=opacity)
+    return Image.fromarray(heat_rgba(heat, signed), "RGBA")
+
+
+@router.get(  # the same without ".json", as the client names JSON documents
+    "/runs/{run_id}/live/{image}/explain/concepts",
+    response_model=ConceptRanking,
+    include_in_schema=False,
+)
+@router.get(
+    "/runs/{run_id}/live/{image}/explain/concepts.json",
+    response_model=ConceptRanking,
+    summary="Concept relevance: a layer's units ranked by their share of the relevance (LRP)",
+)
+def concepts_json(
+    request: Request,
+    run_id: str,
+    image: str,
+    target: str = TARGET,
+    layer: str | None = CONCEPT_LAYER,
+    top: int = Query(8, ge=1, le=64, description="how many units to rank"),
+) -> ConceptRanking:
+    s, r, name, cached = _concepts(request, run_id, image, target, layer, top)
+    total = float(r.relevance.sum())
+    ranked = [int(u) for u in r.relevance.argsort(descending=True)[:top]]
+    run = s.entry.open_run()
+    names = run.classes
+    cls = r.target_class
+    shape = next(iter(r.heat.values())).shape
+    return ConceptRanking(
+        image=image,
+        layer=name,
+        probed=any(i.name == name for i in run.layers),
+        target=r.target,
+        target_class=cls,
+        target_name=None if cls is None else (names[cls] if cls < len(names) else str(cls)),
+        composite=r.composite,
+        channels=int(r.relevance.numel()),
+        total=total,
+        units=[
+            ConceptUnit(
+                unit=u,
+                relevance=float(r.relevance[u]),
+                share=float(r.relevance[u]) / total if total else None,
+                heatmap_sum=float(r.heat[u].double().sum()),
+            )
+            for u in ranked
+        ],
+        scale=_scale(tuple(shape)),
+        seconds=0.0 if cached else r.seconds,
+        cached=cached,
+    )
+
+
+@router.get(
+    "/runs/{run_id}/live/{image}/explain/concepts/{unit}.png",
+    response_class=Response,
+    responses=PNG,
+    summary="A unit's conditional heatmap: the relevance that flowed through it (overlay=0: bare)",
+)
+def concept_png(
+    request: Request,
+    run_id: str,
+    image: str,
+    unit: int = Path(ge=0, le=2**31),
+    target: str = TARGET,
+    layer: str | None = CONCEPT_LAYER,
+    overlay: bool = Query(True, description="draw over the image (false: RGBA heatmap alone)"),
+    opacity: float = Query(0.5, ge=0, le=1, description="the strongest relevance's opacity"),
+) -> Response:
+    s, r, name, _ = _concepts(request, run_id, image, target, layer, 1)
+    channels = int(r.relevance.numel())
+    if unit >= channels:
+        raise ApiError(
+            404, f"no unit {unit} in layer {name!r}: it has {channels} (0 to {channels - 1})"
+        )
+    if unit not in r.heat:
+        s, r, name, _ = _concepts(request, run_id, image, target, layer, [unit])
+    heat = r.heat[unit]
+    return _png_response(_heat_image(s, image, heat, True, overlay, opacity), heat, r.target)
+
+
+@router.get(
+    "/runs/{run_id}/live/{image}/explain/{method}.png",
+    response_class=Response,
+    responses=PNG,
+    summary="One method's heatmap over the image (overlay=0: the bare heatmap, RGBA)",
+)
+def explain_png(
+    request: Request,
+    run_id: str,
+    image: str,
+    method: str,
+    target: str = TARGET,
+    layer: str | None = LAYER,
+    overlay: bool = Query(True, description="draw over the image (false: RGBA heatmap alone)"),
+    opacity: float = Query(0.5, ge=0, le=1, description="the strongest attribution's opacity"),
+) -> Response:
+
+    s, r, _ = _explained(request, run_id, image, method, target, layer)
+    pil = _heat_image(s, image, r.heat, r.signed, overlay, opacity)
+    return _png_response(pil, r.heat, r.target)
+
+
+# registered after the PNG: "{method}" without a suffix would take "x.png"
+@router.get(  # the same without ".json", as the client names JSON documents
+    "/runs/{run_id}/live/{image}/explain/{method}",
+    response_model=ExplainResult,
+    include_in_schema=False,
+)
+@router.get(
+    "/runs/{run_id}/live/{image}/explain/{method}.json",
+    response_model=ExplainResult,
+    summary="One method's attribution of the image: target resolved, min/max/sum, delta, options",
+)
+def explain_json(
+    request: Request,
+    run_id: str,
+    image: str,
+    method: str,
+    target: str = TARGET,
+    layer: str | None = LAYER,
+) -> ExplainResult:
+    s, r, cached = _explained(request, run_id, image, method, target, layer)
+    lo, hi, total = _stats(r.heat)
+    names = s.entry.open_run().classes
+    name = None
+    if r.target_class is not None:
+        name = names[r.target_class] if r.target_class < len(names) else str(r.target_class)
+    return ExplainResult(
+        image=image,
+        method=method,
+        target=r.target,
+        target_class=r.target_class,
+        target_name=name,
+        layer=r.layer,
+        signed=r.signed,
+        shape=[int(r.heat.shape[0]), int(r.heat.shape[1])],
+        min=lo,
+        max=hi,
+        sum=total,
+        delta=r.delta,
+        options=r.options,
+        scale=_scale(tuple(r.heat.shape)),
+        seconds=0.0 if cached else r.seconds,
+        cached=cached,
+    )

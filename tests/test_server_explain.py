@@ -1,0 +1,332 @@
+"""The Explain endpoints: each method's heatmap equals ``lurker.explain.explain`` run in
+the test on the same input, coloured by the normalisation docs/explorer.md states
+(written out here independently); bad input answers 400/404/409 with clear messages;
+one attribution per (image, method, target, layer) is computed.
+"""
+
+from __future__ import annotations
+
+import inspect
+import io
+import sys
+import threading
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+
+import lurker.explain  # noqa: F401  (the package module, patched below)
+from explorer_fixtures import ExplorerRun, explorer_run  # noqa: F401
+from lurker.explain import METHODS
+from lurker.probe.data import load_dataset
+from lurker.server import create_app
+
+XP = sys.modules["lurker.explain"]
+SAMPLE = 3
+BASE = f"/api/runs/digits/live/sample-{SAMPLE}/explain"
+
+
+@pytest.fixture(scope="module")
+def client(explorer_run: ExplorerRun) -> Any:  # noqa: F811
+    app = create_app(explorer_run.path, model_obj=explorer_run.model)
+    with TestClient(app) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def x() -> torch.Tensor:
+    """Sample SAMPLE as the run's dataset gives it to the model (a batch of one)."""
+    return load_dataset("digits:test", 16, channels=1)[SAMPLE][0][None]
+
+
+def _png(r: Any) -> np.ndarray:
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "image/png"
+    return np.asarray(Image.open(io.BytesIO(r.content)))
+
+
+def _expected_rgba(heat: np.ndarray, signed: bool) -> np.ndarray:
+    """The documented colouring: v = heat / max|heat|; signed: blue-white-red with
+    opacity |v|; unsigned: black-red-yellow-white ("hot") with opacity max(v, 0)."""
+    v = heat / np.abs(heat).max()
+    if signed:
+        pos, neg = np.clip(v, 0, None), np.clip(-v, 0, None)
+        rgb = [1 - neg, 1 - pos - neg, 1 - pos]
+        a = np.abs(v)
+    else:
+        a = np.clip(v, 0, None)
+        rgb = [3 * a, 3 * a - 1, 3 * a - 2]
+    out = np.stack([*[np.clip(c, 0, 1) for c in rgb], a], -1)
+    return np.rint(out * 255).astype(int)
+
+
+def _oracle(model: torch.nn.Module, x: torch.Tensor, method: str, target: Any, options: dict):
+    """The method run in the test with the options the server reports (those that are
+    the method's own parameters: a method may also record derived facts there)."""
+    params = inspect.signature(METHODS[method].compute).parameters
+    opts = {k: v for k, v in options.items() if v is not None and k in params}
+    return XP.explain(model, x, target=target, method=method, **opts)
+
+
+def test_methods_listed(client: TestClient):
+    body = client.get("/api/runs/digits/explain/methods").json()
+    assert [m["name"] for m in body["methods"]] == list(METHODS)
+    by = {m["name"]: m for m in body["methods"]}
+    assert by["gradcam"]["needs_layer"] and by["gradcam_plus_plus"]["needs_layer"]
+    assert not by["saliency"]["needs_layer"] and not by["occlusion"]["needs_layer"]
+    assert by["saliency"]["signed"] is False and by["integrated_gradients"]["signed"] is True
+    assert all(m["summary"] for m in body["methods"])
+    # the run's probed layers with a (C, H, W) output larger than 1x1; the last by default
+    assert body["layers"] == [f"features.{i}" for i in (0, 2, 4, 6, 8, 9)]
+    assert body["default_layer"] == "features.9"
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_each_method_equals_explain(
+    client: TestClient,
+    explorer_run: ExplorerRun,  # noqa: F811
+    x: torch.Tensor,
+    method: str,
+):
+    model = explorer_run.model
+    r = client.get(f"{BASE}/{method}.json")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    with torch.no_grad():
+        top = int(model(x).argmax(1))
+    assert body["target"] == str(top) and body["target_class"] == top
+    assert body["method"] == method and body["shape"] == [16, 16] and body["scale"] == 14
+    if method == "smoothgrad":
+        assert body["options"]["seed"] == 0  # deterministic: the cache and a rerun agree
+    if method in ("gradcam", "gradcam_plus_plus"):
+        assert body["layer"] == "features.9" and body["options"]["layer"] == "features.9"
+
+    ex = _oracle(model, x, method, top, body["options"])
+    heat = ex.heatmap(0).double().numpy()
+    assert body["signed"] == ex.signed
+    assert body["min"] == pytest.approx(heat.min(), rel=1e-4, abs=1e-6)
+    assert body["max"] == pytest.approx(heat.max(), rel=1e-4, abs=1e-6)
+    assert body["sum"] == pytest.approx(heat.sum(), rel=1e-4, abs=1e-4)
+    if method == "integrated_gradients":
+        assert body["delta"] == pytest.approx(float(ex.delta[0]), abs=1e-5)
+    else:
+        assert body["delta"] is None
+
+    bare = client.get(f"{BASE}/{method}.png", params={"overlay": 0})
+    rgba = _png(bare)
+    assert rgba.shape == (224, 224, 4) and bare.headers["X-Lurker-Scale"] == "14"
+    # nearest-neighbour upscale: every 14x14 block is one heatmap pixel
+    assert (rgba == np.repeat(np.repeat(rgba[::14, ::14], 14, 0), 14, 1)).all()
+    diff = np.abs(rgba[::14, ::14].astype(int) - _expected_rgba(heat, ex.signed))
+    assert diff.max() <= 1, f"{method}: heatmap pixels differ by up to {diff.max()}"
+
+    over = _png(client.get(f"{BASE}/{method}.png"))
+    assert over.shape == (224, 224, 3)
+
+
+def test_overlay_blends_the_heatmap_over_the_image(client: TestClient):
+    image = _png(client.get(f"/api/runs/digits/live/sample-{SAMPLE}/input.png")).astype(int)
+    bare = _png(client.get(f"{BASE}/input_x_gradient.png", params={"overlay": 0}))[::14, ::14]
+    clear = _png(client.get(f"{BASE}/input_x_gradient.png", params={"opacity": 0}))[::14, ::14]
+    assert (np.abs(clear.astype(int) - image[..., None]) <= 1).all()  # opacity 0: the image
+    full = _png(client.get(f"{BASE}/input_x_gradient.png", params={"opacity": 1}))[::14, ::14]
+    peak = np.unravel_index(bare[..., 3].argmax(), bare.shape[:2])  # |v| = 1: pure colour
+    assert bare[peak][3] == 255
+    assert (np.abs(full[peak].astype(int) - bare[peak][:3].astype(int)) <= 1).all()
+
+
+def test_class_and_unit_targets(
+    client: TestClient,
+    explorer_run: ExplorerRun,  # noqa: F811
+    x: torch.Tensor,
+):
+    body = client.get(f"{BASE}/saliency.json", params={"target": "7"}).json()
+    assert body["target"] == "7" and body["target_class"] == 7 and body["target_name"] == "7"
+    want = XP.explain(explorer_run.model, x, target=7, method="saliency").heatmap(0)
+    assert body["max"] == pytest.approx(float(want.max()), rel=1e-4)
+
+    body = client.get(f"{BASE}/saliency.json", params={"target": "features.4:5"}).json()
+    assert body["target"] == "features.4:5" and body["target_class"] is None
+    unit = XP.explain(explorer_run.model, x, target=("features.4", 5), method="saliency")
+    heat = unit.heatmap(0).double().numpy()
+    assert body["sum"] == pytest.approx(heat.sum(), rel=1e-4)
+    rgba = _png(client.get(f"{BASE}/saliency.png", params={"target": "features.4:5", "overlay": 0}))
+    assert np.abs(rgba[::14, ::14].astype(int) - _expected_rgba(heat, False)).max() <= 1
+
+    # Grad-CAM for a unit target defaults to a layer the unit depends on (its own)
+    body = client.get(f"{BASE}/gradcam.json", params={"target": "features.4:5"}).json()
+    assert body["layer"] == "features.4"
+    body = client.get(f"{BASE}/gradcam.json", params={"layer": "features.0"}).json()
+    assert body["layer"] == "features.0" and body["options"]["layer"] == "features.0"
+
+
+@pytest.mark.parametrize(
+    ("path", "params", "status", "says"),
+    [
+        ("nope.json", {}, 404, "unknown explanation method 'nope'; supported: saliency"),
+        ("nope.png", {}, 404, "supported: saliency, input_x_gradient"),
+        ("saliency.json", {"target": "12"}, 400, "target class 12 is out of range"),
+        ("saliency.png", {"target": "12"}, 400, "the model has 10 outputs"),
+        ("saliency.json", {"target": "bad"}, 400, "give a class index (3), 'top', or a unit"),
+        ("saliency.json", {"target": "features.4:99"}, 400, "channel 99 is out of range"),
+        ("saliency.json", {"target": "foo:1"}, 404, "layer 'foo' is not in the model"),
+        ("gradcam.json", {"layer": "nope"}, 404, "layer 'nope' is not in the model"),
+        ("saliency.json", {"layer": "features.4"}, 400, "takes no layer"),
+        ("gradcam.json", {"layer": "features.9", "target": "features.4:1"}, 400, "does not depend"),
+        ("saliency.png", {"opacity": "2"}, 422, "opacity"),
+    ],
+)
+def test_bad_input(client: TestClient, path: str, params: dict, status: int, says: str):
+    r = client.get(f"{BASE}/{path}", params=params)
+    assert r.status_code == status, r.text
+    assert says in r.json()["detail"]
+
+
+def test_bad_image_and_no_model(client: TestClient, explorer_run: ExplorerRun):  # noqa: F811
+    r = client.get("/api/runs/digits/live/nope/explain/saliency.json")
+    assert r.status_code == 404 and "upload it" in r.json()["detail"]
+    r = client.get("/api/runs/digits/live/sample-99999/explain/saliency.png")
+    assert r.status_code == 404 and "no sample 99999" in r.json()["detail"]
+    with TestClient(create_app(explorer_run.path, live=False)) as c:
+        r = c.get(f"{BASE}/saliency.png")
+        assert r.status_code == 409 and "lurker serve RUN --model" in r.json()["detail"]
+        # the method list needs no model
+        assert c.get("/api/runs/digits/explain/methods").status_code == 200
+
+
+def test_cached_per_image_method_target_layer(
+    explorer_run: ExplorerRun,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+):
+    calls: list[tuple[str, Any]] = []
+    real = XP.explain
+
+    def counting(model: Any, x: Any, target: Any = None, method: str = "saliency", **kw: Any):
+        calls.append((method, target))
+        return real(model, x, target=target, method=method, **kw)
+
+    monkeypatch.setattr(XP, "explain", counting)
+    model = explorer_run.model
+    hooks_before = sum(len(m._forward_hooks) + len(m._backward_hooks) for m in model.modules())
+    flags = [p.requires_grad for p in model.parameters()]
+    with TestClient(create_app(explorer_run.path, model_obj=model)) as c:
+        first = c.get(f"{BASE}/gradcam.json").json()
+        assert not first["cached"] and first["seconds"] > 0
+        for params in ({"overlay": 0}, {}, {"opacity": 0.2}):
+            assert c.get(f"{BASE}/gradcam.png", params=params).status_code == 200
+        again = c.get(f"{BASE}/gradcam.json").json()
+        assert again["cached"] and again["seconds"] == 0
+        assert len(calls) == 1
+        c.get(f"{BASE}/gradcam.json", params={"target": "1"})
+        c.get(f"{BASE}/gradcam.json", params={"layer": "features.4"})
+        c.get("/api/runs/digits/live/sample-4/explain/gradcam.json")
+        assert len(calls) == 4
+        # concurrent requests for one heatmap compute it once (the second waits for the
+        # model's lock, then finds it in the cache)
+        codes: list[int] = []
+        threads = [
+            threading.Thread(
+                target=lambda: codes.append(c.get(f"{BASE}/occlusion.png").status_code)
+            )
+            for _ in range(4)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert codes == [200] * 4 and len(calls) == 5
+    assert sum(len(m._forward_hooks) + len(m._backward_hooks) for m in model.modules()) == (
+        hooks_before
+    )
+    assert [p.requires_grad for p in model.parameters()] == flags
+
+
+def test_concept_relevance_equals_concepts(
+    client: TestClient,
+    explorer_run: ExplorerRun,  # noqa: F811
+    x: torch.Tensor,
+):
+    model = explorer_run.model
+    r = client.get(f"{BASE}/concepts.json", params={"layer": "features.4", "top": 5})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    c = XP.concepts(model, x, None, layer="features.4", top=5)
+    assert body["layer"] == "features.4" and body["probed"] and body["channels"] == 32
+    assert body["target_class"] == int(c.target[0]) and body["composite"] == c.composite
+    assert [u["unit"] for u in body["units"]] == c.units[0].tolist()
+    rel = [u["relevance"] for u in body["units"]]
+    assert rel == pytest.approx(c.unit_relevance[0].tolist(), rel=1e-4, abs=1e-7)
+    assert rel == sorted(rel, reverse=True)
+    # the units partition the layer's relevance: the total is the sum over all of them
+    assert body["total"] == pytest.approx(float(c.relevance[0].sum()), rel=1e-4)
+    for u in body["units"]:
+        assert u["share"] == pytest.approx(u["relevance"] / body["total"], rel=1e-6)
+    sums = [u["heatmap_sum"] for u in body["units"]]
+    assert sums == pytest.approx(c.heatmap_sums[0].tolist(), rel=1e-4, abs=1e-6)
+
+    first = body["units"][0]["unit"]
+    rgba = _png(
+        client.get(f"{BASE}/concepts/{first}.png", params={"layer": "features.4", "overlay": 0})
+    )
+    heat = c.heatmaps[0, 0].sum(0).double().numpy()
+    assert np.abs(rgba[::14, ::14].astype(int) - _expected_rgba(heat, True)).max() <= 1
+    # a unit outside the ranking gets its conditional heatmap too
+    last = int(c.relevance[0].argmin())
+    rgba = _png(
+        client.get(f"{BASE}/concepts/{last}.png", params={"layer": "features.4", "overlay": 0})
+    )
+    one = XP.concepts(model, x, None, layer="features.4", units=[last])
+    heat = one.heatmaps[0, 0].sum(0).double().numpy()
+    assert np.abs(rgba[::14, ::14].astype(int) - _expected_rgba(heat, True)).max() <= 1
+
+    # a unit target and the default layer (the last probed spatial one)
+    body = client.get(f"{BASE}/concepts.json", params={"target": "features.9:0"}).json()
+    # the last spatial layer before the unit's (the relevance must pass the layer)
+    assert body["target"] == "features.9:0" and body["layer"] == "features.8"
+    body = client.get(f"{BASE}/concepts.json", params={"target": "features.4:3"}).json()
+    assert body["layer"] == "features.2"
+
+
+@pytest.mark.parametrize(
+    ("path", "params", "status", "says"),
+    [
+        ("concepts/32.png", {"layer": "features.4"}, 404, "no unit 32 in layer 'features.4'"),
+        ("concepts.json", {"layer": "nope"}, 404, "layer 'nope' is not in the model"),
+        ("concepts.json", {"layer": "features.9", "target": "features.4:1"}, 400, "not between"),
+        ("concepts.json", {"target": "12"}, 400, "target class 12 is out of range"),
+        ("concepts.json", {"top": 0}, 422, "top"),
+    ],
+)
+def test_concepts_bad_input(client: TestClient, path: str, params: dict, status: int, says: str):
+    r = client.get(f"{BASE}/{path}", params=params)
+    assert r.status_code == status, r.text
+    assert says in r.json()["detail"]
+
+
+def test_concepts_cached(
+    explorer_run: ExplorerRun,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+):
+    calls: list[Any] = []
+    real = XP.concepts
+
+    def counting(*a: Any, **kw: Any) -> Any:
+        calls.append(kw.get("units"))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(XP, "concepts", counting)
+    with TestClient(create_app(explorer_run.path, model_obj=explorer_run.model)) as c:
+        q = {"layer": "features.4"}
+        ranked = [u["unit"] for u in c.get(f"{BASE}/concepts.json", params=q).json()["units"]]
+        assert len(ranked) == 8 and calls == [None]
+        assert c.get(f"{BASE}/concepts.json", params={**q, "top": 3}).json()["cached"]
+        for u in ranked:
+            assert c.get(f"{BASE}/concepts/{u}.png", params=q).status_code == 200
+        assert calls == [None]  # the ranked units' maps came with the ranking
+        other = next(u for u in range(32) if u not in ranked)
+        for _ in range(2):
+            assert c.get(f"{BASE}/concepts/{other}.png", params=q).status_code == 200
+        assert calls == [None, [other]]

@@ -1,0 +1,396 @@
+/**
+ * `#/r/RUN/explain?image=ID&target=T&layer=L&opacity=A`: why the model decided this, for
+ * the current live image (an upload or `sample-N`). Every attribution method's heatmap
+ * side by side, each a bare RGBA heatmap stacked over the image, so the one opacity slider
+ * changes every overlay at once without a request. The target is one of the top-5
+ * predictions (default: the top class) or a unit `LAYER:CHANNEL`; Grad-CAM's layer has its
+ * own chooser. Each heatmap is computed once per (image, method, target, layer) by the
+ * server, which caches it. Below, concept relevance (when lurker has LRP): a chosen layer's
+ * units ranked by their share of the relevance, each with its conditional heatmap and a
+ * link to its unit page.
+ */
+import { p, type LiveImage, type RunSummary } from "../api";
+import type { PageContext } from "../context";
+import { append, fill, fmt, h, notice } from "../dom";
+
+interface ExplainMethod {
+  name: string;
+  summary: string;
+  needs_layer: boolean;
+  signed: boolean;
+}
+
+interface ExplainMethods {
+  methods: ExplainMethod[];
+  default_layer: string | null;
+  layers: string[];
+  concepts: boolean;
+}
+
+interface ConceptRanking {
+  layer: string;
+  probed: boolean;
+  target: string;
+  composite: string;
+  channels: number;
+  total: number;
+  units: { unit: number; relevance: number; share: number | null; heatmap_sum: number }[];
+  seconds: number;
+}
+
+interface ExplainResult {
+  method: string;
+  target: string;
+  target_class: number | null;
+  target_name: string | null;
+  layer: string | null;
+  signed: boolean;
+  shape: number[];
+  min: number | null;
+  max: number | null;
+  sum: number | null;
+  delta: number | null;
+  options: Record<string, unknown>;
+  seconds: number;
+  cached: boolean;
+}
+
+const TITLES: Record<string, string> = {
+  saliency: "Saliency",
+  input_x_gradient: "Input × gradient",
+  guided_backprop: "Guided backprop",
+  deconvnet: "Deconvnet",
+  integrated_gradients: "Integrated gradients",
+  smoothgrad: "SmoothGrad",
+  gradcam: "Grad-CAM",
+  gradcam_plus_plus: "Grad-CAM++",
+  occlusion: "Occlusion",
+  lrp: "LRP",
+};
+
+export async function renderExplain(root: HTMLElement, ctx: PageContext): Promise<void> {
+  document.title = `explain · ${ctx.run} · lurker`;
+  append(root, h("h1", null, "Explain", h("span", { class: "sub" }, " why the model decided this, method by method")));
+  if (ctx.api.isStatic) {
+    root.append(
+      notice(
+        `This is a static export: explanations run the model, so they need a server. Run: lurker serve ${ctx.run} --model SPEC (and --weights W).`,
+      ),
+    );
+    return;
+  }
+  const summary = await ctx.api.json<RunSummary>(p("runs", ctx.run));
+  if (!summary.holds.live) {
+    root.append(
+      notice(
+        `Explanations run the model, and this run has none attached${summary.holds.live_reason ? ` (${summary.holds.live_reason})` : ""}. Serve it with: lurker serve ${ctx.run} --model SPEC --weights W.`,
+        "error",
+      ),
+    );
+    return;
+  }
+  const params = new URLSearchParams(ctx.params);
+  const image = params.get("image");
+  const target = params.get("target") || "top";
+  const go = (next: Record<string, string | null>) => {
+    const q = new URLSearchParams(params);
+    for (const [k, v] of Object.entries(next)) (v === null ? q.delete(k) : q.set(k, v));
+    ctx.navigate(ctx.href("explain") + "?" + q);
+  };
+
+  if (!image) {
+    root.append(imagePicker(ctx, summary, (id) => go({ image: id, target: null })));
+    return;
+  }
+  let live: LiveImage;
+  let info: ExplainMethods;
+  try {
+    [live, info] = await Promise.all([
+      ctx.api.json<LiveImage>(p("runs", ctx.run, "live", image), { cache: false }),
+      ctx.api.json<ExplainMethods>(p("runs", ctx.run, "explain", "methods")),
+    ]);
+  } catch (err) {
+    root.append(notice((err as Error).message, "error"), imagePicker(ctx, summary, (id) => go({ image: id, target: null })));
+    return;
+  }
+  if (ctx.signal.aborted) return;
+  const layer = params.get("layer") || null;
+  const opacity = clamp01(Number(params.get("opacity") ?? "0.7"));
+  const inputSrc = ctx.api.pngUrl(p("runs", ctx.run, "live", image, "input.png"));
+  const isUnit = target.includes(":");
+  const topClass = live.predictions[0]?.class;
+
+  // -- the image and its target chooser
+  const unitField = h("input", {
+    type: "text",
+    id: "explain-unit",
+    placeholder: "LAYER:CHANNEL, e.g. " + (info.default_layer ?? summary.layers[0]?.name ?? "layer") + ":0",
+    value: isUnit ? target : "",
+    "aria-label": "unit target LAYER:CHANNEL",
+    list: "explain-layers",
+  });
+  const unitGo = () => {
+    const v = unitField.value.trim();
+    if (v) go({ target: v });
+  };
+  unitField.addEventListener("keydown", (e) => {
+    if ((e as KeyboardEvent).key === "Enter") unitGo();
+  });
+  const chooser = h(
+    "ol",
+    { class: "preds target-list", "aria-label": "target class" },
+    live.predictions.map((q) => {
+      const on = !isUnit && (target === String(q.class) || (target === "top" && q.class === topClass));
+      return h(
+        "li",
+        null,
+        h(
+          "button",
+          { type: "button", class: on ? "target on" : "target", "data-class": q.class, "aria-pressed": String(on), onclick: () => go({ target: String(q.class) }) },
+          h("span", { class: "pname" }, String(q.name ?? q.class)),
+          h("span", { class: "pbar", style: `width:${(100 * q.prob).toFixed(1)}%` }),
+          h("span", { class: "muted" }, `${(100 * q.prob).toFixed(1)}%`),
+        ),
+      );
+    }),
+  );
+  const unitLink = isUnit ? unitHref(ctx, summary, target) : null;
+  const imageCard = h(
+    "section",
+    { class: "card explain-image" },
+    h("h3", null, "Image ", h("span", { class: "muted" }, image)),
+    h(
+      "div",
+      { class: "live-result" },
+      h("img", { class: "live-img pixelated", src: inputSrc, alt: "the image as the model sees it", width: 128, height: 128 }),
+      h("div", null, h("p", { class: "muted small" }, "Target: a class the model predicts…"), chooser),
+    ),
+    h(
+      "div",
+      { class: "row unit-row" },
+      h("label", { for: "explain-unit", class: "muted small" }, "…or a unit"),
+      unitField,
+      h("button", { type: "button", onclick: unitGo }, "Explain unit"),
+      h(
+        "datalist",
+        { id: "explain-layers" },
+        summary.layers.map((l) => h("option", { value: `${l.name}:` })),
+      ),
+    ),
+    isUnit
+      ? h(
+          "p",
+          { class: "small" },
+          "Explaining unit ",
+          h("code", null, target),
+          unitLink ? [" · ", h("a", { href: unitLink }, "its unit page")] : null,
+          " · ",
+          h("a", { href: "#", onclick: (e: Event) => (e.preventDefault(), go({ target: null })) }, "back to the top class"),
+        )
+      : null,
+  );
+
+  // -- the controls shared by every heatmap
+  const slider = h("input", { type: "range", min: 0, max: 1, step: 0.05, value: opacity, id: "explain-opacity", "aria-label": "heatmap opacity" });
+  const sliderValue = h("span", { class: "muted", id: "explain-opacity-value" }, `${Math.round(opacity * 100)}%`);
+  const layerSelect = h(
+    "select",
+    { id: "explain-layer", "aria-label": "Grad-CAM layer" },
+    h("option", { value: "" }, isUnit ? "default (at or before the unit's layer)" : `default (${info.default_layer ?? "the last spatial layer"})`),
+    info.layers.map((l) => h("option", { value: l, selected: l === layer }, l)),
+  );
+  layerSelect.addEventListener("change", () => go({ layer: layerSelect.value || null }));
+  const controls = h(
+    "section",
+    { class: "card explain-controls" },
+    h("h3", null, "Overlay"),
+    h("div", { class: "row" }, h("label", { for: "explain-opacity" }, "Heatmap opacity"), slider, sliderValue),
+    h("div", { class: "row" }, h("label", { for: "explain-layer" }, "Grad-CAM layer"), layerSelect),
+    h(
+      "p",
+      { class: "muted small legend" },
+      h("span", { class: "swatch signed" }),
+      " signed methods: blue negative, white zero, red positive (one scale for both signs) · ",
+      h("span", { class: "swatch unsigned" }),
+      " unsigned: dark to yellow. Opacity grows with |attribution|; each map is scaled by its own max |value|.",
+    ),
+    h("p", { class: "small" }, h("a", { href: ctx.href("live") + "?image=" + encodeURIComponent(image) }, "Open this image in the live view")),
+  );
+  const grid = h("section", { class: "explain-grid methods", "aria-label": "heatmaps" });
+  const page = h("div", { class: "explain-page" });
+  root.append(page);
+  append(page, h("div", { class: "explain-top" }, imageCard, controls), h("h2", null, "Heatmaps ", h("span", { class: "sub" }, targetLine(target, live))), grid);
+
+  const setOpacity = (v: number) => {
+    page.style.setProperty("--heat-opacity", String(v));
+    sliderValue.textContent = `${Math.round(v * 100)}%`;
+  };
+  setOpacity(opacity);
+  slider.addEventListener("input", () => setOpacity(Number(slider.value)));
+  slider.addEventListener("change", () => {
+    params.set("opacity", slider.value);
+    ctx.replaceParams(params);
+  });
+
+  for (const m of info.methods) grid.append(methodCard(ctx, image, m, target, m.needs_layer ? layer : null, inputSrc));
+  if (info.concepts) {
+    const clayer = params.get("clayer") || (isUnit ? null : info.default_layer) || null;
+    page.append(conceptSection(ctx, summary, image, target, clayer, inputSrc, (l) => go({ clayer: l })));
+  }
+}
+
+/** Concept relevance: the units of `layer` ranked by their share of the relevance for the
+ * target, each with its conditional heatmap (the relevance that flowed through it). */
+function conceptSection(ctx: PageContext, summary: RunSummary, image: string, target: string, layer: string | null, inputSrc: string, choose: (layer: string | null) => void): HTMLElement {
+  const select = h(
+    "select",
+    { id: "concept-layer", "aria-label": "concept relevance layer" },
+    h("option", { value: "" }, "default layer"),
+    summary.layers.map((l) => h("option", { value: l.name, selected: l.name === layer }, `${l.name} (${l.num_units} units)`)),
+  );
+  select.addEventListener("change", () => choose(select.value || null));
+  const status = h("p", { class: "muted small" }, "Ranking the units…");
+  const list = h("div", { class: "explain-grid concepts", "aria-label": "units by relevance" });
+  const q = new URLSearchParams({ target });
+  if (layer) q.set("layer", layer);
+  const base = p("runs", ctx.run, "live", image, "explain", "concepts");
+  void (async () => {
+    let r: ConceptRanking;
+    try {
+      r = await ctx.api.json<ConceptRanking>(`${base}.json?${q}&top=8`);
+    } catch (err) {
+      fill(status, h("span", { class: "error-text" }, (err as Error).message));
+      return;
+    }
+    if (ctx.signal.aborted) return;
+    if (!layer) select.value = summary.layers.some((l) => l.name === r.layer) ? r.layer : "";
+    fill(
+      status,
+      `The ${r.units.length} of ${r.channels} units of `,
+      h("code", null, r.layer),
+      ` with the most relevance (LRP, ${r.composite}) for ${r.target.includes(":") ? "unit " : "class "}${r.target}; the layer's total relevance is ${fmt(r.total)}. Each map is the relevance that flowed through that unit alone (blue negative, red positive).`,
+    );
+    const cq = new URLSearchParams(q);
+    cq.set("layer", r.layer);
+    cq.set("overlay", "0");
+    for (const u of r.units) {
+      const heat = h("img", { class: "heat pixelated", alt: `unit ${u.unit} conditional heatmap`, "data-unit": u.unit, loading: "lazy", decoding: "async" });
+      const stack = h("div", { class: "stack busy" }, h("img", { class: "base pixelated", src: inputSrc, alt: "" }), heat, h("div", { class: "spinner", role: "status", "aria-label": `computing unit ${u.unit}` }));
+      heat.addEventListener("load", () => stack.classList.remove("busy"));
+      heat.addEventListener("error", () => (stack.classList.remove("busy"), stack.classList.add("failed")));
+      heat.src = ctx.api.pngUrl(`${base}/${u.unit}.png?${cq}`);
+      list.append(
+        h(
+          "figure",
+          { class: "card explain-card concept", "data-unit": u.unit },
+          h("h3", null, r.probed ? h("a", { class: "name", href: ctx.href("unit", r.layer, u.unit), title: "its unit page" }, `unit ${u.unit}`) : h("span", { class: "name" }, `unit ${u.unit}`), h("span", { class: "muted" }, u.share === null ? "" : `${(100 * u.share).toFixed(1)}%`)),
+          stack,
+          h("figcaption", { class: "small muted" }, `relevance ${fmt(u.relevance)} · map sum ${fmt(u.heatmap_sum)}`),
+        ),
+      );
+    }
+  })();
+  return h(
+    "section",
+    { class: "concept-section" },
+    h("h2", null, "Concept relevance ", h("span", { class: "sub" }, "which units of a layer carried this decision")),
+    h("div", { class: "toolbar" }, h("label", { for: "concept-layer" }, "Layer"), select),
+    status,
+    list,
+  );
+}
+
+function methodCard(ctx: PageContext, image: string, m: ExplainMethod, target: string, layer: string | null, inputSrc: string): HTMLElement {
+  const base = p("runs", ctx.run, "live", image, "explain", m.name);
+  const q = new URLSearchParams({ target });
+  if (layer) q.set("layer", layer);
+  const caption = h("figcaption", { class: "small muted" }, "computing…");
+  const spinner = h("div", { class: "spinner", role: "status", "aria-label": `computing ${m.name}` });
+  const heat = h("img", { class: "heat pixelated", alt: `${m.name} heatmap`, "data-method": m.name, loading: "lazy", decoding: "async" });
+  const stack = h("div", { class: "stack busy" }, h("img", { class: "base pixelated", src: inputSrc, alt: "" }), heat, spinner);
+  const card = h(
+    "figure",
+    { class: "card explain-card", "data-method": m.name },
+    h("h3", { title: m.summary }, h("span", { class: "name" }, TITLES[m.name] ?? m.name), h("span", { class: "muted" }, m.signed ? " signed" : " ≥ 0")),
+    stack,
+    caption,
+  );
+  heat.addEventListener("load", async () => {
+    stack.classList.remove("busy");
+    try {
+      const r = await ctx.api.json<ExplainResult>(`${base}.json?${q}`);
+      fill(
+        caption,
+        r.layer ? [h("span", null, "at ", h("code", null, r.layer)), " · "] : null,
+        `min ${fmt(r.min)} · max ${fmt(r.max)} · sum ${fmt(r.sum)}`,
+        r.delta !== null ? ` · delta ${fmt(r.delta)}` : null,
+      );
+      caption.title = `options: ${JSON.stringify(r.options)}`;
+    } catch (err) {
+      fill(caption, (err as Error).message);
+    }
+  });
+  heat.addEventListener("error", async () => {
+    stack.classList.remove("busy");
+    stack.classList.add("failed");
+    // the image request's body is not readable from an <img>: ask the JSON for the reason
+    try {
+      await ctx.api.json<ExplainResult>(`${base}.json?${q}`, { cache: false });
+      fill(caption, h("span", { class: "error-text" }, "the heatmap did not load"));
+    } catch (err) {
+      fill(caption, h("span", { class: "error-text" }, (err as Error).message));
+    }
+  });
+  q.set("overlay", "0");
+  heat.src = ctx.api.pngUrl(`${base}.png?${q}`);
+  return card;
+}
+
+function targetLine(target: string, live: LiveImage): string {
+  if (target.includes(":")) return `for unit ${target}`;
+  const cls = target === "top" ? live.predictions[0]?.class : Number(target);
+  const pred = live.predictions.find((q) => q.class === cls);
+  const name = pred?.name ?? String(cls);
+  return `for class ${name}${target === "top" ? " (the top prediction)" : ""}${pred ? ` · p = ${(100 * pred.prob).toFixed(1)}%` : ""}`;
+}
+
+/** The unit page of a `LAYER:CHANNEL` target when LAYER is a probed layer of the run. */
+function unitHref(ctx: PageContext, summary: RunSummary, target: string): string | null {
+  const parts = target.split(":");
+  for (let cut = parts.length - 1; cut >= 1; cut--) {
+    const name = parts.slice(0, cut).join(":");
+    const layer = summary.layers.find((l) => l.name === name);
+    const unit = Number(parts[cut]);
+    if (layer && Number.isInteger(unit) && unit >= 0 && unit < layer.num_units) return ctx.href("unit", name, unit);
+  }
+  return null;
+}
+
+function imagePicker(ctx: PageContext, summary: RunSummary, choose: (id: string) => void): HTMLElement {
+  const status = h("div", { class: "status-line", role: "status" });
+  const file = h("input", { type: "file", accept: "image/*", id: "explain-file", class: "visually-hidden", "aria-label": "upload an image" });
+  file.addEventListener("change", async () => {
+    const f = file.files?.[0];
+    if (!f) return;
+    fill(status, "Uploading…");
+    try {
+      const res = await ctx.api.upload<LiveImage>(p("runs", ctx.run, "live", "images"), f, f.name);
+      choose(res.image);
+    } catch (err) {
+      fill(status, notice((err as Error).message, "error"));
+    }
+  });
+  const sampleInput = h("input", { type: "number", min: 0, max: Math.max(0, summary.dataset.size - 1), value: 0, id: "explain-sample", "aria-label": "dataset sample id" });
+  return h(
+    "section",
+    { class: "card live-input" },
+    h("h3", null, "Image to explain"),
+    h("div", { class: "row" }, h("label", { class: "button", for: "explain-file" }, "Upload an image…"), file),
+    h("div", { class: "row" }, h("span", null, "or dataset sample"), sampleInput, h("button", { type: "button", onclick: () => choose(`sample-${Math.floor(Number(sampleInput.value) || 0)}`) }, "Explain sample")),
+    status,
+  );
+}
+
+function clamp01(v: number): number {
+  return Number.isFinite(v) ? Math.min(1, Math.max(0, v)) : 0.7;
+}
