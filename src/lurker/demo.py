@@ -23,7 +23,9 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default="demo-out", help="folder for everything the demo writes")
     ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--port", type=int, default=None, help="explorer port (default 8765, else free)")
+    ap.add_argument(
+        "--port", type=int, default=None, help="explorer port (default 8765, else free)"
+    )
     ap.add_argument("--host", default="127.0.0.1", help="explorer address (default: this machine)")
     ap.add_argument("--no-browser", action="store_true", help="do not open a browser window")
     ap.add_argument("--no-serve", action="store_true", help="stop after writing the outputs")
