@@ -124,3 +124,32 @@ def test_a_foreign_model_never_writes_the_cache(
     with TestClient(app) as c:
         assert c.get(GRAD.format(run="digits")).status_code == 200
     assert [f for f in _files(run) if f.startswith("grad")]
+
+
+def test_a_model_in_training_mode_is_put_in_eval_mode(
+    explorer_run: ExplorerRun,  # noqa: F811
+    tmp_path: Path,
+):
+    model = DigitsNet()
+    model.load_state_dict(explorer_run.model.state_dict())
+    model.train()  # as a training script leaves it
+    bn = model.features[1]
+    stats = (bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone())
+    oracle = DigitsNet()
+    oracle.load_state_dict(explorer_run.model.state_dict())
+    oracle.eval()
+    run = _copy(explorer_run, tmp_path / "digits")
+    app = create_app(run, model_obj=model)
+    with TestClient(app) as c:
+        for i in (4, 5, 4):
+            got = c.get(f"/api/runs/digits/live/sample-{i}").json()["predictions"]
+            x = load_dataset("digits:test", 16, channels=1)[i][0][None]
+            with torch.no_grad():
+                probs, idx = torch.softmax(oracle(x)[0], 0).topk(5)
+            assert [p["class"] for p in got] == idx.tolist()
+            assert [p["prob"] for p in got] == pytest.approx(probs.tolist(), abs=1e-6)
+        assert c.get("/api/runs/digits/live/sample-4/ops/conv2d_1").status_code == 200
+        assert c.get(GRAD.format(run="digits")).status_code == 200
+    assert torch.equal(bn.running_mean, stats[0])
+    assert torch.equal(bn.running_var, stats[1])
+    assert torch.equal(bn.num_batches_tracked, stats[2])

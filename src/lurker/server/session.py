@@ -73,9 +73,10 @@ class ModelSource:
         return self.model_obj is not None or self.spec is not None
 
     def load(self) -> Any:
-        """The shared model (loading it from ``spec`` once)."""
+        """The shared model (loading it from ``spec`` once), in eval mode (BatchNorm uses
+        its running statistics and never updates them, dropout is off)."""
         if self.model_obj is not None:
-            return self.model_obj
+            return self.model_obj.eval()
         if self._loaded is None:
             if self._error is not None:
                 raise LurkerError(self._error)
@@ -84,7 +85,7 @@ class ModelSource:
             except LurkerError as e:
                 self._error = f"cannot load model {self.spec!r}: {e}"
                 raise LurkerError(self._error) from e
-        return self._loaded
+        return self._loaded.eval()
 
     def executor(self) -> ThreadPoolExecutor:
         """The one thread that runs the shared model's work."""
@@ -264,6 +265,7 @@ class Session:
                 if not self.uses_given:
                     self._model_error = f"cannot load the run's model: {e}"
                 raise no_model(self.entry.id, self.model_reason() or str(e)) from None
+            self._model.eval()
             return self._model
 
     def unit_images(self) -> Any:
