@@ -65,6 +65,7 @@ class ModelSource:
     #: records).
     single: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
+    _guard: threading.Lock = field(default_factory=threading.Lock)
     _loaded: Any = None
     _error: str | None = None
     _executor: ThreadPoolExecutor | None = None
@@ -89,7 +90,7 @@ class ModelSource:
 
     def executor(self) -> ThreadPoolExecutor:
         """The one thread that runs the shared model's work."""
-        with self.lock:
+        with self._guard:
             if self._executor is None:
                 self._executor = _model_thread()
             return self._executor
@@ -139,7 +140,7 @@ class Session:
         self._images: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._maps: OrderedDict[tuple[str, int], tuple[Any, Any]] = OrderedDict()
         self._map_bytes = 0
-        self._executor: ThreadPoolExecutor | None = None
+        self._executor = _model_thread()  # its thread starts on the first submit
 
     # -- which model -----------------------------------------------------------------------
 
@@ -212,12 +213,7 @@ class Session:
     def executor(self) -> ThreadPoolExecutor:
         """The one thread that runs this run's model work (shared with the other runs of
         the same model)."""
-        if self.uses_given:
-            return self.source.executor()
-        with self._guard:
-            if self._executor is None:
-                self._executor = _model_thread()
-            return self._executor
+        return self.source.executor() if self.uses_given else self._executor
 
     # -- loading ---------------------------------------------------------------------------
 
