@@ -187,7 +187,7 @@ def test_live_errors(client: TestClient, digit_png: bytes):
     assert r.status_code == 413 and "limit" in r.json()["detail"]
     r = client.post("/api/runs/digits/live/images")
     assert r.status_code == 422
-    r = client.get("/api/runs/digits/live/0123abcd/ops/conv2d_1")
+    r = client.get("/api/runs/digits/live/0123abcd0123abcd/ops/conv2d_1")
     assert r.status_code == 404 and "upload it" in r.json()["detail"]
     r = client.get("/api/runs/digits/live/sample-0/ops/nope")
     assert r.status_code == 404 and "conv2d_1" in r.json()["detail"]
@@ -280,3 +280,20 @@ def test_requests_waiting_for_the_model_hold_no_worker_thread(
     asyncio.run(main())
     assert order.count("model") == 60
     assert order.index("summary") < 10, order.index("summary")
+
+
+def test_live_image_ids_are_validated(client: TestClient, explorer_run: ExplorerRun):  # noqa: F811
+    n = 360  # the run's samples: digits:test
+    for bad in ("sample-99999999999999999999", f"sample-{n}", "sample-1e3", "sample--1"):
+        r = client.get(f"/api/runs/digits/live/{bad}/input.png")
+        assert r.status_code == 404, (bad, r.text)
+        assert r.headers["content-type"].startswith("application/json")
+    r = client.get(f"/api/runs/digits/live/sample-{n}")
+    assert r.status_code == 404 and f"0..{n - 1}" in r.json()["detail"]
+    for bad in ("٣٤", "ABCDEF0123456789", "abc", "g" * 16, "0123456789abcdef0"):
+        r = client.get(f"/api/runs/digits/live/{bad}/input.png")
+        assert r.status_code == 404, (bad, r.text)
+        assert "16 hex digits" in r.json()["detail"]
+    assert client.get(f"/api/runs/digits/live/sample-{n - 1}/input.png").status_code == 200
+    r = client.get("/api/runs/digits/live/0123456789abcdef/input.png")
+    assert r.status_code == 404 and "upload it" in r.json()["detail"]  # well-formed, not kept

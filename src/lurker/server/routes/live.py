@@ -10,6 +10,7 @@ no worker thread and the other endpoints stay fast.
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from typing import Annotated, Literal
 
@@ -29,11 +30,28 @@ PNG = {200: {"content": {"image/png": {}}, "description": "a PNG image"}}
 MAX_PIXELS = 40_000_000
 
 
-def _image_id(image: str) -> str:
-    if not (image.isalnum() or (image.startswith("sample-") and image[7:].isdigit())):
+_CONTENT_ID = re.compile(r"[0-9a-f]{16}")
+_SAMPLE_ID = re.compile(r"sample-([0-9]{1,19})")
+
+
+def _image_id(s: Session, image: str) -> str:
+    """``image`` checked: a content id (16 hex digits, what an upload returns) or
+    ``sample-N`` with N a sample of the run (404 naming the range otherwise)."""
+    if _CONTENT_ID.fullmatch(image):
+        return image
+    m = _SAMPLE_ID.fullmatch(image)
+    if m is None:
         raise ApiError(
             404,
-            f"no live image {image!r}: ids are the hex ids uploads return, or sample-N",
+            f"no live image {image!r}: ids are the 16 hex digits uploads return, or sample-N",
+        )
+    last = s.entry.last_sample_id()
+    if not 0 <= int(m.group(1)) <= last:
+        raise ApiError(
+            404,
+            f"no sample {m.group(1)} in run {s.entry.id!r}: sample ids are 0..{last}"
+            if last >= 0
+            else f"no sample {m.group(1)}: run {s.entry.id!r} has no samples",
         )
     return image
 
@@ -110,7 +128,7 @@ def _decode(data: bytes, name: str | None) -> object:
 )
 async def predictions(request: Request, run_id: str, image: str) -> LiveImage:
     def work(s: Session) -> LiveImage:
-        x = s.live_input(_image_id(image))
+        x = s.live_input(_image_id(s, image))
         return LiveImage(
             image=image,
             predictions=s.predictions(x),
@@ -131,7 +149,7 @@ async def input_png(request: Request, run_id: str, image: str) -> Response:
     from lurker.probe.images import _png
 
     def work(s: Session) -> bytes:
-        return _png(s.input_pil(_image_id(image)))
+        return _png(s.input_pil(_image_id(s, image)))
 
     data = await live_call(request, run_id, work)
     return Response(data, media_type="image/png", headers=IMMUTABLE)
@@ -156,7 +174,7 @@ async def live_op(request: Request, run_id: str, image: str, op: str) -> LiveOp:
 
 
 def _live_op(s: Session, image: str, op: str) -> LiveOp:
-    node, inp, out = s.op_maps(_image_id(image), op)
+    node, inp, out = s.op_maps(_image_id(s, image), op)
     kernel = s.kernel_param(node)
     tr = s.trace()
     from lurker.graph.nodes import OpRef, refs
@@ -176,7 +194,7 @@ def _live_op(s: Session, image: str, op: str) -> LiveOp:
 def _channel_map(
     s: Session, image: str, op: str, side: str, channel: int
 ) -> tuple[str, np.ndarray]:
-    node, inp, out = s.op_maps(_image_id(image), op)
+    node, inp, out = s.op_maps(_image_id(s, image), op)
     pair = inp if side == "input" else out
     if pair is None:
         raise ApiError(404, f"op {node.label!r} has no tensor input to show (its input: none)")
@@ -263,8 +281,11 @@ async def kernel_json(
     out: int = Path(ge=0, le=2**31),
     inp: int = Path(ge=0, le=2**31),
 ) -> KernelValues:
-    _image_id(image)
-    return await live_call(request, run_id, lambda s: _kernel(s, op, out, inp))
+    def work(s: Session) -> KernelValues:
+        _image_id(s, image)
+        return _kernel(s, op, out, inp)
+
+    return await live_call(request, run_id, work)
 
 
 def _kernel(s: Session, op: str, out: int, inp: int) -> KernelValues:
