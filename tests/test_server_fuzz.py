@@ -1,7 +1,8 @@
 """A short schemathesis pass over the explorer's OpenAPI spec: no request gives a 5xx.
 
 Most generated cases get a real run id, layer, image and op, so that the fuzzing reaches
-past the lookups into units, samples, images and the live model.
+past the lookups into units, samples, images and the live model; the others keep their
+random values, and some get a random (often out-of-range) sample-N as image id.
 """
 
 from __future__ import annotations
@@ -17,6 +18,11 @@ from lurker.server import create_app
 #: Real values swapped in for two of three generated ones, so that cases get past lookups.
 REAL = {"run_id": "digits", "layer": "features.4", "image": "sample-3", "op": "conv2d_2"}
 HAS_GRAPH_VIEW = importlib.util.find_spec("lurker.graph.view") is not None
+
+
+def case_seed(case) -> int:
+    """A number derived from a generated case (to vary the ids it is given)."""
+    return sum(map(ord, repr(sorted((case.path_parameters or {}).items()))))
 
 
 def test_no_server_errors(explorer_run: ExplorerRun):  # noqa: F811
@@ -41,6 +47,9 @@ def test_no_server_errors(explorer_run: ExplorerRun):  # noqa: F811
             for name, real in REAL.items():
                 if name in params and len(str(params[name])) % 3 != 1:
                     params[name] = real
+            if "image" in params and len(str(params.get("op", ""))) % 4 == 2:
+                # a random sample id (huge ones too) or a random content id, not the real one
+                params["image"] = f"sample-{case_seed(case) * 7919**3}"
             response = case.call()
             where = f"{case.method} {case.formatted_path}"
             if response.status_code == 501 and not HAS_GRAPH_VIEW:

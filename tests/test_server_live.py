@@ -187,7 +187,7 @@ def test_live_errors(client: TestClient, digit_png: bytes):
     assert r.status_code == 413 and "limit" in r.json()["detail"]
     r = client.post("/api/runs/digits/live/images")
     assert r.status_code == 422
-    r = client.get("/api/runs/digits/live/0123abcd/ops/conv2d_1")
+    r = client.get("/api/runs/digits/live/0123abcd0123abcd/ops/conv2d_1")
     assert r.status_code == 404 and "upload it" in r.json()["detail"]
     r = client.get("/api/runs/digits/live/sample-0/ops/nope")
     assert r.status_code == 404 and "conv2d_1" in r.json()["detail"]
@@ -232,3 +232,68 @@ def test_model_spec_from_the_command_line(explorer_run: ExplorerRun):  # noqa: F
         with torch.no_grad():
             want = torch.softmax(explorer_run.model(x)[0], 0).topk(5).indices.tolist()
         assert [p["class"] for p in body["predictions"]] == want
+
+
+def test_requests_waiting_for_the_model_hold_no_worker_thread(
+    explorer_run: ExplorerRun,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+):
+    """60 slow model requests in flight (more than the 40 worker threads): a run-summary
+    request sent after them still answers before all but a few of them."""
+    import asyncio
+
+    import httpx2 as httpx
+
+    from lurker.server.session import Session
+
+    started = threading.Event()
+
+    def slow(self: Session, x: torch.Tensor, top: int = 5) -> list:
+        with self.model_lock:  # as a forward pass holds the model
+            started.set()
+            time.sleep(0.05)
+        return []
+
+    app = create_app(explorer_run.path, model_obj=explorer_run.model)
+    order: list[str] = []
+
+    async def main() -> None:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            assert (await c.get("/api/runs/digits/live/sample-1")).status_code == 200
+
+            async def model_request(i: int) -> None:
+                r = await c.get(f"/api/runs/digits/live/sample-{i % 16}")
+                assert r.status_code == 200
+                order.append("model")
+
+            tasks = [asyncio.create_task(model_request(i)) for i in range(60)]
+            while not started.is_set():
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.1)
+            r = await c.get("/api/runs/digits")
+            assert r.status_code == 200
+            order.append("summary")
+            await asyncio.gather(*tasks)
+
+    monkeypatch.setattr(Session, "predictions", slow)
+    asyncio.run(main())
+    assert order.count("model") == 60
+    assert order.index("summary") < 10, order.index("summary")
+
+
+def test_live_image_ids_are_validated(client: TestClient, explorer_run: ExplorerRun):  # noqa: F811
+    n = 360  # the run's samples: digits:test
+    for bad in ("sample-99999999999999999999", f"sample-{n}", "sample-1e3", "sample--1"):
+        r = client.get(f"/api/runs/digits/live/{bad}/input.png")
+        assert r.status_code == 404, (bad, r.text)
+        assert r.headers["content-type"].startswith("application/json")
+    r = client.get(f"/api/runs/digits/live/sample-{n}")
+    assert r.status_code == 404 and f"0..{n - 1}" in r.json()["detail"]
+    for bad in ("٣٤", "ABCDEF0123456789", "abc", "g" * 16, "0123456789abcdef0"):
+        r = client.get(f"/api/runs/digits/live/{bad}/input.png")
+        assert r.status_code == 404, (bad, r.text)
+        assert "16 hex digits" in r.json()["detail"]
+    assert client.get(f"/api/runs/digits/live/sample-{n - 1}/input.png").status_code == 200
+    r = client.get("/api/runs/digits/live/0123456789abcdef/input.png")
+    assert r.status_code == 404 and "upload it" in r.json()["detail"]  # well-formed, not kept

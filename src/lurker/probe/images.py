@@ -18,6 +18,7 @@ import math
 import os
 import threading
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -412,14 +413,70 @@ class ImageCache:
         self, target: Path, producer: Callable[[], Image.Image], what: str = "image"
     ) -> Path:
         """``target``, calling ``producer()`` and writing its PNG there if it is missing."""
-        if cached(target):
+        if self.has(target):
             return target
         with self.lock(target):
-            if not cached(target):
+            if not self.has(target):
                 image = producer()
                 if not isinstance(image, Image.Image):
                     raise LurkerError(
                         f"the producer of {what} returned {type(image).__name__}, not a PIL image"
                     )
-                atomic_write_bytes(target, _png(image))
+                self.put(target, _png(image))
         return target
+
+    # -- storage: the run's files here; MemoryImageCache keeps them in memory instead --
+
+    def has(self, target: Path) -> bool:
+        """Whether the image of ``target`` is cached."""
+        return cached(target)
+
+    def put(self, target: Path, data: bytes) -> None:
+        """Cache the PNG ``data`` as ``target``."""
+        atomic_write_bytes(target, data)
+
+    def open(self, target: Path) -> Path | io.BytesIO:
+        """Something ``Image.open`` reads the cached image of ``target`` from."""
+        return target
+
+    def read(self, target: Path) -> bytes:
+        """The cached PNG of ``target``."""
+        return target.read_bytes()
+
+
+class MemoryImageCache(ImageCache):
+    """An :class:`ImageCache` that never writes the run's ``cache/``: PNGs are kept in a
+    bounded in-memory LRU keyed by the paths they would have had. For images made by a
+    model that is not the run's recorded one (they must not pass for the run's own)."""
+
+    def __init__(self, budget: int = 64 << 20) -> None:
+        super().__init__()
+        self.budget = budget
+        self._data: OrderedDict[Path, bytes] = OrderedDict()
+        self._bytes = 0
+
+    def has(self, target: Path) -> bool:
+        with self._guard:
+            return target in self._data
+
+    def put(self, target: Path, data: bytes) -> None:
+        with self._guard:
+            old = self._data.pop(target, None)
+            if old is not None:
+                self._bytes -= len(old)
+            self._data[target] = data
+            self._bytes += len(data)
+            while self._bytes > self.budget and len(self._data) > 1:
+                _, dropped = self._data.popitem(last=False)
+                self._bytes -= len(dropped)
+
+    def open(self, target: Path) -> Path | io.BytesIO:
+        return io.BytesIO(self.read(target))
+
+    def read(self, target: Path) -> bytes:
+        with self._guard:
+            data = self._data.get(target)
+            if data is None:
+                raise LurkerError(f"image {target.name} is no longer in memory; ask again")
+            self._data.move_to_end(target)
+            return data

@@ -301,19 +301,19 @@ class UnitImages:
             raise LurkerError(f"which must be 'max' or 'mean', got {which!r}")
         entries = self.run.unit(layer, unit).top(which)  # type: ignore[arg-type]
         paths = [self.cache.path(self.run, "grad", layer, unit, e.rank, which) for e in entries]
-        if not paths or all(cached(p) for p in paths):
+        if not paths or all(self.cache.has(p) for p in paths):
             return paths
         with self.cache.lock(paths[0]):
             jobs = [
                 _Job(unit, which, e.rank, e.sample_id, _peak(e), grad=True)
                 for e, p in zip(entries, paths)
-                if not cached(p)
+                if not self.cache.has(p)
             ]
             for start in range(0, len(jobs), self.batch_size):
                 part = jobs[start : start + self.batch_size]
                 for job, pixels in zip(part, self._grad_pixels(layer, part)):
                     path = self.cache.path(self.run, "grad", layer, unit, job.rank, which)
-                    atomic_write_bytes(path, _png(Image.fromarray(pixels)))
+                    self.cache.put(path, _png(Image.fromarray(pixels)))
         return paths
 
     def get(self, kind: Kind, layer: str, unit: int, rank: int, which: str = "max") -> Path:
@@ -325,13 +325,13 @@ class UnitImages:
             return self.sample_image(e.sample_id)
         if kind == "grad":
             path = self.cache.path(self.run, "grad", layer, unit, rank, which)
-            return path if cached(path) else self.gradients(layer, unit, which)[rank]
+            return path if self.cache.has(path) else self.gradients(layer, unit, which)[rank]
 
         def make() -> Image.Image:
             box = self.crop_box(layer, unit, which, rank)
             if kind == "crop":
                 return crop(self._sample_pil(e.sample_id), box)
-            with Image.open(self.get("grad", layer, unit, rank, which)) as full:
+            with Image.open(self.cache.open(self.get("grad", layer, unit, rank, which))) as full:
                 return crop(full.copy(), box)
 
         return self.cache.get(self.run, kind, layer, unit, rank, which, make)

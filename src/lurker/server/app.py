@@ -60,9 +60,12 @@ def create_app(
 ) -> FastAPI:
     """The explorer app over ``source``: a run directory or a folder of run directories.
 
-    ``model``/``weights`` (a model spec as ``lurker probe`` takes it) or ``model_obj`` (an
-    ``nn.Module``) attach a model to every run for the live views; without them each run
-    loads the model its config records, if any. ``dataset`` replaces the runs' recorded
+    ``model``/``weights`` (a model spec as ``lurker probe`` takes it) attach a model for
+    the live views to a single run served, or, in a folder of runs, to the runs whose
+    recorded ``model_spec`` (and ``weights``, when recorded) match; ``model_obj`` (an
+    ``nn.Module``) attaches to every run. Other runs load the model their config records,
+    if any. Images a model makes are cached in a run's ``cache/`` only when it is the
+    run's recorded model (same spec and weights); others are kept in memory. ``dataset`` replaces the runs' recorded
     dataset (for runs probed from Python). ``live=False`` attaches no model at all (what
     the static export uses: its documents must not depend on one). Raises :class:`~lurker.server.state.NotServableError`
     when ``source`` holds no run.
@@ -93,6 +96,7 @@ def create_app(
         dataset=dataset,
         device=device,
         live=live,
+        single=len(registry.entries) == 1,
     )
     app.state.static_dir = static
     app.state.upload_limit = upload_limit

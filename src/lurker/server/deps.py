@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
+from typing import TypeVar
+
 from fastapi import Request
 
 from .session import ModelSource, Session
@@ -11,6 +15,9 @@ from .state import Registry, RunEntry
 IMMUTABLE = {"Cache-Control": "public, max-age=86400"}
 #: JSON of a run changes only when the run is probed again.
 JSON_CACHE = {"Cache-Control": "no-cache"}
+
+
+T = TypeVar("T")
 
 
 def registry(request: Request) -> Registry:
@@ -29,3 +36,21 @@ def session(request: Request, run_entry: RunEntry) -> Session:
         if run_entry.session is None:
             run_entry.session = Session(run_entry, source)
         return run_entry.session
+
+
+async def on_model(s: Session, work: Callable[[], T]) -> T:
+    """``work()`` run on the model's own thread (one per model), awaited: a request waiting
+    for a busy model holds no worker thread, so the run-store endpoints stay fast."""
+    return await asyncio.wrap_future(s.executor().submit(work))
+
+
+async def live_call(request: Request, run_id: str, work: Callable[[Session], T]) -> T:
+    """``work(session)`` of run ``run_id`` on its model's thread, after checking that the
+    run has a model (409 naming how to attach one)."""
+    s = session(request, entry(request, run_id))
+
+    def run() -> T:
+        s.model()
+        return work(s)
+
+    return await on_model(s, run)

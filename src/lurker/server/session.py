@@ -15,6 +15,7 @@ import math
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -46,8 +47,11 @@ MAP_BUDGET = 256 << 20
 class ModelSource:
     """What the server was given: a model spec and weights, a model object, a dataset.
 
-    A model given here is shared by every run served (loaded once, one lock); without
-    one, each run loads the model its config records, on first use.
+    A model given here is loaded once and shared (one lock, one worker thread) by the
+    runs it attaches to (see :meth:`Session.uses_given`): ``model_obj`` attaches to every
+    run; ``spec`` to the single run served, or, in a folder of runs, to the runs whose
+    recorded ``model_spec`` (and ``weights``, when recorded) match. Other runs load the
+    model their config records, on first use, or have none.
     """
 
     spec: str | None = None
@@ -57,17 +61,23 @@ class ModelSource:
     device: str | None = None
     #: False: attach no model at all (the static export: what it writes needs none).
     live: bool = True
+    #: True when the server serves one run (a spec given then attaches to it whatever it
+    #: records).
+    single: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
+    _guard: threading.Lock = field(default_factory=threading.Lock)
     _loaded: Any = None
     _error: str | None = None
+    _executor: ThreadPoolExecutor | None = None
 
     def given(self) -> bool:
         return self.model_obj is not None or self.spec is not None
 
     def load(self) -> Any:
-        """The shared model (loading it from ``spec`` once)."""
+        """The shared model (loading it from ``spec`` once), in eval mode (BatchNorm uses
+        its running statistics and never updates them, dropout is off)."""
         if self.model_obj is not None:
-            return self.model_obj
+            return self.model_obj.eval()
         if self._loaded is None:
             if self._error is not None:
                 raise LurkerError(self._error)
@@ -76,7 +86,30 @@ class ModelSource:
             except LurkerError as e:
                 self._error = f"cannot load model {self.spec!r}: {e}"
                 raise LurkerError(self._error) from e
-        return self._loaded
+        return self._loaded.eval()
+
+    def executor(self) -> ThreadPoolExecutor:
+        """The one thread that runs the shared model's work."""
+        with self._guard:
+            if self._executor is None:
+                self._executor = _model_thread()
+            return self._executor
+
+
+def _model_thread() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(1, thread_name_prefix="lurker-model")
+
+
+def same_weights(a: str | None, b: str | None) -> bool:
+    """Whether two weights paths (None: no weights) name the same file."""
+    if a is None or b is None:
+        return a is None and b is None
+    if a == b:
+        return True
+    try:
+        return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+    except OSError:
+        return False
 
 
 def _load(spec: str | None, weights: str | None, device: str | None) -> Any:
@@ -107,6 +140,40 @@ class Session:
         self._images: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._maps: OrderedDict[tuple[str, int], tuple[Any, Any]] = OrderedDict()
         self._map_bytes = 0
+        self._executor = _model_thread()  # its thread starts on the first submit
+
+    # -- which model -----------------------------------------------------------------------
+
+    @property
+    def uses_given(self) -> bool:
+        """Whether the model given to the server attaches to this run (else the run's own
+        recorded model, if any, is used)."""
+        src = self.source
+        if src.model_obj is not None:
+            return True
+        if src.spec is None:
+            return False
+        if src.single:
+            return True
+        recorded_weights = self.config.get("weights")
+        return self.config.get("model_spec") == src.spec and (
+            not recorded_weights or same_weights(recorded_weights, src.weights)
+        )
+
+    @property
+    def foreign_model(self) -> bool:
+        """Whether the attached model is not the one the run records (another spec or
+        weights, or a model object from Python): what it makes never goes into the run's
+        ``cache/``."""
+        if not self.uses_given:
+            return False
+        src = self.source
+        if src.model_obj is not None:
+            return True
+        return not (
+            self.config.get("model_spec") == src.spec
+            and same_weights(self.config.get("weights"), src.weights)
+        )
 
     # -- what is available ----------------------------------------------------------------
 
@@ -127,7 +194,7 @@ class Session:
         """None when a model is attached or loadable, else why not."""
         if not self.source.live:
             return "this server was started without models"
-        if self.source.given():
+        if self.uses_given:
             return self.source._error
         if self._model_error is not None:
             return self._model_error
@@ -141,7 +208,12 @@ class Session:
 
     @property
     def model_lock(self) -> threading.Lock:
-        return self.source.lock if self.source.given() else self._own_lock
+        return self.source.lock if self.uses_given else self._own_lock
+
+    def executor(self) -> ThreadPoolExecutor:
+        """The one thread that runs this run's model work (shared with the other runs of
+        the same model)."""
+        return self.source.executor() if self.uses_given else self._executor
 
     # -- loading ---------------------------------------------------------------------------
 
@@ -179,16 +251,17 @@ class Session:
             if reason is not None:
                 raise no_model(self.entry.id, reason)
             try:
-                if self.source.given():
+                if self.uses_given:
                     self._model = self.source.load()
                 else:
                     self._model = _load(
                         self.config["model_spec"], self.config.get("weights"), self.source.device
                     )
             except LurkerError as e:
-                if not self.source.given():
+                if not self.uses_given:
                     self._model_error = f"cannot load the run's model: {e}"
                 raise no_model(self.entry.id, self.model_reason() or str(e)) from None
+            self._model.eval()
             return self._model
 
     def unit_images(self) -> Any:
@@ -197,8 +270,12 @@ class Session:
         with self._guard:
             if self._unit_images is None:
                 from lurker.probe import UnitImages
+                from lurker.probe.images import MemoryImageCache
 
-                self._unit_images = UnitImages(self.entry.open_run(), model=model, dataset=dataset)
+                images = UnitImages(self.entry.open_run(), model=model, dataset=dataset)
+                if self.foreign_model:  # not the run's model: keep its images out of cache/
+                    images.cache = MemoryImageCache()
+                self._unit_images = images
             return self._unit_images
 
     # -- sample and unit images ------------------------------------------------------------
@@ -280,12 +357,16 @@ class Session:
             return data
         return target
 
-    def model_image(self, kind: str, layer: str, unit: int, rank: int, which: str) -> Path:
-        """An image only the model can make (gradients, crops of mean-list entries)."""
+    def model_image(self, kind: str, layer: str, unit: int, rank: int, which: str) -> bytes | Path:
+        """An image only the model can make (gradients, crops of mean-list entries): a file
+        of the run's cache, or PNG bytes from memory when the model is not the run's own."""
         images = self.unit_images()
         with self.model_lock:
             try:
-                return Path(images.get(kind, layer, unit, rank, which))
+                found = Path(images.get(kind, layer, unit, rank, which))
+                if self.foreign_model:
+                    return bytes(images.cache.read(found))
+                return found
             except LurkerError as e:
                 raise ApiError(409, f"cannot make the {kind} image: {e}") from None
 

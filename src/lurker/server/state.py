@@ -72,6 +72,7 @@ class RunEntry:
     _graph_view: dict[str, Any] | None = field(default=None, repr=False)
     _counted: tuple[float, int] | None = field(default=None, repr=False)
     _sample_count: int | None = field(default=None, repr=False)
+    _last_sample: int | None = field(default=None, repr=False)
 
     # -- lookups that raise 404s listing what exists -----------------------------------
 
@@ -100,6 +101,13 @@ class RunEntry:
         if self._sample_count is None:
             self._sample_count = int(self.open_run()._query("SELECT count(*) FROM samples")[0][0])
         return self._sample_count
+
+    def last_sample_id(self) -> int:
+        """The largest sample id of the run (-1 when it has none)."""
+        if self._last_sample is None:
+            found = self.open_run()._query("SELECT max(id) FROM samples")[0][0]
+            self._last_sample = -1 if found is None else int(found)
+        return self._last_sample
 
     def sample_row(self, sample_id: int) -> tuple[int, str | None, int | None, str | None]:
         rows = self.open_run()._query(

@@ -10,10 +10,12 @@ from pathlib import Path as FsPath
 from typing import Literal
 
 from fastapi import APIRouter, Path, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, Response
 
-from ..deps import IMMUTABLE, entry, session
+from ..deps import IMMUTABLE, entry, on_model, session
 from ..errors import ApiError
+from ..session import Session
 
 router = APIRouter(prefix="/api", tags=["images"])
 
@@ -55,7 +57,7 @@ def sample_image(request: Request, run_id: str, sample_id: int = Path(ge=0, le=2
     responses=PNG,
     summary="An image of one top-k entry: the input, its crop, the gradient, its crop",
 )
-def unit_image(
+async def unit_image(
     request: Request,
     run_id: str,
     layer: str,
@@ -64,6 +66,17 @@ def unit_image(
     unit: int = Path(ge=0, le=2**31),
     rank: int = Path(ge=0, le=2**31),
 ) -> Response:
+    # the lookups and cached files in a worker thread; model work on the model's thread
+    found = await run_in_threadpool(_unit_image, request, run_id, layer, which, kind, unit, rank)
+    if isinstance(found, Response):
+        return found
+    s, name = found
+    return png_response(await on_model(s, lambda: s.model_image(kind, name, unit, rank, which)))
+
+
+def _unit_image(
+    request: Request, run_id: str, layer: str, which: str, kind: str, unit: int, rank: int
+) -> Response | tuple[Session, str]:
     e = entry(request, run_id)
     info = e.layer(layer)
     e.unit_index(info, unit)
@@ -86,7 +99,7 @@ def unit_image(
         return png_response(s.crop_png(info, unit, rank, top.sample_id, top.y, top.x, top.path))
     model_reason, data_reason = s.model_reason(), s.dataset_reason()
     if model_reason is None and data_reason is None:
-        return png_response(s.model_image(kind, info.name, unit, rank, which))
+        return s, info.name
     why = model_reason or data_reason
     raise ApiError(
         404,

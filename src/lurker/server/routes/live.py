@@ -2,13 +2,15 @@
 
 Predictions, any op's input and output feature maps (one channel per request, PNG or raw
 JSON) and convolution kernels. Needs a model (409 naming ``lurker serve RUN --model``
-otherwise). FastAPI runs these sync endpoints in worker threads; the session's lock lets
-one call at a time reach the model.
+otherwise). The endpoints are async: their work runs on the model's own thread (one per
+model, see :func:`~lurker.server.deps.live_call`), so requests waiting for the model hold
+no worker thread and the other endpoints stay fast.
 """
 
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from typing import Annotated, Literal
 
@@ -16,7 +18,7 @@ import numpy as np
 from fastapi import APIRouter, File, Path, Request, UploadFile
 from fastapi.responses import Response
 
-from ..deps import IMMUTABLE, entry, session
+from ..deps import IMMUTABLE, live_call
 from ..errors import ApiError
 from ..schemas import FeatureSide, KernelInfo, KernelValues, LiveImage, LiveOp, MapValues
 from ..session import Session, finite_range, json_values, map_png
@@ -28,17 +30,28 @@ PNG = {200: {"content": {"image/png": {}}, "description": "a PNG image"}}
 MAX_PIXELS = 40_000_000
 
 
-def _live(request: Request, run_id: str) -> Session:
-    s = session(request, entry(request, run_id))
-    s.model()  # 409 naming how to attach one
-    return s
+_CONTENT_ID = re.compile(r"[0-9a-f]{16}")
+_SAMPLE_ID = re.compile(r"sample-([0-9]{1,19})")
 
 
-def _image_id(image: str) -> str:
-    if not (image.isalnum() or (image.startswith("sample-") and image[7:].isdigit())):
+def _image_id(s: Session, image: str) -> str:
+    """``image`` checked: a content id (16 hex digits, what an upload returns) or
+    ``sample-N`` with N a sample of the run (404 naming the range otherwise)."""
+    if _CONTENT_ID.fullmatch(image):
+        return image
+    m = _SAMPLE_ID.fullmatch(image)
+    if m is None:
         raise ApiError(
             404,
-            f"no live image {image!r}: ids are the hex ids uploads return, or sample-N",
+            f"no live image {image!r}: ids are the 16 hex digits uploads return, or sample-N",
+        )
+    last = s.entry.last_sample_id()
+    if not 0 <= int(m.group(1)) <= last:
+        raise ApiError(
+            404,
+            f"no sample {m.group(1)} in run {s.entry.id!r}: sample ids are 0..{last}"
+            if last >= 0
+            else f"no sample {m.group(1)}: run {s.entry.id!r} has no samples",
         )
     return image
 
@@ -49,10 +62,9 @@ def _image_id(image: str) -> str:
     responses={400: {"description": "not an image"}, 413: {"description": "too large"}},
     summary="Upload an image; returns its id and the model's top-5 predictions",
 )
-def upload(request: Request, run_id: str, file: Annotated[UploadFile, File()]) -> LiveImage:
-    s = _live(request, run_id)
+async def upload(request: Request, run_id: str, file: Annotated[UploadFile, File()]) -> LiveImage:
     limit: int = request.app.state.upload_limit
-    data = file.file.read(limit + 1)
+    data = await file.read(limit + 1)
     if len(data) > limit:
         raise ApiError(
             413,
@@ -61,12 +73,20 @@ def upload(request: Request, run_id: str, file: Annotated[UploadFile, File()]) -
         )
     if not data:
         raise ApiError(400, f"the upload {file.filename or ''!r} is empty; send an image file")
-    image = _decode(data, file.filename)
-    image_id = s.add_upload(data, image)
-    x = s.live_input(image_id)
-    return LiveImage(
-        image=image_id, predictions=s.predictions(x), width=image.width, height=image.height
-    )
+    name = file.filename
+
+    def work(s: Session) -> LiveImage:
+        image = _decode(data, name)
+        image_id = s.add_upload(data, image)
+        x = s.live_input(image_id)
+        return LiveImage(
+            image=image_id,
+            predictions=s.predictions(x),
+            width=image.width,  # type: ignore[attr-defined]
+            height=image.height,  # type: ignore[attr-defined]
+        )
+
+    return await live_call(request, run_id, work)
 
 
 def _decode(data: bytes, name: str | None) -> object:
@@ -106,12 +126,17 @@ def _decode(data: bytes, name: str | None) -> object:
     response_model=LiveImage,
     summary="The model's top-5 predictions for an uploaded image or sample-N",
 )
-def predictions(request: Request, run_id: str, image: str) -> LiveImage:
-    s = _live(request, run_id)
-    x = s.live_input(_image_id(image))
-    return LiveImage(
-        image=image, predictions=s.predictions(x), width=int(x.shape[-1]), height=int(x.shape[-2])
-    )
+async def predictions(request: Request, run_id: str, image: str) -> LiveImage:
+    def work(s: Session) -> LiveImage:
+        x = s.live_input(_image_id(s, image))
+        return LiveImage(
+            image=image,
+            predictions=s.predictions(x),
+            width=int(x.shape[-1]),
+            height=int(x.shape[-2]),
+        )
+
+    return await live_call(request, run_id, work)
 
 
 @router.get(
@@ -120,12 +145,14 @@ def predictions(request: Request, run_id: str, image: str) -> LiveImage:
     responses=PNG,
     summary="The image as the model sees it (resized, cropped)",
 )
-def input_png(request: Request, run_id: str, image: str) -> Response:
+async def input_png(request: Request, run_id: str, image: str) -> Response:
     from lurker.probe.images import _png
 
-    s = _live(request, run_id)
-    pil = s.input_pil(_image_id(image))
-    return Response(_png(pil), media_type="image/png", headers=IMMUTABLE)
+    def work(s: Session) -> bytes:
+        return _png(s.input_pil(_image_id(s, image)))
+
+    data = await live_call(request, run_id, work)
+    return Response(data, media_type="image/png", headers=IMMUTABLE)
 
 
 def _side(shape: list[int], maps: object) -> FeatureSide:
@@ -142,9 +169,12 @@ def _side(shape: list[int], maps: object) -> FeatureSide:
     response_model=LiveOp,
     summary="An op of the trace on this image: its input and output shapes, its kernel",
 )
-def live_op(request: Request, run_id: str, image: str, op: str) -> LiveOp:
-    s = _live(request, run_id)
-    node, inp, out = s.op_maps(_image_id(image), op)
+async def live_op(request: Request, run_id: str, image: str, op: str) -> LiveOp:
+    return await live_call(request, run_id, lambda s: _live_op(s, image, op))
+
+
+def _live_op(s: Session, image: str, op: str) -> LiveOp:
+    node, inp, out = s.op_maps(_image_id(s, image), op)
     kernel = s.kernel_param(node)
     tr = s.trace()
     from lurker.graph.nodes import OpRef, refs
@@ -164,7 +194,7 @@ def live_op(request: Request, run_id: str, image: str, op: str) -> LiveOp:
 def _channel_map(
     s: Session, image: str, op: str, side: str, channel: int
 ) -> tuple[str, np.ndarray]:
-    node, inp, out = s.op_maps(_image_id(image), op)
+    node, inp, out = s.op_maps(_image_id(s, image), op)
     pair = inp if side == "input" else out
     if pair is None:
         raise ApiError(404, f"op {node.label!r} has no tensor input to show (its input: none)")
@@ -184,7 +214,7 @@ def _channel_map(
     responses=PNG,
     summary="One channel of an op's input or output as an 8-bit grayscale PNG",
 )
-def channel_png(
+async def channel_png(
     request: Request,
     run_id: str,
     image: str,
@@ -192,9 +222,11 @@ def channel_png(
     side: Literal["input", "output"],
     channel: int = Path(ge=0, le=2**31),
 ) -> Response:
-    s = _live(request, run_id)
-    _, a = _channel_map(s, image, op, side, channel)
-    data, scale, lo, hi = map_png(a)
+    def work(s: Session) -> tuple[bytes, int, float | None, float | None]:
+        _, a = _channel_map(s, image, op, side, channel)
+        return map_png(a)
+
+    data, scale, lo, hi = await live_call(request, run_id, work)
     headers = {
         **IMMUTABLE,
         "X-Lurker-Scale": str(scale),
@@ -215,7 +247,7 @@ def channel_png(
     response_model=MapValues,
     summary="One channel of an op's input or output, raw values",
 )
-def channel_json(
+async def channel_json(
     request: Request,
     run_id: str,
     image: str,
@@ -223,10 +255,12 @@ def channel_json(
     side: Literal["input", "output"],
     channel: int = Path(ge=0, le=2**31),
 ) -> MapValues:
-    s = _live(request, run_id)
-    _, a = _channel_map(s, image, op, side, channel)
-    lo, hi = finite_range(a)
-    return MapValues(shape=list(a.shape), min=lo, max=hi, values=json_values(a))
+    def work(s: Session) -> MapValues:
+        _, a = _channel_map(s, image, op, side, channel)
+        lo, hi = finite_range(a)
+        return MapValues(shape=list(a.shape), min=lo, max=hi, values=json_values(a))
+
+    return await live_call(request, run_id, work)
 
 
 @router.get(  # the same without ".json", as the client names JSON documents
@@ -239,7 +273,7 @@ def channel_json(
     response_model=KernelValues,
     summary="The convolution kernel weight[out, in] of an op",
 )
-def kernel_json(
+async def kernel_json(
     request: Request,
     run_id: str,
     image: str,
@@ -247,8 +281,14 @@ def kernel_json(
     out: int = Path(ge=0, le=2**31),
     inp: int = Path(ge=0, le=2**31),
 ) -> KernelValues:
-    s = _live(request, run_id)
-    _image_id(image)
+    def work(s: Session) -> KernelValues:
+        _image_id(s, image)
+        return _kernel(s, op, out, inp)
+
+    return await live_call(request, run_id, work)
+
+
+def _kernel(s: Session, op: str, out: int, inp: int) -> KernelValues:
     node = s.op(op)
     found = s.kernel_param(node)
     if found is None:

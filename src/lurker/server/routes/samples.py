@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Path, Query, Request
+from fastapi.concurrency import run_in_threadpool
 
-from ..deps import entry, session
+from ..deps import entry, on_model, session
 from ..errors import ApiError
 from ..schemas import Appearance, Prediction, SampleDetail, SampleModel, SamplePage
 
@@ -36,9 +37,29 @@ def list_samples(
     response_model=SampleDetail,
     summary="One sample, the model's prediction (with a model) and the top-k lists it is in",
 )
-def sample_detail(
+async def sample_detail(
     request: Request, run_id: str, sample_id: int = Path(ge=0, le=2**62)
 ) -> SampleDetail:
+    # the run-store part in a worker thread; the prediction on the model's own thread
+    detail = await run_in_threadpool(_sample_detail, request, run_id, sample_id)
+    s = session(request, entry(request, run_id))
+    if s.model_reason() is None:
+        sid = detail.sample.id
+
+        def predict() -> None:
+            try:
+                if s.dataset_reason() is not None:
+                    raise ApiError(409, f"no dataset: {s.dataset_reason()}")
+                preds = s.predictions(s.live_input(f"sample-{sid}"))
+                detail.prediction = [Prediction.model_validate(p) for p in preds]
+            except ApiError as err:
+                detail.prediction_error = err.detail
+
+        await on_model(s, predict)
+    return detail
+
+
+def _sample_detail(request: Request, run_id: str, sample_id: int) -> SampleDetail:
     e = entry(request, run_id)
     sid, path, label, cname = e.sample_row(sample_id)
     run = e.open_run()
@@ -52,19 +73,9 @@ def sample_detail(
         )
         for layer, unit, which, rank, value in e.appearances().of(sid)
     ]
-    prediction = error = None
-    s = session(request, e)
-    if s.model_reason() is None:
-        try:
-            if s.dataset_reason() is not None:
-                raise ApiError(409, f"no dataset: {s.dataset_reason()}")
-            preds = s.predictions(s.live_input(f"sample-{sid}"))
-            prediction = [Prediction.model_validate(p) for p in preds]
-        except ApiError as err:
-            error = err.detail
     return SampleDetail(
         sample=SampleModel(id=sid, path=path, label=label, class_name=cname),
-        prediction=prediction,
-        prediction_error=error,
+        prediction=None,
+        prediction_error=None,
         appearances=appearances,
     )
