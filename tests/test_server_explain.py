@@ -187,7 +187,7 @@ def test_bad_input(client: TestClient, path: str, params: dict, status: int, say
 
 def test_bad_image_and_no_model(client: TestClient, explorer_run: ExplorerRun):  # noqa: F811
     r = client.get("/api/runs/digits/live/nope/explain/saliency.json")
-    assert r.status_code == 404 and "upload it" in r.json()["detail"]
+    assert r.status_code == 404 and "uploads return, or sample-N" in r.json()["detail"]
     r = client.get("/api/runs/digits/live/sample-99999/explain/saliency.png")
     assert r.status_code == 404 and "no sample 99999" in r.json()["detail"]
     with TestClient(create_app(explorer_run.path, live=False)) as c:

@@ -31,7 +31,7 @@ from fastapi.responses import Response
 
 from lurker.errors import LurkerError
 
-from ..deps import IMMUTABLE, entry
+from ..deps import IMMUTABLE, entry, session
 from ..errors import ApiError
 from ..schemas import (
     ConceptRanking,
@@ -41,9 +41,17 @@ from ..schemas import (
     ExplainResult,
 )
 from ..session import Session
-from .live import PNG, _image_id, _live
+from .live import PNG, _image_id
 
 router = APIRouter(prefix="/api", tags=["explain"])
+
+
+def _live(request: Request, run_id: str) -> Session:
+    """The run's session, after checking that it has a model (409 naming how to attach one)."""
+    s = session(request, entry(request, run_id))
+    s.model()
+    return s
+
 
 #: Heatmaps smaller than this (pixels, longer side) are upscaled by nearest neighbour.
 MIN_PX = 224
@@ -178,7 +186,7 @@ def _explained(
 ) -> tuple[Session, Result, bool]:
     """The attribution (cached), or the error that says what is wrong."""
     s = _live(request, run_id)
-    image = _image_id(image)
+    image = _image_id(s, image)
     methods = _methods()
     cls = methods.get(method)
     if cls is None:
@@ -307,7 +315,7 @@ def _concepts(
     if not hasattr(xp, "concepts"):
         raise ApiError(404, "this lurker has no concept relevance (lurker.explain.concepts)")
     s = _live(request, run_id)
-    image = _image_id(image)
+    image = _image_id(s, image)
     if layer is None:
         layer = _default_layer(s, target, before=True)
         if layer is None:
