@@ -230,6 +230,17 @@ def test_traversal_never_leaves_the_run(client: TestClient, path: str):
     assert b"root:" not in r.content and b"SQLite" not in r.content
 
 
+def test_json_is_compressed(client: TestClient, explorer_run: ExplorerRun):  # noqa: F811
+    """Large JSON documents travel gzip-compressed, and decode to the same document."""
+    with Run.open(explorer_run.path) as run:
+        layer = max(run.layers, key=lambda info: info.num_units).name
+    r = client.get(f"/api/runs/digits/layers/{layer}", headers={"Accept-Encoding": "gzip"})
+    assert r.status_code == 200 and r.headers.get("content-encoding") == "gzip"
+    assert len(r.json()["units"]) > 0
+    plain = client.get(f"/api/runs/digits/layers/{layer}", headers={"Accept-Encoding": "identity"})
+    assert "content-encoding" not in plain.headers and plain.json() == r.json()
+
+
 def test_front_end(client: TestClient):
     r = client.get("/")
     assert r.status_code == 200 and "hi" in r.text

@@ -124,6 +124,8 @@ def test_feature_maps_equal_the_models(
             assert got["max"] == pytest.approx(float(ref.max()), abs=1e-5)
             r = client.get(f"/api/runs/digits/live/{image}/ops/{op}/{side}/{c}.png")
             assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+            # made by the attached model: other weights may answer this URL next time
+            assert r.headers["cache-control"] == "no-cache"
             pixels = np.asarray(Image.open(io.BytesIO(r.content)))
             lo, hi = float(r.headers["x-lurker-min"]), float(r.headers["x-lurker-max"])
             scale = int(r.headers["x-lurker-scale"])

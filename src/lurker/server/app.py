@@ -16,6 +16,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.gzip import GZipMiddleware
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -106,6 +107,9 @@ def create_app(
 
     for module in (runs, layers, units, samples, images, graph, live, explain):
         app.include_router(module.router)
+    # JSON documents (a layer of 512 units, a sample's appearances, the graph view)
+    # shrink several-fold; PNGs are already compressed and small responses are left alone.
+    app.add_middleware(GZipMiddleware, minimum_size=1024)
     _install_static(app, static)
     return app
 

@@ -13,6 +13,10 @@ from .state import Registry, RunEntry
 
 #: Cache header of images that never change for a run (sample images, unit images).
 IMMUTABLE = {"Cache-Control": "public, max-age=86400"}
+#: Images a model makes on request (live maps, explanations, a foreign model's gradients):
+#: they change when the server attaches other weights under the same URL, so the browser
+#: must ask again rather than keep them for a day.
+MODEL_MADE = {"Cache-Control": "no-cache"}
 #: JSON of a run changes only when the run is probed again.
 JSON_CACHE = {"Cache-Control": "no-cache"}
 

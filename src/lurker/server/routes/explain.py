@@ -31,7 +31,7 @@ from fastapi.responses import Response
 
 from lurker.errors import LurkerError
 
-from ..deps import IMMUTABLE, entry, session
+from ..deps import MODEL_MADE, entry, session
 from ..errors import ApiError
 from ..schemas import (
     ConceptRanking,
@@ -459,7 +459,7 @@ def _png_response(pil: Any, heat: Any, target: str) -> Response:
         pil = pil.resize((pil.width * scale, pil.height * scale), Image.Resampling.NEAREST)
     lo, hi, _ = _stats(heat)
     headers = {
-        **IMMUTABLE,
+        **MODEL_MADE,
         "X-Lurker-Scale": str(scale),
         "X-Lurker-Min": repr(lo),
         "X-Lurker-Max": repr(hi),

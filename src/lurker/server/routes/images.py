@@ -13,7 +13,7 @@ from fastapi import APIRouter, Path, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, Response
 
-from ..deps import IMMUTABLE, entry, on_model, session
+from ..deps import IMMUTABLE, MODEL_MADE, entry, on_model, session
 from ..errors import ApiError
 from ..session import Session
 
@@ -24,7 +24,8 @@ PNG = {200: {"content": {"image/png": {}}, "description": "a PNG image"}}
 
 def png_response(found: bytes | FsPath) -> Response:
     if isinstance(found, bytes):
-        return Response(found, media_type="image/png", headers=IMMUTABLE)
+        # bytes: made by a model that is not the run's own (kept in memory, not the run)
+        return Response(found, media_type="image/png", headers=MODEL_MADE)
     return FileResponse(found, media_type="image/png", headers=IMMUTABLE)
 
 

@@ -18,7 +18,7 @@ import numpy as np
 from fastapi import APIRouter, File, Path, Request, UploadFile
 from fastapi.responses import Response
 
-from ..deps import IMMUTABLE, live_call
+from ..deps import MODEL_MADE, live_call
 from ..errors import ApiError
 from ..schemas import FeatureSide, KernelInfo, KernelValues, LiveImage, LiveOp, MapValues
 from ..session import Session, finite_range, json_values, map_png
@@ -152,7 +152,7 @@ async def input_png(request: Request, run_id: str, image: str) -> Response:
         return _png(s.input_pil(_image_id(s, image)))
 
     data = await live_call(request, run_id, work)
-    return Response(data, media_type="image/png", headers=IMMUTABLE)
+    return Response(data, media_type="image/png", headers=MODEL_MADE)
 
 
 def _side(shape: list[int], maps: object) -> FeatureSide:
@@ -228,7 +228,7 @@ async def channel_png(
 
     data, scale, lo, hi = await live_call(request, run_id, work)
     headers = {
-        **IMMUTABLE,
+        **MODEL_MADE,
         "X-Lurker-Scale": str(scale),
         "X-Lurker-Min": repr(lo) if lo is not None else "nan",
         "X-Lurker-Max": repr(hi) if hi is not None else "nan",
