@@ -243,6 +243,7 @@ def test_requests_waiting_for_the_model_hold_no_worker_thread(
     """60 slow model requests in flight (more than the 40 worker threads): a run-summary
     request sent after them still answers before all but a few of them."""
     import asyncio
+    import concurrent.futures
 
     import httpx2 as httpx
 
@@ -279,7 +280,10 @@ def test_requests_waiting_for_the_model_hold_no_worker_thread(
             await asyncio.gather(*tasks)
 
     monkeypatch.setattr(Session, "predictions", slow)
-    asyncio.run(main())
+    # In a thread of its own: a Playwright browser of another test in this process keeps an
+    # event loop running in the main thread, where asyncio.run would refuse to start.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, main()).result()
     assert order.count("model") == 60
     assert order.index("summary") < 10, order.index("summary")
 
