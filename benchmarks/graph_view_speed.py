@@ -36,38 +36,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from lurker.examples import deep_mlp
+
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 TARGETS = {2000: 2.0, 10000: 5.0}  # seconds to interactive
 EXPAND_TARGET = 0.2  # seconds
-
-
-class Block(nn.Module):
-    """A residual MLP block: linear, layer norm, GELU, add (4 ops)."""
-
-    def __init__(self, d: int) -> None:
-        super().__init__()
-        self.fc = nn.Linear(d, d)
-        self.norm = nn.LayerNorm(d)
-        self.act = nn.GELU()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.act(self.norm(self.fc(x)))
-
-
-class Stage(nn.Module):
-    def __init__(self, blocks: int, d: int) -> None:
-        super().__init__()
-        self.blocks = nn.Sequential(*[Block(d) for _ in range(blocks)])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.blocks(x)
-
-
-def deep_model(ops: int, d: int = 8) -> nn.Module:
-    """Stages of 25 blocks (100 ops each): ``ops`` ops for a multiple of 100."""
-    return nn.Sequential(*[Stage(25, d) for _ in range(max(1, ops // 100))])
 
 
 def flat_model(ops: int, d: int = 8) -> nn.Module:
@@ -77,7 +52,7 @@ def flat_model(ops: int, d: int = 8) -> nn.Module:
 
 
 def build_run(out: Path, ops: int, *, flat: bool = False) -> Path:
-    """A probed run (one layer, 8 random vectors) of a ``deep_model(ops)`` (or a
+    """A probed run (one layer, 8 random vectors) of a ``deep_mlp(ops)`` (or a
     ``flat_model``), with its graph."""
     from torch.utils.data import TensorDataset
 
@@ -86,7 +61,7 @@ def build_run(out: Path, ops: int, *, flat: bool = False) -> Path:
     torch.manual_seed(0)
     data = TensorDataset(torch.randn(8, 8), torch.zeros(8, dtype=torch.long))
     run = probe(
-        flat_model(ops) if flat else deep_model(ops),
+        flat_model(ops) if flat else deep_mlp(ops),
         data,
         out=out,
         layers=["0"] if flat else ["0.blocks.0.fc"],

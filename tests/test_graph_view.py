@@ -11,40 +11,12 @@ import jsonschema
 import pytest
 import torch
 import torchvision
-from torch import nn
 
 import lurker
+from lurker.examples import deep_mlp
 from lurker.graph import Graph
 from lurker.graph.view import HIDDEN_KINDS, VIEW_VERSION, graph_view, json_schema
 from models_zoo import Branchy, Fails, Generates, LSTMNet, RNNLoop, Twice
-
-
-class Block(nn.Module):
-    """A residual MLP block: linear, layer norm, GELU, add (5 ops with the norm)."""
-
-    def __init__(self, d: int) -> None:
-        super().__init__()
-        self.fc = nn.Linear(d, d)
-        self.norm = nn.LayerNorm(d)
-        self.act = nn.GELU()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.act(self.norm(self.fc(x)))
-
-
-class Stage(nn.Module):
-    def __init__(self, blocks: int, d: int) -> None:
-        super().__init__()
-        self.blocks = nn.Sequential(*[Block(d) for _ in range(blocks)])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.blocks(x)
-
-
-def deep_model(ops: int, d: int = 8) -> nn.Module:
-    """Stages of 25 residual blocks (4 ops each): about ``ops`` ops, nested 3 deep."""
-    stages = max(1, ops // 100)
-    return nn.Sequential(*[Stage(25, d) for _ in range(stages)])
 
 
 def _partial() -> lurker.Trace:
@@ -225,7 +197,7 @@ def test_size_of_big_graphs(traces, validator) -> None:
     sizes = {"resnet18": len(json.dumps(graph_view(traces["resnet18"]), separators=(",", ":")))}
     for ops in (2000, 10000):
         torch.manual_seed(0)
-        g = lurker.trace(deep_model(ops), torch.randn(1, 8))
+        g = lurker.trace(deep_mlp(ops), torch.randn(1, 8))
         assert abs(g.num_ops - ops) < ops * 0.05
         doc = graph_view(g)
         _check(doc, validator)

@@ -1,5 +1,5 @@
 """Small example models: a CNN for scikit-learn's bundled digits, trained in seconds on a
-CPU, and a GPT-like decoder fed token ids.
+CPU, a GPT-like decoder fed token ids, and deep residual MLPs of a chosen op count.
 
 Used by ``make demo``, the docs' command-line examples and tests that need a *trained*
 model without downloading anything: the digits ship with scikit-learn.
@@ -113,3 +113,34 @@ class _Block(nn.Module):
         y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
         x = x + self.proj(y.transpose(1, 2).reshape(b, t, c))
         return x + self.mlp(self.norm2(x))
+
+
+class MLPBlock(nn.Module):
+    """A residual MLP block: linear, layer norm, GELU, add."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(d, d)
+        self.norm = nn.LayerNorm(d)
+        self.act = nn.GELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.act(self.norm(self.fc(x)))
+
+
+class MLPStage(nn.Module):
+    """A Sequential of ``blocks`` residual MLP blocks, as a module of its own."""
+
+    def __init__(self, blocks: int, d: int) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(*[MLPBlock(d) for _ in range(blocks)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(x)
+
+
+def deep_mlp(ops: int, d: int = 8) -> nn.Module:
+    """A graph of a chosen size for graph tests and benchmarks: stages of 25 residual MLP
+    blocks (100 ops a stage), nested three modules deep; ``ops`` rounds down to a multiple
+    of 100 (at least one stage). Takes ``(N, d)`` inputs."""
+    return nn.Sequential(*[MLPStage(25, d) for _ in range(max(1, ops // 100))])
