@@ -22,11 +22,9 @@ the front end built (``make web``). :func:`measure` is callable from other scrip
 from __future__ import annotations
 
 import argparse
-import socket
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -78,27 +76,11 @@ def build_run(out: Path, ops: int, *, flat: bool = False) -> Path:
 @contextmanager
 def serve(source: Path) -> Iterator[str]:
     """The explorer over ``source`` (a run or a folder of runs) on a free port; its URL."""
-    import uvicorn
-
     from lurker.server import create_app
+    from lurker.server.serve import background
 
-    app = create_app(source)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the explorer server did not start")
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}/"
-    finally:
-        server.should_exit = True
-        thread.join(10)
+    with background(create_app(source)) as url:
+        yield url
 
 
 def open_graph(page: Any, url: str, run: str) -> float:

@@ -9,7 +9,6 @@ kernels. No page may log a console error.
 from __future__ import annotations
 
 import io
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -46,35 +45,23 @@ OP = "conv2d_2"
 def explorer(explorer_run: ExplorerRun) -> Iterator[dict[str, Any]]:  # noqa: F811
     """The server helper's small run (360 digits, its model attached) served on a free port
     by uvicorn in a thread."""
-    import uvicorn
-
     from lurker.probe.data import load_dataset
     from lurker.server import create_app
+    from lurker.server.serve import background
     from lurker.store import Run
 
     model = explorer_run.model
-    app = create_app(explorer_run.path, model_obj=model)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.05)
-    run = Run.open(explorer_run.path)
-    yield {
-        "url": f"http://127.0.0.1:{port}/",
-        "run": run,
-        "id": explorer_run.path.name,
-        "model": model,
-        "ds": load_dataset("digits:test", 16, channels=1),
-    }
-    run.close()
-    server.should_exit = True
-    thread.join(10)
+    with (
+        background(create_app(explorer_run.path, model_obj=model)) as url,
+        Run.open(explorer_run.path) as run,
+    ):
+        yield {
+            "url": url,
+            "run": run,
+            "id": explorer_run.path.name,
+            "model": model,
+            "ds": load_dataset("digits:test", 16, channels=1),
+        }
 
 
 @pytest.fixture

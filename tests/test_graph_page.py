@@ -9,9 +9,7 @@ item, search, the hover tooltip's shape, the colour code, ``?focus=`` and layer 
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -128,30 +126,14 @@ def servers(
     flat_run: Path,
 ) -> Iterator[dict[str, str]]:
     """One explorer server per run (uvicorn threads on free ports): run id -> base URL."""
-    import uvicorn
-
     from lurker.server import create_app
+    from lurker.server.serve import background
 
-    urls, stops = {}, []
-    for path in (explorer_run.path, resnet_run, flat_run):
-        app = create_app(path)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        cfg = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
-        server = uvicorn.Server(cfg)
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        deadline = time.monotonic() + 20
-        while not server.started:
-            assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-            time.sleep(0.05)
-        urls[path.name] = f"http://127.0.0.1:{port}/"
-        stops.append((server, thread))
-    yield urls
-    for server, thread in stops:
-        server.should_exit = True
-        thread.join(10)
+    with contextlib.ExitStack() as stack:
+        yield {
+            path.name: stack.enter_context(background(create_app(path)))
+            for path in (explorer_run.path, resnet_run, flat_run)
+        }
 
 
 @pytest.fixture

@@ -9,6 +9,8 @@ import sys
 import threading
 import time
 import webbrowser
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from lurker.errors import LurkerError
@@ -104,3 +106,28 @@ def _open_when_up(server: Any, url: str) -> None:
             webbrowser.open(url)
             return
         time.sleep(0.05)
+
+
+@contextmanager
+def background(app: Any, host: str = "127.0.0.1", timeout: float = 30.0) -> Iterator[str]:
+    """Serve ``app`` on a free port of ``host`` in a daemon thread while the block runs;
+    yields its URL once it accepts connections (for scripts, tests and benchmarks)."""
+    import uvicorn
+
+    sock = bind(host, 0)
+    sock.listen(2048)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            sock.close()
+            raise LurkerError(f"the explorer server did not start within {timeout:g} s")
+        time.sleep(0.05)
+    try:
+        yield url_of(host, sock.getsockname()[1])
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
