@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import shutil
 import sqlite3
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -259,7 +258,7 @@ def test_bad_input_is_named_with_its_fix(digits, run_dir, tmp_path):
         lurker.featviz(model, "features.8", objective="max")
     with pytest.raises(LurkerError, match=r"directions have 3 values each.*32 units"):
         lurker.featviz(model, "features.8", objective="direction", directions=[[1, 0, 0]])
-    with pytest.raises(LurkerError, match="input channels.*pass channels="):
+    with pytest.raises(LurkerError, match=r"input channels.*pass channels="):
         lurker.featviz(nn.Sequential(nn.Linear(4, 4)), "0")
     with pytest.raises(UnknownLayerError, match="Valid layers"):
         lurker.featviz(model, "nope", run=run_dir)
