@@ -316,7 +316,9 @@ def test_search_hover_colours_and_links(
     run.close()
 
 
-def test_a_run_without_images_says_why(page: Any, servers: dict[str, str], resnet_run: Path) -> None:
+def test_a_run_without_images_says_why(
+    page: Any, servers: dict[str, str], resnet_run: Path
+) -> None:
     """The resnet18 run was probed from Python on a TensorDataset: it records no dataset
     and nothing is cached, so no page requests an image (each would 404); each says why."""
     from lurker.store import Run
