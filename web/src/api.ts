@@ -45,7 +45,7 @@ export interface RunSummary {
     store_version: number | null;
     status: string | null;
   };
-  holds: { graph: boolean; live: boolean; live_reason?: string | null; cached_images: number };
+  holds: { graph: boolean; live: boolean; live_reason?: string | null; dataset?: boolean; dataset_reason?: string | null; cached_images: number };
   missing: string[];
   layers: LayerBrief[];
 }
@@ -89,7 +89,7 @@ export interface UnitDoc {
   unit: number;
   mean: number | null;
   max: number | null;
-  top: { max: TopEntry[]; mean: TopEntry[] };
+  top: { max: TopEntry[]; mean: TopEntry[]; relevance?: TopEntry[] | null };
   class_means: Record<string, number | null>;
   histogram: Histogram;
   prev: number | null;
