@@ -25,6 +25,8 @@ import numpy as np
 from lurker.errors import LurkerError
 from lurker.store.files import safe_component
 
+from .routes.samples import APPEARANCES_PAGE
+
 _SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
 _CACHE_NAME = re.compile(r"^(\d{5,})-(max|mean)-(\d{3,})\.png$")
 _SAMPLE_NAME = re.compile(r"^(\d{8,})\.png$")
@@ -195,8 +197,12 @@ def _json_paths(app: Any) -> Iterator[str]:
         total = e.sample_count()
         for offset in range(0, max(total, 1), SAMPLES_PAGE):
             yield f"{base}/samples?offset={offset}&limit={SAMPLES_PAGE}"
+        index = e.appearances()
         for sid, *_ in e.sample_rows(0, total):
             yield f"{base}/samples/{sid}"
+            # the sample page's "show more" asks for the next pages of its top-list entries
+            for offset in range(APPEARANCES_PAGE, index.count(sid), APPEARANCES_PAGE):
+                yield f"{base}/samples/{sid}?offset={offset}&limit={APPEARANCES_PAGE}"
 
 
 def _dataset_images(e: Any) -> Iterator[str]:

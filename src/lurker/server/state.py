@@ -34,7 +34,9 @@ class NotServableError(LurkerError):
 @dataclass
 class Appearances:
     """Inverted index of every unit's top-k lists: sample id -> (layer, unit, list, rank,
-    value), sorted by sample id so one lookup is two binary searches."""
+    value), sorted by sample id so one sample's entries are one slice (two binary
+    searches), and within a sample by layer order, then rank (a sample's strongest places
+    in each layer first), then list (max first), then unit."""
 
     sample: np.ndarray
     layer: np.ndarray
@@ -43,9 +45,28 @@ class Appearances:
     rank: np.ndarray
     value: np.ndarray
 
-    def of(self, sample_id: int) -> list[tuple[int, int, int, int, float]]:
+    def _slice(self, sample_id: int) -> tuple[int, int]:
         lo = int(np.searchsorted(self.sample, sample_id, "left"))
         hi = int(np.searchsorted(self.sample, sample_id, "right"))
+        return lo, hi
+
+    def count(self, sample_id: int) -> int:
+        lo, hi = self._slice(sample_id)
+        return hi - lo
+
+    def per_layer(self, sample_id: int) -> list[tuple[int, int]]:
+        """``(layer position, entries)`` of the sample's layers, in layer order."""
+        lo, hi = self._slice(sample_id)
+        layers, counts = np.unique(self.layer[lo:hi], return_counts=True)
+        return [(int(a), int(b)) for a, b in zip(layers, counts, strict=True)]
+
+    def of(
+        self, sample_id: int, offset: int = 0, limit: int | None = None
+    ) -> list[tuple[int, int, int, int, float]]:
+        """The sample's entries ``offset`` to ``offset + limit`` (all by default)."""
+        lo, hi = self._slice(sample_id)
+        start = min(hi, lo + offset)
+        stop = hi if limit is None else min(hi, start + limit)
         return [
             (
                 int(self.layer[i]),
@@ -54,7 +75,7 @@ class Appearances:
                 int(self.rank[i]),
                 float(self.value[i]),
             )
-            for i in range(lo, hi)
+            for i in range(start, stop)
         ]
 
 
@@ -196,7 +217,7 @@ class RunEntry:
             empty = np.zeros(0, np.int64)
             return Appearances(empty, empty, empty, empty, empty, np.zeros(0))
         cat = {k: np.concatenate(v) for k, v in parts.items()}
-        order = np.lexsort((cat["rank"], cat["which"], cat["unit"], cat["layer"], cat["sample"]))
+        order = np.lexsort((cat["unit"], cat["which"], cat["rank"], cat["layer"], cat["sample"]))
         return Appearances(*(cat[k][order] for k in Appearances.__dataclass_fields__))
 
     def graph_view(self) -> dict[str, Any]:
