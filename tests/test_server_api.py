@@ -397,3 +397,24 @@ def test_graph_view(client: TestClient, run: Run):
     layers = {info.op: info.name for info in run.layers if info.op}
     assert r.json() == json.loads(json.dumps(graph_view(run.graph, layers=layers)))
     assert all(name in r.text for name in layers.values())
+
+
+def test_graph_view_is_typed_in_openapi(client: TestClient):
+    """/openapi.json documents the graph document with the view's own JSON Schema; the
+    served document validates against what the spec says, and a broken one does not.
+    (schemathesis 4.32's response check cannot read ``prefixItems`` with ``items: false``,
+    so the check is jsonschema's 2020-12 validator, the dialect of OpenAPI 3.1.)"""
+    import jsonschema
+
+    spec = client.get("/openapi.json").json()
+    op = spec["paths"]["/api/runs/{run_id}/graph"]["get"]
+    documented = op["responses"]["200"]["content"]["application/json"]["schema"]
+    text = (Path(__file__).parents[1] / "src/lurker/schema/graph_view.schema.json").read_text()
+    on_disk = json.loads(text)
+    assert documented == {k: v for k, v in on_disk.items() if not k.startswith("$")}
+    assert documented["required"] and documented["properties"]["nodes"]["items"]["properties"]
+    doc = client.get("/api/runs/digits/graph").json()
+    validator = jsonschema.Draft202012Validator(documented)
+    validator.validate(doc)
+    broken = {**doc, "nodes": [{**doc["nodes"][0], "i": "zero"}, *doc["nodes"][1:]]}
+    assert not validator.is_valid(broken)
