@@ -6,7 +6,9 @@ Oracle: the model run directly in the test with PyTorch forward hooks on its mod
 
 from __future__ import annotations
 
+import contextlib
 import io
+import json
 import math
 import threading
 import time
@@ -303,3 +305,122 @@ def test_live_image_ids_are_validated(client: TestClient, explorer_run: Explorer
     assert client.get(f"/api/runs/digits/live/sample-{n - 1}/input.png").status_code == 200
     r = client.get("/api/runs/digits/live/0123456789abcdef/input.png")
     assert r.status_code == 404 and "upload it" in r.json()["detail"]  # well-formed, not kept
+
+
+_BOUNDARY = "lurkerboundary"
+
+
+def _chunked_form(chunks: int, sent: list[int], chunk: int = 65536) -> Any:
+    """A multipart upload of ``chunks`` x ``chunk`` bytes made on the fly (no length known
+    up front), counting in ``sent`` the chunks taken from it."""
+    yield (
+        f'--{_BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="big.png"'
+        "\r\nContent-Type: image/png\r\n\r\n"
+    ).encode() + b"\x89PNG"
+    for _ in range(chunks):
+        sent[0] += 1
+        yield b"0" * chunk
+    yield f"\r\n--{_BOUNDARY}--\r\n".encode()
+
+
+def test_a_chunked_upload_over_the_limit_is_refused_as_it_arrives(
+    explorer_run: ExplorerRun,  # noqa: F811
+):
+    """Through the real server: a 256 MB chunked upload to a 200 KB limit gets 413 after
+    about the limit has arrived; the server never takes in the rest."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    from lurker.server.limits import FORM_SLACK
+    from lurker.server.serve import background
+
+    limit, chunk, chunks = 200_000, 65536, 4096
+    app = create_app(explorer_run.path, model_obj=explorer_run.model, upload_limit=limit)
+    taken = [0]  # body bytes the app read from the server
+
+    async def counting(scope: Any, receive: Any, send: Any) -> None:
+        async def counted() -> Any:
+            message = await receive()
+            if message["type"] == "http.request":
+                taken[0] += len(message.get("body", b""))
+            return message
+
+        await app(scope, counted, send)
+
+    with background(counting) as url:
+        where = urlsplit(url)
+        for _ in range(2):  # the connection is closed after a refusal: a second one works too
+            sent, taken[0] = [0], 0
+            conn = http.client.HTTPConnection(where.hostname, where.port, timeout=60)
+            # the server closes the connection while the client is still sending
+            with contextlib.suppress(OSError):
+                conn.request(
+                    "POST",
+                    "/api/runs/digits/live/images",
+                    body=_chunked_form(chunks, sent, chunk),
+                    headers={"Content-Type": f"multipart/form-data; boundary={_BOUNDARY}"},
+                    encode_chunked=True,
+                )
+            r = conn.getresponse()
+            body = json.loads(r.read())
+            conn.close()
+            assert r.status == 413, body
+            assert "limit of 195 KB" in body["detail"] and "smaller image" in body["detail"]
+            assert r.getheader("connection") == "close"
+            # the server read at most the limit, the form's framing and one read more...
+            assert limit < taken[0] <= limit + FORM_SLACK + 4 * chunk, taken[0]
+            # ...and the client could not send more than socket buffers hold past that
+            assert sent[0] < chunks // 8, sent[0]
+
+
+def test_the_upload_limit_reads_no_more_than_one_chunk_past_it(
+    explorer_run: ExplorerRun,  # noqa: F811
+):
+    """At the ASGI level: an endless chunked body is read up to the limit plus one chunk,
+    then answered with 413 (nothing from the app after that)."""
+    import asyncio
+    import concurrent.futures
+
+    from lurker.server.limits import FORM_SLACK
+
+    limit, chunk = 200_000, 10_000
+    app = create_app(explorer_run.path, model_obj=explorer_run.model, upload_limit=limit)
+    reads = [0]
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        reads[0] += 1
+        if reads[0] > 10_000:
+            raise AssertionError("the whole endless body was read")
+        if reads[0] == 1:  # the form's framing, then the file's bytes without end
+            return {"type": "http.request", "body": next(_chunked_form(0, [0])), "more_body": True}
+        return {"type": "http.request", "body": b"0" * chunk, "more_body": True}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/api/runs/digits/live/images",
+        "raw_path": b"/api/runs/digits/live/images",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [
+            (b"host", b"t"),
+            (b"content-type", f"multipart/form-data; boundary={_BOUNDARY}".encode()),
+            (b"transfer-encoding", b"chunked"),
+        ],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+    }
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:  # see the waiting-requests test
+        pool.submit(asyncio.run, app(scope, receive, send)).result()
+    assert reads[0] == 1 + (limit + FORM_SLACK) // chunk + 1, sent
+    starts = [m for m in sent if m["type"] == "http.response.start"]
+    assert [m["status"] for m in starts] == [413]
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    assert "over the limit" in json.loads(body)["detail"]
