@@ -246,11 +246,87 @@ def test_samples_and_sample(page: Any, explorer: dict[str, Any]) -> None:
     assert got == want
     sample = run.sample(sid)
     text = page.locator("main").inner_text()
-    assert f"Sample {sid}" in text and f"{sample.class_name} ({sample.label})" in text
+    assert f"Sample {sid}" in text
+    # the digits' class names are their indices: the label is said once, not "0 (0)"
+    assert sample.class_name == str(sample.label)
+    assert page.locator("#sample-label").inner_text() == str(sample.label)
     with torch.no_grad():
         probs = torch.softmax(explorer["model"](explorer["ds"][sid][0][None]), 1)[0]
     top = [str(int(c)) for c in probs.argsort(descending=True)[:5]]
     assert [t.split()[0] for t in page.locator(".preds li").all_inner_texts()] == top
+
+
+def test_sample_page_shows_more_appearances(page: Any, explorer: dict[str, Any]) -> None:
+    """The first page of top-list entries comes in pages (cut to 5 here by rewriting the
+    request); every layer is listed with its count at once; "show more" loads the rest,
+    each layer's chips in the API's order (rank, then list, then unit)."""
+    run, rid = explorer["run"], explorer["id"]
+    found: dict[int, list[tuple]] = {}
+    for pos, info in enumerate(run.layers):
+        for u in run.units(info.name):
+            for wpos, which in enumerate(("max", "mean")):
+                for e in u.top(which):
+                    found.setdefault(e.sample_id, []).append(
+                        ((pos, e.rank, wpos, u.index), (info.name, u.index, which))
+                    )
+    sid = max(found, key=lambda k: len(found[k]))
+    want = [row for _, row in sorted(found[sid])]
+    assert 5 < len(want) <= 205
+    page.route(
+        f"**/api/runs/{rid}/samples/{sid}",
+        lambda route: route.continue_(url=route.request.url + "?offset=0&limit=5"),
+    )
+    go(page, f"{explorer['url']}#/r/{rid}/sample/{sid}")
+    page.wait_for_selector(".chip")
+    assert page.locator(".chip").count() == 5
+    layers = [w[0] for w in want]
+    heads = page.locator("section.appear h3").all_inner_texts()
+    assert [h.split(" ")[0] for h in heads] == list(dict.fromkeys(layers))
+    assert [int(h.split(" ")[1]) for h in heads] == [layers.count(x) for x in dict.fromkeys(layers)]
+    more = page.locator("#more-appearances")
+    assert more.inner_text() == f"show {len(want) - 5} more of {len(want) - 5}"
+    more.click()
+    page.wait_for_function(f"() => document.querySelectorAll('.chip').length === {len(want)}")
+    assert more.is_hidden()
+    got = []
+    for section in page.locator("section.appear").all():
+        layer = section.get_attribute("data-layer")
+        for chip in section.locator(".chip").all():
+            got.append(
+                (layer, int(chip.get_attribute("data-unit")), chip.get_attribute("data-list"))
+            )
+    assert got == want
+    assert "shown" not in page.locator("main").inner_text()  # no layer left partly shown
+
+
+def test_image_picker_on_live_and_explain(page: Any, explorer: dict[str, Any]) -> None:
+    """Both pages take a dataset sample through the same picker; a bad id is refused with
+    the range; the live page names the op and links to it in the graph."""
+    rid = explorer["id"]
+    n = len(explorer["ds"])
+    go(page, f"{explorer['url']}#/r/{rid}/live")
+    page.locator("#live-sample").fill(str(n))
+    page.locator("#live-use-sample").click()
+    assert f"0 to {n - 1}" in page.locator(".live-input .notice.error").inner_text()
+    page.locator("#live-sample").fill("4")
+    page.locator("#live-use-sample").click()
+    page.wait_for_url("**image=sample-4**")
+    page.locator(f'.op-list li[data-op="{OP}"]').click()
+    page.wait_for_url(f"**op={OP}**")
+    page.wait_for_selector(".live-maps h2 a.in-graph")
+    head = page.locator(".op-picker h3")
+    assert head.inner_text() == f"Op {OP} · show in the graph"
+    for link in (head.locator("a"), page.locator(".live-maps h2 a.in-graph")):
+        assert link.get_attribute("href") == f"#/r/{rid}/graph?focus={OP}"
+    assert page.locator("#live-sample").input_value() == "4"
+    page.locator(".live-maps h2 a.in-graph").click()
+    page.wait_for_url(f"**/graph?focus={OP}")
+
+    go(page, f"{explorer['url']}#/r/{rid}/explain")
+    page.locator("#explain-sample").fill("5")
+    page.locator("#explain-use-sample").click()
+    page.wait_for_url(f"**#/r/{rid}/explain?image=sample-5")
+    page.wait_for_selector(".explain-card")
 
 
 def test_live_upload_maps_and_kernel(page: Any, explorer: dict[str, Any]) -> None:

@@ -110,10 +110,26 @@ export interface Prediction {
   prob: number;
 }
 
+export interface Appearance {
+  layer: string;
+  unit: number;
+  list: string;
+  rank: number;
+  value: number | null;
+}
+
+/** One sample and one page of the top-list entries that hold it (`total` in all). */
 export interface SampleDoc {
   sample: SampleBrief;
   prediction: Prediction[] | null;
-  appearances: { layer: string; unit: number; list: string; rank: number; value: number | null }[];
+  prediction_error?: string | null;
+  total: number;
+  offset: number;
+  limit: number;
+  /** Entries per layer, in layer order: every layer that holds the sample. */
+  layers: { layer: string; count: number }[];
+  /** Entries `offset` to `offset + limit`: by layer order, then rank, list, unit. */
+  appearances: Appearance[];
 }
 
 export interface SampleList {
