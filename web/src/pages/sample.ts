@@ -95,7 +95,7 @@ export async function renderSample(root: HTMLElement, ctx: PageContext, args: st
     }
     loaded += rows.length;
     for (const sec of sections.values()) {
-      fill(sec.shown, sec.loaded < sec.count ? ` · ${sec.loaded} shown, the rest below “show more”` : "");
+      fill(sec.shown, sec.loaded < sec.count ? ` · ${sec.loaded} shown` : "");
     }
   };
   add(doc.appearances);
@@ -104,7 +104,7 @@ export async function renderSample(root: HTMLElement, ctx: PageContext, args: st
   const more = h("button", { type: "button", class: "more", id: "more-appearances" });
   const label = () => {
     const left = doc.total - loaded;
-    more.textContent = `show ${Math.min(PAGE, left)} more of ${left}`;
+    more.textContent = left <= PAGE ? `show the other ${left}` : `show ${PAGE} more of the ${left} left`;
     more.hidden = left <= 0;
   };
   more.addEventListener("click", async () => {
