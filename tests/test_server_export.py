@@ -235,3 +235,42 @@ def test_serve_helpers(monkeypatch: pytest.MonkeyPatch):
             serve.bind("127.0.0.1", port)
     finally:
         taken.close()
+
+
+def test_export_writes_the_further_pages_of_a_sample(
+    explorer_run: ExplorerRun,  # noqa: F811
+    static_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+):
+    """A sample in more top lists than a page holds: the export writes each further page
+    the sample page's "show more" asks for (pages of 7 here), equal to the API's."""
+    import lurker.server.export as export
+
+    monkeypatch.setattr(export, "APPEARANCES_PAGE", 7)
+    site = export_site(
+        explorer_run.path,
+        tmp_path / "site",
+        static_dir=static_dir,
+        make_images=False,
+        progress=False,
+    )
+    c = TestClient(create_app(explorer_run.path, static_dir=site, live=False))
+    counts: dict[int, int] = {}
+    with Run.open(explorer_run.path) as run:
+        for info in run.layers:
+            for u in run.units(info.name):
+                for which in ("max", "mean"):
+                    for e in u.top(which):
+                        counts[e.sample_id] = counts.get(e.sample_id, 0) + 1
+    sid = max(counts, key=lambda k: counts[k])
+    base = p("runs", "digits", "samples", sid)
+    assert counts[sid] > 14
+    for offset in range(7, counts[sid], 7):
+        path = f"{base}?offset={offset}&limit=7"
+        file = site / (client_static_url(path) + ".json")
+        assert file.is_file(), path
+        assert json.loads(file.read_bytes()) == c.get("/api" + path).json()
+    assert not (
+        site / (client_static_url(f"{base}?offset={counts[sid]}&limit=7") + ".json")
+    ).exists()
