@@ -7,6 +7,7 @@
 import { p, type Appearance, type SampleBrief, type SampleDoc } from "../api";
 import type { PageContext } from "../context";
 import { append, facts, fill, fmt, h, notice } from "../dom";
+import { imageState } from "../images";
 
 /** Entries per "show more" request (the server's default page, so a static export holds
  * the same pages: `?offset=N&limit=PAGE`). */
@@ -22,7 +23,7 @@ export function labelText(s: SampleBrief): string {
 export async function renderSample(root: HTMLElement, ctx: PageContext, args: string[]): Promise<void> {
   const id = args[0];
   const path = p("runs", ctx.run, "samples", id);
-  const doc = await ctx.api.json<SampleDoc>(path);
+  const [doc, images] = await Promise.all([ctx.api.json<SampleDoc>(path), imageState(ctx)]);
   const s = doc.sample;
   document.title = `sample ${s.id} · ${ctx.run} · lurker`;
   const pred = doc.prediction;
@@ -33,7 +34,9 @@ export async function renderSample(root: HTMLElement, ctx: PageContext, args: st
     h(
       "div",
       { class: "sample-head" },
-      h("img", { class: "sample-img pixelated", src: ctx.api.pngUrl(p("runs", ctx.run, "samples", s.id, "image.png")), alt: `sample ${s.id}`, width: 224, height: 224 }),
+      images.ok
+        ? h("img", { class: "sample-img pixelated", src: ctx.api.pngUrl(p("runs", ctx.run, "samples", s.id, "image.png")), alt: `sample ${s.id}`, width: 224, height: 224 })
+        : h("div", { class: "sample-img" }, images.notice),
       h(
         "section",
         { class: "card" },
