@@ -247,7 +247,7 @@ def test_samples_and_sample(page: Any, explorer: dict[str, Any]) -> None:
         (i.name, u.index, which)
         for i in run.layers
         for u in run.units(i.name)
-        for which in ("max", "mean")
+        for which in run.top_lists
         if any(e.sample_id == sid for e in u.top(which))
     }
     chips = page.locator(".chip")
@@ -276,7 +276,7 @@ def test_sample_page_shows_more_appearances(page: Any, explorer: dict[str, Any])
     found: dict[int, list[tuple]] = {}
     for pos, info in enumerate(run.layers):
         for u in run.units(info.name):
-            for wpos, which in enumerate(("max", "mean")):
+            for wpos, which in enumerate(run.top_lists):
                 for e in u.top(which):
                     found.setdefault(e.sample_id, []).append(
                         ((pos, e.rank, wpos, u.index), (info.name, u.index, which))
