@@ -7,6 +7,9 @@ export async function renderSample(root: HTMLElement, ctx: PageContext, args: st
   const id = args[0];
   const doc = await ctx.api.json<SampleDoc>(p("runs", ctx.run, "samples", id));
   const s = doc.sample;
+  // a static export lists whether it holds the sample's image (it may not: no dataset)
+  const exported = ctx.api.isStatic ? await ctx.api.exportedSamples(ctx.run) : null;
+  const hasImage = exported ? exported.samples.some((x) => x.id === s.id && x.image) : true;
   document.title = `sample ${s.id} · ${ctx.run} · lurker`;
   const byLayer = new Map<string, SampleDoc["appearances"]>();
   for (const a of doc.appearances) byLayer.set(a.layer, [...(byLayer.get(a.layer) ?? []), a]);
@@ -16,7 +19,9 @@ export async function renderSample(root: HTMLElement, ctx: PageContext, args: st
     h(
       "div",
       { class: "sample-head" },
-      h("img", { class: "sample-img pixelated", src: ctx.api.pngUrl(p("runs", ctx.run, "samples", s.id, "image.png")), alt: `sample ${s.id}`, width: 224, height: 224 }),
+      hasImage
+        ? h("img", { class: "sample-img pixelated", src: ctx.api.pngUrl(p("runs", ctx.run, "samples", s.id, "image.png")), alt: `sample ${s.id}`, width: 224, height: 224 })
+        : notice("This export holds no image of this sample (the run's dataset could not be loaded when it was made)."),
       h(
         "section",
         { class: "card" },

@@ -2,7 +2,7 @@
  * `#/r/RUN/unit/LAYER/UNIT?tab=mean|max&img=input|grad&crop=0|1`: Torchlurk's popup as a
  * page. One JSON request (the unit) plus its images; toggles only swap image URLs.
  */
-import { p, type TopEntry, type UnitDoc } from "../api";
+import { cropCanvas, p, type EntryKind, type Shown, type TopEntry } from "../api";
 import { barChart, histogramChart } from "../charts";
 import type { PageContext } from "../context";
 import { append, fill, fmt, h, notice } from "../dom";
@@ -17,7 +17,8 @@ interface Axis {
 export async function renderUnit(root: HTMLElement, ctx: PageContext, args: string[]): Promise<void> {
   const [layer, unitArg] = args;
   const unit = Number(unitArg);
-  const doc = await ctx.api.json<UnitDoc>(p("runs", ctx.run, "layers", layer, "units", unitArg));
+  // static export: the unit comes from its layer's chunk, with which images the site holds
+  const { doc, shown } = await ctx.api.unit(ctx.run, layer, unitArg);
   document.title = `${layer} unit ${unit} · ${ctx.run} · lurker`;
   const params = new URLSearchParams(ctx.params);
   let tab: Tab = params.get("tab") === "mean" ? "mean" : "max";
@@ -41,7 +42,7 @@ export async function renderUnit(root: HTMLElement, ctx: PageContext, args: stri
   const toggles = h("div", { class: "toolbar" });
   const gallery = h("div", { class: "topk", role: "tabpanel" });
 
-  const kind = () => (img === "grad" ? (crop ? "grad_crop" : "grad") : crop ? "crop" : "input");
+  const kind = (): EntryKind => (img === "grad" ? (crop ? "grad_crop" : "grad") : crop ? "crop" : "input");
   const sync = () => {
     params.set("tab", tab);
     params.set("img", img);
@@ -99,7 +100,7 @@ export async function renderUnit(root: HTMLElement, ctx: PageContext, args: stri
     const entries = doc.top[tab];
     fill(
       gallery,
-      entries.length ? entries.map((e) => figure(ctx, layer, unit, tab, kind(), e, tab === "max" && !crop ? doc.layer.rf : null)) : notice("This list is empty."),
+      entries.length ? entries.map((e) => figure(ctx, layer, unit, tab, kind(), e, tab === "max" && !crop ? doc.layer.rf : null, shown)) : notice("This list is empty."),
     );
   };
   draw();
@@ -148,10 +149,10 @@ export async function renderUnit(root: HTMLElement, ctx: PageContext, args: stri
   );
 }
 
-function figure(ctx: PageContext, layer: string, unit: number, list: Tab, kind: string, e: TopEntry, rf: Record<string, unknown> | null): HTMLElement {
-  const src = ctx.api.pngUrl(p("runs", ctx.run, "layers", layer, "units", unit, list, e.rank, `${kind}.png`));
-  const frame = h("div", { class: "frame" }, h("img", { src, alt: `rank ${e.rank + 1}: sample ${e.sample_id} (${kind})`, "data-kind": kind }));
-  const box = peakBox(rf, e);
+function figure(ctx: PageContext, layer: string, unit: number, list: Tab, kind: EntryKind, e: TopEntry, rf: Record<string, unknown> | null, shown: Shown | null): HTMLElement {
+  const visual = entryImage(ctx, layer, unit, list, kind, e, shown);
+  const frame = h("div", { class: "frame" }, visual);
+  const box = visual instanceof HTMLImageElement ? peakBox(rf, e) : null;
   if (box) frame.append(h("div", { class: "peak", style: box, title: `peak at (${e.y}, ${e.x})` }));
   return h(
     "figure",
@@ -165,6 +166,38 @@ function figure(ctx: PageContext, layer: string, unit: number, list: Tab, kind: 
       e.class_name ? h("span", { class: "cls", title: e.class_name }, e.class_name) : null,
     ),
   );
+}
+
+const NOT_EXPORTED: Record<EntryKind, string> = {
+  input: "the sample's image is not in this export (the run's dataset could not be loaded)",
+  crop: "no crop in this export: mean-list crops need the model (run `lurker images RUN` before exporting)",
+  grad: "no gradient in this export: run `lurker images RUN` before exporting",
+  grad_crop: "no gradient in this export: run `lurker images RUN` before exporting",
+};
+
+/**
+ * One entry's image. Served: the API's PNG. Static export: the sample's image (held once
+ * per sample), the max list's receptive-field crop cut from it in the browser (the
+ * server's crop, pixel for pixel), other kinds as exported files, and a note where the
+ * export holds none (never a request for a file it lacks).
+ */
+function entryImage(ctx: PageContext, layer: string, unit: number, list: Tab, kind: EntryKind, e: TopEntry, shown: Shown | null): HTMLElement {
+  const alt = `rank ${e.rank + 1}: sample ${e.sample_id} (${kind})`;
+  if (!ctx.api.isStatic) {
+    return h("img", { src: ctx.api.pngUrl(p("runs", ctx.run, "layers", layer, "units", unit, list, e.rank, `${kind}.png`)), alt, "data-kind": kind });
+  }
+  if (!shown?.[kind]?.[list]?.includes(e.rank)) {
+    const why = kind === "crop" && list === "max" && e.y === null ? "no crop: this entry has no peak position" : NOT_EXPORTED[kind];
+    return h("div", { class: "no-img", "data-kind": kind }, why);
+  }
+  const sample = ctx.api.pngUrl(p("runs", ctx.run, "samples", e.sample_id, "image.png"));
+  if (kind === "input") return h("img", { src: sample, alt, "data-kind": kind });
+  if (kind === "crop" && list === "max") {
+    const canvas = cropCanvas(sample, e.box ?? null, alt);
+    canvas.dataset.kind = kind;
+    return canvas;
+  }
+  return h("img", { src: ctx.api.pngUrl(p("runs", ctx.run, "layers", layer, "units", unit, list, e.rank, `${kind}.png`)), alt, "data-kind": kind });
 }
 
 /** CSS box (in % of the image) of the receptive field of the peak at (y, x). */
