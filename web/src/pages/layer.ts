@@ -3,13 +3,14 @@ import { cropCanvas, p, type LayerDoc } from "../api";
 import { histogramChart } from "../charts";
 import type { PageContext } from "../context";
 import { append, facts, fill, fmt, h, shape } from "../dom";
+import { imageState, noImage } from "../images";
 
 const SORTS = ["max", "mean", "index"] as const;
 type Sort = (typeof SORTS)[number];
 
 export async function renderLayer(root: HTMLElement, ctx: PageContext, args: string[]): Promise<void> {
   const name = args[0];
-  const doc = await ctx.api.json<LayerDoc>(p("runs", ctx.run, "layers", name));
+  const [doc, images] = await Promise.all([ctx.api.json<LayerDoc>(p("runs", ctx.run, "layers", name)), imageState(ctx)]);
   // static export: each unit's top image is its sample's, the crop cut here from it
   const index = ctx.api.isStatic ? await ctx.api.unitsIndex(ctx.run, name) : null;
   document.title = `${name} · ${ctx.run} · lurker`;
@@ -26,12 +27,12 @@ export async function renderLayer(root: HTMLElement, ctx: PageContext, args: str
     const alt = `unit ${unit}: top image`;
     if (index) {
       const t = index.thumbs[unit];
-      if (!t) return h("div", { class: "no-img" }, top === null ? "no top image" : "image not exported");
+      if (!t) return noImage(top === null ? "no top image" : "image not exported");
       const url = ctx.api.pngUrl(p("runs", ctx.run, "samples", t.sample, "image.png"));
       if (thumb === "input") return h("img", { src: url, loading: "lazy", decoding: "async", alt, width: 96, height: 96 });
-      return t.crop ? cropCanvas(url, t.box, alt + " (crop)", true) : h("div", { class: "no-img" }, "no peak to crop");
+      return t.crop ? cropCanvas(url, t.box, alt + " (crop)", true) : noImage("no peak to crop");
     }
-    if (top === null) return h("div", { class: "no-img" }, "no top image");
+    if (top === null || !images.ok) return noImage(top === null ? "no top image" : "no image");
     const src = ctx.api.pngUrl(p("runs", ctx.run, "layers", name, "units", unit, "max", 0, `${thumb}.png`));
     return h("img", { src, loading: "lazy", decoding: "async", alt, width: 96, height: 96 });
   };
@@ -100,6 +101,7 @@ export async function renderLayer(root: HTMLElement, ctx: PageContext, args: str
         h("p", { class: "muted small" }, "every unit's per-sample means, counted together"),
       ),
     ),
+    images.notice,
     h("div", { class: "toolbar" }, h("span", null, "Sort by"), sortButtons, h("span", null, "Thumbnail"), thumbButtons),
     grid,
   );

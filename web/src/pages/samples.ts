@@ -2,13 +2,14 @@
 import { p, type SampleBrief, type SampleList } from "../api";
 import type { PageContext } from "../context";
 import { append, h, notice } from "../dom";
+import { imageState, noImage } from "../images";
 
 const LIMIT = 100;
 
 export async function renderSamples(root: HTMLElement, ctx: PageContext): Promise<void> {
   const offset = Math.max(0, Math.floor(Number(ctx.params.get("offset") ?? 0)) || 0);
   // a static export holds the samples some unit ranks in its top-k: list those only
-  const exported = ctx.api.isStatic ? await ctx.api.exportedSamples(ctx.run) : null;
+  const [exported, images] = await Promise.all([ctx.api.isStatic ? ctx.api.exportedSamples(ctx.run) : null, imageState(ctx)]);
   const list: { total: number; samples: (SampleBrief & { image?: boolean })[] } = exported
     ? { total: exported.samples.length, samples: exported.samples.slice(offset, offset + LIMIT) }
     : await ctx.api.json<SampleList>(p("runs", ctx.run, "samples") + `?offset=${offset}&limit=${LIMIT}`);
@@ -29,6 +30,7 @@ export async function renderSamples(root: HTMLElement, ctx: PageContext): Promis
             "the others are not here: serve the run (lurker serve RUN) to browse them all.",
         )
       : null,
+    images.notice,
     pager(),
     h(
       "div",
@@ -37,16 +39,16 @@ export async function renderSamples(root: HTMLElement, ctx: PageContext): Promis
         h(
           "a",
           { class: "sample-card", href: ctx.href("sample", s.id), "data-sample": s.id },
-          s.image === false
-            ? h("div", { class: "no-img" }, "image not exported")
-            : h("img", {
+          images.ok && s.image !== false
+            ? h("img", {
                 src: ctx.api.pngUrl(p("runs", ctx.run, "samples", s.id, "image.png")),
                 loading: "lazy",
                 alt: `sample ${s.id}`,
                 width: 80,
                 height: 80,
-                onerror: (e: Event) => (e.target as HTMLElement).replaceWith(h("div", { class: "no-img" }, "no image")),
-              }),
+                onerror: (e: Event) => (e.target as HTMLElement).replaceWith(noImage()),
+              })
+            : noImage(s.image === false ? "image not exported" : "no image"),
           h("span", null, `#${s.id}`),
           h("small", { title: s.class_name ?? "" }, s.class_name ?? ""),
         ),

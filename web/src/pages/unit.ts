@@ -6,6 +6,7 @@ import { cropCanvas, p, type EntryKind, type Shown, type TopEntry } from "../api
 import { barChart, histogramChart } from "../charts";
 import type { PageContext } from "../context";
 import { append, fill, fmt, h, notice } from "../dom";
+import { imageState, noImage } from "../images";
 
 type Tab = "mean" | "max";
 
@@ -18,7 +19,7 @@ export async function renderUnit(root: HTMLElement, ctx: PageContext, args: stri
   const [layer, unitArg] = args;
   const unit = Number(unitArg);
   // static export: the unit comes from its layer's chunk, with which images the site holds
-  const { doc, shown } = await ctx.api.unit(ctx.run, layer, unitArg);
+  const [{ doc, shown }, images] = await Promise.all([ctx.api.unit(ctx.run, layer, unitArg), imageState(ctx)]);
   document.title = `${layer} unit ${unit} · ${ctx.run} · lurker`;
   const params = new URLSearchParams(ctx.params);
   let tab: Tab = params.get("tab") === "mean" ? "mean" : "max";
@@ -100,7 +101,7 @@ export async function renderUnit(root: HTMLElement, ctx: PageContext, args: stri
     const entries = doc.top[tab];
     fill(
       gallery,
-      entries.length ? entries.map((e) => figure(ctx, layer, unit, tab, kind(), e, tab === "max" && !crop ? doc.layer.rf : null, shown)) : notice("This list is empty."),
+      entries.length ? entries.map((e) => figure(ctx, layer, unit, tab, kind(), e, tab === "max" && !crop ? doc.layer.rf : null, images.ok, shown)) : notice("This list is empty."),
     );
   };
   draw();
@@ -128,6 +129,7 @@ export async function renderUnit(root: HTMLElement, ctx: PageContext, args: stri
     h("p", { class: "stats" }, `max ${fmt(doc.max)} · mean ${fmt(doc.mean)} · layer `, h("a", { href: ctx.href("layer", layer) }, layer), doc.layer.kind ? ` (${doc.layer.kind})` : ""),
     tabs,
     toggles,
+    images.notice,
     gallery,
     h(
       "div",
@@ -149,8 +151,8 @@ export async function renderUnit(root: HTMLElement, ctx: PageContext, args: stri
   );
 }
 
-function figure(ctx: PageContext, layer: string, unit: number, list: Tab, kind: EntryKind, e: TopEntry, rf: Record<string, unknown> | null, shown: Shown | null): HTMLElement {
-  const visual = entryImage(ctx, layer, unit, list, kind, e, shown);
+function figure(ctx: PageContext, layer: string, unit: number, list: Tab, kind: EntryKind, e: TopEntry, rf: Record<string, unknown> | null, images: boolean, shown: Shown | null): HTMLElement {
+  const visual = images ? entryImage(ctx, layer, unit, list, kind, e, shown) : noImage();
   const frame = h("div", { class: "frame" }, visual);
   const box = visual instanceof HTMLImageElement ? peakBox(rf, e) : null;
   if (box) frame.append(h("div", { class: "peak", style: box, title: `peak at (${e.y}, ${e.x})` }));
@@ -184,7 +186,8 @@ const NOT_EXPORTED: Record<EntryKind, string> = {
 function entryImage(ctx: PageContext, layer: string, unit: number, list: Tab, kind: EntryKind, e: TopEntry, shown: Shown | null): HTMLElement {
   const alt = `rank ${e.rank + 1}: sample ${e.sample_id} (${kind})`;
   if (!ctx.api.isStatic) {
-    return h("img", { src: ctx.api.pngUrl(p("runs", ctx.run, "layers", layer, "units", unit, list, e.rank, `${kind}.png`)), alt, "data-kind": kind });
+    const src = ctx.api.pngUrl(p("runs", ctx.run, "layers", layer, "units", unit, list, e.rank, `${kind}.png`));
+    return h("img", { src, alt, "data-kind": kind, onerror: (ev: Event) => (ev.target as HTMLElement).replaceWith(noImage()) });
   }
   if (!shown?.[kind]?.[list]?.includes(e.rank)) {
     const why = kind === "crop" && list === "max" && e.y === null ? "no crop: this entry has no peak position" : NOT_EXPORTED[kind];
