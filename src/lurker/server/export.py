@@ -134,6 +134,7 @@ def export_site(
         shutil.rmtree(data)  # written by an earlier export: stale files would linger
     _copy_front_end(static, site)
     out_files = _Files(data, bar)
+    bar.total += 1  # runs.json, written last
     try:
         for e in app.state.registry.entries.values():
             if e.run is not None:
