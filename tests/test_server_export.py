@@ -97,13 +97,15 @@ def test_front_end_in_static_mode(site: Path):
 
 
 def ranked_samples(path: Path) -> set[int]:
-    """Every sample some unit ranks in a top-k list, read back with the store (oracle)."""
+    """Every sample some unit ranks in a top-k list (max, mean, and relevance when the
+    run has it), read back with the store (oracle)."""
     with Run.open(path) as run:
+        lists = ("max", "mean", "relevance") if run.has_relevance else ("max", "mean")
         return {
             e.sample_id
             for info in run.layers
             for u in run.units(info.name)
-            for which in ("max", "mean")
+            for which in lists
             for e in u.top(which)
         }
 

@@ -91,7 +91,7 @@ export interface UnitDoc {
   unit: number;
   mean: number | null;
   max: number | null;
-  top: { max: TopEntry[]; mean: TopEntry[] };
+  top: { max: TopEntry[]; mean: TopEntry[]; relevance?: TopEntry[] | null };
   class_means: Record<string, number | null>;
   histogram: Histogram;
   prev: number | null;
@@ -125,7 +125,7 @@ export interface SampleList {
 
 /** Image kinds of a top-k entry, by list, with the ranks a static export can show. */
 export type EntryKind = "input" | "crop" | "grad" | "grad_crop";
-export type Shown = Partial<Record<EntryKind, Partial<Record<"max" | "mean", number[]>>>>;
+export type Shown = Partial<Record<EntryKind, Partial<Record<"max" | "mean" | "relevance", number[]>>>>;
 
 /** Static export: a chunk of a layer's unit documents (`units` as the API answers). */
 export interface UnitChunk {

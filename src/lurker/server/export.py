@@ -190,7 +190,7 @@ def _export_run(request: Any, e: Any, files: _Files, make_images: bool) -> None:
     s = session(request, e)
     run = e.run
     index = e.appearances()
-    ranked = np.unique(index.sample).tolist()
+    ranked = sorted(set(np.unique(index.sample).tolist()) | _relevance_samples(run))
     files.bar.total += 2 * len(ranked) + 3 + 2 * len(run.layers)
     # each top-k sample: its page and its image (made from the dataset if need be)
     images: dict[int, bytes | Path] = {}
@@ -214,6 +214,21 @@ def _export_run(request: Any, e: Any, files: _Files, make_images: bool) -> None:
         files.json(_rel("runs", e.id, "graph"), e.graph_view())
     e._counted = None  # count the cached images again, with those just made
     files.json(_rel("runs", e.id), run_summary(request, e.id))
+
+
+def _relevance_samples(run: Any) -> set[int]:
+    """The samples of the units' relevance-max lists (runs probed with relevance=True):
+    the unit page shows them, so the site holds them as it holds the top-k samples."""
+    from lurker.store.schema import TOP_DTYPE
+
+    if not run.has_relevance:
+        return set()
+    ids: set[int] = set()
+    for (top,) in run._query("SELECT top FROM relevance"):
+        if top is not None:
+            found = np.frombuffer(bytes(top), TOP_DTYPE)["sample_id"]
+            ids.update(int(v) for v in found[found >= 0])
+    return ids
 
 
 def _sample_image(
@@ -251,6 +266,9 @@ def _export_units(
             files.bar.total += -(-info.num_units // size)
         chunk.append(text)
         avail: dict[str, dict[str, list[int]]] = {}
+        for item in doc["top"].get("relevance") or []:  # whole samples: the input only
+            if int(item["sample_id"]) in images:
+                avail.setdefault("input", {}).setdefault("relevance", []).append(int(item["rank"]))
         for which in ("max", "mean"):
             for item in doc["top"][which]:
                 rank, sid = int(item["rank"]), int(item["sample_id"])
