@@ -409,16 +409,16 @@ def serve(
 @click.option(
     "--no-images",
     is_flag=True,
-    help="Export only the images already cached; do not make the top samples' images and "
-    "crops from the dataset first.",
+    help="Export only the images already cached; do not make the top samples' images "
+    "from the dataset first.",
 )
 @_friendly
 def export(run: str, site: str, no_images: bool) -> None:
     """Write RUN's explorer as a static site to SITE (no Python needed to view it).
 
-    Everything precomputed is exported: the run's JSON documents, the top samples'
-    images and crops (made from the run's dataset when it can be loaded) and every cached
-    image (make gradients first with `lurker images RUN`). View it with any static file server, e.g.
+    Everything precomputed is exported: the run's JSON documents, each top-k sample's
+    image (made from the run's dataset when it can be loaded; the pages cut crops from it)
+    and the cached gradients (make them first with `lurker images RUN`). View it with any static file server, e.g.
     `python -m http.server -d SITE`. The live views need `lurker serve RUN --model SPEC`.
     """
     from .server.export import export_site
