@@ -62,6 +62,7 @@ def _analytic(m: nn.Module, x: torch.Tensor, order: np.ndarray, kind: str) -> np
 
 @pytest.mark.parametrize("kind", ["deletion", "insertion"])
 def test_linear_curves_equal_the_closed_form(linear, kind) -> None:
+    other = {"deletion": "insertion", "insertion": "deletion"}
     torch.manual_seed(1)
     x = torch.randn(3, 12, dtype=torch.float64)
     a = torch.randn(3, 12, dtype=torch.float64)  # any order: the curve follows it
@@ -71,6 +72,7 @@ def test_linear_curves_equal_the_closed_form(linear, kind) -> None:
         linear, x, e, metrics=[kind], step=1, insertion_baseline="zeros", batch_size=5
     )
     curve = getattr(ev, kind)
+    assert ev.randomization is None and getattr(ev, other[kind]) is None  # not asked for
     assert torch.equal(curve.fraction, torch.arange(13, dtype=torch.float64) / 12)
     for r in range(3):
         want = _analytic(linear, x[r], np.argsort(-a[r].numpy(), kind="stable"), kind)
@@ -90,7 +92,7 @@ def test_true_importance_order_beats_random(linear) -> None:
     w = linear.weight.detach()
     truth.attribution = x * (w[1] - w[0])  # each feature's share of logit 1 - logit 0
     good = lurker.explain.evaluate(
-        linear, x, truth, ("deletion", "insertion"), step=1, insertion_baseline="zeros"
+        linear, x, truth, metrics=("deletion", "insertion"), step=1, insertion_baseline="zeros"
     )
     for seed in range(5):
         shuffled = copy.copy(truth)
@@ -98,7 +100,12 @@ def test_true_importance_order_beats_random(linear) -> None:
             4, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)
         )
         rand = lurker.explain.evaluate(
-            linear, x, shuffled, ("deletion", "insertion"), step=1, insertion_baseline="zeros"
+            linear,
+            x,
+            shuffled,
+            metrics=("deletion", "insertion"),
+            step=1,
+            insertion_baseline="zeros",
         )
         assert (good.deletion.scores <= rand.deletion.scores + 1e-15).all()
         assert (good.insertion.scores >= rand.insertion.scores - 1e-15).all()
@@ -153,7 +160,7 @@ def test_digits_curves_equal_a_step_by_step_loop(digits, kind, baseline, step, p
     e = lurker.explain(digits, x, target=3, method="integrated_gradients", n_steps=8)
     key = f"{kind}_baseline"
     ev = lurker.explain.evaluate(
-        digits, x, e, [kind], step=step, patch=patch, batch_size=13, **{key: baseline}
+        digits, x, e, metrics=[kind], step=step, patch=patch, batch_size=13, **{key: baseline}
     )
     if baseline == "zeros":
         base = torch.zeros_like(x)
@@ -168,7 +175,7 @@ def test_digits_curves_equal_a_step_by_step_loop(digits, kind, baseline, step, p
     np.testing.assert_allclose(curve.scores.numpy(), want, rtol=1e-10, atol=1e-12)
     # the batch size only changes how many rows go per forward
     again = lurker.explain.evaluate(
-        digits, x, e, [kind], step=step, patch=patch, batch_size=1000, **{key: baseline}
+        digits, x, e, metrics=[kind], step=step, patch=patch, batch_size=1000, **{key: baseline}
     )
     torch.testing.assert_close(getattr(again, kind).scores, curve.scores, rtol=1e-12, atol=0)
 
@@ -225,7 +232,9 @@ def test_randomization_cascade_equals_a_hand_made_one() -> None:
     keep = m.fc1.register_forward_hook(lambda *a: None)  # the user's own hook stays
     before = _snapshot(m)
     rng = torch.get_rng_state()
-    ev = lurker.explain.evaluate(m, x, 2, "saliency", ["randomization"], randomization_seed=7)
+    ev = lurker.explain.evaluate(
+        m, x, 2, "saliency", metrics=["randomization"], randomization_seed=7
+    )
     _same(before, _snapshot(m))
     assert torch.equal(rng, torch.get_rng_state())  # the caller's RNG is not consumed
     r = ev.randomization
@@ -260,7 +269,7 @@ def test_randomization_named_layers_ssim_and_a_failing_method_leave_the_model(di
         x,
         1,
         "gradcam",
-        ["randomization"],
+        metrics=["randomization"],
         layers=["classifier.3"],
         ssim=True,
         layer="features.8",
@@ -335,6 +344,11 @@ def test_bad_input_errors(digits) -> None:
         kwargs = {"target": 1, **kwargs}
         with pytest.raises(LurkerError, match=re.escape(message)):
             ev(digits, x, **kwargs)
+    e = lurker.explain(digits, x, 1)
+    with pytest.raises(LurkerError, match="the explanation given was made by 'saliency'"):
+        ev(digits, x, e, "gradcam")
+    with pytest.raises(LurkerError, match="the metrics go by keyword"):
+        ev(digits, x, e, ("deletion",))
     with pytest.raises(LurkerError, match="does not match the input"):
         ev(digits, x[:1], lurker.explain(digits, x, 1))
     with pytest.raises(LurkerError, match="patch needs image inputs"):
@@ -356,7 +370,7 @@ def test_deletion_equals_quantus_pixel_flipping(digits) -> None:
     a = torch.rand(3, 1, 16, 16)  # continuous: no ties, so both sorts agree
     e = lurker.explain(m, x, y.tolist())
     e.attribution = a
-    ours = lurker.explain.evaluate(m, x, e, "deletion", step=4, deletion_baseline=0.0)
+    ours = lurker.explain.evaluate(m, x, e, metrics="deletion", step=4, deletion_baseline=0.0)
     metric = quantus.PixelFlipping(
         features_in_step=4, perturb_baseline=0.0, abs=False, normalise=False, disable_warnings=True
     )
@@ -392,7 +406,7 @@ def test_randomization_equals_quantus_mprt(digits) -> None:
         x,
         y.tolist(),
         "saliency",
-        "randomization",
+        metrics="randomization",
         randomization_seed=43,  # Quantus: seed + 1
     ).randomization
     assert ours.layers == [k for k in theirs if k != "original"]

@@ -105,9 +105,9 @@ def evaluate(
     model: nn.Module,
     x: Tensor,
     target: Any = None,
-    method: str = "saliency",
-    metrics: Sequence[str] | str = METRICS,
+    method: str | None = None,
     *,
+    metrics: Sequence[str] | str = METRICS,
     deletion_baseline: Any = "zeros",
     insertion_baseline: Any = "blur",
     patch: int = 1,
@@ -125,8 +125,8 @@ def evaluate(
 
     ``target``: as for :func:`lurker.explain.explain`, or an :class:`Explanation` already
     computed for ``x`` (its method and options are used where the explanation is
-    recomputed, for randomization). ``metrics``: any of ``"deletion"``, ``"insertion"``,
-    ``"randomization"``.
+    recomputed, for randomization). ``method``: default ``"saliency"``. ``metrics``: any
+    of ``"deletion"``, ``"insertion"``, ``"randomization"``.
 
     Curves: ``deletion_baseline`` / ``insertion_baseline`` is ``"zeros"`` (0 in the model's
     input space), ``"blur"`` (Gaussian, ``blur_kernel`` x ``blur_kernel``, ``blur_sigma``:
@@ -147,8 +147,18 @@ def evaluate(
     """
     names = _metrics(metrics)
     x = check_input(model, x, "evaluate")
+    if method is not None and not isinstance(method, str):
+        raise LurkerError(
+            f"method is a method's name, got {method!r}; the metrics go by keyword: "
+            "metrics=('deletion', ...)"
+        )
     if isinstance(target, Explanation):
         e = target
+        if method is not None and method != e.method:
+            raise LurkerError(
+                f"method={method!r}, but the explanation given was made by {e.method!r}: "
+                "leave method out to evaluate it"
+            )
         if method_options.keys() - _method_params(e.method):
             bad = sorted(method_options.keys() - _method_params(e.method))[0]
             raise LurkerError(
@@ -164,7 +174,8 @@ def evaluate(
         opts = {k: v for k, v in e.options.items() if k in _method_params(e.method)}
         opts.update(method_options)
     else:
-        if not isinstance(method, str) or method not in METHODS:
+        method = "saliency" if method is None else method
+        if method not in METHODS:
             raise LurkerError(
                 f"unknown explanation method {method!r}; supported: {', '.join(METHODS)}"
             )
