@@ -385,7 +385,14 @@ def _randomization(
         raise LurkerError(f"randomization_seed must be an int, got {seed!r}")
     target = e.target
     original = e.attribution.to(x.device)
-    twin = copy.deepcopy(model)
+    try:
+        twin = copy.deepcopy(model)
+    except Exception as err:
+        raise LurkerError(
+            "randomization re-initialises layers of a deep copy of the model (the model "
+            f"itself is never changed), and this model cannot be copied: "
+            f"{type(err).__name__}: {err}"
+        ) from None
     named = dict(twin.named_modules())
     order = _layer_order(twin, x, named) if layers is None else _check_layers(layers, named)
     if not order:
