@@ -159,6 +159,26 @@ def test_branch_labels_and_loops(traces) -> None:
     assert cellgrp["x"] == 4 and cellgrp["n"] == 1
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_groups_whose_calls_are_drawn_apart(name: str, traces) -> None:
+    """``s`` marks exactly the groups holding a node drawn for fewer passes than its module
+    ran (ResNet's reused ``relu``); a module whose passes roll into one loop is not one."""
+    g = traces[name]
+    doc = graph_view(g)
+    want = set()
+    for n in doc["nodes"]:
+        for path, _ in g.ops[n["i"]].modules:
+            if n.get("p", 1) < g.modules[path].num_passes:
+                want.add(path)
+    assert {x["p"] for x in doc["groups"] if x.get("s") == 1} == want
+    if name == "resnet18":
+        assert "layer1.0.relu" in want and "layer1.0" not in want
+        relu = next(x for x in doc["groups"] if x["p"] == "layer1.0.relu")
+        assert relu["x"] == 2 and relu["N"] == 2
+    if name == "rnn_loop":
+        assert "cell" not in want
+
+
 def test_layers_link(traces) -> None:
     g = traces["rnn_loop"]
     doc = graph_view(g, layers={"linear_2": "head", "rnn_tanh_cell_1:3": "cell:3"})

@@ -342,11 +342,17 @@ def test_without_model_or_dataset_cached_images_are_served(
     r = c.get("/api/runs/bare/samples/3/image.png")
     assert r.status_code == 200
     r = c.get("/api/runs/bare/samples/4/image.png")
-    assert r.status_code == 404 and "lurker images" in r.json()["detail"]
+    # `lurker images` cannot rebuild a dataset the run does not record: the fix is Python
+    detail = r.json()["detail"]
+    assert r.status_code == 404 and "lurker images" not in detail
+    assert "UnitImages(run, model=model, dataset=dataset).write_all()" in detail
+    holds = c.get("/api/runs/bare").json()["holds"]
+    assert holds["dataset"] is False and "does not record its dataset" in holds["dataset_reason"]
+    assert holds["cached_images"] == 1
     with Run.open(bare) as run:
         name = run.layers[0].name
     r = c.get(f"/api/runs/bare/layers/{name}/units/0/max/0/grad.png")
-    assert r.status_code == 404 and "--model" in r.json()["detail"]
+    assert r.status_code == 404 and "create_app(run, model_obj=model" in r.json()["detail"]
     r = c.get("/api/runs/bare/live/sample-1")
     assert r.status_code == 409 and "lurker serve RUN --model" in r.json()["detail"]
 

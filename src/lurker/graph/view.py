@@ -108,17 +108,31 @@ def graph_view(graph: Graph, *, layers: Mapping[str, str] | None = None) -> dict
         "flops": graph.flops,
         "dtype": dtype,
         "files": list(files),
-        "groups": _groups(graph, paths, gidx, direct),
+        "groups": _groups(graph, paths, gidx, direct, _fewer_passes(nodes, graph, gidx)),
         "nodes": nodes,
         "edges": edge_rows,
     }
 
 
+def _fewer_passes(nodes: list[dict[str, Any]], graph: Graph, gidx: dict[str, int]) -> set[int]:
+    """Groups holding a node drawn for fewer passes than the module ran: its calls are drawn
+    apart (a module reused without a loop, as ResNet's ``relu``), so one box for the group
+    would join distinct calls into a false cycle."""
+    out: set[int] = set()
+    for n in nodes:
+        for path, _ in graph.ops[n["i"]].modules:
+            info = graph.modules.get(path)
+            if info is not None and n.get("p", 1) < info.num_passes and path in gidx:
+                out.add(gidx[path])
+    return out
+
+
 def _groups(
-    graph: Graph, paths: list[str], gidx: dict[str, int], direct: list[int]
+    graph: Graph, paths: list[str], gidx: dict[str, int], direct: list[int], split: set[int]
 ) -> list[dict[str, Any]]:
     """The module tree, one group per module path (all passes of a module together, as the
-    nodes are rolled); ``N`` counts the subtree's nodes so a collapsed box can say so."""
+    nodes are rolled); ``N`` counts the subtree's nodes so a collapsed box can say so;
+    ``s`` marks a group whose calls are drawn apart, never drawn as one box."""
     total = list(direct)
     parent: list[int | None] = [None] * len(paths)
     for i, path in enumerate(paths):
@@ -150,6 +164,8 @@ def _groups(
             g["N"] = total[i]
         if info is not None and info.num_passes > 1:
             g["x"] = info.num_passes
+        if i in split:
+            g["s"] = 1
         if info is not None and info.num_params:
             g["P"] = info.num_params
         out.append(g)

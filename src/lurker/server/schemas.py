@@ -80,6 +80,8 @@ class Holds(BaseModel):
     live_reason: str | None = None
     #: The run's dataset can be loaded (sample images without a cached file).
     dataset: bool = False
+    #: Why ``dataset`` is false (how to give the run its images); null when it is true.
+    dataset_reason: str | None = None
     cached_images: int
 
 

@@ -12,6 +12,7 @@ export interface ViewGroup {
   n?: number; // nodes directly in it
   N?: number; // nodes in its subtree
   x?: number; // calls, when more than one
+  s?: 1; // its calls are drawn apart (a module reused without a loop)
   P?: number; // parameters
 }
 
@@ -75,7 +76,9 @@ export class Structure {
   constructor(doc: GraphView) {
     this.doc = doc;
         this.depth = doc.groups.map((_, g) => this.chainOfGroup(g).length - 1);
-    this.transparent = doc.groups.map((gr, g) => g !== 0 && (gr.N ?? 0) <= 1);
+    // a group of one node, or one whose calls are drawn apart (`s`: a module reused without
+    // a loop), is drawn as its nodes: one box would join distinct calls into a false cycle
+    this.transparent = doc.groups.map((gr, g) => g !== 0 && ((gr.N ?? 0) <= 1 || gr.s === 1));
     this.chains = doc.nodes.map((n) => this.chainOfGroup(n.m ?? 0));
     this.items = doc.groups.map(() => []);
     const seen = new Set<ItemKey>();

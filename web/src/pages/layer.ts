@@ -3,13 +3,14 @@ import { p, type LayerDoc } from "../api";
 import { histogramChart } from "../charts";
 import type { PageContext } from "../context";
 import { append, facts, fill, fmt, h, shape } from "../dom";
+import { imageState, noImage } from "../images";
 
 const SORTS = ["max", "mean", "index"] as const;
 type Sort = (typeof SORTS)[number];
 
 export async function renderLayer(root: HTMLElement, ctx: PageContext, args: string[]): Promise<void> {
   const name = args[0];
-  const doc = await ctx.api.json<LayerDoc>(p("runs", ctx.run, "layers", name));
+  const [doc, images] = await Promise.all([ctx.api.json<LayerDoc>(p("runs", ctx.run, "layers", name)), imageState(ctx)]);
   document.title = `${name} · ${ctx.run} · lurker`;
   const params = new URLSearchParams(ctx.params);
   let sort: Sort = (SORTS as readonly string[]).includes(params.get("sort") ?? "") ? (params.get("sort") as Sort) : "max";
@@ -30,13 +31,13 @@ export async function renderLayer(root: HTMLElement, ctx: PageContext, args: str
       grid,
       units.map((u) => {
         const src =
-          u.top_max === null ? null : ctx.api.pngUrl(p("runs", ctx.run, "layers", name, "units", u.unit, "max", 0, `${thumb}.png`));
+          u.top_max === null || !images.ok ? null : ctx.api.pngUrl(p("runs", ctx.run, "layers", name, "units", u.unit, "max", 0, `${thumb}.png`));
         return h(
           "a",
           { class: "unit-card", role: "listitem", href: ctx.href("unit", name, u.unit), "data-unit": u.unit },
           src
             ? h("img", { src, loading: "lazy", decoding: "async", alt: `unit ${u.unit}: top image`, width: 96, height: 96 })
-            : h("div", { class: "no-img" }, "no top image"),
+            : noImage(u.top_max === null ? "no top image" : "no image"),
           h("span", { class: "unit-id" }, `unit ${u.unit}`),
           h("span", { class: "unit-stats" }, h("span", null, `max ${fmt(u.max)}`), h("span", null, `mean ${fmt(u.mean)}`)),
         );
@@ -88,6 +89,7 @@ export async function renderLayer(root: HTMLElement, ctx: PageContext, args: str
         h("p", { class: "muted small" }, "every unit's per-sample means, counted together"),
       ),
     ),
+    images.notice,
     h("div", { class: "toolbar" }, h("span", null, "Sort by"), sortButtons, h("span", null, "Thumbnail"), thumbButtons),
     grid,
   );

@@ -2,10 +2,11 @@
 import { p, type SampleDoc } from "../api";
 import type { PageContext } from "../context";
 import { append, facts, fmt, h, notice } from "../dom";
+import { imageState } from "../images";
 
 export async function renderSample(root: HTMLElement, ctx: PageContext, args: string[]): Promise<void> {
   const id = args[0];
-  const doc = await ctx.api.json<SampleDoc>(p("runs", ctx.run, "samples", id));
+  const [doc, images] = await Promise.all([ctx.api.json<SampleDoc>(p("runs", ctx.run, "samples", id)), imageState(ctx)]);
   const s = doc.sample;
   document.title = `sample ${s.id} · ${ctx.run} · lurker`;
   const byLayer = new Map<string, SampleDoc["appearances"]>();
@@ -16,7 +17,9 @@ export async function renderSample(root: HTMLElement, ctx: PageContext, args: st
     h(
       "div",
       { class: "sample-head" },
-      h("img", { class: "sample-img pixelated", src: ctx.api.pngUrl(p("runs", ctx.run, "samples", s.id, "image.png")), alt: `sample ${s.id}`, width: 224, height: 224 }),
+      images.ok
+        ? h("img", { class: "sample-img pixelated", src: ctx.api.pngUrl(p("runs", ctx.run, "samples", s.id, "image.png")), alt: `sample ${s.id}`, width: 224, height: 224 })
+        : h("div", { class: "sample-img" }, images.notice),
       h(
         "section",
         { class: "card" },

@@ -2,12 +2,13 @@
 import { p, type SampleList } from "../api";
 import type { PageContext } from "../context";
 import { append, h, notice } from "../dom";
+import { imageState, noImage } from "../images";
 
 const LIMIT = 100;
 
 export async function renderSamples(root: HTMLElement, ctx: PageContext): Promise<void> {
   const offset = Math.max(0, Math.floor(Number(ctx.params.get("offset") ?? 0)) || 0);
-  const list = await ctx.api.json<SampleList>(p("runs", ctx.run, "samples") + `?offset=${offset}&limit=${LIMIT}`);
+  const [list, images] = await Promise.all([ctx.api.json<SampleList>(p("runs", ctx.run, "samples") + `?offset=${offset}&limit=${LIMIT}`), imageState(ctx)]);
   document.title = `samples · ${ctx.run} · lurker`;
   const pager = () =>
     h(
@@ -20,6 +21,7 @@ export async function renderSamples(root: HTMLElement, ctx: PageContext): Promis
   append(root, 
     h("h1", null, "Samples", h("span", { class: "sub" }, ` ${list.total}`)),
     ctx.api.isStatic ? notice("This static export holds the images of the samples that some unit ranks in its top-k; the other samples have no image here.") : null,
+    images.notice,
     pager(),
     h(
       "div",
@@ -28,14 +30,16 @@ export async function renderSamples(root: HTMLElement, ctx: PageContext): Promis
         h(
           "a",
           { class: "sample-card", href: ctx.href("sample", s.id), "data-sample": s.id },
-          h("img", {
-            src: ctx.api.pngUrl(p("runs", ctx.run, "samples", s.id, "image.png")),
-            loading: "lazy",
-            alt: `sample ${s.id}`,
-            width: 80,
-            height: 80,
-            onerror: (e: Event) => (e.target as HTMLElement).replaceWith(h("div", { class: "no-img" }, ctx.api.isStatic ? "not exported" : "no image")),
-          }),
+          images.ok
+            ? h("img", {
+                src: ctx.api.pngUrl(p("runs", ctx.run, "samples", s.id, "image.png")),
+                loading: "lazy",
+                alt: `sample ${s.id}`,
+                width: 80,
+                height: 80,
+                onerror: (e: Event) => (e.target as HTMLElement).replaceWith(noImage(ctx.api.isStatic ? "not exported" : "no image")),
+              })
+            : noImage(),
           h("span", null, `#${s.id}`),
           h("small", { title: s.class_name ?? "" }, s.class_name ?? ""),
         ),

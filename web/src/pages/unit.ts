@@ -6,6 +6,7 @@ import { p, type TopEntry, type UnitDoc } from "../api";
 import { barChart, histogramChart } from "../charts";
 import type { PageContext } from "../context";
 import { append, fill, fmt, h, notice } from "../dom";
+import { imageState, noImage } from "../images";
 
 type Tab = "mean" | "max";
 
@@ -17,7 +18,7 @@ interface Axis {
 export async function renderUnit(root: HTMLElement, ctx: PageContext, args: string[]): Promise<void> {
   const [layer, unitArg] = args;
   const unit = Number(unitArg);
-  const doc = await ctx.api.json<UnitDoc>(p("runs", ctx.run, "layers", layer, "units", unitArg));
+  const [doc, images] = await Promise.all([ctx.api.json<UnitDoc>(p("runs", ctx.run, "layers", layer, "units", unitArg)), imageState(ctx)]);
   document.title = `${layer} unit ${unit} · ${ctx.run} · lurker`;
   const params = new URLSearchParams(ctx.params);
   let tab: Tab = params.get("tab") === "mean" ? "mean" : "max";
@@ -99,7 +100,7 @@ export async function renderUnit(root: HTMLElement, ctx: PageContext, args: stri
     const entries = doc.top[tab];
     fill(
       gallery,
-      entries.length ? entries.map((e) => figure(ctx, layer, unit, tab, kind(), e, tab === "max" && !crop ? doc.layer.rf : null)) : notice("This list is empty."),
+      entries.length ? entries.map((e) => figure(ctx, layer, unit, tab, kind(), e, tab === "max" && !crop ? doc.layer.rf : null, images.ok)) : notice("This list is empty."),
     );
   };
   draw();
@@ -127,6 +128,7 @@ export async function renderUnit(root: HTMLElement, ctx: PageContext, args: stri
     h("p", { class: "stats" }, `max ${fmt(doc.max)} · mean ${fmt(doc.mean)} · layer `, h("a", { href: ctx.href("layer", layer) }, layer), doc.layer.kind ? ` (${doc.layer.kind})` : ""),
     tabs,
     toggles,
+    images.notice,
     gallery,
     h(
       "div",
@@ -148,9 +150,11 @@ export async function renderUnit(root: HTMLElement, ctx: PageContext, args: stri
   );
 }
 
-function figure(ctx: PageContext, layer: string, unit: number, list: Tab, kind: string, e: TopEntry, rf: Record<string, unknown> | null): HTMLElement {
+function figure(ctx: PageContext, layer: string, unit: number, list: Tab, kind: string, e: TopEntry, rf: Record<string, unknown> | null, images: boolean): HTMLElement {
   const src = ctx.api.pngUrl(p("runs", ctx.run, "layers", layer, "units", unit, list, e.rank, `${kind}.png`));
-  const frame = h("div", { class: "frame" }, h("img", { src, alt: `rank ${e.rank + 1}: sample ${e.sample_id} (${kind})`, "data-kind": kind }));
+  const alt = `rank ${e.rank + 1}: sample ${e.sample_id} (${kind})`;
+  const img = images ? h("img", { src, alt, "data-kind": kind, onerror: (ev: Event) => (ev.target as HTMLElement).replaceWith(noImage()) }) : noImage();
+  const frame = h("div", { class: "frame" }, img);
   const box = peakBox(rf, e);
   if (box) frame.append(h("div", { class: "peak", style: box, title: `peak at (${e.y}, ${e.x})` }));
   return h(

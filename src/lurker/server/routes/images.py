@@ -46,8 +46,8 @@ def sample_image(request: Request, run_id: str, sample_id: int = Path(ge=0, le=2
     if reason is not None:
         raise ApiError(
             404,
-            f"the image of sample {sid} is not cached and cannot be made: {reason}. Run "
-            f"`lurker images RUN` to cache the images of the units' top samples",
+            f"the image of sample {sid} is not cached and cannot be made: {reason}. "
+            f"{_cache_hint(s)}",
         )
     return png_response(s.sample_png(sid, path))
 
@@ -102,10 +102,26 @@ def _unit_image(
     if model_reason is None and data_reason is None:
         return s, info.name
     why = model_reason or data_reason
+    serve = (
+        "Serve the run with `lurker serve RUN --model SPEC --weights WEIGHTS`, or "
+        if data_reason is None
+        else ""
+    )
     raise ApiError(
         404,
         f"the {kind} image of {info.name} unit {unit} ({which} list, rank {rank}) is not "
-        f"cached, and making it needs the model and the dataset ({why}). Serve the run with "
-        "`lurker serve RUN --model SPEC --weights WEIGHTS`, or cache the images first with "
-        "`lurker images RUN`",
+        f"cached, and making it needs the model and the dataset ({why}). {serve}"
+        f"{_cache_hint(s)}",
+    )
+
+
+def _cache_hint(s: Session) -> str:
+    """How to cache a run's images: the CLI for runs that record their model and data,
+    Python for runs probed from Python (the CLI cannot rebuild their dataset)."""
+    if s.config.get("data") and s.config.get("model_spec"):
+        return "Cache the images of the units' top samples with `lurker images RUN`"
+    return (
+        "The run was probed from Python: cache its images with "
+        "`lurker.probe.UnitImages(run, model=model, dataset=dataset).write_all()`, or serve "
+        "it with `create_app(run, model_obj=model, dataset=dataset)`"
     )

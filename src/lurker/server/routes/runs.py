@@ -79,6 +79,7 @@ def summarize(request: Request, e: RunEntry) -> RunSummary:
         params, ops, flops = graph.num_params, graph.num_ops, graph.flops
     s = session(request, e)
     live_reason = s.model_reason()
+    dataset_reason = s.dataset_reason()
     skipped = run._query("SELECT path, reason FROM skipped ORDER BY id LIMIT ?", (SKIPPED_LISTED,))
     skipped_count = run._query("SELECT count(*) FROM skipped")[0][0]
     return RunSummary(
@@ -115,7 +116,8 @@ def summarize(request: Request, e: RunEntry) -> RunSummary:
             graph=has_graph,
             live=live_reason is None,
             live_reason=live_reason,
-            dataset=s.dataset_reason() is None,
+            dataset=dataset_reason is None,
+            dataset_reason=dataset_reason,
             cached_images=e.cached_images(),
         ),
         missing=e.missing(),
