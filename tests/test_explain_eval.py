@@ -340,10 +340,17 @@ def test_bad_input_errors(digits) -> None:
         (dict(n_stepz=3), "method 'saliency' has no option 'n_stepz'"),
         (dict(target=11), "target class 11 is out of range"),
     ]
-    for kwargs, message in cases:
-        kwargs = {"target": 1, **kwargs}
-        with pytest.raises(LurkerError, match=re.escape(message)):
-            ev(digits, x, **kwargs)
+    calls: list[int] = []
+    h = digits.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        for kwargs, message in cases:
+            kwargs = {"target": 1, **kwargs}
+            with pytest.raises(LurkerError, match=re.escape(message)):
+                ev(digits, x, **kwargs)
+            if "target class 11" not in message:  # found before the model runs
+                assert not calls, message
+    finally:
+        h.remove()
     e = lurker.explain(digits, x, 1)
     with pytest.raises(LurkerError, match="the explanation given was made by 'saliency'"):
         ev(digits, x, e, "gradcam")

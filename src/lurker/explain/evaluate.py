@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from ..errors import LurkerError
 from .base import METHODS, Explanation, check_input, untouched
 from .integrated_gradients import as_baseline
-from .targets import Forward, UnitTarget
+from .targets import Forward, UnitTarget, parse_target
 
 __all__ = ["METRICS", "Curve", "Evaluation", "Randomization", "evaluate", "spearman", "ssim"]
 
@@ -147,6 +147,36 @@ def evaluate(
     """
     names = _metrics(metrics)
     x = check_input(model, x, "evaluate")
+    curves = [n for n in names if n != "randomization"]
+    if curves:  # options checked before anything runs
+        if rank_by not in ("value", "magnitude"):
+            raise LurkerError(f"rank_by is 'value' or 'magnitude', got {rank_by!r}")
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise LurkerError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        if step is not None and (not isinstance(step, int) or isinstance(step, bool) or step < 1):
+            raise LurkerError(f"step (features changed per step) must be an int >= 1, got {step!r}")
+        if not isinstance(patch, int) or isinstance(patch, bool) or patch < 1:
+            raise LurkerError(f"patch must be an int >= 1, got {patch!r}")
+        if patch > 1 and x.dim() != 4:
+            raise LurkerError(
+                f"patch needs image inputs (B, C, H, W); this input is {tuple(x.shape)}: use patch=1"
+            )
+        for kind in curves:
+            spec = deletion_baseline if kind == "deletion" else insertion_baseline
+            if isinstance(spec, str) and spec not in BASELINES:
+                raise LurkerError(
+                    f"unknown baseline {spec!r}; supported: {', '.join(BASELINES)}, a number or "
+                    "a tensor"
+                )
+            if isinstance(spec, str) and spec == "blur" and x.dim() != 4:
+                gaussian_blur(x)  # the error that says what to use instead
+        goal = target.target if isinstance(target, Explanation) else parse_target(target, len(x))
+        if isinstance(goal, UnitTarget):
+            raise LurkerError(
+                f"deletion and insertion follow a class's probability; the target is a unit "
+                f"({goal}): evaluate a class target (an int, one per row, or 'top'), or "
+                "ask only for metrics=('randomization',)"
+            )
     if method is not None and not isinstance(method, str):
         raise LurkerError(
             f"method is a method's name, got {method!r}; the metrics go by keyword: "
@@ -185,23 +215,10 @@ def evaluate(
         e = explain(model, x, target, method, **opts)
     options: dict[str, Any] = {"metrics": names, "method_options": opts}
     result = Evaluation(explanation=e, options=options)
-    curves = [n for n in names if n != "randomization"]
     if curves:
-        if isinstance(e.target, UnitTarget):
-            raise LurkerError(
-                f"deletion and insertion follow a class's probability; the target is a unit "
-                f"({e.target}): evaluate a class target (an int, one per row, or 'top'), or "
-                "ask only for metrics=('randomization',)"
-            )
-        if rank_by not in ("value", "magnitude"):
-            raise LurkerError(f"rank_by is 'value' or 'magnitude', got {rank_by!r}")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise LurkerError(f"batch_size must be an int >= 1, got {batch_size!r}")
         rank, n_features = _ranks(e.attribution.to(x.device), x, patch, rank_by == "magnitude")
         if step is None:
             step = max(1, math.ceil(n_features / 100))
-        if not isinstance(step, int) or isinstance(step, bool) or step < 1:
-            raise LurkerError(f"step (features changed per step) must be an int >= 1, got {step!r}")
         options.update(patch=patch, step=step, rank_by=rank_by, batch_size=batch_size)
         blur = (blur_kernel, blur_sigma)
         for kind in curves:
