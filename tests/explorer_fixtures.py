@@ -41,6 +41,7 @@ def build_run(root: Path) -> ExplorerRun:
         k=5,
         batch_size=128,
         progress=False,
+        relevance=True,
         meta={
             "model_spec": "lurker.examples:DigitsNet",
             "weights": str(weights),

@@ -155,6 +155,18 @@ def test_layer_grid_unit_toggles_and_history(page: Any, explorer: dict[str, Any]
             assert int(fig.get_attribute("data-sample")) == e.sample_id
             assert float(fig.get_attribute("data-value")) == pytest.approx(e.value, rel=1e-6)
     assert page.locator(".peak").count() == 0  # the peak box is the max tab's
+    # the relevance-max list (the run was probed with relevance=True): the samples' images
+    page.locator('.tabs button[data-tab="relevance"]').click()
+    figs = page.locator(".top-entry")
+    top = expected.top("relevance")
+    assert figs.count() == len(top) > 0 and "tab=relevance" in page.url
+    for fig, e in zip(figs.all(), top, strict=True):
+        assert int(fig.get_attribute("data-sample")) == e.sample_id
+        assert float(fig.get_attribute("data-value")) == pytest.approx(e.value, rel=1e-6)
+        src = fig.locator("img").get_attribute("src")
+        assert src.endswith(f"/samples/{e.sample_id}/image.png")
+    images_loaded(page, ".top-entry img")
+    assert page.locator('button[data-value="grad"]').count() == 0
     page.locator('.tabs button[data-tab="max"]').click()
     assert page.locator(".peak").count() == len(expected.top("max"))
 

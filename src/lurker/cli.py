@@ -173,6 +173,18 @@ def trace(
     help="The axis holding the units (counting the batch axis; -1 = last), for every layer "
     "or for layers matching LAYER (globs allowed); repeatable. For layers lurker cannot read.",
 )
+@click.option(
+    "--relevance",
+    is_flag=True,
+    help="Also rank each unit's samples by its LRP relevance for the model's prediction "
+    "(relevance-max lists; one LRP backward per batch).",
+)
+@click.option(
+    "--relevance-composite",
+    type=click.Choice(["epsilon_plus_flat", "epsilon_gamma_box", "alpha2_beta1", "epsilon"]),
+    help="As --relevance, with this LRP composite (default: epsilon_plus_flat; epsilon for "
+    "transformers).",
+)
 @_friendly
 def probe(
     model: str,
@@ -187,6 +199,8 @@ def probe(
     workers: int,
     overwrite: bool,
     unit_dim: tuple[str, ...],
+    relevance: bool,
+    relevance_composite: str | None,
 ) -> None:
     """Sweep a dataset through MODEL; keep what every unit of every layer responds to.
 
@@ -213,6 +227,7 @@ def probe(
             num_workers=workers,
             overwrite=overwrite,
             unit_dim=_unit_dims(unit_dim),
+            relevance=relevance_composite or relevance,
             meta={
                 "model_spec": model,
                 "weights": str(Path(weights).resolve()) if weights else None,

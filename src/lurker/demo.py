@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> None:
         k=9,
         batch_size=256,
         overwrite=True,
+        relevance=True,  # the unit pages then show where each unit carried the decision
         meta={**config, "data": "digits"},
     )
     layer = "features.8"

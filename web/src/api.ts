@@ -89,7 +89,7 @@ export interface UnitDoc {
   unit: number;
   mean: number | null;
   max: number | null;
-  top: { max: TopEntry[]; mean: TopEntry[] };
+  top: { max: TopEntry[]; mean: TopEntry[]; relevance?: TopEntry[] | null };
   class_means: Record<string, number | null>;
   histogram: Histogram;
   prev: number | null;

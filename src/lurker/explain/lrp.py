@@ -118,6 +118,8 @@ class Relevance:
     start: Tensor
     flows: dict[str, Flow] = field(default_factory=dict)
     layer: Tensor | None = None  # relevance arriving at ``at`` (concepts), when asked
+    #: relevance arriving at each op of ``record`` (by the key it was asked with)
+    recorded: dict[str, Tensor] = field(default_factory=dict)
 
     def leaks(self, tolerance: float) -> list[tuple[Flow, float]]:
         """Ops that should conserve but lost or created more than ``tolerance`` of the
@@ -547,9 +549,12 @@ class Engine:
         target: Any,
         at: str | None = None,
         mask: Tensor | None = None,
+        record: Sequence[str] = (),
     ) -> tuple[Relevance, list[int] | UnitTarget]:
         """Relevance of ``x`` for ``target``; ``at``/``mask``: keep only the relevance
-        where ``mask`` is 1 at op ``at``'s output (conditional relevance)."""
+        where ``mask`` is 1 at op ``at``'s output (conditional relevance); ``record``:
+        layers (module paths or trace labels) whose arriving relevance is kept, unmasked,
+        in :attr:`Relevance.recorded` (one backward for all of them)."""
         from ..capture._hooks import resolve
 
         ops = self.trace.ops
@@ -567,6 +572,9 @@ class Engine:
                     plan[unit_op.index] = ("linear", (info[0], unit_op, None))
                     plan[c] = ("pass", None)
         at_op = self._one_op(at, resolve) if at is not None else None
+        recording: dict[int, list[tuple[str, list[Tensor]]]] = {}
+        for key in record:
+            recording.setdefault(self._one_op(key, resolve).index, []).append((key, []))
         live: dict[int, Any] = {}
         flows: dict[str, Flow] = {}
         kept: list[Tensor] = []
@@ -582,6 +590,9 @@ class Engine:
                 if not val.requires_grad:
                     raise LurkerError(f"layer {at!r} does not depend on the input")
                 val.register_hook(_masker(mask, kept))
+            for _, keep in recording.get(op.index, ()):
+                if isinstance(val, Tensor) and val.requires_grad:
+                    val.register_hook(_masker(None, keep))
             writer = self.inplace_fed.get(op.index)
             if writer is None:
                 live[op.index] = val
@@ -635,6 +646,11 @@ class Engine:
             start=_rows(r0),
             flows=flows,
             layer=kept[0] if kept else None,
+            recorded={
+                key: keep[0] if keep else torch.zeros(0)
+                for found in recording.values()
+                for key, keep in found
+            },
         )
         return rel, parsed
 

@@ -25,7 +25,7 @@ from .stats import HostBatch, UnitStats
 if TYPE_CHECKING:
     from .sweep import Layer
 
-__all__ = ["Batch", "BatchConsumer", "UnitStatsConsumer"]
+__all__ = ["Batch", "BatchConsumer", "RelevanceConsumer", "UnitStatsConsumer"]
 
 
 @dataclass(frozen=True)
@@ -185,3 +185,117 @@ class UnitStatsConsumer(BatchConsumer):
                 )
             )
         writer.write_layers_result(results)
+
+
+class RelevanceConsumer(BatchConsumer):
+    """Each unit's relevance-max list: the ``k`` samples where the unit carried the most
+    LRP relevance for the model's own prediction (Achtibat et al.'s relevance maximization,
+    as zennit-crp ranks reference samples), beside the activation lists.
+
+    Per batch it runs one LRP backward from the predicted class (``lurker.explain``'s rule
+    engine, ``composite`` as there) recording the relevance arriving at every probed
+    layer, summed over each unit's positions. It ignores the forward's outputs: the
+    backward needs its own forward with the rules in place.
+    """
+
+    key = "relevance"
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        layers: Sequence[Layer],
+        *,
+        k: int,
+        device: torch.device,
+        composite: str | None = None,
+    ) -> None:
+        self.model = model
+        self.layers = list(layers)
+        self.k = k
+        self.device = device
+        self.composite = composite
+        self._engine: Any = None
+        self.values = {
+            layer.name: torch.full((layer.width, k), -torch.inf, device=device)
+            for layer in self.layers
+        }
+        self.ids = {
+            layer.name: torch.full((layer.width, k), -1, dtype=torch.long, device=device)
+            for layer in self.layers
+        }
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """What the lists rank by, stored in the run's meta."""
+        composite = self._engine.composite if self._engine is not None else self.composite
+        return {"target": "prediction", "composite": composite, "k": self.k}
+
+    def begin(self, batch: Batch) -> None:
+        from ..explain.base import no_param_grads, untouched
+        from ..explain.lrp import Engine
+
+        x = batch.images
+        with untouched(self.model), no_param_grads(self.model), torch.enable_grad():
+            if self._engine is None:
+                self._engine = Engine(self.model, x, self.composite)
+            rel, _ = self._engine.run(x, None, record=[layer.op.label for layer in self.layers])
+        for layer in self.layers:
+            r = rel.recorded[layer.op.label]
+            if r.numel() == 0:  # no relevance reaches it (not between input and output)
+                per = torch.zeros(len(x), layer.width, device=x.device)
+            else:
+                u = layer.units(r)  # (B, C, *positions)
+                per = u.reshape(u.shape[0], u.shape[1], -1).sum(2).to(torch.float32)
+            self._fold(layer.name, per.T, batch.ids)
+
+    def _fold(self, name: str, values: Tensor, ids: Tensor) -> None:
+        """Fold a batch's ``values`` (units, n) of samples ``ids`` (n,) into the lists."""
+        v = torch.cat([self.values[name], values.to(self.device)], 1)
+        i = torch.cat([self.ids[name], ids.to(self.device).expand(values.shape[0], -1)], 1)
+        self._keep(name, v, i)
+
+    def _keep(self, name: str, v: Tensor, i: Tensor) -> None:
+        """Keep the ``k`` best of candidates ``v``/``i`` (units, n); ties go to the smaller
+        sample id, so the lists depend on neither batch order nor ranks."""
+        by_id = i.masked_fill(i < 0, torch.iinfo(torch.long).max).argsort(dim=1, stable=True)
+        v, i = v.gather(1, by_id), i.gather(1, by_id)
+        order = v.argsort(dim=1, descending=True, stable=True)[:, : self.k]
+        self.values[name], self.ids[name] = v.gather(1, order), i.gather(1, order)
+
+    def update(self, layer: Layer, output: Tensor, batch: Batch) -> None:
+        """Nothing: the relevance comes from :meth:`begin`'s own backward."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "values": {n: v.cpu() for n, v in self.values.items()},
+            "ids": {n: i.cpu() for n, i in self.ids.items()},
+            "composite": self.composite,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state.get("composite") != self.composite:
+            raise LurkerError(
+                f"its relevance lists were made with composite {state.get('composite')!r}, "
+                f"this probe asks for {self.composite!r}; resume with the same composite"
+            )
+        for name in self.values:
+            self.values[name] = state["values"][name].to(self.device)
+            self.ids[name] = state["ids"][name].to(self.device)
+
+    def merge(self, group: Any = None) -> None:
+        """Gather every rank's lists and keep the best ``k`` (in layer order)."""
+        import torch.distributed as dist
+
+        world = dist.get_world_size(group)
+        for layer in self.layers:
+            name = layer.name
+            vs = [torch.empty_like(self.values[name]) for _ in range(world)]
+            is_ = [torch.empty_like(self.ids[name]) for _ in range(world)]
+            dist.all_gather(vs, self.values[name], group=group)
+            dist.all_gather(is_, self.ids[name], group=group)
+            self._keep(name, torch.cat(vs, 1), torch.cat(is_, 1))
+
+    def finish(self, writer: RunWriter) -> None:
+        """Write the lists (after the unit statistics, which create the layers)."""
+        lists = {n: (self.values[n].cpu().numpy(), self.ids[n].cpu().numpy()) for n in self.values}
+        writer.write_relevance(lists, self.settings)

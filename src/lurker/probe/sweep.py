@@ -33,7 +33,7 @@ from ..capture import Trace, trace
 from ..errors import LurkerError
 from ..graph.nodes import Op
 from ..store import Run, RunWriter, atomic_write_bytes, run_lock
-from .consumers import Batch, BatchConsumer, UnitStatsConsumer
+from .consumers import Batch, BatchConsumer, RelevanceConsumer, UnitStatsConsumer
 from .layout import Layout, Skip, infer_layouts, op_names, rf_matches
 
 CONV = {"conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"}
@@ -353,6 +353,7 @@ def probe(
     progress: bool = True,
     meta: dict[str, Any] | None = None,
     unit_dim: int | Mapping[str, int] | None = None,
+    relevance: bool | str = False,
 ) -> Run | None:
     """Sweep ``dataset`` once through ``model`` and store per-unit statistics in ``out``.
 
@@ -367,6 +368,11 @@ def probe(
     :mod:`lurker.probe.layout`); layers whose units cannot be located are skipped, printed
     and listed in the run's meta (``skipped_layers``). ``unit_dim`` names the unit axis
     (counting the batch axis) for every layer, or per layer as ``{pattern: axis}``.
+
+    ``relevance`` (True, or an LRP composite name as for ``lurker.explain``) adds each
+    unit's relevance-max list: the samples where the unit carried the most LRP relevance
+    for the model's prediction (``unit.top("relevance")``). It costs one LRP forward and
+    backward per batch on top of the sweep's forward.
 
     Returns the written :class:`~lurker.store.Run` on rank 0 (always, without
     ``torchrun``), and ``None`` on the other ranks, which write nothing.
@@ -386,6 +392,7 @@ def probe(
         progress=progress,
         meta=meta,
         unit_dim=unit_dim,
+        relevance=relevance,
     )
     writer = _open_writer(plan, overwrite)
     consumers = _consumers(plan)
@@ -420,6 +427,7 @@ class _Plan:
     checkpoint_seconds: float
     hist_bins: int
     progress: bool
+    relevance: str | None = None  # LRP composite of the relevance-max lists ("": default)
 
     @property
     def num_classes(self) -> int:
@@ -474,12 +482,14 @@ def _plan(
     progress: bool,
     meta: dict[str, Any] | None,
     unit_dim: int | Mapping[str, int] | None,
+    relevance: bool | str = False,
 ) -> _Plan:
     """Trace the model on the first image, pick the layers and their layouts, and check
     that every rank holds the same model: all that can fail before the run is created."""
     from ..graph.receptive import receptive_fields
     from . import data as pdata
 
+    composite = _relevance_composite(relevance)
     ds = pdata.wrap(dataset)
     if len(ds) == 0:
         raise LurkerError("The dataset is empty: nothing to probe.")
@@ -554,6 +564,23 @@ def _plan(
         checkpoint_seconds=checkpoint_seconds,
         hist_bins=hist_bins,
         progress=progress,
+        relevance=composite,
+    )
+
+
+def _relevance_composite(relevance: bool | str) -> str | None:
+    """None: no relevance lists; "": the engine's default composite; else a checked name."""
+    from ..explain.lrp import COMPOSITES
+
+    if relevance is False or relevance is None:
+        return None
+    if relevance is True:
+        return ""
+    if isinstance(relevance, str) and relevance in COMPOSITES:
+        return relevance
+    raise LurkerError(
+        f"probe: relevance must be True, False or an LRP composite ({', '.join(COMPOSITES)}), "
+        f"got {relevance!r}"
     )
 
 
@@ -571,7 +598,7 @@ def _open_writer(plan: _Plan, overwrite: bool) -> RunWriter | None:
 def _consumers(plan: _Plan) -> list[BatchConsumer]:
     """What the sweep feeds with each probed layer's output: a new statistic is one more
     consumer here, with no change to the loop, the checkpoint or the ranks' merge."""
-    return [
+    consumers: list[BatchConsumer] = [
         UnitStatsConsumer(
             plan.layers,
             k=plan.k,
@@ -582,6 +609,17 @@ def _consumers(plan: _Plan) -> list[BatchConsumer]:
             describe=plan.describe,
         )
     ]
+    if plan.relevance is not None:  # after the statistics: its lists name their layers
+        consumers.append(
+            RelevanceConsumer(
+                plan.model,
+                plan.layers,
+                k=plan.k,
+                device=plan.dev,
+                composite=plan.relevance or None,
+            )
+        )
+    return consumers
 
 
 @dataclass

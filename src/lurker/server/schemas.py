@@ -160,6 +160,8 @@ class TopEntryModel(BaseModel):
 class TopLists(BaseModel):
     max: list[TopEntryModel]
     mean: list[TopEntryModel]
+    #: By relevance for the model's prediction; only in runs probed with relevance=True.
+    relevance: list[TopEntryModel] | None = None
 
 
 class UnitDetail(BaseModel):

@@ -45,6 +45,7 @@ from lurker.store.schema import (
     from_blob,
     has_graph_table,
     has_layout_column,
+    has_relevance_table,
 )
 
 if TYPE_CHECKING:
@@ -147,12 +148,16 @@ class Unit:
     info: LayerInfo = field(repr=False, compare=False)
     _run: Run = field(repr=False, compare=False)
 
-    def top(self, which: Literal["max", "mean"] = "max") -> list[TopEntry]:
-        """The unit's top samples by spatial max (with peak y, x) or by spatial mean."""
-        if which not in TOP_LISTS:
-            raise ValueError(f"top list must be one of {TOP_LISTS}, got {which!r}")
-        lists = np.frombuffer(self._blob("top"), TOP_DTYPE)
-        slots = lists.reshape(2, -1)[0 if which == "max" else 1] if len(lists) else lists
+    def top(self, which: Literal["max", "mean", "relevance"] = "max") -> list[TopEntry]:
+        """The unit's top samples by spatial max (with peak y, x), by spatial mean, or by
+        its relevance for the model's prediction (runs probed with ``relevance=True``)."""
+        if which == "relevance":
+            slots = np.frombuffer(self._relevance_blob(), TOP_DTYPE)
+        elif which not in TOP_LISTS:
+            raise ValueError(f"top list must be one of {(*TOP_LISTS, 'relevance')}, got {which!r}")
+        else:
+            lists = np.frombuffer(self._blob("top"), TOP_DTYPE)
+            slots = lists.reshape(2, -1)[0 if which == "max" else 1] if len(lists) else lists
         filled = [(rank, slot) for rank, slot in enumerate(slots.tolist()) if slot[0] >= 0]
         if not filled:
             return []
@@ -217,13 +222,27 @@ class Unit:
             "unit": self.index,
             "mean": _json_float(self.mean),
             "max": _json_float(self.max),
-            "top": {which: [e.to_dict() for e in self.top(which)] for which in ("max", "mean")},
+            "top": {which: [e.to_dict() for e in self.top(which)] for which in self._run.top_lists},
             "class_means": {k: _json_float(v) for k, v in self.class_means().items()},
             "histogram": {
                 "counts": [_json_float(v) for v in counts.tolist()],
                 "edges": [_json_float(v) for v in edges.tolist()],
             },
         }
+
+    def _relevance_blob(self) -> bytes:
+        if not self._run.has_relevance:
+            raise MissingFromRunError(
+                f"run {self._run.path} holds no relevance-max lists: probe the model with "
+                "relevance=True (`lurker probe --relevance`) to rank each unit's samples by "
+                "its relevance for the prediction",
+                missing="relevance",
+            )
+        rows = self._run._query(
+            "SELECT top FROM relevance WHERE layer_id = ? AND unit = ?",
+            (self.info.id, self.index),
+        )
+        return bytes(rows[0][0]) if rows else b""
 
     def _blob(self, column: Literal["hist", "class_mean", "top"]) -> bytes:
         rows = self._run._query(
@@ -387,6 +406,18 @@ class Run:
     def _has_graph(self) -> bool:
         with self._lock:
             return has_graph_table(self._conn)
+
+    @property
+    def has_relevance(self) -> bool:
+        """Whether the run holds relevance-max lists (``probe(..., relevance=True)``)."""
+        with self._lock:
+            return has_relevance_table(self._conn)
+
+    @property
+    def top_lists(self) -> tuple[str, ...]:
+        """The top-k lists each unit has: ``("max", "mean")``, and ``"relevance"`` when the
+        run holds relevance-max lists."""
+        return ("max", "mean", "relevance") if self.has_relevance else ("max", "mean")
 
     def layer(self, name: str) -> LayerInfo:
         """A layer by name, op label or module path (names win; a module must be unique)."""

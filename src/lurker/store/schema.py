@@ -115,6 +115,25 @@ CREATE TABLE units (
 """
 
 
+#: The relevance-max lists (``probe(..., relevance=True)``): each unit's top-k samples by
+#: its LRP relevance for the model's prediction. Additive (older readers ignore it), made
+#: by the writer only for runs that hold them.
+RELEVANCE_DDL = """
+CREATE TABLE IF NOT EXISTS relevance (
+    layer_id INTEGER NOT NULL REFERENCES layers(id),
+    unit     INTEGER NOT NULL,
+    top      BLOB NOT NULL,
+    PRIMARY KEY (layer_id, unit)
+);
+"""
+
+
+def has_relevance_table(conn: Any) -> bool:
+    """Whether the run holds relevance-max lists (probed with ``relevance=True``)."""
+    row = conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='relevance'")
+    return row.fetchone() is not None
+
+
 def has_graph_table(conn: Any) -> bool:
     """Whether the database has the ``graph`` table (runs of version 3 and later)."""
     row = conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='graph'")

@@ -15,7 +15,7 @@ import os
 import shutil
 import sqlite3
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import chain, repeat
 from pathlib import Path
@@ -37,12 +37,14 @@ from lurker.store.schema import (
     HIST_DTYPE,
     LOCK_NAME,
     PAGE_SIZE,
+    RELEVANCE_DDL,
     SCHEMA_VERSION,
     STATUS_COMPLETE,
     STATUS_RUNNING,
     TOP_DTYPE,
     dump_json,
     has_layout_column,
+    has_relevance_table,
     rf_record,
     to_blob,
 )
@@ -462,12 +464,52 @@ class RunWriter:
                     f"graph, not its op {layer.op!r}; give each layer the index of its op"
                 )
         with self._tx() as cur:
+            if has_relevance_table(self._conn):
+                cur.execute("DELETE FROM relevance")
             cur.execute("DELETE FROM units")
             cur.execute("DELETE FROM layers")
             for position, arrays in enumerate(prepared):
                 self._insert_layer(cur, position, arrays)
             cur.execute(_SET_STATUS, (dump_json(STATUS_COMPLETE),))
             self._after_commit.append(self._drop_checkpoint_and_cache)
+
+    def write_relevance(
+        self, lists: Mapping[str, tuple[ArrayLike, ArrayLike]], settings: Mapping[str, Any]
+    ) -> None:
+        """Store each layer's relevance-max lists: ``{layer name: (values, sample_ids)}``,
+        both ``(units, k)``, best first, sample id -1 in empty slots; ``settings`` (the
+        composite, the target) go into the meta as ``relevance``.
+
+        Written after :meth:`write_layers_result` (it names the stored layers), in the same
+        :meth:`batch`: it keeps the run's status as that left it.
+        """
+        ids = {
+            name: (lid, n)
+            for lid, name, n in self._conn.execute("SELECT id, name, num_units FROM layers")
+        }
+        rows: list[tuple[Any, ...]] = []
+        for name, (values, sample_ids) in lists.items():
+            if name not in ids:
+                raise LurkerError(f"write_relevance: no stored layer {name!r}")
+            lid, n = ids[name]
+            v, s = _np(values).astype(np.float64), _np(sample_ids).astype(np.int64)
+            if v.shape != s.shape or v.ndim != 2 or v.shape[0] != n:
+                raise LurkerError(
+                    f"write_relevance: layer {name!r} needs ({n}, k) values and sample ids, "
+                    f"got {v.shape} and {s.shape}"
+                )
+            top = np.empty(v.shape, dtype=TOP_DTYPE)
+            top["sample_id"], top["value"] = s, np.where(s < 0, np.nan, v)
+            top["y"] = top["x"] = -1
+            rows.extend(zip(repeat(lid), range(n), _rows(top)))
+        with self._tx(demote=False) as cur:
+            cur.execute(RELEVANCE_DDL.strip())
+            cur.execute("DELETE FROM relevance")
+            _insert_rows(cur, "relevance(layer_id, unit, top)", rows)
+            cur.execute(
+                "INSERT OR REPLACE INTO meta(key, value) VALUES ('relevance', ?)",
+                (dump_json(dict(settings)),),
+            )
 
     def _drop_checkpoint_and_cache(self) -> None:
         with contextlib.suppress(FileNotFoundError):

@@ -1,5 +1,5 @@
 /**
- * `#/r/RUN/unit/LAYER/UNIT?tab=mean|max&img=input|grad&crop=0|1`: Torchlurk's popup as a
+ * `#/r/RUN/unit/LAYER/UNIT?tab=mean|max|relevance&img=input|grad&crop=0|1`: Torchlurk's popup as a
  * page. One JSON request (the unit) plus its images; toggles only swap image URLs.
  */
 import { p, type TopEntry, type UnitDoc } from "../api";
@@ -8,7 +8,7 @@ import type { PageContext } from "../context";
 import { append, fill, fmt, h, notice } from "../dom";
 import { imageState, noImage } from "../images";
 
-type Tab = "mean" | "max";
+type Tab = "mean" | "max" | "relevance";
 
 interface Axis {
   lo?: number[];
@@ -21,7 +21,9 @@ export async function renderUnit(root: HTMLElement, ctx: PageContext, args: stri
   const [doc, images] = await Promise.all([ctx.api.json<UnitDoc>(p("runs", ctx.run, "layers", layer, "units", unitArg)), imageState(ctx)]);
   document.title = `${layer} unit ${unit} · ${ctx.run} · lurker`;
   const params = new URLSearchParams(ctx.params);
-  let tab: Tab = params.get("tab") === "mean" ? "mean" : "max";
+  const relevance = doc.top.relevance ?? null; // runs probed with relevance=True
+  const asked = params.get("tab");
+  let tab: Tab = asked === "mean" ? "mean" : asked === "relevance" && relevance ? "relevance" : "max";
   let img: "input" | "grad" = params.get("img") === "grad" ? "grad" : "input";
   let crop = params.get("crop") === "1";
 
@@ -66,6 +68,7 @@ export async function renderUnit(root: HTMLElement, ctx: PageContext, args: stri
         [
           ["mean", "Average activation"],
           ["max", "Max activation"],
+          ...(relevance ? [["relevance", "Relevance for the prediction"]] : []),
         ] as [Tab, string][]
       ).map(([t, text]) =>
         h(
@@ -85,7 +88,9 @@ export async function renderUnit(root: HTMLElement, ctx: PageContext, args: stri
         ),
       ),
     );
-    fill(
+    if (tab === "relevance") {
+      fill(toggles, h("span", { class: "muted" }, "value: the unit's LRP relevance for the model's prediction, summed over its positions: the samples where it carried the decision most"));
+    } else fill(
       toggles,
       seg("image or gradient", [["input", "image"], ["grad", "gradient"]], img, (v) => {
         img = v as "input" | "grad";
@@ -97,10 +102,10 @@ export async function renderUnit(root: HTMLElement, ctx: PageContext, args: stri
       }),
       h("span", { class: "muted" }, tab === "max" ? "value: the peak of the unit's map; box: the peak's receptive field" : "value: the mean of the unit's map"),
     );
-    const entries = doc.top[tab];
+    const entries = (tab === "relevance" ? relevance : doc.top[tab]) ?? [];
     fill(
       gallery,
-      entries.length ? entries.map((e) => figure(ctx, layer, unit, tab, kind(), e, tab === "max" && !crop ? doc.layer.rf : null, images.ok)) : notice("This list is empty."),
+      entries.length ? entries.map((e) => figure(ctx, layer, unit, tab, tab === "relevance" ? "input" : kind(), e, tab === "max" && !crop ? doc.layer.rf : null, images.ok)) : notice("This list is empty."),
     );
   };
   draw();
@@ -151,7 +156,8 @@ export async function renderUnit(root: HTMLElement, ctx: PageContext, args: stri
 }
 
 function figure(ctx: PageContext, layer: string, unit: number, list: Tab, kind: string, e: TopEntry, rf: Record<string, unknown> | null, images: boolean): HTMLElement {
-  const src = ctx.api.pngUrl(p("runs", ctx.run, "layers", layer, "units", unit, list, e.rank, `${kind}.png`));
+  // a relevance entry is a whole sample (no peak, no gradient image of its own)
+  const src = ctx.api.pngUrl(list === "relevance" ? p("runs", ctx.run, "samples", e.sample_id, "image.png") : p("runs", ctx.run, "layers", layer, "units", unit, list, e.rank, `${kind}.png`));
   const alt = `rank ${e.rank + 1}: sample ${e.sample_id} (${kind})`;
   const img = images ? h("img", { src, alt, "data-kind": kind, onerror: (ev: Event) => (ev.target as HTMLElement).replaceWith(noImage()) }) : noImage();
   const frame = h("div", { class: "frame" }, img);
