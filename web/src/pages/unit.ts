@@ -101,7 +101,7 @@ export async function renderUnit(root: HTMLElement, ctx: PageContext, args: stri
         crop = v === "1";
         sync();
       }),
-      h("span", { class: "muted" }, tab === "max" ? "value: the peak of the unit's map; box: the peak's receptive field" : "value: the mean of the unit's map"),
+      h("span", { class: "muted" }, tab === "max" ? `value: the peak of the unit's map; ${crop ? "image: the part of the input the peak sees (its receptive field)" : "box: the peak's receptive field"}` : `value: the mean of the unit's map${crop ? "; image: the receptive field of the unit's peak in that sample" : ""}`),
     );
     const entries = (tab === "relevance" ? relevance : doc.top[tab]) ?? [];
     fill(
