@@ -16,8 +16,8 @@ from torch import nn
 
 import lurker
 from lurker.errors import LurkerError
-from lurker.examples import DigitsNet
 from lurker.explain.evaluate import gaussian_blur, spearman, ssim
+from models_zoo import digits_net_float64
 
 
 def sigmoid(z: np.ndarray) -> np.ndarray:
@@ -35,13 +35,7 @@ def linear() -> nn.Module:
 
 @pytest.fixture(scope="module")
 def digits() -> nn.Module:
-    torch.manual_seed(0)
-    m = DigitsNet().eval()
-    for mod in m.modules():
-        if isinstance(mod, nn.BatchNorm2d):
-            mod.running_mean.uniform_(-0.2, 0.2)
-            mod.running_var.uniform_(0.5, 1.5)
-    return m.double()
+    return digits_net_float64()
 
 
 def _analytic(m: nn.Module, x: torch.Tensor, order: np.ndarray, kind: str) -> np.ndarray:
