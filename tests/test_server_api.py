@@ -138,30 +138,62 @@ def test_samples_page(client: TestClient, run: Run):
     ]
 
 
-def test_sample_appearances(client: TestClient, run: Run):
-    # oracle: every unit's top lists, read one unit at a time
+def _brute_appearances(run: Run) -> dict[int, list[tuple]]:
+    """Every unit's top lists read one unit at a time: sample id -> its entries in the
+    order the API promises (layer order, rank, max list before mean before relevance, unit)."""
     found: dict[int, list[tuple]] = {}
-    for info in run.layers:
+    for pos, info in enumerate(run.layers):
         for u in range(info.num_units):
             unit = run.unit(info.name, u)
-            for which in ("max", "mean"):
+            for which_pos, which in enumerate(run.top_lists):  # with "relevance": probed so
                 for e in unit.top(which):
                     found.setdefault(e.sample_id, []).append(
-                        (info.name, u, which, e.rank, pytest.approx(e.value))
+                        ((pos, e.rank, which_pos, u), (info.name, u, which, e.rank, e.value))
                     )
+    return {sid: [row for _, row in sorted(rows)] for sid, rows in found.items()}
+
+
+def _rows(body: dict) -> list[tuple]:
+    return [(a["layer"], a["unit"], a["list"], a["rank"], a["value"]) for a in body["appearances"]]
+
+
+def test_sample_appearances(client: TestClient, run: Run):
+    found = _brute_appearances(run)
     some = [*sorted(found, key=lambda s: -len(found[s]))[:3], min(found)]
     for sid in some:
         body = client.get(f"/api/runs/digits/samples/{sid}").json()
+        want = found[sid]
         assert body["sample"]["id"] == sid
         assert body["sample"]["class_name"] == run.sample(sid).class_name
-        got = sorted(
-            (a["layer"], a["unit"], a["list"], a["rank"], a["value"]) for a in body["appearances"]
-        )
-        assert got == sorted(found[sid], key=lambda t: t[:4])
+        assert body["total"] == len(want) and body["offset"] == 0 and body["limit"] == 200
+        assert _rows(body) == [(*w[:4], pytest.approx(w[4])) for w in want[:200]]
+        counts: dict[str, int] = {}
+        for w in want:
+            counts[w[0]] = counts.get(w[0], 0) + 1
+        assert [(x["layer"], x["count"]) for x in body["layers"]] == list(counts.items())
         # a model is recorded in the run: the sample page carries its prediction
         assert body["prediction"] is not None and len(body["prediction"]) == 5
     unranked = next(i for i in range(360) if i not in found)
-    assert client.get(f"/api/runs/digits/samples/{unranked}").json()["appearances"] == []
+    body = client.get(f"/api/runs/digits/samples/{unranked}").json()
+    assert (body["appearances"], body["total"], body["layers"]) == ([], 0, [])
+
+
+def test_sample_appearances_are_paged(client: TestClient, run: Run):
+    found = _brute_appearances(run)
+    sid = max(found, key=lambda s: len(found[s]))
+    want = found[sid]
+    assert len(want) > 20  # several pages of 7
+    pages = []
+    for offset in range(0, len(want) + 7, 7):
+        body = client.get(f"/api/runs/digits/samples/{sid}?offset={offset}&limit=7").json()
+        assert (body["total"], body["offset"], body["limit"]) == (len(want), offset, 7)
+        assert len(body["appearances"]) == max(0, min(7, len(want) - offset))
+        pages += _rows(body)
+    assert pages == [(*w[:4], pytest.approx(w[4])) for w in want]
+    for bad in ("limit=0", "limit=2001", "offset=-1", "limit=x"):
+        r = client.get(f"/api/runs/digits/samples/{sid}?{bad}")
+        assert r.status_code == 422, bad
+        assert ("limit" in r.json()["detail"]) or ("offset" in r.json()["detail"])
 
 
 def test_sample_image_from_dataset(client: TestClient, explorer_run: ExplorerRun):  # noqa: F811
@@ -371,3 +403,24 @@ def test_graph_view(client: TestClient, run: Run):
     layers = {info.op: info.name for info in run.layers if info.op}
     assert r.json() == json.loads(json.dumps(graph_view(run.graph, layers=layers)))
     assert all(name in r.text for name in layers.values())
+
+
+def test_graph_view_is_typed_in_openapi(client: TestClient):
+    """/openapi.json documents the graph document with the view's own JSON Schema; the
+    served document validates against what the spec says, and a broken one does not.
+    (schemathesis 4.32's response check cannot read ``prefixItems`` with ``items: false``,
+    so the check is jsonschema's 2020-12 validator, the dialect of OpenAPI 3.1.)"""
+    import jsonschema
+
+    spec = client.get("/openapi.json").json()
+    op = spec["paths"]["/api/runs/{run_id}/graph"]["get"]
+    documented = op["responses"]["200"]["content"]["application/json"]["schema"]
+    text = (Path(__file__).parents[1] / "src/lurker/schema/graph_view.schema.json").read_text()
+    on_disk = json.loads(text)
+    assert documented == {k: v for k, v in on_disk.items() if not k.startswith("$")}
+    assert documented["required"] and documented["properties"]["nodes"]["items"]["properties"]
+    doc = client.get("/api/runs/digits/graph").json()
+    validator = jsonschema.Draft202012Validator(documented)
+    validator.validate(doc)
+    broken = {**doc, "nodes": [{**doc["nodes"][0], "i": "zero"}, *doc["nodes"][1:]]}
+    assert not validator.is_valid(broken)

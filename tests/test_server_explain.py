@@ -19,7 +19,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 import lurker.explain  # noqa: F401  (the package module, patched below)
-from explorer_fixtures import ExplorerRun, explorer_run  # noqa: F401
+from explorer_fixtures import ExplorerRun, explorer_run, summary_rank_behind  # noqa: F401
 from lurker.explain import METHODS
 from lurker.probe.data import load_dataset
 from lurker.server import create_app
@@ -330,3 +330,31 @@ def test_concepts_cached(
         for _ in range(2):
             assert c.get(f"{BASE}/concepts/{other}.png", params=q).status_code == 200
         assert calls == [None, [other]]
+
+
+def test_explain_requests_waiting_for_the_model_hold_no_worker_thread(
+    explorer_run: ExplorerRun,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+):
+    """60 slow explanations in flight (more than the 40 worker threads): a run-summary
+    request sent after them still answers before all but a few of them (as for the live
+    routes)."""
+    import time
+
+    import lurker.server.routes.explain as routes
+
+    started = threading.Event()
+
+    def slow(s: Any, model: Any, x: Any, method: str, target: str, layer: Any) -> Any:
+        started.set()  # called under the model's lock, as a real attribution is
+        time.sleep(0.05)
+        return routes.Result(torch.zeros(16, 16), True, target, 0, layer, None, {}, 0.05)
+
+    app = create_app(explorer_run.path, model_obj=explorer_run.model)
+    monkeypatch.setattr(routes, "_compute", slow)
+
+    def url(i: int) -> str:  # distinct (image, target, kind): no cache hits
+        kind = ("json", "png")[i % 2]
+        return f"/api/runs/digits/live/sample-{i // 10}/explain/saliency.{kind}?target={i % 10}"
+
+    assert summary_rank_behind(app, url, started) < 10

@@ -6,7 +6,9 @@ Oracle: the model run directly in the test with PyTorch forward hooks on its mod
 
 from __future__ import annotations
 
+import contextlib
 import io
+import json
 import math
 import threading
 import time
@@ -18,7 +20,7 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from explorer_fixtures import ExplorerRun, explorer_run  # noqa: F401
+from explorer_fixtures import ExplorerRun, explorer_run, summary_rank_behind  # noqa: F401
 from lurker.probe.data import load_dataset, to_pil
 from lurker.server import create_app
 
@@ -242,10 +244,6 @@ def test_requests_waiting_for_the_model_hold_no_worker_thread(
 ):
     """60 slow model requests in flight (more than the 40 worker threads): a run-summary
     request sent after them still answers before all but a few of them."""
-    import asyncio
-    import concurrent.futures
-
-    import httpx2 as httpx
 
     from lurker.server.session import Session
 
@@ -258,34 +256,9 @@ def test_requests_waiting_for_the_model_hold_no_worker_thread(
         return []
 
     app = create_app(explorer_run.path, model_obj=explorer_run.model)
-    order: list[str] = []
-
-    async def main() -> None:
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
-            assert (await c.get("/api/runs/digits/live/sample-1")).status_code == 200
-
-            async def model_request(i: int) -> None:
-                r = await c.get(f"/api/runs/digits/live/sample-{i % 16}")
-                assert r.status_code == 200
-                order.append("model")
-
-            tasks = [asyncio.create_task(model_request(i)) for i in range(60)]
-            while not started.is_set():
-                await asyncio.sleep(0.01)
-            await asyncio.sleep(0.1)
-            r = await c.get("/api/runs/digits")
-            assert r.status_code == 200
-            order.append("summary")
-            await asyncio.gather(*tasks)
-
     monkeypatch.setattr(Session, "predictions", slow)
-    # In a thread of its own: a Playwright browser of another test in this process keeps an
-    # event loop running in the main thread, where asyncio.run would refuse to start.
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        pool.submit(asyncio.run, main()).result()
-    assert order.count("model") == 60
-    assert order.index("summary") < 10, order.index("summary")
+    url = "/api/runs/digits/live/sample-{}".format
+    assert summary_rank_behind(app, lambda i: url(i % 16), started) < 10
 
 
 def test_live_image_ids_are_validated(client: TestClient, explorer_run: ExplorerRun):  # noqa: F811
@@ -303,3 +276,122 @@ def test_live_image_ids_are_validated(client: TestClient, explorer_run: Explorer
     assert client.get(f"/api/runs/digits/live/sample-{n - 1}/input.png").status_code == 200
     r = client.get("/api/runs/digits/live/0123456789abcdef/input.png")
     assert r.status_code == 404 and "upload it" in r.json()["detail"]  # well-formed, not kept
+
+
+_BOUNDARY = "lurkerboundary"
+
+
+def _chunked_form(chunks: int, sent: list[int], chunk: int = 65536) -> Any:
+    """A multipart upload of ``chunks`` x ``chunk`` bytes made on the fly (no length known
+    up front), counting in ``sent`` the chunks taken from it."""
+    yield (
+        f'--{_BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="big.png"'
+        "\r\nContent-Type: image/png\r\n\r\n"
+    ).encode() + b"\x89PNG"
+    for _ in range(chunks):
+        sent[0] += 1
+        yield b"0" * chunk
+    yield f"\r\n--{_BOUNDARY}--\r\n".encode()
+
+
+def test_a_chunked_upload_over_the_limit_is_refused_as_it_arrives(
+    explorer_run: ExplorerRun,  # noqa: F811
+):
+    """Through the real server: a 256 MB chunked upload to a 200 KB limit gets 413 after
+    about the limit has arrived; the server never takes in the rest."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    from lurker.server.limits import FORM_SLACK
+    from lurker.server.serve import background
+
+    limit, chunk, chunks = 200_000, 65536, 4096
+    app = create_app(explorer_run.path, model_obj=explorer_run.model, upload_limit=limit)
+    taken = [0]  # body bytes the app read from the server
+
+    async def counting(scope: Any, receive: Any, send: Any) -> None:
+        async def counted() -> Any:
+            message = await receive()
+            if message["type"] == "http.request":
+                taken[0] += len(message.get("body", b""))
+            return message
+
+        await app(scope, counted, send)
+
+    with background(counting) as url:
+        where = urlsplit(url)
+        for _ in range(2):  # the connection is closed after a refusal: a second one works too
+            sent, taken[0] = [0], 0
+            conn = http.client.HTTPConnection(where.hostname, where.port, timeout=60)
+            # the server closes the connection while the client is still sending
+            with contextlib.suppress(OSError):
+                conn.request(
+                    "POST",
+                    "/api/runs/digits/live/images",
+                    body=_chunked_form(chunks, sent, chunk),
+                    headers={"Content-Type": f"multipart/form-data; boundary={_BOUNDARY}"},
+                    encode_chunked=True,
+                )
+            r = conn.getresponse()
+            body = json.loads(r.read())
+            conn.close()
+            assert r.status == 413, body
+            assert "limit of 195 KB" in body["detail"] and "smaller image" in body["detail"]
+            assert r.getheader("connection") == "close"
+            # the server read at most the limit, the form's framing and one read more...
+            assert limit < taken[0] <= limit + FORM_SLACK + 4 * chunk, taken[0]
+            # ...and the client could not send more than socket buffers hold past that
+            assert sent[0] < chunks // 8, sent[0]
+
+
+def test_the_upload_limit_reads_no_more_than_one_chunk_past_it(
+    explorer_run: ExplorerRun,  # noqa: F811
+):
+    """At the ASGI level: an endless chunked body is read up to the limit plus one chunk,
+    then answered with 413 (nothing from the app after that)."""
+    import asyncio
+    import concurrent.futures
+
+    from lurker.server.limits import FORM_SLACK
+
+    limit, chunk = 200_000, 10_000
+    app = create_app(explorer_run.path, model_obj=explorer_run.model, upload_limit=limit)
+    reads = [0]
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        reads[0] += 1
+        if reads[0] > 10_000:
+            raise AssertionError("the whole endless body was read")
+        if reads[0] == 1:  # the form's framing, then the file's bytes without end
+            return {"type": "http.request", "body": next(_chunked_form(0, [0])), "more_body": True}
+        return {"type": "http.request", "body": b"0" * chunk, "more_body": True}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/api/runs/digits/live/images",
+        "raw_path": b"/api/runs/digits/live/images",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [
+            (b"host", b"t"),
+            (b"content-type", f"multipart/form-data; boundary={_BOUNDARY}".encode()),
+            (b"transfer-encoding", b"chunked"),
+        ],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+    }
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:  # see the waiting-requests test
+        pool.submit(asyncio.run, app(scope, receive, send)).result()
+    assert reads[0] == 1 + (limit + FORM_SLACK) // chunk + 1, sent
+    starts = [m for m in sent if m["type"] == "http.response.start"]
+    assert [m["status"] for m in starts] == [413]
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    assert "over the limit" in json.loads(body)["detail"]

@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from lurker.errors import LurkerError
 
 from .errors import ApiError
+from .limits import UploadLimit
 from .session import ModelSource
 from .state import Registry
 
@@ -110,6 +111,8 @@ def create_app(
     # JSON documents (a layer of 512 units, a sample's appearances, the graph view)
     # shrink several-fold; PNGs are already compressed and small responses are left alone.
     app.add_middleware(GZipMiddleware, minimum_size=1024)
+    # outermost: a too-large upload is refused before anything else reads its body
+    app.add_middleware(UploadLimit)
     _install_static(app, static)
     return app
 
@@ -164,23 +167,6 @@ def _install_errors(app: FastAPI) -> None:
             {"detail": f"internal error: {type(exc).__name__}: {exc} (see the server's log)"},
             status_code=500,
         )
-
-    @app.middleware("http")
-    async def upload_size(request: Request, call_next: Any) -> Response:
-        # Refuse a too-large upload before its body is read and spooled.
-        if request.method == "POST":
-            length = request.headers.get("content-length")
-            limit = request.app.state.upload_limit
-            if length is not None and length.isdigit() and int(length) > limit + (64 << 10):
-                return JSONResponse({"detail": _too_big(int(length), limit)}, status_code=413)
-        return await call_next(request)
-
-
-def _too_big(size: int, limit: int) -> str:
-    return (
-        f"the upload is {size / 2**20:.1f} MB; the limit is {limit / 2**20:.0f} MB. "
-        "Send a smaller image (the model sees it resized anyway)"
-    )
 
 
 def _install_static(app: FastAPI, static: Path) -> None:

@@ -206,9 +206,16 @@ class Prediction(BaseModel):
 class Appearance(BaseModel):
     layer: str
     unit: int
+    #: max, mean, or relevance (runs probed with relevance=True)
     list: str
     rank: int
     value: float | None = None
+
+
+class LayerCount(BaseModel):
+    layer: str
+    #: Entries of the sample in this layer's top lists (both lists, all units).
+    count: int
 
 
 class SampleDetail(BaseModel):
@@ -216,6 +223,14 @@ class SampleDetail(BaseModel):
     prediction: list[Prediction] | None = None
     #: Why there is no prediction although a model is attached (null otherwise).
     prediction_error: str | None = None
+    #: All the top-list entries that hold the sample (``appearances`` is one page of them).
+    total: int
+    offset: int
+    limit: int
+    #: The sample's entries per layer, in layer order (every layer that holds it).
+    layers: list[LayerCount]
+    #: Entries ``offset`` to ``offset + limit``, by layer order, then rank, then list
+    #: (max first), then unit.
     appearances: list[Appearance]
 
 

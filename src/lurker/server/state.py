@@ -34,7 +34,9 @@ class NotServableError(LurkerError):
 @dataclass
 class Appearances:
     """Inverted index of every unit's top-k lists: sample id -> (layer, unit, list, rank,
-    value), sorted by sample id so one lookup is two binary searches."""
+    value), sorted by sample id so one sample's entries are one slice (two binary
+    searches), and within a sample by layer order, then rank (a sample's strongest places
+    in each layer first), then list (max first), then unit."""
 
     sample: np.ndarray
     layer: np.ndarray
@@ -43,9 +45,28 @@ class Appearances:
     rank: np.ndarray
     value: np.ndarray
 
-    def of(self, sample_id: int) -> list[tuple[int, int, int, int, float]]:
+    def _slice(self, sample_id: int) -> tuple[int, int]:
         lo = int(np.searchsorted(self.sample, sample_id, "left"))
         hi = int(np.searchsorted(self.sample, sample_id, "right"))
+        return lo, hi
+
+    def count(self, sample_id: int) -> int:
+        lo, hi = self._slice(sample_id)
+        return hi - lo
+
+    def per_layer(self, sample_id: int) -> list[tuple[int, int]]:
+        """``(layer position, entries)`` of the sample's layers, in layer order."""
+        lo, hi = self._slice(sample_id)
+        layers, counts = np.unique(self.layer[lo:hi], return_counts=True)
+        return [(int(a), int(b)) for a, b in zip(layers, counts, strict=True)]
+
+    def of(
+        self, sample_id: int, offset: int = 0, limit: int | None = None
+    ) -> list[tuple[int, int, int, int, float]]:
+        """The sample's entries ``offset`` to ``offset + limit`` (all by default)."""
+        lo, hi = self._slice(sample_id)
+        start = min(hi, lo + offset)
+        stop = hi if limit is None else min(hi, start + limit)
         return [
             (
                 int(self.layer[i]),
@@ -54,7 +75,7 @@ class Appearances:
                 int(self.rank[i]),
                 float(self.value[i]),
             )
-            for i in range(lo, hi)
+            for i in range(start, stop)
         ]
 
 
@@ -192,11 +213,24 @@ class RunEntry:
             parts["rank"].append((idx % k)[keep].astype(np.int32))
             parts["layer"].append(np.full(n, position[layer_id], np.int32))
             parts["unit"].append(np.full(n, unit, np.int32))
+        if run.has_relevance:  # the relevance-max lists: list 2
+            for layer_id, unit, top in run._query("SELECT layer_id, unit, top FROM relevance"):
+                if layer_id not in position:
+                    continue
+                slots = np.frombuffer(bytes(top), TOP_DTYPE)
+                keep = slots["sample_id"] >= 0
+                n = int(keep.sum())
+                parts["sample"].append(slots["sample_id"][keep])
+                parts["value"].append(slots["value"][keep])
+                parts["which"].append(np.full(n, 2, np.int8))
+                parts["rank"].append(np.arange(len(slots), dtype=np.int32)[keep])
+                parts["layer"].append(np.full(n, position[layer_id], np.int32))
+                parts["unit"].append(np.full(n, unit, np.int32))
         if not parts["sample"]:
             empty = np.zeros(0, np.int64)
             return Appearances(empty, empty, empty, empty, empty, np.zeros(0))
         cat = {k: np.concatenate(v) for k, v in parts.items()}
-        order = np.lexsort((cat["rank"], cat["which"], cat["unit"], cat["layer"], cat["sample"]))
+        order = np.lexsort((cat["unit"], cat["which"], cat["rank"], cat["layer"], cat["sample"]))
         return Appearances(*(cat[k][order] for k in Appearances.__dataclass_fields__))
 
     def graph_view(self) -> dict[str, Any]:

@@ -12,6 +12,9 @@
 import { p, type LiveImage, type RunSummary } from "../api";
 import type { PageContext } from "../context";
 import { append, fill, fmt, h, notice } from "../dom";
+import { imagePicker } from "../picker";
+
+const PICKER = { id: "explain", title: "Image to explain", action: "Explain sample" };
 
 interface ExplainMethod {
   name: string;
@@ -99,7 +102,7 @@ export async function renderExplain(root: HTMLElement, ctx: PageContext): Promis
   };
 
   if (!image) {
-    root.append(imagePicker(ctx, summary, (id) => go({ image: id, target: null })));
+    root.append(imagePicker(ctx, summary, PICKER, (id) => go({ image: id, target: null })));
     return;
   }
   let live: LiveImage;
@@ -110,7 +113,7 @@ export async function renderExplain(root: HTMLElement, ctx: PageContext): Promis
       ctx.api.json<ExplainMethods>(p("runs", ctx.run, "explain", "methods")),
     ]);
   } catch (err) {
-    root.append(notice((err as Error).message, "error"), imagePicker(ctx, summary, (id) => go({ image: id, target: null })));
+    root.append(notice((err as Error).message, "error"), imagePicker(ctx, summary, { ...PICKER, current: image }, (id) => go({ image: id, target: null })));
     return;
   }
   if (ctx.signal.aborted) return;
@@ -364,31 +367,6 @@ function unitHref(ctx: PageContext, summary: RunSummary, target: string): string
     if (layer && Number.isInteger(unit) && unit >= 0 && unit < layer.num_units) return ctx.href("unit", name, unit);
   }
   return null;
-}
-
-function imagePicker(ctx: PageContext, summary: RunSummary, choose: (id: string) => void): HTMLElement {
-  const status = h("div", { class: "status-line", role: "status" });
-  const file = h("input", { type: "file", accept: "image/*", id: "explain-file", class: "visually-hidden", "aria-label": "upload an image" });
-  file.addEventListener("change", async () => {
-    const f = file.files?.[0];
-    if (!f) return;
-    fill(status, "Uploading…");
-    try {
-      const res = await ctx.api.upload<LiveImage>(p("runs", ctx.run, "live", "images"), f, f.name);
-      choose(res.image);
-    } catch (err) {
-      fill(status, notice((err as Error).message, "error"));
-    }
-  });
-  const sampleInput = h("input", { type: "number", min: 0, max: Math.max(0, summary.dataset.size - 1), value: 0, id: "explain-sample", "aria-label": "dataset sample id" });
-  return h(
-    "section",
-    { class: "card live-input" },
-    h("h3", null, "Image to explain"),
-    h("div", { class: "row" }, h("label", { class: "button", for: "explain-file" }, "Upload an image…"), file),
-    h("div", { class: "row" }, h("span", null, "or dataset sample"), sampleInput, h("button", { type: "button", onclick: () => choose(`sample-${Math.floor(Number(sampleInput.value) || 0)}`) }, "Explain sample")),
-    status,
-  );
 }
 
 function clamp01(v: number): number {

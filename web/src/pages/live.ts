@@ -7,6 +7,7 @@
 import { p, type Kernel, type LiveImage, type LiveOp, type RunSummary } from "../api";
 import type { PageContext } from "../context";
 import { append, fill, fmt, h, notice, shape } from "../dom";
+import { imagePicker } from "../picker";
 
 interface ViewNode {
   l: string;
@@ -54,30 +55,7 @@ export async function renderLive(root: HTMLElement, ctx: PageContext): Promise<v
     ctx.navigate(ctx.href("live") + "?" + q);
   };
 
-  const status = h("div", { class: "status-line", role: "status" });
-  const file = h("input", { type: "file", accept: "image/*", id: "live-file", class: "visually-hidden", "aria-label": "upload an image" });
-  file.addEventListener("change", async () => {
-    const f = file.files?.[0];
-    if (!f) return;
-    fill(status, "Uploading…");
-    try {
-      const res = await ctx.api.upload<LiveImage>(p("runs", ctx.run, "live", "images"), f, f.name);
-      go({ image: res.image, op });
-    } catch (err) {
-      fill(status, notice((err as Error).message, "error"));
-    }
-  });
-  const sampleInput = h("input", { type: "number", min: 0, max: Math.max(0, summary.dataset.size - 1), value: 0, id: "live-sample", "aria-label": "dataset sample id" });
-  const pickSample = h("button", { type: "button", onclick: () => go({ image: `sample-${Math.floor(Number(sampleInput.value) || 0)}`, op }) }, "Use sample");
-
-  const left = h(
-    "section",
-    { class: "card live-input" },
-    h("h3", null, "Image"),
-    h("div", { class: "row" }, h("label", { class: "button", for: "live-file" }, "Upload an image…"), file),
-    h("div", { class: "row" }, h("span", null, "or dataset sample"), sampleInput, pickSample),
-    status,
-  );
+  const left = imagePicker(ctx, summary, { id: "live", title: "Image", action: "Use sample", current: image }, (id) => go({ image: id, op }));
   const picker = h("section", { class: "card op-picker" }, h("h3", null, "Op"), h("p", { class: "muted" }, "Loading the graph…"));
   const maps = h("section", { class: "live-maps" });
   append(root, h("div", { class: "live-top" }, left, picker), maps);
@@ -134,7 +112,7 @@ async function fillPicker(el: HTMLElement, ctx: PageContext, summary: RunSummary
     rows = summary.layers.filter((l) => l.op).map((l) => ({ label: l.op!, type: l.kind ?? "", module: l.module ?? "", shape: shape(l.shape), layer: true }));
   }
   if (ctx.signal.aborted) return;
-  const search = h("input", { type: "search", placeholder: "search label, op type or module", "aria-label": "search ops", id: "op-search" });
+  const search = h("input", { type: "search", placeholder: `search ${rows.length} ops: label, op type or module`, "aria-label": "search ops", id: "op-search" });
   const list = h("ul", { class: "op-list", role: "listbox" });
   const draw = () => {
     const q = search.value.trim().toLowerCase();
@@ -156,7 +134,10 @@ async function fillPicker(el: HTMLElement, ctx: PageContext, summary: RunSummary
   };
   search.addEventListener("input", draw);
   draw();
-  fill(el, h("h3", null, "Op", h("span", { class: "muted" }, ` ${rows.length} in the graph`)), search, list);
+  const heading = current
+    ? h("h3", null, "Op ", h("code", null, current), " · ", h("a", { href: graphHref(ctx, current), class: "in-graph" }, "show in the graph"))
+    : h("h3", null, "Op ", h("span", { class: "muted" }, `choose one of ${rows.length}`));
+  fill(el, heading, search, list);
   list.querySelector("li.on")?.scrollIntoView({ block: "nearest" });
 }
 
@@ -230,7 +211,13 @@ async function showOp(el: HTMLElement, ctx: PageContext, image: string, op: stri
 
   append(
     el,
-    h("h2", null, h("code", null, info.op), info.kernel ? h("span", { class: "sub" }, ` kernel ${shape(info.kernel.shape)}`) : null),
+    h(
+      "h2",
+      null,
+      h("code", null, info.op),
+      info.kernel ? h("span", { class: "sub" }, ` kernel ${shape(info.kernel.shape)}`) : null,
+      h("span", { class: "sub" }, " · ", h("a", { href: graphHref(ctx, info.op), class: "in-graph" }, "show in the graph")),
+    ),
     info.kernel ? h("p", { class: "muted" }, "Click an input map, then an output map, to see the kernel between them.") : null,
     h(
       "div",
@@ -241,6 +228,11 @@ async function showOp(el: HTMLElement, ctx: PageContext, image: string, op: stri
     ),
   );
   void showPair();
+}
+
+/** The graph page with `label` focused. */
+function graphHref(ctx: PageContext, label: string): string {
+  return ctx.href("graph") + "?focus=" + encodeURIComponent(label);
 }
 
 /** The weights `weight[out, in]` as a heat grid (blue < 0 < red), values in the cells. */

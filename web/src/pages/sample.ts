@@ -1,38 +1,60 @@
-/** `#/r/RUN/sample/ID`: one dataset image, its label, the prediction, the units that rank it. */
-import { p, type SampleDoc } from "../api";
+/**
+ * `#/r/RUN/sample/ID`: one dataset image, its label, the prediction, and the units that
+ * rank it in their top-k. A sample can sit in the top-k of thousands of units, so the API
+ * pages those entries (strongest rank first within each layer); the page shows every
+ * layer with its count at once and fills the layers page by page on "show more".
+ */
+import { p, type Appearance, type SampleBrief, type SampleDoc } from "../api";
 import type { PageContext } from "../context";
-import { append, facts, fmt, h, notice } from "../dom";
+import { append, facts, fill, fmt, h, notice } from "../dom";
 import { imageState } from "../images";
+
+/** Entries per "show more" request (the server's default page, so a static export holds
+ * the same pages: `?offset=N&limit=PAGE`). */
+const PAGE = 200;
+
+/** `0` when the class name is the label itself, else `name (label)`. */
+export function labelText(s: SampleBrief): string {
+  if (s.label === null) return "unlabelled";
+  if (!s.class_name || s.class_name === String(s.label)) return String(s.label);
+  return `${s.class_name} (${s.label})`;
+}
 
 export async function renderSample(root: HTMLElement, ctx: PageContext, args: string[]): Promise<void> {
   const id = args[0];
-  const [doc, images] = await Promise.all([ctx.api.json<SampleDoc>(p("runs", ctx.run, "samples", id)), imageState(ctx)]);
+  const path = p("runs", ctx.run, "samples", id);
+  const [doc, images] = await Promise.all([ctx.api.json<SampleDoc>(path), imageState(ctx)]);
   const s = doc.sample;
+  // a static export lists whether it holds the sample's image (it may not: no dataset)
+  const exported = ctx.api.isStatic ? await ctx.api.exportedSamples(ctx.run) : null;
+  const hasImage = exported ? exported.samples.some((x) => x.id === s.id && x.image) : true;
   document.title = `sample ${s.id} · ${ctx.run} · lurker`;
-  const byLayer = new Map<string, SampleDoc["appearances"]>();
-  for (const a of doc.appearances) byLayer.set(a.layer, [...(byLayer.get(a.layer) ?? []), a]);
   const pred = doc.prediction;
-  append(root, 
+  const plural = (n: number, word: string) => `${n} ${word}${n === 1 ? "" : "s"}`;
+  append(
+    root,
     h("h1", null, `Sample ${s.id}`, s.class_name ? h("span", { class: "sub" }, ` · class ${s.class_name}`) : null),
     h(
       "div",
       { class: "sample-head" },
-      images.ok
-        ? h("img", { class: "sample-img pixelated", src: ctx.api.pngUrl(p("runs", ctx.run, "samples", s.id, "image.png")), alt: `sample ${s.id}`, width: 224, height: 224 })
-        : h("div", { class: "sample-img" }, images.notice),
+      !hasImage
+        ? notice("This export holds no image of this sample (the run's dataset could not be loaded when it was made).")
+        : images.ok
+          ? h("img", { class: "sample-img pixelated", src: ctx.api.pngUrl(p("runs", ctx.run, "samples", s.id, "image.png")), alt: `sample ${s.id}`, width: 224, height: 224 })
+          : h("div", { class: "sample-img" }, images.notice),
       h(
         "section",
         { class: "card" },
         facts([
-          ["label", s.label === null ? "unlabelled" : `${s.class_name ?? ""} (${s.label})`],
+          ["label", h("span", { id: "sample-label" }, labelText(s))],
           ["file", s.path ? h("code", null, s.path) : "–"],
           [
             "prediction",
             pred
               ? h("ol", { class: "preds" }, pred.map((q) => h("li", { class: q.class === s.label ? "match" : null }, `${q.name ?? q.class} `, h("span", { class: "muted" }, `${(100 * q.prob).toFixed(1)}%`))))
-              : "no model attached (lurker serve RUN --model SPEC)",
+              : doc.prediction_error ?? "no model attached (lurker serve RUN --model SPEC)",
           ],
-          ["in top-k of", `${doc.appearances.length} unit list${doc.appearances.length === 1 ? "" : "s"} in ${byLayer.size} layer${byLayer.size === 1 ? "" : "s"}`],
+          ["in top-k of", `${plural(doc.total, "unit list")} in ${plural(doc.layers.length, "layer")}`],
         ]),
         h(
           "p",
@@ -43,28 +65,71 @@ export async function renderSample(root: HTMLElement, ctx: PageContext, args: st
       ),
     ),
     h("h2", null, "Units that rank it in their top-k"),
-    doc.appearances.length
-      ? [...byLayer].map(([layer, rows]) =>
-          h(
-            "section",
-            { class: "appear" },
-            h("h3", null, h("a", { href: ctx.href("layer", layer) }, layer), h("span", { class: "muted" }, ` ${rows.length}`)),
-            h(
-              "div",
-              { class: "chips" },
-              rows
-                .sort((a, b) => a.unit - b.unit || a.list.localeCompare(b.list))
-                .map((a) =>
-                  h(
-                    "a",
-                    { class: "chip", href: ctx.href("unit", layer, a.unit) + `?tab=${a.list}`, "data-unit": a.unit, "data-list": a.list, title: `${a.list} list, rank ${a.rank + 1}, value ${fmt(a.value)}` },
-                    `unit ${a.unit}`,
-                    h("small", null, ` ${a.list} #${a.rank + 1}`),
-                  ),
-                ),
-            ),
-          ),
-        )
-      : notice("No unit ranks this sample in its top-k."),
   );
+  if (!doc.total) {
+    root.append(notice("No unit ranks this sample in its top-k."));
+    return;
+  }
+
+  // one section per layer that holds the sample, with its count; chips arrive page by page
+  const sections = new Map<string, { chips: HTMLElement; shown: HTMLElement; count: number; loaded: number }>();
+  for (const { layer, count } of doc.layers) {
+    const chips = h("div", { class: "chips" });
+    const shown = h("span", { class: "muted shown" });
+    sections.set(layer, { chips, shown, count, loaded: 0 });
+    root.append(
+      h(
+        "section",
+        { class: "appear", "data-layer": layer },
+        h("h3", null, h("a", { href: ctx.href("layer", layer) }, layer), h("span", { class: "muted" }, ` ${count}`), shown),
+        chips,
+      ),
+    );
+  }
+  let loaded = 0;
+  const add = (rows: Appearance[]) => {
+    for (const a of rows) {
+      const sec = sections.get(a.layer);
+      if (!sec) continue;
+      sec.chips.append(
+        h(
+          "a",
+          { class: "chip", href: ctx.href("unit", a.layer, a.unit) + `?tab=${a.list}`, "data-unit": a.unit, "data-list": a.list, title: `${a.list} list, rank ${a.rank + 1}, value ${fmt(a.value)}` },
+          `unit ${a.unit}`,
+          h("small", null, ` ${a.list} #${a.rank + 1}`),
+        ),
+      );
+      sec.loaded++;
+    }
+    loaded += rows.length;
+    for (const sec of sections.values()) {
+      fill(sec.shown, sec.loaded < sec.count ? ` · ${sec.loaded} shown` : "");
+    }
+  };
+  add(doc.appearances);
+
+  const status = h("span", { class: "muted", role: "status" });
+  const more = h("button", { type: "button", class: "more", id: "more-appearances" });
+  const label = () => {
+    const left = doc.total - loaded;
+    more.textContent = left <= PAGE ? `show the other ${left}` : `show ${PAGE} more of the ${left} left`;
+    more.hidden = left <= 0;
+  };
+  more.addEventListener("click", async () => {
+    more.disabled = true;
+    fill(status, " loading…");
+    try {
+      const next = await ctx.api.json<SampleDoc>(`${path}?offset=${loaded}&limit=${PAGE}`);
+      if (ctx.signal.aborted) return;
+      add(next.appearances);
+      fill(status);
+    } catch (err) {
+      fill(status, notice((err as Error).message, "error"));
+    } finally {
+      more.disabled = false;
+      label();
+    }
+  });
+  label();
+  root.append(h("p", { class: "more-row" }, more, status));
 }

@@ -2,9 +2,10 @@
 
 Each method of :data:`lurker.explain.METHODS` explains the current live image (an upload
 or ``sample-N``) for a target: a class index, ``top`` (the top predicted class) or a unit
-``LAYER:CHANNEL``. One attribution per (image, method, target, layer) is computed, off
-the event loop (FastAPI runs these sync endpoints in worker threads) under the model's
-lock, and kept in a small LRU, so the page's PNG and JSON requests and a later opacity
+``LAYER:CHANNEL``. One attribution per (image, method, target, layer) is computed on the
+model's own thread (``deps.live_call``, as the live routes do: a request waiting for a
+busy model holds no worker thread, so the run-store endpoints stay fast), and kept in a
+small LRU, so the page's PNG and JSON requests and a later opacity
 or overlay change cost no recomputation.
 
 The heatmap is the attribution summed over the input's channels (``Explanation.heatmap``),
@@ -31,7 +32,7 @@ from fastapi.responses import Response
 
 from lurker.errors import LurkerError
 
-from ..deps import MODEL_MADE, entry, session
+from ..deps import MODEL_MADE, entry, live_call, session
 from ..errors import ApiError
 from ..schemas import (
     ConceptRanking,
@@ -44,13 +45,6 @@ from ..session import Session
 from .live import PNG, _image_id
 
 router = APIRouter(prefix="/api", tags=["explain"])
-
-
-def _live(request: Request, run_id: str) -> Session:
-    """The run's session, after checking that it has a model (409 naming how to attach one)."""
-    s = session(request, entry(request, run_id))
-    s.model()
-    return s
 
 
 #: Heatmaps smaller than this (pixels, longer side) are upscaled by nearest neighbour.
@@ -182,10 +176,10 @@ def _jsonable(v: Any) -> Any:
 
 
 def _explained(
-    request: Request, run_id: str, image: str, method: str, target: str, layer: str | None
-) -> tuple[Session, Result, bool]:
-    """The attribution (cached), or the error that says what is wrong."""
-    s = _live(request, run_id)
+    s: Session, image: str, method: str, target: str, layer: str | None
+) -> tuple[Result, bool]:
+    """The attribution (cached), or the error that says what is wrong; on the model's
+    thread."""
     image = _image_id(s, image)
     methods = _methods()
     cls = methods.get(method)
@@ -205,16 +199,16 @@ def _explained(
     cache = _cache(s)
     hit = cache.get(key)
     if hit is not None:
-        return s, hit, True
+        return hit, True
     x = s.live_input(image)
     model = s.model()
     with s.model_lock:
         hit = cache.get(key)  # computed by a request that held the lock before this one
         if hit is not None:
-            return s, hit, True
+            return hit, True
         result = _compute(s, model, x, method, target, layer)
         cache.put(key, result)
-    return s, result, False
+    return result, False
 
 
 @dataclass
@@ -306,15 +300,15 @@ class ConceptResult:
 
 
 def _concepts(
-    request: Request, run_id: str, image: str, target: str, layer: str | None, units: Any
-) -> tuple[Session, ConceptResult, str, bool]:
+    s: Session, image: str, target: str, layer: str | None, units: Any
+) -> tuple[ConceptResult, str, bool]:
     """The layer's concept relevance, with the conditional heatmaps of ``units`` (a list,
-    or an int: the top that many) computed; cached per (image, target, layer)."""
+    or an int: the top that many) computed; cached per (image, target, layer); on the
+    model's thread."""
     import lurker.explain as xp
 
     if not hasattr(xp, "concepts"):
         raise ApiError(404, "this lurker has no concept relevance (lurker.explain.concepts)")
-    s = _live(request, run_id)
     image = _image_id(s, image)
     if layer is None:
         layer = _default_layer(s, target, before=True)
@@ -334,7 +328,7 @@ def _concepts(
 
     hit = cache.get(key)
     if hit is not None and all(u in hit.heat for u in wanted(hit)):
-        return s, hit, layer, True
+        return hit, layer, True
     x = s.live_input(image)
     model = s.model()
     with s.model_lock:
@@ -342,7 +336,7 @@ def _concepts(
         if hit is not None:
             missing = [u for u in wanted(hit) if u not in hit.heat]
             if not missing:
-                return s, hit, layer, True
+                return hit, layer, True
         prep = _prepare(s, model, x, target, layer)
         start = time.perf_counter()
         try:
@@ -379,7 +373,7 @@ def _concepts(
         else:
             hit.heat.update(new)
             hit.seconds = seconds
-    return s, hit, layer, False
+    return hit, layer, False
 
 
 def _scale(shape: tuple[int, ...]) -> int:
@@ -410,7 +404,6 @@ def _stats(heat: Any) -> tuple[float, float, float]:
     summary="The attribution methods the Explain page can show, and the layers to explain at",
 )
 def methods(request: Request, run_id: str) -> ExplainMethods:
-    from ..deps import session
 
     s = session(request, entry(request, run_id))
     layers = _spatial_layers(s)
@@ -493,7 +486,7 @@ def _heat_image(
     response_model=ConceptRanking,
     summary="Concept relevance: a layer's units ranked by their share of the relevance (LRP)",
 )
-def concepts_json(
+async def concepts_json(
     request: Request,
     run_id: str,
     image: str,
@@ -501,7 +494,15 @@ def concepts_json(
     layer: str | None = CONCEPT_LAYER,
     top: int = Query(8, ge=1, le=64, description="how many units to rank"),
 ) -> ConceptRanking:
-    s, r, name, cached = _concepts(request, run_id, image, target, layer, top)
+    return await live_call(
+        request, run_id, lambda s: _concept_ranking(s, image, target, layer, top)
+    )
+
+
+def _concept_ranking(
+    s: Session, image: str, target: str, layer: str | None, top: int
+) -> ConceptRanking:
+    r, name, cached = _concepts(s, image, target, layer, top)
     total = float(r.relevance.sum())
     ranked = [int(u) for u in r.relevance.argsort(descending=True)[:top]]
     run = s.entry.open_run()
@@ -539,7 +540,7 @@ def concepts_json(
     responses=PNG,
     summary="A unit's conditional heatmap: the relevance that flowed through it (overlay=0: bare)",
 )
-def concept_png(
+async def concept_png(
     request: Request,
     run_id: str,
     image: str,
@@ -549,16 +550,20 @@ def concept_png(
     overlay: bool = Query(True, description="draw over the image (false: RGBA heatmap alone)"),
     opacity: float = Query(0.5, ge=0, le=1, description="the strongest relevance's opacity"),
 ) -> Response:
-    s, r, name, _ = _concepts(request, run_id, image, target, layer, 1)
-    channels = int(r.relevance.numel())
-    if unit >= channels:
-        raise ApiError(
-            404, f"no unit {unit} in layer {name!r}: it has {channels} (0 to {channels - 1})"
-        )
-    if unit not in r.heat:
-        s, r, name, _ = _concepts(request, run_id, image, target, layer, [unit])
-    heat = r.heat[unit]
-    return _png_response(_heat_image(s, image, heat, True, overlay, opacity), heat, r.target)
+
+    def work(s: Session) -> Response:
+        r, name, _ = _concepts(s, image, target, layer, 1)
+        channels = int(r.relevance.numel())
+        if unit >= channels:
+            raise ApiError(
+                404, f"no unit {unit} in layer {name!r}: it has {channels} (0 to {channels - 1})"
+            )
+        if unit not in r.heat:
+            r, name, _ = _concepts(s, image, target, layer, [unit])
+        heat = r.heat[unit]
+        return _png_response(_heat_image(s, image, heat, True, overlay, opacity), heat, r.target)
+
+    return await live_call(request, run_id, work)
 
 
 @router.get(
@@ -567,7 +572,7 @@ def concept_png(
     responses=PNG,
     summary="One method's heatmap over the image (overlay=0: the bare heatmap, RGBA)",
 )
-def explain_png(
+async def explain_png(
     request: Request,
     run_id: str,
     image: str,
@@ -577,10 +582,12 @@ def explain_png(
     overlay: bool = Query(True, description="draw over the image (false: RGBA heatmap alone)"),
     opacity: float = Query(0.5, ge=0, le=1, description="the strongest attribution's opacity"),
 ) -> Response:
+    def work(s: Session) -> Response:
+        r, _ = _explained(s, image, method, target, layer)
+        pil = _heat_image(s, image, r.heat, r.signed, overlay, opacity)
+        return _png_response(pil, r.heat, r.target)
 
-    s, r, _ = _explained(request, run_id, image, method, target, layer)
-    pil = _heat_image(s, image, r.heat, r.signed, overlay, opacity)
-    return _png_response(pil, r.heat, r.target)
+    return await live_call(request, run_id, work)
 
 
 # registered after the PNG: "{method}" without a suffix would take "x.png"
@@ -594,7 +601,7 @@ def explain_png(
     response_model=ExplainResult,
     summary="One method's attribution of the image: target resolved, min/max/sum, delta, options",
 )
-def explain_json(
+async def explain_json(
     request: Request,
     run_id: str,
     image: str,
@@ -602,7 +609,15 @@ def explain_json(
     target: str = TARGET,
     layer: str | None = LAYER,
 ) -> ExplainResult:
-    s, r, cached = _explained(request, run_id, image, method, target, layer)
+    return await live_call(
+        request, run_id, lambda s: _explain_result(s, image, method, target, layer)
+    )
+
+
+def _explain_result(
+    s: Session, image: str, method: str, target: str, layer: str | None
+) -> ExplainResult:
+    r, cached = _explained(s, image, method, target, layer)
     lo, hi, total = _stats(r.heat)
     names = s.entry.open_run().classes
     name = None

@@ -7,12 +7,23 @@ from fastapi.concurrency import run_in_threadpool
 
 from ..deps import entry, on_model, session
 from ..errors import ApiError
-from ..schemas import Appearance, Prediction, SampleDetail, SampleModel, SamplePage
+from ..schemas import (
+    Appearance,
+    LayerCount,
+    Prediction,
+    SampleDetail,
+    SampleModel,
+    SamplePage,
+)
 
 router = APIRouter(prefix="/api", tags=["samples"])
 
 #: The largest page of samples one request returns.
 MAX_PAGE = 1000
+#: A sample's top-list entries per page by default, and at most: a sample can be in the
+#: top-k of thousands of units.
+APPEARANCES_PAGE = 200
+MAX_APPEARANCES = 2000
 
 
 @router.get("/runs/{run_id}/samples", response_model=SamplePage, summary="A page of samples")
@@ -38,10 +49,16 @@ def list_samples(
     summary="One sample, the model's prediction (with a model) and the top-k lists it is in",
 )
 async def sample_detail(
-    request: Request, run_id: str, sample_id: int = Path(ge=0, le=2**62)
+    request: Request,
+    run_id: str,
+    sample_id: int = Path(ge=0, le=2**62),
+    offset: int = Query(0, ge=0, le=2**62, description="first top-list entry of the page"),
+    limit: int = Query(
+        APPEARANCES_PAGE, ge=1, le=MAX_APPEARANCES, description="top-list entries per page"
+    ),
 ) -> SampleDetail:
     # the run-store part in a worker thread; the prediction on the model's own thread
-    detail = await run_in_threadpool(_sample_detail, request, run_id, sample_id)
+    detail = await run_in_threadpool(_sample_detail, request, run_id, sample_id, offset, limit)
     s = session(request, entry(request, run_id))
     if s.model_reason() is None:
         sid = detail.sample.id
@@ -59,23 +76,30 @@ async def sample_detail(
     return detail
 
 
-def _sample_detail(request: Request, run_id: str, sample_id: int) -> SampleDetail:
+def _sample_detail(
+    request: Request, run_id: str, sample_id: int, offset: int, limit: int
+) -> SampleDetail:
     e = entry(request, run_id)
     sid, path, label, cname = e.sample_row(sample_id)
     run = e.open_run()
+    index = e.appearances()
     appearances = [
         Appearance(
             layer=run.layers[layer].name,
             unit=unit,
-            list="max" if which == 0 else "mean",
+            list=("max", "mean", "relevance")[which],
             rank=rank,
             value=value if value == value and abs(value) != float("inf") else None,
         )
-        for layer, unit, which, rank, value in e.appearances().of(sid)
+        for layer, unit, which, rank, value in index.of(sid, offset, limit)
     ]
     return SampleDetail(
         sample=SampleModel(id=sid, path=path, label=label, class_name=cname),
         prediction=None,
         prediction_error=None,
+        total=index.count(sid),
+        offset=offset,
+        limit=limit,
+        layers=[LayerCount(layer=run.layers[i].name, count=n) for i, n in index.per_layer(sid)],
         appearances=appearances,
     )
