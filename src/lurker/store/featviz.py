@@ -15,7 +15,7 @@ import io
 import json
 import os
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,14 @@ from lurker.store.errors import MissingFromRunError, StoreError
 from lurker.store.files import run_lock
 from lurker.store.schema import DB_NAME, dump_json
 
-__all__ = ["StoredFeatViz", "write_featviz"]
+__all__ = [
+    "StoredFeatViz",
+    "UnitFeatViz",
+    "featviz_png",
+    "featviz_units",
+    "unit_featviz",
+    "write_featviz",
+]
 
 DDL = """
 CREATE TABLE IF NOT EXISTS featviz (
@@ -201,3 +208,103 @@ def featviz_layers(run: Any) -> list[str]:
         return []
     ids = {i for (i,) in run._query("SELECT DISTINCT layer_id FROM featviz")}
     return [info.name for info in run.layers if info.id in ids]
+
+
+@dataclass(frozen=True)
+class UnitFeatViz:
+    """One unit's stored feature visualizations, without their images (``unit_featviz``)."""
+
+    layer: str
+    unit: int
+    objective: str
+    objectives: list[str]
+    activations: list[float | None]  # per copy: the objective each image reached
+    settings: dict[str, Any]
+
+
+def unit_featviz(
+    run: Any, layer: str, unit: int, objective: str | None = None
+) -> UnitFeatViz | None:
+    """``unit``'s stored feature visualizations of ``layer`` (default objective "channel"
+    where present), or None when there are none: a small query, for a unit page."""
+    info = run.layer(layer)
+    if not run._has_table("featviz"):
+        return None
+    objectives = [
+        o
+        for (o,) in run._query(
+            "SELECT DISTINCT objective FROM featviz WHERE layer_id = ? AND unit = ? "
+            "ORDER BY objective",
+            (info.id, int(unit)),
+        )
+    ]
+    if not objectives:
+        return None
+    if objective is None:
+        objective = "channel" if "channel" in objectives else objectives[0]
+    rows = run._query(
+        "SELECT copy, activation, settings FROM featviz WHERE layer_id = ? AND objective = ? "
+        "AND unit = ? ORDER BY copy",
+        (info.id, objective, int(unit)),
+    )
+    if not rows:
+        return None
+    return UnitFeatViz(
+        info.name,
+        int(unit),
+        objective,
+        objectives,
+        [None if a is None else float(a) for _, a, _ in rows],
+        json.loads(rows[-1][2]),
+    )
+
+
+def featviz_png(
+    run: Any, layer: str, unit: int, copy: int = 0, objective: str = "channel"
+) -> bytes:
+    """The stored PNG of one image; :class:`MissingFromRunError` when there is none."""
+    info = run.layer(layer)
+    rows = (
+        run._query(
+            "SELECT image FROM featviz WHERE layer_id = ? AND objective = ? AND unit = ? "
+            "AND copy = ?",
+            (info.id, objective, int(unit), int(copy)),
+        )
+        if run._has_table("featviz")
+        else []
+    )
+    if not rows:
+        raise MissingFromRunError(
+            f"no feature visualization of unit {unit} (copy {copy}, objective {objective!r}) "
+            f"of layer {info.name!r}; make them with `lurker featviz {run.path} --layer "
+            f"{info.name}`",
+            missing="featviz",
+        )
+    return bytes(rows[0][0])
+
+
+def featviz_units(run: Any, layer: str, objective: str = "channel") -> list[int]:
+    """The units of ``layer`` with a stored image for ``objective`` (a layer grid's list)."""
+    if not run._has_table("featviz"):
+        return []
+    info = run.layer(layer)
+    rows = run._query(
+        "SELECT DISTINCT unit FROM featviz WHERE layer_id = ? AND objective = ? ORDER BY unit",
+        (info.id, objective),
+    )
+    return [int(u) for (u,) in rows]
+
+
+def featviz_images(run: Any) -> Iterator[tuple[str, str, int, int, bytes]]:
+    """Every stored image as ``(layer name, objective, unit, copy, PNG bytes)`` (an export
+    writes them all), one layer at a time."""
+    if not run._has_table("featviz"):
+        return
+    for info in run.layers:
+        rows = run._query(
+            "SELECT objective, unit, copy, image FROM featviz WHERE layer_id = ? "
+            "ORDER BY objective, unit, copy",
+            (info.id,),
+        )
+        for objective, unit, copy, image in rows:
+            yield info.name, str(objective), int(unit), int(copy), bytes(image)
