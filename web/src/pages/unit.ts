@@ -259,7 +259,7 @@ function featvizFigures(ctx: PageContext, layer: string, unit: number, f: FeatVi
         "figure",
         { class: "top-entry best", "data-sample": f.best_sample, "data-value": f.best_dataset === null ? null : String(f.best_dataset) },
         h("div", { class: "frame" }, images ? h("img", { src, alt: `best dataset sample ${f.best_sample}` }) : noImage()),
-        h("figcaption", null, h("span", { class: "value" }, fmt(f.best_dataset)), h("a", { href: ctx.href("sample", f.best_sample) }, `#${f.best_sample}`), h("span", { class: "cls" }, "best in the dataset")),
+        h("figcaption", null, h("span", { class: "value" }, fmt(f.best_dataset)), h("a", { href: ctx.href("sample", f.best_sample) }, `#${f.best_sample}`), h("span", { class: "cls", title: "the best dataset sample (rank 1 of the mean list)" }, "best sample")),
       ),
     );
   }
