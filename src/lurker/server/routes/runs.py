@@ -119,6 +119,7 @@ def summarize(request: Request, e: RunEntry) -> RunSummary:
             dataset=dataset_reason is None,
             dataset_reason=dataset_reason,
             cached_images=e.cached_images(),
+            map=run.has_map,
         ),
         missing=e.missing(),
         layers=[layer_brief(info) for info in run.layers],
