@@ -45,7 +45,7 @@ export interface RunSummary {
     store_version: number | null;
     status: string | null;
   };
-  holds: { graph: boolean; live: boolean; live_reason?: string | null; dataset?: boolean; dataset_reason?: string | null; cached_images: number };
+  holds: { graph: boolean; live: boolean; live_reason?: string | null; dataset?: boolean; dataset_reason?: string | null; cached_images: number; map?: boolean };
   missing: string[];
   layers: LayerBrief[];
 }
