@@ -195,3 +195,24 @@ def test_api_map_document(model, data, tmp_path):
     np.testing.assert_allclose(doc["x"], m.x, atol=1e-3)
     assert doc["pred"] == m.pred.tolist() and doc["label"] == m.label.tolist()
     assert doc["extent"] == pytest.approx([m.x.min(), m.x.max(), m.y.min(), m.y.max()])
+
+
+@pytest.mark.skipif(
+    not (Path(__file__).resolve().parents[1] / "src/lurker/server/static/index.html").exists(),
+    reason="the export needs the built front end (make web)",
+)
+def test_export_writes_the_map_document(model, data, tmp_path):
+    import json
+
+    from fastapi.testclient import TestClient
+
+    from lurker.server.app import create_app
+    from lurker.server.export import export_site
+
+    run = probe(model, data, out=tmp_path / "run", layers="classifier.1", progress=False,
+                embed=True)  # fmt: skip
+    make_map(run, method="pca").close()
+    site = export_site(run.path, tmp_path / "site", make_images=False, progress=False)
+    written = json.loads((site / "data" / "runs" / "run" / "map.json").read_text())
+    served = TestClient(create_app(str(run.path))).get("/api/runs/run/map").json()
+    assert written == served and written["count"] == len(data)

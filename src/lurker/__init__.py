@@ -24,6 +24,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "probe": ("lurker.probe", None),
     "explain": ("lurker.explain", None),
     "Run": ("lurker.store", "Run"),
+    "make_map": ("lurker.map", "make_map"),
     "Graph": ("lurker.graph", "Graph"),
     "ModuleInfo": ("lurker.graph", "ModuleInfo"),
     "Op": ("lurker.graph", "Op"),
@@ -45,6 +46,7 @@ if TYPE_CHECKING:
         ValidationError,
     )
     from .graph import Graph, ModuleInfo, Op
+    from .map import make_map
     from .store import Run
 
 
@@ -81,6 +83,7 @@ __all__ = [
     "ValidationError",
     "__version__",
     "explain",
+    "make_map",
     "probe",
     "trace",
 ]

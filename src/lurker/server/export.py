@@ -189,6 +189,7 @@ def _json_paths(app: Any) -> Iterator[str]:
         base = f"/api/runs/{quote(e.id, safe='')}"
         yield base
         yield f"{base}/graph"
+        yield f"{base}/map"  # a 404 (no map in the run) writes nothing
         for info in e.run.layers:
             layer = f"{base}/layers/{quote(info.name, safe='')}"
             yield layer

@@ -52,7 +52,8 @@ export async function renderMap(root: HTMLElement, ctx: PageContext): Promise<vo
     doc = await ctx.api.json<MapDoc>(p("runs", ctx.run, "map"));
   } catch (err) {
     if (err instanceof ApiError && err.status === 404) {
-      append(root, h("h1", null, "Map"), notice(err.message));
+      const why = ctx.api.isStatic ? `This export holds no dataset map of ${ctx.run}: make one with \`lurker map RUN\`, then export again.` : err.message;
+      append(root, h("h1", null, "Map"), notice(why));
       return;
     }
     throw err;
