@@ -216,3 +216,62 @@ def test_export_writes_the_map_document(model, data, tmp_path):
     written = json.loads((site / "data" / "runs" / "run" / "map.json").read_text())
     served = TestClient(create_app(str(run.path))).get("/api/runs/run/map").json()
     assert written == served and written["count"] == len(data)
+
+
+class _FailsOnce(torch.utils.data.Dataset):
+    """The test digits, raising once at sample 120 (a crash in the middle of the sweep)."""
+
+    def __init__(self, data: Any) -> None:
+        self.data, self.armed = data, True
+        self.targets = [int(data[i][1]) for i in range(len(data))]  # no read in planning
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> Any:
+        if i == 120 and self.armed:
+            self.armed = False
+            raise RuntimeError("crash")
+        return self.data[i]
+
+
+def test_resumed_probe_keeps_the_features_of_both_parts(model, data, tmp_path):
+    flaky = _FailsOnce(data)
+    kw = {"layers": "classifier.1", "batch_size": 50, "progress": False, "embed": True}
+    with pytest.raises(RuntimeError, match="crash"):
+        probe(model, flaky, out=tmp_path / "r", checkpoint_every=1, **kw)
+    done = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)["done"]
+    assert 0 < done < len(data)
+    run = probe(model, flaky, out=tmp_path / "r", **kw)
+    assert run.meta["sweep"]["images"] == len(data) - done  # it did resume
+    resumed = run.embedding()
+    whole = probe(model, data, out=tmp_path / "w", **kw).embedding()
+    np.testing.assert_array_equal(resumed.ids, whole.ids)
+    np.testing.assert_array_equal(resumed.features, whole.features)
+    np.testing.assert_array_equal(resumed.pred, whole.pred)
+
+
+def _dist_worker(rank: int, world: int, store: str, out: str) -> None:
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=world
+    )
+    try:
+        torch.manual_seed(0)
+        probe(DigitsNet().eval(), load_dataset("digits:test", 16, channels=1), out=out,
+              layers="classifier.1", batch_size=32, progress=False, device="cpu",
+              embed="features.8")  # fmt: skip
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_two_ranks_gather_every_samples_features(model, data, tmp_path):
+    torch.multiprocessing.spawn(
+        _dist_worker, args=(2, str(tmp_path / "store"), str(tmp_path / "dist")), nprocs=2
+    )
+    got = Run.open(tmp_path / "dist").embedding()
+    want = probe(model, data, out=tmp_path / "one", layers="classifier.1", progress=False,
+                 embed="features.8").embedding()  # fmt: skip
+    np.testing.assert_array_equal(got.ids, np.arange(len(data)))
+    np.testing.assert_allclose(got.features.astype(np.float32), want.features.astype(np.float32),
+                               atol=2e-3)  # fmt: skip
+    np.testing.assert_array_equal(got.pred, want.pred)
