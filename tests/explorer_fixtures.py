@@ -8,8 +8,11 @@ so the server can load the model and the dataset on its own.
 from __future__ import annotations
 
 import tempfile
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -61,3 +64,41 @@ def explorer_run() -> ExplorerRun:
         root = Path(tempfile.mkdtemp(prefix="lurker-explorer-test-"))
         _BUILT["run"] = build_run(root)
     return _BUILT["run"]
+
+
+def summary_rank_behind(app: Any, url: Callable[[int], str], started: threading.Event) -> int:
+    """Send 60 model requests (``url(i)``, more than the 40 worker threads) to ``app``,
+    then, once the model is busy, a run-summary request: its position among the answers.
+    Requests waiting for the model must hold no worker thread, so it answers early."""
+    import asyncio
+    import concurrent.futures
+
+    import httpx2 as httpx
+
+    order: list[str] = []
+
+    async def main() -> None:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            assert (await c.get("/api/runs/digits/live/sample-1")).status_code == 200
+
+            async def model_request(i: int) -> None:
+                r = await c.get(url(i))
+                assert r.status_code == 200, r.text
+                order.append("model")
+
+            tasks = [asyncio.create_task(model_request(i)) for i in range(60)]
+            while not started.is_set():
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.1)
+            r = await c.get("/api/runs/digits")
+            assert r.status_code == 200
+            order.append("summary")
+            await asyncio.gather(*tasks)
+
+    # In a thread of its own: a Playwright browser of another test in this process keeps an
+    # event loop running in the main thread, where asyncio.run would refuse to start.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, main()).result()
+    assert order.count("model") == 60
+    return order.index("summary")

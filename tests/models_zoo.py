@@ -124,3 +124,17 @@ class Fails(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(torch.relu(self.fc1(x)))
+
+
+def digits_net_float64() -> nn.Module:
+    """An untrained DigitsNet in float64 with non-trivial BatchNorm statistics, as after
+    training (the explain tests' model: exact enough to compare with other libraries)."""
+    from lurker.examples import DigitsNet
+
+    torch.manual_seed(0)
+    m = DigitsNet().eval()
+    for mod in m.modules():
+        if isinstance(mod, nn.BatchNorm2d):
+            mod.running_mean.uniform_(-0.2, 0.2)
+            mod.running_var.uniform_(0.5, 1.5)
+    return m.double()

@@ -9,7 +9,7 @@ from torch import nn
 
 import lurker
 from lurker.errors import LurkerError
-from lurker.examples import DigitsNet
+from models_zoo import digits_net_float64
 
 captum_attr = pytest.importorskip("captum.attr")
 
@@ -25,14 +25,7 @@ def close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-5) -> None:
 
 @pytest.fixture(scope="module")
 def digits() -> nn.Module:
-    torch.manual_seed(0)
-    m = DigitsNet().eval()
-    # non-trivial BatchNorm statistics, as after training
-    for mod in m.modules():
-        if isinstance(mod, nn.BatchNorm2d):
-            mod.running_mean.uniform_(-0.2, 0.2)
-            mod.running_var.uniform_(0.5, 1.5)
-    return m.double()
+    return digits_net_float64()
 
 
 @pytest.fixture(scope="module")

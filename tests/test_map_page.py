@@ -49,7 +49,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
         Run.open(root / "mapped") as run,
         background(create_app(root, model_obj=model, dataset=data)) as url,
     ):
-        yield {"url": url, "map": run.map()}
+        yield {"url": url, "map": run.map(), "root": root, "data": data}
 
 
 @pytest.fixture
@@ -80,11 +80,15 @@ def _screen(g: dict[str, float], x: float, y: float) -> tuple[float, float]:
     return g["left"] + g["tx"] + x * g["s"], g["top"] + g["ty"] - y * g["s"]
 
 
-def _isolated(m: Any, g: dict[str, float]) -> int:
-    """A point with no other within 10 px on screen, so hovering it hits it alone."""
+def _isolated(m: Any, g: dict[str, float], among: Any = None) -> int:
+    """The point (of ``among``, default all) farthest on screen from any other, so hovering
+    it hits it alone."""
     xy = np.c_[m.x, -m.y] * g["s"]
     d = np.sqrt(((xy[:, None] - xy[None]) ** 2).sum(-1)) + np.eye(len(xy)) * 1e9
-    return int(np.argmax(d.min(1)))
+    nearest = d.min(1)
+    if among is not None:
+        nearest = np.where(among, nearest, -1)
+    return int(np.argmax(nearest))
 
 
 def test_map_draws_hover_shows_the_sample_and_click_opens_it(page: Any, served: dict[str, Any]):
@@ -155,3 +159,53 @@ def test_run_without_map_says_how_to_make_one(page: Any, served: dict[str, Any])
     note = page.locator(".notice")
     note.wait_for()
     assert "lurker map" in note.inner_text()
+
+
+@pytest.fixture(scope="module")
+def static_site(served: dict[str, Any]) -> Iterator[str]:
+    """`lurker export` of both runs, served by a plain static file server (no lurker)."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    from lurker.server.export import export_site
+
+    site = export_site(served["root"], served["root"].parent / "site", dataset=served["data"],
+                       progress=False)  # fmt: skip
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(site)))
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/"
+    httpd.shutdown()
+    thread.join(10)
+
+
+def test_static_export_shows_the_map(page: Any, served: dict[str, Any], static_site: str):
+    import json
+
+    m = served["map"]
+    site = served["root"].parent / "site" / "data" / "runs"
+    listed = json.loads((site / "mapped" / "exported-samples.json").read_text())["samples"]
+    exported = {s["id"] for s in listed if s["image"]}
+    assert 0 < len(exported) < len(m)
+    g = _open(page, {"url": static_site.rstrip("/")})
+    assert page.locator("canvas.map-canvas").get_attribute("data-shown") == str(len(m))
+    for want in (True, False):  # an exported sample shows its image, another says so
+        i = _isolated(m, g, np.isin(m.ids, list(exported)) == want)
+        page.mouse.move(*_screen(g, float(m.x[i]), float(m.y[i])))
+        tip = page.locator(".map-tip")
+        tip.wait_for(state="visible")
+        assert tip.get_attribute("data-sample") == str(m.ids[i])
+        assert (tip.locator("img").count() == 1) == want
+        assert ("not exported" in tip.inner_text()) != want
+        page.mouse.move(1, 1)
+    page.goto(f"{static_site}#/r/plain/map")
+    note = page.locator(".notice")
+    note.wait_for()
+    assert "holds no dataset map" in note.inner_text() and "lurker map" in note.inner_text()
+    assert not page.errors

@@ -140,12 +140,12 @@ def test_samples_page(client: TestClient, run: Run):
 
 def _brute_appearances(run: Run) -> dict[int, list[tuple]]:
     """Every unit's top lists read one unit at a time: sample id -> its entries in the
-    order the API promises (layer order, rank, max list before mean, unit)."""
+    order the API promises (layer order, rank, max list before mean before relevance, unit)."""
     found: dict[int, list[tuple]] = {}
     for pos, info in enumerate(run.layers):
         for u in range(info.num_units):
             unit = run.unit(info.name, u)
-            for which_pos, which in enumerate(("max", "mean")):
+            for which_pos, which in enumerate(run.top_lists):  # with "relevance": probed so
                 for e in unit.top(which):
                     found.setdefault(e.sample_id, []).append(
                         ((pos, e.rank, which_pos, u), (info.name, u, which, e.rank, e.value))

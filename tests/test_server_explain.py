@@ -19,7 +19,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 import lurker.explain  # noqa: F401  (the package module, patched below)
-from explorer_fixtures import ExplorerRun, explorer_run  # noqa: F401
+from explorer_fixtures import ExplorerRun, explorer_run, summary_rank_behind  # noqa: F401
 from lurker.explain import METHODS
 from lurker.probe.data import load_dataset
 from lurker.server import create_app
@@ -339,11 +339,7 @@ def test_explain_requests_waiting_for_the_model_hold_no_worker_thread(
     """60 slow explanations in flight (more than the 40 worker threads): a run-summary
     request sent after them still answers before all but a few of them (as for the live
     routes)."""
-    import asyncio
-    import concurrent.futures
     import time
-
-    import httpx2 as httpx
 
     import lurker.server.routes.explain as routes
 
@@ -355,33 +351,10 @@ def test_explain_requests_waiting_for_the_model_hold_no_worker_thread(
         return routes.Result(torch.zeros(16, 16), True, target, 0, layer, None, {}, 0.05)
 
     app = create_app(explorer_run.path, model_obj=explorer_run.model)
-    order: list[str] = []
-
-    async def main() -> None:
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
-            assert (await c.get("/api/runs/digits/live/sample-1")).status_code == 200
-
-            async def explain(i: int) -> None:
-                kind = ("json", "png")[i % 2]  # distinct (image, target): no cache hits
-                url = f"/api/runs/digits/live/sample-{i // 10}/explain/saliency.{kind}"
-                r = await c.get(url, params={"target": str(i % 10)})
-                assert r.status_code == 200, r.text
-                order.append("explain")
-
-            tasks = [asyncio.create_task(explain(i)) for i in range(60)]
-            while not started.is_set():
-                await asyncio.sleep(0.01)
-            await asyncio.sleep(0.1)
-            r = await c.get("/api/runs/digits")
-            assert r.status_code == 200
-            order.append("summary")
-            await asyncio.gather(*tasks)
-
     monkeypatch.setattr(routes, "_compute", slow)
-    # In a thread of its own: a Playwright browser of another test in this process keeps an
-    # event loop running in the main thread, where asyncio.run would refuse to start.
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        pool.submit(asyncio.run, main()).result()
-    assert order.count("explain") == 60
-    assert order.index("summary") < 10, order.index("summary")
+
+    def url(i: int) -> str:  # distinct (image, target, kind): no cache hits
+        kind = ("json", "png")[i % 2]
+        return f"/api/runs/digits/live/sample-{i // 10}/explain/saliency.{kind}?target={i % 10}"
+
+    assert summary_rank_behind(app, url, started) < 10

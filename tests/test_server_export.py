@@ -4,6 +4,7 @@ each equal to what the API answers; ``static_segment`` matches the client's rule
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -15,9 +16,11 @@ import urllib.request
 from pathlib import Path
 from urllib.parse import quote, unquote
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 from fastapi.testclient import TestClient
+from PIL import Image
 
 from explorer_fixtures import ExplorerRun, explorer_run  # noqa: F401
 from lurker.cli import main
@@ -93,50 +96,153 @@ def test_front_end_in_static_mode(site: Path):
     assert (site / "favicon.svg").is_file()
 
 
-def test_every_json_the_client_requests(site: Path, explorer_run: ExplorerRun):  # noqa: F811
+def ranked_samples(path: Path) -> set[int]:
+    """Every sample some unit ranks in a top-k list (max, mean, and relevance when the
+    run has it), read back with the store (oracle)."""
+    with Run.open(path) as run:
+        lists = ("max", "mean", "relevance") if run.has_relevance else ("max", "mean")
+        return {
+            e.sample_id
+            for info in run.layers
+            for u in run.units(info.name)
+            for which in lists
+            for e in u.top(which)
+        }
+
+
+def test_every_json_equals_the_api(site: Path, explorer_run: ExplorerRun):  # noqa: F811
     c = TestClient(create_app(explorer_run.path, static_dir=site, live=False))
     with Run.open(explorer_run.path) as run:
         layers = [(i.name, i.num_units) for i in run.layers]
-    wanted = [p("runs"), p("runs", "digits")]
+    for path in [p("runs"), p("runs", "digits"), p("runs", "digits", "graph")]:
+        assert json.loads((site / (client_static_url(path) + ".json")).read_bytes()) == (
+            c.get("/api" + path).json()
+        ), path
     for name, n in layers:
-        wanted.append(p("runs", "digits", "layers", name))
-        wanted += [p("runs", "digits", "layers", name, "units", u) for u in range(n)]
-    wanted += [
-        p("runs", "digits", "samples") + f"?offset={o}&limit=100" for o in range(0, 360, 100)
-    ]
-    wanted += [p("runs", "digits", "samples", i) for i in (0, 17, 359)]
-    for path in wanted:
-        file = site / (client_static_url(path) + ".json")
-        assert file.is_file(), path
-        api = c.get("/api" + path)
-        assert api.status_code == 200
-        assert json.loads(file.read_bytes()) == api.json(), path
-    graph = c.get("/api/runs/digits/graph")
-    assert (site / "data/runs/digits/graph.json").is_file() == (graph.status_code == 200)
-    # no live documents: they need a model
-    assert not list(site.glob("data/**/live*"))
+        layer = p("runs", "digits", "layers", name)
+        assert json.loads((site / (client_static_url(layer) + ".json")).read_bytes()) == (
+            c.get("/api" + layer).json()
+        )
+        # the unit documents: in chunks found through the layer's index, each the API's
+        index = json.loads((site / client_static_url(layer + "/units/index.json")).read_bytes())
+        assert index["num_units"] == n and index["chunk"] >= 1
+        for u in range(n):
+            chunk_file = client_static_url(layer + f"/units/chunk-{u // index['chunk']}.json")
+            chunk = json.loads((site / chunk_file).read_bytes())
+            doc = chunk["units"][u - chunk["offset"]]
+            api = c.get("/api" + layer + f"/units/{u}").json()
+            assert doc == api, (name, u)
+            top = api["top"]["max"][0]
+            assert index["thumbs"][u] == {
+                "sample": top["sample_id"],
+                "box": top["box"],
+                "crop": True,
+            }
+    # a page per top-k sample and no other; each equals the API's
+    ranked = ranked_samples(explorer_run.path)
+    pages = {int(f.stem) for f in (site / "data/runs/digits/samples").glob("*.json")}
+    assert pages == ranked
+    for sid in sorted(ranked)[:: max(1, len(ranked) // 12)]:
+        path = p("runs", "digits", "samples", sid)
+        assert json.loads((site / (client_static_url(path) + ".json")).read_bytes()) == (
+            c.get("/api" + path).json()
+        )
+    listed = json.loads((site / "data/runs/digits/exported-samples.json").read_bytes())
+    assert listed["total"] == c.get("/api/runs/digits").json()["dataset"]["size"]
+    assert [s["id"] for s in listed["samples"]] == sorted(ranked)
+    first = c.get(f"/api/runs/digits/samples/{sorted(ranked)[0]}").json()["sample"]
+    assert listed["samples"][0] == {**first, "image": True}
+    # no pages of the sample list, no live documents (they need a model)
+    assert not list(site.glob("data/**/samples~3F*")) and not list(site.glob("data/**/live*"))
 
 
-def test_every_png_of_the_top_lists(site: Path, explorer_run: ExplorerRun):  # noqa: F811
+def test_images_once_per_sample_and_crops_cut_from_them(
+    site: Path,
+    explorer_run: ExplorerRun,  # noqa: F811
+):
+    from lurker.probe.images import crop
+
+    c = TestClient(create_app(explorer_run.path))
+    ranked = ranked_samples(explorer_run.path)
+    images = {int(f.parent.name) for f in (site / "data/runs/digits/samples").glob("*/image.png")}
+    assert images == ranked
+    for sid in sorted(ranked)[:5]:
+        api = p("runs", "digits", "samples", sid, "image.png")
+        assert (site / client_static_url(api)).read_bytes() == c.get("/api" + api).content
+    # no per-entry inputs or max-list crops: the browser cuts them from the sample image
+    assert not list(site.glob("data/**/input.png"))
+    assert not list(site.glob("data/**/max/*/crop.png"))
+    # what the browser does (crop of the sample image by the unit document's box) is the
+    # server's crop of the entry, for every max entry of a layer
     with Run.open(explorer_run.path) as run:
         info = run.layers[2]
-        for unit in (0, info.num_units - 1):
-            for which in ("max", "mean"):
-                for e in run.unit(info.name, unit).top(which):
-                    base = p("runs", "digits", "layers", info.name, "units", unit, which, e.rank)
-                    inp = site / client_static_url(base + "/input.png")
-                    sample = site / client_static_url(p("runs", "digits", "samples", e.sample_id))
-                    assert inp.read_bytes() == Path(str(sample) + "/image.png").read_bytes()
-                    crop = site / client_static_url(base + "/crop.png")
-                    assert crop.is_file() == (which == "max")
-    # every cached file is exported, at its API path
-    c = TestClient(create_app(explorer_run.path))
-    cached = sorted((explorer_run.path / "cache").rglob("*.png"))
-    assert cached
-    samples = [f for f in cached if f.parent.name == "samples"]
-    for f in samples[:5]:
-        api = p("runs", "digits", "samples", int(f.stem), "image.png")
-        assert (site / client_static_url(api)).read_bytes() == c.get("/api" + api).content
+    for unit in range(info.num_units):
+        doc = c.get(f"/api/runs/digits/layers/{info.name}/units/{unit}").json()
+        for e in doc["top"]["max"]:
+            sample = Image.open(site / f"data/runs/digits/samples/{e['sample_id']}/image.png")
+            cut = np.asarray(crop(sample, tuple(e["box"])))
+            served = c.get(
+                f"/api/runs/digits/layers/{info.name}/units/{unit}/max/{e['rank']}/crop.png"
+            )
+            assert served.status_code == 200
+            assert np.array_equal(cut, np.asarray(Image.open(io.BytesIO(served.content))))
+
+
+def test_file_count_is_bounded(site: Path, explorer_run: ExplorerRun):  # noqa: F811
+    """samples in top-k (page + image each) + per layer (document, index, chunks) + the
+    run list, summary, graph and sample list: nothing per unit or per top-k entry."""
+    ranked = ranked_samples(explorer_run.path)
+    with Run.open(explorer_run.path) as run:
+        layers = [(i.name, i.num_units) for i in run.layers]
+    chunks = 0
+    for name, n in layers:
+        index = json.loads(
+            (
+                site / client_static_url(p("runs", "digits", "layers", name, "units", "index.json"))
+            ).read_bytes()
+        )
+        chunks += -(-n // index["chunk"])
+    files = [f for f in (site / "data").rglob("*") if f.is_file()]
+    cached = [f for f in files if f.name in ("grad.png", "grad_crop.png", "crop.png")]
+    assert len(files) - len(cached) == 2 * len(ranked) + 2 * len(layers) + chunks + 4
+    assert chunks < sum(n for _, n in layers) / 4
+
+
+def test_cached_model_images_exported_and_listed(
+    explorer_run: ExplorerRun,  # noqa: F811
+    static_dir: Path,
+    tmp_path: Path,
+):
+    """A gradient or a mean-list crop in the run's cache (made with the model) is exported
+    at its API path and listed in the unit's chunk; a second export replaces the first."""
+    run_dir = tmp_path / "digits"
+    shutil.copytree(explorer_run.path, run_dir, ignore=shutil.ignore_patterns("cache"))
+    with Run.open(run_dir) as run:
+        info = run.layers[1]
+    grad = run_dir / "cache" / "grad" / info.name / "00003-mean-001.png"
+    crop = run_dir / "cache" / "crop" / info.name / "00003-mean-002.png"
+    for f, colour in ((grad, 7), (crop, 9)):
+        f.parent.mkdir(parents=True, exist_ok=True)
+        buf = io.BytesIO()
+        Image.new("L", (4, 4), colour).save(buf, "PNG")
+        f.write_bytes(buf.getvalue())
+    out = tmp_path / "site"
+    (out / "data" / "stale").mkdir(parents=True)
+    (out / "index.html").write_text('<meta name="lurker-mode" content="static">')
+    export_site(run_dir, out, static_dir=static_dir, progress=False, make_images=False)
+    assert not (out / "data" / "stale").exists()  # an earlier export's data is replaced
+    base = out / "data/runs/digits/layers" / info.name / "units"
+    assert (base / "3/mean/1/grad.png").read_bytes() == grad.read_bytes()
+    assert (base / "3/mean/2/crop.png").read_bytes() == crop.read_bytes()
+    index = json.loads((base / "index.json").read_bytes())
+    chunk = json.loads((base / f"chunk-{3 // index['chunk']}.json").read_bytes())
+    shown = chunk["images"][3 - chunk["offset"]]
+    assert shown["grad"] == {"mean": [1]} and shown["crop"] == {"mean": [2]}
+    # without images made and none cached, the site holds no sample image and says so
+    assert "input" not in shown and not list(out.glob("data/**/image.png"))
+    listed = json.loads((out / "data/runs/digits/exported-samples.json").read_bytes())
+    assert listed["samples"] and not any(s["image"] for s in listed["samples"])
+    assert all(t is None for t in index["thumbs"])
 
 
 def test_export_refuses_a_foreign_folder_and_unbuilt_assets(
@@ -168,6 +274,7 @@ def test_cli_export(explorer_run: ExplorerRun, static_dir: Path, tmp_path: Path,
     assert r.exit_code == 0, r.output
     assert "site:" in r.output
     assert (tmp_path / "site" / "data" / "runs.json").is_file()
+    assert (tmp_path / "site" / "data" / "runs" / "run" / "exported-samples.json").is_file()
     assert "export: " in r.output  # the progress line
 
 
@@ -260,7 +367,7 @@ def test_export_writes_the_further_pages_of_a_sample(
     with Run.open(explorer_run.path) as run:
         for info in run.layers:
             for u in run.units(info.name):
-                for which in ("max", "mean"):
+                for which in run.top_lists:
                     for e in u.top(which):
                         counts[e.sample_id] = counts.get(e.sample_id, 0) + 1
     sid = max(counts, key=lambda k: counts[k])

@@ -20,7 +20,7 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from explorer_fixtures import ExplorerRun, explorer_run  # noqa: F401
+from explorer_fixtures import ExplorerRun, explorer_run, summary_rank_behind  # noqa: F401
 from lurker.probe.data import load_dataset, to_pil
 from lurker.server import create_app
 
@@ -244,10 +244,6 @@ def test_requests_waiting_for_the_model_hold_no_worker_thread(
 ):
     """60 slow model requests in flight (more than the 40 worker threads): a run-summary
     request sent after them still answers before all but a few of them."""
-    import asyncio
-    import concurrent.futures
-
-    import httpx2 as httpx
 
     from lurker.server.session import Session
 
@@ -260,34 +256,9 @@ def test_requests_waiting_for_the_model_hold_no_worker_thread(
         return []
 
     app = create_app(explorer_run.path, model_obj=explorer_run.model)
-    order: list[str] = []
-
-    async def main() -> None:
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
-            assert (await c.get("/api/runs/digits/live/sample-1")).status_code == 200
-
-            async def model_request(i: int) -> None:
-                r = await c.get(f"/api/runs/digits/live/sample-{i % 16}")
-                assert r.status_code == 200
-                order.append("model")
-
-            tasks = [asyncio.create_task(model_request(i)) for i in range(60)]
-            while not started.is_set():
-                await asyncio.sleep(0.01)
-            await asyncio.sleep(0.1)
-            r = await c.get("/api/runs/digits")
-            assert r.status_code == 200
-            order.append("summary")
-            await asyncio.gather(*tasks)
-
     monkeypatch.setattr(Session, "predictions", slow)
-    # In a thread of its own: a Playwright browser of another test in this process keeps an
-    # event loop running in the main thread, where asyncio.run would refuse to start.
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        pool.submit(asyncio.run, main()).result()
-    assert order.count("model") == 60
-    assert order.index("summary") < 10, order.index("summary")
+    url = "/api/runs/digits/live/sample-{}".format
+    assert summary_rank_behind(app, lambda i: url(i % 16), started) < 10
 
 
 def test_live_image_ids_are_validated(client: TestClient, explorer_run: ExplorerRun):  # noqa: F811

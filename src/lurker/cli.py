@@ -487,16 +487,16 @@ def serve(
 @click.option(
     "--no-images",
     is_flag=True,
-    help="Export only the images already cached; do not make the top samples' images and "
-    "crops from the dataset first.",
+    help="Export only the images already cached; do not make the top samples' images "
+    "from the dataset first.",
 )
 @_friendly
 def export(run: str, site: str, no_images: bool) -> None:
     """Write RUN's explorer as a static site to SITE (no Python needed to view it).
 
-    Everything precomputed is exported: the run's JSON documents, the top samples'
-    images and crops (made from the run's dataset when it can be loaded) and every cached
-    image (make gradients first with `lurker images RUN`). View it with any static file server, e.g.
+    Everything precomputed is exported: the run's JSON documents, each top-k sample's
+    image (made from the run's dataset when it can be loaded; the pages cut crops from it)
+    and the cached gradients (make them first with `lurker images RUN`). View it with any static file server, e.g.
     `python -m http.server -d SITE`. The live views need `lurker serve RUN --model SPEC`.
     """
     from .server.export import export_site
@@ -512,6 +512,7 @@ Examples:
   lurker explain net.py:Net -w net.pt --image 7.png --image-size 16 \\
       --method integrated_gradients --target 7 --option n_steps=32
   lurker explain net.py:Net -w net.pt --image 7.png --target features.8:5 --out unit.png
+  lurker explain net.py:Net -w net.pt --image 7.png --method gradcam --evaluate
 """
 )
 @click.argument("model")
@@ -551,6 +552,12 @@ Examples:
 @click.option("--alpha", default=0.6, show_default=True, help="Heatmap opacity at its strongest.")
 @click.option("--out", "-o", default="heat.png", show_default=True, type=click.Path(dir_okay=False))
 @click.option("--device", default="cpu", show_default=True)
+@click.option(
+    "--evaluate",
+    "evaluate_",
+    is_flag=True,
+    help="Also print the explanation's deletion and insertion AUC (lurker.explain.evaluate).",
+)
 @_friendly
 def explain(
     model: str,
@@ -566,6 +573,7 @@ def explain(
     alpha: float,
     out: str,
     device: str,
+    evaluate_: bool,
 ) -> None:
     """Explain MODEL's decision on one image: write the heatmap over the image to --out.
 
@@ -589,6 +597,12 @@ def explain(
     if layer is not None:
         opts["layer"] = layer
     goal = parse_target(target)
+    if evaluate_ and isinstance(goal, explain_pkg.UnitTarget):
+        raise click.BadParameter(
+            "deletion and insertion follow a class's probability: --evaluate needs a class "
+            "--target (an int or top), not a unit",
+            param_hint="'--evaluate'",
+        )
     net = load_model(model, weights, device=device)
     first = next((p for p in net.parameters() if p.dim() == 4), None)
     channels = first.shape[1] if first is not None else 3
@@ -607,6 +621,13 @@ def explain(
     if e.delta is not None:
         extra = f", convergence delta {float(e.delta[0]):.3g}"
     click.echo(f"{method} of {what}{extra}: {out}")
+    if evaluate_:
+        ev = explain_pkg.evaluate(net, x, e, metrics=("deletion", "insertion"))
+        assert ev.deletion is not None and ev.insertion is not None
+        click.echo(
+            f"deletion AUC {float(ev.deletion.auc[0]):.4f} (lower is better), "
+            f"insertion AUC {float(ev.insertion.auc[0]):.4f} (higher is better)"
+        )
 
 
 def _floats(text: str | None, name: str) -> list[float] | None:

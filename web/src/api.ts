@@ -82,6 +82,8 @@ export interface TopEntry {
   label: number | null;
   class_name: string | null;
   path: string | null;
+  /** max lists: the input box `[y0, y1, x0, x1]` (half-open) the peak sees, or null. */
+  box?: number[] | null;
 }
 
 export interface UnitDoc {
@@ -135,6 +137,32 @@ export interface SampleDoc {
 export interface SampleList {
   total: number;
   samples: SampleBrief[];
+}
+
+/** Image kinds of a top-k entry, by list, with the ranks a static export can show. */
+export type EntryKind = "input" | "crop" | "grad" | "grad_crop";
+export type Shown = Partial<Record<EntryKind, Partial<Record<"max" | "mean" | "relevance", number[]>>>>;
+
+/** Static export: a chunk of a layer's unit documents (`units` as the API answers). */
+export interface UnitChunk {
+  layer: string;
+  offset: number;
+  units: UnitDoc[];
+  images: Shown[];
+}
+
+/** Static export: how a layer's units are chunked, and each unit's top image for the grid. */
+export interface UnitsIndex {
+  layer: string;
+  num_units: number;
+  chunk: number;
+  thumbs: ({ sample: number; box: number[] | null; crop: boolean } | null)[];
+}
+
+/** Static export: the samples it holds (those some unit ranks in its top-k). */
+export interface ExportedSamples {
+  total: number;
+  samples: (SampleBrief & { image: boolean })[];
 }
 
 export interface LiveImage {
@@ -215,15 +243,85 @@ export class Api {
 
   /** GET a JSON document; immutable run documents are cached for the page's life. */
   json<T>(path: string, { cache = true }: { cache?: boolean } = {}): Promise<T> {
-    const url = this.jsonUrl(path);
+    return this.get<T>(this.jsonUrl(path), cache, path);
+  }
+
+  /** A file only a static export has (`data/` + safe segments), e.g. the unit chunks. */
+  private exportFile<T>(...segments: (string | number)[]): Promise<T> {
+    return this.get<T>("data/" + segments.map((s) => staticSegment(String(s))).join("/") + ".json", true, null);
+  }
+
+  private get<T>(url: string, cache: boolean, path: string | null): Promise<T> {
     const hit = cache ? this.cache.get(url) : undefined;
     if (hit) return hit as Promise<T>;
-    const req = fetch(url).then((res) => readJson<T>(res, url));
+    // a static export answers a missing document with the server's 404 text (what exists)
+    // and never asks for a file it does not hold
+    const missing = this.isStatic && path !== null ? this.missing(path) : Promise.resolve(null);
+    const req = missing.then((why) => {
+      if (why) throw new ApiError(404, why);
+      return fetch(url).then((res) => readJson<T>(res, url));
+    });
     if (cache) {
       this.cache.set(url, req);
       req.catch(() => this.cache.delete(url));
     }
     return req;
+  }
+
+  /** Static mode: why the export has no document at `path` (null: it has one). */
+  private async missing(path: string): Promise<string | null> {
+    const segs = path.split("?")[0].split("/").slice(1).map((s) => decodeURIComponent(s));
+    if (segs[0] !== "runs" || segs.length < 2) return null;
+    const run = segs[1];
+    if (segs.length === 2) {
+      const { runs } = await this.json<{ runs: RunListEntry[] }>("/runs");
+      const ids = runs.map((r) => r.id);
+      return ids.includes(run) ? null : `no run '${run}'; runs: ${listing(ids)}`;
+    }
+    if (segs[2] === "live" || segs[2] === "explain")
+      return "this static export has no model: the live and explain views need `lurker serve RUN --model SPEC`";
+    const summary = await this.json<RunSummary>(p("runs", run));
+    if (segs[2] === "map" && !summary.holds.map)
+      return `this export holds no dataset map of run '${run}': make one with \`lurker map RUN\`, then export again`;
+    if (segs[2] === "layers" && segs.length >= 4) {
+      const names = summary.layers.map((l) => l.name);
+      if (!names.includes(segs[3])) return `no layer '${segs[3]}' in run '${run}'; layers: ${listing(names)}`;
+    }
+    if (segs[2] === "samples" && segs.length === 4) {
+      const ex = await this.exportedSamples(run);
+      if (!ex.samples.some((s) => String(s.id) === segs[3]))
+        return (
+          `sample ${segs[3]} is not in this static export: it holds the ${ex.samples.length} samples that ` +
+          `some unit ranks in its top-k (of ${ex.total}); serve the run (\`lurker serve RUN\`) to see every sample`
+        );
+    }
+    return null;
+  }
+
+  /** Static mode: how the layer's unit documents are chunked, and its grid's top images. */
+  unitsIndex(run: string, layer: string): Promise<UnitsIndex> {
+    return this.json<RunSummary>(p("runs", run)).then((summary) => {
+      const names = summary.layers.map((l) => l.name);
+      if (!names.includes(layer)) throw new ApiError(404, `no layer '${layer}' in run '${run}'; layers: ${listing(names)}`);
+      return this.exportFile<UnitsIndex>("runs", run, "layers", layer, "units", "index");
+    });
+  }
+
+  /** Static mode: the samples the export holds. */
+  exportedSamples(run: string): Promise<ExportedSamples> {
+    return this.exportFile<ExportedSamples>("runs", run, "exported-samples");
+  }
+
+  /** A unit's document (the API's), and in static mode which of its images the export holds. */
+  async unit(run: string, layer: string, unit: string): Promise<{ doc: UnitDoc; shown: Shown | null }> {
+    if (!this.isStatic) return { doc: await this.json<UnitDoc>(p("runs", run, "layers", layer, "units", unit)), shown: null };
+    const index = await this.unitsIndex(run, layer);
+    const u = Number(unit);
+    if (!/^\d+$/.test(unit) || u >= index.num_units) {
+      throw new ApiError(404, `no unit ${unit} in layer '${layer}': it has ${index.num_units} units (0..${index.num_units - 1})`);
+    }
+    const chunk = await this.exportFile<UnitChunk>("runs", run, "layers", layer, "units", `chunk-${Math.floor(u / index.chunk)}`);
+    return { doc: chunk.units[u - chunk.offset], shown: chunk.images[u - chunk.offset] };
   }
 
   /** POST a file (live uploads; served mode only). */
@@ -233,6 +331,89 @@ export class Api {
     const url = "api" + path;
     return readJson<T>(await fetch(url, { method: "POST", body }), url);
   }
+}
+
+/** `a, b, c, ... (12 more)`: the first 40 names, as the server's 404 bodies list them. */
+function listing(names: string[], limit = 40): string {
+  const more = names.length - limit;
+  return (names.slice(0, limit).join(", ") || "(none)") + (more > 0 ? `, ... (${more} more)` : "");
+}
+
+const decoded = new Map<string, Promise<HTMLImageElement>>();
+
+/** A decoded image, loaded once per URL (a sample is the top image of many units). */
+export function loadImage(url: string): Promise<HTMLImageElement> {
+  let hit = decoded.get(url);
+  if (!hit) {
+    const img = new Image();
+    img.src = url;
+    hit = img.decode().then(() => img);
+    decoded.set(url, hit);
+    hit.catch(() => decoded.delete(url));
+  }
+  return hit;
+}
+
+let watcher: IntersectionObserver | null = null;
+const pending = new WeakMap<Element, () => void>();
+
+/**
+ * The receptive-field crop of an image, cut in the browser exactly as the server's
+ * `lurker.probe.images.crop` cuts it: the half-open box `[y0, y1, x0, x1]` (null: the
+ * whole image) clipped to the image, then enlarged by nearest neighbour by
+ * `ceil(64 / longer side)` when that side is under 64 px. With `lazy`, drawn when it
+ * scrolls into view. The canvas gets `data-ready` once drawn.
+ */
+export function cropCanvas(url: string, box: number[] | null, label: string, lazy = false): HTMLCanvasElement {
+  const canvas = document.createElement("canvas");
+  canvas.setAttribute("role", "img");
+  canvas.setAttribute("aria-label", label);
+  canvas.dataset.src = url;
+  if (box) canvas.dataset.box = box.join(",");
+  const draw = () =>
+    loadImage(url).then(
+      (img) => {
+        const W = img.naturalWidth;
+        const H = img.naturalHeight;
+        const [by0, by1, bx0, bx1] = box ?? [0, H, 0, W];
+        const y0 = Math.max(by0, 0);
+        const y1 = Math.min(by1, H);
+        const x0 = Math.max(bx0, 0);
+        const x1 = Math.min(bx1, W);
+        if (y1 <= y0 || x1 <= x0) {
+          canvas.dataset.error = `the box ${box} does not overlap the ${H}x${W} image`;
+          return;
+        }
+        const longest = Math.max(y1 - y0, x1 - x0);
+        const k = longest < 64 ? Math.ceil(64 / longest) : 1;
+        canvas.width = (x1 - x0) * k;
+        canvas.height = (y1 - y0) * k;
+        const c = canvas.getContext("2d");
+        if (!c) return;
+        c.imageSmoothingEnabled = false;
+        c.drawImage(img, x0, y0, x1 - x0, y1 - y0, 0, 0, canvas.width, canvas.height);
+        canvas.dataset.ready = "1";
+      },
+      () => (canvas.dataset.error = `cannot load ${url}`),
+    );
+  if (!lazy || typeof IntersectionObserver === "undefined") {
+    void draw();
+    return canvas;
+  }
+  watcher ??= new IntersectionObserver(
+    (seen) => {
+      for (const e of seen) {
+        if (!e.isIntersecting) continue;
+        watcher?.unobserve(e.target);
+        pending.get(e.target)?.();
+        pending.delete(e.target);
+      }
+    },
+    { rootMargin: "200px" },
+  );
+  pending.set(canvas, () => void draw());
+  watcher.observe(canvas);
+  return canvas;
 }
 
 async function readJson<T>(res: Response, url: string): Promise<T> {

@@ -4,7 +4,7 @@
 :class:`Explanation` whose ``.attribution`` has the shape of ``x``. ``METHODS`` lists the
 methods by name; each lives in its own module with one ``attribute`` signature. The
 module is callable, so ``lurker.explain(...)`` works while ``lurker.explain.METHODS`` (and
-later pieces such as ``lurker.explain.evaluate``) stay reachable as attributes.
+``lurker.explain.evaluate``, the faithfulness figures) stay reachable as attributes.
 """
 
 from __future__ import annotations
@@ -23,10 +23,12 @@ from .targets import UnitTarget
 __all__ = [
     "METHODS",
     "Concepts",
+    "Evaluation",
     "Explanation",
     "Method",
     "UnitTarget",
     "concepts",
+    "evaluate",
     "explain",
     "register",
     "untouched",
@@ -53,7 +55,9 @@ for _name in _MODULES:
             raise
 
 
-# after the methods, so that METHODS lists them in the order above (relevance imports lrp)
+# after the methods, so that METHODS lists them in the order above (relevance imports lrp);
+# the function `evaluate` stands in for its module of the same name as a package attribute
+from .evaluate import Evaluation, evaluate  # noqa: E402
 from .relevance import Concepts, concepts  # noqa: E402
 
 

@@ -1,24 +1,35 @@
 """``lurker export RUN SITE``: the explorer as a static site, no Python needed to view it.
 
 The site is the same front end, told by ``<meta name="lurker-mode" content="static">`` to
-read files instead of the API: every JSON response the API can give without a model is
-written to ``data/<static_path(api path)>.json`` and every cached PNG to
-``data/<static_path(api path)>``. The JSON comes from the app's own endpoints (called
-through FastAPI's TestClient), so the export can never disagree with the server.
+read files instead of the API. Files are written straight from the run by the API's own
+route functions (no HTTP round trip per file), so every document equals the API's answer,
+and the layout is made to scale to real runs (see docs/explorer.md, "Static export"):
+
+* ``data/<static_path(api path)>.json`` for the run list, each run's summary, graph,
+  dataset map (when it has one) and layers, and for the samples that some unit ranks in
+  its top-k (the others have no page);
+* a layer's units in chunks, ``data/runs/R/layers/L/units/chunk-<i>.json`` (``units``:
+  the API's unit documents, in order), found through ``units/index.json`` (the chunk size,
+  and each unit's top image and crop box for the layer grid);
+* each top-k sample's image once, ``data/runs/R/samples/<id>/image.png``: the front end
+  cuts the max lists' receptive-field crops from it (as ``lurker.probe.images.crop``
+  does), so no crop file per entry; cached gradients and mean-list crops (they need the
+  model: ``lurker images RUN``) are exported at their API paths;
+* ``data/runs/R/exported-samples.json``: the samples the site holds.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, unquote
+from urllib.parse import unquote
 
 import numpy as np
 
@@ -29,12 +40,16 @@ from .routes.samples import APPEARANCES_PAGE
 
 _SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
 _CACHE_NAME = re.compile(r"^(\d{5,})-(max|mean)-(\d{3,})\.png$")
-_SAMPLE_NAME = re.compile(r"^(\d{8,})\.png$")
 _HEAD = re.compile(r"<head(\s[^>]*)?>", re.I)
 _MODE = re.compile(r"<meta\s+name=[\"']lurker-mode[\"'][^>]*>", re.I)
 MODE_META = '<meta name="lurker-mode" content="static">'
-#: Samples per page of ``samples?offset=N&limit=SAMPLES_PAGE`` files (the client asks so).
-SAMPLES_PAGE = 100
+#: A layer's unit documents are written in chunks of about this many bytes (a chunk is
+#: what one unit page fetches), at most :data:`MAX_CHUNK` units each.
+CHUNK_BYTES = 192 * 1024
+MAX_CHUNK = 256
+#: Image kinds a top-k entry has; "input" and the max lists' "crop" are cut in the
+#: browser from the sample's image, the others are exported as cached files.
+KINDS = ("input", "crop", "grad", "grad_crop")
 
 
 def static_segment(segment: str) -> str:
@@ -52,6 +67,11 @@ def static_path(api_path: str) -> str:
     :func:`static_segment` (as ``api.ts`` does with ``decodeURIComponent``)."""
     path = api_path.removeprefix("/api/") if api_path.startswith("/api/") else api_path
     return "/".join(static_segment(unquote(s)) for s in path.strip("/").split("/"))
+
+
+def _rel(*segments: object) -> str:
+    """The file path of API path segments (raw, not URL-encoded)."""
+    return "/".join(static_segment(str(s)) for s in segments)
 
 
 class _Progress:
@@ -89,15 +109,15 @@ def export_site(
 ) -> Path:
     """Write the static explorer of ``run`` (a run directory or a folder of runs) to ``out``.
 
-    ``out`` must be empty, missing, or an earlier export (it is updated in place). The
-    built front end (``make``) must exist. With ``make_images``, the images that need only
-    the dataset (every top-k sample, the receptive-field crops of the max lists) are made
-    first, through the API, into the run's cache; then every cached PNG is exported.
-    Gradient images need the model: make them with ``lurker images RUN``. Returns ``out``.
+    ``out`` must be empty, missing, or an earlier export (its ``data/`` is replaced). The
+    built front end (``make``) must exist. With ``make_images``, each top-k sample's image
+    is made from the dataset into the run's cache when it is not cached yet; gradient
+    images need the model: make them first with ``lurker images RUN``. Returns ``out``.
     """
-    from fastapi.testclient import TestClient
+    from starlette.requests import Request
 
     from .app import STATIC_DIR, create_app
+    from .routes.runs import list_runs
 
     static = Path(static_dir) if static_dir is not None else STATIC_DIR
     if not (static / "index.html").is_file():
@@ -106,49 +126,200 @@ def export_site(
             "in the lurker repository (it builds web/ into the package), then export again"
         )
     site = Path(out)
-    _check_out(site)
+    earlier = _check_out(site)
     app = create_app(run, static_dir=static, dataset=dataset, live=False)
+    # the route functions read only request.app: the documents are the API's own
+    request = Request({"type": "http", "app": app, "method": "GET", "headers": []})
     bar = _Progress(progress)
     site.mkdir(parents=True, exist_ok=True)
-    _copy_front_end(static, site)
     data = site / "data"
-    with TestClient(app, raise_server_exceptions=True) as client:
-
-        def get(api: str) -> bytes | None:
-            r = client.get(api)
-            if r.status_code != 200:
-                return None
-            return r.content
-
-        runs = app.state.registry.entries
-        if make_images:  # first: the summaries then count the images made
-            for e in runs.values():
-                summary = get(f"/api/runs/{quote(e.id, safe='')}") if e.run is not None else None
-                if summary is not None and json.loads(summary)["holds"]["dataset"]:
-                    made = list(_dataset_images(e))
-                    bar.total += len(made)
-                    for api in made:
-                        get(api)  # made and cached by the server (a 404 if it cannot be)
-                        bar.add()
-        for e in runs.values():
-            e._counted = None  # count the cached images again, with those just made
-        jobs = list(_json_paths(app))
-        bar.total += len(jobs)
-        for api in jobs:
-            body = get(api)
-            if body is not None:
-                _write(data, static_path(api) + ".json", body)
-            bar.add()
-        pngs = [p for e in runs.values() if e.run is not None for p in _png_files(e)]
-        bar.total += len(pngs)
-        for api, source in pngs:
-            _link(source, _inside(data, static_path(api)))
-            bar.add()
+    if earlier and data.is_dir():
+        shutil.rmtree(data)  # written by an earlier export: stale files would linger
+    _copy_front_end(static, site)
+    out_files = _Files(data, bar)
+    bar.total += 1  # runs.json, written last
+    try:
+        for e in app.state.registry.entries.values():
+            if e.run is not None:
+                _export_run(request, e, out_files, make_images)
+        out_files.json(_rel("runs"), list_runs(request))
+    finally:
+        app.state.registry.close()
     bar.close(site)
     return site
 
 
-def _check_out(site: Path) -> None:
+class _Files:
+    """Writes the site's files under ``data/`` and counts them."""
+
+    def __init__(self, root: Path, bar: _Progress):
+        self.root = root
+        self.bar = bar
+        self.count = 0
+
+    def text(self, relative: str, body: str) -> None:
+        _write(self.root, relative, body.encode("utf-8"))
+        self._done()
+
+    def json(self, relative: str, doc: Any) -> None:
+        self.text(relative + ".json", _dumps(doc))
+
+    def image(self, relative: str, found: bytes | Path) -> None:
+        if isinstance(found, bytes):
+            _write(self.root, relative, found)
+        else:
+            _link(found, _inside(self.root, relative))
+        self._done()
+
+    def _done(self) -> None:
+        self.count += 1
+        self.bar.add()
+
+
+def _dumps(doc: Any) -> str:
+    """JSON as the API sends it (pydantic models dumped as FastAPI serializes them)."""
+    if hasattr(doc, "model_dump"):
+        doc = doc.model_dump(mode="json", by_alias=True)
+    return json.dumps(doc, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
+def _export_run(request: Any, e: Any, files: _Files, make_images: bool) -> None:
+    from .deps import session
+    from .errors import ApiError
+    from .routes.layers import layer_detail
+    from .routes.runs import run_summary
+    from .routes.samples import _sample_detail
+
+    s = session(request, e)
+    run = e.run
+    index = e.appearances()
+    ranked = np.unique(index.sample).tolist()  # max, mean and relevance lists
+    files.bar.total += 2 * len(ranked) + 3 + 2 * len(run.layers)
+    # each top-k sample: its page and its image (made from the dataset if need be)
+    images: dict[int, bytes | Path] = {}
+    listed = []
+    for sid in ranked:
+        detail = _sample_detail(request, e.id, sid, 0, APPEARANCES_PAGE)
+        files.json(_rel("runs", e.id, "samples", sid), detail)
+        # the sample page's "show more" asks for the next pages of its top-list entries
+        for offset in range(APPEARANCES_PAGE, detail.total, APPEARANCES_PAGE):
+            query = f"{sid}?offset={offset}&limit={APPEARANCES_PAGE}"
+            more = _sample_detail(request, e.id, sid, offset, APPEARANCES_PAGE)
+            files.json(_rel("runs", e.id, "samples", query), more)
+        found = _sample_image(s, sid, detail.sample.path, make_images, ApiError)
+        if found is not None:
+            images[sid] = found
+            files.image(_rel("runs", e.id, "samples", sid, "image.png"), found)
+        listed.append({**detail.sample.model_dump(mode="json"), "image": found is not None})
+    files.json(
+        _rel("runs", e.id, "exported-samples"),
+        {"total": e.sample_count(), "samples": listed},
+    )
+    for info in run.layers:
+        files.json(_rel("runs", e.id, "layers", info.name), layer_detail(request, e.id, info.name))
+        _export_units(request, e, info, files, images)
+    with contextlib.suppress(ApiError):  # a run without a graph (v2): the page says so
+        files.json(_rel("runs", e.id, "graph"), e.graph_view())
+    if run.has_map:  # the Map page (its hover images: the exported samples')
+        from .routes.dataset_map import dataset_map
+
+        files.bar.total += 1
+        files.json(_rel("runs", e.id, "map"), dataset_map(request, e.id))
+    e._counted = None  # count the cached images again, with those just made
+    files.json(_rel("runs", e.id), run_summary(request, e.id))
+
+
+def _sample_image(
+    s: Any, sid: int, path: str | None, make: bool, api_error: type[Exception]
+) -> bytes | Path | None:
+    """The sample's image: cached, else made from the dataset (``make``), else None."""
+    cached = s.sample_file(sid)
+    if cached.is_file() and cached.stat().st_size > 0:
+        return cached  # type: ignore[no-any-return]
+    if not make or s.dataset_reason() is not None:
+        return None
+    try:
+        return s.sample_png(sid, path)  # type: ignore[no-any-return]
+    except (api_error, LurkerError):
+        return None  # the dataset changed since the probe: the site shows no image
+
+
+def _export_units(
+    request: Any, e: Any, info: Any, files: _Files, images: dict[int, bytes | Path]
+) -> None:
+    """A layer's unit documents in chunks, its cached entry images, and ``units/index``."""
+    from .routes.units import unit_detail
+
+    cached = _cached_unit_images(e.path / "cache", info.name)
+    base = ("runs", e.id, "layers", info.name)
+    size = 0
+    thumbs: list[dict[str, Any] | None] = []
+    chunk: list[str] = []
+    shown: list[dict[str, dict[str, list[int]]]] = []
+    for unit in range(info.num_units):
+        doc = unit_detail(request, e.id, info.name, unit).model_dump(mode="json", by_alias=True)
+        text = json.dumps(doc, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        if unit == 0:
+            size = max(1, min(MAX_CHUNK, CHUNK_BYTES // max(len(text), 1)))
+            files.bar.total += -(-info.num_units // size)
+        chunk.append(text)
+        avail: dict[str, dict[str, list[int]]] = {}
+        for item in doc["top"].get("relevance") or []:  # whole samples: the input only
+            if int(item["sample_id"]) in images:
+                avail.setdefault("input", {}).setdefault("relevance", []).append(int(item["rank"]))
+        for which in ("max", "mean"):
+            for item in doc["top"][which]:
+                rank, sid = int(item["rank"]), int(item["sample_id"])
+                has = {
+                    "input": sid in images,
+                    "crop": sid in images and item["y"] is not None
+                    if which == "max"
+                    else ("crop", unit, which, rank) in cached,
+                    "grad": ("grad", unit, which, rank) in cached,
+                    "grad_crop": ("grad_crop", unit, which, rank) in cached,
+                }
+                for kind, ok in has.items():
+                    if ok:
+                        avail.setdefault(kind, {}).setdefault(which, []).append(rank)
+                for kind in ("crop", "grad", "grad_crop"):
+                    source = cached.get((kind, unit, which, rank))
+                    if source is not None and not (kind == "crop" and which == "max"):
+                        files.bar.total += 1
+                        files.image(_rel(*base, "units", unit, which, rank, f"{kind}.png"), source)
+        shown.append(avail)
+        top = doc["top"]["max"][0] if doc["top"]["max"] else None
+        thumbs.append(
+            None
+            if top is None or int(top["sample_id"]) not in images
+            else {"sample": top["sample_id"], "box": top.get("box"), "crop": top["y"] is not None}
+        )
+        if len(chunk) == size or unit == info.num_units - 1:
+            first = unit + 1 - len(chunk)
+            files.text(
+                _rel(*base, "units", f"chunk-{first // size}") + ".json",
+                f'{{"layer":{_dumps(info.name)},"offset":{first},'
+                f'"units":[{",".join(chunk)}],"images":{_dumps(shown)}}}',
+            )
+            chunk, shown = [], []
+    files.json(
+        _rel(*base, "units", "index"),
+        {"layer": info.name, "num_units": info.num_units, "chunk": size, "thumbs": thumbs},
+    )
+
+
+def _cached_unit_images(cache: Path, layer: str) -> dict[tuple[str, int, str, int], Path]:
+    """``(kind, unit, list, rank) -> file`` of the layer's cached entry images."""
+    found = {}
+    for kind in ("crop", "grad", "grad_crop"):
+        for f in _files(cache / kind / safe_component(layer)):
+            m = _CACHE_NAME.match(f.name)
+            if m:
+                found[(kind, int(m[1]), m[2], int(m[3]))] = f
+    return found
+
+
+def _check_out(site: Path) -> bool:
+    """Whether ``site`` holds an earlier export; raises if it holds anything else."""
     if site.exists() and not site.is_dir():
         raise LurkerError(f"cannot export to {site}: it is a file; name a folder")
     if site.is_dir() and any(site.iterdir()):
@@ -159,6 +330,8 @@ def _check_out(site: Path) -> None:
                 f"cannot export to {site}: the folder is not empty and holds no earlier "
                 "export (lurker never deletes files it did not write); name a new folder"
             )
+        return True
+    return False
 
 
 def _copy_front_end(static: Path, site: Path) -> None:
@@ -178,79 +351,6 @@ def _copy_front_end(static: Path, site: Path) -> None:
     else:
         html = MODE_META + "\n" + html
     (site / "index.html").write_text(html, encoding="utf-8")
-
-
-def _json_paths(app: Any) -> Iterator[str]:
-    """Every API path whose JSON the static site needs (no live endpoints)."""
-    yield "/api/runs"
-    for e in app.state.registry.entries.values():
-        if e.run is None:
-            continue
-        base = f"/api/runs/{quote(e.id, safe='')}"
-        yield base
-        yield f"{base}/graph"
-        yield f"{base}/map"  # a 404 (no map in the run) writes nothing
-        for info in e.run.layers:
-            layer = f"{base}/layers/{quote(info.name, safe='')}"
-            yield layer
-            for unit in range(info.num_units):
-                yield f"{layer}/units/{unit}"
-        total = e.sample_count()
-        for offset in range(0, max(total, 1), SAMPLES_PAGE):
-            yield f"{base}/samples?offset={offset}&limit={SAMPLES_PAGE}"
-        index = e.appearances()
-        for sid, *_ in e.sample_rows(0, total):
-            yield f"{base}/samples/{sid}"
-            # the sample page's "show more" asks for the next pages of its top-list entries
-            for offset in range(APPEARANCES_PAGE, index.count(sid), APPEARANCES_PAGE):
-                yield f"{base}/samples/{sid}?offset={offset}&limit={APPEARANCES_PAGE}"
-
-
-def _dataset_images(e: Any) -> Iterator[str]:
-    """API paths of the images made from the dataset alone: each top-k sample's image
-    once, and the crop of every max-list entry."""
-    base = f"/api/runs/{quote(e.id, safe='')}"
-    index = e.appearances()
-    for sid in np.unique(index.sample).tolist():
-        yield f"{base}/samples/{sid}/image.png"
-    layers = e.run.layers
-    for i in np.flatnonzero(index.which == 0).tolist():
-        layer = quote(layers[int(index.layer[i])].name, safe="")
-        yield f"{base}/layers/{layer}/units/{int(index.unit[i])}/max/{int(index.rank[i])}/crop.png"
-
-
-def _png_files(e: Any) -> Iterator[tuple[str, Path]]:
-    """``(api path, cached file)`` for every PNG in the run's cache, and the "input" image
-    of every top-k entry whose sample image is cached (a link to the sample's file)."""
-    run = e.run
-    cache = e.path / "cache"
-    base = f"/runs/{e.id}"
-    samples: dict[int, Path] = {}
-    for f in _files(cache / "samples"):
-        m = _SAMPLE_NAME.match(f.name)
-        if m:
-            samples[int(m[1])] = f
-            yield f"{base}/samples/{int(m[1])}/image.png", f
-    folders = {safe_component(info.name): info.name for info in run.layers}
-    for kind in ("crop", "grad", "grad_crop"):
-        for folder, layer in folders.items():
-            for f in _files(cache / kind / folder):
-                m = _CACHE_NAME.match(f.name)
-                if m:
-                    unit, which, rank = int(m[1]), m[2], int(m[3])
-                    yield f"{base}/layers/{layer}/units/{unit}/{which}/{rank}/{kind}.png", f
-    if samples:
-        index = e.appearances()
-        for i in range(len(index.sample)):
-            f = samples.get(int(index.sample[i]))
-            if f is not None:
-                layer = run.layers[int(index.layer[i])].name
-                which = "max" if index.which[i] == 0 else "mean"
-                yield (
-                    f"{base}/layers/{layer}/units/{int(index.unit[i])}/{which}/"
-                    f"{int(index.rank[i])}/input.png",
-                    f,
-                )
 
 
 def _files(folder: Path) -> list[Path]:

@@ -208,6 +208,7 @@ class Prediction(BaseModel):
 class Appearance(BaseModel):
     layer: str
     unit: int
+    #: max, mean, or relevance (runs probed with relevance=True)
     list: str
     rank: int
     value: float | None = None

@@ -213,6 +213,19 @@ class RunEntry:
             parts["rank"].append((idx % k)[keep].astype(np.int32))
             parts["layer"].append(np.full(n, position[layer_id], np.int32))
             parts["unit"].append(np.full(n, unit, np.int32))
+        if run.has_relevance:  # the relevance-max lists: list 2
+            for layer_id, unit, top in run._query("SELECT layer_id, unit, top FROM relevance"):
+                if layer_id not in position:
+                    continue
+                slots = np.frombuffer(bytes(top), TOP_DTYPE)
+                keep = slots["sample_id"] >= 0
+                n = int(keep.sum())
+                parts["sample"].append(slots["sample_id"][keep])
+                parts["value"].append(slots["value"][keep])
+                parts["which"].append(np.full(n, 2, np.int8))
+                parts["rank"].append(np.arange(len(slots), dtype=np.int32)[keep])
+                parts["layer"].append(np.full(n, position[layer_id], np.int32))
+                parts["unit"].append(np.full(n, unit, np.int32))
         if not parts["sample"]:
             empty = np.zeros(0, np.int64)
             return Appearances(empty, empty, empty, empty, empty, np.zeros(0))

@@ -1,5 +1,5 @@
 /** `#/r/RUN/layer/LAYER?sort=max|mean|index&thumb=input|crop`: every unit as a thumbnail. */
-import { p, type LayerDoc } from "../api";
+import { cropCanvas, p, type LayerDoc } from "../api";
 import { histogramChart } from "../charts";
 import type { PageContext } from "../context";
 import { append, facts, fill, fmt, h, shape } from "../dom";
@@ -11,6 +11,8 @@ type Sort = (typeof SORTS)[number];
 export async function renderLayer(root: HTMLElement, ctx: PageContext, args: string[]): Promise<void> {
   const name = args[0];
   const [doc, images] = await Promise.all([ctx.api.json<LayerDoc>(p("runs", ctx.run, "layers", name)), imageState(ctx)]);
+  // static export: each unit's top image is its sample's, the crop cut here from it
+  const index = ctx.api.isStatic ? await ctx.api.unitsIndex(ctx.run, name) : null;
   document.title = `${name} · ${ctx.run} · lurker`;
   const params = new URLSearchParams(ctx.params);
   let sort: Sort = (SORTS as readonly string[]).includes(params.get("sort") ?? "") ? (params.get("sort") as Sort) : "max";
@@ -21,6 +23,20 @@ export async function renderLayer(root: HTMLElement, ctx: PageContext, args: str
   const sortButtons = h("div", { class: "seg", role: "group", "aria-label": "sort units" });
   const thumbButtons = h("div", { class: "seg", role: "group", "aria-label": "thumbnail" });
 
+  const thumbnail = (unit: number, top: number | null): HTMLElement => {
+    const alt = `unit ${unit}: top image`;
+    if (index) {
+      const t = index.thumbs[unit];
+      if (!t) return noImage(top === null ? "no top image" : "image not exported");
+      const url = ctx.api.pngUrl(p("runs", ctx.run, "samples", t.sample, "image.png"));
+      if (thumb === "input") return h("img", { src: url, loading: "lazy", decoding: "async", alt, width: 96, height: 96 });
+      return t.crop ? cropCanvas(url, t.box, alt + " (crop)", true) : noImage("no peak to crop");
+    }
+    if (top === null || !images.ok) return noImage(top === null ? "no top image" : "no image");
+    const src = ctx.api.pngUrl(p("runs", ctx.run, "layers", name, "units", unit, "max", 0, `${thumb}.png`));
+    return h("img", { src, loading: "lazy", decoding: "async", alt, width: 96, height: 96 });
+  };
+
   const draw = () => {
     const units = [...doc.units];
     if (sort !== "index") {
@@ -30,14 +46,10 @@ export async function renderLayer(root: HTMLElement, ctx: PageContext, args: str
     fill(
       grid,
       units.map((u) => {
-        const src =
-          u.top_max === null || !images.ok ? null : ctx.api.pngUrl(p("runs", ctx.run, "layers", name, "units", u.unit, "max", 0, `${thumb}.png`));
         return h(
           "a",
           { class: "unit-card", role: "listitem", href: ctx.href("unit", name, u.unit), "data-unit": u.unit },
-          src
-            ? h("img", { src, loading: "lazy", decoding: "async", alt: `unit ${u.unit}: top image`, width: 96, height: 96 })
-            : noImage(u.top_max === null ? "no top image" : "no image"),
+          thumbnail(u.unit, u.top_max),
           h("span", { class: "unit-id" }, `unit ${u.unit}`),
           h("span", { class: "unit-stats" }, h("span", null, `max ${fmt(u.max)}`), h("span", null, `mean ${fmt(u.mean)}`)),
         );

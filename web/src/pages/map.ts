@@ -52,13 +52,15 @@ export async function renderMap(root: HTMLElement, ctx: PageContext): Promise<vo
     doc = await ctx.api.json<MapDoc>(p("runs", ctx.run, "map"));
   } catch (err) {
     if (err instanceof ApiError && err.status === 404) {
-      const why = ctx.api.isStatic ? `This export holds no dataset map of ${ctx.run}: make one with \`lurker map RUN\`, then export again.` : err.message;
-      append(root, h("h1", null, "Map"), notice(why));
+      append(root, h("h1", null, "Map"), notice(err.message));
       return;
     }
     throw err;
   }
   const images = await imageState(ctx);
+  // a static export holds the pages and images of the top-k samples only
+  const exported = ctx.api.isStatic ? new Set((await ctx.api.exportedSamples(ctx.run)).samples.filter((s) => s.image).map((s) => s.id)) : null;
+  const has = (id: number) => exported === null || exported.has(id);
   const n = doc.count;
   const labelled = doc.label.some((l) => l >= 0) && doc.pred.some((q) => q >= 0);
   const wrong = new Uint8Array(n);
@@ -269,9 +271,9 @@ export async function renderMap(root: HTMLElement, ctx: PageContext): Promise<vo
       const right = doc.label[i] >= 0 && doc.pred[i] >= 0 && !wrong[i];
       fill(
         tip,
-        images.ok
+        images.ok && has(id)
           ? h("img", { class: "pixelated", src: ctx.api.pngUrl(p("runs", ctx.run, "samples", id, "image.png")), width: 96, height: 96, alt: `sample ${id}`, onerror: (e: Event) => (e.target as HTMLElement).replaceWith(noImage()) })
-          : noImage(),
+          : noImage(has(id) ? "no image" : "not exported"),
         h(
           "div",
           null,
@@ -304,7 +306,7 @@ export async function renderMap(root: HTMLElement, ctx: PageContext): Promise<vo
     // a drag (pan or box) that ends on a dot is not a click on it
     if (downAt && Math.hypot(ev.clientX - downAt[0], ev.clientY - downAt[1]) > 4) return;
     const i = pick(ev);
-    if (i >= 0) ctx.navigate(ctx.href("sample", doc.ids[i]));
+    if (i >= 0 && has(doc.ids[i])) ctx.navigate(ctx.href("sample", doc.ids[i]));
   });
 
   // -- box select (shift-drag) ---------------------------------------------------------------
@@ -367,8 +369,8 @@ export async function renderMap(root: HTMLElement, ctx: PageContext): Promise<vo
         selected.slice(0, SELECTION_SHOWN).map((i) =>
           h(
             "a",
-            { class: "sample-card", href: ctx.href("sample", doc.ids[i]), "data-sample": doc.ids[i] },
-            images.ok ? h("img", { src: ctx.api.pngUrl(p("runs", ctx.run, "samples", doc.ids[i], "image.png")), loading: "lazy", alt: `sample ${doc.ids[i]}`, width: 80, height: 80 }) : noImage(),
+            { class: "sample-card", href: has(doc.ids[i]) ? ctx.href("sample", doc.ids[i]) : null, "data-sample": doc.ids[i] },
+            images.ok && has(doc.ids[i]) ? h("img", { src: ctx.api.pngUrl(p("runs", ctx.run, "samples", doc.ids[i], "image.png")), loading: "lazy", alt: `sample ${doc.ids[i]}`, width: 80, height: 80 }) : noImage(),
             h("span", null, `#${doc.ids[i]}`),
             h("small", { class: wrong[i] ? "error-text" : "" }, doc.pred[i] >= 0 ? `${className(doc.label[i])} → ${className(doc.pred[i])}` : className(doc.label[i])),
           ),

@@ -25,6 +25,9 @@ export async function renderSample(root: HTMLElement, ctx: PageContext, args: st
   const path = p("runs", ctx.run, "samples", id);
   const [doc, images] = await Promise.all([ctx.api.json<SampleDoc>(path), imageState(ctx)]);
   const s = doc.sample;
+  // a static export lists whether it holds the sample's image (it may not: no dataset)
+  const exported = ctx.api.isStatic ? await ctx.api.exportedSamples(ctx.run) : null;
+  const hasImage = exported ? exported.samples.some((x) => x.id === s.id && x.image) : true;
   document.title = `sample ${s.id} · ${ctx.run} · lurker`;
   const pred = doc.prediction;
   const plural = (n: number, word: string) => `${n} ${word}${n === 1 ? "" : "s"}`;
@@ -34,9 +37,11 @@ export async function renderSample(root: HTMLElement, ctx: PageContext, args: st
     h(
       "div",
       { class: "sample-head" },
-      images.ok
-        ? h("img", { class: "sample-img pixelated", src: ctx.api.pngUrl(p("runs", ctx.run, "samples", s.id, "image.png")), alt: `sample ${s.id}`, width: 224, height: 224 })
-        : h("div", { class: "sample-img" }, images.notice),
+      !hasImage
+        ? notice("This export holds no image of this sample (the run's dataset could not be loaded when it was made).")
+        : images.ok
+          ? h("img", { class: "sample-img pixelated", src: ctx.api.pngUrl(p("runs", ctx.run, "samples", s.id, "image.png")), alt: `sample ${s.id}`, width: 224, height: 224 })
+          : h("div", { class: "sample-img" }, images.notice),
       h(
         "section",
         { class: "card" },

@@ -1,5 +1,5 @@
 /** `#/r/RUN/samples?offset=N`: the dataset, a page of thumbnails at a time. */
-import { p, type SampleList } from "../api";
+import { p, type SampleBrief, type SampleList } from "../api";
 import type { PageContext } from "../context";
 import { append, h, notice } from "../dom";
 import { imageState, noImage } from "../images";
@@ -8,7 +8,11 @@ const LIMIT = 100;
 
 export async function renderSamples(root: HTMLElement, ctx: PageContext): Promise<void> {
   const offset = Math.max(0, Math.floor(Number(ctx.params.get("offset") ?? 0)) || 0);
-  const [list, images] = await Promise.all([ctx.api.json<SampleList>(p("runs", ctx.run, "samples") + `?offset=${offset}&limit=${LIMIT}`), imageState(ctx)]);
+  // a static export holds the samples some unit ranks in its top-k: list those only
+  const [exported, images] = await Promise.all([ctx.api.isStatic ? ctx.api.exportedSamples(ctx.run) : null, imageState(ctx)]);
+  const list: { total: number; samples: (SampleBrief & { image?: boolean })[] } = exported
+    ? { total: exported.samples.length, samples: exported.samples.slice(offset, offset + LIMIT) }
+    : await ctx.api.json<SampleList>(p("runs", ctx.run, "samples") + `?offset=${offset}&limit=${LIMIT}`);
   document.title = `samples · ${ctx.run} · lurker`;
   const pager = () =>
     h(
@@ -20,7 +24,12 @@ export async function renderSamples(root: HTMLElement, ctx: PageContext): Promis
     );
   append(root, 
     h("h1", null, "Samples", h("span", { class: "sub" }, ` ${list.total}`)),
-    ctx.api.isStatic ? notice("This static export holds the images of the samples that some unit ranks in its top-k; the other samples have no image here.") : null,
+    exported
+      ? notice(
+          `This static export holds the ${exported.samples.length} samples that some unit ranks in its top-k, of the run's ${exported.total}; ` +
+            "the others are not here: serve the run (lurker serve RUN) to browse them all.",
+        )
+      : null,
     images.notice,
     pager(),
     h(
@@ -30,16 +39,16 @@ export async function renderSamples(root: HTMLElement, ctx: PageContext): Promis
         h(
           "a",
           { class: "sample-card", href: ctx.href("sample", s.id), "data-sample": s.id },
-          images.ok
+          images.ok && s.image !== false
             ? h("img", {
                 src: ctx.api.pngUrl(p("runs", ctx.run, "samples", s.id, "image.png")),
                 loading: "lazy",
                 alt: `sample ${s.id}`,
                 width: 80,
                 height: 80,
-                onerror: (e: Event) => (e.target as HTMLElement).replaceWith(noImage(ctx.api.isStatic ? "not exported" : "no image")),
+                onerror: (e: Event) => (e.target as HTMLElement).replaceWith(noImage()),
               })
-            : noImage(),
+            : noImage(s.image === false ? "image not exported" : "no image"),
           h("span", null, `#${s.id}`),
           h("small", { title: s.class_name ?? "" }, s.class_name ?? ""),
         ),

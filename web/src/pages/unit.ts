@@ -2,7 +2,7 @@
  * `#/r/RUN/unit/LAYER/UNIT?tab=mean|max|relevance&img=input|grad&crop=0|1`: Torchlurk's popup as a
  * page. One JSON request (the unit) plus its images; toggles only swap image URLs.
  */
-import { p, type TopEntry, type UnitDoc } from "../api";
+import { cropCanvas, p, type EntryKind, type Shown, type TopEntry } from "../api";
 import { barChart, histogramChart } from "../charts";
 import type { PageContext } from "../context";
 import { append, fill, fmt, h, notice } from "../dom";
@@ -18,7 +18,8 @@ interface Axis {
 export async function renderUnit(root: HTMLElement, ctx: PageContext, args: string[]): Promise<void> {
   const [layer, unitArg] = args;
   const unit = Number(unitArg);
-  const [doc, images] = await Promise.all([ctx.api.json<UnitDoc>(p("runs", ctx.run, "layers", layer, "units", unitArg)), imageState(ctx)]);
+  // static export: the unit comes from its layer's chunk, with which images the site holds
+  const [{ doc, shown }, images] = await Promise.all([ctx.api.unit(ctx.run, layer, unitArg), imageState(ctx)]);
   document.title = `${layer} unit ${unit} · ${ctx.run} · lurker`;
   const params = new URLSearchParams(ctx.params);
   const relevance = doc.top.relevance ?? null; // runs probed with relevance=True
@@ -44,7 +45,7 @@ export async function renderUnit(root: HTMLElement, ctx: PageContext, args: stri
   const toggles = h("div", { class: "toolbar" });
   const gallery = h("div", { class: "topk", role: "tabpanel" });
 
-  const kind = () => (img === "grad" ? (crop ? "grad_crop" : "grad") : crop ? "crop" : "input");
+  const kind = (): EntryKind => (img === "grad" ? (crop ? "grad_crop" : "grad") : crop ? "crop" : "input");
   const sync = () => {
     params.set("tab", tab);
     params.set("img", img);
@@ -100,12 +101,12 @@ export async function renderUnit(root: HTMLElement, ctx: PageContext, args: stri
         crop = v === "1";
         sync();
       }),
-      h("span", { class: "muted" }, tab === "max" ? "value: the peak of the unit's map; box: the peak's receptive field" : "value: the mean of the unit's map"),
+      h("span", { class: "muted" }, tab === "max" ? `value: the peak of the unit's map; ${crop ? "image: the part of the input the peak sees (its receptive field)" : "box: the peak's receptive field"}` : `value: the mean of the unit's map${crop ? "; image: the receptive field of the unit's peak in that sample" : ""}`),
     );
     const entries = (tab === "relevance" ? relevance : doc.top[tab]) ?? [];
     fill(
       gallery,
-      entries.length ? entries.map((e) => figure(ctx, layer, unit, tab, tab === "relevance" ? "input" : kind(), e, tab === "max" && !crop ? doc.layer.rf : null, images.ok)) : notice("This list is empty."),
+      entries.length ? entries.map((e) => figure(ctx, layer, unit, tab, tab === "relevance" ? "input" : kind(), e, tab === "max" && !crop ? doc.layer.rf : null, images.ok, shown)) : notice("This list is empty."),
     );
   };
   draw();
@@ -155,13 +156,10 @@ export async function renderUnit(root: HTMLElement, ctx: PageContext, args: stri
   );
 }
 
-function figure(ctx: PageContext, layer: string, unit: number, list: Tab, kind: string, e: TopEntry, rf: Record<string, unknown> | null, images: boolean): HTMLElement {
-  // a relevance entry is a whole sample (no peak, no gradient image of its own)
-  const src = ctx.api.pngUrl(list === "relevance" ? p("runs", ctx.run, "samples", e.sample_id, "image.png") : p("runs", ctx.run, "layers", layer, "units", unit, list, e.rank, `${kind}.png`));
-  const alt = `rank ${e.rank + 1}: sample ${e.sample_id} (${kind})`;
-  const img = images ? h("img", { src, alt, "data-kind": kind, onerror: (ev: Event) => (ev.target as HTMLElement).replaceWith(noImage()) }) : noImage();
-  const frame = h("div", { class: "frame" }, img);
-  const box = peakBox(rf, e);
+function figure(ctx: PageContext, layer: string, unit: number, list: Tab, kind: EntryKind, e: TopEntry, rf: Record<string, unknown> | null, images: boolean, shown: Shown | null): HTMLElement {
+  const visual = images ? entryImage(ctx, layer, unit, list, kind, e, shown) : noImage();
+  const frame = h("div", { class: "frame" }, visual);
+  const box = visual instanceof HTMLImageElement ? peakBox(rf, e) : null;
   if (box) frame.append(h("div", { class: "peak", style: box, title: `peak at (${e.y}, ${e.x})` }));
   return h(
     "figure",
@@ -175,6 +173,40 @@ function figure(ctx: PageContext, layer: string, unit: number, list: Tab, kind: 
       e.class_name ? h("span", { class: "cls", title: e.class_name }, e.class_name) : null,
     ),
   );
+}
+
+const NOT_EXPORTED: Record<EntryKind, string> = {
+  input: "the sample's image is not in this export (the run's dataset could not be loaded)",
+  crop: "no crop in this export: mean-list crops need the model (run `lurker images RUN` before exporting)",
+  grad: "no gradient in this export: run `lurker images RUN` before exporting",
+  grad_crop: "no gradient in this export: run `lurker images RUN` before exporting",
+};
+
+/**
+ * One entry's image. Served: the API's PNG. Static export: the sample's image (held once
+ * per sample), the max list's receptive-field crop cut from it in the browser (the
+ * server's crop, pixel for pixel), other kinds as exported files, and a note where the
+ * export holds none (never a request for a file it lacks).
+ */
+function entryImage(ctx: PageContext, layer: string, unit: number, list: Tab, kind: EntryKind, e: TopEntry, shown: Shown | null): HTMLElement {
+  const alt = `rank ${e.rank + 1}: sample ${e.sample_id} (${kind})`;
+  if (!ctx.api.isStatic) {
+    // a relevance entry is a whole sample (no peak, no gradient image of its own)
+    const src = ctx.api.pngUrl(list === "relevance" ? p("runs", ctx.run, "samples", e.sample_id, "image.png") : p("runs", ctx.run, "layers", layer, "units", unit, list, e.rank, `${kind}.png`));
+    return h("img", { src, alt, "data-kind": kind, onerror: (ev: Event) => (ev.target as HTMLElement).replaceWith(noImage()) });
+  }
+  if (!shown?.[kind]?.[list]?.includes(e.rank)) {
+    const why = kind === "crop" && list === "max" && e.y === null ? "no crop: this entry has no peak position" : NOT_EXPORTED[kind];
+    return h("div", { class: "no-img", "data-kind": kind }, why);
+  }
+  const sample = ctx.api.pngUrl(p("runs", ctx.run, "samples", e.sample_id, "image.png"));
+  if (kind === "input") return h("img", { src: sample, alt, "data-kind": kind });
+  if (kind === "crop" && list === "max") {
+    const canvas = cropCanvas(sample, e.box ?? null, alt);
+    canvas.dataset.kind = kind;
+    return canvas;
+  }
+  return h("img", { src: ctx.api.pngUrl(p("runs", ctx.run, "layers", layer, "units", unit, list, e.rank, `${kind}.png`)), alt, "data-kind": kind });
 }
 
 /** CSS box (in % of the image) of the receptive field of the peak at (y, x). */

@@ -87,7 +87,7 @@ def _sample_detail(
         Appearance(
             layer=run.layers[layer].name,
             unit=unit,
-            list="max" if which == 0 else "mean",
+            list=("max", "mean", "relevance")[which],
             rank=rank,
             value=value if value == value and abs(value) != float("inf") else None,
         )
