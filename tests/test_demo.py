@@ -31,7 +31,7 @@ def test_demo_serves_the_explorer(tmp_path: Path) -> None:
     lines: list[str] = []
     url = None
     try:
-        deadline = time.monotonic() + 240
+        deadline = time.monotonic() + 300  # training, probing, the map, the images
         assert proc.stdout is not None
         while url is None and time.monotonic() < deadline:
             line = proc.stdout.readline()
@@ -48,6 +48,7 @@ def test_demo_serves_the_explorer(tmp_path: Path) -> None:
             summary = json.load(r)
         # the run records its model and data: the live page works with no --model
         assert summary["holds"]["live"] is True and summary["holds"]["graph"] is True
+        assert summary["holds"]["map"] is True  # the Map page shows every digit
         assert summary["dataset"]["size"] == 1797 and summary["model"]["name"] == "DigitsNet"
         assert [layer["name"] for layer in summary["layers"]][:1] == ["features.0"]
         # every layer's images were made by the demo, not on first request

@@ -26,6 +26,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "explain": ("lurker.explain", None),
     "featviz": ("lurker.featviz", None),
     "Run": ("lurker.store", "Run"),
+    "make_map": ("lurker.map", "make_map"),
     "Graph": ("lurker.graph", "Graph"),
     "ModuleInfo": ("lurker.graph", "ModuleInfo"),
     "Op": ("lurker.graph", "Op"),
@@ -47,6 +48,7 @@ if TYPE_CHECKING:
         ValidationError,
     )
     from .graph import Graph, ModuleInfo, Op
+    from .map import make_map
     from .store import Run
 
 
@@ -84,6 +86,7 @@ __all__ = [
     "__version__",
     "explain",
     "featviz",
+    "make_map",
     "probe",
     "trace",
 ]

@@ -185,6 +185,17 @@ def trace(
     help="As --relevance, with this LRP composite (default: epsilon_plus_flat; epsilon for "
     "transformers).",
 )
+@click.option(
+    "--embed",
+    is_flag=True,
+    help="Also keep every sample's features at the penultimate layer (the input of the last "
+    "linear op) with the model's prediction, for the dataset map (`lurker map`).",
+)
+@click.option(
+    "--embed-layer",
+    metavar="LAYER",
+    help="As --embed, at this layer (mean-pooled over its positions).",
+)
 @_friendly
 def probe(
     model: str,
@@ -201,6 +212,8 @@ def probe(
     unit_dim: tuple[str, ...],
     relevance: bool,
     relevance_composite: str | None,
+    embed: bool,
+    embed_layer: str | None,
 ) -> None:
     """Sweep a dataset through MODEL; keep what every unit of every layer responds to.
 
@@ -228,6 +241,7 @@ def probe(
             overwrite=overwrite,
             unit_dim=_unit_dims(unit_dim),
             relevance=relevance_composite or relevance,
+            embed=embed_layer or embed,
             meta={
                 "model_spec": model,
                 "weights": str(Path(weights).resolve()) if weights else None,
@@ -241,6 +255,9 @@ def probe(
             click.secho(
                 f"skipped {len(run.skipped)} unreadable images (listed in the run)", fg="yellow"
             )
+        if run.has_embedding:
+            e = run.meta.get("embedding") or {}
+            click.echo(f"features of {e.get('layer')} ({e.get('dim')} per sample) kept for the map")
         lost = run.meta.get("skipped_layers") or []
         if lost:
             click.secho(
@@ -296,6 +313,67 @@ def _torchrun_group(device: str | None) -> Iterator[None]:
         yield
     finally:
         dist.destroy_process_group()
+
+
+@main.command("map")
+@click.argument("run", type=click.Path(exists=True, file_okay=False))
+@click.option(
+    "--layer",
+    "-l",
+    help="Layer whose features place the samples (default: the stored features, else the "
+    "penultimate layer: the input of the last linear op).",
+)
+@click.option(
+    "--method",
+    type=click.Choice(["tsne", "umap", "pca"]),
+    default="tsne",
+    show_default=True,
+    help="tsne (openTSNE when installed, else scikit-learn), umap (needs umap-learn) or pca.",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same map.")
+@click.option("--model", "model_spec", help="Model spec, when the run does not record one.")
+@click.option("--weights", "-w", type=click.Path(dir_okay=False), help="State dict to load.")
+@click.option("--data", "-d", help="Dataset, when the run does not record one.")
+@click.option("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available).")
+@_friendly
+def map_(
+    run: str,
+    layer: str | None,
+    method: str,
+    seed: int,
+    model_spec: str | None,
+    weights: str | None,
+    data: str | None,
+    device: str | None,
+) -> None:
+    """Place RUN's samples in 2-D by their features at one layer (the explorer's Map page).
+
+    Uses the features the probe kept (`lurker probe --embed`); otherwise collects them in
+    one pass with the model and dataset the run records (or --model/--data)."""
+    from .map import make_map
+    from .store import Run
+
+    model = dataset = None
+    if model_spec or data:
+        from .models import load_model
+        from .probe import data as pdata
+
+        with Run.open(run) as r:
+            size = (r.meta.get("image_size") or [224])[0]
+            shape = (r.meta.get("config") or {}).get("input_shape") or [None]
+        if model_spec:
+            model = load_model(model_spec, weights, device=device or "cpu")
+        if data:
+            dataset = pdata.load_dataset(data, int(size), channels=shape[0])
+    done = make_map(
+        run, layer=layer, method=method, seed=seed, model=model, dataset=dataset, device=device
+    )
+    m = done.map()
+    meta = m.meta
+    click.echo(
+        f"map of {len(m)} samples from {meta.get('layer')} by {meta.get('method')} "
+        f"({meta.get('engine')}) in {meta.get('seconds', 0):.1f} s; open it: lurker serve {run}"
+    )
 
 
 @main.command()

@@ -15,6 +15,7 @@ import torch
 
 import lurker
 from lurker.examples import digits_tensors, train_digits
+from lurker.map import make_map
 from lurker.probe import UnitImages, probe
 from lurker.probe.data import digits
 
@@ -61,6 +62,7 @@ def main(argv: list[str] | None = None) -> None:
         batch_size=256,
         overwrite=True,
         relevance=True,  # the unit pages then show where each unit carried the decision
+        embed=True,  # every digit's penultimate-layer features, for the dataset map
         meta={**config, "data": "digits"},
     )
     layer = "features.8"
@@ -69,6 +71,14 @@ def main(argv: list[str] | None = None) -> None:
         top = unit.top("max")
         classes = ", ".join(e.class_name for e in top)
         print(f"  unit {unit.index:2d}: peak {unit.max:6.2f}; top-9 images are digits {classes}")
+    print("\n4. the dataset map: every digit placed by t-SNE of its penultimate-layer features")
+    run = make_map(run, method="tsne")
+    m = run.map()
+    wrong = int(((m.label != m.pred) & (m.pred >= 0)).sum())
+    print(
+        f"{len(m)} points from {m.meta['layer']} in {m.meta['seconds']:.1f} s "
+        f"({m.meta['engine']}); {wrong} misclassified digits to find on the Map page"
+    )
     images = UnitImages(run, model=model, dataset=data)
     made = images.write_all(progress=False)
     print(
@@ -97,14 +107,15 @@ def main(argv: list[str] | None = None) -> None:
         f"  lurker trace lurker.examples:DigitsNet --weights {weights} -i 1,1,16,16 "
         f"--out {out / 'graph-cli.svg'}\n"
         f"  lurker probe lurker.examples:DigitsNet --weights {weights} --data digits "
-        f"--image-size 16 --out {out / 'run-cli'}\n"
+        f"--image-size 16 --out {out / 'run-cli'} --embed\n"
+        f"  lurker map {out / 'run-cli'}\n"
         f"  lurker serve {run.path}"
     )
     if a.no_serve:
         return
     from lurker.server.serve import serve_forever
 
-    print("\n4. the explorer (graph, layers, units, samples, live) at:", flush=True)
+    print("\n5. the explorer (graph, layers, units, samples, live) at:", flush=True)
     try:
         serve_forever(str(run.path), host=a.host, port=a.port, browser=not a.no_browser)
     except KeyboardInterrupt:

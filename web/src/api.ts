@@ -45,7 +45,7 @@ export interface RunSummary {
     store_version: number | null;
     status: string | null;
   };
-  holds: { graph: boolean; live: boolean; live_reason?: string | null; dataset?: boolean; dataset_reason?: string | null; cached_images: number; featviz?: string[] };
+  holds: { graph: boolean; live: boolean; live_reason?: string | null; dataset?: boolean; dataset_reason?: string | null; cached_images: number; featviz?: string[]; map?: boolean };
   missing: string[];
   layers: LayerBrief[];
 }
@@ -294,6 +294,8 @@ export class Api {
     if (segs[2] === "live" || segs[2] === "explain")
       return "this static export has no model: the live and explain views need `lurker serve RUN --model SPEC`";
     const summary = await this.json<RunSummary>(p("runs", run));
+    if (segs[2] === "map" && !summary.holds.map)
+      return `this export holds no dataset map of run '${run}': make one with \`lurker map RUN\`, then export again`;
     if (segs[2] === "layers" && segs.length >= 4) {
       const names = summary.layers.map((l) => l.name);
       if (!names.includes(segs[3])) return `no layer '${segs[3]}' in run '${run}'; layers: ${listing(names)}`;

@@ -16,6 +16,7 @@ const pages: Record<string, () => Promise<Page>> = {
   unit: () => import("./pages/unit").then((m) => m.renderUnit),
   sample: () => import("./pages/sample").then((m) => m.renderSample),
   samples: () => import("./pages/samples").then((m) => m.renderSamples),
+  map: () => import("./pages/map").then((m) => m.renderMap),
   live: () => import("./pages/live").then((m) => m.renderLive),
   explain: () => import("./pages/explain").then((m) => m.renderExplain),
   graph: () => import("./graph/page").then((m) => m.renderGraphPage as Page),
@@ -77,6 +78,7 @@ function renderTopbar(run: string | null, active: string, summary: RunSummary | 
               "Layers",
             ),
             link("samples", "Samples", ["samples"]),
+            link("map", "Map", ["map"]),
             link("live", "Live", ["live"]),
             link("explain", "Explain", ["explain"]),
           ),
@@ -92,7 +94,7 @@ function renderCrumbs(run: string | null, kind: string, args: string[]): void {
   if (run && kind === "unit") items.push(h("a", { href: runHref(run, "layer", args[0]) }, "layer " + args[0]), "unit " + args[1]);
   if (run && kind === "samples") items.push("samples");
   if (run && kind === "sample") items.push(h("a", { href: runHref(run, "samples") }, "samples"), "sample " + args[0]);
-  if (run && (kind === "live" || kind === "graph" || kind === "explain")) items.push(kind);
+  if (run && (kind === "live" || kind === "graph" || kind === "explain" || kind === "map")) items.push(kind);
   fill(
     crumbs,
     items.flatMap((it, i) => (i ? [h("span", { class: "sep", "aria-hidden": "true" }, "›"), it] : [it])),

@@ -25,7 +25,13 @@ from .stats import HostBatch, UnitStats
 if TYPE_CHECKING:
     from .sweep import Layer
 
-__all__ = ["Batch", "BatchConsumer", "RelevanceConsumer", "UnitStatsConsumer"]
+__all__ = [
+    "Batch",
+    "BatchConsumer",
+    "EmbeddingConsumer",
+    "RelevanceConsumer",
+    "UnitStatsConsumer",
+]
 
 
 @dataclass(frozen=True)
@@ -50,8 +56,15 @@ class BatchConsumer(ABC):
 
     key: ClassVar[str]  # this consumer's entry in the checkpoint: unique among consumers
 
+    #: Layers beyond the probed ones whose outputs this consumer needs: the sweep hooks
+    #: them too and hands their outputs to this consumer only.
+    extra_layers: Sequence[Layer] = ()
+
     def begin(self, batch: Batch) -> None:  # noqa: B027 (an optional hook, not abstract)
         """Prepare for ``batch`` before any layer's output arrives (default: nothing)."""
+
+    def end(self, batch: Batch, output: Any) -> None:  # noqa: B027 (an optional hook)
+        """Take the model's ``output`` for ``batch`` after the forward (default: nothing)."""
 
     @abstractmethod
     def update(self, layer: Layer, output: Tensor, batch: Batch) -> None:
@@ -299,3 +312,94 @@ class RelevanceConsumer(BatchConsumer):
         """Write the lists (after the unit statistics, which create the layers)."""
         lists = {n: (self.values[n].cpu().numpy(), self.ids[n].cpu().numpy()) for n in self.values}
         writer.write_relevance(lists, self.settings)
+
+
+#: The most bytes of per-sample features a probe keeps (float16, on the CPU).
+EMBED_BUDGET = 4 << 30
+
+
+class EmbeddingConsumer(BatchConsumer):
+    """Every sample's feature vector at one layer (mean-pooled over its positions, kept as
+    float16 on the CPU) with the model's prediction and confidence (softmax max): what
+    the dataset map (:mod:`lurker.map`) reduces to 2-D, gathered during the sweep."""
+
+    key = "embedding"
+
+    def __init__(self, layer: Layer, *, probed: bool) -> None:
+        self.layer = layer
+        self.extra_layers = () if probed else (layer,)
+        self._feats: list[Tensor] = []
+        self._ids: list[Tensor] = []
+        self._pred: list[Tensor] = []
+        self._conf: list[Tensor] = []
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """What the features are, stored in the run's meta as ``embedding``."""
+        return {
+            "layer": self.layer.name,
+            "op": self.layer.op.label,
+            "dim": self.layer.width,
+            "pooled": bool(self.layer.layout.positions),
+        }
+
+    def update(self, layer: Layer, output: Tensor, batch: Batch) -> None:
+        if layer.op.index != self.layer.op.index:
+            return
+        u = layer.units(output)
+        f = u.reshape(u.shape[0], u.shape[1], -1).float().mean(2)  # pool in float32
+        self._feats.append(f.to("cpu", torch.float16))
+        self._ids.append(batch.ids.to("cpu"))
+
+    def end(self, batch: Batch, output: Any) -> None:
+        out = output[0] if isinstance(output, (tuple, list)) and output else output
+        n = len(batch.ids)
+        if isinstance(out, Tensor) and out.dim() == 2 and out.shape[0] == n and out.shape[1] > 1:
+            p = torch.softmax(out.float(), 1)
+            conf, pred = p.max(1)
+        else:  # not a (B, classes) logit tensor: no prediction to tell
+            pred = torch.full((n,), -1, dtype=torch.long)
+            conf = torch.full((n,), float("nan"))
+        self._pred.append(pred.to("cpu", torch.long))
+        self._conf.append(conf.to("cpu", torch.float32))
+
+    def arrays(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(ids, features, pred, conf)`` so far, sorted by sample id."""
+        if not self._ids:
+            w = self.layer.width
+            empty = torch.empty(0, dtype=torch.long)
+            return empty, torch.empty(0, w, dtype=torch.float16), empty, torch.empty(0)
+        ids, feats = torch.cat(self._ids), torch.cat(self._feats)
+        pred, conf = torch.cat(self._pred), torch.cat(self._conf)
+        order = ids.argsort()
+        return ids[order], feats[order], pred[order], conf[order]
+
+    def _set(self, ids: Tensor, feats: Tensor, pred: Tensor, conf: Tensor) -> None:
+        self._ids, self._feats, self._pred, self._conf = [ids], [feats], [pred], [conf]
+
+    def state_dict(self) -> dict[str, Any]:
+        ids, feats, pred, conf = self.arrays()
+        return {"layer": self.layer.name, "ids": ids, "features": feats, "pred": pred, "conf": conf}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state.get("layer") != self.layer.name:
+            raise LurkerError(
+                f"its features are of layer {state.get('layer')!r}, this probe embeds "
+                f"{self.layer.name!r}; resume with the same embed="
+            )
+        self._set(state["ids"], state["features"], state["pred"], state["conf"])
+
+    def merge(self, group: Any = None) -> None:
+        """Gather every rank's samples (disjoint shards) on every rank, in id order."""
+        import torch.distributed as dist
+
+        parts: list[Any] = [None] * dist.get_world_size(group)
+        dist.all_gather_object(parts, self.arrays(), group=group)
+        self._set(*(torch.cat([p[i] for p in parts]) for i in range(4)))
+        self._set(*self.arrays())
+
+    def finish(self, writer: RunWriter) -> None:
+        ids, feats, pred, conf = self.arrays()
+        writer.write_embedding(
+            ids.numpy(), feats.numpy(), pred.numpy(), conf.numpy(), self.settings
+        )

@@ -33,7 +33,14 @@ from ..capture import Trace, trace
 from ..errors import LurkerError
 from ..graph.nodes import Op
 from ..store import Run, RunWriter, atomic_write_bytes, run_lock
-from .consumers import Batch, BatchConsumer, RelevanceConsumer, UnitStatsConsumer
+from .consumers import (
+    EMBED_BUDGET,
+    Batch,
+    BatchConsumer,
+    EmbeddingConsumer,
+    RelevanceConsumer,
+    UnitStatsConsumer,
+)
 from .layout import Layout, Skip, infer_layouts, op_names, rf_matches
 
 CONV = {"conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"}
@@ -354,6 +361,7 @@ def probe(
     meta: dict[str, Any] | None = None,
     unit_dim: int | Mapping[str, int] | None = None,
     relevance: bool | str = False,
+    embed: bool | str = False,
 ) -> Run | None:
     """Sweep ``dataset`` once through ``model`` and store per-unit statistics in ``out``.
 
@@ -374,6 +382,12 @@ def probe(
     for the model's prediction (``unit.top("relevance")``). It costs one LRP forward and
     backward per batch on top of the sweep's forward.
 
+    ``embed`` (True, or a layer name) keeps every sample's feature vector at that layer
+    (mean-pooled over its positions, float16) with the model's prediction and confidence,
+    for the dataset map (``lurker.make_map``, ``lurker map RUN``). True takes the
+    penultimate layer: the input of the model's last linear op. It costs nothing beyond
+    the sweep's forward; the features must fit a budget of 4 GiB.
+
     Returns the written :class:`~lurker.store.Run` on rank 0 (always, without
     ``torchrun``), and ``None`` on the other ranks, which write nothing.
     """
@@ -393,6 +407,7 @@ def probe(
         meta=meta,
         unit_dim=unit_dim,
         relevance=relevance,
+        embed=embed,
     )
     writer = _open_writer(plan, overwrite)
     consumers = _consumers(plan)
@@ -428,6 +443,7 @@ class _Plan:
     hist_bins: int
     progress: bool
     relevance: str | None = None  # LRP composite of the relevance-max lists ("": default)
+    embed: Layer | None = None  # the layer whose per-sample features are kept
 
     @property
     def num_classes(self) -> int:
@@ -483,6 +499,7 @@ def _plan(
     meta: dict[str, Any] | None,
     unit_dim: int | Mapping[str, int] | None,
     relevance: bool | str = False,
+    embed: bool | str = False,
 ) -> _Plan:
     """Trace the model on the first image, pick the layers and their layouts, and check
     that every rank holds the same model: all that can fail before the run is created."""
@@ -517,6 +534,10 @@ def _plan(
         print(f"lurker: skipping {len(layer_skips)} layer(s) whose units it cannot locate:")
         for name, reason in layer_skips:
             print(f"  {name}: {reason}")
+    embed_layer = None
+    if embed is not False and embed is not None:
+        embed_layer = embed_layer_of(tr, embed, layouts=layouts, unit_dim=unit_dim)
+        check_embed_budget(embed_layer, len(ds))
     all_labels = _labels(ds)
     classes = list(ds.class_names or [str(i) for i in range(max(all_labels, default=-1) + 1)])
     run_meta = {
@@ -565,6 +586,7 @@ def _plan(
         hist_bins=hist_bins,
         progress=progress,
         relevance=composite,
+        embed=embed_layer,
     )
 
 
@@ -619,7 +641,69 @@ def _consumers(plan: _Plan) -> list[BatchConsumer]:
                 composite=plan.relevance or None,
             )
         )
+    if plan.embed is not None:
+        probed = plan.embed.op.index in {layer.op.index for layer in plan.layers}
+        consumers.append(EmbeddingConsumer(plan.embed, probed=probed))
     return consumers
+
+
+def embed_layer_of(
+    tr: Trace,
+    embed: bool | str,
+    *,
+    layouts: Mapping[int, Layout | Skip] | None = None,
+    unit_dim: int | Mapping[str, int] | None = None,
+) -> Layer:
+    """The layer ``embed`` names (True: the input of the model's last linear op)."""
+    if embed is True:
+        linear = [op for op in tr.ops if op.kind == "op" and op.name in LINEAR]
+        if not linear:
+            raise LurkerError(
+                "probe: embed=True takes the input of the model's last linear layer, and this "
+                "model has none; name the layer to embed, e.g. embed='avgpool'"
+            )
+        last = linear[-1]
+        src = tr.ops[last.parents[0]] if last.parents else None
+        if src is None or src.kind != "op" or len(src.shape or ()) < 2:
+            raise LurkerError(
+                f"probe: embed=True: the input of the last linear op {last.label} is not an "
+                "activation of the model (it is the model's input); name the layer to embed"
+            )
+        if layouts is None:
+            layouts = infer_layouts(tr, unit_dim=unit_dim)
+        lay = layouts.get(src.index)
+        if not isinstance(lay, Layout):
+            if len(src.shape or ()) != 2:
+                why = lay.reason if isinstance(lay, Skip) else "no unit axis found"
+                raise LurkerError(
+                    f"probe: embed=True: cannot read features out of {_layer_name(src)} "
+                    f"(the input of {last.label}): {why}; name the layer to embed"
+                )
+            lay = Layout(batch=0, unit=1, positions=())
+        return Layer(src, _layer_name(src), lay)
+    if not isinstance(embed, str) or not embed:
+        raise LurkerError(f"probe: embed must be True, False or a layer name, got {embed!r}")
+    try:
+        found = select_layers(tr, embed, unit_dim=unit_dim, layouts=layouts)
+    except LurkerError as err:
+        raise LurkerError(f"probe: embed={embed!r}: {err}") from None
+    if len(found) != 1:
+        names = ", ".join(layer.name for layer in found[:10])
+        raise LurkerError(
+            f"probe: embed={embed!r} names {len(found)} layers ({names}); name one of them"
+        )
+    return found[0]
+
+
+def check_embed_budget(layer: Layer, n: int, budget: int = EMBED_BUDGET) -> None:
+    """Refuse features that would not fit the budget, before the sweep starts."""
+    need = n * layer.width * 2
+    if need > budget:
+        raise LurkerError(
+            f"probe: embedding {n:,} samples at {layer.name} ({layer.width:,} features each, "
+            f"float16) needs {need / 2**30:.1f} GiB, over the {budget / 2**30:.0f} GiB budget; "
+            "embed a narrower layer (embed=True: the penultimate), or probe a subset"
+        )
 
 
 @dataclass
@@ -690,7 +774,14 @@ def _sweep(plan: _Plan, consumers: Sequence[BatchConsumer], start: _Progress) ->
         collate_fn=pdata.collate,
         pin_memory=dev.type == "cuda",
     )
-    by_index = {layer.op.index: layer for layer in plan.layers}
+    # op index -> (layer, consumer) pairs: every consumer sees the probed layers, and a
+    # consumer's extra layers go to it alone
+    routes: dict[int, list[tuple[Layer, BatchConsumer]]] = {}
+    for layer in plan.layers:
+        routes[layer.op.index] = [(layer, c) for c in consumers]
+    for c in consumers:
+        for layer in c.extra_layers:
+            routes.setdefault(layer.op.index, []).append((layer, c))
     n_batches = 0
     t_start = last_ckpt = time.perf_counter()
     total = len(plan.shard)
@@ -709,10 +800,12 @@ def _sweep(plan: _Plan, consumers: Sequence[BatchConsumer], start: _Progress) ->
 
                 def feed(op: Any, value: Any, batch: Batch = batch) -> None:
                     output = value[0] if isinstance(value, tuple) else value
-                    for c in consumers:
-                        c.update(by_index[op.index], output, batch)
+                    for layer, c in routes[op.index]:
+                        c.update(layer, output, batch)
 
-                plan.trace.run(batch.images, save="none", hooks=dict.fromkeys(by_index, feed))
+                acts = plan.trace.run(batch.images, save="none", hooks=dict.fromkeys(routes, feed))
+                for c in consumers:
+                    c.end(batch, acts.output)
             step = min(batch_size, len(todo) - n_batches * batch_size)
             position.done += step
             position.seen += step

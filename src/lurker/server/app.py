@@ -104,9 +104,9 @@ def create_app(
     app.state.upload_limit = upload_limit
     _install_errors(app)
 
-    from .routes import explain, graph, images, layers, live, runs, samples, units
+    from .routes import dataset_map, explain, graph, images, layers, live, runs, samples, units
 
-    for module in (runs, layers, units, samples, images, graph, live, explain):
+    for module in (runs, layers, units, samples, images, graph, live, explain, dataset_map):
         app.include_router(module.router)
     # JSON documents (a layer of 512 units, a sample's appearances, the graph view)
     # shrink several-fold; PNGs are already compressed and small responses are left alone.

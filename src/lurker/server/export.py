@@ -5,8 +5,9 @@ read files instead of the API. Files are written straight from the run by the AP
 route functions (no HTTP round trip per file), so every document equals the API's answer,
 and the layout is made to scale to real runs (see docs/explorer.md, "Static export"):
 
-* ``data/<static_path(api path)>.json`` for the run list, each run's summary, graph, and
-  layers, and for the samples that some unit ranks in its top-k (the others have no page);
+* ``data/<static_path(api path)>.json`` for the run list, each run's summary, graph,
+  dataset map (when it has one) and layers, and for the samples that some unit ranks in
+  its top-k (the others have no page);
 * a layer's units in chunks, ``data/runs/R/layers/L/units/chunk-<i>.json`` (``units``:
   the API's unit documents, in order), found through ``units/index.json`` (the chunk size,
   and each unit's top image and crop box for the layer grid);
@@ -225,6 +226,11 @@ def _export_run(request: Any, e: Any, files: _Files, make_images: bool) -> None:
         files.image(f"{where}/{copy}.png", png)
     with contextlib.suppress(ApiError):  # a run without a graph (v2): the page says so
         files.json(_rel("runs", e.id, "graph"), e.graph_view())
+    if run.has_map:  # the Map page (its hover images: the exported samples')
+        from .routes.dataset_map import dataset_map
+
+        files.bar.total += 1
+        files.json(_rel("runs", e.id, "map"), dataset_map(request, e.id))
     e._counted = None  # count the cached images again, with those just made
     files.json(_rel("runs", e.id), run_summary(request, e.id))
 

@@ -85,6 +85,8 @@ class Holds(BaseModel):
     cached_images: int
     #: layers with stored feature visualizations (``lurker featviz``)
     featviz: list[str] = []
+    #: The run holds a dataset map (``lurker map RUN``; the Map page).
+    map: bool = False
 
 
 class LayerBrief(BaseModel):
@@ -385,3 +387,29 @@ class ConceptRanking(BaseModel):
     scale: int
     seconds: float
     cached: bool
+
+
+# -- dataset map ---------------------------------------------------------------------------
+
+
+class MapDoc(BaseModel):
+    """The dataset map, column-wise (one array per field, all of ``count`` entries, in
+    sample-id order): 50,000 points stay a couple of MB before gzip."""
+
+    layer: str | None
+    method: str
+    engine: str | None = None
+    seconds: float | None = None
+    count: int
+    classes: list[str]
+    #: Bounds of x and y: [xmin, xmax, ymin, ymax].
+    extent: list[float]
+    ids: list[int]
+    x: list[float]
+    y: list[float]
+    #: True class index, -1: unlabelled.
+    label: list[int]
+    #: Predicted class index, -1: no prediction.
+    pred: list[int]
+    #: The prediction's softmax probability (null: none).
+    conf: list[float | None]

@@ -19,13 +19,15 @@ from lurker.store.errors import (
 )
 from lurker.store.featviz import StoredFeatViz, write_featviz
 from lurker.store.files import atomic_write_bytes, run_lock
-from lurker.store.run import LayerInfo, Run, Sample, TopEntry, Unit
+from lurker.store.run import Embedding, LayerInfo, MapData, Run, Sample, TopEntry, Unit
 from lurker.store.schema import SCHEMA_VERSION, receptive_json_schema
 from lurker.store.writer import LayerResult, RunWriter
 
 __all__ = [
     "SCHEMA_VERSION",
+    "Embedding",
     "LayerInfo",
+    "MapData",
     "LayerResult",
     "MissingFromRunError",
     "NotARunError",

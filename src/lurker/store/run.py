@@ -46,6 +46,7 @@ from lurker.store.schema import (
     has_graph_table,
     has_layout_column,
     has_relevance_table,
+    has_table,
 )
 
 if TYPE_CHECKING:
@@ -136,6 +137,33 @@ class TopEntry:
             "class_name": self.class_name,
             "path": self.path,
         }
+
+
+@dataclass(frozen=True)
+class Embedding:
+    """Per-sample features of one layer (:meth:`Run.embedding`), rows in ``ids`` order."""
+
+    ids: np.ndarray  # (n,) int64 sample ids, ascending
+    features: np.ndarray  # (n, dim) float16
+    pred: np.ndarray  # (n,) int64 predicted class, -1: none
+    conf: np.ndarray  # (n,) float32 softmax max, NaN: none
+    meta: dict[str, Any]  # layer, op, dim, pooled, dtype, samples
+
+
+@dataclass(frozen=True)
+class MapData:
+    """The dataset map (:meth:`Run.map`): one point per sample, in ``ids`` order."""
+
+    ids: np.ndarray  # (n,) int64 sample ids, ascending
+    x: np.ndarray  # (n,) float32
+    y: np.ndarray  # (n,) float32
+    label: np.ndarray  # (n,) int64 true class, -1: none
+    pred: np.ndarray  # (n,) int64 predicted class, -1: none
+    conf: np.ndarray  # (n,) float32 softmax max, NaN: none
+    meta: dict[str, Any]  # layer, method, seconds, samples
+
+    def __len__(self) -> int:
+        return len(self.ids)
 
 
 @dataclass(frozen=True)
@@ -434,6 +462,73 @@ class Run:
         """Whether the run holds relevance-max lists (``probe(..., relevance=True)``)."""
         with self._lock:
             return has_relevance_table(self._conn)
+
+    @property
+    def num_samples(self) -> int:
+        """How many samples the run holds (the readable images the probe swept)."""
+        return int(self._query("SELECT count(*) FROM samples")[0][0])
+
+    @property
+    def has_embedding(self) -> bool:
+        """Whether the run holds per-sample features (``probe(..., embed=...)``)."""
+        with self._lock:
+            return has_table(self._conn, "embedding")
+
+    @property
+    def has_map(self) -> bool:
+        """Whether the run holds a dataset map (``lurker map RUN``)."""
+        with self._lock:
+            return has_table(self._conn, "map")
+
+    def embedding(self) -> Embedding:
+        """Every sample's stored feature vector with the model's prediction and confidence,
+        in sample-id order. :class:`MissingFromRunError` when the run holds none."""
+        if not self.has_embedding:
+            raise MissingFromRunError(
+                f"run {self.path} holds no per-sample features: probe with embed=True "
+                "(`lurker probe --embed`), or run `lurker map RUN`, which collects them",
+                missing="embedding",
+            )
+        rows = self._query("SELECT sample_id, pred, conf, features FROM embedding ORDER BY 1")
+        meta = self._meta_now("embedding")
+        dim = int(meta.get("dim") or (len(rows[0][3]) // 2 if rows else 0))
+        feats = np.frombuffer(b"".join(r[3] for r in rows), np.float16).reshape(len(rows), dim)
+        return Embedding(
+            ids=np.array([r[0] for r in rows], np.int64),
+            features=feats,
+            pred=np.array([r[1] for r in rows], np.int64),
+            conf=np.array([_nan(r[2]) for r in rows], np.float32),
+            meta=meta,
+        )
+
+    def _meta_now(self, key: str) -> dict[str, Any]:
+        """A meta entry as stored now (``lurker map`` may write it after this run opened)."""
+        rows = self._query("SELECT value FROM meta WHERE key = ?", (key,))
+        return dict(json.loads(rows[0][0]) or {}) if rows else {}
+
+    def map(self) -> MapData:
+        """The dataset map: every sample's 2-D position, label, prediction and confidence,
+        in sample-id order. :class:`MissingFromRunError` when the run holds none."""
+        if not self.has_map:
+            raise MissingFromRunError(
+                f"run {self.path} holds no dataset map: make one with `lurker map RUN` "
+                "(or lurker.make_map(run))",
+                missing="map",
+            )
+        rows = self._query(
+            "SELECT m.sample_id, m.x, m.y, m.pred, m.conf, s.label FROM map m "
+            "LEFT JOIN samples s ON s.id = m.sample_id ORDER BY 1"
+        )
+        a = np.array([r[:3] for r in rows], np.float64).reshape(-1, 3)
+        return MapData(
+            ids=a[:, 0].astype(np.int64),
+            x=a[:, 1].astype(np.float32),
+            y=a[:, 2].astype(np.float32),
+            label=np.array([-1 if r[5] is None else r[5] for r in rows], np.int64),
+            pred=np.array([r[3] for r in rows], np.int64),
+            conf=np.array([_nan(r[4]) for r in rows], np.float32),
+            meta=self._meta_now("map"),
+        )
 
     @property
     def top_lists(self) -> tuple[str, ...]:

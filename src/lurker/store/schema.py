@@ -128,6 +128,38 @@ CREATE TABLE IF NOT EXISTS relevance (
 """
 
 
+#: The dataset map's inputs (``probe(..., embed=...)``, ``lurker map``): every sample's
+#: feature vector at one layer (float16, mean-pooled over positions), the model's
+#: prediction (-1: none) and confidence (softmax max). Additive; meta ``embedding`` says
+#: which layer.
+EMBEDDING_DDL = """
+CREATE TABLE IF NOT EXISTS embedding (
+    sample_id INTEGER PRIMARY KEY,
+    pred      INTEGER NOT NULL,
+    conf      REAL,
+    features  BLOB NOT NULL
+);
+"""
+
+#: The dataset map: each sample's 2-D position with its prediction and confidence.
+#: Additive; meta ``map`` says the layer, method and seconds taken.
+MAP_DDL = """
+CREATE TABLE IF NOT EXISTS map (
+    sample_id INTEGER PRIMARY KEY,
+    x         REAL NOT NULL,
+    y         REAL NOT NULL,
+    pred      INTEGER NOT NULL,
+    conf      REAL
+);
+"""
+
+
+def has_table(conn: Any, name: str) -> bool:
+    """Whether the database holds the table ``name`` (the additive ones are optional)."""
+    row = conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (name,))
+    return row.fetchone() is not None
+
+
 def has_relevance_table(conn: Any) -> bool:
     """Whether the run holds relevance-max lists (probed with ``relevance=True``)."""
     row = conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='relevance'")

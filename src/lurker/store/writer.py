@@ -34,8 +34,10 @@ from lurker.store.schema import (
     DB_NAME,
     DDL,
     EDGES_DTYPE,
+    EMBEDDING_DDL,
     HIST_DTYPE,
     LOCK_NAME,
+    MAP_DDL,
     PAGE_SIZE,
     RELEVANCE_DDL,
     SCHEMA_VERSION,
@@ -45,6 +47,7 @@ from lurker.store.schema import (
     dump_json,
     has_layout_column,
     has_relevance_table,
+    has_table,
     rf_record,
     to_blob,
 )
@@ -298,6 +301,15 @@ class RunWriter:
         _init_db(db, full)
         return cls(root, connect_rw(db), resumed=False)
 
+    @classmethod
+    def reopen(cls, path: str | os.PathLike[str]) -> RunWriter:
+        """A writer on an existing complete run, for additive tables written after the
+        probe (``lurker map``): nothing else is changed. Hold :func:`run_lock` around it."""
+        from .run import Run
+
+        Run.open(path).close()  # a complete, readable run, or the reader's clear error
+        return cls(Path(path), connect_rw(Path(path) / DB_NAME), resumed=True)
+
     @staticmethod
     def _check_resumable(root: Path, db: Path, meta: dict[str, Any]) -> None:
         """Raise :class:`RunExistsError` unless the run at ``db`` may be continued."""
@@ -466,6 +478,9 @@ class RunWriter:
         with self._tx() as cur:
             if has_relevance_table(self._conn):
                 cur.execute("DELETE FROM relevance")
+            for derived in ("embedding", "map"):  # of the samples being rewritten
+                if has_table(self._conn, derived):
+                    cur.execute(f"DELETE FROM {derived}")
             cur.execute("DELETE FROM units")
             cur.execute("DELETE FROM layers")
             for position, arrays in enumerate(prepared):
@@ -510,6 +525,76 @@ class RunWriter:
                 "INSERT OR REPLACE INTO meta(key, value) VALUES ('relevance', ?)",
                 (dump_json(dict(settings)),),
             )
+
+    def write_embedding(
+        self,
+        ids: ArrayLike,
+        features: ArrayLike,
+        pred: ArrayLike,
+        conf: ArrayLike,
+        settings: Mapping[str, Any],
+    ) -> None:
+        """Store every sample's feature vector (``(n, dim)``, kept as float16) with the
+        model's prediction (-1: none) and confidence; ``settings`` (the layer, its op, the
+        dimension) go into the meta as ``embedding``. Keeps the run's status."""
+        i, f = _np(ids).astype(np.int64), np.ascontiguousarray(_np(features), np.float16)
+        p, c = _np(pred).astype(np.int64), _np(conf).astype(np.float64)
+        if f.ndim != 2 or not (len(i) == len(f) == len(p) == len(c)):
+            raise LurkerError(
+                f"write_embedding: needs n ids, (n, dim) features, n predictions and n "
+                f"confidences, got {i.shape}, {f.shape}, {p.shape}, {c.shape}"
+            )
+        self._check_samples(i, "write_embedding")
+        rows = zip(i.tolist(), p.tolist(), [None if v != v else v for v in c.tolist()], _rows(f))
+        with self._tx(demote=False) as cur:
+            cur.execute(EMBEDDING_DDL.strip())
+            cur.execute("DELETE FROM embedding")
+            _insert_rows(cur, "embedding(sample_id, pred, conf, features)", rows)
+            cur.execute(
+                "INSERT OR REPLACE INTO meta(key, value) VALUES ('embedding', ?)",
+                (dump_json({**settings, "dtype": "float16", "samples": len(i)}),),
+            )
+
+    def write_map(
+        self,
+        ids: ArrayLike,
+        xy: ArrayLike,
+        pred: ArrayLike,
+        conf: ArrayLike,
+        settings: Mapping[str, Any],
+    ) -> None:
+        """Store the dataset map: each sample's 2-D position ``xy`` (``(n, 2)``) with its
+        prediction and confidence; ``settings`` (layer, method, seconds) go into the meta
+        as ``map``. Keeps the run's status."""
+        i, a = _np(ids).astype(np.int64), _np(xy).astype(np.float64)
+        p, c = _np(pred).astype(np.int64), _np(conf).astype(np.float64)
+        if a.ndim != 2 or a.shape[1] != 2 or not (len(i) == len(a) == len(p) == len(c)):
+            raise LurkerError(
+                f"write_map: needs n ids, (n, 2) positions, n predictions and n confidences, "
+                f"got {i.shape}, {a.shape}, {p.shape}, {c.shape}"
+            )
+        if not np.isfinite(a).all():
+            raise LurkerError("write_map: positions must be finite")
+        self._check_samples(i, "write_map")
+        conf_rows = [None if v != v else v for v in c.tolist()]
+        rows = zip(i.tolist(), a[:, 0].tolist(), a[:, 1].tolist(), p.tolist(), conf_rows)
+        with self._tx(demote=False) as cur:
+            cur.execute(MAP_DDL.strip())
+            cur.execute("DELETE FROM map")
+            _insert_rows(cur, "map(sample_id, x, y, pred, conf)", rows)
+            cur.execute(
+                "INSERT OR REPLACE INTO meta(key, value) VALUES ('map', ?)",
+                (dump_json({**settings, "samples": len(i)}),),
+            )
+
+    def _check_samples(self, ids: np.ndarray, what: str) -> None:
+        """Refuse ids that are repeated or not among the run's samples."""
+        if len(np.unique(ids)) != len(ids):
+            raise LurkerError(f"{what}: sample ids repeat")
+        known = {r[0] for r in self._conn.execute("SELECT id FROM samples")}
+        unknown = [int(v) for v in ids if int(v) not in known][:10]
+        if unknown:
+            raise LurkerError(f"{what}: no sample(s) {unknown} in the run")
 
     def _drop_checkpoint_and_cache(self) -> None:
         with contextlib.suppress(FileNotFoundError):

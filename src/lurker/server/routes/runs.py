@@ -120,6 +120,7 @@ def summarize(request: Request, e: RunEntry) -> RunSummary:
             dataset_reason=dataset_reason,
             featviz=run.featviz_layers(),
             cached_images=e.cached_images(),
+            map=run.has_map,
         ),
         missing=e.missing(),
         layers=[layer_brief(info) for info in run.layers],

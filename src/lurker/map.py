@@ -1,0 +1,271 @@
+"""The dataset map: every sample placed in 2-D by its features at one layer.
+
+:func:`reduce` turns features into 2-D positions (t-SNE, UMAP or PCA, seeded, so the same
+features give the same map); :func:`make_map` does it for a run's stored features
+(``probe(..., embed=True)``), collecting them first with the run's recorded model and
+dataset when the run has none, and stores the map in the run (``run.map()``).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+from .errors import LurkerError
+
+__all__ = ["METHODS", "Reduced", "collect_embedding", "make_map", "reduce"]
+
+Method = Literal["tsne", "umap", "pca"]
+METHODS: tuple[str, ...] = ("tsne", "umap", "pca")
+#: t-SNE first reduces the features to this many dimensions with PCA (as its authors do).
+TSNE_PCA_DIMS = 50
+
+
+@dataclass(frozen=True)
+class Reduced:
+    """2-D positions ``xy`` (n, 2) and how they were made."""
+
+    xy: np.ndarray
+    method: str  # "tsne", "umap" or "pca"
+    engine: str  # the library that made them (openTSNE, scikit-learn, umap-learn, numpy)
+    seconds: float
+
+
+def _threads() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
+
+
+def pca(x: np.ndarray, dims: int = 2) -> np.ndarray:
+    """Projection on the ``dims`` first principal axes (float64 SVD of the centred data),
+    each axis' sign fixed so that its largest loading is positive: deterministic."""
+    c = x.astype(np.float64) - x.astype(np.float64).mean(0)
+    if len(c) > 4 * c.shape[1]:  # many samples: eigenvectors of the covariance (d x d)
+        w, v = np.linalg.eigh(c.T @ c)
+        axes = v[:, np.argsort(w)[::-1][:dims]].T
+    else:
+        axes = np.linalg.svd(c, full_matrices=False)[2][:dims]
+    flip = np.sign(axes[np.arange(len(axes)), np.abs(axes).argmax(1)])
+    return c @ (axes * flip[:, None]).T
+
+
+def reduce(features: Any, method: str = "tsne", *, seed: int = 0) -> Reduced:
+    """``features`` (n, dim) placed in 2-D with ``method`` (see :data:`METHODS`).
+
+    t-SNE runs openTSNE (FFT-accelerated gradients) when it is installed, else
+    scikit-learn's Barnes-Hut, after a PCA to 50 dimensions; UMAP needs umap-learn
+    (``pip install lurker[map]``). The same features and seed give the same positions.
+    """
+    x = np.asarray(features, dtype=np.float32)
+    if x.ndim != 2 or len(x) == 0:
+        raise LurkerError(f"reduce: features must be (samples, dims) with samples, got {x.shape}")
+    if method not in METHODS:
+        raise LurkerError(f"map method must be one of {', '.join(METHODS)}, got {method!r}")
+    if not np.isfinite(x).all():
+        raise LurkerError(
+            "reduce: the features hold NaN or infinite values (the layer overflowed float16, "
+            "or the model produced them); embed another layer"
+        )
+    t0 = time.perf_counter()
+    n = len(x)
+    if method == "pca" or n < 4:
+        out = pca(x) if x.shape[1] >= 2 else np.c_[x[:, :1], np.zeros(n)]
+        return Reduced(out.astype(np.float32), "pca", "numpy", time.perf_counter() - t0)
+    if method == "umap":
+        try:
+            import umap  # type: ignore[import-not-found]
+        except ImportError:
+            raise LurkerError(
+                "map method 'umap' needs umap-learn: pip install 'lurker[map]' (or umap-learn), "
+                "or use --method tsne"
+            ) from None
+        xy = umap.UMAP(n_components=2, random_state=seed, n_jobs=1).fit_transform(x)
+        return Reduced(np.asarray(xy, np.float32), "umap", "umap-learn", time.perf_counter() - t0)
+    if x.shape[1] > TSNE_PCA_DIMS:
+        x = pca(x, TSNE_PCA_DIMS).astype(np.float32)
+    perplexity = float(min(30.0, max(1.0, (n - 1) / 3.0)))
+    try:
+        import openTSNE
+    except ImportError:
+        openTSNE = None
+    if openTSNE is not None:
+        emb = openTSNE.TSNE(
+            n_components=2,
+            perplexity=perplexity,
+            initialization="pca",
+            negative_gradient_method="fft",
+            neighbors="annoy" if n > 1000 else "exact",
+            n_jobs=_threads(),
+            random_state=seed,
+            verbose=False,
+        ).fit(x)
+        xy, engine = np.asarray(emb), "openTSNE"
+    else:
+        from sklearn.manifold import TSNE
+
+        xy = TSNE(
+            n_components=2,
+            perplexity=perplexity,
+            init="pca",
+            random_state=seed,
+            n_jobs=_threads(),
+        ).fit_transform(x)
+        engine = "scikit-learn"
+    return Reduced(np.asarray(xy, np.float32), "tsne", engine, time.perf_counter() - t0)
+
+
+def collect_embedding(
+    model: Any,
+    dataset: Any,
+    embed: bool | str = True,
+    *,
+    batch_size: int = 256,
+    device: str | None = None,
+) -> tuple[Any, dict[str, Any]]:
+    """Every sample's features at ``embed`` (as ``probe(..., embed=)`` keeps them) and the
+    model's predictions, in one pass without probing: ``((ids, features, pred, conf),
+    settings)``. Sample ids are dataset indices, as the probe numbers them."""
+    import torch
+
+    from .probe import data as pdata
+    from .probe.consumers import Batch, EmbeddingConsumer
+    from .probe.sweep import check_embed_budget, embed_layer_of, settled_trace
+
+    ds = pdata.wrap(dataset)
+    if len(ds) == 0:
+        raise LurkerError("the dataset is empty: nothing to embed")
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = model.eval().to(dev)
+    x0 = ds.first_image().unsqueeze(0).to(dev)
+    with torch.no_grad():
+        tr = settled_trace(model, x0)
+    layer = embed_layer_of(tr, embed)
+    check_embed_budget(layer, len(ds))
+    consumer = EmbeddingConsumer(layer, probed=False)
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=batch_size, shuffle=False, collate_fn=pdata.collate
+    )
+
+    def feed(op: Any, value: Any) -> None:
+        consumer.update(layer, value[0] if isinstance(value, tuple) else value, batch)
+
+    with torch.no_grad():
+        for images, labels, ids in loader:
+            if not len(images):
+                continue
+            batch = Batch(images.to(dev), ids.to(dev), labels.to(dev), 1)
+            acts = tr.run(batch.images, save="none", hooks={layer.op.index: feed})
+            consumer.end(batch, acts.output)
+    return consumer.arrays(), consumer.settings
+
+
+def make_map(
+    run: Any,
+    *,
+    layer: str | None = None,
+    method: str = "tsne",
+    seed: int = 0,
+    model: Any = None,
+    dataset: Any = None,
+    device: str | None = None,
+) -> Any:
+    """Reduce the run's per-sample features to 2-D and store the map in the run.
+
+    ``run`` is a :class:`~lurker.store.Run` or its path. Without stored features (or when
+    ``layer`` names another layer than they are of) they are collected first, with
+    ``model``/``dataset`` when given, else the model and dataset the run records (as
+    ``lurker serve`` loads them), and stored too. Returns the run reopened, holding the map.
+    """
+    from .store import Run, RunWriter, run_lock
+
+    path = run.path if isinstance(run, Run) else run
+    if method not in METHODS:
+        raise LurkerError(f"map method must be one of {', '.join(METHODS)}, got {method!r}")
+    with Run.open(path) as r:
+        stored = r.embedding() if r.has_embedding else None
+        config = dict(r.meta.get("config") or {})
+        size = (r.meta.get("image_size") or [224])[0]
+        n_samples = r.num_samples
+    if (
+        stored is not None
+        and layer is not None
+        and layer
+        not in (
+            stored.meta.get("layer"),
+            stored.meta.get("op"),
+        )
+    ):
+        stored = None
+    with run_lock(path):
+        writer = RunWriter.reopen(path)
+        try:
+            if stored is None:
+                model, dataset = _model_and_data(config, int(size), model, dataset, device)
+                if len(dataset) != n_samples:
+                    raise LurkerError(
+                        f"the dataset has {len(dataset)} samples, the run {n_samples}: give "
+                        "the dataset the run was probed with"
+                    )
+                (ids, feats, pred, conf), settings = collect_embedding(
+                    model, dataset, layer or True, device=device
+                )
+                writer.write_embedding(ids, feats, pred, conf, settings)
+            else:
+                ids, feats, pred, conf = stored.ids, stored.features, stored.pred, stored.conf
+                settings = stored.meta
+            if len(ids) == 0:
+                raise LurkerError("no sample could be embedded (every image was unreadable)")
+            done = reduce(feats, method, seed=seed)
+            writer.write_map(
+                ids,
+                done.xy,
+                pred,
+                conf,
+                {
+                    "layer": settings.get("layer"),
+                    "method": done.method,
+                    "engine": done.engine,
+                    "seed": seed,
+                    "seconds": round(done.seconds, 3),
+                },
+            )
+        finally:
+            writer.close()
+    return Run.open(path)
+
+
+def _model_and_data(
+    config: dict[str, Any], size: int, model: Any, dataset: Any, device: str | None
+) -> tuple[Any, Any]:
+    """The model and dataset given, else the ones the run records."""
+    if model is None:
+        spec = config.get("model_spec")
+        if not spec:
+            raise LurkerError(
+                "the run holds no per-sample features and does not record its model (it was "
+                "probed from Python): probe it with embed=True, or pass model= and dataset= "
+                "(CLI: lurker map RUN --model SPEC [--weights W] --data D)"
+            )
+        from .models import load_model
+
+        weights = config.get("weights")
+        if weights and not os.path.isfile(weights):
+            raise LurkerError(
+                f"the run's recorded weights {weights} do not exist here: pass --weights"
+            )
+        model = load_model(spec, weights, device=device or "cpu")
+    if dataset is None:
+        spec = config.get("data")
+        if not spec:
+            raise LurkerError(
+                "the run holds no per-sample features and does not record its dataset: "
+                "probe it with embed=True, or pass dataset= (CLI: --data)"
+            )
+        from .probe import data as pdata
+
+        shape = config.get("input_shape") or [None]
+        dataset = pdata.load_dataset(spec, size, channels=shape[0])
+    return model, dataset

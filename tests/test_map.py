@@ -1,0 +1,277 @@
+"""The dataset map: per-sample features kept by the probe's sweep, their 2-D reduction,
+the stored map and its API document."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from lurker.errors import LurkerError
+from lurker.examples import DigitsNet
+from lurker.map import collect_embedding, make_map, reduce
+from lurker.probe import probe
+from lurker.probe.data import load_dataset
+from lurker.store import MissingFromRunError, Run
+
+
+@pytest.fixture(scope="module")
+def model() -> DigitsNet:
+    torch.manual_seed(0)
+    return DigitsNet().eval()
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_dataset("digits:test", 16, channels=1)
+
+
+def _all(data) -> tuple[torch.Tensor, torch.Tensor]:
+    xs = torch.stack([data[i][0] for i in range(len(data))])
+    return xs, torch.tensor([int(data[i][1]) for i in range(len(data))])
+
+
+def _hooked(model: torch.nn.Module, module: str, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """Brute force: the module's output by a plain forward hook, and the logits."""
+    got: list[torch.Tensor] = []
+    handle = model.get_submodule(module).register_forward_hook(
+        lambda m, i, o: got.append(o.detach().clone())
+    )
+    try:
+        with torch.no_grad():
+            logits = model(x)
+    finally:
+        handle.remove()
+    return got[0], logits
+
+
+@pytest.mark.parametrize(
+    ("embed", "module", "batch_size"), [(True, "classifier.2", 7), ("features.8", "features.8", 50)]
+)
+def test_probe_keeps_every_samples_features(model, data, tmp_path, embed, module, batch_size):
+    run = probe(
+        model, data, out=tmp_path / "run", layers="classifier.1", batch_size=batch_size,
+        progress=False, embed=embed,
+    )  # fmt: skip
+    e = run.embedding()
+    x, _ = _all(data)
+    feats, logits = _hooked(model, module, x)
+    if feats.dim() == 4:  # positions are mean-pooled
+        feats = feats.mean((2, 3))
+    assert e.meta["layer"] == module
+    assert e.features.dtype == np.float16
+    np.testing.assert_array_equal(e.ids, np.arange(len(data)))
+    np.testing.assert_allclose(e.features.astype(np.float32), feats.numpy(), rtol=2e-3, atol=2e-3)
+    np.testing.assert_array_equal(e.pred, logits.argmax(1).numpy())
+    np.testing.assert_allclose(e.conf, torch.softmax(logits, 1).max(1).values.numpy(), rtol=1e-5)
+
+
+def test_features_do_not_depend_on_batch_size(model, data, tmp_path):
+    a = probe(model, data, out=tmp_path / "a", layers="classifier.1", batch_size=13,
+              progress=False, embed=True).embedding()  # fmt: skip
+    (ids, feats, pred, _conf), settings = collect_embedding(model, data, True, batch_size=360)
+    np.testing.assert_array_equal(a.ids, ids.numpy())
+    np.testing.assert_allclose(a.features.astype(np.float32), feats.float().numpy(), atol=2e-3)
+    np.testing.assert_array_equal(a.pred, pred.numpy())
+    assert settings["layer"] == "classifier.2"
+
+
+def test_bad_embed_layer_is_named(model, data, tmp_path):
+    with pytest.raises(LurkerError, match=r"embed='no\.such'.*No layer matches"):
+        probe(model, data, out=tmp_path / "r", progress=False, embed="no.such")
+    with pytest.raises(LurkerError, match="names 3 layers"):
+        probe(model, data, out=tmp_path / "r2", progress=False, embed="Conv2d")
+
+
+def test_features_over_budget_are_refused(model, data, tmp_path):
+    from lurker.probe.sweep import check_embed_budget, embed_layer_of, settled_trace
+
+    tr = settled_trace(model, data[0][0][None])
+    layer = embed_layer_of(tr, "features.8")
+    with pytest.raises(LurkerError, match=r"1,000,000 samples .* needs 0\.1 GiB.*narrower layer"):
+        check_embed_budget(layer, 1_000_000, budget=1 << 20)
+
+
+def test_pca_equals_numpy_svd():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(300, 20)) @ rng.normal(size=(20, 20))
+    got = reduce(x, "pca").xy
+    c = x - x.mean(0)
+    _, _, vt = np.linalg.svd(c, full_matrices=False)
+    want = c @ vt[:2].T
+    sign = np.sign((got * want).sum(0))  # principal axes are defined up to sign
+    np.testing.assert_allclose(got * sign, want, rtol=1e-3, atol=1e-3)
+
+
+def test_tsne_is_seeded_and_separates_clusters():
+    rng = np.random.default_rng(0)
+    centres = rng.normal(0, 10, (3, 64))
+    labels = np.repeat(np.arange(3), 60)
+    x = centres[labels] + rng.normal(size=(180, 64))
+    a, b = reduce(x, "tsne", seed=3).xy, reduce(x, "tsne", seed=3).xy
+    np.testing.assert_array_equal(a, b)
+    # every point's nearest neighbour in the map is of its own cluster
+    d = ((a[:, None] - a[None]) ** 2).sum(-1) + np.eye(len(a)) * 1e9
+    assert (labels[d.argmin(1)] == labels).all()
+
+
+def test_bad_method_and_missing_umap():
+    with pytest.raises(LurkerError, match="one of tsne, umap, pca"):
+        reduce(np.zeros((5, 3)), "mds")
+    try:
+        import umap  # noqa: F401
+    except ImportError:
+        with pytest.raises(LurkerError, match="umap-learn"):
+            reduce(np.random.default_rng(0).normal(size=(50, 4)), "umap")
+
+
+def test_make_map_stores_one_point_per_sample(model, data, tmp_path):
+    run = probe(model, data, out=tmp_path / "run", layers="classifier.1", progress=False,
+                embed=True)  # fmt: skip
+    with pytest.raises(MissingFromRunError, match="lurker map"):
+        run.map()
+    e = run.embedding()
+    done = make_map(run, method="pca").map()
+    assert len(done) == len(data)
+    np.testing.assert_array_equal(done.ids, e.ids)
+    np.testing.assert_array_equal(done.pred, e.pred)
+    np.testing.assert_array_equal(done.label, _all(data)[1].numpy())
+    want = reduce(e.features, "pca").xy
+    np.testing.assert_allclose(np.c_[done.x, done.y], want, rtol=1e-5, atol=1e-4)
+    assert done.meta["method"] == "pca" and done.meta["layer"] == "classifier.2"
+
+
+def test_map_without_features_or_model_says_what_to_do(model, data, tmp_path):
+    run = probe(model, data, out=tmp_path / "run", layers="classifier.1", progress=False)
+    assert not run.has_embedding
+    with pytest.raises(LurkerError, match="embed=True"):
+        make_map(run, method="pca")
+    assert not Run.open(run.path).has_map
+
+
+def test_cli_map_collects_features_with_the_recorded_model(model, tmp_path):
+    from lurker.cli import main
+
+    weights = tmp_path / "w.pt"
+    torch.save(model.state_dict(), weights)
+    out = tmp_path / "run"
+    res = CliRunner().invoke(main, [
+        "probe", "lurker.examples:DigitsNet", "-w", str(weights), "--data", "digits:test",
+        "--image-size", "16", "--out", str(out), "-l", "classifier.1", "--device", "cpu",
+    ])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(main, ["map", str(out), "--method", "pca", "--layer", "features.8"])
+    assert res.exit_code == 0, res.output
+    assert "map of 360 samples from features.8 by pca" in res.output
+    with Run.open(out) as r:
+        assert r.embedding().features.shape == (360, 32)
+        assert len(r.map()) == 360
+    res = CliRunner().invoke(main, ["map", str(out), "--layer", "nope"])
+    assert res.exit_code == 2 and "No layer matches ['nope']" in res.output
+
+
+def test_api_map_document(model, data, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from lurker.server.app import create_app
+
+    run = probe(model, data, out=tmp_path / "run", layers="classifier.1", progress=False,
+                embed=True)  # fmt: skip
+    client = TestClient(create_app(str(run.path)))
+    rid = Path(run.path).name
+    r = client.get(f"/api/runs/{rid}/map")
+    assert r.status_code == 404 and "lurker map" in r.json()["detail"]
+    assert client.get(f"/api/runs/{rid}").json()["holds"]["map"] is False
+    m = make_map(run, method="pca").map()
+    client = TestClient(create_app(str(run.path)))
+    doc = client.get(f"/api/runs/{rid}/map").json()
+    assert client.get(f"/api/runs/{rid}").json()["holds"]["map"] is True
+    assert doc["count"] == len(data) == len(doc["x"]) == len(doc["ids"]) == len(doc["conf"])
+    assert doc["classes"] == [str(i) for i in range(10)]
+    np.testing.assert_allclose(doc["x"], m.x, atol=1e-3)
+    assert doc["pred"] == m.pred.tolist() and doc["label"] == m.label.tolist()
+    assert doc["extent"] == pytest.approx([m.x.min(), m.x.max(), m.y.min(), m.y.max()])
+
+
+@pytest.mark.skipif(
+    not (Path(__file__).resolve().parents[1] / "src/lurker/server/static/index.html").exists(),
+    reason="the export needs the built front end (make web)",
+)
+def test_export_writes_the_map_document(model, data, tmp_path):
+    import json
+
+    from fastapi.testclient import TestClient
+
+    from lurker.server.app import create_app
+    from lurker.server.export import export_site
+
+    run = probe(model, data, out=tmp_path / "run", layers="classifier.1", progress=False,
+                embed=True)  # fmt: skip
+    make_map(run, method="pca").close()
+    site = export_site(run.path, tmp_path / "site", make_images=False, progress=False)
+    written = json.loads((site / "data" / "runs" / "run" / "map.json").read_text())
+    served = TestClient(create_app(str(run.path))).get("/api/runs/run/map").json()
+    assert written == served and written["count"] == len(data)
+
+
+class _FailsOnce(torch.utils.data.Dataset):
+    """The test digits, raising once at sample 120 (a crash in the middle of the sweep)."""
+
+    def __init__(self, data: Any) -> None:
+        self.data, self.armed = data, True
+        self.targets = [int(data[i][1]) for i in range(len(data))]  # no read in planning
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> Any:
+        if i == 120 and self.armed:
+            self.armed = False
+            raise RuntimeError("crash")
+        return self.data[i]
+
+
+def test_resumed_probe_keeps_the_features_of_both_parts(model, data, tmp_path):
+    flaky = _FailsOnce(data)
+    kw = {"layers": "classifier.1", "batch_size": 50, "progress": False, "embed": True}
+    with pytest.raises(RuntimeError, match="crash"):
+        probe(model, flaky, out=tmp_path / "r", checkpoint_every=1, **kw)
+    done = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)["done"]
+    assert 0 < done < len(data)
+    run = probe(model, flaky, out=tmp_path / "r", **kw)
+    assert run.meta["sweep"]["images"] == len(data) - done  # it did resume
+    resumed = run.embedding()
+    whole = probe(model, data, out=tmp_path / "w", **kw).embedding()
+    np.testing.assert_array_equal(resumed.ids, whole.ids)
+    np.testing.assert_array_equal(resumed.features, whole.features)
+    np.testing.assert_array_equal(resumed.pred, whole.pred)
+
+
+def _dist_worker(rank: int, world: int, store: str, out: str) -> None:
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=world
+    )
+    try:
+        torch.manual_seed(0)
+        probe(DigitsNet().eval(), load_dataset("digits:test", 16, channels=1), out=out,
+              layers="classifier.1", batch_size=32, progress=False, device="cpu",
+              embed="features.8")  # fmt: skip
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_two_ranks_gather_every_samples_features(model, data, tmp_path):
+    torch.multiprocessing.spawn(
+        _dist_worker, args=(2, str(tmp_path / "store"), str(tmp_path / "dist")), nprocs=2
+    )
+    got = Run.open(tmp_path / "dist").embedding()
+    want = probe(model, data, out=tmp_path / "one", layers="classifier.1", progress=False,
+                 embed="features.8").embedding()  # fmt: skip
+    np.testing.assert_array_equal(got.ids, np.arange(len(data)))
+    np.testing.assert_allclose(got.features.astype(np.float32), want.features.astype(np.float32),
+                               atol=2e-3)  # fmt: skip
+    np.testing.assert_array_equal(got.pred, want.pred)

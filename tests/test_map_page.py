@@ -1,0 +1,211 @@
+"""The Map page in a real browser (Debian's chromium via Playwright) over the real server:
+the canvas draws the run's map, hovering a dot shows that sample, clicking opens it, the
+misclassified filter keeps exactly the misclassified samples (oracle: ``Run.map()``)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+CHROMIUM = Path("/usr/bin/chromium")
+STATIC = Path(__file__).resolve().parents[1] / "src" / "lurker" / "server" / "static"
+if not CHROMIUM.exists() or not (STATIC / "index.html").exists():
+    pytest.skip(
+        "the Map page test needs /usr/bin/chromium and the built front end (make web)",
+        allow_module_level=True,
+    )
+pytest.importorskip("playwright.sync_api")
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """Two runs of a seeded DigitsNet on the 360 test digits: one with a (PCA) map, one
+    without."""
+    from lurker.examples import DigitsNet
+    from lurker.map import make_map
+    from lurker.probe import probe
+    from lurker.probe.data import load_dataset
+    from lurker.server import create_app
+    from lurker.server.serve import background
+
+    torch.manual_seed(0)
+    model = DigitsNet().eval()
+    data = load_dataset("digits:test", 16, channels=1)
+    root = tmp_path_factory.mktemp("maps")
+    for name, embed in (("mapped", True), ("plain", False)):
+        run = probe(model, data, out=root / name, layers="classifier.1", progress=False,
+                    embed=embed)  # fmt: skip
+        if embed:
+            make_map(run, method="pca").close()
+        run.close()
+    from lurker.store import Run
+
+    with (
+        Run.open(root / "mapped") as run,
+        background(create_app(root, model_obj=model, dataset=data)) as url,
+    ):
+        yield {"url": url, "map": run.map(), "root": root, "data": data}
+
+
+@pytest.fixture
+def page(browser: Any) -> Iterator[Any]:
+    ctx = browser.new_context(viewport={"width": 1280, "height": 800})
+    pg = ctx.new_page()
+    errors: list[str] = []
+    pg.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    pg.on("pageerror", lambda e: errors.append(f"uncaught: {e}"))
+    pg.errors = errors
+    yield pg
+    ctx.close()
+
+
+def _open(page: Any, served: dict[str, Any], query: str = "") -> dict[str, float]:
+    page.goto(f"{served['url']}#/r/mapped/map{query}")
+    page.wait_for_selector("canvas.map-canvas")
+    page.wait_for_load_state("networkidle")
+    return page.evaluate(
+        "() => { const c = document.querySelector('canvas.map-canvas'); const r = "
+        "c.getBoundingClientRect(); return {s: +c.dataset.scale, tx: +c.dataset.tx, ty: "
+        "+c.dataset.ty, left: r.left, top: r.top}; }"
+    )
+
+
+def _screen(g: dict[str, float], x: float, y: float) -> tuple[float, float]:
+    """Where the page draws the point (x, y) before any zoom."""
+    return g["left"] + g["tx"] + x * g["s"], g["top"] + g["ty"] - y * g["s"]
+
+
+def _isolated(m: Any, g: dict[str, float], among: Any = None) -> int:
+    """The point (of ``among``, default all) farthest on screen from any other, so hovering
+    it hits it alone."""
+    xy = np.c_[m.x, -m.y] * g["s"]
+    d = np.sqrt(((xy[:, None] - xy[None]) ** 2).sum(-1)) + np.eye(len(xy)) * 1e9
+    nearest = d.min(1)
+    if among is not None:
+        nearest = np.where(among, nearest, -1)
+    return int(np.argmax(nearest))
+
+
+def test_map_draws_hover_shows_the_sample_and_click_opens_it(page: Any, served: dict[str, Any]):
+    m = served["map"]
+    g = _open(page, served)
+    assert page.locator("h1").inner_text().startswith(f"Map {len(m):,} samples")
+    painted = page.evaluate(
+        "() => { const c = document.querySelector('canvas.map-canvas'); const d = "
+        "c.getContext('2d').getImageData(0, 0, c.width, c.height).data; let n = 0; "
+        "for (let i = 3; i < d.length; i += 4) n += d[i] > 0; return n; }"
+    )
+    assert painted > 1000  # hundreds of dots of several pixels each
+    assert page.locator("canvas.map-canvas").get_attribute("data-shown") == str(len(m))
+    i = _isolated(m, g)
+    sid = int(m.ids[i])
+    page.mouse.move(*_screen(g, float(m.x[i]), float(m.y[i])))
+    tip = page.locator(".map-tip")
+    tip.wait_for(state="visible")
+    assert tip.get_attribute("data-sample") == str(sid)
+    text = tip.inner_text()
+    assert f"#{sid}" in text and f"label {m.label[i]}" in text and f"predicted {m.pred[i]}" in text
+    page.wait_for_function("() => { const i = document.querySelector('.map-tip img'); "
+                           "return i && i.complete && i.naturalWidth > 0; }")  # fmt: skip
+    page.mouse.click(*_screen(g, float(m.x[i]), float(m.y[i])))
+    page.wait_for_url(f"**#/r/mapped/sample/{sid}")
+    page.wait_for_selector("main h1")
+    assert str(sid) in page.locator("main h1").inner_text()
+    assert not page.errors
+
+
+def test_misclassified_filter_and_colour_toggle(page: Any, served: dict[str, Any]):
+    m = served["map"]
+    wrong = int(((m.label != m.pred) & (m.pred >= 0)).sum())
+    _open(page, served)
+    page.get_by_role("button", name="correct / wrong").click()
+    assert f"misclassified ({wrong})" in page.locator(".map-legend").inner_text()
+    page.get_by_label("misclassified only").check()
+    assert page.locator("canvas.map-canvas").get_attribute("data-shown") == str(wrong)
+    assert "mis=1" in page.url and "color=correct" in page.url
+    page.reload()  # the URL keeps the view
+    page.wait_for_selector("canvas.map-canvas")
+    assert page.locator("canvas.map-canvas").get_attribute("data-shown") == str(wrong)
+    assert not page.errors
+
+
+def test_box_select_lists_the_samples_inside(page: Any, served: dict[str, Any]):
+    m = served["map"]
+    g = _open(page, served)
+    x0, x1 = np.quantile(m.x, [0.3, 0.7])
+    y0, y1 = np.quantile(m.y, [0.3, 0.7])
+    inside = ((m.x >= x0) & (m.x <= x1) & (m.y >= y0) & (m.y <= y1)).sum()
+    a, b = _screen(g, x0, y1), _screen(g, x1, y0)
+    page.keyboard.down("Shift")
+    page.mouse.move(*a)
+    page.mouse.down()
+    page.mouse.move(*b, steps=5)
+    page.mouse.up()
+    page.keyboard.up("Shift")
+    head = page.locator(".map-selection h2").inner_text()
+    # the box's corners are rounded to pixels: a point on its edge may fall either side
+    got = int(head.split(":")[1].split()[0].replace(",", ""))
+    assert abs(got - inside) <= 3 and got > 0
+    assert not page.errors
+
+
+def test_run_without_map_says_how_to_make_one(page: Any, served: dict[str, Any]):
+    page.goto(f"{served['url']}#/r/plain/map")
+    note = page.locator(".notice")
+    note.wait_for()
+    assert "lurker map" in note.inner_text()
+
+
+@pytest.fixture(scope="module")
+def static_site(served: dict[str, Any]) -> Iterator[str]:
+    """`lurker export` of both runs, served by a plain static file server (no lurker)."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    from lurker.server.export import export_site
+
+    site = export_site(served["root"], served["root"].parent / "site", dataset=served["data"],
+                       progress=False)  # fmt: skip
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(site)))
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/"
+    httpd.shutdown()
+    thread.join(10)
+
+
+def test_static_export_shows_the_map(page: Any, served: dict[str, Any], static_site: str):
+    import json
+
+    m = served["map"]
+    site = served["root"].parent / "site" / "data" / "runs"
+    listed = json.loads((site / "mapped" / "exported-samples.json").read_text())["samples"]
+    exported = {s["id"] for s in listed if s["image"]}
+    assert 0 < len(exported) < len(m)
+    g = _open(page, {"url": static_site.rstrip("/")})
+    assert page.locator("canvas.map-canvas").get_attribute("data-shown") == str(len(m))
+    for want in (True, False):  # an exported sample shows its image, another says so
+        i = _isolated(m, g, np.isin(m.ids, list(exported)) == want)
+        page.mouse.move(*_screen(g, float(m.x[i]), float(m.y[i])))
+        tip = page.locator(".map-tip")
+        tip.wait_for(state="visible")
+        assert tip.get_attribute("data-sample") == str(m.ids[i])
+        assert (tip.locator("img").count() == 1) == want
+        assert ("not exported" in tip.inner_text()) != want
+        page.mouse.move(1, 1)
+    page.goto(f"{static_site}#/r/plain/map")
+    note = page.locator(".notice")
+    note.wait_for()
+    assert "holds no dataset map" in note.inner_text() and "lurker map" in note.inner_text()
+    assert not page.errors

@@ -1,0 +1,408 @@
+/**
+ * `#/r/RUN/map?color=class|correct&mis=1`: the dataset map. Every sample is a dot placed by
+ * its features at one layer (t-SNE, UMAP or PCA, made by `lurker map RUN`), drawn on a
+ * canvas so 50,000 dots stay smooth: d3-zoom pans and zooms by redrawing, a quadtree
+ * finds the dot under the pointer, shift-drag selects a box of dots.
+ */
+import { quadtree, type Quadtree } from "d3-quadtree";
+import { select } from "d3-selection";
+import { zoom, zoomIdentity, type ZoomTransform } from "d3-zoom";
+import { ApiError, p } from "../api";
+import type { PageContext } from "../context";
+import { append, fill, fmt, h, notice } from "../dom";
+import { imageState, noImage } from "../images";
+
+export interface MapDoc {
+  layer: string | null;
+  method: string;
+  engine: string | null;
+  seconds: number | null;
+  count: number;
+  classes: string[];
+  /** [xmin, xmax, ymin, ymax] */
+  extent: number[];
+  ids: number[];
+  x: number[];
+  y: number[];
+  label: number[];
+  pred: number[];
+  conf: (number | null)[];
+}
+
+const TABLEAU = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac"];
+const RIGHT = "#9aa5b1";
+const WRONG = "#d62728";
+const UNKNOWN = "#c9d1d9";
+/** The canvas' height: the window's height below the toolbar, within these bounds. */
+const MIN_HEIGHT = 360;
+const MAX_HEIGHT = 760;
+const SELECTION_SHOWN = 120;
+
+/** Colour of class `c`: Tableau 10, then evenly spread hues. */
+export function classColour(c: number, n: number): string {
+  if (c < 0) return UNKNOWN;
+  if (n <= TABLEAU.length) return TABLEAU[c % TABLEAU.length];
+  return `hsl(${(c * 137.508) % 360} 62% 48%)`;
+}
+
+export async function renderMap(root: HTMLElement, ctx: PageContext): Promise<void> {
+  document.title = `map · ${ctx.run} · lurker`;
+  let doc: MapDoc;
+  try {
+    doc = await ctx.api.json<MapDoc>(p("runs", ctx.run, "map"));
+  } catch (err) {
+    if (err instanceof ApiError && err.status === 404) {
+      append(root, h("h1", null, "Map"), notice(err.message));
+      return;
+    }
+    throw err;
+  }
+  const images = await imageState(ctx);
+  // a static export holds the pages and images of the top-k samples only
+  const exported = ctx.api.isStatic ? new Set((await ctx.api.exportedSamples(ctx.run)).samples.filter((s) => s.image).map((s) => s.id)) : null;
+  const has = (id: number) => exported === null || exported.has(id);
+  const n = doc.count;
+  const labelled = doc.label.some((l) => l >= 0) && doc.pred.some((q) => q >= 0);
+  const wrong = new Uint8Array(n);
+  let nWrong = 0;
+  for (let i = 0; i < n; i++) {
+    if (doc.label[i] >= 0 && doc.pred[i] >= 0 && doc.label[i] !== doc.pred[i]) {
+      wrong[i] = 1;
+      nWrong++;
+    }
+  }
+  const state = {
+    color: ctx.params.get("color") === "correct" && labelled ? "correct" : "class",
+    mis: ctx.params.get("mis") === "1" && labelled,
+  };
+
+  // -- layout ------------------------------------------------------------------------------
+  const legend = h("div", { class: "map-legend" });
+  const colorSeg = h(
+    "span",
+    { class: "seg", role: "group", "aria-label": "colour by" },
+    h("button", { type: "button", "data-color": "class" }, "class"),
+    h("button", { type: "button", "data-color": "correct", disabled: !labelled }, "correct / wrong"),
+  );
+  const misBox = h("input", { type: "checkbox", id: "map-mis", disabled: !labelled }) as HTMLInputElement;
+  const reset = h("button", { type: "button" }, "reset view");
+  const canvas = h("canvas", { class: "map-canvas", "aria-label": `map of ${n} samples` }) as HTMLCanvasElement;
+  const tip = h("div", { class: "map-tip", hidden: true });
+  const band = h("div", { class: "map-band", hidden: true });
+  const selection = h("div", { class: "map-selection" });
+  const stage = h("div", { class: "map-stage" }, canvas, band, tip);
+  append(
+    root,
+    h(
+      "h1",
+      null,
+      "Map",
+      h("span", { class: "sub" }, ` ${n.toLocaleString()} samples by their features at ${doc.layer ?? "?"} · ${doc.method}${doc.engine ? ` (${doc.engine})` : ""}`),
+    ),
+    images.notice,
+    h(
+      "div",
+      { class: "toolbar" },
+      h("span", { class: "muted" }, "colour by"),
+      colorSeg,
+      h("label", { for: "map-mis" }, misBox, ` misclassified only (${nWrong.toLocaleString()})`),
+      reset,
+      h("span", { class: "muted small" }, "scroll to zoom, drag to pan, shift-drag to select, click a dot to open its sample"),
+    ),
+    legend,
+    stage,
+    selection,
+  );
+
+  // -- geometry: data -> base screen coordinates (y up), then the zoom transform ----------
+  const dpr = window.devicePixelRatio || 1;
+  const width = Math.max(320, stage.clientWidth || 1000);
+  const top = stage.getBoundingClientRect().top + window.scrollY;
+  const HEIGHT = Math.round(Math.min(MAX_HEIGHT, Math.max(MIN_HEIGHT, window.innerHeight - top - 20)));
+  canvas.width = Math.round(width * dpr);
+  canvas.height = Math.round(HEIGHT * dpr);
+  canvas.style.width = `${width}px`;
+  canvas.style.height = `${HEIGHT}px`;
+  const [x0, x1, y0, y1] = doc.extent;
+  const pad = 16;
+  const scale = Math.min((width - 2 * pad) / Math.max(x1 - x0, 1e-9), (HEIGHT - 2 * pad) / Math.max(y1 - y0, 1e-9));
+  const tx = width / 2 - ((x0 + x1) / 2) * scale;
+  const ty = HEIGHT / 2 + ((y0 + y1) / 2) * scale;
+  // base position of a point before zooming: screen = (tx + x * scale, ty - y * scale)
+  canvas.dataset.scale = String(scale);
+  canvas.dataset.tx = String(tx);
+  canvas.dataset.ty = String(ty);
+  const bx = new Float32Array(n);
+  const by = new Float32Array(n);
+  for (let i = 0; i < n; i++) {
+    bx[i] = tx + doc.x[i] * scale;
+    by[i] = ty - doc.y[i] * scale;
+  }
+  let transform: ZoomTransform = zoomIdentity;
+  let hovered = -1;
+  let selected: number[] = [];
+  let tree: Quadtree<number> = quadtree<number>();
+  const ctx2d = canvas.getContext("2d")!;
+
+  const colourOf = (i: number): string =>
+    state.color === "correct" ? (doc.pred[i] < 0 || doc.label[i] < 0 ? UNKNOWN : wrong[i] ? WRONG : RIGHT) : classColour(doc.label[i], doc.classes.length);
+
+  /** The points shown, grouped by colour (one fillStyle per group), wrong ones last. */
+  let groups: [string, number[]][] = [];
+  function regroup(): void {
+    const by = new Map<string, number[]>();
+    const shown: number[] = [];
+    for (let i = 0; i < n; i++) {
+      if (state.mis && !wrong[i]) continue;
+      shown.push(i);
+      const c = colourOf(i);
+      let g = by.get(c);
+      if (!g) by.set(c, (g = []));
+      g.push(i);
+    }
+    groups = [...by.entries()].sort((a, b) => (a[0] === WRONG ? 1 : b[0] === WRONG ? -1 : 0));
+    tree = quadtree<number>()
+      .x((i) => bx[i])
+      .y((i) => by_(i))
+      .addAll(shown);
+    canvas.dataset.shown = String(shown.length);
+  }
+  const by_ = (i: number) => by[i];
+
+  function radius(): number {
+    const base = n > 20000 ? 1.6 : n > 5000 ? 2.2 : 3;
+    return Math.min(7, base * Math.sqrt(transform.k));
+  }
+
+  let queued = false;
+  function draw(): void {
+    queued = false;
+    const r = radius();
+    const { k, x: zx, y: zy } = transform;
+    ctx2d.setTransform(dpr, 0, 0, dpr, 0, 0);
+    ctx2d.clearRect(0, 0, width, HEIGHT);
+    ctx2d.globalAlpha = n > 20000 ? 0.75 : 0.9;
+    const round = n <= 5000; // discs read better; squares draw faster for many points
+    for (const [colour, idx] of groups) {
+      ctx2d.fillStyle = colour;
+      if (round) ctx2d.beginPath();
+      for (const i of idx) {
+        const sx = bx[i] * k + zx;
+        const sy = by[i] * k + zy;
+        if (sx < -r || sy < -r || sx > width + r || sy > HEIGHT + r) continue;
+        if (round) {
+          ctx2d.moveTo(sx + r, sy);
+          ctx2d.arc(sx, sy, r, 0, 2 * Math.PI);
+        } else ctx2d.fillRect(sx - r, sy - r, 2 * r, 2 * r);
+      }
+      if (round) ctx2d.fill();
+    }
+    ctx2d.globalAlpha = 1;
+    const ring = (i: number, colour: string) => {
+      ctx2d.strokeStyle = colour;
+      ctx2d.lineWidth = 2;
+      ctx2d.beginPath();
+      ctx2d.arc(bx[i] * k + zx, by[i] * k + zy, r + 3, 0, 2 * Math.PI);
+      ctx2d.stroke();
+    };
+    for (const i of selected.length <= 2000 ? selected : []) ring(i, "#1f2328");
+    if (hovered >= 0) ring(hovered, "#0969da");
+  }
+  function redraw(): void {
+    if (!queued) {
+      queued = true;
+      requestAnimationFrame(draw);
+    }
+  }
+
+  function renderLegend(): void {
+    if (state.color === "correct") {
+      const right = n - nWrong;
+      fill(
+        legend,
+        h("span", null, h("i", { class: "dot", style: `background:${RIGHT}` }), ` correct (${right.toLocaleString()})`),
+        h("span", null, h("i", { class: "dot", style: `background:${WRONG}` }), ` misclassified (${nWrong.toLocaleString()})`),
+      );
+      return;
+    }
+    const counts = new Map<number, number>();
+    for (const l of doc.label) counts.set(l, (counts.get(l) ?? 0) + 1);
+    const shown = doc.classes.slice(0, 40).map((name, c) =>
+      h("span", { title: name }, h("i", { class: "dot", style: `background:${classColour(c, doc.classes.length)}` }), ` ${name} (${counts.get(c) ?? 0})`),
+    );
+    fill(legend, shown, doc.classes.length > 40 ? h("span", { class: "muted" }, `… ${doc.classes.length - 40} more classes`) : null, counts.get(-1) ? h("span", null, h("i", { class: "dot", style: `background:${UNKNOWN}` }), ` unlabelled (${counts.get(-1)})`) : null);
+  }
+
+  function update(): void {
+    for (const b of colorSeg.querySelectorAll("button")) b.classList.toggle("on", b.dataset.color === state.color);
+    misBox.checked = state.mis;
+    const q = new URLSearchParams(ctx.params);
+    if (state.color === "correct") q.set("color", "correct");
+    else q.delete("color");
+    if (state.mis) q.set("mis", "1");
+    else q.delete("mis");
+    ctx.replaceParams(q);
+    regroup();
+    renderLegend();
+    hideTip();
+    redraw();
+  }
+
+  // -- hover and click ---------------------------------------------------------------------
+  const className = (c: number) => (c < 0 ? "–" : doc.classes[c] ?? String(c));
+  function pick(ev: MouseEvent): number {
+    const rect = canvas.getBoundingClientRect();
+    const [mx, my] = transform.invert([ev.clientX - rect.left, ev.clientY - rect.top]);
+    const found = tree.find(mx, my, (radius() + 4) / transform.k);
+    return found === undefined ? -1 : found;
+  }
+  function hideTip(): void {
+    tip.hidden = true;
+    if (hovered >= 0) {
+      hovered = -1;
+      redraw();
+    }
+  }
+  function showTip(i: number, ev: MouseEvent): void {
+    const rect = stage.getBoundingClientRect();
+    if (hovered !== i) {
+      hovered = i;
+      const id = doc.ids[i];
+      const right = doc.label[i] >= 0 && doc.pred[i] >= 0 && !wrong[i];
+      fill(
+        tip,
+        images.ok && has(id)
+          ? h("img", { class: "pixelated", src: ctx.api.pngUrl(p("runs", ctx.run, "samples", id, "image.png")), width: 96, height: 96, alt: `sample ${id}`, onerror: (e: Event) => (e.target as HTMLElement).replaceWith(noImage()) })
+          : noImage(has(id) ? "no image" : "not exported"),
+        h(
+          "div",
+          null,
+          h("b", null, `#${id}`),
+          h("div", null, "label ", h("b", null, className(doc.label[i]))),
+          doc.pred[i] >= 0
+            ? h("div", { class: wrong[i] ? "error-text" : right ? "" : "muted" }, "predicted ", h("b", null, className(doc.pred[i])), doc.conf[i] !== null ? ` (${fmt((doc.conf[i] as number) * 100, 3)}%)` : "")
+            : h("div", { class: "muted" }, "no prediction"),
+        ),
+      );
+      tip.dataset.sample = String(id);
+      redraw();
+    }
+    tip.hidden = false;
+    const left = ev.clientX - rect.left + 14;
+    tip.style.left = `${Math.min(left, rect.width - 240)}px`;
+    tip.style.top = `${Math.max(0, ev.clientY - rect.top + 14)}px`;
+  }
+  canvas.addEventListener("mousemove", (ev) => {
+    if (dragging) return;
+    const i = pick(ev);
+    if (i >= 0) showTip(i, ev);
+    else hideTip();
+    canvas.style.cursor = i >= 0 ? "pointer" : "grab";
+  });
+  canvas.addEventListener("mouseleave", hideTip);
+  let downAt: [number, number] | null = null;
+  canvas.addEventListener("mousedown", (ev) => (downAt = [ev.clientX, ev.clientY]));
+  canvas.addEventListener("click", (ev) => {
+    // a drag (pan or box) that ends on a dot is not a click on it
+    if (downAt && Math.hypot(ev.clientX - downAt[0], ev.clientY - downAt[1]) > 4) return;
+    const i = pick(ev);
+    if (i >= 0 && has(doc.ids[i])) ctx.navigate(ctx.href("sample", doc.ids[i]));
+  });
+
+  // -- box select (shift-drag) ---------------------------------------------------------------
+  let dragging = false;
+  let start: [number, number] = [0, 0];
+  canvas.addEventListener("pointerdown", (ev) => {
+    if (!ev.shiftKey) return;
+    const rect = canvas.getBoundingClientRect();
+    dragging = true;
+    start = [ev.clientX - rect.left, ev.clientY - rect.top];
+    canvas.setPointerCapture(ev.pointerId);
+    hideTip();
+  });
+  canvas.addEventListener("pointermove", (ev) => {
+    if (!dragging) return;
+    const rect = canvas.getBoundingClientRect();
+    const [ax, ay] = start;
+    const bxp = ev.clientX - rect.left;
+    const byp = ev.clientY - rect.top;
+    Object.assign(band.style, { left: `${Math.min(ax, bxp)}px`, top: `${Math.min(ay, byp)}px`, width: `${Math.abs(bxp - ax)}px`, height: `${Math.abs(byp - ay)}px` });
+    band.hidden = false;
+  });
+  canvas.addEventListener("pointerup", (ev) => {
+    if (!dragging) return;
+    dragging = false;
+    band.hidden = true;
+    const rect = canvas.getBoundingClientRect();
+    const [ax, ay] = transform.invert(start);
+    const [cx, cy] = transform.invert([ev.clientX - rect.left, ev.clientY - rect.top]);
+    const [lx, hx, ly, hy] = [Math.min(ax, cx), Math.max(ax, cx), Math.min(ay, cy), Math.max(ay, cy)];
+    const found: number[] = [];
+    tree.visit((node, qx0, qy0, qx1, qy1) => {
+      if (!node.length) {
+        let leaf: typeof node | undefined = node;
+        while (leaf && !leaf.length) {
+          const i = (leaf as { data: number }).data;
+          if (bx[i] >= lx && bx[i] <= hx && by[i] >= ly && by[i] <= hy) found.push(i);
+          leaf = (leaf as { next?: typeof node }).next;
+        }
+      }
+      return qx0 > hx || qy0 > hy || qx1 < lx || qy1 < ly;
+    });
+    selected = found.sort((a, b) => doc.ids[a] - doc.ids[b]);
+    renderSelection();
+    redraw();
+  });
+
+  function renderSelection(): void {
+    if (!selected.length) {
+      fill(selection);
+      return;
+    }
+    const nw = selected.filter((i) => wrong[i]).length;
+    fill(
+      selection,
+      h("h2", null, `Selected: ${selected.length.toLocaleString()} samples`, h("span", { class: "sub" }, ` ${nw} misclassified`), " ", h("button", { type: "button", onclick: () => ((selected = []), renderSelection(), redraw()) }, "clear")),
+      h(
+        "div",
+        { class: "sample-grid" },
+        selected.slice(0, SELECTION_SHOWN).map((i) =>
+          h(
+            "a",
+            { class: "sample-card", href: has(doc.ids[i]) ? ctx.href("sample", doc.ids[i]) : null, "data-sample": doc.ids[i] },
+            images.ok && has(doc.ids[i]) ? h("img", { src: ctx.api.pngUrl(p("runs", ctx.run, "samples", doc.ids[i], "image.png")), loading: "lazy", alt: `sample ${doc.ids[i]}`, width: 80, height: 80 }) : noImage(),
+            h("span", null, `#${doc.ids[i]}`),
+            h("small", { class: wrong[i] ? "error-text" : "" }, doc.pred[i] >= 0 ? `${className(doc.label[i])} → ${className(doc.pred[i])}` : className(doc.label[i])),
+          ),
+        ),
+      ),
+      selected.length > SELECTION_SHOWN ? h("p", { class: "muted" }, `… and ${selected.length - SELECTION_SHOWN} more (select a smaller box)`) : null,
+    );
+  }
+
+  // -- zoom ------------------------------------------------------------------------------------
+  const zoomer = zoom<HTMLCanvasElement, unknown>()
+    .scaleExtent([0.5, 400])
+    .filter((ev: Event) => !(ev as MouseEvent).shiftKey && !(ev as MouseEvent).button)
+    .on("zoom", (ev: { transform: ZoomTransform }) => {
+      transform = ev.transform;
+      hideTip();
+      redraw();
+    });
+  const sel = select(canvas);
+  sel.call(zoomer);
+  reset.addEventListener("click", () => sel.call(zoomer.transform, zoomIdentity));
+  for (const b of colorSeg.querySelectorAll("button"))
+    b.addEventListener("click", () => {
+      state.color = b.dataset.color === "correct" ? "correct" : "class";
+      update();
+    });
+  misBox.addEventListener("change", () => {
+    state.mis = misBox.checked;
+    selected = [];
+    renderSelection();
+    update();
+  });
+  update();
+  draw();
+}
