@@ -132,7 +132,9 @@ def _live_files(s: Any, image: str, folder: Path) -> None:
     )
     atomic_write_bytes(folder / "input.png", _png(s.input_pil(image)), durable=False)
     atomic_write_bytes(
-        folder / "live.json", json.dumps(doc.model_dump(mode="json")).encode(), durable=False
+        folder / "live.json",
+        json.dumps(doc.model_dump(mode="json", by_alias=True)).encode(),
+        durable=False,
     )
 
 

@@ -235,7 +235,13 @@ def _export_explanations(request: Any, s: Any, e: Any, files: _Files) -> None:
     from urllib.parse import urlencode
 
     from .explained import TARGET, explained_samples, sample_folder
-    from .routes.explain import _methods, cached_result, explain_png_response, explain_result
+    from .routes.explain import (
+        _methods,
+        cached_result,
+        explain_png_response,
+        explain_result,
+    )
+    from .routes.explain import methods as methods_doc
 
     listed = []
     for image in explained_samples(e.path):
@@ -258,6 +264,9 @@ def _export_explanations(request: Any, s: Any, e: Any, files: _Files) -> None:
             files.image(_rel(*base, "explain", f"{m}.png?{query}&overlay=0"), bytes(png.body))
         top = live["predictions"][0] if live.get("predictions") else None
         listed.append({"image": image, "sample": int(image[7:]), "methods": methods, "top": top})
+    if listed:  # the page's method list (titles, signs, layers)
+        files.bar.total += 1
+        files.json(_rel("runs", e.id, "explain", "methods"), methods_doc(request, e.id))
     files.bar.total += 1
     files.json(_rel("runs", e.id, "explained"), {"target": TARGET, "samples": listed})
 
