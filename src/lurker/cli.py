@@ -455,7 +455,8 @@ def export(run: str, site: str, no_images: bool) -> None:
 
     Everything precomputed is exported: the run's JSON documents, each top-k sample's
     image (made from the run's dataset when it can be loaded; the pages cut crops from it)
-    and the cached gradients (make them first with `lurker images RUN`). View it with any static file server, e.g.
+    the cached gradients (make them first with `lurker images RUN`) and the cached
+    explanations (`lurker images RUN --explanations top`). View it with any static file server, e.g.
     `python -m http.server -d SITE`. The live views need `lurker serve RUN --model SPEC`.
     """
     from .server.export import export_site

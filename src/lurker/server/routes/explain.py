@@ -6,7 +6,10 @@ or ``sample-N``) for a target: a class index, ``top`` (the top predicted class) 
 model's own thread (``deps.live_call``, as the live routes do: a request waiting for a
 busy model holds no worker thread, so the run-store endpoints stay fast), and kept in a
 small LRU, so the page's PNG and JSON requests and a later opacity
-or overlay change cost no recomputation.
+or overlay change cost no recomputation. A dataset sample's explanation by the run's own
+model is also kept in the run's ``cache/explain/`` (the exact heatmap and its metadata), so a
+later server answers without the model and ``lurker export`` can write it
+(``lurker images RUN --explanations`` fills it ahead).
 
 The heatmap is the attribution summed over the input's channels (``Explanation.heatmap``),
 coloured as :func:`lurker.explain.overlay.colorize` does: scaled by ``max |heatmap|`` (one
