@@ -726,6 +726,14 @@ def test_static_explain_page_of_precomputed_samples(
             got = np.asarray(Image.open(io.BytesIO(res.body())))
             assert np.array_equal(got, np.asarray(Image.open(io.BytesIO(served.content))))
 
+    # a sample page links to the Explain page only where the export holds explanations
+    held = page.request.get(f"{url}data/runs/digits/exported-samples.json").json()
+    pages = [int(x["id"]) for x in held["samples"]]
+    for sid in [i for i in (0, 1) if i in pages] + [next(i for i in pages if i > 1)]:
+        go(page, f"{url}#/r/digits/sample/{sid}")
+        page.wait_for_selector(".entry-links")
+        assert page.locator("#explain-this").count() == (1 if sid in (0, 1) else 0)
+
     # a sample without explanations: the page says so and offers the explained ones
     go(page, f"{url}#/r/digits/explain?image=sample-7")
     page.wait_for_selector(".notice.error")
