@@ -53,7 +53,15 @@ def build_run(root: Path) -> ExplorerRun:
     )
     assert run is not None
     run.close()
+    # feature visualizations of a few units of the last conv (the unit pages' fourth tab)
+    import lurker
+
+    lurker.featviz(model, FEATVIZ_LAYER, units=FEATVIZ_UNITS, steps=16, run=out).save(out)
     return ExplorerRun(out, weights, model.eval())
+
+
+FEATVIZ_LAYER = "features.8"
+FEATVIZ_UNITS = [0, 1, 2, 5]
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from explorer_fixtures import ExplorerRun, explorer_run  # noqa: F401
+from explorer_fixtures import FEATVIZ_LAYER, FEATVIZ_UNITS, ExplorerRun, explorer_run  # noqa: F401
 
 CHROMIUM = Path("/usr/bin/chromium")
 STATIC = Path(__file__).resolve().parents[1] / "src" / "lurker" / "server" / "static"
@@ -739,3 +739,46 @@ def test_static_explain_page_of_precomputed_samples(
     page.wait_for_selector(".notice.error")
     assert "lurker serve" in page.locator(".notice.error").inner_text()
     assert page.locator("#explain-sample option").count() == 2
+
+
+def _featviz_walk(page: Any, base: str, run: Any, rid: str) -> None:
+    """The unit page's feature visualization tab and the layer grid's featviz thumbnails
+    show the images stored in the run, byte for byte, beside the best dataset sample."""
+    stored = run.featviz(FEATVIZ_LAYER)
+    unit = FEATVIZ_UNITS[1]
+    go(page, f"{base}#/r/{rid}/unit/{FEATVIZ_LAYER}/{unit}?tab=featviz")
+    page.wait_for_selector("figure.featviz img")
+    images_loaded(page, ".top-entry img")
+    fig = page.locator("figure.featviz")
+    assert fig.count() == 1
+    assert float(fig.get_attribute("data-value")) == pytest.approx(stored.activations[1][0])
+    src = fig.locator("img").get_attribute("src")
+    assert page.request.get(page.url.split("#")[0] + src).body() == stored.png(unit)
+    best = run.unit(FEATVIZ_LAYER, unit).top("mean")[0]
+    assert int(page.locator("figure.best").get_attribute("data-sample")) == best.sample_id
+    assert "128" not in page.inner_text(".toolbar") and "16 steps" in page.inner_text(".toolbar")
+    # a unit without one has no such tab
+    go(page, f"{base}#/r/{rid}/unit/{FEATVIZ_LAYER}/3?tab=featviz")
+    page.wait_for_selector(".top-entry")
+    assert page.locator('.tabs button[data-tab="featviz"]').count() == 0
+    # the layer grid: the featviz thumbnail where there is one, a note elsewhere
+    go(page, f"{base}#/r/{rid}/layer/{FEATVIZ_LAYER}?thumb=featviz&sort=index")
+    page.wait_for_selector(".unit-card")
+    images_loaded(page, ".unit-card img")
+    with_img = [
+        int(c.get_attribute("data-unit")) for c in page.locator(".unit-card:has(img)").all()
+    ]
+    assert with_img == FEATVIZ_UNITS
+    assert page.locator(".unit-card .no-img", has_text="no feature visualization").count() == (
+        next(i.num_units for i in run.layers if i.name == FEATVIZ_LAYER) - len(FEATVIZ_UNITS)
+    )
+
+
+def test_feature_visualization_pages(page: Any, explorer: dict[str, Any]) -> None:
+    _featviz_walk(page, explorer["url"], explorer["run"], explorer["id"])
+
+
+def test_feature_visualization_pages_static(
+    page: Any, static_site: str, explorer: dict[str, Any]
+) -> None:
+    _featviz_walk(page, static_site, explorer["run"], explorer["id"])

@@ -17,7 +17,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from explorer_fixtures import ExplorerRun, explorer_run  # noqa: F401
+from explorer_fixtures import FEATVIZ_LAYER, FEATVIZ_UNITS, ExplorerRun, explorer_run  # noqa: F401
 from lurker.probe.data import input_image, load_dataset
 from lurker.server import NotServableError, create_app
 from lurker.store import Run
@@ -424,3 +424,40 @@ def test_graph_view_is_typed_in_openapi(client: TestClient):
     validator.validate(doc)
     broken = {**doc, "nodes": [{**doc["nodes"][0], "i": "zero"}, *doc["nodes"][1:]]}
     assert not validator.is_valid(broken)
+
+
+def test_feature_visualizations(client: TestClient, run: Run):
+    """The unit document names its stored images and the values they reached (and the
+    best dataset sample's, for comparison); the PNG endpoint serves them as stored."""
+    stored = run.featviz(FEATVIZ_LAYER)
+    assert c_holds(client)["featviz"] == [FEATVIZ_LAYER]
+    layer = client.get(f"/api/runs/digits/layers/{FEATVIZ_LAYER}").json()
+    assert layer["featviz_units"] == FEATVIZ_UNITS == stored.units
+    assert (
+        client.get(f"/api/runs/digits/layers/{run.layers[0].name}").json()["featviz_units"] is None
+    )
+    for i, unit in enumerate(FEATVIZ_UNITS):
+        doc = client.get(f"/api/runs/digits/layers/{FEATVIZ_LAYER}/units/{unit}").json()
+        fv = doc["featviz"]
+        assert fv["objective"] == "channel" and fv["objectives"] == ["channel"]
+        assert fv["activations"] == pytest.approx(stored.activations[i].tolist())
+        assert fv["settings"]["steps"] == 16
+        best = run.unit(FEATVIZ_LAYER, unit).top("mean")[0]
+        assert (fv["best_sample"], fv["best_dataset"]) == (
+            best.sample_id,
+            pytest.approx(best.value),
+        )
+        r = client.get(
+            f"/api/runs/digits/layers/{FEATVIZ_LAYER}/units/{unit}/featviz/channel/0.png"
+        )
+        assert r.status_code == 200 and r.content == stored.png(unit)
+        assert r.headers["content-type"] == "image/png"
+    assert client.get(f"/api/runs/digits/layers/{FEATVIZ_LAYER}/units/3").json()["featviz"] is None
+    r = client.get(f"/api/runs/digits/layers/{FEATVIZ_LAYER}/units/3/featviz/channel/0.png")
+    assert r.status_code == 404 and "lurker featviz" in r.json()["detail"]
+    r = client.get(f"/api/runs/digits/layers/{FEATVIZ_LAYER}/units/0/featviz/neuron/0.png")
+    assert r.status_code == 404 and "'neuron'" in r.json()["detail"]
+
+
+def c_holds(client: TestClient) -> dict:
+    return client.get("/api/runs/digits").json()["holds"]

@@ -22,7 +22,7 @@ from click.testing import CliRunner
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from explorer_fixtures import ExplorerRun, explorer_run  # noqa: F401
+from explorer_fixtures import FEATVIZ_LAYER, FEATVIZ_UNITS, ExplorerRun, explorer_run  # noqa: F401
 from lurker.cli import main
 from lurker.server import create_app, export_site, static_path, static_segment
 from lurker.store import Run
@@ -205,8 +205,20 @@ def test_file_count_is_bounded(site: Path, explorer_run: ExplorerRun):  # noqa: 
         chunks += -(-n // index["chunk"])
     files = [f for f in (site / "data").rglob("*") if f.is_file()]
     cached = [f for f in files if f.name in ("grad.png", "grad_crop.png", "crop.png")]
-    assert len(files) - len(cached) == 2 * len(ranked) + 2 * len(layers) + chunks + 5
+    featviz = [f for f in files if f.parent.parent.name == "featviz"]
+    assert len(featviz) == len(FEATVIZ_UNITS)  # one image per unit made
+    assert len(files) - len(cached) - len(featviz) == 2 * len(ranked) + 2 * len(layers) + chunks + 5
     assert chunks < sum(n for _, n in layers) / 4
+
+
+def test_feature_visualizations_exported(site: Path, explorer_run: ExplorerRun):  # noqa: F811
+    """Each stored feature visualization at the API path the unit page reads, as stored."""
+    with Run.open(explorer_run.path) as run:
+        stored = run.featviz(FEATVIZ_LAYER)
+        for unit in FEATVIZ_UNITS:
+            path = p("runs", "digits", "layers", FEATVIZ_LAYER, "units", unit, "featviz")
+            file = site / client_static_url(f"{path}/channel/0.png")
+            assert file.read_bytes() == stored.png(unit)
 
 
 def test_cached_model_images_exported_and_listed(

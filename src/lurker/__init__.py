@@ -2,7 +2,8 @@
 
 ``lurker.trace(model, x)`` records every tensor operation of a forward pass;
 ``lurker.probe(model, dataset, out=...)`` finds what every unit of every layer responds
-to, into a run that ``lurker.Run.open(path)`` reads back.
+to, into a run that ``lurker.Run.open(path)`` reads back; ``lurker.featviz(model, layer)``
+optimizes the images each unit of a layer responds to most.
 
 The package root is lazy: each name below is imported on first use, so that
 ``import lurker.graph`` (or ``lurker.store``) loads no torch.
@@ -23,6 +24,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "trace": ("lurker.capture", "trace"),
     "probe": ("lurker.probe", None),
     "explain": ("lurker.explain", None),
+    "featviz": ("lurker.featviz", None),
     "Run": ("lurker.store", "Run"),
     "Graph": ("lurker.graph", "Graph"),
     "ModuleInfo": ("lurker.graph", "ModuleInfo"),
@@ -35,7 +37,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {
 }
 
 if TYPE_CHECKING:
-    from . import explain, probe
+    from . import explain, featviz, probe
     from .capture import Activations, Trace, trace
     from .errors import (
         GraphChangedError,
@@ -81,6 +83,7 @@ __all__ = [
     "ValidationError",
     "__version__",
     "explain",
+    "featviz",
     "probe",
     "trace",
 ]

@@ -590,6 +590,182 @@ def explain(
         )
 
 
+@main.command(
+    epilog="""\b
+Examples:
+  lurker featviz runs/digits --layer features.8             # every unit, stored in the run
+  lurker featviz runs/digits --layer features.8 --units 0-7 --steps 128
+  lurker featviz torchvision:vgg11 -w vgg11.pth --layer features.10 --units 3,7 --out fv/
+"""
+)
+@click.argument("run_or_model")
+@click.option("--layer", "-l", required=True, help="Module path or trace label (or run layer).")
+@click.option("--units", "-u", default=None, help="Units, e.g. 0,3,8-15 (default: all).")
+@click.option("--steps", "-n", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option(
+    "--size",
+    type=click.IntRange(min=2),
+    default=None,
+    help="Image side (default: the run's, or 128).",
+)
+@click.option(
+    "--channels",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Input channels (default: the run's, or the first conv's).",
+)
+@click.option(
+    "--objective",
+    type=click.Choice(["channel", "neuron"]),
+    default="channel",
+    show_default=True,
+    help="channel: the unit's mean over positions; neuron: the unit at the map's centre.",
+)
+@click.option(
+    "--param",
+    type=click.Choice(["fourier", "maco"]),
+    default="fourier",
+    show_default=True,
+    help="fourier: Lucid's 1/f spectrum; maco: phase only, fixed magnitude (Fel et al. 2023).",
+)
+@click.option("--images-per-unit", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--batch-size",
+    "-b",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Images per forward (default: as many as fit in memory).",
+)
+@click.option(
+    "--model", "-m", default=None, help="With a run: the model spec (default: the run's)."
+)
+@click.option("--weights", "-w", type=click.Path(dir_okay=False), help="State dict to load.")
+@click.option("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available).")
+@click.option(
+    "--out",
+    "-o",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="For a model (not a run): folder for the PNGs and activations.json (default featviz/).",
+)
+@_friendly
+def featviz(
+    run_or_model: str,
+    layer: str,
+    units: str | None,
+    steps: int,
+    size: int | None,
+    channels: int | None,
+    objective: str,
+    param: str,
+    images_per_unit: int,
+    seed: int,
+    batch_size: int | None,
+    model: str | None,
+    weights: str | None,
+    device: str | None,
+    out: str | None,
+) -> None:
+    """Optimize images that excite units of a layer (Lucid-style feature visualization).
+
+    RUN_OR_MODEL is a run directory (the images and the activation each reached are
+    stored in the run, for the explorer and `lurker export`; the model, input size,
+    channels and normalisation come from the run) or a model spec as for `lurker trace`
+    (the images go to --out). See docs/featviz.md.
+    """
+    import json
+
+    import torch
+
+    from .featviz import featviz as do_featviz
+    from .models import load_model
+    from .store.schema import DB_NAME
+
+    unit_list = _unit_list(units)
+    auto = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    is_run = (Path(run_or_model) / DB_NAME).is_file()
+    if is_run:
+        from .probe.sweep import fingerprint
+        from .store import Run
+
+        if out is not None:
+            raise click.BadParameter(
+                "the images of a run are stored in the run; --out is for a model spec",
+                param_hint="'--out'",
+            )
+        with Run.open(run_or_model) as run:
+            info = run.layer(layer)  # before the model is built
+            cfg = run.meta.get("config") or {}
+            spec = model or cfg.get("model_spec")
+            if not spec:
+                raise LurkerError(
+                    f"run {run.path} does not record its model (it was made from Python); pass "
+                    "it: --model SPEC [--weights FILE]"
+                )
+            net = load_model(spec, weights or (None if model else cfg.get("weights")), device=auto)
+            stored = run.meta.get("model_fingerprint")
+            if stored and fingerprint(net) != stored:
+                raise LurkerError(
+                    f"the model {spec} (with these weights) is not the one run {run.path} was "
+                    "made with (their fingerprints differ); pass the model and --weights the "
+                    "probe used"
+                )
+            fv = do_featviz(
+                net, info.name, unit_list, objective=objective, steps=steps,
+                size=size, channels=channels, param=param, images_per_unit=images_per_unit,
+                seed=seed, batch_size=batch_size, run=run, progress=_progress,
+            )  # fmt: skip
+        fv.save(run_or_model)
+        where = f"stored in {run_or_model}"
+    else:
+        net = load_model(run_or_model, weights, device=auto)
+        fv = do_featviz(
+            net, layer, unit_list, objective=objective, steps=steps, size=size,
+            channels=channels, param=param, images_per_unit=images_per_unit, seed=seed,
+            batch_size=batch_size, progress=_progress,
+        )  # fmt: skip
+        folder = Path(out or "featviz")
+        folder.mkdir(parents=True, exist_ok=True)
+        name = layer.replace("/", "_")
+        for i, u in enumerate(fv.units):
+            for k in range(images_per_unit):
+                suffix = f"-{k}" if images_per_unit > 1 else ""
+                fv.image(i, k).save(folder / f"{name}-{u:04d}{suffix}.png")
+        acts = fv.activations.tolist()
+        (folder / "activations.json").write_text(
+            json.dumps({"layer": layer, "objective": objective, "units": fv.units,
+                        "activations": acts, "settings": fv.settings}, indent=1)
+        )  # fmt: skip
+        where = f"in {folder}"
+    reached = fv.activations.reshape(len(fv.units), -1).mean(1)
+    start = fv.start.reshape(len(fv.units), -1).mean(1)
+    click.echo(
+        f"{len(fv.units)} units of {fv.layer}: activation {float(start.mean()):.3g} at the "
+        f"random start, {float(reached.mean()):.3g} reached (mean over units); {where}"
+    )
+
+
+def _unit_list(text: str | None) -> list[int] | None:
+    """``--units`` ``0,3,8-15`` as a list of ints."""
+    if text is None:
+        return None
+    out: list[int] = []
+    try:
+        for part in text.split(","):
+            lo, dash, hi = part.strip().partition("-")
+            out.extend(range(int(lo), int(hi) + 1) if dash else [int(lo)])
+    except ValueError:
+        raise click.BadParameter(
+            f"{text!r}: give unit indices and ranges, e.g. 0,3,8-15", param_hint="'--units'"
+        ) from None
+    return out
+
+
+def _progress(done: int, total: int) -> None:
+    click.echo(f"featviz: {done}/{total} units", err=True)
+
+
 def _floats(text: str | None, name: str) -> list[float] | None:
     if text is None:
         return None

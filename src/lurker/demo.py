@@ -76,6 +76,18 @@ def main(argv: list[str] | None = None) -> None:
         f"receptive-field crops) in {run.path / 'cache'}"
     )
 
+    t1 = time.perf_counter()
+    viz = lurker.featviz(model, layer, steps=128, run=run)
+    viz.save(run.path)
+    beat = sum(
+        float(a) > run.unit(layer, u).top("mean")[0].value
+        for u, a in zip(viz.units, viz.activations.reshape(len(viz.units), -1)[:, 0].tolist())
+    )
+    print(
+        f"feature visualizations of {layer}'s {len(viz.units)} units in "
+        f"{time.perf_counter() - t1:.0f} s: {beat} excite their unit more than its best digit"
+    )
+
     elapsed = time.perf_counter() - t0
     print(f"\ndone in {elapsed:.0f} s (test accuracy {acc:.1%}). Open these:")
     for p in (graph, collapsed, out / "summary.txt", out / "trace.json", run.path / "run.db"):

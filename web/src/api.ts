@@ -45,7 +45,7 @@ export interface RunSummary {
     store_version: number | null;
     status: string | null;
   };
-  holds: { graph: boolean; live: boolean; live_reason?: string | null; dataset?: boolean; dataset_reason?: string | null; cached_images: number };
+  holds: { graph: boolean; live: boolean; live_reason?: string | null; dataset?: boolean; dataset_reason?: string | null; cached_images: number; featviz?: string[] };
   missing: string[];
   layers: LayerBrief[];
 }
@@ -66,6 +66,8 @@ export interface Histogram {
 }
 
 export interface LayerDoc {
+  /** units with a stored feature visualization ("channel" objective), null for none */
+  featviz_units?: number[] | null;
   layer: LayerBrief;
   rf: Record<string, unknown> | null;
   layout: Record<string, unknown> | null;
@@ -86,12 +88,23 @@ export interface TopEntry {
   box?: number[] | null;
 }
 
+export interface FeatVizInfo {
+  objective: string;
+  objectives: string[];
+  activations: (number | null)[];
+  settings: Record<string, unknown>;
+  best_dataset: number | null;
+  best_sample: number | null;
+}
+
 export interface UnitDoc {
   layer: LayerBrief & { rf: Record<string, unknown> | null; op_label: string | null };
   unit: number;
   mean: number | null;
   max: number | null;
   top: { max: TopEntry[]; mean: TopEntry[]; relevance?: TopEntry[] | null };
+  /** Stored feature visualizations (`lurker featviz`), null when the unit has none. */
+  featviz?: FeatVizInfo | null;
   class_means: Record<string, number | null>;
   histogram: Histogram;
   prev: number | null;

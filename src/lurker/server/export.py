@@ -37,6 +37,7 @@ from urllib.parse import unquote
 import numpy as np
 
 from lurker.errors import LurkerError
+from lurker.store.featviz import featviz_images
 from lurker.store.files import safe_component
 
 from .routes.samples import APPEARANCES_PAGE
@@ -222,6 +223,11 @@ def _export_run(request: Any, e: Any, files: _Files, make_images: bool) -> None:
     for info in run.layers:
         files.json(_rel("runs", e.id, "layers", info.name), layer_detail(request, e.id, info.name))
         _export_units(request, e, info, files, images)
+    # feature visualizations stored in the run (`lurker featviz`): the unit pages show them
+    for layer, objective, unit, copy, png in featviz_images(run):
+        files.bar.total += 1
+        where = _rel("runs", e.id, "layers", layer, "units", unit, "featviz", objective)
+        files.image(f"{where}/{copy}.png", png)
     with contextlib.suppress(ApiError):  # a run without a graph (v2): the page says so
         files.json(_rel("runs", e.id, "graph"), e.graph_view())
     e._counted = None  # count the cached images again, with those just made

@@ -83,6 +83,8 @@ class Holds(BaseModel):
     #: Why ``dataset`` is false (how to give the run its images); null when it is true.
     dataset_reason: str | None = None
     cached_images: int
+    #: layers with stored feature visualizations (``lurker featviz``)
+    featviz: list[str] = []
 
 
 class LayerBrief(BaseModel):
@@ -128,6 +130,8 @@ class LayerDetail(BaseModel):
     layout: dict[str, Any] | None = None
     histogram: Histogram
     units: list[UnitBrief]
+    #: units with a stored feature visualization (objective "channel"), null for none
+    featviz_units: list[int] | None = None
 
 
 class UnitLayer(BaseModel):
@@ -164,6 +168,22 @@ class TopLists(BaseModel):
     relevance: list[TopEntryModel] | None = None
 
 
+class FeatVizInfo(BaseModel):
+    """The unit's stored feature visualizations (``lurker featviz``); images at
+    ``.../units/{unit}/featviz/{objective}/{copy}.png``."""
+
+    objective: str
+    #: every objective the unit has images for
+    objectives: list[str]
+    #: per image (copy): the objective's value the image reached
+    activations: list[float | None]
+    #: how the images were made (steps, size, parametrization, ...)
+    settings: dict[str, Any]
+    #: the channel objective's counterpart in the dataset: the unit's best spatial mean
+    best_dataset: float | None = None
+    best_sample: int | None = None
+
+
 class UnitDetail(BaseModel):
     layer: UnitLayer
     unit: int
@@ -175,6 +195,8 @@ class UnitDetail(BaseModel):
     prev: int | None = None
     next: int | None = None
     num_units: int
+    #: null when the run holds no feature visualization of this unit
+    featviz: FeatVizInfo | None = None
 
 
 # -- samples ------------------------------------------------------------------------------

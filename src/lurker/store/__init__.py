@@ -17,6 +17,7 @@ from lurker.store.errors import (
     UnknownLayerError,
     UnknownSampleError,
 )
+from lurker.store.featviz import StoredFeatViz, write_featviz
 from lurker.store.files import atomic_write_bytes, run_lock
 from lurker.store.run import LayerInfo, Run, Sample, TopEntry, Unit
 from lurker.store.schema import SCHEMA_VERSION, receptive_json_schema
@@ -36,6 +37,7 @@ __all__ = [
     "Sample",
     "SchemaVersionError",
     "StoreError",
+    "StoredFeatViz",
     "TopEntry",
     "Unit",
     "UnitRangeError",
@@ -44,4 +46,5 @@ __all__ = [
     "atomic_write_bytes",
     "receptive_json_schema",
     "run_lock",
+    "write_featviz",
 ]

@@ -50,6 +50,7 @@ from lurker.store.schema import (
 
 if TYPE_CHECKING:
     from lurker.graph import Graph
+    from lurker.store.featviz import StoredFeatViz
 
 _NAN = float("nan")
 
@@ -406,6 +407,27 @@ class Run:
     def _has_graph(self) -> bool:
         with self._lock:
             return has_graph_table(self._conn)
+
+    def _has_table(self, name: str) -> bool:
+        rows = self._query("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (name,))
+        return bool(rows)
+
+    def featviz(self, layer: str, objective: str | None = None) -> StoredFeatViz:
+        """The layer's stored feature visualizations (made by ``lurker featviz`` or
+        ``FeatViz.save``): images, the activation each reached, the settings.
+
+        ``objective`` picks among several stored (default ``"channel"`` where present).
+        Raises :class:`MissingFromRunError` (saying how to make them) when there are none.
+        """
+        from lurker.store.featviz import read_featviz
+
+        return read_featviz(self, layer, objective)
+
+    def featviz_layers(self) -> list[str]:
+        """Names of the layers with stored feature visualizations, in layer order."""
+        from lurker.store.featviz import featviz_layers
+
+        return featviz_layers(self)
 
     @property
     def has_relevance(self) -> bool:

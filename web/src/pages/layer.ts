@@ -1,4 +1,4 @@
-/** `#/r/RUN/layer/LAYER?sort=max|mean|index&thumb=input|crop`: every unit as a thumbnail. */
+/** `#/r/RUN/layer/LAYER?sort=max|mean|index&thumb=input|crop|featviz`: every unit as a thumbnail. */
 import { cropCanvas, p, type LayerDoc } from "../api";
 import { histogramChart } from "../charts";
 import type { PageContext } from "../context";
@@ -16,7 +16,10 @@ export async function renderLayer(root: HTMLElement, ctx: PageContext, args: str
   document.title = `${name} · ${ctx.run} · lurker`;
   const params = new URLSearchParams(ctx.params);
   let sort: Sort = (SORTS as readonly string[]).includes(params.get("sort") ?? "") ? (params.get("sort") as Sort) : "max";
-  let thumb = params.get("thumb") === "crop" ? "crop" : "input";
+  // units with a feature visualization (`lurker featviz`): the grid can show those
+  const featviz = new Set(doc.featviz_units ?? []);
+  const thumbs = featviz.size ? ["input", "crop", "featviz"] : ["input", "crop"];
+  let thumb = thumbs.includes(params.get("thumb") ?? "") ? (params.get("thumb") as string) : "input";
   const l = doc.layer;
 
   const grid = h("div", { class: "unit-grid", role: "list" });
@@ -25,6 +28,11 @@ export async function renderLayer(root: HTMLElement, ctx: PageContext, args: str
 
   const thumbnail = (unit: number, top: number | null): HTMLElement => {
     const alt = `unit ${unit}: top image`;
+    if (thumb === "featviz") {
+      if (!featviz.has(unit)) return noImage("no feature visualization");
+      const src = ctx.api.pngUrl(p("runs", ctx.run, "layers", name, "units", unit, "featviz", "channel", "0.png"));
+      return h("img", { src, loading: "lazy", decoding: "async", alt: `unit ${unit}: feature visualization`, width: 96, height: 96 });
+    }
     if (index) {
       const t = index.thumbs[unit];
       if (!t) return noImage(top === null ? "no top image" : "image not exported");
@@ -68,7 +76,7 @@ export async function renderLayer(root: HTMLElement, ctx: PageContext, args: str
       ctx.replaceParams(params);
       draw();
     });
-    seg(thumbButtons, ["input", "crop"], thumb, (v) => {
+    seg(thumbButtons, thumbs, thumb, (v) => {
       thumb = v;
       params.set("thumb", thumb);
       ctx.replaceParams(params);

@@ -1,14 +1,16 @@
 /**
- * `#/r/RUN/unit/LAYER/UNIT?tab=mean|max|relevance&img=input|grad&crop=0|1`: Torchlurk's popup as a
+ * `#/r/RUN/unit/LAYER/UNIT?tab=mean|max|relevance|featviz&img=input|grad&crop=0|1`: Torchlurk's popup as a
  * page. One JSON request (the unit) plus its images; toggles only swap image URLs.
  */
-import { cropCanvas, p, type EntryKind, type Shown, type TopEntry } from "../api";
+import { cropCanvas, p, type EntryKind, type FeatVizInfo, type Shown, type TopEntry } from "../api";
 import { barChart, histogramChart } from "../charts";
 import type { PageContext } from "../context";
 import { append, fill, fmt, h, notice } from "../dom";
 import { imageState, noImage } from "../images";
 
-type Tab = "mean" | "max" | "relevance";
+type Tab = "mean" | "max" | "relevance" | "featviz";
+/** The tabs that show a top-k list. */
+type List = Exclude<Tab, "featviz">;
 
 interface Axis {
   lo?: number[];
@@ -24,7 +26,8 @@ export async function renderUnit(root: HTMLElement, ctx: PageContext, args: stri
   const params = new URLSearchParams(ctx.params);
   const relevance = doc.top.relevance ?? null; // runs probed with relevance=True
   const asked = params.get("tab");
-  let tab: Tab = asked === "mean" ? "mean" : asked === "relevance" && relevance ? "relevance" : "max";
+  const featviz = doc.featviz ?? null; // images made by `lurker featviz`
+  let tab: Tab = asked === "mean" ? "mean" : asked === "relevance" && relevance ? "relevance" : asked === "featviz" && featviz ? "featviz" : "max";
   let img: "input" | "grad" = params.get("img") === "grad" ? "grad" : "input";
   let crop = params.get("crop") === "1";
 
@@ -70,6 +73,7 @@ export async function renderUnit(root: HTMLElement, ctx: PageContext, args: stri
           ["mean", "Average activation"],
           ["max", "Max activation"],
           ...(relevance ? [["relevance", "Relevance for the prediction"]] : []),
+          ...(featviz ? [["featviz", "Feature visualization"]] : []),
         ] as [Tab, string][]
       ).map(([t, text]) =>
         h(
@@ -89,6 +93,11 @@ export async function renderUnit(root: HTMLElement, ctx: PageContext, args: stri
         ),
       ),
     );
+    if (tab === "featviz" && featviz) {
+      fill(toggles, h("span", { class: "muted" }, featvizCaption(featviz)));
+      fill(gallery, featvizFigures(ctx, layer, unit, featviz, images.ok));
+      return;
+    }
     if (tab === "relevance") {
       fill(toggles, h("span", { class: "muted" }, "value: the unit's LRP relevance for the model's prediction, summed over its positions: the samples where it carried the decision most"));
     } else fill(
@@ -103,10 +112,11 @@ export async function renderUnit(root: HTMLElement, ctx: PageContext, args: stri
       }),
       h("span", { class: "muted" }, tab === "max" ? `value: the peak of the unit's map; ${crop ? "image: the part of the input the peak sees (its receptive field)" : "box: the peak's receptive field"}` : `value: the mean of the unit's map${crop ? "; image: the receptive field of the unit's peak in that sample" : ""}`),
     );
-    const entries = (tab === "relevance" ? relevance : doc.top[tab]) ?? [];
+    const list = tab as List;
+    const entries = (list === "relevance" ? relevance : doc.top[list]) ?? [];
     fill(
       gallery,
-      entries.length ? entries.map((e) => figure(ctx, layer, unit, tab, tab === "relevance" ? "input" : kind(), e, tab === "max" && !crop ? doc.layer.rf : null, images.ok, shown)) : notice("This list is empty."),
+      entries.length ? entries.map((e) => figure(ctx, layer, unit, list, list === "relevance" ? "input" : kind(), e, tab === "max" && !crop ? doc.layer.rf : null, images.ok, shown)) : notice("This list is empty."),
     );
   };
   draw();
@@ -156,7 +166,7 @@ export async function renderUnit(root: HTMLElement, ctx: PageContext, args: stri
   );
 }
 
-function figure(ctx: PageContext, layer: string, unit: number, list: Tab, kind: EntryKind, e: TopEntry, rf: Record<string, unknown> | null, images: boolean, shown: Shown | null): HTMLElement {
+function figure(ctx: PageContext, layer: string, unit: number, list: List, kind: EntryKind, e: TopEntry, rf: Record<string, unknown> | null, images: boolean, shown: Shown | null): HTMLElement {
   const visual = images ? entryImage(ctx, layer, unit, list, kind, e, shown) : noImage();
   const frame = h("div", { class: "frame" }, visual);
   const box = visual instanceof HTMLImageElement ? peakBox(rf, e) : null;
@@ -188,7 +198,7 @@ const NOT_EXPORTED: Record<EntryKind, string> = {
  * server's crop, pixel for pixel), other kinds as exported files, and a note where the
  * export holds none (never a request for a file it lacks).
  */
-function entryImage(ctx: PageContext, layer: string, unit: number, list: Tab, kind: EntryKind, e: TopEntry, shown: Shown | null): HTMLElement {
+function entryImage(ctx: PageContext, layer: string, unit: number, list: List, kind: EntryKind, e: TopEntry, shown: Shown | null): HTMLElement {
   const alt = `rank ${e.rank + 1}: sample ${e.sample_id} (${kind})`;
   if (!ctx.api.isStatic) {
     // a relevance entry is a whole sample (no peak, no gradient image of its own)
@@ -221,4 +231,37 @@ function peakBox(rf: Record<string, unknown> | null, e: TopEntry): string | null
   const [H, W] = size;
   const pct = (v: number, n: number) => `${((100 * v) / n).toFixed(2)}%`;
   return `top:${pct(ay.lo[iy], H)};height:${pct(ay.hi[iy] - ay.lo[iy], H)};left:${pct(ax.lo[ix], W)};width:${pct(ax.hi[ix] - ax.lo[ix], W)}`;
+}
+
+/** What the feature visualization tab says about how its images were made. */
+function featvizCaption(f: FeatVizInfo): string {
+  const st = f.settings;
+  const made = [st["steps"] ? `${st["steps"]} steps` : null, st["size"] ? `${([] as unknown[]).concat(st["size"]).join("\u00d7")} px` : null, st["param"] ? `${st["param"]} parametrization` : null]
+    .filter(Boolean)
+    .join(", ");
+  return `images optimized to excite the unit (objective: ${f.objective === "channel" ? "the mean of its map" : f.objective}${made ? `; ${made}` : ""}); value: what each reached, beside the best dataset sample's`;
+}
+
+/** The optimized images with the value each reached, then the best dataset sample. */
+function featvizFigures(ctx: PageContext, layer: string, unit: number, f: FeatVizInfo, images: boolean): HTMLElement[] {
+  const out = f.activations.map((a, copy) =>
+    h(
+      "figure",
+      { class: "top-entry featviz", "data-copy": copy, "data-value": a === null ? null : String(a) },
+      h("div", { class: "frame" }, h("img", { src: ctx.api.pngUrl(p("runs", ctx.run, "layers", layer, "units", unit, "featviz", f.objective, `${copy}.png`)), alt: `feature visualization ${copy + 1} of unit ${unit}` })),
+      h("figcaption", null, h("span", { class: "value" }, fmt(a)), h("span", { class: "cls" }, f.activations.length > 1 ? `image ${copy + 1}` : "optimized")),
+    ),
+  );
+  if (f.best_sample !== null) {
+    const src = ctx.api.pngUrl(p("runs", ctx.run, "samples", f.best_sample, "image.png"));
+    out.push(
+      h(
+        "figure",
+        { class: "top-entry best", "data-sample": f.best_sample, "data-value": f.best_dataset === null ? null : String(f.best_dataset) },
+        h("div", { class: "frame" }, images ? h("img", { src, alt: `best dataset sample ${f.best_sample}` }) : noImage()),
+        h("figcaption", null, h("span", { class: "value" }, fmt(f.best_dataset)), h("a", { href: ctx.href("sample", f.best_sample) }, `#${f.best_sample}`), h("span", { class: "cls", title: "the best dataset sample (rank 1 of the mean list)" }, "best sample")),
+      ),
+    );
+  }
+  return out;
 }

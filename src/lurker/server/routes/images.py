@@ -53,6 +53,34 @@ def sample_image(request: Request, run_id: str, sample_id: int = Path(ge=0, le=2
 
 
 @router.get(
+    "/runs/{run_id}/layers/{layer}/units/{unit}/featviz/{objective}/{copy}.png",
+    response_class=Response,
+    responses=PNG,
+    summary="A feature visualization of the unit (stored in the run by `lurker featviz`)",
+)  # declared before the entry images' route, whose /{which}/{rank}/{kind}.png matches it too
+def featviz_image(
+    request: Request,
+    run_id: str,
+    layer: str,
+    objective: str,
+    unit: int = Path(ge=0, le=2**31),
+    copy: int = Path(ge=0, le=2**31),
+) -> Response:
+    from lurker.store import MissingFromRunError
+    from lurker.store.featviz import featviz_png
+
+    e = entry(request, run_id)
+    info = e.layer(layer)
+    e.unit_index(info, unit)
+    try:
+        png = featviz_png(e.open_run(), info.name, unit, copy, objective)
+    except MissingFromRunError as err:
+        raise ApiError(404, str(err)) from None
+    # `lurker featviz` may write the layer again: revalidate rather than keep a day
+    return Response(png, media_type="image/png", headers=MODEL_MADE)
+
+
+@router.get(
     "/runs/{run_id}/layers/{layer}/units/{unit}/{which}/{rank}/{kind}.png",
     response_class=Response,
     responses=PNG,

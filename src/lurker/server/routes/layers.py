@@ -6,6 +6,8 @@ import math
 
 from fastapi import APIRouter, Request
 
+from lurker.store.featviz import featviz_units
+
 from ..deps import entry
 from ..schemas import Histogram, LayerDetail, UnitBrief
 from .runs import layer_brief
@@ -45,4 +47,5 @@ def layer_detail(request: Request, run_id: str, layer: str) -> LayerDetail:
             )
             for u, mean, mx, tm, tn in rows
         ],
+        featviz_units=featviz_units(e.open_run(), info.name) or None,
     )

@@ -118,6 +118,7 @@ def summarize(request: Request, e: RunEntry) -> RunSummary:
             live_reason=live_reason,
             dataset=dataset_reason is None,
             dataset_reason=dataset_reason,
+            featviz=run.featviz_layers(),
             cached_images=e.cached_images(),
         ),
         missing=e.missing(),

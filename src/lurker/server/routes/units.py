@@ -30,7 +30,25 @@ def unit_detail(
     doc["prev"] = index - 1 if index > 0 else None
     doc["next"] = index + 1 if index + 1 < info.num_units else None
     doc["num_units"] = info.num_units
+    doc["featviz"] = _featviz(e.open_run(), info.name, index, doc)
     return UnitDetail.model_validate(doc)
+
+
+def _featviz(run: Any, layer: str, unit: int, doc: dict[str, Any]) -> dict[str, Any] | None:
+    from lurker.store.featviz import unit_featviz
+
+    found = unit_featviz(run, layer, unit)
+    if found is None:
+        return None
+    best = doc["top"]["mean"][0] if doc["top"]["mean"] else None
+    return {
+        "objective": found.objective,
+        "objectives": found.objectives,
+        "activations": found.activations,
+        "settings": found.settings,
+        "best_dataset": best["value"] if best else None,
+        "best_sample": best["sample_id"] if best else None,
+    }
 
 
 def _box(info: Any, y: int | None, x: int | None, size: list[int] | None) -> list[int] | None:

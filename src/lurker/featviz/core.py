@@ -1,0 +1,736 @@
+"""``lurker.featviz``: images optimized to excite units, Lucid / Microscope style.
+
+Every image of a layer is optimized in one batch: one forward and one backward per step
+for the whole layer (chunked to a memory budget), each unit's images scored by their own
+unit. Nothing couples two units' images: the loss is a sum of per-image terms (plus a
+diversity term within a unit's own images), Adam is elementwise, the model runs in eval
+mode, and each image draws its start and its transforms from its own generator, seeded
+by ``(seed, unit, copy)``. So a unit's image is the same whether it was optimized alone
+or with its layer (to float rounding), and batching is purely a speed-up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..errors import LurkerError, OpKeyError
+from .param import FourierImage, MacoImage
+from .transforms import Transforms
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from ..store import Run
+
+__all__ = ["OBJECTIVES", "PARAMS", "FeatViz", "featviz"]
+
+OBJECTIVES = ("channel", "neuron", "direction")
+PARAMS = ("fourier", "maco")
+
+#: Defaults: Lucid's (Adam at 0.05 on the Fourier parametrization, 512 steps in its
+#: notebooks; 256 already give recognisable images of torchvision models at 128 px).
+DEFAULT_STEPS = 256
+DEFAULT_SIZE = 128
+DEFAULT_LR = 0.05
+#: Weight of the diversity term when a unit gets several images (Lucid's notebooks use
+#: 1e2 to 1e3 against activations of order 10; lurker's term is per image, see
+#: :func:`_diversity`).
+DEFAULT_DIVERSITY = 1e2
+
+
+@dataclass
+class FeatViz:
+    """Feature visualizations of units of one layer.
+
+    ``images``: ``(units, C, H, W)`` in [0, 1] (``(units, n, C, H, W)`` with
+    ``images_per_unit=n > 1``), in the model's input channels before its normalisation
+    (what a person looks at). ``activations``: the objective each image reached,
+    evaluated on the image itself without transforms, ``(units,)`` or ``(units, n)``.
+    ``units``: the unit index of each row (the direction's index for ``"direction"``).
+    ``start``: the objective of each image before the first step (its random start).
+    """
+
+    images: Tensor
+    activations: Tensor
+    layer: str
+    units: list[int]
+    objective: str
+    start: Tensor
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def image(self, index: int, copy: int = 0) -> Image.Image:
+        """Row ``index`` (and copy ``copy``) as a PIL image (grey for 1 channel, RGB for 3)."""
+        from PIL import Image
+
+        img = self.images[index]
+        if img.dim() == 4:
+            img = img[copy]
+        arr = _to_uint8(img)
+        if arr.shape[0] == 1:
+            return Image.fromarray(arr[0], "L")
+        if arr.shape[0] == 3:
+            return Image.fromarray(arr.transpose(1, 2, 0), "RGB")
+        return Image.fromarray(arr.reshape(-1, arr.shape[-1]), "L")  # channels stacked
+
+    def save(self, run: str | os.PathLike[str] | Run) -> Path:
+        """Store the images and activations in ``run`` (see ``Run.featviz``); returns the run's
+        path. The layer must be one of the run's layers."""
+        from ..store.featviz import write_featviz
+
+        path = Path(run.path if hasattr(run, "path") else run)  # type: ignore[union-attr]
+        images = self.images if self.images.dim() == 5 else self.images[:, None]
+        acts = self.activations if self.activations.dim() == 2 else self.activations[:, None]
+        rows = [
+            (unit, c, float(acts[i, c]), _to_uint8(images[i, c]))
+            for i, unit in enumerate(self.units)
+            for c in range(images.shape[1])
+        ]
+        write_featviz(path, self.layer, self.objective, rows, self.settings)
+        return path
+
+    def __repr__(self) -> str:
+        return (
+            f"FeatViz({self.layer!r}, {self.objective}, {len(self.units)} units, "
+            f"images {tuple(self.images.shape)})"
+        )
+
+
+def featviz(
+    model: nn.Module,
+    layer: str,
+    units: Sequence[int] | int | None = None,
+    *,
+    objective: str = "channel",
+    steps: int = DEFAULT_STEPS,
+    size: int | tuple[int, int] | None = None,
+    channels: int | None = None,
+    lr: float = DEFAULT_LR,
+    param: str = "fourier",
+    transforms: bool = True,
+    images_per_unit: int = 1,
+    diversity: float | None = None,
+    position: tuple[int, int] | None = None,
+    directions: Tensor | np.ndarray | Sequence[Sequence[float]] | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    run: str | os.PathLike[str] | Run | None = None,
+    seed: int = 0,
+    batch_size: int | None = None,
+    max_memory: float | str | None = "auto",
+    device: str | torch.device | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> FeatViz:
+    """Optimize images that excite ``units`` of ``layer``; see docs/featviz.md.
+
+    Args:
+        layer: a module path (``"features.8"``) or a trace label (``"relu_4"``,
+            ``"add_2"``: functional ops too); with ``run``, any name the run knows.
+        units: unit indices (channels of the layer's output); None: every unit.
+        objective: ``"channel"`` (the unit's mean over positions, the value the probe ranks
+            by), ``"neuron"`` (the unit at one ``position`` (y, x) of the map, default its
+            centre) or ``"direction"`` (the dot product of the channel vector with each row
+            of ``directions``, mean over positions; ``units`` then index those rows).
+        steps, lr: Adam steps and learning rate.
+        size: image side (or ``(H, W)``); default the run's image size, else 128.
+        channels: the model's input channels; default the run's, else the first conv's.
+        param: ``"fourier"`` (Lucid: 1/f-scaled spectrum, decorrelated colour, sigmoid) or
+            ``"maco"`` (phase only, fixed 1/f magnitude: Fel et al., 2023).
+        transforms: pad, jitter, scale and rotate at every step (Lucid's standard set).
+        images_per_unit, diversity: several images per unit, pushed apart by a diversity
+            term of this weight (default 100 when there are several).
+        mean, std: the normalisation the model expects; default the run's, else ImageNet's
+            for 3 channels and none for others.
+        run: a probe run (directory or :class:`~lurker.store.Run`) supplying layer names,
+            input size, channels and normalisation.
+        seed: images are seeded per ``(seed, unit, copy)``: the same for a unit alone or
+            in a batch.
+        batch_size: images per forward; None: as many as fit ``max_memory``.
+        max_memory: bytes for one chunk's activations: ``"auto"`` (half the free GPU memory,
+            or a quarter of the free RAM, at most 4 GiB), a number of bytes, a fraction of
+            the free memory, or None (the whole layer at once).
+        device: where to optimize (default: where the model is).
+        progress: called as ``progress(images_done, images_total)`` after each chunk.
+    """
+    cfg = _Config.make(
+        model, layer, units, objective, steps, size, channels, lr, param, images_per_unit,
+        diversity, position, directions, mean, std, run, batch_size, max_memory, device,
+    )  # fmt: skip
+    tf = Transforms.standard(max(cfg.height, cfg.width)) if transforms else Transforms.none()
+    with _evaluating(model) as dev:
+        dev = torch.device(device) if device is not None else dev
+        if device is not None:
+            model.to(dev)
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+        x0 = torch.full((1, cfg.channels, cfg.height, cfg.width), 0.5, dtype=dtype, device=dev)
+        tap = _Tap(model, cfg.target, x0, cfg.layout, cfg.layer)
+        scorer = _Scorer.make(cfg, tap, x0, tf)
+        count = len(scorer.rows)
+        n = cfg.images_per_unit
+        per_chunk = _chunk_units(cfg, tap, tf, x0, n, count)
+        norm = _normaliser(cfg, dtype, dev)
+        images: list[Tensor] = []
+        reached: list[Tensor] = []
+        start: list[Tensor] = []
+        for lo in range(0, count, per_chunk):
+            rows = list(range(lo, min(count, lo + per_chunk)))
+            img, act, first = _optimize(cfg, tap, scorer, rows, tf, norm, seed, dtype, dev)
+            images.append(img.cpu())
+            reached.append(act.cpu())
+            start.append(first.cpu())
+            if progress is not None:
+                progress(rows[-1] + 1, count)
+    shape = (count, n) if n > 1 else (count,)
+    all_images = torch.cat(images)
+    all_images = all_images.reshape(*shape, *all_images.shape[1:])
+    settings = {
+        "steps": steps,
+        "size": [cfg.height, cfg.width],
+        "channels": cfg.channels,
+        "lr": lr,
+        "param": param,
+        "transforms": transforms,
+        "images_per_unit": n,
+        "diversity": cfg.diversity,
+        "seed": seed,
+        "mean": list(cfg.mean),
+        "std": list(cfg.std),
+        "target": cfg.target,
+    }
+    if objective == "neuron":
+        settings["position"] = list(scorer.position) if scorer.position else None
+    if objective == "direction":
+        settings["directions"] = scorer.directions.cpu().tolist()
+    return FeatViz(
+        images=all_images,
+        activations=torch.cat(reached).reshape(shape),
+        layer=cfg.layer,
+        units=list(scorer.rows),
+        objective=objective,
+        start=torch.cat(start).reshape(shape),
+        settings=settings,
+    )
+
+
+# ---------------------------------------------------------------------------- config
+@dataclass
+class _Config:
+    layer: str  # the name results are stored under (the run's layer name, or as given)
+    target: str  # what is tapped: a module path or a trace label
+    layout: Any  # the run's layout record of the layer, or None: (B, C, ...)
+    units: list[int] | None
+    objective: str
+    steps: int
+    height: int
+    width: int
+    channels: int
+    lr: float
+    param: str
+    images_per_unit: int
+    diversity: float
+    position: tuple[int, int] | None
+    directions: Tensor | None
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    batch_size: int | None
+    max_memory: float | str | None
+
+    @classmethod
+    def make(
+        cls,
+        model: Any,
+        layer: Any,
+        units: Any,
+        objective: str,
+        steps: Any,
+        size: Any,
+        channels: Any,
+        lr: float,
+        param: str,
+        images_per_unit: Any,
+        diversity: float | None,
+        position: Any,
+        directions: Any,
+        mean: Any,
+        std: Any,
+        run: Any,
+        batch_size: Any,
+        max_memory: Any,
+        device: Any,
+    ) -> _Config:
+        if not isinstance(model, nn.Module):
+            raise LurkerError(
+                f"featviz needs an nn.Module, got {type(model).__name__}: "
+                "lurker.featviz(model, 'features.8')"
+            )
+        if not isinstance(layer, str) or not layer:
+            raise LurkerError(
+                f"layer must be a module path or trace label (a string), got {layer!r}"
+            )
+        if objective not in OBJECTIVES:
+            raise LurkerError(f"objective {objective!r} is not one of {', '.join(OBJECTIVES)}")
+        if param not in PARAMS:
+            raise LurkerError(f"param {param!r} is not one of {', '.join(PARAMS)}")
+        _positive_int(steps, "steps")
+        _positive_int(images_per_unit, "images_per_unit")
+        if batch_size is not None:
+            _positive_int(batch_size, "batch_size")
+        if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+            raise LurkerError(f"lr must be a positive number, got {lr!r}")
+        if device is not None and str(device).startswith("cuda") and not torch.cuda.is_available():
+            raise LurkerError(f"device {device!r}: no CUDA GPU is available here; use cpu")
+        name, target, layout = layer, layer, None
+        run_size = run_channels = None
+        run_mean = run_std = None
+        if run is not None:
+            name, target, layout, run_size, run_channels, run_mean, run_std = _from_run(
+                run, layer, size is None, channels is None
+            )
+        hw = size if size is not None else (run_size or DEFAULT_SIZE)
+        if isinstance(hw, int) and not isinstance(hw, bool):
+            hw = (hw, hw)
+        if (
+            not isinstance(hw, (tuple, list))
+            or len(hw) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 2 for v in hw)
+        ):
+            raise LurkerError(f"size must be an int >= 2 or (height, width), got {size!r}")
+        c = channels if channels is not None else (run_channels or _input_channels(model))
+        _positive_int(c, "channels")
+        m = tuple(float(v) for v in (mean if mean is not None else (run_mean or _mean(c))))
+        s = tuple(float(v) for v in (std if std is not None else (run_std or _std(c))))
+        if len(m) != c or len(s) != c:
+            raise LurkerError(
+                f"mean and std need one value per input channel ({c}), got {len(m)} and {len(s)}"
+            )
+        if any(v <= 0 for v in s):
+            raise LurkerError(f"std values must be positive, got {list(s)}")
+        unit_list = _units(units)
+        dirs = None
+        if objective == "direction":
+            if directions is None:
+                raise LurkerError(
+                    "objective='direction' needs directions=: one vector per image, of the "
+                    "layer's channel count (a (D, C) array)"
+                )
+            dirs = torch.as_tensor(np.asarray(directions, dtype=np.float64))
+            if dirs.dim() == 1:
+                dirs = dirs[None]
+            if dirs.dim() != 2 or not torch.isfinite(dirs).all():
+                raise LurkerError(
+                    f"directions must be a finite (D, C) array, got shape {tuple(dirs.shape)}"
+                )
+        elif directions is not None:
+            raise LurkerError("directions= is for objective='direction'")
+        pos = None
+        if position is not None:
+            if objective != "neuron":
+                raise LurkerError("position= is for objective='neuron'")
+            if len(position) != 2 or not all(isinstance(v, int) and v >= 0 for v in position):
+                raise LurkerError(f"position must be (y, x) with ints >= 0, got {position!r}")
+            pos = (int(position[0]), int(position[1]))
+        n = int(images_per_unit)
+        div = float(diversity) if diversity is not None else (DEFAULT_DIVERSITY if n > 1 else 0.0)
+        return cls(
+            name, target, layout, unit_list, objective, int(steps), int(hw[0]), int(hw[1]),
+            int(c), float(lr), param, n, div, pos, dirs, m, s, batch_size, max_memory,
+        )  # fmt: skip
+
+
+def _positive_int(value: Any, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise LurkerError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _units(units: Any) -> list[int] | None:
+    if units is None:
+        return None
+    if isinstance(units, (int, np.integer)) and not isinstance(units, bool):
+        units = [int(units)]
+    values = list(units)
+    if not values or not all(
+        isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values
+    ):
+        raise LurkerError(f"units must be unit indices (ints) or None for all, got {units!r}")
+    if any(v < 0 for v in values):
+        raise LurkerError(f"unit indices start at 0, got {[v for v in values if v < 0]}")
+    if len(set(values)) != len(values):
+        raise LurkerError(f"units lists a unit twice: {values}")
+    return [int(v) for v in values]
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _mean(c: int) -> tuple[float, ...]:
+    return IMAGENET_MEAN if c == 3 else (0.0,) * c
+
+
+def _std(c: int) -> tuple[float, ...]:
+    return IMAGENET_STD if c == 3 else (1.0,) * c
+
+
+def _input_channels(model: nn.Module) -> int:
+    """The channels of the model's input: the first convolution's ``in_channels``."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.conv._ConvNd) and len(m.kernel_size) == 2:
+            return int(m.in_channels)
+    raise LurkerError(
+        f"cannot tell how many input channels {type(model).__name__} takes (it has no 2-D "
+        "convolution); pass channels= (and size=) for the images it takes"
+    )
+
+
+def _from_run(
+    run: Any, layer: str, want_size: bool, want_channels: bool
+) -> tuple[str, str, Any, tuple[int, int] | None, int | None, Any, Any]:
+    """The layer's name, op label and layout in ``run``, and the run's input size,
+    channels and normalisation."""
+    from ..store import Run
+
+    r = run if isinstance(run, Run) else Run.open(run)
+    info = r.layer(layer)  # UnknownLayerError lists the run's layers
+    cfg = r.meta.get("config") or {}
+    shape = cfg.get("input_shape")
+    if (want_size or want_channels) and not (isinstance(shape, list) and len(shape) == 3):
+        raise LurkerError(
+            f"run {r.path} does not record its model's input shape (channels, height, "
+            f"width); it records {shape!r}. Pass them: featviz(..., channels=C, size=(H, W)) "
+            "(CLI: --channels C --size H), or probe the model again with this lurker, which "
+            "records them",
+            cli=f"run {r.path} does not record its model's input shape (channels, height, "
+            f"width); it records {shape!r}. Pass --channels C and --size H, or probe the model "
+            "again with this lurker, which records them.",
+        )
+    size = (int(shape[1]), int(shape[2])) if shape else None
+    chans = int(shape[0]) if shape else None
+    return (
+        info.name,
+        info.op or info.name,
+        info.layout,
+        size,
+        chans,
+        cfg.get("mean"),
+        cfg.get("std"),
+    )
+
+
+@contextlib.contextmanager
+def _evaluating(model: nn.Module) -> Iterator[torch.device]:
+    """Eval mode and no parameter gradients while optimizing; restored however it exits
+    (the model's own ``.grad`` and flags are left as they were)."""
+    params = [(p, p.requires_grad) for p in model.parameters()]
+    modes = [(m, m.training) for m in model.modules()]
+    dev = next((p.device for p in model.parameters()), torch.device("cpu"))
+    try:
+        model.eval()
+        for p, _ in params:
+            p.requires_grad_(False)
+        yield dev
+    finally:
+        for p, rg in params:
+            p.requires_grad_(rg)
+        for m, training in modes:
+            m.training = training
+
+
+# ---------------------------------------------------------------------------- the tap
+class _Stop(Exception):
+    """Ends a forward once the target layer has run: nothing after it is needed."""
+
+
+class _Tap:
+    """``tap(x)`` runs the model up to ``target`` and returns its output as ``(B, C, ...)``.
+
+    A module path is read with a forward hook on that module (its first call); any other
+    name through the trace's hook API (one trace of ``x0``, then ``trace.run`` per call),
+    so functional ops (``add_2``, ``relu_4``) work too.
+    """
+
+    def __init__(self, model: nn.Module, target: str, x0: Tensor, layout: Any, name: str):
+        self.model = model
+        self.target = target
+        self.layout = layout
+        self.name = name
+        self.module = dict(model.named_modules()).get(target)
+        self.trace: Any = None
+        if self.module is None:
+            from ..capture import trace
+
+            with torch.no_grad():
+                try:
+                    self.trace = trace(model, x0, save="none")
+                except LurkerError as e:
+                    raise LurkerError(
+                        f"the model does not run on a {tuple(x0.shape[1:])} image: {e}. Pass "
+                        "the channels and size it takes (channels=, size=)"
+                    ) from e
+            try:
+                self.trace.hooks({target: lambda op, out: None})
+            except OpKeyError as e:
+                raise LurkerError(
+                    f"layer {name!r} is not in {type(model).__name__}: name a module path "
+                    "(model.named_modules()) or a trace label (lurker.trace(model, x) lists "
+                    f"them). {e}"
+                ) from e
+
+    def __call__(self, x: Tensor) -> Tensor:
+        grabbed: list[Tensor] = []
+
+        def keep(out: Any) -> None:
+            if isinstance(out, (tuple, list)):
+                out = next((t for t in out if isinstance(t, Tensor)), out)
+            if not isinstance(out, Tensor):
+                raise LurkerError(
+                    f"layer {self.name!r} gives a {type(out).__name__}, not a tensor; name an "
+                    "op inside it (a trace label)"
+                )
+            grabbed.append(out)
+            raise _Stop
+
+        try:
+            if self.trace is None:
+                assert self.module is not None
+                handle = self.module.register_forward_hook(lambda m, i, o: keep(o))
+                try:
+                    self.model(x)
+                finally:
+                    handle.remove()
+            else:
+                self.trace.run(x, save="none", hooks={self.target: lambda op, o: keep(o)})
+        except _Stop:
+            pass
+        if not grabbed:
+            raise LurkerError(f"layer {self.name!r} did not run in the model's forward")
+        act = grabbed[0]
+        if self.layout is not None:
+            from ..probe.layout import as_units
+
+            act = as_units(self.layout, act)
+        if act.dim() < 2:
+            raise LurkerError(
+                f"layer {self.name!r} gives {tuple(act.shape)}: no unit axis after the batch"
+            )
+        return act
+
+
+# ---------------------------------------------------------------------------- objectives
+@dataclass
+class _Scorer:
+    """One score per image from the layer's ``(B, C, ...)`` output."""
+
+    objective: str
+    rows: list[int]  # unit (or direction) index of each row of the result
+    num_channels: int
+    position: tuple[int, int] | None
+    base_hw: tuple[int, int] | None  # the map's size for an untransformed image
+    directions: Tensor
+
+    @classmethod
+    def make(cls, cfg: _Config, tap: _Tap, x0: Tensor, tf: Transforms) -> _Scorer:
+        with torch.no_grad():
+            act = tap(x0)
+        c = act.shape[1]
+        base_hw = tuple(act.shape[2:4]) if act.dim() == 4 else None
+        position = None
+        dirs = torch.zeros(0, c)
+        if cfg.objective == "direction":
+            assert cfg.directions is not None
+            dirs = cfg.directions
+            if dirs.shape[1] != c:
+                raise LurkerError(
+                    f"directions have {dirs.shape[1]} values each, but layer {cfg.layer!r} "
+                    f"has {c} units: give (D, {c}) vectors"
+                )
+            total, what = dirs.shape[0], "directions"
+        else:
+            total, what = c, "units"
+        rows = cfg.units if cfg.units is not None else list(range(total))
+        bad = [u for u in rows if u >= total]
+        if bad:
+            raise LurkerError(
+                f"{what[:-1]} {bad[0]} is out of range: layer {cfg.layer!r} has {total} "
+                f"{what} (0..{total - 1}); pass units within that range, or units=None for all"
+                if what == "units"
+                else f"direction {bad[0]} is out of range: {total} directions were given "
+                f"(0..{total - 1})",
+                cli=f"unit {bad[0]} is out of range: layer {cfg.layer!r} has {total} {what} "
+                f"(0..{total - 1}); pass --units within that range, or leave it out for all",
+            )
+        if cfg.objective == "neuron":
+            if base_hw is None:
+                raise LurkerError(
+                    f"objective='neuron' needs a spatial map, (B, C, H, W); layer "
+                    f"{cfg.layer!r} gives {tuple(act.shape)}: use objective='channel'"
+                )
+            position = cfg.position or (base_hw[0] // 2, base_hw[1] // 2)
+            if not (position[0] < base_hw[0] and position[1] < base_hw[1]):
+                raise LurkerError(
+                    f"position {position} lies outside the {base_hw[0]}x{base_hw[1]} map of "
+                    f"layer {cfg.layer!r}"
+                )
+        return cls(cfg.objective, rows, c, position, base_hw, dirs.to(x0.device, x0.dtype))
+
+    def __call__(self, act: Tensor, rows: Tensor, directions: Tensor | None) -> Tensor:
+        """Scores of a batch whose image ``i`` is for unit ``rows[i]``."""
+        b = act.shape[0]
+        if self.objective == "direction":
+            assert directions is not None
+            shape = (b, self.num_channels) + (1,) * (act.dim() - 2)
+            return (act * directions.reshape(shape)).sum(1).reshape(b, -1).mean(1)
+        picked = act[torch.arange(b, device=act.device), rows]  # (B, ...)
+        if self.objective == "channel":
+            return picked.reshape(b, -1).mean(1)
+        assert self.position is not None and self.base_hw is not None
+        # the same place relative to the map's centre (transforms pad the image)
+        h, w = picked.shape[1:3]
+        y = min(max(h // 2 + self.position[0] - self.base_hw[0] // 2, 0), h - 1)
+        x = min(max(w // 2 + self.position[1] - self.base_hw[1] // 2, 0), w - 1)
+        return picked[:, y, x]
+
+
+def _diversity(act: Tensor, n: int) -> Tensor:
+    """Lucid's diversity term, per group of ``n`` images of one unit: the mean cosine
+    similarity of each image's Gram matrix (channel x channel, over positions) with the
+    others' of its group. One value per image; 0 for a group of one."""
+    b, c = act.shape[:2]
+    if n < 2:
+        return act.new_zeros(b)
+    flat = act.reshape(b, c, -1)
+    grams = flat @ flat.transpose(1, 2)
+    grams = grams.reshape(b // n, n, -1)
+    grams = grams / grams.norm(dim=2, keepdim=True).clamp_min(1e-10)
+    sim = grams @ grams.transpose(1, 2)  # (groups, n, n)
+    off = sim.sum(2) - sim.diagonal(dim1=1, dim2=2)
+    return (off / (n - 1)).reshape(b)
+
+
+# ---------------------------------------------------------------------------- optimizing
+def _normaliser(cfg: _Config, dtype: torch.dtype, dev: torch.device) -> Callable[[Tensor], Tensor]:
+    m = torch.tensor(cfg.mean, dtype=dtype, device=dev).view(1, -1, 1, 1)
+    s = torch.tensor(cfg.std, dtype=dtype, device=dev).view(1, -1, 1, 1)
+    return lambda x: (x - m) / s
+
+
+def _generator(seed: int, unit: int, copy: int) -> np.random.Generator:
+    return np.random.default_rng([seed, unit, copy])
+
+
+def _optimize(
+    cfg: _Config,
+    tap: _Tap,
+    scorer: _Scorer,
+    rows: list[int],
+    tf: Transforms,
+    norm: Callable[[Tensor], Tensor],
+    seed: int,
+    dtype: torch.dtype,
+    dev: torch.device,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Optimize the images of result rows ``rows`` (``images_per_unit`` each) together."""
+    n = cfg.images_per_unit
+    units = [scorer.rows[r] for r in rows]
+    gens = [_generator(seed, u, k) for u in units for k in range(n)]
+    h, w, c = cfg.height, cfg.width, cfg.channels
+    if cfg.param == "fourier":
+        init = np.stack([g.standard_normal((c, h, w // 2 + 1, 2)) * 0.01 for g in gens])
+        image: nn.Module = FourierImage(torch.as_tensor(init, dtype=dtype), h, w)
+    else:
+        init = np.stack([g.uniform(-np.pi, np.pi, (c, h, w // 2 + 1)) for g in gens])
+        image = MacoImage(torch.as_tensor(init, dtype=dtype), h, w)
+    image.to(dev)
+    idx = torch.tensor([u for u in units for _ in range(n)], device=dev)
+    dirs = scorer.directions[idx] if scorer.objective == "direction" else None
+    opt = torch.optim.Adam(image.parameters(), lr=cfg.lr)
+
+    def evaluate() -> Tensor:
+        with torch.no_grad():
+            return scorer(tap(norm(image())), idx, dirs)
+
+    first = evaluate()
+    for _ in range(cfg.steps):
+        opt.zero_grad(set_to_none=True)
+        x = tf.apply(image(), [tf.draw(g) for g in gens])
+        act = tap(norm(x))
+        score = scorer(act, idx, dirs)
+        loss = -score.sum()
+        if cfg.diversity and n > 1:
+            loss = loss + cfg.diversity * _diversity(act, n).sum()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        final = image()
+    return final.detach(), evaluate().detach(), first.detach()
+
+
+def _chunk_units(cfg: _Config, tap: _Tap, tf: Transforms, x0: Tensor, n: int, count: int) -> int:
+    """Units per forward: ``batch_size`` images, or as many as fit ``max_memory``."""
+    if cfg.batch_size is not None:
+        return max(1, cfg.batch_size // n)
+    budget = _memory_budget(cfg.max_memory, x0.device)
+    if budget is None:
+        return count
+    per_image = _bytes_per_image(tap, tf, x0)
+    return max(1, min(count, int(budget // max(1, per_image * n))))
+
+
+def _bytes_per_image(tap: _Tap, tf: Transforms, x0: Tensor) -> int:
+    """What one image costs in a step: the tensors autograd keeps for the backward of one
+    transformed image's forward to the layer, doubled for the gradients of the backward."""
+    saved = 0
+
+    def pack(t: Tensor) -> Tensor:
+        nonlocal saved
+        saved += t.numel() * t.element_size()
+        return t
+
+    x = tf.apply(x0, [tf.draw(np.random.default_rng(0))]).requires_grad_(True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        act = tap(x)
+    saved += act.numel() * act.element_size()
+    return 2 * saved + 16 * x0.numel() * x0.element_size()
+
+
+def _memory_budget(max_memory: Any, dev: torch.device) -> float | None:
+    if max_memory is None or max_memory == "off":
+        return None
+    if dev.type == "cuda":
+        free = float(torch.cuda.mem_get_info(dev)[0])
+        auto = 0.5 * free
+    else:
+        free = _free_ram()
+        auto = min(0.25 * free, 4.0 * 2**30)
+    if max_memory == "auto":
+        return auto
+    if isinstance(max_memory, (int, float)) and not isinstance(max_memory, bool):
+        if 0 < max_memory <= 1:
+            return float(max_memory) * free
+        if max_memory > 1:
+            return float(max_memory)
+    raise LurkerError(
+        f"max_memory must be 'auto', a number of bytes, a fraction of the free memory in "
+        f"(0, 1], or None; got {max_memory!r}"
+    )
+
+
+def _free_ram() -> float:
+    try:
+        return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 4.0 * 2**30
+
+
+def _to_uint8(img: Tensor) -> np.ndarray:
+    """``(C, H, W)`` in [0, 1] -> uint8, rounded."""
+    arr = img.detach().float().clamp(0, 1).cpu().numpy()
+    return np.round(arr * 255).astype(np.uint8)

@@ -1,0 +1,310 @@
+"""Feature visualizations stored in a run: the ``featviz`` table of ``run.db``.
+
+An additive table (made by the first write; runs without it read as having none), so no
+schema version changes: older lurkers ignore it. One row per image: the layer, the
+objective, the unit (or direction) index, the copy (several images per unit), the
+activation the image reached, the image as a PNG (grey for 1 channel, RGB for 3, the
+channels stacked vertically in one grey image otherwise) with its ``(C, H, W)`` shape,
+and the settings it was made with (JSON). Rows are replaced per (layer, objective, unit,
+copy), so a layer can be done in pieces. Torch-free, like the rest of the store.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import sqlite3
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lurker.store.errors import MissingFromRunError, StoreError
+from lurker.store.files import run_lock
+from lurker.store.schema import DB_NAME, dump_json
+
+__all__ = [
+    "StoredFeatViz",
+    "UnitFeatViz",
+    "featviz_png",
+    "featviz_units",
+    "unit_featviz",
+    "write_featviz",
+]
+
+DDL = """
+CREATE TABLE IF NOT EXISTS featviz (
+    layer_id   INTEGER NOT NULL REFERENCES layers(id),
+    objective  TEXT NOT NULL,
+    unit       INTEGER NOT NULL,
+    copy       INTEGER NOT NULL,
+    activation REAL,
+    shape      TEXT NOT NULL,
+    image      BLOB NOT NULL,
+    settings   TEXT NOT NULL,
+    PRIMARY KEY (layer_id, objective, unit, copy)
+);
+"""
+
+
+def has_featviz_table(conn: Any) -> bool:
+    row = conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='featviz'")
+    return row.fetchone() is not None
+
+
+def encode_png(pixels: np.ndarray) -> bytes:
+    """``(C, H, W)`` uint8 -> PNG bytes (grey, RGB, or channels stacked in one grey image)."""
+    from PIL import Image
+
+    c = pixels.shape[0]
+    if c == 3:
+        img = Image.fromarray(np.ascontiguousarray(pixels.transpose(1, 2, 0)), "RGB")
+    else:
+        img = Image.fromarray(np.ascontiguousarray(pixels.reshape(-1, pixels.shape[-1])), "L")
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def decode_png(data: bytes, shape: Sequence[int]) -> np.ndarray:
+    """PNG bytes written by :func:`encode_png` -> ``(C, H, W)`` uint8."""
+    from PIL import Image
+
+    arr = np.asarray(Image.open(io.BytesIO(data)))
+    c, h, w = shape
+    return arr.transpose(2, 0, 1).copy() if c == 3 else arr.reshape(c, h, w)
+
+
+def write_featviz(
+    root: str | os.PathLike[str],
+    layer: str,
+    objective: str,
+    rows: Sequence[tuple[int, int, float, np.ndarray]],
+    settings: dict[str, Any],
+) -> None:
+    """Store images in the run at ``root``: ``rows`` of ``(unit, copy, activation,
+    pixels)``, pixels ``(C, H, W)`` uint8. ``layer`` is any name the run knows the layer
+    by. Holds the run's lock (a probe writing the run makes this fail at once)."""
+    from lurker.store.run import Run
+    from lurker.store.writer import connect_rw
+
+    path = Path(root)
+    with Run.open(path) as run:  # a complete run, or an error that says so
+        info = run.layer(layer)
+    doc = dump_json(settings)
+    encoded = [
+        (info.id, objective, int(u), int(k), float(a), dump_json(list(p.shape)), encode_png(p), doc)
+        for u, k, a, p in rows
+    ]
+    with run_lock(path):
+        conn = connect_rw(path / DB_NAME)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute(DDL)
+            conn.executemany(
+                "INSERT OR REPLACE INTO featviz (layer_id, objective, unit, copy, activation, "
+                "shape, image, settings) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                encoded,
+            )
+            conn.execute("COMMIT")
+        except sqlite3.Error as e:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise StoreError(f"cannot write feature visualizations into run {path}: {e}") from e
+        finally:
+            conn.close()
+
+
+@dataclass(frozen=True)
+class StoredFeatViz:
+    """A layer's stored feature visualizations (``Run.featviz``), read without torch.
+
+    ``units``: the unit (or direction) of each row; ``activations``: ``(units, copies)``,
+    the objective each image reached; ``settings``: how they were made (of the last write);
+    :meth:`images` decodes them, :meth:`png` gives one image's stored PNG as is.
+    """
+
+    layer: str
+    objective: str
+    units: list[int]
+    copies: int
+    activations: np.ndarray
+    settings: dict[str, Any]
+    _pngs: dict[tuple[int, int], tuple[bytes, list[int]]] = field(repr=False)
+
+    def png(self, unit: int, copy: int = 0) -> bytes:
+        """The stored PNG of ``unit``'s image ``copy``."""
+        found = self._pngs.get((int(unit), int(copy)))
+        if found is None:
+            raise MissingFromRunError(
+                f"no feature visualization of unit {unit} (copy {copy}) of layer "
+                f"{self.layer!r}; stored units: {self.units[:20]}",
+                missing="featviz",
+            )
+        return found[0]
+
+    def images(self) -> np.ndarray:
+        """All images as float32 ``(units, copies, C, H, W)`` in [0, 1] (8-bit precision)."""
+        out = [[decode_png(*self._pngs[(u, k)]) for k in range(self.copies)] for u in self.units]
+        return np.asarray(out, dtype=np.float32) / 255.0
+
+
+def read_featviz(run: Any, layer: str, objective: str | None) -> StoredFeatViz:
+    """What :meth:`lurker.store.Run.featviz` returns (see there)."""
+    info = run.layer(layer)
+    fix = f"make them with `lurker featviz {run.path} --layer {info.name}`"
+    if not run._has_table("featviz"):
+        raise MissingFromRunError(
+            f"run {run.path} holds no feature visualizations; {fix}", missing="featviz"
+        )
+    objectives = [
+        o
+        for (o,) in run._query(
+            "SELECT DISTINCT objective FROM featviz WHERE layer_id = ? ORDER BY objective",
+            (info.id,),
+        )
+    ]
+    if not objectives:
+        raise MissingFromRunError(
+            f"run {run.path} holds no feature visualizations of layer {info.name!r}; {fix}",
+            missing="featviz",
+        )
+    if objective is None:
+        objective = "channel" if "channel" in objectives else objectives[0]
+    elif objective not in objectives:
+        raise MissingFromRunError(
+            f"layer {info.name!r} of run {run.path} has feature visualizations for "
+            f"objective(s) {', '.join(objectives)}, not {objective!r}",
+            missing="featviz",
+        )
+    rows = run._query(
+        "SELECT unit, copy, activation, shape, image, settings FROM featviz "
+        "WHERE layer_id = ? AND objective = ? ORDER BY unit, copy",
+        (info.id, objective),
+    )
+    units = sorted({int(r[0]) for r in rows})
+    copies = 1 + max(int(r[1]) for r in rows)
+    acts = np.full((len(units), copies), np.nan)
+    where = {u: i for i, u in enumerate(units)}
+    pngs: dict[tuple[int, int], tuple[bytes, list[int]]] = {}
+    for u, k, a, shape, image, _ in rows:
+        acts[where[u], k] = np.nan if a is None else a
+        pngs[(int(u), int(k))] = (bytes(image), json.loads(shape))
+    missing = [(u, k) for u in units for k in range(copies) if (u, k) not in pngs]
+    if missing:
+        raise StoreError(
+            f"feature visualizations of layer {info.name!r} lack copies {missing[:5]}: they "
+            "were written with different images_per_unit; write the layer again"
+        )
+    return StoredFeatViz(info.name, objective, units, copies, acts, json.loads(rows[-1][5]), pngs)
+
+
+def featviz_layers(run: Any) -> list[str]:
+    """Names of the run's layers that have stored feature visualizations, in layer order."""
+    if not run._has_table("featviz"):
+        return []
+    ids = {i for (i,) in run._query("SELECT DISTINCT layer_id FROM featviz")}
+    return [info.name for info in run.layers if info.id in ids]
+
+
+@dataclass(frozen=True)
+class UnitFeatViz:
+    """One unit's stored feature visualizations, without their images (``unit_featviz``)."""
+
+    layer: str
+    unit: int
+    objective: str
+    objectives: list[str]
+    activations: list[float | None]  # per copy: the objective each image reached
+    settings: dict[str, Any]
+
+
+def unit_featviz(
+    run: Any, layer: str, unit: int, objective: str | None = None
+) -> UnitFeatViz | None:
+    """``unit``'s stored feature visualizations of ``layer`` (default objective "channel"
+    where present), or None when there are none: a small query, for a unit page."""
+    info = run.layer(layer)
+    if not run._has_table("featviz"):
+        return None
+    objectives = [
+        o
+        for (o,) in run._query(
+            "SELECT DISTINCT objective FROM featviz WHERE layer_id = ? AND unit = ? "
+            "ORDER BY objective",
+            (info.id, int(unit)),
+        )
+    ]
+    if not objectives:
+        return None
+    if objective is None:
+        objective = "channel" if "channel" in objectives else objectives[0]
+    rows = run._query(
+        "SELECT copy, activation, settings FROM featviz WHERE layer_id = ? AND objective = ? "
+        "AND unit = ? ORDER BY copy",
+        (info.id, objective, int(unit)),
+    )
+    if not rows:
+        return None
+    return UnitFeatViz(
+        info.name,
+        int(unit),
+        objective,
+        objectives,
+        [None if a is None else float(a) for _, a, _ in rows],
+        json.loads(rows[-1][2]),
+    )
+
+
+def featviz_png(
+    run: Any, layer: str, unit: int, copy: int = 0, objective: str = "channel"
+) -> bytes:
+    """The stored PNG of one image; :class:`MissingFromRunError` when there is none."""
+    info = run.layer(layer)
+    rows = (
+        run._query(
+            "SELECT image FROM featviz WHERE layer_id = ? AND objective = ? AND unit = ? "
+            "AND copy = ?",
+            (info.id, objective, int(unit), int(copy)),
+        )
+        if run._has_table("featviz")
+        else []
+    )
+    if not rows:
+        raise MissingFromRunError(
+            f"no feature visualization of unit {unit} (copy {copy}, objective {objective!r}) "
+            f"of layer {info.name!r}; make them with `lurker featviz {run.path} --layer "
+            f"{info.name}`",
+            missing="featviz",
+        )
+    return bytes(rows[0][0])
+
+
+def featviz_units(run: Any, layer: str, objective: str = "channel") -> list[int]:
+    """The units of ``layer`` with a stored image for ``objective`` (a layer grid's list)."""
+    if not run._has_table("featviz"):
+        return []
+    info = run.layer(layer)
+    rows = run._query(
+        "SELECT DISTINCT unit FROM featviz WHERE layer_id = ? AND objective = ? ORDER BY unit",
+        (info.id, objective),
+    )
+    return [int(u) for (u,) in rows]
+
+
+def featviz_images(run: Any) -> Iterator[tuple[str, str, int, int, bytes]]:
+    """Every stored image as ``(layer name, objective, unit, copy, PNG bytes)`` (an export
+    writes them all), one layer at a time."""
+    if not run._has_table("featviz"):
+        return
+    for info in run.layers:
+        rows = run._query(
+            "SELECT objective, unit, copy, image FROM featviz WHERE layer_id = ? "
+            "ORDER BY objective, unit, copy",
+            (info.id,),
+        )
+        for objective, unit, copy, image in rows:
+            yield info.name, str(objective), int(unit), int(copy), bytes(image)

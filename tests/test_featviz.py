@@ -1,0 +1,283 @@
+"""Feature visualization: the optimized images excite their units (brute-force oracles over
+the digits), a layer batched equals each unit alone, the parametrization equals a numpy
+computation, results round-trip through the run, and bad input gets a clear error."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+import lurker
+from lurker.cli import main
+from lurker.errors import LurkerError
+from lurker.featviz import FourierImage, MacoImage, Transforms, color_matrix, spectrum_scale
+from lurker.featviz.core import _diversity
+from lurker.store import MissingFromRunError, Run, UnknownLayerError
+
+
+@pytest.fixture(scope="module")
+def digits():
+    from lurker.examples import digits_tensors, train_digits
+
+    torch.manual_seed(0)
+    model, _ = train_digits(2, log=lambda *_: None)
+    x, _ = digits_tensors(16, "all")
+    return model.eval(), x
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    from explorer_fixtures import build_run
+
+    return build_run(tmp_path_factory.mktemp("fv")).path
+
+
+def _channel_means(model: nn.Module, layer: str, x: torch.Tensor) -> torch.Tensor:
+    """Each unit's spatial-mean activation for every image of ``x``: (N, C)."""
+    got = {}
+    h = dict(model.named_modules())[layer].register_forward_hook(
+        lambda m, i, o: got.__setitem__("a", o.detach().clone())
+    )
+    with torch.no_grad():
+        model(x)
+    h.remove()
+    a = got["a"]
+    return a.reshape(a.shape[0], a.shape[1], -1).mean(2)
+
+
+def test_images_excite_their_units_beyond_random_and_dataset_images(digits):
+    model, x = digits
+    fv = lurker.featviz(model, "features.8", steps=96, size=16)
+    assert fv.images.shape == (32, 1, 16, 16)
+    assert fv.images.min() >= 0 and fv.images.max() <= 1
+    # the activations it reports are those of its images (an independent forward)
+    again = _channel_means(model, "features.8", fv.images)
+    assert torch.allclose(again.diagonal(), fv.activations, rtol=1e-4, atol=1e-5)
+    best_dataset = _channel_means(model, "features.8", x).max(0).values
+    torch.manual_seed(1)
+    noise = _channel_means(model, "features.8", torch.rand(256, 1, 16, 16))
+    beats_data = (fv.activations > best_dataset).float().mean().item()
+    assert beats_data >= 0.75, f"only {beats_data:.0%} of units beat their best digit"
+    # far beyond what random images reach: more than 4 deviations above their mean
+    z = (fv.activations - noise.mean(0)) / noise.std(0)
+    print(f"beats best digit: {beats_data:.0%}; z over noise: {z.median():.1f}")
+    assert (z > 4).float().mean() >= 0.9, z
+    assert (fv.activations > fv.start).all()
+
+
+def test_a_unit_alone_equals_the_unit_in_its_layers_batch(digits):
+    model = type(digits[0])()
+    model.load_state_dict(digits[0].state_dict())
+    model = model.double().eval()  # float64: a batch changes no rounding that matters
+    kw = dict(steps=12, size=16, seed=3)
+    batch = lurker.featviz(model, "features.4", units=[0, 5, 9, 30], batch_size=4, **kw)
+    alone = lurker.featviz(model, "features.4", units=[9], **kw)
+    chunked = lurker.featviz(model, "features.4", units=[0, 5, 9, 30], batch_size=1, **kw)
+    assert torch.allclose(batch.images[2], alone.images[0], atol=1e-9)
+    assert torch.allclose(batch.activations[2], alone.activations[0], rtol=1e-9)
+    assert torch.allclose(batch.images, chunked.images, atol=1e-9)
+    # another seed is another image
+    other = lurker.featviz(model, "features.4", units=[9], steps=12, size=16, seed=4)
+    assert not torch.allclose(other.images, alone.images, atol=1e-3)
+
+
+def test_trace_label_and_functional_op_targets(digits):
+    model, _ = digits
+    tr = lurker.trace(model, torch.zeros(1, 1, 16, 16), save="none")
+    label = tr["features.8"].label  # the ReLU module's op, named by its trace label
+    kw = dict(units=[1, 2], steps=6, size=16)
+    by_path = lurker.featviz(model, "features.8", **kw)
+    by_label = lurker.featviz(model, label, **kw)
+    assert torch.allclose(by_path.images, by_label.images, atol=1e-5)
+
+    class Functional(nn.Module):  # a functional op that no module hook reaches
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            return torch.relu(self.conv(x)) * 2
+
+    net = Functional().eval()
+    names = [op.label for op in lurker.trace(net, torch.zeros(1, 3, 8, 8), save="none").ops]
+    assert "mul_1" in names
+    fv = lurker.featviz(net, "mul_1", steps=4, size=12)
+    assert fv.images.shape == (4, 3, 12, 12)
+    # its activation is the op's own: 2 * relu(conv(image)), spatially averaged
+    with torch.no_grad():
+        x = (fv.images - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor(
+            [0.229, 0.224, 0.225]
+        ).view(1, 3, 1, 1)
+        want = (2 * torch.relu(net.conv(x))).mean((2, 3)).diagonal()
+    assert torch.allclose(fv.activations, want, rtol=1e-4, atol=1e-6)
+
+
+def test_direction_and_neuron_objectives(digits):
+    model, _ = digits
+    kw = dict(steps=8, size=16, seed=1)
+    channel = lurker.featviz(model, "features.8", units=[7], **kw)
+    onehot = torch.eye(32, dtype=torch.float64)[:8]  # direction 7 is channel 7
+    direction = lurker.featviz(
+        model, "features.8", [7], objective="direction", directions=onehot, **kw
+    )
+    assert direction.units == [7]
+    # a one-hot direction is that channel: the same optimization, the same image
+    assert torch.allclose(direction.images, channel.images, atol=1e-5)
+    neuron = lurker.featviz(model, "features.8", units=[7], objective="neuron", **kw)
+    assert neuron.settings["position"] == [2, 2]  # the centre of the 4x4 map
+    got = {}
+    h = model.features[8].register_forward_hook(lambda m, i, o: got.__setitem__("a", o.clone()))
+    with torch.no_grad():
+        model(neuron.images)
+    h.remove()
+    assert torch.allclose(got["a"][0, 7, 2, 2], neuron.activations[0], rtol=1e-4)
+
+
+def test_several_images_per_unit_and_the_diversity_term(digits):
+    model, _ = digits
+    fv = lurker.featviz(model, "features.8", units=[0, 1], images_per_unit=3, steps=4, size=16)
+    assert fv.images.shape == (2, 3, 1, 16, 16) and fv.activations.shape == (2, 3)
+    # the term against a loop over pairs (Lucid's definition, per image)
+    act = torch.randn(6, 4, 3, 3, dtype=torch.float64)
+    a = act.reshape(6, 4, -1).numpy()
+    grams = [g.ravel() / np.linalg.norm(g) for g in (a @ a.transpose(0, 2, 1))]
+    want = [
+        np.mean([grams[i] @ grams[j] for j in range(3 * (i // 3), 3 * (i // 3) + 3) if j != i])
+        for i in range(6)
+    ]
+    assert np.allclose(_diversity(act, 3).numpy(), want)
+
+
+def test_fourier_image_equals_numpy():
+    rng = np.random.default_rng(0)
+    n, c, h, w = 2, 3, 10, 13
+    spec = rng.standard_normal((n, c, h, w // 2 + 1, 2))
+    got = FourierImage(torch.as_tensor(spec), h, w)().detach().numpy()
+    fy = np.fft.fftfreq(h)[:, None]
+    fx = np.fft.rfftfreq(w)[None, :]
+    f = np.maximum(np.hypot(fy, fx), 1 / max(h, w))
+    spatial = np.fft.irfft2((spec[..., 0] + 1j * spec[..., 1]) / f, s=(h, w), norm="ortho") / 4
+    lucid = np.array([[0.26, 0.09, 0.02], [0.27, 0.00, -0.05], [0.27, -0.09, 0.03]])
+    lucid = lucid / max(np.linalg.norm(lucid[:, k]) for k in range(3))
+    rgb = np.einsum("dc,nchw->ndhw", lucid, spatial)
+    assert np.allclose(got, 1 / (1 + np.exp(-rgb)), atol=1e-12)
+    assert np.allclose(color_matrix(1), np.eye(1)) and np.allclose(color_matrix(4), np.eye(4))
+    one = FourierImage(torch.as_tensor(spec[:, :1]), h, w)().detach().numpy()
+    assert np.allclose(one, 1 / (1 + np.exp(-spatial[:, :1])), atol=1e-12)
+
+
+def test_the_random_start_has_a_one_over_f_spectrum():
+    """White noise through the parametrization: power falls as 1/f^2, like natural images."""
+    h = w = 64
+    rng = np.random.default_rng(1)
+    spec = torch.as_tensor(rng.standard_normal((64, 1, h, w // 2 + 1, 2)))
+    img = FourierImage(spec, h, w)().detach().numpy()[:, 0]
+    logits = np.log(img / (1 - img))  # undo the sigmoid
+    power = (np.abs(np.fft.fft2(logits)) ** 2).mean(0)
+    f = np.hypot(np.fft.fftfreq(h)[:, None], np.fft.fftfreq(w)[None, :])
+    keep = (f > 2 / h) & (f < 0.4)
+    slope = np.polyfit(np.log(f[keep]), np.log(power[keep]), 1)[0]
+    assert -2.2 < slope < -1.8
+
+
+def test_maco_keeps_the_magnitude_and_changes_the_phase():
+    h, w = 12, 12
+    rng = np.random.default_rng(2)
+    phase = torch.as_tensor(rng.uniform(-np.pi, np.pi, (1, 1, h, w // 2 + 1)))
+    img = MacoImage(phase, h, w)().detach().numpy()[0, 0]
+    spatial = np.log(img / (1 - img))
+    assert abs(spatial.mean()) < 1e-9 and abs(spatial.std(ddof=1) - 1) < 1e-3
+    mag = np.abs(np.fft.rfft2(spatial))[:, 1 : w // 2]  # columns where rfft2 is one-to-one
+    ratio = mag / spectrum_scale(h, w)[:, 1 : w // 2]
+    assert np.allclose(ratio, ratio.mean(), rtol=1e-6)
+
+
+def test_maco_option_optimizes(digits):
+    model, _ = digits
+    fv = lurker.featviz(model, "features.8", units=[0, 1, 2], param="maco", steps=16, size=16)
+    assert (fv.activations > fv.start).all()
+
+
+def test_transforms_draw_each_image_its_own_warp():
+    t = Transforms.standard(128)
+    assert (t.pad, t.jitter, t.jitter2) == (12, 8, 4)
+    assert Transforms.standard(16).pad == 2
+    x = torch.rand(2, 1, 8, 8, dtype=torch.float64)
+    ident = (0.0, 0.0, 1.0, 0.0, 0.0, 0.0)
+    out = t.apply(x, [ident, (0.0, 3.0, 1.0, 0.0, 0.0, 0.0)])
+    padded = torch.nn.functional.pad(x, [12] * 4, value=0.5)
+    assert torch.allclose(out[0], padded[0], atol=1e-12)  # no warp: the padded image
+    # a shift by 3 whole pixels moves the content by 3 columns
+    assert torch.allclose(out[1, :, :, 3:], padded[1, :, :, :-3], atol=1e-12)
+
+
+def test_stored_in_the_run_by_the_command_and_read_back(run_dir):
+    result = CliRunner().invoke(
+        main, ["featviz", str(run_dir), "--layer", "features.8", "--units", "0-2,5", "--steps", "6"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "4 units of features.8" in result.output
+    with Run.open(run_dir) as run:
+        assert run.featviz_layers() == ["features.8"]
+        stored = run.featviz("features.8")
+        settings = stored.settings
+    assert stored.units == [0, 1, 2, 5] and stored.copies == 1
+    assert settings["size"] == [16, 16] and settings["steps"] == 6
+    # the same call from Python, with the run's model: the same images and activations
+    from lurker.examples import DigitsNet
+
+    model = DigitsNet()
+    weights = json.loads(
+        sqlite3.connect(run_dir / "run.db")
+        .execute("SELECT value FROM meta WHERE key='config'")
+        .fetchone()[0]
+    )["weights"]
+    model.load_state_dict(torch.load(weights))
+    fv = lurker.featviz(model.eval(), "features.8", [0, 1, 2, 5], steps=6, run=run_dir)
+    assert np.allclose(stored.images()[:, 0], fv.images.numpy(), atol=0.5 / 255 + 1e-6)
+    assert np.allclose(stored.activations[:, 0], fv.activations.numpy(), rtol=1e-4)
+    assert stored.png(5).startswith(b"\x89PNG")
+    with Run.open(run_dir) as run, pytest.raises(MissingFromRunError, match="lurker featviz"):
+        run.featviz("features.4")
+
+
+def test_bad_input_is_named_with_its_fix(digits, run_dir, tmp_path):
+    model, _ = digits
+    with pytest.raises(LurkerError, match=r"'features\.80' is not in DigitsNet.*features\.8"):
+        lurker.featviz(model, "features.80", steps=1, size=16)
+    with pytest.raises(LurkerError, match=r"unit 40 is out of range.*32 units \(0\.\.31\)"):
+        lurker.featviz(model, "features.8", units=[1, 40], steps=1, size=16)
+    with pytest.raises(LurkerError, match="objective 'max' is not one of"):
+        lurker.featviz(model, "features.8", objective="max")
+    with pytest.raises(LurkerError, match=r"directions have 3 values each.*32 units"):
+        lurker.featviz(model, "features.8", objective="direction", directions=[[1, 0, 0]])
+    with pytest.raises(LurkerError, match=r"input channels.*pass channels="):
+        lurker.featviz(nn.Sequential(nn.Linear(4, 4)), "0")
+    with pytest.raises(UnknownLayerError, match="Valid layers"):
+        lurker.featviz(model, "nope", run=run_dir)
+    # a run that does not record the model's input shape
+    old = tmp_path / "old"
+    shutil.copytree(run_dir, old)
+    with sqlite3.connect(old / "run.db") as conn:
+        cfg = json.loads(conn.execute("SELECT value FROM meta WHERE key='config'").fetchone()[0])
+        del cfg["input_shape"]
+        conn.execute("UPDATE meta SET value=? WHERE key='config'", (json.dumps(cfg),))
+    with pytest.raises(LurkerError, match=r"does not record its model's input shape.*channels="):
+        lurker.featviz(model, "features.8", run=old)
+    assert lurker.featviz(model, "features.8", [0], steps=1, run=old, channels=1, size=16)
+    r = CliRunner().invoke(main, ["featviz", str(old), "--layer", "features.8", "--steps", "1"])
+    assert r.exit_code == 2 and "--channels C and --size H" in r.output
+    assert "Traceback" not in r.output
+    r = CliRunner().invoke(
+        main, ["featviz", str(run_dir), "--layer", "features.8", "--units", "33"]
+    )
+    assert r.exit_code == 2 and "unit 33 is out of range" in r.output and "--units" in r.output
+    r = CliRunner().invoke(main, ["featviz", str(run_dir), "--layer", "features.8", "-u", "a"])
+    assert r.exit_code == 2 and "0,3,8-15" in r.output
