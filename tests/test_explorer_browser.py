@@ -636,6 +636,111 @@ def test_explain_page(page: Any, explorer: dict[str, Any]) -> None:
     images_loaded(page, ".methods img.heat")
 
 
+@pytest.fixture(scope="module")
+def explained_site(
+    explorer_run: ExplorerRun,  # noqa: F811
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[dict[str, Any]]:
+    """A copy of the run with samples 0 and 1 explained (saliency, Grad-CAM) by
+    `lurker images --explanations`, exported and served by a plain static file server."""
+    import functools
+    import shutil
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    from lurker.server.explained import precompute
+    from lurker.server.export import export_site
+
+    root = tmp_path_factory.mktemp("explained")
+    run = root / "digits"
+    shutil.copytree(explorer_run.path, run, ignore=shutil.ignore_patterns("cache"))
+    precompute(run, 2, ["saliency", "gradcam"], progress=False)
+    site = export_site(run, root / "site", progress=False, make_images=False)
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(site)))
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield {"url": f"http://127.0.0.1:{httpd.server_address[1]}/", "run": run}
+    httpd.shutdown()
+    thread.join(10)
+
+
+def test_static_explain_page_of_precomputed_samples(
+    page: Any,
+    explained_site: dict[str, Any],
+    explorer_run: ExplorerRun,  # noqa: F811
+) -> None:
+    """The exported Explain page offers the explained samples only, shows their heatmaps
+    (the served ones, pixel for pixel) with the opacity slider, keeps the target to the top
+    class and says what needs a server; no request fails (the page fixture)."""
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from lurker.server import create_app
+
+    url = explained_site["url"]
+    go(page, f"{url}#/r/digits/explain")
+    options = page.locator("#explain-sample option").evaluate_all("os => os.map(o => o.value)")
+    assert options == ["0", "1"]
+    assert page.locator("#explain-file").count() == 0  # no upload without a server
+    page.locator("#explain-sample").select_option("1")
+    page.locator("#explain-use-sample").click()
+    page.wait_for_url("**image=sample-1**")
+    page.wait_for_selector(".methods .explain-card")
+    assert page.locator(".methods .explain-card").evaluate_all(
+        "es => es.map(e => e.dataset.method)"
+    ) == ["saliency", "gradcam"]
+    images_loaded(page, ".methods img.heat")
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('.methods figcaption')]"
+        ".every(f => f.textContent.includes('max'))"
+    )
+    assert "features.9" in page.locator('.explain-card[data-method="gradcam"]').inner_text()
+    # the target chooser: the top class on, the others disabled; the page says why
+    buttons = page.locator(".target-list .target")
+    assert buttons.count() == 5
+    assert buttons.evaluate_all("es => es.map(e => e.disabled)") == [False] + [True] * 4
+    assert "lurker serve" in page.locator(".static-note").inner_text()
+    assert "lurker serve" in page.locator(".concept-section .notice").inner_text()
+    assert page.locator("#explain-layer").is_disabled()
+    page.locator("#explain-opacity").fill("0.3")
+    opacities = page.locator(".methods img.heat").evaluate_all(
+        "es => es.map(e => getComputedStyle(e).opacity)"
+    )
+    assert set(opacities) == {"0.3"}
+    page.screenshot(path=str(explained_site["run"].parent / "static-explain.png"))
+
+    # each heatmap the page shows is the served one, pixel for pixel
+    srcs = page.locator(".methods img.heat").evaluate_all("es => es.map(e => e.src)")
+    with TestClient(create_app(explained_site["run"], model_obj=explorer_run.model)) as c:
+        for src, method in zip(srcs, ["saliency", "gradcam"], strict=True):
+            res = page.request.get(src)
+            assert res.ok
+            served = c.get(
+                f"/api/runs/digits/live/sample-1/explain/{method}.png?target=top&overlay=0"
+            )
+            assert served.status_code == 200
+            got = np.asarray(Image.open(io.BytesIO(res.body())))
+            assert np.array_equal(got, np.asarray(Image.open(io.BytesIO(served.content))))
+
+    # a sample page links to the Explain page only where the export holds explanations
+    held = page.request.get(f"{url}data/runs/digits/exported-samples.json").json()
+    pages = [int(x["id"]) for x in held["samples"]]
+    for sid in [i for i in (0, 1) if i in pages] + [next(i for i in pages if i > 1)]:
+        go(page, f"{url}#/r/digits/sample/{sid}")
+        page.wait_for_selector(".entry-links")
+        assert page.locator("#explain-this").count() == (1 if sid in (0, 1) else 0)
+
+    # a sample without explanations: the page says so and offers the explained ones
+    go(page, f"{url}#/r/digits/explain?image=sample-7")
+    page.wait_for_selector(".notice.error")
+    assert "lurker serve" in page.locator(".notice.error").inner_text()
+    assert page.locator("#explain-sample option").count() == 2
+
+
 def _featviz_walk(page: Any, base: str, run: Any, rid: str) -> None:
     """The unit page's feature visualization tab and the layer grid's featviz thumbnails
     show the images stored in the run, byte for byte, beside the best dataset sample."""

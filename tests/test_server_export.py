@@ -190,7 +190,8 @@ def test_images_once_per_sample_and_crops_cut_from_them(
 
 def test_file_count_is_bounded(site: Path, explorer_run: ExplorerRun):  # noqa: F811
     """samples in top-k (page + image each) + per layer (document, index, chunks) + the
-    run list, summary, graph and sample list: nothing per unit or per top-k entry."""
+    run list, summary, graph, sample list and explained.json (no explanation cached):
+    nothing per unit or per top-k entry."""
     ranked = ranked_samples(explorer_run.path)
     with Run.open(explorer_run.path) as run:
         layers = [(i.name, i.num_units) for i in run.layers]
@@ -206,7 +207,7 @@ def test_file_count_is_bounded(site: Path, explorer_run: ExplorerRun):  # noqa: 
     cached = [f for f in files if f.name in ("grad.png", "grad_crop.png", "crop.png")]
     featviz = [f for f in files if f.parent.parent.name == "featviz"]
     assert len(featviz) == len(FEATVIZ_UNITS)  # one image per unit made
-    assert len(files) - len(cached) - len(featviz) == 2 * len(ranked) + 2 * len(layers) + chunks + 4
+    assert len(files) - len(cached) - len(featviz) == 2 * len(ranked) + 2 * len(layers) + chunks + 5
     assert chunks < sum(n for _, n in layers) / 4
 
 

@@ -397,6 +397,20 @@ def map_(
 )
 @click.option("--batch-size", "-b", default=32, show_default=True, help="Gradients per pass.")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available).")
+@click.option(
+    "--explanations",
+    default=None,
+    metavar="top|N",
+    help="Instead of unit images: explain dataset samples for their top class, as the "
+    "Explain page does ('top': the samples some unit ranks in its top-k, those `lurker "
+    "export` holds; N: samples 0..N-1). Served without the model, exported by `lurker export`.",
+)
+@click.option(
+    "--methods",
+    default=None,
+    help="With --explanations: comma-separated methods (default: every method the Explain "
+    "page shows).",
+)
 @_friendly
 def images(
     run: str,
@@ -405,11 +419,34 @@ def images(
     which: str,
     batch_size: int,
     device: str | None,
+    explanations: str | None,
+    methods: str | None,
 ) -> None:
     """Precompute the images of RUN's units: each top-k sample once, guided-backprop
-    gradients (batched), crops if asked. Rerun after an interruption to resume."""
+    gradients (batched), crops if asked. Rerun after an interruption to resume.
+
+    With --explanations, precompute the Explain page's heatmaps of dataset samples
+    instead (with the run's own model, into the run's cache/)."""
     from .probe.views import UnitImages
 
+    if methods is not None and explanations is None:
+        raise click.BadParameter("--methods goes with --explanations top|N", param_hint="--methods")
+    if explanations is not None:
+        from .server.explained import precompute
+
+        spec = explanations.strip()
+        if spec != "top" and not (spec.isdigit() and int(spec) > 0):
+            raise click.BadParameter(
+                f"'top' or a number of samples (1 or more), not {explanations!r}",
+                param_hint="--explanations",
+            )
+        names = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
+        done = precompute(run, spec if spec == "top" else int(spec), names, device=device)
+        click.echo(
+            f"{done.made} explanations made ({done.existing} already there) for "
+            f"{done.samples} samples in {done.seconds:.1f} s; in {Path(run) / 'cache' / 'explain'}"
+        )
+        return
     if batch_size < 1:
         raise click.BadParameter(f"must be at least 1, got {batch_size}", param_hint="-b")
     unit_images = UnitImages(run, device=device, batch_size=batch_size)  # errors say what to pass
@@ -496,7 +533,8 @@ def export(run: str, site: str, no_images: bool) -> None:
 
     Everything precomputed is exported: the run's JSON documents, each top-k sample's
     image (made from the run's dataset when it can be loaded; the pages cut crops from it)
-    and the cached gradients (make them first with `lurker images RUN`). View it with any static file server, e.g.
+    the cached gradients (make them first with `lurker images RUN`) and the cached
+    explanations (`lurker images RUN --explanations top`). View it with any static file server, e.g.
     `python -m http.server -d SITE`. The live views need `lurker serve RUN --model SPEC`.
     """
     from .server.export import export_site

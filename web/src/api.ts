@@ -178,6 +178,13 @@ export interface ExportedSamples {
   samples: (SampleBrief & { image: boolean })[];
 }
 
+/** Static export: the samples whose explanations it holds (precomputed for the top class
+ * by `lurker images RUN --explanations`), with the methods each has. */
+export interface ExplainedIndex {
+  target: string;
+  samples: { image: string; sample: number; methods: string[]; top: Prediction | null }[];
+}
+
 export interface LiveImage {
   image: string;
   predictions: Prediction[];
@@ -291,8 +298,15 @@ export class Api {
       const ids = runs.map((r) => r.id);
       return ids.includes(run) ? null : `no run '${run}'; runs: ${listing(ids)}`;
     }
-    if (segs[2] === "live" || segs[2] === "explain")
-      return "this static export has no model: the live and explain views need `lurker serve RUN --model SPEC`";
+    if (segs[2] === "explain" && segs[3] === "methods") return null;
+    if (segs[2] === "live" || segs[2] === "explain") {
+      const held = segs[2] === "live" ? (await this.explained(run)).samples.find((e) => e.image === segs[3]) : undefined;
+      const query = new URLSearchParams(path.split("?")[1] ?? "");
+      const method = (segs[5] ?? "").replace(/\.(json|png)$/, "");
+      if (held && (segs.length === 4 || segs[4] === "input.png" || (segs[4] === "explain" && held.methods.includes(method) && query.get("target") === "top" && !query.has("layer"))))
+        return null;
+      return "this static export has no model: the live views, and explanations other than the precomputed ones, need `lurker serve RUN --model SPEC`";
+    }
     const summary = await this.json<RunSummary>(p("runs", run));
     if (segs[2] === "map" && !summary.holds.map)
       return `this export holds no dataset map of run '${run}': make one with \`lurker map RUN\`, then export again`;
@@ -318,6 +332,12 @@ export class Api {
       if (!names.includes(layer)) throw new ApiError(404, `no layer '${layer}' in run '${run}'; layers: ${listing(names)}`);
       return this.exportFile<UnitsIndex>("runs", run, "layers", layer, "units", "index");
     });
+  }
+
+  /** Static mode: the samples whose explanations the export holds (none for an export
+   * made before explanations were exported). */
+  explained(run: string): Promise<ExplainedIndex> {
+    return this.exportFile<ExplainedIndex>("runs", run, "explained").catch(() => ({ target: "top", samples: [] }));
   }
 
   /** Static mode: the samples the export holds. */

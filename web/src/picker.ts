@@ -16,11 +16,28 @@ export interface PickerOptions {
   action: string;
   /** The image shown now (`sample-N` preselects N). */
   current?: string | null;
+  /** Only these dataset samples, from a list, and no upload (a static export's
+   * precomputed ones, each with a note such as its top class). */
+  only?: { sample: number; note: string }[];
 }
 
 /** A card with the upload button and the sample chooser; `choose(id)` gets the image id. */
 export function imagePicker(ctx: PageContext, summary: RunSummary, opts: PickerOptions, choose: (id: string) => void): HTMLElement {
   const status = h("div", { class: "status-line", role: "status" });
+  if (opts.only) {
+    const select = h(
+      "select",
+      { id: `${opts.id}-sample`, "aria-label": "dataset sample" },
+      opts.only.map((o) => h("option", { value: o.sample, selected: opts.current === `sample-${o.sample}` }, `sample ${o.sample} · ${o.note}`)),
+    );
+    return h(
+      "section",
+      { class: "card live-input" },
+      h("h3", null, opts.title),
+      h("div", { class: "row" }, h("span", null, "dataset sample"), select, h("button", { type: "button", id: `${opts.id}-use-sample`, onclick: () => choose(`sample-${select.value}`) }, opts.action)),
+      h("p", { class: "muted small" }, `The ${opts.only.length} samples this export holds explanations of. Other images (and uploads) need a server: lurker serve ${ctx.run} --model SPEC.`),
+    );
+  }
   const file = h("input", { type: "file", accept: "image/*", id: `${opts.id}-file`, class: "visually-hidden", "aria-label": "upload an image" });
   file.addEventListener("change", async () => {
     const f = file.files?.[0];

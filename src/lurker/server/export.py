@@ -15,7 +15,11 @@ and the layout is made to scale to real runs (see docs/explorer.md, "Static expo
   cuts the max lists' receptive-field crops from it (as ``lurker.probe.images.crop``
   does), so no crop file per entry; cached gradients and mean-list crops (they need the
   model: ``lurker images RUN``) are exported at their API paths;
-* ``data/runs/R/exported-samples.json``: the samples the site holds.
+* ``data/runs/R/exported-samples.json``: the samples the site holds;
+* the explanations precomputed into the run's cache (``lurker images RUN --explanations``)
+  at the Explain endpoints' paths (the top class; bare heatmap PNG and JSON per method),
+  each explained sample's predictions and input, and ``data/runs/R/explained.json``
+  saying which samples have which methods.
 """
 
 from __future__ import annotations
@@ -216,6 +220,7 @@ def _export_run(request: Any, e: Any, files: _Files, make_images: bool) -> None:
         _rel("runs", e.id, "exported-samples"),
         {"total": e.sample_count(), "samples": listed},
     )
+    _export_explanations(request, s, e, files)
     for info in run.layers:
         files.json(_rel("runs", e.id, "layers", info.name), layer_detail(request, e.id, info.name))
         _export_units(request, e, info, files, images)
@@ -233,6 +238,49 @@ def _export_run(request: Any, e: Any, files: _Files, make_images: bool) -> None:
         files.json(_rel("runs", e.id, "map"), dataset_map(request, e.id))
     e._counted = None  # count the cached images again, with those just made
     files.json(_rel("runs", e.id), run_summary(request, e.id))
+
+
+def _export_explanations(request: Any, s: Any, e: Any, files: _Files) -> None:
+    """The explanations the run's cache holds (``lurker images RUN --explanations``) at
+    the paths the static Explain page asks for, and ``explained.json``: which samples
+    have them, with which methods (the top class only, as precomputed)."""
+    from urllib.parse import urlencode
+
+    from .explained import TARGET, explained_samples, sample_folder
+    from .routes.explain import (
+        _methods,
+        cached_result,
+        explain_png_response,
+        explain_result,
+    )
+    from .routes.explain import methods as methods_doc
+
+    listed = []
+    for image in explained_samples(e.path):
+        folder = sample_folder(e.path, image)
+        if not (folder / "input.png").is_file():
+            continue
+        methods = [m for m in _methods() if cached_result(s, image, m, TARGET) is not None]
+        if not methods:
+            continue
+        live = json.loads((folder / "live.json").read_text(encoding="utf-8"))
+        base = ("runs", e.id, "live", image)
+        files.bar.total += 2 + 2 * len(methods)
+        files.json(_rel(*base), live)
+        files.image(_rel(*base, "input.png"), folder / "input.png")
+        query = urlencode({"target": TARGET})
+        for m in methods:
+            doc = explain_result(s, image, m, TARGET, None)
+            files.json(_rel(*base, "explain", f"{m}.json?{query}"), doc)
+            png = explain_png_response(s, image, m, TARGET, None, overlay=False)
+            files.image(_rel(*base, "explain", f"{m}.png?{query}&overlay=0"), bytes(png.body))
+        top = live["predictions"][0] if live.get("predictions") else None
+        listed.append({"image": image, "sample": int(image[7:]), "methods": methods, "top": top})
+    if listed:  # the page's method list (titles, signs, layers)
+        files.bar.total += 1
+        files.json(_rel("runs", e.id, "explain", "methods"), methods_doc(request, e.id))
+    files.bar.total += 1
+    files.json(_rel("runs", e.id, "explained"), {"target": TARGET, "samples": listed})
 
 
 def _sample_image(

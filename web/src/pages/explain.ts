@@ -8,6 +8,9 @@
  * server, which caches it. Below, concept relevance (when lurker has LRP): a chosen layer's
  * units ranked by their share of the relevance, each with its conditional heatmap and a
  * link to its unit page.
+ *
+ * A static export shows the explanations precomputed into the run (`lurker images RUN
+ * --explanations`): only those samples, their methods, for the top class.
  */
 import { p, type LiveImage, type RunSummary } from "../api";
 import type { PageContext } from "../context";
@@ -74,16 +77,17 @@ const TITLES: Record<string, string> = {
 export async function renderExplain(root: HTMLElement, ctx: PageContext): Promise<void> {
   document.title = `explain · ${ctx.run} · lurker`;
   append(root, h("h1", null, "Explain", h("span", { class: "sub" }, " why the model decided this, method by method")));
-  if (ctx.api.isStatic) {
+  const explained = ctx.api.isStatic ? await ctx.api.explained(ctx.run) : null;
+  if (explained && !explained.samples.length) {
     root.append(
       notice(
-        `This is a static export: explanations run the model, so they need a server. Run: lurker serve ${ctx.run} --model SPEC (and --weights W).`,
+        `This is a static export: explanations run the model, so they need a server. Run: lurker serve ${ctx.run} --model SPEC (and --weights W). To show some here, precompute them before exporting: lurker images ${ctx.run} --explanations top.`,
       ),
     );
     return;
   }
   const summary = await ctx.api.json<RunSummary>(p("runs", ctx.run));
-  if (!summary.holds.live) {
+  if (!explained && !summary.holds.live) {
     root.append(
       notice(
         `Explanations run the model, and this run has none attached${summary.holds.live_reason ? ` (${summary.holds.live_reason})` : ""}. Serve it with: lurker serve ${ctx.run} --model SPEC --weights W.`,
@@ -94,7 +98,20 @@ export async function renderExplain(root: HTMLElement, ctx: PageContext): Promis
   }
   const params = new URLSearchParams(ctx.params);
   const image = params.get("image");
-  const target = params.get("target") || "top";
+  const asked = params.get("target") || "top";
+  // a static export holds the top class's explanations only
+  const target = explained ? "top" : asked;
+  const picker = (current: string | null) =>
+    imagePicker(
+      ctx,
+      summary,
+      {
+        ...PICKER,
+        current,
+        only: explained?.samples.map((e) => ({ sample: e.sample, note: e.top ? `predicted ${e.top.name ?? e.top.class}` : e.methods.join(", ") })),
+      },
+      (id) => go({ image: id, target: null }),
+    );
   const go = (next: Record<string, string | null>) => {
     const q = new URLSearchParams(params);
     for (const [k, v] of Object.entries(next)) (v === null ? q.delete(k) : q.set(k, v));
@@ -102,7 +119,7 @@ export async function renderExplain(root: HTMLElement, ctx: PageContext): Promis
   };
 
   if (!image) {
-    root.append(imagePicker(ctx, summary, PICKER, (id) => go({ image: id, target: null })));
+    root.append(picker(null));
     return;
   }
   let live: LiveImage;
@@ -113,11 +130,14 @@ export async function renderExplain(root: HTMLElement, ctx: PageContext): Promis
       ctx.api.json<ExplainMethods>(p("runs", ctx.run, "explain", "methods")),
     ]);
   } catch (err) {
-    root.append(notice((err as Error).message, "error"), imagePicker(ctx, summary, { ...PICKER, current: image }, (id) => go({ image: id, target: null })));
+    root.append(notice((err as Error).message, "error"), picker(image));
     return;
   }
   if (ctx.signal.aborted) return;
-  const layer = params.get("layer") || null;
+  const held = explained?.samples.find((e) => e.image === image);
+  if (explained && asked !== "top")
+    root.append(notice(`This export holds explanations of the top class only: shown below. Target ${asked} needs a server: lurker serve ${ctx.run} --model SPEC.`));
+  const layer = explained ? null : params.get("layer") || null;
   const opacity = clamp01(Number(params.get("opacity") ?? "0.7"));
   const inputSrc = ctx.api.pngUrl(p("runs", ctx.run, "live", image, "input.png"));
   const isUnit = target.includes(":");
@@ -144,12 +164,21 @@ export async function renderExplain(root: HTMLElement, ctx: PageContext): Promis
     { class: "preds target-list", "aria-label": "target class" },
     live.predictions.map((q) => {
       const on = !isUnit && (target === String(q.class) || (target === "top" && q.class === topClass));
+      const off = explained !== null && !on; // a static export: the top class only
       return h(
         "li",
         null,
         h(
           "button",
-          { type: "button", class: on ? "target on" : "target", "data-class": q.class, "aria-pressed": String(on), onclick: () => go({ target: String(q.class) }) },
+          {
+            type: "button",
+            class: on ? "target on" : "target",
+            "data-class": q.class,
+            "aria-pressed": String(on),
+            disabled: off,
+            title: off ? "precomputed for the top class only: other targets need lurker serve RUN --model" : null,
+            onclick: () => go({ target: String(q.class) }),
+          },
           h("span", { class: "pname" }, String(q.name ?? q.class)),
           h("span", { class: "pbar", style: `width:${(100 * q.prob).toFixed(1)}%` }),
           h("span", { class: "muted" }, `${(100 * q.prob).toFixed(1)}%`),
@@ -168,7 +197,13 @@ export async function renderExplain(root: HTMLElement, ctx: PageContext): Promis
       h("img", { class: "live-img pixelated", src: inputSrc, alt: "the image as the model sees it", width: 128, height: 128 }),
       h("div", null, h("p", { class: "muted small" }, "Target: a class the model predicts…"), chooser),
     ),
-    h(
+    explained
+      ? h(
+          "p",
+          { class: "muted small static-note" },
+          `This static export holds the explanations of the top class, precomputed with the run's model. Other classes, units, Grad-CAM layers and concept relevance run the model: lurker serve ${ctx.run} --model SPEC.`,
+        )
+      : h(
       "div",
       { class: "row unit-row" },
       h("label", { for: "explain-unit", class: "muted small" }, "…or a unit"),
@@ -203,6 +238,7 @@ export async function renderExplain(root: HTMLElement, ctx: PageContext): Promis
     info.layers.map((l) => h("option", { value: l, selected: l === layer }, l)),
   );
   layerSelect.addEventListener("change", () => go({ layer: layerSelect.value || null }));
+  if (explained) layerSelect.disabled = true;
   const controls = h(
     "section",
     { class: "card explain-controls" },
@@ -217,7 +253,7 @@ export async function renderExplain(root: HTMLElement, ctx: PageContext): Promis
       h("span", { class: "swatch unsigned" }),
       " unsigned: dark to yellow. Opacity grows with |attribution|; each map is scaled by its own max |value|.",
     ),
-    h("p", { class: "small" }, h("a", { href: ctx.href("live") + "?image=" + encodeURIComponent(image) }, "Open this image in the live view")),
+    explained ? null : h("p", { class: "small" }, h("a", { href: ctx.href("live") + "?image=" + encodeURIComponent(image) }, "Open this image in the live view")),
   );
   const grid = h("section", { class: "explain-grid methods", "aria-label": "heatmaps" });
   const page = h("div", { class: "explain-page" });
@@ -235,8 +271,18 @@ export async function renderExplain(root: HTMLElement, ctx: PageContext): Promis
     ctx.replaceParams(params);
   });
 
-  for (const m of info.methods) grid.append(methodCard(ctx, image, m, target, m.needs_layer ? layer : null, inputSrc));
-  if (info.concepts) {
+  const shown = held ? info.methods.filter((m) => held.methods.includes(m.name)) : info.methods;
+  for (const m of shown) grid.append(methodCard(ctx, image, m, target, m.needs_layer ? layer : null, inputSrc));
+  if (explained) {
+    page.append(
+      h(
+        "section",
+        { class: "concept-section" },
+        h("h2", null, "Concept relevance ", h("span", { class: "sub" }, "which units of a layer carried this decision")),
+        notice(`Concept relevance runs LRP through the model, so it needs a server: lurker serve ${ctx.run} --model SPEC.`),
+      ),
+    );
+  } else if (info.concepts) {
     const clayer = params.get("clayer") || (isUnit ? null : info.default_layer) || null;
     page.append(conceptSection(ctx, summary, image, target, clayer, inputSrc, (l) => go({ clayer: l })));
   }
@@ -318,10 +364,11 @@ function methodCard(ctx: PageContext, image: string, m: ExplainMethod, target: s
     stack,
     caption,
   );
+  const jq = q.toString(); // the JSON's query: no overlay
   heat.addEventListener("load", async () => {
     stack.classList.remove("busy");
     try {
-      const r = await ctx.api.json<ExplainResult>(`${base}.json?${q}`);
+      const r = await ctx.api.json<ExplainResult>(`${base}.json?${jq}`);
       fill(
         caption,
         r.layer ? [h("span", null, "at ", h("code", null, r.layer)), " · "] : null,
@@ -338,7 +385,7 @@ function methodCard(ctx: PageContext, image: string, m: ExplainMethod, target: s
     stack.classList.add("failed");
     // the image request's body is not readable from an <img>: ask the JSON for the reason
     try {
-      await ctx.api.json<ExplainResult>(`${base}.json?${q}`, { cache: false });
+      await ctx.api.json<ExplainResult>(`${base}.json?${jq}`, { cache: false });
       fill(caption, h("span", { class: "error-text" }, "the heatmap did not load"));
     } catch (err) {
       fill(caption, h("span", { class: "error-text" }, (err as Error).message));

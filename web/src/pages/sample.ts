@@ -28,6 +28,8 @@ export async function renderSample(root: HTMLElement, ctx: PageContext, args: st
   // a static export lists whether it holds the sample's image (it may not: no dataset)
   const exported = ctx.api.isStatic ? await ctx.api.exportedSamples(ctx.run) : null;
   const hasImage = exported ? exported.samples.some((x) => x.id === s.id && x.image) : true;
+  // ...and whether it holds the sample's precomputed explanations
+  const explained = ctx.api.isStatic && (await ctx.api.explained(ctx.run)).samples.some((x) => x.sample === s.id);
   document.title = `sample ${s.id} · ${ctx.run} · lurker`;
   const pred = doc.prediction;
   const plural = (n: number, word: string) => `${n} ${word}${n === 1 ? "" : "s"}`;
@@ -60,7 +62,7 @@ export async function renderSample(root: HTMLElement, ctx: PageContext, args: st
           "p",
           { class: "entry-links" },
           h("a", { class: "button", href: ctx.href("live") + "?image=sample-" + s.id }, "Open in live view"),
-          pred ? h("a", { class: "button", id: "explain-this", href: ctx.href("explain") + "?image=sample-" + s.id }, "Explain this image") : null,
+          pred || explained ? h("a", { class: "button", id: "explain-this", href: ctx.href("explain") + "?image=sample-" + s.id }, "Explain this image") : null,
         ),
       ),
     ),

@@ -6,7 +6,10 @@ or ``sample-N``) for a target: a class index, ``top`` (the top predicted class) 
 model's own thread (``deps.live_call``, as the live routes do: a request waiting for a
 busy model holds no worker thread, so the run-store endpoints stay fast), and kept in a
 small LRU, so the page's PNG and JSON requests and a later opacity
-or overlay change cost no recomputation.
+or overlay change cost no recomputation. A dataset sample's explanation by the run's own
+model is also kept in the run's ``cache/explain/`` (the exact heatmap and its metadata), so a
+later server answers without the model and ``lurker export`` can write it
+(``lurker images RUN --explanations`` fills it ahead).
 
 The heatmap is the attribution summed over the input's channels (``Explanation.heatmap``),
 coloured as :func:`lurker.explain.overlay.colorize` does: scaled by ``max |heatmap|`` (one
@@ -18,12 +21,16 @@ it over the image); the default draws it over the image as the model sees it.
 from __future__ import annotations
 
 import inspect
+import io
+import json
 import math
+import re
 import sys
 import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path as FilePath
 from typing import Any
 
 import numpy as np
@@ -31,6 +38,8 @@ from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import Response
 
 from lurker.errors import LurkerError
+from lurker.store import atomic_write_bytes
+from lurker.store.files import safe_component
 
 from ..deps import MODEL_MADE, entry, live_call, session
 from ..errors import ApiError
@@ -51,6 +60,7 @@ router = APIRouter(prefix="/api", tags=["explain"])
 MIN_PX = 224
 #: Attributions kept per served run (a 224x224 heatmap is 200 KB).
 CACHED = 64
+_SAMPLE = re.compile(r"sample-[0-9]{1,19}")
 
 
 @dataclass
@@ -197,8 +207,9 @@ def _explained(
         layer = _default_layer(s, target)
     key = (image, method, target.strip(), layer or "")
     cache = _cache(s)
-    hit = cache.get(key)
+    hit = cache.get(key) or _read_disk(s, key)
     if hit is not None:
+        cache.put(key, hit)
         return hit, True
     x = s.live_input(image)
     model = s.model()
@@ -208,7 +219,86 @@ def _explained(
             return hit, True
         result = _compute(s, model, x, method, target, layer)
         cache.put(key, result)
+        _write_disk(s, key, result)
     return result, False
+
+
+def cached_result(
+    s: Session, image: str, method: str, target: str = "top", layer: str | None = None
+) -> Result | None:
+    """The explanation the run's ``cache/`` holds for this request (the layer method's
+    default layer when ``layer`` is None), or None; never runs the model."""
+    cls = _methods().get(method)
+    if cls is None:
+        return None
+    if layer is None and _needs_layer(cls):
+        layer = _default_layer(s, target)
+    return _read_disk(s, (image, method, target.strip(), layer or ""))
+
+
+# ------------------------------------------------------------------ the run's cache/
+def disk_file(s: Session, key: tuple[str, str, str, str]) -> FilePath | None:
+    """``cache/explain/<image>/<method>-<target>[-<layer>].json`` for a dataset sample
+    explained by the run's own model; None for uploads (their ids live only as long as
+    the server) and for a foreign model (what it makes is not the run's)."""
+    image, method, target, layer = key
+    if not _SAMPLE.fullmatch(image) or s.foreign_model:
+        return None
+    parts = [method, target] + ([layer] if layer else [])
+    name = "-".join(safe_component(p) for p in parts)
+    return s.entry.path / "cache" / "explain" / image / f"{name}.json"
+
+
+def _read_disk(s: Session, key: tuple[str, str, str, str]) -> Result | None:
+    """The explanation from the run's cache: ``.npy`` (the heatmap, float32, exact) and
+    ``.json`` (the rest, written last: its presence means the pair is complete)."""
+    meta = disk_file(s, key)
+    if meta is None:
+        return None
+    try:
+        doc = json.loads(meta.read_text(encoding="utf-8"))
+        heat = np.load(meta.with_suffix(".npy"), allow_pickle=False)
+    except (OSError, ValueError):
+        return None
+    if doc.get("key") != list(key) or heat.ndim != 2:
+        return None  # a name collision or a file from another lurker: recompute
+    import torch
+
+    return Result(
+        heat=torch.from_numpy(np.ascontiguousarray(heat, dtype=np.float32)),
+        signed=bool(doc["signed"]),
+        target=str(doc["target"]),
+        target_class=doc["target_class"],
+        layer=doc["layer"],
+        delta=doc["delta"],
+        options=doc["options"],
+        seconds=float(doc["seconds"]),
+    )
+
+
+def _write_disk(s: Session, key: tuple[str, str, str, str], r: Result) -> None:
+    """Keep a sample's explanation in the run's cache (atomically, as unit images are); a
+    read-only run keeps it in memory only."""
+    meta = disk_file(s, key)
+    if meta is None:
+        return
+    buf = io.BytesIO()
+    np.save(buf, r.heat.numpy().astype(np.float32), allow_pickle=False)
+    doc = {
+        "key": list(key),
+        "signed": r.signed,
+        "target": r.target,
+        "target_class": r.target_class,
+        "layer": r.layer,
+        "delta": r.delta if r.delta is None or math.isfinite(r.delta) else None,
+        "options": r.options,
+        "seconds": r.seconds,
+    }
+    try:
+        atomic_write_bytes(meta.with_suffix(".npy"), buf.getvalue(), durable=False)
+        atomic_write_bytes(meta, json.dumps(doc).encode("utf-8"), durable=False)
+    except OSError:
+        pass
 
 
 @dataclass
@@ -582,12 +672,26 @@ async def explain_png(
     overlay: bool = Query(True, description="draw over the image (false: RGBA heatmap alone)"),
     opacity: float = Query(0.5, ge=0, le=1, description="the strongest attribution's opacity"),
 ) -> Response:
-    def work(s: Session) -> Response:
-        r, _ = _explained(s, image, method, target, layer)
-        pil = _heat_image(s, image, r.heat, r.signed, overlay, opacity)
-        return _png_response(pil, r.heat, r.target)
+    return await live_call(
+        request,
+        run_id,
+        lambda s: explain_png_response(s, image, method, target, layer, overlay, opacity),
+    )
 
-    return await live_call(request, run_id, work)
+
+def explain_png_response(
+    s: Session,
+    image: str,
+    method: str,
+    target: str = "top",
+    layer: str | None = None,
+    overlay: bool = False,
+    opacity: float = 0.5,
+) -> Response:
+    """The PNG endpoint's answer (the static export writes its body)."""
+    r, _ = _explained(s, image, method, target, layer)
+    pil = _heat_image(s, image, r.heat, r.signed, overlay, opacity)
+    return _png_response(pil, r.heat, r.target)
 
 
 # registered after the PNG: "{method}" without a suffix would take "x.png"
@@ -610,11 +714,11 @@ async def explain_json(
     layer: str | None = LAYER,
 ) -> ExplainResult:
     return await live_call(
-        request, run_id, lambda s: _explain_result(s, image, method, target, layer)
+        request, run_id, lambda s: explain_result(s, image, method, target, layer)
     )
 
 
-def _explain_result(
+def explain_result(
     s: Session, image: str, method: str, target: str, layer: str | None
 ) -> ExplainResult:
     r, cached = _explained(s, image, method, target, layer)

@@ -1,0 +1,151 @@
+"""Explanations of a run's dataset samples, computed ahead into the run's ``cache/``.
+
+``lurker images RUN --explanations top|N`` fills ``cache/explain/sample-N/`` through the
+Explain endpoints' own code (:mod:`lurker.server.routes.explain`), with the run's own
+model, for the top predicted class (the Explain page's default target): a later server
+answers from those files without the model, and ``lurker export`` writes them into the
+static site. Beside the explanations each sample keeps what the page shows with them and
+what only the model can give: its predictions (``live.json``, the live endpoint's
+document) and its input as the model saw it (``input.png``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lurker.errors import LurkerError
+
+#: The target precomputed explanations are made for (the Explain page's default).
+TARGET = "top"
+
+
+@dataclass
+class Precomputed:
+    samples: int
+    made: int
+    existing: int
+    seconds: float
+
+
+def sample_folder(run_path: Path, image: str) -> Path:
+    return run_path / "cache" / "explain" / image
+
+
+def precompute(
+    run: str | os.PathLike[str],
+    samples: str | int = "top",
+    methods: list[str] | None = None,
+    *,
+    device: str | None = None,
+    dataset: Any = None,
+    progress: bool = True,
+) -> Precomputed:
+    """Explain ``samples`` (``"top"``: the samples some unit ranks in its top-k, those a
+    static export holds; an int N: samples 0..N-1) with ``methods`` (default: every method
+    the Explain page shows) for the top class, into the run's ``cache/``. Resumable: what
+    is cached already is kept."""
+    from starlette.requests import Request
+
+    from .app import create_app
+    from .deps import session
+    from .errors import ApiError
+    from .routes.explain import _methods, cached_result, explain_result
+    from .routes.live import _image_id
+    from .state import RunEntry
+
+    every = list(_methods())
+    methods = methods or every
+    unknown = [m for m in methods if m not in every]
+    if unknown:
+        raise LurkerError(
+            f"unknown explanation method {unknown[0]!r}; supported: {', '.join(every)}"
+        )
+    app = create_app(run, device=device, dataset=dataset)
+    entries: list[RunEntry] = [e for e in app.state.registry.entries.values() if e.run is not None]
+    if len(entries) != 1:
+        app.state.registry.close()
+        raise LurkerError(f"{run} is not one run directory: name the run to explain")
+    e = entries[0]
+    request = Request({"type": "http", "app": app, "method": "GET", "headers": []})
+    start = time.perf_counter()
+    made = existing = 0
+    try:
+        s = session(request, e)
+        if isinstance(samples, int):
+            if samples < 1:
+                raise LurkerError(f"--explanations N needs N >= 1, got {samples}")
+            ids = list(range(min(samples, e.last_sample_id() + 1)))
+        elif samples == "top":
+            ids = [int(i) for i in np.unique(e.appearances().sample)]
+        else:
+            raise LurkerError(f"samples: 'top' or a number, not {samples!r}")
+        try:
+            s.model()
+            if s.foreign_model:  # cannot happen through create_app(run) alone; said anyway
+                raise LurkerError("the attached model is not the run's own")
+        except ApiError as err:
+            raise LurkerError(err.detail) from None
+        for n, sid in enumerate(ids):
+            image = _image_id(s, f"sample-{sid}")
+            folder = sample_folder(e.path, image)
+            try:
+                _live_files(s, image, folder)
+                for method in methods:
+                    if cached_result(s, image, method, TARGET) is not None:
+                        existing += 1
+                        continue
+                    explain_result(s, image, method, TARGET, None)
+                    made += 1
+            except ApiError as err:
+                raise LurkerError(f"sample {sid}: {err.detail}") from None
+            if progress:
+                print(f"explain: {n + 1}/{len(ids)} samples", file=sys.stderr, flush=True)
+    finally:
+        app.state.registry.close()
+    return Precomputed(len(ids), made, existing, time.perf_counter() - start)
+
+
+def _live_files(s: Any, image: str, folder: Path) -> None:
+    """``live.json`` (the live endpoint's document: the predictions the target chooser
+    shows) and ``input.png`` (the input endpoint's image)."""
+    from lurker.probe.images import _png
+    from lurker.store import atomic_write_bytes
+
+    from .schemas import LiveImage
+
+    if (folder / "live.json").is_file() and (folder / "input.png").is_file():
+        return
+    x = s.live_input(image)
+    doc = LiveImage(
+        image=image,
+        predictions=s.predictions(x),
+        width=int(x.shape[-1]),
+        height=int(x.shape[-2]),
+    )
+    atomic_write_bytes(folder / "input.png", _png(s.input_pil(image)), durable=False)
+    atomic_write_bytes(
+        folder / "live.json",
+        json.dumps(doc.model_dump(mode="json", by_alias=True)).encode(),
+        durable=False,
+    )
+
+
+def explained_samples(run_path: Path) -> list[str]:
+    """The ``sample-N`` folders of the run's explanation cache that hold ``live.json``,
+    by sample number."""
+    root = run_path / "cache" / "explain"
+    try:
+        names = [p.name for p in root.iterdir() if (p / "live.json").is_file()]
+    except OSError:
+        return []
+    return sorted(
+        (n for n in names if n.startswith("sample-") and n[7:].isdigit()), key=lambda n: int(n[7:])
+    )

@@ -1,0 +1,225 @@
+"""Precomputed explanations: ``lurker images RUN --explanations`` keeps the Explain
+endpoints' answers for dataset samples in the run's ``cache/`` (the run's own model only),
+a fresh server answers from there without running the model, and ``lurker export`` writes
+exactly those into the static site at the paths the static Explain page asks for."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from fastapi.testclient import TestClient
+from PIL import Image
+
+import lurker.explain as XP
+from explorer_fixtures import ExplorerRun, explorer_run  # noqa: F401
+from lurker.cli import main
+from lurker.server import create_app, export_site, static_segment
+
+METHODS = ("saliency", "gradcam")
+SAMPLES = (0, 1)
+GRADCAM_LAYER = "features.9"  # the run's last probed spatial layer: Grad-CAM's default
+
+
+def precomputed_copy(explorer_run: ExplorerRun, root: Path) -> Path:  # noqa: F811
+    """A copy of the shared run (never written by tests) with SAMPLES explained by the CLI."""
+    run = root / "digits"
+    shutil.copytree(explorer_run.path, run, ignore=shutil.ignore_patterns("cache"))
+    res = CliRunner().invoke(
+        main,
+        ["images", str(run), "--explanations", str(len(SAMPLES)), "--methods", ",".join(METHODS)],
+    )
+    assert res.exit_code == 0, res.output
+    assert f"{len(SAMPLES) * len(METHODS)} explanations made" in res.output
+    return run
+
+
+@pytest.fixture(scope="module")
+def run(explorer_run: ExplorerRun, tmp_path_factory: pytest.TempPathFactory) -> Path:  # noqa: F811
+    return precomputed_copy(explorer_run, tmp_path_factory.mktemp("precomputed"))
+
+
+def counted(app: Any, run_id: str) -> list[int]:
+    """Load the app's model for ``run_id`` (the run's own, from its recorded spec) and
+    count its forward calls from now on."""
+    from starlette.requests import Request
+
+    from lurker.server.deps import entry, session
+
+    request = Request({"type": "http", "app": app, "method": "GET", "headers": []})
+    s = session(request, entry(request, run_id))
+    assert not s.foreign_model
+    calls = [0]
+    s.model().register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+def url(image: str, method: str, ext: str, **query: str) -> str:
+    q = "&".join(f"{k}={v}" for k, v in {"target": "top", **query}.items())
+    return f"/api/runs/digits/live/{image}/explain/{method}.{ext}?{q}"
+
+
+def pixels(png: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(png)))
+
+
+def test_cache_holds_the_explanations_of_the_runs_model(
+    run: Path,
+    explorer_run: ExplorerRun,  # noqa: F811
+) -> None:
+    """Each cached heatmap equals lurker.explain's on the sample; the predictions kept
+    beside them are the model's softmax."""
+    from lurker.probe.data import load_dataset
+
+    ds = load_dataset("digits:test", 16, channels=1)
+    model = explorer_run.model
+    folder = run / "cache" / "explain"
+    assert sorted(p.name for p in folder.iterdir()) == [f"sample-{i}" for i in SAMPLES]
+    for sid in SAMPLES:
+        x = ds[sid][0][None]
+        with torch.no_grad():
+            probs = torch.softmax(model(x)[0], 0)
+        live = json.loads((folder / f"sample-{sid}" / "live.json").read_text())
+        assert [q["class"] for q in live["predictions"]] == probs.topk(5).indices.tolist()
+        assert np.allclose(
+            [q["prob"] for q in live["predictions"]], probs.topk(5).values, atol=1e-6
+        )
+        top = int(probs.argmax())
+        for method, name, opts in (
+            ("saliency", "saliency-top", {}),
+            ("gradcam", f"gradcam-top-{GRADCAM_LAYER}", {"layer": GRADCAM_LAYER}),
+        ):
+            heat = np.load(folder / f"sample-{sid}" / f"{name}.npy")
+            want = XP.explain(model, x, target=top, method=method, **opts).heatmap(0)
+            np.testing.assert_allclose(heat, want.numpy(), rtol=1e-5, atol=1e-7)
+            doc = json.loads((folder / f"sample-{sid}" / f"{name}.json").read_text())
+            assert doc["target"] == str(top)
+
+
+def test_a_fresh_server_answers_from_the_cache_without_the_model(
+    run: Path,
+    explorer_run: ExplorerRun,  # noqa: F811
+) -> None:
+    """Served from cache/: the same JSON and pixels as a server computing them (a foreign
+    model object, which writes nothing into the run), and no forward call."""
+    fresh = create_app(run)
+    calls = counted(fresh, "digits")
+    computing = create_app(run, model_obj=explorer_run.model)
+    before = sorted(p.name for p in (run / "cache" / "explain").rglob("*"))
+    with TestClient(fresh) as c, TestClient(computing) as other:
+        for sid in SAMPLES:
+            for method in METHODS:
+                for overlay in ("0", "1"):
+                    got = c.get(url(f"sample-{sid}", method, "png", overlay=overlay))
+                    want = other.get(url(f"sample-{sid}", method, "png", overlay=overlay))
+                    assert got.status_code == want.status_code == 200, got.text
+                    assert np.array_equal(pixels(got.content), pixels(want.content))
+                    assert got.headers["x-lurker-max"] == want.headers["x-lurker-max"]
+                doc = c.get(url(f"sample-{sid}", method, "json")).json()
+                ref = other.get(url(f"sample-{sid}", method, "json")).json()
+                assert doc["cached"] is True and doc["seconds"] == 0.0
+                for key in ("target", "target_class", "layer", "shape", "signed", "options"):
+                    assert doc[key] == ref[key], key
+                for key in ("min", "max", "sum"):
+                    assert doc[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-9), key
+        assert calls[0] == 0
+        # a foreign model's explanations stay out of the run's cache
+        assert sorted(p.name for p in (run / "cache" / "explain").rglob("*")) == before
+        # what is not cached (another class) runs the model, and is kept for next time
+        r = c.get(url("sample-0", "saliency", "json").replace("target=top", "target=3"))
+        assert r.status_code == 200 and r.json()["cached"] is False
+        assert calls[0] > 0
+        kept = run / "cache" / "explain" / "sample-0" / "saliency-3.json"
+        assert kept.is_file()
+    kept.unlink()
+    kept.with_suffix(".npy").unlink()
+
+
+def test_export_writes_exactly_the_cached_explanations(
+    run: Path,
+    tmp_path: Path,
+    explorer_run: ExplorerRun,  # noqa: F811
+) -> None:
+    """The site holds, per explained sample, its live document, input and each cached
+    method's JSON and bare PNG at the static Explain page's paths (the API's answers, byte
+    for byte for the PNGs), and explained.json lists them; nothing else under live/."""
+    static = tmp_path / "static"
+    static.mkdir()
+    (static / "index.html").write_text("<html><head></head><body></body></html>")
+    site = export_site(run, tmp_path / "site", static_dir=static, progress=False)
+    data = site / "data" / "runs" / "digits"
+    index = json.loads((data / "explained.json").read_text())
+    assert index["target"] == "top"
+    assert [(e["image"], e["methods"]) for e in index["samples"]] == [
+        (f"sample-{i}", list(METHODS)) for i in SAMPLES
+    ]
+    expected = set()
+    for sid in SAMPLES:
+        image = f"sample-{sid}"
+        expected |= {f"{image}.json", f"{image}/input.png"}
+        for m in METHODS:
+            expected.add(f"{image}/explain/" + static_segment(f"{m}.json?target=top") + ".json")
+            expected.add(f"{image}/explain/" + static_segment(f"{m}.png?target=top&overlay=0"))
+    live = data / "live"
+    assert {str(p.relative_to(live)) for p in live.rglob("*") if p.is_file()} == expected
+    with TestClient(create_app(run, model_obj=explorer_run.model)) as c:
+        for sid in SAMPLES:
+            image = f"sample-{sid}"
+            assert json.loads((live / f"{image}.json").read_text()) == c.get(
+                f"/api/runs/digits/live/{image}"
+            ).json() | {"image": image}
+            assert np.array_equal(
+                pixels((live / image / "input.png").read_bytes()),
+                pixels(c.get(f"/api/runs/digits/live/{image}/input.png").content),
+            )
+            for m in METHODS:
+                png = live / image / "explain" / static_segment(f"{m}.png?target=top&overlay=0")
+                served = c.get(url(image, m, "png", overlay="0")).content
+                assert np.array_equal(pixels(png.read_bytes()), pixels(served))
+                doc = json.loads(
+                    (
+                        live
+                        / image
+                        / "explain"
+                        / (static_segment(f"{m}.json?target=top") + ".json")
+                    ).read_text()
+                )
+                assert doc["max"] == pytest.approx(c.get(url(image, m, "json")).json()["max"])
+    assert (data / "explain" / "methods.json").is_file()
+
+
+def test_export_without_explanations_lists_none(
+    explorer_run: ExplorerRun,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    run = tmp_path / "digits"
+    shutil.copytree(explorer_run.path, run, ignore=shutil.ignore_patterns("cache"))
+    static = tmp_path / "static"
+    static.mkdir()
+    (static / "index.html").write_text("<html><head></head><body></body></html>")
+    site = export_site(run, tmp_path / "site", static_dir=static, progress=False, make_images=False)
+    data = site / "data" / "runs" / "digits"
+    assert json.loads((data / "explained.json").read_text()) == {"target": "top", "samples": []}
+    assert not (data / "live").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--explanations", "some"], "'top' or a number of samples"),
+        (["--explanations", "0"], "'top' or a number of samples"),
+        (["--explanations", "1", "--methods", "nope"], "unknown explanation method 'nope'"),
+        (["--methods", "saliency"], "--methods goes with --explanations"),
+    ],
+)
+def test_bad_input(args: list[str], says: str, run: Path) -> None:
+    res = CliRunner().invoke(main, ["images", str(run), *args])
+    assert res.exit_code != 0
+    assert says in res.output
