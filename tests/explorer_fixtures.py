@@ -7,9 +7,10 @@ so the server can load the model and the dataset on its own.
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -110,3 +111,24 @@ def summary_rank_behind(app: Any, url: Callable[[int], str], started: threading.
         pool.submit(asyncio.run, main()).result()
     assert order.count("model") == 60
     return order.index("summary")
+
+
+@contextlib.contextmanager
+def static_server(site: Path) -> Iterator[str]:
+    """Serve an exported site with Python's static file server (what `lurker export`
+    promises to work with), on a free port in a thread: yields its URL."""
+    import functools
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(site)))
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}/"
+    finally:
+        httpd.shutdown()
+        thread.join(10)

@@ -9,7 +9,6 @@ kernels. No page may log a console error.
 from __future__ import annotations
 
 import io
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +18,13 @@ import numpy as np
 import pytest
 import torch
 
-from explorer_fixtures import FEATVIZ_LAYER, FEATVIZ_UNITS, ExplorerRun, explorer_run  # noqa: F401
+from explorer_fixtures import (  # noqa: F401
+    FEATVIZ_LAYER,
+    FEATVIZ_UNITS,
+    ExplorerRun,
+    explorer_run,
+    static_server,
+)
 
 CHROMIUM = Path("/usr/bin/chromium")
 STATIC = Path(__file__).resolve().parents[1] / "src" / "lurker" / "server" / "static"
@@ -421,23 +426,13 @@ def static_site(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[str]:
     """`lurker export` of the run, served by a plain static file server (no lurker)."""
-    import functools
-    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
     from lurker.server.export import export_site
 
     site = export_site(explorer_run.path, tmp_path_factory.mktemp("site") / "site", progress=False)
 
-    class Quiet(SimpleHTTPRequestHandler):
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(site)))
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}/"
-    httpd.shutdown()
-    thread.join(10)
+    with static_server(site) as url:
+        yield url
 
 
 def canvas_pixels(page: Any, selector: str) -> list[np.ndarray]:
@@ -643,9 +638,7 @@ def explained_site(
 ) -> Iterator[dict[str, Any]]:
     """A copy of the run with samples 0 and 1 explained (saliency, Grad-CAM) by
     `lurker images --explanations`, exported and served by a plain static file server."""
-    import functools
     import shutil
-    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
     from lurker.server.explained import precompute
     from lurker.server.export import export_site
@@ -656,16 +649,8 @@ def explained_site(
     precompute(run, 2, ["saliency", "gradcam"], progress=False)
     site = export_site(run, root / "site", progress=False, make_images=False)
 
-    class Quiet(SimpleHTTPRequestHandler):
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(site)))
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield {"url": f"http://127.0.0.1:{httpd.server_address[1]}/", "run": run}
-    httpd.shutdown()
-    thread.join(10)
+    with static_server(site) as url:
+        yield {"url": url, "run": run}
 
 
 def test_static_explain_page_of_precomputed_samples(

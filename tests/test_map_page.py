@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import torch
 
+from explorer_fixtures import static_server
+
 CHROMIUM = Path("/usr/bin/chromium")
 STATIC = Path(__file__).resolve().parents[1] / "src" / "lurker" / "server" / "static"
 if not CHROMIUM.exists() or not (STATIC / "index.html").exists():
@@ -164,25 +166,14 @@ def test_run_without_map_says_how_to_make_one(page: Any, served: dict[str, Any])
 @pytest.fixture(scope="module")
 def static_site(served: dict[str, Any]) -> Iterator[str]:
     """`lurker export` of both runs, served by a plain static file server (no lurker)."""
-    import functools
-    import threading
-    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
     from lurker.server.export import export_site
 
     site = export_site(served["root"], served["root"].parent / "site", dataset=served["data"],
                        progress=False)  # fmt: skip
 
-    class Quiet(SimpleHTTPRequestHandler):
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(site)))
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}/"
-    httpd.shutdown()
-    thread.join(10)
+    with static_server(site) as url:
+        yield url
 
 
 def test_static_export_shows_the_map(page: Any, served: dict[str, Any], static_site: str):
