@@ -517,14 +517,7 @@ class RunWriter:
             top["sample_id"], top["value"] = s, np.where(s < 0, np.nan, v)
             top["y"] = top["x"] = -1
             rows.extend(zip(repeat(lid), range(n), _rows(top)))
-        with self._tx(demote=False) as cur:
-            cur.execute(RELEVANCE_DDL.strip())
-            cur.execute("DELETE FROM relevance")
-            _insert_rows(cur, "relevance(layer_id, unit, top)", rows)
-            cur.execute(
-                "INSERT OR REPLACE INTO meta(key, value) VALUES ('relevance', ?)",
-                (dump_json(dict(settings)),),
-            )
+        self._replace_table(RELEVANCE_DDL, "relevance(layer_id, unit, top)", rows, dict(settings))
 
     def write_embedding(
         self,
@@ -546,14 +539,8 @@ class RunWriter:
             )
         self._check_samples(i, "write_embedding")
         rows = zip(i.tolist(), p.tolist(), [None if v != v else v for v in c.tolist()], _rows(f))
-        with self._tx(demote=False) as cur:
-            cur.execute(EMBEDDING_DDL.strip())
-            cur.execute("DELETE FROM embedding")
-            _insert_rows(cur, "embedding(sample_id, pred, conf, features)", rows)
-            cur.execute(
-                "INSERT OR REPLACE INTO meta(key, value) VALUES ('embedding', ?)",
-                (dump_json({**settings, "dtype": "float16", "samples": len(i)}),),
-            )
+        meta = {**settings, "dtype": "float16", "samples": len(i)}
+        self._replace_table(EMBEDDING_DDL, "embedding(sample_id, pred, conf, features)", rows, meta)
 
     def write_map(
         self,
@@ -578,13 +565,21 @@ class RunWriter:
         self._check_samples(i, "write_map")
         conf_rows = [None if v != v else v for v in c.tolist()]
         rows = zip(i.tolist(), a[:, 0].tolist(), a[:, 1].tolist(), p.tolist(), conf_rows)
+        meta = {**settings, "samples": len(i)}
+        self._replace_table(MAP_DDL, "map(sample_id, x, y, pred, conf)", rows, meta)
+
+    def _replace_table(
+        self, ddl: str, target: str, rows: Iterable[tuple[Any, ...]], meta: dict[str, Any]
+    ) -> None:
+        """Make an optional table if need be and replace its rows, with its meta key (the
+        table's name) describing them, in one transaction that keeps the run's status."""
+        table = target.split("(", 1)[0]
         with self._tx(demote=False) as cur:
-            cur.execute(MAP_DDL.strip())
-            cur.execute("DELETE FROM map")
-            _insert_rows(cur, "map(sample_id, x, y, pred, conf)", rows)
+            cur.execute(ddl.strip())
+            cur.execute(f"DELETE FROM {table}")
+            _insert_rows(cur, target, rows)
             cur.execute(
-                "INSERT OR REPLACE INTO meta(key, value) VALUES ('map', ?)",
-                (dump_json({**settings, "samples": len(i)}),),
+                "INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (table, dump_json(meta))
             )
 
     def _check_samples(self, ids: np.ndarray, what: str) -> None:
