@@ -275,3 +275,18 @@ def test_two_ranks_gather_every_samples_features(model, data, tmp_path):
     np.testing.assert_allclose(got.features.astype(np.float32), want.features.astype(np.float32),
                                atol=2e-3)  # fmt: skip
     np.testing.assert_array_equal(got.pred, want.pred)
+
+
+def test_map_refuses_another_model(model, data, tmp_path):
+    """Features and predictions of a model other than the run's would be stored as the
+    run's: refused before anything is written."""
+    import copy
+
+    run = probe(model, data, out=tmp_path / "run", layers="classifier.1", progress=False)
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        next(other.parameters()).add_(1.0)
+    with pytest.raises(LurkerError, match="not the one run"):
+        make_map(run, method="pca", model=other, dataset=data)
+    assert not Run.open(run.path).has_embedding
+    assert make_map(run, method="pca", model=model, dataset=data).has_map

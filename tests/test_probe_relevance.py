@@ -164,3 +164,23 @@ def test_cli_flag(digits, tmp_path: Path) -> None:
     with Run.open(out) as cli_run:
         assert cli_run.meta["relevance"]["composite"] == "epsilon"
         assert len(cli_run.unit("classifier.3", 0).top("relevance")) == 2
+
+
+def test_a_reprobe_without_them_drops_the_derived_tables(digits, tmp_path: Path) -> None:
+    """Probing a finished run again replaces its results: relevance lists, features and
+    feature visualizations made from the old ones go too (never read back empty, nor
+    attached to the new layers, whose row ids the old ones reuse)."""
+    import lurker
+
+    model, data = digits
+    small = Subset(data, range(24))
+    out = tmp_path / "r"
+    first = probe(model, small, out=out, k=2, progress=False, relevance=True, embed=True)
+    assert first is not None and first.has_relevance and first.has_embedding
+    lurker.featviz(model, "features.0", units=[0], steps=2, run=out).save(out)
+    assert Run.open(out).featviz_layers() == ["features.0"]
+    second = probe(model, small, out=out, k=2, progress=False, layers=["features.8"])
+    assert second is not None
+    assert not second.has_relevance and not second.has_embedding
+    assert second.top_lists == ("max", "mean") and "relevance" not in second.meta
+    assert second.featviz_layers() == []

@@ -403,7 +403,7 @@ def map_(
     metavar="top|N",
     help="Instead of unit images: explain dataset samples for their top class, as the "
     "Explain page does ('top': the samples some unit ranks in its top-k, those `lurker "
-    "export` holds; N: samples 0..N-1). Served without the model, exported by `lurker export`.",
+    "export` holds; N: samples 0..N-1). Served without running the model, exported by `lurker export`.",
 )
 @click.option(
     "--methods",

@@ -204,6 +204,7 @@ def make_map(
         try:
             if stored is None:
                 model, dataset = _model_and_data(config, int(size), model, dataset, device)
+                _check_model(model, path)
                 if len(dataset) != n_samples:
                     raise LurkerError(
                         f"the dataset has {len(dataset)} samples, the run {n_samples}: give "
@@ -269,3 +270,19 @@ def _model_and_data(
         shape = config.get("input_shape") or [None]
         dataset = pdata.load_dataset(spec, size, channels=shape[0])
     return model, dataset
+
+
+def _check_model(model: Any, path: Any) -> None:
+    """Refuse a model other than the run's: its features and predictions would be stored
+    as the run's (the Map page's misclassified samples would be another model's)."""
+    from lurker.probe.sweep import fingerprint
+    from lurker.store import Run
+
+    with Run.open(path) as r:
+        want = r.meta.get("model_fingerprint")
+    if want and fingerprint(model) != want:
+        raise LurkerError(
+            f"this model is not the one run {path} was probed with (its weights or "
+            "architecture differ): give the run's model and weights (--model, --weights), or "
+            "probe this model into a new run"
+        )

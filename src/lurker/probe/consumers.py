@@ -270,6 +270,7 @@ class RelevanceConsumer(BatchConsumer):
     def _keep(self, name: str, v: Tensor, i: Tensor) -> None:
         """Keep the ``k`` best of candidates ``v``/``i`` (units, n); ties go to the smaller
         sample id, so the lists depend on neither batch order nor ranks."""
+        v = v.nan_to_num(nan=-torch.inf)  # a NaN relevance never takes a rank (sorts first)
         by_id = i.masked_fill(i < 0, torch.iinfo(torch.long).max).argsort(dim=1, stable=True)
         v, i = v.gather(1, by_id), i.gather(1, by_id)
         order = v.argsort(dim=1, descending=True, stable=True)[:, : self.k]

@@ -3,7 +3,7 @@
 ``lurker images RUN --explanations top|N`` fills ``cache/explain/sample-N/`` through the
 Explain endpoints' own code (:mod:`lurker.server.routes.explain`), with the run's own
 model, for the top predicted class (the Explain page's default target): a later server
-answers from those files without the model, and ``lurker export`` writes them into the
+answers from those files without running the model, and ``lurker export`` writes them into the
 static site. Beside the explanations each sample keeps what the page shows with them and
 what only the model can give: its predictions (``live.json``, the live endpoint's
 document) and its input as the model saw it (``input.png``).

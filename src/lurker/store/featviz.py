@@ -230,11 +230,12 @@ def unit_featviz(
     info = run.layer(layer)
     if not run._has_table("featviz"):
         return None
+    # a direction's "unit" is the direction's index, not this unit: never shown as its own
     objectives = [
         o
         for (o,) in run._query(
             "SELECT DISTINCT objective FROM featviz WHERE layer_id = ? AND unit = ? "
-            "ORDER BY objective",
+            "AND objective != 'direction' ORDER BY objective",
             (info.id, int(unit)),
         )
     ]

@@ -46,8 +46,6 @@ from lurker.store.schema import (
     TOP_DTYPE,
     dump_json,
     has_layout_column,
-    has_relevance_table,
-    has_table,
     rf_record,
     to_blob,
 )
@@ -476,11 +474,12 @@ class RunWriter:
                     f"graph, not its op {layer.op!r}; give each layer the index of its op"
                 )
         with self._tx() as cur:
-            if has_relevance_table(self._conn):
-                cur.execute("DELETE FROM relevance")
-            for derived in ("embedding", "map"):  # of the samples being rewritten
-                if has_table(self._conn, derived):
-                    cur.execute(f"DELETE FROM {derived}")
+            # what was derived from the results being replaced goes with them, table and
+            # meta key: a run re-probed without it must not read as holding it (empty), and
+            # featviz rows name layers by row ids that the new layers reuse
+            for derived in ("relevance", "embedding", "map", "featviz"):
+                cur.execute(f"DROP TABLE IF EXISTS {derived}")
+            cur.execute("DELETE FROM meta WHERE key IN ('relevance', 'embedding', 'map')")
             cur.execute("DELETE FROM units")
             cur.execute("DELETE FROM layers")
             for position, arrays in enumerate(prepared):

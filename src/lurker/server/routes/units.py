@@ -40,7 +40,9 @@ def _featviz(run: Any, layer: str, unit: int, doc: dict[str, Any]) -> dict[str, 
     found = unit_featviz(run, layer, unit)
     if found is None:
         return None
-    best = doc["top"]["mean"][0] if doc["top"]["mean"] else None
+    # the channel objective is the map's mean: its dataset counterpart is the mean list's
+    # best; a neuron's (one position) is not, so it gets none
+    best = doc["top"]["mean"][0] if doc["top"]["mean"] and found.objective == "channel" else None
     return {
         "objective": found.objective,
         "objectives": found.objectives,
