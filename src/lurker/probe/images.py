@@ -45,6 +45,7 @@ __all__ = [
     "gradient_image",
     "gradient_pixels",
     "guided_backprop",
+    "png_bytes",
     "unit_gradient",
     "unit_gradients",
 ]
@@ -335,7 +336,9 @@ def crop(img: Image.Image, box: tuple[int, int, int, int], min_size: int = 64) -
     return out
 
 
-def _png(image: Image.Image) -> bytes:
+def png_bytes(image: Image.Image) -> bytes:
+    """``image`` as PNG bytes, fast to encode (the unit images, feature maps and heatmaps
+    the explorer serves)."""
     buf = io.BytesIO()
     # level 1: much faster to encode than the default (6), for slightly larger files
     image.save(buf, format="PNG", compress_level=1)
@@ -422,7 +425,7 @@ class ImageCache:
                     raise LurkerError(
                         f"the producer of {what} returned {type(image).__name__}, not a PIL image"
                     )
-                self.put(target, _png(image))
+                self.put(target, png_bytes(image))
         return target
 
     # -- storage: the run's files here; MemoryImageCache keeps them in memory instead --

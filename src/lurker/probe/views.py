@@ -42,12 +42,12 @@ from . import data as pdata
 from .images import (
     ImageCache,
     _gradients,
-    _png,
     _Reached,
     _unit_map,
     cached,
     crop,
     gradient_pixels,
+    png_bytes,
 )
 from .layout import position_box
 from .sweep import settled_trace
@@ -313,7 +313,7 @@ class UnitImages:
                 part = jobs[start : start + self.batch_size]
                 for job, pixels in zip(part, self._grad_pixels(layer, part)):
                     path = self.cache.path(self.run, "grad", layer, unit, job.rank, which)
-                    self.cache.put(path, _png(Image.fromarray(pixels)))
+                    self.cache.put(path, png_bytes(Image.fromarray(pixels)))
         return paths
 
     def get(self, kind: Kind, layer: str, unit: int, rank: int, which: str = "max") -> Path:
@@ -660,7 +660,7 @@ class _Writer:
 
 def _write(target: Path, image: Image.Image) -> None:
     # atomic, without an fsync per file: write_all writes many; empty files count as missing
-    atomic_write_bytes(target, _png(image), durable=False)
+    atomic_write_bytes(target, png_bytes(image), durable=False)
 
 
 __all__ = ["DEFAULT_KINDS", "KINDS", "ImagesResult", "UnitImages"]

@@ -116,7 +116,7 @@ def precompute(
 def _live_files(s: Any, image: str, folder: Path) -> None:
     """``live.json`` (the live endpoint's document: the predictions the target chooser
     shows) and ``input.png`` (the input endpoint's image)."""
-    from lurker.probe.images import _png
+    from lurker.probe.images import png_bytes
     from lurker.store import atomic_write_bytes
 
     from .schemas import LiveImage
@@ -130,7 +130,7 @@ def _live_files(s: Any, image: str, folder: Path) -> None:
         width=int(x.shape[-1]),
         height=int(x.shape[-2]),
     )
-    atomic_write_bytes(folder / "input.png", _png(s.input_pil(image)), durable=False)
+    atomic_write_bytes(folder / "input.png", png_bytes(s.input_pil(image)), durable=False)
     atomic_write_bytes(
         folder / "live.json",
         json.dumps(doc.model_dump(mode="json", by_alias=True)).encode(),

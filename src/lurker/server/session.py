@@ -347,10 +347,10 @@ class Session:
 
     def _make(self, target: Path, producer: Callable[[], Image.Image]) -> bytes | Path:
         """Write ``producer()``'s PNG to the cache; in memory only if the run is read-only."""
-        from lurker.probe.images import _png
+        from lurker.probe.images import png_bytes
         from lurker.store import atomic_write_bytes
 
-        data = _png(producer())
+        data = png_bytes(producer())
         try:
             atomic_write_bytes(target, data, durable=False)
         except OSError:

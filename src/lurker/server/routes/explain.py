@@ -535,7 +535,7 @@ CONCEPT_LAYER = Query(
 def _png_response(pil: Any, heat: Any, target: str) -> Response:
     from PIL import Image
 
-    from lurker.probe.images import _png
+    from lurker.probe.images import png_bytes
 
     scale = _scale(tuple(heat.shape))
     if scale > 1:
@@ -550,7 +550,7 @@ def _png_response(pil: Any, heat: Any, target: str) -> Response:
         "Access-Control-Expose-Headers": "X-Lurker-Scale, X-Lurker-Min, X-Lurker-Max, "
         "X-Lurker-Target",
     }
-    return Response(_png(pil), media_type="image/png", headers=headers)
+    return Response(png_bytes(pil), media_type="image/png", headers=headers)
 
 
 def _heat_image(

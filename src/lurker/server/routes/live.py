@@ -146,10 +146,10 @@ async def predictions(request: Request, run_id: str, image: str) -> LiveImage:
     summary="The image as the model sees it (resized, cropped)",
 )
 async def input_png(request: Request, run_id: str, image: str) -> Response:
-    from lurker.probe.images import _png
+    from lurker.probe.images import png_bytes
 
     def work(s: Session) -> bytes:
-        return _png(s.input_pil(_image_id(s, image)))
+        return png_bytes(s.input_pil(_image_id(s, image)))
 
     data = await live_call(request, run_id, work)
     return Response(data, media_type="image/png", headers=MODEL_MADE)
