@@ -237,7 +237,8 @@ class _FailsOnce(torch.utils.data.Dataset):
 
 def test_resumed_probe_keeps_the_features_of_both_parts(model, data, tmp_path):
     flaky = _FailsOnce(data)
-    kw = {"layers": "classifier.1", "batch_size": 50, "progress": False, "embed": True}
+    kw = {"layers": "classifier.1", "batch_size": 50, "progress": False, "embed": True,
+          "relevance": True}  # fmt: skip
     with pytest.raises(RuntimeError, match="crash"):
         probe(model, flaky, out=tmp_path / "r", checkpoint_every=1, **kw)
     done = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)["done"]
@@ -249,6 +250,13 @@ def test_resumed_probe_keeps_the_features_of_both_parts(model, data, tmp_path):
     np.testing.assert_array_equal(resumed.ids, whole.ids)
     np.testing.assert_array_equal(resumed.features, whole.features)
     np.testing.assert_array_equal(resumed.pred, whole.pred)
+    # the relevance lists are checkpointed and resumed as well
+    other = Run.open(tmp_path / "w")
+    for u in range(run.layers[0].num_units):
+        got = [(e.sample_id, e.value) for e in run.unit("classifier.1", u).top("relevance")]
+        assert got == [
+            (e.sample_id, e.value) for e in other.unit("classifier.1", u).top("relevance")
+        ]
 
 
 def _dist_worker(rank: int, world: int, store: str, out: str) -> None:
@@ -259,7 +267,7 @@ def _dist_worker(rank: int, world: int, store: str, out: str) -> None:
         torch.manual_seed(0)
         probe(DigitsNet().eval(), load_dataset("digits:test", 16, channels=1), out=out,
               layers="classifier.1", batch_size=32, progress=False, device="cpu",
-              embed="features.8")  # fmt: skip
+              embed="features.8", relevance=True)  # fmt: skip
     finally:
         torch.distributed.destroy_process_group()
 
@@ -269,8 +277,15 @@ def test_two_ranks_gather_every_samples_features(model, data, tmp_path):
         _dist_worker, args=(2, str(tmp_path / "store"), str(tmp_path / "dist")), nprocs=2
     )
     got = Run.open(tmp_path / "dist").embedding()
-    want = probe(model, data, out=tmp_path / "one", layers="classifier.1", progress=False,
-                 embed="features.8").embedding()  # fmt: skip
+    one = probe(model, data, out=tmp_path / "one", layers="classifier.1", progress=False,
+                embed="features.8", relevance=True)  # fmt: skip
+    want = one.embedding()
+    # relevance lists merged across the ranks: the same values as one process's
+    dist = Run.open(tmp_path / "dist")
+    for u in range(one.layers[0].num_units):
+        a = [e.value for e in dist.unit("classifier.1", u).top("relevance")]
+        b = [e.value for e in one.unit("classifier.1", u).top("relevance")]
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
     np.testing.assert_array_equal(got.ids, np.arange(len(data)))
     np.testing.assert_allclose(got.features.astype(np.float32), want.features.astype(np.float32),
                                atol=2e-3)  # fmt: skip
