@@ -391,13 +391,18 @@ class EmbeddingConsumer(BatchConsumer):
         self._set(state["ids"], state["features"], state["pred"], state["conf"])
 
     def merge(self, group: Any = None) -> None:
-        """Gather every rank's samples (disjoint shards) on every rank, in id order."""
+        """Gather every rank's samples (disjoint shards) on rank 0, the one that writes, in
+        id order (not on every rank: the features can be gigabytes)."""
         import torch.distributed as dist
 
-        parts: list[Any] = [None] * dist.get_world_size(group)
-        dist.all_gather_object(parts, self.arrays(), group=group)
-        self._set(*(torch.cat([p[i] for p in parts]) for i in range(4)))
-        self._set(*self.arrays())
+        first = dist.get_rank(group) == 0
+        parts: list[Any] | None = [None] * dist.get_world_size(group) if first else None
+        dist.gather_object(
+            self.arrays(), parts, dst=dist.get_global_rank(group, 0) if group else 0, group=group
+        )
+        if parts is not None:
+            self._set(*(torch.cat([p[i] for p in parts]) for i in range(4)))
+            self._set(*self.arrays())
 
     def finish(self, writer: RunWriter) -> None:
         ids, feats, pred, conf = self.arrays()
