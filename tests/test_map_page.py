@@ -156,6 +156,97 @@ def test_box_select_lists_the_samples_inside(page: Any, served: dict[str, Any]):
     assert not page.errors
 
 
+def _data(g: dict[str, float], sx: float, sy: float) -> tuple[float, float]:
+    """The data point the page draws at page pixel (sx, sy) before any zoom."""
+    return (sx - g["left"] - g["tx"]) / g["s"], (g["ty"] - (sy - g["top"])) / g["s"]
+
+
+def _lasso(page: Any, screen: np.ndarray) -> None:
+    """Drag through the page pixels ``screen`` (one pointer event per vertex) and let go."""
+    page.mouse.move(*screen[0])
+    page.mouse.down()
+    for x, y in screen[1:]:
+        page.mouse.move(float(x), float(y))
+    page.mouse.up()
+
+
+def _selected(page: Any) -> tuple[int, list[int]]:
+    head = page.locator(".map-selection h2").inner_text()
+    ids = page.locator(".map-selection .sample-card").evaluate_all(
+        "els => els.map(e => +e.dataset.sample)"
+    )
+    return int(head.split(":")[1].split()[0].replace(",", "")), ids
+
+
+def test_lasso_selects_the_samples_inside_the_drawn_outline(page: Any, served: dict[str, Any]):
+    """A concave star and a self-crossing pentagram drawn with the lasso select exactly the
+    samples a crossing-number oracle (scikit-image) puts inside the same outline in data
+    coordinates; the pentagram's centre (wrapped twice) is outside by the even-odd rule."""
+    from skimage.measure import points_in_poly
+
+    m = served["map"]
+    g = _open(page, served)
+    page.get_by_role("button", name="lasso select").click()
+    assert "tool=lasso" in page.url
+    pts = np.c_[m.x, m.y].astype(np.float64)
+    cx, cy = _screen(g, float(np.median(m.x)), float(np.median(m.y)))
+    radius = 0.3 * (np.quantile(m.x, 0.9) - np.quantile(m.x, 0.1)) * g["s"]
+    turns = np.arange(10) / 10 * 2 * np.pi
+    star = np.c_[np.cos(turns), np.sin(turns)] * np.where(np.arange(10) % 2, 0.45, 1.0)[:, None]
+    five = np.arange(5) / 5 * 2 * np.pi
+    pentagram = np.c_[np.cos(2 * five), np.sin(2 * five)]  # every second corner of a pentagon
+    for outline, twice_inside in ((star, None), (pentagram, 0.3)):
+        # an outline of whole page pixels with no sample within 0.05 px of an edge (either
+        # side would be right there): the first such size, from a few tried
+        for size in radius * np.r_[1.0, 0.97, 1.03, 0.94, 1.06, 0.91]:
+            screen = np.round(np.array([cx, cy]) + size * outline)
+            poly = np.array([_data(g, x, y) for x, y in screen])
+            a, b = poly, np.roll(poly, -1, 0)
+            t = np.clip(((pts[:, None] - a) * (b - a)).sum(-1) / ((b - a) ** 2).sum(-1), 0, 1)
+            gap = np.linalg.norm(pts[:, None] - (a + t[..., None] * (b - a)), axis=-1).min()
+            if gap * g["s"] > 0.05:
+                break
+        else:
+            raise AssertionError("no outline clear of the samples")
+        inside = points_in_poly(pts, poly)
+        want = sorted(int(i) for i in m.ids[inside])
+        assert 5 < len(want) <= 120  # all of them listed as cards
+        if twice_inside is not None:  # samples in the pentagram's centre are left out
+            centre = np.hypot(*(pts - _data(g, cx, cy)).T) * g["s"] < twice_inside * size
+            assert centre.any() and not inside[centre].any()
+        _lasso(page, screen)
+        count, ids = _selected(page)
+        assert count == len(want) and ids == want
+        head = page.locator(".map-selection h2").inner_text()
+        wrong = int((m.label[inside] != m.pred[inside]).sum())
+        assert f"{wrong} misclassified" in head
+        assert page.locator(".map-lasso").is_hidden()  # the outline goes when released
+        page.keyboard.press("Escape")
+        assert page.locator(".map-selection h2").count() == 0
+    assert not page.errors
+
+
+def test_shift_drag_pans_while_the_lasso_is_chosen(page: Any, served: dict[str, Any]):
+    m = served["map"]
+    g = _open(page, served, "?tool=lasso")
+    assert page.get_by_role("button", name="lasso select").get_attribute("aria-pressed") == "true"
+    x, y = _screen(g, 0.0, 0.0)
+    page.keyboard.down("Shift")
+    page.mouse.move(x, y)
+    page.mouse.down()
+    page.mouse.move(x + 120, y - 40, steps=5)
+    page.mouse.up()
+    page.keyboard.up("Shift")
+    assert page.locator(".map-selection h2").count() == 0  # nothing selected: the map moved
+    i = _isolated(m, g)
+    sx, sy = _screen(g, float(m.x[i]), float(m.y[i]))
+    page.mouse.move(sx + 120, sy - 40)  # the dot is where the pan took it
+    tip = page.locator(".map-tip")
+    tip.wait_for(state="visible")
+    assert tip.get_attribute("data-sample") == str(m.ids[i])
+    assert not page.errors
+
+
 def test_run_without_map_says_how_to_make_one(page: Any, served: dict[str, Any]):
     page.goto(f"{served['url']}#/r/plain/map")
     note = page.locator(".notice")

@@ -1,8 +1,8 @@
 /**
- * `#/r/RUN/map?color=class|correct&mis=1`: the dataset map. Every sample is a dot placed by
- * its features at one layer (t-SNE, UMAP or PCA, made by `lurker map RUN`), drawn on a
- * canvas so 50,000 dots stay smooth: d3-zoom pans and zooms by redrawing, a quadtree
- * finds the dot under the pointer, shift-drag selects a box of dots.
+ * `#/r/RUN/map?color=class|correct&mis=1&tool=box|lasso`: the dataset map. Every sample is
+ * a dot placed by its features at one layer (t-SNE, UMAP or PCA, made by `lurker map RUN`),
+ * drawn on a canvas so 50,000 dots stay smooth: d3-zoom pans and zooms by redrawing, a
+ * quadtree finds the dot under the pointer and the candidates of a box or lasso selection.
  */
 import { quadtree, type Quadtree } from "d3-quadtree";
 import { select } from "d3-selection";
@@ -37,6 +37,19 @@ const UNKNOWN = "#c9d1d9";
 const MIN_HEIGHT = 360;
 const MAX_HEIGHT = 760;
 const SELECTION_SHOWN = 120;
+const SVG = "http://www.w3.org/2000/svg";
+
+type Tool = "pan" | "box" | "lasso";
+
+/** Whether (px, py) is inside the polygon (xs, ys) by the even-odd rule (a ray to +x
+ * crosses its edges an odd number of times): self-crossing lassos select what they wrap once. */
+export function insidePolygon(px: number, py: number, xs: Float64Array, ys: Float64Array): boolean {
+  let inside = false;
+  for (let i = 0, j = xs.length - 1; i < xs.length; j = i++) {
+    if (ys[i] > py !== ys[j] > py && px < ((xs[j] - xs[i]) * (py - ys[i])) / (ys[j] - ys[i]) + xs[i]) inside = !inside;
+  }
+  return inside;
+}
 
 /** Colour of class `c`: Tableau 10, then evenly spread hues. */
 export function classColour(c: number, n: number): string {
@@ -74,6 +87,7 @@ export async function renderMap(root: HTMLElement, ctx: PageContext): Promise<vo
   const state = {
     color: ctx.params.get("color") === "correct" && labelled ? "correct" : "class",
     mis: ctx.params.get("mis") === "1" && labelled,
+    tool: (["box", "lasso"].includes(ctx.params.get("tool") ?? "") ? ctx.params.get("tool") : "pan") as Tool,
   };
 
   // -- layout ------------------------------------------------------------------------------
@@ -85,12 +99,25 @@ export async function renderMap(root: HTMLElement, ctx: PageContext): Promise<vo
     h("button", { type: "button", "data-color": "correct", disabled: !labelled }, "correct / wrong"),
   );
   const misBox = h("input", { type: "checkbox", id: "map-mis", disabled: !labelled }) as HTMLInputElement;
+  const toolSeg = h(
+    "span",
+    { class: "seg", role: "group", "aria-label": "drag to" },
+    h("button", { type: "button", "data-tool": "pan", title: "drag pans the map" }, "pan"),
+    h("button", { type: "button", "data-tool": "box", title: "drag selects the dots in a rectangle" }, "box select"),
+    h("button", { type: "button", "data-tool": "lasso", title: "drag draws a free-form outline; the dots inside are selected" }, "lasso select"),
+  );
+  const hint = h("span", { class: "muted small" });
   const reset = h("button", { type: "button" }, "reset view");
   const canvas = h("canvas", { class: "map-canvas", "aria-label": `map of ${n} samples` }) as HTMLCanvasElement;
   const tip = h("div", { class: "map-tip", hidden: true });
   const band = h("div", { class: "map-band", hidden: true });
+  const lasso = document.createElementNS(SVG, "svg");
+  lasso.setAttribute("class", "map-lasso");
+  lasso.setAttribute("aria-hidden", "true");
+  const lassoPath = document.createElementNS(SVG, "path");
+  lasso.append(lassoPath);
   const selection = h("div", { class: "map-selection" });
-  const stage = h("div", { class: "map-stage" }, canvas, band, tip);
+  const stage = h("div", { class: "map-stage" }, canvas, band, lasso, tip);
   append(
     root,
     h(
@@ -106,13 +133,18 @@ export async function renderMap(root: HTMLElement, ctx: PageContext): Promise<vo
       h("span", { class: "muted" }, "colour by"),
       colorSeg,
       h("label", { for: "map-mis" }, misBox, ` misclassified only (${nWrong.toLocaleString()})`),
+      h("span", { class: "muted" }, "drag to"),
+      toolSeg,
       reset,
-      h("span", { class: "muted small" }, "scroll to zoom, drag to pan, shift-drag to select, click a dot to open its sample"),
+      hint,
     ),
     legend,
     stage,
     selection,
   );
+
+  syncControls(); // the toolbar's and legend's final height, before the canvas is sized
+  renderLegend();
 
   // -- geometry: data -> base screen coordinates (y up), then the zoom transform ----------
   const dpr = window.devicePixelRatio || 1;
@@ -233,15 +265,30 @@ export async function renderMap(root: HTMLElement, ctx: PageContext): Promise<vo
     fill(legend, shown, doc.classes.length > 40 ? h("span", { class: "muted" }, `… ${doc.classes.length - 40} more classes`) : null, counts.get(-1) ? h("span", null, h("i", { class: "dot", style: `background:${UNKNOWN}` }), ` unlabelled (${counts.get(-1)})`) : null);
   }
 
-  function update(): void {
+  function syncControls(): void {
     for (const b of colorSeg.querySelectorAll("button")) b.classList.toggle("on", b.dataset.color === state.color);
+    for (const b of toolSeg.querySelectorAll("button")) {
+      b.classList.toggle("on", b.dataset.tool === state.tool);
+      b.setAttribute("aria-pressed", String(b.dataset.tool === state.tool));
+    }
+    hint.textContent =
+      state.tool === "pan"
+        ? "scroll to zoom, drag to pan, shift-drag to select a box, click a dot to open its sample, Esc clears the selection"
+        : `drag to ${state.tool === "box" ? "select a box" : "draw a lasso around dots"}, shift-drag to pan, scroll to zoom, click a dot to open its sample, Esc clears the selection`;
+    canvas.style.cursor = state.tool === "pan" ? "grab" : "crosshair";
     misBox.checked = state.mis;
     const q = new URLSearchParams(ctx.params);
     if (state.color === "correct") q.set("color", "correct");
     else q.delete("color");
     if (state.mis) q.set("mis", "1");
     else q.delete("mis");
+    if (state.tool !== "pan") q.set("tool", state.tool);
+    else q.delete("tool");
     ctx.replaceParams(q);
+  }
+
+  function update(): void {
+    syncControls();
     regroup();
     renderLegend();
     hideTip();
@@ -297,53 +344,109 @@ export async function renderMap(root: HTMLElement, ctx: PageContext): Promise<vo
     const i = pick(ev);
     if (i >= 0) showTip(i, ev);
     else hideTip();
-    canvas.style.cursor = i >= 0 ? "pointer" : "grab";
+    canvas.style.cursor = i >= 0 ? "pointer" : state.tool === "pan" ? "grab" : "crosshair";
   });
   canvas.addEventListener("mouseleave", hideTip);
   let downAt: [number, number] | null = null;
   canvas.addEventListener("mousedown", (ev) => (downAt = [ev.clientX, ev.clientY]));
+  let selectedByDrag = false;
   canvas.addEventListener("click", (ev) => {
+    if (selectedByDrag) return void (selectedByDrag = false);
     // a drag (pan or box) that ends on a dot is not a click on it
     if (downAt && Math.hypot(ev.clientX - downAt[0], ev.clientY - downAt[1]) > 4) return;
     const i = pick(ev);
     if (i >= 0 && has(doc.ids[i])) ctx.navigate(ctx.href("sample", doc.ids[i]));
   });
 
-  // -- box select (shift-drag) ---------------------------------------------------------------
+  // -- box and lasso select ------------------------------------------------------------------
+  // Dragging selects with the chosen tool; shift swaps pan and select (shift-drag selects a
+  // box when the tool is pan, and pans when it is box or lasso).
+  const selects = (ev: MouseEvent): boolean => (state.tool !== "pan") !== ev.shiftKey;
   let dragging = false;
-  let start: [number, number] = [0, 0];
-  canvas.addEventListener("pointerdown", (ev) => {
-    if (!ev.shiftKey) return;
+  let shape: "box" | "lasso" = "box";
+  let pts: [number, number][] = []; // the gesture's points, canvas pixels
+  const local = (ev: MouseEvent): [number, number] => {
     const rect = canvas.getBoundingClientRect();
+    return [ev.clientX - rect.left, ev.clientY - rect.top];
+  };
+  function endGesture(): void {
+    dragging = false;
+    band.hidden = true;
+    lasso.classList.remove("on");
+    lassoPath.setAttribute("d", "");
+  }
+  canvas.addEventListener("pointerdown", (ev) => {
+    if (ev.button || !selects(ev)) return;
     dragging = true;
-    start = [ev.clientX - rect.left, ev.clientY - rect.top];
+    shape = state.tool === "lasso" ? "lasso" : "box";
+    pts = [local(ev)];
     canvas.setPointerCapture(ev.pointerId);
     hideTip();
   });
   canvas.addEventListener("pointermove", (ev) => {
     if (!dragging) return;
-    const rect = canvas.getBoundingClientRect();
-    const [ax, ay] = start;
-    const bxp = ev.clientX - rect.left;
-    const byp = ev.clientY - rect.top;
-    Object.assign(band.style, { left: `${Math.min(ax, bxp)}px`, top: `${Math.min(ay, byp)}px`, width: `${Math.abs(bxp - ax)}px`, height: `${Math.abs(byp - ay)}px` });
-    band.hidden = false;
+    if (shape === "box") {
+      const [ax, ay] = pts[0];
+      const [bxp, byp] = local(ev);
+      pts[1] = [bxp, byp];
+      Object.assign(band.style, { left: `${Math.min(ax, bxp)}px`, top: `${Math.min(ay, byp)}px`, width: `${Math.abs(bxp - ax)}px`, height: `${Math.abs(byp - ay)}px` });
+      band.hidden = false;
+      return;
+    }
+    // every position the pointer passed through, not only the one per frame
+    for (const e of ev.getCoalescedEvents?.() ?? [ev]) {
+      const q = local(e);
+      const last = pts[pts.length - 1];
+      if (Math.abs(q[0] - last[0]) + Math.abs(q[1] - last[1]) >= 1) pts.push(q);
+    }
+    lassoPath.setAttribute("d", `M${pts.map(([x, y]) => `${x},${y}`).join("L")}Z`);
+    lasso.classList.add("on");
   });
+  canvas.addEventListener("pointercancel", endGesture);
   canvas.addEventListener("pointerup", (ev) => {
     if (!dragging) return;
-    dragging = false;
-    band.hidden = true;
-    const rect = canvas.getBoundingClientRect();
-    const [ax, ay] = transform.invert(start);
-    const [cx, cy] = transform.invert([ev.clientX - rect.left, ev.clientY - rect.top]);
-    const [lx, hx, ly, hy] = [Math.min(ax, cx), Math.max(ax, cx), Math.min(ay, cy), Math.max(ay, cy)];
+    const end = local(ev);
+    const [sx, sy] = pts[0];
+    const moved = Math.hypot(end[0] - sx, end[1] - sy) > 4 || pts.some(([x, y]) => Math.hypot(x - sx, y - sy) > 4);
+    endGesture();
+    if (!moved) return; // a click, not a selection: the click handler opens the dot
+    selectedByDrag = true; // a lasso may end where it began: its click opens nothing
+    const last = pts[pts.length - 1];
+    if (shape === "lasso" && (end[0] !== last[0] || end[1] !== last[1])) pts.push(end);
+    if (shape === "box") pts = [pts[0], end];
+    if (shape === "lasso" && pts.length < 3) return;
+    applySelection(shape === "box" ? boxCorners(pts[0], pts[1]) : pts);
+  });
+  const boxCorners = ([ax, ay]: [number, number], [cx, cy]: [number, number]): [number, number][] => [
+    [ax, ay],
+    [cx, ay],
+    [cx, cy],
+    [ax, cy],
+  ];
+
+  /** Select the shown dots inside the polygon `screen` (canvas pixels): the quadtree gives the
+   * dots in its bounding box, the even-odd test in data coordinates keeps those inside. */
+  function applySelection(screen: [number, number][]): void {
+    const m = screen.length;
+    const xs = new Float64Array(m);
+    const ys = new Float64Array(m);
+    let [lx, hx, ly, hy] = [Infinity, -Infinity, Infinity, -Infinity];
+    for (let j = 0; j < m; j++) {
+      const [ux, uy] = transform.invert(screen[j]); // base coordinates, as the quadtree's
+      lx = Math.min(lx, ux);
+      hx = Math.max(hx, ux);
+      ly = Math.min(ly, uy);
+      hy = Math.max(hy, uy);
+      xs[j] = (ux - tx) / scale;
+      ys[j] = (ty - uy) / scale;
+    }
     const found: number[] = [];
     tree.visit((node, qx0, qy0, qx1, qy1) => {
       if (!node.length) {
         let leaf: typeof node | undefined = node;
         while (leaf && !leaf.length) {
           const i = (leaf as { data: number }).data;
-          if (bx[i] >= lx && bx[i] <= hx && by[i] >= ly && by[i] <= hy) found.push(i);
+          if (bx[i] >= lx && bx[i] <= hx && by[i] >= ly && by[i] <= hy && insidePolygon(doc.x[i], doc.y[i], xs, ys)) found.push(i);
           leaf = (leaf as { next?: typeof node }).next;
         }
       }
@@ -352,7 +455,19 @@ export async function renderMap(root: HTMLElement, ctx: PageContext): Promise<vo
     selected = found.sort((a, b) => doc.ids[a] - doc.ids[b]);
     renderSelection();
     redraw();
-  });
+  }
+  function clearSelection(): void {
+    selected = [];
+    renderSelection();
+    redraw();
+  }
+  const onKey = (ev: KeyboardEvent) => {
+    if (ev.key !== "Escape" || ev.target instanceof HTMLInputElement) return;
+    if (dragging) endGesture();
+    else if (selected.length) clearSelection();
+  };
+  document.addEventListener("keydown", onKey);
+  ctx.signal.addEventListener("abort", () => document.removeEventListener("keydown", onKey));
 
   function renderSelection(): void {
     if (!selected.length) {
@@ -362,7 +477,7 @@ export async function renderMap(root: HTMLElement, ctx: PageContext): Promise<vo
     const nw = selected.filter((i) => wrong[i]).length;
     fill(
       selection,
-      h("h2", null, `Selected: ${selected.length.toLocaleString()} samples`, h("span", { class: "sub" }, ` ${nw} misclassified`), " ", h("button", { type: "button", onclick: () => ((selected = []), renderSelection(), redraw()) }, "clear")),
+      h("h2", null, `Selected: ${selected.length.toLocaleString()} samples`, h("span", { class: "sub" }, ` ${nw} misclassified`), " ", h("button", { type: "button", onclick: clearSelection }, "clear")),
       h(
         "div",
         { class: "sample-grid" },
@@ -376,14 +491,14 @@ export async function renderMap(root: HTMLElement, ctx: PageContext): Promise<vo
           ),
         ),
       ),
-      selected.length > SELECTION_SHOWN ? h("p", { class: "muted" }, `… and ${selected.length - SELECTION_SHOWN} more (select a smaller box)`) : null,
+      selected.length > SELECTION_SHOWN ? h("p", { class: "muted" }, `… and ${selected.length - SELECTION_SHOWN} more (select a smaller area)`) : null,
     );
   }
 
   // -- zoom ------------------------------------------------------------------------------------
   const zoomer = zoom<HTMLCanvasElement, unknown>()
     .scaleExtent([0.5, 400])
-    .filter((ev: Event) => !(ev as MouseEvent).shiftKey && !(ev as MouseEvent).button)
+    .filter((ev: Event) => ev.type === "wheel" || (!(ev as MouseEvent).button && !selects(ev as MouseEvent)))
     .on("zoom", (ev: { transform: ZoomTransform }) => {
       transform = ev.transform;
       hideTip();
@@ -396,6 +511,11 @@ export async function renderMap(root: HTMLElement, ctx: PageContext): Promise<vo
     b.addEventListener("click", () => {
       state.color = b.dataset.color === "correct" ? "correct" : "class";
       update();
+    });
+  for (const b of toolSeg.querySelectorAll("button"))
+    b.addEventListener("click", () => {
+      state.tool = (b.dataset.tool ?? "pan") as Tool;
+      syncControls();
     });
   misBox.addEventListener("change", () => {
     state.mis = misBox.checked;
