@@ -291,3 +291,70 @@ def test_static_export_shows_the_map(page: Any, served: dict[str, Any], static_s
     note.wait_for()
     assert "holds no dataset map" in note.inner_text() and "lurker map" in note.inner_text()
     assert not page.errors
+
+
+TABLEAU = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1",
+           "#ff9da7", "#9c755f", "#bab0ac"]  # fmt: skip
+BACKGROUND = (0xFB, 0xFC, 0xFD)
+
+
+@pytest.fixture(scope="module")
+def large(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """A run holding only a 6,000-point map (drawn as squares in a pixel buffer), written
+    the way `lurker map` writes one."""
+    from lurker.server import create_app
+    from lurker.server.serve import background
+    from lurker.store import RunWriter
+
+    rng = np.random.default_rng(0)
+    n = 6000
+    label = rng.integers(0, 10, n)
+    xy = rng.normal(0, 10, (10, 2))[label] + rng.normal(0, 3, (n, 2))
+    root = tmp_path_factory.mktemp("large")
+    meta = {"model": "synthetic", "model_fingerprint": "synthetic", "dataset": "synthetic"}
+    with RunWriter.create(root / "large", meta=meta) as w:
+        w.set_classes([f"class {i}" for i in range(10)])
+        w.add_samples((i, f"s/{i}.png", int(label[i])) for i in range(n))
+        w.write_layers_result([])
+        w.write_map(np.arange(n), xy, label, np.ones(n), {"layer": "fc", "method": "tsne"})
+    with background(create_app(root)) as url:
+        yield {"url": url, "xy": xy, "label": label}
+
+
+def test_many_points_are_drawn_in_their_class_colour(page: Any, large: dict[str, Any]):
+    """Every isolated point's pixel holds its class colour at 90% over the background
+    (oracle: the blend computed here); pixels far from every point hold the background."""
+    page.goto(f"{large['url']}#/r/large/map")
+    page.wait_for_selector("canvas.map-canvas[data-shown='6000']")
+    page.wait_for_load_state("networkidle")
+    g = page.evaluate(
+        "() => { const c = document.querySelector('canvas.map-canvas'); return {s: "
+        "+c.dataset.scale, tx: +c.dataset.tx, ty: +c.dataset.ty, w: c.width, h: c.height}; }"
+    )
+    pixels = np.array(
+        page.evaluate(
+            "() => { const c = document.querySelector('canvas.map-canvas'); return Array.from("
+            "c.getContext('2d').getImageData(0, 0, c.width, c.height).data); }"
+        ),
+        np.uint8,
+    ).reshape(g["h"], g["w"], 4)
+    xy = large["xy"]
+    sx, sy = g["tx"] + xy[:, 0] * g["s"], g["ty"] - xy[:, 1] * g["s"]
+    screen = np.c_[sx, sy]
+    d = np.sqrt(((screen[:, None] - screen[None]) ** 2).sum(-1)) + np.eye(len(xy)) * 1e9
+    apart = (d.min(1) > 8) & (sx > 8) & (sy > 8) & (sx < g["w"] - 8) & (sy < g["h"] - 8)
+    assert apart.sum() >= 5
+    for i in np.flatnonzero(apart):
+        colour = np.array([int(TABLEAU[large["label"][i]][j : j + 2], 16) for j in (1, 3, 5)])
+        want = 0.9 * colour + 0.1 * np.array(BACKGROUND)
+        got = pixels[int(sy[i]), int(sx[i])]
+        assert np.abs(got[:3] - want).max() <= 2 and got[3] == 255, (i, got, want)
+    yy, xx = np.mgrid[0 : g["h"] : 7, 0 : g["w"] : 7]
+    grid = np.c_[xx.ravel(), yy.ravel()]
+    far = np.ones(len(grid), bool)
+    for chunk in np.array_split(np.arange(len(xy)), 20):
+        near = np.abs(grid[:, None] - screen[chunk][None]).max(-1).min(1) < 6
+        far &= ~near
+    assert far.sum() > 1000
+    assert (pixels[grid[far, 1], grid[far, 0]] == [*BACKGROUND, 255]).all()
+    assert not page.errors

@@ -110,7 +110,9 @@ def create_app(
         app.include_router(module.router)
     # JSON documents (a layer of 512 units, a sample's appearances, the graph view)
     # shrink several-fold; PNGs are already compressed and small responses are left alone.
-    app.add_middleware(GZipMiddleware, minimum_size=1024)
+    # Level 5, not Starlette's 9: a 50,000-point map (1.6 MB) compresses in 0.09 s, not
+    # 0.75 s, for 2.5% more bytes.
+    app.add_middleware(GZipMiddleware, minimum_size=1024, compresslevel=5)
     # outermost: a too-large upload is refused before anything else reads its body
     app.add_middleware(UploadLimit)
     _install_static(app, static)
