@@ -219,17 +219,17 @@ def test_export_writes_the_map_document(model, data, tmp_path):
 
 
 class _FailsOnce(torch.utils.data.Dataset):
-    """The test digits, raising once at sample 120 (a crash in the middle of the sweep)."""
+    """The test digits, raising once at sample ``at`` (a crash in the middle of the sweep)."""
 
-    def __init__(self, data: Any) -> None:
-        self.data, self.armed = data, True
+    def __init__(self, data: Any, at: int = 120) -> None:
+        self.data, self.armed, self.at = data, True, at
         self.targets = [int(data[i][1]) for i in range(len(data))]  # no read in planning
 
     def __len__(self) -> int:
         return len(self.data)
 
     def __getitem__(self, i: int) -> Any:
-        if i == 120 and self.armed:
+        if i == self.at and self.armed:
             self.armed = False
             raise RuntimeError("crash")
         return self.data[i]
@@ -257,6 +257,71 @@ def test_resumed_probe_keeps_the_features_of_both_parts(model, data, tmp_path):
         assert got == [
             (e.sample_id, e.value) for e in other.unit("classifier.1", u).top("relevance")
         ]
+
+
+@pytest.mark.parametrize("crash", ["dataset", "between_rows_and_checkpoint"])
+def test_features_resume_bit_exactly_after_a_crash(model, data, tmp_path, monkeypatch, crash):
+    """Killed after a checkpoint (a dataset error) or between a checkpoint's rows write and
+    its checkpoint file: the resumed run's features equal an uninterrupted run's, no row
+    lost or repeated."""
+    import lurker.probe.sweep as sweep
+
+    kw = {"layers": "classifier.1", "batch_size": 20, "progress": False, "embed": "features.8"}
+    out, ds = tmp_path / "r", _FailsOnce(data, at=130)  # raises once, then reads as data
+    if crash == "dataset":
+        with pytest.raises(RuntimeError, match="crash"):
+            probe(model, ds, out=out, checkpoint_every=2, **kw)
+    else:
+        real, calls = sweep.atomic_write_bytes, []
+
+        def dies_on_the_third(path: Any, payload: bytes, **kwargs: Any) -> Any:
+            calls.append(path)
+            if len(calls) == 3:
+                raise RuntimeError("crash")
+            return real(path, payload, **kwargs)
+
+        monkeypatch.setattr(sweep, "atomic_write_bytes", dies_on_the_third)
+        ds.armed = False
+        with pytest.raises(RuntimeError, match="crash"):
+            probe(model, ds, out=out, checkpoint_every=1, **kw)
+        monkeypatch.setattr(sweep, "atomic_write_bytes", real)
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    done, committed = state["done"], state["embedding"]["rows"]
+    assert committed == done and 0 < done < len(data)
+    written = (out / "checkpoint-embedding.rows").stat().st_size // state["embedding"]["row_bytes"]
+    # the second crash leaves a batch of rows that no checkpoint committed
+    assert written == (done + 20 if crash != "dataset" else done)
+    run = probe(model, ds, out=out, **kw)
+    assert run.meta["sweep"]["images"] == len(data) - done  # it did resume
+    assert not list(out.glob("checkpoint*"))  # checkpoint and rows file gone with the results
+    resumed, whole = run.embedding(), probe(model, data, out=tmp_path / "w", **kw).embedding()
+    np.testing.assert_array_equal(resumed.ids, np.arange(len(data)))
+    np.testing.assert_array_equal(resumed.features, whole.features)
+    np.testing.assert_array_equal(resumed.pred, whole.pred)
+    np.testing.assert_array_equal(resumed.conf, whole.conf)
+
+
+def test_checkpoint_size_does_not_grow_with_the_saved_features(model, data, tmp_path):
+    """A checkpoint after 2k batches is as large as one after k: the features go to the
+    rows file beside it, once each, instead of into every checkpoint."""
+    kw = {"layers": "classifier.1", "batch_size": 20, "progress": False, "embed": "features.8",
+          "checkpoint_every": 1}  # fmt: skip
+    sizes = {}
+    for at in (80, 160):  # crash in batch 5 and batch 9: 4 and 8 batches checkpointed
+        out = tmp_path / str(at)
+        with pytest.raises(RuntimeError, match="crash"):
+            probe(model, _FailsOnce(data, at=at), out=out, **kw)
+        rows = torch.load(out / "checkpoint.pt", weights_only=True)["embedding"]
+        assert rows["rows"] == at
+        sizes[at] = (out / "checkpoint.pt").stat().st_size, (out / "checkpoint-embedding.rows")
+    (ckpt_k, rows_k), (ckpt_2k, rows_2k) = sizes[80], sizes[160]
+    row_bytes = torch.load(tmp_path / "80" / "checkpoint.pt", weights_only=True)["embedding"][
+        "row_bytes"
+    ]
+    assert row_bytes == 8 + 8 + 4 + 2 * 32  # id, prediction, confidence, 32 float16 features
+    assert abs(ckpt_2k - ckpt_k) < row_bytes  # not even one row's worth more
+    assert rows_k.stat().st_size == 80 * row_bytes
+    assert rows_2k.stat().st_size == 160 * row_bytes
 
 
 def _dist_worker(rank: int, world: int, store: str, out: str) -> None:
