@@ -174,6 +174,91 @@ def test_cli_map_collects_features_with_the_recorded_model(model, tmp_path):
     assert res.exit_code == 2 and "No layer matches ['nope']" in res.output
 
 
+def _folder(root: Path) -> Path:
+    """An ImageFolder of 2 x 5 random images, a file that is no image (skipped up front,
+    not a sample) and a truncated JPEG (a sample the probe cannot decode)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(5):
+            pixels = (rng.random((16, 16)) * 255).astype("uint8")
+            Image.fromarray(pixels).save(root / c / f"{i}.png")
+    (root / "a" / "bad.png").write_bytes(b"not an image")
+    Image.fromarray((rng.random((64, 64)) * 255).astype("uint8")).save(root / "b" / "t.jpg")
+    whole = (root / "b" / "t.jpg").read_bytes()
+    (root / "b" / "t.jpg").write_bytes(whole[: len(whole) // 2])
+    return root
+
+
+def _cli_probe_folder(model, tmp_path: Path, folder: Path) -> Path:
+    from lurker.cli import main
+
+    weights = tmp_path / "w.pt"
+    torch.save(model.state_dict(), weights)
+    out = tmp_path / "run"
+    res = CliRunner().invoke(main, [
+        "probe", "lurker.examples:DigitsNet", "-w", str(weights), "--data", str(folder),
+        "--image-size", "16", "--out", str(out), "-l", "classifier.1", "--device", "cpu",
+    ])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    return out
+
+
+def test_cli_map_of_a_folder_with_unreadable_images(model, tmp_path):
+    """The run holds the readable images and the truncated one; the map holds the readable
+    ones, with the features a plain forward gives, and names the others. Fixing the bad
+    file afterwards (which shifts the folder's indices) still maps the run's samples."""
+    from lurker.cli import main
+
+    folder = _folder(tmp_path / "imgs")
+    out = _cli_probe_folder(model, tmp_path, folder)
+    with Run.open(out) as r:
+        assert r.num_samples == 11 and len(r.skipped) == 2
+        by_path = {s.path: s.id for s in r.samples(range(r.num_samples))}
+    # the probe's skipped file becomes readable: the folder now has 12 images, in a new order
+    from PIL import Image
+
+    Image.fromarray(np.zeros((16, 16), "uint8")).save(folder / "a" / "bad.png", format="PNG")
+    res = CliRunner().invoke(main, ["map", str(out), "--method", "pca", "--layer", "features.8"])
+    assert res.exit_code == 0, res.output
+    assert "map of 10 samples from features.8" in res.output
+    assert "1 of the run's 11 samples are not on the map" in res.output
+    assert "t.jpg" in res.output and "could not read 2 file(s)" in res.output
+    ds = load_dataset(str(folder), 16, channels=1)  # as `lurker probe` loaded it
+    good = [p for p in ds.paths if not p.endswith(("t.jpg", "bad.png"))]
+    with Run.open(out) as r:
+        e = r.embedding()
+        assert e.ids.tolist() == sorted(by_path[p] for p in good)
+        for p in good:  # each run sample's own features: an independent forward hook
+            x = ds[ds.paths.index(p)][0][None]
+            want = _hooked(model, "features.8", x)[0].mean((2, 3))[0]
+            got = e.features[e.ids.tolist().index(by_path[p])].astype(np.float32)
+            np.testing.assert_allclose(got, want.numpy(), rtol=2e-3, atol=2e-3)
+
+
+def test_cli_map_refuses_another_folder(model, tmp_path):
+    from PIL import Image
+
+    from lurker.cli import main
+
+    out = _cli_probe_folder(model, tmp_path, _folder(tmp_path / "imgs"))
+    other = tmp_path / "other"
+    for c in ("a", "b"):
+        (other / c).mkdir(parents=True)
+        for i in range(5):
+            Image.fromarray(np.zeros((16, 16), "uint8")).save(other / c / f"x{i}.png")
+    res = CliRunner().invoke(main, ["map", str(out), "--method", "pca", "--data", str(other)])
+    assert res.exit_code != 0
+    assert "is not the one the run was probed with" in res.output
+    assert "only 0 of the run's 11 images are in it" in res.output
+    assert "Traceback" not in res.output
+    res = CliRunner().invoke(main, ["map", str(out), "--method", "pca", "--data", "digits:test"])
+    assert res.exit_code != 0 and "the run was probed with" in res.output
+    assert not Run.open(out).has_map
+
+
 def test_api_map_document(model, data, tmp_path):
     from fastapi.testclient import TestClient
 

@@ -10,10 +10,10 @@ touching the sweep's loop.
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
