@@ -2,7 +2,11 @@
 
 1. Images per second for one full layer of vgg11 (random init: the speed does not depend
    on the weights), all units optimized in one batch per step vs one unit at a time (the
-   per-unit rate is measured on the first ``--alone`` units).
+   per-unit rate is measured on the first ``--alone`` units), and vs torch-lucent's
+   ``render_vis`` for the same layer, units, steps and size (all units as one batch), when
+   ``import lucent`` succeeds (else the reason is printed). Beside each rate, the median
+   activation the images reached, measured alike for both (the unit's channel mean on the
+   final image, ImageNet-normalised, no transforms).
 2. The fraction of units of the trained digits model whose optimized image excites the
    unit more than the unit's best dataset image (its best of all 1,797 digits), and how far
    above random images the optimized ones are.
@@ -49,6 +53,65 @@ def vgg_rates(args: argparse.Namespace) -> None:
     per_step = batched / args.steps
     print(f"  a full layer at 256 steps would take about {per_step * 256:.0f} s batched")
     assert fv.images.shape[0] == units
+    ours = _reached(model, layer, fv.images.to(args.device)).median().item()
+    print(f"  lurker: {rate_b:.2f} images/s, median activation reached {ours:.3f}")
+    lucent_rate(args, model, layer, units)
+
+
+def lucent_rate(args: argparse.Namespace, model: torch.nn.Module, layer: str, units: int) -> None:
+    """torch-lucent's render_vis on the same layer, units, steps and size: its defaults
+    otherwise (Fourier image, decorrelated colour, its standard transforms, Adam 0.05), at
+    the image size itself (``fixed_image_size``: it would upsample to 224 px otherwise)."""
+    try:
+        from lucent.optvis import objectives, param, render
+    except Exception as e:  # any import failure: print it
+        print(f"  torch-lucent: skipped, `import lucent` failed: {type(e).__name__}: {e}")
+        return
+    name = layer.replace(".", "_")  # lucent names modules by their path with underscores
+    objective = sum(objectives.channel(name, u, batch=u) for u in range(units))
+    kw = dict(thresholds=(args.steps,), show_image=False, progress=False)
+    try:
+        torch.manual_seed(0)
+        render.render_vis(  # warm-up, as for lurker
+            model, objectives.channel(name, 0), param_f=lambda: param.image(args.size),
+            fixed_image_size=args.size, **{**kw, "thresholds": (1,)},
+        )  # fmt: skip
+        _sync(args.device)
+        t = time.perf_counter()
+        images = render.render_vis(
+            model, objective, param_f=lambda: param.image(args.size, batch=units),
+            fixed_image_size=args.size, **kw,
+        )[-1]  # fmt: skip
+        _sync(args.device)
+        took = time.perf_counter() - t
+    except Exception as e:  # an old lucent on a new torch: print why
+        print(f"  torch-lucent: render_vis failed on torch {torch.__version__}: "
+              f"{type(e).__name__}: {e}")  # fmt: skip
+        return
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().to(args.device)
+    reached = _reached(model, layer, x).median().item()
+    print(
+        f"  torch-lucent {_version('torch-lucent')} (kornia {_version('kornia')}): "
+        f"{units / took:.2f} images/s ({took:.1f} s for the layer), median activation reached "
+        f"{reached:.3f}"
+    )
+
+
+def _reached(model: torch.nn.Module, layer: str, images: torch.Tensor) -> torch.Tensor:
+    """Row i's channel-i mean at ``layer`` for images in [0, 1], ImageNet-normalised."""
+    mean = torch.tensor([0.485, 0.456, 0.406], device=images.device)[:, None, None]
+    std = torch.tensor([0.229, 0.224, 0.225], device=images.device)[:, None, None]
+    means = _means(model, layer, (images - mean) / std)
+    return means[torch.arange(len(means)), torch.arange(len(means))].cpu()
+
+
+def _version(dist: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return "?"
 
 
 def digits_quality(args: argparse.Namespace) -> None:

@@ -174,6 +174,91 @@ def test_cli_map_collects_features_with_the_recorded_model(model, tmp_path):
     assert res.exit_code == 2 and "No layer matches ['nope']" in res.output
 
 
+def _folder(root: Path) -> Path:
+    """An ImageFolder of 2 x 5 random images, a file that is no image (skipped up front,
+    not a sample) and a truncated JPEG (a sample the probe cannot decode)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(5):
+            pixels = (rng.random((16, 16)) * 255).astype("uint8")
+            Image.fromarray(pixels).save(root / c / f"{i}.png")
+    (root / "a" / "bad.png").write_bytes(b"not an image")
+    Image.fromarray((rng.random((64, 64)) * 255).astype("uint8")).save(root / "b" / "t.jpg")
+    whole = (root / "b" / "t.jpg").read_bytes()
+    (root / "b" / "t.jpg").write_bytes(whole[: len(whole) // 2])
+    return root
+
+
+def _cli_probe_folder(model, tmp_path: Path, folder: Path) -> Path:
+    from lurker.cli import main
+
+    weights = tmp_path / "w.pt"
+    torch.save(model.state_dict(), weights)
+    out = tmp_path / "run"
+    res = CliRunner().invoke(main, [
+        "probe", "lurker.examples:DigitsNet", "-w", str(weights), "--data", str(folder),
+        "--image-size", "16", "--out", str(out), "-l", "classifier.1", "--device", "cpu",
+    ])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    return out
+
+
+def test_cli_map_of_a_folder_with_unreadable_images(model, tmp_path):
+    """The run holds the readable images and the truncated one; the map holds the readable
+    ones, with the features a plain forward gives, and names the others. Fixing the bad
+    file afterwards (which shifts the folder's indices) still maps the run's samples."""
+    from lurker.cli import main
+
+    folder = _folder(tmp_path / "imgs")
+    out = _cli_probe_folder(model, tmp_path, folder)
+    with Run.open(out) as r:
+        assert r.num_samples == 11 and len(r.skipped) == 2
+        by_path = {s.path: s.id for s in r.samples(range(r.num_samples))}
+    # the probe's skipped file becomes readable: the folder now has 12 images, in a new order
+    from PIL import Image
+
+    Image.fromarray(np.zeros((16, 16), "uint8")).save(folder / "a" / "bad.png", format="PNG")
+    res = CliRunner().invoke(main, ["map", str(out), "--method", "pca", "--layer", "features.8"])
+    assert res.exit_code == 0, res.output
+    assert "map of 10 samples from features.8" in res.output
+    assert "1 of the run's 11 samples are not on the map" in res.output
+    assert "t.jpg" in res.output and "could not read 2 file(s)" in res.output
+    ds = load_dataset(str(folder), 16, channels=1)  # as `lurker probe` loaded it
+    good = [p for p in ds.paths if not p.endswith(("t.jpg", "bad.png"))]
+    with Run.open(out) as r:
+        e = r.embedding()
+        assert e.ids.tolist() == sorted(by_path[p] for p in good)
+        for p in good:  # each run sample's own features: an independent forward hook
+            x = ds[ds.paths.index(p)][0][None]
+            want = _hooked(model, "features.8", x)[0].mean((2, 3))[0]
+            got = e.features[e.ids.tolist().index(by_path[p])].astype(np.float32)
+            np.testing.assert_allclose(got, want.numpy(), rtol=2e-3, atol=2e-3)
+
+
+def test_cli_map_refuses_another_folder(model, tmp_path):
+    from PIL import Image
+
+    from lurker.cli import main
+
+    out = _cli_probe_folder(model, tmp_path, _folder(tmp_path / "imgs"))
+    other = tmp_path / "other"
+    for c in ("a", "b"):
+        (other / c).mkdir(parents=True)
+        for i in range(5):
+            Image.fromarray(np.zeros((16, 16), "uint8")).save(other / c / f"x{i}.png")
+    res = CliRunner().invoke(main, ["map", str(out), "--method", "pca", "--data", str(other)])
+    assert res.exit_code != 0
+    assert "is not the one the run was probed with" in res.output
+    assert "only 0 of the run's 11 images are in it" in res.output
+    assert "Traceback" not in res.output
+    res = CliRunner().invoke(main, ["map", str(out), "--method", "pca", "--data", "digits:test"])
+    assert res.exit_code != 0 and "the run was probed with" in res.output
+    assert not Run.open(out).has_map
+
+
 def test_api_map_document(model, data, tmp_path):
     from fastapi.testclient import TestClient
 
@@ -219,17 +304,17 @@ def test_export_writes_the_map_document(model, data, tmp_path):
 
 
 class _FailsOnce(torch.utils.data.Dataset):
-    """The test digits, raising once at sample 120 (a crash in the middle of the sweep)."""
+    """The test digits, raising once at sample ``at`` (a crash in the middle of the sweep)."""
 
-    def __init__(self, data: Any) -> None:
-        self.data, self.armed = data, True
+    def __init__(self, data: Any, at: int = 120) -> None:
+        self.data, self.armed, self.at = data, True, at
         self.targets = [int(data[i][1]) for i in range(len(data))]  # no read in planning
 
     def __len__(self) -> int:
         return len(self.data)
 
     def __getitem__(self, i: int) -> Any:
-        if i == 120 and self.armed:
+        if i == self.at and self.armed:
             self.armed = False
             raise RuntimeError("crash")
         return self.data[i]
@@ -257,6 +342,71 @@ def test_resumed_probe_keeps_the_features_of_both_parts(model, data, tmp_path):
         assert got == [
             (e.sample_id, e.value) for e in other.unit("classifier.1", u).top("relevance")
         ]
+
+
+@pytest.mark.parametrize("crash", ["dataset", "between_rows_and_checkpoint"])
+def test_features_resume_bit_exactly_after_a_crash(model, data, tmp_path, monkeypatch, crash):
+    """Killed after a checkpoint (a dataset error) or between a checkpoint's rows write and
+    its checkpoint file: the resumed run's features equal an uninterrupted run's, no row
+    lost or repeated."""
+    import lurker.probe.sweep as sweep
+
+    kw = {"layers": "classifier.1", "batch_size": 20, "progress": False, "embed": "features.8"}
+    out, ds = tmp_path / "r", _FailsOnce(data, at=130)  # raises once, then reads as data
+    if crash == "dataset":
+        with pytest.raises(RuntimeError, match="crash"):
+            probe(model, ds, out=out, checkpoint_every=2, **kw)
+    else:
+        real, calls = sweep.atomic_write_bytes, []
+
+        def dies_on_the_third(path: Any, payload: bytes, **kwargs: Any) -> Any:
+            calls.append(path)
+            if len(calls) == 3:
+                raise RuntimeError("crash")
+            return real(path, payload, **kwargs)
+
+        monkeypatch.setattr(sweep, "atomic_write_bytes", dies_on_the_third)
+        ds.armed = False
+        with pytest.raises(RuntimeError, match="crash"):
+            probe(model, ds, out=out, checkpoint_every=1, **kw)
+        monkeypatch.setattr(sweep, "atomic_write_bytes", real)
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    done, committed = state["done"], state["embedding"]["rows"]
+    assert committed == done and 0 < done < len(data)
+    written = (out / "checkpoint-embedding.rows").stat().st_size // state["embedding"]["row_bytes"]
+    # the second crash leaves a batch of rows that no checkpoint committed
+    assert written == (done + 20 if crash != "dataset" else done)
+    run = probe(model, ds, out=out, **kw)
+    assert run.meta["sweep"]["images"] == len(data) - done  # it did resume
+    assert not list(out.glob("checkpoint*"))  # checkpoint and rows file gone with the results
+    resumed, whole = run.embedding(), probe(model, data, out=tmp_path / "w", **kw).embedding()
+    np.testing.assert_array_equal(resumed.ids, np.arange(len(data)))
+    np.testing.assert_array_equal(resumed.features, whole.features)
+    np.testing.assert_array_equal(resumed.pred, whole.pred)
+    np.testing.assert_array_equal(resumed.conf, whole.conf)
+
+
+def test_checkpoint_size_does_not_grow_with_the_saved_features(model, data, tmp_path):
+    """A checkpoint after 2k batches is as large as one after k: the features go to the
+    rows file beside it, once each, instead of into every checkpoint."""
+    kw = {"layers": "classifier.1", "batch_size": 20, "progress": False, "embed": "features.8",
+          "checkpoint_every": 1}  # fmt: skip
+    sizes = {}
+    for at in (80, 160):  # crash in batch 5 and batch 9: 4 and 8 batches checkpointed
+        out = tmp_path / str(at)
+        with pytest.raises(RuntimeError, match="crash"):
+            probe(model, _FailsOnce(data, at=at), out=out, **kw)
+        rows = torch.load(out / "checkpoint.pt", weights_only=True)["embedding"]
+        assert rows["rows"] == at
+        sizes[at] = (out / "checkpoint.pt").stat().st_size, (out / "checkpoint-embedding.rows")
+    (ckpt_k, rows_k), (ckpt_2k, rows_2k) = sizes[80], sizes[160]
+    row_bytes = torch.load(tmp_path / "80" / "checkpoint.pt", weights_only=True)["embedding"][
+        "row_bytes"
+    ]
+    assert row_bytes == 8 + 8 + 4 + 2 * 32  # id, prediction, confidence, 32 float16 features
+    assert abs(ckpt_2k - ckpt_k) < row_bytes  # not even one row's worth more
+    assert rows_k.stat().st_size == 80 * row_bytes
+    assert rows_2k.stat().st_size == 160 * row_bytes
 
 
 def _dist_worker(rank: int, world: int, store: str, out: str) -> None:

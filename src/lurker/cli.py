@@ -374,6 +374,18 @@ def map_(
         f"map of {len(m)} samples from {meta.get('layer')} by {meta.get('method')} "
         f"({meta.get('engine')}) in {meta.get('seconds', 0):.1f} s; open it: lurker serve {run}"
     )
+    absent = sorted(set(range(done.num_samples)) - {int(i) for i in m.ids})
+    if absent:
+        shown = ", ".join(str(s.path if s.path else s.id) for s in done.samples(absent[:5]))
+        click.echo(
+            f"{len(absent)} of the run's {done.num_samples} samples are not on the map (their "
+            f"images could not be read, or are no longer in the dataset): {shown}"
+            + (", ..." if len(absent) > 5 else "")
+        )
+    if done.skipped:
+        names = ", ".join(path for path, _ in done.skipped[:5])
+        more = ", ..." if len(done.skipped) > 5 else ""
+        click.echo(f"the probe could not read {len(done.skipped)} file(s): {names}{more}")
 
 
 @main.command()

@@ -128,13 +128,26 @@ def collect_embedding(
     """Every sample's features at ``embed`` (as ``probe(..., embed=)`` keeps them) and the
     model's predictions, in one pass without probing: ``((ids, features, pred, conf),
     settings)``. Sample ids are dataset indices, as the probe numbers them."""
+    from .probe import data as pdata
+
+    return _collect(model, pdata.wrap(dataset), embed, None, batch_size, device)
+
+
+def _collect(
+    model: Any,
+    ds: Any,
+    embed: bool | str,
+    indices: list[int] | None,
+    batch_size: int,
+    device: str | None,
+) -> tuple[Any, dict[str, Any]]:
+    """:func:`collect_embedding` over the items ``indices`` of ``ds`` (None: all)."""
     import torch
 
     from .probe import data as pdata
     from .probe.consumers import Batch, EmbeddingConsumer
     from .probe.sweep import check_embed_budget, embed_layer_of, settled_trace
 
-    ds = pdata.wrap(dataset)
     if len(ds) == 0:
         raise LurkerError("the dataset is empty: nothing to embed")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -143,10 +156,11 @@ def collect_embedding(
     with torch.no_grad():
         tr = settled_trace(model, x0)
     layer = embed_layer_of(tr, embed)
-    check_embed_budget(layer, len(ds))
+    check_embed_budget(layer, len(ds) if indices is None else len(indices))
     consumer = EmbeddingConsumer(layer, probed=False)
+    items = ds if indices is None else torch.utils.data.Subset(ds, indices)  # ids: ds indices
     loader = torch.utils.data.DataLoader(
-        ds, batch_size=batch_size, shuffle=False, collate_fn=pdata.collate
+        items, batch_size=batch_size, shuffle=False, collate_fn=pdata.collate
     )
 
     def feed(op: Any, value: Any) -> None:
@@ -179,6 +193,7 @@ def make_map(
     ``model``/``dataset`` when given, else the model and dataset the run records (as
     ``lurker serve`` loads them), and stored too. Returns the run reopened, holding the map.
     """
+    from .probe import data as pdata
     from .store import Run, RunWriter, run_lock
 
     path = run.path if isinstance(run, Run) else run
@@ -188,7 +203,6 @@ def make_map(
         stored = r.embedding() if r.has_embedding else None
         config = dict(r.meta.get("config") or {})
         size = (r.meta.get("image_size") or [224])[0]
-        n_samples = r.num_samples
     if (
         stored is not None
         and layer is not None
@@ -205,14 +219,16 @@ def make_map(
             if stored is None:
                 model, dataset = _model_and_data(config, int(size), model, dataset, device)
                 _check_model(model, path)
-                if len(dataset) != n_samples:
-                    raise LurkerError(
-                        f"the dataset has {len(dataset)} samples, the run {n_samples}: give "
-                        "the dataset the run was probed with"
-                    )
-                (ids, feats, pred, conf), settings = collect_embedding(
-                    model, dataset, layer or True, device=device
+                ds = pdata.wrap(dataset)
+                indices, run_ids = _align(path, ds)
+                (at, feats, pred, conf), settings = _collect(
+                    model, ds, layer or True, indices, 256, device
                 )
+                ids = run_ids[at.numpy()]  # the dataset's indices as the run's sample ids
+                order = np.argsort(ids, kind="stable")
+                ids, feats, pred, conf = (
+                    ids[order], feats.numpy()[order], pred.numpy()[order], conf.numpy()[order]
+                )  # fmt: skip
                 writer.write_embedding(ids, feats, pred, conf, settings)
             else:
                 ids, feats, pred, conf = stored.ids, stored.features, stored.pred, stored.conf
@@ -236,6 +252,54 @@ def make_map(
         finally:
             writer.close()
     return Run.open(path)
+
+
+def _align(path: Any, ds: Any) -> tuple[list[int], np.ndarray]:
+    """Which items of ``ds`` are the run's samples: their indices in ``ds``, and an array
+    giving the run's sample id of each ``ds`` index (-1: not in the run).
+
+    Image folders match by file path relative to the folder, so a folder that was moved,
+    or whose unreadable files were since fixed or removed (which shifts the indices), still
+    lines up; the run's samples the folder no longer has get no features (reported by
+    ``lurker map``). Other datasets match by the description and length the run records.
+    Raise when the dataset is evidently not the run's.
+    """
+    from .probe import data as pdata
+    from .store import Run
+
+    with Run.open(path) as r:
+        recorded = str(r.meta.get("dataset") or "")
+        samples = r.samples(range(r.num_samples))
+    run_ids = np.full(len(ds), -1, dtype=np.int64)
+    run_paths = [s.path for s in samples]
+    if isinstance(ds, pdata.ImageFolderDataset) and all(run_paths):
+        mine = {_rel(p, str(ds.root)): i for i, p in enumerate(ds.paths or [])}
+        found = [(mine.get(_rel(p, recorded)), s.id) for p, s in zip(run_paths, samples)]
+        hits = [(i, sid) for i, sid in found if i is not None]
+        if 2 * len(hits) <= len(samples):  # not even half: another folder
+            lost = [p for (i, _), p in zip(found, run_paths) if i is None]
+            raise LurkerError(
+                f"the dataset {ds.root} is not the one the run was probed with ({recorded}): "
+                f"only {len(hits)} of the run's {len(samples)} images are in it (missing e.g. "
+                f"{', '.join(lost[:3])}); give the run's dataset (--data)"
+            )
+        for i, sid in hits:
+            run_ids[i] = sid
+        return sorted(i for i, _ in hits), run_ids
+    if ds.description != recorded or len(ds) != len(samples):
+        raise LurkerError(
+            f"the dataset is {ds.description} with {len(ds)} samples, the run was probed with "
+            f"{recorded or 'an unrecorded dataset'} with {len(samples)}: give the dataset the "
+            "run was probed with (--data)"
+        )
+    run_ids[[s.id for s in samples]] = [s.id for s in samples]
+    return [s.id for s in samples], run_ids
+
+
+def _rel(p: str, root: str) -> str:
+    """``p`` relative to ``root`` when under it (the key that survives a moved folder)."""
+    root = root.rstrip(os.sep)
+    return p[len(root) + 1 :] if root and p.startswith(root + os.sep) else p
 
 
 def _model_and_data(

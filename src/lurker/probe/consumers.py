@@ -10,11 +10,14 @@ touching the sweep's loop.
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -96,6 +99,10 @@ class BatchConsumer(ABC):
     @abstractmethod
     def finish(self, writer: RunWriter) -> None:
         """Write the result into the run (rank 0 only, inside ``writer.batch()``)."""
+
+    def discard(self) -> None:  # noqa: B027 (an optional hook, not abstract)
+        """Delete whatever this consumer keeps beside the checkpoint, once its results are
+        written or merged away (default: nothing)."""
 
 
 class UnitStatsConsumer(BatchConsumer):
@@ -322,17 +329,27 @@ EMBED_BUDGET = 4 << 30
 class EmbeddingConsumer(BatchConsumer):
     """Every sample's feature vector at one layer (mean-pooled over its positions, kept as
     float16 on the CPU) with the model's prediction and confidence (softmax max): what
-    the dataset map (:mod:`lurker.map`) reduces to 2-D, gathered during the sweep."""
+    the dataset map (:mod:`lurker.map`) reduces to 2-D, gathered during the sweep.
+
+    With ``rows`` (a file beside the checkpoint) a checkpoint appends only the samples
+    gathered since the previous one to that file and records how many rows are committed,
+    so a long sweep writes each feature once instead of all of them at every checkpoint.
+    A resume reads the committed rows back; rows appended after the last checkpoint (a
+    crash between the two writes) are cut off by the next save, never read.
+    """
 
     key = "embedding"
 
-    def __init__(self, layer: Layer, *, probed: bool) -> None:
+    def __init__(self, layer: Layer, *, probed: bool, rows: Path | None = None) -> None:
         self.layer = layer
         self.extra_layers = () if probed else (layer,)
+        self.rows = rows
         self._feats: list[Tensor] = []
         self._ids: list[Tensor] = []
         self._pred: list[Tensor] = []
         self._conf: list[Tensor] = []
+        self._saved_chunks = 0  # leading chunks of the lists already in the rows file
+        self._saved_rows = 0  # rows of the file that the last checkpoint committed
 
     @property
     def settings(self) -> dict[str, Any]:
@@ -343,6 +360,13 @@ class EmbeddingConsumer(BatchConsumer):
             "dim": self.layer.width,
             "pooled": bool(self.layer.layout.positions),
         }
+
+    @property
+    def _row_dtype(self) -> np.dtype:
+        """One sample's record in the rows file (fixed size, so row n sits at n * size)."""
+        return np.dtype(
+            [("id", "<i8"), ("pred", "<i8"), ("conf", "<f4"), ("f", "<f2", (self.layer.width,))]
+        )
 
     def update(self, layer: Layer, output: Tensor, batch: Batch) -> None:
         if layer.op.index != self.layer.op.index:
@@ -366,21 +390,54 @@ class EmbeddingConsumer(BatchConsumer):
 
     def arrays(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``(ids, features, pred, conf)`` so far, sorted by sample id."""
-        if not self._ids:
+        ids, feats, pred, conf = self._concat(0)
+        order = ids.argsort()
+        return ids[order], feats[order], pred[order], conf[order]
+
+    def _concat(self, start: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The rows of chunks ``start:`` in gathering order."""
+        if len(self._ids) <= start:
             w = self.layer.width
             empty = torch.empty(0, dtype=torch.long)
             return empty, torch.empty(0, w, dtype=torch.float16), empty, torch.empty(0)
-        ids, feats = torch.cat(self._ids), torch.cat(self._feats)
-        pred, conf = torch.cat(self._pred), torch.cat(self._conf)
-        order = ids.argsort()
-        return ids[order], feats[order], pred[order], conf[order]
+        return (
+            torch.cat(self._ids[start:]),
+            torch.cat(self._feats[start:]),
+            torch.cat(self._pred[start:]),
+            torch.cat(self._conf[start:]),
+        )
 
     def _set(self, ids: Tensor, feats: Tensor, pred: Tensor, conf: Tensor) -> None:
         self._ids, self._feats, self._pred, self._conf = [ids], [feats], [pred], [conf]
 
     def state_dict(self) -> dict[str, Any]:
-        ids, feats, pred, conf = self.arrays()
-        return {"layer": self.layer.name, "ids": ids, "features": feats, "pred": pred, "conf": conf}
+        """With a rows file: append the new rows to it (durably, before the checkpoint
+        that commits them is written) and return their count; else every row."""
+        if self.rows is None:
+            ids, feats, pred, conf = self.arrays()
+            return {
+                "layer": self.layer.name, "ids": ids, "features": feats, "pred": pred,
+                "conf": conf,
+            }  # fmt: skip
+        ids, feats, pred, conf = self._concat(self._saved_chunks)
+        rec = np.empty(len(ids), self._row_dtype)
+        rec["id"], rec["pred"], rec["conf"] = ids.numpy(), pred.numpy(), conf.numpy()
+        rec["f"] = feats.numpy()
+        dt = self._row_dtype
+        fd = os.open(self.rows, os.O_RDWR | os.O_CREAT, 0o644)
+        with os.fdopen(fd, "r+b") as f:
+            f.truncate(self._saved_rows * dt.itemsize)  # rows no checkpoint committed
+            f.seek(0, os.SEEK_END)
+            f.write(rec.tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+        self._saved_chunks, self._saved_rows = len(self._ids), self._saved_rows + len(ids)
+        return {
+            "layer": self.layer.name,
+            "rows_file": self.rows.name,
+            "rows": self._saved_rows,
+            "row_bytes": dt.itemsize,
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if state.get("layer") != self.layer.name:
@@ -388,7 +445,32 @@ class EmbeddingConsumer(BatchConsumer):
                 f"its features are of layer {state.get('layer')!r}, this probe embeds "
                 f"{self.layer.name!r}; resume with the same embed="
             )
-        self._set(state["ids"], state["features"], state["pred"], state["conf"])
+        if "features" in state:  # every row inside the checkpoint
+            self._set(state["ids"], state["features"], state["pred"], state["conf"])
+            self._saved_chunks = self._saved_rows = 0  # the next save writes them all
+            return
+        n, dt = int(state["rows"]), self._row_dtype
+        path = self.rows.parent / state["rows_file"] if self.rows is not None else None
+        have = path.stat().st_size if path is not None and path.exists() else 0
+        if path is None or state.get("row_bytes") != dt.itemsize or have < n * dt.itemsize:
+            raise LurkerError(
+                f"its features were saved in {state['rows_file']!r} beside it, which is "
+                f"missing, shorter than the {n:,} rows it commits or of another width; "
+                "delete the checkpoint to sweep again from the start"
+            )
+        rec = np.fromfile(path, dtype=dt, count=n)
+        self._set(
+            torch.from_numpy(rec["id"].copy()),
+            torch.from_numpy(rec["f"].copy()),
+            torch.from_numpy(rec["pred"].copy()),
+            torch.from_numpy(rec["conf"].copy()),
+        )
+        self._saved_chunks, self._saved_rows = 1, n
+
+    def discard(self) -> None:
+        """Delete the rows file (the run is written, or this rank's part is merged)."""
+        if self.rows is not None:
+            self.rows.unlink(missing_ok=True)
 
     def merge(self, group: Any = None) -> None:
         """Gather every rank's samples (disjoint shards) on rank 0, the one that writes, in

@@ -643,7 +643,8 @@ def _consumers(plan: _Plan) -> list[BatchConsumer]:
         )
     if plan.embed is not None:
         probed = plan.embed.op.index in {layer.op.index for layer in plan.layers}
-        consumers.append(EmbeddingConsumer(plan.embed, probed=probed))
+        rows = plan.checkpoint.with_name(f"{plan.checkpoint.stem}-embedding.rows")
+        consumers.append(EmbeddingConsumer(plan.embed, probed=probed, rows=rows))
     return consumers
 
 
@@ -845,6 +846,8 @@ def _finish(
         seconds = max(g[2] for g in gathered)
     if plan.rank != 0:
         plan.checkpoint.unlink(missing_ok=True)
+        for c in consumers:
+            c.discard()
         torch.distributed.barrier()
         return None
     assert writer is not None
@@ -878,6 +881,9 @@ def _finish(
         for c in consumers:
             c.finish(writer)
     writer.close()
+    plan.checkpoint.unlink(missing_ok=True)  # checkpoint-rank0.pt: the store drops checkpoint.pt
+    for c in consumers:
+        c.discard()
     if plan.world > 1:
         torch.distributed.barrier()
     return Run.open(plan.out)

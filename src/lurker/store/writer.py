@@ -791,12 +791,14 @@ def _never_swept(root: Path, db: Path) -> bool:
 
 
 def _remove_run(root: Path) -> None:
-    """Delete what a run consists of (database, journal, checkpoint, cache), nothing else."""
+    """Delete what a run consists of (database, journal, checkpoints, cache), nothing else."""
     for name in (DB_NAME, f"{DB_NAME}-journal", f"{DB_NAME}-wal", f"{DB_NAME}-shm"):
         with contextlib.suppress(FileNotFoundError):
             (root / name).unlink()
-    with contextlib.suppress(FileNotFoundError):
-        (root / CHECKPOINT_NAME).unlink()
+    # the checkpoint, the ranks' checkpoints and the rows files the probe keeps beside them
+    for entry in (*root.glob("checkpoint*.pt"), *root.glob("checkpoint*.rows")):
+        with contextlib.suppress(FileNotFoundError):
+            entry.unlink()
     shutil.rmtree(root / CACHE_DIR, ignore_errors=True)
     _remove_stale_tmp(root)
 
