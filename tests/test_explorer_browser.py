@@ -726,6 +726,71 @@ def test_static_explain_page_of_precomputed_samples(
     assert page.locator("#explain-sample option").count() == 2
 
 
+def test_explain_page_of_a_server_without_the_model(
+    page: Any,
+    console: list[str],
+    explained_site: dict[str, Any],
+    tmp_path: Path,
+) -> None:
+    """A server that cannot load the run's model (its weights are gone) shows the
+    explanations the run's cache holds, as the served API answers them, with no failed
+    request; the page says why there is no model and offers only what is cached."""
+    import shutil
+
+    from fastapi.testclient import TestClient
+
+    from lurker.server import create_app
+    from lurker.server.serve import background
+    from lurker.store import RunWriter, run_lock
+
+    run = tmp_path / "digits"
+    shutil.copytree(explained_site["run"], run)
+    with run_lock(run):
+        w = RunWriter.reopen(run)
+        w.meta_set("config", {**w.meta_get("config"), "weights": str(tmp_path / "gone.pt")})
+        w.close()
+    with background(create_app(run)) as url:
+        go(page, f"{url}#/r/digits/explain")
+        options = page.locator("#explain-sample option").evaluate_all("os => os.map(o => o.value)")
+        assert options == ["0", "1"]
+        assert page.locator("#explain-file").count() == 0  # an upload needs the model
+        page.locator("#explain-sample").select_option("0")
+        page.locator("#explain-use-sample").click()
+        page.wait_for_url("**image=sample-0**")
+        page.wait_for_selector(".methods .explain-card")
+        assert page.locator(".methods .explain-card").evaluate_all(
+            "es => es.map(e => e.dataset.method)"
+        ) == ["saliency", "gradcam"]
+        images_loaded(page, ".methods img.heat")
+        images_loaded(page, ".explain-image img.live-img")
+        page.wait_for_function(
+            "() => [...document.querySelectorAll('.methods figcaption')]"
+            ".every(f => f.textContent.includes('max'))"
+        )
+        note = page.locator(".static-note").inner_text()
+        assert "gone.pt" in note and "lurker serve" in note
+        assert "lurker serve" in page.locator(".concept-section .notice").inner_text()
+        buttons = page.locator(".target-list .target")
+        assert buttons.evaluate_all("es => es.map(e => e.disabled)") == [False] + [True] * 4
+        assert page.locator("#explain-layer").is_disabled()
+        page.screenshot(path=str(tmp_path / "explain-no-model.png"))
+        srcs = page.locator(".methods img.heat").evaluate_all("es => es.map(e => e.src)")
+        with TestClient(create_app(explained_site["run"])) as c:  # its model loads
+            for src, method in zip(srcs, ["saliency", "gradcam"], strict=True):
+                res = page.request.get(src)
+                assert res.ok
+                want = c.get(
+                    f"/api/runs/digits/live/sample-0/explain/{method}.png?{src.split('?')[1]}"
+                )
+                assert want.status_code == 200 and res.body() == want.content
+        # a sample the cache does not hold: the page says why (the server's 409)
+        go(page, f"{url}#/r/digits/explain?image=sample-7")
+        page.wait_for_selector(".notice.error")
+        assert "gone.pt" in page.locator(".notice.error").inner_text()
+        assert any("409" in e for e in console)
+        console.clear()
+
+
 def _featviz_walk(page: Any, base: str, run: Any, rid: str) -> None:
     """The unit page's feature visualization tab and the layer grid's featviz thumbnails
     show the images stored in the run, byte for byte, beside the best dataset sample."""
