@@ -190,17 +190,24 @@ def test_batch_equals_rows() -> None:
     assert rel_err(both[1:], one) < 1e-5
 
 
-def test_unit_target_conserves() -> None:
-    """Relevance started at a unit (its spatial mean) sums to that unit's score."""
-    m = cnn("vgg11", zero_bias=True)
+@pytest.mark.parametrize(
+    ("arch", "layer", "unit"),
+    [("vgg11", 7, 5), ("vgg11_bn", 4, 3)],
+    ids=["relu", "conv-merged-with-batchnorm"],
+)
+def test_unit_target_conserves(arch: str, layer: int, unit: int) -> None:
+    """Relevance started at a unit (its spatial mean) sums to that unit's score. On a
+    convolution merged with the BatchNorm after it, the unit is the convolution's own
+    output, so its relevance starts there (the BatchNorm plays no part)."""
+    m = cnn(arch, zero_bias=True)
     x = torch.randn(1, 3, 32, 32)
-    e = lurker.explain(m, x, target=("features.7", 5), method="lrp", **TINY)
+    e = lurker.explain(m, x, target=(f"features.{layer}", unit), method="lrp", **TINY)
     act = {}
-    h = m.features[7].register_forward_hook(lambda mod, i, o: act.setdefault("a", o.clone()))
+    h = m.features[layer].register_forward_hook(lambda mod, i, o: act.setdefault("a", o.clone()))
     with torch.no_grad():
         m(x)
     h.remove()
-    score = act["a"][0, 5].mean()
+    score = act["a"][0, unit].mean()
     assert abs(float(e.attribution.sum() - score)) < 1e-5 * abs(float(score))
 
 
@@ -272,21 +279,6 @@ def test_concepts_bad_layer_and_unit() -> None:
         lurker.explain.concepts(m, x, layer="features.99")
     with pytest.raises(LurkerError, match="unit 512 out of range"):
         lurker.explain.concepts(m, x, layer="features.8", units=[512])
-
-
-def test_unit_target_on_a_convolution_merged_with_its_batchnorm() -> None:
-    """The unit is the convolution's own output, so its relevance starts there (the
-    BatchNorm after it plays no part): sums to the unit's score with biases zeroed."""
-    m = cnn("vgg11_bn", zero_bias=True)
-    x = torch.randn(1, 3, 32, 32)
-    e = lurker.explain(m, x, target=("features.4", 3), method="lrp", **TINY)
-    act = {}
-    h = m.features[4].register_forward_hook(lambda mod, i, o: act.setdefault("a", o.clone()))
-    with torch.no_grad():
-        m(x)
-    h.remove()
-    score = act["a"][0, 3].mean()
-    assert abs(float(e.attribution.sum() - score)) < 1e-5 * abs(float(score))
 
 
 def test_softmax_output_leaks_with_a_warning() -> None:

@@ -52,6 +52,7 @@ from ..schemas import (
     ExplainResult,
 )
 from ..session import Session
+from . import json_get
 from .live import PNG, _image_id
 
 router = APIRouter(prefix="/api", tags=["explain"])
@@ -610,15 +611,11 @@ def _input_pil(s: Session, image: str) -> Any:
             return im.copy()
 
 
-@router.get(  # the same without ".json", as the client names JSON documents
+@json_get(
+    router,
     "/runs/{run_id}/live/{image}/explain/concepts",
-    response_model=ConceptRanking,
-    include_in_schema=False,
-)
-@router.get(
-    "/runs/{run_id}/live/{image}/explain/concepts.json",
-    response_model=ConceptRanking,
-    summary="Concept relevance: a layer's units ranked by their share of the relevance (LRP)",
+    ConceptRanking,
+    "Concept relevance: a layer's units ranked by their share of the relevance (LRP)",
 )
 async def concepts_json(
     request: Request,
@@ -750,15 +747,11 @@ def _explain_png(s: Session, image: str, r: Result, overlay: bool, opacity: floa
 
 
 # registered after the PNG: "{method}" without a suffix would take "x.png"
-@router.get(  # the same without ".json", as the client names JSON documents
+@json_get(
+    router,
     "/runs/{run_id}/live/{image}/explain/{method}",
-    response_model=ExplainResult,
-    include_in_schema=False,
-)
-@router.get(
-    "/runs/{run_id}/live/{image}/explain/{method}.json",
-    response_model=ExplainResult,
-    summary="One method's attribution of the image: target resolved, min/max/sum, delta, options",
+    ExplainResult,
+    "One method's attribution of the image: target resolved, min/max/sum, delta, options",
 )
 async def explain_json(
     request: Request,

@@ -24,6 +24,7 @@ from ..deps import MODEL_MADE, entry, live_call, session
 from ..errors import ApiError
 from ..schemas import FeatureSide, KernelInfo, KernelValues, LiveImage, LiveOp, MapValues
 from ..session import Session, finite_range, json_values, map_png
+from . import json_get
 
 router = APIRouter(prefix="/api", tags=["live"])
 
@@ -258,15 +259,11 @@ async def channel_png(
     return Response(data, media_type="image/png", headers=headers)
 
 
-@router.get(  # the same without ".json", as the client names JSON documents
+@json_get(
+    router,
     "/runs/{run_id}/live/{image}/ops/{op}/{side}/{channel}",
-    response_model=MapValues,
-    include_in_schema=False,
-)
-@router.get(  # registered first (decorators apply bottom-up): "3.json" is not an int
-    "/runs/{run_id}/live/{image}/ops/{op}/{side}/{channel}.json",
-    response_model=MapValues,
-    summary="One channel of an op's input or output, raw values",
+    MapValues,
+    "One channel of an op's input or output, raw values",
 )
 async def channel_json(
     request: Request,
@@ -284,15 +281,11 @@ async def channel_json(
     return await live_call(request, run_id, work)
 
 
-@router.get(  # the same without ".json", as the client names JSON documents
+@json_get(
+    router,
     "/runs/{run_id}/live/{image}/ops/{op}/kernels/{out}/{inp}",
-    response_model=KernelValues,
-    include_in_schema=False,
-)
-@router.get(  # registered first (decorators apply bottom-up): "3.json" is not an int
-    "/runs/{run_id}/live/{image}/ops/{op}/kernels/{out}/{inp}.json",
-    response_model=KernelValues,
-    summary="The convolution kernel weight[out, in] of an op",
+    KernelValues,
+    "The convolution kernel weight[out, in] of an op",
 )
 async def kernel_json(
     request: Request,
