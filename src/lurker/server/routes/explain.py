@@ -552,6 +552,8 @@ LAYER = Query(
 )
 
 
+OVERLAY = Query(True, description="draw over the image (false: RGBA heatmap alone)")
+OPACITY = Query(0.5, ge=0, le=1, description="the opacity of the strongest value")
 CONCEPT_LAYER = Query(
     None,
     max_length=500,
@@ -678,8 +680,8 @@ async def concept_png(
     unit: int = Path(ge=0, le=2**31),
     target: str = TARGET,
     layer: str | None = CONCEPT_LAYER,
-    overlay: bool = Query(True, description="draw over the image (false: RGBA heatmap alone)"),
-    opacity: float = Query(0.5, ge=0, le=1, description="the strongest relevance's opacity"),
+    overlay: bool = OVERLAY,
+    opacity: float = OPACITY,
 ) -> Response:
 
     def work(s: Session) -> Response:
@@ -710,8 +712,8 @@ async def explain_png(
     method: str,
     target: str = TARGET,
     layer: str | None = LAYER,
-    overlay: bool = Query(True, description="draw over the image (false: RGBA heatmap alone)"),
-    opacity: float = Query(0.5, ge=0, le=1, description="the strongest attribution's opacity"),
+    overlay: bool = OVERLAY,
+    opacity: float = OPACITY,
 ) -> Response:
 
     def cached(s: Session) -> Response | None:
