@@ -13,6 +13,11 @@ column is Captum's time, Zennit's for ``lrp``.
     python benchmarks/explain_speed.py                       # 224 px, the issue's setting
     python benchmarks/explain_speed.py --small               # CPU: 64 px, fewer steps/repeats
     python benchmarks/explain_speed.py --size 128 --repeats 3 --device cuda
+    python benchmarks/explain_speed.py --batches 8 --steps 8 --samples 8   # a small machine
+
+Integrated gradients runs its steps as one batch in both libraries: batch 8 with 50 steps
+holds 400 images' activations at once (vgg11 at 224 px: about 18 GB on the CPU), so on a
+small machine lower ``--steps`` and ``--samples`` (the same for both libraries).
 """
 
 from __future__ import annotations

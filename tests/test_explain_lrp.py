@@ -190,17 +190,24 @@ def test_batch_equals_rows() -> None:
     assert rel_err(both[1:], one) < 1e-5
 
 
-def test_unit_target_conserves() -> None:
-    """Relevance started at a unit (its spatial mean) sums to that unit's score."""
-    m = cnn("vgg11", zero_bias=True)
+@pytest.mark.parametrize(
+    ("arch", "layer", "unit"),
+    [("vgg11", 7, 5), ("vgg11_bn", 4, 3)],
+    ids=["relu", "conv-merged-with-batchnorm"],
+)
+def test_unit_target_conserves(arch: str, layer: int, unit: int) -> None:
+    """Relevance started at a unit (its spatial mean) sums to that unit's score. On a
+    convolution merged with the BatchNorm after it, the unit is the convolution's own
+    output, so its relevance starts there (the BatchNorm plays no part)."""
+    m = cnn(arch, zero_bias=True)
     x = torch.randn(1, 3, 32, 32)
-    e = lurker.explain(m, x, target=("features.7", 5), method="lrp", **TINY)
+    e = lurker.explain(m, x, target=(f"features.{layer}", unit), method="lrp", **TINY)
     act = {}
-    h = m.features[7].register_forward_hook(lambda mod, i, o: act.setdefault("a", o.clone()))
+    h = m.features[layer].register_forward_hook(lambda mod, i, o: act.setdefault("a", o.clone()))
     with torch.no_grad():
         m(x)
     h.remove()
-    score = act["a"][0, 5].mean()
+    score = act["a"][0, unit].mean()
     assert abs(float(e.attribution.sum() - score)) < 1e-5 * abs(float(score))
 
 
@@ -274,24 +281,93 @@ def test_concepts_bad_layer_and_unit() -> None:
         lurker.explain.concepts(m, x, layer="features.8", units=[512])
 
 
-def test_unit_target_on_a_convolution_merged_with_its_batchnorm() -> None:
-    """The unit is the convolution's own output, so its relevance starts there (the
-    BatchNorm after it plays no part): sums to the unit's score with biases zeroed."""
-    m = cnn("vgg11_bn", zero_bias=True)
-    x = torch.randn(1, 3, 32, 32)
-    e = lurker.explain(m, x, target=("features.4", 3), method="lrp", **TINY)
-    act = {}
-    h = m.features[4].register_forward_hook(lambda mod, i, o: act.setdefault("a", o.clone()))
-    with torch.no_grad():
-        m(x)
-    h.remove()
-    score = act["a"][0, 3].mean()
-    assert abs(float(e.attribution.sum() - score)) < 1e-5 * abs(float(score))
-
-
 def test_softmax_output_leaks_with_a_warning() -> None:
     """Explaining a probability: LRP holds softmax constant, so nothing passes it; the
     warning names the softmax rather than returning zeros silently."""
     m = nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 3), nn.Softmax(dim=1)).eval()
     with pytest.warns(UserWarning, match=r"not conserved at softmax_1 \(softmax: constant\)"):
         lurker.explain(m, torch.randn(2, 6), target=1, method="lrp")
+
+
+class Head(nn.Module):
+    """One softmax attention head over (batch, tokens, features), the scores either
+    written out (q @ k^T, softmax, @ v) or fused (scaled_dot_product_attention)."""
+
+    def __init__(self, d: int = 6, fused: bool = False, scale: float = 0.5) -> None:
+        super().__init__()
+        self.q, self.k, self.v = (nn.Linear(d, d, bias=False) for _ in range(3))
+        self.fused, self.scale = fused, scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        if self.fused:
+            o = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        else:
+            o = torch.softmax(q @ k.transpose(-1, -2), -1) @ v
+        return o.flatten(1)
+
+
+def lxt_relevance(m: Head, x: torch.Tensor, target: list[int]) -> torch.Tensor:
+    """The same head through lxt's AttnLRP functions (its explicit mode: each backward
+    returns the relevance); the fused head's scale folded into the query weights."""
+    lf = pytest.importorskip("lxt.explicit.functional")
+    eps = 1e-20
+    x = x.clone().requires_grad_(True)
+    wq = m.q.weight * (m.scale if m.fused else 1.0)
+    q = lf.linear_epsilon(x, wq.detach(), None, eps)
+    k = lf.linear_epsilon(x, m.k.weight.detach(), None, eps)
+    v = lf.linear_epsilon(x, m.v.weight.detach(), None, eps)
+    a = lf.softmax(lf.matmul(q, k.transpose(-1, -2), False, eps), -1)
+    out = lf.matmul(a, v, False, eps).flatten(1)
+    start = torch.zeros_like(out).scatter(1, torch.tensor(target)[:, None], 1.0) * out.detach()
+    out.backward(start)
+    return x.grad
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["softmax", "sdpa"])
+def test_attnlrp_equals_lxt(fused: bool) -> None:
+    """attention="attnlrp" gives the input the relevance lxt's softmax, matmul (uniform)
+    and linear (epsilon) rules give it, written-out attention or fused; the default
+    ("cp", weights constant) does not."""
+    torch.manual_seed(5)
+    m = Head(fused=fused).double().eval()
+    x = torch.randn(3, 4, 6, dtype=torch.float64)
+    target = [0, 7, 20]
+    want = lxt_relevance(m, x, target)
+    got = lurker.explain(m, x, target=target, method="lrp", attention="attnlrp", **TINY)
+    assert got.options["attention"] == "attnlrp"
+    assert rel_err(got.attribution, want) < 1e-9
+    cp = lurker.explain(m, x, target=target, method="lrp", **TINY)
+    assert rel_err(cp.attribution, want) > 1e-2
+
+
+@pytest.mark.parametrize("make", [vit_tv, vit_timm], ids=["torchvision", "timm"])
+def test_vit_attnlrp_conserves_but_for_the_softmax(make) -> None:
+    """With biases, positional embedding and class token at zero, every op but AttnLRP's
+    softmax passes on what it receives, and the input relevance is the logit less what
+    the softmax rules absorbed; queries and keys get relevance (unlike "cp")."""
+    m = zero_biases(make())
+    torch.manual_seed(3)
+    x = torch.randn(2, 3, 32, 32)
+    rel, _ = Engine(m, x, None, "attnlrp", **TINY).run(x, [0, 4])
+    scale = float(rel.start.abs().sum())  # (totals: some ops hold the tokens first)
+    absorbed = 0.0
+    kinds = set()
+    for f in rel.flows.values():
+        kinds.add(f.what.split(":")[1].strip())
+        lost = float(f.out.sum() - f.into.sum())
+        if "AttnLRP" in f.what:
+            absorbed += lost
+        else:
+            assert abs(lost) < 1e-5 * scale, f.what
+    assert "AttnLRP attention" in kinds and "attention weights constant" not in kinds
+    assert abs(absorbed) > 1e-3 * scale  # (else this would test nothing of the rule)
+    total = float(rel.input.sum())
+    assert abs(total - (float(rel.start.sum()) - absorbed)) < 1e-5 * scale
+    cp, _ = Engine(m, x, None, **TINY).run(x, [0, 4])
+    assert rel_err(rel.input, cp.input) > 1e-3
+
+
+def test_unknown_attention_rule() -> None:
+    with pytest.raises(LurkerError, match="unknown LRP attention rule 'full'; supported: cp, att"):
+        lurker.explain(Head(), torch.randn(1, 4, 6), method="lrp", attention="full")

@@ -61,7 +61,9 @@ def counted(app: Any, run_id: str) -> list[int]:
     return calls
 
 
-def url(image: str, method: str, ext: str, **query: str) -> str:
+def url(image: str, method: str, ext: str, overlay: str | None = None, **query: str) -> str:
+    if overlay is not None:
+        query["overlay"] = overlay
     q = "&".join(f"{k}={v}" for k, v in {"target": "top", **query}.items())
     return f"/api/runs/digits/live/{image}/explain/{method}.{ext}?{q}"
 
@@ -223,3 +225,83 @@ def test_bad_input(args: list[str], says: str, run: Path) -> None:
     res = CliRunner().invoke(main, ["images", str(run), *args])
     assert res.exit_code != 0
     assert says in res.output
+
+
+def without_weights(run: Path, root: Path) -> Path:
+    """A copy of ``run`` (its explanation cache included) whose recorded weights file does
+    not exist here: a server cannot load its model."""
+    from lurker.store import RunWriter, run_lock
+
+    copy = root / "digits"
+    shutil.copytree(run, copy)
+    with run_lock(copy):
+        w = RunWriter.reopen(copy)
+        try:
+            w.meta_set("config", {**w.meta_get("config"), "weights": str(root / "gone.pt")})
+        finally:
+            w.close()
+    return copy
+
+
+def test_a_server_that_cannot_load_the_model_serves_the_cache(
+    run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No model: the cached explanations, predictions and input answer byte for byte as a
+    server with the run's model answers them, the ``explained`` index lists them, and what
+    is not cached is a 409 saying why there is no model and how to attach one. With the
+    model loadable, a cache hit loads no model."""
+    import lurker.server.session as session_mod
+
+    loads = [0]
+    real = session_mod._load
+
+    def counting(*a: Any) -> Any:
+        loads[0] += 1
+        return real(*a)
+
+    monkeypatch.setattr(session_mod, "_load", counting)
+    bare = without_weights(run, tmp_path)
+    with TestClient(create_app(bare)) as c, TestClient(create_app(run)) as ref:
+        holds = c.get("/api/runs/digits").json()["holds"]
+        assert holds["live"] is False and "gone.pt" in holds["live_reason"]
+        index = c.get("/api/runs/digits/explained").json()
+        assert index == ref.get("/api/runs/digits/explained").json()
+        assert [(e["image"], e["methods"]) for e in index["samples"]] == [
+            (f"sample-{i}", list(METHODS)) for i in SAMPLES
+        ]
+        explanations = [
+            url(f"sample-{sid}", method, *how)
+            for sid in SAMPLES
+            for method in METHODS
+            for how in (("json",), ("png", "0"), ("png", "1"))
+        ]
+        live = [
+            f"/api/runs/digits/live/sample-{sid}{end}"
+            for sid in SAMPLES
+            for end in ("", "/input.png")
+        ]
+        for path in explanations + live:  # the live documents last: they load the model
+            got = c.get(path)
+            assert got.status_code == 200, (path, got.text)
+            assert got.content == ref.get(path).content, path
+            if path in explanations:
+                assert loads[0] == 0  # the server with the model answered from the cache
+        for e in index["samples"]:
+            doc = c.get(f"/api/runs/digits/live/{e['image']}").json()
+            assert doc["predictions"][0] == e["top"]
+        # not cached: another class, an uncached sample, concept relevance
+        for path in (
+            url("sample-0", "saliency", "json").replace("target=top", "target=3"),
+            url("sample-5", "saliency", "png"),
+            "/api/runs/digits/live/sample-5",
+            "/api/runs/digits/live/sample-0/explain/concepts.json?target=top",
+        ):
+            r = c.get(path)
+            assert r.status_code == 409, (path, r.text)
+            assert "gone.pt" in r.json()["detail"] and "--weights" in r.json()["detail"]
+        # a bad request says what is wrong with it, model or not
+        r = c.get(url("sample-0", "nope", "json"))
+        assert r.status_code == 404 and "unknown explanation method 'nope'" in r.text
+        r = c.get(url("sample-0", "saliency", "json", layer="features.9"))
+        assert r.status_code == 400 and "takes no layer" in r.text
+        assert loads[0] == 1  # the live documents of the server with the model

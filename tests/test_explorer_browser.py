@@ -653,6 +653,29 @@ def explained_site(
         yield {"url": url, "run": run}
 
 
+def open_precomputed(page: Any, url: str, sample: int) -> None:
+    """Open the Explain page with no model: its picker offers the two precomputed samples
+    and no upload; pick ``sample``: its image, the saliency and Grad-CAM heatmaps and their
+    captions load."""
+    go(page, f"{url}#/r/digits/explain")
+    options = page.locator("#explain-sample option").evaluate_all("os => os.map(o => o.value)")
+    assert options == ["0", "1"]
+    assert page.locator("#explain-file").count() == 0  # an upload runs the model
+    page.locator("#explain-sample").select_option(str(sample))
+    page.locator("#explain-use-sample").click()
+    page.wait_for_url(f"**image=sample-{sample}**")
+    page.wait_for_selector(".methods .explain-card")
+    assert page.locator(".methods .explain-card").evaluate_all(
+        "es => es.map(e => e.dataset.method)"
+    ) == ["saliency", "gradcam"]
+    images_loaded(page, ".methods img.heat")
+    images_loaded(page, ".explain-image img.live-img")
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('.methods figcaption')]"
+        ".every(f => f.textContent.includes('max'))"
+    )
+
+
 def test_static_explain_page_of_precomputed_samples(
     page: Any,
     explained_site: dict[str, Any],
@@ -667,22 +690,7 @@ def test_static_explain_page_of_precomputed_samples(
     from lurker.server import create_app
 
     url = explained_site["url"]
-    go(page, f"{url}#/r/digits/explain")
-    options = page.locator("#explain-sample option").evaluate_all("os => os.map(o => o.value)")
-    assert options == ["0", "1"]
-    assert page.locator("#explain-file").count() == 0  # no upload without a server
-    page.locator("#explain-sample").select_option("1")
-    page.locator("#explain-use-sample").click()
-    page.wait_for_url("**image=sample-1**")
-    page.wait_for_selector(".methods .explain-card")
-    assert page.locator(".methods .explain-card").evaluate_all(
-        "es => es.map(e => e.dataset.method)"
-    ) == ["saliency", "gradcam"]
-    images_loaded(page, ".methods img.heat")
-    page.wait_for_function(
-        "() => [...document.querySelectorAll('.methods figcaption')]"
-        ".every(f => f.textContent.includes('max'))"
-    )
+    open_precomputed(page, url, 1)
     assert "features.9" in page.locator('.explain-card[data-method="gradcam"]').inner_text()
     # the target chooser: the top class on, the others disabled; the page says why
     buttons = page.locator(".target-list .target")
@@ -724,6 +732,55 @@ def test_static_explain_page_of_precomputed_samples(
     page.wait_for_selector(".notice.error")
     assert "lurker serve" in page.locator(".notice.error").inner_text()
     assert page.locator("#explain-sample option").count() == 2
+
+
+def test_explain_page_of_a_server_without_the_model(
+    page: Any,
+    console: list[str],
+    explained_site: dict[str, Any],
+    tmp_path: Path,
+) -> None:
+    """A server that cannot load the run's model (its weights are gone) shows the
+    explanations the run's cache holds, as the served API answers them, with no failed
+    request; the page says why there is no model and offers only what is cached."""
+    import shutil
+
+    from fastapi.testclient import TestClient
+
+    from lurker.server import create_app
+    from lurker.server.serve import background
+    from lurker.store import RunWriter, run_lock
+
+    run = tmp_path / "digits"
+    shutil.copytree(explained_site["run"], run)
+    with run_lock(run):
+        w = RunWriter.reopen(run)
+        w.meta_set("config", {**w.meta_get("config"), "weights": str(tmp_path / "gone.pt")})
+        w.close()
+    with background(create_app(run)) as url:
+        open_precomputed(page, url, 0)
+        note = page.locator(".static-note").inner_text()
+        assert "gone.pt" in note and "lurker serve" in note
+        assert "lurker serve" in page.locator(".concept-section .notice").inner_text()
+        buttons = page.locator(".target-list .target")
+        assert buttons.evaluate_all("es => es.map(e => e.disabled)") == [False] + [True] * 4
+        assert page.locator("#explain-layer").is_disabled()
+        page.screenshot(path=str(tmp_path / "explain-no-model.png"))
+        srcs = page.locator(".methods img.heat").evaluate_all("es => es.map(e => e.src)")
+        with TestClient(create_app(explained_site["run"])) as c:  # its model loads
+            for src, method in zip(srcs, ["saliency", "gradcam"], strict=True):
+                res = page.request.get(src)
+                assert res.ok
+                want = c.get(
+                    f"/api/runs/digits/live/sample-0/explain/{method}.png?{src.split('?')[1]}"
+                )
+                assert want.status_code == 200 and res.body() == want.content
+        # a sample the cache does not hold: the page says why (the server's 409)
+        go(page, f"{url}#/r/digits/explain?image=sample-7")
+        page.wait_for_selector(".notice.error")
+        assert "gone.pt" in page.locator(".notice.error").inner_text()
+        assert any("409" in e for e in console)
+        console.clear()
 
 
 def _featviz_walk(page: Any, base: str, run: Any, rid: str) -> None:

@@ -178,8 +178,8 @@ export interface ExportedSamples {
   samples: (SampleBrief & { image: boolean })[];
 }
 
-/** Static export: the samples whose explanations it holds (precomputed for the top class
- * by `lurker images RUN --explanations`), with the methods each has. */
+/** The samples whose explanations a run's cache or a static export holds (precomputed for
+ * the top class by `lurker images RUN --explanations`), with the methods each has. */
 export interface ExplainedIndex {
   target: string;
   samples: { image: string; sample: number; methods: string[]; top: Prediction | null }[];
@@ -334,10 +334,11 @@ export class Api {
     });
   }
 
-  /** Static mode: the samples whose explanations the export holds (none for an export
-   * made before explanations were exported). */
+  /** The samples whose explanations the run's cache (a static export: the export) holds,
+   * which need no model (none for an export made before explanations were exported). */
   explained(run: string): Promise<ExplainedIndex> {
-    return this.exportFile<ExplainedIndex>("runs", run, "explained").catch(() => ({ target: "top", samples: [] }));
+    const doc = this.isStatic ? this.exportFile<ExplainedIndex>("runs", run, "explained") : this.json<ExplainedIndex>(p("runs", run, "explained"), { cache: false });
+    return doc.catch(() => ({ target: "top", samples: [] }));
   }
 
   /** Static mode: the samples the export holds. */

@@ -16,8 +16,8 @@ export interface PickerOptions {
   action: string;
   /** The image shown now (`sample-N` preselects N). */
   current?: string | null;
-  /** Only these dataset samples, from a list, and no upload (a static export's
-   * precomputed ones, each with a note such as its top class). */
+  /** Only these dataset samples, from a list, and no upload (the precomputed ones of a
+   * static export or a server without the model, each with a note such as its top class). */
   only?: { sample: number; note: string }[];
 }
 
@@ -35,7 +35,7 @@ export function imagePicker(ctx: PageContext, summary: RunSummary, opts: PickerO
       { class: "card live-input" },
       h("h3", null, opts.title),
       h("div", { class: "row" }, h("span", null, "dataset sample"), select, h("button", { type: "button", id: `${opts.id}-use-sample`, onclick: () => choose(`sample-${select.value}`) }, opts.action)),
-      h("p", { class: "muted small" }, `The ${opts.only.length} samples this export holds explanations of. Other images (and uploads) need a server: lurker serve ${ctx.run} --model SPEC.`),
+      h("p", { class: "muted small" }, `The ${opts.only.length} samples whose explanations are precomputed. Other images (and uploads) run the model: lurker serve ${ctx.run} --model SPEC.`),
     );
   }
   const file = h("input", { type: "file", accept: "image/*", id: `${opts.id}-file`, class: "visually-hidden", "aria-label": "upload an image" });

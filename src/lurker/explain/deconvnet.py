@@ -10,7 +10,8 @@ from typing import Any
 from torch import Tensor, nn
 
 from .base import Explanation, Method, register
-from .guided_backprop import DeconvReLUMode, modified_gradient
+from .guided_backprop import DeconvReLUMode
+from .saliency import gradient
 
 
 @register
@@ -20,5 +21,5 @@ class Deconvnet(Method):
     summary = "backward pass where ReLUs pass only positive gradients, ignoring the forward input (Zeiler and Fergus, 2014)"
 
     def compute(self, model: nn.Module, x: Tensor, target: Any) -> Explanation:
-        g, fw, out = modified_gradient(model, x, target, DeconvReLUMode)
-        return self.explanation(g, fw, {}, output=None if out is None else out.detach())
+        g, fw, out = gradient(model, x, target, DeconvReLUMode)
+        return self.explanation(g, fw, {}, output=out)

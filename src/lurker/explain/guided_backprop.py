@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from .base import Explanation, Method, input_grad, register
-from .targets import Forward
+from .base import Explanation, Method, register
+from .saliency import gradient
 
 __all__ = ["DeconvReLU", "GuidedBackprop", "GuidedReLU", "GuidedReLUMode", "ReLURuleMode"]
 
@@ -109,17 +109,6 @@ class DeconvReLUMode(ReLURuleMode):
     rule = DeconvReLU
 
 
-def modified_gradient(
-    model: nn.Module, x: Tensor, target: Any, mode: type[ReLURuleMode]
-) -> tuple[Tensor, Forward, Tensor | None]:
-    """The input gradient of the target's score with every relu under ``mode``'s rule."""
-    fw = Forward(model, x, target)
-    xi = x.clone().requires_grad_(True)
-    with mode():
-        scored = fw(xi)
-    return input_grad(scored.score, xi), fw, scored.output
-
-
 @register
 class GuidedBackprop(Method):
     name = "guided_backprop"
@@ -127,5 +116,5 @@ class GuidedBackprop(Method):
     summary = "gradient through ReLUs passing only positive gradients where the input was positive (Springenberg et al., 2015)"
 
     def compute(self, model: nn.Module, x: Tensor, target: Any) -> Explanation:
-        g, fw, out = modified_gradient(model, x, target, GuidedReLUMode)
-        return self.explanation(g, fw, {}, output=None if out is None else out.detach())
+        g, fw, out = gradient(model, x, target, GuidedReLUMode)
+        return self.explanation(g, fw, {}, output=out)

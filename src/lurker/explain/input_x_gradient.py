@@ -19,4 +19,4 @@ class InputXGradient(Method):
 
     def compute(self, model: nn.Module, x: Tensor, target: Any) -> Explanation:
         g, fw, out = gradient(model, x, target)
-        return self.explanation(x * g, fw, {}, output=None if out is None else out.detach())
+        return self.explanation(x * g, fw, {}, output=out)

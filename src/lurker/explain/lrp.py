@@ -15,10 +15,12 @@ The trace sees every op, module or not, so here each op gets its rule from what 
 - additions (skip connections), average pools and means: the z-rule (Zennit's ``Norm``);
 - element-wise activations and a BatchNorm that follows no linear layer: passed through;
 - transformers (Ali et al., 2022, "XAI for Transformers: better explanations through
-  conservative propagation"; Achtibat et al., 2024, AttnLRP): softmax attention weights
-  and LayerNorm's standard deviation are constants of the backward, so attention is linear
-  in the values and LayerNorm linear in its input (epsilon rule over both); a product of
-  two activations splits the relevance in halves (AttnLRP's uniform rule);
+  conservative propagation"; Achtibat et al., 2024, AttnLRP): LayerNorm's standard
+  deviation is a constant of the backward (epsilon rule over its input), a product of two
+  activations splits the relevance in halves (AttnLRP's uniform rule), and softmax
+  attention weights are either constants too (``attention="cp"``: attention is linear in
+  the values, relevance is conserved) or pass relevance on to the scores, hence to queries
+  and keys (``attention="attnlrp"``: AttnLRP's softmax rule, which absorbs a share);
 - reshapes, concatenations, max pools, dropout in eval mode, indexing: the gradient,
   which routes the relevance unchanged.
 
@@ -46,7 +48,12 @@ from ..graph.nodes import Op, OpRef, ParamRef
 from .base import Explanation, Method, register
 from .targets import UnitTarget, parse_target
 
-__all__ = ["COMPOSITES", "LRP", "Relevance", "lrp_relevance"]
+__all__ = ["ATTENTION_RULES", "COMPOSITES", "LRP", "Relevance", "lrp_relevance"]
+
+#: How relevance crosses softmax attention: ``cp`` holds the attention weights constant
+#: (Ali et al., 2022; conservative), ``attnlrp`` gives the scores their share by AttnLRP's
+#: softmax rule (Achtibat et al., 2024, Proposition 3.1), so queries and keys get some.
+ATTENTION_RULES = ("cp", "attnlrp")
 
 #: composite -> rule for convolutions, dense layers and the first layer (None: no special
 #: first layer; "conv" in the name: applies only if the first layer is a convolution)
@@ -267,9 +274,23 @@ class Engine:
     """Rules for every op of one traced model; :meth:`run` is one LRP forward+backward."""
 
     def __init__(
-        self, model: nn.Module, x: Tensor, composite: str | None = None, **params: Any
+        self,
+        model: nn.Module,
+        x: Tensor,
+        composite: str | None = None,
+        attention: str = "cp",
+        **params: Any,
     ) -> None:
         from ..capture import trace as _trace
+
+        if attention not in ATTENTION_RULES:
+            raise LurkerError(
+                f"unknown LRP attention rule {attention!r}; supported: "
+                + ", ".join(ATTENTION_RULES)
+                + " (cp: attention weights constant, conservative; attnlrp: AttnLRP's "
+                "softmax rule, relevance to queries and keys)"
+            )
+        self.attention_rule = attention
 
         self.model = model
         from ..errors import TraceError
@@ -335,7 +356,7 @@ class Engine:
                 continue
             name = op.name
             parents = [ops[i] for i in op.parents]
-            if name in _CONSTANT or (
+            if (name in _CONSTANT and not self._softmax_rule(name)) or (
                 name in _ROUTE
                 and parents
                 and all(p.index in self.constant for p in parents if self._on_path(p))
@@ -370,6 +391,8 @@ class Engine:
                 self.plan[op.index] = ("product", None)
             elif name in _ATTENTION:
                 self.plan[op.index] = ("attention", None)
+            elif self._softmax_rule(name):
+                self.plan[op.index] = ("softmax", None)
             elif name in _CONSTANT:
                 self.plan[op.index] = ("constant", None)
             elif name in _ROUTE:
@@ -380,6 +403,10 @@ class Engine:
                     "Explain this model with a gradient method (method='input_x_gradient', "
                     "'integrated_gradients') instead."
                 )
+
+    def _softmax_rule(self, name: str) -> bool:
+        """Whether this op gets AttnLRP's softmax rule (else it is a constant)."""
+        return name == "softmax" and self.attention_rule == "attnlrp"
 
     def _mergeable_bn(self, op: Op) -> Op | None:
         """The eval-mode BatchNorm that is ``op``'s only consumer, reading it as input."""
@@ -499,6 +526,13 @@ class Engine:
             # anywhere else (a softmax output explained) what reaches it is lost: a leak
             fwd = lambda r, ins_: [torch.zeros_like(t) for t in ins_]  # noqa: E731
             return self._apply(op, out, ins, fwd, flows, False, "constant")
+        if kind == "softmax":
+            dim = _arg(op, 1, "dim")
+            if dim is None:
+                raise LurkerError(f"LRP: {self._where(op)} has no dim: name it")
+            fwd = lambda r, ins_: (_softmax_relevance(ins_[0], out.detach(), r, dim),)  # noqa: E731
+            # the rule linearizes softmax at its input, bias included: that share is absorbed
+            return self._apply(op, out, ins[:1], fwd, flows, True, "AttnLRP softmax")
         if kind == "layer_norm":
             x = ins[0]
             shape = _arg(op, 1, "normalized_shape")
@@ -523,6 +557,20 @@ class Engine:
             mask = self._value(_arg(op, 3, "attn_mask"), live)
             causal = bool(_arg(op, 5, "is_causal", False))
             scale = _arg(op, 6, "scale")
+            if self.attention_rule == "attnlrp":
+                pos = [i for i in (0, 1, 2) if i in graph]
+                if not pos:
+                    return None
+                qkv = [t.detach() if isinstance(t, Tensor) else t for t in (q, k, v)]
+
+                def attn(r: Tensor, ins_: tuple) -> list[Tensor]:
+                    for i, t in zip(pos, ins_):
+                        qkv[i] = t
+                    rel = _attnlrp(*qkv, mask, causal, scale, r, p["epsilon"])
+                    return [rel[i] for i in pos]
+
+                ins = [graph[i] for i in pos]
+                return self._apply(op, out, ins, attn, flows, True, "AttnLRP attention")
             a = _attention_weights(q.detach(), k.detach(), mask, causal, scale)
             fwd = lambda r, ins_: _vjp(lambda vv: a @ vv, ins_[:1], r, p["epsilon"])  # noqa: E731
             if not v.requires_grad:
@@ -695,19 +743,54 @@ def _merge(w: Tensor, b: Tensor | None, bn: Op, value: Callable) -> tuple[Tensor
     return w2.detach(), b2.detach()
 
 
-def _attention_weights(q: Tensor, k: Tensor, mask: Any, causal: bool, scale: Any) -> Tensor:
+def _softmax_relevance(x: Tensor, s: Tensor, r: Tensor, dim: int) -> Tensor:
+    """AttnLRP's softmax rule (Proposition 3.1): ``x * (r - s * sum(r))`` along ``dim``,
+    with masked (-inf) inputs taken as 0 (they get none)."""
+    x = torch.where(torch.isneginf(x), torch.zeros_like(x), x.detach())
+    return x * (r - s * r.sum(dim, keepdim=True))
+
+
+def _attnlrp(
+    q: Tensor, k: Tensor, v: Tensor, mask: Any, causal: bool, scale: Any, r: Tensor, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Relevance of ``scaled_dot_product_attention``'s query, key and value by AttnLRP:
+    the uniform rule on ``A @ v`` and on ``q @ k^T``, the softmax rule between them."""
+    _no_gqa(q, k)
     s = (1.0 / math.sqrt(q.shape[-1])) if scale is None else scale
-    scores = (q @ k.transpose(-2, -1)) * s
+    z = (q @ k.transpose(-2, -1)) * s
+    scores = _masked(z, mask, causal)
+    a = scores.softmax(-1)
+    ra, rv = (0.5 * t for t in _vjp(lambda aa, vv: aa @ vv, [a, v], r, eps))
+    rs = _softmax_relevance(scores, a, ra, -1)
+    if isinstance(mask, Tensor) and mask.dtype != torch.bool:  # z-rule: the mask keeps its share
+        finite = torch.isfinite(scores)
+        rs = torch.where(finite, rs * z / stabilize(torch.where(finite, scores, z), eps), 0.0)
+    qk = lambda qq, kk: (qq @ kk.transpose(-2, -1)) * s  # noqa: E731
+    rq, rk = (0.5 * t for t in _vjp(qk, [q, k], rs, eps))
+    return rq, rk, rv
+
+
+def _no_gqa(q: Tensor, k: Tensor) -> None:
+    if k.shape[-3:-2] != q.shape[-3:-2] and q.dim() == 4:  # grouped-query attention
+        raise LurkerError("LRP: grouped-query attention is not supported")
+
+
+def _masked(scores: Tensor, mask: Any, causal: bool) -> Tensor:
     if causal:
         n, m = scores.shape[-2:]
-        keep = torch.ones(n, m, dtype=torch.bool, device=q.device).tril()
+        keep = torch.ones(n, m, dtype=torch.bool, device=scores.device).tril()
         scores = scores.masked_fill(~keep, float("-inf"))
     if isinstance(mask, Tensor):
         scores = (
             scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
         )
-    if k.shape[-3:-2] != q.shape[-3:-2] and q.dim() == 4:  # grouped-query attention
-        raise LurkerError("LRP: grouped-query attention is not supported")
+    return scores
+
+
+def _attention_weights(q: Tensor, k: Tensor, mask: Any, causal: bool, scale: Any) -> Tensor:
+    s = (1.0 / math.sqrt(q.shape[-1])) if scale is None else scale
+    scores = _masked((q @ k.transpose(-2, -1)) * s, mask, causal)
+    _no_gqa(q, k)
     return scores.softmax(-1)
 
 
@@ -765,7 +848,7 @@ class LRP(Method):
     signed = True
     summary = (
         "layer-wise relevance propagation (Bach et al., 2015) with Zennit's composites on "
-        "CNNs and conservative attention/LayerNorm rules on transformers (Ali et al., 2022)"
+        "CNNs and conservative (or AttnLRP) attention/LayerNorm rules on transformers"
     )
 
     def compute(
@@ -775,6 +858,7 @@ class LRP(Method):
         target: Any,
         *,
         composite: str | None = None,
+        attention: str = "cp",
         epsilon: float = 1e-6,
         stabilizer: float = 1e-6,
         gamma: float = 0.25,
@@ -786,6 +870,7 @@ class LRP(Method):
             model,
             x,
             composite,
+            attention,
             epsilon=epsilon,
             stabilizer=stabilizer,
             gamma=gamma,
@@ -797,6 +882,7 @@ class LRP(Method):
         flows = {k: (float(f.out.sum()), float(f.into.sum())) for k, f in rel.flows.items()}
         options = {
             "composite": eng.composite,
+            "attention": attention,
             "epsilon": epsilon,
             "stabilizer": stabilizer,
             "gamma": gamma,

@@ -3,21 +3,28 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from .base import Explanation, Method, input_grad, register
 from .targets import Forward
 
 
-def gradient(model: nn.Module, x: Tensor, target: Any) -> tuple[Tensor, Forward, Tensor | None]:
-    """The plain gradient of the target's score per row, the :class:`Forward` used and the
-    model output: one forward and one backward for the whole batch."""
+def gradient(
+    model: nn.Module, x: Tensor, target: Any, mode: type[TorchFunctionMode] | None = None
+) -> tuple[Tensor, Forward, Tensor | None]:
+    """The gradient of the target's score per row (with every relu under ``mode``'s rule
+    when given: guided backprop, deconvnet), the :class:`Forward` used and the model output
+    (detached): one forward and one backward for the whole batch."""
     fw = Forward(model, x, target)
     xi = x.clone().requires_grad_(True)
-    scored = fw(xi)
-    return input_grad(scored.score, xi), fw, scored.output
+    with mode() if mode is not None else contextlib.nullcontext():
+        scored = fw(xi)
+    out = None if scored.output is None else scored.output.detach()
+    return input_grad(scored.score, xi), fw, out
 
 
 @register
@@ -28,6 +35,4 @@ class Saliency(Method):
 
     def compute(self, model: nn.Module, x: Tensor, target: Any, *, abs: bool = True) -> Explanation:
         g, fw, out = gradient(model, x, target)
-        return self.explanation(
-            g.abs() if abs else g, fw, {"abs": abs}, output=None if out is None else out.detach()
-        )
+        return self.explanation(g.abs() if abs else g, fw, {"abs": abs}, output=out)

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from fastapi import Request
+from starlette.concurrency import run_in_threadpool
 
 from .session import ModelSource, Session
 from .state import Registry, RunEntry
@@ -58,3 +59,19 @@ async def live_call(request: Request, run_id: str, work: Callable[[Session], T])
         return work(s)
 
     return await on_model(s, run)
+
+
+async def cached_or_live(
+    request: Request,
+    run_id: str,
+    cached: Callable[[Session], T | None],
+    work: Callable[[Session], T],
+) -> T:
+    """``cached(session)`` (on a worker thread: it reads the run's ``cache/``) when it has
+    the answer, without loading the model; else :func:`live_call` of ``work`` (409 naming
+    how to attach a model when there is none)."""
+    s = session(request, entry(request, run_id))
+    hit = await run_in_threadpool(cached, s)
+    if hit is not None:
+        return hit
+    return await live_call(request, run_id, work)

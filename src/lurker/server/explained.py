@@ -39,6 +39,34 @@ def sample_folder(run_path: Path, image: str) -> Path:
     return run_path / "cache" / "explain" / image
 
 
+def cached_file(s: Any, image: str, name: str) -> Path | None:
+    """``live.json`` or ``input.png`` the run's cache keeps for a dataset sample, or None
+    (none kept, not a sample, or a foreign model attached: its answers are not these)."""
+    if not (image.startswith("sample-") and image[7:].isdigit()) or s.foreign_model:
+        return None
+    path = sample_folder(s.entry.path, image) / name
+    return path if path.is_file() else None
+
+
+def explained_index(s: Any) -> dict[str, Any]:
+    """Which samples the run's cache holds explanations of, with which methods (the
+    ``/explained`` document, and ``explained.json`` of a static export); never runs the
+    model."""
+    from .routes.explain import _methods, cached_result
+
+    listed = []
+    for image in explained_samples(s.entry.path):
+        if not (sample_folder(s.entry.path, image) / "input.png").is_file():
+            continue
+        methods = [m for m in _methods() if cached_result(s, image, m, TARGET) is not None]
+        if not methods:
+            continue
+        live = json.loads((sample_folder(s.entry.path, image) / "live.json").read_text("utf-8"))
+        top = live["predictions"][0] if live.get("predictions") else None
+        listed.append({"image": image, "sample": int(image[7:]), "methods": methods, "top": top})
+    return {"target": TARGET, "samples": listed}
+
+
 def precompute(
     run: str | os.PathLike[str],
     samples: str | int = "top",

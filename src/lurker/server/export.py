@@ -246,27 +246,17 @@ def _export_explanations(request: Any, s: Any, e: Any, files: _Files) -> None:
     have them, with which methods (the top class only, as precomputed)."""
     from urllib.parse import urlencode
 
-    from .explained import TARGET, explained_samples, sample_folder
-    from .routes.explain import (
-        _methods,
-        cached_result,
-        explain_png_response,
-        explain_result,
-    )
+    from .explained import TARGET, explained_index, sample_folder
+    from .routes.explain import explain_png_response, explain_result
     from .routes.explain import methods as methods_doc
 
-    listed = []
-    for image in explained_samples(e.path):
+    index = explained_index(s)
+    for held in index["samples"]:
+        image, methods = held["image"], held["methods"]
         folder = sample_folder(e.path, image)
-        if not (folder / "input.png").is_file():
-            continue
-        methods = [m for m in _methods() if cached_result(s, image, m, TARGET) is not None]
-        if not methods:
-            continue
-        live = json.loads((folder / "live.json").read_text(encoding="utf-8"))
         base = ("runs", e.id, "live", image)
         files.bar.total += 2 + 2 * len(methods)
-        files.json(_rel(*base), live)
+        files.json(_rel(*base), json.loads((folder / "live.json").read_text(encoding="utf-8")))
         files.image(_rel(*base, "input.png"), folder / "input.png")
         query = urlencode({"target": TARGET})
         for m in methods:
@@ -274,13 +264,11 @@ def _export_explanations(request: Any, s: Any, e: Any, files: _Files) -> None:
             files.json(_rel(*base, "explain", f"{m}.json?{query}"), doc)
             png = explain_png_response(s, image, m, TARGET, None, overlay=False)
             files.image(_rel(*base, "explain", f"{m}.png?{query}&overlay=0"), bytes(png.body))
-        top = live["predictions"][0] if live.get("predictions") else None
-        listed.append({"image": image, "sample": int(image[7:]), "methods": methods, "top": top})
-    if listed:  # the page's method list (titles, signs, layers)
+    if index["samples"]:  # the page's method list (titles, signs, layers)
         files.bar.total += 1
         files.json(_rel("runs", e.id, "explain", "methods"), methods_doc(request, e.id))
     files.bar.total += 1
-    files.json(_rel("runs", e.id, "explained"), {"target": TARGET, "samples": listed})
+    files.json(_rel("runs", e.id, "explained"), index)
 
 
 def _sample_image(

@@ -329,6 +329,24 @@ class ExplainMethods(BaseModel):
     concepts: bool
 
 
+class ExplainedSample(BaseModel):
+    image: str
+    sample: int
+    #: the methods whose explanation of the top class the run's cache holds
+    methods: list[str]
+    #: the run's model's top prediction for the sample (null when it made none)
+    top: Prediction | None
+
+
+class ExplainedIndex(BaseModel):
+    """The dataset samples whose explanations the run's ``cache/`` holds (``lurker images
+    RUN --explanations``): what a server without the model, or a static export, can show."""
+
+    #: the target they explain (the top predicted class)
+    target: str
+    samples: list[ExplainedSample]
+
+
 class ExplainResult(BaseModel):
     image: str
     method: str

@@ -9,8 +9,9 @@
  * units ranked by their share of the relevance, each with its conditional heatmap and a
  * link to its unit page.
  *
- * A static export shows the explanations precomputed into the run (`lurker images RUN
- * --explanations`): only those samples, their methods, for the top class.
+ * A static export, or a server without the run's model, shows the explanations
+ * precomputed into the run (`lurker images RUN --explanations`): only those samples,
+ * their methods, for the top class.
  */
 import { p, type LiveImage, type RunSummary } from "../api";
 import type { PageContext } from "../context";
@@ -77,21 +78,20 @@ const TITLES: Record<string, string> = {
 export async function renderExplain(root: HTMLElement, ctx: PageContext): Promise<void> {
   document.title = `explain · ${ctx.run} · lurker`;
   append(root, h("h1", null, "Explain", h("span", { class: "sub" }, " why the model decided this, method by method")));
-  const explained = ctx.api.isStatic ? await ctx.api.explained(ctx.run) : null;
+  const summary = await ctx.api.json<RunSummary>(p("runs", ctx.run));
+  // no model (a static export, or a server that cannot load the run's): only what the
+  // run's cache holds, precomputed by `lurker images RUN --explanations`
+  const explained = ctx.api.isStatic || !summary.holds.live ? await ctx.api.explained(ctx.run) : null;
+  const noModel = ctx.api.isStatic
+    ? "This is a static export: explanations run the model, so they need a server"
+    : `Explanations run the model, and this run has none attached${summary.holds.live_reason ? ` (${summary.holds.live_reason})` : ""}`;
   if (explained && !explained.samples.length) {
     root.append(
       notice(
-        `This is a static export: explanations run the model, so they need a server. Run: lurker serve ${ctx.run} --model SPEC (and --weights W). To show some here, precompute them before exporting: lurker images ${ctx.run} --explanations top.`,
-      ),
-    );
-    return;
-  }
-  const summary = await ctx.api.json<RunSummary>(p("runs", ctx.run));
-  if (!explained && !summary.holds.live) {
-    root.append(
-      notice(
-        `Explanations run the model, and this run has none attached${summary.holds.live_reason ? ` (${summary.holds.live_reason})` : ""}. Serve it with: lurker serve ${ctx.run} --model SPEC --weights W.`,
-        "error",
+        ctx.api.isStatic
+          ? `${noModel}. Run: lurker serve ${ctx.run} --model SPEC (and --weights W). To show some here, precompute them before exporting: lurker images ${ctx.run} --explanations top.`
+          : `${noModel}. Serve it with: lurker serve ${ctx.run} --model SPEC --weights W.`,
+        ctx.api.isStatic ? undefined : "error",
       ),
     );
     return;
@@ -136,7 +136,7 @@ export async function renderExplain(root: HTMLElement, ctx: PageContext): Promis
   if (ctx.signal.aborted) return;
   const held = explained?.samples.find((e) => e.image === image);
   if (explained && asked !== "top")
-    root.append(notice(`This export holds explanations of the top class only: shown below. Target ${asked} needs a server: lurker serve ${ctx.run} --model SPEC.`));
+    root.append(notice(`${ctx.api.isStatic ? "This export holds" : "Without the model, this server has"} explanations of the top class only: shown below. Target ${asked} runs the model: lurker serve ${ctx.run} --model SPEC.`));
   const layer = explained ? null : params.get("layer") || null;
   const opacity = clamp01(Number(params.get("opacity") ?? "0.7"));
   const inputSrc = ctx.api.pngUrl(p("runs", ctx.run, "live", image, "input.png"));
@@ -176,7 +176,7 @@ export async function renderExplain(root: HTMLElement, ctx: PageContext): Promis
             "data-class": q.class,
             "aria-pressed": String(on),
             disabled: off,
-            title: off ? "precomputed for the top class only: other targets need lurker serve RUN --model" : null,
+            title: off ? "precomputed for the top class only: other targets run the model (lurker serve RUN --model)" : null,
             onclick: () => go({ target: String(q.class) }),
           },
           h("span", { class: "pname" }, String(q.name ?? q.class)),
@@ -201,7 +201,7 @@ export async function renderExplain(root: HTMLElement, ctx: PageContext): Promis
       ? h(
           "p",
           { class: "muted small static-note" },
-          `This static export holds the explanations of the top class, precomputed with the run's model. Other classes, units, Grad-CAM layers and concept relevance run the model: lurker serve ${ctx.run} --model SPEC.`,
+          `${ctx.api.isStatic ? "This static export holds" : `${noModel}; the run's cache holds`} the explanations of the top class, precomputed with the run's model. Other classes, units, Grad-CAM layers and concept relevance run the model: lurker serve ${ctx.run} --model SPEC.`,
         )
       : h(
       "div",
@@ -279,7 +279,7 @@ export async function renderExplain(root: HTMLElement, ctx: PageContext): Promis
         "section",
         { class: "concept-section" },
         h("h2", null, "Concept relevance ", h("span", { class: "sub" }, "which units of a layer carried this decision")),
-        notice(`Concept relevance runs LRP through the model, so it needs a server: lurker serve ${ctx.run} --model SPEC.`),
+        notice(`Concept relevance runs LRP through the model, so it needs ${ctx.api.isStatic ? "a server" : "one attached"}: lurker serve ${ctx.run} --model SPEC.`),
       ),
     );
   } else if (info.concepts) {

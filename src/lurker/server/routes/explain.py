@@ -41,16 +41,18 @@ from lurker.errors import LurkerError
 from lurker.store import atomic_write_bytes
 from lurker.store.files import safe_component
 
-from ..deps import MODEL_MADE, entry, live_call, session
+from ..deps import MODEL_MADE, cached_or_live, entry, live_call, session
 from ..errors import ApiError
 from ..schemas import (
     ConceptRanking,
     ConceptUnit,
+    ExplainedIndex,
     ExplainMethod,
     ExplainMethods,
     ExplainResult,
 )
 from ..session import Session
+from . import json_get
 from .live import PNG, _image_id
 
 router = APIRouter(prefix="/api", tags=["explain"])
@@ -185,11 +187,11 @@ def _jsonable(v: Any) -> Any:
     return repr(v)
 
 
-def _explained(
+def _key(
     s: Session, image: str, method: str, target: str, layer: str | None
-) -> tuple[Result, bool]:
-    """The attribution (cached), or the error that says what is wrong; on the model's
-    thread."""
+) -> tuple[str, str, str, str]:
+    """The request's cache key (image, method, target, layer; the layer method's default
+    layer when none is asked), or the error that says what is wrong with it."""
     image = _image_id(s, image)
     methods = _methods()
     cls = methods.get(method)
@@ -205,19 +207,35 @@ def _explained(
         )
     if layer is None and _needs_layer(cls):
         layer = _default_layer(s, target)
-    key = (image, method, target.strip(), layer or "")
+    return (image, method, target.strip(), layer or "")
+
+
+def _hit(s: Session, key: tuple[str, str, str, str]) -> Result | None:
+    """The attribution from the server's LRU or the run's ``cache/``; never the model."""
     cache = _cache(s)
     hit = cache.get(key) or _read_disk(s, key)
     if hit is not None:
         cache.put(key, hit)
+    return hit
+
+
+def _explained(
+    s: Session, image: str, method: str, target: str, layer: str | None
+) -> tuple[Result, bool]:
+    """The attribution (cached), or the error that says what is wrong; on the model's
+    thread."""
+    key = _key(s, image, method, target, layer)
+    hit = _hit(s, key)
+    if hit is not None:
         return hit, True
-    x = s.live_input(image)
+    x = s.live_input(key[0])
     model = s.model()
+    cache = _cache(s)
     with s.model_lock:
         hit = cache.get(key)  # computed by a request that held the lock before this one
         if hit is not None:
             return hit, True
-        result = _compute(s, model, x, method, target, layer)
+        result = _compute(s, model, x, method, target, key[3] or None)
         cache.put(key, result)
         _write_disk(s, key, result)
     return result, False
@@ -226,14 +244,13 @@ def _explained(
 def cached_result(
     s: Session, image: str, method: str, target: str = "top", layer: str | None = None
 ) -> Result | None:
-    """The explanation the run's ``cache/`` holds for this request (the layer method's
-    default layer when ``layer`` is None), or None; never runs the model."""
-    cls = _methods().get(method)
-    if cls is None:
+    """The explanation the run's ``cache/`` (or the server's LRU) holds for this request
+    (the layer method's default layer when ``layer`` is None), or None; never runs the
+    model."""
+    try:
+        return _hit(s, _key(s, image, method, target, layer))
+    except ApiError:
         return None
-    if layer is None and _needs_layer(cls):
-        layer = _default_layer(s, target)
-    return _read_disk(s, (image, method, target.strip(), layer or ""))
 
 
 # ------------------------------------------------------------------ the run's cache/
@@ -510,6 +527,17 @@ def methods(request: Request, run_id: str) -> ExplainMethods:
     )
 
 
+@router.get(
+    "/runs/{run_id}/explained",
+    response_model=ExplainedIndex,
+    summary="The dataset samples whose explanations the run's cache holds (served with no model)",
+)
+def explained(request: Request, run_id: str) -> ExplainedIndex:
+    from ..explained import explained_index
+
+    return ExplainedIndex.model_validate(explained_index(session(request, entry(request, run_id))))
+
+
 TARGET = Query(
     "top",
     max_length=500,
@@ -524,6 +552,8 @@ LAYER = Query(
 )
 
 
+OVERLAY = Query(True, description="draw over the image (false: RGBA heatmap alone)")
+OPACITY = Query(0.5, ge=0, le=1, description="the opacity of the strongest value")
 CONCEPT_LAYER = Query(
     None,
     max_length=500,
@@ -562,19 +592,32 @@ def _heat_image(
     from lurker.explain.overlay import overlay as draw
 
     if overlay:
-        return draw(heat, s.input_pil(image), signed=signed, alpha=opacity)
+        return draw(heat, _input_pil(s, image), signed=signed, alpha=opacity)
     return Image.fromarray(heat_rgba(heat, signed), "RGBA")
 
 
-@router.get(  # the same without ".json", as the client names JSON documents
+def _input_pil(s: Session, image: str) -> Any:
+    """The image as the model sees it; without the dataset, the copy the run's
+    explanation cache keeps of a sample (the same pixels)."""
+    from PIL import Image
+
+    from ..explained import cached_file
+
+    try:
+        return s.input_pil(image)
+    except ApiError as e:
+        kept = cached_file(s, image, "input.png")
+        if e.status != 409 or kept is None:
+            raise
+        with Image.open(kept) as im:
+            return im.copy()
+
+
+@json_get(
+    router,
     "/runs/{run_id}/live/{image}/explain/concepts",
-    response_model=ConceptRanking,
-    include_in_schema=False,
-)
-@router.get(
-    "/runs/{run_id}/live/{image}/explain/concepts.json",
-    response_model=ConceptRanking,
-    summary="Concept relevance: a layer's units ranked by their share of the relevance (LRP)",
+    ConceptRanking,
+    "Concept relevance: a layer's units ranked by their share of the relevance (LRP)",
 )
 async def concepts_json(
     request: Request,
@@ -637,8 +680,8 @@ async def concept_png(
     unit: int = Path(ge=0, le=2**31),
     target: str = TARGET,
     layer: str | None = CONCEPT_LAYER,
-    overlay: bool = Query(True, description="draw over the image (false: RGBA heatmap alone)"),
-    opacity: float = Query(0.5, ge=0, le=1, description="the strongest relevance's opacity"),
+    overlay: bool = OVERLAY,
+    opacity: float = OPACITY,
 ) -> Response:
 
     def work(s: Session) -> Response:
@@ -669,12 +712,19 @@ async def explain_png(
     method: str,
     target: str = TARGET,
     layer: str | None = LAYER,
-    overlay: bool = Query(True, description="draw over the image (false: RGBA heatmap alone)"),
-    opacity: float = Query(0.5, ge=0, le=1, description="the strongest attribution's opacity"),
+    overlay: bool = OVERLAY,
+    opacity: float = OPACITY,
 ) -> Response:
-    return await live_call(
+
+    def cached(s: Session) -> Response | None:
+        key = _key(s, image, method, target, layer)  # a bad request: its error, model or not
+        r = _hit(s, key)
+        return None if r is None else _explain_png(s, key[0], r, overlay, opacity)
+
+    return await cached_or_live(
         request,
         run_id,
+        cached,
         lambda s: explain_png_response(s, image, method, target, layer, overlay, opacity),
     )
 
@@ -690,20 +740,20 @@ def explain_png_response(
 ) -> Response:
     """The PNG endpoint's answer (the static export writes its body)."""
     r, _ = _explained(s, image, method, target, layer)
+    return _explain_png(s, image, r, overlay, opacity)
+
+
+def _explain_png(s: Session, image: str, r: Result, overlay: bool, opacity: float) -> Response:
     pil = _heat_image(s, image, r.heat, r.signed, overlay, opacity)
     return _png_response(pil, r.heat, r.target)
 
 
 # registered after the PNG: "{method}" without a suffix would take "x.png"
-@router.get(  # the same without ".json", as the client names JSON documents
+@json_get(
+    router,
     "/runs/{run_id}/live/{image}/explain/{method}",
-    response_model=ExplainResult,
-    include_in_schema=False,
-)
-@router.get(
-    "/runs/{run_id}/live/{image}/explain/{method}.json",
-    response_model=ExplainResult,
-    summary="One method's attribution of the image: target resolved, min/max/sum, delta, options",
+    ExplainResult,
+    "One method's attribution of the image: target resolved, min/max/sum, delta, options",
 )
 async def explain_json(
     request: Request,
@@ -713,8 +763,14 @@ async def explain_json(
     target: str = TARGET,
     layer: str | None = LAYER,
 ) -> ExplainResult:
-    return await live_call(
-        request, run_id, lambda s: explain_result(s, image, method, target, layer)
+
+    def cached(s: Session) -> ExplainResult | None:
+        key = _key(s, image, method, target, layer)  # a bad request: its error, model or not
+        r = _hit(s, key)
+        return None if r is None else _result_doc(s, key[0], method, r, True)
+
+    return await cached_or_live(
+        request, run_id, cached, lambda s: explain_result(s, image, method, target, layer)
     )
 
 
@@ -722,6 +778,10 @@ def explain_result(
     s: Session, image: str, method: str, target: str, layer: str | None
 ) -> ExplainResult:
     r, cached = _explained(s, image, method, target, layer)
+    return _result_doc(s, image, method, r, cached)
+
+
+def _result_doc(s: Session, image: str, method: str, r: Result, cached: bool) -> ExplainResult:
     lo, hi, total = _stats(r.heat)
     names = s.entry.open_run().classes
     name = None

@@ -2,7 +2,9 @@
 
 Predictions, any op's input and output feature maps (one channel per request, PNG or raw
 JSON) and convolution kernels. Needs a model (409 naming ``lurker serve RUN --model``
-otherwise). The endpoints are async: their work runs on the model's own thread (one per
+otherwise), except a dataset sample's predictions and input the run's explanation cache
+keeps (``lurker images RUN --explanations``): those are served from there when the model
+(or the dataset) is not available. The endpoints are async: their work runs on the model's own thread (one per
 model, see :func:`~lurker.server.deps.live_call`), so requests waiting for the model hold
 no worker thread and the other endpoints stay fast.
 """
@@ -18,10 +20,11 @@ import numpy as np
 from fastapi import APIRouter, File, Path, Request, UploadFile
 from fastapi.responses import Response
 
-from ..deps import MODEL_MADE, live_call
+from ..deps import MODEL_MADE, entry, live_call, session
 from ..errors import ApiError
 from ..schemas import FeatureSide, KernelInfo, KernelValues, LiveImage, LiveOp, MapValues
 from ..session import Session, finite_range, json_values, map_png
+from . import json_get
 
 router = APIRouter(prefix="/api", tags=["live"])
 
@@ -136,7 +139,23 @@ async def predictions(request: Request, run_id: str, image: str) -> LiveImage:
             height=int(x.shape[-2]),
         )
 
-    return await live_call(request, run_id, work)
+    try:
+        return await live_call(request, run_id, work)
+    except ApiError as e:
+        return LiveImage.model_validate_json(_kept(request, run_id, image, "live.json", e))
+
+
+def _kept(request: Request, run_id: str, image: str, name: str, err: ApiError) -> bytes:
+    """After a 409 (no model, or no dataset), the run's own model's answer for a dataset
+    sample as its explanation cache keeps it; else ``err`` again."""
+    from ..explained import cached_file
+
+    if err.status != 409:
+        raise err
+    path = cached_file(session(request, entry(request, run_id)), image, name)
+    if path is None:
+        raise err
+    return path.read_bytes()
 
 
 @router.get(
@@ -151,7 +170,10 @@ async def input_png(request: Request, run_id: str, image: str) -> Response:
     def work(s: Session) -> bytes:
         return png_bytes(s.input_pil(_image_id(s, image)))
 
-    data = await live_call(request, run_id, work)
+    try:
+        data = await live_call(request, run_id, work)
+    except ApiError as e:
+        data = _kept(request, run_id, image, "input.png", e)
     return Response(data, media_type="image/png", headers=MODEL_MADE)
 
 
@@ -237,15 +259,11 @@ async def channel_png(
     return Response(data, media_type="image/png", headers=headers)
 
 
-@router.get(  # the same without ".json", as the client names JSON documents
+@json_get(
+    router,
     "/runs/{run_id}/live/{image}/ops/{op}/{side}/{channel}",
-    response_model=MapValues,
-    include_in_schema=False,
-)
-@router.get(  # registered first (decorators apply bottom-up): "3.json" is not an int
-    "/runs/{run_id}/live/{image}/ops/{op}/{side}/{channel}.json",
-    response_model=MapValues,
-    summary="One channel of an op's input or output, raw values",
+    MapValues,
+    "One channel of an op's input or output, raw values",
 )
 async def channel_json(
     request: Request,
@@ -263,15 +281,11 @@ async def channel_json(
     return await live_call(request, run_id, work)
 
 
-@router.get(  # the same without ".json", as the client names JSON documents
+@json_get(
+    router,
     "/runs/{run_id}/live/{image}/ops/{op}/kernels/{out}/{inp}",
-    response_model=KernelValues,
-    include_in_schema=False,
-)
-@router.get(  # registered first (decorators apply bottom-up): "3.json" is not an int
-    "/runs/{run_id}/live/{image}/ops/{op}/kernels/{out}/{inp}.json",
-    response_model=KernelValues,
-    summary="The convolution kernel weight[out, in] of an op",
+    KernelValues,
+    "The convolution kernel weight[out, in] of an op",
 )
 async def kernel_json(
     request: Request,
