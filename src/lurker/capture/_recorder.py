@@ -96,6 +96,7 @@ _kind_cache: dict[str, int] = {}
 _getframe = sys._getframe
 _ref = weakref.ref
 _new_tuple = tuple.__new__
+_blank = Op.blank
 _any_autocast = _context.any_autocast
 _grad_enabled = _context.grad_enabled
 
@@ -495,7 +496,7 @@ class _Core:
     # ------------------------------------------------------------------ sources
     def add_source_node(self, kind: str, name: str, t: Tensor) -> int:
         idx = len(self.nodes)
-        node = Op(idx, kind, name, "", "", 1, 1, self.stack)
+        node = _blank(idx, kind, name, self.stack)
         node.outputs = [_meta(t)]
         self.nodes.append(node)
         self.producers[id(t)] = (t if self.fast_save else _ref(t), (idx, 0), t._version)
@@ -779,7 +780,7 @@ class _Core:
         output registration (later ops resolve their inputs by it) and saving.
         """
         idx = len(self.nodes)
-        node = Op(idx, kind, info.name, "", "", 1, 1, self.stack)
+        node = _blank(idx, kind, info.name, self.stack)
         node.time = dt
         node.value = value
         node.seq = self.seq
