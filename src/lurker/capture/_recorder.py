@@ -912,9 +912,10 @@ def _alive(held: Any, t: Tensor) -> bool:
 _REF = weakref.ReferenceType
 
 
-# The stack walk starts at the op's caller, two frames (``_locate``,
-# ``__torch_function__``) above it.
-_DEPTH = 2
+# The stack walk starts at the op's caller, past ``_locate``, ``_op`` and
+# ``OpMode.__torch_function__`` (the only path to ``_locate``); starting at the latter
+# would cost a frame object and a step of the walk per op.
+_DEPTH = 3
 
 
 def _meta(t: Tensor) -> TensorMeta:
