@@ -404,3 +404,19 @@ def test_from_json_refuses_other_versions() -> None:
         Graph.from_json({**doc, "version": 1})
     with pytest.raises(ValueError, match="not a lurker graph"):
         Graph.from_json({**doc, "schema": "other"})
+
+
+def test_blank_op_sets_every_slot_as_init_does():
+    """The recorder's fast constructor: a slot it forgot would raise AttributeError on read,
+    a different default would change every traced op."""
+    modules = (("layer1", 1), ("layer1.0", 2))
+    fast = Op.blank(7, "op", "conv2d", modules)
+    slow = Op(7, "op", "conv2d", modules=modules)
+    slots = [s for s in Op.__slots__ if s != "__weakref__"]
+    assert slots
+    for s in slots:
+        assert getattr(fast, s) == getattr(slow, s), s
+        assert type(getattr(fast, s)) is type(getattr(slow, s)), s
+    other = Op.blank(8, "op", "relu", ())
+    for s in ("module_outputs", "parents", "children", "outputs", "params", "meta", "_kwargs"):
+        assert getattr(fast, s) is not getattr(other, s), f"{s} shared between ops"

@@ -96,6 +96,7 @@ _kind_cache: dict[str, int] = {}
 _getframe = sys._getframe
 _ref = weakref.ref
 _new_tuple = tuple.__new__
+_blank = Op.blank
 _any_autocast = _context.any_autocast
 _grad_enabled = _context.grad_enabled
 
@@ -402,12 +403,14 @@ class _Core:
         splice = -1  # where in the previous op's _calls (and, at cut, _sites) to reuse it
         cut = 0
         while f is not None and f is not stop:
-            code = f.f_code
-            cid = id(code)
+            cid = id(f.f_code)
             k = kinds.get(cid)
             if k is None:
-                k = _code_kind(code)
-            if k in (_SITE, _RESUMABLE):
+                k = _code_kind(f.f_code)
+            if k == _SKIP:  # torch's and lurker's dispatch plumbing: most frames walked
+                f = f.f_back
+                continue
+            if k != _CALL:  # _SITE or _RESUMABLE
                 sites.append(cid)
                 sites.append(f.f_lasti)
                 if first is None:
@@ -417,7 +420,7 @@ class _Core:
                     known = len(chain) - 1
                     splice, cut = 0, 2
                     break
-            elif k == _CALL:
+            else:  # _CALL: a module call
                 for q in range(len(chain) - 1, -1, -1):
                     if chain[q][0] is f:
                         known = q
@@ -493,7 +496,7 @@ class _Core:
     # ------------------------------------------------------------------ sources
     def add_source_node(self, kind: str, name: str, t: Tensor) -> int:
         idx = len(self.nodes)
-        node = Op(idx, kind, name, "", "", 1, 1, self.stack)
+        node = _blank(idx, kind, name, self.stack)
         node.outputs = [_meta(t)]
         self.nodes.append(node)
         self.producers[id(t)] = (t if self.fast_save else _ref(t), (idx, 0), t._version)
@@ -659,13 +662,15 @@ class _Core:
         for t in ins:
             hit = producers.get(id(t))
             v = t._version
-            if hit is not None and _alive(hit[0], t):
-                if hit[2] != v:  # changed since, through another view of its storage
-                    self.stale_hit = True
-                inputs.append(hit[1])
-            else:
-                inputs.append(self._source_of(t))
             versions.append(v)
+            if hit is not None:
+                held = hit[0]  # _alive(held, t), inlined: this runs per input of every op
+                if held is t or (type(held) is _REF and held() is t):
+                    if hit[2] != v:  # changed since, through another view of its storage
+                        self.stale_hit = True
+                    inputs.append(hit[1])
+                    continue
+            inputs.append(self._source_of(t))
         snaps = self._snapshots(ins) if self.stale_hit else None
         inplace = info.inplace_first
         if kwargs is not _NO_KWARGS:
@@ -675,7 +680,8 @@ class _Core:
         if inplace or info.norm:
             self._guard(inplace, info, ins, args, kwargs)
         ctx = None
-        if info.random or info.dropout or _any_autocast() or _grad_enabled() is not self.grad0:
+        random = info.random or info.dropout
+        if random or _any_autocast() or _grad_enabled() is not self.grad0:
             ctx = self._context(info, args, kwargs)
         t0 = perf_counter()
         try:
@@ -685,15 +691,24 @@ class _Core:
             raise
         dt = perf_counter() - t0
 
-        made = _produced(func, info, out, ins, versions)  # the replayer asks the same
-        if made is None:
-            return out
-        outs, changed, by_mutation = made
-        if not outs:  # a readout
-            self._record(func, info, inputs, args, kwargs, [], dt, "readout", out)
-            return out
-        if by_mutation:  # x[i] = v and friends: the op "produces" the mutated tensor
-            inplace = True
+        if type(out) is Tensor:  # the common case of _produced, inlined: one tensor out
+            outs = [out]
+            changed = None
+            for t, v in zip(ins, versions):
+                if t._version != v:
+                    if changed is None:
+                        changed = []
+                    changed.append(t)
+        else:
+            made = _produced(func, info, out, ins, versions)  # the replayer asks the same
+            if made is None:
+                return out
+            outs, changed, by_mutation = made
+            if not outs:  # a readout
+                self._record(func, info, inputs, args, kwargs, [], dt, "readout", out)
+                return out
+            if by_mutation:  # x[i] = v and friends: the op "produces" the mutated tensor
+                inplace = True
         if changed is not None and not inplace:  # an in-place op we did not foresee
             for t in changed:
                 self._mark_stale(t)  # saved copies of its storage are off
@@ -765,7 +780,7 @@ class _Core:
         output registration (later ops resolve their inputs by it) and saving.
         """
         idx = len(self.nodes)
-        node = Op(idx, kind, info.name, "", "", 1, 1, self.stack)
+        node = _blank(idx, kind, info.name, self.stack)
         node.time = dt
         node.value = value
         node.seq = self.seq
@@ -897,9 +912,10 @@ def _alive(held: Any, t: Tensor) -> bool:
 _REF = weakref.ReferenceType
 
 
-# The stack walk starts at the op's caller, two frames (``_locate``,
-# ``__torch_function__``) above it.
-_DEPTH = 2
+# The stack walk starts at the op's caller, past ``_locate``, ``_op`` and
+# ``OpMode.__torch_function__`` (the only path to ``_locate``); starting at the latter
+# would cost a frame object and a step of the walk per op.
+_DEPTH = 3
 
 
 def _meta(t: Tensor) -> TensorMeta:

@@ -239,6 +239,35 @@ class Op:
         self._provisional = False
         self._ctx = None
 
+    @classmethod
+    def blank(cls, index: int, kind: Any, name: str, modules: tuple[tuple[str, int], ...]) -> Op:
+        """``Op(index, kind, name, modules=modules)`` without ``__init__``'s argument
+        handling: the recorder makes one per op, between torch kernels. Every slot is set
+        as :meth:`__init__` sets it (a test compares the two)."""
+        n = _new_object(cls)
+        n.index = index
+        n.kind = kind
+        n.name = name
+        n.label = n.rolled = ""
+        n.pass_num = n.num_passes = 1
+        n.modules = modules
+        n.module_outputs = []
+        n.parents = []
+        n.children = []
+        n.outputs = []
+        n.params = []
+        n.time = 0.0
+        n.inplace = n.random = n.decides_branch = n.stale = n._provisional = False
+        n.dist_from_input = n.dist_from_output = n.value = n.target = None
+        n.seq = -1
+        n._args = ()
+        n._kwargs = {}
+        n.meta = {}
+        n.source = n.activation = n.grad = n._func = n._skel_args = n._skel_kwargs = None
+        n._inputs = ()
+        n._key = n._snapshots = n._where = n._outs = n._extra_parents = n._ctx = None
+        return n
+
     @property
     def args(self) -> tuple[Any, ...]:
         """Positional arguments of the call: tensors as :class:`OpRef`/:class:`ParamRef`."""
@@ -343,6 +372,9 @@ class Op:
         shape = "x".join(map(str, self.shape)) if self.shape is not None else "-"
         where = f" in {self.module}" if self.module else ""
         return f"<Op {self.label} {self.kind}{where} [{shape}]>"
+
+
+_new_object = object.__new__
 
 
 def _live_call(op: Op) -> None:
