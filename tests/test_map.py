@@ -252,11 +252,77 @@ def test_cli_map_refuses_another_folder(model, tmp_path):
     res = CliRunner().invoke(main, ["map", str(out), "--method", "pca", "--data", str(other)])
     assert res.exit_code != 0
     assert "is not the one the run was probed with" in res.output
-    assert "only 0 of the run's 11 images are in it" in res.output
+    assert "which still exists" in res.output and str(tmp_path / "imgs") in res.output
     assert "Traceback" not in res.output
     res = CliRunner().invoke(main, ["map", str(out), "--method", "pca", "--data", "digits:test"])
     assert res.exit_code != 0 and "the run was probed with" in res.output
     assert not Run.open(out).has_map
+
+
+def test_cli_map_a_moved_folder_but_not_its_twin(model, tmp_path):
+    """A second folder with the same layout and file names (val/ beside train/) matches
+    every relative path: refused while the run's folder exists. Once the run's folder is
+    moved, the new place is taken and gives the same features as the original."""
+    import shutil
+
+    from PIL import Image
+
+    from lurker.cli import main
+
+    folder = _folder(tmp_path / "train")
+    out = _cli_probe_folder(model, tmp_path, folder)
+    twin = tmp_path / "val"
+    shutil.copytree(folder, twin)
+    for f in twin.rglob("*.png"):  # same names, other pixels
+        if f.name != "bad.png":
+            Image.fromarray(np.full((16, 16), 200, "uint8")).save(f)
+    args = ["map", str(out), "--method", "pca", "--layer", "features.8", "--data"]
+    res = CliRunner().invoke(main, [*args, str(twin)])
+    assert res.exit_code != 0 and "which still exists" in res.output, res.output
+    assert not Run.open(out).has_map
+    res = CliRunner().invoke(main, [*args, str(folder)])
+    assert res.exit_code == 0, res.output
+    with Run.open(out) as r:
+        want = r.embedding()
+    shutil.rmtree(twin)
+    moved = tmp_path / "moved"
+    folder.rename(moved)
+    ds = load_dataset(str(moved), 16, channels=1)
+    other = make_map(out, layer="features.4", method="pca", model=model, dataset=ds)
+    assert other.embedding().meta["layer"] == "features.4"  # collected from the moved folder
+    other.close()
+    again = make_map(out, layer="features.8", method="pca", model=model, dataset=ds).embedding()
+    np.testing.assert_array_equal(again.ids, want.ids)
+    np.testing.assert_allclose(again.features, want.features, rtol=1e-5, atol=1e-6)
+
+
+def test_map_of_a_moved_dataset_warns_and_another_kind_is_refused(model, tmp_path):
+    """Non-folder datasets match by kind and length: the same data read from another place
+    is taken with a warning naming both places; another kind or length is refused."""
+
+    class Pts(torch.utils.data.Dataset):
+        def __init__(self, root, n=12):
+            g = torch.Generator().manual_seed(0)
+            self.x = torch.rand(n, 1, 16, 16, generator=g)
+            self.root = root
+
+        def __len__(self):
+            return len(self.x)
+
+        def __getitem__(self, i):
+            return self.x[i], i % 10
+
+    run = probe(model, Pts("/old/place"), out=tmp_path / "run", layers="classifier.1",
+                progress=False)  # fmt: skip
+    recorded = run.meta["dataset"]
+    run.close()
+    assert "/old/place" in recorded
+    with pytest.warns(UserWarning, match="taken as the same data moved"):
+        m = make_map(tmp_path / "run", method="pca", model=model, dataset=Pts("/new/place"))
+    assert len(m.map().x) == 12
+    with pytest.raises(LurkerError, match="with 8 samples, the run was probed with"):
+        make_map(tmp_path / "run", layer="features.4", method="pca", model=model,
+                 dataset=Pts("/new/place", 8))  # fmt: skip
 
 
 def test_api_map_document(model, data, tmp_path):
@@ -384,6 +450,21 @@ def test_features_resume_bit_exactly_after_a_crash(model, data, tmp_path, monkey
     np.testing.assert_array_equal(resumed.features, whole.features)
     np.testing.assert_array_equal(resumed.pred, whole.pred)
     np.testing.assert_array_equal(resumed.conf, whole.conf)
+
+
+def test_resume_without_embed_leaves_no_rows_file(model, data, tmp_path):
+    """A sweep killed while keeping features, resumed without asking for them: the run
+    completes and the row file the first call wrote goes with its checkpoint."""
+    kw = {"layers": "classifier.1", "batch_size": 20, "progress": False}
+    out = tmp_path / "r"
+    flaky = _FailsOnce(data, at=130)
+    with pytest.raises(RuntimeError, match="crash"):
+        probe(model, flaky, out=out, checkpoint_every=1, embed=True, **kw)
+    assert (out / "checkpoint-embedding.rows").stat().st_size > 0
+    run = probe(model, flaky, out=out, **kw)
+    assert run.meta["sweep"]["images"] < len(data)  # it did resume
+    assert not list(out.glob("checkpoint*"))
+    assert not run.has_embedding
 
 
 def test_checkpoint_size_does_not_grow_with_the_saved_features(model, data, tmp_path):

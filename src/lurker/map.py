@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -261,8 +262,10 @@ def _align(path: Any, ds: Any) -> tuple[list[int], np.ndarray]:
     Image folders match by file path relative to the folder, so a folder that was moved,
     or whose unreadable files were since fixed or removed (which shifts the indices), still
     lines up; the run's samples the folder no longer has get no features (reported by
-    ``lurker map``). Other datasets match by the description and length the run records.
-    Raise when the dataset is evidently not the run's.
+    ``lurker map``). While the run's folder still exists, only that folder is accepted: a
+    second folder of the same layout (``val/`` beside ``train/``) would match every
+    relative path and give other images' features. Other datasets match by kind and
+    length. Raise when the dataset is evidently not the run's.
     """
     from .probe import data as pdata
     from .store import Run
@@ -273,10 +276,20 @@ def _align(path: Any, ds: Any) -> tuple[list[int], np.ndarray]:
     run_ids = np.full(len(ds), -1, dtype=np.int64)
     run_paths = [s.path for s in samples]
     if isinstance(ds, pdata.ImageFolderDataset) and all(run_paths):
+        if (
+            recorded
+            and os.path.isdir(recorded)
+            and os.path.realpath(recorded) != os.path.realpath(ds.root)
+        ):
+            raise LurkerError(
+                f"the dataset {ds.root} is not the one the run was probed with: that is "
+                f"{recorded}, which still exists; give it (--data {recorded}), or move it "
+                "away if the images now live elsewhere"
+            )
         mine = {_rel(p, str(ds.root)): i for i, p in enumerate(ds.paths or [])}
         found = [(mine.get(_rel(p, recorded)), s.id) for p, s in zip(run_paths, samples)]
         hits = [(i, sid) for i, sid in found if i is not None]
-        if 2 * len(hits) <= len(samples):  # not even half: another folder
+        if 2 * len(hits) <= len(samples):  # half or fewer: another folder
             lost = [p for (i, _), p in zip(found, run_paths) if i is None]
             raise LurkerError(
                 f"the dataset {ds.root} is not the one the run was probed with ({recorded}): "
@@ -286,14 +299,27 @@ def _align(path: Any, ds: Any) -> tuple[list[int], np.ndarray]:
         for i, sid in hits:
             run_ids[i] = sid
         return sorted(i for i, _ in hits), run_ids
-    if ds.description != recorded or len(ds) != len(samples):
+    # Descriptions name the kind, then where it lives ("CIFAR10(/data/cifar)"): a moved
+    # dataset differs only in the place, which is worth a warning, not a refusal.
+    if _kind(ds.description) != _kind(recorded) or len(ds) != len(samples):
         raise LurkerError(
             f"the dataset is {ds.description} with {len(ds)} samples, the run was probed with "
             f"{recorded or 'an unrecorded dataset'} with {len(samples)}: give the dataset the "
             "run was probed with (--data)"
         )
+    if ds.description != recorded:
+        warnings.warn(
+            f"the dataset is {ds.description}, the run was probed with {recorded}: taken as "
+            "the same data moved (same kind, same length); the map is wrong if it is not",
+            stacklevel=3,
+        )
     run_ids[[s.id for s in samples]] = [s.id for s in samples]
     return [s.id for s in samples], run_ids
+
+
+def _kind(description: str) -> str:
+    """A dataset description without the place it was read from."""
+    return description.split("(", 1)[0].strip()
 
 
 def _rel(p: str, root: str) -> str:

@@ -845,7 +845,7 @@ def _finish(
         seen = sum(g[1] for g in gathered)
         seconds = max(g[2] for g in gathered)
     if plan.rank != 0:
-        plan.checkpoint.unlink(missing_ok=True)
+        _drop_checkpoint(plan)
         for c in consumers:
             c.discard()
         torch.distributed.barrier()
@@ -881,12 +881,20 @@ def _finish(
         for c in consumers:
             c.finish(writer)
     writer.close()
-    plan.checkpoint.unlink(missing_ok=True)  # checkpoint-rank0.pt: the store drops checkpoint.pt
+    _drop_checkpoint(plan)  # checkpoint-rank0.pt: the store drops checkpoint.pt
     for c in consumers:
         c.discard()
     if plan.world > 1:
         torch.distributed.barrier()
     return Run.open(plan.out)
+
+
+def _drop_checkpoint(plan: _Plan) -> None:
+    """Remove this rank's checkpoint and the row files beside it, including those of a
+    consumer the resumed call no longer runs (an embedding asked for only the first time)."""
+    plan.checkpoint.unlink(missing_ok=True)
+    for rows in plan.checkpoint.parent.glob(f"{plan.checkpoint.stem}-*.rows"):
+        rows.unlink(missing_ok=True)
 
 
 def _labels(ds: Any) -> list[int]:
