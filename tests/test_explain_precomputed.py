@@ -305,3 +305,23 @@ def test_a_server_that_cannot_load_the_model_serves_the_cache(
         r = c.get(url("sample-0", "saliency", "json", layer="features.9"))
         assert r.status_code == 400 and "takes no layer" in r.text
         assert loads[0] == 1  # the live documents of the server with the model
+
+
+def test_the_explained_index_lists_only_the_run_models_files(
+    run: Path,
+    explorer_run: ExplorerRun,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """A model object attached from Python is not the run's (its answers never go into
+    cache/): the index lists nothing, even after it explained a sample. A sample whose
+    live.json is damaged is left out, not a server error."""
+    copy = tmp_path / "digits"
+    shutil.copytree(run, copy)
+    with TestClient(create_app(copy, model_obj=explorer_run.model)) as c:
+        assert c.get(url("sample-3", "saliency", "json")).status_code == 200
+        assert c.get("/api/runs/digits/explained").json() == {"target": "top", "samples": []}
+    (copy / "cache" / "explain" / "sample-0" / "live.json").write_text("{not json")
+    with TestClient(create_app(copy)) as c:
+        r = c.get("/api/runs/digits/explained")
+        assert r.status_code == 200, r.text
+        assert [e["image"] for e in r.json()["samples"]] == ["sample-1"]

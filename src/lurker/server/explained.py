@@ -51,18 +51,28 @@ def cached_file(s: Any, image: str, name: str) -> Path | None:
 def explained_index(s: Any) -> dict[str, Any]:
     """Which samples the run's cache holds explanations of, with which methods (the
     ``/explained`` document, and ``explained.json`` of a static export); never runs the
-    model."""
-    from .routes.explain import _methods, cached_result
+    model. Only what is on disk for the run's own model is listed: a foreign model's
+    answers are not the run's, and an unreadable sample folder is left out."""
+    from lurker.explain import METHODS
 
-    listed = []
+    from .routes.explain import stored_result
+
+    listed: list[dict[str, Any]] = []
+    if s.foreign_model:
+        return {"target": TARGET, "samples": listed}
     for image in explained_samples(s.entry.path):
-        if not (sample_folder(s.entry.path, image) / "input.png").is_file():
+        folder = sample_folder(s.entry.path, image)
+        if not (folder / "input.png").is_file():
             continue
-        methods = [m for m in _methods() if cached_result(s, image, m, TARGET) is not None]
+        methods = [m for m in METHODS if stored_result(s, image, m, TARGET) is not None]
         if not methods:
             continue
-        live = json.loads((sample_folder(s.entry.path, image) / "live.json").read_text("utf-8"))
-        top = live["predictions"][0] if live.get("predictions") else None
+        try:
+            live = json.loads((folder / "live.json").read_text("utf-8"))
+            preds = live.get("predictions") if isinstance(live, dict) else None
+            top = preds[0] if isinstance(preds, list) and preds else None
+        except (OSError, ValueError):
+            continue  # no or a damaged live.json: the page could not show the sample
         listed.append({"image": image, "sample": int(image[7:]), "methods": methods, "top": top})
     return {"target": TARGET, "samples": listed}
 
@@ -82,14 +92,16 @@ def precompute(
     is cached already is kept."""
     from starlette.requests import Request
 
+    from lurker.explain import METHODS
+
     from .app import create_app
     from .deps import session
     from .errors import ApiError
-    from .routes.explain import _methods, cached_result, explain_result
+    from .routes.explain import explain_result, stored_result
     from .routes.live import _image_id
     from .state import RunEntry
 
-    every = list(_methods())
+    every = list(METHODS)
     methods = methods or every
     unknown = [m for m in methods if m not in every]
     if unknown:
@@ -127,7 +139,7 @@ def precompute(
             try:
                 _live_files(s, image, folder)
                 for method in methods:
-                    if cached_result(s, image, method, TARGET) is not None:
+                    if stored_result(s, image, method, TARGET) is not None:
                         existing += 1
                         continue
                     explain_result(s, image, method, TARGET, None)

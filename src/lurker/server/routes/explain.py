@@ -253,6 +253,18 @@ def cached_result(
         return None
 
 
+def stored_result(
+    s: Session, image: str, method: str, target: str = "top", layer: str | None = None
+) -> Result | None:
+    """The explanation the run's ``cache/`` holds on disk for this request, or None: what
+    a fresh server (or a static export) can answer without the model, unlike the LRU,
+    which also holds a foreign model's answers and uploads."""
+    try:
+        return _read_disk(s, _key(s, image, method, target, layer))
+    except ApiError:
+        return None
+
+
 # ------------------------------------------------------------------ the run's cache/
 def disk_file(s: Session, key: tuple[str, str, str, str]) -> FilePath | None:
     """``cache/explain/<image>/<method>-<target>[-<layer>].json`` for a dataset sample
