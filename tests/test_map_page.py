@@ -323,7 +323,8 @@ def large(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
 
 def test_many_points_are_drawn_in_their_class_colour(page: Any, large: dict[str, Any]):
     """Every isolated point's pixel holds its class colour at 90% over the background
-    (oracle: the blend computed here); pixels far from every point hold the background."""
+    (oracle: the blend computed here); pixels far from every point hold the background.
+    With a selection, the points outside it fade and those inside keep their colour."""
     page.goto(f"{large['url']}#/r/large/map")
     page.wait_for_selector("canvas.map-canvas[data-shown='6000']")
     page.wait_for_load_state("networkidle")
@@ -331,13 +332,11 @@ def test_many_points_are_drawn_in_their_class_colour(page: Any, large: dict[str,
         "() => { const c = document.querySelector('canvas.map-canvas'); return {s: "
         "+c.dataset.scale, tx: +c.dataset.tx, ty: +c.dataset.ty, w: c.width, h: c.height}; }"
     )
-    pixels = np.array(
-        page.evaluate(
-            "() => { const c = document.querySelector('canvas.map-canvas'); return Array.from("
-            "c.getContext('2d').getImageData(0, 0, c.width, c.height).data); }"
-        ),
-        np.uint8,
-    ).reshape(g["h"], g["w"], 4)
+    read = (
+        "() => { const c = document.querySelector('canvas.map-canvas'); return Array.from("
+        "c.getContext('2d').getImageData(0, 0, c.width, c.height).data); }"
+    )
+    pixels = np.array(page.evaluate(read), np.uint8).reshape(g["h"], g["w"], 4)
     xy = large["xy"]
     sx, sy = g["tx"] + xy[:, 0] * g["s"], g["ty"] - xy[:, 1] * g["s"]
     screen = np.c_[sx, sy]
@@ -357,4 +356,27 @@ def test_many_points_are_drawn_in_their_class_colour(page: Any, large: dict[str,
         far &= ~near
     assert far.sum() > 1000
     assert (pixels[grid[far, 1], grid[far, 0]] == [*BACKGROUND, 255]).all()
+    # a box selection over the right half: the points outside fade to 15% over the
+    # background, those inside are drawn again on top in their own colour at 90%
+    box = page.locator("canvas.map-canvas").bounding_box()
+    page.keyboard.down("Shift")
+    page.mouse.move(box["x"] + g["w"] / 2, box["y"] + 1)
+    page.mouse.down()
+    page.mouse.move(box["x"] + g["w"] - 1, box["y"] + g["h"] - 1, steps=5)
+    page.mouse.up()
+    page.keyboard.up("Shift")
+    page.wait_for_selector(".map-selection h2")
+    page.wait_for_timeout(100)  # the next animation frame
+    pixels = np.array(page.evaluate(read), np.uint8).reshape(g["h"], g["w"], 4)
+    bg = np.array(BACKGROUND)
+    checked = [0, 0]
+    for i in np.flatnonzero(apart & (np.abs(sx - g["w"] / 2) > 8)):
+        colour = np.array([int(TABLEAU[large["label"][i]][j : j + 2], 16) for j in (1, 3, 5)])
+        faded = 0.15 * colour + 0.85 * bg
+        inside = sx[i] > g["w"] / 2
+        want = 0.9 * colour + 0.1 * faded if inside else faded
+        got = pixels[int(sy[i]), int(sx[i])]
+        assert np.abs(got[:3] - want).max() <= 2, (i, inside, got, want)
+        checked[int(inside)] += 1
+    assert min(checked) >= 2, checked
     assert not page.errors

@@ -37,6 +37,10 @@ const UNKNOWN = "#c9d1d9";
 const BACKGROUND = "#fbfcfd";
 /** Above this many points, dots are squares written into a pixel buffer. */
 const SQUARES = 5000;
+/** Opacity of the points outside a selection. */
+const FADED = 0.15;
+/** Point groups by colour, drawn at one opacity. */
+type Layer = [[string, number[]][], number];
 /** The canvas' height: the window's height below the toolbar, within these bounds. */
 const MIN_HEIGHT = 360;
 const MAX_HEIGHT = 760;
@@ -225,7 +229,7 @@ export async function renderMap(root: HTMLElement, ctx: PageContext): Promise<vo
   let pixels: ImageData | null = null;
   /** Many points as pixel-aligned squares blended straight into an opaque pixel buffer:
    * several times faster than one fillRect per point, which dominates a frame at 50,000. */
-  function drawSquares(r: number, alpha: number): void {
+  function drawSquares(r: number, layers: Layer[]): void {
     const W = canvas.width;
     const H = canvas.height;
     pixels ??= ctx2d.createImageData(W, H);
@@ -235,24 +239,38 @@ export async function renderMap(root: HTMLElement, ctx: PageContext): Promise<vo
     const { k, x: zx, y: zy } = transform;
     const size = Math.max(1, Math.round(2 * r * dpr));
     const half = size / 2;
-    const keep = 1 - alpha;
-    for (const [colour, idx] of groups) {
-      const [cr, cg, cb] = rgb(colour).map((c) => c * alpha);
-      for (const i of idx) {
-        const x0 = Math.round((bx[i] * k + zx) * dpr - half);
-        const y0 = Math.round((by[i] * k + zy) * dpr - half);
-        if (x0 >= W || y0 >= H || x0 + size <= 0 || y0 + size <= 0) continue;
-        const xa = Math.max(0, x0);
-        const xb = Math.min(W, x0 + size);
-        for (let y = Math.max(0, y0), ye = Math.min(H, y0 + size); y < ye; y++) {
-          for (let o = y * W + xa, e = y * W + xb; o < e; o++) {
-            const d = buf[o];
-            buf[o] = 0xff000000 | ((cb + ((d >> 16) & 255) * keep) << 16) | ((cg + ((d >> 8) & 255) * keep) << 8) | (cr + (d & 255) * keep);
+    for (const [layer, alpha] of layers) {
+      const keep = 1 - alpha;
+      for (const [colour, idx] of layer) {
+        const [cr, cg, cb] = rgb(colour).map((c) => c * alpha);
+        for (const i of idx) {
+          const x0 = Math.round((bx[i] * k + zx) * dpr - half);
+          const y0 = Math.round((by[i] * k + zy) * dpr - half);
+          if (x0 >= W || y0 >= H || x0 + size <= 0 || y0 + size <= 0) continue;
+          const xa = Math.max(0, x0);
+          const xb = Math.min(W, x0 + size);
+          for (let y = Math.max(0, y0), ye = Math.min(H, y0 + size); y < ye; y++) {
+            for (let o = y * W + xa, e = y * W + xb; o < e; o++) {
+              const d = buf[o];
+              buf[o] = 0xff000000 | ((cb + ((d >> 16) & 255) * keep) << 16) | ((cg + ((d >> 8) & 255) * keep) << 8) | (cr + (d & 255) * keep);
+            }
           }
         }
       }
     }
     ctx2d.putImageData(pixels, 0, 0);
+  }
+
+  /** The selected points by colour, cached until the selection or the grouping changes. */
+  let picked: { from: number[]; of: [string, number[]][]; groups: [string, number[]][] } | null = null;
+  function selectedGroups(): [string, number[]][] {
+    if (picked?.from !== selected || picked.of !== groups) {
+      const inside = new Uint8Array(n);
+      for (const i of selected) inside[i] = 1;
+      const mine = groups.map(([c, idx]) => [c, idx.filter((i) => inside[i])] as [string, number[]]);
+      picked = { from: selected, of: groups, groups: mine.filter(([, idx]) => idx.length) };
+    }
+    return picked.groups;
   }
 
   let queued = false;
@@ -261,35 +279,38 @@ export async function renderMap(root: HTMLElement, ctx: PageContext): Promise<vo
     const r = radius();
     const { k, x: zx, y: zy } = transform;
     const alpha = n > 20000 ? 0.75 : 0.9;
+    // with a selection, the rest fades and the selected points are drawn again on top in
+    // their own colours (rings around hundreds of dense points would merge into a blot)
+    const layers: Layer[] = selected.length ? [[groups, FADED], [selectedGroups(), alpha]] : [[groups, alpha]];
     ctx2d.setTransform(dpr, 0, 0, dpr, 0, 0);
-    if (n > SQUARES) drawSquares(r, alpha);
+    if (n > SQUARES) drawSquares(r, layers);
     else {
       // discs read better than squares, and a few thousand draw fast enough
       ctx2d.clearRect(0, 0, width, HEIGHT);
-      ctx2d.globalAlpha = alpha;
-      for (const [colour, idx] of groups) {
-        ctx2d.fillStyle = colour;
-        ctx2d.beginPath();
-        for (const i of idx) {
-          const sx = bx[i] * k + zx;
-          const sy = by[i] * k + zy;
-          if (sx < -r || sy < -r || sx > width + r || sy > HEIGHT + r) continue;
-          ctx2d.moveTo(sx + r, sy);
-          ctx2d.arc(sx, sy, r, 0, 2 * Math.PI);
+      for (const [layer, a] of layers) {
+        ctx2d.globalAlpha = a;
+        for (const [colour, idx] of layer) {
+          ctx2d.fillStyle = colour;
+          ctx2d.beginPath();
+          for (const i of idx) {
+            const sx = bx[i] * k + zx;
+            const sy = by[i] * k + zy;
+            if (sx < -r || sy < -r || sx > width + r || sy > HEIGHT + r) continue;
+            ctx2d.moveTo(sx + r, sy);
+            ctx2d.arc(sx, sy, r, 0, 2 * Math.PI);
+          }
+          ctx2d.fill();
         }
-        ctx2d.fill();
       }
       ctx2d.globalAlpha = 1;
     }
-    const ring = (i: number, colour: string) => {
-      ctx2d.strokeStyle = colour;
+    if (hovered >= 0) {
+      ctx2d.strokeStyle = "#0969da";
       ctx2d.lineWidth = 2;
       ctx2d.beginPath();
-      ctx2d.arc(bx[i] * k + zx, by[i] * k + zy, r + 3, 0, 2 * Math.PI);
+      ctx2d.arc(bx[hovered] * k + zx, by[hovered] * k + zy, r + 3, 0, 2 * Math.PI);
       ctx2d.stroke();
-    };
-    for (const i of selected.length <= 2000 ? selected : []) ring(i, "#1f2328");
-    if (hovered >= 0) ring(hovered, "#0969da");
+    }
   }
   function redraw(): void {
     if (!queued) {
