@@ -26,6 +26,7 @@ from lurker.server import create_app, export_site, static_segment
 METHODS = ("saliency", "gradcam")
 SAMPLES = (0, 1)
 GRADCAM_LAYER = "features.9"  # the run's last probed spatial layer: Grad-CAM's default
+CONCEPT_TOP = 8  # the units the Explain page ranks
 
 
 def precomputed_copy(explorer_run: ExplorerRun, root: Path) -> Path:  # noqa: F811
@@ -34,10 +35,13 @@ def precomputed_copy(explorer_run: ExplorerRun, root: Path) -> Path:  # noqa: F8
     shutil.copytree(explorer_run.path, run, ignore=shutil.ignore_patterns("cache"))
     res = CliRunner().invoke(
         main,
-        ["images", str(run), "--explanations", str(len(SAMPLES)), "--methods", ",".join(METHODS)],
-    )
+        [
+            "images", str(run), "--explanations", str(len(SAMPLES)),
+            "--methods", ",".join([*METHODS, "concepts"]),
+        ],
+    )  # fmt: skip
     assert res.exit_code == 0, res.output
-    assert f"{len(SAMPLES) * len(METHODS)} explanations made" in res.output
+    assert f"{len(SAMPLES) * (len(METHODS) + 1)} explanations made" in res.output
     return run
 
 
@@ -103,6 +107,15 @@ def test_cache_holds_the_explanations_of_the_runs_model(
             np.testing.assert_allclose(heat, want.numpy(), rtol=1e-5, atol=1e-7)
             doc = json.loads((folder / f"sample-{sid}" / f"{name}.json").read_text())
             assert doc["target"] == str(top)
+        # concept relevance at the default layer: every unit's, and the top units' maps
+        with np.load(folder / f"sample-{sid}" / f"concepts-top-{GRADCAM_LAYER}.npz") as z:
+            relevance, units, heat = z["relevance"], z["units"], z["heat"]
+        want = XP.concepts(model, x, top, layer=GRADCAM_LAYER, top=CONCEPT_TOP)
+        np.testing.assert_allclose(relevance, want.relevance[0].double(), rtol=1e-5, atol=1e-7)
+        assert sorted(units.tolist()) == sorted(want.units[0].tolist())
+        for u, h in zip(units.tolist(), heat):
+            i = want.units[0].tolist().index(u)
+            np.testing.assert_allclose(h, want.heatmaps[0][i].sum(0), rtol=1e-5, atol=1e-7)
 
 
 def test_a_fresh_server_answers_from_the_cache_without_the_model(
@@ -131,6 +144,21 @@ def test_a_fresh_server_answers_from_the_cache_without_the_model(
                     assert doc[key] == ref[key], key
                 for key in ("min", "max", "sum"):
                     assert doc[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-9), key
+        for sid in SAMPLES:  # the concept ranking and its maps, as the page asks them
+            base = f"/api/runs/digits/live/sample-{sid}/explain/concepts"
+            doc = c.get(f"{base}.json?target=top&top={CONCEPT_TOP}").json()
+            ref = other.get(f"{base}.json?target=top&top={CONCEPT_TOP}").json()
+            assert doc["cached"] is True and doc["layer"] == GRADCAM_LAYER
+            assert [u["unit"] for u in doc["units"]] == [u["unit"] for u in ref["units"]]
+            assert doc["total"] == pytest.approx(ref["total"], rel=1e-5)
+            for u in doc["units"]:
+                q = f"target=top&layer={GRADCAM_LAYER}&overlay=0"
+                got, want = (
+                    c.get(f"{base}/{u['unit']}.png?{q}"),
+                    other.get(f"{base}/{u['unit']}.png?{q}"),
+                )
+                assert got.status_code == want.status_code == 200, got.text
+                assert np.array_equal(pixels(got.content), pixels(want.content))
         assert calls[0] == 0
         # a foreign model's explanations stay out of the run's cache
         assert sorted(p.name for p in (run / "cache" / "explain").rglob("*")) == before
@@ -159,18 +187,35 @@ def test_export_writes_exactly_the_cached_explanations(
     data = site / "data" / "runs" / "digits"
     index = json.loads((data / "explained.json").read_text())
     assert index["target"] == "top"
-    assert [(e["image"], e["methods"]) for e in index["samples"]] == [
-        (f"sample-{i}", list(METHODS)) for i in SAMPLES
+    assert [(e["image"], e["methods"], e["concepts"]) for e in index["samples"]] == [
+        (f"sample-{i}", list(METHODS), GRADCAM_LAYER) for i in SAMPLES
     ]
     expected = set()
+    concepts = {}
+    with TestClient(create_app(run)) as c:
+        for sid in SAMPLES:
+            ranking = c.get(
+                f"/api/runs/digits/live/sample-{sid}/explain/concepts.json?target=top&top=8"
+            )
+            concepts[sid] = ranking.json()
     for sid in SAMPLES:
         image = f"sample-{sid}"
         expected |= {f"{image}.json", f"{image}/input.png"}
         for m in METHODS:
             expected.add(f"{image}/explain/" + static_segment(f"{m}.json?target=top") + ".json")
             expected.add(f"{image}/explain/" + static_segment(f"{m}.png?target=top&overlay=0"))
+        expected.add(
+            f"{image}/explain/" + static_segment(f"concepts.json?target=top&top={CONCEPT_TOP}")
+            + ".json"
+        )  # fmt: skip
+        q = f"target=top&layer={GRADCAM_LAYER}&overlay=0"
+        for u in concepts[sid]["units"]:
+            expected.add(f"{image}/explain/concepts/" + static_segment(f"{u['unit']}.png?{q}"))
     live = data / "live"
     assert {str(p.relative_to(live)) for p in live.rglob("*") if p.is_file()} == expected
+    for sid in SAMPLES:  # the ranking the page reads, as the server answers it
+        path = static_segment(f"concepts.json?target=top&top={CONCEPT_TOP}") + ".json"
+        assert json.loads((live / f"sample-{sid}" / "explain" / path).read_text()) == concepts[sid]
     with TestClient(create_app(run, model_obj=explorer_run.model)) as c:
         for sid in SAMPLES:
             image = f"sample-{sid}"
@@ -243,6 +288,13 @@ def without_weights(run: Path, root: Path) -> Path:
     return copy
 
 
+def held_units(run: Path, sid: int) -> list[int]:
+    """The units whose concept heatmaps the run's cache holds for the sample."""
+    path = run / "cache" / "explain" / f"sample-{sid}" / f"concepts-top-{GRADCAM_LAYER}.npz"
+    with np.load(path) as z:
+        return [int(u) for u in z["units"]]
+
+
 def test_a_server_that_cannot_load_the_model_serves_the_cache(
     run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -275,6 +327,11 @@ def test_a_server_that_cannot_load_the_model_serves_the_cache(
             for method in METHODS
             for how in (("json",), ("png", "0"), ("png", "1"))
         ]
+        q = f"target=top&layer={GRADCAM_LAYER}&overlay=0"
+        for sid in SAMPLES:  # the concept ranking the page asks first, and each map held
+            base = f"/api/runs/digits/live/sample-{sid}/explain/concepts"
+            explanations.append(f"{base}.json?target=top&top={CONCEPT_TOP}")
+            explanations += [f"{base}/{u}.png?{q}" for u in held_units(run, sid)]
         live = [
             f"/api/runs/digits/live/sample-{sid}{end}"
             for sid in SAMPLES
@@ -294,7 +351,7 @@ def test_a_server_that_cannot_load_the_model_serves_the_cache(
             url("sample-0", "saliency", "json").replace("target=top", "target=3"),
             url("sample-5", "saliency", "png"),
             "/api/runs/digits/live/sample-5",
-            "/api/runs/digits/live/sample-0/explain/concepts.json?target=top",
+            "/api/runs/digits/live/sample-0/explain/concepts.json?target=top&layer=features.4",
         ):
             r = c.get(path)
             assert r.status_code == 409, (path, r.text)

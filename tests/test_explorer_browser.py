@@ -636,8 +636,9 @@ def explained_site(
     explorer_run: ExplorerRun,  # noqa: F811
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[dict[str, Any]]:
-    """A copy of the run with samples 0 and 1 explained (saliency, Grad-CAM) by
-    `lurker images --explanations`, exported and served by a plain static file server."""
+    """A copy of the run with samples 0 and 1 explained (saliency, Grad-CAM) and sample 0's
+    concept relevance by `lurker images --explanations`, exported and served by a plain
+    static file server."""
     import shutil
 
     from lurker.server.explained import precompute
@@ -647,6 +648,7 @@ def explained_site(
     run = root / "digits"
     shutil.copytree(explorer_run.path, run, ignore=shutil.ignore_patterns("cache"))
     precompute(run, 2, ["saliency", "gradcam"], progress=False)
+    precompute(run, 1, ["concepts"], progress=False)
     site = export_site(run, root / "site", progress=False, make_images=False)
 
     with static_server(site) as url:
@@ -674,6 +676,18 @@ def open_precomputed(page: Any, url: str, sample: int) -> None:
         "() => [...document.querySelectorAll('.methods figcaption')]"
         ".every(f => f.textContent.includes('max'))"
     )
+
+
+def concepts_shown(page: Any, layer: str) -> None:
+    """The concept section shows the precomputed ranking at ``layer``: eight unit cards
+    whose maps load, each linked to its unit page, and the layer choice fixed."""
+    page.wait_for_selector(".concepts .concept")
+    assert page.locator(".concepts .concept").count() == 8
+    images_loaded(page, ".concepts img.heat")
+    assert page.locator("#concept-layer").is_disabled()
+    assert f"Precomputed at {layer}" in page.locator(".concept-section").inner_text()
+    href = page.locator(".concepts .concept a.name").first.get_attribute("href")
+    assert f"/unit/{layer}/" in href
 
 
 def test_static_explain_page_of_precomputed_samples(
@@ -719,6 +733,23 @@ def test_static_explain_page_of_precomputed_samples(
             got = np.asarray(Image.open(io.BytesIO(res.body())))
             assert np.array_equal(got, np.asarray(Image.open(io.BytesIO(served.content))))
 
+    # sample 0's concept relevance was precomputed: its ranking and maps, the layer fixed
+    go(page, f"{url}#/r/digits/explain?image=sample-0")
+    concepts_shown(page, "features.9")
+    with TestClient(create_app(explained_site["run"], model_obj=explorer_run.model)) as c:
+        base = "/api/runs/digits/live/sample-0/explain/concepts"
+        ranking = c.get(f"{base}.json?target=top&top=8").json()
+        shown = page.locator(".concepts .concept").evaluate_all(
+            "es => es.map(e => +e.dataset.unit)"
+        )
+        assert shown == [u["unit"] for u in ranking["units"]]
+        for src in page.locator(".concepts img.heat").evaluate_all("es => es.map(e => e.src)"):
+            unit = src.split("/concepts/")[1].split(".png")[0]
+            served = c.get(f"{base}/{unit}.png?target=top&layer=features.9&overlay=0")
+            assert served.status_code == 200
+            got = np.asarray(Image.open(io.BytesIO(page.request.get(src).body())))
+            assert np.array_equal(got, np.asarray(Image.open(io.BytesIO(served.content))))
+
     # a sample page links to the Explain page only where the export holds explanations
     held = page.request.get(f"{url}data/runs/digits/exported-samples.json").json()
     pages = [int(x["id"]) for x in held["samples"]]
@@ -759,9 +790,9 @@ def test_explain_page_of_a_server_without_the_model(
         w.close()
     with background(create_app(run)) as url:
         open_precomputed(page, url, 0)
-        note = page.locator(".static-note").inner_text()
+        note = page.locator(".static-note").first.inner_text()
         assert "gone.pt" in note and "lurker serve" in note
-        assert "lurker serve" in page.locator(".concept-section .notice").inner_text()
+        concepts_shown(page, "features.9")
         buttons = page.locator(".target-list .target")
         assert buttons.evaluate_all("es => es.map(e => e.disabled)") == [False] + [True] * 4
         assert page.locator("#explain-layer").is_disabled()

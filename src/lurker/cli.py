@@ -420,8 +420,8 @@ def map_(
 @click.option(
     "--methods",
     default=None,
-    help="With --explanations: comma-separated methods (default: every method the Explain "
-    "page shows).",
+    help="With --explanations: comma-separated methods, and 'concepts' for the concept "
+    "relevance the page shows first (default: all of them).",
 )
 @_friendly
 def images(

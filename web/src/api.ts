@@ -182,7 +182,8 @@ export interface ExportedSamples {
  * the top class by `lurker images RUN --explanations`), with the methods each has. */
 export interface ExplainedIndex {
   target: string;
-  samples: { image: string; sample: number; methods: string[]; top: Prediction | null }[];
+  /** `concepts`: the layer whose concept relevance (top units, with maps) is held, or null */
+  samples: { image: string; sample: number; methods: string[]; concepts: string | null; top: Prediction | null }[];
 }
 
 export interface LiveImage {
@@ -303,8 +304,9 @@ export class Api {
       const held = segs[2] === "live" ? (await this.explained(run)).samples.find((e) => e.image === segs[3]) : undefined;
       const query = new URLSearchParams(path.split("?")[1] ?? "");
       const method = (segs[5] ?? "").replace(/\.(json|png)$/, "");
-      if (held && (segs.length === 4 || segs[4] === "input.png" || (segs[4] === "explain" && held.methods.includes(method) && query.get("target") === "top" && !query.has("layer"))))
-        return null;
+      const top = query.get("target") === "top" && !query.has("layer");
+      const precomputed = segs[4] === "explain" && top && (held?.methods.includes(method) || (method === "concepts" && !!held?.concepts));
+      if (held && (segs.length === 4 || segs[4] === "input.png" || precomputed)) return null;
       return "this static export has no model: the live views, and explanations other than the precomputed ones, need `lurker serve RUN --model SPEC`";
     }
     const summary = await this.json<RunSummary>(p("runs", run));

@@ -25,6 +25,8 @@ from lurker.errors import LurkerError
 
 #: The target precomputed explanations are made for (the Explain page's default).
 TARGET = "top"
+#: The name that asks precompute for concept relevance beside the attribution methods.
+CONCEPTS = "concepts"
 
 
 @dataclass
@@ -55,7 +57,7 @@ def explained_index(s: Any) -> dict[str, Any]:
     answers are not the run's, and an unreadable sample folder is left out."""
     from lurker.explain import METHODS
 
-    from .routes.explain import stored_result
+    from .routes.explain import stored_concepts, stored_result
 
     listed: list[dict[str, Any]] = []
     if s.foreign_model:
@@ -65,7 +67,8 @@ def explained_index(s: Any) -> dict[str, Any]:
         if not (folder / "input.png").is_file():
             continue
         methods = [m for m in METHODS if stored_result(s, image, m, TARGET) is not None]
-        if not methods:
+        concepts = stored_concepts(s, image, TARGET)
+        if not methods and concepts is None:
             continue
         try:
             live = json.loads((folder / "live.json").read_text("utf-8"))
@@ -73,7 +76,15 @@ def explained_index(s: Any) -> dict[str, Any]:
             top = preds[0] if isinstance(preds, list) and preds else None
         except (OSError, ValueError):
             continue  # no or a damaged live.json: the page could not show the sample
-        listed.append({"image": image, "sample": int(image[7:]), "methods": methods, "top": top})
+        listed.append(
+            {
+                "image": image,
+                "sample": int(image[7:]),
+                "methods": methods,
+                "concepts": concepts,
+                "top": top,
+            }
+        )
     return {"target": TARGET, "samples": listed}
 
 
@@ -88,8 +99,10 @@ def precompute(
 ) -> Precomputed:
     """Explain ``samples`` (``"top"``: the samples some unit ranks in its top-k, those a
     static export holds; an int N: samples 0..N-1) with ``methods`` (default: every method
-    the Explain page shows) for the top class, into the run's ``cache/``. Resumable: what
-    is cached already is kept."""
+    the Explain page shows, and ``"concepts"``: the concept relevance it shows first, the
+    top units of the default layer with their heatmaps, where the run has such a layer)
+    for the top class, into the run's ``cache/``. Resumable: what is cached already is
+    kept."""
     from starlette.requests import Request
 
     from lurker.explain import METHODS
@@ -97,12 +110,13 @@ def precompute(
     from .app import create_app
     from .deps import session
     from .errors import ApiError
-    from .routes.explain import explain_result, stored_result
+    from .routes.explain import CONCEPT_TOP, concept_ranking, explain_result, stored_result
     from .routes.live import _image_id
     from .state import RunEntry
 
-    every = list(METHODS)
-    methods = methods or every
+    every = [*METHODS, CONCEPTS]
+    asked = methods
+    methods = list(methods or every)
     unknown = [m for m in methods if m not in every]
     if unknown:
         raise LurkerError(
@@ -133,12 +147,19 @@ def precompute(
                 raise LurkerError("the attached model is not the run's own")
         except ApiError as err:
             raise LurkerError(err.detail) from None
+        if asked is None and CONCEPTS in methods and not _has_concepts(s):
+            methods.remove(CONCEPTS)  # not asked for, and this run cannot have them
         for n, sid in enumerate(ids):
             image = _image_id(s, f"sample-{sid}")
             folder = sample_folder(e.path, image)
             try:
                 _live_files(s, image, folder)
                 for method in methods:
+                    if method == CONCEPTS:  # the ranking the page shows first, and its maps
+                        ranking = concept_ranking(s, image, TARGET, None, CONCEPT_TOP)
+                        existing += int(ranking.cached)
+                        made += int(not ranking.cached)
+                        continue
                     if stored_result(s, image, method, TARGET) is not None:
                         existing += 1
                         continue
@@ -151,6 +172,16 @@ def precompute(
     finally:
         app.state.registry.close()
     return Precomputed(len(ids), made, existing, time.perf_counter() - start)
+
+
+def _has_concepts(s: Any) -> bool:
+    """Whether concept relevance can run on this run: lurker has it and the run has a
+    probed spatial layer for its default."""
+    import lurker.explain as xp
+
+    from .routes.explain import default_concept_layer
+
+    return hasattr(xp, "concepts") and default_concept_layer(s, TARGET) is not None
 
 
 def _live_files(s: Any, image: str, folder: Path) -> None:

@@ -247,7 +247,13 @@ def _export_explanations(request: Any, s: Any, e: Any, files: _Files) -> None:
     from urllib.parse import urlencode
 
     from .explained import TARGET, explained_index, sample_folder
-    from .routes.explain import explain_png_response, explain_result
+    from .routes.explain import (
+        CONCEPT_TOP,
+        concept_png_response,
+        concept_ranking,
+        explain_png_response,
+        explain_result,
+    )
     from .routes.explain import methods as methods_doc
 
     index = explained_index(s)
@@ -264,6 +270,16 @@ def _export_explanations(request: Any, s: Any, e: Any, files: _Files) -> None:
             files.json(_rel(*base, "explain", f"{m}.json?{query}"), doc)
             png = explain_png_response(s, image, m, TARGET, None, overlay=False)
             files.image(_rel(*base, "explain", f"{m}.png?{query}&overlay=0"), bytes(png.body))
+        if held["concepts"] is not None:  # the ranking the page asks first, and its maps
+            ranking = concept_ranking(s, image, TARGET, None, CONCEPT_TOP)
+            files.bar.total += 1 + len(ranking.units)
+            files.json(_rel(*base, "explain", f"concepts.json?{query}&top={CONCEPT_TOP}"), ranking)
+            maps = urlencode({"target": TARGET, "layer": ranking.layer, "overlay": 0})
+            for u in ranking.units:
+                png = concept_png_response(s, image, u.unit, TARGET, ranking.layer, overlay=False)
+                files.image(
+                    _rel(*base, "explain", "concepts", f"{u.unit}.png?{maps}"), bytes(png.body)
+                )
     if index["samples"]:  # the page's method list (titles, signs, layers)
         files.bar.total += 1
         files.json(_rel("runs", e.id, "explain", "methods"), methods_doc(request, e.id))

@@ -334,6 +334,9 @@ class ExplainedSample(BaseModel):
     sample: int
     #: the methods whose explanation of the top class the run's cache holds
     methods: list[str]
+    #: the layer whose concept relevance for the top class the cache holds (the Explain
+    #: page's default layer, top 8 units with their heatmaps), or null
+    concepts: str | None = None
     #: the run's model's top prediction for the sample (null when it made none)
     top: Prediction | None
 

@@ -201,7 +201,7 @@ export async function renderExplain(root: HTMLElement, ctx: PageContext): Promis
       ? h(
           "p",
           { class: "muted small static-note" },
-          `${ctx.api.isStatic ? "This static export holds" : `${noModel}; the run's cache holds`} the explanations of the top class, precomputed with the run's model. Other classes, units, Grad-CAM layers and concept relevance run the model: lurker serve ${ctx.run} --model SPEC.`,
+          `${ctx.api.isStatic ? "This static export holds" : `${noModel}; the run's cache holds`} the explanations of the top class, precomputed with the run's model. Other classes, units, Grad-CAM layers and concept relevance at other layers run the model: lurker serve ${ctx.run} --model SPEC.`,
         )
       : h(
       "div",
@@ -273,13 +273,20 @@ export async function renderExplain(root: HTMLElement, ctx: PageContext): Promis
 
   const shown = held ? info.methods.filter((m) => held.methods.includes(m.name)) : info.methods;
   for (const m of shown) grid.append(methodCard(ctx, image, m, target, m.needs_layer ? layer : null, inputSrc));
-  if (explained) {
+  if (explained && held?.concepts) {
+    // precomputed with the run's model: the default layer's ranking, the layer fixed
+    const section = conceptSection(ctx, summary, image, "top", null, inputSrc, () => undefined);
+    const select = section.querySelector("select");
+    if (select) select.disabled = true;
+    section.append(h("p", { class: "muted small static-note" }, `Precomputed at ${held.concepts} for the top class; other layers run LRP through the model: lurker serve ${ctx.run} --model SPEC.`));
+    page.append(section);
+  } else if (explained) {
     page.append(
       h(
         "section",
         { class: "concept-section" },
         h("h2", null, "Concept relevance ", h("span", { class: "sub" }, "which units of a layer carried this decision")),
-        notice(`Concept relevance runs LRP through the model, so it needs ${ctx.api.isStatic ? "a server" : "one attached"}: lurker serve ${ctx.run} --model SPEC.`),
+        notice(`Concept relevance runs LRP through the model, so it needs ${ctx.api.isStatic ? "a server" : "one attached"}: lurker serve ${ctx.run} --model SPEC. To show it here, precompute it: lurker images ${ctx.run} --explanations top.`),
       ),
     );
   } else if (info.concepts) {

@@ -9,7 +9,8 @@ small LRU, so the page's PNG and JSON requests and a later opacity
 or overlay change cost no recomputation. A dataset sample's explanation by the run's own
 model is also kept in the run's ``cache/explain/`` (the exact heatmap and its metadata), so a
 later server answers without the model and ``lurker export`` can write it
-(``lurker images RUN --explanations`` fills it ahead).
+(``lurker images RUN --explanations`` fills it ahead). Concept relevance is kept the same
+way: every unit's relevance and the conditional heatmaps made so far, in one ``.npz``.
 
 The heatmap is the attribution summed over the input's channels (``Explanation.heatmap``),
 coloured as :func:`lurker.explain.overlay.colorize` does: scaled by ``max |heatmap|`` (one
@@ -20,6 +21,7 @@ it over the image); the default draws it over the image as the model sees it.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import io
 import json
@@ -41,7 +43,7 @@ from lurker.errors import LurkerError
 from lurker.store import atomic_write_bytes
 from lurker.store.files import safe_component
 
-from ..deps import MODEL_MADE, cached_or_live, entry, live_call, session
+from ..deps import MODEL_MADE, cached_or_live, entry, session
 from ..errors import ApiError
 from ..schemas import (
     ConceptRanking,
@@ -418,6 +420,49 @@ class ConceptResult:
     seconds: float
 
 
+def _concept_key(
+    s: Session, image: str, target: str, layer: str | None
+) -> tuple[str, str, str, str]:
+    """The request's cache key (image, "concepts", target, layer; the default layer when
+    none is asked), or the error that says what is wrong with it."""
+    import lurker.explain as xp
+
+    if not hasattr(xp, "concepts"):
+        raise ApiError(404, "this lurker has no concept relevance (lurker.explain.concepts)")
+    image = _image_id(s, image)
+    if layer is None:
+        layer = default_concept_layer(s, target)
+        if layer is None:
+            raise ApiError(
+                400,
+                "name a layer: this run has no probed layer with a spatial output "
+                "(before the target unit's layer)",
+            )
+    return (image, "concepts", target.strip(), layer)
+
+
+def _wanted(r: ConceptResult, units: Any) -> list[int]:
+    """``units`` (a list, or an int: the top that many by relevance) of ``r``'s layer."""
+    if isinstance(units, int):
+        return [int(u) for u in r.relevance.argsort(descending=True)[:units]]
+    return list(units)
+
+
+def _concept_hit(s: Session, key: tuple[str, str, str, str], units: Any) -> ConceptResult | None:
+    """The concept relevance from the server's LRU or the run's ``cache/`` when it holds
+    the heatmaps of ``units`` (units past the layer's count need none); never the model."""
+    cache = _cache(s)
+    hit = cache.get(key)
+    if hit is None:
+        hit = _read_concepts(s, key)
+        if hit is not None:
+            cache.put(key, hit)
+    if hit is None:
+        return None
+    channels = int(hit.relevance.numel())
+    return hit if all(u in hit.heat for u in _wanted(hit, units) if u < channels) else None
+
+
 def _concepts(
     s: Session, image: str, target: str, layer: str | None, units: Any
 ) -> tuple[ConceptResult, str, bool]:
@@ -426,28 +471,16 @@ def _concepts(
     model's thread."""
     import lurker.explain as xp
 
-    if not hasattr(xp, "concepts"):
-        raise ApiError(404, "this lurker has no concept relevance (lurker.explain.concepts)")
-    image = _image_id(s, image)
-    if layer is None:
-        layer = _default_layer(s, target, before=True)
-        if layer is None:
-            raise ApiError(
-                400,
-                "name a layer: this run has no probed layer with a spatial output "
-                "(before the target unit's layer)",
-            )
-    key = (image, "concepts", target.strip(), layer)
+    key = _concept_key(s, image, target, layer)
+    image, layer = key[0], key[3]
+    hit = _concept_hit(s, key, units)
+    if hit is not None:
+        return hit, layer, True
     cache = _cache(s)
 
     def wanted(r: ConceptResult) -> list[int]:
-        if isinstance(units, int):
-            return [int(u) for u in r.relevance.argsort(descending=True)[:units]]
-        return list(units)
+        return _wanted(r, units)
 
-    hit = cache.get(key)
-    if hit is not None and all(u in hit.heat for u in wanted(hit)):
-        return hit, layer, True
     x = s.live_input(image)
     model = s.model()
     with s.model_lock:
@@ -492,7 +525,87 @@ def _concepts(
         else:
             hit.heat.update(new)
             hit.seconds = seconds
+        _write_concepts(s, key, hit)
     return hit, layer, False
+
+
+def _read_concepts(s: Session, key: tuple[str, str, str, str]) -> ConceptResult | None:
+    """Concept relevance from the run's cache: one ``.npz`` (every unit's relevance, the
+    conditional heatmaps made so far, and the rest as JSON), rewritten whole as more
+    heatmaps are made, so it is never half-written."""
+    path = disk_file(s, key)
+    if path is None:
+        return None
+    try:
+        with np.load(path.with_suffix(".npz"), allow_pickle=False) as z:
+            doc = json.loads(str(z["meta"]))
+            relevance, units, heat = z["relevance"], z["units"], z["heat"]
+    except (OSError, ValueError, KeyError):
+        return None
+    if doc.get("key") != list(key) or relevance.ndim != 1 or heat.ndim != 3:
+        return None  # a name collision or a file from another lurker: recompute
+    if len(units) != len(heat):
+        return None
+    import torch
+
+    return ConceptResult(
+        target=str(doc["target"]),
+        target_class=doc["target_class"],
+        composite=str(doc["composite"]),
+        relevance=torch.from_numpy(np.ascontiguousarray(relevance, dtype=np.float64)),
+        heat={
+            int(u): torch.from_numpy(np.ascontiguousarray(h, dtype=np.float32))
+            for u, h in zip(units, heat)
+        },
+        seconds=float(doc["seconds"]),
+    )
+
+
+def _write_concepts(s: Session, key: tuple[str, str, str, str], r: ConceptResult) -> None:
+    """Keep a sample's concept relevance in the run's cache (see :func:`_read_concepts`)."""
+    path = disk_file(s, key)
+    if path is None:
+        return
+    units = sorted(r.heat)
+    meta = {
+        "key": list(key),
+        "target": r.target,
+        "target_class": r.target_class,
+        "composite": r.composite,
+        "seconds": r.seconds,
+    }
+    buf = io.BytesIO()
+    np.savez(
+        buf,
+        meta=np.array(json.dumps(meta)),
+        relevance=r.relevance.double().numpy(),
+        units=np.array(units, dtype=np.int64),
+        heat=np.stack([r.heat[u].float().numpy() for u in units]),
+    )
+    with contextlib.suppress(OSError):  # a read-only run keeps it in memory only
+        atomic_write_bytes(path.with_suffix(".npz"), buf.getvalue(), durable=False)
+
+
+#: How many units the Explain page ranks (and a precomputed ranking holds maps of).
+CONCEPT_TOP = 8
+
+
+def default_concept_layer(s: Session, target: str = "top") -> str | None:
+    """The layer concept relevance is computed at when none is asked."""
+    return _default_layer(s, target, before=True)
+
+
+def stored_concepts(s: Session, image: str, target: str = "top") -> str | None:
+    """The default layer when the run's cache holds on disk its concept relevance for
+    ``image`` and ``target`` (what the Explain page asks first), else None."""
+    try:
+        image = _image_id(s, image)
+    except ApiError:
+        return None
+    layer = default_concept_layer(s, target)
+    if layer is None or _read_concepts(s, (image, "concepts", target, layer)) is None:
+        return None
+    return layer
 
 
 def _scale(shape: tuple[int, ...]) -> int:
@@ -637,17 +750,29 @@ async def concepts_json(
     image: str,
     target: str = TARGET,
     layer: str | None = CONCEPT_LAYER,
-    top: int = Query(8, ge=1, le=64, description="how many units to rank"),
+    top: int = Query(CONCEPT_TOP, ge=1, le=64, description="how many units to rank"),
 ) -> ConceptRanking:
-    return await live_call(
-        request, run_id, lambda s: _concept_ranking(s, image, target, layer, top)
+
+    def cached(s: Session) -> ConceptRanking | None:
+        key = _concept_key(s, image, target, layer)  # a bad request: its error, model or not
+        hit = _concept_hit(s, key, top)
+        return None if hit is None else _ranking_doc(s, key[0], key[3], hit, top, True)
+
+    return await cached_or_live(
+        request, run_id, cached, lambda s: concept_ranking(s, image, target, layer, top)
     )
 
 
-def _concept_ranking(
+def concept_ranking(
     s: Session, image: str, target: str, layer: str | None, top: int
 ) -> ConceptRanking:
     r, name, cached = _concepts(s, image, target, layer, top)
+    return _ranking_doc(s, _image_id(s, image), name, r, top, cached)
+
+
+def _ranking_doc(
+    s: Session, image: str, name: str, r: ConceptResult, top: int, cached: bool
+) -> ConceptRanking:
     total = float(r.relevance.sum())
     ranked = [int(u) for u in r.relevance.argsort(descending=True)[:top]]
     run = s.entry.open_run()
@@ -696,19 +821,40 @@ async def concept_png(
     opacity: float = OPACITY,
 ) -> Response:
 
-    def work(s: Session) -> Response:
-        r, name, _ = _concepts(s, image, target, layer, 1)
-        channels = int(r.relevance.numel())
-        if unit >= channels:
-            raise ApiError(
-                404, f"no unit {unit} in layer {name!r}: it has {channels} (0 to {channels - 1})"
-            )
-        if unit not in r.heat:
-            r, name, _ = _concepts(s, image, target, layer, [unit])
-        heat = r.heat[unit]
-        return _png_response(_heat_image(s, image, heat, True, overlay, opacity), heat, r.target)
+    def cached(s: Session) -> Response | None:
+        key = _concept_key(s, image, target, layer)  # a bad request: its error, model or not
+        if _concept_hit(s, key, [unit]) is None:
+            return None
+        return concept_png_response(s, image, unit, target, layer, overlay, opacity)
 
-    return await live_call(request, run_id, work)
+    return await cached_or_live(
+        request,
+        run_id,
+        cached,
+        lambda s: concept_png_response(s, image, unit, target, layer, overlay, opacity),
+    )
+
+
+def concept_png_response(
+    s: Session,
+    image: str,
+    unit: int,
+    target: str = "top",
+    layer: str | None = None,
+    overlay: bool = False,
+    opacity: float = 0.5,
+) -> Response:
+    """The concept PNG endpoint's answer (the static export writes its body)."""
+    r, name, _ = _concepts(s, image, target, layer, 1)
+    channels = int(r.relevance.numel())
+    if unit >= channels:
+        raise ApiError(
+            404, f"no unit {unit} in layer {name!r}: it has {channels} (0 to {channels - 1})"
+        )
+    if unit not in r.heat:
+        r, name, _ = _concepts(s, image, target, layer, [unit])
+    heat = r.heat[unit]
+    return _png_response(_heat_image(s, image, heat, True, overlay, opacity), heat, r.target)
 
 
 @router.get(
