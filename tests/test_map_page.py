@@ -153,6 +153,16 @@ def test_box_select_lists_the_samples_inside(page: Any, served: dict[str, Any]):
     # the box's corners are rounded to pixels: a point on its edge may fall either side
     got = int(head.split(":")[1].split()[0].replace(",", ""))
     assert abs(got - inside) <= 3 and got > 0
+    # the list is below the map: a badge on the map says how many and scrolls to it
+    badge = page.locator(".map-picked")
+    assert badge.is_visible() and badge.inner_text().startswith(f"{got:,} selected")
+    badge.click()
+    page.wait_for_function(
+        "() => { const r = document.querySelector('.map-selection h2').getBoundingClientRect();"
+        " return r.top >= 0 && r.bottom <= window.innerHeight; }"
+    )
+    page.keyboard.press("Escape")
+    assert badge.is_hidden() and page.locator(".map-selection h2").count() == 0
     assert not page.errors
 
 

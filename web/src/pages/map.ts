@@ -125,7 +125,10 @@ export async function renderMap(root: HTMLElement, ctx: PageContext): Promise<vo
   const lassoPath = document.createElementNS(SVG, "path");
   lasso.append(lassoPath);
   const selection = h("div", { class: "map-selection" });
-  const stage = h("div", { class: "map-stage" }, canvas, band, lasso, tip);
+  // the selection's samples are listed below the map, often below the fold: say so on it
+  const pickedBadge = h("button", { type: "button", class: "map-picked", hidden: true, title: "show the selected samples" });
+  pickedBadge.addEventListener("click", () => selection.scrollIntoView({ behavior: "smooth", block: "start" }));
+  const stage = h("div", { class: "map-stage" }, canvas, band, lasso, tip, pickedBadge);
   append(
     root,
     h(
@@ -542,11 +545,13 @@ export async function renderMap(root: HTMLElement, ctx: PageContext): Promise<vo
   ctx.signal.addEventListener("abort", () => document.removeEventListener("keydown", onKey));
 
   function renderSelection(): void {
+    pickedBadge.hidden = !selected.length;
     if (!selected.length) {
       fill(selection);
       return;
     }
     const nw = selected.filter((i) => wrong[i]).length;
+    pickedBadge.textContent = `${selected.length.toLocaleString()} selected (${nw} misclassified): show ↓`;
     fill(
       selection,
       h("h2", null, `Selected: ${selected.length.toLocaleString()} samples`, h("span", { class: "sub" }, ` ${nw} misclassified`), " ", h("button", { type: "button", onclick: clearSelection }, "clear")),
