@@ -247,9 +247,8 @@ def _defined_unit(op: Op) -> tuple[int, str] | None:
         return 1, "norm"
     if name in ("layer_norm", "rms_norm"):
         shape = None
-        if op._skel_args is not None:
-            with contextlib.suppress(TypeError):  # a call the signature does not take
-                shape = bind(name, op._skel_args, op._skel_kwargs).get("normalized_shape")
+        with contextlib.suppress(TypeError):  # a call the signature does not take
+            shape = bind(name, op.args, op.kwargs).get("normalized_shape")
         if isinstance(shape, (list, tuple)) and len(shape) != 1:
             return None
         return nd - 1, "norm"
