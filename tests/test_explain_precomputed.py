@@ -375,10 +375,23 @@ def test_the_explained_index_lists_only_the_run_models_files(
     copy = tmp_path / "digits"
     shutil.copytree(run, copy)
     with TestClient(create_app(copy, model_obj=explorer_run.model)) as c:
-        assert c.get(url("sample-3", "saliency", "json")).status_code == 200
+        # a foreign model's answer is computed and held in memory, never listed as the run's
+        assert c.get(url("sample-0", "saliency", "json")).json()["cached"] is False
         assert c.get("/api/runs/digits/explained").json() == {"target": "top", "samples": []}
     (copy / "cache" / "explain" / "sample-0" / "live.json").write_text("{not json")
+    kept = copy / "cache" / "explain" / "sample-1" / f"concepts-top-{GRADCAM_LAYER}.npz"
+    kept.unlink()
     with TestClient(create_app(copy)) as c:
         r = c.get("/api/runs/digits/explained")
         assert r.status_code == 200, r.text
-        assert [e["image"] for e in r.json()["samples"]] == ["sample-1"]
+        assert [(e["image"], e["concepts"]) for e in r.json()["samples"]] == [("sample-1", None)]
+        # one unit's map asked alone: kept, but not the ranking's maps the page shows
+        base = "/api/runs/digits/live/sample-1/explain/concepts"
+        assert c.get(f"{base}/0.png?target=top").status_code == 200
+        assert 0 in held_units(copy, 1) and len(held_units(copy, 1)) < CONCEPT_TOP
+        assert c.get("/api/runs/digits/explained").json()["samples"][0]["concepts"] is None
+        assert c.get(f"{base}.json?target=top&top={CONCEPT_TOP}").status_code == 200
+        assert len(held_units(copy, 1)) >= CONCEPT_TOP
+        assert c.get("/api/runs/digits/explained").json()["samples"][0]["concepts"] == (
+            GRADCAM_LAYER
+        )

@@ -296,9 +296,70 @@ def test_cli_map_a_moved_folder_but_not_its_twin(model, tmp_path):
     np.testing.assert_allclose(again.features, want.features, rtol=1e-5, atol=1e-6)
 
 
+def test_cli_map_from_another_directory_tells_the_twin_from_the_run_folder(
+    model, tmp_path, monkeypatch
+):
+    """A folder given relative to where `lurker probe` ran is recorded as an absolute path:
+    from another directory the run's folder is still found and its twin still refused."""
+    import shutil
+
+    from lurker.cli import main
+
+    _folder(tmp_path / "data" / "train")
+    shutil.copytree(tmp_path / "data" / "train", tmp_path / "data" / "val")
+    weights = tmp_path / "w.pt"
+    torch.save(model.state_dict(), weights)
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(main, [
+        "probe", "lurker.examples:DigitsNet", "-w", str(weights), "--data", "data/train",
+        "--image-size", "16", "--out", "run", "-l", "classifier.1", "--device", "cpu",
+    ])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    with Run.open(tmp_path / "run") as r:
+        assert r.meta["dataset"] == str(tmp_path / "data" / "train")
+        assert r.meta["config"]["data"] == str(tmp_path / "data" / "train")
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub")
+    args = ["map", "../run", "--method", "pca", "--layer", "features.8"]
+    res = CliRunner().invoke(main, [*args, "--data", "../data/val"])
+    assert res.exit_code != 0 and "which still exists" in res.output, res.output
+    res = CliRunner().invoke(main, args)  # the recorded folder, found from here
+    assert res.exit_code == 0, res.output
+
+
+def test_wrapped_torchvision_folder_and_other_digits_are_refused(model, tmp_path):
+    """A torchvision ImageFolder (wrapped, with file paths) is matched like lurker's own
+    folders, so its same-layout twin is refused; digits at another size are another
+    dataset, not the same one moved."""
+    import shutil
+
+    import torchvision
+
+    folder = _folder(tmp_path / "train")
+    (folder / "a" / "bad.png").unlink()
+    (folder / "b" / "t.jpg").unlink()
+    shutil.copytree(folder, tmp_path / "val")
+    tf = torchvision.transforms.Compose(
+        [torchvision.transforms.Grayscale(), torchvision.transforms.ToTensor()]
+    )
+    train = torchvision.datasets.ImageFolder(str(folder), transform=tf)
+    probe(model, train, out=tmp_path / "run", layers="classifier.1", progress=False).close()
+    val = torchvision.datasets.ImageFolder(str(tmp_path / "val"), transform=tf)
+    with pytest.raises(LurkerError, match="which still exists"):
+        make_map(tmp_path / "run", method="pca", model=model, dataset=val)
+    assert make_map(tmp_path / "run", method="pca", model=model, dataset=train).has_map
+    digits = probe(model, load_dataset("digits:test", 16, channels=1), out=tmp_path / "d",
+                   layers="classifier.1", progress=False)  # fmt: skip
+    digits.close()
+    with pytest.raises(LurkerError, match="the run was probed with digits:test"):
+        make_map(tmp_path / "d", method="pca", model=model,
+                 dataset=load_dataset("digits:test", 32, channels=1))  # fmt: skip
+
+
 def test_map_of_a_moved_dataset_warns_and_another_kind_is_refused(model, tmp_path):
-    """Non-folder datasets match by kind and length: the same data read from another place
-    is taken with a warning naming both places; another kind or length is refused."""
+    """Datasets without files match by description: the same kind and length read from
+    another place is taken with a warning once the recorded place is gone; while it
+    exists, or with another kind or length, it is refused."""
 
     class Pts(torch.utils.data.Dataset):
         def __init__(self, root, n=12):
@@ -312,17 +373,23 @@ def test_map_of_a_moved_dataset_warns_and_another_kind_is_refused(model, tmp_pat
         def __getitem__(self, i):
             return self.x[i], i % 10
 
-    run = probe(model, Pts("/old/place"), out=tmp_path / "run", layers="classifier.1",
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.mkdir()
+    run = probe(model, Pts(str(old)), out=tmp_path / "run", layers="classifier.1",
                 progress=False)  # fmt: skip
     recorded = run.meta["dataset"]
     run.close()
-    assert "/old/place" in recorded
+    assert str(old) in recorded
+    # the recorded place still exists: another place is another dataset
+    with pytest.raises(LurkerError, match="the run was probed with Pts"):
+        make_map(tmp_path / "run", method="pca", model=model, dataset=Pts(str(new)))
+    old.rmdir()
     with pytest.warns(UserWarning, match="taken as the same data moved"):
-        m = make_map(tmp_path / "run", method="pca", model=model, dataset=Pts("/new/place"))
+        m = make_map(tmp_path / "run", method="pca", model=model, dataset=Pts(str(new)))
     assert len(m.map().x) == 12
     with pytest.raises(LurkerError, match="with 8 samples, the run was probed with"):
         make_map(tmp_path / "run", layer="features.4", method="pca", model=model,
-                 dataset=Pts("/new/place", 8))  # fmt: skip
+                 dataset=Pts(str(new), 8))  # fmt: skip
 
 
 def test_api_map_document(model, data, tmp_path):

@@ -376,7 +376,8 @@ def test_many_points_are_drawn_in_their_class_colour(page: Any, large: dict[str,
     page.mouse.up()
     page.keyboard.up("Shift")
     page.wait_for_selector(".map-selection h2")
-    page.wait_for_timeout(100)  # the next animation frame
+    # drawn in the next animation frame: wait for the one after it
+    page.evaluate("() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
     pixels = np.array(page.evaluate(read), np.uint8).reshape(g["h"], g["w"], 4)
     bg = np.array(BACKGROUND)
     checked = [0, 0]

@@ -245,7 +245,7 @@ def probe(
             meta={
                 "model_spec": model,
                 "weights": str(Path(weights).resolve()) if weights else None,
-                "data": data,
+                "data": _data_spec(data),
             },
         )
     if run is not None:  # rank 0
@@ -266,6 +266,13 @@ def probe(
                 + ", ".join(s["layer"] for s in lost),
                 fg="yellow",
             )
+
+
+def _data_spec(data: str) -> str:
+    """The dataset spec a run records: a folder as its absolute path, so that `lurker serve`
+    and `lurker map` find it (and tell it from another folder) from any directory."""
+    path = Path(data).expanduser()
+    return str(path.absolute()) if path.exists() else data
 
 
 def _unit_dims(values: tuple[str, ...]) -> int | dict[str, int] | None:

@@ -259,13 +259,15 @@ def _align(path: Any, ds: Any) -> tuple[list[int], np.ndarray]:
     """Which items of ``ds`` are the run's samples: their indices in ``ds``, and an array
     giving the run's sample id of each ``ds`` index (-1: not in the run).
 
-    Image folders match by file path relative to the folder, so a folder that was moved,
-    or whose unreadable files were since fixed or removed (which shifts the indices), still
-    lines up; the run's samples the folder no longer has get no features (reported by
-    ``lurker map``). While the run's folder still exists, only that folder is accepted: a
-    second folder of the same layout (``val/`` beside ``train/``) would match every
-    relative path and give other images' features. Other datasets match by kind and
-    length. Raise when the dataset is evidently not the run's.
+    Datasets of files (image folders) match by file path relative to their folder, so a
+    folder that was moved, or whose unreadable files were since fixed or removed (which
+    shifts the indices), still lines up; the run's samples the folder no longer has get
+    no features (reported by ``lurker map``). While the run's folder still exists, only
+    that folder is accepted: a second folder of the same layout (``val/`` beside
+    ``train/``) would match every relative path and give other images' features. Other
+    datasets must have the description the run records, or (the same kind and length,
+    the recorded place gone) be taken as moved, with a warning. Raise when the dataset is
+    evidently not the run's.
     """
     from .probe import data as pdata
     from .store import Run
@@ -275,42 +277,55 @@ def _align(path: Any, ds: Any) -> tuple[list[int], np.ndarray]:
         samples = r.samples(range(r.num_samples))
     run_ids = np.full(len(ds), -1, dtype=np.int64)
     run_paths = [s.path for s in samples]
-    if isinstance(ds, pdata.ImageFolderDataset) and all(run_paths):
-        if (
-            recorded
-            and os.path.isdir(recorded)
-            and os.path.realpath(recorded) != os.path.realpath(ds.root)
-        ):
-            raise LurkerError(
-                f"the dataset {ds.root} is not the one the run was probed with: that is "
-                f"{recorded}, which still exists; give it (--data {recorded}), or move it "
-                "away if the images now live elsewhere"
+    if ds.paths is not None and samples and all(run_paths):
+        here = str(ds.root) if isinstance(ds, pdata.ImageFolderDataset) else _place(ds.description)
+        there = _place(recorded)
+        if not there or not os.path.isabs(there):
+            warnings.warn(
+                f"the run records its dataset as {recorded!r}, not an absolute path, so "
+                f"lurker cannot tell whether {here} is that folder: matched by file paths "
+                "within it (probe again to record the folder's absolute path)",
+                stacklevel=3,
             )
-        mine = {_rel(p, str(ds.root)): i for i, p in enumerate(ds.paths or [])}
-        found = [(mine.get(_rel(p, recorded)), s.id) for p, s in zip(run_paths, samples)]
+        elif os.path.isdir(there) and not _same_dir(there, here):
+            raise LurkerError(
+                f"the dataset {here} is not the one the run was probed with: that is "
+                f"{there}, which still exists; give it (--data {there}), or move it away if "
+                "the images now live elsewhere"
+            )
+        mine = {_rel(p, here): i for i, p in enumerate(ds.paths)}
+        found = [(mine.get(_rel(p, there)), s.id) for p, s in zip(run_paths, samples)]
         hits = [(i, sid) for i, sid in found if i is not None]
         if 2 * len(hits) <= len(samples):  # half or fewer: another folder
             lost = [p for (i, _), p in zip(found, run_paths) if i is None]
             raise LurkerError(
-                f"the dataset {ds.root} is not the one the run was probed with ({recorded}): "
+                f"the dataset {here} is not the one the run was probed with ({recorded}): "
                 f"only {len(hits)} of the run's {len(samples)} images are in it (missing e.g. "
                 f"{', '.join(lost[:3])}); give the run's dataset (--data)"
             )
         for i, sid in hits:
             run_ids[i] = sid
         return sorted(i for i, _ in hits), run_ids
-    # Descriptions name the kind, then where it lives ("CIFAR10(/data/cifar)"): a moved
-    # dataset differs only in the place, which is worth a warning, not a refusal.
-    if _kind(ds.description) != _kind(recorded) or len(ds) != len(samples):
-        raise LurkerError(
-            f"the dataset is {ds.description} with {len(ds)} samples, the run was probed with "
-            f"{recorded or 'an unrecorded dataset'} with {len(samples)}: give the dataset the "
-            "run was probed with (--data)"
+    if ds.description != recorded or len(ds) != len(samples):
+        # the same data read from elsewhere: same kind and length, and the recorded place
+        # (an absolute path in the description, "CIFAR10(/data/cifar)") no longer exists
+        there = _place(recorded)
+        moved = (
+            _kind(ds.description) == _kind(recorded)
+            and len(ds) == len(samples)
+            and os.path.isabs(there)
+            and not os.path.exists(there)
         )
-    if ds.description != recorded:
+        if not moved:
+            raise LurkerError(
+                f"the dataset is {ds.description} with {len(ds)} samples, the run was probed "
+                f"with {recorded or 'an unrecorded dataset'} with {len(samples)}: give the "
+                "dataset the run was probed with (--data)"
+            )
         warnings.warn(
-            f"the dataset is {ds.description}, the run was probed with {recorded}: taken as "
-            "the same data moved (same kind, same length); the map is wrong if it is not",
+            f"the dataset is {ds.description}, the run was probed with {recorded}, which no "
+            "longer exists: taken as the same data moved (same kind, same length); the map "
+            "is wrong if it is not",
             stacklevel=3,
         )
     run_ids[[s.id for s in samples]] = [s.id for s in samples]
@@ -320,6 +335,23 @@ def _align(path: Any, ds: Any) -> tuple[list[int], np.ndarray]:
 def _kind(description: str) -> str:
     """A dataset description without the place it was read from."""
     return description.split("(", 1)[0].strip()
+
+
+def _place(description: str) -> str:
+    """Where a dataset was read from, as its description names it: a folder's path
+    itself, or what a wrapped dataset's description holds in parentheses
+    (``ImageFolder(/data/train)``)."""
+    if os.path.isabs(description) or not description.endswith(")") or "(" not in description:
+        return description
+    return description[description.index("(") + 1 : -1]
+
+
+def _same_dir(a: str, b: str) -> bool:
+    """Whether two paths name one folder (through links and mounts too)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
 
 
 def _rel(p: str, root: str) -> str:

@@ -47,12 +47,12 @@ class SmoothGrad(Method):
         if noise is None:
             if n_samples < 1:
                 raise LurkerError(f"smoothgrad needs n_samples >= 1, got {n_samples}")
-            gen = None
-            if seed is not None:
-                gen = torch.Generator(device=x.device).manual_seed(seed)
-            noise = torch.randn(
-                (n_samples, *x.shape), generator=gen, device=x.device, dtype=x.dtype
-            )
+            if seed is not None:  # drawn on the CPU: a seed gives the same noise on any device
+                gen = torch.Generator().manual_seed(seed)
+                noise = torch.randn((n_samples, *x.shape), generator=gen, dtype=x.dtype)
+                noise = noise.to(x.device)
+            else:
+                noise = torch.randn((n_samples, *x.shape), device=x.device, dtype=x.dtype)
             noise = noise * stdev
         else:
             if (

@@ -452,7 +452,7 @@ class ImageFolderDataset(_SkipLog, _Base):
     ) -> None:
         from torchvision import datasets, transforms
 
-        self.root = Path(root)
+        self.root = Path(root).expanduser().absolute()  # a run records where, from any cwd
         if not self.root.is_dir():
             what = "is not a directory" if self.root.exists() else "does not exist"
             raise LurkerError(

@@ -597,13 +597,18 @@ def default_concept_layer(s: Session, target: str = "top") -> str | None:
 
 def stored_concepts(s: Session, image: str, target: str = "top") -> str | None:
     """The default layer when the run's cache holds on disk its concept relevance for
-    ``image`` and ``target`` (what the Explain page asks first), else None."""
+    ``image`` and ``target`` with the top units' maps (what the Explain page asks first),
+    else None."""
     try:
         image = _image_id(s, image)
     except ApiError:
         return None
     layer = default_concept_layer(s, target)
-    if layer is None or _read_concepts(s, (image, "concepts", target, layer)) is None:
+    if layer is None:
+        return None
+    r = _read_concepts(s, (image, "concepts", target, layer))
+    # only a ranking with the maps the page shows (a unit's PNG asked alone keeps fewer)
+    if r is None or not all(u in r.heat for u in _wanted(r, CONCEPT_TOP)):
         return None
     return layer
 
