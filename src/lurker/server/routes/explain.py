@@ -212,10 +212,11 @@ def _key(
     return (image, method, target.strip(), layer or "")
 
 
-def _hit(s: Session, key: tuple[str, str, str, str]) -> Result | None:
-    """The attribution from the server's LRU or the run's ``cache/``; never the model."""
+def _hit(s: Session, key: tuple[str, str, str, str], read: Any = None) -> Any:
+    """The answer from the server's LRU or, read by ``read`` (default: an attribution's
+    files), the run's ``cache/``; never the model."""
     cache = _cache(s)
-    hit = cache.get(key) or _read_disk(s, key)
+    hit = cache.get(key) or (read or _read_disk)(s, key)
     if hit is not None:
         cache.put(key, hit)
     return hit
@@ -451,12 +452,7 @@ def _wanted(r: ConceptResult, units: Any) -> list[int]:
 def _concept_hit(s: Session, key: tuple[str, str, str, str], units: Any) -> ConceptResult | None:
     """The concept relevance from the server's LRU or the run's ``cache/`` when it holds
     the heatmaps of ``units`` (units past the layer's count need none); never the model."""
-    cache = _cache(s)
-    hit = cache.get(key)
-    if hit is None:
-        hit = _read_concepts(s, key)
-        if hit is not None:
-            cache.put(key, hit)
+    hit = _hit(s, key, _read_concepts)
     if hit is None:
         return None
     channels = int(hit.relevance.numel())
