@@ -473,16 +473,12 @@ def _concepts(
     if hit is not None:
         return hit, layer, True
     cache = _cache(s)
-
-    def wanted(r: ConceptResult) -> list[int]:
-        return _wanted(r, units)
-
     x = s.live_input(image)
     model = s.model()
     with s.model_lock:
         hit = cache.get(key)
         if hit is not None:
-            missing = [u for u in wanted(hit) if u not in hit.heat]
+            missing = [u for u in _wanted(hit, units) if u not in hit.heat]
             if not missing:
                 return hit, layer, True
         prep = _prepare(s, model, x, target, layer)
