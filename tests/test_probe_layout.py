@@ -462,3 +462,80 @@ def test_probe_of_a_model_that_caches_on_its_first_call(tmp_path: Path) -> None:
     _check(run, "conv", act, np.asarray([int(ds[i][1]) for i in range(N)]))
     images = UnitImages(run, model=model, dataset=ds)
     assert images.trace.state_changes == []  # the settled model's trace
+
+
+class _TwoOutputs(nn.Module):
+    """A block returning a tuple, as timm's PiT blocks return ``(x, cls_tokens)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        y = self.conv(x)
+        return torch.relu(y), torch.tanh(y)
+
+
+class _TupleNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = _TwoOutputs()
+        self.head = nn.Linear(8, CLASSES)
+
+    def forward(self, x: Tensor) -> Tensor:
+        a, b = self.block(x)
+        return self.head(torch.cat([a.mean((2, 3)), b.mean((2, 3))], 1))
+
+
+def test_a_module_with_two_outputs_gives_two_layers_each_named_for_its_op(
+    tmp_path: Path,
+) -> None:
+    """Both outputs of one module call are layers with their own names (the path for the
+    one ``trace[path]`` returns, the label for the other), each with its own statistics;
+    before, both were named after the module and the probe failed only once the whole
+    dataset had been swept."""
+    torch.manual_seed(0)
+    model = _TupleNet().eval()
+    run, ds = _probe(model, tmp_path)
+    tr = lurker.trace(model, ds[0][0][None])
+    relu, tanh = (op for op in tr.ops if op.name in ("relu", "tanh"))
+    assert tr["block"].index == tanh.index  # the module's last output
+    names = {layer.name for layer in run.layers}
+    assert {"block", relu.label} <= names, names
+    outs: dict[str, Tensor] = {}
+    h = model.block.register_forward_hook(lambda m, i, o: outs.update(relu=o[0], tanh=o[1]))
+    with torch.no_grad():
+        model(torch.stack([ds[i][0] for i in range(len(ds))]))
+    h.remove()
+    _check(run, "block", outs["tanh"], _labels())
+    _check(run, relu.label, outs["relu"], _labels())
+
+
+class _SplitTokens(nn.Module):
+    """Patch tokens split and concatenated back: an empty prefix as rotary-embedding code
+    makes when a model has no prefix tokens (timm's qwen3_vit), and two halves."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, 16, 8, stride=8)
+        self.fc = nn.Linear(16, 16)
+        self.head = nn.Linear(16, CLASSES)
+
+    def forward(self, x: Tensor) -> Tensor:
+        t = self.embed(x).flatten(2).transpose(1, 2)  # (B, 16 tokens, 16)
+        t = torch.cat([t[:, :0], torch.tanh(t[:, 0:])], dim=1)
+        t = torch.cat([t[:, :8] * 2, t[:, 8:] + 1], dim=1)
+        return self.head(self.fc(t).mean(1))
+
+
+def test_tokens_concatenated_from_parts_keep_their_patches(tmp_path: Path) -> None:
+    """Each part of a concatenation gives its own tokens' patch boxes (an empty part gives
+    none); before, an empty part crashed the probe and two parts lost the boxes."""
+    torch.manual_seed(0)
+    model = _SplitTokens().eval()
+    run, ds = _probe(model, tmp_path, layers=["fc"])
+    _check(run, "fc", _brute(model, ds, {"fc": TOKENS_LAST})["fc"], _labels())
+    images = UnitImages(run, model=model, dataset=ds)
+    for t in range(16):
+        i, j = divmod(t, 4)
+        assert images.box("fc", 0, t) == (8 * i, 8 * i + 8, 8 * j, 8 * j + 8), t

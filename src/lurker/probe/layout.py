@@ -272,20 +272,6 @@ def _tensor_parents(op: Op, trace: Trace) -> list[tuple[int, int, int]]:
     ]
 
 
-def _merge(cands: list[Any]) -> Any:
-    """The one value all candidates agree on, or None (none, or a conflict)."""
-    if not cands:
-        return None
-    first = cands[0]
-    for c in cands[1:]:
-        if isinstance(first, np.ndarray) or isinstance(c, np.ndarray):
-            if not (np.shape(first) == np.shape(c) and np.array_equal(first, c)):
-                return None
-        elif c != first:
-            return None
-    return first
-
-
 def _token_start(op: Op, trace: Trace, rfs: Mapping[int, RF]) -> tuple[int, np.ndarray] | None:
     """A reshape that merges a parent's (y, x) grid into one axis: tokens with patch boxes."""
     if op.name not in ("view", "reshape", "flatten"):
@@ -387,11 +373,31 @@ def _carry_tokens(
     ):
         if c is not None:
             e, idx = c
-            cands.append((e, np.where((idx >= 0)[:, None], src[np.clip(idx, 0, None)], -1)))
+            if len(src):
+                boxes = np.where((idx >= 0)[:, None], src[np.clip(idx, 0, None)], -1)
+            else:  # an empty part (a cat with no prefix tokens): no output token is from it
+                boxes = np.full((len(idx), 4), -1, dtype=np.int64)
+            cands.append((e, boxes))
     if not cands or any(c[0] != cands[0][0] for c in cands):
         return None
-    boxes = _merge([c[1] for c in cands])
+    boxes = _merge_boxes([c[1] for c in cands])
     return None if boxes is None else (cands[0][0], boxes)
+
+
+def _merge_boxes(cands: list[np.ndarray]) -> np.ndarray | None:
+    """Per token, the box of the parents that have one (a row of -1: none): the parts of
+    a concatenation each give their own tokens; parents giving a token different boxes
+    conflict (None)."""
+    out = cands[0]
+    for c in cands[1:]:
+        if c.shape != out.shape:
+            return None
+        have_out, have_c = (out != -1).any(1), (c != -1).any(1)
+        both = have_out & have_c
+        if not np.array_equal(out[both], c[both]):
+            return None
+        out = np.where((have_c & ~have_out)[:, None], c, out)
+    return out
 
 
 def check_unit_dim(unit_dim: Any) -> None:

@@ -21,6 +21,7 @@ import io
 import numbers
 import os
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,8 +75,19 @@ class Layer:
         return self.layout.units(t)
 
 
-def _layer_name(op: Op) -> str:
-    return op.module_outputs[0] if op.module_outputs else op.label
+def _layer_name(op: Op, trace: Trace) -> str:
+    """The op's name in a run: the (innermost) module path whose output it is, else its
+    label; a module path only where ``trace[path]`` is this op. A module call that returns
+    several tensors (timm's PiT blocks return ``(x, cls_tokens)``) gives its path to the
+    one the trace returns for it, and its other outputs go by their labels, so that every
+    layer name is unique and looks up its own op."""
+    for m in op.module_outputs:
+        try:
+            if trace[m].index == op.index:
+                return m
+        except KeyError:
+            continue
+    return op.label
 
 
 def _module_type(op: Op, trace: Trace) -> str | None:
@@ -194,7 +206,7 @@ def select_layers(
                 if any(not _has_glob(p) and p in specific for p in hit):
                     exact.add(op.index)
         if unmatched:
-            valid = sorted({_layer_name(op) for op in candidates})
+            valid = sorted({_layer_name(op, trace) for op in candidates})
             shown = ", ".join(valid[:60]) + (" ..." if len(valid) > 60 else "")
             raise LurkerError(
                 f"No layer matches {sorted(unmatched)}. Name op labels, module paths, module "
@@ -204,7 +216,7 @@ def select_layers(
         keys = [n for op in chosen for n in op_names(op, types)]
         unused = [p for p in unit_dim if not any(fnmatch.fnmatchcase(n, p) for n in keys)]
         if unused:
-            shown = ", ".join(sorted({_layer_name(op) for op in chosen})[:40])
+            shown = ", ".join(sorted({_layer_name(op, trace) for op in chosen})[:40])
             raise LurkerError(
                 f"unit_dim names {unused}, which match none of the layers to probe ({shown}). "
                 "Use their names (globs allowed), or select the layer with layers=."
@@ -217,20 +229,28 @@ def select_layers(
         seen.add(op.index)
         lay = layouts.get(op.index)
         if isinstance(lay, Layout):
-            out.append(Layer(op, _layer_name(op), lay))
+            out.append(Layer(op, _layer_name(op, trace), lay))
             continue
         if layers is None and not (isinstance(lay, Skip) and lay.per_sample):
             continue  # weights or position tables computed in forward: not activations
         reason = lay.reason if isinstance(lay, Skip) else "it is not a per-sample activation"
+        name = _layer_name(op, trace)
         if op.index in exact:
             raise LurkerError(
-                f"Layer {_layer_name(op)!r} ({op.label}, output {list(op.shape or ())}) cannot "
+                f"Layer {name!r} ({op.label}, output {list(op.shape or ())}) cannot "
                 f"be probed: {reason}. If you know which axis holds its units, pass "
-                f"unit_dim={{{_layer_name(op)!r}: AXIS}} (CLI: --unit-dim "
-                f"{_layer_name(op)}=AXIS), counting the batch axis."
+                f"unit_dim={{{name!r}: AXIS}} (CLI: --unit-dim {name}=AXIS), counting the "
+                "batch axis."
             )
         if skipped is not None:
-            skipped.append((_layer_name(op), reason))
+            skipped.append((name, reason))
+    names = Counter(layer.name for layer in out)
+    clash = sorted(n for n, c in names.items() if c > 1)
+    if clash:  # (a module path that is also another op's label): before any work is done
+        raise LurkerError(
+            f"Layer names {clash} would each stand for several ops (a module's path equals "
+            "another op's label); leave one of each out with layers=[...]."
+        )
     if not out:
         why = "; ".join(f"{n}: {r}" for n, r in (skipped or [])[:5])
         raise LurkerError(
@@ -677,11 +697,11 @@ def embed_layer_of(
             if len(src.shape or ()) != 2:
                 why = lay.reason if isinstance(lay, Skip) else "no unit axis found"
                 raise LurkerError(
-                    f"probe: embed=True: cannot read features out of {_layer_name(src)} "
+                    f"probe: embed=True: cannot read features out of {_layer_name(src, tr)} "
                     f"(the input of {last.label}): {why}; name the layer to embed"
                 )
             lay = Layout(batch=0, unit=1, positions=())
-        return Layer(src, _layer_name(src), lay)
+        return Layer(src, _layer_name(src, tr), lay)
     if not isinstance(embed, str) or not embed:
         raise LurkerError(f"probe: embed must be True, False or a layer name, got {embed!r}")
     try:
