@@ -157,13 +157,16 @@ def test_vit_with_biases_runs_and_is_finite() -> None:
     assert torch.isfinite(e.attribution).all() and e.attribution.abs().sum() > 0
 
 
+class _CumSum(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cumsum(x, dim=1)
+
+
 def test_unsupported_layer_is_named() -> None:
-    m = nn.Sequential(
-        nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4), nn.ReLU(), nn.Flatten(), nn.LazyLinear(3)
-    )
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), _CumSum(), nn.ReLU(), nn.Flatten(), nn.LazyLinear(3))
     m(torch.randn(1, 3, 8, 8))
     m.eval()
-    with pytest.raises(LurkerError, match=r"no rule for .*group_norm.*GroupNorm.*Supported"):
+    with pytest.raises(LurkerError, match=r"no rule for .*cumsum.*_CumSum.*Supported"):
         lurker.explain(m, torch.randn(1, 3, 8, 8), method="lrp")
 
 
@@ -372,3 +375,90 @@ def test_vit_attnlrp_conserves_but_for_the_softmax(make) -> None:
 def test_unknown_attention_rule() -> None:
     with pytest.raises(LurkerError, match="unknown LRP attention rule 'full'; supported: cp, att"):
         lurker.explain(Head(), torch.randn(1, 4, 6), method="lrp", attention="full")
+
+
+class _RoutesAndNorms(nn.Module):
+    """Bias-free: padding, a roll and a flip (Swin's shifted windows), GroupNorm
+    (PoolFormer), F.normalize (XCiT), reshape_as, and a mask made by new_zeros and filled
+    in place (Swin's attention mask). ``detached``: the same function with each norm's
+    scale detached, the function whose gradient the LRP rules follow."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, bias=False)
+        self.gn = nn.GroupNorm(2, 4)
+        self.conv2 = nn.Conv2d(4, 6, 3, bias=False)
+        self.fc = nn.Linear(6, 5, bias=False)
+        with torch.no_grad():
+            self.gn.weight.uniform_(0.5, 1.5)
+            self.gn.bias.zero_()
+        self.detached = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.flip(
+            torch.roll(nn.functional.pad(self.conv1(x), (1, 1, 1, 1)), (1, 2), (2, 3)), (3,)
+        )
+        if self.detached:
+            g = y.reshape(y.shape[0], 2, -1)
+            std = (g.var(-1, unbiased=False, keepdim=True) + self.gn.eps).sqrt().detach()
+            y = ((g - g.mean(-1, keepdim=True)) / std).reshape(y.shape)
+            y = y * self.gn.weight.reshape(1, -1, 1, 1)
+        else:
+            y = self.gn(y)
+        y = self.conv2(torch.relu(y))
+        t = y.flatten(2).transpose(1, 2)  # (B, tokens, 6)
+        if self.detached:
+            t = t / t.norm(dim=-1, keepdim=True).detach()
+        else:
+            t = nn.functional.normalize(t, dim=-1)
+        mask = t.new_zeros(t.shape[:2])
+        mask[:, 0] = 1.0
+        t = t + (mask * 0.0).unsqueeze(-1)
+        t = t.reshape_as(t.transpose(1, 2)).reshape_as(t)
+        return self.fc(t.mean(1))
+
+
+def test_routes_and_norms_equal_gradient_times_input() -> None:
+    """With no biases, epsilon-LRP (epsilon -> 0) of a network of linear maps, ReLUs and
+    norms whose scale is a constant of the backward is the gradient of that network
+    (scales detached) times the input: the oracle for the rules of pad, roll, flip,
+    reshape_as, GroupNorm, F.normalize and constants made in the forward."""
+    torch.manual_seed(0)
+    m = _RoutesAndNorms().double().eval()
+    x = torch.randn(2, 3, 12, 12, dtype=torch.float64)
+    e = lurker.explain(m, x, target=[1, 3], method="lrp", composite="epsilon", **TINY)
+    m.detached = True
+    xx = x.clone().requires_grad_(True)
+    out = m(xx)
+    (g,) = torch.autograd.grad(out[[0, 1], [1, 3]].sum(), xx)
+    assert rel_err(e.attribution, g * x) < 1e-9
+    m.detached = False
+    whats = {f.split(":")[1].strip() for f in _flow_kinds(m, x)}
+    assert "group norm, std constant" in whats
+
+
+class _CachesOnFirstCall(nn.Module):
+    """As timm's LeViT: the first eval forward caches a table, later ones read it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(6, 6, bias=False)
+        self.fc2 = nn.Linear(6, 3, bias=False)
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if "b" not in self.cache:
+            self.cache["b"] = torch.linspace(-1, 1, 6, dtype=x.dtype)
+        return self.fc2(torch.relu(self.fc1(x) * self.cache["b"]))
+
+
+def test_model_that_caches_on_its_first_call() -> None:
+    """LRP traces such a model again once its state settled (it failed with 'this input
+    takes another path') and reads the cached table, a constant of the trace."""
+    torch.manual_seed(0)
+    m = _CachesOnFirstCall().double().eval()
+    x = torch.randn(2, 6, dtype=torch.float64)
+    e = lurker.explain(m, x, target=0, method="lrp", composite="epsilon", **TINY)
+    xx = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(m(xx)[:, 0].sum(), xx)
+    assert rel_err(e.attribution, g * x) < 1e-9

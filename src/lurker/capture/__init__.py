@@ -1,5 +1,5 @@
 """Recording a forward pass: :func:`trace` and the :class:`Trace` it returns."""
 
-from .trace import Activations, Trace, trace
+from .trace import Activations, Trace, settled_trace, trace
 
-__all__ = ["Activations", "Trace", "trace"]
+__all__ = ["Activations", "Trace", "settled_trace", "trace"]

@@ -120,6 +120,20 @@ def trace(
             gc.enable()
 
 
+def settled_trace(model: nn.Module, *args: Any, **kwargs: Any) -> Trace:
+    """:func:`trace` of ``model`` as it runs on every later call.
+
+    Some models change their own state in their first forward (timm's LeViT and
+    EfficientFormer cache attention biases), so later forwards run fewer ops than the
+    first. Whoever replays the trace on other inputs (the probe on every batch, LRP's
+    rules) traces such a model again once its state has settled.
+    """
+    tr = trace(model, *args, **kwargs)
+    if tr.state_changes:
+        tr = trace(model, *args, **kwargs)
+    return tr
+
+
 # forward function -> its signature, and the names of its positional parameters when
 # it has only those (then positional args need no bind); weak, so a closure over a model
 # never keeps it alive
@@ -440,6 +454,17 @@ class Trace(Graph):
         """What the traced forward changed in the model's own state (attributes reassigned,
         buffers written, caches filled), one line each; empty when it changed nothing."""
         return list(self._state.lines)
+
+    def constant(self, key: str | int) -> Tensor:
+        """The tensor a ``constant`` node stands for: one the forward read from outside
+        its recorded ops (a table a module caches, a tensor attribute that is not a
+        buffer), as the trace holds it; a replay reads the same tensor. Analyses that
+        recompute an op from its arguments (LRP's rules) read constant arguments here."""
+        op = self[key]
+        value = op._key if op.kind == "constant" else None
+        if not isinstance(value, Tensor):
+            raise LurkerError(f"{op.label} is a {op.kind} node, not a constant this trace holds")
+        return value
 
     def activations(self) -> dict[str, Any]:
         """Saved activations by op label."""

@@ -69,6 +69,7 @@ _PASS = {
     "relu6", "hardtanh", "hardtanh_", "leaky_relu", "leaky_relu_", "elu",
     "elu_", "selu", "celu", "gelu", "silu", "mish", "sigmoid", "tanh", "softplus",
     "hardswish", "hardsigmoid", "threshold", "threshold_", "neg", "__neg__",
+    "normalize",  # x / ||x|| with the norm a constant of the backward, as LayerNorm's std
 }  # fmt: skip
 _ADD = {"add", "add_", "__add__", "__iadd__", "__radd__", "sub", "sub_", "__sub__", "__isub__"}
 _NORM = {
@@ -84,16 +85,24 @@ _ROUTE = {
     "stack", "unsqueeze", "squeeze", "unflatten", "getitem", "dropout", "dropout1d",
     "dropout2d", "clone", "expand", "unbind", "split", "chunk", "narrow", "select", "t",
     "to", "type_as", "float", "identity", "max_pool2d_with_indices",
+    "pad", "roll", "flip", "reshape_as", "view_as", "movedim", "swapaxes", "swapdims",
 }  # fmt: skip
 _ATTENTION = {"scaled_dot_product_attention"}
+# new tensors shaped like an activation but not made of its values (Swin's attention
+# mask): constants of the backward
+_FACTORY = {
+    "new_zeros", "new_ones", "new_full", "new_empty", "new_tensor", "zeros_like",
+    "ones_like", "full_like", "empty_like", "rand_like", "randn_like", "randint_like",
+}  # fmt: skip
 _CONSTANT = {"softmax", "log_softmax"}
 
 SUPPORTED = (
     "convolutions and linear layers (composite rules), BatchNorm (merged into the preceding "
-    "convolution or linear layer, else passed through), LayerNorm, element-wise "
+    "convolution or linear layer, else passed through), LayerNorm and GroupNorm, "
+    "F.normalize, element-wise "
     "activations, additions (skip connections), average pools and means, products of two "
     "activations, scaled_dot_product_attention and softmax attention, max pools, "
-    "reshapes, concatenation, indexing and dropout"
+    "reshapes, padding, rolls and flips, concatenation, indexing and dropout"
 )
 
 
@@ -281,7 +290,7 @@ class Engine:
         attention: str = "cp",
         **params: Any,
     ) -> None:
-        from ..capture import trace as _trace
+        from ..capture import settled_trace as _trace
 
         if attention not in ATTENTION_RULES:
             raise LurkerError(
@@ -356,13 +365,16 @@ class Engine:
                 continue
             name = op.name
             parents = [ops[i] for i in op.parents]
-            if (name in _CONSTANT and not self._softmax_rule(name)) or (
-                name in _ROUTE
-                and parents
+            derived = (  # made only from constants (Swin's mask, filled in place): no rule
+                parents
                 and all(p.index in self.constant for p in parents if self._on_path(p))
                 and any(p.index in self.constant for p in parents)
-            ):
+            )
+            if name in _FACTORY or (name in _CONSTANT and not self._softmax_rule(name)):
                 self.constant.add(op.index)
+            elif derived:
+                self.constant.add(op.index)
+                continue
             if not self._on_path(op):
                 continue
             if name in _LINEAR:
@@ -381,8 +393,8 @@ class Engine:
             elif name == "batch_norm":
                 if op.index not in merged:
                     self.plan[op.index] = ("pass", None)
-            elif name == "layer_norm":
-                self.plan[op.index] = ("layer_norm", None)
+            elif name in ("layer_norm", "group_norm"):
+                self.plan[op.index] = (name, None)
             elif name in _PASS:
                 self.plan[op.index] = ("pass", None)
             elif name in _ADD or name in _NORM:
@@ -395,7 +407,7 @@ class Engine:
                 self.plan[op.index] = ("softmax", None)
             elif name in _CONSTANT:
                 self.plan[op.index] = ("constant", None)
-            elif name in _ROUTE:
+            elif name in _ROUTE or name in _FACTORY:
                 pass
             else:
                 raise LurkerError(
@@ -430,6 +442,8 @@ class Engine:
             op = self.trace.ops[ref.index]
             if op.kind == "buffer":
                 return self.model.get_buffer(op.name)
+            if op.kind == "constant":  # (LeViT's cached attention biases)
+                return self.trace.constant(op.index)
             raise LurkerError(f"LRP: no value for {op.label} ({op.kind})")
         if isinstance(ref, (tuple, list)):
             return type(ref)(self._value(v, live) for v in ref)
@@ -550,6 +564,25 @@ class Engine:
             absorbs = b is not None and bool(b.detach().abs().max() > 0)
             fwd = lambda r, ins_: _vjp(ln, ins_[:1], r, p["epsilon"])  # noqa: E731
             return self._apply(op, out, [x], fwd, flows, absorbs, "layer norm, std constant")
+        if kind == "group_norm":
+            x = ins[0]
+            groups = int(_arg(op, 1, "num_groups"))
+            w = self._value(_arg(op, 2, "weight"), live)
+            b = self._value(_arg(op, 3, "bias"), live)
+            eps = _arg(op, 4, "eps", 1e-5)
+            per = x.detach().reshape(x.shape[0], groups, -1)
+            std = (per.var(-1, unbiased=False, keepdim=True) + eps).sqrt()
+            affine = (1, -1) + (1,) * (x.dim() - 2)  # weight and bias are per channel
+
+            def gn(v: Tensor) -> Tensor:
+                g = v.reshape(v.shape[0], groups, -1)
+                y = ((g - g.mean(-1, keepdim=True)) / std).reshape(v.shape)
+                y = y if w is None else y * w.detach().reshape(affine)
+                return y if b is None else y + b.detach().reshape(affine)
+
+            absorbs = b is not None and bool(b.detach().abs().max() > 0)
+            fwd = lambda r, ins_: _vjp(gn, ins_[:1], r, p["epsilon"])  # noqa: E731
+            return self._apply(op, out, [x], fwd, flows, absorbs, "group norm, std constant")
         if kind == "attention":
             q, k, v = (
                 self._value(_arg(op, i, n), live) for i, n in enumerate(("query", "key", "value"))

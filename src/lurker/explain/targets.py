@@ -142,7 +142,7 @@ class Forward:
             raise LurkerError(f"a layer is a module path or trace label (a string); got {name!r}")
         if name in self._modules:
             return
-        from ..capture import trace as _trace
+        from ..capture import settled_trace as _trace
         from ..capture._hooks import resolve
         from ..errors import OpKeyError
 

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..capture import Trace, trace
+from ..capture import Trace, settled_trace
 from ..errors import LurkerError
 from ..graph.nodes import Op
 from ..store import Run, RunWriter, atomic_write_bytes, run_lock
@@ -259,20 +259,6 @@ def select_layers(
             + "; name layers explicitly, with unit_dim= where lurker cannot tell the axis."
         )
     return out
-
-
-def settled_trace(model: nn.Module, x: Tensor) -> Trace:
-    """Trace ``model`` on ``x`` as it will run on every later batch.
-
-    Some models change their own state in their first forward (timm's LeViT and
-    EfficientFormer cache attention biases), so later forwards run fewer ops than the
-    first: the probe replays the model on many batches, so it traces it again once the
-    state has settled.
-    """
-    tr = trace(model, x)
-    if tr.state_changes:
-        tr = trace(model, x)
-    return tr
 
 
 def fingerprint(model: nn.Module) -> str:
