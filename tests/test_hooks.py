@@ -174,6 +174,24 @@ def test_a_rolled_key_or_a_reused_module_hooks_every_pass(key, passes):
     torch.testing.assert_close(out, ref)
 
 
+@pytest.mark.parametrize(
+    ("key", "passes"),
+    [("linear_1", (1, 2, 3)), ("cell", (1, 2, 3)), ("cell:2", (2,)), ("linear_1:3", (3,))],
+)
+def test_hook_ops_names_the_ops_a_hook_runs_on(key, passes):
+    """``Trace.hook_ops(key)`` is what ``hooks={key: fn}`` applies to (explain's layer
+    targets resolve their keys with it), and ``keys()`` is every name ``trace[...]`` takes."""
+    tr = lurker.trace(_Loop(), torch.randn(2, 4))
+    seen: list[int] = []
+    tr.run(torch.randn(2, 4), hooks={key: lambda op, out: seen.append(op.index)})
+    assert [op.index for op in tr.hook_ops(key)] == seen
+    assert [op.label for op in tr.hook_ops(key)] == [f"linear_1:{p}" for p in passes]
+    with pytest.raises(OpKeyError, match="linear_1"):
+        tr.hook_ops("linear_l")
+    assert {"linear_1:1", "cell:3", "input_1", "output_1"} <= set(tr.keys())
+    assert all(tr[k] is tr.ops[tr[k].index] for k in tr.keys())
+
+
 def test_hooks_are_removed_whatever_happens():
     model = _convnet()
     tr = lurker.trace(model, _x(0))

@@ -44,12 +44,12 @@ def resolve(trace: Trace, hooks: Mapping[Any, HookFn]) -> Resolved:
                 f"hooks[{key!r}] is {type(fn).__name__}, not a function; a hook is called "
                 "as fn(op, output) and returns a replacement output or None."
             )
-        for op in _ops_for(trace, key):
+        for op in ops_for(trace, key):
             out.setdefault(op.index, []).append(fn)
     return out
 
 
-def _ops_for(trace: Trace, key: Any) -> list[Op]:
+def ops_for(trace: Trace, key: Any) -> list[Op]:
     """The ops ``key`` names: one, or every pass of a rolled label or reused module."""
     ops = trace.ops
     if isinstance(key, bool) or not isinstance(key, (int, str)):

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from ..errors import LurkerError, MemoryLimitError, TraceError
 from ..graph.graph import Graph
+from ..graph.nodes import Op
 from . import _context, _hooks, _state
 from ._build import build
 from ._hooks import HookFn
@@ -506,6 +507,12 @@ class Trace(Graph):
                 for i, fns in resolved.items():
                     merged.setdefault(i, []).extend(fns)
         return replay(self, args, kwargs, save, merged)
+
+    def hook_ops(self, key: str | int) -> list[Op]:
+        """The ops a hook keyed by ``key`` applies to, as :meth:`hooks` resolves it: one
+        op, or every pass of a rolled label or of a reused module. Raises
+        :class:`~lurker.errors.OpKeyError` (with close names) for a key that names no op."""
+        return _hooks.ops_for(self, key)
 
     def hooks(self, hooks: Mapping[str | int, HookFn]) -> contextlib.AbstractContextManager[Trace]:
         """Within the ``with`` block, :meth:`run` calls ``fn(op, output)`` for each op a key

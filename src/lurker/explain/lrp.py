@@ -636,13 +636,11 @@ class Engine:
         where ``mask`` is 1 at op ``at``'s output (conditional relevance); ``record``:
         layers (module paths or trace labels) whose arriving relevance is kept, unmasked,
         in :attr:`Relevance.recorded` (one backward for all of them)."""
-        from ..capture._hooks import resolve
-
         ops = self.trace.ops
         parsed = parse_target(target, x.shape[0])
         unit_op = None
         if isinstance(parsed, UnitTarget):
-            unit_op = self._one_op(parsed.layer, resolve, merged=False)
+            unit_op = self._one_op(parsed.layer, merged=False)
         plan = dict(self.plan)
         if unit_op is not None and unit_op.index not in plan:
             # a unit of a convolution merged with its BatchNorm: the relevance starts at
@@ -652,10 +650,10 @@ class Engine:
                 if kind == "linear" and info[1] is unit_op:
                     plan[unit_op.index] = ("linear", (info[0], unit_op, None))
                     plan[c] = ("pass", None)
-        at_op = self._one_op(at, resolve) if at is not None else None
+        at_op = self._one_op(at) if at is not None else None
         recording: dict[int, list[tuple[str, list[Tensor]]]] = {}
         for key in record:
-            recording.setdefault(self._one_op(key, resolve).index, []).append((key, []))
+            recording.setdefault(self._one_op(key).index, []).append((key, []))
         live: dict[int, Any] = {}
         flows: dict[str, Flow] = {}
         kept: list[Tensor] = []
@@ -735,11 +733,11 @@ class Engine:
         )
         return rel, parsed
 
-    def _one_op(self, key: str, resolve: Callable, merged: bool = True) -> Op:
+    def _one_op(self, key: str, merged: bool = True) -> Op:
         from ..errors import OpKeyError
 
         try:
-            idx = list(resolve(self.trace, {key: lambda op, out: None}))
+            idx = [op.index for op in self.trace.hook_ops(key)]
         except OpKeyError as e:
             raise LurkerError(
                 f"layer {key!r} is not in the model: name a module path "

@@ -143,16 +143,15 @@ class Forward:
         if name in self._modules:
             return
         from ..capture import settled_trace as _trace
-        from ..capture._hooks import resolve
         from ..errors import OpKeyError
 
         if self._trace is None:
             with torch.no_grad():
                 self._trace = _trace(self.model, self.x[:1], save="none")
         try:
-            resolve(self._trace, {name: lambda op, out: None})
+            self._trace.hook_ops(name)
         except OpKeyError as e:
-            names = [*self._modules, *self._trace._index]
+            names = [*self._modules, *self._trace.keys()]
             close = difflib.get_close_matches(name, [n for n in names if n], n=5)
             hint = f" Close names: {', '.join(close)}." if close else ""
             raise LurkerError(

@@ -94,6 +94,11 @@ class Graph:
                 g.append(op)
         return groups
 
+    def keys(self) -> list[str]:
+        """Every name ``graph[name]`` looks up: op labels, input, output and buffer names,
+        and module outputs (``'features.3'``, ``'cell:2'``)."""
+        return list(self._index)
+
     def find(self, pattern: str) -> list[Op]:
         """Ops whose label, name or module path matches a glob pattern."""
         return [
