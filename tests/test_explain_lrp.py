@@ -462,3 +462,55 @@ def test_model_that_caches_on_its_first_call() -> None:
     xx = x.clone().requires_grad_(True)
     (g,) = torch.autograd.grad(m(xx)[:, 0].sum(), xx)
     assert rel_err(e.attribution, g * x) < 1e-9
+
+
+class _InputFirst(nn.Module):
+    """Ops reading the input itself: a mask multiplied in (a constant made from the
+    input's shape), a GroupNorm, then a padding with a value (its cells a bias)."""
+
+    def __init__(self, mask: bool) -> None:
+        super().__init__()
+        self.mask = mask
+        self.gn = nn.GroupNorm(1, 3)
+        self.conv = nn.Conv2d(3, 4, 3, bias=False)
+        self.fc = nn.Linear(4, 3, bias=False)
+        with torch.no_grad():
+            self.gn.weight.uniform_(0.5, 1.5)
+            self.gn.bias.zero_()
+        self.detached = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mask:
+            x = x * torch.ones_like(x)
+        if self.detached:
+            g = x.reshape(x.shape[0], 1, -1)
+            std = (g.var(-1, unbiased=False, keepdim=True) + self.gn.eps).sqrt().detach()
+            y = ((g - g.mean(-1, keepdim=True)) / std).reshape(x.shape)
+            y = y * self.gn.weight.reshape(1, -1, 1, 1)
+        else:
+            y = self.gn(x)
+        y = nn.functional.pad(torch.relu(self.conv(y)), (2, 2, 2, 2), value=1.0)
+        return self.fc(y.mean((2, 3)))
+
+
+@pytest.mark.parametrize("mask", [False, True])
+def test_ops_reading_the_input_get_their_rules(mask: bool) -> None:
+    """A GroupNorm or a product that reads the model's input directly has its rule (they
+    passed the plain gradient, and a mask made with ones_like turned everything after it
+    into a constant: LRP became output x gradient, with no warning); a padding with a
+    value keeps its cells' share as a bias does, and says so in the flows."""
+    torch.manual_seed(0)
+    m = _InputFirst(mask).double().eval()
+    x = torch.randn(2, 3, 10, 10, dtype=torch.float64)
+    e = lurker.explain(m, x, target=[0, 2], method="lrp", composite="epsilon", **TINY)
+    m.detached = True
+    xx = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(m(xx)[[0, 1], [0, 2]].sum(), xx)
+    assert rel_err(e.attribution, g * x) < 1e-9
+    m.detached = False
+    rel, _ = Engine(m, x, "epsilon", **TINY).run(x, [0, 2])
+    flows = {f.label: f for f in rel.flows.values()}
+    assert "group_norm_1" in flows and ("mul_1" in flows) == mask
+    assert (
+        flows["pad_1"].absorbs and float((flows["pad_1"].out - flows["pad_1"].into).abs().min()) > 0
+    )

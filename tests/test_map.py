@@ -88,7 +88,8 @@ def test_bad_embed_layer_is_named(model, data, tmp_path):
 
 
 def test_features_over_budget_are_refused(model, data, tmp_path):
-    from lurker.probe.sweep import check_embed_budget, embed_layer_of, settled_trace
+    from lurker.capture import settled_trace
+    from lurker.probe.sweep import check_embed_budget, embed_layer_of
 
     tr = settled_trace(model, data[0][0][None])
     layer = embed_layer_of(tr, "features.8")

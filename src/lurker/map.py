@@ -145,9 +145,10 @@ def _collect(
     """:func:`collect_embedding` over the items ``indices`` of ``ds`` (None: all)."""
     import torch
 
+    from .capture import settled_trace
     from .probe import data as pdata
     from .probe.consumers import Batch, EmbeddingConsumer
-    from .probe.sweep import check_embed_budget, embed_layer_of, settled_trace
+    from .probe.sweep import check_embed_budget, embed_layer_of
 
     if len(ds) == 0:
         raise LurkerError("the dataset is empty: nothing to embed")

@@ -273,6 +273,13 @@ def _resolve(target: str, inplace: bool) -> Callable:
     return obj
 
 
+def _fills(op: Op) -> bool:
+    """Whether a pad writes a non-zero value (its cells then take relevance, as a bias)."""
+    mode = _arg(op, 2, "mode", "constant")
+    value = _arg(op, 3, "value", None)
+    return mode == "constant" and value is not None and value != 0
+
+
 def _arg(op: Op, pos: int, name: str, default: Any = None) -> Any:
     if len(op.args) > pos:
         return op.args[pos]
@@ -348,6 +355,10 @@ class Engine:
     def _on_path(self, op: Op) -> bool:
         return op.kind == "op" and op.dist_from_input is not None
 
+    def _carries(self, op: Op) -> bool:
+        """Whether relevance can reach this node: the input, or an op on a path from it."""
+        return op.kind == "input" or self._on_path(op)
+
     def _plan(self) -> None:
         ops = self.trace.ops
         rules = COMPOSITES[self.composite]
@@ -367,7 +378,7 @@ class Engine:
             parents = [ops[i] for i in op.parents]
             derived = (  # made only from constants (Swin's mask, filled in place): no rule
                 parents
-                and all(p.index in self.constant for p in parents if self._on_path(p))
+                and all(p.index in self.constant for p in parents if self._carries(p))
                 and any(p.index in self.constant for p in parents)
             )
             if name in _FACTORY or (name in _CONSTANT and not self._softmax_rule(name)):
@@ -407,6 +418,8 @@ class Engine:
                 self.plan[op.index] = ("softmax", None)
             elif name in _CONSTANT:
                 self.plan[op.index] = ("constant", None)
+            elif name == "pad" and _fills(op):
+                self.plan[op.index] = ("norm", None)  # a copy plus constant cells: z-rule
             elif name in _ROUTE or name in _FACTORY:
                 pass
             else:
@@ -479,7 +492,7 @@ class Engine:
         graph = {
             i: self._value(a, live)
             for i, a in enumerate(op.args)
-            if type(a) is OpRef and self._on_path(self.trace.ops[a.index])
+            if type(a) is OpRef and self._carries(self.trace.ops[a.index])
         }
         graph = {i: t for i, t in graph.items() if isinstance(t, Tensor) and t.requires_grad}
         if kind == "linear":
@@ -518,8 +531,9 @@ class Engine:
             return self._apply(op, out, [main], fwd, flows, False, "pass")
         if kind == "norm":
             call = self._call(op, live, graph)
-            # an addition with a constant, a parameter or a number keeps that operand's share
-            absorbs = op.name in _ADD and len(graph) < 2
+            # an addition with a constant, a parameter or a number keeps that operand's
+            # share, as do the cells a padding fills with a value
+            absorbs = (op.name in _ADD and len(graph) < 2) or op.name == "pad"
             fwd = lambda r, ins_: _vjp(call, ins_, r, p["stabilizer"])  # noqa: E731
             return self._apply(op, out, ins, fwd, flows, absorbs, "z-rule")
         if kind == "product":

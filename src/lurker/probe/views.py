@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..capture import Trace
+from ..capture import Trace, settled_trace
 from ..errors import LurkerError
 from ..store import Run, atomic_write_bytes
 from ..store.files import safe_component
@@ -50,7 +50,6 @@ from .images import (
     png_bytes,
 )
 from .layout import position_box
-from .sweep import settled_trace
 
 Kind = Literal["input", "crop", "grad", "grad_crop"]
 #: Every kind of image; :meth:`UnitImages.write_all` makes ``DEFAULT_KINDS`` unless told.

@@ -482,7 +482,7 @@ class Session:
         """The live model's trace (made once, on an input shaped like the run's)."""
         import torch
 
-        from lurker.probe.sweep import settled_trace
+        from lurker.capture import settled_trace
 
         model = self.model()
         with self.model_lock:
