@@ -514,3 +514,43 @@ def test_ops_reading_the_input_get_their_rules(mask: bool) -> None:
     assert (
         flows["pad_1"].absorbs and float((flows["pad_1"].out - flows["pad_1"].into).abs().min()) > 0
     )
+
+
+class _Affines(nn.Module):
+    """ResMLP's affine (addcmul), StarReLU's square (pow), a clamp, interpolation,
+    expand_as, repeat_interleave, unfold, a max reduction (amax), an RMSNorm, and
+    ConvNeXt-V2's response normalization (a norm as a scale). No biases."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, bias=False)
+        self.alpha = nn.Parameter(torch.rand(4, 1, 1) + 0.5)
+        self.rms = nn.RMSNorm(6)
+        self.fc = nn.Linear(6, 5, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.addcmul(torch.zeros(4, 1, 1, dtype=x.dtype), self.alpha, self.conv(x))
+        y = torch.relu(y) ** 2
+        y = y.clamp(max=50.0)
+        y = nn.functional.interpolate(y, scale_factor=2, mode="bilinear")
+        gx = torch.norm(y, p=2, dim=(2, 3), keepdim=True)
+        nx = gx / (gx.mean(dim=1, keepdim=True) + 1e-6)
+        y = y * nx
+        y = y.amax(dim=3) + y.mean(3).expand_as(y.amax(dim=3))  # (B, 4, H)
+        t = y.unfold(2, 4, 4).flatten(2)  # (B, 4, 4 * windows)
+        t = t[..., :6].repeat_interleave(2, dim=1)[:, :6]  # (B, 6, 6)
+        return self.fc(self.rms(t).mean(1))
+
+
+def test_affines_activations_and_reductions_of_timm_models() -> None:
+    """The ops timm's ResMLP, CAFormer, ConvNeXt-V2, HRNet, Hiera, TNT and Gemma's ViT
+    lacked rules for. Their rules keep LRP conservative (epsilon -> 0, no biases): the
+    input relevance sums to the logit, and each of them is among the flows."""
+    torch.manual_seed(0)
+    m = _Affines().double().eval()
+    x = torch.rand(2, 3, 10, 10, dtype=torch.float64) + 0.1
+    e = lurker.explain(m, x, target=[0, 3], method="lrp", composite="epsilon", **TINY)
+    logit = e.output[[0, 1], [0, 3]]
+    assert float(((e.attribution.flatten(1).sum(1) - logit).abs() / logit.abs()).max()) < 1e-9
+    whats = {f.split(":")[0] for f in _flow_kinds(m, x)}
+    assert {"addcmul", "pow", "clamp", "interpolate", "rms_norm"} <= whats, whats

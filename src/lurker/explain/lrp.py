@@ -70,11 +70,14 @@ _PASS = {
     "elu_", "selu", "celu", "gelu", "silu", "mish", "sigmoid", "tanh", "softplus",
     "hardswish", "hardsigmoid", "threshold", "threshold_", "neg", "__neg__",
     "normalize",  # x / ||x|| with the norm a constant of the backward, as LayerNorm's std
+    "rms_norm",  # x / rms(x) * weight, the rms a constant: a diagonal scale
+    "clamp", "clamp_", "clip", "square", "square_",
 }  # fmt: skip
 _ADD = {"add", "add_", "__add__", "__iadd__", "__radd__", "sub", "sub_", "__sub__", "__isub__"}
 _NORM = {
     "avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
     "adaptive_avg_pool3d", "mean", "sum",
+    "interpolate",  # (nearest, bilinear, ...: a linear map of the input)
 }  # fmt: skip
 _PRODUCT = {"mul", "mul_", "__mul__", "__rmul__", "__imul__", "div", "div_", "__truediv__",
             "matmul", "__matmul__", "bmm"}  # fmt: skip
@@ -86,6 +89,7 @@ _ROUTE = {
     "dropout2d", "clone", "expand", "unbind", "split", "chunk", "narrow", "select", "t",
     "to", "type_as", "float", "identity", "max_pool2d_with_indices",
     "pad", "roll", "flip", "reshape_as", "view_as", "movedim", "swapaxes", "swapdims",
+    "expand_as", "repeat_interleave", "unfold", "amax",
 }  # fmt: skip
 _ATTENTION = {"scaled_dot_product_attention"}
 # new tensors shaped like an activation but not made of its values (Swin's attention
@@ -95,6 +99,10 @@ _FACTORY = {
     "ones_like", "full_like", "empty_like", "rand_like", "randn_like", "randint_like",
 }  # fmt: skip
 _CONSTANT = {"softmax", "log_softmax"}
+# norms, constants of the backward as LayerNorm's std: used as a divisor or scale
+# (ConvNeXt-V2's GRN) they get no relevance; anything that reaches them is lost (a leak,
+# reported), as with a softmax outside attention
+_SCALE = {"norm", "linalg_vector_norm"}
 
 SUPPORTED = (
     "convolutions and linear layers (composite rules), BatchNorm (merged into the preceding "
@@ -102,7 +110,7 @@ SUPPORTED = (
     "F.normalize, element-wise "
     "activations, additions (skip connections), average pools and means, products of two "
     "activations, scaled_dot_product_attention and softmax attention, max pools, "
-    "reshapes, padding, rolls and flips, concatenation, indexing and dropout"
+    "reshapes, padding, rolls and flips, interpolation, concatenation, indexing and dropout"
 )
 
 
@@ -355,6 +363,14 @@ class Engine:
     def _on_path(self, op: Op) -> bool:
         return op.kind == "op" and op.dist_from_input is not None
 
+    def _live_args(self, op: Op, n: int) -> list[int]:
+        """Which of the first ``n`` arguments relevance can reach (by position)."""
+        return [
+            i
+            for i, a in enumerate(op.args[:n])
+            if type(a) is OpRef and self._carries(self.trace.ops[a.index])
+        ]
+
     def _carries(self, op: Op) -> bool:
         """Whether relevance can reach this node: the input, or an op on a path from it."""
         return op.kind == "input" or self._on_path(op)
@@ -381,7 +397,11 @@ class Engine:
                 and all(p.index in self.constant for p in parents if self._carries(p))
                 and any(p.index in self.constant for p in parents)
             )
-            if name in _FACTORY or (name in _CONSTANT and not self._softmax_rule(name)):
+            if (
+                name in _FACTORY
+                or name in _SCALE
+                or (name in _CONSTANT and not self._softmax_rule(name))
+            ):
                 self.constant.add(op.index)
             elif derived:
                 self.constant.add(op.index)
@@ -416,8 +436,12 @@ class Engine:
                 self.plan[op.index] = ("attention", None)
             elif self._softmax_rule(name):
                 self.plan[op.index] = ("softmax", None)
-            elif name in _CONSTANT:
+            elif name in _CONSTANT or name in _SCALE:
                 self.plan[op.index] = ("constant", None)
+            elif name == "pow" and self._live_args(op, 2) == [0]:
+                self.plan[op.index] = ("pass", None)  # x ** 2 (StarReLU): an activation
+            elif name == "addcmul" and len(self._live_args(op, 3)) == 1:
+                self.plan[op.index] = ("norm", None)  # bias + scale * x: an affine map
             elif name == "pad" and _fills(op):
                 self.plan[op.index] = ("norm", None)  # a copy plus constant cells: z-rule
             elif name in _ROUTE or name in _FACTORY:
@@ -533,7 +557,7 @@ class Engine:
             call = self._call(op, live, graph)
             # an addition with a constant, a parameter or a number keeps that operand's
             # share, as do the cells a padding fills with a value
-            absorbs = (op.name in _ADD and len(graph) < 2) or op.name == "pad"
+            absorbs = (op.name in _ADD and len(graph) < 2) or op.name in ("pad", "addcmul")
             fwd = lambda r, ins_: _vjp(call, ins_, r, p["stabilizer"])  # noqa: E731
             return self._apply(op, out, ins, fwd, flows, absorbs, "z-rule")
         if kind == "product":
@@ -702,7 +726,7 @@ class Engine:
             live[op.index] = new
             return new if op.inplace else new.clone()
 
-        hooks = {op.index: hook for op in ops if op.kind == "op" and op.seq >= 0}
+        hooks = {op.index: hook for op in ops if op.kind in ("op", "generated") and op.seq >= 0}
         result = self.trace.run(xi, save="none", hooks=hooks)
         output = result.output
         if unit_op is not None:
