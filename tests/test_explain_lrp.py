@@ -518,8 +518,8 @@ def test_ops_reading_the_input_get_their_rules(mask: bool) -> None:
 
 class _Affines(nn.Module):
     """ResMLP's affine (addcmul), StarReLU's square (pow), a clamp, interpolation,
-    expand_as, repeat_interleave, unfold, a max reduction (amax), an RMSNorm, and
-    ConvNeXt-V2's response normalization (a norm as a scale). No biases."""
+    expand_as, repeat_interleave, unfold, a max reduction (amax) and an RMSNorm. No
+    biases."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -533,9 +533,6 @@ class _Affines(nn.Module):
         y = torch.relu(y) ** 2
         y = y.clamp(max=50.0)
         y = nn.functional.interpolate(y, scale_factor=2, mode="bilinear")
-        gx = torch.norm(y, p=2, dim=(2, 3), keepdim=True)
-        nx = gx / (gx.mean(dim=1, keepdim=True) + 1e-6)
-        y = y * nx
         y = y.amax(dim=3) + y.mean(3).expand_as(y.amax(dim=3))  # (B, 4, H)
         t = y.unfold(2, 4, 4).flatten(2)  # (B, 4, 4 * windows)
         t = t[..., :6].repeat_interleave(2, dim=1)[:, :6]  # (B, 6, 6)
@@ -543,7 +540,7 @@ class _Affines(nn.Module):
 
 
 def test_affines_activations_and_reductions_of_timm_models() -> None:
-    """The ops timm's ResMLP, CAFormer, ConvNeXt-V2, HRNet, Hiera, TNT and Gemma's ViT
+    """The ops timm's ResMLP, CAFormer, HRNet, Hiera, TNT and Gemma's ViT
     lacked rules for. Their rules keep LRP conservative (epsilon -> 0, no biases): the
     input relevance sums to the logit, and each of them is among the flows."""
     torch.manual_seed(0)
@@ -554,3 +551,26 @@ def test_affines_activations_and_reductions_of_timm_models() -> None:
     assert float(((e.attribution.flatten(1).sum(1) - logit).abs() / logit.abs()).max()) < 1e-9
     whats = {f.split(":")[0] for f in _flow_kinds(m, x)}
     assert {"addcmul", "pow", "clamp", "interpolate", "rms_norm"} <= whats, whats
+
+
+@pytest.mark.parametrize(
+    "late",
+    [
+        lambda y: y.clamp(min=0.5),  # a ReLU's zeros made 0.5
+        lambda y: y**0,
+        lambda y: y.unsqueeze(-1) ** torch.tensor([1.0, 2.0], dtype=y.dtype),  # broadcast
+    ],
+    ids=["clamp-min", "power-0", "broadcast-power"],
+)
+def test_maps_that_do_not_keep_zero_or_shape_are_refused(late) -> None:
+    """Passing relevance 1:1 through these would hand a ReLU's zeros relevance its
+    gradient then drops (or fall back to the gradient): no rule, said before it runs."""
+    torch.manual_seed(0)
+    a, b = nn.Linear(6, 6, bias=False), nn.Linear(6, 2, bias=False)
+
+    class M(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return b(late(torch.relu(a(x))).flatten(1)[:, :6])
+
+    with pytest.raises(LurkerError, match="no rule for"):
+        lurker.explain(M().eval(), torch.randn(2, 6), method="lrp", composite="epsilon")

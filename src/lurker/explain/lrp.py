@@ -71,7 +71,7 @@ _PASS = {
     "hardswish", "hardsigmoid", "threshold", "threshold_", "neg", "__neg__",
     "normalize",  # x / ||x|| with the norm a constant of the backward, as LayerNorm's std
     "rms_norm",  # x / rms(x) * weight, the rms a constant: a diagonal scale
-    "clamp", "clamp_", "clip", "square", "square_",
+    "square", "square_",
 }  # fmt: skip
 _ADD = {"add", "add_", "__add__", "__iadd__", "__radd__", "sub", "sub_", "__sub__", "__isub__"}
 _NORM = {
@@ -99,10 +99,9 @@ _FACTORY = {
     "ones_like", "full_like", "empty_like", "rand_like", "randn_like", "randint_like",
 }  # fmt: skip
 _CONSTANT = {"softmax", "log_softmax"}
-# norms, constants of the backward as LayerNorm's std: used as a divisor or scale
-# (ConvNeXt-V2's GRN) they get no relevance; anything that reaches them is lost (a leak,
-# reported), as with a softmax outside attention
-_SCALE = {"norm", "linalg_vector_norm"}
+# element-wise maps that keep 0 at 0 only for some arguments (see _keeps_zero): a ReLU's
+# zeros made non-zero would take relevance the ReLU's gradient then drops
+_CLAMP = {"clamp", "clamp_", "clip"}
 
 SUPPORTED = (
     "convolutions and linear layers (composite rules), BatchNorm (merged into the preceding "
@@ -281,6 +280,19 @@ def _resolve(target: str, inplace: bool) -> Callable:
     return obj
 
 
+def _keeps_zero(op: Op) -> bool:
+    """Whether a clamp or a power maps 0 to 0 (bounds that are numbers around 0, a
+    positive number as exponent): only then may relevance pass through it 1:1."""
+    if op.name == "pow":
+        e = _arg(op, 1, "exponent")
+        return isinstance(e, (int, float)) and not isinstance(e, bool) and e > 0
+    lo, hi = _arg(op, 1, "min"), _arg(op, 2, "max")
+    number = (int, float)
+    return (lo is None or (isinstance(lo, number) and lo <= 0)) and (
+        hi is None or (isinstance(hi, number) and hi >= 0)
+    )
+
+
 def _fills(op: Op) -> bool:
     """Whether a pad writes a non-zero value (its cells then take relevance, as a bias)."""
     mode = _arg(op, 2, "mode", "constant")
@@ -397,11 +409,7 @@ class Engine:
                 and all(p.index in self.constant for p in parents if self._carries(p))
                 and any(p.index in self.constant for p in parents)
             )
-            if (
-                name in _FACTORY
-                or name in _SCALE
-                or (name in _CONSTANT and not self._softmax_rule(name))
-            ):
+            if name in _FACTORY or (name in _CONSTANT and not self._softmax_rule(name)):
                 self.constant.add(op.index)
             elif derived:
                 self.constant.add(op.index)
@@ -436,10 +444,12 @@ class Engine:
                 self.plan[op.index] = ("attention", None)
             elif self._softmax_rule(name):
                 self.plan[op.index] = ("softmax", None)
-            elif name in _CONSTANT or name in _SCALE:
+            elif name in _CONSTANT:
                 self.plan[op.index] = ("constant", None)
-            elif name == "pow" and self._live_args(op, 2) == [0]:
+            elif name == "pow" and self._live_args(op, 2) == [0] and _keeps_zero(op):
                 self.plan[op.index] = ("pass", None)  # x ** 2 (StarReLU): an activation
+            elif name in _CLAMP and _keeps_zero(op):
+                self.plan[op.index] = ("pass", None)
             elif name == "addcmul" and len(self._live_args(op, 3)) == 1:
                 self.plan[op.index] = ("norm", None)  # bias + scale * x: an affine map
             elif name == "pad" and _fills(op):
@@ -550,8 +560,11 @@ class Engine:
         if kind == "pass":
             main = ins[0]
             fwd = lambda r, ins_: (r.reshape(ins_[0].shape) if r.shape == out.shape else r,)  # noqa: E731
-            if main.shape != out.shape:
-                return None
+            if main.shape != out.shape:  # (a broadcast exponent or bound)
+                raise LurkerError(
+                    f"LRP has no rule for {self._where(op)}: its output "
+                    f"{list(out.shape)} is not the shape of its input {list(main.shape)}"
+                )
             return self._apply(op, out, [main], fwd, flows, False, "pass")
         if kind == "norm":
             call = self._call(op, live, graph)
