@@ -598,42 +598,35 @@ class Engine:
             fwd = lambda r, ins_: (_softmax_relevance(ins_[0], out.detach(), r, dim),)  # noqa: E731
             # the rule linearizes softmax at its input, bias included: that share is absorbed
             return self._apply(op, out, ins[:1], fwd, flows, True, "AttnLRP softmax")
-        if kind == "layer_norm":
+        if kind in ("layer_norm", "group_norm"):
+            # the standard deviation a constant of the backward: linear in the input
             x = ins[0]
-            shape = _arg(op, 1, "normalized_shape")
             w = self._value(_arg(op, 2, "weight"), live)
             b = self._value(_arg(op, 3, "bias"), live)
             eps = _arg(op, 4, "eps", 1e-5)
-            dims = tuple(range(-len(shape), 0))
-            std = (x.detach().var(dims, unbiased=False, keepdim=True) + eps).sqrt()
+            if kind == "layer_norm":  # over the trailing normalized_shape; affine as is
+                n = len(_arg(op, 1, "normalized_shape"))
+                group: Callable[[Tensor], Tensor] = lambda v: v.flatten(-n)  # noqa: E731
+                affine: tuple[int, ...] | None = None
+            else:  # over each group of channels; weight and bias per channel
+                groups = int(_arg(op, 1, "num_groups"))
+                group = lambda v: v.reshape(v.shape[0], groups, -1)  # noqa: E731
+                affine = (1, -1) + (1,) * (x.dim() - 2)
+            std = (group(x.detach()).var(-1, unbiased=False, keepdim=True) + eps).sqrt()
 
-            def ln(v: Tensor) -> Tensor:
-                y = (v - v.mean(dims, keepdim=True)) / std
-                y = y if w is None else y * w.detach()
-                return y if b is None else y + b.detach()
-
-            absorbs = b is not None and bool(b.detach().abs().max() > 0)
-            fwd = lambda r, ins_: _vjp(ln, ins_[:1], r, p["epsilon"])  # noqa: E731
-            return self._apply(op, out, [x], fwd, flows, absorbs, "layer norm, std constant")
-        if kind == "group_norm":
-            x = ins[0]
-            groups = int(_arg(op, 1, "num_groups"))
-            w = self._value(_arg(op, 2, "weight"), live)
-            b = self._value(_arg(op, 3, "bias"), live)
-            eps = _arg(op, 4, "eps", 1e-5)
-            per = x.detach().reshape(x.shape[0], groups, -1)
-            std = (per.var(-1, unbiased=False, keepdim=True) + eps).sqrt()
-            affine = (1, -1) + (1,) * (x.dim() - 2)  # weight and bias are per channel
-
-            def gn(v: Tensor) -> Tensor:
-                g = v.reshape(v.shape[0], groups, -1)
+            def norm(v: Tensor) -> Tensor:
+                g = group(v)
                 y = ((g - g.mean(-1, keepdim=True)) / std).reshape(v.shape)
-                y = y if w is None else y * w.detach().reshape(affine)
-                return y if b is None else y + b.detach().reshape(affine)
+                if w is not None:
+                    y = y * (w.detach() if affine is None else w.detach().reshape(affine))
+                if b is not None:
+                    y = y + (b.detach() if affine is None else b.detach().reshape(affine))
+                return y
 
             absorbs = b is not None and bool(b.detach().abs().max() > 0)
-            fwd = lambda r, ins_: _vjp(gn, ins_[:1], r, p["epsilon"])  # noqa: E731
-            return self._apply(op, out, [x], fwd, flows, absorbs, "group norm, std constant")
+            fwd = lambda r, ins_: _vjp(norm, ins_[:1], r, p["epsilon"])  # noqa: E731
+            what = f"{kind.replace('_', ' ')}, std constant"
+            return self._apply(op, out, [x], fwd, flows, absorbs, what)
         if kind == "attention":
             q, k, v = (
                 self._value(_arg(op, i, n), live) for i, n in enumerate(("query", "key", "value"))
