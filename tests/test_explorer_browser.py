@@ -213,6 +213,57 @@ def test_layer_grid_unit_toggles_and_history(page: Any, explorer: dict[str, Any]
     assert graph.get_attribute("href").endswith(f"/graph?focus={info.op_label}")
 
 
+def test_unit_page_of_a_token_layer_marks_the_peak_tokens_patch(page: Any, tmp_path: Path) -> None:
+    """A ViT block's positions are tokens: no receptive field, each token stands for a
+    patch. The unit page names its crop the token's patch (not a receptive field) and marks,
+    on the full image, the patch of each entry's peak token; the class token has none."""
+    from torchvision.models import VisionTransformer
+
+    from lurker.probe import probe
+    from lurker.probe.data import load_dataset
+    from lurker.server import create_app
+    from lurker.server.serve import background
+    from lurker.store import Run
+
+    torch.manual_seed(0)
+    size, patch, layer = 16, 4, "encoder.layers.encoder_layer_0"
+    model = VisionTransformer(
+        image_size=size, patch_size=patch, num_layers=1, num_heads=2, hidden_dim=16,
+        mlp_dim=32, num_classes=10,
+    ).eval()  # fmt: skip
+    data = load_dataset("digits:test", size, channels=3)
+    out = tmp_path / "runs" / "vit"
+    meta = {"data": "digits:test"}  # so that the server finds the samples
+    probe(model, data, out=out, layers=[layer], k=6, progress=False, meta=meta).close()
+    grid = size // patch
+    with background(create_app(out, model_obj=model)) as url, Run.open(out) as run:
+        assert run.layer(layer).rf is None and run.layer(layer).layout["boxes"]
+        unit = 0
+        top = run.unit(layer, unit).top("max")
+        go(page, f"{url}#/r/vit/unit/{layer}/{unit}?tab=max&crop=0")
+        page.wait_for_selector(".top-entry")
+        images_loaded(page, ".top-entry img")
+        assert page.locator('button[data-value="1"]').inner_text() == "token's patch"
+        assert "the patch of the peak's token" in page.inner_text(".toolbar")
+        assert "receptive field" not in page.inner_text(".toolbar")
+        marks = page.locator(".top-entry").evaluate_all(
+            "es => es.map(e => { const m = e.querySelector('.peak');"
+            " return m && !m.hidden ? [m.style.top, m.style.height, m.style.left,"
+            " m.style.width].map(parseFloat) : null; })"
+        )
+        assert len(marks) == len(top)
+        for e, mark in zip(top, marks, strict=True):
+            token = e.x  # the token axis; 0 is the class token
+            if token == 0:
+                assert mark is None
+                continue
+            r, c = divmod(token - 1, grid)  # patch tokens in row-major order
+            want = [r * patch, patch, c * patch, patch]  # top, height, left, width in px
+            assert mark is not None, e.rank
+            assert [round(v * size / 100, 3) for v in mark] == want, e.rank
+        assert any(m is not None for m in marks)
+
+
 def test_a_late_page_never_renders_into_the_next(page: Any, explorer: dict[str, Any]) -> None:
     """Navigating away before a page's data arrives: the late page must not be appended."""
     base, rid = explorer["url"], explorer["id"]

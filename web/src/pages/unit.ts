@@ -12,11 +12,6 @@ type Tab = "mean" | "max" | "relevance" | "featviz";
 /** The tabs that show a top-k list. */
 type List = Exclude<Tab, "featviz">;
 
-interface Axis {
-  lo?: number[];
-  hi?: number[];
-}
-
 export async function renderUnit(root: HTMLElement, ctx: PageContext, args: string[]): Promise<void> {
   const [layer, unitArg] = args;
   const unit = Number(unitArg);
@@ -48,6 +43,21 @@ export async function renderUnit(root: HTMLElement, ctx: PageContext, args: stri
   const toggles = h("div", { class: "toolbar" });
   const gallery = h("div", { class: "topk", role: "tabpanel" });
 
+  // what a crop is: a conv's receptive field, or (tokens, which have none) the patch a
+  // token stands for; through attention a token sees more than its patch
+  const region = tokenLayer(doc.layer)
+    ? {
+        name: "token's patch",
+        peak: "the patch of the peak's token (through attention the token also sees the rest of the image)",
+        box: "the patch of the peak's token",
+        mean: "the patch of the unit's peak token in that sample",
+      }
+    : {
+        name: "receptive-field crop",
+        peak: "the part of the input the peak sees (its receptive field)",
+        box: "the peak's receptive field",
+        mean: "the receptive field of the unit's peak in that sample",
+      };
   const kind = (): EntryKind => (img === "grad" ? (crop ? "grad_crop" : "grad") : crop ? "crop" : "input");
   const sync = () => {
     params.set("tab", tab);
@@ -106,17 +116,17 @@ export async function renderUnit(root: HTMLElement, ctx: PageContext, args: stri
         img = v as "input" | "grad";
         sync();
       }),
-      seg("full or receptive-field crop", [["0", "full"], ["1", "receptive-field crop"]], crop ? "1" : "0", (v) => {
+      seg(`full or ${region.name}`, [["0", "full"], ["1", region.name]], crop ? "1" : "0", (v) => {
         crop = v === "1";
         sync();
       }),
-      h("span", { class: "muted" }, tab === "max" ? `value: the peak of the unit's map; ${crop ? "image: the part of the input the peak sees (its receptive field)" : "box: the peak's receptive field"}` : `value: the mean of the unit's map${crop ? "; image: the receptive field of the unit's peak in that sample" : ""}`),
+      h("span", { class: "muted" }, tab === "max" ? `value: the peak of the unit's map; ${crop ? `image: ${region.peak}` : `box: ${region.box}`}` : `value: the mean of the unit's map${crop ? `; image: ${region.mean}` : ""}`),
     );
     const list = tab as List;
     const entries = (list === "relevance" ? relevance : doc.top[list]) ?? [];
     fill(
       gallery,
-      entries.length ? entries.map((e) => figure(ctx, layer, unit, list, list === "relevance" ? "input" : kind(), e, tab === "max" && !crop ? doc.layer.rf : null, images.ok, shown)) : notice("This list is empty."),
+      entries.length ? entries.map((e) => figure(ctx, layer, unit, list, list === "relevance" ? "input" : kind(), e, tab === "max" && !crop, images.ok, shown)) : notice("This list is empty."),
     );
   };
   draw();
@@ -166,11 +176,21 @@ export async function renderUnit(root: HTMLElement, ctx: PageContext, args: stri
   );
 }
 
-function figure(ctx: PageContext, layer: string, unit: number, list: List, kind: EntryKind, e: TopEntry, rf: Record<string, unknown> | null, images: boolean, shown: Shown | null): HTMLElement {
+function figure(ctx: PageContext, layer: string, unit: number, list: List, kind: EntryKind, e: TopEntry, markPeak: boolean, images: boolean, shown: Shown | null): HTMLElement {
   const visual = images ? entryImage(ctx, layer, unit, list, kind, e, shown) : noImage();
   const frame = h("div", { class: "frame" }, visual);
-  const box = visual instanceof HTMLImageElement ? peakBox(rf, e) : null;
-  if (box) frame.append(h("div", { class: "peak", style: box, title: `peak at (${e.y}, ${e.x})` }));
+  if (markPeak && e.box && visual instanceof HTMLImageElement) {
+    // the box is in pixels of the image the model saw, which is the image shown
+    const mark = h("div", { class: "peak", title: `peak at (${e.y}, ${e.x})`, hidden: true });
+    const place = () => {
+      if (!visual.naturalWidth) return;
+      mark.setAttribute("style", peakBox(e.box!, visual.naturalHeight, visual.naturalWidth));
+      mark.hidden = false;
+    };
+    visual.addEventListener("load", place);
+    if (visual.complete) place();
+    frame.append(mark);
+  }
   return h(
     "figure",
     { class: "top-entry", "data-sample": e.sample_id, "data-rank": e.rank, "data-value": e.value === null ? null : String(e.value) },
@@ -219,18 +239,15 @@ function entryImage(ctx: PageContext, layer: string, unit: number, list: List, k
   return h("img", { src: ctx.api.pngUrl(p("runs", ctx.run, "layers", layer, "units", unit, list, e.rank, `${kind}.png`)), alt, "data-kind": kind });
 }
 
-/** CSS box (in % of the image) of the receptive field of the peak at (y, x). */
-function peakBox(rf: Record<string, unknown> | null, e: TopEntry): string | null {
-  if (!rf || e.y === null || e.x === null) return null;
-  const size = rf["input_size"] as number[] | undefined;
-  const ay = rf["y"] as Axis | undefined;
-  const ax = rf["x"] as Axis | undefined;
-  if (!size || !ay?.lo || !ay.hi || !ax?.lo || !ax.hi) return null;
-  const iy = Math.min(e.y, ay.lo.length - 1);
-  const ix = Math.min(e.x, ax.lo.length - 1);
-  const [H, W] = size;
+/** CSS box (in % of an H x W image) of a half-open pixel box `[y0, y1, x0, x1]`. */
+function peakBox([y0, y1, x0, x1]: number[], H: number, W: number): string {
   const pct = (v: number, n: number) => `${((100 * v) / n).toFixed(2)}%`;
-  return `top:${pct(ay.lo[iy], H)};height:${pct(ay.hi[iy] - ay.lo[iy], H)};left:${pct(ax.lo[ix], W)};width:${pct(ax.hi[ix] - ax.lo[ix], W)}`;
+  return `top:${pct(y0, H)};height:${pct(y1 - y0, H)};left:${pct(x0, W)};width:${pct(x1 - x0, W)}`;
+}
+
+/** A layer of tokens: positions map to patches (layout boxes), not to a receptive field. */
+function tokenLayer(layer: { rf?: Record<string, unknown> | null; layout?: Record<string, unknown> | null }): boolean {
+  return !layer.rf && Array.isArray(layer.layout?.["boxes"]);
 }
 
 /** What the feature visualization tab says about how its images were made. */
