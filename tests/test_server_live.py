@@ -395,3 +395,91 @@ def test_the_upload_limit_reads_no_more_than_one_chunk_past_it(
     assert [m["status"] for m in starts] == [413]
     body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
     assert "over the limit" in json.loads(body)["detail"]
+
+
+class _ChannelsLast(torch.nn.Module):
+    """A conv stem, then a linear layer on channels-last maps ``(B, H, W, C)``, as Swin
+    and ConvNeXt run theirs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 8, 4, stride=4)
+        self.mix = torch.nn.Linear(8, 6)
+        self.head = torch.nn.Linear(6, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.mix(self.stem(x).permute(0, 2, 3, 1))
+        return self.head(f.mean((1, 2)))
+
+
+def _live_client(model: torch.nn.Module, tmp_path: Any) -> Any:
+    """A probed run of ``model`` on 16 px digits (3 channels), served with the model."""
+    from lurker.probe import probe
+
+    data = load_dataset("digits:test", 16, channels=3)
+    out = tmp_path / "runs" / "r"
+    probe(model, data, out=out, k=2, progress=False, meta={"data": "digits:test"}).close()
+    return TestClient(create_app(out, model_obj=model))
+
+
+def _unit_map(client: TestClient, op: str, side: str, unit: int) -> np.ndarray:
+    got = client.get(f"/api/runs/r/live/sample-3/ops/{op}/{side}/{unit}.json")
+    assert got.status_code == 200, got.text
+    return np.asarray(got.json()["values"], np.float64)
+
+
+def test_live_maps_are_per_unit_on_every_layout(tmp_path: Any):
+    """A ViT's tokens and a channels-last linear layer: one map per unit (not per token
+    or per row), each unit's tokens placed on their patch grid; an op whose unit axis
+    lurker cannot tell says so. Oracle: forward hooks and the in-projection by hand."""
+    from torchvision.models import VisionTransformer
+
+    import lurker
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(
+        image_size=16, patch_size=4, num_layers=1, num_heads=2, hidden_dim=16, mlp_dim=32,
+        num_classes=10,
+    ).eval()  # fmt: skip
+    x = load_dataset("digits:test", 16, channels=3)[3][0][None]
+    block = "encoder.layers.encoder_layer_0"
+    seen = _hooked(vit, x, [block, f"{block}.ln_1"])
+    tokens = seen[block][1][0]  # (17, 16): the class token, then 4x4 patches row by row
+    # the attention's in-projection, seq-first (17, 1, 48) inside nn.MultiheadAttention
+    attn = vit.encoder.layers[0].self_attention
+    qkv = seen[f"{block}.ln_1"][1][0] @ attn.in_proj_weight.detach().T + attn.in_proj_bias
+    tr = lurker.trace(vit, x)
+    in_proj = next(
+        o for o in tr.ops if o.name == "linear" and o.module == f"{block}.self_attention"
+    )
+    sdpa = next(o for o in tr.ops if o.name == "scaled_dot_product_attention")
+    with _live_client(vit, tmp_path / "vit") as client:
+        info = client.get(f"/api/runs/r/live/sample-3/ops/{block}").json()
+        out = info["output"]
+        assert (out["shape"], out["channels"], out["map_shape"]) == ([1, 17, 16], 16, [4, 4])
+        assert out["unit_axis"] == 2 and "4x4 grid of image patches" in out["note"]
+        assert "token 0" in out["note"]
+        for unit in (0, 7, 15):
+            want = tokens[1:, unit].reshape(4, 4).numpy()
+            assert np.allclose(_unit_map(client, block, "output", unit), want, atol=1e-5)
+        info = client.get(f"/api/runs/r/live/sample-3/ops/{in_proj.label}").json()
+        assert info["output"]["shape"] == [17, 1, 48] and info["output"]["channels"] == 48
+        for unit in (0, 47):
+            want = qkv[1:, unit].reshape(4, 4).detach().numpy()
+            got = _unit_map(client, in_proj.label, "output", unit)
+            assert np.allclose(got, want, atol=1e-5)
+        info = client.get(f"/api/runs/r/live/sample-3/ops/{sdpa.label}").json()
+        assert info["output"]["unit_axis"] is None
+        assert "Shown as stored" in info["output"]["note"]
+
+    torch.manual_seed(0)
+    model = _ChannelsLast().eval()
+    mixed = _hooked(model, x, ["mix"])["mix"][1][0]  # (4, 4, 6)
+    with _live_client(model, tmp_path / "cl") as client:
+        info = client.get("/api/runs/r/live/sample-3/ops/mix").json()
+        out = info["output"]
+        assert (out["shape"], out["channels"], out["map_shape"]) == ([1, 4, 4, 6], 6, [4, 4])
+        assert out["unit_axis"] == 3 and out["note"] is None
+        for unit in (0, 5):
+            got = _unit_map(client, "mix", "output", unit)
+            assert np.allclose(got, mixed[:, :, unit].numpy(), atol=1e-5)

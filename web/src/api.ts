@@ -193,10 +193,21 @@ export interface LiveImage {
   height?: number;
 }
 
+/** One side (input or output) of a live op: a map per unit. */
+export interface FeatureSide {
+  shape: number[];
+  channels: number;
+  map_shape: number[];
+  /** The axis of `shape` the maps index; null: not one map per unit, or unknown. */
+  unit_axis?: number | null;
+  /** How the maps are laid out where it is not plain (tokens on a patch grid, ...). */
+  note?: string | null;
+}
+
 export interface LiveOp {
   op: string;
-  input: { shape: number[]; channels: number } | null;
-  output: { shape: number[]; channels: number };
+  input: FeatureSide | null;
+  output: FeatureSide;
   kernel: { shape: number[] } | null;
 }
 

@@ -275,6 +275,12 @@ class FeatureSide(BaseModel):
     #: ``[height, width]`` of one channel's map (see docs/explorer.md for how tensors
     #: of other ranks are laid out as maps).
     map_shape: list[int]
+    #: The axis of ``shape`` whose indices the maps are (the units); null where the
+    #: maps are not one per unit (one map of every unit's value) or lurker cannot tell.
+    unit_axis: int | None = None
+    #: How the maps are laid out where it is not plain: tokens on their patch grid, the
+    #: units side by side, or why lurker cannot tell the unit axis.
+    note: str | None = None
 
 
 class KernelInfo(BaseModel):

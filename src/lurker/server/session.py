@@ -137,6 +137,7 @@ class Session:
         self._model_error: str | None = None
         self._unit_images: Any = None
         self._trace: Trace | None = None
+        self._layouts: dict[int, Any] | None = None  # op index -> probe Layout or Skip
         self._images: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._maps: OrderedDict[tuple[str, int], tuple[Any, Any]] = OrderedDict()
         self._map_bytes = 0
@@ -512,9 +513,9 @@ class Session:
                 + listing([op.label for op in tr.ops]),
             ) from None
 
-    def op_maps(self, image_id: str, label: str) -> tuple[Any, Any, Any]:
-        """``(op, input maps or None, output maps)`` of an op for one image; maps are
-        (channels, h, w) float tensors (see :func:`as_maps`), cached per (image, op)."""
+    def op_maps(self, image_id: str, label: str) -> tuple[Any, Maps | None, Maps]:
+        """``(op, input maps or None, output maps)`` of an op for one image, one map per
+        unit (see :func:`as_maps`), cached per (image, op)."""
         op = self.op(label)
         key = (image_id, op.index)
         with self._guard:
@@ -524,19 +525,66 @@ class Session:
                 return op, hit[0], hit[1]
         x = self.live_input(image_id)
         inp, out = self._compute(op, x)
-        pair = (None if inp is None else as_maps(inp), as_maps(out))
+        in_layout, out_layout = self._side_layouts(op)
+        pair = (None if inp is None else as_maps(inp, in_layout), as_maps(out, out_layout))
         with self._guard:
             self._maps[key] = pair
-            self._map_bytes += sum(m[1].numel() * 4 for m in pair if m is not None)
+            self._map_bytes += sum(m.maps.numel() * 4 for m in pair if m is not None)
             while self._map_bytes > MAP_BUDGET and len(self._maps) > 1:
                 _, old = self._maps.popitem(last=False)
-                self._map_bytes -= sum(m[1].numel() * 4 for m in old if m is not None)
+                self._map_bytes -= sum(m.maps.numel() * 4 for m in old if m is not None)
         return op, pair[0], pair[1]
 
     def _drop_maps(self, image_id: str) -> None:
         for key in [k for k in self._maps if k[0] == image_id]:
             old = self._maps.pop(key)
-            self._map_bytes -= sum(m[1].numel() * 4 for m in old if m is not None)
+            self._map_bytes -= sum(m.maps.numel() * 4 for m in old if m is not None)
+
+    def _side_layouts(self, op: Any) -> tuple[Any, Any]:
+        """The layouts that tell the units of an op's input and output (see
+        :meth:`layout`): the input is its first tensor argument, a producer's output; a
+        convolution's input is read as the convolution reads it, channels on axis 1, so
+        that its maps pair with the kernel's input channels."""
+        from lurker.graph.nodes import OpRef, refs
+
+        tr = self.trace()
+        ref = next((r for r in refs(op) if isinstance(r, OpRef)), None)
+        producer = tr.ops[ref.index] if ref is not None else None
+        if op.kind == "output":  # the model's output: its producer's output
+            return None, self.layout(producer, ref.output) if producer is not None else None
+        conv = self.kernel_param(op) is not None
+        inp = None if producer is None or conv else self.layout(producer, ref.output)  # type: ignore[union-attr]
+        return inp, self.layout(op, 0)
+
+    def layout(self, op: Any, output: int = 0) -> Any:
+        """Which axis of an op's output holds its units, and which its positions: a probed
+        layer's layout as the run stores it (with the user's ``unit_dim``), else the one
+        :func:`lurker.probe.layout.infer_layouts` finds, worked out once for every op
+        (two extra forwards). A ``Skip`` where lurker cannot tell; None for values with no
+        layout to find (the model's inputs, buffers, an op's second output)."""
+        if op.kind != "op" or output != 0:
+            return None
+        tr = self.trace()
+        with self.model_lock:
+            if self._layouts is None:
+                self._layouts = self._find_layouts(tr)
+        return self._layouts.get(op.index)
+
+    def _find_layouts(self, tr: Trace) -> dict[int, Any]:
+        import torch
+
+        from lurker.probe.layout import Layout, Skip, infer_layouts
+
+        try:
+            with torch.no_grad():
+                found: dict[int, Any] = dict(infer_layouts(tr))
+        except LurkerError as e:
+            found = {op.index: Skip(str(e)) for op in tr.ops if op.kind == "op"}
+        index = {op.label: op.index for op in tr.ops}
+        for info in self.entry.open_run().layers:
+            if info.layout and info.op in index:
+                found[index[info.op]] = Layout.from_dict(info.layout)
+        return found
 
     def _compute(self, op: Any, x: torch.Tensor) -> tuple[Any, Any]:
         """The op's input (its first tensor argument's value) and output on ``x``."""
@@ -654,20 +702,43 @@ def _detach(value: Any) -> Any:
     return value
 
 
-def as_maps(t: Any) -> tuple[list[int], Any]:
-    """``(full shape, maps)``: a tensor as channels of 2-D maps (float32, CPU).
+@dataclass(frozen=True)
+class Maps:
+    """A tensor of one image as one 2-D map per unit (float32, CPU)."""
 
-    A leading batch axis of size 1 is dropped; then rank 0 -> one 1x1 map, rank 1 (a
-    vector) -> one 1xN map, rank 2 (C, L) -> C maps of 1xL, rank 3 (C, H, W) -> C maps of
-    HxW, higher ranks (C, H, ...) -> C maps of H x (the rest flattened).
+    shape: list[int]  # the whole tensor's, batch axis included
+    maps: Any  # (units, h, w)
+    #: the axis of ``shape`` the maps index; None where lurker cannot tell the unit axis
+    unit_axis: int | None
+    #: how the maps are laid out, where it is not plain (tokens on their patch grid, the
+    #: unit axis unknown)
+    note: str | None = None
+
+
+def as_maps(t: Any, layout: Any = None) -> Maps:
+    """One image's tensor as one 2-D map per unit.
+
+    ``layout`` (a probe ``Layout``) says which axes are the batch, the units and the
+    positions: the maps are the positions of each unit, tokens that stand for image
+    patches placed on the patch grid (a token with no patch, a class token, left out and
+    said so). Without one (the model's input, or a ``Skip``: lurker cannot tell), the
+    tensor is read as stored: a leading batch axis of size 1 is dropped; then rank 0 ->
+    one 1x1 map, rank 1 (a vector) -> one 1xN map, rank 2 (C, L) -> C maps of 1xL, rank
+    3 (C, H, W) -> C maps of HxW, higher ranks (C, H, ...) -> C maps of H x (the rest
+    flattened); a ``Skip`` adds its reason to the note.
     """
     import torch
+
+    from lurker.probe.layout import Layout
 
     shape = list(t.shape)
     v = t.detach()
     if v.is_complex():
         v = v.abs()
     v = v.to("cpu", torch.float32)
+    if isinstance(layout, Layout) and v.dim() == len(shape) and shape[layout.batch] == 1:
+        return _unit_maps(shape, v, layout)
+    axis = 1 if v.dim() >= 2 and v.shape[0] == 1 else 0
     if v.dim() >= 1 and v.shape[0] == 1:
         v = v[0]
     if v.dim() == 0:
@@ -678,7 +749,52 @@ def as_maps(t: Any) -> tuple[list[int], Any]:
         m = v.reshape(v.shape[0], 1, v.shape[1])
     else:
         m = v.reshape(v.shape[0], v.shape[1], -1)
-    return shape, m.contiguous()
+    note = None
+    reason = getattr(layout, "reason", None)  # a Skip
+    if reason:
+        note = (
+            f"{reason[:1].upper()}{reason[1:]}. Shown as stored: one map per index of axis {axis}."
+        )
+    per_index = v.dim() >= 2 and not reason  # else one map, or the axis is unknown
+    return Maps(shape, m.contiguous(), axis if per_index else None, note)
+
+
+def _unit_maps(shape: list[int], v: Any, layout: Any) -> Maps:
+    """The maps of a tensor whose layout is known: ``(units, h, w)``."""
+    u = layout.units(v)[0]  # (C, *positions), at most two positions
+    note = None
+    if u.dim() == 1:  # one value per unit: 1x1 maps would each be a flat square
+        return Maps(shape, u.reshape(1, 1, -1).contiguous(), None, _ONE_VALUE.format(u.numel()))
+    if u.dim() == 2 and layout.boxes is not None and (grid := _patch_grid(layout.boxes)):
+        order, rows, cols, left = grid
+        m = u[:, order].reshape(u.shape[0], rows, cols)
+        what = f"token{'s' if len(left) > 1 else ''} {', '.join(map(str, left))}" if left else ""
+        note = f"tokens placed on their {rows}x{cols} grid of image patches" + (
+            f"; {what} (no patch: a class token) not shown" if left else ""
+        )
+    elif u.dim() == 2:
+        m = u.reshape(u.shape[0], 1, -1)
+    else:
+        m = u
+    return Maps(shape, m.contiguous(), layout.unit, note)
+
+
+_ONE_VALUE = "its {} units have one value each (no positions): side by side in one map"
+
+
+def _patch_grid(boxes: Any) -> tuple[list[int], int, int, list[int]] | None:
+    """Tokens in row-major order of the patch grid their boxes tile, the grid's size, and
+    the tokens with no box; None where the boxes do not form one grid cell per token."""
+    cells = [(i, b) for i, b in enumerate(boxes) if b is not None]
+    if not cells:
+        return None
+    ys = sorted({b[0] for _, b in cells})
+    xs = sorted({b[2] for _, b in cells})
+    at = {(b[0], b[2]): i for i, b in cells}
+    if len(at) != len(cells) or len(cells) != len(ys) * len(xs):
+        return None
+    order = [at[(y, x)] for y in ys for x in xs]
+    return order, len(ys), len(xs), [i for i, b in enumerate(boxes) if b is None]
 
 
 def finite_range(a: np.ndarray) -> tuple[float | None, float | None]:

@@ -4,7 +4,7 @@
  * per channel loaded as it scrolls into view, and for an op with a kernel the weights
  * between a chosen (input, output) channel pair.
  */
-import { p, type Kernel, type LiveImage, type LiveOp, type RunSummary } from "../api";
+import { p, type FeatureSide, type Kernel, type LiveImage, type LiveOp, type RunSummary } from "../api";
 import type { PageContext } from "../context";
 import { append, fill, fmt, h, notice, shape } from "../dom";
 import { imagePicker } from "../picker";
@@ -175,7 +175,7 @@ async function showOp(el: HTMLElement, ctx: PageContext, image: string, op: stri
     }
   };
 
-  const grid = (side: "input" | "output", t: { shape: number[]; channels: number }) => {
+  const grid = (side: "input" | "output", t: FeatureSide) => {
     const box = h("div", { class: "fmaps", "data-side": side });
     let shown = 0;
     const more = h("button", { type: "button", class: "more" });
@@ -206,7 +206,15 @@ async function showOp(el: HTMLElement, ctx: PageContext, image: string, op: stri
     };
     more.addEventListener("click", add);
     add();
-    return h("section", { class: "card" }, h("h3", null, `${side} `, h("span", { class: "muted" }, `${shape(t.shape)} · ${t.channels} map${t.channels === 1 ? "" : "s"}`)), box, more);
+    const what = `${t.channels} map${t.channels === 1 ? "" : "s"}${t.unit_axis === null || t.unit_axis === undefined ? "" : ` (units on axis ${t.unit_axis})`} of ${t.map_shape.join("×")}`;
+    return h(
+      "section",
+      { class: "card", "data-side": side },
+      h("h3", null, `${side} `, h("span", { class: "muted" }, `${shape(t.shape)} · ${what}`)),
+      t.note ? h("p", { class: "muted small map-note" }, t.note) : null,
+      box,
+      more,
+    );
   };
 
   append(

@@ -23,7 +23,7 @@ from fastapi.responses import Response
 from ..deps import MODEL_MADE, entry, live_call, session
 from ..errors import ApiError
 from ..schemas import FeatureSide, KernelInfo, KernelValues, LiveImage, LiveOp, MapValues
-from ..session import Session, finite_range, json_values, map_png
+from ..session import Maps, Session, finite_range, json_values, map_png
 from . import json_get
 
 router = APIRouter(prefix="/api", tags=["live"])
@@ -177,12 +177,13 @@ async def input_png(request: Request, run_id: str, image: str) -> Response:
     return Response(data, media_type="image/png", headers=MODEL_MADE)
 
 
-def _side(shape: list[int], maps: object) -> FeatureSide:
-    m = maps  # (channels, h, w)
+def _side(m: Maps) -> FeatureSide:
     return FeatureSide(
-        shape=shape,
-        channels=int(m.shape[0]),  # type: ignore[attr-defined]
-        map_shape=[int(m.shape[1]), int(m.shape[2])],  # type: ignore[attr-defined]
+        shape=m.shape,
+        channels=int(m.maps.shape[0]),
+        map_shape=[int(m.maps.shape[1]), int(m.maps.shape[2])],
+        unit_axis=m.unit_axis,
+        note=m.note,
     )
 
 
@@ -206,9 +207,9 @@ def _live_op(s: Session, image: str, op: str) -> LiveOp:
         op=node.label,
         index=node.index,
         name=node.name,
-        input=None if inp is None else _side(*inp),
+        input=None if inp is None else _side(inp),
         input_op=None if ref is None or inp is None else tr.ops[ref.index].label,
-        output=_side(*out),
+        output=_side(out),
         kernel=None if kernel is None else KernelInfo(shape=list(kernel[1].shape), param=kernel[0]),
     )
 
@@ -220,7 +221,7 @@ def _channel_map(
     pair = inp if side == "input" else out
     if pair is None:
         raise ApiError(404, f"op {node.label!r} has no tensor input to show (its input: none)")
-    maps = pair[1]
+    maps = pair.maps
     if not channel < maps.shape[0]:
         raise ApiError(
             404,
