@@ -502,10 +502,14 @@ def test_unknown_ops() -> None:
         assert t.find(name)[0].index not in rfs
 
 
-def test_needs_saved_arguments() -> None:
-    t = lurker.trace(Chain([nn.Conv2d(1, 1, 3)]), torch.randn(1, 1, 8, 8), save="none")
-    with pytest.raises(LurkerError, match="save='all'"):
-        receptive_fields(t)
+def test_a_graph_read_from_json_gives_the_trace_fields() -> None:
+    """Receptive fields are a graph analysis: a run's stored graph, with no model and no
+    tensors, gives what the live trace gives."""
+    from lurker.graph import Graph
+
+    t = lurker.trace(torchvision.models.resnet18(num_classes=10).eval(), torch.randn(1, 3, 64, 64))
+    fields = receptive_fields(t)
+    assert len(fields) > 50 and receptive_fields(Graph.from_json(t.to_json())) == fields
 
 
 def test_json_round_trip_and_input_choice() -> None:
@@ -573,3 +577,23 @@ def test_tensor_arguments_are_read_by_shape_only() -> None:
             op._skel_kwargs = {k: strip(v) for k, v in (op._skel_kwargs or {}).items()}
     assert receptive_fields(t) == live
     assert all(rf.exact for rf in live.values()) and t.outputs[0].index in live
+
+
+@pytest.mark.parametrize("name", ["vgg11", "resnet18", "swin_t"])
+def test_a_trace_without_saved_activations_gives_the_same_fields_and_layouts(name: str) -> None:
+    """``save='none'`` keeps each op's public call (tensors as OpRefs), not the raw one:
+    receptive fields and the probe's unit axes read shapes through the graph and come
+    out as from a trace that saved everything (explain's traces save nothing)."""
+    from lurker.probe.layout import infer_layouts
+
+    model = getattr(torchvision.models, name)(num_classes=10).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        bare, full = lurker.trace(model, x, save="none"), lurker.trace(model, x)
+    assert all(op.activation is None for op in bare.ops if op.kind == "op")
+    fields = receptive_fields(full)
+    assert len(fields) > 25 and receptive_fields(bare) == fields
+    layouts = infer_layouts(full)
+    assert infer_layouts(bare) == layouts
+    pool = next(op for op in full.ops if op.name in ("max_pool2d", "adaptive_avg_pool2d"))
+    assert layouts[pool.index].unit == 1  # a pool keeps the channels where they are

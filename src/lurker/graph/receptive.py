@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -60,6 +61,7 @@ import numpy as np
 
 from ..errors import LurkerError
 from ..ops.catalogue import bind
+from .nodes import OpRef
 
 if TYPE_CHECKING:
     from .nodes import Op
@@ -368,18 +370,47 @@ class _Unbound(Exception):
     """A recorded call that its op's signature does not take: the op is not understood."""
 
 
+#: The graph being analysed: where a call's public arguments (tensors as OpRefs) are
+#: read, the shapes of the ops they name. Set by the module's entry points.
+_GRAPH: ContextVar[Any] = ContextVar("lurker_receptive_graph", default=None)
+
+
+@dataclass(frozen=True)
+class _Shaped:
+    """A tensor argument known by its shape only (what the handlers read of tensors)."""
+
+    shape: tuple[int, ...]
+
+
 def _args(op: Op) -> dict[str, Any]:
-    """The recorded arguments of one op by parameter name (the op catalogue's ``bind``)."""
-    if op._skel_args is None:
-        raise LurkerError(
-            f"receptive_fields needs the call arguments of {op.label} ({op.name}), but "
-            "this trace did not keep them (it saved no activation for that op). Trace "
-            "with save='all' (the default): lurker.trace(model, x)."
-        )
+    """The recorded arguments of one op by parameter name (the op catalogue's ``bind``):
+    the raw call where the trace kept it, else the public call, each tensor an OpRef
+    whose shape the graph gives (traces with ``save='none'`` keep only that)."""
+    args, kwargs = op._skel_args, op._skel_kwargs
+    if args is None:
+        graph = _GRAPH.get()
+        if graph is None:
+            raise LurkerError(
+                f"receptive_fields needs the call arguments of {op.label} ({op.name}), but "
+                "this trace did not keep them (it saved no activation for that op). Trace "
+                "with save='all' (the default): lurker.trace(model, x)."
+            )
+        args, kwargs = _shaped(op.args, graph), _shaped(op.kwargs, graph)
     try:
-        return bind(_base_name(op.name), op._skel_args, op._skel_kwargs)
+        return bind(_base_name(op.name), args, kwargs)
     except TypeError as e:
         raise _Unbound(str(e)) from None
+
+
+def _shaped(v: Any, graph: Any) -> Any:
+    """``v`` with each OpRef replaced by its output's shape (:class:`_Shaped`)."""
+    if isinstance(v, OpRef):
+        return _Shaped(tuple(graph.ops[v.index].outputs[v.output].shape))
+    if isinstance(v, dict):
+        return {k: _shaped(x, graph) for k, x in v.items()}
+    if type(v) in (tuple, list):
+        return type(v)(_shaped(x, graph) for x in v)
+    return v
 
 
 def _tensor_shape(v: Any) -> tuple[int, ...] | None:
@@ -1092,7 +1123,8 @@ def receptive_fields(
     input of shape (N, C, H, W) or (N, C, L). Ops whose outputs have no spatial dims left
     (flatten, linear, global means) get one box for the whole output. Ops of unknown
     footprint that change the spatial sizes, and everything computed from them, are
-    absent. Needs the recorded call arguments: trace with ``save='all'`` (the default).
+    absent. Reads each op's recorded call (the public ``args``/``kwargs`` where the
+    trace kept no more, as with ``save='none'``).
 
     ``global_context=False`` leaves out, where an op combines a local input with a
     position-independent one (a squeeze-excitation gate, an image-pooling branch), the
@@ -1111,6 +1143,21 @@ def receptive_fields(
     x = _Ax(nd - 1, 1, 1, 0, np.arange(hw[1]), np.arange(hw[1]))
     states: dict[tuple[int, int], _State] = {(src.index, 0): _State((y, x), True)}
     dep = {src.index}
+    token = _GRAPH.set(graph)
+    try:
+        _spread(graph, states, dep, global_context)
+    finally:
+        _GRAPH.reset(token)
+    return {i: _finish(st, hw) for (i, k), st in states.items() if k == 0}
+
+
+def _spread(
+    graph: _OpGraph,
+    states: dict[tuple[int, int], _State],
+    dep: set[int],
+    global_context: bool,
+) -> None:
+    """Carry the input's receptive-field state through every op of ``graph``."""
     for op in graph.ops:
         if op.kind not in ("op", "output"):
             continue
@@ -1129,11 +1176,10 @@ def receptive_fields(
                 st = _propagate(op, k, parents, tuple(meta.shape), global_context)
                 if st is not None:
                     states[(op.index, k)] = st
-    return {i: _finish(st, hw) for (i, k), st in states.items() if k == 0}
 
 
 def follow_axes(
-    op: Op, k: int, axes: Sequence[tuple[int, int, tuple[int, ...]]]
+    op: Op, k: int, axes: Sequence[tuple[int, int, tuple[int, ...]]], graph: Any = None
 ) -> list[tuple[int, np.ndarray] | None]:
     """Where whole parent axes go in output ``k`` of ``op``, by the same per-axis rules as
     :func:`receptive_fields` (other analyses follow an axis of their own this way: the
@@ -1144,11 +1190,22 @@ def follow_axes(
     position ``i`` along that axis reads the one parent position ``idx[i]`` (``-1``: it
     reads padding or nothing), as through elementwise ops, permutes, reshapes that keep
     the axis, slicing, flips, padding and concatenation; ``None`` where the op mixes,
-    splits or drops the axis, or is not known here.
+    splits or drops the axis, or is not known here. ``graph``: the op's graph, where the
+    trace kept only the public call (tensor arguments as OpRefs).
     """
     handler = _HANDLERS.get(_base_name(op.name))
     if handler is None:
         return [None] * len(axes)
+    token = _GRAPH.set(graph)
+    try:
+        return _follow(handler, op, k, axes)
+    finally:
+        _GRAPH.reset(token)
+
+
+def _follow(
+    handler: _Handler, op: Op, k: int, axes: Sequence[tuple[int, int, tuple[int, ...]]]
+) -> list[tuple[int, np.ndarray] | None]:
     out = tuple(op.outputs[k].shape)
     found: list[tuple[int, np.ndarray] | None] = []
     for j, axis, shape in axes:

@@ -343,7 +343,9 @@ def infer_layouts(
                     if (u := units.get((s, q))) is not None
                 ]
                 axes = (
-                    {c[0] for c in follow_axes(op, k, known) if c is not None} if known else set()
+                    {c[0] for c in follow_axes(op, k, known, trace) if c is not None}
+                    if known
+                    else set()
                 )
                 unit = (axes.pop(), "carried") if len(axes) == 1 else None
             units[(op.index, k)] = unit
@@ -369,7 +371,7 @@ def _carry_tokens(
         return None
     cands = []
     for (_, (_, src), _), c in zip(
-        known, follow_axes(op, k, [(j, t[0], sh) for j, t, sh in known])
+        known, follow_axes(op, k, [(j, t[0], sh) for j, t, sh in known], trace)
     ):
         if c is not None:
             e, idx = c
