@@ -466,6 +466,47 @@ def test_cli_explain_writes_the_overlay(tmp_path) -> None:
     assert r.exit_code == 2 and "cannot read image" in r.output, r.output
 
 
+def test_cli_unit_dim(tmp_path) -> None:
+    """`--unit-dim` names the unit axis of a unit target's layer: a ViT block's tokens,
+    as the Python API's UnitTarget(..., unit_dim=1) reads them; a layer lurker cannot read
+    is refused with a message that names the option."""
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from lurker.cli import main
+    from lurker.explain.cli import load_image
+
+    spec = tmp_path / "vit.py"
+    spec.write_text(
+        "import torch\nfrom torchvision.models import VisionTransformer\n\n\n"
+        "def build():\n    torch.manual_seed(0)\n    return VisionTransformer(16, 4, 1, 2, 16, "
+        "32, num_classes=10)\n"
+    )
+    img = tmp_path / "x.png"
+    Image.fromarray((torch.rand(20, 20, 3) * 255).byte().numpy(), "RGB").save(img)
+    out = tmp_path / "heat.png"
+    args = ["explain", f"{spec}:build", "--image", str(img), "--image-size", "16", "-o", str(out)]
+    block = "encoder.layers.encoder_layer_0"
+    r = CliRunner().invoke(main, [*args, "-t", f"{block}:1", "--unit-dim", "1"])
+    assert r.exit_code == 0, r.output
+    import importlib.util
+
+    mod = importlib.util.spec_from_file_location("vit_spec", spec)
+    assert mod is not None and mod.loader is not None
+    vit_mod = importlib.util.module_from_spec(mod)
+    mod.loader.exec_module(vit_mod)
+    x, shown = load_image(img, 16, 3)
+    e = lurker.explain(
+        vit_mod.build().eval(), x, lurker.explain.UnitTarget(block, 1, unit_dim=1), "saliency"
+    )
+    assert Image.open(out).tobytes() == e.overlay(0, image=shown, alpha=0.6).tobytes()
+    r = CliRunner().invoke(main, [*args, "-t", "3", "--unit-dim", "1"])
+    assert r.exit_code == 2 and "needs a unit --target" in r.output, r.output
+    r = CliRunner().invoke(main, [*args, "-t", "scaled_dot_product_attention_1:0"])
+    assert r.exit_code == 2 and "cannot tell which axis" in r.output, r.output
+    assert "--unit-dim" in r.output
+
+
 def test_cli_target_parsing() -> None:
     from lurker.explain.cli import parse_target
 

@@ -574,3 +574,102 @@ def test_maps_that_do_not_keep_zero_or_shape_are_refused(late) -> None:
 
     with pytest.raises(LurkerError, match="no rule for"):
         lurker.explain(M().eval(), torch.randn(2, 6), method="lrp", composite="epsilon")
+
+
+class ChannelsLast(nn.Module):
+    """A CNN whose middle layer runs on channels-last maps ``(B, H, W, C)`` (ConvNeXt's
+    and Swin's MLPs): its units are on the last axis."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.act = nn.ReLU()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.act2 = nn.ReLU()
+        self.mix = nn.Linear(8, 6)
+        self.act3 = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Linear(6, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.act2(self.conv(self.act(self.stem(x)))).permute(0, 2, 3, 1)
+        f = self.act3(self.mix(f)).permute(0, 3, 1, 2)
+        return self.head(self.pool(f).flatten(1))
+
+
+def test_concepts_of_a_channels_last_layer_are_its_units() -> None:
+    """Concept relevance ranks a channels-last layer's units (its last axis), not its rows:
+    the conditional heatmaps equal Zennit's LRP with the gradient masked to unit u on the
+    last axis, and the units' relevances are the layer's relevance summed per unit."""
+    torch.manual_seed(3)
+    m = ChannelsLast().eval()
+    x = torch.randn(1, 3, 8, 8)
+    c = lurker.explain.concepts(
+        m, x, target=2, layer="mix", units=[0, 5], composite="epsilon_plus_flat", epsilon=1e-9
+    )
+    kept: list[torch.Tensor] = []
+    for j, u in enumerate([0, 5]):
+
+        def mask(mod, i, o, u=u):
+            keep = torch.zeros_like(o)
+            keep[..., u] = 1
+            o.register_hook(lambda g: kept.append(g.detach()) or g * keep)
+
+        h = m.mix.register_forward_hook(mask)
+        try:
+            comp = EpsilonPlusFlat(epsilon=1e-9)
+            with Gradient(model=m, composite=comp) as attr:
+                _, ref = attr(x, lambda out: nn.functional.one_hot(torch.tensor([2]), 10) * out)
+        finally:
+            h.remove()
+        assert rel_err(c.heatmaps[0, j], ref[0]) < 1e-4
+    # the relevance arriving at the layer (what flows backward in Zennit: its rules hand
+    # on input x modified gradient), summed per unit over the 8x8 positions
+    assert rel_err(c.relevance[0], kept[0][0].sum((0, 1))) < 1e-4
+    assert c.relevance.shape == (1, 6)
+
+
+def test_unit_targets_name_units_on_any_layout() -> None:
+    """A unit target on a ViT block is a unit (the last axis of its tokens), not a token;
+    its LRP starts from that unit alone. A layer whose units lurker cannot locate is
+    refused with the reason unless unit_dim names the axis."""
+    from torchvision.models import VisionTransformer
+
+    from lurker.explain import UnitTarget
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(
+        image_size=16, patch_size=4, num_layers=1, num_heads=2, hidden_dim=16, mlp_dim=32,
+        num_classes=10,
+    ).eval()  # fmt: skip
+    x = torch.randn(1, 3, 16, 16)
+    block, unit = "encoder.layers.encoder_layer_0", 5
+    got = lurker.explain(vit, x, target=(block, unit), method="saliency").attribution
+    # oracle: autograd of the unit's mean over the tokens, read with a forward hook
+    seen: dict[str, torch.Tensor] = {}
+    h = dict(vit.named_modules())[block].register_forward_hook(
+        lambda mod, i, o: seen.__setitem__("out", o)
+    )
+    xi = x.clone().requires_grad_(True)
+    try:
+        vit(xi)
+    finally:
+        h.remove()
+    (grad,) = torch.autograd.grad(seen["out"][0, :, unit].mean(), xi, retain_graph=True)
+    assert torch.allclose(got, grad.abs(), atol=1e-7)  # saliency: the gradient's magnitude
+    rel = lurker.explain(vit, x, target=(block, unit), method="lrp", composite="epsilon")
+    eng = Engine(vit, x, "epsilon")
+    r, _ = eng.run(x, (block, unit), record=[block])
+    arriving = r.recorded[block]  # the relevance the block's output starts with
+    assert arriving[0, :, unit].abs().sum() > 0
+    assert arriving[0, :, [u for u in range(16) if u != unit]].abs().sum() == 0
+    assert rel.attribution.shape == x.shape
+    sdpa = next(
+        o.label for o in lurker.trace(vit, x).ops if o.name == "scaled_dot_product_attention"
+    )
+    with pytest.raises(LurkerError, match=r"cannot tell which axis.*unit_dim"):
+        lurker.explain(vit, x, target=(sdpa, 0), method="saliency")
+    # unit_dim names the axis: here the tokens, so "unit" 1 is the first patch token
+    named = lurker.explain(vit, x, target=UnitTarget(block, 1, unit_dim=1), method="saliency")
+    (grad,) = torch.autograd.grad(seen["out"][0, 1, :].mean(), xi)
+    assert torch.allclose(named.attribution, grad.abs(), atol=1e-7)

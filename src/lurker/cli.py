@@ -7,6 +7,7 @@ paragraph without a traceback; set ``LURKER_DEBUG=1`` to see the traceback as we
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 import sys
@@ -593,6 +594,14 @@ Examples:
 )
 @click.option("--layer", default=None, help="Grad-CAM's layer (module path or trace label).")
 @click.option(
+    "--unit-dim",
+    type=int,
+    default=None,
+    metavar="AXIS",
+    help="For a unit --target on a layer whose unit axis lurker cannot tell: the axis of its "
+    "output that holds the units (counting the batch axis).",
+)
+@click.option(
     "--option",
     "options",
     multiple=True,
@@ -624,6 +633,7 @@ def explain(
     method: str,
     target: str,
     layer: str | None,
+    unit_dim: int | None,
     options: tuple[str, ...],
     mean: str | None,
     std: str | None,
@@ -654,6 +664,13 @@ def explain(
     if layer is not None:
         opts["layer"] = layer
     goal = parse_target(target)
+    if unit_dim is not None:
+        if not isinstance(goal, explain_pkg.UnitTarget):
+            raise click.BadParameter(
+                "--unit-dim says where a layer's units are: it needs a unit --target LAYER:CHANNEL",
+                param_hint="'--unit-dim'",
+            )
+        goal = dataclasses.replace(goal, unit_dim=unit_dim)
     if evaluate_ and isinstance(goal, explain_pkg.UnitTarget):
         raise click.BadParameter(
             "deletion and insertion follow a class's probability: --evaluate needs a class "

@@ -46,7 +46,7 @@ from torch import Tensor, nn
 from ..errors import LurkerError
 from ..graph.nodes import Op, OpRef, ParamRef
 from .base import Explanation, Method, register
-from .targets import UnitTarget, parse_target
+from .targets import UnitTarget, by_unit, check_unit, parse_target, unit_layout
 
 __all__ = ["ATTENTION_RULES", "COMPOSITES", "LRP", "Relevance", "lrp_relevance"]
 
@@ -327,6 +327,7 @@ class Engine:
                 "softmax rule, relevance to queries and keys)"
             )
         self.attention_rule = attention
+        self._layouts: dict[str, Any] = {}  # unit_layout's cache for this trace
 
         self.model = model
         from ..errors import TraceError
@@ -738,7 +739,7 @@ class Engine:
         if unit_op is not None:
             assert isinstance(parsed, UnitTarget)
             act = live[unit_op.index]
-            r0 = _unit_relevance(act, parsed)
+            r0 = _unit_relevance(act, parsed, self.layout(parsed.layer, parsed.unit_dim))
             score_t = act
         else:
             if not isinstance(output, Tensor) or output.dim() != 2:
@@ -776,6 +777,10 @@ class Engine:
             },
         )
         return rel, parsed
+
+    def layout(self, layer: str, unit_dim: int | None = None) -> Any:
+        """Which axis of ``layer``'s output holds its units (see :func:`unit_layout`)."""
+        return unit_layout(self.trace, layer, unit_dim, self._layouts)
 
     def _one_op(self, key: str, merged: bool = True) -> Op:
         from ..errors import OpKeyError
@@ -869,23 +874,23 @@ def _attention_weights(q: Tensor, k: Tensor, mask: Any, causal: bool, scale: Any
     return scores.softmax(-1)
 
 
-def _unit_relevance(act: Tensor, u: UnitTarget) -> Tensor:
-    if act.dim() < 2 or u.channel >= act.shape[1]:
-        n = act.shape[1] if act.dim() >= 2 else 0
-        raise LurkerError(
-            f"unit target {u}: channel {u.channel} is out of range; {u.layer} has {n} channels"
-        )
+def _unit_relevance(act: Tensor, u: UnitTarget, layout: Any) -> Tensor:
+    """The starting relevance of a unit target: its activation where the score reads it
+    (its mean over positions, or one position), laid out as the layer's output."""
+    if act.dim() < 2:
+        raise LurkerError(f"unit target {u}: {u.layer}'s output {tuple(act.shape)} has no units")
     r = torch.zeros_like(act)
-    a = act.detach()
+    a, rv = by_unit(act.detach(), layout), by_unit(r, layout)  # (B, C, *positions) views
+    check_unit(u, a.shape[1])
     if u.y is None:
         per = a[:, u.channel]
-        r[:, u.channel] = per / max(per[0].numel(), 1)
+        rv[:, u.channel] = per / max(per[0].numel(), 1)
     else:
         if a.dim() != 4 or u.y >= a.shape[2] or u.x is None or u.x >= a.shape[3]:
             raise LurkerError(
-                f"unit target {u}: position outside {u.layer}'s output {tuple(a.shape)}"
+                f"unit target {u}: position outside {u.layer}'s output {tuple(act.shape)}"
             )
-        r[:, u.channel, u.y, u.x] = a[:, u.channel, u.y, u.x]
+        rv[:, u.channel, u.y, u.x] = a[:, u.channel, u.y, u.x]
     return r
 
 

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from ..errors import LurkerError
 from .base import check_input, no_param_grads, untouched
 from .lrp import Engine, _warn_leaks
-from .targets import UnitTarget
+from .targets import UnitTarget, by_unit
 
 __all__ = ["Concepts", "concepts"]
 
@@ -67,13 +67,17 @@ def concepts(
     units: list[int] | None = None,
     batch_size: int = 16,
     tolerance: float = 1e-3,
+    unit_dim: int | None = None,
     **params: Any,
 ) -> Concepts:
-    """Rank ``layer``'s units (channels, dimension 1 of its output) by their relevance for
-    ``target`` and give each of the ``top`` units (or the given ``units``) its conditional
-    heatmap. ``layer``: a module path or trace label; ``composite`` and ``params``
-    (``epsilon``, ``stabilizer``, ``gamma``, ``low``, ``high``) as for ``method="lrp"``.
-    The model is left as it was (hooks, ``requires_grad``), however this exits.
+    """Rank ``layer``'s units by their relevance for ``target`` and give each of the
+    ``top`` units (or the given ``units``) its conditional heatmap. ``layer``: a module
+    path or trace label; its units are on the axis the probe finds for it (channels of a
+    convolution, the last axis of tokens or channels-last maps; see
+    :func:`~lurker.explain.targets.unit_layout`), or on ``unit_dim`` (counting the batch
+    axis) for a layer lurker cannot read. ``composite`` and ``params`` (``epsilon``,
+    ``stabilizer``, ``gamma``, ``low``, ``high``) as for ``method="lrp"``. The model is
+    left as it was (hooks, ``requires_grad``), however this exits.
     """
     x = check_input(model, x, "concepts")
     if not layer:
@@ -93,7 +97,9 @@ def concepts(
         at = rel.layer
         if at.dim() < 2:
             raise LurkerError(f"layer {layer!r} has output {tuple(at.shape)}: no channels to rank")
-        per = at.reshape(at.shape[0], at.shape[1], -1).sum(2)  # (B, C)
+        layout = eng.layout(layer, unit_dim)
+        by = by_unit(at, layout)  # (B, C, *positions)
+        per = by.reshape(by.shape[0], by.shape[1], -1).sum(2)  # (B, C)
         C = per.shape[1]
         if units is not None:
             bad = [u for u in units if not 0 <= u < C]
@@ -110,9 +116,10 @@ def concepts(
         heat = []
         for s in range(0, B * k, batch_size):
             r, c = rows[s : s + batch_size], chans[s : s + batch_size]
-            mask = torch.zeros(len(r), C, device=x.device, dtype=at.dtype)
-            mask[torch.arange(len(r)), c] = 1
-            mask = mask.reshape(len(r), C, *([1] * (at.dim() - 2)))
+            shape = list(at.shape)
+            shape[layout.batch] = len(r)
+            mask = torch.zeros(shape, device=x.device, dtype=at.dtype)
+            by_unit(mask, layout)[torch.arange(len(r)), c] = 1  # the unit's every position
             t = tgt if isinstance(tgt, UnitTarget) else [tgt[int(i)] for i in r]
             part, _ = eng.run(x[r], t, at=layer, mask=mask)
             heat.append(part.input)

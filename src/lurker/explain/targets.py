@@ -5,7 +5,11 @@
 ``(layer, channel, y, x)`` with ``layer`` a module path (``"features.3"``) or a trace
 label (``"relu_4"``, ``"add_2"``: functional ops too, which no module hook reaches). A
 unit's score is its activation at ``(y, x)``, or its spatial mean without a position
-(the value the probe ranks units by); layer outputs are read as ``(B, C, ...)``.
+(the value the probe ranks units by). Which axis of a layer's output holds its units is
+the probe's layout of that op (:func:`unit_layout`): channels after the batch for
+convolutions, the last axis for linear layers and norms on tokens or channels-last maps,
+sequence-first tensors inside attention; a layer whose units lurker cannot locate is
+refused with the reason, unless ``unit_dim`` names the axis.
 
 :class:`Forward` turns the target into one differentiable score per batch row, and taps
 other layers' outputs on the way (Grad-CAM). A module path is tapped with a forward hook
@@ -26,17 +30,22 @@ from torch import Tensor, nn
 
 from ..errors import LurkerError
 
-__all__ = ["Forward", "Scored", "UnitTarget", "parse_target"]
+__all__ = ["Forward", "Scored", "UnitTarget", "by_unit", "parse_target", "unit_layout"]
 
 
 @dataclass(frozen=True)
 class UnitTarget:
-    """One unit: ``channel`` of ``layer``'s output, at ``(y, x)`` or spatially averaged."""
+    """One unit: ``channel`` of ``layer``'s output, at ``(y, x)`` or spatially averaged.
+
+    ``unit_dim``: the axis of the layer's output (counting the batch axis, which is then
+    axis 0) that holds the units, for a layer whose layout lurker cannot tell.
+    """
 
     layer: str
     channel: int
     y: int | None = None
     x: int | None = None
+    unit_dim: int | None = None
 
     def __str__(self) -> str:
         at = "" if self.y is None else f":{self.y}:{self.x}"
@@ -91,6 +100,69 @@ _TARGET_HELP = (
 )
 
 
+def check_unit(u: UnitTarget, channels: int) -> None:
+    if u.channel >= channels:
+        raise LurkerError(
+            f"unit target {u}: channel {u.channel} is out of range; {u.layer} has "
+            f"{channels} channels (0 to {channels - 1})"
+        )
+
+
+def unit_layout(
+    trace: Any, layer: str, unit_dim: int | None = None, cache: dict[str, Any] | None = None
+) -> Any:
+    """Where ``layer``'s output holds its batch, units and positions: the probe's layout of
+    the op a hook on ``layer`` reaches (:func:`lurker.probe.layout.infer_layouts`, two
+    replays of ``trace`` at larger batches, kept in ``cache`` for the next layer of the
+    same trace), or the user's ``unit_dim`` (batch on axis 0). Refused with the reason
+    where lurker cannot tell: reading another axis as the units would explain something
+    else without a word."""
+    from ..probe.layout import Layout, infer_layouts
+
+    op = trace.hook_ops(layer)[0]
+    nd = len(op.outputs[0].shape) if op.outputs else 0
+    if unit_dim is not None:
+        if not (isinstance(unit_dim, int) and -nd <= unit_dim < nd and unit_dim % nd != 0):
+            raise LurkerError(
+                f"unit_dim={unit_dim!r} does not name a unit axis of {layer!r}'s output "
+                f"{list(op.outputs[0].shape) if op.outputs else []}: an int from 1 to {nd - 1} "
+                "(axis 0 is the batch) or negative from the end"
+            )
+        u = unit_dim % nd
+        return Layout(0, u, tuple(d for d in range(1, nd) if d != u), "unit_dim")
+    cache = {} if cache is None else cache
+    if "all" not in cache:
+        try:
+            cache["all"] = infer_layouts(trace)
+        except LurkerError as e:
+            cache["all"] = e
+    found = cache["all"]
+    shape = list(op.outputs[0].shape) if op.outputs else []
+    fix = (
+        "name the axis that holds the units with unit_dim= (counting the batch axis; "
+        "`lurker explain --unit-dim`)"
+    )
+    if isinstance(found, LurkerError):
+        raise LurkerError(
+            f"lurker cannot tell which axis of {layer!r}'s output {shape} holds the units: "
+            f"{found} Or {fix}."
+        )
+    lay = found.get(op.index)
+    if isinstance(lay, Layout):
+        return lay
+    why = lay.reason if lay is not None else f"it is a {op.kind}, not an op's output"
+    raise LurkerError(
+        f"lurker cannot tell which axis of {layer!r}'s output {shape} holds the units ({why}); "
+        f"{fix}, or target a layer whose units it can read (a block's output)."
+    )
+
+
+def by_unit(t: Tensor, layout: Any) -> Tensor:
+    """``t`` (a layer's output, or what has its shape) as ``(B, C, *positions)``: a view,
+    so writing into it writes into ``t``."""
+    return t.permute(layout.batch, layout.unit, *layout.positions)
+
+
 def _check_class(v: int) -> None:
     if v < 0:
         raise LurkerError(f"target class {v} is negative; class indices start at 0")
@@ -135,6 +207,18 @@ class Forward:
         self.taps = list(dict.fromkeys(taps))
         for name in self.taps:
             self._check_layer(name)
+        self._unit_layout: Any = None
+        if self.unit is not None:
+            self._unit_layout = unit_layout(self._traced(), self.unit.layer, self.unit.unit_dim)
+
+    def _traced(self) -> Any:
+        """The model's trace on one row of ``x`` (made once, when a label or a unit needs it)."""
+        if self._trace is None:
+            from ..capture import settled_trace
+
+            with torch.no_grad():
+                self._trace = settled_trace(self.model, self.x[:1], save="none")
+        return self._trace
 
     # ------------------------------------------------------------------ layers
     def _check_layer(self, name: str) -> None:
@@ -142,14 +226,10 @@ class Forward:
             raise LurkerError(f"a layer is a module path or trace label (a string); got {name!r}")
         if name in self._modules:
             return
-        from ..capture import settled_trace as _trace
         from ..errors import OpKeyError
 
-        if self._trace is None:
-            with torch.no_grad():
-                self._trace = _trace(self.model, self.x[:1], save="none")
         try:
-            self._trace.hook_ops(name)
+            self._traced().hook_ops(name)
         except OpKeyError as e:
             names = [*self._modules, *self._trace.keys()]
             close = difflib.get_close_matches(name, [n for n in names if n], n=5)
@@ -221,18 +301,15 @@ class Forward:
             raise LurkerError(
                 f"unit target {u}: the layer's output {tuple(act.shape)} has no channels"
             )
-        if u.channel >= act.shape[1]:
-            raise LurkerError(
-                f"unit target {u}: channel {u.channel} is out of range; {u.layer} has "
-                f"{act.shape[1]} channels (0 to {act.shape[1] - 1})"
-            )
-        a = act[:, u.channel]
+        units = by_unit(act, self._unit_layout)
+        check_unit(u, units.shape[1])
+        a = units[:, u.channel]
         if u.y is None:
             return a.reshape(a.shape[0], -1).mean(1)
         if a.dim() != 3:
             raise LurkerError(
-                f"unit target {u}: a position (y, x) needs a (B, C, H, W) output; "
-                f"{u.layer} gives {tuple(act.shape)}"
+                f"unit target {u}: a position (y, x) needs two position axes (a map); "
+                f"{u.layer} gives {tuple(act.shape)}, whose units have {a.dim() - 1}"
             )
         if not (u.y < a.shape[1] and u.x is not None and u.x < a.shape[2]):
             raise LurkerError(
