@@ -119,6 +119,37 @@ def test_trace_label_and_functional_op_targets(digits):
     assert torch.allclose(fv.activations, want, rtol=1e-4, atol=1e-6)
 
 
+def test_units_of_a_token_layer_without_a_run():
+    """Without a run, a ViT block's units are its last axis (as the probe reads them), not
+    its tokens: each image's activation is its unit's mean over the tokens, by a forward
+    hook; unit_dim names another axis (here the tokens)."""
+    from torchvision.models import VisionTransformer
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(16, 4, 1, 2, 16, 32, num_classes=10).eval()
+    block = "encoder.layers.encoder_layer_0"
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+
+    def block_out(images: torch.Tensor) -> torch.Tensor:
+        seen = []
+        h = dict(vit.named_modules())[block].register_forward_hook(lambda m, i, o: seen.append(o))
+        try:
+            with torch.no_grad():
+                vit((images - mean) / std)
+        finally:
+            h.remove()
+        return seen[0]
+
+    units = [3, 15]
+    fv = lurker.featviz(vit, block, units=units, steps=4, size=16, transforms=False)
+    out = block_out(fv.images)  # (2, 17, 16): tokens, then units
+    want = torch.stack([out[i, :, u].mean() for i, u in enumerate(units)])
+    assert torch.allclose(fv.activations, want, rtol=1e-4, atol=1e-6)
+    fv = lurker.featviz(vit, block, units=[1], steps=2, size=16, transforms=False, unit_dim=1)
+    assert torch.allclose(fv.activations, block_out(fv.images)[0, 1].mean(), rtol=1e-4, atol=1e-6)
+
+
 def test_direction_and_neuron_objectives(digits):
     model, _ = digits
     kw = dict(steps=8, size=16, seed=1)

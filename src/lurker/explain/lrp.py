@@ -46,7 +46,7 @@ from torch import Tensor, nn
 from ..errors import LurkerError
 from ..graph.nodes import Op, OpRef, ParamRef
 from .base import Explanation, Method, register
-from .targets import UnitTarget, by_unit, check_unit, parse_target, unit_layout
+from .targets import UnitTarget, by_unit, check_unit, parse_target
 
 __all__ = ["ATTENTION_RULES", "COMPOSITES", "LRP", "Relevance", "lrp_relevance"]
 
@@ -779,8 +779,11 @@ class Engine:
         return rel, parsed
 
     def layout(self, layer: str, unit_dim: int | None = None) -> Any:
-        """Which axis of ``layer``'s output holds its units (see :func:`unit_layout`)."""
-        return unit_layout(self.trace, layer, unit_dim, self._layouts)
+        """Which axis of ``layer``'s output holds its units (see
+        :func:`lurker.probe.layout.layer_layout`)."""
+        from ..probe.layout import layer_layout  # (probe imports explain's guided ReLU)
+
+        return layer_layout(self.trace, layer, unit_dim, self._layouts)
 
     def _one_op(self, key: str, merged: bool = True) -> Op:
         from ..errors import OpKeyError

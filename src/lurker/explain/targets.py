@@ -6,10 +6,10 @@
 label (``"relu_4"``, ``"add_2"``: functional ops too, which no module hook reaches). A
 unit's score is its activation at ``(y, x)``, or its spatial mean without a position
 (the value the probe ranks units by). Which axis of a layer's output holds its units is
-the probe's layout of that op (:func:`unit_layout`): channels after the batch for
-convolutions, the last axis for linear layers and norms on tokens or channels-last maps,
-sequence-first tensors inside attention; a layer whose units lurker cannot locate is
-refused with the reason, unless ``unit_dim`` names the axis.
+the probe's layout of that op (:func:`lurker.probe.layout.layer_layout`): channels after
+the batch for convolutions, the last axis for linear layers and norms on tokens or
+channels-last maps, sequence-first tensors inside attention; a layer whose units lurker
+cannot locate is refused with the reason, unless ``unit_dim`` names the axis.
 
 :class:`Forward` turns the target into one differentiable score per batch row, and taps
 other layers' outputs on the way (Grad-CAM). A module path is tapped with a forward hook
@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from ..errors import LurkerError
 
-__all__ = ["Forward", "Scored", "UnitTarget", "by_unit", "parse_target", "unit_layout"]
+__all__ = ["Forward", "Scored", "UnitTarget", "by_unit", "parse_target"]
 
 
 @dataclass(frozen=True)
@@ -108,55 +108,6 @@ def check_unit(u: UnitTarget, channels: int) -> None:
         )
 
 
-def unit_layout(
-    trace: Any, layer: str, unit_dim: int | None = None, cache: dict[str, Any] | None = None
-) -> Any:
-    """Where ``layer``'s output holds its batch, units and positions: the probe's layout of
-    the op a hook on ``layer`` reaches (:func:`lurker.probe.layout.infer_layouts`, two
-    replays of ``trace`` at larger batches, kept in ``cache`` for the next layer of the
-    same trace), or the user's ``unit_dim`` (batch on axis 0). Refused with the reason
-    where lurker cannot tell: reading another axis as the units would explain something
-    else without a word."""
-    from ..probe.layout import Layout, infer_layouts
-
-    op = trace.hook_ops(layer)[0]
-    nd = len(op.outputs[0].shape) if op.outputs else 0
-    if unit_dim is not None:
-        if not (isinstance(unit_dim, int) and -nd <= unit_dim < nd and unit_dim % nd != 0):
-            raise LurkerError(
-                f"unit_dim={unit_dim!r} does not name a unit axis of {layer!r}'s output "
-                f"{list(op.outputs[0].shape) if op.outputs else []}: an int from 1 to {nd - 1} "
-                "(axis 0 is the batch) or negative from the end"
-            )
-        u = unit_dim % nd
-        return Layout(0, u, tuple(d for d in range(1, nd) if d != u), "unit_dim")
-    cache = {} if cache is None else cache
-    if "all" not in cache:
-        try:
-            cache["all"] = infer_layouts(trace)
-        except LurkerError as e:
-            cache["all"] = e
-    found = cache["all"]
-    shape = list(op.outputs[0].shape) if op.outputs else []
-    fix = (
-        "name the axis that holds the units with unit_dim= (counting the batch axis; "
-        "`lurker explain --unit-dim`)"
-    )
-    if isinstance(found, LurkerError):
-        raise LurkerError(
-            f"lurker cannot tell which axis of {layer!r}'s output {shape} holds the units: "
-            f"{found} Or {fix}."
-        )
-    lay = found.get(op.index)
-    if isinstance(lay, Layout):
-        return lay
-    why = lay.reason if lay is not None else f"it is a {op.kind}, not an op's output"
-    raise LurkerError(
-        f"lurker cannot tell which axis of {layer!r}'s output {shape} holds the units ({why}); "
-        f"{fix}, or target a layer whose units it can read (a block's output)."
-    )
-
-
 def by_unit(t: Tensor, layout: Any) -> Tensor:
     """``t`` (a layer's output, or what has its shape) as ``(B, C, *positions)``: a view,
     so writing into it writes into ``t``."""
@@ -209,7 +160,9 @@ class Forward:
             self._check_layer(name)
         self._unit_layout: Any = None
         if self.unit is not None:
-            self._unit_layout = unit_layout(self._traced(), self.unit.layer, self.unit.unit_dim)
+            from ..probe.layout import layer_layout  # (probe imports explain's guided ReLU)
+
+            self._unit_layout = layer_layout(self._traced(), self.unit.layer, self.unit.unit_dim)
 
     def _traced(self) -> Any:
         """The model's trace on one row of ``x`` (made once, when a label or a unit needs it)."""

@@ -129,6 +129,7 @@ def featviz(
     max_memory: float | str | None = "auto",
     device: str | torch.device | None = None,
     progress: Callable[[int, int], None] | None = None,
+    unit_dim: int | None = None,
 ) -> FeatViz:
     """Optimize images that excite ``units`` of ``layer``; see docs/featviz.md.
 
@@ -160,11 +161,20 @@ def featviz(
             the free memory, or None (the whole layer at once).
         device: where to optimize (default: where the model is).
         progress: called as ``progress(images_done, images_total)`` after each chunk.
+        unit_dim: without ``run``, the layer's units are on the axis lurker finds for it
+            (as the probe does: the channels of a convolution, the last axis of tokens or
+            channels-last maps); for a layer it cannot read, name the axis here (counting
+            the batch axis).
     """
     cfg = _Config.make(
         model, layer, units, objective, steps, size, channels, lr, param, images_per_unit,
         diversity, position, directions, mean, std, run, batch_size, max_memory, device,
     )  # fmt: skip
+    if cfg.layout is not None and unit_dim is not None:
+        raise LurkerError(
+            "unit_dim= is for a layer without a run: with run=, the run's layout of the "
+            "layer says where its units are"
+        )
     tf = Transforms.standard(max(cfg.height, cfg.width)) if transforms else Transforms.none()
     with _evaluating(model) as dev:
         dev = torch.device(device) if device is not None else dev
@@ -172,7 +182,7 @@ def featviz(
             model.to(dev)
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
         x0 = torch.full((1, cfg.channels, cfg.height, cfg.width), 0.5, dtype=dtype, device=dev)
-        tap = _Tap(model, cfg.target, x0, cfg.layout, cfg.layer)
+        tap = _Tap(model, cfg.target, x0, cfg.layout, cfg.layer, unit_dim)
         scorer = _Scorer.make(cfg, tap, x0, tf)
         count = len(scorer.rows)
         n = cfg.images_per_unit
@@ -226,7 +236,7 @@ def featviz(
 class _Config:
     layer: str  # the name results are stored under (the run's layer name, or as given)
     target: str  # what is tapped: a module path or a trace label
-    layout: Any  # the run's layout record of the layer, or None: (B, C, ...)
+    layout: Any  # the run's layout record of the layer, or None (found from the model)
     units: list[int] | None
     objective: str
     steps: int
@@ -457,32 +467,47 @@ class _Tap:
     so functional ops (``add_2``, ``relu_4``) work too.
     """
 
-    def __init__(self, model: nn.Module, target: str, x0: Tensor, layout: Any, name: str):
+    def __init__(
+        self,
+        model: nn.Module,
+        target: str,
+        x0: Tensor,
+        layout: Any,
+        name: str,
+        unit_dim: int | None = None,
+    ):
         self.model = model
         self.target = target
         self.layout = layout
         self.name = name
         self.module = dict(model.named_modules()).get(target)
         self.trace: Any = None
-        if self.module is None:
-            from ..capture import trace
+        if self.module is not None and layout is not None:
+            return  # a module hook reads it, the run says where its units are
+        from ..capture import trace
 
-            with torch.no_grad():
-                try:
-                    self.trace = trace(model, x0, save="none")
-                except LurkerError as e:
-                    raise LurkerError(
-                        f"the model does not run on a {tuple(x0.shape[1:])} image: {e}. Pass "
-                        "the channels and size it takes (channels=, size=)"
-                    ) from e
+        with torch.no_grad():
             try:
-                self.trace.hooks({target: lambda op, out: None})
-            except OpKeyError as e:
+                traced = trace(model, x0, save="none")
+            except LurkerError as e:
                 raise LurkerError(
-                    f"layer {name!r} is not in {type(model).__name__}: name a module path "
-                    "(model.named_modules()) or a trace label (lurker.trace(model, x) lists "
-                    f"them). {e}"
+                    f"the model does not run on a {tuple(x0.shape[1:])} image: {e}. Pass "
+                    "the channels and size it takes (channels=, size=)"
                 ) from e
+        try:
+            traced.hooks({target: lambda op, out: None})
+        except OpKeyError as e:
+            raise LurkerError(
+                f"layer {name!r} is not in {type(model).__name__}: name a module path "
+                "(model.named_modules()) or a trace label (lurker.trace(model, x) lists "
+                f"them). {e}"
+            ) from e
+        if layout is None:  # no run: where its units are, as the probe would find them
+            from ..probe.layout import layer_layout
+
+            self.layout = layer_layout(traced, target, unit_dim)
+        if self.module is None:
+            self.trace = traced
 
     def __call__(self, x: Tensor) -> Tensor:
         grabbed: list[Tensor] = []

@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from ..capture.trace import Trace
     from ..graph.nodes import Op
 
-__all__ = ["Layout", "Skip", "as_units", "infer_layouts", "position_box"]
+__all__ = ["Layout", "Skip", "as_units", "infer_layouts", "layer_layout", "position_box"]
 
 _CONV = {
     f"{p}{n}d" for p in ("conv", "conv_transpose") for n in (1, 2, 3)
@@ -400,6 +400,54 @@ def _merge_boxes(cands: list[np.ndarray]) -> np.ndarray | None:
             return None
         out = np.where((have_c & ~have_out)[:, None], c, out)
     return out
+
+
+def layer_layout(
+    trace: Any, layer: str, unit_dim: int | None = None, cache: dict[str, Any] | None = None
+) -> Any:
+    """Where ``layer`` (a module path, op label or rolled label: what ``trace.hooks``
+    takes) holds its batch, units and positions: :func:`infer_layouts` of the op a hook
+    on ``layer`` reaches (two replays of ``trace`` at larger batches, kept in ``cache``
+    for the next layer of the same trace), or the user's ``unit_dim`` (batch on axis 0).
+    Refused with the reason where lurker cannot tell: reading another axis as the units
+    would give numbers about something else without a word (explain's unit targets and
+    concept relevance, feature visualization without a run)."""
+    op = trace.hook_ops(layer)[0]
+    nd = len(op.outputs[0].shape) if op.outputs else 0
+    if unit_dim is not None:
+        if not (isinstance(unit_dim, int) and -nd <= unit_dim < nd and unit_dim % nd != 0):
+            raise LurkerError(
+                f"unit_dim={unit_dim!r} does not name a unit axis of {layer!r}'s output "
+                f"{list(op.outputs[0].shape) if op.outputs else []}: an int from 1 to {nd - 1} "
+                "(axis 0 is the batch) or negative from the end"
+            )
+        u = unit_dim % nd
+        return Layout(0, u, tuple(d for d in range(1, nd) if d != u), "unit_dim")
+    cache = {} if cache is None else cache
+    if "all" not in cache:
+        try:
+            cache["all"] = infer_layouts(trace)
+        except LurkerError as e:
+            cache["all"] = e
+    found = cache["all"]
+    shape = list(op.outputs[0].shape) if op.outputs else []
+    fix = (
+        "name the axis that holds the units with unit_dim= (counting the batch axis; "
+        "--unit-dim on the command line)"
+    )
+    if isinstance(found, LurkerError):
+        raise LurkerError(
+            f"lurker cannot tell which axis of {layer!r}'s output {shape} holds the units: "
+            f"{found} Or {fix}."
+        )
+    lay = found.get(op.index)
+    if isinstance(lay, Layout):
+        return lay
+    why = lay.reason if lay is not None else f"it is a {op.kind}, not an op's output"
+    raise LurkerError(
+        f"lurker cannot tell which axis of {layer!r}'s output {shape} holds the units ({why}); "
+        f"{fix}, or target a layer whose units it can read (a block's output)."
+    )
 
 
 def check_unit_dim(unit_dim: Any) -> None:
