@@ -225,6 +225,61 @@ def test_gradcam_at_a_functional_op_equals_autograd() -> None:
     close(e.layer_attribution, cam.detach())
 
 
+def _hooked_grad(model: nn.Module, x: torch.Tensor, module: str, cls: int) -> tuple:
+    """A module's output and the gradient of class ``cls``'s logit with respect to it."""
+    seen: list[torch.Tensor] = []
+    h = dict(model.named_modules())[module].register_forward_hook(lambda m, i, o: seen.append(o))
+    try:
+        out = model(x)
+    finally:
+        h.remove()
+    (g,) = torch.autograd.grad(out[:, cls].sum(), seen[0])
+    return seen[0].detach(), g
+
+
+def _cam(A: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Grad-CAM on (B, C, H, W) maps, by its definition."""
+    return (g.mean((2, 3), keepdim=True) * A).sum(1, keepdim=True).clamp(min=0)
+
+
+def test_gradcam_on_tokens_and_channels_last_maps() -> None:
+    """A ViT's tokens placed on their patch grid (the class token left out) and a
+    channels-last (B, H, W, C) map with its channels as units: Grad-CAM equals its
+    definition on the layer's output rearranged by hand, as pytorch-grad-cam's reshape
+    transforms do; by default a ViT is explained at its last map of tokens."""
+    from torchvision.models import VisionTransformer
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(16, 4, 2, 2, 16, 32, num_classes=10).eval()
+    x = torch.randn(2, 3, 16, 16)
+    grid = lambda t: t[:, 1:].reshape(2, 4, 4, 16).permute(0, 3, 1, 2)  # noqa: E731
+    for layer in ("encoder.layers.encoder_layer_0", None):
+        e = lurker.explain(vit, x, target=[3, 7], method="gradcam", layer=layer)
+        module = layer or "encoder.ln"  # the default: the last map of tokens
+        A, g = (torch.cat(t) for t in zip(*(_hooked_grad(vit, x[i : i + 1], module, c)
+                                               for i, c in enumerate([3, 7]))))  # fmt: skip
+        assert torch.allclose(e.layer_attribution, _cam(grid(A), grid(g)), atol=1e-6)
+        assert e.attribution.shape == x.shape
+
+    class ChannelsLast(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Conv2d(3, 8, 3, padding=1)
+            self.mix = nn.Linear(8, 6)
+            self.head = nn.Linear(6, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.relu(self.mix(self.stem(x).permute(0, 2, 3, 1))).mean((1, 2)))
+
+    m = ChannelsLast().eval()
+    x = torch.randn(1, 3, 8, 8)
+    e = lurker.explain(m, x, target=2, method="gradcam", layer="mix")
+    A, g = _hooked_grad(m, x, "mix", 2)  # (1, 8, 8, 6): units last
+    assert torch.allclose(
+        e.layer_attribution, _cam(A.permute(0, 3, 1, 2), g.permute(0, 3, 1, 2)), atol=1e-6
+    )
+
+
 def test_gradcam_plus_plus_equals_brute_force(digits, xd) -> None:
     e = lurker.explain(digits, xd, target=[4, 4, 6], method="gradcam_plus_plus", layer="features.8")
     acts: dict = {}

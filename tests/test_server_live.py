@@ -483,3 +483,43 @@ def test_live_maps_are_per_unit_on_every_layout(tmp_path: Any):
         for unit in (0, 5):
             got = _unit_map(client, "mix", "output", unit)
             assert np.allclose(got, mixed[:, :, unit].numpy(), atol=1e-5)
+
+
+def test_explain_page_of_a_vit_run_offers_its_blocks(tmp_path: Any):
+    """On a ViT run the Explain page's layers (Grad-CAM, concept relevance) are the layers
+    whose units make maps, blocks of patch tokens included (not only the patch embedding),
+    and Grad-CAM and concept relevance at a block answer: the Grad-CAM map is the token
+    grid's, 4x4 for 16 px and 4 px patches, equal to the library's."""
+    from torchvision.models import VisionTransformer
+
+    import lurker
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(16, 4, 1, 2, 16, 32, num_classes=10).eval()
+    torch.nn.init.normal_(vit.heads.head.weight)  # torchvision starts it at zero: no signal
+    with _live_client(vit, tmp_path) as client:
+        doc = client.get("/api/runs/r/explain/methods").json()
+        runs_layers = client.get("/api/runs/r").json()["layers"]
+        assert doc["layers"] == [layer["name"] for layer in runs_layers]  # all make maps
+        block = doc["default_layer"]
+        assert block == doc["layers"][-1] and block.startswith("encoder.layers.encoder_layer_0")
+        r = client.get(f"/api/runs/r/live/sample-3/explain/gradcam?target=3&layer={block}")
+        assert r.status_code == 200, r.text
+        x = load_dataset("digits:test", 16, channels=3)[3][0][None]
+        want = lurker.explain(vit, x, target=3, method="gradcam", layer=block)
+        assert r.json()["max"] == pytest.approx(float(want.attribution.max()), rel=1e-5)
+        r = client.get(f"/api/runs/r/live/sample-3/explain/concepts?target=3&layer={block}&top=4")
+        assert r.status_code == 200, r.text
+        ranked = r.json()
+        assert len(ranked["units"]) == 4
+        # the layer's units (its 32 hidden features, the last axis), by the library's ranking
+        c = lurker.explain.concepts(vit, x, target=3, layer=_module_of(client, block), top=4)
+        assert [u["unit"] for u in ranked["units"]] == c.units[0].tolist()
+        assert ranked["units"][0]["relevance"] == pytest.approx(
+            float(c.unit_relevance[0, 0]), rel=1e-4
+        )
+
+
+def _module_of(client: TestClient, layer: str) -> str:
+    info = next(x for x in client.get("/api/runs/r").json()["layers"] if x["name"] == layer)
+    return info["module"] or info["op"]

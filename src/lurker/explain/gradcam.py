@@ -3,10 +3,14 @@ al., 2018, arXiv:1710.11063) at any layer.
 
 The layer is a module path or a trace label, so a functional op with no module (the
 ``add`` of a residual block, a ``relu`` called as ``F.relu``) works too: its output and
-the gradient of the target with respect to it come from the trace's hook API. The map,
-``relu(sum_k w_k A_k)`` at the layer's resolution, is kept as ``layer_attribution`` and
-upsampled to the input as ``attribution`` (repeated over the input's channels, so it has
-the input's shape).
+the gradient of the target with respect to it come from the trace's hook API. The layer
+is read as a map of units by the probe's layout of it (:func:`lurker.probe.layout.
+layer_layout`): ``(B, C, H, W)`` convolutions as they are, channels-last ``(B, H, W, C)``
+maps (Swin, ConvNeXt blocks) with the channels as units, and a ViT's tokens placed on
+their grid of image patches (the class token left out), as pytorch-grad-cam's reshape
+transforms do by hand. The map, ``relu(sum_k w_k A_k)`` at the layer's resolution, is
+kept as ``layer_attribution`` and upsampled to the input as ``attribution`` (repeated over
+the input's channels, so it has the input's shape).
 """
 
 from __future__ import annotations
@@ -23,21 +27,32 @@ from .targets import Forward
 
 
 def default_layer(model: nn.Module, x: Tensor) -> str:
-    """The last op with a spatial ``(B, C, H, W)`` output larger than 1x1: where the
-    Grad-CAM paper looks (the last convolutional feature map)."""
-    from ..capture import trace
+    """The last op whose units make a map larger than 1x1 (two position axes, or tokens on
+    a patch grid): where the Grad-CAM paper looks (the last convolutional feature map), and
+    a ViT's last block."""
+    from ..capture import settled_trace
+    from ..probe.layout import Layout, infer_layouts
 
     with torch.no_grad():
-        tr = trace(model, x[:1], save="none")
+        tr = settled_trace(model, x[:1], save="none")
+    try:
+        layouts = infer_layouts(tr)
+    except LurkerError:
+        layouts = {}
     best = None
     for op in tr.compute_ops:
+        lay = layouts.get(op.index)
         shape = op.shape
-        if shape is not None and len(shape) == 4 and shape[2] * shape[3] > 1:
+        if not isinstance(lay, Layout) or shape is None:
+            continue
+        hw = lay.map_shape(shape)
+        if hw is not None and hw[0] * hw[1] > 1:
             best = op
     if best is None:
         raise LurkerError(
-            "Grad-CAM needs a layer with a (B, C, H, W) output and this model has none; "
-            "pass layer= (a module path or trace label)"
+            "Grad-CAM needs a layer whose units make a map (a (B, C, H, W) output, a "
+            "channels-last one, or tokens of image patches) and lurker found none in this "
+            "model; pass layer= (a module path or trace label)"
         )
     return best.label
 
@@ -45,19 +60,43 @@ def default_layer(model: nn.Module, x: Tensor) -> str:
 def layer_and_grad(
     model: nn.Module, x: Tensor, target: Any, layer: str
 ) -> tuple[Tensor, Tensor, Forward, Tensor | None]:
-    """The layer's output ``A`` and ``d score / d A`` (one backward for the batch)."""
+    """The layer's output ``A`` and ``d score / d A`` (one backward for the batch), both
+    as ``(B, C, h, w)`` maps of units (see :func:`as_map`)."""
     fw = Forward(model, x, target, layers=[layer])
     xi = x.clone().requires_grad_(True)  # the graph reaches A even with frozen weights
     scored = fw(xi)
     A = scored.layers[layer]
-    if A.dim() != 4:
-        raise LurkerError(
-            f"Grad-CAM needs a (B, C, H, W) layer output; {layer!r} gives {tuple(A.shape)}"
-        )
+    layout = _layout(fw, layer, A)
     (g,) = torch.autograd.grad(scored.score.sum(), A, allow_unused=True)
     if g is None:
         raise LurkerError(f"the target does not depend on layer {layer!r} (it runs after it?)")
-    return A.detach(), g, fw, scored.output
+    return as_map(A.detach(), layout, layer), as_map(g, layout, layer), fw, scored.output
+
+
+def _layout(fw: Forward, layer: str, A: Tensor) -> Any:
+    """The layer's layout, found on the trace the forward already made (or makes now)."""
+    from ..probe.layout import layer_layout  # (probe imports explain's guided ReLU)
+
+    return layer_layout(fw._traced(), layer)
+
+
+def as_map(t: Tensor, layout: Any, layer: str) -> Tensor:
+    """A layer's output (or its gradient) as ``(B, C, h, w)``: units first, positions as
+    the map; tokens of image patches on their patch grid, the tokens with no patch left
+    out."""
+    u = t.permute(layout.batch, layout.unit, *layout.positions)
+    if u.dim() == 4:
+        return u
+    grid = layout.patch_grid() if u.dim() == 3 else None
+    if grid is None:
+        raise LurkerError(
+            f"Grad-CAM needs a layer whose units make a map: {layer!r} gives "
+            f"{tuple(t.shape)}, with units on axis {layout.unit} and "
+            f"{len(layout.positions)} position axes that are not an image's rows and columns"
+            " (nor tokens of image patches)"
+        )
+    order, rows, cols, _ = grid
+    return u[:, :, order].reshape(u.shape[0], u.shape[1], rows, cols)
 
 
 def upsample(cam: Tensor, x: Tensor, mode: str) -> Tensor:

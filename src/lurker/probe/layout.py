@@ -81,6 +81,32 @@ class Layout:
             and len(self.positions) <= 2
         )
 
+    def patch_grid(self) -> tuple[list[int], int, int, list[int]] | None:
+        """For tokens that stand for image patches: the tokens in row-major order of the
+        patch grid their boxes tile, the grid's rows and columns, and the tokens with no
+        patch (a class token); None where the boxes are not one grid cell per token."""
+        if self.boxes is None:
+            return None
+        cells = [(i, b) for i, b in enumerate(self.boxes) if b is not None]
+        if not cells:
+            return None
+        ys = sorted({b[0] for _, b in cells})
+        xs = sorted({b[2] for _, b in cells})
+        at = {(b[0], b[2]): i for i, b in cells}
+        if len(at) != len(cells) or len(cells) != len(ys) * len(xs):
+            return None
+        order = [at[(y, x)] for y in ys for x in xs]
+        return order, len(ys), len(xs), [i for i, b in enumerate(self.boxes) if b is None]
+
+    def map_shape(self, shape: Any) -> tuple[int, int] | None:
+        """``(h, w)`` of the map each unit makes in an output of ``shape`` (batch axis
+        included): its two position axes, or the patch grid of its tokens; None where its
+        positions are not an image's rows and columns."""
+        if len(self.positions) == 2:
+            return int(shape[self.positions[0]]), int(shape[self.positions[1]])
+        grid = self.patch_grid() if len(self.positions) == 1 else None
+        return (grid[1], grid[2]) if grid is not None else None
+
     def units(self, t: Tensor) -> Tensor:
         """``t`` as ``(B, C)``, ``(B, C, L)`` or ``(B, C, H, W)``: what UnitStats takes."""
         if self.identity:

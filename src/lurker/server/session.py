@@ -765,7 +765,7 @@ def _unit_maps(shape: list[int], v: Any, layout: Any) -> Maps:
     note = None
     if u.dim() == 1:  # one value per unit: 1x1 maps would each be a flat square
         return Maps(shape, u.reshape(1, 1, -1).contiguous(), None, _ONE_VALUE.format(u.numel()))
-    if u.dim() == 2 and layout.boxes is not None and (grid := _patch_grid(layout.boxes)):
+    if u.dim() == 2 and (grid := layout.patch_grid()):
         order, rows, cols, left = grid
         m = u[:, order].reshape(u.shape[0], rows, cols)
         what = f"token{'s' if len(left) > 1 else ''} {', '.join(map(str, left))}" if left else ""
@@ -780,21 +780,6 @@ def _unit_maps(shape: list[int], v: Any, layout: Any) -> Maps:
 
 
 _ONE_VALUE = "its {} units have one value each (no positions): side by side in one map"
-
-
-def _patch_grid(boxes: Any) -> tuple[list[int], int, int, list[int]] | None:
-    """Tokens in row-major order of the patch grid their boxes tile, the grid's size, and
-    the tokens with no box; None where the boxes do not form one grid cell per token."""
-    cells = [(i, b) for i, b in enumerate(boxes) if b is not None]
-    if not cells:
-        return None
-    ys = sorted({b[0] for _, b in cells})
-    xs = sorted({b[2] for _, b in cells})
-    at = {(b[0], b[2]): i for i, b in cells}
-    if len(at) != len(cells) or len(cells) != len(ys) * len(xs):
-        return None
-    order = [at[(y, x)] for y in ys for x in xs]
-    return order, len(ys), len(xs), [i for i, b in enumerate(boxes) if b is None]
 
 
 def finite_range(a: np.ndarray) -> tuple[float | None, float | None]:

@@ -127,12 +127,26 @@ def _needs_layer(cls: Any) -> bool:
 
 
 def _spatial_layers(s: Session) -> list[str]:
+    """The run's layers whose units make maps larger than 1x1 (by their layouts: channels
+    of a conv, channels-last maps, tokens of image patches): Grad-CAM's and concept
+    relevance's choices."""
+    from lurker.probe.layout import Layout
+
     run = s.entry.open_run()
-    return [
-        info.name
-        for info in run.layers
-        if info.shape is not None and len(info.shape) == 3 and info.shape[1] * info.shape[2] > 1
-    ]
+    out = []
+    for info in run.layers:
+        if info.shape is None:
+            continue
+        shape = list(info.shape)  # stored without the batch axis
+        if info.layout:
+            lay = Layout.from_dict(info.layout)
+            shape.insert(lay.batch, 1)  # the layout's axes count it
+            hw = lay.map_shape(shape)
+        else:  # a run from before layouts: (C, H, W) as the probe then read it
+            hw = (shape[1], shape[2]) if len(shape) == 3 else None
+        if hw is not None and hw[0] * hw[1] > 1:
+            out.append(info.name)
+    return out
 
 
 def _default_layer(s: Session, target: str, before: bool = False) -> str | None:
