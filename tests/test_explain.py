@@ -246,20 +246,27 @@ def test_gradcam_on_tokens_and_channels_last_maps() -> None:
     """A ViT's tokens placed on their patch grid (the class token left out) and a
     channels-last (B, H, W, C) map with its channels as units: Grad-CAM equals its
     definition on the layer's output rearranged by hand, as pytorch-grad-cam's reshape
-    transforms do; by default a ViT is explained at its last map of tokens."""
+    transforms do. By default a ViT whose head reads the class token is explained at the
+    last map the target reaches (before the last attention): after it the map is zero."""
     from torchvision.models import VisionTransformer
 
     torch.manual_seed(0)
     vit = VisionTransformer(16, 4, 2, 2, 16, 32, num_classes=10).eval()
+    nn.init.normal_(vit.heads.head.weight)  # torchvision starts it at zero: no gradient
     x = torch.randn(2, 3, 16, 16)
     grid = lambda t: t[:, 1:].reshape(2, 4, 4, 16).permute(0, 3, 1, 2)  # noqa: E731
-    for layer in ("encoder.layers.encoder_layer_0", None):
-        e = lurker.explain(vit, x, target=[3, 7], method="gradcam", layer=layer)
-        module = layer or "encoder.ln"  # the default: the last map of tokens
+    for module in ("encoder.layers.encoder_layer_0", "encoder.layers.encoder_layer_1.ln_1"):
+        e = lurker.explain(vit, x, target=[3, 7], method="gradcam", layer=module, relu=False)
         A, g = (torch.cat(t) for t in zip(*(_hooked_grad(vit, x[i : i + 1], module, c)
                                                for i, c in enumerate([3, 7]))))  # fmt: skip
-        assert torch.allclose(e.layer_attribution, _cam(grid(A), grid(g)), atol=1e-6)
+        want = (g_ := grid(g)).mean((2, 3), keepdim=True).mul(grid(A)).sum(1, keepdim=True)
+        assert want.abs().amax() > 1e-3 and g_.abs().amax() > 0  # a map that can be wrong
+        assert torch.allclose(e.layer_attribution, want, atol=1e-6)
         assert e.attribution.shape == x.shape
+    e = lurker.explain(vit, x, target=[3, 7], method="gradcam")
+    assert e.layer_attribution.abs().amax() > 0
+    later = lurker.explain(vit, x, target=[3, 7], method="gradcam", layer="encoder.ln")
+    assert later.layer_attribution.abs().amax() == 0  # why the default is not the last map
 
     class ChannelsLast(nn.Module):
         def __init__(self) -> None:
@@ -587,3 +594,54 @@ def test_guided_backprop_of_a_unit_equals_the_probes_unit_images(digits, xd, lay
     peak = unit_gradients(tr, op, xd, [5] * 3, "max", [(1, 2)] * 3)
     e = lurker.explain(digits, xd, target=(layer, 5, 1, 2), method="guided_backprop")
     close(e.attribution, peak, 1e-9)
+
+
+def test_unit_targets_on_sequence_first_and_fixed_batch_models() -> None:
+    """unit_dim names the unit axis, and the batch axis is still found: an LSTM's
+    sequence-first (T, B, H) output, unit u of row b is out[:, b, u]. A model that runs
+    only at its traced batch size (a fixed reshape) keeps its conv units and Grad-CAM:
+    the batch is taken as axis 0 where it cannot be found. Oracle: autograd by hand."""
+
+    class SeqFirst(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lstm = nn.LSTM(4, 5)
+            self.head = nn.Linear(5, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, 4)
+            out, _ = self.lstm(x.transpose(0, 1))  # (T, B, 5)
+            return self.head(out[-1])
+
+    torch.manual_seed(0)
+    m = SeqFirst().eval()
+    x = torch.randn(2, 6, 4)
+    label = next(o.label for o in lurker.trace(m, x).ops if o.name == "lstm")
+    target = lurker.explain.UnitTarget(label, 2, unit_dim=2)
+    got = lurker.explain(m, x, target=target, method="saliency").attribution
+    xi = x.clone().requires_grad_(True)
+    out, _ = m.lstm(xi.transpose(0, 1))
+    for b in range(2):
+        (g,) = torch.autograd.grad(out[:, b, 2].mean(), xi, retain_graph=True)
+        assert torch.allclose(got[b], g[b].abs(), atol=1e-7)
+
+    class FixedBatch(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.head = nn.Linear(4 * 6 * 6, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.relu(self.conv(x)).view(1, -1))  # batch 1 only
+
+    net = FixedBatch().eval()
+    x = torch.randn(1, 3, 8, 8)
+    got = lurker.explain(net, x, target=("conv", 1), method="saliency").attribution
+    xi = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(net.conv(xi)[:, 1].mean(), xi)
+    assert torch.allclose(got, g.abs(), atol=1e-7)
+    e = lurker.explain(net, x, target=2, method="gradcam")  # default layer: the conv's relu
+    with torch.no_grad():
+        R = torch.relu(net.conv(x))
+    R.requires_grad_(True)
+    (g,) = torch.autograd.grad(net.head(R.view(1, -1))[0, 2], R)
+    assert torch.allclose(e.layer_attribution, _cam(R.detach(), g), atol=1e-6)

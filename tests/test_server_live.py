@@ -523,3 +523,57 @@ def test_explain_page_of_a_vit_run_offers_its_blocks(tmp_path: Any):
 def _module_of(client: TestClient, layer: str) -> str:
     info = next(x for x in client.get("/api/runs/r").json()["layers"] if x["name"] == layer)
     return info["module"] or info["op"]
+
+
+class _SecondOutput(torch.nn.Module):
+    """An op fed by the second output of a chunk, on channels-last maps."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 8, 4, stride=4)
+        self.head = torch.nn.Linear(4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.stem(x).permute(0, 2, 3, 1).chunk(2, -1)
+        return self.head((b * a).mean((1, 2)))
+
+
+def test_live_maps_of_a_second_output_say_they_are_shown_as_stored(tmp_path: Any):
+    """lurker finds the layout of an op's first output only: a map of a second output is
+    shown as stored and says so, never labelled as units."""
+    torch.manual_seed(0)
+    with _live_client(_SecondOutput().eval(), tmp_path) as client:
+        info = client.get("/api/runs/r/live/sample-3/ops/mul_1").json()
+        assert info["input"]["unit_axis"] is None
+        assert "output 1 of chunk_1" in info["input"]["note"]
+        assert info["output"]["unit_axis"] == 3 and info["output"]["note"] is None
+
+
+def test_the_explorer_explains_the_probes_unit(tmp_path: Any):
+    """A layer probed with unit_dim (here a ViT block's tokens as its units): the explorer's
+    unit LAYER:3 is the run's unit 3 (token 3), as the library's UnitTarget with that axis
+    explains it, not feature 3."""
+    from torchvision.models import VisionTransformer
+
+    import lurker
+    from lurker.probe import probe
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(16, 4, 1, 2, 16, 32, num_classes=10).eval()
+    block = "encoder.layers.encoder_layer_0"
+    data = load_dataset("digits:test", 16, channels=3)
+    out = tmp_path / "runs" / "r"
+    meta = {"data": "digits:test"}
+    probe(
+        vit, data, out=out, layers=[block], unit_dim={block: 1}, k=2, progress=False, meta=meta
+    ).close()
+    x = data[3][0][None]
+    token = lurker.explain(vit, x, lurker.explain.UnitTarget(block, 3, unit_dim=1), "saliency")
+    feature = lurker.explain(vit, x, (block, 3), "saliency")
+    token, feature = token.heatmap(0), feature.heatmap(0)  # what the server keeps
+    assert not torch.allclose(token, feature)
+    with TestClient(create_app(out, model_obj=vit)) as client:
+        r = client.get(f"/api/runs/r/live/sample-3/explain/saliency?target={block}:3")
+        assert r.status_code == 200, r.text
+        assert r.json()["max"] == pytest.approx(float(token.max()), rel=1e-5)
+        assert r.json()["sum"] == pytest.approx(float(token.sum()), rel=1e-4)

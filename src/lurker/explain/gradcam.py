@@ -25,36 +25,54 @@ from ..errors import LurkerError
 from .base import Explanation, Method, register
 from .targets import Forward
 
+#: how many of the last map layers the default layer is chosen among
+_CANDIDATES = 24
 
-def default_layer(model: nn.Module, x: Tensor) -> str:
+
+def default_layer(model: nn.Module, x: Tensor, target: Any = None) -> str:
     """The last op whose units make a map larger than 1x1 (two position axes, or tokens on
-    a patch grid): where the Grad-CAM paper looks (the last convolutional feature map), and
-    a ViT's last block."""
+    a patch grid) and whose map the target depends on: where the Grad-CAM paper looks (the
+    last convolutional feature map). In a ViT whose head reads only the class token, the
+    patch tokens after the last attention do not reach the target (their gradient is 0),
+    so the map is taken before it, as pytorch-grad-cam advises by hand."""
     from ..capture import settled_trace
-    from ..probe.layout import Layout, infer_layouts
+    from ..probe.layout import Layout, cached_layouts
 
     with torch.no_grad():
         tr = settled_trace(model, x[:1], save="none")
-    try:
-        layouts = infer_layouts(tr)
-    except LurkerError:
-        layouts = {}
-    best = None
+    layouts = cached_layouts(tr)
+    maps = []
     for op in tr.compute_ops:
         lay = layouts.get(op.index)
-        shape = op.shape
-        if not isinstance(lay, Layout) or shape is None:
-            continue
-        hw = lay.map_shape(shape)
-        if hw is not None and hw[0] * hw[1] > 1:
-            best = op
-    if best is None:
+        hw = lay.map_shape(op.shape) if isinstance(lay, Layout) and op.shape else None
+        if hw is not None and hw[0] * hw[1] > 1 and op.seq >= 0:
+            maps.append(op.label)
+    if not maps:
         raise LurkerError(
             "Grad-CAM needs a layer whose units make a map (a (B, C, H, W) output, a "
             "channels-last one, or tokens of image patches) and lurker found none in this "
             "model; pass layer= (a module path or trace label)"
         )
-    return best.label
+    last = maps[-_CANDIDATES:]
+
+    def reaches(name: str) -> bool:  # one forward and backward
+        try:
+            _, g, _, _ = layer_and_grad(model, x, target, name)
+        except LurkerError:
+            return False
+        return bool(g.abs().amax() > 0)
+
+    if reaches(last[-1]):  # a CNN: its last map
+        return last[-1]
+    # the maps the target reaches come first, those it does not after (after a ViT's last
+    # attention): the last it reaches, by bisection
+    lo, hi = 0, len(last) - 1
+    if not reaches(last[lo]):
+        return maps[-1]  # it reaches none of them: the last map shows that (zeros)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if reaches(last[mid]) else (lo, mid)
+    return last[lo]
 
 
 def layer_and_grad(
@@ -77,7 +95,9 @@ def _layout(fw: Forward, layer: str, A: Tensor) -> Any:
     """The layer's layout, found on the trace the forward already made (or makes now)."""
     from ..probe.layout import layer_layout  # (probe imports explain's guided ReLU)
 
-    return layer_layout(fw._traced(), layer)
+    return layer_layout(
+        fw._traced(), layer, hint="pass another layer= (one whose units make a map)"
+    )
 
 
 def as_map(t: Tensor, layout: Any, layer: str) -> Tensor:
@@ -144,7 +164,7 @@ class _CAM(Method):
         interpolate: str = "bilinear",
     ) -> Explanation:
         if layer is None:
-            layer = default_layer(model, x)
+            layer = default_layer(model, x, target)
         A, g, fw, out = layer_and_grad(model, x, target, layer)
         cam = (type(self).weigh(A, g) * A).sum(1, keepdim=True)
         if relu:

@@ -46,7 +46,7 @@ from torch import Tensor, nn
 from ..errors import LurkerError
 from ..graph.nodes import Op, OpRef, ParamRef
 from .base import Explanation, Method, register
-from .targets import UnitTarget, by_unit, check_unit, parse_target
+from .targets import UNIT_HINT, UnitTarget, by_unit, check_unit, parse_target
 
 __all__ = ["ATTENTION_RULES", "COMPOSITES", "LRP", "Relevance", "lrp_relevance"]
 
@@ -739,7 +739,7 @@ class Engine:
         if unit_op is not None:
             assert isinstance(parsed, UnitTarget)
             act = live[unit_op.index]
-            r0 = _unit_relevance(act, parsed, self.layout(parsed.layer, parsed.unit_dim))
+            r0 = _unit_relevance(act, parsed, self.layout(parsed.layer, parsed.unit_dim, UNIT_HINT))
             score_t = act
         else:
             if not isinstance(output, Tensor) or output.dim() != 2:
@@ -778,12 +778,17 @@ class Engine:
         )
         return rel, parsed
 
-    def layout(self, layer: str, unit_dim: int | None = None) -> Any:
+    def layout(
+        self,
+        layer: str,
+        unit_dim: int | None = None,
+        hint: str = "name the axis with unit_dim= (counting the batch axis)",
+    ) -> Any:
         """Which axis of ``layer``'s output holds its units (see
         :func:`lurker.probe.layout.layer_layout`)."""
         from ..probe.layout import layer_layout  # (probe imports explain's guided ReLU)
 
-        return layer_layout(self.trace, layer, unit_dim, self._layouts)
+        return layer_layout(self.trace, layer, unit_dim, self._layouts, hint=hint)
 
     def _one_op(self, key: str, merged: bool = True) -> Op:
         from ..errors import OpKeyError

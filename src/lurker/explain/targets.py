@@ -37,8 +37,8 @@ __all__ = ["Forward", "Scored", "UnitTarget", "by_unit", "parse_target"]
 class UnitTarget:
     """One unit: ``channel`` of ``layer``'s output, at ``(y, x)`` or spatially averaged.
 
-    ``unit_dim``: the axis of the layer's output (counting the batch axis, which is then
-    axis 0) that holds the units, for a layer whose layout lurker cannot tell.
+    ``unit_dim``: the axis of the layer's output (counting the batch axis) that holds the
+    units, for a layer whose layout lurker cannot tell (its batch axis is still found).
     """
 
     layer: str
@@ -97,6 +97,13 @@ def parse_target(target: Any, batch: int) -> list[int] | UnitTarget | None:
 _TARGET_HELP = (
     "target {got} is not supported: give a class index (int), one per row (list of ints), "
     "None or 'top' (the top predicted class), or a unit (layer, channel[, y, x])"
+)
+
+
+#: what a user can do about a unit target's layer whose units lurker cannot locate
+UNIT_HINT = (
+    "name the axis with UnitTarget(layer, channel, unit_dim=AXIS), counting the batch axis "
+    "(lurker explain --unit-dim AXIS)"
 )
 
 
@@ -162,7 +169,9 @@ class Forward:
         if self.unit is not None:
             from ..probe.layout import layer_layout  # (probe imports explain's guided ReLU)
 
-            self._unit_layout = layer_layout(self._traced(), self.unit.layer, self.unit.unit_dim)
+            self._unit_layout = layer_layout(
+                self._traced(), self.unit.layer, self.unit.unit_dim, hint=UNIT_HINT
+            )
 
     def _traced(self) -> Any:
         """The model's trace on one row of ``x`` (made once, when a label or a unit needs it)."""

@@ -505,7 +505,13 @@ class _Tap:
         if layout is None:  # no run: where its units are, as the probe would find them
             from ..probe.layout import layer_layout
 
-            self.layout = layer_layout(traced, target, unit_dim)
+            self.layout = layer_layout(
+                traced,
+                target,
+                unit_dim,
+                hint="name the axis with unit_dim= (counting the batch axis), or pass the "
+                "run= of a probe that names it",
+            )
         if self.module is None:
             self.trace = traced
 

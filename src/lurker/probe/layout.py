@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -44,7 +45,15 @@ if TYPE_CHECKING:
     from ..capture.trace import Trace
     from ..graph.nodes import Op
 
-__all__ = ["Layout", "Skip", "as_units", "infer_layouts", "layer_layout", "position_box"]
+__all__ = [
+    "Layout",
+    "Skip",
+    "as_units",
+    "cached_layouts",
+    "infer_layouts",
+    "layer_layout",
+    "position_box",
+]
 
 _CONV = {
     f"{p}{n}d" for p in ("conv", "conv_transpose") for n in (1, 2, 3)
@@ -262,6 +271,20 @@ def _batch_axes(trace: Trace, example: tuple) -> dict[int, int | Skip]:
     return out
 
 
+def _leading_batch(trace: Trace, example: tuple) -> dict[int, int | Skip]:
+    """Batch axes taken, not found: axis 0 where its size is the example's batch size."""
+    b0 = next((int(a.shape[0]) for a in example if isinstance(a, Tensor) and a.dim()), None)
+    why = Skip(
+        "the model does not run on larger batches, so lurker cannot find its batch axis, "
+        f"and its first axis is not the batch's size ({b0})"
+    )
+    return {
+        op.index: 0 if op.shape and op.shape[0] == b0 else why
+        for op in trace.ops
+        if op.kind == "op" and op.outputs
+    }
+
+
 # --------------------------------------------------------------------------- unit axes
 def _defined_unit(op: Op) -> tuple[int, str] | None:
     """The unit axis an op makes by what it computes, if it makes one."""
@@ -333,6 +356,7 @@ def infer_layouts(
     unit_dim: int | Mapping[str, int] | None = None,
     names: Mapping[int, list[str]] | None = None,
     rfs: Mapping[int, RF] | None = None,
+    batch_fallback: bool = False,
 ) -> dict[int, Layout | Skip]:
     """The layout of every op's output (by node index), or why it has none.
 
@@ -342,12 +366,20 @@ def infer_layouts(
     negative counts from the end) for every op, or per layer as ``{pattern: axis}``
     (globs matched against the op label, rolled label, op name and module outputs; the
     first matching pattern wins): it overrides what the semantics say. ``rfs``: the
-    trace's receptive fields, if already computed.
+    trace's receptive fields, if already computed. ``batch_fallback``: where the model
+    cannot run the larger batches (a fixed batch size in its code), take axis 0 as the
+    batch of every op whose first axis has the example's batch size, as lurker read every
+    tensor before layouts, instead of raising; the units still come from the semantics.
     """
     check_unit_dim(unit_dim)
     if example is None:
         example = tuple(trace._inputs[0])
-    batch = _batch_axes(trace, example)
+    try:
+        batch = _batch_axes(trace, example)
+    except LurkerError:
+        if not batch_fallback:
+            raise
+        batch = _leading_batch(trace, example)
     if rfs is None:
         try:
             rfs = receptive_fields(trace)
@@ -428,52 +460,72 @@ def _merge_boxes(cands: list[np.ndarray]) -> np.ndarray | None:
     return out
 
 
+_UNIT_DIM_HINT = "; name it with unit_dim= (--unit-dim)"  # how Skip reasons end
+
+
 def layer_layout(
-    trace: Any, layer: str, unit_dim: int | None = None, cache: dict[str, Any] | None = None
-) -> Any:
+    trace: Any,
+    layer: str,
+    unit_dim: int | None = None,
+    cache: dict[Any, Any] | None = None,
+    hint: str = "name the axis with unit_dim= (counting the batch axis)",
+) -> Layout:
     """Where ``layer`` (a module path, op label or rolled label: what ``trace.hooks``
-    takes) holds its batch, units and positions: :func:`infer_layouts` of the op a hook
-    on ``layer`` reaches (two replays of ``trace`` at larger batches, kept in ``cache``
-    for the next layer of the same trace), or the user's ``unit_dim`` (batch on axis 0).
-    Refused with the reason where lurker cannot tell: reading another axis as the units
-    would give numbers about something else without a word (explain's unit targets and
-    concept relevance, feature visualization without a run)."""
+    takes) holds its batch, units and positions: :func:`infer_layouts` of the op a hook on
+    ``layer`` reaches (with ``unit_dim``, the user's unit axis, counting the batch axis;
+    its batch axis is still found). The inference replays ``trace`` at two larger batches
+    once per model and graph (kept per model, and in ``cache``); where the model cannot
+    run them, axis 0 is taken as the batch (``batch_fallback``). Refused with the reason
+    where lurker cannot tell: reading another axis as the units would give numbers about
+    something else without a word (explain's unit targets, concept relevance and
+    Grad-CAM, feature visualization without a run); ``hint`` says what the caller's user
+    can do about it."""
     op = trace.hook_ops(layer)[0]
-    nd = len(op.outputs[0].shape) if op.outputs else 0
-    if unit_dim is not None:
-        if not (isinstance(unit_dim, int) and -nd <= unit_dim < nd and unit_dim % nd != 0):
-            raise LurkerError(
-                f"unit_dim={unit_dim!r} does not name a unit axis of {layer!r}'s output "
-                f"{list(op.outputs[0].shape) if op.outputs else []}: an int from 1 to {nd - 1} "
-                "(axis 0 is the batch) or negative from the end"
-            )
-        u = unit_dim % nd
-        return Layout(0, u, tuple(d for d in range(1, nd) if d != u), "unit_dim")
-    cache = {} if cache is None else cache
-    if "all" not in cache:
-        try:
-            cache["all"] = infer_layouts(trace)
-        except LurkerError as e:
-            cache["all"] = e
-    found = cache["all"]
     shape = list(op.outputs[0].shape) if op.outputs else []
-    fix = (
-        "name the axis that holds the units with unit_dim= (counting the batch axis; "
-        "--unit-dim on the command line)"
-    )
-    if isinstance(found, LurkerError):
+    if unit_dim is not None and not (
+        isinstance(unit_dim, int)
+        and not isinstance(unit_dim, bool)
+        and -len(shape) <= unit_dim < len(shape)
+    ):
         raise LurkerError(
-            f"lurker cannot tell which axis of {layer!r}'s output {shape} holds the units: "
-            f"{found} Or {fix}."
+            f"unit_dim={unit_dim!r} is not an axis of {layer!r}'s output {shape}: an int "
+            f"from 0 to {len(shape) - 1} (counting the batch axis) or negative from the end"
         )
+    found = cached_layouts(trace, None if unit_dim is None else {op.label: unit_dim}, cache)
     lay = found.get(op.index)
     if isinstance(lay, Layout):
         return lay
-    why = lay.reason if lay is not None else f"it is a {op.kind}, not an op's output"
-    raise LurkerError(
-        f"lurker cannot tell which axis of {layer!r}'s output {shape} holds the units ({why}); "
-        f"{fix}, or target a layer whose units it can read (a block's output)."
+    why = lay.reason if lay is not None else f"it is the model's {op.kind}, not an op's output"
+    why = why.removesuffix(_UNIT_DIM_HINT)
+    raise LurkerError(f"layer {layer!r}, output {shape}: {why}; {hint}.")
+
+
+#: per model: (graph signature, unit_dim) -> layouts; a forward's graph rarely changes
+_MODEL_LAYOUTS: weakref.WeakKeyDictionary[Any, dict[Any, dict[int, Layout | Skip]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def cached_layouts(
+    trace: Any, unit_dim: Mapping[str, int] | None = None, cache: dict[Any, Any] | None = None
+) -> dict[int, Layout | Skip]:
+    """:func:`infer_layouts` of ``trace`` (with ``batch_fallback``), computed once per
+    model and graph (the same ops, kinds and shapes) and unit_dim."""
+    key = (
+        tuple((op.label, op.kind, tuple(op.shape or ())) for op in trace.ops),
+        None if unit_dim is None else tuple(sorted(unit_dim.items())),
     )
+    if cache is not None and key in cache:
+        return cache[key]  # type: ignore[no-any-return]
+    per_model = _MODEL_LAYOUTS.setdefault(trace.model, {}) if trace.model is not None else {}
+    found = per_model.get(key)
+    if found is None:
+        found = infer_layouts(trace, unit_dim=unit_dim, batch_fallback=True)
+        per_model.clear()  # one graph per model is what callers reuse
+        per_model[key] = found
+    if cache is not None:
+        cache[key] = found
+    return found
 
 
 def check_unit_dim(unit_dim: Any) -> None:

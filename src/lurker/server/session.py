@@ -560,10 +560,17 @@ class Session:
         """Which axis of an op's output holds its units, and which its positions: a probed
         layer's layout as the run stores it (with the user's ``unit_dim``), else the one
         :func:`lurker.probe.layout.infer_layouts` finds, worked out once for every op
-        (two extra forwards). A ``Skip`` where lurker cannot tell; None for values with no
-        layout to find (the model's inputs, buffers, an op's second output)."""
-        if op.kind != "op" or output != 0:
+        (two extra forwards). A ``Skip`` where lurker cannot tell (an op's second output
+        among them); None for values with no layout to find (the model's inputs, buffers)."""
+        from lurker.probe.layout import Skip
+
+        if op.kind != "op":
             return None
+        if output != 0:
+            return Skip(
+                f"it is output {output} of {op.label}, and lurker finds the layout of an op's "
+                "first output only"
+            )
         tr = self.trace()
         with self.model_lock:
             if self._layouts is None:
@@ -573,11 +580,11 @@ class Session:
     def _find_layouts(self, tr: Trace) -> dict[int, Any]:
         import torch
 
-        from lurker.probe.layout import Layout, Skip, infer_layouts
+        from lurker.probe.layout import Layout, Skip, cached_layouts
 
         try:
             with torch.no_grad():
-                found: dict[int, Any] = dict(infer_layouts(tr))
+                found: dict[int, Any] = dict(cached_layouts(tr))
         except LurkerError as e:
             found = {op.index: Skip(str(e)) for op in tr.ops if op.kind == "op"}
         index = {op.label: op.index for op in tr.ops}

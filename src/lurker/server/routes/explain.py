@@ -373,7 +373,13 @@ def _prepare(s: Session, model: Any, x: Any, target: str, layer: str | None) -> 
     asked = ""
     if isinstance(parsed, UnitTarget):
         asked = str(parsed)
-        parsed = UnitTarget(_model_name(s, model, parsed.layer), parsed.channel, parsed.y, parsed.x)
+        parsed = UnitTarget(
+            _model_name(s, model, parsed.layer),
+            parsed.channel,
+            parsed.y,
+            parsed.x,
+            unit_dim=_stored_unit_axis(s, parsed.layer),
+        )
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     xb = x.unsqueeze(0).to(device)
     name = None if layer is None else _model_name(s, model, layer)
@@ -383,6 +389,13 @@ def _prepare(s: Session, model: Any, x: Any, target: str, layer: str | None) -> 
     except LurkerError as e:
         raise ApiError(404, str(e)) from None
     return Prepared(xb, parsed, asked, name)
+
+
+def _stored_unit_axis(s: Session, name: str | None) -> int | None:
+    """The unit axis a probed layer's stored layout names (it may be the user's
+    ``--unit-dim``), so that the explorer's unit is the probe's; None for other layers."""
+    info = next((i for i in s.entry.open_run().layers if i.name == name), None)
+    return None if info is None or not info.layout else int(info.layout["unit"])
 
 
 def _resolved(asked: str, target: Any) -> tuple[str, int | None]:
@@ -498,16 +511,20 @@ def _concepts(
         prep = _prepare(s, model, x, target, layer)
         start = time.perf_counter()
         try:
+            axis = _stored_unit_axis(s, layer)
             if hit is None:
                 c = xp.concepts(
                     model,
                     prep.xb,
                     prep.target,
                     layer=prep.layer,
+                    unit_dim=axis,
                     **({"top": units} if isinstance(units, int) else {"units": list(units)}),
                 )
             else:
-                c = xp.concepts(model, prep.xb, prep.target, layer=prep.layer, units=missing)
+                c = xp.concepts(
+                    model, prep.xb, prep.target, layer=prep.layer, units=missing, unit_dim=axis
+                )
         except LurkerError as e:
             raise ApiError(400, str(e)) from None
         except Exception as e:  # the model's own error, said in one line
