@@ -149,8 +149,30 @@ def _spatial_layers(s: Session) -> list[str]:
     return out
 
 
+#: ops that mix a sequence's tokens: in a ViT whose head reads the class token, the patch
+#: tokens after the last of them no longer reach the output (their Grad-CAM is all zeros)
+_ATTENTION = ("scaled_dot_product_attention", "_native_multi_head_attention", "softmax")
+
+
+def _before_last_attention(s: Session, layers: list[str]) -> list[str]:
+    """``layers`` up to the last one probed before the graph's last attention op (all of
+    them when the graph has none, or none of them comes before it)."""
+    run = s.entry.open_run()
+    try:
+        ops = run.graph.ops
+        index = {i.name: i.op_index for i in run.layers}
+    except LurkerError:  # a run without its graph: nothing to go by
+        return layers
+    last = max((op.index for op in ops if op.name in _ATTENTION), default=None)
+    if last is None:
+        return layers
+    early = [n for n in layers if index.get(n) is not None and index[n] < last]
+    return early or layers
+
+
 def _default_layer(s: Session, target: str, before: bool = False) -> str | None:
-    """A layer method's layer when none is asked: the run's last probed spatial layer, or
+    """A layer method's layer when none is asked: the run's last probed spatial layer
+    (before the last attention op, where patch tokens still reach a class-token head), or
     for a unit target of a probed layer the last one at or before that layer (the target
     must depend on the layer; ``before``: strictly before it, as concept relevance needs
     the relevance to pass the layer)."""
@@ -162,6 +184,8 @@ def _default_layer(s: Session, target: str, before: bool = False) -> str | None:
     if unit_layer in names:
         upto = names.index(unit_layer) - (1 if before else 0)
         layers = [n for n in layers if names.index(n) <= upto]
+    else:
+        layers = _before_last_attention(s, layers)
     return layers[-1] if layers else None
 
 
@@ -674,7 +698,7 @@ def methods(request: Request, run_id: str) -> ExplainMethods:
             )
             for name, cls in _methods().items()
         ],
-        default_layer=layers[-1] if layers else None,
+        default_layer=_default_layer(s, "top"),
         layers=layers,
         concepts=hasattr(sys.modules.get("lurker.explain"), "concepts"),
     )
