@@ -673,3 +673,52 @@ def test_unit_targets_name_units_on_any_layout() -> None:
     named = lurker.explain(vit, x, target=UnitTarget(block, 1, unit_dim=1), method="saliency")
     (grad,) = torch.autograd.grad(seen["out"][0, 1, :].mean(), xi)
     assert torch.allclose(named.attribution, grad.abs(), atol=1e-7)
+
+
+class _SeqFirst(nn.Module):
+    """Bias-free: patch tokens in sequence-first order (L, B, E), a linear layer on them,
+    and a mean over the sequence (axis 0): the batch is on axis 1 in between."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, 8, 4, 4, bias=False)
+        self.fc = nn.Linear(8, 6, bias=False)
+        self.head = nn.Linear(6, 10, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = torch.relu(self.embed(x)).flatten(2).permute(2, 0, 1)  # (L, B, E)
+        return self.head(torch.relu(self.fc(t)).mean(0))
+
+
+def test_concepts_and_unit_lrp_of_a_sequence_first_layer() -> None:
+    """A layer whose batch is on axis 1: concept relevance ranks its units (the last
+    axis), each heatmap equals gradient x input with the gradient masked to that unit at
+    the layer (what epsilon-LRP with epsilon -> 0 is on a bias-free ReLU network), the
+    relevance starts per batch row, and the conservation check no longer crashes on ops
+    that move the batch off axis 0."""
+    torch.manual_seed(3)
+    m = _SeqFirst().eval()
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    m = m.double()
+    target = [2, 5]
+    c = lurker.explain.concepts(
+        m, x, target=target, layer="fc", units=[1, 4], composite="epsilon", **TINY
+    )
+    for j, u in enumerate([1, 4]):
+
+        def mask(mod, i, o, u=u):
+            keep = torch.zeros_like(o)
+            keep[..., u] = 1
+            o.register_hook(lambda g: g * keep)
+
+        h = m.fc.register_forward_hook(mask)
+        try:
+            want = _grad_x_input(m, x, target)
+        finally:
+            h.remove()
+        assert rel_err(c.heatmaps[:, j], want) < 1e-9
+    e = lurker.explain(m, x, target=("fc", 4), method="lrp", composite="epsilon", **TINY)
+    out = m.fc(torch.relu(m.embed(x)).flatten(2).permute(2, 0, 1))  # (L, B, 6)
+    score = out[:, :, 4].mean(0).detach()  # each row's unit score: what the relevance starts as
+    assert torch.allclose(torch.tensor(e.options["relevance_start"], dtype=x.dtype), score)
+    assert torch.allclose(e.attribution.flatten(1).sum(1), score, rtol=1e-9)  # conserved

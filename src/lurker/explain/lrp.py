@@ -147,11 +147,13 @@ class Relevance:
     def leaks(self, tolerance: float) -> list[tuple[Flow, float]]:
         """Ops that should conserve but lost or created more than ``tolerance`` of the
         starting relevance (largest first)."""
-        scale = self.start.abs().clamp(min=1e-12)
+        rows = self.start.abs().clamp(min=1e-12)
+        total = self.start.abs().sum().clamp(min=1e-12)
         found = []
         for f in self.flows.values():
             if f.absorbs:
                 continue
+            scale = rows if f.out.shape == rows.shape else total  # totals: see _flow_rows
             rel = float(((f.out - f.into).abs() / scale).max())
             if rel > tolerance:
                 found.append((f, rel))
@@ -183,6 +185,17 @@ def _masker(mask: Tensor | None, keep: list) -> Callable[[Tensor], Tensor]:
         return r if mask is None else r * mask.to(r)
 
     return hook
+
+
+def _flow_rows(r: Tensor, rel: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """An op's relevance received and passed on, per batch row; as totals (one value)
+    where its output and inputs do not share their first axis (an op that moves the batch
+    off axis 0, into a sequence-first layout, or back)."""
+    out = _rows(r)
+    ins = [_rows(t) for t in rel]
+    if all(i.shape == out.shape for i in ins):
+        return out, sum(ins, torch.zeros_like(out))
+    return out.sum().reshape(1), sum(i.sum() for i in ins).reshape(1)
 
 
 def _rows(t: Tensor) -> Tensor:
@@ -661,9 +674,7 @@ class Engine:
 
         def backward(r: Tensor, saved: tuple) -> tuple:
             rel = list(rule(r, saved))
-            flows[label] = Flow(
-                label, f"{op.name}: {what}", _rows(r), sum(_rows(t) for t in rel), absorbs
-            )
+            flows[label] = Flow(label, f"{op.name}: {what}", *_flow_rows(r, rel), absorbs)
             return tuple(t.detach() for t in rel)
 
         return _Rule.apply(backward, out, *ins)
@@ -739,8 +750,10 @@ class Engine:
         if unit_op is not None:
             assert isinstance(parsed, UnitTarget)
             act = live[unit_op.index]
-            r0 = _unit_relevance(act, parsed, self.layout(parsed.layer, parsed.unit_dim, UNIT_HINT))
+            unit_layout = self.layout(parsed.layer, parsed.unit_dim, UNIT_HINT)
+            r0 = _unit_relevance(act, parsed, unit_layout)
             score_t = act
+            start = _rows(r0.movedim(unit_layout.batch, 0))  # per batch row
         else:
             if not isinstance(output, Tensor) or output.dim() != 2:
                 raise LurkerError(
@@ -758,6 +771,7 @@ class Engine:
             onehot[torch.arange(len(classes)), torch.tensor(classes)] = 1
             r0 = onehot * output.detach()
             score_t = output
+            start = _rows(r0)
             parsed = classes
         if not score_t.requires_grad:
             raise LurkerError("LRP: the target does not depend on the input")
@@ -767,7 +781,7 @@ class Engine:
         rel = Relevance(
             input=rx.detach(),
             output=output.detach() if isinstance(output, Tensor) else None,
-            start=_rows(r0),
+            start=start,
             flows=flows,
             layer=kept[0] if kept else None,
             recorded={
