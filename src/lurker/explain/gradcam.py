@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from ..errors import LurkerError
 from .base import Explanation, Method, register
-from .targets import Forward
+from .targets import Forward, by_unit
 
 #: how many of the last map layers the default layer is chosen among
 _CANDIDATES = 24
@@ -84,14 +84,14 @@ def layer_and_grad(
     xi = x.clone().requires_grad_(True)  # the graph reaches A even with frozen weights
     scored = fw(xi)
     A = scored.layers[layer]
-    layout = _layout(fw, layer, A)
+    layout = _layout(fw, layer)
     (g,) = torch.autograd.grad(scored.score.sum(), A, allow_unused=True)
     if g is None:
         raise LurkerError(f"the target does not depend on layer {layer!r} (it runs after it?)")
     return as_map(A.detach(), layout, layer), as_map(g, layout, layer), fw, scored.output
 
 
-def _layout(fw: Forward, layer: str, A: Tensor) -> Any:
+def _layout(fw: Forward, layer: str) -> Any:
     """The layer's layout, found on the trace the forward already made (or makes now)."""
     from ..probe.layout import layer_layout  # (probe imports explain's guided ReLU)
 
@@ -104,7 +104,7 @@ def as_map(t: Tensor, layout: Any, layer: str) -> Tensor:
     """A layer's output (or its gradient) as ``(B, C, h, w)``: units first, positions as
     the map; tokens of image patches on their patch grid, the tokens with no patch left
     out."""
-    u = t.permute(layout.batch, layout.unit, *layout.positions)
+    u = by_unit(t, layout)
     if u.dim() == 4:
         return u
     grid = layout.patch_grid() if u.dim() == 3 else None
