@@ -567,6 +567,22 @@ def test_cli_unit_dim(tmp_path) -> None:
     r = CliRunner().invoke(main, [*args, "-t", "scaled_dot_product_attention_1:0"])
     assert r.exit_code == 2 and "cannot tell which axis" in r.output, r.output
     assert "--unit-dim" in r.output
+    # a ViT built for 16 px, given 20: the model's own complaint and the option to change,
+    # for every method (not a traceback from inside the explanation)
+    for method in ("saliency", "lrp"):
+        wrong = [*args[:5], "20", *args[6:], "-m", method]
+        r = CliRunner().invoke(main, wrong)
+        assert r.exit_code == 2, r.output
+        assert r.output.startswith("error: VisionTransformer fails on the image as loaded"), (
+            r.output
+        )
+        assert "(1, 3, 20, 20)" in r.output and "Expected 16 but got 20" in r.output
+        assert "pass it with --image-size" in r.output and "err.partial" not in r.output
+    # close names are each named once (a module path is also a trace key)
+    r = CliRunner().invoke(main, [*args, "-t", "encoder.layers.encoder_layer_9:0"])
+    assert r.exit_code == 2 and "Close names: encoder.layers.encoder_layer_0," in r.output
+    close = r.output.split("Close names: ")[1].strip().rstrip(".").split(", ")
+    assert len(close) == len(set(close)) == 5, close
 
 
 def test_cli_target_parsing() -> None:

@@ -312,3 +312,15 @@ def test_bad_input_is_named_with_its_fix(digits, run_dir, tmp_path):
     assert r.exit_code == 2 and "unit 33 is out of range" in r.output and "--units" in r.output
     r = CliRunner().invoke(main, ["featviz", str(run_dir), "--layer", "features.8", "-u", "a"])
     assert r.exit_code == 2 and "0,3,8-15" in r.output
+    # a model that cannot run at the size asked: its error, and the fix in each one's words
+    with pytest.raises(
+        LurkerError, match=r"does not run on a \(1, 2, 2\) image.*\(channels=, size=\)"
+    ):
+        lurker.featviz(model, "features.8", steps=1, size=2, channels=1)
+    spec = ["featviz", "lurker.examples:DigitsNet", "--layer", "features.8", "--steps", "1"]
+    r = CliRunner().invoke(main, [*spec, "--size", "2", "--channels", "1", "-o", str(tmp_path)])
+    assert r.exit_code == 2 and "does not run on a (1, 2, 2) image" in r.output, r.output
+    assert "(--channels, --size)" in r.output and "err.partial" not in r.output
+    r = CliRunner().invoke(main, [*spec[:3], "features.80", "-o", str(tmp_path)])
+    assert r.exit_code == 2, r.output
+    assert "Close names: features.8" in r.output and "hook key" not in r.output

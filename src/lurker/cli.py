@@ -646,10 +646,10 @@ def explain(
 
     MODEL is a spec as for `lurker trace`. Methods: saliency, input_x_gradient,
     guided_backprop, deconvnet, integrated_gradients, smoothgrad, gradcam,
-    gradcam_plus_plus, occlusion (and lrp where installed); see docs/explain.md.
+    gradcam_plus_plus, occlusion, lrp; see docs/explain.md.
     """
     from . import explain as explain_pkg
-    from .explain.cli import load_image, parse_options, parse_target
+    from .explain.cli import check_runs, load_image, parse_options, parse_target
     from .models import load_model
 
     if method not in explain_pkg.METHODS:  # before the model is built
@@ -684,6 +684,7 @@ def explain(
         image, image_size, channels, _floats(mean, "--mean"), _floats(std, "--std")
     )
     x = x.to(device)
+    check_runs(net, x, image_size)
     e = explain_pkg.explain(net, x, target=goal, method=method, **opts)
     e.overlay(0, image=shown, alpha=alpha).save(out)
     what = (

@@ -34,8 +34,7 @@ __all__ = [
     "untouched",
 ]
 
-# one module per method; importing it registers it. (lrp lives on its own branch and is
-# imported when present.)
+# one module per method; importing it registers it
 _MODULES = (
     "saliency",
     "input_x_gradient",
@@ -48,11 +47,7 @@ _MODULES = (
     "lrp",
 )
 for _name in _MODULES:
-    try:
-        importlib.import_module(f"{__name__}.{_name}")
-    except ModuleNotFoundError as _e:
-        if _e.name != f"{__name__}.{_name}":
-            raise
+    importlib.import_module(f"{__name__}.{_name}")
 
 
 # after the methods, so that METHODS lists them in the order above (relevance imports lrp);

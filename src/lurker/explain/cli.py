@@ -101,3 +101,21 @@ def parse_options(items: Sequence[str]) -> dict[str, Any]:
         except (ValueError, SyntaxError):
             out[key.strip()] = value.strip()
     return out
+
+
+def check_runs(model: torch.nn.Module, x: Tensor, image_size: int) -> None:
+    """Run ``model`` once on the loaded image, so that a model that rejects it (a ViT
+    built for another image size) is reported as such, not as a traceback from the
+    middle of an explanation."""
+    try:
+        with torch.no_grad():
+            model(x)
+    except Exception as e:
+        said = str(e).strip()
+        if not said.endswith((".", "!", "?")):
+            said += "."
+        raise LurkerError(
+            f"{type(model).__name__} fails on the image as loaded, a tensor of shape "
+            f"{tuple(x.shape)} (--image-size {image_size}): {type(e).__name__}: {said} If "
+            "the model takes another image size, pass it with --image-size."
+        ) from e

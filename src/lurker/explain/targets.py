@@ -193,8 +193,8 @@ class Forward:
         try:
             self._traced().hook_ops(name)
         except OpKeyError as e:
-            names = [*self._modules, *self._trace.keys()]
-            close = difflib.get_close_matches(name, [n for n in names if n], n=5)
+            names = dict.fromkeys(n for n in (*self._modules, *self._trace.keys()) if n)
+            close = difflib.get_close_matches(name, list(names), n=5)
             hint = f" Close names: {', '.join(close)}." if close else ""
             raise LurkerError(
                 f"layer {name!r} is not in the model: name a module path "

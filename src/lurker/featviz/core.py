@@ -12,6 +12,7 @@ or with its layer (to float rounding), and batching is purely a speed-up.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import math
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -490,17 +491,22 @@ class _Tap:
             try:
                 traced = trace(model, x0, save="none")
             except LurkerError as e:
+                shape = tuple(x0.shape[1:])
                 raise LurkerError(
-                    f"the model does not run on a {tuple(x0.shape[1:])} image: {e}. Pass "
-                    "the channels and size it takes (channels=, size=)"
+                    f"the model does not run on a {shape} image. {e} Pass the channels and "
+                    "size it takes (channels=, size=).",
+                    cli=f"the model does not run on a {shape} image. {e.for_cli()} Pass the "
+                    "channels and size it takes (--channels, --size).",
                 ) from e
         try:
             traced.hooks({target: lambda op, out: None})
         except OpKeyError as e:
+            names = dict.fromkeys(n for n in (*dict(model.named_modules()), *traced.keys()) if n)
+            close = difflib.get_close_matches(name, list(names), n=5)
             raise LurkerError(
                 f"layer {name!r} is not in {type(model).__name__}: name a module path "
                 "(model.named_modules()) or a trace label (lurker.trace(model, x) lists "
-                f"them). {e}"
+                "them)." + (f" Close names: {', '.join(close)}." if close else "")
             ) from e
         if layout is None:  # no run: where its units are, as the probe would find them
             from ..probe.layout import layer_layout
