@@ -221,14 +221,14 @@ def probe(
     Rerun the same command after an interruption to resume. Under torchrun each process
     sweeps a shard and the results are merged.
     """
-    from .models import load_model
+    from .models import image_channels, load_model
     from .probe import data as pdata
     from .probe import probe as do_probe
 
     with _torchrun_group(device):
         net = load_model(model, weights, device=device or "cpu")
-        first = next(net.parameters(), None)
-        channels = first.shape[1] if first is not None and first.dim() == 4 else None
+        where = next((p.device for p in net.parameters()), "cpu")  # probed where it lies
+        channels = image_channels(net, image_size, device=where)
         ds = pdata.load_dataset(data, image_size, channels=channels)
         run = do_probe(
             net,
@@ -260,11 +260,23 @@ def probe(
             e = run.meta.get("embedding") or {}
             click.echo(f"features of {e.get('layer')} ({e.get('dim')} per sample) kept for the map")
         lost = run.meta.get("skipped_layers") or []
-        if lost:
+        from .probe.layout import _UNIT_DIM_HINT
+
+        # only a unit axis lurker cannot tell is something --unit-dim can name; a batch
+        # folded with heads or windows is not (its reason names a layer to probe instead)
+        axis = [s["layer"] for s in lost if str(s.get("reason", "")).endswith(_UNIT_DIM_HINT)]
+        other = [s["layer"] for s in lost if s["layer"] not in axis]
+        if axis:
             click.secho(
-                f"skipped {len(lost)} layers whose units lurker cannot locate (listed in the "
-                "run; name the axis with --unit-dim LAYER=AXIS): "
-                + ", ".join(s["layer"] for s in lost),
+                f"skipped {len(axis)} layers whose unit axis lurker cannot tell (listed in "
+                "the run; name the axis with --unit-dim LAYER=AXIS): " + ", ".join(axis),
+                fg="yellow",
+            )
+        if other:
+            click.secho(
+                f"skipped {len(other)} layers that cannot be probed as they are (why, and "
+                "for a folded batch which layer to probe instead, is printed above and listed "
+                "in the run): " + ", ".join(other),
                 fg="yellow",
             )
 
@@ -650,7 +662,7 @@ def explain(
     """
     from . import explain as explain_pkg
     from .explain.cli import check_runs, load_image, parse_options, parse_target
-    from .models import load_model
+    from .models import image_channels, load_model
 
     if method not in explain_pkg.METHODS:  # before the model is built
         raise LurkerError(
@@ -678,8 +690,7 @@ def explain(
             param_hint="'--evaluate'",
         )
     net = load_model(model, weights, device=device)
-    first = next((p for p in net.parameters() if p.dim() == 4), None)
-    channels = first.shape[1] if first is not None else 3
+    channels = image_channels(net, image_size, device=device) or 3
     x, shown = load_image(
         image, image_size, channels, _floats(mean, "--mean"), _floats(std, "--std")
     )

@@ -739,3 +739,49 @@ def _resolved(path: Path) -> str:
 def _first_line(e: BaseException) -> str:
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()
     return text.splitlines()[0] if text else "(no message)"
+
+
+class _FirstConv(Exception):
+    """Raised by :func:`image_channels`' hook: the first convolution was met."""
+
+    def __init__(self, channels: int | None):
+        super().__init__()
+        self.channels = channels
+
+
+def image_channels(model: nn.Module, size: int, device: Any = "cpu") -> int | None:
+    """How many channels ``model`` takes in an image: the ``in_channels`` of the first
+    convolution that reads the image itself, found by starting one forward on a blank
+    image and stopping it there (before any batch norm can update its statistics). None
+    when no convolution reads the image (a model that transforms it first, an MLP): the
+    caller keeps its default.
+
+    Not the first registered parameter's shape: a head may be registered before the stem,
+    and a grouped convolution's weight holds a group's channels, not the input's.
+    """
+    convs = [m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)]
+    if not convs:
+        return None
+    for channels in dict.fromkeys((3, 1, *(c.in_channels for c in convs[:1]))):
+        x = torch.zeros(1, channels, size, size, device=device)
+
+        def stop(mod: nn.Module, args: tuple, x: torch.Tensor = x) -> None:
+            # the image itself, or a same-shaped copy (normalised inside the model)
+            reads_image = (
+                bool(args) and isinstance(args[0], torch.Tensor) and args[0].shape == x.shape
+            )
+            raise _FirstConv(mod.in_channels if reads_image else None)
+
+        handles = [c.register_forward_pre_hook(stop) for c in convs]
+        try:
+            with torch.no_grad():
+                model(x)
+        except _FirstConv as hit:
+            return hit.channels
+        except Exception:  # this many channels did not even reach a convolution
+            continue
+        finally:
+            for h in handles:
+                h.remove()
+        return None  # a whole forward without any convolution
+    return None
