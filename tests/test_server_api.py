@@ -194,6 +194,9 @@ def test_sample_appearances_are_paged(client: TestClient, run: Run):
         r = client.get(f"/api/runs/digits/samples/{sid}?{bad}")
         assert r.status_code == 422, bad
         assert ("limit" in r.json()["detail"]) or ("offset" in r.json()["detail"])
+    # what was given, named with the parameter
+    detail = client.get(f"/api/runs/digits/samples/{sid}?limit=x").json()["detail"]
+    assert detail.startswith("invalid request: limit 'x': "), detail
 
 
 def test_sample_image_from_dataset(client: TestClient, explorer_run: ExplorerRun):  # noqa: F811

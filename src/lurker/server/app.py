@@ -158,7 +158,8 @@ def _install_errors(app: FastAPI) -> None:
         parts = []
         for err in exc.errors():
             where = ".".join(str(p) for p in err.get("loc", ()) if p not in ("path", "query"))
-            parts.append(f"{where}: {err.get('msg', 'invalid')}")
+            given = f" {err['input']!r}" if isinstance(err.get("input"), (str, int, float)) else ""
+            parts.append(f"{where}{given}: {err.get('msg', 'invalid')}")
         return JSONResponse({"detail": "invalid request: " + "; ".join(parts)}, status_code=422)
 
     @app.exception_handler(Exception)
