@@ -260,11 +260,11 @@ def probe(
             e = run.meta.get("embedding") or {}
             click.echo(f"features of {e.get('layer')} ({e.get('dim')} per sample) kept for the map")
         lost = run.meta.get("skipped_layers") or []
-        from .probe.layout import _UNIT_DIM_HINT
+        from .probe.layout import UNIT_DIM_HINT
 
         # only a unit axis lurker cannot tell is something --unit-dim can name; a batch
         # folded with heads or windows is not (its reason names a layer to probe instead)
-        axis = [s["layer"] for s in lost if str(s.get("reason", "")).endswith(_UNIT_DIM_HINT)]
+        axis = [s["layer"] for s in lost if str(s.get("reason", "")).endswith(UNIT_DIM_HINT)]
         other = [s["layer"] for s in lost if s["layer"] not in axis]
         if axis:
             click.secho(

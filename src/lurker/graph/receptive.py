@@ -44,9 +44,16 @@ What is exact, approximate or unsupported:
 - An op that collapses a spatial dim (flatten, linear over it, global means, a reshape
   that merges H and W) makes that axis one box: the hull of everything it saw (``full``
   when it covers the input). That is always a valid bound.
-- An op not known here that keeps the spatial sizes is assumed position-wise and its RF
-  (and its descendants') gets ``exact=False``; one that changes them gets no RF, and
-  neither does anything computed from it, rather than a wrong box.
+- Recurrent ops (``nn.LSTM``, ``nn.GRU``, ``nn.RNN``: torch's lstm, gru, rnn_tanh,
+  rnn_relu) run along their sequence axis: step ``t`` sees steps ``0..t`` (every step when
+  bidirectional), exact bounds; their final states see every step. RNN cells keep the
+  batch rows and mix the features.
+- An op not known here that keeps the spatial sizes is taken to mix each spatial axis
+  whole (every output position sees all that its inputs saw along it) and its RF (and its
+  descendants') gets ``exact=False``: a bound, possibly the whole input, never a guess
+  that could be too small. Only the ops listed here are position-wise. One that changes
+  the sizes gets no RF, and neither does anything computed from it, rather than a wrong
+  box.
 """
 
 from __future__ import annotations
@@ -136,8 +143,9 @@ class RF:
     """The input region each position of one op's output can see.
 
     ``full``: every position sees the whole input. ``exact``: every op on the way has a
-    known spatial footprint (``False``: one was assumed position-wise, so boxes are a
-    guess). ``input_size`` is the (H, W) of the traced input ((1, L) for 1-D inputs).
+    known spatial footprint (``False``: one was not known, and was taken to mix its
+    spatial axes whole, so boxes are bounds, larger than the true ones, often the whole
+    input). ``input_size`` is the (H, W) of the traced input ((1, L) for 1-D inputs).
     """
 
     y: Axis
@@ -275,6 +283,12 @@ def _index(n_in: int, i: int) -> _Map:
 def _window(n_out: int, k: int, s: int, p: int, d: int) -> _Map:
     idx = _col(np.arange(n_out) * s - p) + np.arange(k, dtype=np.int64) * d
     return _Map(None, idx, float(s))
+
+
+def _prefix(n: int, out_dim: int) -> _Map:
+    """Position ``i`` reads positions ``0..i`` (a running sum, a recurrence)."""
+    idx = np.broadcast_to(np.arange(n, dtype=np.int64), (n, n))
+    return _Map(out_dim, idx, 1.0, present=idx <= np.arange(n)[:, None])
 
 
 def _ragged(start: np.ndarray, end: np.ndarray, ratio: float) -> _Map:
@@ -923,8 +937,7 @@ def _h_along(op: Op, k: int, parents: list[_Parent], out: tuple[int, ...]) -> _M
     maps: dict[int, _Map | None] = {d: _keep(d, n, out[d]) for d, n in enumerate(p.shape)}
     n = p.shape[dim]
     if op.name.startswith("cum") or op.name == "logcumsumexp":
-        idx = np.broadcast_to(np.arange(n, dtype=np.int64), (n, n))
-        maps[dim] = _Map(dim, idx, 1.0, present=idx <= np.arange(n)[:, None])
+        maps[dim] = _prefix(n, dim)
     else:
         maps[dim] = _whole(n, dim, n)
     return {p.j: maps}
@@ -972,6 +985,77 @@ def _h_setitem(op: Op, k: int, parents: list[_Parent], out: tuple[int, ...]) -> 
     return {p.j: {d: _keep(d, n, out[d]) for d, n in enumerate(p.shape)}}
 
 
+def _recorded_args(op: Op) -> list[Any]:
+    """An op's positional arguments as recorded: the raw call, else the public one."""
+    args = op._skel_args if op._skel_args is not None else op.args
+    return list(args or ())
+
+
+def _h_recurrent(op: Op, k: int, parents: list[_Parent], out: tuple[int, ...]) -> _Maps | None:
+    """``nn.LSTM``/``GRU``/``RNN`` (torch's lstm, gru, rnn_tanh, rnn_relu): output step
+    ``t`` depends on input steps ``0..t`` (on every step where the RNN is bidirectional)
+    and on the whole initial state; the features are mixed. The final states (outputs 1
+    and 2: ``h_n``, ``c_n``) see every step. A packed sequence holds every sequence's
+    steps on one axis: each of its rows sees the whole axis."""
+    p = _main(parents)
+    if p is None:
+        return {}  # only the initial state depends on the input: it reaches every step
+    args = _recorded_args(op)
+    nd = len(p.shape)
+    if len(args) > 3 and isinstance(args[3], (list, tuple)):  # (data, batch_sizes, hx, params, ...)
+        if k == 0 and nd == 2 and len(out) == 2:
+            return {p.j: {0: _whole(p.shape[0], 0, out[0])}}
+        return {}
+    if len(args) < 9 or nd not in (2, 3):  # (input, hx, params, ..., bidirectional, batch_first)
+        return None
+    bidirectional, batch_first = bool(args[7]), bool(args[8])
+    t_dim, b_dim = ((1, 0) if batch_first else (0, 1)) if nd == 3 else (0, None)
+    maps: dict[int, _Map | None] = {}
+    if k == 0:
+        if len(out) != nd:
+            return None
+        n = p.shape[t_dim]
+        if out[t_dim] != n:
+            return None
+        maps[t_dim] = _whole(n, t_dim, n) if bidirectional else _prefix(n, t_dim)
+        if b_dim is not None:
+            maps[b_dim] = _keep(b_dim, p.shape[b_dim], out[b_dim])
+    elif b_dim is not None and len(out) == 3:  # h_n, c_n: (layers * directions, N, H)
+        maps[b_dim] = _keep(1, p.shape[b_dim], out[1])
+    return {p.j: maps}
+
+
+def _h_cell(op: Op, k: int, parents: list[_Parent], out: tuple[int, ...]) -> _Maps | None:
+    """One step of an RNN cell (lstm_cell, gru_cell, rnn_*_cell): each batch row of the
+    input and the state gives that row of the output; the features are mixed."""
+    return {
+        p.j: {0: _keep(0, p.shape[0], out[0])}
+        for p in parents
+        if len(p.shape) == 2 and len(out) == 2
+    }
+
+
+def _h_unknown(op: Op, k: int, parents: list[_Parent], out: tuple[int, ...]) -> _Maps | None:
+    """An op whose footprint is not known here but that keeps the spatial sizes: each
+    output position may read any position of each spatial axis (a rotation, a gather, an
+    RNN lurker does not know), so it sees the whole axis, kept in place. Assuming it
+    position-wise instead would give boxes that are silently too small. ``None`` where the
+    sizes change (which output dim holds which axis is then unknown)."""
+    maps: _Maps = {}
+    for p in parents:
+        shift = len(out) - len(p.shape)
+        mp: dict[int, _Map | None] = {}
+        for ax in p.state.axes:
+            if ax.dim is None:
+                continue
+            d, n = ax.dim + shift, p.shape[ax.dim]
+            if d < 0 or (out[d] != n and n != 1):
+                return None
+            mp[ax.dim] = _whole(n, d, out[d])
+        maps[p.j] = mp
+    return maps
+
+
 _POINTWISE = {
     "add", "sub", "subtract", "mul", "multiply", "div", "divide", "true_divide", "floor_divide",
     "remainder", "fmod", "mod", "pow", "float_power", "neg", "negative", "pos", "positive", "abs",
@@ -992,7 +1076,11 @@ _POINTWISE = {
     "copy", "zero", "fill", "expand", "expand_as", "broadcast_to", "channel_shuffle",
     "native_channel_shuffle", "requires_grad", "radd", "rsub", "rmul", "rdiv", "rpow",
     "rfloordiv", "rmod", "iadd", "isub", "imul", "itruediv", "idiv", "ifloordiv", "imod", "ipow",
-    "real", "imag", "conj", "masked_scatter",
+    "real", "imag", "conj", "masked_scatter", "tril", "triu", "logaddexp", "logaddexp2",
+    "hypot", "copysign", "xlogy", "heaviside", "sinc", "lgamma", "digamma", "fix", "ldexp",
+    "angle", "signbit", "conj_physical", "lshift", "rshift", "bitwise_left_shift",
+    "bitwise_right_shift", "deg2rad", "rad2deg", "i0", "nextafter", "isclose", "isneginf",
+    "isposinf", "isreal",
 }  # fmt: skip
 
 _HANDLERS: dict[str, _Handler] = {n: _h_pointwise for n in _POINTWISE}
@@ -1025,6 +1113,8 @@ for _h, _names in {
     _h_linear: "linear",
     _h_grid_sample: "grid_sample",
     _h_setitem: "setitem",
+    _h_recurrent: "lstm gru rnn_tanh rnn_relu",
+    _h_cell: "lstm_cell gru_cell rnn_tanh_cell rnn_relu_cell",
 }.items():
     _HANDLERS.update(dict.fromkeys(_names.split(), _h))
 
@@ -1058,8 +1148,8 @@ def _propagate(
         maps = handler(op, k, parents, out) if handler is not None else None
     except _Unbound:  # a call its op's signature does not take
         maps = None
-    if maps is None:  # unknown: position-wise if the spatial sizes are kept, else no RF
-        maps = _h_pointwise(op, k, parents, out)
+    if maps is None:  # unknown: the whole of each spatial axis if its size is kept, else no RF
+        maps = _h_unknown(op, k, parents, out)
         exact = False
         if maps is None:
             return None
@@ -1122,8 +1212,9 @@ def receptive_fields(
     ``input_label`` names the input (label or name, e.g. ``'x'``); by default the first
     input of shape (N, C, H, W) or (N, C, L). Ops whose outputs have no spatial dims left
     (flatten, linear, global means) get one box for the whole output. Ops of unknown
-    footprint that change the spatial sizes, and everything computed from them, are
-    absent. Reads each op's recorded call (the public ``args``/``kwargs`` where the
+    footprint that keep the spatial sizes are taken to mix each spatial axis whole (their
+    fields and their descendants' have ``exact=False``); those that change the sizes, and
+    everything computed from them, are absent. Reads each op's recorded call (the public ``args``/``kwargs`` where the
     trace kept no more, as with ``save='none'``).
 
     ``global_context=False`` leaves out, where an op combines a local input with a

@@ -12,12 +12,14 @@ units. :func:`infer_layouts` works the layout out for every op of a trace:
   no per-sample activation to probe: it is skipped, with that reason.
 - **Unit axis**, from the op's semantics, carried along the graph: convolutions and
   batch/group/instance norms make units on the axis after the batch (``NC...``); linear
-  layers, ``layer_norm`` and matmuls with a weight make them on the last axis. Every other
-  op carries its parents' unit axis where it keeps that axis whole (elementwise ops,
-  permutes, reshapes that keep the axis and what comes before it, slicing, concatenation;
-  the same per-axis rules as :mod:`lurker.graph.receptive`); parents that disagree, or an
-  op that mixes or splits the axis (attention heads), leave it unknown. Unknown -> the op is
-  skipped with a reason, unless the caller names the axis (``unit_dim``).
+  layers, ``layer_norm``, matmuls with a weight and RNNs (their hidden units) make them on
+  the last axis. Every other op carries its parents' unit axis where it keeps that axis
+  whole (elementwise ops, permutes, reshapes that keep the axis and what comes before it,
+  slicing, concatenation; the same per-axis rules as :mod:`lurker.graph.receptive`);
+  parents that disagree, or an op that mixes or splits the axis (attention heads), leave
+  it unknown. Unknown -> the op is skipped with a reason, unless the caller names the axis
+  (``unit_dim``). A batch folded with other slots cannot be fixed so: its reason names the
+  first layer after it where the batch has an axis of its own again.
 - **Positions** are the remaining axes, kept as they are (one or two; more are merged
   into two). Token axes made by flattening a conv's spatial grid (ViT patch embeddings)
   are followed through the graph too, so each token maps back to its patch box; tokens
@@ -46,12 +48,14 @@ if TYPE_CHECKING:
     from ..graph.nodes import Op
 
 __all__ = [
+    "UNIT_DIM_HINT",
     "Layout",
     "Skip",
     "as_units",
     "cached_layouts",
     "infer_layouts",
     "layer_layout",
+    "layer_name",
     "position_box",
 ]
 
@@ -59,7 +63,10 @@ _CONV = {
     f"{p}{n}d" for p in ("conv", "conv_transpose") for n in (1, 2, 3)
 }  # units on the axis after the batch
 _CHANNEL_NORMS = {"batch_norm", "instance_norm", "group_norm"}
-_LAST_AXIS = {"linear", "embedding", "_native_multi_head_attention"}
+_LAST_AXIS = {  # units on the last axis: hidden units of RNNs (nn.LSTM, nn.GRU, nn.RNN) too
+    "linear", "embedding", "_native_multi_head_attention", "lstm", "gru", "rnn_tanh", "rnn_relu",
+    "lstm_cell", "gru_cell", "rnn_tanh_cell", "rnn_relu_cell",
+}  # fmt: skip
 _WEIGHT_PRODUCTS = {"matmul", "mm", "bmm", "addmm"}
 
 
@@ -152,10 +159,20 @@ class Layout:
 @dataclass(frozen=True)
 class Skip:
     """An op the probe cannot read units from, and why. ``per_sample`` is False for ops
-    that do not depend on the batch at all (weights, position tables): not activations."""
+    that do not depend on the batch at all (weights, position tables): not activations.
+    ``kind`` says what went wrong: ``"unit"`` where the batch axis is known and the unit
+    axis is not (or the one named is wrong): naming it (``unit_dim``) can fix that;
+    ``"folded"`` where the batch shares an axis with heads, windows or patches; ``""``
+    for other problems with the batch. Only ``"unit"`` skips can be fixed by ``unit_dim``."""
 
     reason: str
     per_sample: bool = True
+    kind: str = ""
+
+    @property
+    def unit_dim_helps(self) -> bool:
+        """Whether naming the unit axis (``unit_dim=``, ``--unit-dim``) can make it probed."""
+        return self.kind == "unit"
 
 
 def as_units(layout: Layout | Mapping[str, Any] | None, t: Any) -> Any:
@@ -263,8 +280,9 @@ def _batch_axes(trace: Trace, example: tuple) -> dict[int, int | Skip]:
             m = s1[d] // b0
             out[op.index] = Skip(
                 f"its axis {d} holds the batch folded with {m} slots per sample (attention "
-                "heads or windows), so one sample's units cannot be read apart; probe the "
-                "block's output instead"
+                "heads, windows or patches), so one sample's units cannot be read apart, "
+                "whichever axis holds them",
+                kind="folded",
             )
         else:
             out[op.index] = d
@@ -413,7 +431,74 @@ def infer_layouts(
         result[op.index] = _layout(
             op, batch.get(op.index), units[(op.index, 0)], tokens[(op.index, 0)], unit_dim, names
         )
+    _point_past_folds(trace, result)
     return result
+
+
+def layer_name(op: Op, trace: Any) -> str:
+    """The op's name in a run: the (innermost) module path whose output it is, else its
+    label; a module path only where ``trace[path]`` is this op. A module call that returns
+    several tensors (timm's PiT blocks return ``(x, cls_tokens)``) gives its path to the
+    one the trace returns for it, and its other outputs go by their labels, so that every
+    layer name is unique and looks up its own op."""
+    for m in op.module_outputs:
+        try:
+            if trace[m].index == op.index:
+                return m
+        except KeyError:
+            continue
+    return op.label
+
+
+def _point_past_folds(trace: Trace, result: dict[int, Layout | Skip]) -> None:
+    """Complete each folded-batch skip with where the batch has an axis of its own again:
+    the first op after it (that depends on it) with a layout, and the first such module
+    output where that op is none. Naming the unit axis cannot help a folded batch."""
+    folded = [i for i, lay in result.items() if isinstance(lay, Skip) and lay.kind == "folded"]
+    if not folded:
+        return
+    children: dict[int, list[int]] = {}
+    for op in trace.ops:
+        for s, _ in op._inputs:
+            if isinstance(s, int) and s >= 0:
+                children.setdefault(s, []).append(op.index)
+    names: dict[int, str] = {}
+
+    def name(i: int) -> str:
+        if i not in names:
+            names[i] = layer_name(trace.ops[i], trace)
+        return names[i]
+
+    def first(start: int, module: bool) -> int | None:
+        """The earliest op after ``start`` with a layout (and a module path: ``module``)."""
+        seen, todo, best = {start}, [start], None
+        while todo:
+            i = todo.pop()
+            for c in children.get(i, ()):
+                if c in seen:
+                    continue
+                seen.add(c)
+                if isinstance(result.get(c), Layout) and (
+                    not module or name(c) != trace.ops[c].label
+                ):
+                    best = c if best is None else min(best, c)
+                    continue  # what depends on it comes later
+                todo.append(c)
+        return best
+
+    for i in folded:
+        skip = result[i]
+        assert isinstance(skip, Skip)
+        at = first(i, module=False)
+        if at is None:
+            where = "; probe a layer after the slots are merged back into the batch"
+        else:
+            where = f"; the batch has an axis of its own again at {name(at)!r}"
+            mod = first(i, module=True) if name(at) == trace.ops[at].label else None
+            if mod is not None:  # an op with no module: name the first module output too
+                where += f" and at {name(mod)!r} (the first module output after it)"
+            where += ": probe " + ("one of those" if mod is not None else "that layer") + " instead"
+        result[i] = Skip(skip.reason + where, skip.per_sample, skip.kind)
 
 
 def _carry_tokens(
@@ -460,7 +545,8 @@ def _merge_boxes(cands: list[np.ndarray]) -> np.ndarray | None:
     return out
 
 
-_UNIT_DIM_HINT = "; name it with unit_dim= (--unit-dim)"  # how Skip reasons end
+#: How the reason of a layer whose unit axis lurker cannot tell ends (what --unit-dim fixes)
+UNIT_DIM_HINT = "; name it with unit_dim= (--unit-dim)"
 
 
 def layer_layout(
@@ -496,7 +582,7 @@ def layer_layout(
     if isinstance(lay, Layout):
         return lay
     why = lay.reason if lay is not None else f"it is the model's {op.kind}, not an op's output"
-    why = why.removesuffix(_UNIT_DIM_HINT)
+    why = why.removesuffix(UNIT_DIM_HINT)
     raise LurkerError(f"layer {layer!r}, output {shape}: {why}; {hint}.")
 
 
@@ -583,20 +669,23 @@ def _layout(
     user = _user_axis(op, unit_dim, names)
     if user is not None:
         if not -nd <= user < nd:
-            return Skip(f"unit_dim={user} is out of range for its {nd} dimensions")
+            return Skip(
+                f"the unit axis named for it, {user}, is out of range for its {nd} dimensions",
+                kind="unit",
+            )
         u, source = user % nd, "unit_dim"
         if u == batch:
-            return Skip(f"unit_dim={user} names its batch axis")
+            return Skip(f"the unit axis named for it, {user}, is its batch axis", kind="unit")
     elif unit is None:
         return Skip(
             f"lurker cannot tell which axis of its output {list(shape)} holds the units "
-            f"({op.name} mixes or reshapes them, or no op before it says); name it with "
-            "unit_dim= (--unit-dim)"
+            f"({op.name} mixes or reshapes them, or no op before it says)" + UNIT_DIM_HINT,
+            kind="unit",
         )
     else:
         u, source = unit
         if u == batch:
-            return Skip(f"its unit axis would be its batch axis ({u})")
+            return Skip(f"its unit axis would be its batch axis ({u})", kind="unit")
     positions = tuple(d for d in range(nd) if d not in (batch, u))
     boxes = None
     if token is not None and positions == (token[0],):

@@ -14,12 +14,15 @@ are merged with collectives.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import functools
 import hashlib
+import inspect
 import io
 import numbers
 import os
+import re
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -31,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from ..capture import Trace, settled_trace
-from ..errors import LurkerError
+from ..errors import LurkerError, MemoryLimitError, TraceError
 from ..graph.nodes import Op
 from ..store import Run, RunWriter, atomic_write_bytes, run_lock
 from .consumers import (
@@ -42,7 +45,8 @@ from .consumers import (
     RelevanceConsumer,
     UnitStatsConsumer,
 )
-from .layout import Layout, Skip, infer_layouts, op_names, rf_matches
+from .layout import UNIT_DIM_HINT, Layout, Skip, infer_layouts, op_names, rf_matches
+from .layout import layer_name as _layer_name
 
 CONV = {"conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"}
 LINEAR = {"linear", "addmm"}
@@ -73,21 +77,6 @@ class Layer:
     def units(self, t: Tensor) -> Tensor:
         """``t`` as the (B, C, *positions) view :class:`~.stats.UnitStats` takes."""
         return self.layout.units(t)
-
-
-def _layer_name(op: Op, trace: Trace) -> str:
-    """The op's name in a run: the (innermost) module path whose output it is, else its
-    label; a module path only where ``trace[path]`` is this op. A module call that returns
-    several tensors (timm's PiT blocks return ``(x, cls_tokens)``) gives its path to the
-    one the trace returns for it, and its other outputs go by their labels, so that every
-    layer name is unique and looks up its own op."""
-    for m in op.module_outputs:
-        try:
-            if trace[m].index == op.index:
-                return m
-        except KeyError:
-            continue
-    return op.label
 
 
 def _module_type(op: Op, trace: Trace) -> str | None:
@@ -160,6 +149,116 @@ def _default_ops(trace: Trace, candidates: list[Op]) -> list[Op]:
     return [op for op in candidates if wanted(op)]
 
 
+_POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+_FEED_CLI = "lurker probe feeds the model one batch of images per forward: a tensor (N, C, H, W)"
+_FEED_PY = (
+    "probe feeds the model one tensor per batch, the dataset's items stacked on a new first "
+    "(batch) axis"
+)
+_WRAP_CLI = (
+    "pass as MODEL a function that builds the wrapper (path/to/file.py:build); `lurker "
+    "probe` has no option for other inputs"
+)
+_SPATIAL_OPS = re.compile(r"(conv|conv_transpose|max_pool|avg_pool|adaptive_\w+_pool|lp_pool)(\d)d")
+
+
+def _trace_first(model: nn.Module, x0: Tensor) -> Trace:
+    """Trace ``model`` on the first sample; where it cannot take one tensor of that shape,
+    an error that says what the probe feeds it, what it wanted, and what to do (the trace's
+    own advice names ``lurker trace``'s input options, which the probe does not have)."""
+    need = _required_inputs(model)
+    if len(need) > 1:
+        py, cli = _more_inputs_error(model, x0, need)
+        raise LurkerError(py, cli=cli)
+    try:
+        with torch.no_grad():
+            return settled_trace(model, x0)
+    except MemoryLimitError:
+        raise
+    except TraceError as e:
+        py, cli = _probe_trace_error(model, x0, e)
+        raise TraceError(py, partial=e.partial, failed_op=e.failed_op, cli=cli) from e
+
+
+def _required_inputs(model: nn.Module) -> list[str]:
+    """Names of the arguments ``model.forward`` cannot do without (positional ones first)."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return []
+    empty = inspect.Parameter.empty
+    pos = [p.name for p in params if p.kind in _POSITIONAL and p.default is empty]
+    kw = [p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is empty]
+    return pos + kw if pos else []
+
+
+def _more_inputs_error(model: nn.Module, x0: Tensor, need: list[str]) -> tuple[str, str]:
+    """Python and CLI messages for a model whose forward needs more than one input."""
+    name = type(model).__name__
+    listed = ", ".join(need)
+    others = ", ".join(need[1:])
+    shape = tuple(x0.shape)
+    head = f"{name}.forward takes {len(need)} required inputs ({listed}), and "
+    py = (
+        f"{head}{_FEED_PY} (here {shape}), passed as its first argument ({need[0]}): the "
+        f"probe has no way to pass {others}. Wrap the model in a module whose forward takes that one "
+        f"tensor and makes {others} itself (fixed values, or computed from the input), and "
+        "probe the wrapper."
+    )
+    cli = (
+        f"{head}{_FEED_CLI} (here {shape}), passed as its first "
+        f"argument ({need[0]}). Wrap the model in a module whose forward takes one image "
+        f"batch and makes {others} itself (fixed values, or computed from the image), and "
+        f"{_WRAP_CLI}."
+    )
+    return py, cli
+
+
+def _wanted_dims(model: nn.Module, e: TraceError) -> int | None:
+    """The number of spatial dims the model's input layer works on (1, 2, 3), where the
+    failed op or else the model's first convolution tells."""
+    if e.partial is not None and e.failed_op is not None:
+        with contextlib.suppress(Exception):
+            m = _SPATIAL_OPS.fullmatch(e.partial[e.failed_op].name)
+            if m:
+                return int(m.group(2))
+    conv = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
+    return len(conv.kernel_size) if conv is not None else None
+
+
+def _probe_trace_error(model: nn.Module, x0: Tensor, e: TraceError) -> tuple[str, str]:
+    """The trace's error, put in the probe's terms (Python and CLI messages)."""
+    from ..capture.trace import _TRY_INPUT
+
+    shape = tuple(x0.shape)
+    py, cli = str(e), e.for_cli()
+    about_input = _TRY_INPUT in cli or "does not fit layer" in cli
+    py, cli = (m.replace(" " + _TRY_INPUT, "").replace(_TRY_INPUT, "") for m in (py, cli))
+    wanted = ""
+    n = _wanted_dims(model, e) if about_input else None  # else the input may be fine
+    if n is not None and n + 2 != x0.dim():
+        axes = {1: "(N, C, L): a sequence or signal", 3: "(N, C, D, H, W): a video or volume"}
+        what = axes.get(n, f"with {n} spatial axes")
+        wanted = f" The model wants a {n + 2}-D input {what}."
+        about_input = True
+    py = f"{_FEED_PY} (here {shape}), and the model failed on the first: {py}{wanted}"
+    cli = f"{_FEED_CLI} (here {shape}), and the model failed on the first: {cli}{wanted}"
+    if about_input:
+        example = " (for a video model, e.g. x.unsqueeze(2): a clip of one frame)" if n == 3 else ""
+        py += (
+            " Pass a dataset whose items are (input, label), each input shaped as the "
+            "model's one input without the batch axis"
+            + (" (for a video model, (C, D, H, W) clips)" if n == 3 else "")
+            + ", or wrap the model in a module whose forward takes a batch of the dataset's "
+            "items and makes the model's input from it."
+        )
+        cli += (
+            " To probe it, wrap it in a module whose forward takes one image batch and makes "
+            f"the model's input from it{example}, and {_WRAP_CLI}."
+        )
+    return py, cli
+
+
 def _has_glob(pattern: str) -> bool:
     return any(c in pattern for c in "*?[")
 
@@ -223,6 +322,7 @@ def select_layers(
             )
     out: list[Layer] = []
     seen: set[int] = set()
+    unit_dim_helped = False  # a layer left out that naming its unit axis could make probed
     for op in chosen:
         if op.index in seen:
             continue
@@ -235,13 +335,10 @@ def select_layers(
             continue  # weights or position tables computed in forward: not activations
         reason = lay.reason if isinstance(lay, Skip) else "it is not a per-sample activation"
         name = _layer_name(op, trace)
+        helps = isinstance(lay, Skip) and lay.unit_dim_helps
         if op.index in exact:
-            raise LurkerError(
-                f"Layer {name!r} ({op.label}, output {list(op.shape or ())}) cannot "
-                f"be probed: {reason}. If you know which axis holds its units, pass "
-                f"unit_dim={{{name!r}: AXIS}} (CLI: --unit-dim {name}=AXIS), counting the "
-                "batch axis."
-            )
+            raise _cannot_probe(op, name, reason, helps)
+        unit_dim_helped = unit_dim_helped or helps
         if skipped is not None:
             skipped.append((name, reason))
     names = Counter(layer.name for layer in out)
@@ -252,13 +349,34 @@ def select_layers(
             "another op's label); leave one of each out with layers=[...]."
         )
     if not out:
-        why = "; ".join(f"{n}: {r}" for n, r in (skipped or [])[:5])
-        raise LurkerError(
-            "No layer with a unit (channel) axis was found to probe"
-            + (f" ({why})" if why else "")
-            + "; name layers explicitly, with unit_dim= where lurker cannot tell the axis."
+        why = "; ".join(f"{n}: {r.removesuffix(UNIT_DIM_HINT)}" for n, r in (skipped or [])[:5])
+        head = "No layer with a unit (channel) axis was found to probe" + (
+            f" ({why})" if why else ""
         )
+        tail = ("name layers explicitly with layers=", "name layers explicitly with --layers")
+        if unit_dim_helped:
+            tail = (
+                tail[0] + ", with unit_dim={LAYER: AXIS} where lurker cannot tell the axis",
+                tail[1] + ", with --unit-dim LAYER=AXIS where lurker cannot tell the axis",
+            )
+        raise LurkerError(f"{head}; {tail[0]}.", cli=f"{head}; {tail[1]}.")
     return out
+
+
+def _cannot_probe(op: Op, name: str, reason: str, unit_dim_helps: bool) -> LurkerError:
+    """The error for a layer named exactly that cannot be probed: advice only where it can
+    work (naming the unit axis does not unfold a batch), once, in the words of the
+    interface in use (``unit_dim=`` from Python, ``--unit-dim`` on the command line)."""
+    text = (
+        f"Layer {name!r} ({op.label}, output {list(op.shape or ())}) cannot be probed: "
+        f"{reason.removesuffix(UNIT_DIM_HINT)}."
+    )
+    if not unit_dim_helps:
+        return LurkerError(text)
+    py = f" If you know which axis holds its units, pass unit_dim={{{name!r}: AXIS}}"
+    cli = f" If you know which axis holds its units, pass --unit-dim {name}=AXIS"
+    axes = ", counting the batch axis (negative: from the end)."
+    return LurkerError(text + py + axes, cli=text + cli + axes)
 
 
 def fingerprint(model: nn.Module) -> str:
@@ -526,8 +644,7 @@ def _plan(
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
     model = model.eval().to(dev)
     x0 = ds.first_image().unsqueeze(0).to(dev)
-    with torch.no_grad():
-        tr = settled_trace(model, x0)
+    tr = _trace_first(model, x0)
     try:
         rfs = receptive_fields(tr)
     except LurkerError:

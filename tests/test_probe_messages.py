@@ -1,0 +1,237 @@
+"""The probe's advice is advice that can work, said once, in the interface's own words.
+
+- A layer whose batch is folded with other slots (attention heads, windows, patches)
+  cannot be fixed by naming its unit axis: the message names a layer where the batch has
+  its own axis again, and never suggests ``unit_dim`` / ``--unit-dim``.
+- A layer whose unit axis lurker cannot tell gets the ``unit_dim`` advice once: in Python
+  words from Python, in command-line words from the CLI.
+- A model that cannot take what the probe feeds it (one image batch, ``(N, C, H, W)``)
+  hears that, what it wanted, and what to do; not ``lurker trace``'s ``--input-shape``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+from torch import Tensor, nn
+
+import lurker
+from lurker.cli import main
+from lurker.errors import LurkerError, TraceError
+from lurker.probe import probe
+from lurker.probe.layout import Skip, infer_layouts
+from lurker.probe.sweep import select_layers
+
+MODELS = '''
+import torch
+from torch import nn
+
+
+class Folded(nn.Module):
+    """Folds 2 slots per sample into the batch around `act` (as heads or windows do);
+    `act2` reads an einsum's (N, H, W, C) output, whose unit axis lurker cannot tell."""
+
+    def __init__(self, channels=1):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, 8, 3, padding=1)
+        self.act = nn.ReLU()
+        self.proj = nn.Conv2d(8, 6, 1)
+        self.act2 = nn.ReLU()
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.conv(x)
+        n, c, hh, ww = h.shape
+        h = self.act(h.reshape(n * 2, c // 2, hh, ww)).reshape(n, c, hh, ww)
+        h = self.act2(torch.einsum("bchw->bhwc", self.proj(h)))
+        return self.head(h.mean((1, 2)))
+
+
+class TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4 + 2, 3)
+
+    def forward(self, img, vec):
+        return self.fc(torch.cat([self.conv(img).mean((2, 3)), vec], 1))
+
+
+class Clip(nn.Module):
+    """A video model: (N, C, D, H, W) clips."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv3d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).mean((2, 3, 4)))
+'''
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    path = tmp_path_factory.mktemp("models") / "nets.py"
+    path.write_text(MODELS)
+    space: dict = {}
+    exec(compile(MODELS, str(path), "exec"), space)
+    return path, space
+
+
+def _images(root: Path, n: int = 4, size: int = 12) -> Path:
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(n // 2):
+            px = (rng.random((size, size, 3)) * 255).astype("uint8")
+            Image.fromarray(px).save(root / c / f"{i}.png")
+    return root
+
+
+def _cli(*args: str) -> tuple[int, str]:
+    res = CliRunner().invoke(main, ["probe", *args], catch_exceptions=False)
+    return res.exit_code, res.output
+
+
+# --------------------------------------------------------------------------- folded batch
+def test_a_folded_batch_names_where_it_is_unfolded_not_unit_dim(models) -> None:
+    _, space = models
+    model = space["Folded"]().eval()
+    tr = lurker.trace(model, torch.randn(1, 1, 8, 8))
+    lay = infer_layouts(tr)[tr["act"].index]
+    assert isinstance(lay, Skip) and lay.kind == "folded" and not lay.unit_dim_helps
+    for unit_dim in (None, {"act": 1}):  # naming an axis cannot unfold the batch
+        with pytest.raises(LurkerError, match="folded") as err:
+            select_layers(tr, ["act"], unit_dim=unit_dim)
+        for text in (str(err.value), err.value.for_cli()):
+            assert "unit_dim" not in text and "--unit-dim" not in text, text
+            assert "block's output" not in text  # it may be the block: its output is folded
+            assert "'proj'" in text, text  # the first layer after it with its own batch axis
+    assert select_layers(tr, ["proj"])[0].layout.batch == 0
+
+
+def test_cli_summary_offers_unit_dim_only_where_it_can_help(models, tmp_path: Path) -> None:
+    path, _ = models
+    base = [f"{path}:Folded", "--data", "digits", "--image-size", "8", "--k", "2"]
+    code, out = _cli(*base, "--device", "cpu", "--out", str(tmp_path / "run"))
+    assert code == 0, out
+    lines = [line for line in out.splitlines() if "--unit-dim" in line]
+    assert lines, out
+    for line in lines:  # act2's axis can be named; act's folded batch cannot be fixed so
+        assert "act2" in line and "act," not in line and not line.endswith(" act"), line
+        assert "folded" not in line
+    assert "skipped 1 layers that cannot be probed as they are" in out
+    assert "'proj'" in out  # the printed reason says where to probe instead
+    run = lurker.Run.open(tmp_path / "run")
+    reasons = {s["layer"]: s["reason"] for s in run.meta["skipped_layers"]}
+    assert set(reasons) == {"act", "act2"} and "unit_dim" not in reasons["act"]
+
+
+# --------------------------------------------------------------------------- unit axis
+def test_unknown_unit_axis_advice_is_said_once_in_the_interfaces_words(models) -> None:
+    _, space = models
+    tr = lurker.trace(space["Folded"]().eval(), torch.randn(1, 1, 8, 8))
+    with pytest.raises(LurkerError, match="cannot tell which axis") as err:
+        select_layers(tr, ["act2"])
+    py, cli = str(err.value), err.value.for_cli()
+    assert py.count("unit_dim") == 1 and "unit_dim={'act2': AXIS}" in py and "--" not in py, py
+    assert cli.count("unit-dim") == 1 and "--unit-dim act2=AXIS" in cli, cli
+    assert "unit_dim" not in cli, cli
+
+
+def test_cli_unit_dim_advice_for_a_named_layer_is_said_once(models, tmp_path: Path) -> None:
+    path, _ = models
+    base = [f"{path}:Folded", "--data", "digits", "--image-size", "8", "--device", "cpu"]
+    code, out = _cli(*base, "--out", str(tmp_path / "run"), "--layers", "act2")
+    assert code == 2
+    assert out.count("unit-dim") == 1 and "--unit-dim act2=AXIS" in out, out
+    assert "unit_dim" not in out, out
+
+
+def test_no_layer_to_probe_says_what_to_do_in_the_interfaces_words(models) -> None:
+    class OnlyFolded(nn.Module):
+        def forward(self, x: Tensor) -> Tensor:
+            n = x.shape[0]
+            return torch.relu(x.reshape(n * 2, -1, *x.shape[2:])).reshape(x.shape).mean((2, 3))
+
+    tr = lurker.trace(OnlyFolded(), torch.randn(1, 2, 4, 4))
+    with pytest.raises(LurkerError, match="No layer") as err:
+        select_layers(tr, None, skipped=[])
+    assert "unit_dim" not in str(err.value) and "--layers" in err.value.for_cli()
+    assert "layers=" in str(err.value)
+
+
+# --------------------------------------------------------------------------- inputs
+def test_cli_video_model_fed_images_hears_what_probe_feeds_and_what_to_do(
+    models, tmp_path: Path
+) -> None:
+    path, _ = models
+    data = _images(tmp_path / "imgs")
+    code, out = _cli(
+        f"{path}:Clip", "--data", str(data), "--image-size", "12", "--device", "cpu",
+        "--out", str(tmp_path / "run"),
+    )  # fmt: skip
+    assert code == 2
+    assert "--input-shape" not in out and "--input-dtype" not in out and "-i " not in out, out
+    assert "(N, C, H, W)" in out and "5-D" in out and "(N, C, D, H, W)" in out, out
+    assert "wrap" in out and "MODEL" in out, out
+
+
+def test_torchvision_video_model_fed_images(tmp_path: Path) -> None:
+    """The user's report: `lurker probe torchvision:r3d_18 --data IMGFOLDER`."""
+    data = _images(tmp_path / "imgs", size=16)
+    code, out = _cli(
+        "torchvision:r3d_18", "--data", str(data), "--image-size", "16", "--device", "cpu",
+        "--out", str(tmp_path / "run"),
+    )  # fmt: skip
+    assert code == 2
+    assert "--input-shape" not in out and "--input-dtype" not in out, out
+    assert "5-D input (N, C, D, H, W)" in out and "one batch of images" in out, out
+
+
+def test_python_video_model_fed_images_hears_about_datasets(models) -> None:
+    _, space = models
+    ds = torch.utils.data.TensorDataset(torch.randn(4, 3, 8, 8), torch.arange(4) % 2)
+    with pytest.raises(TraceError) as err:
+        probe(space["Clip"]().eval(), ds, out="unused-dir", progress=False, device="cpu")
+    text = str(err.value)
+    assert "--input-shape" not in text and "CLI:" not in text, text
+    assert "5-D" in text and "(C, D, H, W)" in text and "dataset" in text, text
+    assert err.value.partial is not None  # still the trace's error, with its partial trace
+    assert not Path("unused-dir").exists()
+
+
+def test_python_dataset_of_clips_is_probed(models, tmp_path: Path) -> None:
+    """What the message advises from Python works: items shaped as the model's input."""
+    _, space = models
+    torch.manual_seed(0)
+    ds = torch.utils.data.TensorDataset(torch.randn(6, 3, 2, 6, 6), torch.arange(6) % 2)
+    run = probe(
+        space["Clip"]().eval(), ds, out=tmp_path / "run", layers=["conv"], k=2, batch_size=3,
+        device="cpu", progress=False,
+    )  # fmt: skip
+    assert run.layer("conv").num_units == 4
+
+
+def test_two_input_model_names_the_missing_input(models, tmp_path: Path) -> None:
+    path, space = models
+    data = _images(tmp_path / "imgs")
+    code, out = _cli(
+        f"{path}:TwoInputs", "--data", str(data), "--image-size", "12", "--device", "cpu",
+        "--out", str(tmp_path / "run"),
+    )  # fmt: skip
+    assert code == 2
+    assert "missing 1 required positional argument" not in out, out
+    assert "(img, vec)" in out and "(N, C, H, W)" in out and "wrap" in out.lower(), out
+    assert "--input-shape" not in out, out
+    ds = torch.utils.data.TensorDataset(torch.randn(4, 3, 8, 8), torch.arange(4) % 2)
+    with pytest.raises(LurkerError, match="vec") as err:
+        probe(space["TwoInputs"]().eval(), ds, out=tmp_path / "py", progress=False)
+    assert "--" not in str(err.value) and "Wrap the model" in str(err.value)
+    assert not (tmp_path / "py").exists()  # refused before anything is created
