@@ -1,10 +1,12 @@
 """The graph page in a real browser (Debian's chromium via Playwright) over the real server.
 
-Two runs: the digits CNN (the explorer's shared test run) and resnet18 (random init,
-probed on CPU on four random images). What the page draws is checked against the graph
-view document, read independently here: which nodes and collapsed groups a first view
-shows, what expanding a group adds, that every drawn edge starts and ends on a drawn
-item, search, the hover tooltip's shape, the colour code, ``?focus=`` and layer links.
+Runs: the digits CNN (the explorer's shared test run), resnet18 (random init, probed on
+CPU on four random images), a flat Sequential too big for dagre and a small loop. What the
+page draws is checked against the graph view document, read independently here: which
+nodes and collapsed groups a first view shows, what expanding a group adds, that every
+drawn edge starts and ends on a drawn item and no forward edge passes under a node (skip
+connections into a block), search, the hover tooltip's shape and when it hides, the
+legend, the colour code, ``?focus=`` and layer links.
 """
 
 from __future__ import annotations
@@ -122,11 +124,41 @@ def flat_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+class Loop(torch.nn.Module):
+    """A cell applied three times: its ops roll into one node each, with a back edge."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cell = torch.nn.Linear(4, 4)
+        self.head = torch.nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for _ in range(3):
+            x = torch.tanh(self.cell(x))
+        return self.head(x)
+
+
+@pytest.fixture(scope="module")
+def loop_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from torch.utils.data import TensorDataset
+
+    from lurker.probe import probe
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("graph-page") / "loop"
+    data = TensorDataset(torch.randn(4, 4), torch.zeros(4, dtype=torch.long))
+    run = probe(Loop().eval(), data, out=out, layers=["head"], k=2, batch_size=4, progress=False)
+    assert run is not None
+    run.close()
+    return out
+
+
 @pytest.fixture(scope="module")
 def servers(
     explorer_run: ExplorerRun,  # noqa: F811
     resnet_run: Path,
     flat_run: Path,
+    loop_run: Path,
 ) -> Iterator[dict[str, str]]:
     """One explorer server per run (uvicorn threads on free ports): run id -> base URL."""
     from lurker.server import create_app
@@ -135,7 +167,7 @@ def servers(
     with contextlib.ExitStack() as stack:
         yield {
             path.name: stack.enter_context(background(create_app(path)))
-            for path in (explorer_run.path, resnet_run, flat_run)
+            for path in (explorer_run.path, resnet_run, flat_run, loop_run)
         }
 
 
@@ -152,7 +184,7 @@ def page(browser: Any) -> Iterator[Any]:
     assert not errors, f"console errors: {errors}"
 
 
-RUNS = ["digits", "resnet18", "flat"]
+RUNS = ["digits", "resnet18", "flat", "loop"]
 
 
 def open_graph(page: Any, servers: dict[str, str], run: str, query: str = "") -> dict[str, Any]:
@@ -196,6 +228,7 @@ def test_first_view_matches_the_document(page: Any, servers: dict[str, str], run
     )
     assert {tuple(p) for p in pairs} == ex.edges(open_)
     assert _edge_ends_on_items(page) == []
+    assert _edges_under_nodes(page) == []
 
 
 def _edge_ends_on_items(page: Any) -> list[str]:
@@ -249,12 +282,114 @@ def test_expand_a_group(page: Any, servers: dict[str, str], run: str) -> None:
     )
     assert {tuple(p) for p in pairs} == ex.edges(open_)
     assert _edge_ends_on_items(page) == []
+    assert _edges_under_nodes(page) == []
     # every item inside the opened group is connected: an edge arrives or leaves
     ends = {a for a, _ in pairs} | {b for _, b in pairs}
     assert inside <= ends
     if run == "resnet18":  # no loops: a back edge would be a reused module drawn as one box
         assert page.locator("svg.graph path.e.back").count() == 0
     assert float(page.get_attribute(".graph-page", "data-expand-ms")) < 2000
+
+
+def _edges_under_nodes(page: Any, only_into: str | None = None) -> list[str]:
+    """Forward edges (all, or those into item ``only_into``) that pass under a drawn node
+    or closed box other than their own ends: their paths sampled every 3 px in the SVG's
+    user space against each item's box shrunk by 2 px (`a -> b under item`)."""
+    return page.evaluate(
+        """into => {
+        const items = [...document.querySelectorAll('svg.graph .nd, svg.graph .box')]
+          .map(e => [e.dataset.k, e.getBBox()]);
+        const bad = [];
+        const sel = 'svg.graph path.e:not(.back)' + (into ? `[data-b="${into}"]` : '');
+        for (const e of document.querySelectorAll(sel)) {
+          const len = e.getTotalLength();
+          for (let t = 0; t <= len; t += 3) {
+            const p = e.getPointAtLength(t);
+            const hit = items.find(([k, b]) => k !== e.dataset.a && k !== e.dataset.b
+              && p.x > b.x + 2 && p.x < b.x + b.width - 2 && p.y > b.y + 2 && p.y < b.y + b.height - 2);
+            if (hit) { bad.push(`${e.dataset.a} -> ${e.dataset.b} under ${hit[0]}`); break; }
+          }
+        }
+        return bad;
+      }""",
+        only_into,
+    )
+
+
+def test_skip_edges_go_around_the_block(page: Any, servers: dict[str, str]) -> None:
+    """ResNet's skip connection into a block's ``add`` comes from outside the block (the
+    block's input): it is drawn beside the block's chain, not under its nodes, so every
+    ``add`` visibly has its two inputs."""
+    doc = open_graph(page, servers, "resnet18", "?focus=add__1")
+    labels = [n["l"] for n in doc["nodes"]]
+    k = labels.index("add__1")
+    ex = Expect(doc)
+    open_ = {0} | {g for g in ex.chain[doc["nodes"][k].get("m", 0)] if not ex.thin[g]}
+    into = page.eval_on_selector_all(
+        f'svg.graph path.e[data-b="n{k}"]', "es => es.map(e => e.dataset.a)"
+    )
+    sources = {ex.drawn_as(s, ex.default_open() | open_) for s, d, *_ in doc["edges"] if d == k}
+    assert len(into) == 2 and set(into) == sources
+    # one input comes from outside the block: the skip edge crosses the block's frame
+    block = doc["nodes"][k].get("m", 0)
+    assert any(block not in ex.chain[doc["nodes"][int(a[1:])].get("m", 0)] for a in into)
+    assert _edges_under_nodes(page, f"n{k}") == []
+    assert _edge_ends_on_items(page) == []
+    # every block open: no forward edge passes under a node anywhere
+    before = draws(page)
+    while page.locator("svg.graph .box").count():  # (boxes may lie outside the canvas)
+        page.locator("svg.graph .box").first.dispatch_event("click")
+        wait_draw(page, before)
+        before = draws(page)
+    adds = [i for i, n in enumerate(doc["nodes"]) if n["t"] in ("add", "add_")]
+    assert len(adds) == 8  # one per BasicBlock
+    for a in adds:
+        assert page.locator(f'svg.graph path.e[data-b="n{a}"]').count() == 2, labels[a]
+    assert _edges_under_nodes(page) == []
+    assert _edge_ends_on_items(page) == []
+
+
+@pytest.mark.parametrize("run", ["digits", "resnet18", "loop"])
+def test_legend_lists_only_what_the_graph_has(page: Any, servers: dict[str, str], run: str) -> None:
+    doc = open_graph(page, servers, run)
+    legend = page.inner_text(".graph-legend")
+    loops = any(e[0] >= e[1] for e in doc["edges"])
+    branches = any(len(e) > 3 for e in doc["edges"])
+    assert loops == (run == "loop")
+    assert ("loop (back edge)" in legend) == loops
+    assert ("branch taken" in legend) == branches
+    kinds = {n.get("k", "op") for n in doc["nodes"]}
+    assert ("generated tensor" in legend) == ("generated" in kinds)
+    assert "input" in legend and "output" in legend
+    if run == "loop":  # a back edge is drawn, in the legend's colour
+        assert page.locator("svg.graph path.e.back").count() > 0
+
+
+def test_tooltip_hides_when_the_view_moves(page: Any, servers: dict[str, str]) -> None:
+    doc = open_graph(page, servers, "resnet18")
+    labels = [n["l"] for n in doc["nodes"]]
+    # hover by an event, the pointer staying off the canvas: chromium then sends no
+    # mouseover of its own when the drawing changes under a still pointer
+    box = page.locator('svg.graph .nd[data-k="n0"]').bounding_box()
+    at = {"clientX": box["x"] + 5, "clientY": box["y"] + 5}
+    page.dispatch_event('svg.graph .nd[data-k="n0"] > .sh', "mouseover", at)
+    tip = page.locator(".graph-tip")
+    tip.wait_for(state="visible")
+    assert labels[0] in tip.inner_text()
+    # a search jump recentres the view on the match: the old tooltip must not cover it
+    before = draws(page)
+    page.fill(".graph-bar input[type=search]", "conv2d_12")
+    page.press(".graph-bar input[type=search]", "Enter")
+    wait_draw(page, before)
+    k = labels.index("conv2d_12")
+    assert "current" in page.get_attribute(f'svg.graph .nd[data-k="n{k}"]', "class")
+    assert tip.is_hidden()
+    # so does zooming with the wheel
+    node = page.locator(f'svg.graph .nd[data-k="n{k}"]')
+    node.hover()
+    tip.wait_for(state="visible")
+    page.mouse.wheel(0, -200)
+    tip.wait_for(state="hidden")
 
 
 def test_search_hover_colours_and_links(

@@ -10,15 +10,18 @@ import {
   boxSize,
   groupLines,
   type GraphView,
+  IN,
   type ItemKey,
   nodeSize,
+  OUT,
   PAD,
   Structure,
   textWidth,
 } from "./model";
 
 /** A laid-out group: its frame size, its items' centres and sizes, its edges' points
- * (all relative to the frame's top-left corner). */
+ * (all relative to the frame's top-left corner). Edges from and to outside the group run
+ * from its `IN` port (above every item) and to its `OUT` port (below every item). */
 export interface GroupLayout {
   w: number;
   h: number;
@@ -125,24 +128,68 @@ class Run {
       const [w, h] = this.size(it);
       gg.setNode(it, { width: w, height: h });
     }
-    for (const [a, b] of edges.get(g) ?? []) gg.setEdge(a, b);
+    const own = edges.get(g) ?? [];
+    for (const [a, b] of own) gg.setEdge(a, b);
+    this.ports(gg, g, own);
     dagre.layout(gg);
-    const graph = gg.graph();
-    const cw = st.items[g].length ? (graph.width ?? 0) : 0;
-    const ch = st.items[g].length ? (graph.height ?? 0) : 0;
-    const [w, h, dx, dy] = this.frame(g, cw, ch);
+    // the content's box: its items and its edges' bends (dagre leaves a long edge's bends,
+    // its dummy nodes, out of the graph's width, so they can lie left of every item)
+    let [x0, y0, x1, y1] = [0, 0, 0, 0];
+    if (st.items[g].length) {
+      [x0, y0, x1, y1] = [Infinity, Infinity, -Infinity, -Infinity];
+      for (const it of st.items[g]) {
+        const n = gg.node(it);
+        x0 = Math.min(x0, n.x - n.width / 2);
+        x1 = Math.max(x1, n.x + n.width / 2);
+        y0 = Math.min(y0, n.y - n.height / 2);
+        y1 = Math.max(y1, n.y + n.height / 2);
+      }
+      for (const [a, b] of own)
+        for (const p of gg.edge(a, b).points ?? []) {
+          x0 = Math.min(x0, p.x - 4);
+          x1 = Math.max(x1, p.x + 4);
+          y0 = Math.min(y0, p.y);
+          y1 = Math.max(y1, p.y);
+        }
+    }
+    const [w, h, fx, fy] = this.frame(g, x1 - x0, y1 - y0);
+    const dx = fx - x0;
+    const dy = fy - y0;
     const pos: GroupLayout["pos"] = {};
     for (const it of st.items[g]) {
       const n = gg.node(it);
       pos[it] = [n.x + dx, n.y + dy, n.width, n.height];
     }
     const out: GroupLayout["edges"] = [];
-    for (const e of gg.edges()) {
+    for (const [a, b] of own) {
       const pts: number[] = [];
-      for (const p of gg.edge(e).points ?? []) pts.push(round(p.x + dx), round(p.y + dy));
-      out.push({ a: e.v, b: e.w, pts });
+      for (const p of gg.edge(a, b).points ?? []) pts.push(round(p.x + dx), round(p.y + dy));
+      out.push({ a, b, pts });
     }
     return { w, h, pos, edges: out };
+  }
+
+  /** Adds group g's ports when edges cross its frame: `IN` ranked above every item (with
+   * undrawn edges to the items nothing inside feeds), so that an edge entering the group
+   * comes down beside the items it passes, not through them; `OUT` below every item. */
+  private ports(gg: InstanceType<typeof dagre.graphlib.Graph>, g: number, own: [ItemKey, ItemKey][]): void {
+    const usesIn = own.some(([a]) => a === IN);
+    const usesOut = own.some(([, b]) => b === OUT);
+    if (!usesIn && !usesOut) return;
+    const fed = new Set<ItemKey>();
+    const feeds = new Set<ItemKey>();
+    for (const [a, b] of own) {
+      fed.add(b);
+      feeds.add(a);
+    }
+    if (usesIn) {
+      gg.setNode(IN, { width: 0, height: 0 });
+      for (const it of this.st.items[g]) if (!fed.has(it)) gg.setEdge(IN, it);
+    }
+    if (usesOut) {
+      gg.setNode(OUT, { width: 0, height: 0 });
+      for (const it of this.st.items[g]) if (!feeds.has(it)) gg.setEdge(it, OUT);
+    }
   }
 
   /** Frame size of group g around content of cw x ch, and the content's offset in it. */

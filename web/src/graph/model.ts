@@ -55,6 +55,11 @@ export type ItemKey = string;
 
 export const nodeKey = (i: number): ItemKey => "n" + i;
 export const groupKey = (g: number): ItemKey => "g" + g;
+/** A group's ports in its own layout: where the edges from outside it enter (at its top)
+ * and where those to outside leave (at its bottom). An edge that crosses group frames is
+ * drawn through them: each group it passes lays out its part, so it routes around nodes. */
+export const IN: ItemKey = "in";
+export const OUT: ItemKey = "out";
 
 /** Groups expanded by default: the model and its direct submodules (depth <= 1). */
 export const DEFAULT_DEPTH = 1;
@@ -72,10 +77,12 @@ export class Structure {
   readonly items: ItemKey[][];
   /** per item: position of its first node (execution order), to tell back edges */
   readonly first = new Map<ItemKey, number>();
+  /** per item: the group it is drawn in */
+  readonly owner = new Map<ItemKey, number>();
 
   constructor(doc: GraphView) {
     this.doc = doc;
-        this.depth = doc.groups.map((_, g) => this.chainOfGroup(g).length - 1);
+    this.depth = doc.groups.map((_, g) => this.chainOfGroup(g).length - 1);
     // a group of one node, or one whose calls are drawn apart (`s`: a module reused without
     // a loop), is drawn as its nodes: one box would join distinct calls into a false cycle
     this.transparent = doc.groups.map((gr, g) => g !== 0 && ((gr.N ?? 0) <= 1 || gr.s === 1));
@@ -102,6 +109,7 @@ export class Structure {
       this.items[owner].push(item);
       this.first.set(item, k);
     });
+    this.items.forEach((its, g) => its.forEach((it) => this.owner.set(it, g)));
   }
 
   /** The group chain from the model down to group g, inclusive. */
@@ -160,10 +168,19 @@ export class Structure {
     return out;
   }
 
-  /** Edges of the layout of group `g`: `[a, b, edge indices]` between its items, back
-   * edges (to an earlier item) and edges inside one item left out. */
+  /** Edges of each group's layout, between its items: back edges (to an earlier item) and
+   * edges inside one item left out. An edge between items of different groups is laid out
+   * in each group it crosses: in their deepest common group between the items it falls
+   * into there, in each group around its source from the item holding the source to the
+   * group's {@link OUT} port, in each group around its target from the {@link IN} port to
+   * the item holding the target (see {@link Structure.segments}). */
   groupEdges(): Map<number, [ItemKey, ItemKey][]> {
     const by = new Map<number, Map<string, [ItemKey, ItemKey]>>();
+    const add = (g: number, a: ItemKey, b: ItemKey) => {
+      let m = by.get(g);
+      if (!m) by.set(g, (m = new Map()));
+      m.set(a + ">" + b, [a, b]);
+    };
     for (const e of this.doc.edges) {
       const [s, d] = e;
       if (s === d) continue;
@@ -172,12 +189,37 @@ export class Structure {
       const b = this.itemIn(d, g);
       if (a === null || b === null || a === b) continue;
       if ((this.first.get(a) ?? 0) >= (this.first.get(b) ?? 0)) continue; // back edge
-      let m = by.get(g);
-      if (!m) by.set(g, (m = new Map()));
-      m.set(a + ">" + b, [a, b]);
+      add(g, a, b);
+      for (let c = a; c[0] === "g"; ) {
+        const sub = Number(c.slice(1));
+        c = this.itemIn(s, sub)!;
+        add(sub, c, OUT);
+      }
+      for (let c = b; c[0] === "g"; ) {
+        const sub = Number(c.slice(1));
+        c = this.itemIn(d, sub)!;
+        add(sub, IN, c);
+      }
     }
     const out = new Map<number, [ItemKey, ItemKey][]>();
     for (const [g, m] of by) out.set(g, [...m.values()]);
+    return out;
+  }
+
+  /** The parts of the drawn edge from item `a` to item `b` (each drawn in some group), as
+   * `[group, from, to]` in order: out of each group around `a` to its {@link OUT} port, the
+   * step in the deepest group holding both, then from the {@link IN} port of each group
+   * around `b` down to `b`. One part when both are items of the same group. */
+  segments(a: ItemKey, b: ItemKey): [number, ItemKey, ItemKey][] {
+    const ca = this.chainOfGroup(this.owner.get(a) ?? 0);
+    const cb = this.chainOfGroup(this.owner.get(b) ?? 0);
+    let j = 0;
+    while (j + 1 < ca.length && j + 1 < cb.length && ca[j + 1] === cb[j + 1]) j++;
+    const out: [number, ItemKey, ItemKey][] = [];
+    const at = (chain: number[], i: number, item: ItemKey) => (i + 1 < chain.length ? groupKey(chain[i + 1]) : item);
+    for (let i = ca.length - 1; i > j; i--) out.push([ca[i], at(ca, i, a), OUT]);
+    out.push([ca[j], at(ca, j, a), at(cb, j, b)]);
+    for (let i = j + 1; i < cb.length; i++) out.push([cb[i], IN, at(cb, i, b)]);
     return out;
   }
 }

@@ -16,9 +16,11 @@ import {
   type GraphView,
   groupKey,
   groupLines,
+  IN,
   type ItemKey,
   nodeKey,
   nodeLines,
+  OUT,
   shapeText,
   Structure,
   type ViewNode,
@@ -211,17 +213,8 @@ class GraphPage {
     });
 
     const legend = el("div", "graph-legend");
-    legend.innerHTML = [
-      ["l-in", "input"],
-      ["l-out", "output"],
-      ["l-param", "op with parameters"],
-      ["l-op", "op"],
-      ["l-gen", "generated tensor"],
-      ["l-mod", "module (click to open)"],
-      ["l-branch", "branch taken"],
-      ["l-back", "loop (back edge)"],
-    ]
-      .map(([c, t]) => `<span><i class="${c}"></i>${t}</span>`)
+    legend.innerHTML = this.legendKinds()
+      .map(([c, t]) => `<span data-kind="${c}"><i class="${c}"></i>${t}</span>`)
       .join("");
 
     const canvas = el("div", "graph-canvas");
@@ -239,7 +232,10 @@ class GraphPage {
 
     this.zoomer = zoom<SVGSVGElement, unknown>()
       .scaleExtent([0.02, 4])
-      .on("zoom", (ev) => this.viewport.setAttribute("transform", ev.transform.toString()));
+      .on("zoom", (ev) => {
+        this.viewport.setAttribute("transform", ev.transform.toString());
+        this.tip.hidden = true; // what it described has moved from under the pointer
+      });
     select(this.svg).call(this.zoomer).on("dblclick.zoom", null);
 
     this.svg.addEventListener("click", (ev) => this.onClick(ev));
@@ -248,8 +244,30 @@ class GraphPage {
     this.svg.addEventListener("mouseleave", () => (this.tip.hidden = true));
   }
 
+  /** The legend's entries: only the kinds of node, module and edge this graph has. */
+  private legendKinds(): [string, string][] {
+    const d = this.doc;
+    const kinds = new Set(d.nodes.map((n) => (n.k ?? "op") + (n.P ? "+P" : "")));
+    const has = (k: string) => kinds.has(k) || kinds.has(k + "+P");
+    const all: [string, string, boolean][] = [
+      ["l-in", "input", has("input")],
+      ["l-out", "output", has("output")],
+      ["l-param", "op with parameters", kinds.has("op+P") || kinds.has("generated+P")],
+      ["l-op", "op", kinds.has("op")],
+      ["l-gen", "generated tensor", has("generated")],
+      ["l-const", "constant", has("constant")],
+      ["l-readout", "readout", has("readout")],
+      ["l-failed", "failed op", has("failed")],
+      ["l-mod", "module (click to open)", d.groups.some((gr, g) => g && !this.st.transparent[g] && (gr.N ?? 0) > 0)],
+      ["l-branch", "branch taken", d.edges.some((e) => e[3] !== undefined)],
+      ["l-back", "loop (back edge)", d.edges.some((e) => e[0] >= e[1])],
+    ];
+    return all.filter(([, , on]) => on).map(([c, t]) => [c, t]);
+  }
+
   // ------------------------------------------------------------------ drawing
   private draw(): void {
+    this.tip.hidden = true; // the item it described is redrawn (or gone)
     const parts: string[] = [];
     const edges: string[] = [];
     this.rects.clear();
@@ -325,8 +343,11 @@ class GraphPage {
   }
 
   /** Edges between what is drawn: each graph edge goes from the item its source is drawn
-   * as to the item its target is drawn as; edges inside one closed box vanish. Edges the
-   * group layout routed keep dagre's points; the rest (into open groups, loops) are curves. */
+   * as to the item its target is drawn as; edges inside one closed box vanish. A forward
+   * edge follows dagre's routes through every group it crosses (out of the groups around
+   * its source by their `OUT` ports, across their common group, into the groups around
+   * its target by their `IN` ports), so it passes beside the nodes between its ends, never
+   * under them; the rest (loops, back edges, big groups laid out without dagre) are curves. */
   private drawEdges(out: string[]): void {
     const st = this.st;
     const routed = new Map<string, number[]>();
@@ -364,8 +385,8 @@ class GraphPage {
       const cls = `e${label !== undefined ? " branch" : ""}${back ? " back" : ""}`;
       let d: string;
       let mid: [number, number];
-      const pts = !back ? routed.get(a + ">" + b) : undefined;
-      if (pts && pts.length >= 4) {
+      const pts = !back && a !== b ? this.route(a, b, ra, rb, routed) : null;
+      if (pts) {
         d = "M" + pts.slice(0, 2).join(",");
         for (let i = 2; i < pts.length; i += 2) d += " L" + pts[i] + "," + pts[i + 1];
         const j = Math.floor(pts.length / 4) * 2;
@@ -401,6 +422,44 @@ class GraphPage {
           `<text class="el${label !== undefined ? " branch" : ""}${back ? " back" : ""}" x="${f1(mid[0] + 4)}" y="${f1(mid[1])}">${esc(text)}</text>`,
         );
     }
+  }
+
+  /** The points of the forward edge from drawn item a to b: the routes of its parts in
+   * each group it crosses (see {@link Structure.segments}), joined; null when no part has
+   * a route. A part without one (a group too big for dagre) is a straight step. Where it
+   * enters an open group, it comes to the frame's top straight above the group's `IN` port
+   * (not to where dagre's route, aimed at the frame's centre, meets its side) and goes down
+   * to it; where it leaves one, down from the `OUT` port to the frame's bottom. */
+  private route(
+    a: ItemKey,
+    b: ItemKey,
+    ra: [number, number, number, number],
+    rb: [number, number, number, number],
+    routed: Map<string, number[]>,
+  ): number[] | null {
+    const segs = this.st.segments(a, b);
+    const parts = segs.map(([, from, to]) => {
+      const r = routed.get(from + ">" + to);
+      return r && r.length >= 4 ? r.slice() : null;
+    });
+    if (!parts.some(Boolean)) return null;
+    for (let i = 0; i + 1 < segs.length; i++) {
+      const p = parts[i];
+      const q = parts[i + 1];
+      if (!p || !q) continue;
+      if (segs[i + 1][1] === IN) {
+        const f = this.rects.get(segs[i][2]); // the frame entered
+        if (f) p.splice(p.length - 2, 2, q[0], f1(f[1] - f[3] / 2));
+      } else if (segs[i][2] === OUT) {
+        const f = this.rects.get(segs[i + 1][1]); // the frame left
+        if (f) q.splice(0, 2, p[p.length - 2], f1(f[1] + f[3] / 2));
+      }
+    }
+    const pts: number[] = [];
+    if (!parts[0]) pts.push(f1(ra[0]), f1(ra[1] + ra[3] / 2));
+    for (const part of parts) if (part) pts.push(...part);
+    if (!parts[parts.length - 1]) pts.push(f1(rb[0]), f1(rb[1] - rb[3] / 2));
+    return pts;
   }
 
   // ------------------------------------------------------------------ view
