@@ -132,3 +132,25 @@ def static_server(site: Path) -> Iterator[str]:
     finally:
         httpd.shutdown()
         thread.join(10)
+
+
+def watch(browser: Any, width: int = 1280, height: int = 900) -> tuple[Any, Any, list[str]]:
+    """``(context, page, errors)``: a new page whose console errors, uncaught exceptions
+    and HTTP error answers are collected in ``errors`` (tests assert it stays empty)."""
+    ctx = browser.new_context(viewport={"width": width, "height": height})
+    pg = ctx.new_page()
+    errors: list[str] = []
+    pg.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    pg.on("pageerror", lambda e: errors.append(f"uncaught: {e}"))
+    pg.on("response", lambda r: errors.append(f"{r.status} {r.url}") if r.status >= 400 else None)
+    return ctx, pg, errors
+
+
+@contextlib.contextmanager
+def strict_page(browser: Any, width: int = 1280, height: int = 900) -> Iterator[Any]:
+    """A page that fails the test on any console error, uncaught exception or HTTP error
+    answer (checked when the block ends)."""
+    ctx, pg, errors = watch(browser, width, height)
+    yield pg
+    ctx.close()
+    assert not errors, f"console errors: {errors}"

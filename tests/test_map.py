@@ -416,6 +416,45 @@ def test_api_map_document(model, data, tmp_path):
     assert doc["extent"] == pytest.approx([m.x.min(), m.x.max(), m.y.min(), m.y.max()])
 
 
+def test_predictions_of_a_head_that_is_not_the_datasets_classes(data, tmp_path):
+    """A 12-output head over the 10 digit classes, with logits so small that float32's
+    softmax is uniform: each prediction is still the logits' argmax (not class 0 for all),
+    and the map document says that predictions are not the dataset's labels."""
+    from fastapi.testclient import TestClient
+
+    from lurker.server.app import create_app
+
+    torch.manual_seed(1)
+    net = DigitsNet().eval()
+    net.classifier[3] = torch.nn.Linear(64, 12)
+    with torch.no_grad():
+        net.classifier[3].weight.mul_(1e-7)
+        net.classifier[3].bias.zero_()
+    xs, _ = _all(data)
+    with torch.no_grad():
+        logits = net(xs)
+    assert (torch.softmax(logits, 1).max(1).values == torch.softmax(logits, 1)[:, 0]).all()
+    run = probe(net, data, out=tmp_path / "run", layers="classifier.1", progress=False,
+                embed=True)  # fmt: skip
+    m = make_map(run, method="pca").map()
+    assert (m.pred == logits.argmax(1).numpy()[m.ids]).all()
+    assert len(set(m.pred.tolist())) > 1
+    doc = TestClient(create_app(str(run.path))).get("/api/runs/run/map").json()
+    assert doc["outputs"] == 12 and doc["comparable"] is False
+
+
+def test_map_document_says_predictions_are_the_classes(model, data, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from lurker.server.app import create_app
+
+    run = probe(model, data, out=tmp_path / "run", layers="classifier.1", progress=False,
+                embed=True)  # fmt: skip
+    make_map(run, method="pca").close()
+    doc = TestClient(create_app(str(run.path))).get("/api/runs/run/map").json()
+    assert doc["outputs"] == 10 and doc["comparable"] is True
+
+
 @pytest.mark.skipif(
     not (Path(__file__).resolve().parents[1] / "src/lurker/server/static/index.html").exists(),
     reason="the export needs the built front end (make web)",

@@ -45,6 +45,13 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
         if embed:
             make_map(run, method="pca").close()
         run.close()
+    # a 12-output head over the 10 digit classes: predictions that are not labels
+    other = DigitsNet().eval()
+    other.classifier[3] = torch.nn.Linear(64, 12)
+    run = probe(other, data, out=root / "other", layers="classifier.1", progress=False,
+                embed=True)  # fmt: skip
+    make_map(run, method="pca").close()
+    run.close()
     from lurker.store import Run
 
     with (
@@ -254,6 +261,20 @@ def test_shift_drag_pans_while_the_lasso_is_chosen(page: Any, served: dict[str, 
     tip = page.locator(".map-tip")
     tip.wait_for(state="visible")
     assert tip.get_attribute("data-sample") == str(m.ids[i])
+    assert not page.errors
+
+
+def test_predictions_that_are_not_the_datasets_classes_are_not_called_wrong(
+    page: Any, served: dict[str, Any]
+):
+    page.goto(f"{served['url']}#/r/other/map?color=correct&mis=1")
+    page.wait_for_selector("canvas.map-canvas")
+    page.wait_for_load_state("networkidle")
+    note = page.locator(".notice", has_text="outputs")
+    assert "The model has 12 outputs and the dataset 10 classes" in note.inner_text()
+    assert page.locator("#map-mis").is_disabled()
+    assert page.locator("button[data-color=correct]").is_disabled()
+    assert "misclassified only (0)" in page.locator(".toolbar").inner_text()
     assert not page.errors
 
 

@@ -12,6 +12,7 @@ import json
 import math
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,7 +21,12 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from explorer_fixtures import ExplorerRun, explorer_run, summary_rank_behind  # noqa: F401
+from explorer_fixtures import (  # noqa: F401
+    ExplorerRun,
+    explorer_run,
+    strict_page,
+    summary_rank_behind,
+)
 from lurker.probe.data import load_dataset, to_pil
 from lurker.server import create_app
 
@@ -149,7 +155,14 @@ def test_feature_maps_equal_the_models(
 def test_kernels_equal_the_weights(client: TestClient, explorer_run: ExplorerRun):  # noqa: F811
     weight = explorer_run.model.features[4].weight.detach()
     info = client.get("/api/runs/digits/live/sample-0/ops/conv2d_2").json()
-    assert info["kernel"] == {"shape": [32, 16, 3, 3], "param": "features.4.weight"}
+    assert info["kernel"] == {
+        "shape": [32, 16, 3, 3],
+        "param": "features.4.weight",
+        "groups": 1,
+        "transposed": False,
+        "in_channels": 16,
+        "out_channels": 32,
+    }
     for out, inp in ((0, 0), (31, 15), (7, 3)):
         got = client.get(f"/api/runs/digits/live/sample-0/ops/conv2d_2/kernels/{out}/{inp}.json")
         body = got.json()
@@ -582,3 +595,309 @@ def test_the_explorer_explains_the_probes_unit(tmp_path: Any):
         assert r.status_code == 200, r.text
         assert r.json()["max"] == pytest.approx(float(token.max()), rel=1e-5)
         assert r.json()["sum"] == pytest.approx(float(token.sum()), rel=1e-4)
+
+
+class _Grouped(torch.nn.Module):
+    """Grouped, depthwise and grouped transposed convolutions with non-square kernels, one
+    called as ``F.conv2d(x, w, groups=3)`` on a parameter not named ``weight``; then a
+    linear head on pooled features, its logits a vector."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.grouped = torch.nn.Conv2d(8, 12, (3, 1), padding=(1, 0), groups=2)  # [12, 4, 3, 1]
+        self.depthwise = torch.nn.Conv2d(12, 12, 3, padding=1, groups=12)  # [12, 1, 3, 3]
+        self.up = torch.nn.ConvTranspose2d(12, 6, (2, 3), stride=2, groups=3)  # [12, 2, 2, 3]
+        self.mix = torch.nn.Parameter(torch.randn(6, 2, 1, 3))  # groups=3: in 6, out 6
+        self.head = torch.nn.Linear(6, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.up(torch.relu(self.depthwise(self.grouped(self.stem(x)))))
+        x = torch.nn.functional.conv2d(x, self.mix, padding=(0, 1), groups=3)
+        return self.head(x.mean((2, 3)))
+
+
+def _conv_oracle(f: Any, cin: int, k: tuple[int, int], pad: tuple[int, int]) -> np.ndarray:
+    """``(out, in, kh, kw)``: for every pair, how input map ``in`` feeds output map
+    ``out`` of the (stride 1) convolution ``f``: the gradient of output ``out``'s centre
+    value with respect to input map ``in`` (autograd), cut to the window the centre sees;
+    all zero where the input does not feed the output. The rest of each gradient is
+    checked to be zero."""
+    x = torch.zeros(1, cin, 9, 9, requires_grad=True)
+    y = f(x)
+    cy, cx = y.shape[2] // 2, y.shape[3] // 2
+    out = np.zeros((y.shape[1], cin, *k))
+    for o in range(y.shape[1]):
+        (g,) = torch.autograd.grad(y[0, o, cy, cx], x, retain_graph=True)
+        g = g[0].double()
+        win = g[:, cy - pad[0] : cy - pad[0] + k[0], cx - pad[1] : cx - pad[1] + k[1]]
+        assert torch.equal(win.abs().sum((1, 2)), g.abs().sum((1, 2)))  # nothing outside
+        out[o] = win.numpy()
+    return out
+
+
+def _transposed_oracle(f: Any, cin: int, k: tuple[int, int], stride: int) -> np.ndarray:
+    """``(out, in, kh, kw)`` for a transposed convolution ``f`` (no padding): the
+    response of output map ``out`` to a unit impulse at (2, 2) of input map ``in`` (less
+    the response to zeros: the bias), cut to where the impulse lands."""
+    with torch.no_grad():
+        zero = f(torch.zeros(1, cin, 5, 5))
+        out = np.zeros((zero.shape[1], cin, *k))
+        for i in range(cin):
+            x = torch.zeros(1, cin, 5, 5)
+            x[0, i, 2, 2] = 1.0
+            y = (f(x) - zero)[0].double()
+            win = y[:, 2 * stride : 2 * stride + k[0], 2 * stride : 2 * stride + k[1]]
+            assert torch.allclose(win.abs().sum((1, 2)), y.abs().sum((1, 2)))
+            out[:, i] = win.numpy()
+    return out
+
+
+def _grouped_cases(model: _Grouped) -> dict[str, tuple[np.ndarray, str, int, bool]]:
+    """Per convolution op of ``_Grouped``: (its oracle kernels ``(out, in, kh, kw)``, its
+    weight's name, groups, transposed)."""
+    mix = lambda x: torch.nn.functional.conv2d(x, model.mix, padding=(0, 1), groups=3)  # noqa: E731
+    return {
+        "conv2d_2": (_conv_oracle(model.grouped, 8, (3, 1), (1, 0)), "grouped.weight", 2, False),
+        "conv2d_3": (_conv_oracle(model.depthwise, 12, (3, 3), (1, 1)), "depthwise.weight", 12, False),
+        "conv_transpose2d_1": (_transposed_oracle(model.up, 12, (2, 3), 2), "up.weight", 3, True),
+        "conv2d_4": (_conv_oracle(mix, 6, (1, 3), (0, 1)), "mix", 3, False),
+    }  # fmt: skip
+
+
+def _fed_by(connected: np.ndarray) -> str:
+    """The inputs an output's row of ``connected`` marks, as the server names them."""
+    idx = np.flatnonzero(connected)
+    assert len(idx) and np.array_equal(idx, np.arange(idx[0], idx[-1] + 1))  # contiguous
+    if len(idx) == 1:
+        return f"is fed by input {idx[0]} only"
+    return f"is fed by inputs {idx[0]}..{idx[-1]} only"
+
+
+def test_grouped_and_transposed_kernels_are_what_connects_the_maps(tmp_path: Any):
+    """For every (output, input) map pair of grouped, depthwise, grouped transposed and
+    keyword-grouped convolutions, the kernel endpoint answers the weights through which
+    that input feeds that output, equal to the gradient (impulse response, transposed)
+    the model computes; a pair that is not connected gets a 404 naming the inputs that
+    feed the output. Oracle: autograd on the modules themselves, not lurker's weights."""
+    torch.manual_seed(0)
+    model = _Grouped().eval()
+    cases = _grouped_cases(model)
+    with _live_client(model, tmp_path) as client:
+        base = "/api/runs/r/live/sample-3/ops"
+        # output 10 of 8 -> 12 in 2 groups is fed by inputs 4..7, through weight[10, i - 4]:
+        # weight[10, 1] is input 5's kernel, not input 1's
+        assert client.get(f"{base}/conv2d_2/kernels/10/1.json").status_code == 404
+        got = client.get(f"{base}/conv2d_2/kernels/10/5.json").json()["values"]
+        assert np.allclose(got, cases["conv2d_2"][0][10, 5], atol=1e-6)
+        for op, (want, param, groups, transposed) in cases.items():
+            n_out, n_in = want.shape[:2]
+            connected = np.abs(want).sum((2, 3)) > 0
+            for o in range(n_out):
+                for i in range(n_in):
+                    r = client.get(f"{base}/{op}/kernels/{o}/{i}.json")
+                    if connected[o, i]:
+                        assert r.status_code == 200, (op, o, i, r.text)
+                        body = r.json()
+                        assert body["shape"] == list(want.shape[2:]), (op, o, i)
+                        assert np.allclose(body["values"], want[o, i], atol=1e-6), (op, o, i)
+                    else:
+                        assert r.status_code == 404, (op, o, i, r.text)
+                        detail = r.json()["detail"]
+                        assert f"input {i} does not feed output {o}" in detail, detail
+                        assert f"with {groups} groups" in detail and _fed_by(connected[o]) in detail
+            assert (body["param"], body["groups"], body["transposed"]) == (
+                param,
+                groups,
+                transposed,
+            )
+            info = client.get(f"{base}/{op}").json()
+            assert info["kernel"] == {
+                "shape": list(dict(model.named_parameters())[param].shape),
+                "param": param,
+                "groups": groups,
+                "transposed": transposed,
+                "in_channels": n_in,
+                "out_channels": n_out,
+            }, op
+            assert (info["input"]["channels"], info["output"]["channels"]) == (n_in, n_out)
+            r = client.get(f"{base}/{op}/kernels/{n_out}/0.json")
+            assert r.status_code == 404 and f"0..{n_out - 1}" in r.json()["detail"]
+        # not convolutions: no kernel, however their parameters are shaped
+        for op in ("relu_1", "linear_1", "mean_1"):
+            assert client.get(f"{base}/{op}").json()["kernel"] is None
+            r = client.get(f"{base}/{op}/kernels/0/0.json")
+            assert r.status_code == 404 and "no convolution kernel" in r.json()["detail"]
+
+
+def test_live_input_output_and_vector_notes(tmp_path: Any):
+    """The model's input node is an op of the live view (its maps: the image's channels),
+    the output node's input is its producer's output, and the note of a vector shown as
+    stored says what is shown (one map of its values) and names no option the page lacks."""
+
+    class Sliced(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = torch.nn.Conv2d(3, 8, 4, stride=4)
+            self.head = torch.nn.Linear(16, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            tokens = self.stem(x).flatten(2).transpose(1, 2)  # (B, 16, 8)
+            return self.head(tokens.reshape(len(x), 128)[:, :16])
+
+    torch.manual_seed(0)
+    model = Sliced().eval()
+    x = load_dataset("digits:test", 16, channels=3)[3][0][None]
+    with torch.no_grad():
+        logits = model(x)[0].numpy()
+    with _live_client(model, tmp_path) as client:
+        base = "/api/runs/r/live/sample-3/ops"
+        info = client.get(f"{base}/input_1").json()
+        assert info["kind"] == "input" and info["input"] is None
+        assert (info["output"]["shape"], info["output"]["channels"]) == ([1, 3, 16, 16], 3)
+        for c in range(3):
+            assert np.allclose(_unit_map(client, "input_1", "output", c), x[0, c], atol=1e-6)
+        info = client.get(f"{base}/output_1").json()
+        assert info["kind"] == "output" and info["input_op"] == "linear_1"
+        for side in ("input", "output"):
+            assert info[side]["shape"] == [1, 10] and info[side]["channels"] == 1
+            assert np.allclose(_unit_map(client, "output_1", side, 0), logits[None], atol=1e-5)
+        info = client.get(f"{base}/getitem_1").json()
+        out = info["output"]
+        assert (out["shape"], out["channels"], out["map_shape"]) == ([1, 16], 1, [1, 16])
+        assert out["unit_axis"] is None
+        assert "its 16 values in order, one vector (a single 1x16 map)" in out["note"], out["note"]
+        assert "map per index" not in out["note"] and "unit-dim" not in out["note"]
+        assert "unit_dim" not in out["note"]
+
+
+# --- the live page in a real browser (Debian's chromium, as tests/test_explorer_browser.py)
+
+
+@pytest.fixture(scope="module")
+def grouped_site(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A probed run of ``_Grouped`` served with its model by uvicorn in a thread."""
+    from lurker.probe import probe
+    from lurker.server.serve import background
+
+    static = Path(__file__).resolve().parents[1] / "src" / "lurker" / "server" / "static"
+    if not (static / "index.html").exists():
+        pytest.skip(f"the explorer's front end is not built ({static}): run `make web`")
+    pytest.importorskip("uvicorn")
+    torch.manual_seed(0)
+    model = _Grouped().eval()
+    out = tmp_path_factory.mktemp("grouped") / "runs" / "r"
+    data = load_dataset("digits:test", 16, channels=3)
+    probe(model, data, out=out, k=2, progress=False, meta={"data": "digits:test"}).close()
+    with background(create_app(out, model_obj=model)) as url:
+        yield {"url": url, "model": model, "x": data[3][0][None]}
+
+
+@pytest.fixture
+def page(browser: Any) -> Any:
+    """A 1280x900 page that fails the test on any console error, uncaught exception or
+    HTTP error answer."""
+    with strict_page(browser) as pg:
+        yield pg
+
+
+def _open_op(page: Any, site: dict[str, Any], op: str) -> None:
+    page.goto(f"{site['url']}#/r/r/live?image=sample-3&op={op}")
+    page.wait_for_selector(f'.live-maps h2 code:text-is("{op}")')
+
+
+def _kernel_shown(page: Any, out: int, inp: int) -> tuple[np.ndarray, str]:
+    fig = page.locator(f'.kernel[data-out="{out}"][data-in="{inp}"]')
+    fig.locator("td").first.wait_for()
+    cells = fig.locator("td").all()
+    values = np.array([float(c.get_attribute("data-value")) for c in cells])
+    return values, fig.locator("figcaption").inner_text()
+
+
+def test_live_page_grouped_kernels(page: Any, grouped_site: dict[str, Any]) -> None:
+    """Choosing an output map of a grouped convolution marks the inputs that feed it;
+    an input that does not is said so (no request, no broken box); a connected pair shows
+    the kernel that connects them (oracle: autograd on the model's modules); a depthwise
+    output picks its one input; a transposed convolution's pair reads ``weight[in, out]``."""
+    want = {op: w for op, (w, *_rest) in _grouped_cases(grouped_site["model"]).items()}
+    fmap = '.fmaps[data-side="{}"] .fmap[data-channel="{}"]'.format
+    _open_op(page, grouped_site, "conv2d_2")  # 8 -> 12 in 2 groups: output 10 <- inputs 4..7
+    page.locator(fmap("output", 10)).click()
+    page.wait_for_selector(".kernel-feeds")
+    assert "output 10 is fed by inputs 4\u20137 only" in page.locator(".kernel-feeds").inner_text()
+    linked = [page.locator(fmap("input", c)).get_attribute("data-linked") for c in range(8)]
+    assert linked == ["0"] * 4 + ["1"] * 4
+    page.locator(fmap("input", 1)).click()
+    msg = page.locator(".kernel-box .notice").inner_text()
+    assert "Input 1 does not feed output 10" in msg and "inputs 4\u20137" in msg
+    assert page.locator(".kernel td").count() == 0
+    page.locator(fmap("input", 5)).click()
+    values, caption = _kernel_shown(page, 10, 5)
+    np.testing.assert_allclose(values, want["conv2d_2"][10, 5].ravel(), atol=1e-6)
+    assert "grouped.weight[10, 1]" in caption
+
+    _open_op(page, grouped_site, "conv2d_3")  # depthwise: output 5 <- input 5 alone
+    page.locator(fmap("output", 5)).click()
+    values, caption = _kernel_shown(page, 5, 5)
+    np.testing.assert_allclose(values, want["conv2d_3"][5, 5].ravel(), atol=1e-6)
+    assert "depthwise.weight[5, 0]" in caption
+    assert "sel" in (page.locator(fmap("input", 5)).get_attribute("class") or "")
+
+    _open_op(page, grouped_site, "conv_transpose2d_1")  # 12 -> 6 in 3 groups
+    page.locator(fmap("input", 7)).click()
+    page.locator(fmap("output", 3)).click()
+    values, caption = _kernel_shown(page, 3, 7)
+    np.testing.assert_allclose(values, want["conv_transpose2d_1"][3, 7].ravel(), atol=1e-6)
+    assert "up.weight[7, 1]" in caption and "transposed" in caption
+
+
+def test_live_page_vectors_and_nodes(page: Any, grouped_site: dict[str, Any]) -> None:
+    """A Linear's input and logits are shown as vectors (their range, every value by
+    index with hover, the highest values with their indices), with no kernel boxes; the
+    output node shows its producer's output; the model's input is in the op list."""
+    model, x = grouped_site["model"], grouped_site["x"]
+    seen = _hooked(model, x, ["head"])["head"]
+    feats, logits = seen[0][0].numpy(), seen[1][0].numpy()
+    _open_op(page, grouped_site, "linear_1")
+    for side, v in (("input", feats), ("output", logits)):
+        view = page.locator(f'.vector-view[data-side="{side}"]')
+        view.locator("svg.vector-strip").wait_for()
+        assert view.locator("svg.vector-strip").get_attribute("data-n") == str(len(v))
+        assert view.locator("svg.vector-strip .bars rect").count() == len(v)
+        rng = view.locator(".vec-range").inner_text()
+        assert f"max {_fmt(v.max())} at index {int(v.argmax())}" in rng, rng
+        assert f"min {_fmt(v.min())} at index {int(v.argmin())}" in rng, rng
+        top = view.locator("svg.bars-h text.label").evaluate_all(
+            "els => els.map(e => e.firstChild.nodeValue)"  # the label, not its <title>
+        )
+        order = np.argsort(-v, kind="stable")[:10]
+        assert top == [f"index {i}" for i in order]
+        shown = [float(t) for t in view.locator("svg.bars-h text.value").all_text_contents()]
+        np.testing.assert_allclose(shown, v[order], rtol=5e-3, atol=1e-6)
+    # hovering the strip names the index under the pointer and its value
+    strip = page.locator('.vector-view[data-side="output"] svg.vector-strip rect.hover')
+    box = strip.bounding_box()
+    page.mouse.move(box["x"] + box["width"] * 7.5 / 10, box["y"] + box["height"] / 2)
+    readout = page.locator('.vector-view[data-side="output"] .vec-readout')
+    assert readout.get_attribute("data-index") == "7"
+    assert float(readout.inner_text().split(":")[1]) == pytest.approx(logits[7], rel=1e-4)
+    assert page.locator(".pair, .big-map, .fmaps").count() == 0  # no kernel boxes, no thumbnails
+    assert "kernel" not in page.locator(".live-maps").inner_text().lower()
+
+    _open_op(page, grouped_site, "output_1")
+    text = page.locator(".live-maps").inner_text()
+    assert "no tensor" not in text and "the output of linear_1" in text
+    page.locator('.vector-view[data-side="input"] svg.vector-strip').wait_for()
+    page.locator(".op-list li[data-op=input_1]").click()
+    page.wait_for_selector('.live-maps h2 code:text-is("input_1")')
+    assert "the model's input" in page.locator('.card[data-side="input"]').inner_text()
+    page.locator('.fmaps[data-side="output"] .fmap').nth(2).wait_for()
+    assert page.locator('.fmaps[data-side="output"] .fmap').count() == 3
+
+
+def _fmt(v: float) -> str:
+    """The page's number format (web/src/dom.ts fmt) for values of moderate size."""
+    a = abs(v)
+    if a != 0 and a < 1e-3:
+        return f"{v:.2e}"
+    return str(float(f"{v:.3g}")).removesuffix(".0") if a < 1e4 else str(v)

@@ -380,8 +380,11 @@ class EmbeddingConsumer(BatchConsumer):
         out = output[0] if isinstance(output, (tuple, list)) and output else output
         n = len(batch.ids)
         if isinstance(out, Tensor) and out.dim() == 2 and out.shape[0] == n and out.shape[1] > 1:
-            p = torch.softmax(out.float(), 1)
-            conf, pred = p.max(1)
+            # the logits' argmax: a softmax of tiny logits (a random-init head) is
+            # uniform in float32, and its max would name class 0 for every sample
+            scores = out.detach().float()
+            pred = scores.argmax(1)
+            conf = torch.softmax(scores, 1).gather(1, pred[:, None])[:, 0]
         else:  # not a (B, classes) logit tensor: no prediction to tell
             pred = torch.full((n,), -1, dtype=torch.long)
             conf = torch.full((n,), float("nan"))

@@ -25,6 +25,7 @@ import numpy as np
 from lurker.errors import LurkerError
 from lurker.store.files import safe_component
 
+from .classes import class_names
 from .errors import ApiError, listing, no_model
 
 if TYPE_CHECKING:
@@ -470,13 +471,15 @@ class Session:
         logits = _first_tensor(out)
         if logits is None or logits.dim() != 2 or logits.shape[0] != 1:
             return []
-        probs = torch.softmax(logits.detach().float()[0], 0).cpu()
-        k = min(top, probs.numel())
-        values, idx = probs.topk(k)
-        names = self.entry.open_run().classes
+        scores = logits.detach().float()[0].cpu()
+        probs = torch.softmax(scores, 0)
+        # ranked by the logits: tiny logits (a random-init head) give a softmax that is
+        # uniform in float32, whose order says nothing
+        idx = scores.topk(min(top, scores.numel())).indices
+        names = class_names(self.entry.open_run(), scores.numel())
         return [
-            {"class": int(i), "name": names[i] if i < len(names) else str(i), "prob": float(v)}
-            for v, i in zip(values.tolist(), idx.tolist())
+            {"class": int(i), "name": names[i] if i < len(names) else None, "prob": float(probs[i])}
+            for i in idx.tolist()
         ]
 
     def trace(self) -> Trace:
@@ -544,15 +547,17 @@ class Session:
         """The layouts that tell the units of an op's input and output (see
         :meth:`layout`): the input is its first tensor argument, a producer's output; a
         convolution's input is read as the convolution reads it, channels on axis 1, so
-        that its maps pair with the kernel's input channels."""
+        that its maps pair with the kernel's input channels. The model's output node's
+        input and output are both the tensor it returns (its producer's output)."""
         from lurker.graph.nodes import OpRef, refs
 
         tr = self.trace()
         ref = next((r for r in refs(op) if isinstance(r, OpRef)), None)
         producer = tr.ops[ref.index] if ref is not None else None
-        if op.kind == "output":  # the model's output: its producer's output
-            return None, self.layout(producer, ref.output) if producer is not None else None
-        conv = self.kernel_param(op) is not None
+        if op.kind == "output":  # the model's output: its producer's output, on both sides
+            lay = self.layout(producer, ref.output) if producer is not None else None  # type: ignore[union-attr]
+            return lay, lay
+        conv = self.conv_kernel(op) is not None
         inp = None if producer is None or conv else self.layout(producer, ref.output)  # type: ignore[union-attr]
         return inp, self.layout(op, 0)
 
@@ -663,18 +668,113 @@ class Session:
                 f"op {op.label!r} ({op.kind}) has no tensor value per image to show",
             )
         inp = None
-        if producer is not None and op.kind != "output" and producer_ref is not None:
+        if op.kind == "output":  # the model returns its producer's output as it is
+            inp = out
+        elif producer is not None and producer_ref is not None:
             inp = value(producer, producer_ref.output)
         return inp, out
 
-    def kernel_param(self, op: Any) -> tuple[str, Any] | None:
-        """The op's convolution weight ``(name, tensor)``: its first weight of rank >= 3."""
-        model = self.model()
-        params = dict(model.named_parameters())
-        for ref in op.params:
-            if ref.name.endswith("weight") and len(ref.shape) >= 3 and ref.name in params:
-                return ref.name, params[ref.name]
+    def conv_kernel(self, op: Any) -> ConvKernel | None:
+        """The op's convolution kernel: for a convolution (``conv1d`` .. ``conv3d``,
+        ``conv_transpose1d`` .. ``3d``, ``convolution``) whose weight argument is a
+        parameter of the model, that weight with the call's ``groups`` and whether it is
+        transposed, as the trace recorded the call; None for any other op (a parameter of
+        rank >= 3 used otherwise, a ViT's position embedding, is no kernel)."""
+        call = conv_call(op)
+        if call is None:
+            return None
+        name, groups, transposed = call
+        param = dict(self.model().named_parameters()).get(name)
+        if param is None or param.dim() < 3:
+            return None
+        k = ConvKernel(name, param, groups, transposed)
+        return k if k.valid() else None
+
+
+#: Convolutions by function name: the position of ``groups`` and of ``transposed`` in
+#: their positional arguments (``transposed`` None: fixed by the name).
+_CONVS: dict[str, tuple[int, int | None, bool]] = {
+    **{f"conv{d}d": (6, None, False) for d in (1, 2, 3)},
+    **{f"conv_transpose{d}d": (6, None, True) for d in (1, 2, 3)},
+    "convolution": (8, 6, False),
+    "_convolution": (8, 6, False),
+}
+
+
+def conv_call(op: Any) -> tuple[str, int, bool] | None:
+    """``(weight parameter name, groups, transposed)`` of a convolution op's call as the
+    trace recorded it (its name, args and kwargs); None for any other op, or a convolution
+    whose weight is not a parameter (one computed by the model)."""
+    from lurker.graph.nodes import ParamRef
+
+    spec = _CONVS.get(op.name) if op.kind == "op" else None
+    if spec is None:
         return None
+    at_groups, at_transposed, transposed = spec
+    args, kwargs = list(op.args or ()), dict(op.kwargs or {})
+
+    def arg(pos: int, key: str, default: Any) -> Any:
+        if key in kwargs:
+            return kwargs[key]
+        return args[pos] if pos < len(args) else default
+
+    weight = arg(1, "weight", None)
+    if type(weight) is not ParamRef:
+        return None
+    groups = arg(at_groups, "groups", 1)
+    if at_transposed is not None:
+        transposed = bool(arg(at_transposed, "transposed", False))
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        return None
+    return weight.name, groups, transposed
+
+
+@dataclass(frozen=True)
+class ConvKernel:
+    """A convolution's weight and which of its input channels feed which output channels.
+
+    The weight is ``[out, in / groups, *kernel]`` (``[in, out / groups, *kernel]`` for a
+    transposed convolution); with ``groups`` G, the channels split into G groups in order,
+    and input ``i`` feeds output ``o`` only when both are in the same group, through the
+    weight of ``o`` and ``i``'s place within the group.
+    """
+
+    param: str
+    weight: Any
+    groups: int
+    transposed: bool
+
+    @property
+    def in_channels(self) -> int:
+        w = self.weight.shape
+        return int(w[0]) if self.transposed else int(w[1]) * self.groups
+
+    @property
+    def out_channels(self) -> int:
+        w = self.weight.shape
+        return int(w[1]) * self.groups if self.transposed else int(w[0])
+
+    def valid(self) -> bool:
+        return self.in_channels % self.groups == 0 and self.out_channels % self.groups == 0
+
+    def group_of_output(self, out: int) -> int:
+        return out // (self.out_channels // self.groups)
+
+    def inputs_of(self, out: int) -> range:
+        """The input channels that feed output ``out``."""
+        per = self.in_channels // self.groups
+        g = self.group_of_output(out)
+        return range(g * per, (g + 1) * per)
+
+    def index(self, out: int, inp: int) -> tuple[int, int] | None:
+        """Where in the weight the kernel from input ``inp`` to output ``out`` is; None
+        when ``inp`` does not feed ``out`` (another group)."""
+        if inp not in self.inputs_of(out):
+            return None
+        g = self.group_of_output(out)
+        if self.transposed:
+            return inp, out - g * (self.out_channels // self.groups)
+        return out, inp - g * (self.in_channels // self.groups)
 
 
 def _cached(path: Path) -> bool:
@@ -736,7 +836,7 @@ def as_maps(t: Any, layout: Any = None) -> Maps:
     """
     import torch
 
-    from lurker.probe.layout import Layout
+    from lurker.probe.layout import UNIT_DIM_HINT, Layout
 
     shape = list(t.shape)
     v = t.detach()
@@ -759,11 +859,24 @@ def as_maps(t: Any, layout: Any = None) -> Maps:
     note = None
     reason = getattr(layout, "reason", None)  # a Skip
     if reason:
-        note = (
-            f"{reason[:1].upper()}{reason[1:]}. Shown as stored: one map per index of axis {axis}."
-        )
+        # the probe's advice to name the axis (``--unit-dim``) is no option of this view
+        reason = reason.removesuffix(UNIT_DIM_HINT)
+        note = f"{reason[:1].upper()}{reason[1:]}. Shown as stored: {_as_stored(v, axis)}."
     per_index = v.dim() >= 2 and not reason  # else one map, or the axis is unknown
     return Maps(shape, m.contiguous(), axis if per_index else None, note)
+
+
+def _as_stored(v: Any, axis: int) -> str:
+    """What the maps of ``v`` (batch axis dropped, its axis ``axis`` of the whole tensor
+    first) read as stored are, in words."""
+    if v.dim() == 0:
+        return "its one value"
+    if v.dim() == 1:
+        n = v.shape[0]
+        return f"its {n} value{'s' if n != 1 else ''} in order, one vector (a single 1x{n} map)"
+    each = "1x" + str(v.shape[1]) if v.dim() == 2 else f"{v.shape[1]}x{v[0, 0].numel()}"
+    rest = " (the axes after the next one flattened)" if v.dim() > 3 else ""
+    return f"one map per index of axis {axis} ({v.shape[0]} maps of {each}{rest})"
 
 
 def _unit_maps(shape: list[int], v: Any, layout: Any) -> Maps:
@@ -771,7 +884,7 @@ def _unit_maps(shape: list[int], v: Any, layout: Any) -> Maps:
     u = layout.units(v)[0]  # (C, *positions), at most two positions
     note = None
     if u.dim() == 1:  # one value per unit: 1x1 maps would each be a flat square
-        return Maps(shape, u.reshape(1, 1, -1).contiguous(), None, _ONE_VALUE.format(u.numel()))
+        return Maps(shape, u.reshape(1, 1, -1).contiguous(), None, _ONE_VALUE.format(n=u.numel()))
     if u.dim() == 2 and (grid := layout.patch_grid()):
         order, rows, cols, left = grid
         m = u[:, order].reshape(u.shape[0], rows, cols)
@@ -786,7 +899,7 @@ def _unit_maps(shape: list[int], v: Any, layout: Any) -> Maps:
     return Maps(shape, m.contiguous(), layout.unit, note)
 
 
-_ONE_VALUE = "its {} units have one value each (no positions): side by side in one map"
+_ONE_VALUE = "its {n} units have one value each (no positions): one vector, a single 1x{n} map"
 
 
 def finite_range(a: np.ndarray) -> tuple[float | None, float | None]:

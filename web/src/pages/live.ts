@@ -1,11 +1,17 @@
 /**
  * `#/r/RUN/live?image=ID&op=LABEL`: run the attached model on an uploaded image or a
  * dataset sample; show the top-5, then any op's input and output feature maps, one PNG
- * per channel loaded as it scrolls into view, and for an op with a kernel the weights
- * between a chosen (input, output) channel pair.
+ * per channel loaded as it scrolls into view (a side with no positions, a vector, drawn
+ * as a chart of its values instead), and for a convolution the kernel between a chosen
+ * (input, output) channel pair, the inputs that feed a chosen output of a grouped one
+ * marked.
  */
 import { p, type FeatureSide, type Kernel, type LiveImage, type LiveOp, type RunSummary } from "../api";
 import type { PageContext } from "../context";
+import { axisBottom, axisLeft } from "d3-axis";
+import { scaleLinear } from "d3-scale";
+import { create } from "d3-selection";
+import { barChart } from "../charts";
 import { append, fill, fmt, h, notice, shape } from "../dom";
 import { imagePicker } from "../picker";
 
@@ -106,7 +112,7 @@ async function fillPicker(el: HTMLElement, ctx: PageContext, summary: RunSummary
   try {
     const view = await ctx.api.json<ViewDoc>(p("runs", ctx.run, "graph"));
     rows = view.nodes
-      .filter((n) => !n.k || n.k === "op" || n.k === "output")
+      .filter((n) => !n.k || n.k === "op" || n.k === "input" || n.k === "output")
       .map((n) => ({ label: n.l, type: n.t, module: view.groups[n.m ?? 0]?.p ?? "", shape: n.s?.[0] ? shape(n.s[0]) : "", layer: probed.has(n.l) }));
   } catch {
     rows = summary.layers.filter((l) => l.op).map((l) => ({ label: l.op!, type: l.kind ?? "", module: l.module ?? "", shape: shape(l.shape), layer: true }));
@@ -141,38 +147,123 @@ async function fillPicker(el: HTMLElement, ctx: PageContext, summary: RunSummary
   list.querySelector("li.on")?.scrollIntoView({ block: "nearest" });
 }
 
+/** A convolution's kernel as the op document describes it (groups: which inputs feed which outputs). */
+interface ConvKernel {
+  shape: number[];
+  param?: string;
+  groups?: number;
+  transposed?: boolean;
+  in_channels?: number | null;
+  out_channels?: number | null;
+}
+type OpDoc = Omit<LiveOp, "kernel"> & { kind?: string; name?: string; input_op?: string | null; kernel: ConvKernel | null };
+type KernelDoc = Kernel & { param?: string | null; index?: number[] | null; groups?: number; transposed?: boolean };
+interface MapValues {
+  shape: number[];
+  min: number | null;
+  max: number | null;
+  values: (number | null)[][];
+}
+
+/** The input channels that feed output `out` of a (grouped, possibly transposed) convolution. */
+function inputsOf(k: ConvKernel, out: number, inChannels: number, outChannels: number): [number, number] {
+  const g = Math.max(1, k.groups ?? 1);
+  const cin = k.in_channels ?? inChannels;
+  const cout = k.out_channels ?? outChannels;
+  const per = Math.floor(cin / g);
+  const group = Math.floor(out / Math.max(1, Math.floor(cout / g)));
+  return [group * per, group * per + per - 1];
+}
+
+/** A side with no positions (a vector: a Linear's input or logits) is one map of 1xN. */
+function isVector(t: FeatureSide): boolean {
+  return t.channels === 1 && t.map_shape[0] === 1;
+}
+
+function span(lo: number, hi: number): string {
+  return lo === hi ? `input ${lo}` : `inputs ${lo}–${hi}`;
+}
+
 async function showOp(el: HTMLElement, ctx: PageContext, image: string, op: string): Promise<void> {
   const base = p("runs", ctx.run, "live", image, "ops", op);
-  let info: LiveOp;
+  let info: OpDoc;
   try {
-    info = await ctx.api.json<LiveOp>(base, { cache: false });
+    info = await ctx.api.json<OpDoc>(base, { cache: false });
   } catch (err) {
     el.append(notice((err as Error).message, "error"));
     return;
   }
   if (ctx.signal.aborted) return;
+  const kernel = info.kernel;
+  const inCount = info.input?.channels ?? 0;
+  const outCount = info.output.channels;
   const sel: { in: number | null; out: number | null } = { in: null, out: null };
   const kernelBox = h("div", { class: "kernel-box" });
   const pair = h("section", { class: "card pair", "aria-label": "chosen maps and kernel" });
+  const linked = (): [number, number] | null => (kernel && sel.out !== null ? inputsOf(kernel, sel.out, inCount, outCount) : null);
+
+  /** Marks the input maps that feed the chosen output (a grouped convolution feeds each
+   * output from its group's inputs only) and dims the others. */
+  const mark = () => {
+    const feeds = linked();
+    const grouped = (kernel?.groups ?? 1) > 1;
+    el.querySelectorAll<HTMLElement>('.fmaps[data-side=input] .fmap').forEach((n) => {
+      const c = Number(n.dataset.channel);
+      const on = feeds === null || !grouped || (c >= feeds[0] && c <= feeds[1]);
+      n.dataset.linked = feeds === null || !grouped ? "" : on ? "1" : "0";
+      n.style.opacity = on ? "" : "0.3";
+      n.style.outline = feeds !== null && grouped && on ? "2px dashed #1f77b4" : "";
+      n.style.outlineOffset = feeds !== null && grouped && on ? "1px" : "";
+      n.title = `input channel ${c}` + (feeds !== null && grouped ? (on ? ` (feeds output ${sel.out})` : ` (does not feed output ${sel.out})`) : "");
+    });
+  };
 
   const showPair = async () => {
-    document.querySelectorAll(".fmap.sel").forEach((n) => n.classList.remove("sel"));
-    if (sel.in !== null) document.querySelector(`.fmaps[data-side=input] .fmap[data-channel="${sel.in}"]`)?.classList.add("sel");
-    if (sel.out !== null) document.querySelector(`.fmaps[data-side=output] .fmap[data-channel="${sel.out}"]`)?.classList.add("sel");
+    el.querySelectorAll(".fmap.sel").forEach((n) => n.classList.remove("sel"));
+    if (sel.in !== null) el.querySelector(`.fmaps[data-side=input] .fmap[data-channel="${sel.in}"]`)?.classList.add("sel");
+    if (sel.out !== null) el.querySelector(`.fmaps[data-side=output] .fmap[data-channel="${sel.out}"]`)?.classList.add("sel");
+    mark();
     const big = (side: "input" | "output", c: number | null) =>
       c === null
         ? h("div", { class: "big-map empty" }, `click an ${side} map`)
         : h("figure", { class: "big-map" }, h("img", { class: "pixelated", src: ctx.api.pngUrl(`${base}/${side}/${c}.png`), alt: `${side} channel ${c}` }), h("figcaption", null, `${side} ${c}`));
-    fill(kernelBox, info.kernel && sel.in !== null && sel.out !== null ? h("p", { class: "muted" }, "Loading the kernel…") : info.kernel ? h("p", { class: "muted" }, "kernel: pick an input and an output map") : null);
+    if (!kernel) return;
+    const feeds = linked();
+    const groups = kernel.groups ?? 1;
+    const fed =
+      feeds && groups > 1
+        ? h("p", { class: "muted small kernel-feeds" }, `output ${sel.out} is fed by ${span(feeds[0], feeds[1])} only (group ${Math.floor(feeds[0] / (feeds[1] - feeds[0] + 1)) + 1} of ${groups}; marked)`)
+        : null;
+    const cut = feeds !== null && sel.in !== null && (sel.in < feeds[0] || sel.in > feeds[1]);
+    if (sel.in === null || sel.out === null) fill(kernelBox, h("p", { class: "muted" }, "kernel: pick an input and an output map"), fed);
+    else if (cut)
+      fill(
+        kernelBox,
+        notice(
+          `Input ${sel.in} does not feed output ${sel.out}: this is a grouped ${kernel.transposed ? "transposed " : ""}convolution with ${groups} groups, and output ${sel.out} is fed by ${span(feeds![0], feeds![1])} only. Click a marked input map.`,
+        ),
+        fed,
+      );
+    else fill(kernelBox, h("p", { class: "muted" }, "Loading the kernel…"));
     fill(pair, big("input", sel.in), kernelBox, big("output", sel.out));
-    if (info.kernel && sel.in !== null && sel.out !== null) {
+    if (sel.in !== null && sel.out !== null && !cut) {
+      const want = [sel.in, sel.out];
       try {
-        const k = await ctx.api.json<Kernel>(`${base}/kernels/${sel.out}/${sel.in}.json`);
-        fill(kernelBox, kernelGrid(k, sel.out, sel.in));
+        const k = await ctx.api.json<KernelDoc>(`${base}/kernels/${sel.out}/${sel.in}.json`);
+        if (want[0] !== sel.in || want[1] !== sel.out) return; // a later click
+        fill(kernelBox, kernelGrid(k, sel.out, sel.in), fed);
       } catch (err) {
-        fill(kernelBox, notice((err as Error).message, "error"));
+        fill(kernelBox, notice((err as Error).message, "error"), fed);
       }
     }
+  };
+
+  const choose = (side: "input" | "output", c: number) => {
+    sel[side === "input" ? "in" : "out"] = c;
+    // an output fed by one input only (a depthwise convolution): that input
+    const feeds = linked();
+    if (side === "output" && feeds && feeds[0] === feeds[1]) sel.in = feeds[0];
+    void showPair();
   };
 
   const grid = (side: "input" | "output", t: FeatureSide) => {
@@ -182,60 +273,200 @@ async function showOp(el: HTMLElement, ctx: PageContext, image: string, op: stri
     const add = () => {
       const upto = Math.min(t.channels, shown + PAGE);
       for (let c = shown; c < upto; c++) {
+        const img = h("img", { class: "pixelated", src: ctx.api.pngUrl(`${base}/${side}/${c}.png`), loading: "lazy", alt: `${side} channel ${c}`, width: 64, height: 64 });
         box.append(
-          h(
-            "button",
-            {
-              type: "button",
-              class: "fmap",
-              "data-channel": c,
-              title: `${side} channel ${c}`,
-              onclick: () => {
-                sel[side === "input" ? "in" : "out"] = c;
-                void showPair();
-              },
-            },
-            h("img", { class: "pixelated", src: ctx.api.pngUrl(`${base}/${side}/${c}.png`), loading: "lazy", alt: `${side} channel ${c}`, width: 64, height: 64 }),
-            h("span", null, c),
-          ),
+          kernel
+            ? h("button", { type: "button", class: "fmap", "data-channel": c, title: `${side} channel ${c}`, onclick: () => choose(side, c) }, img, h("span", null, c))
+            : h("div", { class: "fmap", "data-channel": c, title: `${side} channel ${c}` }, img, h("span", null, c)),
         );
       }
       shown = upto;
       more.textContent = `show ${Math.min(PAGE, t.channels - shown)} more of ${t.channels - shown}`;
       more.hidden = shown >= t.channels;
+      mark();
     };
     more.addEventListener("click", add);
-    add();
-    const what = `${t.channels} map${t.channels === 1 ? "" : "s"}${t.unit_axis === null || t.unit_axis === undefined ? "" : ` (units on axis ${t.unit_axis})`} of ${t.map_shape.join("×")}`;
-    return h(
+    const vector = isVector(t);
+    const what = vector
+      ? `${t.map_shape[1]} value${t.map_shape[1] === 1 ? "" : "s"}, no positions`
+      : `${t.channels} map${t.channels === 1 ? "" : "s"}${t.unit_axis === null || t.unit_axis === undefined ? "" : ` (units on axis ${t.unit_axis})`} of ${t.map_shape.join("×")}`;
+    const from =
+      side === "input" && info.input_op
+        ? h("p", { class: "muted small" }, "the output of ", h("a", { href: ctx.href("live") + "?" + new URLSearchParams({ image, op: info.input_op }), class: "input-op" }, h("code", null, info.input_op)), info.kind === "output" ? ", which the model returns" : "")
+        : null;
+    const card = h(
       "section",
       { class: "card", "data-side": side },
       h("h3", null, `${side} `, h("span", { class: "muted" }, `${shape(t.shape)} · ${what}`)),
+      from,
       t.note ? h("p", { class: "muted small map-note" }, t.note) : null,
-      box,
-      more,
     );
+    if (vector) {
+      const view = h("div", { class: "vector-view", "data-side": side }, h("p", { class: "muted" }, "Loading the values…"));
+      card.append(view);
+      void vectorView(view, ctx, `${base}/${side}/0`, side);
+    } else {
+      card.append(box, more);
+      add();
+    }
+    return card;
   };
 
+  const noInput =
+    info.kind === "input"
+      ? "This is the model's input: the image as the model sees it (resized, cropped and normalised), one map per channel on the right."
+      : `This op takes no tensor from another op (its tensor arguments, if any, are the model's parameters or constants).`;
+  const inputCard = info.input ? grid("input", info.input) : h("section", { class: "card", "data-side": "input" }, notice(noInput));
+  const outputCard = grid("output", info.output);
   append(
     el,
     h(
       "h2",
       null,
       h("code", null, info.op),
-      info.kernel ? h("span", { class: "sub" }, ` kernel ${shape(info.kernel.shape)}`) : null,
+      kernel ? h("span", { class: "sub" }, ` kernel ${shape(kernel.shape)}${(kernel.groups ?? 1) > 1 ? ` · ${kernel.groups} groups` : ""}${kernel.transposed ? " · transposed" : ""}`) : null,
       h("span", { class: "sub" }, " · ", h("a", { href: graphHref(ctx, info.op), class: "in-graph" }, "show in the graph")),
     ),
-    info.kernel ? h("p", { class: "muted" }, "Click an input map, then an output map, to see the kernel between them.") : null,
-    h(
-      "div",
-      { class: "maps-row" },
-      info.input ? grid("input", info.input) : h("section", { class: "card" }, notice("This op has no tensor input.")),
-      pair,
-      grid("output", info.output),
-    ),
+    kernel
+      ? h(
+          "p",
+          { class: "muted" },
+          "Click an input map, then an output map, to see the kernel between them." +
+            ((kernel.groups ?? 1) > 1 ? ` A grouped convolution (${kernel.groups} groups): each output is fed by its group's inputs only, marked when an output is chosen.` : ""),
+        )
+      : null,
+    kernel
+      ? h("div", { class: "maps-row" }, inputCard, pair, outputCard)
+      : h("div", { class: "maps-row", style: "grid-template-columns: minmax(0, 1fr) minmax(0, 1fr)" }, inputCard, outputCard),
   );
-  void showPair();
+  if (kernel) void showPair();
+}
+
+/** A vector (a side with no positions) as a reader can read it: its range, a strip chart
+ * of every value by index (hover for the value), and its highest values with indices. */
+async function vectorView(el: HTMLElement, ctx: PageContext, url: string, side: string): Promise<void> {
+  let doc: MapValues;
+  try {
+    doc = await ctx.api.json<MapValues>(url, { cache: false });
+  } catch (err) {
+    fill(el, notice((err as Error).message, "error"));
+    return;
+  }
+  if (ctx.signal.aborted) return;
+  const raw = doc.values.flat();
+  const n = raw.length;
+  const vals = raw.map((v) => (v === null ? NaN : v));
+  const order = vals.map((_, i) => i).filter((i) => Number.isFinite(vals[i])).sort((a, b) => vals[b] - vals[a] || a - b);
+  if (!order.length) {
+    fill(el, notice(`${n} values, none finite.`));
+    return;
+  }
+  const hiI = order[0];
+  const loI = order[order.length - 1];
+  const mean = order.reduce((s, i) => s + vals[i], 0) / order.length;
+  const readout = h("p", { class: "small vec-readout", "aria-live": "polite" }, "hover over the chart for a value");
+  const top = order.slice(0, Math.min(10, order.length));
+  fill(
+    el,
+    h(
+      "p",
+      { class: "small vec-range" },
+      `${n} value${n === 1 ? "" : "s"} · min ${fmt(vals[loI])} at index ${loI} · max ${fmt(vals[hiI])} at index ${hiI} · mean ${fmt(mean)}`,
+      order.length < n ? ` · ${n - order.length} not finite` : "",
+    ),
+    stripChart(vals, readout, side),
+    readout,
+    h("h4", null, `Highest ${top.length}`),
+    barChart(top.map((i) => ({ label: `index ${i}`, value: vals[i] })), { width: 360, xLabel: "value" }),
+  );
+}
+
+/** Every value of a vector by index: a bar per index, or per pixel column the range of
+ * the indices it covers when they are more than the columns; a zero line; labelled axes;
+ * hovering shows the index and value under the pointer. */
+function stripChart(vals: number[], readout: HTMLElement, side: string): SVGSVGElement {
+  const width = 520;
+  const height = 180;
+  const m = { top: 10, right: 12, bottom: 38, left: 56 };
+  const n = vals.length;
+  const fin = vals.filter(Number.isFinite);
+  const lo = Math.min(0, ...fin);
+  const hi = Math.max(0, ...fin);
+  const x = scaleLinear().domain([0, n]).range([m.left, width - m.right]);
+  const y = scaleLinear().domain(lo === hi ? [lo - 1, hi + 1] : [lo, hi]).nice().range([height - m.bottom, m.top]);
+  const svg = create("svg")
+    .attr("class", "chart vector-strip")
+    .attr("data-side", side)
+    .attr("data-n", n)
+    .attr("viewBox", `0 0 ${width} ${height}`)
+    .attr("width", width)
+    .attr("height", height)
+    .attr("role", "img")
+    .attr("aria-label", `the ${n} values by index`);
+  const cols = Math.round(width - m.left - m.right);
+  const bars: { x0: number; x1: number; lo: number; hi: number }[] = [];
+  if (n <= cols) {
+    for (let i = 0; i < n; i++) if (Number.isFinite(vals[i])) bars.push({ x0: x(i), x1: x(i + 1), lo: Math.min(0, vals[i]), hi: Math.max(0, vals[i]) });
+  } else {
+    for (let c = 0; c < cols; c++) {
+      const a = Math.floor((c * n) / cols);
+      const b = Math.max(a + 1, Math.floor(((c + 1) * n) / cols));
+      let l = Infinity;
+      let u = -Infinity;
+      for (let i = a; i < b; i++) {
+        if (!Number.isFinite(vals[i])) continue;
+        l = Math.min(l, vals[i]);
+        u = Math.max(u, vals[i]);
+      }
+      if (l <= u) bars.push({ x0: x(a), x1: x(b), lo: Math.min(0, l), hi: Math.max(0, u) });
+    }
+  }
+  svg
+    .append("g")
+    .attr("class", "bars")
+    .selectAll("rect")
+    .data(bars)
+    .join("rect")
+    .attr("x", (b) => b.x0)
+    .attr("width", (b) => Math.max(0.6, b.x1 - b.x0 - (n <= cols / 3 ? 1 : 0)))
+    .attr("y", (b) => y(b.hi))
+    .attr("height", (b) => Math.max(0.5, y(b.lo) - y(b.hi)));
+  svg.append("line").attr("x1", m.left).attr("x2", width - m.right).attr("y1", y(0)).attr("y2", y(0)).attr("stroke", "#888").attr("stroke-width", 0.6);
+  svg
+    .append("g")
+    .attr("transform", `translate(0,${height - m.bottom})`)
+    .call(axisBottom(x).ticks(Math.min(8, n)).tickFormat((d) => (Number.isInteger(Number(d)) && Number(d) < n ? String(d) : "")));
+  svg.append("g").attr("transform", `translate(${m.left},0)`).call(axisLeft(y).ticks(5).tickFormat((d) => fmt(Number(d))));
+  svg.append("text").attr("class", "axis-label").attr("x", (m.left + width - m.right) / 2).attr("y", height - 4).attr("text-anchor", "middle").attr("fill", "currentColor").text("index");
+  svg
+    .append("text")
+    .attr("class", "axis-label")
+    .attr("transform", `translate(12,${(m.top + height - m.bottom) / 2}) rotate(-90)`)
+    .attr("text-anchor", "middle")
+    .attr("fill", "currentColor")
+    .text("value");
+  const marker = svg.append("line").attr("class", "mark").attr("y1", m.top).attr("y2", height - m.bottom).attr("visibility", "hidden");
+  svg
+    .append("rect")
+    .attr("class", "hover")
+    .attr("x", m.left)
+    .attr("y", m.top)
+    .attr("width", width - m.left - m.right)
+    .attr("height", height - m.top - m.bottom)
+    .attr("fill", "transparent")
+    .on("mousemove", (ev: MouseEvent) => {
+      const node = svg.node()!;
+      const box = node.getBoundingClientRect();
+      const px = ((ev.clientX - box.left) / box.width) * width;
+      const i = Math.max(0, Math.min(n - 1, Math.floor(x.invert(px))));
+      marker.attr("x1", x(i + 0.5)).attr("x2", x(i + 0.5)).attr("visibility", "visible");
+      readout.textContent = `index ${i}: ${Number.isFinite(vals[i]) ? vals[i].toPrecision(5) : "not finite"}`;
+      readout.dataset.index = String(i);
+    })
+    .on("mouseleave", () => {
+      marker.attr("visibility", "hidden");
+    });
+  return svg.node()!;
 }
 
 /** The graph page with `label` focused. */
@@ -243,8 +474,10 @@ function graphHref(ctx: PageContext, label: string): string {
   return ctx.href("graph") + "?focus=" + encodeURIComponent(label);
 }
 
-/** The weights `weight[out, in]` as a heat grid (blue < 0 < red), values in the cells. */
-function kernelGrid(k: Kernel, out: number, inp: number): HTMLElement {
+/** The kernel from input `inp` to output `out` as a heat grid (blue < 0 < red), values in
+ * the cells; captioned with the weight index it is (`weight[out, in - group start]`,
+ * transposed `weight[in, out - group start]`). */
+function kernelGrid(k: KernelDoc, out: number, inp: number): HTMLElement {
   const rows = toRows(k.values as unknown);
   const lim = Math.max(Math.abs(k.min), Math.abs(k.max)) || 1;
   const cols = rows[0]?.length ?? 0;
@@ -273,7 +506,13 @@ function kernelGrid(k: Kernel, out: number, inp: number): HTMLElement {
         ),
       ),
     ),
-    h("figcaption", null, `weight[${out}, ${inp}] ${shape(k.shape)} · min ${fmt(k.min)} · max ${fmt(k.max)}`),
+    h(
+      "figcaption",
+      null,
+      `${k.param ?? "weight"}[${(k.index ?? [out, inp]).join(", ")}] ${shape(k.shape)}`,
+      h("br"),
+      `input ${inp} → output ${out}${k.transposed ? " (transposed: weight[in, out within the group])" : (k.groups ?? 1) > 1 ? " (weight[out, in within the group])" : ""} · min ${fmt(k.min)} · max ${fmt(k.max)}`,
+    ),
   );
 }
 

@@ -26,6 +26,10 @@ export interface MapDoc {
   y: number[];
   label: number[];
   pred: number[];
+  /** The model's number of outputs, when the run's graph tells. */
+  outputs?: number | null;
+  /** Whether predictions are the dataset's classes (one output per class). */
+  comparable?: boolean;
   conf: (number | null)[];
 }
 
@@ -83,11 +87,14 @@ export async function renderMap(root: HTMLElement, ctx: PageContext): Promise<vo
   const exported = ctx.api.isStatic ? new Set((await ctx.api.exportedSamples(ctx.run)).samples.filter((s) => s.image).map((s) => s.id)) : null;
   const has = (id: number) => exported === null || exported.has(id);
   const n = doc.count;
-  const labelled = doc.label.some((l) => l >= 0) && doc.pred.some((q) => q >= 0);
+  // a model whose outputs are not the dataset's classes (a 1000-class head over three
+  // folders) predicts outputs, not labels: nothing to call right or wrong
+  const comparable = doc.comparable !== false;
+  const labelled = comparable && doc.label.some((l) => l >= 0) && doc.pred.some((q) => q >= 0);
   const wrong = new Uint8Array(n);
   let nWrong = 0;
   for (let i = 0; i < n; i++) {
-    if (doc.label[i] >= 0 && doc.pred[i] >= 0 && doc.label[i] !== doc.pred[i]) {
+    if (labelled && doc.label[i] >= 0 && doc.pred[i] >= 0 && doc.label[i] !== doc.pred[i]) {
       wrong[i] = 1;
       nWrong++;
     }
@@ -138,6 +145,12 @@ export async function renderMap(root: HTMLElement, ctx: PageContext): Promise<vo
       h("span", { class: "sub" }, ` ${n.toLocaleString()} samples by their features at ${doc.layer ?? "?"} · ${doc.method}${doc.engine ? ` (${doc.engine})` : ""}`),
     ),
     images.notice,
+    comparable
+      ? null
+      : notice(
+          `The model has ${doc.outputs != null ? doc.outputs.toLocaleString() : "other"} outputs and the dataset ${doc.classes.length.toLocaleString()} classes: ` +
+            "its predictions are not the dataset's labels, so no sample is called correct or misclassified. Colour by class shows the labels.",
+        ),
     h(
       "div",
       { class: "toolbar" },
@@ -372,6 +385,8 @@ export async function renderMap(root: HTMLElement, ctx: PageContext): Promise<vo
 
   // -- hover and click ---------------------------------------------------------------------
   const className = (c: number) => (c < 0 ? "–" : doc.classes[c] ?? String(c));
+  // a prediction is named by the dataset's class only when outputs are its classes
+  const predName = (c: number) => (comparable ? className(c) : `output ${c}`);
   function pick(ev: MouseEvent): number {
     const rect = canvas.getBoundingClientRect();
     const [mx, my] = transform.invert([ev.clientX - rect.left, ev.clientY - rect.top]);
@@ -402,7 +417,7 @@ export async function renderMap(root: HTMLElement, ctx: PageContext): Promise<vo
           h("b", null, `#${id}`),
           h("div", null, "label ", h("b", null, className(doc.label[i]))),
           doc.pred[i] >= 0
-            ? h("div", { class: wrong[i] ? "error-text" : right ? "" : "muted" }, "predicted ", h("b", null, className(doc.pred[i])), doc.conf[i] !== null ? ` (${fmt((doc.conf[i] as number) * 100, 3)}%)` : "")
+            ? h("div", { class: wrong[i] ? "error-text" : right ? "" : "muted" }, "predicted ", h("b", null, predName(doc.pred[i])), doc.conf[i] !== null ? ` (${fmt((doc.conf[i] as number) * 100, 3)}%)` : "")
             : h("div", { class: "muted" }, "no prediction"),
         ),
       );
@@ -551,10 +566,11 @@ export async function renderMap(root: HTMLElement, ctx: PageContext): Promise<vo
       return;
     }
     const nw = selected.filter((i) => wrong[i]).length;
-    pickedBadge.textContent = `${selected.length.toLocaleString()} selected (${nw} misclassified): show ↓`;
+    const misNote = labelled ? ` (${nw} misclassified)` : "";
+    pickedBadge.textContent = `${selected.length.toLocaleString()} selected${misNote}: show ↓`;
     fill(
       selection,
-      h("h2", null, `Selected: ${selected.length.toLocaleString()} samples`, h("span", { class: "sub" }, ` ${nw} misclassified`), " ", h("button", { type: "button", onclick: clearSelection }, "clear")),
+      h("h2", null, `Selected: ${selected.length.toLocaleString()} samples`, h("span", { class: "sub" }, misNote), " ", h("button", { type: "button", onclick: clearSelection }, "clear")),
       h(
         "div",
         { class: "sample-grid" },
@@ -564,7 +580,7 @@ export async function renderMap(root: HTMLElement, ctx: PageContext): Promise<vo
             { class: "sample-card", href: has(doc.ids[i]) ? ctx.href("sample", doc.ids[i]) : null, "data-sample": doc.ids[i] },
             images.ok && has(doc.ids[i]) ? h("img", { src: ctx.api.pngUrl(p("runs", ctx.run, "samples", doc.ids[i], "image.png")), loading: "lazy", alt: `sample ${doc.ids[i]}`, width: 80, height: 80 }) : noImage(),
             h("span", null, `#${doc.ids[i]}`),
-            h("small", { class: wrong[i] ? "error-text" : "" }, doc.pred[i] >= 0 ? `${className(doc.label[i])} → ${className(doc.pred[i])}` : className(doc.label[i])),
+            h("small", { class: wrong[i] ? "error-text" : "" }, doc.pred[i] >= 0 ? `${className(doc.label[i])} → ${predName(doc.pred[i])}` : className(doc.label[i])),
           ),
         ),
       ),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 from fastapi import APIRouter, Request
 
+from ..classes import model_outputs
 from ..deps import entry
 from ..errors import ApiError
 from ..schemas import MapDoc
@@ -40,6 +41,7 @@ def dataset_map(request: Request, run_id: str) -> MapDoc:
         ext = [0.0, 0.0, 0.0, 0.0]
     span = max(ext[1] - ext[0], ext[3] - ext[2])
     conf = np.round(m.conf.astype(np.float64), 4)
+    outputs = model_outputs(run)
     return MapDoc(
         layer=m.meta.get("layer"),
         method=str(m.meta.get("method", "")),
@@ -54,4 +56,8 @@ def dataset_map(request: Request, run_id: str) -> MapDoc:
         label=m.label.tolist(),
         pred=m.pred.tolist(),
         conf=[None if v != v else v for v in conf.tolist()],
+        outputs=outputs,
+        comparable=outputs == len(run.classes)
+        if outputs is not None
+        else bool(n) and int(m.pred.max()) < len(run.classes),
     )

@@ -198,7 +198,7 @@ async def live_op(request: Request, run_id: str, image: str, op: str) -> LiveOp:
 
 def _live_op(s: Session, image: str, op: str) -> LiveOp:
     node, inp, out = s.op_maps(_image_id(s, image), op)
-    kernel = s.kernel_param(node)
+    k = s.conv_kernel(node)
     tr = s.trace()
     from lurker.graph.nodes import OpRef, refs
 
@@ -207,10 +207,20 @@ def _live_op(s: Session, image: str, op: str) -> LiveOp:
         op=node.label,
         index=node.index,
         name=node.name,
+        kind=node.kind,
         input=None if inp is None else _side(inp),
         input_op=None if ref is None or inp is None else tr.ops[ref.index].label,
         output=_side(out),
-        kernel=None if kernel is None else KernelInfo(shape=list(kernel[1].shape), param=kernel[0]),
+        kernel=None
+        if k is None
+        else KernelInfo(
+            shape=list(k.weight.shape),
+            param=k.param,
+            groups=k.groups,
+            transposed=k.transposed,
+            in_channels=k.in_channels,
+            out_channels=k.out_channels,
+        ),
     )
 
 
@@ -286,7 +296,7 @@ async def channel_json(
     router,
     "/runs/{run_id}/live/{image}/ops/{op}/kernels/{out}/{inp}",
     KernelValues,
-    "The convolution kernel weight[out, in] of an op",
+    "The convolution kernel from input channel `in` to output channel `out` of an op",
 )
 async def kernel_json(
     request: Request,
@@ -303,23 +313,53 @@ async def kernel_json(
     return await live_call(request, run_id, work)
 
 
+def _span(r: range) -> str:
+    return str(r.start) if len(r) == 1 else f"{r.start}..{r.stop - 1}"
+
+
 def _kernel(s: Session, op: str, out: int, inp: int) -> KernelValues:
+    """The kernel through which input channel ``inp`` feeds output channel ``out``: in a
+    grouped convolution only the inputs of the output's group feed it, through the
+    weight at the input's place in the group (``weight[out, inp - group start]``); in a
+    transposed one the weight is ``[in, out / groups, ...]``
+    (``weight[inp, out - group start]``)."""
     node = s.op(op)
-    found = s.kernel_param(node)
-    if found is None:
+    k = s.conv_kernel(node)
+    if k is None:
         raise ApiError(
             404,
-            f"op {node.label!r} ({node.name}) has no convolution kernel (no weight of rank >= 3)",
+            f"op {node.label!r} ({node.name}) has no convolution kernel: it is not a "
+            "convolution whose weight is a parameter of the model",
         )
-    name, weight = found
-    if not (out < weight.shape[0] and inp < weight.shape[1]):
+    shape = list(k.weight.shape)
+    if not (out < k.out_channels and inp < k.in_channels):
         raise ApiError(
             404,
-            f"no kernel [{out}, {inp}] in {name}: its shape is {list(weight.shape)} "
-            f"(out 0..{weight.shape[0] - 1}, in 0..{weight.shape[1] - 1})",
+            f"no kernel [{out}, {inp}] in {k.param} {shape}: {node.label} has "
+            f"{k.out_channels} outputs (0..{k.out_channels - 1}) and {k.in_channels} inputs "
+            f"(0..{k.in_channels - 1})",
         )
-    k = weight[out, inp].detach().to("cpu").double().numpy()
-    shape = list(k.shape)
-    grid = k.reshape(1, -1) if k.ndim <= 1 else k.reshape(-1, k.shape[-1])
+    idx = k.index(out, inp)
+    if idx is None:
+        feeds = k.inputs_of(out)
+        depthwise = " (depthwise)" if k.groups == k.in_channels else ""
+        raise ApiError(
+            404,
+            f"input {inp} does not feed output {out} in {node.label}: it is a grouped "
+            f"{'transposed ' if k.transposed else ''}convolution with {k.groups} groups"
+            f"{depthwise}, and output {out}, in group {k.group_of_output(out) + 1} of {k.groups}, "
+            f"is fed by input{'s' if len(feeds) > 1 else ''} {_span(feeds)} only",
+        )
+    w = k.weight[idx].detach().to("cpu").double().numpy()
+    grid = w.reshape(1, -1) if w.ndim <= 1 else w.reshape(-1, w.shape[-1])
     lo, hi = finite_range(grid)
-    return KernelValues(shape=shape, min=lo, max=hi, values=json_values(grid))
+    return KernelValues(
+        shape=list(w.shape),
+        min=lo,
+        max=hi,
+        values=json_values(grid),
+        param=k.param,
+        index=list(idx),
+        groups=k.groups,
+        transposed=k.transposed,
+    )

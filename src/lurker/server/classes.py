@@ -1,0 +1,39 @@
+"""Whether a model's outputs are the run's dataset classes.
+
+A model's output ``i`` is the dataset's class ``i`` only when it has one output per class:
+a 1000-class ImageNet head probed over a folder of three classes predicts ImageNet
+classes, and naming its output 2 after the third folder (or calling it right or wrong
+against that folder's label) would be a guess shown as a fact.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lurker.store import MissingFromRunError
+
+
+def model_outputs(run: Any) -> int | None:
+    """The model's number of class scores: the last axis of its first output when that is
+    ``(batch, classes)`` (where predictions are read), from the run's graph; None when the
+    run holds no graph or the output is not such a tensor."""
+    try:
+        outs = run.graph.outputs
+    except MissingFromRunError:
+        return None
+    shape = outs[0].outputs[0].shape if outs and outs[0].outputs else None
+    return int(shape[1]) if shape is not None and len(shape) == 2 else None
+
+
+def class_names(run: Any, outputs: int | None = None) -> list[str]:
+    """The dataset's class names as names of the model's outputs, or ``[]`` when they are
+    not (``outputs``: the model's output count where the caller knows it)."""
+    if outputs is None:
+        outputs = model_outputs(run)
+    classes = list(run.classes)
+    return classes if outputs == len(classes) else []
+
+
+def name_of(names: list[str], c: int) -> str:
+    """Output ``c``'s name: its class name, else its index."""
+    return names[c] if 0 <= c < len(names) else str(c)

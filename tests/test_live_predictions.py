@@ -1,0 +1,60 @@
+"""The live model's top-5: ranked by the logits, and named by the dataset's classes only
+where the model's outputs are those classes."""
+
+from __future__ import annotations
+
+import torch
+from fastapi.testclient import TestClient
+
+from lurker.examples import DigitsNet
+from lurker.probe import probe
+from lurker.probe.data import load_dataset
+from lurker.server import create_app
+
+
+def _served(tmp_path, net):
+    """A run over an image folder of three named classes."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for name in ("ant", "bee", "cat"):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for i in range(4):
+            px = (torch.rand(16, 16, generator=g) * 255).byte().numpy()
+            Image.fromarray(px, "L").save(tmp_path / "data" / name / f"{i}.png")
+    data = load_dataset(str(tmp_path / "data"), 16, channels=1)
+    probe(net, data, out=tmp_path / "run", layers="classifier.1", progress=False).close()
+    return TestClient(create_app(tmp_path / "run", model_obj=net, dataset=data)), data
+
+
+def test_top5_of_a_head_that_is_not_the_datasets_classes(tmp_path):
+    torch.manual_seed(2)
+    net = DigitsNet().eval()
+    net.classifier[3] = torch.nn.Linear(64, 12)
+    with torch.no_grad():  # logits so small that float32's softmax is uniform
+        net.classifier[3].weight.mul_(1e-7)
+        net.classifier[3].bias.zero_()
+    client, data = _served(tmp_path, net)
+    doc = client.get("/api/runs/run/live/sample-3").json()
+    with torch.no_grad():
+        logits = net(data[3][0][None])[0]
+    want = logits.topk(5).indices.tolist()
+    assert [p["class"] for p in doc["predictions"]] == want
+    # output 1 of a 12-output head is not the folder "bee": no dataset name on it
+    assert [p["name"] for p in doc["predictions"]] == [None] * 5
+    assert all(abs(p["prob"] - 1 / 12) < 1e-6 for p in doc["predictions"])
+
+
+def test_top5_named_by_the_classes_when_outputs_are_the_classes(tmp_path):
+    torch.manual_seed(0)
+    net = DigitsNet().eval()
+    net.classifier[3] = torch.nn.Linear(64, 3)
+    client, data = _served(tmp_path, net)
+    doc = client.get("/api/runs/run/live/sample-3").json()
+    with torch.no_grad():
+        probs = torch.softmax(net(data[3][0][None])[0], 0)
+    top = probs.topk(3)
+    assert [p["class"] for p in doc["predictions"]] == top.indices.tolist()
+    names = ["ant", "bee", "cat"]
+    assert [p["name"] for p in doc["predictions"]] == [names[c] for c in top.indices.tolist()]
+    assert [p["prob"] for p in doc["predictions"]] == [float(v) for v in top.values]
