@@ -138,15 +138,26 @@ def test_samples_page(client: TestClient, run: Run):
     ]
 
 
+_LEFT: dict[int, dict[int, dict[str, int]]] = {}  # id(run) -> sample -> layer -> left out
+
+
 def _brute_appearances(run: Run) -> dict[int, list[tuple]]:
     """Every unit's top lists read one unit at a time: sample id -> its entries in the
-    order the API promises (layer order, rank, max list before mean before relevance, unit)."""
+    order the API promises (layer order, rank, max list before mean before relevance, unit).
+    Lists of ties of a unit that is the same everywhere (here: ReLUs that never fire, mean =
+    max = 0) are left out, and counted in ``left``."""
     found: dict[int, list[tuple]] = {}
     for pos, info in enumerate(run.layers):
         for u in range(info.num_units):
             unit = run.unit(info.name, u)
             for which_pos, which in enumerate(run.top_lists):  # with "relevance": probed so
-                for e in unit.top(which):
+                top = unit.top(which)
+                if unit.mean == unit.max and len({e.value for e in top}) == 1:
+                    for e in top:
+                        left = _LEFT.setdefault(id(run), {}).setdefault(e.sample_id, {})
+                        left[info.name] = left.get(info.name, 0) + 1
+                    continue
+                for e in top:
                     found.setdefault(e.sample_id, []).append(
                         ((pos, e.rank, which_pos, u), (info.name, u, which, e.rank, e.value))
                     )
@@ -171,8 +182,12 @@ def test_sample_appearances(client: TestClient, run: Run):
         for w in want:
             counts[w[0]] = counts.get(w[0], 0) + 1
         assert [(x["layer"], x["count"]) for x in body["layers"]] == list(counts.items())
+        left = _LEFT[id(run)].get(sid, {})
+        assert body["left_out"] == sum(left.values())
+        assert [(x["layer"], x["count"]) for x in body["left_out_layers"]] == list(left.items())
         # a model is recorded in the run: the sample page carries its prediction
         assert body["prediction"] is not None and len(body["prediction"]) == 5
+    assert _LEFT[id(run)].get(min(found))  # the run has dead units: the check means something
     unranked = next(i for i in range(360) if i not in found)
     body = client.get(f"/api/runs/digits/samples/{unranked}").json()
     assert (body["appearances"], body["total"], body["layers"]) == ([], 0, [])

@@ -381,7 +381,10 @@ def test_export_writes_the_further_pages_of_a_sample(
         for info in run.layers:
             for u in run.units(info.name):
                 for which in run.top_lists:
-                    for e in u.top(which):
+                    top = u.top(which)
+                    if u.mean == u.max and len({e.value for e in top}) == 1:
+                        continue  # a never-firing unit's ties: left out of sample pages
+                    for e in top:
                         counts[e.sample_id] = counts.get(e.sample_id, 0) + 1
     sid = max(counts, key=lambda k: counts[k])
     base = p("runs", "digits", "samples", sid)

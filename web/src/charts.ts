@@ -25,25 +25,34 @@ export function histogramChart(
     svg.append("text").attr("x", width / 2).attr("y", height / 2).attr("text-anchor", "middle").text("no histogram");
     return svg.node()!;
   }
-  const x = scaleLinear()
-    .domain([edges[0], edges[edges.length - 1]])
-    .range([M.left, width - M.right]);
+  // the bins that hold data: the edges are shared by all units of a layer (and span its
+  // whole range), so a unit's data may fill a sliver of them
+  const held = dataBins(counts);
+  if (held === null) {
+    svg.append("text").attr("x", width / 2).attr("y", height / 2).attr("text-anchor", "middle").text("no finite values");
+    return svg.node()!;
+  }
+  const domain = histogramDomain(edges, held, mark);
+  svg.attr("data-domain", domain.join(" "));
+  const x = scaleLinear().domain(domain).range([M.left, width - M.right]);
   const top = d3max(counts) ?? 1;
   const y = scaleSymlog()
     .domain([0, top || 1])
     .range([height - M.bottom, M.top]);
+  const bins = counts.map((c, i) => ({ c, i })).slice(held[0], held[1] + 1);
   svg
     .append("g")
     .attr("class", "bars")
     .selectAll("rect")
-    .data(counts)
+    .data(bins)
     .join("rect")
-    .attr("x", (_, i) => x(edges[i]))
-    .attr("width", (_, i) => Math.max(0.5, x(edges[i + 1]) - x(edges[i]) - 0.3))
-    .attr("y", (c) => y(c))
-    .attr("height", (c) => y(0) - y(c))
+    .attr("x", ({ i }) => x(edges[i]))
+    .attr("width", ({ i }) => Math.max(0.5, x(edges[i + 1]) - x(edges[i]) - 0.3))
+    .attr("y", ({ c }) => y(c))
+    .attr("height", ({ c }) => y(0) - y(c))
+    .attr("data-count", ({ c }) => c)
     .append("title")
-    .text((c, i) => `[${edges[i].toPrecision(3)}, ${edges[i + 1].toPrecision(3)}): ${c}`);
+    .text(({ c, i }) => `[${edges[i].toPrecision(3)}, ${edges[i + 1].toPrecision(3)}): ${c}`);
   if (mark !== null && mark !== undefined && Number.isFinite(mark)) {
     svg
       .append("line")
@@ -61,6 +70,58 @@ export function histogramChart(
   svg.append("g").attr("transform", `translate(${M.left},0)`).call(axisLeft(y).tickValues(yTicks).tickFormat((d) => compact(Number(d))));
   axisLabels(svg.node()!, width, height, xLabel, "count (symlog)");
   return svg.node()!;
+}
+
+/** The first and last bin with a count above 0 (null: none). */
+function dataBins(counts: number[]): [number, number] | null {
+  let first = -1;
+  let last = -1;
+  counts.forEach((c, i) => {
+    if (c > 0) {
+      if (first < 0) first = i;
+      last = i;
+    }
+  });
+  return first < 0 ? null : [first, last];
+}
+
+/**
+ * A histogram's x range: from the first to the last bin that holds data (not the layer's
+ * shared edges, whose range may be far wider), widened to take the marked value, plus a
+ * margin of 5% of that span on each side.
+ */
+export function histogramDomain(edges: number[], [first, last]: [number, number], mark?: number | null): [number, number] {
+  let lo = edges[first];
+  let hi = edges[last + 1];
+  if (mark !== null && mark !== undefined && Number.isFinite(mark)) {
+    lo = Math.min(lo, mark);
+    hi = Math.max(hi, mark);
+  }
+  const pad = 0.05 * (hi - lo || Math.abs(lo) || 1);
+  return [lo - pad, hi + pad];
+}
+
+/**
+ * Values per sample of a layer's unit: the product of its position axes (1: a layer with
+ * no positions, as a Linear's `(N, units)`, whose unit has one activation per sample).
+ * From the stored layout (axes counting the batch); runs without one are `(N, C, ...)`.
+ */
+export function positionCount(layer: { shape: number[]; layout?: Record<string, unknown> | null }): number {
+  const layout = layer.layout;
+  const positions = layout?.["positions"];
+  const batch = layout?.["batch"];
+  if (Array.isArray(positions) && typeof batch === "number") {
+    const full = [...layer.shape];
+    full.splice(batch, 0, 1);
+    return positions.reduce((n: number, a: number) => n * (full[a] ?? 1), 1);
+  }
+  return layer.shape.slice(1).reduce((n, d) => n * d, 1);
+}
+
+/** What one value of an activation histogram is: a sample's spatial mean, or (a layer
+ * with one value per unit and sample) its activation. */
+export function sampleValueLabel(positions: number): string {
+  return positions > 1 ? "spatial mean activation of a sample" : "activation of a sample";
 }
 
 /** Horizontal bars, label on the left, value at the bar's end. */

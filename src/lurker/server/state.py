@@ -6,6 +6,7 @@ never joined onto a path, so no id can reach outside the served folder.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
@@ -31,12 +32,83 @@ class NotServableError(LurkerError):
     """The folder given to the server is neither a run nor a folder of runs."""
 
 
+#: float32's unit roundoff: the probe reads maps, sums them and keeps means in float32.
+ROUNDOFF = 2.0**-24
+
+
+def positions_per_sample(info: LayerInfo) -> int:
+    """How many values one unit has per sample: its map's positions (1 for a layer of
+    one value per unit, a Linear's ``(N, units)``). The output per sample is units x
+    positions, whatever the layout."""
+    size = int(np.prod(info.shape, dtype=np.int64)) if len(info.shape) else 1
+    return max(1, size // max(1, info.num_units))
+
+
+def constant_tolerance(positions: int) -> float:
+    """Relative gap allowed between a constant unit's stored dataset mean and its max.
+
+    Every value of a constant unit is ``c``, so every sample's peak is ``c`` exactly (a
+    max rounds nothing); only the mean carries rounding. Each sample's spatial mean is a
+    float32 sum of ``positions`` equal values over their number: a plain sequential sum
+    is off by up to about ``positions / 4.3`` units of roundoff (``u = 2**-24``) of ``c``
+    (measured, 64 to 50,176 positions), the probe's SIMD sum on the CPU by less (140 u for
+    112x112 maps, AVX2), and nothing for ``c = 0``. The dataset mean adds the samples' means
+    up: float64 on CPU and CUDA (exact here: every sample's mean is the same float), a
+    float32 product per buffered fold off the CPU (measured up to 22 u). Hence
+    ``(64 + positions / 4) u``: about 5e-6 of ``c`` for 8x8 maps, 2e-4 for 112x112."""
+    return ROUNDOFF * (64 + positions / 4)
+
+
+def is_constant(mean: float | None, mx: float | None, peaks: Any, positions: int) -> bool:
+    """Whether a unit holds the same value ``mx`` on every sample at every position.
+
+    Each sample's spatial mean is at most its peak, which is at most the max, so the
+    dataset mean of those means equals the max only if every value is the max. Checked as:
+    both finite, every listed peak (the max list's values: every sample's peak is the max
+    for a constant unit, exactly) equal to the max, and the mean within
+    :func:`constant_tolerance` of it. A unit of exactly ``0`` (a ReLU that never fires)
+    is decided exactly (the sums of zeros round nothing). A unit whose values depart from
+    ``c`` only downwards and by less in all than the tolerance of its sum (an upward one
+    breaks the ties of the max list) cannot be told from a constant one by the stored
+    statistics; its top lists are then ties all the same.
+    """
+    if mean is None or mx is None or not (math.isfinite(mean) and math.isfinite(mx)):
+        return False
+    if any(v is None or float(v) != mx for v in peaks):  # NaN (None) is unequal
+        return False
+    return abs(mx - mean) <= constant_tolerance(positions) * abs(mx)
+
+
+def _ties(values: np.ndarray) -> bool:
+    """Whether a top list's values are all equal (ties, ranked by sample id alone)."""
+    return len(values) > 0 and bool(np.all(values == values[0]))
+
+
+@dataclass
+class ConstantUnits:
+    """The units of a run that are constant on its dataset (:func:`is_constant`), and the
+    samples whose entries in their top lists (ties, ranked by sample id) the appearance
+    index leaves out.
+
+    ``units[layer position][unit]`` is whether the unit's relevance list is ties too
+    (a unit of 0 carries no relevance; another constant may carry some, which ranks
+    samples: that list is kept). ``samples[sample id]`` counts the sample's left-out
+    entries per layer position."""
+
+    units: dict[int, dict[int, bool]]
+    samples: dict[int, dict[int, int]]
+
+
 @dataclass
 class Appearances:
     """Inverted index of every unit's top-k lists: sample id -> (layer, unit, list, rank,
     value), sorted by sample id so one sample's entries are one slice (two binary
     searches), and within a sample by layer order, then rank (a sample's strongest places
-    in each layer first), then list (max first), then unit."""
+    in each layer first), then list (max first), then unit.
+
+    The lists of units constant on the dataset are left out (their entries are ties,
+    ranked by sample id alone: a ReLU that never fires lists the first k samples);
+    ``left`` counts them per sample and layer position."""
 
     sample: np.ndarray
     layer: np.ndarray
@@ -44,6 +116,12 @@ class Appearances:
     which: np.ndarray  # 0: max list, 1: mean list
     rank: np.ndarray
     value: np.ndarray
+    left: dict[int, dict[int, int]] = field(default_factory=dict)
+
+    def left_out(self, sample_id: int) -> list[tuple[int, int]]:
+        """``(layer position, entries)`` of the sample's entries in constant units'
+        lists, left out of the index, in layer order."""
+        return sorted(self.left.get(sample_id, {}).items())
 
     def _slice(self, sample_id: int) -> tuple[int, int]:
         lo = int(np.searchsorted(self.sample, sample_id, "left"))
@@ -90,6 +168,7 @@ class RunEntry:
     session: Session | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _appearances: Appearances | None = field(default=None, repr=False)
+    _constant: ConstantUnits | None = field(default=None, repr=False)
     _graph_view: dict[str, Any] | None = field(default=None, repr=False)
     _counted: tuple[float, int] | None = field(default=None, repr=False)
     _sample_count: int | None = field(default=None, repr=False)
@@ -162,27 +241,70 @@ class RunEntry:
 
     # -- derived data, made once --------------------------------------------------------
 
-    def layer_rows(self, info: LayerInfo) -> tuple[list[tuple[int, float, float, int, int]], Any]:
-        """``(unit, mean, max, top max sample, top mean sample)`` per unit and the summed
-        histogram counts, in one query (the layer page's payload)."""
+    def layer_rows(
+        self, info: LayerInfo
+    ) -> tuple[list[tuple[int, float, float, int, int, bool]], Any]:
+        """``(unit, mean, max, top max sample, top mean sample, constant)`` per unit and the
+        summed histogram counts, in one query (the layer page's payload)."""
         rows = self.open_run()._query(
             "SELECT unit, mean, max, hist, top FROM units WHERE layer_id = ? ORDER BY unit",
             (info.id,),
         )
         out = []
         total: np.ndarray | None = None
+        positions = positions_per_sample(info)
         for unit, mean, mx, hist, top in rows:
             counts = from_blob(hist, HIST_DTYPE)
             if len(counts):
                 total = counts.copy() if total is None else total + counts
             slots = np.frombuffer(bytes(top), TOP_DTYPE) if top is not None else None
             first_max = first_mean = -1
+            constant = False
             if slots is not None and len(slots):
                 half = len(slots) // 2
                 first_max = int(slots["sample_id"][0])
                 first_mean = int(slots["sample_id"][half])
-            out.append((int(unit), mean, mx, first_max, first_mean))
+                peaks = slots["value"][:half][slots["sample_id"][:half] >= 0]
+                constant = is_constant(mean, mx, peaks, positions)
+            out.append((int(unit), mean, mx, first_max, first_mean, constant))
         return out, total
+
+    def _build_constant(self) -> ConstantUnits:
+        run = self.open_run()
+        position = {info.id: i for i, info in enumerate(run.layers)}
+        positions = {info.id: positions_per_sample(info) for info in run.layers}
+        units: dict[int, dict[int, bool]] = {}
+        samples: dict[int, dict[int, int]] = {}
+
+        def leave_out(ids: np.ndarray, layer: int) -> None:
+            for sid in ids[ids >= 0].tolist():
+                per = samples.setdefault(int(sid), {})
+                per[layer] = per.get(layer, 0) + 1
+
+        for layer_id, unit, mean, mx, top in run._query(
+            "SELECT layer_id, unit, mean, max, top FROM units"
+        ):
+            if top is None or layer_id not in position:
+                continue
+            slots = np.frombuffer(bytes(top), TOP_DTYPE)
+            k = len(slots) // 2
+            filled = slots["sample_id"][:k] >= 0
+            if not k or not is_constant(mean, mx, slots["value"][:k][filled], positions[layer_id]):
+                continue
+            units.setdefault(position[layer_id], {})[int(unit)] = False
+            leave_out(slots["sample_id"], position[layer_id])  # the max and the mean list
+        if units and run.has_relevance:
+            for layer_id, unit, top in run._query("SELECT layer_id, unit, top FROM relevance"):
+                layer = position.get(layer_id)
+                if layer is None or int(unit) not in units.get(layer, {}):
+                    continue
+                slots = np.frombuffer(bytes(top), TOP_DTYPE)
+                slots = slots[slots["sample_id"] >= 0]
+                if _ties(slots["value"]):
+                    units[layer][int(unit)] = True
+                    leave_out(slots["sample_id"], layer)
+        ordered = {layer: dict(sorted(units[layer].items())) for layer in sorted(units)}
+        return ConstantUnits(ordered, samples)
 
     def appearances(self) -> Appearances:
         """The inverted index of all top lists, built on first use (one query)."""
@@ -193,6 +315,9 @@ class RunEntry:
 
     def _build_appearances(self) -> Appearances:
         run = self.open_run()
+        if self._constant is None:
+            self._constant = self._build_constant()
+        constant = self._constant.units
         position = {info.id: i for i, info in enumerate(run.layers)}
         parts: dict[str, list[np.ndarray]] = {
             k: [] for k in ("sample", "layer", "unit", "which", "rank", "value")
@@ -201,8 +326,8 @@ class RunEntry:
             if top is None or layer_id not in position:
                 continue
             slots = np.frombuffer(bytes(top), TOP_DTYPE)
-            if not len(slots):
-                continue
+            if not len(slots) or int(unit) in constant.get(position[layer_id], {}):
+                continue  # nothing, or ties (counted in `left`)
             k = len(slots) // 2
             keep = slots["sample_id"] >= 0
             n = int(keep.sum())
@@ -217,6 +342,8 @@ class RunEntry:
             for layer_id, unit, top in run._query("SELECT layer_id, unit, top FROM relevance"):
                 if layer_id not in position:
                     continue
+                if constant.get(position[layer_id], {}).get(int(unit)):
+                    continue  # a constant unit's relevance list of ties
                 slots = np.frombuffer(bytes(top), TOP_DTYPE)
                 keep = slots["sample_id"] >= 0
                 n = int(keep.sum())
@@ -226,12 +353,13 @@ class RunEntry:
                 parts["rank"].append(np.arange(len(slots), dtype=np.int32)[keep])
                 parts["layer"].append(np.full(n, position[layer_id], np.int32))
                 parts["unit"].append(np.full(n, unit, np.int32))
+        left = self._constant.samples
         if not parts["sample"]:
             empty = np.zeros(0, np.int64)
-            return Appearances(empty, empty, empty, empty, empty, np.zeros(0))
+            return Appearances(empty, empty, empty, empty, empty, np.zeros(0), left)
         cat = {k: np.concatenate(v) for k, v in parts.items()}
         order = np.lexsort((cat["unit"], cat["which"], cat["rank"], cat["layer"], cat["sample"]))
-        return Appearances(*(cat[k][order] for k in Appearances.__dataclass_fields__))
+        return Appearances(*(cat[k][order] for k in parts), left)
 
     def graph_view(self) -> dict[str, Any]:
         """``lurker.graph.view.graph_view(run.graph)`` with the probed layers named on their

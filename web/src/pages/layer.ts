@@ -1,8 +1,8 @@
 /** `#/r/RUN/layer/LAYER?sort=max|mean|index&thumb=input|crop|featviz`: every unit as a thumbnail. */
 import { cropCanvas, p, type LayerDoc } from "../api";
-import { histogramChart } from "../charts";
+import { histogramChart, positionCount, sampleValueLabel } from "../charts";
 import type { PageContext } from "../context";
-import { append, facts, fill, fmt, h, shape } from "../dom";
+import { append, facts, fill, fmt, h, notice, shape } from "../dom";
 import { imageState, noImage } from "../images";
 
 const SORTS = ["max", "mean", "index"] as const;
@@ -18,16 +18,28 @@ export async function renderLayer(root: HTMLElement, ctx: PageContext, args: str
   let sort: Sort = (SORTS as readonly string[]).includes(params.get("sort") ?? "") ? (params.get("sort") as Sort) : "max";
   // units with a feature visualization (`lurker featviz`): the grid can show those
   const featviz = new Set(doc.featviz_units ?? []);
-  const thumbs = featviz.size ? ["input", "crop", "featviz"] : ["input", "crop"];
-  let thumb = thumbs.includes(params.get("thumb") ?? "") ? (params.get("thumb") as string) : "input";
   const l = doc.layer;
+  // one value per unit and sample (a Linear's (N, units)): no positions, no crop (it
+  // would be the whole image)
+  const positions = positionCount({ shape: l.shape, layout: doc.layout });
+  const thumbs = ["input", ...(positions > 1 ? ["crop"] : []), ...(featviz.size ? ["featviz"] : [])];
+  let thumb = thumbs.includes(params.get("thumb") ?? "") ? (params.get("thumb") as string) : "input";
+  // units constant on the dataset (a ReLU that never fires): their top lists are ties,
+  // so their tiles say so instead of showing a top image
+  const units = doc.units as (LayerDoc["units"][number] & { constant?: boolean })[];
+  const constantCount = (doc as LayerDoc & { constant_units?: number }).constant_units ?? units.filter((u) => u.constant).length;
+  const silent = units.filter((u) => u.constant && u.max === 0).length;
 
   const grid = h("div", { class: "unit-grid", role: "list" });
   const sortButtons = h("div", { class: "seg", role: "group", "aria-label": "sort units" });
   const thumbButtons = h("div", { class: "seg", role: "group", "aria-label": "thumbnail" });
 
-  const thumbnail = (unit: number, top: number | null): HTMLElement => {
+  const thumbnail = (unit: number, top: number | null, constant: number | null): HTMLElement => {
     const alt = `unit ${unit}: top image`;
+    if (constant !== null && thumb !== "featviz") {
+      const word = constant === 0 ? "silent" : "constant";
+      return h("div", { class: "no-img silent", title: `constant on the dataset: ${fmt(constant)} on every sample${positions > 1 ? " at every position" : ""}; its top lists are ties` }, h("strong", null, word), h("small", null, `${fmt(constant)} everywhere`));
+    }
     if (thumb === "featviz") {
       if (!featviz.has(unit)) return noImage("no feature visualization");
       const src = ctx.api.pngUrl(p("runs", ctx.run, "layers", name, "units", unit, "featviz", "channel", "0.png"));
@@ -46,18 +58,18 @@ export async function renderLayer(root: HTMLElement, ctx: PageContext, args: str
   };
 
   const draw = () => {
-    const units = [...doc.units];
+    const sorted = [...units];
     if (sort !== "index") {
       const key = sort;
-      units.sort((a, b) => (b[key] ?? -Infinity) - (a[key] ?? -Infinity));
+      sorted.sort((a, b) => (b[key] ?? -Infinity) - (a[key] ?? -Infinity));
     }
     fill(
       grid,
-      units.map((u) => {
+      sorted.map((u) => {
         return h(
           "a",
-          { class: "unit-card", role: "listitem", href: ctx.href("unit", name, u.unit), "data-unit": u.unit },
-          thumbnail(u.unit, u.top_max),
+          { class: u.constant ? "unit-card constant" : "unit-card", role: "listitem", href: ctx.href("unit", name, u.unit), "data-unit": u.unit, "data-constant": u.constant ? "1" : null },
+          thumbnail(u.unit, u.top_max, u.constant ? u.max ?? 0 : null),
           h("span", { class: "unit-id" }, `unit ${u.unit}`),
           h("span", { class: "unit-stats" }, h("span", null, `max ${fmt(u.max)}`), h("span", null, `mean ${fmt(u.mean)}`)),
         );
@@ -98,6 +110,7 @@ export async function renderLayer(root: HTMLElement, ctx: PageContext, args: str
           ["op", l.op ? h("a", { href: ctx.href("graph") + "?focus=" + encodeURIComponent(l.op) }, l.op) : "–"],
           ["output shape", shape(l.shape)],
           ["units", fmt(l.num_units)],
+          ["constant units", h("span", { id: "constant-count" }, constantCount ? `${fmt(constantCount)} of ${fmt(l.num_units)}${silent === constantCount ? ` (0 everywhere${/relu/i.test(l.kind ?? "") ? ": never fire" : ""})` : ""}` : "none")],
           ["receptive field", rfText(doc.rf)],
         ]),
       ),
@@ -105,10 +118,17 @@ export async function renderLayer(root: HTMLElement, ctx: PageContext, args: str
         "section",
         { class: "card chart-card" },
         h("h3", null, "Activations of all units"),
-        histogramChart(doc.histogram, { width: 460, height: 190, xLabel: "spatial mean activation of a sample" }),
-        h("p", { class: "muted small" }, "every unit's per-sample means, counted together"),
+        histogramChart(doc.histogram, { width: 460, height: 190, xLabel: sampleValueLabel(positions) }),
+        h("p", { class: "muted small" }, positions > 1 ? "every unit's per-sample means, counted together" : "every unit's per-sample activations, counted together"),
       ),
     ),
+    constantCount
+      ? notice(
+          `${constantCount === l.num_units ? `All ${fmt(constantCount)}` : `${fmt(constantCount)} of the ${fmt(l.num_units)}`} units of this layer are constant on the dataset` +
+            `${silent === constantCount ? `: 0 on every sample${positions > 1 ? " at every position" : ""}${/relu/i.test(l.kind ?? "") ? " (ReLUs that never fire)" : ""}` : " (each the same value on every sample)"}. ` +
+            "Their top lists are ties, ranked by sample id alone, so their tiles show no image.",
+        )
+      : null,
     images.notice,
     h("div", { class: "toolbar" }, h("span", null, "Sort by"), sortButtons, h("span", null, "Thumbnail"), thumbButtons),
     grid,

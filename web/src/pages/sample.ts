@@ -2,7 +2,9 @@
  * `#/r/RUN/sample/ID`: one dataset image, its label, the prediction, and the units that
  * rank it in their top-k. A sample can sit in the top-k of thousands of units, so the API
  * pages those entries (strongest rank first within each layer); the page shows every
- * layer with its count at once and fills the layers page by page on "show more".
+ * layer with its count at once and fills the layers page by page on "show more". Entries
+ * in the lists of units constant on the dataset (ties, ranked by sample id alone: a ReLU
+ * that never fires lists the first k samples) are left out, and the page says how many.
  */
 import { p, type Appearance, type SampleBrief, type SampleDoc } from "../api";
 import type { PageContext } from "../context";
@@ -25,6 +27,8 @@ export async function renderSample(root: HTMLElement, ctx: PageContext, args: st
   const path = p("runs", ctx.run, "samples", id);
   const [doc, images] = await Promise.all([ctx.api.json<SampleDoc>(path), imageState(ctx)]);
   const s = doc.sample;
+  // entries of units constant on the dataset (ties) are not in the document: counted only
+  const leftOut = doc.left_out ? { total: doc.left_out, layers: doc.left_out_layers ?? [] } : null;
   // a static export lists whether it holds the sample's image (it may not: no dataset)
   const exported = ctx.api.isStatic ? await ctx.api.exportedSamples(ctx.run) : null;
   const hasImage = exported ? exported.samples.some((x) => x.id === s.id && x.image) : true;
@@ -53,10 +57,10 @@ export async function renderSample(root: HTMLElement, ctx: PageContext, args: st
           [
             "prediction",
             pred
-              ? h("ol", { class: "preds" }, pred.map((q) => h("li", { class: q.class === s.label ? "match" : null }, `${q.name ?? q.class} `, h("span", { class: "muted" }, `${(100 * q.prob).toFixed(1)}%`))))
+              ? h("ol", { class: "preds" }, pred.map((q) => h("li", { class: q.name !== null && q.class === s.label ? "match" : null }, `${q.name ?? q.class} `, h("span", { class: "muted" }, `${(100 * q.prob).toFixed(1)}%`))))
               : doc.prediction_error ?? "no model attached (lurker serve RUN --model SPEC)",
           ],
-          ["in top-k of", `${plural(doc.total, "unit list")} in ${plural(doc.layers.length, "layer")}`],
+          ["in top-k of", h("span", { id: "top-k-of" }, `${plural(doc.total, "unit list")} in ${plural(doc.layers.length, "layer")}`, leftOut ? h("span", { class: "muted" }, ` (and ${leftOut.total} of constant units, left out)`) : null)],
         ]),
         h(
           "p",
@@ -68,8 +72,19 @@ export async function renderSample(root: HTMLElement, ctx: PageContext, args: st
     ),
     h("h2", null, "Units that rank it in their top-k"),
   );
+  if (leftOut) {
+    root.append(
+      h(
+        "p",
+        { class: "left-out muted", id: "left-out" },
+        `Left out: ${leftOut.total} ${leftOut.total === 1 ? "entry" : "entries"} in the top lists of units that are constant on the dataset (every sample ties, so those lists are ranked by sample id alone and say nothing about this sample): `,
+        leftOut.layers.flatMap(({ layer, count }, i) => [i ? ", " : "", h("a", { href: ctx.href("layer", layer), "data-layer": layer, "data-count": count }, layer), ` ${count}`]),
+        ".",
+      ),
+    );
+  }
   if (!doc.total) {
-    root.append(notice("No unit ranks this sample in its top-k."));
+    root.append(notice(leftOut ? "No other unit ranks this sample in its top-k." : "No unit ranks this sample in its top-k."));
     return;
   }
 

@@ -2,8 +2,8 @@
  * `#/r/RUN/unit/LAYER/UNIT?tab=mean|max|relevance|featviz&img=input|grad&crop=0|1`: Torchlurk's popup as a
  * page. One JSON request (the unit) plus its images; toggles only swap image URLs.
  */
-import { cropCanvas, p, type EntryKind, type FeatVizInfo, type Shown, type TopEntry } from "../api";
-import { barChart, histogramChart } from "../charts";
+import { cropCanvas, p, type EntryKind, type FeatVizInfo, type Shown, type TopEntry, type UnitDoc } from "../api";
+import { barChart, histogramChart, positionCount, sampleValueLabel } from "../charts";
 import type { PageContext } from "../context";
 import { append, fill, fmt, h, notice } from "../dom";
 import { imageState, noImage } from "../images";
@@ -24,7 +24,13 @@ export async function renderUnit(root: HTMLElement, ctx: PageContext, args: stri
   const featviz = doc.featviz ?? null; // images made by `lurker featviz`
   let tab: Tab = asked === "mean" ? "mean" : asked === "relevance" && relevance ? "relevance" : asked === "featviz" && featviz ? "featviz" : "max";
   let img: "input" | "grad" = params.get("img") === "grad" ? "grad" : "input";
-  let crop = params.get("crop") === "1";
+  // a layer with no position axes (a Linear's (N, units)): one activation per sample, no
+  // peak to place, and a crop would be the whole image
+  const positions = positionCount(doc.layer as UnitDoc["layer"] & { layout?: Record<string, unknown> | null });
+  let crop = positions > 1 && params.get("crop") === "1";
+  // the same value on every sample everywhere: its max and mean lists are ties
+  const constant = (doc as UnitDoc & { constant?: boolean }).constant === true;
+  const relevanceTies = !!relevance?.length && relevance.every((e) => e.value === relevance[0].value);
 
   const goto = (u: number | null) => {
     if (u === null) return;
@@ -75,6 +81,7 @@ export async function renderUnit(root: HTMLElement, ctx: PageContext, args: stri
       ),
     );
 
+  const entriesOf = (list: List) => (list === "relevance" ? relevance : doc.top[list]) ?? [];
   const draw = () => {
     fill(
       tabs,
@@ -108,25 +115,40 @@ export async function renderUnit(root: HTMLElement, ctx: PageContext, args: stri
       fill(gallery, featvizFigures(ctx, layer, unit, featviz, images.ok));
       return;
     }
+    if (constant && (tab !== "relevance" || relevanceTies)) {
+      fill(toggles);
+      fill(gallery, h("div", { class: "notice constant-list" }, tiesText(tab as List, doc.max, relevance?.[0]?.value ?? null, entriesOf(tab as List).length)));
+      return;
+    }
     if (tab === "relevance") {
-      fill(toggles, h("span", { class: "muted" }, "value: the unit's LRP relevance for the model's prediction, summed over its positions: the samples where it carried the decision most"));
+      fill(toggles, h("span", { class: "muted" }, `value: the unit's LRP relevance for the model's prediction${positions > 1 ? ", summed over its positions" : ""}: the samples where it carried the decision most`));
     } else fill(
       toggles,
       seg("image or gradient", [["input", "image"], ["grad", "gradient"]], img, (v) => {
         img = v as "input" | "grad";
         sync();
       }),
-      seg(`full or ${region.name}`, [["0", "full"], ["1", region.name]], crop ? "1" : "0", (v) => {
-        crop = v === "1";
-        sync();
-      }),
-      h("span", { class: "muted" }, tab === "max" ? `value: the peak of the unit's map; ${crop ? `image: ${region.peak}` : `box: ${region.box}`}` : `value: the mean of the unit's map${crop ? `; image: ${region.mean}` : ""}`),
+      positions > 1
+        ? seg(`full or ${region.name}`, [["0", "full"], ["1", region.name]], crop ? "1" : "0", (v) => {
+            crop = v === "1";
+            sync();
+          })
+        : null,
+      h(
+        "span",
+        { class: "muted" },
+        positions <= 1
+          ? `value: the unit's activation${tab === "mean" ? " (one per sample: the same ranking as the max list)" : ""}`
+          : tab === "max"
+            ? `value: the peak of the unit's map; ${crop ? `image: ${region.peak}` : `box: ${region.box}`}`
+            : `value: the mean of the unit's map${crop ? `; image: ${region.mean}` : ""}`,
+      ),
     );
     const list = tab as List;
-    const entries = (list === "relevance" ? relevance : doc.top[list]) ?? [];
+    const entries = entriesOf(list);
     fill(
       gallery,
-      entries.length ? entries.map((e) => figure(ctx, layer, unit, list, list === "relevance" ? "input" : kind(), e, tab === "max" && !crop, images.ok, shown)) : notice("This list is empty."),
+      entries.length ? entries.map((e) => figure(ctx, layer, unit, list, list === "relevance" ? "input" : kind(), e, tab === "max" && !crop && positions > 1, images.ok, shown)) : notice("This list is empty."),
     );
   };
   draw();
@@ -152,6 +174,7 @@ export async function renderUnit(root: HTMLElement, ctx: PageContext, args: stri
       ),
     ),
     h("p", { class: "stats" }, `max ${fmt(doc.max)} · mean ${fmt(doc.mean)} · layer `, h("a", { href: ctx.href("layer", layer) }, layer), doc.layer.kind ? ` (${doc.layer.kind})` : ""),
+    constant ? h("div", { class: "notice constant", id: "constant-unit" }, constantText(doc, positions, relevance && !relevanceTies ? "relevance" : null)) : null,
     tabs,
     toggles,
     images.notice,
@@ -163,14 +186,19 @@ export async function renderUnit(root: HTMLElement, ctx: PageContext, args: stri
         "section",
         { class: "card" },
         h("h3", null, "Classes that excite it most"),
-        classes.length ? barChart(classes, { width: 520, xLabel: "mean activation over the class's samples" }) : notice("No class means (unlabelled data)."),
+        constant
+          ? notice(`Every class's mean is ${fmt(doc.max)}: a constant unit tells no class from another.`)
+          : classes.length
+            ? barChart(classes, { width: 520, xLabel: "mean activation over the class's samples" })
+            : notice("No class means (unlabelled data)."),
       ),
       h(
         "section",
         { class: "card" },
         h("h3", null, "Activation distribution"),
-        histogramChart(doc.histogram, { width: 520, height: 220, mark: doc.mean, xLabel: "spatial mean activation of a sample" }),
-        h("p", { class: "muted small" }, "one value per sample: the unit's map averaged over its positions; the line marks the mean over the dataset"),
+        histogramChart(doc.histogram, { width: 520, height: 220, mark: doc.mean, xLabel: sampleValueLabel(positions) }),
+        h("p", { class: "muted small" }, `one value per sample: ${positions > 1 ? "the unit's map averaged over its positions" : "the unit's activation"}; the line marks the mean over the dataset`),
+        constant ? h("p", { class: "muted small", id: "constant-bin" }, oneBinText(doc)) : null,
       ),
     ),
   );
@@ -243,6 +271,36 @@ function entryImage(ctx: PageContext, layer: string, unit: number, list: List, k
 function peakBox([y0, y1, x0, x1]: number[], H: number, W: number): string {
   const pct = (v: number, n: number) => `${((100 * v) / n).toFixed(2)}%`;
   return `top:${pct(y0, H)};height:${pct(y1 - y0, H)};left:${pct(x0, W)};width:${pct(x1 - x0, W)}`;
+}
+
+/**
+ * What the page says of a constant unit: its value, where, and that its top lists are ties
+ * (every sample has the same value, so a list is the first k samples by id).
+ */
+function constantText(doc: UnitDoc, positions: number, kept: "relevance" | null): string {
+  const where = positions > 1 ? "on every sample at every position" : "on every sample";
+  const relu = doc.max === 0 && /relu/i.test(doc.layer.kind ?? "") ? " (a ReLU that never fires)" : "";
+  // the stored mean is rounded (float32 sums): equal to the max within that rounding
+  const rounded = doc.mean !== doc.max ? ` (to float32 rounding: its dataset mean is ${doc.mean})` : "";
+  const lists = kept ? "Its max and mean lists are ties" : "Its top lists are ties";
+  const relevance = kept ? " Its relevance list is not: the samples where that constant counted most for the prediction." : "";
+  return `This unit is constant on the dataset: ${fmt(doc.max)} ${where}${relu}${rounded}. ${lists}, so they say nothing about what it responds to.${relevance}`;
+}
+
+/** Under a constant unit's histogram: its one bar is the bin that holds the value, not a
+ * spread (the bins are the layer's, shared by all its units). */
+function oneBinText(doc: UnitDoc): string {
+  const { edges, counts } = doc.histogram;
+  const i = counts.findIndex((c) => (c ?? 0) > 0);
+  const n = counts.reduce((a: number, c) => a + (c ?? 0), 0);
+  if (i < 0) return "";
+  return `every sample's value is ${fmt(doc.max)}: all ${fmt(n)} are in one bin, [${fmt(edges[i])}, ${fmt(edges[i + 1])}) of the layer's shared bins; the bar's width is that bin's, not a spread`;
+}
+
+/** In place of a constant unit's list: why it shows no images. */
+function tiesText(list: List, max: number | null, relevance: number | null, k: number): string {
+  const what = list === "max" ? `peak is ${fmt(max)}` : list === "mean" ? `mean is ${fmt(max)}` : `relevance is ${fmt(relevance)}`;
+  return `Every sample's ${what}: this list is ${k} tied samples, ranked by sample id alone, so it shows no images.`;
 }
 
 /** A layer of tokens: positions map to patches (layout boxes), not to a receptive field. */

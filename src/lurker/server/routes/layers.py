@@ -44,8 +44,10 @@ def layer_detail(request: Request, run_id: str, layer: str) -> LayerDetail:
                 max=_f(mx),
                 top_max=tm if tm >= 0 else None,
                 top_mean=tn if tn >= 0 else None,
+                constant=constant,
             )
-            for u, mean, mx, tm, tn in rows
+            for u, mean, mx, tm, tn, constant in rows
         ],
         featviz_units=featviz_units(e.open_run(), info.name) or None,
+        constant_units=sum(1 for row in rows if row[5]),
     )

@@ -83,6 +83,7 @@ def _sample_detail(
     sid, path, label, cname = e.sample_row(sample_id)
     run = e.open_run()
     index = e.appearances()
+    left = index.left_out(sid)
     appearances = [
         Appearance(
             layer=run.layers[layer].name,
@@ -102,4 +103,6 @@ def _sample_detail(
         limit=limit,
         layers=[LayerCount(layer=run.layers[i].name, count=n) for i, n in index.per_layer(sid)],
         appearances=appearances,
+        left_out=sum(n for _, n in left),
+        left_out_layers=[LayerCount(layer=run.layers[i].name, count=n) for i, n in left],
     )

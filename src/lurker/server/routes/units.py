@@ -8,6 +8,7 @@ from fastapi import APIRouter, Path, Request
 
 from ..deps import entry
 from ..schemas import UnitDetail
+from ..state import is_constant, positions_per_sample
 
 router = APIRouter(prefix="/api", tags=["units"])
 
@@ -23,8 +24,11 @@ def unit_detail(
     e = entry(request, run_id)
     info = e.layer(layer)
     index = e.unit_index(info, unit)
-    doc: dict[str, Any] = e.open_run().unit(info.name, index).to_dict()
+    found = e.open_run().unit(info.name, index)
+    doc: dict[str, Any] = found.to_dict()
     size = e.open_run().meta.get("image_size")
+    peaks = [item["value"] for item in doc["top"]["max"]]
+    doc["constant"] = is_constant(found.mean, found.max, peaks, positions_per_sample(info))
     for item in doc["top"]["max"]:
         item["box"] = _box(info, item["y"], item["x"], size)
     doc["prev"] = index - 1 if index > 0 else None
