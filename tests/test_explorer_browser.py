@@ -128,6 +128,16 @@ def test_home_and_runs_list(page: Any, explorer: dict[str, Any]) -> None:
     assert page.locator(".topbar").inner_text().split()[:2] == ["lurker", explorer["id"]]
     for name in ("Home", "Graph", "Layers", "Samples", "Live"):
         assert page.locator(".main-nav a", has_text=name).count() == 1
+    # what the run holds, and what it does not (with the command that makes it)
+    holds = page.locator(".card", has_text="This run holds").inner_text()
+    assert run.has_relevance and "by max, by mean and by relevance for the prediction" in holds
+    assert "none (lurker map RUN)" in holds
+    fv = run.featviz_layers()
+    assert (
+        (f"{len(fv)} layer" in holds and fv[0] in holds) if fv else "none (lurker featviz" in holds
+    )
+    assert "computed on request" in holds
+    assert page.locator(".entry-links a", has_text="Live view").count() == 1  # model attached
 
 
 def test_layer_grid_unit_toggles_and_history(page: Any, explorer: dict[str, Any]) -> None:
@@ -333,7 +343,12 @@ def test_sample_page_shows_more_appearances(page: Any, explorer: dict[str, Any])
     for pos, info in enumerate(run.layers):
         for u in run.units(info.name):
             for wpos, which in enumerate(run.top_lists):
-                for e in u.top(which):
+                top = u.top(which)
+                # a unit that is the same everywhere (here: a ReLU that never fires, mean =
+                # max = 0) has lists of ties, which the page leaves out
+                if u.mean == u.max and len({e.value for e in top}) == 1:
+                    continue
+                for e in top:
                     found.setdefault(e.sample_id, []).append(
                         ((pos, e.rank, wpos, u.index), (info.name, u.index, which))
                     )
@@ -606,7 +621,7 @@ def test_static_export_pages(
     assert f"it has {info.num_units} units" in page.locator(".notice.error").inner_text()
 
 
-def test_explain_page(page: Any, explorer: dict[str, Any]) -> None:
+def test_explain_page(page: Any, console: list[str], explorer: dict[str, Any]) -> None:
     """Every method's heatmap loads over the sample; the one slider sets every overlay's
     opacity; another target class reloads them all; the sample page links here."""
     from lurker.explain import METHODS
@@ -680,6 +695,22 @@ def test_explain_page(page: Any, explorer: dict[str, Any]) -> None:
     page.wait_for_selector(f'main a[href="#/r/{rid}/unit/{LAYER}/3"]')
     assert "for unit features.4:3" in page.locator("main h2").first.inner_text()
     images_loaded(page, ".methods img.heat")
+
+    # a typo in the unit: one request, one message that lists the run's layers, no cards
+    failed: list[str] = []
+    page.on("response", lambda r: failed.append(r.url) if r.status >= 400 else None)
+    page.locator("#explain-unit").fill("nope:3")
+    page.locator("#explain-unit").press("Enter")
+    page.wait_for_url("**target=nope%3A3**")
+    note = page.locator(".notice.error")
+    note.wait_for()
+    assert "Target nope:3: layer 'nope' is not in the model" in note.inner_text()
+    assert "its layer one of this run's (features.0" in note.inner_text()
+    page.wait_for_load_state("networkidle")
+    assert page.locator(".explain-card").count() == 0 and page.locator(".concept").count() == 0
+    assert len(failed) == 1, failed
+    assert len(console) == 2 and "target=nope%3A3" in console[0], console  # that one 404
+    console.clear()
 
 
 @pytest.fixture(scope="module")
@@ -755,6 +786,13 @@ def test_static_explain_page_of_precomputed_samples(
     from lurker.server import create_app
 
     url = explained_site["url"]
+    # the export's home: its precomputed explanations linked, no live view offered
+    go(page, f"{url}#/r/digits")
+    holds = page.locator(".card", has_text="This run holds")
+    holds.wait_for()
+    assert "2 samples precomputed" in holds.inner_text()
+    assert "none in a static export" in holds.inner_text()
+    assert page.locator(".entry-links a", has_text="Live view").count() == 0
     open_precomputed(page, url, 1)
     assert "features.9" in page.locator('.explain-card[data-method="gradcam"]').inner_text()
     # the target chooser: the top class on, the others disabled; the page says why

@@ -173,6 +173,14 @@ def test_class_and_unit_targets(
         ("saliency.json", {"target": "bad"}, 400, "give a class index (3), 'top', or a unit"),
         ("saliency.json", {"target": "features.4:99"}, 400, "channel 99 is out of range"),
         ("saliency.json", {"target": "foo:1"}, 404, "layer 'foo' is not in the model"),
+        # in the page's words, with the run's layers (not Python's model.named_modules())
+        (
+            "saliency.json",
+            {"target": "foo:1"},
+            404,
+            "A unit is LAYER:CHANNEL, its layer one of "
+            "this run's (features.0, features.2, features.4",
+        ),
         ("gradcam.json", {"layer": "nope"}, 404, "layer 'nope' is not in the model"),
         ("saliency.json", {"layer": "features.4"}, 400, "takes no layer"),
         ("gradcam.json", {"layer": "features.9", "target": "features.4:1"}, 400, "does not depend"),

@@ -45,7 +45,7 @@ export interface RunSummary {
     store_version: number | null;
     status: string | null;
   };
-  holds: { graph: boolean; live: boolean; live_reason?: string | null; dataset?: boolean; dataset_reason?: string | null; cached_images: number; featviz?: string[]; map?: boolean };
+  holds: { graph: boolean; live: boolean; live_reason?: string | null; dataset?: boolean; dataset_reason?: string | null; cached_images: number; featviz?: string[]; map?: boolean; relevance?: boolean; explained?: number };
   missing: string[];
   layers: LayerBrief[];
 }
@@ -145,6 +145,9 @@ export interface SampleDoc {
   layers: { layer: string; count: number }[];
   /** Entries `offset` to `offset + limit`: by layer order, then rank, list, unit. */
   appearances: Appearance[];
+  /** Entries in the lists of units constant on the dataset (ties), left out of the above. */
+  left_out?: number;
+  left_out_layers?: { layer: string; count: number }[];
 }
 
 export interface SampleList {

@@ -87,6 +87,10 @@ class Holds(BaseModel):
     featviz: list[str] = []
     #: The run holds a dataset map (``lurker map RUN``; the Map page).
     map: bool = False
+    #: The units have relevance-max lists (probed with ``relevance=True``).
+    relevance: bool = False
+    #: Dataset samples with precomputed explanations (``lurker images RUN --explanations``).
+    explained: int = 0
 
 
 class LayerBrief(BaseModel):
@@ -124,6 +128,9 @@ class UnitBrief(BaseModel):
     max: float | None = None
     top_max: int | None = Field(None, description="sample id at rank 0 of the max list")
     top_mean: int | None = Field(None, description="sample id at rank 0 of the mean list")
+    #: The unit holds its ``max`` on every sample at every position (a ReLU that never
+    #: fires: 0): its top lists are ties, ranked by sample id alone.
+    constant: bool = False
 
 
 class LayerDetail(BaseModel):
@@ -134,6 +141,8 @@ class LayerDetail(BaseModel):
     units: list[UnitBrief]
     #: units with a stored feature visualization (objective "channel"), null for none
     featviz_units: list[int] | None = None
+    #: How many of its units are constant on the dataset (``units[i].constant``).
+    constant_units: int = 0
 
 
 class UnitLayer(BaseModel):
@@ -199,6 +208,9 @@ class UnitDetail(BaseModel):
     num_units: int
     #: null when the run holds no feature visualization of this unit
     featviz: FeatVizInfo | None = None
+    #: The unit holds its ``max`` on every sample at every position: its max and mean
+    #: lists are ties (ranked by sample id alone), its class means all that value.
+    constant: bool = False
 
 
 # -- samples ------------------------------------------------------------------------------
@@ -221,7 +233,9 @@ class SamplePage(BaseModel):
 class Prediction(BaseModel):
     #: class index
     class_: int = Field(alias="class", serialization_alias="class")
-    name: str
+    #: the dataset's class name; null when the model's outputs are not the dataset's
+    #: classes (a 1000-class head over a 3-folder dataset)
+    name: str | None
     prob: float
 
     model_config = {"populate_by_name": True}
@@ -256,6 +270,12 @@ class SampleDetail(BaseModel):
     #: Entries ``offset`` to ``offset + limit``, by layer order, then rank, then list
     #: (max first), then unit.
     appearances: list[Appearance]
+    #: Entries in the lists of units constant on the dataset, left out of all the above:
+    #: their lists are ties, ranked by sample id alone (a ReLU that never fires lists the
+    #: first k samples), so they say nothing about the sample.
+    left_out: int = 0
+    #: Those entries per layer, in layer order.
+    left_out_layers: list[LayerCount] = []
 
 
 # -- live ---------------------------------------------------------------------------------
@@ -284,15 +304,23 @@ class FeatureSide(BaseModel):
 
 
 class KernelInfo(BaseModel):
-    #: The weight's shape: ``[out, in, *kernel]``.
+    #: The weight's shape: ``[out, in / groups, *kernel]``; a transposed convolution's
+    #: ``[in, out / groups, *kernel]``.
     shape: list[int]
     param: str
+    #: The convolution's groups: input ``i`` feeds output ``o`` only in the same group.
+    groups: int = 1
+    transposed: bool = False
+    in_channels: int | None = None
+    out_channels: int | None = None
 
 
 class LiveOp(BaseModel):
     op: str
     index: int
     name: str
+    #: The node's kind: ``op``, ``input`` (a model input), ``output`` (what it returns), ...
+    kind: str = "op"
     input: FeatureSide | None = None
     #: Label of the op whose output is this op's input (null for model inputs too).
     input_op: str | None = None
@@ -312,6 +340,11 @@ class KernelValues(BaseModel):
     min: float | None = None
     max: float | None = None
     values: list[list[float | None]]
+    #: The weight and the index into it these values are (``weight[index]``).
+    param: str | None = None
+    index: list[int] | None = None
+    groups: int = 1
+    transposed: bool = False
 
 
 class ExplainMethod(BaseModel):
@@ -440,3 +473,9 @@ class MapDoc(BaseModel):
     pred: list[int]
     #: The prediction's softmax probability (null: none).
     conf: list[float | None]
+    #: The model's number of outputs (class scores), when the run's graph tells.
+    outputs: int | None = None
+    #: Whether predictions are the dataset's classes (one output per class), so that a
+    #: prediction can be called right or wrong; false for, e.g., a 1000-class head over
+    #: a 3-folder dataset.
+    comparable: bool = True

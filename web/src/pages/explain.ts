@@ -13,7 +13,7 @@
  * precomputed into the run (`lurker images RUN --explanations`): only those samples,
  * their methods, for the top class.
  */
-import { p, type LiveImage, type RunSummary } from "../api";
+import { ApiError, p, type LiveImage, type RunSummary } from "../api";
 import type { PageContext } from "../context";
 import { append, fill, fmt, h, notice } from "../dom";
 import { imagePicker } from "../picker";
@@ -258,6 +258,20 @@ export async function renderExplain(root: HTMLElement, ctx: PageContext): Promis
   const grid = h("section", { class: "explain-grid methods", "aria-label": "heatmaps" });
   const page = h("div", { class: "explain-page" });
   root.append(page);
+  // a target the model may not have (a typed unit, a class from a link): asked once, so
+  // that a typo is one message by the input, not one error per method
+  const probe = info.methods.find((m) => !m.needs_layer);
+  if (!explained && target !== "top" && probe) {
+    try {
+      await ctx.api.json<ExplainResult>(`${p("runs", ctx.run, "live", image, "explain", probe.name)}.json?${new URLSearchParams({ target })}`);
+    } catch (err) {
+      if (ctx.signal.aborted) return;
+      if (!(err instanceof ApiError) || err.status >= 500) throw err;
+      append(page, h("div", { class: "explain-top" }, imageCard, controls), notice(`Target ${target}: ${err.message}`, "error"));
+      return;
+    }
+    if (ctx.signal.aborted) return;
+  }
   append(page, h("div", { class: "explain-top" }, imageCard, controls), h("h2", null, "Heatmaps ", h("span", { class: "sub" }, targetLine(target, live))), grid);
 
   const setOpacity = (v: number) => {

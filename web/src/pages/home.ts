@@ -10,6 +10,8 @@ export async function renderHome(root: HTMLElement, ctx: PageContext): Promise<v
   const d = s.dataset;
   const units = s.layers.reduce((a, l) => a + l.num_units, 0);
   const classes = d.classes.length;
+  const featviz = s.holds.featviz ?? [];
+  const explained = s.holds.explained ?? 0;
   const shownClasses = d.classes.slice(0, 40).join(", ") + (classes > 40 ? `, … (${classes - 40} more)` : "");
   append(root, 
     h("h1", null, m.name ?? ctx.run, h("span", { class: "sub" }, ` · run ${s.id}`)),
@@ -57,10 +59,13 @@ export async function renderHome(root: HTMLElement, ctx: PageContext): Promise<v
         h("h2", null, "This run holds"),
         facts([
           ["layers", `${s.layers.length} (${fmt(units)} units)`],
-          ["top-k", `${s.probe.k} images per unit, by max and by mean`],
+          ["top-k", `${s.probe.k} images per unit, by max, by mean${s.holds.relevance ? " and by relevance for the prediction" : ""}`],
           ["histograms", `${s.probe.hist_bins} bins per unit`],
           ["graph", s.holds.graph ? h("a", { href: ctx.href("graph") }, "traced graph") : "not recorded"],
-          ["live model", s.holds.live ? h("a", { href: ctx.href("live") }, "attached") : "none (lurker serve RUN --model SPEC)"],
+          ["dataset map", s.holds.map ? h("a", { href: ctx.href("map") }, "made") : h("span", { class: "muted" }, "none (lurker map RUN)")],
+          ["feature visualizations", featviz.length ? `${featviz.length} layer${featviz.length === 1 ? "" : "s"}: ${featviz.slice(0, 4).join(", ")}${featviz.length > 4 ? ", …" : ""}` : h("span", { class: "muted" }, "none (lurker featviz RUN --layer L)")],
+          ["explanations", explained ? h("a", { href: ctx.href("explain") }, `${fmt(explained)} sample${explained === 1 ? "" : "s"} precomputed`) : h("span", { class: "muted" }, s.holds.live ? "computed on request" : "none precomputed")],
+          ["live model", s.holds.live ? h("a", { href: ctx.href("live") }, "attached") : h("span", { class: "muted" }, ctx.api.isStatic ? "none in a static export (lurker serve RUN --model SPEC)" : "none (lurker serve RUN --model SPEC)")],
           ["cached images", fmt(s.holds.cached_images)],
           ["probed", [s.probe.created ?? "–", s.probe.lurker_version ? ` with lurker ${s.probe.lurker_version}` : ""]],
           ["status", s.probe.status ?? "–"],
@@ -70,7 +75,8 @@ export async function renderHome(root: HTMLElement, ctx: PageContext): Promise<v
           { class: "entry-links" },
           h("a", { class: "button", href: ctx.href("samples") }, "Browse samples"),
           s.holds.graph ? h("a", { class: "button", href: ctx.href("graph") }, "Open the graph") : null,
-          h("a", { class: "button", href: ctx.href("live") }, "Live view"),
+          s.holds.live ? h("a", { class: "button", href: ctx.href("live") }, "Live view") : null,
+          s.holds.map ? h("a", { class: "button", href: ctx.href("map") }, "Dataset map") : null,
         ),
       ),
     ),

@@ -43,6 +43,7 @@ from lurker.errors import LurkerError
 from lurker.store import atomic_write_bytes
 from lurker.store.files import safe_component
 
+from ..classes import class_names, name_of
 from ..deps import MODEL_MADE, cached_or_live, entry, session
 from ..errors import ApiError
 from ..schemas import (
@@ -411,7 +412,17 @@ def _prepare(s: Session, model: Any, x: Any, target: str, layer: str | None) -> 
         with untouched(model):
             Forward(model, xb, parsed, layers=[name] if name else [])
     except LurkerError as e:
-        raise ApiError(404, str(e)) from None
+        said = str(e)
+        python = ": name a module path (model.named_modules()) or a trace label (lurker.trace(model, x))."
+        if asked and python in said:  # a typed unit: in the page's words, with the run's layers
+            layers = [i.name for i in s.entry.open_run().layers]
+            more = f", ... {len(layers) - 12} more" if len(layers) > 12 else ""
+            said = said.replace(
+                python,
+                f". A unit is LAYER:CHANNEL, its layer one of this run's ({', '.join(layers[:12])}"
+                f"{more}) or any module of the model.",
+            )
+        raise ApiError(404, said) from None
     return Prepared(xb, parsed, asked, name)
 
 
@@ -828,7 +839,7 @@ def _ranking_doc(
     total = float(r.relevance.sum())
     ranked = [int(u) for u in r.relevance.argsort(descending=True)[:top]]
     run = s.entry.open_run()
-    names = run.classes
+    names = class_names(run)
     cls = r.target_class
     shape = next(iter(r.heat.values())).shape
     return ConceptRanking(
@@ -837,7 +848,7 @@ def _ranking_doc(
         probed=any(i.name == name for i in run.layers),
         target=r.target,
         target_class=cls,
-        target_name=None if cls is None else (names[cls] if cls < len(names) else str(cls)),
+        target_name=None if cls is None else name_of(names, cls),
         composite=r.composite,
         channels=int(r.relevance.numel()),
         total=total,
@@ -993,10 +1004,8 @@ def explain_result(
 
 def _result_doc(s: Session, image: str, method: str, r: Result, cached: bool) -> ExplainResult:
     lo, hi, total = _stats(r.heat)
-    names = s.entry.open_run().classes
-    name = None
-    if r.target_class is not None:
-        name = names[r.target_class] if r.target_class < len(names) else str(r.target_class)
+    names = class_names(s.entry.open_run())
+    name = None if r.target_class is None else name_of(names, r.target_class)
     return ExplainResult(
         image=image,
         method=method,

@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from ..deps import entry, registry, session
+from ..explained import explained_samples
 from ..schemas import (
     DatasetInfo,
     Holds,
@@ -121,6 +122,8 @@ def summarize(request: Request, e: RunEntry) -> RunSummary:
             featviz=run.featviz_layers(),
             cached_images=e.cached_images(),
             map=run.has_map,
+            relevance=run.has_relevance,
+            explained=len(explained_samples(e.path)),
         ),
         missing=e.missing(),
         layers=[layer_brief(info) for info in run.layers],
