@@ -87,3 +87,34 @@ def test_cli_probe_and_explain_of_a_model_whose_head_is_registered_first(tmp_pat
     )  # fmt: skip
     assert r.exit_code == 0, r.output
     assert (tmp_path / "heat.png").is_file()
+
+
+class _Viewed(nn.Module):
+    """A grayscale net that reshapes its input first: 3 channels become 3 batch rows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+
+    def forward(self, x):
+        return self.conv(x.view(-1, 1, 16, 16)).mean((1, 2, 3))
+
+
+class _Resized(nn.Module):
+    """A grayscale net that resizes its input before its first convolution."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+
+    def forward(self, x):
+        x = torch.nn.functional.interpolate(x, size=(8, 8))
+        return self.conv(x).mean((1, 2, 3))
+
+
+def test_a_view_or_a_resize_before_the_first_convolution():
+    assert image_channels(_Viewed(), 16) == 1  # 3 channels reach it folded: 1 is tried next
+    assert image_channels(_Resized(), 16) == 1
+    # a 1-d convolution over rows says nothing about an image's channels
+    conv1d = nn.Sequential(nn.Flatten(2), nn.Conv1d(12, 4, 3))
+    assert image_channels(conv1d, 16) is None

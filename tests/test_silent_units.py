@@ -68,6 +68,36 @@ def test_the_probes_own_rounding_is_within_the_tolerance(value: float, side: int
     mean, mx = float(r["unit_mean"][0]), float(r["unit_max"][0])
     assert mx == np.float32(value)
     assert is_constant(mean, mx, r["max_values"][0].tolist(), side * side)
+    means = r["mean_values"][0].tolist()
+    assert is_constant(mean, mx, r["max_values"][0].tolist(), side * side, means)
+
+
+@pytest.mark.parametrize("dips", ["every sample, one position", "half the samples, two"])
+def test_a_unit_at_its_ceiling_but_for_a_few_positions_is_not_constant(dips: str) -> None:
+    """A ReLU6 at 6 on 112x112 maps but for a few positions: every peak is 6 and the
+    dataset mean is within the mean's rounding tolerance of it, yet its mean list ranks the
+    samples by their dips; the mean list tells it from a constant unit."""
+    from lurker.probe.stats import UnitStats
+    from lurker.server.state import is_constant
+
+    g = torch.Generator().manual_seed(0)
+    st = UnitStats(1, k=K, num_classes=3, device="cpu")
+    n = 0
+    for b in (64, 64, 37):
+        x = torch.full((b, 1, 112, 112), 6.0)
+        for i in range(b):
+            if dips.startswith("every"):
+                x[i, 0, 50, 60] = torch.rand((), generator=g) * 6
+            elif (n + i) % 2:
+                x[i, 0, :2, 0] = 0.0
+        st.update(x, torch.arange(n, n + b), torch.arange(n, n + b) % 3)
+        n += b
+    r = st.result()
+    mean, mx = float(r["unit_mean"][0]), float(r["unit_max"][0])
+    peaks, means = r["max_values"][0].tolist(), r["mean_values"][0].tolist()
+    assert mx == 6.0 and set(peaks) == {6.0}
+    assert is_constant(mean, mx, peaks, 112 * 112)  # the peaks and the mean alone: fooled
+    assert not is_constant(mean, mx, peaks, 112 * 112, means)
 
 
 # -- a synthetic run: exactly known constant and near-constant units --------------------

@@ -766,9 +766,15 @@ def image_channels(model: nn.Module, size: int, device: Any = "cpu") -> int | No
         x = torch.zeros(1, channels, size, size, device=device)
 
         def stop(mod: nn.Module, args: tuple, x: torch.Tensor = x) -> None:
-            # the image itself, or a same-shaped copy (normalised inside the model)
+            # the image itself, or a copy of its batch and channels (normalised or resized
+            # inside the model); anything else (a view that folds channels into the
+            # batch, a 1-d conv over rows) tells nothing about this many channels
+            t = args[0] if args else None
             reads_image = (
-                bool(args) and isinstance(args[0], torch.Tensor) and args[0].shape == x.shape
+                isinstance(t, torch.Tensor)
+                and t.dim() == 4
+                and t.shape[:2] == x.shape[:2]
+                and len(getattr(mod, "kernel_size", ())) == 2
             )
             raise _FirstConv(mod.in_channels if reads_image else None)
 
@@ -777,7 +783,9 @@ def image_channels(model: nn.Module, size: int, device: Any = "cpu") -> int | No
             with torch.no_grad():
                 model(x)
         except _FirstConv as hit:
-            return hit.channels
+            if hit.channels is not None:
+                return hit.channels
+            continue  # try the next number of channels
         except Exception:  # this many channels did not even reach a convolution
             continue
         finally:

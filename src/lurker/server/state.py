@@ -59,7 +59,9 @@ def constant_tolerance(positions: int) -> float:
     return ROUNDOFF * (64 + positions / 4)
 
 
-def is_constant(mean: float | None, mx: float | None, peaks: Any, positions: int) -> bool:
+def is_constant(
+    mean: float | None, mx: float | None, peaks: Any, positions: int, means: Any = None
+) -> bool:
     """Whether a unit holds the same value ``mx`` on every sample at every position.
 
     Each sample's spatial mean is at most its peak, which is at most the max, so the
@@ -69,14 +71,25 @@ def is_constant(mean: float | None, mx: float | None, peaks: Any, positions: int
     :func:`constant_tolerance` of it. A unit of exactly ``0`` (a ReLU that never fires)
     is decided exactly (the sums of zeros round nothing). A unit whose values depart from
     ``c`` only downwards and by less in all than the tolerance of its sum (an upward one
-    breaks the ties of the max list) cannot be told from a constant one by the stored
-    statistics; its top lists are then ties all the same.
+    breaks the ties of the max list) would pass that alone (a ReLU6 at its ceiling but
+    for a few of its 112x112 positions): ``means``, the mean list's values, closes the
+    gap. A constant unit's samples all have the same spatial mean (the same float: the
+    same values summed the same way), so that list is ties, and the dataset mean of equal
+    means is that value but for the fold's rounding; a dip anywhere either breaks the ties
+    or leaves a sample without one, whose mean is then above the dataset's.
     """
     if mean is None or mx is None or not (math.isfinite(mean) and math.isfinite(mx)):
         return False
     if any(v is None or float(v) != mx for v in peaks):  # NaN (None) is unequal
         return False
-    return abs(mx - mean) <= constant_tolerance(positions) * abs(mx)
+    if abs(mx - mean) > constant_tolerance(positions) * abs(mx):
+        return False
+    if means is None:
+        return True
+    vals = [float(v) for v in means if v is not None]
+    if not vals or any(v != vals[0] for v in vals):
+        return False
+    return abs(vals[0] - mean) <= ROUNDOFF * 64 * abs(mx)
 
 
 def _ties(values: np.ndarray) -> bool:
@@ -265,7 +278,8 @@ class RunEntry:
                 first_max = int(slots["sample_id"][0])
                 first_mean = int(slots["sample_id"][half])
                 peaks = slots["value"][:half][slots["sample_id"][:half] >= 0]
-                constant = is_constant(mean, mx, peaks, positions)
+                means = slots["value"][half:][slots["sample_id"][half:] >= 0]
+                constant = is_constant(mean, mx, peaks, positions, means)
             out.append((int(unit), mean, mx, first_max, first_mean, constant))
         return out, total
 
@@ -288,8 +302,9 @@ class RunEntry:
                 continue
             slots = np.frombuffer(bytes(top), TOP_DTYPE)
             k = len(slots) // 2
-            filled = slots["sample_id"][:k] >= 0
-            if not k or not is_constant(mean, mx, slots["value"][:k][filled], positions[layer_id]):
+            filled = slots["sample_id"] >= 0
+            peaks, means = slots["value"][:k][filled[:k]], slots["value"][k:][filled[k:]]
+            if not k or not is_constant(mean, mx, peaks, positions[layer_id], means):
                 continue
             units.setdefault(position[layer_id], {})[int(unit)] = False
             leave_out(slots["sample_id"], position[layer_id])  # the max and the mean list

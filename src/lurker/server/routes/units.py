@@ -28,7 +28,9 @@ def unit_detail(
     doc: dict[str, Any] = found.to_dict()
     size = e.open_run().meta.get("image_size")
     peaks = [item["value"] for item in doc["top"]["max"]]
-    doc["constant"] = is_constant(found.mean, found.max, peaks, positions_per_sample(info))
+    means = [item["value"] for item in doc["top"]["mean"]]
+    positions = positions_per_sample(info)
+    doc["constant"] = is_constant(found.mean, found.max, peaks, positions, means)
     for item in doc["top"]["max"]:
         item["box"] = _box(info, item["y"], item["x"], size)
     doc["prev"] = index - 1 if index > 0 else None
