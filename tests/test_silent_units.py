@@ -306,6 +306,28 @@ def test_unit_page_says_a_unit_never_fires(page: Any, digits: dict[str, Any]) ->
     assert page.locator("#constant-unit").count() == 0
     assert page.locator(".top-entry").count() == K
     assert page.locator("svg.bars-h").count() == 1
+    assert page.locator("#tied-list").count() == 0
+
+
+def test_a_list_of_ties_of_a_live_unit_is_said_to_be_one(page: Any, digits: dict[str, Any]):
+    """A unit that is not constant but whose list is all one value (a relevance of 0 for
+    a unit feeding a dead one; a peak every sample reaches): its images stay, with a note
+    that they are ties in sample-id order. (The unit's document is rewritten to such a
+    list in flight: the page's reading of it is what is tested.)"""
+
+    def tie(route: Any) -> None:
+        doc = route.fetch().json()
+        for e in doc["top"]["max"]:
+            e["value"] = 0.5
+        route.fulfill(json=doc)
+
+    page.route("**/api/runs/dig/layers/features.1/units/2", tie)
+    go(page, f"{digits['url']}#/r/dig/unit/features.1/2?tab=max", "#tied-list")
+    said = page.inner_text("#tied-list")
+    assert f"All {K} samples of this list have the value 0.5: they are ties" in said
+    assert page.locator(".top-entry").count() == K  # the images stay
+    page.click('button[data-tab="mean"]')  # the mean list is not tied
+    page.wait_for_function("() => !document.querySelector('#tied-list')")
 
 
 def test_layer_grid_shows_silent_units(page: Any, digits: dict[str, Any]) -> None:

@@ -146,8 +146,12 @@ export async function renderUnit(root: HTMLElement, ctx: PageContext, args: stri
     );
     const list = tab as List;
     const entries = entriesOf(list);
+    // a list whose values are all equal is ties (a relevance of 0 everywhere: a unit that
+    // feeds a dead one): which samples it holds, and in what order, is by sample id alone
+    const tied = entries.length > 1 && entries.every((e) => e.value === entries[0].value);
     fill(
       gallery,
+      tied ? h("div", { class: "notice constant-list", id: "tied-list" }, `All ${entries.length} samples of this list have the value ${fmt(entries[0].value)}: they are ties, in sample-id order, and more samples may share that value, so the list does not single them out.`) : null,
       entries.length ? entries.map((e) => figure(ctx, layer, unit, list, list === "relevance" ? "input" : kind(), e, tab === "max" && !crop && positions > 1, images.ok, shown)) : notice("This list is empty."),
     );
   };
