@@ -772,6 +772,16 @@ def concepts_shown(page: Any, layer: str) -> None:
     assert f"/unit/{layer}/" in href
 
 
+def test_static_home_says_what_the_export_holds(page: Any, explained_site: dict[str, Any]) -> None:
+    """The export's home: its precomputed explanations linked, no live view offered."""
+    go(page, f"{explained_site['url']}#/r/digits")
+    holds = page.locator(".card", has_text="This run holds")
+    holds.wait_for()
+    assert "2 samples precomputed" in holds.inner_text()
+    assert "none in a static export" in holds.inner_text()
+    assert page.locator(".entry-links a", has_text="Live view").count() == 0
+
+
 def test_static_explain_page_of_precomputed_samples(
     page: Any,
     explained_site: dict[str, Any],
@@ -786,13 +796,6 @@ def test_static_explain_page_of_precomputed_samples(
     from lurker.server import create_app
 
     url = explained_site["url"]
-    # the export's home: its precomputed explanations linked, no live view offered
-    go(page, f"{url}#/r/digits")
-    holds = page.locator(".card", has_text="This run holds")
-    holds.wait_for()
-    assert "2 samples precomputed" in holds.inner_text()
-    assert "none in a static export" in holds.inner_text()
-    assert page.locator(".entry-links a", has_text="Live view").count() == 0
     open_precomputed(page, url, 1)
     assert "features.9" in page.locator('.explain-card[data-method="gradcam"]').inner_text()
     # the target chooser: the top class on, the others disabled; the page says why

@@ -23,7 +23,8 @@ def _served(tmp_path, net):
             px = (torch.rand(16, 16, generator=g) * 255).byte().numpy()
             Image.fromarray(px, "L").save(tmp_path / "data" / name / f"{i}.png")
     data = load_dataset(str(tmp_path / "data"), 16, channels=1)
-    probe(net, data, out=tmp_path / "run", layers="classifier.1", progress=False).close()
+    layers = "classifier.1" if hasattr(net, "classifier") else None
+    probe(net, data, out=tmp_path / "run", layers=layers, progress=False).close()
     return TestClient(create_app(tmp_path / "run", model_obj=net, dataset=data)), data
 
 
@@ -58,3 +59,24 @@ def test_top5_named_by_the_classes_when_outputs_are_the_classes(tmp_path):
     names = ["ant", "bee", "cat"]
     assert [p["name"] for p in doc["predictions"]] == [names[c] for c in top.indices.tolist()]
     assert [p["prob"] for p in doc["predictions"]] == [float(v) for v in top.values]
+
+
+class _Segmenter(torch.nn.Module):
+    """A per-pixel classifier: its output is a (B, 3, H, W) map, not scores per image."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 3, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def test_a_model_without_scores_per_image_says_why_it_has_no_top5(tmp_path):
+    torch.manual_seed(0)
+    client, _ = _served(tmp_path, _Segmenter().eval())
+    doc = client.get("/api/runs/run/live/sample-3").json()
+    assert doc["predictions"] == []
+    assert doc["predictions_note"].startswith("the model's output is 1x3x16x16, not one score")
+    sample = client.get("/api/runs/run/samples/3").json()
+    assert sample["prediction"] == [] and "1x3x16x16" in sample["prediction_error"]

@@ -194,6 +194,8 @@ export interface LiveImage {
   predictions: Prediction[];
   width?: number;
   height?: number;
+  /** Why `predictions` is empty (the output is not one score per class). */
+  predictions_note?: string | null;
 }
 
 /** One side (input or output) of a live op: a map per unit. */

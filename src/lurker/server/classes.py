@@ -25,6 +25,23 @@ def model_outputs(run: Any) -> int | None:
     return int(shape[1]) if shape is not None and len(shape) == 2 else None
 
 
+def no_scores(run: Any) -> str | None:
+    """Why the model gives no top-5 (its output is not one score per class: a segmentation
+    map, a detection list), or None when it does or the run does not tell."""
+    try:
+        outs = run.graph.outputs
+    except MissingFromRunError:
+        return None
+    meta = outs[0].outputs[0] if outs and outs[0].outputs else None
+    if meta is None or len(meta.shape) == 2:
+        return None
+    shape = "x".join(str(d) for d in meta.shape)
+    return (
+        f"the model's output is {shape}, not one score per class for the image, so there is "
+        "no top-5 to show (a segmentation map, a detection, features)"
+    )
+
+
 def class_names(run: Any, outputs: int | None = None) -> list[str]:
     """The dataset's class names as names of the model's outputs, or ``[]`` when they are
     not (``outputs``: the model's output count where the caller knows it)."""

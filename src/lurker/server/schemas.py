@@ -286,6 +286,8 @@ class LiveImage(BaseModel):
     predictions: list[Prediction]
     width: int
     height: int
+    #: Why ``predictions`` is empty (the model's output is not one score per class).
+    predictions_note: str | None = None
 
 
 class FeatureSide(BaseModel):

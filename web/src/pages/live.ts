@@ -88,6 +88,7 @@ export async function renderLive(root: HTMLElement, ctx: PageContext): Promise<v
       h(
         "div",
         null,
+        !live.predictions.length && live.predictions_note ? h("p", { class: "muted small", id: "no-predictions" }, `No top-5: ${live.predictions_note}.`) : null,
         h(
           "ol",
           { class: "preds" },

@@ -56,9 +56,9 @@ export async function renderSample(root: HTMLElement, ctx: PageContext, args: st
           ["file", s.path ? h("code", null, s.path) : "–"],
           [
             "prediction",
-            pred
+            pred && pred.length
               ? h("ol", { class: "preds" }, pred.map((q) => h("li", { class: q.name !== null && q.class === s.label ? "match" : null }, `${q.name ?? q.class} `, h("span", { class: "muted" }, `${(100 * q.prob).toFixed(1)}%`))))
-              : doc.prediction_error ?? "no model attached (lurker serve RUN --model SPEC)",
+              : doc.prediction_error ?? (pred ? "none (the model's output is not one score per class)" : "no model attached (lurker serve RUN --model SPEC)"),
           ],
           ["in top-k of", h("span", { id: "top-k-of" }, `${plural(doc.total, "unit list")} in ${plural(doc.layers.length, "layer")}`, leftOut ? h("span", { class: "muted" }, ` (and ${leftOut.total} of constant units, left out)`) : null)],
         ]),

@@ -20,6 +20,7 @@ import numpy as np
 from fastapi import APIRouter, File, Path, Request, UploadFile
 from fastapi.responses import Response
 
+from ..classes import no_scores
 from ..deps import MODEL_MADE, entry, live_call, session
 from ..errors import ApiError
 from ..schemas import FeatureSide, KernelInfo, KernelValues, LiveImage, LiveOp, MapValues
@@ -84,7 +85,8 @@ async def upload(request: Request, run_id: str, file: Annotated[UploadFile, File
         x = s.live_input(image_id)
         return LiveImage(
             image=image_id,
-            predictions=s.predictions(x),
+            predictions=(preds := s.predictions(x)),
+            predictions_note=None if preds else no_scores(s.entry.open_run()),
             width=image.width,  # type: ignore[attr-defined]
             height=image.height,  # type: ignore[attr-defined]
         )
@@ -134,7 +136,8 @@ async def predictions(request: Request, run_id: str, image: str) -> LiveImage:
         x = s.live_input(_image_id(s, image))
         return LiveImage(
             image=image,
-            predictions=s.predictions(x),
+            predictions=(preds := s.predictions(x)),
+            predictions_note=None if preds else no_scores(s.entry.open_run()),
             width=int(x.shape[-1]),
             height=int(x.shape[-2]),
         )

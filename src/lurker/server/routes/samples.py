@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
 
+from ..classes import no_scores
 from ..deps import entry, on_model, session
 from ..errors import ApiError
 from ..schemas import (
@@ -69,6 +70,8 @@ async def sample_detail(
                     raise ApiError(409, f"no dataset: {s.dataset_reason()}")
                 preds = s.predictions(s.live_input(f"sample-{sid}"))
                 detail.prediction = [Prediction.model_validate(p) for p in preds]
+                if not preds:
+                    detail.prediction_error = no_scores(s.entry.open_run())
             except ApiError as err:
                 detail.prediction_error = err.detail
 
