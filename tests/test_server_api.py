@@ -479,3 +479,22 @@ def test_feature_visualizations(client: TestClient, run: Run):
 
 def c_holds(client: TestClient) -> dict:
     return client.get("/api/runs/digits").json()["holds"]
+
+
+def test_a_folder_of_runs_serves_runs_made_after_the_server_started(tmp_path: Path):
+    import torch
+
+    from lurker.examples import DigitsNet
+    from lurker.probe import probe
+
+    torch.manual_seed(0)
+    data = load_dataset("digits:test", 16, channels=1)
+    net = DigitsNet().eval()
+    probe(net, data, out=tmp_path / "a", layers="features.4", progress=False).close()
+    client = TestClient(create_app(tmp_path))
+    assert [r["id"] for r in client.get("/api/runs").json()["runs"]] == ["a"]
+    probe(net, data, out=tmp_path / "b", layers="features.4", progress=False).close()
+    # opened directly by its link, and listed
+    assert client.get("/api/runs/b").json()["id"] == "b"
+    assert [r["id"] for r in client.get("/api/runs").json()["runs"]] == ["a", "b"]
+    assert client.get("/api/runs/c").status_code == 404

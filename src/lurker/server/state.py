@@ -465,20 +465,37 @@ class Registry:
                 "directory of `lurker probe`, or a folder holding such directories."
             )
         self.entries: dict[str, RunEntry] = {}
+        self._lock = threading.Lock()
         for folder in folders:
-            name = folder.resolve().name if folder == root else folder.name
-            try:
-                run: Run | None = Run.open(folder)
-                error = None
-            except LurkerError as e:
-                run, error = None, str(e)
-            self.entries[name] = RunEntry(name, folder, run, error)
+            self._add(folder.resolve().name if folder == root else folder.name, folder)
         if self.single and self.entries[next(iter(self.entries))].run is None:
             entry = next(iter(self.entries.values()))
             raise NotServableError(f"cannot serve {root}: {entry.error}")
 
+    def _add(self, name: str, folder: Path) -> None:
+        try:
+            run: Run | None = Run.open(folder)
+            error = None
+        except LurkerError as e:
+            run, error = None, str(e)
+        self.entries[name] = RunEntry(name, folder, run, error)
+
+    def refresh(self) -> None:
+        """Serve the runs made in the folder since the server started (a probe that ran
+        beside it), and open again those that could not be read (one half written then)."""
+        if self.single:
+            return
+        with self._lock:
+            for folder in sorted(p for p in self.root.iterdir() if p.is_dir()):
+                known = self.entries.get(folder.name)
+                if (known is None or known.run is None) and (folder / DB_NAME).is_file():
+                    self._add(folder.name, folder)
+
     def get(self, run_id: str) -> RunEntry:
         entry = self.entries.get(run_id)
+        if entry is None:
+            self.refresh()  # a run made since the server started
+            entry = self.entries.get(run_id)
         if entry is None:
             raise not_found("run", run_id, list(self.entries))
         return entry

@@ -42,7 +42,9 @@ def layer_brief(info: Any) -> LayerBrief:
 @router.get("/runs", response_model=RunList, summary="The served runs")
 def list_runs(request: Request) -> RunList:
     out = []
-    for e in registry(request).entries.values():
+    runs = registry(request)
+    runs.refresh()  # runs made since the server started
+    for e in list(runs.entries.values()):
         if e.run is None:
             out.append(RunListEntry(id=e.id, error=e.error))
             continue
