@@ -191,3 +191,23 @@ def test_labels_of_a_layer_without_positions(page: Any, served: dict[str, Any]) 
     assert "value: the peak of the unit's map" in page.inner_text(".toolbar")
     go(page, f"{served['url']}/layer/{conv.name}", ".unit-card img")
     assert "crop" in page.locator('.seg[aria-label="thumbnail"] button').all_inner_texts()
+
+
+def test_layer_facts_of_a_reused_module_and_a_field_over_the_whole_image(
+    page: Any, served: dict[str, Any]
+) -> None:
+    """The layer document rewritten in flight (the page's reading is tested): a module's
+    second call is said in words, not as ``path:2``; a field that covers every pixel from
+    every position says so beside its size."""
+
+    def rewrite(route: Any) -> None:
+        doc = route.fetch().json()
+        doc["layer"]["module"] = "features.8:2"
+        doc["rf"]["full"] = True
+        route.fulfill(json=doc)
+
+    page.route("**/api/runs/*/layers/features.8", rewrite)
+    go(page, f"{served['url']}/layer/features.8", ".facts")
+    facts = page.inner_text(".layer-head .facts")
+    assert "features.8 (its 2nd call)" in facts and "features.8:2" not in facts
+    assert "the whole input (" in facts and " px, stride " in facts

@@ -106,7 +106,7 @@ export async function renderLayer(root: HTMLElement, ctx: PageContext, args: str
         "section",
         { class: "card" },
         facts([
-          ["module", h("code", null, l.module ?? "–")],
+          ["module", l.module ? moduleFacts(l.module) : "–"],
           ["op", l.op ? h("a", { href: ctx.href("graph") + "?focus=" + encodeURIComponent(l.op) }, l.op) : "–"],
           ["output shape", shape(l.shape)],
           ["units", fmt(l.num_units)],
@@ -141,5 +141,16 @@ function rfText(rf: Record<string, unknown> | null): string {
   const x = rf?.["x"] as { size?: number; stride?: number } | undefined;
   if (!y || !x || y.size === undefined || x.size === undefined) return rf ? "recorded" : "–";
   if (y.stride === 0 && x.stride === 0) return "the whole input"; // spatial axes reduced away
-  return `${fmt(y.size)}×${fmt(x.size)} px, stride ${fmt(y.stride)}×${fmt(x.stride)}`;
+  const size = `${fmt(y.size)}×${fmt(x.size)} px, stride ${fmt(y.stride)}×${fmt(x.stride)}`;
+  // a field larger than the image (padding counted): every position sees all of it
+  return rf?.["full"] === true ? `the whole input (${size})` : size;
+}
+
+/** `layer4.1.relu` (its 2nd call) for a module called more than once (`layer4.1.relu:2`). */
+function moduleFacts(module: string): (HTMLElement | string)[] {
+  const m = /^(.*):(\d+)$/.exec(module);
+  if (!m) return [h("code", null, module)];
+  const n = Number(m[2]);
+  const nth = n % 10 === 1 && n % 100 !== 11 ? "st" : n % 10 === 2 && n % 100 !== 12 ? "nd" : n % 10 === 3 && n % 100 !== 13 ? "rd" : "th";
+  return [h("code", null, m[1]), ` (its ${n}${nth} call)`];
 }
