@@ -127,6 +127,8 @@ def test_cli_summary_offers_unit_dim_only_where_it_can_help(models, tmp_path: Pa
         assert "act2" in line and "act," not in line and not line.endswith(" act"), line
         assert "folded" not in line
     assert "skipped 1 layers that cannot be probed as they are" in out
+    # the opening line covers both kinds of skip, not "whose units it cannot locate"
+    assert "skipping 2 layer(s) that cannot be probed as they are:" in out, out
     assert "'proj'" in out  # the printed reason says where to probe instead
     run = lurker.Run.open(tmp_path / "run")
     reasons = {s["layer"]: s["reason"] for s in run.meta["skipped_layers"]}

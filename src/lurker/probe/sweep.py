@@ -654,7 +654,8 @@ def _plan(
     layouts = infer_layouts(tr, (x0,), unit_dim=unit_dim, names=types, rfs=rfs)
     selected = select_layers(tr, layers, unit_dim=unit_dim, skipped=layer_skips, layouts=layouts)
     if layer_skips and progress and rank == 0:
-        print(f"lurker: skipping {len(layer_skips)} layer(s) whose units it cannot locate:")
+        # (a unit axis lurker cannot tell, or a batch folded with heads or windows)
+        print(f"lurker: skipping {len(layer_skips)} layer(s) that cannot be probed as they are:")
         for name, reason in layer_skips:
             print(f"  {name}: {reason}")
     embed_layer = None
