@@ -13,26 +13,28 @@ from typing import Any
 from lurker.store import MissingFromRunError
 
 
-def model_outputs(run: Any) -> int | None:
-    """The model's number of class scores: the last axis of its first output when that is
-    ``(batch, classes)`` (where predictions are read), from the run's graph; None when the
-    run holds no graph or the output is not such a tensor."""
+def _first_output(run: Any) -> Any:
+    """The metadata of the model's first output tensor (where predictions are read), from
+    the run's graph; None when the run holds no graph."""
     try:
         outs = run.graph.outputs
     except MissingFromRunError:
         return None
-    shape = outs[0].outputs[0].shape if outs and outs[0].outputs else None
-    return int(shape[1]) if shape is not None and len(shape) == 2 else None
+    return outs[0].outputs[0] if outs and outs[0].outputs else None
+
+
+def model_outputs(run: Any) -> int | None:
+    """The model's number of class scores: the last axis of its first output when that is
+    ``(batch, classes)``; None when the run holds no graph or the output is not such a
+    tensor."""
+    meta = _first_output(run)
+    return int(meta.shape[1]) if meta is not None and len(meta.shape) == 2 else None
 
 
 def no_scores(run: Any) -> str | None:
     """Why the model gives no top-5 (its output is not one score per class: a segmentation
     map, a detection list), or None when it does or the run does not tell."""
-    try:
-        outs = run.graph.outputs
-    except MissingFromRunError:
-        return None
-    meta = outs[0].outputs[0] if outs and outs[0].outputs else None
+    meta = _first_output(run)
     if meta is None or len(meta.shape) == 2:
         return None
     shape = "x".join(str(d) for d in meta.shape)

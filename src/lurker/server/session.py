@@ -691,39 +691,35 @@ class Session:
         return k if k.valid() else None
 
 
-#: Convolutions by function name: the position of ``groups`` and of ``transposed`` in
-#: their positional arguments (``transposed`` None: fixed by the name).
-_CONVS: dict[str, tuple[int, int | None, bool]] = {
-    **{f"conv{d}d": (6, None, False) for d in (1, 2, 3)},
-    **{f"conv_transpose{d}d": (6, None, True) for d in (1, 2, 3)},
-    "convolution": (8, 6, False),
-    "_convolution": (8, 6, False),
+#: Convolutions by function name: transposed or not (None: the call's ``transposed``).
+_CONVS: dict[str, bool | None] = {
+    **{f"conv{d}d": False for d in (1, 2, 3)},
+    **{f"conv_transpose{d}d": True for d in (1, 2, 3)},
+    "convolution": None,
+    "_convolution": None,
 }
 
 
 def conv_call(op: Any) -> tuple[str, int, bool] | None:
     """``(weight parameter name, groups, transposed)`` of a convolution op's call as the
-    trace recorded it (its name, args and kwargs); None for any other op, or a convolution
-    whose weight is not a parameter (one computed by the model)."""
+    trace recorded it (its arguments bound by name with the op catalogue); None for any
+    other op, or a convolution whose weight is not a parameter (one computed by the
+    model)."""
     from lurker.graph.nodes import ParamRef
+    from lurker.ops.catalogue import bind
 
-    spec = _CONVS.get(op.name) if op.kind == "op" else None
-    if spec is None:
+    if op.kind != "op" or op.name not in _CONVS:
         return None
-    at_groups, at_transposed, transposed = spec
-    args, kwargs = list(op.args or ()), dict(op.kwargs or {})
-
-    def arg(pos: int, key: str, default: Any) -> Any:
-        if key in kwargs:
-            return kwargs[key]
-        return args[pos] if pos < len(args) else default
-
-    weight = arg(1, "weight", None)
+    try:
+        call = bind(op.name, op.args or (), op.kwargs or {})
+    except (KeyError, TypeError):
+        return None
+    weight, groups = call.get("weight"), call.get("groups", 1)
+    transposed = _CONVS[op.name]
+    if transposed is None:
+        transposed = bool(call.get("transposed", False))
     if type(weight) is not ParamRef:
         return None
-    groups = arg(at_groups, "groups", 1)
-    if at_transposed is not None:
-        transposed = bool(arg(at_transposed, "transposed", False))
     if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
         return None
     return weight.name, groups, transposed

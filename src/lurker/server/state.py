@@ -92,24 +92,20 @@ def is_constant(
     return abs(vals[0] - mean) <= ROUNDOFF * 64 * abs(mx)
 
 
+def slots_constant(mean: float | None, mx: float | None, top: np.ndarray, positions: int) -> bool:
+    """:func:`is_constant` of a unit from its stored top lists (``TOP_DTYPE`` slots: the
+    max list, then the mean list; unfilled slots have sample id -1)."""
+    k = len(top) // 2
+    if not k:
+        return False
+    filled = top["sample_id"] >= 0
+    peaks, means = top["value"][:k][filled[:k]], top["value"][k:][filled[k:]]
+    return is_constant(mean, mx, peaks, positions, means)
+
+
 def _ties(values: np.ndarray) -> bool:
     """Whether a top list's values are all equal (ties, ranked by sample id alone)."""
     return len(values) > 0 and bool(np.all(values == values[0]))
-
-
-@dataclass
-class ConstantUnits:
-    """The units of a run that are constant on its dataset (:func:`is_constant`), and the
-    samples whose entries in their top lists (ties, ranked by sample id) the appearance
-    index leaves out.
-
-    ``units[layer position][unit]`` is whether the unit's relevance list is ties too
-    (a unit of 0 carries no relevance; another constant may carry some, which ranks
-    samples: that list is kept). ``samples[sample id]`` counts the sample's left-out
-    entries per layer position."""
-
-    units: dict[int, dict[int, bool]]
-    samples: dict[int, dict[int, int]]
 
 
 @dataclass
@@ -181,7 +177,6 @@ class RunEntry:
     session: Session | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _appearances: Appearances | None = field(default=None, repr=False)
-    _constant: ConstantUnits | None = field(default=None, repr=False)
     _graph_view: dict[str, Any] | None = field(default=None, repr=False)
     _counted: tuple[float, int] | None = field(default=None, repr=False)
     _sample_count: int | None = field(default=None, repr=False)
@@ -277,49 +272,9 @@ class RunEntry:
                 half = len(slots) // 2
                 first_max = int(slots["sample_id"][0])
                 first_mean = int(slots["sample_id"][half])
-                peaks = slots["value"][:half][slots["sample_id"][:half] >= 0]
-                means = slots["value"][half:][slots["sample_id"][half:] >= 0]
-                constant = is_constant(mean, mx, peaks, positions, means)
+                constant = slots_constant(mean, mx, slots, positions)
             out.append((int(unit), mean, mx, first_max, first_mean, constant))
         return out, total
-
-    def _build_constant(self) -> ConstantUnits:
-        run = self.open_run()
-        position = {info.id: i for i, info in enumerate(run.layers)}
-        positions = {info.id: positions_per_sample(info) for info in run.layers}
-        units: dict[int, dict[int, bool]] = {}
-        samples: dict[int, dict[int, int]] = {}
-
-        def leave_out(ids: np.ndarray, layer: int) -> None:
-            for sid in ids[ids >= 0].tolist():
-                per = samples.setdefault(int(sid), {})
-                per[layer] = per.get(layer, 0) + 1
-
-        for layer_id, unit, mean, mx, top in run._query(
-            "SELECT layer_id, unit, mean, max, top FROM units"
-        ):
-            if top is None or layer_id not in position:
-                continue
-            slots = np.frombuffer(bytes(top), TOP_DTYPE)
-            k = len(slots) // 2
-            filled = slots["sample_id"] >= 0
-            peaks, means = slots["value"][:k][filled[:k]], slots["value"][k:][filled[k:]]
-            if not k or not is_constant(mean, mx, peaks, positions[layer_id], means):
-                continue
-            units.setdefault(position[layer_id], {})[int(unit)] = False
-            leave_out(slots["sample_id"], position[layer_id])  # the max and the mean list
-        if units and run.has_relevance:
-            for layer_id, unit, top in run._query("SELECT layer_id, unit, top FROM relevance"):
-                layer = position.get(layer_id)
-                if layer is None or int(unit) not in units.get(layer, {}):
-                    continue
-                slots = np.frombuffer(bytes(top), TOP_DTYPE)
-                slots = slots[slots["sample_id"] >= 0]
-                if _ties(slots["value"]):
-                    units[layer][int(unit)] = True
-                    leave_out(slots["sample_id"], layer)
-        ordered = {layer: dict(sorted(units[layer].items())) for layer in sorted(units)}
-        return ConstantUnits(ordered, samples)
 
     def appearances(self) -> Appearances:
         """The inverted index of all top lists, built on first use (one query)."""
@@ -330,19 +285,34 @@ class RunEntry:
 
     def _build_appearances(self) -> Appearances:
         run = self.open_run()
-        if self._constant is None:
-            self._constant = self._build_constant()
-        constant = self._constant.units
         position = {info.id: i for i, info in enumerate(run.layers)}
+        positions = {info.id: positions_per_sample(info) for info in run.layers}
         parts: dict[str, list[np.ndarray]] = {
             k: [] for k in ("sample", "layer", "unit", "which", "rank", "value")
         }
-        for layer_id, unit, top in run._query("SELECT layer_id, unit, top FROM units"):
+        # units constant on the dataset: their lists are ties, left out and counted per
+        # sample and layer (``Appearances.left``)
+        constant: set[tuple[int, int]] = set()
+        left: dict[int, dict[int, int]] = {}
+
+        def leave_out(ids: np.ndarray, layer: int) -> None:
+            for sid in ids[ids >= 0].tolist():
+                per = left.setdefault(int(sid), {})
+                per[layer] = per.get(layer, 0) + 1
+
+        for layer_id, unit, mean, mx, top in run._query(
+            "SELECT layer_id, unit, mean, max, top FROM units"
+        ):
             if top is None or layer_id not in position:
                 continue
             slots = np.frombuffer(bytes(top), TOP_DTYPE)
-            if not len(slots) or int(unit) in constant.get(position[layer_id], {}):
-                continue  # nothing, or ties (counted in `left`)
+            if not len(slots):
+                continue
+            layer = position[layer_id]
+            if slots_constant(mean, mx, slots, positions[layer_id]):
+                constant.add((layer, int(unit)))
+                leave_out(slots["sample_id"], layer)  # the max and the mean list
+                continue
             k = len(slots) // 2
             keep = slots["sample_id"] >= 0
             n = int(keep.sum())
@@ -351,24 +321,27 @@ class RunEntry:
             idx = np.arange(len(slots))
             parts["which"].append((idx >= k)[keep].astype(np.int8))
             parts["rank"].append((idx % k)[keep].astype(np.int32))
-            parts["layer"].append(np.full(n, position[layer_id], np.int32))
+            parts["layer"].append(np.full(n, layer, np.int32))
             parts["unit"].append(np.full(n, unit, np.int32))
         if run.has_relevance:  # the relevance-max lists: list 2
             for layer_id, unit, top in run._query("SELECT layer_id, unit, top FROM relevance"):
                 if layer_id not in position:
                     continue
-                if constant.get(position[layer_id], {}).get(int(unit)):
-                    continue  # a constant unit's relevance list of ties
+                layer = position[layer_id]
                 slots = np.frombuffer(bytes(top), TOP_DTYPE)
                 keep = slots["sample_id"] >= 0
+                # a constant unit's relevance list is left out only if it is ties too (a
+                # constant other than 0 may carry relevance that ranks samples)
+                if (layer, int(unit)) in constant and _ties(slots["value"][keep]):
+                    leave_out(slots["sample_id"], layer)
+                    continue
                 n = int(keep.sum())
                 parts["sample"].append(slots["sample_id"][keep])
                 parts["value"].append(slots["value"][keep])
                 parts["which"].append(np.full(n, 2, np.int8))
                 parts["rank"].append(np.arange(len(slots), dtype=np.int32)[keep])
-                parts["layer"].append(np.full(n, position[layer_id], np.int32))
+                parts["layer"].append(np.full(n, layer, np.int32))
                 parts["unit"].append(np.full(n, unit, np.int32))
-        left = self._constant.samples
         if not parts["sample"]:
             empty = np.zeros(0, np.int64)
             return Appearances(empty, empty, empty, empty, empty, np.zeros(0), left)
