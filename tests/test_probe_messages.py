@@ -170,15 +170,20 @@ def test_no_layer_to_probe_says_what_to_do_in_the_interfaces_words(models) -> No
 
 
 # --------------------------------------------------------------------------- inputs
+def _probe_folder(spec: str, tmp_path: Path, size: int = 12) -> tuple[int, str]:
+    """`lurker probe SPEC` over a small image folder: (exit code, output)."""
+    data = _images(tmp_path / "imgs", size=size)
+    return _cli(
+        spec, "--data", str(data), "--image-size", str(size), "--device", "cpu",
+        "--out", str(tmp_path / "run"),
+    )  # fmt: skip
+
+
 def test_cli_video_model_fed_images_hears_what_probe_feeds_and_what_to_do(
     models, tmp_path: Path
 ) -> None:
     path, _ = models
-    data = _images(tmp_path / "imgs")
-    code, out = _cli(
-        f"{path}:Clip", "--data", str(data), "--image-size", "12", "--device", "cpu",
-        "--out", str(tmp_path / "run"),
-    )  # fmt: skip
+    code, out = _probe_folder(f"{path}:Clip", tmp_path)
     assert code == 2
     assert "--input-shape" not in out and "--input-dtype" not in out and "-i " not in out, out
     assert "(N, C, H, W)" in out and "5-D" in out and "(N, C, D, H, W)" in out, out
@@ -187,11 +192,7 @@ def test_cli_video_model_fed_images_hears_what_probe_feeds_and_what_to_do(
 
 def test_torchvision_video_model_fed_images(tmp_path: Path) -> None:
     """The user's report: `lurker probe torchvision:r3d_18 --data IMGFOLDER`."""
-    data = _images(tmp_path / "imgs", size=16)
-    code, out = _cli(
-        "torchvision:r3d_18", "--data", str(data), "--image-size", "16", "--device", "cpu",
-        "--out", str(tmp_path / "run"),
-    )  # fmt: skip
+    code, out = _probe_folder("torchvision:r3d_18", tmp_path, size=16)
     assert code == 2
     assert "--input-shape" not in out and "--input-dtype" not in out, out
     assert "5-D input (N, C, D, H, W)" in out and "one batch of images" in out, out
@@ -223,11 +224,7 @@ def test_python_dataset_of_clips_is_probed(models, tmp_path: Path) -> None:
 
 def test_two_input_model_names_the_missing_input(models, tmp_path: Path) -> None:
     path, space = models
-    data = _images(tmp_path / "imgs")
-    code, out = _cli(
-        f"{path}:TwoInputs", "--data", str(data), "--image-size", "12", "--device", "cpu",
-        "--out", str(tmp_path / "run"),
-    )  # fmt: skip
+    code, out = _probe_folder(f"{path}:TwoInputs", tmp_path)
     assert code == 2
     assert "missing 1 required positional argument" not in out, out
     assert "(img, vec)" in out and "(N, C, H, W)" in out and "wrap" in out.lower(), out

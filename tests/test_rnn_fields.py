@@ -18,6 +18,7 @@ from torch import Tensor, nn
 import lurker
 from lurker.graph import Graph
 from lurker.graph.receptive import receptive_fields
+from test_receptive import hooked
 
 Box = tuple[int, int, int, int]
 H, W = 6, 10
@@ -82,17 +83,8 @@ def inside(inner: Box, outer: Box) -> bool:
 
 def rnn_output(model: nn.Module) -> Callable[[Tensor], Tensor]:
     """fn(x) -> the RNN's output sequence (its first output)."""
-
-    def fn(x: Tensor) -> Tensor:
-        got: list[Tensor] = []
-        h = model.lstm.register_forward_hook(lambda m, i, o: got.append(o[0]))
-        try:
-            model(x)
-        finally:
-            h.remove()
-        return got[0]
-
-    return fn
+    out = hooked(model, "lstm")
+    return lambda x: out(x)[0]
 
 
 CASES = [

@@ -44,6 +44,9 @@ class TraceError(LurkerError):
 
     ``partial`` is the :class:`~lurker.Trace` of everything recorded up to the failure
     (its last op is the one that failed), and ``failed_op`` that op's label.
+    ``input_advice`` is the sentence of the message that blames the inputs and names
+    ``lurker trace``'s input options (None when the failure is not put down to the inputs),
+    so that a caller that makes the inputs itself (the probe) can say it in its own words.
     """
 
     def __init__(
@@ -53,10 +56,12 @@ class TraceError(LurkerError):
         failed_op: str | None = None,
         *,
         cli: str | None = None,
+        input_advice: str | None = None,
     ):
         super().__init__(message, cli=cli)
         self.partial = partial
         self.failed_op = failed_op
+        self.input_advice = input_advice
 
 
 class MemoryLimitError(TraceError):

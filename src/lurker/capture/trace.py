@@ -234,7 +234,13 @@ def _trace_error(model: nn.Module, e: Exception, partial: Trace, rec: Recorder) 
             f" The partial trace ({len(partial.ops) - 1} ops before the failure) is in "
             "`err.partial`; torch is left untouched."
         )
-        return TraceError(text, partial=partial, failed_op=label, cli=cli)
+        return TraceError(
+            text,
+            partial=partial,
+            failed_op=label,
+            cli=cli,
+            input_advice=_TRY_INPUT if near_input else None,
+        )
     tb = traceback.extract_tb(e.__traceback__)
     inner = tb[-1] if tb else None
     loc = f" at {inner.filename}:{inner.lineno}" if inner else ""
@@ -250,7 +256,9 @@ def _trace_error(model: nn.Module, e: Exception, partial: Trace, rec: Recorder) 
             f"{(' ' + expects) if expects else ''}{inputs} {_TRY_INPUT}"
         )
         more = " The partial trace (up to the last op before that layer) is in `err.partial`."
-        return TraceError(text + more, partial=partial, failed_op=None, cli=text)
+        return TraceError(
+            text + more, partial=partial, failed_op=None, cli=text, input_advice=_TRY_INPUT
+        )
     if in_torch:  # torch refused what the model's own code handed it
         caller = next((f for f in reversed(tb) if not _in_torch(f.filename)), None)
         at = f", called from {caller.filename}:{caller.lineno}" if caller else ""

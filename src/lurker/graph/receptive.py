@@ -463,7 +463,12 @@ def _batch_dims(p: _Parent, out: tuple[int, ...], upto: int) -> dict[int, _Map |
 _Handler = Callable[["Op", int, list[_Parent], tuple[int, ...]], "_Maps | None"]
 
 
-def _h_pointwise(op: Op, k: int, parents: list[_Parent], out: tuple[int, ...]) -> _Maps | None:
+def _aligned(
+    parents: list[_Parent], out: tuple[int, ...], reach: Callable[[int, int, int], _Map | None]
+) -> _Maps | None:
+    """Maps of an op whose output dims line up with each parent's trailing dims
+    (broadcasting): ``reach(out_dim, n_in, n_out)`` says how one dim reaches the output,
+    or None when it cannot (then the op is not understood here)."""
     maps: _Maps = {}
     for p in parents:
         shift = len(out) - len(p.shape)
@@ -472,14 +477,16 @@ def _h_pointwise(op: Op, k: int, parents: list[_Parent], out: tuple[int, ...]) -
             if ax.dim is None:
                 continue
             d = ax.dim + shift
-            if d < 0:
-                return None
-            m = _keep(d, p.shape[ax.dim], out[d])
+            m = reach(d, p.shape[ax.dim], out[d]) if d >= 0 else None
             if m is None:
                 return None
             mp[ax.dim] = m
         maps[p.j] = mp
     return maps
+
+
+def _h_pointwise(op: Op, k: int, parents: list[_Parent], out: tuple[int, ...]) -> _Maps | None:
+    return _aligned(parents, out, _keep)
 
 
 def _spatial_op(nd: int, kind: str) -> _Handler:
@@ -1041,19 +1048,12 @@ def _h_unknown(op: Op, k: int, parents: list[_Parent], out: tuple[int, ...]) -> 
     RNN lurker does not know), so it sees the whole axis, kept in place. Assuming it
     position-wise instead would give boxes that are silently too small. ``None`` where the
     sizes change (which output dim holds which axis is then unknown)."""
-    maps: _Maps = {}
-    for p in parents:
-        shift = len(out) - len(p.shape)
-        mp: dict[int, _Map | None] = {}
-        for ax in p.state.axes:
-            if ax.dim is None:
-                continue
-            d, n = ax.dim + shift, p.shape[ax.dim]
-            if d < 0 or (out[d] != n and n != 1):
-                return None
-            mp[ax.dim] = _whole(n, d, out[d])
-        maps[p.j] = mp
-    return maps
+    return _aligned(parents, out, _read_whole)
+
+
+def _read_whole(out_dim: int, n_in: int, n_out: int) -> _Map | None:
+    """A dim kept in place (or broadcast) whose every output position reads all of it."""
+    return _whole(n_in, out_dim, n_out) if n_in in (n_out, 1) else None
 
 
 _POINTWISE = {

@@ -228,12 +228,12 @@ def _wanted_dims(model: nn.Module, e: TraceError) -> int | None:
 
 def _probe_trace_error(model: nn.Module, x0: Tensor, e: TraceError) -> tuple[str, str]:
     """The trace's error, put in the probe's terms (Python and CLI messages)."""
-    from ..capture.trace import _TRY_INPUT
-
     shape = tuple(x0.shape)
     py, cli = str(e), e.for_cli()
-    about_input = _TRY_INPUT in cli or "does not fit layer" in cli
-    py, cli = (m.replace(" " + _TRY_INPUT, "").replace(_TRY_INPUT, "") for m in (py, cli))
+    advice = e.input_advice  # the trace's, naming options the probe does not have
+    about_input = advice is not None
+    if advice:
+        py, cli = (m.replace(" " + advice, "").replace(advice, "") for m in (py, cli))
     wanted = ""
     n = _wanted_dims(model, e) if about_input else None  # else the input may be fine
     if n is not None and n + 2 != x0.dim():
