@@ -600,7 +600,8 @@ def test_the_explorer_explains_the_probes_unit(tmp_path: Any):
 class _Grouped(torch.nn.Module):
     """Grouped, depthwise and grouped transposed convolutions with non-square kernels, one
     called as ``F.conv2d(x, w, groups=3)`` on a parameter not named ``weight``; then a
-    linear head on pooled features, its logits a vector."""
+    1x1 convolution on the pooled ``(1, 6, 1, 1)`` features (as a squeeze-and-excitation
+    block has) and a linear head, its logits a vector."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -609,12 +610,13 @@ class _Grouped(torch.nn.Module):
         self.depthwise = torch.nn.Conv2d(12, 12, 3, padding=1, groups=12)  # [12, 1, 3, 3]
         self.up = torch.nn.ConvTranspose2d(12, 6, (2, 3), stride=2, groups=3)  # [12, 2, 2, 3]
         self.mix = torch.nn.Parameter(torch.randn(6, 2, 1, 3))  # groups=3: in 6, out 6
-        self.head = torch.nn.Linear(6, 10)
+        self.squeeze = torch.nn.Conv2d(6, 5, 1)  # on 1x1 maps: a vector in, a vector out
+        self.head = torch.nn.Linear(5, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.up(torch.relu(self.depthwise(self.grouped(self.stem(x)))))
         x = torch.nn.functional.conv2d(x, self.mix, padding=(0, 1), groups=3)
-        return self.head(x.mean((2, 3)))
+        return self.head(self.squeeze(x.mean((2, 3), keepdim=True)).flatten(1))
 
 
 def _conv_oracle(f: Any, cin: int, k: tuple[int, int], pad: tuple[int, int]) -> np.ndarray:
@@ -662,6 +664,7 @@ def _grouped_cases(model: _Grouped) -> dict[str, tuple[np.ndarray, str, int, boo
         "conv2d_3": (_conv_oracle(model.depthwise, 12, (3, 3), (1, 1)), "depthwise.weight", 12, False),
         "conv_transpose2d_1": (_transposed_oracle(model.up, 12, (2, 3), 2), "up.weight", 3, True),
         "conv2d_4": (_conv_oracle(mix, 6, (1, 3), (0, 1)), "mix", 3, False),
+        "conv2d_5": (_conv_oracle(model.squeeze, 6, (1, 1), (0, 0)), "squeeze.weight", 1, False),
     }  # fmt: skip
 
 
@@ -720,7 +723,11 @@ def test_grouped_and_transposed_kernels_are_what_connects_the_maps(tmp_path: Any
                 "in_channels": n_in,
                 "out_channels": n_out,
             }, op
-            assert (info["input"]["channels"], info["output"]["channels"]) == (n_in, n_out)
+            if op == "conv2d_5":  # 1x1 maps: each side one vector of values
+                sides = (info["input"]["map_shape"], info["output"]["map_shape"])
+                assert sides == ([1, n_in], [1, n_out])
+            else:
+                assert (info["input"]["channels"], info["output"]["channels"]) == (n_in, n_out)
             r = client.get(f"{base}/{op}/kernels/{n_out}/0.json")
             assert r.status_code == 404 and f"0..{n_out - 1}" in r.json()["detail"]
         # not convolutions: no kernel, however their parameters are shaped
@@ -769,6 +776,42 @@ def test_live_input_output_and_vector_notes(tmp_path: Any):
         assert "its 16 values in order, one vector (a single 1x16 map)" in out["note"], out["note"]
         assert "map per index" not in out["note"] and "unit-dim" not in out["note"]
         assert "unit_dim" not in out["note"]
+
+
+def test_live_maps_of_one_value_are_vectors(tmp_path: Any):
+    """A global pool's ``(1, C, 1, 1)`` output and a 1x1 convolution on it are read as one
+    vector of C values (each map is scaled to its own range: C maps of one value would be
+    C flat squares that show nothing), whether the probe's layout is known or not, and a
+    layout lurker cannot tell keeps its reason in the note. Oracle: forward hooks."""
+    from lurker.probe.layout import Skip
+    from lurker.server.session import as_maps
+
+    torch.manual_seed(0)
+    model = _Grouped().eval()
+    x = load_dataset("digits:test", 16, channels=3)[3][0][None]
+    pooled, squeezed = _hooked(model, x, ["squeeze"])["squeeze"]
+    with _live_client(model, tmp_path) as client:
+        base = "/api/runs/r/live/sample-3/ops"
+        for op, side, want in (
+            ("mean_1", "output", pooled),
+            ("conv2d_5", "input", pooled),
+            ("conv2d_5", "output", squeezed),
+        ):
+            got = client.get(f"{base}/{op}").json()[side]
+            n = want.shape[1]
+            assert (got["channels"], got["map_shape"], got["unit_axis"]) == (1, [1, n], None)
+            assert f"its {n} maps have one position each (1x1)" in got["note"], got["note"]
+            assert np.allclose(_unit_map(client, op, side, 0), want.reshape(1, n), atol=1e-6)
+    # read as stored (no layout), and with a layout lurker cannot tell
+    t = torch.randn(1, 7, 1, 1)
+    for v, layout in ((t, None), (t[..., 0], None), (t, Skip("its unit axis is unknown"))):
+        maps = as_maps(v, layout)
+        assert maps.maps.shape == (1, 1, 7) and maps.unit_axis is None
+        assert torch.equal(maps.maps.reshape(7), t.reshape(7))
+        assert "its 7 maps have one position each (" in maps.note
+    assert maps.note.startswith("Its unit axis is unknown. Shown as stored: its 7 maps"), maps.note
+    one = as_maps(torch.randn(1, 1, 1, 1))  # a single value stays a single 1x1 map
+    assert one.maps.shape == (1, 1, 1) and one.note is None
 
 
 # --- the live page in a real browser (Debian's chromium, as tests/test_explorer_browser.py)
@@ -893,6 +936,30 @@ def test_live_page_vectors_and_nodes(page: Any, grouped_site: dict[str, Any]) ->
     assert "the model's input" in page.locator('.card[data-side="input"]').inner_text()
     page.locator('.fmaps[data-side="output"] .fmap').nth(2).wait_for()
     assert page.locator('.fmaps[data-side="output"] .fmap').count() == 3
+
+
+def test_live_page_kernels_between_vectors(page: Any, grouped_site: dict[str, Any]) -> None:
+    """A 1x1 convolution on pooled features: both sides are charts of values, a click on
+    an index in each chooses the pair, whose values are shown, and the kernel between them
+    is the weight that connects them (oracle: the module's weight, and forward hooks)."""
+    model, x = grouped_site["model"], grouped_site["x"]
+    pooled, squeezed = (t[0].flatten().numpy() for t in _hooked(model, x, ["squeeze"])["squeeze"])
+    _open_op(page, grouped_site, "conv2d_5")
+    assert "an index in a chart of values" in page.locator(".live-maps").inner_text()
+    assert page.locator(".fmaps").count() == 0  # no thumbnails of flat 1x1 maps
+    for side, index, n in (("output", 3, 5), ("input", 4, 6)):
+        strip = page.locator(f'.vector-view[data-side="{side}"] svg.vector-strip')
+        strip.wait_for()
+        box = strip.locator("rect.hover").bounding_box()
+        page.mouse.click(box["x"] + box["width"] * (index + 0.5) / n, box["y"] + box["height"] / 2)
+        page.wait_for_selector(f'.vector-view[data-side="{side}"] svg[data-picked="{index}"]')
+    values, caption = _kernel_shown(page, 3, 4)
+    np.testing.assert_allclose(values, [model.squeeze.weight[3, 4, 0, 0].item()], atol=1e-6)
+    assert "squeeze.weight[3, 4]" in caption
+    for side, index, v in (("input", 4, pooled), ("output", 3, squeezed)):
+        big = page.locator(f'.big-value[data-side="{side}"]')
+        assert f"{side} {index} (one value)" in big.inner_text()
+        assert big.locator(".value").inner_text() == _fmt(v[index])
 
 
 def _fmt(v: float) -> str:

@@ -828,7 +828,9 @@ def as_maps(t: Any, layout: Any = None) -> Maps:
     tensor is read as stored: a leading batch axis of size 1 is dropped; then rank 0 ->
     one 1x1 map, rank 1 (a vector) -> one 1xN map, rank 2 (C, L) -> C maps of 1xL, rank
     3 (C, H, W) -> C maps of HxW, higher ranks (C, H, ...) -> C maps of H x (the rest
-    flattened); a ``Skip`` adds its reason to the note.
+    flattened); a ``Skip`` adds its reason to the note. Maps of one value each (a global
+    pool's ``(1, C, 1, 1)``), whatever the layout, are one vector of C values instead:
+    each map is scaled to its own range, so C flat squares would show nothing.
     """
     import torch
 
@@ -844,6 +846,17 @@ def as_maps(t: Any, layout: Any = None) -> Maps:
     axis = 1 if v.dim() >= 2 and v.shape[0] == 1 else 0
     if v.dim() >= 1 and v.shape[0] == 1:
         v = v[0]
+    reason = getattr(layout, "reason", None)  # a Skip
+    if reason:
+        # the probe's advice to name the axis (``--unit-dim``) is no option of this view
+        reason = reason.removesuffix(UNIT_DIM_HINT)
+        reason = f"{reason[:1].upper()}{reason[1:]}. Shown as stored: "
+    if v.dim() >= 2 and v.shape[0] > 1 and v[0].numel() == 1:
+        # (C, 1, 1): C maps of one value each would be flat squares (each map is scaled
+        # to its own range); one vector of C values can be read
+        note = _ONE_POSITION.format(n=v.shape[0], size=_size(v.shape[1:]))
+        note = f"{reason}{note}." if reason else note
+        return Maps(shape, v.reshape(1, 1, -1).contiguous(), None, note)
     if v.dim() == 0:
         m = v.reshape(1, 1, 1)
     elif v.dim() == 1:
@@ -852,14 +865,13 @@ def as_maps(t: Any, layout: Any = None) -> Maps:
         m = v.reshape(v.shape[0], 1, v.shape[1])
     else:
         m = v.reshape(v.shape[0], v.shape[1], -1)
-    note = None
-    reason = getattr(layout, "reason", None)  # a Skip
-    if reason:
-        # the probe's advice to name the axis (``--unit-dim``) is no option of this view
-        reason = reason.removesuffix(UNIT_DIM_HINT)
-        note = f"{reason[:1].upper()}{reason[1:]}. Shown as stored: {_as_stored(v, axis)}."
+    note = f"{reason}{_as_stored(v, axis)}." if reason else None
     per_index = v.dim() >= 2 and not reason  # else one map, or the axis is unknown
     return Maps(shape, m.contiguous(), axis if per_index else None, note)
+
+
+def _size(positions: Any) -> str:
+    return "x".join(map(str, positions)) if len(positions) > 1 else f"length {positions[0]}"
 
 
 def _as_stored(v: Any, axis: int) -> str:
@@ -881,6 +893,9 @@ def _unit_maps(shape: list[int], v: Any, layout: Any) -> Maps:
     note = None
     if u.dim() == 1:  # one value per unit: 1x1 maps would each be a flat square
         return Maps(shape, u.reshape(1, 1, -1).contiguous(), None, _ONE_VALUE.format(n=u.numel()))
+    if u.shape[0] > 1 and u[0].numel() == 1:  # positions of size 1 (a global pool's output)
+        note = _ONE_POSITION.format(n=u.shape[0], size=_size(u.shape[1:]))
+        return Maps(shape, u.reshape(1, 1, -1).contiguous(), None, note)
     if u.dim() == 2 and (grid := layout.patch_grid()):
         order, rows, cols, left = grid
         m = u[:, order].reshape(u.shape[0], rows, cols)
@@ -896,6 +911,10 @@ def _unit_maps(shape: list[int], v: Any, layout: Any) -> Maps:
 
 
 _ONE_VALUE = "its {n} units have one value each (no positions): one vector, a single 1x{n} map"
+_ONE_POSITION = (
+    "its {n} maps have one position each ({size}): shown as one vector of {n} values (a "
+    "single 1x{n} map), index i being map i"
+)
 
 
 def finite_range(a: np.ndarray) -> tuple[float | None, float | None]:

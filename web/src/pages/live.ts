@@ -199,6 +199,12 @@ async function showOp(el: HTMLElement, ctx: PageContext, image: string, op: stri
   const inCount = info.input?.channels ?? 0;
   const outCount = info.output.channels;
   const sel: { in: number | null; out: number | null } = { in: null, out: null };
+  // the sides shown as vectors (one value per index), once their values have loaded
+  const vectors: Partial<Record<"input" | "output", VectorHandle>> = {};
+  const isVec = (side: "input" | "output") => {
+    const t = side === "input" ? info.input : info.output;
+    return !!t && isVector(t);
+  };
   const kernelBox = h("div", { class: "kernel-box" });
   const pair = h("section", { class: "card pair", "aria-label": "chosen maps and kernel" });
   const linked = (): [number, number] | null => (kernel && sel.out !== null ? inputsOf(kernel, sel.out, inCount, outCount) : null);
@@ -224,10 +230,21 @@ async function showOp(el: HTMLElement, ctx: PageContext, image: string, op: stri
     if (sel.in !== null) el.querySelector(`.fmaps[data-side=input] .fmap[data-channel="${sel.in}"]`)?.classList.add("sel");
     if (sel.out !== null) el.querySelector(`.fmaps[data-side=output] .fmap[data-channel="${sel.out}"]`)?.classList.add("sel");
     mark();
-    const big = (side: "input" | "output", c: number | null) =>
-      c === null
-        ? h("div", { class: "big-map empty" }, `click an ${side} map`)
-        : h("figure", { class: "big-map" }, h("img", { class: "pixelated", src: ctx.api.pngUrl(`${base}/${side}/${c}.png`), alt: `${side} channel ${c}` }), h("figcaption", null, `${side} ${c}`));
+    vectors.input?.select(sel.in);
+    vectors.output?.select(sel.out);
+    const big = (side: "input" | "output", c: number | null) => {
+      if (c === null) return h("div", { class: "big-map empty" }, isVec(side) ? `click an index in the ${side} chart` : `click an ${side} map`);
+      if (isVec(side)) {
+        const v = vectors[side]?.values[c];
+        return h(
+          "figure",
+          { class: "big-map big-value", "data-side": side },
+          h("div", { class: "value" }, v === undefined ? "…" : Number.isFinite(v) ? fmt(v) : "not finite"),
+          h("figcaption", null, `${side} ${c} (one value)`),
+        );
+      }
+      return h("figure", { class: "big-map" }, h("img", { class: "pixelated", src: ctx.api.pngUrl(`${base}/${side}/${c}.png`), alt: `${side} channel ${c}` }), h("figcaption", null, `${side} ${c}`));
+    };
     if (!kernel) return;
     const feeds = linked();
     const groups = kernel.groups ?? 1;
@@ -289,7 +306,7 @@ async function showOp(el: HTMLElement, ctx: PageContext, image: string, op: stri
     more.addEventListener("click", add);
     const vector = isVector(t);
     const what = vector
-      ? `${t.map_shape[1]} value${t.map_shape[1] === 1 ? "" : "s"}, no positions`
+      ? `${t.map_shape[1]} value${t.map_shape[1] === 1 ? "" : "s"}, ${t.shape.length > 2 ? "one per map" : "no positions"}`
       : `${t.channels} map${t.channels === 1 ? "" : "s"}${t.unit_axis === null || t.unit_axis === undefined ? "" : ` (units on axis ${t.unit_axis})`} of ${t.map_shape.join("×")}`;
     const from =
       side === "input" && info.input_op
@@ -305,7 +322,13 @@ async function showOp(el: HTMLElement, ctx: PageContext, image: string, op: stri
     if (vector) {
       const view = h("div", { class: "vector-view", "data-side": side }, h("p", { class: "muted" }, "Loading the values…"));
       card.append(view);
-      void vectorView(view, ctx, `${base}/${side}/0`, side);
+      const pick = kernel ? (i: number) => choose(side, i) : undefined;
+      void vectorView(view, ctx, `${base}/${side}/0`, side, pick).then((handle) => {
+        if (!handle) return;
+        vectors[side] = handle;
+        handle.select(side === "input" ? sel.in : sel.out);
+        if ((side === "input" ? sel.in : sel.out) !== null) void showPair(); // its value, now known
+      });
     } else {
       card.append(box, more);
       add();
@@ -332,7 +355,9 @@ async function showOp(el: HTMLElement, ctx: PageContext, image: string, op: stri
       ? h(
           "p",
           { class: "muted" },
-          "Click an input map, then an output map, to see the kernel between them." +
+          (isVec("input") || isVec("output")
+            ? "Click an input, then an output (a map, or an index in a chart of values), to see the kernel between them."
+            : "Click an input map, then an output map, to see the kernel between them.") +
             ((kernel.groups ?? 1) > 1 ? ` A grouped convolution (${kernel.groups} groups): each output is fed by its group's inputs only, marked when an output is chosen.` : ""),
         )
       : null,
@@ -343,30 +368,38 @@ async function showOp(el: HTMLElement, ctx: PageContext, image: string, op: stri
   if (kernel) void showPair();
 }
 
+/** A vector side once loaded: its values, and a way to mark the chosen index. */
+interface VectorHandle {
+  values: number[];
+  select: (i: number | null) => void;
+}
+
 /** A vector (a side with no positions) as a reader can read it: its range, a strip chart
- * of every value by index (hover for the value), and its highest values with indices. */
-async function vectorView(el: HTMLElement, ctx: PageContext, url: string, side: string): Promise<void> {
+ * of every value by index (hover for the value; with ``pick``, a click chooses the index),
+ * and its highest values with indices. */
+async function vectorView(el: HTMLElement, ctx: PageContext, url: string, side: string, pick?: (i: number) => void): Promise<VectorHandle | null> {
   let doc: MapValues;
   try {
     doc = await ctx.api.json<MapValues>(url, { cache: false });
   } catch (err) {
     fill(el, notice((err as Error).message, "error"));
-    return;
+    return null;
   }
-  if (ctx.signal.aborted) return;
+  if (ctx.signal.aborted) return null;
   const raw = doc.values.flat();
   const n = raw.length;
   const vals = raw.map((v) => (v === null ? NaN : v));
   const order = vals.map((_, i) => i).filter((i) => Number.isFinite(vals[i])).sort((a, b) => vals[b] - vals[a] || a - b);
   if (!order.length) {
     fill(el, notice(`${n} values, none finite.`));
-    return;
+    return null;
   }
   const hiI = order[0];
   const loI = order[order.length - 1];
   const mean = order.reduce((s, i) => s + vals[i], 0) / order.length;
-  const readout = h("p", { class: "small vec-readout", "aria-live": "polite" }, "hover over the chart for a value");
+  const readout = h("p", { class: "small vec-readout", "aria-live": "polite" }, pick ? "hover over the chart for a value; click to choose that index" : "hover over the chart for a value");
   const top = order.slice(0, Math.min(10, order.length));
+  const strip = stripChart(vals, readout, side, pick);
   fill(
     el,
     h(
@@ -375,17 +408,18 @@ async function vectorView(el: HTMLElement, ctx: PageContext, url: string, side: 
       `${n} value${n === 1 ? "" : "s"} · min ${fmt(vals[loI])} at index ${loI} · max ${fmt(vals[hiI])} at index ${hiI} · mean ${fmt(mean)}`,
       order.length < n ? ` · ${n - order.length} not finite` : "",
     ),
-    stripChart(vals, readout, side),
+    strip.svg,
     readout,
     h("h4", null, `Highest ${top.length}`),
     barChart(top.map((i) => ({ label: `index ${i}`, value: vals[i] })), { width: 360, xLabel: "value" }),
   );
+  return { values: vals, select: strip.select };
 }
 
 /** Every value of a vector by index: a bar per index, or per pixel column the range of
  * the indices it covers when they are more than the columns; a zero line; labelled axes;
  * hovering shows the index and value under the pointer. */
-function stripChart(vals: number[], readout: HTMLElement, side: string): SVGSVGElement {
+function stripChart(vals: number[], readout: HTMLElement, side: string, pick?: (i: number) => void): { svg: SVGSVGElement; select: (i: number | null) => void } {
   const width = 520;
   const height = 180;
   const m = { top: 10, right: 12, bottom: 38, left: 56 };
@@ -447,7 +481,13 @@ function stripChart(vals: number[], readout: HTMLElement, side: string): SVGSVGE
     .attr("fill", "currentColor")
     .text("value");
   const marker = svg.append("line").attr("class", "mark").attr("y1", m.top).attr("y2", height - m.bottom).attr("visibility", "hidden");
-  svg
+  const picked = svg.append("line").attr("class", "picked").attr("y1", m.top).attr("y2", height - m.bottom).attr("visibility", "hidden");
+  const indexAt = (ev: MouseEvent) => {
+    const box = svg.node()!.getBoundingClientRect();
+    const px = ((ev.clientX - box.left) / box.width) * width;
+    return Math.max(0, Math.min(n - 1, Math.floor(x.invert(px))));
+  };
+  const hover = svg
     .append("rect")
     .attr("class", "hover")
     .attr("x", m.left)
@@ -456,10 +496,7 @@ function stripChart(vals: number[], readout: HTMLElement, side: string): SVGSVGE
     .attr("height", height - m.top - m.bottom)
     .attr("fill", "transparent")
     .on("mousemove", (ev: MouseEvent) => {
-      const node = svg.node()!;
-      const box = node.getBoundingClientRect();
-      const px = ((ev.clientX - box.left) / box.width) * width;
-      const i = Math.max(0, Math.min(n - 1, Math.floor(x.invert(px))));
+      const i = indexAt(ev);
       marker.attr("x1", x(i + 0.5)).attr("x2", x(i + 0.5)).attr("visibility", "visible");
       readout.textContent = `index ${i}: ${Number.isFinite(vals[i]) ? vals[i].toPrecision(5) : "not finite"}`;
       readout.dataset.index = String(i);
@@ -467,7 +504,13 @@ function stripChart(vals: number[], readout: HTMLElement, side: string): SVGSVGE
     .on("mouseleave", () => {
       marker.attr("visibility", "hidden");
     });
-  return svg.node()!;
+  if (pick) hover.style("cursor", "pointer").on("click", (ev: MouseEvent) => pick(indexAt(ev)));
+  const select = (i: number | null) => {
+    picked.attr("visibility", i === null ? "hidden" : "visible");
+    if (i !== null) picked.attr("x1", x(i + 0.5)).attr("x2", x(i + 0.5));
+    svg.attr("data-picked", i === null ? null : String(i));
+  };
+  return { svg: svg.node()!, select };
 }
 
 /** The graph page with `label` focused. */
