@@ -22,7 +22,7 @@ from torch import Tensor, nn
 import lurker
 from lurker.errors import LurkerError
 from lurker.probe import UnitImages, probe, select_layers
-from lurker.probe.layout import Layout, Skip, infer_layouts
+from lurker.probe.layout import Layout, Skip, infer_layouts, layer_layout
 
 N, K, CLASSES = 20, 3, 3
 
@@ -179,6 +179,10 @@ def test_swin_units_are_channels_not_rows(tmp_path: Path):
         select_layers(tr, folded[0].label)
     # naming a unit axis cannot unfold the batch: the error names where it is whole again
     assert "unit_dim" not in str(err.value) and "has an axis of its own again at" in str(err.value)
+    # the same for explain's and featviz's layer_layout, whatever its caller's hint
+    with pytest.raises(LurkerError, match="folded") as err:
+        layer_layout(tr, folded[0].label, hint="name the axis with unit_dim=")
+    assert "unit_dim" not in str(err.value) and "instead." in str(err.value), str(err.value)
 
 
 def test_maxvit_units_are_channels_not_windows(tmp_path: Path):

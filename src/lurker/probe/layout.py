@@ -491,13 +491,13 @@ def _point_past_folds(trace: Trace, result: dict[int, Layout | Skip]) -> None:
         assert isinstance(skip, Skip)
         at = first(i, module=False)
         if at is None:
-            where = "; probe a layer after the slots are merged back into the batch"
+            where = "; use a layer after the slots are merged back into the batch"
         else:
             where = f"; the batch has an axis of its own again at {name(at)!r}"
             mod = first(i, module=True) if name(at) == trace.ops[at].label else None
             if mod is not None:  # an op with no module: name the first module output too
                 where += f" and at {name(mod)!r} (the first module output after it)"
-            where += ": probe " + ("one of those" if mod is not None else "that layer") + " instead"
+            where += ": use " + ("one of those" if mod is not None else "that layer") + " instead"
         result[i] = Skip(skip.reason + where, skip.per_sample, skip.kind)
 
 
@@ -583,6 +583,8 @@ def layer_layout(
         return lay
     why = lay.reason if lay is not None else f"it is the model's {op.kind}, not an op's output"
     why = why.removesuffix(UNIT_DIM_HINT)
+    if lay is not None and lay.kind == "folded":  # naming an axis cannot unfold the batch
+        raise LurkerError(f"layer {layer!r}, output {shape}: {why}.")
     raise LurkerError(f"layer {layer!r}, output {shape}: {why}; {hint}.")
 
 
