@@ -19,6 +19,7 @@ from urllib.parse import quote
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from explorer_fixtures import ExplorerRun, explorer_run  # noqa: F401
 
@@ -125,17 +126,23 @@ def flat_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 class Loop(torch.nn.Module):
-    """A cell applied three times: its ops roll into one node each, with a back edge."""
+    """A cell applied three times: its ops roll into one node each, with a back edge from
+    its last op to its first past a wide branch (``layer_norm``) and a node beside it
+    (``tanh``), and an op that feeds its own next pass (``mul``: a self-loop)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.cell = torch.nn.Linear(4, 4)
+        self.gate = torch.nn.Linear(4, 4)
         self.head = torch.nn.Linear(4, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = x
         for _ in range(3):
-            x = torch.tanh(self.cell(x))
-        return self.head(x)
+            h = self.cell(x)
+            x = torch.tanh(h) + F.layer_norm(torch.sigmoid(self.gate(h)), (4,))
+            s = s * 0.5
+        return self.head(x + s)
 
 
 @pytest.fixture(scope="module")
@@ -291,16 +298,18 @@ def test_expand_a_group(page: Any, servers: dict[str, str], run: str) -> None:
     assert float(page.get_attribute(".graph-page", "data-expand-ms")) < 2000
 
 
-def _edges_under_nodes(page: Any, only_into: str | None = None) -> list[str]:
-    """Forward edges (all, or those into item ``only_into``) that pass under a drawn node
-    or closed box other than their own ends: their paths sampled every 3 px in the SVG's
-    user space against each item's box shrunk by 2 px (`a -> b under item`)."""
+def _edges_under_nodes(page: Any, only_into: str | None = None, back: bool = False) -> list[str]:
+    """Forward edges (or with ``back``, back edges and self-loops; all, or those into item
+    ``only_into``) that pass under a drawn node or closed box other than their own ends:
+    their paths sampled every 3 px in the SVG's user space against each item's box shrunk
+    by 2 px (`a -> b under item`)."""
     return page.evaluate(
-        """into => {
+        """([into, back]) => {
         const items = [...document.querySelectorAll('svg.graph .nd, svg.graph .box')]
           .map(e => [e.dataset.k, e.getBBox()]);
         const bad = [];
-        const sel = 'svg.graph path.e:not(.back)' + (into ? `[data-b="${into}"]` : '');
+        const sel = 'svg.graph path.e' + (back ? '.back' : ':not(.back)')
+          + (into ? `[data-b="${into}"]` : '');
         for (const e of document.querySelectorAll(sel)) {
           const len = e.getTotalLength();
           for (let t = 0; t <= len; t += 3) {
@@ -312,7 +321,7 @@ def _edges_under_nodes(page: Any, only_into: str | None = None) -> list[str]:
         }
         return bad;
       }""",
-        only_into,
+        [only_into, back],
     )
 
 
@@ -346,6 +355,21 @@ def test_skip_edges_go_around_the_block(page: Any, servers: dict[str, str]) -> N
     for a in adds:
         assert page.locator(f'svg.graph path.e[data-b="n{a}"]').count() == 2, labels[a]
     assert _edges_under_nodes(page) == []
+    assert _edge_ends_on_items(page) == []
+
+
+def test_back_edges_pass_beside_nodes(page: Any, servers: dict[str, str]) -> None:
+    """A loop's back edge goes up a lane beside the nodes between its ends (not through
+    the branch that sticks out further right), and a self-loop stays out of its
+    neighbour: no back edge or self-loop passes under a node."""
+    doc = open_graph(page, servers, "loop")
+    labels = [n["l"] for n in doc["nodes"]]
+    pairs = page.eval_on_selector_all(
+        "svg.graph path.e.back", "es => es.map(e => [e.dataset.a, e.dataset.b])"
+    )
+    drawn_pairs = {(labels[int(a[1:])], labels[int(b[1:])]) for a, b in pairs}
+    assert ("mul_1", "mul_1") in drawn_pairs and ("add_1", "linear_1") in drawn_pairs
+    assert _edges_under_nodes(page, back=True) == []
     assert _edge_ends_on_items(page) == []
 
 

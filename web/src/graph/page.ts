@@ -73,6 +73,28 @@ const esc = (s: string) =>
   s.replace(/[&<>"]/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;" })[c]!);
 const fmt = (n: number) => n.toLocaleString("en-US");
 const f1 = (x: number) => Math.round(x * 10) / 10;
+
+/** An SVG path through points joined by straight segments, each corner rounded with radius
+ * up to ``r`` (less where a segment is short); repeated points are dropped. */
+function roundedPath(pts: [number, number][], r: number): string {
+  const p = pts.filter((q, i) => i === 0 || q[0] !== pts[i - 1][0] || q[1] !== pts[i - 1][1]);
+  let d = `M${f1(p[0][0])},${f1(p[0][1])}`;
+  for (let i = 1; i < p.length - 1; i++) {
+    const [ax, ay] = p[i - 1];
+    const [bx, by] = p[i];
+    const [cx, cy] = p[i + 1];
+    const l1 = Math.hypot(bx - ax, by - ay);
+    const l2 = Math.hypot(cx - bx, cy - by);
+    const k = Math.min(r, l1 / 2, l2 / 2);
+    const sx = bx - ((bx - ax) / l1) * k;
+    const sy = by - ((by - ay) / l1) * k;
+    const ex = bx + ((cx - bx) / l2) * k;
+    const ey = by + ((cy - by) / l2) * k;
+    d += ` L${f1(sx)},${f1(sy)} Q${f1(bx)},${f1(by)} ${f1(ex)},${f1(ey)}`;
+  }
+  const last = p[p.length - 1];
+  return d + ` L${f1(last[0])},${f1(last[1])}`;
+}
 const TIMES = "\u00d7";
 
 type Target = { k: number } | { g: number };
@@ -347,9 +369,18 @@ class GraphPage {
    * edge follows dagre's routes through every group it crosses (out of the groups around
    * its source by their `OUT` ports, across their common group, into the groups around
    * its target by their `IN` ports), so it passes beside the nodes between its ends, never
-   * under them; the rest (loops, back edges, big groups laid out without dagre) are curves. */
+   * under them; a back edge (a loop's value fed to its next pass) goes up a lane to the
+   * right of every node beside its span, a self-loop on the side with room; the rest (big
+   * groups laid out without dagre) are curves. */
   private drawEdges(out: string[]): void {
     const st = this.st;
+    // what an edge must not pass under: nodes and closed boxes (not open frames)
+    const solid: [number, number, number, number][] = [];
+    for (const [key, r] of this.rects)
+      if (key[0] === "n" || !this.expanded.has(Number(key.slice(1)))) solid.push([r[0] - r[2] / 2, r[1] - r[3] / 2, r[0] + r[2] / 2, r[1] + r[3] / 2]);
+    /** Whether the box [x0, x1] x [y0, y1] overlaps no solid item. */
+    const clear = (x0: number, y0: number, x1: number, y1: number) => !solid.some((b) => b[0] < x1 && b[2] > x0 && b[1] < y1 && b[3] > y0);
+    const lanes: [number, number, number][] = []; // back edges' lanes: x, top, bottom
     const routed = new Map<string, number[]>();
     const origin = new Map<number, [number, number]>([[0, [0, 0]]]);
     for (const [key, r] of this.rects)
@@ -392,20 +423,58 @@ class GraphPage {
         const j = Math.floor(pts.length / 4) * 2;
         mid = [pts[j], pts[j + 1]];
       } else if (a === b) {
-        // a rolled op feeding its own next pass: a loop on its right-hand side
-        const x1 = ra[0] + ra[2] / 2;
+        // a rolled op feeding its own next pass: a loop on the side with room (as wide as
+        // the gap to the next node allows), the right unless only the left has room
         const y1 = ra[1];
-        d = `M${f1(x1)},${f1(y1 - 6)} C${f1(x1 + 42)},${f1(y1 - 26)} ${f1(x1 + 42)},${f1(y1 + 26)} ${f1(x1 + 2)},${f1(y1 + 6)}`;
-        mid = [x1 + 30, y1 + 3];
+        const gap = (sign: number) => {
+          const edge = ra[0] + (sign * ra[2]) / 2;
+          let room = 42;
+          for (const b of solid) {
+            if (b[1] >= y1 + 26 || b[3] <= y1 - 26) continue;
+            const dist = sign > 0 ? b[0] - edge : edge - b[2];
+            if (dist >= 0) room = Math.min(room, dist - 8);
+          }
+          return room;
+        };
+        const right = gap(1);
+        const sign = right >= 24 || right >= gap(-1) ? 1 : -1;
+        const w = Math.max(14, Math.min(42, sign > 0 ? right : gap(-1)));
+        const x1 = ra[0] + (sign * ra[2]) / 2;
+        d = `M${f1(x1)},${f1(y1 - 6)} C${f1(x1 + sign * w)},${f1(y1 - 26)} ${f1(x1 + sign * w)},${f1(y1 + 26)} ${f1(x1 + sign * 2)},${f1(y1 + 6)}`;
+        mid = sign > 0 ? [x1 + w * 0.72, y1 + 3] : [x1 - w * 0.72 - 16, y1 + 3];
       } else if (back) {
-        // around the right-hand side, from the source's right edge to the target's
+        // up a lane to the right of every node beside the edge's span: out of the
+        // source's right edge, up (or down), into the target's right edge, with rounded
+        // corners; an end whose row has a node to its right leaves (enters) through the
+        // gap below (above) its row instead
         const x1 = ra[0] + ra[2] / 2;
         const y1 = ra[1];
         const x2 = rb[0] + rb[2] / 2;
         const y2 = rb[1];
-        const bulge = Math.max(x1, x2) + 30 + Math.min(200, Math.abs(y1 - y2) * 0.15);
-        d = `M${f1(x1)},${f1(y1)} C${f1(bulge)},${f1(y1)} ${f1(bulge)},${f1(y2)} ${f1(x2 + 2)},${f1(y2)}`;
-        mid = [bulge - 8, (y1 + y2) / 2];
+        const lo = Math.min(ra[1] - ra[3] / 2, rb[1] - rb[3] / 2);
+        const hi = Math.max(ra[1] + ra[3] / 2, rb[1] + rb[3] / 2);
+        let lane = Math.max(x1, x2);
+        for (const b of solid) if (b[1] < hi && b[3] > lo) lane = Math.max(lane, b[2]);
+        lane += 18;
+        let shifted = 0; // a lane of its own beside another back edge's
+        while (lanes.some(([x, t, b]) => Math.abs(x - lane) < 9 && t < hi && b > lo)) {
+          lane += 10;
+          shifted++;
+        }
+        lanes.push([lane, lo, hi]);
+        const up = y2 < y1;
+        // the row an end leaves from: its centre if clear to the lane, else the gap beside it
+        const row = (r: [number, number, number, number], x: number, away: number) =>
+          clear(x + 1, r[1] - 2, lane, r[1] + 2) ? r[1] : r[1] + away * (r[3] / 2 + 7);
+        const ya = row(ra, x1, up ? 1 : -1);
+        const yb = row(rb, x2, up ? -1 : 1);
+        const pts: [number, number][] = [];
+        if (ya !== y1) pts.push([ra[0] + ra[2] / 2 - 6, y1 + (ya > y1 ? ra[3] / 2 : -ra[3] / 2)]);
+        else pts.push([x1, y1]);
+        pts.push([ya === y1 ? x1 : pts[0][0], ya], [lane, ya], [lane, yb], [yb === y2 ? x2 : rb[0] + rb[2] / 2 - 6, yb]);
+        if (yb !== y2) pts.push([rb[0] + rb[2] / 2 - 6, y2 + (yb > y2 ? rb[3] / 2 : -rb[3] / 2)]);
+        d = roundedPath(pts, 8);
+        mid = [lane + 1, (ya + yb) / 2 + 12 * shifted];
       } else {
         const x1 = ra[0];
         const y1 = ra[1] + ra[3] / 2;
