@@ -285,12 +285,39 @@ def test_concepts_bad_layer_and_unit() -> None:
         lurker.explain.concepts(m, x, layer="features.8", units=[512])
 
 
-def test_softmax_output_leaks_with_a_warning() -> None:
-    """Explaining a probability: LRP holds softmax constant, so nothing passes it; the
-    warning names the softmax rather than returning zeros silently."""
-    m = nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 3), nn.Softmax(dim=1)).eval()
-    with pytest.warns(UserWarning, match=r"not conserved at softmax_1 \(softmax: constant\)"):
-        lurker.explain(m, torch.randn(2, 6), target=1, method="lrp")
+class _WithHead(nn.Module):
+    """``body``'s logits through softmax or log_softmax over the classes, written three
+    ways (a module, the function, the tensor method over the last axis)."""
+
+    def __init__(self, body: nn.Module, how: str) -> None:
+        super().__init__()
+        self.body, self.how = body, how
+        self.head = nn.Softmax(dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.body(x)
+        if self.how == "module":
+            return self.head(z)
+        return nn.functional.log_softmax(z, dim=1) if self.how == "log" else z.softmax(-1)
+
+
+@pytest.mark.parametrize("how", ["module", "log", "method"])
+def test_softmax_head_is_explained_from_its_logits(how: str) -> None:
+    """A model that returns probabilities or log-probabilities (PyTorch's MNIST example
+    ends in log_softmax) is explained from the class's logit, the softmax's input: no rule
+    carries relevance through a softmax, so from its output every pixel got 0. Oracle:
+    Zennit's EpsilonPlusFlat on the model without the softmax; the composite is the CNN
+    default (the head is not an attention model's softmax); no leak is reported."""
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    x = torch.randn(2, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        e = lurker.explain(_WithHead(body.eval(), how).eval(), x, target=[1, 2], method="lrp")
+    assert e.options["composite"] == "epsilon_plus_flat"
+    with Gradient(model=body, composite=EpsilonPlusFlat()) as attr:
+        _, ref = attr(x, lambda out: nn.functional.one_hot(torch.tensor([1, 2]), 3) * out)
+    assert e.attribution.abs().sum() > 0 and rel_err(e.attribution, ref) < 1e-5
 
 
 class Head(nn.Module):

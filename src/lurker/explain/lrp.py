@@ -358,7 +358,15 @@ class Engine:
                 raise cause from None
             raise
         ops = self.trace.ops
-        self.attention = any(op.name in _ATTENTION | _CONSTANT | {"layer_norm"} for op in ops)
+        #: (the softmax, the op making its input) where the model returns softmax or
+        #: log_softmax over its classes: a class's relevance starts at its logit, the
+        #: softmax's input (no rule carries relevance through a softmax; from its output
+        #: every class would get none)
+        self.head = _head_softmax(ops)
+        head = self.head[0] if self.head else -1
+        self.attention = any(
+            op.name in _ATTENTION | _CONSTANT | {"layer_norm"} and op.index != head for op in ops
+        )
         if composite is None:
             composite = "epsilon" if self.attention else "epsilon_plus_flat"
         if composite not in COMPOSITES:
@@ -767,10 +775,10 @@ class Engine:
                     f"target class {big} is out of range: the model has {output.shape[1]} "
                     f"outputs (classes 0 to {output.shape[1] - 1})"
                 )
-            onehot = torch.zeros_like(output)
+            score_t = output if self.head is None else live[self.head[1]]  # the logits
+            onehot = torch.zeros_like(score_t)
             onehot[torch.arange(len(classes)), torch.tensor(classes)] = 1
-            r0 = onehot * output.detach()
-            score_t = output
+            r0 = onehot * score_t.detach()
             start = _rows(r0)
             parsed = classes
         if not score_t.requires_grad:
@@ -843,6 +851,27 @@ def _merge(w: Tensor, b: Tensor | None, bn: Op, value: Callable) -> tuple[Tensor
     if beta is not None:
         b2 = b2 + beta
     return w2.detach(), b2.detach()
+
+
+def _head_softmax(ops: list[Op]) -> tuple[int, int] | None:
+    """(softmax op, the op making its input) where the model's one output is a softmax or
+    log_softmax of a ``(batch, classes)`` tensor over the classes; else None."""
+    from ..ops.catalogue import bind
+
+    outs = [op for op in ops if op.kind == "output"]
+    if len(outs) != 1 or not outs[0].parents:
+        return None
+    op = ops[outs[0].parents[0]]
+    if op.kind != "op" or op.name not in _CONSTANT or len(op.shape or ()) != 2:
+        return None
+    try:
+        call = bind(op.name, op.args, op.kwargs, op.target)
+    except (KeyError, TypeError):
+        return None
+    src = call.get("input")
+    if call.get("dim") not in (1, -1) or type(src) is not OpRef:
+        return None
+    return op.index, src.index
 
 
 def _softmax_relevance(x: Tensor, s: Tensor, r: Tensor, dim: int) -> Tensor:
