@@ -3,6 +3,7 @@ targets, batches, the model left untouched, bad input, the CLI."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -446,6 +447,33 @@ def test_model_left_untouched_also_when_raising(digits, xd, method) -> None:
     assert all(p.grad is None for p in m.parameters())
 
 
+@pytest.mark.parametrize("method", ALL)
+def test_model_in_train_mode_keeps_its_buffers(digits, xd, method) -> None:
+    """A model explained in train mode runs its BatchNorms on batch statistics, which
+    updates their running statistics on every forward a method makes: they are put back
+    (the model is left as it was found), and so is a buffer the model reassigns."""
+    class Counting(nn.Module):  # reassigns its buffer in forward
+        def __init__(self, net: nn.Module) -> None:
+            super().__init__()
+            self.net = net
+            self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.calls = self.calls + 1
+            return self.net(x)
+
+    m = Counting(no_inplace(digits)).train()
+    before = {k: v.clone() for k, v in m.state_dict().items() if "running" in k or "tracked" in k}
+    assert len(before) == 3 * 2  # running mean, var and batch count of each BatchNorm
+    calls = m.calls
+    opts = {k: f"net.{v}" if k == "layer" else v for k, v in OPTS.get(method, {}).items()}
+    lurker.explain(m, xd, target=1, method=method, **opts)
+    after = m.state_dict()
+    changed = [k for k, v in before.items() if not torch.equal(v, after[k])]
+    assert not changed, changed
+    assert m.calls is calls and int(m.calls) == 0 and m.training
+
+
 # ---------------------------------------------------------------------- bad input
 def test_bad_input_errors(digits, xd) -> None:
     with pytest.raises(
@@ -482,6 +510,52 @@ def test_overlay_is_an_image(digits, xd) -> None:
     rgb, alpha = colorize(torch.tensor([[0.0, 1.0, -1.0]]), signed=True)
     assert rgb[:, 0, 0].tolist() == [1, 1, 1] and alpha[0, 0] == 0
     assert rgb[:, 0, 1].tolist() == [1, 0, 0] and rgb[:, 0, 2].tolist() == [0, 0, 1]
+
+
+def test_heatmap_of_a_map_repeated_over_channels_is_the_map() -> None:
+    """Grad-CAM's attribution repeats its map over the input's channels, and occlusion by
+    windows across every channel credits each channel with the window's whole drop: the
+    heatmap is that one value (the sum over 3 channels was 3 times it). Occlusion by
+    per-channel windows gives each channel its own drop: summed. Oracle: the layer map
+    upsampled, and the score drop of each occluded block computed by hand."""
+    torch.manual_seed(0)
+    m = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(4, 2),
+    ).eval()  # fmt: skip
+    x = torch.rand(1, 3, 8, 8, dtype=torch.float64)
+    m = m.double()
+    g = lurker.explain(m, x, 1, "gradcam", layer="1")
+    up = nn.functional.interpolate(g.layer_attribution, size=(8, 8), mode="bilinear")
+    assert g.repeated and torch.allclose(g.heatmap(0), up[0, 0].float())
+    with torch.no_grad():
+        f = m(x)[0, 1]
+        want = torch.zeros(8, 8, dtype=torch.float64)
+        per = torch.zeros(3, 8, 8, dtype=torch.float64)
+        for i in range(0, 8, 2):
+            for j in range(0, 8, 2):
+                z = x.clone()
+                z[0, :, i : i + 2, j : j + 2] = 0
+                want[i : i + 2, j : j + 2] = f - m(z)[0, 1]
+                for c in range(3):
+                    z = x.clone()
+                    z[0, c, i : i + 2, j : j + 2] = 0
+                    per[c, i : i + 2, j : j + 2] = f - m(z)[0, 1]
+    o = lurker.explain(m, x, 1, "occlusion", window=2, strides=2)
+    assert o.repeated and torch.allclose(o.heatmap(0), want.float(), atol=1e-6)
+    o = lurker.explain(m, x, 1, "occlusion", window=(1, 2, 2), strides=(1, 2, 2))
+    assert not o.repeated and torch.allclose(o.heatmap(0), per.sum(0).float(), atol=1e-6)
+
+
+def test_smoothgrad_with_given_noise_records_what_it_used(digits, xd) -> None:
+    """Given draws are added as given: the options do not claim a stdev or seed."""
+    noise = torch.randn(3, *xd.shape, generator=torch.Generator().manual_seed(0), dtype=xd.dtype)
+    e = lurker.explain(digits, xd, 1, "smoothgrad", noise=noise, stdev=0.5)
+    assert e.options["stdev"] is None and e.options["seed"] is None
+    assert e.options["noise"] == "given" and e.options["n_samples"] == 3
+    xi = (xd[None] + noise).reshape(-1, *xd.shape[1:]).requires_grad_(True)
+    (g,) = torch.autograd.grad(digits(xi)[:, 1].sum(), xi)
+    close(e.attribution, g.reshape(3, *xd.shape).mean(0))
 
 
 # ---------------------------------------------------------------------- CLI
@@ -526,6 +600,19 @@ def test_cli_explain_writes_the_overlay(tmp_path) -> None:
         assert r.exit_code == 2 and message in r.output, r.output
     r = CliRunner().invoke(main, [*args[:3], str(bad), "-o", str(out)])
     assert r.exit_code == 2 and "cannot read image" in r.output, r.output
+    # a unit's position with y and no x reads as a layer named 'features.8:5': said so
+    r = CliRunner().invoke(main, [*args, "-t", "features.8:5:1", "-o", str(out)])
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    assert "reads as layer 'features.8:5', channel 1" in r.output
+    assert "LAYER:CHANNEL:Y:X with both Y and X" in r.output
+    # --out in a folder that does not exist yet: made, not a traceback after the work
+    deep = tmp_path / "new" / "dir" / "heat.png"
+    r = CliRunner().invoke(main, [*args, "-o", str(deep)])
+    assert r.exit_code == 0 and deep.is_file(), r.output
+    blocked = tmp_path / "a-file"
+    blocked.write_text("x")
+    r = CliRunner().invoke(main, [*args, "-o", str(blocked / "heat.png")])
+    assert r.exit_code == 2 and "cannot create the folder" in r.output, r.output
 
 
 def test_cli_unit_dim(tmp_path) -> None:
@@ -583,6 +670,31 @@ def test_cli_unit_dim(tmp_path) -> None:
     assert r.exit_code == 2 and "Close names: encoder.layers.encoder_layer_0," in r.output
     close = r.output.split("Close names: ")[1].strip().rstrip(".").split(", ")
     assert len(close) == len(set(close)) == 5, close
+
+
+def test_numpy_and_tensor_targets(digits, xd) -> None:
+    """numpy's integers and integer arrays are class targets as ints and lists are;
+    floats and booleans are refused, not truncated into a class."""
+
+    want = lurker.explain(digits, xd, target=[2, 0, 1]).attribution
+    for t in (np.array([2, 0, 1]), [np.int64(2), np.int32(0), 1], torch.tensor([2, 0, 1])):
+        assert torch.equal(lurker.explain(digits, xd, target=t).attribution, want)
+    assert lurker.explain(digits, xd, target=np.int64(4)).target == [4, 4, 4]
+    for bad in (torch.tensor(2.7), np.array([0.5, 1.0, 2.0]), torch.tensor(True), [True, 1, 2]):
+        with pytest.raises(LurkerError, match="is not supported: give a class index"):
+            lurker.explain(digits, xd, target=bad)
+
+
+def test_signed_follows_the_options(digits, xd) -> None:
+    """Saliency's raw gradient (abs=False) has a sign: it is marked signed, so the overlay
+    shows its negative pixels in blue (with abs=True it is >= 0 and unsigned)."""
+    raw = lurker.explain(digits, xd, target=1, method="saliency", abs=False)
+    assert raw.signed and (raw.attribution < 0).any()
+    assert not lurker.explain(digits, xd, target=1, method="saliency").signed
+    heat = raw.heatmap(0)
+    img = np.asarray(raw.overlay(0, alpha=1.0)).astype(int)
+    neg = (heat < -0.2 * heat.abs().max()).numpy()
+    assert neg.any() and (img[neg][:, 2] > img[neg][:, 0]).all()  # blue over red
 
 
 def test_cli_target_parsing() -> None:

@@ -354,8 +354,12 @@ def test_bad_input_errors(digits) -> None:
         ev(digits, x[:1], lurker.explain(digits, x, 1))
     with pytest.raises(LurkerError, match="patch needs image inputs"):
         ev(nn.Linear(4, 2), torch.rand(2, 4), 1, metrics="deletion", patch=2)
-    with pytest.raises(LurkerError, match="a blur baseline needs image inputs"):
+    # the default insertion baseline, which the user did not set, is named with the fix
+    with pytest.raises(LurkerError, match=r"insertion_baseline='blur' \(the default\)") as err:
         ev(nn.Linear(4, 2), torch.rand(2, 4), 1, metrics="insertion")
+    assert "pass insertion_baseline='zeros'" in str(err.value)
+    with pytest.raises(LurkerError, match=r"deletion_baseline=.blur.*pass deletion_baseline"):
+        ev(nn.Linear(4, 2), torch.rand(2, 4), 1, metrics="deletion", deletion_baseline="blur")
     # a unit target is fine for the sanity check
     r = ev(digits, x, ("features.8", 3), metrics="randomization", layers="features.8")
     assert r.randomization.similarity.shape == (1, 2)

@@ -672,6 +672,14 @@ def explain(
         raise click.BadParameter(
             f"{out!r}: the overlay is an image: .png, .jpg or .webp", param_hint="'--out'"
         )
+    folder = Path(out).parent
+    try:  # before the work, not after it
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise click.BadParameter(
+            f"cannot create the folder {str(folder)!r} to write {out!r} in: {e.strerror or e}",
+            param_hint="'--out'",
+        ) from None
     opts = parse_options(options)
     if layer is not None:
         opts["layer"] = layer
@@ -696,7 +704,19 @@ def explain(
     )
     x = x.to(device)
     check_runs(net, x, image_size)
-    e = explain_pkg.explain(net, x, target=goal, method=method, **opts)
+    try:
+        e = explain_pkg.explain(net, x, target=goal, method=method, **opts)
+    except LurkerError as err:
+        unit = goal if isinstance(goal, explain_pkg.UnitTarget) else None
+        head, _, tail = unit.layer.rpartition(":") if unit is not None else ("", "", "")
+        if unit and unit.y is None and head and tail.isdigit() and "not in the model" in str(err):
+            # LAYER:CHANNEL:Y without X reads as the layer LAYER:CHANNEL (labels hold ':')
+            raise LurkerError(
+                f"--target {target!r} reads as layer {unit.layer!r}, channel {unit.channel}, "
+                f"and the model has no layer {unit.layer!r}: a unit is LAYER:CHANNEL, or "
+                f"LAYER:CHANNEL:Y:X with both Y and X (e.g. {head}:{tail}:{unit.channel}:0)."
+            ) from err
+        raise
     e.overlay(0, image=shown, alpha=alpha).save(out)
     what = (
         f"unit {e.target}"

@@ -45,16 +45,20 @@ class Explanation:
     signed: bool = True
     #: a layer method's map at the layer's own resolution (Grad-CAM: ``(B, 1, h, w)``)
     layer_attribution: Tensor | None = None
+    #: every channel of a pixel holds the pixel's whole value, not a share of it (Grad-CAM's
+    #: map repeated over the channels; occlusion by windows across all channels)
+    repeated: bool = False
 
     def heatmap(self, index: int = 0) -> Tensor:
         """Row ``index``'s attribution as one ``(H, W)`` map: channels summed (a signed
-        method keeps its sign; an unsigned one, such as saliency, is already >= 0)."""
+        method keeps its sign; an unsigned one, such as saliency, is already >= 0), or
+        where each channel holds the whole value (``repeated``), that value."""
         a = self.attribution
         if not 0 <= index < a.shape[0]:
             raise LurkerError(f"index {index} out of range: this explanation has {a.shape[0]} rows")
         a = a[index].detach().float().cpu()
         if a.dim() == 3:
-            return a.sum(0)
+            return a[0].clone() if self.repeated else a.sum(0)
         if a.dim() == 2:
             return a
         raise LurkerError(
@@ -210,14 +214,22 @@ def untouched(model: nn.Module) -> Iterator[None]:
     """Run a method so that the model is left as it was, however the block exits.
 
     Records the model's hooks (forward, pre-forward, backward, on every module, and
-    torch's global ones), each parameter's ``requires_grad`` and ``.grad`` and each
-    module's ``training`` flag; on exit restores them, removing any hook added inside.
-    A hook left behind by lurker itself would be a bug, so on a clean exit it raises.
+    torch's global ones), each parameter's ``requires_grad`` and ``.grad``, each module's
+    ``training`` flag and its buffers (a model in train mode updates BatchNorm's running
+    statistics on every forward a method runs); on exit restores them, removing any hook
+    added inside. A hook left behind by lurker itself would be a bug, so on a clean exit
+    it raises.
     """
     modules = list(model.modules())
     hooks = _hook_ids(modules)
     params = [(p, p.requires_grad, p.grad) for p in model.parameters()]
     modes = [(m, m.training) for m in modules]
+    buffers = [
+        (m, name, b, b._version, b.detach().clone())
+        for m in modules
+        for name, b in m._buffers.items()
+        if b is not None
+    ]
     ok = False
     try:
         yield
@@ -231,6 +243,14 @@ def untouched(model: nn.Module) -> Iterator[None]:
         for m, training in modes:
             if m.training != training:
                 m.training = training
+        for m, name, b, version, value in buffers:
+            if m._buffers.get(name) is not b:  # reassigned (self.buf = ...)
+                m._buffers[name] = b
+            # written in place: batch_norm updates its running statistics inside the
+            # kernel without moving their version counter, so the values are compared
+            if b._version != version or not torch.equal(b, value):
+                with torch.no_grad():
+                    b.copy_(value)
         removed = _remove_new_hooks(model, hooks)
         if removed and ok:
             raise LurkerError(

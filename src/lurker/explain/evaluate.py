@@ -169,7 +169,12 @@ def evaluate(
                     "a tensor"
                 )
             if isinstance(spec, str) and spec == "blur" and x.dim() != 4:
-                gaussian_blur(x)  # the error that says what to use instead
+                default = " (the default)" if kind == "insertion" else ""
+                raise LurkerError(
+                    f"{kind} starts from {kind}_baseline='blur'{default}, a blurred image, "
+                    f"which needs image inputs (B, C, H, W); this input is {tuple(x.shape)}: "
+                    f"pass {kind}_baseline='zeros', 'mean', a number or a tensor"
+                )
         goal = target.target if isinstance(target, Explanation) else parse_target(target, len(x))
         if isinstance(goal, UnitTarget):
             raise LurkerError(

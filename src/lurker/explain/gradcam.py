@@ -177,6 +177,7 @@ class _CAM(Method):
             output=None if out is None else out.detach(),
             layer_attribution=cam.detach(),
             signed=not relu,
+            repeated=True,
         )
 
 

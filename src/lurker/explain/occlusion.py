@@ -102,4 +102,6 @@ class Occlusion(Method):
                     total[(r, *spots[w])] += drop[i]
         options = {"window": win, "strides": st, "baseline": baseline}
         out = None if clean.output is None else clean.output.detach()
-        return self.explanation(total / count, fw, options, output=out)
+        # a window across every channel credits each channel with the pixel's whole drop
+        across = len(dims) == 3 and win[0] == dims[0]
+        return self.explanation(total / count, fw, options, output=out, repeated=across)

@@ -35,4 +35,5 @@ class Saliency(Method):
 
     def compute(self, model: nn.Module, x: Tensor, target: Any, *, abs: bool = True) -> Explanation:
         g, fw, out = gradient(model, x, target)
-        return self.explanation(g.abs() if abs else g, fw, {"abs": abs}, output=out)
+        # the raw gradient has a sign that matters: the overlay's diverging map shows it
+        return self.explanation(g.abs() if abs else g, fw, {"abs": abs}, output=out, signed=not abs)

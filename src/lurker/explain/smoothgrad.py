@@ -6,7 +6,8 @@ default Saliency takes the absolute value of each sample's gradient first, ``abs
 All samples of all rows go through the model as one batch (chunked by
 ``internal_batch_size``), not one forward per sample. ``noise`` may be given (shape
 ``(n_samples, *x.shape)``) to make results reproducible or to compare with another
-implementation on the same draws.
+implementation on the same draws: it is added as given (``stdev`` and ``seed`` are then
+unused, and recorded as None).
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ class SmoothGrad(Method):
                 )
             noise = noise.to(x.device, x.dtype)
             n_samples = noise.shape[0]
+            stdev = seed = None  # type: ignore[assignment]  # (the options record what was used)
         total = n_samples * B
         chunk = total if internal_batch_size is None else int(internal_batch_size)
         if chunk < 1:
@@ -79,4 +81,6 @@ class SmoothGrad(Method):
             g = input_grad(fw(xb, rows).score, xb)
             acc.index_add_(0, rows, g.abs() if abs else g)
         options = {"n_samples": n_samples, "stdev": stdev, "abs": abs, "seed": seed}
+        if stdev is None:
+            options["noise"] = "given"
         return self.explanation(acc / n_samples, fw, options, signed=not abs)

@@ -23,6 +23,7 @@ import contextlib
 import difflib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from numbers import Integral
 from typing import Any
 
 import torch
@@ -60,11 +61,18 @@ def parse_target(target: Any, batch: int) -> list[int] | UnitTarget | None:
         return target
     if isinstance(target, bool):
         raise LurkerError(_TARGET_HELP.format(got=repr(target)))
-    if isinstance(target, int):
-        _check_class(target)
-        return [target] * batch
-    if isinstance(target, Tensor):
-        target = target.tolist() if target.dim() else int(target)
+    if isinstance(target, Integral):  # int, numpy's integers
+        _check_class(int(target))
+        return [int(target)] * batch
+    if isinstance(target, Tensor) or type(target).__name__ == "ndarray":  # (torch, numpy)
+        integers = (
+            not (target.is_floating_point() or target.is_complex() or target.dtype == torch.bool)
+            if isinstance(target, Tensor)
+            else target.dtype.kind in "iu"
+        )
+        if not integers:  # 2.7 is no class, and True is no index
+            raise LurkerError(_TARGET_HELP.format(got=repr(target)))
+        target = target.tolist() if target.ndim else int(target)
         return parse_target(target, batch)
     if isinstance(target, (tuple, list)) and target and isinstance(target[0], str):
         if len(target) not in (2, 4) or not all(
@@ -81,8 +89,9 @@ def parse_target(target: Any, batch: int) -> list[int] | UnitTarget | None:
         return UnitTarget(*target)
     if isinstance(target, Sequence) and not isinstance(target, str):
         values = list(target)
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        if not all(isinstance(v, Integral) and not isinstance(v, bool) for v in values):
             raise LurkerError(_TARGET_HELP.format(got=repr(target)))
+        values = [int(v) for v in values]
         if len(values) != batch:
             raise LurkerError(
                 f"a target list has one class per row of the batch: {batch} rows, "
