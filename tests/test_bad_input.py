@@ -346,6 +346,24 @@ def test_torch_layer_refusing_a_deep_tensor_is_named():
     assert "BatchNorm2d '2' expects (N, 3, H, W)" in cli
 
 
+class _Checks(nn.Module):
+    """Checks its input as timm's patch embedding does: torch._assert on a bool."""
+
+    def forward(self, x):
+        torch._assert(x.shape[-1] == 8, f"Input width ({x.shape[-1]}) doesn't match model (8).")
+        return x * 2
+
+
+def test_a_failed_check_of_the_models_own_reads_as_one_sentence():
+    """The model's assert reads no tensor: no "tensor inputs had shapes []", and its own
+    message's full stop is not doubled."""
+    with pytest.raises(lurker.TraceError) as info:
+        lurker.trace(_Checks(), torch.randn(1, 3, 4, 4))
+    text = info.value.for_cli()
+    assert "AssertionError: Input width (4) doesn't match model (8). " in text, text
+    assert ".." not in text and "shapes []" not in text
+
+
 def test_out_that_cannot_be_created_is_one_paragraph(tmp_path: Path):
     (tmp_path / "file").write_text("mine")
     r = _cli(*CLI_PROBE, "--out", str(tmp_path / "file" / "run"))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 import sqlite3
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -234,6 +235,33 @@ def test_maco_option_optimizes(digits):
     model, _ = digits
     fv = lurker.featviz(model, "features.8", units=[0, 1, 2], param="maco", steps=16, size=16)
     assert (fv.activations > fv.start).all()
+
+
+def test_a_model_of_one_image_size_gets_its_size_with_transforms(digits):
+    """A ViT takes its image size only (torchvision asserts it): with the transforms on,
+    the padding is cut off after the warp, so every step's image is the size it takes and
+    the images excite their units beyond the random start; a CNN keeps Lucid's padding."""
+    from torchvision.models import VisionTransformer
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(16, 4, 1, 2, 16, 32, num_classes=10).eval()
+    sizes = []
+    h = vit.conv_proj.register_forward_pre_hook(lambda m, i: sizes.append(i[0].shape[-2:]))
+    try:
+        fv = lurker.featviz(vit, "encoder.layers.encoder_layer_0", units=[3, 15], steps=8, size=16)
+    finally:
+        h.remove()
+    assert fv.settings["transforms"] == "cropped" and fv.images.shape == (2, 3, 16, 16)
+    assert sizes and all(tuple(s) == (16, 16) for s in sizes)
+    assert (fv.activations > fv.start).all()
+    assert (
+        lurker.featviz(digits[0], "features.8", units=[0], steps=2).settings["transforms"] is True
+    )
+    t = Transforms.standard(16)
+    x = torch.rand(2, 3, 16, 16, dtype=torch.float64)
+    ident = (0.0, 0.0, 1.0, 0.0, 0.0, 0.0)
+    out = replace(t, crop=True).apply(x, [ident, ident])
+    assert torch.allclose(out, x, atol=1e-12)  # padded, not warped, cut: the image itself
 
 
 def test_transforms_draw_each_image_its_own_warp():

@@ -213,10 +213,12 @@ def _trace_error(model: nn.Module, e: Exception, partial: Trace, rec: Recorder) 
         src = f", called at {failed.source}" if failed.source else ""
         near_input = failed.dist_from_input is not None and failed.dist_from_input <= 2
         expects = f" {layer[2]}" if layer is not None and layer[2] else ""
+        said = f"{first}{(' ' + detail) if detail else ''}".rstrip(".")
+        # (a check such as torch._assert(cond, msg) reads no tensor: no shapes to list)
+        had = f" Its tensor inputs had shapes {shapes}." if shapes else ""
         text = (
-            f"{mname} failed in op {label} ({failed.name}){where}{src}: {kind}: {first}"
-            f"{(' ' + detail) if detail else ''}. Its tensor inputs had shapes {shapes}."
-            f"{expects}{inputs}"
+            f"{mname} failed in op {label} ({failed.name}){where}{src}: {kind}: {said}."
+            f"{had}{expects}{inputs}"
         )
         if near_input:
             text += (

@@ -16,7 +16,7 @@ import difflib
 import math
 import os
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -184,6 +184,9 @@ def featviz(
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
         x0 = torch.full((1, cfg.channels, cfg.height, cfg.width), 0.5, dtype=dtype, device=dev)
         tap = _Tap(model, cfg.target, x0, cfg.layout, cfg.layer, unit_dim)
+        if tf.pad and not _runs(tap, tf.apply(x0, [tf.draw(np.random.default_rng(0))])):
+            # it takes the image's own size only (a ViT): the padding is cut off again
+            tf = replace(tf, crop=True)
         scorer = _Scorer.make(cfg, tap, x0, tf)
         count = len(scorer.rows)
         n = cfg.images_per_unit
@@ -209,7 +212,7 @@ def featviz(
         "channels": cfg.channels,
         "lr": lr,
         "param": param,
-        "transforms": transforms,
+        "transforms": "cropped" if tf.crop else transforms,
         "images_per_unit": n,
         "diversity": cfg.diversity,
         "seed": seed,
@@ -559,6 +562,16 @@ class _Tap:
                 f"layer {self.name!r} gives {tuple(act.shape)}: no unit axis after the batch"
             )
         return act
+
+
+def _runs(tap: _Tap, x: Tensor) -> bool:
+    """Whether the model reaches the layer on ``x`` (a padded image)."""
+    try:
+        with torch.no_grad():
+            tap(x)
+    except Exception:  # (the unpadded image ran: its error is raised again if it recurs)
+        return False
+    return True
 
 
 # ---------------------------------------------------------------------------- objectives

@@ -36,6 +36,9 @@ class Transforms:
     jitter2: int
     scales: tuple[float, ...] = tuple(1 + (i - 5) / 50 for i in range(11))
     angles: tuple[float, ...] = tuple(range(-10, 11)) + (0,) * 5
+    #: cut the padding off again after the warp, for a model that takes one image size
+    #: only (a ViT's patch grid): the borders still move in and out of view
+    crop: bool = False
 
     @classmethod
     def standard(cls, size: int) -> Transforms:
@@ -60,13 +63,17 @@ class Transforms:
         """Pad, then warp each image by its own ``params`` row (as :meth:`draw` gives)."""
         x = F.pad(images, [self.pad] * 4, value=0.5) if self.pad else images
         if self.is_identity:
-            return x
+            return images if self.crop else x
         h, w = x.shape[-2:]
         theta = torch.as_tensor(
             [_inverse_affine(p, h, w) for p in params], dtype=x.dtype, device=x.device
         )
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-        return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        if self.crop and self.pad:
+            p = self.pad
+            x = x[..., p : h - p, p : w - p]
+        return x
 
     @property
     def is_identity(self) -> bool:
