@@ -452,6 +452,7 @@ def test_model_in_train_mode_keeps_its_buffers(digits, xd, method) -> None:
     """A model explained in train mode runs its BatchNorms on batch statistics, which
     updates their running statistics on every forward a method makes: they are put back
     (the model is left as it was found), and so is a buffer the model reassigns."""
+
     class Counting(nn.Module):  # reassigns its buffer in forward
         def __init__(self, net: nn.Module) -> None:
             super().__init__()
