@@ -270,8 +270,11 @@ def test_concept_relevance_equals_concepts(
     assert rel == sorted(rel, reverse=True)
     # the units partition the layer's relevance: the total is the sum over all of them
     assert body["total"] == pytest.approx(float(c.relevance[0].sum()), rel=1e-4)
+    # each share is signed and of all the relevance that passed, whatever the total's sign
+    spread = float(c.relevance[0].abs().sum())
     for u in body["units"]:
-        assert u["share"] == pytest.approx(u["relevance"] / body["total"], rel=1e-6)
+        assert u["share"] == pytest.approx(u["relevance"] / spread, rel=1e-4)
+        assert (u["share"] > 0) == (u["relevance"] > 0)
     sums = [u["heatmap_sum"] for u in body["units"]]
     assert sums == pytest.approx(c.heatmap_sums[0].tolist(), rel=1e-4, abs=1e-6)
 

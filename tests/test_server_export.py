@@ -362,9 +362,11 @@ def test_export_writes_the_further_pages_of_a_sample(
     static_dir: Path,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ):
     """A sample in more top lists than a page holds: the export writes each further page
-    the sample page's "show more" asks for (pages of 7 here), equal to the API's."""
+    the sample page's "show more" asks for (pages of 7 here), equal to the API's; the
+    progress line counts them, and no image it does not write, so it ends at its total."""
     import lurker.server.export as export
 
     monkeypatch.setattr(export, "APPEARANCES_PAGE", 7)
@@ -373,8 +375,11 @@ def test_export_writes_the_further_pages_of_a_sample(
         tmp_path / "site",
         static_dir=static_dir,
         make_images=False,
-        progress=False,
+        progress=True,
     )
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    written = sum(1 for f in (site / "data").rglob("*") if f.is_file())
+    assert last == f"export: {written:,}/{written:,} files, done: {site}", last
     c = TestClient(create_app(explorer_run.path, static_dir=site, live=False))
     counts: dict[int, int] = {}
     with Run.open(explorer_run.path) as run:

@@ -210,11 +210,14 @@ def _export_run(request: Any, e: Any, files: _Files, make_images: bool) -> None:
         for offset in range(APPEARANCES_PAGE, detail.total, APPEARANCES_PAGE):
             query = f"{sid}?offset={offset}&limit={APPEARANCES_PAGE}"
             more = _sample_detail(request, e.id, sid, offset, APPEARANCES_PAGE)
+            files.bar.total += 1  # (a sample in many top lists has several pages)
             files.json(_rel("runs", e.id, "samples", query), more)
         found = _sample_image(s, sid, detail.sample.path, make_images, ApiError)
         if found is not None:
             images[sid] = found
             files.image(_rel("runs", e.id, "samples", sid, "image.png"), found)
+        else:
+            files.bar.total -= 1  # no image to write
         listed.append({**detail.sample.model_dump(mode="json"), "image": found is not None})
     files.json(
         _rel("runs", e.id, "exported-samples"),

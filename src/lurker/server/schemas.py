@@ -424,7 +424,8 @@ class ConceptUnit(BaseModel):
     unit: int
     #: the unit's relevance at the layer (signed: positive supports the target)
     relevance: float
-    #: its share of the layer's total relevance (null when the total is 0)
+    #: its signed share of the relevance that passed the layer: relevance / the sum of
+    #: every unit's |relevance| (the units' |share| sum to 1; null when no relevance passed)
     share: float | None
     #: the sum of its conditional heatmap (equals ``relevance`` where the rules below
     #: the layer conserve)

@@ -837,6 +837,9 @@ def _ranking_doc(
     s: Session, image: str, name: str, r: ConceptResult, top: int, cached: bool
 ) -> ConceptRanking:
     total = float(r.relevance.sum())
+    # a share of all the relevance that passed the layer, whatever its sign: against the
+    # signed total (which can be negative, or near 0) a supporting unit read as -22%
+    spread = float(r.relevance.abs().sum())
     ranked = [int(u) for u in r.relevance.argsort(descending=True)[:top]]
     run = s.entry.open_run()
     names = class_names(run)
@@ -856,7 +859,7 @@ def _ranking_doc(
             ConceptUnit(
                 unit=u,
                 relevance=float(r.relevance[u]),
-                share=float(r.relevance[u]) / total if total else None,
+                share=float(r.relevance[u]) / spread if spread else None,
                 heatmap_sum=float(r.heat[u].double().sum()),
             )
             for u in ranked
