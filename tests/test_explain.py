@@ -3,6 +3,8 @@ targets, batches, the model left untouched, bad input, the CLI."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
@@ -684,6 +686,36 @@ def test_numpy_and_tensor_targets(digits, xd) -> None:
     for bad in (torch.tensor(2.7), np.array([0.5, 1.0, 2.0]), torch.tensor(True), [True, 1, 2]):
         with pytest.raises(LurkerError, match="is not supported: give a class index"):
             lurker.explain(digits, xd, target=bad)
+
+
+def test_a_model_returning_several_tensors_is_told_how_to_target_a_class() -> None:
+    """A class target needs one (batch, classes) output: a model returning a tuple or a
+    dict hears what it returns and how to name the class instead, as a unit of the layer
+    that scores it, which gives the class's explanation (oracle: the same model returning
+    its logits alone)."""
+
+    class Two(nn.Module):
+        def __init__(self, as_dict: bool) -> None:
+            super().__init__()
+            self.body, self.head, self.aux = nn.Linear(6, 8), nn.Linear(8, 3), nn.Linear(8, 5)
+            self.as_dict = as_dict
+
+        def forward(self, x: torch.Tensor) -> Any:
+            h = torch.relu(self.body(x))
+            logits, aux = self.head(h), self.aux(h)
+            return {"logits": logits, "aux": aux} if self.as_dict else (logits, aux)
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, dtype=torch.float64)
+    for as_dict, said in ((False, "a tuple (0: (2, 3), 1: (2, 5))"), (True, "logits: (2, 3)")):
+        m = Two(as_dict).double().eval()
+        for method in ("saliency", "lrp"):
+            with pytest.raises(LurkerError, match="a class target needs the model") as err:
+                lurker.explain(m, x, 1, method)
+            assert said in str(err.value) and "('fc', 3)" in str(err.value)
+        e = lurker.explain(m, x, ("head", 1), "saliency")
+        logits_only = nn.Sequential(m.body, nn.ReLU(), m.head)
+        close(e.attribution, lurker.explain(logits_only, x, 1, "saliency").attribution)
 
 
 def test_signed_follows_the_options(digits, xd) -> None:

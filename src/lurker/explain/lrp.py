@@ -46,7 +46,14 @@ from torch import Tensor, nn
 from ..errors import LurkerError
 from ..graph.nodes import Op, OpRef, ParamRef
 from .base import Explanation, Method, register
-from .targets import UNIT_HINT, UnitTarget, by_unit, check_unit, parse_target
+from .targets import (
+    UNIT_HINT,
+    UnitTarget,
+    by_unit,
+    check_unit,
+    class_output_error,
+    parse_target,
+)
 
 __all__ = ["ATTENTION_RULES", "COMPOSITES", "LRP", "Relevance", "lrp_relevance"]
 
@@ -764,10 +771,7 @@ class Engine:
             start = _rows(r0.movedim(unit_layout.batch, 0))  # per batch row
         else:
             if not isinstance(output, Tensor) or output.dim() != 2:
-                raise LurkerError(
-                    "a class target needs a model output of shape (batch, classes); target a "
-                    "unit (layer, channel) instead"
-                )
+                raise class_output_error(output)
             classes = output.detach().argmax(1).tolist() if parsed is None else parsed
             big = max(classes)
             if big >= output.shape[1]:

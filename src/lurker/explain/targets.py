@@ -116,6 +116,27 @@ UNIT_HINT = (
 )
 
 
+def class_output_error(out: Any) -> LurkerError:
+    """Why a class target does not fit the model's output ``out``, and what does."""
+    if isinstance(out, Tensor):
+        what = f"a tensor of shape {tuple(out.shape)}"
+    elif isinstance(out, (tuple, list)) or hasattr(out, "keys"):
+        items = list(out.items()) if hasattr(out, "keys") else list(enumerate(out))
+        shapes = ", ".join(
+            f"{k}: {tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__}"
+            for k, v in items[:6]
+        )
+        what = f"a {type(out).__name__} ({shapes}{', ...' if len(items) > 6 else ''})"
+    else:
+        what = f"a {type(out).__name__}"
+    return LurkerError(
+        f"a class target needs the model to return one (batch, classes) tensor; it returns "
+        f"{what}. Target the class as a unit of the layer that computes its score, "
+        "(LAYER, CLASS) such as ('fc', 3) (a module path or a trace label: lurker.trace(model,"
+        " x) lists them), or wrap the model in a module whose forward returns that tensor"
+    )
+
+
 def check_unit(u: UnitTarget, channels: int) -> None:
     if u.channel >= channels:
         raise LurkerError(
@@ -224,11 +245,7 @@ class Forward:
     @staticmethod
     def _model_output(out: Any) -> Tensor:
         if not isinstance(out, Tensor) or out.dim() != 2:
-            what = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-            raise LurkerError(
-                f"a class target needs a model output of shape (batch, classes), got {what}; "
-                "target a unit (layer, channel) instead"
-            )
+            raise class_output_error(out)
         return out
 
     # ------------------------------------------------------------------ forward
