@@ -129,11 +129,16 @@ def class_output_error(out: Any) -> LurkerError:
         what = f"a {type(out).__name__} ({shapes}{', ...' if len(items) > 6 else ''})"
     else:
         what = f"a {type(out).__name__}"
-    return LurkerError(
+    head = (
         f"a class target needs the model to return one (batch, classes) tensor; it returns "
         f"{what}. Target the class as a unit of the layer that computes its score, "
-        "(LAYER, CLASS) such as ('fc', 3) (a module path or a trace label: lurker.trace(model,"
-        " x) lists them), or wrap the model in a module whose forward returns that tensor"
+    )
+    return LurkerError(
+        head + "(LAYER, CLASS) such as ('fc', 3) (a module path or a trace label: "
+        "lurker.trace(model, x) lists them), or wrap the model in a module whose forward "
+        "returns that tensor",
+        cli=head + "--target LAYER:CLASS such as fc:3 (a module path or a trace label: "
+        "lurker trace MODEL lists them)",
     )
 
 
