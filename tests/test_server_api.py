@@ -403,6 +403,9 @@ def test_without_model_or_dataset_cached_images_are_served(
         name = run.layers[0].name
     r = c.get(f"/api/runs/bare/layers/{name}/units/0/max/0/grad.png")
     assert r.status_code == 404 and "create_app(run, model_obj=model" in r.json()["detail"]
+    # crop files are made only when asked for: the fix asks for them
+    r = c.get(f"/api/runs/bare/layers/{name}/units/0/max/0/grad_crop.png")
+    assert "write_all(kinds=['crop', 'grad_crop'])" in r.json()["detail"]
     r = c.get("/api/runs/bare/live/sample-1")
     assert r.status_code == 409 and "lurker serve RUN --model" in r.json()["detail"]
 
@@ -498,3 +501,23 @@ def test_a_folder_of_runs_serves_runs_made_after_the_server_started(tmp_path: Pa
     assert client.get("/api/runs/b").json()["id"] == "b"
     assert [r["id"] for r in client.get("/api/runs").json()["runs"]] == ["a", "b"]
     assert client.get("/api/runs/c").status_code == 404
+
+
+def test_uncached_crops_say_how_to_make_them(explorer_run: ExplorerRun, tmp_path: Path):  # noqa: F811
+    """Without a model, an uncached image names the command that makes it: crop files
+    (a mean-list crop, a gradient's crop) only when asked for, with `--kinds`."""
+
+    copy = tmp_path / "digits"
+    shutil.copytree(explorer_run.path, copy, ignore=shutil.ignore_patterns("cache"))
+    with TestClient(create_app(copy, live=False)) as c, Run.open(copy) as run:
+        base = f"/api/runs/digits/layers/{run.layers[1].name}/units/0"
+        for path, asked in (
+            ("mean/0/crop.png", True),
+            ("max/0/grad_crop.png", True),
+            ("max/0/grad.png", False),
+        ):
+            r = c.get(f"{base}/{path}")
+            detail = r.json()["detail"]
+            assert r.status_code == 404, detail
+            want = "`lurker images RUN --kinds crop,grad_crop`" if asked else "`lurker images RUN`"
+            assert want in detail, detail

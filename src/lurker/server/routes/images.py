@@ -139,17 +139,21 @@ def _unit_image(
         404,
         f"the {kind} image of {info.name} unit {unit} ({which} list, rank {rank}) is not "
         f"cached, and making it needs the model and the dataset ({why}). {serve}"
-        f"{_cache_hint(s)}",
+        f"{_cache_hint(s, kind)}",
     )
 
 
-def _cache_hint(s: Session) -> str:
-    """How to cache a run's images: the CLI for runs that record their model and data,
-    Python for runs probed from Python (the CLI cannot rebuild their dataset)."""
+def _cache_hint(s: Session, kind: str = "grad") -> str:
+    """How to cache a run's images of ``kind``: the CLI for runs that record their model
+    and data, Python for runs probed from Python (the CLI cannot rebuild their dataset).
+    Crop files are made only when asked for (``--kinds``), so those ask for them."""
+    crops = kind in ("crop", "grad_crop")
     if s.config.get("data") and s.config.get("model_spec"):
-        return "Cache the images of the units' top samples with `lurker images RUN`"
+        asked = " --kinds crop,grad_crop" if crops else ""
+        return f"Cache the images of the units' top samples with `lurker images RUN{asked}`"
+    asked = "kinds=['crop', 'grad_crop']" if crops else ""
     return (
         "The run was probed from Python: cache its images with "
-        "`lurker.probe.UnitImages(run, model=model, dataset=dataset).write_all()`, or serve "
-        "it with `create_app(run, model_obj=model, dataset=dataset)`"
+        f"`lurker.probe.UnitImages(run, model=model, dataset=dataset).write_all({asked})`, or "
+        "serve it with `create_app(run, model_obj=model, dataset=dataset)`"
     )
