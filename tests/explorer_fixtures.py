@@ -20,6 +20,26 @@ import torch
 
 _BUILT: dict[str, ExplorerRun] = {}
 
+CHROMIUM = Path("/usr/bin/chromium")
+STATIC = Path(__file__).resolve().parents[1] / "src" / "lurker" / "server" / "static"
+
+
+def skip_without_browser() -> None:
+    """Skip the calling test module where the browser tests cannot run: no Debian
+    chromium, no built front end, no Playwright or uvicorn."""
+    if not CHROMIUM.exists():
+        pytest.skip(
+            "the browser tests need Debian's chromium at /usr/bin/chromium (make sysdeps)",
+            allow_module_level=True,
+        )
+    if not (STATIC / "index.html").exists():
+        pytest.skip(
+            f"the explorer's front end is not built ({STATIC}/index.html): run `make web`",
+            allow_module_level=True,
+        )
+    pytest.importorskip("playwright.sync_api")
+    pytest.importorskip("uvicorn")
+
 
 @dataclass(frozen=True)
 class ExplorerRun:

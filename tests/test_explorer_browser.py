@@ -23,24 +23,11 @@ from explorer_fixtures import (  # noqa: F401
     FEATVIZ_UNITS,
     ExplorerRun,
     explorer_run,
+    skip_without_browser,
     static_server,
 )
 
-CHROMIUM = Path("/usr/bin/chromium")
-STATIC = Path(__file__).resolve().parents[1] / "src" / "lurker" / "server" / "static"
-
-if not CHROMIUM.exists():
-    pytest.skip(
-        "the browser tests need Debian's chromium at /usr/bin/chromium (make sysdeps)",
-        allow_module_level=True,
-    )
-if not (STATIC / "index.html").exists():
-    pytest.skip(
-        f"the explorer's front end is not built ({STATIC}/index.html): run `make web`",
-        allow_module_level=True,
-    )
-playwright = pytest.importorskip("playwright.sync_api")
-pytest.importorskip("uvicorn")
+skip_without_browser()
 
 LAYER = "features.4"  # conv2d_2: a conv with 16 input and 32 output channels, 8x8 maps
 OP = "conv2d_2"
@@ -574,7 +561,7 @@ def test_static_export_pages(
     # mean-list crops need the model: shown when cached before the export, else a note
     for fig in page.locator(".top-entry .frame").all():
         if fig.locator(".no-img").count():
-            assert "lurker images RUN" in fig.inner_text()
+            assert "lurker images RUN --kinds crop,grad_crop" in fig.inner_text()
     page.locator('button[data-value="0"]').click()
     images_loaded(page, ".top-entry img")
     assert page.locator(".top-entry img").count() == len(run.unit(LAYER, unit).top("mean"))

@@ -53,9 +53,16 @@ export function shape(s: number[] | null | undefined): string {
   return s && s.length ? s.join("×") : "–";
 }
 
-/** A message box (errors say what went wrong and what to do). */
+/** `text` with each Markdown-style `span` in backticks (a command, a path) as a <code>
+ * element, so that no page shows the backticks themselves. */
+export function withCode(text: string): (string | HTMLElement)[] {
+  return text.split(/`([^`\n]+)`/).map((part, i) => (i % 2 ? h("code", null, part) : part)).filter((part) => part !== "");
+}
+
+/** A message box (errors say what went wrong and what to do); `commands` in backticks are
+ * shown as code. */
 export function notice(text: string, kind: "error" | "info" = "info"): HTMLElement {
-  return h("div", { class: `notice ${kind}`, role: kind === "error" ? "alert" : "status" }, text);
+  return h("div", { class: `notice ${kind}`, role: kind === "error" ? "alert" : "status" }, withCode(text));
 }
 
 /** Key/value rows as a definition list. */

@@ -5,7 +5,7 @@
  */
 import { p, type LiveImage, type RunSummary } from "./api";
 import type { PageContext } from "./context";
-import { fill, h, notice } from "./dom";
+import { fill, h, notice, withCode } from "./dom";
 
 export interface PickerOptions {
   /** Prefix of the controls' ids: `PREFIX-file`, `PREFIX-sample`, `PREFIX-use-sample`. */
@@ -35,7 +35,7 @@ export function imagePicker(ctx: PageContext, summary: RunSummary, opts: PickerO
       { class: "card live-input" },
       h("h3", null, opts.title),
       h("div", { class: "row" }, h("span", null, "dataset sample"), select, h("button", { type: "button", id: `${opts.id}-use-sample`, onclick: () => choose(`sample-${select.value}`) }, opts.action)),
-      h("p", { class: "muted small" }, `The ${opts.only.length} samples whose explanations are precomputed. Other images (and uploads) run the model: lurker serve ${ctx.run} --model SPEC.`),
+      h("p", { class: "muted small" }, withCode(`The ${opts.only.length} samples whose explanations are precomputed. Other images (and uploads) run the model: \`lurker serve ${ctx.run} --model SPEC\`.`)),
     );
   }
   const file = h("input", { type: "file", accept: "image/*", id: `${opts.id}-file`, class: "visually-hidden", "aria-label": "upload an image" });

@@ -15,7 +15,7 @@
  */
 import { ApiError, p, type LiveImage, type RunSummary } from "../api";
 import type { PageContext } from "../context";
-import { append, fill, fmt, h, notice } from "../dom";
+import { append, fill, fmt, h, notice, withCode } from "../dom";
 import { imagePicker } from "../picker";
 
 const PICKER = { id: "explain", title: "Image to explain", action: "Explain sample" };
@@ -77,7 +77,10 @@ const TITLES: Record<string, string> = {
 
 export async function renderExplain(root: HTMLElement, ctx: PageContext): Promise<void> {
   document.title = `explain · ${ctx.run} · lurker`;
-  append(root, h("h1", null, "Explain", h("span", { class: "sub" }, " why the model decided this, method by method")));
+  // a freshly started server loads the model on the first request (seconds): say so until
+  // the image's predictions arrive, instead of a page with only its title
+  const loading = h("p", { class: "loading busy", role: "status" }, "Loading…");
+  append(root, h("h1", null, "Explain", h("span", { class: "sub" }, " why the model decided this, method by method")), loading);
   const summary = await ctx.api.json<RunSummary>(p("runs", ctx.run));
   // no model (a static export, or a server that cannot load the run's): only what the
   // run's cache holds, precomputed by `lurker images RUN --explanations`
@@ -86,11 +89,12 @@ export async function renderExplain(root: HTMLElement, ctx: PageContext): Promis
     ? "This is a static export: explanations run the model, so they need a server"
     : `Explanations run the model, and this run has none attached${summary.holds.live_reason ? ` (${summary.holds.live_reason})` : ""}`;
   if (explained && !explained.samples.length) {
+    loading.remove();
     root.append(
       notice(
         ctx.api.isStatic
-          ? `${noModel}. Run: lurker serve ${ctx.run} --model SPEC (and --weights W). To show some here, precompute them before exporting: lurker images ${ctx.run} --explanations top.`
-          : `${noModel}. Serve it with: lurker serve ${ctx.run} --model SPEC --weights W.`,
+          ? `${noModel}. Run: \`lurker serve ${ctx.run} --model SPEC\` (and \`--weights W\`). To show some here, precompute them before exporting: \`lurker images ${ctx.run} --explanations top\`.`
+          : `${noModel}. Serve it with: \`lurker serve ${ctx.run} --model SPEC --weights W\`.`,
         ctx.api.isStatic ? undefined : "error",
       ),
     );
@@ -119,9 +123,11 @@ export async function renderExplain(root: HTMLElement, ctx: PageContext): Promis
   };
 
   if (!image) {
+    loading.remove();
     root.append(picker(null));
     return;
   }
+  loading.textContent = explained ? "Loading the image…" : "Loading the model and the image…";
   let live: LiveImage;
   let info: ExplainMethods;
   try {
@@ -130,13 +136,15 @@ export async function renderExplain(root: HTMLElement, ctx: PageContext): Promis
       ctx.api.json<ExplainMethods>(p("runs", ctx.run, "explain", "methods")),
     ]);
   } catch (err) {
+    loading.remove();
     root.append(notice((err as Error).message, "error"), picker(image));
     return;
   }
   if (ctx.signal.aborted) return;
+  loading.remove();
   const held = explained?.samples.find((e) => e.image === image);
   if (explained && asked !== "top")
-    root.append(notice(`${ctx.api.isStatic ? "This export holds" : "Without the model, this server has"} explanations of the top class only: shown below. Target ${asked} runs the model: lurker serve ${ctx.run} --model SPEC.`));
+    root.append(notice(`${ctx.api.isStatic ? "This export holds" : "Without the model, this server has"} explanations of the top class only: shown below. Target ${asked} runs the model: \`lurker serve ${ctx.run} --model SPEC\`.`));
   const layer = explained ? null : params.get("layer") || null;
   const opacity = clamp01(Number(params.get("opacity") ?? "0.7"));
   const inputSrc = ctx.api.pngUrl(p("runs", ctx.run, "live", image, "input.png"));
@@ -201,7 +209,7 @@ export async function renderExplain(root: HTMLElement, ctx: PageContext): Promis
       ? h(
           "p",
           { class: "muted small static-note" },
-          `${ctx.api.isStatic ? "This static export holds" : `${noModel}; the run's cache holds`} the explanations of the top class, precomputed with the run's model. Other classes, units, Grad-CAM layers and concept relevance at other layers run the model: lurker serve ${ctx.run} --model SPEC.`,
+          withCode(`${ctx.api.isStatic ? "This static export holds" : `${noModel}; the run's cache holds`} the explanations of the top class, precomputed with the run's model. Other classes, units, Grad-CAM layers and concept relevance at other layers run the model: \`lurker serve ${ctx.run} --model SPEC\`.`),
         )
       : h(
       "div",
@@ -267,7 +275,10 @@ export async function renderExplain(root: HTMLElement, ctx: PageContext): Promis
     } catch (err) {
       if (ctx.signal.aborted) return;
       if (!(err instanceof ApiError) || err.status >= 500) throw err;
-      append(page, h("div", { class: "explain-top" }, imageCard, controls), notice(`Target ${target}: ${err.message}`, "error"));
+      // the server's message names the target when it can ("unit target L:99: channel 99 is out of range")
+      const named = err.message.includes(`target ${target}`) || err.message.includes(`target class ${target}`);
+      const msg = named ? err.message : `Target ${target}: ${err.message}`;
+      append(page, h("div", { class: "explain-top" }, imageCard, controls), notice(msg, "error"));
       return;
     }
     if (ctx.signal.aborted) return;
@@ -289,10 +300,10 @@ export async function renderExplain(root: HTMLElement, ctx: PageContext): Promis
   for (const m of shown) grid.append(methodCard(ctx, image, m, target, m.needs_layer ? layer : null, inputSrc));
   if (explained && held?.concepts) {
     // precomputed with the run's model: the default layer's ranking, the layer fixed
-    const section = conceptSection(ctx, summary, image, "top", null, inputSrc, () => undefined);
+    const section = conceptSection(ctx, summary, live, image, "top", null, inputSrc, () => undefined);
     const select = section.querySelector("select");
     if (select) select.disabled = true;
-    section.append(h("p", { class: "muted small static-note" }, `Precomputed at ${held.concepts} for the top class; other layers run LRP through the model: lurker serve ${ctx.run} --model SPEC.`));
+    section.append(h("p", { class: "muted small static-note" }, withCode(`Precomputed at \`${held.concepts}\` for the top class; other layers run LRP through the model: \`lurker serve ${ctx.run} --model SPEC\`.`)));
     page.append(section);
   } else if (explained) {
     page.append(
@@ -300,18 +311,18 @@ export async function renderExplain(root: HTMLElement, ctx: PageContext): Promis
         "section",
         { class: "concept-section" },
         h("h2", null, "Concept relevance ", h("span", { class: "sub" }, "which units of a layer carried this decision")),
-        notice(`Concept relevance runs LRP through the model, so it needs ${ctx.api.isStatic ? "a server" : "one attached"}: lurker serve ${ctx.run} --model SPEC. To show it here, precompute it: lurker images ${ctx.run} --explanations top.`),
+        notice(`Concept relevance runs LRP through the model, so it needs ${ctx.api.isStatic ? "a server" : "one attached"}: \`lurker serve ${ctx.run} --model SPEC\`. To show it here, precompute it: \`lurker images ${ctx.run} --explanations top\`.`),
       ),
     );
   } else if (info.concepts) {
     const clayer = params.get("clayer") || (isUnit ? null : info.default_layer) || null;
-    page.append(conceptSection(ctx, summary, image, target, clayer, inputSrc, (l) => go({ clayer: l })));
+    page.append(conceptSection(ctx, summary, live, image, target, clayer, inputSrc, (l) => go({ clayer: l })));
   }
 }
 
 /** Concept relevance: the units of `layer` ranked by their share of the relevance for the
  * target, each with its conditional heatmap (the relevance that flowed through it). */
-function conceptSection(ctx: PageContext, summary: RunSummary, image: string, target: string, layer: string | null, inputSrc: string, choose: (layer: string | null) => void): HTMLElement {
+function conceptSection(ctx: PageContext, summary: RunSummary, live: LiveImage, image: string, target: string, layer: string | null, inputSrc: string, choose: (layer: string | null) => void): HTMLElement {
   const select = h(
     "select",
     { id: "concept-layer", "aria-label": "concept relevance layer" },
@@ -338,7 +349,7 @@ function conceptSection(ctx: PageContext, summary: RunSummary, image: string, ta
       status,
       `The ${r.units.length} of ${r.channels} units of `,
       h("code", null, r.layer),
-      ` with the most relevance (LRP, ${r.composite}) for ${r.target.includes(":") ? "unit " : "class "}${r.target}; the layer's total relevance is ${fmt(r.total)}. Each map is the relevance that flowed through that unit alone (blue negative, red positive).`,
+      ` with the most relevance (LRP, ${r.composite}) for ${r.target.includes(":") ? `unit ${r.target}` : /^\d+$/.test(r.target) ? className(Number(r.target), live) : `class ${r.target}`}; the layer's total relevance is ${fmt(r.total)}. Each map is the relevance that flowed through that unit alone (blue negative, red positive).`,
     );
     const cq = new URLSearchParams(q);
     cq.set("layer", r.layer);
@@ -415,6 +426,13 @@ function methodCard(ctx: PageContext, image: string, m: ExplainMethod, target: s
   q.set("overlay", "0");
   heat.src = ctx.api.pngUrl(`${base}.png?${q}`);
   return card;
+}
+
+/** `class objects (index 1)`: a class by its name, as the heatmaps' heading names it, with
+ * its index when the name is not the index. */
+function className(cls: number, live: LiveImage): string {
+  const name = live.predictions.find((q) => q.class === cls)?.name;
+  return name && name !== String(cls) ? `class ${name} (index ${cls})` : `class ${cls}`;
 }
 
 function targetLine(target: string, live: LiveImage): string {

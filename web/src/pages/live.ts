@@ -36,7 +36,7 @@ export async function renderLive(root: HTMLElement, ctx: PageContext): Promise<v
   if (ctx.api.isStatic) {
     root.append(
       notice(
-        `This is a static export: the live view runs the model, so it needs a server. Run: lurker serve ${ctx.run} --model SPEC (and --weights W).`,
+        `This is a static export: the live view runs the model, so it needs a server. Run: \`lurker serve ${ctx.run} --model SPEC\` (and \`--weights W\`).`,
       ),
     );
     return;
@@ -46,7 +46,7 @@ export async function renderLive(root: HTMLElement, ctx: PageContext): Promise<v
     append(
       root,
       notice(
-        `The live view runs the model, and this run has none attached${summary.holds.live_reason ? ` (${summary.holds.live_reason})` : ""}. Serve it with: lurker serve ${ctx.run} --model SPEC --weights W.`,
+        `The live view runs the model, and this run has none attached${summary.holds.live_reason ? ` (${summary.holds.live_reason})` : ""}. Serve it with: \`lurker serve ${ctx.run} --model SPEC --weights W\`.`,
         "error",
       ),
     );

@@ -154,11 +154,10 @@ export async function renderMap(root: HTMLElement, ctx: PageContext): Promise<vo
     h(
       "div",
       { class: "toolbar" },
-      h("span", { class: "muted" }, "colour by"),
-      colorSeg,
+      // each label stays on the line of its buttons when the toolbar wraps
+      h("span", { class: "tool-group" }, h("span", { class: "muted" }, "colour by"), colorSeg),
       h("label", { for: "map-mis" }, misBox, ` misclassified only (${nWrong.toLocaleString()})`),
-      h("span", { class: "muted" }, "drag to"),
-      toolSeg,
+      h("span", { class: "tool-group" }, h("span", { class: "muted" }, "drag to"), toolSeg),
       reset,
       hint,
     ),
@@ -335,22 +334,33 @@ export async function renderMap(root: HTMLElement, ctx: PageContext): Promise<vo
     }
   }
 
+  /** One legend entry: `name (count)`, or with *misclassified only* `name (shown of count)`,
+   * dimmed when none of it is drawn. */
+  function legendItem(colour: string, name: string, count: number, shown: number, title: string | null = null): HTMLElement {
+    const text = state.mis ? ` ${name} (${shown.toLocaleString()} of ${count.toLocaleString()})` : ` ${name} (${count.toLocaleString()})`;
+    return h("span", { title, class: state.mis && !shown ? "none" : null, "data-shown": shown }, h("i", { class: "dot", style: `background:${colour}` }), text);
+  }
+
   function renderLegend(): void {
     if (state.color === "correct") {
       const right = n - nWrong;
-      fill(
-        legend,
-        h("span", null, h("i", { class: "dot", style: `background:${RIGHT}` }), ` correct (${right.toLocaleString()})`),
-        h("span", null, h("i", { class: "dot", style: `background:${WRONG}` }), ` misclassified (${nWrong.toLocaleString()})`),
-      );
+      fill(legend, legendItem(RIGHT, "correct", right, state.mis ? 0 : right), legendItem(WRONG, "misclassified", nWrong, nWrong));
       return;
     }
     const counts = new Map<number, number>();
-    for (const l of doc.label) counts.set(l, (counts.get(l) ?? 0) + 1);
-    const shown = doc.classes.slice(0, 40).map((name, c) =>
-      h("span", { title: name }, h("i", { class: "dot", style: `background:${classColour(c, doc.classes.length)}` }), ` ${name} (${counts.get(c) ?? 0})`),
+    const drawn = new Map<number, number>();
+    for (let i = 0; i < n; i++) {
+      const l = doc.label[i];
+      counts.set(l, (counts.get(l) ?? 0) + 1);
+      if (!state.mis || wrong[i]) drawn.set(l, (drawn.get(l) ?? 0) + 1);
+    }
+    const shown = doc.classes.slice(0, 40).map((name, c) => legendItem(classColour(c, doc.classes.length), name, counts.get(c) ?? 0, drawn.get(c) ?? 0, name));
+    fill(
+      legend,
+      shown,
+      doc.classes.length > 40 ? h("span", { class: "muted" }, `… ${doc.classes.length - 40} more classes`) : null,
+      counts.get(-1) ? legendItem(UNKNOWN, "unlabelled", counts.get(-1) ?? 0, drawn.get(-1) ?? 0) : null,
     );
-    fill(legend, shown, doc.classes.length > 40 ? h("span", { class: "muted" }, `… ${doc.classes.length - 40} more classes`) : null, counts.get(-1) ? h("span", null, h("i", { class: "dot", style: `background:${UNKNOWN}` }), ` unlabelled (${counts.get(-1)})`) : null);
   }
 
   function syncControls(): void {

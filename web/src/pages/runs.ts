@@ -15,7 +15,7 @@ export async function renderRuns(root: HTMLElement, api: Api, signal: AbortSigna
     root,
     h("h1", null, "Runs"),
     runs.length === 0
-      ? notice("No runs here. Serve a run directory (lurker serve RUN) or a folder that holds runs.")
+      ? notice("No runs here. Serve a run directory (`lurker serve RUN`) or a folder that holds runs.")
       : h(
           "table",
           { class: "table" },

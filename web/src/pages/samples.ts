@@ -27,7 +27,7 @@ export async function renderSamples(root: HTMLElement, ctx: PageContext): Promis
     exported
       ? notice(
           `This static export holds the ${exported.samples.length} samples that some unit ranks in its top-k, of the run's ${exported.total}; ` +
-            "the others are not here: serve the run (lurker serve RUN) to browse them all.",
+            "the others are not here: serve the run (`lurker serve RUN`) to browse them all.",
         )
       : null,
     images.notice,

@@ -5,7 +5,7 @@
 import { cropCanvas, p, type EntryKind, type FeatVizInfo, type Shown, type TopEntry, type UnitDoc } from "../api";
 import { barChart, histogramChart, positionCount, sampleValueLabel } from "../charts";
 import type { PageContext } from "../context";
-import { append, fill, fmt, h, notice } from "../dom";
+import { append, fill, fmt, h, notice, withCode } from "../dom";
 import { imageState, noImage } from "../images";
 
 type Tab = "mean" | "max" | "relevance" | "featviz";
@@ -239,9 +239,9 @@ function figure(ctx: PageContext, layer: string, unit: number, list: List, kind:
 
 const NOT_EXPORTED: Record<EntryKind, string> = {
   input: "the sample's image is not in this export (the run's dataset could not be loaded)",
-  crop: "no crop in this export: mean-list crops need the model (run `lurker images RUN` before exporting)",
+  crop: "no crop in this export: mean-list crops need the model (run `lurker images RUN --kinds crop,grad_crop` before exporting)",
   grad: "no gradient in this export: run `lurker images RUN` before exporting",
-  grad_crop: "no gradient in this export: run `lurker images RUN` before exporting",
+  grad_crop: "no gradient crop in this export: run `lurker images RUN --kinds crop,grad_crop` before exporting",
 };
 
 /**
@@ -259,7 +259,7 @@ function entryImage(ctx: PageContext, layer: string, unit: number, list: List, k
   }
   if (!shown?.[kind]?.[list]?.includes(e.rank)) {
     const why = kind === "crop" && list === "max" && e.y === null ? "no crop: this entry has no peak position" : NOT_EXPORTED[kind];
-    return h("div", { class: "no-img", "data-kind": kind }, why);
+    return h("div", { class: "no-img", "data-kind": kind }, withCode(why));
   }
   const sample = ctx.api.pngUrl(p("runs", ctx.run, "samples", e.sample_id, "image.png"));
   if (kind === "input") return h("img", { src: sample, alt, "data-kind": kind });

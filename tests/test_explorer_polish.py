@@ -1,0 +1,300 @@
+"""Small things the explorer's pages must get right, in a real browser (Debian's chromium
+via Playwright) over the real server and a static export of the shared digits run:
+
+- the Map's legend counts what is drawn (*misclassified only*), dimming classes with none;
+- the Map's toolbar keeps each label on the line of its buttons at 800 px;
+- the Explain page says it is loading while the model answers, names a bad unit target
+  once, and names the class of its concept relevance as its heading does;
+- commands are shown as code, never as Markdown backticks;
+- the feature visualization's "best sample" caption is not cut off;
+- a static export opened as a file says to serve it over HTTP (not a blank page).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from explorer_fixtures import (  # noqa: F401
+    FEATVIZ_LAYER,
+    FEATVIZ_UNITS,
+    ExplorerRun,
+    explorer_run,
+    skip_without_browser,
+    static_server,
+    strict_page,
+    watch,
+)
+
+skip_without_browser()
+
+RID = "digits"
+
+
+@pytest.fixture(scope="module")
+def mapped(
+    explorer_run: ExplorerRun,  # noqa: F811
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[dict[str, Any]]:
+    """A copy of the shared run with a (PCA) map, served with its model attached."""
+    from lurker.map import make_map
+    from lurker.probe.data import load_dataset
+    from lurker.server import create_app
+    from lurker.server.serve import background
+    from lurker.store import Run
+
+    run = tmp_path_factory.mktemp("polish") / RID
+    shutil.copytree(explorer_run.path, run)
+    data = load_dataset("digits:test", 16, channels=1)
+    make_map(run, method="pca", model=explorer_run.model, dataset=data).close()
+    with Run.open(run) as r:
+        m = r.map()
+    with background(create_app(run, model_obj=explorer_run.model)) as url:
+        yield {"url": url, "run": run, "map": m, "model": explorer_run.model, "data": data}
+
+
+@pytest.fixture(scope="module")
+def site(mapped: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """`lurker export` of that run, served by a plain static file server."""
+    from lurker.server.export import export_site
+
+    out = export_site(mapped["run"], mapped["run"].parent / "site", progress=False)
+    with static_server(out) as url:
+        yield {"url": url, "path": out}
+
+
+def _open_map(pg: Any, url: str, query: str = "") -> None:
+    pg.goto(f"{url}#/r/{RID}/map{query}")
+    pg.wait_for_selector("canvas.map-canvas[data-shown]")
+
+
+def _legend(pg: Any) -> list[dict[str, Any]]:
+    return pg.locator(".map-legend > span").evaluate_all(
+        "es => es.map(e => ({text: e.textContent.trim(), dim: e.classList.contains('none'),"
+        " opacity: +getComputedStyle(e).opacity}))"
+    )
+
+
+# ---------------------------------------------------------------------- 1. map legend
+
+
+def test_map_legend_counts_what_misclassified_only_draws(browser: Any, mapped: dict[str, Any]):
+    import numpy as np
+
+    m = mapped["map"]
+    classes = [str(c) for c in range(10)]
+    wrong = (m.label != m.pred) & (m.pred >= 0)
+    total = [int((m.label == c).sum()) for c in range(10)]
+    shown = [int(((m.label == c) & wrong).sum()) for c in range(10)]
+    assert 0 < sum(shown) < len(m)
+    with strict_page(browser) as pg:
+        _open_map(pg, mapped["url"])  # every dot drawn: plain counts
+        assert [e["text"] for e in _legend(pg)] == [
+            f"{n} ({t})" for n, t in zip(classes, total, strict=True)
+        ]
+        assert not any(e["dim"] for e in _legend(pg))
+
+        pg.get_by_label("misclassified only").check()
+        assert pg.locator("canvas.map-canvas").get_attribute("data-shown") == str(sum(shown))
+        legend = _legend(pg)
+        assert [e["text"] for e in legend] == [
+            f"{n} ({s} of {t})" for n, s, t in zip(classes, shown, total, strict=True)
+        ]
+        # a class none of whose dots is drawn is dimmed, the others not
+        assert [e["dim"] for e in legend] == [s == 0 for s in shown]
+        assert all((e["opacity"] < 1) == (s == 0) for e, s in zip(legend, shown, strict=True))
+
+        # coloured by correct / wrong: no correct dot is drawn
+        pg.get_by_role("button", name="correct / wrong").click()
+        right, nw = int((~wrong).sum()), int(wrong.sum())
+        legend = _legend(pg)
+        assert [e["text"] for e in legend] == [
+            f"correct (0 of {right})",
+            f"misclassified ({nw} of {nw})",
+        ]
+        assert [e["dim"] for e in legend] == [True, False]
+        assert np.isclose(legend[0]["opacity"], 0.4)
+
+
+# ---------------------------------------------------------------------- 7. map toolbar
+
+
+def test_map_toolbar_keeps_each_label_with_its_buttons_at_800px(
+    browser: Any, mapped: dict[str, Any]
+):
+    with strict_page(browser, 800, 800) as pg:
+        _open_map(pg, mapped["url"])
+        boxes = pg.evaluate(
+            """() => {
+            const box = e => { const r = e.getBoundingClientRect(); return [r.top, r.bottom]; };
+            const label = t => [...document.querySelectorAll('.toolbar span.muted')]
+                .find(e => e.textContent === t);
+            return {
+              drag: box(label('drag to')),
+              pan: box(document.querySelector('.toolbar [data-tool="pan"]')),
+              lasso: box(document.querySelector('.toolbar [data-tool="lasso"]')),
+              colour: box(label('colour by')),
+              cls: box(document.querySelector('.toolbar [data-color="class"]')),
+            };
+          }"""
+        )
+
+    def same_line(a: list[float], b: list[float]) -> bool:
+        mid = (a[0] + a[1]) / 2
+        return b[0] <= mid <= b[1]
+
+    assert same_line(boxes["drag"], boxes["pan"]), boxes
+    assert same_line(boxes["drag"], boxes["lasso"]), boxes
+    assert same_line(boxes["colour"], boxes["cls"]), boxes
+
+
+# ---------------------------------------------------------------------- 2. explain loading
+
+
+def test_explain_says_it_is_loading_until_the_model_answers(browser: Any, mapped: dict[str, Any]):
+    """The image's predictions (the first request that needs the model: seconds on a
+    freshly started server) are held back here: meanwhile the page says what it waits for."""
+    held: list[Any] = []
+    with strict_page(browser) as pg:
+        pg.route(lambda u: u.endswith(f"/api/runs/{RID}/live/sample-5"), lambda r: held.append(r))
+        pg.goto(f"{mapped['url']}#/r/{RID}/explain?image=sample-5")
+        status = pg.locator("main .loading[role=status]")
+        status.wait_for()
+        for _ in range(100):  # the route handler runs while Playwright waits
+            if held:
+                break
+            pg.wait_for_timeout(50)
+        assert held, "the live request was not made"
+        pg.wait_for_timeout(500)  # still waiting for it: still saying so
+        assert status.inner_text() == "Loading the model and the image…"
+        assert status.is_visible()
+        held[0].continue_()
+        pg.wait_for_selector(".methods .explain-card")
+        assert pg.locator("main .loading").count() == 0
+
+
+# ---------------------------------------------------------------------- 3. explain target
+
+
+def test_a_bad_unit_target_is_named_once(browser: Any, mapped: dict[str, Any]):
+    target = f"{FEATVIZ_LAYER}:99"  # the layer has 32 channels
+    ctx, pg, errors = watch(browser)
+    try:
+        pg.goto(f"{mapped['url']}#/r/{RID}/explain?image=sample-5")
+        pg.wait_for_selector(".methods .explain-card")
+        pg.locator("#explain-unit").fill(target)
+        pg.locator("#explain-unit").press("Enter")
+        note = pg.locator(".notice.error")
+        note.wait_for()
+        text = note.inner_text()
+        assert text.count(target) == 1, text
+        assert "out of range" in text
+    finally:
+        ctx.close()
+    # the one failed request is that target's (a 4xx answer, said on the page)
+    assert errors and all("target=" in e or "status of 4" in e for e in errors), errors
+
+
+# ---------------------------------------------------------------------- 4. concept class name
+
+
+def test_concept_relevance_names_the_class_as_the_heading_does(
+    browser: Any, mapped: dict[str, Any]
+):
+    """A run whose classes have names (the digits' are their indices: the predictions'
+    names are replaced here): the heading and the concept relevance both name the class."""
+    names = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    top: list[int] = []
+
+    def named(route: Any) -> None:
+        res = route.fetch()
+        doc = res.json()
+        for q in doc["predictions"]:
+            q["name"] = names[q["class"]]
+        top.append(doc["predictions"][0]["class"])
+        route.fulfill(response=res, body=json.dumps(doc))
+
+    with strict_page(browser) as pg:
+        pg.route(lambda u: u.endswith(f"/api/runs/{RID}/live/sample-5"), named)
+        pg.goto(f"{mapped['url']}#/r/{RID}/explain?image=sample-5")
+        pg.wait_for_selector(".methods .explain-card")
+        name = names[top[0]]
+        assert f"for class {name} (the top prediction)" in pg.locator("main h2").first.inner_text()
+        pg.wait_for_selector(".concept")
+        text = pg.locator(".concept-section > p").first.inner_text()
+        assert f"for class {name} (index {top[0]});" in text, text
+
+
+# ---------------------------------------------------------------------- 5. commands as code
+
+
+def test_commands_are_code_not_backticks(browser: Any, site: dict[str, Any]):
+    exported = json.loads(
+        (site["path"] / "data" / "runs" / RID / "exported-samples.json").read_text()
+    )
+    held = {s["id"] for s in exported["samples"]}
+    missing = min(set(range(exported["total"])) - held)
+    ctx, pg, errors = watch(browser)
+    try:
+        pg.goto(f"{site['url']}#/r/{RID}/sample/{missing}")
+        note = pg.locator(".notice.error")
+        note.wait_for()
+        assert "not in this static export" in note.inner_text()
+        assert "`" not in note.inner_text()
+        assert note.locator("code").all_inner_texts() == ["lurker serve RUN"]
+
+        pg.goto(f"{site['url']}#/r/{RID}/samples")
+        note = pg.locator("main .notice").first
+        note.wait_for()
+        assert "`" not in note.inner_text()
+        assert note.locator("code").all_inner_texts() == ["lurker serve RUN"]
+    finally:
+        ctx.close()
+    assert not errors, errors  # the static client asks for no file the site lacks
+
+
+# ---------------------------------------------------------------------- 6. featviz caption
+
+
+@pytest.mark.parametrize("width", [1280, 800])
+def test_best_sample_caption_is_not_cut_off(browser: Any, mapped: dict[str, Any], width: int):
+    unit = FEATVIZ_UNITS[0]
+    with strict_page(browser, width, 800) as pg:
+        pg.goto(f"{mapped['url']}#/r/{RID}/unit/{FEATVIZ_LAYER}/{unit}?tab=featviz")
+        best = pg.locator(".top-entry.best")
+        best.wait_for()
+        label = best.locator(".cls")
+        assert label.inner_text() == "best sample"
+        fit = label.evaluate(
+            "e => { const f = e.closest('figure').getBoundingClientRect(), r = "
+            "e.getBoundingClientRect(); return {scroll: e.scrollWidth, client: e.clientWidth, "
+            "right: r.right, fright: f.right}; }"
+        )
+        assert fit["scroll"] <= fit["client"] and fit["right"] <= fit["fright"] + 0.5, fit
+
+
+# ---------------------------------------------------------------------- 8. file://
+
+
+def test_static_export_opened_as_a_file_says_to_serve_it(browser: Any, site: dict[str, Any]):
+    index = site["path"] / "index.html"
+    ctx, pg, _ = watch(browser)  # the blocked module script is a console error, expected
+    try:
+        pg.goto(index.as_uri())
+        box = pg.locator("#file-protocol")
+        box.wait_for()
+        text = box.inner_text()
+        assert "served over HTTP" in text
+        assert f"python -m http.server -d '{site['path']}' 8000" in text
+        assert "http://127.0.0.1:8000/" in text
+    finally:
+        ctx.close()
+    # served over HTTP, the site shows its pages and no such message
+    with strict_page(browser) as pg:
+        pg.goto(site["url"])
+        pg.wait_for_selector("table.layers")
+        assert pg.locator("#file-protocol").count() == 0
