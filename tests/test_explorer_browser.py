@@ -832,10 +832,22 @@ def test_static_explain_page_of_precomputed_samples(
     # a sample page links to the Explain page only where the export holds explanations
     held = page.request.get(f"{url}data/runs/digits/exported-samples.json").json()
     pages = [int(x["id"]) for x in held["samples"]]
+    # and shows the predictions the export holds with them (made with the run's model)
     for sid in [i for i in (0, 1) if i in pages] + [next(i for i in pages if i > 1)]:
         go(page, f"{url}#/r/digits/sample/{sid}")
         page.wait_for_selector(".entry-links")
         assert page.locator("#explain-this").count() == (1 if sid in (0, 1) else 0)
+        facts = page.locator(".sample-head .facts").inner_text()
+        if sid in (0, 1):
+            live = page.request.get(f"{url}data/runs/digits/live/sample-{sid}.json").json()
+            shown = page.locator(".sample-head ol.preds li").all_inner_texts()
+            want = [
+                f"{q['name'] or q['class']} {100 * q['prob']:.1f}%" for q in live["predictions"]
+            ]
+            assert shown == want and "no model attached" not in facts
+            assert page.locator("#pred-precomputed").count() == 1
+        else:
+            assert "no model attached" in facts
 
     # a sample without explanations: the page says so and offers the explained ones
     go(page, f"{url}#/r/digits/explain?image=sample-7")

@@ -6,7 +6,7 @@
  * in the lists of units constant on the dataset (ties, ranked by sample id alone: a ReLU
  * that never fires lists the first k samples) are left out, and the page says how many.
  */
-import { p, type Appearance, type SampleBrief, type SampleDoc } from "../api";
+import { p, type Appearance, type LiveImage, type SampleBrief, type SampleDoc } from "../api";
 import type { PageContext } from "../context";
 import { append, facts, fill, fmt, h, notice } from "../dom";
 import { imageState } from "../images";
@@ -35,7 +35,10 @@ export async function renderSample(root: HTMLElement, ctx: PageContext, args: st
   // ...and whether it holds the sample's precomputed explanations
   const explained = ctx.api.isStatic && (await ctx.api.explained(ctx.run)).samples.some((x) => x.sample === s.id);
   document.title = `sample ${s.id} · ${ctx.run} · lurker`;
-  const pred = doc.prediction;
+  // a static export has no model, but it holds the predictions made with the run's model
+  // for the samples whose explanations were precomputed
+  const held = explained && !doc.prediction ? await ctx.api.json<LiveImage>(p("runs", ctx.run, "live", `sample-${s.id}`)).catch(() => null) : null;
+  const pred = held?.predictions.length ? held.predictions : doc.prediction;
   const plural = (n: number, word: string) => `${n} ${word}${n === 1 ? "" : "s"}`;
   append(
     root,
@@ -57,7 +60,10 @@ export async function renderSample(root: HTMLElement, ctx: PageContext, args: st
           [
             "prediction",
             pred && pred.length
-              ? h("ol", { class: "preds" }, pred.map((q) => h("li", { class: q.name !== null && q.class === s.label ? "match" : null }, `${q.name ?? q.class} `, h("span", { class: "muted" }, `${(100 * q.prob).toFixed(1)}%`))))
+              ? [
+                  h("ol", { class: "preds" }, pred.map((q) => h("li", { class: q.name !== null && q.class === s.label ? "match" : null }, `${q.name ?? q.class} `, h("span", { class: "muted" }, `${(100 * q.prob).toFixed(1)}%`)))),
+                  held ? h("span", { class: "muted small", id: "pred-precomputed" }, "made with the run's model when its explanations were precomputed") : null,
+                ]
               : doc.prediction_error ?? (pred ? "none (the model's output is not one score per class)" : "no model attached (lurker serve RUN --model SPEC)"),
           ],
           ["in top-k of", h("span", { id: "top-k-of" }, `${plural(doc.total, "unit list")} in ${plural(doc.layers.length, "layer")}`, leftOut ? h("span", { class: "muted" }, ` (and ${leftOut.total} of constant units, left out)`) : null)],
