@@ -130,6 +130,26 @@ def test_bad_method_and_missing_umap():
             reduce(np.random.default_rng(0).normal(size=(50, 4)), "umap")
 
 
+def test_features_a_map_cannot_place_are_refused_with_the_reason():
+    """Every sample the same (a layer that never fires: t-SNE divided by zero and crashed
+    the process), a single sample, and one feature (t-SNE's PCA start needs two)."""
+    for method in ("tsne", "pca"):
+        with pytest.raises(LurkerError, match="every sample has the same features"):
+            reduce(np.zeros((30, 5)), method)
+        with pytest.raises(LurkerError, match="there is 1: it needs 2"):
+            reduce(np.ones((1, 5)), method)
+    x = np.r_[np.zeros((15, 1)), np.ones((15, 1))] + np.random.default_rng(0).normal(
+        scale=0.01, size=(30, 1)
+    )
+    xy = reduce(x, "tsne").xy
+    assert xy.shape == (30, 2) and np.isfinite(xy).all()
+    a, b = xy[:15].mean(0), xy[15:].mean(0)  # the two groups apart
+    spread = max(
+        np.linalg.norm(xy[:15] - a, axis=1).max(), np.linalg.norm(xy[15:] - b, axis=1).max()
+    )
+    assert np.linalg.norm(a - b) > spread
+
+
 def test_make_map_stores_one_point_per_sample(model, data, tmp_path):
     run = probe(model, data, out=tmp_path / "run", layers="classifier.1", progress=False,
                 embed=True)  # fmt: skip
@@ -152,6 +172,14 @@ def test_map_without_features_or_model_says_what_to_do(model, data, tmp_path):
     with pytest.raises(LurkerError, match="embed=True"):
         make_map(run, method="pca")
     assert not Run.open(run.path).has_map
+    # features of another layer held: the message says which, and what another needs
+    run = probe(model, data, out=tmp_path / "r2", layers="classifier.1", progress=False,
+                embed=True)  # fmt: skip
+    with pytest.raises(LurkerError) as err:
+        make_map(run, layer="features.8", method="pca")
+    said = str(err.value)
+    assert "holds per-sample features of 'classifier.2' only" in said, said
+    assert "pass model= and dataset=" in said and "embed=True" not in said
 
 
 def test_cli_map_collects_features_with_the_recorded_model(model, tmp_path):
@@ -173,6 +201,22 @@ def test_cli_map_collects_features_with_the_recorded_model(model, tmp_path):
         assert len(r.map()) == 360
     res = CliRunner().invoke(main, ["map", str(out), "--layer", "nope"])
     assert res.exit_code == 2 and "No layer matches ['nope']" in res.output
+    # in the command's words, with the names it may have meant
+    res = CliRunner().invoke(main, ["map", str(out), "--layer", "features.88"])
+    assert res.exit_code == 2 and "--layer features.88: No layer matches" in res.output
+    assert "Close names: features.8" in res.output and "embed=" not in res.output
+    # --weights alone: the run's own model with those weights (they moved)
+    moved = tmp_path / "moved.pt"
+    weights.rename(moved)
+    res = CliRunner().invoke(main, ["map", str(out), "--method", "pca", "-l", "features.4"])
+    assert res.exit_code == 2 and "do not exist here: pass --weights" in res.output
+    res = CliRunner().invoke(
+        main, ["map", str(out), "--method", "pca", "-l", "features.4", "-w", str(moved)]
+    )
+    assert res.exit_code == 0 and "from features.4" in res.output, res.output
+    # features stored for the layer asked: --data is not needed, and said so
+    res = CliRunner().invoke(main, ["map", str(out), "--method", "pca", "-d", "digits:test"])
+    assert res.exit_code == 0 and "--data are not needed" in res.output, res.output
 
 
 def _folder(root: Path) -> Path:

@@ -267,6 +267,30 @@ def test_incomplete_run_refused(tmp_path: Path) -> None:
     with pytest.raises(RunIncompleteError) as info:
         Run.open(tmp_path / "run")
     assert "incomplete" in str(info.value) and "--out" in str(info.value)
+    assert "was interrupted" in str(info.value)
+    # while a probe holds the run's lock (another process writing it), resuming would be
+    # refused: the message says it is still running, and which process writes it
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from lurker.store import run_lock\n"
+         "with run_lock(sys.argv[1]):\n print('held', flush=True); time.sleep(60)",
+         str(tmp_path / "run")],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunIncompleteError) as info:
+            Run.open(tmp_path / "run")
+        said = str(info.value)
+        assert f"still running (process {holder.pid} is writing it)" in said, said
+        assert "Resume" not in said
+    finally:
+        holder.kill()
+        holder.wait()
+    with pytest.raises(RunIncompleteError, match="was interrupted"):  # the lock is free again
+        Run.open(tmp_path / "run")
     # A new data write on a complete run demotes it until results are rewritten.
     complete_run(tmp_path / "r2")
     with RunWriter.create(tmp_path / "r2", meta=meta()) as w:
@@ -416,6 +440,16 @@ def test_unknown_layer_and_unit_errors(tmp_path: Path) -> None:
             run.unit("conv1", 6)
         with pytest.raises(IndexError):
             run.unit("conv1", -1)
+        # a float is no unit (3.7 read as unit 3 silently), an int no layer name
+        with pytest.raises(
+            UnitRangeError, match=r"a unit is an int index \(0\.\.5 in 'conv1'\), got 3\.7"
+        ):
+            run.unit("conv1", 3.7)
+        assert run.unit("conv1", np.int64(3)).index == 3
+        with pytest.raises(
+            UnknownLayerError, match=r"a layer is named by a string.*got 0; .*conv1"
+        ):
+            run.layer(0)
 
 
 def test_schema_version_mismatch(tmp_path: Path) -> None:

@@ -374,13 +374,28 @@ def map_(
     from .store import Run
 
     model = dataset = None
-    if model_spec or data:
+    with Run.open(run) as r:
+        size = (r.meta.get("image_size") or [224])[0]
+        config = r.meta.get("config") or {}
+        shape = config.get("input_shape") or [None]
+        held = r.embedding().meta.get("layer") if r.has_embedding else None
+    if weights and not model_spec:  # the run's own model, with these weights
+        model_spec = config.get("model_spec")
+        if not model_spec:
+            raise click.BadParameter(
+                "the run does not record its model (it was probed from Python): give it with "
+                "--model SPEC alongside --weights",
+                param_hint="'--weights'",
+            )
+    if held and (layer is None or layer == held) and (model_spec or data):
+        click.echo(
+            f"the run holds the features of {held}: the map uses them, so --model, --weights "
+            "and --data are not needed (--layer L collects another layer's with them)"
+        )
+    elif model_spec or data:
         from .models import load_model
         from .probe import data as pdata
 
-        with Run.open(run) as r:
-            size = (r.meta.get("image_size") or [224])[0]
-            shape = (r.meta.get("config") or {}).get("input_shape") or [None]
         if model_spec:
             model = load_model(model_spec, weights, device=device or "cpu")
         if data:

@@ -70,8 +70,16 @@ def reduce(features: Any, method: str = "tsne", *, seed: int = 0) -> Reduced:
             "reduce: the features hold NaN or infinite values (the layer overflowed float16, "
             "or the model produced them); embed another layer"
         )
-    t0 = time.perf_counter()
     n = len(x)
+    if n < 2:
+        raise LurkerError(f"reduce: a map places samples apart, and there is {n}: it needs 2")
+    if not (x != x[0]).any():  # (t-SNE would divide by zero distances, and crash)
+        raise LurkerError(
+            f"reduce: every sample has the same features at this layer ({x.shape[1]} values, "
+            f"all as in the first: {_some(x[0])}), so a map cannot tell them apart (a layer "
+            "that never fires?); embed another layer"
+        )
+    t0 = time.perf_counter()
     if method == "pca" or n < 4:
         out = pca(x) if x.shape[1] >= 2 else np.c_[x[:, :1], np.zeros(n)]
         return Reduced(out.astype(np.float32), "pca", "numpy", time.perf_counter() - t0)
@@ -88,6 +96,8 @@ def reduce(features: Any, method: str = "tsne", *, seed: int = 0) -> Reduced:
     if x.shape[1] > TSNE_PCA_DIMS:
         x = pca(x, TSNE_PCA_DIMS).astype(np.float32)
     perplexity = float(min(30.0, max(1.0, (n - 1) / 3.0)))
+    # a PCA start needs 2 feature dimensions; one feature starts from random positions
+    init = "pca" if x.shape[1] >= 2 else "random"
     try:
         import openTSNE
     except ImportError:
@@ -96,7 +106,7 @@ def reduce(features: Any, method: str = "tsne", *, seed: int = 0) -> Reduced:
         emb = openTSNE.TSNE(
             n_components=2,
             perplexity=perplexity,
-            initialization="pca",
+            initialization=init,
             negative_gradient_method="fft",
             neighbors="annoy" if n > 1000 else "exact",
             n_jobs=_threads(),
@@ -110,12 +120,17 @@ def reduce(features: Any, method: str = "tsne", *, seed: int = 0) -> Reduced:
         xy = TSNE(
             n_components=2,
             perplexity=perplexity,
-            init="pca",
+            init=init,
             random_state=seed,
             n_jobs=_threads(),
         ).fit_transform(x)
         engine = "scikit-learn"
     return Reduced(np.asarray(xy, np.float32), "tsne", engine, time.perf_counter() - t0)
+
+
+def _some(v: np.ndarray) -> str:
+    shown = ", ".join(f"{float(a):.4g}" for a in v[:4])
+    return f"[{shown}{', ...' if len(v) > 4 else ''}]"
 
 
 def collect_embedding(
@@ -157,7 +172,13 @@ def _collect(
     x0 = ds.first_image().unsqueeze(0).to(dev)
     with torch.no_grad():
         tr = settled_trace(model, x0)
-    layer = embed_layer_of(tr, embed)
+    try:
+        layer = embed_layer_of(tr, embed)
+    except LurkerError as err:  # in the map's words, not the probe's embed= argument
+        said = str(err).removeprefix(f"probe: embed={embed!r}: ").removeprefix("probe: ")
+        if said == str(err) or embed is True:
+            raise
+        raise LurkerError(f"layer={embed!r}: {said}", cli=f"--layer {embed}: {said}") from None
     check_embed_budget(layer, len(ds) if indices is None else len(indices))
     consumer = EmbeddingConsumer(layer, probed=False)
     items = ds if indices is None else torch.utils.data.Subset(ds, indices)  # ids: ds indices
@@ -205,21 +226,14 @@ def make_map(
         stored = r.embedding() if r.has_embedding else None
         config = dict(r.meta.get("config") or {})
         size = (r.meta.get("image_size") or [224])[0]
-    if (
-        stored is not None
-        and layer is not None
-        and layer
-        not in (
-            stored.meta.get("layer"),
-            stored.meta.get("op"),
-        )
-    ):
+    held = None if stored is None else stored.meta.get("layer")  # the stored features' layer
+    if stored is not None and layer is not None and layer not in (held, stored.meta.get("op")):
         stored = None
     with run_lock(path):
         writer = RunWriter.reopen(path)
         try:
             if stored is None:
-                model, dataset = _model_and_data(config, int(size), model, dataset, device)
+                model, dataset = _model_and_data(config, int(size), model, dataset, device, held)
                 _check_model(model, path)
                 ds = pdata.wrap(dataset)
                 indices, run_ids = _align(path, ds)
@@ -362,16 +376,29 @@ def _rel(p: str, root: str) -> str:
 
 
 def _model_and_data(
-    config: dict[str, Any], size: int, model: Any, dataset: Any, device: str | None
+    config: dict[str, Any],
+    size: int,
+    model: Any,
+    dataset: Any,
+    device: str | None,
+    held: str | None = None,
 ) -> tuple[Any, Any]:
-    """The model and dataset given, else the ones the run records."""
+    """The model and dataset given, else the ones the run records (``held``: the layer of
+    the features the run holds, when they are not the ones asked for)."""
+    why = (
+        f"the run holds per-sample features of {held!r} only: another layer's are collected "
+        "with the model and dataset, and"
+        if held
+        else "the run holds no per-sample features and"
+    )
     if model is None:
         spec = config.get("model_spec")
         if not spec:
             raise LurkerError(
-                "the run holds no per-sample features and does not record its model (it was "
-                "probed from Python): probe it with embed=True, or pass model= and dataset= "
-                "(CLI: lurker map RUN --model SPEC [--weights W] --data D)"
+                f"{why} it does not record its model (it was probed from Python): pass model= "
+                "and dataset=" + ("" if held else ", or probe it with embed=True"),
+                cli=f"{why} it does not record its model (it was probed from Python): pass "
+                "--model SPEC [--weights W] --data D",
             )
         from .models import load_model
 
@@ -385,8 +412,9 @@ def _model_and_data(
         spec = config.get("data")
         if not spec:
             raise LurkerError(
-                "the run holds no per-sample features and does not record its dataset: "
-                "probe it with embed=True, or pass dataset= (CLI: --data)"
+                f"{why} it does not record its dataset: pass dataset="
+                + ("" if held else ", or probe it with embed=True"),
+                cli=f"{why} it does not record its dataset: pass --data D",
             )
         from .probe import data as pdata
 

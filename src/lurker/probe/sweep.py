@@ -15,6 +15,7 @@ are merged with collectives.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import fnmatch
 import functools
 import hashlib
@@ -307,9 +308,17 @@ def select_layers(
         if unmatched:
             valid = sorted({_layer_name(op, trace) for op in candidates})
             shown = ", ".join(valid[:60]) + (" ..." if len(valid) > 60 else "")
+            close = [
+                c
+                for p in sorted(unmatched)
+                for c in difflib.get_close_matches(
+                    p, {n for op in candidates for n in op_names(op, types)}, n=3
+                )
+            ]
+            said = f" Close names: {', '.join(dict.fromkeys(close))}." if close else ""
             raise LurkerError(
-                f"No layer matches {sorted(unmatched)}. Name op labels, module paths, module "
-                f"types or op names (globs allowed). Layers with channels here: {shown}"
+                f"No layer matches {sorted(unmatched)}.{said} Name op labels, module paths, "
+                f"module types or op names (globs allowed). Layers with channels here: {shown}"
             )
     if isinstance(unit_dim, Mapping):
         keys = [n for op in chosen for n in op_names(op, types)]

@@ -169,6 +169,26 @@ def run_lock(root: str | os.PathLike[str]) -> Iterator[None]:
         os.close(fd)
 
 
+def lock_holder(root: str | os.PathLike[str]) -> str | None:
+    """The process id holding ``root``'s run lock (a probe writing it now), else None."""
+    path = Path(root) / LOCK_NAME
+    if fcntl is None or not path.is_file():
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
 def sample_file(root: Path, sample_id: int, ext: str = "png") -> Path:
     """Path of one sample's cached image: ``cache/samples/<sample_id:08d>.<ext>``.
 

@@ -15,6 +15,7 @@ import sqlite3
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from numbers import Integral
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal
@@ -31,7 +32,7 @@ from lurker.store.errors import (
     UnknownLayerError,
     UnknownSampleError,
 )
-from lurker.store.files import cache_file
+from lurker.store.files import cache_file, lock_holder
 from lurker.store.schema import (
     CLASS_MEAN_DTYPE,
     DB_NAME,
@@ -383,10 +384,16 @@ class Run:
         status = run.meta.get("status")
         if status != STATUS_COMPLETE and not allow_incomplete:
             run.close()
+            holder = lock_holder(root)
+            if holder is not None:
+                raise RunIncompleteError(
+                    f"run {root} is incomplete (status {status!r}): its probe is still running "
+                    f"(process {holder} is writing it). Open it when that process has finished"
+                )
             raise RunIncompleteError(
-                f"run {root} is incomplete (status {status!r}): its probe was interrupted or is "
-                f"still running. Resume it by running the same probe again into {root} (the "
-                f"same `lurker probe ... --out {root}` command, or the same probe() call)"
+                f"run {root} is incomplete (status {status!r}): its probe was interrupted. "
+                f"Resume it by running the same probe again into {root} (the same "
+                f"`lurker probe ... --out {root}` command, or the same probe() call)"
             )
         return run
 
@@ -538,6 +545,12 @@ class Run:
 
     def layer(self, name: str) -> LayerInfo:
         """A layer by name, op label or module path (names win; a module must be unique)."""
+        if not isinstance(name, str):
+            raise UnknownLayerError(
+                f"a layer is named by a string (its name, op label or module path), got "
+                f"{name!r}; run.layers lists them: {', '.join(i.name for i in self.layers[:8])}"
+                + (", ..." if len(self.layers) > 8 else "")
+            )
         if name in self._by_name:
             return self._by_name[name]
         for attr in ("op", "module"):
@@ -564,6 +577,10 @@ class Run:
     def unit(self, layer: str, unit: int) -> Unit:
         """One unit of a layer; :class:`UnitRangeError` if ``unit`` is out of range."""
         info = self.layer(layer)
+        if not isinstance(unit, Integral) or isinstance(unit, bool):  # 3.7 is no unit
+            raise UnitRangeError(
+                f"a unit is an int index (0..{info.num_units - 1} in {info.name!r}), got {unit!r}"
+            )
         index = int(unit)
         if not 0 <= index < info.num_units:
             raise UnitRangeError(
