@@ -177,13 +177,14 @@ def test_unknown_composite() -> None:
 
 def test_leak_warns_naming_the_op() -> None:
     """A stabilizer as large as the activations swallows relevance in a rule that should
-    conserve it: the warning names the op."""
+    conserve it: the warning names the op, and points at the caller's line."""
     m = cnn("vgg11", zero_bias=True)
     with pytest.warns(
         UserWarning,
         match=r"not conserved at (conv2d|adaptive_avg_pool2d)_\d+ \((conv2d|adaptive_avg_pool2d): \S+",
-    ):
+    ) as w:
         lurker.explain(m, torch.randn(1, 3, 32, 32), method="lrp", stabilizer=10.0)
+    assert {r.filename for r in w if "not conserved" in str(r.message)} == {__file__}
 
 
 def test_batch_equals_rows() -> None:

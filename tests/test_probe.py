@@ -122,6 +122,30 @@ def test_topk_equals_brute_force(tmp_path: Path):
     assert run.layer("features.0").rf["y"]["size"] == 3
 
 
+def test_non_finite_activations_are_named(tmp_path: Path):
+    """A NaN or infinite input pixel makes NaN and inf activations, which rank first in
+    every top list and make the units' means NaN: the probe names the samples (a warning
+    pointing at the caller's line, and the run's meta) instead of saying nothing."""
+    import warnings
+
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU()).eval()
+    x = torch.randn(20, 1, 8, 8)
+    x[3, 0, 2, 5] = float("nan")
+    x[7, 0, 4, 4] = float("inf")
+    data = torch.utils.data.TensorDataset(x, torch.arange(20) % 2)
+    with pytest.warns(UserWarning, match="had NaN or infinite activations, on samples 3, 7") as w:
+        run = probe(m, data, out=tmp_path / "r", layers=["0"], k=3, progress=False)
+    assert [r.filename for r in w if "NaN" in str(r.message)] == [__file__]
+    assert run.meta["non_finite"] == {"0": [3, 7]}
+    assert run.unit("0", 0).top("max")[0].sample_id in (3, 7)  # as the warning says
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        keep = torch.utils.data.Subset(data, [i for i in range(20) if i not in (3, 7)])
+        clean = probe(m, keep, out=tmp_path / "c", layers=["0"], k=3, progress=False)
+    assert clean.meta["non_finite"] == {}
+
+
 def test_default_layers_cover_any_architecture():
     for name in ("resnet18", "vgg11", "mobilenet_v3_small", "googlenet"):
         kw = {"aux_logits": False, "init_weights": True} if name == "googlenet" else {}

@@ -105,3 +105,18 @@ class OpKeyError(LurkerError, KeyError):
 
 class GraphChangedError(LurkerError):
     """``Trace.run`` saw a different sequence of ops than the trace (data-dependent control flow)."""
+
+
+def warn(message: str, category: type[Warning] = UserWarning) -> None:
+    """``warnings.warn`` attributed to the first caller outside lurker (the user's line,
+    however deep inside lurker the warning is raised)."""
+    import os
+    import sys
+    import warnings
+
+    here = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    level, frame = 2, sys._getframe(1)  # 1: this function; 2: its caller
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(here):
+        level += 1
+        frame = frame.f_back
+    warnings.warn(message, category, stacklevel=level)

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import importlib
 import math
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import LurkerError
+from ..errors import LurkerError, warn
 from ..graph.nodes import Op, OpRef, ParamRef
 from .base import Explanation, Method, register
 from .targets import (
@@ -969,11 +968,10 @@ def _warn_leaks(rel: Relevance, tolerance: float) -> None:
     if leaks:
         f, frac = leaks[0]
         more = f" (and {len(leaks) - 1} more ops)" if len(leaks) > 1 else ""
-        warnings.warn(
+        warn(
             f"LRP relevance is not conserved at {f.label} ({f.what}): it received "
             f"{float(f.out.sum()):.6g} and passed on {float(f.into.sum()):.6g}, "
-            f"{frac:.2%} of the target's relevance{more}",
-            stacklevel=3,
+            f"{frac:.2%} of the target's relevance{more}"
         )
 
 

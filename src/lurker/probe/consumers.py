@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import LurkerError
+from ..errors import LurkerError, warn
 from ..store import LayerResult, RunWriter
 from .stats import HostBatch, UnitStats
 
@@ -184,10 +184,16 @@ class UnitStatsConsumer(BatchConsumer):
             self.stats[i].all_reduce(group)
 
     def finish(self, writer: RunWriter) -> None:
-        """Write every layer with its units' statistics (the run's layers table)."""
+        """Write every layer with its units' statistics (the run's layers table), and name
+        the samples whose activations were NaN or infinite (meta ``non_finite``, and a
+        warning): they rank first in every top list they reach and make means NaN."""
         results = []
+        odd: dict[str, list[int]] = {}
         for layer in self.layers:
             r = self.stats[layer.op.index].result()
+            ids = _non_finite(r)
+            if ids is not None:
+                odd[layer.name] = ids
             results.append(
                 LayerResult(
                     **self.describe(layer),
@@ -205,6 +211,31 @@ class UnitStatsConsumer(BatchConsumer):
                 )
             )
         writer.write_layers_result(results)
+        writer.meta_set("non_finite", odd)
+        if odd:
+            samples = sorted({i for ids in odd.values() for i in ids})
+            shown = ", ".join(map(str, samples[:10])) + (", ..." if len(samples) > 10 else "")
+            layers = ", ".join(list(odd)[:5]) + (", ..." if len(odd) > 5 else "")
+            warn(
+                f"probe: {len(odd)} layer(s) ({layers}) had NaN or infinite activations"
+                + (f", on samples {shown}" if samples else "")
+                + ": they rank first in the top lists they reach and make the units' means "
+                "NaN or infinite. Check those inputs (or the model) and probe again; the run "
+                "lists them in meta['non_finite']"
+            )
+
+
+def _non_finite(r: Mapping[str, Tensor]) -> list[int] | None:
+    """The samples whose NaN or +inf values are in a layer's top lists (None: none, and
+    every unit's mean is finite or -inf, as masked attention scores may be)."""
+    ids: set[int] = set()
+    for values, who in ((r["max_values"], r["max_ids"]), (r["mean_values"], r["mean_ids"])):
+        bad = (torch.isnan(values) | torch.isposinf(values)) & (who >= 0)
+        ids.update(int(i) for i in who[bad].tolist())
+    mean = r["unit_mean"]
+    if not ids and not (torch.isnan(mean) | torch.isposinf(mean)).any():
+        return None
+    return sorted(ids)
 
 
 class RelevanceConsumer(BatchConsumer):
