@@ -197,3 +197,22 @@ def test_unsupported_graph_format_is_rejected_before_tracing(monkeypatch):
     monkeypatch.setattr(lurker.models, "load_model", no_build)
     msg = _error("trace", "torchvision:resnet18", "-i", "1,3,8,8", "--out", "x.jpg")
     assert "x.jpg" in msg and ".svg" in msg and ".png" in msg
+
+
+def test_warnings_read_as_one_line_without_a_source_place(tmp_path: Path):
+    """A warning raised deep in lurker reaches a command-line user as `warning: ...`, not
+    as a file and line of lurker's or click's code."""
+    from PIL import Image
+
+    img = tmp_path / "x.png"
+    Image.fromarray((torch.rand(16, 16) * 255).byte().numpy(), "L").save(img)
+    exe = Path(sys.executable).parent / "lurker"
+    r = subprocess.run(
+        [str(exe), "explain", "lurker.examples:DigitsNet", "--image", str(img),
+         "--image-size", "16", "-m", "lrp", "--option", "stabilizer=10",
+         "-o", str(tmp_path / "h.png")],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "warning: LRP relevance is not conserved at" in r.stderr, r.stderr
+    assert "UserWarning" not in r.stderr and ".py:" not in r.stderr

@@ -321,6 +321,31 @@ def test_softmax_head_is_explained_from_its_logits(how: str) -> None:
     assert e.attribution.abs().sum() > 0 and rel_err(e.attribution, ref) < 1e-5
 
 
+def test_softmax_head_over_one_chunk_of_an_op() -> None:
+    """The logits are one output of a multi-output op (``chunk``): the relevance starts at
+    that output, as for the same model returning the chunk itself (it crashed)."""
+
+    class Chunked(nn.Module):
+        def __init__(self, soft: bool) -> None:
+            super().__init__()
+            self.fc, self.soft = nn.Linear(6, 8), soft
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            a, _ = self.fc(x).chunk(2, 1)
+            return nn.functional.softmax(a, 1) if self.soft else a
+
+    torch.manual_seed(0)
+    soft, plain = Chunked(True).eval(), Chunked(False).eval()
+    plain.load_state_dict(soft.state_dict())
+    x = torch.randn(2, 6)
+    got = lurker.explain(soft, x, target=[0, 3], method="lrp").attribution
+    want = lurker.explain(plain, x, target=[0, 3], method="lrp").attribution
+    assert got.abs().sum() > 0 and torch.equal(got, want)
+    top = lurker.explain(soft, x, method="lrp")  # the top class: the same argmax
+    ref = lurker.explain(plain, x, method="lrp")
+    assert top.target == ref.target and torch.equal(top.attribution, ref.attribution)
+
+
 class Head(nn.Module):
     """One softmax attention head over (batch, tokens, features), the scores either
     written out (q @ k^T, softmax, @ v) or fused (scaled_dot_product_attention)."""

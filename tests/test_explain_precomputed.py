@@ -172,6 +172,35 @@ def test_a_fresh_server_answers_from_the_cache_without_the_model(
     kept.with_suffix(".npy").unlink()
 
 
+def test_a_heatmap_cached_by_an_older_lurker_is_made_again(
+    explorer_run: ExplorerRun,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """A cached heatmap without the current version (an older lurker's Grad-CAM was C
+    times its map, and its min/max/sum said so) is not served: it is made again, equal
+    to a fresh one, and the cache rewritten with the version."""
+    from lurker.server.routes.explain import HEATMAP_VERSION
+
+    run = tmp_path / "digits"
+    shutil.copytree(explorer_run.path, run, ignore=shutil.ignore_patterns("cache"))
+    app = create_app(run)
+    with TestClient(app) as c:
+        fresh = c.get(url("sample-0", "gradcam", "json")).json()
+        meta = run / "cache" / "explain" / "sample-0" / f"gradcam-top-{GRADCAM_LAYER}.json"
+        doc = json.loads(meta.read_text())
+        assert doc["version"] == HEATMAP_VERSION
+        del doc["version"]  # as the older lurker wrote it, with a heatmap 3 times larger
+        meta.write_text(json.dumps(doc))
+        heat = meta.with_suffix(".npy")
+        np.save(heat, 3 * np.load(heat))
+    with TestClient(create_app(run)) as c:
+        again = c.get(url("sample-0", "gradcam", "json")).json()
+    assert again["cached"] is False
+    for key in ("min", "max", "sum"):
+        assert again[key] == pytest.approx(fresh[key], rel=1e-5, abs=1e-9), key
+    assert json.loads(meta.read_text())["version"] == HEATMAP_VERSION
+
+
 def test_export_writes_exactly_the_cached_explanations(
     run: Path,
     tmp_path: Path,

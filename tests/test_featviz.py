@@ -252,6 +252,7 @@ def test_a_model_of_one_image_size_gets_its_size_with_transforms(digits):
     finally:
         h.remove()
     assert fv.settings["transforms"] == "cropped" and fv.images.shape == (2, 3, 16, 16)
+    assert "Wrong image height" in fv.settings["cropped_because"]  # torchvision's check
     assert sizes and all(tuple(s) == (16, 16) for s in sizes)
     assert (fv.activations > fv.start).all()
     assert (

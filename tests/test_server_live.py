@@ -800,6 +800,7 @@ def test_live_maps_of_one_value_are_vectors(tmp_path: Any):
             got = client.get(f"{base}/{op}").json()[side]
             n = want.shape[1]
             assert (got["channels"], got["map_shape"], got["unit_axis"]) == (1, [1, n], None)
+            assert got["one_value_maps"] is True  # position i is channel i: pickable
             assert f"its {n} maps have one position each (1x1)" in got["note"], got["note"]
             assert np.allclose(_unit_map(client, op, side, 0), want.reshape(1, n), atol=1e-6)
     # read as stored (no layout), and with a layout lurker cannot tell
@@ -812,6 +813,10 @@ def test_live_maps_of_one_value_are_vectors(tmp_path: Any):
     assert maps.note.startswith("Its unit axis is unknown. Shown as stored: its 7 maps"), maps.note
     one = as_maps(torch.randn(1, 1, 1, 1))  # a single value stays a single 1x1 map
     assert one.maps.shape == (1, 1, 1) and one.note is None
+    # one map of 16 positions is also one row, but its positions are no channels
+    row = as_maps(torch.randn(1, 1, 1, 16))
+    assert row.maps.shape == (1, 1, 16) and not row.one_value_maps
+    assert maps.one_value_maps and not as_maps(torch.randn(1, 10)).one_value_maps
 
 
 # --- the live page in a real browser (Debian's chromium, as tests/test_explorer_browser.py)

@@ -446,6 +446,9 @@ def test_unknown_layer_and_unit_errors(tmp_path: Path) -> None:
         ):
             run.unit("conv1", 3.7)
         assert run.unit("conv1", np.int64(3)).index == 3
+        import torch
+
+        assert run.unit("conv1", torch.tensor(3)).index == 3  # (logits.argmax())
         with pytest.raises(
             UnknownLayerError, match=r"a layer is named by a string.*got 0; .*conv1"
         ):

@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import os
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,15 @@ def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.version_option(package_name="lurker")
 def main() -> None:
     """lurker: a microscope for PyTorch models."""
+    # a warning reads as one line: the place in lurker's or click's code it would name
+    # tells a command-line user nothing
+    warnings.formatwarning = _one_line_warning
+
+
+def _one_line_warning(
+    message: Any, category: Any, filename: str, lineno: int, line: Any = None
+) -> str:
+    return f"warning: {message}\n"
 
 
 @main.command(
@@ -378,7 +388,8 @@ def map_(
         size = (r.meta.get("image_size") or [224])[0]
         config = r.meta.get("config") or {}
         shape = config.get("input_shape") or [None]
-        held = r.embedding().meta.get("layer") if r.has_embedding else None
+        emb = (r.meta.get("embedding") or {}) if r.has_embedding else {}
+        held = emb.get("layer")  # the stored features' layer (its op label: emb["op"])
     if weights and not model_spec:  # the run's own model, with these weights
         model_spec = config.get("model_spec")
         if not model_spec:
@@ -387,7 +398,7 @@ def map_(
                 "--model SPEC alongside --weights",
                 param_hint="'--weights'",
             )
-    if held and (layer is None or layer == held) and (model_spec or data):
+    if held and (layer is None or layer in (held, emb.get("op"))) and (model_spec or data):
         click.echo(
             f"the run holds the features of {held}: the map uses them, so --model, --weights "
             "and --data are not needed (--layer L collects another layer's with them)"

@@ -207,6 +207,8 @@ export interface FeatureSide {
   unit_axis?: number | null;
   /** How the maps are laid out where it is not plain (tokens on a patch grid, ...). */
   note?: string | null;
+  /** Maps of one value each, shown as one 1xC map: its position i is channel i. */
+  one_value_maps?: boolean;
 }
 
 export interface LiveOp {

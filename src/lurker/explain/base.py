@@ -1,7 +1,7 @@
 """What every attribution method shares: the :class:`Explanation` it returns, the
 :class:`Method` base class and its registry, and :func:`untouched`, the guard that leaves
-the model as it was found (hooks, ``requires_grad`` flags, train/eval mode), also when a
-method raises."""
+the model as it was found (hooks, ``requires_grad`` flags, train/eval mode, buffers), also
+when a method raises."""
 
 from __future__ import annotations
 

@@ -184,7 +184,10 @@ def featviz(
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
         x0 = torch.full((1, cfg.channels, cfg.height, cfg.width), 0.5, dtype=dtype, device=dev)
         tap = _Tap(model, cfg.target, x0, cfg.layout, cfg.layer, unit_dim)
-        if tf.pad and not _runs(tap, tf.apply(x0, [tf.draw(np.random.default_rng(0))])):
+        refused = (
+            _refuses(tap, tf.apply(x0, [tf.draw(np.random.default_rng(0))])) if tf.pad else None
+        )
+        if refused is not None:
             # it takes the image's own size only (a ViT): the padding is cut off again
             tf = replace(tf, crop=True)
         scorer = _Scorer.make(cfg, tap, x0, tf)
@@ -213,6 +216,7 @@ def featviz(
         "lr": lr,
         "param": param,
         "transforms": "cropped" if tf.crop else transforms,
+        **({"cropped_because": refused} if refused is not None else {}),
         "images_per_unit": n,
         "diversity": cfg.diversity,
         "seed": seed,
@@ -564,14 +568,19 @@ class _Tap:
         return act
 
 
-def _runs(tap: _Tap, x: Tensor) -> bool:
-    """Whether the model reaches the layer on ``x`` (a padded image)."""
+def _refuses(tap: _Tap, x: Tensor) -> str | None:
+    """Why the model does not reach the layer on ``x`` (a padded image), or None. The
+    unpadded image ran, so a failure here is taken as the model refusing the size (an
+    error that is not about the size recurs on the unpadded images, and is raised then);
+    running out of memory is raised at once."""
     try:
         with torch.no_grad():
             tap(x)
-    except Exception:  # (the unpadded image ran: its error is raised again if it recurs)
-        return False
-    return True
+    except (MemoryError, torch.OutOfMemoryError):
+        raise
+    except Exception as e:
+        return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+    return None
 
 
 # ---------------------------------------------------------------------------- objectives

@@ -303,6 +303,9 @@ class FeatureSide(BaseModel):
     #: How the maps are laid out where it is not plain: tokens on their patch grid, the
     #: units side by side, or why lurker cannot tell the unit axis.
     note: str | None = None
+    #: The maps have one value each (a global pool's ``(1, C, 1, 1)``) and are shown as one
+    #: ``1 x C`` map: its position i is channel i (a kernel's input or output index).
+    one_value_maps: bool = False
 
 
 class KernelInfo(BaseModel):
@@ -405,7 +408,8 @@ class ExplainResult(BaseModel):
     signed: bool
     #: ``[height, width]`` of the heatmap (the input's spatial size)
     shape: list[int]
-    #: of the heatmap: the attribution summed over the input's channels
+    #: of the heatmap (``Explanation.heatmap``: the attribution summed over the input's
+    #: channels, or the one value each holds where it is repeated, as Grad-CAM's)
     min: float
     max: float
     sum: float

@@ -816,6 +816,8 @@ class Maps:
     #: how the maps are laid out, where it is not plain (tokens on their patch grid, the
     #: unit axis unknown)
     note: str | None = None
+    #: maps of one value each, shown as one vector: its index i is map (channel) i
+    one_value_maps: bool = False
 
 
 def as_maps(t: Any, layout: Any = None) -> Maps:
@@ -856,7 +858,7 @@ def as_maps(t: Any, layout: Any = None) -> Maps:
         # to its own range); one vector of C values can be read
         note = _ONE_POSITION.format(n=v.shape[0], size=_size(v.shape[1:]))
         note = f"{reason}{note}." if reason else note
-        return Maps(shape, v.reshape(1, 1, -1).contiguous(), None, note)
+        return Maps(shape, v.reshape(1, 1, -1).contiguous(), None, note, one_value_maps=True)
     if v.dim() == 0:
         m = v.reshape(1, 1, 1)
     elif v.dim() == 1:
@@ -895,7 +897,7 @@ def _unit_maps(shape: list[int], v: Any, layout: Any) -> Maps:
         return Maps(shape, u.reshape(1, 1, -1).contiguous(), None, _ONE_VALUE.format(n=u.numel()))
     if u.shape[0] > 1 and u[0].numel() == 1:  # positions of size 1 (a global pool's output)
         note = _ONE_POSITION.format(n=u.shape[0], size=_size(u.shape[1:]))
-        return Maps(shape, u.reshape(1, 1, -1).contiguous(), None, note)
+        return Maps(shape, u.reshape(1, 1, -1).contiguous(), None, note, one_value_maps=True)
     if u.dim() == 2 and (grid := layout.patch_grid()):
         order, rows, cols, left = grid
         m = u[:, order].reshape(u.shape[0], rows, cols)

@@ -10,12 +10,12 @@ from __future__ import annotations
 import difflib
 import json
 import math
+import operator
 import os
 import sqlite3
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from numbers import Integral
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal
@@ -577,11 +577,14 @@ class Run:
     def unit(self, layer: str, unit: int) -> Unit:
         """One unit of a layer; :class:`UnitRangeError` if ``unit`` is out of range."""
         info = self.layer(layer)
-        if not isinstance(unit, Integral) or isinstance(unit, bool):  # 3.7 is no unit
+        try:  # ints, numpy's and torch's integers; 3.7 is no unit
+            index = operator.index(unit) if not isinstance(unit, bool) else None
+        except TypeError:
+            index = None
+        if index is None:
             raise UnitRangeError(
                 f"a unit is an int index (0..{info.num_units - 1} in {info.name!r}), got {unit!r}"
             )
-        index = int(unit)
         if not 0 <= index < info.num_units:
             raise UnitRangeError(
                 f"layer {info.name!r} has {info.num_units} units (0..{info.num_units - 1}); "

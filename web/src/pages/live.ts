@@ -201,9 +201,10 @@ async function showOp(el: HTMLElement, ctx: PageContext, image: string, op: stri
   const sel: { in: number | null; out: number | null } = { in: null, out: null };
   // the sides shown as vectors (one value per index), once their values have loaded
   const vectors: Partial<Record<"input" | "output", VectorHandle>> = {};
+  // a side whose vector indexes channels (maps of one value each): picked by index
   const isVec = (side: "input" | "output") => {
     const t = side === "input" ? info.input : info.output;
-    return !!t && isVector(t);
+    return !!t && isVector(t) && !!t.one_value_maps;
   };
   const kernelBox = h("div", { class: "kernel-box" });
   const pair = h("section", { class: "card pair", "aria-label": "chosen maps and kernel" });
@@ -306,7 +307,7 @@ async function showOp(el: HTMLElement, ctx: PageContext, image: string, op: stri
     more.addEventListener("click", add);
     const vector = isVector(t);
     const what = vector
-      ? `${t.map_shape[1]} value${t.map_shape[1] === 1 ? "" : "s"}, ${t.shape.length > 2 ? "one per map" : "no positions"}`
+      ? `${t.map_shape[1]} value${t.map_shape[1] === 1 ? "" : "s"}, ${t.one_value_maps ? "one per map" : t.shape.length > 2 ? "one map" : "no positions"}`
       : `${t.channels} map${t.channels === 1 ? "" : "s"}${t.unit_axis === null || t.unit_axis === undefined ? "" : ` (units on axis ${t.unit_axis})`} of ${t.map_shape.join("×")}`;
     const from =
       side === "input" && info.input_op
@@ -322,7 +323,7 @@ async function showOp(el: HTMLElement, ctx: PageContext, image: string, op: stri
     if (vector) {
       const view = h("div", { class: "vector-view", "data-side": side }, h("p", { class: "muted" }, "Loading the values…"));
       card.append(view);
-      const pick = kernel ? (i: number) => choose(side, i) : undefined;
+      const pick = kernel && t.one_value_maps ? (i: number) => choose(side, i) : undefined;
       void vectorView(view, ctx, `${base}/${side}/0`, side, pick).then((handle) => {
         if (!handle) return;
         vectors[side] = handle;

@@ -12,7 +12,8 @@ later server answers without the model and ``lurker export`` can write it
 (``lurker images RUN --explanations`` fills it ahead). Concept relevance is kept the same
 way: every unit's relevance and the conditional heatmaps made so far, in one ``.npz``.
 
-The heatmap is the attribution summed over the input's channels (``Explanation.heatmap``),
+The heatmap is ``Explanation.heatmap``: the attribution summed over the input's channels
+(one channel's value where each holds the whole, as Grad-CAM's do),
 coloured as :func:`lurker.explain.overlay.colorize` does: scaled by ``max |heatmap|`` (one
 scale for both signs), signed methods blue-white-red, unsigned ones black-red-yellow, with
 opacity ``|heatmap| / max |heatmap|``. ``overlay=0`` serves that as RGBA (the page stacks
@@ -320,6 +321,11 @@ def disk_file(s: Session, key: tuple[str, str, str, str]) -> FilePath | None:
     return s.entry.path / "cache" / "explain" / image / f"{name}.json"
 
 
+#: what a cached heatmap is: 2 since Grad-CAM's and channel-spanning occlusion's are their
+#: map, not its sum over the channels (version 1, unversioned, was C times larger)
+HEATMAP_VERSION = 2
+
+
 def _read_disk(s: Session, key: tuple[str, str, str, str]) -> Result | None:
     """The explanation from the run's cache: ``.npy`` (the heatmap, float32, exact) and
     ``.json`` (the rest, written last: its presence means the pair is complete)."""
@@ -331,8 +337,8 @@ def _read_disk(s: Session, key: tuple[str, str, str, str]) -> Result | None:
         heat = np.load(meta.with_suffix(".npy"), allow_pickle=False)
     except (OSError, ValueError):
         return None
-    if doc.get("key") != list(key) or heat.ndim != 2:
-        return None  # a name collision or a file from another lurker: recompute
+    if doc.get("key") != list(key) or heat.ndim != 2 or doc.get("version") != HEATMAP_VERSION:
+        return None  # a name collision, or a heatmap an older lurker made: recompute
     import torch
 
     return Result(
@@ -357,6 +363,7 @@ def _write_disk(s: Session, key: tuple[str, str, str, str], r: Result) -> None:
     np.save(buf, r.heat.numpy().astype(np.float32), allow_pickle=False)
     doc = {
         "key": list(key),
+        "version": HEATMAP_VERSION,
         "signed": r.signed,
         "target": r.target,
         "target_class": r.target_class,

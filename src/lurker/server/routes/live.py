@@ -187,6 +187,7 @@ def _side(m: Maps) -> FeatureSide:
         map_shape=[int(m.maps.shape[1]), int(m.maps.shape[2])],
         unit_axis=m.unit_axis,
         note=m.note,
+        one_value_maps=m.one_value_maps,
     )
 
 
