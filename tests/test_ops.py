@@ -383,3 +383,50 @@ def test_recorder_and_replayer_count_the_same_calls() -> None:
             assert all(torch.equal(p, q) for p, q in zip(a, b))
         else:
             assert torch.equal(a, b), label
+
+
+class _Recurrent(nn.Module):
+    """einsum (list and varargs forms), tensordot and every recurrent op: LSTM with two
+    bidirectional layers and projections, RNN, batch-first GRU and a packed LSTM."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(8, 16, num_layers=2, bidirectional=True, proj_size=4)
+        self.rnn = nn.RNN(8, 5, nonlinearity="relu")
+        self.gru = nn.GRU(8, 6, batch_first=True)
+        self.packed = nn.LSTM(8, 3)
+        self.w = nn.Parameter(torch.randn(8, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pack = nn.utils.rnn.pack_padded_sequence(x, [7, 5, 2])
+        out = self.lstm(x)[0].sum() + self.rnn(x)[0].sum() + self.gru(x)[0].sum()
+        out = out + self.packed(pack)[0].data.sum()
+        out = out + torch.einsum("tbi,tbj->ij", x, x).sum()
+        out = out + torch.einsum("tbi,ij->tbj", [x, self.w]).sum()
+        return out + torch.tensordot(x, x, dims=([0, 1], [0, 1])).sum()
+
+
+def test_flops_of_einsum_tensordot_and_recurrent_ops_equal_torchs_counter() -> None:
+    """Each op's FLOPs equal torch's FlopCounterMode on that op alone (they were left out,
+    and a GRU model's total was its Linear's), and the model's total equals torch's."""
+    import warnings
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    model, x = _Recurrent().eval(), torch.randn(7, 3, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # oneDNN's note on LSTM projections
+        tr = lurker.trace(model, x)
+        with FlopCounterMode(display=False) as counter:
+            model(x)
+    got = {
+        op.label: op.flops
+        for op in tr.ops
+        if op.name in ("lstm", "gru", "rnn_relu", "einsum", "tensordot")
+    }
+    assert len(got) == 7 and all(got.values()), got
+    assert tr.flops == counter.get_total_flops()
+    with FlopCounterMode(display=False) as one:
+        model.gru(x)
+    assert got["gru_1"] == one.get_total_flops()

@@ -12,7 +12,7 @@ from collections import deque
 from typing import Any
 
 from ..ops import catalogue
-from .nodes import ModuleInfo, Op
+from .nodes import ModuleInfo, Op, OpRef, ParamRef
 
 #: kinds of the nodes the recorder records (a call of the model's); the others (inputs,
 #: outputs, buffers, constants) are sources and sinks it adds around them
@@ -67,7 +67,8 @@ def index(nodes: list[Op]) -> dict[str, int]:
 
 
 def count_flops(nodes: list[Op]) -> None:
-    """``meta["flops"]`` of every conv, linear and matmul-like op whose count is known."""
+    """``meta["flops"]`` of every conv, linear, matmul-like, attention and recurrent op
+    whose count is known."""
     for node in nodes:
         if node.name in _FLOP_OPS:
             n = flops(node, nodes)
@@ -148,7 +149,11 @@ def input_metas(node: Op, nodes: list[Op]) -> list[tuple[int, ...]]:
     return metas
 
 
-_FLOP_OPS = frozenset(n for n, s in catalogue.SPECS.items() if s.flops is not None)
+#: recurrent ops: their weight matrices applied at every step
+_RNN_OPS = frozenset({"lstm", "gru", "rnn_tanh", "rnn_relu"})
+_FLOP_OPS = frozenset(n for n, s in catalogue.SPECS.items() if s.flops is not None) | (
+    _RNN_OPS | {"einsum", "tensordot"}
+)
 
 
 def flops(node: Op, nodes: list[Op]) -> int | None:
@@ -157,11 +162,58 @@ def flops(node: Op, nodes: list[Op]) -> int | None:
     name = node.name
     if name not in _FLOP_OPS or not node.outputs or not node._inputs:
         return None
+    if name in _RNN_OPS:
+        return _rnn_flops(node, nodes)
+    if name in ("einsum", "tensordot"):
+        args = _shape_tree(node._skel_args if node._skel_args is not None else node.args, nodes)
+        kwargs = _shape_tree(
+            node._skel_kwargs if node._skel_args is not None else node.kwargs, nodes
+        )
+        try:
+            if name == "einsum":
+                return catalogue.einsum_flops(args[0], args[1:], node.outputs[0].shape)
+            return catalogue.tensordot_flops(*args, **kwargs)
+        except (IndexError, KeyError, TypeError, ValueError):
+            return None
     try:
         shapes = _bound_shapes(node, nodes)
     except (TypeError, IndexError):  # a call the op's signature does not take
         return None
     return catalogue.flops(name, shapes, node.outputs[0].shape)
+
+
+def _shape_tree(v: Any, nodes: list[Op]) -> Any:
+    """A call's arguments with each tensor (live, or an ``OpRef``/``ParamRef``) replaced by
+    its shape, in nested lists and tuples too."""
+    if isinstance(v, OpRef):
+        return tuple(nodes[v.index].outputs[v.output].shape)
+    if isinstance(v, ParamRef):
+        return tuple(v.shape)
+    if isinstance(v, dict):
+        return {k: _shape_tree(x, nodes) for k, x in v.items()}
+    if isinstance(v, (list, tuple)) and not hasattr(v, "_fields"):
+        return (
+            type(v)(_shape_tree(x, nodes) for x in v)
+            if isinstance(v, list)
+            else tuple(_shape_tree(x, nodes) for x in v)
+        )
+    shape = getattr(v, "shape", None)  # a tensor
+    return tuple(shape) if shape is not None else v
+
+
+def _rnn_flops(node: Op, nodes: list[Op]) -> int | None:
+    """An RNN, LSTM or GRU call: every weight matrix (input, hidden and projection, of
+    every layer and direction) is applied once per step of every sequence, 2 FLOPs per
+    multiply-add (the gates' elementwise work is not counted, as for other ops)."""
+    shapes = [
+        tuple(nodes[s].outputs[k].shape) for s, k in node._inputs if s >= 0 and nodes[s].outputs
+    ]
+    if not shapes or not node.params:
+        return None
+    first = shapes[0]
+    packed = len(first) == 2 and len(shapes) > 1 and len(shapes[1]) == 1  # (data, batch_sizes)
+    steps = first[0] if packed or len(first) == 2 else first[0] * first[1]
+    return sum(2 * steps * p.shape[0] * p.shape[1] for p in node.params if len(p.shape) == 2)
 
 
 def _bound_shapes(node: Op, nodes: list[Op]) -> dict[str, Any]:

@@ -501,3 +501,31 @@ def flops(name: str, shapes: Mapping[str, Any], out: Shape) -> int | None:
     except (KeyError, IndexError, TypeError):  # an argument missing or not a tensor
         return None
     raise AssertionError(f"unknown FLOPs rule {rule!r} of {name}")
+
+
+def einsum_flops(equation: str, operands: Any, out: Shape) -> int | None:
+    """``einsum`` of two operands, as the batched matmul it is: 2 FLOPs per multiply-add
+    over every index of the equation. None for one operand (a sum or a transpose), more
+    than two (the cost depends on the contraction order) or an ellipsis."""
+    if len(operands) == 1 and isinstance(operands[0], list):  # einsum(eq, [a, b])
+        operands = operands[0]
+    eq = equation.replace(" ", "")
+    if "..." in eq or len(operands) != 2:
+        return None
+    subs = eq.split("->")[0].split(",")
+    size: dict[str, int] = {}
+    for letters, shape in zip(subs, operands, strict=True):
+        if len(letters) != len(shape):
+            return None
+        size.update(zip(letters, shape))
+    return 2 * prod(size.values())
+
+
+def tensordot_flops(a: Shape, b: Shape, dims: Any = 2, out: Any = None) -> int:
+    """``tensordot``: a matmul of the free axes of ``a`` and ``b`` over the contracted ones
+    (``dims``: how many last axes of ``a``, or the two lists of axes)."""
+    if isinstance(dims, int):
+        contracted = prod(a[len(a) - dims :]) if dims else 1
+    else:
+        contracted = prod(a[d] for d in dims[0])
+    return 2 * prod(a) * prod(b) // max(contracted, 1)
