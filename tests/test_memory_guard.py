@@ -142,6 +142,21 @@ def test_auto_budget_is_a_fraction_of_available_memory(monkeypatch):
     assert lurker.trace(model, x).complete
 
 
+def test_a_fraction_asked_for_is_enforced_however_small(monkeypatch):
+    """max_memory=0.1 of 10 kB available is 1 kB: checked from the first saved tensor (it
+    waited for 256 MiB saved, the default's first check, and never stopped a small trace);
+    the default still reads nothing for a small trace."""
+    model, x = Net().eval(), torch.randn(2, 3, 16, 16)
+    calls = []
+    monkeypatch.setattr(_memory, "available_bytes", lambda device: calls.append(device) or 10_000)
+    with pytest.raises(lurker.MemoryLimitError) as info:
+        lurker.trace(model, x, max_memory=0.1)
+    assert calls == [torch.device("cpu")] and info.value.failed_op == "conv2d_1"
+    assert "10% of the" in str(info.value)
+    calls.clear()
+    assert lurker.trace(model, x).complete and calls == []  # "auto": under its first check
+
+
 def test_available_bytes_on_cpu_is_plausible():
     n = _memory.available_bytes(torch.device("cpu"))
     assert n is not None and 0 < n < 2**50

@@ -312,20 +312,24 @@ class _Core:
         self.mem_basis = ""
         self.over_limit: _memory.OverLimit | None = None
 
-    def set_memory_limit(self, limit: int | None, fraction: float | None) -> None:
-        """A fixed budget in bytes, or a fraction of the memory available (measured only
-        once the saved total reaches ``_memory.AUTO_FIRST_CHECK``)."""
+    def set_memory_limit(
+        self, limit: int | None, fraction: float | None, auto: bool = True
+    ) -> None:
+        """A fixed budget in bytes, or a fraction of the memory available: measured at the
+        first saved tensor when the user asked for it, else (``auto``, the default) only
+        once the saved total reaches ``_memory.AUTO_FIRST_CHECK``, so that small traces
+        never read the machine's memory."""
         if limit is not None:
             self.mem_check = limit
             self.mem_basis = f"max_memory={limit:,} bytes"
         elif fraction is not None:
-            self.mem_check = _memory.AUTO_FIRST_CHECK
+            self.mem_check = _memory.AUTO_FIRST_CHECK if auto else 0
             self.mem_fraction = fraction
 
     def _over(self, node_index: int, nbytes: int, device: torch.device) -> None:
         """The saved total passed the point to check: measure the budget, or stop."""
         saved = self.saved_bytes
-        if self.mem_fraction is not None:  # "auto": measure once, now
+        if self.mem_fraction is not None:  # a fraction: measure once, now
             fraction = self.mem_fraction
             self.mem_fraction = None
             avail = _memory.available_bytes(self.device or device)

@@ -72,7 +72,8 @@ def trace(
     limit, fraction = parse_max_memory(max_memory)
     rec = Recorder(model, save=policy, transform=transform, device=device, grads=grads)
     if policy.everything or policy.asks_ops or policy.saves_modules:
-        rec.set_memory_limit(limit, fraction)
+        auto = isinstance(max_memory, str) and max_memory.lower() == "auto"
+        rec.set_memory_limit(limit, fraction, auto=auto)
     named = _name_inputs(model, args, kwargs)
     for name, t in named:
         rec.add_source_node("input", name, t)
