@@ -317,6 +317,17 @@ def test_an_in_place_op_takes_its_replacement_in_place():
     torch.testing.assert_close(out, oracle(x))
     with pytest.raises(LurkerError, match=r"in place.*must have its shape \(5, 4\)"):
         tr.run(x, hooks={"relu_1": lambda op, h: h[:, :2]})
+    # with gradients: the replacement is written where the ReLU's backward does not look
+    # (it needs its own result: written over, the backward failed), and the gradients
+    # are the changed model's
+    xg, xo = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    tr.run(xg, hooks=hooks).output.pow(2).sum().backward()
+    oracle(xo).pow(2).sum().backward()
+    torch.testing.assert_close(xg.grad, xo.grad)
+    for p, q in zip(model.parameters(), oracle.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad)
+    with pytest.raises(LurkerError, match=r"in place.*must have its shape \(5, 4\)"):
+        tr.run(xg, hooks={"relu_1": lambda op, h: h[:, :2]})
 
 
 def test_saved_activations_are_the_values_after_the_hooks():

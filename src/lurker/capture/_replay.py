@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from ..errors import GraphChangedError
+from ..errors import GraphChangedError, LurkerError
 from ..ops import torch_funcs as _funcs
 from . import _hooks
 from ._hooks import Resolved
@@ -55,6 +55,23 @@ class Replayer(OpMode):
         versions = [t._version for t in ins]
         if self.before_write is not None and self.seq in self.writes:
             self.before_write(func, ins, args, kwargs)
+        swapped = None
+        if (
+            self.seq in self.hooks
+            and ins
+            and ins[0].requires_grad
+            and torch.is_grad_enabled()
+            and (info.inplace_first or kwargs.get("inplace") is True)
+        ):
+            # a hooked op that writes its input in place (x.relu_()): it runs on a copy,
+            # and the hooks' result is written into the input afterwards. Written into
+            # the op's own output instead, it would change a tensor the op's backward
+            # needs (a ReLU's result), and the backward would fail
+            first = ins[0]
+            args, kwargs = _swap_first(args, kwargs, first)
+            swapped = first
+            ins = call_tensors(args, kwargs)
+            versions = [t._version for t in ins]
         out = func(*args, **kwargs) if kwargs else func(*args)
         made = produced(func, info, out, ins, versions)  # the recorder asks the same
         if made is None:
@@ -68,6 +85,18 @@ class Replayer(OpMode):
             return out
         # in place: the output is an input the call modified (returned, or not: x[i] = v)
         inplace = any(outs[0] is t and t._version != v for t, v in zip(ins, versions))
+        if swapped is not None and inplace:
+            # the copy holds the op's result: the hooks' value goes into the real input,
+            # which the model goes on using and the call returns
+            result = _hooks.call(hooked[0], hooked[1], outs[0], outs, False)
+            if result.shape != swapped.shape:
+                raise LurkerError(
+                    f"a hook on {hooked[0].label} returned shape {tuple(result.shape)}; "
+                    f"{hooked[0].label} writes its input in place, so its replacement is "
+                    f"written into that tensor and must have its shape {tuple(swapped.shape)}"
+                )
+            swapped.copy_(result)  # (autograd records it: gradients reach the replacement)
+            return swapped if out is outs[0] else out
         return _hooks.call(hooked[0], hooked[1], out, outs, inplace)
 
     def _count(self, func: Any) -> int:
@@ -286,6 +315,16 @@ class _Keeper:
                     values[i] = tuple(x.clone() for x in v)
                 elif v is not None:
                     values[i] = v.clone()
+
+
+def _swap_first(args: tuple, kwargs: dict, first: Tensor) -> tuple[tuple, dict]:
+    """The call's arguments with ``first`` (the tensor it writes in place) replaced by a
+    copy of it, wherever it is passed."""
+    copy = first.clone()
+    return (
+        tuple(copy if a is first else a for a in args),
+        {k: copy if v is first else v for k, v in kwargs.items()},
+    )
 
 
 def replay(trace: Trace, args: tuple, kwargs: dict, save: Any, hooks: Resolved) -> Activations:
