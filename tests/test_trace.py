@@ -518,6 +518,21 @@ def test_gradients_match_autograd():
     torch.testing.assert_close(tr["2"].grad, go)
 
 
+def test_gradients_are_kept_for_the_saved_ops_only():
+    """grads=True with a save= selection keeps the gradients of the saved ops, through
+    the same transform (the transform ran on every op's gradient, and failed on a
+    Linear's (1, 2))."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+    x = torch.randn(1, 3, 8, 8)
+    tr = lurker.trace(net, x, save=nn.Conv2d, transform=lambda t: t.mean((2, 3)), grads=True)
+    tr.backward()
+    assert [op.label for op in tr.ops if op.grad is not None] == ["conv2d_1"]
+    h = net[0](x)
+    (g,) = torch.autograd.grad(net[1:](h).sum(), [h])
+    torch.testing.assert_close(tr["0"].grad, g.mean((2, 3)))
+
+
 def test_gradients_after_users_own_backward_with_inplace():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(inplace=True), nn.Linear(8, 2))

@@ -543,10 +543,6 @@ class _Core:
 
     # ------------------------------------------------------------------ saving
     def _maybe_save(self, node: Op, outs: list[Tensor]) -> None:
-        if self.grads:
-            for k, o in enumerate(outs):
-                if o.requires_grad:
-                    o.register_hook(self._grad_hook(node, k, len(outs)))
         if self.save.wants_op(node):
             self._store(node, outs)
         elif self.saved_modules and not self.saved_modules.isdisjoint(self._paths):
@@ -554,6 +550,12 @@ class _Core:
             # it is that output (see _build.drop_provisional)
             self._store(node, outs)
             node._provisional = True
+        else:
+            return  # not saved: no gradient kept either (nor transform run on it)
+        if self.grads:
+            for k, o in enumerate(outs):
+                if o.requires_grad:
+                    o.register_hook(self._grad_hook(node, k, len(outs)))
 
     def _store(self, node: Op, outs: list[Tensor]) -> None:
         saved = []
@@ -573,6 +575,8 @@ class _Core:
 
     def _grad_hook(self, node: Op, k: int, n: int) -> Callable[[Tensor], None]:
         def hook(g: Tensor) -> None:
+            if node._provisional and node.activation is None:
+                return  # kept provisionally, and not a module output save= wants
             g = g.detach()
             if self.transform is not None:
                 g = self.transform(g)
