@@ -429,6 +429,28 @@ def test_renamed_submodule_is_seen_on_the_next_trace():
     assert tr["head"].params[0].shape == (3, 4) and tr.num_params == 4 * 4 + 4 + 3 * 4 + 3
 
 
+def test_a_tied_weight_counts_in_every_module_that_holds_it():
+    """A head sharing the embedding's weight (tied, as language models do) has that weight
+    among its parameters (the module's count was 0); the model counts it once."""
+
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(10, 6)
+            self.mid = nn.Linear(6, 6)
+            self.head = nn.Linear(6, 10, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            return self.head(self.mid(self.emb(t)))
+
+    model = Tied()
+    tr = lurker.trace(model, torch.tensor([[1, 2, 3]]))
+    for path, mod in model.named_modules():
+        assert tr.modules[path].num_params == sum(p.numel() for p in mod.parameters()), path
+    assert tr.num_params == sum(p.numel() for p in model.parameters()) == 60 + 42
+
+
 def test_module_calls_outside_the_model_and_identity():
     """Modules are found on the Python stack: a module that is not part of the model is
     not a module of the trace, and a module that runs no tensor op has no passes."""

@@ -195,7 +195,7 @@ class _ModelIndex:
         self.param_modules: set[str] = set()  # modules whose subtree holds parameters
         parents: dict[str, str | None] = {}
         children: dict[str, list[str]] = {}
-        counts: dict[str, int] = {}
+        counts: dict[str, dict[int, int]] = {}
         todo: list[tuple[str, nn.Module, str | None]] = [("", model, None)]
         seen: set[int] = set()
         while todo:  # depth first, children in order: named_modules() order, faster
@@ -210,31 +210,41 @@ class _ModelIndex:
                 children[parent].append(path)
                 self.paths[id(mod)] = path
             prefix = f"{path}." if path else ""
-            numel = 0
+            held: dict[int, int] = {}  # its parameters, shared ones too: id -> numel
             for n, p in mod._parameters.items():
-                if p is None or id(p) in self.params:
+                if p is None:
+                    continue
+                shape = _shape(p)
+                held[id(p)] = math.prod(shape) if shape else 0
+                if id(p) in self.params:
                     continue  # shared parameters keep their first name
                 name = prefix + n
                 self.params[id(p)] = name
-                shape = _shape(p)
                 self.param_shapes[name] = shape
                 self.param_refs[name] = ParamRef(name, shape)
-                numel += math.prod(shape) if shape else 0
-            counts[path] = numel
+            counts[path] = held
             for n, b in mod._buffers.items():
                 if b is not None and id(b) not in self.buffers:
                     self.buffers[id(b)] = prefix + n
             todo.extend(
                 (prefix + n, m, path) for n, m in reversed(mod._modules.items()) if m is not None
             )
-        for path in reversed(list(self.modules)):  # children before parents: sum subtrees
+        # children before parents: each subtree's parameters, a shared one counted once in
+        # each module that holds it (a tied head's weight is the head's and the embedding's)
+        for path in reversed(list(self.modules)):
             parent = parents[path]
             if counts[path]:
                 self.param_modules.add(path)
                 if parent is not None:
-                    counts[parent] += counts[path]
+                    counts[parent].update(counts[path])
         self.rows = [
-            (path, type(mod).__name__, parents[path], tuple(children[path]), counts[path])
+            (
+                path,
+                type(mod).__name__,
+                parents[path],
+                tuple(children[path]),
+                sum(counts[path].values()),
+            )
             for path, mod in self.modules.items()
         ]
         self.stamp = _stamp(self.modules.values())
