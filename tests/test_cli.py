@@ -216,3 +216,26 @@ def test_warnings_read_as_one_line_without_a_source_place(tmp_path: Path):
     assert r.returncode == 0, r.stderr
     assert "warning: LRP relevance is not conserved at" in r.stderr, r.stderr
     assert "UserWarning" not in r.stderr and ".py:" not in r.stderr
+
+
+def test_trace_refuses_outputs_it_cannot_write_before_tracing(tmp_path: Path):
+    """--out or --json in a folder that cannot be made (a file stands there) is one
+    message before the model is traced, not a traceback after; a folder that does not
+    exist yet is made; --depth must be >= 0."""
+    (tmp_path / "file").write_text("x")
+    args = ["trace", "torchvision:resnet18", "-i", "1,3,32,32"]
+    for extra, hint in (
+        (["--out", str(tmp_path / "file" / "g.svg")], "--out"),
+        (["--out", str(tmp_path / "g.svg"), "--json", str(tmp_path / "file" / "g.json")], "--json"),
+        (["--out", str(tmp_path)], "--out"),
+    ):
+        r = CliRunner().invoke(main, [*args, *extra])
+        assert r.exit_code == 2 and hint in r.output and "Traceback" not in r.output, r.output
+        assert "ResNet" not in r.output  # (no summary: nothing was traced)
+    r = CliRunner().invoke(main, [*args, "--depth", "-1", "--out", str(tmp_path / "g.svg")])
+    assert r.exit_code == 2 and "--depth" in r.output
+    new = tmp_path / "new" / "dir"
+    r = CliRunner().invoke(
+        main, [*args, "--out", str(new / "g.dot"), "--json", str(new / "g.json")]
+    )
+    assert r.exit_code == 0 and (new / "g.dot").is_file() and (new / "g.json").is_file(), r.output

@@ -615,7 +615,7 @@ def test_cli_explain_writes_the_overlay(tmp_path) -> None:
     blocked = tmp_path / "a-file"
     blocked.write_text("x")
     r = CliRunner().invoke(main, [*args, "-o", str(blocked / "heat.png")])
-    assert r.exit_code == 2 and "cannot create the folder" in r.output, r.output
+    assert r.exit_code == 2 and "cannot create its folder" in r.output, r.output
 
 
 def test_cli_unit_dim(tmp_path) -> None:

@@ -46,6 +46,26 @@ def main() -> None:
     warnings.formatwarning = _one_line_warning
 
 
+def _out_folder(path: str, hint: str) -> None:
+    """Make the folder that file ``path`` goes in, or refuse it now: before the work that
+    makes the file, not after it."""
+    target = Path(path)
+    if target.is_dir():
+        raise click.BadParameter(f"{path!r} is a folder: give a file name", param_hint=hint)
+    folder = target.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise click.BadParameter(
+            f"cannot write {path!r}: cannot create its folder {str(folder)!r} ({e.strerror or e})",
+            param_hint=hint,
+        ) from None
+    if not os.access(folder, os.W_OK):
+        raise click.BadParameter(
+            f"cannot write {path!r}: its folder {str(folder)!r} is not writable", param_hint=hint
+        )
+
+
 def _one_line_warning(
     message: Any, category: Any, filename: str, lineno: int, line: Any = None
 ) -> str:
@@ -84,7 +104,9 @@ Examples:
     show_default=True,
     help="Graph file: .svg, .pdf, .png or .dot.",
 )
-@click.option("--depth", type=int, default=None, help="Collapse modules deeper than this.")
+@click.option(
+    "--depth", type=click.IntRange(min=0), default=None, help="Collapse modules deeper than this."
+)
 @click.option("--rolled", is_flag=True, help="One node per op of a loop (with pass counts).")
 @click.option(
     "--direction", type=click.Choice(["TB", "LR", "BT", "RL"]), default="TB", show_default=True
@@ -128,6 +150,9 @@ def trace(
             f"(got '{suffix or 'no suffix'}'); e.g. --out {Path(out).stem or 'graph'}.svg",
             param_hint="'--out'",
         )
+    _out_folder(out, "'--out'")
+    if json_out:
+        _out_folder(json_out, "'--json'")
     specs = parse_inputs(input_shape, input_dtype)
     net = load_model(model, weights, device=device)
     inputs = example_inputs(specs, device=device)
@@ -698,14 +723,7 @@ def explain(
         raise click.BadParameter(
             f"{out!r}: the overlay is an image: .png, .jpg or .webp", param_hint="'--out'"
         )
-    folder = Path(out).parent
-    try:  # before the work, not after it
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise click.BadParameter(
-            f"cannot create the folder {str(folder)!r} to write {out!r} in: {e.strerror or e}",
-            param_hint="'--out'",
-        ) from None
+    _out_folder(out, "'--out'")
     opts = parse_options(options)
     if layer is not None:
         opts["layer"] = layer
