@@ -364,6 +364,41 @@ def test_a_failed_check_of_the_models_own_reads_as_one_sentence():
     assert ".." not in text and "shapes []" not in text
 
 
+class _TwoInputs(nn.Module):
+    def forward(self, x, mask):
+        return x * mask
+
+
+def test_too_few_inputs_name_what_the_forward_takes():
+    """One tensor for a forward of two: what it takes and what it got, not a TypeError
+    "inside torch" called from lurker's own code."""
+    with pytest.raises(lurker.TraceError) as info:
+        lurker.trace(_TwoInputs(), torch.randn(2, 8))
+    said, cli = str(info.value), info.value.for_cli()
+    assert (
+        "_TwoInputs.forward(x, mask) does not take the inputs given (a tensor of shape (2, 8))"
+        in said
+    )
+    assert "'mask'" in said and "inside torch" not in said and "lurker/capture" not in said
+    assert "lurker.trace(model, x, mask)" in said and '-i "1,3,224,224;1,7"' in cli
+    with pytest.raises(
+        lurker.TraceError, match=r"\(a tensor of shape \(2,\), a tensor of shape \(2,\), a tensor"
+    ):
+        lurker.trace(_TwoInputs(), torch.ones(2), torch.ones(2), torch.ones(2))
+
+
+def test_token_ids_past_the_embedding_name_the_range():
+    """Ids beyond the table: the range it takes and the range it got (the message only
+    said the input might not have the right shape or dtype)."""
+    model = nn.Sequential(nn.Embedding(100, 8), nn.Linear(8, 2))
+    ids = torch.tensor([[1, 5, 200]])
+    with pytest.raises(lurker.TraceError) as info:
+        lurker.trace(model, ids)
+    said = info.value.for_cli()
+    assert "expects integer indices (long) in 0..99" in said, said
+    assert "It got a tensor of shape (1, 3) (int64, values 1..200)" in said
+
+
 def test_out_that_cannot_be_created_is_one_paragraph(tmp_path: Path):
     (tmp_path / "file").write_text("mine")
     r = _cli(*CLI_PROBE, "--out", str(tmp_path / "file" / "run"))

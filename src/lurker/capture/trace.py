@@ -102,7 +102,7 @@ def trace(
                 partial = Trace._build(
                     rec, None, inputs_copy, rng, perf_counter() - t0, complete=False
                 )
-                raise _trace_error(model, e, partial, rec) from e
+                raise _trace_error(model, e, partial, rec, (args, kwargs)) from e
             # past max_memory: raised below, out of this block, so that the error does
             # not chain the model's frames (and the tensors they hold)
         finally:
@@ -193,8 +193,20 @@ def _copy(t: Tensor) -> Tensor:
     return t.detach().clone()
 
 
-def _trace_error(model: nn.Module, e: Exception, partial: Trace, rec: Recorder) -> TraceError:
+def _trace_error(
+    model: nn.Module, e: Exception, partial: Trace, rec: Recorder, call: tuple = ((), {})
+) -> TraceError:
     """One paragraph on why the forward failed; for the CLI, without ``err.partial``."""
+    mismatch = _call_mismatch(model, e, *call)
+    if mismatch is not None:
+        return TraceError(
+            f"{mismatch} Pass one tensor per input it takes: lurker.trace(model, x, mask); "
+            "the partial trace is in `err.partial`.",
+            partial=partial,
+            failed_op=None,
+            cli=f"{mismatch} Give one shape per input it takes, separated by ';': "
+            '-i "1,3,224,224;1,7".',
+        )
     msg = str(e).strip().splitlines()
     first = msg[0] if msg else ""
     detail = " ".join(m.strip() for m in msg[1:3] if m.strip())
@@ -213,7 +225,7 @@ def _trace_error(model: nn.Module, e: Exception, partial: Trace, rec: Recorder) 
         where = f" in module '{failed.module}'" if failed.module else ""
         src = f", called at {failed.source}" if failed.source else ""
         near_input = failed.dist_from_input is not None and failed.dist_from_input <= 2
-        expects = f" {layer[2]}" if layer is not None and layer[2] else ""
+        expects = f" {layer[2]} It got {layer[1]}." if layer is not None and layer[2] else ""
         said = f"{first}{(' ' + detail) if detail else ''}".rstrip(".")
         # (a check such as torch._assert(cond, msg) reads no tensor: no shapes to list)
         had = f" Its tensor inputs had shapes {shapes}." if shapes else ""
@@ -283,6 +295,31 @@ def _trace_error(model: nn.Module, e: Exception, partial: Trace, rec: Recorder) 
     )
 
 
+def _call_mismatch(model: nn.Module, e: Exception, args: tuple, kwargs: dict) -> str | None:
+    """Where the model's forward does not take the inputs given (a TypeError from the
+    call itself, not from inside the forward): what it takes and what it got."""
+    if not isinstance(e, TypeError):
+        return None
+    try:
+        sig = inspect.signature(model.forward)
+        sig.bind(*args, **kwargs)
+    except TypeError as why:
+        given = [_describe(a) for a in args] + [f"{k}={_describe(v)}" for k, v in kwargs.items()]
+        return (
+            f"{type(model).__name__}.forward{sig} does not take the inputs given "
+            f"({', '.join(given) or 'none'}): {why}."
+        )
+    except ValueError:  # no signature to read
+        return None
+    return None
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    return type(value).__name__
+
+
 def _in_torch(filename: str) -> bool:
     try:
         return str(Path(filename).resolve()).startswith(_TORCH_DIR + os.sep)
@@ -308,7 +345,10 @@ def _failing_layer(model: nn.Module, e: BaseException) -> tuple[str, str, str, b
         return None
     path, module, arg = found
     if isinstance(arg, Tensor):
-        got = f"a tensor of shape {tuple(arg.shape)} ({str(arg.dtype).removeprefix('torch.')})"
+        dtype = str(arg.dtype).removeprefix("torch.")
+        if not (arg.dtype.is_floating_point or arg.dtype.is_complex) and 0 < arg.numel() < 2**24:
+            dtype += f", values {int(arg.min())}..{int(arg.max())}"  # (indices: their range)
+        got = f"a tensor of shape {tuple(arg.shape)} ({dtype})"
     else:
         got = f"a {type(arg).__name__}"
     expects = _expected_input(module) if not _fits(module, arg) else None
@@ -340,8 +380,10 @@ def _fits(m: nn.Module, x: Any) -> bool:
     if isinstance(m, nn.LayerNorm):
         n = len(m.normalized_shape)
         return tuple(x.shape[x.dim() - n :]) == tuple(m.normalized_shape)
-    if isinstance(m, nn.Embedding):
-        return not (x.dtype.is_floating_point or x.dtype.is_complex)
+    if isinstance(m, nn.Embedding):  # integer indices, each a row of the table
+        if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
+            return False
+        return not x.numel() or (int(x.min()) >= 0 and int(x.max()) < m.num_embeddings)
     return False
 
 
