@@ -294,6 +294,15 @@ def test_save_pattern_matching_nothing_is_an_error(save):
     assert "conv2d_1" in msg and "features.0" in msg  # what names can match
 
 
+def test_save_classes_matching_no_module_are_an_error():
+    """save=nn.LSTM on a CNN would save nothing, silently: said before the model runs,
+    with the classes it has; a class it has saves."""
+    with pytest.raises(LurkerError, match=r"save=\(LSTM\) matches no module of .*Conv2d"):
+        lurker.trace(_model(), torch.randn(1, 1, 16, 16), save=nn.LSTM)
+    tr = lurker.trace(_model(), torch.randn(1, 1, 16, 16), save=(nn.LSTM, nn.Conv2d))
+    assert any(op.activation is not None for op in tr.ops)
+
+
 def test_save_patterns_that_match_still_save():
     tr = lurker.trace(
         _model(), torch.randn(1, 1, 16, 16), save=["features.0", "relu_*", "classifier.3"]

@@ -361,6 +361,8 @@ def test_an_unknown_key_fails_before_anything_runs():
         tr.hooks({"conv2d_l": _zero_channel})  # (letter l, not one)
     assert isinstance(err.value, KeyError) and isinstance(err.value, LurkerError)
     assert "Did you mean" in str(err.value)
+    said = str(err.value).split("Did you mean ")[1]
+    assert len(said.split(", ")) == len(set(said.split(", ")))  # each name once
     with pytest.raises(OpKeyError, match=r"'net.0'"):
         tr.run(_x(), hooks={"net.O": _zero_channel})
     with pytest.raises(OpKeyError, match="out of range"):

@@ -76,7 +76,7 @@ def ops_for(trace: Trace, key: Any) -> list[Op]:
                     + ")"
                 )
         if not found:
-            names = [*trace._index, *{op.rolled for op in ops}]
+            names = list(dict.fromkeys([*trace._index, *(op.rolled for op in ops)]))  # once each
             close = difflib.get_close_matches(key, names, n=5)
             hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
             raise OpKeyError(f"hook key {key!r} names no op or module of this trace.{hint}")

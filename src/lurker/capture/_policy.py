@@ -21,11 +21,13 @@ class SavePolicy:
         modules: Callable[[str, nn.Module], bool] | None = None,
         everything: bool = False,
         patterns: list[str] | None = None,
+        classes: tuple[type, ...] = (),
     ):
         self._ops = ops
         self._modules = modules
         self.everything = everything
         self.patterns = patterns  # the names/globs given, checked against the trace after
+        self.classes = classes  # the module classes given, checked against the model before
 
     def wants_op(self, op: Op) -> bool:
         return self.everything or (self._ops is not None and self._ops(op))
@@ -66,7 +68,7 @@ def make_policy(save: Any) -> SavePolicy:
         save = (save,)
     if isinstance(save, tuple) and save and all(isinstance(s, type) for s in save):
         types = save
-        return SavePolicy(modules=lambda path, mod: isinstance(mod, types))
+        return SavePolicy(modules=lambda path, mod: isinstance(mod, types), classes=types)
     if isinstance(save, str):
         save = [save]
     if callable(save):
@@ -91,6 +93,19 @@ def make_policy(save: Any) -> SavePolicy:
     raise LurkerError(
         f"save={save!r} is not understood. Use 'all', 'none', a list of op labels or "
         "module paths (globs allowed), module classes, or a function op -> bool."
+    )
+
+
+def check_classes(policy: SavePolicy, model: nn.Module) -> None:
+    """Raise if the ``save=`` module classes match no module of the model (before it
+    runs): as a name that matches nothing, it would silently save nothing."""
+    if not policy.classes or any(isinstance(m, policy.classes) for m in model.modules()):
+        return
+    given = ", ".join(c.__name__ for c in policy.classes)
+    held = ", ".join(dict.fromkeys(type(m).__name__ for m in model.modules()))
+    raise LurkerError(
+        f"save=({given}) matches no module of {type(model).__name__}, so nothing would be "
+        f"saved. Its module classes: {held}."
     )
 
 

@@ -25,7 +25,7 @@ from . import _context, _hooks, _state
 from ._build import build
 from ._hooks import HookFn
 from ._memory import fmt_bytes, parse_max_memory
-from ._policy import check_patterns, make_policy
+from ._policy import check_classes, check_patterns, make_policy
 from ._recorder import Recorder
 from ._tree import map_tensors, paths
 
@@ -68,6 +68,7 @@ def trace(
             "Pass the model object itself: lurker.trace(model, x)."
         )
     policy = make_policy(save)
+    check_classes(policy, model)
     device = torch.device(save_to) if save_to is not None else None
     limit, fraction = parse_max_memory(max_memory)
     rec = Recorder(model, save=policy, transform=transform, device=device, grads=grads)
