@@ -396,6 +396,22 @@ def test_too_few_inputs_name_what_the_forward_takes():
         lurker.trace(_TwoInputs(), torch.ones(2), torch.ones(2), torch.ones(2))
 
 
+def test_a_type_error_inside_the_forward_is_not_blamed_on_its_inputs():
+    """A forward pre-hook supplies the second input; a TypeError raised inside the
+    forward is the model's, not a call that "does not take the inputs given"."""
+
+    class Hooked(nn.Module):
+        def forward(self, x, mask):
+            return torch.add(x * mask, "oops")
+
+    m = Hooked()
+    m.register_forward_pre_hook(lambda mod, args: (args[0], torch.ones_like(args[0])))
+    with pytest.raises(lurker.TraceError) as info:
+        lurker.trace(m, torch.randn(2, 4))
+    assert "does not take the inputs given" not in str(info.value)
+    assert "must be Tensor, not str" in str(info.value)
+
+
 def test_token_ids_past_the_embedding_name_the_range():
     """Ids beyond the table: the range it takes and the range it got (the message only
     said the input might not have the right shape or dtype)."""

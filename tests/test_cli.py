@@ -239,3 +239,15 @@ def test_trace_refuses_outputs_it_cannot_write_before_tracing(tmp_path: Path):
         main, [*args, "--out", str(new / "g.dot"), "--json", str(new / "g.json")]
     )
     assert r.exit_code == 0 and (new / "g.dot").is_file() and (new / "g.json").is_file(), r.output
+
+
+def test_trace_out_with_a_tilde_is_the_home_folder(tmp_path: Path, monkeypatch):
+    """--out=~/g.dot (a shell leaves ~ after = alone) writes into the home folder, not a
+    folder named ~."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(
+        main, ["trace", "torchvision:resnet18", "-i", "1,3,32,32", "--out=~/g.dot"]
+    )
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "home" / "g.dot").is_file() and not (tmp_path / "~").exists()

@@ -467,3 +467,30 @@ def test_backward_hooks_that_need_grad_mode_are_named():
     torch.testing.assert_close(x1.grad, x2.grad)  # the backward hook halved it in both
     with torch.no_grad(), pytest.raises(GraphChangedError, match=r"backward hooks.*grad off"):
         tr.run(_x())
+
+
+def test_an_in_place_op_that_writes_nothing_keeps_its_tensor_under_autograd():
+    """Dropout(inplace=True) in eval mode writes nothing and returns its input itself; a
+    later in-place write to that tensor shows in what the model returns. With gradients
+    on, a run (saving every activation, or with a hook on it) gets the model's own tensor
+    back, not a copy, so the output is the model's."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+            self.drop = nn.Dropout(0.5, inplace=True)
+
+        def forward(self, x: Tensor) -> Tensor:
+            h = self.lin(x)
+            y = self.drop(h)
+            h.add_(1)  # y is h: it sees this
+            return y * 2
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    tr = lurker.trace(model, torch.randn(2, 4))
+    x = torch.randn(3, 4, requires_grad=True)
+    want = model(x)
+    torch.testing.assert_close(tr.run(x).output, want)
+    torch.testing.assert_close(tr.run(x, hooks={"drop": lambda op, o: None}).output, want)

@@ -430,3 +430,32 @@ def test_flops_of_einsum_tensordot_and_recurrent_ops_equal_torchs_counter() -> N
     with FlopCounterMode(display=False) as one:
         model.gru(x)
     assert got["gru_1"] == one.get_total_flops()
+
+
+@pytest.mark.parametrize(
+    ("eq", "a", "b"),
+    [
+        ("bij,bjk->bik", (8, 3, 4), (1, 4, 5)),  # a batch index broadcast from 1
+        ("ij,jk->k", (30, 4), (4, 5)),  # i summed out of one operand: no multiplication
+        ("ij,jk", (3, 4), (4, 5)),  # the output implicit
+        ("bhqd,bhkd->bhqk", (2, 4, 5, 8), (2, 4, 6, 8)),
+        ("i,j->ij", (3,), (4,)),  # an outer product: no matmul, not counted
+    ],
+)
+def test_einsum_flops_equal_torchs_counter(eq: str, a: tuple, b: tuple) -> None:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x, y = torch.randn(*a), torch.randn(*b)
+    tr = lurker.trace(_Einsum(eq), x, y)
+    with FlopCounterMode(display=False) as counter:
+        torch.einsum(eq, x, y)
+    assert (tr["einsum_1"].flops or 0) == counter.get_total_flops()
+
+
+class _Einsum(nn.Module):
+    def __init__(self, eq: str) -> None:
+        super().__init__()
+        self.eq = eq
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.einsum(self.eq, x, y)

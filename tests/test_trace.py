@@ -449,6 +449,13 @@ def test_a_tied_weight_counts_in_every_module_that_holds_it():
     for path, mod in model.named_modules():
         assert tr.modules[path].num_params == sum(p.numel() for p in mod.parameters()), path
     assert tr.num_params == sum(p.numel() for p in model.parameters()) == 60 + 42
+    # a module registered in two places: both parents hold its parameters
+    lin = nn.Linear(4, 4)
+    twice = nn.Sequential(nn.Sequential(lin, nn.ReLU()), nn.Sequential(lin, nn.Tanh()))
+    tr = lurker.trace(twice, torch.randn(2, 4))
+    for path, mod in twice.named_modules():
+        assert tr.modules[path].num_params == sum(p.numel() for p in mod.parameters()), path
+    assert tr.num_params == 20
 
 
 def test_module_calls_outside_the_model_and_identity():

@@ -46,12 +46,16 @@ def main() -> None:
     warnings.formatwarning = _one_line_warning
 
 
-def _out_folder(path: str, hint: str) -> None:
+def _out_folder(path: str, hint: str) -> str:
     """Make the folder that file ``path`` goes in, or refuse it now: before the work that
-    makes the file, not after it."""
-    target = Path(path)
+    makes the file, not after it. Returns the path, ``~`` expanded."""
+    target = Path(path).expanduser()
     if target.is_dir():
         raise click.BadParameter(f"{path!r} is a folder: give a file name", param_hint=hint)
+    if target.is_file():  # written over: the file must be writable, whatever its folder
+        if not os.access(target, os.W_OK):
+            raise click.BadParameter(f"cannot write {path!r}: it is read-only", param_hint=hint)
+        return str(target)
     folder = target.parent
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -64,6 +68,7 @@ def _out_folder(path: str, hint: str) -> None:
         raise click.BadParameter(
             f"cannot write {path!r}: its folder {str(folder)!r} is not writable", param_hint=hint
         )
+    return str(target)
 
 
 def _one_line_warning(
@@ -150,9 +155,9 @@ def trace(
             f"(got '{suffix or 'no suffix'}'); e.g. --out {Path(out).stem or 'graph'}.svg",
             param_hint="'--out'",
         )
-    _out_folder(out, "'--out'")
+    out = _out_folder(out, "'--out'")
     if json_out:
-        _out_folder(json_out, "'--json'")
+        json_out = _out_folder(json_out, "'--json'")
     specs = parse_inputs(input_shape, input_dtype)
     net = load_model(model, weights, device=device)
     inputs = example_inputs(specs, device=device)
@@ -723,7 +728,7 @@ def explain(
         raise click.BadParameter(
             f"{out!r}: the overlay is an image: .png, .jpg or .webp", param_hint="'--out'"
         )
-    _out_folder(out, "'--out'")
+    out = _out_folder(out, "'--out'")
     opts = parse_options(options)
     if layer is not None:
         opts["layer"] = layer

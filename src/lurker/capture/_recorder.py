@@ -197,12 +197,15 @@ class _ModelIndex:
         children: dict[str, list[str]] = {}
         counts: dict[str, dict[int, int]] = {}
         todo: list[tuple[str, nn.Module, str | None]] = [("", model, None)]
-        seen: set[int] = set()
+        seen: dict[int, str] = {}  # id(module) -> its (first) path
+        again: list[tuple[str, str]] = []  # (parent, first path) of a module met twice
         while todo:  # depth first, children in order: named_modules() order, faster
             path, mod, parent = todo.pop()
-            if id(mod) in seen:
-                continue  # a module registered twice keeps its first path
-            seen.add(id(mod))
+            if id(mod) in seen:  # a module registered twice keeps its first path
+                if parent is not None:
+                    again.append((parent, seen[id(mod)]))  # (its parameters are the parent's too)
+                continue
+            seen[id(mod)] = path
             self.modules[path] = mod
             parents[path] = parent
             children[path] = []
@@ -237,6 +240,12 @@ class _ModelIndex:
                 self.param_modules.add(path)
                 if parent is not None:
                     counts[parent].update(counts[path])
+        for parent, first in again:  # a module met twice: its subtree, up its second path
+            while parent is not None:
+                counts[parent].update(counts[first])
+                if counts[parent]:
+                    self.param_modules.add(parent)
+                parent = parents[parent]
         self.rows = [
             (
                 path,

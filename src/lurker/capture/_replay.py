@@ -31,7 +31,9 @@ if TYPE_CHECKING:
 class Replayer(OpMode):
     """Calls each hooked op's hooks with its live output; what they return replaces it."""
 
-    def __init__(self, trace: Trace, hooks: Resolved):
+    def __init__(self, trace: Trace, hooks: Resolved, user: Any = None):
+        """``user``: the op indices whose hooks are the caller's (default: all of them);
+        the others only keep values, and never change what an op computes."""
         super().__init__()
         cached = trace.__dict__.get("_replay_calls")
         if cached is None:  # a trace's ops never change: sorted once, not per run
@@ -41,6 +43,8 @@ class Replayer(OpMode):
         self.funcs, self.labels = cached
         ops = trace.ops
         self.hooks = {ops[i].seq: (ops[i], fns) for i, fns in hooks.items() if ops[i].seq >= 0}
+        chosen = hooks if user is None else user
+        self.replacing = frozenset(ops[i].seq for i in chosen if ops[i].seq >= 0)
         self.seq = 0
         self.trace = trace
         self.call: tuple[tuple, dict] = ((), {})  # the inputs of the forward being run
@@ -55,9 +59,9 @@ class Replayer(OpMode):
         versions = [t._version for t in ins]
         if self.before_write is not None and self.seq in self.writes:
             self.before_write(func, ins, args, kwargs)
-        swapped = None
+        swapped = copy = None
         if (
-            self.seq in self.hooks
+            self.seq in self.replacing
             and ins
             and ins[0].requires_grad
             and torch.is_grad_enabled()
@@ -68,7 +72,7 @@ class Replayer(OpMode):
             # the op's own output instead, it would change a tensor the op's backward
             # needs (a ReLU's result), and the backward would fail
             first = ins[0]
-            args, kwargs = _swap_first(args, kwargs, first)
+            args, kwargs, copy = _swap_first(args, kwargs, first)
             swapped = first
             ins = call_tensors(args, kwargs)
             versions = [t._version for t in ins]
@@ -85,7 +89,12 @@ class Replayer(OpMode):
             return out
         # in place: the output is an input the call modified (returned, or not: x[i] = v)
         inplace = any(outs[0] is t and t._version != v for t, v in zip(ins, versions))
-        if swapped is not None and inplace:
+        if swapped is not None and not inplace:  # it wrote nothing (dropout in eval mode):
+            # the model gets its own tensor back, not the copy
+            out = swapped if out is copy else out
+            outs = [swapped if o is copy else o for o in outs]
+            swapped = None
+        if swapped is not None:
             # the copy holds the op's result: the hooks' value goes into the real input,
             # which the model goes on using and the call returns
             result = _hooks.call(hooked[0], hooked[1], outs[0], outs, False)
@@ -317,13 +326,14 @@ class _Keeper:
                     values[i] = v.clone()
 
 
-def _swap_first(args: tuple, kwargs: dict, first: Tensor) -> tuple[tuple, dict]:
+def _swap_first(args: tuple, kwargs: dict, first: Tensor) -> tuple[tuple, dict, Tensor]:
     """The call's arguments with ``first`` (the tensor it writes in place) replaced by a
-    copy of it, wherever it is passed."""
+    copy of it, wherever it is passed; and the copy."""
     copy = first.clone()
     return (
         tuple(copy if a is first else a for a in args),
         {k: copy if v is first else v for k, v in kwargs.items()},
+        copy,
     )
 
 
@@ -358,11 +368,12 @@ def replay(trace: Trace, args: tuple, kwargs: dict, save: Any, hooks: Resolved) 
             keeper.keep(op.index, value)  # type: ignore[union-attr]
 
     chosen = chosen_ops(trace, save)
+    user = list(hooks)  # the caller's hooks may replace values; `keep` never does
     if chosen:
         hooks = {i: list(fns) for i, fns in hooks.items()}  # (the caller's stay as they are)
         for op in chosen:
             hooks.setdefault(op.index, []).append(keep)
-    replayer = Replayer(trace, hooks)
+    replayer = Replayer(trace, hooks, user)
     if keeper is not None:
         replayer.before_write = keeper.before_write
         replayer.writes = keeper.writes

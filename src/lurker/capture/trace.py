@@ -301,6 +301,12 @@ def _call_mismatch(model: nn.Module, e: Exception, args: tuple, kwargs: dict) ->
     call itself, not from inside the forward): what it takes and what it got."""
     if not isinstance(e, TypeError):
         return None
+    code = getattr(type(model).forward, "__code__", None)
+    tb = e.__traceback__
+    while tb is not None:  # the forward ran (its pre-hooks may add inputs): not the call
+        if tb.tb_frame.f_code is code:
+            return None
+        tb = tb.tb_next
     try:
         sig = inspect.signature(model.forward)
         sig.bind(*args, **kwargs)
@@ -348,7 +354,8 @@ def _failing_layer(model: nn.Module, e: BaseException) -> tuple[str, str, str, b
     if isinstance(arg, Tensor):
         dtype = str(arg.dtype).removeprefix("torch.")
         if not (arg.dtype.is_floating_point or arg.dtype.is_complex) and 0 < arg.numel() < 2**24:
-            dtype += f", values {int(arg.min())}..{int(arg.max())}"  # (indices: their range)
+            with contextlib.suppress(Exception):  # (a device that failed cannot be read)
+                dtype += f", values {int(arg.min())}..{int(arg.max())}"  # indices: their range
         got = f"a tensor of shape {tuple(arg.shape)} ({dtype})"
     else:
         got = f"a {type(arg).__name__}"
@@ -384,7 +391,10 @@ def _fits(m: nn.Module, x: Any) -> bool:
     if isinstance(m, nn.Embedding):  # integer indices, each a row of the table
         if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
             return False
-        return not x.numel() or (int(x.min()) >= 0 and int(x.max()) < m.num_embeddings)
+        try:
+            return not x.numel() or (int(x.min()) >= 0 and int(x.max()) < m.num_embeddings)
+        except Exception:  # (a device that failed cannot be read: say nothing of the range)
+            return True
     return False
 
 

@@ -505,20 +505,31 @@ def flops(name: str, shapes: Mapping[str, Any], out: Shape) -> int | None:
 
 def einsum_flops(equation: str, operands: Any, out: Shape) -> int | None:
     """``einsum`` of two operands, as the batched matmul it is: 2 FLOPs per multiply-add
-    over every index of the equation. None for one operand (a sum or a transpose), more
-    than two (the cost depends on the contraction order) or an ellipsis."""
+    over the indices it multiplies over (those of both operands, or of the output; an
+    index summed out of one operand alone costs no multiplication), a broadcast index at
+    its larger size. None for one operand (a sum or a transpose), an outer or element-wise
+    product (nothing contracted: not a matmul), more than two operands (the cost depends
+    on the contraction order) or an ellipsis."""
     if len(operands) == 1 and isinstance(operands[0], list):  # einsum(eq, [a, b])
         operands = operands[0]
     eq = equation.replace(" ", "")
     if "..." in eq or len(operands) != 2:
         return None
-    subs = eq.split("->")[0].split(",")
+    lhs, arrow, rhs = eq.partition("->")
+    subs = lhs.split(",")
+    if not arrow:  # implicit output: the indices that appear once, in order
+        every = "".join(subs)
+        rhs = "".join(sorted(c for c in set(every) if every.count(c) == 1))
     size: dict[str, int] = {}
     for letters, shape in zip(subs, operands, strict=True):
         if len(letters) != len(shape):
             return None
-        size.update(zip(letters, shape))
-    return 2 * prod(size.values())
+        for c, n in zip(letters, shape):
+            size[c] = max(size.get(c, 1), n)
+    both = set(subs[0]) & set(subs[1])
+    if not both - set(rhs):  # nothing contracted: an outer or element-wise product
+        return None
+    return 2 * prod(n for c, n in size.items() if c in both or c in rhs)
 
 
 def tensordot_flops(a: Shape, b: Shape, dims: Any = 2, out: Any = None) -> int:
