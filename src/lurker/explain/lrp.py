@@ -364,7 +364,7 @@ class Engine:
                 raise cause from None
             raise
         ops = self.trace.ops
-        #: (the softmax, the op making its input, its output) where the model returns softmax or
+        #: (the softmax, a reference to its input) where the model returns softmax or
         #: log_softmax over its classes: a class's relevance starts at its logit, the
         #: softmax's input (no rule carries relevance through a softmax; from its output
         #: every class would get none)
@@ -778,7 +778,7 @@ class Engine:
                     f"target class {big} is out of range: the model has {output.shape[1]} "
                     f"outputs (classes 0 to {output.shape[1] - 1})"
                 )
-            score_t = output if self.head is None else _output(live[self.head[1]], self.head[2])
+            score_t = output if self.head is None else self._value(self.head[1], live)
             onehot = torch.zeros_like(score_t)
             onehot[torch.arange(len(classes)), torch.tensor(classes)] = 1
             r0 = onehot * score_t.detach()
@@ -856,15 +856,9 @@ def _merge(w: Tensor, b: Tensor | None, bn: Op, value: Callable) -> tuple[Tensor
     return w2.detach(), b2.detach()
 
 
-def _output(value: Any, k: int) -> Any:
-    """Output ``k`` of an op's value (a chunk's tuple), or the value itself."""
-    return value[k] if isinstance(value, (tuple, list)) else value
-
-
-def _head_softmax(ops: list[Op]) -> tuple[int, int, int] | None:
-    """(softmax op, the op making its input, which of that op's outputs) where the model's
-    one output is a softmax or log_softmax of a ``(batch, classes)`` tensor over the
-    classes; else None."""
+def _head_softmax(ops: list[Op]) -> tuple[int, OpRef] | None:
+    """(softmax op, the reference to its input) where the model's one output is a softmax
+    or log_softmax of a ``(batch, classes)`` tensor over the classes; else None."""
     from ..ops.catalogue import bind
 
     outs = [op for op in ops if op.kind == "output"]
@@ -880,7 +874,7 @@ def _head_softmax(ops: list[Op]) -> tuple[int, int, int] | None:
     src = call.get("input")
     if call.get("dim") not in (1, -1) or type(src) is not OpRef:
         return None
-    return op.index, src.index, src.output
+    return op.index, src
 
 
 def _softmax_relevance(x: Tensor, s: Tensor, r: Tensor, dim: int) -> Tensor:
