@@ -105,13 +105,22 @@ def _check_hookable(trace: Trace, key: Any, op: Op) -> None:
 
 
 # --------------------------------------------------------------------------- calling
-def call(op: Op, fns: list[HookFn], out: Any, outs: list[Tensor], inplace: bool) -> Any:
+def call(
+    op: Op,
+    fns: list[HookFn],
+    out: Any,
+    outs: list[Tensor],
+    inplace: bool,
+    into: Tensor | None = None,
+) -> Any:
     """Run ``fns`` on the op's output; return what the model's call returns.
 
     ``out`` is what the call returned, ``outs`` its output tensors (the input it modified
     for an op that returns nothing), ``inplace`` whether ``outs[0]`` is an input it
     modified in place: a replacement is then written into that tensor, since the model
-    may go on using it rather than the return value (``x.relu_()``).
+    may go on using it rather than the return value (``x.relu_()``). ``into``: the input
+    itself, where the in-place op ran on a copy of it (``outs[0]``): the hooks' value,
+    replaced or not, is written there, and stands for the copy in what the call returns.
     """
     value = outs[0] if len(outs) == 1 else tuple(outs)
     for fn in fns:
@@ -119,16 +128,13 @@ def call(op: Op, fns: list[HookFn], out: Any, outs: list[Tensor], inplace: bool)
         if new is not None:
             value = _check(op, new, value)
     if len(outs) == 1:
+        if into is not None:
+            _write(op, value, into)
+            return into if out is outs[0] else out
         if value is outs[0]:
             return out
         if inplace:
-            if value.shape != outs[0].shape:
-                raise LurkerError(
-                    f"a hook on {op.label} returned shape {tuple(value.shape)}; {op.label} "
-                    f"writes its input in place, so its replacement is written into that "
-                    f"tensor and must have its shape {tuple(outs[0].shape)}"
-                )
-            outs[0].copy_(value)  # (autograd records it: gradients reach the replacement)
+            _write(op, value, outs[0])
             return out
         if isinstance(out, Tensor) or out is None:
             return value
@@ -136,6 +142,18 @@ def call(op: Op, fns: list[HookFn], out: Any, outs: list[Tensor], inplace: bool)
     elif all(a is b for a, b in zip(value, outs)):
         return out
     return _rebuild(out, iter(value))
+
+
+def _write(op: Op, value: Tensor, target: Tensor) -> None:
+    """Write a hook's value into the tensor an in-place op writes (autograd records the
+    copy: gradients reach the replacement)."""
+    if value.shape != target.shape:
+        raise LurkerError(
+            f"a hook on {op.label} returned shape {tuple(value.shape)}; {op.label} writes "
+            f"its input in place, so its replacement is written into that tensor and must "
+            f"have its shape {tuple(target.shape)}"
+        )
+    target.copy_(value)
 
 
 def _rebuild(obj: Any, values: Any) -> Any:

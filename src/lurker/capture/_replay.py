@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from ..errors import GraphChangedError, LurkerError
+from ..errors import GraphChangedError
 from ..ops import torch_funcs as _funcs
 from . import _hooks
 from ._hooks import Resolved
@@ -71,9 +71,8 @@ class Replayer(OpMode):
             # and the hooks' result is written into the input afterwards. Written into
             # the op's own output instead, it would change a tensor the op's backward
             # needs (a ReLU's result), and the backward would fail
-            first = ins[0]
-            args, kwargs, copy = _swap_first(args, kwargs, first)
-            swapped = first
+            swapped = ins[0]
+            args, kwargs, copy = _swap_first(args, kwargs, swapped)
             ins = call_tensors(args, kwargs)
             versions = [t._version for t in ins]
         out = func(*args, **kwargs) if kwargs else func(*args)
@@ -89,23 +88,13 @@ class Replayer(OpMode):
             return out
         # in place: the output is an input the call modified (returned, or not: x[i] = v)
         inplace = any(outs[0] is t and t._version != v for t, v in zip(ins, versions))
-        if swapped is not None and not inplace:  # it wrote nothing (dropout in eval mode):
-            # the model gets its own tensor back, not the copy
+        if swapped is not None:
+            if inplace:  # the copy holds the op's result: the hooks' value goes into the
+                # real input, which the model goes on using and the call returns
+                return _hooks.call(hooked[0], hooked[1], out, outs, True, into=swapped)
+            # it wrote nothing (dropout in eval mode): the model gets its own tensor back
             out = swapped if out is copy else out
             outs = [swapped if o is copy else o for o in outs]
-            swapped = None
-        if swapped is not None:
-            # the copy holds the op's result: the hooks' value goes into the real input,
-            # which the model goes on using and the call returns
-            result = _hooks.call(hooked[0], hooked[1], outs[0], outs, False)
-            if result.shape != swapped.shape:
-                raise LurkerError(
-                    f"a hook on {hooked[0].label} returned shape {tuple(result.shape)}; "
-                    f"{hooked[0].label} writes its input in place, so its replacement is "
-                    f"written into that tensor and must have its shape {tuple(swapped.shape)}"
-                )
-            swapped.copy_(result)  # (autograd records it: gradients reach the replacement)
-            return swapped if out is outs[0] else out
         return _hooks.call(hooked[0], hooked[1], out, outs, inplace)
 
     def _count(self, func: Any) -> int:
