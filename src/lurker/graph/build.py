@@ -192,11 +192,8 @@ def _shape_tree(v: Any, nodes: list[Op]) -> Any:
     if isinstance(v, dict):
         return {k: _shape_tree(x, nodes) for k, x in v.items()}
     if isinstance(v, (list, tuple)) and not hasattr(v, "_fields"):
-        return (
-            type(v)(_shape_tree(x, nodes) for x in v)
-            if isinstance(v, list)
-            else tuple(_shape_tree(x, nodes) for x in v)
-        )
+        items = [_shape_tree(x, nodes) for x in v]
+        return items if isinstance(v, list) else tuple(items)
     shape = getattr(v, "shape", None)  # a tensor
     return tuple(shape) if shape is not None else v
 
@@ -225,8 +222,4 @@ def _bound_shapes(node: Op, nodes: list[Op]) -> dict[str, Any]:
     if node._skel_args is None:
         return catalogue.bind(node.name, tuple(input_metas(node, nodes)))
     bound = catalogue.bind(node.name, node._skel_args, node._skel_kwargs)
-    for k, v in bound.items():
-        shape = getattr(v, "shape", None)  # a tensor or a ParamRef
-        if shape is not None:
-            bound[k] = tuple(shape)
-    return bound
+    return {k: _shape_tree(v, nodes) for k, v in bound.items()}
