@@ -853,12 +853,9 @@ def as_maps(t: Any, layout: Any = None) -> Maps:
         # the probe's advice to name the axis (``--unit-dim``) is no option of this view
         reason = reason.removesuffix(UNIT_DIM_HINT)
         reason = f"{reason[:1].upper()}{reason[1:]}. Shown as stored: "
-    if v.dim() >= 2 and v.shape[0] > 1 and v[0].numel() == 1:
-        # (C, 1, 1): C maps of one value each would be flat squares (each map is scaled
-        # to its own range); one vector of C values can be read
-        note = _ONE_POSITION.format(n=v.shape[0], size=_size(v.shape[1:]))
-        note = f"{reason}{note}." if reason else note
-        return Maps(shape, v.reshape(1, 1, -1).contiguous(), None, note, one_value_maps=True)
+    one = _one_value_maps(shape, v, reason)
+    if one is not None:
+        return one
     if v.dim() == 0:
         m = v.reshape(1, 1, 1)
     elif v.dim() == 1:
@@ -872,8 +869,17 @@ def as_maps(t: Any, layout: Any = None) -> Maps:
     return Maps(shape, m.contiguous(), axis if per_index else None, note)
 
 
-def _size(positions: Any) -> str:
-    return "x".join(map(str, positions)) if len(positions) > 1 else f"length {positions[0]}"
+def _one_value_maps(shape: list[int], u: Any, reason: str | None = None) -> Maps | None:
+    """``u`` ``(C, 1, ...)``, C maps of one position each (a global pool's output), as one
+    vector of C values: each map is scaled to its own range, so C one-value maps would be
+    flat squares. None where ``u`` is not that. ``reason``: a skip's, opening the note."""
+    if u.dim() < 2 or u.shape[0] < 2 or u[0].numel() != 1:
+        return None
+    positions = u.shape[1:]
+    size = "x".join(map(str, positions)) if len(positions) > 1 else f"length {positions[0]}"
+    note = _ONE_POSITION.format(n=u.shape[0], size=size)
+    note = f"{reason}{note}." if reason else note
+    return Maps(shape, u.reshape(1, 1, -1).contiguous(), None, note, one_value_maps=True)
 
 
 def _as_stored(v: Any, axis: int) -> str:
@@ -895,9 +901,9 @@ def _unit_maps(shape: list[int], v: Any, layout: Any) -> Maps:
     note = None
     if u.dim() == 1:  # one value per unit: 1x1 maps would each be a flat square
         return Maps(shape, u.reshape(1, 1, -1).contiguous(), None, _ONE_VALUE.format(n=u.numel()))
-    if u.shape[0] > 1 and u[0].numel() == 1:  # positions of size 1 (a global pool's output)
-        note = _ONE_POSITION.format(n=u.shape[0], size=_size(u.shape[1:]))
-        return Maps(shape, u.reshape(1, 1, -1).contiguous(), None, note, one_value_maps=True)
+    one = _one_value_maps(shape, u)
+    if one is not None:
+        return one
     if u.dim() == 2 and (grid := layout.patch_grid()):
         order, rows, cols, left = grid
         m = u[:, order].reshape(u.shape[0], rows, cols)
