@@ -18,7 +18,7 @@ from typing import Any
 
 import click
 
-from .errors import LurkerError
+from .errors import LurkerError, OpKeyError
 
 
 def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -758,7 +758,8 @@ def explain(
     except LurkerError as err:
         unit = goal if isinstance(goal, explain_pkg.UnitTarget) else None
         head, _, tail = unit.layer.rpartition(":") if unit is not None else ("", "", "")
-        if unit and unit.y is None and head and tail.isdigit() and "not in the model" in str(err):
+        unknown = isinstance(err.__cause__, OpKeyError)  # no such layer in the model
+        if unit and unit.y is None and head and tail.isdigit() and unknown:
             # LAYER:CHANNEL:Y without X reads as the layer LAYER:CHANNEL (labels hold ':')
             raise LurkerError(
                 f"--target {target!r} reads as layer {unit.layer!r}, channel {unit.channel}, "
