@@ -319,6 +319,35 @@ def test_flops_equal_brute_force(save: str) -> None:
     assert by["addmm"].flops == a_n
 
 
+class _Convolution(nn.Module):
+    """torch.convolution called directly, transposed, and einsums of one operand."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 3, 2, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.convolution(x, self.w, None, [2, 2], [0, 0], [1, 1], True, [0, 0], 1)
+        z = torch.einsum("bchw->bhwc", y)
+        return torch.einsum("ii", z[0, 0, :3, :3]) + z.sum()
+
+
+@pytest.mark.parametrize("save", ["all", "none"])
+def test_flops_of_a_direct_transposed_convolution_call(save: str) -> None:
+    """``convolution``'s ``transposed`` flag is read from the call whether or not save=
+    kept its arguments (binding the tensors alone counted it as a forward conv, 3x here);
+    einsums of one operand (a transpose, a trace) count nothing, as in torch's counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model, x = _Convolution(), torch.randn(1, 4, 5, 5)
+    tr = lurker.trace(model, x, save=save)
+    with FlopCounterMode(display=False) as counter:
+        model(x)
+    assert tr["convolution_1"].flops == counter.get_total_flops() > 0
+    assert tr["einsum_1"].flops is None and tr["einsum_2"].flops is None
+    assert tr.flops == counter.get_total_flops()
+
+
 def test_flops_rules_on_shapes() -> None:
     """Rules the traced model does not reach, on bound shapes."""
     f = catalogue.flops
@@ -406,9 +435,11 @@ class _Recurrent(nn.Module):
         return out + torch.tensordot(x, x, dims=([0, 1], [0, 1])).sum()
 
 
-def test_flops_of_einsum_tensordot_and_recurrent_ops_equal_torchs_counter() -> None:
+@pytest.mark.parametrize("save", ["all", "none"])
+def test_flops_of_einsum_tensordot_and_recurrent_ops_equal_torchs_counter(save: str) -> None:
     """Each op's FLOPs equal torch's FlopCounterMode on that op alone (they were left out,
-    and a GRU model's total was its Linear's), and the model's total equals torch's."""
+    and a GRU model's total was its Linear's), and the model's total equals torch's, from
+    the raw arguments or, where save= kept none, the call's skeleton."""
     import warnings
 
     from torch.utils.flop_counter import FlopCounterMode
@@ -417,7 +448,7 @@ def test_flops_of_einsum_tensordot_and_recurrent_ops_equal_torchs_counter() -> N
     model, x = _Recurrent().eval(), torch.randn(7, 3, 8)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # oneDNN's note on LSTM projections
-        tr = lurker.trace(model, x)
+        tr = lurker.trace(model, x, save=save)
         with FlopCounterMode(display=False) as counter:
             model(x)
     got = {

@@ -151,30 +151,19 @@ def input_metas(node: Op, nodes: list[Op]) -> list[tuple[int, ...]]:
 
 #: recurrent ops: their weight matrices applied at every step
 _RNN_OPS = frozenset({"lstm", "gru", "rnn_tanh", "rnn_relu"})
-_FLOP_OPS = frozenset(n for n, s in catalogue.SPECS.items() if s.flops is not None) | (
-    _RNN_OPS | {"einsum", "tensordot"}
-)
+_FLOP_OPS = frozenset(n for n, s in catalogue.SPECS.items() if s.flops is not None) | _RNN_OPS
 
 
 def flops(node: Op, nodes: list[Op]) -> int | None:
     """Floating-point operations (2 per multiply-add) of conv, linear and matmul-like ops,
-    by the catalogue's rule for the op, from its arguments bound by name."""
+    by the catalogue's rule for the op, from its arguments bound by name. Recurrent ops
+    are counted from their weights: their calls have two layouts that bind differently
+    (a sequence, or packed data with its batch sizes)."""
     name = node.name
     if name not in _FLOP_OPS or not node.outputs or not node._inputs:
         return None
     if name in _RNN_OPS:
         return _rnn_flops(node, nodes)
-    if name in ("einsum", "tensordot"):
-        args = _shape_tree(node._skel_args if node._skel_args is not None else node.args, nodes)
-        kwargs = _shape_tree(
-            node._skel_kwargs if node._skel_args is not None else node.kwargs, nodes
-        )
-        try:
-            if name == "einsum":
-                return catalogue.einsum_flops(args[0], args[1:], node.outputs[0].shape)
-            return catalogue.tensordot_flops(*args, **kwargs)
-        except (IndexError, KeyError, TypeError, ValueError):
-            return None
     try:
         shapes = _bound_shapes(node, nodes)
     except (TypeError, IndexError):  # a call the op's signature does not take
@@ -214,12 +203,10 @@ def _rnn_flops(node: Op, nodes: list[Op]) -> int | None:
 
 
 def _bound_shapes(node: Op, nodes: list[Op]) -> dict[str, Any]:
-    """The op's arguments by parameter name, tensors replaced by their shapes.
-
-    Without its recorded arguments (an op that save= did not keep) its tensor arguments
-    are bound in order, which is how these ops are called.
-    """
-    if node._skel_args is None:
-        return catalogue.bind(node.name, tuple(input_metas(node, nodes)))
-    bound = catalogue.bind(node.name, node._skel_args, node._skel_kwargs)
+    """The op's arguments by parameter name, tensors replaced by their shapes: from its
+    raw arguments while the trace holds them, else from its call's skeleton."""
+    if node._skel_args is not None:
+        bound = catalogue.bind(node.name, node._skel_args, node._skel_kwargs)
+    else:
+        bound = catalogue.bind(node.name, node.args, node.kwargs)
     return {k: _shape_tree(v, nodes) for k, v in bound.items()}

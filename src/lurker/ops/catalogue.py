@@ -189,6 +189,9 @@ _TABLE: dict[str, tuple[str, str | None, str | None]] = {
     "addmm": (_ADDMM.format("mat1", "mat2"), "aten::addmm", "addmm"),
     "baddbmm": (_ADDMM.format("batch1", "batch2"), "aten::baddbmm", "addmm"),
     "addbmm": (_ADDMM.format("batch1", "batch2"), "aten::addbmm", "addbmm"),
+    # einsum's operands bind as one tuple (varargs) or the list a call passed
+    "einsum": ("equation, *tensors, path=None", "aten::einsum", "einsum"),
+    "tensordot": ("a, b, dims=2, out=None", "torch.functional.tensordot", "tensordot"),
     "scaled_dot_product_attention": (
         "query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None, "
         "enable_gqa=False",
@@ -498,7 +501,11 @@ def flops(name: str, shapes: Mapping[str, Any], out: Shape) -> int | None:
         if rule == "attention":
             q, k, v = shapes["query"], shapes["key"], shapes["value"]
             return 2 * prod(q[:-2]) * q[-2] * k[-2] * (q[-1] + v[-1])
-    except (KeyError, IndexError, TypeError):  # an argument missing or not a tensor
+        if rule == "einsum":
+            return einsum_flops(shapes["equation"], shapes["tensors"], out)
+        if rule == "tensordot":
+            return tensordot_flops(shapes["a"], shapes["b"], shapes["dims"])
+    except (KeyError, IndexError, TypeError, ValueError):  # an argument missing or not a tensor
         return None
     raise AssertionError(f"unknown FLOPs rule {rule!r} of {name}")
 
@@ -509,9 +516,12 @@ def einsum_flops(equation: str, operands: Any, out: Shape) -> int | None:
     index summed out of one operand alone costs no multiplication), a broadcast index at
     its larger size. None for one operand (a sum or a transpose), an outer or element-wise
     product (nothing contracted: not a matmul), more than two operands (the cost depends
-    on the contraction order) or an ellipsis."""
-    if len(operands) == 1 and isinstance(operands[0], list):  # einsum(eq, [a, b])
-        operands = operands[0]
+    on the contraction order) or an ellipsis.
+
+    ``operands``: their shapes, or one operand's shape (``einsum(eq, x)`` binds it alone).
+    """
+    if operands and all(type(n) is int for n in operands):
+        operands = [operands]
     eq = equation.replace(" ", "")
     if "..." in eq or len(operands) != 2:
         return None
@@ -532,7 +542,7 @@ def einsum_flops(equation: str, operands: Any, out: Shape) -> int | None:
     return 2 * prod(n for c, n in size.items() if c in both or c in rhs)
 
 
-def tensordot_flops(a: Shape, b: Shape, dims: Any = 2, out: Any = None) -> int:
+def tensordot_flops(a: Shape, b: Shape, dims: Any = 2) -> int:
     """``tensordot``: a matmul of the free axes of ``a`` and ``b`` over the contracted ones
     (``dims``: how many last axes of ``a``, or the two lists of axes)."""
     if isinstance(dims, int):
