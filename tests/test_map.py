@@ -429,8 +429,9 @@ def test_map_of_a_moved_dataset_warns_and_another_kind_is_refused(model, tmp_pat
     with pytest.raises(LurkerError, match="the run was probed with Pts"):
         make_map(tmp_path / "run", method="pca", model=model, dataset=Pts(str(new)))
     old.rmdir()
-    with pytest.warns(UserWarning, match="taken as the same data moved"):
+    with pytest.warns(UserWarning, match="taken as the same data moved") as rec:
         m = make_map(tmp_path / "run", method="pca", model=model, dataset=Pts(str(new)))
+    assert rec[0].filename == __file__  # the user's line, not lurker's
     assert len(m.map().x) == 12
     with pytest.raises(LurkerError, match="with 8 samples, the run was probed with"):
         make_map(tmp_path / "run", layer="features.4", method="pca", model=model,

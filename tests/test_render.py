@@ -321,6 +321,9 @@ def test_long_loop_rolled_automatically(tmp_path: Path) -> None:
     with pytest.warns(UserWarning, match="loops drawn rolled") as rec:
         src = gv.to_dot(tr).source
     assert "auto_roll=False" in str(rec[0].message)
+    with pytest.warns(UserWarning, match="loops drawn rolled") as rec:
+        tr.render(tmp_path / "rolled.dot")  # through the public method too
+    assert rec[0].filename == __file__  # the user's line, not lurker's
     long = {op.rolled for op in tr.ops if op.num_passes == 150}
     assert len(long) >= 5  # getitem x3, mul, add, relu, setitem
     assert f"{len(long)} ops that ran 150 times are drawn once each" in src  # the title

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import os
 import time
-import warnings
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 
-from .errors import LurkerError
+from .errors import LurkerError, warn
 
 __all__ = ["METHODS", "Reduced", "collect_embedding", "make_map", "reduce"]
 
@@ -296,11 +295,10 @@ def _align(path: Any, ds: Any) -> tuple[list[int], np.ndarray]:
         here = str(ds.root) if isinstance(ds, pdata.ImageFolderDataset) else _place(ds.description)
         there = _place(recorded)
         if not there or not os.path.isabs(there):
-            warnings.warn(
+            warn(
                 f"the run records its dataset as {recorded!r}, not an absolute path, so "
                 f"lurker cannot tell whether {here} is that folder: matched by file paths "
-                "within it (probe again to record the folder's absolute path)",
-                stacklevel=3,
+                "within it (probe again to record the folder's absolute path)"
             )
         elif os.path.isdir(there) and not _same_dir(there, here):
             raise LurkerError(
@@ -337,11 +335,10 @@ def _align(path: Any, ds: Any) -> tuple[list[int], np.ndarray]:
                 f"with {recorded or 'an unrecorded dataset'} with {len(samples)}: give the "
                 "dataset the run was probed with (--data)"
             )
-        warnings.warn(
+        warn(
             f"the dataset is {ds.description}, the run was probed with {recorded}, which no "
             "longer exists: taken as the same data moved (same kind, same length); the map "
-            "is wrong if it is not",
-            stacklevel=3,
+            "is wrong if it is not"
         )
     run_ids[[s.id for s in samples]] = [s.id for s in samples]
     return [s.id for s in samples], run_ids

@@ -34,7 +34,7 @@ import torch
 from PIL import Image
 
 from ..capture import Trace, settled_trace
-from ..errors import LurkerError
+from ..errors import LurkerError, warn
 from ..store import Run, atomic_write_bytes
 from ..store.files import safe_component
 from ..store.run import LayerInfo
@@ -354,12 +354,11 @@ class UnitImages:
             ok = bool((grad[:1] - alone).abs().max() <= 1e-3 * scale + 1e-7)
             self._checked[layer] = ok
             if not ok:
-                warnings.warn(
+                warn(
                     f"{layer}: the samples of a batch change each other's gradients (the "
                     "model uses batch statistics?); making this layer's gradients one image "
                     "per pass",
                     RuntimeWarning,
-                    stacklevel=3,
                 )
                 return self._grad_pixels(layer, jobs)
         return pixels

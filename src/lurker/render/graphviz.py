@@ -12,7 +12,6 @@ import shutil
 import signal
 import subprocess
 import time
-import warnings
 from dataclasses import dataclass, field
 from html import escape
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import graphviz
 
-from ..errors import LurkerError
+from ..errors import LurkerError, warn
 from ..graph.drawn import merge_edges, readout_values
 from ..graph.edges import edges as graph_edges
 from ..graph.nodes import Op, TensorMeta
@@ -277,10 +276,9 @@ def to_dot(
         f"each, {TIMES}N on their edges (auto_roll=False draws every pass)"
     )
     g.attr("graph", label=f"{_title(trace)}\\n{note}")  # the later label wins
-    warnings.warn(
+    warn(
         f"Drawing every pass of {trace.model_name} (about {cost:,} layout nodes) could keep "
-        f"graphviz busy for many minutes; {note}.",
-        stacklevel=2,
+        f"graphviz busy for many minutes; {note}."
     )
     return g
 
