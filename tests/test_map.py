@@ -205,6 +205,14 @@ def test_cli_map_collects_features_with_the_recorded_model(model, tmp_path):
     res = CliRunner().invoke(main, ["map", str(out), "--layer", "features.88"])
     assert res.exit_code == 2 and "--layer features.88: No layer matches" in res.output
     assert "Close names: features.8" in res.output and "embed=" not in res.output
+    # the probe's own flag, in its words
+    res = CliRunner().invoke(main, [
+        "probe", "lurker.examples:DigitsNet", "-w", str(weights), "--data", "digits:test",
+        "--image-size", "16", "--out", str(tmp_path / "r2"), "-l", "classifier.1",
+        "--device", "cpu", "--embed-layer", "features.88",
+    ])  # fmt: skip
+    assert res.exit_code == 2 and "--embed-layer features.88: No layer matches" in res.output
+    assert "embed=" not in res.output
     # --weights alone: the run's own model with those weights (they moved)
     moved = tmp_path / "moved.pt"
     weights.rename(moved)

@@ -145,7 +145,9 @@ def collect_embedding(
     settings)``. Sample ids are dataset indices, as the probe numbers them."""
     from .probe import data as pdata
 
-    return _collect(model, pdata.wrap(dataset), embed, None, batch_size, device)
+    return _collect(
+        model, pdata.wrap(dataset), embed, None, batch_size, device, said=("embed", "embed")
+    )
 
 
 def _collect(
@@ -155,8 +157,10 @@ def _collect(
     indices: list[int] | None,
     batch_size: int,
     device: str | None,
+    said: tuple[str, str] = ("layer", "--layer"),
 ) -> tuple[Any, dict[str, Any]]:
-    """:func:`collect_embedding` over the items ``indices`` of ``ds`` (None: all)."""
+    """:func:`collect_embedding` over the items ``indices`` of ``ds`` (None: all); ``said``:
+    how the caller's user named ``embed`` (in Python, on the command line)."""
     import torch
 
     from .capture import settled_trace
@@ -171,13 +175,7 @@ def _collect(
     x0 = ds.first_image().unsqueeze(0).to(dev)
     with torch.no_grad():
         tr = settled_trace(model, x0)
-    try:
-        layer = embed_layer_of(tr, embed)
-    except LurkerError as err:  # in the map's words, not the probe's embed= argument
-        said = str(err).removeprefix(f"probe: embed={embed!r}: ").removeprefix("probe: ")
-        if said == str(err) or embed is True:
-            raise
-        raise LurkerError(f"layer={embed!r}: {said}", cli=f"--layer {embed}: {said}") from None
+    layer = embed_layer_of(tr, embed, arg=said[0], cli_arg=said[1])
     check_embed_budget(layer, len(ds) if indices is None else len(indices))
     consumer = EmbeddingConsumer(layer, probed=False)
     items = ds if indices is None else torch.utils.data.Subset(ds, indices)  # ids: ds indices

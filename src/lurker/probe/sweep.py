@@ -787,8 +787,14 @@ def embed_layer_of(
     *,
     layouts: Mapping[int, Layout | Skip] | None = None,
     unit_dim: int | Mapping[str, int] | None = None,
+    arg: str = "probe: embed",
+    cli_arg: str = "--embed-layer",
 ) -> Layer:
-    """The layer ``embed`` names (True: the input of the model's last linear op)."""
+    """The layer ``embed`` names (True: the input of the model's last linear op).
+
+    ``arg`` and ``cli_arg`` are how the caller's user spelled the layer (``map``'s
+    ``layer=``/``--layer``): a name that matches no layer, or several, is reported so.
+    """
     if embed is True:
         linear = [op for op in tr.ops if op.kind == "op" and op.name in LINEAR]
         if not linear:
@@ -820,12 +826,13 @@ def embed_layer_of(
     try:
         found = select_layers(tr, embed, unit_dim=unit_dim, layouts=layouts)
     except LurkerError as err:
-        raise LurkerError(f"probe: embed={embed!r}: {err}") from None
+        raise LurkerError(
+            f"{arg}={embed!r}: {err}", cli=f"{cli_arg} {embed}: {err.for_cli()}"
+        ) from None
     if len(found) != 1:
         names = ", ".join(layer.name for layer in found[:10])
-        raise LurkerError(
-            f"probe: embed={embed!r} names {len(found)} layers ({names}); name one of them"
-        )
+        said = f"names {len(found)} layers ({names}); name one of them"
+        raise LurkerError(f"{arg}={embed!r} {said}", cli=f"{cli_arg} {embed} {said}")
     return found[0]
 
 
