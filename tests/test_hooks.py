@@ -330,6 +330,55 @@ def test_an_in_place_op_takes_its_replacement_in_place():
         tr.run(xg, hooks={"relu_1": lambda op, h: h[:, :2]})
 
 
+def test_a_replacement_the_model_cannot_take_is_named_not_left_to_torch():
+    """A hook that returns another shape or dtype: the next op fails inside torch; the
+    error names the hook's op and both tensors, and still says what torch said."""
+    model = _convnet()
+    tr = lurker.trace(model, _x(0))
+    x = _x()
+    for fn, got in [
+        (lambda op, out: out[:, :3], "(2, 3, 8, 8) float32"),
+        (lambda op, out: out.double(), "(2, 6, 8, 8) float64"),
+    ]:
+        with pytest.raises(LurkerError) as err:
+            tr.run(x, hooks={"conv2d_1": fn})
+        msg = str(err.value)
+        assert f"conv2d_1 was (2, 6, 8, 8) float32 on cpu, the hook's replacement {got}" in msg
+        assert "The model raised RuntimeError" in msg and isinstance(
+            err.value.__cause__, RuntimeError
+        )
+    # one that fits the model stays allowed, whatever its shape: the output's
+    out = tr.run(x, hooks={"linear_1": lambda op, out: out[:, :2]}).output
+    assert out.shape == (2, 2)
+
+
+class _Gate(nn.Module):
+    """A branch on a value a hook may change."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu(self.lin(x))
+        if h.sum() > 0:
+            return h * 2
+        return h - 1
+
+
+def test_a_hook_that_changes_the_path_is_named_as_a_cause():
+    model = _Gate()
+    x = torch.ones(2, 4)
+    tr = lurker.trace(model, x)
+    assert tr.branches[0].value is True
+    with pytest.raises(GraphChangedError) as err:
+        tr.run(x, hooks={"relu_1": lambda op, h: h * 0})  # the traced input itself
+    msg = str(err.value)
+    assert "read False where the trace read True" in msg
+    assert "what your hooks returned" in msg and "input the trace was made with" not in msg
+
+
 def test_saved_activations_are_the_values_after_the_hooks():
     model = _convnet()
     tr = lurker.trace(model, _x(0))

@@ -348,6 +348,22 @@ def test_flops_of_a_direct_transposed_convolution_call(save: str) -> None:
     assert tr.flops == counter.get_total_flops()
 
 
+def test_linalg_matmul_counts_as_matmul() -> None:
+    """torch.linalg.matmul is matmul under another name: the same FLOPs, torch's count."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    class Both(nn.Module):
+        def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return torch.linalg.matmul(a, b) + a @ b
+
+    a, b = torch.randn(2, 4, 3), torch.randn(3, 5)
+    with FlopCounterMode(display=False) as counter:
+        Both()(a, b)
+    tr = lurker.trace(Both(), a, b)
+    assert tr["linalg_matmul_1"].flops == tr["matmul_1"].flops == 2 * 2 * 4 * 5 * 3
+    assert tr.flops == counter.get_total_flops()
+
+
 def test_flops_rules_on_shapes() -> None:
     """Rules the traced model does not reach, on bound shapes."""
     f = catalogue.flops

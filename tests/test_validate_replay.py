@@ -155,6 +155,64 @@ class _WithMemory(nn.Module):
         return self.dec(x, self.memory.expand(x.shape[0], -1, -1))
 
 
+class _Packed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(3, 4, 2, dropout=0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        packed = nn.utils.rnn.pack_padded_sequence(x, torch.tensor([5, 3]))
+        return self.lstm(packed)[0].data
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: nn.LSTM(3, 4, 3, dropout=0.5),
+        lambda: nn.GRU(3, 4, 2, dropout=0.5, bidirectional=True),
+        lambda: nn.RNN(3, 4, 2, nonlinearity="relu", dropout=0.3, batch_first=True),
+        _Packed,
+    ],
+    ids=["lstm", "gru", "rnn", "packed"],
+)
+def test_recurrent_layers_dropping_out_between_layers_validate(make):
+    """nn.LSTM/GRU/RNN with dropout= draw random numbers between layers while training:
+    the op is random (its RNG state kept), not a mismatch; in eval mode, or with one
+    layer, it draws none."""
+    torch.manual_seed(0)
+    model = make().train()
+    tr, report = _check(model, torch.randn(5, 2, 3), torch.randn(5, 2, 3))
+    rnn = [op for op in tr.compute_ops if op.name in ("lstm", "gru", "rnn_relu")]
+    assert len(rnn) == 1 and rnn[0].random and not report.skipped
+    # a wrong saved value is still caught, and named by its output, not printed whole
+    rnn[0].activation[1].add_(1)
+    with pytest.raises(
+        ValidationError, match=r"re-execution .*: output 1: max abs difference 1\. It reads"
+    ):
+        tr.validate()
+    model.eval()
+    assert not any(op.random for op in lurker.trace(model, torch.randn(5, 2, 3)))
+    one = nn.LSTM(3, 4, 1).train()
+    assert not any(op.random for op in lurker.trace(one, torch.randn(5, 2, 3)))
+
+
+def test_weights_changed_since_the_trace_are_named_as_a_cause():
+    """Validation re-executes ops with the model's parameters as they are now: after a
+    training step, the mismatch says so instead of only blaming the saved value."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    tr = lurker.trace(model, torch.randn(3, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    with pytest.raises(
+        ValidationError,
+        match=r"linear_1 .*parameters as they are now "
+        r"\(0\.weight, 0\.bias\): if they changed since the trace",
+    ):
+        tr.validate()
+
+
 def test_random_call_decided_by_arguments():
     info = _funcs.func_info(F.dropout)
     x = torch.ones(2)
@@ -252,6 +310,109 @@ def test_model_that_changes_its_own_state():
     assert model.buffer1 is b1
     for n, b in model.named_buffers():
         torch.testing.assert_close(b, before[n])
+
+
+def test_validation_leaves_the_saved_running_statistics_as_the_forward_read_them():
+    """Batch norm in training mode, re-executed, updates the running statistics it is
+    given in place: the buffer nodes' saved activations, which must stay the values the
+    traced forward read (and from which the untraced forward starts)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).train()
+    tr = lurker.trace(model, torch.randn(2, 3, 8, 8))
+    saved = {op.label: op.activation.clone() for op in tr if op.activation is not None}
+    stats = [op for op in tr if op.kind == "buffer" and "running" in op.name]
+    assert len(stats) == 2 and all(torch.equal(op.activation, saved[op.label]) for op in stats)
+    assert torch.equal(tr["buffer_2"].activation, torch.zeros(4))  # the mean going in
+    for _ in range(2):
+        report = tr.validate()
+        for op in tr:
+            if op.activation is not None:
+                assert torch.equal(op.activation, saved[op.label]), op.label
+        assert sorted(report.state_changes) == [
+            f"buffer 1.{n} updated in place"
+            for n in ("num_batches_tracked", "running_mean", "running_var")
+        ]
+
+
+class TwoWays(nn.Module):
+    """Both branches call a linear layer: the same callables, other parameters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:
+            return torch.relu(self.a(x))
+        return torch.relu(self.b(x))
+
+
+def test_a_branch_that_runs_the_same_calls_the_other_way_is_named():
+    """An input that takes the other branch runs module b where the trace ran a: the
+    replay must not hand b's output over as a's, nor let a hook on "a" change b."""
+    torch.manual_seed(0)
+    model = TwoWays()
+    tr = lurker.trace(model, torch.ones(2, 4))
+    same_way = torch.full((3, 4), 2.0)
+    torch.testing.assert_close(tr.run(same_way)["a"], model.a(same_way).detach())
+    for run in (
+        lambda x: tr.run(x),
+        lambda x: tr.run(x, hooks={"a": lambda op, out: out * 0}),
+    ):
+        with pytest.raises(GraphChangedError) as err:
+            run(-torch.ones(2, 4))
+        msg = str(err.value)
+        assert "bool_1 (bool at " in msg and "read False where the trace read True" in msg
+        assert "depends on the data" in msg
+
+    # a readout that is a value, not a decision, may differ
+    class Scale(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * x.max().item()
+
+    tr = lurker.trace(Scale(), torch.ones(2))
+    torch.testing.assert_close(tr.run(torch.tensor([1.0, 3.0])).output, torch.tensor([3.0, 9.0]))
+
+
+def test_a_path_that_changes_with_the_input_shape_names_the_shapes():
+    class PerRow(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for _ in range(x.shape[0]):
+                x = x + 1
+            return x
+
+    tr = lurker.trace(PerRow(), torch.randn(2, 3))
+    for n in (1, 3):
+        with pytest.raises(GraphChangedError, match=rf"\({n}, 3\) where the trace had \(2, 3\)"):
+            tr.run(torch.randn(n, 3))
+
+
+def test_inference_mode_and_inference_tensors_trace_validate_and_replay():
+    """Under torch.inference_mode, and with inputs made there (inference tensors have no
+    version counter, by which in-place ops are told): the same graph and values as under
+    no_grad, and replays equal the model."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(inplace=True)).eval()
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        ref = lurker.trace(model, x)
+    with torch.inference_mode():
+        xi = x.clone()
+        traces = [lurker.trace(model, xi)]
+        assert traces[0].validate().output_checked
+    traces.append(lurker.trace(model, xi))  # an inference tensor, outside inference mode
+    x2 = torch.randn(3, 3, 6, 6)
+    for tr in traces:
+        assert [op.label for op in tr] == [op.label for op in ref]
+        assert tr["relu_1"].inplace
+        for op in ref:
+            if op.activation is not None:
+                assert torch.equal(tr[op.label].activation, op.activation), op.label
+        with torch.inference_mode():
+            out = tr.run(x2, hooks={"1": lambda op, h: h * 0 + 1}).output
+            torch.testing.assert_close(tr.run(x2).output, model(x2))
+        torch.testing.assert_close(out, torch.ones(3, 4, 4, 4))
 
 
 # ---------------------------------------------------------------- autograd.grad in forward

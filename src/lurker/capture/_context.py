@@ -13,6 +13,8 @@ from typing import Any, NamedTuple
 
 import torch
 
+from ._tree import map_tensors, tensors
+
 # device types whose autocast state is recorded
 _AUTOCAST_DEVICES = ("cpu", "cuda")
 any_autocast = torch._C._is_any_autocast_enabled
@@ -94,3 +96,32 @@ def describe(ctx: Any) -> str:
     if ctx.rng is not None:
         parts.append("the RNG state it drew from")
     return "under " + ", ".join(parts)
+
+
+@contextmanager
+def no_inference_mode() -> Iterator[None]:
+    """Leave ``torch.inference_mode`` (grad stays off) for a forward lurker records or
+    replays: tensors made in inference mode have no version counter, which is how lurker
+    tells an in-place op, and under ``no_grad`` the forward computes the same values."""
+    if not torch.is_inference_mode_enabled():
+        yield
+        return
+    with torch.inference_mode(False), torch.no_grad():
+        yield
+
+
+def without_inference_tensors(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """The call's arguments with each inference tensor (made under inference mode: no
+    version counter) replaced by a copy that has one. Outside inference mode torch
+    refuses to write into an inference tensor, so the forward computes the same."""
+    if not kwargs and all(type(a) is torch.Tensor for a in args):  # the common case
+        if not any(a.is_inference() for a in args):
+            return args, kwargs
+    elif not any(t.is_inference() for t in tensors((args, kwargs), [])):
+        return args, kwargs
+
+    def normal(t: torch.Tensor) -> torch.Tensor:
+        return t.clone() if t.is_inference() else t
+
+    with torch.inference_mode(False):
+        return map_tensors(args, normal), map_tensors(kwargs, normal)

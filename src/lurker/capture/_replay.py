@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from ..errors import GraphChangedError
+from ..errors import GraphChangedError, LurkerError
 from ..ops import torch_funcs as _funcs
-from . import _hooks
+from . import _context, _hooks
 from ._hooks import Resolved
 from ._mode import OpMode, produced
 from ._policy import make_policy
@@ -38,9 +38,13 @@ class Replayer(OpMode):
         cached = trace.__dict__.get("_replay_calls")
         if cached is None:  # a trace's ops never change: sorted once, not per run
             calls = sorted((op for op in trace.ops if op.seq >= 0), key=lambda op: op.seq)
-            cached = ([op._func for op in calls], [op.label for op in calls])
+            # readouts of a truth value (bool(t), t.item() of a bool): the branches taken
+            decisions = {
+                op.seq: op for op in calls if op.kind == "readout" and type(op.value) is bool
+            }
+            cached = ([op._func for op in calls], [op.label for op in calls], decisions)
             trace.__dict__["_replay_calls"] = cached
-        self.funcs, self.labels = cached
+        self.funcs, self.labels, self.decisions = cached
         ops = trace.ops
         self.hooks = {ops[i].seq: (ops[i], fns) for i, fns in hooks.items() if ops[i].seq >= 0}
         chosen = hooks if user is None else user
@@ -51,6 +55,10 @@ class Replayer(OpMode):
         # called before each call at a position in `writes` (see _Keeper); None: no one asks
         self.before_write: Callable[[Any, list[Tensor], tuple, dict], None] | None = None
         self.writes: frozenset[int] = frozenset()
+        # hooks' replacements of another shape, dtype or device than the op's output, one
+        # line each: if the forward then fails, the error names them, not torch's kernel
+        self.reshaped: list[str] = []
+        self.intervened = False  # whether the caller's hooks ran yet in this forward
 
     def _op(self, func: Any, info: _funcs.FuncInfo, args: tuple, kwargs: dict) -> Any:
         """Count one call that may be an op (:class:`OpMode` routed it here, as it does
@@ -82,10 +90,15 @@ class Replayer(OpMode):
         outs = made[0]
         seq = self._count(func)
         if not outs:  # a readout: a value, nothing to hook
+            decision = self.decisions.get(seq)
+            if decision is not None and out != decision.value:
+                self._other_branch(decision, out)
             return out
         hooked = self.hooks.get(seq)
         if hooked is None:
             return out
+        if seq in self.replacing:
+            self.intervened = True
         # in place: the output is an input the call modified (returned, or not: x[i] = v)
         inplace = any(outs[0] is t and t._version != v for t, v in zip(ins, versions))
         if swapped is not None:
@@ -95,7 +108,19 @@ class Replayer(OpMode):
             # it wrote nothing (dropout in eval mode): the model gets its own tensor back
             out = swapped if out is copy else out
             outs = [swapped if o is copy else o for o in outs]
-        return _hooks.call(hooked[0], hooked[1], out, outs, inplace)
+        new = _hooks.call(hooked[0], hooked[1], out, outs, inplace)
+        if new is not out:
+            self._note_reshaped(hooked[0], outs, new)
+        return new
+
+    def _note_reshaped(self, op: Op, outs: list[Tensor], new: Any) -> None:
+        got = [new] if isinstance(new, Tensor) else tensors(new, [])
+        for k, (a, b) in enumerate(zip(outs, got)):
+            if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
+                which = f" (output {k})" if len(outs) > 1 else ""
+                self.reshaped.append(
+                    f"{op.label}{which} was {_meta(a)}, the hook's replacement {_meta(b)}"
+                )
 
     def _count(self, func: Any) -> int:
         seq = self.seq
@@ -107,6 +132,16 @@ class Replayer(OpMode):
                 f"{_funcs.op_name(func)} where the trace recorded {expected}. {self._why()}"
             )
         return seq
+
+    def _other_branch(self, op: Op, value: Any) -> None:
+        """A truth value the model reads differs from the traced one: it takes the other
+        branch, even where that branch runs the same callables (``self.a(x)`` or
+        ``self.b(x)``), whose outputs the trace's labels and hooks would misname."""
+        at = f" at {op.source}" if op.source else ""
+        raise GraphChangedError(
+            f"This input takes another path through the model: {op.label} ({op.name}{at}) "
+            f"read {value!r} where the trace read {op.value!r}. {self._why()}"
+        )
 
     def _why(self) -> str:
         """Why the path changed: the model's hooks, its own state, or the data."""
@@ -137,12 +172,26 @@ class Replayer(OpMode):
                 "state, not on the data. Trace the model again now that its state has settled "
                 "(lurker.trace(model, x)): that trace records the ops its forwards now run."
             )
+        if self.intervened:
+            return (
+                "The model's control flow depends on the values it computes: here on what "
+                "your hooks returned (they ran before this point), or on the data. A trace "
+                "records one path; change values that do not steer the model's branches, or "
+                "trace the model on an input that takes the path you want."
+            )
         if _same_inputs(self.call, self.trace._inputs):
             return (
                 "This is the input the trace was made with, so the path depends on the model's "
                 "state (attributes or caches changed since the trace, e.g. by train()/eval() or "
                 "another forward) or on random numbers, not on the data. Trace the model again "
                 "in the state you will run it in."
+            )
+        shapes = _shape_change(self.call, self.trace._inputs)
+        if shapes:
+            return (
+                f"The input's shapes differ from the traced ones ({shapes}), and the model's "
+                "control flow depends on them or on the data (a loop over x.shape[0], a "
+                "branch on a size); trace an input of these shapes with lurker.trace()."
             )
         return (
             "The model's control flow depends on the data; trace this input with "
@@ -153,8 +202,21 @@ class Replayer(OpMode):
         """One forward of ``model`` under this mode."""
         self.seq = 0
         self.call = (args, kwargs)
-        with self:
-            output = model(*args, **kwargs)
+        self.reshaped = []
+        self.intervened = False
+        try:
+            with self:
+                output = model(*args, **kwargs)
+        except Exception as e:
+            if not self.reshaped or isinstance(e, LurkerError):
+                raise
+            first = (str(e).strip().splitlines() or [""])[0]
+            raise LurkerError(
+                f"The forward failed after a hook replaced an op's output with a tensor of "
+                f"another shape, dtype or device: {_first_three(self.reshaped, '; ')}. The "
+                "model's later ops take it as the op's own output; return a replacement like "
+                f"it (or None). The model raised {type(e).__name__}: {first}"
+            ) from e
         self.finish()
         return output
 
@@ -170,6 +232,11 @@ class Replayer(OpMode):
 
 
 _same = _funcs.same_callable
+
+
+def _meta(t: Tensor) -> str:
+    """``(2, 8) float32 on cpu``: what a hook's replacement is compared by."""
+    return f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')} on {t.device}"
 
 
 def _first_three(items: list[str], sep: str) -> str:
@@ -189,6 +256,18 @@ def _same_inputs(a: tuple[tuple, dict], b: tuple[tuple, dict]) -> bool:
         if not torch.equal(x.detach(), y.detach().to(x.device)):
             return False
     return True
+
+
+def _shape_change(a: tuple[tuple, dict], b: tuple[tuple, dict]) -> str:
+    """``(3, 3) where the trace had (2, 3)`` for the first input tensor of the call ``a``
+    whose shape differs from the traced call ``b``'s; empty if none does."""
+    ta, tb = tensors(a, []), tensors(b, [])
+    if len(ta) != len(tb):
+        return f"{len(ta)} input tensors where the trace had {len(tb)}"
+    for x, y in zip(ta, tb):
+        if x.shape != y.shape:
+            return f"{tuple(x.shape)} where the trace had {tuple(y.shape)}"
+    return ""
 
 
 def chosen_ops(trace: Trace, save: Any) -> list[Op]:
@@ -333,6 +412,10 @@ def replay(trace: Trace, args: tuple, kwargs: dict, save: Any, hooks: Resolved) 
 
     if trace.model is None or not trace.complete:
         raise GraphChangedError("Only a complete trace can be re-run on new inputs.")
+    if torch.is_inference_mode_enabled():  # replayed under no_grad instead (see there)
+        with _context.no_inference_mode():
+            return replay(trace, args, kwargs, save, hooks)
+    args, kwargs = _context.without_inference_tensors(args, kwargs)
     keeper: _Keeper | None = None
     if hooks:
         # a hook may hand back a tensor it keeps, or write into an output outside any

@@ -67,6 +67,19 @@ def trace(
             f"lurker.trace needs an nn.Module, got {type(model).__name__}. "
             "Pass the model object itself: lurker.trace(model, x)."
         )
+    if torch.is_inference_mode_enabled():  # recorded under no_grad instead (see there)
+        with _context.no_inference_mode():
+            return trace(
+                model,
+                *args,
+                save=save,
+                transform=transform,
+                save_to=save_to,
+                grads=grads,
+                max_memory=max_memory,
+                **kwargs,
+            )
+    args, kwargs = _context.without_inference_tensors(args, kwargs)
     policy = make_policy(save)
     check_classes(policy, model)
     device = torch.device(save_to) if save_to is not None else None

@@ -70,7 +70,7 @@ def _close(a: Any, b: Any, rtol: float, atol: float) -> bool:
     return a == b
 
 
-def _first_diff(a: Any, b: Any) -> str:
+def _first_diff(a: Any, b: Any, rtol: float = 0.0, atol: float = 0.0) -> str:
     if isinstance(a, Tensor) and isinstance(b, Tensor):
         if a.shape != b.shape:
             return f"shape {tuple(b.shape)} vs saved {tuple(a.shape)}"
@@ -79,6 +79,14 @@ def _first_diff(a: Any, b: Any) -> str:
                 f"max abs difference {(a.float() - b.float().to(a.device)).abs().max().item():.3g}"
             )
         return "values differ"
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        # an op of several outputs (lstm, max(x, dim)): the first that differs, described
+        # as one tensor is, not the reprs of them all
+        if len(a) != len(b):
+            return f"{len(b)} outputs vs saved {len(a)}"
+        for k, (x, y) in enumerate(zip(a, b)):
+            if not _close(x, y, rtol, atol):
+                return f"output {k}: {_first_diff(x, y)}"
     return f"{b!r} vs saved {a!r}"
 
 
@@ -146,13 +154,27 @@ def validate(trace: Trace, *, rtol: float, atol: float) -> ValidationReport:
                 raise ValidationError(
                     f"Saved activation of {op.label} ({op.name}{_where(op)}) does not match a "
                     f"re-execution from its saved inputs{how}: "
-                    f"{_first_diff(op.activation, result)}.",
+                    f"{_first_diff(op.activation, result, rtol, atol)}.{_params_now(op)}",
                     op=op.label,
                 )
             report.checked += 1
     report.state_changes = _check_output(trace, rtol, atol)
     report.output_checked = True
     return report
+
+
+def _params_now(op: Any) -> str:
+    """A note for a mismatch of an op that reads parameters: the re-execution reads them
+    as they are now, and weights changed since the trace (training) are the usual cause."""
+    read = list(dict.fromkeys(what for src, what in op._inputs if src < 0))
+    if not read:
+        return ""
+    more = f" and {len(read) - 3} more" if len(read) > 3 else ""
+    return (
+        f" It reads the model's parameters as they are now ({', '.join(read[:3])}{more}): "
+        "if they changed since the trace (an optimizer step, load_state_dict), trace the "
+        "model again."
+    )
 
 
 def _not_reexecutable(op: Any) -> str | None:
@@ -185,6 +207,16 @@ def _execute(op: Any, values: list[Any]) -> Any:
     try:
         args = refill(op._skel_args, it)
         kwargs = refill(op._skel_kwargs, it)
+        info = _funcs.func_info(op._func)
+        if info.norm:
+            # batch norm in training mode updates its running statistics in place: those
+            # are the buffer nodes' saved activations (what the op read), so it updates copies
+            stats = _funcs.mutated_buffers(info, args, kwargs)
+            if stats:
+                copies = {id(t): t.clone() for t in stats}
+                it = iter([copies.get(id(v), v) for v in values])
+                args = refill(op._skel_args, it)
+                kwargs = refill(op._skel_kwargs, it)
     except StopIteration:
         raise ValidationError(
             f"{op.label} ({op.name}{_where(op)}): its recorded arguments no longer hold "

@@ -183,6 +183,7 @@ _TABLE: dict[str, tuple[str, str | None, str | None]] = {
     ),
     "linear": ("input, weight, bias=None", "aten::linear", "linear"),
     "matmul": ("self, other", "aten::matmul", "matmul"),
+    "linalg_matmul": ("self, other", "aten::linalg_matmul", "matmul"),  # torch.linalg.matmul
     "rmatmul": ("self, other", None, "rmatmul"),  # Tensor.__rmatmul__: other @ self
     "mm": ("self, mat2", "aten::mm", "matmul"),
     "bmm": ("self, mat2", "aten::bmm", "matmul"),
@@ -421,6 +422,23 @@ DROPOUTS: dict[str, tuple[str, str | None]] = {
 }  # fmt: skip
 
 
+# torch's recurrent kernels (nn.LSTM, nn.GRU, nn.RNN): while training, dropout between
+# layers. Several overloads and no published signature, so no entry in SPECS: their calls
+# are read by position, as nn.RNNBase makes them
+RECURRENT = frozenset({"lstm", "gru", "rnn_tanh", "rnn_relu"})
+
+
+def _recurrent_draws(args: tuple | list) -> bool:
+    """Whether an RNN kernel call drops out between layers: ``(input, hx, params,
+    has_biases, num_layers, dropout, train, ...)``, or packed ``(data, batch_sizes, hx,
+    params, ...)`` with the same after ``params``."""
+    at = 5 if len(args) > 3 and isinstance(args[3], (list, tuple)) else 4
+    if len(args) < at + 3:
+        raise TypeError(f"a recurrent call of {len(args)} arguments")
+    num_layers, p, train = args[at : at + 3]
+    return bool(train) and p != 0 and num_layers > 1
+
+
 def draws_random(
     name: str, args: tuple | list, kwargs: Mapping[str, Any] | None, op: OpSpec | None = None
 ) -> bool:
@@ -428,6 +446,8 @@ def draws_random(
     parameters where they differ from the name's entry)."""
     if name in RANDOM:
         return True
+    if name in RECURRENT:
+        return _recurrent_draws(args)
     rule = DROPOUTS.get(name)
     if rule is None:
         return False

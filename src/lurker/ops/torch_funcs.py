@@ -133,7 +133,7 @@ def func_info(func: Any) -> FuncInfo:
             inplace_first=catalogue.is_inplace(name),
             readout=raw in catalogue.READOUTS,
             random=name in catalogue.RANDOM,
-            dropout=name in catalogue.DROPOUTS,
+            dropout=name in catalogue.DROPOUTS or name in catalogue.RECURRENT,
             norm=name in catalogue.NORMS,
             spec=spec or catalogue.SPECS.get(name),
         )
