@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import os
 import signal
 import subprocess
@@ -604,3 +606,156 @@ def test_checkpoint_with_old_histograms_is_refused(tmp_path: Path):
     )  # fmt: skip
     with pytest.raises(LurkerError, match=r"older lurker.*Delete it"):
         _hist_probe(tmp_path / "r", 30)
+
+
+class _Interrupted(Exception):
+    """Raised by :class:`_Picked` after a few items: an interrupted sweep."""
+
+
+class _Picked(torch.utils.data.Dataset):
+    """Samples ``idx`` of the digits test split. Its run meta is only its type's name, as
+    for any in-memory dataset, so two of them (two random subsets) look alike to the store."""
+
+    def __init__(self, idx: list[int], stop_at: int | None = None) -> None:
+        self.base, self.idx, self.stop_at = digits(16, split="test"), idx, stop_at
+        self.targets = [self.base.labels[i] for i in idx]
+
+    def __len__(self) -> int:
+        return len(self.idx)
+
+    def __getitem__(self, i: int):
+        if self.stop_at is not None and i >= self.stop_at:
+            raise _Interrupted
+        image, label, _ = self.base[self.idx[i]]
+        return image, label
+
+
+def _brute_run_equal(run: lurker.store.Run, model: nn.Module, ds: _Picked, k: int) -> None:
+    """The run's top lists of features.0 and its samples are those of ``ds`` (the oracle: a
+    forward hook over ``ds``)."""
+    act = _brute(model, ds, "features.0").flatten(2)
+    means, maxs = act.mean(2).numpy(), act.amax(2).numpy()
+    assert run.num_samples == len(ds)
+    for u in range(act.shape[1]):
+        unit = run.unit("features.0", u)
+        assert [e.sample_id for e in unit.top("mean")] == _topk(means[:, u], k).tolist()
+        assert [e.sample_id for e in unit.top("max")] == _topk(maxs[:, u], k).tolist()
+        assert [e.label for e in unit.top("max")] == [ds.targets[e.sample_id] for e in unit.top()]
+
+
+def test_another_dataset_of_the_same_type_does_not_continue_a_checkpoint(tmp_path: Path):
+    """A probe interrupted on one random subset, then run into the same directory on
+    another subset of the same type (same model, k and image size: the store cannot tell
+    them apart) sweeps the new one from the start, and a rerun of a complete run over fewer
+    samples leaves none of the old samples behind: the run is brute force on the data it
+    names, never the old checkpoint's statistics with sample ids past the new dataset."""
+    model, k, out = _model(), 3, tmp_path / "r"
+    perm = torch.randperm(360, generator=torch.Generator().manual_seed(0)).tolist()
+    first, second = perm[:60], perm[60:100]
+    kw = dict(out=out, layers=["features.0"], k=k, batch_size=8, progress=False)
+    with pytest.raises(_Interrupted):
+        probe(model, _Picked(first, stop_at=40), checkpoint_every=1, **kw)
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["done"] == 40
+    _brute_run_equal(probe(model, _Picked(second), **kw), model, _Picked(second), k)
+    probe(model, _Picked(first), **kw)
+    _brute_run_equal(probe(model, _Picked(second), **kw), model, _Picked(second), k)
+
+
+def _labelled_folder(root: Path) -> Path:
+    rng = np.random.default_rng(1)
+    for cls in ("ant", "bee", "cat"):
+        (root / cls).mkdir(parents=True)
+        for i in range(4):
+            arr = rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)
+            Image.fromarray(arr).save(root / cls / f"{i}.png")
+    return root
+
+
+def test_class_statistics_and_samples_use_the_labels_the_items_carry(tmp_path: Path):
+    """A torchvision ImageFolder whose target_transform maps its folders to a model's
+    classes (or permutes them): the samples' labels and the per-class means are both those
+    of the items (the oracle: ds[i][1] and a forward hook), never the folders' raw targets
+    for one and the items' labels for the other; labels past the folder names name the
+    classes by id (with a warning) instead of failing deep inside the statistics. Labels
+    that are not class indices, and targets that disagree with the items, are refused
+    with what to do."""
+    from torchvision import transforms
+
+    root = _labelled_folder(tmp_path / "imgs")
+    tf = transforms.Compose([transforms.Resize(16), transforms.ToTensor()])
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    for remap, names in (({0: 2, 1: 0, 2: 1}, ["ant", "bee", "cat"]), ({0: 7, 1: 3, 2: 5}, None)):
+        ds = torchvision.datasets.ImageFolder(str(root), tf, target_transform=remap.__getitem__)
+        out = tmp_path / f"run{len(remap)}{names is None}"
+        with contextlib.ExitStack() as stack:
+            if names is None:
+                stack.enter_context(pytest.warns(UserWarning, match="labels go up to 7"))
+            run = probe(model, ds, out=out, layers=["1"], k=12, batch_size=5, progress=False)
+        labels = np.array([ds[i][1] for i in range(len(ds))])
+        assert run.classes == (names or [str(i) for i in range(8)])
+        assert [s.label for s in run.samples(range(len(ds)))] == labels.tolist()
+        means = _brute(model, ds, "1").flatten(2).mean(2).numpy()
+        for u in range(4):
+            cm = run.unit("1", u).class_mean_array()
+            for c in range(len(run.classes)):
+                want = means[labels == c, u].mean() if (labels == c).any() else np.nan
+                np.testing.assert_allclose(cm[c], want, rtol=1e-5, err_msg=f"{u} {c}")
+    onehot = torch.utils.data.TensorDataset(torch.randn(4, 3, 8, 8), torch.eye(2)[[0, 1, 0, 1]])
+    with pytest.raises(LurkerError, match=r"item 0 has the label a tensor of shape \(2,\), not a"):
+        probe(model, onehot, out=tmp_path / "onehot", progress=False)
+
+    class Disagree(torch.utils.data.Dataset):
+        targets = [0, 1, 0, 1]
+
+        def __len__(self) -> int:
+            return 4
+
+        def __getitem__(self, i: int):
+            return torch.ones(3, 8, 8) * i, 1 - self.targets[i]
+
+    with pytest.raises(LurkerError, match=r"item 0 carries the label 1, but the dataset's targets"):
+        probe(model, Disagree(), out=tmp_path / "disagree", progress=False)
+
+
+def test_a_model_in_training_mode_is_swept_in_eval_and_given_back_training(tmp_path: Path):
+    """Probing between training epochs: the sweep runs in eval mode (dropout off, BatchNorm
+    on its running statistics: brute force in eval mode is the oracle), and every module
+    is given back in the mode it came in (a BatchNorm frozen in eval stays so), also when
+    the probe fails."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Dropout(0.5), nn.ReLU(), nn.Flatten(),
+        nn.Linear(4 * 6 * 6, 3),
+    )  # fmt: skip
+    with torch.no_grad():  # running statistics of their own, as after some training
+        model[1].running_mean.uniform_(-1, 1)
+        model[1].running_var.uniform_(0.5, 2)
+    model.train()
+    model[1].eval()
+    modes = [m.training for m in model.modules()]
+    ds = torch.utils.data.TensorDataset(torch.randn(10, 3, 8, 8), torch.arange(10) % 2)
+    run = probe(model, ds, out=tmp_path / "run", layers=["3"], k=3, batch_size=4, progress=False)
+    assert [m.training for m in model.modules()] == modes
+    act = _brute(copy.deepcopy(model).eval(), ds, "3").flatten(2).amax(2).numpy()
+    for u in range(4):
+        top = run.unit("3", u).top("max")
+        assert [e.sample_id for e in top] == _topk(act[:, u], 3).tolist()
+        np.testing.assert_allclose([e.value for e in top], act[_topk(act[:, u], 3), u], rtol=1e-6)
+    with pytest.raises(LurkerError, match="No layer matches"):
+        probe(model, ds, out=tmp_path / "bad", layers=["nope"], progress=False)
+    assert [m.training for m in model.modules()] == modes
+
+
+def test_an_unlabelled_dataset_has_no_class_means(tmp_path: Path):
+    """Images without labels: the run has no classes, and its units no class means (not
+    one for a class "0" the dataset never named), in the API and the unit document."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 2)).eval()
+    ds = torch.utils.data.TensorDataset(torch.randn(6, 3, 8, 8))
+    run = probe(model, ds, out=tmp_path / "r", k=2, progress=False)
+    assert run.classes == []
+    unit = run.unit("0", 1)
+    assert unit.class_means() == {} and unit.class_mean_array().shape == (0,)
+    assert unit.to_dict()["class_means"] == {}
+    assert all(e.label is None and e.class_name is None for e in unit.top("max"))

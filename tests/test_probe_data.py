@@ -294,3 +294,22 @@ def test_sample_rows_first_image_description(tree: tuple[Path, list[Path]]) -> N
     assert w.sample_rows() == [(0, None, 2, 0), (1, None, None, 1), (2, None, 0, 2)]
     assert w.description == "TensorDataset"
     assert wrap(TensorDataset(torch.rand(2, 1, 2, 2))).sample_rows()[1] == (1, None, None, 1)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_images_of_different_shapes_name_the_samples_and_the_fix(tmp_path: Path, workers: int):
+    """A torchvision ImageFolder whose transform keeps the aspect ratio (Resize(s) alone)
+    gives images of several shapes; the batch cannot be stacked, and the error names two
+    such samples with their shapes and the transform that fixes it, not torch.stack's."""
+    for cls, sizes in (("a", [(20, 24), (20, 20)]), ("b", [(24, 20)])):
+        (tmp_path / cls).mkdir()
+        for i, (h, w) in enumerate(sizes):
+            Image.fromarray(np.zeros((h, w, 3), np.uint8)).save(tmp_path / cls / f"{i}.png")
+    tf = transforms.Compose([transforms.Resize(16), transforms.ToTensor()])
+    ds = wrap(datasets.ImageFolder(str(tmp_path), transform=tf))
+    loader = DataLoader(ds, batch_size=3, num_workers=workers, collate_fn=collate)
+    with pytest.raises(
+        LurkerError,
+        match=r"items 0 and 1 have images of shapes \(3, 16, 19\) and \(3, 16, 16\).*CenterCrop",
+    ):
+        next(iter(loader))

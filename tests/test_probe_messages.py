@@ -234,3 +234,52 @@ def test_two_input_model_names_the_missing_input(models, tmp_path: Path) -> None
         probe(space["TwoInputs"]().eval(), ds, out=tmp_path / "py", progress=False)
     assert "--" not in str(err.value) and "Wrap the model" in str(err.value)
     assert not (tmp_path / "py").exists()  # refused before anything is created
+
+
+class _Squeezed(nn.Module):
+    """``pool(x).squeeze()``: at the traced batch of one it drops the batch axis too, so the
+    linear layers after it have 1-D outputs there; ``act`` is called twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.act = nn.ReLU()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.act(self.conv2(self.act(self.conv(x))))
+        return self.fc(x.mean((2, 3), keepdim=True).squeeze())
+
+
+def test_a_reused_module_by_path_and_a_squeezed_batch_are_named_not_lost(tmp_path: Path):
+    """A module path names a module's every call (``act`` twice: two layers, each equal
+    to a forward hook on that call, the oracle), as a hook key does; layers the model
+    leaves with no batch axis at the traced batch of one (``x.squeeze()``) are listed as
+    skipped with that reason, and naming one says why instead of "no layer matches"."""
+    torch.manual_seed(0)
+    model = _Squeezed().eval()
+    ds = torch.utils.data.TensorDataset(torch.randn(9, 3, 8, 8), torch.arange(9) % 3)
+    run = probe(model, ds, out=tmp_path / "r", layers=["act"], k=3, progress=False)
+    names = [info.name for info in run.layers]
+    assert names == ["act:1", "act:2"]
+    calls: list[Tensor] = []
+    hook = model.act.register_forward_hook(lambda m, i, o: calls.append(o.detach().clone()))
+    with torch.no_grad():
+        model(ds.tensors[0])
+    hook.remove()
+    for name, act in zip(names, calls):
+        maxs = act.flatten(2).amax(2).numpy()
+        for u in range(4):
+            order = np.lexsort((np.arange(9), -maxs[:, u]))[:3].tolist()
+            assert [e.sample_id for e in run.unit(name, u).top("max")] == order, (name, u)
+    run = probe(model, ds, out=tmp_path / "d", k=3, progress=False)
+    assert "fc" not in [info.name for info in run.layers]
+    assert [s["layer"] for s in run.meta["skipped_layers"]] == ["fc"]
+    assert (
+        "no batch axis when the model runs on one sample" in run.meta["skipped_layers"][0]["reason"]
+    )
+    with pytest.raises(
+        LurkerError, match=r"'fc' .*cannot be probed: it has no batch axis.*squeeze"
+    ):
+        probe(model, ds, out=tmp_path / "n", layers=["fc"], progress=False)

@@ -111,10 +111,30 @@ def collate(batch: Sequence[tuple[Tensor, int, int] | Skipped]) -> tuple[Tensor,
         shape = next((b.shape for b in batch if isinstance(b, Skipped) and b.shape), ())
         none = torch.empty(0, dtype=torch.long)
         return torch.empty((0, *shape)), none, none.clone()
-    images = torch.stack([b[0] for b in good])
+    try:
+        images = torch.stack([b[0] for b in good])
+    except RuntimeError:
+        _refuse_mixed_shapes(good)
+        raise
     labels = torch.tensor([int(b[1]) for b in good], dtype=torch.long)
     ids = torch.tensor([int(b[2]) for b in good], dtype=torch.long)
     return images, labels, ids
+
+
+def _refuse_mixed_shapes(items: Sequence[tuple[Tensor, int, int]]) -> None:
+    """Name two items of a batch whose images differ in shape, and the fix (torch.stack's
+    own error names neither the samples nor what to do)."""
+    first: dict[tuple[int, ...], int] = {}
+    for image, _, sample_id in items:
+        first.setdefault(tuple(image.shape), int(sample_id))
+    if len(first) > 1:
+        (a, i), (b, j) = list(first.items())[:2]
+        raise LurkerError(
+            f"dataset items {i} and {j} have images of shapes {a} and {b}: the probe stacks "
+            "each batch into one tensor, so every image must have the same shape. Give the "
+            "dataset a transform that makes one size (e.g. Resize(s) then CenterCrop(s), or "
+            "Resize((h, w)))."
+        ) from None
 
 
 class _Base(Dataset):
@@ -259,7 +279,7 @@ class WrappedDataset(_SkipLog, _Base):
                 raise
             return skipped
         if isinstance(item, (tuple, list)):
-            image, label = item[0], (int(item[1]) if len(item) > 1 else -1)
+            image, label = item[0], (_class_index(item[1], index) if len(item) > 1 else -1)
         else:
             image, label = item, -1
         if isinstance(image, Image.Image):
@@ -291,16 +311,37 @@ class WrappedDataset(_SkipLog, _Base):
         return None
 
     def labels_list(self) -> list[int] | None:
+        """The labels the items carry, from ``targets`` without loading images: through the
+        dataset's ``target_transform`` where it has one (torchvision applies it to
+        ``targets`` in ``__getitem__``), so the run's samples and classes name the labels
+        its class statistics are kept by."""
         targets = getattr(self.dataset, "targets", None)
         if targets is None and isinstance(self.dataset, TensorDataset):
             tensors = self.dataset.tensors
             targets = tensors[1] if len(tensors) > 1 else None
         if targets is None or len(targets) != len(self):
             return None
+        transform = getattr(self.dataset, "target_transform", None)
         try:
+            if callable(transform):
+                return [int(transform(t)) for t in targets]
             return [int(t) for t in targets]
         except (TypeError, ValueError, RuntimeError):  # e.g. one-hot or multi-label targets
             return None
+
+
+def _class_index(label: Any, index: int) -> int:
+    """An item's label as a class index, or an error that says what the probe takes."""
+    try:
+        return int(label)
+    except (TypeError, ValueError, RuntimeError):
+        is_tensor = isinstance(label, Tensor)
+        shown = f"a tensor of shape {tuple(label.shape)}" if is_tensor else repr(label)
+        raise LurkerError(
+            f"dataset item {index} has the label {shown}, not a class index: the probe keeps "
+            "per-class statistics by integer labels (one-hot, multi-label and named labels are "
+            "not class indices). Give items as (image, class index), or (image,) unlabelled."
+        ) from None
 
 
 def _find_normalize(dataset: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:

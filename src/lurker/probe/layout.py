@@ -258,6 +258,13 @@ def _batch_axes(trace: Trace, example: tuple) -> dict[int, int | Skip]:
         if op.kind != "op" or not op.outputs:
             continue
         s1, a, b = tuple(op.shape or ()), s2.get(op.index), s3.get(op.index)
+        if b0 == 1 and a is not None and b is not None and len(a) == len(b) == len(s1) + 1:
+            out[op.index] = Skip(
+                "it has no batch axis when the model runs on one sample (the batch of one "
+                "lurker traces with), as after x.squeeze(); keep the batch axis in the model "
+                "(x.flatten(1), or x.squeeze(-1) for the axes meant)"
+            )
+            continue
         if a is None or b is None or not (len(s1) == len(a) == len(b)):
             out[op.index] = Skip(
                 "its number of dimensions changes with the batch size, so lurker cannot "
@@ -635,11 +642,18 @@ def check_unit_dim(unit_dim: Any) -> None:
 
 def op_names(op: Op, types: Mapping[int, list[str]] | None = None) -> list[str]:
     """Every name a layer pattern matches: op label, rolled label, op name, the module
-    outputs and (from ``types``, by op index) the module type."""
-    names = [op.label, op.rolled, op.name, *op.module_outputs]
+    outputs (a module called more than once, ``layer1.0.relu:2``, also by its path, which
+    names all its calls, as in ``trace.hooks``) and (from ``types``, by op index) the
+    module type."""
+    names = [op.label, op.rolled, op.name, *op.module_outputs, *reused_paths(op)]
     if types is not None:
         names += types.get(op.index, ())
     return names
+
+
+def reused_paths(op: Op) -> list[str]:
+    """The paths of the reused modules whose calls output ``op`` (``cell`` of ``cell:2``)."""
+    return [m.split(":")[0] for m in op.module_outputs if ":" in m]
 
 
 def _user_axis(op: Op, unit_dim: int | Mapping[str, int] | None, names: Any) -> int | None:

@@ -14,6 +14,7 @@ are merged with collectives.
 
 from __future__ import annotations
 
+import array
 import contextlib
 import difflib
 import fnmatch
@@ -35,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from ..capture import Trace, settled_trace
-from ..errors import LurkerError, MemoryLimitError, TraceError
+from ..errors import LurkerError, MemoryLimitError, TraceError, warn
 from ..graph.nodes import Op
 from ..store import Run, RunWriter, atomic_write_bytes, run_lock
 from .consumers import (
@@ -46,7 +47,7 @@ from .consumers import (
     RelevanceConsumer,
     UnitStatsConsumer,
 )
-from .layout import UNIT_DIM_HINT, Layout, Skip, infer_layouts, op_names, rf_matches
+from .layout import UNIT_DIM_HINT, Layout, Skip, infer_layouts, op_names, reused_paths, rf_matches
 from .layout import layer_name as _layer_name
 
 CONV = {"conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"}
@@ -290,8 +291,12 @@ def select_layers(
     if layouts is None:
         layouts = infer_layouts(trace, unit_dim=unit_dim, names=types)
     exact: set[int] = set()
+    unbatched = _unbatched(trace, layouts)
     if layers is None:
         chosen = _default_ops(trace, candidates)
+        for op, why in unbatched:  # a conv or linear a default would probe: say why not
+            if skipped is not None and op.name in CONV | LINEAR:
+                skipped.append((_layer_name(op, trace), why))
     else:
         pats = [layers] if isinstance(layers, str) else list(layers)
         chosen = []
@@ -302,9 +307,12 @@ def select_layers(
             if hit:
                 chosen.append(op)
                 unmatched.difference_update(hit)
-                specific = [op.label, op.rolled, *op.module_outputs]
+                specific = [op.label, op.rolled, *op.module_outputs, *reused_paths(op)]
                 if any(not _has_glob(p) and p in specific for p in hit):
                     exact.add(op.index)
+        for op, why in unbatched:  # named exactly, but no candidate: why, not "no match"
+            if unmatched & {op.label, op.rolled, *op.module_outputs, *reused_paths(op)}:
+                raise _cannot_probe(op, _layer_name(op, trace), why, False)
         if unmatched:
             valid = sorted({_layer_name(op, trace) for op in candidates})
             shown = ", ".join(valid[:60]) + (" ..." if len(valid) > 60 else "")
@@ -369,6 +377,18 @@ def select_layers(
                 tail[1] + ", with --unit-dim LAYER=AXIS where lurker cannot tell the axis",
             )
         raise LurkerError(f"{head}; {tail[0]}.", cli=f"{head}; {tail[1]}.")
+    return out
+
+
+def _unbatched(trace: Trace, layouts: Mapping[int, Layout | Skip]) -> list[tuple[Op, str]]:
+    """Ops the model leaves with no batch axis at the traced batch of one (``x.squeeze()``),
+    with why: not candidates (their output has under two axes there), but a default conv
+    or linear among them, or one named, is told why instead of left out without a word."""
+    out = []
+    for op in trace.ops:
+        lay = layouts.get(op.index)
+        if op.kind == "op" and len(op.shape or (0, 0)) < 2 and isinstance(lay, Skip):
+            out += [(op, lay.reason)] if lay.per_sample else []
     return out
 
 
@@ -521,32 +541,40 @@ def probe(
     penultimate layer: the input of the model's last linear op. It costs nothing beyond
     the sweep's forward; the features must fit a budget of 4 GiB.
 
+    The model is swept in eval mode and left in the mode it came in (each module's
+    ``training`` flag restored, however the call ends).
+
     Returns the written :class:`~lurker.store.Run` on rank 0 (always, without
     ``torchrun``), and ``None`` on the other ranks, which write nothing.
     """
-    plan = _plan(
-        model,
-        dataset,
-        out=Path(out),
-        layers=layers,
-        k=k,
-        batch_size=batch_size,
-        device=device,
-        num_workers=num_workers,
-        checkpoint_every=checkpoint_every,
-        checkpoint_seconds=checkpoint_seconds,
-        hist_bins=hist_bins,
-        progress=progress,
-        meta=meta,
-        unit_dim=unit_dim,
-        relevance=relevance,
-        embed=embed,
-    )
-    writer = _open_writer(plan, overwrite)
-    consumers = _consumers(plan)
-    start = _restore(plan, writer, consumers)
-    swept = _sweep(plan, consumers, start)
-    return _finish(plan, writer, consumers, swept)
+    modes = [(m, m.training) for m in model.modules()]
+    try:  # swept in eval mode; a model probed between training epochs goes on training
+        plan = _plan(
+            model,
+            dataset,
+            out=Path(out),
+            layers=layers,
+            k=k,
+            batch_size=batch_size,
+            device=device,
+            num_workers=num_workers,
+            checkpoint_every=checkpoint_every,
+            checkpoint_seconds=checkpoint_seconds,
+            hist_bins=hist_bins,
+            progress=progress,
+            meta=meta,
+            unit_dim=unit_dim,
+            relevance=relevance,
+            embed=embed,
+        )
+        writer = _open_writer(plan, overwrite)
+        consumers = _consumers(plan)
+        start = _restore(plan, writer, consumers)
+        swept = _sweep(plan, consumers, start)
+        return _finish(plan, writer, consumers, swept)
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 @dataclass
@@ -578,9 +606,18 @@ class _Plan:
     relevance: str | None = None  # LRP composite of the relevance-max lists ("": default)
     embed: Layer | None = None  # the layer whose per-sample features are kept
 
+    @functools.cached_property
+    def data_key(self) -> str:
+        """The dataset as a checkpoint records it: its size and its labels in order. A run's
+        ``dataset`` meta names only the type of an in-memory dataset, so another dataset of
+        that type (a new random subset) must not continue this one's statistics."""
+        labels = hashlib.sha1(array.array("q", self.labels).tobytes()).hexdigest()[:16]
+        return f"{len(self.labels)}:{labels}"
+
     @property
     def num_classes(self) -> int:
-        return max(len(self.classes), 1)
+        """The run's classes (none for an unlabelled dataset: no class means to store)."""
+        return len(self.classes)
 
     @property
     def layer_names(self) -> list[str]:
@@ -672,7 +709,7 @@ def _plan(
         embed_layer = embed_layer_of(tr, embed, layouts=layouts, unit_dim=unit_dim)
         check_embed_budget(embed_layer, len(ds))
     all_labels = _labels(ds)
-    classes = list(ds.class_names or [str(i) for i in range(max(all_labels, default=-1) + 1)])
+    classes = _class_names(ds.class_names, all_labels)
     run_meta = {
         "model": type(model).__name__,
         "model_fingerprint": fingerprint(model),
@@ -862,8 +899,8 @@ def _restore(
     plan: _Plan, writer: RunWriter | None, consumers: Sequence[BatchConsumer]
 ) -> _Progress:
     """Resume from this rank's checkpoint when the run is being resumed and the checkpoint
-    is of the same layers, ranks and consumers; otherwise start from the first sample (a
-    mismatched checkpoint is overwritten by the first save)."""
+    is of the same layers, ranks, consumers and dataset (size and labels); otherwise start
+    from the first sample (a mismatched checkpoint is overwritten by the first save)."""
     ckpt = plan.checkpoint
     if not ckpt.exists() or (writer is not None and not writer.resumed):
         return _Progress()
@@ -871,6 +908,7 @@ def _restore(
     if (
         state.get("layers") != plan.layer_names
         or state.get("world") != plan.world
+        or state.get("data", plan.data_key) != plan.data_key  # (none: an older checkpoint)
         or any(c.key not in state for c in consumers)
     ):
         return _Progress()
@@ -889,6 +927,7 @@ def _save_checkpoint(plan: _Plan, consumers: Sequence[BatchConsumer], position: 
         "done": position.done,
         "world": plan.world,
         "layers": plan.layer_names,
+        "data": plan.data_key,
         "skipped": [list(s) for s in _merge_skipped(position.skipped, plan.ds.skipped)],
     }
     for c in consumers:
@@ -926,10 +965,12 @@ def _sweep(plan: _Plan, consumers: Sequence[BatchConsumer], start: _Progress) ->
     n_batches = 0
     t_start = last_ckpt = time.perf_counter()
     total = len(plan.shard)
+    known = torch.tensor(plan.labels, dtype=torch.int64)  # what the run will say they are
     with _progress(total, plan.progress and plan.rank == 0) as bar, torch.no_grad():
         task = bar.add_task("probe", total=total, completed=position.done, rate="-")
         for images, labels, ids in loader:  # unreadable images were dropped (ds.skipped)
             if len(images):
+                _check_labels(labels, ids, known)
                 batch = Batch(
                     images.to(dev, non_blocking=True),
                     ids.to(dev, non_blocking=True),
@@ -964,6 +1005,21 @@ def _sweep(plan: _Plan, consumers: Sequence[BatchConsumer], start: _Progress) ->
     position.seconds = time.perf_counter() - t_start
     position.skipped = _merge_skipped(position.skipped, plan.ds.skipped)
     return position
+
+
+def _check_labels(labels: Tensor, ids: Tensor, known: Tensor) -> None:
+    """Refuse a batch whose items carry other labels than the run records for them (read
+    from the dataset's ``targets`` before the sweep): the class statistics would be kept by
+    one set of labels and the samples named by the other."""
+    bad = (labels != known[ids]).nonzero()
+    if len(bad):
+        i = int(bad[0, 0])
+        raise LurkerError(
+            f"dataset item {int(ids[i])} carries the label {int(labels[i])}, but the dataset's "
+            f"targets say {int(known[ids[i]])}: the probe names each sample's class from "
+            "targets (read without loading images) and keeps class statistics by the items' "
+            "labels, so the two must agree. Make targets hold the labels the items carry."
+        )
 
 
 def _finish(
@@ -1008,11 +1064,14 @@ def _finish(
                 "world": plan.world,
             },
         )
+        # replaced, not added to: a rerun over fewer samples, or over files since repaired,
+        # leaves none of the earlier probe's behind (skipped: this sweep's, checkpoint's too)
+        rows = plan.ds.sample_rows()
         writer.add_samples(
-            (i, path, labels[i] if labels[i] >= 0 else None, src)
-            for i, path, _, src in plan.ds.sample_rows()
+            ((i, path, labels[i] if labels[i] >= 0 else None, src) for i, path, _, src in rows),
+            replace=True,
         )
-        writer.add_skipped(skipped)
+        writer.add_skipped(skipped, replace=True)
         writer.set_graph(plan.trace.to_json())  # the layers' op_index and op label index into it
         writer.meta_set(
             "skipped_layers",
@@ -1039,20 +1098,29 @@ def _drop_checkpoint(plan: _Plan) -> None:
 
 def _labels(ds: Any) -> list[int]:
     """Every sample's label (-1: none), cheaply when the dataset can tell without images."""
-    labels = ds.labels_list()
+    labels = ds.labels_list()  # (a wrapped dataset's targets, as its items carry them)
     if labels is not None:
         return [int(v) for v in labels]
-    inner = getattr(ds, "dataset", None)
-    targets = getattr(inner, "targets", None)
-    if targets is None and isinstance(inner, torch.utils.data.TensorDataset):
-        targets = inner.tensors[1] if len(inner.tensors) > 1 else None
-    if targets is not None and len(targets) == len(ds):
-        return [int(v) for v in targets]
     out = []  # last resort: one pass that reads every item
     for i in range(len(ds)):
         item = ds[i]
         out.append(int(item[1]) if isinstance(item, tuple) else -1)  # Skipped: no label
     return out
+
+
+def _class_names(names: Sequence[str] | None, labels: list[int]) -> list[str]:
+    """The run's classes: the dataset's names where they name every label, else the label
+    ids (a ``target_transform`` mapping folders to a model's classes makes labels the
+    folder names do not stand for), with a warning that says so."""
+    top = max(labels, default=-1) + 1
+    if names and top <= len(names):
+        return [str(n) for n in names]
+    if names:
+        warn(
+            f"probe: the dataset names {len(names)} classes but its labels go up to {top - 1} "
+            "(a target_transform?); the run names its classes by their label ids"
+        )
+    return [str(i) for i in range(top)]
 
 
 def _merge_skipped(*parts: Any) -> list[tuple[str, str]]:

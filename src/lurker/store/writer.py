@@ -384,12 +384,16 @@ class RunWriter:
         rows: Iterable[
             tuple[int, str | None, int | None] | tuple[int, str | None, int | None, int]
         ],
+        *,
+        replace: bool = False,
     ) -> None:
         """Record samples as ``(id, path, label)`` or ``(id, path, label, source_index)``.
 
         ``path`` is ``None`` for in-memory datasets, ``label`` ``None`` or negative when
         unlabeled; ``source_index`` (index in the underlying dataset) defaults to ``id``.
-        Re-adding an id replaces it, so a resumed probe may re-send a batch.
+        Re-adding an id replaces it, so a resumed probe may re-send a batch. ``replace``
+        drops every sample recorded before, in the same transaction (a probe's final write:
+        a rerun over a smaller dataset must not leave the old one's samples in the run).
         """
 
         def norm(row: tuple[Any, ...]) -> tuple[int, str | None, int | None, int]:
@@ -399,14 +403,19 @@ class RunWriter:
             return sid, None if path is None else str(path), label, src
 
         with self._tx() as cur:
+            if replace:
+                cur.execute("DELETE FROM samples")
             cur.executemany(
                 "INSERT OR REPLACE INTO samples(id, path, label, source_index) VALUES (?,?,?,?)",
                 map(norm, rows),
             )
 
-    def add_skipped(self, rows: Iterable[tuple[str, str]]) -> None:
-        """Record unreadable inputs as ``(path, reason)``; a path seen again is updated."""
+    def add_skipped(self, rows: Iterable[tuple[str, str]], *, replace: bool = False) -> None:
+        """Record unreadable inputs as ``(path, reason)``; a path seen again is updated.
+        ``replace`` drops those recorded before (a file repaired since is no longer listed)."""
         with self._tx() as cur:
+            if replace:
+                cur.execute("DELETE FROM skipped")
             cur.executemany(
                 "INSERT INTO skipped(path, reason) VALUES (?, ?) "
                 "ON CONFLICT(path) DO UPDATE SET reason = excluded.reason",
