@@ -59,6 +59,48 @@ class LSTMNet(nn.Module):
         return self.fc(out[:, -1]) + h[-1].sum() * 0
 
 
+class ReadsEachRow(nn.Module):
+    """A loop that reads a value from each row (``.item()``), as Keypoint R-CNN reads each
+    box's size: one rolled readout that read a different value on every pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = []
+        for i in range(x.shape[0]):
+            k = int(x[i, 0].item())
+            rows.append(self.fc(x[i]) * k)
+        return torch.stack(rows)
+
+
+class Pyramid(nn.Module):
+    """A feature pyramid's pattern (torchvision's FPN): a ModuleList (``outs``) whose last
+    block runs first and whose others each run after an ``add`` outside it that feeds them;
+    then, with ``decode``, Faster R-CNN's box decoding (many small ops side by side)."""
+
+    def __init__(self, decode: bool = False) -> None:
+        super().__init__()
+        self.inner = nn.ModuleList([nn.Linear(4, 4) for _ in range(3)])
+        self.outs = nn.ModuleList([nn.Sequential(nn.Linear(4, 4), nn.ReLU()) for _ in range(3)])
+        self.decode = decode
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.inner[2](x)
+        r2 = self.outs[2](a)
+        b = self.inner[1](x) + a
+        r1 = self.outs[1](b)
+        c = self.inner[0](x) + b
+        r0 = self.outs[0](c)
+        out = r0 + r1 + r2
+        if not self.decode:
+            return out
+        from torchvision.models.detection._utils import BoxCoder
+
+        return BoxCoder((1.0, 1.0, 1.0, 1.0)).decode_single(out, x.abs().cumsum(1))
+
+
 class Generates(nn.Module):
     """Creates tensors inside forward (zeros, arange, randn, ones_like)."""
 

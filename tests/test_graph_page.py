@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from explorer_fixtures import ExplorerRun, explorer_run  # noqa: F401
+from models_zoo import Pyramid
 
 CHROMIUM = Path("/usr/bin/chromium")
 STATIC = Path(__file__).resolve().parents[1] / "src" / "lurker" / "server" / "static"
@@ -68,8 +69,8 @@ class Expect:
 
     def drawn_as(self, k: int, open_: set[int]) -> str:
         for g in self.chain[self.doc["nodes"][k].get("m", 0)][1:]:
-            if self.thin[g]:
-                break
+            if self.thin[g]:  # drawn as its nodes; its subgroups are drawn on their own
+                continue
             if g not in open_:
                 return f"g{g}"
         return f"n{k}"
@@ -161,11 +162,30 @@ def loop_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def pyramid_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A feature pyramid's ModuleList whose blocks run between ops outside it, then Faster
+    R-CNN's box decoding: many small ops side by side, where dagre's routes cut corners."""
+    from torch.utils.data import TensorDataset
+
+    from lurker.probe import probe
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("graph-page") / "pyramid"
+    data = TensorDataset(torch.randn(4, 4), torch.zeros(4, dtype=torch.long))
+    model = Pyramid(decode=True).eval()
+    run = probe(model, data, out=out, layers=["outs.0.0"], k=2, batch_size=4, progress=False)
+    assert run is not None
+    run.close()
+    return out
+
+
+@pytest.fixture(scope="module")
 def servers(
     explorer_run: ExplorerRun,  # noqa: F811
     resnet_run: Path,
     flat_run: Path,
     loop_run: Path,
+    pyramid_run: Path,
 ) -> Iterator[dict[str, str]]:
     """One explorer server per run (uvicorn threads on free ports): run id -> base URL."""
     from lurker.server import create_app
@@ -174,7 +194,7 @@ def servers(
     with contextlib.ExitStack() as stack:
         yield {
             path.name: stack.enter_context(background(create_app(path)))
-            for path in (explorer_run.path, resnet_run, flat_run, loop_run)
+            for path in (explorer_run.path, resnet_run, flat_run, loop_run, pyramid_run)
         }
 
 
@@ -191,7 +211,7 @@ def page(browser: Any) -> Iterator[Any]:
     assert not errors, f"console errors: {errors}"
 
 
-RUNS = ["digits", "resnet18", "flat", "loop"]
+RUNS = ["digits", "resnet18", "flat", "loop", "pyramid"]
 
 
 def open_graph(page: Any, servers: dict[str, str], run: str, query: str = "") -> dict[str, Any]:
@@ -356,6 +376,94 @@ def test_skip_edges_go_around_the_block(page: Any, servers: dict[str, str]) -> N
         assert page.locator(f'svg.graph path.e[data-b="n{a}"]').count() == 2, labels[a]
     assert _edges_under_nodes(page) == []
     assert _edge_ends_on_items(page) == []
+
+
+def test_a_container_run_between_ops_draws_no_loop(page: Any, servers: dict[str, str]) -> None:
+    """A ModuleList whose blocks each run after an op outside it that feeds them (FPN's
+    ``layer_blocks``) is not drawn as one box that the op feeds from below, a loop the
+    model does not have: its blocks are items beside that op, opened and closed on their
+    own. With every box open, no edge is drawn backwards, none passes under a node (the
+    box decoding's side-by-side ops), and each starts and ends on its items."""
+    doc = open_graph(page, servers, "pyramid")
+    ex = Expect(doc)
+    outs = next(g for g, grp in enumerate(doc["groups"]) if grp["p"] == "outs")
+    assert ex.thin[outs]
+    blocks = {f"g{g}" for g, grp in enumerate(doc["groups"]) if grp["p"] in ("outs.0", "outs.1")}
+    assert blocks <= drawn(page) and f"g{outs}" not in drawn(page)
+    assert page.locator("svg.graph path.e.back").count() == 0
+    assert "loop" not in page.inner_text(".graph-legend")
+    open_ = ex.default_open()
+    before = draws(page)
+    while page.locator("svg.graph .box").count():
+        k = page.locator("svg.graph .box").first.get_attribute("data-k")
+        page.locator("svg.graph .box").first.dispatch_event("click")
+        wait_draw(page, before)
+        before = draws(page)
+        open_.add(int(k[1:]))
+    assert drawn(page) == ex.items(open_)
+    assert page.locator("svg.graph path.e.back").count() == 0
+    assert _edges_under_nodes(page) == []
+    assert _edge_ends_on_items(page) == []
+
+
+def _titles_outside_frames(page: Any) -> list[str]:
+    """Open groups whose title text runs past their frame's right side (1 px tolerance)."""
+    return page.evaluate(
+        """() => [...document.querySelectorAll('svg.graph .frame')].filter(f => {
+          const r = f.querySelector(':scope > rect.sh').getBBox();
+          const t = f.querySelector(':scope > .title text').getBBox();
+          return t.x + t.width > r.x + r.width + 1;
+        }).map(f => f.dataset.k)"""
+    )
+
+
+def test_frame_titles_fit_their_frames(page: Any, servers: dict[str, str]) -> None:
+    """An open group's title is its name below the group drawn around it (the frame it is
+    sized for), not its full path running past a narrow frame (ResNet's downsample: two
+    ops); its full path is in the tooltip. A block of a container drawn apart is named
+    with the container (``outs.0``), on its box and its frame."""
+    doc = open_graph(page, servers, "resnet18")
+    k = next(
+        k
+        for k, n in enumerate(doc["nodes"])
+        if doc["groups"][n.get("m", 0)]["p"] == "layer2.0.downsample.0"
+    )
+    open_graph(page, servers, "resnet18", f"?focus={doc['nodes'][k]['l']}")
+    down = next(g for g, grp in enumerate(doc["groups"]) if grp["p"] == "layer2.0.downsample")
+    title = page.locator(f'svg.graph .frame[data-k="g{down}"] > .title')
+    assert title.text_content() == "\u2212 downsample (Sequential)"
+    assert _titles_outside_frames(page) == []
+    title.hover()
+    assert "layer2.0.downsample" in page.inner_text(".graph-tip")
+    doc = open_graph(page, servers, "pyramid")
+    block = next(g for g, grp in enumerate(doc["groups"]) if grp["p"] == "outs.1")
+    assert page.text_content(f'svg.graph .box[data-k="g{block}"] text.l1') == "outs.1 (Sequential)"
+    before = draws(page)
+    page.locator(f'svg.graph .box[data-k="g{block}"]').dispatch_event("click")
+    wait_draw(page, before)
+    title = page.text_content(f'svg.graph .frame[data-k="g{block}"] > .title')
+    assert title == "\u2212 outs.1 (Sequential)"
+    assert _titles_outside_frames(page) == []
+
+
+def test_search_finds_modules_drawn_as_their_ops(page: Any, servers: dict[str, str]) -> None:
+    """A module path finds the modules the page draws as their ops (a layer of one op, a
+    container drawn apart), through those ops, as it finds the modules drawn as boxes."""
+    doc = open_graph(page, servers, "resnet18")
+    bns = [k for k, n in enumerate(doc["nodes"]) if n["t"] == "batch_norm"]
+    bns = [k for k in bns if doc["groups"][doc["nodes"][k]["m"]]["p"].startswith("layer4.1.bn")]
+    assert len(bns) == 2
+    page.fill(".graph-bar input[type=search]", "layer4.1.bn")
+    page.wait_for_function("() => document.querySelector('.graph-bar .hits').textContent")
+    assert page.inner_text(".graph-bar .hits") == "2 found"
+    before = draws(page)
+    page.press(".graph-bar input[type=search]", "Enter")
+    wait_draw(page, before)
+    assert "current" in page.get_attribute(f'svg.graph .nd[data-k="n{bns[0]}"]', "class")
+    open_graph(page, servers, "pyramid")
+    page.fill(".graph-bar input[type=search]", "outs")
+    page.wait_for_function("() => document.querySelector('.graph-bar .hits').textContent")
+    assert page.inner_text(".graph-bar .hits") == "3 found"  # its three blocks
 
 
 def test_back_edges_pass_beside_nodes(page: Any, servers: dict[str, str]) -> None:

@@ -16,7 +16,16 @@ import lurker
 from lurker.examples import deep_mlp
 from lurker.graph import Graph
 from lurker.graph.view import HIDDEN_KINDS, VIEW_VERSION, graph_view, json_schema
-from models_zoo import Branchy, Fails, Generates, LSTMNet, RNNLoop, Twice
+from models_zoo import (
+    Branchy,
+    Fails,
+    Generates,
+    LSTMNet,
+    Pyramid,
+    ReadsEachRow,
+    RNNLoop,
+    Twice,
+)
 
 
 def _partial() -> lurker.Trace:
@@ -159,6 +168,20 @@ def test_branch_labels_and_loops(traces) -> None:
     assert cellgrp["x"] == 4 and cellgrp["n"] == 1
 
 
+def test_rolled_readout_has_one_branch_edge() -> None:
+    """A readout rolled over a loop that read another value on every pass (Keypoint R-CNN
+    reads each box's size with ``.item()``, 100 boxes) has one branch edge to the op after
+    it, labelled with its distinct values as its node lists them: not one edge per value,
+    whose labels the page would draw on top of each other."""
+    tr = lurker.trace(ReadsEachRow(), torch.arange(24.0).reshape(6, 4))
+    doc = graph_view(tr)
+    pos = {n["l"]: i for i, n in enumerate(doc["nodes"])}
+    item = doc["nodes"][pos["item_1"]]
+    assert item["p"] == 6 and item["v"] == "0.0 / 4.0 / 8.0 / ..."
+    branch = [e for e in doc["edges"] if len(e) > 3]
+    assert branch == [[pos["item_1"], pos["getitem_2"], 6, "= 0.0 / 4.0 / 8.0 / ..."]]
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_groups_whose_calls_are_drawn_apart(name: str, traces) -> None:
     """``s`` marks exactly the groups holding a node drawn for fewer passes than its module
@@ -177,6 +200,41 @@ def test_groups_whose_calls_are_drawn_apart(name: str, traces) -> None:
         assert relu["x"] == 2 and relu["N"] == 2
     if name == "rnn_loop":
         assert "cell" not in want
+
+
+def test_interleaved_container_is_drawn_apart() -> None:
+    """FPN's ``layer_blocks`` (here ``outs``): a ModuleList whose last block runs first and
+    whose others each run after an ``add`` outside it. One box for it would come before the
+    ``add`` that feeds it, a forward edge drawn as a loop; it is drawn apart (``s``), and
+    then no forward edge of the graph goes back to an item that started earlier."""
+    doc = graph_view(lurker.trace(Pyramid(), torch.randn(5, 4)))
+    groups = doc["groups"]
+    assert {g["p"] for g in groups if g.get("s")} == {"outs"}
+    # the page's items, as it draws them: groups drawn apart (and those of one node) left
+    # out of each node's chain of frames, every other group one item of the frame around it
+    thin = [g > 0 and (grp.get("N", 0) <= 1 or grp.get("s") == 1) for g, grp in enumerate(groups)]
+    chains = []
+    for n in doc["nodes"]:
+        c = [n.get("m", 0)]
+        while c[-1]:
+            c.append(groups[c[-1]].get("u", 0))
+        chains.append([g for g in reversed(c) if not thin[g]])
+    first: dict[int, int] = {}
+    for k in reversed(range(len(doc["nodes"]))):
+        for g in chains[k]:
+            first[g] = k
+    for s, d, *_ in doc["edges"]:
+        if s >= d:
+            continue
+        j = 0
+        while j < min(len(chains[s]), len(chains[d])) and chains[s][j] == chains[d][j]:
+            j += 1
+        a = first[chains[s][j]] if j < len(chains[s]) else s
+        b = first[chains[d][j]] if j < len(chains[d]) else d
+        assert a < b, (doc["nodes"][s]["l"], doc["nodes"][d]["l"])
+    # its blocks stay groups of their own (each a Sequential of two ops)
+    kept = {grp["p"] for g, grp in enumerate(groups) if not thin[g]}
+    assert {"outs.0", "outs.1", "outs.2"} <= kept
 
 
 def test_layers_link(traces) -> None:

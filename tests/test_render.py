@@ -18,7 +18,7 @@ import lurker
 from lurker.errors import LurkerError
 from lurker.graph import edges as edges_mod
 from lurker.render import graphviz as gv
-from models_zoo import Branchy, Fails, Generates, RNNLoop, Small, Twice
+from models_zoo import Branchy, Fails, Generates, ReadsEachRow, RNNLoop, Small, Twice
 
 X = gv.TIMES  # the multiplication sign in shapes and counts
 MAGIC = {".svg": b"<svg", ".png": b"\x89PNG", ".pdf": b"%PDF", ".dot": b"digraph"}
@@ -208,6 +208,27 @@ def test_branch_labels_for_values() -> None:
     assert edges_mod.branch_label(False) == "ELSE"
     assert edges_mod.branch_label(3) == "= 3"
     assert edges_mod.branch_label(0.5) == "= 0.5"
+
+
+def test_rolled_readout_draws_one_branch_edge() -> None:
+    """A rolled readout that read another value on every pass draws one dashed edge to the
+    op after it, labelled with the distinct values and the pass count: one edge per value
+    (Keypoint R-CNN's 100 box sizes) made dot lay out a hundred parallel labelled edges."""
+    tr = lurker.trace(ReadsEachRow(), torch.arange(24.0).reshape(6, 4))
+    src = gv.to_dot(tr, rolled=True).source
+    branch = [e for e in _edges(src) if e.strip().startswith("r_item_1 ->")]
+    assert len(branch) == 1 and "-> r_getitem_2" in branch[0] and "dashed" in branch[0]
+    assert f'label="= 0.0 / 4.0 / 8.0 / ... {X}6"' in branch[0]
+    # unrolled, each pass keeps its own edge and value
+    unrolled = [e for e in _edges(gv.to_dot(tr).source) if 'label="= ' in e]
+    assert len(unrolled) == 6
+
+
+def test_branch_labels_of_a_rolled_readout() -> None:
+    from lurker.graph.drawn import branch_labels
+
+    assert branch_labels(["THEN", "ELSE"]) == "THEN / ELSE"
+    assert branch_labels(["= 1", "= 2", "= 3", "= 4"]) == "= 1 / 2 / 3 / ..."
 
 
 @pytest.mark.parametrize(

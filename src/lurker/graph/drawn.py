@@ -28,15 +28,37 @@ def merge_edges(
     ``call[i]``, when given, identifies the unrolled drawn node of op ``i``, and edges
     between two ops of one call (inside one collapsed module box) are dropped. Insertion
     order follows ``edges`` (data edges, then branch edges, in node order).
+
+    Branch edges that land on the same pair with different labels (a rolled readout that
+    read another value on each pass: ``= 428.0``, ``= 600.0``, ...) are one edge, labelled
+    with the distinct values as the node lists them (:func:`branch_labels`), not one edge
+    and one label per value, drawn on top of each other.
     """
-    merged: dict[tuple[N, N, str, str | None], int] = {}
+    counts: dict[tuple[N, N, str], dict[str | None, int]] = {}
     for e in edges:
         s, d = draw[e.src], draw[e.dst]
         if s is None or d is None or (call is not None and call[e.src] == call[e.dst]):
             continue
-        key = (s, d, e.kind, e.label)
-        merged[key] = merged.get(key, 0) + 1
+        labels = counts.setdefault((s, d, e.kind), {})
+        labels[e.label] = labels.get(e.label, 0) + 1
+    merged: dict[tuple[N, N, str, str | None], int] = {}
+    for (s, d, kind), labels in counts.items():
+        if len(labels) == 1:
+            label, n = next(iter(labels.items()))
+            merged[(s, d, kind, label)] = n
+        else:
+            merged[(s, d, kind, branch_labels(list(labels)))] = sum(labels.values())
     return merged
+
+
+def branch_labels(labels: Sequence[str | None]) -> str:
+    """One label for the branch edges of a rolled readout: its distinct labels, at most
+    three then ``...`` (``= 428.0 / 600.0 / 535.0 / ...``, ``THEN / ELSE``)."""
+    texts = [label or "" for label in labels]
+    more = " / ..." if len(texts) > 3 else ""
+    if all(t.startswith("= ") for t in texts):
+        return "= " + " / ".join(t[2:] for t in texts[:3]) + more
+    return " / ".join(texts[:3]) + more
 
 
 def value_text(value: Any) -> str:

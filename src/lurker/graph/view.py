@@ -98,6 +98,9 @@ def graph_view(graph: Graph, *, layers: Mapping[str, str] | None = None) -> dict
             row.append(label)
         edge_rows.append(row)
 
+    groups = _groups(graph, paths, gidx, direct, _fewer_passes(nodes, graph, gidx))
+    for g in _interleaved(groups, nodes, edge_rows):
+        groups[g]["s"] = 1
     return {
         "version": VIEW_VERSION,
         "model": graph.model_name,
@@ -108,7 +111,7 @@ def graph_view(graph: Graph, *, layers: Mapping[str, str] | None = None) -> dict
         "flops": graph.flops,
         "dtype": dtype,
         "files": list(files),
-        "groups": _groups(graph, paths, gidx, direct, _fewer_passes(nodes, graph, gidx)),
+        "groups": groups,
         "nodes": nodes,
         "edges": edge_rows,
     }
@@ -125,6 +128,54 @@ def _fewer_passes(nodes: list[dict[str, Any]], graph: Graph, gidx: dict[str, int
             if info is not None and n.get("p", 1) < info.num_passes and path in gidx:
                 out.add(gidx[path])
     return out
+
+
+def _interleaved(
+    groups: list[dict[str, Any]], nodes: list[dict[str, Any]], edges: list[list[Any]]
+) -> set[int]:
+    """Groups that one box (or frame) would draw into a false cycle: a container whose
+    members run between ops outside it, as FPN's ``layer_blocks`` (a ModuleList whose last
+    block runs first, the others each after an ``add`` outside it that feeds it). Drawn as
+    one item, it comes before that ``add`` and is fed by it: a forward edge of the graph
+    drawn as a loop. Such a group is drawn apart (``s``), its subgroups each on their own.
+
+    A page draws a group's items (nodes, and subgroups not drawn apart) in the order of
+    their first node; a forward edge (to a later node) whose target's item, in the deepest
+    group holding both ends, starts before its source's item, is drawn backwards: the
+    target's item is a group that started before the source and is marked, until no such
+    edge is left (marking one can expose its subgroups)."""
+    chain: list[list[int]] = []
+    for g in range(len(groups)):
+        c = [g]
+        while c[-1] != 0 and len(c) <= len(groups):
+            c.append(groups[c[-1]].get("u", 0))
+        chain.append(c[::-1])
+    apart = {g for g, grp in enumerate(groups) if g and (grp.get("N", 0) <= 1 or grp.get("s"))}
+    out: set[int] = set()
+    while True:
+        drawn = [[g for g in chain[n.get("m", 0)] if g not in apart] for n in nodes]
+        first: dict[int, int] = {}
+        for k in range(len(nodes) - 1, -1, -1):
+            for g in drawn[k]:
+                first[g] = k
+        found = set()
+        for e in edges:
+            s, d = e[0], e[1]
+            if s >= d:  # a back edge of the graph (a loop): drawn backwards anyway
+                continue
+            cs, cd = drawn[s], drawn[d]
+            j = 0
+            while j < min(len(cs), len(cd)) and cs[j] == cd[j]:
+                j += 1
+            if j == len(cd):  # the target is a node of the deepest common group
+                continue
+            b = cd[j]
+            if (first[cs[j]] if j < len(cs) else s) >= first[b]:
+                found.add(b)
+        if not found:
+            return out
+        out |= found
+        apart |= found
 
 
 def _groups(

@@ -8,7 +8,7 @@ import dagre from "@dagrejs/dagre";
 
 import {
   boxSize,
-  groupLines,
+  frameTitle,
   type GraphView,
   IN,
   type ItemKey,
@@ -115,7 +115,7 @@ class Run {
     if (it[0] === "n") return nodeSize(doc.nodes[Number(it.slice(1))]);
     const c = Number(it.slice(1));
     const sub = this.exp.has(c) ? this.out[c] : undefined;
-    return sub ? [sub.w, sub.h] : boxSize(doc.groups[c]);
+    return sub ? [sub.w, sub.h] : boxSize(doc.groups[c], this.st.name(c));
   }
 
   private layout(g: number): GroupLayout {
@@ -194,7 +194,7 @@ class Run {
 
   /** Frame size of group g around content of cw x ch, and the content's offset in it. */
   private frame(g: number, cw: number, ch: number): [number, number, number, number] {
-    const title = g === 0 ? 0 : textWidth(groupLines(this.st.doc.groups[g])[0], 11) + 2 * PAD.x;
+    const title = g === 0 ? 0 : textWidth(frameTitle(this.st.doc.groups[g], this.st.name(g)), 11) + 2 * PAD.x;
     const w = Math.ceil(Math.max(cw + 2 * PAD.x, title, 60));
     const h = Math.ceil(ch + PAD.top + PAD.bottom);
     return [w, h, (w - cw) / 2, PAD.top];

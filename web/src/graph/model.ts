@@ -68,9 +68,11 @@ export class Structure {
   readonly doc: GraphView;
   /** per group: its depth (the model 0, its direct submodules 1, ...) */
   readonly depth: number[];
-  /** a group with at most one node is drawn as that node (a leaf layer is its op) */
+  /** a group with at most one node is drawn as that node (a leaf layer is its op), a group
+   * drawn apart (`s`) as its nodes and subgroups */
   readonly transparent: boolean[];
-  /** per node: its group chain, root first */
+  /** per node: the chain of groups drawn around it (as boxes or frames), root first:
+   * its groups' chain less those drawn as their nodes ({@link Structure.transparent}) */
   readonly chains: number[][];
   /** per group: its direct items (nodes, including those of transparent subgroups, and
    * drawn child groups), in order of first node */
@@ -84,9 +86,12 @@ export class Structure {
     this.doc = doc;
     this.depth = doc.groups.map((_, g) => this.chainOfGroup(g).length - 1);
     // a group of one node, or one whose calls are drawn apart (`s`: a module reused without
-    // a loop), is drawn as its nodes: one box would join distinct calls into a false cycle
+    // a loop, or a container whose blocks run between ops outside it), is drawn as its nodes
+    // (and subgroups): one box would join distinct calls into a false cycle
     this.transparent = doc.groups.map((gr, g) => g !== 0 && ((gr.N ?? 0) <= 1 || gr.s === 1));
-    this.chains = doc.nodes.map((n) => this.chainOfGroup(n.m ?? 0));
+    // a group drawn as its nodes is left out of the chains: its subgroups (a container's
+    // blocks, each run between ops outside it) are items of the group around it
+    this.chains = doc.nodes.map((n) => this.drawnChain(n.m ?? 0));
     this.items = doc.groups.map(() => []);
     const seen = new Set<ItemKey>();
     doc.nodes.forEach((_, k) => {
@@ -96,7 +101,6 @@ export class Structure {
       const item = nodeKey(k);
       for (let j = 1; j < chain.length; j++) {
         const g = chain[j];
-        if (this.transparent[g]) break;
         // in the frame of chain[j-1], node k falls into group g
         const key = groupKey(g);
         if (!seen.has(key)) {
@@ -122,14 +126,27 @@ export class Structure {
     return out.reverse();
   }
 
+  /** The chain of group g less the groups drawn as their nodes: the frames around it. */
+  drawnChain(g: number): number[] {
+    return this.chainOfGroup(g).filter((c) => !this.transparent[c]);
+  }
+
+  /** Group g's name on its box and frame: its path below the group drawn around it (the
+   * last part of its path, or more where a container around it is drawn apart: `outs.0`). */
+  name(g: number): string {
+    const chain = this.drawnChain(g);
+    const around = chain.length > 1 ? this.doc.groups[chain[chain.length - 2]].p : "";
+    const p = this.doc.groups[g].p;
+    return around && p.startsWith(around + ".") ? p.slice(around.length + 1) : p;
+  }
+
   /** The item node `k` falls into inside group `g` (g must be on its chain), or null. */
   itemIn(k: number, g: number): ItemKey | null {
     const chain = this.chains[k];
     const at = chain.indexOf(g);
     if (at < 0) return null;
     const below = chain[at + 1];
-    if (below === undefined || this.transparent[below]) return nodeKey(k);
-    return groupKey(below);
+    return below === undefined ? nodeKey(k) : groupKey(below);
   }
 
   /** The deepest group containing both nodes (their edge is laid out there). */
@@ -145,17 +162,13 @@ export class Structure {
    * of the outermost closed group around it. */
   visible(k: number, expanded: Set<number>): ItemKey {
     const chain = this.chains[k];
-    for (let j = 1; j < chain.length; j++) {
-      const g = chain[j];
-      if (this.transparent[g]) break;
-      if (!expanded.has(g)) return groupKey(g);
-    }
+    for (let j = 1; j < chain.length; j++) if (!expanded.has(chain[j])) return groupKey(chain[j]);
     return nodeKey(k);
   }
 
   /** The groups to open so that node `k` is drawn itself. */
   opening(k: number): number[] {
-    return this.chains[k].filter((g) => g !== 0 && !this.transparent[g]);
+    return this.chains[k].filter((g) => g !== 0);
   }
 
   /** The default expanded set: groups at depth <= DEFAULT_DEPTH that are drawn as groups. */
@@ -211,8 +224,8 @@ export class Structure {
    * step in the deepest group holding both, then from the {@link IN} port of each group
    * around `b` down to `b`. One part when both are items of the same group. */
   segments(a: ItemKey, b: ItemKey): [number, ItemKey, ItemKey][] {
-    const ca = this.chainOfGroup(this.owner.get(a) ?? 0);
-    const cb = this.chainOfGroup(this.owner.get(b) ?? 0);
+    const ca = this.drawnChain(this.owner.get(a) ?? 0);
+    const cb = this.drawnChain(this.owner.get(b) ?? 0);
     let j = 0;
     while (j + 1 < ca.length && j + 1 < cb.length && ca[j + 1] === cb[j + 1]) j++;
     const out: [number, ItemKey, ItemKey][] = [];
@@ -238,9 +251,9 @@ export function nodeLines(n: ViewNode): [string, string] {
   return [head, second];
 }
 
-/** The lines of a collapsed group's box: its name and class, then its op count. */
-export function groupLines(gr: ViewGroup): [string, string] {
-  const name = gr.p.slice(gr.p.lastIndexOf(".") + 1) || gr.p;
+/** The lines of a collapsed group's box: its name (by default the last part of its path;
+ * see {@link Structure.name}) and class, then its op count. */
+export function groupLines(gr: ViewGroup, name = gr.p.slice(gr.p.lastIndexOf(".") + 1) || gr.p): [string, string] {
   const n = gr.N ?? 0;
   const count = `${n} op${n === 1 ? "" : "s"}` + (gr.x ? ` ${TIMES}${gr.x}` : "");
   return [`${name} (${gr.c})`, count];
@@ -262,7 +275,12 @@ export function nodeSize(n: ViewNode): [number, number] {
   return [Math.max(60, Math.ceil(w + round)), NODE_H];
 }
 
-export function boxSize(gr: ViewGroup): [number, number] {
-  const [a, b] = groupLines(gr);
+/** An open group's title, as its frame shows it (and is sized for). */
+export function frameTitle(gr: ViewGroup, name: string): string {
+  return `\u2212 ${name} (${gr.c})${gr.x ? ` ${TIMES}${gr.x}` : ""}`;
+}
+
+export function boxSize(gr: ViewGroup, name?: string): [number, number] {
+  const [a, b] = groupLines(gr, name);
   return [Math.max(80, Math.ceil(Math.max(textWidth(a, 11), textWidth(b, 10)) + 24)), NODE_H + 4];
 }

@@ -13,6 +13,7 @@ import "./graph.css";
 import type { GroupLayout, WorkerIn, WorkerOut } from "./layout.worker";
 import LayoutWorker from "./layout.worker?worker";
 import {
+  frameTitle,
   type GraphView,
   groupKey,
   groupLines,
@@ -96,6 +97,78 @@ function roundedPath(pts: [number, number][], r: number): string {
   return d + ` L${f1(last[0])},${f1(last[1])}`;
 }
 const TIMES = "\u00d7";
+
+/** Whether the segment (x0, y0)-(x1, y1) passes through box `b` ([x0, y0, x1, y1]) shrunk
+ * by 2 px (touching its border is not passing under it): Liang-Barsky clipping. */
+function crosses(x0: number, y0: number, x1: number, y1: number, b: [number, number, number, number]): boolean {
+  const dx = x1 - x0;
+  const dy = y1 - y0;
+  let t0 = 0;
+  let t1 = 1;
+  const sides: [number, number][] = [
+    [-dx, x0 - (b[0] + 2)],
+    [dx, b[2] - 2 - x0],
+    [-dy, y0 - (b[1] + 2)],
+    [dy, b[3] - 2 - y0],
+  ];
+  for (const [p, q] of sides) {
+    if (p === 0) {
+      if (q <= 0) return false; // parallel to this side and outside it
+      continue;
+    }
+    const t = q / p;
+    if (p < 0) t0 = Math.max(t0, t);
+    else t1 = Math.min(t1, t);
+    if (t0 >= t1) return false;
+  }
+  return true;
+}
+
+/** A forward edge's points (flat `x, y, ...`) with each straight step that passes under a
+ * node (`blocked`) replaced by a right-angled one that does not. Dagre ends a route where
+ * the line to its first bend leaves the source's box, often its side, and that line (and
+ * the one from the last bend into the target) cuts through a node beside it in the same
+ * rank, as in Faster R-CNN's box decoding; the step instead leaves the source's bottom,
+ * goes down to the bend's row (the gap between ranks) and across, and enters the target's
+ * top from the row above it. A step with no clear alternative is kept. */
+function unblock(
+  flat: number[],
+  ra: [number, number, number, number],
+  rb: [number, number, number, number],
+  blocked: (x0: number, y0: number, x1: number, y1: number) => boolean,
+): number[] {
+  const pts: [number, number][] = [];
+  for (let i = 0; i + 1 < flat.length; i += 2) pts.push([flat[i], flat[i + 1]]);
+  const clearPath = (p: [number, number][]) => p.every((q, i) => i === 0 || !blocked(p[i - 1][0], p[i - 1][1], q[0], q[1]));
+  const within = (x: number, r: [number, number, number, number]) => Math.min(Math.max(x, r[0] - r[2] / 2 + 6), r[0] + r[2] / 2 - 6);
+  const out: [number, number][] = [pts[0]];
+  for (let i = 1; i < pts.length; i++) {
+    const s = out[out.length - 1];
+    const e = pts[i];
+    if (!blocked(s[0], s[1], e[0], e[1])) {
+      out.push(e);
+      continue;
+    }
+    const first = out.length === 1;
+    const last = i === pts.length - 1;
+    const from: [number, number] = first ? [within(e[0], ra), ra[1] + ra[3] / 2] : s;
+    const to: [number, number] = last ? [within(from[0], rb), rb[1] - rb[3] / 2] : e;
+    const tries: [number, number][][] = [];
+    if (first && last) {
+      const y = (from[1] + to[1]) / 2;
+      tries.push([from, [from[0], y], [to[0], y], to]);
+    } else if (last) tries.push([from, [to[0], from[1]], to], [from, [from[0], to[1]], to]);
+    else tries.push([from, [from[0], to[1]], to], [from, [to[0], from[1]], to]);
+    const ok = tries.find(clearPath);
+    if (!ok) {
+      out.push(e);
+      continue;
+    }
+    if (first) out[0] = ok[0];
+    for (const q of ok.slice(1)) if (q[0] !== out[out.length - 1][0] || q[1] !== out[out.length - 1][1]) out.push(q);
+  }
+  return out.flatMap(([x, y]) => [f1(x), f1(y)]);
+}
 
 type Target = { k: number } | { g: number };
 
@@ -323,7 +396,7 @@ class GraphPage {
       const x0 = f1(cx - w / 2);
       const y0 = f1(cy - h / 2);
       if (this.expanded.has(c) && this.layouts[c]) {
-        const title = `\u2212 ${gr.p} (${gr.c})${gr.x ? ` ${TIMES}${gr.x}` : ""}`;
+        const title = frameTitle(gr, st.name(c));
         out.push(
           `<g class="frame${extra}" data-k="${it}"><rect class="sh" x="${x0}" y="${y0}" width="${w}" height="${h}" rx="6"/>` +
             `<g class="title" data-k="${it}"><rect x="${x0}" y="${y0}" width="${w}" height="18" fill="transparent"/>` +
@@ -331,7 +404,7 @@ class GraphPage {
         );
         this.drawGroup(c, x0, y0, out, hits);
       } else {
-        const [a, b] = groupLines(gr);
+        const [a, b] = groupLines(gr, st.name(c));
         out.push(
           `<g class="box${extra}" data-k="${it}"><rect class="sh3" x="${f1(x0 + 3)}" y="${f1(y0 + 3)}" width="${w}" height="${h}" rx="3"/>` +
             `<rect class="sh" x="${x0}" y="${y0}" width="${w}" height="${h}" rx="3"/>` +
@@ -376,8 +449,12 @@ class GraphPage {
     const st = this.st;
     // what an edge must not pass under: nodes and closed boxes (not open frames)
     const solid: [number, number, number, number][] = [];
+    const solidKeys: ItemKey[] = [];
     for (const [key, r] of this.rects)
-      if (key[0] === "n" || !this.expanded.has(Number(key.slice(1)))) solid.push([r[0] - r[2] / 2, r[1] - r[3] / 2, r[0] + r[2] / 2, r[1] + r[3] / 2]);
+      if (key[0] === "n" || !this.expanded.has(Number(key.slice(1)))) {
+        solid.push([r[0] - r[2] / 2, r[1] - r[3] / 2, r[0] + r[2] / 2, r[1] + r[3] / 2]);
+        solidKeys.push(key);
+      }
     /** Whether the box [x0, x1] x [y0, y1] overlaps no solid item. */
     const clear = (x0: number, y0: number, x1: number, y1: number) => !solid.some((b) => b[0] < x1 && b[2] > x0 && b[1] < y1 && b[3] > y0);
     const lanes: [number, number, number][] = []; // back edges' lanes: x, top, bottom
@@ -416,7 +493,10 @@ class GraphPage {
       const cls = `e${label !== undefined ? " branch" : ""}${back ? " back" : ""}`;
       let d: string;
       let mid: [number, number];
-      const pts = !back && a !== b ? this.route(a, b, ra, rb, routed) : null;
+      const routedPts = !back && a !== b ? this.route(a, b, ra, rb, routed) : null;
+      const pts = routedPts && unblock(routedPts, ra, rb, (x0, y0, x1, y1) =>
+        solid.some((q, i) => solidKeys[i] !== a && solidKeys[i] !== b && crosses(x0, y0, x1, y1, q)),
+      );
       if (pts) {
         d = "M" + pts.slice(0, 2).join(",");
         for (let i = 2; i < pts.length; i += 2) d += " L" + pts[i] + "," + pts[i + 1];
@@ -678,13 +758,20 @@ class GraphPage {
     this.matchAt = -1;
     if (s) {
       const d = this.doc;
+      const hit = (g: number) => d.groups[g].p.toLowerCase().includes(s) || d.groups[g].c.toLowerCase() === s;
       d.groups.forEach((gr, g) => {
-        if (g && !this.st.transparent[g] && (gr.N ?? 0) > 0 && (gr.p.toLowerCase().includes(s) || gr.c.toLowerCase() === s))
-          this.matches.push({ g });
+        if (g && !this.st.transparent[g] && (gr.N ?? 0) > 0 && hit(g)) this.matches.push({ g });
       });
       d.nodes.forEach((n, k) => {
         const mod = d.groups[n.m ?? 0].p.toLowerCase();
-        if (n.l.toLowerCase().includes(s) || n.t.toLowerCase() === s || (mod && mod === s) || n.L?.toLowerCase() === s)
+        // a module drawn as its nodes (a layer of one op, a container drawn apart) is
+        // found through them: the groups around the node below its innermost drawn one,
+        // unless that one is found itself
+        const chain = this.st.chainOfGroup(n.m ?? 0);
+        const drawn = this.st.chains[k];
+        const box = drawn[drawn.length - 1];
+        const inModule = !hit(box) && chain.slice(chain.indexOf(box) + 1).some(hit);
+        if (n.l.toLowerCase().includes(s) || n.t.toLowerCase() === s || (mod && mod === s) || inModule || n.L?.toLowerCase() === s)
           this.matches.push({ k });
       });
       // in drawing order: by first node
@@ -708,7 +795,7 @@ class GraphPage {
   }
 
   private visibleGroup(g: number): ItemKey {
-    for (const c of this.st.chainOfGroup(g)) if (c !== 0 && c !== g && !this.expanded.has(c)) return groupKey(c);
+    for (const c of this.st.drawnChain(g)) if (c !== 0 && c !== g && !this.expanded.has(c)) return groupKey(c);
     return groupKey(g);
   }
 
@@ -734,7 +821,7 @@ class GraphPage {
 
   /** Opens the groups around a node or group, then centres and marks it. */
   private async reveal(t: Target, relayout: boolean): Promise<void> {
-    const opening = "k" in t ? this.st.opening(t.k) : this.st.chainOfGroup(t.g).filter((c) => c !== 0 && c !== t.g);
+    const opening = "k" in t ? this.st.opening(t.k) : this.st.drawnChain(t.g).filter((c) => c !== 0 && c !== t.g);
     const missing = opening.filter((g) => !this.expanded.has(g));
     for (const g of missing) this.expanded.add(g);
     this.current = "k" in t ? nodeKey(t.k) : groupKey(t.g);
