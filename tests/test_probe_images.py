@@ -680,3 +680,34 @@ def test_gradients_one_backward_per_unit_and_many_units_per_pass(
     result = images.write_all(layers=["3"], kinds=["grad"], which=["max"], progress=False)
     assert result.made == 3 * 3 and len(rows) == 1  # the three other units in one pass
     assert sorted(rows[0]) == [0, 0, 0, 3, 3, 3, 4, 4, 4]
+
+
+def test_a_model_in_training_mode_is_run_in_eval_and_given_back_training(
+    tmp_path: Path,
+) -> None:
+    """UnitImages runs the model in eval mode (dropout off: the images are those of an eval
+    copy) and leaves each module's training flag as it came in, as the probe does."""
+    import copy
+
+    from lurker.probe import UnitImages
+
+    torch.manual_seed(11)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.5), nn.Conv2d(4, 2, 3)
+    )
+    ds = Data(12)
+    lurker.probe(model.eval(), ds, out=tmp_path / "run", layers=["4"], k=3, progress=False)
+    ref = copy.deepcopy(model).eval()
+    model.train()
+    model[3].eval()  # a mixed state comes back as it was, module by module
+    got = UnitImages(tmp_path / "run", model=model, dataset=ds).gradients("4", 1, "max")
+    assert model.training and model[1].training and not model[3].training
+    (tmp_path / "ref").mkdir()
+    import shutil
+
+    shutil.copytree(
+        tmp_path / "run", tmp_path / "ref" / "run", ignore=shutil.ignore_patterns("cache")
+    )
+    want = UnitImages(tmp_path / "ref" / "run", model=ref, dataset=ds).gradients("4", 1, "max")
+    for p, q in zip(got, want, strict=True):
+        assert np.array_equal(np.asarray(Image.open(p)), np.asarray(Image.open(q)))

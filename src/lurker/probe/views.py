@@ -23,7 +23,7 @@ import threading
 import time
 import warnings
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,7 +149,7 @@ class UnitImages:
                 )
         if device is not None:
             model = model.to(device)
-        self.model = model.eval()
+        self.model = model  # run in eval mode, and given back in the mode it came in
         self.dataset = pdata.wrap(dataset)
         self.device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
         self.batch_size = batch_size
@@ -164,11 +164,25 @@ class UnitImages:
         self._loading = threading.Lock()  # guards the decoded-sample cache
         self._checked: dict[str, bool] = {}  # layer -> rows of a batch are independent
 
+    @contextlib.contextmanager
+    def _running(self) -> Iterator[None]:
+        """The model to run, alone (one model, shared by a threaded server) and in eval
+        mode; each module's ``training`` flag is put back after, so a model handed in
+        between training epochs goes on training."""
+        with self._compute:
+            modes = [(m, m.training) for m in self.model.modules()]
+            self.model.eval()
+            try:
+                yield
+            finally:
+                for m, training in modes:
+                    m.training = training
+
     @property
     def trace(self) -> Trace:
         if self._trace is None:
             x0 = self.dataset.first_image().unsqueeze(0).to(self.device)
-            with torch.no_grad():
+            with self._running(), torch.no_grad():
                 self._trace = settled_trace(self.model, x0)
         return self._trace
 
@@ -247,7 +261,7 @@ class UnitImages:
                 found.append(_unit_map(t, ids, lay.info.layout))
                 raise _Reached
 
-            with self._compute, torch.no_grad(), contextlib.suppress(_Reached):
+            with self._running(), torch.no_grad(), contextlib.suppress(_Reached):
                 self.trace.run(x, save="none", hooks={lay.op_index: grab})
             if not found:
                 raise LurkerError(f"{layer}: its op did not run on these samples")
@@ -367,7 +381,7 @@ class UnitImages:
         self, lay: _Layer, layer: str, jobs: Sequence[_Job]
     ) -> tuple[np.ndarray, torch.Tensor]:
         x = torch.stack([self._sample(j.sample_id) for j in jobs]).to(self.device)
-        with self._compute:
+        with self._running():
             grad, argmax, pos = _gradients(
                 self.trace,
                 lay.op_index,
