@@ -432,3 +432,232 @@ def test_out_that_cannot_be_created_is_one_paragraph(tmp_path: Path):
     with pytest.raises(LurkerError, match="is a file, not a run directory"):
         probe(_model(), digits(16, split="test"), out=tmp_path / "file", progress=False)
     assert (tmp_path / "file").read_text() == "mine"
+
+
+# --------------------------------------------------------------------------- the CLI, as a user types it
+
+
+def test_tilde_outputs_and_inputs_are_the_home_folder(tmp_path: Path, monkeypatch):
+    """--out=~/runs/x (a shell leaves ~ after = alone) is the home folder for probe and
+    featviz, and --image=~/x.png for explain, as for trace: no folder named ~ appears."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    r = _cli(*CLI_PROBE, "--k", "2", "--out=~/runs/x")
+    assert r.exit_code == 0, r.output
+    assert (home / "runs" / "x" / "run.db").is_file()
+    spec = ["lurker.examples:DigitsNet", "--layer", "features.8", "--units", "0"]
+    r = _cli("featviz", *spec, "--size", "16", "--steps", "2", "--out=~/fv")
+    assert r.exit_code == 0, r.output
+    assert (home / "fv" / "features.8-0000.png").is_file()
+    Image.fromarray(np.zeros((16, 16), np.uint8), "L").save(home / "7.png")
+    r = _cli("explain", "lurker.examples:DigitsNet", "--image=~/7.png", "--image-size", "16",
+             "--out=~/h.png")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert (home / "h.png").is_file()
+    assert not (tmp_path / "~").exists()
+
+
+def _explain(tmp_path: Path, *args: str):
+    img = tmp_path / "7.png"
+    Image.fromarray(np.zeros((16, 16), np.uint8), "L").save(img)
+    return _cli("explain", "lurker.examples:DigitsNet", "--image", str(img), "--image-size",
+                "16", "--out", str(tmp_path / "h.png"), *args)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["-m", "integrated_gradients", "--option", "n_steps=abc"], "n_steps is an int"),
+        (["-m", "integrated_gradients", "--option", "n_steps=2.5"], "n_steps is an int"),
+        (["-m", "smoothgrad", "--option", "stdev=hi"], "stdev is a float"),
+        (["-m", "saliency", "--option", "abs=maybe"], "abs is true or false"),
+        (["-m", "lrp", "--option", "epsilon=True"], "epsilon is a float"),
+    ],
+)
+def test_explain_option_of_the_wrong_type_is_one_paragraph(tmp_path: Path, args, said):
+    """An --option value the method cannot take names the option and its type, rather
+    than a TypeError from inside the method."""
+    r = _explain(tmp_path, *args)
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.exception
+    assert said in r.output and "--option" in r.output, r.output
+
+
+def test_explain_options_read_as_typed(monkeypatch, tmp_path: Path):
+    """abs=false is False (not the truthy string 'false'), layer=2 is the module path '2'
+    of a Sequential (not the int 2), numbers and tuples are numbers and tuples."""
+    import lurker.explain as xp
+
+    seen: list[dict] = []
+    real = xp.explain
+
+    def spy(model, x, target=None, method="saliency", **options):
+        seen.append(options)
+        return real(model, x, target=target, method=method, **options)
+
+    monkeypatch.setattr(xp, "explain", spy)
+    r = _explain(tmp_path, "-m", "saliency", "--option", "abs=false")
+    assert r.exit_code == 0, r.output
+    r = _explain(tmp_path, "-m", "smoothgrad", "--option", "abs=TRUE", "--option", "stdev=1",
+                 "--option", "n_samples=2")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    r = _explain(tmp_path, "-m", "occlusion", "--option", "strides=(2, 2)")
+    assert r.exit_code == 0, r.output
+    assert seen == [{"abs": False}, {"abs": True, "stdev": 1, "n_samples": 2}, {"strides": (2, 2)}]
+    from lurker.explain.cli import parse_options
+
+    assert parse_options(["layer=2", "relu=0"], "gradcam") == {"layer": "2", "relu": False}
+    assert parse_options(["internal_batch_size=None"], "integrated_gradients") == {
+        "internal_batch_size": None
+    }
+
+
+def test_featviz_of_a_folder_that_is_not_a_run_says_so(tmp_path: Path):
+    """A mistyped run path, or a folder without a run, is named as such, not read as a
+    model spec with no ':'; an empty --units range is a --units error."""
+    (tmp_path / "empty").mkdir()
+    for path, why in (
+        (tmp_path / "empty", "no run.db in it"),
+        (tmp_path / "nope", "no such folder"),
+    ):
+        r = _cli("featviz", str(path), "--layer", "features.8")
+        assert r.exit_code == 2 and "Traceback" not in r.output
+        assert f"{path} is not a run directory ({why})" in r.output, r.output
+        assert "has no ':'" not in r.output
+    r = _cli("featviz", "lurker.examples:DigitsNet", "--layer", "features.8", "--units", "5-3")
+    assert r.exit_code == 2 and "--units" in r.output and "Traceback" not in r.output
+
+
+def test_images_explanations_refuse_the_unit_image_options(tmp_path: Path):
+    """--layers, --kinds, --which and -b choose unit images: with --explanations, which
+    makes none, they are refused before anything runs, not silently ignored."""
+    for extra, named in (
+        (["--layers", "features.8"], "--layers"),
+        (["--kinds", "crop"], "--kinds"),
+        (["--which", "max"], "--which"),
+        (["-b", "4"], "--batch-size"),
+    ):
+        r = _cli("images", str(tmp_path), "--explanations", "top", *extra)
+        assert r.exit_code == 2 and "Traceback" not in r.output
+        assert named in r.output and "--explanations" in r.output, r.output
+
+
+def test_serve_weights_without_a_model_names_the_option(tmp_path: Path, monkeypatch):
+    import lurker.server.serve as served
+
+    monkeypatch.setattr(served, "serve_forever", lambda *a, **k: pytest.fail("served"))
+    w = tmp_path / "w.pt"
+    torch.save(_model().state_dict(), w)
+    r = _cli("serve", str(tmp_path), "--weights", str(w))
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    assert "--model" in r.output and "model='SPEC'" not in r.output, r.output
+
+
+@pytest.fixture(scope="module")
+def python_run(tmp_path_factory) -> Path:
+    """A small run probed from Python (it records no model spec)."""
+    out = tmp_path_factory.mktemp("py") / "run"
+    probe(_model(), digits(16, split="test"), out=out, layers="features.8", k=2, progress=False)
+    return out
+
+
+def test_images_layer_typo_gets_close_names(python_run: Path):
+    from lurker.probe import UnitImages
+
+    images = UnitImages(python_run, model=_model(), dataset=digits(16, split="test"))
+    with pytest.raises(LurkerError, match=r"Close names: features\.8"):
+        images.select(["featurs.8"])
+
+
+def test_explanations_of_a_python_run_say_what_to_do(python_run: Path):
+    """`lurker images --explanations` cannot be helped by serving: the message says why
+    (no recorded model) and what makes them, not only `lurker serve --model`."""
+    r = _cli("images", str(python_run), "--explanations", "2")
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    said = r.output.replace("\n", " ")
+    assert "cannot precompute the explanations" in said and "probed from Python" in said
+    assert "probe it from the command line" in said, said
+
+
+def test_printed_commands_quote_paths_with_spaces(python_run: Path, tmp_path: Path):
+    """The command `lurker export` prints to view the site works when pasted, spaces and
+    all."""
+    import shlex
+
+    site = tmp_path / "my site"
+    r = _cli("export", str(python_run), str(site), "--no-images")
+    assert r.exit_code == 0, r.output
+    printed = r.output.strip().splitlines()[-1]
+    command = printed.split("open it with: ", 1)[1].rstrip(")")
+    assert shlex.split(command)[-1] == str(site), printed
+
+
+def test_images_which_takes_what_its_help_lists():
+    """Every value `lurker images --help` offers for --which is one it accepts."""
+    import re
+
+    from lurker.probe.views import LISTS, _checked_choice
+
+    (opt,) = [p for p in main.commands["images"].params if p.name == "which"]
+    listed = re.search(r":\s*(.*?)\.?$", opt.help).group(1)
+    for value in re.split(r",\s+|\s+or\s+", listed):
+        _checked_choice("which", value.split(","), LISTS)
+
+
+def test_positions_past_the_context_do_not_blame_the_input_dtype():
+    """A sequence longer than the model's context overflows its position embedding, whose
+    indices the model makes itself (arange): --input-dtype cannot fix that, so the message
+    names the range without suggesting it (token ids straight from the input still do)."""
+    from lurker.examples import TinyGPT
+
+    model = TinyGPT(vocab_size=100, context=8, dim=16, depth=1, heads=2).eval()
+    with pytest.raises(lurker.TraceError) as info:
+        lurker.trace(model, torch.randint(0, 100, (1, 12)))
+    said = info.value.for_cli()
+    assert "Embedding 'pos' expects integer indices (long) in 0..7." in said, said
+    assert "--input-dtype" not in said, said
+    with pytest.raises(lurker.TraceError) as info:
+        lurker.trace(model, torch.randn(1, 4))
+    assert "e.g. --input-dtype long:0-100" in info.value.for_cli()
+
+
+def test_moved_weights_of_a_run_are_named_as_the_runs(tmp_path: Path):
+    """`lurker images` takes no --weights: when the file the run records is gone, the
+    message says it is the run's recorded file and what to do, not "the path passed as
+    weights"; `lurker featviz RUN` says to pass --weights."""
+    w = tmp_path / "w.pt"
+    torch.save(_model().state_dict(), w)
+    run = tmp_path / "run"
+    r = _cli(*CLI_PROBE, "--k", "2", "-w", str(w), "--out", str(run))
+    assert r.exit_code == 0, r.output
+    w.unlink()
+    r = _cli("images", str(run))
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    said = r.output.replace("\n", " ")
+    assert f"records its weights as {w}" in said and "passed as weights" not in said, said
+    r = _cli("featviz", str(run), "--layer", "features.8")
+    assert r.exit_code == 2 and "recorded weights" in r.output and "--weights" in r.output
+
+
+def test_moved_dataset_of_a_run_is_named_and_export_says_images_are_missing(tmp_path: Path):
+    """The image folder a run records is gone: `lurker images` names it as the run's
+    recorded folder (it takes no --data), and `lurker export` says the site's samples have
+    no images and why, rather than writing them without a word."""
+    folder = tmp_path / "data"
+    for c in ("a", "b"):
+        (folder / c).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((16, 16), 40 * i, np.uint8), "L").save(folder / c / f"{i}.png")
+    run = tmp_path / "run"
+    args = ["probe", "lurker.examples:DigitsNet", "--data", str(folder), "--image-size", "16"]
+    r = _cli(*args, "--layers", "features.8", "--k", "2", "--out", str(run))
+    assert r.exit_code == 0, r.output
+    folder.rename(tmp_path / "moved")
+    r = _cli("images", str(run))
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    said = r.output.replace("\n", " ")
+    assert f"records its dataset as the folder {folder}" in said, said
+    with pytest.warns(UserWarning, match=r"top-k samples have no image.*cannot load"):
+        r = _cli("export", str(run), str(tmp_path / "site"))
+    assert r.exit_code == 0, r.output

@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import functools
 import os
+import shlex
 import sys
 import warnings
 from collections.abc import Callable, Iterator
@@ -265,6 +266,7 @@ def probe(
     from .probe import data as pdata
     from .probe import probe as do_probe
 
+    out = str(Path(out).expanduser())  # --out=~/runs/x: the shell leaves ~ after = alone
     with _torchrun_group(device):
         net = load_model(model, weights, device=device or "cpu")
         where = next((p.device for p in net.parameters()), "cpu")  # probed where it lies
@@ -448,7 +450,7 @@ def map_(
     meta = m.meta
     click.echo(
         f"map of {len(m)} samples from {meta.get('layer')} by {meta.get('method')} "
-        f"({meta.get('engine')}) in {meta.get('seconds', 0):.1f} s; open it: lurker serve {run}"
+        f"({meta.get('engine')}) in {meta.get('seconds', 0):.1f} s; open it: lurker serve {shlex.quote(run)}"
     )
     absent = sorted(set(range(done.num_samples)) - {int(i) for i in m.ids})
     if absent:
@@ -481,7 +483,10 @@ def map_(
     "cuts itself; files only when asked).",
 )
 @click.option(
-    "--which", default="max,mean", show_default=True, help="Top lists: max, mean or both."
+    "--which",
+    default="max,mean",
+    show_default=True,
+    help="Top lists, comma-separated: max, mean or max,mean.",
 )
 @click.option("--batch-size", "-b", default=32, show_default=True, help="Gradients per pass.")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available).")
@@ -521,6 +526,21 @@ def images(
         raise click.BadParameter("--methods goes with --explanations top|N", param_hint="--methods")
     if explanations is not None:
         from .server.explained import precompute
+
+        # the unit images' options do nothing here: say so, not ignore them
+        ctx = click.get_current_context()
+        given = [
+            f"--{name.replace('_', '-')}"
+            for name in ("layers", "kinds", "which", "batch_size")
+            if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
+        ]
+        if given:
+            raise click.BadParameter(
+                f"{', '.join(given)} choose{'s' * (len(given) == 1)} unit images, which "
+                "--explanations does not make: run `lurker images` once with them and once "
+                "with --explanations",
+                param_hint="--explanations",
+            )
 
         spec = explanations.strip()
         if spec != "top" and not (spec.isdigit() and int(spec) > 0):
@@ -595,6 +615,12 @@ def serve(
     """
     from .server.serve import serve_forever
 
+    if weights is not None and model is None:
+        raise click.BadParameter(
+            "a state dict needs the model it loads into: pass --model SPEC with --weights "
+            "(for the run's own model, the spec `lurker probe` was given)",
+            param_hint="'--weights'",
+        )
     serve_forever(
         run,
         model=model,
@@ -628,7 +654,7 @@ def export(run: str, site: str, no_images: bool) -> None:
     from .server.export import export_site
 
     out = export_site(run, site, make_images=not no_images)
-    click.echo(f"site: {out} (open it with: python -m http.server -d {out})")
+    click.echo(f"site: {out} (open it with: python -m http.server -d {shlex.quote(str(out))})")
 
 
 @main.command(
@@ -729,7 +755,7 @@ def explain(
             f"{out!r}: the overlay is an image: .png, .jpg or .webp", param_hint="'--out'"
         )
     out = _out_folder(out, "'--out'")
-    opts = parse_options(options)
+    opts = parse_options(options, method)
     if layer is not None:
         opts["layer"] = layer
     goal = parse_target(target)
@@ -748,9 +774,8 @@ def explain(
         )
     net = load_model(model, weights, device=device)
     channels = image_channels(net, image_size, device=device) or 3
-    x, shown = load_image(
-        image, image_size, channels, _floats(mean, "--mean"), _floats(std, "--std")
-    )
+    mean_, std_ = _floats(mean, "--mean"), _floats(std, "--std")
+    x, shown = load_image(Path(image).expanduser(), image_size, channels, mean_, std_)
     x = x.to(device)
     check_runs(net, x, image_size)
     try:
@@ -795,7 +820,13 @@ Examples:
 """
 )
 @click.argument("run_or_model")
-@click.option("--layer", "-l", required=True, help="Module path or trace label (or run layer).")
+@click.option(
+    "--layer",
+    "-l",
+    required=True,
+    help="Module path or trace label; with a run, one of its probed layers (name, op label "
+    "or module path).",
+)
 @click.option("--units", "-u", default=None, help="Units, e.g. 0,3,8-15 (default: all).")
 @click.option("--steps", "-n", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option(
@@ -880,8 +911,19 @@ def featviz(
 
     unit_list = _unit_list(units)
     auto = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    is_run = (Path(run_or_model) / DB_NAME).is_file()
+    where = Path(run_or_model).expanduser()
+    is_run = (where / DB_NAME).is_file()
+    pathlike = where.exists() or run_or_model.startswith(("~", ".")) or "/" in run_or_model
+    if not is_run and (where.is_dir() or (":" not in run_or_model and pathlike)):
+        # a model spec holds ':' (torchvision:NAME, file.py:callable): this was meant as a run
+        why = f"no {DB_NAME} in it" if where.is_dir() else "it is a file"
+        raise LurkerError(
+            f"{run_or_model} is not a run directory ({why if where.exists() else 'no such folder'}"
+            "): RUN_OR_MODEL is the --out folder of `lurker probe`, or a model spec such as "
+            "torchvision:resnet18 or path/to/net.py:Net"
+        )
     if is_run:
+        run_or_model = str(where)
         from .probe.sweep import fingerprint
         from .store import Run
 
@@ -899,7 +941,13 @@ def featviz(
                     f"run {run.path} does not record its model (it was made from Python); pass "
                     "it: --model SPEC [--weights FILE]"
                 )
-            net = load_model(spec, weights or (None if model else cfg.get("weights")), device=auto)
+            weights = weights or (None if model else cfg.get("weights"))
+            if weights and weights == cfg.get("weights") and not Path(weights).is_file():
+                raise LurkerError(
+                    f"the run's recorded weights {weights} do not exist here (moved or "
+                    "deleted): pass them with --weights"
+                )
+            net = load_model(spec, weights, device=auto)
             stored = run.meta.get("model_fingerprint")
             if stored and fingerprint(net) != stored:
                 raise LurkerError(
@@ -921,7 +969,7 @@ def featviz(
             channels=channels, param=param, images_per_unit=images_per_unit, seed=seed,
             batch_size=batch_size, progress=_progress,
         )  # fmt: skip
-        folder = Path(out or "featviz")
+        folder = Path(out or "featviz").expanduser()
         folder.mkdir(parents=True, exist_ok=True)
         name = layer.replace("/", "_")
         for i, u in enumerate(fv.units):
@@ -951,6 +999,8 @@ def _unit_list(text: str | None) -> list[int] | None:
         for part in text.split(","):
             lo, dash, hi = part.strip().partition("-")
             out.extend(range(int(lo), int(hi) + 1) if dash else [int(lo)])
+            if dash and int(hi) < int(lo):
+                raise ValueError(part)  # 5-3 would be no unit at all
     except ValueError:
         raise click.BadParameter(
             f"{text!r}: give unit indices and ranges, e.g. 0,3,8-15", param_hint="'--units'"

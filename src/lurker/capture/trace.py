@@ -228,8 +228,11 @@ def _trace_error(
     mname = type(model).__name__
     got = ", ".join(str(tuple(op.outputs[0].shape)) for op in partial.inputs if op.outputs)
     inputs = f" The model's input shapes were {got}." if got else ""
-    layer = _failing_layer(model, e)
     failed = rec.failed
+    # indices the model makes itself (positions from the input's length) are no matter
+    # of --input-dtype: only an op fed by the input gets that hint
+    near = failed is None or (failed.dist_from_input is not None and failed.dist_from_input <= 2)
+    layer = _failing_layer(model, e, input_hint=near)
     if failed is not None:
         label = partial.ops[failed.index].label
         shapes = [
@@ -347,9 +350,13 @@ def _in_torch(filename: str) -> bool:
         return False
 
 
-def _failing_layer(model: nn.Module, e: BaseException) -> tuple[str, str, str, bool] | None:
+def _failing_layer(
+    model: nn.Module, e: BaseException, input_hint: bool = True
+) -> tuple[str, str, str, bool] | None:
     """``(path, what it got, what it expects, is a torch layer)`` for the innermost module
-    whose forward is on the traceback: the layer an input that does not fit was refused by."""
+    whose forward is on the traceback: the layer an input that does not fit was refused by.
+    ``input_hint``: the layer reads the model's input, so what it expects may name the
+    ``--input-dtype`` that makes such an input."""
     names = {id(m): name for name, m in model.named_modules()}
     found: tuple[str, nn.Module, Any] | None = None
     tb = e.__traceback__
@@ -372,7 +379,7 @@ def _failing_layer(model: nn.Module, e: BaseException) -> tuple[str, str, str, b
         got = f"a tensor of shape {tuple(arg.shape)} ({dtype})"
     else:
         got = f"a {type(arg).__name__}"
-    expects = _expected_input(module) if not _fits(module, arg) else None
+    expects = _expected_input(module, input_hint) if not _fits(module, arg) else None
     what = f"{type(module).__name__} '{path}' expects {expects}." if expects and path else ""
     builtin = type(module).__module__.startswith("torch.")
     return path or "(the model itself)", got, what, builtin
@@ -411,8 +418,9 @@ def _fits(m: nn.Module, x: Any) -> bool:
     return False
 
 
-def _expected_input(m: nn.Module) -> str | None:
-    """The input a layer takes, in words with its sizes (``(N, 64, H, W)``), or None."""
+def _expected_input(m: nn.Module, input_hint: bool = True) -> str | None:
+    """The input a layer takes, in words with its sizes (``(N, 64, H, W)``), or None;
+    ``input_hint``: with the ``--input-dtype`` that makes it, where that applies."""
     from torch.nn.modules.batchnorm import _NormBase
     from torch.nn.modules.conv import _ConvNd
     from torch.nn.modules.rnn import RNNBase
@@ -435,10 +443,8 @@ def _expected_input(m: nn.Module) -> str | None:
     if isinstance(m, nn.LayerNorm):
         return f"(..., {', '.join(map(str, m.normalized_shape))})"
     if isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
-        return (
-            f"integer indices (long) in 0..{m.num_embeddings - 1}, e.g. --input-dtype "
-            f"long:0-{m.num_embeddings}"
-        )
+        hint = f", e.g. --input-dtype long:0-{m.num_embeddings}" if input_hint else ""
+        return f"integer indices (long) in 0..{m.num_embeddings - 1}{hint}"
     if isinstance(m, nn.MultiheadAttention):
         order = "(N, L, E)" if m.batch_first else "(L, N, E)"
         return f"{order} with E = {m.embed_dim}"

@@ -4,6 +4,7 @@ probe's image-folder loader does, and parsing ``--target`` and ``--option``."""
 from __future__ import annotations
 
 import ast
+import inspect
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -88,19 +89,67 @@ def parse_target(text: str) -> int | str | UnitTarget:
     )
 
 
-def parse_options(items: Sequence[str]) -> dict[str, Any]:
+def parse_options(items: Sequence[str], method: str | None = None) -> dict[str, Any]:
     """``--option KEY=VALUE`` pairs; values are Python literals (``8``, ``0.1``,
-    ``(1, 5, 5)``) or plain strings."""
+    ``(1, 5, 5)``, ``true``/``false`` in any case) or plain strings.
+
+    With ``method``, a value is checked against the type the method's option takes, so
+    that ``n_steps=abc`` is refused here rather than failing inside the method, and an
+    option that takes a string (``layer=3``, a module path) keeps the text as typed."""
     out: dict[str, Any] = {}
     for item in items:
         key, eq, value = item.partition("=")
-        if not eq or not key.strip():
+        key, value = key.strip(), value.strip()
+        if not eq or not key:
             raise LurkerError(f"--option {item!r}: write KEY=VALUE, e.g. n_steps=32")
-        try:
-            out[key.strip()] = ast.literal_eval(value.strip())
-        except (ValueError, SyntaxError):
-            out[key.strip()] = value.strip()
+        if value.lower() in ("true", "false"):
+            out[key] = value.lower() == "true"
+        else:
+            try:
+                out[key] = ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                out[key] = value
+        if method is not None:
+            out[key] = _typed_option(method, key, value, out[key])
     return out
+
+
+#: the option types ``--option`` checks (others, such as tensors or tuples, go as parsed)
+_TYPES: dict[str, tuple[type, ...]] = {
+    "bool": (bool,),
+    "int": (int,),
+    "float": (int, float),
+    "str": (str,),
+    "None": (type(None),),
+}
+
+
+def _typed_option(method: str, key: str, text: str, value: Any) -> Any:
+    """``value`` (``text`` parsed) as method ``method``'s option ``key`` takes it, or a
+    clear error. An option the method does not have is left to the method to refuse."""
+    from . import METHODS
+
+    cls = METHODS.get(method)
+    param = inspect.signature(cls.compute).parameters.get(key) if cls is not None else None
+    if param is None or param.kind is not inspect.Parameter.KEYWORD_ONLY:
+        return value
+    names = [part.strip() for part in str(param.annotation).split("|")]
+    if not all(name in _TYPES for name in names):
+        return value
+    if "str" in names and text.lower() not in ("none", "true", "false"):
+        return text  # a module path such as 3 is a name, not a number
+    if "bool" in names and value in (0, 1) and not isinstance(value, float):
+        return bool(value)
+    ok = isinstance(value, tuple(t for name in names for t in _TYPES[name]))
+    if ok and not (isinstance(value, bool) and "bool" not in names):
+        return value
+    wanted = " or ".join(
+        {"bool": "true or false", "None": "None"}.get(name, f"a{'n' * (name == 'int')} {name}")
+        for name in names
+    )
+    raise LurkerError(
+        f"--option {key}={text}: {method}'s {key} is {wanted} (default {param.default!r})"
+    )
 
 
 def check_runs(model: torch.nn.Module, x: Tensor, image_size: int) -> None:

@@ -16,6 +16,7 @@ What the explorer shows for an entry (layer, unit, list, rank) of a unit's top l
 from __future__ import annotations
 
 import contextlib
+import difflib
 import fnmatch
 import os
 import sys
@@ -140,9 +141,32 @@ class UnitImages:
                     "make them from Python: UnitImages(run, model=..., dataset=...).write_all().",
                 )
             if model is None:
+                weights = cfg.get("weights")
+                if weights and not Path(weights).is_file():  # not "the path passed": none was
+                    raise LurkerError(
+                        f"The run in {self.run.path} records its weights as {weights}, and "
+                        "that file does not exist here (moved or deleted): put it back there, "
+                        "or pass the model: UnitImages(run, model=..., dataset=...).",
+                        cli=f"The run in {self.run.path} records its weights as {weights}, and "
+                        "that file does not exist here (moved or deleted): `lurker images` "
+                        "loads the run's own model, so put the file back there, or make the "
+                        "images from Python: UnitImages(run, model=..., dataset=...).write_all().",
+                    )
                 auto = "cuda" if torch.cuda.is_available() else "cpu"
-                model = load_model(spec, cfg.get("weights"), device=device or auto)
+                model = load_model(spec, weights, device=device or auto)
             if dataset is None:
+                data = str(cfg["data"])
+                if Path(data).is_absolute() and not Path(data).exists():  # a moved folder
+                    raise LurkerError(
+                        f"The run in {self.run.path} records its dataset as the folder {data}, "
+                        "and that folder does not exist here (moved or deleted): put it back "
+                        "there, or pass the dataset: UnitImages(run, model=..., dataset=...).",
+                        cli=f"The run in {self.run.path} records its dataset as the folder "
+                        f"{data}, and that folder does not exist here (moved or deleted): "
+                        "`lurker images` reads the run's own dataset, so put the folder back "
+                        "there, or make the images from Python: UnitImages(run, model=..., "
+                        "dataset=...).write_all().",
+                    )
                 size = self.run.meta.get("image_size") or [224]
                 dataset = pdata.load_dataset(
                     cfg["data"], int(size[0]), channels=(cfg.get("input_shape") or [None])[0]
@@ -415,8 +439,11 @@ class UnitImages:
         if unmatched:
             valid = [info.name for info in self.run.layers]
             shown = ", ".join(valid[:60]) + (" ..." if len(valid) > 60 else "")
+            known = sorted({n for i in self.run.layers for n in (i.name, i.module, i.op) if n})
+            close = [c for p in sorted(unmatched) for c in difflib.get_close_matches(p, known, 3)]
+            hint = f" Close names: {', '.join(dict.fromkeys(close))}." if close else ""
             raise LurkerError(
-                f"No layer of this run matches {sorted(unmatched)}. Name layers, module "
+                f"No layer of this run matches {sorted(unmatched)}.{hint} Name layers, module "
                 f"paths, op labels or types (globs allowed). This run's layers: {shown}"
             )
         return chosen

@@ -145,8 +145,16 @@ def precompute(
             s.model()
             if s.foreign_model:  # cannot happen through create_app(run) alone; said anyway
                 raise LurkerError("the attached model is not the run's own")
-        except ApiError as err:
-            raise LurkerError(err.detail) from None
+        except ApiError:
+            # the server's 409 says to serve with --model, which precomputes nothing
+            raise LurkerError(
+                f"cannot precompute the explanations of run {e.path}: "
+                f"{s.model_reason() or 'its model cannot be loaded'}. They are made with "
+                "the model the run records (the spec and weights `lurker probe` was given; a "
+                "run made from Python records none: probe it from the command line); "
+                "`lurker serve RUN --model SPEC` explains on request instead, without keeping "
+                "them"
+            ) from None
         if asked is None and CONCEPTS in methods and not _has_concepts(s):
             methods.remove(CONCEPTS)  # not asked for, and this run cannot have them
         for n, sid in enumerate(ids):

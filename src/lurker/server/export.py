@@ -37,7 +37,7 @@ from urllib.parse import unquote
 
 import numpy as np
 
-from lurker.errors import LurkerError
+from lurker.errors import LurkerError, warn
 from lurker.store.featviz import featviz_images
 from lurker.store.files import safe_component
 
@@ -219,6 +219,12 @@ def _export_run(request: Any, e: Any, files: _Files, make_images: bool) -> None:
         else:
             files.bar.total -= 1  # no image to write
         listed.append({**detail.sample.model_dump(mode="json"), "image": found is not None})
+    if make_images and len(images) < len(ranked):  # a site without its images: say why
+        why = s.dataset_reason() or "their files are no longer in the run's dataset"
+        warn(
+            f"run {e.id}: {len(ranked) - len(images)} of its {len(ranked)} top-k samples have "
+            f"no image, so the site shows them without one: {why}"
+        )
     files.json(
         _rel("runs", e.id, "exported-samples"),
         {"total": e.sample_count(), "samples": listed},
