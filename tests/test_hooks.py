@@ -260,6 +260,34 @@ class _TopK(nn.Module):
         return values[:, None] * a + b.sum(1, keepdim=True) + indices[:, None].float()
 
 
+def test_a_hooks_block_applies_to_its_own_threads_runs_only():
+    """A server runs one trace for several requests at once: a `with tr.hooks()` block
+    entered by one thread must not change what another thread's run computes."""
+    import threading
+
+    model = _convnet()
+    tr = lurker.trace(model, _x(0))
+    x = _x()
+    plain = model(x)
+    inside, done = threading.Event(), threading.Event()
+    got: dict[str, Tensor] = {}
+
+    def hooked() -> None:
+        with tr.hooks({"0": _zero_channel}):
+            got["hooked"] = tr.run(x).output
+            inside.set()
+            done.wait(30)
+
+    t = threading.Thread(target=hooked)
+    t.start()
+    assert inside.wait(30)
+    got["other"] = tr.run(x).output  # while the other thread is inside its block
+    done.set()
+    t.join()
+    torch.testing.assert_close(got["other"], plain)
+    assert not torch.allclose(got["hooked"], plain)
+
+
 def test_a_multi_output_op_gets_and_returns_a_tuple():
     model = _TopK()
     torch.manual_seed(2)

@@ -7,6 +7,7 @@ import gc
 import inspect
 import os
 import sys
+import threading
 import traceback
 import weakref
 from collections.abc import Callable, Iterator, Mapping
@@ -525,7 +526,9 @@ class Trace(Graph):
         self._state = _state.NO_CHANGES  # what the traced forward changed in the model
         self._transform: Callable[[Tensor], Tensor] | None = None
         self._model_hooks: _hooks.ModelHooks = {}  # the model's own hooks when traced
-        self._active_hooks: list[_hooks.Resolved] = []  # of the `with trace.hooks()` blocks
+        # the `with trace.hooks()` blocks, per thread: a block applies to the runs of the
+        # thread that entered it, not to another thread's runs of the same trace
+        self._hook_blocks = threading.local()
 
     @classmethod
     def _build(
@@ -597,6 +600,13 @@ class Trace(Graph):
         :class:`~lurker.errors.OpKeyError` (with close names) for a key that names no op."""
         return _hooks.ops_for(self, key)
 
+    @property
+    def _active_hooks(self) -> list[_hooks.Resolved]:
+        blocks = self._hook_blocks.__dict__
+        if "entries" not in blocks:
+            blocks["entries"] = []
+        return blocks["entries"]
+
     def hooks(self, hooks: Mapping[str | int, HookFn]) -> contextlib.AbstractContextManager[Trace]:
         """Within the ``with`` block, :meth:`run` calls ``fn(op, output)`` for each op a key
         names, with the op's live output; a tensor it returns replaces the output for the
@@ -608,7 +618,9 @@ class Trace(Graph):
         that produced that module's output; every pass for a module that ran several times,
         ``"cell:2"`` for one) or an op index. Every key is checked here, before anything
         runs (:class:`~lurker.errors.OpKeyError` with close matches). The hooks are removed
-        when the block exits, however it exits; blocks nest, outer hooks running first.
+        when the block exits, however it exits; blocks nest, outer hooks running first. A
+        block applies to the runs of the thread that entered it (a server's other requests
+        on the same trace run without it).
         """
         resolved = _hooks.resolve(self, hooks)
         return self._hooked(resolved)
