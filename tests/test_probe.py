@@ -489,13 +489,13 @@ def test_crash_before_results_never_leaves_complete_run_with_new_meta(
         meta_set(self, key, value)
 
     monkeypatch.setattr(RunWriter, "meta_set", crash)
-    with pytest.raises(KeyboardInterrupt):
-        probe(model, ds, out=out, layers=["features.8"], k=2, batch_size=32)
+    with pytest.raises(KeyboardInterrupt):  # other bins: a sweep (the same would be none)
+        probe(model, ds, out=out, layers=["features.8"], k=2, batch_size=32, hist_bins=32)
     run = lurker.Run.open(out, allow_incomplete=True)
     assert (dict(run.meta), run.unit("features.8", 0).to_dict()) == before
     assert run.complete and run.meta["config"]["batch_size"] == 64
     monkeypatch.undo()
-    run = probe(model, ds, out=out, layers=["features.8"], k=2, batch_size=32)
+    run = probe(model, ds, out=out, layers=["features.8"], k=2, batch_size=32, hist_bins=32)
     assert run.complete and run.meta["config"]["batch_size"] == 32
 
 
@@ -624,6 +624,7 @@ class _Picked(torch.utils.data.Dataset):
         return len(self.idx)
 
     def __getitem__(self, i: int):
+        self.reads = getattr(self, "reads", 0) + 1
         if self.stop_at is not None and i >= self.stop_at:
             raise _Interrupted
         image, label, _ = self.base[self.idx[i]]
@@ -659,6 +660,37 @@ def test_another_dataset_of_the_same_type_does_not_continue_a_checkpoint(tmp_pat
     _brute_run_equal(probe(model, _Picked(second), **kw), model, _Picked(second), k)
     probe(model, _Picked(first), **kw)
     _brute_run_equal(probe(model, _Picked(second), **kw), model, _Picked(second), k)
+
+
+def test_the_same_probe_of_a_complete_run_sweeps_nothing_and_keeps_its_images(tmp_path: Path):
+    """Running the same probe again on a run it finished reads no data beyond the plan's
+    first image, says so, and keeps the run and the unit images made from it (a second
+    sweep would redo hours of work and drop them for the same numbers); other layers, or
+    overwrite=True, sweep again. A resumed sweep's figures say what it resumed from."""
+    model, out, idx = _model(), tmp_path / "r", list(range(60))
+    kw = dict(out=out, layers=["features.0"], k=3, batch_size=8, progress=False)
+    with pytest.raises(_Interrupted):
+        probe(model, _Picked(idx, stop_at=40), checkpoint_every=1, **kw)
+    run = probe(model, _Picked(idx), **kw)
+    assert run.meta["sweep"]["images"] == 20 and run.meta["sweep"]["resumed_from"] == 40
+    before = (dict(run.meta), [run.unit("features.0", u).to_dict() for u in range(4)])
+    UnitImages(out, model=model, dataset=_Picked(idx)).write_all(kinds=["input"], progress=False)
+    images = sorted((out / "cache").rglob("*.png"))
+    assert images
+    again = _Picked(idx)
+    with pytest.warns(UserWarning, match="nothing to sweep") as rec:
+        run = probe(model, again, **kw)
+    assert rec[0].filename == __file__
+    assert again.reads <= 1  # the plan's first image; no sweep
+    assert (dict(run.meta), [run.unit("features.0", u).to_dict() for u in range(4)]) == before
+    assert sorted((out / "cache").rglob("*.png")) == images
+    again = _Picked(idx)
+    run = probe(model, again, **{**kw, "layers": ["features.0", "features.2"]})
+    assert again.reads >= 60 and [x.name for x in run.layers] == ["features.0", "features.2"]
+    assert run.meta["sweep"]["images"] == 60 and run.meta["sweep"]["resumed_from"] == 0
+    again = _Picked(idx)
+    probe(model, again, overwrite=True, **{**kw, "layers": ["features.0", "features.2"]})
+    assert again.reads >= 60
 
 
 def _labelled_folder(root: Path) -> Path:
@@ -759,3 +791,15 @@ def test_an_unlabelled_dataset_has_no_class_means(tmp_path: Path):
     assert unit.class_means() == {} and unit.class_mean_array().shape == (0,)
     assert unit.to_dict()["class_means"] == {}
     assert all(e.label is None and e.class_name is None for e in unit.top("max"))
+
+
+def test_progress_is_plain_lines_on_stderr_when_not_a_terminal(tmp_path: Path, capsys):
+    """In a log (stderr not a terminal) the sweep says how far it has come as it goes, in
+    plain lines: the start, then at most every 10 seconds, and the end; stdout stays clean."""
+    model = _model()
+    probe(model, _Picked(list(range(24))), out=tmp_path / "r", layers=["features.0"], k=2,
+          batch_size=8, progress=True)  # fmt: skip
+    out, err = capsys.readouterr()
+    lines = [line for line in err.splitlines() if line.startswith("probing:")]
+    assert lines[0].startswith("probing: 0/24 (0%)") and lines[-1].startswith("probing: 24/24")
+    assert all(line.endswith("images/s") for line in lines) and "probing" not in out

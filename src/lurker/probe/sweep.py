@@ -22,6 +22,7 @@ import functools
 import hashlib
 import inspect
 import io
+import json
 import numbers
 import os
 import re
@@ -49,6 +50,7 @@ from .consumers import (
 )
 from .layout import UNIT_DIM_HINT, Layout, Skip, infer_layouts, op_names, reused_paths, rf_matches
 from .layout import layer_name as _layer_name
+from .progress import Progress
 
 CONV = {"conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"}
 LINEAR = {"linear", "addmm"}
@@ -431,26 +433,6 @@ def _dist() -> tuple[int, int]:
     return 0, 1
 
 
-def _progress(total: int, enabled: bool):
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(
-        TextColumn("probing"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]} img/s"),
-        TimeRemainingColumn(),
-        disable=not enabled,
-        transient=False,
-    )
-
-
 def _one_writer(fn: Callable[..., Run | None]) -> Callable[..., Run | None]:
     """Run ``fn`` holding the run directory's lock (rank 0, the only writer, takes it):
     a second probe into the same ``out`` fails at once instead of redoing the sweep."""
@@ -523,7 +505,9 @@ def probe(
     every ``checkpoint_every`` batches, if given); rerunning the same call after an
     interruption resumes it. Under ``torchrun`` every rank sweeps its shard and rank 0
     writes the merged run. Arguments are checked before anything is created; while the
-    probe runs, its process holds ``out`` (a second probe into it fails at once).
+    probe runs, its process holds ``out`` (a second probe into it fails at once). The same
+    call on a run it finished sweeps nothing (``overwrite=True`` sweeps it again).
+    ``progress``: a bar on stderr when it is a terminal, else a line every 10 seconds.
 
     Each layer's batch, unit and position axes are found from the trace (see
     :mod:`lurker.probe.layout`); layers whose units cannot be located are skipped, printed
@@ -568,6 +552,8 @@ def probe(
             embed=embed,
         )
         writer = _open_writer(plan, overwrite)
+        if _finished_before(plan, writer):
+            return Run.open(plan.out) if plan.rank == 0 else None
         consumers = _consumers(plan)
         start = _restore(plan, writer, consumers)
         swept = _sweep(plan, consumers, start)
@@ -613,6 +599,18 @@ class _Plan:
         that type (a new random subset) must not continue this one's statistics."""
         labels = hashlib.sha1(array.array("q", self.labels).tobytes()).hexdigest()[:16]
         return f"{len(self.labels)}:{labels}"
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """What the results depend on beyond what resuming checks (model, dataset, k and
+        image size): a complete run probed with the same settings is not swept again."""
+        return {
+            "layers": [[x.name, x.layout.to_dict()] for x in self.layers],
+            "data": self.data_key,
+            "hist_bins": self.hist_bins,
+            "relevance": self.relevance,
+            "embed": None if self.embed is None else self.embed.name,
+        }
 
     @property
     def num_classes(self) -> int:
@@ -785,6 +783,34 @@ def _open_writer(plan: _Plan, overwrite: bool) -> RunWriter | None:
     if plan.world > 1:
         torch.distributed.barrier()
     return writer
+
+
+def _finished_before(plan: _Plan, writer: RunWriter | None) -> bool:
+    """Whether the run is complete and was probed with this call's settings: then there is
+    nothing to sweep, and sweeping again would drop what was made from the run since (unit
+    images, feature visualizations) for the same numbers. Rank 0 decides for all ranks."""
+    done = False
+    if writer is not None and writer.resumed:
+        done = writer.status == "complete" and not plan.checkpoint.exists()
+        done = done and writer.meta_get("probed_with") == json.loads(
+            json.dumps(plan.settings)
+        )  # as stored: tuples are lists
+        if done:
+            # this call's way to load the model and data again (the CLI's spec, where a
+            # Python call recorded none): the same model, by its fingerprint, and data
+            old = writer.meta_get("config") or {}
+            writer.meta_set("config", {**old, **plan.run_meta["config"]})
+            writer.close()
+            warn(
+                f"{plan.out} already holds this probe, complete (same model, dataset, layers "
+                "and settings): nothing to sweep. To sweep it again, overwrite it "
+                "(overwrite=True; on the command line --overwrite)"
+            )
+    if plan.world > 1:
+        flag = [done]
+        torch.distributed.broadcast_object_list(flag, src=0)
+        done = bool(flag[0])
+    return done
 
 
 def _consumers(plan: _Plan) -> list[BatchConsumer]:
@@ -966,8 +992,8 @@ def _sweep(plan: _Plan, consumers: Sequence[BatchConsumer], start: _Progress) ->
     t_start = last_ckpt = time.perf_counter()
     total = len(plan.shard)
     known = torch.tensor(plan.labels, dtype=torch.int64)  # what the run will say they are
-    with _progress(total, plan.progress and plan.rank == 0) as bar, torch.no_grad():
-        task = bar.add_task("probe", total=total, completed=position.done, rate="-")
+    bar = Progress("probing", total, position.done, plan.progress and plan.rank == 0, 10.0)
+    with contextlib.closing(bar), torch.no_grad():
         for images, labels, ids in loader:  # unreadable images were dropped (ds.skipped)
             if len(images):
                 _check_labels(labels, ids, known)
@@ -992,8 +1018,7 @@ def _sweep(plan: _Plan, consumers: Sequence[BatchConsumer], start: _Progress) ->
             position.done += step
             position.seen += step
             n_batches += 1
-            rate = position.seen / max(time.perf_counter() - t_start, 1e-9)
-            bar.update(task, completed=position.done, rate=f"{rate:,.0f}")
+            bar.advance(step)
             now = time.perf_counter()
             if now - last_ckpt >= plan.checkpoint_seconds or (
                 plan.checkpoint_every and n_batches % plan.checkpoint_every == 0
@@ -1030,16 +1055,17 @@ def _finish(
 ) -> Run | None:
     """Merge the ranks' consumers and figures, then write the run on rank 0 in one
     transaction; the other ranks drop their checkpoints and return None."""
-    skipped, seen, seconds = swept.skipped, swept.seen, swept.seconds
+    skipped, seen, seconds, done = swept.skipped, swept.seen, swept.seconds, swept.done
     if plan.world > 1:
         for c in consumers:
             c.merge()
         # one gather: every rank's unreadable files, and its share of the run's figures
         gathered: list[Any] = [None] * plan.world
-        torch.distributed.all_gather_object(gathered, (skipped, seen, seconds))
+        torch.distributed.all_gather_object(gathered, (skipped, seen, seconds, done))
         skipped = _merge_skipped(*(g[0] for g in gathered))
         seen = sum(g[1] for g in gathered)
         seconds = max(g[2] for g in gathered)
+        done = sum(g[3] for g in gathered)
     if plan.rank != 0:
         _drop_checkpoint(plan)
         for c in consumers:
@@ -1061,6 +1087,8 @@ def _finish(
                 "seconds": seconds,
                 "images": seen,
                 "images_per_s": seen / max(seconds, 1e-9),
+                # swept before an interruption, by the calls this one resumed
+                "resumed_from": max(done - seen, 0),
                 "world": plan.world,
             },
         )
@@ -1073,6 +1101,7 @@ def _finish(
         )
         writer.add_skipped(skipped, replace=True)
         writer.set_graph(plan.trace.to_json())  # the layers' op_index and op label index into it
+        writer.meta_set("probed_with", plan.settings)
         writer.meta_set(
             "skipped_layers",
             [{"layer": name, "reason": why} for name, why in plan.layer_skips],

@@ -19,7 +19,6 @@ import contextlib
 import difflib
 import fnmatch
 import os
-import sys
 import threading
 import time
 import warnings
@@ -51,6 +50,7 @@ from .images import (
     png_bytes,
 )
 from .layout import position_box
+from .progress import Progress
 
 Kind = Literal["input", "crop", "grad", "grad_crop"]
 #: Every kind of image; :meth:`UnitImages.write_all` makes ``DEFAULT_KINDS`` unless told.
@@ -137,8 +137,9 @@ class UnitImages:
                     "load its model and data, so `lurker images` cannot rebuild them. Probe "
                     f"it once from the command line: `lurker probe MODEL --data DATA --out "
                     f"{where}` with its model spec (and --weights), data, --layers, --k and "
-                    "--image-size; that sweep records them, then `lurker images` works. Or "
-                    "make them from Python: UnitImages(run, model=..., dataset=...).write_all().",
+                    "--image-size; that call records them (without sweeping again), then "
+                    "`lurker images` works. Or make them from Python: "
+                    "UnitImages(run, model=..., dataset=...).write_all().",
                 )
             if model is None:
                 weights = cfg.get("weights")
@@ -469,7 +470,7 @@ class UnitImages:
         names = self.select(layers)
         t0 = time.perf_counter()
         plan, samples, total = self._plan(names, kinds, lists)
-        bar = _Progress(total, total - _count(plan, samples), progress, progress_every)
+        bar = Progress("images", total, total - _count(plan, samples), progress, progress_every)
         made = 0
         with _Writer(bar) as out:
             for sid in samples:
@@ -596,72 +597,11 @@ def _checked_choice(what: str, values: Sequence[str] | str, allowed: tuple[str, 
     return tuple(dict.fromkeys(vals))
 
 
-class _Progress:
-    """A rich bar on a terminal, else a plain line every ``every`` seconds (on stderr)."""
-
-    def __init__(self, total: int, done: int, enabled: bool, every: float):
-        self.total, self.done, self.made = total, done, 0
-        self.every = every
-        self.t0 = self.last = time.perf_counter()
-        self.bar: Any = None
-        self.lines = enabled and not sys.stderr.isatty()
-        if enabled and not self.lines:
-            from rich.console import Console
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeRemainingColumn,
-            )
-
-            self.bar = Progress(
-                TextColumn("images"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("{task.fields[rate]}"),
-                TimeRemainingColumn(),
-                console=Console(stderr=True),
-            )
-            self.task = self.bar.add_task("images", total=total, completed=done, rate="")
-            self.bar.start()
-        elif self.lines:
-            self._line()
-
-    def rate(self) -> float:
-        elapsed = time.perf_counter() - self.t0
-        return self.made / elapsed if elapsed > 0 else 0.0
-
-    def _line(self) -> None:
-        pct = 100.0 * self.done / self.total if self.total else 100.0
-        print(
-            f"images: {self.done}/{self.total} ({pct:.0f}%), {self.rate():.1f} images/s",
-            file=sys.stderr,
-            flush=True,
-        )
-
-    def advance(self, n: int) -> None:
-        self.done += n
-        self.made += n
-        now = time.perf_counter()
-        if self.bar is not None:
-            self.bar.update(self.task, advance=n, rate=f"{self.rate():.1f} images/s")
-        elif self.lines and now - self.last >= self.every:
-            self.last = now
-            self._line()
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-        elif self.lines:
-            self._line()
-
-
 class _Writer:
     """Encodes and writes PNGs on a few threads (zlib releases the GIL) while the model
     computes the next batch; each file atomically. At most a few batches are in flight."""
 
-    def __init__(self, progress: _Progress, threads: int = min(4, os.cpu_count() or 1)):
+    def __init__(self, progress: Progress, threads: int = min(4, os.cpu_count() or 1)):
         self.progress = progress
         self.pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="lurker-png")
         self.pending: list[Future] = []
