@@ -375,6 +375,43 @@ def test_a_branch_that_runs_the_same_calls_the_other_way_is_named():
     torch.testing.assert_close(tr.run(torch.tensor([1.0, 3.0])).output, torch.tensor([3.0, 9.0]))
 
 
+def test_a_branch_that_runs_no_ops_replays_whichever_way_it_goes():
+    """A truth value read only to warn or print (HF's padding check, a NaN guard) may read
+    otherwise on new data: the ops that follow are the traced ones with their parameters,
+    so the replay goes on and equals the model; a branch into other ops is still named."""
+    import warnings
+
+    class Guarded(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.abs().max() > 4:
+                warnings.warn("large input", stacklevel=2)
+            if torch.isnan(x).any():
+                print("nan")
+            return self.fc(x).relu()
+
+    torch.manual_seed(0)
+    model = Guarded()
+    tr = lurker.trace(model, torch.ones(2, 4))
+    big = torch.full((5, 4), 9.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.testing.assert_close(tr.run(big).output, model(big).detach())
+        torch.testing.assert_close(tr.run(big)["fc"], model.fc(big).detach())
+
+    class Other(nn.Module):  # the other branch runs another op after the same decision
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.relu() if x.sum() > 0 else x.sigmoid()
+
+    tr = lurker.trace(Other(), torch.ones(2))
+    with pytest.raises(GraphChangedError, match=r"bool_1 .* read False where the trace read "
+                       r"True, then call #\d+ was sigmoid where the trace recorded relu_1"):  # fmt: skip
+        tr.run(-torch.ones(2))
+
+
 def test_a_path_that_changes_with_the_input_shape_names_the_shapes():
     class PerRow(nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -42,9 +42,14 @@ class Replayer(OpMode):
             decisions = {
                 op.seq: op for op in calls if op.kind == "readout" and type(op.value) is bool
             }
-            cached = ([op._func for op in calls], [op.label for op in calls], decisions)
+            params = [frozenset(p.name for p in op.params) for op in calls]
+            cached = ([op._func for op in calls], [op.label for op in calls], decisions, params)
             trace.__dict__["_replay_calls"] = cached
-        self.funcs, self.labels, self.decisions = cached
+        self.funcs, self.labels, self.decisions, self.params = cached
+        # a truth value read otherwise than in the trace (op, value), while the ops after
+        # it are checked: None while the forward follows the traced path
+        self.diverged: tuple[Op, Any] | None = None
+        self._param_names: dict[int, str] | None = None
         ops = trace.ops
         self.hooks = {ops[i].seq: (ops[i], fns) for i, fns in hooks.items() if ops[i].seq >= 0}
         chosen = hooks if user is None else user
@@ -91,9 +96,11 @@ class Replayer(OpMode):
         seq = self._count(func)
         if not outs:  # a readout: a value, nothing to hook
             decision = self.decisions.get(seq)
-            if decision is not None and out != decision.value:
-                self._other_branch(decision, out)
+            if decision is not None and out != decision.value and self.diverged is None:
+                self.diverged = (decision, out)  # the other branch, if the ops say so
             return out
+        if self.diverged is not None:
+            self._check_branch(seq, ins)
         hooked = self.hooks.get(seq)
         if hooked is None:
             return out
@@ -127,20 +134,36 @@ class Replayer(OpMode):
         self.seq += 1
         if seq >= len(self.funcs) or not _same(self.funcs[seq], func):
             expected = self.labels[seq] if seq < len(self.labels) else "the end of the forward"
-            raise GraphChangedError(
-                f"This input takes another path through the model: call #{seq + 1} was "
-                f"{_funcs.op_name(func)} where the trace recorded {expected}. {self._why()}"
-            )
+            call = f"call #{seq + 1} was {_funcs.op_name(func)} where the trace recorded {expected}"
+            if self.diverged is not None:  # the branch that led there
+                said = f"{self._branch_taken(*self.diverged)[:-1]}, then {call}."
+            else:
+                said = f"This input takes another path through the model: {call}."
+            raise GraphChangedError(f"{said} {self._why()}")
         return seq
 
-    def _other_branch(self, op: Op, value: Any) -> None:
-        """A truth value the model reads differs from the traced one: it takes the other
-        branch, even where that branch runs the same callables (``self.a(x)`` or
-        ``self.b(x)``), whose outputs the trace's labels and hooks would misname."""
+    def _check_branch(self, seq: int, ins: list[Tensor]) -> None:
+        """After a truth value read otherwise than in the trace, each op must use the
+        parameters its traced op used: the other branch may run the same callables
+        (``self.a(x)`` or ``self.b(x)``), whose outputs the trace's labels and hooks would
+        misname. A branch that runs no ops (a warning, a print) passes."""
+        names = self._param_names
+        if names is None:
+            model = self.trace.model
+            names = self._param_names = (
+                {id(p): n for n, p in model.named_parameters()} if model is not None else {}
+            )
+        used = frozenset(names[id(t)] for t in ins if id(t) in names)
+        if used != self.params[seq]:
+            assert self.diverged is not None
+            op, value = self.diverged
+            raise GraphChangedError(f"{self._branch_taken(op, value)} {self._why()}")
+
+    def _branch_taken(self, op: Op, value: Any) -> str:
         at = f" at {op.source}" if op.source else ""
-        raise GraphChangedError(
+        return (
             f"This input takes another path through the model: {op.label} ({op.name}{at}) "
-            f"read {value!r} where the trace read {op.value!r}. {self._why()}"
+            f"read {value!r} where the trace read {op.value!r}."
         )
 
     def _why(self) -> str:
@@ -187,6 +210,11 @@ class Replayer(OpMode):
                 "in the state you will run it in."
             )
         shapes = _shape_change(self.call, self.trace._inputs)
+        if shapes and self.diverged is not None:  # the data decided, whatever the shapes
+            return (
+                f"The model's control flow depends on the data (the input's shapes also "
+                f"differ: {shapes}); trace this input with lurker.trace() instead."
+            )
         if shapes:
             return (
                 f"The input's shapes differ from the traced ones ({shapes}), and the model's "
@@ -202,6 +230,7 @@ class Replayer(OpMode):
         """One forward of ``model`` under this mode."""
         self.seq = 0
         self.call = (args, kwargs)
+        self.diverged = None
         self.reshaped = []
         self.intervened = False
         try:
