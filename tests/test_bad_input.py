@@ -511,6 +511,11 @@ def test_explain_options_read_as_typed(monkeypatch, tmp_path: Path):
     assert parse_options(["internal_batch_size=None"], "integrated_gradients") == {
         "internal_batch_size": None
     }
+    # a quoted string, as Python literals are written, is its text without the quotes
+    assert parse_options(["composite='epsilon'", "layer=\"features.2\""], "lrp") == {
+        "composite": "epsilon",
+        "layer": "features.2",
+    }
 
 
 def test_featviz_of_a_folder_that_is_not_a_run_says_so(tmp_path: Path):

@@ -286,6 +286,13 @@ def test_a_hooks_block_applies_to_its_own_threads_runs_only():
     t.join()
     torch.testing.assert_close(got["other"], plain)
     assert not torch.allclose(got["hooked"], plain)
+    # the per-thread blocks do not keep a trace from being pickled
+    import pickle
+
+    back = pickle.loads(pickle.dumps(tr))
+    with back.hooks({"0": _zero_channel}):
+        torch.testing.assert_close(back.run(x).output, got["hooked"])
+    torch.testing.assert_close(back.run(x).output, plain)
 
 
 def test_a_multi_output_op_gets_and_returns_a_tuple():

@@ -803,3 +803,19 @@ def test_progress_is_plain_lines_on_stderr_when_not_a_terminal(tmp_path: Path, c
     lines = [line for line in err.splitlines() if line.startswith("probing:")]
     assert lines[0].startswith("probing: 0/24 (0%)") and lines[-1].startswith("probing: 24/24")
     assert all(line.endswith("images/s") for line in lines) and "probing" not in out
+
+
+def test_a_rerun_over_other_images_with_the_same_labels_sweeps_them(tmp_path: Path):
+    """Two in-memory datasets of one type, size and labels, other images: the finished run
+    of the first is no answer for the second (the oracle: a run made fresh from it)."""
+    from torch.utils.data import TensorDataset
+
+    model, labels = _model(), torch.arange(40) % 10
+    g = torch.Generator().manual_seed(3)
+    a = TensorDataset(torch.rand(40, 1, 16, 16, generator=g), labels)
+    b = TensorDataset(torch.rand(40, 1, 16, 16, generator=g), labels)
+    kw = dict(layers=["features.0"], k=3, batch_size=8, progress=False)
+    probe(model, a, out=tmp_path / "r", **kw)
+    again = probe(model, b, out=tmp_path / "r", **kw)
+    fresh = probe(model, b, out=tmp_path / "fresh", **kw)
+    _runs_equal(again, fresh)

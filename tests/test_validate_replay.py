@@ -18,7 +18,7 @@ from torch import nn
 
 import lurker
 from lurker.capture._tree import paths
-from lurker.errors import GraphChangedError, ValidationError
+from lurker.errors import GraphChangedError, LurkerError, ValidationError
 from lurker.ops import torch_funcs as _funcs
 
 
@@ -423,6 +423,16 @@ def test_a_path_that_changes_with_the_input_shape_names_the_shapes():
     for n in (1, 3):
         with pytest.raises(GraphChangedError, match=rf"\({n}, 3\) where the trace had \(2, 3\)"):
             tr.run(torch.randn(n, 3))
+
+
+def test_a_model_made_under_inference_mode_is_named_not_blamed():
+    """Parameters made under inference_mode have no version counter: the trace cannot
+    run, and says why (not as the model's own error at an op inside lurker)."""
+    with torch.inference_mode():
+        model = nn.Sequential(nn.Linear(3, 2), nn.ReLU())
+    for ctx in (contextlib.nullcontext(), torch.inference_mode()):
+        with ctx, pytest.raises(LurkerError, match=r"0\.weight, 0\.bias were made under torch"):
+            lurker.trace(model, torch.randn(1, 3))
 
 
 def test_inference_mode_and_inference_tensors_trace_validate_and_replay():

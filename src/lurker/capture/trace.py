@@ -113,6 +113,9 @@ def trace(
             with grad_ctx, rec:
                 output = model(*args, **kwargs)
         except Exception as e:
+            made_there = _inference_made(model, e)
+            if made_there is not None:
+                raise made_there from e
             if rec.over_limit is None:
                 partial = Trace._build(
                     rec, None, inputs_copy, rng, perf_counter() - t0, complete=False
@@ -349,6 +352,24 @@ def _in_torch(filename: str) -> bool:
         return str(Path(filename).resolve()).startswith(_TORCH_DIR + os.sep)
     except OSError:
         return False
+
+
+def _inference_made(model: nn.Module, e: BaseException) -> LurkerError | None:
+    """The error for a model whose parameters or buffers were made under
+    ``torch.inference_mode``: they have no version counter, by which lurker tells in-place
+    ops, so tracing fails on the first op that reads one (not the model's fault)."""
+    if not (isinstance(e, RuntimeError) and "do not track version counter" in str(e)):
+        return None
+    made = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_inference()]
+    if not made:
+        return None
+    more = f" and {len(made) - 3} more" if len(made) > 3 else ""
+    return LurkerError(
+        f"{type(model).__name__}'s tensors {', '.join(made[:3])}{more} were made under "
+        "torch.inference_mode (inference tensors carry no version counter, by which lurker "
+        "tells in-place ops). Build or load the model outside inference_mode; lurker.trace "
+        "itself may run inside it."
+    )
 
 
 def _failing_layer(
@@ -599,6 +620,15 @@ class Trace(Graph):
         op, or every pass of a rolled label or of a reused module. Raises
         :class:`~lurker.errors.OpKeyError` (with close names) for a key that names no op."""
         return _hooks.ops_for(self, key)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        del state["_hook_blocks"]  # a thread's open blocks are not part of the trace
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._hook_blocks = threading.local()
 
     @property
     def _active_hooks(self) -> list[_hooks.Resolved]:

@@ -137,7 +137,8 @@ def _typed_option(method: str, key: str, text: str, value: Any) -> Any:
     if not all(name in _TYPES for name in names):
         return value
     if "str" in names and text.lower() not in ("none", "true", "false"):
-        return text  # a module path such as 3 is a name, not a number
+        # a module path such as 3 is a name, not a number; a quoted string is its text
+        return value if isinstance(value, str) else text
     if "bool" in names and value in (0, 1) and not isinstance(value, float):
         return bool(value)
     ok = isinstance(value, tuple(t for name in names for t in _TYPES[name]))

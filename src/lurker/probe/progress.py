@@ -1,6 +1,6 @@
 """Progress of a long job (the probe's sweep, unit images) on stderr: a rich bar on a
-terminal, else a plain line every few seconds, so that a log (nohup, a batch job, CI)
-shows how far the job has come while it runs, not only when it ends."""
+terminal or in a notebook, else a plain line every few seconds, so that a log (nohup, a
+batch job, CI) shows how far the job has come while it runs, not only when it ends."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ class Progress:
         self.every = every
         self.t0 = self.last = time.perf_counter()
         self.bar: Any = None
-        self.lines = enabled and not sys.stderr.isatty()
+        self.lines = enabled and not _live()
         if enabled and not self.lines:
             from rich.console import Console
             from rich.progress import (
@@ -73,3 +73,12 @@ class Progress:
             self.bar.stop()
         elif self.lines:
             self._line()
+
+
+def _live() -> bool:
+    """Whether a bar can redraw itself: stderr is a terminal, or a notebook shows it."""
+    if sys.stderr.isatty():
+        return True
+    from rich.console import Console
+
+    return Console(stderr=True).is_jupyter

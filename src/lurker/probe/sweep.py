@@ -592,13 +592,18 @@ class _Plan:
     relevance: str | None = None  # LRP composite of the relevance-max lists ("": default)
     embed: Layer | None = None  # the layer whose per-sample features are kept
 
+    first: str = ""  # digest of the first image (the traced input), as loaded
+
     @functools.cached_property
     def data_key(self) -> str:
-        """The dataset as a checkpoint records it: its size and its labels in order. A run's
-        ``dataset`` meta names only the type of an in-memory dataset, so another dataset of
-        that type (a new random subset) must not continue this one's statistics."""
-        labels = hashlib.sha1(array.array("q", self.labels).tobytes()).hexdigest()[:16]
-        return f"{len(self.labels)}:{labels}"
+        """The dataset as a checkpoint records it: its size, its labels in order, its files
+        and the indices a ``Subset`` takes. A run's ``dataset`` meta names only the type of
+        an in-memory dataset, so another dataset of that type (a new random subset) must
+        not continue this one's statistics. Not the images: a dataset with random
+        transforms must still resume."""
+        h = hashlib.sha1(array.array("q", self.labels).tobytes())
+        h.update(repr((self.ds.paths, self.ds.source_indices(), _subset_indices(self.ds))).encode())
+        return f"{len(self.labels)}:{h.hexdigest()[:16]}"
 
     @property
     def settings(self) -> dict[str, Any]:
@@ -607,6 +612,9 @@ class _Plan:
         return {
             "layers": [[x.name, x.layout.to_dict()] for x in self.layers],
             "data": self.data_key,
+            # the images themselves, as far as one tells: the first as loaded (other files
+            # under the same names, another normalization)
+            "first_image": self.first,
             "hist_bins": self.hist_bins,
             "relevance": self.relevance,
             "embed": None if self.embed is None else self.embed.name,
@@ -755,6 +763,7 @@ def _plan(
         progress=progress,
         relevance=composite,
         embed=embed_layer,
+        first=hashlib.sha1(bytes(x0.detach().cpu().contiguous().untyped_storage())).hexdigest(),
     )
 
 
@@ -783,6 +792,17 @@ def _open_writer(plan: _Plan, overwrite: bool) -> RunWriter | None:
     if plan.world > 1:
         torch.distributed.barrier()
     return writer
+
+
+def _subset_indices(ds: Any) -> list[Any]:
+    """The indices of each ``torch.utils.data.Subset`` the dataset wraps, outermost first."""
+    out = []
+    inner = getattr(ds, "dataset", None)
+    while inner is not None:
+        if isinstance(inner, torch.utils.data.Subset):
+            out.append(list(inner.indices))
+        inner = getattr(inner, "dataset", None)
+    return out
 
 
 def _finished_before(plan: _Plan, writer: RunWriter | None) -> bool:
