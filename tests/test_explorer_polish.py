@@ -7,7 +7,12 @@ via Playwright) over the real server and a static export of the shared digits ru
   once, and names the class of its concept relevance as its heading does;
 - commands are shown as code, never as Markdown backticks;
 - the feature visualization's "best sample" caption is not cut off;
-- a static export opened as a file says to serve it over HTTP (not a blank page).
+- a static export opened as a file says to serve it over HTTP (not a blank page);
+- back and forward return to where a page was scrolled (a layer's grid of units);
+- at 800 px the home page's facts keep their words whole and the unit's charts stay legible;
+- the Live page's op list works from the keyboard; its vector charts put each index's
+  tick under its bar and name the first index of a tied minimum;
+- the Samples page past its last sample says so and links back.
 """
 
 from __future__ import annotations
@@ -298,3 +303,110 @@ def test_static_export_opened_as_a_file_says_to_serve_it(browser: Any, site: dic
         pg.goto(site["url"])
         pg.wait_for_selector("table.layers")
         assert pg.locator("#file-protocol").count() == 0
+
+
+# ---------------------------------------------------------------------- 9. back to a scroll
+
+
+def test_back_returns_to_where_the_layer_grid_was_scrolled(browser: Any, mapped: dict[str, Any]):
+    with strict_page(browser, 1280, 400) as pg:
+        pg.goto(f"{mapped['url']}#/r/{RID}/layer/classifier.1?sort=index")
+        card = pg.locator('.unit-card[data-unit="50"]')
+        card.scroll_into_view_if_needed()
+        y = pg.evaluate("scrollY")
+        assert y > 300
+        card.click()
+        pg.wait_for_selector(".unit-head")
+        assert pg.evaluate("scrollY") == 0  # a new page starts at its top
+        pg.go_back()
+        pg.wait_for_selector('.unit-card[data-unit="50"]')
+        pg.wait_for_function(f"Math.abs(scrollY - {y}) < 2", timeout=5000)
+        pg.go_forward()
+        pg.wait_for_selector(".unit-head")
+        assert pg.evaluate("scrollY") == 0
+
+
+# ---------------------------------------------------------------------- 10. 800 px
+
+
+def test_home_facts_and_unit_charts_at_800px(browser: Any, mapped: dict[str, Any]):
+    with strict_page(browser, 800, 800) as pg:
+        pg.goto(f"{mapped['url']}#/r/{RID}")
+        link = pg.locator(".facts a", has_text="traced graph")
+        link.wait_for()
+        # an inline link broken over lines has one box per line ("trace / d / graph")
+        assert link.evaluate("e => e.getClientRects().length") == 1
+        pg.goto(f"{mapped['url']}#/r/{RID}/unit/features.4/3")
+        pg.wait_for_selector(".cards.two svg.chart")
+        widths = pg.locator(".cards.two svg.chart").evaluate_all(
+            "es => es.map(e => e.getBoundingClientRect().width)"
+        )
+        # drawn 520 px wide: squeezed two a row into 800 px, their 11 px text shrank to 7
+        assert len(widths) == 2 and min(widths) >= 480, widths
+
+
+# ---------------------------------------------------------------------- 11. live page
+
+
+def test_live_op_list_works_from_the_keyboard(browser: Any, mapped: dict[str, Any]):
+    with strict_page(browser) as pg:
+        pg.goto(f"{mapped['url']}#/r/{RID}/live?image=sample-1")
+        search = pg.locator("#op-search")
+        search.wait_for()
+        search.fill("relu")
+        search.press("Enter")  # the first op it lists
+        pg.wait_for_function("location.hash.includes('op=relu_1')")
+        pg.wait_for_selector('.op-list li.on[data-op="relu_1"]')
+        item = pg.locator('.op-list li[data-op="conv2d_2"]')
+        item.focus()
+        assert item.evaluate("e => e === document.activeElement")  # Tab reaches it
+        item.press("Enter")
+        pg.wait_for_function("location.hash.includes('op=conv2d_2')")
+        pg.wait_for_selector('.op-list li.on[data-op="conv2d_2"]')
+        pg.locator('.op-list li[data-op="relu_2"]').press(" ")
+        pg.wait_for_function("location.hash.includes('op=relu_2')")
+
+
+def test_live_vector_ticks_and_tied_minimum(browser: Any, mapped: dict[str, Any]):
+    import httpx2 as httpx
+
+    url = f"{mapped['url']}api/runs/{RID}/live/sample-1/ops/relu_4/output/0.json"
+    vals = httpx.get(url, timeout=60).json()["values"][0]
+    low = min(vals)
+    assert vals.count(low) > 1  # a ReLU's zeros
+    with strict_page(browser) as pg:
+        pg.goto(f"{mapped['url']}#/r/{RID}/live?image=sample-1&op=output_1")
+        strip = pg.locator('svg.vector-strip[data-side="output"]')
+        strip.wait_for()
+        bars = strip.locator("g.bars rect").evaluate_all(
+            "es => es.map(e => [+e.getAttribute('x'), +e.getAttribute('width')])"
+        )
+        ticks = strip.locator('g[transform^="translate(0,"] g.tick').evaluate_all(  # x axis
+            "es => es.filter(e => e.textContent !== '').map(e => [+e.textContent,"
+            " e.transform.baseVal.consolidate().matrix.e])"
+        )
+        step = bars[1][0] - bars[0][0]
+        assert ticks and len(bars) == 10
+        for i, x in ticks:  # under the middle of its bar, not at its left edge
+            assert abs(x - (bars[i][0] + step / 2)) < 1, (i, x, bars[i])
+        pg.goto(f"{mapped['url']}#/r/{RID}/live?image=sample-1&op=relu_4")
+        text = pg.locator('.vector-view[data-side="output"] .vec-range').inner_text()
+        assert f"min 0 at index {vals.index(low)} " in text, text
+
+
+# ---------------------------------------------------------------------- 12. samples
+
+
+def test_samples_past_the_end_say_so(browser: Any, mapped: dict[str, Any]):
+    with strict_page(browser) as pg:
+        pg.goto(f"{mapped['url']}#/r/{RID}/samples?offset=1000")
+        note = pg.locator("#past-the-end")
+        note.wait_for()
+        assert "There are 360 samples: none from 1001 on." in note.inner_text()
+        assert note.locator("a").get_attribute("href").endswith("/samples?offset=300")
+        assert pg.locator(".pager span").first.inner_text() == "none of 360"
+        prev = pg.locator(".pager a", has_text="previous").first
+        assert prev.get_attribute("href").endswith("/samples?offset=300")
+        prev.click()
+        pg.wait_for_selector('.sample-card[data-sample="359"]')
+        assert pg.locator(".pager span").first.inner_text() == "301\u2013360 of 360"

@@ -30,6 +30,26 @@ let current: AbortController | null = null;
 
 document.body.append(topbar, crumbs, main);
 
+// Back and forward return to where a page was scrolled (a layer's grid of hundreds of
+// units): each history entry gets a key in its state, and its scroll position is kept
+// under that key. The browser's own restoration cannot do it: a page renders after its
+// data arrives, into a view that is short until then.
+history.scrollRestoration = "manual";
+const scrolls = new Map<string, number>();
+let entryKey = "";
+let entries = 0;
+window.addEventListener("scroll", () => entryKey && scrolls.set(entryKey, window.scrollY), { passive: true });
+
+/** The current history entry's key (given one when new), and its scroll position when
+ * it was shown before (back, forward), else undefined. */
+function enterEntry(): number | undefined {
+  const state: unknown = history.state;
+  const known = state !== null && typeof state === "object" && typeof (state as { key?: unknown }).key === "string";
+  entryKey = known ? (state as { key: string }).key : `${Date.now().toString(36)}-${++entries}`;
+  if (!known) history.replaceState({ ...(state !== null && typeof state === "object" ? state : {}), key: entryKey }, "");
+  return scrolls.get(entryKey);
+}
+
 /** `#/r/RUN/unit/L/3?tab=max` -> {path: ["r", "RUN", "unit", "L", "3"], params}. */
 export function parseHash(hash: string): { path: string[]; params: URLSearchParams } {
   const raw = hash.replace(/^#\/?/, "");
@@ -106,7 +126,11 @@ async function render(): Promise<void> {
   const ctl = new AbortController();
   current = ctl;
   const { path, params } = parseHash(location.hash);
+  const scrolled = enterEntry();
   window.scrollTo(0, 0);
+  const restore = () => {
+    if (scrolled !== undefined && !ctl.signal.aborted) window.scrollTo(0, scrolled);
+  };
   // Each navigation renders into a fresh view, swapped into <main> at once: a page of an
   // earlier navigation whose data arrives late writes into its own, detached view and can
   // never add itself to this one.
@@ -119,6 +143,7 @@ async function render(): Promise<void> {
     if (ctl.signal.aborted) return;
     view.replaceChildren();
     await guard(view, () => renderRuns(view, api, ctl.signal));
+    restore();
     return;
   }
   const run = path[1];
@@ -153,6 +178,7 @@ async function render(): Promise<void> {
   if (ctl.signal.aborted) return;
   view.replaceChildren();
   await guard(view, () => page(view, ctx, args));
+  restore();
   prefetch();
 }
 

@@ -129,7 +129,20 @@ async function fillPicker(el: HTMLElement, ctx: PageContext, summary: RunSummary
       hits.slice(0, 300).map((r) =>
         h(
           "li",
-          { role: "option", "aria-selected": String(r.label === current), class: r.label === current ? "on" : null, "data-op": r.label, onclick: () => choose(r.label) },
+          {
+            role: "option",
+            "aria-selected": String(r.label === current),
+            class: r.label === current ? "on" : null,
+            "data-op": r.label,
+            tabindex: 0, // chosen by keyboard too: Tab to it, Enter or Space
+            onclick: () => choose(r.label),
+            onkeydown: (e: Event) => {
+              const key = (e as KeyboardEvent).key;
+              if (key !== "Enter" && key !== " ") return;
+              e.preventDefault();
+              choose(r.label);
+            },
+          },
           h("code", null, r.label),
           h("span", { class: "muted" }, ` ${r.type}`),
           r.layer ? h("span", { class: "tag" }, "probed") : null,
@@ -140,6 +153,12 @@ async function fillPicker(el: HTMLElement, ctx: PageContext, summary: RunSummary
     );
   };
   search.addEventListener("input", draw);
+  // Enter in the search box chooses the first op it lists
+  search.addEventListener("keydown", (e) => {
+    if (e.key !== "Enter") return;
+    const first = list.querySelector<HTMLElement>("li[data-op]");
+    if (first?.dataset.op) choose(first.dataset.op);
+  });
   draw();
   const heading = current
     ? h("h3", null, "Op ", h("code", null, current), " · ", h("a", { href: graphHref(ctx, current), class: "in-graph" }, "show in the graph"))
@@ -396,7 +415,8 @@ async function vectorView(el: HTMLElement, ctx: PageContext, url: string, side: 
     return null;
   }
   const hiI = order[0];
-  const loI = order[order.length - 1];
+  // the first index of the minimum, as of the maximum (a ReLU's many zeros: the first)
+  const loI = order.find((i) => vals[i] === vals[order[order.length - 1]])!;
   const mean = order.reduce((s, i) => s + vals[i], 0) / order.length;
   const readout = h("p", { class: "small vec-readout", "aria-live": "polite" }, pick ? "hover over the chart for a value; click to choose that index" : "hover over the chart for a value");
   const top = order.slice(0, Math.min(10, order.length));
@@ -471,7 +491,8 @@ function stripChart(vals: number[], readout: HTMLElement, side: string, pick?: (
   svg
     .append("g")
     .attr("transform", `translate(0,${height - m.bottom})`)
-    .call(axisBottom(x).ticks(Math.min(8, n)).tickFormat((d) => (Number.isInteger(Number(d)) && Number(d) < n ? String(d) : "")));
+    // index i's bar spans [i, i + 1): its tick is at its middle
+    .call(axisBottom(x.copy().domain([-0.5, n - 0.5])).ticks(Math.min(8, n)).tickFormat((d) => (Number.isInteger(Number(d)) && Number(d) >= 0 && Number(d) < n ? String(d) : "")));
   svg.append("g").attr("transform", `translate(${m.left},0)`).call(axisLeft(y).ticks(5).tickFormat((d) => fmt(Number(d))));
   svg.append("text").attr("class", "axis-label").attr("x", (m.left + width - m.right) / 2).attr("y", height - 4).attr("text-anchor", "middle").attr("fill", "currentColor").text("index");
   svg

@@ -14,12 +14,15 @@ export async function renderSamples(root: HTMLElement, ctx: PageContext): Promis
     ? { total: exported.samples.length, samples: exported.samples.slice(offset, offset + LIMIT) }
     : await ctx.api.json<SampleList>(p("runs", ctx.run, "samples") + `?offset=${offset}&limit=${LIMIT}`);
   document.title = `samples · ${ctx.run} · lurker`;
+  // an offset past the end (an old link, a hand-edited URL): previous goes to the last page
+  const last = Math.max(0, Math.floor((list.total - 1) / LIMIT) * LIMIT);
+  const past = offset > 0 && offset >= list.total;
   const pager = () =>
     h(
       "div",
       { class: "pager" },
-      h("a", { class: "button", href: offset > 0 ? ctx.href("samples") + `?offset=${Math.max(0, offset - LIMIT)}` : null, "aria-disabled": String(offset <= 0) }, "← previous"),
-      h("span", null, `${offset + 1}–${Math.min(offset + LIMIT, list.total)} of ${list.total}`),
+      h("a", { class: "button", href: offset > 0 ? ctx.href("samples") + `?offset=${Math.max(0, Math.min(offset - LIMIT, last))}` : null, "aria-disabled": String(offset <= 0) }, "← previous"),
+      h("span", null, past ? `none of ${list.total}` : `${offset + 1}–${Math.min(offset + LIMIT, list.total)} of ${list.total}`),
       h("a", { class: "button", href: offset + LIMIT < list.total ? ctx.href("samples") + `?offset=${offset + LIMIT}` : null, "aria-disabled": String(offset + LIMIT >= list.total) }, "next →"),
     );
   append(root, 
@@ -31,6 +34,15 @@ export async function renderSamples(root: HTMLElement, ctx: PageContext): Promis
         )
       : null,
     images.notice,
+    past
+      ? h(
+          "div",
+          { class: "notice", id: "past-the-end" },
+          `There ${list.total === 1 ? "is 1 sample" : `are ${list.total} samples`}: none from ${offset + 1} on. `,
+          h("a", { href: ctx.href("samples") + (last ? `?offset=${last}` : "") }, "Go to the last page"),
+          ".",
+        )
+      : null,
     pager(),
     h(
       "div",
