@@ -763,7 +763,7 @@ def _plan(
         progress=progress,
         relevance=composite,
         embed=embed_layer,
-        first=hashlib.sha1(bytes(x0.detach().cpu().contiguous().untyped_storage())).hexdigest(),
+        first=_digest(x0),
     )
 
 
@@ -792,6 +792,12 @@ def _open_writer(plan: _Plan, overwrite: bool) -> RunWriter | None:
     if plan.world > 1:
         torch.distributed.barrier()
     return writer
+
+
+def _digest(x: Tensor) -> str:
+    """A digest of a tensor's values (float64 holds every float and index dtype exactly;
+    its bytes, not its storage's: a dataset's first image is a view of all of them)."""
+    return hashlib.sha1(x.detach().to("cpu", torch.float64).numpy().tobytes()).hexdigest()
 
 
 def _subset_indices(ds: Any) -> list[Any]:
