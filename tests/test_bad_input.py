@@ -512,7 +512,7 @@ def test_explain_options_read_as_typed(monkeypatch, tmp_path: Path):
         "internal_batch_size": None
     }
     # a quoted string, as Python literals are written, is its text without the quotes
-    assert parse_options(["composite='epsilon'", "layer=\"features.2\""], "lrp") == {
+    assert parse_options(["composite='epsilon'", 'layer="features.2"'], "lrp") == {
         "composite": "epsilon",
         "layer": "features.2",
     }
