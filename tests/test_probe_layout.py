@@ -408,6 +408,7 @@ def test_runs_without_the_layout_column_still_open_and_resume(tmp_path: Path):
     probe(model, ds, progress=False, **kw)
     with sqlite3.connect(out / "run.db") as db:  # as a lurker before layouts wrote it
         db.execute("ALTER TABLE layers DROP COLUMN layout")
+        db.execute("DELETE FROM meta WHERE key = 'probed_with'")  # (which it did not record)
     run = lurker.Run.open(out)
     assert run.layer("conv").layout is None and run.layer("conv").num_units == 6
     images = UnitImages(run, model=model, dataset=ds)
