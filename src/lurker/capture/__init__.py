@@ -1,5 +1,6 @@
 """Recording a forward pass: :func:`trace` and the :class:`Trace` it returns."""
 
+from ._context import evaluating
 from .trace import Activations, Trace, settled_trace, trace
 
-__all__ = ["Activations", "Trace", "settled_trace", "trace"]
+__all__ = ["Activations", "Trace", "evaluating", "settled_trace", "trace"]

@@ -99,6 +99,19 @@ def describe(ctx: Any) -> str:
 
 
 @contextmanager
+def evaluating(model: torch.nn.Module) -> Iterator[None]:
+    """The model in eval mode for the block; each module's ``training`` flag put back
+    however it exits, so a model handed in between training epochs goes on training."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+@contextmanager
 def no_inference_mode() -> Iterator[None]:
     """Leave ``torch.inference_mode`` (grad stays off) for a forward lurker records or
     replays: tensors made in inference mode have no version counter, which is how lurker

@@ -447,19 +447,18 @@ def _from_run(
 def _evaluating(model: nn.Module) -> Iterator[torch.device]:
     """Eval mode and no parameter gradients while optimizing; restored however it exits
     (the model's own ``.grad`` and flags are left as they were)."""
+    from ..capture import evaluating
+
     params = [(p, p.requires_grad) for p in model.parameters()]
-    modes = [(m, m.training) for m in model.modules()]
     dev = next((p.device for p in model.parameters()), torch.device("cpu"))
-    try:
-        model.eval()
-        for p, _ in params:
-            p.requires_grad_(False)
-        yield dev
-    finally:
-        for p, rg in params:
-            p.requires_grad_(rg)
-        for m, training in modes:
-            m.training = training
+    with evaluating(model):
+        try:
+            for p, _ in params:
+                p.requires_grad_(False)
+            yield dev
+        finally:
+            for p, rg in params:
+                p.requires_grad_(rg)
 
 
 # ---------------------------------------------------------------------------- the tap

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..capture import Trace, settled_trace
+from ..capture import Trace, evaluating, settled_trace
 from ..errors import LurkerError, MemoryLimitError, TraceError, warn
 from ..graph.nodes import Op
 from ..store import Run, RunWriter, atomic_write_bytes, run_lock
@@ -531,8 +531,7 @@ def probe(
     Returns the written :class:`~lurker.store.Run` on rank 0 (always, without
     ``torchrun``), and ``None`` on the other ranks, which write nothing.
     """
-    modes = [(m, m.training) for m in model.modules()]
-    try:  # swept in eval mode; a model probed between training epochs goes on training
+    with evaluating(model):  # a model probed between training epochs goes on training
         plan = _plan(
             model,
             dataset,
@@ -558,9 +557,6 @@ def probe(
         start = _restore(plan, writer, consumers)
         swept = _sweep(plan, consumers, start)
         return _finish(plan, writer, consumers, swept)
-    finally:
-        for m, training in modes:
-            m.training = training
 
 
 @dataclass

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..capture import Trace, settled_trace
+from ..capture import Trace, evaluating, settled_trace
 from ..errors import LurkerError, warn
 from ..store import Run, atomic_write_bytes
 from ..store.files import safe_component
@@ -194,14 +194,8 @@ class UnitImages:
         """The model to run, alone (one model, shared by a threaded server) and in eval
         mode; each module's ``training`` flag is put back after, so a model handed in
         between training epochs goes on training."""
-        with self._compute:
-            modes = [(m, m.training) for m in self.model.modules()]
-            self.model.eval()
-            try:
-                yield
-            finally:
-                for m, training in modes:
-                    m.training = training
+        with self._compute, evaluating(self.model):
+            yield
 
     @property
     def trace(self) -> Trace:
