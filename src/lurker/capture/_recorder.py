@@ -265,6 +265,20 @@ class _ModelIndex:
 _INDEX: weakref.WeakKeyDictionary[nn.Module, _ModelIndex] = weakref.WeakKeyDictionary()
 
 
+def _model_index(model: nn.Module) -> _ModelIndex:
+    """The model's index, cached while its tree is unchanged."""
+    idx = _INDEX.get(model)
+    if idx is None or not _same_stamp(idx.stamp, (model, *idx.modules.values())):
+        idx = _INDEX[model] = _ModelIndex(model)
+    return idx
+
+
+def param_names(model: nn.Module) -> dict[int, str]:
+    """id(parameter) -> the name a trace's ``ParamRef`` gives it (a shared parameter its
+    first name)."""
+    return _model_index(model).params
+
+
 class _Core:
     """The recorder's state and per-op work; :class:`Recorder` adds the torch function
     mode around it."""
@@ -372,10 +386,7 @@ class _Core:
     # ------------------------------------------------------------------ modules
     def attach(self) -> None:
         """Index modules, parameters and buffers (cached per model while its tree is unchanged)."""
-        idx = _INDEX.get(self.model)
-        if idx is None or not _same_stamp(idx.stamp, (self.model, *idx.modules.values())):
-            idx = _ModelIndex(self.model)
-            _INDEX[self.model] = idx
+        idx = _model_index(self.model)
         self.paths = idx.paths
         self.params = idx.params
         self.param_shapes = idx.param_shapes

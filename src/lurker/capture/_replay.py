@@ -21,6 +21,7 @@ from . import _context, _hooks
 from ._hooks import Resolved
 from ._mode import OpMode, produced
 from ._policy import make_policy
+from ._recorder import param_names
 from ._tree import call_tensors, paths, tensors
 
 if TYPE_CHECKING:
@@ -150,9 +151,7 @@ class Replayer(OpMode):
         names = self._param_names
         if names is None:
             model = self.trace.model
-            names = self._param_names = (
-                {id(p): n for n, p in model.named_parameters()} if model is not None else {}
-            )
+            names = self._param_names = param_names(model) if model is not None else {}
         used = frozenset(names[id(t)] for t in ins if id(t) in names)
         if used != self.params[seq]:
             assert self.diverged is not None
