@@ -120,3 +120,9 @@ def warn(message: str, category: type[Warning] = UserWarning) -> None:
         level += 1
         frame = frame.f_back
     warnings.warn(message, category, stacklevel=level)
+
+
+def first_three(items: list[str], sep: str = ", ") -> str:
+    """Up to three items for a message, and how many more there are."""
+    more = f" and {len(items) - 3} more" if len(items) > 3 else ""
+    return sep.join(items[:3]) + more

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from ..errors import GraphChangedError, LurkerError
+from ..errors import GraphChangedError, LurkerError, first_three
 from ..ops import torch_funcs as _funcs
 from . import _context, _hooks
 from ._hooks import Resolved
@@ -169,7 +169,7 @@ class Replayer(OpMode):
         """Why the path changed: the model's hooks, its own state, or the data."""
         hooks = _hooks.hook_changes(self.trace)
         if hooks:
-            listed = _first_three(hooks, "; ")
+            listed = first_three(hooks, "; ")
             return (
                 f"The model's hooks changed since the trace: {listed}. A forward runs the "
                 "ops of the model's hooks, so it no longer runs the traced ones. Trace the "
@@ -187,7 +187,7 @@ class Replayer(OpMode):
             )
         changes = self.trace._state.lines
         if changes:
-            listed = _first_three(changes, ", ")
+            listed = first_three(changes, ", ")
             return (
                 f"The model changed its own state while it was traced ({listed}), so later "
                 "forwards run other ops than the traced one: the graph depends on the model's "
@@ -241,7 +241,7 @@ class Replayer(OpMode):
             first = (str(e).strip().splitlines() or [""])[0]
             raise LurkerError(
                 f"The forward failed after a hook replaced an op's output with a tensor of "
-                f"another shape, dtype or device: {_first_three(self.reshaped, '; ')}. The "
+                f"another shape, dtype or device: {first_three(self.reshaped, '; ')}. The "
                 "model's later ops take it as the op's own output; return a replacement like "
                 f"it (or None). The model raised {type(e).__name__}: {first}"
             ) from e
@@ -265,12 +265,6 @@ _same = _funcs.same_callable
 def _meta(t: Tensor) -> str:
     """``(2, 8) float32 on cpu``: what a hook's replacement is compared by."""
     return f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')} on {t.device}"
-
-
-def _first_three(items: list[str], sep: str) -> str:
-    """Up to three items for a message, and how many more there are."""
-    more = f" and {len(items) - 3} more" if len(items) > 3 else ""
-    return sep.join(items[:3]) + more
 
 
 def _same_inputs(a: tuple[tuple, dict], b: tuple[tuple, dict]) -> bool:

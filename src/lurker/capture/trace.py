@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..errors import LurkerError, MemoryLimitError, TraceError
+from ..errors import LurkerError, MemoryLimitError, TraceError, first_three
 from ..graph.graph import Graph
 from ..graph.nodes import Op
 from . import _context, _hooks, _state
@@ -363,9 +363,8 @@ def _inference_made(model: nn.Module, e: BaseException) -> LurkerError | None:
     made = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_inference()]
     if not made:
         return None
-    more = f" and {len(made) - 3} more" if len(made) > 3 else ""
     return LurkerError(
-        f"{type(model).__name__}'s tensors {', '.join(made[:3])}{more} were made under "
+        f"{type(model).__name__}'s tensors {first_three(made)} were made under "
         "torch.inference_mode (inference tensors carry no version counter, by which lurker "
         "tells in-place ops). Build or load the model outside inference_mode; lurker.trace "
         "itself may run inside it."

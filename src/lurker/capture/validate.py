@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from ..errors import ValidationError
+from ..errors import ValidationError, first_three
 from ..ops import torch_funcs as _funcs
 from . import _context
 from ._tree import paths, refill
@@ -169,9 +169,8 @@ def _params_now(op: Any) -> str:
     read = list(dict.fromkeys(what for src, what in op._inputs if src < 0))
     if not read:
         return ""
-    more = f" and {len(read) - 3} more" if len(read) > 3 else ""
     return (
-        f" It reads the model's parameters as they are now ({', '.join(read[:3])}{more}): "
+        f" It reads the model's parameters as they are now ({first_three(read)}): "
         "if they changed since the trace (an optimizer step, load_state_dict), trace the "
         "model again."
     )
