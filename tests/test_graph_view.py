@@ -284,3 +284,47 @@ def test_size_of_big_graphs(traces, validator) -> None:
     assert sizes["resnet18"] < 30_000
     assert sizes["2000"] < 500_000
     assert sizes["10000"] < 2_000_000  # the target is well under ~3 MB
+
+
+class _CellLoop(torch.nn.Module):
+    """``h, c = self.cell(x_t, (h, c))`` over the steps: two tensors fed back per pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cell = torch.nn.LSTMCell(3, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.zeros(x.shape[1], 5)
+        c = torch.zeros(x.shape[1], 5)
+        for t in range(x.shape[0]):
+            h, c = self.cell(x[t], (h, c))
+        return h
+
+
+@pytest.mark.parametrize("steps", [4, 5])
+def test_a_loop_edge_counts_passes_not_tensors(steps: int) -> None:
+    """An LSTMCell feeds its next pass two tensors (h and c): its self-loop stands for one
+    edge per step after the first, in the view the explorer reads and in the static
+    drawing alike (the convention of an RNNCell's single hidden state), not two."""
+    import re
+
+    from lurker.render import graphviz as gv
+
+    torch.manual_seed(0)
+    tr = lurker.trace(_CellLoop(), torch.randn(steps, 2, 3))
+    (cell,) = [ops for ops in tr.rolled().values() if ops[0].name == "lstm_cell"]
+    assert len(cell) == steps and len(cell[0].outputs) == 2
+    doc = graph_view(tr)
+    pos = {n["l"]: i for i, n in enumerate(doc["nodes"])}
+    me = pos[cell[0].rolled]
+    assert doc["nodes"][me]["p"] == steps
+    assert [e for e in doc["edges"] if e[0] >= e[1]] == [[me, me, steps - 1]]
+    fed = [e for e in doc["edges"] if e[1] == me and e[0] == pos["getitem_1"]]
+    assert fed == [[pos["getitem_1"], me, steps]]  # x[t]: one per pass
+    src = gv.to_dot(tr, rolled=True).source
+    loop = re.findall(rf"r_{cell[0].rolled} -> r_{cell[0].rolled} \[label=\"(\S+)\"", src)
+    assert loop == [f"{gv.TIMES}{steps - 1}"]
+    # collapsed into its module's box, rolled: the box feeds itself once per step too
+    src = gv.to_dot(tr, depth=0, rolled=True).source
+    loop = re.findall(r"(\w+) -> \1 \[label=\"(\S+)\"", src)
+    assert [label for _, label in loop] == [f"{gv.TIMES}{steps - 1}"]

@@ -193,6 +193,58 @@ def test_hook_ops_names_the_ops_a_hook_runs_on(key, passes):
     assert keys - {op.label for op in tr.ops} == {"cell:1", "cell:2", "cell:3", "x", "output"}
 
 
+class _Pair(nn.Module):
+    """A module whose output tuple comes from two ops."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 4)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.a(x), self.b(x)
+
+
+class _PairUser(nn.Module):
+    """``pair`` called ``times`` times, each call feeding the next."""
+
+    def __init__(self, times: int):
+        super().__init__()
+        torch.manual_seed(0)
+        self.pair = _Pair()
+        self.times = times
+
+    def forward(self, x: Tensor) -> Tensor:
+        for _ in range(self.times):
+            p, q = self.pair(x)
+            x = p * q
+        return x
+
+
+@pytest.mark.parametrize("times", [1, 2])
+def test_a_module_of_several_output_ops_is_hooked_once_per_call(times):
+    """A module path reaches, once per call, the op ``trace["pair"]`` (or ``"pair:k"``)
+    names: the last of the ops its outputs come from, whether it ran once or several
+    times. The oracle: the module's own forward hook, which sees each call's outputs."""
+    model = _PairUser(times)
+    x = torch.randn(2, 4)
+    tr = lurker.trace(model, x)
+    seen: list[tuple[str, Tensor]] = []
+    tr.run(x, hooks={"pair": lambda op, out: seen.append((op.label, out))})
+    calls: list[Tensor] = []
+    handle = model.pair.register_forward_hook(lambda m, i, o: calls.append(o[1].detach()))
+    try:
+        model(x)
+    finally:
+        handle.remove()
+    assert len(seen) == len(calls) == times
+    names = ["pair"] if times == 1 else [f"pair:{k}" for k in range(1, times + 1)]
+    assert [label for label, _ in seen] == [tr[n].label for n in names]
+    assert [op.label for op in tr.hook_ops("pair")] == [label for label, _ in seen]
+    for (_, out), want in zip(seen, calls):
+        torch.testing.assert_close(out, want)
+
+
 def test_hooks_are_removed_whatever_happens():
     model = _convnet()
     tr = lurker.trace(model, _x(0))

@@ -867,3 +867,99 @@ def test_inputs_are_named_by_the_forward_parameters_they_bind_to():
         assert names(Two(), a, mask=b) == ["x", "mask"]
         assert names(Two(), [a, b], c) == ["x[0]", "x[1]", "mask"]
         assert names(Star(), a, b, c, scale=2.0) == ["x", "rest[0]", "rest[1]"]
+
+
+class _Halve(nn.Module):
+    """A while loop: Python 3.11+ compiles its condition twice (before the loop and at its
+    end), at two bytecode offsets of one source expression."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.lin(x)
+        while x.norm() > 1:
+            x = x / 2
+        return x
+
+
+class _TwoNorms(nn.Module):
+    """Two calls of one method on two lines, in a loop: two call sites, two rolled ops."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.lin(x)
+        for _ in range(3):
+            a = x.norm()
+            b = x.norm()
+            x = x / (a + b)
+        return x
+
+
+class _Chained(nn.Module):
+    """``lo < s < hi`` on tensors: two ``lt`` and two readouts that share one source span."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.lin(x).sum()
+        lo, hi = s - 1, s + 1
+        for _ in range(2):
+            if lo < s < hi:
+                s = s + 0.25
+        return s
+
+
+def test_while_condition_is_one_rolled_op_with_every_check():
+    """Every evaluation of a while loop's condition is a pass of one rolled op (the compiler
+    writes the condition twice), while two calls on two lines stay two ops."""
+    torch.manual_seed(0)
+    model = _Halve()
+    x = torch.randn(2, 4) * 10
+    # the oracle: run the loop by hand and count how often the condition was evaluated
+    y = model.lin(x).detach()
+    checks, halvings = 1, 0
+    while y.norm() > 1:
+        y = y / 2
+        checks += 1
+        halvings += 1
+    assert halvings >= 2  # else the test would not see a second copy of the condition
+    tr = lurker.trace(model, x)
+    rolled = tr.rolled()
+    for name in ("norm", "gt", "bool"):
+        labels = [label for label, ops in rolled.items() if ops[0].name == name]
+        assert len(labels) == 1, (name, labels)
+        assert len(rolled[labels[0]]) == checks
+        assert all(op.num_passes == checks for op in rolled[labels[0]])
+    (div,) = [ops for ops in rolled.values() if ops[0].name == "div"]
+    assert len(div) == halvings
+    # the readout's values over the passes: True each time it looped, then False
+    reads = [op.value for op in rolled[next(k for k in rolled if k.startswith("bool"))]]
+    assert reads == [True] * halvings + [False]
+    # what the rolled drawings show: one node per rolled op, fed by the loop's back edge
+    from lurker.graph.view import graph_view
+
+    view = graph_view(tr)
+    norms = [n for n in view["nodes"] if n["t"] == "norm"]
+    assert len(norms) == 1 and norms[0]["p"] == checks
+    tr.validate()
+    torch.testing.assert_close(tr.output, y)
+
+
+def test_two_call_sites_of_one_method_stay_two_ops():
+    torch.manual_seed(0)
+    tr = lurker.trace(_TwoNorms(), torch.randn(2, 4))
+    norms = [ops for ops in tr.rolled().values() if ops[0].name == "norm"]
+    assert [len(ops) for ops in norms] == [3, 3]
+    assert norms[0][0].source != norms[1][0].source
+    # a chained comparison's two comparisons share a source span, not a call site
+    tr = lurker.trace(_Chained(), torch.randn(2, 4))
+    for name in ("lt", "bool"):
+        rolled = [ops for ops in tr.rolled().values() if ops[0].name == name]
+        assert [len(ops) for ops in rolled] == [2, 2], name

@@ -334,6 +334,59 @@ def test_validation_leaves_the_saved_running_statistics_as_the_forward_read_them
         ]
 
 
+class EMACodebook(nn.Module):
+    """A VQ-VAE quantiser whose codebook (a parameter) is updated by EMA inside forward,
+    under ``no_grad``, in place: through ``.data`` or on the parameter itself. An op that
+    reads the codebook after the update (``spread``) reads the new value."""
+
+    def __init__(self, via_data: bool) -> None:
+        super().__init__()
+        self.proj = nn.Linear(3, 4)
+        self.embed = nn.Parameter(torch.randn(8, 4))
+        self.via_data = via_data
+        self.decay = 0.5
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = self.proj(x)
+        idx = torch.cdist(z, self.embed).argmin(1)
+        q = self.embed[idx]
+        with torch.no_grad():
+            onehot = F.one_hot(idx, self.embed.shape[0]).float()
+            mean = onehot.t() @ z / onehot.sum(0).clamp(min=1).unsqueeze(1)
+            target = self.embed.data if self.via_data else self.embed
+            target.mul_(self.decay).add_(mean * (1 - self.decay))
+        spread = (self.embed**2).sum()
+        return z + (q - z).detach(), spread
+
+
+@pytest.mark.parametrize("via_data", [True, False])
+def test_a_parameter_written_in_place_in_forward_validates(via_data: bool) -> None:
+    """Validation re-runs the ops that read the codebook with the value they read (before
+    the EMA update, or after it), the untraced forward starts from the codebook going in,
+    the report names the update, and the model keeps the codebook the traced forward left."""
+    torch.manual_seed(0)
+    model = EMACodebook(via_data)
+    x = torch.randn(6, 3)
+    twin = copy.deepcopy(model)
+    want = twin(x)  # the oracle: the untraced model from the same starting state
+    before = model.embed.detach().clone()
+    tr = lurker.trace(model, x)
+    _same(tr.output, want)
+    torch.testing.assert_close(model.embed.detach(), twin.embed.detach())
+    cdist = next(op for op in tr if op.name == "cdist")
+    torch.testing.assert_close(cdist.activation, torch.cdist(model.proj(x), before).detach())
+    for _ in range(2):
+        report = tr.validate()
+        assert report.checked == len(tr.compute_ops)
+        assert report.state_changes == ["parameter embed updated in place"]
+        # validation left the codebook as the traced forward left it (one update, not two)
+        torch.testing.assert_close(model.embed.detach(), twin.embed.detach(), rtol=0, atol=0)
+    # a real mismatch is still caught: a corrupted activation of an op that read the codebook
+    cdist.activation.add_(1)
+    with pytest.raises(ValidationError, match=cdist.label):
+        tr.validate()
+
+
 class TwoWays(nn.Module):
     """Both branches call a linear layer: the same callables, other parameters."""
 

@@ -50,6 +50,7 @@ def build(
     tr._rng = rng
     tr._transform = rec.transform
     tr.param_shapes = dict(rec.param_shapes)  # the recorder shares its index across traces
+    tr._param_writes = rec.param_writes
     tr.modules = rec.module_info
     tr.output = output
     nodes = rec.nodes

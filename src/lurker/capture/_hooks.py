@@ -66,8 +66,13 @@ def ops_for(trace: Trace, key: Any) -> list[Op]:
         found = [ops[trace._index[key]]]
     else:
         found = [op for op in ops if op.rolled == key]
-        if not found and key in trace.modules:  # a reused module: each pass's output
-            found = [op for op in ops if any(m.startswith(key + ":") for m in op.module_outputs)]
+        if not found and key in trace.modules:  # a reused module: each pass's output op
+            # the op trace["cell:2"] names, once per call, as for a module called once: a
+            # call whose outputs come from several ops is hooked at the last of them
+            calls = dict.fromkeys(
+                m for op in ops for m in op.module_outputs if m.startswith(key + ":")
+            )
+            found = [ops[trace._index[m]] for m in calls]
             if not found:
                 raise OpKeyError(
                     f"module {key!r} produced no tensor output in this forward pass, so no "

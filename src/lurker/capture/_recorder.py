@@ -175,6 +175,7 @@ def _shape(p: Any) -> tuple[int, ...] | None:
 
 
 _PARAMETER = nn.Parameter
+_UNINITIALIZED = nn.parameter.UninitializedParameter
 _is = operator.is_
 
 
@@ -310,6 +311,10 @@ class _Core:
         self.aliases: dict[int, list[int]] | None = None
         self.mutators: dict[int, int] = {}  # storage pointer -> last in-place op on it
         self.model_writes: list[Tensor] = []  # buffers and parameters written in place
+        # parameter name -> (index of the op that wrote into it in place, its value just
+        # before): ops that read it earlier are validated against the value they read
+        self.param_writes: dict[str, list[tuple[int, Tensor]]] = {}
+        self._param_storages: dict[int, tuple[str, Tensor]] | None = None
         self.stale_hit = False
         self.params: dict[int, str] = {}
         self.param_shapes: dict[str, tuple[int, ...]] = {}
@@ -640,8 +645,42 @@ class _Core:
                 self._arm()
             for t in targets:
                 self._protect(t)
-                if id(t) in self.buffers or id(t) in self.params:
+                if id(t) in self.buffers:
                     self.model_writes.append(t)
+                    continue
+                param = self._param_of(t)
+                if param is not None:  # the parameter itself, its .data or a view of it
+                    self.model_writes.append(t)
+                    self._param_written(*param)
+
+    def _param_of(self, t: Tensor) -> tuple[str, Tensor] | None:
+        """The model parameter whose storage ``t`` shares, if any (``p.data`` is another
+        tensor object on the same storage)."""
+        names = self.params
+        name = names.get(id(t))
+        if name is not None:
+            return name, t
+        table = self._param_storages
+        if table is None:  # at the first in-place op: models without any never pay
+            table = self._param_storages = {}
+            for mod in self.modules.values():
+                for p in mod._parameters.values():
+                    # a lazy module's parameter has no storage until its first forward
+                    if p is None or id(p) not in names or isinstance(p, _UNINITIALIZED):
+                        continue
+                    ptr = p.untyped_storage().data_ptr()
+                    if ptr:  # 0: no memory (meta, or empty)
+                        table.setdefault(ptr, (names[id(p)], p))
+        ptr = t.untyped_storage().data_ptr()
+        return table.get(ptr) if ptr else None
+
+    def _param_written(self, name: str, p: Tensor) -> None:
+        """An op is about to write into parameter ``name``: keep the value it holds now,
+        which the ops that read it so far (and this op) read."""
+        before = p.detach().clone()
+        self.param_writes.setdefault(name, []).append((len(self.nodes), before))
+        if self.mem_check is not None:  # a copy: memory the guard counts
+            self.saved_bytes += before.nbytes
 
     def detach_from_model(self) -> None:
         """After the forward: clone saved activations that share storage with a buffer or
@@ -927,15 +966,29 @@ class _Core:
         frames = tuple(sites[:cut])
         key = (name, paths, frames, *pnames) if pnames else (name, paths, frames)
         entry = self.keys.get(key)
-        if entry is None:  # first time at this place: number the op
-            n = self.name_counts.get(name, 0) + 1
-            self.name_counts[name] = n
-            # the source line is looked up only if asked for
-            entry = self.keys[key] = [n, 0, f"{name}_{n}", sites]
+        if entry is None:  # first time at this place
+            # a place the compiler wrote twice (a while loop's condition: once before the
+            # loop, once at its end) is one place: look it up by its first copy
+            first = _first_copies(frames)
+            if first is not frames:
+                key0 = (name, paths, first, *pnames) if pnames else (name, paths, first)
+                entry = self.keys.get(key0)
+                if entry is None:
+                    entry = self.keys[key0] = self._number(name, sites)
+                self.keys[key] = entry
+            else:
+                entry = self.keys[key] = self._number(name, sites)
         entry[1] += 1
         node.label = node.rolled = entry[2]
         node.pass_num = entry[1]
         node._key = entry  # its final pass count (and source) is read in the build
+
+    def _number(self, name: str, sites: list[int]) -> list[Any]:
+        """A new rolled op: its number among ops of that name, passes so far, label and call
+        sites (the source line is looked up from them only if asked for)."""
+        n = self.name_counts.get(name, 0) + 1
+        self.name_counts[name] = n
+        return [n, 0, f"{name}_{n}", sites]
 
 
 class Recorder(_Core, OpMode):
@@ -1023,3 +1076,128 @@ def _line(code: Any, offset: int) -> int | None:
         if start <= offset < end:
             return line
     return code.co_firstlineno
+
+
+# (code id, offset) -> the offset of the first copy of that instruction (itself if none)
+_FIRST_COPY: dict[tuple[int, int], int] = {}
+_COPIES: dict[int, dict[int, int]] = {}  # code id -> {offset of a later copy: first copy's}
+
+
+def _first_copies(frames: tuple[int, ...]) -> tuple[int, ...]:
+    """``frames`` (code id, offset, ...) with each offset replaced by that of the first copy
+    of its instruction; ``frames`` itself when none is a later copy.
+
+    The compiler writes some code twice: a ``while`` loop's condition before the loop and
+    again at its end, a ``finally`` block on the normal and the exception path. Both
+    copies are one call site of the model's code, so one rolled op.
+    """
+    out = None
+    for i in range(1, len(frames), 2):
+        site = (frames[i - 1], frames[i])
+        first = _FIRST_COPY.get(site)
+        if first is None:
+            first = _FIRST_COPY[site] = _copy_of(*site)
+        if first != frames[i]:
+            if out is None:
+                out = list(frames)
+            out[i] = first
+    return frames if out is None else tuple(out)
+
+
+def _copy_of(code_id: int, offset: int) -> int:
+    copies = _COPIES.get(code_id)
+    if copies is None:
+        code = _codes.get(code_id)
+        if code is None or not _may_repeat(code, offset):
+            return offset  # the common case: no disassembly
+        copies = _COPIES[code_id] = copied_instructions(code)
+    return copies.get(offset, offset)
+
+
+def _may_repeat(code: Any, offset: int) -> bool:
+    """Whether the source span of the instruction at ``offset`` recurs apart from it in
+    ``code`` (a copy has the same span): a cheap test before disassembling the code."""
+    if not hasattr(code, "co_positions"):
+        return False
+    positions = list(code.co_positions())  # one per code unit, inline caches included
+    i = offset // 2
+    if not 0 <= i < len(positions) or None in positions[i]:
+        return False
+    pos = positions[i]
+    runs = 0
+    prev = False
+    for p in positions:
+        same = p == pos
+        if same and not prev:
+            runs += 1
+            if runs > 1:
+                return True
+        prev = same
+    return False
+
+
+def copied_instructions(code: Any) -> dict[int, int]:
+    """Instructions of ``code`` that copy an earlier one: each offset inside such an
+    instruction (its inline caches too) -> the same offset in the first copy.
+
+    A copy has the same operation, argument and source position (line and columns, so
+    two calls on one line differ), and so has every instruction before it back to where
+    both leave that position's span: the whole expression up to the call was written
+    twice. Two instructions of one expression that only share a span (the two
+    comparisons of ``a < b < c``) differ in what comes before them, so they stay apart.
+    Jumps compare by kind only: the copies jump to different places (``while``'s first
+    test jumps out on false, the last one back on true). Needs column positions (Python
+    3.11+); without them every instruction is its own place.
+    """
+    if not hasattr(code, "co_positions"):
+        return {}
+    import dis
+
+    instrs = list(dis.get_instructions(code))
+    sigs: list[Any] = []
+    spans: list[Any] = []
+    for ins in instrs:
+        pos = ins.positions
+        if pos is None or None in (pos.lineno, pos.end_lineno, pos.col_offset, pos.end_col_offset):
+            spans.append(None)
+        else:
+            spans.append(((pos.lineno, pos.col_offset), (pos.end_lineno, pos.end_col_offset)))
+        op = "JUMP" if "JUMP" in ins.opname else ins.opname
+        sigs.append((op, None if op == "JUMP" else ins.arg, spans[-1]))
+    seen: dict[Any, list[int]] = {}
+    first = list(range(len(instrs)))  # index of each instruction's first copy
+    out: dict[int, int] = {}
+    ends = [ins.offset for ins in instrs[1:]] + [len(code.co_code)]
+    for i, sig in enumerate(sigs):
+        span = spans[i]
+        earlier = seen.setdefault(sig, [])
+        if span is not None:
+            for j in earlier:
+                if _same_prefix(sigs, spans, span, i, j):
+                    first[i] = first[j]
+                    # every offset inside the instruction: a frame running a call stops
+                    # at its inline cache entries, past the instruction's own offset
+                    start, to = instrs[i].offset, instrs[first[i]].offset
+                    for o in range(start, ends[i]):
+                        out[o] = to + o - start
+                    break
+        earlier.append(i)
+    return out
+
+
+def _same_prefix(sigs: list[Any], spans: list[Any], span: Any, i: int, j: int) -> bool:
+    """Whether the instructions before ``i`` and ``j`` match back to where both leave ``span``."""
+    lo, hi = span
+    k = 1
+    while True:
+        a = i - k
+        b = j - k
+        sa = spans[a] if a >= 0 else None
+        sb = spans[b] if b >= 0 else None
+        in_a = sa is not None and lo <= sa[0] and sa[1] <= hi
+        in_b = sb is not None and lo <= sb[0] and sb[1] <= hi
+        if not in_a and not in_b:
+            return True
+        if in_a != in_b or sigs[a] != sigs[b]:
+            return False
+        k += 1

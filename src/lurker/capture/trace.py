@@ -544,6 +544,9 @@ class Trace(Graph):
         self._inputs: tuple[tuple, dict] = ((), {})
         self._rng: Any = None  # autocast, grad mode and RNG state the forward started in
         self._state = _state.NO_CHANGES  # what the traced forward changed in the model
+        # parameters the forward wrote into in place (an EMA codebook): name -> (index of
+        # the writing op, the value just before it), for validation
+        self._param_writes: dict[str, list[tuple[int, Tensor]]] = {}
         self._transform: Callable[[Tensor], Tensor] | None = None
         self._model_hooks: _hooks.ModelHooks = {}  # the model's own hooks when traced
         # the `with trace.hooks()` blocks, per thread: a block applies to the runs of the

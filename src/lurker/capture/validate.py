@@ -102,6 +102,7 @@ def validate(trace: Trace, *, rtol: float, atol: float) -> ValidationReport:
         )
     report = ValidationReport()
     params = dict(trace.model.named_parameters()) if trace.model is not None else {}
+    written = getattr(trace, "_param_writes", None) or {}
     ops = trace.ops
     with _context.applied(None):  # ops that ran in the default state: no autocast, no grad
         for op in ops:
@@ -128,7 +129,7 @@ def validate(trace: Trace, *, rtol: float, atol: float) -> ValidationReport:
                     values.append(snaps[j])
                     continue
                 if src < 0:
-                    values.append(params[what])
+                    values.append(_param_read(params, written, what, op.index))
                     continue
                 a = ops[src].activation
                 if a is None:
@@ -161,6 +162,18 @@ def validate(trace: Trace, *, rtol: float, atol: float) -> ValidationReport:
     report.state_changes = _check_output(trace, rtol, atol)
     report.output_checked = True
     return report
+
+
+def _param_read(
+    params: dict[str, Tensor], written: dict[str, list[tuple[int, Tensor]]], name: str, at: int
+) -> Tensor:
+    """The value parameter ``name`` held when op ``at`` read it: the forward may have
+    written into it in place since (an EMA codebook update under ``no_grad``), and then
+    the value before the next write at or after that op; else the parameter as it is."""
+    for index, before in written.get(name, ()):
+        if index >= at:
+            return before
+    return params[name]
 
 
 def _params_now(op: Any) -> str:
@@ -256,10 +269,19 @@ def _check_output(trace: Trace, rtol: float, atol: float) -> list[str]:
     args, kwargs = trace._inputs
     changes = list(trace._state.lines)
     after = {n: b.detach().clone() for n, b in model.named_buffers()}
+    written = getattr(trace, "_param_writes", None) or {}
+    params = dict(model.named_parameters()) if written else {}
+    # parameters the forward wrote into in place: their value after it, and going in
+    params_after = {n: params[n].detach().clone() for n in written if n in params}
     undo = trace._state.restored()  # attributes and buffers the forward reassigned
     try:
         named = dict(model.named_buffers())
         with torch.no_grad():
+            for n in params_after:
+                p, before = params[n], written[n][0][1]
+                if p.shape == before.shape and not torch.equal(before.to(p.device), p):
+                    p.copy_(before)
+                    changes.append(f"parameter {n} updated in place")
             # buffers the forward updated in place: back to the value they had going in
             # (the buffer's node saved it; in-place ops clone saved values first)
             for op in trace.ops:
@@ -282,6 +304,9 @@ def _check_output(trace: Trace, rtol: float, atol: float) -> list[str]:
             for n, b in model.named_buffers():
                 if n in after and b.shape == after[n].shape:
                     b.copy_(after[n])
+            for n, v in params_after.items():
+                if params[n].shape == v.shape:
+                    params[n].copy_(v)
     traced = dict(paths(trace.output, "output", []))
     untraced = dict(paths(plain, "output", []))
     if traced.keys() != untraced.keys():

@@ -22,12 +22,18 @@ def merge_edges(
     draw: Sequence[N | None],
     call: Sequence[Any] | None = None,
 ) -> dict[tuple[N, N, str, str | None], int]:
-    """Edges between drawn nodes: ``(src, dst, kind, label) -> how many graph edges``.
+    """Edges between drawn nodes: ``(src, dst, kind, label) -> how many unrolled edges``.
 
     ``draw[i]`` is the drawn node of op ``i`` (None: not drawn, its edges dropped);
-    ``call[i]``, when given, identifies the unrolled drawn node of op ``i``, and edges
-    between two ops of one call (inside one collapsed module box) are dropped. Insertion
-    order follows ``edges`` (data edges, then branch edges, in node order).
+    ``call[i]``, when given, identifies the unrolled drawn node of op ``i`` (else op ``i``
+    is its own), and edges between two ops of one call (inside one collapsed module box)
+    are dropped. Insertion order follows ``edges`` (data edges, then branch edges, in
+    node order).
+
+    The count is of distinct pairs of unrolled nodes, as an unrolled drawing would draw
+    them: the passes a rolled edge stands for. Several tensors from one op to another (an
+    ``LSTMCell``'s ``h`` and ``c`` into its next pass) are one edge there, so a 4-step loop
+    labels its back edge ``x3``, whatever the number of tensors it carries.
 
     Branch edges that land on the same pair with different labels (a rolled readout that
     read another value on each pass: ``= 428.0``, ``= 600.0``, ...) are one edge, labelled
@@ -35,10 +41,15 @@ def merge_edges(
     and one label per value, drawn on top of each other.
     """
     counts: dict[tuple[N, N, str], dict[str | None, int]] = {}
+    seen: set[tuple[Any, Any, str]] = set()  # unrolled pairs counted already
     for e in edges:
         s, d = draw[e.src], draw[e.dst]
-        if s is None or d is None or (call is not None and call[e.src] == call[e.dst]):
+        if s is None or d is None:
             continue
+        pair = (e.src, e.dst, e.kind) if call is None else (call[e.src], call[e.dst], e.kind)
+        if pair[0] == pair[1] or pair in seen:
+            continue
+        seen.add(pair)
         labels = counts.setdefault((s, d, e.kind), {})
         labels[e.label] = labels.get(e.label, 0) + 1
     merged: dict[tuple[N, N, str, str | None], int] = {}
