@@ -15,7 +15,11 @@ Debian's /usr/bin/chromium:
 A third run, ``flat10000``, is one Sequential of 10,000 leaf layers: a single group too
 big for dagre, laid out by the page's linear-time fallback (no group to expand).
 
-Usage: ``python benchmarks/graph_view_speed.py [--ops 2000 10000] [--repeat 3]``; needs
+``--densenet`` also times DenseNet-121 (random init): opening ``features.denseblock3``
+(300 edges between 25 items, drawn as trunks with taps) and then opening and closing one
+of its layers, the clicks inside an open dense block.
+
+Usage: ``python benchmarks/graph_view_speed.py [--ops 2000 10000] [--repeat 3] [--densenet]``; needs
 the front end built (``make web``). :func:`measure` is callable from other scripts.
 """
 
@@ -161,14 +165,66 @@ def measure(
     return results
 
 
+def measure_densenet(repeat: int = 3) -> dict[str, float]:
+    """Seconds (wall, median) to open DenseNet-121's ``denseblock3`` and to open one of its
+    layers inside it; prints them."""
+    import torchvision
+    from playwright.sync_api import sync_playwright
+    from torch.utils.data import TensorDataset
+
+    from lurker.probe import probe
+
+    def click(page: Any, sel: str) -> float:
+        n = int(page.get_attribute(".graph-page", "data-draws") or 0)
+        t0 = time.perf_counter()
+        page.locator(sel).dispatch_event("click")
+        page.wait_for_function(
+            "n => +document.querySelector('.graph-page').dataset.draws > n", arg=n, timeout=60_000
+        )
+        return time.perf_counter() - t0
+
+    with tempfile.TemporaryDirectory(prefix="lurker-graph-bench-") as tmp:
+        torch.manual_seed(0)
+        data = TensorDataset(torch.randn(4, 3, 64, 64), torch.zeros(4, dtype=torch.long))
+        model = torchvision.models.densenet121().eval()
+        layer = "features.denseblock3.denselayer1.conv1"
+        out = Path(tmp) / "densenet"
+        run = probe(model, data, out=out, layers=[layer], k=2, batch_size=4, progress=False)
+        assert run is not None
+        run.close()
+        with serve(out) as url, sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+            page = browser.new_page(viewport={"width": 1280, "height": 800})
+            doc = page.request.get(f"{url}api/runs/densenet/graph").json()
+            gi = {g["p"]: i for i, g in enumerate(doc["groups"])}
+            block, inner = gi["features.denseblock3"], gi["features.denseblock3.denselayer12"]
+            opens, inside = [], []
+            for _ in range(repeat):
+                open_graph(page, url, "densenet")
+                opens.append(click(page, f'svg.graph .box[data-k="g{block}"]'))
+                inside.append(click(page, f'svg.graph .box[data-k="g{inner}"]'))
+                click(page, f'svg.graph .frame[data-k="g{inner}"] > .title')
+            browser.close()
+    r = {"open_block_s": statistics.median(opens), "open_inside_s": statistics.median(inside)}
+    print(
+        f"  densenet  open denseblock3 {r['open_block_s'] * 1000:.0f} ms, "
+        f"open a layer inside it {r['open_inside_s'] * 1000:.0f} ms",
+        flush=True,
+    )
+    return r
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ops", type=int, nargs="+", default=[2000, 10000])
     ap.add_argument("--flat", type=int, nargs="*", default=[10000])
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--densenet", action="store_true", help="also time DenseNet-121's block 3")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT / "src"))
     res = measure(args.ops, args.repeat, args.flat)
+    if args.densenet:
+        measure_densenet(args.repeat)
     missed = [
         run
         for run, r in res.items()

@@ -8,6 +8,10 @@ automatically is marked "rolled"; ``--no-auto-roll`` times every pass drawn (it 
 ``--timeout``).
 
     python benchmarks/render_speed.py [--models resnet18,keypointrcnn_resnet50_fpn]
+
+``--anchors`` also draws each model at depth 2 with the invisible ties of unfed nodes
+forcing a rank each (``minlen`` 1, as before they were allowed to share their anchor's
+rank) and prints the ratio to the drawing as it is, measured in the same run.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from torch import nn
 
 import lurker
 from lurker.errors import LurkerError
+from lurker.render import graphviz as gv
 
 MODELS = ("resnet18", "densenet121", "swin_t", "keypointrcnn_resnet50_fpn")
 
@@ -57,6 +62,7 @@ def main() -> None:
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--timeout", type=float, default=600.0, help="dot's limit per drawing (s)")
     ap.add_argument("--no-auto-roll", dest="auto_roll", action="store_false")
+    ap.add_argument("--anchors", action="store_true", help="compare ties forcing a rank (depth 2)")
     a = ap.parse_args()
     print(f"{'model':28s} {'ops':>6s} {'trace':>8s} {'full depth':>16s} {'depth 2':>16s}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -69,6 +75,23 @@ def main() -> None:
             full = draw(tr, Path(tmp) / f"{name}.svg", None, a.auto_roll, a.timeout)
             two = draw(tr, Path(tmp) / f"{name}_d2.svg", 2, a.auto_roll, a.timeout)
             print(f"{name:28s} {tr.num_ops:6,d} {traced:6.1f} s {full:>16s} {two:>16s}", flush=True)
+            if a.anchors:
+                now = gv.ANCHOR_EDGE
+                try:
+                    gv.ANCHOR_EDGE = {"style": "invis"}  # dot's default minlen: 1
+                    t0 = time.perf_counter()
+                    old = draw(tr, Path(tmp) / f"{name}_d2_old.svg", 2, a.auto_roll, a.timeout)
+                    t_old = time.perf_counter() - t0
+                finally:
+                    gv.ANCHOR_EDGE = now
+                t0 = time.perf_counter()
+                draw(tr, Path(tmp) / f"{name}_d2_new.svg", 2, a.auto_roll, a.timeout)
+                t_new = time.perf_counter() - t0
+                print(
+                    f"{'':28s} depth 2, ties forcing a rank: {old.strip()}; sharing: "
+                    f"{t_new:.2f} s ({t_old / t_new:.1f}x faster)",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

@@ -179,6 +179,57 @@ def pyramid_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+class _DenseLayer(torch.nn.Module):
+    """Reads the concatenation of every feature before it, as torchvision's DenseNet layer."""
+
+    def __init__(self, cin: int) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(cin, 2)
+
+    def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        return torch.relu(self.fc(torch.cat(feats, 1)))
+
+
+class _DenseBlock(torch.nn.ModuleDict):
+    def __init__(self, layers: int) -> None:
+        super().__init__({f"layer{i + 1}": _DenseLayer(2 * (i + 1)) for i in range(layers)})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = [x]
+        for layer in self.values():
+            feats.append(layer(feats))
+        return torch.cat(feats, 1)
+
+
+class Dense(torch.nn.Module):
+    """A dense block of ten layers: each reads every earlier layer's output and the block's
+    input, 66 edges between 11 items (DenseNet's ``denseblock3`` has 300)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Linear(4, 2)
+        self.block = _DenseBlock(10)
+        self.head = torch.nn.Linear(22, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.block(self.stem(x)))
+
+
+@pytest.fixture(scope="module")
+def dense_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from torch.utils.data import TensorDataset
+
+    from lurker.probe import probe
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("graph-page") / "dense"
+    data = TensorDataset(torch.randn(4, 4), torch.zeros(4, dtype=torch.long))
+    run = probe(Dense().eval(), data, out=out, layers=["head"], k=2, batch_size=4, progress=False)
+    assert run is not None
+    run.close()
+    return out
+
+
 @pytest.fixture(scope="module")
 def servers(
     explorer_run: ExplorerRun,  # noqa: F811
@@ -186,6 +237,7 @@ def servers(
     flat_run: Path,
     loop_run: Path,
     pyramid_run: Path,
+    dense_run: Path,
 ) -> Iterator[dict[str, str]]:
     """One explorer server per run (uvicorn threads on free ports): run id -> base URL."""
     from lurker.server import create_app
@@ -194,7 +246,7 @@ def servers(
     with contextlib.ExitStack() as stack:
         yield {
             path.name: stack.enter_context(background(create_app(path)))
-            for path in (explorer_run.path, resnet_run, flat_run, loop_run, pyramid_run)
+            for path in (explorer_run.path, resnet_run, flat_run, loop_run, pyramid_run, dense_run)
         }
 
 
@@ -211,7 +263,7 @@ def page(browser: Any) -> Iterator[Any]:
     assert not errors, f"console errors: {errors}"
 
 
-RUNS = ["digits", "resnet18", "flat", "loop", "pyramid"]
+RUNS = ["digits", "resnet18", "flat", "loop", "pyramid", "dense"]
 
 
 def open_graph(page: Any, servers: dict[str, str], run: str, query: str = "") -> dict[str, Any]:
@@ -404,6 +456,96 @@ def test_a_container_run_between_ops_draws_no_loop(page: Any, servers: dict[str,
     assert page.locator("svg.graph path.e.back").count() == 0
     assert _edges_under_nodes(page) == []
     assert _edge_ends_on_items(page) == []
+
+
+def test_dense_block_edges_share_trunks(page: Any, servers: dict[str, str]) -> None:
+    """A dense block (every layer reads every earlier output: DenseNet) is drawn as a bus,
+    not a tangle: the items stand in one column in execution order, and the edges out of
+    each source that another path already implies leave it on one vertical trunk beside
+    every item, with a tap into each target. Every edge of the document is still drawn
+    once, from its source to its target, under no node."""
+    doc = open_graph(page, servers, "dense")
+    ex = Expect(doc)
+    block = next(g for g, grp in enumerate(doc["groups"]) if grp["p"] == "block")
+    layers = [
+        f"g{g}" for g, grp in enumerate(doc["groups"]) if grp.get("u") == block
+    ]  # in execution order
+    assert len(layers) == 10 and set(layers) <= drawn(page)
+    pairs = page.eval_on_selector_all(
+        "svg.graph path.e", "es => es.map(e => [e.dataset.a, e.dataset.b])"
+    )
+    assert sorted(map(tuple, pairs)) == sorted(ex.edges(ex.default_open()))
+    assert _edge_ends_on_items(page) == []
+    assert _edges_under_nodes(page) == []
+    boxes = page.evaluate(
+        """ks => ks.map(k => { const b = document.querySelector(`[data-k="${k}"]`).getBBox();
+          return [b.x, b.y, b.width, b.height]; })""",
+        layers,
+    )
+    assert [b[1] for b in boxes] == sorted(b[1] for b in boxes)  # one column, in order
+    right = max(b[0] + b[2] for b in boxes)
+    # the vertical segments of each edge's path: [source, target, [[x, y0, y1], ...]]
+    paths = page.evaluate(
+        """() => [...document.querySelectorAll('svg.graph path.e')].map(e => {
+          const v = e.getAttribute('d').match(/-?[0-9.]+/g).map(Number);
+          const out = [];
+          for (let i = 2; i + 1 < v.length; i += 2)
+            if (Math.abs(v[i] - v[i - 2]) < 0.5 && Math.abs(v[i + 1] - v[i - 1]) > 20)
+              out.push([v[i], Math.min(v[i + 1], v[i - 1]), Math.max(v[i + 1], v[i - 1])]);
+          return [e.dataset.a, e.dataset.b, out];
+        })"""
+    )
+    inside = set(layers) | {
+        ex.drawn_as(k, ex.default_open())
+        for k, n in enumerate(doc["nodes"])
+        if block in ex.chain[n.get("m", 0)]
+    }
+    trunks: dict[str, set[float]] = {}
+    for a in layers[:-2]:  # each layer feeds every later one and the block's cat
+        mine = [segs for s, b, segs in paths if s == a and b in inside]
+        assert len(mine) >= 3, a
+        # all but the edge to the next item (laid out by dagre) run down one trunk
+        lanes = [{round(x, 1) for x, _, _ in segs if x > right} for segs in mine]
+        with_lane = [ln for ln in lanes if ln]
+        assert len(with_lane) >= len(mine) - 1, (a, lanes)
+        common = set.intersection(*with_lane)
+        assert len(common) == 1, (a, lanes)
+        trunks[a] = common
+    # one trunk per source: no two sources share a lane
+    assert len(set().union(*trunks.values())) == len(trunks)
+    assert page.locator("svg.graph circle.joint").count() > 0
+    # a layer opened in the middle: its taps come in from above its frame, its trunk leaves
+    # from below it, every step of a trunk's path square (no diagonal to or from the lane)
+    before = draws(page)
+    page.locator(f'svg.graph .box[data-k="{layers[4]}"]').dispatch_event("click")
+    wait_draw(page, before)
+    open_ = ex.default_open() | {int(layers[4][1:])}
+    pairs = page.eval_on_selector_all(
+        "svg.graph path.e", "es => es.map(e => [e.dataset.a, e.dataset.b])"
+    )
+    assert sorted(map(tuple, pairs)) == sorted(ex.edges(open_))
+    assert _edge_ends_on_items(page) == []
+    assert _edges_under_nodes(page) == []
+    right = max(
+        b[0] + b[2]
+        for b in page.evaluate(
+            """ks => ks.map(k => { const b = document.querySelector(`[data-k="${k}"]`).getBBox();
+              return [b.x, b.y, b.width, b.height]; })""",
+            layers,
+        )
+    )
+    # steps to, along or from a lane (right of every layer) that are neither level nor upright
+    slanted = page.evaluate(
+        """right => [...document.querySelectorAll('svg.graph path.e')].filter(e => {
+          const v = e.getAttribute('d').match(/-?[0-9.]+/g).map(Number);
+          for (let i = 2; i + 1 < v.length; i += 2)
+            if (Math.max(v[i], v[i - 2]) > right && Math.abs(v[i] - v[i - 2]) > 0.5
+                && Math.abs(v[i + 1] - v[i - 1]) > 0.5) return true;
+          return false;
+        }).map(e => `${e.dataset.a}->${e.dataset.b}`)""",
+        right,
+    )
+    assert slanted == []
 
 
 def _titles_outside_frames(page: Any) -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import subprocess
 import time
 import warnings
 from pathlib import Path
@@ -257,6 +258,40 @@ def test_drawn_edges_are_the_graphs_edges(model: nn.Module, x: torch.Tensor) -> 
     want = {(f"n{e.src}", f"n{e.dst}", e.label) for e in edges_mod.edges(tr)}
     assert len(drawn) == len(set(drawn))
     assert set(drawn) == want
+
+
+class Constants(nn.Module):
+    """Eight tensors made from nothing the graph records (``torch.full``), one after the
+    other, then summed with the input: a run of nodes nothing flows into, as Keypoint
+    R-CNN's anchor generator and image-size constants make."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(x)
+        consts = [torch.full((4,), float(i)) for i in range(8)]
+        return y + torch.stack(consts).sum(0)
+
+
+@pytest.mark.skipif(shutil.which("dot") is None, reason="needs graphviz's dot")
+def test_unfed_nodes_sit_where_they_ran_without_adding_ranks() -> None:
+    """A node nothing flows into is tied (invisibly) to the node drawn before it: in dot's
+    own layout (``-Tplain``) it is never above that node, and a run of them shares ranks
+    instead of stacking one rank each (which made Keypoint R-CNN's drawing hundreds of
+    ranks taller and its long edges slow for dot to route)."""
+    tr = lurker.trace(Constants(), torch.randn(2, 4))
+    src = gv.to_dot(tr, auto_roll=False).source
+    ties = [
+        re.match(r"\t+(\w+) -> (\w+)", line).groups() for line in _edges(src) if "invis" in line
+    ]  # type: ignore[union-attr]
+    fulls = {f"n{op.index}" for op in tr.ops if op.name == "full"}
+    assert len(fulls) == 8 and {b for _, b in ties} >= fulls
+    plain = subprocess.run(
+        ["dot", "-Tplain"], input=src, capture_output=True, text=True, check=True
+    ).stdout
+    y = {p[1]: float(p[3]) for p in (ln.split() for ln in plain.splitlines()) if p[0] == "node"}
+    for a, b in ties:  # plain's y grows upwards: a tied node is at or below its anchor
+        assert y[b] <= y[a] + 1e-6, (a, b)
+    # before: each tie forced a rank, eight constants took eight ranks
+    assert len({y[n] for n in fulls}) <= 2
 
 
 # ---------------------------------------------------------------------- errors

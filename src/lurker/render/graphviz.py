@@ -71,6 +71,9 @@ MODULE_STYLE = {
 }
 BRANCH_EDGE = {"style": "dashed", "color": "purple3", "fontcolor": "purple3"}
 BACK_EDGE = {"color": "royalblue3", "fontcolor": "royalblue3", "constraint": "false"}
+#: The invisible tie that keeps a node nothing flows into where it ran (not above it), on
+#: the rank of the node drawn before it or below, never forcing a rank of its own.
+ANCHOR_EDGE = {"style": "invis", "minlen": "0"}
 
 # Layout tuning: clusters are what makes dot slow on big models. newrank lets it rank
 # clusters globally; the limits bound network-simplex and crossing-minimisation passes,
@@ -401,10 +404,14 @@ def _build(
         g.edge(s, d, **attrs)
     # A node nothing flows into (zeros(), a counter on a hidden buffer) would be ranked at
     # the very top, stretching its cluster across the whole graph: tie it invisibly to the
-    # node drawn just before it, so it sits where it ran.
+    # node drawn just before it, so it sits where it ran. minlen=0 lets it sit beside that
+    # node: with the default 1, each such tie added a rank, runs of them (Keypoint R-CNN's
+    # anchors and size constants) stretched the drawing by many ranks, and dot's spline
+    # router pays quadratically in the ranks a long edge crosses (FPN levels read by the
+    # RoI pools), which was most of its time.
     for nid, prev in anchor.items():
         if nid not in fed and ops[order[nid]].kind != "input":
-            g.edge(prev, nid, style="invis")
+            g.edge(prev, nid, **ANCHOR_EDGE)
     rolled_ops = {group[0].rolled: group[0].num_passes for group in reps.values() if len(group) > 1}
     for box in boxes.values():  # a collapsed module that stands for all its calls
         info = trace.modules.get(box.path)

@@ -26,7 +26,8 @@ export interface GroupLayout {
   w: number;
   h: number;
   pos: Record<ItemKey, [number, number, number, number]>;
-  edges: { a: ItemKey; b: ItemKey; pts: number[] }[];
+  /** `t`: a tap off its source's trunk (an edge implied by others in a dense group) */
+  edges: { a: ItemKey; b: ItemKey; pts: number[]; t?: 1 }[];
 }
 
 export type WorkerIn =
@@ -95,7 +96,7 @@ class Run {
     const key = `${g}(${childKeys.join(",")})`;
     let lay = cache.get(key);
     if (!lay) {
-      lay = this.layout(g);
+      lay = this.layoutGroup(g);
       cache.set(key, lay);
       this.computed++;
     }
@@ -118,8 +119,23 @@ class Run {
     return sub ? [sub.w, sub.h] : boxSize(doc.groups[c], this.st.name(c));
   }
 
-  private layout(g: number): GroupLayout {
+  /** Group g's layout: linear for a very big group, dagre by its unimplied edges with
+   * trunks for a dense one (see {@link DENSE_EDGES}), else dagre by all its edges. */
+  private layoutGroup(g: number): GroupLayout {
     if (this.st.items[g].length > BIG_GROUP) return this.layered(g);
+    const own = edges.get(g) ?? [];
+    const n = this.st.items[g].length;
+    if (own.length >= DENSE_EDGES && own.length > DENSE_RATIO * n) {
+      const lay = this.layout(g, implied(own));
+      if (lay) return lay;
+    }
+    return this.layout(g, null)!;
+  }
+
+  /** Group g laid out by dagre; with `skip` (edges implied by others, see {@link implied}),
+   * dagre places the items by the other edges only and each skipped edge is drawn as a tap
+   * off its source's trunk (see {@link trunks}); null when a trunk's taps would cross an item. */
+  private layout(g: number, skip: Set<string> | null): GroupLayout | null {
     const st = this.st;
     const gg = new dagre.graphlib.Graph();
     gg.setGraph({ rankdir: "TB", nodesep: 16, ranksep: 24, edgesep: 8, marginx: 0, marginy: 0 });
@@ -128,7 +144,8 @@ class Run {
       const [w, h] = this.size(it);
       gg.setNode(it, { width: w, height: h });
     }
-    const own = edges.get(g) ?? [];
+    const all = edges.get(g) ?? [];
+    const own = skip ? all.filter(([a, b]) => !skip.has(a + ">" + b)) : all;
     for (const [a, b] of own) gg.setEdge(a, b);
     this.ports(gg, g, own);
     dagre.layout(gg);
@@ -152,6 +169,17 @@ class Run {
           y1 = Math.max(y1, p.y);
         }
     }
+    let taps: GroupLayout["edges"] = [];
+    if (skip) {
+      const box = (it: ItemKey): [number, number, number, number] => {
+        const n = gg.node(it);
+        return [n.x, n.y, n.width, n.height];
+      };
+      const got = trunks(all.filter(([a, b]) => skip.has(a + ">" + b)), st.items[g].map(box), box, x1);
+      if (!got) return null;
+      taps = got;
+      for (const e of taps) for (let i = 0; i < e.pts.length; i += 2) x1 = Math.max(x1, e.pts[i] + 4);
+    }
     const [w, h, fx, fy] = this.frame(g, x1 - x0, y1 - y0);
     const dx = fx - x0;
     const dy = fy - y0;
@@ -166,6 +194,7 @@ class Run {
       for (const p of gg.edge(a, b).points ?? []) pts.push(round(p.x + dx), round(p.y + dy));
       out.push({ a, b, pts });
     }
+    for (const e of taps) out.push({ a: e.a, b: e.b, pts: e.pts.map((v, i) => round(v + (i % 2 ? dy : dx))), t: 1 });
     return { w, h, pos, edges: out };
   }
 
@@ -244,5 +273,101 @@ class Run {
  * minimisation grows faster than linearly (a 1,000-op chain takes half a second, 3,000 ops
  * minutes), so a flat Sequential of thousands of layers would never draw. */
 const BIG_GROUP = 400;
+
+/** A group with at least this many edges, and more than DENSE_RATIO per item, is dense
+ * (DenseNet's blocks: every layer reads every earlier layer's output, 300 edges between 25
+ * items): dagre lays it out by the edges no other path implies, in a fraction of the time,
+ * and the implied edges are drawn as trunks with taps. */
+const DENSE_EDGES = 40;
+const DENSE_RATIO = 2.5;
+
+/** The edges (`a>b` keys) of `own` implied by the others: b is also reached from a through
+ * another item (the complement of the transitive reduction). The edges are forward only
+ * (back edges are left out of a layout), so one sweep in reverse topological order finds
+ * what each item reaches: O(items x edges), small for a group dagre can lay out. */
+export function implied(own: [ItemKey, ItemKey][]): Set<string> {
+  const out = new Map<ItemKey, ItemKey[]>();
+  const keys = new Set<ItemKey>();
+  for (const [a, b] of own) {
+    (out.get(a) ?? out.set(a, []).get(a)!).push(b);
+    keys.add(a);
+    keys.add(b);
+  }
+  // a topological order of this (acyclic: back edges are left out) graph
+  const order: ItemKey[] = [];
+  const state = new Map<ItemKey, number>();
+  const visit = (k: ItemKey) => {
+    const stack: [ItemKey, number][] = [[k, 0]];
+    state.set(k, 1);
+    while (stack.length) {
+      const top = stack[stack.length - 1];
+      const next = (out.get(top[0]) ?? [])[top[1]++];
+      if (next === undefined) {
+        stack.pop();
+        order.push(top[0]);
+      } else if (!state.has(next)) {
+        state.set(next, 1);
+        stack.push([next, 0]);
+      }
+    }
+  };
+  for (const k of keys) if (!state.has(k)) visit(k);
+  // order is reversed topological: an item's successors come before it
+  const reach = new Map<ItemKey, Set<ItemKey>>();
+  const skip = new Set<string>();
+  for (const a of order) {
+    const succ = out.get(a) ?? [];
+    const far = new Set<ItemKey>(); // reached through another item
+    for (const c of succ) for (const r of reach.get(c) ?? []) far.add(r);
+    const mine = new Set<ItemKey>(far);
+    for (const b of succ) {
+      if (far.has(b)) skip.add(a + ">" + b);
+      mine.add(b);
+    }
+    reach.set(a, mine);
+  }
+  return skip;
+}
+
+/** Routes for the implied edges of a dense group: each source's edges share one trunk, a
+ * vertical lane right of every item (later sources nearer), from which a tap runs into
+ * each target's right side (the upper half; a trunk leaves its source's lower half), as a
+ * bus. Null when a tap or a trunk's start would pass through an item. */
+function trunks(
+  skipped: [ItemKey, ItemKey][],
+  items: [number, number, number, number][],
+  box: (it: ItemKey) => [number, number, number, number],
+  right: number,
+): { a: ItemKey; b: ItemKey; pts: number[] }[] | null {
+  const sources = [...new Set(skipped.map(([a]) => a))];
+  const y = (it: ItemKey, up: boolean) => {
+    const [, cy, , h] = box(it);
+    return it === IN || it === OUT ? cy : cy + (up ? -h / 4 : h / 4);
+  };
+  // later sources (lower on the page) take the nearer lanes
+  sources.sort((p, q) => y(q, false) - y(p, false));
+  const lane = new Map(sources.map((a, i) => [a, right + 14 + 7 * i]));
+  const blocked = (x0: number, x1: number, yy: number, a: ItemKey, b: ItemKey) =>
+    items.some(([cx, cy, w, h]) => {
+      const mine = [a, b].some((k) => {
+        const r = box(k);
+        return r[0] === cx && r[1] === cy;
+      });
+      return !mine && cx + w / 2 > x0 && cx - w / 2 < x1 && cy - h / 2 < yy && cy + h / 2 > yy;
+    });
+  const out: { a: ItemKey; b: ItemKey; pts: number[] }[] = [];
+  for (const [a, b] of skipped) {
+    const [ax, , aw] = box(a);
+    const [bx, , bw] = box(b);
+    const x = lane.get(a)!;
+    const ya = y(a, false);
+    const yb = y(b, true);
+    const xa = ax + aw / 2;
+    const xb = bx + bw / 2;
+    if (yb <= ya || blocked(xa, x, ya, a, b) || blocked(xb, x, yb, a, b)) return null;
+    out.push({ a, b, pts: [xa, ya, x, ya, x, yb, xb, yb] });
+  }
+  return out;
+}
 
 const round = (x: number) => Math.round(x * 10) / 10;

@@ -463,6 +463,8 @@ class GraphPage {
     for (const [key, r] of this.rects)
       if (key[0] === "g" && this.expanded.has(Number(key.slice(1))))
         origin.set(Number(key.slice(1)), [r[0] - r[2] / 2, r[1] - r[3] / 2]);
+    const joints = new Set<string>(); // where a tap leaves its trunk: a dot, as on a bus
+    const taps = new Set<string>(); // routes that are taps off a trunk
     for (const [gs, lay] of Object.entries(this.layouts)) {
       const o = origin.get(Number(gs));
       if (!o) continue;
@@ -470,6 +472,10 @@ class GraphPage {
         const pts: number[] = [];
         for (let i = 0; i < e.pts.length; i += 2) pts.push(e.pts[i] + o[0], e.pts[i + 1] + o[1]);
         routed.set(e.a + ">" + e.b, pts);
+        if (!e.t) continue;
+        taps.add(e.a + ">" + e.b);
+        // a tap into an open frame enters it from above (see route), its dot goes there
+        if (!(e.b[0] === "g" && this.expanded.has(Number(e.b.slice(1))))) joints.add(`${f1(pts[4])},${f1(pts[5])}`);
       }
     }
     const merged = new Map<string, { a: ItemKey; b: ItemKey; n: number; label?: string; rolled: boolean }>();
@@ -493,7 +499,7 @@ class GraphPage {
       const cls = `e${label !== undefined ? " branch" : ""}${back ? " back" : ""}`;
       let d: string;
       let mid: [number, number];
-      const routedPts = !back && a !== b ? this.route(a, b, ra, rb, routed) : null;
+      const routedPts = !back && a !== b ? this.route(a, b, ra, rb, routed, taps, joints) : null;
       const pts = routedPts && unblock(routedPts, ra, rb, (x0, y0, x1, y1) =>
         solid.some((q, i) => solidKeys[i] !== a && solidKeys[i] !== b && crosses(x0, y0, x1, y1, q)),
       );
@@ -571,6 +577,10 @@ class GraphPage {
           `<text class="el${label !== undefined ? " branch" : ""}${back ? " back" : ""}" x="${f1(mid[0] + 4)}" y="${f1(mid[1])}">${esc(text)}</text>`,
         );
     }
+    for (const j of joints) {
+      const [x, y] = j.split(",");
+      out.push(`<circle class="joint" cx="${x}" cy="${y}" r="2"/>`);
+    }
   }
 
   /** The points of the forward edge from drawn item a to b: the routes of its parts in
@@ -585,6 +595,8 @@ class GraphPage {
     ra: [number, number, number, number],
     rb: [number, number, number, number],
     routed: Map<string, number[]>,
+    taps: Set<string>,
+    joints: Set<string>,
   ): number[] | null {
     const segs = this.st.segments(a, b);
     const parts = segs.map(([, from, to]) => {
@@ -598,10 +610,22 @@ class GraphPage {
       if (!p || !q) continue;
       if (segs[i + 1][1] === IN) {
         const f = this.rects.get(segs[i][2]); // the frame entered
-        if (f) p.splice(p.length - 2, 2, q[0], f1(f[1] - f[3] / 2));
+        if (f && taps.has(segs[i][1] + ">" + segs[i][2])) {
+          // a tap ([.., lane, y, x, y] into the frame's side) enters from above instead:
+          // off its trunk in the gap above the frame, across, down to the entry port
+          const lane = p[p.length - 4];
+          const y = f1(f[1] - f[3] / 2 - 8);
+          p.splice(p.length - 4, 4, lane, y, q[0], y, q[0], f1(f[1] - f[3] / 2));
+          joints.add(`${f1(lane)},${y}`);
+        } else if (f) p.splice(p.length - 2, 2, q[0], f1(f[1] - f[3] / 2));
       } else if (segs[i][2] === OUT) {
         const f = this.rects.get(segs[i + 1][1]); // the frame left
-        if (f) q.splice(0, 2, p[p.length - 2], f1(f[1] + f[3] / 2));
+        if (f && taps.has(segs[i + 1][1] + ">" + segs[i + 1][2])) {
+          // a trunk ([x, y, lane, y, ..] off the frame's side) leaves from its bottom
+          // instead: down from the exit port into the gap below, across to the lane
+          const y = f1(f[1] + f[3] / 2 + 8);
+          q.splice(0, 4, p[p.length - 2], f1(f[1] + f[3] / 2), p[p.length - 2], y, q[2], y);
+        } else if (f) q.splice(0, 2, p[p.length - 2], f1(f[1] + f[3] / 2));
       }
     }
     const pts: number[] = [];
