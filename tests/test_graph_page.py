@@ -146,37 +146,31 @@ class Loop(torch.nn.Module):
         return self.head(x + s)
 
 
-@pytest.fixture(scope="module")
-def loop_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def _probed(factory: pytest.TempPathFactory, name: str, make: Any, layer: str) -> Path:
+    """A run of ``make()`` (seeded) over four random 4-vectors, probing ``layer``."""
     from torch.utils.data import TensorDataset
 
     from lurker.probe import probe
 
     torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("graph-page") / "loop"
+    out = factory.mktemp("graph-page") / name
     data = TensorDataset(torch.randn(4, 4), torch.zeros(4, dtype=torch.long))
-    run = probe(Loop().eval(), data, out=out, layers=["head"], k=2, batch_size=4, progress=False)
+    run = probe(make().eval(), data, out=out, layers=[layer], k=2, batch_size=4, progress=False)
     assert run is not None
     run.close()
     return out
+
+
+@pytest.fixture(scope="module")
+def loop_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _probed(tmp_path_factory, "loop", Loop, "head")
 
 
 @pytest.fixture(scope="module")
 def pyramid_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A feature pyramid's ModuleList whose blocks run between ops outside it, then Faster
     R-CNN's box decoding: many small ops side by side, where dagre's routes cut corners."""
-    from torch.utils.data import TensorDataset
-
-    from lurker.probe import probe
-
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("graph-page") / "pyramid"
-    data = TensorDataset(torch.randn(4, 4), torch.zeros(4, dtype=torch.long))
-    model = Pyramid(decode=True).eval()
-    run = probe(model, data, out=out, layers=["outs.0.0"], k=2, batch_size=4, progress=False)
-    assert run is not None
-    run.close()
-    return out
+    return _probed(tmp_path_factory, "pyramid", lambda: Pyramid(decode=True), "outs.0.0")
 
 
 class _DenseLayer(torch.nn.Module):
@@ -217,17 +211,7 @@ class Dense(torch.nn.Module):
 
 @pytest.fixture(scope="module")
 def dense_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from torch.utils.data import TensorDataset
-
-    from lurker.probe import probe
-
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("graph-page") / "dense"
-    data = TensorDataset(torch.randn(4, 4), torch.zeros(4, dtype=torch.long))
-    run = probe(Dense().eval(), data, out=out, layers=["head"], k=2, batch_size=4, progress=False)
-    assert run is not None
-    run.close()
-    return out
+    return _probed(tmp_path_factory, "dense", Dense, "head")
 
 
 @pytest.fixture(scope="module")
