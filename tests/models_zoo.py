@@ -180,3 +180,18 @@ def digits_net_float64() -> nn.Module:
             mod.running_mean.uniform_(-0.2, 0.2)
             mod.running_var.uniform_(0.5, 1.5)
     return m.double()
+
+
+class DigitsViT(nn.Module):
+    """1-channel 16x16 digits through a tiny torchvision ViT (4x4 patches, a class-token
+    head, GELU): a transformer the explorer's tests can probe and serve in seconds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from torchvision.models import VisionTransformer
+
+        self.vit = VisionTransformer(16, 4, 2, 2, 32, 64, num_classes=10)
+        nn.init.normal_(self.vit.heads.head.weight)  # (zero in torchvision: no gradient)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.vit(x.expand(-1, 3, -1, -1))

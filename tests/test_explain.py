@@ -806,3 +806,164 @@ def test_unit_targets_on_sequence_first_and_fixed_batch_models() -> None:
     R.requires_grad_(True)
     (g,) = torch.autograd.grad(net.head(R.view(1, -1))[0, 2], R)
     assert torch.allclose(e.layer_attribution, _cam(R.detach(), g), atol=1e-6)
+
+
+# ---------------------------------------------------------------------- transformers
+def _small_vit() -> nn.Module:
+    """A torchvision ViT for 32x32 images whose head is not zero (torchvision starts it
+    at zero: no gradient at all)."""
+    from torchvision.models import VisionTransformer
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(32, 8, 2, 2, 32, 64, num_classes=10).eval()
+    nn.init.normal_(vit.heads.head.weight)
+    return vit
+
+
+@pytest.mark.parametrize(
+    "method,target",
+    [("saliency", 3), ("integrated_gradients", 3), ("gradcam", 3), ("lrp", 3),
+     ("occlusion", 3), ("saliency", ("conv_proj", 1))],
+)  # fmt: skip
+def test_an_input_the_model_does_not_run_on_is_one_clear_error(method, target) -> None:
+    """A ViT built for 32x32 images given 48x48 ones, one channel, no batch axis or a
+    float64 input: a LurkerError naming the input's shape and dtype and the fix, not the
+    AssertionError or RuntimeError from inside the model (each method runs the model its
+    own way: directly, through the trace, or the LRP engine)."""
+    vit = _small_vit()
+    x = torch.randn(2, 3, 32, 32)
+    cases = [
+        (torch.randn(2, 3, 48, 48), r"shape \(2, 3, 48, 48\).*Wrong image height.*image size"),
+        (torch.randn(2, 1, 32, 32), r"shape \(2, 1, 32, 32\).*3 channels.*channels"),
+        (torch.randn(3, 32, 32), r"shape \(3, 32, 32\).*x\[None\] adds a batch axis"),
+        (x.double(), r"float64 tensor.*parameters are float32: pass x.to\(torch.float32\)"),
+    ]
+    for bad, says in cases:
+        with pytest.raises(
+            LurkerError, match=rf"VisionTransformer does not run on the input.*{says}"
+        ):
+            lurker.explain(vit, bad, target, method=method)
+    assert lurker.explain(vit, x, target, method=method).attribution.shape == x.shape
+    if method == "lrp":  # concept relevance runs the LRP engine on its own
+        with pytest.raises(LurkerError, match=r"does not run on the input.*48, 48"):
+            lurker.explain.concepts(
+                vit, cases[0][0], target, layer="encoder.layers.encoder_layer_0"
+            )
+
+
+def test_a_failure_that_is_not_the_inputs_keeps_its_own_error() -> None:
+    """Where the model runs on x but fails inside a method, the model's own error goes
+    through: blaming the input would send the user the wrong way."""
+
+    class GradOnly(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.requires_grad:
+                raise ValueError("no gradients here")
+            return self.fc(x)
+
+    with pytest.raises(ValueError, match="no gradients here"):
+        lurker.explain(GradOnly().eval(), torch.randn(2, 4), 1)
+
+
+def test_gradcam_warns_where_the_target_does_not_reach_the_map() -> None:
+    """After a ViT's last attention its class-token head no longer reads the patch
+    tokens: Grad-CAM there is 0 everywhere (autograd by hand: the gradient at the patch
+    tokens is 0), which an overlay shows as nothing. Said in a warning; the default layer
+    (before the last attention) and a CNN's layer have none."""
+    import warnings
+
+    vit = _small_vit()
+    x = torch.randn(2, 3, 32, 32)
+    with pytest.warns(
+        UserWarning, match=r"Grad-CAM at 'encoder.ln' is 0 everywhere: the target does not"
+    ):
+        e = lurker.explain(vit, x, [3, 7], method="gradcam", layer="encoder.ln")
+    _, g = _hooked_grad(vit, x[:1], "encoder.ln", 3)
+    assert g[:, 1:].abs().amax() == 0 and g[:, 0].abs().amax() > 0  # only the class token
+    assert e.layer_attribution.abs().amax() == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        d = lurker.explain(vit, x, [3, 7], method="gradcam")
+        assert d.layer_attribution.abs().amax() > 0
+        lurker.explain(digits_net_float64(), x[:, :1, :16, :16].double(), 3, method="gradcam")
+
+
+def test_guided_rules_on_a_network_without_relu_warn_that_they_are_the_gradient() -> None:
+    """A ViT (GELU) runs no ReLU: guided backprop and deconvnet are then the plain
+    gradient (Captum's GuidedBackprop too, and autograd), which the explorer showed as
+    two methods of their own with the same map. Said in a warning; a ReLU network has
+    none."""
+    import warnings
+
+    vit = _small_vit()
+    x = torch.randn(2, 3, 32, 32)
+    xi = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(vit(xi)[:, 5].sum(), xi)
+    for method in ("guided_backprop", "deconvnet"):
+        with pytest.warns(
+            UserWarning, match=rf"runs no ReLU, so {method.replace('_', ' ')}.*plain gradient"
+        ):
+            e = lurker.explain(vit, x, 5, method=method)
+        close(e.attribution, grad)
+    close(e.attribution, captum_attr.GuidedBackprop(vit).attribute(x, target=5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for method in ("guided_backprop", "deconvnet"):
+            lurker.explain(
+                digits_net_float64(), torch.rand(2, 1, 16, 16).double(), 5, method=method
+            )
+
+
+def test_gradcam_default_layer_of_a_vit_equals_a_forward_written_by_hand() -> None:
+    """A torchvision ViT's default Grad-CAM layer is the last one the class token's head
+    still reads the patch tokens through: the query-key-value projection of the last
+    attention, a functional op inside nn.MultiheadAttention whose output is
+    sequence-first (L, B, 3E). Oracle: that attention and the rest of the model written
+    out by hand with autograd, three rows with three classes (a batch read on the wrong
+    axis would mix them)."""
+    import torch.nn.functional as F
+
+    vit, x, classes = _small_vit(), torch.randn(3, 3, 32, 32), [1, 4, 7]
+    e = lurker.explain(vit, x, classes, method="gradcam", relu=False)
+    layer = vit.encoder.layers.encoder_layer_1
+    seen: list = []
+    h = layer.ln_1.register_forward_hook(lambda m, i, o: seen.append((i[0], o)))
+    vit(x)
+    h.remove()
+    before, normed = (t.detach() for t in seen[0])
+    att = layer.self_attention
+    qkv = F.linear(normed, att.in_proj_weight, att.in_proj_bias).requires_grad_(True)
+    heads = lambda t: t.reshape(3, 17, 2, 16).transpose(1, 2)  # noqa: E731
+    q, k, v = (heads(t) for t in qkv.split(32, -1))
+    y = before + att.out_proj(
+        F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(3, 17, 32)
+    )
+    y = y + layer.mlp(layer.ln_2(y))
+    score = vit.heads(vit.encoder.ln(y)[:, 0])[[0, 1, 2], classes].sum()
+    (g,) = torch.autograd.grad(score, qkv)
+    grid = lambda t: t[:, 1:].reshape(3, 4, 4, 96).permute(0, 3, 1, 2)  # noqa: E731
+    want = (grid(g).mean((2, 3), keepdim=True) * grid(qkv.detach())).sum(1, keepdim=True)
+    assert want.abs().amax() > 1e-2
+    assert torch.allclose(e.layer_attribution, want, atol=1e-5), e.options["layer"]
+
+
+def test_a_position_on_a_token_layer_says_what_to_target_instead() -> None:
+    """A ViT block's tokens have one position axis, not a map: (layer, c, y, x) is
+    refused with the two targets that work, and the first of them is the mean over the
+    tokens (autograd by hand)."""
+    vit, x = _small_vit(), torch.randn(2, 3, 32, 32)
+    layer = "encoder.layers.encoder_layer_1.ln_1"
+    with pytest.raises(LurkerError, match=rf"\('{layer}', 5\) without a position"):
+        lurker.explain(vit, x, (layer, 5, 1, 2))
+    got = lurker.explain(vit, x, (layer, 5), method="saliency", abs=False).attribution
+    seen: list = []
+    xi = x.clone().requires_grad_(True)
+    h = vit.get_submodule(layer).register_forward_hook(lambda m, i, o: seen.append(o))
+    vit(xi)
+    h.remove()
+    (g,) = torch.autograd.grad(seen[0][..., 5].mean(1).sum(), xi)
+    close(got, g)

@@ -946,3 +946,29 @@ def test_feature_visualization_pages_static(
     page: Any, static_site: str, explorer: dict[str, Any]
 ) -> None:
     _featviz_walk(page, static_site, explorer["run"], explorer["id"])
+
+
+def test_explain_page_shows_a_methods_notes(page: Any, explorer: dict[str, Any]) -> None:
+    """A method's warning (``notes`` in its JSON: a Grad-CAM map that is 0 everywhere, a
+    ReLU rule on a network without ReLUs) is shown under its heatmap, where the numbers
+    alone (max 0, or the same map as another method) would mislead; a method without
+    notes shows none. The digits CNN has none of its own, so the gradcam answer is given
+    one on its way to the page (the server's notes are tests/test_server_explain.py's)."""
+    import json
+
+    note = "Grad-CAM at 'features.9' is 0 everywhere: the target does not depend on it."
+
+    def with_note(route: Any) -> None:
+        r = route.fetch()
+        body = {**r.json(), "notes": [note]}
+        route.fulfill(response=r, body=json.dumps(body))
+
+    page.route("**/explain/gradcam.json?*", with_note)
+    go(page, f"{explorer['url']}#/r/{explorer['id']}/explain?image=sample-5")
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('.methods figcaption')]"
+        ".every(f => f.textContent.includes('max'))"
+    )
+    card = page.locator('.explain-card[data-method="gradcam"] .explain-note')
+    assert card.count() == 1 and card.inner_text() == note
+    assert page.locator(".methods .explain-note").count() == 1  # the other methods: none

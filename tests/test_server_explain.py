@@ -369,3 +369,87 @@ def test_explain_requests_waiting_for_the_model_hold_no_worker_thread(
         return f"/api/runs/digits/live/sample-{i // 10}/explain/saliency.{kind}?target={i % 10}"
 
     assert summary_rank_behind(app, url, started) < 10
+
+
+def test_a_zero_gradcam_and_a_relu_rule_without_relus_say_so(tmp_path, x):
+    """On a ViT the page showed Grad-CAM after the last attention as an empty map (min 0,
+    max 0) and guided backprop and deconvnet as two maps of their own, both the plain
+    gradient. The JSON now carries the method's warning as ``notes`` (kept in the run's
+    cache with the heatmap); the numbers are lurker.explain's, checked against autograd:
+    the class token's head gets no gradient from the patch tokens after the last
+    attention, and the ReLU rules' map is the gradient."""
+    from lurker.probe import probe
+    from models_zoo import DigitsViT
+
+    torch.manual_seed(0)
+    model = DigitsViT().eval()
+    torch.save(model.state_dict(), tmp_path / "vit.pt")
+    data = load_dataset("digits:test", 16, channels=1)
+    meta = {"model_spec": "models_zoo:DigitsViT", "weights": str(tmp_path / "vit.pt")}
+    run = probe(
+        model, data, out=tmp_path / "vit", k=3, batch_size=128, progress=False,
+        meta={**meta, "data": "digits:test"},
+    )  # fmt: skip
+    assert run is not None
+    run.close()
+    last = "vit.encoder.layers.encoder_layer_1"
+    base = f"/api/runs/vit/live/sample-{SAMPLE}/explain"
+    for fresh in (False, True):  # computed, then read back from the run's cache by a new server
+        with TestClient(create_app(tmp_path / "vit")) as c:  # the run's own model: cached
+            cam = c.get(f"{base}/gradcam", params={"layer": last}).json()
+            assert cam["cached"] is fresh and cam["max"] == 0
+            assert [n for n in cam["notes"] if "is 0 everywhere" in n], cam["notes"]
+            default = c.get(f"{base}/gradcam").json()
+            assert default["layer"] != last and default["max"] > 0 and default["notes"] == []
+            for method in ("guided_backprop", "deconvnet"):
+                r = c.get(f"{base}/{method}").json()
+                assert any("runs no ReLU" in n for n in r["notes"]), r
+            assert c.get(f"{base}/saliency").json()["notes"] == []
+    xi = x.clone().requires_grad_(True)
+    seen: list[torch.Tensor] = []
+    h = model.get_submodule(last).register_forward_hook(lambda m, i, o: seen.append(o))
+    score = model(xi)[0, cam["target_class"]]
+    h.remove()
+    g_tokens, g_x = torch.autograd.grad(score, [seen[0], xi])
+    assert g_tokens[:, 1:].abs().amax() == 0 and g_tokens[:, 0].abs().amax() > 0
+    assert abs(r["sum"] - float(g_x.sum())) <= 1e-4 * float(g_x.abs().sum())  # deconvnet
+
+
+def test_a_cnns_explanations_have_no_notes(client: TestClient):
+    for method in ("gradcam", "guided_backprop", "saliency"):
+        assert client.get(f"{BASE}/{method}").json()["notes"] == []
+
+
+def test_notes_are_collected_per_thread_and_leave_warnings_as_they_were():
+    """The server collects a method's warnings as its notes. It did that with
+    ``warnings.catch_warnings``, whose process-wide state two concurrent requests restore
+    out of order (leaving one request's recorder installed for good); ``collected`` is per
+    thread: each thread gets its own messages, nothing is shown, and a warning outside
+    any block is a plain warning again."""
+    import threading
+    import warnings
+
+    from lurker.errors import collected, warn
+
+    got: dict[int, list[str]] = {}
+    ready = threading.Barrier(2)
+
+    def work(i: int) -> None:
+        with collected() as said:
+            ready.wait()  # both blocks open at once
+            warn(f"note {i}")
+            warn(f"note {i}")  # said once
+            ready.wait()
+        got[i] = said
+
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert got == {0: ["note 0"], 1: ["note 1"]}
+        assert shown == []
+        warn("after")
+        assert [str(w.message) for w in shown] == ["after"]

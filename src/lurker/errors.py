@@ -7,6 +7,9 @@ so that nobody has to read a traceback from deep inside torch.
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 
@@ -107,12 +110,36 @@ class GraphChangedError(LurkerError):
     """``Trace.run`` saw a different sequence of ops than the trace (data-dependent control flow)."""
 
 
+_local = threading.local()
+
+
+@contextlib.contextmanager
+def collected() -> Iterator[list[str]]:
+    """Collect the warnings lurker gives in this thread instead of showing them (a server
+    shows them beside a result). Thread-safe, unlike ``warnings.catch_warnings``, which
+    swaps process-wide state that concurrent requests would restore out of order."""
+    outer = getattr(_local, "sink", None)
+    sink: list[str] = []
+    _local.sink = sink
+    try:
+        yield sink
+    finally:
+        _local.sink = outer
+
+
 def warn(message: str, category: type[Warning] = UserWarning) -> None:
     """``warnings.warn`` attributed to the first caller outside lurker (the user's line,
-    however deep inside lurker the warning is raised)."""
+    however deep inside lurker the warning is raised); inside :func:`collected`, the
+    message is collected instead."""
     import os
     import sys
     import warnings
+
+    sink = getattr(_local, "sink", None)
+    if sink is not None:
+        if message not in sink:
+            sink.append(message)
+        return
 
     here = os.path.dirname(os.path.abspath(__file__)) + os.sep
     level, frame = 2, sys._getframe(1)  # 1: this function; 2: its caller

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules import module as _module
 
-from ..errors import LurkerError
+from ..errors import LurkerError, TraceError
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -111,8 +111,16 @@ class Method:
                 f"method {self.name!r} has no option {bad[0]!r}; its options are: "
                 + (", ".join(allowed) or "none")
             )
-        with untouched(model), no_param_grads(model), torch.enable_grad():
-            return self.compute(model, x, target, **options)
+        try:
+            with untouched(model), no_param_grads(model), torch.enable_grad():
+                return self.compute(model, x, target, **options)
+        except Exception as e:
+            if isinstance(e, LurkerError) and not isinstance(e, TraceError):
+                raise  # lurker's own message already names the problem
+            bad = input_error(model, x)
+            if bad is None:
+                raise  # the model runs on x: the failure is the method's or the model's own
+            raise bad from e
 
     def compute(self, model: nn.Module, x: Tensor, target: Any) -> Explanation:
         """The method itself; options are keyword-only parameters after ``target``."""
@@ -159,6 +167,48 @@ def check_input(model: Any, x: Any, what: str = "explain") -> Tensor:
             "dimension with x[None]"
         )
     return x.detach()
+
+
+def input_error(model: nn.Module, x: Tensor) -> LurkerError | None:
+    """Why a method failed when the model itself does not run on ``x`` (a ViT built for
+    another image size, the wrong channels, a float64 input to a float32 model, a
+    missing batch axis): an error that names the input and the fix, instead of the
+    traceback from inside the model. None when one plain forward of ``x`` runs (then the
+    failure is not the input's), or where the model raises an exception type of its own
+    or runs out of memory. Only called after a failure, so it costs nothing otherwise."""
+    try:
+        with untouched(model), torch.no_grad():
+            model(x)
+    except Exception as e:
+        err: BaseException = e
+    else:
+        return None
+    kind = type(err)
+    if not (kind.__module__ == "builtins" or kind.__module__.startswith("torch")) or issubclass(
+        kind, (MemoryError, torch.OutOfMemoryError)
+    ):
+        return None  # the model's own exception type (it says what it means), or memory
+    said = str(err).strip() or type(err).__name__
+    if not said.endswith((".", "!", "?")):
+        said += "."
+    param = next(iter(model.parameters()), None)
+    head = (
+        f"{type(model).__name__} does not run on the input, a {str(x.dtype).removeprefix('torch.')} "
+        f"tensor of shape {tuple(x.shape)}: {type(err).__name__}: {said} "
+    )
+    if param is not None and param.is_floating_point() and param.dtype != x.dtype:
+        fix = (
+            f"The model's parameters are {str(param.dtype).removeprefix('torch.')}: pass "
+            f"x.to({param.dtype}) (or convert the model to {x.dtype})."
+        )
+    elif param is not None and param.device != x.device:
+        fix = f"The model is on {param.device}: pass x.to('{param.device}')."
+    else:
+        fix = (
+            "Give x the shape the model takes: a batch (B, ...) of the channels and image "
+            "size it was built for (x[None] adds a batch axis to one image)."
+        )
+    return LurkerError(head + fix)
 
 
 # ----------------------------------------------------------------------- the model guard

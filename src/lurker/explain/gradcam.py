@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import LurkerError
+from ..errors import LurkerError, warn
 from .base import Explanation, Method, register
 from .targets import Forward, by_unit
 
@@ -166,6 +166,16 @@ class _CAM(Method):
         if layer is None:
             layer = default_layer(model, x, target)
         A, g, fw, out = layer_and_grad(model, x, target, layer)
+        flat = g.reshape(g.shape[0], -1).abs().amax(1) == 0
+        if bool(flat.any()):
+            rows = flat.nonzero()[:, 0].tolist()
+            which = "" if len(rows) == len(flat) else f" (rows {rows})"
+            warn(
+                f"{'Grad-CAM++' if self.name == 'gradcam_plus_plus' else 'Grad-CAM'} at "
+                f"{layer!r} is 0 everywhere{which}: the target does not depend "
+                "on this layer's map (a ViT's class-token head no longer reads the patch "
+                "tokens after the last attention). Choose an earlier layer, or the default."
+            )
         cam = (type(self).weigh(A, g) * A).sum(1, keepdim=True)
         if relu:
             cam = cam.clamp(min=0)

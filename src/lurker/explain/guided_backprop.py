@@ -80,6 +80,10 @@ class ReLURuleMode(TorchFunctionMode):
     """
 
     rule: ClassVar[type[torch.autograd.Function]]
+    #: the method's name in messages
+    label: ClassVar[str] = "this ReLU rule"
+    #: relu calls this mode replaced (0 after a forward: the rule changed nothing)
+    replaced: int = 0
 
     def __torch_function__(
         self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None
@@ -94,6 +98,7 @@ class ReLURuleMode(TorchFunctionMode):
         x = args[0] if args else kwargs["input"]
         if func is F.relu:
             inplace = bool(args[1] if len(args) > 1 else kwargs.get("inplace", False))
+        self.replaced += 1
         return self.rule.apply(x, inplace)
 
 
@@ -101,12 +106,14 @@ class GuidedReLUMode(ReLURuleMode):
     """Every relu call within uses the guided-backprop backward rule."""
 
     rule = GuidedReLU
+    label = "guided backprop"
 
 
 class DeconvReLUMode(ReLURuleMode):
     """Every relu call within uses the deconvnet backward rule."""
 
     rule = DeconvReLU
+    label = "deconvnet"
 
 
 @register

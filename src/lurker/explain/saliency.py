@@ -9,6 +9,7 @@ from typing import Any
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from ..errors import warn
 from .base import Explanation, Method, input_grad, register
 from .targets import Forward
 
@@ -21,8 +22,18 @@ def gradient(
     (detached): one forward and one backward for the whole batch."""
     fw = Forward(model, x, target)
     xi = x.clone().requires_grad_(True)
-    with mode() if mode is not None else contextlib.nullcontext():
+    rule = mode() if mode is not None else None
+    with rule if rule is not None else contextlib.nullcontext():
         scored = fw(xi)
+    if rule is not None and getattr(rule, "replaced", 1) == 0:
+        # a GELU/SiLU network (ViT, Swin, ConvNeXt): nothing for the rule to change, and
+        # a map that looks like a method of its own would be the plain gradient
+        upto = "" if fw.unit is None else f" up to {fw.unit.layer!r}"  # (a forward that stops)
+        warn(
+            f"{type(model).__name__} runs no ReLU{upto}, so "
+            f"{getattr(rule, 'label', 'the rule')}'s ReLU rule changed nothing: this is the "
+            "plain gradient (saliency with abs=False)."
+        )
     out = None if scored.output is None else scored.output.detach()
     return input_grad(scored.score, xi), fw, out
 

@@ -302,7 +302,9 @@ class Forward:
         if a.dim() != 3:
             raise LurkerError(
                 f"unit target {u}: a position (y, x) needs two position axes (a map); "
-                f"{u.layer} gives {tuple(act.shape)}, whose units have {a.dim() - 1}"
+                f"{u.layer} gives {tuple(act.shape)}, whose units have {a.dim() - 1}: "
+                f"target ({u.layer!r}, {u.channel}) without a position (its mean over "
+                "the positions), or a position on a layer with a map (a convolution's)"
             )
         if not (u.y < a.shape[1] and u.x is not None and u.x < a.shape[2]):
             raise LurkerError(

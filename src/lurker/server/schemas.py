@@ -422,6 +422,10 @@ class ExplainResult(BaseModel):
     #: seconds the attribution took (0 when it came from the cache)
     seconds: float
     cached: bool
+    #: what the method warned of, for a person: a Grad-CAM map the target does not reach
+    #: (all zeros), guided backprop or deconvnet on a network with no ReLU (the plain
+    #: gradient), relevance LRP did not conserve
+    notes: list[str] = []
 
 
 class ConceptUnit(BaseModel):

@@ -60,6 +60,9 @@ interface ExplainResult {
   options: Record<string, unknown>;
   seconds: number;
   cached: boolean;
+  /** what the method warned of: a Grad-CAM map the target does not reach, a ReLU rule on a
+   * network with no ReLU (the plain gradient); absent from caches of older servers */
+  notes?: string[];
 }
 
 const TITLES: Record<string, string> = {
@@ -406,6 +409,8 @@ function methodCard(ctx: PageContext, image: string, m: ExplainMethod, target: s
         r.layer ? [h("span", null, "at ", h("code", null, r.layer)), " · "] : null,
         `min ${fmt(r.min)} · max ${fmt(r.max)} · sum ${fmt(r.sum)}`,
         r.delta !== null ? ` · delta ${fmt(r.delta)}` : null,
+        // a map that is all zeros, or the gradient under another name, says so
+        ...(r.notes ?? []).map((n) => h("span", { class: "explain-note", role: "note" }, n)),
       );
       caption.title = `options: ${JSON.stringify(r.options)}`;
     } catch (err) {

@@ -32,7 +32,7 @@ import sys
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path as FilePath
 from typing import Any
 
@@ -40,7 +40,7 @@ import numpy as np
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import Response
 
-from lurker.errors import LurkerError
+from lurker.errors import LurkerError, collected
 from lurker.store import atomic_write_bytes
 from lurker.store.files import safe_component
 
@@ -81,6 +81,9 @@ class Result:
     delta: float | None
     options: dict[str, Any]
     seconds: float
+    #: what the method warned of (a Grad-CAM map the target does not reach, guided
+    #: backprop on a network with no ReLU): what the page says under the heatmap
+    notes: list[str] = field(default_factory=list)
 
 
 class ExplainCache:
@@ -350,6 +353,7 @@ def _read_disk(s: Session, key: tuple[str, str, str, str]) -> Result | None:
         delta=doc["delta"],
         options=doc["options"],
         seconds=float(doc["seconds"]),
+        notes=[str(n) for n in doc.get("notes") or []],  # (none in files from before notes)
     )
 
 
@@ -371,6 +375,7 @@ def _write_disk(s: Session, key: tuple[str, str, str, str], r: Result) -> None:
         "delta": r.delta if r.delta is None or math.isfinite(r.delta) else None,
         "options": r.options,
         "seconds": r.seconds,
+        "notes": r.notes,
     }
     try:
         atomic_write_bytes(meta.with_suffix(".npy"), buf.getvalue(), durable=False)
@@ -456,7 +461,8 @@ def _compute(s: Session, model: Any, x: Any, method: str, target: str, layer: st
         options["layer"] = prep.layer
     start = time.perf_counter()
     try:
-        ex = xp.explain(model, prep.xb, target=prep.target, method=method, **options)
+        with collected() as said:  # what the method warns of: the page's notes
+            ex = xp.explain(model, prep.xb, target=prep.target, method=method, **options)
     except LurkerError as e:
         raise ApiError(400, str(e)) from None
     except Exception as e:  # the model's own error, said in one line
@@ -473,6 +479,7 @@ def _compute(s: Session, model: Any, x: Any, method: str, target: str, layer: st
         delta=delta,
         options=_jsonable(ex.options),
         seconds=seconds,
+        notes=said,
     )
 
 
@@ -1033,4 +1040,5 @@ def _result_doc(s: Session, image: str, method: str, r: Result, cached: bool) ->
         scale=_scale(tuple(r.heat.shape)),
         seconds=0.0 if cached else r.seconds,
         cached=cached,
+        notes=r.notes,
     )

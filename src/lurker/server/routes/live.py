@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import io
 import re
-import warnings
 from typing import Annotated, Literal
 
 import numpy as np
@@ -99,17 +98,18 @@ def _decode(data: bytes, name: str | None) -> object:
 
     what = repr(name) if name else "the upload"
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as im:
-                if im.width * im.height > MAX_PIXELS:
-                    raise ApiError(
-                        413,
-                        f"{what} is {im.width}x{im.height} pixels; the limit is "
-                        f"{MAX_PIXELS // 1_000_000} megapixels",
-                    )
-                im.load()
-                return im.copy()
+        # (no warnings.catch_warnings here: it swaps process-wide state that concurrent
+        # requests restore out of order; MAX_PIXELS is below Pillow's own bomb limit, so
+        # the size check refuses what Pillow would only warn of)
+        with Image.open(io.BytesIO(data)) as im:
+            if im.width * im.height > MAX_PIXELS:
+                raise ApiError(
+                    413,
+                    f"{what} is {im.width}x{im.height} pixels; the limit is "
+                    f"{MAX_PIXELS // 1_000_000} megapixels",
+                )
+            im.load()
+            return im.copy()
     except ApiError:
         raise
     except UnidentifiedImageError:
