@@ -291,16 +291,7 @@ def test_stored_in_the_run_by_the_command_and_read_back(run_dir):
     assert stored.units == [0, 1, 2, 5] and stored.copies == 1
     assert settings["size"] == [16, 16] and settings["steps"] == 6
     # the same call from Python, with the run's model: the same images and activations
-    from lurker.examples import DigitsNet
-
-    model = DigitsNet()
-    weights = json.loads(
-        sqlite3.connect(run_dir / "run.db")
-        .execute("SELECT value FROM meta WHERE key='config'")
-        .fetchone()[0]
-    )["weights"]
-    model.load_state_dict(torch.load(weights))
-    fv = lurker.featviz(model.eval(), "features.8", [0, 1, 2, 5], steps=6, run=run_dir)
+    fv = lurker.featviz(_run_model(run_dir), "features.8", [0, 1, 2, 5], steps=6, run=run_dir)
     assert np.allclose(stored.images()[:, 0], fv.images.numpy(), atol=0.5 / 255 + 1e-6)
     assert np.allclose(stored.activations[:, 0], fv.activations.numpy(), rtol=1e-4)
     assert stored.png(5).startswith(b"\x89PNG")
@@ -353,3 +344,163 @@ def test_bad_input_is_named_with_its_fix(digits, run_dir, tmp_path):
     r = CliRunner().invoke(main, [*spec[:3], "features.80", "-o", str(tmp_path)])
     assert r.exit_code == 2, r.output
     assert "Close names: features.8" in r.output and "hook key" not in r.output
+
+
+def _fresh_run(run_dir, tmp_path):
+    """A copy of the run without the feature visualizations other tests stored in it."""
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    with sqlite3.connect(run / "run.db") as conn:
+        conn.execute("DROP TABLE IF EXISTS featviz")
+    return run
+
+
+def _run_model(run_dir):
+    from lurker.examples import DigitsNet
+
+    model = DigitsNet()
+    weights = json.loads(
+        sqlite3.connect(run_dir / "run.db")
+        .execute("SELECT value FROM meta WHERE key='config'")
+        .fetchone()[0]
+    )["weights"]
+    model.load_state_dict(torch.load(weights))
+    return model.eval()
+
+
+def test_a_layer_made_in_pieces_with_other_settings_reads_back_per_unit(run_dir, tmp_path):
+    """docs/featviz.md's own sequence: the layer with 1 image per unit, then some units with
+    3; then the layer again with 1. Each unit keeps the images (and settings) of its last
+    write only, never copies left over from an earlier one."""
+    run = _fresh_run(run_dir, tmp_path)
+    cli = ["featviz", str(run), "--layer", "features.8", "--steps", "2"]
+    r = CliRunner().invoke(main, [*cli, "--units", "0-3"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, [*cli, "--units", "0-1", "--images-per-unit", "3"])
+    assert r.exit_code == 0, r.output
+    with Run.open(run) as opened:
+        stored = opened.featviz("features.8")  # refused before: "lack copies"
+    assert stored.units == [0, 1, 2, 3] and stored.copies == 3
+    assert np.isfinite(stored.activations[:2]).all()
+    assert (
+        np.isfinite(stored.activations[2:, 0]).all() and np.isnan(stored.activations[2:, 1:]).all()
+    )
+    images = stored.images()
+    assert np.isnan(images[2:, 1:]).all() and np.isfinite(images[:, 0]).all()
+    assert stored.unit_settings(0)["images_per_unit"] == 3
+    assert stored.unit_settings(2)["images_per_unit"] == 1
+    # unit 2's single image is the one a fresh optimization of it gives (an oracle run)
+    fv = lurker.featviz(_run_model(run), "features.8", [2], steps=2, run=run)
+    assert np.allclose(images[2, 0], fv.images[0].numpy(), atol=0.5 / 255 + 1e-6)
+    r = CliRunner().invoke(main, [*cli, "--units", "0-3", "--steps", "3"])
+    assert r.exit_code == 0, r.output
+    with Run.open(run) as opened:
+        stored = opened.featviz("features.8")
+        from lurker.store.featviz import unit_featviz
+
+        unit0 = unit_featviz(opened, "features.8", 0)
+    assert stored.copies == 1 and stored.settings["steps"] == 3
+    assert unit0 is not None and len(unit0.activations) == 1  # not 1 new + 2 stale copies
+    assert unit0.settings["images_per_unit"] == 1 and unit0.settings["steps"] == 3
+    fv = lurker.featviz(_run_model(run), "features.8", [0, 1], steps=3, run=run)
+    assert np.allclose(stored.activations[:2, 0], fv.activations.numpy(), rtol=1e-4)
+
+
+def test_an_interrupted_command_keeps_the_units_it_finished(run_dir, tmp_path, monkeypatch):
+    import lurker.cli as cli_module
+
+    run = _fresh_run(run_dir, tmp_path)
+    calls = []
+
+    def interrupt(done: int, total: int) -> None:
+        calls.append(done)
+        if len(calls) == 2:  # Ctrl-C during the third chunk's optimization
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_module, "_progress", interrupt)
+    r = CliRunner().invoke(
+        main,
+        ["featviz", str(run), "--layer", "features.8", "-u", "0-5", "-n", "3", "-b", "2"],
+    )
+    assert r.exit_code == 130, r.output
+    assert "units 0-3 stored in" in r.output and "Traceback" not in r.output
+    with Run.open(run) as opened:
+        stored = opened.featviz("features.8")
+    assert stored.units == [0, 1, 2, 3]
+    # what was kept is what an uninterrupted run makes
+    fv = lurker.featviz(_run_model(run), "features.8", [0, 1, 2, 3], steps=3, run=run)
+    assert np.allclose(stored.images()[:, 0], fv.images.numpy(), atol=0.5 / 255 + 1e-6)
+    assert np.allclose(stored.activations[:, 0], fv.activations.numpy(), rtol=1e-4)
+    # a model spec's --out folder keeps its finished PNGs and activations.json too
+    calls.clear()
+    out = tmp_path / "fv"
+    spec = ["featviz", "lurker.examples:DigitsNet", "--layer", "features.8", "--size", "16"]
+    r = CliRunner().invoke(main, [*spec, "-u", "0-5", "-n", "1", "-b", "2", "-o", str(out)])
+    assert r.exit_code == 130, r.output
+    assert sorted(p.name for p in out.glob("*.png")) == [
+        f"features.8-{u:04d}.png" for u in range(4)
+    ]
+    assert json.loads((out / "activations.json").read_text())["units"] == [0, 1, 2, 3]
+
+
+def test_the_diversity_weight_is_an_option_of_the_command(run_dir, tmp_path):
+    run = _fresh_run(run_dir, tmp_path)
+    r = CliRunner().invoke(
+        main,
+        ["featviz", str(run), "--layer", "features.8", "-u", "0", "-n", "2",
+         "--images-per-unit", "2", "--diversity", "5"],
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    with Run.open(run) as opened:
+        stored = opened.featviz("features.8")
+    assert stored.settings["diversity"] == 5.0
+    fv = lurker.featviz(_run_model(run), "features.8", [0], steps=2, run=run, images_per_unit=2,
+                        diversity=5.0)  # fmt: skip
+    assert np.allclose(stored.activations[0], fv.activations[0].numpy(), rtol=1e-4)
+
+
+def test_unit_page_says_when_images_were_pushed_apart(run_dir, tmp_path, browser):
+    """With several images per unit, the diversity term trades activation for variety
+    (docs/featviz.md): the unit page says so beside the values, and shows the stored ones."""
+    from explorer_fixtures import STATIC
+
+    if not (STATIC / "index.html").exists():
+        pytest.skip("the explorer's front end is not built: run `make web`")
+    pytest.importorskip("uvicorn")
+    from lurker.server import create_app
+    from lurker.server.serve import background
+
+    run = _fresh_run(run_dir, tmp_path)
+    model = _run_model(run)
+    lurker.featviz(model, "features.8", [4], steps=2, run=run, images_per_unit=2).save(run)
+    lurker.featviz(model, "features.8", [5], steps=2, run=run).save(run)
+    with background(create_app(run)) as url, Run.open(run) as opened:
+        stored = opened.featviz("features.8")
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        try:
+            page.goto(f"{url}#/r/{run.name}/unit/features.8/4?tab=featviz")
+            page.wait_for_selector("figure.featviz")
+            caption = page.inner_text(".toolbar")
+            assert "2 images pushed apart by a diversity term of weight 100" in caption
+            values = [float(v) for v in page.locator("figure.featviz").evaluate_all(
+                "es => es.map(e => e.dataset.value)")]  # fmt: skip
+            assert values == pytest.approx(stored.activations[0].tolist())
+            page.goto(f"{url}#/r/{run.name}/unit/features.8/5?tab=featviz")
+            page.wait_for_selector("figure.featviz")
+            assert "pushed apart" not in page.inner_text(".toolbar")  # one image: no term
+        finally:
+            page.close()
+
+
+def test_units_made_at_different_sizes_are_refused_as_one_array_with_the_fix(run_dir, tmp_path):
+    from lurker.store import StoreError
+
+    run = _fresh_run(run_dir, tmp_path)
+    model = _run_model(run)
+    lurker.featviz(model, "features.8", [0], steps=1, run=run).save(run)
+    lurker.featviz(model, "features.8", [1], steps=1, run=run, size=20).save(run)
+    with Run.open(run) as opened:
+        stored = opened.featviz("features.8")
+    with pytest.raises(StoreError, match=r"different sizes \(1x16x16, 1x20x20\).*png\(unit\)"):
+        stored.images()  # was numpy's "inhomogeneous shape"
+    assert stored.png(1).startswith(b"\x89PNG") and stored.unit_settings(1)["size"] == [20, 20]

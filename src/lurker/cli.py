@@ -856,6 +856,14 @@ Examples:
     help="fourier: Lucid's 1/f spectrum; maco: phase only, fixed magnitude (Fel et al. 2023).",
 )
 @click.option("--images-per-unit", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option(
+    "--diversity",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Weight of the term pushing a unit's images apart (default 100 with several "
+    "images per unit); in the layer's activation units: lower it when the images stop "
+    "exciting the unit.",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option(
     "--batch-size",
@@ -887,6 +895,7 @@ def featviz(
     objective: str,
     param: str,
     images_per_unit: int,
+    diversity: float | None,
     seed: int,
     batch_size: int | None,
     model: str | None,
@@ -955,32 +964,48 @@ def featviz(
                     "made with (their fingerprints differ); pass the model and --weights the "
                     "probe used"
                 )
-            fv = do_featviz(
-                net, info.name, unit_list, objective=objective, steps=steps,
-                size=size, channels=channels, param=param, images_per_unit=images_per_unit,
-                seed=seed, batch_size=batch_size, run=run, progress=_progress,
-            )  # fmt: skip
-        fv.save(run_or_model)
+            saved: list[int] = []
+
+            def store(part: Any) -> None:
+                part.save(run_or_model)
+                saved.extend(part.units)
+
+            # each finished chunk is stored at once: an interrupted run keeps those units
+            with _kept_on_interrupt(saved, f"stored in {run_or_model}"):
+                fv = do_featviz(
+                    net, info.name, unit_list, objective=objective, steps=steps,
+                    size=size, channels=channels, param=param,
+                    images_per_unit=images_per_unit, diversity=diversity, seed=seed,
+                    batch_size=batch_size, run=run, progress=_progress, on_chunk=store,
+                )  # fmt: skip
         where = f"stored in {run_or_model}"
     else:
         net = load_model(run_or_model, weights, device=auto)
-        fv = do_featviz(
-            net, layer, unit_list, objective=objective, steps=steps, size=size,
-            channels=channels, param=param, images_per_unit=images_per_unit, seed=seed,
-            batch_size=batch_size, progress=_progress,
-        )  # fmt: skip
         folder = Path(out or "featviz").expanduser()
         folder.mkdir(parents=True, exist_ok=True)
         name = layer.replace("/", "_")
-        for i, u in enumerate(fv.units):
-            for k in range(images_per_unit):
-                suffix = f"-{k}" if images_per_unit > 1 else ""
-                fv.image(i, k).save(folder / f"{name}-{u:04d}{suffix}.png")
-        acts = fv.activations.tolist()
-        (folder / "activations.json").write_text(
-            json.dumps({"layer": layer, "objective": objective, "units": fv.units,
-                        "activations": acts, "settings": fv.settings}, indent=1)
-        )  # fmt: skip
+        done: dict[str, Any] = {"units": [], "activations": [], "settings": None}
+
+        def write(part: Any) -> None:
+            """The chunk's PNGs, and activations.json for every unit done so far."""
+            for i, u in enumerate(part.units):
+                for k in range(images_per_unit):
+                    suffix = f"-{k}" if images_per_unit > 1 else ""
+                    part.image(i, k).save(folder / f"{name}-{u:04d}{suffix}.png")
+            done["units"] += part.units
+            done["activations"] += part.activations.tolist()
+            done["settings"] = part.settings
+            (folder / "activations.json").write_text(
+                json.dumps({"layer": layer, "objective": objective, **done}, indent=1)
+            )
+
+        with _kept_on_interrupt(done["units"], f"written to {folder}"):
+            fv = do_featviz(
+                net, layer, unit_list, objective=objective, steps=steps, size=size,
+                channels=channels, param=param, images_per_unit=images_per_unit,
+                diversity=diversity, seed=seed, batch_size=batch_size, progress=_progress,
+                on_chunk=write,
+            )  # fmt: skip
         where = f"in {folder}"
     reached = fv.activations.reshape(len(fv.units), -1).mean(1)
     start = fv.start.reshape(len(fv.units), -1).mean(1)
@@ -988,6 +1013,32 @@ def featviz(
         f"{len(fv.units)} units of {fv.layer}: activation {float(start.mean()):.3g} at the "
         f"random start, {float(reached.mean()):.3g} reached (mean over units); {where}"
     )
+
+
+@contextlib.contextmanager
+def _kept_on_interrupt(saved: list[int], where: str) -> Iterator[None]:
+    """Ctrl-C during `lurker featviz`: say which units' images were kept (exit status 130)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        kept = f"units {_ranges(saved)} {where}" if saved else "no unit finished"
+        click.echo(
+            f"featviz: interrupted; {kept}. Run the command again with --units for the rest "
+            "(a unit made again replaces its images).",
+            err=True,
+        )
+        raise SystemExit(130) from None
+
+
+def _ranges(units: list[int]) -> str:
+    """``[0, 1, 2, 5]`` as ``0-2,5`` (what --units takes)."""
+    out: list[str] = []
+    for u in sorted(units):
+        if out and out[-1].split("-")[-1] == str(u - 1):
+            out[-1] = f"{out[-1].split('-')[0]}-{u}"
+        else:
+            out.append(str(u))
+    return ",".join(out)
 
 
 def _unit_list(text: str | None) -> list[int] | None:

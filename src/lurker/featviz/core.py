@@ -131,6 +131,7 @@ def featviz(
     device: str | torch.device | None = None,
     progress: Callable[[int, int], None] | None = None,
     unit_dim: int | None = None,
+    on_chunk: Callable[[FeatViz], None] | None = None,
 ) -> FeatViz:
     """Optimize images that excite ``units`` of ``layer``; see docs/featviz.md.
 
@@ -166,6 +167,9 @@ def featviz(
             (as the probe does: the channels of a convolution, the last axis of tokens or
             channels-last maps); for a layer it cannot read, name the axis here (counting
             the batch axis).
+        on_chunk: called with each chunk's result (a :class:`FeatViz` of its units) as soon
+            as it is done, e.g. ``lambda part: part.save(run)``: an interrupted run keeps
+            the chunks it finished (``lurker featviz`` does this).
     """
     cfg = _Config.make(
         model, layer, units, objective, steps, size, channels, lr, param, images_per_unit,
@@ -195,6 +199,25 @@ def featviz(
         n = cfg.images_per_unit
         per_chunk = _chunk_units(cfg, tap, tf, x0, n, count)
         norm = _normaliser(cfg, dtype, dev)
+        settings = {
+            "steps": steps,
+            "size": [cfg.height, cfg.width],
+            "channels": cfg.channels,
+            "lr": lr,
+            "param": param,
+            "transforms": "cropped" if tf.crop else transforms,
+            **({"cropped_because": refused} if refused is not None else {}),
+            "images_per_unit": n,
+            "diversity": cfg.diversity,
+            "seed": seed,
+            "mean": list(cfg.mean),
+            "std": list(cfg.std),
+            "target": cfg.target,
+        }
+        if objective == "neuron":
+            settings["position"] = list(scorer.position) if scorer.position else None
+        if objective == "direction":
+            settings["directions"] = scorer.directions.cpu().tolist()
         images: list[Tensor] = []
         reached: list[Tensor] = []
         start: list[Tensor] = []
@@ -204,38 +227,36 @@ def featviz(
             images.append(img.cpu())
             reached.append(act.cpu())
             start.append(first.cpu())
+            if on_chunk is not None:
+                units_done = [scorer.rows[r] for r in rows]
+                on_chunk(
+                    _result(cfg, units_done, n, [images[-1]], [reached[-1]], [start[-1]], settings)
+                )
             if progress is not None:
                 progress(rows[-1] + 1, count)
-    shape = (count, n) if n > 1 else (count,)
+    return _result(cfg, list(scorer.rows), n, images, reached, start, settings)
+
+
+def _result(
+    cfg: _Config,
+    units: list[int],
+    n: int,
+    images: list[Tensor],
+    reached: list[Tensor],
+    start: list[Tensor],
+    settings: dict[str, Any],
+) -> FeatViz:
+    """The :class:`FeatViz` of ``units`` from their chunks' optimized images."""
+    shape = (len(units), n) if n > 1 else (len(units),)
     all_images = torch.cat(images)
-    all_images = all_images.reshape(*shape, *all_images.shape[1:])
-    settings = {
-        "steps": steps,
-        "size": [cfg.height, cfg.width],
-        "channels": cfg.channels,
-        "lr": lr,
-        "param": param,
-        "transforms": "cropped" if tf.crop else transforms,
-        **({"cropped_because": refused} if refused is not None else {}),
-        "images_per_unit": n,
-        "diversity": cfg.diversity,
-        "seed": seed,
-        "mean": list(cfg.mean),
-        "std": list(cfg.std),
-        "target": cfg.target,
-    }
-    if objective == "neuron":
-        settings["position"] = list(scorer.position) if scorer.position else None
-    if objective == "direction":
-        settings["directions"] = scorer.directions.cpu().tolist()
     return FeatViz(
-        images=all_images,
+        images=all_images.reshape(*shape, *all_images.shape[1:]),
         activations=torch.cat(reached).reshape(shape),
         layer=cfg.layer,
-        units=list(scorer.rows),
-        objective=objective,
+        units=units,
+        objective=cfg.objective,
         start=torch.cat(start).reshape(shape),
-        settings=settings,
+        settings=dict(settings),
     )
 
 

@@ -5,8 +5,9 @@ schema version changes: older lurkers ignore it. One row per image: the layer, t
 objective, the unit (or direction) index, the copy (several images per unit), the
 activation the image reached, the image as a PNG (grey for 1 channel, RGB for 3, the
 channels stacked vertically in one grey image otherwise) with its ``(C, H, W)`` shape,
-and the settings it was made with (JSON). Rows are replaced per (layer, objective, unit,
-copy), so a layer can be done in pieces. Torch-free, like the rest of the store.
+and the settings it was made with (JSON). A write replaces each of its units' images as
+a whole (every copy of that unit and objective), so a layer can be done in pieces and a
+unit never mixes images of two runs (two settings). Torch-free, like the rest of the store.
 """
 
 from __future__ import annotations
@@ -87,7 +88,9 @@ def write_featviz(
 ) -> None:
     """Store images in the run at ``root``: ``rows`` of ``(unit, copy, activation,
     pixels)``, pixels ``(C, H, W)`` uint8. ``layer`` is any name the run knows the layer
-    by. Holds the run's lock (a probe writing the run makes this fail at once)."""
+    by. The units written lose their earlier images of ``objective`` first (a unit made
+    again with fewer copies keeps none of the old ones, whose settings differ). Holds the
+    run's lock (a probe writing the run makes this fail at once)."""
     from lurker.store.run import Run
     from lurker.store.writer import connect_rw
 
@@ -104,6 +107,10 @@ def write_featviz(
         try:
             conn.execute("BEGIN IMMEDIATE")
             conn.execute(DDL)
+            conn.executemany(
+                "DELETE FROM featviz WHERE layer_id = ? AND objective = ? AND unit = ?",
+                [(info.id, objective, u) for u in sorted({int(r[0]) for r in rows})],
+            )
             conn.executemany(
                 "INSERT OR REPLACE INTO featviz (layer_id, objective, unit, copy, activation, "
                 "shape, image, settings) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -123,8 +130,10 @@ class StoredFeatViz:
     """A layer's stored feature visualizations (``Run.featviz``), read without torch.
 
     ``units``: the unit (or direction) of each row; ``activations``: ``(units, copies)``,
-    the objective each image reached; ``settings``: how they were made (of the last write);
-    :meth:`images` decodes them, :meth:`png` gives one image's stored PNG as is.
+    the objective each image reached (NaN past a unit's own copies, when units were made
+    with different ``images_per_unit``); ``settings``: how they were made (of the last
+    write; :meth:`unit_settings` gives a unit's own); :meth:`images` decodes them,
+    :meth:`png` gives one image's stored PNG as is.
     """
 
     layer: str
@@ -134,6 +143,17 @@ class StoredFeatViz:
     activations: np.ndarray
     settings: dict[str, Any]
     _pngs: dict[tuple[int, int], tuple[bytes, list[int]]] = field(repr=False)
+    _settings: dict[int, dict[str, Any]] = field(repr=False, default_factory=dict)
+
+    def unit_settings(self, unit: int) -> dict[str, Any]:
+        """How ``unit``'s images were made (a layer made in pieces can differ per unit)."""
+        if int(unit) not in self._settings:
+            raise MissingFromRunError(
+                f"no feature visualization of unit {unit} of layer {self.layer!r}; stored "
+                f"units: {self.units[:20]}",
+                missing="featviz",
+            )
+        return self._settings[int(unit)]
 
     def png(self, unit: int, copy: int = 0) -> bytes:
         """The stored PNG of ``unit``'s image ``copy``."""
@@ -147,9 +167,24 @@ class StoredFeatViz:
         return found[0]
 
     def images(self) -> np.ndarray:
-        """All images as float32 ``(units, copies, C, H, W)`` in [0, 1] (8-bit precision)."""
-        out = [[decode_png(*self._pngs[(u, k)]) for k in range(self.copies)] for u in self.units]
-        return np.asarray(out, dtype=np.float32) / 255.0
+        """All images as float32 ``(units, copies, C, H, W)`` in [0, 1] (8-bit precision);
+        NaN past a unit's own copies (units made with different ``images_per_unit``)."""
+        shapes = sorted({tuple(shape) for _, shape in self._pngs.values()})
+        if len(shapes) > 1:
+            raise StoreError(
+                f"feature visualizations of layer {self.layer!r} were made at different sizes "
+                f"({', '.join('x'.join(map(str, s)) for s in shapes)}), so they do not fit "
+                "one array: read them one unit at a time with png(unit), or make the layer "
+                "again at one size"
+            )
+        c, h, w = shapes[0]
+        out = np.full((len(self.units), self.copies, c, h, w), np.nan, dtype=np.float32)
+        for i, u in enumerate(self.units):
+            for k in range(self.copies):
+                found = self._pngs.get((u, k))
+                if found is not None:
+                    out[i, k] = decode_png(*found).astype(np.float32) / 255.0
+        return out
 
 
 def read_featviz(run: Any, layer: str, objective: str | None) -> StoredFeatViz:
@@ -181,7 +216,7 @@ def read_featviz(run: Any, layer: str, objective: str | None) -> StoredFeatViz:
             missing="featviz",
         )
     rows = run._query(
-        "SELECT unit, copy, activation, shape, image, settings FROM featviz "
+        "SELECT unit, copy, activation, shape, image, settings, rowid FROM featviz "
         "WHERE layer_id = ? AND objective = ? ORDER BY unit, copy",
         (info.id, objective),
     )
@@ -190,16 +225,13 @@ def read_featviz(run: Any, layer: str, objective: str | None) -> StoredFeatViz:
     acts = np.full((len(units), copies), np.nan)
     where = {u: i for i, u in enumerate(units)}
     pngs: dict[tuple[int, int], tuple[bytes, list[int]]] = {}
-    for u, k, a, shape, image, _ in rows:
+    settings: dict[int, dict[str, Any]] = {}
+    for u, k, a, shape, image, doc, _ in rows:
         acts[where[u], k] = np.nan if a is None else a
         pngs[(int(u), int(k))] = (bytes(image), json.loads(shape))
-    missing = [(u, k) for u in units for k in range(copies) if (u, k) not in pngs]
-    if missing:
-        raise StoreError(
-            f"feature visualizations of layer {info.name!r} lack copies {missing[:5]}: they "
-            "were written with different images_per_unit; write the layer again"
-        )
-    return StoredFeatViz(info.name, objective, units, copies, acts, json.loads(rows[-1][5]), pngs)
+        settings.setdefault(int(u), json.loads(doc))
+    last = json.loads(max(rows, key=lambda r: r[6])[5])  # the latest write's (highest rowid)
+    return StoredFeatViz(info.name, objective, units, copies, acts, last, pngs, settings)
 
 
 def featviz_layers(run: Any) -> list[str]:

@@ -318,7 +318,10 @@ function featvizCaption(f: FeatVizInfo): string {
   const made = [st["steps"] ? `${st["steps"]} steps` : null, st["size"] ? `${([] as unknown[]).concat(st["size"]).join("\u00d7")} px` : null, st["param"] ? `${st["param"]} parametrization` : null]
     .filter(Boolean)
     .join(", ");
-  return `images optimized to excite the unit (objective: ${f.objective === "channel" ? "the mean of its map" : f.objective}${made ? `; ${made}` : ""}); value: what each reached, beside the best dataset sample's`;
+  // several images per unit are pushed apart by a diversity term, which can cost activation
+  const n = Number(st["images_per_unit"] ?? 1);
+  const apart = n > 1 && Number(st["diversity"] ?? 0) > 0 ? `; ${n} images pushed apart by a diversity term of weight ${st["diversity"]}, which trades activation for variety` : "";
+  return `images optimized to excite the unit (objective: ${f.objective === "channel" ? "the mean of its map" : f.objective}${made ? `; ${made}` : ""}${apart}); value: what each reached, beside the best dataset sample's`;
 }
 
 /** The optimized images with the value each reached, then the best dataset sample. */
