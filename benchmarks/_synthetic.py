@@ -25,8 +25,11 @@ K = 9
 BINS = 64
 
 
-def vgg16_run(out: Path, *, image_px: int = 96) -> Path:
+def vgg16_run(out: Path, *, image_px: int = 96, linear: bool = False) -> Path:
     """A run of torchvision's VGG16 (13 conv layers, 4,224 units) with random statistics.
+
+    ``linear``: also its first two classifier layers (``classifier.0`` and
+    ``classifier.3``, 4,096 units each), the widest layer pages an explorer shows.
 
     Sample images (``image_px`` square, random colours with a structure so PNGs are not
     trivially small) are written into the run's cache, as ``lurker images`` would, so
@@ -38,7 +41,9 @@ def vgg16_run(out: Path, *, image_px: int = 96) -> Path:
     model = torchvision.models.vgg16(weights=None).eval()
     with torch.no_grad():
         tr = lurker.trace(model, torch.randn(1, 3, 64, 64), save="none")
-    convs = [op for op in tr.compute_ops if op.module and op.target.endswith("conv2d")]
+    kinds = ("conv2d", "linear") if linear else ("conv2d",)
+    convs = [op for op in tr.compute_ops if op.module and op.target.endswith(kinds)]
+    convs = [op for op in convs if op.module != "classifier.6"]  # the 1,000 logits
     meta = {
         "model": "VGG",
         "model_fingerprint": "synthetic-vgg16",
@@ -54,14 +59,14 @@ def vgg16_run(out: Path, *, image_px: int = 96) -> Path:
         results = []
         for op in convs:
             c = op.shape[1]
-            h, wd = op.shape[-2:]
+            h, wd = op.shape[-2:] if len(op.shape) == 4 else (1, 1)
             edges = np.linspace(-1.0, 8.0, BINS + 1)
             results.append(
                 LayerResult(
                     name=op.module,
                     module=op.module,
                     op=op.label,
-                    kind="Conv2d",
+                    kind="Conv2d" if len(op.shape) == 4 else "Linear",
                     shape=tuple(op.shape[1:]),
                     mean_values=np.sort(rng.gamma(2.0, 1.0, (c, K)), axis=1)[:, ::-1],
                     mean_ids=rng.integers(0, N_SAMPLES, (c, K)),

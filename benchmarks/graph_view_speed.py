@@ -78,12 +78,13 @@ def build_run(out: Path, ops: int, *, flat: bool = False) -> Path:
 
 
 @contextmanager
-def serve(source: Path) -> Iterator[str]:
-    """The explorer over ``source`` (a run or a folder of runs) on a free port; its URL."""
+def serve(source: Path, static_dir: Path | None = None) -> Iterator[str]:
+    """The explorer over ``source`` (a run or a folder of runs) on a free port; its URL.
+    ``static_dir``: another build of the front end than the package's."""
     from lurker.server import create_app
     from lurker.server.serve import background
 
-    with background(create_app(source)) as url:
+    with background(create_app(source, static_dir=static_dir)) as url:
         yield url
 
 

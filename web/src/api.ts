@@ -196,6 +196,8 @@ export interface LiveImage {
   height?: number;
   /** Why `predictions` is empty (the output is not one score per class). */
   predictions_note?: string | null;
+  /** How an upload was changed as the dataset loader changes it (transparency dropped). */
+  input_note?: string | null;
 }
 
 /** One side (input or output) of a live op: a map per unit. */
@@ -209,6 +211,9 @@ export interface FeatureSide {
   note?: string | null;
   /** Maps of one value each, shown as one 1xC map: its position i is channel i. */
   one_value_maps?: boolean;
+  /** Maps whose values are all equal, by channel: that value (null: none finite). Their
+   * PNGs are flat grey (no range to scale), so the page writes the value on them. */
+  constant?: Record<string, number | null>;
 }
 
 export interface LiveOp {

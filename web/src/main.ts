@@ -129,7 +129,7 @@ async function render(): Promise<void> {
   const scrolled = enterEntry();
   window.scrollTo(0, 0);
   const restore = () => {
-    if (scrolled !== undefined && !ctl.signal.aborted) window.scrollTo(0, scrolled);
+    if (scrolled !== undefined && !ctl.signal.aborted) restoreScroll(scrolled, ctl.signal);
   };
   // Each navigation renders into a fresh view, swapped into <main> at once: a page of an
   // earlier navigation whose data arrives late writes into its own, detached view and can
@@ -180,6 +180,28 @@ async function render(): Promise<void> {
   await guard(view, () => page(view, ctx, args));
   restore();
   prefetch();
+}
+
+/** Scroll back to `y`, also when the page is still shorter than that: a page that builds
+ * its content in slices (a layer's grid of thousands of units, a second or two on a slow
+ * machine) grows after it renders, so the scroll is retried as it grows, until it lands,
+ * the reader scrolls or navigates, or ten seconds pass. */
+function restoreScroll(y: number, signal: AbortSignal): void {
+  window.scrollTo(0, y);
+  if (Math.abs(window.scrollY - y) < 2 || typeof ResizeObserver === "undefined") return;
+  const stop = () => {
+    grow.disconnect();
+    for (const e of ["wheel", "touchstart", "keydown", "mousedown"]) window.removeEventListener(e, stop);
+    clearTimeout(timer);
+  };
+  const grow = new ResizeObserver(() => {
+    if (signal.aborted) return stop();
+    window.scrollTo(0, y);
+    if (Math.abs(window.scrollY - y) < 2) stop();
+  });
+  grow.observe(main);
+  for (const e of ["wheel", "touchstart", "keydown", "mousedown"]) window.addEventListener(e, stop, { passive: true });
+  const timer = setTimeout(stop, 10_000);
 }
 
 let prefetched = false;

@@ -44,12 +44,14 @@ __all__ = [
     "Skipped",
     "WrappedDataset",
     "collate",
+    "convert_image",
     "denormalize",
     "digits",
     "image_folder",
     "input_image",
     "load_dataset",
     "to_pil",
+    "transparency_note",
     "wrap",
 ]
 
@@ -468,9 +470,42 @@ def _remove_log(path: str, pid: int) -> None:
             os.unlink(path)
 
 
+def convert_image(image: Image.Image, mode: str) -> Image.Image:
+    """``image`` in ``mode`` ("RGB" or "L") as image folders load it, transparency dropped:
+    Pillow's ``convert`` keeps each pixel's stored colour and discards its alpha, so a
+    transparent pixel becomes whatever colour it holds (often black), not a background.
+    The explorer's uploads go through this same function, so the model sees an uploaded
+    file exactly as a probe of a folder holding it would (:func:`transparency_note` says
+    when that changed what a viewer of the file sees)."""
+    return image.convert(mode)
+
+
+def transparency_note(image: Image.Image) -> str | None:
+    """Why :func:`convert_image` changes how ``image`` looks: a sentence when it has
+    pixels that are not fully opaque (an alpha channel, or a palette or colour key marked
+    transparent), else None (no alpha, or an alpha channel that is opaque everywhere)."""
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        alpha = image.getchannel("A")
+    elif "transparency" in image.info:
+        alpha = image.convert("RGBA").getchannel("A")
+    else:
+        return None
+    lo, _ = alpha.getextrema()
+    if lo >= 255:
+        return None
+    see = np.asarray(alpha)
+    share = float((see < 255).mean())
+    return (
+        f"the image has transparency ({100 * share:.3g}% of its pixels are not fully "
+        "opaque); it was dropped as the dataset loader drops it: each pixel keeps its "
+        "stored colour, so transparent areas show what they hold (often black), not a "
+        "background"
+    )
+
+
 def _load_image(path: str, mode: str) -> Image.Image:
     with Image.open(path) as im:
-        return im.convert(mode)
+        return convert_image(im, mode)
 
 
 class ImageFolderDataset(_SkipLog, _Base):

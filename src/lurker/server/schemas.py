@@ -288,6 +288,9 @@ class LiveImage(BaseModel):
     height: int
     #: Why ``predictions`` is empty (the model's output is not one score per class).
     predictions_note: str | None = None
+    #: How an upload was changed to prepare it as the dataset loader would (its
+    #: transparency dropped); None when it was not.
+    input_note: str | None = None
 
 
 class FeatureSide(BaseModel):
@@ -306,6 +309,11 @@ class FeatureSide(BaseModel):
     #: The maps have one value each (a global pool's ``(1, C, 1, 1)``) and are shown as one
     #: ``1 x C`` map: its position i is channel i (a kernel's input or output index).
     one_value_maps: bool = False
+    #: The maps whose values are all equal (a ReLU that did not fire on this image), by
+    #: channel: that value (null: no finite value). Their PNGs are flat mid-grey (there
+    #: is no range to scale); the page writes the value on them. Empty for
+    #: ``one_value_maps`` (each map is one value, shown as a vector).
+    constant: dict[int, float | None] = {}
 
 
 class KernelInfo(BaseModel):

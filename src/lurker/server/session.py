@@ -140,6 +140,8 @@ class Session:
         self._trace: Trace | None = None
         self._layouts: dict[int, Any] | None = None  # op index -> probe Layout or Skip
         self._images: OrderedDict[str, torch.Tensor] = OrderedDict()
+        # an upload's note on how it was prepared (its transparency dropped), by image id
+        self._upload_notes: dict[str, str] = {}
         self._maps: OrderedDict[tuple[str, int], tuple[Any, Any]] = OrderedDict()
         self._map_bytes = 0
         self._executor = _model_thread()  # its thread starts on the first submit
@@ -380,12 +382,15 @@ class Session:
         import torch
         from torchvision.transforms import functional as TF
 
+        from lurker.probe import data as pdata
+
         run = self.entry.open_run()
         shape = self.config.get("input_shape") or [3]
         channels = int(shape[0]) if shape and shape[0] in (1, 3) else 3
         size = run.meta.get("image_size") or shape[-2:] or [224, 224]
         h, w = (int(size[-2]), int(size[-1])) if len(size) >= 2 else (int(size[0]),) * 2
-        image = image.convert("L" if channels == 1 else "RGB")
+        # what the probe's image-folder loader does to the same file (alpha dropped)
+        image = pdata.convert_image(image, "L" if channels == 1 else "RGB")
         image = TF.resize(image, min(h, w), antialias=True)
         image = TF.center_crop(image, [h, w])
         t = TF.to_tensor(image)
@@ -404,18 +409,29 @@ class Session:
             if image_id in self._images:
                 self._images.move_to_end(image_id)
                 return image_id
+        from lurker.probe import data as pdata
+
         try:
             t = self.preprocess(image)
+            note = pdata.transparency_note(image)
         except Exception as e:  # an image Pillow opened but cannot convert (odd modes)
             raise ApiError(
                 400, f"cannot prepare this image for the model ({type(e).__name__}: {e})"
             ) from None
         with self._guard:
             self._images[image_id] = t
+            if note is not None:
+                self._upload_notes[image_id] = note
             while len(self._images) > LIVE_IMAGES:
                 old, _ = self._images.popitem(last=False)
                 self._drop_maps(old)
         return image_id
+
+    def upload_note(self, image_id: str) -> str | None:
+        """How an uploaded image was changed to prepare it (its transparency dropped), or
+        None."""
+        with self._guard:
+            return self._upload_notes.get(image_id)
 
     def live_input(self, image_id: str) -> torch.Tensor:
         """The preprocessed input of an uploaded image or of ``sample-N``."""
@@ -539,6 +555,7 @@ class Session:
         return op, pair[0], pair[1]
 
     def _drop_maps(self, image_id: str) -> None:
+        self._upload_notes.pop(image_id, None)
         for key in [k for k in self._maps if k[0] == image_id]:
             old = self._maps.pop(key)
             self._map_bytes -= sum(m.maps.numel() * 4 for m in old if m is not None)
@@ -933,10 +950,35 @@ def finite_range(a: np.ndarray) -> tuple[float | None, float | None]:
     return float(fin.min()), float(fin.max())
 
 
+#: The grey of a constant map's PNG (mid-tone: neither a map's minimum nor its maximum).
+CONSTANT_GREY = 128
+
+
+def constant_maps(maps: Any) -> dict[int, float | None]:
+    """The maps (``(units, h, w)``) whose finite values are all equal, by unit: that
+    value, or None for a map with no finite value. Their PNGs have no range to show (see
+    :func:`map_png`), so the page marks them with their value instead."""
+    import torch
+
+    a = torch.as_tensor(maps).detach().to("cpu", torch.float64).reshape(len(maps), -1)
+    fin = torch.isfinite(a)
+    lo = torch.where(fin, a, torch.inf).amin(1) if a.shape[1] else torch.full((len(a),), torch.inf)
+    hi = torch.where(fin, a, -torch.inf).amax(1) if a.shape[1] else lo
+    none = ~fin.any(1)
+    flat = (lo == hi) | none
+    return {
+        int(u): None if bool(none[u]) else float(lo[u])
+        for u in torch.nonzero(flat).flatten().tolist()
+    }
+
+
 def map_png(a: np.ndarray) -> tuple[bytes, int, float | None, float | None]:
     """A 2-D map as an 8-bit grayscale PNG: ``round(255 * (v - min) / (max - min))`` over
-    the map (zeros when max == min or where a value is not finite), upscaled by nearest
-    neighbour by an integer factor when its longer side is under MIN_MAP_PX.
+    the map (zeros where a value is not finite), upscaled by nearest neighbour by an
+    integer factor when its longer side is under MIN_MAP_PX. A constant map (max == min,
+    a ReLU that does not fire) has no range to scale: it is flat mid-grey
+    (:data:`CONSTANT_GREY`), never black, which would read as "its lowest" or "missing";
+    the page marks it with its value (:func:`constant_maps`).
 
     Returns ``(png bytes, scale, min, max)``.
     """
@@ -944,8 +986,10 @@ def map_png(a: np.ndarray) -> tuple[bytes, int, float | None, float | None]:
 
     a = np.asarray(a, dtype=np.float64)
     lo, hi = finite_range(a)
-    if lo is None or hi is None or hi == lo:
+    if lo is None or hi is None:
         pix = np.zeros(a.shape, np.uint8)
+    elif hi == lo:
+        pix = np.where(np.isfinite(a), CONSTANT_GREY, 0).astype(np.uint8)
     else:
         with np.errstate(invalid="ignore"):
             scaled = np.rint(255.0 * (a - lo) / (hi - lo))

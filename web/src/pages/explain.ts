@@ -146,6 +146,7 @@ export async function renderExplain(root: HTMLElement, ctx: PageContext): Promis
   if (ctx.signal.aborted) return;
   loading.remove();
   const held = explained?.samples.find((e) => e.image === image);
+  if (live.input_note) root.append(notice(`As the model sees this upload: ${live.input_note}.`));
   if (explained && asked !== "top")
     root.append(notice(`${ctx.api.isStatic ? "This export holds" : "Without the model, this server has"} explanations of the top class only: shown below. Target ${asked} runs the model: \`lurker serve ${ctx.run} --model SPEC\`.`));
   const layer = explained ? null : params.get("layer") || null;

@@ -6,6 +6,10 @@ import { append, facts, fill, fmt, h, notice, shape } from "../dom";
 import { imageState, noImage } from "../images";
 
 const SORTS = ["max", "mean", "index"] as const;
+/** Cards built before the page first shows: more than a large screen holds. */
+const FIRST_CARDS = 240;
+/** Each later slice of cards runs about this long, so input and scrolling stay smooth. */
+const SLICE_MS = 8;
 type Sort = (typeof SORTS)[number];
 
 export async function renderLayer(root: HTMLElement, ctx: PageContext, args: string[]): Promise<void> {
@@ -57,24 +61,57 @@ export async function renderLayer(root: HTMLElement, ctx: PageContext, args: str
     return h("img", { src, loading: "lazy", decoding: "async", alt, width: 96, height: 96 });
   };
 
+  // The grid of a wide layer (resnet50's layer4: 2,048 units; a ViT MLP: 3,072) is built
+  // in slices: the first screenful at once, the rest in short tasks that leave the page
+  // responsive, every card in the DOM in the end (so Tab, find-in-page and links reach
+  // every unit). Cards are made once per thumbnail kind and reused when the sort changes;
+  // off-screen cards skip rendering (CSS content-visibility) and load their images lazily.
+  const cards = new Map<number, HTMLElement>();
+  const card = (u: (typeof units)[number]): HTMLElement => {
+    let el = cards.get(u.unit);
+    if (!el) {
+      el = h(
+        "a",
+        { class: u.constant ? "unit-card constant" : "unit-card", role: "listitem", href: ctx.href("unit", name, u.unit), "data-unit": u.unit, "data-constant": u.constant ? "1" : null },
+        thumbnail(u.unit, u.top_max, u.constant ? u.max ?? 0 : null),
+        h("span", { class: "unit-id" }, `unit ${u.unit}`),
+        h("span", { class: "unit-stats" }, h("span", null, `max ${fmt(u.max)}`), h("span", null, `mean ${fmt(u.mean)}`)),
+      );
+      cards.set(u.unit, el);
+    }
+    return el;
+  };
+  let generation = 0;
+  const fillGrid = (order: typeof units) => {
+    const mine = ++generation;
+    grid.replaceChildren();
+    grid.dataset.cards = String(order.length);
+    let next = 0;
+    const slice = (budgetMs: number, atLeast: number) => {
+      const t0 = performance.now();
+      const part = document.createDocumentFragment();
+      const stop = Math.min(order.length, next + atLeast);
+      while (next < order.length && (next < stop || performance.now() - t0 < budgetMs)) part.append(card(order[next++]));
+      grid.append(part);
+      if (next >= order.length) grid.dataset.complete = "1";
+      else delete grid.dataset.complete;
+    };
+    slice(0, FIRST_CARDS);
+    const more = () => {
+      if (mine !== generation || ctx.signal.aborted) return; // re-sorted, or left the page
+      slice(SLICE_MS, 64);
+      if (next < order.length) setTimeout(more, 0);
+    };
+    if (next < order.length) setTimeout(more, 0);
+  };
+
   const draw = () => {
     const sorted = [...units];
     if (sort !== "index") {
       const key = sort;
       sorted.sort((a, b) => (b[key] ?? -Infinity) - (a[key] ?? -Infinity));
     }
-    fill(
-      grid,
-      sorted.map((u) => {
-        return h(
-          "a",
-          { class: u.constant ? "unit-card constant" : "unit-card", role: "listitem", href: ctx.href("unit", name, u.unit), "data-unit": u.unit, "data-constant": u.constant ? "1" : null },
-          thumbnail(u.unit, u.top_max, u.constant ? u.max ?? 0 : null),
-          h("span", { class: "unit-id" }, `unit ${u.unit}`),
-          h("span", { class: "unit-stats" }, h("span", null, `max ${fmt(u.max)}`), h("span", null, `mean ${fmt(u.mean)}`)),
-        );
-      }),
-    );
+    fillGrid(sorted);
     const seg = (el: HTMLElement, options: string[], value: string, set: (v: string) => void) =>
       fill(
         el,
@@ -90,6 +127,7 @@ export async function renderLayer(root: HTMLElement, ctx: PageContext, args: str
     });
     seg(thumbButtons, thumbs, thumb, (v) => {
       thumb = v;
+      cards.clear(); // each card shows the thumbnail kind it was made with
       params.set("thumb", thumb);
       ctx.replaceParams(params);
       draw();

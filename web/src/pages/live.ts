@@ -89,6 +89,7 @@ export async function renderLive(root: HTMLElement, ctx: PageContext): Promise<v
         "div",
         null,
         !live.predictions.length && live.predictions_note ? h("p", { class: "muted small", id: "no-predictions" }, `No top-5: ${live.predictions_note}.`) : null,
+        live.input_note ? h("p", { class: "notice info small", id: "input-note", role: "status" }, `As the model sees it: ${live.input_note}.`) : null,
         h(
           "ol",
           { class: "preds" },
@@ -263,7 +264,14 @@ async function showOp(el: HTMLElement, ctx: PageContext, image: string, op: stri
           h("figcaption", null, `${side} ${c} (one value)`),
         );
       }
-      return h("figure", { class: "big-map" }, h("img", { class: "pixelated", src: ctx.api.pngUrl(`${base}/${side}/${c}.png`), alt: `${side} channel ${c}` }), h("figcaption", null, `${side} ${c}`));
+      const flat = constantOf(side === "input" ? info.input : info.output, c);
+      const img = h("img", { class: "pixelated", src: ctx.api.pngUrl(`${base}/${side}/${c}.png`), alt: `${side} channel ${c}` });
+      return h(
+        "figure",
+        { class: flat === undefined ? "big-map" : "big-map constant", "data-side": side },
+        flat === undefined ? img : h("div", { class: "map-box" }, img, h("span", { class: "flat-value" }, constantText(flat))),
+        h("figcaption", null, `${side} ${c}`, flat === undefined ? "" : ` · constant ${constantText(flat)}`),
+      );
     };
     if (!kernel) return;
     const feeds = linked();
@@ -312,10 +320,17 @@ async function showOp(el: HTMLElement, ctx: PageContext, image: string, op: stri
       const upto = Math.min(t.channels, shown + PAGE);
       for (let c = shown; c < upto; c++) {
         const img = h("img", { class: "pixelated", src: ctx.api.pngUrl(`${base}/${side}/${c}.png`), loading: "lazy", alt: `${side} channel ${c}`, width: 64, height: 64 });
+        // a constant map has no range to scale: flat grey, its value written on it
+        const flat = constantOf(t, c);
+        const face = flat === undefined ? img : h("div", { class: "map-box" }, img, h("span", { class: "flat-value" }, constantText(flat)));
+        const attrs = {
+          class: flat === undefined ? "fmap" : "fmap constant",
+          "data-channel": c,
+          "data-constant": flat === undefined ? null : String(flat),
+          title: `${side} channel ${c}` + (flat === undefined ? "" : `: constant, ${constantText(flat)} at every position`),
+        };
         box.append(
-          kernel
-            ? h("button", { type: "button", class: "fmap", "data-channel": c, title: `${side} channel ${c}`, onclick: () => choose(side, c) }, img, h("span", null, c))
-            : h("div", { class: "fmap", "data-channel": c, title: `${side} channel ${c}` }, img, h("span", null, c)),
+          kernel ? h("button", { type: "button", ...attrs, onclick: () => choose(side, c) }, face, h("span", null, c)) : h("div", attrs, face, h("span", null, c)),
         );
       }
       shown = upto;
@@ -339,6 +354,17 @@ async function showOp(el: HTMLElement, ctx: PageContext, image: string, op: stri
       from,
       t.note ? h("p", { class: "muted small map-note" }, t.note) : null,
     );
+    if (!vector) {
+      const flats = Object.keys(t.constant ?? {}).length;
+      card.append(
+        h(
+          "p",
+          { class: "muted small map-legend" },
+          "Each map is scaled to its own range: black its lowest value, white its highest. A constant map has no range: flat grey, its value written on it" +
+            (flats ? ` (${flats} of ${t.channels} here).` : "."),
+        ),
+      );
+    }
     if (vector) {
       const view = h("div", { class: "vector-view", "data-side": side }, h("p", { class: "muted" }, "Loading the values…"));
       card.append(view);
@@ -386,6 +412,16 @@ async function showOp(el: HTMLElement, ctx: PageContext, image: string, op: stri
       : h("div", { class: "maps-row", style: "grid-template-columns: minmax(0, 1fr) minmax(0, 1fr)" }, inputCard, outputCard),
   );
   if (kernel) void showPair();
+}
+
+/** The value of channel `c` when its map is constant (null: no finite value), else undefined. */
+function constantOf(t: FeatureSide | null, c: number): number | null | undefined {
+  const v = t?.constant?.[String(c)];
+  return v === undefined ? undefined : v;
+}
+
+function constantText(v: number | null): string {
+  return v === null ? "not finite" : `= ${fmt(v)}`;
 }
 
 /** A vector side once loaded: its values, and a way to mark the chosen index. */

@@ -23,7 +23,7 @@ from ..classes import no_scores
 from ..deps import MODEL_MADE, entry, live_call, session
 from ..errors import ApiError
 from ..schemas import FeatureSide, KernelInfo, KernelValues, LiveImage, LiveOp, MapValues
-from ..session import Maps, Session, finite_range, json_values, map_png
+from ..session import Maps, Session, constant_maps, finite_range, json_values, map_png
 from . import json_get
 
 router = APIRouter(prefix="/api", tags=["live"])
@@ -88,6 +88,7 @@ async def upload(request: Request, run_id: str, file: Annotated[UploadFile, File
             predictions_note=None if preds else no_scores(s.entry.open_run()),
             width=image.width,  # type: ignore[attr-defined]
             height=image.height,  # type: ignore[attr-defined]
+            input_note=s.upload_note(image_id),
         )
 
     return await live_call(request, run_id, work)
@@ -140,6 +141,7 @@ async def predictions(request: Request, run_id: str, image: str) -> LiveImage:
             predictions_note=None if preds else no_scores(s.entry.open_run()),
             width=int(x.shape[-1]),
             height=int(x.shape[-2]),
+            input_note=s.upload_note(image),
         )
 
     try:
@@ -188,6 +190,7 @@ def _side(m: Maps) -> FeatureSide:
         unit_axis=m.unit_axis,
         note=m.note,
         one_value_maps=m.one_value_maps,
+        constant={} if m.one_value_maps else constant_maps(m.maps),
     )
 
 
