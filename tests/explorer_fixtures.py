@@ -78,11 +78,21 @@ def build_run(root: Path) -> ExplorerRun:
     import lurker
 
     lurker.featviz(model, FEATVIZ_LAYER, units=FEATVIZ_UNITS, steps=16, run=out).save(out)
+    # a second objective: unit 1 has both, unit 6 a neuron image only; and a layer with
+    # neuron images only (the grid falls back to them)
+    lurker.featviz(
+        model, FEATVIZ_LAYER, units=FEATVIZ_NEURON_UNITS, objective="neuron", steps=16, run=out
+    ).save(out)
+    lurker.featviz(
+        model, FEATVIZ_NEURON_LAYER, units=[0, 3], objective="neuron", steps=8, run=out
+    ).save(out)
     return ExplorerRun(out, weights, model.eval())
 
 
 FEATVIZ_LAYER = "features.8"
 FEATVIZ_UNITS = [0, 1, 2, 5]
+FEATVIZ_NEURON_UNITS = [1, 6]  # objective "neuron" of FEATVIZ_LAYER
+FEATVIZ_NEURON_LAYER = "features.4"  # neuron images only, of units 0 and 3
 
 
 @pytest.fixture(scope="session")

@@ -20,6 +20,8 @@ import torch
 
 from explorer_fixtures import (  # noqa: F401
     FEATVIZ_LAYER,
+    FEATVIZ_NEURON_LAYER,
+    FEATVIZ_NEURON_UNITS,
     FEATVIZ_UNITS,
     ExplorerRun,
     explorer_run,
@@ -932,10 +934,73 @@ def _featviz_walk(page: Any, base: str, run: Any, rid: str) -> None:
     with_img = [
         int(c.get_attribute("data-unit")) for c in page.locator(".unit-card:has(img)").all()
     ]
-    assert with_img == FEATVIZ_UNITS
+    made = sorted(set(FEATVIZ_UNITS) | set(FEATVIZ_NEURON_UNITS))
+    assert with_img == made  # unit 6 has a neuron image only: shown, marked "neuron"
     assert page.locator(".unit-card .no-img", has_text="no feature visualization").count() == (
-        next(i.num_units for i in run.layers if i.name == FEATVIZ_LAYER) - len(FEATVIZ_UNITS)
+        next(i.num_units for i in run.layers if i.name == FEATVIZ_LAYER) - len(made)
     )
+    marked = [
+        int(c.get_attribute("data-unit"))
+        for c in page.locator(".unit-card:has(.fv-objective)").all()
+    ]
+    assert marked == sorted(set(FEATVIZ_NEURON_UNITS) - set(FEATVIZ_UNITS))
+    neuron = run.featviz(FEATVIZ_LAYER, "neuron")
+    for u in made:
+        img = page.locator(f'.unit-card[data-unit="{u}"] img')
+        want = "channel" if u in FEATVIZ_UNITS else "neuron"
+        assert img.get_attribute("data-objective") == want
+        body = page.request.get(page.url.split("#")[0] + img.get_attribute("src")).body()
+        assert body == (stored if want == "channel" else neuron).png(u)
+    assert "neuron objective" in page.inner_text(".featviz-note")
+
+
+def _featviz_objectives_walk(page: Any, base: str, run: Any, rid: str, shot: Any) -> None:
+    """A unit with channel and neuron images shows both (a switch labelled with what each
+    maximizes), each objective's images byte for byte; a layer with neuron images only
+    gets featviz thumbnails of them, saying so."""
+    channel = run.featviz(FEATVIZ_LAYER, "channel")
+    neuron = run.featviz(FEATVIZ_LAYER, "neuron")
+    unit = next(u for u in FEATVIZ_NEURON_UNITS if u in FEATVIZ_UNITS)
+    go(page, f"{base}#/r/{rid}/unit/{FEATVIZ_LAYER}/{unit}?tab=featviz")
+    page.wait_for_selector("figure.featviz img")
+    root = page.url.split("#")[0]
+    fig = page.locator("figure.featviz")
+    assert fig.get_attribute("data-objective") == "channel"
+    assert page.request.get(root + fig.locator("img").get_attribute("src")).body() == channel.png(
+        unit
+    )
+    assert "mean over its map" in page.inner_text(".featviz-caption")
+    page.click('.toolbar button[data-value="neuron"]')
+    page.wait_for_selector('figure.featviz[data-objective="neuron"] img')
+    images_loaded(page, ".top-entry img")
+    fig = page.locator("figure.featviz")
+    assert fig.count() == 1 and "objective=neuron" in page.url
+    assert float(fig.get_attribute("data-value")) == pytest.approx(
+        neuron.activations[neuron.units.index(unit)][0]
+    )
+    src = fig.locator("img").get_attribute("src")
+    assert page.request.get(root + src).body() == neuron.png(unit)
+    pos = neuron.unit_settings(unit)["position"]
+    assert f"position (y, x) = ({pos[0]}, {pos[1]})" in page.inner_text(".featviz-caption")
+    assert page.locator("figure.best").count() == 0  # a neuron's value has no dataset twin
+    if shot is not None:
+        shot(page)
+    # the objective is kept in the address: a reload shows the neuron images again
+    page.reload()
+    page.wait_for_selector('figure.featviz[data-objective="neuron"] img')
+    # a layer with neuron images only: the grid offers and shows them
+    only = run.featviz(FEATVIZ_NEURON_LAYER)
+    go(page, f"{base}#/r/{rid}/layer/{FEATVIZ_NEURON_LAYER}?thumb=featviz&sort=index")
+    page.wait_for_selector(".unit-card")
+    images_loaded(page, ".unit-card img")
+    with_img = [
+        int(c.get_attribute("data-unit")) for c in page.locator(".unit-card:has(img)").all()
+    ]
+    assert with_img == only.units
+    for u in only.units:
+        src = page.locator(f'.unit-card[data-unit="{u}"] img').get_attribute("src")
+        assert page.request.get(root + src).body() == only.png(u)
+    assert "no channel-objective images" in page.inner_text(".featviz-note")
 
 
 def test_feature_visualization_pages(page: Any, explorer: dict[str, Any]) -> None:
@@ -946,6 +1011,24 @@ def test_feature_visualization_pages_static(
     page: Any, static_site: str, explorer: dict[str, Any]
 ) -> None:
     _featviz_walk(page, static_site, explorer["run"], explorer["id"])
+
+
+def test_a_unit_page_shows_every_objective(page: Any, explorer: dict[str, Any]) -> None:
+    import os
+
+    where = os.environ.get("LURKER_SCREENSHOTS")
+
+    def shot(p: Any) -> None:
+        if where:
+            p.screenshot(path=os.path.join(where, "unit-two-objectives.png"), full_page=True)
+
+    _featviz_objectives_walk(page, explorer["url"], explorer["run"], explorer["id"], shot)
+
+
+def test_a_unit_page_shows_every_objective_static(
+    page: Any, static_site: str, explorer: dict[str, Any]
+) -> None:
+    _featviz_objectives_walk(page, static_site, explorer["run"], explorer["id"], None)
 
 
 def test_explain_page_shows_a_methods_notes(page: Any, explorer: dict[str, Any]) -> None:

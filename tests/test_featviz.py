@@ -285,7 +285,8 @@ def test_stored_in_the_run_by_the_command_and_read_back(run_dir):
     assert result.exit_code == 0, result.output
     assert "4 units of features.8" in result.output
     with Run.open(run_dir) as run:
-        assert run.featviz_layers() == ["features.8"]
+        # features.4: the fixture's neuron images (explorer_fixtures.build_run)
+        assert run.featviz_layers() == ["features.4", "features.8"]
         stored = run.featviz("features.8")
         settings = stored.settings
     assert stored.units == [0, 1, 2, 5] and stored.copies == 1
@@ -295,8 +296,10 @@ def test_stored_in_the_run_by_the_command_and_read_back(run_dir):
     assert np.allclose(stored.images()[:, 0], fv.images.numpy(), atol=0.5 / 255 + 1e-6)
     assert np.allclose(stored.activations[:, 0], fv.activations.numpy(), rtol=1e-4)
     assert stored.png(5).startswith(b"\x89PNG")
-    with Run.open(run_dir) as run, pytest.raises(MissingFromRunError, match="lurker featviz"):
-        run.featviz("features.4")
+    with Run.open(run_dir) as run:
+        bare = next(i.name for i in run.layers if i.name not in run.featviz_layers())
+        with pytest.raises(MissingFromRunError, match="lurker featviz"):
+            run.featviz(bare)
 
 
 def test_bad_input_is_named_with_its_fix(digits, run_dir, tmp_path):
@@ -504,3 +507,118 @@ def test_units_made_at_different_sizes_are_refused_as_one_array_with_the_fix(run
     with pytest.raises(StoreError, match=r"different sizes \(1x16x16, 1x20x20\).*png\(unit\)"):
         stored.images()  # was numpy's "inhomogeneous shape"
     assert stored.png(1).startswith(b"\x89PNG") and stored.unit_settings(1)["size"] == [20, 20]
+
+
+def _pngs(run, layer="features.8", objective="channel"):
+    """Every stored image of the layer's objective as {(unit, copy): PNG bytes}."""
+    with Run.open(run) as opened:
+        stored = opened.featviz(layer, objective)
+        return {
+            (u, k): stored.png(u, k)
+            for u in stored.units
+            for k in range(stored.copies)
+            if np.isfinite(stored.activations[stored.units.index(u), k])
+        }, {u: stored.unit_settings(u) for u in stored.units}
+
+
+def test_rerunning_an_interrupted_command_makes_only_the_rest(run_dir, tmp_path, monkeypatch):
+    """Ctrl-C after two chunks, then the same command: it says what it skips, optimizes only
+    units 4-5, and the run ends up byte for byte as an uninterrupted run's."""
+    import lurker.cli as cli_module
+
+    calls: list[tuple[int, int]] = []
+    stop = {"after": 2}
+
+    def progress(done: int, total: int) -> None:
+        calls.append((done, total))
+        if len(calls) == stop["after"]:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_module, "_progress", progress)
+    cmd = ["--layer", "features.8", "-u", "0-5", "-n", "3", "-b", "2"]
+    whole = _fresh_run(run_dir, tmp_path / "whole")
+    stop["after"] = -1
+    r = CliRunner().invoke(main, ["featviz", str(whole), *cmd])
+    assert r.exit_code == 0, r.output
+    run = _fresh_run(run_dir, tmp_path / "resumed")
+    stop["after"], calls[:] = 2, []
+    r = CliRunner().invoke(main, ["featviz", str(run), *cmd])
+    assert r.exit_code == 130 and "Run the same command again" in r.output, r.output
+    stop["after"], calls[:] = -1, []
+    r = CliRunner().invoke(main, ["featviz", str(run), *cmd])
+    assert r.exit_code == 0, r.output
+    assert "units 0-3 already made with these settings; making 4-5" in r.output
+    assert calls == [(2, 2)]  # one chunk optimized: units 4-5 only
+    images, settings = _pngs(run)
+    expected, expected_settings = _pngs(whole)
+    assert sorted(images) == [(u, 0) for u in range(6)]
+    assert images == expected  # byte for byte: per-unit seeds, the same chunks
+    assert settings == expected_settings
+    # once more: nothing left to make, nothing optimized, nothing changed
+    calls.clear()
+    r = CliRunner().invoke(main, ["featviz", str(run), *cmd])
+    assert r.exit_code == 0 and calls == [], r.output
+    assert "units 0-5 already made with these settings; nothing to make" in r.output
+    assert _pngs(run)[0] == expected
+
+
+def test_a_rerun_remakes_units_made_with_other_settings_whole(run_dir, tmp_path, monkeypatch):
+    import lurker.cli as cli_module
+
+    calls: list[tuple[int, int]] = []
+    monkeypatch.setattr(cli_module, "_progress", lambda d, t: calls.append((d, t)))
+    run = _fresh_run(run_dir, tmp_path)
+    cmd = ["featviz", str(run), "--layer", "features.8", "-n", "2", "-b", "2"]
+    assert CliRunner().invoke(main, [*cmd, "-u", "0-3"]).exit_code == 0
+    # unit 1 made again with 3 images of other settings, unit 5 with another seed
+    r = CliRunner().invoke(main, [*cmd, "-u", "1", "--images-per-unit", "3", "-b", "3"])
+    assert r.exit_code == 0 and "already made" not in r.output, r.output
+    assert CliRunner().invoke(main, [*cmd, "-u", "5", "--seed", "1"]).exit_code == 0
+    calls.clear()
+    r = CliRunner().invoke(main, [*cmd, "-u", "0-5"])
+    assert r.exit_code == 0, r.output
+    assert "units 0,2-3 already made with these settings; making 1,4-5" in r.output
+    assert calls[-1][1] == 3
+    images, settings = _pngs(run)
+    assert sorted(images) == [(u, 0) for u in range(6)]  # unit 1's 3 copies all replaced
+    assert all(s["seed"] == 0 and s["images_per_unit"] == 1 for s in settings.values())
+    # the oracle: a fresh optimization of units 1 and 5 with these settings
+    fv = lurker.featviz(_run_model(run), "features.8", [1, 5], steps=2, run=run)
+    with Run.open(run) as opened:
+        got = opened.featviz("features.8").images()[[1, 5], 0]
+    assert np.allclose(got, fv.images.numpy(), atol=0.5 / 255 + 1e-6)
+    # --overwrite makes every unit again
+    calls.clear()
+    r = CliRunner().invoke(main, [*cmd, "-u", "0-5", "--overwrite"])
+    assert r.exit_code == 0 and "already made" not in r.output, r.output
+    assert calls[-1] == (6, 6)
+    r = CliRunner().invoke(
+        main, ["featviz", "lurker.examples:DigitsNet", "--layer", "features.8", "--overwrite"]
+    )
+    assert r.exit_code == 2 and "--overwrite is for a run" in r.output, r.output
+
+
+def test_resume_from_python_skips_only_units_of_this_model_and_settings(run_dir, tmp_path):
+    run = _fresh_run(run_dir, tmp_path)
+    model = _run_model(run)
+    first = lurker.featviz(model, "features.8", [0, 1], steps=2, run=run)
+    first.save(run)
+    said: list[str] = []
+    fv = lurker.featviz(
+        model, "features.8", [0, 1, 2], steps=2, run=run, resume=True, log=said.append
+    )
+    assert fv.units == [2] and fv.skipped == [0, 1] and fv.images.shape == (1, 1, 16, 16)
+    assert said == ["units 0-1 already made with these settings; making 2"]
+    fv = lurker.featviz(model, "features.8", [0, 1], steps=3, run=run, resume=True)
+    assert fv.units == [0, 1] and fv.skipped == []  # other steps
+    # another model's images are never taken for this one's (the settings hold its id)
+    other = _run_model(run)
+    with torch.no_grad():
+        other.features[0].weight.mul_(1.01)
+    fv = lurker.featviz(other, "features.8", [0, 1], steps=2, run=run, resume=True)
+    assert fv.units == [0, 1] and fv.skipped == []
+    # everything skipped: an empty result, not an error
+    fv = lurker.featviz(model, "features.8", [0, 1], steps=2, run=run, resume=True)
+    assert fv.units == [] and fv.skipped == [0, 1] and fv.images.shape == (0, 1, 16, 16)
+    with pytest.raises(LurkerError, match="pass run="):
+        lurker.featviz(model, "features.8", [0], steps=2, resume=True)

@@ -17,7 +17,14 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from explorer_fixtures import FEATVIZ_LAYER, FEATVIZ_UNITS, ExplorerRun, explorer_run  # noqa: F401
+from explorer_fixtures import (  # noqa: F401
+    FEATVIZ_LAYER,
+    FEATVIZ_NEURON_LAYER,
+    FEATVIZ_NEURON_UNITS,
+    FEATVIZ_UNITS,
+    ExplorerRun,
+    explorer_run,
+)
 from lurker.probe.data import input_image, load_dataset
 from lurker.server import NotServableError, create_app
 from lurker.store import Run
@@ -451,7 +458,7 @@ def test_feature_visualizations(client: TestClient, run: Run):
     """The unit document names its stored images and the values they reached (and the
     best dataset sample's, for comparison); the PNG endpoint serves them as stored."""
     stored = run.featviz(FEATVIZ_LAYER)
-    assert c_holds(client)["featviz"] == [FEATVIZ_LAYER]
+    assert set(c_holds(client)["featviz"]) == {FEATVIZ_LAYER, FEATVIZ_NEURON_LAYER}
     layer = client.get(f"/api/runs/digits/layers/{FEATVIZ_LAYER}").json()
     assert layer["featviz_units"] == FEATVIZ_UNITS == stored.units
     assert (
@@ -460,7 +467,8 @@ def test_feature_visualizations(client: TestClient, run: Run):
     for i, unit in enumerate(FEATVIZ_UNITS):
         doc = client.get(f"/api/runs/digits/layers/{FEATVIZ_LAYER}/units/{unit}").json()
         fv = doc["featviz"]
-        assert fv["objective"] == "channel" and fv["objectives"] == ["channel"]
+        both = ["channel", "neuron"] if unit in FEATVIZ_NEURON_UNITS else ["channel"]
+        assert fv["objective"] == "channel" and fv["objectives"] == both
         assert fv["activations"] == pytest.approx(stored.activations[i].tolist())
         assert fv["settings"]["steps"] == 16
         best = run.unit(FEATVIZ_LAYER, unit).top("mean")[0]
@@ -478,6 +486,47 @@ def test_feature_visualizations(client: TestClient, run: Run):
     assert r.status_code == 404 and "lurker featviz" in r.json()["detail"]
     r = client.get(f"/api/runs/digits/layers/{FEATVIZ_LAYER}/units/0/featviz/neuron/0.png")
     assert r.status_code == 404 and "'neuron'" in r.json()["detail"]
+
+
+def test_every_objective_of_a_unit_and_the_layer_grids_fallback(client: TestClient, run: Run):
+    """A unit with channel and neuron images lists both, each with its own values, settings
+    and meaning, and serves each objective's PNG as stored; a unit or layer with neuron
+    images only is listed under that objective (the grid's fallback)."""
+    channel = run.featviz(FEATVIZ_LAYER, "channel")
+    neuron = run.featviz(FEATVIZ_LAYER, "neuron")
+    assert neuron.units == FEATVIZ_NEURON_UNITS
+    layer = client.get(f"/api/runs/digits/layers/{FEATVIZ_LAYER}").json()
+    assert layer["featviz_units"] == channel.units  # channel only, as before
+    assert layer["featviz_objectives"] == {"channel": channel.units, "neuron": neuron.units}
+    only = client.get(f"/api/runs/digits/layers/{FEATVIZ_NEURON_LAYER}").json()
+    assert only["featviz_units"] is None
+    assert only["featviz_objectives"] == {"neuron": run.featviz(FEATVIZ_NEURON_LAYER).units}
+    assert run.featviz(FEATVIZ_NEURON_LAYER).objective == "neuron"
+    for unit in FEATVIZ_NEURON_UNITS:
+        fv = client.get(f"/api/runs/digits/layers/{FEATVIZ_LAYER}/units/{unit}").json()["featviz"]
+        views = {v["objective"]: v for v in fv["views"]}
+        held = {"channel": channel, "neuron": neuron}
+        want = [o for o in ("channel", "neuron") if unit in held[o].units]
+        assert fv["objectives"] == list(views) == want
+        assert fv["objective"] == want[0]  # the top-level fields: channel where present
+        for o, v in views.items():
+            stored = held[o]
+            i = stored.units.index(unit)
+            assert v["activations"] == pytest.approx(stored.activations[i].tolist())
+            assert v["settings"] == stored.unit_settings(unit)
+            r = client.get(
+                f"/api/runs/digits/layers/{FEATVIZ_LAYER}/units/{unit}/featviz/{o}/0.png"
+            )
+            assert r.status_code == 200 and r.content == stored.png(unit)
+        pos = neuron.unit_settings(unit)["position"]
+        assert (
+            views["neuron"]["meaning"]
+            == f"the unit at position (y, x) = ({pos[0]}, {pos[1]}) of its map"
+        )
+        assert views["neuron"]["best_sample"] is None  # a neuron's value has no dataset twin
+        if "channel" in views:
+            assert "mean over its map" in views["channel"]["meaning"]
+            assert views["channel"]["best_sample"] is not None
 
 
 def c_holds(client: TestClient) -> dict:

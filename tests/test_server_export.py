@@ -206,7 +206,15 @@ def test_file_count_is_bounded(site: Path, explorer_run: ExplorerRun):  # noqa: 
     files = [f for f in (site / "data").rglob("*") if f.is_file()]
     cached = [f for f in files if f.name in ("grad.png", "grad_crop.png", "crop.png")]
     featviz = [f for f in files if f.parent.parent.name == "featviz"]
-    assert len(featviz) == len(FEATVIZ_UNITS)  # one image per unit made
+    with Run.open(explorer_run.path) as run:
+        made = sum(
+            len(run.featviz(layer, o).units)
+            for layer in run.featviz_layers()
+            for o in ("channel", "neuron")
+            if o in _objectives(run, layer)
+        )
+    assert made == len(FEATVIZ_UNITS) + 4  # channel; neuron: 2 units here, 2 in features.4
+    assert len(featviz) == made  # one image per unit and objective made
     assert len(files) - len(cached) - len(featviz) == 2 * len(ranked) + 2 * len(layers) + chunks + 5
     assert chunks < sum(n for _, n in layers) / 4
 
@@ -219,6 +227,28 @@ def test_feature_visualizations_exported(site: Path, explorer_run: ExplorerRun):
             path = p("runs", "digits", "layers", FEATVIZ_LAYER, "units", unit, "featviz")
             file = site / client_static_url(f"{path}/channel/0.png")
             assert file.read_bytes() == stored.png(unit)
+        # every objective: the neuron images too, of a layer that has only those as well
+        for layer in run.featviz_layers():
+            for o in _objectives(run, layer):
+                held = run.featviz(layer, o)
+                for unit in held.units:
+                    path = p("runs", "digits", "layers", layer, "units", unit, "featviz", o)
+                    file = site / client_static_url(f"{path}/0.png")
+                    assert file.read_bytes() == held.png(unit)
+
+
+def _objectives(run: Run, layer: str) -> list[str]:
+    """The objectives ``layer`` has stored images of (the API's view of the run)."""
+    from lurker.store import MissingFromRunError
+
+    found = []
+    for o in ("channel", "neuron"):
+        try:
+            run.featviz(layer, o)
+        except MissingFromRunError:
+            continue
+        found.append(o)
+    return found
 
 
 def test_cached_model_images_exported_and_listed(

@@ -884,6 +884,12 @@ Examples:
     default=None,
     help="For a model (not a run): folder for the PNGs and activations.json (default featviz/).",
 )
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="With a run: make again the units it already holds with these settings (by "
+    "default a rerun skips them, so an interrupted command resumes).",
+)
 @_friendly
 def featviz(
     run_or_model: str,
@@ -902,13 +908,16 @@ def featviz(
     weights: str | None,
     device: str | None,
     out: str | None,
+    overwrite: bool,
 ) -> None:
     """Optimize images that excite units of a layer (Lucid-style feature visualization).
 
     RUN_OR_MODEL is a run directory (the images and the activation each reached are
     stored in the run, for the explorer and `lurker export`; the model, input size,
     channels and normalisation come from the run) or a model spec as for `lurker trace`
-    (the images go to --out). See docs/featviz.md.
+    (the images go to --out). Rerun the same command after an interruption to resume:
+    units the run holds with the same settings are skipped (--overwrite makes them
+    again). See docs/featviz.md.
     """
     import json
 
@@ -971,15 +980,27 @@ def featviz(
                 saved.extend(part.units)
 
             # each finished chunk is stored at once: an interrupted run keeps those units
-            with _kept_on_interrupt(saved, f"stored in {run_or_model}"):
+            with _kept_on_interrupt(
+                saved,
+                f"stored in {run_or_model}",
+                "Run the same command again to make the rest (it skips the units the run "
+                "holds with these settings).",
+            ):
                 fv = do_featviz(
                     net, info.name, unit_list, objective=objective, steps=steps,
                     size=size, channels=channels, param=param,
                     images_per_unit=images_per_unit, diversity=diversity, seed=seed,
                     batch_size=batch_size, run=run, progress=_progress, on_chunk=store,
+                    resume=not overwrite, log=_say,
                 )  # fmt: skip
         where = f"stored in {run_or_model}"
     else:
+        if overwrite:
+            raise click.BadParameter(
+                "--overwrite is for a run (its stored units are skipped otherwise); a model "
+                "spec's --out folder is always written anew",
+                param_hint="'--overwrite'",
+            )
         net = load_model(run_or_model, weights, device=auto)
         folder = Path(out or "featviz").expanduser()
         folder.mkdir(parents=True, exist_ok=True)
@@ -999,7 +1020,12 @@ def featviz(
                 json.dumps({"layer": layer, "objective": objective, **done}, indent=1)
             )
 
-        with _kept_on_interrupt(done["units"], f"written to {folder}"):
+        with _kept_on_interrupt(
+            done["units"],
+            f"written to {folder}",
+            "Run the command again with --units for the rest (into another --out: this "
+            "one's activations.json is written anew).",
+        ):
             fv = do_featviz(
                 net, layer, unit_list, objective=objective, steps=steps, size=size,
                 channels=channels, param=param, images_per_unit=images_per_unit,
@@ -1007,6 +1033,12 @@ def featviz(
                 on_chunk=write,
             )  # fmt: skip
         where = f"in {folder}"
+    if not fv.units:
+        click.echo(
+            f"every unit asked for of {fv.layer} is already {where} with these settings; "
+            "--overwrite makes them again"
+        )
+        return
     reached = fv.activations.reshape(len(fv.units), -1).mean(1)
     start = fv.start.reshape(len(fv.units), -1).mean(1)
     click.echo(
@@ -1016,29 +1048,19 @@ def featviz(
 
 
 @contextlib.contextmanager
-def _kept_on_interrupt(saved: list[int], where: str) -> Iterator[None]:
+def _kept_on_interrupt(saved: list[int], where: str, rest: str) -> Iterator[None]:
     """Ctrl-C during `lurker featviz`: say which units' images were kept (exit status 130)."""
+    from lurker.featviz.core import unit_ranges
+
     try:
         yield
     except KeyboardInterrupt:
-        kept = f"units {_ranges(saved)} {where}" if saved else "no unit finished"
+        kept = f"units {unit_ranges(saved)} {where}" if saved else "no unit finished"
         click.echo(
-            f"featviz: interrupted; {kept}. Run the command again with --units for the rest "
-            "(a unit made again replaces its images).",
+            f"featviz: interrupted; {kept}. {rest}",
             err=True,
         )
         raise SystemExit(130) from None
-
-
-def _ranges(units: list[int]) -> str:
-    """``[0, 1, 2, 5]`` as ``0-2,5`` (what --units takes)."""
-    out: list[str] = []
-    for u in sorted(units):
-        if out and out[-1].split("-")[-1] == str(u - 1):
-            out[-1] = f"{out[-1].split('-')[0]}-{u}"
-        else:
-            out.append(str(u))
-    return ",".join(out)
 
 
 def _unit_list(text: str | None) -> list[int] | None:
@@ -1057,6 +1079,10 @@ def _unit_list(text: str | None) -> list[int] | None:
             f"{text!r}: give unit indices and ranges, e.g. 0,3,8-15", param_hint="'--units'"
         ) from None
     return out
+
+
+def _say(line: str) -> None:
+    click.echo(f"featviz: {line}", err=True)
 
 
 def _progress(done: int, total: int) -> None:

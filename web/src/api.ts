@@ -68,6 +68,8 @@ export interface Histogram {
 export interface LayerDoc {
   /** units with a stored feature visualization ("channel" objective), null for none */
   featviz_units?: number[] | null;
+  /** Per objective (channel, neuron): the units with a stored image of it. */
+  featviz_objectives?: Record<string, number[]> | null;
   layer: LayerBrief;
   rf: Record<string, unknown> | null;
   layout: Record<string, unknown> | null;
@@ -88,13 +90,20 @@ export interface TopEntry {
   box?: number[] | null;
 }
 
-export interface FeatVizInfo {
+export interface FeatVizView {
   objective: string;
-  objectives: string[];
+  /** What the images maximize, in words. */
+  meaning?: string;
   activations: (number | null)[];
   settings: Record<string, unknown>;
   best_dataset: number | null;
   best_sample: number | null;
+}
+
+export interface FeatVizInfo extends FeatVizView {
+  objectives: string[];
+  /** Every objective's images (the top-level fields are the default objective's). */
+  views?: FeatVizView[];
 }
 
 export interface UnitDoc {

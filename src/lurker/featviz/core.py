@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import json
 import math
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -68,6 +69,9 @@ class FeatViz:
     objective: str
     start: Tensor
     settings: dict[str, Any] = field(default_factory=dict)
+    #: with ``resume=True``: the units left out because the run already holds them, made
+    #: with these settings (their images are in the run, not here)
+    skipped: list[int] = field(default_factory=list)
 
     def image(self, index: int, copy: int = 0) -> Image.Image:
         """Row ``index`` (and copy ``copy``) as a PIL image (grey for 1 channel, RGB for 3)."""
@@ -132,6 +136,8 @@ def featviz(
     progress: Callable[[int, int], None] | None = None,
     unit_dim: int | None = None,
     on_chunk: Callable[[FeatViz], None] | None = None,
+    resume: bool = False,
+    log: Callable[[str], None] | None = None,
 ) -> FeatViz:
     """Optimize images that excite ``units`` of ``layer``; see docs/featviz.md.
 
@@ -170,6 +176,12 @@ def featviz(
         on_chunk: called with each chunk's result (a :class:`FeatViz` of its units) as soon
             as it is done, e.g. ``lambda part: part.save(run)``: an interrupted run keeps
             the chunks it finished (``lurker featviz`` does this).
+        resume: with ``run``, leave out the units the run already holds for this objective,
+            made with these very settings (and this model): a rerun of an interrupted
+            ``on_chunk=lambda part: part.save(run)`` makes only the rest. The result holds
+            the units made; ``skipped`` lists the others. A unit stored with other settings
+            is made again (and its save replaces it whole).
+        log: called with a line saying which units ``resume`` left out.
     """
     cfg = _Config.make(
         model, layer, units, objective, steps, size, channels, lr, param, images_per_unit,
@@ -180,6 +192,8 @@ def featviz(
             "unit_dim= is for a layer without a run: with run=, the run's layout of the "
             "layer says where its units are"
         )
+    from ..probe.sweep import fingerprint  # the probe's: a run records its model's
+
     tf = Transforms.standard(max(cfg.height, cfg.width)) if transforms else Transforms.none()
     with _evaluating(model) as dev:
         dev = torch.device(device) if device is not None else dev
@@ -213,16 +227,38 @@ def featviz(
             "mean": list(cfg.mean),
             "std": list(cfg.std),
             "target": cfg.target,
+            # the model's identity: a unit resumes only onto images of this very model
+            "model": fingerprint(model),
         }
         if objective == "neuron":
             settings["position"] = list(scorer.position) if scorer.position else None
         if objective == "direction":
             settings["directions"] = scorer.directions.cpu().tolist()
+        skipped: list[int] = []
+        if resume:
+            if run is None:
+                raise LurkerError(
+                    "resume=True leaves out the units a run already holds: pass run= (the "
+                    "run the images are saved into)"
+                )
+            skipped = _stored_alike(run, cfg, settings, list(scorer.rows))
+        left_out = set(skipped)
+        todo = [r for r, u in enumerate(scorer.rows) if u not in left_out]
+        if skipped and log is not None:
+            making = (
+                f"making {unit_ranges([scorer.rows[r] for r in todo])}"
+                if todo
+                else "nothing to make"
+            )
+            log(
+                f"{_units_word(skipped)} {unit_ranges(skipped)} already made with these settings; "
+                f"{making}"
+            )
         images: list[Tensor] = []
         reached: list[Tensor] = []
         start: list[Tensor] = []
-        for lo in range(0, count, per_chunk):
-            rows = list(range(lo, min(count, lo + per_chunk)))
+        for lo in range(0, len(todo), per_chunk):
+            rows = todo[lo : lo + per_chunk]
             img, act, first = _optimize(cfg, tap, scorer, rows, tf, norm, seed, dtype, dev)
             images.append(img.cpu())
             reached.append(act.cpu())
@@ -233,8 +269,11 @@ def featviz(
                     _result(cfg, units_done, n, [images[-1]], [reached[-1]], [start[-1]], settings)
                 )
             if progress is not None:
-                progress(rows[-1] + 1, count)
-    return _result(cfg, list(scorer.rows), n, images, reached, start, settings)
+                progress(lo + len(rows), len(todo))
+    made = [scorer.rows[r] for r in todo]
+    fv = _result(cfg, made, n, images, reached, start, settings)
+    fv.skipped = skipped
+    return fv
 
 
 def _result(
@@ -248,6 +287,9 @@ def _result(
 ) -> FeatViz:
     """The :class:`FeatViz` of ``units`` from their chunks' optimized images."""
     shape = (len(units), n) if n > 1 else (len(units),)
+    if not images:  # every unit was left out (resume): an empty result of the same shapes
+        images = [torch.zeros(0, cfg.channels, cfg.height, cfg.width)]
+        reached = start = [torch.zeros(0)]
     all_images = torch.cat(images)
     return FeatViz(
         images=all_images.reshape(*shape, *all_images.shape[1:]),
@@ -383,6 +425,50 @@ class _Config:
             name, target, layout, unit_list, objective, int(steps), int(hw[0]), int(hw[1]),
             int(c), float(lr), param, n, div, pos, dirs, m, s, batch_size, max_memory,
         )  # fmt: skip
+
+
+def _stored_alike(run: Any, cfg: _Config, settings: dict[str, Any], units: list[int]) -> list[int]:
+    """The units of ``units`` whose images ``run`` holds for ``cfg.objective``, every copy,
+    made with ``settings`` exactly (compared as stored: through JSON)."""
+    from ..store import MissingFromRunError, Run
+    from ..store.schema import dump_json
+
+    want = json.loads(dump_json(settings))
+    opened = None if isinstance(run, Run) else Run.open(run)
+    try:
+        stored = (opened or run).featviz(cfg.layer, cfg.objective)
+    except MissingFromRunError:
+        return []
+    finally:
+        if opened is not None:
+            opened.close()
+    alike = []
+    held = set(stored.units)
+    for u in units:
+        if u not in held or stored.unit_settings(u) != want:
+            continue
+        try:  # every copy there (a write stores a unit whole; this guards older runs)
+            for k in range(cfg.images_per_unit):
+                stored.png(u, k)
+        except MissingFromRunError:
+            continue
+        alike.append(u)
+    return alike
+
+
+def unit_ranges(units: Sequence[int]) -> str:
+    """``[0, 1, 2, 5]`` as ``0-2,5`` (what ``--units`` takes; messages say units so)."""
+    out: list[str] = []
+    for u in sorted(units):
+        if out and out[-1].split("-")[-1] == str(u - 1):
+            out[-1] = f"{out[-1].split('-')[0]}-{u}"
+        else:
+            out.append(str(u))
+    return ",".join(out)
+
+
+def _units_word(units: Sequence[int]) -> str:
+    return "unit" if len(units) == 1 else "units"
 
 
 def _positive_int(value: Any, name: str) -> None:

@@ -141,6 +141,10 @@ class LayerDetail(BaseModel):
     units: list[UnitBrief]
     #: units with a stored feature visualization (objective "channel"), null for none
     featviz_units: list[int] | None = None
+    #: per objective ("channel", "neuron"): the units with a stored image of it, null for
+    #: none. The grid shows a unit's channel image, else its neuron image. (Direction
+    #: images index directions, not units: not listed.)
+    featviz_objectives: dict[str, list[int]] | None = None
     #: How many of its units are constant on the dataset (``units[i].constant``).
     constant_units: int = 0
 
@@ -179,9 +183,27 @@ class TopLists(BaseModel):
     relevance: list[TopEntryModel] | None = None
 
 
+class FeatVizView(BaseModel):
+    """One objective's stored images of the unit."""
+
+    objective: str
+    #: what the images maximize, in words ("the unit's mean over its map", "the unit at
+    #: position (2, 2) of its map")
+    meaning: str
+    #: per image (copy): the objective's value the image reached
+    activations: list[float | None]
+    #: how the images were made (steps, size, parametrization, ...)
+    settings: dict[str, Any]
+    #: the dataset's counterpart (the channel objective's: the unit's best spatial mean;
+    #: none for a neuron, whose value is at one position)
+    best_dataset: float | None = None
+    best_sample: int | None = None
+
+
 class FeatVizInfo(BaseModel):
     """The unit's stored feature visualizations (``lurker featviz``); images at
-    ``.../units/{unit}/featviz/{objective}/{copy}.png``."""
+    ``.../units/{unit}/featviz/{objective}/{copy}.png``. The top-level fields are the
+    default objective's (channel where present); ``views`` has every objective's."""
 
     objective: str
     #: every objective the unit has images for
@@ -193,6 +215,8 @@ class FeatVizInfo(BaseModel):
     #: the channel objective's counterpart in the dataset: the unit's best spatial mean
     best_dataset: float | None = None
     best_sample: int | None = None
+    #: every objective the unit has images for, in ``objectives`` order
+    views: list[FeatVizView] = []
 
 
 class UnitDetail(BaseModel):

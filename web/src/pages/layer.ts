@@ -20,8 +20,18 @@ export async function renderLayer(root: HTMLElement, ctx: PageContext, args: str
   document.title = `${name} · ${ctx.run} · lurker`;
   const params = new URLSearchParams(ctx.params);
   let sort: Sort = (SORTS as readonly string[]).includes(params.get("sort") ?? "") ? (params.get("sort") as Sort) : "max";
-  // units with a feature visualization (`lurker featviz`): the grid can show those
-  const featviz = new Set(doc.featviz_units ?? []);
+  // units with a feature visualization (`lurker featviz`): the grid shows a unit's channel
+  // image, else its neuron image (a run made with --objective neuron only has those)
+  const byObjective = doc.featviz_objectives ?? (doc.featviz_units?.length ? { channel: doc.featviz_units } : {});
+  const featviz = new Map<number, string>();
+  for (const o of ["channel", "neuron"]) for (const u of byObjective[o] ?? []) if (!featviz.has(u)) featviz.set(u, o);
+  const fvCount = (o: string) => [...featviz.values()].filter((v) => v === o).length;
+  const fvNote =
+    fvCount("neuron") === 0
+      ? "feature visualizations: channel objective (the unit's mean over its map)"
+      : fvCount("channel") === 0
+        ? "feature visualizations: neuron objective (the unit at one position of its map); this layer has no channel-objective images"
+        : `feature visualizations: channel objective; neuron objective (the unit at one position of its map) for the ${fmt(fvCount("neuron"))} unit${fvCount("neuron") === 1 ? "" : "s"} with no channel image, marked "neuron"`;
   const l = doc.layer;
   // one value per unit and sample (a Linear's (N, units)): no positions, no crop (it
   // would be the whole image)
@@ -37,6 +47,7 @@ export async function renderLayer(root: HTMLElement, ctx: PageContext, args: str
   const grid = h("div", { class: "unit-grid", role: "list" });
   const sortButtons = h("div", { class: "seg", role: "group", "aria-label": "sort units" });
   const thumbButtons = h("div", { class: "seg", role: "group", "aria-label": "thumbnail" });
+  const fvHint = h("span", { class: "muted small featviz-note" });
 
   const thumbnail = (unit: number, top: number | null, constant: number | null): HTMLElement => {
     const alt = `unit ${unit}: top image`;
@@ -45,9 +56,12 @@ export async function renderLayer(root: HTMLElement, ctx: PageContext, args: str
       return h("div", { class: "no-img silent", title: `constant on the dataset: ${fmt(constant)} on every sample${positions > 1 ? " at every position" : ""}; its top lists are ties` }, h("strong", null, word), h("small", null, `${fmt(constant)} everywhere`));
     }
     if (thumb === "featviz") {
-      if (!featviz.has(unit)) return noImage("no feature visualization");
-      const src = ctx.api.pngUrl(p("runs", ctx.run, "layers", name, "units", unit, "featviz", "channel", "0.png"));
-      return h("img", { src, loading: "lazy", decoding: "async", alt: `unit ${unit}: feature visualization`, width: 96, height: 96 });
+      const objective = featviz.get(unit);
+      if (!objective) return noImage("no feature visualization");
+      const src = ctx.api.pngUrl(p("runs", ctx.run, "layers", name, "units", unit, "featviz", objective, "0.png"));
+      const img = h("img", { src, loading: "lazy", decoding: "async", alt: `unit ${unit}: feature visualization (${objective} objective)`, title: `${objective} objective`, "data-objective": objective, width: 96, height: 96 });
+      // a fallback to the neuron objective is marked on the tile itself
+      return objective === "channel" ? img : h("span", { class: "fv-thumb" }, img, h("small", { class: "fv-objective" }, objective));
     }
     if (index) {
       const t = index.thumbs[unit];
@@ -125,6 +139,7 @@ export async function renderLayer(root: HTMLElement, ctx: PageContext, args: str
       ctx.replaceParams(params);
       draw();
     });
+    fill(fvHint, thumb === "featviz" ? fvNote : "");
     seg(thumbButtons, thumbs, thumb, (v) => {
       thumb = v;
       cards.clear(); // each card shows the thumbnail kind it was made with
@@ -168,7 +183,7 @@ export async function renderLayer(root: HTMLElement, ctx: PageContext, args: str
         )
       : null,
     images.notice,
-    h("div", { class: "toolbar" }, h("span", null, "Sort by"), sortButtons, h("span", null, "Thumbnail"), thumbButtons),
+    h("div", { class: "toolbar" }, h("span", null, "Sort by"), sortButtons, h("span", null, "Thumbnail"), thumbButtons, fvHint),
     grid,
   );
 }

@@ -1,8 +1,8 @@
 /**
- * `#/r/RUN/unit/LAYER/UNIT?tab=mean|max|relevance|featviz&img=input|grad&crop=0|1`: Torchlurk's popup as a
+ * `#/r/RUN/unit/LAYER/UNIT?tab=mean|max|relevance|featviz&img=input|grad&crop=0|1&objective=channel|neuron`: Torchlurk's popup as a
  * page. One JSON request (the unit) plus its images; toggles only swap image URLs.
  */
-import { cropCanvas, p, type EntryKind, type FeatVizInfo, type Shown, type TopEntry, type UnitDoc } from "../api";
+import { cropCanvas, p, type EntryKind, type FeatVizView, type Shown, type TopEntry, type UnitDoc } from "../api";
 import { barChart, histogramChart, positionCount, sampleValueLabel } from "../charts";
 import type { PageContext } from "../context";
 import { append, fill, fmt, h, notice, withCode } from "../dom";
@@ -22,6 +22,9 @@ export async function renderUnit(root: HTMLElement, ctx: PageContext, args: stri
   const relevance = doc.top.relevance ?? null; // runs probed with relevance=True
   const asked = params.get("tab");
   const featviz = doc.featviz ?? null; // images made by `lurker featviz`
+  // every objective the unit has images of (channel, neuron), one shown at a time
+  const views: FeatVizView[] = featviz ? (featviz.views?.length ? featviz.views : [featviz]) : [];
+  let view = views.find((v) => v.objective === params.get("objective")) ?? views[0] ?? null;
   let tab: Tab = asked === "mean" ? "mean" : asked === "relevance" && relevance ? "relevance" : asked === "featviz" && featviz ? "featviz" : "max";
   let img: "input" | "grad" = params.get("img") === "grad" ? "grad" : "input";
   // a layer with no position axes (a Linear's (N, units)): one activation per sample, no
@@ -69,6 +72,7 @@ export async function renderUnit(root: HTMLElement, ctx: PageContext, args: stri
     params.set("tab", tab);
     params.set("img", img);
     params.set("crop", crop ? "1" : "0");
+    if (view && views.length > 1) params.set("objective", view.objective);
     ctx.replaceParams(params);
     draw();
   };
@@ -110,9 +114,21 @@ export async function renderUnit(root: HTMLElement, ctx: PageContext, args: stri
         ),
       ),
     );
-    if (tab === "featviz" && featviz) {
-      fill(toggles, h("span", { class: "muted" }, featvizCaption(featviz)));
-      fill(gallery, featvizFigures(ctx, layer, unit, featviz, images.ok));
+    if (tab === "featviz" && view) {
+      const pick =
+        views.length > 1
+          ? seg(
+              "objective",
+              views.map((v) => [v.objective, `${v.objective} objective`] as [string, string]),
+              view.objective,
+              (o) => {
+                view = views.find((v) => v.objective === o) ?? view;
+                sync();
+              },
+            )
+          : null;
+      fill(toggles, pick, h("span", { class: "muted featviz-caption" }, featvizCaption(view)));
+      fill(gallery, featvizFigures(ctx, layer, unit, view, images.ok));
       return;
     }
     if (constant && (tab !== "relevance" || relevanceTies)) {
@@ -313,7 +329,7 @@ function tokenLayer(layer: { rf?: Record<string, unknown> | null; layout?: Recor
 }
 
 /** What the feature visualization tab says about how its images were made. */
-function featvizCaption(f: FeatVizInfo): string {
+function featvizCaption(f: FeatVizView): string {
   const st = f.settings;
   const made = [st["steps"] ? `${st["steps"]} steps` : null, st["size"] ? `${([] as unknown[]).concat(st["size"]).join("\u00d7")} px` : null, st["param"] ? `${st["param"]} parametrization` : null]
     .filter(Boolean)
@@ -321,16 +337,18 @@ function featvizCaption(f: FeatVizInfo): string {
   // several images per unit are pushed apart by a diversity term, which can cost activation
   const n = Number(st["images_per_unit"] ?? 1);
   const apart = n > 1 && Number(st["diversity"] ?? 0) > 0 ? `; ${n} images pushed apart by a diversity term of weight ${st["diversity"]}, which trades activation for variety` : "";
-  return `images optimized to excite the unit (objective: ${f.objective === "channel" ? "the mean of its map" : f.objective}${made ? `; ${made}` : ""}${apart}); value: what each reached, beside the best dataset sample's`;
+  const meaning = f.meaning ?? (f.objective === "channel" ? "the mean of its map" : f.objective);
+  const beside = f.best_sample !== null ? ", beside the best dataset sample's" : "";
+  return `images optimized to excite the unit (${f.objective} objective: ${meaning}${made ? `; ${made}` : ""}${apart}); value: what each reached${beside}`;
 }
 
 /** The optimized images with the value each reached, then the best dataset sample. */
-function featvizFigures(ctx: PageContext, layer: string, unit: number, f: FeatVizInfo, images: boolean): HTMLElement[] {
+function featvizFigures(ctx: PageContext, layer: string, unit: number, f: FeatVizView, images: boolean): HTMLElement[] {
   const out = f.activations.map((a, copy) =>
     h(
       "figure",
-      { class: "top-entry featviz", "data-copy": copy, "data-value": a === null ? null : String(a) },
-      h("div", { class: "frame" }, h("img", { src: ctx.api.pngUrl(p("runs", ctx.run, "layers", layer, "units", unit, "featviz", f.objective, `${copy}.png`)), alt: `feature visualization ${copy + 1} of unit ${unit}` })),
+      { class: "top-entry featviz", "data-objective": f.objective, "data-copy": copy, "data-value": a === null ? null : String(a) },
+      h("div", { class: "frame" }, h("img", { src: ctx.api.pngUrl(p("runs", ctx.run, "layers", layer, "units", unit, "featviz", f.objective, `${copy}.png`)), alt: `feature visualization ${copy + 1} of unit ${unit} (${f.objective} objective)` })),
       h("figcaption", null, h("span", { class: "value" }, fmt(a)), h("span", { class: "cls" }, f.activations.length > 1 ? `image ${copy + 1}` : "optimized")),
     ),
   );

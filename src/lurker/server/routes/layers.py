@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from fastapi import APIRouter, Request
 
@@ -49,5 +50,12 @@ def layer_detail(request: Request, run_id: str, layer: str) -> LayerDetail:
             for u, mean, mx, tm, tn, constant in rows
         ],
         featviz_units=featviz_units(e.open_run(), info.name) or None,
+        featviz_objectives=_featviz_objectives(e.open_run(), info.name),
         constant_units=sum(1 for row in rows if row[5]),
     )
+
+
+def _featviz_objectives(run: Any, layer: str) -> dict[str, list[int]] | None:
+    """The units with a stored image, per objective that names units (not "direction")."""
+    found = {o: featviz_units(run, layer, o) for o in ("channel", "neuron")}
+    return {o: units for o, units in found.items() if units} or None

@@ -46,17 +46,38 @@ def _featviz(run: Any, layer: str, unit: int, doc: dict[str, Any]) -> dict[str, 
     found = unit_featviz(run, layer, unit)
     if found is None:
         return None
-    # the channel objective is the map's mean: its dataset counterpart is the mean list's
-    # best; a neuron's (one position) is not, so it gets none
-    best = doc["top"]["mean"][0] if doc["top"]["mean"] and found.objective == "channel" else None
-    return {
-        "objective": found.objective,
-        "objectives": found.objectives,
-        "activations": found.activations,
-        "settings": found.settings,
-        "best_dataset": best["value"] if best else None,
-        "best_sample": best["sample_id"] if best else None,
-    }
+    views = []
+    for objective in found.objectives:
+        one = found if objective == found.objective else unit_featviz(run, layer, unit, objective)
+        if one is None:  # written away between the two reads
+            continue
+        # the channel objective is the map's mean: its dataset counterpart is the mean
+        # list's best; a neuron's (one position) is not, so it gets none
+        top = doc["top"]["mean"]
+        best = top[0] if top and objective == "channel" else None
+        views.append(
+            {
+                "objective": objective,
+                "meaning": _meaning(objective, one.settings),
+                "activations": one.activations,
+                "settings": one.settings,
+                "best_dataset": best["value"] if best else None,
+                "best_sample": best["sample_id"] if best else None,
+            }
+        )
+    first = next((v for v in views if v["objective"] == found.objective), views[0])
+    return {**first, "objectives": [v["objective"] for v in views], "views": views}
+
+
+def _meaning(objective: str, settings: dict[str, Any]) -> str:
+    """What an objective's images maximize, in words (the unit page's label)."""
+    if objective == "channel":
+        return "the unit's mean over its map (the value the probe ranks by)"
+    if objective == "neuron":
+        pos = settings.get("position")
+        at = f"position (y, x) = ({pos[0]}, {pos[1]})" if pos else "one position"
+        return f"the unit at {at} of its map"
+    return objective
 
 
 def _box(info: Any, y: int | None, x: int | None, size: list[int] | None) -> list[int] | None:
