@@ -963,3 +963,31 @@ def test_two_call_sites_of_one_method_stay_two_ops():
     for name in ("lt", "bool"):
         rolled = [ops for ops in tr.rolled().values() if ops[0].name == name]
         assert [len(ops) for ops in rolled] == [2, 2], name
+
+
+def test_a_long_forward_reads_its_code_positions_once(monkeypatch):
+    """Looking for the compiler's copies of a call site (a while loop's condition) scans
+    the positions of the forward's code once, not once per op in it: a generated forward
+    of thousands of lines (an fx GraphModule) traced in seconds, not minutes."""
+    from lurker.capture import _recorder
+
+    lines = 300
+    src = "def forward(self, x):\n" + "    x = torch.sin(x)\n" * lines + "    return x\n"
+    ns: dict = {"torch": torch}
+    exec(compile(src, "<generated forward>", "exec"), ns)  # a code object no test traced
+    code = ns["forward"].__code__
+    model = type("Generated", (nn.Module,), {"forward": ns["forward"]})()
+
+    scanned: list[int] = []
+    real = _recorder._repeated_spans
+
+    def counting(c):
+        if c is code:
+            scanned.append(1)
+        return real(c)
+
+    monkeypatch.setattr(_recorder, "_repeated_spans", counting)
+    tr = lurker.trace(model, torch.randn(3), save="none")
+    sins = [ops for ops in tr.rolled().values() if ops[0].name == "sin"]
+    assert len(sins) == lines  # each line its own rolled op: nothing merged
+    assert len(scanned) == 1

@@ -1119,21 +1119,30 @@ def _may_repeat(code: Any, offset: int) -> bool:
     ``code`` (a copy has the same span): a cheap test before disassembling the code."""
     if not hasattr(code, "co_positions"):
         return False
-    positions = list(code.co_positions())  # one per code unit, inline caches included
+    found = _REPEATS.get(id(code))
+    if found is None:  # once per code object, not once per call site in it
+        found = _REPEATS[id(code)] = _repeated_spans(code)
+    positions, repeated = found
     i = offset // 2
-    if not 0 <= i < len(positions) or None in positions[i]:
-        return False
-    pos = positions[i]
-    runs = 0
-    prev = False
+    return 0 <= i < len(positions) and positions[i] in repeated
+
+
+# code id -> (the position of each code unit, the positions that recur apart)
+_REPEATS: dict[int, tuple[list[Any], frozenset[Any]]] = {}
+
+
+def _repeated_spans(code: Any) -> tuple[list[Any], frozenset[Any]]:
+    """``code``'s position per code unit (inline caches included) and the complete
+    positions found in more than one run of consecutive code units: one pass over the
+    code, so a forward of thousands of calls (an fx ``GraphModule``) costs linear time."""
+    positions = list(code.co_positions())
+    runs: dict[Any, int] = {}
+    prev = None
     for p in positions:
-        same = p == pos
-        if same and not prev:
-            runs += 1
-            if runs > 1:
-                return True
-        prev = same
-    return False
+        if p != prev and None not in p:
+            runs[p] = runs.get(p, 0) + 1
+        prev = p
+    return positions, frozenset(p for p, n in runs.items() if n > 1)
 
 
 def copied_instructions(code: Any) -> dict[int, int]:
