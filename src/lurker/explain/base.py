@@ -111,16 +111,13 @@ class Method:
                 f"method {self.name!r} has no option {bad[0]!r}; its options are: "
                 + (", ".join(allowed) or "none")
             )
-        try:
-            with untouched(model), no_param_grads(model), torch.enable_grad():
-                return self.compute(model, x, target, **options)
-        except Exception as e:
-            if isinstance(e, LurkerError) and not isinstance(e, TraceError):
-                raise  # lurker's own message already names the problem
-            bad = input_error(model, x)
-            if bad is None:
-                raise  # the model runs on x: the failure is the method's or the model's own
-            raise bad from e
+        with (
+            input_errors(model, x),
+            untouched(model),
+            no_param_grads(model),
+            torch.enable_grad(),
+        ):
+            return self.compute(model, x, target, **options)
 
     def compute(self, model: nn.Module, x: Tensor, target: Any) -> Explanation:
         """The method itself; options are keyword-only parameters after ``target``."""
@@ -169,6 +166,22 @@ def check_input(model: Any, x: Any, what: str = "explain") -> Tensor:
     return x.detach()
 
 
+@contextlib.contextmanager
+def input_errors(model: nn.Module, x: Tensor) -> Iterator[None]:
+    """A failure within becomes :func:`input_error`'s message where the model itself does
+    not run on ``x``; lurker's own errors, and failures of a model that runs on ``x``, go
+    through as they are."""
+    try:
+        yield
+    except Exception as e:
+        if isinstance(e, LurkerError) and not isinstance(e, TraceError):
+            raise  # lurker's own message already names the problem
+        bad = input_error(model, x)
+        if bad is None:
+            raise  # the model runs on x: the failure is the method's or the model's own
+        raise bad from e
+
+
 def input_error(model: nn.Module, x: Tensor) -> LurkerError | None:
     """Why a method failed when the model itself does not run on ``x`` (a ViT built for
     another image size, the wrong channels, a float64 input to a float32 model, a
@@ -188,6 +201,8 @@ def input_error(model: nn.Module, x: Tensor) -> LurkerError | None:
         kind, (MemoryError, torch.OutOfMemoryError)
     ):
         return None  # the model's own exception type (it says what it means), or memory
+    if "out of memory" in str(err).lower():  # CPU and older CUDA OOMs are RuntimeErrors
+        return None
     said = str(err).strip() or type(err).__name__
     if not said.endswith((".", "!", "?")):
         said += "."
@@ -205,8 +220,10 @@ def input_error(model: nn.Module, x: Tensor) -> LurkerError | None:
         fix = f"The model is on {param.device}: pass x.to('{param.device}')."
     else:
         fix = (
-            "Give x the shape the model takes: a batch (B, ...) of the channels and image "
-            "size it was built for (x[None] adds a batch axis to one image)."
+            "If the model is built for another input, give x the shape it takes: a batch "
+            "(B, ...) of the channels and image size it was built for (x[None] adds a "
+            "batch axis to one image); if the model fails on any input, the error is the "
+            "model's own."
         )
     return LurkerError(head + fix)
 

@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..errors import LurkerError, TraceError
-from .base import check_input, input_error, no_param_grads, untouched
+from ..errors import LurkerError
+from .base import check_input, input_errors, no_param_grads, untouched
 from .lrp import Engine, _warn_leaks
 from .targets import UnitTarget, by_unit
 
@@ -87,16 +87,9 @@ def concepts(
     if batch_size < 1:
         raise LurkerError(f"batch_size must be >= 1, got {batch_size}")
     with untouched(model), no_param_grads(model), torch.enable_grad():
-        try:
+        with input_errors(model, x):  # a ViT given the wrong image size, ...
             eng = Engine(model, x, composite, **params)
             rel, tgt = eng.run(x, target, at=layer, mask=None)
-        except Exception as e:
-            if isinstance(e, LurkerError) and not isinstance(e, TraceError):
-                raise
-            bad = input_error(model, x)  # a ViT given the wrong image size, ...
-            if bad is None:
-                raise
-            raise bad from e
         _warn_leaks(rel, tolerance)
         if rel.layer is None:
             raise LurkerError(
