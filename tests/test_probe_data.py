@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -313,3 +314,130 @@ def test_images_of_different_shapes_name_the_samples_and_the_fix(tmp_path: Path,
         match=r"items 0 and 1 have images of shapes \(3, 16, 19\) and \(3, 16, 16\).*CenterCrop",
     ):
         next(iter(loader))
+
+
+# ------------------------------------------------------------------ transparency
+
+
+def _clear_tree(root: Path) -> dict[str, bool]:
+    """root/{a,b}/ with RGBA PNGs (a transparent corner, or alpha 255 everywhere), a
+    palette PNG whose colour key is used, an RGB PNG and a JPEG; by path, whether the file
+    has a pixel that is not fully opaque (numpy over the decoded alpha: the oracle)."""
+    rng = np.random.default_rng(3)
+    files: dict[str, Image.Image] = {}
+    for i in range(3):
+        rgba = np.zeros((20, 24, 4), np.uint8)
+        rgba[..., :3] = rng.integers(0, 256, (20, 24, 3))
+        rgba[..., 3] = 255
+        if i != 1:
+            rgba[:6, :6, 3] = 40 * i  # a translucent (or clear) corner
+        files[f"a/rgba{i}.png"] = Image.fromarray(rgba, "RGBA")
+    pal = Image.fromarray(rng.integers(0, 4, (20, 24)).astype(np.uint8), "P")
+    pal.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0, 0, 0, 255])
+    pal.info["transparency"] = 2  # index 2 (green) is transparent
+    files["b/palette.png"] = pal
+    files["b/rgb.png"] = Image.fromarray(rng.integers(0, 256, (20, 24, 3), np.uint8), "RGB")
+    files["b/photo.jpg"] = Image.fromarray(rng.integers(0, 256, (20, 24, 3), np.uint8), "RGB")
+    clear = {}
+    for rel, im in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        im.save(path, transparency=im.info["transparency"]) if im.mode == "P" else im.save(path)
+        with Image.open(path) as back:
+            alpha = np.asarray(back.convert("RGBA"))[..., 3]
+        clear[str(path)] = bool((alpha < 255).any())
+    return clear
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_image_folder_lists_files_whose_transparency_was_dropped(tmp_path: Path, workers: int):
+    """Each file's alpha is checked as it is loaded (no second read): ``transparent`` lists
+    the files with a pixel that is not fully opaque, in the main process whatever
+    ``num_workers`` was, and ``skipped`` is not changed by it."""
+    clear = _clear_tree(tmp_path / "imgs")
+    want = sorted(p for p, c in clear.items() if c)
+    assert len(want) == 3  # rgba0 (alpha 0), rgba2 (alpha 80), the palette's colour key
+    ds = image_folder(tmp_path / "imgs", 16)
+    assert ds.transparent == []  # nothing loaded yet
+    opened: list[str] = []
+    real_open = Image.open
+
+    def counting_open(fp: Any, *a: Any, **kw: Any) -> Any:
+        opened.append(str(fp))
+        return real_open(fp, *a, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Image, "open", counting_open)
+        batches = list(DataLoader(ds, batch_size=4, num_workers=workers, collate_fn=collate))
+    assert sum(len(b[0]) for b in batches) == 6
+    assert sorted(ds.transparent) == want
+    assert ds.skipped == []
+    if workers == 0:  # one open per file: the alpha is read from the image being loaded
+        assert sorted(opened) == sorted(clear)
+
+
+def test_probe_reports_transparent_files_once_in_meta_and_a_warning(tmp_path: Path):
+    from lurker.probe import probe
+
+    clear = _clear_tree(tmp_path / "imgs")
+    want = sorted(p for p, c in clear.items() if c)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(784, 2)
+    )
+    ds = image_folder(tmp_path / "imgs", 16)
+    with pytest.warns(UserWarning) as caught:
+        run = probe(model, ds, out=tmp_path / "run", k=2, batch_size=4, progress=False)
+    assert run is not None
+    said = [str(w.message) for w in caught if "transparency" in str(w.message)]
+    assert len(said) == 1  # once per run
+    assert said[0].startswith("probe: 3 images of the folder have transparency (")
+    assert Path(want[0]).name in said[0] and Path(want[1]).name in said[0]
+    assert run.meta["transparent_images"] == {"count": 3, "examples": want[:2]}
+    assert run.skipped == []
+    run.close()
+    # a dataset the probe does not decode itself (a wrapped one): not checked, not "0"
+    opaque = wrap(TensorDataset(torch.rand(4, 3, 16, 16), torch.tensor([0, 1, 0, 1])))
+    r2 = probe(model, opaque, out=tmp_path / "r2", k=2, progress=False)
+    assert r2 is not None and r2.meta["transparent_images"] is None
+    r2.close()
+
+
+class _Stop(BaseException):
+    """An interruption of the sweep (as a kill would be), after a checkpoint."""
+
+
+def test_a_resumed_probe_still_counts_the_files_of_the_interrupted_part(tmp_path: Path):
+    """The files whose transparency was dropped before an interruption are kept in the
+    checkpoint: the resumed call (a new dataset object, which loads only the rest) reports
+    all of them, not only those it loaded itself."""
+    from lurker.probe import probe
+    from lurker.probe.data import ImageFolderDataset
+
+    clear = _clear_tree(tmp_path / "imgs")
+    want = sorted(p for p, c in clear.items() if c)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(784, 2)
+    )
+
+    class Stopping(ImageFolderDataset):
+        def __getitem__(self, index: int) -> Any:
+            if index == 4:
+                raise _Stop
+            return super().__getitem__(index)
+
+    ds = Stopping(tmp_path / "imgs", 16)
+    assert ds.paths is not None and [Path(p).name for p in ds.paths[:4]] == [
+        "rgba0.png", "rgba1.png", "rgba2.png", "palette.png",
+    ]  # fmt: skip
+    kw: dict[str, Any] = dict(out=tmp_path / "run", k=2, batch_size=2, progress=False)
+    with pytest.raises(_Stop):
+        probe(model, ds, checkpoint_every=1, **kw)
+    fresh = image_folder(tmp_path / "imgs", 16)
+    with pytest.warns(UserWarning, match="3 images of the folder have transparency"):
+        run = probe(model, fresh, **kw)
+    assert run is not None and run.meta["sweep"]["resumed_from"] == 4
+    assert sorted(fresh.transparent or []) == [want[0]]  # what this call loaded itself
+    assert run.meta["transparent_images"] == {"count": 3, "examples": want[:2]}
+    run.close()

@@ -223,6 +223,9 @@ export interface FeatureSide {
   /** Maps whose values are all equal, by channel: that value (null: none finite). Their
    * PNGs are flat grey (no range to scale), so the page writes the value on them. */
   constant?: Record<string, number | null>;
+  /** Maps holding values that are not finite (NaN, ±inf), by channel: how many. Their
+   * PNGs draw those positions magenta; their range leaves them out. */
+  nonfinite?: Record<string, number>;
 }
 
 export interface LiveOp {
@@ -234,9 +237,13 @@ export interface LiveOp {
 
 export interface Kernel {
   shape: number[];
+  /** Weights that are not finite are null. */
   values: unknown;
-  min: number;
-  max: number;
+  /** Over the finite weights (null: none is finite). */
+  min: number | null;
+  max: number | null;
+  /** How many weights are not finite, by kind (`nan`, `+inf`, `-inf`). */
+  nonfinite?: Record<string, number>;
 }
 
 /** An error the API answered with (its `detail`), or a network failure. */

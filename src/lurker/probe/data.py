@@ -159,6 +159,13 @@ class _Base(Dataset):
         """Unreadable items as ``(path, reason)``; none for in-memory data."""
         return []
 
+    @property
+    def transparent(self) -> list[str] | None:
+        """Files loaded so far whose transparency :func:`convert_image` dropped (see
+        :func:`has_transparency`); None where nothing checks (in-memory data, a wrapped
+        dataset, which decodes its files itself)."""
+        return None
+
     def labels_list(self) -> list[int] | None:
         """Every item's label without loading images, or None if that is not cheap."""
         return None
@@ -194,9 +201,14 @@ class _Base(Dataset):
         ]
 
 
+#: The reason the log gives a file whose transparency was dropped (not an unreadable file).
+_TRANSPARENT = "<transparency dropped>"
+
+
 class _SkipLog:
-    """A small file shared with DataLoader workers where unreadable files are listed, so
-    that ``dataset.skipped`` in the main process sees them whatever ``num_workers`` was."""
+    """A small file shared with DataLoader workers where unreadable files are listed (and,
+    for image folders, files whose transparency was dropped), so that ``dataset.skipped``
+    (``dataset.transparent``) in the main process sees them whatever ``num_workers`` was."""
 
     _log: str
 
@@ -210,12 +222,17 @@ class _SkipLog:
         with contextlib.suppress(OSError), open(self._log, "a", encoding="utf-8") as f:
             f.write(line)  # one short append: atomic enough between processes
 
-    def _logged(self, found: Sequence[tuple[str, str]] = ()) -> list[tuple[str, str]]:
+    def _logged(
+        self, found: Sequence[tuple[str, str]] = (), *, transparent: bool = False
+    ) -> list[tuple[str, str]]:
+        """The logged rows, once per path: unreadable files, or with ``transparent`` the
+        files whose transparency was dropped (logged with the reason ``_TRANSPARENT``)."""
         rows = list(found)
         with contextlib.suppress(OSError), open(self._log, encoding="utf-8") as f:
             for line in f:
                 path, _, reason = line.rstrip("\n").partition("\t")
-                rows.append((path, reason))
+                if (reason == _TRANSPARENT) == transparent:
+                    rows.append((path, reason))
         seen: set[str] = set()
         unique = []
         for path, reason in rows:
@@ -480,18 +497,30 @@ def convert_image(image: Image.Image, mode: str) -> Image.Image:
     return image.convert(mode)
 
 
+def _alpha(image: Image.Image) -> Image.Image | None:
+    """``image``'s alpha as an "L" image: its own channel, or for a palette or colour key
+    marked transparent the alpha Pillow's RGBA conversion gives; None without either."""
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        return image.getchannel("A")
+    if "transparency" in image.info:
+        return image.convert("RGBA").getchannel("A")
+    return None
+
+
+def has_transparency(image: Image.Image) -> bool:
+    """Whether :func:`convert_image` changes how ``image`` looks: it has a pixel that is
+    not fully opaque. Cheap on an image already decoded (one pass over its alpha, none
+    without one), so the image-folder loader checks every file as it loads it."""
+    alpha = _alpha(image)
+    return alpha is not None and alpha.getextrema()[0] < 255
+
+
 def transparency_note(image: Image.Image) -> str | None:
     """Why :func:`convert_image` changes how ``image`` looks: a sentence when it has
     pixels that are not fully opaque (an alpha channel, or a palette or colour key marked
     transparent), else None (no alpha, or an alpha channel that is opaque everywhere)."""
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        alpha = image.getchannel("A")
-    elif "transparency" in image.info:
-        alpha = image.convert("RGBA").getchannel("A")
-    else:
-        return None
-    lo, _ = alpha.getextrema()
-    if lo >= 255:
+    alpha = _alpha(image)
+    if alpha is None or alpha.getextrema()[0] >= 255:
         return None
     see = np.asarray(alpha)
     share = float((see < 255).mean())
@@ -503,9 +532,31 @@ def transparency_note(image: Image.Image) -> str | None:
     )
 
 
-def _load_image(path: str, mode: str) -> Image.Image:
+def _load_image(path: str, mode: str) -> tuple[Image.Image, bool]:
+    """The file in ``mode``, and whether its transparency was dropped (checked on the
+    decoded image: no second read)."""
     with Image.open(path) as im:
-        return convert_image(im, mode)
+        im.load()
+        return convert_image(im, mode), has_transparency(im)
+
+
+def transparency_summary(paths: Sequence[str]) -> str:
+    """One sentence on the files whose transparency the loader dropped: their count and
+    two of their names (what the probe prints and :func:`transparency_meta` keeps)."""
+    n = len(paths)
+    names = ", ".join(Path(p).name for p in paths[:2]) + (", ..." if n > 2 else "")
+    return (
+        f"{n} image{'s' if n != 1 else ''} of the folder {'have' if n != 1 else 'has'} "
+        f"transparency ({names}): it was dropped as the loader reads images, each pixel "
+        "keeping its stored colour, so the model saw what transparent areas hold (often "
+        "black), not a background; composite them over a background first if that matters"
+    )
+
+
+def transparency_meta(paths: Sequence[str]) -> dict[str, Any]:
+    """What a run's meta keeps of them (``transparent_images``): the count and two
+    example paths."""
+    return {"count": len(paths), "examples": [str(p) for p in paths[:2]]}
 
 
 class ImageFolderDataset(_SkipLog, _Base):
@@ -596,18 +647,28 @@ class ImageFolderDataset(_SkipLog, _Base):
     def __getitem__(self, index: int) -> tuple[Tensor, int, int] | Skipped:
         path, label = self.samples[index]
         try:
-            image = self.transform(_load_image(path, self.mode))
+            loaded, clear = _load_image(path, self.mode)
+            image = self.transform(loaded)
         except Exception as e:
             reason = _reason(e)
             self._record(path, reason)
             shape = (self.channels, self.image_size, self.image_size)
             return Skipped(index % len(self), path, reason, shape)
+        if clear:
+            self._record(path, _TRANSPARENT)
         return image, label, index % len(self)
 
     @property
     def skipped(self) -> list[tuple[str, str]]:
         """Unreadable images as ``(path, reason)``: found up front, then during loading."""
         return self._logged(self._skipped)
+
+    @property
+    def transparent(self) -> list[str]:
+        """The files loaded so far (in this process or a DataLoader worker) that have
+        transparency, which their conversion dropped, in dataset order."""
+        seen = {p for p, _ in self._logged(transparent=True)}
+        return [p for p in self.paths or [] if p in seen]
 
 
 def image_folder(

@@ -934,11 +934,13 @@ def check_embed_budget(layer: Layer, n: int, budget: int = EMBED_BUDGET) -> None
 
 @dataclass
 class _Progress:
-    """How far this rank's sweep has come: samples of its shard done (in shard order) and
-    the unreadable files met so far. ``seen`` and ``seconds`` count this call only."""
+    """How far this rank's sweep has come: samples of its shard done (in shard order), the
+    unreadable files met so far and the files whose transparency was dropped (None: the
+    dataset does not check). ``seen`` and ``seconds`` count this call only."""
 
     done: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    transparent: list[str] | None = None
     seen: int = 0
     seconds: float = 0.0
 
@@ -965,7 +967,11 @@ def _restore(
             c.load_state_dict(state[c.key])
         except LurkerError as err:
             raise LurkerError(f"{ckpt} cannot be resumed: {err}") from None
-    return _Progress(done=int(state["done"]), skipped=[tuple(s) for s in state["skipped"]])
+    return _Progress(
+        done=int(state["done"]),
+        skipped=[tuple(s) for s in state["skipped"]],
+        transparent=state.get("transparent"),  # (none: an older checkpoint)
+    )
 
 
 def _save_checkpoint(plan: _Plan, consumers: Sequence[BatchConsumer], position: _Progress) -> None:
@@ -977,6 +983,7 @@ def _save_checkpoint(plan: _Plan, consumers: Sequence[BatchConsumer], position: 
         "layers": plan.layer_names,
         "data": plan.data_key,
         "skipped": [list(s) for s in _merge_skipped(position.skipped, plan.ds.skipped)],
+        "transparent": _merge_transparent(position.transparent, plan.ds.transparent),
     }
     for c in consumers:
         state[c.key] = c.state_dict()
@@ -992,7 +999,9 @@ def _sweep(plan: _Plan, consumers: Sequence[BatchConsumer], start: _Progress) ->
     from . import data as pdata
 
     dev, batch_size = plan.dev, plan.batch_size
-    position = _Progress(done=start.done, skipped=list(start.skipped))
+    position = _Progress(
+        done=start.done, skipped=list(start.skipped), transparent=start.transparent
+    )
     todo = plan.shard[start.done :]
     loader = torch.utils.data.DataLoader(
         torch.utils.data.Subset(plan.ds, todo),
@@ -1051,6 +1060,7 @@ def _sweep(plan: _Plan, consumers: Sequence[BatchConsumer], start: _Progress) ->
         torch.cuda.synchronize(dev)
     position.seconds = time.perf_counter() - t_start
     position.skipped = _merge_skipped(position.skipped, plan.ds.skipped)
+    position.transparent = _merge_transparent(position.transparent, plan.ds.transparent)
     return position
 
 
@@ -1077,17 +1087,22 @@ def _finish(
 ) -> Run | None:
     """Merge the ranks' consumers and figures, then write the run on rank 0 in one
     transaction; the other ranks drop their checkpoints and return None."""
+    from . import data as pdata
+
     skipped, seen, seconds, done = swept.skipped, swept.seen, swept.seconds, swept.done
+    clear = swept.transparent
     if plan.world > 1:
         for c in consumers:
             c.merge()
-        # one gather: every rank's unreadable files, and its share of the run's figures
+        # one gather: every rank's unreadable (and transparent) files, and its share of
+        # the run's figures
         gathered: list[Any] = [None] * plan.world
-        torch.distributed.all_gather_object(gathered, (skipped, seen, seconds, done))
+        torch.distributed.all_gather_object(gathered, (skipped, seen, seconds, done, clear))
         skipped = _merge_skipped(*(g[0] for g in gathered))
         seen = sum(g[1] for g in gathered)
         seconds = max(g[2] for g in gathered)
         done = sum(g[3] for g in gathered)
+        clear = _merge_transparent(*(g[4] for g in gathered))
     if plan.rank != 0:
         _drop_checkpoint(plan)
         for c in consumers:
@@ -1122,6 +1137,11 @@ def _finish(
             replace=True,
         )
         writer.add_skipped(skipped, replace=True)
+        # files whose transparency the loader dropped: count and two names (null: the
+        # dataset does not check, as a wrapped dataset decodes its files itself)
+        writer.meta_set(
+            "transparent_images", None if clear is None else pdata.transparency_meta(clear)
+        )
         writer.set_graph(plan.trace.to_json())  # the layers' op_index and op label index into it
         writer.meta_set("probed_with", plan.settings)
         writer.meta_set(
@@ -1131,6 +1151,8 @@ def _finish(
         for c in consumers:
             c.finish(writer)
     writer.close()
+    if clear:  # said once per run, as the run is written (the meta keeps it)
+        warn(f"probe: {pdata.transparency_summary(clear)}")
     _drop_checkpoint(plan)  # checkpoint-rank0.pt: the store drops checkpoint.pt
     for c in consumers:
         c.discard()
@@ -1172,6 +1194,14 @@ def _class_names(names: Sequence[str] | None, labels: list[int]) -> list[str]:
             "(a target_transform?); the run names its classes by their label ids"
         )
     return [str(i) for i in range(top)]
+
+
+def _merge_transparent(*parts: list[str] | None) -> list[str] | None:
+    """Files whose transparency was dropped, from several sources (checkpoint, workers,
+    ranks), once each and sorted; None when no source checked."""
+    if all(p is None for p in parts):
+        return None
+    return sorted({str(path) for part in parts if part for path in part})
 
 
 def _merge_skipped(*parts: Any) -> list[tuple[str, str]]:

@@ -338,6 +338,9 @@ class FeatureSide(BaseModel):
     #: is no range to scale); the page writes the value on them. Empty for
     #: ``one_value_maps`` (each map is one value, shown as a vector).
     constant: dict[int, float | None] = {}
+    #: The maps holding values that are not finite (NaN, +inf, -inf), by channel: how
+    #: many. Their PNGs mark those positions magenta; their min and max leave them out.
+    nonfinite: dict[int, int] = {}
 
 
 class KernelInfo(BaseModel):
@@ -367,16 +370,25 @@ class LiveOp(BaseModel):
 
 class MapValues(BaseModel):
     shape: list[int]
+    #: Over the finite values (null: none is finite).
     min: float | None = None
     max: float | None = None
+    #: Non-finite values are null.
     values: list[list[float | None]]
+    #: How many values are not finite, by kind (``nan``, ``+inf``, ``-inf``); empty when
+    #: every value is finite.
+    nonfinite: dict[str, int] = {}
 
 
 class KernelValues(BaseModel):
     shape: list[int]
+    #: Over the finite weights (null: none is finite).
     min: float | None = None
     max: float | None = None
+    #: Non-finite weights are null.
     values: list[list[float | None]]
+    #: How many weights are not finite, by kind (``nan``, ``+inf``, ``-inf``).
+    nonfinite: dict[str, int] = {}
     #: The weight and the index into it these values are (``weight[index]``).
     param: str | None = None
     index: list[int] | None = None

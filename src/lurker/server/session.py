@@ -972,34 +972,71 @@ def constant_maps(maps: Any) -> dict[int, float | None]:
     }
 
 
+#: The colour of a value that is not finite (NaN, +inf, -inf) in a map's PNG: magenta,
+#: which no grey of a finite value can be (black would read as the map's lowest value).
+NONFINITE_RGB = (255, 0, 255)
+
+
+def nonfinite_counts(a: Any) -> dict[str, int]:
+    """How many values of ``a`` are NaN, +inf and -inf (``{"nan": n, "+inf": n,
+    "-inf": n}``, kinds with none left out; empty when every value is finite)."""
+    a = np.asarray(a, dtype=np.float64)
+    counts = {
+        "nan": int(np.isnan(a).sum()),
+        "+inf": int(np.isposinf(a).sum()),
+        "-inf": int(np.isneginf(a).sum()),
+    }
+    return {k: n for k, n in counts.items() if n}
+
+
+def nonfinite_maps(maps: Any) -> dict[int, int]:
+    """The maps (``(units, h, w)``) holding values that are not finite, by unit: how many.
+    Their PNGs mark those positions magenta (:data:`NONFINITE_RGB`); their min and max
+    are over the finite values."""
+    import torch
+
+    a = torch.as_tensor(maps).detach().to("cpu").reshape(len(maps), -1)
+    bad = (~torch.isfinite(a)).sum(1)
+    return {int(u): int(bad[u]) for u in torch.nonzero(bad).flatten().tolist()}
+
+
 def map_png(a: np.ndarray) -> tuple[bytes, int, float | None, float | None]:
-    """A 2-D map as an 8-bit grayscale PNG: ``round(255 * (v - min) / (max - min))`` over
-    the map (zeros where a value is not finite), upscaled by nearest neighbour by an
-    integer factor when its longer side is under MIN_MAP_PX. A constant map (max == min,
-    a ReLU that does not fire) has no range to scale: it is flat mid-grey
-    (:data:`CONSTANT_GREY`), never black, which would read as "its lowest" or "missing";
-    the page marks it with its value (:func:`constant_maps`).
+    """A 2-D map as an 8-bit PNG: ``round(255 * (v - min) / (max - min))`` over the map's
+    finite values, as grayscale, upscaled by nearest neighbour by an integer factor when
+    its longer side is under MIN_MAP_PX. A constant map (max == min, a ReLU that does not
+    fire) has no range to scale: it is flat mid-grey (:data:`CONSTANT_GREY`), never
+    black, which would read as "its lowest" or "missing"; the page marks it with its
+    value (:func:`constant_maps`). A map with values that are not finite (a model's NaN,
+    an inf from a division by zero) is an RGB PNG: its finite values the same greys, the
+    others magenta (:data:`NONFINITE_RGB`), a colour no value has, so a NaN never reads as
+    the map's lowest value; min and max (returned) are over the finite values, None when
+    there are none.
 
     Returns ``(png bytes, scale, min, max)``.
     """
     from PIL import Image
 
     a = np.asarray(a, dtype=np.float64)
+    fin = np.isfinite(a)
     lo, hi = finite_range(a)
     if lo is None or hi is None:
         pix = np.zeros(a.shape, np.uint8)
     elif hi == lo:
-        pix = np.where(np.isfinite(a), CONSTANT_GREY, 0).astype(np.uint8)
+        pix = np.where(fin, CONSTANT_GREY, 0).astype(np.uint8)
     else:
         with np.errstate(invalid="ignore"):
             scaled = np.rint(255.0 * (a - lo) / (hi - lo))
-        pix = np.where(np.isfinite(scaled), scaled, 0).astype(np.uint8)
+        pix = np.where(fin, scaled, 0).astype(np.uint8)
+    marked = not fin.all()
+    if marked:
+        pix = np.where(fin[..., None], pix[..., None], np.array(NONFINITE_RGB, np.uint8))
+        pix = pix.astype(np.uint8)
     longest = max(a.shape) if a.size else 1
     scale = math.ceil(MIN_MAP_PX / longest) if longest < MIN_MAP_PX else 1
     if scale > 1:
         pix = np.repeat(np.repeat(pix, scale, axis=0), scale, axis=1)
     buf = io.BytesIO()
-    Image.fromarray(pix, mode="L").save(buf, format="PNG", compress_level=1)
+    Image.fromarray(pix, mode="RGB" if marked else "L").save(buf, format="PNG", compress_level=1)
     return buf.getvalue(), scale, lo, hi
 
 

@@ -151,7 +151,7 @@ export async function renderLayer(root: HTMLElement, ctx: PageContext, args: str
   draw();
 
   append(root, 
-    h("h1", null, name, h("span", { class: "sub" }, ` ${l.kind ?? ""} · ${fmt(l.num_units)} units · ${shape(l.shape)}`)),
+    h("h1", null, name, h("span", { class: "sub" }, ` ${[l.kind, unitsText(l.shape, l.num_units, doc.layout)].filter(Boolean).join(" · ")}`)),
     h(
       "div",
       { class: "layer-head" },
@@ -186,6 +186,29 @@ export async function renderLayer(root: HTMLElement, ctx: PageContext, args: str
     h("div", { class: "toolbar" }, h("span", null, "Sort by"), sortButtons, h("span", null, "Thumbnail"), thumbButtons, fvHint),
     grid,
   );
+}
+
+/** The header's account of a layer, each thing once: `64 units · each a 56×56 map` (a
+ * conv's C×H×W), `768 units · over 197 tokens` (a token layer: positions along one axis
+ * that stand for image patches), `2,048 units` (a vector: no positions, where the output
+ * shape would only repeat the unit count). Positions come from the stored layout (its
+ * axes count the batch); runs without one are `(N, C, ...)`. */
+export function unitsText(shapeNoBatch: number[], units: number, layout: Record<string, unknown> | null | undefined): string {
+  const count = `${fmt(units)} unit${units === 1 ? "" : "s"}`;
+  const positions = layout?.["positions"];
+  const batch = layout?.["batch"];
+  let sizes: number[];
+  if (Array.isArray(positions) && typeof batch === "number") {
+    const full = [...shapeNoBatch];
+    full.splice(batch, 0, 1);
+    sizes = positions.map((a: number) => full[a] ?? 1);
+  } else sizes = shapeNoBatch.slice(1);
+  if (!sizes.length || sizes.every((n) => n === 1)) return count;
+  if (sizes.length === 1) {
+    const tokens = Array.isArray(layout?.["boxes"]);
+    return `${count} · over ${fmt(sizes[0])} ${tokens ? "token" : "position"}${sizes[0] === 1 ? "" : "s"}`;
+  }
+  return `${count} · each a ${shape(sizes)} map`;
 }
 
 /** `7×7 px, stride 2×2` from the receptive-field record's y and x axes. */

@@ -184,6 +184,20 @@ interface MapValues {
   min: number | null;
   max: number | null;
   values: (number | null)[][];
+  /** How many values are not finite, by kind (`nan`, `+inf`, `-inf`); they are null in `values`. */
+  nonfinite?: Record<string, number>;
+}
+
+/** The colour of a value that is not finite, in the server's PNGs and here. */
+const NONFINITE = "rgb(255, 0, 255)";
+
+/** `3 NaN, 1 +inf`: the non-finite values by kind. */
+function kinds(counts: Record<string, number> | undefined): string {
+  const names: Record<string, string> = { nan: "NaN", "+inf": "+inf", "-inf": "−inf" };
+  return Object.entries(counts ?? {})
+    .filter(([, n]) => n > 0)
+    .map(([k, n]) => `${n} ${names[k] ?? k}`)
+    .join(", ");
 }
 
 /** The input channels that feed output `out` of a (grouped, possibly transposed) convolution. */
@@ -264,13 +278,21 @@ async function showOp(el: HTMLElement, ctx: PageContext, image: string, op: stri
           h("figcaption", null, `${side} ${c} (one value)`),
         );
       }
-      const flat = constantOf(side === "input" ? info.input : info.output, c);
+      const t = side === "input" ? info.input : info.output;
+      const flat = constantOf(t, c);
+      const bad = nonfiniteOf(t, c);
       const img = h("img", { class: "pixelated", src: ctx.api.pngUrl(`${base}/${side}/${c}.png`), alt: `${side} channel ${c}` });
       return h(
         "figure",
-        { class: flat === undefined ? "big-map" : "big-map constant", "data-side": side },
-        flat === undefined ? img : h("div", { class: "map-box" }, img, h("span", { class: "flat-value" }, constantText(flat))),
-        h("figcaption", null, `${side} ${c}`, flat === undefined ? "" : ` · constant ${constantText(flat)}`),
+        { class: "big-map" + (flat === undefined ? "" : " constant") + (bad ? " nonfinite" : ""), "data-side": side, "data-nonfinite": bad ? String(bad) : null },
+        flat === undefined ? img : h("div", { class: "map-box" }, img, h("span", { class: "flat-value" }, constantText(flat, bad))),
+        h(
+          "figcaption",
+          null,
+          `${side} ${c}`,
+          flat === undefined || flat === null ? "" : ` · constant ${constantText(flat, bad)}`,
+          bad ? h("span", { class: "nf-note" }, flat === null ? ` · all ${bad} values not finite (magenta)` : ` · ${bad} not finite (magenta)`) : "",
+        ),
       );
     };
     if (!kernel) return;
@@ -322,12 +344,27 @@ async function showOp(el: HTMLElement, ctx: PageContext, image: string, op: stri
         const img = h("img", { class: "pixelated", src: ctx.api.pngUrl(`${base}/${side}/${c}.png`), loading: "lazy", alt: `${side} channel ${c}`, width: 64, height: 64 });
         // a constant map has no range to scale: flat grey, its value written on it
         const flat = constantOf(t, c);
-        const face = flat === undefined ? img : h("div", { class: "map-box" }, img, h("span", { class: "flat-value" }, constantText(flat)));
+        // values that are not finite are magenta in the PNG; the tile says how many
+        const bad = nonfiniteOf(t, c);
+        const face =
+          flat === undefined && !bad
+            ? img
+            : h(
+                "div",
+                { class: "map-box" },
+                img,
+                flat === undefined ? null : h("span", { class: "flat-value" }, constantText(flat, bad)),
+                bad && flat !== null ? h("span", { class: "nf-badge" }, `${bad} n/f`) : null,
+              );
         const attrs = {
-          class: flat === undefined ? "fmap" : "fmap constant",
+          class: "fmap" + (flat === undefined ? "" : " constant") + (bad ? " nonfinite" : ""),
           "data-channel": c,
           "data-constant": flat === undefined ? null : String(flat),
-          title: `${side} channel ${c}` + (flat === undefined ? "" : `: constant, ${constantText(flat)} at every position`),
+          "data-nonfinite": bad ? String(bad) : null,
+          title:
+            `${side} channel ${c}` +
+            (flat === undefined ? "" : `: constant, ${constantText(flat, bad)} at every position`) +
+            (bad ? ` (${bad} value${bad === 1 ? "" : "s"} not finite: NaN or ±inf, magenta)` : ""),
         };
         box.append(
           kernel ? h("button", { type: "button", ...attrs, onclick: () => choose(side, c) }, face, h("span", null, c)) : h("div", attrs, face, h("span", null, c)),
@@ -355,13 +392,22 @@ async function showOp(el: HTMLElement, ctx: PageContext, image: string, op: stri
       t.note ? h("p", { class: "muted small map-note" }, t.note) : null,
     );
     if (!vector) {
-      const flats = Object.keys(t.constant ?? {}).length;
+      // (a map with no finite value is counted with the non-finite ones)
+      const flats = Object.values(t.constant ?? {}).filter((v) => v !== null).length;
+      const bads = Object.keys(t.nonfinite ?? {}).length;
       card.append(
         h(
           "p",
           { class: "muted small map-legend" },
-          "Each map is scaled to its own range: black its lowest value, white its highest. A constant map has no range: flat grey, its value written on it" +
+          "Each map is scaled to its own range of finite values: black its lowest value, white its highest. A constant map has no range: flat grey, its value written on it" +
             (flats ? ` (${flats} of ${t.channels} here).` : "."),
+          h(
+            "span",
+            { class: "nf-legend" },
+            h("span", { class: "nf-swatch", "aria-hidden": "true" }),
+            " Magenta: a value that is not finite (NaN or ±inf), left out of the range" +
+              (bads ? `; ${bads} of ${t.channels} map${t.channels === 1 ? "" : "s"} here hold such values, marked “n/f” with their count.` : " (none here)."),
+          ),
         ),
       );
     }
@@ -414,14 +460,19 @@ async function showOp(el: HTMLElement, ctx: PageContext, image: string, op: stri
   if (kernel) void showPair();
 }
 
+/** How many values of channel `c` are not finite (0: none). */
+function nonfiniteOf(t: FeatureSide | null, c: number): number {
+  return t?.nonfinite?.[String(c)] ?? 0;
+}
+
 /** The value of channel `c` when its map is constant (null: no finite value), else undefined. */
 function constantOf(t: FeatureSide | null, c: number): number | null | undefined {
   const v = t?.constant?.[String(c)];
   return v === undefined ? undefined : v;
 }
 
-function constantText(v: number | null): string {
-  return v === null ? "not finite" : `= ${fmt(v)}`;
+function constantText(v: number | null, nonfinite = 0): string {
+  return v === null ? "not finite" : `= ${fmt(v)}${nonfinite ? " where finite" : ""}`;
 }
 
 /** A vector side once loaded: its values, and a way to mark the chosen index. */
@@ -446,8 +497,9 @@ async function vectorView(el: HTMLElement, ctx: PageContext, url: string, side: 
   const n = raw.length;
   const vals = raw.map((v) => (v === null ? NaN : v));
   const order = vals.map((_, i) => i).filter((i) => Number.isFinite(vals[i])).sort((a, b) => vals[b] - vals[a] || a - b);
+  const bad = kinds(doc.nonfinite);
   if (!order.length) {
-    fill(el, notice(`${n} values, none finite.`));
+    fill(el, notice(`${n} values, none finite${bad ? ` (${bad})` : ""}.`));
     return null;
   }
   const hiI = order[0];
@@ -463,7 +515,13 @@ async function vectorView(el: HTMLElement, ctx: PageContext, url: string, side: 
       "p",
       { class: "small vec-range" },
       `${n} value${n === 1 ? "" : "s"} · min ${fmt(vals[loI])} at index ${loI} · max ${fmt(vals[hiI])} at index ${hiI} · mean ${fmt(mean)}`,
-      order.length < n ? ` · ${n - order.length} not finite` : "",
+      order.length < n
+        ? h(
+            "span",
+            { class: "nf-note" },
+            ` · ${n - order.length} not finite${bad ? ` (${bad})` : ""}, at ${n - order.length === 1 ? "index" : "indices"} ${nonfiniteIndexes(vals)}: left out of min, max, mean and the highest ${Math.min(10, order.length)}, marked magenta above the chart`,
+          )
+        : "",
     ),
     strip.svg,
     readout,
@@ -471,6 +529,12 @@ async function vectorView(el: HTMLElement, ctx: PageContext, url: string, side: 
     barChart(top.map((i) => ({ label: `index ${i}`, value: vals[i] })), { width: 360, xLabel: "value" }),
   );
   return { values: vals, select: strip.select };
+}
+
+/** The indexes of the values that are not finite: the first 5, and how many more. */
+function nonfiniteIndexes(vals: number[]): string {
+  const at = vals.flatMap((v, i) => (Number.isFinite(v) ? [] : [i]));
+  return at.slice(0, 5).join(", ") + (at.length > 5 ? ` and ${at.length - 5} more` : "");
 }
 
 /** Every value of a vector by index: a bar per index, or per pixel column the range of
@@ -524,6 +588,20 @@ function stripChart(vals: number[], readout: HTMLElement, side: string, pick?: (
     .attr("y", (b) => y(b.hi))
     .attr("height", (b) => Math.max(0.5, y(b.lo) - y(b.hi)));
   svg.append("line").attr("x1", m.left).attr("x2", width - m.right).attr("y1", y(0)).attr("y2", y(0)).attr("stroke", "#888").attr("stroke-width", 0.6);
+  // values that are not finite have no bar: a magenta mark above the plot at their index
+  const bad = vals.flatMap((v, i) => (Number.isFinite(v) ? [] : [i]));
+  svg
+    .append("g")
+    .attr("class", "nonfinite-marks")
+    .selectAll("rect")
+    .data(bad)
+    .join("rect")
+    .attr("x", (i) => x(i))
+    .attr("width", (i) => Math.max(1.5, x(i + 1) - x(i)))
+    .attr("y", 1)
+    .attr("height", m.top - 3)
+    .attr("fill", NONFINITE)
+    .attr("data-index", (i) => i);
   svg
     .append("g")
     .attr("transform", `translate(0,${height - m.bottom})`)
@@ -581,10 +659,15 @@ function graphHref(ctx: PageContext, label: string): string {
  * transposed `weight[in, out - group start]`). */
 function kernelGrid(k: KernelDoc, out: number, inp: number): HTMLElement {
   const rows = toRows(k.values as unknown);
-  const lim = Math.max(Math.abs(k.min), Math.abs(k.max)) || 1;
+  const lim = Math.max(Math.abs(k.min ?? 0), Math.abs(k.max ?? 0)) || 1;
   const cols = rows[0]?.length ?? 0;
   const cell = cols > 9 ? 14 : 44;
-  const color = (v: number) => {
+  const nf = k.nonfinite ?? {};
+  const bad = Object.values(nf).reduce((a, b) => a + b, 0);
+  // a weight that is not finite (null in the JSON): magenta, named by its kind when one
+  const only = Object.keys(nf).length === 1 ? ({ nan: "NaN", "+inf": "+inf", "-inf": "−inf" } as Record<string, string>)[Object.keys(nf)[0]] : "n/f";
+  const color = (v: number | null) => {
+    if (v === null || !Number.isFinite(v)) return NONFINITE;
     const t = Math.min(1, Math.abs(v) / lim);
     const [r, g, b] = v >= 0 ? [214, 39, 40] : [31, 119, 180];
     const mix = (c: number) => Math.round(255 + (c - 255) * t);
@@ -603,7 +686,11 @@ function kernelGrid(k: KernelDoc, out: number, inp: number): HTMLElement {
           h(
             "tr",
             null,
-            r.map((v) => h("td", { style: `background:${color(v)}`, title: String(v), "data-value": String(v) }, cols <= 9 ? fmt(v, 2) : "")),
+            r.map((v) =>
+              v === null || !Number.isFinite(v)
+                ? h("td", { class: "nonfinite", style: `background:${color(v)}`, title: `not finite (${only})`, "data-value": "nonfinite" }, cols <= 9 ? only : "")
+                : h("td", { style: `background:${color(v)}`, title: String(v), "data-value": String(v) }, cols <= 9 ? fmt(v, 2) : ""),
+            ),
           ),
         ),
       ),
@@ -613,16 +700,18 @@ function kernelGrid(k: KernelDoc, out: number, inp: number): HTMLElement {
       null,
       `${k.param ?? "weight"}[${(k.index ?? [out, inp]).join(", ")}] ${shape(k.shape)}`,
       h("br"),
-      `input ${inp} → output ${out}${k.transposed ? " (transposed: weight[in, out within the group])" : (k.groups ?? 1) > 1 ? " (weight[out, in within the group])" : ""} · min ${fmt(k.min)} · max ${fmt(k.max)}`,
+      `input ${inp} → output ${out}${k.transposed ? " (transposed: weight[in, out within the group])" : (k.groups ?? 1) > 1 ? " (weight[out, in within the group])" : ""} · ` +
+        (k.min === null || k.max === null ? "no finite weight" : `min ${fmt(k.min)} · max ${fmt(k.max)}`),
+      bad ? h("span", { class: "nf-note" }, ` · ${bad} weight${bad === 1 ? "" : "s"} not finite (${kinds(nf)}; magenta), left out of min and max`) : "",
     ),
   );
 }
 
 /** Kernel values of any rank as rows: a scalar (linear) is 1x1, a vector one row, and
  * leading axes of a 3-D slice (conv3d) are stacked. */
-function toRows(v: unknown): number[][] {
-  if (typeof v === "number") return [[v]];
+function toRows(v: unknown): (number | null)[][] {
+  if (typeof v === "number" || v === null) return [[v]];
   if (!Array.isArray(v)) return [];
-  if (v.every((x) => typeof x === "number")) return [v as number[]];
+  if (v.every((x) => typeof x === "number" || x === null)) return [v as (number | null)[]];
   return v.flatMap((x) => toRows(x));
 }

@@ -23,7 +23,16 @@ from ..classes import no_scores
 from ..deps import MODEL_MADE, entry, live_call, session
 from ..errors import ApiError
 from ..schemas import FeatureSide, KernelInfo, KernelValues, LiveImage, LiveOp, MapValues
-from ..session import Maps, Session, constant_maps, finite_range, json_values, map_png
+from ..session import (
+    Maps,
+    Session,
+    constant_maps,
+    finite_range,
+    json_values,
+    map_png,
+    nonfinite_counts,
+    nonfinite_maps,
+)
 from . import json_get
 
 router = APIRouter(prefix="/api", tags=["live"])
@@ -191,6 +200,7 @@ def _side(m: Maps) -> FeatureSide:
         note=m.note,
         one_value_maps=m.one_value_maps,
         constant={} if m.one_value_maps else constant_maps(m.maps),
+        nonfinite=nonfinite_maps(m.maps),
     )
 
 
@@ -262,17 +272,21 @@ async def channel_png(
     side: Literal["input", "output"],
     channel: int = Path(ge=0, le=2**31),
 ) -> Response:
-    def work(s: Session) -> tuple[bytes, int, float | None, float | None]:
+    def work(s: Session) -> tuple[tuple[bytes, int, float | None, float | None], int]:
         _, a = _channel_map(s, image, op, side, channel)
-        return map_png(a)
+        return map_png(a), int(a.size - np.isfinite(a).sum())
 
-    data, scale, lo, hi = await live_call(request, run_id, work)
+    (data, scale, lo, hi), nonfinite = await live_call(request, run_id, work)
     headers = {
         **MODEL_MADE,
         "X-Lurker-Scale": str(scale),
-        "X-Lurker-Min": repr(lo) if lo is not None else "nan",
-        "X-Lurker-Max": repr(hi) if hi is not None else "nan",
-        "Access-Control-Expose-Headers": "X-Lurker-Scale, X-Lurker-Min, X-Lurker-Max",
+        # over the finite values: "none" when no value is finite
+        "X-Lurker-Min": repr(lo) if lo is not None else "none",
+        "X-Lurker-Max": repr(hi) if hi is not None else "none",
+        "X-Lurker-Nonfinite": str(nonfinite),
+        "Access-Control-Expose-Headers": (
+            "X-Lurker-Scale, X-Lurker-Min, X-Lurker-Max, X-Lurker-Nonfinite"
+        ),
     }
     return Response(data, media_type="image/png", headers=headers)
 
@@ -294,7 +308,13 @@ async def channel_json(
     def work(s: Session) -> MapValues:
         _, a = _channel_map(s, image, op, side, channel)
         lo, hi = finite_range(a)
-        return MapValues(shape=list(a.shape), min=lo, max=hi, values=json_values(a))
+        return MapValues(
+            shape=list(a.shape),
+            min=lo,
+            max=hi,
+            values=json_values(a),
+            nonfinite=nonfinite_counts(a),
+        )
 
     return await live_call(request, run_id, work)
 
@@ -365,6 +385,7 @@ def _kernel(s: Session, op: str, out: int, inp: int) -> KernelValues:
         min=lo,
         max=hi,
         values=json_values(grid),
+        nonfinite=nonfinite_counts(grid),
         param=k.param,
         index=list(idx),
         groups=k.groups,
