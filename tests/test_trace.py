@@ -991,3 +991,104 @@ def test_a_long_forward_reads_its_code_positions_once(monkeypatch):
     sins = [ops for ops in tr.rolled().values() if ops[0].name == "sin"]
     assert len(sins) == lines  # each line its own rolled op: nothing merged
     assert len(scanned) == 1
+
+
+# ---------------------------------------------------------------- lazy modules, state changes
+def _lazy_mlp() -> nn.Module:
+    return nn.Sequential(nn.LazyLinear(5), nn.ReLU(), nn.LazyLinear(2))
+
+
+def _lazy_cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.LazyConv2d(4, 3), nn.LazyBatchNorm2d(), nn.ReLU(), nn.Flatten(), nn.LazyLinear(3)
+    ).eval()
+
+
+@pytest.mark.parametrize(
+    ("make", "shape"), [(_lazy_mlp, (4, 3)), (_lazy_cnn, (2, 3, 8, 8))], ids=["mlp", "cnn"]
+)
+def test_a_lazy_model_traced_on_its_first_forward(make, shape) -> None:
+    """A lazy model traced on its first forward gives the graph of the same model already
+    materialized (the oracle: same seed, one untraced forward first): the same ops, the
+    parameters' real shapes, the plain module classes; it validates and replays, and the
+    materialization is named in state_changes."""
+    x = torch.randn(*shape)
+    torch.manual_seed(0)
+    oracle = make()
+    want = oracle(x)  # materializes it, with the same initial weights
+    ref = lurker.trace(oracle, x)
+    torch.manual_seed(0)
+    model = make()
+    tr = lurker.trace(model, x)
+    torch.testing.assert_close(tr.output, want, rtol=0, atol=0)
+    assert [(op.label, op.kind) for op in tr] == [(op.label, op.kind) for op in ref]
+    assert [op.params for op in tr] == [op.params for op in ref]
+    assert tr.param_shapes == {n: tuple(p.shape) for n, p in oracle.named_parameters()}
+    assert {p: (m.type, m.num_params) for p, m in tr.modules.items()} == {
+        p: (m.type, m.num_params) for p, m in ref.modules.items()
+    }
+    assert tr.num_params == sum(p.numel() for p in oracle.parameters())
+    assert tr.state_changes == [
+        f"parameter {n} materialized by its lazy module {tuple(p.shape)}"
+        for n, p in oracle.named_parameters()
+    ]
+    report = tr.validate()
+    assert report.output_checked and report.checked == len(tr.compute_ops)
+    assert report.state_changes == tr.state_changes
+    x2 = torch.randn(*shape)
+    torch.testing.assert_close(tr.run(x2).output, oracle(x2), rtol=0, atol=0)
+    torch.testing.assert_close(tr.run(x)[tr.compute_ops[0].label], ref.compute_ops[0].activation)
+
+
+def test_a_lazy_model_after_a_random_op_says_it_cannot_compare_the_output() -> None:
+    """Dropout before a lazy layer draws random numbers before the layer's initial weights
+    do; an untraced forward of the materialized model cannot draw the same ones, and
+    validation says so rather than report a false mismatch."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Dropout(0.5), nn.LazyLinear(3)).train()
+    tr = lurker.trace(model, torch.randn(4, 6))
+    report = tr.validate()
+    assert report.checked == len(tr.compute_ops)
+    assert not report.output_checked
+    assert "random op ran before a lazy module" in report.output_skipped
+    assert "output not compared" in str(report)
+
+
+def _changed_values(model: nn.Module, before: dict[str, torch.Tensor]) -> set[str]:
+    now = dict(itertools.chain(model.named_parameters(), model.named_buffers()))
+    return {n for n, t in now.items() if not torch.equal(t, before[n])}
+
+
+def _values(model: nn.Module) -> dict[str, torch.Tensor]:
+    named = itertools.chain(model.named_parameters(), model.named_buffers())
+    return {n: t.detach().clone() for n, t in named}
+
+
+def test_state_changes_lists_running_statistics_updated_in_place() -> None:
+    """Batch norm in training mode updates its running statistics in place: the trace
+    lists each one (the oracle: the buffers whose values differ after the forward), as
+    the validation report does; in eval mode it lists nothing."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.BatchNorm2d(4))
+    x = torch.randn(2, 3, 8, 8)
+    before = _values(model.train())
+    tr = lurker.trace(model, x)
+    changed = _changed_values(model, before)
+    assert len(changed) == 6
+    assert sorted(tr.state_changes) == sorted(f"buffer {n} updated in place" for n in changed)
+    assert sorted(tr.validate().state_changes) == sorted(tr.state_changes)
+    before = _values(model.eval())
+    tr = lurker.trace(model, x)
+    assert _changed_values(model, before) == set() and tr.state_changes == []
+
+
+def test_settled_trace_does_not_trace_again_for_values_written_in_place() -> None:
+    """Running statistics updated in place do not change the graph: settled_trace runs
+    the forward once (it traces again only for reassigned attributes and caches)."""
+    from lurker.capture import settled_trace
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).train()
+    calls = []
+    model.register_forward_hook(lambda *a: calls.append(1))
+    tr = settled_trace(model, torch.randn(5, 3))
+    assert tr.state_changes and len(calls) == 1

@@ -387,6 +387,84 @@ def test_a_parameter_written_in_place_in_forward_validates(via_data: bool) -> No
         tr.validate()
 
 
+@pytest.mark.parametrize("via_data", [True, False])
+def test_state_changes_lists_a_parameter_written_in_place(via_data: bool) -> None:
+    """tr.state_changes names the EMA codebook update (the oracle: the parameters whose
+    values an untraced forward changes), as the validation report does."""
+    torch.manual_seed(0)
+    model = EMACodebook(via_data)
+    x = torch.randn(6, 3)
+    twin = copy.deepcopy(model)
+    before = {n: p.detach().clone() for n, p in twin.named_parameters()}
+    twin(x)
+    changed = [n for n, p in twin.named_parameters() if not torch.equal(p, before[n])]
+    tr = lurker.trace(model, x)
+    assert tr.state_changes == [f"parameter {n} updated in place" for n in changed]
+    assert tr.validate().state_changes == tr.state_changes
+
+
+class ReplacesWeight(nn.Module):
+    """Replaces a parameter's storage in forward, without an op (``p.data = ...``), before
+    or after the ops that read it."""
+
+    def __init__(self, where: str) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 4)
+        self.where = where
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.where == "start":
+            self.fc.weight.data = self.fc.weight.detach() * 0.5
+        y = self.fc(x).relu() @ self.fc.weight
+        if self.where == "end":
+            self.fc.weight.data = self.fc.weight.detach() * 0.5
+        return y
+
+
+@pytest.mark.parametrize("where", ["start", "end"])
+def test_a_parameter_replaced_in_forward_is_reported_and_validates(where: str) -> None:
+    """``p.data = new`` is named in state_changes; validation re-runs the ops that read the
+    parameter on the value they read (going in, or after the replacement), runs the
+    untraced forward from the value going in, and leaves the model as the traced forward
+    left it (the oracle: an untraced twin, one forward)."""
+    torch.manual_seed(0)
+    model = ReplacesWeight(where)
+    x = torch.randn(2, 3)
+    twin = copy.deepcopy(model)
+    want = twin(x)
+    tr = lurker.trace(model, x)
+    _same(tr.output, want)
+    assert tr.state_changes == ["parameter fc.weight replaced (p.data = ...)"]
+    for _ in range(2):
+        report = tr.validate()
+        assert report.output_checked and report.checked == len(tr.compute_ops)
+        assert report.state_changes == tr.state_changes
+        torch.testing.assert_close(model.fc.weight.detach(), twin.fc.weight, rtol=0, atol=0)
+    # a real mismatch is still caught, and the message names the replacement
+    linear = next(op for op in tr if op.name == "linear")
+    linear.activation.add_(1)
+    with pytest.raises(ValidationError, match="replaced"):
+        tr.validate()
+
+
+def test_a_parameter_replaced_with_another_shape_is_reported() -> None:
+    class Grows(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.table = nn.Parameter(torch.randn(2, 3))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = x @ self.table.t()
+            self.table.data = torch.cat([self.table.detach(), x[:1].detach()])
+            return y
+
+    model = Grows()
+    tr = lurker.trace(model, torch.randn(1, 3))
+    assert tr.state_changes == ["parameter table replaced (p.data = ..., (2, 3) -> (3, 3))"]
+    assert tr.validate().output_checked
+    assert model.table.shape == (3, 3)  # as the traced forward left it
+
+
 class TwoWays(nn.Module):
     """Both branches call a linear layer: the same callables, other parameters."""
 

@@ -194,6 +194,12 @@ class _ModelIndex:
         self.param_refs: dict[str, ParamRef] = {}  # shared by every op that uses one
         self.buffers: dict[int, str] = {}
         self.param_modules: set[str] = set()  # modules whose subtree holds parameters
+        # each parameter once, with its name, for the per-trace check of `p.data = ...`
+        # (a lazy module's uninitialized ones left out: they have no storage yet)
+        self.param_list: list[Tensor] = []
+        self.param_list_names: list[str] = []
+        # lazy modules whose first forward will materialize their parameters: (path, module)
+        self.lazy: list[tuple[str, nn.Module]] = []
         parents: dict[str, str | None] = {}
         children: dict[str, list[str]] = {}
         counts: dict[str, dict[int, int]] = {}
@@ -215,6 +221,7 @@ class _ModelIndex:
                 self.paths[id(mod)] = path
             prefix = f"{path}." if path else ""
             held: dict[int, int] = {}  # its parameters, shared ones too: id -> numel
+            lazy = False
             for n, p in mod._parameters.items():
                 if p is None:
                     continue
@@ -226,6 +233,13 @@ class _ModelIndex:
                 self.params[id(p)] = name
                 self.param_shapes[name] = shape
                 self.param_refs[name] = ParamRef(name, shape)
+                if isinstance(p, _UNINITIALIZED):
+                    lazy = True
+                elif p.layout is torch.strided:  # (a sparse tensor has no data pointer)
+                    self.param_list.append(p)
+                    self.param_list_names.append(name)
+            if lazy and hasattr(mod, "_initialize_hook"):  # its init pre-hook has not run
+                self.lazy.append((path, mod))
             counts[path] = held
             for n, b in mod._buffers.items():
                 if b is not None and id(b) not in self.buffers:
@@ -316,6 +330,7 @@ class _Core:
         self.param_writes: dict[str, list[tuple[int, Tensor]]] = {}
         self._param_storages: dict[int, tuple[str, Tensor]] | None = None
         self.stale_hit = False
+        self.index: _ModelIndex | None = None  # set by attach()
         self.params: dict[int, str] = {}
         self.param_shapes: dict[str, tuple[int, ...]] = {}
         self.param_refs: dict[str, ParamRef] = {}
@@ -392,6 +407,7 @@ class _Core:
     def attach(self) -> None:
         """Index modules, parameters and buffers (cached per model while its tree is unchanged)."""
         idx = _model_index(self.model)
+        self.index = idx
         self.paths = idx.paths
         self.params = idx.params
         self.param_shapes = idx.param_shapes

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from ..errors import LurkerError, MemoryLimitError, TraceError, first_three
 from ..graph.graph import Graph
 from ..graph.nodes import Op
-from . import _context, _hooks, _state
+from . import _context, _hooks, _lazy, _state
 from ._build import build
 from ._hooks import HookFn
 from ._memory import fmt_bytes, parse_max_memory
@@ -98,6 +98,11 @@ def trace(
         inputs_copy = (map_tensors(args, _copy), map_tensors(kwargs, _copy))
     rng = _context.current(rng=True, grad=rec.grad0)  # the state it starts in
     rec.attach()
+    idx = rec.index
+    # lazy modules materialize their parameters in this forward: unrecorded (see _lazy)
+    lazy = _lazy.LazyInits(rec, idx.lazy) if idx.lazy else None
+    params, param_names = idx.param_list, idx.param_list_names
+    kept = _state.held(params) if params else None  # to tell `p.data = ...` afterwards
     state = _state.snapshot(rec.modules)
     model_hooks = _hooks.model_hooks(rec.modules)  # (a replay that diverges compares)
     rec.stop_frame = sys._getframe()
@@ -125,19 +130,69 @@ def trace(
             # not chain the model's frames (and the tensors they hold)
         finally:
             rec.release_frames()
+            if lazy is not None:
+                lazy.restore()
         if rec.over_limit is not None:  # (also if the model caught the signal and went on)
             raise _memory_error(model, rec, inputs_copy, rng)
         wall = perf_counter() - t0
+        # what the forward changed in the model besides reassignments (below): every list
+        # here is empty, and costs nothing, for a model that writes nothing
+        changes: list[str] = []
+        no_output_check = None
+        if lazy is not None and lazy.done:
+            changes += _lazy_lines(lazy)
+            lazy.update(rec)
+            model_hooks = _hooks.model_hooks(rec.modules)  # the init hooks removed themselves
+            if lazy.random_before():
+                no_output_check = (
+                    "a random op ran before a lazy module drew its initial weights, and an "
+                    "untraced forward of the materialized model cannot draw the same numbers"
+                )
+            else:  # what the forward's random ops drew from, as a materialized model would
+                rng = rng._replace(rng=lazy.done[-1][2])
         if rec.model_writes:
+            changes += _inplace_lines(rec)
             rec.detach_from_model()
+        gone = _state.replaced(params, param_names, kept) if kept else {}
+        if gone:
+            now = dict(zip(param_names, params))
+            changes += [_state.replaced_line(n, old, now[n]) for n, old in gone.items()]
         tr = Trace._build(rec, output, inputs_copy, rng, wall, complete=True)
         tr._state = _state.changes(state)
+        tr._changes = changes
+        tr._param_replaced = gone
+        tr._no_output_check = no_output_check
         tr._model_hooks = model_hooks
         check_patterns(policy, tr.ops, tr.modules)
         return tr
     finally:
         if gc_was_on:
             gc.enable()
+
+
+def _lazy_lines(lazy: _lazy.LazyInits) -> list[str]:
+    """A line per parameter a lazy module materialized in the traced forward."""
+    mods = lazy.rec.modules
+    out = []
+    for path, _n, _rng in lazy.done:
+        prefix = f"{path}." if path else ""
+        for n, p in mods[path]._parameters.items():
+            if p is not None:
+                out.append(
+                    f"parameter {prefix}{n} materialized by its lazy module {tuple(p.shape)}"
+                )
+    return out
+
+
+def _inplace_lines(rec: Recorder) -> list[str]:
+    """A line per parameter and buffer the forward's ops wrote into in place (running
+    statistics, an EMA codebook): the recorder noted each write, so this is per write,
+    after the forward, not per op."""
+    out = [f"parameter {n} updated in place" for n in rec.param_writes]
+    names = rec.buffers
+    bufs = dict.fromkeys(names[id(t)] for t in rec.model_writes if id(t) in names)
+    out += [f"buffer {n} updated in place" for n in bufs]
+    return out
 
 
 def settled_trace(model: nn.Module, *args: Any, **kwargs: Any) -> Trace:
@@ -149,7 +204,10 @@ def settled_trace(model: nn.Module, *args: Any, **kwargs: Any) -> Trace:
     rules) traces such a model again once its state has settled.
     """
     tr = trace(model, *args, **kwargs)
-    if tr.state_changes:
+    # reassigned attributes and filled caches change the graph; values written into
+    # parameters and buffers (running statistics) do not, nor a lazy module's first
+    # forward (its set-up is not recorded)
+    if tr._state:
         tr = trace(model, *args, **kwargs)
     return tr
 
@@ -547,6 +605,14 @@ class Trace(Graph):
         # parameters the forward wrote into in place (an EMA codebook): name -> (index of
         # the writing op, the value just before it), for validation
         self._param_writes: dict[str, list[tuple[int, Tensor]]] = {}
+        # what the forward changed besides reassignments (_state): lazy parameters
+        # materialized, parameters and buffers written in place, storages replaced
+        self._changes: list[str] = []
+        # parameters whose storage the forward replaced (`p.data = ...`): name -> the
+        # tensor it held going in
+        self._param_replaced: dict[str, Tensor] = {}
+        # why validation cannot compare the output with an untraced forward, if it cannot
+        self._no_output_check: str | None = None
         self._transform: Callable[[Tensor], Tensor] | None = None
         self._model_hooks: _hooks.ModelHooks = {}  # the model's own hooks when traced
         # the `with trace.hooks()` blocks, per thread: a block applies to the runs of the
@@ -561,9 +627,12 @@ class Trace(Graph):
 
     @property
     def state_changes(self) -> list[str]:
-        """What the traced forward changed in the model's own state (attributes reassigned,
-        buffers written, caches filled), one line each; empty when it changed nothing."""
-        return list(self._state.lines)
+        """What the traced forward changed in the model's own state, one line each: buffers,
+        parameters and attributes reassigned, caches filled, a lazy module's parameters
+        materialized, buffers and parameters updated in place (running statistics, an EMA
+        codebook), a parameter's storage replaced (``p.data = ...``); empty when it changed
+        nothing. ``tr.validate().state_changes`` lists the same."""
+        return [*self._state.lines, *self._changes]
 
     def constant(self, key: str | int) -> Tensor:
         """The tensor a ``constant`` node stands for: one the forward read from outside
