@@ -492,9 +492,9 @@ def test_explain_options_read_as_typed(monkeypatch, tmp_path: Path):
     seen: list[dict] = []
     real = xp.explain
 
-    def spy(model, x, target=None, method="saliency", **options):
+    def spy(model, x, target=None, method="saliency", channel_dim=None, **options):
         seen.append(options)
-        return real(model, x, target=target, method=method, **options)
+        return real(model, x, target=target, method=method, channel_dim=channel_dim, **options)
 
     monkeypatch.setattr(xp, "explain", spy)
     r = _explain(tmp_path, "-m", "saliency", "--option", "abs=false")

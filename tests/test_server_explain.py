@@ -453,3 +453,49 @@ def test_notes_are_collected_per_thread_and_leave_warnings_as_they_were():
         assert shown == []
         warn("after")
         assert [str(w.message) for w in shown] == ["after"]
+
+
+class _TokenMeanNet(torch.nn.Module):
+    """A transformer on 4x4 patches whose head averages every token (as Swin's does),
+    with no class token: after its last attention every token still reaches the target."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Conv2d(1, 16, 4, stride=4)
+        self.block = torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        self.norm = torch.nn.LayerNorm(16)
+        self.head = torch.nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.embed(x).flatten(2).transpose(1, 2)  # (B, 16 tokens, 16)
+        return self.head(self.norm(self.block(t)).mean(1))
+
+
+def test_default_gradcam_layer_of_a_token_averaging_head_is_its_last_map(tmp_path, x):
+    """The page's default Grad-CAM layer skipped every layer after the last attention,
+    right for a class-token head (ViT, test above) but not for a head that averages all
+    tokens (Swin): its last stage was never the default. Oracle: lurker.explain's own
+    default layer, the last map the target's gradient reaches, and that gradient."""
+    from lurker.probe import probe
+
+    torch.manual_seed(0)
+    model = _TokenMeanNet().eval()
+    data = load_dataset("digits:test", 16, channels=1)
+    run = probe(
+        model, data, out=tmp_path / "tm", k=3, batch_size=128, progress=False,
+        meta={"data": "digits:test"},
+    )  # fmt: skip
+    assert run is not None
+    run.close()
+    from lurker.explain.gradcam import layer_and_grad
+
+    with TestClient(create_app(tmp_path / "tm", model_obj=model)) as c:
+        default = c.get("/api/runs/tm/explain/methods").json()["default_layer"]
+        cam = c.get(f"/api/runs/tm/live/sample-{SAMPLE}/explain/gradcam").json()
+    # the last probed map (the block's ReLU, after the attention; before the fix: "embed")
+    assert default == "relu_1" and cam["layer"] == "relu_1" and cam["max"] > 0
+    _, g, _, _ = layer_and_grad(model, x, cam["target_class"], "relu_1")
+    assert g.shape[-2:] == (4, 4) and bool((g.abs().amax(1) > 0).all())  # every token reaches
+    heat = _oracle(model, x, "gradcam", cam["target_class"], cam["options"]).heatmap(0)
+    assert cam["sum"] == pytest.approx(float(heat.sum()), rel=1e-4, abs=1e-4)
+    assert cam["max"] == pytest.approx(float(heat.max()), rel=1e-4, abs=1e-6)

@@ -696,6 +696,15 @@ Examples:
     "output that holds the units (counting the batch axis).",
 )
 @click.option(
+    "--channel-dim",
+    type=int,
+    default=None,
+    metavar="AXIS",
+    help="The axis of the model's input that holds the channels (counting the batch axis): "
+    "-1 for a model that takes (B, H, W, C) images. The image is given to the model so. "
+    "Default: (B, C, H, W).",
+)
+@click.option(
     "--option",
     "options",
     multiple=True,
@@ -728,6 +737,7 @@ def explain(
     target: str,
     layer: str | None,
     unit_dim: int | None,
+    channel_dim: int | None,
     options: tuple[str, ...],
     mean: str | None,
     std: str | None,
@@ -743,7 +753,13 @@ def explain(
     gradcam_plus_plus, occlusion, lrp; see docs/explain.md.
     """
     from . import explain as explain_pkg
-    from .explain.cli import check_runs, load_image, parse_options, parse_target
+    from .explain.cli import (
+        check_runs,
+        image_channels_at,
+        load_image,
+        parse_options,
+        parse_target,
+    )
     from .models import image_channels, load_model
 
     if method not in explain_pkg.METHODS:  # before the model is built
@@ -772,14 +788,26 @@ def explain(
             "--target (an int or top), not a unit",
             param_hint="'--evaluate'",
         )
+    if channel_dim is not None and channel_dim not in (1, 2, 3, -1, -2, -3):
+        raise click.BadParameter(
+            f"{channel_dim}: an image batch has axes 0 (the batch) to 3: give 1 for "
+            "(B, C, H, W) or -1 (3) for (B, H, W, C)",
+            param_hint="'--channel-dim'",
+        )
     net = load_model(model, weights, device=device)
-    channels = image_channels(net, image_size, device=device) or 3
+    if channel_dim is None or channel_dim == 1:
+        channels = image_channels(net, image_size, device=device) or 3
+    else:
+        channels = image_channels_at(net, image_size, channel_dim, device=device)
     mean_, std_ = _floats(mean, "--mean"), _floats(std, "--std")
     x, shown = load_image(Path(image).expanduser(), image_size, channels, mean_, std_)
+    if channel_dim is not None:  # the model's own layout; the overlay's picture the same
+        x = x.movedim(1, channel_dim).contiguous()
+        shown = shown.movedim(0, channel_dim - 1 if channel_dim > 0 else channel_dim)
     x = x.to(device)
     check_runs(net, x, image_size)
     try:
-        e = explain_pkg.explain(net, x, target=goal, method=method, **opts)
+        e = explain_pkg.explain(net, x, target=goal, method=method, channel_dim=channel_dim, **opts)
     except LurkerError as err:
         unit = goal if isinstance(goal, explain_pkg.UnitTarget) else None
         head, _, tail = unit.layer.rpartition(":") if unit is not None else ("", "", "")

@@ -57,7 +57,13 @@ from .relevance import Concepts, concepts  # noqa: E402
 
 
 def explain(
-    model: nn.Module, x: Tensor, target: Any = None, method: str = "saliency", **options: Any
+    model: nn.Module,
+    x: Tensor,
+    target: Any = None,
+    method: str = "saliency",
+    *,
+    channel_dim: int | None = None,
+    **options: Any,
 ) -> Explanation:
     """Attribute ``model``'s decision on the batch ``x`` to its input.
 
@@ -65,12 +71,15 @@ def explain(
     unit ``(layer, channel[, y, x])`` (module path or trace label). ``method``: one of
     :data:`METHODS`; ``options`` are the method's own (an unknown one is an error naming
     the valid ones). The model is left exactly as it was: no hooks, same
-    ``requires_grad`` flags, also when a method raises.
+    ``requires_grad`` flags, also when a method raises. ``channel_dim``: the input's
+    channel axis (counting the batch axis; -1 for channels-last), for a model whose graph
+    does not show it: by default lurker follows the input through the model to the first
+    op that reads an axis as channels (a ``permute`` before a convolution is followed).
     """
     cls = METHODS.get(method) if isinstance(method, str) else None
     if cls is None:
         raise LurkerError(f"unknown explanation method {method!r}; supported: {', '.join(METHODS)}")
-    return cls().attribute(model, x, target, **options)
+    return cls().attribute(model, x, target, channel_dim=channel_dim, **options)
 
 
 class _CallableModule(types.ModuleType):

@@ -20,6 +20,7 @@ from ..errors import LurkerError, TraceError
 if TYPE_CHECKING:
     from PIL import Image
 
+    from .axes import InputAxes
     from .targets import UnitTarget
 
 __all__ = ["METHODS", "Explanation", "Method", "register", "untouched"]
@@ -48,14 +49,28 @@ class Explanation:
     #: every channel of a pixel holds the pixel's whole value, not a share of it (Grad-CAM's
     #: map repeated over the channels; occlusion by windows across all channels)
     repeated: bool = False
+    #: where the input holds its channels and its image's rows and columns (found from the
+    #: model's graph, or ``channel_dim=``); None: the ``(B, C, H, W)`` convention
+    axes: InputAxes | None = None
 
     def heatmap(self, index: int = 0) -> Tensor:
         """Row ``index``'s attribution as one ``(H, W)`` map: channels summed (a signed
         method keeps its sign; an unsigned one, such as saliency, is already >= 0), or
-        where each channel holds the whole value (``repeated``), that value."""
+        where each channel holds the whole value (``repeated``), that value. The channel
+        axis is the input's own (``axes``): the last one of a channels-last input. An
+        input that is not an image (a ``(B, C, L)`` sequence) is refused."""
         a = self.attribution
         if not 0 <= index < a.shape[0]:
             raise LurkerError(f"index {index} out of range: this explanation has {a.shape[0]} rows")
+        ax = self.axes
+        if ax is not None:
+            if ax.image is None:
+                raise ax.not_an_image(a.shape, "a heatmap")
+            a = a[index].detach().float().cpu()
+            if ax.channel is None:
+                return a
+            c = ax.channel - 1
+            return a.select(c, 0).clone() if self.repeated else a.sum(c)
         a = a[index].detach().float().cpu()
         if a.dim() == 3:
             return a[0].clone() if self.repeated else a.sum(0)
@@ -70,14 +85,23 @@ class Explanation:
     ) -> Image.Image:
         """The heatmap of row ``index`` over its image, as an RGB PIL image.
 
-        ``image``: the picture to draw on (a ``(C, H, W)`` tensor in [0, 1] or a PIL
+        ``image``: the picture to draw on (a tensor in [0, 1] laid out as one row of the
+        input, e.g. ``(H, W, C)`` for a channels-last model, or ``(C, H, W)``; or a PIL
         image); None draws on a grey plate. Signed methods use a diverging map (blue
         negative, white zero, red positive, one scale for both signs, so zero stays
         white); unsigned ones a sequential map from transparent to hot.
         """
         from .overlay import overlay
 
-        return overlay(self.heatmap(index), image, signed=self.signed, alpha=alpha)
+        heat = self.heatmap(index)
+        channel = 0
+        ax = self.axes
+        if ax is not None and ax.channel is not None and isinstance(image, Tensor):
+            # a row of the input (or a batch of one of them): its channel axis is the input's
+            row = self.attribution.dim() - 1
+            if image.dim() in (row, row + 1):
+                channel = ax.channel - 1 if image.dim() == row else ax.channel
+        return overlay(heat, image, signed=self.signed, alpha=alpha, channel_dim=channel)
 
 
 class Method:
@@ -94,11 +118,24 @@ class Method:
     #: one line: what it computes and where it comes from (the docs and errors list it)
     summary: ClassVar[str] = ""
 
+    #: where the input being explained holds its channels and image (set by :meth:`attribute`)
+    axes: InputAxes | None = None
+
     def attribute(
-        self, model: nn.Module, x: Tensor, target: Any = None, **options: Any
+        self,
+        model: nn.Module,
+        x: Tensor,
+        target: Any = None,
+        *,
+        channel_dim: int | None = None,
+        **options: Any,
     ) -> Explanation:
         """Explain ``model``'s decision on the batch ``x`` for ``target`` (see
-        :mod:`lurker.explain.targets`); ``options`` are the method's own."""
+        :mod:`lurker.explain.targets`); ``options`` are the method's own. ``channel_dim``:
+        the input's channel axis (batch counted), where lurker should not find it from the
+        model's graph (:func:`lurker.explain.axes.input_axes`)."""
+        from .axes import input_axes
+
         x = check_input(model, x, f"method {self.name!r}")
         allowed = [
             p.name
@@ -111,13 +148,17 @@ class Method:
                 f"method {self.name!r} has no option {bad[0]!r}; its options are: "
                 + (", ".join(allowed) or "none")
             )
+        self.axes = input_axes(model, x, channel_dim)
         with (
             input_errors(model, x),
             untouched(model),
             no_param_grads(model),
             torch.enable_grad(),
         ):
-            return self.compute(model, x, target, **options)
+            out = self.compute(model, x, target, **options)
+        if out.axes is None and tuple(out.attribution.shape) == tuple(x.shape):
+            out.axes = self.axes
+        return out
 
     def compute(self, model: nn.Module, x: Tensor, target: Any) -> Explanation:
         """The method itself; options are keyword-only parameters after ``target``."""

@@ -153,6 +153,23 @@ def _typed_option(method: str, key: str, text: str, value: Any) -> Any:
     )
 
 
+def image_channels_at(
+    model: torch.nn.Module, image_size: int, channel_dim: int, device: Any = "cpu"
+) -> int:
+    """How many channels ``model`` takes with its channels on axis ``channel_dim`` (a
+    channels-last model): 3 if it runs on a blank 3-channel image so laid out, else 1 if it
+    runs on a 1-channel one, else 3 (then :func:`check_runs` says what fails)."""
+    for channels in (3, 1):
+        blank = torch.zeros(1, channels, image_size, image_size, device=device)
+        try:
+            with torch.no_grad():
+                model(blank.movedim(1, channel_dim))
+        except Exception:  # not this many channels (or not at all: check_runs says why)
+            continue
+        return channels
+    return 3
+
+
 def check_runs(model: torch.nn.Module, x: Tensor, image_size: int) -> None:
     """Run ``model`` once on the loaded image, so that a model that rejects it (a ViT
     built for another image size) is reported as such, not as a traceback from the
@@ -167,5 +184,6 @@ def check_runs(model: torch.nn.Module, x: Tensor, image_size: int) -> None:
         raise LurkerError(
             f"{type(model).__name__} fails on the image as loaded, a tensor of shape "
             f"{tuple(x.shape)} (--image-size {image_size}): {type(e).__name__}: {said} If "
-            "the model takes another image size, pass it with --image-size."
+            "the model takes another image size, pass it with --image-size; if it takes "
+            "channels-last images (B, H, W, C), pass --channel-dim -1."
         ) from e

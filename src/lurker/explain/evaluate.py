@@ -220,22 +220,33 @@ def evaluate(
         e = explain(model, x, target, method, **opts)
     options: dict[str, Any] = {"metrics": names, "method_options": opts}
     result = Evaluation(explanation=e, options=options)
+    perm = _to_nchw(e, x) if curves or ssim else None
     if curves:
-        rank, n_features = _ranks(e.attribution.to(x.device), x, patch, rank_by == "magnitude")
+        # a channels-last image is changed pixel by pixel as a (B, C, H, W) one: the curves
+        # run on the input moved to that layout, the model given it back in its own
+        xc = x if perm is None else x.permute(perm)
+        net = model if perm is None else _Permuted(model, perm)
+        a = e.attribution.to(x.device)
+        rank, n_features = _ranks(
+            a if perm is None else a.permute(perm), xc, patch, rank_by == "magnitude"
+        )
         if step is None:
             step = max(1, math.ceil(n_features / 100))
         options.update(patch=patch, step=step, rank_by=rank_by, batch_size=batch_size)
         blur = (blur_kernel, blur_sigma)
         for kind in curves:
             spec = deletion_baseline if kind == "deletion" else insertion_baseline
-            base = _baseline(spec, x, blur)
+            if perm is None or isinstance(spec, str):
+                base = _baseline(spec, xc, blur)
+            else:  # a number or a tensor in the input's own layout
+                base = as_baseline(spec, x).permute(perm)
             with untouched(model):
-                curve = _curve(model, x, e.target, rank, n_features, step, base, kind, batch_size)
+                curve = _curve(net, xc, e.target, rank, n_features, step, base, kind, batch_size)
             curve.baseline = _describe(spec, blur)
             setattr(result, kind, curve)
     if "randomization" in names:
         result.randomization = _randomization(
-            model, x, e, method, opts, layers, randomization_seed, ssim
+            model, x, e, method, opts, layers, randomization_seed, ssim, perm
         )
         options.update(layers=result.randomization.layers, randomization_seed=randomization_seed)
     return result
@@ -268,6 +279,34 @@ def _method_params(method: str) -> set[str]:
 
 
 # ----------------------------------------------------------------------------- curves
+def _to_nchw(e: Explanation, x: Tensor) -> tuple[int, ...] | None:
+    """The permutation that lays a 4-D image input out as ``(B, C, H, W)``, from where
+    the explanation found its channels (``e.axes``); None where it already is, or is not a
+    4-D image. An input whose channel axis lurker could not tell is refused: its pixels
+    would be read along the wrong axes."""
+    ax = e.axes
+    if x.dim() != 4 or ax is None:
+        return None
+    if ax.found == "unknown":
+        raise ax.not_an_image(x.shape, "deletion, insertion and SSIM (which change pixels)")
+    if ax.channel in (None, 1) or ax.image is None:
+        return None
+    return (0, ax.channel, *ax.image)
+
+
+class _Permuted(nn.Module):
+    """``model`` on its input given as ``x.permute(perm)``: the curves' copies go back to
+    the model's own layout."""
+
+    def __init__(self, model: nn.Module, perm: tuple[int, ...]) -> None:
+        super().__init__()
+        self.model = model
+        self.back = tuple(perm.index(d) for d in range(len(perm)))
+
+    def forward(self, x: Tensor) -> Any:
+        return self.model(x.permute(self.back))
+
+
 def _ranks(a: Tensor, x: Tensor, patch: int, magnitude: bool) -> tuple[Tensor, int]:
     """Each input position's rank (0 = changed first) in the shape of ``x`` without its
     channels (images) or of ``x`` (other inputs), and the number of features."""
@@ -400,6 +439,7 @@ def _randomization(
     layers: Sequence[str] | None,
     seed: int,
     with_ssim: bool,
+    perm: tuple[int, ...] | None = None,
 ) -> Randomization:
     from . import explain
 
@@ -431,7 +471,8 @@ def _randomization(
         a = explain(twin, x, target, method, **opts).attribution
         sims.append(spearman(original.abs().flatten(1), a.abs().flatten(1)))
         if with_ssim:
-            ssims.append(ssim(original.abs(), a.abs()))
+            a0, a1 = (t if perm is None else t.permute(perm) for t in (original, a))
+            ssims.append(ssim(a0.abs(), a1.abs()))
     return Randomization(
         layers=list(order),
         similarity=torch.stack(sims).cpu(),

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import LurkerError, warn
+from .axes import InputAxes
 from .base import Explanation, Method, register
 from .targets import Forward, by_unit
 
@@ -119,16 +120,24 @@ def as_map(t: Tensor, layout: Any, layer: str) -> Tensor:
     return u[:, :, order].reshape(u.shape[0], u.shape[1], rows, cols)
 
 
-def upsample(cam: Tensor, x: Tensor, mode: str) -> Tensor:
-    """``(B, 1, h, w)`` -> ``x``'s shape: resized to ``x``'s spatial size, repeated over
-    its channels."""
+def upsample(cam: Tensor, x: Tensor, mode: str, axes: InputAxes | None = None) -> Tensor:
+    """``(B, 1, h, w)`` -> ``x``'s shape: resized to the rows and columns of ``x``'s image
+    and repeated over its channels, on the axes where ``x`` holds them (``axes``; None:
+    ``(B, C, H, W)``), so that a channels-last input gets its map on its own axes."""
     if mode not in ("bilinear", "nearest", "bicubic"):
         raise LurkerError(f"interpolate must be 'bilinear', 'nearest' or 'bicubic', got {mode!r}")
-    if x.dim() != 4:
-        raise LurkerError(f"Grad-CAM explains (B, C, H, W) images, got {tuple(x.shape)}")
+    if axes is None:
+        if x.dim() != 4:
+            raise LurkerError(f"Grad-CAM explains (B, C, H, W) images, got {tuple(x.shape)}")
+        axes = InputAxes(1, (2, 3), "assumed", "(B, C, H, W)")
+    if axes.image is None:
+        raise axes.not_an_image(x.shape, "Grad-CAM")
     kw = {} if mode == "nearest" else {"align_corners": False}
-    up = F.interpolate(cam, size=x.shape[2:], mode=mode, **kw)
-    return up.expand(-1, x.shape[1], -1, -1)
+    rows, cols = axes.image
+    up = F.interpolate(cam, size=(x.shape[rows], x.shape[cols]), mode=mode, **kw)[:, 0]
+    if axes.channel is None:
+        return up  # (B, H, W): a one-channel image with no channel axis
+    return up.unsqueeze(axes.channel).expand(x.shape)
 
 
 def gradcam_weights(A: Tensor, g: Tensor) -> Tensor:
@@ -163,6 +172,8 @@ class _CAM(Method):
         relu: bool = True,
         interpolate: str = "bilinear",
     ) -> Explanation:
+        if self.axes is not None and self.axes.image is None:
+            raise self.axes.not_an_image(x.shape, "Grad-CAM")  # before any layer is looked at
         if layer is None:
             layer = default_layer(model, x, target)
         A, g, fw, out = layer_and_grad(model, x, target, layer)
@@ -181,7 +192,7 @@ class _CAM(Method):
             cam = cam.clamp(min=0)
         options = {"layer": layer, "relu": relu, "interpolate": interpolate}
         return self.explanation(
-            upsample(cam, x, interpolate),
+            upsample(cam, x, interpolate, self.axes),
             fw,
             options,
             output=None if out is None else out.detach(),

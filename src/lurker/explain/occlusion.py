@@ -18,23 +18,33 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import LurkerError
+from .axes import HINT
 from .base import Explanation, Method, register
 from .integrated_gradients import as_baseline
 from .targets import Forward
 
 
-def _per_dim(value: Any, dims: tuple[int, ...], what: str) -> tuple[int, ...]:
-    """An int or tuple for the sample's dims; a tuple for the trailing dims only leaves the
-    leading ones (channels) whole."""
+def _per_dim(
+    value: Any, dims: tuple[int, ...], what: str, whole: int | None = -1
+) -> tuple[int, ...]:
+    """An int or tuple for the sample's dims. ``whole``: the sample axis a window spans
+    whole (the channels), None where every axis is windowed (a one-channel ``(H, W)``
+    image), -1 where the channel axis is not known: then an int or short tuple is for the
+    trailing dims and leaves the leading ones whole. An int, or a tuple of one value per
+    axis but ``whole``, windows the other axes and spans ``whole``."""
     n = len(dims)
     if isinstance(value, int) and not isinstance(value, bool):
-        vals = (value,) * (n - 1) if n > 1 else (value,)
+        count = n if whole is None else (n - 1 if n > 1 else 1)
+        vals = (value,) * count
     elif isinstance(value, (tuple, list)) and all(isinstance(v, int) for v in value):
         vals = tuple(value)
     else:
         raise LurkerError(f"{what} must be an int or a tuple of ints, got {value!r}")
     if len(vals) > n:
         raise LurkerError(f"{what} {vals} has more dims than a sample {dims}")
+    if whole is not None and whole >= 0 and len(vals) == n - 1:
+        full = dims[whole] if what == "window" else 1
+        return (*vals[:whole], full, *vals[whole:])
     return (
         tuple(dims[: n - len(vals)]) + tuple(vals)
         if what == "window"
@@ -63,6 +73,29 @@ class Occlusion(Method):
     signed = True
     summary = "drop of the target score when a sliding window is replaced by a baseline (Zeiler and Fergus, 2014)"
 
+    def _whole(self, x: Tensor, window: Any, strides: Any) -> int | None:
+        """The sample axis a window spans whole: the input's channels (``self.axes``);
+        None for a one-channel image with no channel axis; -1 (the leading axes) where
+        lurker has no axes, or refused where it cannot tell and the window does not give
+        every axis."""
+        ax = self.axes
+        if ax is None or ax.found == "assumed":
+            if ax is not None and ax.image is not None and ax.channel is None:
+                return None  # (B, H, W): both axes windowed
+            return -1
+        if ax.found == "unknown":
+            full = [
+                isinstance(v, (tuple, list)) and len(v) == x.dim() - 1 for v in (window, strides)
+            ]
+            if not all(full):
+                raise LurkerError(
+                    f"occlusion spans the channels whole with each window, and {ax.why}; "
+                    f"{HINT}, or give window and strides as tuples of {x.dim() - 1} values, "
+                    "one per axis of a sample"
+                )
+            return -1
+        return None if ax.channel is None else ax.channel - 1
+
     def compute(
         self,
         model: nn.Module,
@@ -75,8 +108,9 @@ class Occlusion(Method):
         internal_batch_size: int = 64,
     ) -> Explanation:
         dims = tuple(x.shape[1:])
-        win = _per_dim(window, dims, "window")
-        st = _per_dim(strides, dims, "strides")
+        whole = self._whole(x, window, strides)
+        win = _per_dim(window, dims, "window", whole)
+        st = _per_dim(strides, dims, "strides", whole)
         spots = windows(dims, win, st)
         if internal_batch_size < 1:
             raise LurkerError(f"internal_batch_size must be >= 1, got {internal_batch_size}")
@@ -103,5 +137,6 @@ class Occlusion(Method):
         options = {"window": win, "strides": st, "baseline": baseline}
         out = None if clean.output is None else clean.output.detach()
         # a window across every channel credits each channel with the pixel's whole drop
-        across = len(dims) == 3 and win[0] == dims[0]
+        c = whole if whole is not None and whole >= 0 else 0
+        across = len(dims) == 3 and whole is not None and win[c] == dims[c]
         return self.explanation(total / count, fw, options, output=out, repeated=across)

@@ -37,9 +37,13 @@ def colorize(heat: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
     return rgb, alpha
 
 
-def overlay(heat: Tensor, image: Any = None, *, signed: bool, alpha: float = 0.5) -> Image.Image:
-    """``heat`` (H, W) over ``image`` (a (C, H, W) tensor in [0, 1] or a PIL image; None:
-    grey), resized to the heatmap; ``alpha`` is the opacity of the strongest attribution."""
+def overlay(
+    heat: Tensor, image: Any = None, *, signed: bool, alpha: float = 0.5, channel_dim: int = 0
+) -> Image.Image:
+    """``heat`` (H, W) over ``image`` (a tensor in [0, 1] with its channels on axis
+    ``channel_dim``: 0 for ``(C, H, W)``, -1 for ``(H, W, C)``; a ``(H, W)`` tensor; a PIL
+    image; None: grey), resized to the heatmap; ``alpha`` is the opacity of the strongest
+    attribution."""
     if not 0 <= alpha <= 1:
         raise LurkerError(f"alpha is an opacity in [0, 1], got {alpha}")
     H, W = heat.shape
@@ -53,10 +57,17 @@ def overlay(heat: Tensor, image: Any = None, *, signed: bool, alpha: float = 0.5
         base = image.detach().float().cpu()
         if base.dim() == 4 and base.shape[0] == 1:
             base = base[0]
+            channel_dim = channel_dim - 1 if channel_dim > 0 else channel_dim
         if base.dim() == 2:
             base = base[None]
+        elif base.dim() == 3 and -3 <= channel_dim < 3:
+            base = base.movedim(channel_dim, 0)
         if base.dim() != 3 or base.shape[0] not in (1, 3):
-            raise LurkerError(f"overlay needs a (1|3, H, W) image, got {tuple(image.shape)}")
+            raise LurkerError(
+                f"overlay needs a 1- or 3-channel image, got a tensor of shape "
+                f"{tuple(image.shape)} read with its channels on axis {channel_dim}: give "
+                "(C, H, W), or channel_dim=-1 for (H, W, C)"
+            )
         if tuple(base.shape[1:]) != (H, W):
             base = torch.nn.functional.interpolate(
                 base[None], size=(H, W), mode="bilinear", align_corners=False

@@ -56,6 +56,7 @@ __all__ = [
     "infer_layouts",
     "layer_layout",
     "layer_name",
+    "own_unit_axis",
     "position_box",
 ]
 
@@ -335,6 +336,14 @@ def _defined_unit(op: Op) -> tuple[int, str] | None:
         if srcs and srcs[0] == -1:
             return nd - 2, "linear"
     return None
+
+
+def own_unit_axis(op: Op) -> tuple[int, str] | None:
+    """The unit axis ``op`` makes by what it computes (a convolution's channels, a linear
+    layer's or a norm's last axis) and how (``"conv"``, ``"norm"``, ``"linear"``); None for
+    an op that only carries its inputs' axes. These ops read their input's units on the
+    same axis, so explain finds a model input's channel axis with it."""
+    return _defined_unit(op)
 
 
 def _tensor_parents(op: Op, trace: Trace) -> list[tuple[int, int, int]]:

@@ -159,9 +159,26 @@ def _spatial_layers(s: Session) -> list[str]:
 _ATTENTION = ("scaled_dot_product_attention", "_native_multi_head_attention", "softmax")
 
 
+def _reads_one_token(op: Any) -> bool:
+    """Whether ``op`` picks single entries of an axis by an int index (``x[:, 0]``,
+    ``x.select(1, 0)``): how a class-token head reads its token. A slice (``x[:, 1:]``,
+    timm's average over the patch tokens) keeps them all."""
+    if op.name == "select":
+        return True
+    if op.name not in ("getitem", "__getitem__"):
+        return False
+    index = op.args[1] if len(op.args) > 1 else None
+    parts = index if isinstance(index, (tuple, list)) else (index,)
+    return any(isinstance(p, int) and not isinstance(p, bool) for p in parts)
+
+
 def _before_last_attention(s: Session, layers: list[str]) -> list[str]:
-    """``layers`` up to the last one probed before the graph's last attention op (all of
-    them when the graph has none, or none of them comes before it)."""
+    """``layers`` up to the last one probed before the graph's last attention op, where
+    the head reads one token after it (a ViT's class token: the patch tokens after the last
+    attention do not reach it); all of them when the graph has no attention, when none of
+    them comes before it, or when the head reads every token (Swin's and timm's average
+    pooling: the last map reaches the target, as ``lurker.explain``'s own default finds by
+    its gradient)."""
     run = s.entry.open_run()
     try:
         ops = run.graph.ops
@@ -171,13 +188,16 @@ def _before_last_attention(s: Session, layers: list[str]) -> list[str]:
     last = max((op.index for op in ops if op.name in _ATTENTION), default=None)
     if last is None:
         return layers
+    if not any(_reads_one_token(op) for op in ops if op.index > last and op.kind == "op"):
+        return layers
     early = [n for n in layers if index.get(n) is not None and index[n] < last]
     return early or layers
 
 
 def _default_layer(s: Session, target: str, before: bool = False) -> str | None:
     """A layer method's layer when none is asked: the run's last probed spatial layer
-    (before the last attention op, where patch tokens still reach a class-token head), or
+    (before the last attention op where the head reads one token: patch tokens still
+    reach a class-token head there), or
     for a unit target of a probed layer the last one at or before that layer (the target
     must depend on the layer; ``before``: strictly before it, as concept relevance needs
     the relevance to pass the layer)."""

@@ -1,0 +1,233 @@
+"""Which axis of a model's input holds the channels, and which are an image's rows and
+columns: a heatmap sums over the channels, Grad-CAM scales its map to the rows and
+columns and occlusion's windows span the channels whole.
+
+lurker used to take every input as ``(B, C, H, W)``; a model that takes channels-last
+``(B, H, W, C)`` (TF ports, NHWC wrappers that permute inside ``forward``) then got a
+heatmap summed over its rows, without a word. :func:`input_axes` asks the model instead:
+it traces one row, follows the input's axes through the graph (permutes, reshapes that
+keep an axis, elementwise ops: :func:`lurker.graph.receptive.follow_axes`) to the first op
+that reads an axis as channels (a convolution, a batch/group norm, a linear layer or
+LayerNorm over the last axis: :func:`lurker.probe.layout.own_unit_axis`), and takes the
+input axis that lands there. ``channel_dim=`` names it instead.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import LurkerError, collected
+
+__all__ = ["InputAxes", "input_axes"]
+
+#: what a user can do where lurker cannot tell
+HINT = "pass channel_dim= (the input's channel axis, counting the batch axis: 1 or -1)"
+
+
+@dataclass(frozen=True)
+class InputAxes:
+    """Where an input ``(B, ...)`` keeps its channels and its image (axes of the input,
+    the batch axis 0 counted).
+
+    ``channel``: the channel axis, None where there is none (a one-channel ``(B, H, W)``
+    image) or lurker cannot tell. ``image``: the rows and columns axes, in the input's
+    order; None where the input is not an image (a ``(B, C, L)`` sequence) or lurker
+    cannot tell (``found == "unknown"``). ``found``: ``"graph"`` (from the model's first
+    op that reads channels), ``"channel_dim"`` (named by the caller), ``"assumed"`` (the
+    graph does not say; the ``(B, C, H, W)`` or ``(B, H, W)`` convention) or
+    ``"unknown"``. ``why``: how, in words, for errors.
+    """
+
+    channel: int | None
+    image: tuple[int, int] | None
+    found: str
+    why: str
+
+    def not_an_image(self, shape: Any, what: str) -> LurkerError:
+        """The error for ``what`` (a heatmap, Grad-CAM) asked of an input that is not an
+        image, or whose channel axis lurker cannot tell."""
+        fix = (
+            HINT
+            if self.found == "unknown"
+            else "use the attribution itself (.attribution), which has the input's shape"
+        )
+        return LurkerError(
+            f"{what} needs an image input (B, C, H, W), (B, H, W, C) or (B, H, W), and this "
+            f"input {tuple(shape)} is not one lurker can read: {self.why}; {fix}."
+        )
+
+
+def input_axes(model: nn.Module, x: Tensor, channel_dim: int | None = None) -> InputAxes:
+    """Where ``x`` (the batch a method explains) holds its channels and image axes:
+    ``channel_dim`` where given (checked), else from the model's graph (:mod:`this
+    module <lurker.explain.axes>`), else the convention (channels on axis 1 of a 4-D
+    input, a 3-D input a one-channel image) unless the input looks channels-last (a last
+    axis of 1, 3 or 4 values and an axis 1 of others), which is left unknown: the
+    heatmap, Grad-CAM and occlusion's default window then refuse, naming ``channel_dim``."""
+    shape = tuple(x.shape)
+    if channel_dim is not None:
+        return _named(channel_dim, shape)
+    found = _from_graph(model, x)
+    if found is not None:
+        return found
+    return _convention(
+        shape,
+        "the model's graph does not show which of its axes holds the channels (no op reads "
+        "one of them whole as channels, or the model could not be traced)",
+    )
+
+
+def _named(channel_dim: Any, shape: tuple[int, ...]) -> InputAxes:
+    nd = len(shape)
+    if not isinstance(channel_dim, int) or isinstance(channel_dim, bool):
+        raise LurkerError(
+            f"channel_dim must be an int (the input's channel axis, counting the batch "
+            f"axis), got {channel_dim!r}"
+        )
+    if not -nd <= channel_dim < nd or channel_dim % nd == 0:
+        raise LurkerError(
+            f"channel_dim={channel_dim} is not a channel axis of the input {shape}: an int "
+            f"from 1 to {nd - 1} (axis 0 is the batch) or negative from the end"
+        )
+    c = channel_dim % nd
+    rest = tuple(d for d in range(1, nd) if d != c)
+    if len(rest) == 2:
+        return InputAxes(c, (rest[0], rest[1]), "channel_dim", f"channel_dim={channel_dim}")
+    return InputAxes(
+        c,
+        None,
+        "channel_dim",
+        f"with channels on axis {c} (channel_dim={channel_dim}) it has {len(rest)} other "
+        "axes, not an image's rows and columns",
+    )
+
+
+def _convention(shape: tuple[int, ...], why: str) -> InputAxes:
+    nd = len(shape)
+    if nd == 4:
+        if shape[-1] in (1, 3, 4) and shape[1] not in (1, 3, 4):
+            return InputAxes(
+                None,
+                None,
+                "unknown",
+                f"{why}, and its last axis ({shape[-1]}) looks like channels while axis 1 "
+                f"({shape[1]}) does not, so lurker cannot tell (B, C, H, W) from (B, H, W, C)",
+            )
+        return InputAxes(1, (2, 3), "assumed", f"{why}; taken as (B, C, H, W)")
+    if nd == 3:
+        return InputAxes(None, (1, 2), "assumed", f"{why}; taken as a one-channel (B, H, W)")
+    return InputAxes(None, None, "assumed", f"{why}; it has {nd - 1} axes besides the batch")
+
+
+# model -> {(a row's shape, dtype, device, training): what its graph says}: a trace per
+# explain call would cost every method of the explorer's page a trace of the model
+_FOUND: weakref.WeakKeyDictionary[nn.Module, dict[Any, InputAxes | None]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _from_graph(model: nn.Module, x: Tensor) -> InputAxes | None:
+    """From the first op the input reaches that reads an axis as channels; None where the
+    model cannot be traced or no such op reads an axis of the input whole. Remembered per
+    model and input shape (weakly: a model freed is forgotten)."""
+    key = (tuple(x.shape[1:]), x.dtype, x.device, model.training)
+    try:
+        known = _FOUND.setdefault(model, {})
+    except TypeError:  # a model that cannot be weakly referenced: asked each time
+        known = {}
+    if key not in known:
+        known[key] = _traced(model, x)
+    return known[key]
+
+
+def _traced(model: nn.Module, x: Tensor) -> InputAxes | None:
+    from ..capture import settled_trace
+    from .base import untouched
+
+    tr = None
+    for rows in (x[:1], x):  # one row is cheaper; a train-mode BatchNorm1d needs two
+        try:
+            # the trace's own warnings are about tracing, not the explanation: dropped
+            with collected(), untouched(model), torch.no_grad():
+                tr = settled_trace(model, rows, save="none")
+            break
+        except Exception:  # no graph: the convention decides
+            continue
+    return None if tr is None else _read(tr, x.dim())
+
+
+def _read(tr: Any, nd: int) -> InputAxes | None:
+    from ..graph.nodes import OpRef, refs
+    from ..graph.receptive import follow_axes
+    from ..probe.layout import own_unit_axis
+
+    first = next((op for op in tr.ops if op.kind == "input" and op.outputs), None)
+    if first is None or len(first.outputs[0].shape) != nd:
+        return None
+    # (node, output) -> {input axis: axis of that tensor}, for the axes carried whole
+    carried: dict[tuple[int, int], dict[int, int]] = {(first.index, 0): {d: d for d in range(nd)}}
+    for op in tr.ops:
+        if op.kind != "op" or not op.outputs:
+            continue
+        args = [
+            (j, r, carried[(r.index, r.output)])
+            for j, r in enumerate(refs(op))
+            if type(r) is OpRef and (r.index, r.output) in carried
+        ]
+        if not args:
+            continue
+        unit = own_unit_axis(op)
+        if unit is not None:
+            return _at(op, unit[0], args, nd)
+        for k in range(len(op.outputs)):
+            entries = [
+                (j, e, tuple(tr.ops[r.index].outputs[r.output].shape), d)
+                for j, r, m in args
+                for d, e in m.items()
+            ]
+            try:
+                where = follow_axes(op, k, [t[:3] for t in entries], tr)
+            except Exception:  # an op the rules do not know: nothing carried
+                where = [None] * len(entries)
+            out: dict[int, int] = {}
+            for (_, _, _, d), w in zip(entries, where):
+                if w is not None:
+                    out.setdefault(d, w[0])
+            if out:
+                carried[(op.index, k)] = out
+    return None
+
+
+def _at(op: Any, unit: int, args: list, nd: int) -> InputAxes | None:
+    """The axes as read by ``op``, the first op that reads an axis as its channels."""
+    out_nd = len(op.outputs[0].shape)
+    name = op.name.rstrip("_")
+    m: dict[int, int] = {}
+    for _, _, mm in args:
+        m.update({d: e for d, e in mm.items() if d not in m})
+    where = f"{name} ({op.label})"
+    batch = m.get(0)
+    ch = [d for d, e in m.items() if d != 0 and e == unit % out_nd]
+    positions = [e for e in range(out_nd) if e not in (unit % out_nd, batch)]
+    landed = sorted(d for d, e in m.items() if d != 0 and e in positions)
+    if ch:
+        c = ch[0]
+        rest = [d for d in range(1, nd) if d != c]
+        if len(positions) == 2 and len(rest) == 2:
+            return InputAxes(c, (rest[0], rest[1]), "graph", f"{where} reads axis {c} as channels")
+        return InputAxes(
+            c,
+            None,
+            "graph",
+            f"{where} reads axis {c} as channels and {len(positions)} position "
+            f"ax{'is' if len(positions) == 1 else 'es'}, a sequence rather than an image's "
+            "rows and columns",
+        )
+    if nd == 3 and len(positions) == 2 and landed == [1, 2]:
+        return InputAxes(None, (1, 2), "graph", f"{where} reads it as a one-channel image")
+    return None  # it reads none of the input's axes as channels: the convention decides
