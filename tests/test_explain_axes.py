@@ -331,3 +331,58 @@ def test_the_graph_is_read_once_per_model_and_input_shape(monkeypatch):
     assert len(calls) == 1
     assert lurker.explain(model, torch.randn(1, 3, 8, 8), 1).axes.channel == 1
     assert len(calls) == 2
+
+
+class PixelTokens(nn.Module):
+    """A (B, C, H, W) image read as one token per pixel: its first op that reads channels,
+    a Linear, sees the rows and columns flattened into one axis."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(3, 8)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(x.flatten(2).transpose(1, 2)).mean(1))
+
+
+class PooledFirst(nn.Module):
+    """A (B, C, H, W) image pooled before its first op that reads channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(3, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("cls", [PixelTokens, PooledFirst])
+def test_an_image_read_flattened_or_pooled_is_still_an_image(cls) -> None:
+    """The input's own axes say whether it is an image: a (B, C, H, W) input whose
+    channels the graph finds on axis 1 has rows and columns on 2 and 3, whatever the op
+    that reads the channels sees of them (its heatmap was refused as "a sequence")."""
+    torch.manual_seed(5)
+    m = cls().eval()
+    x = torch.rand(2, 3, 6, 5)
+    assert axes(m, x) == (1, (2, 3), "graph")
+    e = lurker.explain(m, x, 1, method="saliency")
+    close(e.heatmap(1), e.attribution[1].sum(0))
+
+
+def test_the_remembered_axes_follow_a_replaced_layer() -> None:
+    """The answer is remembered per model; a model whose layers were replaced since (a
+    channels-last stem put in front) is asked again. Oracle: a fresh copy of the model."""
+    import copy
+
+    class Permute(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.permute(0, 3, 1, 2)
+
+    torch.manual_seed(6)
+    m = nn.Sequential(nn.Conv2d(8, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
+    x = torch.rand(1, 8, 8, 8)  # C == H == W: the shape cannot tell
+    assert axes(m, x) == (1, (2, 3), "graph")
+    m[0] = nn.Sequential(Permute(), nn.Conv2d(8, 4, 3))
+    assert axes(copy.deepcopy(m), x) == (3, (1, 2), "graph")
+    assert axes(m, x) == (3, (1, 2), "graph")

@@ -152,3 +152,17 @@ def test_nonfinite_values_are_magenta_and_left_out_of_the_range(tmp_path: Path):
         assert k["values"][0][0] is None
         assert k["min"] == w[np.isfinite(w)].min() and k["max"] == w[np.isfinite(w)].max()
         assert client.get(f"{base}/conv2d_1/kernels/2/0.json").json()["nonfinite"] == {}
+
+
+def test_a_map_whose_range_is_near_float64s_limit_is_scaled_not_garbled():
+    """Finite values whose range overflows float64 (max - min = inf) made the scaled
+    pixels NaN, cast to undefined bytes; and a side with no maps made the count fail."""
+    from lurker.server.session import map_png, nonfinite_maps
+
+    a = np.array([[-1e308, 0.0], [1e308, 5e307]])
+    png, scale, lo, hi = map_png(a)
+    pix = np.asarray(Image.open(io.BytesIO(png)))[::scale, ::scale]
+    want = np.rint(255 * ((a / 2 - lo / 2) / (hi / 2 - lo / 2)))
+    assert (lo, hi) == (-1e308, 1e308)
+    assert pix.tolist() == want.astype(np.uint8).tolist() == [[0, 128], [255, 191]]
+    assert nonfinite_maps(np.zeros((0, 4, 4))) == {}

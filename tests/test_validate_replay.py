@@ -465,6 +465,39 @@ def test_a_parameter_replaced_with_another_shape_is_reported() -> None:
     assert model.table.shape == (3, 3)  # as the traced forward left it
 
 
+@pytest.mark.parametrize("how", ["narrowed", "transposed"])
+def test_a_parameter_replaced_by_a_view_of_its_own_storage_is_reported(how: str) -> None:
+    """``p.data = p.data[:k]`` or ``p.data.t()`` keeps the data pointer (the view starts
+    where the storage does); the shape or strides change. It is a replacement as any other:
+    named with its shapes, and validation re-runs the ops before it on the value going in
+    (it used to go unnoticed, and validation failed on a shape mismatch)."""
+
+    class Views(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(3, 3 if how == "transposed" else 4))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = x @ self.w.t()
+            self.w.data = self.w.data[:2] if how == "narrowed" else self.w.data.t()
+            return y[:, :2] + x @ self.w[:2].t()
+
+    torch.manual_seed(0)
+    model = Views()
+    x = torch.randn(2, model.w.shape[1])
+    twin = copy.deepcopy(model)
+    want = twin(x)
+    ptr = model.w.data_ptr()
+    tr = lurker.trace(model, x)
+    _same(tr.output, want)
+    assert model.w.data_ptr() == ptr  # the case: a new tensor, the same data pointer
+    shapes = "" if how == "transposed" else ", (3, 4) -> (2, 4)"
+    assert tr.state_changes == [f"parameter w replaced (p.data = ...{shapes})"]
+    report = tr.validate()
+    assert report.output_checked and report.checked == len(tr.compute_ops)
+    torch.testing.assert_close(model.w.detach(), twin.w.detach(), rtol=0, atol=0)
+
+
 class TwoWays(nn.Module):
     """Both branches call a linear layer: the same callables, other parameters."""
 

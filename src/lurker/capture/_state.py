@@ -216,6 +216,8 @@ def _module_changes(
 # ---------------------------------------------------------------- p.data = new_tensor
 _DETACH = Tensor.detach
 _DATA_PTR = Tensor.data_ptr
+_SIZE = Tensor.size
+_STRIDE = Tensor.stride
 
 
 def held(params: list[Tensor]) -> list[Tensor]:
@@ -227,11 +229,21 @@ def held(params: list[Tensor]) -> list[Tensor]:
 
 def replaced(params: list[Tensor], names: list[str], kept: list[Tensor]) -> dict[str, Tensor]:
     """Parameters whose storage the forward replaced without an op (``self.p.data =
-    new_tensor``): name -> the tensor it held going in. One pointer comparison per
-    parameter (C-level loops)."""
-    if all(map(_eq, map(_DATA_PTR, params), map(_DATA_PTR, kept))):
+    new_tensor``): name -> the tensor it held going in. A new tensor on the same storage
+    counts too where its shape or strides differ (``p.data = p.data[:k]``, ``p.data =
+    p.data.t()``: the same data pointer). Per parameter a pointer, a size and a stride
+    comparison (C-level loops)."""
+    if (
+        all(map(_eq, map(_DATA_PTR, params), map(_DATA_PTR, kept)))
+        and all(map(_eq, map(_SIZE, params), map(_SIZE, kept)))
+        and all(map(_eq, map(_STRIDE, params), map(_STRIDE, kept)))
+    ):
         return {}
-    return {n: k for p, n, k in zip(params, names, kept) if p.data_ptr() != k.data_ptr()}
+    return {
+        n: k
+        for p, n, k in zip(params, names, kept)
+        if p.data_ptr() != k.data_ptr() or p.shape != k.shape or p.stride() != k.stride()
+    }
 
 
 def replaced_line(name: str, old: Tensor, new: Tensor) -> str:

@@ -124,8 +124,8 @@ def _convention(shape: tuple[int, ...], why: str) -> InputAxes:
     return InputAxes(None, None, "assumed", f"{why}; it has {nd - 1} axes besides the batch")
 
 
-# model -> {(a row's shape, dtype, device, training): what its graph says}: a trace per
-# explain call would cost every method of the explorer's page a trace of the model
+# model -> {(a row's shape, dtype, device, training, its modules): what its graph says}: a
+# trace per explain call would cost every method of the explorer's page a trace of the model
 _FOUND: weakref.WeakKeyDictionary[nn.Module, dict[Any, InputAxes | None]] = (
     weakref.WeakKeyDictionary()
 )
@@ -135,7 +135,10 @@ def _from_graph(model: nn.Module, x: Tensor) -> InputAxes | None:
     """From the first op the input reaches that reads an axis as channels; None where the
     model cannot be traced or no such op reads an axis of the input whole. Remembered per
     model and input shape (weakly: a model freed is forgotten)."""
-    key = (tuple(x.shape[1:]), x.dtype, x.device, model.training)
+    # the modules too: a model whose layers were replaced since (a channels-last stem put
+    # in front) is asked again, not answered for the model it was
+    modules = tuple((id(m), type(m)) for m in model.modules())
+    key = (tuple(x.shape[1:]), x.dtype, x.device, model.training, modules)
     try:
         known = _FOUND.setdefault(model, {})
     except TypeError:  # a model that cannot be weakly referenced: asked each time
@@ -218,15 +221,18 @@ def _at(op: Any, unit: int, args: list, nd: int) -> InputAxes | None:
     if ch:
         c = ch[0]
         rest = [d for d in range(1, nd) if d != c]
-        if len(positions) == 2 and len(rest) == 2:
+        # the input's own axes decide whether it is an image: the op may read it with its
+        # rows and columns already flattened into tokens (``x.flatten(2).transpose(1, 2)``
+        # before a Linear) or pooled away (a head on ``x.mean((2, 3))``)
+        if len(rest) == 2:
             return InputAxes(c, (rest[0], rest[1]), "graph", f"{where} reads axis {c} as channels")
         return InputAxes(
             c,
             None,
             "graph",
-            f"{where} reads axis {c} as channels and {len(positions)} position "
-            f"ax{'is' if len(positions) == 1 else 'es'}, a sequence rather than an image's "
-            "rows and columns",
+            f"{where} reads axis {c} as channels, which leaves the input {len(rest)} "
+            f"ax{'is' if len(rest) == 1 else 'es'} besides the batch, a sequence rather "
+            "than an image's rows and columns",
         )
     if nd == 3 and len(positions) == 2 and landed == [1, 2]:
         return InputAxes(None, (1, 2), "graph", f"{where} reads it as a one-channel image")

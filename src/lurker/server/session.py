@@ -995,6 +995,8 @@ def nonfinite_maps(maps: Any) -> dict[int, int]:
     are over the finite values."""
     import torch
 
+    if len(maps) == 0:
+        return {}
     a = torch.as_tensor(maps).detach().to("cpu").reshape(len(maps), -1)
     bad = (~torch.isfinite(a)).sum(1)
     return {int(u): int(bad[u]) for u in torch.nonzero(bad).flatten().tolist()}
@@ -1024,9 +1026,9 @@ def map_png(a: np.ndarray) -> tuple[bytes, int, float | None, float | None]:
     elif hi == lo:
         pix = np.where(fin, CONSTANT_GREY, 0).astype(np.uint8)
     else:
-        with np.errstate(invalid="ignore"):
-            scaled = np.rint(255.0 * (a - lo) / (hi - lo))
-        pix = np.where(fin, scaled, 0).astype(np.uint8)
+        with np.errstate(invalid="ignore"):  # (halved: a range near float64's limit stays finite)
+            scaled = np.rint(255.0 * ((a / 2 - lo / 2) / (hi / 2 - lo / 2)))
+        pix = np.where(fin, np.clip(scaled, 0, 255), 0).astype(np.uint8)
     marked = not fin.all()
     if marked:
         pix = np.where(fin[..., None], pix[..., None], np.array(NONFINITE_RGB, np.uint8))
