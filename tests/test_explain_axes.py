@@ -386,3 +386,31 @@ def test_the_remembered_axes_follow_a_replaced_layer() -> None:
     m[0] = nn.Sequential(Permute(), nn.Conv2d(8, 4, 3))
     assert axes(copy.deepcopy(m), x) == (3, (1, 2), "graph")
     assert axes(m, x) == (3, (1, 2), "graph")
+
+
+class RowLinear(nn.Module):
+    """A Linear applied along the rows of a (B, C, H, W) image: in the graph it looks like
+    a channels-last patch embedding (a Linear over the last axis)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(12, 4)
+        self.head = nn.Linear(4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.fc(x).mean((1, 2)))
+
+
+def test_a_linear_along_the_rows_of_an_nchw_image_is_not_taken_for_channels():
+    """The graph reads the last axis as channels, but the input looks like (B, 3, H, W):
+    the heatmap would have been summed over the columns, a (3, 12) map with no error.
+    Now it is refused, naming channel_dim=, and channel_dim=1 gives the image's map."""
+    torch.manual_seed(0)
+    model = RowLinear().eval()
+    x = torch.randn(2, 3, 12, 12)
+    assert axes(model, x) == (None, None, "unknown")
+    e = lurker.explain(model, x, 1)
+    with pytest.raises(LurkerError, match="channel_dim"):
+        e.heatmap()
+    e1 = lurker.explain(model, x, 1, channel_dim=1)
+    close(e1.heatmap(), e1.attribution[0].sum(0))

@@ -186,7 +186,7 @@ def _read(tr: Any, nd: int) -> InputAxes | None:
             continue
         unit = own_unit_axis(op)
         if unit is not None:
-            return _at(op, unit[0], args, nd)
+            return _doubted(_at(op, unit[0], args, nd), tuple(first.outputs[0].shape))
         for k in range(len(op.outputs)):
             entries = [
                 (j, e, tuple(tr.ops[r.index].outputs[r.output].shape), d)
@@ -204,6 +204,30 @@ def _read(tr: Any, nd: int) -> InputAxes | None:
             if out:
                 carried[(op.index, k)] = out
     return None
+
+
+def _doubted(found: InputAxes | None, shape: tuple[int, ...]) -> InputAxes | None:
+    """``found``, unless it reads the last axis as channels (a Linear or LayerNorm over
+    it) of an input that looks like ``(B, C, H, W)`` (axis 1 of 1, 3 or 4 values, the
+    last of others): a channels-last patch embedding and a layer applied along an image's
+    rows look alike in the graph, and a heatmap summed over the wrong one would be
+    silently wrong, so that is left for ``channel_dim=`` to say."""
+    if (
+        found is None
+        or len(shape) != 4
+        or found.channel != 3
+        or shape[1] not in (1, 3, 4)
+        or shape[3] in (1, 3, 4)
+    ):
+        return found
+    return InputAxes(
+        None,
+        None,
+        "unknown",
+        f"{found.why}, but the input {shape} looks like (B, C, H, W) with {shape[1]} "
+        f"channel{'s' if shape[1] > 1 else ''}, so lurker cannot tell a channels-last input "
+        "from a layer applied along the image's rows",
+    )
 
 
 def _at(op: Any, unit: int, args: list, nd: int) -> InputAxes | None:
