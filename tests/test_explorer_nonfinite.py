@@ -202,3 +202,18 @@ def test_layer_header_says_each_thing_once(served: dict[str, Any], browser: Any)
             if what == "tokens":
                 assert "tokens" in text
             pg.locator("h1").screenshot(path=str(served["shots"] / f"layer-header-{what}.png"))
+
+
+def test_the_magenta_legend_appears_only_where_a_map_holds_such_values(
+    served: dict[str, Any], browser: Any
+):
+    """On every op of every model the legend said "Magenta ... (none here)": noise where
+    nothing is magenta. conv2d_1 reads the finite image and writes one NaN map."""
+    with strict_page(browser, 1280, 900) as pg:
+        pg.goto(f"{served['url']}#/r/n/live?image=sample-3&op=conv2d_1")
+        pg.wait_for_selector(".fmaps[data-side=output] .fmap img")
+        pg.wait_for_selector(".card[data-side=input] .map-legend")
+        finite = pg.locator(".card[data-side=input] .map-legend").inner_text()
+        assert "scaled to its own range" in finite and "Magenta" not in finite
+        legend = pg.locator(".card[data-side=output] .map-legend").inner_text()
+        assert "Magenta: a value that is not finite" in legend and "1 of 4 maps here" in legend

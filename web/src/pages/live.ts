@@ -401,13 +401,15 @@ async function showOp(el: HTMLElement, ctx: PageContext, image: string, op: stri
           { class: "muted small map-legend" },
           "Each map is scaled to its own range of finite values: black its lowest value, white its highest. A constant map has no range: flat grey, its value written on it" +
             (flats ? ` (${flats} of ${t.channels} here).` : "."),
-          h(
-            "span",
-            { class: "nf-legend" },
-            h("span", { class: "nf-swatch", "aria-hidden": "true" }),
-            " Magenta: a value that is not finite (NaN or ±inf), left out of the range" +
-              (bads ? `; ${bads} of ${t.channels} map${t.channels === 1 ? "" : "s"} here hold such values, marked “n/f” with their count.` : " (none here)."),
-          ),
+          // said only where a map holds such values: on every other op it would be noise
+          bads > 0 &&
+            h(
+              "span",
+              { class: "nf-legend" },
+              h("span", { class: "nf-swatch", "aria-hidden": "true" }),
+              " Magenta: a value that is not finite (NaN or ±inf), left out of the range; " +
+                `${bads} of ${t.channels} map${t.channels === 1 ? "" : "s"} here hold such values, marked “n/f” with their count.`,
+            ),
         ),
       );
     }
