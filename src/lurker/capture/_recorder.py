@@ -1094,9 +1094,9 @@ def _line(code: Any, offset: int) -> int | None:
     return code.co_firstlineno
 
 
-# (code id, offset) -> the offset of the first copy of that instruction (itself if none)
-_FIRST_COPY: dict[tuple[int, int], int] = {}
-_COPIES: dict[int, dict[int, int]] = {}  # code id -> {offset of a later copy: first copy's}
+# code id -> {offset of a later copy of an instruction: the first copy's offset}, made once
+# per code object (empty, without disassembling, where no source span recurs)
+_COPIES: dict[int, dict[int, int]] = {}
 
 
 def _first_copies(frames: tuple[int, ...]) -> tuple[int, ...]:
@@ -1109,56 +1109,37 @@ def _first_copies(frames: tuple[int, ...]) -> tuple[int, ...]:
     """
     out = None
     for i in range(1, len(frames), 2):
-        site = (frames[i - 1], frames[i])
-        first = _FIRST_COPY.get(site)
-        if first is None:
-            first = _FIRST_COPY[site] = _copy_of(*site)
-        if first != frames[i]:
+        copies = _COPIES.get(frames[i - 1])
+        if copies is None:
+            copies = _COPIES[frames[i - 1]] = _copies_in(frames[i - 1])
+        first = copies.get(frames[i]) if copies else None
+        if first is not None:
             if out is None:
                 out = list(frames)
             out[i] = first
     return frames if out is None else tuple(out)
 
 
-def _copy_of(code_id: int, offset: int) -> int:
-    copies = _COPIES.get(code_id)
-    if copies is None:
-        code = _codes.get(code_id)
-        if code is None or not _may_repeat(code, offset):
-            return offset  # the common case: no disassembly
-        copies = _COPIES[code_id] = copied_instructions(code)
-    return copies.get(offset, offset)
+def _copies_in(code_id: int) -> dict[int, int]:
+    """:func:`copied_instructions` of a code object, or ``{}`` without disassembling it
+    where no source span recurs apart (the common case: a cheap pass over positions)."""
+    code = _codes.get(code_id)
+    if code is None or not hasattr(code, "co_positions") or not _repeated_spans(code):
+        return {}
+    return copied_instructions(code)
 
 
-def _may_repeat(code: Any, offset: int) -> bool:
-    """Whether the source span of the instruction at ``offset`` recurs apart from it in
-    ``code`` (a copy has the same span): a cheap test before disassembling the code."""
-    if not hasattr(code, "co_positions"):
-        return False
-    found = _REPEATS.get(id(code))
-    if found is None:  # once per code object, not once per call site in it
-        found = _REPEATS[id(code)] = _repeated_spans(code)
-    positions, repeated = found
-    i = offset // 2
-    return 0 <= i < len(positions) and positions[i] in repeated
-
-
-# code id -> (the position of each code unit, the positions that recur apart)
-_REPEATS: dict[int, tuple[list[Any], frozenset[Any]]] = {}
-
-
-def _repeated_spans(code: Any) -> tuple[list[Any], frozenset[Any]]:
-    """``code``'s position per code unit (inline caches included) and the complete
-    positions found in more than one run of consecutive code units: one pass over the
+def _repeated_spans(code: Any) -> frozenset[Any]:
+    """The complete source positions of ``code`` found in more than one run of consecutive
+    code units (a copy of an instruction has its original's position): one pass over the
     code, so a forward of thousands of calls (an fx ``GraphModule``) costs linear time."""
-    positions = list(code.co_positions())
     runs: dict[Any, int] = {}
     prev = None
-    for p in positions:
+    for p in code.co_positions():  # one per code unit, inline caches included
         if p != prev and None not in p:
             runs[p] = runs.get(p, 0) + 1
         prev = p
-    return positions, frozenset(p for p, n in runs.items() if n > 1)
+    return frozenset(p for p, n in runs.items() if n > 1)
 
 
 def copied_instructions(code: Any) -> dict[int, int]:
