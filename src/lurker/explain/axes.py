@@ -95,15 +95,22 @@ def _named(channel_dim: Any, shape: tuple[int, ...]) -> InputAxes:
             f"from 1 to {nd - 1} (axis 0 is the batch) or negative from the end"
         )
     c = channel_dim % nd
-    rest = tuple(d for d in range(1, nd) if d != c)
+    return _channels_at(c, nd, "channel_dim", f"channel_dim={channel_dim}")
+
+
+def _channels_at(c: int, nd: int, found: str, how: str) -> InputAxes:
+    """Channels on axis ``c`` of an ``nd``-axis input: an image where that leaves two axes
+    besides the batch (the input's own axes decide: a model may read the rows and columns
+    already flattened into tokens or pooled away), else not an image, saying why."""
+    rest = [d for d in range(1, nd) if d != c]
     if len(rest) == 2:
-        return InputAxes(c, (rest[0], rest[1]), "channel_dim", f"channel_dim={channel_dim}")
+        return InputAxes(c, (rest[0], rest[1]), found, how)
     return InputAxes(
         c,
         None,
-        "channel_dim",
-        f"with channels on axis {c} (channel_dim={channel_dim}) it has {len(rest)} other "
-        "axes, not an image's rows and columns",
+        found,
+        f"{how}, which leaves the input {len(rest)} ax{'is' if len(rest) == 1 else 'es'} "
+        "besides the batch, a sequence rather than an image's rows and columns",
     )
 
 
@@ -242,22 +249,8 @@ def _at(op: Any, unit: int, args: list, nd: int) -> InputAxes | None:
     ch = [d for d, e in m.items() if d != 0 and e == unit % out_nd]
     positions = [e for e in range(out_nd) if e not in (unit % out_nd, batch)]
     landed = sorted(d for d, e in m.items() if d != 0 and e in positions)
-    if ch:
-        c = ch[0]
-        rest = [d for d in range(1, nd) if d != c]
-        # the input's own axes decide whether it is an image: the op may read it with its
-        # rows and columns already flattened into tokens (``x.flatten(2).transpose(1, 2)``
-        # before a Linear) or pooled away (a head on ``x.mean((2, 3))``)
-        if len(rest) == 2:
-            return InputAxes(c, (rest[0], rest[1]), "graph", f"{where} reads axis {c} as channels")
-        return InputAxes(
-            c,
-            None,
-            "graph",
-            f"{where} reads axis {c} as channels, which leaves the input {len(rest)} "
-            f"ax{'is' if len(rest) == 1 else 'es'} besides the batch, a sequence rather "
-            "than an image's rows and columns",
-        )
+    if ch:  # (``x.flatten(2).transpose(1, 2)`` before a Linear is still an image)
+        return _channels_at(ch[0], nd, "graph", f"{where} reads axis {ch[0]} as channels")
     if nd == 3 and len(positions) == 2 and landed == [1, 2]:
         return InputAxes(None, (1, 2), "graph", f"{where} reads it as a one-channel image")
     return None  # it reads none of the input's axes as channels: the convention decides
