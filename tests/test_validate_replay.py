@@ -447,6 +447,189 @@ def test_a_parameter_replaced_in_forward_is_reported_and_validates(where: str) -
         tr.validate()
 
 
+class WritesItsState(nn.Module):
+    """Updates a buffer (or a plain tensor attribute) in forward, in one of the ways models
+    do it, between an op that reads the value going in and one that reads the new value."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.register_buffer("avg", torch.linspace(-1, 1, 4))
+        self.mem = torch.linspace(1, 2, 4)  # state kept outside buffers
+        self.how = how
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        how = self.how
+        state = self.mem if how.startswith("attribute") else self.avg
+        y = self.lin(x)
+        out = y * state  # reads the value going in
+        new = y.mean(0).detach()
+        if how in ("data", "attribute data"):
+            state.data.mul_(0.5).add_(new)
+        elif how == "data[...] =":
+            state.data[...] = new
+        elif how == "copy_":
+            state.copy_(new)
+        elif how == "view":
+            state[:2].add_(new[:2])
+        elif how == "replaced":
+            state.data = state * 0.5 + new
+        elif how == "twice":
+            state.data.add_(new)
+            out = out + y * state
+            state.data.mul_(2)
+        elif how == "attribute":
+            state.mul_(0.5).add_(new)
+        return out + y * state  # reads the new value
+
+
+def _by_hand(how: str, model: WritesItsState, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The oracle: the forward of WritesItsState computed by hand from the state going in
+    (the output, and the state it leaves)."""
+    with torch.no_grad():
+        s = (model.mem if how.startswith("attribute") else model.avg).clone()
+        y = x @ model.lin.weight.t() + model.lin.bias
+        out, new = y * s, y.mean(0)
+        if how in ("data", "attribute data", "attribute", "replaced"):
+            s = s * 0.5 + new
+        elif how in ("data[...] =", "copy_"):
+            s = new.clone()
+        elif how == "view":
+            s[:2] += new[:2]
+        elif how == "twice":
+            s = s + new
+            out = out + y * s
+            s = s * 2
+        return out + y * s, s
+
+
+@pytest.mark.parametrize(
+    "how",
+    ["data", "data[...] =", "copy_", "view", "replaced", "twice", "attribute", "attribute data"],
+)
+def test_a_buffer_written_in_forward_is_listed_and_validates(how: str) -> None:
+    """A buffer (or tensor attribute) written in forward through ``.data``, a view, itself,
+    or given new storage: the ops that read it before re-run on the value going in, those
+    after on the new value (validation used to re-run them on the value going in, a false
+    mismatch, and not list the write); the untraced forward starts from the value going in;
+    the model keeps the state one forward left; a replay on another input computes what a
+    plain second forward does."""
+    torch.manual_seed(0)
+    model = WritesItsState(how)
+    x, x2 = torch.randn(3, 4), torch.randn(3, 4)
+    want, state_after = _by_hand(how, model, x)
+    twin = copy.deepcopy(model)
+    _same(twin(x), want)  # the hand computation is the model's
+    tr = lurker.trace(model, x)
+    _same(tr.output, want)
+    kind, name = ("attribute", "mem") if how.startswith("attribute") else ("buffer", "avg")
+    verb = "replaced (.data = ...)" if how == "replaced" else "updated in place"
+    assert tr.state_changes == [f"{kind} {name} {verb}"]
+    state = lambda: model.mem if kind == "attribute" else model.avg  # noqa: E731
+    for _ in range(2):
+        report = tr.validate()
+        assert report.output_checked and report.checked == len(tr.compute_ops)
+        assert report.state_changes == tr.state_changes
+        torch.testing.assert_close(state(), state_after, rtol=0, atol=1e-6)
+    _same(tr.run(x2).output, twin(x2))  # both a second forward, from the state one left
+    # a real mismatch is still caught: the op that read the new value, corrupted
+    last = [op for op in tr.compute_ops if op.name == "mul"][-1]
+    last.activation.add_(1)
+    with pytest.raises(ValidationError, match=last.label):
+        tr.validate()
+
+
+class UpdatesAndReplaces(nn.Module):
+    """Writes a parameter in place and replaces its storage (``p.data = ...``) in one
+    forward, in either order, with an op reading it in between."""
+
+    def __init__(self, order: str) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 4)
+        self.order = order
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc(x)
+        w = self.fc.weight
+        if self.order == "in place first":
+            w.data.mul_(0.5)
+            between = x @ w.t()
+            w.data = w.detach() + 1
+        else:
+            w.data = w.detach() + 1
+            between = x @ w.t()
+            w.data.mul_(0.5)
+        return y + between + x @ w.t()
+
+
+@pytest.mark.parametrize("order", ["in place first", "replaced first"])
+def test_a_parameter_updated_in_place_and_replaced_validates(order: str) -> None:
+    """Both changes are listed; each op re-runs on the value it read (the recorder sees
+    ``p.data = ...`` when it happens); the untraced forward starts from the value going in
+    (it used to start from the value after the replacement, a false output mismatch);
+    the model keeps the weight one forward left; a corrupted activation still fails."""
+    torch.manual_seed(0)
+    model = UpdatesAndReplaces(order)
+    x = torch.randn(2, 3)
+    twin = copy.deepcopy(model)
+    w0, b0 = model.fc.weight.detach().clone(), model.fc.bias.detach().clone()
+    w1 = w0 * 0.5 if order == "in place first" else w0 + 1
+    w2 = w1 + 1 if order == "in place first" else w1 * 0.5
+    want = x @ w0.t() + b0 + x @ w1.t() + x @ w2.t()  # the oracle, by hand
+    _same(twin(x), want)
+    tr = lurker.trace(model, x)
+    _same(tr.output, want)
+    assert tr.state_changes == [
+        "parameter fc.weight updated in place",
+        "parameter fc.weight replaced (p.data = ...)",
+    ]
+    for _ in range(2):
+        report = tr.validate()
+        assert report.output_checked and report.checked == len(tr.compute_ops)
+        torch.testing.assert_close(model.fc.weight.detach(), w2, rtol=0, atol=0)
+    between = next(op for op in tr.compute_ops if op.name == "matmul")
+    between.activation.add_(1)
+    with pytest.raises(ValidationError, match=between.label):
+        tr.validate()
+
+
+@pytest.mark.parametrize("how", ["y.data.add_(1)", "y.data = y + 1"])
+def test_an_activation_changed_through_data_validates(how: str) -> None:
+    """An op's output changed without its version counter moving (``.data`` has its own),
+    read before and after: each read re-runs on the value it saw (the later one used to
+    re-run on the value before, a false mismatch)."""
+
+    class Bumps(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                y = self.lin(x) * 2
+            z = y + 1
+            if how == "y.data.add_(1)":
+                y.data.add_(1)
+            else:
+                y.data = y + 1
+            return z * y
+
+    torch.manual_seed(0)
+    model = Bumps()
+    x = torch.randn(2, 4)
+    with torch.no_grad():
+        y = (x @ model.lin.weight.t() + model.lin.bias) * 2
+    want = (y + 1) * (y + 1)  # the oracle, by hand
+    tr = lurker.trace(model, x)
+    _same(tr.output, want)
+    report = tr.validate()
+    assert report.output_checked and report.checked == len(tr.compute_ops)
+    last = tr.compute_ops[-1]
+    last.activation.add_(1)
+    with pytest.raises(ValidationError, match=last.label):
+        tr.validate()
+
+
 def test_a_parameter_replaced_with_another_shape_is_reported() -> None:
     class Grows(nn.Module):
         def __init__(self) -> None:

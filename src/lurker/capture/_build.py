@@ -51,6 +51,9 @@ def build(
     tr._transform = rec.transform
     tr.param_shapes = dict(rec.param_shapes)  # the recorder shares its index across traces
     tr._param_writes = rec.param_writes
+    tr._params_replaced = rec.params_replaced
+    tr._state_before = rec.state_before
+    tr._state_replaced = rec.state_replaced
     tr.modules = rec.module_info
     tr.output = output
     nodes = rec.nodes

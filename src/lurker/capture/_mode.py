@@ -23,6 +23,10 @@ _INFO = _funcs.INFO
 _DECOMPOSE = _funcs.DECOMPOSE
 _TENSOR_ITER = Tensor.__iter__
 _UNBIND = Tensor.unbind
+# ``t.data = new``: no op, but it gives a parameter or buffer other values (see
+# _set_data); a method-wrapper, new on every access and equal to this one
+_SET_DATA = Tensor.data.__set__
+_WRAPPER = type(_SET_DATA)
 NO_KWARGS: dict[str, Any] = {}  # shared by calls without keywords: never mutated
 
 
@@ -44,11 +48,19 @@ class OpMode(TorchFunctionMode):
                     return inner(*args, **(kwargs or {}))
             if func is _TENSOR_ITER:  # `for row in x`: the unbind that yields the rows
                 return iter(self.__torch_function__(_UNBIND, types, (args[0],), {}))
+            # `t.data = new`: never cached (as a pass-through), so seen on every call
+            if type(func) is _WRAPPER and func == _SET_DATA:
+                return self._set_data(func, args)
             info = _funcs.func_info(func)
         return self._op(func, info, args, kwargs or NO_KWARGS)
 
     def _op(self, func: Any, info: FuncInfo, args: tuple, kwargs: dict) -> Any:
         raise NotImplementedError
+
+    def _set_data(self, func: Any, args: tuple) -> None:
+        """``t.data = new``: the recorder notes when a parameter, buffer or saved output
+        is replaced; a replay only runs it."""
+        func(*args)
 
 
 def produced(

@@ -39,7 +39,7 @@ from ..graph.nodes import ITEMSIZE, ModuleInfo, Op, ParamRef, TensorMeta
 from ..ops import torch_funcs as _funcs
 
 # _build imports this module back: its names are read at call time
-from . import _build, _context, _memory
+from . import _build, _context, _memory, _state
 from ._mode import NO_KWARGS as _NO_KWARGS
 from ._mode import OpMode
 from ._mode import produced as _produced
@@ -176,6 +176,7 @@ def _shape(p: Any) -> tuple[int, ...] | None:
 
 _PARAMETER = nn.Parameter
 _UNINITIALIZED = nn.parameter.UninitializedParameter
+_UNINITIALIZED_B = nn.parameter.UninitializedBuffer
 _is = operator.is_
 
 
@@ -324,11 +325,24 @@ class _Core:
         # None until the first in-place op (see _arm): models without any never pay for it
         self.aliases: dict[int, list[int]] | None = None
         self.mutators: dict[int, int] = {}  # storage pointer -> last in-place op on it
-        self.model_writes: list[Tensor] = []  # buffers and parameters written in place
-        # parameter name -> (index of the op that wrote into it in place, its value just
-        # before): ops that read it earlier are validated against the value they read
+        # parameters, buffers and tensor attributes written in place or replaced
+        self.model_writes: list[Tensor] = []
+        # parameter name -> (index of the op that wrote into it in place, or of the last op
+        # before `p.data = new` replaced it; its value just before): ops up to that index
+        # are validated against the value they read
         self.param_writes: dict[str, list[tuple[int, Tensor]]] = {}
-        self._param_storages: dict[int, tuple[str, Tensor]] | None = None
+        self.params_replaced: dict[str, None] = {}  # `p.data = new` seen (in param_writes)
+        # "buffer name" or "attribute name" (a plain tensor attribute of a module) -> (it,
+        # its value going in), kept at its first write or replacement (the untraced forward
+        # of validation starts from it); later reads see the new values (_state_written)
+        self.state_before: dict[str, tuple[Tensor, Tensor]] = {}
+        # "parameter name", "buffer name", "attribute name" -> the tensor: written in
+        # place, in order; given new storage (`b.data = new`, parameters aside: _state)
+        self.state_written: dict[str, Tensor] = {}
+        self.state_replaced: dict[str, Tensor] = {}
+        self.state_snapshot: _state.Snapshot = []  # the modules' attributes going in
+        # storage pointer -> (kind, name, the parameter, buffer or tensor attribute)
+        self._model_storages: dict[int, tuple[str, str, Tensor]] | None = None
         self.stale_hit = False
         self.index: _ModelIndex | None = None  # set by attach()
         self.params: dict[int, str] = {}
@@ -661,24 +675,31 @@ class _Core:
                 self._arm()
             for t in targets:
                 self._protect(t)
-                if id(t) in self.buffers:
-                    self.model_writes.append(t)
+                name = self.buffers.get(id(t))
+                if name is not None:  # the buffer itself: its next reads resolve to this op
+                    self._state_written("buffer", name, t, t)
                     continue
-                param = self._param_of(t)
-                if param is not None:  # the parameter itself, its .data or a view of it
+                name = self.params.get(id(t))
+                owner = ("parameter", name, t) if name is not None else self._state_of(t)
+                if owner is None:
+                    self._through_data(t)
+                    continue
+                kind, name, it = owner
+                if kind == "parameter":  # the parameter itself, its .data or a view of it
                     self.model_writes.append(t)
-                    self._param_written(*param)
+                    self._param_written(name, it)
+                    if t is not it:  # (an earlier in-place op on it may have produced it)
+                        self._moved(it)
+                else:  # a buffer's .data or a view of it; a tensor attribute, or its view
+                    self._state_written(kind, name, it, t)
 
-    def _param_of(self, t: Tensor) -> tuple[str, Tensor] | None:
-        """The model parameter whose storage ``t`` shares, if any (``p.data`` is another
-        tensor object on the same storage)."""
-        names = self.params
-        name = names.get(id(t))
-        if name is not None:
-            return name, t
-        table = self._param_storages
+    def _state_of(self, t: Tensor) -> tuple[str, str, Tensor] | None:
+        """The model parameter, buffer or tensor attribute whose storage ``t`` shares, if
+        any (``p.data`` is another tensor object on the same storage)."""
+        table = self._model_storages
         if table is None:  # at the first in-place op: models without any never pay
-            table = self._param_storages = {}
+            table = self._model_storages = {}
+            names, buffers = self.params, self.buffers
             for mod in self.modules.values():
                 for p in mod._parameters.values():
                     # a lazy module's parameter has no storage until its first forward
@@ -686,7 +707,22 @@ class _Core:
                         continue
                     ptr = p.untyped_storage().data_ptr()
                     if ptr:  # 0: no memory (meta, or empty)
-                        table.setdefault(ptr, (names[id(p)], p))
+                        table.setdefault(ptr, ("parameter", names[id(p)], p))
+                for b in mod._buffers.values():
+                    if b is None or id(b) not in buffers or isinstance(b, _UNINITIALIZED_B):
+                        continue
+                    ptr = b.untyped_storage().data_ptr()
+                    if ptr:
+                        table.setdefault(ptr, ("buffer", buffers[id(b)], b))
+            # tensors the modules held as plain attributes going in (self.mem = zeros):
+            # from the snapshot of their attributes (_state), not one this forward set
+            for path, _mod, attrs, *_ in self.state_snapshot:
+                prefix = f"{path}." if path else ""
+                for k, v in attrs.items():
+                    if type(v) is Tensor:
+                        ptr = v.untyped_storage().data_ptr()
+                        if ptr:
+                            table.setdefault(ptr, ("attribute", prefix + k, v))
         ptr = t.untyped_storage().data_ptr()
         return table.get(ptr) if ptr else None
 
@@ -695,12 +731,109 @@ class _Core:
         which the ops that read it so far (and this op) read."""
         before = p.detach().clone()
         self.param_writes.setdefault(name, []).append((len(self.nodes), before))
+        self.state_written["parameter " + name] = p
         if self.mem_check is not None:  # a copy: memory the guard counts
             self.saved_bytes += before.nbytes
+
+    def _state_written(self, kind: str, name: str, b: Tensor, through: Tensor) -> None:
+        """An op is about to write into buffer or tensor attribute ``name`` through
+        ``through`` (it, or another tensor on its storage). Ops that read it so far read
+        its node's saved value (cloned by ``_protect``); ops after it must read the new one:
+        the op's output, if it writes into ``b`` itself or a view (which shares its version
+        counter), else what ``_moved`` arranges."""
+        key = f"{kind} {name}"
+        self.model_writes.append(b)
+        self.state_written[key] = b
+        self._keep_going_in(key, b)
+        if through is not b:
+            self._moved(b)
+
+    def _keep_going_in(self, key: str, b: Tensor) -> None:
+        if key not in self.state_before:
+            before = b.detach().clone()
+            self.state_before[key] = (b, before)
+            if self.mem_check is not None:  # a copy: memory the guard counts
+                self.saved_bytes += before.nbytes
+
+    def _through_data(self, t: Tensor) -> None:
+        """A write into an op's output through its ``.data`` (or a view of that), whose
+        version counter is its own: the tensors on that storage must not resolve to their
+        saved values at their next read (see ``_moved``). A walk over the recorded outputs,
+        only for such a write; one check for any other."""
+        base = t._base if t._base is not None else t
+        hit = self.producers.get(id(base))
+        if hit is None or self.nodes[hit[1][0]].name != "data":
+            return
+        ptr = t.untyped_storage().data_ptr()
+        for key, (held, where, _v) in list(self.producers.items()):
+            x = held() if type(held) is _REF else held
+            if x is not None and x.untyped_storage().data_ptr() == ptr:
+                self.producers[key] = (held, where, -1)
+
+    def _moved(self, b: Tensor) -> None:
+        """``b`` holds other values, and its version counter did not move (a write through
+        ``b.data``, whose counter is its own, or ``b.data = new``): its next read must not
+        resolve to its saved value. A version that never matches makes that read a stale
+        one, which keeps the value it reads (see ``_snapshots``)."""
+        hit = self.producers.get(id(b))
+        if hit is not None:
+            self.producers[id(b)] = (hit[0], hit[1], -1)
+
+    def _unshare(self, t: Tensor) -> None:
+        """Saved activations that are ``t`` itself (a buffer node, an in-place op's output,
+        saved undetached) would show the new storage once ``t.data = new`` runs: they
+        keep a tensor on the old one. A walk over the ops so far, per replacement."""
+        for node in self.nodes:
+            a = node.activation
+            if a is t:
+                node.activation = t.detach()
+            elif type(a) is tuple and any(x is t for x in a):
+                node.activation = tuple(x.detach() if x is t else x for x in a)
+
+    def _set_data(self, func: Any, args: tuple) -> None:
+        """``t.data = new`` (no op: torch function modes see the setter alone): where ``t``
+        is a parameter, buffer, tensor attribute or an op's output, ops before read its
+        old value, ops after the new one."""
+        t = args[0]
+        if isinstance(t, _UNINITIALIZED):
+            return func(*args)
+        state = True
+        name = self.params.get(id(t))
+        if name is not None:
+            # the ops so far read the old value, the next one the new (see
+            # validate._param_read: an in-place op's entry has its own index, as it reads
+            # the value before its write)
+            before = t.detach().clone()
+            self.param_writes.setdefault(name, []).append((len(self.nodes) - 1, before))
+            self.params_replaced[name] = None
+            if self.mem_check is not None:
+                self.saved_bytes += before.nbytes
+        else:
+            name = self.buffers.get(id(t))
+            key = f"buffer {name}"
+            if name is None:
+                owner = self._state_of(t)
+                if owner is not None and owner[2] is t:  # a tensor attribute
+                    key = f"{owner[0]} {owner[1]}"
+                else:
+                    state = False
+            if state:
+                self._keep_going_in(key, t)
+                self.state_replaced[key] = t
+        hit = self.producers.get(id(t))
+        if state or (hit is not None and _alive(hit[0], t)):
+            self._moved(t)  # later reads see the new storage
+            self._unshare(t)  # saved values keep the old one
+        func(*args)
+        if state:
+            self._model_storages = None  # its storage changed: the table is built again
+            self.model_writes.append(t)  # the new storage may be a saved activation's
 
     def detach_from_model(self) -> None:
         """After the forward: clone saved activations that share storage with a buffer or
         parameter an op wrote into, since the model's next forward writes into it again."""
+        if self.aliases is None:  # storages replaced (`p.data = new`), no op in place
+            self._arm()
         for t in self.model_writes:
             self._protect(t)
         self.model_writes = []

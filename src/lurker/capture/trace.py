@@ -103,7 +103,7 @@ def trace(
     lazy = _lazy.LazyInits(rec, idx.lazy) if idx.lazy else None
     params, param_names = idx.param_list, idx.param_list_names
     kept = _state.held(params) if params else None  # to tell `p.data = ...` afterwards
-    state = _state.snapshot(rec.modules)
+    state = rec.state_snapshot = _state.snapshot(rec.modules)
     model_hooks = _hooks.model_hooks(rec.modules)  # (a replay that diverges compares)
     rec.stop_frame = sys._getframe()
     grad_ctx = torch.enable_grad() if grads else nullcontext()
@@ -185,13 +185,18 @@ def _lazy_lines(lazy: _lazy.LazyInits) -> list[str]:
 
 
 def _inplace_lines(rec: Recorder) -> list[str]:
-    """A line per parameter and buffer the forward's ops wrote into in place (running
-    statistics, an EMA codebook): the recorder noted each write, so this is per write,
-    after the forward, not per op."""
-    out = [f"parameter {n} updated in place" for n in rec.param_writes]
-    names = rec.buffers
-    bufs = dict.fromkeys(names[id(t)] for t in rec.model_writes if id(t) in names)
-    out += [f"buffer {n} updated in place" for n in bufs]
+    """A line per parameter, buffer and tensor attribute the forward's ops wrote into in
+    place (running statistics, an EMA codebook), and per buffer or tensor attribute it
+    replaced (``b.data = new``; parameters: ``_state.replaced``): the recorder noted each
+    write, so this is per write, after the forward, not per op."""
+    written = rec.state_written
+    # parameters first, then buffers and attributes, each in the order written
+    out = [f"{k} updated in place" for k in written if k.startswith("parameter ")]
+    out += [f"{k} updated in place" for k in written if not k.startswith("parameter ")]
+    for k, t in rec.state_replaced.items():
+        old = rec.state_before[k][1]
+        shape = "" if old.shape == t.shape else f", {tuple(old.shape)} -> {tuple(t.shape)}"
+        out.append(f"{k} replaced (.data = ...{shape})")
     return out
 
 
@@ -602,9 +607,15 @@ class Trace(Graph):
         self._inputs: tuple[tuple, dict] = ((), {})
         self._rng: Any = None  # autocast, grad mode and RNG state the forward started in
         self._state = _state.NO_CHANGES  # what the traced forward changed in the model
-        # parameters the forward wrote into in place (an EMA codebook): name -> (index of
-        # the writing op, the value just before it), for validation
+        # parameters the forward wrote into in place (an EMA codebook) or replaced
+        # (`p.data = new`): name -> (index of the writing op, or of the last op before the
+        # replacement; the value just before), for validation; the names it replaced
         self._param_writes: dict[str, list[tuple[int, Tensor]]] = {}
+        self._params_replaced: dict[str, None] = {}
+        # buffers and tensor attributes the forward wrote into or replaced: "buffer name"
+        # or "attribute name" -> (it, its value going in); those it replaced (`b.data = new`)
+        self._state_before: dict[str, tuple[Tensor, Tensor]] = {}
+        self._state_replaced: dict[str, Tensor] = {}
         # what the forward changed besides reassignments (_state): lazy parameters
         # materialized, parameters and buffers written in place, storages replaced
         self._changes: list[str] = []

@@ -110,10 +110,12 @@ def validate(trace: Trace, *, rtol: float, atol: float) -> ValidationReport:
     written = getattr(trace, "_param_writes", None) or {}
     # parameters whose storage the forward replaced (p.data = ...): name -> [the value
     # going in, the value now, whether an op has read the new one yet]
+    # (only those the recorder did not see replaced: it kept when, in `written`)
+    seen = getattr(trace, "_params_replaced", None) or {}
     swapped = {
         n: [old, params[n], False]
         for n, old in (getattr(trace, "_param_replaced", None) or {}).items()
-        if n in params
+        if n in params and n not in seen
     }
     ops = trace.ops
     with _context.applied(None):  # ops that ran in the default state: no autocast, no grad
@@ -170,7 +172,7 @@ def validate(trace: Trace, *, rtol: float, atol: float) -> ValidationReport:
                     f"Saved activation of {op.label} ({op.name}{_where(op)}) does not match a "
                     f"re-execution from its saved inputs{how}: "
                     f"{_first_diff(op.activation, result, rtol, atol)}."
-                    f"{_params_now(op, swapped)}",
+                    f"{_params_now(op, swapped, written)}",
                     op=op.label,
                 )
             report.checked += 1
@@ -228,13 +230,23 @@ def _param_read(
     return params[name]
 
 
-def _params_now(op: Any, swapped: dict[str, list[Any]] | None = None) -> str:
+def _params_now(
+    op: Any, swapped: dict[str, list[Any]] | None = None, written: dict[str, Any] | None = None
+) -> str:
     """A note for a mismatch of an op that reads parameters: the re-execution reads them
-    as they are now, and weights changed since the trace (training) are the usual cause."""
+    as they are now, and weights changed since the trace (training) are the usual cause;
+    or, for those the forward itself changed, as they were when the op ran."""
     read = list(dict.fromkeys(what for src, what in op._inputs if src < 0))
     if not read:
         return ""
     mine = [n for n in read if swapped and n in swapped]
+    kept = [n for n in read if written and n in written]
+    if kept and not mine:
+        return (
+            f" It reads {first_three(kept)}, which the traced forward updated in place or "
+            "replaced (p.data = ...): it was re-executed on the value they held when it ran, "
+            "kept by the trace."
+        )
     if mine:
         return (
             f" It reads {first_three(mine)}, whose storage the traced forward replaced "
@@ -337,10 +349,25 @@ def _check_output(trace: Trace, rtol: float, atol: float) -> list[str]:
     params_after = {n: params[n].detach().clone() for n in written if n in params}
     # parameters whose storage it replaced: the tensor they hold now (put back after)
     swapped_after = {n: params[n].data for n in replaced if n in params}
+    # buffers and tensor attributes the forward wrote into or replaced: (it, the value
+    # going in); the tensor a replaced one holds now, and what one written in place holds
+    state_before = getattr(trace, "_state_before", None) or {}
+    state_replaced = getattr(trace, "_state_replaced", None) or {}
+    data_after: dict[str, tuple[Tensor, Tensor]] = {}
+    values_after: dict[str, tuple[Tensor, Tensor]] = {}
     undo = trace._state.restored()  # attributes and buffers the forward reassigned
     try:
         named = dict(model.named_buffers())
         with torch.no_grad():
+            for key, (t, before) in state_before.items():
+                if _held(model, key) is not t:
+                    continue  # reassigned since the trace: not the model's state now
+                if key in state_replaced or t.shape != before.shape:
+                    data_after[key] = (t, t.data)
+                    t.data = before.clone()
+                elif not torch.equal(before.to(t.device), t):
+                    values_after[key] = (t, t.detach().clone())
+                    t.copy_(before)
             for n in swapped_after:
                 params[n].data = replaced[n].clone()  # the value it had going in
             for n in params_after:
@@ -352,6 +379,8 @@ def _check_output(trace: Trace, rtol: float, atol: float) -> list[str]:
             # (the buffer's node saved it; in-place ops clone saved values first)
             for op in trace.ops:
                 b = named.get(op.name) if op.kind == "buffer" else None
+                if "buffer " + op.name in state_before:
+                    continue  # put back above, from the value kept before its first write
                 a = op.activation
                 if b is None or a is None or a is b or a.shape != b.shape:
                     continue
@@ -367,6 +396,10 @@ def _check_output(trace: Trace, rtol: float, atol: float) -> list[str]:
     finally:
         trace._state.undo(undo)
         with torch.no_grad():  # the state the traced forward left, as the user has it
+            for t, data in data_after.values():
+                t.data = data
+            for t, value in values_after.values():
+                t.copy_(value)
             for n, b in model.named_buffers():
                 if n in after and b.shape == after[n].shape:
                     b.copy_(after[n])
@@ -399,6 +432,17 @@ def _check_output(trace: Trace, rtol: float, atol: float) -> list[str]:
                 f"{_first_diff(t.detach(), u)}. Tracing changed what the model computes."
             )
     return changes
+
+
+def _held(model: Any, key: str) -> Tensor | None:
+    """The tensor the model holds as ``key`` ("buffer a.b" or "attribute a.b") now."""
+    kind, name = key.split(" ", 1)
+    path, _, attr = name.rpartition(".")
+    try:
+        mod = model.get_submodule(path)
+    except AttributeError:
+        return None
+    return mod._buffers.get(attr) if kind == "buffer" else mod.__dict__.get(attr)
 
 
 def _note(changes: list[str], line: str) -> None:
