@@ -918,17 +918,84 @@ def test_guided_rules_on_a_network_without_relu_warn_that_they_are_the_gradient(
             )
 
 
-def test_gradcam_default_layer_of_a_vit_equals_a_forward_written_by_hand() -> None:
-    """A torchvision ViT's default Grad-CAM layer is the last one the class token's head
-    still reads the patch tokens through: the query-key-value projection of the last
-    attention, a functional op inside nn.MultiheadAttention whose output is
-    sequence-first (L, B, 3E). Oracle: that attention and the rest of the model written
+@pytest.mark.parametrize("family", ["torchvision", "timm"])
+def test_gradcam_default_layer_of_a_vit_is_the_last_blocks_first_norm(family: str) -> None:
+    """A ViT's default Grad-CAM layer is pytorch-grad-cam's recipe: the last block's
+    first norm, its tokens on the patch grid with the class token dropped and the
+    embedding as channels. It used to be the last attention's query-key-value projection
+    (the last map the class-token head reaches), whose bias shifts each image's map by a
+    constant that the ReLU then keeps or clips. Oracle: the recipe by hand with autograd,
+    three rows with three classes (a batch read on the wrong axis would mix them), the
+    projection's bias made large so that the two layers differ."""
+    torch.manual_seed(0)
+    if family == "torchvision":
+        vit = _small_vit()
+        norm = vit.encoder.layers.encoder_layer_1.ln_1
+        qkv_bias = vit.encoder.layers.encoder_layer_1.self_attention.in_proj_bias
+    else:
+        timm = pytest.importorskip("timm")
+        vit = timm.create_model(
+            "vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=10
+        ).eval()
+        norm, qkv_bias = vit.blocks[1].norm1, vit.blocks[1].attn.qkv.bias
+        nn.init.normal_(vit.head.weight)  # timm starts it small: a map of ~1e-3
+    with torch.no_grad():
+        qkv_bias.normal_(0, 3)
+    x, classes = torch.randn(3, 3, 32, 32), [1, 4, 7]
+    e = lurker.explain(vit, x, classes, method="gradcam", relu=False)
+    seen: list = []
+    h = norm.register_forward_hook(lambda m, i, o: seen.append(o))
+    out = vit(x)
+    h.remove()
+    (g,) = torch.autograd.grad(out[[0, 1, 2], classes].sum(), seen[0])
+    grid = lambda t: t[:, 1:].reshape(3, 4, 4, -1).permute(0, 3, 1, 2)  # noqa: E731
+    A = seen[0].detach()
+    want = (grid(g).mean((2, 3), keepdim=True) * grid(A)).sum(1, keepdim=True)
+    assert want.abs().amax() > 1e-2
+    assert torch.allclose(e.layer_attribution, want, atol=1e-5), e.options["layer"]
+    # the same map, rectified, on the input: bilinear as pytorch-grad-cam's resize
+    r = lurker.explain(vit, x, classes, method="gradcam", layer=e.options["layer"])
+    up = torch.nn.functional.interpolate(want.clamp(min=0), size=(32, 32), mode="bilinear")
+    assert torch.allclose(r.attribution, up.expand_as(x), atol=1e-5)
+
+
+def test_gradcam_says_when_its_relu_leaves_nothing() -> None:
+    """A row whose weighted map is negative at every position is 0 everywhere once
+    rectified (on the toy ViT of docs/explain.md, 44% of the images): the overlay shows
+    nothing although the target depends on the layer. Said in a warning naming the rows
+    and relu=False. A hand-made model: positive activations read by a class whose weights
+    are all negative, so its map is -(A_0 + A_1) / (H W) by hand."""
+    model = nn.Sequential(
+        nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(2, 2, bias=False),
+    ).eval()  # fmt: skip
+    with torch.no_grad():
+        model[0].weight.fill_(0.1)
+        model[0].bias.fill_(0.5)
+        model[4].weight.copy_(torch.tensor([[-1.0, -1.0], [1.0, 1.0]]))
+    x = torch.rand(2, 1, 6, 6)
+    A = model[1](model[0](x))
+    signed = lurker.explain(model, x, [0, 1], method="gradcam", layer="1", relu=False)
+    sign = torch.tensor([-1.0, 1.0]).view(2, 1, 1, 1)
+    assert torch.allclose(signed.layer_attribution, sign * A.sum(1, keepdim=True) / 36)
+    with pytest.warns(
+        UserWarning, match=r"'1' is 0 everywhere after its ReLU \(rows \[0\]\).*relu=False"
+    ):
+        e = lurker.explain(model, x, [0, 1], method="gradcam", layer="1")
+    assert e.layer_attribution[0].abs().amax() == 0 and e.layer_attribution[1].amin() > 0
+
+
+def test_gradcam_at_a_vits_sequence_first_projection_equals_a_forward_by_hand() -> None:
+    """Grad-CAM at the query-key-value projection of a torchvision ViT's last attention
+    (the last map its class-token head reads the patch tokens through; it used to be the
+    default), a functional op inside nn.MultiheadAttention whose output is sequence-first
+    (L, B, 3E). Oracle: that attention and the rest of the model written
     out by hand with autograd, three rows with three classes (a batch read on the wrong
     axis would mix them)."""
     import torch.nn.functional as F
 
     vit, x, classes = _small_vit(), torch.randn(3, 3, 32, 32), [1, 4, 7]
-    e = lurker.explain(vit, x, classes, method="gradcam", relu=False)
+    e = lurker.explain(vit, x, classes, method="gradcam", relu=False, layer="linear_5")
     layer = vit.encoder.layers.encoder_layer_1
     seen: list = []
     h = layer.ln_1.register_forward_hook(lambda m, i, o: seen.append((i[0], o)))

@@ -217,3 +217,26 @@ def test_the_magenta_legend_appears_only_where_a_map_holds_such_values(
         assert "scaled to its own range" in finite and "Magenta" not in finite
         legend = pg.locator(".card[data-side=output] .map-legend").inner_text()
         assert "Magenta: a value that is not finite" in legend and "1 of 4 maps here" in legend
+
+
+def test_explain_card_says_a_heatmap_has_no_finite_value(served: dict[str, Any], browser: Any):
+    """The model's NaN weight makes every gradient NaN (autograd): the explain route says
+    no min or max (null, header ``none``) and the page says so in words instead of a range
+    of dashes; a card the same page draws from finite values keeps its numbers."""
+    model, x = served["model"], served["data"][3][0][None].clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(model(x)[0, 1], x)
+    assert grad.isnan().all()
+    from explorer_fixtures import watch
+
+    ctx, pg, errors = watch(browser, 1280, 900)
+    try:
+        pg.goto(f"{served['url']}#/r/n/explain?image=sample-3&target=1")
+        card = pg.locator('.explain-card[data-method="saliency"] figcaption')
+        card.locator(".explain-note").wait_for()
+        assert "no finite value: every attribution is NaN or ±inf" in card.inner_text()
+        assert "min" not in card.inner_text()
+        pg.screenshot(path=str(served["shots"] / "explain-nan.png"))
+    finally:
+        ctx.close()
+    # LRP and concept relevance refuse this model's own modules (400, said on their cards)
+    assert [e for e in errors if "400" not in e and "Bad Request" not in e] == []

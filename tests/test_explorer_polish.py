@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -410,3 +411,124 @@ def test_samples_past_the_end_say_so(browser: Any, mapped: dict[str, Any]):
         prev.click()
         pg.wait_for_selector('.sample-card[data-sample="359"]')
         assert pg.locator(".pager span").first.inner_text() == "301\u2013360 of 360"
+
+
+def test_home_says_which_images_had_their_transparency_dropped(tmp_path: Any, browser: Any):
+    """The probe keeps how many images it fed without their alpha (``transparent_images``):
+    the run summary gives it and the Home page's Dataset card says it, with two of the
+    files, where a user reads what the data set was; a dataset lurker does not decode
+    itself says "not checked", not "none". Oracle: numpy over the files' decoded alpha."""
+    import warnings
+
+    import torch
+    from torch.utils.data import TensorDataset
+
+    from lurker.probe import probe
+    from lurker.probe.data import image_folder, wrap
+    from lurker.server import create_app
+    from lurker.server.serve import background
+    from test_probe_data import _clear_tree
+
+    clear = _clear_tree(tmp_path / "imgs")
+    want = sorted(p for p, c in clear.items() if c)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(784, 2)
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = image_folder(tmp_path / "imgs", 16)
+        probe(model, ds, out=tmp_path / "runs" / "clear", k=2, batch_size=4, progress=False)
+        opaque = wrap(TensorDataset(torch.rand(4, 3, 16, 16), torch.tensor([0, 1, 0, 1])))
+        probe(model, opaque, out=tmp_path / "runs" / "wrapped", k=2, progress=False)
+    with background(create_app(tmp_path / "runs")) as url, strict_page(browser, 1280, 900) as pg:
+        summary = pg.request.get(f"{url.rstrip('/')}/api/runs/clear").json()
+        assert summary["dataset"]["transparent_images"] == {"count": 3, "examples": want[:2]}
+        pg.goto(f"{url}#/r/clear")
+        row = pg.locator(".transparent-images")
+        row.wait_for()
+        text = row.inner_text()
+        assert text.startswith("3 images: fed with their alpha dropped")
+        # each example named relative to the dataset's folder, its whole path on hover
+        titles = row.locator("code").evaluate_all("els => els.map(e => e.title)")
+        assert titles == want[:2] and text.endswith(", …")
+        assert all(f"{Path(p).parent.name}/{Path(p).name}" in text for p in want[:2])
+        assert not any(p in text for p in want[:2])
+        pg.locator('.card:has(h2:text-is("Dataset"))').screenshot(path=str(tmp_path / "home.png"))
+        assert (
+            pg.request.get(f"{url.rstrip('/')}/api/runs/wrapped").json()["dataset"][
+                "transparent_images"
+            ]
+            is None
+        )
+        pg.goto(f"{url}#/r/wrapped")
+        card = pg.locator('.card:has(h2:text-is("Dataset"))')
+        card.wait_for()
+        assert "transparency dropped\nnot checked" in card.inner_text()
+
+
+def test_layer_page_shows_direction_feature_visualizations(
+    explorer_run: ExplorerRun,  # noqa: F811
+    tmp_path: Any,
+    browser: Any,
+) -> None:
+    """Images of ``featviz(..., objective="direction")`` stored in a run were shown
+    nowhere (a direction is not a unit, so the unit pages leave them out). The layer page
+    shows each direction by its index, with its images, what they reached and the units it
+    weighs most; an index past the unit count works (it is not a unit), and a static export
+    holds the same images. Oracles: the stored PNG bytes and activations
+    (``Run.featviz``), numpy's argsort of |direction| for the strongest units."""
+    import numpy as np
+
+    import lurker
+    from lurker.server import create_app
+    from lurker.server.export import export_site
+    from lurker.server.serve import background
+    from lurker.store import Run
+
+    run = tmp_path / RID
+    shutil.copytree(explorer_run.path, run)
+    dirs = np.random.default_rng(0).normal(size=(40, 32))  # 40 directions in 32 units
+    lurker.featviz(
+        explorer_run.model, FEATVIZ_LAYER, units=[2, 39], objective="direction",
+        directions=dirs, steps=4, images_per_unit=2, run=run,
+    ).save(run)  # fmt: skip
+    with Run.open(run) as r:
+        stored = r.featviz(FEATVIZ_LAYER, objective="direction")
+        pngs = {d: stored.png(d) for d in (2, 39)}
+        acts = stored.activations
+    with background(create_app(run)) as url, strict_page(browser, 1280, 900) as pg:
+        base = f"{url.rstrip('/')}/api/runs/{RID}/layers/{FEATVIZ_LAYER}"
+        doc = pg.request.get(base).json()["featviz_directions"]
+        assert [d["index"] for d in doc] == [2, 39]
+        for d, row in zip(doc, acts):
+            assert d["activations"] == pytest.approx(row.tolist())
+            top = np.argsort(-np.abs(dirs[d["index"]]), kind="stable")[:5]
+            assert [u["unit"] for u in d["top_units"]] == top.tolist()
+            assert [u["weight"] for u in d["top_units"]] == pytest.approx(dirs[d["index"]][top])
+        got = pg.request.get(f"{base}/featviz/direction/39/0.png")
+        assert got.status == 200 and got.body() == pngs[39]
+        assert pg.request.get(f"{base}/featviz/direction/5/0.png").status == 404
+        pg.goto(f"{url}#/r/{RID}/layer/{FEATVIZ_LAYER}")
+        section = pg.locator("#directions")
+        section.wait_for()
+        figs = section.locator("figure.direction")
+        assert figs.count() == 2
+        last = figs.nth(1)
+        assert last.get_attribute("data-direction") == "39"
+        assert last.locator("img").count() == 2
+        text = last.locator("figcaption").inner_text()
+        assert text.startswith("direction 39 · reached ")
+        assert f"strongest of 32 units: {np.argsort(-np.abs(dirs[39]))[0]} (" in text
+        last.locator("a.direction-unit").first.click()
+        pg.wait_for_url(f"**/unit/{FEATVIZ_LAYER}/{np.argsort(-np.abs(dirs[39]))[0]}")
+        pg.goto(f"{url}#/r/{RID}/layer/{FEATVIZ_LAYER}")
+        pg.wait_for_function(
+            "[...document.querySelectorAll('#directions img')]"
+            ".every((i) => i.complete && i.naturalWidth > 0)"
+        )
+        section.screenshot(path=str(tmp_path / "directions.png"))
+    site = export_site(run, tmp_path / "site", progress=False)
+    exported = site / "data" / "runs" / RID / "layers" / FEATVIZ_LAYER / "featviz" / "direction"
+    assert (exported / "39" / "0.png").read_bytes() == pngs[39]
+    assert (exported / "2" / "1.png").is_file()

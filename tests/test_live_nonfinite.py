@@ -166,3 +166,31 @@ def test_a_map_whose_range_is_near_float64s_limit_is_scaled_not_garbled():
     assert (lo, hi) == (-1e308, 1e308)
     assert pix.tolist() == want.astype(np.uint8).tolist() == [[0, 128], [255, 191]]
     assert nonfinite_maps(np.zeros((0, 4, 4))) == {}
+
+
+def test_no_finite_value_reads_the_same_in_the_live_and_explain_headers(tmp_path: Path):
+    """A map with no finite value has no min or max: both PNG routes say ``none`` in
+    ``X-Lurker-Min``/``Max`` (the explain route used to write ``nan``, the live route
+    ``none``) and their JSON says null; where there are finite values both give them as
+    numbers. Oracle: the gradient by autograd (NaN everywhere through a NaN weight)."""
+    torch.manual_seed(0)
+    model = _NaNs().eval()
+    data = load_dataset("digits:test", 16, channels=3)
+    out = tmp_path / "runs" / "r"
+    probe(model, data, out=out, layers="fc", k=2, progress=False, meta={"data": "digits:test"})
+    xi = _x(data).clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(model(xi)[0, 1], xi)
+    assert grad.isnan().all()  # the oracle: no finite attribution at all
+    with TestClient(create_app(out, model_obj=model)) as client:
+        base = "/api/runs/r/live/sample-3"
+        png = client.get(f"{base}/explain/saliency.png?target=1&overlay=0")
+        doc = client.get(f"{base}/explain/saliency.json?target=1").json()
+        assert png.status_code == 200, png.text
+        assert png.headers["x-lurker-min"] == png.headers["x-lurker-max"] == "none"
+        assert doc["min"] is None and doc["max"] is None
+        live = client.get(f"{base}/ops/log_1/output/3.png")  # NaN everywhere (the weight)
+        assert live.headers["x-lurker-min"] == live.headers["x-lurker-max"] == "none"
+        # a map with finite values: its numbers, as the JSON gives them
+        live = client.get(f"{base}/ops/log_1/output/0.png")
+        doc = client.get(f"{base}/ops/log_1/output/0.json").json()
+        assert float(live.headers["x-lurker-min"]) == doc["min"] is not None

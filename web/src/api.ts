@@ -33,6 +33,8 @@ export interface RunSummary {
     classes: string[];
     skipped: { path: string; reason: string }[];
     skipped_count: number;
+    /** images fed without their alpha; null: not checked (or a run from before) */
+    transparent_images?: { count: number; examples: string[] } | null;
     image_size: number[] | number | null;
     mean: number[] | null;
     std: number[] | null;
@@ -70,6 +72,9 @@ export interface LayerDoc {
   featviz_units?: number[] | null;
   /** Per objective (channel, neuron): the units with a stored image of it. */
   featviz_objectives?: Record<string, number[]> | null;
+  /** Directions with stored images (objective "direction"): a direction mixes the
+   * units, so the layer page shows them, by the direction's index. */
+  featviz_directions?: { index: number; activations: (number | null)[]; units: number; top_units: { unit: number; weight: number }[] }[] | null;
   layer: LayerBrief;
   rf: Record<string, unknown> | null;
   layout: Record<string, unknown> | null;

@@ -35,7 +35,9 @@ def default_layer(model: nn.Module, x: Tensor, target: Any = None) -> str:
     a patch grid) and whose map the target depends on: where the Grad-CAM paper looks (the
     last convolutional feature map). In a ViT whose head reads only the class token, the
     patch tokens after the last attention do not reach the target (their gradient is 0),
-    so the map is taken before it, as pytorch-grad-cam advises by hand."""
+    so the map is taken before it: at the map the last attention's query-key-value
+    projection reads (the last block's first norm, pytorch-grad-cam's ViT recipe), not at
+    the projection itself (see :func:`_read_through`)."""
     from ..capture import settled_trace
     from ..probe.layout import Layout, cached_layouts
 
@@ -73,7 +75,33 @@ def default_layer(model: nn.Module, x: Tensor, target: Any = None) -> str:
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if reaches(last[mid]) else (lo, mid)
-    return last[lo]
+    return _read_through(tr, last[lo], set(maps))
+
+
+#: ops that give a map the same positions as their input, each unit a fixed affine mix
+#: of the input's units at the same position (or a rearrangement of its axes)
+_AFFINE = {"linear", "transpose", "permute", "reshape", "view", "contiguous", "flatten"}
+
+
+def _read_through(tr: Any, label: str, maps: set[str]) -> str:
+    """The map that ``label`` reads through linear layers and rearrangements only.
+
+    The last map a ViT's class-token head reaches is the last attention's query-key-value
+    projection ``A' = W A + b`` of the block's first norm ``A``. Grad-CAM there is
+    Grad-CAM at ``A`` plus ``sum_k mean(g'_k) b_k``, one constant per image: the bias of
+    the projection shifts the whole map, and the ReLU then keeps or clips it by that shift
+    (a third of its channels, the queries of the patch tokens, even have no gradient). So
+    the default is ``A``, as pytorch-grad-cam's recipe (``blocks[-1].norm1``)."""
+    from ..graph.nodes import OpRef, refs
+
+    by_label = {op.label: op for op in tr.ops}
+    op = by_label[label]
+    while op.name.rstrip("_") in _AFFINE:
+        read = [r for r in refs(op) if type(r) is OpRef]
+        if len(read) != 1 or tr.ops[read[0].index].label not in maps:
+            break
+        op = tr.ops[read[0].index]
+    return op.label
 
 
 def layer_and_grad(
@@ -189,6 +217,19 @@ class _CAM(Method):
             )
         cam = (type(self).weigh(A, g) * A).sum(1, keepdim=True)
         if relu:
+            # rows whose weighted map is negative everywhere: rectified, nothing is left
+            # to show (often on a ViT's tokens, whose LayerNorm outputs have both signs)
+            clipped = ~flat & (cam.reshape(cam.shape[0], -1).amax(1) <= 0)
+            if bool(clipped.any()):
+                rows = clipped.nonzero()[:, 0].tolist()
+                which = "" if len(rows) == len(clipped) else f" (rows {rows})"
+                warn(
+                    f"{'Grad-CAM++' if self.name == 'gradcam_plus_plus' else 'Grad-CAM'} at "
+                    f"{layer!r} is 0 everywhere after its ReLU{which}: the weighted sum of "
+                    "the layer's channels is negative at every position, so the map shows "
+                    "nothing. relu=False gives the signed map; on a ViT, Grad-CAM is weak "
+                    "(docs/explain.md): integrated gradients or LRP follow the tokens better."
+                )
             cam = cam.clamp(min=0)
         options = {"layer": layer, "relu": relu, "interpolate": interpolate}
         return self.explanation(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -18,6 +19,15 @@ IMMUTABLE = {"Cache-Control": "public, max-age=86400"}
 #: they change when the server attaches other weights under the same URL, so the browser
 #: must ask again rather than keep them for a day.
 MODEL_MADE = {"Cache-Control": "no-cache"}
+
+
+def range_header(v: float | None) -> str:
+    """A map's min or max in an ``X-Lurker-Min``/``Max`` header: ``repr`` of the number,
+    ``none`` where the map has no finite value (its JSON says null), the one convention
+    of every route that draws a map, so a client tests for one word."""
+    return "none" if v is None or not math.isfinite(v) else repr(v)
+
+
 #: JSON of a run changes only when the run is probed again.
 JSON_CACHE = {"Cache-Control": "no-cache"}
 

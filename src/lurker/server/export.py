@@ -236,7 +236,11 @@ def _export_run(request: Any, e: Any, files: _Files, make_images: bool) -> None:
     # feature visualizations stored in the run (`lurker featviz`): the unit pages show them
     for layer, objective, unit, copy, png in featviz_images(run):
         files.bar.total += 1
-        where = _rel("runs", e.id, "layers", layer, "units", unit, "featviz", objective)
+        where = (
+            _rel("runs", e.id, "layers", layer, "featviz", "direction", unit)  # its index
+            if objective == "direction"
+            else _rel("runs", e.id, "layers", layer, "units", unit, "featviz", objective)
+        )
         files.image(f"{where}/{copy}.png", png)
     with contextlib.suppress(ApiError):  # a run without a graph (v2): the page says so
         files.json(_rel("runs", e.id, "graph"), e.graph_view())

@@ -51,6 +51,11 @@ class SkippedFile(BaseModel):
     reason: str
 
 
+class TransparentImages(BaseModel):
+    count: int = Field(description="images whose transparency the loader dropped")
+    examples: list[str] = Field(description="up to two of their paths")
+
+
 class DatasetInfo(BaseModel):
     spec: str | None = None
     description: str | None = None
@@ -58,6 +63,11 @@ class DatasetInfo(BaseModel):
     classes: list[str]
     skipped: list[SkippedFile] = Field(description="the first 100 unreadable inputs")
     skipped_count: int
+    transparent_images: TransparentImages | None = Field(
+        None,
+        description="the run's meta transparent_images: images fed without their alpha "
+        "(null: not checked, a dataset lurker does not decode itself or a run from before)",
+    )
     image_size: list[int] | None = None
     mean: list[float] | None = None
     std: list[float] | None = None
@@ -133,6 +143,23 @@ class UnitBrief(BaseModel):
     constant: bool = False
 
 
+class UnitWeight(BaseModel):
+    unit: int
+    weight: float
+
+
+class DirectionBrief(BaseModel):
+    """A direction's stored feature visualizations (objective "direction"): images at
+    ``.../layers/{layer}/featviz/direction/{index}/{copy}.png``."""
+
+    index: int
+    activations: list[float | None] = Field(description="per copy: the objective reached")
+    units: int = Field(description="how many weights the direction has (the layer's units)")
+    top_units: list[UnitWeight] = Field(
+        description="the units of largest |weight|, largest first (at most 5)"
+    )
+
+
 class LayerDetail(BaseModel):
     layer: LayerBrief
     rf: dict[str, Any] | None = None
@@ -143,8 +170,11 @@ class LayerDetail(BaseModel):
     featviz_units: list[int] | None = None
     #: per objective ("channel", "neuron"): the units with a stored image of it, null for
     #: none. The grid shows a unit's channel image, else its neuron image. (Direction
-    #: images index directions, not units: not listed.)
+    #: images index directions, not units: ``featviz_directions``.)
     featviz_objectives: dict[str, list[int]] | None = None
+    #: the directions with stored images (``featviz(..., objective="direction")``), null
+    #: for none: a direction mixes the units, so the layer page shows them, not a unit page
+    featviz_directions: list[DirectionBrief] | None = None
     #: How many of its units are constant on the dataset (``units[i].constant``).
     constant_units: int = 0
 

@@ -30,6 +30,7 @@ from lurker.store.schema import DB_NAME, dump_json
 __all__ = [
     "StoredFeatViz",
     "UnitFeatViz",
+    "direction_featviz",
     "featviz_png",
     "featviz_units",
     "unit_featviz",
@@ -326,6 +327,42 @@ def featviz_units(run: Any, layer: str, objective: str = "channel") -> list[int]
         (info.id, objective),
     )
     return [int(u) for (u,) in rows]
+
+
+@dataclass(frozen=True)
+class DirectionFeatViz:
+    """One direction's stored feature visualizations (objective ``"direction"``), without
+    their images: a direction is a mix of a layer's units, not one of them, so the
+    explorer shows it on the layer's page, by the direction's index (``direction_featviz``)."""
+
+    index: int
+    activations: list[float | None]  # per copy: the objective each image reached
+    direction: list[float]  # the direction itself, one weight per unit of the layer
+
+
+def direction_featviz(run: Any, layer: str) -> list[DirectionFeatViz]:
+    """The directions of ``layer`` with stored images, by index; each with the direction
+    its images were made with (from their settings), so a reader sees which units mix."""
+    if not run._has_table("featviz"):
+        return []
+    info = run.layer(layer)
+    rows = run._query(
+        "SELECT unit, copy, activation, settings FROM featviz WHERE layer_id = ? AND "
+        "objective = 'direction' ORDER BY unit, copy",
+        (info.id,),
+    )
+    acts: dict[int, list[float | None]] = {}
+    vectors: dict[int, list[float]] = {}
+    for unit, copy, a, doc in rows:
+        got = acts.setdefault(int(unit), [])
+        got.extend([None] * (int(copy) + 1 - len(got)))
+        got[int(copy)] = None if a is None else float(a)
+        if int(unit) not in vectors:
+            given = json.loads(doc).get("directions") or []
+            vectors[int(unit)] = (
+                [float(v) for v in given[int(unit)]] if int(unit) < len(given) else []
+            )
+    return [DirectionFeatViz(d, acts[d], vectors[d]) for d in sorted(acts)]
 
 
 def featviz_images(run: Any) -> Iterator[tuple[str, str, int, int, bytes]]:

@@ -408,7 +408,10 @@ function methodCard(ctx: PageContext, image: string, m: ExplainMethod, target: s
       fill(
         caption,
         r.layer ? [h("span", null, "at ", h("code", null, r.layer)), " · "] : null,
-        `min ${fmt(r.min)} · max ${fmt(r.max)} · sum ${fmt(r.sum)}`,
+        // null (X-Lurker-Min/Max "none"): no finite value to give a range, not a range of "–"
+        r.min === null || r.max === null
+          ? h("span", { class: "explain-note nf-note", role: "note" }, "no finite value: every attribution is NaN or ±inf (a NaN or inf in the model's weights or its input), so nothing is drawn")
+          : `min ${fmt(r.min)} · max ${fmt(r.max)} · sum ${fmt(r.sum)}`,
         r.delta !== null ? ` · delta ${fmt(r.delta)}` : null,
         // a map that is all zeros, or the gradient under another name, says so
         ...(r.notes ?? []).map((n) => h("span", { class: "explain-note", role: "note" }, n)),

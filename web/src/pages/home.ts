@@ -43,6 +43,7 @@ export async function renderHome(root: HTMLElement, ctx: PageContext): Promise<v
           ["classes", classes ? `${classes}: ${shownClasses}` : "unlabelled"],
           ["image size", Array.isArray(d.image_size) ? shape(d.image_size) : fmt(d.image_size)],
           ["skipped files", d.skipped_count ? String(d.skipped_count) : "none"],
+          ["transparency dropped", transparency(d.transparent_images, d.spec || d.description)],
         ]),
         d.skipped.length
           ? h(
@@ -105,4 +106,25 @@ export async function renderHome(root: HTMLElement, ctx: PageContext): Promise<v
     ),
   );
   if (ctx.params.get("show") === "layers") document.getElementById("layers")?.scrollIntoView();
+}
+
+/** The images the probe fed without their alpha (a transparent pixel as the colour it
+ * stores, often black, not a background): the model saw them so, which explains odd
+ * activations on them. */
+function transparency(
+  t: RunSummary["dataset"]["transparent_images"],
+  source: unknown,
+): HTMLElement | string {
+  if (!t) return h("span", { class: "muted", title: "a dataset lurker does not decode itself (a wrapped torchvision ImageFolder), or a run probed before lurker kept this" }, "not checked");
+  if (!t.count) return "none";
+  const n = `${fmt(t.count)} image${t.count === 1 ? "" : "s"}`;
+  const root = typeof source === "string" ? source.replace(/\/+$/, "") + "/" : null;
+  const short = (p: string) => (root && p.startsWith(root) ? p.slice(root.length) : p);
+  return h(
+    "span",
+    { class: "transparent-images" },
+    `${n}: fed with their alpha dropped (transparent areas as the colour they store, often black; composite them over a background before probing to feed that instead): `,
+    ...t.examples.flatMap((p, i) => [i ? ", " : "", h("code", { title: p }, short(p))]),
+    t.count > t.examples.length ? ", …" : "",
+  );
 }

@@ -183,8 +183,55 @@ export async function renderLayer(root: HTMLElement, ctx: PageContext, args: str
         )
       : null,
     images.notice,
+    directionsSection(ctx, name, doc),
     h("div", { class: "toolbar" }, h("span", null, "Sort by"), sortButtons, h("span", null, "Thumbnail"), thumbButtons, fvHint),
     grid,
+  );
+}
+
+/** Feature visualizations of directions in the layer's units (`featviz(...,
+ * objective="direction")`): a direction mixes the units, so it has no unit page; each is
+ * shown here by its index, with the units it weighs most (linked) and what its images
+ * reached. Null where the layer has none. */
+function directionsSection(ctx: PageContext, name: string, doc: LayerDoc): HTMLElement | null {
+  const dirs = doc.featviz_directions ?? [];
+  if (!dirs.length) return null;
+  const weight = (w: number) => (w >= 0 ? "+" : "−") + fmt(Math.abs(w));
+  return h(
+    "section",
+    { class: "card directions", id: "directions" },
+    h("h2", null, `Directions `, h("span", { class: "muted small" }, `${dirs.length} with feature visualizations`)),
+    h(
+      "p",
+      { class: "muted small" },
+      "Images that maximize the dot product of this layer's unit vector with a direction, mean over positions (objective \"direction\"). A direction mixes the units, so it is shown here by its index, with the units it weighs most.",
+    ),
+    h(
+      "div",
+      { class: "direction-grid" },
+      dirs.map((d) =>
+        h(
+          "figure",
+          { class: "direction", "data-direction": d.index },
+          h(
+            "div",
+            { class: "direction-images" },
+            d.activations.map((_, c) =>
+              h("img", { src: ctx.api.pngUrl(p("runs", ctx.run, "layers", name, "featviz", "direction", d.index, `${c}.png`)), loading: "lazy", alt: `direction ${d.index}: feature visualization${d.activations.length > 1 ? ` ${c + 1}` : ""}`, width: 96, height: 96 }),
+            ),
+          ),
+          h(
+            "figcaption",
+            { class: "small" },
+            h("strong", null, `direction ${d.index}`),
+            ` · reached ${d.activations.map((a) => fmt(a)).join(", ")}`,
+            h("br"),
+            h("span", { class: "muted" }, `strongest of ${fmt(d.units)} units: `),
+            ...d.top_units.flatMap((u, i) => [i ? ", " : "", h("a", { href: ctx.href("unit", name, u.unit), class: "direction-unit" }, `${u.unit}`), ` (${weight(u.weight)})`]),
+          ),
+        ),
+      ),
+    ),
   );
 }
 

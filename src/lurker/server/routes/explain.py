@@ -45,7 +45,7 @@ from lurker.store import atomic_write_bytes
 from lurker.store.files import safe_component
 
 from ..classes import class_names, name_of
-from ..deps import MODEL_MADE, cached_or_live, entry, session
+from ..deps import MODEL_MADE, cached_or_live, entry, range_header, session
 from ..errors import ApiError
 from ..schemas import (
     ConceptRanking,
@@ -796,8 +796,8 @@ def _png_response(pil: Any, heat: Any, target: str) -> Response:
     headers = {
         **MODEL_MADE,
         "X-Lurker-Scale": str(scale),
-        "X-Lurker-Min": repr(lo),
-        "X-Lurker-Max": repr(hi),
+        "X-Lurker-Min": range_header(lo),  # "none" when no value is finite
+        "X-Lurker-Max": range_header(hi),
         "X-Lurker-Target": target,
         "Access-Control-Expose-Headers": "X-Lurker-Scale, X-Lurker-Min, X-Lurker-Max, "
         "X-Lurker-Target",

@@ -81,6 +81,31 @@ def featviz_image(
 
 
 @router.get(
+    "/runs/{run_id}/layers/{layer}/featviz/direction/{index}/{copy}.png",
+    response_class=Response,
+    responses=PNG,
+    summary="A feature visualization of a direction in the layer's units (by its index)",
+)
+def direction_image(
+    request: Request,
+    run_id: str,
+    layer: str,
+    index: int = Path(ge=0, le=2**31),
+    copy: int = Path(ge=0, le=2**31),
+) -> Response:
+    from lurker.store import MissingFromRunError
+    from lurker.store.featviz import featviz_png
+
+    e = entry(request, run_id)
+    info = e.layer(layer)
+    try:  # a direction's index is not a unit: not checked against the unit count
+        png = featviz_png(e.open_run(), info.name, index, copy, "direction")
+    except MissingFromRunError as err:
+        raise ApiError(404, str(err)) from None
+    return Response(png, media_type="image/png", headers=MODEL_MADE)
+
+
+@router.get(
     "/runs/{run_id}/layers/{layer}/units/{unit}/{which}/{rank}/{kind}.png",
     response_class=Response,
     responses=PNG,

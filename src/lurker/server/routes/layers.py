@@ -7,10 +7,10 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from lurker.store.featviz import featviz_units
+from lurker.store.featviz import direction_featviz, featviz_units
 
 from ..deps import entry
-from ..schemas import Histogram, LayerDetail, UnitBrief
+from ..schemas import DirectionBrief, Histogram, LayerDetail, UnitBrief, UnitWeight
 from .runs import layer_brief
 
 router = APIRouter(prefix="/api", tags=["layers"])
@@ -51,11 +51,29 @@ def layer_detail(request: Request, run_id: str, layer: str) -> LayerDetail:
         ],
         featviz_units=featviz_units(e.open_run(), info.name) or None,
         featviz_objectives=_featviz_objectives(e.open_run(), info.name),
+        featviz_directions=_directions(e.open_run(), info.name),
         constant_units=sum(1 for row in rows if row[5]),
     )
 
 
 def _featviz_objectives(run: Any, layer: str) -> dict[str, list[int]] | None:
-    """The units with a stored image, per objective that names units (not "direction")."""
+    """The units with a stored image, per objective that names units (directions: below)."""
     found = {o: featviz_units(run, layer, o) for o in ("channel", "neuron")}
     return {o: units for o, units in found.items() if units} or None
+
+
+def _directions(run: Any, layer: str) -> list[DirectionBrief] | None:
+    """The directions with stored images, each with the units it weighs most (by |weight|,
+    ties by unit index): what a reader needs to tell what the direction mixes."""
+    out = []
+    for d in direction_featviz(run, layer):
+        order = sorted(range(len(d.direction)), key=lambda u: (-abs(d.direction[u]), u))
+        out.append(
+            DirectionBrief(
+                index=d.index,
+                activations=[_f(a) for a in d.activations],
+                units=len(d.direction),
+                top_units=[UnitWeight(unit=u, weight=d.direction[u]) for u in order[:5]],
+            )
+        )
+    return out or None

@@ -20,7 +20,7 @@ from fastapi import APIRouter, File, Path, Request, UploadFile
 from fastapi.responses import Response
 
 from ..classes import no_scores
-from ..deps import MODEL_MADE, entry, live_call, session
+from ..deps import MODEL_MADE, entry, live_call, range_header, session
 from ..errors import ApiError
 from ..schemas import FeatureSide, KernelInfo, KernelValues, LiveImage, LiveOp, MapValues
 from ..session import (
@@ -281,8 +281,8 @@ async def channel_png(
         **MODEL_MADE,
         "X-Lurker-Scale": str(scale),
         # over the finite values: "none" when no value is finite
-        "X-Lurker-Min": repr(lo) if lo is not None else "none",
-        "X-Lurker-Max": repr(hi) if hi is not None else "none",
+        "X-Lurker-Min": range_header(lo),
+        "X-Lurker-Max": range_header(hi),
         "X-Lurker-Nonfinite": str(nonfinite),
         "Access-Control-Expose-Headers": (
             "X-Lurker-Scale, X-Lurker-Min, X-Lurker-Max, X-Lurker-Nonfinite"

@@ -18,6 +18,7 @@ from ..schemas import (
     RunListEntry,
     RunSummary,
     SkippedFile,
+    TransparentImages,
 )
 from ..state import RunEntry
 
@@ -71,6 +72,16 @@ def run_summary(request: Request, run_id: str) -> RunSummary:
     return summarize(request, e)
 
 
+def _transparent(kept: Any) -> TransparentImages | None:
+    """The run's ``transparent_images`` meta, or None where it is not a count and paths
+    (not checked, or a run from before the probe kept it)."""
+    if not isinstance(kept, dict) or not isinstance(kept.get("count"), int):
+        return None
+    return TransparentImages(
+        count=kept["count"], examples=[str(p) for p in kept.get("examples") or []][:2]
+    )
+
+
 def summarize(request: Request, e: RunEntry) -> RunSummary:
     run = e.open_run()
     meta = run.meta
@@ -103,6 +114,7 @@ def summarize(request: Request, e: RunEntry) -> RunSummary:
             classes=list(run.classes),
             skipped=[SkippedFile(path=p, reason=r) for p, r in skipped],
             skipped_count=int(skipped_count),
+            transparent_images=_transparent(meta.get("transparent_images")),
             image_size=meta.get("image_size"),
             mean=cfg.get("mean"),
             std=cfg.get("std"),
