@@ -206,12 +206,10 @@ class _CAM(Method):
             layer = default_layer(model, x, target)
         A, g, fw, out = layer_and_grad(model, x, target, layer)
         flat = g.reshape(g.shape[0], -1).abs().amax(1) == 0
+        what = f"{'Grad-CAM++' if self.name == 'gradcam_plus_plus' else 'Grad-CAM'} at {layer!r}"
         if bool(flat.any()):
-            rows = flat.nonzero()[:, 0].tolist()
-            which = "" if len(rows) == len(flat) else f" (rows {rows})"
             warn(
-                f"{'Grad-CAM++' if self.name == 'gradcam_plus_plus' else 'Grad-CAM'} at "
-                f"{layer!r} is 0 everywhere{which}: the target does not depend "
+                f"{what} is 0 everywhere{_rows(flat)}: the target does not depend "
                 "on this layer's map (a ViT's class-token head no longer reads the patch "
                 "tokens after the last attention). Choose an earlier layer, or the default."
             )
@@ -221,11 +219,8 @@ class _CAM(Method):
             # to show (often on a ViT's tokens, whose LayerNorm outputs have both signs)
             clipped = ~flat & (cam.reshape(cam.shape[0], -1).amax(1) <= 0)
             if bool(clipped.any()):
-                rows = clipped.nonzero()[:, 0].tolist()
-                which = "" if len(rows) == len(clipped) else f" (rows {rows})"
                 warn(
-                    f"{'Grad-CAM++' if self.name == 'gradcam_plus_plus' else 'Grad-CAM'} at "
-                    f"{layer!r} is 0 everywhere after its ReLU{which}: the weighted sum of "
+                    f"{what} is 0 everywhere after its ReLU{_rows(clipped)}: the weighted sum of "
                     "the layer's channels is negative at every position, so the map shows "
                     "nothing. relu=False gives the signed map; on a ViT, Grad-CAM is weak "
                     "(docs/explain.md): integrated gradients or LRP follow the tokens better."
@@ -257,3 +252,9 @@ class GradCAMPlusPlus(_CAM):
     name = "gradcam_plus_plus"
     summary = "Grad-CAM with higher-order pixel weights (Chattopadhyay et al., 2018)"
     weigh = staticmethod(gradcam_pp_weights)
+
+
+def _rows(mask: Tensor) -> str:
+    """Which rows of a batch a warning is about: none named when it is all of them."""
+    rows = mask.nonzero()[:, 0].tolist()
+    return "" if len(rows) == len(mask) else f" (rows {rows})"

@@ -16,6 +16,7 @@ from fastapi.responses import FileResponse, Response
 from ..deps import IMMUTABLE, MODEL_MADE, entry, on_model, session
 from ..errors import ApiError
 from ..session import Session
+from ..state import RunEntry
 
 router = APIRouter(prefix="/api", tags=["images"])
 
@@ -66,18 +67,10 @@ def featviz_image(
     unit: int = Path(ge=0, le=2**31),
     copy: int = Path(ge=0, le=2**31),
 ) -> Response:
-    from lurker.store import MissingFromRunError
-    from lurker.store.featviz import featviz_png
-
     e = entry(request, run_id)
     info = e.layer(layer)
     e.unit_index(info, unit)
-    try:
-        png = featviz_png(e.open_run(), info.name, unit, copy, objective)
-    except MissingFromRunError as err:
-        raise ApiError(404, str(err)) from None
-    # `lurker featviz` may write the layer again: revalidate rather than keep a day
-    return Response(png, media_type="image/png", headers=MODEL_MADE)
+    return _featviz_response(e, info.name, unit, copy, objective)
 
 
 @router.get(
@@ -93,15 +86,21 @@ def direction_image(
     index: int = Path(ge=0, le=2**31),
     copy: int = Path(ge=0, le=2**31),
 ) -> Response:
+    e = entry(request, run_id)
+    # a direction's index is not a unit: not checked against the unit count
+    return _featviz_response(e, e.layer(layer).name, index, copy, "direction")
+
+
+def _featviz_response(e: RunEntry, layer: str, index: int, copy: int, objective: str) -> Response:
+    """A stored feature visualization's PNG, or a 404 that says what the run lacks."""
     from lurker.store import MissingFromRunError
     from lurker.store.featviz import featviz_png
 
-    e = entry(request, run_id)
-    info = e.layer(layer)
-    try:  # a direction's index is not a unit: not checked against the unit count
-        png = featviz_png(e.open_run(), info.name, index, copy, "direction")
+    try:
+        png = featviz_png(e.open_run(), layer, index, copy, objective)
     except MissingFromRunError as err:
         raise ApiError(404, str(err)) from None
+    # `lurker featviz` may write the layer again: revalidate rather than keep a day
     return Response(png, media_type="image/png", headers=MODEL_MADE)
 
 
