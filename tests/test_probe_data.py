@@ -441,3 +441,62 @@ def test_a_resumed_probe_still_counts_the_files_of_the_interrupted_part(tmp_path
     assert sorted(fresh.transparent or []) == [want[0]]  # what this call loaded itself
     assert run.meta["transparent_images"] == {"count": 3, "examples": want[:2]}
     run.close()
+
+
+# ------------------------------------------------------------------ awkward real files
+
+
+def test_an_empty_class_folder_is_a_class_without_samples_not_an_error(tmp_path: Path) -> None:
+    """One empty class folder (a class with no validation images yet) made the whole folder
+    "no images found"; the other classes keep their sorted-folder indices, as a model
+    trained with torchvision's ImageFolder on the full tree numbers them."""
+    root = tmp_path / "imgs"
+    for name, color in [("ant", (200, 0, 0)), ("cat", (0, 0, 200))]:
+        (root / name).mkdir(parents=True)
+        (root / name / "x.png").write_bytes(_png(color))
+    (root / "bee").mkdir()  # sorts between the two
+    with pytest.warns(UserWarning, match=r"1 class folder \(bee\) holds no images"):
+        ds = image_folder(root, 8)
+    assert ds.class_names == ["ant", "bee", "cat"]
+    assert [Path(p).parent.name for p in ds.paths or []] == ["ant", "cat"]
+    assert ds.labels_list() == [0, 2]  # cat is class 2, as sorted folders number it
+    assert ds[1][1] == 2
+    (root / "ant" / "x.png").unlink()
+    (root / "cat" / "x.png").unlink()
+    with pytest.raises(LurkerError, match=r"its class folders \(ant, bee, cat\) hold no files"):
+        image_folder(root, 8)
+
+
+def _save(image: Image.Image, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+    return path
+
+
+def test_16_bit_png_is_scaled_to_8_bits_not_clipped_white(tmp_path: Path) -> None:
+    """Pillow's convert("RGB") clips a 16-bit grayscale PNG at 255: every pixel above 255
+    of 65535 was fed as white. Oracle: the same values divided by 257 (numpy)."""
+    values = np.linspace(0, 65535, 16 * 16).reshape(16, 16).astype(np.uint16)
+    path = _save(Image.fromarray(values), tmp_path / "imgs" / "a" / "deep.png")
+    assert Image.open(path).mode.startswith("I")  # a 16-bit file, as Pillow reads it
+    want = np.rint(values / 257.0).astype(np.float32) / 255.0
+    ds = image_folder(tmp_path / "imgs", 16, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    image = ds[0][0]
+    assert image.shape == (3, 16, 16)
+    for c in range(3):  # grey in every channel, every level kept
+        np.testing.assert_allclose(image[c].numpy(), want, atol=1e-6)
+    gray = image_folder(tmp_path / "imgs", 16, mean=(0.0,), std=(1.0,), channels=1)
+    np.testing.assert_allclose(gray[0][0][0].numpy(), want, atol=1e-6)
+
+
+def test_float_images_are_read_in_their_range_and_others_skipped_by_name(tmp_path: Path) -> None:
+    """A float TIFF in [0, 1] is scaled by 255 (Pillow clips it to black); one whose values
+    have no image reading is skipped with a reason that says so, not fed clipped."""
+    unit = np.linspace(0, 1, 8 * 8, dtype=np.float32).reshape(8, 8)
+    _save(Image.fromarray(unit, "F"), tmp_path / "imgs" / "a" / "unit.tif")
+    _save(Image.fromarray(unit * 1000 - 1, "F"), tmp_path / "imgs" / "a" / "wild.tif")
+    ds = image_folder(tmp_path / "imgs", 8, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    item = ds[0]
+    np.testing.assert_allclose(item[0][0].numpy(), np.rint(unit * 255) / 255, atol=1e-6)
+    assert isinstance(ds[1], Skipped) and "values from -1.0" in ds[1].reason
+    assert [Path(p).name for p, _ in ds.skipped] == ["wild.tif"]

@@ -177,7 +177,13 @@ def trace(
 
 @main.command()
 @click.argument("model")
-@click.option("--data", "-d", required=True, help="'digits', 'digits:train' or an ImageFolder dir.")
+@click.option(
+    "--data",
+    "-d",
+    required=True,
+    help="'digits', 'digits:train', 'digits:test', or an image folder: DIR/<class>/<image> "
+    "(unreadable files are skipped and listed).",
+)
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Run dir.")
 @click.option("--weights", "-w", type=click.Path(dir_okay=False), help="State dict to load.")
 @click.option(
@@ -196,7 +202,7 @@ def trace(
     type=click.IntRange(min=1),
     default=224,
     show_default=True,
-    help="Images are resized to this.",
+    help="Images are resized (shorter side) to this, then center-cropped to a square.",
 )
 @click.option("--batch-size", "-b", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available).")
@@ -207,7 +213,11 @@ def trace(
     show_default=True,
     help="DataLoader worker processes.",
 )
-@click.option("--overwrite", is_flag=True, help="Replace a run of another model in --out.")
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace a run of another model in --out, or sweep a finished run again.",
+)
 @click.option(
     "--unit-dim",
     multiple=True,
@@ -238,6 +248,15 @@ def trace(
     metavar="LAYER",
     help="As --embed, at this layer (mean-pooled over its positions).",
 )
+@click.option(
+    "--channel-dim",
+    type=click.Choice(["1", "2", "3", "-1", "-2", "-3"]),
+    default=None,
+    metavar="AXIS",
+    help="The axis of the model's input that holds the channels (counting the batch axis): "
+    "-1 for a model that takes (N, H, W, C) images. Recorded in the run, so its images and "
+    "`lurker serve` feed the model the same way. Default: (N, C, H, W).",
+)
 @_friendly
 def probe(
     model: str,
@@ -256,19 +275,22 @@ def probe(
     relevance_composite: str | None,
     embed: bool,
     embed_layer: str | None,
+    channel_dim: str | None,
 ) -> None:
     """Sweep a dataset through MODEL; keep what every unit of every layer responds to.
 
-    Rerun the same command after an interruption to resume. Under torchrun each process
-    sweeps a shard and the results are merged.
+    Ctrl-C stops after the batch in progress, which is saved; rerun the same command
+    after an interruption (or a kill) to resume. Under torchrun each process sweeps a
+    shard and the results are merged.
     """
-    from .models import image_channels, load_model
+    from .models import channels_first_view, image_channels, load_model
     from .probe import data as pdata
     from .probe import probe as do_probe
 
     out = str(Path(out).expanduser())  # --out=~/runs/x: the shell leaves ~ after = alone
+    channels_at = None if channel_dim is None else int(channel_dim)
     with _torchrun_group(device):
-        net = load_model(model, weights, device=device or "cpu")
+        net = channels_first_view(load_model(model, weights, device=device or "cpu"), channels_at)
         where = next((p.device for p in net.parameters()), "cpu")  # probed where it lies
         channels = image_channels(net, image_size, device=where)
         ds = pdata.load_dataset(data, image_size, channels=channels)
@@ -285,6 +307,7 @@ def probe(
             unit_dim=_unit_dims(unit_dim),
             relevance=relevance_composite or relevance,
             embed=embed_layer or embed,
+            channel_dim=channels_at,
             meta={
                 "model_spec": model,
                 "weights": str(Path(weights).resolve()) if weights else None,
@@ -295,8 +318,12 @@ def probe(
         n = sum(layer.num_units for layer in run.layers)
         click.echo(f"run: {run.path} ({len(run.layers)} layers, {n} units)")
         if run.skipped:
+            shown = "; ".join(f"{path} ({why})" for path, why in run.skipped[:5])
+            more = f"; and {len(run.skipped) - 5} more" if len(run.skipped) > 5 else ""
             click.secho(
-                f"skipped {len(run.skipped)} unreadable images (listed in the run)", fg="yellow"
+                f"skipped {len(run.skipped)} unreadable image{'s' if len(run.skipped) != 1 else ''}"
+                f" (listed in the run: run.skipped): {shown}{more}",
+                fg="yellow",
             )
         if run.has_embedding:
             e = run.meta.get("embedding") or {}
@@ -993,7 +1020,12 @@ def featviz(
                     f"the run's recorded weights {weights} do not exist here (moved or "
                     "deleted): pass them with --weights"
                 )
-            net = load_model(spec, weights, device=auto)
+            from .models import channels_first_view
+
+            # optimised (N, C, H, W) images fed as the probe fed them (a channels-last model)
+            net = channels_first_view(
+                load_model(spec, weights, device=auto), cfg.get("channel_dim")
+            )
             stored = run.meta.get("model_fingerprint")
             if stored and fingerprint(net) != stored:
                 raise LurkerError(

@@ -415,7 +415,10 @@ def _model_and_data(
 
         shape = config.get("input_shape") or [None]
         dataset = pdata.load_dataset(spec, size, channels=shape[0])
-    return model, dataset
+    from .models import channels_first_view
+
+    # fed as the probe fed it: a channels-last model gets its (N, H, W, C) batches
+    return channels_first_view(model, config.get("channel_dim")), dataset
 
 
 def _check_model(model: Any, path: Any) -> None:

@@ -6,6 +6,7 @@ names the cause and the fix, so the CLI can print it instead of a traceback from
 
 from __future__ import annotations
 
+import copy
 import difflib
 import importlib
 import importlib.util
@@ -28,6 +29,7 @@ from lurker.errors import InputSpecError, LurkerError, ModelSpecError, WeightsEr
 
 __all__ = [
     "InputSpec",
+    "channels_first_view",
     "example_inputs",
     "load_model",
     "parse_input_shape",
@@ -793,3 +795,64 @@ def image_channels(model: nn.Module, size: int, device: Any = "cpu") -> int | No
                 h.remove()
         return None  # a whole forward without any convolution
     return None
+
+
+#: where a model's image input may keep its channels: an image batch has axes 0 to 3
+_CHANNEL_DIMS = (1, 2, 3, -1, -2, -3)
+
+
+class _ChannelsAt(nn.Module):
+    """Mixed into a view's class (see :func:`channels_first_view`): moves the channels of
+    an ``(N, C, H, W)`` batch to the model's own axis before its ``forward``."""
+
+    _lurker_channel_dim: int
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise LurkerError(
+                f"channel_dim={self._lurker_channel_dim} moves the channels of an image batch "
+                f"(N, C, H, W), and this input is {shape}: give 4-D image batches, or leave "
+                "channel_dim unset (on the command line, leave out --channel-dim) for a model "
+                "that takes other inputs"
+            )
+        return super().forward(x.movedim(1, self._lurker_channel_dim), *args, **kwargs)
+
+
+_VIEW_CLASSES: dict[type, type] = {}
+
+
+def channels_first_view(model: nn.Module, channel_dim: int | None) -> nn.Module:
+    """``model`` as one that takes ``(N, C, H, W)`` image batches, for a model whose input
+    keeps its channels on axis ``channel_dim`` (``-1``: ``(N, H, W, C)``, a Keras port or a
+    model that permutes inside ``forward``); ``model`` itself for ``None`` or 1.
+
+    Everything that feeds a model images (the probe, its unit images, the explorer's live
+    view) works on ``(N, C, H, W)``; the view moves the channels in its ``forward``. It is
+    a shallow copy of ``model`` that shares its modules, parameters and buffers (so layer
+    names, weights and the fingerprint are the model's own) with a subclass of its class
+    that moves the axis, so a deep copy of the view (LRP's canonization) stays one. A view
+    is returned as it is."""
+    if channel_dim is None or isinstance(getattr(model, "_lurker_channel_dim", None), int):
+        return model
+    if isinstance(channel_dim, bool) or not isinstance(channel_dim, int):
+        raise LurkerError(
+            f"channel_dim must be an int (the axis of the model's image input that holds the "
+            f"channels, counting the batch axis: 1 or -1), got {channel_dim!r}"
+        )
+    if channel_dim not in _CHANNEL_DIMS:
+        raise LurkerError(
+            f"channel_dim={channel_dim}: an image batch has axes 0 (the batch) to 3; give 1 "
+            "for (N, C, H, W) or -1 (3) for (N, H, W, C) (CLI: --channel-dim)"
+        )
+    if channel_dim == 1:
+        return model
+    cls = type(model)
+    view_cls = _VIEW_CLASSES.get(cls)
+    if view_cls is None:
+        attrs = {"__module__": cls.__module__, "__qualname__": cls.__qualname__}
+        view_cls = _VIEW_CLASSES[cls] = type(cls.__name__, (_ChannelsAt, cls), attrs)
+    view = copy.copy(model)
+    view.__class__ = view_cls
+    object.__setattr__(view, "_lurker_channel_dim", channel_dim)
+    return view

@@ -183,6 +183,12 @@ def featviz(
             is made again (and its save replaces it whole).
         log: called with a line saying which units ``resume`` left out.
     """
+    if run is not None:  # a channels-last model is fed as its probe fed it
+        from ..models import channels_first_view
+        from ..store import Run
+
+        held = run if isinstance(run, Run) else Run.open(run)
+        model = channels_first_view(model, (held.meta.get("config") or {}).get("channel_dim"))
     cfg = _Config.make(
         model, layer, units, objective, steps, size, channels, lr, param, images_per_unit,
         diversity, position, directions, mean, std, run, batch_size, max_memory, device,

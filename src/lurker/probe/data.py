@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import warnings
 import weakref
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -493,8 +494,42 @@ def convert_image(image: Image.Image, mode: str) -> Image.Image:
     transparent pixel becomes whatever colour it holds (often black), not a background.
     The explorer's uploads go through this same function, so the model sees an uploaded
     file exactly as a probe of a folder holding it would (:func:`transparency_note` says
-    when that changed what a viewer of the file sees)."""
+    when that changed what a viewer of the file sees). A 16-bit or float grayscale image
+    is scaled to 8 bits first (:func:`_to_8bit`), never clipped."""
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        image = _to_8bit(image)
     return image.convert(mode)
+
+
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """A 16-bit, 32-bit integer or float one-channel image as 8-bit "L": Pillow's own
+    ``convert("RGB")`` clips those values at 255, so a 16-bit PNG would be fed all white.
+    Integer images are read as 16-bit (0-65535, scaled by 1/257: 65535 -> 255, as a 16-bit
+    PNG means them); float images in [0, 1] are scaled by 255, in [0, 255] kept. Anything
+    else has no one reading: an error, which an image folder reports as the file's reason
+    for being skipped."""
+    arr = np.asarray(image, dtype=np.float64)
+    lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+    if not (np.isfinite(lo) and np.isfinite(hi)) or lo < 0:
+        raise ValueError(
+            f"a {image.mode!r} image with values from {lo} to {hi}: only non-negative "
+            "values (8-bit, 16-bit, or float in [0, 1] or [0, 255]) can be read as an image"
+        )
+    if image.mode == "F":
+        if hi > 255:
+            raise ValueError(
+                f"a float image with values up to {hi}: only [0, 1] or [0, 255] can be read "
+                "as an image; rescale it to 8 or 16 bits first"
+            )
+        scale = 255.0 if hi <= 1.0 else 1.0
+    else:
+        if hi > 65535:
+            raise ValueError(
+                f"a 32-bit image with values up to {hi:.0f}: only 8- or 16-bit values can "
+                "be read as an image; rescale it first"
+            )
+        scale = 1.0 / 257.0
+    return Image.fromarray(np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8), "L")
 
 
 def _alpha(image: Image.Image) -> Image.Image | None:
@@ -597,13 +632,33 @@ class ImageFolderDataset(_SkipLog, _Base):
                 f"image folder: mean and std need {channels} values each, got {len(mean)} and "
                 f"{len(std)}"
             )
+        accepted = ", ".join(datasets.folder.IMG_EXTENSIONS)
         try:
-            folder = datasets.ImageFolder(str(self.root))
+            # an empty class folder is kept as a class (torchvision refuses the whole tree),
+            # so the other classes keep the indices a model trained on the tree gives them
+            folder = datasets.ImageFolder(str(self.root), allow_empty=True)
         except FileNotFoundError as e:
             raise LurkerError(
                 f"no images found in {self.root} ({e}). Expected the layout {_LAYOUT}; "
-                f"accepted extensions: {', '.join(datasets.folder.IMG_EXTENSIONS)}."
+                f"accepted extensions: {accepted}."
             ) from None
+        used = {c for _, c in folder.samples}
+        empty = [name for name, c in folder.class_to_idx.items() if c not in used]
+        if not folder.samples:
+            raise LurkerError(
+                f"no images found in {self.root}: its class folders ({_some(empty)}) hold no "
+                f"files with an image extension ({accepted}). Expected the layout {_LAYOUT}."
+            )
+        if empty:
+            warnings.warn(
+                f"image folder {self.root}: {len(empty)} class folder"
+                f"{'s' if len(empty) != 1 else ''} ({_some(empty)}) "
+                f"{'hold' if len(empty) != 1 else 'holds'} no images; kept as "
+                f"{'classes' if len(empty) != 1 else 'a class'} without samples, so every "
+                "class keeps the index of its folder's place in sorted order (as a model "
+                "trained on this layout numbers them)",
+                stacklevel=3,
+            )
         self.mode = "RGB" if channels == 3 else "L"
         self.channels = channels
         self.image_size = image_size
@@ -669,6 +724,12 @@ class ImageFolderDataset(_SkipLog, _Base):
         transparency, which their conversion dropped, in dataset order."""
         seen = {p for p, _ in self._logged(transparent=True)}
         return [p for p in self.paths or [] if p in seen]
+
+
+def _some(names: Sequence[str], n: int = 5) -> str:
+    """Up to ``n`` names, comma-separated, with how many more."""
+    more = f", and {len(names) - n} more" if len(names) > n else ""
+    return ", ".join(names[:n]) + more
 
 
 def image_folder(

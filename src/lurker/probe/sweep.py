@@ -26,9 +26,12 @@ import json
 import numbers
 import os
 import re
+import signal
+import sys
+import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +42,7 @@ from torch import Tensor, nn
 from ..capture import Trace, evaluating, settled_trace
 from ..errors import LurkerError, MemoryLimitError, TraceError, warn
 from ..graph.nodes import Op
+from ..models import channels_first_view
 from ..store import Run, RunWriter, atomic_write_bytes, run_lock
 from .consumers import (
     EMBED_BUDGET,
@@ -166,10 +170,14 @@ _WRAP_CLI = (
 _SPATIAL_OPS = re.compile(r"(conv|conv_transpose|max_pool|avg_pool|adaptive_\w+_pool|lp_pool)(\d)d")
 
 
-def _trace_first(model: nn.Module, x0: Tensor) -> Trace:
+def _trace_first(
+    model: nn.Module, x0: Tensor, plain: nn.Module | None = None, channel_dim: int | None = None
+) -> Trace:
     """Trace ``model`` on the first sample; where it cannot take one tensor of that shape,
     an error that says what the probe feeds it, what it wanted, and what to do (the trace's
-    own advice names ``lurker trace``'s input options, which the probe does not have)."""
+    own advice names ``lurker trace``'s input options, which the probe does not have).
+    ``model`` is the model as fed: ``plain`` (the user's) where ``channel_dim`` is None or
+    1, else its :func:`channels_first_view`."""
     need = _required_inputs(model)
     if len(need) > 1:
         py, cli = _more_inputs_error(model, x0, need)
@@ -180,8 +188,35 @@ def _trace_first(model: nn.Module, x0: Tensor) -> Trace:
     except MemoryLimitError:
         raise
     except TraceError as e:
-        py, cli = _probe_trace_error(model, x0, e)
+        layout = _other_layout(plain or model, x0, channel_dim)  # the fix, where it is one
+        py, cli = _probe_trace_error(model, x0, e, wrap=layout is None)
+        if layout is not None:
+            py, cli = f"{py} {layout[0]}", f"{cli} {layout[1]}"
         raise TraceError(py, partial=e.partial, failed_op=e.failed_op, cli=cli) from e
+
+
+def _other_layout(plain: nn.Module, x0: Tensor, channel_dim: int | None) -> tuple[str, str] | None:
+    """Where the model failed on the image batch as fed, whether ``plain`` (the user's
+    model) runs with the channels on another axis: then the fix is ``channel_dim``, said in
+    Python's and the CLI's words (None where that does not help either, or the input is
+    not an image batch)."""
+    if x0.dim() != 4:
+        return None
+    given = channel_dim not in (None, 1)
+    try:  # the layout the model was not fed
+        with torch.no_grad():
+            plain(x0 if given else x0.movedim(1, -1))
+    except Exception:
+        return None
+    if given:
+        said = (
+            f"It runs on the images as (N, C, H, W) {tuple(x0.shape)}: it takes its "
+            f"channels on axis 1, not {channel_dim}"
+        )
+        return f"{said}; leave channel_dim unset.", f"{said}; leave out --channel-dim."
+    last = tuple(x0.movedim(1, -1).shape)
+    said = f"It runs on the images with their channels last (N, H, W, C) {last}"
+    return f"{said}: probe it with channel_dim=-1.", f"{said}: probe it with --channel-dim -1."
 
 
 def _required_inputs(model: nn.Module) -> list[str]:
@@ -230,8 +265,11 @@ def _wanted_dims(model: nn.Module, e: TraceError) -> int | None:
     return len(conv.kernel_size) if conv is not None else None
 
 
-def _probe_trace_error(model: nn.Module, x0: Tensor, e: TraceError) -> tuple[str, str]:
-    """The trace's error, put in the probe's terms (Python and CLI messages)."""
+def _probe_trace_error(
+    model: nn.Module, x0: Tensor, e: TraceError, *, wrap: bool = True
+) -> tuple[str, str]:
+    """The trace's error, put in the probe's terms (Python and CLI messages); ``wrap``:
+    with the advice to wrap the model (not where the fix is another option)."""
     shape = tuple(x0.shape)
     py, cli = str(e), e.for_cli()
     advice = e.input_advice  # the trace's, naming options the probe does not have
@@ -247,7 +285,7 @@ def _probe_trace_error(model: nn.Module, x0: Tensor, e: TraceError) -> tuple[str
         about_input = True
     py = f"{_FEED_PY} (here {shape}), and the model failed on the first: {py}{wanted}"
     cli = f"{_FEED_CLI} (here {shape}), and the model failed on the first: {cli}{wanted}"
-    if about_input:
+    if about_input and wrap:
         example = " (for a video model, e.g. x.unsqueeze(2): a clip of one frame)" if n == 3 else ""
         py += (
             " Pass a dataset whose items are (input, label), each input shaped as the "
@@ -497,6 +535,7 @@ def probe(
     unit_dim: int | Mapping[str, int] | None = None,
     relevance: bool | str = False,
     embed: bool | str = False,
+    channel_dim: int | None = None,
 ) -> Run | None:
     """Sweep ``dataset`` once through ``model`` and store per-unit statistics in ``out``.
 
@@ -525,6 +564,12 @@ def probe(
     penultimate layer: the input of the model's last linear op. It costs nothing beyond
     the sweep's forward; the features must fit a budget of 4 GiB.
 
+    ``channel_dim`` is the axis of the model's input that holds the channels, for a model
+    that takes its images channels-last (``-1``: ``(N, H, W, C)``); the dataset's
+    ``(C, H, W)`` images are batched as ``(N, C, H, W)`` and moved there
+    (:func:`lurker.models.channels_first_view`). The run records it, so that its unit
+    images and the explorer's live view feed the model the same way.
+
     The model is swept in eval mode and left in the mode it came in (each module's
     ``training`` flag restored, however the call ends).
 
@@ -549,6 +594,7 @@ def probe(
             unit_dim=unit_dim,
             relevance=relevance,
             embed=embed,
+            channel_dim=channel_dim,
         )
         writer = _open_writer(plan, overwrite)
         if _finished_before(plan, writer):
@@ -614,6 +660,8 @@ class _Plan:
             "hist_bins": self.hist_bins,
             "relevance": self.relevance,
             "embed": None if self.embed is None else self.embed.name,
+            # (only where set: a run probed before the option existed is the same probe)
+            **({"channel_dim": dim} if (dim := self.run_meta["config"].get("channel_dim")) else {}),
         }
 
     @property
@@ -672,6 +720,7 @@ def _plan(
     unit_dim: int | Mapping[str, int] | None,
     relevance: bool | str = False,
     embed: bool | str = False,
+    channel_dim: int | None = None,
 ) -> _Plan:
     """Trace the model on the first image, pick the layers and their layouts, and check
     that every rank holds the same model: all that can fail before the run is created."""
@@ -690,9 +739,20 @@ def _plan(
     )
     if dev.type == "cuda" and world > 1 and dev.index is None:
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
-    model = model.eval().to(dev)
+    plain = model
+    # a channels-last model is fed through a view that moves the (N, C, H, W) batch's
+    # channels (same modules and parameters: moving it to dev moves the model)
+    model = channels_first_view(model, channel_dim).eval().to(dev)
     x0 = ds.first_image().unsqueeze(0).to(dev)
-    tr = _trace_first(model, x0)
+    if channel_dim not in (None, 1) and x0.dim() != 4:
+        raise LurkerError(
+            f"probe: channel_dim={channel_dim} moves the channels of image batches (N, C, H, "
+            f"W), and the dataset's items are {tuple(x0.shape[1:])}, not (C, H, W) images: "
+            "leave channel_dim unset and give items shaped as the model's input",
+            cli=f"--channel-dim {channel_dim} moves the channels of image batches (N, C, H, W), "
+            f"and the dataset's images are {tuple(x0.shape[1:])}: leave out --channel-dim",
+        )
+    tr = _trace_first(model, x0, plain, channel_dim)
     try:
         rfs = receptive_fields(tr)
     except LurkerError:
@@ -725,6 +785,9 @@ def _plan(
             "input_shape": list(x0.shape[1:]),
             "mean": ds.mean,
             "std": ds.std,
+            # how the (C, H, W) images are laid out for the model: unit images and the
+            # explorer's live view feed it the same way
+            "channel_dim": channel_dim,
             **(meta or {}),
         },
     }
@@ -1024,8 +1087,17 @@ def _sweep(plan: _Plan, consumers: Sequence[BatchConsumer], start: _Progress) ->
     total = len(plan.shard)
     known = torch.tensor(plan.labels, dtype=torch.int64)  # what the run will say they are
     bar = Progress("probing", total, position.done, plan.progress and plan.rank == 0, 10.0)
-    with contextlib.closing(bar), torch.no_grad():
-        for images, labels, ids in loader:  # unreadable images were dropped (ds.skipped)
+    batches = iter(loader)
+    with contextlib.closing(bar), torch.no_grad(), _ctrl_c() as interrupted:
+        while True:
+            try:
+                images, labels, ids = next(batches)  # unreadable images dropped (ds.skipped)
+            except StopIteration:
+                break
+            except Exception:
+                if interrupted.is_set():  # DataLoader workers stopped by the same Ctrl-C
+                    break
+                raise
             if len(images):
                 _check_labels(labels, ids, known)
                 batch = Batch(
@@ -1056,12 +1128,48 @@ def _sweep(plan: _Plan, consumers: Sequence[BatchConsumer], start: _Progress) ->
             ):
                 _save_checkpoint(plan, consumers, position)  # a device sync and a file write
                 last_ckpt = now
+            if interrupted.is_set():  # Ctrl-C during the batch: keep it, then stop
+                break
+    if interrupted.is_set():
+        _save_checkpoint(plan, consumers, position)  # every batch whole: none half-counted
+        print(
+            f"lurker: interrupted after {position.done} of {total} images, which are saved "
+            f"in {plan.checkpoint}: run the same command again to resume",
+            file=sys.stderr,
+        )
+        raise KeyboardInterrupt
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     position.seconds = time.perf_counter() - t_start
     position.skipped = _merge_skipped(position.skipped, plan.ds.skipped)
     position.transparent = _merge_transparent(position.transparent, plan.ds.transparent)
     return position
+
+
+@contextlib.contextmanager
+def _ctrl_c() -> Iterator[threading.Event]:
+    """While the sweep runs, Ctrl-C (SIGINT) sets the event instead of raising in the
+    middle of a batch (where the statistics may hold part of it): the sweep finishes the
+    batch, checkpoints it and stops, so the next run resumes from the last image swept. A
+    second Ctrl-C raises at once (the previous checkpoint stands). Only where Python's own
+    handler is installed, in the main thread: a handler of the caller's is left alone."""
+    event = threading.Event()
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield event
+        return
+
+    def deferred(signum: int, frame: Any) -> None:
+        event.set()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    signal.signal(signal.SIGINT, deferred)
+    try:
+        yield event
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _check_labels(labels: Tensor, ids: Tensor, known: Tensor) -> None:

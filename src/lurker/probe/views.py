@@ -174,6 +174,10 @@ class UnitImages:
                 )
         if device is not None:
             model = model.to(device)
+        from ..models import channels_first_view
+
+        # fed (N, C, H, W) images as the probe fed it (a channels-last model, the run says)
+        model = channels_first_view(model, cfg.get("channel_dim"))
         self.model = model  # run in eval mode, and given back in the mode it came in
         self.dataset = pdata.wrap(dataset)
         self.device = next((p.device for p in self.model.parameters()), torch.device("cpu"))

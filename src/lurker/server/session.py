@@ -265,6 +265,11 @@ class Session:
                 if not self.uses_given:
                     self._model_error = f"cannot load the run's model: {e}"
                 raise no_model(self.entry.id, self.model_reason() or str(e)) from None
+            from lurker.models import channels_first_view
+
+            # the live view, uploads and unit images feed (N, C, H, W) images, as the probe
+            # did: a channels-last model (the run's channel_dim) gets them so moved
+            self._model = channels_first_view(self._model, self.config.get("channel_dim"))
             self._model.eval()
             return self._model
 
