@@ -1034,3 +1034,19 @@ def test_a_position_on_a_token_layer_says_what_to_target_instead() -> None:
     h.remove()
     (g,) = torch.autograd.grad(seen[0][..., 5].mean(1).sum(), xi)
     close(got, g)
+
+
+def test_repr_is_one_line_a_notebook_can_show(digits, xd) -> None:
+    """Ending a notebook cell with an explanation shows one line saying what it is, not
+    the dataclass's repr of every tensor (a page of numbers per field)."""
+    e = lurker.explain(digits, xd, target="top", method="integrated_gradients", n_steps=8)
+    top = digits(xd).argmax(1).tolist()
+    text = repr(e)
+    assert "\n" not in text and "tensor(" not in text and len(text) < 200
+    assert text.startswith("<Explanation integrated_gradients: attribution (3, 1, 16, 16)")
+    assert f"target {top}" in text
+    assert f"max |delta| {e.delta.abs().max():.3g}" in text
+    many = lurker.explain(digits, xd.repeat(6, 1, 1, 1), target=(list(range(10)) * 2)[:18])
+    assert "[0, 1, 2, 3, 4, 5, 6, 7, ... (18 rows)]" in repr(many) and len(repr(many)) < 200
+    unit = lurker.explain(digits, xd, target=("features.8", 5), method="guided_backprop")
+    assert "target features.8:5>" in repr(unit)

@@ -622,3 +622,26 @@ def test_resume_from_python_skips_only_units_of_this_model_and_settings(run_dir,
     assert fv.units == [] and fv.skipped == [0, 1] and fv.images.shape == (0, 1, 16, 16)
     with pytest.raises(LurkerError, match="pass run="):
         lurker.featviz(model, "features.8", [0], steps=2, resume=True)
+
+
+def test_a_notebook_shows_the_images_as_a_grid(digits):
+    """``fv`` at the end of a notebook cell shows the images (IPython calls
+    ``_repr_png_``): each tile is ``fv.image(i, c)`` scaled up by nearest neighbour, a row
+    per unit when a unit has several images, else 8 units a row."""
+    import io
+
+    from PIL import Image
+
+    model, _ = digits
+    for fv, cols in [
+        (lurker.featviz(model, "features.8", units=[0, 1], images_per_unit=3, steps=2, size=16), 3),
+        (lurker.featviz(model, "features.8", units=list(range(10)), steps=2, size=16), 8),
+    ]:
+        grid = Image.open(io.BytesIO(fv._repr_png_()))
+        copies = fv.images.shape[1] if fv.images.dim() == 5 else 1
+        tiles = [fv.image(i, c) for i in range(len(fv.units)) for c in range(copies)]
+        assert grid.size == (cols * 66 - 2, -(-len(tiles) // cols) * 66 - 2)
+        for k, tile in enumerate(tiles):
+            x, y = (k % cols) * 66, (k // cols) * 66
+            want = np.asarray(tile.convert("RGB").resize((64, 64), Image.Resampling.NEAREST))
+            assert np.array_equal(np.asarray(grid.convert("RGB"))[y : y + 64, x : x + 64], want)

@@ -805,6 +805,50 @@ def test_progress_is_plain_lines_on_stderr_when_not_a_terminal(tmp_path: Path, c
     assert all(line.endswith("images/s") for line in lines) and "probing" not in out
 
 
+class _Cell:
+    """A notebook output as IPython's display handle keeps it: what each redraw showed."""
+
+    def __init__(self, obj: object):
+        self.shown = [obj]
+
+    def update(self, obj: object) -> None:
+        self.shown.append(obj)
+
+
+def test_progress_in_a_notebook_is_one_output_redrawn_to_the_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+):
+    """In Jupyter (rich's own test for it says so) the sweep shows one output that it
+    redraws, ending at the full count, with a bar in HTML; nothing on stderr and no warning.
+    rich's bar needs ipywidgets there: without them it warned on every redraw (dozens of
+    'install "ipywidgets"' outputs) and left an empty output."""
+    import warnings
+
+    import rich.console
+
+    from lurker.probe import progress
+
+    cells: list[_Cell] = []
+
+    def display(obj: object) -> _Cell:
+        cells.append(_Cell(obj))
+        return cells[-1]
+
+    monkeypatch.setattr(rich.console, "_is_jupyter", lambda: True)
+    monkeypatch.setattr(progress, "_display", display, raising=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        probe(_model(), _Picked(list(range(24))), out=tmp_path / "r", layers=["features.0"],
+              k=2, batch_size=8, progress=True)  # fmt: skip
+    assert [str(w.message) for w in caught] == []
+    assert len(cells) == 1
+    first, last = cells[0].shown[0], cells[0].shown[-1]
+    assert repr(first).startswith("probing: 0/24 (0%)")
+    assert repr(last).startswith("probing: 24/24 (100%)") and repr(last).endswith("images/s")
+    assert '<progress value="24" max="24">' in last._repr_html_()
+    assert "probing" not in capsys.readouterr().err
+
+
 def test_a_rerun_over_other_images_with_the_same_labels_sweeps_them(tmp_path: Path):
     """Two in-memory datasets of one type, size and labels, other images: the finished run
     of the first is no answer for the second (the oracle: a run made fresh from it)."""

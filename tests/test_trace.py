@@ -531,6 +531,20 @@ def test_run_new_input_matches_fresh_trace():
     assert list(some) == [tr["fc"].label, "output_1"]
 
 
+def test_run_repr_says_what_it_holds():
+    """A notebook cell ending with ``tr.run(x)`` shows the model, how many activations were
+    kept and the output's shape, not ``<...Activations at 0x...>``."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    tr = lurker.trace(model, torch.randn(2, 4))
+    acts = tr.run(torch.randn(5, 4))
+    assert (
+        repr(acts) == f"<Activations of Sequential: {len(list(acts))} saved, output tensor (5, 3)>"
+    )
+    assert repr(tr.run(torch.randn(5, 4), save=["2"])) == (
+        "<Activations of Sequential: 2 saved, output tensor (5, 3)>"
+    )
+
+
 def test_gradients_match_autograd():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))

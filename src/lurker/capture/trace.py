@@ -809,5 +809,10 @@ class Activations(Mapping[str, Any]):
     def __len__(self) -> int:
         return len(self._values)
 
+    def __repr__(self) -> str:
+        out = self.output
+        kind = f"tensor {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
+        return f"<Activations of {self._trace.model_name}: {len(self)} saved, output {kind}>"
+
 
 from .validate import ValidationReport  # noqa: E402  (re-export for typing)

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 __all__ = ["METHODS", "Explanation", "Method", "register", "untouched"]
 
 
-@dataclass
+@dataclass(repr=False)
 class Explanation:
     """One attribution: ``attribution`` has the input's shape (a batch: one map per row).
 
@@ -102,6 +102,19 @@ class Explanation:
             if image.dim() in (row, row + 1):
                 channel = ax.channel - 1 if image.dim() == row else ax.channel
         return overlay(heat, image, signed=self.signed, alpha=alpha, channel_dim=channel)
+
+    def __repr__(self) -> str:
+        """One line (the dataclass's would print every tensor, ending a notebook cell with a
+        page of numbers): method, attribution shape, target and, for integrated gradients,
+        the largest convergence delta."""
+        target = self.target
+        if isinstance(target, list) and len(target) > 8:
+            shown = f"[{', '.join(map(str, target[:8]))}, ... ({len(target)} rows)]"
+        else:
+            shown = str(target)
+        delta = "" if self.delta is None else f", max |delta| {self.delta.abs().max():.3g}"
+        shape = tuple(self.attribution.shape)
+        return f"<Explanation {self.method}: attribution {shape}, target {shown}{delta}>"
 
 
 class Method:

@@ -546,7 +546,8 @@ def probe(
     writes the merged run. Arguments are checked before anything is created; while the
     probe runs, its process holds ``out`` (a second probe into it fails at once). The same
     call on a run it finished sweeps nothing (``overwrite=True`` sweeps it again).
-    ``progress``: a bar on stderr when it is a terminal, else a line every 10 seconds.
+    ``progress``: a bar on stderr when it is a terminal, one output redrawn in place in a
+    notebook, else a line every 10 seconds.
 
     Each layer's batch, unit and position axes are found from the trace (see
     :mod:`lurker.probe.layout`); layers whose units cannot be located are skipped, printed

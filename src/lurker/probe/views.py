@@ -461,7 +461,8 @@ class UnitImages:
         a layer), "crop" and "grad_crop" (files cut around the peak; the explorer can cut
         them itself from :meth:`crop_box`). Files already there are skipped, so a killed
         run resumes; each file is written atomically. ``progress``: a bar on a
-        terminal, else a line every ``progress_every`` seconds, on stderr.
+        terminal, one output redrawn in place in a notebook, else a line every
+        ``progress_every`` seconds, on stderr.
         """
         kinds = _checked_choice("kinds", kinds, KINDS)
         lists = _checked_choice("which", which, LISTS)
