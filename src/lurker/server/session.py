@@ -355,11 +355,14 @@ class Session:
         return self._make(target, make)
 
     def _make(self, target: Path, producer: Callable[[], Image.Image]) -> bytes | Path:
-        """Write ``producer()``'s PNG to the cache; in memory only if the run is read-only."""
+        """Write ``producer()``'s PNG to the cache; in memory only if the run is read-only,
+        or was probed again while it was made (it is the old run's image)."""
         from lurker.probe.images import png_bytes
         from lurker.store import atomic_write_bytes
 
         data = png_bytes(producer())
+        if self.entry.changed():
+            return data
         try:
             atomic_write_bytes(target, data, durable=False)
         except OSError:
@@ -371,6 +374,12 @@ class Session:
         of the run's cache, or PNG bytes from memory when the model is not the run's own."""
         images = self.unit_images()
         with self.model_lock:
+            if self.entry.changed():  # its top lists and model are the old run's
+                raise ApiError(
+                    409,
+                    f"run {self.entry.id!r} was probed again while this image was asked for; "
+                    "reload the page to see the new run",
+                )
             try:
                 found = Path(images.get(kind, layer, unit, rank, which))
                 if self.foreign_model:

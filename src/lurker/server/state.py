@@ -166,21 +166,54 @@ class Appearances:
         ]
 
 
+#: What tells one version of a run's database from another: ``(device, inode, mtime,
+#: size)`` of its ``run.db`` (None when there is none). A probe with ``overwrite=True``
+#: makes a new file (another inode), and every commit (a resumed probe, ``lurker featviz``,
+#: ``lurker map``) changes its mtime: the server reads nothing else the run may write.
+Signature = tuple[int, int, int, int] | None
+
+
+def db_signature(path: Path) -> Signature:
+    """The :data:`Signature` of the run directory ``path``'s database now."""
+    try:
+        st = (path / DB_NAME).stat()
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+
+
 @dataclass
 class RunEntry:
-    """One served run (``run`` is None when the folder entry is not readable: ``error``)."""
+    """One served run (``run`` is None when the folder entry is not readable: ``error``).
+
+    ``signature`` is the database's as it was when the run was opened: once the file
+    differs (the run probed again), :meth:`Registry.get` opens it again with a new entry,
+    so nothing this one cached (its session's model, LRUs, derived data) is served for
+    the new run, and :meth:`changed` tells the old entry's work not to write its results
+    into the new run's ``cache/``.
+    """
 
     id: str
     path: Path
     run: Run | None
     error: str | None = None
     session: Session | None = None
+    signature: Signature = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _appearances: Appearances | None = field(default=None, repr=False)
     _graph_view: dict[str, Any] | None = field(default=None, repr=False)
     _counted: tuple[float, int] | None = field(default=None, repr=False)
     _sample_count: int | None = field(default=None, repr=False)
     _last_sample: int | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.signature is None:
+            self.signature = db_signature(self.path)
+
+    def changed(self) -> bool:
+        """Whether the run's database is no longer the one this entry opened (the run was
+        probed again, or written by another command, since)."""
+        return db_signature(self.path) != self.signature
 
     # -- lookups that raise 404s listing what exists -----------------------------------
 
@@ -445,13 +478,16 @@ class Registry:
             entry = next(iter(self.entries.values()))
             raise NotServableError(f"cannot serve {root}: {entry.error}")
 
-    def _add(self, name: str, folder: Path) -> None:
+    def _add(self, name: str, folder: Path) -> RunEntry:
+        signature = db_signature(folder)  # before opening: a write meanwhile reopens it later
         try:
             run: Run | None = Run.open(folder)
             error = None
         except LurkerError as e:
             run, error = None, str(e)
-        self.entries[name] = RunEntry(name, folder, run, error)
+        added = RunEntry(name, folder, run, error, signature=signature)
+        self.entries[name] = added
+        return added
 
     def refresh(self) -> None:
         """Serve the runs made in the folder since the server started (a probe that ran
@@ -465,7 +501,16 @@ class Registry:
                     self._add(folder.name, folder)
 
     def get(self, run_id: str) -> RunEntry:
+        """The run ``run_id``, opened again when its database changed since it was opened
+        (a probe with ``overwrite=True`` into its directory): a new entry, with nothing
+        the old one cached. The old entry is not closed: requests still using it finish
+        on the run as it was."""
         entry = self.entries.get(run_id)
+        if entry is not None and entry.changed():
+            with self._lock:
+                entry = self.entries[run_id]
+                if entry.changed():
+                    entry = self._add(run_id, entry.path)
         if entry is None:
             self.refresh()  # a run made since the server started
             entry = self.entries.get(run_id)

@@ -379,9 +379,10 @@ def _read_disk(s: Session, key: tuple[str, str, str, str]) -> Result | None:
 
 def _write_disk(s: Session, key: tuple[str, str, str, str], r: Result) -> None:
     """Keep a sample's explanation in the run's cache (atomically, as unit images are); a
-    read-only run keeps it in memory only."""
+    read-only run keeps it in memory only; so does a run probed again while it was made
+    (its model and inputs were the old run's)."""
     meta = disk_file(s, key)
-    if meta is None:
+    if meta is None or s.entry.changed():
         return
     buf = io.BytesIO()
     np.save(buf, r.heat.numpy().astype(np.float32), allow_pickle=False)
@@ -656,7 +657,7 @@ def _read_concepts(s: Session, key: tuple[str, str, str, str]) -> ConceptResult 
 def _write_concepts(s: Session, key: tuple[str, str, str, str], r: ConceptResult) -> None:
     """Keep a sample's concept relevance in the run's cache (see :func:`_read_concepts`)."""
     path = disk_file(s, key)
-    if path is None:
+    if path is None or s.entry.changed():  # (probed again meanwhile: not the new run's)
         return
     units = sorted(r.heat)
     meta = {

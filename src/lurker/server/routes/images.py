@@ -23,11 +23,27 @@ router = APIRouter(prefix="/api", tags=["images"])
 PNG = {200: {"content": {"image/png": {}}, "description": "a PNG image"}}
 
 
-def png_response(found: bytes | FsPath) -> Response:
+#: Images of a unit's top-k entries: the same URL names another image once the run is
+#: probed again (its lists change), so the browser asks again each time; an unchanged
+#: file answers 304 (its ETag).
+REVALIDATE = {"Cache-Control": "no-cache"}
+
+
+def png_response(
+    found: bytes | FsPath, request: Request | None = None, cache: dict[str, str] = IMMUTABLE
+) -> Response:
+    """A cached file (with an ETag of the file itself: 304 when ``request`` already holds
+    it) or PNG bytes a foreign model made (kept in memory, not the run's)."""
     if isinstance(found, bytes):
-        # bytes: made by a model that is not the run's own (kept in memory, not the run)
         return Response(found, media_type="image/png", headers=MODEL_MADE)
-    return FileResponse(found, media_type="image/png", headers=IMMUTABLE)
+    st = found.stat()
+    # the file itself (inode, mtime to the nanosecond, size): Starlette's own ETag uses
+    # the mtime in float seconds and the size, which two different PNGs may share
+    etag = f'"{st.st_ino:x}-{st.st_mtime_ns:x}-{st.st_size:x}"'
+    headers = {**cache, "ETag": etag}
+    if request is not None and request.headers.get("if-none-match") == etag:
+        return Response(status_code=304, headers=headers)
+    return FileResponse(found, media_type="image/png", headers=headers, stat_result=st)
 
 
 @router.get(
@@ -37,12 +53,16 @@ def png_response(found: bytes | FsPath) -> Response:
     summary="The sample as the model saw it",
 )
 def sample_image(request: Request, run_id: str, sample_id: int = Path(ge=0, le=2**62)) -> Response:
+    return _sample_image(request, run_id, sample_id, IMMUTABLE)
+
+
+def _sample_image(request: Request, run_id: str, sample_id: int, cache: dict[str, str]) -> Response:
     e = entry(request, run_id)
     sid, path, _, _ = e.sample_row(sample_id)
     s = session(request, e)
     target = s.sample_file(sid)
     if target.is_file() and target.stat().st_size > 0:
-        return png_response(target)
+        return png_response(target, request, cache)
     reason = s.dataset_reason()
     if reason is not None:
         raise ApiError(
@@ -50,7 +70,7 @@ def sample_image(request: Request, run_id: str, sample_id: int = Path(ge=0, le=2
             f"the image of sample {sid} is not cached and cannot be made: {reason}. "
             f"{_cache_hint(s)}",
         )
-    return png_response(s.sample_png(sid, path))
+    return png_response(s.sample_png(sid, path), request, cache)
 
 
 @router.get(
@@ -124,7 +144,8 @@ async def unit_image(
     if isinstance(found, Response):
         return found
     s, name = found
-    return png_response(await on_model(s, lambda: s.model_image(kind, name, unit, rank, which)))
+    made = await on_model(s, lambda: s.model_image(kind, name, unit, rank, which))
+    return png_response(made, request, REVALIDATE)
 
 
 def _unit_image(
@@ -143,13 +164,14 @@ def _unit_image(
     top = entries[rank]
     s = session(request, e)
     if kind == "input":
-        return sample_image(request, run_id, top.sample_id)
+        return _sample_image(request, run_id, top.sample_id, REVALIDATE)
     target = s.unit_file(kind, info.name, unit, which, rank)
     if target.is_file() and target.stat().st_size > 0:
-        return png_response(target)
+        return png_response(target, request, REVALIDATE)
     max_crop = kind == "crop" and which == "max" and top.y is not None and top.x is not None
     if max_crop and s.dataset_reason() is None:
-        return png_response(s.crop_png(info, unit, rank, top.sample_id, top.y, top.x, top.path))
+        found = s.crop_png(info, unit, rank, top.sample_id, top.y, top.x, top.path)
+        return png_response(found, request, REVALIDATE)
     model_reason, data_reason = s.model_reason(), s.dataset_reason()
     if model_reason is None and data_reason is None:
         return s, info.name

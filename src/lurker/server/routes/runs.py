@@ -45,7 +45,8 @@ def list_runs(request: Request) -> RunList:
     out = []
     runs = registry(request)
     runs.refresh()  # runs made since the server started
-    for e in list(runs.entries.values()):
+    for run_id in list(runs.entries):
+        e = runs.get(run_id)  # (opened again if probed again since)
         if e.run is None:
             out.append(RunListEntry(id=e.id, error=e.error))
             continue

@@ -1,0 +1,126 @@
+"""A run probed again (``overwrite=True``) while the explorer serves it.
+
+The server must answer for the new run, never from what it cached for the old one (its
+explanation LRU, its loaded model, its open database), and must not write the old run's
+results into the new run's ``cache/``. Oracles: the new model run directly (forward hooks,
+``lurker.explain``) and the new run's store opened directly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+import lurker.explain as xp
+from lurker.examples import train_digits
+from lurker.probe import probe
+from lurker.probe.data import load_dataset
+from lurker.server import create_app
+from lurker.server.routes.explain import explain_result
+from lurker.store import Run
+
+
+def _probe(out: Path, weights: Path, seed: int) -> torch.nn.Module:
+    """Train the digits CNN (``seed``), save it to ``weights`` and probe it into ``out``."""
+    model, _ = train_digits(1, seed=seed, log=lambda *_: None)
+    torch.save(model.state_dict(), weights)
+    run = probe(
+        model,
+        load_dataset("digits:test", 16, channels=1),
+        out=out,
+        k=3,
+        batch_size=128,
+        progress=False,
+        overwrite=True,
+        meta={
+            "model_spec": "lurker.examples:DigitsNet",
+            "weights": str(weights),
+            "data": "digits:test",
+        },
+    )
+    assert run is not None
+    run.close()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def reprobed(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A folder of one run, served; each test reads the state after one re-probe."""
+    root = tmp_path_factory.mktemp("reprobe")
+    out, weights = root / "runs" / "d", root / "d.pt"
+    old = _probe(out, weights, seed=0)
+    client = TestClient(create_app(root / "runs"))
+    # the old run's answers, cached by the server (LRU, its disk cache, its model)
+    assert client.get("/api/runs/d/live/sample-3/explain/saliency.json").status_code == 200
+    assert client.get("/api/runs/d/live/sample-3/ops/conv2d_1/output/0.json").status_code == 200
+    assert client.get("/api/runs/d/layers/features.0/units/1").status_code == 200
+    first = client.get("/api/runs/d/layers/features.4/units/0/max/0/input.png")
+    assert first.status_code == 200
+    stale = client.app.state.registry.entries["d"].session
+    new = _probe(out, weights, seed=1)  # the same directory and weights path
+    return {"client": client, "old": old, "new": new, "out": out, "stale": stale, "first": first}
+
+
+def test_explanation_is_the_new_models(reprobed: dict) -> None:
+    x = load_dataset("digits:test", 16, channels=1)[3][0][None]
+    r = reprobed["client"].get("/api/runs/d/live/sample-3/explain/saliency.json")
+    assert r.status_code == 200, r.text
+    want = xp.explain(reprobed["new"], x, method="saliency").heatmap(0).double()
+    old = xp.explain(reprobed["old"], x, method="saliency").heatmap(0).double()
+    assert not torch.allclose(want, old)  # the two models differ here
+    doc = r.json()
+    assert doc["cached"] is False
+    assert doc["max"] == pytest.approx(float(want.max()), rel=1e-5)
+    assert doc["sum"] == pytest.approx(float(want.sum()), rel=1e-4)
+
+
+def test_live_map_is_the_new_models(reprobed: dict) -> None:
+    x = load_dataset("digits:test", 16, channels=1)[3][0][None]
+    r = reprobed["client"].get("/api/runs/d/live/sample-3/ops/conv2d_1/output/0.json")
+    assert r.status_code == 200, r.text
+    with torch.no_grad():
+        want = reprobed["new"].features[0](x)[0, 0].numpy()
+    np.testing.assert_allclose(np.array(r.json()["values"]), want, atol=1e-5)
+
+
+def test_unit_lists_are_the_new_runs(reprobed: dict) -> None:
+    r = reprobed["client"].get("/api/runs/d/layers/features.0/units/1")
+    assert r.status_code == 200, r.text
+    with Run.open(reprobed["out"]) as run:
+        want = [(e.sample_id, e.value) for e in run.unit("features.0", 1).top("max")]
+    got = [(e["sample_id"], e["value"]) for e in r.json()["top"]["max"]]
+    assert got == want
+    old = reprobed["stale"].entry.open_run().unit("features.0", 1).top("max")
+    assert [(e.sample_id, e.value) for e in old] != want  # the old run's lists differ
+    listed = reprobed["client"].get("/api/runs").json()["runs"]
+    assert [e["status"] for e in listed] == ["complete"]
+
+
+def test_old_session_writes_nothing_into_the_new_cache(reprobed: dict) -> None:
+    """A request that began on the old run (its session) and ends after the re-probe keeps
+    its answer out of the new run's cache/: a later server would serve it as the new run's."""
+    stale = reprobed["stale"]
+    assert stale is not reprobed["client"].app.state.registry.get("d").session
+    explain_result(stale, "sample-5", "saliency", "top", None)
+    assert not (reprobed["out"] / "cache" / "explain" / "sample-5").exists()
+
+
+def test_browser_asks_again_for_a_units_images(reprobed: dict) -> None:
+    """An entry's image URL names another image after the re-probe: it is never cached by
+    the browser without asking, and the old copy's ETag gets the new image."""
+    client, first = reprobed["client"], reprobed["first"]
+    assert "max-age" not in first.headers["cache-control"]
+    url = "/api/runs/d/layers/features.4/units/0/max/0/input.png"
+    r = client.get(url, headers={"If-None-Match": first.headers["etag"]})
+    with Run.open(reprobed["out"]) as run:
+        top = run.unit("features.4", 0).top("max")[0].sample_id
+    old = reprobed["stale"].entry.open_run().unit("features.4", 0).top("max")[0].sample_id
+    assert top != old
+    assert r.status_code == 200
+    assert r.content == client.get(f"/api/runs/d/samples/{top}/image.png").content
+    again = client.get(url, headers={"If-None-Match": r.headers["etag"]})
+    assert again.status_code == 304  # the same file: nothing sent again
