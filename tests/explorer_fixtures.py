@@ -48,32 +48,41 @@ class ExplorerRun:
     model: torch.nn.Module
 
 
-def build_run(root: Path) -> ExplorerRun:
+def probe_digits(
+    out: Path, weights: Path, *, seed: int = 0, k: int = 5, **options: Any
+) -> torch.nn.Module:
+    """Train the digits CNN (``seed``) for an epoch, save its weights to ``weights`` and
+    probe it into ``out`` with the spec, weights and data recorded (the server attaches the
+    model by itself); ``options`` go to ``probe``. Returns the model (eval)."""
     from lurker.examples import train_digits
     from lurker.probe import probe
     from lurker.probe.data import load_dataset
 
-    model, _ = train_digits(1, log=lambda *_: None)
-    weights = root / "digits.pt"
+    model, _ = train_digits(1, seed=seed, log=lambda *_: None)
     torch.save(model.state_dict(), weights)
-    data = load_dataset("digits:test", 16, channels=1)
-    out = root / "runs" / "digits"
     run = probe(
         model,
-        data,
+        load_dataset("digits:test", 16, channels=1),
         out=out,
-        k=5,
+        k=k,
         batch_size=128,
         progress=False,
-        relevance=True,
         meta={
             "model_spec": "lurker.examples:DigitsNet",
             "weights": str(weights),
             "data": "digits:test",
         },
+        **options,
     )
     assert run is not None
     run.close()
+    return model.eval()
+
+
+def build_run(root: Path) -> ExplorerRun:
+    weights = root / "digits.pt"
+    out = root / "runs" / "digits"
+    model = probe_digits(out, weights, relevance=True)
     # feature visualizations of a few units of the last conv (the unit pages' fourth tab)
     import lurker
 

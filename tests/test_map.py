@@ -492,8 +492,13 @@ def test_predictions_of_a_head_that_is_not_the_datasets_classes(data, tmp_path):
     m = make_map(run, method="pca").map()
     assert (m.pred == logits.argmax(1).numpy()[m.ids]).all()
     assert len(set(m.pred.tolist())) > 1
-    doc = TestClient(create_app(str(run.path))).get("/api/runs/run/map").json()
+    client = TestClient(create_app(str(run.path)))
+    doc = client.get("/api/runs/run/map").json()
     assert doc["outputs"] == 12 and doc["comparable"] is False
+    # a sample's page gives the recorded output, never a dataset class's name for it
+    sid = int(m.ids[np.argmax(m.pred)])
+    stored = client.get(f"/api/runs/run/samples/{sid}").json()["stored_prediction"]
+    assert stored["class"] == int(logits[sid].argmax()) and stored["name"] is None
 
 
 def test_map_document_says_predictions_are_the_classes(model, data, tmp_path):
@@ -506,6 +511,38 @@ def test_map_document_says_predictions_are_the_classes(model, data, tmp_path):
     make_map(run, method="pca").close()
     doc = TestClient(create_app(str(run.path))).get("/api/runs/run/map").json()
     assert doc["outputs"] == 10 and doc["comparable"] is True
+
+
+def test_sample_document_carries_the_recorded_prediction(model, data, tmp_path):
+    """With no model attached (a run made from Python; a static export), a sample's page
+    still has the model's top class and probability that the probe recorded (oracle: the
+    model's own softmax), the map's once there is a map, and none in a run without."""
+    from fastapi.testclient import TestClient
+
+    from lurker.server.app import create_app
+
+    xs, labels = _all(data)
+    with torch.no_grad():
+        probs = torch.softmax(model(xs), 1)
+    run = probe(model, data, out=tmp_path / "run", layers="classifier.1", progress=False,
+                embed=True)  # fmt: skip
+    ids = [0, int(torch.nonzero(probs.argmax(1) != labels)[0]), len(data) - 1]
+    for mapped in (False, True):
+        if mapped:
+            make_map(run, method="pca").close()
+        client = TestClient(create_app(str(run.path)))
+        for sid in ids:
+            doc = client.get(f"/api/runs/run/samples/{sid}").json()
+            assert doc["prediction"] is None  # no model: only what the run recorded
+            want = int(probs[sid].argmax())
+            assert doc["stored_prediction"]["class"] == want
+            assert doc["stored_prediction"]["name"] == str(want)  # digits' classes: "0".."9"
+            assert doc["stored_prediction"]["prob"] == pytest.approx(
+                float(probs[sid, want]), abs=1e-5
+            )
+    plain = probe(model, data, out=tmp_path / "plain", layers="classifier.1", progress=False)
+    doc = TestClient(create_app(str(plain.path))).get("/api/runs/plain/samples/0").json()
+    assert doc["stored_prediction"] is None
 
 
 @pytest.mark.skipif(

@@ -317,6 +317,33 @@ def test_static_export_shows_the_map(page: Any, served: dict[str, Any], static_s
         assert (tip.locator("img").count() == 1) == want
         assert ("not exported" in tip.inner_text()) != want
         page.mouse.move(1, 1)
+    # a box around every dot: the samples the site lacks say so, as the tooltip does
+    page.click("button[data-tool=box]")
+    box = page.locator("canvas.map-canvas").bounding_box()
+    page.mouse.move(box["x"] + 2, box["y"] + 2)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] - 2, box["y"] + box["height"] - 2, steps=4)
+    page.mouse.up()
+    cards = page.locator(".map-selection .sample-card")
+    cards.first.wait_for()
+    for card in cards.all():
+        sid = int(card.get_attribute("data-sample"))
+        assert (card.locator("img").count() == 1) == (sid in exported)
+        assert ("not exported" in card.inner_text()) == (sid not in exported)
+    # a click on an exported dot opens its page, which shows the prediction the map holds
+    # (no model runs in a static site)
+    page.keyboard.press("Escape")
+    wrong_exported = np.isin(m.ids, list(exported)) & (m.pred != m.label)
+    assert wrong_exported.any()
+    i = _isolated(m, g, wrong_exported)
+    page.mouse.click(*_screen(g, float(m.x[i]), float(m.y[i])))
+    page.wait_for_url(f"**#/r/mapped/sample/{m.ids[i]}")
+    shown = page.locator("#pred-stored li")
+    shown.wait_for()
+    assert shown.inner_text() == f"{m.pred[i]} {100 * m.conf[i]:.1f}%"
+    assert "no model attached" not in page.locator(".sample-head .facts").inner_text()
+    page.go_back()
+    page.wait_for_selector("canvas.map-canvas")
     page.goto(f"{static_site}#/r/plain/map")
     note = page.locator(".notice")
     note.wait_for()
@@ -411,4 +438,71 @@ def test_many_points_are_drawn_in_their_class_colour(page: Any, large: dict[str,
         assert np.abs(got[:3] - want).max() <= 2, (i, inside, got, want)
         checked[int(inside)] += 1
     assert min(checked) >= 2, checked
+    assert not page.errors
+
+
+def test_runs_page_tells_runs_of_one_model_apart(
+    page: Any, served: dict[str, Any], static_site: str
+):
+    """Three runs of one architecture: each row says when it was probed (oracle: the run's
+    own meta) and whether it has a map, linked to its Map page; served and exported alike."""
+    from lurker.store import Run
+
+    root = served["root"]
+    for url in (served["url"], static_site):
+        page.goto(f"{url}#/")
+        rows = page.locator("table.runs tbody tr")
+        rows.first.wait_for()
+        assert [r.get_attribute("data-run") for r in rows.all()] == ["mapped", "other", "plain"]
+        for row in rows.all():
+            rid = row.get_attribute("data-run")
+            with Run.open(root / rid) as run:
+                created, has_map = run.meta["created"], run.has_map
+            probed = row.locator(".run-probed")
+            assert probed.get_attribute("title") == created
+            assert probed.inner_text().replace("\n", " ").startswith(created[:10])
+            assert "DigitsNet" in row.locator(".run-model").inner_text()
+            assert row.locator(".run-map a").count() == int(has_map)
+        page.locator("tr[data-run=mapped] .run-map a").click()
+        page.wait_for_url("**#/r/mapped/map")
+        page.wait_for_selector("canvas.map-canvas")
+        page.go_back()
+        page.wait_for_selector("table.runs")
+    assert not page.errors
+
+
+def test_sample_page_without_images_keeps_the_reason_in_its_box(
+    page: Any, served: dict[str, Any], tmp_path: Path
+):
+    """A run whose recorded dataset is gone (nothing cached): the sample page says why in
+    place of the image, and the long reason stays in that box instead of running over the
+    list below; the recorded prediction still shows."""
+    import json
+    import shutil
+    import sqlite3
+
+    from lurker.server import create_app
+    from lurker.server.serve import background
+
+    copy = tmp_path / "mapped"
+    shutil.copytree(served["root"] / "mapped", copy, ignore=shutil.ignore_patterns("cache"))
+    with sqlite3.connect(copy / "run.db") as conn:  # the folder it was probed from, moved
+        (value,) = conn.execute("SELECT value FROM meta WHERE key = 'config'").fetchone()
+        config = {**json.loads(value), "data": str(tmp_path / "moved-away" / "images")}
+        conn.execute("UPDATE meta SET value = ? WHERE key = 'config'", (json.dumps(config),))
+    m = served["map"]
+    with background(create_app(copy)) as url:
+        page.goto(f"{url}#/r/mapped/sample/{m.ids[0]}")
+        note = page.locator("div.sample-img .notice")
+        note.wait_for()
+        text = note.inner_text()
+        assert text.startswith("No images to show:") and not text.endswith("..")
+        box = page.locator("div.sample-img").bounding_box()
+        inner = note.bounding_box()
+        below = page.locator("main h2").bounding_box()
+        assert inner["y"] + inner["height"] <= box["y"] + box["height"] + 0.5
+        assert inner["x"] + inner["width"] <= box["x"] + box["width"] + 0.5
+        assert box["y"] + box["height"] <= below["y"]
+        shown = page.locator("#pred-stored li").inner_text()
+        assert shown == f"{m.pred[0]} {100 * m.conf[0]:.1f}%"
     assert not page.errors

@@ -53,10 +53,15 @@ def test_runs_list(client: TestClient, run: Run):
             {
                 "id": "digits",
                 "model": "DigitsNet",
+                "spec": run.meta["config"]["model_spec"],
+                "weights": run.meta["config"]["weights"],
+                "dataset": run.meta["dataset"],
+                "created": run.meta["created"],
                 "status": "complete",
                 "layers": len(run.layers),
                 "units": sum(i.num_units for i in run.layers),
                 "samples": 360,
+                "map": False,
                 "error": None,
             }
         ]
@@ -415,6 +420,28 @@ def test_without_model_or_dataset_cached_images_are_served(
     assert "write_all(kinds=['crop', 'grad_crop'])" in r.json()["detail"]
     r = c.get("/api/runs/bare/live/sample-1")
     assert r.status_code == 409 and "lurker serve RUN --model" in r.json()["detail"]
+
+
+def test_a_moved_dataset_folder_is_said_before_any_image_fails(
+    explorer_run: ExplorerRun,  # noqa: F811
+    tmp_path: Path,
+):
+    """A run whose recorded image folder is gone (the run copied to another machine): the
+    manifest says so at once, naming the folder, so the pages show that instead of a grid
+    of images that all fail."""
+    moved = tmp_path / "moved"
+    shutil.copytree(explorer_run.path, moved, ignore=shutil.ignore_patterns("cache"))
+    gone = tmp_path / "photos-moved-away"
+    with sqlite3.connect(moved / "run.db") as db:
+        (value,) = db.execute("SELECT value FROM meta WHERE key = 'config'").fetchone()
+        config = {**json.loads(value), "data": str(gone), "model_spec": None}
+        db.execute("UPDATE meta SET value = ? WHERE key = 'config'", (json.dumps(config),))
+    c = TestClient(create_app(moved))
+    holds = c.get("/api/runs/moved").json()["holds"]  # before any image was asked for
+    assert holds["dataset"] is False and holds["cached_images"] == 0
+    assert str(gone) in holds["dataset_reason"] and "does not exist" in holds["dataset_reason"]
+    gone.mkdir()  # put back (empty here): the server no longer says it is missing
+    assert TestClient(create_app(moved)).get("/api/runs/moved").json()["holds"]["dataset"]
 
 
 def _png_file(path: Path) -> Path:

@@ -83,6 +83,12 @@ def test_folder_model_attaches_only_to_matching_runs(
         assert probs == pytest.approx(want, abs=1e-5)
         # "bare" records no model: it has none
         assert c.get("/api/runs/bare/live/sample-4").status_code == 409
+        # the runs page tells the three copies apart by what each records
+        listed = {r["id"]: r for r in c.get("/api/runs").json()["runs"]}
+        assert listed["other"]["weights"] == str(other_weights)
+        assert listed["same"]["weights"] == str(explorer_run.weights)
+        assert listed["same"]["spec"] == listed["other"]["spec"] is not None
+        assert listed["bare"]["spec"] is None and listed["bare"]["weights"] is None
         assert c.get("/api/runs/bare").json()["holds"]["live"] is False
         # the run's own model writes its cache; another run's is made by its own model
         assert c.get(GRAD.format(run="same")).status_code == 200

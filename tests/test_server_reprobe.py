@@ -16,8 +16,7 @@ import torch
 from fastapi.testclient import TestClient
 
 import lurker.explain as xp
-from lurker.examples import train_digits
-from lurker.probe import probe
+from explorer_fixtures import probe_digits
 from lurker.probe.data import load_dataset
 from lurker.server import create_app
 from lurker.server.routes.explain import explain_result
@@ -26,25 +25,7 @@ from lurker.store import Run
 
 def _probe(out: Path, weights: Path, seed: int) -> torch.nn.Module:
     """Train the digits CNN (``seed``), save it to ``weights`` and probe it into ``out``."""
-    model, _ = train_digits(1, seed=seed, log=lambda *_: None)
-    torch.save(model.state_dict(), weights)
-    run = probe(
-        model,
-        load_dataset("digits:test", 16, channels=1),
-        out=out,
-        k=3,
-        batch_size=128,
-        progress=False,
-        overwrite=True,
-        meta={
-            "model_spec": "lurker.examples:DigitsNet",
-            "weights": str(weights),
-            "data": "digits:test",
-        },
-    )
-    assert run is not None
-    run.close()
-    return model.eval()
+    return probe_digits(out, weights, seed=seed, k=3, overwrite=True)
 
 
 @pytest.fixture(scope="module")

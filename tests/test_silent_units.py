@@ -388,6 +388,7 @@ def _check_sample_page(page: Any, run: Any, sid: int) -> None:
         for a in page.locator("#left-out a").all()
     }
     assert counts == left
+    assert all(f"layer {name} ({n})" in said for name, n in left.items())  # not "L n"
     layers = {w[0] for w in want}
     assert page.inner_text("#top-k-of") == (
         f"{len(want)} unit list{'s' if len(want) != 1 else ''} in {len(layers)} layer"
@@ -397,7 +398,7 @@ def _check_sample_page(page: Any, run: Any, sid: int) -> None:
         s.get_attribute("data-layer"): s.locator("h3").inner_text()
         for s in page.locator("section.appear").all()
     }
-    assert {name: int(text.split(" ")[1]) for name, text in heads.items()} == {
+    assert {name: int(text.split(" ")[3]) for name, text in heads.items()} == {
         name: sum(1 for w in want if w[0] == name) for name in layers
     }
 

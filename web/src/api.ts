@@ -55,10 +55,16 @@ export interface RunSummary {
 export interface RunListEntry {
   id: string;
   model: string | null;
+  spec?: string | null;
+  weights?: string | null;
+  dataset?: string | null;
+  /** When the run was probed: UTC, ISO 8601. */
+  created?: string | null;
   status: string | null;
   layers: number | null;
   units: number | null;
   samples: number | null;
+  map?: boolean;
   error: string | null;
 }
 
@@ -152,6 +158,9 @@ export interface SampleDoc {
   sample: SampleBrief;
   prediction: Prediction[] | null;
   prediction_error?: string | null;
+  /** The top class as the run recorded it (`lurker probe --embed`, `lurker map`): shown
+   * where no model runs (a static export). */
+  stored_prediction?: Prediction | null;
   total: number;
   offset: number;
   limit: number;

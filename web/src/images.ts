@@ -18,7 +18,7 @@ export async function imageState(ctx: PageContext): Promise<ImageState> {
   const s = await ctx.api.json<RunSummary>(p("runs", ctx.run));
   const ok = ctx.api.isStatic || s.holds.dataset !== false || s.holds.cached_images > 0;
   if (ok) return { ok, notice: null };
-  const why = s.holds.dataset_reason ?? "the run's dataset cannot be loaded";
+  const why = (s.holds.dataset_reason ?? "the run's dataset cannot be loaded").replace(/\.+$/, "");
   return { ok, notice: notice(`No images to show: ${why}.`) };
 }
 

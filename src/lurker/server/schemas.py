@@ -23,10 +23,18 @@ class ErrorBody(BaseModel):
 class RunListEntry(BaseModel):
     id: str
     model: str | None = None
+    #: How the run loads its model, its weights and its dataset, and when it was probed:
+    #: what tells two runs of one architecture apart on the runs page.
+    spec: str | None = None
+    weights: str | None = None
+    dataset: str | None = None
+    created: str | None = None
     status: str | None = None
     layers: int = 0
     units: int = 0
     samples: int = 0
+    #: The run holds a dataset map (``lurker map RUN``).
+    map: bool = False
     #: Set for a folder entry that is not a readable run (the reason); such a run
     #: cannot be opened.
     error: str | None = None
@@ -315,6 +323,10 @@ class SampleDetail(BaseModel):
     prediction: list[Prediction] | None = None
     #: Why there is no prediction although a model is attached (null otherwise).
     prediction_error: str | None = None
+    #: The model's top class for the sample as the run recorded it (``lurker probe
+    #: --embed``, ``lurker map``): shown where no model runs (a static export); null when
+    #: the run holds none. ``name`` is null when the outputs are not the dataset's classes.
+    stored_prediction: Prediction | None = None
     #: All the top-list entries that hold the sample (``appearances`` is one page of them).
     total: int
     offset: int

@@ -192,6 +192,15 @@ class Session:
                 "the run does not record its dataset (it was probed from Python); serve it "
                 "with create_app(..., dataset=...) or probe it with `lurker probe --data`"
             )
+        # a moved image folder: said at once (as a missing weights file is), not after
+        # pages have asked for images that all fail
+        spec = str(self.config["data"])
+        if spec.partition(":")[0] != "digits" and not Path(spec).expanduser().exists():
+            return (
+                f"the run's recorded dataset {spec} does not exist here (moved or deleted); "
+                "put it back there, or serve the run from Python with "
+                "create_app(RUN, dataset=...)"
+            )
         return None
 
     def model_reason(self) -> str | None:

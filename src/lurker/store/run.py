@@ -508,6 +508,25 @@ class Run:
             meta=meta,
         )
 
+    def stored_prediction(self, sample_id: int) -> tuple[int, float] | None:
+        """The model's top class and its softmax probability (NaN: none) for one sample, as
+        the probe (``embed=``) or ``lurker map`` recorded them: the map's when the run has
+        one (what the Map page shows), else the embedding's. None when the run holds
+        neither for the sample, or the model gave no class scores (-1). Lets a sample's
+        page show the prediction with no model attached (a static export)."""
+        for table in ("map", "embedding"):
+            with self._lock:
+                present = has_table(self._conn, table)
+            if not present:
+                continue
+            rows = self._query(
+                f"SELECT pred, conf FROM {table} WHERE sample_id = ?", (int(sample_id),)
+            )
+            if rows:
+                pred, conf = rows[0]
+                return None if pred < 0 else (int(pred), _nan(conf))
+        return None
+
     def _meta_now(self, key: str) -> dict[str, Any]:
         """A meta entry as stored now (``lurker map`` may write it after this run opened)."""
         rows = self._query("SELECT value FROM meta WHERE key = ?", (key,))

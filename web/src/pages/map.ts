@@ -444,7 +444,8 @@ export async function renderMap(root: HTMLElement, ctx: PageContext): Promise<vo
     const i = pick(ev);
     if (i >= 0) showTip(i, ev);
     else hideTip();
-    canvas.style.cursor = i >= 0 ? "pointer" : state.tool === "pan" ? "grab" : "crosshair";
+    // a dot opens its sample's page where there is one (a static export holds the top-k's)
+    canvas.style.cursor = i >= 0 && has(doc.ids[i]) ? "pointer" : state.tool === "pan" ? "grab" : "crosshair";
   });
   canvas.addEventListener("mouseleave", hideTip);
   let downAt: [number, number] | null = null;
@@ -588,7 +589,9 @@ export async function renderMap(root: HTMLElement, ctx: PageContext): Promise<vo
           h(
             "a",
             { class: "sample-card", href: has(doc.ids[i]) ? ctx.href("sample", doc.ids[i]) : null, "data-sample": doc.ids[i] },
-            images.ok && has(doc.ids[i]) ? h("img", { src: ctx.api.pngUrl(p("runs", ctx.run, "samples", doc.ids[i], "image.png")), loading: "lazy", alt: `sample ${doc.ids[i]}`, width: 80, height: 80 }) : noImage(),
+            images.ok && has(doc.ids[i])
+              ? h("img", { src: ctx.api.pngUrl(p("runs", ctx.run, "samples", doc.ids[i], "image.png")), loading: "lazy", alt: `sample ${doc.ids[i]}`, width: 80, height: 80, onerror: (e: Event) => (e.target as HTMLElement).replaceWith(noImage()) })
+              : noImage(has(doc.ids[i]) ? "no image" : "not exported"),
             h("span", null, `#${doc.ids[i]}`),
             h("small", { class: wrong[i] ? "error-text" : "" }, doc.pred[i] >= 0 ? `${className(doc.label[i])} → ${predName(doc.pred[i])}` : className(doc.label[i])),
           ),

@@ -6,7 +6,7 @@
  * in the lists of units constant on the dataset (ties, ranked by sample id alone: a ReLU
  * that never fires lists the first k samples) are left out, and the page says how many.
  */
-import { p, type Appearance, type LiveImage, type SampleBrief, type SampleDoc } from "../api";
+import { p, type Appearance, type LiveImage, type Prediction, type SampleBrief, type SampleDoc } from "../api";
 import type { PageContext } from "../context";
 import { append, facts, fill, fmt, h, notice } from "../dom";
 import { imageState } from "../images";
@@ -39,6 +39,9 @@ export async function renderSample(root: HTMLElement, ctx: PageContext, args: st
   // for the samples whose explanations were precomputed
   const held = explained && !doc.prediction ? await ctx.api.json<LiveImage>(p("runs", ctx.run, "live", `sample-${s.id}`)).catch(() => null) : null;
   const pred = held?.predictions.length ? held.predictions : doc.prediction;
+  // no model ran here, but the run recorded the top class (the Map page shows it too)
+  const stored = !pred?.length ? (doc.stored_prediction ?? null) : null;
+  const predItem = (q: Prediction) => h("li", { class: q.name !== null && q.class === s.label ? "match" : null }, `${q.name ?? q.class} `, h("span", { class: "muted" }, `${(100 * q.prob).toFixed(1)}%`));
   const plural = (n: number, word: string) => `${n} ${word}${n === 1 ? "" : "s"}`;
   append(
     root,
@@ -61,10 +64,21 @@ export async function renderSample(root: HTMLElement, ctx: PageContext, args: st
             "prediction",
             pred && pred.length
               ? [
-                  h("ol", { class: "preds" }, pred.map((q) => h("li", { class: q.name !== null && q.class === s.label ? "match" : null }, `${q.name ?? q.class} `, h("span", { class: "muted" }, `${(100 * q.prob).toFixed(1)}%`)))),
+                  h("ol", { class: "preds" }, pred.map(predItem)),
                   held ? h("span", { class: "muted small", id: "pred-precomputed" }, "made with the run's model when its explanations were precomputed") : null,
                 ]
-              : doc.prediction_error ?? (pred ? "none (the model's output is not one score per class)" : "no model attached (lurker serve RUN --model SPEC)"),
+              : stored
+                ? [
+                    h("ol", { class: "preds", id: "pred-stored" }, predItem(stored)),
+                    h("span", { class: "muted small" }, "the top class, as the run recorded it (lurker probe --embed, lurker map)"),
+                    doc.prediction_error ? h("div", { class: "muted small" }, `not made now: ${doc.prediction_error}`) : null,
+                  ]
+                : doc.prediction_error ??
+                  (pred
+                    ? "none (the model's output is not one score per class)"
+                    : ctx.api.isStatic
+                      ? "not in this export: the model runs under lurker serve RUN (or make the run's map, lurker map RUN, before exporting: it records every sample's prediction)"
+                      : "no model attached (lurker serve RUN --model SPEC)"),
           ],
           ["in top-k of", h("span", { id: "top-k-of" }, `${plural(doc.total, "unit list")} in ${plural(doc.layers.length, "layer")}`, leftOut ? h("span", { class: "muted" }, ` (and ${leftOut.total} of constant units, left out)`) : null)],
         ]),
@@ -84,7 +98,8 @@ export async function renderSample(root: HTMLElement, ctx: PageContext, args: st
         "p",
         { class: "left-out muted", id: "left-out" },
         `Left out: ${leftOut.total} ${leftOut.total === 1 ? "entry" : "entries"} in the top lists of units that are constant on the dataset (every sample ties, so those lists are ranked by sample id alone and say nothing about this sample): `,
-        leftOut.layers.flatMap(({ layer, count }, i) => [i ? ", " : "", h("a", { href: ctx.href("layer", layer), "data-layer": layer, "data-count": count }, layer), ` ${count}`]),
+        // "layer 8 (34)": a Sequential's layers are numbers, and "8 34" would read as two
+        leftOut.layers.flatMap(({ layer, count }, i) => [i ? ", " : "", "layer ", h("a", { href: ctx.href("layer", layer), "data-layer": layer, "data-count": count }, layer), ` (${count})`]),
         ".",
       ),
     );
@@ -104,7 +119,7 @@ export async function renderSample(root: HTMLElement, ctx: PageContext, args: st
       h(
         "section",
         { class: "appear", "data-layer": layer },
-        h("h3", null, h("a", { href: ctx.href("layer", layer) }, layer), h("span", { class: "muted" }, ` ${count}`), shown),
+        h("h3", null, h("span", { class: "muted" }, "layer "), h("a", { href: ctx.href("layer", layer) }, layer), h("span", { class: "muted" }, ` · ${plural(count, "list")}`), shown),
         chips,
       ),
     );

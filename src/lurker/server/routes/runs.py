@@ -50,14 +50,21 @@ def list_runs(request: Request) -> RunList:
         if e.run is None:
             out.append(RunListEntry(id=e.id, error=e.error))
             continue
+        meta = e.run.meta
+        cfg: dict[str, Any] = meta.get("config") or {}
         out.append(
             RunListEntry(
                 id=e.id,
-                model=e.run.meta.get("model"),
-                status=e.run.meta.get("status"),
+                model=meta.get("model"),
+                spec=cfg.get("model_spec"),
+                weights=cfg.get("weights"),
+                dataset=meta.get("dataset"),
+                created=meta.get("created"),
+                status=meta.get("status"),
                 layers=len(e.run.layers),
                 units=sum(i.num_units for i in e.run.layers),
                 samples=e.sample_count(),
+                map=e.run.has_map,
             )
         )
     return RunList(runs=out)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
 
-from ..classes import no_scores
+from ..classes import class_names, no_scores
 from ..deps import entry, on_model, session
 from ..errors import ApiError
 from ..schemas import (
@@ -97,10 +97,21 @@ def _sample_detail(
         )
         for layer, unit, which, rank, value in index.of(sid, offset, limit)
     ]
+    stored = run.stored_prediction(sid)
+    if stored is not None and stored[1] != stored[1]:
+        stored = None  # no probability recorded: nothing to show beside the class
+    names = class_names(run) if stored is not None else []
     return SampleDetail(
         sample=SampleModel(id=sid, path=path, label=label, class_name=cname),
         prediction=None,
         prediction_error=None,
+        stored_prediction=None
+        if stored is None
+        else Prediction(
+            class_=stored[0],
+            name=names[stored[0]] if stored[0] < len(names) else None,
+            prob=stored[1],
+        ),
         total=index.count(sid),
         offset=offset,
         limit=limit,
