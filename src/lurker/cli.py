@@ -13,7 +13,7 @@ import os
 import shlex
 import sys
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -257,6 +257,15 @@ def trace(
     "-1 for a model that takes (N, H, W, C) images. Recorded in the run, so its images and "
     "`lurker serve` feed the model the same way. Default: (N, C, H, W).",
 )
+@click.option(
+    "--normalize",
+    metavar="imagenet|none|MEAN/STD",
+    default=None,
+    help="How an image folder's images are normalised before the model sees them: "
+    "imagenet (ImageNet's mean and std; the default), none (images in [0, 1]), or MEAN/STD "
+    "with one value per channel, e.g. 0.5,0.5,0.5/0.25,0.25,0.25 (0.5/0.25 for 1 channel). "
+    "It must be what the model was trained on. Recorded in the run.",
+)
 @_friendly
 def probe(
     model: str,
@@ -276,6 +285,7 @@ def probe(
     embed: bool,
     embed_layer: str | None,
     channel_dim: str | None,
+    normalize: str | None,
 ) -> None:
     """Sweep a dataset through MODEL; keep what every unit of every layer responds to.
 
@@ -289,11 +299,17 @@ def probe(
 
     out = str(Path(out).expanduser())  # --out=~/runs/x: the shell leaves ~ after = alone
     channels_at = None if channel_dim is None else int(channel_dim)
+    if normalize is not None:  # a typo is said before the model is loaded
+        normalize = pdata.parse_normalize(normalize)
     with _torchrun_group(device):
         net = channels_first_view(load_model(model, weights, device=device or "cpu"), channels_at)
         where = next((p.device for p in net.parameters()), "cpu")  # probed where it lies
         channels = image_channels(net, image_size, device=where)
-        ds = pdata.load_dataset(data, image_size, channels=channels)
+        ds = pdata.load_dataset(data, image_size, channels=channels, normalize=normalize)
+        if isinstance(ds, pdata.ImageFolderDataset):
+            normalize = normalize or "imagenet"
+            if int(os.environ.get("RANK", "0")) == 0:  # once, under torchrun too
+                click.echo(_normalize_note(normalize, ds.mean, ds.std), err=True)
         run = do_probe(
             net,
             ds,
@@ -312,6 +328,8 @@ def probe(
                 "model_spec": model,
                 "weights": str(Path(weights).resolve()) if weights else None,
                 "data": _data_spec(data),
+                # how the folder's images were normalised: its readers reload it so
+                "normalize": normalize or "none",
             },
         )
     if run is not None:  # rank 0
@@ -348,6 +366,20 @@ def probe(
                 "in the run): " + ", ".join(other),
                 fg="yellow",
             )
+
+
+def _normalize_note(spec: str, mean: Sequence[float], std: Sequence[float]) -> str:
+    """The line the probe says at its start: the normalisation is the most common silent
+    mistake (a model trained on other inputs gets every number of the run wrong)."""
+    stats = f"mean {', '.join(f'{v:g}' for v in mean)}, std {', '.join(f'{v:g}' for v in std)}"
+    what = {
+        "imagenet": f"with ImageNet's statistics ({stats}; the default)",
+        "none": "not normalised: fed in [0, 1] (--normalize none)",
+    }.get(spec, f"with {stats} (--normalize)")
+    return (
+        f"lurker: images {what}. They must be fed as the model was trained: else give "
+        "--normalize none (images in [0, 1]) or --normalize MEAN/STD (one value per channel)."
+    )
 
 
 def _data_spec(data: str) -> str:
@@ -469,7 +501,15 @@ def map_(
         if model_spec:
             model = load_model(model_spec, weights, device=device or "cpu")
         if data:
-            dataset = pdata.load_dataset(data, int(size), channels=shape[0])
+            # a folder as the run's was fed (the digits have no normalisation to give);
+            # another dataset than the run's is refused by make_map, naming it
+            folder = data.partition(":")[0] != "digits"
+            dataset = pdata.load_dataset(
+                data,
+                int(size),
+                channels=shape[0],
+                normalize=config.get("normalize") if folder else None,
+            )
     done = make_map(
         run, layer=layer, method=method, seed=seed, model=model, dataset=dataset, device=device
     )

@@ -17,6 +17,7 @@ drops. Failures are logged to a small file shared with DataLoader workers, so
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import tempfile
 import warnings
@@ -51,6 +52,8 @@ __all__ = [
     "image_folder",
     "input_image",
     "load_dataset",
+    "normalize_stats",
+    "parse_normalize",
     "to_pil",
     "transparency_note",
     "wrap",
@@ -753,23 +756,104 @@ def image_folder(
     )
 
 
-def load_dataset(spec: str, image_size: int, *, channels: int | None = None) -> ProbeDataset:
+def parse_normalize(value: str) -> str:
+    """A ``normalize`` spec checked and written canonically, so a run records it as given:
+    ``imagenet``, ``none`` (images in [0, 1]) or ``MEAN/STD`` (comma-separated, one value per
+    channel, every std positive). Checked before anything is loaded: a typo is said at once."""
+    text = str(value).strip()
+    if text.lower() in ("imagenet", "none"):
+        return text.lower()
+    example = "e.g. 0.5,0.5,0.5/0.25,0.25,0.25, or 0.5/0.25 for 1-channel images"
+    head, slash, tail = text.partition("/")
+    if not slash or "/" in tail:
+        raise LurkerError(
+            f"normalize={value!r}: give 'imagenet' (ImageNet's mean and std, the default), "
+            f"'none' (images in [0, 1]) or MEAN/STD with one value per channel ({example})",
+            cli=f"--normalize {value!r}: give imagenet (ImageNet's mean and std, the default), "
+            f"none (images in [0, 1]) or MEAN/STD with one value per channel ({example})",
+        )
+    stats: list[list[float]] = []
+    for what, part in (("mean", head), ("std", tail)):
+        try:
+            nums = [float(v) for v in part.split(",")]
+        except ValueError:
+            nums = []
+        if not nums or not all(math.isfinite(v) for v in nums):
+            raise LurkerError(
+                f"normalize={value!r}: its {what} {part!r} is not a list of numbers ({example})",
+                cli=f"--normalize {value!r}: its {what} {part!r} is not a list of numbers "
+                f"({example})",
+            )
+        stats.append(nums)
+    mean, std = stats
+    if len(mean) != len(std):
+        raise LurkerError(
+            f"normalize={value!r}: {len(mean)} mean values but {len(std)} std values; give one "
+            f"of each per channel ({example})",
+            cli=f"--normalize {value!r}: {len(mean)} mean values but {len(std)} std values; "
+            f"give one of each per channel ({example})",
+        )
+    if any(v <= 0 for v in std):
+        raise LurkerError(
+            f"normalize={value!r}: every std must be positive (images are divided by it)",
+            cli=f"--normalize {value!r}: every std must be positive (images are divided by it)",
+        )
+    return ",".join(repr(v) for v in mean) + "/" + ",".join(repr(v) for v in std)
+
+
+def normalize_stats(
+    normalize: str | None, channels: int
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The ``(mean, std)`` a ``normalize`` spec (see :func:`parse_normalize`) names for
+    images of ``channels`` channels. None is ``imagenet``: what runs recorded before the
+    option existed were fed. ImageNet's for 1 channel is the mean of its three values."""
+    spec = parse_normalize("imagenet" if normalize is None else normalize)
+    if spec == "none":
+        return (0.0,) * channels, (1.0,) * channels
+    if spec == "imagenet":
+        if channels == 1:
+            return (sum(IMAGENET_MEAN) / 3,), (sum(IMAGENET_STD) / 3,)
+        return tuple(IMAGENET_MEAN), tuple(IMAGENET_STD)
+    head, _, tail = spec.partition("/")
+    mean = tuple(float(v) for v in head.split(","))
+    std = tuple(float(v) for v in tail.split(","))
+    if len(mean) != channels:
+        raise LurkerError(
+            f"normalize={normalize!r} gives {len(mean)} value(s) each but the images have "
+            f"{channels} channel(s): give {channels} means and {channels} stds",
+            cli=f"--normalize {normalize!r} gives {len(mean)} value(s) each but the model takes "
+            f"{channels}-channel images: give {channels} means and {channels} stds",
+        )
+    return mean, std
+
+
+def load_dataset(
+    spec: str, image_size: int, *, channels: int | None = None, normalize: str | None = None
+) -> ProbeDataset:
     """The dataset a CLI spec names: ``digits`` (``digits:train``/``digits:test``) or a folder.
 
-    ``channels`` should match the model's input (None: digits 1, folders 3). A folder read
-    with 1 channel is normalised with the mean of the ImageNet statistics.
+    ``channels`` should match the model's input (None: digits 1, folders 3). A folder's
+    images are normalised as ``normalize`` says (:func:`normalize_stats`; None: ImageNet's
+    statistics, as a run recorded without it was fed). Digits are fed in [0, 1]: any other
+    ``normalize`` than ``none`` is refused rather than ignored.
     """
     name, _, split = spec.partition(":")
     if name == "digits":
+        if normalize is not None and parse_normalize(normalize) != "none":
+            raise LurkerError(
+                f"normalize={normalize!r}: the digits are fed in [0, 1] as they are; "
+                "normalize applies to image folders (leave it out, or give 'none')",
+                cli=f"--normalize {normalize}: the digits are fed in [0, 1] as they are; "
+                "--normalize applies to image folders (leave it out)",
+            )
         return digits(image_size, channels=channels or 1, split=split or "all")
     path = Path(spec).expanduser()
     if path.exists():
-        if channels == 1:
-            m, s = sum(IMAGENET_MEAN) / 3, sum(IMAGENET_STD) / 3
-            return image_folder(path, image_size, mean=(m,), std=(s,), channels=1)
-        if channels not in (None, 3):
+        if channels not in (None, 1, 3):
             raise LurkerError(f"image folders have 1 or 3 channels; the model wants {channels}")
-        return image_folder(path, image_size)
+        c = channels or 3
+        mean, std = normalize_stats(normalize, c)
+        return image_folder(path, image_size, mean=mean, std=std, channels=c)
     raise LurkerError(
         f"unknown dataset {spec!r}: give 'digits' (or 'digits:train' / 'digits:test') or an "
         f"existing directory laid out as {_LAYOUT}."

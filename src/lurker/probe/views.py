@@ -170,7 +170,10 @@ class UnitImages:
                     )
                 size = self.run.meta.get("image_size") or [224]
                 dataset = pdata.load_dataset(
-                    cfg["data"], int(size[0]), channels=(cfg.get("input_shape") or [None])[0]
+                    cfg["data"],
+                    int(size[0]),
+                    channels=(cfg.get("input_shape") or [None])[0],
+                    normalize=cfg.get("normalize"),  # as the probe fed it (None: ImageNet's)
                 )
         if device is not None:
             model = model.to(device)

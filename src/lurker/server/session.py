@@ -248,7 +248,10 @@ class Session:
                     size = run.meta.get("image_size") or [224]
                     shape = self.config.get("input_shape") or [None]
                     self._dataset = pdata.load_dataset(
-                        self.config["data"], int(size[0]), channels=shape[0]
+                        self.config["data"],
+                        int(size[0]),
+                        channels=shape[0],
+                        normalize=self.config.get("normalize"),  # None: ImageNet's, as before
                     )
             except LurkerError as e:
                 self._dataset_error = f"cannot load the run's dataset: {e}"
