@@ -108,7 +108,7 @@ def test_channels_last_model_probes_as_its_channels_first_inner_model(
     tops = _tops(got)
     assert list(tops) == ["features.0", "features.1", "features.3", "fc"]
     assert tops == _tops(want)
-    assert nhwc.training  # the model is given back in its own mode
+    assert all(m.training for m in nhwc.modules())  # given back in its own mode
     # the unit images feed the run's model as the probe did: the same gradient image
     images = UnitImages(got, model=nhwc, dataset=data)
     reference = UnitImages(want, model=inner, dataset=data)
@@ -179,3 +179,105 @@ def test_cli_channel_dim_is_recorded_and_served(models: Path, folder: Path, tmp_
     assert ops.status_code == 200 and ops.json()["output"]["channels"] == 6
     grad = client.get(f"/api/runs/{rid}/layers/inner.features.3/units/1/max/0/grad.png")
     assert grad.status_code == 200 and grad.headers["content-type"] == "image/png"
+
+
+def test_cli_channel_dim_on_a_channels_first_model_says_to_leave_it_out(
+    models: Path, folder: Path, tmp_path: Path
+) -> None:
+    args = [
+        "probe", f"{models}:Inner", "--data", str(folder), "--out", str(tmp_path / "run"),
+        "--image-size", "16", "--channel-dim", "-1",
+    ]  # fmt: skip
+    refused = CliRunner().invoke(main, args)
+    assert refused.exit_code == 2 and "Traceback" not in refused.output
+    assert "leave out --channel-dim" in refused.output
+
+
+def test_one_layout_spelled_two_ways_is_one_probe(
+    models: Path, folder: Path, tmp_path: Path
+) -> None:
+    """-1 and 3 name one axis (1 and None the default): a finished run is not swept again
+    (which would drop the images made from it) for another spelling of its layout."""
+    data = image_folder(folder, 16)
+    nhwc, out = _load(models, "NHWC"), tmp_path / "run"
+    lurker.probe(nhwc, data, out=out, k=2, progress=False, channel_dim=-1).close()
+    with pytest.warns(UserWarning, match="nothing to sweep"):
+        lurker.probe(nhwc, data, out=out, k=2, progress=False, channel_dim=3)
+    assert lurker.Run.open(out).meta["config"]["channel_dim"] == -1
+    inner, out1 = _load(models, "Inner"), tmp_path / "run1"
+    lurker.probe(inner, data, out=out1, k=2, progress=False, channel_dim=1).close()
+    assert lurker.Run.open(out1).meta["config"]["channel_dim"] is None
+    with pytest.warns(UserWarning, match="nothing to sweep"):
+        lurker.probe(inner, data, out=out1, k=2, progress=False)
+
+
+class _NHWCNet(nn.Module):
+    """(N, H, W, C) in: a conv after a permute."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x.permute(0, 3, 1, 2)).mean((2, 3))
+
+
+class _Rebuilds(_NHWCNet):
+    """A model whose own copy hook rebuilds a submodule (which a view must not run)."""
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.conv = nn.Conv2d(3, 4, 3)
+
+
+class _Defaults(_NHWCNet):
+    """A model whose __getattr__ answers every unknown name with 0."""
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return 0
+
+
+def test_view_moves_the_channels_or_refuses_the_model_clearly() -> None:
+    from lurker.models import channels_first_view
+
+    x = torch.rand(2, 3, 8, 8)
+    for cls in (_NHWCNet, _Rebuilds, _Defaults):
+        model = cls().eval()
+        conv = model.conv
+        view = channels_first_view(model, -1)
+        # oracle: the model itself on the batch laid out as it takes it
+        assert torch.equal(view(x), model(x.permute(0, 2, 3, 1)))
+        assert model.conv is conv and type(model) is cls  # the user's model untouched
+    model = _NHWCNet()
+    model.forward = model.forward  # set on the instance, as torch.compile's wrapper does
+    with pytest.raises(LurkerError, match="sets forward on the instance"):
+        channels_first_view(model, -1)
+    model = _NHWCNet()
+    model.register_forward_pre_hook(lambda m, args: None)
+    with pytest.raises(LurkerError, match="forward pre-hooks"):
+        channels_first_view(model, -1)
+
+
+def test_a_trace_failure_unrelated_to_the_layout_does_not_blame_it(
+    folder: Path, tmp_path: Path
+) -> None:
+    """A model that runs on the batch as fed, whose trace fails for another reason, is not
+    told to change its channel axis."""
+
+    class Odd(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(3 * 16 * 16, 2)
+            self.traced = False
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if torch.overrides._get_current_function_mode_stack():  # only when recorded
+                raise RuntimeError("this model cannot be traced")
+            return self.fc(x.flatten(1))
+
+    with pytest.raises(LurkerError) as err:
+        lurker.probe(Odd(), image_folder(folder, 16), out=tmp_path / "r", progress=False)
+    assert "cannot be traced" in str(err.value) and "channel_dim" not in str(err.value)

@@ -495,8 +495,11 @@ def test_float_images_are_read_in_their_range_and_others_skipped_by_name(tmp_pat
     unit = np.linspace(0, 1, 8 * 8, dtype=np.float32).reshape(8, 8)
     _save(Image.fromarray(unit, "F"), tmp_path / "imgs" / "a" / "unit.tif")
     _save(Image.fromarray(unit * 1000 - 1, "F"), tmp_path / "imgs" / "a" / "wild.tif")
+    # float rounding just below 0 is a 0, not a reason to skip the file
+    _save(Image.fromarray(unit - 1e-7, "F"), tmp_path / "imgs" / "b" / "rounded.tif")
     ds = image_folder(tmp_path / "imgs", 8, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
     item = ds[0]
     np.testing.assert_allclose(item[0][0].numpy(), np.rint(unit * 255) / 255, atol=1e-6)
     assert isinstance(ds[1], Skipped) and "values from -1.0" in ds[1].reason
+    np.testing.assert_allclose(ds[2][0][0].numpy(), np.rint(unit * 255) / 255, atol=1e-6)
     assert [Path(p).name for p, _ in ds.skipped] == ["wild.tif"]

@@ -302,9 +302,10 @@ def probe(
     if normalize is not None:  # a typo is said before the model is loaded
         normalize = pdata.parse_normalize(normalize)
     with _torchrun_group(device):
-        net = channels_first_view(load_model(model, weights, device=device or "cpu"), channels_at)
+        net = load_model(model, weights, device=device or "cpu")
         where = next((p.device for p in net.parameters()), "cpu")  # probed where it lies
-        channels = image_channels(net, image_size, device=where)
+        # (the probe makes its own view: given the model, its errors can name the fix)
+        channels = image_channels(channels_first_view(net, channels_at), image_size, device=where)
         ds = pdata.load_dataset(data, image_size, channels=channels, normalize=normalize)
         if isinstance(ds, pdata.ImageFolderDataset):
             normalize = normalize or "imagenet"

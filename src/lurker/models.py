@@ -6,7 +6,6 @@ names the cause and the fix, so the CLI can print it instead of a traceback from
 
 from __future__ import annotations
 
-import copy
 import difflib
 import importlib
 import importlib.util
@@ -29,6 +28,7 @@ from lurker.errors import InputSpecError, LurkerError, ModelSpecError, WeightsEr
 
 __all__ = [
     "InputSpec",
+    "canonical_channel_dim",
     "channels_first_view",
     "example_inputs",
     "load_model",
@@ -822,19 +822,12 @@ class _ChannelsAt(nn.Module):
 _VIEW_CLASSES: dict[type, type] = {}
 
 
-def channels_first_view(model: nn.Module, channel_dim: int | None) -> nn.Module:
-    """``model`` as one that takes ``(N, C, H, W)`` image batches, for a model whose input
-    keeps its channels on axis ``channel_dim`` (``-1``: ``(N, H, W, C)``, a Keras port or a
-    model that permutes inside ``forward``); ``model`` itself for ``None`` or 1.
-
-    Everything that feeds a model images (the probe, its unit images, the explorer's live
-    view) works on ``(N, C, H, W)``; the view moves the channels in its ``forward``. It is
-    a shallow copy of ``model`` that shares its modules, parameters and buffers (so layer
-    names, weights and the fingerprint are the model's own) with a subclass of its class
-    that moves the axis, so a deep copy of the view (LRP's canonization) stays one. A view
-    is returned as it is."""
-    if channel_dim is None or isinstance(getattr(model, "_lurker_channel_dim", None), int):
-        return model
+def canonical_channel_dim(channel_dim: int | None) -> int | None:
+    """``channel_dim`` checked and written one way: None for channels-first (None or 1),
+    else its negative axis (3 and -1 are one layout), so that a run records one value per
+    layout."""
+    if channel_dim is None:
+        return None
     if isinstance(channel_dim, bool) or not isinstance(channel_dim, int):
         raise LurkerError(
             f"channel_dim must be an int (the axis of the model's image input that holds the "
@@ -845,14 +838,46 @@ def channels_first_view(model: nn.Module, channel_dim: int | None) -> nn.Module:
             f"channel_dim={channel_dim}: an image batch has axes 0 (the batch) to 3; give 1 "
             "for (N, C, H, W) or -1 (3) for (N, H, W, C) (CLI: --channel-dim)"
         )
-    if channel_dim == 1:
+    return None if channel_dim == 1 else channel_dim % 4 - 4
+
+
+def channels_first_view(model: nn.Module, channel_dim: int | None) -> nn.Module:
+    """``model`` as one that takes ``(N, C, H, W)`` image batches, for a model whose input
+    keeps its channels on axis ``channel_dim`` (``-1``: ``(N, H, W, C)``, a Keras port or a
+    model that permutes inside ``forward``); ``model`` itself for ``None`` or 1.
+
+    Everything that feeds a model images (the probe, its unit images, the explorer's live
+    view) works on ``(N, C, H, W)``; the view moves the channels in its ``forward``. It is
+    a shallow copy of ``model`` that shares its modules, parameters and buffers (so layer
+    names, weights and the fingerprint are the model's own) with a subclass of its class
+    that moves the axis, so a deep copy of the view (LRP's canonization) stays one. The
+    copy is made without the class's own copy or pickle hooks, which could change the
+    shared modules. A view is returned as it is."""
+    if isinstance(model, _ChannelsAt):
         return model
+    channel_dim = canonical_channel_dim(channel_dim)
+    if channel_dim is None:
+        return model
+    if "forward" in vars(model) or isinstance(model, torch.jit.ScriptModule):
+        raise LurkerError(
+            f"channel_dim={channel_dim} needs the model's own nn.Module, whose class defines "
+            f"its forward; this {type(model).__name__} sets forward on the instance (a "
+            "torch.compile'd model: pass model._orig_mod) or is scripted (pass the eager "
+            "module)"
+        )
+    if model._forward_pre_hooks or model._forward_pre_hooks_with_kwargs:
+        raise LurkerError(
+            f"channel_dim={channel_dim}: the model has forward pre-hooks on itself, which would "
+            "see the (N, C, H, W) batch before its channels are moved; move the hooks to a "
+            "submodule, or wrap the model in a module whose forward moves the channels "
+            "(x.movedim(1, -1)) and probe that without channel_dim"
+        )
     cls = type(model)
     view_cls = _VIEW_CLASSES.get(cls)
     if view_cls is None:
         attrs = {"__module__": cls.__module__, "__qualname__": cls.__qualname__}
         view_cls = _VIEW_CLASSES[cls] = type(cls.__name__, (_ChannelsAt, cls), attrs)
-    view = copy.copy(model)
-    view.__class__ = view_cls
+    view = object.__new__(view_cls)
+    view.__dict__.update(model.__dict__)
     object.__setattr__(view, "_lurker_channel_dim", channel_dim)
     return view

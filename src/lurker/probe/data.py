@@ -508,11 +508,14 @@ def _to_8bit(image: Image.Image) -> Image.Image:
     """A 16-bit, 32-bit integer or float one-channel image as 8-bit "L": Pillow's own
     ``convert("RGB")`` clips those values at 255, so a 16-bit PNG would be fed all white.
     Integer images are read as 16-bit (0-65535, scaled by 1/257: 65535 -> 255, as a 16-bit
-    PNG means them); float images in [0, 1] are scaled by 255, in [0, 255] kept. Anything
+    PNG means them); float images in [0, 1] are scaled by 255, in [0, 255] kept (decided per
+    file by its own maximum: a file does not say which range it was written in). Anything
     else has no one reading: an error, which an image folder reports as the file's reason
     for being skipped."""
     arr = np.asarray(image, dtype=np.float64)
     lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+    if image.mode == "F" and -1e-6 <= lo < 0:  # float rounding below 0 (-1e-7): clipped
+        arr, lo = np.clip(arr, 0.0, None), 0.0
     if not (np.isfinite(lo) and np.isfinite(hi)) or lo < 0:
         raise ValueError(
             f"a {image.mode!r} image with values from {lo} to {hi}: only non-negative "

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from ..capture import Trace, evaluating, settled_trace
 from ..errors import LurkerError, MemoryLimitError, TraceError, warn
 from ..graph.nodes import Op
-from ..models import channels_first_view
+from ..models import canonical_channel_dim, channels_first_view
 from ..store import Run, RunWriter, atomic_write_bytes, run_lock
 from .consumers import (
     EMBED_BUDGET,
@@ -203,6 +203,12 @@ def _other_layout(plain: nn.Module, x0: Tensor, channel_dim: int | None) -> tupl
     if x0.dim() != 4:
         return None
     given = channel_dim not in (None, 1)
+    try:  # a model that runs on the batch as fed failed in its trace for another reason
+        with torch.no_grad():
+            plain(x0.movedim(1, channel_dim) if given else x0)
+        return None
+    except Exception:
+        pass
     try:  # the layout the model was not fed
         with torch.no_grad():
             plain(x0 if given else x0.movedim(1, -1))
@@ -741,11 +747,12 @@ def _plan(
     if dev.type == "cuda" and world > 1 and dev.index is None:
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
     plain = model
+    channel_dim = canonical_channel_dim(channel_dim)  # one value per layout, checked
     # a channels-last model is fed through a view that moves the (N, C, H, W) batch's
     # channels (same modules and parameters: moving it to dev moves the model)
     model = channels_first_view(model, channel_dim).eval().to(dev)
     x0 = ds.first_image().unsqueeze(0).to(dev)
-    if channel_dim not in (None, 1) and x0.dim() != 4:
+    if channel_dim is not None and x0.dim() != 4:
         raise LurkerError(
             f"probe: channel_dim={channel_dim} moves the channels of image batches (N, C, H, "
             f"W), and the dataset's items are {tuple(x0.shape[1:])}, not (C, H, W) images: "
