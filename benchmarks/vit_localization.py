@@ -1,8 +1,9 @@
 """Where attribution methods point on a vision transformer whose answer has a known place.
 
-Trains a tiny torchvision ViT (32 px images, 8 px patches, 2 blocks; about 20 s on a CPU) to
-say which quadrant holds a bright square, then prints, per method, how often its heatmap
-puts most of its mass in that quadrant (chance: 25%) and how often the map is 0 everywhere.
+Trains a tiny torchvision ViT (32 px images, 8 px patches, 2 blocks; seconds on one CPU
+thread) to say which quadrant holds a bright square, then prints, per method, how often
+its heatmap puts most of its mass in that quadrant (chance: 25%) and how often the map is 0
+everywhere.
 The figures in docs/explain.md ("Grad-CAM on vision transformers") come from this script.
 
     python benchmarks/vit_localization.py [--steps 1500] [--test 64]
@@ -54,6 +55,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--test", type=int, default=64)
     a = ap.parse_args()
+    torch.set_num_threads(1)  # the trained model, so the figures, depend on the thread count
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     vit = VisionTransformer(32, 8, 2, 2, 32, 64, num_classes=4)

@@ -3,6 +3,7 @@ targets, batches, the model left untouched, bad input, the CLI."""
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -961,7 +962,7 @@ def test_gradcam_default_layer_of_a_vit_is_the_last_blocks_first_norm(family: st
 
 def test_gradcam_says_when_its_relu_leaves_nothing() -> None:
     """A row whose weighted map is negative at every position is 0 everywhere once
-    rectified (on the toy ViT of docs/explain.md, 44% of the images): the overlay shows
+    rectified (often on a ViT's tokens: benchmarks/vit_localization.py): the overlay shows
     nothing although the target depends on the layer. Said in a warning naming the rows
     and relu=False. A hand-made model: positive activations read by a class whose weights
     are all negative, so its map is -(A_0 + A_1) / (H W) by hand."""
@@ -983,6 +984,36 @@ def test_gradcam_says_when_its_relu_leaves_nothing() -> None:
     ):
         e = lurker.explain(model, x, [0, 1], method="gradcam", layer="1")
     assert e.layer_attribution[0].abs().amax() == 0 and e.layer_attribution[1].amin() > 0
+    # a row on which the layer's units do not fire: its map is 0 signed too, so the
+    # warning says that, not "negative" and relu=False (which would show the same 0)
+    with torch.no_grad():
+        model[0].bias.fill_(0.0)
+        model[4].weight.copy_(torch.tensor([[1.0, 1.0], [1.0, 1.0]]))
+    x = torch.cat([-torch.rand(1, 1, 6, 6), torch.rand(1, 1, 6, 6)])
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        e = lurker.explain(model, x, [0, 1], method="gradcam", layer="1")
+    said = [str(w.message) for w in seen]
+    assert any("'1' is 0 everywhere (rows [0]): the layer's map weighted" in m for m in said)
+    assert not any("after its ReLU" in m for m in said), said
+    assert e.layer_attribution[0].abs().amax() == 0 and e.layer_attribution[1].amin() > 0
+
+
+def test_gradcam_default_for_a_unit_target_is_the_units_own_layer() -> None:
+    """A unit of a Linear layer over a channels-last map (ConvNeXt's pwconv1) is explained
+    at its own layer by default, not at the norm the Linear reads (that map differs from
+    the unit's by the Linear's bias: one constant per image, which the ReLU would clip)."""
+    from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+
+    torch.manual_seed(0)
+    model = ConvNeXt([CNBlockConfig(8, 16, 1), CNBlockConfig(16, None, 1)], num_classes=3)
+    model.eval()
+    with torch.no_grad():
+        model.features[3][0].block[3].bias.normal_(0, 3)
+    x = torch.rand(2, 3, 32, 32)
+    tr = lurker.trace(model, x[:1])
+    e = lurker.explain(model, x, ("features.3.0.block.3", 5), method="gradcam", relu=False)
+    assert tr[e.options["layer"]].module == "features.3.0.block.3"
 
 
 def test_gradcam_at_a_vits_sequence_first_projection_equals_a_forward_by_hand() -> None:

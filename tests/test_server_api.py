@@ -230,7 +230,12 @@ def test_sample_image_from_dataset(client: TestClient, explorer_run: ExplorerRun
     r = client.get("/api/runs/digits/samples/7/image.png")
     assert r.status_code == 200
     assert r.headers["content-type"] == "image/png"
-    assert "max-age" in r.headers["cache-control"]
+    # revalidated (a run probed again names another image by this URL); unchanged: 304
+    assert r.headers["cache-control"] == "no-cache"
+    again = client.get(
+        "/api/runs/digits/samples/7/image.png", headers={"If-None-Match": r.headers["etag"]}
+    )
+    assert again.status_code == 304
     got = np.asarray(Image.open(io.BytesIO(r.content)))
     want = np.asarray(input_image(load_dataset("digits:test", 16, channels=1), 7))
     assert np.array_equal(got, want)

@@ -105,3 +105,39 @@ def test_browser_asks_again_for_a_units_images(reprobed: dict) -> None:
     assert r.content == client.get(f"/api/runs/d/samples/{top}/image.png").content
     again = client.get(url, headers={"If-None-Match": r.headers["etag"]})
     assert again.status_code == 304  # the same file: nothing sent again
+
+
+def test_a_command_that_adds_to_the_run_keeps_its_session(tmp_path: Path) -> None:
+    """`lurker map` (or `lurker featviz`) writes into the served run's database: the run
+    is the same, so its entry, model and caches stay (a re-open would reload the model and
+    answer images in flight with 409), and what was added is served at once. A re-probe
+    replaces the entry and lets go of the old session (no second model kept alive)."""
+    import gc
+    import weakref
+
+    from lurker.map import make_map
+
+    out, weights = tmp_path / "runs" / "d", tmp_path / "d.pt"
+    probe_digits(out, weights, k=3, embed=True)
+    client = TestClient(create_app(tmp_path / "runs"))
+    assert client.get("/api/runs/d/live/sample-3/ops/conv2d_1/output/0.json").status_code == 200
+    registry = client.app.state.registry
+    entry, session = registry.entries["d"], registry.entries["d"].session
+    model = session.model()
+    assert client.get("/api/runs/d").json()["holds"]["map"] is False
+    with Run.open(out) as run:
+        make_map(run, method="pca")
+    assert client.get("/api/runs/d").json()["holds"]["map"] is True
+    assert client.get("/api/runs/d/live/sample-3/ops/conv2d_1/output/0.json").status_code == 200
+    assert registry.entries["d"] is entry and entry.session is session
+    assert session.model() is model  # not loaded again
+    gone = weakref.ref(session)
+    del session, model
+    probe_digits(out, weights, seed=1, k=3, overwrite=True)
+    assert client.get("/api/runs/d/live/sample-3/ops/conv2d_1/output/0.json").status_code == 200
+    assert registry.entries["d"] is not entry and entry.session is None
+    gc.disable()  # freed by reference counts alone, not by a later cycle collection
+    try:
+        assert gone() is None
+    finally:
+        gc.enable()

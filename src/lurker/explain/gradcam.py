@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from ..errors import LurkerError, warn
 from .axes import InputAxes
 from .base import Explanation, Method, register
-from .targets import Forward, by_unit
+from .targets import Forward, UnitTarget, by_unit, parse_target
 
 #: how many of the last map layers the default layer is chosen among
 _CANDIDATES = 24
@@ -75,6 +75,8 @@ def default_layer(model: nn.Module, x: Tensor, target: Any = None) -> str:
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if reaches(last[mid]) else (lo, mid)
+    if isinstance(parse_target(target, x.shape[0]), UnitTarget):
+        return last[lo]  # a unit's own layer: the map it is, not one it reads
     return _read_through(tr, last[lo], set(maps))
 
 
@@ -217,7 +219,15 @@ class _CAM(Method):
         if relu:
             # rows whose weighted map is negative everywhere: rectified, nothing is left
             # to show (often on a ViT's tokens, whose LayerNorm outputs have both signs)
-            clipped = ~flat & (cam.reshape(cam.shape[0], -1).amax(1) <= 0)
+            top = cam.reshape(cam.shape[0], -1).amax(1)
+            zero = ~flat & (top == 0) & (cam.reshape(cam.shape[0], -1).amin(1) == 0)
+            if bool(zero.any()):
+                warn(
+                    f"{what} is 0 everywhere{_rows(zero)}: the layer's map weighted by its "
+                    "gradient is 0 at every position on this input (its units do not fire "
+                    "on it), so there is nothing to show; choose another layer."
+                )
+            clipped = ~flat & (top < 0)
             if bool(clipped.any()):
                 warn(
                     f"{what} is 0 everywhere after its ReLU{_rows(clipped)}: the weighted sum of "

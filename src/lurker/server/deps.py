@@ -13,8 +13,6 @@ from starlette.concurrency import run_in_threadpool
 from .session import ModelSource, Session
 from .state import Registry, RunEntry
 
-#: Cache header of images that never change for a run (sample images by id).
-IMMUTABLE = {"Cache-Control": "public, max-age=86400"}
 #: Images a model makes on request (live maps, explanations, a foreign model's gradients):
 #: they change when the server attaches other weights under the same URL, so the browser
 #: must ask again rather than keep them for a day.

@@ -211,9 +211,24 @@ class RunEntry:
             self.signature = db_signature(self.path)
 
     def changed(self) -> bool:
-        """Whether the run's database is no longer the one this entry opened (the run was
-        probed again, or written by another command, since)."""
-        return db_signature(self.path) != self.signature
+        """Whether the run at this path is no longer the one this entry opened: probed
+        again (another ``created``), or its probe went on (another status). A write that
+        only adds to the run (``lurker featviz``, ``lurker map``) changes the database file
+        but not the run: this entry reads it live, its model and caches kept."""
+        now = db_signature(self.path)
+        if now == self.signature:
+            return False
+        if (
+            now is not None
+            and self.signature is not None
+            and now[:2] == self.signature[:2]  # the same file (a probe again makes a new one,
+            # and this entry's open run keeps the old one's inode from being reused)
+            and self.run is not None
+            and Run.stored_identity(self.path) == self.run.identity
+        ):
+            self.signature = now  # the same run, added to
+            return False
+        return True
 
     # -- lookups that raise 404s listing what exists -----------------------------------
 
@@ -510,7 +525,11 @@ class Registry:
             with self._lock:
                 entry = self.entries[run_id]
                 if entry.changed():
+                    stale = entry
                     entry = self._add(run_id, entry.path)
+                    # the old session points back at its entry: without the cycle, its
+                    # model and thread go when the requests still using them finish
+                    stale.session = None
         if entry is None:
             self.refresh()  # a run made since the server started
             entry = self.entries.get(run_id)

@@ -346,23 +346,28 @@ def direction_featviz(run: Any, layer: str) -> list[DirectionFeatViz]:
     if not run._has_table("featviz"):
         return []
     info = run.layer(layer)
+    # the settings (which hold every direction of the write) of one copy per direction
+    # only, each distinct document parsed once: they grow with directions x units
     rows = run._query(
-        "SELECT unit, copy, activation, settings FROM featviz WHERE layer_id = ? AND "
-        "objective = 'direction' ORDER BY unit, copy",
+        "SELECT unit, copy, activation, CASE WHEN copy = 0 THEN settings END FROM featviz "
+        "WHERE layer_id = ? AND objective = 'direction' ORDER BY unit, copy",
         (info.id,),
     )
     acts: dict[int, list[float | None]] = {}
     vectors: dict[int, list[float]] = {}
+    parsed: dict[str, list[Any]] = {}
     for unit, copy, a, doc in rows:
         got = acts.setdefault(int(unit), [])
         got.extend([None] * (int(copy) + 1 - len(got)))
         got[int(copy)] = None if a is None else float(a)
-        if int(unit) not in vectors:
-            given = json.loads(doc).get("directions") or []
+        if doc is not None and int(unit) not in vectors:
+            given = parsed.get(doc)
+            if given is None:
+                given = parsed[doc] = json.loads(doc).get("directions") or []
             vectors[int(unit)] = (
                 [float(v) for v in given[int(unit)]] if int(unit) < len(given) else []
             )
-    return [DirectionFeatViz(d, acts[d], vectors[d]) for d in sorted(acts)]
+    return [DirectionFeatViz(d, acts[d], vectors.get(d, [])) for d in sorted(acts)]
 
 
 def featviz_images(run: Any) -> Iterator[tuple[str, str, int, int, bytes]]:

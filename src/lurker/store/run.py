@@ -694,6 +694,30 @@ class Run:
             self._edge_cache[info.id] = from_blob(rows[0][0], EDGES_DTYPE)
         return self._edge_cache[info.id]
 
+    @property
+    def identity(self) -> tuple[Any, Any]:
+        """``(created, status)`` as this run was opened: which probe made it, and how far."""
+        return self.meta.get("created"), self.meta.get("status")
+
+    @staticmethod
+    def stored_identity(path: str | os.PathLike[str]) -> tuple[Any, Any] | None:
+        """:attr:`identity` of the run stored at ``path`` now (None when it cannot be
+        read): another value than an open :class:`Run`'s means the directory was probed
+        again, or its probe went on, since that run was opened; a command that only adds
+        to a run (``lurker featviz``, ``lurker map``) leaves it."""
+        try:
+            conn = _connect_ro(Path(path) / DB_NAME)
+            try:
+                rows = conn.execute(
+                    "SELECT key, value FROM meta WHERE key IN ('created', 'status')"
+                ).fetchall()
+            finally:
+                conn.close()
+        except sqlite3.Error:
+            return None
+        meta = {k: json.loads(v) for k, v in rows}
+        return meta.get("created"), meta.get("status")
+
     def close(self) -> None:
         """Close the connection (idempotent)."""
         self._conn.close()

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Path, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, Response
 
-from ..deps import IMMUTABLE, MODEL_MADE, entry, on_model, session
+from ..deps import MODEL_MADE, entry, on_model, session
 from ..errors import ApiError
 from ..session import Session
 from ..state import RunEntry
@@ -23,15 +23,13 @@ router = APIRouter(prefix="/api", tags=["images"])
 PNG = {200: {"content": {"image/png": {}}, "description": "a PNG image"}}
 
 
-#: Images of a unit's top-k entries: the same URL names another image once the run is
-#: probed again (its lists change), so the browser asks again each time; an unchanged
-#: file answers 304 (its ETag).
+#: Images of a run's samples and of its units' top-k entries: the same URL names another
+#: image once the run is probed again (other lists, another dataset or image size), so the
+#: browser asks again each time; an unchanged file answers 304 (its ETag).
 REVALIDATE = {"Cache-Control": "no-cache"}
 
 
-def png_response(
-    found: bytes | FsPath, request: Request | None = None, cache: dict[str, str] = IMMUTABLE
-) -> Response:
+def png_response(found: bytes | FsPath, request: Request | None = None) -> Response:
     """A cached file (with an ETag of the file itself: 304 when ``request`` already holds
     it) or PNG bytes a foreign model made (kept in memory, not the run's)."""
     if isinstance(found, bytes):
@@ -40,7 +38,7 @@ def png_response(
     # the file itself (inode, mtime to the nanosecond, size): Starlette's own ETag uses
     # the mtime in float seconds and the size, which two different PNGs may share
     etag = f'"{st.st_ino:x}-{st.st_mtime_ns:x}-{st.st_size:x}"'
-    headers = {**cache, "ETag": etag}
+    headers = {**REVALIDATE, "ETag": etag}
     if request is not None and request.headers.get("if-none-match") == etag:
         return Response(status_code=304, headers=headers)
     return FileResponse(found, media_type="image/png", headers=headers, stat_result=st)
@@ -53,16 +51,16 @@ def png_response(
     summary="The sample as the model saw it",
 )
 def sample_image(request: Request, run_id: str, sample_id: int = Path(ge=0, le=2**62)) -> Response:
-    return _sample_image(request, run_id, sample_id, IMMUTABLE)
+    return _sample_image(request, run_id, sample_id)
 
 
-def _sample_image(request: Request, run_id: str, sample_id: int, cache: dict[str, str]) -> Response:
+def _sample_image(request: Request, run_id: str, sample_id: int) -> Response:
     e = entry(request, run_id)
     sid, path, _, _ = e.sample_row(sample_id)
     s = session(request, e)
     target = s.sample_file(sid)
     if target.is_file() and target.stat().st_size > 0:
-        return png_response(target, request, cache)
+        return png_response(target, request)
     reason = s.dataset_reason()
     if reason is not None:
         raise ApiError(
@@ -70,7 +68,7 @@ def _sample_image(request: Request, run_id: str, sample_id: int, cache: dict[str
             f"the image of sample {sid} is not cached and cannot be made: {reason}. "
             f"{_cache_hint(s)}",
         )
-    return png_response(s.sample_png(sid, path), request, cache)
+    return png_response(s.sample_png(sid, path), request)
 
 
 @router.get(
@@ -145,7 +143,7 @@ async def unit_image(
         return found
     s, name = found
     made = await on_model(s, lambda: s.model_image(kind, name, unit, rank, which))
-    return png_response(made, request, REVALIDATE)
+    return png_response(made, request)
 
 
 def _unit_image(
@@ -164,14 +162,14 @@ def _unit_image(
     top = entries[rank]
     s = session(request, e)
     if kind == "input":
-        return _sample_image(request, run_id, top.sample_id, REVALIDATE)
+        return _sample_image(request, run_id, top.sample_id)
     target = s.unit_file(kind, info.name, unit, which, rank)
     if target.is_file() and target.stat().st_size > 0:
-        return png_response(target, request, REVALIDATE)
+        return png_response(target, request)
     max_crop = kind == "crop" and which == "max" and top.y is not None and top.x is not None
     if max_crop and s.dataset_reason() is None:
         found = s.crop_png(info, unit, rank, top.sample_id, top.y, top.x, top.path)
-        return png_response(found, request, REVALIDATE)
+        return png_response(found, request)
     model_reason, data_reason = s.model_reason(), s.dataset_reason()
     if model_reason is None and data_reason is None:
         return s, info.name
