@@ -645,3 +645,30 @@ def test_a_notebook_shows_the_images_as_a_grid(digits):
             x, y = (k % cols) * 66, (k // cols) * 66
             want = np.asarray(tile.convert("RGB").resize((64, 64), Image.Resampling.NEAREST))
             assert np.array_equal(np.asarray(grid.convert("RGB"))[y : y + 64, x : x + 64], want)
+
+
+def test_a_model_specs_normalisation_is_an_option_of_the_command(run_dir, tmp_path):
+    """`lurker featviz MODEL --normalize MEAN/STD` optimises under the statistics the
+    model was trained with (it used to be ImageNet's for 3 channels, 0/1 otherwise, with
+    no way to say): the same activations as lurker.featviz(mean=, std=) from Python; a run
+    refuses the option (its probe's normalisation is recorded)."""
+    from lurker.examples import DigitsNet
+
+    model = DigitsNet().eval()
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    out = tmp_path / "fv"
+    spec = ["featviz", "lurker.examples:DigitsNet", "--layer", "features.8", "--size", "16",
+            "-w", str(tmp_path / "w.pt")]  # fmt: skip
+    args = [*spec, "-u", "0-1", "-n", "2", "-o", str(out), "--normalize", "0.5/0.25"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    got = json.loads((out / "activations.json").read_text())["activations"]
+    fv = lurker.featviz(model, "features.8", [0, 1], steps=2, size=16, mean=(0.5,), std=(0.25,))
+    assert np.allclose(got, fv.activations.numpy(), rtol=1e-4)
+    plain = lurker.featviz(model, "features.8", [0, 1], steps=2, size=16)
+    assert not np.allclose(got, plain.activations.numpy(), rtol=1e-4)
+    bad = CliRunner().invoke(main, [*spec, "-o", str(out), "--normalize", "0.5/0"])
+    assert bad.exit_code == 2 and "--normalize" in bad.output and "Traceback" not in bad.output
+    r = CliRunner().invoke(main, ["featviz", str(run_dir), "--layer", "features.8",
+                                  "--normalize", "none"])  # fmt: skip
+    assert r.exit_code == 2 and "--normalize is for a model spec" in r.output

@@ -986,6 +986,13 @@ Examples:
     help="With a run: make again the units it already holds with these settings (by "
     "default a rerun skips them, so an interrupted command resumes).",
 )
+@click.option(
+    "--normalize",
+    default=None,
+    metavar="imagenet|none|MEAN/STD",
+    help="For a model spec: the normalisation its inputs were trained with (default "
+    "ImageNet's for 3 channels, none otherwise). A run feeds the model as its probe did.",
+)
 @_friendly
 def featviz(
     run_or_model: str,
@@ -1005,6 +1012,7 @@ def featviz(
     device: str | None,
     out: str | None,
     overwrite: bool,
+    normalize: str | None,
 ) -> None:
     """Optimize images that excite units of a layer (Lucid-style feature visualization).
 
@@ -1045,6 +1053,12 @@ def featviz(
             raise click.BadParameter(
                 "the images of a run are stored in the run; --out is for a model spec",
                 param_hint="'--out'",
+            )
+        if normalize is not None:
+            raise click.BadParameter(
+                "a run's model is fed as its probe fed it (the run records that); "
+                "--normalize is for a model spec",
+                param_hint="'--normalize'",
             )
         with Run.open(run_or_model) as run:
             info = run.layer(layer)  # before the model is built
@@ -1102,7 +1116,22 @@ def featviz(
                 "spec's --out folder is always written anew",
                 param_hint="'--overwrite'",
             )
+        from .probe import data as pdata
+
+        if normalize is not None:  # a typo is said before the model is loaded
+            normalize = pdata.parse_normalize(normalize)
         net = load_model(run_or_model, weights, device=auto)
+        mean = std = None
+        if normalize is not None:
+            from .models import image_channels
+
+            c = channels or image_channels(net, size or 64, device=auto)
+            if c is None:
+                raise click.BadParameter(
+                    "the model's input channels could not be found: give --channels",
+                    param_hint="'--normalize'",
+                )
+            mean, std = pdata.normalize_stats(normalize, c)
         folder = Path(out or "featviz").expanduser()
         folder.mkdir(parents=True, exist_ok=True)
         name = layer.replace("/", "_")
@@ -1131,7 +1160,7 @@ def featviz(
                 net, layer, unit_list, objective=objective, steps=steps, size=size,
                 channels=channels, param=param, images_per_unit=images_per_unit,
                 diversity=diversity, seed=seed, batch_size=batch_size, progress=_progress,
-                on_chunk=write,
+                on_chunk=write, mean=mean, std=std,
             )  # fmt: skip
         where = f"in {folder}"
     if not fv.units:
