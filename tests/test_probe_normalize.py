@@ -164,3 +164,40 @@ def test_digits_refuse_a_normalisation_they_would_ignore(tmp_path: Path) -> None
     r = CliRunner().invoke(main, [*args, "--image-size", "16", "--normalize", "0.1/0.3"])
     assert r.exit_code != 0 and "--normalize applies to image folders" in r.output
     assert "Traceback" not in r.output and not out.exists()
+
+
+def test_a_python_run_reloads_with_the_statistics_it_was_probed_with(
+    setup: tuple[str, Path], tmp_path: Path
+) -> None:
+    """A run probed from Python with a folder normalised by its own statistics records no
+    --normalize, but its mean and std: `lurker images` and `lurker serve` reload the folder
+    with those (they used to reload it with ImageNet's), and a digits run with none."""
+    from fastapi.testclient import TestClient
+
+    from lurker.models import load_model
+    from lurker.probe.data import image_folder, recorded_normalize
+    from lurker.server.app import create_app
+
+    spec, folder = setup
+    mean, std = (0.5, 0.4, 0.3), (0.25, 0.2, 0.3)
+    out = tmp_path / "run"
+    run = lurker.probe(
+        load_model(spec, None, device="cpu"),
+        image_folder(folder, SIZE, mean=mean, std=std),
+        out=out,
+        k=3,
+        progress=False,
+        meta={"model_spec": spec, "data": str(folder)},
+    )
+    assert run is not None and "normalize" not in run.meta["config"]
+    x = _oracle(folder, mean, std)
+    images = UnitImages(out, device="cpu")
+    for i in range(len(x)):
+        torch.testing.assert_close(images.dataset[i][0], x[i], atol=1e-5, rtol=0)
+    logits = _logits(spec, x)
+    client = TestClient(create_app(str(out)))
+    rid = client.get("/api/runs").json()["runs"][0]["id"]
+    top = client.get(f"/api/runs/{rid}/live/sample-2").json()["predictions"][0]
+    assert top["prob"] == pytest.approx(float(logits[2].softmax(0).max()), abs=1e-5)
+    assert recorded_normalize({"mean": [0.0], "std": [1.0]}) == "none"
+    assert recorded_normalize({}) is None  # a run from before: ImageNet's, as it was fed

@@ -509,7 +509,7 @@ def map_(
                 data,
                 int(size),
                 channels=shape[0],
-                normalize=config.get("normalize") if folder else None,
+                normalize=pdata.recorded_normalize(config) if folder else None,
             )
     done = make_map(
         run, layer=layer, method=method, seed=seed, model=model, dataset=dataset, device=device

@@ -22,7 +22,7 @@ import os
 import tempfile
 import warnings
 import weakref
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -802,6 +802,24 @@ def parse_normalize(value: str) -> str:
             cli=f"--normalize {value!r}: every std must be positive (images are divided by it)",
         )
     return ",".join(repr(v) for v in mean) + "/" + ",".join(repr(v) for v in std)
+
+
+def recorded_normalize(config: Mapping[str, Any]) -> str | None:
+    """How a run's images were normalised, as a ``normalize`` spec for reloading its
+    dataset: the ``normalize`` the CLI recorded, else the ``mean``/``std`` every probe
+    records (a run probed from Python with a dataset's own statistics), else None
+    (ImageNet's: what runs recorded before either existed were fed)."""
+    given = config.get("normalize")
+    if given is not None:
+        return str(given)
+    mean, std = config.get("mean"), config.get("std")
+    if not mean or not std or len(mean) != len(std):
+        return None
+    if all(float(m) == 0.0 for m in mean) and all(float(v) == 1.0 for v in std):
+        return "none"
+    return parse_normalize(
+        ",".join(repr(float(m)) for m in mean) + "/" + ",".join(repr(float(v)) for v in std)
+    )
 
 
 def normalize_stats(

@@ -173,7 +173,7 @@ class UnitImages:
                     cfg["data"],
                     int(size[0]),
                     channels=(cfg.get("input_shape") or [None])[0],
-                    normalize=cfg.get("normalize"),  # as the probe fed it (None: ImageNet's)
+                    normalize=pdata.recorded_normalize(cfg),  # as the probe fed it
                 )
         if device is not None:
             model = model.to(device)

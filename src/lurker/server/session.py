@@ -251,7 +251,7 @@ class Session:
                         self.config["data"],
                         int(size[0]),
                         channels=shape[0],
-                        normalize=self.config.get("normalize"),  # None: ImageNet's, as before
+                        normalize=pdata.recorded_normalize(self.config),
                     )
             except LurkerError as e:
                 self._dataset_error = f"cannot load the run's dataset: {e}"
