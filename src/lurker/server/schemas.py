@@ -422,15 +422,9 @@ class MapValues(BaseModel):
     nonfinite: dict[str, int] = {}
 
 
-class KernelValues(BaseModel):
-    shape: list[int]
-    #: Over the finite weights (null: none is finite).
-    min: float | None = None
-    max: float | None = None
-    #: Non-finite weights are null.
-    values: list[list[float | None]]
-    #: How many weights are not finite, by kind (``nan``, ``+inf``, ``-inf``).
-    nonfinite: dict[str, int] = {}
+class KernelValues(MapValues):
+    """A kernel's weights as a map's values (non-finite weights null and counted)."""
+
     #: The weight and the index into it these values are (``weight[index]``).
     param: str | None = None
     index: list[int] | None = None

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import io
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from fastapi import APIRouter, File, Path, Request, UploadFile
@@ -307,14 +307,7 @@ async def channel_json(
 ) -> MapValues:
     def work(s: Session) -> MapValues:
         _, a = _channel_map(s, image, op, side, channel)
-        lo, hi = finite_range(a)
-        return MapValues(
-            shape=list(a.shape),
-            min=lo,
-            max=hi,
-            values=json_values(a),
-            nonfinite=nonfinite_counts(a),
-        )
+        return MapValues(shape=list(a.shape), **_values(a))
 
     return await live_call(request, run_id, work)
 
@@ -379,15 +372,18 @@ def _kernel(s: Session, op: str, out: int, inp: int) -> KernelValues:
         )
     w = k.weight[idx].detach().to("cpu").double().numpy()
     grid = w.reshape(1, -1) if w.ndim <= 1 else w.reshape(-1, w.shape[-1])
-    lo, hi = finite_range(grid)
     return KernelValues(
         shape=list(w.shape),
-        min=lo,
-        max=hi,
-        values=json_values(grid),
-        nonfinite=nonfinite_counts(grid),
+        **_values(grid),
         param=k.param,
         index=list(idx),
         groups=k.groups,
         transposed=k.transposed,
     )
+
+
+def _values(a: Any) -> dict[str, Any]:
+    """A 2-D array's fields of :class:`MapValues`: its finite range, its values (non-finite
+    ones null) and how many are not finite, by kind."""
+    lo, hi = finite_range(a)
+    return {"min": lo, "max": hi, "values": json_values(a), "nonfinite": nonfinite_counts(a)}
