@@ -250,8 +250,9 @@ def trace(
 )
 @click.option(
     "--channel-dim",
-    type=click.Choice(["1", "2", "3", "-1", "-2", "-3"]),
+    type=int,
     default=None,
+    callback=lambda ctx, param, value: _channel_axis(value),
     metavar="AXIS",
     help="The axis of the model's input that holds the channels (counting the batch axis): "
     "-1 for a model that takes (N, H, W, C) images. Recorded in the run, so its images and "
@@ -284,7 +285,7 @@ def probe(
     relevance_composite: str | None,
     embed: bool,
     embed_layer: str | None,
-    channel_dim: str | None,
+    channel_dim: int | None,
     normalize: str | None,
 ) -> None:
     """Sweep a dataset through MODEL; keep what every unit of every layer responds to.
@@ -298,14 +299,13 @@ def probe(
     from .probe import probe as do_probe
 
     out = str(Path(out).expanduser())  # --out=~/runs/x: the shell leaves ~ after = alone
-    channels_at = None if channel_dim is None else int(channel_dim)
     if normalize is not None:  # a typo is said before the model is loaded
         normalize = pdata.parse_normalize(normalize)
     with _torchrun_group(device):
         net = load_model(model, weights, device=device or "cpu")
         where = next((p.device for p in net.parameters()), "cpu")  # probed where it lies
         # (the probe makes its own view: given the model, its errors can name the fix)
-        channels = image_channels(channels_first_view(net, channels_at), image_size, device=where)
+        channels = image_channels(channels_first_view(net, channel_dim), image_size, device=where)
         ds = pdata.load_dataset(data, image_size, channels=channels, normalize=normalize)
         if isinstance(ds, pdata.ImageFolderDataset):
             normalize = normalize or "imagenet"
@@ -324,7 +324,7 @@ def probe(
             unit_dim=_unit_dims(unit_dim),
             relevance=relevance_composite or relevance,
             embed=embed_layer or embed,
-            channel_dim=channels_at,
+            channel_dim=channel_dim,
             meta={
                 "model_spec": model,
                 "weights": str(Path(weights).resolve()) if weights else None,
@@ -367,6 +367,20 @@ def probe(
                 "in the run): " + ", ".join(other),
                 fg="yellow",
             )
+
+
+def _channel_axis(value: int | None) -> int | None:
+    """``--channel-dim``, checked as the commands that feed images take it: an axis of an
+    image batch other than the batch's."""
+    from .models import IMAGE_CHANNEL_DIMS
+
+    if value is not None and value not in IMAGE_CHANNEL_DIMS:
+        raise click.BadParameter(
+            f"{value}: an image batch has axes 0 (the batch) to 3: give 1 for (N, C, H, W) "
+            "or -1 (3) for (N, H, W, C)",
+            param_hint="'--channel-dim'",
+        )
+    return value
 
 
 def _normalize_note(spec: str, mean: Sequence[float], std: Sequence[float]) -> str:
@@ -767,6 +781,7 @@ Examples:
     "--channel-dim",
     type=int,
     default=None,
+    callback=lambda ctx, param, value: _channel_axis(value),
     metavar="AXIS",
     help="The axis of the model's input that holds the channels (counting the batch axis): "
     "-1 for a model that takes (B, H, W, C) images. The image is given to the model so. "
@@ -855,12 +870,6 @@ def explain(
             "deletion and insertion follow a class's probability: --evaluate needs a class "
             "--target (an int or top), not a unit",
             param_hint="'--evaluate'",
-        )
-    if channel_dim is not None and channel_dim not in (1, 2, 3, -1, -2, -3):
-        raise click.BadParameter(
-            f"{channel_dim}: an image batch has axes 0 (the batch) to 3: give 1 for "
-            "(B, C, H, W) or -1 (3) for (B, H, W, C)",
-            param_hint="'--channel-dim'",
         )
     net = load_model(model, weights, device=device)
     if channel_dim is None or channel_dim == 1:

@@ -27,6 +27,7 @@ from torch import nn
 from lurker.errors import InputSpecError, LurkerError, ModelSpecError, WeightsError
 
 __all__ = [
+    "IMAGE_CHANNEL_DIMS",
     "InputSpec",
     "canonical_channel_dim",
     "channels_first_view",
@@ -798,7 +799,7 @@ def image_channels(model: nn.Module, size: int, device: Any = "cpu") -> int | No
 
 
 #: where a model's image input may keep its channels: an image batch has axes 0 to 3
-_CHANNEL_DIMS = (1, 2, 3, -1, -2, -3)
+IMAGE_CHANNEL_DIMS = (1, 2, 3, -1, -2, -3)
 
 
 class _ChannelsAt(nn.Module):
@@ -833,7 +834,7 @@ def canonical_channel_dim(channel_dim: int | None) -> int | None:
             f"channel_dim must be an int (the axis of the model's image input that holds the "
             f"channels, counting the batch axis: 1 or -1), got {channel_dim!r}"
         )
-    if channel_dim not in _CHANNEL_DIMS:
+    if channel_dim not in IMAGE_CHANNEL_DIMS:
         raise LurkerError(
             f"channel_dim={channel_dim}: an image batch has axes 0 (the batch) to 3; give 1 "
             "for (N, C, H, W) or -1 (3) for (N, H, W, C) (CLI: --channel-dim)"
