@@ -168,7 +168,9 @@ def test_layer_grid_unit_toggles_and_history(page: Any, explorer: dict[str, Any]
         assert int(fig.get_attribute("data-sample")) == e.sample_id
         assert float(fig.get_attribute("data-value")) == pytest.approx(e.value, rel=1e-6)
         src = fig.locator("img").get_attribute("src")
-        assert src.endswith(f"/samples/{e.sample_id}/image.png")
+        # the run's images_version: the browser keeps the image (docs/explorer.md)
+        path, _, version = src.partition("?v=")
+        assert path.endswith(f"/samples/{e.sample_id}/image.png") and version
     images_loaded(page, ".top-entry img")
     assert page.locator('button[data-value="grad"]').count() == 0
     page.locator('.tabs button[data-tab="max"]').click()
@@ -177,13 +179,14 @@ def test_layer_grid_unit_toggles_and_history(page: Any, explorer: dict[str, Any]
     first = page.locator(".top-entry img").first
     before = first.get_attribute("src")
     page.locator('button[data-value="grad"]').click()
-    assert first.get_attribute("src").endswith("/grad.png") and first.get_attribute("src") != before
+    path = first.get_attribute("src").split("?")[0]
+    assert path.endswith("/grad.png") and first.get_attribute("src") != before
     images_loaded(page, ".top-entry img")
     page.locator('button[data-value="1"]').click()
-    assert first.get_attribute("src").endswith("/grad_crop.png")
+    assert first.get_attribute("src").split("?")[0].endswith("/grad_crop.png")
     images_loaded(page, ".top-entry img")
     page.locator('button[data-value="input"]').click()
-    assert first.get_attribute("src").endswith("/crop.png")
+    assert first.get_attribute("src").split("?")[0].endswith("/crop.png")
     images_loaded(page, ".top-entry img")
     assert "img=input" in page.url and "crop=1" in page.url and "tab=max" in page.url
 

@@ -143,6 +143,81 @@ def test_misclassified_filter_and_colour_toggle(page: Any, served: dict[str, Any
     assert not page.errors
 
 
+def _keyboard_step(bx: np.ndarray, by: np.ndarray, shown: np.ndarray, cur: int, key: str) -> int:
+    """Brute force of the page's rule: the nearest drawn dot within 45 degrees of the
+    arrow's direction (screen y down), else the nearest on that side; -1: none."""
+    ux, uy = {"ArrowRight": (1, 0), "ArrowLeft": (-1, 0), "ArrowUp": (0, -1), "ArrowDown": (0, 1)}[
+        key
+    ]
+    dx, dy = bx - bx[cur], by - by[cur]
+    along, across = dx * ux + dy * uy, np.abs(dx * uy - dy * ux)
+    d = dx * dx + dy * dy
+    ok = shown & (along > 0)
+    for pool in (ok & (across <= along), ok):
+        if pool.any():
+            return int(np.flatnonzero(pool)[np.argmin(d[pool])])
+    return -1
+
+
+#: Near-black pixels around the point [x, y] of the map's canvas: the keyboard's ring
+#: (neither a class colour nor the background is near black).
+RING_PIXELS = (
+    "([x, y]) => { const c = document.querySelector('canvas.map-canvas'); const k = "
+    "window.devicePixelRatio || 1; const d = c.getContext('2d').getImageData("
+    "Math.round((x - 12) * k), Math.round((y - 12) * k), Math.round(24 * k), "
+    "Math.round(24 * k)).data; let n = 0; for (let i = 0; i < d.length; i += 4) "
+    "n += d[i] < 60 && d[i + 1] < 60 && d[i + 2] < 60 && d[i + 3] > 200; return n; }"
+)
+
+
+def test_keyboard_moves_between_dots_and_opens_one(page: Any, served: dict[str, Any]):
+    """Tab reaches the map; it starts on the dot nearest the centre; each arrow moves to
+    the nearest dot in that direction (oracle: brute force over the map's points, placed
+    as the page places them); the dot is named in a live region and the tip, ringed on
+    the canvas; Enter opens its sample page."""
+    m = served["map"]
+    g = _open(page, served)
+    size = page.evaluate(
+        "() => { const c = document.querySelector('canvas.map-canvas'); "
+        "return [c.clientWidth, c.clientHeight]; }"
+    )
+    bx = (g["tx"] + m.x.astype(np.float64) * g["s"]).astype(np.float32).astype(np.float64)
+    by = (g["ty"] - m.y.astype(np.float64) * g["s"]).astype(np.float32).astype(np.float64)
+    shown = np.ones(len(m), dtype=bool)
+    canvas = page.locator("canvas.map-canvas")
+    cur = int(np.argmin((bx - size[0] / 2) ** 2 + (by - size[1] / 2) ** 2))
+    assert page.evaluate(RING_PIXELS, [bx[cur], by[cur]]) == 0  # no ring before focus
+    for _ in range(40):  # Tab through the page to the map
+        page.keyboard.press("Tab")
+        if page.evaluate("() => document.activeElement?.classList.contains('map-canvas')"):
+            break
+    else:
+        pytest.fail("Tab never reached the map")
+    live = page.locator(".map-live")
+    tip = page.locator(".map-tip")
+    for key in [None, "ArrowRight", "ArrowRight", "ArrowDown", "ArrowLeft", "ArrowUp", "ArrowUp"]:
+        if key is not None:
+            want = _keyboard_step(bx, by, shown, cur, key)
+            assert want >= 0
+            page.keyboard.press(key)
+            cur = want
+        sid = int(m.ids[cur])
+        page.wait_for_function(
+            "id => document.querySelector('canvas.map-canvas').dataset.focused === id", arg=str(sid)
+        )
+        said = live.inner_text()
+        assert f"sample #{sid}: label {m.label[cur]}" in said and f"predicted {m.pred[cur]}" in said
+        assert tip.is_visible() and tip.get_attribute("data-sample") == str(sid)
+        # ringed where it is drawn (not zoomed: where the page placed it)
+        page.wait_for_function(f"xy => ({RING_PIXELS})(xy) > 20", arg=[bx[cur], by[cur]])
+    assert canvas.evaluate("c => getComputedStyle(c).outlineStyle") == "solid"
+    assert "arrow keys" in (canvas.get_attribute("aria-label") or "")
+    page.keyboard.press("Enter")
+    page.wait_for_url(f"**#/r/mapped/sample/{int(m.ids[cur])}")
+    page.wait_for_selector("main h1")
+    assert not page.errors
+
+
 def test_box_select_lists_the_samples_inside(page: Any, served: dict[str, Any]):
     m = served["map"]
     g = _open(page, served)

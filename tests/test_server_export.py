@@ -432,3 +432,76 @@ def test_export_writes_the_further_pages_of_a_sample(
     assert not (
         site / (client_static_url(f"{base}?offset={counts[sid]}&limit=7") + ".json")
     ).exists()
+
+
+def _tree(folder: Path) -> set[str]:
+    return {f.relative_to(folder).as_posix() for f in folder.rglob("*") if f.is_file()}
+
+
+def test_reexport_replaces_only_what_lurker_wrote(
+    explorer_run: ExplorerRun,  # noqa: F811
+    static_dir: Path,
+    tmp_path: Path,
+):
+    """Exporting again into a site removes the earlier export's files (an old hashed
+    bundle, the images of samples the run no longer shows) and keeps the files someone
+    added. Oracle: a fresh export of the same run and front end into an empty folder."""
+    new_static = tmp_path / "static2"
+    shutil.copytree(static_dir, new_static)
+    (new_static / "assets" / "index-abc123.js").rename(new_static / "assets" / "index-def456.js")
+    out = tmp_path / "site"
+    export_site(explorer_run.path, out, static_dir=static_dir, progress=False)
+    assert list(out.glob("data/runs/*/samples/*/image.png"))  # the first one has images
+    (out / "CNAME").write_text("lurker.example.org")  # added by hand (a site's host)
+    (out / "assets" / "custom.css").write_text("body {}")
+    # the run again, without its images (the cache gone): no image of the first export fits
+    run_dir = tmp_path / "digits"
+    shutil.copytree(explorer_run.path, run_dir, ignore=shutil.ignore_patterns("cache"))
+    export_site(run_dir, out, static_dir=new_static, progress=False, make_images=False)
+    fresh = export_site(
+        run_dir, tmp_path / "fresh", static_dir=new_static, progress=False, make_images=False
+    )
+    assert _tree(out) - {"CNAME", "assets/custom.css"} == _tree(fresh)
+    assert not (out / "assets" / "index-abc123.js").exists()
+    assert (out / "CNAME").read_text() == "lurker.example.org"
+    assert (out / "assets" / "custom.css").read_text() == "body {}"
+    listed = json.loads((out / ".lurker-export.json").read_text())["files"]
+    assert set(listed) == _tree(fresh) - {".lurker-export.json"}
+
+
+def test_reexport_of_an_export_made_before_the_manifest(
+    explorer_run: ExplorerRun,  # noqa: F811
+    static_dir: Path,
+    tmp_path: Path,
+):
+    """A site exported by a lurker without the manifest (its index.html says so): its
+    front end and data/ were lurker's and are replaced; anything beside them is kept."""
+    out = tmp_path / "site"
+    (out / "assets").mkdir(parents=True)
+    (out / "assets" / "index-0ld.js").write_text("old")
+    (out / "data" / "runs" / "gone").mkdir(parents=True)
+    (out / "data" / "runs" / "gone" / "graph.json").write_text("{}")
+    (out / "index.html").write_text('<meta name="lurker-mode" content="static">')
+    (out / "notes.md").write_text("mine")
+    export_site(explorer_run.path, out, static_dir=static_dir, progress=False, make_images=False)
+    assert not (out / "assets" / "index-0ld.js").exists()
+    assert not (out / "data" / "runs" / "gone").exists()
+    assert (out / "notes.md").read_text() == "mine"
+    assert (out / ".lurker-export.json").is_file()
+
+
+def test_export_never_overwrites_a_file_it_did_not_write(
+    explorer_run: ExplorerRun,  # noqa: F811
+    static_dir: Path,
+    tmp_path: Path,
+):
+    """A file someone put where the export writes (here the front end's bundle) is not
+    replaced: the export refuses, naming it, and the file is kept."""
+    out = tmp_path / "site"
+    export_site(explorer_run.path, out, static_dir=static_dir, progress=False, make_images=False)
+    (out / ".lurker-export.json").write_text(json.dumps({"files": ["index.html"]}))
+    with pytest.raises(Exception, match=r"assets/index-abc123\.js is there"):
+        export_site(
+            explorer_run.path, out, static_dir=static_dir, progress=False, make_images=False
+        )
+    assert (out / "assets" / "index-abc123.js").read_text() == "console.log(1)"

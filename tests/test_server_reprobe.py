@@ -8,12 +8,14 @@ results into the new run's ``cache/``. Oracles: the new model run directly (forw
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from PIL import Image
 
 import lurker.explain as xp
 from explorer_fixtures import probe_digits
@@ -41,9 +43,20 @@ def reprobed(tmp_path_factory: pytest.TempPathFactory) -> dict:
     assert client.get("/api/runs/d/layers/features.0/units/1").status_code == 200
     first = client.get("/api/runs/d/layers/features.4/units/0/max/0/input.png")
     assert first.status_code == 200
+    version = client.get("/api/runs/d").json()["images_version"]
+    versioned = client.get(f"/api/runs/d/layers/features.4/units/0/max/0/input.png?v={version}")
     stale = client.app.state.registry.entries["d"].session
     new = _probe(out, weights, seed=1)  # the same directory and weights path
-    return {"client": client, "old": old, "new": new, "out": out, "stale": stale, "first": first}
+    return {
+        "client": client,
+        "old": old,
+        "new": new,
+        "out": out,
+        "stale": stale,
+        "first": first,
+        "version": version,
+        "versioned": versioned,
+    }
 
 
 def test_explanation_is_the_new_models(reprobed: dict) -> None:
@@ -105,6 +118,46 @@ def test_browser_asks_again_for_a_units_images(reprobed: dict) -> None:
     assert r.content == client.get(f"/api/runs/d/samples/{top}/image.png").content
     again = client.get(url, headers={"If-None-Match": r.headers["etag"]})
     assert again.status_code == 304  # the same file: nothing sent again
+
+
+IMMUTABLE = "public, max-age=31536000, immutable"
+
+
+def test_versioned_image_urls_are_immutable_until_the_run_is_probed_again(
+    reprobed: dict,
+) -> None:
+    """An image URL with the run's ``images_version`` is kept by the browser for good (no
+    request when a page is seen again): only with the current token. After a re-probe the
+    summary hands out another token, and the old token's URL answers the new run's image,
+    revalidated, never as a current one. Oracle: the new top sample from the dataset."""
+    from lurker.probe.data import input_image
+
+    client, old_version = reprobed["client"], reprobed["version"]
+    assert old_version and reprobed["versioned"].headers["cache-control"] == IMMUTABLE
+    assert reprobed["versioned"].content == reprobed["first"].content
+    new_version = client.get("/api/runs/d").json()["images_version"]
+    assert new_version and new_version != old_version
+    url = "/api/runs/d/layers/features.4/units/0/max/0/input.png"
+    with Run.open(reprobed["out"]) as run:
+        top = run.unit("features.4", 0).top("max")[0].sample_id
+    want = np.asarray(input_image(load_dataset("digits:test", 16, channels=1), top))
+    for query, cache_control in (
+        (f"?v={old_version}", "no-cache"),  # the earlier run's token: not current
+        ("?v=not-a-token", "no-cache"),
+        ("", "no-cache"),  # no token: revalidated by its ETag, as before
+        (f"?v={new_version}", IMMUTABLE),
+    ):
+        r = client.get(url + query)
+        assert r.status_code == 200, r.text
+        assert r.headers["cache-control"] == cache_control, query
+        assert "etag" in r.headers
+        np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(r.content))), want)
+    sample = client.get(f"/api/runs/d/samples/{top}/image.png?v={new_version}")
+    assert sample.headers["cache-control"] == IMMUTABLE
+    assert (
+        client.get(f"/api/runs/d/samples/{top}/image.png?v={old_version}").headers["cache-control"]
+        == "no-cache"
+    )
 
 
 def test_a_command_that_adds_to_the_run_keeps_its_session(tmp_path: Path) -> None:

@@ -732,6 +732,8 @@ def export(run: str, site: str, no_images: bool) -> None:
     the cached gradients (make them first with `lurker images RUN`) and the cached
     explanations (`lurker images RUN --explanations top`). View it with any static file server, e.g.
     `python -m http.server -d SITE`. The live views need `lurker serve RUN --model SPEC`.
+    SITE is a new or empty folder, or an earlier export: what that export wrote (listed in
+    SITE/.lurker-export.json) is replaced, any other file there is kept.
     """
     from .server.export import export_site
 

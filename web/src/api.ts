@@ -50,6 +50,8 @@ export interface RunSummary {
   holds: { graph: boolean; live: boolean; live_reason?: string | null; dataset?: boolean; dataset_reason?: string | null; cached_images: number; featviz?: string[]; map?: boolean; relevance?: boolean; explained?: number };
   missing: string[];
   layers: LayerBrief[];
+  /** A token of the run as probed: image URLs carrying it (`?v=`) are cached for good. */
+  images_version?: string | null;
 }
 
 export interface RunListEntry {
@@ -280,6 +282,10 @@ export function staticSegment(s: string): string {
   return out;
 }
 
+/** The run's images that change only when it is probed again: a sample's image and a
+ * top-k entry's images (not feature visualizations, which `lurker featviz` rewrites). */
+const RUN_IMAGE = /^\/runs\/([^/]+)\/(?:samples\/[^/]+\/image|layers\/[^/]+\/units\/\d+\/(?:max|mean)\/\d+\/[a-z_]+)\.png$/;
+
 /** Join segments into an API path, each one URL-encoded: `p("runs", id)` -> `/runs/ID`. */
 export function p(...segments: (string | number)[]): string {
   return segments.map((s) => "/" + encodeURIComponent(String(s))).join("");
@@ -288,6 +294,8 @@ export function p(...segments: (string | number)[]): string {
 export class Api {
   readonly isStatic: boolean;
   private cache = new Map<string, Promise<unknown>>();
+  /** Per run id, its summary's `images_version`, once the summary was read. */
+  private versions = new Map<string, string>();
 
   constructor(isStatic?: boolean) {
     this.isStatic =
@@ -310,9 +318,23 @@ export class Api {
     return this.isStatic ? this.staticPath(path) + ".json" : "api" + path;
   }
 
-  /** URL of a PNG (static: the file the export wrote at the same path). */
+  /** URL of a PNG (static: the file the export wrote at the same path). A run's sample
+   * and top-k entry images carry its `images_version` (`?v=`), which the server answers
+   * as immutable: a page seen again costs no request per image, and a run probed again
+   * has another token, so never a stale picture. */
   pngUrl(path: string): string {
-    return this.isStatic ? this.staticPath(path) : "api" + path;
+    if (this.isStatic) return this.staticPath(path);
+    const m = RUN_IMAGE.exec(path);
+    const version = m ? this.versions.get(decodeURIComponent(m[1])) : undefined;
+    return "api" + path + (version ? "?v=" + encodeURIComponent(version) : "");
+  }
+
+  /** The run's summary (its manifest), which also tells {@link pngUrl} the run's token. */
+  summary(run: string): Promise<RunSummary> {
+    return this.json<RunSummary>(p("runs", run)).then((s) => {
+      if (s.images_version) this.versions.set(run, s.images_version);
+      return s;
+    });
   }
 
   /** GET a JSON document; immutable run documents are cached for the page's life. */

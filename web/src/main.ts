@@ -151,8 +151,10 @@ async function render(): Promise<void> {
   const args = path.slice(3);
   renderCrumbs(run, kind, args);
   renderTopbar(run, kind, null);
-  api
-    .json<RunSummary>(`/runs/${encodeURIComponent(run)}`)
+  // the page waits for the manifest (fetched once, beside the page's code): image URLs
+  // carry the run's images_version from it; a page shows its own error when it fails
+  const summary = api
+    .summary(run)
     .then((s) => !ctl.signal.aborted && renderTopbar(run, kind, s))
     .catch(() => undefined);
   const loader = pages[kind];
@@ -174,7 +176,7 @@ async function render(): Promise<void> {
     },
   };
   main.className = "page-" + kind;
-  const page = await loader();
+  const [page] = await Promise.all([loader(), summary]);
   if (ctl.signal.aborted) return;
   view.replaceChildren();
   await guard(view, () => page(view, ctx, args));

@@ -19,7 +19,9 @@ and the layout is made to scale to real runs (see docs/explorer.md, "Static expo
 * the explanations precomputed into the run's cache (``lurker images RUN --explanations``)
   at the Explain endpoints' paths (the top class; bare heatmap PNG and JSON per method),
   each explained sample's predictions and input, and ``data/runs/R/explained.json``
-  saying which samples have which methods.
+  saying which samples have which methods;
+* ``.lurker-export.json``: every file the export wrote, so that the next export into the
+  folder deletes exactly those (stale bundles and images go) and never another file.
 """
 
 from __future__ import annotations
@@ -114,7 +116,8 @@ def export_site(
 ) -> Path:
     """Write the static explorer of ``run`` (a run directory or a folder of runs) to ``out``.
 
-    ``out`` must be empty, missing, or an earlier export (its ``data/`` is replaced). The
+    ``out`` must be empty, missing, or an earlier export: the files that export wrote (its
+    :data:`MANIFEST` lists them) are replaced, any other file in ``out`` is kept. The
     built front end (``make``) must exist. With ``make_images``, each top-k sample's image
     is made from the dataset into the run's cache when it is not cached yet; gradient
     images need the model: make them first with ``lurker images RUN``. Returns ``out``.
@@ -137,44 +140,54 @@ def export_site(
     request = Request({"type": "http", "app": app, "method": "GET", "headers": []})
     bar = _Progress(progress)
     site.mkdir(parents=True, exist_ok=True)
-    data = site / "data"
-    if earlier and data.is_dir():
-        shutil.rmtree(data)  # written by an earlier export: stale files would linger
-    _copy_front_end(static, site)
-    out_files = _Files(data, bar)
-    bar.total += 1  # runs.json, written last
+    # the earlier export's files go first (old hashed bundles, images of units no longer
+    # in the run would linger beside the new ones); nothing else in the folder is touched
+    _remove_written(site, earlier)
+    written: set[str] = set()
+    out_files = _Files(site, "data", bar, written)
     try:
+        _copy_front_end(static, site, written)
+        bar.total += 1  # runs.json, written last
         for e in app.state.registry.entries.values():
             if e.run is not None:
                 _export_run(request, e, out_files, make_images)
         out_files.json(_rel("runs"), list_runs(request))
     finally:
         app.state.registry.close()
+        # also when interrupted: the next export then removes what this one wrote
+        _write_manifest(site, written)
     bar.close(site)
     return site
 
 
 class _Files:
-    """Writes the site's files under ``data/`` and counts them."""
+    """Writes the site's files under ``site/folder`` (``data/``), counts them, and records
+    each in ``written`` (paths relative to ``site``: the manifest)."""
 
-    def __init__(self, root: Path, bar: _Progress):
-        self.root = root
+    def __init__(self, site: Path, folder: str, bar: _Progress, written: set[str]):
+        self.site = site
+        self.folder = folder
         self.bar = bar
+        self.written = written
         self.count = 0
 
     def text(self, relative: str, body: str) -> None:
-        _write(self.root, relative, body.encode("utf-8"))
+        _write(self._target(relative), body.encode("utf-8"))
         self._done()
 
     def json(self, relative: str, doc: Any) -> None:
         self.text(relative + ".json", _dumps(doc))
 
     def image(self, relative: str, found: bytes | Path) -> None:
+        target = self._target(relative)
         if isinstance(found, bytes):
-            _write(self.root, relative, found)
+            _write(target, found)
         else:
-            _link(found, _inside(self.root, relative))
+            _link(found, target)
         self._done()
+
+    def _target(self, relative: str) -> Path:
+        return _claim(self.site, f"{self.folder}/{relative}", self.written)
 
     def _done(self) -> None:
         self.count += 1
@@ -389,30 +402,101 @@ def _cached_unit_images(cache: Path, layer: str) -> dict[tuple[str, int, str, in
     return found
 
 
-def _check_out(site: Path) -> bool:
-    """Whether ``site`` holds an earlier export; raises if it holds anything else."""
+#: The file in SITE listing (JSON) every file an export wrote there, relative to SITE:
+#: the next export removes exactly those, never a file lurker did not write.
+MANIFEST = ".lurker-export.json"
+#: What an export made before the manifest existed wrote (its ``index.html`` marks it).
+_LEGACY = ("index.html", "assets", "data")
+
+
+def _check_out(site: Path) -> set[str]:
+    """The files an earlier export wrote in ``site`` (relative paths; empty for a new or
+    empty folder); raises if ``site`` is a file or a non-empty folder lurker did not make."""
     if site.exists() and not site.is_dir():
         raise LurkerError(f"cannot export to {site}: it is a file; name a folder")
-    if site.is_dir() and any(site.iterdir()):
-        page = site / "index.html"
-        ours = page.is_file() and "lurker-mode" in page.read_text(errors="replace")
-        if not ours:
+    if not site.is_dir() or not any(site.iterdir()):
+        return set()
+    manifest = site / MANIFEST
+    if manifest.is_file():
+        try:
+            files = json.loads(manifest.read_text(encoding="utf-8"))["files"]
+            if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+                raise TypeError("'files' is not a list of paths")
+        except (ValueError, KeyError, TypeError) as e:
             raise LurkerError(
-                f"cannot export to {site}: the folder is not empty and holds no earlier "
-                "export (lurker never deletes files it did not write); name a new folder"
-            )
-        return True
-    return False
+                f"cannot export to {site}: its {MANIFEST}, the list of files an earlier "
+                f"export wrote, is not readable ({e}); remove the folder or name a new one"
+            ) from None
+        return set(files)
+    page = site / "index.html"
+    if page.is_file() and "lurker-mode" in page.read_text(errors="replace"):
+        # an export from before the manifest: its front end and data/ were all lurker's
+        return {
+            f.relative_to(site).as_posix()
+            for name in _LEGACY
+            for f in [site / name, *((site / name).rglob("*") if name != "index.html" else ())]
+            if f.exists() or f.is_symlink()
+        }
+    raise LurkerError(
+        f"cannot export to {site}: the folder is not empty and holds no earlier export "
+        f"(no {MANIFEST}; lurker never deletes or overwrites files it did not write); "
+        "name a new or empty folder"
+    )
 
 
-def _copy_front_end(static: Path, site: Path) -> None:
-    for item in static.iterdir():
-        if item.name == "index.html":
+def _remove_written(site: Path, files: set[str]) -> None:
+    """Delete the files of an earlier export (those inside ``site`` only), then the
+    folders they leave empty (and listed ones that are empty); a file or folder someone
+    added there is kept."""
+    root = site.resolve()
+    folders: set[Path] = set()
+    for relative in sorted(files):
+        target = site / relative
+        try:
+            inside = target.parent.resolve().is_relative_to(root)
+        except OSError:
             continue
-        target = site / item.name
-        if item.is_dir():
-            shutil.copytree(item, target, dirs_exist_ok=True)
-        else:
+        if not inside:
+            continue  # a manifest edited to point outside the site: never followed
+        if target.is_dir() and not target.is_symlink():
+            folders.add(target)
+            continue
+        if not (target.is_file() or target.is_symlink()):
+            continue
+        target.unlink()
+        folders.update(p for p in target.parents if p != site and p.is_relative_to(site))
+    for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # only when empty
+
+
+def _write_manifest(site: Path, written: set[str]) -> None:
+    tmp = site / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps({"lurker_export": 1, "files": sorted(written)}), encoding="utf-8")
+    os.replace(tmp, site / MANIFEST)
+
+
+def _claim(site: Path, relative: str, written: set[str]) -> Path:
+    """``site/relative`` for this export to write, recorded in ``written``; refuses a path
+    that would leave ``site`` or overwrite a file lurker did not write (the earlier
+    export's files are gone by now, so anything there is someone else's)."""
+    target = _inside(site, relative)
+    if relative not in written:
+        if target.exists() or target.is_symlink():
+            raise LurkerError(
+                f"cannot export to {site}: {relative} is there and no earlier export wrote "
+                "it (lurker never overwrites files it did not write); move it away or name "
+                "a new folder"
+            )
+        written.add(relative)
+    return target
+
+
+def _copy_front_end(static: Path, site: Path, written: set[str]) -> None:
+    for item in sorted(static.rglob("*")):
+        if item.is_file() and item != static / "index.html":
+            target = _claim(site, item.relative_to(static).as_posix(), written)
+            target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(item, target)
     html = (static / "index.html").read_text(encoding="utf-8")
     if _MODE.search(html):
@@ -421,7 +505,7 @@ def _copy_front_end(static: Path, site: Path) -> None:
         html = _HEAD.sub(lambda m: m.group(0) + "\n    " + MODE_META, html, count=1)
     else:
         html = MODE_META + "\n" + html
-    (site / "index.html").write_text(html, encoding="utf-8")
+    _write(_claim(site, "index.html", written), html.encode("utf-8"))
 
 
 def _files(folder: Path) -> list[Path]:
@@ -439,8 +523,7 @@ def _inside(root: Path, relative: str) -> Path:
     return target
 
 
-def _write(root: Path, relative: str, body: bytes) -> None:
-    target = _inside(root, relative)
+def _write(target: Path, body: bytes) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_bytes(body)
 

@@ -130,6 +130,10 @@ class RunSummary(BaseModel):
     #: What this run lacks (older store versions): e.g. "graph", "op_index".
     missing: list[str]
     layers: list[LayerBrief]
+    #: A token of the run as probed: its sample and top-k entry image URLs with
+    #: ``?v=<token>`` are served ``immutable`` (a run probed again gets another token).
+    #: Null while the run is not complete.
+    images_version: str | None = None
 
 
 # -- layers and units ---------------------------------------------------------------------

@@ -6,6 +6,7 @@ never joined onto a path, so no id can reach outside the served folder.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import threading
@@ -229,6 +230,17 @@ class RunEntry:
             self.signature = now  # the same run, added to
             return False
         return True
+
+    @property
+    def images_version(self) -> str | None:
+        """A token of the run as this entry opened it: which probe made it (``created``,
+        ``status``) and its database file (device, inode: a probe again makes a new one).
+        The run's images (samples, top-k entries) change only with it, so an image URL
+        carrying it can be cached for good. None while the run is not complete."""
+        if self.run is None or not self.run.complete or self.signature is None:
+            return None
+        key = repr((*self.run.identity, *self.signature[:2]))
+        return hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
 
     # -- lookups that raise 404s listing what exists -----------------------------------
 

@@ -3,6 +3,8 @@
  * a dot placed by its features at one layer (t-SNE, UMAP or PCA, made by `lurker map RUN`),
  * drawn on a canvas so 50,000 dots stay smooth: d3-zoom pans and zooms by redrawing, a
  * quadtree finds the dot under the pointer and the candidates of a box or lasso selection.
+ * The canvas takes keyboard focus: arrow keys move to the nearest dot in that direction,
+ * Enter opens it, + and - zoom; a live region names the dot for screen readers.
  */
 import { quadtree, type Quadtree } from "d3-quadtree";
 import { select } from "d3-selection";
@@ -123,7 +125,15 @@ export async function renderMap(root: HTMLElement, ctx: PageContext): Promise<vo
   );
   const hint = h("span", { class: "muted small" });
   const reset = h("button", { type: "button" }, "reset view");
-  const canvas = h("canvas", { class: "map-canvas", "aria-label": `map of ${n} samples` }) as HTMLCanvasElement;
+  const canvas = h("canvas", {
+    class: "map-canvas",
+    tabindex: 0,
+    role: "application",
+    "aria-roledescription": "scatter map",
+    "aria-label": `map of ${n} samples: arrow keys move to the nearest sample in that direction, Enter opens it, + and − zoom`,
+  }) as HTMLCanvasElement;
+  // what the keyboard's dot is, said to screen readers (the canvas itself has no text)
+  const live = h("div", { class: "visually-hidden map-live", role: "status", "aria-live": "polite" });
   const tip = h("div", { class: "map-tip", hidden: true });
   const band = h("div", { class: "map-band", hidden: true });
   const lasso = document.createElementNS(SVG, "svg");
@@ -135,7 +145,7 @@ export async function renderMap(root: HTMLElement, ctx: PageContext): Promise<vo
   // the selection's samples are listed below the map, often below the fold: say so on it
   const pickedBadge = h("button", { type: "button", class: "map-picked", hidden: true, title: "show the selected samples" });
   pickedBadge.addEventListener("click", () => selection.scrollIntoView({ behavior: "smooth", block: "start" }));
-  const stage = h("div", { class: "map-stage" }, canvas, band, lasso, tip, pickedBadge);
+  const stage = h("div", { class: "map-stage" }, canvas, band, lasso, tip, pickedBadge, live);
   append(
     root,
     h(
@@ -195,6 +205,10 @@ export async function renderMap(root: HTMLElement, ctx: PageContext): Promise<vo
   }
   let transform: ZoomTransform = zoomIdentity;
   let hovered = -1;
+  /** The dot the keyboard is on (-1: none yet); its ring shows while the map has focus
+   * from the keyboard (a mouse user gets the hover ring only). */
+  let focused = -1;
+  let keyboard = false;
   let selected: number[] = [];
   let tree: Quadtree<number> = quadtree<number>();
   const ctx2d = canvas.getContext("2d")!;
@@ -221,6 +235,7 @@ export async function renderMap(root: HTMLElement, ctx: PageContext): Promise<vo
       .y((i) => by_(i))
       .addAll(shown);
     canvas.dataset.shown = String(shown.length);
+    if (focused >= 0 && state.mis && !wrong[focused]) setFocused(-1); // no longer drawn
   }
   const by_ = (i: number) => by[i];
 
@@ -326,6 +341,16 @@ export async function renderMap(root: HTMLElement, ctx: PageContext): Promise<vo
       ctx2d.arc(bx[hovered] * k + zx, by[hovered] * k + zy, r + 3, 0, 2 * Math.PI);
       ctx2d.stroke();
     }
+    if (focused >= 0 && keyboard && document.activeElement === canvas) {
+      // black outside white: seen on every class colour and on the background
+      for (const [colour, lw, off] of [["#111", 4, 5], ["#fff", 1.5, 5]] as [string, number, number][]) {
+        ctx2d.strokeStyle = colour;
+        ctx2d.lineWidth = lw;
+        ctx2d.beginPath();
+        ctx2d.arc(bx[focused] * k + zx, by[focused] * k + zy, r + off, 0, 2 * Math.PI);
+        ctx2d.stroke();
+      }
+    }
   }
   function redraw(): void {
     if (!queued) {
@@ -370,9 +395,10 @@ export async function renderMap(root: HTMLElement, ctx: PageContext): Promise<vo
       b.setAttribute("aria-pressed", String(b.dataset.tool === state.tool));
     }
     hint.textContent =
-      state.tool === "pan"
+      (state.tool === "pan"
         ? "scroll to zoom, drag to pan, shift-drag to select a box, click a dot to open its sample, Esc clears the selection"
-        : `drag to ${state.tool === "box" ? "select a box" : "draw a lasso around dots"}, shift-drag to pan, scroll to zoom, click a dot to open its sample, Esc clears the selection`;
+        : `drag to ${state.tool === "box" ? "select a box" : "draw a lasso around dots"}, shift-drag to pan, scroll to zoom, click a dot to open its sample, Esc clears the selection`) +
+      "; on the focused map, arrow keys move between dots and Enter opens one";
     canvas.style.cursor = state.tool === "pan" ? "grab" : "crosshair";
     misBox.checked = state.mis;
     const q = new URLSearchParams(ctx.params);
@@ -410,7 +436,14 @@ export async function renderMap(root: HTMLElement, ctx: PageContext): Promise<vo
       redraw();
     }
   }
-  function showTip(i: number, ev: MouseEvent): void {
+  /** A dot in words: what the tip shows, for the live region. */
+  function describe(i: number): string {
+    const id = doc.ids[i];
+    const conf = doc.conf[i];
+    const pred = doc.pred[i] >= 0 ? `, predicted ${predName(doc.pred[i])}${conf !== null ? ` (${fmt(conf * 100, 3)}%)` : ""}${wrong[i] ? ", misclassified" : ""}` : "";
+    return `sample #${id}: label ${className(doc.label[i])}${pred}${has(id) ? "" : " (not in this export: no page)"}`;
+  }
+  function showTip(i: number, ev: { clientX: number; clientY: number }): void {
     const rect = stage.getBoundingClientRect();
     if (hovered !== i) {
       hovered = i;
@@ -447,9 +480,105 @@ export async function renderMap(root: HTMLElement, ctx: PageContext): Promise<vo
     // a dot opens its sample's page where there is one (a static export holds the top-k's)
     canvas.style.cursor = i >= 0 && has(doc.ids[i]) ? "pointer" : state.tool === "pan" ? "grab" : "crosshair";
   });
-  canvas.addEventListener("mouseleave", hideTip);
+  canvas.addEventListener("mouseleave", () => {
+    hideTip();
+    if (keyboard && focused >= 0 && document.activeElement === canvas) tipAt(focused);
+  });
   let downAt: [number, number] | null = null;
-  canvas.addEventListener("mousedown", (ev) => (downAt = [ev.clientX, ev.clientY]));
+  canvas.addEventListener("mousedown", (ev) => {
+    downAt = [ev.clientX, ev.clientY];
+    keyboard = false; // a pointer user: no keyboard ring
+    redraw();
+  });
+
+  // -- keyboard --------------------------------------------------------------------------------
+  /** The tip beside dot `i`, where it is drawn now. */
+  function tipAt(i: number): void {
+    const rect = canvas.getBoundingClientRect();
+    showTip(i, { clientX: rect.left + bx[i] * transform.k + transform.x, clientY: rect.top + by[i] * transform.k + transform.y });
+  }
+  function setFocused(i: number): void {
+    focused = i;
+    if (i < 0) {
+      delete canvas.dataset.focused;
+      live.textContent = "";
+      return;
+    }
+    canvas.dataset.focused = String(doc.ids[i]);
+    live.textContent = describe(i);
+  }
+  /** Move the keyboard to dot `i`: panned into view when outside it, named, ringed. */
+  function focusDot(i: number): void {
+    setFocused(i);
+    const sx = bx[i] * transform.k + transform.x;
+    const sy = by[i] * transform.k + transform.y;
+    const margin = 24;
+    if (sx < margin || sx > width - margin || sy < margin || sy > HEIGHT - margin) sel.call(zoomer.translateTo, bx[i], by[i]);
+    tipAt(i);
+    redraw();
+  }
+  /** The drawn dot nearest the view's centre: where the keyboard starts. */
+  function nearestToCentre(): number {
+    const [cx, cy] = transform.invert([width / 2, HEIGHT / 2]);
+    return tree.find(cx, cy) ?? -1;
+  }
+  /** The drawn dot nearest to dot `from` in direction (ux, uy) (y down): the nearest within
+   * 45° of it, else the nearest anywhere on that side; -1 when there is none. */
+  function step(from: number, ux: number, uy: number): number {
+    let best = -1;
+    let bestD = Infinity;
+    let side = -1;
+    let sideD = Infinity;
+    for (const [, idx] of groups) {
+      for (const j of idx) {
+        const dx = bx[j] - bx[from];
+        const dy = by[j] - by[from];
+        const along = dx * ux + dy * uy;
+        if (j === from || along <= 0) continue;
+        const d = dx * dx + dy * dy;
+        if (Math.abs(dx * uy - dy * ux) <= along) {
+          if (d < bestD || (d === bestD && j < best)) [best, bestD] = [j, d];
+        } else if (d < sideD || (d === sideD && j < side)) [side, sideD] = [j, d];
+      }
+    }
+    return best >= 0 ? best : side;
+  }
+  const ARROWS: Record<string, [number, number, string]> = {
+    ArrowRight: [1, 0, "right"],
+    ArrowLeft: [-1, 0, "left"],
+    ArrowUp: [0, -1, "up"],
+    ArrowDown: [0, 1, "down"],
+  };
+  canvas.addEventListener("focus", () => {
+    keyboard = canvas.matches(":focus-visible");
+    if (!keyboard) return;
+    if (focused < 0) setFocused(nearestToCentre());
+    if (focused >= 0) focusDot(focused);
+  });
+  canvas.addEventListener("blur", () => {
+    hideTip();
+    redraw();
+  });
+  canvas.addEventListener("keydown", (ev) => {
+    if (ev.altKey || ev.ctrlKey || ev.metaKey) return;
+    const arrow = ARROWS[ev.key];
+    if (arrow) {
+      ev.preventDefault(); // the page does not scroll
+      keyboard = true;
+      const next = focused < 0 ? nearestToCentre() : step(focused, arrow[0], arrow[1]);
+      if (next >= 0) focusDot(next);
+      else live.textContent = focused >= 0 ? `no sample further ${arrow[2]} of #${doc.ids[focused]}` : "no sample is drawn";
+    } else if ((ev.key === "Enter" || ev.key === " ") && focused >= 0) {
+      ev.preventDefault();
+      if (has(doc.ids[focused])) ctx.navigate(ctx.href("sample", doc.ids[focused]));
+      else live.textContent = `sample #${doc.ids[focused]} is not in this export: it has no page`;
+    } else if (ev.key === "+" || ev.key === "=" || ev.key === "-") {
+      ev.preventDefault();
+      const at: [number, number] = focused >= 0 ? [bx[focused] * transform.k + transform.x, by[focused] * transform.k + transform.y] : [width / 2, HEIGHT / 2];
+      sel.call(zoomer.scaleBy, ev.key === "-" ? 1 / 1.5 : 1.5, at);
+      if (focused >= 0) tipAt(focused);
+    }
+  });
   let selectedByDrag = false;
   canvas.addEventListener("click", (ev) => {
     if (selectedByDrag) return void (selectedByDrag = false);

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path as FsPath
 from typing import Literal
 
-from fastapi import APIRouter, Path, Request
+from fastapi import APIRouter, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, Response
 
@@ -27,18 +27,38 @@ PNG = {200: {"content": {"image/png": {}}, "description": "a PNG image"}}
 #: image once the run is probed again (other lists, another dataset or image size), so the
 #: browser asks again each time; an unchanged file answers 304 (its ETag).
 REVALIDATE = {"Cache-Control": "no-cache"}
+#: The same images asked for with the run's current ``?v=`` token (its summary's
+#: ``images_version``): that URL names this image for good (a run probed again has another
+#: token), so the browser keeps it without asking again, a year.
+IMMUTABLE = {"Cache-Control": "public, max-age=31536000, immutable"}
+
+VERSION = Query(
+    None,
+    description="the run's `images_version` (its summary): the answer is then cached for "
+    "good (`immutable`); without it, or with an earlier run's, it is revalidated (ETag)",
+)
 
 
-def png_response(found: bytes | FsPath, request: Request | None = None) -> Response:
+def png_response(
+    found: bytes | FsPath, request: Request | None = None, run: RunEntry | None = None
+) -> Response:
     """A cached file (with an ETag of the file itself: 304 when ``request`` already holds
-    it) or PNG bytes a foreign model made (kept in memory, not the run's)."""
+    it; immutable when ``request`` carries ``run``'s current ``images_version``) or PNG
+    bytes a foreign model made (kept in memory, not the run's)."""
     if isinstance(found, bytes):
         return Response(found, media_type="image/png", headers=MODEL_MADE)
     st = found.stat()
     # the file itself (inode, mtime to the nanosecond, size): Starlette's own ETag uses
     # the mtime in float seconds and the size, which two different PNGs may share
     etag = f'"{st.st_ino:x}-{st.st_mtime_ns:x}-{st.st_size:x}"'
-    headers = {**REVALIDATE, "ETag": etag}
+    asked = request.query_params.get("v") if request is not None else None
+    current = (
+        run is not None
+        and asked is not None
+        and asked == run.images_version
+        and not run.changed()  # probed again since the lookup: this may be the old image
+    )
+    headers = {**(IMMUTABLE if current else REVALIDATE), "ETag": etag}
     if request is not None and request.headers.get("if-none-match") == etag:
         return Response(status_code=304, headers=headers)
     return FileResponse(found, media_type="image/png", headers=headers, stat_result=st)
@@ -50,7 +70,12 @@ def png_response(found: bytes | FsPath, request: Request | None = None) -> Respo
     responses=PNG,
     summary="The sample as the model saw it",
 )
-def sample_image(request: Request, run_id: str, sample_id: int = Path(ge=0, le=2**62)) -> Response:
+def sample_image(
+    request: Request,
+    run_id: str,
+    sample_id: int = Path(ge=0, le=2**62),
+    v: str | None = VERSION,
+) -> Response:
     return _sample_image(request, run_id, sample_id)
 
 
@@ -60,7 +85,7 @@ def _sample_image(request: Request, run_id: str, sample_id: int) -> Response:
     s = session(request, e)
     target = s.sample_file(sid)
     if target.is_file() and target.stat().st_size > 0:
-        return png_response(target, request)
+        return png_response(target, request, e)
     reason = s.dataset_reason()
     if reason is not None:
         raise ApiError(
@@ -68,7 +93,7 @@ def _sample_image(request: Request, run_id: str, sample_id: int) -> Response:
             f"the image of sample {sid} is not cached and cannot be made: {reason}. "
             f"{_cache_hint(s)}",
         )
-    return png_response(s.sample_png(sid, path), request)
+    return png_response(s.sample_png(sid, path), request, e)
 
 
 @router.get(
@@ -136,6 +161,7 @@ async def unit_image(
     kind: Literal["input", "crop", "grad", "grad_crop"],
     unit: int = Path(ge=0, le=2**31),
     rank: int = Path(ge=0, le=2**31),
+    v: str | None = VERSION,
 ) -> Response:
     # the lookups and cached files in a worker thread; model work on the model's thread
     found = await run_in_threadpool(_unit_image, request, run_id, layer, which, kind, unit, rank)
@@ -143,7 +169,7 @@ async def unit_image(
         return found
     s, name = found
     made = await on_model(s, lambda: s.model_image(kind, name, unit, rank, which))
-    return png_response(made, request)
+    return png_response(made, request, s.entry)
 
 
 def _unit_image(
@@ -165,11 +191,11 @@ def _unit_image(
         return _sample_image(request, run_id, top.sample_id)
     target = s.unit_file(kind, info.name, unit, which, rank)
     if target.is_file() and target.stat().st_size > 0:
-        return png_response(target, request)
+        return png_response(target, request, e)
     max_crop = kind == "crop" and which == "max" and top.y is not None and top.x is not None
     if max_crop and s.dataset_reason() is None:
         found = s.crop_png(info, unit, rank, top.sample_id, top.y, top.x, top.path)
-        return png_response(found, request)
+        return png_response(found, request, e)
     model_reason, data_reason = s.model_reason(), s.dataset_reason()
     if model_reason is None and data_reason is None:
         return s, info.name

@@ -149,4 +149,5 @@ def summarize(request: Request, e: RunEntry) -> RunSummary:
         ),
         missing=e.missing(),
         layers=[layer_brief(info) for info in run.layers],
+        images_version=e.images_version,
     )
