@@ -12,6 +12,7 @@ legend, the colour code, ``?focus=`` and layer links.
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -214,6 +215,34 @@ def dense_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _probed(tmp_path_factory, "dense", Dense, "head")
 
 
+class Residuals(torch.nn.Module):
+    """A loop over a ModuleList of 60 blocks, ``x = x + block(x)``: the ``add`` rolls into
+    one node of 60 passes, fed back by 59 blocks drawn apart (a back edge from each)."""
+
+    def __init__(self, n: int = 60) -> None:
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(
+            torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()) for _ in range(n)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = x + block(x)
+        return x
+
+
+@pytest.fixture(scope="module")
+def residuals_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _probed(tmp_path_factory, "residuals", Residuals, "blocks.0.0")
+
+
+@pytest.fixture(scope="module")
+def long_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """1,600 residual blocks (4,800 ops): a first view of 1,603 items, one row of boxes
+    hundreds of thousands of pixels wide."""
+    return _probed(tmp_path_factory, "long", lambda: Residuals(1600), "blocks.0.0")
+
+
 @pytest.fixture(scope="module")
 def servers(
     explorer_run: ExplorerRun,  # noqa: F811
@@ -222,6 +251,8 @@ def servers(
     loop_run: Path,
     pyramid_run: Path,
     dense_run: Path,
+    residuals_run: Path,
+    long_run: Path,
 ) -> Iterator[dict[str, str]]:
     """One explorer server per run (uvicorn threads on free ports): run id -> base URL."""
     from lurker.server import create_app
@@ -230,7 +261,16 @@ def servers(
     with contextlib.ExitStack() as stack:
         yield {
             path.name: stack.enter_context(background(create_app(path)))
-            for path in (explorer_run.path, resnet_run, flat_run, loop_run, pyramid_run, dense_run)
+            for path in (
+                explorer_run.path,
+                resnet_run,
+                flat_run,
+                loop_run,
+                pyramid_run,
+                dense_run,
+                residuals_run,
+                long_run,
+            )
         }
 
 
@@ -247,7 +287,7 @@ def page(browser: Any) -> Iterator[Any]:
     assert not errors, f"console errors: {errors}"
 
 
-RUNS = ["digits", "resnet18", "flat", "loop", "pyramid", "dense"]
+RUNS = ["digits", "resnet18", "flat", "loop", "pyramid", "dense", "residuals"]
 
 
 def open_graph(page: Any, servers: dict[str, str], run: str, query: str = "") -> dict[str, Any]:
@@ -605,6 +645,73 @@ def test_back_edges_pass_beside_nodes(page: Any, servers: dict[str, str]) -> Non
     assert ("mul_1", "mul_1") in drawn_pairs and ("add_1", "linear_1") in drawn_pairs
     assert _edges_under_nodes(page, back=True) == []
     assert _edge_ends_on_items(page) == []
+
+
+def test_back_edges_into_one_op_share_a_lane(page: Any, servers: dict[str, str]) -> None:
+    """The 59 back edges into a rolled ``add`` (one from each block of a ModuleList drawn
+    apart) go up one lane into it, beside every node, not 59 lanes side by side: each
+    lane was placed against every other, cubic in their number (a tab frozen for 46 s
+    at 4,000 blocks), and 4,000 lanes 10 px apart are 40,000 px of parallel lines."""
+    doc = open_graph(page, servers, "residuals")
+    add = next(k for k, n in enumerate(doc["nodes"]) if n["l"] == "add_1")
+    into_add = {e[0] for e in doc["edges"] if e[1] == add and e[0] > add}
+    assert len(into_add) == 59  # the oracle: every block after the first feeds add_1 back
+    paths = page.eval_on_selector_all(
+        f'svg.graph path.e.back[data-b="n{add}"]:not([data-a="n{add}"])',  # not its self-loop
+        "es => es.map(e => [e.dataset.a, e.getAttribute('d')])",
+    )
+    sources = {a for a, _ in paths}
+    # each block but the first is drawn as a box (its relu inside), each with its back edge
+    groups = {f"g{doc['groups'][doc['nodes'][k]['m']]['u']}" for k in into_add}
+    assert sources == groups and len(sources) == 59
+    # the lane: the rightmost x of each path (where it runs up to the add)
+    lanes = {max(float(x) for x in re.findall(r"[ML ]([-\d.]+),", d)) for _, d in paths}
+    assert len(lanes) == 1, f"{len(lanes)} lanes for the back edges into add_1"
+    assert _edges_under_nodes(page, back=True) == []
+    assert _edge_ends_on_items(page) == []
+
+
+def test_a_view_of_thousands_of_items_puts_only_those_near_the_screen_in_the_dom(
+    page: Any, servers: dict[str, str]
+) -> None:
+    """1,603 items drawn (1,599 boxes side by side): the DOM holds the few near the view,
+    not 11,000 SVG elements restyled on every draw; panning there (a search's Enter,
+    Fit) brings the items it shows, and each is still where the layout put it."""
+    doc = open_graph(page, servers, "long")
+    ex = Expect(doc)
+    items = ex.items(ex.default_open())
+    assert len(items) == 1603
+    near = drawn(page)
+    assert near and near < items and len(near) <= 100
+    assert int(page.get_attribute(".graph-page", "data-items")) == len(items)
+    # the last block, far off to the right: found, centred, and in the DOM
+    last = next(g for g, gr in enumerate(doc["groups"]) if gr["p"] == "blocks.1599")
+    before = draws(page)
+    page.fill(".graph-bar input[type=search]", "blocks.1599")
+    page.press(".graph-bar input[type=search]", "Enter")
+    wait_draw(page, before)
+    page.wait_for_selector(f'svg.graph .box.current[data-k="g{last}"]')
+    there = drawn(page)
+    assert f"g{last}" in there and len(there) <= 100 and not there & near - {"n0", "n3"}
+    # with its edges: from the add before it, and back into the add
+    ends = page.eval_on_selector_all(
+        f'svg.graph path.e[data-a="g{last}"], svg.graph path.e[data-b="g{last}"]',
+        "es => es.map(e => [e.dataset.a, e.dataset.b])",
+    )
+    assert sorted(map(tuple, ends)) == [(f"g{last}", "n3"), ("n3", f"g{last}")]
+    box = page.eval_on_selector(
+        f'svg.graph .box[data-k="g{last}"]', "e => e.getBoundingClientRect().toJSON()"
+    )
+    canvas = page.eval_on_selector("svg.graph", "e => e.getBoundingClientRect().toJSON()")
+    centre = (box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    assert abs(centre[0] - (canvas["x"] + canvas["width"] / 2)) < 2
+    assert abs(centre[1] - (canvas["y"] + canvas["height"] / 2)) < 2
+    # zoomed out to everything: more is in the DOM, still not all of it
+    page.click(".graph-bar button:has-text('Fit')")
+    page.wait_for_function(
+        "n => +document.querySelector('.graph-page').dataset.drawn > n", arg=len(there)
+    )
+    assert len(drawn(page)) < len(items)
 
 
 @pytest.mark.parametrize("run", ["digits", "resnet18", "loop"])

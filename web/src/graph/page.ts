@@ -5,7 +5,7 @@
  * op's shapes, params, FLOPs and source line; a probed op links to its layer page.
  */
 import { select } from "d3-selection";
-import { zoom, zoomIdentity, type ZoomBehavior } from "d3-zoom";
+import { zoom, zoomIdentity, zoomTransform, type ZoomBehavior } from "d3-zoom";
 
 import { p, type RunSummary } from "../api";
 import type { PageContext } from "../context";
@@ -172,6 +172,31 @@ function unblock(
 
 type Target = { k: number } | { g: number };
 
+/** An SVG element of the drawing and its bounding box [x0, y0, x1, y1] in graph space. */
+type Piece = [string, number, number, number, number];
+
+/** Above this many drawn items, only those near the visible area are put in the DOM (the
+ * rest as the view pans and zooms there): a row of 4,000 boxes is 28,000 SVG elements,
+ * and the browser's style and layout of them, not the layout's, took a second per draw. */
+const CULL_AT = 1500;
+
+/** The bounding box of an SVG path's `x,y` points (control points included). */
+function pathBox(d: string): [number, number, number, number] {
+  let x0 = Infinity;
+  let y0 = Infinity;
+  let x1 = -Infinity;
+  let y1 = -Infinity;
+  for (const m of d.matchAll(/(-?[\d.]+),(-?[\d.]+)/g)) {
+    const x = +m[1];
+    const y = +m[2];
+    if (x < x0) x0 = x;
+    if (x > x1) x1 = x;
+    if (y < y0) y0 = y;
+    if (y > y1) y1 = y;
+  }
+  return [x0, y0, x1, y1];
+}
+
 class GraphPage {
   private st: Structure;
   private expanded: Set<number>;
@@ -192,6 +217,11 @@ class GraphPage {
   private matchAt = -1;
   private current: ItemKey | null = null;
   private draws = 0;
+  /** the drawing: edges (under) and items, each with its box; only those meeting
+   * `painted` (graph space) are in the DOM when there are more than CULL_AT items */
+  private pieces: { edges: Piece[]; items: Piece[]; n: number } = { edges: [], items: [], n: 0 };
+  private painted: [number, number, number, number] | null = null;
+  private repaint = 0;
   private byLabel = new Map<string, number>();
 
   constructor(
@@ -330,6 +360,7 @@ class GraphPage {
       .on("zoom", (ev) => {
         this.viewport.setAttribute("transform", ev.transform.toString());
         this.tip.hidden = true; // what it described has moved from under the pointer
+        this.paintIfMoved();
       });
     select(this.svg).call(this.zoomer).on("dblclick.zoom", null);
 
@@ -363,19 +394,64 @@ class GraphPage {
   // ------------------------------------------------------------------ drawing
   private draw(): void {
     this.tip.hidden = true; // the item it described is redrawn (or gone)
-    const parts: string[] = [];
-    const edges: string[] = [];
+    const items: Piece[] = [];
+    const edges: Piece[] = [];
     this.rects.clear();
     const hits = this.hitKeys();
-    this.drawGroup(0, 0, 0, parts, hits);
+    this.drawGroup(0, 0, 0, items, hits);
     this.drawEdges(edges);
-    this.viewport.innerHTML = `<g class="edges">${edges.join("")}</g>${parts.join("")}`;
+    let n = 0;
+    for (const [key] of this.rects) if (key[0] === "n" || !this.expanded.has(Number(key.slice(1)))) n++;
+    this.pieces = { edges, items, n };
+    this.paint();
     this.draws++;
     this.page.dataset.draws = String(this.draws);
+  }
+
+  /** The graph-space box the view shows, [x0, y0, x1, y1]. */
+  private visibleBox(): [number, number, number, number] {
+    const t = zoomTransform(this.svg);
+    const W = this.svg.clientWidth || 800;
+    const H = this.svg.clientHeight || 600;
+    return [-t.x / t.k, -t.y / t.k, (W - t.x) / t.k, (H - t.y) / t.k];
+  }
+
+  /** Puts the drawing in the DOM: all of it, or past CULL_AT items, the pieces that meet
+   * the visible area with a margin of half a view on every side (`data-drawn`: the nodes
+   * and boxes in the DOM, `data-items`: all drawn). */
+  private paint(): void {
+    const { edges, items, n } = this.pieces;
+    let keep = (_: Piece) => true;
+    this.painted = null;
+    if (n > CULL_AT) {
+      const [x0, y0, x1, y1] = this.visibleBox();
+      const mx = (x1 - x0) / 2;
+      const my = (y1 - y0) / 2;
+      const w: [number, number, number, number] = [x0 - mx, y0 - my, x1 + mx, y1 + my];
+      this.painted = w;
+      keep = (p) => p[1] <= w[2] && p[3] >= w[0] && p[2] <= w[3] && p[4] >= w[1];
+    }
+    const html = (ps: Piece[]) => ps.filter(keep).map((p) => p[0]).join("");
+    this.viewport.innerHTML = `<g class="edges">${html(edges)}</g>${html(items)}`;
+    this.page.dataset.items = String(n);
     this.page.dataset.drawn = String(this.viewport.querySelectorAll(".nd,.box").length);
   }
 
-  private drawGroup(g: number, ox: number, oy: number, out: string[], hits: Map<ItemKey, string>): void {
+  /** After a pan or zoom, paints again (once a frame) when the view has left what is in
+   * the DOM, or zoomed in so far that it holds far more than is seen. */
+  private paintIfMoved(): void {
+    const w = this.painted;
+    if (!w || this.repaint) return;
+    const [x0, y0, x1, y1] = this.visibleBox();
+    const inside = x0 >= w[0] && y0 >= w[1] && x1 <= w[2] && y1 <= w[3];
+    if (inside && (x1 - x0) * 4 > w[2] - w[0]) return;
+    this.repaint = requestAnimationFrame(() => {
+      this.repaint = 0;
+      if (!this.ctx.signal.aborted) this.paint();
+    });
+  }
+
+  private drawGroup(g: number, ox: number, oy: number, out: Piece[], hits: Map<ItemKey, string>): void {
     const lay = this.layouts[g];
     if (!lay) return;
     const st = this.st;
@@ -387,8 +463,9 @@ class GraphPage {
       const cy = oy + y;
       this.rects.set(it, [cx, cy, w, h]);
       const extra = (hits.get(it) ?? "") + (it === this.current ? " current" : "");
+      const box: [number, number, number, number] = [cx - w / 2, cy - h / 2, cx + w / 2 + 3, cy + h / 2 + 3];
       if (it[0] === "n") {
-        out.push(this.nodeSvg(Number(it.slice(1)), cx, cy, w, h, extra));
+        out.push([this.nodeSvg(Number(it.slice(1)), cx, cy, w, h, extra), ...box]);
         continue;
       }
       const c = Number(it.slice(1));
@@ -397,20 +474,22 @@ class GraphPage {
       const y0 = f1(cy - h / 2);
       if (this.expanded.has(c) && this.layouts[c]) {
         const title = frameTitle(gr, st.name(c));
-        out.push(
+        out.push([
           `<g class="frame${extra}" data-k="${it}"><rect class="sh" x="${x0}" y="${y0}" width="${w}" height="${h}" rx="6"/>` +
             `<g class="title" data-k="${it}"><rect x="${x0}" y="${y0}" width="${w}" height="18" fill="transparent"/>` +
             `<text x="${f1(x0 + 8)}" y="${f1(y0 + 13)}">${esc(title)}</text></g></g>`,
-        );
+          ...box,
+        ]);
         this.drawGroup(c, x0, y0, out, hits);
       } else {
         const [a, b] = groupLines(gr, st.name(c));
-        out.push(
+        out.push([
           `<g class="box${extra}" data-k="${it}"><rect class="sh3" x="${f1(x0 + 3)}" y="${f1(y0 + 3)}" width="${w}" height="${h}" rx="3"/>` +
             `<rect class="sh" x="${x0}" y="${y0}" width="${w}" height="${h}" rx="3"/>` +
             `<text class="l1" x="${f1(cx)}" y="${f1(cy - 3)}" text-anchor="middle">${esc(a)}</text>` +
             `<text class="l2" x="${f1(cx)}" y="${f1(cy + 11)}" text-anchor="middle">${esc("+ " + b)}</text></g>`,
-        );
+          ...box,
+        ]);
       }
     }
   }
@@ -445,7 +524,7 @@ class GraphPage {
    * under them; a back edge (a loop's value fed to its next pass) goes up a lane to the
    * right of every node beside its span, a self-loop on the side with room; the rest (big
    * groups laid out without dagre) are curves. */
-  private drawEdges(out: string[]): void {
+  private drawEdges(out: Piece[]): void {
     const st = this.st;
     // what an edge must not pass under: nodes and closed boxes (not open frames)
     const solid: [number, number, number, number][] = [];
@@ -491,11 +570,42 @@ class GraphPage {
         m.rolled ||= rolled;
       } else merged.set(key, { a, b, n, label, rolled });
     }
+    const isBack = (a: ItemKey, b: ItemKey) => (st.first.get(a) ?? 0) >= (st.first.get(b) ?? 0);
+    // The back edges into one item share one lane (a trunk up into it), placed once over
+    // the span of them all: a rolled op fed by thousands of modules drawn apart (an add
+    // in a loop over a ModuleList) gets one lane, not thousands side by side, each placed
+    // against all the others (cubic: a frozen tab for tens of seconds).
+    const spans = new Map<ItemKey, [number, number, number]>(); // target: top, bottom, x
+    for (const { a, b } of merged.values()) {
+      const ra = this.rects.get(a);
+      const rb = this.rects.get(b);
+      if (!ra || !rb || a === b || !isBack(a, b)) continue;
+      const lo = Math.min(ra[1] - ra[3] / 2, rb[1] - rb[3] / 2);
+      const hi = Math.max(ra[1] + ra[3] / 2, rb[1] + rb[3] / 2);
+      const x = Math.max(ra[0] + ra[2] / 2, rb[0] + rb[2] / 2);
+      const s = spans.get(b);
+      if (s) spans.set(b, [Math.min(s[0], lo), Math.max(s[1], hi), Math.max(s[2], x)]);
+      else spans.set(b, [lo, hi, x]);
+    }
+    // each target's lane: right of every node beside its span, clear of other lanes
+    const laneOf = new Map<ItemKey, [number, number]>(); // target: x, how far it was shifted
+    for (const [b, [lo, hi, x]] of spans) {
+      let lane = x;
+      for (const q of solid) if (q[1] < hi && q[3] > lo) lane = Math.max(lane, q[2]);
+      lane += 18;
+      let shifted = 0; // a lane of its own beside another target's
+      while (lanes.some(([lx, t, bt]) => Math.abs(lx - lane) < 9 && t < hi && bt > lo)) {
+        lane += 10;
+        shifted++;
+      }
+      lanes.push([lane, lo, hi]);
+      laneOf.set(b, [lane, shifted]);
+    }
     for (const { a, b, n, label, rolled } of merged.values()) {
       const ra = this.rects.get(a);
       const rb = this.rects.get(b);
       if (!ra || !rb) continue;
-      const back = (st.first.get(a) ?? 0) >= (st.first.get(b) ?? 0);
+      const back = isBack(a, b);
       const cls = `e${label !== undefined ? " branch" : ""}${back ? " back" : ""}`;
       let d: string;
       let mid: [number, number];
@@ -537,17 +647,7 @@ class GraphPage {
         const y1 = ra[1];
         const x2 = rb[0] + rb[2] / 2;
         const y2 = rb[1];
-        const lo = Math.min(ra[1] - ra[3] / 2, rb[1] - rb[3] / 2);
-        const hi = Math.max(ra[1] + ra[3] / 2, rb[1] + rb[3] / 2);
-        let lane = Math.max(x1, x2);
-        for (const b of solid) if (b[1] < hi && b[3] > lo) lane = Math.max(lane, b[2]);
-        lane += 18;
-        let shifted = 0; // a lane of its own beside another back edge's
-        while (lanes.some(([x, t, b]) => Math.abs(x - lane) < 9 && t < hi && b > lo)) {
-          lane += 10;
-          shifted++;
-        }
-        lanes.push([lane, lo, hi]);
+        const [lane, shifted] = laneOf.get(b)!;
         const up = y2 < y1;
         // the row an end leaves from: its centre if clear to the lane, else the gap beside it
         const row = (r: [number, number, number, number], x: number, away: number) =>
@@ -570,16 +670,21 @@ class GraphPage {
         d = `M${f1(x1)},${f1(y1)} C${f1(x1)},${f1(y1 + dy)} ${f1(x2)},${f1(y2 - dy)} ${f1(x2)},${f1(y2)}`;
         mid = [(x1 + x2) / 2, (y1 + y2) / 2];
       }
-      out.push(`<path class="${cls}" data-a="${a}" data-b="${b}" d="${d}"/>`);
+      out.push([`<path class="${cls}" data-a="${a}" data-b="${b}" d="${d}"/>`, ...pathBox(d)]);
       const text = [label ?? "", n > 1 && rolled ? `${TIMES}${n}` : ""].filter(Boolean).join(" ");
+      const [tx, ty] = [f1(mid[0] + 4), f1(mid[1])];
       if (text)
-        out.push(
-          `<text class="el${label !== undefined ? " branch" : ""}${back ? " back" : ""}" x="${f1(mid[0] + 4)}" y="${f1(mid[1])}">${esc(text)}</text>`,
-        );
+        out.push([
+          `<text class="el${label !== undefined ? " branch" : ""}${back ? " back" : ""}" x="${tx}" y="${ty}">${esc(text)}</text>`,
+          tx,
+          ty - 12,
+          tx + 8 * text.length,
+          ty + 4,
+        ]);
     }
     for (const j of joints) {
       const [x, y] = j.split(",");
-      out.push(`<circle class="joint" cx="${x}" cy="${y}" r="2"/>`);
+      out.push([`<circle class="joint" cx="${x}" cy="${y}" r="2"/>`, +x - 2, +y - 2, +x + 2, +y + 2]);
     }
   }
 
