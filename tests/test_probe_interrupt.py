@@ -95,3 +95,80 @@ def test_the_probe_leaves_torchs_thread_count_as_set(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split()[-1] == "1"
+
+
+CTRL_C_MODEL = """
+import os, signal
+from torch import nn
+
+
+class Net(nn.Module):
+    '''The digits' convnet; its forward presses Ctrl-C (a SIGINT to its process) on the
+    sweep's second batch of 64, once.'''
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU())
+        self.batches = 0
+
+    def forward(self, x):
+        if x.shape[0] == 64:
+            self.batches += 1
+            if self.batches == 2:
+                os.kill(os.getpid(), signal.SIGINT)
+        return self.features(x)
+"""
+
+
+def test_ctrl_c_of_lurker_probe_says_lurkers_message_only_and_exits_130(tmp_path: Path) -> None:
+    """`lurker probe` stopped by Ctrl-C after its first batch: it printed its own
+    "interrupted after N of M images ... run the same command again", then click's
+    "Aborted!" (exit status 1), which read as if nothing was kept. Now the message alone,
+    exit status 130 (SIGINT's), and the checkpoint holds the batches it names."""
+    (tmp_path / "ctrlc_net.py").write_text(CTRL_C_MODEL)
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run(
+        [sys.executable, "-c", "from lurker.cli import main; main()", "probe",
+         str(tmp_path / "ctrlc_net.py") + ":Net", "--data", "digits", "--image-size", "8",
+         "--batch-size", "64", "--device", "cpu", "--out", str(out)],
+        capture_output=True, text=True, env=env, check=False, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 130, done.stderr
+    assert "interrupted after 128 of 1797 images" in done.stderr, done.stderr
+    assert "run the same command again to resume" in done.stderr
+    assert "Aborted" not in done.stderr + done.stdout
+    assert "Traceback" not in done.stderr
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["done"] == 128
+
+
+class Normalised(Images):
+    """:class:`Images` normalised by the dataset itself, with its ``mean``/``std`` (which
+    the probe records) saying how."""
+
+    def __init__(self, mean: float, ctrl_c_at: int | None = None) -> None:
+        super().__init__(ctrl_c_at)
+        self.mean, self.std = (mean,) * 3, (0.5,) * 3
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        x, y = super().__getitem__(i)
+        return (x - self.mean[0]) / self.std[0], y
+
+
+def test_an_interrupted_probe_is_not_resumed_under_another_normalisation(tmp_path: Path) -> None:
+    """Interrupted with one normalisation and rerun with another (`--normalize` changed,
+    or the default for 1-channel models): the checkpoint was resumed, so the run mixed
+    statistics of images normalised two ways and recorded only the second. Now the rerun
+    starts over, and equals an uninterrupted probe with the second."""
+    model = _model()
+    want = lurker.probe(model, Normalised(1.0), out=tmp_path / "whole", k=3, progress=False)
+    out = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        lurker.probe(
+            model, Normalised(0.0, ctrl_c_at=6), out=out, k=3, batch_size=4, progress=False
+        )
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["done"] == 8
+    got = lurker.probe(model, Normalised(1.0), out=out, k=3, batch_size=4, progress=False)
+    assert got.meta["sweep"]["resumed_from"] == 0 and got.meta["sweep"]["images"] == 12
+    assert got.meta["config"]["mean"] == [1.0, 1.0, 1.0]
+    assert _tops(got) == _tops(want)

@@ -5,6 +5,7 @@ the user says, the run records it, and everything that reloads the folder from t
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -30,6 +31,15 @@ class Net(nn.Module):
 
     def forward(self, x):
         return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+class Gray(Net):
+    # the same net on 1-channel images
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.conv = nn.Conv2d(1, 4, 3)
 """
 
 SIZE = 16
@@ -201,3 +211,173 @@ def test_a_python_run_reloads_with_the_statistics_it_was_probed_with(
     assert top["prob"] == pytest.approx(float(logits[2].softmax(0).max()), abs=1e-5)
     assert recorded_normalize({"mean": [0.0], "std": [1.0]}) == "none"
     assert recorded_normalize({}) is None  # a run from before: ImageNet's, as it was fed
+
+
+def test_an_empty_class_folder_is_warned_about_once_per_probe_not_per_reload(
+    setup: tuple[str, Path], tmp_path: Path
+) -> None:
+    """The probe warns that a class folder holds no images when it reads the folder for
+    its sweep; `lurker images`, `lurker map` and `lurker serve` reload the run's folder
+    and repeated the warning each time (a user saw it again on every command)."""
+    import warnings
+
+    from fastapi.testclient import TestClient
+
+    from lurker.map import _model_and_data
+    from lurker.server.app import create_app
+
+    spec, folder = setup
+    (folder / "c").mkdir()  # sorts last: a class without samples
+    out = tmp_path / "run"
+
+    def said(action: Any) -> int:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")  # every warning, however often the same
+            action()
+        return sum("1 class folder (c) holds no images" in str(w.message) for w in caught)
+
+    def probe() -> None:
+        r = _probe(spec, folder, out)
+        assert r.exit_code == 0, r.output
+
+    assert said(probe) == 1  # where a user needs it: the probe's read of the folder
+    run = lurker.Run.open(out)
+    assert run.classes == ["a", "b", "c"]
+
+    def reload_images() -> None:
+        assert len(UnitImages(out, device="cpu").dataset) == 6
+
+    def reload_map() -> None:
+        assert len(_model_and_data(run.meta["config"], SIZE, None, None, "cpu")[1]) == 6
+
+    def reload_serve() -> None:
+        client = TestClient(create_app(str(out)))
+        rid = client.get("/api/runs").json()["runs"][0]["id"]
+        assert client.get(f"/api/runs/{rid}/live/sample-4").status_code == 200
+
+    assert (said(reload_images), said(reload_map), said(reload_serve)) == (0, 0, 0)
+
+
+#: the one rule, written out: ImageNet's statistics for 3 channels, images in [0, 1] for 1
+RULE = {3: (IMAGENET_MEAN, IMAGENET_STD), 1: ((0.0,), (1.0,))}
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_probe_explain_and_featviz_feed_one_image_as_one_tensor(
+    setup: tuple[str, Path], tmp_path: Path, channels: int
+) -> None:
+    """The same image of the same model was a different input in `lurker probe` (a
+    1-channel model got ImageNet's mean of three), `lurker explain` and `lurker featviz`
+    (0 and 1): a silently different number between pages of one tool. Now one rule
+    (probe.data.default_normalize) everywhere; `lurker explain RUN` feeds the run's own
+    normalisation. Oracle: numpy arithmetic on the PIL image."""
+    import json
+
+    from lurker.explain.cli import load_image
+    from lurker.models import load_model
+
+    spec, _ = setup
+    if channels == 1:
+        spec = spec.replace(":Net", ":Gray")
+    mode = "RGB" if channels == 3 else "L"
+    folder = tmp_path / f"one{channels}"
+    (folder / "a").mkdir(parents=True)
+    rng = np.random.default_rng(channels)
+    shape = (SIZE, SIZE, 3) if channels == 3 else (SIZE, SIZE)
+    Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(folder / "a/x.png")
+    image = folder / "a" / "x.png"
+    mean, std = RULE[channels]
+
+    def oracle(mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+        arr = np.asarray(Image.open(image).convert(mode), np.float32).reshape(SIZE, SIZE, -1)
+        arr = (arr / 255 - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+        return torch.from_numpy(arr).permute(2, 0, 1)[None]
+
+    want = oracle(mean, std)
+    net = load_model(spec, None, device="cpu")
+
+    # the probe: what it fed (its stored value is the model's on the oracle) and reloads
+    out = tmp_path / "run"
+    r = _probe(spec, folder, out)
+    assert r.exit_code == 0, r.output
+    run = lurker.Run.open(out)
+    assert run.meta["config"]["mean"] == pytest.approx(mean)
+    with torch.no_grad():
+        logits = net(want)[0]
+    assert run.unit("fc", 1).top("max")[0].value == pytest.approx(float(logits[1]), abs=1e-5)
+    torch.testing.assert_close(UnitImages(out, device="cpu").dataset[0][0], want[0])
+
+    # lurker explain: its loader, and the command's heatmap of that input
+    x, shown = load_image(image, SIZE, channels)
+    torch.testing.assert_close(x, want)
+    heat = tmp_path / "heat.png"
+    method = ["-m", "input_x_gradient", "-t", "1", "-o", str(heat)]
+    r = CliRunner().invoke(main, ["explain", spec, "--image", str(image), "--image-size",
+                                  str(SIZE), *method])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    e = lurker.explain(net, want, 1, "input_x_gradient")
+    assert Image.open(heat).tobytes() == e.overlay(0, image=shown, alpha=0.6).tobytes()
+
+    # lurker featviz and lurker.featviz: the [0, 1] image normalised by the same statistics
+    fv = tmp_path / "fv"
+    r = CliRunner().invoke(main, ["featviz", spec, "--layer", "conv", "-u", "0", "-n", "1",
+                                  "--size", str(SIZE), "-o", str(fv), "--device", "cpu"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    settings = json.loads((fv / "activations.json").read_text())["settings"]
+    assert (settings["mean"], settings["std"]) == (list(mean), list(std))
+    py = lurker.featviz(net, "conv", [0], steps=1, size=SIZE).settings
+    assert (py["mean"], py["std"]) == (list(mean), list(std))
+
+
+def test_explain_of_a_run_feeds_the_image_as_the_runs_probe_did(
+    setup: tuple[str, Path], tmp_path: Path
+) -> None:
+    """`lurker explain RUN --image F`: the run's model, image size and normalisation (here
+    one given to the probe), not the default; --normalize still says otherwise."""
+    spec, folder = setup
+    out = tmp_path / "run"
+    r = _probe(spec, folder, out, "--normalize", "0.5,0.4,0.3/0.2,0.25,0.5")
+    assert r.exit_code == 0, r.output
+    image = sorted(folder.glob("*/*.png"))[2]
+    x = _oracle(folder, (0.5, 0.4, 0.3), (0.2, 0.25, 0.5))[2:3]
+    heat = tmp_path / "heat.png"
+    args = ["explain", str(out), "--image", str(image), "-m", "input_x_gradient", "-t", "0"]
+    r = CliRunner().invoke(main, [*args, "-o", str(heat)])
+    assert r.exit_code == 0, r.output
+    from lurker.models import load_model
+
+    net = load_model(spec, None, device="cpu")
+    shown = torch.from_numpy(np.asarray(Image.open(image), np.float32) / 255).permute(2, 0, 1)
+    e = lurker.explain(net, x, 0, "input_x_gradient")
+    assert Image.open(heat).tobytes() == e.overlay(0, image=shown, alpha=0.6).tobytes()
+    r = CliRunner().invoke(main, [*args, "-o", str(heat), "--normalize", "none"])
+    assert r.exit_code == 0, r.output
+    plain = lurker.explain(net, _oracle(folder, (0.0,) * 3, (1.0,) * 3)[2:3], 0, "input_x_gradient")
+    assert Image.open(heat).tobytes() == plain.overlay(0, image=shown, alpha=0.6).tobytes()
+    assert plain.overlay(0, image=shown).tobytes() != e.overlay(0, image=shown).tobytes()
+    r = CliRunner().invoke(main, [*args, "-o", str(heat), "--normalize", "0.5/0.25"])
+    assert r.exit_code == 2 and "--normalize" in r.output and "3-channel" in r.output, r.output
+    # the model spec with the older --mean/--std: the same input as the run's
+    older = ["explain", spec, *args[2:], "--image-size", str(SIZE), "-o", str(heat)]
+    r = CliRunner().invoke(main, [*older, "--mean", "0.5,0.4,0.3", "--std", "0.2,0.25,0.5"])
+    assert r.exit_code == 0, r.output
+    assert Image.open(heat).tobytes() == e.overlay(0, image=shown, alpha=0.6).tobytes()
+    r = CliRunner().invoke(main, [*older, "--mean", "0.5,0.4,0.3"])
+    assert r.exit_code == 2 and "--normalize MEAN/STD" in r.output, r.output
+
+
+def test_the_rule_for_other_channel_counts() -> None:
+    """None is the rule (ImageNet's for 3 channels, [0, 1] for any other count); an explicit
+    imagenet for 1 channel is ImageNet's mean of three (what 1-channel runs recorded with
+    the earlier default were fed, and are reloaded with), and for 4 channels, which it has
+    no values for, is refused (it gave 3 values for 4 channels)."""
+    from lurker.errors import LurkerError
+    from lurker.probe.data import normalize_stats
+
+    assert normalize_stats(None, 3) == (IMAGENET_MEAN, IMAGENET_STD)
+    assert normalize_stats(None, 1) == ((0.0,), (1.0,))
+    assert normalize_stats(None, 4) == ((0.0,) * 4, (1.0,) * 4)
+    (m,), (s,) = normalize_stats("imagenet", 1)
+    assert (m, s) == pytest.approx((np.mean(IMAGENET_MEAN), np.mean(IMAGENET_STD)))
+    with pytest.raises(LurkerError, match=r"ImageNet's mean and std are for 3-channel.*4 values"):
+        normalize_stats("imagenet", 4)

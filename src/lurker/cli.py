@@ -72,6 +72,14 @@ def _out_folder(path: str, hint: str) -> str:
     return str(target)
 
 
+#: ``--normalize`` of probe, explain and featviz: one rule (probe.data.default_normalize)
+NORMALIZE_CHOICES = (
+    "imagenet (ImageNet's mean and std), none (images in [0, 1]), or MEAN/STD with one "
+    "value per channel, e.g. 0.5,0.5,0.5/0.25,0.25,0.25 (0.5/0.25 for 1 channel). Default: "
+    "imagenet for a 3-channel model, none for others."
+)
+
+
 def _one_line_warning(
     message: Any, category: Any, filename: str, lineno: int, line: Any = None
 ) -> str:
@@ -263,9 +271,8 @@ def trace(
     metavar="imagenet|none|MEAN/STD",
     default=None,
     help="How an image folder's images are normalised before the model sees them: "
-    "imagenet (ImageNet's mean and std; the default), none (images in [0, 1]), or MEAN/STD "
-    "with one value per channel, e.g. 0.5,0.5,0.5/0.25,0.25,0.25 (0.5/0.25 for 1 channel). "
-    "It must be what the model was trained on. Recorded in the run.",
+    + NORMALIZE_CHOICES
+    + " It must be what the model was trained on. Recorded in the run.",
 )
 @_friendly
 def probe(
@@ -301,16 +308,17 @@ def probe(
     out = str(Path(out).expanduser())  # --out=~/runs/x: the shell leaves ~ after = alone
     if normalize is not None:  # a typo is said before the model is loaded
         normalize = pdata.parse_normalize(normalize)
-    with _torchrun_group(device):
+    with _interrupted_probe(), _torchrun_group(device):
         net = load_model(model, weights, device=device or "cpu")
         where = next((p.device for p in net.parameters()), "cpu")  # probed where it lies
         # (the probe makes its own view: given the model, its errors can name the fix)
         channels = image_channels(channels_first_view(net, channel_dim), image_size, device=where)
         ds = pdata.load_dataset(data, image_size, channels=channels, normalize=normalize)
-        if isinstance(ds, pdata.ImageFolderDataset):
-            normalize = normalize or "imagenet"
+        if isinstance(ds, pdata.ImageFolderDataset):  # recorded as applied, said at once
+            default = normalize is None
+            normalize = normalize or pdata.default_normalize(len(ds.mean))
             if int(os.environ.get("RANK", "0")) == 0:  # once, under torchrun too
-                click.echo(_normalize_note(normalize, ds.mean, ds.std), err=True)
+                click.echo(_normalize_note(normalize, ds.mean, ds.std, default), err=True)
         run = do_probe(
             net,
             ds,
@@ -369,6 +377,25 @@ def probe(
             )
 
 
+@contextlib.contextmanager
+def _interrupted_probe() -> Iterator[None]:
+    """Ctrl-C during `lurker probe`: exit status 130, as for SIGINT, with lurker's message
+    only (click would add "Aborted!" after the sweep's "interrupted ..., resume with")."""
+    from .probe.sweep import SweepInterrupted
+
+    try:
+        yield
+    except SweepInterrupted:  # the sweep has said what it saved and how to resume
+        raise SystemExit(130) from None
+    except KeyboardInterrupt:  # before the sweep, or a second Ctrl-C inside it
+        click.echo(
+            "lurker: interrupted; the run keeps what its last checkpoint saved (nothing, "
+            "before the sweep's first): run the same command again to resume",
+            err=True,
+        )
+        raise SystemExit(130) from None
+
+
 def _channel_axis(value: int | None) -> int | None:
     """``--channel-dim``, checked as the commands that feed images take it: an axis of an
     image batch other than the batch's."""
@@ -383,13 +410,14 @@ def _channel_axis(value: int | None) -> int | None:
     return value
 
 
-def _normalize_note(spec: str, mean: Sequence[float], std: Sequence[float]) -> str:
+def _normalize_note(spec: str, mean: Sequence[float], std: Sequence[float], default: bool) -> str:
     """The line the probe says at its start: the normalisation is the most common silent
     mistake (a model trained on other inputs gets every number of the run wrong)."""
     stats = f"mean {', '.join(f'{v:g}' for v in mean)}, std {', '.join(f'{v:g}' for v in std)}"
+    how = "the default for this model's channels" if default else "--normalize"
     what = {
-        "imagenet": f"with ImageNet's statistics ({stats}; the default)",
-        "none": "not normalised: fed in [0, 1] (--normalize none)",
+        "imagenet": f"with ImageNet's statistics ({stats}; {how})",
+        "none": f"not normalised: fed in [0, 1] ({how})",
     }.get(spec, f"with {stats} (--normalize)")
     return (
         f"lurker: images {what}. They must be fed as the model was trained: else give "
@@ -524,6 +552,7 @@ def map_(
                 int(size),
                 channels=shape[0],
                 normalize=pdata.recorded_normalize(config) if folder else None,
+                reload=True,  # the run's own data (its probe warned about empty classes)
             )
     done = make_map(
         run, layer=layer, method=method, seed=seed, model=model, dataset=dataset, device=device
@@ -749,6 +778,7 @@ Examples:
       --method integrated_gradients --target 7 --option n_steps=32
   lurker explain net.py:Net -w net.pt --image 7.png --target features.8:5 --out unit.png
   lurker explain net.py:Net -w net.pt --image 7.png --method gradcam --evaluate
+  lurker explain runs/digits --image 7.png --target 3   # the run's model, fed as probed
 """
 )
 @click.argument("model")
@@ -757,9 +787,9 @@ Examples:
 @click.option(
     "--image-size",
     type=click.IntRange(min=1),
-    default=224,
-    show_default=True,
-    help="The image is resized (shorter side) and centre-cropped to this.",
+    default=None,
+    help="The image is resized (shorter side) and centre-cropped to this (default: a run's "
+    "image size, else 224).",
 )
 @click.option("--method", "-m", default="saliency", show_default=True, help="Attribution method.")
 @click.option(
@@ -797,12 +827,15 @@ Examples:
     help="A method option, e.g. n_steps=32 or window=16; repeatable.",
 )
 @click.option(
-    "--mean",
+    "--normalize",
+    metavar="imagenet|none|MEAN/STD",
     default=None,
-    help="Normalisation mean, e.g. 0.5,0.5,0.5 (default: "
-    "ImageNet's for 3-channel models, 0 for 1-channel).",
+    help="How the image is normalised for the model (as `lurker probe --normalize`): "
+    + NORMALIZE_CHOICES
+    + " With a run as MODEL: the run's.",
 )
-@click.option("--std", default=None, help="Normalisation std (default: ImageNet's / 1).")
+@click.option("--mean", default=None, hidden=True)  # before --normalize: MEAN of MEAN/STD
+@click.option("--std", default=None, hidden=True)
 @click.option("--alpha", default=0.6, show_default=True, help="Heatmap opacity at its strongest.")
 @click.option("--out", "-o", default="heat.png", show_default=True, type=click.Path(dir_okay=False))
 @click.option("--device", default="cpu", show_default=True)
@@ -824,6 +857,7 @@ def explain(
     unit_dim: int | None,
     channel_dim: int | None,
     options: tuple[str, ...],
+    normalize: str | None,
     mean: str | None,
     std: str | None,
     alpha: float,
@@ -833,7 +867,9 @@ def explain(
 ) -> None:
     """Explain MODEL's decision on one image: write the heatmap over the image to --out.
 
-    MODEL is a spec as for `lurker trace`. Methods: saliency, input_x_gradient,
+    MODEL is a spec as for `lurker trace`, or a run directory of `lurker probe` (its model
+    and weights, fed the image as its probe fed its own: size, channel axis and
+    normalisation). Methods: saliency, input_x_gradient,
     guided_backprop, deconvnet, integrated_gradients, smoothgrad, gradcam,
     gradcam_plus_plus, occlusion, lrp; see docs/explain.md.
     """
@@ -860,6 +896,10 @@ def explain(
     if layer is not None:
         opts["layer"] = layer
     goal = parse_target(target)
+    normalize = _explain_normalize(normalize, mean, std)
+    model, weights, image_size, channel_dim, normalize = _explain_run(
+        model, weights, image_size, channel_dim, normalize
+    )
     if unit_dim is not None:
         if not isinstance(goal, explain_pkg.UnitTarget):
             raise click.BadParameter(
@@ -878,8 +918,7 @@ def explain(
         channels = image_channels(net, image_size, device=device) or 3
     else:
         channels = image_channels_at(net, image_size, channel_dim, device=device)
-    mean_, std_ = _floats(mean, "--mean"), _floats(std, "--std")
-    x, shown = load_image(Path(image).expanduser(), image_size, channels, mean_, std_)
+    x, shown = load_image(Path(image).expanduser(), image_size, channels, normalize)
     if channel_dim is not None:  # the model's own layout; the overlay's picture the same
         x = x.movedim(1, channel_dim).contiguous()
         shown = shown.movedim(0, channel_dim - 1 if channel_dim > 0 else channel_dim)
@@ -916,6 +955,61 @@ def explain(
             f"deletion AUC {float(ev.deletion.auc[0]):.4f} (lower is better), "
             f"insertion AUC {float(ev.insertion.auc[0]):.4f} (higher is better)"
         )
+
+
+def _explain_normalize(normalize: str | None, mean: str | None, std: str | None) -> str | None:
+    """``--normalize`` checked, or the older ``--mean``/``--std`` as its MEAN/STD."""
+    from .probe import data as pdata
+
+    if mean is None and std is None:
+        return None if normalize is None else pdata.parse_normalize(normalize)
+    if normalize is not None or mean is None or std is None:
+        raise click.BadParameter(
+            "give the normalisation as --normalize MEAN/STD (e.g. 0.5,0.5,0.5/0.25,0.25,0.25)"
+            + (" alone, not with --mean/--std" if normalize is not None else ""),
+            param_hint="'--mean'/'--std'",
+        )
+    return pdata.parse_normalize(f"{mean}/{std}")
+
+
+def _explain_run(
+    model: str,
+    weights: str | None,
+    image_size: int | None,
+    channel_dim: int | None,
+    normalize: str | None,
+) -> tuple[str, str | None, int, int | None, str | None]:
+    """``lurker explain RUN``: the model spec, weights, image size, channel axis and
+    normalisation the run's probe recorded (each given option wins); a model spec as is,
+    224 px."""
+    from .store.schema import DB_NAME
+
+    where = Path(model).expanduser()
+    if not (where / DB_NAME).is_file():
+        return model, weights, image_size or 224, channel_dim, normalize
+    from .probe import data as pdata
+    from .store import Run
+
+    with Run.open(where) as run:
+        cfg = run.meta.get("config") or {}
+        size = run.meta.get("image_size") or [224]
+    spec = cfg.get("model_spec")
+    if not spec:
+        raise LurkerError(
+            f"run {where} does not record its model (it was probed from Python): give the "
+            "model spec as MODEL, with --weights"
+        )
+    weights = weights or cfg.get("weights")
+    if weights and weights == cfg.get("weights") and not Path(weights).is_file():
+        raise LurkerError(
+            f"the run's recorded weights {weights} do not exist here (moved or deleted): pass "
+            "them with --weights"
+        )
+    if normalize is None:
+        normalize = pdata.recorded_normalize(cfg)  # as the probe fed its images
+    if channel_dim is None:
+        channel_dim = cfg.get("channel_dim")
+    return spec, weights, image_size or int(size[0]), channel_dim, normalize
 
 
 @main.command(
@@ -1001,8 +1095,9 @@ Examples:
     "--normalize",
     default=None,
     metavar="imagenet|none|MEAN/STD",
-    help="For a model spec: the normalisation its inputs were trained with (default "
-    "ImageNet's for 3 channels, none otherwise). A run feeds the model as its probe did.",
+    help="For a model spec: the normalisation its inputs were trained with: "
+    + NORMALIZE_CHOICES
+    + " A run feeds the model as its probe did.",
 )
 @_friendly
 def featviz(
@@ -1228,17 +1323,6 @@ def _say(line: str) -> None:
 
 def _progress(done: int, total: int) -> None:
     click.echo(f"featviz: {done}/{total} units", err=True)
-
-
-def _floats(text: str | None, name: str) -> list[float] | None:
-    if text is None:
-        return None
-    try:
-        return [float(v) for v in text.split(",")]
-    except ValueError:
-        raise click.BadParameter(
-            f"comma-separated numbers, got {text!r}", param_hint=name
-        ) from None
 
 
 def _render_alias(**kwargs: Any) -> None:

@@ -415,7 +415,11 @@ def _model_and_data(
 
         shape = config.get("input_shape") or [None]
         dataset = pdata.load_dataset(
-            spec, size, channels=shape[0], normalize=pdata.recorded_normalize(config)
+            spec,
+            size,
+            channels=shape[0],
+            normalize=pdata.recorded_normalize(config),
+            reload=True,
         )
     from .models import channels_first_view
 

@@ -906,14 +906,16 @@ class _Core:
         if inplace or info.norm:
             self._guard(inplace, info, ins, args, kwargs)
         ctx = None
-        random = info.random or info.dropout
-        if random or _any_autocast() or _grad_enabled() is not self.grad0:
-            ctx = self._context(info, args, kwargs)
+        # asked once per call: the op's context and its record both need it (dropout in
+        # eval mode, or with p=0, draws nothing)
+        drawn = (info.random or info.dropout) and _funcs.is_random_call(info, args, kwargs)
+        if drawn or _any_autocast() or _grad_enabled() is not self.grad0:
+            ctx = self._context(drawn)
         t0 = perf_counter()
         try:
             out = func(*args, **kwargs) if kwargs else func(*args)
         except BaseException:
-            self._record_failure(func, info, inputs, args, kwargs)
+            self._record_failure(func, info, inputs, args, kwargs, drawn)
             raise
         dt = perf_counter() - t0
 
@@ -931,7 +933,7 @@ class _Core:
                 return out
             outs, changed, by_mutation = made
             if not outs:  # a readout
-                self._record(func, info, inputs, args, kwargs, [], dt, "readout", out)
+                self._record(func, info, inputs, args, kwargs, [], dt, "readout", out, drawn)
                 return out
             if by_mutation:  # x[i] = v and friends: the op "produces" the mutated tensor
                 inplace = True
@@ -939,7 +941,7 @@ class _Core:
             for t in changed:
                 self._mark_stale(t)  # saved copies of its storage are off
             inplace = True
-        node = self._record(func, info, inputs, args, kwargs, outs, dt, None, None)
+        node = self._record(func, info, inputs, args, kwargs, outs, dt, None, None, drawn)
         if ctx is not None:
             node._ctx = ctx
         if inplace:
@@ -949,9 +951,9 @@ class _Core:
             self._link_mutators(node, ins, snaps)
         return out
 
-    def _context(self, info: Any, args: tuple, kwargs: dict) -> _context.OpContext | None:
-        """The autocast, grad mode and RNG state this op runs under, if not the default."""
-        random = (info.random or info.dropout) and _funcs.is_random_call(info, args, kwargs)
+    def _context(self, random: bool) -> _context.OpContext | None:
+        """The autocast, grad mode and RNG state (when the op draws random numbers,
+        ``random``) this op runs under, if not the default."""
         if not random and not _any_autocast() and _grad_enabled() is self.grad0:
             return None  # dropout in eval mode, p=0: the default state, nothing to read
         ctx = _context.current(rng=random)
@@ -998,7 +1000,7 @@ class _Core:
         else:
             node._extra_parents = extra
 
-    def _record(self, func, info, inputs, args, kwargs, outs, dt, kind, value) -> Op:
+    def _record(self, func, info, inputs, args, kwargs, outs, dt, kind, value, drawn) -> Op:
         """The per-op minimum; the build derives the rest once the forward is done.
 
         Python run between torch kernels is several times slower than the same code run
@@ -1015,7 +1017,7 @@ class _Core:
         node._inputs = inputs
         node._where = (self._paths, self._sites, self._cut())
         if info.random or info.dropout:
-            node.random = _funcs.is_random_call(info, args, kwargs)
+            node.random = drawn  # whether this call draws random numbers (see _op)
         self.nodes.append(node)
         if outs:
             producers = self.producers
@@ -1072,9 +1074,9 @@ class _Core:
             node.args, node.kwargs = _build.call_skeleton(args, kwargs, inputs, self.param_refs)
         return node
 
-    def _record_failure(self, func, info, inputs, args, kwargs) -> None:
+    def _record_failure(self, func, info, inputs, args, kwargs, drawn) -> None:
         if self.failed is None:
-            node = self._record(func, info, inputs, args, kwargs, [], 0.0, None, None)
+            node = self._record(func, info, inputs, args, kwargs, [], 0.0, None, None, drawn)
             node.kind = "failed"
             self.failed = node
 

@@ -18,46 +18,37 @@ from .targets import UnitTarget
 
 
 def load_image(
-    path: str | Path,
-    image_size: int,
-    channels: int,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
+    path: str | Path, image_size: int, channels: int, normalize: str | None = None
 ) -> tuple[Tensor, Tensor]:
     """``(x, shown)``: the model's input ``(1, C, S, S)`` (resized, centre-cropped,
     normalised) and the same picture in [0, 1] to draw the heatmap on.
 
-    As the probe's image folders: shorter side resized to ``image_size``, centre crop,
-    ImageNet mean/std for 3-channel models, none (0 and 1) for 1-channel ones, unless
-    ``mean``/``std`` are given."""
+    Read as the probe's image folders read a file (:func:`lurker.probe.data.convert_image`:
+    16-bit images scaled, transparency dropped; shorter side resized to ``image_size``,
+    centre crop) and normalised by the same rule (``normalize``, see
+    :func:`lurker.probe.data.normalize_stats`; None: ImageNet's mean and std for 3 channels,
+    none for 1), so an image is the same input tensor here as in a probe of a folder
+    holding it."""
     from torchvision import transforms
+
+    from ..probe import data as pdata
 
     if channels not in (1, 3):
         raise LurkerError(
             f"lurker explain reads 1- or 3-channel images; this model takes {channels}"
         )
+    mean, std = pdata.normalize_stats(normalize, channels)  # a bad spec before the file
     try:
         with Image.open(path) as im:
-            img = im.convert("RGB" if channels == 3 else "L")
+            im.load()
+            img = pdata.convert_image(im, "RGB" if channels == 3 else "L")
     except (OSError, ValueError) as e:
         raise LurkerError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
-    from ..probe.data import IMAGENET_MEAN, IMAGENET_STD
-
-    if mean is None:
-        mean = IMAGENET_MEAN if channels == 3 else (0.0,)
-    if std is None:
-        std = IMAGENET_STD if channels == 3 else (1.0,)
-    if len(mean) != channels or len(std) != channels:
-        raise LurkerError(
-            f"--mean and --std need {channels} values each for this model, got {len(mean)} "
-            f"and {len(std)}"
-        )
     shown = transforms.Compose(
         [transforms.Resize(image_size), transforms.CenterCrop(image_size), transforms.ToTensor()]
     )(img)
-    m = torch.tensor(mean).view(-1, 1, 1)
-    s = torch.tensor(std).view(-1, 1, 1)
-    return ((shown - m) / s)[None], shown
+    x = transforms.Normalize(list(mean), list(std))(shown)  # the folder's very transform
+    return x[None], shown
 
 
 def parse_target(text: str) -> int | str | UnitTarget:

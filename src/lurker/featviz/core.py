@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import LurkerError, OpKeyError
+from ..probe.data import normalize_stats
 from .param import FourierImage, MacoImage
 from .transforms import Transforms
 
@@ -186,8 +187,9 @@ def featviz(
         transforms: pad, jitter, scale and rotate at every step (Lucid's standard set).
         images_per_unit, diversity: several images per unit, pushed apart by a diversity
             term of this weight (default 100 when there are several).
-        mean, std: the normalisation the model expects; default the run's, else ImageNet's
-            for 3 channels and none for others.
+        mean, std: the normalisation the model expects; default the run's, else
+            :func:`lurker.probe.data.default_normalize`'s (ImageNet's for 3 channels, none
+            for others), as the probe and ``lurker explain`` feed an image.
         run: a probe run (directory or :class:`~lurker.store.Run`) supplying layer names,
             input size, channels and normalisation.
         seed: images are seeded per ``(seed, unit, copy)``: the same for a unit alone or
@@ -422,8 +424,11 @@ class _Config:
             raise LurkerError(f"size must be an int >= 2 or (height, width), got {size!r}")
         c = channels if channels is not None else (run_channels or _input_channels(model))
         _positive_int(c, "channels")
-        m = tuple(float(v) for v in (mean if mean is not None else (run_mean or _mean(c))))
-        s = tuple(float(v) for v in (std if std is not None else (run_std or _std(c))))
+        # the run's, as its probe fed it; else the rule every entry point shares
+        if run_mean is None or run_std is None:
+            run_mean, run_std = normalize_stats(None, c)
+        m = tuple(float(v) for v in (mean if mean is not None else run_mean))
+        s = tuple(float(v) for v in (std if std is not None else run_std))
         if len(m) != c or len(s) != c:
             raise LurkerError(
                 f"mean and std need one value per input channel ({c}), got {len(m)} and {len(s)}"
@@ -526,18 +531,6 @@ def _units(units: Any) -> list[int] | None:
     if len(set(values)) != len(values):
         raise LurkerError(f"units lists a unit twice: {values}")
     return [int(v) for v in values]
-
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def _mean(c: int) -> tuple[float, ...]:
-    return IMAGENET_MEAN if c == 3 else (0.0,) * c
-
-
-def _std(c: int) -> tuple[float, ...]:
-    return IMAGENET_STD if c == 3 else (1.0,) * c
 
 
 def _input_channels(model: nn.Module) -> int:

@@ -47,6 +47,7 @@ __all__ = [
     "WrappedDataset",
     "collate",
     "convert_image",
+    "default_normalize",
     "denormalize",
     "digits",
     "image_folder",
@@ -54,6 +55,7 @@ __all__ = [
     "load_dataset",
     "normalize_stats",
     "parse_normalize",
+    "recorded_normalize",
     "to_pil",
     "transparency_note",
     "wrap",
@@ -612,11 +614,12 @@ class ImageFolderDataset(_SkipLog, _Base):
         root: str | os.PathLike[str],
         image_size: int = 224,
         *,
-        mean: Sequence[float] = IMAGENET_MEAN,
-        std: Sequence[float] = IMAGENET_STD,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
         channels: int = 3,
         verify: bool = True,
         workers: int | None = None,
+        warn_empty: bool = True,
     ) -> None:
         from torchvision import datasets, transforms
 
@@ -633,6 +636,9 @@ class ImageFolderDataset(_SkipLog, _Base):
             raise LurkerError(
                 f"image folder: image_size must be a positive integer, got {image_size!r}"
             )
+        default_mean, default_std = normalize_stats(None, channels)
+        mean = default_mean if mean is None else mean
+        std = default_std if std is None else std
         if len(mean) != channels or len(std) != channels:
             raise LurkerError(
                 f"image folder: mean and std need {channels} values each, got {len(mean)} and "
@@ -655,7 +661,7 @@ class ImageFolderDataset(_SkipLog, _Base):
                 f"no images found in {self.root}: its class folders ({_some(empty)}) hold no "
                 f"files with an image extension ({accepted}). Expected the layout {_LAYOUT}."
             )
-        if empty:
+        if empty and warn_empty:
             warnings.warn(
                 f"image folder {self.root}: {len(empty)} class folder"
                 f"{'s' if len(empty) != 1 else ''} ({_some(empty)}) "
@@ -742,20 +748,30 @@ def image_folder(
     root: str | os.PathLike[str],
     image_size: int = 224,
     *,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
     channels: int = 3,
     verify: bool = True,
+    warn_empty: bool = True,
 ) -> ImageFolderDataset:
     """Images under ``root/<class_name>/``, resized, center-cropped and normalised.
 
     Unreadable files are skipped and listed in ``dataset.skipped`` (path, reason) rather
     than raising. ``verify`` checks every file's header in parallel up front (a truncated
     JPEG may pass that and is then skipped when it fails to decode). ``channels`` 1 reads
-    images as grayscale; mean/std must then have one value each.
+    images as grayscale; mean/std must then have one value each (default: as
+    :func:`default_normalize` says). A class folder without
+    images is kept as a class, with a warning; ``warn_empty=False`` where a run's folder is
+    read again (its probe warned once, when it read the folder for the sweep).
     """
     return ImageFolderDataset(
-        root, image_size, mean=mean, std=std, channels=channels, verify=verify
+        root,
+        image_size,
+        mean=mean,
+        std=std,
+        channels=channels,
+        verify=verify,
+        warn_empty=warn_empty,
     )
 
 
@@ -808,7 +824,7 @@ def recorded_normalize(config: Mapping[str, Any]) -> str | None:
     """How a run's images were normalised, as a ``normalize`` spec for reloading its
     dataset: the ``normalize`` the CLI recorded, else the ``mean``/``std`` every probe
     records (a run probed from Python with a dataset's own statistics), else None
-    (ImageNet's: what runs recorded before either existed were fed)."""
+    (:func:`default_normalize`'s rule; every probe has recorded its mean and std)."""
     given = config.get("normalize")
     if given is not None:
         return str(given)
@@ -822,19 +838,41 @@ def recorded_normalize(config: Mapping[str, Any]) -> str | None:
     )
 
 
+def default_normalize(channels: int) -> str:
+    """The ``normalize`` spec of an image fed to a model of ``channels`` input channels when
+    none is given: ``imagenet`` for 3 channels (how torchvision's and timm's models are
+    trained), ``none`` (images in [0, 1]) for any other count. ImageNet's statistics are
+    those of colour photographs; a 1-channel model (digits, MNIST-like, scans) is rarely
+    trained on them. The one rule of every entry point (the probe, ``lurker explain``,
+    ``lurker featviz`` and :func:`lurker.featviz`), so one image of one model is the same
+    input tensor in each."""
+    return "imagenet" if channels == 3 else "none"
+
+
 def normalize_stats(
     normalize: str | None, channels: int
 ) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """The ``(mean, std)`` a ``normalize`` spec (see :func:`parse_normalize`) names for
-    images of ``channels`` channels. None is ``imagenet``: what runs recorded before the
-    option existed were fed. ImageNet's for 1 channel is the mean of its three values."""
-    spec = parse_normalize("imagenet" if normalize is None else normalize)
+    images of ``channels`` channels; None: :func:`default_normalize`'s. ``imagenet`` for 1
+    channel is the mean of ImageNet's three values (a model trained on grayscale ImageNet;
+    what 1-channel runs probed before the default was ``none`` record), and is refused for
+    other counts than 1 and 3, which it has no values for."""
+    spec = parse_normalize(default_normalize(channels) if normalize is None else normalize)
     if spec == "none":
         return (0.0,) * channels, (1.0,) * channels
     if spec == "imagenet":
         if channels == 1:
             return (sum(IMAGENET_MEAN) / 3,), (sum(IMAGENET_STD) / 3,)
-        return tuple(IMAGENET_MEAN), tuple(IMAGENET_STD)
+        if channels == 3:
+            return tuple(IMAGENET_MEAN), tuple(IMAGENET_STD)
+        raise LurkerError(
+            f"normalize='imagenet': ImageNet's mean and std are for 3-channel (or 1-channel "
+            f"grayscale) images, and the images have {channels} channels: give 'none' "
+            f"(images in [0, 1]) or MEAN/STD with {channels} values each",
+            cli=f"--normalize imagenet: ImageNet's mean and std are for 3-channel (or "
+            f"1-channel grayscale) images, and the model takes {channels}-channel images: "
+            f"give --normalize none (images in [0, 1]) or MEAN/STD with {channels} values each",
+        )
     head, _, tail = spec.partition("/")
     mean = tuple(float(v) for v in head.split(","))
     std = tuple(float(v) for v in tail.split(","))
@@ -849,14 +887,21 @@ def normalize_stats(
 
 
 def load_dataset(
-    spec: str, image_size: int, *, channels: int | None = None, normalize: str | None = None
+    spec: str,
+    image_size: int,
+    *,
+    channels: int | None = None,
+    normalize: str | None = None,
+    reload: bool = False,
 ) -> ProbeDataset:
     """The dataset a CLI spec names: ``digits`` (``digits:train``/``digits:test``) or a folder.
 
     ``channels`` should match the model's input (None: digits 1, folders 3). A folder's
-    images are normalised as ``normalize`` says (:func:`normalize_stats`; None: ImageNet's
-    statistics, as a run recorded without it was fed). Digits are fed in [0, 1]: any other
-    ``normalize`` than ``none`` is refused rather than ignored.
+    images are normalised as ``normalize`` says (:func:`normalize_stats`; None:
+    :func:`default_normalize`'s, ImageNet's statistics for 3 channels, none for 1). Digits are fed in [0, 1]: any other
+    ``normalize`` than ``none`` is refused rather than ignored. ``reload``: the folder is
+    a run's, read again (the explorer, unit images, the map): its empty class folders
+    were warned about when the probe read it, and are not again.
     """
     name, _, split = spec.partition(":")
     if name == "digits":
@@ -874,7 +919,7 @@ def load_dataset(
             raise LurkerError(f"image folders have 1 or 3 channels; the model wants {channels}")
         c = channels or 3
         mean, std = normalize_stats(normalize, c)
-        return image_folder(path, image_size, mean=mean, std=std, channels=c)
+        return image_folder(path, image_size, mean=mean, std=std, channels=c, warn_empty=not reload)
     raise LurkerError(
         f"unknown dataset {spec!r}: give 'digits' (or 'digits:train' / 'digits:test') or an "
         f"existing directory laid out as {_LAYOUT}."

@@ -1020,8 +1020,9 @@ def _restore(
     plan: _Plan, writer: RunWriter | None, consumers: Sequence[BatchConsumer]
 ) -> _Progress:
     """Resume from this rank's checkpoint when the run is being resumed and the checkpoint
-    is of the same layers, ranks, consumers and dataset (size and labels); otherwise start
-    from the first sample (a mismatched checkpoint is overwritten by the first save)."""
+    is of the same layers, ranks, consumers and dataset (size, labels and normalisation:
+    statistics of images normalised two ways must not be mixed); otherwise start from the
+    first sample (a mismatched checkpoint is overwritten by the first save)."""
     ckpt = plan.checkpoint
     if not ckpt.exists() or (writer is not None and not writer.resumed):
         return _Progress()
@@ -1030,6 +1031,7 @@ def _restore(
         state.get("layers") != plan.layer_names
         or state.get("world") != plan.world
         or state.get("data", plan.data_key) != plan.data_key  # (none: an older checkpoint)
+        or state.get("normalization", _normalization(plan)) != _normalization(plan)
         or any(c.key not in state for c in consumers)
     ):
         return _Progress()
@@ -1045,6 +1047,11 @@ def _restore(
     )
 
 
+def _normalization(plan: _Plan) -> list[list[float]]:
+    """The dataset's mean and std, as a checkpoint keeps them."""
+    return [[float(v) for v in plan.ds.mean], [float(v) for v in plan.ds.std]]
+
+
 def _save_checkpoint(plan: _Plan, consumers: Sequence[BatchConsumer], position: _Progress) -> None:
     """Write this rank's checkpoint atomically (a killed sweep leaves the previous one)."""
     buf = io.BytesIO()
@@ -1053,6 +1060,7 @@ def _save_checkpoint(plan: _Plan, consumers: Sequence[BatchConsumer], position: 
         "world": plan.world,
         "layers": plan.layer_names,
         "data": plan.data_key,
+        "normalization": _normalization(plan),
         "skipped": [list(s) for s in _merge_skipped(position.skipped, plan.ds.skipped)],
         "transparent": _merge_transparent(position.transparent, plan.ds.transparent),
     }
@@ -1145,13 +1153,18 @@ def _sweep(plan: _Plan, consumers: Sequence[BatchConsumer], start: _Progress) ->
             f"in {plan.checkpoint}: run the same command again to resume",
             file=sys.stderr,
         )
-        raise KeyboardInterrupt
+        raise SweepInterrupted
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     position.seconds = time.perf_counter() - t_start
     position.skipped = _merge_skipped(position.skipped, plan.ds.skipped)
     position.transparent = _merge_transparent(position.transparent, plan.ds.transparent)
     return position
+
+
+class SweepInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped the sweep after checkpointing the batch in progress; the message
+    saying so (and how to resume) is printed. A KeyboardInterrupt, as any Ctrl-C."""
 
 
 @contextlib.contextmanager

@@ -174,6 +174,7 @@ class UnitImages:
                     int(size[0]),
                     channels=(cfg.get("input_shape") or [None])[0],
                     normalize=pdata.recorded_normalize(cfg),  # as the probe fed it
+                    reload=True,
                 )
         if device is not None:
             model = model.to(device)

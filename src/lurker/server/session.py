@@ -252,6 +252,7 @@ class Session:
                         int(size[0]),
                         channels=shape[0],
                         normalize=pdata.recorded_normalize(self.config),
+                        reload=True,
                     )
             except LurkerError as e:
                 self._dataset_error = f"cannot load the run's dataset: {e}"
