@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -18,14 +20,18 @@ import lurker
 
 class Images(Dataset):
     """12 fixed random images in 3 classes; ``ctrl_c_at``: the item whose loading presses
-    Ctrl-C (a SIGINT to this process), once."""
+    Ctrl-C (a SIGINT to this process), once, or sends ``sig`` ``times`` times (twice: a
+    terminal's Ctrl-C that torchrun's launcher passes on to its workers again; SIGTERM: a
+    preempted node)."""
 
-    def __init__(self, ctrl_c_at: int | None = None) -> None:
+    def __init__(
+        self, ctrl_c_at: int | None = None, sig: int = signal.SIGINT, times: int = 1
+    ) -> None:
         g = torch.Generator().manual_seed(0)
         self.x = torch.randn(12, 3, 8, 8, generator=g)
         self.y = torch.arange(12) % 3
         self.targets = self.y.tolist()  # labels without loading images: only the sweep loads
-        self.ctrl_c_at = ctrl_c_at
+        self.ctrl_c_at, self.sig, self.times = ctrl_c_at, sig, times
 
     def __len__(self) -> int:
         return 12
@@ -33,7 +39,8 @@ class Images(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         if i == self.ctrl_c_at:
             self.ctrl_c_at = None
-            signal.raise_signal(signal.SIGINT)
+            for _ in range(self.times):
+                signal.raise_signal(self.sig)
         return self.x[i], int(self.y[i])
 
 
@@ -172,3 +179,140 @@ def test_an_interrupted_probe_is_not_resumed_under_another_normalisation(tmp_pat
     assert got.meta["sweep"]["resumed_from"] == 0 and got.meta["sweep"]["images"] == 12
     assert got.meta["config"]["mean"] == [1.0, 1.0, 1.0]
     assert _tops(got) == _tops(want)
+
+
+def test_torchruns_second_ctrl_c_still_keeps_the_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under torchrun a Ctrl-C reaches each worker twice (from the terminal, then from the
+    launcher): the second one stopped the sweep mid-batch, saving nothing, so all work since
+    the last timed checkpoint (30 s) was lost. Now the batch is kept and the rerun
+    resumes to the uninterrupted result."""
+    model = _model()
+    want = lurker.probe(model, Images(), out=tmp_path / "whole", k=3, batch_size=4, progress=False)
+    out = tmp_path / "cut"
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")  # what torchrun sets in its workers
+    with pytest.raises(KeyboardInterrupt):
+        lurker.probe(model, Images(6, times=2), out=out, k=3, batch_size=4, progress=False)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["done"] == 8
+    got = lurker.probe(model, Images(), out=out, k=3, batch_size=4, progress=False)
+    assert got.meta["sweep"]["resumed_from"] == 8
+    assert _tops(got) == _tops(want)
+
+
+def _outcome(call: Any) -> str:
+    """How a probe call ended, in a line the test compares."""
+    try:
+        call()
+        return "done"
+    except KeyboardInterrupt as e:
+        return f"{type(e).__name__} {getattr(e, 'signum', None)}"
+    except lurker.LurkerError as e:
+        return f"{type(e).__name__} every_rank={e.every_rank} {e}"
+
+
+def _rank_worker(
+    rank: int, world: int, tmp: str, store: str, out: str, sigterm_at: int | None
+) -> None:
+    """One gloo rank probing ``out`` (SIGTERM to rank 1 as it loads item ``sigterm_at``).
+    How the call ended goes to ``outcome-rankN.txt`` in ``tmp``; the process then ends
+    normally (spawn stops no other rank), closing its connections as a stopped rank's do."""
+    from datetime import timedelta
+
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group(
+        "gloo",
+        init_method=f"file://{store}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=60),  # a hang fails the test instead of blocking it
+    )
+    data = Images(sigterm_at if rank == 1 else None, signal.SIGTERM)
+    said = _outcome(functools.partial(lurker.probe, _model(), data, out=out, **KW))
+    torch.distributed.destroy_process_group()
+    Path(tmp, f"outcome-rank{rank}.txt").write_text(said)
+
+
+KW: dict[str, Any] = {"k": 3, "batch_size": 2, "progress": False}
+
+
+def _spawn(tmp_path: Path, out: Path, sigterm_at: int | None = None) -> list[str]:
+    for old in tmp_path.glob("outcome-*"):
+        old.unlink()
+    store = tmp_path / f"store-{len(list(tmp_path.glob('store-*')))}"  # a new one each job
+    store.touch()  # (counted by the next call)
+    torch.multiprocessing.spawn(
+        _rank_worker, args=(2, str(tmp_path), str(store) + "-file", str(out), sigterm_at), nprocs=2
+    )
+    return [(tmp_path / f"outcome-rank{r}.txt").read_text() for r in range(2)]
+
+
+def test_sigterm_to_one_rank_keeps_every_ranks_work_and_resumes_only_with_as_many(
+    tmp_path: Path,
+) -> None:
+    """A preempted node: SIGTERM to rank 1 alone. It used to kill rank 1 at once, keeping
+    nothing (no checkpoint before 30 s), and rank 0, waiting to merge, failed with gloo's
+    "Connection closed by peer" traceback. Now rank 1 finishes its batch, checkpoints it and
+    stops; rank 0 keeps its whole shard and says why it stopped. Resuming with 1 process
+    (which used to sweep everything again from the start, silently) is refused naming
+    the fix, and resuming with 2 gives the uninterrupted result."""
+    want = lurker.probe(_model(), Images(), out=tmp_path / "whole", **KW)
+    out = tmp_path / "cut"
+    # rank 1's shard is items 1, 3, 5, ...: the signal comes as item 5 loads, in its 2nd batch
+    cut0, cut1 = _spawn(tmp_path, out, sigterm_at=5)
+    assert cut1 == f"ProbeInterrupted {int(signal.SIGTERM)}"
+    assert "another process of this torchrun job stopped" in cut0 and "every_rank=True" in cut0
+    with pytest.raises(lurker.LurkerError, match=r"ran as 2 processes.*with 2 processes"):
+        lurker.probe(_model(), Images(), out=out, **KW)
+    assert _spawn(tmp_path, out) == ["done", "done"]
+    got = lurker.Run.open(out)
+    # rank 0 had swept its whole shard (6), rank 1 two batches (4): kept, not swept again
+    assert got.meta["sweep"]["resumed_from"] == 10
+    assert _tops(got) == _tops(want)
+    assert not list(out.glob("checkpoint*"))
+
+
+def test_one_process_checkpoint_is_not_resumed_by_two(tmp_path: Path) -> None:
+    """An interrupted single-process run resumed under torchrun with 2 processes used to be
+    swept again from the start, silently; now every rank refuses it with the fix (rank 0
+    says it: the CLI prints an error marked every_rank once)."""
+    out = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        lurker.probe(_model(), Images(6), out=out, k=3, batch_size=4, progress=False)
+    said = _spawn(tmp_path, out)
+    for text in said:
+        assert text.startswith("LurkerError every_rank=True"), said
+        assert "ran as 1 process (checkpoint.pt)" in text and "without torchrun" in text
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["done"] == 8
+
+
+def test_a_run_in_use_stops_every_rank_with_the_lock_message(tmp_path: Path) -> None:
+    """A second torchrun job into a run another job is writing: rank 0 said the run is in
+    use, but rank 1 went on to its first collective and failed there with gloo's
+    "Connection closed by peer" traceback. Now every rank stops with the lock's message."""
+    out = tmp_path / "held"
+    with lurker.store.run_lock(out):
+        said = _spawn(tmp_path, out)
+    for text in said:
+        assert text.startswith("RunInUseError every_rank=True"), said
+        assert f"run {out} is in use by another process (pid {os.getpid()})" in text
+
+
+def test_torchrun_job_into_a_run_in_use_says_so_once(tmp_path: Path) -> None:
+    """`torchrun --nproc_per_node 2 -m lurker.cli probe` into a run another job holds:
+    rank 0's "in use" message, once, and no traceback from rank 1 (which used to fail in
+    its first collective with gloo's "Connection closed by peer")."""
+    out = tmp_path / "held"
+    cmd = [
+        *(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"),
+        *("-m", "lurker.cli", "probe", "lurker.examples:DigitsNet", "--data", "digits:test"),
+        *("--image-size", "16", "--layers", "features.4", "--out", str(out)),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with lurker.store.run_lock(out):
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    assert done.returncode != 0
+    said = done.stdout + done.stderr
+    assert said.count(f"error: run {out} is in use by another process") == 1, said
+    assert "[rank1]" not in said and "Connection closed" not in said, said

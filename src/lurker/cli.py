@@ -32,7 +32,8 @@ def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
         except LurkerError as e:
             if os.environ.get("LURKER_DEBUG"):
                 raise
-            click.secho(f"error: {e.for_cli()}", fg="red", err=True)
+            if not (e.every_rank and os.environ.get("RANK", "0") != "0"):  # once per job
+                click.secho(f"error: {e.for_cli()}", fg="red", err=True)
             sys.exit(2)
 
     return wrapper
@@ -297,9 +298,9 @@ def probe(
 ) -> None:
     """Sweep a dataset through MODEL; keep what every unit of every layer responds to.
 
-    Ctrl-C stops after the batch in progress, which is saved; rerun the same command
-    after an interruption (or a kill) to resume. Under torchrun each process sweeps a
-    shard and the results are merged.
+    Ctrl-C (or SIGTERM) stops after the batch in progress, which is saved; rerun the
+    same command after an interruption (or a kill) to resume. Under torchrun each process
+    sweeps a shard and the results are merged; resume with as many processes.
     """
     from .models import channels_first_view, image_channels, load_model
     from .probe import data as pdata
@@ -308,7 +309,7 @@ def probe(
     out = str(Path(out).expanduser())  # --out=~/runs/x: the shell leaves ~ after = alone
     if normalize is not None:  # a typo is said before the model is loaded
         normalize = pdata.parse_normalize(normalize)
-    with _interrupted_probe(), _torchrun_group(device):
+    with _stopped_quietly(), _torchrun_group(device):
         net = load_model(model, weights, device=device or "cpu")
         where = next((p.device for p in net.parameters()), "cpu")  # probed where it lies
         # (the probe makes its own view: given the model, its errors can name the fix)
@@ -377,25 +378,6 @@ def probe(
             )
 
 
-@contextlib.contextmanager
-def _interrupted_probe() -> Iterator[None]:
-    """Ctrl-C during `lurker probe`: exit status 130, as for SIGINT, with lurker's message
-    only (click would add "Aborted!" after the sweep's "interrupted ..., resume with")."""
-    from .probe.sweep import SweepInterrupted
-
-    try:
-        yield
-    except SweepInterrupted:  # the sweep has said what it saved and how to resume
-        raise SystemExit(130) from None
-    except KeyboardInterrupt:  # before the sweep, or a second Ctrl-C inside it
-        click.echo(
-            "lurker: interrupted; the run keeps what its last checkpoint saved (nothing, "
-            "before the sweep's first): run the same command again to resume",
-            err=True,
-        )
-        raise SystemExit(130) from None
-
-
 def _channel_axis(value: int | None) -> int | None:
     """``--channel-dim``, checked as the commands that feed images take it: an axis of an
     image batch other than the batch's."""
@@ -457,6 +439,27 @@ def _unit_dims(values: tuple[str, ...]) -> int | dict[str, int] | None:
     if every is not None:
         named["*"] = every  # last: a named layer's own axis wins
     return named
+
+
+@contextlib.contextmanager
+def _stopped_quietly() -> Iterator[None]:
+    """A probe stopped by Ctrl-C or SIGTERM exits with 128 + the signal, as a shell does,
+    with lurker's message only: the sweep has said what it kept and how to resume (once
+    per job), and click would add "Aborted!" from every process."""
+    from .probe import ProbeInterrupted
+
+    try:
+        yield
+    except ProbeInterrupted as stop:
+        raise SystemExit(128 + stop.signum) from None
+    except KeyboardInterrupt:  # before the sweep, or a second Ctrl-C inside it
+        if int(os.environ.get("RANK", "0")) == 0:
+            click.echo(
+                "lurker: interrupted; the run keeps what its last checkpoint saved (nothing, "
+                "before the sweep's first): run the same command again to resume",
+                err=True,
+            )
+        raise SystemExit(130) from None
 
 
 @contextlib.contextmanager

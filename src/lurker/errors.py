@@ -21,6 +21,10 @@ class LurkerError(Exception):
     :meth:`for_cli`.
     """
 
+    #: raised alike by every process of a ``torchrun`` job (rank 0 decided it for all): the
+    #: CLI prints it once, on rank 0
+    every_rank: bool = False
+
     def __init__(self, *args: Any, cli: str | None = None) -> None:
         super().__init__(*args)
         self.cli_message = cli

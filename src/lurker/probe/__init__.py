@@ -8,10 +8,10 @@ one name.
 import sys
 import types
 
-from .sweep import probe, select_layers
+from .sweep import ProbeInterrupted, probe, select_layers
 from .views import UnitImages
 
-__all__ = ["UnitImages", "probe", "select_layers"]
+__all__ = ["ProbeInterrupted", "UnitImages", "probe", "select_layers"]
 
 
 class _CallableModule(types.ModuleType):

@@ -477,6 +477,16 @@ def _dist() -> tuple[int, int]:
     return 0, 1
 
 
+def _from_rank0(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank, which all have received on return: a rank that
+    then stops (an error all raise) does not close its connections on a rank still
+    receiving (gloo aborts that process: "terminate called without an active exception")."""
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    torch.distributed.barrier()
+    return box[0]
+
+
 def _one_writer(fn: Callable[..., Run | None]) -> Callable[..., Run | None]:
     """Run ``fn`` holding the run directory's lock (rank 0, the only writer, takes it):
     a second probe into the same ``out`` fails at once instead of redoing the sweep."""
@@ -484,9 +494,19 @@ def _one_writer(fn: Callable[..., Run | None]) -> Callable[..., Run | None]:
     @functools.wraps(fn)
     def locked(*args: Any, out: str | os.PathLike[str], **kwargs: Any) -> Run | None:
         kwargs = _check_args(**kwargs)  # before the lock creates the directory
-        if _dist()[0] != 0:
-            return fn(*args, out=out, **kwargs)
-        with run_lock(out):
+        rank, world = _dist()
+        with contextlib.ExitStack() as held:
+            refused: LurkerError | None = None
+            if rank == 0:
+                try:
+                    held.enter_context(run_lock(out))
+                except LurkerError as err:
+                    refused = err
+            if world > 1:  # every rank stops with rank 0, not in its next collective
+                refused = _from_rank0(refused)
+            if refused is not None:
+                refused.every_rank = world > 1
+                raise refused
             return fn(*args, out=out, **kwargs)
 
     return locked
@@ -604,6 +624,7 @@ def probe(
             channel_dim=channel_dim,
         )
         writer = _open_writer(plan, overwrite)
+        _check_checkpoints_world(plan, writer)
         if _finished_before(plan, writer):
             return Run.open(plan.out) if plan.rank == 0 else None
         consumers = _consumers(plan)
@@ -861,6 +882,48 @@ def _open_writer(plan: _Plan, overwrite: bool) -> RunWriter | None:
     return writer
 
 
+def _check_checkpoints_world(plan: _Plan, writer: RunWriter | None) -> None:
+    """Refuse to resume checkpoints saved by another number of processes: each holds its
+    rank's shard (sample ``i`` goes to rank ``i % world``), which another number of ranks
+    would split differently, so they would be ignored and their work silently swept again
+    (and left behind). Rank 0 looks and decides for all ranks."""
+    said: str | None = None
+    cli = ""
+    if writer is not None and writer.resumed:
+        saved: dict[str, int] = {}
+        for path in sorted(plan.out.glob("checkpoint*.pt")):
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                saved[path.name] = int(state["world"])
+            except Exception:  # not a checkpoint of this layout: the sweep's own rules
+                continue
+        others = sorted({w for w in saved.values() if w != plan.world})
+        if others:
+            was = " or ".join(str(w) for w in others)
+            names = ", ".join(saved)
+            how = (
+                "without torchrun"
+                if others == [1]
+                else f"with {was} processes (torchrun --nproc_per_node {was})"
+            )
+            said = (
+                f"{plan.out} holds checkpoints of a probe interrupted while it ran as {was} "
+                f"process{'es' if others != [1] else ''} ({names}), and this probe runs as "
+                f"{plan.world}: each checkpoint holds its process's shard of the dataset "
+                "(sample i on process i % processes), so it resumes only with as many "
+                f"processes. Resume it {how}, or sweep it again from the start with "
+            )
+            said, cli = said + "overwrite=True.", said + "--overwrite."
+    if plan.world > 1:
+        said, cli = _from_rank0((said, cli))
+    if said is not None:
+        if writer is not None:
+            writer.close()  # the run is left as it is, checkpoints and all
+        err = LurkerError(said, cli=cli)
+        err.every_rank = plan.world > 1
+        raise err
+
+
 def _digest(x: Tensor) -> str:
     """A digest of a tensor's values (float64 holds every float and index dtype exactly;
     its bytes, not its storage's: a dataset's first image is a view of all of them)."""
@@ -900,9 +963,7 @@ def _finished_before(plan: _Plan, writer: RunWriter | None) -> bool:
                 "(overwrite=True; on the command line --overwrite)"
             )
     if plan.world > 1:
-        flag = [done]
-        torch.distributed.broadcast_object_list(flag, src=0)
-        done = bool(flag[0])
+        done = bool(_from_rank0(done))
     return done
 
 
@@ -1104,14 +1165,14 @@ def _sweep(plan: _Plan, consumers: Sequence[BatchConsumer], start: _Progress) ->
     known = torch.tensor(plan.labels, dtype=torch.int64)  # what the run will say they are
     bar = Progress("probing", total, position.done, plan.progress and plan.rank == 0, 10.0)
     batches = iter(loader)
-    with contextlib.closing(bar), torch.no_grad(), _ctrl_c() as interrupted:
+    with contextlib.closing(bar), torch.no_grad(), _stop_signals() as interrupted:
         while True:
             try:
                 images, labels, ids = next(batches)  # unreadable images dropped (ds.skipped)
             except StopIteration:
                 break
             except Exception:
-                if interrupted.is_set():  # DataLoader workers stopped by the same Ctrl-C
+                if interrupted:  # DataLoader workers stopped by the same Ctrl-C
                     break
                 raise
             if len(images):
@@ -1144,16 +1205,14 @@ def _sweep(plan: _Plan, consumers: Sequence[BatchConsumer], start: _Progress) ->
             ):
                 _save_checkpoint(plan, consumers, position)  # a device sync and a file write
                 last_ckpt = now
-            if interrupted.is_set():  # Ctrl-C during the batch: keep it, then stop
+            if interrupted:  # Ctrl-C or SIGTERM during the batch: keep it, then stop
                 break
-    if interrupted.is_set():
+    if interrupted:
         _save_checkpoint(plan, consumers, position)  # every batch whole: none half-counted
-        print(
-            f"lurker: interrupted after {position.done} of {total} images, which are saved "
-            f"in {plan.checkpoint}: run the same command again to resume",
-            file=sys.stderr,
-        )
-        raise SweepInterrupted
+        _say_interrupted(plan, position, total, interrupted[0])
+        raise ProbeInterrupted(interrupted[0])
+    if plan.world > 1:  # a rank interrupted while this one waits to merge costs it nothing
+        _save_checkpoint(plan, consumers, position)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     position.seconds = time.perf_counter() - t_start
@@ -1162,35 +1221,83 @@ def _sweep(plan: _Plan, consumers: Sequence[BatchConsumer], start: _Progress) ->
     return position
 
 
-class SweepInterrupted(KeyboardInterrupt):
-    """Ctrl-C stopped the sweep after checkpointing the batch in progress; the message
-    saying so (and how to resume) is printed. A KeyboardInterrupt, as any Ctrl-C."""
+class ProbeInterrupted(KeyboardInterrupt):
+    """The sweep stopped on Ctrl-C (SIGINT) or SIGTERM after checkpointing its last batch;
+    ``signum`` is the signal (the command line exits with 128 + it)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+    def __reduce__(self) -> tuple[Any, ...]:  # (pickled by name, it would not rebuild)
+        return (type(self), (self.signum,))
+
+
+def _under_torchrun() -> bool:
+    """Whether this process is a worker of torchrun's launcher (which sets this variable)."""
+    return "TORCHELASTIC_RUN_ID" in os.environ
 
 
 @contextlib.contextmanager
-def _ctrl_c() -> Iterator[threading.Event]:
-    """While the sweep runs, Ctrl-C (SIGINT) sets the event instead of raising in the
-    middle of a batch (where the statistics may hold part of it): the sweep finishes the
-    batch, checkpoints it and stops, so the next run resumes from the last image swept. A
-    second Ctrl-C raises at once (the previous checkpoint stands). Only where Python's own
-    handler is installed, in the main thread: a handler of the caller's is left alone."""
-    event = threading.Event()
-    if (
-        threading.current_thread() is not threading.main_thread()
-        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
-    ):
-        yield event
+def _stop_signals() -> Iterator[list[int]]:
+    """While the sweep runs, Ctrl-C (SIGINT) and SIGTERM (a preempted job) record the
+    signal instead of stopping the process in the middle of a batch (where the statistics
+    may hold part of it): the sweep finishes the batch, checkpoints it and stops, so the
+    next run resumes from the last image swept. A second signal stops at once (the previous
+    checkpoint stands), except under torchrun: its launcher passes on the signal a terminal
+    already sent every process (two per Ctrl-C), and kills workers that have not stopped
+    after its own grace period. A signal with a handler of the caller's is left alone, as
+    is everything outside the main thread. Yields the signals received."""
+    got: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield got
         return
+    once = not _under_torchrun()
+    ours = {
+        sig: default
+        for sig, default in (
+            (signal.SIGINT, signal.default_int_handler),
+            (signal.SIGTERM, signal.SIG_DFL),
+        )
+        if signal.getsignal(sig) is default
+    }
 
     def deferred(signum: int, frame: Any) -> None:
-        event.set()
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        got.append(signum)
+        if once:
+            signal.signal(signum, ours[signum])
 
-    signal.signal(signal.SIGINT, deferred)
+    for sig in ours:
+        signal.signal(sig, deferred)
     try:
-        yield event
+        yield got
     finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        for sig, default in ours.items():
+            signal.signal(sig, default)
+
+
+def _say_interrupted(plan: _Plan, position: _Progress, total: int, signum: int) -> None:
+    """Tell the user what was kept and how to resume: the same command, with as many
+    processes (each rank resumes its own shard). Under torchrun rank 0 speaks for a Ctrl-C,
+    which the terminal sent every process; a rank stopped alone by SIGTERM (a preempted
+    node) says so itself."""
+    if plan.world == 1:
+        print(
+            f"lurker: interrupted after {position.done} of {total} images, which are saved "
+            f"in {plan.checkpoint}: run the same command again to resume",
+            file=sys.stderr,
+        )
+        return
+    if plan.rank != 0 and signum != signal.SIGTERM:
+        return
+    how = "stopped by SIGTERM" if signum == signal.SIGTERM else "interrupted"
+    print(
+        f"lurker: process {plan.rank} of {plan.world} {how} after {position.done} of its "
+        f"{total} images; each process keeps the images it swept in "
+        f"{plan.out / 'checkpoint-rank*.pt'}: run the same command again, with {plan.world} "
+        "processes, to resume",
+        file=sys.stderr,
+    )
 
 
 def _check_labels(labels: Tensor, ids: Tensor, known: Tensor) -> None:
@@ -1221,12 +1328,27 @@ def _finish(
     skipped, seen, seconds, done = swept.skipped, swept.seen, swept.seconds, swept.done
     clear = swept.transparent
     if plan.world > 1:
-        for c in consumers:
-            c.merge()
-        # one gather: every rank's unreadable (and transparent) files, and its share of
-        # the run's figures
         gathered: list[Any] = [None] * plan.world
-        torch.distributed.all_gather_object(gathered, (skipped, seen, seconds, done, clear))
+        # a signal while this rank waits for the others is deferred, not raised inside a
+        # collective (a traceback, then gloo's abort): a rank that stopped ends the merge
+        with _stop_signals():
+            try:
+                for c in consumers:
+                    c.merge()
+                # one gather: every rank's unreadable (and transparent) files, and its share
+                # of the run's figures
+                torch.distributed.all_gather_object(gathered, (skipped, seen, seconds, done, clear))
+            except RuntimeError as e:  # (gloo: "Connection closed by peer"; NCCL's own words)
+                err = LurkerError(
+                    f"another process of this torchrun job stopped (interrupted, preempted or "
+                    f"failed: see its message) before the {plan.world} processes merged their "
+                    f"statistics ({type(e).__name__}: {str(e).splitlines()[0][:120]}). Every "
+                    f"process's sweep is saved in {plan.out / 'checkpoint-rank*.pt'} (one killed "
+                    f"outright, up to its last checkpoint): run the same command again, with "
+                    f"{plan.world} processes, to resume"
+                )
+                err.every_rank = True
+                raise err from None
         skipped = _merge_skipped(*(g[0] for g in gathered))
         seen = sum(g[1] for g in gathered)
         seconds = max(g[2] for g in gathered)
