@@ -25,7 +25,8 @@ from lurker.server import create_app, export_site, static_segment
 
 METHODS = ("saliency", "gradcam")
 SAMPLES = (0, 1)
-GRADCAM_LAYER = "features.9"  # the run's last probed spatial layer: Grad-CAM's default
+CONCEPT_LAYER = "features.9"  # the run's last probed spatial layer: concept relevance's
+# default; Grad-CAM's is lurker.explain's own (its files are named without a layer)
 CONCEPT_TOP = 8  # the units the Explain page ranks
 
 
@@ -100,7 +101,7 @@ def test_cache_holds_the_explanations_of_the_runs_model(
         top = int(probs.argmax())
         for method, name, opts in (
             ("saliency", "saliency-top", {}),
-            ("gradcam", f"gradcam-top-{GRADCAM_LAYER}", {"layer": GRADCAM_LAYER}),
+            ("gradcam", "gradcam-top", {}),  # lurker.explain's default layer, as in Python
         ):
             heat = np.load(folder / f"sample-{sid}" / f"{name}.npy")
             want = XP.explain(model, x, target=top, method=method, **opts).heatmap(0)
@@ -108,9 +109,9 @@ def test_cache_holds_the_explanations_of_the_runs_model(
             doc = json.loads((folder / f"sample-{sid}" / f"{name}.json").read_text())
             assert doc["target"] == str(top)
         # concept relevance at the default layer: every unit's, and the top units' maps
-        with np.load(folder / f"sample-{sid}" / f"concepts-top-{GRADCAM_LAYER}.npz") as z:
+        with np.load(folder / f"sample-{sid}" / f"concepts-top-{CONCEPT_LAYER}.npz") as z:
             relevance, units, heat = z["relevance"], z["units"], z["heat"]
-        want = XP.concepts(model, x, top, layer=GRADCAM_LAYER, top=CONCEPT_TOP)
+        want = XP.concepts(model, x, top, layer=CONCEPT_LAYER, top=CONCEPT_TOP)
         np.testing.assert_allclose(relevance, want.relevance[0].double(), rtol=1e-5, atol=1e-7)
         assert sorted(units.tolist()) == sorted(want.units[0].tolist())
         for u, h in zip(units.tolist(), heat):
@@ -148,11 +149,11 @@ def test_a_fresh_server_answers_from_the_cache_without_the_model(
             base = f"/api/runs/digits/live/sample-{sid}/explain/concepts"
             doc = c.get(f"{base}.json?target=top&top={CONCEPT_TOP}").json()
             ref = other.get(f"{base}.json?target=top&top={CONCEPT_TOP}").json()
-            assert doc["cached"] is True and doc["layer"] == GRADCAM_LAYER
+            assert doc["cached"] is True and doc["layer"] == CONCEPT_LAYER
             assert [u["unit"] for u in doc["units"]] == [u["unit"] for u in ref["units"]]
             assert doc["total"] == pytest.approx(ref["total"], rel=1e-5)
             for u in doc["units"]:
-                q = f"target=top&layer={GRADCAM_LAYER}&overlay=0"
+                q = f"target=top&layer={CONCEPT_LAYER}&overlay=0"
                 got, want = (
                     c.get(f"{base}/{u['unit']}.png?{q}"),
                     other.get(f"{base}/{u['unit']}.png?{q}"),
@@ -186,7 +187,7 @@ def test_a_heatmap_cached_by_an_older_lurker_is_made_again(
     app = create_app(run)
     with TestClient(app) as c:
         fresh = c.get(url("sample-0", "gradcam", "json")).json()
-        meta = run / "cache" / "explain" / "sample-0" / f"gradcam-top-{GRADCAM_LAYER}.json"
+        meta = run / "cache" / "explain" / "sample-0" / "gradcam-top.json"
         doc = json.loads(meta.read_text())
         assert doc["version"] == HEATMAP_VERSION
         del doc["version"]  # as the older lurker wrote it, with a heatmap 3 times larger
@@ -217,7 +218,7 @@ def test_export_writes_exactly_the_cached_explanations(
     index = json.loads((data / "explained.json").read_text())
     assert index["target"] == "top"
     assert [(e["image"], e["methods"], e["concepts"]) for e in index["samples"]] == [
-        (f"sample-{i}", list(METHODS), GRADCAM_LAYER) for i in SAMPLES
+        (f"sample-{i}", list(METHODS), CONCEPT_LAYER) for i in SAMPLES
     ]
     expected = set()
     concepts = {}
@@ -237,7 +238,7 @@ def test_export_writes_exactly_the_cached_explanations(
             f"{image}/explain/" + static_segment(f"concepts.json?target=top&top={CONCEPT_TOP}")
             + ".json"
         )  # fmt: skip
-        q = f"target=top&layer={GRADCAM_LAYER}&overlay=0"
+        q = f"target=top&layer={CONCEPT_LAYER}&overlay=0"
         for u in concepts[sid]["units"]:
             expected.add(f"{image}/explain/concepts/" + static_segment(f"{u['unit']}.png?{q}"))
     live = data / "live"
@@ -319,7 +320,7 @@ def without_weights(run: Path, root: Path) -> Path:
 
 def held_units(run: Path, sid: int) -> list[int]:
     """The units whose concept heatmaps the run's cache holds for the sample."""
-    path = run / "cache" / "explain" / f"sample-{sid}" / f"concepts-top-{GRADCAM_LAYER}.npz"
+    path = run / "cache" / "explain" / f"sample-{sid}" / f"concepts-top-{CONCEPT_LAYER}.npz"
     with np.load(path) as z:
         return [int(u) for u in z["units"]]
 
@@ -356,7 +357,7 @@ def test_a_server_that_cannot_load_the_model_serves_the_cache(
             for method in METHODS
             for how in (("json",), ("png", "0"), ("png", "1"))
         ]
-        q = f"target=top&layer={GRADCAM_LAYER}&overlay=0"
+        q = f"target=top&layer={CONCEPT_LAYER}&overlay=0"
         for sid in SAMPLES:  # the concept ranking the page asks first, and each map held
             base = f"/api/runs/digits/live/sample-{sid}/explain/concepts"
             explanations.append(f"{base}.json?target=top&top={CONCEPT_TOP}")
@@ -408,7 +409,7 @@ def test_the_explained_index_lists_only_the_run_models_files(
         assert c.get(url("sample-0", "saliency", "json")).json()["cached"] is False
         assert c.get("/api/runs/digits/explained").json() == {"target": "top", "samples": []}
     (copy / "cache" / "explain" / "sample-0" / "live.json").write_text("{not json")
-    kept = copy / "cache" / "explain" / "sample-1" / f"concepts-top-{GRADCAM_LAYER}.npz"
+    kept = copy / "cache" / "explain" / "sample-1" / f"concepts-top-{CONCEPT_LAYER}.npz"
     kept.unlink()
     with TestClient(create_app(copy)) as c:
         r = c.get("/api/runs/digits/explained")
@@ -422,5 +423,5 @@ def test_the_explained_index_lists_only_the_run_models_files(
         assert c.get(f"{base}.json?target=top&top={CONCEPT_TOP}").status_code == 200
         assert len(held_units(copy, 1)) >= CONCEPT_TOP
         assert c.get("/api/runs/digits/explained").json()["samples"][0]["concepts"] == (
-            GRADCAM_LAYER
+            CONCEPT_LAYER
         )

@@ -647,7 +647,12 @@ def test_explain_page(page: Any, console: list[str], explorer: dict[str, Any]) -
         "() => [...document.querySelectorAll('.methods figcaption')]"
         ".every(f => f.textContent.includes('max'))"
     )
-    assert "features.9" in page.locator('.explain-card[data-method="gradcam"]').inner_text()
+    # Grad-CAM at lurker.explain's own default layer, as Python has it
+    from lurker.explain.gradcam import default_layer
+
+    cam_layer = default_layer(model, ds[sid][0][None])
+    caption = page.locator('.explain-card[data-method="gradcam"] figcaption').inner_text()
+    assert caption.startswith(f"at {cam_layer}")
 
     # concept relevance of the default layer: 8 units, each map loaded, each linked to its
     # unit page (the layer is probed), ranked as lurker.explain.concepts ranks them
@@ -791,7 +796,13 @@ def test_static_explain_page_of_precomputed_samples(
 
     url = explained_site["url"]
     open_precomputed(page, url, 1)
-    assert "features.9" in page.locator('.explain-card[data-method="gradcam"]').inner_text()
+    # Grad-CAM precomputed at lurker.explain's own default layer, as the server has it
+    from lurker.explain.gradcam import default_layer
+    from lurker.probe.data import load_dataset
+
+    x = load_dataset("digits:test", 16, channels=1)[1][0][None]
+    cam = page.locator('.explain-card[data-method="gradcam"] figcaption').inner_text()
+    assert cam.startswith(f"at {default_layer(explorer_run.model, x)}")
     # the target chooser: the top class on, the others disabled; the page says why
     buttons = page.locator(".target-list .target")
     assert buttons.count() == 5

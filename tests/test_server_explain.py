@@ -18,9 +18,10 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
-import lurker.explain  # noqa: F401  (the package module, patched below)
+import lurker.explain  # the package module (patched below), and lurker.trace
 from explorer_fixtures import ExplorerRun, explorer_run, summary_rank_behind  # noqa: F401
 from lurker.explain import METHODS
+from lurker.explain.gradcam import default_layer
 from lurker.probe.data import load_dataset
 from lurker.server import create_app
 
@@ -79,9 +80,10 @@ def test_methods_listed(client: TestClient):
     assert not by["saliency"]["needs_layer"] and not by["occlusion"]["needs_layer"]
     assert by["saliency"]["signed"] is False and by["integrated_gradients"]["signed"] is True
     assert all(m["summary"] for m in body["methods"])
-    # the run's probed layers with a (C, H, W) output larger than 1x1; the last by default
+    # the run's probed layers with a (C, H, W) output larger than 1x1; the last is concept
+    # relevance's default; Grad-CAM's is lurker.explain's own (null: found per image)
     assert body["layers"] == [f"features.{i}" for i in (0, 2, 4, 6, 8, 9)]
-    assert body["default_layer"] == "features.9"
+    assert body["default_layer"] is None and body["concept_layer"] == "features.9"
 
 
 @pytest.mark.parametrize("method", list(METHODS))
@@ -101,8 +103,10 @@ def test_each_method_equals_explain(
     assert body["method"] == method and body["shape"] == [16, 16] and body["scale"] == 14
     if method == "smoothgrad":
         assert body["options"]["seed"] == 0  # deterministic: the cache and a rerun agree
-    if method in ("gradcam", "gradcam_plus_plus"):
-        assert body["layer"] == "features.9" and body["options"]["layer"] == "features.9"
+    if method in ("gradcam", "gradcam_plus_plus"):  # Python's default layer, by Python
+        want = default_layer(model, x, top)
+        assert body["layer"] == want and body["options"]["layer"] == want
+        assert body["layer_module"] == lurker.trace(model, x)[want].module
 
     ex = _oracle(model, x, method, top, body["options"])
     heat = ex.heatmap(0).double().numpy()
@@ -400,7 +404,12 @@ def test_a_zero_gradcam_and_a_relu_rule_without_relus_say_so(tmp_path, x):
             assert cam["cached"] is fresh and cam["max"] == 0
             assert [n for n in cam["notes"] if "is 0 everywhere" in n], cam["notes"]
             default = c.get(f"{base}/gradcam").json()
-            assert default["layer"] != last and default["max"] > 0 and default["notes"] == []
+            assert default["cached"] is fresh and default["max"] > 0 and default["notes"] == []
+            # the default is Python's: the last block's first norm (pytorch-grad-cam's
+            # recipe), not a probed layer (the page used the block before it)
+            assert default["layer"] == default_layer(model, x)
+            assert default["layer_module"] == "vit.encoder.layers.encoder_layer_1.ln_1"
+            assert c.get("/api/runs/vit/explain/methods").json()["default_layer"] is None
             for method in ("guided_backprop", "deconvnet"):
                 r = c.get(f"{base}/{method}").json()
                 assert any("runs no ReLU" in n for n in r["notes"]), r
@@ -413,6 +422,13 @@ def test_a_zero_gradcam_and_a_relu_rule_without_relus_say_so(tmp_path, x):
     g_tokens, g_x = torch.autograd.grad(score, [seen[0], xi])
     assert g_tokens[:, 1:].abs().amax() == 0 and g_tokens[:, 0].abs().amax() > 0
     assert abs(r["sum"] - float(g_x.sum())) <= 1e-4 * float(g_x.abs().sum())  # deconvnet
+    # the explorer's default Grad-CAM is lurker.explain's: same layer, same heatmap
+    want = XP.explain(model, x, target=cam["target_class"], method="gradcam")
+    assert default["layer"] == want.options["layer"] == default_layer(model, x)
+    assert lurker.trace(model, x)[want.options["layer"]].module.endswith("encoder_layer_1.ln_1")
+    heat = want.heatmap(0).double()
+    assert default["sum"] == pytest.approx(float(heat.sum()), rel=1e-4, abs=1e-6)
+    assert default["max"] == pytest.approx(float(heat.max()), rel=1e-4, abs=1e-7)
 
 
 def test_a_cnns_explanations_have_no_notes(client: TestClient):
@@ -490,11 +506,14 @@ def test_default_gradcam_layer_of_a_token_averaging_head_is_its_last_map(tmp_pat
     from lurker.explain.gradcam import layer_and_grad
 
     with TestClient(create_app(tmp_path / "tm", model_obj=model)) as c:
-        default = c.get("/api/runs/tm/explain/methods").json()["default_layer"]
+        doc = c.get("/api/runs/tm/explain/methods").json()
         cam = c.get(f"/api/runs/tm/live/sample-{SAMPLE}/explain/gradcam").json()
-    # the last probed map (the block's ReLU, after the attention; before the fix: "embed")
-    assert default == "relu_1" and cam["layer"] == "relu_1" and cam["max"] > 0
-    _, g, _, _ = layer_and_grad(model, x, cam["target_class"], "relu_1")
+    # concept relevance: the last probed map (the block's ReLU, after the attention; before
+    # a fix: "embed"); Grad-CAM: lurker.explain's own, the last map (the final norm)
+    assert doc["concept_layer"] == "relu_1" and doc["default_layer"] is None
+    assert cam["layer"] == default_layer(model, x) and cam["max"] > 0
+    assert cam["layer_module"] == "norm"
+    _, g, _, _ = layer_and_grad(model, x, cam["target_class"], cam["layer"])
     assert g.shape[-2:] == (4, 4) and bool((g.abs().amax(1) > 0).all())  # every token reaches
     heat = _oracle(model, x, "gradcam", cam["target_class"], cam["options"]).heatmap(0)
     assert cam["sum"] == pytest.approx(float(heat.sum()), rel=1e-4, abs=1e-4)

@@ -514,11 +514,13 @@ def test_explain_page_of_a_vit_run_offers_its_blocks(tmp_path: Any):
         doc = client.get("/api/runs/r/explain/methods").json()
         runs_layers = client.get("/api/runs/r").json()["layers"]
         assert doc["layers"] == [layer["name"] for layer in runs_layers]  # all make maps
-        # by default before the last attention: after it, the patch tokens no longer reach
-        # the class token the head reads, and every Grad-CAM map there is zero
-        assert doc["default_layer"] == "conv_proj"
+        # concept relevance by default before the last attention: after it, the patch
+        # tokens no longer reach the class token the head reads (their relevance is zero);
+        # Grad-CAM by default where lurker.explain puts it (the last block's first norm)
+        assert doc["concept_layer"] == "conv_proj" and doc["default_layer"] is None
         r = client.get("/api/runs/r/live/sample-3/explain/gradcam?target=3")
         assert r.status_code == 200 and r.json()["max"] > 0, r.text
+        assert r.json()["layer_module"] == "encoder.layers.encoder_layer_0.ln_1"
         block = doc["layers"][-1]
         assert block.startswith("encoder.layers.encoder_layer_0")
         r = client.get(f"/api/runs/r/live/sample-3/explain/gradcam?target=3&layer={block}")

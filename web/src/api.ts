@@ -87,7 +87,7 @@ export interface LayerDoc {
   rf: Record<string, unknown> | null;
   layout: Record<string, unknown> | null;
   histogram: Histogram;
-  units: { unit: number; mean: number | null; max: number | null; top_max: number | null; top_mean: number | null }[];
+  units: { unit: number; mean: number | null; max: number | null; top_max: number | null; top_mean: number | null; top_max_peak?: number[] | null }[];
 }
 
 export interface TopEntry {

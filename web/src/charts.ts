@@ -118,10 +118,11 @@ export function positionCount(layer: { shape: number[]; layout?: Record<string, 
   return layer.shape.slice(1).reduce((n, d) => n * d, 1);
 }
 
-/** What one value of an activation histogram is: a sample's spatial mean, or (a layer
- * with one value per unit and sample) its activation. */
-export function sampleValueLabel(positions: number): string {
-  return positions > 1 ? "spatial mean activation of a sample" : "activation of a sample";
+/** What one value of an activation histogram is: a sample's spatial mean (on a layer of
+ * tokens, its mean over the tokens: a ViT's class token is one of them, not a place in
+ * the image), or (a layer with one value per unit and sample) its activation. */
+export function sampleValueLabel(positions: number, tokens = false): string {
+  return positions > 1 ? (tokens ? "mean activation over a sample's tokens" : "spatial mean activation of a sample") : "activation of a sample";
 }
 
 /** Horizontal bars, label on the left, value at the bar's end. */

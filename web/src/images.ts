@@ -26,3 +26,28 @@ export async function imageState(ctx: PageContext): Promise<ImageState> {
 export function noImage(text = "no image"): HTMLElement {
   return h("div", { class: "no-img" }, text);
 }
+
+/**
+ * On a layer of tokens, what a unit's per-sample mean is taken over, in words: "its 17
+ * tokens (the class token included)" (the probe averages every token, a patchless class
+ * token too); null on any other layer.
+ */
+export function tokenMeanOver(layer: { rf?: Record<string, unknown> | null; layout?: Record<string, unknown> | null }): string | null {
+  const boxes = layer.layout?.["boxes"];
+  if (layer.rf || !Array.isArray(boxes)) return null;
+  const none = boxes.filter((b) => b === null).length;
+  const which = none === 1 && boxes[0] === null ? "the class token" : `the ${none} tokens with no patch`;
+  return `its ${boxes.length} tokens${none ? ` (${which} included)` : ""}`;
+}
+
+/**
+ * On a layer of tokens, the tag of a peak at a token with no patch (a class token: its
+ * layout box is null), which has no box to draw and whose "patch" is the whole image;
+ * null for a peak at a patch token, or on any other layer.
+ */
+export function patchless(layer: { rf?: Record<string, unknown> | null; layout?: Record<string, unknown> | null }, token: number | null | undefined): HTMLElement | null {
+  const boxes = layer.layout?.["boxes"];
+  if (layer.rf || !Array.isArray(boxes) || token === null || token === undefined || boxes[token] !== null) return null;
+  const name = token === 0 ? "class token" : `token ${token}`;
+  return h("span", { class: "token-tag", title: `the peak is at token ${token}, which stands for no patch of the image (${token === 0 ? "the class token" : "a token the model adds"}): no box to draw, and the image shown is the whole image` }, name);
+}

@@ -150,6 +150,10 @@ class UnitBrief(BaseModel):
     max: float | None = None
     top_max: int | None = Field(None, description="sample id at rank 0 of the max list")
     top_mean: int | None = Field(None, description="sample id at rank 0 of the mean list")
+    #: ``[y, x]`` of that max sample's peak in the unit's map (as the unit document's
+    #: entries: ``[0, token]`` on a layer of tokens), null on a layer without positions;
+    #: the layer page marks a peak at a token with no patch (a class token) by it
+    top_max_peak: list[int] | None = None
     #: The unit holds its ``max`` on every sample at every position (a ReLU that never
     #: fires: 0): its top lists are ties, ranked by sample id alone.
     constant: bool = False
@@ -448,9 +452,13 @@ class ExplainMethod(BaseModel):
 
 class ExplainMethods(BaseModel):
     methods: list[ExplainMethod]
-    #: the layer a layer method uses when none is given: the run's last probed layer
-    #: with a spatial (C, H, W) output larger than 1x1; null: the method's own default
-    default_layer: str | None
+    #: the layer a layer method uses when none is given; null: the method's own default
+    #: (``lurker.explain``'s, found per image: a ViT's last block's first norm), which is
+    #: what the server uses for a class target (each result names the layer it used)
+    default_layer: str | None = None
+    #: concept relevance's default layer: the run's last probed layer whose units make a
+    #: map (before the last attention where a class-token head reads one token after it)
+    concept_layer: str | None = None
     #: the run's probed layers with a spatial output (the page's layer chooser)
     layers: list[str]
     #: whether concept relevance (``.../explain/concepts.json``) is available
@@ -487,8 +495,11 @@ class ExplainResult(BaseModel):
     target_class: int | None
     target_name: str | None
     #: the layer a layer method used, as asked (a run layer name, module path or trace
-    #: label); null for input methods
+    #: label), or the trace label of the method's own default when none was asked; null
+    #: for input methods
     layer: str | None
+    #: the module that ran ``layer``'s op (from the run's graph), where it is known
+    layer_module: str | None = None
     signed: bool
     #: ``[height, width]`` of the heatmap (the input's spatial size)
     shape: list[int]

@@ -311,9 +311,10 @@ class RunEntry:
 
     def layer_rows(
         self, info: LayerInfo
-    ) -> tuple[list[tuple[int, float, float, int, int, bool]], Any]:
-        """``(unit, mean, max, top max sample, top mean sample, constant)`` per unit and the
-        summed histogram counts, in one query (the layer page's payload)."""
+    ) -> tuple[list[tuple[int, float, float, int, int, bool, tuple[int, int] | None]], Any]:
+        """``(unit, mean, max, top max sample, top mean sample, constant, that sample's peak
+        (y, x) or None)`` per unit and the summed histogram counts, in one query (the layer
+        page's payload)."""
         rows = self.open_run()._query(
             "SELECT unit, mean, max, hist, top FROM units WHERE layer_id = ? ORDER BY unit",
             (info.id,),
@@ -328,12 +329,15 @@ class RunEntry:
             slots = np.frombuffer(bytes(top), TOP_DTYPE) if top is not None else None
             first_max = first_mean = -1
             constant = False
+            peak = None
             if slots is not None and len(slots):
                 half = len(slots) // 2
                 first_max = int(slots["sample_id"][0])
                 first_mean = int(slots["sample_id"][half])
                 constant = slots_constant(mean, mx, slots, positions)
-            out.append((int(unit), mean, mx, first_max, first_mean, constant))
+                if positions > 1 and first_max >= 0 and int(slots["y"][0]) >= 0:
+                    peak = (int(slots["y"][0]), int(slots["x"][0]))
+            out.append((int(unit), mean, mx, first_max, first_mean, constant, peak))
         return out, total
 
     def appearances(self) -> Appearances:

@@ -29,7 +29,10 @@ interface ExplainMethod {
 
 interface ExplainMethods {
   methods: ExplainMethod[];
+  /** Grad-CAM's layer when none is asked; null: lurker.explain's own (found per image) */
   default_layer: string | null;
+  /** concept relevance's default layer (a probed one); absent in older exports */
+  concept_layer?: string | null;
   layers: string[];
   concepts: boolean;
 }
@@ -51,6 +54,7 @@ interface ExplainResult {
   target_class: number | null;
   target_name: string | null;
   layer: string | null;
+  layer_module?: string | null;
   signed: boolean;
   shape: number[];
   min: number | null;
@@ -159,7 +163,7 @@ export async function renderExplain(root: HTMLElement, ctx: PageContext): Promis
   const unitField = h("input", {
     type: "text",
     id: "explain-unit",
-    placeholder: "LAYER:CHANNEL, e.g. " + (info.default_layer ?? summary.layers[0]?.name ?? "layer") + ":0",
+    placeholder: "LAYER:CHANNEL, e.g. " + (conceptDefault(info) ?? summary.layers[0]?.name ?? "layer") + ":0",
     value: isUnit ? target : "",
     "aria-label": "unit target LAYER:CHANNEL",
     list: "explain-layers",
@@ -246,7 +250,9 @@ export async function renderExplain(root: HTMLElement, ctx: PageContext): Promis
   const layerSelect = h(
     "select",
     { id: "explain-layer", "aria-label": "Grad-CAM layer" },
-    h("option", { value: "" }, isUnit ? "default (at or before the unit's layer)" : `default (${info.default_layer ?? "the last spatial layer"})`),
+    // lurker.explain's own default (a ViT's last block's first norm, not a probed layer):
+    // named once the Grad-CAM result says which layer it chose
+    h("option", { value: "" }, isUnit ? "default (at or before the unit's layer)" : `default (${info.default_layer ?? "as lurker.explain chooses"})`),
     info.layers.map((l) => h("option", { value: l, selected: l === layer }, l)),
   );
   layerSelect.addEventListener("change", () => go({ layer: layerSelect.value || null }));
@@ -301,7 +307,13 @@ export async function renderExplain(root: HTMLElement, ctx: PageContext): Promis
   });
 
   const shown = held ? info.methods.filter((m) => held.methods.includes(m.name)) : info.methods;
-  for (const m of shown) grid.append(methodCard(ctx, image, m, target, m.needs_layer ? layer : null, inputSrc));
+  const namedDefault = (r: ExplainResult) => {
+    // the default option names the layer the server's default chose (once, the same for
+    // Grad-CAM and Grad-CAM++)
+    const opt = (layerSelect as HTMLSelectElement).options[0];
+    if (!layer && !isUnit && r.layer && opt) opt.textContent = `default (${layerName(r)})`;
+  };
+  for (const m of shown) grid.append(methodCard(ctx, image, m, target, m.needs_layer ? layer : null, inputSrc, m.needs_layer ? namedDefault : undefined));
   if (explained && held?.concepts) {
     // precomputed with the run's model: the default layer's ranking, the layer fixed
     const section = conceptSection(ctx, summary, live, image, "top", null, inputSrc, () => undefined);
@@ -319,7 +331,7 @@ export async function renderExplain(root: HTMLElement, ctx: PageContext): Promis
       ),
     );
   } else if (info.concepts) {
-    const clayer = params.get("clayer") || (isUnit ? null : info.default_layer) || null;
+    const clayer = params.get("clayer") || (isUnit ? null : conceptDefault(info)) || null;
     page.append(conceptSection(ctx, summary, live, image, target, clayer, inputSrc, (l) => go({ clayer: l })));
   }
 }
@@ -385,7 +397,7 @@ function conceptSection(ctx: PageContext, summary: RunSummary, live: LiveImage, 
   );
 }
 
-function methodCard(ctx: PageContext, image: string, m: ExplainMethod, target: string, layer: string | null, inputSrc: string): HTMLElement {
+function methodCard(ctx: PageContext, image: string, m: ExplainMethod, target: string, layer: string | null, inputSrc: string, resolved?: (r: ExplainResult) => void): HTMLElement {
   const base = p("runs", ctx.run, "live", image, "explain", m.name);
   const q = new URLSearchParams({ target });
   if (layer) q.set("layer", layer);
@@ -405,9 +417,10 @@ function methodCard(ctx: PageContext, image: string, m: ExplainMethod, target: s
     stack.classList.remove("busy");
     try {
       const r = await ctx.api.json<ExplainResult>(`${base}.json?${jq}`);
+      resolved?.(r);
       fill(
         caption,
-        r.layer ? [h("span", null, "at ", h("code", null, r.layer)), " · "] : null,
+        r.layer ? [h("span", null, "at ", h("a", { class: "explain-layer", href: `${ctx.href("graph")}?focus=${encodeURIComponent(r.layer)}`, title: "this layer's op in the graph" }, h("code", null, layerName(r)))), " · "] : null,
         // null (X-Lurker-Min/Max "none"): no finite value to give a range, not a range of "–"
         r.min === null || r.max === null
           ? h("span", { class: "explain-note nf-note", role: "note" }, "no finite value: every attribution is NaN or ±inf (a NaN or inf in the model's weights or its input), so nothing is drawn")
@@ -435,6 +448,17 @@ function methodCard(ctx: PageContext, image: string, m: ExplainMethod, target: s
   q.set("overlay", "0");
   heat.src = ctx.api.pngUrl(`${base}.png?${q}`);
   return card;
+}
+
+/** A result's layer for a person: a trace label with the module that ran it, when that
+ * module is not the name already. */
+function layerName(r: ExplainResult): string {
+  return r.layer_module && r.layer_module !== r.layer ? `${r.layer} (${r.layer_module})` : r.layer ?? "";
+}
+
+/** Concept relevance's default layer (a probed one; older exports named it default_layer). */
+function conceptDefault(info: ExplainMethods): string | null {
+  return info.concept_layer !== undefined ? info.concept_layer : info.default_layer;
 }
 
 /** `class objects (index 1)`: a class by its name, as the heatmaps' heading names it, with

@@ -3,7 +3,7 @@ import { cropCanvas, p, type LayerDoc } from "../api";
 import { histogramChart, positionCount, sampleValueLabel } from "../charts";
 import type { PageContext } from "../context";
 import { append, facts, fill, fmt, h, notice, shape } from "../dom";
-import { imageState, noImage } from "../images";
+import { imageState, noImage, patchless, tokenMeanOver } from "../images";
 
 const SORTS = ["max", "mean", "index"] as const;
 /** Cards built before the page first shows: more than a large screen holds. */
@@ -49,7 +49,13 @@ export async function renderLayer(root: HTMLElement, ctx: PageContext, args: str
   const thumbButtons = h("div", { class: "seg", role: "group", "aria-label": "thumbnail" });
   const fvHint = h("span", { class: "muted small featviz-note" });
 
-  const thumbnail = (unit: number, top: number | null, constant: number | null): HTMLElement => {
+  const thumbnail = (unit: number, top: number | null, constant: number | null, peak: number[] | null = null): HTMLElement => {
+    const tag = thumb === "featviz" || constant !== null || top === null ? null : patchless({ rf: doc.rf, layout: doc.layout }, peak?.[1]);
+    const shown = image(unit, top, constant);
+    // the top image's peak at a class token: no patch, the "crop" is the whole image
+    return tag && shown.tagName !== "DIV" ? h("span", { class: "fv-thumb" }, shown, tag) : shown;
+  };
+  const image = (unit: number, top: number | null, constant: number | null): HTMLElement => {
     const alt = `unit ${unit}: top image`;
     if (constant !== null && thumb !== "featviz") {
       const word = constant === 0 ? "silent" : "constant";
@@ -87,7 +93,7 @@ export async function renderLayer(root: HTMLElement, ctx: PageContext, args: str
       el = h(
         "a",
         { class: u.constant ? "unit-card constant" : "unit-card", role: "listitem", href: ctx.href("unit", name, u.unit), "data-unit": u.unit, "data-constant": u.constant ? "1" : null },
-        thumbnail(u.unit, u.top_max, u.constant ? u.max ?? 0 : null),
+        thumbnail(u.unit, u.top_max, u.constant ? u.max ?? 0 : null, u.top_max_peak ?? null),
         h("span", { class: "unit-id" }, `unit ${u.unit}`),
         h("span", { class: "unit-stats" }, h("span", null, `max ${fmt(u.max)}`), h("span", null, `mean ${fmt(u.mean)}`)),
       );
@@ -171,7 +177,7 @@ export async function renderLayer(root: HTMLElement, ctx: PageContext, args: str
         "section",
         { class: "card chart-card" },
         h("h3", null, "Activations of all units"),
-        histogramChart(doc.histogram, { width: 460, height: 190, xLabel: sampleValueLabel(positions) }),
+        histogramChart(doc.histogram, { width: 460, height: 190, xLabel: sampleValueLabel(positions, tokenMeanOver({ rf: doc.rf, layout: doc.layout }) !== null) }),
         h("p", { class: "muted small" }, positions > 1 ? "every unit's per-sample means, counted together" : "every unit's per-sample activations, counted together"),
       ),
     ),

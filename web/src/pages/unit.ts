@@ -6,7 +6,7 @@ import { cropCanvas, p, type EntryKind, type FeatVizView, type Shown, type TopEn
 import { barChart, histogramChart, positionCount, sampleValueLabel } from "../charts";
 import type { PageContext } from "../context";
 import { append, fill, fmt, h, notice, withCode } from "../dom";
-import { imageState, noImage } from "../images";
+import { imageState, noImage, patchless, tokenMeanOver } from "../images";
 
 type Tab = "mean" | "max" | "relevance" | "featviz";
 /** The tabs that show a top-k list. */
@@ -52,6 +52,8 @@ export async function renderUnit(root: HTMLElement, ctx: PageContext, args: stri
   const toggles = h("div", { class: "toolbar" });
   const gallery = h("div", { class: "topk", role: "tabpanel" });
 
+  // on a layer of tokens, what a sample's mean is over (a class token is one of them)
+  const over = tokenMeanOver(doc.layer);
   // what a crop is: a conv's receptive field, or (tokens, which have none) the patch a
   // token stands for; through attention a token sees more than its patch
   const region = tokenLayer(doc.layer)
@@ -156,8 +158,8 @@ export async function renderUnit(root: HTMLElement, ctx: PageContext, args: stri
         positions <= 1
           ? `value: the unit's activation${tab === "mean" ? " (one per sample: the same ranking as the max list)" : ""}`
           : tab === "max"
-            ? `value: the peak of the unit's map; ${crop ? `image: ${region.peak}` : `box: ${region.box}`}`
-            : `value: the mean of the unit's map${crop ? `; image: ${region.mean}` : ""}`,
+            ? `value: the peak of the unit's map; ${crop ? `image: ${region.peak}` : `box: ${region.box}`}${entriesOf("max").some((e) => patchless(doc.layer, e.x)) ? "; “class token”: the peak is at a token with no patch, so the whole image is shown" : ""}`
+            : `value: the mean of the unit's ${over ? `values over ${over}` : "map"}${crop ? `; image: ${region.mean}` : ""}`,
       ),
     );
     const list = tab as List;
@@ -168,7 +170,7 @@ export async function renderUnit(root: HTMLElement, ctx: PageContext, args: stri
     fill(
       gallery,
       tied ? h("div", { class: "notice constant-list", id: "tied-list" }, `All ${entries.length} samples of this list have the value ${fmt(entries[0].value)}: they are ties, in sample-id order, and more samples may share that value, so the list does not single them out.`) : null,
-      entries.length ? entries.map((e) => figure(ctx, layer, unit, list, list === "relevance" ? "input" : kind(), e, tab === "max" && !crop && positions > 1, images.ok, shown)) : notice("This list is empty."),
+      entries.length ? entries.map((e) => figure(ctx, layer, unit, list, list === "relevance" ? "input" : kind(), e, tab === "max" && !crop && positions > 1, images.ok, shown, tab === "max" ? patchless(doc.layer, e.x) : null)) : notice("This list is empty."),
     );
   };
   draw();
@@ -216,17 +218,17 @@ export async function renderUnit(root: HTMLElement, ctx: PageContext, args: stri
         "section",
         { class: "card" },
         h("h3", null, "Activation distribution"),
-        histogramChart(doc.histogram, { width: 520, height: 220, mark: doc.mean, xLabel: sampleValueLabel(positions) }),
-        h("p", { class: "muted small" }, `one value per sample: ${positions > 1 ? "the unit's map averaged over its positions" : "the unit's activation"}; the line marks the mean over the dataset`),
+        histogramChart(doc.histogram, { width: 520, height: 220, mark: doc.mean, xLabel: sampleValueLabel(positions, over !== null) }),
+        h("p", { class: "muted small", id: "unit-hist-note" }, `one value per sample: ${positions > 1 ? (over ? `the unit averaged over ${over}` : "the unit's map averaged over its positions") : "the unit's activation"}; the line marks the mean over the dataset`),
         constant ? h("p", { class: "muted small", id: "constant-bin" }, oneBinText(doc)) : null,
       ),
     ),
   );
 }
 
-function figure(ctx: PageContext, layer: string, unit: number, list: List, kind: EntryKind, e: TopEntry, markPeak: boolean, images: boolean, shown: Shown | null): HTMLElement {
+function figure(ctx: PageContext, layer: string, unit: number, list: List, kind: EntryKind, e: TopEntry, markPeak: boolean, images: boolean, shown: Shown | null, tokenTag: HTMLElement | null = null): HTMLElement {
   const visual = images ? entryImage(ctx, layer, unit, list, kind, e, shown) : noImage();
-  const frame = h("div", { class: "frame" }, visual);
+  const frame = h("div", { class: "frame" }, visual, tokenTag);
   if (markPeak && e.box && visual instanceof HTMLImageElement) {
     // the box is in pixels of the image the model saw, which is the image shown
     const mark = h("div", { class: "peak", title: `peak at (${e.y}, ${e.x})`, hidden: true });

@@ -195,23 +195,47 @@ def _before_last_attention(s: Session, layers: list[str]) -> list[str]:
 
 
 def _default_layer(s: Session, target: str, before: bool = False) -> str | None:
-    """A layer method's layer when none is asked: the run's last probed spatial layer
-    (before the last attention op where the head reads one token: patch tokens still
-    reach a class-token head there), or
-    for a unit target of a probed layer the last one at or before that layer (the target
-    must depend on the layer; ``before``: strictly before it, as concept relevance needs
-    the relevance to pass the layer)."""
+    """Concept relevance's layer when none is asked (its units get unit pages, so a probed
+    layer), and Grad-CAM's for a unit target: the run's last probed spatial layer (before
+    the last attention op where the head reads one token: patch tokens still reach a
+    class-token head there), or for a unit target of a probed layer the last one at or
+    before that layer (the target must depend on the layer; ``before``: strictly before
+    it, as concept relevance needs the relevance to pass the layer). Grad-CAM for a class
+    uses ``lurker.explain``'s own default, as Python does."""
     layers = _spatial_layers(s)
     names = [i.name for i in s.entry.open_run().layers]
-    unit_layer = target.strip().rsplit(":", 1)[0] if ":" in target else None
-    while unit_layer is not None and unit_layer not in names and ":" in unit_layer:
-        unit_layer = unit_layer.rsplit(":", 1)[0]  # LAYER:CHANNEL:Y:X
-    if unit_layer in names:
+    unit_layer = _unit_layer(s, target)
+    if unit_layer is not None:
         upto = names.index(unit_layer) - (1 if before else 0)
         layers = [n for n in layers if names.index(n) <= upto]
     else:
         layers = _before_last_attention(s, layers)
     return layers[-1] if layers else None
+
+
+def _unit_layer(s: Session, target: str) -> str | None:
+    """The probed layer of a unit target ``LAYER:CHANNEL[:Y:X]``, else None."""
+    names = {i.name for i in s.entry.open_run().layers}
+    unit_layer = target.strip().rsplit(":", 1)[0] if ":" in target else None
+    while unit_layer is not None and unit_layer not in names and ":" in unit_layer:
+        unit_layer = unit_layer.rsplit(":", 1)[0]  # LAYER:CHANNEL:Y:X
+    return unit_layer if unit_layer in names else None
+
+
+def _layer_module(s: Session, name: str | None) -> str | None:
+    """The module that ran a layer's op: a run layer's module, or for a trace label (the
+    explain package's default layer) its op's module in the run's graph; else None."""
+    if not name:
+        return None
+    run = s.entry.open_run()
+    info = next((i for i in run.layers if i.name == name), None)
+    if info is not None:
+        return info.module or None
+    try:
+        ops = run.graph.ops
+    except LurkerError:  # a run without its graph
+        return None
+    return next((op.module or None for op in ops if op.label == name), None)
 
 
 def _model_name(s: Session, model: Any, name: str) -> str:
@@ -270,8 +294,10 @@ def _key(
             f"method {method!r} explains at the input and takes no layer; the methods with a "
             "layer: " + ", ".join(n for n, c in methods.items() if _needs_layer(c)),
         )
-    if layer is None and _needs_layer(cls):
-        layer = _default_layer(s, target)
+    if layer is None and _needs_layer(cls) and _unit_layer(s, target) is not None:
+        layer = _default_layer(s, target)  # a unit of a probed layer: at or before it
+    # else "": lurker.explain's own default, as in Python (a ViT's last block's first norm,
+    # which is not a probed layer), resolved per image when computed
     return (image, method, target.strip(), layer or "")
 
 
@@ -301,7 +327,10 @@ def _explained(
         hit = cache.get(key)  # computed by a request that held the lock before this one
         if hit is not None:
             return hit, True
-        result = _compute(s, model, x, method, target, key[3] or None)
+        layer = key[3] or None
+        if layer is None and _needs_layer(_methods()[method]):
+            layer = _own_default(s, model, x, target, key[0])
+        result = _compute(s, model, x, method, target, layer)
         cache.put(key, result)
         _write_disk(s, key, result)
     return result, False
@@ -457,6 +486,33 @@ def _prepare(s: Session, model: Any, x: Any, target: str, layer: str | None) -> 
             )
         raise ApiError(404, said) from None
     return Prepared(xb, parsed, asked, name)
+
+
+def _own_default(s: Session, model: Any, x: Any, target: str, image: str) -> str:
+    """``lurker.explain``'s default layer for this input and target (the last map the
+    target reaches: a CNN's last map, a ViT's last block's first norm), as Python's
+    ``lurker.explain(model, x, method="gradcam")`` uses; found once per image and target
+    (it runs the model a few times), so Grad-CAM and Grad-CAM++ share it."""
+    from lurker.explain.base import untouched
+    from lurker.explain.gradcam import default_layer
+
+    with _caches_lock:
+        found = getattr(s, "explain_defaults", None)
+        if found is None:
+            found = s.explain_defaults = OrderedDict()  # type: ignore[attr-defined]
+    key = (image, target.strip())
+    hit = found.get(key)
+    if hit is None:
+        prep = _prepare(s, model, x, target, None)
+        try:
+            with untouched(model):
+                hit = default_layer(model, prep.xb, prep.target)
+        except LurkerError as e:
+            raise ApiError(400, str(e)) from None
+        found[key] = hit
+        while len(found) > CACHED:
+            found.popitem(last=False)
+    return str(hit)
 
 
 def _stored_unit_axis(s: Session, name: str | None) -> int | None:
@@ -744,7 +800,8 @@ def methods(request: Request, run_id: str) -> ExplainMethods:
             )
             for name, cls in _methods().items()
         ],
-        default_layer=_default_layer(s, "top"),
+        default_layer=None,  # Grad-CAM's: lurker.explain's own, per image (see _key)
+        concept_layer=default_concept_layer(s, "top"),
         layers=layers,
         concepts=hasattr(sys.modules.get("lurker.explain"), "concepts"),
     )
@@ -771,7 +828,9 @@ LAYER = Query(
     None,
     max_length=500,
     description="the layer of a layer method (Grad-CAM): a run layer name, module path or "
-    "trace label; default the run's last probed spatial layer",
+    "trace label; default lurker.explain's own (the last map the target reaches: a ViT's last "
+    "block's first norm), or for a unit target the last probed spatial layer at or before "
+    "the unit's",
 )
 
 
@@ -1051,6 +1110,7 @@ def _result_doc(s: Session, image: str, method: str, r: Result, cached: bool) ->
         target_class=r.target_class,
         target_name=name,
         layer=r.layer,
+        layer_module=_layer_module(s, r.layer),
         signed=r.signed,
         shape=[int(r.heat.shape[0]), int(r.heat.shape[1])],
         min=lo,

@@ -46,8 +46,9 @@ def layer_detail(request: Request, run_id: str, layer: str) -> LayerDetail:
                 top_max=tm if tm >= 0 else None,
                 top_mean=tn if tn >= 0 else None,
                 constant=constant,
+                top_max_peak=None if peak is None else list(peak),
             )
-            for u, mean, mx, tm, tn, constant in rows
+            for u, mean, mx, tm, tn, constant, peak in rows
         ],
         featviz_units=featviz_units(e.open_run(), info.name) or None,
         featviz_objectives=_featviz_objectives(e.open_run(), info.name),

@@ -1,0 +1,160 @@
+"""The explorer on a vision transformer, in a real browser (Debian's chromium via
+Playwright) over the real server: a small torchvision ViT (class-token head) probed on the
+digits.
+
+- a unit's peak at the class token, which stands for no patch, is said so on the layer
+  grid and the unit page (the tile and the "token's patch" crop are the whole image, with
+  no box): before, it looked like any patch crop;
+- the Explain page's default Grad-CAM is ``lurker.explain``'s (the last block's first
+  norm, not a probed layer), and the page names it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from explorer_fixtures import skip_without_browser, strict_page
+
+skip_without_browser()
+
+RID = "vit"
+BLOCK = "vit.encoder.layers.encoder_layer_1"  # the last block: class-token peaks are common
+SAMPLE = 3
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    from lurker.probe import probe
+    from lurker.probe.data import load_dataset
+    from lurker.server import create_app
+    from lurker.server.serve import background
+    from models_zoo import DigitsViT
+
+    torch.manual_seed(0)
+    model = DigitsViT().eval()
+    root: Path = tmp_path_factory.mktemp("vit")
+    torch.save(model.state_dict(), root / "vit.pt")
+    data = load_dataset("digits:test", 16, channels=1)
+    meta = {"model_spec": "models_zoo:DigitsViT", "weights": str(root / "vit.pt")}
+    run = probe(
+        model, data, out=root / RID, k=5, batch_size=128, progress=False,
+        meta={**meta, "data": "digits:test"},
+    )  # fmt: skip
+    assert run is not None
+    run.close()
+    with background(create_app(root / RID)) as url:
+        yield {"url": url, "model": model, "data": data}
+
+
+def _peak_token(model: torch.nn.Module, x: torch.Tensor, unit: int) -> int:
+    """Brute force: the token where ``unit`` of the block's output peaks on ``x``."""
+    seen: list[torch.Tensor] = []
+    h = model.get_submodule(BLOCK).register_forward_hook(lambda m, i, o: seen.append(o))
+    with torch.no_grad():
+        model(x[None])
+    h.remove()
+    return int(seen[0][0, :, unit].argmax())  # (1, tokens, units)
+
+
+def test_class_token_peaks_are_marked_on_the_grid_and_the_unit_page(browser: Any, served: dict):
+    import httpx2 as httpx
+
+    url, model, data = served["url"].rstrip("/"), served["model"], served["data"]
+    doc = httpx.get(f"{url}/api/runs/{RID}/layers/{BLOCK}").json()
+    # every unit's top peak, checked against the model: [0, token]
+    cls_units = set()
+    for u in doc["units"]:
+        token = _peak_token(model, data[u["top_max"]][0], u["unit"])
+        assert u["top_max_peak"] == [0, token], u
+        if token == 0:
+            cls_units.add(u["unit"])
+    assert 0 < len(cls_units) < len(doc["units"])  # both kinds, so the test can tell them
+    with strict_page(browser) as pg:
+        pg.goto(f"{url}/#/r/{RID}/layer/{BLOCK}?thumb=crop&sort=index")
+        pg.wait_for_selector(".unit-card")
+        tagged = pg.locator(".unit-card:has(.token-tag)").evaluate_all(
+            "cs => cs.map(c => +c.dataset.unit)"
+        )
+        assert set(tagged) == cls_units
+
+        unit = min(cls_units)
+        pg.goto(f"{url}/#/r/{RID}/unit/{BLOCK}/{unit}?tab=max&crop=1")
+        pg.wait_for_selector("figure.top-entry")
+        entries = httpx.get(f"{url}/api/runs/{RID}/layers/{BLOCK}/units/{unit}").json()
+        want = [e["sample_id"] for e in entries["top"]["max"] if e["x"] == 0]
+        assert want and all(e["box"] is None for e in entries["top"]["max"] if e["x"] == 0)
+        figures = pg.locator("figure.top-entry")
+        shown = [
+            int(figures.nth(i).get_attribute("data-sample"))
+            for i in range(figures.count())
+            if figures.nth(i).locator(".token-tag").count()
+        ]
+        assert shown == want
+        assert pg.locator(".token-tag").first.inner_text() == "class token"
+        assert "the peak is at a token with no patch" in pg.locator("body").inner_text()
+
+
+def test_explain_pages_default_gradcam_layer_is_pythons(browser: Any, served: dict):
+    """The page offered only probed layers and defaulted to the block before the last;
+    ``lurker.explain`` defaults to the last block's first norm. Now the page's default is
+    the library's, named in the chooser and under the heatmap."""
+    import lurker
+    from lurker.explain.gradcam import default_layer
+
+    model, data = served["model"], served["data"]
+    x = data[SAMPLE][0][None]
+    want = default_layer(model, x)
+    module = lurker.trace(model, x)[want].module
+    assert module == "vit.encoder.layers.encoder_layer_1.ln_1"
+    with strict_page(browser) as pg:
+        pg.goto(f"{served['url']}#/r/{RID}/explain?image=sample-{SAMPLE}")
+        card = pg.locator("figure.explain-card[data-method=gradcam]")
+        pg.wait_for_function(
+            "() => { const c = document.querySelector('figure.explain-card[data-method="
+            "gradcam] figcaption'); return !!c && !c.textContent.includes('computing'); }",
+            timeout=60_000,
+        )
+        assert card.locator("figcaption").inner_text().startswith(f"at {want} ({module}) · ")
+        href = card.locator("figcaption a").first.get_attribute("href")
+        assert href is not None and href.endswith(f"/graph?focus={want}")
+        chooser = pg.locator("#explain-layer option").first.inner_text()
+        assert chooser == f"default ({want} ({module}))"
+
+
+def test_a_token_units_mean_is_said_to_be_over_its_tokens(browser: Any, served: dict):
+    """The histograms said "spatial mean" and "the unit's map averaged over its positions"
+    on a ViT block, whose per-sample mean is over all 17 tokens, the class token (no place
+    in the image) included: checked here against the model, and now said so."""
+    import httpx2 as httpx
+
+    url, model, data = served["url"].rstrip("/"), served["model"], served["data"]
+    unit = 2
+    doc = httpx.get(f"{url}/api/runs/{RID}/layers/{BLOCK}/units/{unit}").json()
+    best = doc["top"]["mean"][0]
+    seen: list[torch.Tensor] = []
+    h = model.get_submodule(BLOCK).register_forward_hook(lambda m, i, o: seen.append(o))
+    with torch.no_grad():
+        model(data[best["sample_id"]][0][None])
+    h.remove()
+    tokens = seen[0][0, :, unit]  # (17,): the class token, then 16 patches
+    assert len(tokens) == 17
+    assert best["value"] == pytest.approx(float(tokens.mean()), rel=1e-5)
+    assert abs(best["value"] - float(tokens[1:].mean())) > 1e-3  # the class token counts
+    with strict_page(browser) as pg:
+        pg.goto(f"{url}/#/r/{RID}/unit/{BLOCK}/{unit}?tab=mean")
+        note = pg.locator("#unit-hist-note").inner_text()
+        assert "averaged over its 17 tokens (the class token included)" in note
+        assert "value: the mean of the unit's values over its 17 tokens" in pg.inner_text("body")
+        charts = pg.locator(".card svg").evaluate_all("ss => ss.map(s => s.textContent)")
+        assert "mean activation over a sample's tokens" in charts[-1]
+        assert not any("spatial" in c for c in charts)
+        pg.goto(f"{url}/#/r/{RID}/layer/{BLOCK}")
+        pg.wait_for_selector(".unit-card")
+        charts = pg.locator("svg").evaluate_all("ss => ss.map(s => s.textContent)")
+        assert any("mean activation over a sample's tokens" in c for c in charts)
+        assert not any("spatial" in c for c in charts)
