@@ -425,3 +425,42 @@ def test_the_explained_index_lists_only_the_run_models_files(
         assert c.get("/api/runs/digits/explained").json()["samples"][0]["concepts"] == (
             CONCEPT_LAYER
         )
+
+
+def test_grad_cam_precomputed_at_an_older_default_layer_is_still_served(
+    explorer_run: ExplorerRun,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """Before Grad-CAM's default became lurker.explain's own, ``lurker images
+    --explanations`` stored it at the last probed spatial layer, under a name with that
+    layer. A server without the model (and the explained index, and an export) still
+    answers the default from that file, naming the layer it was made at; precomputing
+    with the model makes today's default beside it."""
+    run = tmp_path / "made" / "digits"
+    shutil.copytree(explorer_run.path, run, ignore=shutil.ignore_patterns("cache"))
+    res = CliRunner().invoke(  # the sample's live files, which the explained index reads
+        main, ["images", str(run), "--explanations", "1", "--methods", "saliency"]
+    )
+    assert res.exit_code == 0, res.output
+    with TestClient(create_app(run)) as c:  # an older lurker's file: its layer named
+        old = c.get(url("sample-0", "gradcam", "json", layer=CONCEPT_LAYER)).json()
+        today = c.get(url("sample-0", "gradcam", "json")).json()
+    assert old["layer"] == CONCEPT_LAYER != today["layer"]
+    folder = run / "cache" / "explain" / "sample-0"
+    for ext in (".json", ".npy"):  # only the older lurker's file stays
+        (folder / "gradcam-top").with_suffix(ext).unlink()
+    assert (folder / f"gradcam-top-{CONCEPT_LAYER}.json").is_file()
+    bare = without_weights(run, tmp_path)
+    with TestClient(create_app(bare)) as c:
+        got = c.get(url("sample-0", "gradcam", "json"))
+        assert got.status_code == 200, got.text
+        assert got.json()["layer"] == CONCEPT_LAYER and got.json()["cached"] is True
+        assert got.json()["max"] == pytest.approx(old["max"], rel=1e-6)
+        index = c.get("/api/runs/digits/explained").json()
+        assert [e["methods"] for e in index["samples"]] == [["saliency", "gradcam"]]
+    res = CliRunner().invoke(
+        main, ["images", str(run), "--explanations", "1", "--methods", "gradcam"]
+    )
+    assert res.exit_code == 0, res.output
+    assert "1 explanations made" in res.output  # today's default, not the older file
+    assert (folder / "gradcam-top.json").is_file()

@@ -168,7 +168,8 @@ def precompute(
                         existing += int(ranking.cached)
                         made += int(not ranking.cached)
                         continue
-                    if stored_result(s, image, method, TARGET) is not None:
+                    # (not an older lurker's default layer: made again at today's)
+                    if stored_result(s, image, method, TARGET, older=False) is not None:
                         existing += 1
                         continue
                     explain_result(s, image, method, TARGET, None)

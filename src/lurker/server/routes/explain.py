@@ -305,7 +305,7 @@ def _hit(s: Session, key: tuple[str, str, str, str], read: Any = None) -> Any:
     """The answer from the server's LRU or, read by ``read`` (default: an attribution's
     files), the run's ``cache/``; never the model."""
     cache = _cache(s)
-    hit = cache.get(key) or (read or _read_disk)(s, key)
+    hit = cache.get(key) or (read or _read_stored)(s, key)
     if hit is not None:
         cache.put(key, hit)
     return hit
@@ -349,13 +349,20 @@ def cached_result(
 
 
 def stored_result(
-    s: Session, image: str, method: str, target: str = "top", layer: str | None = None
+    s: Session,
+    image: str,
+    method: str,
+    target: str = "top",
+    layer: str | None = None,
+    older: bool = True,
 ) -> Result | None:
     """The explanation the run's ``cache/`` holds on disk for this request, or None: what
     a fresh server (or a static export) can answer without the model, unlike the LRU,
-    which also holds a foreign model's answers and uploads."""
+    which also holds a foreign model's answers and uploads. ``older``: a layer method's
+    default may be the file an older lurker made at its default then (see
+    :func:`_read_stored`)."""
     try:
-        return _read_disk(s, _key(s, image, method, target, layer))
+        return _read_stored(s, _key(s, image, method, target, layer), older=older)
     except ApiError:
         return None
 
@@ -404,6 +411,24 @@ def _read_disk(s: Session, key: tuple[str, str, str, str]) -> Result | None:
         seconds=float(doc["seconds"]),
         notes=[str(n) for n in doc.get("notes") or []],  # (none in files from before notes)
     )
+
+
+def _read_stored(
+    s: Session, key: tuple[str, str, str, str], older: bool | None = None
+) -> Result | None:
+    """:func:`_read_disk`, and for a layer method's default layer, the file an older lurker
+    precomputed at its default then, the last probed spatial layer (the result names the
+    layer it was made at): ``older`` True for what the run holds on disk (the explained
+    index, an export), None for a request, where the model, when at hand, makes
+    ``lurker.explain``'s own default instead."""
+    if older is None:
+        older = s.model_reason() is not None
+    hit = _read_disk(s, key)
+    if hit is None and older and not key[3] and _needs_layer(_methods()[key[1]]):
+        legacy = _default_layer(s, key[2])
+        if legacy:
+            hit = _read_disk(s, (*key[:3], legacy))
+    return hit
 
 
 def _write_disk(s: Session, key: tuple[str, str, str, str], r: Result) -> None:
