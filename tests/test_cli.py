@@ -251,3 +251,51 @@ def test_trace_out_with_a_tilde_is_the_home_folder(tmp_path: Path, monkeypatch):
     )
     assert r.exit_code == 0, r.output
     assert (tmp_path / "home" / "g.dot").is_file() and not (tmp_path / "~").exists()
+
+
+def test_ctrl_c_stops_lurker_serve_with_exit_status_130_and_no_aborted(tmp_path: Path):
+    """Ctrl-C is how `lurker serve` is stopped (its help: "serves until Ctrl-C"), yet uvicorn
+    re-raises the SIGINT after its clean shutdown and click turned it into "Aborted!" and
+    exit status 1, as for a failure. Now one line and 130, as `lurker probe` and `lurker
+    featviz` exit on Ctrl-C."""
+    import os
+    import signal
+
+    from torch.utils.data import Subset
+
+    import lurker
+    from lurker.examples import DigitsNet
+    from lurker.probe.data import load_dataset
+
+    data = Subset(load_dataset("digits", 8, channels=1), range(8))
+    lurker.probe(DigitsNet(), data, out=tmp_path / "run", k=2, progress=False)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from lurker.cli import main; main()", "serve",
+         str(tmp_path / "run"), "--port", "0", "--no-browser"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    try:
+        url = proc.stdout.readline()  # printed once the server listens
+        assert url.startswith("http://127.0.0.1:"), proc.stderr.read()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert "Aborted" not in out + err and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == "lurker serve: stopped"
+
+
+def test_ctrl_c_of_any_command_exits_130_without_aborted(tmp_path: Path, monkeypatch):
+    """Commands without a Ctrl-C message of their own (trace, images, export, map,
+    explain) exit 130 with one line naming the command, not click's "Aborted!" (exit 1)."""
+    import lurker
+
+    def pressed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lurker, "trace", pressed)
+    r = CliRunner().invoke(main, ["trace", "torchvision:resnet18", "-i", "1,3,32,32"])
+    assert r.exit_code == 130, r.output
+    assert "Aborted" not in r.output and "lurker trace: interrupted" in r.output

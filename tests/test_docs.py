@@ -80,3 +80,161 @@ def test_stated_output_is_checked():
     assert _pattern("unit 5: 1.25 (2, 3) True", vary=True).fullmatch("unit 12: -0.5 (0, 1) False")
     assert not _pattern("unit 5: 1.25", vary=True).fullmatch("units 5: 1.25")
     assert not _pattern("unit 5", vary=True).fullmatch("unit x")
+
+
+# --- the `lurker` command lines of the docs' shell blocks and of the commands' --help ---
+
+_SHELL = re.compile(r"```(?:sh|bash)\n(.*?)```", re.S)
+#: commands whose first argument is a run directory (explain and featviz: a run or a spec)
+_READS_A_RUN = {"images", "render", "serve", "export", "map", "explain", "featviz"}
+
+
+def _commands(text: str) -> list[list[str]]:
+    """Each ``lurker ...`` line (backslash continuations joined, comments dropped), split as
+    the shell splits it; ``torchrun ... -m lurker.cli`` counts as ``lurker``."""
+    import shlex
+
+    out = []
+    for line in text.replace("\\\n", " ").splitlines():
+        words = shlex.split(line, comments=True)
+        if "lurker.cli" in words:
+            words = ["lurker", *words[words.index("lurker.cli") + 1 :]]
+        if words[:1] == ["lurker"] and "..." not in words and "MODEL|RUN" not in words:
+            out.append(words[1:])
+    return out
+
+
+def _doc_commands() -> list[tuple[str, list[str]]]:
+    return [
+        (doc.name, words)
+        for doc in DOCS
+        for block in _SHELL.findall(doc.read_text())
+        for words in _commands(block)
+    ]
+
+
+def _help_commands() -> list[tuple[str, list[str]]]:
+    from lurker.cli import main
+
+    return [
+        (f"lurker {name} --help", words)
+        for name, command in main.commands.items()
+        for words in _commands(command.epilog or "")
+    ]
+
+
+def _parse(words: list[str]) -> None:
+    """Parse a command line as ``lurker`` would, without running it: an unknown command or
+    option, a missing option value, an extra argument or a value of the wrong type
+    (--steps abc) raises click's usage error."""
+    import click
+
+    from lurker.cli import main
+
+    name, args = words[0], words[1:]
+    assert name in main.commands, f"no command {name!r}"
+    command = main.commands[name]
+    # click's own parser: unknown options and missing values raise, surplus arguments are
+    # left over; no callbacks and no file checks run (the paths are the reader's)
+    ctx = click.Context(command, info_name=name)
+    values, rest, _ = command.make_parser(ctx).parse_args(args=list(args))
+    if rest:
+        raise click.UsageError(f"unexpected extra arguments {rest}")
+    for param in command.params:
+        value = values.get(param.name)
+        if value is None or isinstance(param.type, click.Path):
+            continue
+        if isinstance(param, click.Option) and (param.is_flag or param.count):
+            continue
+        for v in value if param.multiple else [value]:
+            param.type.convert(v, param, ctx)
+
+
+def test_documented_command_lines_parse():
+    """Every ``lurker`` command line in README.md's and docs/'s shell blocks and in the
+    commands' --help examples names options that exist, with values of their types: the
+    docs and --help cannot drift from the command (a renamed option, a removed one)."""
+    import click
+
+    lines = _doc_commands() + _help_commands()
+    names = {words[0] for _, words in lines}
+    assert {"trace", "probe", "images", "explain", "featviz", "map", "serve", "export"} <= names
+    for where, words in lines:
+        try:
+            _parse(words)
+        except (click.UsageError, AssertionError) as e:
+            raise AssertionError(f"{where}: `lurker {' '.join(words)}`: {e}") from None
+
+
+def test_documented_command_lines_parse_is_checked():
+    """The check itself: an unknown option, a bad value and a surplus argument fail."""
+    import click
+
+    for bad in (
+        ["featviz", "demo-out/run", "--layers", "features.8"],
+        ["featviz", "demo-out/run", "--layer", "features.8", "--steps", "many"],
+        ["export", "demo-out/run", "site/", "more/"],
+        ["explore", "demo-out/run"],
+    ):
+        with pytest.raises((click.UsageError, AssertionError)):
+            _parse(bad)
+    _parse(["featviz", "demo-out/run", "--layer", "features.8", "--units", "0-7"])
+
+
+def _run_dirs(doc: str) -> tuple[set[str], list[str]]:
+    """The run folders a page's commands make (`lurker probe --out`) and those they read."""
+    made, read = {"demo-out/run"}, []  # `make demo`, which the README starts with, makes one
+    for name, words in _doc_commands():
+        if name != doc:
+            continue
+        if words[0] == "probe":
+            made.add(words[words.index("--out") + 1])
+            continue
+        first = next((w for w in words[1:] if not w.startswith("-")), "")
+        if words[0] in _READS_A_RUN and "/" in first and ":" not in first:
+            read.append(first)
+    return made, read
+
+
+@pytest.mark.parametrize("doc", [d.name for d in DOCS])
+def test_runs_the_docs_read_are_made_where_a_reader_finds_them(doc: str):
+    """A page that reads a run (`lurker featviz runs/digits`) makes it on the same page or
+    reads the demo's (`demo-out/run`): README.md's featviz line read a `runs/digits` that
+    nothing a README reader runs makes, and docs/explain.md precomputed explanations of it,
+    which the command refuses for a run made from Python (docs/probe.md's `runs/digits`).
+    A folder of runs (`runs/`) and a run served with its model given are anyone's."""
+    made, read = _run_dirs(doc)
+    for words in (w for n, w in _doc_commands() if n == doc):
+        if words[0] == "serve" and "--model" in words:
+            read = [r for r in read if r not in words]
+    missing = [r for r in read if r not in made and not r.endswith("/")]
+    assert not missing, f"{doc} reads runs none of its commands make: {missing} (made: {made})"
+
+
+def test_explain_command_line_examples_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """docs/explain.md's `lurker explain` examples run as written, given the files they
+    name (the weights `make demo` writes, an image): each writes its heatmap."""
+    import torch
+    import torchvision
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from lurker.cli import main
+    from lurker.examples import DigitsNet
+
+    monkeypatch.chdir(tmp_path)
+    Path("demo-out").mkdir()
+    torch.save(DigitsNet().state_dict(), "demo-out/digits_net.pt")  # what `make demo` leaves
+    torch.save(torchvision.models.resnet18().state_dict(), "resnet18.pt")
+    Image.new("RGB", (40, 32), (200, 90, 30)).save("cat.jpg")
+    Image.new("L", (16, 16), 128).save("7.png")
+    doc = (ROOT / "docs" / "explain.md").read_text()
+    lines = [words for block in _SHELL.findall(doc) for words in _commands(block)]
+    lines = [words for words in lines if words[0] == "explain"]
+    assert len(lines) == 2
+    for words in lines:
+        r = CliRunner().invoke(main, words)
+        assert r.exit_code == 0, f"lurker {' '.join(words)}\n{r.output}"
+        out = words[words.index("--out") + 1] if "--out" in words else "heat.png"
+        method = words[words.index("--method") + 1]
+        assert f"{method} of class " in r.output and Image.open(out).size[0] > 0

@@ -23,7 +23,9 @@ from .errors import LurkerError, OpKeyError
 
 
 def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn LurkerErrors into a clean message and exit status 2."""
+    """Turn LurkerErrors into a clean message and exit status 2, and Ctrl-C into exit
+    status 130 (SIGINT's) with one line: click would print "Aborted!" and exit 1, which
+    reads as a failure, for `lurker serve` even on its documented way to stop."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -35,6 +37,12 @@ def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
             if not (e.every_rank and os.environ.get("RANK", "0") != "0"):  # once per job
                 click.secho(f"error: {e.for_cli()}", fg="red", err=True)
             sys.exit(2)
+        except KeyboardInterrupt:
+            if os.environ.get("LURKER_DEBUG"):
+                raise
+            what = "stopped" if fn.__name__ == "serve" else "interrupted"
+            click.echo(f"lurker {fn.__name__}: {what}", err=True)
+            sys.exit(130)
 
     return wrapper
 
@@ -196,7 +204,12 @@ def trace(
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Run dir.")
 @click.option("--weights", "-w", type=click.Path(dir_okay=False), help="State dict to load.")
 @click.option(
-    "--layers", "-l", multiple=True, help="Layers to probe (labels, paths, types, globs)."
+    "--layers",
+    "-l",
+    multiple=True,
+    help="Layers to probe (op labels, module paths, module types or op names; globs); "
+    "repeatable. Default: the convs, linears and activations (CNNs), or the blocks' "
+    "outputs and MLP hidden layers (transformers); see docs/probe.md.",
 )
 @click.option(
     "--k",
@@ -587,7 +600,7 @@ def map_(
     "-l",
     multiple=True,
     help="Layers whose units' images to make (names, module paths, op labels or types; "
-    "globs). Default: all.",
+    "globs); repeatable. Default: all.",
 )
 @click.option(
     "--kinds",
@@ -760,7 +773,7 @@ def export(run: str, site: str, no_images: bool) -> None:
     """Write RUN's explorer as a static site to SITE (no Python needed to view it).
 
     Everything precomputed is exported: the run's JSON documents, each top-k sample's
-    image (made from the run's dataset when it can be loaded; the pages cut crops from it)
+    image (made from the run's dataset when it can be loaded; the pages cut crops from it),
     the cached gradients (make them first with `lurker images RUN`) and the cached
     explanations (`lurker images RUN --explanations top`). View it with any static file server, e.g.
     `python -m http.server -d SITE`. The live views need `lurker serve RUN --model SPEC`.
@@ -819,8 +832,8 @@ Examples:
     callback=lambda ctx, param, value: _channel_axis(value),
     metavar="AXIS",
     help="The axis of the model's input that holds the channels (counting the batch axis): "
-    "-1 for a model that takes (B, H, W, C) images. The image is given to the model so. "
-    "Default: (B, C, H, W).",
+    "-1 for a model that takes (N, H, W, C) images. The image is given to the model so. "
+    "Default: (N, C, H, W), or with a run as MODEL the run's.",
 )
 @click.option(
     "--option",
