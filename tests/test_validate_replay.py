@@ -334,6 +334,123 @@ def test_validation_leaves_the_saved_running_statistics_as_the_forward_read_them
         ]
 
 
+class FusedFakeQuant(nn.Module):
+    """Quantisation-aware training's fused observer and fake quantisation (what
+    ``torch.ao.quantization``'s default QAT qconfig puts after each layer; found on a
+    QAT-prepared torchvision ``mobilenet_v2``): one op, named without a trailing
+    underscore, that updates the running range, scale and zero point in place while the
+    observer is on, and quantises with the updated scale."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.register_buffer("observer_on", torch.tensor([1], dtype=torch.uint8))
+        self.register_buffer("fake_quant_on", torch.tensor([1], dtype=torch.uint8))
+        self.register_buffer("lo", torch.tensor(float("inf")))
+        self.register_buffer("hi", torch.tensor(float("-inf")))
+        self.register_buffer("scale", torch.tensor([1.0]))
+        self.register_buffer("zero_point", torch.tensor([0], dtype=torch.int32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = torch.fused_moving_avg_obs_fake_quant(
+            self.fc(x), self.observer_on, self.fake_quant_on, self.lo, self.hi,
+            self.scale, self.zero_point, 0.5, 0, 255, -1,
+        )  # fmt: skip
+        return q * 2
+
+
+@pytest.mark.parametrize("observer", [True, False])
+def test_fused_fake_quant_updates_are_state_changes_and_validate(observer: bool):
+    """The op writes four buffers in place: the trace must keep the values it read (not
+    the updated ones), list the writes in state_changes, validate, and replay to the
+    untraced forward's output from the same state."""
+    torch.manual_seed(0)
+    model = FusedFakeQuant()
+    with torch.no_grad():
+        model(torch.randn(8, 4) * 3)  # the observer has seen a batch: its range moves next
+    model.observer_on.fill_(int(observer))
+    x = torch.randn(8, 4)
+    start = copy.deepcopy(model.state_dict())
+    oracle = copy.deepcopy(model)
+    want = oracle(x)
+
+    tr = lurker.trace(model, x)
+    _same(tr.output, want)
+    written = sorted(n for n, b in model.state_dict().items() if not torch.equal(b, start[n]))
+    assert written == (sorted(["lo", "hi", "scale", "zero_point"]) if observer else [])
+    assert sorted(tr.state_changes) == sorted(f"buffer {n} updated in place" for n in written)
+    for op in tr:  # the buffer nodes hold what the op read
+        if op.kind == "buffer":
+            assert torch.equal(op.activation, start[op.name]), op.name
+    report = tr.validate()
+    assert report.output_checked and report.checked == 3
+    model.load_state_dict(start)
+    _same(tr.run(x).output, want)
+
+
+@torch.library.custom_op("lurker_test::ema", mutates_args=("avg",))
+def _ema(avg: torch.Tensor, x: torch.Tensor) -> None:
+    avg.mul_(0.5).add_(x.mean(0) * 0.5)
+
+
+@torch.library.custom_op("lurker_test::ema_centred", mutates_args=("avg",))
+def _ema_centred(avg: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    avg.mul_(0.5).add_(x.mean(0) * 0.5)
+    return x - avg
+
+
+class CustomOpEMA(nn.Module):
+    """A buffer updated by a custom operator (``torch.library``, as a model's own CUDA
+    kernel is), whose schema declares the write but whose name does not end in ``_``;
+    the buffer is read before and after the update."""
+
+    def __init__(self, returns: bool) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.register_buffer("avg", torch.zeros(4))
+        self.returns = returns
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        before = h * self.avg
+        if self.returns:
+            z = _ema_centred(self.avg, h)
+        else:
+            _ema(self.avg, h)
+            z = h
+        return before + z + self.avg
+
+
+@pytest.mark.parametrize("returns", [False, True])
+def test_custom_op_writing_a_buffer_is_a_state_change_and_validates(returns: bool):
+    """The recorder copies what the op's schema says it writes before the call: the
+    buffer node keeps the value the model read, the write is listed, validation passes
+    (and still catches a corrupted activation), and a replay equals the untraced model."""
+    torch.manual_seed(0)
+    model = CustomOpEMA(returns)
+    with torch.no_grad():
+        model(torch.randn(3, 4))  # a nonzero average going in
+    x = torch.randn(3, 4)
+    start = copy.deepcopy(model.state_dict())
+    want = copy.deepcopy(model)(x)
+
+    tr = lurker.trace(model, x)
+    _same(tr.output, want)
+    assert tr.state_changes == ["buffer avg updated in place"]
+    (buf,) = [op for op in tr if op.kind == "buffer"]
+    assert torch.equal(buf.activation, start["avg"])
+    report = tr.validate()
+    assert report.output_checked and not report.skipped
+    model.load_state_dict(start)
+    _same(tr.run(x).output, want)
+    (ema,) = [op for op in tr if op.name.startswith("ema")]
+    saved = ema.activation
+    ema.activation = saved + 0.01
+    with pytest.raises(ValidationError, match=ema.label):
+        tr.validate()
+    ema.activation = saved
+
+
 class EMACodebook(nn.Module):
     """A VQ-VAE quantiser whose codebook (a parameter) is updated by EMA inside forward,
     under ``no_grad``, in place: through ``.data`` or on the parameter itself. An op that

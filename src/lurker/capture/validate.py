@@ -293,12 +293,14 @@ def _execute(op: Any, values: list[Any]) -> Any:
         kwargs = refill(op._skel_kwargs, it)
         info = _funcs.func_info(op._func)
         if info.norm:
-            # batch norm in training mode updates its running statistics in place: those
-            # are the buffer nodes' saved activations (what the op read), so it updates copies
+            # batch norm in training mode updates its running statistics in place (a custom
+            # op the arguments its schema marks written): those are the buffer nodes' saved
+            # activations (what the op read), so it updates copies
             stats = _funcs.mutated_buffers(info, args, kwargs)
             if stats:
                 copies = {id(t): t.clone() for t in stats}
-                it = iter([copies.get(id(v), v) for v in values])
+                values = [copies.get(id(v), v) for v in values]  # (a None result: the first)
+                it = iter(values)
                 args = refill(op._skel_args, it)
                 kwargs = refill(op._skel_kwargs, it)
     except StopIteration:

@@ -307,6 +307,13 @@ _TABLE: dict[str, tuple[str, str | None, str | None]] = {
         "torch.nn.functional.instance_norm",
         None,
     ),
+    "fused_moving_avg_obs_fake_quant": (
+        "self, observer_on, fake_quant_on, running_min, running_max, scale, zero_point, "
+        "averaging_const, quant_min, quant_max, ch_axis, per_row_fake_quant=False, "
+        "symmetric_quant=False",
+        "aten::fused_moving_avg_obs_fake_quant",
+        None,
+    ),
     **{
         n: (_DROPOUT, f"torch.nn.functional.{n}", None)
         for n in ("dropout", "dropout1d", "dropout2d", "dropout3d")
@@ -460,11 +467,17 @@ def draws_random(
     return op.arg(args, kwargs, p_name) != 0
 
 
-# Normalisations that update running statistics in place while training:
+# Ops that update running statistics in place while training (normalisations, QAT observers):
 # name -> (the flag that says so, the statistics it updates).
-NORMS: dict[str, tuple[str, tuple[str, str]]] = {
+NORMS: dict[str, tuple[str, tuple[str, ...]]] = {
     "batch_norm": ("training", ("running_mean", "running_var")),
     "instance_norm": ("use_input_stats", ("running_mean", "running_var")),
+    # quantisation-aware training's fused FakeQuantize: while its observer is on (a
+    # tensor flag), it updates the running range and the scale it quantises with
+    "fused_moving_avg_obs_fake_quant": (
+        "observer_on",
+        ("running_min", "running_max", "scale", "zero_point"),
+    ),
 }
 
 # Conversions of tensor data to Python values (by the callable's raw name): the model's

@@ -74,10 +74,13 @@ class FuncInfo:
     readout: bool  # converts tensor data to a Python value (bool/int/float)
     random: bool  # depends on the RNG (dropout only when training=True)
     dropout: bool
-    norm: bool  # batch/instance norm: may update running statistics in place
+    # may write tensors other than its first argument in place: running statistics (batch
+    # norm), or the arguments an operator's schema marks as written (a custom op's)
+    norm: bool
     spec: OpSpec | None  # its parameters, where the catalogue knows them
+    writes: tuple[tuple[int, str], ...]  # (position, name) of arguments its schema writes
 
-    __slots__ = ("name", "inplace_first", "readout", "random", "dropout", "norm", "spec")  # noqa: RUF023
+    __slots__ = ("name", "inplace_first", "readout", "random", "dropout", "norm", "spec", "writes")  # noqa: RUF023
 
     def __init__(
         self,
@@ -88,6 +91,7 @@ class FuncInfo:
         dropout: bool,
         norm: bool,
         spec: OpSpec | None = None,
+        writes: tuple[tuple[int, str], ...] = (),
     ):
         self.name = name
         self.inplace_first = inplace_first
@@ -96,6 +100,7 @@ class FuncInfo:
         self.dropout = dropout
         self.norm = norm
         self.spec = spec
+        self.writes = writes
 
     def __repr__(self) -> str:
         flags = [
@@ -128,14 +133,16 @@ def func_info(func: Any) -> FuncInfo:
         spec = None
         with contextlib.suppress(TypeError):  # an unhashable callable
             spec = _VARIANTS.get(func)
+        writes = schema_writes(func)
         info = FuncInfo(
             name=name,
             inplace_first=catalogue.is_inplace(name),
             readout=raw in catalogue.READOUTS,
             random=name in catalogue.RANDOM,
             dropout=name in catalogue.DROPOUTS or name in catalogue.RECURRENT,
-            norm=name in catalogue.NORMS,
+            norm=name in catalogue.NORMS or bool(writes),
             spec=spec or catalogue.SPECS.get(name),
+            writes=writes,
         )
         with contextlib.suppress(TypeError):  # unhashable callable: just don't cache
             if func not in DECOMPOSE and func is not torch.Tensor.__iter__:
@@ -143,16 +150,40 @@ def func_info(func: Any) -> FuncInfo:
     return info
 
 
+def schema_writes(func: Any) -> tuple[tuple[int, str], ...]:
+    """The arguments an operator (``torch.ops.ns.name.overload``, as a custom op reaches
+    the recorder) declares it writes (``Tensor(a!)``; ``out=`` is handled as such): what
+    the recorder must copy before the call, as it does for running statistics, since its
+    name need not end in ``_``. Torch functions carry no schema; the catalogue names
+    those that write arguments other than their first."""
+    schema = getattr(func, "_schema", None)
+    if not isinstance(schema, torch._C.FunctionSchema):
+        return ()
+    return tuple(
+        (i, a.name)
+        for i, a in enumerate(schema.arguments)
+        if a.alias_info is not None and a.alias_info.is_write and a.name != "out"
+    )
+
+
 def mutated_buffers(info: FuncInfo, args: tuple, kwargs: dict) -> list[Any]:
-    """Running statistics a normalisation op updates in place (training mode only)."""
+    """Running statistics a normalisation op updates in place (training mode only), and
+    the range and scale a fused fake-quantisation op updates while its observer is on."""
     rule = catalogue.NORMS.get(info.name)
     if rule is None:
-        return []
+        found: list[Any] = []
+        for i, n in info.writes:
+            t = args[i] if i < len(args) else kwargs.get(n)
+            found += t if isinstance(t, (list, tuple)) else [t]  # Tensor(a!)[]
+        return [t for t in found if isinstance(t, torch.Tensor)]
     flag, stats = rule
     spec = info.spec
     assert spec is not None  # NORMS names are catalogue entries
     try:
-        if not spec.arg(args, kwargs, flag):
+        on = spec.arg(args, kwargs, flag)
+        if isinstance(on, torch.Tensor):  # observer_on: a one-element tensor, on at 1
+            on = on.numel() > 0 and int(on.reshape(-1)[0]) == 1
+        if not on:
             return []
         found = [spec.arg(args, kwargs, s) for s in stats]
     except TypeError:  # a same-named callable of other parameters: guard every tensor
