@@ -869,3 +869,14 @@ def test_focus_on_an_unknown_op_says_so(page: Any, servers: dict[str, str]) -> N
     open_graph(page, servers, "digits", "?focus=no_such_op")
     assert "No op 'no_such_op'" in page.inner_text(".graph-status")
     assert page.locator("svg.graph .nd").count() > 0
+
+
+def test_focus_by_a_probed_layer_name_opens_its_op(page: Any, servers: dict[str, str]) -> None:
+    """``?focus=`` with a run layer's name (as an Explain result names a probed layer it
+    was made at, e.g. ``features.8``) opens that layer's op, as its op label does."""
+    doc = open_graph(page, servers, "digits")
+    k, node = next((k, n) for k, n in enumerate(doc["nodes"]) if n.get("L"))
+    assert node["L"] != node["l"]
+    open_graph(page, servers, "digits", f"?focus={quote(node['L'])}")
+    assert "No op" not in page.inner_text(".graph-status")
+    assert "current" in page.locator(f'svg.graph .nd[data-k="n{k}"]').get_attribute("class")

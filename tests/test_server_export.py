@@ -270,10 +270,11 @@ def test_cached_model_images_exported_and_listed(
         Image.new("L", (4, 4), colour).save(buf, "PNG")
         f.write_bytes(buf.getvalue())
     out = tmp_path / "site"
-    (out / "data" / "stale").mkdir(parents=True)
+    (out / "data" / "runs" / "stale").mkdir(parents=True)
+    (out / "data" / "runs" / "stale" / "graph.json").write_text("{}")
     (out / "index.html").write_text('<meta name="lurker-mode" content="static">')
     export_site(run_dir, out, static_dir=static_dir, progress=False, make_images=False)
-    assert not (out / "data" / "stale").exists()  # an earlier export's data is replaced
+    assert not (out / "data" / "runs" / "stale").exists()  # an earlier export's data goes
     base = out / "data/runs/digits/layers" / info.name / "units"
     assert (base / "3/mean/1/grad.png").read_bytes() == grad.read_bytes()
     assert (base / "3/mean/2/crop.png").read_bytes() == crop.read_bytes()
@@ -474,19 +475,26 @@ def test_reexport_of_an_export_made_before_the_manifest(
     static_dir: Path,
     tmp_path: Path,
 ):
-    """A site exported by a lurker without the manifest (its index.html says so): its
-    front end and data/ were lurker's and are replaced; anything beside them is kept."""
+    """A site exported by a lurker without the manifest (its index.html says so): what
+    such an export wrote (its page, its front end's hashed bundles, data/runs.json and the
+    documents and images under data/runs/) is replaced; anything a user put beside them,
+    in assets/ and data/ too, is kept."""
     out = tmp_path / "site"
     (out / "assets").mkdir(parents=True)
-    (out / "assets" / "index-0ld.js").write_text("old")
-    (out / "data" / "runs" / "gone").mkdir(parents=True)
+    (out / "assets" / "index-0ldBndl3.js").write_text("old")
+    (out / "assets" / "custom.css").write_text("body {}")
+    (out / "data" / "runs" / "gone" / "samples" / "3").mkdir(parents=True)
     (out / "data" / "runs" / "gone" / "graph.json").write_text("{}")
+    (out / "data" / "runs" / "gone" / "samples" / "3" / "image.png").write_bytes(b"png")
+    (out / "data" / "notes.txt").write_text("mine too")
     (out / "index.html").write_text('<meta name="lurker-mode" content="static">')
     (out / "notes.md").write_text("mine")
     export_site(explorer_run.path, out, static_dir=static_dir, progress=False, make_images=False)
-    assert not (out / "assets" / "index-0ld.js").exists()
+    assert not (out / "assets" / "index-0ldBndl3.js").exists()
     assert not (out / "data" / "runs" / "gone").exists()
     assert (out / "notes.md").read_text() == "mine"
+    assert (out / "data" / "notes.txt").read_text() == "mine too"
+    assert (out / "assets" / "custom.css").read_text() == "body {}"
     assert (out / ".lurker-export.json").is_file()
 
 

@@ -194,3 +194,32 @@ def test_a_command_that_adds_to_the_run_keeps_its_session(tmp_path: Path) -> Non
         assert gone() is None
     finally:
         gc.enable()
+
+
+def test_a_cache_made_again_gets_another_image_token(tmp_path: Path) -> None:
+    """The run's ``cache/`` deleted and made again (by a newer lurker, say) may hold other
+    pictures under the same names with no new probe: the summary's token changes, so the
+    old token's URL is revalidated and answers the new picture, never kept as current."""
+    import shutil
+
+    out = tmp_path / "runs" / "d"
+    probe_digits(out, tmp_path / "d.pt", k=3)
+    client = TestClient(create_app(tmp_path / "runs"))
+    url = "/api/runs/d/layers/features.4/units/0/max/0/grad.png"
+    assert client.get(url).status_code == 200  # made, and kept in cache/
+    old = client.get("/api/runs/d").json()["images_version"]
+    first = client.get(f"{url}?v={old}")
+    assert first.headers["cache-control"] == IMMUTABLE
+    made = out / "cache" / "grad" / "features.4" / "00000-max-000.png"  # (unit, list, rank)
+    assert made.is_file()
+    shutil.rmtree(out / "cache")
+    made.parent.mkdir(parents=True)
+    other = io.BytesIO()
+    Image.new("RGB", (3, 3), (255, 0, 0)).save(other, format="PNG")
+    made.write_bytes(other.getvalue())
+    new = client.get("/api/runs/d").json()["images_version"]
+    assert new and new != old
+    again = client.get(f"{url}?v={old}")
+    assert again.headers["cache-control"] == "no-cache"
+    assert again.content == other.getvalue() != first.content
+    assert client.get(f"{url}?v={new}").headers["cache-control"] == IMMUTABLE

@@ -329,17 +329,23 @@ export class Api {
     return "api" + path + (version ? "?v=" + encodeURIComponent(version) : "");
   }
 
-  /** The run's summary (its manifest), which also tells {@link pngUrl} the run's token. */
+  /** The run's summary (its manifest). */
   summary(run: string): Promise<RunSummary> {
-    return this.json<RunSummary>(p("runs", run)).then((s) => {
-      if (s.images_version) this.versions.set(run, s.images_version);
-      return s;
-    });
+    return this.json<RunSummary>(p("runs", run));
   }
 
-  /** GET a JSON document; immutable run documents are cached for the page's life. */
+  /** GET a JSON document; immutable run documents are cached for the page's life. A
+   * run's summary, whoever asks for it first, also tells {@link pngUrl} the run's token
+   * (until then its images are asked for without one, and revalidated). */
   json<T>(path: string, { cache = true }: { cache?: boolean } = {}): Promise<T> {
-    return this.get<T>(this.jsonUrl(path), cache, path);
+    const got = this.get<T>(this.jsonUrl(path), cache, path);
+    const summary = /^\/runs\/([^/?]+)$/.exec(path);
+    if (!summary) return got;
+    return got.then((doc) => {
+      const version = (doc as RunSummary).images_version;
+      if (version) this.versions.set(decodeURIComponent(summary[1]), version);
+      return doc;
+    });
   }
 
   /** A file only a static export has (`data/` + safe segments), e.g. the unit chunks. */

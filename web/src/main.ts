@@ -151,9 +151,7 @@ async function render(): Promise<void> {
   const args = path.slice(3);
   renderCrumbs(run, kind, args);
   renderTopbar(run, kind, null);
-  // the page waits for the manifest (fetched once, beside the page's code): image URLs
-  // carry the run's images_version from it; a page shows its own error when it fails
-  const summary = api
+  api
     .summary(run)
     .then((s) => !ctl.signal.aborted && renderTopbar(run, kind, s))
     .catch(() => undefined);
@@ -176,7 +174,7 @@ async function render(): Promise<void> {
     },
   };
   main.className = "page-" + kind;
-  const [page] = await Promise.all([loader(), summary]);
+  const page = await loader();
   if (ctl.signal.aborted) return;
   view.replaceChildren();
   await guard(view, () => page(view, ctx, args));

@@ -405,8 +405,29 @@ def _cached_unit_images(cache: Path, layer: str) -> dict[tuple[str, int, str, in
 #: The file in SITE listing (JSON) every file an export wrote there, relative to SITE:
 #: the next export removes exactly those, never a file lurker did not write.
 MANIFEST = ".lurker-export.json"
-#: What an export made before the manifest existed wrote (its ``index.html`` marks it).
-_LEGACY = ("index.html", "assets", "data")
+#: What an export made before the manifest existed can have written (its ``index.html``
+#: marks it): the page, the front end's bundles (named ``name-HASH.ext`` by its build), and
+#: the documents and images under ``data/`` (``runs.json``, ``runs/...``).
+_LEGACY_BUNDLE = re.compile(r"^[\w.-]+-[\w-]{8}\.(?:js|css|map)$")
+
+
+def _legacy_files(site: Path) -> set[str]:
+    """The files in ``site`` an export from before the manifest wrote: any other file a
+    user put beside them (in ``assets/`` or ``data/`` too) is kept."""
+    found = {"index.html"}
+    assets = site / "assets"
+    if assets.is_dir():
+        found |= {f"assets/{f.name}" for f in assets.iterdir() if _LEGACY_BUNDLE.match(f.name)}
+    data = site / "data"
+    if (data / "runs.json").is_file():
+        found.add("data/runs.json")
+    if (data / "runs").is_dir():
+        found |= {
+            f.relative_to(site).as_posix()
+            for f in (data / "runs").rglob("*")
+            if f.suffix in (".json", ".png") and (f.is_file() or f.is_symlink())
+        }
+    return found
 
 
 def _check_out(site: Path) -> set[str]:
@@ -430,13 +451,7 @@ def _check_out(site: Path) -> set[str]:
         return set(files)
     page = site / "index.html"
     if page.is_file() and "lurker-mode" in page.read_text(errors="replace"):
-        # an export from before the manifest: its front end and data/ were all lurker's
-        return {
-            f.relative_to(site).as_posix()
-            for name in _LEGACY
-            for f in [site / name, *((site / name).rglob("*") if name != "index.html" else ())]
-            if f.exists() or f.is_symlink()
-        }
+        return _legacy_files(site)  # an export from before the manifest
     raise LurkerError(
         f"cannot export to {site}: the folder is not empty and holds no earlier export "
         f"(no {MANIFEST}; lurker never deletes or overwrites files it did not write); "

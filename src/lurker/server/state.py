@@ -234,12 +234,29 @@ class RunEntry:
     @property
     def images_version(self) -> str | None:
         """A token of the run as this entry opened it: which probe made it (``created``,
-        ``status``) and its database file (device, inode: a probe again makes a new one).
-        The run's images (samples, top-k entries) change only with it, so an image URL
-        carrying it can be cached for good. None while the run is not complete."""
+        ``status``), its database file (device, inode: a probe again makes a new one) and
+        its image cache (the marker file ``cache/.generation``, made here when missing: a
+        cache deleted and filled again, say by a newer lurker, may hold other pictures
+        under the same names, and has a new marker). The run's images (samples, top-k
+        entries) change only with these, so an image URL carrying the token can be cached
+        for good. None while the run is not complete, or when the marker cannot be made
+        (a read-only run: its images are revalidated instead)."""
         if self.run is None or not self.run.complete or self.signature is None:
             return None
-        key = repr((*self.run.identity, *self.signature[:2]))
+        marker = self.path / "cache" / ".generation"
+        try:
+            st = marker.stat()
+        except FileNotFoundError:
+            try:
+                marker.parent.mkdir(exist_ok=True)
+                marker.touch()
+                st = marker.stat()
+            except OSError:
+                return None
+        except OSError:
+            return None
+        cache = (st.st_ino, st.st_ctime_ns)
+        key = repr((*self.run.identity, *self.signature[:2], cache))
         return hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
 
     # -- lookups that raise 404s listing what exists -----------------------------------

@@ -233,6 +233,10 @@ class GraphPage {
     this.st = new Structure(doc);
     this.expanded = this.st.defaultExpanded();
     doc.nodes.forEach((n, k) => this.byLabel.set(n.l, k));
+    // a probed layer's name finds its op too (an Explain result names its layer so)
+    doc.nodes.forEach((n, k) => {
+      if (n.L && !this.byLabel.has(n.L)) this.byLabel.set(n.L, k);
+    });
     this.worker = new LayoutWorker();
     this.worker.onmessage = (ev: MessageEvent<WorkerOut>) => this.onWorker(ev.data);
     this.worker.onerror = (ev) => this.fail(`the layout worker failed: ${ev.message || "unknown error"}`);
