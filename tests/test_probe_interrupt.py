@@ -184,8 +184,8 @@ def test_an_interrupted_probe_is_not_resumed_under_another_normalisation(tmp_pat
 def test_torchruns_second_ctrl_c_still_keeps_the_batch(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Under torchrun a Ctrl-C reaches each worker twice (from the terminal, then from the
-    launcher): the second one stopped the sweep mid-batch, saving nothing, so all work since
+    """Under torchrun a Ctrl-C may reach a worker twice (with older torch, from the terminal
+    and then from the launcher): the second one stopped the sweep mid-batch, saving nothing, so all work since
     the last timed checkpoint (30 s) was lost. Now the batch is kept and the rerun
     resumes to the uninterrupted result."""
     model = _model()
@@ -262,7 +262,7 @@ def test_sigterm_to_one_rank_keeps_every_ranks_work_and_resumes_only_with_as_man
     # rank 1's shard is items 1, 3, 5, ...: the signal comes as item 5 loads, in its 2nd batch
     cut0, cut1 = _spawn(tmp_path, out, sigterm_at=5)
     assert cut1 == f"ProbeInterrupted {int(signal.SIGTERM)}"
-    assert "another process of this torchrun job stopped" in cut0 and "every_rank=True" in cut0
+    assert "another process of this torchrun job stopped" in cut0 and "every_rank=False" in cut0
     with pytest.raises(lurker.LurkerError, match=r"ran as 2 processes.*with 2 processes"):
         lurker.probe(_model(), Images(), out=out, **KW)
     assert _spawn(tmp_path, out) == ["done", "done"]
@@ -316,3 +316,85 @@ def test_torchrun_job_into_a_run_in_use_says_so_once(tmp_path: Path) -> None:
     said = done.stdout + done.stderr
     assert said.count(f"error: run {out} is in use by another process") == 1, said
     assert "[rank1]" not in said and "Connection closed" not in said, said
+
+
+SIGTERM_GROUP = """
+import os, signal, subprocess, sys, time, torch, lurker
+from torch import nn
+torch.set_num_threads(1)
+
+
+class Net(nn.Module):
+    '''Sends SIGTERM to its whole process group (its DataLoader workers too, as a batch
+    system or torchrun does) as the sweep's second batch of 8 runs.'''
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.batches = 0
+
+    def forward(self, x):
+        if x.shape[0] == 8:
+            self.batches += 1
+            if self.batches == 2:
+                # from another process, as a batch system's: a worker told by its parent
+                # leaves quietly (torch's own SIGTERM handler), by another it is killed
+                subprocess.run(["kill", "-TERM", "--", f"-{os.getpgid(0)}"], check=False)
+                time.sleep(1)  # the rest of the batch: the workers are gone meanwhile
+        return self.conv(x)
+
+
+class Slow(torch.utils.data.Dataset):
+    '''Loading takes a while: the workers are busy when the signal comes.'''
+
+    def __len__(self):
+        return 200
+
+    def __getitem__(self, i):
+        time.sleep(0.01)
+        return torch.full((3, 8, 8), float(i)), i % 3
+
+
+data = Slow()
+try:
+    lurker.probe(Net(), data, out=sys.argv[1], batch_size=8, num_workers=2, progress=False)
+except lurker.probe.ProbeInterrupted as stop:
+    print("stopped by", stop.signum)
+"""
+
+
+def test_sigterm_to_the_process_group_with_dataloader_workers_keeps_the_batch(
+    tmp_path: Path,
+) -> None:
+    """SIGTERM to the whole process group from another process (a batch system's,
+    torchrun's) reached the DataLoader workers too: they died of it, and torch raised in
+    the middle of the batch, a traceback and no checkpoint. Now a worker stops as on Ctrl-C, and the sweep keeps
+    its batch and stops as for a SIGTERM to it alone."""
+    script = tmp_path / "group.py"
+    script.write_text(SIGTERM_GROUP)
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run(
+        [sys.executable, str(script), str(out)],
+        capture_output=True, text=True, env=env, check=False, timeout=300,
+        start_new_session=True,  # its own group: the signal reaches it and its workers only
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"stopped by {int(signal.SIGTERM)}", done.stdout
+    assert "Traceback" not in done.stderr, done.stderr
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["done"] == 16
+    assert "interrupted after 16 of 200 images" in done.stderr
+
+
+def test_a_run_of_another_model_stops_every_rank_with_one_message(tmp_path: Path) -> None:
+    """``out`` holds a run of another model: rank 0 refused to write there, and rank 1,
+    waiting for it at a barrier, failed with gloo's "Connection closed by peer" traceback.
+    Now every rank stops with rank 0's error, which the CLI prints once."""
+    out = tmp_path / "taken"
+    torch.manual_seed(1)
+    other = nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU())
+    lurker.probe(other, Images(), out=out, **KW)
+    said = _spawn(tmp_path, out)
+    for text in said:
+        assert text.startswith("RunExistsError every_rank=True"), said
+        assert "already holds a run of" in text

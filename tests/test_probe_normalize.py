@@ -210,7 +210,7 @@ def test_a_python_run_reloads_with_the_statistics_it_was_probed_with(
     top = client.get(f"/api/runs/{rid}/live/sample-2").json()["predictions"][0]
     assert top["prob"] == pytest.approx(float(logits[2].softmax(0).max()), abs=1e-5)
     assert recorded_normalize({"mean": [0.0], "std": [1.0]}) == "none"
-    assert recorded_normalize({}) is None  # a run from before: ImageNet's, as it was fed
+    assert recorded_normalize({}) is None  # none recorded: the channel rule's default
 
 
 def test_an_empty_class_folder_is_warned_about_once_per_probe_not_per_reload(

@@ -26,7 +26,6 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import LurkerError, OpKeyError
-from ..probe.data import normalize_stats
 from .param import FourierImage, MacoImage
 from .transforms import Transforms
 
@@ -426,6 +425,8 @@ class _Config:
         _positive_int(c, "channels")
         # the run's, as its probe fed it; else the rule every entry point shares
         if run_mean is None or run_std is None:
+            from ..probe.data import normalize_stats  # (lurker.probe's import: when needed)
+
             run_mean, run_std = normalize_stats(None, c)
         m = tuple(float(v) for v in (mean if mean is not None else run_mean))
         s = tuple(float(v) for v in (std if std is not None else run_std))

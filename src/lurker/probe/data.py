@@ -786,9 +786,11 @@ def parse_normalize(value: str) -> str:
     head, slash, tail = text.partition("/")
     if not slash or "/" in tail:
         raise LurkerError(
-            f"normalize={value!r}: give 'imagenet' (ImageNet's mean and std, the default), "
+            f"normalize={value!r}: give 'imagenet' (ImageNet's mean and std, the default for "
+            f"3 channels), "
             f"'none' (images in [0, 1]) or MEAN/STD with one value per channel ({example})",
-            cli=f"--normalize {value!r}: give imagenet (ImageNet's mean and std, the default), "
+            cli=f"--normalize {value!r}: give imagenet (ImageNet's mean and std, the default for "
+            f"3 channels), "
             f"none (images in [0, 1]) or MEAN/STD with one value per channel ({example})",
         )
     stats: list[list[float]] = []

@@ -875,10 +875,17 @@ def _open_writer(plan: _Plan, overwrite: bool) -> RunWriter | None:
     """Create (or reopen, to resume) the run on rank 0, the only writer; the other ranks
     wait for it, so that their checkpoints land in an existing directory."""
     writer = None
+    refused: LurkerError | None = None
     if plan.rank == 0:
-        writer = RunWriter.create(plan.out, meta=plan.run_meta, overwrite=overwrite)
+        try:
+            writer = RunWriter.create(plan.out, meta=plan.run_meta, overwrite=overwrite)
+        except LurkerError as err:  # (another model's run there): every rank stops with it
+            refused = err
     if plan.world > 1:
-        torch.distributed.barrier()
+        refused = _from_rank0(refused)  # (a barrier too)
+    if refused is not None:
+        refused.every_rank = plan.world > 1
+        raise refused
     return writer
 
 
@@ -1150,6 +1157,9 @@ def _sweep(plan: _Plan, consumers: Sequence[BatchConsumer], start: _Progress) ->
         num_workers=plan.num_workers,
         collate_fn=pdata.collate,
         pin_memory=dev.type == "cuda",
+        # a SIGTERM to the process group (a batch system, torchrun) would kill the workers
+        # and torch then raises in the middle of a batch: a worker stops as on Ctrl-C
+        worker_init_fn=_worker_stops_on_sigterm if plan.num_workers else None,
     )
     # op index -> (layer, consumer) pairs: every consumer sees the probed layers, and a
     # consumer's extra layers go to it alone
@@ -1231,6 +1241,13 @@ class ProbeInterrupted(KeyboardInterrupt):
 
     def __reduce__(self) -> tuple[Any, ...]:  # (pickled by name, it would not rebuild)
         return (type(self), (self.signum,))
+
+
+def _worker_stops_on_sigterm(_worker: int) -> None:
+    """In a DataLoader worker: SIGTERM ends it as Ctrl-C does (torch's worker loop leaves
+    quietly on KeyboardInterrupt), so that the sweep finishes and keeps its batch. Not
+    ignored: at exit, multiprocessing ends its daemon workers with SIGTERM and waits."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
 def _under_torchrun() -> bool:
@@ -1347,8 +1364,7 @@ def _finish(
                     f"outright, up to its last checkpoint): run the same command again, with "
                     f"{plan.world} processes, to resume"
                 )
-                err.every_rank = True
-                raise err from None
+                raise err from None  # (by every rank left: rank 0 may be the one gone)
         skipped = _merge_skipped(*(g[0] for g in gathered))
         seen = sum(g[1] for g in gathered)
         seconds = max(g[2] for g in gathered)
