@@ -216,8 +216,9 @@ def _rank_worker(
     rank: int, world: int, tmp: str, store: str, out: str, sigterm_at: int | None
 ) -> None:
     """One gloo rank probing ``out`` (SIGTERM to rank 1 as it loads item ``sigterm_at``).
-    How the call ended goes to ``outcome-rankN.txt`` in ``tmp``; the process then ends
-    normally (spawn stops no other rank), closing its connections as a stopped rank's do."""
+    How the call ended goes to ``outcome-rankN.txt`` in ``tmp``; the process then exits
+    with status 0 (spawn stops no other rank), closing its connections as a stopped rank's
+    do."""
     from datetime import timedelta
 
     torch.set_num_threads(1)
@@ -232,6 +233,10 @@ def _rank_worker(
     said = _outcome(functools.partial(lurker.probe, _model(), data, out=out, **KW))
     torch.distributed.destroy_process_group()
     Path(tmp, f"outcome-rank{rank}.txt").write_text(said)
+    # what the rank said is written: leave at once (its sockets close as any process's).
+    # The interpreter's teardown of gloo's threads, after a group ended on an error, can
+    # abort ("terminate called without an active exception"), a race in gloo at exit
+    os._exit(0)
 
 
 KW: dict[str, Any] = {"k": 3, "batch_size": 2, "progress": False}
