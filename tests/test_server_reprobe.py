@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -223,3 +224,33 @@ def test_a_cache_made_again_gets_another_image_token(tmp_path: Path) -> None:
     assert again.headers["cache-control"] == "no-cache"
     assert again.content == other.getvalue() != first.content
     assert client.get(f"{url}?v={new}").headers["cache-control"] == IMMUTABLE
+
+
+def test_two_first_requests_at_once_hand_out_one_token(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cache's marker is made once and never touched: a request that missed it while
+    another made it (two first requests at once) leaves it as it is, so the token the other
+    handed out stays current (a touch changed it, and that client's images were
+    revalidated for the rest of its session)."""
+    import time
+
+    out = tmp_path / "runs" / "d"
+    probe_digits(out, tmp_path / "d.pt", k=3)
+    client = TestClient(create_app(tmp_path / "runs"))
+    first = client.get("/api/runs/d").json()["images_version"]
+    marker = out / "cache" / ".generation"
+    assert first and marker.is_file()
+    time.sleep(0.01)  # a touch now would show in the marker's change time
+    real_stat = Path.stat
+    missed = []
+
+    def stat_missing_once(self: Path, *args: Any, **kwargs: Any) -> Any:
+        if self == marker and not missed:  # this request looked before the other made it
+            missed.append(self)
+            raise FileNotFoundError(self)
+        return real_stat(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "stat", stat_missing_once)
+    assert client.get("/api/runs/d").json()["images_version"] == first
+    assert missed

@@ -393,6 +393,11 @@ def _ema(avg: torch.Tensor, x: torch.Tensor) -> None:
     avg.mul_(0.5).add_(x.mean(0) * 0.5)
 
 
+@torch.library.custom_op("lurker_test::ema_second", mutates_args=("avg",))
+def _ema_second(x: torch.Tensor, avg: torch.Tensor) -> None:
+    avg.mul_(0.5).add_(x.mean(0) * 0.5)
+
+
 @torch.library.custom_op("lurker_test::ema_centred", mutates_args=("avg",))
 def _ema_centred(avg: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     avg.mul_(0.5).add_(x.mean(0) * 0.5)
@@ -404,30 +409,35 @@ class CustomOpEMA(nn.Module):
     kernel is), whose schema declares the write but whose name does not end in ``_``;
     the buffer is read before and after the update."""
 
-    def __init__(self, returns: bool) -> None:
+    def __init__(self, kind: str) -> None:
         super().__init__()
         self.fc = nn.Linear(4, 4)
         self.register_buffer("avg", torch.zeros(4))
-        self.returns = returns
+        self.kind = kind
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc(x)
         before = h * self.avg
-        if self.returns:
+        if self.kind == "returns":
             z = _ema_centred(self.avg, h)
+        elif self.kind == "none, written second":
+            _ema_second(h, self.avg)
+            z = h
         else:
             _ema(self.avg, h)
             z = h
         return before + z + self.avg
 
 
-@pytest.mark.parametrize("returns", [False, True])
-def test_custom_op_writing_a_buffer_is_a_state_change_and_validates(returns: bool):
+@pytest.mark.parametrize("kind", ["none", "returns", "none, written second"])
+def test_custom_op_writing_a_buffer_is_a_state_change_and_validates(kind: str):
     """The recorder copies what the op's schema says it writes before the call: the
     buffer node keeps the value the model read, the write is listed, validation passes
-    (and still catches a corrupted activation), and a replay equals the untraced model."""
+    (and still catches a corrupted activation), and a replay equals the untraced model.
+    An op returning nothing is saved as the argument it wrote, first or not, and its
+    re-execution is compared with that argument's copy."""
     torch.manual_seed(0)
-    model = CustomOpEMA(returns)
+    model = CustomOpEMA(kind)
     with torch.no_grad():
         model(torch.randn(3, 4))  # a nonzero average going in
     x = torch.randn(3, 4)

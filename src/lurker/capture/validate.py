@@ -288,6 +288,7 @@ def _execute(op: Any, values: list[Any]) -> Any:
     if op.inplace:  # it writes into its first argument: never into a saved activation
         values = [v.clone() for v in values]
     it = iter(values)
+    written = None  # the copy of the first argument the op writes besides its first
     try:
         args = refill(op._skel_args, it)
         kwargs = refill(op._skel_kwargs, it)
@@ -299,7 +300,8 @@ def _execute(op: Any, values: list[Any]) -> Any:
             stats = _funcs.mutated_buffers(info, args, kwargs)
             if stats:
                 copies = {id(t): t.clone() for t in stats}
-                values = [copies.get(id(v), v) for v in values]  # (a None result: the first)
+                written = copies[id(stats[0])]  # a None result: what the trace saved
+                values = [copies.get(id(v), v) for v in values]
                 it = iter(values)
                 args = refill(op._skel_args, it)
                 kwargs = refill(op._skel_kwargs, it)
@@ -323,8 +325,8 @@ def _execute(op: Any, values: list[Any]) -> Any:
             f"raised {type(e).__name__}: {e}",
             op=op.label,
         ) from e
-    if result is None and op.inplace and values:  # x[i] = v returns None
-        result = values[0]
+    if result is None and op.inplace and values:  # x[i] = v, a custom op, return None
+        result = written if written is not None else values[0]
     if isinstance(result, (tuple, list)):
         result = tuple(r for r in result if isinstance(r, Tensor))
         if len(result) == 1:

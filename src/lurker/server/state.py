@@ -6,6 +6,7 @@ never joined onto a path, so no id can reach outside the served folder.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
@@ -249,7 +250,10 @@ class RunEntry:
         except FileNotFoundError:
             try:
                 marker.parent.mkdir(exist_ok=True)
-                marker.touch()
+                # made once, never touched again (a touch would change it under a token
+                # another request just handed out)
+                with contextlib.suppress(FileExistsError):
+                    os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
                 st = marker.stat()
             except OSError:
                 return None
