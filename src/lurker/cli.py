@@ -81,6 +81,20 @@ def _out_folder(path: str, hint: str) -> str:
     return str(target)
 
 
+def _channel_dim_option(then: str) -> Callable[[Any], Any]:
+    """``--channel-dim`` of the commands that feed images (probe, explain), checked by
+    :func:`_channel_axis`; ``then``: what the command does with it, and its default."""
+    return click.option(
+        "--channel-dim",
+        type=int,
+        default=None,
+        callback=lambda ctx, param, value: _channel_axis(value),
+        metavar="AXIS",
+        help="The axis of the model's input that holds the channels (counting the batch "
+        "axis): -1 for a model that takes (N, H, W, C) images. " + then,
+    )
+
+
 #: ``--normalize`` of probe, explain and featviz: one rule (probe.data.default_normalize)
 NORMALIZE_CHOICES = (
     "imagenet (ImageNet's mean and std), none (images in [0, 1]), or MEAN/STD with one "
@@ -270,15 +284,9 @@ def trace(
     metavar="LAYER",
     help="As --embed, at this layer (mean-pooled over its positions).",
 )
-@click.option(
-    "--channel-dim",
-    type=int,
-    default=None,
-    callback=lambda ctx, param, value: _channel_axis(value),
-    metavar="AXIS",
-    help="The axis of the model's input that holds the channels (counting the batch axis): "
-    "-1 for a model that takes (N, H, W, C) images. Recorded in the run, so its images and "
-    "`lurker serve` feed the model the same way. Default: (N, C, H, W).",
+@_channel_dim_option(
+    "Recorded in the run, so its images and `lurker serve` feed the model the same way. "
+    "Default: (N, C, H, W)."
 )
 @click.option(
     "--normalize",
@@ -825,15 +833,8 @@ Examples:
     help="For a unit --target on a layer whose unit axis lurker cannot tell: the axis of its "
     "output that holds the units (counting the batch axis).",
 )
-@click.option(
-    "--channel-dim",
-    type=int,
-    default=None,
-    callback=lambda ctx, param, value: _channel_axis(value),
-    metavar="AXIS",
-    help="The axis of the model's input that holds the channels (counting the batch axis): "
-    "-1 for a model that takes (N, H, W, C) images. The image is given to the model so. "
-    "Default: (N, C, H, W), or with a run as MODEL the run's.",
+@_channel_dim_option(
+    "The image is given to the model so. Default: (N, C, H, W), or with a run as MODEL the run's."
 )
 @click.option(
     "--option",
@@ -1009,23 +1010,34 @@ def _explain_run(
     with Run.open(where) as run:
         cfg = run.meta.get("config") or {}
         size = run.meta.get("image_size") or [224]
-    spec = cfg.get("model_spec")
-    if not spec:
-        raise LurkerError(
-            f"run {where} does not record its model (it was probed from Python): give the "
-            "model spec as MODEL, with --weights"
-        )
-    weights = weights or cfg.get("weights")
-    if weights and weights == cfg.get("weights") and not Path(weights).is_file():
-        raise LurkerError(
-            f"the run's recorded weights {weights} do not exist here (moved or deleted): pass "
-            "them with --weights"
-        )
+    spec, weights = _recorded_model(
+        where, cfg, None, weights, "give the model spec as MODEL, with --weights"
+    )
     if normalize is None:
         normalize = pdata.recorded_normalize(cfg)  # as the probe fed its images
     if channel_dim is None:
         channel_dim = cfg.get("channel_dim")
     return spec, weights, image_size or int(size[0]), channel_dim, normalize
+
+
+def _recorded_model(
+    where: Path, cfg: dict[str, Any], model: str | None, weights: str | None, fix: str
+) -> tuple[str, str | None]:
+    """The model spec and weights that build a run's model: ``model`` and ``weights`` as
+    given, else what its probe recorded (``config``), refused with the fix when the run
+    records no model or its recorded weights are gone."""
+    spec = model or cfg.get("model_spec")
+    if not spec:
+        raise LurkerError(
+            f"run {where} does not record its model (it was probed from Python): {fix}"
+        )
+    weights = weights or (None if model else cfg.get("weights"))
+    if weights and weights == cfg.get("weights") and not Path(weights).is_file():
+        raise LurkerError(
+            f"the run's recorded weights {weights} do not exist here (moved or deleted): pass "
+            "them with --weights"
+        )
+    return spec, weights
 
 
 @main.command(
@@ -1185,18 +1197,9 @@ def featviz(
         with Run.open(run_or_model) as run:
             info = run.layer(layer)  # before the model is built
             cfg = run.meta.get("config") or {}
-            spec = model or cfg.get("model_spec")
-            if not spec:
-                raise LurkerError(
-                    f"run {run.path} does not record its model (it was made from Python); pass "
-                    "it: --model SPEC [--weights FILE]"
-                )
-            weights = weights or (None if model else cfg.get("weights"))
-            if weights and weights == cfg.get("weights") and not Path(weights).is_file():
-                raise LurkerError(
-                    f"the run's recorded weights {weights} do not exist here (moved or "
-                    "deleted): pass them with --weights"
-                )
+            spec, weights = _recorded_model(
+                run.path, cfg, model, weights, "pass it: --model SPEC [--weights FILE]"
+            )
             from .models import channels_first_view
 
             # optimised (N, C, H, W) images fed as the probe fed them (a channels-last model)
