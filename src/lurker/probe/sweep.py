@@ -487,6 +487,17 @@ def _from_rank0(value: Any) -> Any:
     return box[0]
 
 
+def _stop_with_rank0(refused: LurkerError | None, world: int) -> None:
+    """Raise rank 0's error (None: go on) on every rank, marked ``every_rank`` under
+    torchrun, so that each stops with it rather than in its next collective and the CLI
+    says it once."""
+    if world > 1:
+        refused = _from_rank0(refused)
+    if refused is not None:
+        refused.every_rank = world > 1
+        raise refused
+
+
 def _one_writer(fn: Callable[..., Run | None]) -> Callable[..., Run | None]:
     """Run ``fn`` holding the run directory's lock (rank 0, the only writer, takes it):
     a second probe into the same ``out`` fails at once instead of redoing the sweep."""
@@ -502,11 +513,7 @@ def _one_writer(fn: Callable[..., Run | None]) -> Callable[..., Run | None]:
                     held.enter_context(run_lock(out))
                 except LurkerError as err:
                     refused = err
-            if world > 1:  # every rank stops with rank 0, not in its next collective
-                refused = _from_rank0(refused)
-            if refused is not None:
-                refused.every_rank = world > 1
-                raise refused
+            _stop_with_rank0(refused, world)
             return fn(*args, out=out, **kwargs)
 
     return locked
@@ -881,11 +888,7 @@ def _open_writer(plan: _Plan, overwrite: bool) -> RunWriter | None:
             writer = RunWriter.create(plan.out, meta=plan.run_meta, overwrite=overwrite)
         except LurkerError as err:  # (another model's run there): every rank stops with it
             refused = err
-    if plan.world > 1:
-        refused = _from_rank0(refused)  # (a barrier too)
-    if refused is not None:
-        refused.every_rank = plan.world > 1
-        raise refused
+    _stop_with_rank0(refused, plan.world)  # (a barrier too)
     return writer
 
 
@@ -894,8 +897,7 @@ def _check_checkpoints_world(plan: _Plan, writer: RunWriter | None) -> None:
     rank's shard (sample ``i`` goes to rank ``i % world``), which another number of ranks
     would split differently, so they would be ignored and their work silently swept again
     (and left behind). Rank 0 looks and decides for all ranks."""
-    said: str | None = None
-    cli = ""
+    refused: LurkerError | None = None
     if writer is not None and writer.resumed:
         saved: dict[str, int] = {}
         for path in sorted(plan.out.glob("checkpoint*.pt")):
@@ -920,15 +922,9 @@ def _check_checkpoints_world(plan: _Plan, writer: RunWriter | None) -> None:
                 "(sample i on process i % processes), so it resumes only with as many "
                 f"processes. Resume it {how}, or sweep it again from the start with "
             )
-            said, cli = said + "overwrite=True.", said + "--overwrite."
-    if plan.world > 1:
-        said, cli = _from_rank0((said, cli))
-    if said is not None:
-        if writer is not None:
+            refused = LurkerError(said + "overwrite=True.", cli=said + "--overwrite.")
             writer.close()  # the run is left as it is, checkpoints and all
-        err = LurkerError(said, cli=cli)
-        err.every_rank = plan.world > 1
-        raise err
+    _stop_with_rank0(refused, plan.world)
 
 
 def _digest(x: Tensor) -> str:
