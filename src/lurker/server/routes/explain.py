@@ -87,21 +87,22 @@ class Result:
 
 
 class ExplainCache:
-    """LRU of :class:`Result` by (image, method, target, layer)."""
+    """LRU of a served run's explain answers: :class:`Result` by (image, method, target,
+    layer), and Grad-CAM's default layer by (image, target)."""
 
     def __init__(self, size: int = CACHED) -> None:
         self.size = size
-        self._items: OrderedDict[tuple[str, str, str, str], Result] = OrderedDict()
+        self._items: OrderedDict[tuple[str, ...], Any] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, key: tuple[str, str, str, str]) -> Result | None:
+    def get(self, key: tuple[str, ...]) -> Any:
         with self._lock:
             hit = self._items.get(key)
             if hit is not None:
                 self._items.move_to_end(key)
             return hit
 
-    def put(self, key: tuple[str, str, str, str], value: Result) -> None:
+    def put(self, key: tuple[str, ...], value: Any) -> None:
         with self._lock:
             self._items[key] = value
             self._items.move_to_end(key)
@@ -112,11 +113,14 @@ class ExplainCache:
 _caches_lock = threading.Lock()
 
 
-def _cache(s: Session) -> ExplainCache:
+def _cache(s: Session, name: str = "explain_cache") -> ExplainCache:
+    """The session's cache ``name``: its attributions, or (``explain_defaults``) the
+    default layers found for them."""
     with _caches_lock:
-        cache = getattr(s, "explain_cache", None)
+        cache = getattr(s, name, None)
         if cache is None:
-            cache = s.explain_cache = ExplainCache()  # type: ignore[attr-defined]
+            cache = ExplainCache()
+            setattr(s, name, cache)
         return cache
 
 
@@ -521,10 +525,7 @@ def _own_default(s: Session, model: Any, x: Any, target: str, image: str) -> str
     from lurker.explain.base import untouched
     from lurker.explain.gradcam import default_layer
 
-    with _caches_lock:
-        found = getattr(s, "explain_defaults", None)
-        if found is None:
-            found = s.explain_defaults = OrderedDict()  # type: ignore[attr-defined]
+    found = _cache(s, "explain_defaults")
     key = (image, target.strip())
     hit = found.get(key)
     if hit is None:
@@ -534,9 +535,7 @@ def _own_default(s: Session, model: Any, x: Any, target: str, image: str) -> str
                 hit = default_layer(model, prep.xb, prep.target)
         except LurkerError as e:
             raise ApiError(400, str(e)) from None
-        found[key] = hit
-        while len(found) > CACHED:
-            found.popitem(last=False)
+        found.put(key, hit)
     return str(hit)
 
 
