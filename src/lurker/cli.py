@@ -545,7 +545,6 @@ def map_(
     with Run.open(run) as r:
         size = (r.meta.get("image_size") or [224])[0]
         config = r.meta.get("config") or {}
-        shape = config.get("input_shape") or [None]
         emb = (r.meta.get("embedding") or {}) if r.has_embedding else {}
         held = emb.get("layer")  # the stored features' layer (its op label: emb["op"])
     if weights and not model_spec:  # the run's own model, with these weights
@@ -568,16 +567,9 @@ def map_(
         if model_spec:
             model = load_model(model_spec, weights, device=device or "cpu")
         if data:
-            # a folder as the run's was fed (the digits have no normalisation to give);
-            # another dataset than the run's is refused by make_map, naming it
-            folder = data.partition(":")[0] != "digits"
-            dataset = pdata.load_dataset(
-                data,
-                int(size),
-                channels=shape[0],
-                normalize=pdata.recorded_normalize(config) if folder else None,
-                reload=True,  # the run's own data (its probe warned about empty classes)
-            )
+            # a folder as the run's was fed; another dataset than the run's is refused by
+            # make_map, naming it
+            dataset = pdata.load_run_dataset(config, int(size), data)
     done = make_map(
         run, layer=layer, method=method, seed=seed, model=model, dataset=dataset, device=device
     )

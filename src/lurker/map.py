@@ -413,14 +413,7 @@ def _model_and_data(
             )
         from .probe import data as pdata
 
-        shape = config.get("input_shape") or [None]
-        dataset = pdata.load_dataset(
-            spec,
-            size,
-            channels=shape[0],
-            normalize=pdata.recorded_normalize(config),
-            reload=True,
-        )
+        dataset = pdata.load_run_dataset(config, size, spec)
     from .models import channels_first_view
 
     # fed as the probe fed it: a channels-last model gets its (N, H, W, C) batches

@@ -53,6 +53,7 @@ __all__ = [
     "image_folder",
     "input_image",
     "load_dataset",
+    "load_run_dataset",
     "normalize_stats",
     "parse_normalize",
     "recorded_normalize",
@@ -929,6 +930,24 @@ def load_dataset(
 
 
 # --------------------------------------------------------------------------- display
+
+
+def load_run_dataset(
+    config: Mapping[str, Any], image_size: int, spec: str | None = None
+) -> ProbeDataset:
+    """A run's dataset read again (the explorer, unit images, the map), fed as its probe
+    fed it: ``spec`` (default the run's recorded ``data``) at the run's ``image_size`` and
+    input channels, a folder normalised as :func:`recorded_normalize` says (digits are
+    fed in [0, 1]), its empty classes not warned about again."""
+    spec = spec if spec is not None else str(config["data"])
+    folder = spec.partition(":")[0] != "digits"
+    return load_dataset(
+        spec,
+        image_size,
+        channels=(config.get("input_shape") or [None])[0],
+        normalize=recorded_normalize(config) if folder else None,
+        reload=True,
+    )
 
 
 def denormalize(img: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:

@@ -169,13 +169,7 @@ class UnitImages:
                         "dataset=...).write_all().",
                     )
                 size = self.run.meta.get("image_size") or [224]
-                dataset = pdata.load_dataset(
-                    cfg["data"],
-                    int(size[0]),
-                    channels=(cfg.get("input_shape") or [None])[0],
-                    normalize=pdata.recorded_normalize(cfg),  # as the probe fed it
-                    reload=True,
-                )
+                dataset = pdata.load_run_dataset(cfg, int(size[0]))
         if device is not None:
             model = model.to(device)
         from ..models import channels_first_view

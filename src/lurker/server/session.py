@@ -246,14 +246,7 @@ class Session:
                 else:
                     run = self.entry.open_run()
                     size = run.meta.get("image_size") or [224]
-                    shape = self.config.get("input_shape") or [None]
-                    self._dataset = pdata.load_dataset(
-                        self.config["data"],
-                        int(size[0]),
-                        channels=shape[0],
-                        normalize=pdata.recorded_normalize(self.config),
-                        reload=True,
-                    )
+                    self._dataset = pdata.load_run_dataset(self.config, int(size[0]))
             except LurkerError as e:
                 self._dataset_error = f"cannot load the run's dataset: {e}"
                 raise ApiError(409, self._dataset_error) from None
