@@ -8,7 +8,6 @@ so the server can load the model and the dataset on its own.
 from __future__ import annotations
 
 import contextlib
-import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -105,12 +104,12 @@ FEATVIZ_NEURON_LAYER = "features.4"  # neuron images only, of units 0 and 3
 
 
 @pytest.fixture(scope="session")
-def explorer_run() -> ExplorerRun:
+def explorer_run(tmp_path_factory: pytest.TempPathFactory) -> ExplorerRun:
     """The run (shared by every test file of this process; never written by tests except
-    its image cache)."""
+    its image cache). Under pytest's temporary root, which pytest prunes: a folder of
+    ``/tmp`` would be left behind by every test session."""
     if "run" not in _BUILT:
-        root = Path(tempfile.mkdtemp(prefix="lurker-explorer-test-"))
-        _BUILT["run"] = build_run(root)
+        _BUILT["run"] = build_run(tmp_path_factory.mktemp("explorer-run"))
     return _BUILT["run"]
 
 
