@@ -461,6 +461,56 @@ def test_custom_op_writing_a_buffer_is_a_state_change_and_validates(kind: str):
     ema.activation = saved
 
 
+@torch.library.custom_op("lurker_test::ema_undeclared", mutates_args=())
+def _ema_undeclared(avg: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    avg.mul_(0.5).add_(x.mean(0) * 0.5)  # a write its schema does not declare
+    return x * 2
+
+
+_LIB = torch.library.Library("lurker_test", "FRAGMENT")  # as a C++ extension defines one
+_LIB.define("ema_raw(Tensor avg, Tensor x) -> Tensor")  # no (a!): the write undeclared
+_LIB.impl("ema_raw", lambda avg, x: (avg.mul_(0.5).add_(x.mean(0) * 0.5), x * 2)[1], "CPU")
+
+
+class UndeclaredWrite(nn.Module):
+    """An operator writes in place what its schema does not say it writes (a custom op's
+    ``mutates_args`` left out, an extension's schema without ``(a!)``): a buffer, or an
+    op's saved output, read by an op before the write and one after."""
+
+    def __init__(self, op: str, target: str) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.register_buffer("avg", torch.ones(4))
+        self.op, self.target = op, target
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        t = self.avg if self.target == "buffer" else h.detach().mean(0) + 1
+        before = h * t
+        op = _ema_undeclared if self.op == "custom_op" else torch.ops.lurker_test.ema_raw
+        z = op(t, h)
+        return before + z + (h + t)
+
+
+@pytest.mark.parametrize("target", ["buffer", "op output"])
+@pytest.mark.parametrize("op", ["custom_op", "library"])
+def test_an_undeclared_write_is_blamed_on_the_op_that_wrote(op: str, target: str) -> None:
+    """The saved value holds what the write left, so the op that read it before cannot
+    match: validation refuses, naming the operator that wrote and how to declare the
+    write (it used to blame the op that read the value, which did nothing wrong)."""
+    torch.manual_seed(0)
+    model = UndeclaredWrite(op, target)
+    x = torch.randn(3, 4)
+    want = copy.deepcopy(model)(x)
+    tr = lurker.trace(model, x)
+    _same(tr.output, want)  # the traced forward computed what the model does
+    (writer,) = [o for o in tr.compute_ops if o.name.startswith("ema")]
+    with pytest.raises(ValidationError, match="mutates_args") as ei:
+        tr.validate()
+    assert ei.value.op == writer.label
+    assert str(ei.value).startswith(f"{writer.label} ({writer.name}) wrote in place")
+
+
 class EMACodebook(nn.Module):
     """A VQ-VAE quantiser whose codebook (a parameter) is updated by EMA inside forward,
     under ``no_grad``, in place: through ``.data`` or on the parameter itself. An op that
@@ -754,6 +804,66 @@ def test_an_activation_changed_through_data_validates(how: str) -> None:
     last = tr.compute_ops[-1]
     last.activation.add_(1)
     with pytest.raises(ValidationError, match=last.label):
+        tr.validate()
+
+
+class ViewThenData(nn.Module):
+    """Takes a view of a buffer, parameter or tensor attribute, then changes it through
+    ``.data`` (which has its own version counter) and reads the view after: in place, the
+    view sees the new values (it shares the storage); rebound (``t.data = new``), it keeps
+    the old ones."""
+
+    def __init__(self, owner: str, how: str) -> None:
+        super().__init__()
+        self.lin = nn.Linear(6, 6)
+        self.register_buffer("buf", torch.arange(6.0).view(2, 3))
+        self.w = nn.Parameter(torch.arange(6.0).view(2, 3) - 2)
+        self.mem = torch.arange(6.0).view(2, 3) + 1
+        self.owner, self.how = owner, how
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = getattr(self, self.owner)
+        v = t.view(-1)  # made before the write
+        with torch.no_grad():
+            if self.how == "data.mul_":
+                t.data.mul_(2)
+            elif self.how == "data[0] =":
+                t.data[0] = 7
+            elif self.how == "out=data":
+                torch.mul(t.data, 3, out=t.data)
+            else:  # "data =": new storage, the view keeps the old
+                t.data = t * 10
+        return self.lin(x) + v + t.reshape(-1)
+
+
+@pytest.mark.parametrize("how", ["data.mul_", "data[0] =", "out=data", "data ="])
+@pytest.mark.parametrize("owner", ["buf", "w", "mem"])
+def test_a_view_taken_before_a_data_write_validates(owner: str, how: str) -> None:
+    """The view read after the write re-runs on what it read (it used to re-run on its
+    value before an in-place write through ``.data``, a false mismatch); a replay equals
+    a plain second forward; a corrupted activation is still caught."""
+    torch.manual_seed(0)
+    model = ViewThenData(owner, how)
+    x, x2 = torch.randn(2, 6), torch.randn(2, 6)
+    with torch.no_grad():  # the oracle, by hand: what the view and the owner hold after
+        old = getattr(model, owner).detach().reshape(-1).clone()
+        new = {"data.mul_": old * 2, "data[0] =": old, "out=data": old * 3, "data =": old * 10}
+        new = new[how].clone()
+        if how == "data[0] =":
+            new[:3] = 7
+        view = old if how == "data =" else new
+        want = x @ model.lin.weight.t() + model.lin.bias + view + new
+    twin = copy.deepcopy(model)
+    _same(twin(x), want)  # the hand computation is the model's
+    tr = lurker.trace(model, x)
+    _same(tr.output, want)
+    for _ in range(2):
+        report = tr.validate()
+        assert report.output_checked and report.checked == len(tr.compute_ops)
+    _same(tr.run(x2).output, twin(x2))  # both a second forward, from the state one left
+    add = next(op for op in tr.compute_ops if op.name == "add")  # lin(x) + v
+    add.activation.add_(1)
+    with pytest.raises(ValidationError, match=add.label):
         tr.validate()
 
 

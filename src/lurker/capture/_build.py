@@ -54,6 +54,7 @@ def build(
     tr._params_replaced = rec.params_replaced
     tr._state_before = rec.state_before
     tr._state_replaced = rec.state_replaced
+    tr._stale_by = rec.stale_by
     tr.modules = rec.module_info
     tr.output = output
     nodes = rec.nodes

@@ -340,6 +340,9 @@ class _Core:
         # place, in order; given new storage (`b.data = new`, parameters aside: _state)
         self.state_written: dict[str, Tensor] = {}
         self.state_replaced: dict[str, Tensor] = {}
+        # node index -> the op that wrote into its saved value in place unforeseen (an
+        # operator whose schema does not declare the write): validation names the writer
+        self.stale_by: dict[int, int] = {}
         self.state_snapshot: _state.Snapshot = []  # the modules' attributes going in
         # storage pointer -> (kind, name, the parameter, buffer or tensor attribute)
         self._model_storages: dict[int, tuple[str, str, Tensor]] | None = None
@@ -668,7 +671,7 @@ class _Core:
                 targets = tensors(out, [])
             elif ins:
                 targets = [ins[0]]
-        if info.norm:
+        if info.mutates_buffers:
             targets += _funcs.mutated_buffers(info, args, kwargs)
         if targets:
             if self.aliases is None:
@@ -690,6 +693,7 @@ class _Core:
                     self._param_written(name, it)
                     if t is not it:  # (an earlier in-place op on it may have produced it)
                         self._moved(it)
+                        self._through_data(t)  # views of it made before: see below
                 else:  # a buffer's .data or a view of it; a tensor attribute, or its view
                     self._state_written(kind, name, it, t)
 
@@ -747,6 +751,9 @@ class _Core:
         self._keep_going_in(key, b)
         if through is not b:
             self._moved(b)
+            # through its .data: views of it made before (v = b.view(-1)) share the storage
+            # but not the version counter, so they too must not read their saved value
+            self._through_data(through)
 
     def _keep_going_in(self, key: str, b: Tensor) -> None:
         if key not in self.state_before:
@@ -756,10 +763,11 @@ class _Core:
                 self.saved_bytes += before.nbytes
 
     def _through_data(self, t: Tensor) -> None:
-        """A write into an op's output through its ``.data`` (or a view of that), whose
-        version counter is its own: the tensors on that storage must not resolve to their
-        saved values at their next read (see ``_moved``). A walk over the recorded outputs,
-        only for such a write; one check for any other."""
+        """A write through a ``.data`` (or a view of that) of an op's output, a parameter,
+        buffer or tensor attribute, whose version counter is its own: the tensors on that
+        storage (views made before the write) must not resolve to their saved values at
+        their next read (see ``_moved``). A walk over the recorded outputs, only for such a
+        write; one check for any other."""
         base = t._base if t._base is not None else t
         hit = self.producers.get(id(base))
         if hit is None or self.nodes[hit[1][0]].name != "data":
@@ -870,10 +878,12 @@ class _Core:
                 self.saved_bytes += sum(x.nbytes for x in a) if isinstance(a, tuple) else a.nbytes
 
     def _mark_stale(self, t: Tensor) -> None:
-        """An op we did not expect to be in-place modified ``t``: saved copies are wrong."""
+        """An op we did not expect to be in-place modified ``t``: saved copies are wrong.
+        It is recorded next (its index is the number of nodes so far), named as the writer."""
         aliases = self.aliases if self.aliases is not None else self._arm()
         for i in aliases.pop(t.untyped_storage().data_ptr(), []):
             self.nodes[i].stale = True
+            self.stale_by.setdefault(i, len(self.nodes))
 
     # ------------------------------------------------------------------ the op hook
     def _op(self, func, info, args, kwargs):
@@ -903,7 +913,7 @@ class _Core:
             inplace = inplace or kwargs.get("inplace") is True or kwargs.get("out") is not None
         if inplace and ins:
             self._settle_meta(ins[0])  # before unsqueeze_/t_/requires_grad_ change it
-        if inplace or info.norm:
+        if inplace or info.mutates_buffers:
             self._guard(inplace, info, ins, args, kwargs)
         ctx = None
         # asked once per call: the op's context and its record both need it (dropout in

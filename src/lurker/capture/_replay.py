@@ -398,7 +398,7 @@ class _Keeper:
             targets = tensors(out, [])
         elif info.inplace_first and ins:
             targets = ins[:1]
-        elif info.norm:  # running statistics, in training mode
+        elif info.mutates_buffers:  # running statistics, in training mode
             targets = _funcs.mutated_buffers(info, args, kwargs)
         else:  # recorded as in place, by no rule known beforehand: any argument
             targets = ins

@@ -616,6 +616,8 @@ class Trace(Graph):
         # or "attribute name" -> (it, its value going in); those it replaced (`b.data = new`)
         self._state_before: dict[str, tuple[Tensor, Tensor]] = {}
         self._state_replaced: dict[str, Tensor] = {}
+        # node index -> the op that wrote into its saved value unforeseen (it is `stale`)
+        self._stale_by: dict[int, int] = {}
         # what the forward changed besides reassignments (_state): lazy parameters
         # materialized, parameters and buffers written in place, storages replaced
         self._changes: list[str] = []

@@ -118,16 +118,13 @@ def validate(trace: Trace, *, rtol: float, atol: float) -> ValidationReport:
         if n in params and n not in seen
     }
     ops = trace.ops
+    stale_by = getattr(trace, "_stale_by", None) or {}
     with _context.applied(None):  # ops that ran in the default state: no autocast, no grad
         for op in ops:
+            if op.stale:  # an input or buffer too: the ops that read it would be blamed
+                _refuse_stale(op, ops, stale_by.get(op.index))
             if op.kind in ("input", "buffer", "constant", "output", "readout"):
                 continue
-            if op.stale:
-                raise ValidationError(
-                    f"{op.label} ({op.name}): its saved activation was modified in place by a "
-                    "later op that lurker did not recognise as in-place. Please report this op.",
-                    op=op.label,
-                )
             if op.activation is None:
                 report.skipped[op.label] = "not saved"
                 continue
@@ -184,6 +181,27 @@ def validate(trace: Trace, *, rtol: float, atol: float) -> ValidationReport:
     report.state_changes = _check_output(trace, rtol, atol)
     report.output_checked = True
     return report
+
+
+def _refuse_stale(op: Any, ops: list[Any], writer: int | None) -> None:
+    """``op``'s saved value was written in place by an op not known to write it: it holds
+    the value after that write, not the one the ops before it read. Names the writer."""
+    if writer is None or writer >= len(ops):
+        raise ValidationError(
+            f"{op.label} ({op.name}): its saved value was modified in place by a later op "
+            "that lurker did not recognise as in-place. Please report this op.",
+            op=op.label,
+        )
+    w = ops[writer]
+    raise ValidationError(
+        f"{w.label} ({w.name}{_where(w)}) wrote in place into the saved value of {op.label} "
+        f"({op.name}), which lurker did not know it writes, so the trace holds the value "
+        f"after the write, not the one ops before it read. If {w.name} is your operator, "
+        "declare what it writes in its schema (torch.library.custom_op(..., "
+        "mutates_args=(...)), or Tensor(a!) in a torch.library definition) and trace again; "
+        "else please report this op.",
+        op=w.label,
+    )
 
 
 def _swapped_read(
@@ -293,7 +311,7 @@ def _execute(op: Any, values: list[Any]) -> Any:
         args = refill(op._skel_args, it)
         kwargs = refill(op._skel_kwargs, it)
         info = _funcs.func_info(op._func)
-        if info.norm:
+        if info.mutates_buffers:
             # batch norm in training mode updates its running statistics in place (a custom
             # op the arguments its schema marks written): those are the buffer nodes' saved
             # activations (what the op read), so it updates copies

@@ -154,6 +154,8 @@ class Op:
     activation: Any  # saved tensor (or tuple for multi-output ops), if saved
     grad: Any  # gradient of the output, after a backward pass with grads=True
     stale: bool  # saved activation was modified in place after saving
+    _saved: bool  # a graph read from JSON: the trace it came from kept the activation
+    _has_grad: bool  # ... and held a gradient for it (no tensors to tell by)
     # private, read by capture/ only: how to re-execute this op (validation, replay)
     _func: Any
     _skel_args: Any  # the raw call arguments (live tensors), kept where saving needs them
@@ -173,7 +175,7 @@ class Op:
         "index", "kind", "name", "label", "rolled", "pass_num", "num_passes", "modules",
         "module_outputs", "parents", "children", "outputs", "params", "time",
         "inplace", "random", "dist_from_input", "dist_from_output", "decides_branch", "value",
-        "seq", "target", "meta", "source", "activation", "grad", "stale",
+        "seq", "target", "meta", "source", "activation", "grad", "stale", "_saved", "_has_grad",
         "_func", "_skel_args", "_skel_kwargs", "_inputs", "_key", "_snapshots", "_where",
         "_outs", "_extra_parents", "_provisional", "_ctx", "_args", "_kwargs", "__weakref__",
     )  # fmt: skip
@@ -227,6 +229,8 @@ class Op:
         self.activation = None
         self.grad = None
         self.stale = False
+        self._saved = False
+        self._has_grad = False
         self._func = None
         self._skel_args = None
         self._skel_kwargs = None
@@ -258,6 +262,7 @@ class Op:
         n.params = []
         n.time = 0.0
         n.inplace = n.random = n.decides_branch = n.stale = n._provisional = False
+        n._saved = n._has_grad = False
         n.dist_from_input = n.dist_from_output = n.value = n.target = None
         n.seq = -1
         n._args = ()
@@ -305,6 +310,18 @@ class Op:
             self.meta.pop("flops", None)
         else:
             self.meta["flops"] = value
+
+    @property
+    def saved(self) -> bool:
+        """The trace kept this op's activation: a live trace holds it, a graph read back
+        from JSON only knows that it did (the ``saved`` field), and writes that again."""
+        return self.activation is not None or self._saved
+
+    @property
+    def has_grad(self) -> bool:
+        """The trace held a gradient for this op (after ``backward()`` with ``grads=True``);
+        on a graph read back from JSON, what its ``has_grad`` field said."""
+        return self.grad is not None or self._has_grad
 
     @property
     def module(self) -> str | None:

@@ -133,6 +133,8 @@ def _op_from(d: dict[str, Any], params: dict[str, ParamRef]) -> Op:
     op.kwargs = {k: decode(v, params) for k, v in d["kwargs"].items()}
     op.meta = dict(d["meta"])
     op.source = d["source"]
+    op._saved = d["saved"]  # no tensors here to tell by: keep what the trace had, so a
+    op._has_grad = d["has_grad"]  # graph read back writes the same document again
     # what edges() and FLOPs read, as on a traced graph
     op._inputs = [(r.index, r.output) if type(r) is OpRef else (-1, r.name) for r in refs(op)]
     return op
@@ -253,8 +255,8 @@ def _op(op: Op) -> dict[str, Any]:
         "value": encode(op.value),
         "inplace": bool(op.inplace),
         "random": bool(op.random),
-        "saved": op.activation is not None,
-        "has_grad": op.grad is not None,
+        "saved": op.saved,
+        "has_grad": op.has_grad,
     }
 
 

@@ -75,12 +75,16 @@ class FuncInfo:
     random: bool  # depends on the RNG (dropout only when training=True)
     dropout: bool
     # may write tensors other than its first argument in place: running statistics (batch
-    # norm), or the arguments an operator's schema marks as written (a custom op's)
-    norm: bool
+    # norm, fake quantisation's range), or the arguments an operator's schema marks as
+    # written (a custom op's); mutated_buffers() finds which, per call
+    mutates_buffers: bool
     spec: OpSpec | None  # its parameters, where the catalogue knows them
     writes: tuple[tuple[int, str], ...]  # (position, name) of arguments its schema writes
 
-    __slots__ = ("name", "inplace_first", "readout", "random", "dropout", "norm", "spec", "writes")  # noqa: RUF023
+    __slots__ = (  # noqa: RUF023 - in the order of the annotations above
+        "name", "inplace_first", "readout", "random", "dropout", "mutates_buffers", "spec",
+        "writes",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -89,7 +93,7 @@ class FuncInfo:
         readout: bool,
         random: bool,
         dropout: bool,
-        norm: bool,
+        mutates_buffers: bool,
         spec: OpSpec | None = None,
         writes: tuple[tuple[int, str], ...] = (),
     ):
@@ -98,13 +102,15 @@ class FuncInfo:
         self.readout = readout
         self.random = random
         self.dropout = dropout
-        self.norm = norm
+        self.mutates_buffers = mutates_buffers
         self.spec = spec
         self.writes = writes
 
     def __repr__(self) -> str:
         flags = [
-            f for f in ("inplace_first", "readout", "random", "dropout", "norm") if getattr(self, f)
+            f
+            for f in ("inplace_first", "readout", "random", "dropout", "mutates_buffers")
+            if getattr(self, f)
         ]
         return f"FuncInfo({self.name!r}{', ' if flags else ''}{', '.join(flags)})"
 
@@ -140,7 +146,7 @@ def func_info(func: Any) -> FuncInfo:
             readout=raw in catalogue.READOUTS,
             random=name in catalogue.RANDOM,
             dropout=name in catalogue.DROPOUTS or name in catalogue.RECURRENT,
-            norm=name in catalogue.NORMS or bool(writes),
+            mutates_buffers=name in catalogue.NORMS or bool(writes),
             spec=spec or catalogue.SPECS.get(name),
             writes=writes,
         )
