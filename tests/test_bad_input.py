@@ -449,7 +449,7 @@ def test_tilde_outputs_and_inputs_are_the_home_folder(tmp_path: Path, monkeypatc
     assert r.exit_code == 0, r.output
     assert (home / "runs" / "x" / "run.db").is_file()
     spec = ["lurker.examples:DigitsNet", "--layer", "features.8", "--units", "0"]
-    r = _cli("featviz", *spec, "--size", "16", "--steps", "2", "--out=~/fv")
+    r = _cli("featviz", *spec, "--image-size", "16", "--steps", "2", "--out=~/fv")
     assert r.exit_code == 0, r.output
     assert (home / "fv" / "features.8-0000.png").is_file()
     Image.fromarray(np.zeros((16, 16), np.uint8), "L").save(home / "7.png")
@@ -470,11 +470,11 @@ def _explain(tmp_path: Path, *args: str):
 @pytest.mark.parametrize(
     ("args", "said"),
     [
-        (["-m", "integrated_gradients", "--option", "n_steps=abc"], "n_steps is an int"),
-        (["-m", "integrated_gradients", "--option", "n_steps=2.5"], "n_steps is an int"),
-        (["-m", "smoothgrad", "--option", "stdev=hi"], "stdev is a float"),
-        (["-m", "saliency", "--option", "abs=maybe"], "abs is true or false"),
-        (["-m", "lrp", "--option", "epsilon=True"], "epsilon is a float"),
+        (["--method", "integrated_gradients", "--option", "n_steps=abc"], "n_steps is an int"),
+        (["--method", "integrated_gradients", "--option", "n_steps=2.5"], "n_steps is an int"),
+        (["--method", "smoothgrad", "--option", "stdev=hi"], "stdev is a float"),
+        (["--method", "saliency", "--option", "abs=maybe"], "abs is true or false"),
+        (["--method", "lrp", "--option", "epsilon=True"], "epsilon is a float"),
     ],
 )
 def test_explain_option_of_the_wrong_type_is_one_paragraph(tmp_path: Path, args, said):
@@ -498,12 +498,12 @@ def test_explain_options_read_as_typed(monkeypatch, tmp_path: Path):
         return real(model, x, target=target, method=method, channel_dim=channel_dim, **options)
 
     monkeypatch.setattr(xp, "explain", spy)
-    r = _explain(tmp_path, "-m", "saliency", "--option", "abs=false")
+    r = _explain(tmp_path, "--method", "saliency", "--option", "abs=false")
     assert r.exit_code == 0, r.output
-    r = _explain(tmp_path, "-m", "smoothgrad", "--option", "abs=TRUE", "--option", "stdev=1",
+    r = _explain(tmp_path, "--method", "smoothgrad", "--option", "abs=TRUE", "--option", "stdev=1",
                  "--option", "n_samples=2")  # fmt: skip
     assert r.exit_code == 0, r.output
-    r = _explain(tmp_path, "-m", "occlusion", "--option", "strides=(2, 2)")
+    r = _explain(tmp_path, "--method", "occlusion", "--option", "strides=(2, 2)")
     assert r.exit_code == 0, r.output
     assert seen == [{"abs": False}, {"abs": True, "stdev": 1, "n_samples": 2}, {"strides": (2, 2)}]
     from lurker.explain.cli import parse_options

@@ -209,7 +209,7 @@ def test_warnings_read_as_one_line_without_a_source_place(tmp_path: Path):
     exe = Path(sys.executable).parent / "lurker"
     r = subprocess.run(
         [str(exe), "explain", "lurker.examples:DigitsNet", "--image", str(img),
-         "--image-size", "16", "-m", "lrp", "--option", "stabilizer=10",
+         "--image-size", "16", "--method", "lrp", "--option", "stabilizer=10",
          "-o", str(tmp_path / "h.png")],
         capture_output=True, text=True, check=False,
     )  # fmt: skip

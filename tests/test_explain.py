@@ -577,7 +577,17 @@ def test_cli_explain_writes_the_overlay(tmp_path) -> None:
     args = ["explain", "lurker.examples:DigitsNet", "--image", str(img), "--image-size", "16"]
     r = CliRunner().invoke(
         main,
-        [*args, "-m", "integrated_gradients", "-t", "3", "--option", "n_steps=8", "-o", str(out)],
+        [
+            *args,
+            "--method",
+            "integrated_gradients",
+            "-t",
+            "3",
+            "--option",
+            "n_steps=8",
+            "-o",
+            str(out),
+        ],
     )
     assert r.exit_code == 0, r.output
     assert "integrated_gradients of class 3, convergence delta" in r.output
@@ -588,7 +598,9 @@ def test_cli_explain_writes_the_overlay(tmp_path) -> None:
     )
     assert Image.open(out).tobytes() == e.overlay(0, image=shown, alpha=0.6).tobytes()
 
-    r = CliRunner().invoke(main, [*args, "-m", "gradcam", "--layer", "features.8", "-o", str(out)])
+    r = CliRunner().invoke(
+        main, [*args, "--method", "gradcam", "--layer", "features.8", "-o", str(out)]
+    )
     assert r.exit_code == 0 and "gradcam of class" in r.output, r.output
     r = CliRunner().invoke(main, [*args, "-t", "features.8:5:1:2", "-o", str(out)])
     assert r.exit_code == 0 and "unit features.8:5:1:2" in r.output, r.output
@@ -596,7 +608,7 @@ def test_cli_explain_writes_the_overlay(tmp_path) -> None:
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"not a png")
     for extra, message in [
-        (["-m", "lime"], "unknown explanation method 'lime'; supported: saliency"),
+        (["--method", "lime"], "unknown explanation method 'lime'; supported: saliency"),
         (["-t", "12"], "target class 12 is out of range"),
         (["-t", "features.88:1"], "layer 'features.88' is not in the model"),
     ]:
@@ -661,7 +673,7 @@ def test_cli_unit_dim(tmp_path) -> None:
     # a ViT built for 16 px, given 20: the model's own complaint and the option to change,
     # for every method (not a traceback from inside the explanation)
     for method in ("saliency", "lrp"):
-        wrong = [*args[:5], "20", *args[6:], "-m", method]
+        wrong = [*args[:5], "20", *args[6:], "--method", method]
         r = CliRunner().invoke(main, wrong)
         assert r.exit_code == 2, r.output
         assert r.output.startswith("error: VisionTransformer fails on the image as loaded"), (

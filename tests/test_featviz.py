@@ -327,7 +327,7 @@ def test_bad_input_is_named_with_its_fix(digits, run_dir, tmp_path):
         lurker.featviz(model, "features.8", run=old)
     assert lurker.featviz(model, "features.8", [0], steps=1, run=old, channels=1, size=16)
     r = CliRunner().invoke(main, ["featviz", str(old), "--layer", "features.8", "--steps", "1"])
-    assert r.exit_code == 2 and "--channels C and --size H" in r.output
+    assert r.exit_code == 2 and "--channels C and --image-size H" in r.output
     assert "Traceback" not in r.output
     r = CliRunner().invoke(
         main, ["featviz", str(run_dir), "--layer", "features.8", "--units", "33"]
@@ -341,9 +341,11 @@ def test_bad_input_is_named_with_its_fix(digits, run_dir, tmp_path):
     ):
         lurker.featviz(model, "features.8", steps=1, size=2, channels=1)
     spec = ["featviz", "lurker.examples:DigitsNet", "--layer", "features.8", "--steps", "1"]
-    r = CliRunner().invoke(main, [*spec, "--size", "2", "--channels", "1", "-o", str(tmp_path)])
+    r = CliRunner().invoke(
+        main, [*spec, "--image-size", "2", "--channels", "1", "-o", str(tmp_path)]
+    )
     assert r.exit_code == 2 and "does not run on a (1, 2, 2) image" in r.output, r.output
-    assert "(--channels, --size)" in r.output and "err.partial" not in r.output
+    assert "(--channels, --image-size)" in r.output and "err.partial" not in r.output
     r = CliRunner().invoke(main, [*spec[:3], "features.80", "-o", str(tmp_path)])
     assert r.exit_code == 2, r.output
     assert "Close names: features.8" in r.output and "hook key" not in r.output
@@ -437,7 +439,7 @@ def test_an_interrupted_command_keeps_the_units_it_finished(run_dir, tmp_path, m
     # a model spec's --out folder keeps its finished PNGs and activations.json too
     calls.clear()
     out = tmp_path / "fv"
-    spec = ["featviz", "lurker.examples:DigitsNet", "--layer", "features.8", "--size", "16"]
+    spec = ["featviz", "lurker.examples:DigitsNet", "--layer", "features.8", "--image-size", "16"]
     r = CliRunner().invoke(main, [*spec, "-u", "0-5", "-n", "1", "-b", "2", "-o", str(out)])
     assert r.exit_code == 130, r.output
     assert sorted(p.name for p in out.glob("*.png")) == [
@@ -657,7 +659,7 @@ def test_a_model_specs_normalisation_is_an_option_of_the_command(run_dir, tmp_pa
     model = DigitsNet().eval()
     torch.save(model.state_dict(), tmp_path / "w.pt")
     out = tmp_path / "fv"
-    spec = ["featviz", "lurker.examples:DigitsNet", "--layer", "features.8", "--size", "16",
+    spec = ["featviz", "lurker.examples:DigitsNet", "--layer", "features.8", "--image-size", "16",
             "-w", str(tmp_path / "w.pt")]  # fmt: skip
     args = [*spec, "-u", "0-1", "-n", "2", "-o", str(out), "--normalize", "0.5/0.25"]
     r = CliRunner().invoke(main, args)

@@ -311,7 +311,7 @@ def test_probe_explain_and_featviz_feed_one_image_as_one_tensor(
     x, shown = load_image(image, SIZE, channels)
     torch.testing.assert_close(x, want)
     heat = tmp_path / "heat.png"
-    method = ["-m", "input_x_gradient", "-t", "1", "-o", str(heat)]
+    method = ["--method", "input_x_gradient", "-t", "1", "-o", str(heat)]
     r = CliRunner().invoke(main, ["explain", spec, "--image", str(image), "--image-size",
                                   str(SIZE), *method])  # fmt: skip
     assert r.exit_code == 0, r.output
@@ -321,7 +321,8 @@ def test_probe_explain_and_featviz_feed_one_image_as_one_tensor(
     # lurker featviz and lurker.featviz: the [0, 1] image normalised by the same statistics
     fv = tmp_path / "fv"
     r = CliRunner().invoke(main, ["featviz", spec, "--layer", "conv", "-u", "0", "-n", "1",
-                                  "--size", str(SIZE), "-o", str(fv), "--device", "cpu"])  # fmt: skip
+                                  "--image-size", str(SIZE), "-o", str(fv),
+                                  "--device", "cpu"])  # fmt: skip
     assert r.exit_code == 0, r.output
     settings = json.loads((fv / "activations.json").read_text())["settings"]
     assert (settings["mean"], settings["std"]) == (list(mean), list(std))
@@ -341,7 +342,7 @@ def test_explain_of_a_run_feeds_the_image_as_the_runs_probe_did(
     image = sorted(folder.glob("*/*.png"))[2]
     x = _oracle(folder, (0.5, 0.4, 0.3), (0.2, 0.25, 0.5))[2:3]
     heat = tmp_path / "heat.png"
-    args = ["explain", str(out), "--image", str(image), "-m", "input_x_gradient", "-t", "0"]
+    args = ["explain", str(out), "--image", str(image), "--method", "input_x_gradient", "-t", "0"]
     r = CliRunner().invoke(main, [*args, "-o", str(heat)])
     assert r.exit_code == 0, r.output
     from lurker.models import load_model

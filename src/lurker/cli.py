@@ -95,6 +95,45 @@ def _channel_dim_option(then: str) -> Callable[[Any], Any]:
     )
 
 
+def _device(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """``--device``, resolved by :func:`lurker.models.default_device` when not given, and
+    checked before the model is built: a name torch does not know, or a GPU this machine
+    lacks, is one line naming the fix, not a traceback after minutes of loading. ``serve``
+    leaves it None (its model, and torch, load at the first page that needs them; the
+    session applies the same rule)."""
+    if value is None:
+        if ctx.command.name == "serve":
+            return None
+        from .models import default_device
+
+        return default_device()
+    import torch
+
+    try:
+        dev = torch.device(value)
+    except (RuntimeError, ValueError):
+        raise click.BadParameter(
+            f"{value!r} is not a device: give cpu, cuda or cuda:N", param_hint="'--device'"
+        ) from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise click.BadParameter(
+            f"{value!r}: no CUDA GPU is available here; use --device cpu (or leave --device "
+            "out: cuda when available, else cpu)",
+            param_hint="'--device'",
+        )
+    return value
+
+
+#: ``--device`` of every command that runs a model: one default, one check
+device_option = click.option(
+    "--device",
+    default=None,
+    metavar="DEVICE",
+    callback=_device,
+    help="Where the model runs: cpu, cuda, cuda:1 (default: cuda if available, else cpu).",
+)
+
+
 #: ``--normalize`` of probe, explain and featviz: one rule (probe.data.default_normalize)
 NORMALIZE_CHOICES = (
     "imagenet (ImageNet's mean and std), none (images in [0, 1]), or MEAN/STD with one "
@@ -152,7 +191,7 @@ Examples:
     "--json", "json_out", type=click.Path(dir_okay=False), help="Also write the graph JSON."
 )
 @click.option("--validate/--no-validate", default=True, show_default=True)
-@click.option("--device", default="cpu", show_default=True)
+@device_option
 @_friendly
 def trace(
     model: str,
@@ -227,6 +266,7 @@ def trace(
 )
 @click.option(
     "--k",
+    "-k",
     "k",
     type=click.IntRange(min=1),
     default=9,
@@ -241,7 +281,7 @@ def trace(
     help="Images are resized (shorter side) to this, then center-cropped to a square.",
 )
 @click.option("--batch-size", "-b", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available).")
+@device_option
 @click.option(
     "--workers",
     type=click.IntRange(min=0),
@@ -306,7 +346,7 @@ def probe(
     k: int,
     image_size: int,
     batch_size: int,
-    device: str | None,
+    device: str,
     workers: int,
     overwrite: bool,
     unit_dim: tuple[str, ...],
@@ -331,7 +371,7 @@ def probe(
     if normalize is not None:  # a typo is said before the model is loaded
         normalize = pdata.parse_normalize(normalize)
     with _stopped_quietly(), _torchrun_group(device):
-        net = load_model(model, weights, device=device or "cpu")
+        net = load_model(model, weights, device=device)
         where = next((p.device for p in net.parameters()), "cpu")  # probed where it lies
         # (the probe makes its own view: given the model, its errors can name the fix)
         channels = image_channels(channels_first_view(net, channel_dim), image_size, device=where)
@@ -519,10 +559,16 @@ def _torchrun_group(device: str | None) -> Iterator[None]:
     help="tsne (openTSNE when installed, else scikit-learn), umap (needs umap-learn) or pca.",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same map.")
-@click.option("--model", "model_spec", help="Model spec, when the run does not record one.")
+@click.option(
+    "--model",
+    "-m",
+    "model_spec",
+    metavar="SPEC",
+    help="Model spec, when the run does not record one.",
+)
 @click.option("--weights", "-w", type=click.Path(dir_okay=False), help="State dict to load.")
 @click.option("--data", "-d", help="Dataset, when the run does not record one.")
-@click.option("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available).")
+@device_option
 @_friendly
 def map_(
     run: str,
@@ -532,7 +578,7 @@ def map_(
     model_spec: str | None,
     weights: str | None,
     data: str | None,
-    device: str | None,
+    device: str,
 ) -> None:
     """Place RUN's samples in 2-D by their features at one layer (the explorer's Map page).
 
@@ -565,7 +611,7 @@ def map_(
         from .probe import data as pdata
 
         if model_spec:
-            model = load_model(model_spec, weights, device=device or "cpu")
+            model = load_model(model_spec, weights, device=device)
         if data:
             # a folder as the run's was fed; another dataset than the run's is refused by
             # make_map, naming it
@@ -616,7 +662,7 @@ def map_(
     help="Top lists, comma-separated: max, mean or max,mean.",
 )
 @click.option("--batch-size", "-b", default=32, show_default=True, help="Gradients per pass.")
-@click.option("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available).")
+@device_option
 @click.option(
     "--explanations",
     default=None,
@@ -638,7 +684,7 @@ def images(
     kinds: str,
     which: str,
     batch_size: int,
-    device: str | None,
+    device: str,
     explanations: str | None,
     methods: str | None,
 ) -> None:
@@ -707,6 +753,7 @@ Examples:
     "--model",
     "-m",
     default=None,
+    metavar="SPEC",
     help="Model spec for the live views (default: the one the run records, if any).",
 )
 @click.option("--weights", "-w", type=click.Path(dir_okay=False), help="State dict to load.")
@@ -724,7 +771,7 @@ Examples:
     help="Port (default 8765, or a free one when it is taken; 0: any free port).",
 )
 @click.option("--no-browser", is_flag=True, help="Do not open a browser.")
-@click.option("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available).")
+@device_option
 @_friendly
 def serve(
     run: str,
@@ -807,7 +854,21 @@ Examples:
     help="The image is resized (shorter side) and centre-cropped to this (default: a run's "
     "image size, else 224).",
 )
-@click.option("--method", "-m", default="saliency", show_default=True, help="Attribution method.")
+@click.option(
+    "--method",
+    default="saliency",
+    show_default=True,
+    help="Attribution method (listed above). Not -m: that is --model, as in every command.",
+)
+@click.option(
+    "--model",
+    "-m",
+    "model_spec",
+    default=None,
+    metavar="SPEC",
+    callback=lambda ctx, param, value: _not_a_method(value),
+    help="With a run as MODEL: the model spec (default: the run's), as for `lurker featviz`.",
+)
 @click.option(
     "--target",
     "-t",
@@ -816,7 +877,7 @@ Examples:
     help="Class index, 'top' (top predicted class), or a unit LAYER:CHANNEL[:Y:X] "
     "(module path or trace label).",
 )
-@click.option("--layer", default=None, help="Grad-CAM's layer (module path or trace label).")
+@click.option("--layer", "-l", default=None, help="Grad-CAM's layer (module path or trace label).")
 @click.option(
     "--unit-dim",
     type=int,
@@ -846,8 +907,15 @@ Examples:
 @click.option("--mean", default=None, hidden=True)  # before --normalize: MEAN of MEAN/STD
 @click.option("--std", default=None, hidden=True)
 @click.option("--alpha", default=0.6, show_default=True, help="Heatmap opacity at its strongest.")
-@click.option("--out", "-o", default="heat.png", show_default=True, type=click.Path(dir_okay=False))
-@click.option("--device", default="cpu", show_default=True)
+@click.option(
+    "--out",
+    "-o",
+    default="heat.png",
+    show_default=True,
+    type=click.Path(dir_okay=False),
+    help="The heatmap over the image: .png, .jpg or .webp.",
+)
+@device_option
 @click.option(
     "--evaluate",
     "evaluate_",
@@ -861,6 +929,7 @@ def explain(
     weights: str | None,
     image_size: int,
     method: str,
+    model_spec: str | None,
     target: str,
     layer: str | None,
     unit_dim: int | None,
@@ -907,7 +976,7 @@ def explain(
     goal = parse_target(target)
     normalize = _explain_normalize(normalize, mean, std)
     model, weights, image_size, channel_dim, normalize = _explain_run(
-        model, weights, image_size, channel_dim, normalize
+        model, weights, image_size, channel_dim, normalize, model_spec
     )
     if unit_dim is not None:
         if not isinstance(goal, explain_pkg.UnitTarget):
@@ -966,6 +1035,18 @@ def explain(
         )
 
 
+def _not_a_method(value: str | None) -> str | None:
+    """``lurker explain -m gradcam``, as typed before ``-m`` meant ``--model`` in every
+    command: one line naming the change and what to type, not "no such model gradcam"."""
+    from .explain import METHODS
+
+    if value is not None and value in METHODS:
+        raise click.UsageError(
+            f"-m is --model (as in every lurker command); choose the method with --method {value}"
+        )
+    return value
+
+
 def _explain_normalize(normalize: str | None, mean: str | None, std: str | None) -> str | None:
     """``--normalize`` checked, or the older ``--mean``/``--std`` as its MEAN/STD."""
     from .probe import data as pdata
@@ -987,14 +1068,23 @@ def _explain_run(
     image_size: int | None,
     channel_dim: int | None,
     normalize: str | None,
+    model_spec: str | None = None,
 ) -> tuple[str, str | None, int, int | None, str | None]:
-    """``lurker explain RUN``: the model spec, weights, image size, channel axis and
-    normalisation the run's probe recorded (each given option wins); a model spec as is,
-    224 px."""
+    """``lurker explain RUN``: the model spec (``--model`` wins), weights, image size,
+    channel axis and normalisation the run's probe recorded (each given option wins); a
+    model spec as is, 224 px."""
     from .store.schema import DB_NAME
 
     where = Path(model).expanduser()
     if not (where / DB_NAME).is_file():
+        if model_spec is not None:
+            raise click.BadParameter(
+                f"MODEL {model!r} is not a run, and --model/-m replaces a run's model "
+                f"(`lurker explain RUN -m SPEC`): give one model. If {model_spec!r} was "
+                "meant as the method: -m is --model in every lurker command; choose the "
+                "method with --method",
+                param_hint="'--model'",
+            )
         return model, weights, image_size or 224, channel_dim, normalize
     from .probe import data as pdata
     from .store import Run
@@ -1003,7 +1093,7 @@ def _explain_run(
         cfg = run.meta.get("config") or {}
         size = run.meta.get("image_size") or [224]
     spec, weights = _recorded_model(
-        where, cfg, None, weights, "give the model spec as MODEL, with --weights"
+        where, cfg, model_spec, weights, "pass it: --model SPEC [--weights FILE]"
     )
     if normalize is None:
         normalize = pdata.recorded_normalize(cfg)  # as the probe fed its images
@@ -1049,13 +1139,22 @@ Examples:
     "or module path).",
 )
 @click.option("--units", "-u", default=None, help="Units, e.g. 0,3,8-15 (default: all).")
-@click.option("--steps", "-n", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option(
-    "--size",
+    "--steps",
+    "-n",
+    type=click.IntRange(min=1),
+    default=256,
+    show_default=True,
+    help="Optimisation steps per image.",
+)
+@click.option(
+    "--image-size",
+    "size",
     type=click.IntRange(min=2),
     default=None,
     help="Image side (default: the run's, or 128).",
 )
+@click.option("--size", "old_size", type=click.IntRange(min=2), default=None, hidden=True)
 @click.option(
     "--channels",
     type=click.IntRange(min=1),
@@ -1094,10 +1193,14 @@ Examples:
     help="Images per forward (default: as many as fit in memory).",
 )
 @click.option(
-    "--model", "-m", default=None, help="With a run: the model spec (default: the run's)."
+    "--model",
+    "-m",
+    default=None,
+    metavar="SPEC",
+    help="With a run: the model spec (default: the run's).",
 )
 @click.option("--weights", "-w", type=click.Path(dir_okay=False), help="State dict to load.")
-@click.option("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available).")
+@device_option
 @click.option(
     "--out",
     "-o",
@@ -1126,6 +1229,7 @@ def featviz(
     units: str | None,
     steps: int,
     size: int | None,
+    old_size: int | None,
     channels: int | None,
     objective: str,
     param: str,
@@ -1135,7 +1239,7 @@ def featviz(
     batch_size: int | None,
     model: str | None,
     weights: str | None,
-    device: str | None,
+    device: str,
     out: str | None,
     overwrite: bool,
     normalize: str | None,
@@ -1151,14 +1255,17 @@ def featviz(
     """
     import json
 
-    import torch
-
     from .featviz import featviz as do_featviz
     from .models import load_model
     from .store.schema import DB_NAME
 
     unit_list = _unit_list(units)
-    auto = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if old_size is not None:  # --size: the option's name before --image-size (as probe's)
+        if size is not None:
+            raise click.BadParameter(
+                "--size is the old name of --image-size: give one", param_hint="'--image-size'"
+            )
+        size = old_size
     where = Path(run_or_model).expanduser()
     is_run = (where / DB_NAME).is_file()
     pathlike = where.exists() or run_or_model.startswith(("~", ".")) or "/" in run_or_model
@@ -1196,7 +1303,7 @@ def featviz(
 
             # optimised (N, C, H, W) images fed as the probe fed them (a channels-last model)
             net = channels_first_view(
-                load_model(spec, weights, device=auto), cfg.get("channel_dim")
+                load_model(spec, weights, device=device), cfg.get("channel_dim")
             )
             stored = run.meta.get("model_fingerprint")
             if stored and fingerprint(net) != stored:
@@ -1227,6 +1334,12 @@ def featviz(
                 )  # fmt: skip
         where = f"stored in {run_or_model}"
     else:
+        if model is not None:
+            raise click.BadParameter(
+                f"--model replaces a run's model; {run_or_model!r} is already the model spec "
+                "(give one of them)",
+                param_hint="'--model'",
+            )
         if overwrite:
             raise click.BadParameter(
                 "--overwrite is for a run (its stored units are skipped otherwise); a model "
@@ -1237,12 +1350,12 @@ def featviz(
 
         if normalize is not None:  # a typo is said before the model is loaded
             normalize = pdata.parse_normalize(normalize)
-        net = load_model(run_or_model, weights, device=auto)
+        net = load_model(run_or_model, weights, device=device)
         mean = std = None
         if normalize is not None:
             from .models import image_channels
 
-            c = channels or image_channels(net, size or 64, device=auto)
+            c = channels or image_channels(net, size or 64, device=device)
             if c is None:
                 raise click.BadParameter(
                     "the model's input channels could not be found: give --channels",

@@ -164,13 +164,14 @@ def _collect(
     import torch
 
     from .capture import settled_trace
+    from .models import default_device
     from .probe import data as pdata
     from .probe.consumers import Batch, EmbeddingConsumer
     from .probe.sweep import check_embed_budget, embed_layer_of
 
     if len(ds) == 0:
         raise LurkerError("the dataset is empty: nothing to embed")
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = torch.device(device or default_device())
     model = model.eval().to(dev)
     x0 = ds.first_image().unsqueeze(0).to(dev)
     with torch.no_grad():

@@ -31,6 +31,7 @@ __all__ = [
     "InputSpec",
     "canonical_channel_dim",
     "channels_first_view",
+    "default_device",
     "example_inputs",
     "load_model",
     "parse_input_shape",
@@ -82,6 +83,12 @@ def load_model(
             f"(e.g. 'cpu', or 'cuda' when torch.cuda.is_available() is True)."
         ) from e
     return model.eval()
+
+
+def default_device() -> str:
+    """Where lurker runs a model nobody placed: the GPU when there is one, else the CPU.
+    One rule for every command's ``--device`` and every Python ``device=None``."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def parse_input_shape(text: str) -> list[tuple[int, ...]]:

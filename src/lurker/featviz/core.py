@@ -560,11 +560,11 @@ def _from_run(
         raise LurkerError(
             f"run {r.path} does not record its model's input shape (channels, height, "
             f"width); it records {shape!r}. Pass them: featviz(..., channels=C, size=(H, W)) "
-            "(CLI: --channels C --size H), or probe the model again with this lurker, which "
-            "records them",
+            "(CLI: --channels C --image-size H), or probe the model again with this lurker, "
+            "which records them",
             cli=f"run {r.path} does not record its model's input shape (channels, height, "
-            f"width); it records {shape!r}. Pass --channels C and --size H, or probe the model "
-            "again with this lurker, which records them.",
+            f"width); it records {shape!r}. Pass --channels C and --image-size H, or probe the "
+            "model again with this lurker, which records them.",
         )
     size = (int(shape[1]), int(shape[2])) if shape else None
     chans = int(shape[0]) if shape else None
@@ -638,7 +638,7 @@ class _Tap:
                     f"the model does not run on a {shape} image. {e} Pass the channels and "
                     "size it takes (channels=, size=).",
                     cli=f"the model does not run on a {shape} image. {e.for_cli()} Pass the "
-                    "channels and size it takes (--channels, --size).",
+                    "channels and size it takes (--channels, --image-size).",
                 ) from e
         try:
             traced.hooks({target: lambda op, out: None})

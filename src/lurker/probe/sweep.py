@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from ..capture import Trace, evaluating, settled_trace
 from ..errors import LurkerError, MemoryLimitError, TraceError, warn
 from ..graph.nodes import Op
-from ..models import canonical_channel_dim, channels_first_view
+from ..models import canonical_channel_dim, channels_first_view, default_device
 from ..store import Run, RunWriter, atomic_write_bytes, run_lock
 from .consumers import (
     EMBED_BUDGET,
@@ -767,11 +767,7 @@ def _plan(
     if len(ds) == 0:
         raise LurkerError("The dataset is empty: nothing to probe.")
     rank, world = _dist()
-    dev = (
-        torch.device(device)
-        if device is not None
-        else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    )
+    dev = torch.device(device if device is not None else default_device())
     if dev.type == "cuda" and world > 1 and dev.index is None:
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
     plain = model

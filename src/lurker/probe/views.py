@@ -125,7 +125,7 @@ class UnitImages:
         self.run = run if isinstance(run, Run) else Run.open(run)
         cfg = self.run.meta.get("config") or {}
         if model is None or dataset is None:
-            from ..models import load_model
+            from ..models import default_device, load_model
 
             spec = cfg.get("model_spec")
             if (model is None and not spec) or (dataset is None and not cfg.get("data")):
@@ -153,8 +153,7 @@ class UnitImages:
                         "loads the run's own model, so put the file back there, or make the "
                         "images from Python: UnitImages(run, model=..., dataset=...).write_all().",
                     )
-                auto = "cuda" if torch.cuda.is_available() else "cpu"
-                model = load_model(spec, weights, device=device or auto)
+                model = load_model(spec, weights, device=device or default_device())
             if dataset is None:
                 data = str(cfg["data"])
                 if Path(data).is_absolute() and not Path(data).exists():  # a moved folder

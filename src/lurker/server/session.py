@@ -114,12 +114,9 @@ def same_weights(a: str | None, b: str | None) -> bool:
 
 
 def _load(spec: str | None, weights: str | None, device: str | None) -> Any:
-    import torch
+    from lurker.models import default_device, load_model
 
-    from lurker.models import load_model
-
-    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return load_model(spec, weights, device=dev).eval()
+    return load_model(spec, weights, device=device or default_device()).eval()
 
 
 class Session:
