@@ -233,6 +233,8 @@ def test_unit_page_of_a_token_layer_marks_the_peak_tokens_patch(page: Any, tmp_p
         image_size=size, patch_size=patch, num_layers=1, num_heads=2, hidden_dim=16,
         mlp_dim=32, num_classes=10,
     ).eval()  # fmt: skip
+    with torch.no_grad():  # unit 5 peaks at the class token on every sample (a residual)
+        model.class_token[0, 0, 5] = 50.0
     data = load_dataset("digits:test", size, channels=3)
     out = tmp_path / "runs" / "vit"
     meta = {"data": "digits:test"}  # so that the server finds the samples
@@ -264,6 +266,45 @@ def test_unit_page_of_a_token_layer_marks_the_peak_tokens_patch(page: Any, tmp_p
             assert mark is not None, e.rank
             assert [round(v * size / 100, 3) for v in mark] == want, e.rank
         assert any(m is not None for m in marks)
+
+        # a mean-list crop is tagged as the class token's where the unit peaks there, as a
+        # max-list entry is (oracle: the block's output by a forward hook, by hand)
+        def peaks(unit: int) -> list[int]:
+            xs = torch.stack([data[e.sample_id][0] for e in run.unit(layer, unit).top("mean")])
+            seen: list[torch.Tensor] = []
+            hook = dict(model.named_modules())[layer].register_forward_hook(
+                lambda m, i, o: seen.append(o)
+            )
+            with torch.no_grad():
+                model(xs)
+            hook.remove()
+            return seen[0][:, :, unit].argmax(1).tolist()
+
+        for unit in (0, 5):
+            want = [rank for rank, token in enumerate(peaks(unit)) if token == 0]
+            assert (unit == 5) == (want == list(range(6)))
+            go(page, f"{url}#/r/vit/unit/{layer}/{unit}?tab=mean&crop=1")
+            page.wait_for_selector(".top-entry")
+            page.wait_for_load_state("networkidle")
+            if want:
+                page.wait_for_selector(".top-entry .token-tag")
+            tagged = page.locator(".top-entry").evaluate_all(
+                "es => es.map(e => e.querySelector('.token-tag')?.textContent ?? null)"
+            )
+            assert [i for i, t in enumerate(tagged) if t == "class token"] == want
+            assert all(t in (None, "class token") for t in tagged)
+            if want:
+                assert "the unit peaks at a token with no patch" in page.inner_text(".toolbar")
+                page.screenshot(path=str(tmp_path / "unit-mean-crop.png"), full_page=True)
+
+        # the live view of the block: the class token's value at each unit beside its maps
+        go(page, f"{url}#/r/vit/live?image=sample-3&op={layer}")
+        strip = page.locator('.card[data-side="output"] .patchless[data-token="0"]')
+        strip.wait_for()
+        assert strip.locator("h4").inner_text().startswith("class token")
+        assert strip.locator("svg.vector-strip .bars rect").count() == 16
+        page.screenshot(path=str(tmp_path / "live-class-token.png"), full_page=True)
+        page.goto("about:blank")  # no map left loading once the server stops
 
 
 def test_a_late_page_never_renders_into_the_next(page: Any, explorer: dict[str, Any]) -> None:

@@ -674,3 +674,45 @@ def test_a_model_specs_normalisation_is_an_option_of_the_command(run_dir, tmp_pa
     r = CliRunner().invoke(main, ["featviz", str(run_dir), "--layer", "features.8",
                                   "--normalize", "none"])  # fmt: skip
     assert r.exit_code == 2 and "--normalize is for a model spec" in r.output
+
+
+def test_neuron_objective_on_a_token_layer_is_its_central_patch_token():
+    """On a ViT block (tokens, no map) the neuron objective is the unit at the patch token
+    in the middle of the patch grid (the class token is not a patch): read back by hand
+    with a forward hook on the optimized images, it is the value each image reached, and
+    the images raised it from their start. A position names another patch."""
+    from torchvision.models import VisionTransformer
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(32, 8, 2, 2, 32, 64, num_classes=10).eval()
+    block = "encoder.layers.encoder_layer_0"
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+
+    def block_out(images: torch.Tensor) -> torch.Tensor:
+        seen = []
+        h = dict(vit.named_modules())[block].register_forward_hook(lambda m, i, o: seen.append(o))
+        try:
+            with torch.no_grad():
+                vit((images - mean) / std)
+        finally:
+            h.remove()
+        return seen[0]  # (B, 1 + 16 tokens, 32 units): the class token first, then 4x4 patches
+
+    units = [3, 20]
+    fv = lurker.featviz(vit, block, units=units, objective="neuron", steps=8, size=32)
+    # the 4x4 grid's centre, as a conv neuron's (h // 2, w // 2): row 2, column 2
+    assert fv.settings["position"] == [2, 2] and fv.settings["token"] == 1 + 2 * 4 + 2
+    out = block_out(fv.images)
+    want = torch.stack([out[i, 1 + 2 * 4 + 2, u] for i, u in enumerate(units)])
+    assert torch.allclose(fv.activations, want, rtol=1e-4, atol=1e-5)
+    assert (fv.activations > fv.start).all()
+    corner = lurker.featviz(
+        vit, block, units=[3], objective="neuron", position=(0, 3), steps=2, size=32
+    )
+    assert corner.settings["token"] == 1 + 0 * 4 + 3
+    assert torch.allclose(
+        corner.activations[0], block_out(corner.images)[0, 4, 3], rtol=1e-4, atol=1e-5
+    )
+    with pytest.raises(LurkerError, match="outside the 4x4 patch grid"):
+        lurker.featviz(vit, block, units=[3], objective="neuron", position=(4, 0), steps=1, size=32)

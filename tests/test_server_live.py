@@ -443,8 +443,9 @@ def _unit_map(client: TestClient, op: str, side: str, unit: int) -> np.ndarray:
 
 def test_live_maps_are_per_unit_on_every_layout(tmp_path: Any):
     """A ViT's tokens and a channels-last linear layer: one map per unit (not per token
-    or per row), each unit's tokens placed on their patch grid; an op whose unit axis
-    lurker cannot tell says so. Oracle: forward hooks and the in-projection by hand."""
+    or per row), each unit's tokens placed on their patch grid and the class token's
+    value at every unit beside them; an op whose unit axis lurker cannot tell says so.
+    Oracle: forward hooks and the in-projection by hand."""
     from torchvision.models import VisionTransformer
 
     import lurker
@@ -475,8 +476,15 @@ def test_live_maps_are_per_unit_on_every_layout(tmp_path: Any):
         for unit in (0, 7, 15):
             want = tokens[1:, unit].reshape(4, 4).numpy()
             assert np.allclose(_unit_map(client, block, "output", unit), want, atol=1e-5)
+        # the class token, left out of the maps, is shown apart: its value at every unit
+        (cls,) = out["patchless"]
+        assert cls["token"] == 0 and len(cls["values"]) == 16
+        assert np.allclose(cls["values"], tokens[0].numpy(), atol=1e-5)
         info = client.get(f"/api/runs/r/live/sample-3/ops/{in_proj.label}").json()
         assert info["output"]["shape"] == [17, 1, 48] and info["output"]["channels"] == 48
+        (cls,) = info["output"]["patchless"]  # seq-first: still token 0, per unit
+        assert cls["token"] == 0
+        assert np.allclose(cls["values"], qkv[0].detach().numpy(), atol=1e-5)
         for unit in (0, 47):
             want = qkv[1:, unit].reshape(4, 4).detach().numpy()
             got = _unit_map(client, in_proj.label, "output", unit)
@@ -484,6 +492,18 @@ def test_live_maps_are_per_unit_on_every_layout(tmp_path: Any):
         info = client.get(f"/api/runs/r/live/sample-3/ops/{sdpa.label}").json()
         assert info["output"]["unit_axis"] is None
         assert "Shown as stored" in info["output"]["note"]
+        assert info["output"]["patchless"] == []
+        # the mean list's peaks (where its crops are cut), found with the model: each is
+        # its sample's first maximum over the 17 tokens of the probed MLP activation (the
+        # class token included, the probe's mean is over all of them)
+        data = load_dataset("digits:test", 16, channels=3)
+        gelu = f"{block}.mlp.1"
+        for unit in range(32):
+            top = client.get(f"/api/runs/r/layers/{gelu}/units/{unit}").json()["top"]["mean"]
+            got = client.get(f"/api/runs/r/layers/{gelu}/units/{unit}/mean/peaks").json()
+            xs = torch.stack([data[e["sample_id"]][0] for e in top])
+            want = _hooked(vit, xs, [gelu])[gelu][1][:, :, unit].argmax(1)
+            assert got == {"which": "mean", "peaks": [[0, int(t)] for t in want]}
 
     torch.manual_seed(0)
     model = _ChannelsLast().eval()

@@ -1166,7 +1166,8 @@ Examples:
     type=click.Choice(["channel", "neuron"]),
     default="channel",
     show_default=True,
-    help="channel: the unit's mean over positions; neuron: the unit at the map's centre.",
+    help="channel: the unit's mean over positions; neuron: the unit at the map's centre "
+    "(on a ViT's tokens: the central patch token).",
 )
 @click.option(
     "--param",

@@ -242,6 +242,9 @@ export interface FeatureSide {
   /** Maps holding values that are not finite (NaN, ±inf), by channel: how many. Their
    * PNGs draw those positions magenta; their range leaves them out. */
   nonfinite?: Record<string, number>;
+  /** Maps of tokens on their patch grid: the tokens with no patch (a class token), left
+   * out of the maps, each with its value at unit i (map i); null: not finite. */
+  patchless?: { token: number; values: (number | null)[] }[];
 }
 
 export interface LiveOp {

@@ -176,7 +176,8 @@ def featviz(
         units: unit indices (channels of the layer's output); None: every unit.
         objective: ``"channel"`` (the unit's mean over positions, the value the probe ranks
             by), ``"neuron"`` (the unit at one ``position`` (y, x) of the map, default its
-            centre) or ``"direction"`` (the dot product of the channel vector with each row
+            centre; on tokens of image patches, a ViT's, the patch token at that place of
+            the patch grid, default its centre) or ``"direction"`` (the dot product of the channel vector with each row
             of ``directions``, mean over positions; ``units`` then index those rows).
         steps, lr: Adam steps and learning rate.
         size: image side (or ``(H, W)``); default the run's image size, else 128.
@@ -268,6 +269,8 @@ def featviz(
         }
         if objective == "neuron":
             settings["position"] = list(scorer.position) if scorer.position else None
+            if scorer.token is not None:  # the token index in the layer's output
+                settings["token"] = scorer.token
         if objective == "direction":
             settings["directions"] = scorer.directions.cpu().tolist()
         skipped: list[int] = []
@@ -729,6 +732,10 @@ class _Scorer:
     position: tuple[int, int] | None
     base_hw: tuple[int, int] | None  # the map's size for an untransformed image
     directions: Tensor
+    #: a token layer's neuron: the index of the patch token at ``position`` of the patch
+    #: grid, and the layer's token count (None for a map of positions)
+    token: int | None = None
+    num_tokens: int | None = None
 
     @classmethod
     def make(cls, cfg: _Config, tap: _Tap, x0: Tensor, tf: Transforms) -> _Scorer:
@@ -761,19 +768,30 @@ class _Scorer:
                 cli=f"unit {bad[0]} is out of range: layer {cfg.layer!r} has {total} {what} "
                 f"(0..{total - 1}); pass --units within that range, or leave it out for all",
             )
+        token = num_tokens = None
         if cfg.objective == "neuron":
+            grid = _token_grid(tap.layout) if act.dim() == 3 else None
+            if grid is not None:  # tokens of image patches: the grid they tile is the map
+                order, rows_, cols, _ = grid
+                base_hw, num_tokens = (rows_, cols), act.shape[2]
             if base_hw is None:
                 raise LurkerError(
-                    f"objective='neuron' needs a spatial map, (B, C, H, W); layer "
-                    f"{cfg.layer!r} gives {tuple(act.shape)}: use objective='channel'"
+                    f"objective='neuron' needs a spatial map, (B, C, H, W), or tokens that "
+                    f"stand for image patches; layer {cfg.layer!r} gives {tuple(act.shape)}: "
+                    "use objective='channel'"
                 )
             position = cfg.position or (base_hw[0] // 2, base_hw[1] // 2)
             if not (position[0] < base_hw[0] and position[1] < base_hw[1]):
                 raise LurkerError(
-                    f"position {position} lies outside the {base_hw[0]}x{base_hw[1]} map of "
-                    f"layer {cfg.layer!r}"
+                    f"position {position} lies outside the {base_hw[0]}x{base_hw[1]} "
+                    f"{'patch grid' if grid else 'map'} of layer {cfg.layer!r}"
                 )
-        return cls(cfg.objective, rows, c, position, base_hw, dirs.to(x0.device, x0.dtype))
+            if grid is not None:
+                token = order[position[0] * base_hw[1] + position[1]]
+        return cls(
+            cfg.objective, rows, c, position, base_hw, dirs.to(x0.device, x0.dtype), token,
+            num_tokens,
+        )  # fmt: skip
 
     def __call__(self, act: Tensor, rows: Tensor, directions: Tensor | None) -> Tensor:
         """Scores of a batch whose image ``i`` is for unit ``rows[i]``."""
@@ -786,11 +804,30 @@ class _Scorer:
         if self.objective == "channel":
             return picked.reshape(b, -1).mean(1)
         assert self.position is not None and self.base_hw is not None
+        if self.token is not None:  # a ViT takes its own size only: the grid never moves
+            if picked.shape[1] != self.num_tokens:
+                raise LurkerError(
+                    f"the layer has {picked.shape[1]} tokens on a transformed image, "
+                    f"{self.num_tokens} on the image itself, so the neuron's patch token "
+                    "moves: pass transforms=False"
+                )
+            return picked[:, self.token]
         # the same place relative to the map's centre (transforms pad the image)
         h, w = picked.shape[1:3]
         y = min(max(h // 2 + self.position[0] - self.base_hw[0] // 2, 0), h - 1)
         x = min(max(w // 2 + self.position[1] - self.base_hw[1] // 2, 0), w - 1)
         return picked[:, y, x]
+
+
+def _token_grid(layout: Any) -> tuple[list[int], int, int, list[int]] | None:
+    """The patch grid of a token layer (:meth:`Layout.patch_grid`: the tokens in grid
+    order, its rows and columns, the tokens with no patch), or None for other layers."""
+    if layout is None:
+        return None
+    from ..probe.layout import Layout
+
+    lay = layout if isinstance(layout, Layout) else Layout.from_dict(layout)
+    return lay.patch_grid() if len(lay.positions) == 1 else None
 
 
 def _diversity(act: Tensor, n: int) -> Tensor:

@@ -296,6 +296,23 @@ class UnitImages:
             self._find_peaks(layer, [unit], [sample_id])
         return self._peaks[(layer, unit, sample_id)]
 
+    def peaks(self, layer: str, unit: int, which: str = "max") -> list[tuple[int, int]]:
+        """Each entry's peak ``(y, x)`` by rank: the stored one in the "max" list, in the
+        "mean" list the unit's first maximum on that sample (found with one batched
+        forward, then remembered): the place :meth:`crop_box` cuts its crop around, so a
+        peak at a token with no patch (a class token: x is that token) says the crop is
+        the whole image."""
+        if which not in LISTS:
+            raise LurkerError(f"which must be 'max' or 'mean', got {which!r}")
+        entries = self.run.unit(layer, unit).top(which)  # type: ignore[arg-type]
+        todo = [e.sample_id for e in entries if e.y is None]
+        if todo:
+            self._find_peaks(layer, [unit] * len(todo), todo)
+        return [
+            (e.y, e.x) if e.y is not None else self._peaks[(layer, unit, e.sample_id)]
+            for e in entries
+        ]
+
     def box(self, layer: str, y: int, x: int) -> tuple[int, int, int, int]:
         """Half-open input box ``(y0, y1, x0, x1)`` seen by position (y, x) of ``layer``
         (the whole image where the position has no place in it, e.g. a class token)."""

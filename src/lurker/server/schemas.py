@@ -6,7 +6,7 @@ generated from them. Floats that the run stores as NaN travel as ``null``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -222,6 +222,16 @@ class TopEntryModel(BaseModel):
     box: list[int] | None = None
 
 
+class EntryPeaks(BaseModel):
+    """Where a unit peaks on each sample of one of its top lists."""
+
+    which: Literal["max", "mean"]
+    #: ``[y, x]`` by rank: the max list's stored peaks; the mean list's found with the
+    #: model on each sample (the place its crop is cut around). On a layer of tokens x is
+    #: the token (one with no patch, a class token: the crop is the whole image).
+    peaks: list[list[int]]
+
+
 class TopLists(BaseModel):
     max: list[TopEntryModel]
     mean: list[TopEntryModel]
@@ -367,6 +377,17 @@ class LiveImage(BaseModel):
     input_note: str | None = None
 
 
+class PatchlessToken(BaseModel):
+    """A token that stands for no patch of the image (a ViT's class token), which the
+    maps of a patch grid leave out: its own value at every unit."""
+
+    #: its index on the tensor's token axis (0: the class token of torchvision's and
+    #: timm's ViTs)
+    token: int
+    #: its value at unit i (map i), in the maps' order; null where not finite
+    values: list[float | None]
+
+
 class FeatureSide(BaseModel):
     #: The op's whole tensor, batch axis included.
     shape: list[int]
@@ -391,6 +412,9 @@ class FeatureSide(BaseModel):
     #: The maps holding values that are not finite (NaN, +inf, -inf), by channel: how
     #: many. Their PNGs mark those positions magenta; their min and max leave them out.
     nonfinite: dict[int, int] = {}
+    #: Maps of tokens on their patch grid: the tokens with no patch (a class token), left
+    #: out of the maps, each with its value at every unit. Empty on other tensors.
+    patchless: list[PatchlessToken] = []
 
 
 class KernelInfo(BaseModel):

@@ -391,6 +391,22 @@ class Session:
             except LurkerError as e:
                 raise ApiError(409, f"cannot make the {kind} image: {e}") from None
 
+    def entry_peaks(self, layer: str, unit: int, which: str) -> list[tuple[int, int]]:
+        """The peaks of a unit's top-list entries, by rank (UnitImages.peaks): the mean
+        list's are found with the model, as its crops are."""
+        images = self.unit_images()
+        with self.model_lock:
+            if self.entry.changed():
+                raise ApiError(
+                    409,
+                    f"run {self.entry.id!r} was probed again while its peaks were asked for; "
+                    "reload the page to see the new run",
+                )
+            try:
+                return [(int(y), int(x)) for y, x in images.peaks(layer, unit, which)]
+            except LurkerError as e:
+                raise ApiError(409, f"cannot find the peaks: {e}") from None
+
     # -- live ------------------------------------------------------------------------------
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
@@ -852,6 +868,9 @@ class Maps:
     note: str | None = None
     #: maps of one value each, shown as one vector: its index i is map (channel) i
     one_value_maps: bool = False
+    #: the tokens with no patch (a ViT's class token) of maps on a patch grid, left out
+    #: of the maps: ``(token, values)``, its value at every unit (``(units,)``)
+    patchless: tuple[tuple[int, Any], ...] = ()
 
 
 def as_maps(t: Any, layout: Any = None) -> Maps:
@@ -943,8 +962,10 @@ def _unit_maps(shape: list[int], v: Any, layout: Any) -> Maps:
         m = u[:, order].reshape(u.shape[0], rows, cols)
         what = f"token{'s' if len(left) > 1 else ''} {', '.join(map(str, left))}" if left else ""
         note = f"tokens placed on their {rows}x{cols} grid of image patches" + (
-            f"; {what} (no patch: a class token) not shown" if left else ""
+            f"; {what} (no patch: a class token) shown apart, one value per unit" if left else ""
         )
+        apart = tuple((int(i), u[:, i].contiguous()) for i in left)
+        return Maps(shape, m.contiguous(), layout.unit, note, patchless=apart)
     elif u.dim() == 2:
         m = u.reshape(u.shape[0], 1, -1)
     else:

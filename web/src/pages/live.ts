@@ -390,6 +390,7 @@ async function showOp(el: HTMLElement, ctx: PageContext, image: string, op: stri
       h("h3", null, `${side} `, h("span", { class: "muted" }, `${shape(t.shape)} · ${what}`)),
       from,
       t.note ? h("p", { class: "muted small map-note" }, t.note) : null,
+      ...(t.patchless ?? []).map((tok) => patchlessStrip(tok, side)),
     );
     if (!vector) {
       // (a map with no finite value is counted with the non-finite ones)
@@ -460,6 +461,24 @@ async function showOp(el: HTMLElement, ctx: PageContext, image: string, op: stri
       : h("div", { class: "maps-row", style: "grid-template-columns: minmax(0, 1fr) minmax(0, 1fr)" }, inputCard, outputCard),
   );
   if (kernel) void showPair();
+}
+
+/** A token with no patch (a ViT's class token), which the maps of a patch grid leave
+ * out: its value at every unit, index i being map i, as a strip chart under its name. */
+function patchlessStrip(tok: { token: number; values: (number | null)[] }, side: string): HTMLElement {
+  const name = tok.token === 0 ? "class token" : `token ${tok.token}`;
+  const vals = tok.values.map((v) => (v === null ? NaN : v));
+  const fin = vals.filter(Number.isFinite);
+  const readout = h("p", { class: "small vec-readout", "aria-live": "polite" }, "hover over the chart for a unit's value");
+  const range = fin.length ? `min ${fmt(Math.min(...fin))} · max ${fmt(Math.max(...fin))}` : "no finite value";
+  const bad = vals.length - fin.length;
+  return h(
+    "div",
+    { class: "patchless", "data-token": tok.token },
+    h("h4", null, name, h("span", { class: "muted small" }, ` (token ${tok.token}, no patch of the image): its value at each unit, index i being map i · ${range}${bad ? ` · ${bad} not finite (magenta)` : ""}`)),
+    stripChart(vals, readout, side).svg,
+    readout,
+  );
 }
 
 /** How many values of channel `c` are not finite (0: none). */

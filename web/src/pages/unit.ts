@@ -88,7 +88,23 @@ export async function renderUnit(root: HTMLElement, ctx: PageContext, args: stri
     );
 
   const entriesOf = (list: List) => (list === "relevance" ? relevance : doc.top[list]) ?? [];
+  // the mean list stores no peaks: where its crops are cut (a class token: the whole
+  // image) is found with the model, asked once when its crops are first shown
+  let meanPeaks: number[][] | null | undefined = hasPatchless(doc.layer) && !ctx.api.isStatic ? undefined : null;
+  const askMeanPeaks = () => {
+    meanPeaks = null;
+    ctx.api
+      .json<{ peaks: number[][] }>(p("runs", ctx.run, "layers", layer, "units", unit, "mean", "peaks"))
+      .then((r) => {
+        meanPeaks = r.peaks;
+        if (!ctx.signal.aborted && tab === "mean" && crop) draw();
+      })
+      .catch(() => undefined); // no model: no crops to tag either (they say why)
+  };
+  const tagOf = (list: List, e: TopEntry): HTMLElement | null =>
+    list === "max" ? patchless(doc.layer, e.x) : list === "mean" && crop && meanPeaks ? patchless(doc.layer, meanPeaks[e.rank]?.[1]) : null;
   const draw = () => {
+    if (tab === "mean" && crop && meanPeaks === undefined) askMeanPeaks();
     fill(
       tabs,
       (
@@ -159,7 +175,7 @@ export async function renderUnit(root: HTMLElement, ctx: PageContext, args: stri
           ? `value: the unit's activation${tab === "mean" ? " (one per sample: the same ranking as the max list)" : ""}`
           : tab === "max"
             ? `value: the peak of the unit's map; ${crop ? `image: ${region.peak}` : `box: ${region.box}`}${entriesOf("max").some((e) => patchless(doc.layer, e.x)) ? "; “class token”: the peak is at a token with no patch, so the whole image is shown" : ""}`
-            : `value: the mean of the unit's ${over ? `values over ${over}` : "map"}${crop ? `; image: ${region.mean}` : ""}`,
+            : `value: the mean of the unit's ${over ? `values over ${over}` : "map"}${crop ? `; image: ${region.mean}` : ""}${crop && entriesOf("mean").some((e) => tagOf("mean", e)) ? "; “class token”: the unit peaks at a token with no patch on that sample, so the whole image is shown" : ""}`,
       ),
     );
     const list = tab as List;
@@ -170,7 +186,7 @@ export async function renderUnit(root: HTMLElement, ctx: PageContext, args: stri
     fill(
       gallery,
       tied ? h("div", { class: "notice constant-list", id: "tied-list" }, `All ${entries.length} samples of this list have the value ${fmt(entries[0].value)}: they are ties, in sample-id order, and more samples may share that value, so the list does not single them out.`) : null,
-      entries.length ? entries.map((e) => figure(ctx, layer, unit, list, list === "relevance" ? "input" : kind(), e, tab === "max" && !crop && positions > 1, images.ok, shown, tab === "max" ? patchless(doc.layer, e.x) : null)) : notice("This list is empty."),
+      entries.length ? entries.map((e) => figure(ctx, layer, unit, list, list === "relevance" ? "input" : kind(), e, tab === "max" && !crop && positions > 1, images.ok, shown, tagOf(list, e))) : notice("This list is empty."),
     );
   };
   draw();
@@ -328,6 +344,12 @@ function tiesText(list: List, max: number | null, relevance: number | null, k: n
 /** A layer of tokens: positions map to patches (layout boxes), not to a receptive field. */
 function tokenLayer(layer: { rf?: Record<string, unknown> | null; layout?: Record<string, unknown> | null }): boolean {
   return !layer.rf && Array.isArray(layer.layout?.["boxes"]);
+}
+
+/** A layer of tokens some of which stand for no patch (a class token). */
+function hasPatchless(layer: { rf?: Record<string, unknown> | null; layout?: Record<string, unknown> | null }): boolean {
+  const boxes = layer.layout?.["boxes"];
+  return tokenLayer(layer) && Array.isArray(boxes) && boxes.includes(null);
 }
 
 /** What the feature visualization tab says about how its images were made. */

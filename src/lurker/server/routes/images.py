@@ -13,8 +13,9 @@ from fastapi import APIRouter, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, Response
 
-from ..deps import MODEL_MADE, entry, on_model, session
+from ..deps import MODEL_MADE, entry, live_call, on_model, session
 from ..errors import ApiError
+from ..schemas import EntryPeaks
 from ..session import Session
 from ..state import RunEntry
 
@@ -170,6 +171,25 @@ async def unit_image(
     s, name = found
     made = await on_model(s, lambda: s.model_image(kind, name, unit, rank, which))
     return png_response(made, request, s.entry)
+
+
+@router.get(
+    "/runs/{run_id}/layers/{layer}/units/{unit}/{which}/peaks",
+    response_model=EntryPeaks,
+    summary="Where the unit peaks on each entry of a top list (the mean list's: with the model)",
+)
+async def entry_peaks(
+    request: Request,
+    run_id: str,
+    layer: str,
+    which: Literal["max", "mean"],
+    unit: int = Path(ge=0, le=2**31),
+) -> EntryPeaks:
+    e = entry(request, run_id)
+    info = e.layer(layer)
+    e.unit_index(info, unit)
+    peaks = await live_call(request, run_id, lambda s: s.entry_peaks(info.name, unit, which))
+    return EntryPeaks(which=which, peaks=[list(p) for p in peaks])
 
 
 def _unit_image(

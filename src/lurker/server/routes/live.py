@@ -22,7 +22,15 @@ from fastapi.responses import Response
 from ..classes import no_scores
 from ..deps import MODEL_MADE, entry, live_call, range_header, session
 from ..errors import ApiError
-from ..schemas import FeatureSide, KernelInfo, KernelValues, LiveImage, LiveOp, MapValues
+from ..schemas import (
+    FeatureSide,
+    KernelInfo,
+    KernelValues,
+    LiveImage,
+    LiveOp,
+    MapValues,
+    PatchlessToken,
+)
 from ..session import (
     Maps,
     Session,
@@ -201,6 +209,10 @@ def _side(m: Maps) -> FeatureSide:
         one_value_maps=m.one_value_maps,
         constant={} if m.one_value_maps else constant_maps(m.maps),
         nonfinite=nonfinite_maps(m.maps),
+        patchless=[
+            PatchlessToken(token=token, values=json_values(values.numpy()[None])[0])
+            for token, values in m.patchless
+        ],
     )
 
 

@@ -75,6 +75,9 @@ def _meaning(objective: str, settings: dict[str, Any]) -> str:
         return "the unit's mean over its map (the value the probe ranks by)"
     if objective == "neuron":
         pos = settings.get("position")
+        token = settings.get("token")
+        if token is not None and pos:  # a token layer: a patch token, by its grid place
+            return f"the unit at token {token}, the patch at (row, column) = ({pos[0]}, {pos[1]})"
         at = f"position (y, x) = ({pos[0]}, {pos[1]})" if pos else "one position"
         return f"the unit at {at} of its map"
     return objective
