@@ -129,18 +129,7 @@ def test_units_of_a_token_layer_without_a_run():
     torch.manual_seed(0)
     vit = VisionTransformer(16, 4, 1, 2, 16, 32, num_classes=10).eval()
     block = "encoder.layers.encoder_layer_0"
-    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-
-    def block_out(images: torch.Tensor) -> torch.Tensor:
-        seen = []
-        h = dict(vit.named_modules())[block].register_forward_hook(lambda m, i, o: seen.append(o))
-        try:
-            with torch.no_grad():
-                vit((images - mean) / std)
-        finally:
-            h.remove()
-        return seen[0]
+    block_out = _hooked_output(vit, block)
 
     units = [3, 15]
     fv = lurker.featviz(vit, block, units=units, steps=4, size=16, transforms=False)
@@ -686,18 +675,7 @@ def test_neuron_objective_on_a_token_layer_is_its_central_patch_token():
     torch.manual_seed(0)
     vit = VisionTransformer(32, 8, 2, 2, 32, 64, num_classes=10).eval()
     block = "encoder.layers.encoder_layer_0"
-    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-
-    def block_out(images: torch.Tensor) -> torch.Tensor:
-        seen = []
-        h = dict(vit.named_modules())[block].register_forward_hook(lambda m, i, o: seen.append(o))
-        try:
-            with torch.no_grad():
-                vit((images - mean) / std)
-        finally:
-            h.remove()
-        return seen[0]  # (B, 1 + 16 tokens, 32 units): the class token first, then 4x4 patches
+    block_out = _hooked_output(vit, block)  # (B, 1 + 16 tokens, 32 units): class token, 4x4
 
     units = [3, 20]
     fv = lurker.featviz(vit, block, units=units, objective="neuron", steps=8, size=32)
@@ -716,3 +694,22 @@ def test_neuron_objective_on_a_token_layer_is_its_central_patch_token():
     )
     with pytest.raises(LurkerError, match="outside the 4x4 patch grid"):
         lurker.featviz(vit, block, units=[3], objective="neuron", position=(4, 0), steps=1, size=32)
+
+
+def _hooked_output(model: torch.nn.Module, path: str):
+    """The output of module ``path`` on images fed as featviz feeds a 3-channel model
+    (ImageNet's normalisation), read by a forward hook: the oracle of the token tests."""
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+
+    def out(images: torch.Tensor) -> torch.Tensor:
+        seen = []
+        h = dict(model.named_modules())[path].register_forward_hook(lambda m, i, o: seen.append(o))
+        try:
+            with torch.no_grad():
+                model((images - mean) / std)
+        finally:
+            h.remove()
+        return seen[0]
+
+    return out
