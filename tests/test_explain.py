@@ -471,11 +471,39 @@ def test_model_in_train_mode_keeps_its_buffers(digits, xd, method) -> None:
     assert len(before) == 3 * 2  # running mean, var and batch count of each BatchNorm
     calls = m.calls
     opts = {k: f"net.{v}" if k == "layer" else v for k, v in OPTS.get(method, {}).items()}
-    lurker.explain(m, xd, target=1, method=method, **opts)
+    with pytest.warns(UserWarning, match="training mode"):
+        lurker.explain(m, xd, target=1, method=method, **opts)
     after = m.state_dict()
     changed = [k for k, v in before.items() if not torch.equal(v, after[k])]
     assert not changed, changed
     assert m.calls is calls and int(m.calls) == 0 and m.training
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_a_model_in_train_mode_is_said_to_be_explained_as_it_trains(digits, xd, method) -> None:
+    """In training mode BatchNorm normalises by the batch's statistics, so a row's
+    attribution depends on the other rows (and, for integrated gradients and SmoothGrad,
+    on the copies run with it): not the model's prediction. Lurker leaves the mode as it
+    is, so it says so, naming the layers; in eval mode, or with no layer that trains
+    differently, it says nothing."""
+    m = no_inplace(digits).train()
+    opts = OPTS.get(method, {})
+    with pytest.warns(UserWarning, match=r"training mode.*features\.1 \(BatchNorm2d\).*eval\(\)"):
+        e = lurker.explain(m, xd, target=1, method=method, **opts)
+    if method not in ("gradcam", "gradcam_plus_plus"):  # (their map may be 0 either way)
+        # what the warning is about: row 0 explained alone is another number
+        with pytest.warns(UserWarning, match="training mode"):
+            one = lurker.explain(m, xd[:1], target=1, method=method, **opts)
+        assert not torch.allclose(one.attribution[0], e.attribution[0])
+    quiet = [(no_inplace(digits).eval(), xd, opts)]
+    if method not in ("gradcam", "gradcam_plus_plus"):  # (an MLP has no map for them)
+        # a new module is in training mode, but nothing in this one computes otherwise
+        quiet.append((nn.Sequential(nn.Flatten(), nn.Linear(256, 10)), xd.float(), {}))
+    for model, x, o in quiet:
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            lurker.explain(model, x, target=1, method=method, **o)
+        assert not [r for r in w if "training mode" in str(r.message)]
 
 
 # ---------------------------------------------------------------------- bad input

@@ -187,6 +187,66 @@ def test_leak_warns_naming_the_op() -> None:
     assert {r.filename for r in w if "not conserved" in str(r.message)} == {__file__}
 
 
+class _TokensThenBatchNorm(nn.Module):
+    """A linear layer on tokens ``(B, L, C)`` followed by ``BatchNorm1d(L)``: the norm
+    scales axis 1, the tokens, not the linear layer's units (its last axis)."""
+
+    def __init__(self, tokens: int, width: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, width)
+        self.bn = nn.BatchNorm1d(tokens)
+        self.head = nn.Linear(tokens * width, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.bn(self.fc(x))).flatten(1))
+
+
+@pytest.mark.parametrize("tokens", [4, 5])
+def test_batchnorm_over_tokens_is_not_merged_into_the_linear_layers_units(tokens) -> None:
+    """BatchNorm is merged into the layer before it only where it scales that layer's
+    units; over a linear layer's tokens it is passed through (as any BatchNorm that follows
+    no linear layer). It used to be merged into the weights' rows: with as many tokens as
+    units a silently wrong attribution, else a shape error from inside the backward.
+    Oracle: the epsilon rule written out by hand for this model."""
+    torch.manual_seed(0)
+    m = _TokensThenBatchNorm(tokens, 5).eval().double()
+    with torch.no_grad():
+        m.bn.running_mean.uniform_(-1, 1)
+        m.bn.running_var.uniform_(0.2, 5)
+        m.bn.weight.uniform_(0.2, 3)
+        m.bn.bias.uniform_(-1, 1)
+    x = torch.randn(2, tokens, 6, dtype=torch.float64)
+    e = lurker.explain(m, x, target=[0, 2], method="lrp", composite="epsilon", **TINY)
+    with torch.no_grad():  # epsilon rule: R_in = x * W^T (R_out / z), z the layer's output
+        z1 = m.fc(x)
+        a = torch.relu(m.bn(z1))
+        out = m.head(a.flatten(1))
+        r_out = nn.functional.one_hot(torch.tensor([0, 2]), 3) * out
+        r_a = (a.flatten(1) * ((r_out / out) @ m.head.weight)).reshape(a.shape)
+        ref = x * ((r_a / z1) @ m.fc.weight)  # (ReLU and BatchNorm pass relevance through)
+    assert rel_err(e.attribution, ref) < 1e-9
+
+
+def test_batchnorm_after_a_dense_layer_is_merged_as_zennit_does() -> None:
+    """On ``(B, C)`` BatchNorm1d scales the linear layer's units: merged, as Zennit's
+    canonizer merges it (epsilon rule on every dense layer)."""
+    from zennit.canonizers import SequentialMergeBatchNorm
+    from zennit.composites import EpsilonPlus
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3)).eval()
+    with torch.no_grad():
+        m[1].eps = 0.0  # (Zennit's merged BatchNorm keeps computing x / sqrt(1 + eps))
+        m[1].running_mean.uniform_(-1, 1)
+        m[1].running_var.uniform_(0.2, 5)
+        m[1].bias.uniform_(-1, 1)
+    x = torch.randn(4, 8)
+    e = lurker.explain(m, x, target=1, method="lrp", composite="epsilon")
+    with Gradient(model=m, composite=EpsilonPlus(canonizers=[SequentialMergeBatchNorm()])) as attr:
+        _, ref = attr(x, lambda out: nn.functional.one_hot(torch.tensor([1] * 4), 3) * out)
+    assert rel_err(e.attribution, ref) < 1e-4
+
+
 def test_batch_equals_rows() -> None:
     m = cnn("resnet18")
     x = torch.randn(2, 3, 32, 32)

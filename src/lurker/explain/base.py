@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules import module as _module
 
-from ..errors import LurkerError, TraceError
+from ..errors import LurkerError, TraceError, warn
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -217,7 +217,42 @@ def check_input(model: Any, x: Any, what: str = "explain") -> Tensor:
             f"{what} needs a batch: x of shape (B, ...), got {tuple(x.shape)}; add a batch "
             "dimension with x[None]"
         )
+    warn_training(model)
     return x.detach()
+
+
+def _train_dependent(m: nn.Module) -> bool:
+    """Whether ``m`` computes another function in training mode: dropout, and norms that
+    keep running statistics (in training mode they normalise by the batch's own)."""
+    if isinstance(m, nn.modules.dropout._DropoutNd):  # Dropout*, AlphaDropout, ...
+        return m.p > 0
+    if isinstance(m, nn.MultiheadAttention):
+        return m.dropout > 0
+    if isinstance(m, nn.modules.batchnorm._NormBase):  # BatchNorm*, InstanceNorm*
+        return bool(m.track_running_stats)
+    return False
+
+
+def warn_training(model: nn.Module) -> None:
+    """Say so where ``model`` is in training mode with layers that then behave otherwise:
+    dropout makes every forward random and BatchNorm mixes the rows of a batch (the input's
+    rows, and the steps or noisy copies a method runs as one batch), so the attribution
+    would be of neither the model's predictions nor each row alone. Lurker does not switch
+    the mode itself (the model is left as it was found); the user calls ``model.eval()``."""
+    found = [
+        f"{name or 'the model'} ({type(m).__name__})"
+        for name, m in model.named_modules()
+        if m.training and _train_dependent(m)
+    ]
+    if found:
+        more = f" and {len(found) - 3} more" if len(found) > 3 else ""
+        warn(
+            f"{type(model).__name__} is in training mode, where {', '.join(found[:3])}{more} "
+            "behave otherwise than at inference: dropout is random on every forward and "
+            "BatchNorm normalises by the statistics of the batch (mixing its rows, and the "
+            "copies a method runs together), so this attribution is not the one of the "
+            "model's predictions. Call model.eval() first."
+        )
 
 
 @contextlib.contextmanager

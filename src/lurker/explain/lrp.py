@@ -504,7 +504,14 @@ class Engine:
         if bn.name != "batch_norm" or _arg(bn, 5, "training", False):
             return None
         x = _arg(bn, 0, "input")
-        return bn if type(x) is OpRef and x.index == op.index else None
+        if type(x) is not OpRef or x.index != op.index:
+            return None
+        # BatchNorm scales axis 1; a linear layer's units are its output's last axis, the
+        # same axis only for a (B, C) output (on tokens (B, L, C), BatchNorm1d(L) scales
+        # the tokens: merged into the weights' rows it would scale the wrong axis)
+        if op.name == "linear" and len(op.shape or ()) != 2:
+            return None
+        return bn
 
     # ------------------------------------------------------------------ values
     def _value(self, ref: Any, live: dict[int, Any]) -> Any:
