@@ -52,6 +52,8 @@ export interface RunSummary {
   layers: LayerBrief[];
   /** A token of the run as probed: image URLs carrying it (`?v=`) are cached for good. */
   images_version?: string | null;
+  /** A token of the run as this summary describes it (see {@link Api.runChanged}). */
+  generation?: string | null;
 }
 
 export interface RunListEntry {
@@ -299,6 +301,8 @@ export class Api {
   private cache = new Map<string, Promise<unknown>>();
   /** Per run id, its summary's `images_version`, once the summary was read. */
   private versions = new Map<string, string>();
+  /** Per run id, the `generation` of the summary the page's cached documents belong to. */
+  private generations = new Map<string, string>();
 
   constructor(isStatic?: boolean) {
     this.isStatic =
@@ -345,10 +349,43 @@ export class Api {
     const summary = /^\/runs\/([^/?]+)$/.exec(path);
     if (!summary) return got;
     return got.then((doc) => {
-      const version = (doc as RunSummary).images_version;
-      if (version) this.versions.set(decodeURIComponent(summary[1]), version);
+      const run = decodeURIComponent(summary[1]);
+      const { images_version: version, generation } = doc as RunSummary;
+      if (version) this.versions.set(run, version);
+      if (generation && !this.generations.has(run)) this.generations.set(run, generation);
       return doc;
     });
+  }
+
+  /**
+   * Whether the run was probed again (or its resumed probe finished) since the page read
+   * its summary: one small request (`/runs/RUN/generation`). When it was, everything the
+   * page holds of the run (its documents, its image token, decoded images) is dropped,
+   * so the next page asks the server again and never shows the earlier run's values or
+   * pictures as the current ones. False in a static export (it never changes under a
+   * page), before the summary was read, and when the server cannot be reached.
+   */
+  async runChanged(run: string): Promise<boolean> {
+    const known = this.generations.get(run);
+    if (this.isStatic || known === undefined) return false;
+    let now: string;
+    try {
+      now = (await this.get<{ generation: string }>(this.jsonUrl(p("runs", run, "generation")), false, null)).generation;
+    } catch {
+      return false;
+    }
+    if (now === known) return false;
+    const prefix = this.jsonUrl(p("runs", run));
+    for (const url of [...this.cache.keys()])
+      if (url === prefix || url.startsWith(prefix + "/") || url.startsWith(prefix + "?") || url === this.jsonUrl("/runs"))
+        this.cache.delete(url);
+    for (const url of [...decoded.keys()]) if (url.startsWith(prefix + "/")) decoded.delete(url);
+    this.versions.delete(run);
+    this.generations.delete(run);
+    // the new summary sets the new token and generation before any page asks for images
+    await this.summary(run).catch(() => undefined);
+    if (!this.generations.has(run)) this.generations.set(run, now);
+    return true;
   }
 
   /** A file only a static export has (`data/` + safe segments), e.g. the unit chunks. */

@@ -49,6 +49,14 @@ export function fmt(v: number | null | undefined, digits = 3): string {
   return String(Number(v.toPrecision(digits)));
 }
 
+/** `2026-01-31T12:34:56+00:00` as `2026-01-31 12:34 UTC` (the store writes UTC):
+ * the runs list and a run's home page say when it was probed alike. */
+export function probedAt(iso: string | null | undefined): string {
+  if (!iso) return "–";
+  const m = /^(\d{4}-\d{2}-\d{2})T(\d{2}:\d{2})/.exec(iso);
+  return m ? `${m[1]} ${m[2]}${/(\+00:00|Z)$/.test(iso) ? " UTC" : ""}` : iso;
+}
+
 export function shape(s: number[] | null | undefined): string {
   return s && s.length ? s.join("×") : "–";
 }

@@ -26,9 +26,55 @@ const api = new Api();
 const topbar = h("header", { class: "topbar" });
 const crumbs = h("nav", { class: "crumbs", "aria-label": "breadcrumbs" });
 const main = h("main", { id: "page" });
+/** Says when the run shown was probed again since the tab read it (see `watchRun`). */
+const changedBar = h("div", { class: "run-changed", role: "status", hidden: true });
 let current: AbortController | null = null;
+/** The run of the route shown (null on the runs page). */
+let shownRun: string | null = null;
 
-document.body.append(topbar, crumbs, main);
+document.body.append(topbar, changedBar, crumbs, main);
+
+/** How often an open page asks whether its run changed (one tiny request; only while
+ * the tab is visible, and at once when it becomes visible again). */
+const RUN_POLL_MS = 10_000;
+
+/**
+ * The run probed again (`lurker probe --overwrite`, or a resumed probe finishing) while
+ * a page of it is open: `stale` says the page on screen shows the earlier run, with a
+ * button that draws it again from the new one (never done unasked: a live view's upload
+ * would be lost); `fresh` says the page just drawn shows the new run (pages seen before
+ * showed the earlier one).
+ */
+function showRunChanged(run: string, state: "stale" | "fresh"): void {
+  changedBar.hidden = false;
+  changedBar.dataset.state = state;
+  const dismiss = h("button", { type: "button", class: "link", onclick: () => (changedBar.hidden = true) }, "dismiss");
+  if (state === "stale")
+    fill(
+      changedBar,
+      h("strong", null, `Run ${run} was probed again`),
+      " since this page was drawn: what it shows is the earlier run. ",
+      h("button", { type: "button", class: "reload-run", onclick: () => void render() }, "Show the new run"),
+    );
+  else
+    fill(
+      changedBar,
+      h("strong", null, `Run ${run} was probed again`),
+      " since this tab first read it: this page shows the new run (pages seen before showed the earlier one). ",
+      dismiss,
+    );
+}
+
+async function watchRun(): Promise<void> {
+  const run = shownRun;
+  if (run === null || document.visibilityState !== "visible") return;
+  if ((await api.runChanged(run)) && run === shownRun) showRunChanged(run, "stale");
+}
+
+if (!api.isStatic) {
+  setInterval(() => void watchRun(), RUN_POLL_MS);
+  document.addEventListener("visibilitychange", () => void watchRun());
+}
 
 // Back and forward return to where a page was scrolled (a layer's grid of hundreds of
 // units): each history entry gets a key in its state, and its scroll position is kept
@@ -137,6 +183,8 @@ async function render(): Promise<void> {
   const view = h("div", { class: "view" }, h("p", { class: "loading" }, "Loading…"));
   main.replaceChildren(view);
   if (path[0] !== "r" || !path[1]) {
+    shownRun = null;
+    changedBar.hidden = true;
     renderTopbar(null, "", null);
     renderCrumbs(null, "", []);
     const { renderRuns } = await import("./pages/runs");
@@ -149,8 +197,15 @@ async function render(): Promise<void> {
   const run = path[1];
   const kind = path[2] ?? "home";
   const args = path.slice(3);
+  if (shownRun !== run) changedBar.hidden = true;
+  shownRun = run;
   renderCrumbs(run, kind, args);
   renderTopbar(run, kind, null);
+  // a run probed again since the tab read it: its cached documents and image token are
+  // dropped before this page asks for any, so it shows the new run, and says so
+  const changed = await api.runChanged(run);
+  if (ctl.signal.aborted) return;
+  if (changed || (!changedBar.hidden && changedBar.dataset.state === "stale")) showRunChanged(run, "fresh");
   api
     .summary(run)
     .then((s) => !ctl.signal.aborted && renderTopbar(run, kind, s))

@@ -134,6 +134,18 @@ class RunSummary(BaseModel):
     #: ``?v=<token>`` are served ``immutable`` (a run probed again gets another token).
     #: Null while the run is not complete.
     images_version: str | None = None
+    #: A token of the run as this summary describes it: another value (``GET
+    #: /api/runs/{run}/generation``) means the run was probed again, or its probe went on,
+    #: and every document and image a page holds of it may be stale.
+    generation: str | None = None
+
+
+class RunGeneration(BaseModel):
+    """What an open page polls to notice that its run changed under it (one stat)."""
+
+    id: str
+    generation: str
+    status: str | None = None
 
 
 # -- layers and units ---------------------------------------------------------------------

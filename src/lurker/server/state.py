@@ -263,6 +263,17 @@ class RunEntry:
         key = repr((*self.run.identity, *self.signature[:2], cache))
         return hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
 
+    @property
+    def generation(self) -> str:
+        """A token of the run as this entry opened it: which probe made it and how far
+        (``created``, ``status``), its database file (a probe again makes a new one) and
+        its :attr:`images_version`. A page compares it with the one it read to notice that
+        the run changed under it (re-probed, or a resumed probe finished)."""
+        identity = self.run.identity if self.run is not None else (None, self.error)
+        sig = self.signature[:2] if self.signature is not None else None
+        key = repr((*identity, sig, self.images_version))
+        return hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
+
     # -- lookups that raise 404s listing what exists -----------------------------------
 
     def open_run(self) -> Run:

@@ -1,7 +1,7 @@
 /** `#/r/RUN`: what the model and dataset are, what the run holds, and where to go next. */
 import type { RunSummary } from "../api";
 import type { PageContext } from "../context";
-import { append, facts, fmt, h, notice, shape } from "../dom";
+import { append, facts, fmt, h, notice, probedAt, shape } from "../dom";
 
 export async function renderHome(root: HTMLElement, ctx: PageContext): Promise<void> {
   const s = await ctx.api.json<RunSummary>(`/runs/${encodeURIComponent(ctx.run)}`);
@@ -14,7 +14,7 @@ export async function renderHome(root: HTMLElement, ctx: PageContext): Promise<v
   const explained = s.holds.explained ?? 0;
   const shownClasses = d.classes.slice(0, 40).join(", ") + (classes > 40 ? `, … (${classes - 40} more)` : "");
   append(root, 
-    h("h1", null, m.name ?? ctx.run, h("span", { class: "sub" }, ` · run ${s.id}`)),
+    h("h1", null, m.name ?? ctx.run, h("span", { class: "sub" }, ` · run `, h("code", null, s.id))),
     s.missing.length ? notice(`This run lacks: ${s.missing.join("; ")}.`) : null,
     h(
       "div",
@@ -68,7 +68,7 @@ export async function renderHome(root: HTMLElement, ctx: PageContext): Promise<v
           ["explanations", explained ? h("a", { href: ctx.href("explain") }, `${fmt(explained)} sample${explained === 1 ? "" : "s"} precomputed`) : h("span", { class: "muted" }, s.holds.live ? "computed on request" : "none precomputed")],
           ["live model", s.holds.live ? h("a", { href: ctx.href("live") }, "attached") : h("span", { class: "muted" }, ctx.api.isStatic ? "none in a static export (lurker serve RUN --model SPEC)" : "none (lurker serve RUN --model SPEC)")],
           ["cached images", fmt(s.holds.cached_images)],
-          ["probed", [s.probe.created ?? "–", s.probe.lurker_version ? ` with lurker ${s.probe.lurker_version}` : ""]],
+          ["probed", [h("span", { title: s.probe.created ?? null }, probedAt(s.probe.created)), s.probe.lurker_version ? ` with lurker ${s.probe.lurker_version}` : ""]],
           ["status", s.probe.status ?? "–"],
         ]),
         h(

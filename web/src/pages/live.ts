@@ -145,7 +145,7 @@ async function fillPicker(el: HTMLElement, ctx: PageContext, summary: RunSummary
             },
           },
           h("code", null, r.label),
-          h("span", { class: "muted" }, ` ${r.type}`),
+          h("span", { class: "muted op-type", title: r.type }, r.type),
           r.layer ? h("span", { class: "tag" }, "probed") : null,
           h("span", { class: "op-shape" }, r.shape),
         ),

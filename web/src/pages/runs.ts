@@ -2,14 +2,8 @@
  * one architecture look alike, so each row names what tells them apart: the model's spec
  * and weights, the dataset and when it was probed. */
 import type { Api, RunListEntry } from "../api";
-import { fill, fmt, h, notice } from "../dom";
+import { fill, fmt, h, notice, probedAt } from "../dom";
 
-/** `2026-01-31T12:34:56+00:00` as `2026-01-31 12:34 UTC` (the store writes UTC). */
-export function probedAt(iso: string | null | undefined): string {
-  if (!iso) return "–";
-  const m = /^(\d{4}-\d{2}-\d{2})T(\d{2}:\d{2})/.exec(iso);
-  return m ? `${m[1]} ${m[2]}${/(\+00:00|Z)$/.test(iso) ? " UTC" : ""}` : iso;
-}
 
 /** The last component of a path (`/data/w/r18.pt` -> `r18.pt`). */
 const baseName = (path: string) => path.split(/[\\/]/).filter(Boolean).pop() ?? path;

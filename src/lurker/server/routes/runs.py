@@ -14,6 +14,7 @@ from ..schemas import (
     LayerBrief,
     ModelInfo,
     ProbeInfo,
+    RunGeneration,
     RunList,
     RunListEntry,
     RunSummary,
@@ -150,4 +151,16 @@ def summarize(request: Request, e: RunEntry) -> RunSummary:
         missing=e.missing(),
         layers=[layer_brief(info) for info in run.layers],
         images_version=e.images_version,
+        generation=e.generation,
     )
+
+
+@router.get(
+    "/runs/{run_id}/generation",
+    response_model=RunGeneration,
+    summary="The run's generation token: an open page polls it to notice a re-probe",
+)
+def run_generation(request: Request, run_id: str) -> RunGeneration:
+    e = entry(request, run_id)  # (opened again if probed again since)
+    status = e.run.meta.get("status") if e.run is not None else None
+    return RunGeneration(id=e.id, generation=e.generation, status=status)

@@ -1,0 +1,126 @@
+"""A page of the explorer open while its run is probed again (``lurker probe --overwrite``).
+
+The page must never go on showing the earlier run's values and pictures as the current
+ones: a navigation after the re-probe shows the new run (and says the run changed), and a
+page left open says that what it shows is the earlier run, with a button that draws the
+new one. Oracle: the run's store opened directly (``lurker.store.Run``) before and after.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from explorer_fixtures import probe_digits, skip_without_browser, strict_page
+
+skip_without_browser()
+
+LAYER = "features.4"
+UNIT = 0
+
+
+def _top(path: Path) -> list[tuple[int, float]]:
+    """The unit's max list as the store holds it now: (sample id, value) per rank."""
+    from lurker.store import Run
+
+    with Run.open(path) as run:
+        return [(e.sample_id, float(e.value)) for e in run.unit(LAYER, UNIT).top("max")]
+
+
+def _shown(pg: Any) -> list[tuple[int, float]]:
+    """The max list the unit page shows: (sample id, value) per card."""
+    pg.wait_for_selector(".top-entry[data-sample]")
+    cards = pg.eval_on_selector_all(
+        ".topk .top-entry[data-sample]",
+        "els => els.map(e => [Number(e.dataset.sample), Number(e.dataset.value)])",
+    )
+    return [(int(s), float(v)) for s, v in cards]
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[dict[str, Any]]:
+    """A folder holding run ``d`` (the digits CNN, seed 0), served in a thread; ``reprobe``
+    probes the same directory again with another model (seed 1)."""
+    from lurker.server import create_app
+    from lurker.server.serve import background
+
+    out, weights = tmp_path / "runs" / "d", tmp_path / "d.pt"
+    probe_digits(out, weights, seed=0, k=3, overwrite=True)
+    with background(create_app(tmp_path / "runs")) as url:
+        yield {
+            "url": url,
+            "out": out,
+            "reprobe": lambda: probe_digits(out, weights, seed=1, k=3, overwrite=True),
+        }
+
+
+def _version(pg: Any) -> str:
+    return pg.evaluate("fetch('api/runs/d').then(r => r.json()).then(s => s.images_version)")
+
+
+def test_a_navigation_after_a_reprobe_shows_the_new_run(browser: Any, served: dict) -> None:
+    """Unit page, layer page, re-probe, back to the unit page: the page reads the run
+    again, shows the new run's list and images (the new image token), and says why."""
+    old = _top(served["out"])
+    unit = f"#/r/d/unit/{LAYER}/{UNIT}?tab=max"
+    with strict_page(browser) as pg:
+        pg.goto(served["url"] + unit)
+        assert _shown(pg) == old
+        pg.evaluate(f"location.hash = '#/r/d/layer/{LAYER}'")
+        pg.wait_for_selector(".unit-grid .unit-id")
+        old_version = _version(pg)
+        served["reprobe"]()
+        new = _top(served["out"])
+        assert [s for s, _ in new] != [s for s, _ in old]  # the two runs' lists differ
+        pg.evaluate(f"location.hash = '{unit}'")
+        pg.wait_for_selector(".run-changed[data-state=fresh]")
+        assert _shown(pg) == new
+        bar = pg.inner_text(".run-changed")
+        assert "Run d was probed again" in bar and "shows the new run" in bar
+        new_version = _version(pg)
+        assert new_version != old_version
+        srcs = pg.eval_on_selector_all(".topk .top-entry img", "els => els.map(e => e.src)")
+        assert srcs and all(f"v={new_version}" in s for s in srcs), srcs
+        pg.click(".run-changed button")  # dismiss
+        assert pg.locator(".run-changed").is_hidden()
+
+
+def test_an_open_page_says_it_shows_the_earlier_run(browser: Any, served: dict) -> None:
+    """A unit page left open during a re-probe: when the tab is looked at again it says
+    that what it shows is the earlier run; its button draws the new run's list."""
+    old = _top(served["out"])
+    with strict_page(browser) as pg:
+        pg.goto(served["url"] + f"#/r/d/unit/{LAYER}/{UNIT}?tab=max")
+        assert _shown(pg) == old
+        served["reprobe"]()
+        new = _top(served["out"])
+        # the tab is looked at again (what the page also checks every few seconds)
+        pg.evaluate("document.dispatchEvent(new Event('visibilitychange'))")
+        pg.wait_for_selector(".run-changed[data-state=stale]")
+        assert "what it shows is the earlier run" in pg.inner_text(".run-changed")
+        assert _shown(pg) == old  # never redrawn unasked
+        pg.click("text=Show the new run")
+        pg.wait_for_selector(".run-changed[data-state=fresh]")
+        assert _shown(pg) == new
+
+
+def test_generation_endpoint_follows_the_run(served: dict) -> None:
+    """``/api/runs/d/generation`` matches the summary's ``generation`` and changes with a
+    re-probe (what the pages poll)."""
+    import json
+    from urllib.request import urlopen
+
+    def get(path: str) -> dict:
+        with urlopen(served["url"] + path) as r:
+            return json.loads(r.read())
+
+    before = get("api/runs/d")["generation"]
+    assert get("api/runs/d/generation") == {"id": "d", "generation": before, "status": "complete"}
+    assert get("api/runs/d/generation")["generation"] == before  # stable while unchanged
+    served["reprobe"]()
+    after = get("api/runs/d/generation")["generation"]
+    assert after != before
+    assert get("api/runs/d")["generation"] == after
