@@ -26,8 +26,9 @@ export interface GroupLayout {
   w: number;
   h: number;
   pos: Record<ItemKey, [number, number, number, number]>;
-  /** `t`: a tap off its source's trunk (an edge implied by others in a dense group) */
-  edges: { a: ItemKey; b: ItemKey; pts: number[]; t?: 1 }[];
+  /** `t`: a tap off its source's trunk (an edge implied by others in a dense group); `c`:
+   * a route clear of every item by construction (a wrapped layout's), drawn as it is */
+  edges: { a: ItemKey; b: ItemKey; pts: number[]; t?: 1; c?: 1 }[];
 }
 
 export type WorkerIn =
@@ -231,13 +232,19 @@ class Run {
 
   /** A linear-time layered layout for very large groups: each item's rank is its longest
    * path from the group's sources (items are in execution order, so forward edges go from
-   * earlier to later items), items of a rank side by side in execution order. No edge
-   * routes: the page draws each edge as a curve between its ends. */
+   * earlier to later items), items of a rank side by side in execution order. A rank wider
+   * than {@link WRAP_W} wraps, as text does, into rows read left to right, top to bottom:
+   * a loop over a ModuleList of 4,000 blocks (every block reads the loop's rolled `add`, so
+   * all are one rank) is a column of rows a screen wide to scroll down, not one row
+   * 400,000 px wide. An edge into or out of a wrapped rank gets a route (flagged `c`: clear
+   * of every item by construction), down into the gap above its target's row, or along
+   * the gutter left of every row to it; other edges have none (the page draws a curve). */
   private layered(g: number): GroupLayout {
     const items = this.st.items[g];
     const at = new Map(items.map((it, i) => [it, i]));
     const incoming: number[][] = items.map(() => []);
-    for (const [a, b] of edges.get(g) ?? []) {
+    const own = edges.get(g) ?? [];
+    for (const [a, b] of own) {
       const ia = at.get(a);
       const ib = at.get(b);
       if (ia !== undefined && ib !== undefined && ia < ib) incoming[ib].push(ia);
@@ -245,29 +252,86 @@ class Run {
     const rank = new Array<number>(items.length).fill(0);
     for (let i = 0; i < items.length; i++) for (const j of incoming[i]) rank[i] = Math.max(rank[i], rank[j] + 1);
     const sizes = items.map((it) => this.size(it));
-    const rows: number[][] = [];
-    items.forEach((_, i) => (rows[rank[i]] ??= []).push(i));
+    const ranks: number[][] = [];
+    items.forEach((_, i) => (ranks[rank[i]] ??= []).push(i));
     const gapX = 16;
     const gapY = 24;
-    const rowW = rows.map((r) => (r ?? []).reduce((s, i) => s + sizes[i][0], 0) + gapX * Math.max(0, (r?.length ?? 1) - 1));
-    const cw = Math.max(0, ...rowW);
+    const width = (r: number[]) => r.reduce((s, i) => s + sizes[i][0], 0) + gapX * Math.max(0, r.length - 1);
+    // each rank's rows: the rank itself, or wrapped at WRAP_W (at least one item a row)
+    const rows: { items: number[]; wrapped: boolean }[] = [];
+    for (const r of ranks) {
+      if (!r) continue;
+      if (width(r) <= WRAP_W) {
+        rows.push({ items: r, wrapped: false });
+        continue;
+      }
+      let cur: number[] = [];
+      let w = 0;
+      for (const i of r) {
+        const add = (cur.length ? gapX : 0) + sizes[i][0];
+        if (cur.length && w + add > WRAP_W) {
+          rows.push({ items: cur, wrapped: true });
+          cur = [];
+          w = 0;
+        }
+        w += (cur.length ? gapX : 0) + sizes[i][0];
+        cur.push(i);
+      }
+      rows.push({ items: cur, wrapped: true });
+    }
+    const anyWrapped = rows.some((r) => r.wrapped);
+    const gutter = anyWrapped ? GUTTER : 0;
+    const rowW = rows.map((r) => width(r.items));
+    const cw = Math.max(0, ...rowW) + gutter;
     const pos: GroupLayout["pos"] = {};
+    const rowOf = new Array<number>(items.length);
+    const tops: number[] = [];
+    const bottoms: number[] = [];
     let y = 0;
     const [w, h0, dx, dy] = this.frame(g, cw, 0);
     rows.forEach((r, k) => {
-      if (!r) return;
-      const rh = Math.max(...r.map((i) => sizes[i][1]));
-      let x = (cw - rowW[k]) / 2;
-      for (const i of r) {
+      const rh = Math.max(...r.items.map((i) => sizes[i][1]));
+      // a wrapped rank's rows start at the left, as lines of text; other rows are centred
+      let x = r.wrapped ? gutter : gutter + (cw - gutter - rowW[k]) / 2;
+      for (const i of r.items) {
         const [iw, ih] = sizes[i];
         pos[items[i]] = [round(x + iw / 2 + dx), round(y + rh / 2 + dy), iw, ih];
+        rowOf[i] = k;
         x += iw + gapX;
       }
+      tops.push(y + dy);
+      bottoms.push(y + rh + dy);
       y += rh + gapY;
     });
-    return { w, h: Math.ceil(h0 + Math.max(0, y - gapY)), pos, edges: [] };
+    const out: GroupLayout["edges"] = [];
+    if (anyWrapped) {
+      const lane = dx + gutter / 2;
+      for (const [a, b] of own) {
+        const ia = at.get(a);
+        const ib = at.get(b);
+        if (ia === undefined || ib === undefined || ia >= ib) continue;
+        const ra = rowOf[ia];
+        const rb = rowOf[ib];
+        if (rb <= ra || !(rows[ra].wrapped || rows[rb].wrapped)) continue;
+        const [ax, ay, , ah] = pos[a];
+        const [bx, by, , bh] = pos[b];
+        const gb = round(tops[rb] - 10); // the gap above b's row
+        const pts =
+          rb === ra + 1
+            ? [ax, round(ay + ah / 2), ax, gb, bx, gb, bx, round(by - bh / 2)]
+            : [ax, round(ay + ah / 2), ax, round(bottoms[ra] + 8), lane, round(bottoms[ra] + 8), lane, gb, bx, gb, bx, round(by - bh / 2)];
+        out.push({ a, b, pts, c: 1 });
+      }
+    }
+    return { w, h: Math.ceil(h0 + Math.max(0, y - gapY)), pos, edges: out };
   }
 }
+
+/** The widest a rank of {@link Run.layered} is drawn before it wraps into rows: about a
+ * screen at the first view's scale, so the first rows are read without panning sideways. */
+const WRAP_W = 1200;
+/** The lane left of the rows of a wrapped layout, down which edges reach rows further down. */
+const GUTTER = 16;
 
 /** Groups with more items than this are laid out by {@link Run.layered}: dagre's crossing
  * minimisation grows faster than linearly (a 1,000-op chain takes half a second, 3,000 ops

@@ -180,6 +180,12 @@ type Piece = [string, number, number, number, number];
  * and the browser's style and layout of them, not the layout's, took a second per draw. */
 const CULL_AT = 1500;
 
+/** The zoom's range. Zooming out stops at MIN_ZOOM or, for a graph too big to show whole
+ * at it (Keypoint R-CNN with every group open), at the scale that shows it whole: Fit and
+ * the wheel both reach the whole graph, never a part of it at a floor. */
+const MIN_ZOOM = 0.02;
+const MAX_ZOOM = 4;
+
 /** The bounding box of an SVG path's `x,y` points (control points included). */
 function pathBox(d: string): [number, number, number, number] {
   let x0 = Infinity;
@@ -221,6 +227,8 @@ class GraphPage {
    * `painted` (graph space) are in the DOM when there are more than CULL_AT items */
   private pieces: { edges: Piece[]; items: Piece[]; n: number } = { edges: [], items: [], n: 0 };
   private painted: [number, number, number, number] | null = null;
+  /** the drawing's box in graph space [x0, y0, x1, y1] (see draw) */
+  private extent: [number, number, number, number] = [0, 0, 100, 100];
   private repaint = 0;
   private byLabel = new Map<string, number>();
 
@@ -356,11 +364,13 @@ class GraphPage {
     this.tip = el("div", "graph-tip");
     this.tip.hidden = true;
     canvas.append(this.svg, this.tip);
+    // before d3-zoom reads its floor for this wheel turn (the view may have been resized)
+    canvas.addEventListener("wheel", () => this.zoomFloor(), { capture: true, passive: true });
     this.page.insertBefore(bar, this.status);
     this.page.append(legend, canvas);
 
     this.zoomer = zoom<SVGSVGElement, unknown>()
-      .scaleExtent([0.02, 4])
+      .scaleExtent([MIN_ZOOM, MAX_ZOOM])
       .on("zoom", (ev) => {
         this.viewport.setAttribute("transform", ev.transform.toString());
         this.tip.hidden = true; // what it described has moved from under the pointer
@@ -407,6 +417,17 @@ class GraphPage {
     let n = 0;
     for (const [key] of this.rects) if (key[0] === "n" || !this.expanded.has(Number(key.slice(1)))) n++;
     this.pieces = { edges, items, n };
+    // what Fit shows: every piece, a back edge's lane right of the layout's frame included
+    const ext: [number, number, number, number] = [Infinity, Infinity, -Infinity, -Infinity];
+    for (const ps of [items, edges])
+      for (const q of ps) {
+        if (q[1] < ext[0]) ext[0] = q[1];
+        if (q[2] < ext[1]) ext[1] = q[2];
+        if (q[3] > ext[2]) ext[2] = q[3];
+        if (q[4] > ext[3]) ext[3] = q[4];
+      }
+    this.extent = ext[0] <= ext[2] ? ext : [0, 0, 100, 100];
+    this.zoomFloor();
     this.paint();
     this.draws++;
     this.page.dataset.draws = String(this.draws);
@@ -541,6 +562,7 @@ class GraphPage {
     /** Whether the box [x0, x1] x [y0, y1] overlaps no solid item. */
     const clear = (x0: number, y0: number, x1: number, y1: number) => !solid.some((b) => b[0] < x1 && b[2] > x0 && b[1] < y1 && b[3] > y0);
     const lanes: [number, number, number][] = []; // back edges' lanes: x, top, bottom
+    const rowAt = new Map<string, number>(); // a back edge's end: the row it leaves by
     const routed = new Map<string, number[]>();
     const origin = new Map<number, [number, number]>([[0, [0, 0]]]);
     for (const [key, r] of this.rects)
@@ -548,6 +570,7 @@ class GraphPage {
         origin.set(Number(key.slice(1)), [r[0] - r[2] / 2, r[1] - r[3] / 2]);
     const joints = new Set<string>(); // where a tap leaves its trunk: a dot, as on a bus
     const taps = new Set<string>(); // routes that are taps off a trunk
+    const clean = new Set<string>(); // routes clear of every item (a wrapped layout's)
     for (const [gs, lay] of Object.entries(this.layouts)) {
       const o = origin.get(Number(gs));
       if (!o) continue;
@@ -555,6 +578,7 @@ class GraphPage {
         const pts: number[] = [];
         for (let i = 0; i < e.pts.length; i += 2) pts.push(e.pts[i] + o[0], e.pts[i + 1] + o[1]);
         routed.set(e.a + ">" + e.b, pts);
+        if (e.c) clean.add(e.a + ">" + e.b);
         if (!e.t) continue;
         taps.add(e.a + ">" + e.b);
         // a tap into an open frame enters it from above (see route), its dot goes there
@@ -614,9 +638,16 @@ class GraphPage {
       let d: string;
       let mid: [number, number];
       const routedPts = !back && a !== b ? this.route(a, b, ra, rb, routed, taps, joints) : null;
-      const pts = routedPts && unblock(routedPts, ra, rb, (x0, y0, x1, y1) =>
-        solid.some((q, i) => solidKeys[i] !== a && solidKeys[i] !== b && crosses(x0, y0, x1, y1, q)),
-      );
+      // a clear route between items of one group is drawn as it is: checking each of the
+      // 4,000 routes of a wrapped layout against 4,000 items is 80 million box tests
+      const asIs = routedPts && clean.has(a + ">" + b) && this.st.segments(a, b).length === 1;
+      const pts =
+        routedPts &&
+        (asIs
+          ? routedPts
+          : unblock(routedPts, ra, rb, (x0, y0, x1, y1) =>
+              solid.some((q, i) => solidKeys[i] !== a && solidKeys[i] !== b && crosses(x0, y0, x1, y1, q)),
+            ));
       if (pts) {
         d = "M" + pts.slice(0, 2).join(",");
         for (let i = 2; i < pts.length; i += 2) d += " L" + pts[i] + "," + pts[i + 1];
@@ -654,10 +685,18 @@ class GraphPage {
         const [lane, shifted] = laneOf.get(b)!;
         const up = y2 < y1;
         // the row an end leaves from: its centre if clear to the lane, else the gap beside it
-        const row = (r: [number, number, number, number], x: number, away: number) =>
-          clear(x + 1, r[1] - 2, lane, r[1] + 2) ? r[1] : r[1] + away * (r[3] / 2 + 7);
-        const ya = row(ra, x1, up ? 1 : -1);
-        const yb = row(rb, x2, up ? -1 : 1);
+        // (once per end and lane: the 3,999 back edges into one add ask it of the add each)
+        const row = (key: ItemKey, r: [number, number, number, number], x: number, away: number) => {
+          const memo = `${key} ${lane} ${away}`;
+          let y = rowAt.get(memo);
+          if (y === undefined) {
+            y = clear(x + 1, r[1] - 2, lane, r[1] + 2) ? r[1] : r[1] + away * (r[3] / 2 + 7);
+            rowAt.set(memo, y);
+          }
+          return y;
+        };
+        const ya = row(a, ra, x1, up ? 1 : -1);
+        const yb = row(b, rb, x2, up ? -1 : 1);
         const pts: [number, number][] = [];
         if (ya !== y1) pts.push([ra[0] + ra[2] / 2 - 6, y1 + (ya > y1 ? ra[3] / 2 : -ra[3] / 2)]);
         else pts.push([x1, y1]);
@@ -745,28 +784,45 @@ class GraphPage {
   }
 
   // ------------------------------------------------------------------ view
-  private bounds(): [number, number, number, number] {
-    const lay = this.layouts[0];
-    return [0, 0, lay?.w ?? 100, lay?.h ?? 100];
-  }
-
-  private fit(): void {
-    const [, , w, h] = this.bounds();
+  /** The scale at which the whole drawing fits the view with 20 px to spare on each side
+   * (at most 2: a small graph is not blown up). */
+  private fitScale(): number {
+    const [x0, y0, x1, y1] = this.extent;
     const W = this.svg.clientWidth || 800;
     const H = this.svg.clientHeight || 600;
-    const k = Math.min(2, Math.max(0.02, Math.min(W / (w + 40), H / (h + 40))));
-    select(this.svg).call(this.zoomer.transform, zoomIdentity.translate((W - w * k) / 2, 20).scale(k));
+    return Math.min(2, Math.max(1, W - 40) / Math.max(1, x1 - x0), Math.max(1, H - 40) / Math.max(1, y1 - y0));
+  }
+
+  /** Lets the zoom out as far as the whole drawing needs (see MIN_ZOOM), for the view's
+   * size now: the status line above it and the window change it. */
+  private zoomFloor(): void {
+    this.zoomer.scaleExtent([Math.min(MIN_ZOOM, this.fitScale()), MAX_ZOOM]);
+  }
+
+  /** Shows the whole drawing, however small that makes it: centred across, from the top. */
+  private fit(): void {
+    this.zoomFloor();
+    const [x0, y0, x1] = this.extent;
+    const W = this.svg.clientWidth || 800;
+    const k = this.fitScale();
+    select(this.svg).call(this.zoomer.transform, zoomIdentity.translate((W - (x1 - x0) * k) / 2 - x0 * k, 20 - y0 * k).scale(k));
   }
 
   /** The whole graph when it is readable that small, else its top at a readable scale. */
   private fitInitial(): void {
-    const [, , w, h] = this.bounds();
+    if (this.fitScale() >= 0.85) return this.fit();
+    const [x0, y0, x1] = this.extent;
+    const w = x1 - x0;
     const W = this.svg.clientWidth || 800;
-    const H = this.svg.clientHeight || 600;
-    const fitK = Math.min(W / (w + 40), H / (h + 40));
-    if (fitK >= 0.85) return this.fit();
-    const k = Math.min(1, Math.max(0.85, W / (w + 40)));
-    select(this.svg).call(this.zoomer.transform, zoomIdentity.translate((W - w * k) / 2, 16).scale(k));
+    const k = Math.min(1, Math.max(0.85, (W - 40) / w));
+    // wider than the view even so: around its first item (where the graph starts), not
+    // its middle, kept from leaving blank space beside the drawing
+    const first = this.doc.nodes.length ? this.rects.get(this.st.visible(0, this.expanded)) : undefined;
+    const x =
+      w * k <= W - 40
+        ? (W - w * k) / 2 - x0 * k
+        : Math.max(W - 20 - x1 * k, Math.min(20 - x0 * k, W / 2 - (first?.[0] ?? (x0 + x1) / 2) * k));
+    select(this.svg).call(this.zoomer.transform, zoomIdentity.translate(x, 16 - y0 * k).scale(k));
   }
 
   private centre(key: ItemKey): void {
