@@ -1106,3 +1106,63 @@ def test_settled_trace_does_not_trace_again_for_values_written_in_place() -> Non
     model.register_forward_hook(lambda *a: calls.append(1))
     tr = settled_trace(model, torch.randn(5, 3))
     assert tr.state_changes and len(calls) == 1
+
+
+def test_saving_a_module_keeps_its_output_not_the_ops_inside_it():
+    """save=["body"] keeps body's output; the ops inside body are freed as soon as nothing
+    uses them (while the forward runs, and after it), not kept until the trace ends.
+    Oracle: weak references to the storages the model's own code made."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    made: dict[str, StorageWeakRef] = {}
+    freed_while_running: list[bool] = []
+
+    def note(name: str, t: torch.Tensor) -> None:
+        with torch._C.DisableTorchFunction():  # not an op of the model
+            made[name] = StorageWeakRef(t.untyped_storage())
+
+    class Block(nn.Module):
+        def __init__(self, tag: str):
+            super().__init__()
+            self.tag = tag
+            self.a, self.b = nn.Linear(64, 64), nn.Linear(64, 64)
+
+        def forward(self, x):
+            h = self.a(x)
+            if self.tag == "second":  # the first block has returned: its insides are garbage
+                freed_while_running.append(made["first.h"].expired())
+            note(f"{self.tag}.h", h)
+            g = torch.tanh(h)
+            note(f"{self.tag}.g", g)
+            return self.b(g)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(8, 64), nn.Sequential(Block("first"), Block("second")), nn.Linear(64, 2)
+    )
+    x = torch.randn(256, 8)
+    with torch.no_grad():
+        tr = lurker.trace(model, x, save=["1"])
+        assert freed_while_running == [True]
+        out1 = model[1](model[0](x))  # oracle: the module's output, by a plain forward
+    gc.collect()
+    assert [k for k, ref in made.items() if not ref.expired()] == []
+    assert [op.label for op in tr.compute_ops if op.activation is not None] == [tr["1"].label]
+    torch.testing.assert_close(tr["1"].activation, out1)
+    assert tr.validate().output_checked
+    from lurker.graph import OpRef  # the calls of the ops dropped are still described
+
+    assert tr["1.0.a"].args[0] == OpRef(tr["0"].index, 0)
+
+
+def test_run_refuses_save_names_that_match_nothing():
+    """tr.run(x, save=["layer5"]) saved nothing, silently; it says so, with close names."""
+    model = torchvision.models.resnet18().eval()
+    tr = lurker.trace(model, torch.randn(1, 3, 32, 32), save="none")
+    with pytest.raises(lurker.LurkerError, match=r"save=\['layer5'\].*Did you mean 'layer4'"):
+        tr.run(torch.randn(2, 3, 32, 32), save=["layer5"])
+    with pytest.raises(lurker.LurkerError, match=r"save=\(LSTM\) matches no module"):
+        tr.run(torch.randn(2, 3, 32, 32), save=nn.LSTM)
+    acts = tr.run(torch.randn(2, 3, 32, 32), save=["layer3"])
+    with pytest.raises(KeyError, match=r"'layer2' \(relu_\d+\) was not saved.*save=\['layer2'\]"):
+        acts["layer2"]

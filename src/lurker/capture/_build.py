@@ -142,9 +142,21 @@ def drop_provisional(rec: Recorder) -> None:
     saved = rec.saved_modules
     if not saved:
         return
+    rec._pending = []
     for node in rec.nodes:
         if node._provisional and not any(m.split(":")[0] in saved for m in node.module_outputs):
-            node.activation = None
+            unsave(node, rec.param_refs)
+
+
+def unsave(node: Op, param_refs: dict[str, ParamRef]) -> None:
+    """Forget an op's saved activation, and the raw call arguments kept with it (live
+    tensors: inputs of the op that nothing else may hold), keeping the call's skeleton."""
+    node.activation = None
+    if node._skel_args is not None:
+        node._args, node._kwargs = call_skeleton(
+            node._skel_args, node._skel_kwargs, node._inputs, param_refs
+        )
+        node._skel_args = node._skel_kwargs = None
 
 
 def call_skeleton(

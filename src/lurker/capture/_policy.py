@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -135,9 +136,16 @@ def check_patterns(policy: SavePolicy, ops: Iterable[Op], module_paths: Iterable
         more = f", ... ({len(items) - n} more)" if len(items) > n else ""
         return ", ".join(items[:n]) + more
 
+    close = [
+        c
+        for p in missing
+        if not any(ch in p for ch in "*?[")
+        for c in difflib.get_close_matches(p, [*paths, *labels, *names], n=4, cutoff=0.6)
+    ]
+    hint = f" Did you mean {', '.join(map(repr, dict.fromkeys(close)))}?" if close else ""
     raise LurkerError(
         f"save={missing!r} matches no op or module of this model, so nothing would be saved "
-        f"for {'it' if len(missing) == 1 else 'them'}. save= names (globs allowed) match op "
+        f"for {'it' if len(missing) == 1 else 'them'}.{hint} save= names (globs allowed) match op "
         f"labels ({some(labels)}), op names ({some(sorted(names))}) and module paths "
         f"({some(paths) or 'none'}); or pass 'all', 'none', module classes or a function."
     )

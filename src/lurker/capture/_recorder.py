@@ -44,7 +44,7 @@ from ._mode import NO_KWARGS as _NO_KWARGS
 from ._mode import OpMode
 from ._mode import produced as _produced
 from ._policy import SavePolicy
-from ._tree import call_tensors, tensors
+from ._tree import call_tensors, map_tensors, tensors
 
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 _LURKER_DIR = os.path.dirname(os.path.dirname(__file__)) + os.sep
@@ -95,6 +95,7 @@ _kind_cache: dict[str, int] = {}
 # bound once: the hot path would otherwise look each up through its module per op
 _getframe = sys._getframe
 _ref = weakref.ref
+_detach = Tensor.detach
 _new_tuple = tuple.__new__
 _blank = Op.blank
 _any_autocast = _context.any_autocast
@@ -362,8 +363,18 @@ class _Core:
         self.modules: dict[str, nn.Module] = {}
         self.param_modules: set[str] = set()  # modules whose subtree holds parameters
         self.saved_modules: set[str] = set()  # modules whose outputs save= asks for
+        # ops saved in case they are the output of a module in saved_modules: (op,
+        # weakrefs to its outputs, the serial numbers of the module calls it ran in, those
+        # of calls save= wants). When a call it ran in ends, it is dropped if its outputs
+        # are gone (see _drop_dead), so saving a module keeps its output, not every op
+        # inside it until the forward ends
+        self._pending: list[tuple[Op, list[Any], tuple[int, ...], frozenset[int]]] = []
+        # the calls that just ended while ops were pending: (serials, serials of wanted ones)
+        self._ended: tuple[set[int], set[int]] | None = None
+        self._call_serial = 0
         # the current op's module calls, outer to inner: [frame, path or None, module
-        # stack, paths, innermost call with parameters], the last three up to that call
+        # stack, paths, innermost call with parameters, serial number of the call], the
+        # stack, paths and depth up to that call
         self._chain: list[list[Any]] = []
         self._paths: tuple[str, ...] = ()
         self._param_depth = -1  # index in _chain of the innermost call with parameters
@@ -522,9 +533,14 @@ class _Core:
         new = (len(calls) >> 1) - (known + 1)  # calls this op is in and the last was not
         if known == len(chain) - 1 and not new:
             return  # same module call as the previous op
+        if self._pending and known + 1 < len(chain):
+            # checked in _op, once this walk's references to frames are gone
+            wanted = self.saved_modules
+            ended = chain[known + 1 :]
+            self._ended = ({e[5] for e in ended}, {e[5] for e in ended if e[1] in wanted})
         del chain[known + 1 :]
         if chain:
-            _, _, stack, paths, depth = chain[-1]
+            stack, paths, depth = chain[-1][2:5]
         else:
             stack, paths, depth = (), (), -1
         for j in range(new - 1, -1, -1):  # the new calls, outer to inner
@@ -537,7 +553,8 @@ class _Core:
                 paths = (*paths, path)
                 if path in self.param_modules:
                     depth = len(chain)
-            chain.append([fr, path, stack, paths, depth])
+            self._call_serial += 1
+            chain.append([fr, path, stack, paths, depth, self._call_serial])
         self.stack = stack
         self._paths = paths
         self._param_depth = depth
@@ -618,12 +635,44 @@ class _Core:
             # it is that output (see _build.drop_provisional)
             self._store(node, outs)
             node._provisional = True
+            wanted = self.saved_modules
+            chain = self._chain
+            self._pending.append(
+                (
+                    node,
+                    [_ref(o) for o in outs],
+                    tuple([e[5] for e in chain]),
+                    frozenset([e[5] for e in chain if e[1] in wanted]),
+                )
+            )
         else:
             return  # not saved: no gradient kept either (nor transform run on it)
         if self.grads:
             for k, o in enumerate(outs):
                 if o.requires_grad:
                     o.register_hook(self._grad_hook(node, k, len(outs)))
+
+    def _drop_dead(self) -> None:
+        """Settle the provisional saves made inside the module calls that just ended.
+
+        A value is a call's output only if something uses it after the call returns: one
+        that no longer exists when a call it was made in ends is the output of no call
+        that holds it, and is dropped now. One still alive when the innermost wanted call
+        holding it ends may be that call's output: it stays saved, and the build decides
+        (``drop_provisional``). Without this, ``save=["layer3"]`` kept every op inside
+        layer3, and the raw inputs of their calls, until the forward ended."""
+        ended, wanted = self._ended  # type: ignore[misc]
+        self._ended = None
+        pending = []
+        for entry in self._pending:
+            node, refs, calls, wanted_calls = entry
+            if ended.isdisjoint(calls):
+                pending.append(entry)  # made outside the calls that ended
+            elif not any(r() is not None for r in refs):
+                _build.unsave(node, self.param_refs)
+            elif wanted.isdisjoint(wanted_calls):
+                pending.append(entry)  # alive, and a wanted call holding it still runs
+        self._pending = pending
 
     def _store(self, node: Op, outs: list[Tensor]) -> None:
         saved = []
@@ -873,6 +922,8 @@ class _Core:
         for i in idxs:
             node = self.nodes[i]
             a = node.activation
+            if a is None:  # a provisional save dropped since (_drop_dead)
+                continue
             node.activation = tuple(x.clone() for x in a) if isinstance(a, tuple) else a.clone()
             if self.mem_check is not None:  # a copy: memory the guard counts
                 self.saved_bytes += sum(x.nbytes for x in a) if isinstance(a, tuple) else a.nbytes
@@ -889,6 +940,8 @@ class _Core:
     def _op(self, func, info, args, kwargs):
         """Record one call that may be an op (:class:`OpMode` routed it here)."""
         self._locate()
+        if self._ended is not None:
+            self._drop_dead()
         ins = call_tensors(args, kwargs)
         # resolve before running: a buffer or constant first met by an in-place op must be
         # saved with the value it had going in
@@ -1078,6 +1131,9 @@ class _Core:
                             key: list(v) if type(v) is list else v for key, v in kwargs.items()
                         }
                         break
+            if node._provisional:  # held as detached tensors, so that the call's inputs
+                # can die and _drop_dead can tell (the values are the same storage)
+                args, kwargs = map_tensors(args, _detach), map_tensors(kwargs, _detach)
             node._skel_args = args
             node._skel_kwargs = kwargs
         else:  # the raw arguments would keep unsaved tensors alive: their skeleton now

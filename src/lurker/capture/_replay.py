@@ -20,7 +20,7 @@ from ..ops import torch_funcs as _funcs
 from . import _context, _hooks
 from ._hooks import Resolved
 from ._mode import OpMode, produced
-from ._policy import make_policy
+from ._policy import check_classes, check_patterns, make_policy
 from ._recorder import param_names
 from ._tree import call_tensors, paths, tensors
 
@@ -302,6 +302,10 @@ def chosen_ops(trace: Trace, save: Any) -> list[Op]:
     policy = make_policy(save)
     if policy.everything:
         return calls
+    # a name that matches nothing would save nothing, silently: refused, as trace() does
+    check_patterns(policy, trace.ops, trace.modules)
+    if trace.model is not None:
+        check_classes(policy, trace.model)
     modules = (
         dict(trace.model.named_modules())
         if trace.model is not None and policy.saves_modules

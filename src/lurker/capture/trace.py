@@ -673,7 +673,8 @@ class Trace(Graph):
         """Activations for new inputs, reusing this trace's graph (no re-recording).
 
         By default the same ops as in this trace are saved; ``save=`` selects others
-        (``"none"``: only the output). ``hooks`` maps ops to functions ``fn(op, output)``
+        (``"none"``: only the output; a name that matches nothing raises, with close names,
+        rather than saving nothing). ``hooks`` maps ops to functions ``fn(op, output)``
         that may return a replacement output, as in :meth:`hooks`, for this call only
         (after those of any ``with trace.hooks(...)`` block). Saved values are those after
         the hooks. The forward runs in the caller's grad mode: gradients flow through
@@ -802,7 +803,11 @@ class Activations(Mapping[str, Any]):
     def __getitem__(self, key: str | int) -> Any:
         op = self._trace[key]
         if op.index not in self._values:
-            raise KeyError(f"{op.label} was not saved in this run; pass save=[{op.label!r}]")
+            name = op.label if key == op.label else f"{key!r} ({op.label})"
+            raise KeyError(
+                f"{name} was not saved in this run: pass save=[{key!r}] to tr.run(...), "
+                "or to lurker.trace(...), whose save= every run keeps by default"
+            )
         return self._values[op.index]
 
     def __iter__(self) -> Iterator[str]:
