@@ -218,3 +218,30 @@ def test_featviz_image_size_as_probe_and_explain_size_still_works(tmp_path: Path
         assert Image.open(png).size == (side, side)
     r = CliRunner().invoke(main, [*base, "--size", "10", "--image-size", "12"])
     assert r.exit_code == 2 and "old name of --image-size" in r.output
+
+
+def _commands(group: click.Group, path: str = "lurker"):
+    for name, command in group.commands.items():
+        if isinstance(command, click.Group):
+            yield from _commands(command, f"{path} {name}")
+        else:
+            yield f"{path} {name}", command
+
+
+def test_every_option_of_every_command_has_help_text():
+    """`--help` tells what each option does (hidden aliases of renamed options excepted)."""
+    bare = [
+        f"{path} {'/'.join(param.opts)}"
+        for path, command in _commands(main)
+        for param in command.params
+        if isinstance(param, click.Option) and not param.hidden and not (param.help or "").strip()
+    ]
+    assert len(list(_commands(main))) >= len(RUNS_A_MODEL)
+    assert bare == []
+
+
+def test_images_batch_size_range_is_checked_by_click(tmp_path: Path):
+    """`lurker images -b 0` is refused as every command's -b is, before the run is read."""
+    r = CliRunner().invoke(main, ["images", str(tmp_path), "-b", "0"])
+    assert r.exit_code == 2
+    assert "Invalid value for '--batch-size' / '-b': 0 is not in the range x>=1" in r.output

@@ -164,6 +164,26 @@ def test_integrated_gradients_completeness(digits, xd) -> None:
     close(e.output, digits(xd).detach())
 
 
+def test_integrated_gradients_float16_delta_is_not_rounded() -> None:
+    """A float16 model: the convergence delta, sum(attribution) - (f(x) - f(baseline)),
+    equals its float64 computation from the same attribution and scores (it was summed
+    in float16, reading 0 for a row 2e-5 off), and the attribution sums to the float64
+    model's within 1e-3 of the gap (its steps were summed in float16: 3e-3 off)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 4)).eval()
+    x = torch.randn(3, 64) * 2
+    e64 = lurker.explain(m.double(), x.double(), target=1, method="integrated_gradients")
+    m16, x16 = m.half(), x.half()
+    e = lurker.explain(m16, x16, target=1, method="integrated_gradients")
+    with torch.no_grad():
+        gap = m16(x16)[:, 1].double() - m16(torch.zeros_like(x16))[:, 1].double()
+    oracle = e.attribution.double().sum(1) - gap
+    assert torch.allclose(e.delta.double(), oracle, rtol=1e-6, atol=1e-9)
+    assert e.delta.dtype == torch.float32
+    off = (e.attribution.double().sum(1) - e64.attribution.sum(1)).abs() / gap.abs()
+    assert (off < 1e-3).all()
+
+
 @pytest.mark.parametrize("abs_", [True, False])
 def test_smoothgrad_equals_captum_noise_tunnel(digits, xd, abs_) -> None:
     n, stdev = 6, 0.2

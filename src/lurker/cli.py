@@ -185,12 +185,21 @@ Examples:
 )
 @click.option("--rolled", is_flag=True, help="One node per op of a loop (with pass counts).")
 @click.option(
-    "--direction", type=click.Choice(["TB", "LR", "BT", "RL"]), default="TB", show_default=True
+    "--direction",
+    type=click.Choice(["TB", "LR", "BT", "RL"]),
+    default="TB",
+    show_default=True,
+    help="Graph layout: top-to-bottom, left-to-right, or their reverses.",
 )
 @click.option(
     "--json", "json_out", type=click.Path(dir_okay=False), help="Also write the graph JSON."
 )
-@click.option("--validate/--no-validate", default=True, show_default=True)
+@click.option(
+    "--validate/--no-validate",
+    default=True,
+    show_default=True,
+    help="Re-run every op from its saved inputs and compare with the traced output.",
+)
 @device_option
 @_friendly
 def trace(
@@ -280,7 +289,14 @@ def trace(
     show_default=True,
     help="Images are resized (shorter side) to this, then center-cropped to a square.",
 )
-@click.option("--batch-size", "-b", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option(
+    "--batch-size",
+    "-b",
+    type=click.IntRange(min=1),
+    default=64,
+    show_default=True,
+    help="Images per forward pass.",
+)
 @device_option
 @click.option(
     "--workers",
@@ -661,7 +677,14 @@ def map_(
     show_default=True,
     help="Top lists, comma-separated: max, mean or max,mean.",
 )
-@click.option("--batch-size", "-b", default=32, show_default=True, help="Gradients per pass.")
+@click.option(
+    "--batch-size",
+    "-b",
+    type=click.IntRange(min=1),
+    default=32,
+    show_default=True,
+    help="Gradients per pass.",
+)
 @device_option
 @click.option(
     "--explanations",
@@ -728,8 +751,6 @@ def images(
             f"{done.samples} samples in {done.seconds:.1f} s; in {Path(run) / 'cache' / 'explain'}"
         )
         return
-    if batch_size < 1:
-        raise click.BadParameter(f"must be at least 1, got {batch_size}", param_hint="-b")
     unit_images = UnitImages(run, device=device, batch_size=batch_size)  # errors say what to pass
     result = unit_images.write_all(
         layers=list(layers) or None, kinds=kinds.split(","), which=which.split(",")
@@ -1176,7 +1197,13 @@ Examples:
     show_default=True,
     help="fourier: Lucid's 1/f spectrum; maco: phase only, fixed magnitude (Fel et al. 2023).",
 )
-@click.option("--images-per-unit", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option(
+    "--images-per-unit",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Images optimized per unit, pushed apart by --diversity.",
+)
 @click.option(
     "--diversity",
     type=click.FloatRange(min=0),
@@ -1185,7 +1212,13 @@ Examples:
     "images per unit); in the layer's activation units: lower it when the images stop "
     "exciting the unit.",
 )
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Seeds each image's start and transforms per (seed, unit, copy): same seed, same images.",
+)
 @click.option(
     "--batch-size",
     "-b",

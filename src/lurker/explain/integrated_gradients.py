@@ -5,7 +5,9 @@ quadrature or a Riemann sum with Captum's nodes and weights.
 All steps of all rows go through the model as one batch (chunked by
 ``internal_batch_size`` to bound memory), one forward and one backward, rather than one
 per step. The convergence delta, ``sum(attribution) - (f(x) - f(x0))`` per row, says how
-far the quadrature is from completeness (the axiom the exact integral satisfies).
+far the quadrature is from completeness (the axiom the exact integral satisfies); it
+and the weighted sum of the steps are computed at float32 at least (float64 for the
+delta), so that a float16 model's delta is not rounded to 0.
 """
 
 from __future__ import annotations
@@ -81,7 +83,10 @@ def integrated_gradients(
     alphas, weights = nodes(method, n_steps)
     B = x.shape[0]
     a = torch.tensor(alphas, dtype=x.dtype, device=x.device)
-    w = torch.tensor(weights, dtype=x.dtype, device=x.device)
+    # the weighted sum of the steps' gradients at float32 at least: a float16 sum of 50
+    # terms is off by a few 1e-3 of itself
+    wide = torch.promote_types(x.dtype, torch.float32)
+    w = torch.tensor(weights, dtype=wide, device=x.device)
     shape = (-1,) + (1,) * (x.dim() - 1)
     diff = x - x0
     total = len(alphas) * B
@@ -90,14 +95,23 @@ def integrated_gradients(
         raise LurkerError(f"internal_batch_size must be >= 1, got {internal_batch_size}")
     rows_all = torch.arange(B, device=x.device).repeat(len(alphas))
     step_all = torch.arange(len(alphas), device=x.device).repeat_interleave(B)
-    acc = torch.zeros_like(x)
+    acc = torch.zeros_like(x, dtype=wide)
     for start in range(0, total, chunk):
         rows = rows_all[start : start + chunk]
         steps = step_all[start : start + chunk]
         xb = (x0[rows] + a[steps].view(shape) * diff[rows]).requires_grad_(True)
         g = input_grad(fw(xb, rows).score, xb)
         acc.index_add_(0, rows, g * w[steps].view(shape))
-    return acc * diff
+    return (acc * diff.to(wide)).to(x.dtype)
+
+
+def convergence_delta(attr: Tensor, f_x: Tensor, f_0: Tensor) -> Tensor:
+    """``sum(attr) - (f_x - f_0)`` per row, computed in float64: at the model's float16
+    it rounds to a few 1e-3 of the scores and can read 0 where completeness is off by
+    more. Returned at float32 at least (the model's dtype where that is wider)."""
+    d = attr.detach().double().reshape(attr.shape[0], -1).sum(1)
+    d = d - (f_x.detach().double() - f_0.detach().double())
+    return d.to(torch.promote_types(attr.dtype, torch.float32))
 
 
 @register
@@ -125,7 +139,7 @@ class IntegratedGradients(Method):
         with torch.no_grad():
             ends = fw(torch.cat([x, x0]), torch.arange(x.shape[0], device=x.device).repeat(2))
         f_x, f_0 = ends.score[: x.shape[0]], ends.score[x.shape[0] :]
-        delta = attr.reshape(x.shape[0], -1).sum(1) - (f_x - f_0)
+        delta = convergence_delta(attr, f_x, f_0)
         out = None if ends.output is None else ends.output[: x.shape[0]].detach()
         options = {"n_steps": n_steps, "integration": integration, "baseline": baseline}
         return self.explanation(attr, fw, options, output=out, delta=delta.detach())
