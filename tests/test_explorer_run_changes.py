@@ -124,3 +124,26 @@ def test_generation_endpoint_follows_the_run(served: dict) -> None:
     after = get("api/runs/d/generation")["generation"]
     assert after != before
     assert get("api/runs/d")["generation"] == after
+
+
+def test_a_toggle_on_a_stale_page_draws_the_new_run(browser: Any, served: dict) -> None:
+    """The bar says the page shows the earlier run; a click that only swaps image URLs
+    (the unit page's image / gradient toggle) must not put the new run's pictures under
+    the earlier run's values and sample ids: it draws the page from the new run."""
+    old = _top(served["out"])
+    with strict_page(browser) as pg:
+        pg.goto(served["url"] + f"#/r/d/unit/{LAYER}/{UNIT}?tab=max")
+        assert _shown(pg) == old
+        served["reprobe"]()
+        new = _top(served["out"])
+        assert [s for s, _ in new] != [s for s, _ in old]
+        pg.evaluate("document.dispatchEvent(new Event('visibilitychange'))")
+        pg.wait_for_selector(".run-changed[data-state=stale]")
+        pg.click(".seg[aria-label='image or gradient'] button[data-value=grad]")
+        pg.wait_for_selector(".run-changed[data-state=fresh]")
+        pg.wait_for_selector(".topk img[data-kind=grad]")
+        assert _shown(pg) == new  # the values beside the pictures are the new run's
+        version = _version(pg)
+        srcs = pg.eval_on_selector_all(".topk .top-entry img", "els => els.map(e => e.src)")
+        assert srcs and all("/grad.png" in s and f"v={version}" in s for s in srcs), srcs
+        assert "img=grad" in pg.evaluate("location.hash")  # the click's choice is kept

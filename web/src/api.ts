@@ -141,6 +141,10 @@ export interface SampleBrief {
   path: string | null;
   label: number | null;
   class_name: string | null;
+  /** In a page of samples: the run's recorded top class (a map or embedding), where the
+   * model's outputs are the dataset's classes; null or absent otherwise. */
+  pred?: number | null;
+  pred_name?: string | null;
 }
 
 export interface Prediction {

@@ -7,10 +7,17 @@ import type { Histogram } from "./api";
 
 const M = { top: 10, right: 14, bottom: 40, left: 56 };
 
-/** Counts per bin over the activation axis; y on a symlog scale since the mass sits near 0. */
+/** Counts per bin over the activation axis; y on a symlog scale since the mass sits near 0.
+ * `yLabel` says what a count is (samples, or sample-and-unit values of a layer). */
 export function histogramChart(
   hist: Histogram,
-  { width = 420, height = 200, xLabel = "activation", mark }: { width?: number; height?: number; xLabel?: string; mark?: number | null } = {},
+  {
+    width = 420,
+    height = 200,
+    xLabel = "activation",
+    yLabel = "count",
+    mark,
+  }: { width?: number; height?: number; xLabel?: string; yLabel?: string; mark?: number | null } = {},
 ): SVGSVGElement {
   const edges = hist.edges.map((e) => e ?? 0);
   const counts = hist.counts.map((c) => c ?? 0);
@@ -35,9 +42,10 @@ export function histogramChart(
   const domain = histogramDomain(edges, held, mark);
   svg.attr("data-domain", domain.join(" "));
   const x = scaleLinear().domain(domain).range([M.left, width - M.right]);
-  const top = d3max(counts) ?? 1;
+  // the y axis ends at a round number at or above the tallest bar, which its top tick names
+  const yTicks = symlogTicks(d3max(counts) ?? 1);
   const y = scaleSymlog()
-    .domain([0, top || 1])
+    .domain([0, yTicks[yTicks.length - 1]])
     .range([height - M.bottom, M.top]);
   const bins = counts.map((c, i) => ({ c, i })).slice(held[0], held[1] + 1);
   svg
@@ -66,9 +74,12 @@ export function histogramChart(
     .append("g")
     .attr("transform", `translate(0,${height - M.bottom})`)
     .call(axisBottom(x).ticks(6).tickFormat((d) => tick(Number(d))));
-  const yTicks = niceSymlogTicks(top);
-  svg.append("g").attr("transform", `translate(${M.left},0)`).call(axisLeft(y).tickValues(yTicks).tickFormat((d) => compact(Number(d))));
-  axisLabels(svg.node()!, width, height, xLabel, "count (symlog)");
+  svg
+    .append("g")
+    .attr("class", "y-axis")
+    .attr("transform", `translate(${M.left},0)`)
+    .call(axisLeft(y).tickValues(yTicks).tickFormat((d) => compact(Number(d))));
+  axisLabels(svg.node()!, width, height, xLabel, `${yLabel} (symlog)`);
   return svg.node()!;
 }
 
@@ -195,11 +206,28 @@ function axisLabels(svg: SVGSVGElement, width: number, height: number, xl: strin
   svg.append(s.node()!);
 }
 
-function niceSymlogTicks(top: number): number[] {
+/**
+ * Ticks of a symlog count axis: 0, the powers of ten below `top` (from 10 on an axis of
+ * 2k or more), and last the smallest
+ * 1-2-5 number at or above it (the axis's end, so the tallest bar is under a named tick;
+ * ticks that stopped at 10 below bars of 40 left their height unreadable). With fewer
+ * than 5 ticks, the 2s and 5s between are added.
+ */
+function symlogTicks(top: number): number[] {
+  const t = Math.max(1, Math.ceil(top));
+  let end = 1;
+  for (let d = 1; ; d *= 10) {
+    const v = [d, 2 * d, 5 * d].find((c) => c >= t);
+    if (v !== undefined) {
+      end = v;
+      break;
+    }
+  }
+  // 1 sits close above 0 on a tall symlog axis (10 px at 10k): left out from 2k on
   const ticks = [0];
-  for (let t = 1; t <= top; t *= 10) ticks.push(t);
-  if (ticks.length < 3 && top > 1) ticks.push(Math.round(top));
-  return ticks;
+  for (let d = end >= 2000 ? 10 : 1; d < end; d *= 10) ticks.push(d);
+  if (ticks.length < 4) for (let d = 1; d < end; d *= 10) ticks.push(2 * d, 5 * d);
+  return [...new Set([...ticks.filter((v) => v < end), end])].sort((a, b) => a - b);
 }
 
 function compact(v: number): string {

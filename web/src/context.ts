@@ -14,6 +14,14 @@ export interface PageContext {
   replaceParams(params: URLSearchParams): void;
   /** Hash for a view of this run: `href("layer", name)` -> `#/r/RUN/layer/NAME`. */
   href(...segments: (string | number)[]): string;
+  /**
+   * Whether the run was probed again since this page was drawn (the bar says so). A
+   * control that only swaps image URLs must then call {@link redraw} instead: the image
+   * token is the new run's, the values and ranks on the page the earlier run's.
+   */
+  stale(): boolean;
+  /** Draw the page again from the run as it is now (the URL's query kept). */
+  redraw(): void;
   /** Set when the route is left; long work and listeners should stop when it fires. */
   signal: AbortSignal;
 }

@@ -29,6 +29,8 @@ const main = h("main", { id: "page" });
 /** Says when the run shown was probed again since the tab read it (see `watchRun`). */
 const changedBar = h("div", { class: "run-changed", role: "status", hidden: true });
 let current: AbortController | null = null;
+/** The page on screen shows the run as it was before it was probed again. */
+let pageStale = false;
 /** The run of the route shown (null on the runs page). */
 let shownRun: string | null = null;
 
@@ -48,6 +50,7 @@ const RUN_POLL_MS = 10_000;
 function showRunChanged(run: string, state: "stale" | "fresh"): void {
   changedBar.hidden = false;
   changedBar.dataset.state = state;
+  pageStale = state === "stale";
   const dismiss = h("button", { type: "button", class: "link", onclick: () => (changedBar.hidden = true) }, "dismiss");
   if (state === "stale")
     fill(
@@ -171,6 +174,7 @@ async function render(): Promise<void> {
   current?.abort();
   const ctl = new AbortController();
   current = ctl;
+  pageStale = false;
   const { path, params } = parseHash(location.hash);
   const scrolled = enterEntry();
   window.scrollTo(0, 0);
@@ -220,6 +224,8 @@ async function render(): Promise<void> {
     params,
     api,
     navigate,
+    stale: () => pageStale && !ctl.signal.aborted,
+    redraw: () => void render(),
     signal: ctl.signal,
     href: (...segments) => runHref(run, ...segments),
     replaceParams(next) {

@@ -313,6 +313,11 @@ class SampleModel(BaseModel):
     path: str | None = None
     label: int | None = None
     class_name: str | None = None
+    #: In a page of samples: the top class as the run recorded it (``lurker map``,
+    #: ``lurker probe --embed``) and its name, where the model's outputs are the dataset's
+    #: classes (so it can be compared with ``label``); None otherwise.
+    pred: int | None = None
+    pred_name: str | None = None
 
 
 class SamplePage(BaseModel):

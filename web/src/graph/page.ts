@@ -335,7 +335,11 @@ class GraphPage {
     };
     this.liveLink = el("a", "live-link");
     this.liveLink.hidden = true;
-    bar.append(h1, facts, search, this.hitsEl, fit, reset, this.liveLink);
+    // the search box, its buttons and its match count wrap as one group: at 800 px they
+    // go under the title together (the buttons alone wrapped, behind the empty count)
+    const tools = el("div", "graph-tools");
+    tools.append(search, fit, reset, this.hitsEl);
+    bar.append(h1, facts, tools, this.liveLink);
     let timer = 0;
     search.addEventListener("input", () => {
       clearTimeout(timer);
@@ -801,6 +805,7 @@ class GraphPage {
 
   /** Shows the whole drawing, however small that makes it: centred across, from the top. */
   private fit(): void {
+    this.say("");
     this.zoomFloor();
     const [x0, y0, x1] = this.extent;
     const W = this.svg.clientWidth || 800;
@@ -810,10 +815,13 @@ class GraphPage {
 
   /** The whole graph when it is readable that small, else its top at a readable scale. */
   private fitInitial(): void {
-    if (this.fitScale() >= 0.85) return this.fit();
-    const [x0, y0, x1] = this.extent;
+    const whole = this.fitScale() >= 0.85;
+    this.page.dataset.firstView = whole ? "whole" : "top";
+    if (whole) return this.fit();
+    const [x0, y0, x1, y1] = this.extent;
     const w = x1 - x0;
     const W = this.svg.clientWidth || 800;
+    const H = this.svg.clientHeight || 600;
     const k = Math.min(1, Math.max(0.85, (W - 40) / w));
     // wider than the view even so: around its first item (where the graph starts), not
     // its middle, kept from leaving blank space beside the drawing
@@ -823,6 +831,13 @@ class GraphPage {
         ? (W - w * k) / 2 - x0 * k
         : Math.max(W - 20 - x1 * k, Math.min(20 - x0 * k, W / 2 - (first?.[0] ?? (x0 + x1) / 2) * k));
     select(this.svg).call(this.zoomer.transform, zoomIdentity.translate(x, 16 - y0 * k).scale(k));
+    // a part of the graph is off screen: say so, and how to see the rest
+    const part = Math.round(100 * Math.min(1, (H - 16) / ((y1 - y0) * k)));
+    this.say(
+      part < 100
+        ? `Showing the top ${part}% of the graph at a readable size: drag or scroll to see the rest, or Fit to see it whole.`
+        : "Showing the start of the graph at a readable size: drag or scroll to see the rest, or Fit to see it whole.",
+    );
   }
 
   private centre(key: ItemKey): void {

@@ -143,6 +143,7 @@ export async function renderLayer(root: HTMLElement, ctx: PageContext, args: str
       sort = v as Sort;
       params.set("sort", sort);
       ctx.replaceParams(params);
+      if (ctx.stale()) return ctx.redraw();
       draw();
     });
     fill(fvHint, thumb === "featviz" ? fvNote : "");
@@ -151,6 +152,8 @@ export async function renderLayer(root: HTMLElement, ctx: PageContext, args: str
       cards.clear(); // each card shows the thumbnail kind it was made with
       params.set("thumb", thumb);
       ctx.replaceParams(params);
+      // the run was probed again: new thumbnails beside the earlier run's values would mix
+      if (ctx.stale()) return ctx.redraw();
       draw();
     });
   };
@@ -177,7 +180,7 @@ export async function renderLayer(root: HTMLElement, ctx: PageContext, args: str
         "section",
         { class: "card chart-card" },
         h("h3", null, "Activations of all units"),
-        histogramChart(doc.histogram, { width: 460, height: 190, xLabel: sampleValueLabel(positions, tokenMeanOver({ rf: doc.rf, layout: doc.layout }) !== null) }),
+        histogramChart(doc.histogram, { width: 460, height: 190, xLabel: sampleValueLabel(positions, tokenMeanOver({ rf: doc.rf, layout: doc.layout }) !== null), yLabel: "samples × units" }),
         h("p", { class: "muted small" }, positions > 1 ? "every unit's per-sample means, counted together" : "every unit's per-sample activations, counted together"),
       ),
     ),

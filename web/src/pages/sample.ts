@@ -42,10 +42,20 @@ export async function renderSample(root: HTMLElement, ctx: PageContext, args: st
   // no model ran here, but the run recorded the top class (the Map page shows it too)
   const stored = !pred?.length ? (doc.stored_prediction ?? null) : null;
   const predItem = (q: Prediction) => h("li", { class: q.name !== null && q.class === s.label ? "match" : null }, `${q.name ?? q.class} `, h("span", { class: "muted" }, `${(100 * q.prob).toFixed(1)}%`));
+  // the top class against the label, said in words (a bold true class lower in the
+  // top-5 did not say the model got it wrong); only where the outputs are the dataset's
+  // classes (a prediction has a name then), as the Map page calls samples misclassified
+  const top = pred?.[0] ?? stored;
+  const verdict =
+    top && top.name !== null && s.label !== null
+      ? top.class === s.label
+        ? h("p", { class: "verdict", id: "verdict", "data-verdict": "correct" }, `predicted ${top.name}: correct`)
+        : h("p", { class: "verdict error-text", id: "verdict", "data-verdict": "misclassified" }, h("strong", null, `predicted ${top.name}, true ${labelText(s)}: misclassified`))
+      : null;
   const plural = (n: number, word: string) => `${n} ${word}${n === 1 ? "" : "s"}`;
   append(
     root,
-    h("h1", null, `Sample ${s.id}`, s.class_name ? h("span", { class: "sub" }, ` · class ${s.class_name}`) : null),
+    h("h1", null, `Sample ${s.id}`, s.class_name ? h("span", { class: "sub" }, ` · class ${s.class_name}`) : null, verdict?.dataset.verdict === "misclassified" ? h("span", { class: "sub error-text" }, " · misclassified") : null),
     h(
       "div",
       { class: "sample-head" },
@@ -64,11 +74,13 @@ export async function renderSample(root: HTMLElement, ctx: PageContext, args: st
             "prediction",
             pred && pred.length
               ? [
+                  verdict,
                   h("ol", { class: "preds" }, pred.map(predItem)),
                   held ? h("span", { class: "muted small", id: "pred-precomputed" }, "made with the run's model when its explanations were precomputed") : null,
                 ]
               : stored
                 ? [
+                    verdict,
                     h("ol", { class: "preds", id: "pred-stored" }, predItem(stored)),
                     h("span", { class: "muted small" }, "the top class, as the run recorded it (lurker probe --embed, lurker map)"),
                     doc.prediction_error ? h("div", { class: "muted small" }, `not made now: ${doc.prediction_error}`) : null,

@@ -62,7 +62,11 @@ export async function renderSamples(root: HTMLElement, ctx: PageContext): Promis
               })
             : noImage(s.image === false ? "image not exported" : "no image"),
           h("span", null, `#${s.id}`),
-          h("small", { title: s.class_name ?? "" }, s.class_name ?? ""),
+          // misclassified (the run's recorded top class is not the label): "label → predicted",
+          // as the Map page's selection shows it and the sample's page says it
+          s.pred !== null && s.pred !== undefined && s.label !== null && s.pred !== s.label
+            ? h("small", { class: "error-text misclassified", title: `misclassified: predicted ${s.pred_name ?? s.pred}` }, `${s.class_name ?? s.label} → ${s.pred_name ?? s.pred}`)
+            : h("small", { title: s.class_name ?? "" }, s.class_name ?? ""),
         ),
       ),
     ),

@@ -76,6 +76,9 @@ export async function renderUnit(root: HTMLElement, ctx: PageContext, args: stri
     params.set("crop", crop ? "1" : "0");
     if (view && views.length > 1) params.set("objective", view.objective);
     ctx.replaceParams(params);
+    // the run was probed again: this page's entries are the earlier run's, the image
+    // token the new one's (its pictures of other samples): draw the page anew instead
+    if (ctx.stale()) return ctx.redraw();
     draw();
   };
   const seg = (label: string, options: [string, string][], value: string, set: (v: string) => void) =>
@@ -234,7 +237,7 @@ export async function renderUnit(root: HTMLElement, ctx: PageContext, args: stri
         "section",
         { class: "card" },
         h("h3", null, "Activation distribution"),
-        histogramChart(doc.histogram, { width: 520, height: 220, mark: doc.mean, xLabel: sampleValueLabel(positions, over !== null) }),
+        histogramChart(doc.histogram, { width: 520, height: 220, mark: doc.mean, xLabel: sampleValueLabel(positions, over !== null), yLabel: "samples" }),
         h("p", { class: "muted small", id: "unit-hist-note" }, `one value per sample: ${positions > 1 ? (over ? `the unit averaged over ${over}` : "the unit's map averaged over its positions") : "the unit's activation"}; the line marks the mean over the dataset`),
         constant ? h("p", { class: "muted small", id: "constant-bin" }, oneBinText(doc)) : null,
       ),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
 
-from ..classes import class_names, no_scores
+from ..classes import class_names, name_of, no_scores
 from ..deps import entry, on_model, session
 from ..errors import ApiError
 from ..schemas import (
@@ -36,11 +36,26 @@ def list_samples(
 ) -> SamplePage:
     e = entry(request, run_id)
     rows = e.sample_rows(offset, limit)
+    # the recorded top class, for the page to mark misclassified samples as the Map does;
+    # only where the outputs are the dataset's classes (else it is no label to compare)
+    run = e.open_run()
+    names = class_names(run)
+    preds = [run.stored_prediction(i) if names else None for i, *_ in rows]
     return SamplePage(
         total=e.sample_count(),
         offset=offset,
         limit=limit,
-        samples=[SampleModel(id=i, path=p, label=lab, class_name=c) for i, p, lab, c in rows],
+        samples=[
+            SampleModel(
+                id=i,
+                path=p,
+                label=lab,
+                class_name=c,
+                pred=None if q is None else q[0],
+                pred_name=None if q is None else name_of(names, q[0]),
+            )
+            for (i, p, lab, c), q in zip(rows, preds, strict=True)
+        ],
     )
 
 
