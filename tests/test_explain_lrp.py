@@ -354,6 +354,83 @@ def test_concepts_equal_zennit_masked_gradient() -> None:
         assert rel_err(c.heatmaps[0, j], ref[0]) < 1e-4
 
 
+class _Residual(nn.Module):
+    """Bias-free ReLU network with a residual block: ``branch`` is bypassed by the
+    identity, and ``dead`` runs but reaches the output multiplied by 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 6, 3, padding=1, bias=False)
+        self.branch = nn.Conv2d(6, 5, 3, padding=1, bias=False)
+        self.back = nn.Conv2d(5, 6, 3, padding=1, bias=False)
+        self.dead = nn.Conv2d(6, 4, 1, bias=False)
+        self.head = nn.Linear(6, 10, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.stem(x))
+        h = torch.relu(h + self.back(self.branch(h).relu_()))  # (in place on the layer)
+        return self.head(h.mean((2, 3))) + 0 * self.dead(h).sum((1, 2, 3))[:, None]
+
+
+def test_concepts_of_a_layer_a_skip_connection_bypasses() -> None:
+    """A unit's conditional heatmap is the input relevance that flows through that unit,
+    not also what reaches the input around the layer by the identity (it was: every unit
+    of a residual branch got the identity's relevance, 0.6 of the logit in resnet18's
+    layer3.1.conv1 against units of 0.01). Oracle: epsilon-LRP (epsilon -> 0) on a
+    bias-free ReLU network is gradient x input, so the relevance through unit u of the
+    layer is x * d<G_u, A_u>/dx, G the logit's gradient at the layer's output A (autograd,
+    from the layer alone); summed over the units, the part of gradient x input that passes
+    the layer, and each map sums to its unit's relevance."""
+    torch.manual_seed(2)
+    m = _Residual().double().eval()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    target = [4, 7]
+    kw = {"composite": "epsilon", **TINY}
+    c = lurker.explain.concepts(m, x, target=target, layer="branch", units=[0, 1, 2, 3, 4], **kw)
+    seen: dict[str, torch.Tensor] = {}
+    h = m.branch.register_forward_hook(lambda mod, i, o: seen.__setitem__("a", o))
+    try:
+        xx = x.clone().requires_grad_(True)
+        out = m(xx)
+    finally:
+        h.remove()
+    a = seen["a"]
+    (g,) = torch.autograd.grad(out[[0, 1], target].sum(), a, retain_graph=True)
+    assert rel_err(c.relevance, (g * a).detach().sum((2, 3))) < 1e-9  # the units' relevance
+    for u in range(5):
+        keep = torch.zeros_like(g)
+        keep[:, u] = 1
+        (through,) = torch.autograd.grad(a, xx, g * keep, retain_graph=True)
+        assert rel_err(c.heatmaps[:, u], through * x) < 1e-9
+    assert rel_err(c.heatmap_sums, c.unit_relevance) < 1e-9
+    # the identity's share is in the full heatmap, not in any unit's
+    full = lurker.explain(m, x, target=target, method="lrp", **kw).attribution
+    assert (full - c.heatmaps.sum(1)).flatten(1).sum(1).abs().min() > 0.1 * c.total.abs().max()
+    # a layer the output reads multiplied by 0: no relevance, and no heatmap either (its
+    # maps were the whole input relevance)
+    dead = lurker.explain.concepts(m, x, target=target, layer="dead", top=2, **kw)
+    assert not dead.relevance.any() and not dead.heatmaps.any()
+
+
+class _Unused(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.side = nn.Conv2d(4, 2, 1)  # runs, but nothing reads its result
+        self.head = nn.Linear(4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv(x))
+        self.side(h)
+        return self.head(h.mean((2, 3)))
+
+
+def test_concepts_of_a_layer_the_output_does_not_read() -> None:
+    """It is refused saying so, not as a layer missing from the model."""
+    with pytest.raises(LurkerError, match=r"'side' ran, but the model's output does not use"):
+        lurker.explain.concepts(_Unused().eval(), torch.randn(1, 3, 8, 8), layer="side")
+
+
 def test_concepts_bad_layer_and_unit() -> None:
     m = cnn("vgg11")
     x = torch.randn(1, 3, 32, 32)

@@ -762,10 +762,12 @@ class Engine:
         mask: Tensor | None = None,
         record: Sequence[str] = (),
     ) -> tuple[Relevance, list[int] | UnitTarget]:
-        """Relevance of ``x`` for ``target``; ``at``/``mask``: keep only the relevance
-        where ``mask`` is 1 at op ``at``'s output (conditional relevance); ``record``:
-        layers (module paths or trace labels) whose arriving relevance is kept, unmasked,
-        in :attr:`Relevance.recorded` (one backward for all of them)."""
+        """Relevance of ``x`` for ``target``; ``at``/``mask``: the input relevance that
+        flows through op ``at``'s output where ``mask`` is 1 (conditional relevance: the
+        relevance arriving at ``at`` is masked, and only it goes on to the input, not
+        what reaches the input around ``at``, by a skip connection or another branch);
+        ``record``: layers (module paths or trace labels) whose arriving relevance is
+        kept, unmasked, in :attr:`Relevance.recorded` (one backward for all of them)."""
         ops = self.trace.ops
         parsed = parse_target(target, x.shape[0])
         unit_op = None
@@ -787,6 +789,7 @@ class Engine:
         live: dict[int, Any] = {}
         flows: dict[str, Flow] = {}
         kept: list[Tensor] = []
+        at_val: list[Tensor] = []
         xi = x.detach().clone().requires_grad_(True)
         live[self.inputs[0]] = xi
 
@@ -798,7 +801,13 @@ class Engine:
             if at_op is not None and op.index == at_op.index and isinstance(val, Tensor):
                 if not val.requires_grad:
                     raise LurkerError(f"layer {at!r} does not depend on the input")
-                val.register_hook(_masker(mask, kept))
+                # the relevance arriving at the layer: a hook on the tensor, not a grad
+                # with respect to it, which an in-place op on it (relu_, +=) would move to
+                # the in-place op's output; the clone (read by no op) is the layer's
+                # output as the op made it, to start the masked backward from
+                val.register_hook(_masker(None, kept))
+                if mask is not None:
+                    at_val.append(val.clone())
             for _, keep in recording.get(op.index, ()):
                 if isinstance(val, Tensor) and val.requires_grad:
                     val.register_hook(_masker(None, keep))
@@ -846,7 +855,19 @@ class Engine:
             parsed = classes
         if not score_t.requires_grad:
             raise LurkerError("LRP: the target does not depend on the input")
-        (rx,) = torch.autograd.grad(score_t, xi, r0, allow_unused=True)
+        (rx,) = torch.autograd.grad(
+            score_t, xi, r0, allow_unused=True, retain_graph=mask is not None
+        )
+        layer = kept[0] if kept else None
+        if mask is not None and at_val:
+            # then from the layer alone to the input, its relevance masked: masking it on
+            # the way from the output would let the relevance that bypasses the layer (a
+            # residual's identity, another branch) reach the input, in every unit's map
+            rx = None  # (no relevance reaches the layer: none flows through it)
+            if layer is not None:
+                (rx,) = torch.autograd.grad(
+                    at_val[0], xi, layer * mask.to(layer), allow_unused=True
+                )
         if rx is None:
             rx = torch.zeros_like(xi)
         rel = Relevance(
@@ -854,7 +875,7 @@ class Engine:
             output=output.detach() if isinstance(output, Tensor) else None,
             start=start,
             flows=flows,
-            layer=kept[0] if kept else None,
+            layer=layer,
             recorded={
                 key: keep[0] if keep else torch.zeros(0)
                 for found in recording.values()
@@ -881,6 +902,14 @@ class Engine:
         try:
             idx = [op.index for op in self.trace.hook_ops(key)]
         except OpKeyError as e:
+            inside = [op for op in self.trace.ops if op.module == key]
+            if inside and all(op.dist_from_output is None for op in inside):
+                # (the trace names no op for a module whose result nothing reads)
+                raise LurkerError(
+                    f"layer {key!r} ran, but the model's output does not use its result "
+                    f"({', '.join(op.label for op in inside[:3])}): no relevance reaches "
+                    "it; name a layer between the input and the output"
+                ) from e
             raise LurkerError(
                 f"layer {key!r} is not in the model: name a module path "
                 f"(model.named_modules()) or a trace label (lurker.trace(model, x)). {e}"

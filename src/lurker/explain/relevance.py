@@ -4,8 +4,9 @@ As zennit-crp computes it (Achtibat et al., 2023, "From attribution maps to
 human-understandable explanations through Concept Relevance Propagation"), reimplemented
 on lurker's LRP engine (zennit-crp pins torch < 2): one LRP backward gives the relevance
 arriving at the chosen layer, summed per channel, which ranks the units; then the
-backward is repeated with the relevance at that layer masked to one channel, which gives
-that unit's conditional heatmap in input space. The masked backwards are batched: the
+backward is repeated from that layer alone, its relevance masked to one channel, which
+gives that unit's conditional heatmap in input space (relevance that bypasses the layer,
+by a residual's identity, is in no unit's map). The masked backwards are batched: the
 input is repeated once per (row, unit), each copy with its own mask, so ``k`` units cost
 ``k / batch_size`` passes, not ``k``.
 
