@@ -192,3 +192,19 @@ def strict_page(browser: Any, width: int = 1280, height: int = 900) -> Iterator[
     yield pg
     ctx.close()
     assert not errors, f"console errors: {errors}"
+
+
+def forget_mean_peaks(run_dir: Path) -> None:
+    """Make a run look as an older lurker wrote it: its mean lists' y/x are -1 (that
+    lurker kept no peaks for the mean list)."""
+    import sqlite3
+
+    import numpy as np
+
+    from lurker.store.schema import TOP_DTYPE
+
+    with contextlib.closing(sqlite3.connect(run_dir / "run.db")) as db, db:
+        for rowid, blob in db.execute("SELECT rowid, top FROM units").fetchall():
+            top = np.frombuffer(blob, TOP_DTYPE).copy().reshape(2, -1)
+            top["y"][1] = top["x"][1] = -1
+            db.execute("UPDATE units SET top = ? WHERE rowid = ?", (top.tobytes(), rowid))

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import torch
 
-from explorer_fixtures import skip_without_browser, strict_page
+from explorer_fixtures import skip_without_browser, static_server, strict_page
 
 skip_without_browser()
 
@@ -48,7 +48,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
     assert run is not None
     run.close()
     with background(create_app(root / RID)) as url:
-        yield {"url": url, "model": model, "data": data}
+        yield {"url": url, "model": model, "data": data, "run": root / RID}
 
 
 def _peak_token(model: torch.nn.Module, x: torch.Tensor, unit: int) -> int:
@@ -158,3 +158,57 @@ def test_a_token_units_mean_is_said_to_be_over_its_tokens(browser: Any, served: 
         charts = pg.locator("svg").evaluate_all("ss => ss.map(s => s.textContent)")
         assert any("mean activation over a sample's tokens" in c for c in charts)
         assert not any("spatial" in c for c in charts)
+
+
+def test_mean_list_class_token_crops_are_tagged_from_the_run_in_a_static_export(
+    browser: Any, served: dict, tmp_path: Path
+):
+    """The mean list's crops that peak at the class token are tagged "class token" from
+    the peaks the run stores: in a static export (no model, no API: before, its mean-list
+    crops could be neither cut nor tagged), each crop cut in the browser, and on the
+    served page without asking the model (no ``.../mean/peaks`` request). The oracle: the
+    block's output by a forward hook, the first maximal token per sample."""
+    from lurker.server import export_site
+
+    model, data = served["model"], served["data"]
+    site = tmp_path / "site"
+    export_site(served["run"], site, progress=False)
+    units = {}  # unit -> the mean list's sample ids that peak at the class token
+    for unit in range(32):
+        top = httpx_get(served, f"/api/runs/{RID}/layers/{BLOCK}/units/{unit}")["top"]["mean"]
+        tokens = [_peak_token(model, data[e["sample_id"]][0], unit) for e in top]
+        assert [e["x"] for e in top] == tokens, unit
+        units[unit] = [e["sample_id"] for e, t in zip(top, tokens) if t == 0]
+    unit = next(u for u, cls in units.items() if 0 < len(cls) < 5)  # tagged and untagged
+    asked: list[str] = []
+    with static_server(site) as url, strict_page(browser) as pg:
+        pg.goto(f"{url}#/r/{RID}/unit/{BLOCK}/{unit}?tab=mean&crop=1")
+        pg.wait_for_selector("figure.top-entry canvas")
+        figures = pg.locator("figure.top-entry")
+        assert figures.locator("canvas").count() == 5 and not pg.locator(".no-img").count()
+        tagged = [
+            int(figures.nth(i).get_attribute("data-sample"))
+            for i in range(figures.count())
+            if figures.nth(i).locator(".token-tag").count()
+        ]
+        assert tagged == units[unit]
+        assert "the unit peaks at a token with no patch" in pg.locator("body").inner_text()
+        pg.screenshot(path=str(tmp_path / "static-mean-crops.png"))
+    with strict_page(browser) as pg:
+        pg.on("request", lambda r: asked.append(r.url))
+        pg.goto(f"{served['url'].rstrip('/')}/#/r/{RID}/unit/{BLOCK}/{unit}?tab=mean&crop=1")
+        pg.wait_for_selector("figure.top-entry .token-tag")
+        figures = pg.locator("figure.top-entry")
+        tagged = [
+            int(figures.nth(i).get_attribute("data-sample"))
+            for i in range(figures.count())
+            if figures.nth(i).locator(".token-tag").count()
+        ]
+        assert tagged == units[unit]
+    assert not [u for u in asked if u.endswith("/mean/peaks")]
+
+
+def httpx_get(served: dict, path: str) -> Any:
+    import httpx2 as httpx
+
+    return httpx.get(served["url"].rstrip("/") + path).json()

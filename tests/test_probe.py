@@ -60,6 +60,7 @@ def _runs_equal(a: lurker.store.Run, b: lurker.store.Run) -> None:
             ua, ub = a.unit(info.name, u), b.unit(info.name, u)
             for which in ("max", "mean"):
                 ta, tb = ua.top(which), ub.top(which)
+                assert all(e.y is not None and e.x is not None for e in ta + tb), which
                 assert [(e.sample_id, e.y, e.x) for e in ta] == [
                     (e.sample_id, e.y, e.x) for e in tb
                 ]
@@ -110,6 +111,11 @@ def test_topk_equals_brute_force(tmp_path: Path):
                 assert [(e.y, e.x) for e in top_max] == [
                     (int(argmax[i, u]) // width, int(argmax[i, u]) % width) for i in exp
                 ]
+            # the mean list keeps where each of its samples peaked (first maximum, row-major)
+            exp = _topk(means[:, u], k)
+            assert [(e.y, e.x) for e in top_mean] == [
+                (int(argmax[i, u]) // width, int(argmax[i, u]) % width) for i in exp
+            ], (name, u)
             cm = unit.class_mean_array()
             for c in range(10):
                 np.testing.assert_allclose(
@@ -606,6 +612,24 @@ def test_checkpoint_with_old_histograms_is_refused(tmp_path: Path):
     )  # fmt: skip
     with pytest.raises(LurkerError, match=r"older lurker.*Delete it"):
         _hist_probe(tmp_path / "r", 30)
+
+
+def test_checkpoint_without_mean_list_peaks_is_refused(tmp_path: Path):
+    """A checkpoint of a lurker whose mean lists kept no peaks (state format 2): resuming it
+    would leave the samples swept before without a peak, so the sweep refuses and says what
+    to do; after deleting it the same command sweeps from the start."""
+    _hist_probe(tmp_path / "r", 30)
+    ckpt = tmp_path / "r" / "checkpoint.pt"
+    torch.save(
+        {"done": 30, "world": 1, "layers": HIST_LAYERS, "skipped": [],
+         "stats": {name: {"format": 2} for name in HIST_LAYERS}},
+        ckpt,
+    )  # fmt: skip
+    with pytest.raises(LurkerError, match=r"no peak positions for the mean lists.*Delete it"):
+        _hist_probe(tmp_path / "r", 30)
+    ckpt.unlink()
+    run = _hist_probe(tmp_path / "r", 30)
+    assert all(e.y is not None for e in run.unit(HIST_LAYERS[0], 0).top("mean"))
 
 
 class _Interrupted(Exception):

@@ -66,22 +66,28 @@ def _check(run: lurker.Run, name: str, act: Tensor, labels: np.ndarray) -> None:
     means, maxs = flat.mean(2).numpy(), flat.amax(2).numpy()
     argmax = flat.argmax(2).numpy()
     width = act.shape[-1] if act.dim() >= 3 else 1
+
+    def peaks(u: int, exp: list[int]) -> list[tuple[int, int]]:
+        """Where unit u peaks (its first maximum) on samples ``exp``."""
+        if act.dim() == 3:
+            return [(0, int(argmax[i, u])) for i in exp]
+        if act.dim() == 2:
+            return [(0, 0)] * len(exp)
+        return [divmod(int(argmax[i, u]), width) for i in exp]
+
     for u in range(act.shape[1]):
         unit = run.unit(name, u)
         top = unit.top("mean")
         exp = _topk(means[:, u], K)
         assert [e.sample_id for e in top] == exp, (name, u)
         np.testing.assert_allclose([e.value for e in top], means[exp, u], rtol=1e-4, atol=1e-6)
+        # the mean list keeps where each of its samples peaked, as the max list does
+        assert [(e.y, e.x) for e in top] == peaks(u, exp), (name, u, "mean")
         top = unit.top("max")
         exp = _topk(maxs[:, u], K)
         assert [e.sample_id for e in top] == exp, (name, u)
         np.testing.assert_allclose([e.value for e in top], maxs[exp, u], rtol=1e-5, atol=1e-6)
-        peaks = [divmod(int(argmax[i, u]), width) for i in exp]
-        if act.dim() == 3:
-            peaks = [(0, int(argmax[i, u])) for i in exp]
-        elif act.dim() == 2:
-            peaks = [(0, 0)] * len(exp)
-        assert [(e.y, e.x) for e in top] == peaks, (name, u)
+        assert [(e.y, e.x) for e in top] == peaks(u, exp), (name, u)
         cm = unit.class_mean_array()
         for c in range(CLASSES):
             np.testing.assert_allclose(cm[c], means[labels == c, u].mean(), rtol=1e-4, atol=1e-6)
@@ -137,6 +143,14 @@ def test_torchvision_vit_blocks_and_mlp_equal_brute_force(tmp_path: Path):
     for u in range(3):
         e = run.unit(hidden[0], u).top("max")[0]
         assert images.peak(hidden[0], u, e.sample_id) == (e.y, e.x)
+    # the mean list's too (the same first-maximum rule), and its crops are cut around it
+    for u in range(4):
+        top = run.unit(blocks[1], u).top("mean")
+        stored = [(e.y, e.x) for e in top]
+        assert [images.peak(blocks[1], u, e.sample_id) for e in top] == stored
+        assert images.peaks(blocks[1], u, "mean") == stored
+        for r, (y, x) in enumerate(stored):
+            assert images.crop_box(blocks[1], u, "mean", r) == images.box(blocks[1], y, x)
     # unit images of a token layer: the crop is the peak token's patch (or the whole image)
     from lurker.probe.data import input_image
     from lurker.probe.images import crop

@@ -107,8 +107,7 @@ def oracle(acts, ids, labels, k, num_classes, edges):
             y[u, : len(best)] = argmax[best, u] // width
             x[u, : len(best)] = argmax[best, u] % width
         out[f"{name}_values"], out[f"{name}_ids"] = v, i
-        if name == "max":
-            out["max_y"], out["max_x"] = y, x
+        out[f"{name}_y"], out[f"{name}_x"] = y, x  # where the sample peaked, in both lists
     lab = labels.numpy()
     class_mean = np.full((c, num_classes), np.nan)
     class_count = np.zeros(num_classes, dtype=np.int64)
@@ -127,7 +126,7 @@ def oracle(acts, ids, labels, k, num_classes, edges):
 
 
 def check_against(res, exp):
-    for key in ("mean_ids", "max_ids", "max_y", "max_x", "class_count", "hist"):
+    for key in ("mean_ids", "mean_y", "mean_x", "max_ids", "max_y", "max_x", "class_count", "hist"):
         np.testing.assert_array_equal(res[key].numpy(), exp[key], err_msg=key)
     for key in ("hist_edges", "hist_nan", "hist_neginf", "hist_posinf"):
         np.testing.assert_array_equal(res[key].numpy(), exp[key], err_msg=key)
@@ -702,6 +701,10 @@ def test_old_checkpoint_format_is_refused():
     state = UnitStats(3, 2, 2, device="cpu").state_dict()
     state["format"] = 1
     with pytest.raises(ValueError, match=r"older lurker.*sweep the data again"):
+        UnitStats.from_state_dict(state)
+    # format 2 kept no peaks for the mean list: resuming would mix entries with and without
+    state["format"] = 2
+    with pytest.raises(ValueError, match=r"no peak positions for the mean list.*sweep the data"):
         UnitStats.from_state_dict(state)
 
 

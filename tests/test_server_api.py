@@ -24,6 +24,7 @@ from explorer_fixtures import (  # noqa: F401
     FEATVIZ_UNITS,
     ExplorerRun,
     explorer_run,
+    forget_mean_peaks,
 )
 from lurker.probe.data import input_image, load_dataset
 from lurker.server import NotServableError, create_app
@@ -586,10 +587,16 @@ def test_a_folder_of_runs_serves_runs_made_after_the_server_started(tmp_path: Pa
 
 def test_uncached_crops_say_how_to_make_them(explorer_run: ExplorerRun, tmp_path: Path):  # noqa: F811
     """Without a model, an uncached image names the command that makes it: crop files
-    (a mean-list crop, a gradient's crop) only when asked for, with `--kinds`."""
+    (an older run's mean-list crop, a gradient's crop) only when asked for, with `--kinds`.
+    A run that stores its mean list's peaks has those crops made from the dataset alone."""
 
     copy = tmp_path / "digits"
     shutil.copytree(explorer_run.path, copy, ignore=shutil.ignore_patterns("cache"))
+    with TestClient(create_app(copy, live=False)) as c, Run.open(copy) as run:
+        r = c.get(f"/api/runs/digits/layers/{run.layers[1].name}/units/0/mean/0/crop.png")
+        assert r.status_code == 200 and r.headers["content-type"] == "image/png", r.text
+    forget_mean_peaks(copy)  # as an older lurker wrote it: no peaks in the mean list
+    shutil.rmtree(copy / "cache")
     with TestClient(create_app(copy, live=False)) as c, Run.open(copy) as run:
         base = f"/api/runs/digits/layers/{run.layers[1].name}/units/0"
         for path, asked in (

@@ -22,7 +22,13 @@ from click.testing import CliRunner
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from explorer_fixtures import FEATVIZ_LAYER, FEATVIZ_UNITS, ExplorerRun, explorer_run  # noqa: F401
+from explorer_fixtures import (  # noqa: F401
+    FEATVIZ_LAYER,
+    FEATVIZ_UNITS,
+    ExplorerRun,
+    explorer_run,
+    forget_mean_peaks,
+)
 from lurker.cli import main
 from lurker.server import create_app, export_site, static_path, static_segment
 from lurker.store import Run
@@ -169,23 +175,30 @@ def test_images_once_per_sample_and_crops_cut_from_them(
     for sid in sorted(ranked)[:5]:
         api = p("runs", "digits", "samples", sid, "image.png")
         assert (site / client_static_url(api)).read_bytes() == c.get("/api" + api).content
-    # no per-entry inputs or max-list crops: the browser cuts them from the sample image
+    # no per-entry inputs or crops: the browser cuts them from the sample image, the mean
+    # list's too (the run stores where each of its samples peaked)
     assert not list(site.glob("data/**/input.png"))
-    assert not list(site.glob("data/**/max/*/crop.png"))
+    assert not list(site.glob("data/**/crop.png"))
     # what the browser does (crop of the sample image by the unit document's box) is the
-    # server's crop of the entry, for every max entry of a layer
+    # server's crop of the entry, for every entry of both lists of a layer
     with Run.open(explorer_run.path) as run:
         info = run.layers[2]
+    units = site / f"data/runs/digits/layers/{info.name}/units"
+    size = json.loads((units / "index.json").read_bytes())["chunk"]
     for unit in range(info.num_units):
         doc = c.get(f"/api/runs/digits/layers/{info.name}/units/{unit}").json()
-        for e in doc["top"]["max"]:
-            sample = Image.open(site / f"data/runs/digits/samples/{e['sample_id']}/image.png")
-            cut = np.asarray(crop(sample, tuple(e["box"])))
-            served = c.get(
-                f"/api/runs/digits/layers/{info.name}/units/{unit}/max/{e['rank']}/crop.png"
-            )
-            assert served.status_code == 200
-            assert np.array_equal(cut, np.asarray(Image.open(io.BytesIO(served.content))))
+        chunk = json.loads((units / f"chunk-{unit // size}.json").read_bytes())
+        shown = chunk["images"][unit - chunk["offset"]]
+        for which in ("max", "mean"):
+            assert shown["crop"][which] == [e["rank"] for e in doc["top"][which]]
+            for e in doc["top"][which]:
+                path = site / f"data/runs/digits/samples/{e['sample_id']}/image.png"
+                cut = np.asarray(crop(Image.open(path), tuple(e["box"])))
+                served = c.get(
+                    f"/api/runs/digits/layers/{info.name}/units/{unit}/{which}/{e['rank']}/crop.png"
+                )
+                assert served.status_code == 200
+                assert np.array_equal(cut, np.asarray(Image.open(io.BytesIO(served.content))))
 
 
 def test_file_count_is_bounded(site: Path, explorer_run: ExplorerRun):  # noqa: F811
@@ -256,10 +269,12 @@ def test_cached_model_images_exported_and_listed(
     static_dir: Path,
     tmp_path: Path,
 ):
-    """A gradient or a mean-list crop in the run's cache (made with the model) is exported
-    at its API path and listed in the unit's chunk; a second export replaces the first."""
+    """A gradient or a mean-list crop in the run's cache (made with the model: a run of an
+    older lurker, which kept no peaks for the mean list) is exported at its API path and
+    listed in the unit's chunk; a second export replaces the first."""
     run_dir = tmp_path / "digits"
     shutil.copytree(explorer_run.path, run_dir, ignore=shutil.ignore_patterns("cache"))
+    forget_mean_peaks(run_dir)
     with Run.open(run_dir) as run:
         info = run.layers[1]
     grad = run_dir / "cache" / "grad" / info.name / "00003-mean-001.png"

@@ -24,6 +24,7 @@ from PIL import Image
 from explorer_fixtures import (  # noqa: F401
     ExplorerRun,
     explorer_run,
+    forget_mean_peaks,
     strict_page,
     summary_rank_behind,
 )
@@ -516,6 +517,68 @@ def test_live_maps_are_per_unit_on_every_layout(tmp_path: Any):
         for unit in (0, 5):
             got = _unit_map(client, "mix", "output", unit)
             assert np.allclose(got, mixed[:, :, unit].numpy(), atol=1e-5)
+
+
+def test_mean_list_peaks_and_crops_need_no_model(tmp_path: Any):
+    """A ViT run served without its model: the mean list's peaks are the stored ones (the
+    oracle: a forward hook over the dataset, each sample's first maximum over its 17 tokens),
+    and its crops are cut from the dataset alone (a class-token peak's crop is the whole
+    image). A run of an older lurker (mean-list y/x -1) still opens and asks the model for
+    them, which a server without one refuses with a reason."""
+    from torchvision.models import VisionTransformer
+
+    from lurker.probe import probe
+    from lurker.probe.images import crop
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(
+        image_size=16, patch_size=4, num_layers=1, num_heads=2, hidden_dim=16, mlp_dim=32,
+        num_classes=10,
+    ).eval()  # fmt: skip
+    data = load_dataset("digits:test", 16, channels=3)
+    out = tmp_path / "runs" / "r"
+    block = "encoder.layers.encoder_layer_0"  # its output: class-token peaks are common
+    run = probe(
+        vit, data, out=out, k=3, layers=[block], progress=False, meta={"data": "digits:test"}
+    )
+    run.close()
+    xs = torch.stack([data[i][0] for i in range(len(data))])
+    peak = _hooked(vit, xs, [block])[block][1].argmax(1)  # (N, units): first maximal token
+    client = TestClient(create_app(out, live=False))
+    cls_seen = 0
+    for unit in range(16):
+        top = client.get(f"/api/runs/r/layers/{block}/units/{unit}").json()["top"]["mean"]
+        want = [[0, int(peak[e["sample_id"], unit])] for e in top]
+        assert [[e["y"], e["x"]] for e in top] == want, unit
+        got = client.get(f"/api/runs/r/layers/{block}/units/{unit}/mean/peaks")
+        assert got.status_code == 200, got.text
+        assert got.json() == {"which": "mean", "peaks": want}
+        for e, (_, token) in zip(top, want):
+            i, j = divmod(token - 1, 4)  # patch tokens row by row after the class token
+            box = None if token == 0 else [4 * i, 4 * i + 4, 4 * j, 4 * j + 4]
+            assert e["box"] == box, (unit, e)
+            cls_seen += token == 0
+        # the crop of the first entry peaking at the class token, else of rank 0
+        rank = next((r for r, (_, t) in enumerate(want) if t == 0), 0)
+        e = top[rank]
+        got = client.get(f"/api/runs/r/layers/{block}/units/{unit}/mean/{rank}/crop.png")
+        assert got.status_code == 200, got.text
+        sample = client.get(f"/api/runs/r/samples/{e['sample_id']}/image.png").content
+        with Image.open(io.BytesIO(sample)) as im, Image.open(io.BytesIO(got.content)) as made:
+            want_crop = crop(im.convert("RGB"), e["box"] or (0, 16, 0, 16))
+            assert np.array_equal(np.asarray(made), np.asarray(want_crop)), (unit, rank)
+    assert cls_seen  # some samples peak at the class token: their crops are whole images
+
+    forget_mean_peaks(out)
+    client = TestClient(create_app(out, live=False))
+    top = client.get(f"/api/runs/r/layers/{block}/units/0").json()["top"]["mean"]
+    assert top and all(e["y"] is None and e["box"] is None for e in top)
+    got = client.get(f"/api/runs/r/layers/{block}/units/0/mean/peaks")
+    assert got.status_code in (404, 409) and "model" in got.json()["detail"], got.text
+    # with the model, the old run's peaks are found by running it, as before
+    with TestClient(create_app(out, model_obj=vit)) as client:
+        got = client.get(f"/api/runs/r/layers/{block}/units/0/mean/peaks").json()
+        assert got["peaks"] == [[0, int(peak[e["sample_id"], 0])] for e in top]
 
 
 def test_explain_page_of_a_vit_run_offers_its_blocks(tmp_path: Any):

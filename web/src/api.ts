@@ -101,7 +101,8 @@ export interface TopEntry {
   label: number | null;
   class_name: string | null;
   path: string | null;
-  /** max lists: the input box `[y0, y1, x0, x1]` (half-open) the peak sees, or null. */
+  /** the input box `[y0, y1, x0, x1]` (half-open) the peak sees, or null (max lists, and
+   * mean lists where the run stores their peaks: y, x not null). */
   box?: number[] | null;
 }
 

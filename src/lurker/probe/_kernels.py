@@ -13,7 +13,8 @@ calls per layer and batch do all of it, in parallel over maps (:func:`read`) and
   take an exact scalar loop that sums in float64;
 * the mean and max become order keys (the same int64 keys as
   :func:`lurker.probe.stats._encode`) that enter the unit's top-k if they beat its k-th key;
-  peaks are located only for maps that enter the top-k by max;
+  peaks are located only for maps that enter a top-k (by max, or by mean: the mean list
+  keeps where the sample peaked too, so crops need no second forward pass);
 * the mean is added to the class sums and the histogram; the histogram's grid is first widened
   to the batch's finite extremes (:func:`lurker.probe.stats._grid`, compiled here too), merging
   the counts so far, as the torch path does.
@@ -176,7 +177,7 @@ def fold(
     ids,
     rows,
     keys,
-    max_pos,
+    pos,
     class_sum,
     class_count,
     hist,
@@ -190,7 +191,8 @@ def fold(
     ``bits``: the (B * C, S) maps, sample-major, as int32 bit patterns; ``means`` (B * C,)
     float32 and ``mean_bits`` the same memory as int32, ``peaks`` the maxima's bit patterns, all
     from :func:`read`; ``ids``/``rows``: (B,) sample ids and class rows (the unlabelled row
-    included); ``keys`` (2, C, k), ``max_pos`` (C, k), ``class_sum`` (classes + 1, C),
+    included); ``keys`` (2, C, k) (by mean, by max), ``pos`` (2, C, k)
+    their entries' peaks as y * 2**32 + x, ``class_sum`` (classes + 1, C),
     ``class_count`` (classes + 1,), ``hist`` (C, bins + 3: bins, then -inf, +inf, NaN counts),
     ``grid`` (4,) float64: the finite min and max so far and the grid (e, m) of
     :func:`lurker.probe.stats._grid`: the state; ``lo``, ``hi``: the batch's finite extremes
@@ -206,30 +208,39 @@ def fold(
     scale = math.ldexp(1.0, -np.int64(grid[2]))  # bin of v: floor(v * scale) - m, exactly
     m = np.int64(grid[3])
     for c in prange(units):
-        top_mean, top_max, positions = keys[0, c], keys[1, c], max_pos[c]
+        top_mean, top_max = keys[0, c], keys[1, c]
+        at_mean, at_max = pos[0, c], pos[1, c]
         for b in range(n):
             r = b * units + c
             mean = means[r]
             low = _ID_MASK - ids[b]
+            peak = peaks[r]
+            where = np.int64(-1)  # the peak as y * 2**32 + x, once a list takes the map
             key = _key(mean_bits[r], low)
             if key > top_mean[k - 1]:
+                p = _first(bits[r], peak)
+                y = p // width
+                where = np.int64(y) * _SHIFT + (p - y * width)
                 j = k - 1
                 while j > 0 and top_mean[j - 1] < key:
                     top_mean[j] = top_mean[j - 1]
+                    at_mean[j] = at_mean[j - 1]
                     j -= 1
                 top_mean[j] = key
-            peak = peaks[r]
+                at_mean[j] = where
             key = _key(peak, low)
             if key > top_max[k - 1]:
-                p = _first(bits[r], peak)
-                y = p // width
+                if where < 0:
+                    p = _first(bits[r], peak)
+                    y = p // width
+                    where = np.int64(y) * _SHIFT + (p - y * width)
                 j = k - 1
                 while j > 0 and top_max[j - 1] < key:
                     top_max[j] = top_max[j - 1]
-                    positions[j] = positions[j - 1]
+                    at_max[j] = at_max[j - 1]
                     j -= 1
                 top_max[j] = key
-                positions[j] = np.int64(y) * _SHIFT + (p - y * width)
+                at_max[j] = where
             class_sum[rows[b], c] += mean
             if np.isfinite(mean):
                 col = np.int64(math.floor(np.float64(mean) * scale)) - m

@@ -37,6 +37,15 @@ __all__ = [
 ]
 
 
+# statistics formats of older lurkers that a resume refuses, and why they cannot be used
+_OLDER_FORMATS = {
+    1: "whose histograms used a range fixed by the first batch and clamped the values "
+    "outside it, and cannot be converted to order-independent histograms",
+    2: "which kept no peak positions for the mean lists' entries (they cannot be made up "
+    "for the samples already swept)",
+}
+
+
 @dataclass(frozen=True)
 class Batch:
     """One batch as consumers see it, all on the sweep's device (unreadable images dropped)."""
@@ -164,14 +173,15 @@ class UnitStatsConsumer(BatchConsumer):
         return {layer.name: self.stats[layer.op.index].state_dict() for layer in self.layers}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore each layer's statistics; refuse histograms of an older lurker, which
-        cannot be brought onto the order-independent grid."""
-        if any(s.get("format") == 1 for s in state.values()):
+        """Restore each layer's statistics; refuse the statistics of an older lurker, whose
+        histograms cannot be brought onto the order-independent grid (format 1) or whose
+        mean lists lack their entries' peaks (format 2): never a run that mixes the two."""
+        old = sorted({s.get("format") for s in state.values()} & _OLDER_FORMATS.keys())
+        if old:
             raise LurkerError(
-                "its unit statistics were written by an older lurker, whose histograms used a "
-                "range fixed by the first batch and clamped the values outside it, and cannot "
-                "be converted to order-independent histograms. Delete it to sweep again from "
-                "the start, or finish the sweep with the lurker version that started it."
+                f"its unit statistics were written by an older lurker, {_OLDER_FORMATS[old[0]]}. "
+                "Delete it to sweep again from the start, or finish the sweep with the lurker "
+                "version that started it."
             )
         for layer in self.layers:
             self.stats[layer.op.index] = UnitStats.from_state_dict(
@@ -199,6 +209,8 @@ class UnitStatsConsumer(BatchConsumer):
                     **self.describe(layer),
                     mean_values=r["mean_values"],
                     mean_ids=r["mean_ids"],
+                    mean_y=r["mean_y"],
+                    mean_x=r["mean_x"],
                     max_values=r["max_values"],
                     max_ids=r["max_ids"],
                     max_y=r["max_y"],

@@ -1,7 +1,7 @@
 """Streaming per-unit statistics for the probe: a few kernels per layer per batch.
 
 The probe sweeps a dataset once; for every unit (channel) of a layer :class:`UnitStats` keeps
-the top-k samples by spatial mean and by spatial max (with the peak's position), per-class mean
+the top-k samples by spatial mean and by spatial max (each with the sample's peak position), per-class mean
 activations, a histogram of spatial means on a canonical grid (see :func:`_grid`), and dataset
 mean/max. Memory is independent of the dataset size.
 
@@ -52,7 +52,9 @@ __all__ = ["HostBatch", "UnitStats"]
 _SHIFT = 1 << 32  # the value half of an order key sits above bit 32
 _ID_MASK = (1 << 32) - 1  # ids are stored as ``_ID_MASK - id`` so smaller ids rank higher
 _EMPTY = -(1 << 63)  # key of an unfilled slot: below every real (value, id) pair
-_STATE_FORMAT = 2  # 2: histograms on a canonical grid; 1: over a range fixed by the first batch
+# 3: peaks of the mean list's entries too; 2: histograms on a canonical grid, peaks of the max
+# list only; 1: histograms over a range fixed by the first batch
+_STATE_FORMAT = 3
 _E_MIN = -149  # the finest histogram bin: 2**-149, float32's spacing near zero
 _EXTRA = 3  # histogram columns after the bins: -inf, +inf and NaN means
 _INT32_MAX = (1 << 31) - 1
@@ -182,9 +184,10 @@ class UnitStats:
     a unit's *spatial mean* and *spatial max* are taken over its L or H*W positions (a (B, C)
     output has one position). Kept per unit:
 
-    * top-k samples by spatial mean, and top-k by spatial max with the peak's (y, x) (the first
-      maximal position in row-major order; 1-D maps give y = 0, (B, C) maps y = x = 0), ordered
-      by value descending then sample id ascending;
+    * top-k samples by spatial mean and top-k by spatial max, each entry with where the unit
+      peaked on that sample, (y, x) (the first maximal position in row-major order, the first
+      NaN if any; 1-D maps give y = 0, (B, C) maps y = x = 0), ordered by value descending
+      then sample id ascending;
     * sum and count of spatial means per class (labels < 0 are unlabelled and skipped);
     * count, sum of spatial means, max of spatial maxima;
     * a histogram of the finite spatial means in ``hist_bins`` bins; -inf, +inf and NaN means
@@ -250,7 +253,9 @@ class UnitStats:
         # Order keys of the top-k by spatial mean ([0]) and by spatial max ([1]), best first; the
         # dataset max of a unit is its best max key, so it needs no state of its own.
         self._keys = torch.full((2, c, k), _EMPTY, dtype=i64, device=dev)
-        self._max_pos = torch.full((c, k), -1, dtype=i64, device=dev)  # y * 2**32 + x
+        # each entry's peak as y * 2**32 + x, laid out as the keys: the crops of either list
+        # are cut around it without running the model again
+        self._pos = torch.full((2, c, k), -1, dtype=i64, device=dev)
         # Sums/counts per class plus a last row for unlabelled samples: together they are the
         # dataset sums, so one matmul and one index_add_ serve both.
         self._class_sum = torch.zeros((num_classes + 1, c), dtype=self._acc, device=dev)
@@ -418,7 +423,7 @@ class UnitStats:
             scratch = self._scratch = (means, means.view(np.int32), np.empty(b * c, np.int32))
         means, mean_bits, peaks = scratch
         state = (
-            self._keys, self._max_pos, self._class_sum, self._class_count, self._hist,
+            self._keys, self._pos, self._class_sum, self._class_count, self._hist,
             self._hist_grid,
         )  # fmt: skip
         views = self._views  # numpy views of the state, written in place; remade if replaced
@@ -481,19 +486,19 @@ class UnitStats:
         self._count += n
         c = self.num_units
         # Top-k by mean and by max together: keep the best min(k, n) keys per unit of the new
-        # samples, then re-select k from the current top-k and those. The max side carries the
-        # peak positions, split into y * 2**32 + x for the candidates only.
+        # samples, then re-select k from the current top-k and those. Both sides carry the
+        # sample's peak position, split into y * 2**32 + x for the candidates only.
         keys = _encode(stat.transpose(1, 2), ids)  # (2, c, n), contiguous
         kn = min(self.k, n)
-        cand = pos.T  # (c, n)
+        cand = pos.T.expand(2, c, n)
         if kn < n:
             keys, sel = keys.topk(kn, dim=2, sorted=False)
-            cand = cand.gather(1, sel[1])
+            cand = cand.gather(2, sel)
         y = torch.div(cand, width, rounding_mode="floor")  # also for width 1: (H, 1) maps
         cand = torch.add(torch.sub(cand, y, alpha=width), y, alpha=_SHIFT)
         top = torch.cat([self._keys, keys], dim=2).topk(self.k, dim=2)
         self._keys = top.values
-        self._max_pos = torch.cat([self._max_pos, cand], 1).gather(1, top.indices[1])
+        self._pos = torch.cat([self._pos, cand], 2).gather(2, top.indices)
 
         # Class sums as a one-hot matmul in float32 (deterministic, unlike atomic index_add_ on
         # GPUs); across folds they accumulate in float64. Non-finite means go in apart, lest
@@ -530,10 +535,10 @@ class UnitStats:
             )
 
     def _reselect(self, keys: torch.Tensor, pos: torch.Tensor) -> None:
-        """Keep the best k of candidate keys (2, C, n) and the max side's positions (C, n)."""
+        """Keep the best k of candidate keys (2, C, n) and their peak positions (2, C, n)."""
         top = keys.topk(self.k, dim=2)
         self._keys = top.values
-        self._max_pos = pos.gather(1, top.indices[1])
+        self._pos = pos.gather(2, top.indices)
 
     def merge(self, other: UnitStats) -> None:
         """Fold ``other`` (e.g. another data shard's state) into this one.
@@ -549,7 +554,7 @@ class UnitStats:
         dev = self.device
         self._reselect(
             torch.cat([self._keys, other._keys.to(dev)], dim=2),
-            torch.cat([self._max_pos, other._max_pos.to(dev)], dim=1),
+            torch.cat([self._pos, other._pos.to(dev)], dim=2),
         )
         self._count += other._count
         self._class_sum += other._class_sum.to(device=dev, dtype=self._acc)
@@ -587,11 +592,11 @@ class UnitStats:
         extremes = table[:, 4:].amax(dim=0).tolist()  # (-min, max) over all ranks
         self._extend(-extremes[0], extremes[1])
 
-        cands = torch.cat([self._keys, self._max_pos[None]])  # (3, C, k)
+        cands = torch.cat([self._keys, self._pos])  # (4, C, k): keys, then their peaks
         gathered = [torch.empty_like(cands) for _ in range(world)]
         dist.all_gather(gathered, cands, group=group)
         allc = torch.cat(gathered, dim=2)
-        self._reselect(allc[:2], allc[2])
+        self._reselect(allc[:2], allc[2:])
 
         count = torch.tensor([self._count], dtype=torch.int64, device=dev)
         ints = torch.cat([count, self._class_count, self._hist.view(-1).to(torch.int64)])
@@ -604,7 +609,7 @@ class UnitStats:
 
     # ------------------------------------------------------------------ persistence
 
-    _TENSORS = ("keys", "max_pos", "class_sum", "class_count", "hist", "hist_grid")
+    _TENSORS = ("keys", "pos", "class_sum", "class_count", "hist", "hist_grid")
 
     def state_dict(self) -> dict[str, torch.Tensor | int]:
         """Everything needed to resume or merge later, as CPU tensors and plain values.
@@ -641,6 +646,12 @@ class UnitStats:
                 "used a range fixed by the first batch and clamped the values outside it; they "
                 "cannot be converted to the canonical grid: sweep the data again"
             )
+        if state.get("format") == 2:
+            raise ValueError(
+                "this UnitStats state (format 2) was saved by an older lurker, which kept no "
+                "peak positions for the mean list's entries; they cannot be made up: sweep the "
+                "data again"
+            )
         if state.get("format") != _STATE_FORMAT:
             raise ValueError(f"unsupported UnitStats state format {state.get('format')!r}")
         stats = cls(
@@ -669,8 +680,9 @@ class UnitStats:
     def result(self) -> dict[str, torch.Tensor]:
         """Final statistics as CPU tensors (C = num_units).
 
-        ``mean_values/mean_ids`` and ``max_values/max_ids/max_y/max_x`` are (C, k), best first;
-        unfilled slots hold value -inf and id/y/x -1. ``class_mean`` is (C, num_classes), NaN for
+        ``mean_values/mean_ids/mean_y/mean_x`` and ``max_values/max_ids/max_y/max_x`` are
+        (C, k), best first, y/x the sample's peak (its first maximum) in either list; unfilled
+        slots hold value -inf and id/y/x -1. ``class_mean`` is (C, num_classes), NaN for
         classes without samples; ``class_count`` (num_classes,). ``unit_mean`` (NaN before any
         data) and ``unit_max`` (-inf before any data) are (C,), ``count`` a scalar. ``hist`` is
         (C, hist_bins), the counts of finite spatial means in ``[edge_i, edge_i+1)`` of
@@ -682,8 +694,8 @@ class UnitStats:
         keys = self._keys.cpu()
         mean_values, mean_ids = _decode(keys[0])
         max_values, max_ids = _decode(keys[1])
-        pos = self._max_pos.cpu()
-        empty = keys[1] == _EMPTY
+        pos = self._pos.cpu()
+        empty = keys == _EMPTY
         y = torch.div(pos, _SHIFT, rounding_mode="floor").masked_fill(empty, -1)
         x = (pos % _SHIFT).masked_fill(empty, -1)
         class_sum = self._class_sum.cpu().double()
@@ -701,10 +713,12 @@ class UnitStats:
         return {
             "mean_values": mean_values,
             "mean_ids": mean_ids,
+            "mean_y": y[0],
+            "mean_x": x[0],
             "max_values": max_values,
             "max_ids": max_ids,
-            "max_y": y,
-            "max_x": x,
+            "max_y": y[1],
+            "max_x": x[1],
             "class_mean": class_mean.T.to(torch.float32).contiguous(),
             "class_count": class_count[:-1].clone(),
             "unit_mean": unit_mean.to(torch.float32),

@@ -93,7 +93,7 @@ class _Job:
     which: str
     rank: int
     sample_id: int
-    peak: tuple[int, int] | None  # stored for the max list
+    peak: tuple[int, int] | None  # as the run stores it (None: an older run's mean list)
     grad: bool = False
     crop: bool = False
     grad_crop: bool = False
@@ -297,11 +297,11 @@ class UnitImages:
         return self._peaks[(layer, unit, sample_id)]
 
     def peaks(self, layer: str, unit: int, which: str = "max") -> list[tuple[int, int]]:
-        """Each entry's peak ``(y, x)`` by rank: the stored one in the "max" list, in the
-        "mean" list the unit's first maximum on that sample (found with one batched
-        forward, then remembered): the place :meth:`crop_box` cuts its crop around, so a
-        peak at a token with no patch (a class token: x is that token) says the crop is
-        the whole image."""
+        """Each entry's peak ``(y, x)`` by rank: the unit's first maximum on that sample, as
+        the run stores it (both lists; an older run's "mean" list stores none, and its peaks
+        are found with one batched forward, then remembered): the place :meth:`crop_box`
+        cuts its crop around, so a peak at a token with no patch (a class token: x is that
+        token) says the crop is the whole image."""
         if which not in LISTS:
             raise LurkerError(f"which must be 'max' or 'mean', got {which!r}")
         entries = self.run.unit(layer, unit).top(which)  # type: ignore[arg-type]
@@ -325,9 +325,10 @@ class UnitImages:
     def crop_box(self, layer: str, unit: int, which: str, rank: int) -> tuple[int, int, int, int]:
         """The receptive-field box ``(y0, y1, x0, x1)`` of an entry, on its sample image.
 
-        Around the stored peak for the "max" list; for the "mean" list around the unit's
-        peak on that sample (found with a forward pass, then remembered). The explorer
-        cuts crops out of :meth:`sample_image` and :meth:`gradients` with it.
+        Around the stored peak of the entry (the unit's first maximum on that sample); in
+        an older run's "mean" list, which stores none, around the peak found with a forward
+        pass, then remembered. The explorer cuts crops out of :meth:`sample_image` and
+        :meth:`gradients` with it.
         """
         e = self._entry(layer, unit, which, rank)
         y, x = (e.y, e.x) if e.y is not None else self.peak(layer, unit, e.sample_id)

@@ -12,9 +12,11 @@ and the layout is made to scale to real runs (see docs/explorer.md, "Static expo
   the API's unit documents, in order), found through ``units/index.json`` (the chunk size,
   and each unit's top image and crop box for the layer grid);
 * each top-k sample's image once, ``data/runs/R/samples/<id>/image.png``: the front end
-  cuts the max lists' receptive-field crops from it (as ``lurker.probe.images.crop``
-  does), so no crop file per entry; cached gradients and mean-list crops (they need the
-  model: ``lurker images RUN``) are exported at their API paths;
+  cuts the receptive-field crops of entries whose peak the run stores (the max lists', and
+  the mean lists' of runs probed since the probe kept them) from it (as
+  ``lurker.probe.images.crop`` does), so no crop file per entry; cached gradients and an
+  older run's mean-list crops (they need the model: ``lurker images RUN``) are exported at
+  their API paths;
 * ``data/runs/R/exported-samples.json``: the samples the site holds;
 * the explanations precomputed into the run's cache (``lurker images RUN --explanations``)
   at the Explain endpoints' paths (the top class; bare heatmap PNG and JSON per method),
@@ -54,8 +56,8 @@ MODE_META = '<meta name="lurker-mode" content="static">'
 #: what one unit page fetches), at most :data:`MAX_CHUNK` units each.
 CHUNK_BYTES = 192 * 1024
 MAX_CHUNK = 256
-#: Image kinds a top-k entry has; "input" and the max lists' "crop" are cut in the
-#: browser from the sample's image, the others are exported as cached files.
+#: Image kinds a top-k entry has; "input" and the "crop" of an entry with a stored peak
+#: are cut in the browser from the sample's image, the others are exported as cached files.
 KINDS = ("input", "crop", "grad", "grad_crop")
 
 
@@ -354,11 +356,10 @@ def _export_units(
         for which in ("max", "mean"):
             for item in doc["top"][which]:
                 rank, sid = int(item["rank"]), int(item["sample_id"])
+                stored = item["y"] is not None  # a stored peak: the browser cuts the crop
                 has = {
                     "input": sid in images,
-                    "crop": sid in images and item["y"] is not None
-                    if which == "max"
-                    else ("crop", unit, which, rank) in cached,
+                    "crop": sid in images if stored else ("crop", unit, which, rank) in cached,
                     "grad": ("grad", unit, which, rank) in cached,
                     "grad_crop": ("grad_crop", unit, which, rank) in cached,
                 }
@@ -367,7 +368,7 @@ def _export_units(
                         avail.setdefault(kind, {}).setdefault(which, []).append(rank)
                 for kind in ("crop", "grad", "grad_crop"):
                     source = cached.get((kind, unit, which, rank))
-                    if source is not None and not (kind == "crop" and which == "max"):
+                    if source is not None and not (kind == "crop" and stored):
                         files.bar.total += 1
                         files.image(_rel(*base, "units", unit, which, rank, f"{kind}.png"), source)
         shown.append(avail)

@@ -229,8 +229,9 @@ class TopEntryModel(BaseModel):
     label: int | None = None
     class_name: str | None = None
     path: str | None = None
-    #: Half-open input box ``[y0, y1, x0, x1]`` the peak sees (max list; null when the
-    #: position has no place in the image or the run has no receptive field for it).
+    #: Half-open input box ``[y0, y1, x0, x1]`` the peak sees (max list, and mean list where
+    #: the run stored its peaks; null when the position has no place in the image or the
+    #: run has no receptive field for it).
     box: list[int] | None = None
 
 
@@ -238,9 +239,10 @@ class EntryPeaks(BaseModel):
     """Where a unit peaks on each sample of one of its top lists."""
 
     which: Literal["max", "mean"]
-    #: ``[y, x]`` by rank: the max list's stored peaks; the mean list's found with the
-    #: model on each sample (the place its crop is cut around). On a layer of tokens x is
-    #: the token (one with no patch, a class token: the crop is the whole image).
+    #: ``[y, x]`` by rank: the stored peaks (the max list's always, the mean list's in runs
+    #: probed since the probe kept them); an older run's mean list's found with the model on
+    #: each sample (the place its crop is cut around). On a layer of tokens x is the token
+    #: (one with no patch, a class token: the crop is the whole image).
     peaks: list[list[int]]
 
 

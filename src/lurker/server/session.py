@@ -338,12 +338,14 @@ class Session:
         y: int,
         x: int,
         path: str | None,
+        which: str = "max",
     ) -> bytes | Path:
-        """The receptive-field crop of a max-list entry: needs only the dataset."""
+        """The receptive-field crop of an entry whose peak ``(y, x)`` the run stores (the max
+        list's, and the mean list's of runs probed since): needs only the dataset."""
         from lurker.probe.images import crop
         from lurker.probe.layout import position_box
 
-        target = self.unit_file("crop", info.name, unit, "max", rank)
+        target = self.unit_file("crop", info.name, unit, which, rank)
         if _cached(target):
             return target
         run = self.entry.open_run()
@@ -392,8 +394,9 @@ class Session:
                 raise ApiError(409, f"cannot make the {kind} image: {e}") from None
 
     def entry_peaks(self, layer: str, unit: int, which: str) -> list[tuple[int, int]]:
-        """The peaks of a unit's top-list entries, by rank (UnitImages.peaks): the mean
-        list's are found with the model, as its crops are."""
+        """The peaks of a unit's top-list entries, by rank (UnitImages.peaks): those the
+        run does not store (an older run's mean list) are found with the model, as its crops
+        are."""
         images = self.unit_images()
         with self.model_lock:
             if self.entry.changed():

@@ -114,9 +114,19 @@ class Sample:
     source_index: int | None = None
 
 
+def _stored_peak(which: str, y: int, x: int) -> tuple[int, int] | tuple[None, None]:
+    """A top-list slot's peak as stored: the max list's always; the mean list's unless -1
+    (a run of a lurker that kept none: never made up); the relevance list has none."""
+    if which == "max" or (which == "mean" and y >= 0 and x >= 0):
+        return y, x
+    return None, None
+
+
 @dataclass(frozen=True)
 class TopEntry:
-    """One slot of a unit's top-k list; ``y``/``x`` (peak position) only in the 'max' list."""
+    """One slot of a unit's top-k list; ``y``/``x``: where the unit peaked on the sample (the
+    'max' list always; the 'mean' list in runs probed since the mean list kept its peaks, else
+    None; the 'relevance' list never)."""
 
     rank: int
     sample_id: int
@@ -179,8 +189,9 @@ class Unit:
     _run: Run = field(repr=False, compare=False)
 
     def top(self, which: Literal["max", "mean", "relevance"] = "max") -> list[TopEntry]:
-        """The unit's top samples by spatial max (with peak y, x), by spatial mean, or by
-        its relevance for the model's prediction (runs probed with ``relevance=True``)."""
+        """The unit's top samples by spatial max (with peak y, x), by spatial mean (with the
+        peak too where the run stored it: -1 in older runs reads as None), or by its
+        relevance for the model's prediction (runs probed with ``relevance=True``)."""
         if which == "relevance":
             slots = np.frombuffer(self._relevance_blob(), TOP_DTYPE)
         elif which not in TOP_LISTS:
@@ -200,14 +211,12 @@ class Unit:
                 [slot[0] for _, slot in filled],
             )
         }
-        peak = which == "max"
         return [
             TopEntry(
                 rank,
                 sid,
                 float(value),
-                y if peak else None,
-                x if peak else None,
+                *_stored_peak(which, y, x),
                 *found.get(sid, (None, None, None)),
             )
             for rank, (sid, value, y, x) in filled

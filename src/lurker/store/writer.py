@@ -66,7 +66,9 @@ class LayerResult:
     """Final statistics of one layer, as the probe computed them (C units, top-k lists).
 
     Top-list slots whose sample id is ``-1`` (the dataset had fewer than k samples) are
-    stored as empty (readers leave them out). ``shape`` is the layer's output shape
+    stored as empty (readers leave them out). ``mean_y``/``mean_x`` are where the unit
+    peaked on each mean-list sample; ``None`` stores -1 (unknown: readers then find the
+    peak with the model). ``shape`` is the layer's output shape
     without the batch axis; ``rf`` its receptive field (an ``RF`` or its dict, stored as
     the versioned record of ``receptive.schema.json``) or ``None``; ``layout`` which axes
     of the full output hold the batch, the units and the positions (``None``:
@@ -91,6 +93,8 @@ class LayerResult:
     hist: ArrayLike  # (C, bins) histogram counts
     hist_edges: ArrayLike  # (bins + 1,) shared bin edges
     rf: Any = None  # an RF, its dict (see receptive.schema.json), or None
+    mean_y: ArrayLike | None = None  # (C, k) row of each mean-list sample's peak; None: -1
+    mean_x: ArrayLike | None = None  # (C, k) column of that peak
     layout: dict[str, Any] | None = None  # batch/unit/position axes (probe.layout.Layout)
     op_index: int | None = None  # the probed op's index in the run's graph
 
@@ -109,6 +113,8 @@ class _Arrays:
     max_ids: np.ndarray
     max_y: np.ndarray
     max_x: np.ndarray
+    mean_y: np.ndarray
+    mean_x: np.ndarray
     unit_mean: np.ndarray
     unit_max: np.ndarray
     class_mean: np.ndarray
@@ -135,6 +141,11 @@ def _prepare(result: LayerResult, num_classes: int | None) -> _Arrays:
     fields = ("mean_values", "mean_ids", "max_values", "max_ids", "max_y", "max_x")
     grids = {f: _np(getattr(result, f)) for f in fields}
     k = grids["max_ids"].shape[-1] if grids["max_ids"].ndim == 2 else -1
+    if (result.mean_y is None) != (result.mean_x is None):
+        raise fail("mean_y and mean_x come together (or neither: peaks unknown)")
+    for f in ("mean_y", "mean_x"):
+        given = getattr(result, f)
+        grids[f] = np.full((c, max(k, 0)), -1) if given is None else _np(given)
     for f, arr in grids.items():
         if arr.shape != (c, k):
             raise fail(f"{f} has shape {arr.shape}, expected ({c}, k) like max_ids")
@@ -177,6 +188,8 @@ def _prepare(result: LayerResult, num_classes: int | None) -> _Arrays:
         max_ids=grids["max_ids"].astype(np.int64),
         max_y=grids["max_y"].astype(np.int64),
         max_x=grids["max_x"].astype(np.int64),
+        mean_y=grids["mean_y"].astype(np.int64),
+        mean_x=grids["mean_x"].astype(np.int64),
         unit_mean=unit_mean,
         unit_max=unit_max,
         class_mean=np.ascontiguousarray(class_mean),
@@ -631,7 +644,7 @@ class RunWriter:
         top["sample_id"] = np.stack([a.max_ids, a.mean_ids], axis=1)
         top["value"] = np.stack([a.max_values, a.mean_values], axis=1)
         top["y"][:, 0], top["x"][:, 0] = a.max_y, a.max_x
-        top["y"][:, 1] = top["x"][:, 1] = -1
+        top["y"][:, 1], top["x"][:, 1] = a.mean_y, a.mean_x
         empty = top["sample_id"] < 0
         top["value"][empty] = np.nan
         top["y"][empty] = top["x"][empty] = -1

@@ -91,9 +91,11 @@ export async function renderUnit(root: HTMLElement, ctx: PageContext, args: stri
     );
 
   const entriesOf = (list: List) => (list === "relevance" ? relevance : doc.top[list]) ?? [];
-  // the mean list stores no peaks: where its crops are cut (a class token: the whole
-  // image) is found with the model, asked once when its crops are first shown
-  let meanPeaks: number[][] | null | undefined = hasPatchless(doc.layer) && !ctx.api.isStatic ? undefined : null;
+  // runs probed before the mean list kept its peaks: where its crops are cut (a class
+  // token: the whole image) is found with the model, asked once when its crops are first
+  // shown; a run that stores them (e.y set) is tagged from them, in a static export too
+  const meanStored = entriesOf("mean").every((e) => e.y !== null);
+  let meanPeaks: number[][] | null | undefined = hasPatchless(doc.layer) && !ctx.api.isStatic && !meanStored ? undefined : null;
   const askMeanPeaks = () => {
     meanPeaks = null;
     ctx.api
@@ -105,7 +107,13 @@ export async function renderUnit(root: HTMLElement, ctx: PageContext, args: stri
       .catch(() => undefined); // no model: no crops to tag either (they say why)
   };
   const tagOf = (list: List, e: TopEntry): HTMLElement | null =>
-    list === "max" ? patchless(doc.layer, e.x) : list === "mean" && crop && meanPeaks ? patchless(doc.layer, meanPeaks[e.rank]?.[1]) : null;
+    list === "max"
+      ? patchless(doc.layer, e.x)
+      : list === "mean" && crop && e.y !== null
+        ? patchless(doc.layer, e.x)
+        : list === "mean" && crop && meanPeaks
+          ? patchless(doc.layer, meanPeaks[e.rank]?.[1])
+          : null;
   const draw = () => {
     if (tab === "mean" && crop && meanPeaks === undefined) askMeanPeaks();
     fill(
@@ -276,15 +284,15 @@ function figure(ctx: PageContext, layer: string, unit: number, list: List, kind:
 
 const NOT_EXPORTED: Record<EntryKind, string> = {
   input: "the sample's image is not in this export (the run's dataset could not be loaded)",
-  crop: "no crop in this export: mean-list crops need the model (run `lurker images RUN --kinds crop,grad_crop` before exporting)",
+  crop: "no crop in this export: this run's mean list stores no peaks, so its crops need the model (run `lurker images RUN --kinds crop,grad_crop` before exporting, or probe again)",
   grad: "no gradient in this export: run `lurker images RUN` before exporting",
   grad_crop: "no gradient crop in this export: run `lurker images RUN --kinds crop,grad_crop` before exporting",
 };
 
 /**
  * One entry's image. Served: the API's PNG. Static export: the sample's image (held once
- * per sample), the max list's receptive-field crop cut from it in the browser (the
- * server's crop, pixel for pixel), other kinds as exported files, and a note where the
+ * per sample), the receptive-field crop of an entry with a stored peak cut from it in the
+ * browser (the server's crop, pixel for pixel), other kinds as exported files, and a note where the
  * export holds none (never a request for a file it lacks).
  */
 function entryImage(ctx: PageContext, layer: string, unit: number, list: List, kind: EntryKind, e: TopEntry, shown: Shown | null): HTMLElement {
@@ -300,7 +308,7 @@ function entryImage(ctx: PageContext, layer: string, unit: number, list: List, k
   }
   const sample = ctx.api.pngUrl(p("runs", ctx.run, "samples", e.sample_id, "image.png"));
   if (kind === "input") return h("img", { src: sample, alt, "data-kind": kind });
-  if (kind === "crop" && list === "max") {
+  if (kind === "crop" && list !== "relevance" && e.y !== null) {
     const canvas = cropCanvas(sample, e.box ?? null, alt);
     canvas.dataset.kind = kind;
     return canvas;

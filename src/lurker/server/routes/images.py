@@ -1,7 +1,8 @@
 """PNG endpoints of a run: sample images and the images of units' top-k entries.
 
-Served from the run's ``cache/``; made on first request (sample images and max-list
-crops from the dataset alone, gradients and mean-list crops with the model) and cached.
+Served from the run's ``cache/``; made on first request (sample images and the crops of
+entries whose peak the run stores from the dataset alone; gradients, and the mean-list
+crops of runs that stored no peaks for that list, with the model) and cached.
 """
 
 from __future__ import annotations
@@ -176,7 +177,8 @@ async def unit_image(
 @router.get(
     "/runs/{run_id}/layers/{layer}/units/{unit}/{which}/peaks",
     response_model=EntryPeaks,
-    summary="Where the unit peaks on each entry of a top list (the mean list's: with the model)",
+    summary="Where the unit peaks on each entry of a top list (as stored; an older run's mean "
+    "list: with the model)",
 )
 async def entry_peaks(
     request: Request,
@@ -188,6 +190,10 @@ async def entry_peaks(
     e = entry(request, run_id)
     info = e.layer(layer)
     e.unit_index(info, unit)
+    entries = await run_in_threadpool(lambda: e.open_run().unit(info.name, unit).top(which))
+    stored = [[t.y, t.x] for t in entries if t.y is not None and t.x is not None]
+    if len(stored) == len(entries):  # all in the run: no model needed
+        return EntryPeaks(which=which, peaks=stored)
     peaks = await live_call(request, run_id, lambda s: s.entry_peaks(info.name, unit, which))
     return EntryPeaks(which=which, peaks=[list(p) for p in peaks])
 
@@ -212,9 +218,9 @@ def _unit_image(
     target = s.unit_file(kind, info.name, unit, which, rank)
     if target.is_file() and target.stat().st_size > 0:
         return png_response(target, request, e)
-    max_crop = kind == "crop" and which == "max" and top.y is not None and top.x is not None
-    if max_crop and s.dataset_reason() is None:
-        found = s.crop_png(info, unit, rank, top.sample_id, top.y, top.x, top.path)
+    stored = kind == "crop" and top.y is not None and top.x is not None  # the peak is in the run
+    if stored and s.dataset_reason() is None:
+        found = s.crop_png(info, unit, rank, top.sample_id, top.y, top.x, top.path, which)
         return png_response(found, request, e)
     model_reason, data_reason = s.model_reason(), s.dataset_reason()
     if model_reason is None and data_reason is None:

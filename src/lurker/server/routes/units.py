@@ -31,7 +31,7 @@ def unit_detail(
     means = [item["value"] for item in doc["top"]["mean"]]
     positions = positions_per_sample(info)
     doc["constant"] = is_constant(found.mean, found.max, peaks, positions, means)
-    for item in doc["top"]["max"]:
+    for item in doc["top"]["max"] + doc["top"]["mean"]:  # the mean list's peaks: if stored
         item["box"] = _box(info, item["y"], item["x"], size)
     doc["prev"] = index - 1 if index > 0 else None
     doc["next"] = index + 1 if index + 1 < info.num_units else None
