@@ -775,7 +775,8 @@ def explained_site(
     shutil.copytree(explorer_run.path, run, ignore=shutil.ignore_patterns("cache"))
     precompute(run, 2, ["saliency", "gradcam"], progress=False)
     precompute(run, 1, ["concepts"], progress=False)
-    site = export_site(run, root / "site", progress=False, make_images=False)
+    with pytest.warns(UserWarning, match="--no-images"):  # no sample images: said so
+        site = export_site(run, root / "site", progress=False, make_images=False)
 
     with static_server(site) as url:
         yield {"url": url, "run": run}
@@ -898,7 +899,7 @@ def test_static_explain_page_of_precomputed_samples(
     # and shows the predictions the export holds with them (made with the run's model)
     for sid in [i for i in (0, 1) if i in pages] + [next(i for i in pages if i > 1)]:
         go(page, f"{url}#/r/digits/sample/{sid}")
-        page.wait_for_selector(".entry-links")
+        page.wait_for_selector("#top-k-of")
         assert page.locator("#explain-this").count() == (1 if sid in (0, 1) else 0)
         facts = page.locator(".sample-head .facts").inner_text()
         if sid in (0, 1):
@@ -917,6 +918,122 @@ def test_static_explain_page_of_precomputed_samples(
     page.wait_for_selector(".notice.error")
     assert "lurker serve" in page.locator(".notice.error").inner_text()
     assert page.locator("#explain-sample option").count() == 2
+
+
+@pytest.fixture(scope="module")
+def course_site(
+    explained_site: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """The explained run exported without images (``--no-images``, nothing cached) into
+    ``course/explorer/`` of a web root, as a teacher puts it on a course page: served by a
+    plain static file server from the root, so every path the pages ask is under the
+    sub-folder. Yields the site's URL."""
+    from lurker.server.export import export_site
+
+    root = tmp_path_factory.mktemp("www")
+    with pytest.warns(UserWarning, match="--no-images"):
+        export_site(
+            explained_site["run"], root / "course" / "explorer", progress=False, make_images=False
+        )
+    with static_server(root) as url:
+        yield url + "course/explorer/"
+
+
+def test_static_export_in_a_sub_folder_says_why_images_are_missing(
+    page: Any,
+    course_site: str,
+    explorer_run: ExplorerRun,  # noqa: F811
+) -> None:
+    """Under a sub-folder every page loads with no failed request (the page fixture), and
+    an export made with --no-images says so where an image is missing (not that the
+    dataset could not be loaded: it loads), once above a unit's tiles, which fit their word."""
+    from lurker.store import Run
+
+    with Run.open(explorer_run.path) as run:
+        top = run.unit(LAYER, 2).top("max")
+        ranked = {
+            e.sample_id
+            for i in run.layers
+            for u in run.units(i.name)
+            for w in run.top_lists
+            for e in u.top(w)
+        }
+    go(page, course_site)
+    page.wait_for_selector("table.layers")
+
+    go(page, f"{course_site}#/r/digits/samples")
+    assert (
+        page.locator("#no-image-why")
+        .inner_text()
+        .startswith(f"{len(ranked)} of them have no image here")
+    )
+    assert "--no-images" in page.locator("#no-image-why").inner_text()
+
+    go(page, f"{course_site}#/r/digits/layer/{LAYER}")
+    page.wait_for_selector(".unit-card")
+    assert "--no-images" in page.locator("#no-image-why").inner_text()
+
+    go(page, f"{course_site}#/r/digits/unit/{LAYER}/2?tab=max")
+    page.wait_for_selector(".top-entry")
+    why = page.locator("#entries-missing").inner_text()
+    assert "--no-images" in why and "lurker images RUN" in why and "could not be loaded" not in why
+    tiles = page.locator(".top-entry .no-img")
+    assert tiles.all_inner_texts() == ["not in this export"] * len(top)
+    # each word fits its tile: nothing spills out of it
+    assert tiles.evaluate_all(
+        "ts => ts.every(t => t.scrollHeight <= t.clientHeight && t.scrollWidth <= t.clientWidth)"
+    )
+    page.locator('button[data-value="1"]').click()  # the max list's crops: cut from the same images
+    assert page.locator(".top-entry .no-img").count() == len(top)
+    assert page.locator("#entries-missing").inner_text() == why
+
+    # a feature visualization's best dataset sample: no request for the missing image
+    go(page, f"{course_site}#/r/digits/unit/{FEATVIZ_LAYER}/{FEATVIZ_UNITS[0]}?tab=featviz")
+    images_loaded(page, ".top-entry.featviz img")
+    assert page.locator(".top-entry.best .no-img").inner_text() == "not in this export"
+    assert "--no-images" in page.locator(".top-entry.best .no-img").get_attribute("title")
+
+    go(page, f"{course_site}#/r/digits/sample/0")
+    text = page.locator(".sample-head .notice").inner_text()
+    assert "--no-images" in text and "could not be loaded" not in text
+    # its precomputed explanations open from here, their heatmaps load under the sub-folder
+    page.locator("#explain-this").click()
+    page.wait_for_url("**/course/explorer/#/r/digits/explain?image=sample-0")
+    images_loaded(page, ".methods img.heat")
+
+
+def test_live_links_only_where_a_model_runs(
+    page: Any, explorer: dict[str, Any], course_site: str
+) -> None:
+    """The graph's "see OP live" and a sample's "Open in live view" lead to the live view
+    where a model runs; a static export, whose live view only says it needs a server,
+    offers neither."""
+    for base, served in ((explorer["url"], True), (course_site, False)):
+        go(page, f"{base}#/r/digits/graph?focus={OP}")
+        page.wait_for_selector("svg.graph .nd.current")  # the focused op, as a click marks it
+        link = page.locator(".graph-bar .live-link")
+        assert link.is_visible() == served
+        if served:
+            assert link.get_attribute("href").endswith(f"/live?op={OP}")
+        go(page, f"{base}#/r/digits/sample/0")
+        page.wait_for_selector("#top-k-of")
+        assert page.locator('main a[href$="/live?image=sample-0"]').count() == (1 if served else 0)
+
+
+def test_static_explain_says_a_linked_layer_is_not_held(page: Any, course_site: str) -> None:
+    """A link to an exported Explain page asking a Grad-CAM or concept layer (one shared
+    from a served page) shows the precomputed default-layer heatmaps and says so, as it
+    does for a target; a link without one says nothing of it."""
+    go(page, f"{course_site}#/r/digits/explain?image=sample-0")
+    page.wait_for_selector(".methods .explain-card")
+    assert page.locator("#explain-layer-not-held").count() == 0
+    go(page, f"{course_site}#/r/digits/explain?image=sample-0&layer={LAYER}&clayer=features.0")
+    said = page.locator("#explain-layer-not-held").inner_text()
+    assert f"Grad-CAM at layer {LAYER}" in said and "concept relevance at layer features.0" in said
+    assert "lurker serve digits --model SPEC" in said
+    go(page, f"{course_site}#/r/digits/explain?image=sample-0&layer={LAYER}")
+    said = page.locator("#explain-layer-not-held").inner_text()
+    assert f"Grad-CAM at layer {LAYER} runs the model" in said and "concept" not in said
 
 
 def test_explain_page_of_a_server_without_the_model(

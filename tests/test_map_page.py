@@ -426,6 +426,47 @@ def test_static_export_shows_the_map(page: Any, served: dict[str, Any], static_s
     assert not page.errors
 
 
+@pytest.fixture(scope="module")
+def imageless_site(
+    served: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """The mapped run exported with --no-images and no image cached: a page per top-k
+    sample, no image of any."""
+    import shutil
+
+    from lurker.server.export import export_site
+
+    root = tmp_path_factory.mktemp("imageless")
+    run = root / "mapped"
+    shutil.copytree(served["root"] / "mapped", run, ignore=shutil.ignore_patterns("cache"))
+    with pytest.warns(UserWarning, match="--no-images"):
+        site = export_site(run, root / "site", make_images=False, progress=False)
+    with static_server(site) as url:
+        yield url
+
+
+def test_a_sample_exported_without_its_image_still_opens(
+    page: Any, served: dict[str, Any], imageless_site: str
+):
+    """A dot of a sample the site holds without its image says it has no image (not that the
+    sample is not exported) and opens its page; no request for a missing image is made."""
+    m = served["map"]
+    listed = page.request.get(f"{imageless_site}data/runs/mapped/exported-samples.json").json()
+    paged = {s["id"] for s in listed["samples"]}
+    assert paged and not any(s["image"] for s in listed["samples"])
+    g = _open(page, {"url": imageless_site.rstrip("/")})
+    i = _isolated(m, g, np.isin(m.ids, list(paged)))
+    page.mouse.move(*_screen(g, float(m.x[i]), float(m.y[i])))
+    tip = page.locator(".map-tip")
+    tip.wait_for(state="visible")
+    assert tip.get_attribute("data-sample") == str(m.ids[i])
+    assert tip.locator("img").count() == 0 and "image not exported" in tip.inner_text()
+    page.mouse.click(*_screen(g, float(m.x[i]), float(m.y[i])))
+    page.wait_for_url(f"**#/r/mapped/sample/{m.ids[i]}")
+    page.wait_for_selector("#top-k-of")
+    assert not page.errors
+
+
 TABLEAU = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1",
            "#ff9da7", "#9c755f", "#bab0ac"]  # fmt: skip
 BACKGROUND = (0xFB, 0xFC, 0xFD)

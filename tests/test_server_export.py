@@ -158,6 +158,7 @@ def test_every_json_equals_the_api(site: Path, explorer_run: ExplorerRun):  # no
     assert [s["id"] for s in listed["samples"]] == sorted(ranked)
     first = c.get(f"/api/runs/digits/samples/{sorted(ranked)[0]}").json()["sample"]
     assert listed["samples"][0] == {**first, "image": True}
+    assert listed["no_image"] is None  # every image there: no reason to give
     # no pages of the sample list, no live documents (they need a model)
     assert not list(site.glob("data/**/samples~3F*")) and not list(site.glob("data/**/live*"))
 
@@ -288,7 +289,8 @@ def test_cached_model_images_exported_and_listed(
     (out / "data" / "runs" / "stale").mkdir(parents=True)
     (out / "data" / "runs" / "stale" / "graph.json").write_text("{}")
     (out / "index.html").write_text('<meta name="lurker-mode" content="static">')
-    export_site(run_dir, out, static_dir=static_dir, progress=False, make_images=False)
+    with pytest.warns(UserWarning, match="--no-images") as caught:
+        export_site(run_dir, out, static_dir=static_dir, progress=False, make_images=False)
     assert not (out / "data" / "runs" / "stale").exists()  # an earlier export's data goes
     base = out / "data/runs/digits/layers" / info.name / "units"
     assert (base / "3/mean/1/grad.png").read_bytes() == grad.read_bytes()
@@ -302,6 +304,15 @@ def test_cached_model_images_exported_and_listed(
     listed = json.loads((out / "data/runs/digits/exported-samples.json").read_bytes())
     assert listed["samples"] and not any(s["image"] for s in listed["samples"])
     assert all(t is None for t in index["thumbs"])
+    # ...and why: the export was told not to make them (the dataset loads: it is not the
+    # reason the pages would give), said once as the export runs and in what the pages read
+    n = len(listed["samples"])
+    assert [str(w.message) for w in caught] == [
+        f"run digits: {n} of its {n} top-k samples have no image, so the site shows them "
+        f"without one: {listed['no_image']}"
+    ]
+    assert "--no-images" in listed["no_image"] and "lurker images RUN" in listed["no_image"]
+    assert index["no_image"] == listed["no_image"]
 
 
 def test_export_refuses_a_foreign_folder_and_unbuilt_assets(
@@ -473,10 +484,11 @@ def test_reexport_replaces_only_what_lurker_wrote(
     # the run again, without its images (the cache gone): no image of the first export fits
     run_dir = tmp_path / "digits"
     shutil.copytree(explorer_run.path, run_dir, ignore=shutil.ignore_patterns("cache"))
-    export_site(run_dir, out, static_dir=new_static, progress=False, make_images=False)
-    fresh = export_site(
-        run_dir, tmp_path / "fresh", static_dir=new_static, progress=False, make_images=False
-    )
+    with pytest.warns(UserWarning, match="--no-images"):  # (the site says so too)
+        export_site(run_dir, out, static_dir=new_static, progress=False, make_images=False)
+        fresh = export_site(
+            run_dir, tmp_path / "fresh", static_dir=new_static, progress=False, make_images=False
+        )
     assert _tree(out) - {"CNAME", "assets/custom.css"} == _tree(fresh)
     assert not (out / "assets" / "index-abc123.js").exists()
     assert (out / "CNAME").read_text() == "lurker.example.org"

@@ -205,12 +205,17 @@ export interface UnitsIndex {
   num_units: number;
   chunk: number;
   thumbs: ({ sample: number; box: number[] | null; crop: boolean } | null)[];
+  /** Why some top-k samples have no image in the export (null: all have one; absent in
+   * older exports). */
+  no_image?: string | null;
 }
 
 /** Static export: the samples it holds (those some unit ranks in its top-k). */
 export interface ExportedSamples {
   total: number;
   samples: (SampleBrief & { image: boolean })[];
+  /** Why some of them have no image (null: all have one; absent in older exports). */
+  no_image?: string | null;
 }
 
 /** The samples whose explanations a run's cache or a static export holds (precomputed for
@@ -475,15 +480,15 @@ export class Api {
   }
 
   /** A unit's document (the API's), and in static mode which of its images the export holds. */
-  async unit(run: string, layer: string, unit: string): Promise<{ doc: UnitDoc; shown: Shown | null }> {
-    if (!this.isStatic) return { doc: await this.json<UnitDoc>(p("runs", run, "layers", layer, "units", unit)), shown: null };
+  async unit(run: string, layer: string, unit: string): Promise<{ doc: UnitDoc; shown: Shown | null; noImage: string | null }> {
+    if (!this.isStatic) return { doc: await this.json<UnitDoc>(p("runs", run, "layers", layer, "units", unit)), shown: null, noImage: null };
     const index = await this.unitsIndex(run, layer);
     const u = Number(unit);
     if (!/^\d+$/.test(unit) || u >= index.num_units) {
       throw new ApiError(404, `no unit ${unit} in layer '${layer}': it has ${index.num_units} units (0..${index.num_units - 1})`);
     }
     const chunk = await this.exportFile<UnitChunk>("runs", run, "layers", layer, "units", `chunk-${Math.floor(u / index.chunk)}`);
-    return { doc: chunk.units[u - chunk.offset], shown: chunk.images[u - chunk.offset] };
+    return { doc: chunk.units[u - chunk.offset], shown: chunk.images[u - chunk.offset], noImage: index.no_image ?? null };
   }
 
   /** POST a file (live uploads; served mode only). */

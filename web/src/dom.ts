@@ -73,6 +73,12 @@ export function notice(text: string, kind: "error" | "info" = "info"): HTMLEleme
   return h("div", { class: `notice ${kind}`, role: kind === "error" ? "alert" : "status" }, withCode(text));
 }
 
+/** `el` with its id set: a notice that tests and links find. */
+export function withId(el: HTMLElement, id: string): HTMLElement {
+  el.id = id;
+  return el;
+}
+
 /** Key/value rows as a definition list. */
 export function facts(rows: [string, Child | Child[]][]): HTMLElement {
   return h("dl", { class: "facts" }, rows.flatMap(([k, v]) => [h("dt", null, k), h("dd", null, ...[v].flat())]));

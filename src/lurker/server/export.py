@@ -234,20 +234,29 @@ def _export_run(request: Any, e: Any, files: _Files, make_images: bool) -> None:
         else:
             files.bar.total -= 1  # no image to write
         listed.append({**detail.sample.model_dump(mode="json"), "image": found is not None})
-    if make_images and len(images) < len(ranked):  # a site without its images: say why
-        why = s.dataset_reason() or "their files are no longer in the run's dataset"
+    # a site without some images says why, here and on its pages (a reason of its own:
+    # with --no-images the dataset may well load, and the fix is another export)
+    no_image = None
+    if len(images) < len(ranked):
+        no_image = (
+            (s.dataset_reason() or "their files are no longer in the run's dataset")
+            if make_images
+            else "the export was made with --no-images, which writes only the images the "
+            "run's cache holds: export again without it (it makes them from the run's "
+            "dataset), or first make them with `lurker images RUN`"
+        )
         warn(
             f"run {e.id}: {len(ranked) - len(images)} of its {len(ranked)} top-k samples have "
-            f"no image, so the site shows them without one: {why}"
+            f"no image, so the site shows them without one: {no_image}"
         )
     files.json(
         _rel("runs", e.id, "exported-samples"),
-        {"total": e.sample_count(), "samples": listed},
+        {"total": e.sample_count(), "samples": listed, "no_image": no_image},
     )
     _export_explanations(request, s, e, files)
     for info in run.layers:
         files.json(_rel("runs", e.id, "layers", info.name), layer_detail(request, e.id, info.name))
-        _export_units(request, e, info, files, images)
+        _export_units(request, e, info, files, images, no_image)
     # feature visualizations stored in the run (`lurker featviz`): the unit pages show them
     for layer, objective, unit, copy, png in featviz_images(run):
         files.bar.total += 1
@@ -331,9 +340,15 @@ def _sample_image(
 
 
 def _export_units(
-    request: Any, e: Any, info: Any, files: _Files, images: dict[int, bytes | Path]
+    request: Any,
+    e: Any,
+    info: Any,
+    files: _Files,
+    images: dict[int, bytes | Path],
+    no_image: str | None,
 ) -> None:
-    """A layer's unit documents in chunks, its cached entry images, and ``units/index``."""
+    """A layer's unit documents in chunks, its cached entry images, and ``units/index``
+    (with ``no_image``: why some top-k samples have no image, for the unit pages)."""
     from .routes.units import unit_detail
 
     cached = _cached_unit_images(e.path / "cache", info.name)
@@ -388,7 +403,13 @@ def _export_units(
             chunk, shown = [], []
     files.json(
         _rel(*base, "units", "index"),
-        {"layer": info.name, "num_units": info.num_units, "chunk": size, "thumbs": thumbs},
+        {
+            "layer": info.name,
+            "num_units": info.num_units,
+            "chunk": size,
+            "thumbs": thumbs,
+            "no_image": no_image,
+        },
     )
 
 

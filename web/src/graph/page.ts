@@ -1013,7 +1013,8 @@ class GraphPage {
   /** Points the bar's live link at node k: its input and output maps on an image. */
   private showLive(k: number): void {
     const n = this.doc.nodes[k];
-    if (!n || n.k === "input" || n.k === "output") {
+    // a static export runs no model: its live view only says so, so offer no link to it
+    if (!n || n.k === "input" || n.k === "output" || this.ctx.api.isStatic) {
       this.liveLink.hidden = true;
       return;
     }

@@ -153,6 +153,20 @@ export async function renderExplain(root: HTMLElement, ctx: PageContext): Promis
   if (live.input_note) root.append(notice(`As the model sees this upload: ${live.input_note}.`));
   if (explained && asked !== "top")
     root.append(notice(`${ctx.api.isStatic ? "This export holds" : "Without the model, this server has"} explanations of the top class only: shown below. Target ${asked} runs the model: \`lurker serve ${ctx.run} --model SPEC\`.`));
+  // a layer asked in the link (one shared from a served page) is not what is shown: say so,
+  // as for a target, rather than show the default layer's heatmaps under that URL
+  const [gradcamAt, conceptAt] = [params.get("layer"), params.get("clayer")];
+  const askedLayers = explained
+    ? [
+        gradcamAt && gradcamAt !== info.default_layer ? `Grad-CAM at layer ${gradcamAt}` : null,
+        conceptAt && conceptAt !== held?.concepts ? `concept relevance at layer ${conceptAt}` : null,
+      ].filter((x): x is string => x !== null)
+    : [];
+  if (askedLayers.length) {
+    const said = notice(`${ctx.api.isStatic ? "This export holds" : "Without the model, this server has"} each method at its default layer only: shown below. ${askedLayers.join(" and ")} ${askedLayers.length > 1 ? "run" : "runs"} the model: \`lurker serve ${ctx.run} --model SPEC\`.`);
+    said.id = "explain-layer-not-held";
+    root.append(said);
+  }
   const layer = explained ? null : params.get("layer") || null;
   const opacity = clamp01(Number(params.get("opacity") ?? "0.7"));
   const inputSrc = ctx.api.pngUrl(p("runs", ctx.run, "live", image, "input.png"));

@@ -2,7 +2,7 @@
 import { cropCanvas, p, type LayerDoc } from "../api";
 import { histogramChart, positionCount, sampleValueLabel } from "../charts";
 import type { PageContext } from "../context";
-import { append, facts, fill, fmt, h, notice, shape } from "../dom";
+import { append, facts, fill, fmt, h, notice, shape, withId } from "../dom";
 import { imageState, noImage, patchless, tokenMeanOver } from "../images";
 
 const SORTS = ["max", "mean", "index"] as const;
@@ -192,6 +192,10 @@ export async function renderLayer(root: HTMLElement, ctx: PageContext, args: str
         )
       : null,
     images.notice,
+    // a static export without some samples' images: why, once (the tiles say it in a word)
+    index?.no_image && doc.units.some((u) => u.top_max !== null && index.thumbs[u.unit] === null)
+      ? withId(notice(`Some tiles have no image: ${index.no_image.replace(/\.+$/, "")}.`), "no-image-why")
+      : null,
     directionsSection(ctx, name, doc),
     h("div", { class: "toolbar" }, h("span", null, "Sort by"), sortButtons, h("span", null, "Thumbnail"), thumbButtons, fvHint),
     grid,

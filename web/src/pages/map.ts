@@ -86,8 +86,13 @@ export async function renderMap(root: HTMLElement, ctx: PageContext): Promise<vo
   }
   const images = await imageState(ctx);
   // a static export holds the pages and images of the top-k samples only
-  const exported = ctx.api.isStatic ? new Set((await ctx.api.exportedSamples(ctx.run)).samples.filter((s) => s.image).map((s) => s.id)) : null;
-  const has = (id: number) => exported === null || exported.has(id);
+  // (a page for each; an image only where it could be made: not with --no-images)
+  const listed = ctx.api.isStatic ? (await ctx.api.exportedSamples(ctx.run)).samples : null;
+  const paged = listed ? new Set(listed.map((s) => s.id)) : null;
+  const pictured = listed ? new Set(listed.filter((s) => s.image).map((s) => s.id)) : null;
+  const has = (id: number) => paged === null || paged.has(id);
+  const pic = (id: number) => images.ok && (pictured === null || pictured.has(id));
+  const noPic = (id: number) => noImage(!has(id) ? "not exported" : pictured ? "image not exported" : "no image");
   const n = doc.count;
   // a model whose outputs are not the dataset's classes (a 1000-class head over three
   // folders) predicts outputs, not labels: nothing to call right or wrong
@@ -451,9 +456,9 @@ export async function renderMap(root: HTMLElement, ctx: PageContext): Promise<vo
       const right = doc.label[i] >= 0 && doc.pred[i] >= 0 && !wrong[i];
       fill(
         tip,
-        images.ok && has(id)
+        pic(id)
           ? h("img", { class: "pixelated", src: ctx.api.pngUrl(p("runs", ctx.run, "samples", id, "image.png")), width: 96, height: 96, alt: `sample ${id}`, onerror: (e: Event) => (e.target as HTMLElement).replaceWith(noImage()) })
-          : noImage(has(id) ? "no image" : "not exported"),
+          : noPic(id),
         h(
           "div",
           null,
@@ -718,9 +723,9 @@ export async function renderMap(root: HTMLElement, ctx: PageContext): Promise<vo
           h(
             "a",
             { class: "sample-card", href: has(doc.ids[i]) ? ctx.href("sample", doc.ids[i]) : null, "data-sample": doc.ids[i] },
-            images.ok && has(doc.ids[i])
+            pic(doc.ids[i])
               ? h("img", { src: ctx.api.pngUrl(p("runs", ctx.run, "samples", doc.ids[i], "image.png")), loading: "lazy", alt: `sample ${doc.ids[i]}`, width: 80, height: 80, onerror: (e: Event) => (e.target as HTMLElement).replaceWith(noImage()) })
-              : noImage(has(doc.ids[i]) ? "no image" : "not exported"),
+              : noPic(doc.ids[i]),
             h("span", null, `#${doc.ids[i]}`),
             h("small", { class: wrong[i] ? "error-text" : "" }, doc.pred[i] >= 0 ? `${className(doc.label[i])} → ${predName(doc.pred[i])}` : className(doc.label[i])),
           ),

@@ -60,7 +60,7 @@ export async function renderSample(root: HTMLElement, ctx: PageContext, args: st
       "div",
       { class: "sample-head" },
       !hasImage
-        ? notice("This export holds no image of this sample (the run's dataset could not be loaded when it was made).")
+        ? notice(`This export holds no image of this sample: ${(exported?.no_image ?? "the run's dataset could not be loaded when it was made").replace(/\.+$/, "")}.`)
         : images.ok
           ? h("img", { class: "sample-img pixelated", src: ctx.api.pngUrl(p("runs", ctx.run, "samples", s.id, "image.png")), alt: `sample ${s.id}`, width: 224, height: 224 })
           : h("div", { class: "sample-img" }, images.notice),
@@ -94,12 +94,16 @@ export async function renderSample(root: HTMLElement, ctx: PageContext, args: st
           ],
           ["in top-k of", h("span", { id: "top-k-of" }, `${plural(doc.total, "unit list")} in ${plural(doc.layers.length, "layer")}`, leftOut ? h("span", { class: "muted" }, ` (and ${leftOut.total} of constant units, left out)`) : null)],
         ]),
-        h(
-          "p",
-          { class: "entry-links" },
-          h("a", { class: "button", href: ctx.href("live") + "?image=sample-" + s.id }, "Open in live view"),
-          pred || explained ? h("a", { class: "button", id: "explain-this", href: ctx.href("explain") + "?image=sample-" + s.id }, "Explain this image") : null,
-        ),
+        // a static export runs no model: no button to a view that cannot open (and no row
+        // at all where it holds no explanation either)
+        ctx.api.isStatic && !(pred || explained)
+          ? null
+          : h(
+              "p",
+              { class: "entry-links" },
+              ctx.api.isStatic ? null : h("a", { class: "button", id: "open-live", href: ctx.href("live") + "?image=sample-" + s.id }, "Open in live view"),
+              pred || explained ? h("a", { class: "button", id: "explain-this", href: ctx.href("explain") + "?image=sample-" + s.id }, "Explain this image") : null,
+            ),
       ),
     ),
     h("h2", null, "Units that rank it in their top-k"),

@@ -1,7 +1,7 @@
 /** `#/r/RUN/samples?offset=N`: the dataset, a page of thumbnails at a time. */
 import { p, type SampleBrief, type SampleList } from "../api";
 import type { PageContext } from "../context";
-import { append, h, notice } from "../dom";
+import { append, h, notice, withId } from "../dom";
 import { imageState, noImage } from "../images";
 
 const LIMIT = 100;
@@ -33,6 +33,7 @@ export async function renderSamples(root: HTMLElement, ctx: PageContext): Promis
             "the others are not here: serve the run (`lurker serve RUN`) to browse them all.",
         )
       : null,
+    exported?.no_image ? withId(notice(`${exported.samples.filter((x) => !x.image).length} of them have no image here: ${exported.no_image.replace(/\.+$/, "")}.`), "no-image-why") : null,
     images.notice,
     past
       ? h(

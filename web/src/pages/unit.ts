@@ -5,7 +5,7 @@
 import { cropCanvas, p, type EntryKind, type FeatVizView, type Shown, type TopEntry, type UnitDoc } from "../api";
 import { barChart, histogramChart, positionCount, sampleValueLabel } from "../charts";
 import type { PageContext } from "../context";
-import { append, fill, fmt, h, notice, withCode } from "../dom";
+import { append, fill, fmt, h, notice } from "../dom";
 import { imageState, noImage, patchless, tokenMeanOver } from "../images";
 
 type Tab = "mean" | "max" | "relevance" | "featviz";
@@ -16,7 +16,7 @@ export async function renderUnit(root: HTMLElement, ctx: PageContext, args: stri
   const [layer, unitArg] = args;
   const unit = Number(unitArg);
   // static export: the unit comes from its layer's chunk, with which images the site holds
-  const [{ doc, shown }, images] = await Promise.all([ctx.api.unit(ctx.run, layer, unitArg), imageState(ctx)]);
+  const [{ doc, shown, noImage: noImageWhy }, images] = await Promise.all([ctx.api.unit(ctx.run, layer, unitArg), imageState(ctx)]);
   document.title = `${layer} unit ${unit} · ${ctx.run} · lurker`;
   const params = new URLSearchParams(ctx.params);
   const relevance = doc.top.relevance ?? null; // runs probed with relevance=True
@@ -157,7 +157,10 @@ export async function renderUnit(root: HTMLElement, ctx: PageContext, args: stri
             )
           : null;
       fill(toggles, pick, h("span", { class: "muted featviz-caption" }, featvizCaption(view)));
-      fill(gallery, featvizFigures(ctx, layer, unit, view, images.ok));
+      // a static export holds the best sample's image only where the unit's lists show it
+      const best = view.best_sample;
+      const held = !shown || (["mean", "max"] as const).some((w) => doc.top[w].some((e) => e.sample_id === best && shown.input?.[w]?.includes(e.rank)));
+      fill(gallery, featvizFigures(ctx, layer, unit, view, images.ok, held ? null : (noImageWhy ?? NOT_EXPORTED.input)));
       return;
     }
     if (constant && (tab !== "relevance" || relevanceTies)) {
@@ -194,10 +197,17 @@ export async function renderUnit(root: HTMLElement, ctx: PageContext, args: stri
     // a list whose values are all equal is ties (a relevance of 0 everywhere: a unit that
     // feeds a dead one): which samples it holds, and in what order, is by sample id alone
     const tied = entries.length > 1 && entries.every((e) => e.value === entries[0].value);
+    const figures = entries.map((e) => figure(ctx, layer, unit, list, list === "relevance" ? "input" : kind(), e, tab === "max" && !crop && positions > 1, images.ok, shown, noImageWhy, tagOf(list, e)));
+    // a static export's missing images: each tile says so in a word, the page says why once
+    // (a sentence per tile does not fit in it)
+    const whys = [...new Set(figures.flatMap((f) => [...f.querySelectorAll<HTMLElement>(".no-img[data-why]")].map((x) => x.dataset.why ?? "")))];
+    const missing = whys.length ? notice(whys.map((w) => w.charAt(0).toUpperCase() + w.slice(1).replace(/\.+$/, "") + ".").join(" ")) : null;
+    if (missing) missing.id = "entries-missing";
     fill(
       gallery,
       tied ? h("div", { class: "notice constant-list", id: "tied-list" }, `All ${entries.length} samples of this list have the value ${fmt(entries[0].value)}: they are ties, in sample-id order, and more samples may share that value, so the list does not single them out.`) : null,
-      entries.length ? entries.map((e) => figure(ctx, layer, unit, list, list === "relevance" ? "input" : kind(), e, tab === "max" && !crop && positions > 1, images.ok, shown, tagOf(list, e))) : notice("This list is empty."),
+      missing,
+      entries.length ? figures : notice("This list is empty."),
     );
   };
   draw();
@@ -253,8 +263,8 @@ export async function renderUnit(root: HTMLElement, ctx: PageContext, args: stri
   );
 }
 
-function figure(ctx: PageContext, layer: string, unit: number, list: List, kind: EntryKind, e: TopEntry, markPeak: boolean, images: boolean, shown: Shown | null, tokenTag: HTMLElement | null = null): HTMLElement {
-  const visual = images ? entryImage(ctx, layer, unit, list, kind, e, shown) : noImage();
+function figure(ctx: PageContext, layer: string, unit: number, list: List, kind: EntryKind, e: TopEntry, markPeak: boolean, images: boolean, shown: Shown | null, noImageWhy: string | null, tokenTag: HTMLElement | null = null): HTMLElement {
+  const visual = images ? entryImage(ctx, layer, unit, list, kind, e, shown, noImageWhy) : noImage();
   const frame = h("div", { class: "frame" }, visual, tokenTag);
   if (markPeak && e.box && visual instanceof HTMLImageElement) {
     // the box is in pixels of the image the model saw, which is the image shown
@@ -283,6 +293,7 @@ function figure(ctx: PageContext, layer: string, unit: number, list: List, kind:
 }
 
 const NOT_EXPORTED: Record<EntryKind, string> = {
+  // an export from before it said why (`no_image`): its one reason then
   input: "the sample's image is not in this export (the run's dataset could not be loaded)",
   crop: "no crop in this export: this run's mean list stores no peaks, so its crops need the model (run `lurker images RUN --kinds crop,grad_crop` before exporting, or probe again)",
   grad: "no gradient in this export: run `lurker images RUN` before exporting",
@@ -295,7 +306,7 @@ const NOT_EXPORTED: Record<EntryKind, string> = {
  * browser (the server's crop, pixel for pixel), other kinds as exported files, and a note where the
  * export holds none (never a request for a file it lacks).
  */
-function entryImage(ctx: PageContext, layer: string, unit: number, list: List, kind: EntryKind, e: TopEntry, shown: Shown | null): HTMLElement {
+function entryImage(ctx: PageContext, layer: string, unit: number, list: List, kind: EntryKind, e: TopEntry, shown: Shown | null, noImageWhy: string | null): HTMLElement {
   const alt = `rank ${e.rank + 1}: sample ${e.sample_id} (${kind})`;
   if (!ctx.api.isStatic) {
     // a relevance entry is a whole sample (no peak, no gradient image of its own)
@@ -303,8 +314,17 @@ function entryImage(ctx: PageContext, layer: string, unit: number, list: List, k
     return h("img", { src, alt, "data-kind": kind, onerror: (ev: Event) => (ev.target as HTMLElement).replaceWith(noImage()) });
   }
   if (!shown?.[kind]?.[list]?.includes(e.rank)) {
-    const why = kind === "crop" && list === "max" && e.y === null ? "no crop: this entry has no peak position" : NOT_EXPORTED[kind];
-    return h("div", { class: "no-img", "data-kind": kind }, withCode(why));
+    // the input, and a max list's crop (cut from it), are missing with the sample's image:
+    // the export says why (the dataset did not load, or it was made with --no-images)
+    const sampleImage = kind === "input" || (kind === "crop" && list === "max");
+    if (kind === "crop" && list === "max" && e.y === null) return h("div", { class: "no-img", "data-kind": kind, title: "this entry has no peak position" }, "no peak to crop");
+    const why =
+      sampleImage && !shown?.input?.[list]?.includes(e.rank)
+        ? noImageWhy
+          ? `the sample's image is not in this export: ${noImageWhy}`
+          : NOT_EXPORTED.input
+        : NOT_EXPORTED[kind];
+    return h("div", { class: "no-img", "data-kind": kind, "data-why": why }, "not in this export");
   }
   const sample = ctx.api.pngUrl(p("runs", ctx.run, "samples", e.sample_id, "image.png"));
   if (kind === "input") return h("img", { src: sample, alt, "data-kind": kind });
@@ -378,7 +398,7 @@ function featvizCaption(f: FeatVizView): string {
 }
 
 /** The optimized images with the value each reached, then the best dataset sample. */
-function featvizFigures(ctx: PageContext, layer: string, unit: number, f: FeatVizView, images: boolean): HTMLElement[] {
+function featvizFigures(ctx: PageContext, layer: string, unit: number, f: FeatVizView, images: boolean, notHeld: string | null): HTMLElement[] {
   const out = f.activations.map((a, copy) =>
     h(
       "figure",
@@ -393,7 +413,11 @@ function featvizFigures(ctx: PageContext, layer: string, unit: number, f: FeatVi
       h(
         "figure",
         { class: "top-entry best", "data-sample": f.best_sample, "data-value": f.best_dataset === null ? null : String(f.best_dataset) },
-        h("div", { class: "frame" }, images ? h("img", { src, alt: `best dataset sample ${f.best_sample}` }) : noImage()),
+        h(
+          "div",
+          { class: "frame" },
+          notHeld !== null ? h("div", { class: "no-img", title: notHeld }, "not in this export") : images ? h("img", { src, alt: `best dataset sample ${f.best_sample}` }) : noImage(),
+        ),
         h("figcaption", null, h("span", { class: "value" }, fmt(f.best_dataset)), h("a", { href: ctx.href("sample", f.best_sample) }, `#${f.best_sample}`), h("span", { class: "cls", title: "the best dataset sample (rank 1 of the mean list)" }, "best sample")),
       ),
     );
