@@ -1166,3 +1166,72 @@ def test_run_refuses_save_names_that_match_nothing():
     acts = tr.run(torch.randn(2, 3, 32, 32), save=["layer3"])
     with pytest.raises(KeyError, match=r"'layer2' \(relu_\d+\) was not saved.*save=\['layer2'\]"):
         acts["layer2"]
+
+
+def test_run_saves_a_looped_op_by_its_rolled_label():
+    """A loop's op is linear_1:1, linear_1:2 once traced; lurker.trace(save=["linear_1"])
+    saves both passes, and so must tr.run(save=["linear_1"]) (it saved nothing, without
+    an error: the label it matched was the pass's)."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for _ in range(2):
+                x = self.fc(x).relu()
+            return x
+
+    net, x = Net().eval(), torch.randn(2, 4)
+    tr = lurker.trace(net, x, save=["linear_1"])
+    assert [op.label for op in tr.ops if op.activation is not None] == ["linear_1:1", "linear_1:2"]
+    acts = tr.run(x, save=["linear_1"])
+    first = net.fc(x)  # the oracle: the loop by hand
+    torch.testing.assert_close(acts["linear_1:1"], first)
+    torch.testing.assert_close(acts["linear_1:2"], net.fc(first.relu()))
+
+
+def test_a_dropped_provisional_save_is_not_blamed_for_a_write_into_its_old_storage():
+    """With save=[module], an op inside the module whose value dies when the call returns
+    is dropped at once and its storage freed; the allocator may hand it to a new tensor,
+    which an operator that does not declare its write then writes into. That write is
+    into nothing the trace kept: validate must not refuse naming the dropped op."""
+    pointers: set[int] = set()
+
+    @torch.library.custom_op("lurker_test::bump_undeclared", mutates_args=())
+    def bump(x: torch.Tensor) -> torch.Tensor:
+        x.add_(1)  # writes, but its schema does not say so
+        return x.clone()
+
+    class Inner(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            t = x * 3  # t and u die when Inner returns: dropped then
+            u = t.relu()
+            pointers.update(v.untyped_storage().data_ptr() for v in (t, u))
+            return u + 1
+
+    reused: list[bool] = []
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.m = Inner()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = x.clone()
+            x.add_(0)  # an in-place op first: lurker tracks storages from here
+            y = self.m(x)
+            z = torch.zeros(256)
+            reused.append(z.untyped_storage().data_ptr() in pointers)
+            return y + bump(z)
+
+    for _ in range(10):  # the allocator's choice: a few tries until it reuses
+        reused.clear()
+        tr = lurker.trace(Net(), torch.randn(256), save=["m"])
+        if reused[0]:
+            break
+    else:
+        pytest.skip("the allocator never handed a freed storage to the new tensor")
+    assert not [op.label for op in tr.ops if op.stale]
+    assert tr.validate().output_checked

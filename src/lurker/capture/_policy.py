@@ -85,7 +85,9 @@ def make_policy(save: Any) -> SavePolicy:
             )
 
         def ops(op: Op) -> bool:
-            return _match(pats, op.label, f"{op.label}:{op.pass_num}", op.name)
+            # the rolled label too: while recording it is the label, but after the build a
+            # looped op's label is linear_1:2, and a replay asking for linear_1 must match
+            return _match(pats, op.label, op.rolled, f"{op.rolled}:{op.pass_num}", op.name)
 
         def modules(path: str, mod: nn.Module) -> bool:
             return _match(pats, path)

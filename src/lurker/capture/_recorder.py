@@ -369,12 +369,13 @@ class _Core:
         # are gone (see _drop_dead), so saving a module keeps its output, not every op
         # inside it until the forward ends
         self._pending: list[tuple[Op, list[Any], tuple[int, ...], frozenset[int]]] = []
-        # the calls that just ended while ops were pending: (serials, serials of wanted ones)
-        self._ended: tuple[set[int], set[int]] | None = None
+        # the calls that just ended while ops were pending: (serials, serials of wanted
+        # ones, where in _pending the outermost began: the entries made inside them follow)
+        self._ended: tuple[set[int], set[int], int] | None = None
         self._call_serial = 0
         # the current op's module calls, outer to inner: [frame, path or None, module
-        # stack, paths, innermost call with parameters, serial number of the call], the
-        # stack, paths and depth up to that call
+        # stack, paths, innermost call with parameters, serial number of the call,
+        # len(_pending) when it began], the stack, paths and depth up to that call
         self._chain: list[list[Any]] = []
         self._paths: tuple[str, ...] = ()
         self._param_depth = -1  # index in _chain of the innermost call with parameters
@@ -537,7 +538,11 @@ class _Core:
             # checked in _op, once this walk's references to frames are gone
             wanted = self.saved_modules
             ended = chain[known + 1 :]
-            self._ended = ({e[5] for e in ended}, {e[5] for e in ended if e[1] in wanted})
+            self._ended = (
+                {e[5] for e in ended},
+                {e[5] for e in ended if e[1] in wanted},
+                ended[0][6],
+            )
         del chain[known + 1 :]
         if chain:
             stack, paths, depth = chain[-1][2:5]
@@ -554,7 +559,7 @@ class _Core:
                 if path in self.param_modules:
                     depth = len(chain)
             self._call_serial += 1
-            chain.append([fr, path, stack, paths, depth, self._call_serial])
+            chain.append([fr, path, stack, paths, depth, self._call_serial, len(self._pending)])
         self.stack = stack
         self._paths = paths
         self._param_depth = depth
@@ -661,18 +666,25 @@ class _Core:
         holding it ends may be that call's output: it stays saved, and the build decides
         (``drop_provisional``). Without this, ``save=["layer3"]`` kept every op inside
         layer3, and the raw inputs of their calls, until the forward ended."""
-        ended, wanted = self._ended  # type: ignore[misc]
+        ended, wanted, start = self._ended  # type: ignore[misc]
         self._ended = None
-        pending = []
-        for entry in self._pending:
+        # only the entries made since the outermost ended call began: a scan of them all
+        # would make a saved module looping over a child quadratic in its steps
+        pending = self._pending
+        kept = []
+        for entry in pending[start:]:
             node, refs, calls, wanted_calls = entry
             if ended.isdisjoint(calls):
-                pending.append(entry)  # made outside the calls that ended
+                kept.append(entry)  # made outside the calls that ended
             elif not any(r() is not None for r in refs):
                 _build.unsave(node, self.param_refs)
             elif wanted.isdisjoint(wanted_calls):
-                pending.append(entry)  # alive, and a wanted call holding it still runs
-        self._pending = pending
+                kept.append(entry)  # alive, and a wanted call holding it still runs
+        pending[start:] = kept
+        n = len(pending)
+        for e in self._chain:  # calls begun after those ended began at the shorter end
+            if e[6] > n:
+                e[6] = n
 
     def _store(self, node: Op, outs: list[Tensor]) -> None:
         saved = []
@@ -933,7 +945,10 @@ class _Core:
         It is recorded next (its index is the number of nodes so far), named as the writer."""
         aliases = self.aliases if self.aliases is not None else self._arm()
         for i in aliases.pop(t.untyped_storage().data_ptr(), []):
-            self.nodes[i].stale = True
+            node = self.nodes[i]
+            if node.activation is None:  # a provisional save dropped since (its storage
+                continue  # freed and handed to another tensor): nothing kept to be wrong
+            node.stale = True
             self.stale_by.setdefault(i, len(self.nodes))
 
     # ------------------------------------------------------------------ the op hook
