@@ -559,3 +559,154 @@ def test_tokens_concatenated_from_parts_keep_their_patches(tmp_path: Path) -> No
     for t in range(16):
         i, j = divmod(t, 4)
         assert images.box("fc", 0, t) == (8 * i, 8 * i + 8, 8 * j, 8 * j + 8), t
+
+
+class _Attention(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(d, 3 * d)
+
+    def forward(self, x: Tensor) -> Tensor:
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        return (q @ k.transpose(1, 2) / q.shape[-1] ** 0.5).softmax(-1) @ v
+
+
+class _DwConvMlp(nn.Module):
+    """PVTv2's MLP: a depthwise 3x3 convolution between the first linear and the GELU."""
+
+    def __init__(self, d: int, side: int) -> None:
+        super().__init__()
+        self.side = side
+        self.fc1, self.fc2 = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+        self.dwconv = nn.Conv2d(2 * d, 2 * d, 3, padding=1, groups=2 * d)
+        self.act = nn.GELU()
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.fc1(x).transpose(1, 2).reshape(x.shape[0], -1, self.side, self.side)
+        return self.fc2(self.act(self.dwconv(h).flatten(2).transpose(1, 2)))
+
+
+class _GluMlp(nn.Module):
+    """EVA-02's SwiGLU: the first linear's output is chunked into a gate and a value."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.act = nn.Linear(d, 4 * d), nn.Linear(2 * d, d), nn.SiLU()
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, value = self.fc1(x).chunk(2, dim=-1)
+        return self.fc2(self.act(gate) * value)
+
+
+class _NormMlp(nn.Module):
+    """LeViT's MLP: a batch norm over the flattened tokens between linear and activation."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.fc1, self.bn, self.fc2 = (
+            nn.Linear(d, 2 * d),
+            nn.BatchNorm1d(2 * d),
+            nn.Linear(2 * d, d),
+        )
+        self.act = nn.Hardswish()
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.fc1(x)
+        return self.fc2(self.act(self.bn(h.flatten(0, 1)).reshape_as(h)))
+
+
+class _Block(nn.Module):
+    def __init__(self, d: int, mlp: nn.Module) -> None:
+        super().__init__()
+        self.attn, self.mlp = _Attention(d), mlp
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(x)
+        return x + self.mlp(x)
+
+
+class _SqueezeExcite(nn.Module):
+    """Channel attention by 1x1 convolutions of the pooled map: no MLP hidden layer."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Conv2d(d, d // 2, 1), nn.Conv2d(d // 2, d, 1)
+        self.act, self.gate = nn.ReLU(), nn.Sigmoid()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.gate(self.fc2(self.act(self.fc1(x.mean((2, 3), keepdim=True)))))
+
+
+class _MlpZoo(nn.Module):
+    """A transformer whose MLPs put other ops between their first linear and activation."""
+
+    def __init__(self, d: int = 8, side: int = 4) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, d, 4, stride=4), nn.BatchNorm2d(d), nn.ReLU())
+        self.se = _SqueezeExcite(d)
+        self.blocks = nn.Sequential(
+            _Block(d, _DwConvMlp(d, side)), _Block(d, _GluMlp(d)), _Block(d, _NormMlp(d))
+        )
+        self.head = nn.Linear(d, CLASSES)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.blocks(self.se(self.stem(x)).flatten(2).transpose(1, 2)).mean(1))
+
+
+def test_mlp_hidden_layers_behind_norms_chunks_and_depthwise_convs(tmp_path: Path) -> None:
+    """PVTv2, EVA-02 (SwiGLU) and LeViT MLPs have their activation a few ops after the first
+    linear: they are MLP hidden layers all the same, probed by default (they were left out,
+    so EVA-02 had no MLP layer at all), with their units on the last axis."""
+    torch.manual_seed(0)
+    model, ds = _MlpZoo().eval(), _data(size=16)
+    run = probe(model, ds, out=tmp_path / "run", k=K, batch_size=7, progress=False)
+    acts = ["blocks.0.mlp.act", "blocks.1.mlp.act", "blocks.2.mlp.act"]
+    names = [layer.name for layer in run.layers]
+    assert set(acts) <= set(names)
+    assert not {"stem.2", "se.act", "se.gate"} & set(names)  # after a 4x4 conv; SE's
+    found = _brute(model, ds, {a: lambda o: o.transpose(1, 2) for a in acts})  # (N, C, L)
+    for a in acts:
+        assert run.layer(a).num_units == found[a].shape[1] == 16
+        for u in (0, 5, 15):
+            means = found[a][:, u].mean(-1).numpy()
+            top = run.unit(a, u).top("mean")
+            assert [e.sample_id for e in top] == _topk(means, K)
+            np.testing.assert_allclose([e.value for e in top], np.sort(means)[::-1][:K], rtol=1e-5)
+
+
+class _Video(nn.Module):
+    """A 3-D CNN on (C, D, H, W) clips, as torchvision's r3d_18."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv3d(3, 4, 3, padding=1), nn.Conv3d(4, 6, 3, stride=2)
+        self.relu1, self.relu2, self.fc = nn.ReLU(), nn.ReLU(), nn.Linear(6, CLASSES)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.relu2(self.conv2(self.relu1(self.conv1(x)))).mean((2, 3, 4)))
+
+
+def test_video_model_default_layers_are_its_3d_convolutions(tmp_path: Path) -> None:
+    """The default layers of a 3-D CNN are its convolutions and activations (only its
+    final linear layer was probed, without a word), their units on axis 1 and their peaks
+    at (frame * H + row, column)."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    clips = torch.randn(N, 3, 4, 8, 8, generator=g)
+    ds = torch.utils.data.TensorDataset(clips, torch.arange(N) % CLASSES)
+    model = _Video().eval()
+    run = probe(model, ds, out=tmp_path / "run", k=K, batch_size=7, progress=False)
+    assert [layer.name for layer in run.layers] == ["conv1", "relu1", "conv2", "relu2", "fc"]
+    found = _brute(model, ds, {"conv2": lambda o: o, "relu1": lambda o: o})
+    for name, act in found.items():
+        h, w = act.shape[3:]
+        assert run.layer(name).layout["unit"] == 1 and run.layer(name).num_units == act.shape[1]
+        flat = act.flatten(2).numpy()  # (N, C, D*H*W), row-major
+        for u in range(act.shape[1]):
+            top = run.unit(name, u).top("max")
+            assert [e.sample_id for e in top] == _topk(flat[:, u].max(-1), K)
+            for e in top:
+                at = int(flat[e.sample_id, u].argmax())  # the first maximum
+                assert (e.y, e.x) == ((at // (h * w)) * h + (at // w) % h, at % w)
+            means = run.unit(name, u).top("mean")
+            assert [e.sample_id for e in means] == _topk(flat[:, u].mean(-1), K)

@@ -283,3 +283,34 @@ def test_a_reused_module_by_path_and_a_squeezed_batch_are_named_not_lost(tmp_pat
         LurkerError, match=r"'fc' .*cannot be probed: it has no batch axis.*squeeze"
     ):
         probe(model, ds, out=tmp_path / "n", layers=["fc"], progress=False)
+
+
+class _FixedGrid(nn.Module):
+    """Like timm's EfficientFormer or a ViT with a fixed position table: an attention bias
+    of its own 8x8 grid, so other image sizes fail deep inside, where nothing names size."""
+
+    pretrained_cfg = {"input_size": (3, 8, 8)}  # as timm sets it
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.bias = nn.Parameter(torch.zeros(4, 64, 64))
+
+    def forward(self, x: Tensor) -> Tensor:
+        t = self.conv(x).flatten(2)  # (N, 4, H*W)
+        return ((t.transpose(1, 2) @ t)[:, None] + self.bias[None]).mean((1, 2, 3))
+
+
+def test_model_of_a_fixed_input_size_is_told_its_size(tmp_path: Path) -> None:
+    """Fed another size, the model fails on a shape mismatch; the error says the size its
+    config gives, and how to feed it (in Python's and the CLI's words)."""
+    data = torch.utils.data.TensorDataset(torch.randn(4, 3, 16, 16), torch.zeros(4).long())
+    with pytest.raises(TraceError) as err:
+        probe(_FixedGrid(), data, out=tmp_path / "r", k=1, progress=False)
+    py, cli = str(err.value), err.value.for_cli()
+    assert "input size as 8x8, and the images here are 16x16" in py
+    assert "load_dataset(DATA, 8)" in py and "--image-size 8" in cli
+    assert "--image-size" not in py and "load_dataset" not in cli
+    right = torch.utils.data.TensorDataset(torch.randn(4, 3, 8, 8), torch.zeros(4).long())
+    run = probe(_FixedGrid(), right, out=tmp_path / "ok", k=1, progress=False)
+    assert [layer.name for layer in run.layers] == ["conv"]

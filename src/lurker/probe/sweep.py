@@ -43,6 +43,7 @@ from ..capture import Trace, evaluating, settled_trace
 from ..errors import LurkerError, MemoryLimitError, TraceError, warn
 from ..graph.nodes import Op
 from ..models import canonical_channel_dim, channels_first_view, default_device
+from ..ops.catalogue import bind
 from ..store import Run, RunWriter, atomic_write_bytes, run_lock
 from .consumers import (
     EMBED_BUDGET,
@@ -130,17 +131,84 @@ def _blocks(trace: Trace) -> set[str]:
     return out
 
 
-def _default_ops(trace: Trace, candidates: list[Op]) -> list[Op]:
-    """CNNs: every conv, linear and activation op with a (B, C[, L | H, W]) output.
+#: Ops between an MLP's first linear and its activation that keep its hidden units: norms
+#: (LeViT's, EfficientFormer's), reshapes and the chunk of a gated MLP (EVA-02's SwiGLU)
+_MLP_THROUGH = {
+    "batch_norm", "layer_norm", "group_norm", "rms_norm", "dropout", "view", "reshape",
+    "reshape_as", "view_as", "flatten", "unflatten", "transpose", "permute", "contiguous",
+    "chunk", "split", "tensor_split",
+}  # fmt: skip
 
-    Transformers: the outputs of repeated blocks, the MLP hidden layers (an activation
-    right after a linear) and convs outside the blocks (patch embeddings, stems); not the
-    reshapes and attention internals in between."""
+
+def _conv_kind(op: Op) -> str | None:
+    """``"pointwise"`` for a 1x1 convolution of all channels (a linear layer per position),
+    ``"depthwise"`` for one filter per channel; None for other convolutions."""
+    with contextlib.suppress(TypeError):
+        args = bind(op.name, op.args, op.kwargs)
+        shape = tuple(getattr(args.get("weight"), "shape", ()))
+        groups = args.get("groups", 1)
+        if len(shape) >= 3 and groups == 1 and all(k == 1 for k in shape[2:]):
+            return "pointwise"
+        if len(shape) >= 3 and isinstance(groups, int) and groups > 1 and shape[1] == 1:
+            return "depthwise"
+    return None
+
+
+#: Ops that pool a map for a squeeze-and-excitation block's 1x1 convolutions
+_POOLS = {"mean", "sum", "amax", "adaptive_avg_pool2d", "adaptive_max_pool2d"}
+
+
+def _of_pooled_map(trace: Trace, conv: Op) -> bool:
+    """Whether a 1x1 convolution runs on a globally pooled map (a squeeze-and-excitation
+    block's, directly or after its first convolution): channel attention, not an MLP."""
+    cur = conv
+    for _ in range(6):
+        if not cur.parents:
+            return False
+        cur = trace.ops[cur.parents[0]]
+        if cur.name in _POOLS:
+            return True
+        if cur.name not in CONV | ACTIVATIONS or any(n != 1 for n in (cur.shape or ())[2:]):
+            return False
+    return False
+
+
+def _mlp_hidden(trace: Trace, op: Op) -> bool:
+    """An activation fed by a linear layer (or a 1x1 convolution): directly, or through
+    ops that keep its units (norms, reshapes, a gated MLP's chunk, a depthwise convolution:
+    PVTv2's MLP). A 3x3 convolution or another activation on the way ends the search, so a
+    CNN stem's activations are not MLP layers; nor are a squeeze-and-excitation block's
+    (1x1 convolutions of the pooled map)."""
+    cur = op
+    for _ in range(8):
+        if not cur.parents:
+            return False
+        cur = trace.ops[cur.parents[0]]
+        if cur.name in LINEAR:
+            return True
+        if cur.name in CONV:
+            kind = _conv_kind(cur)
+            if kind == "pointwise":
+                return not _of_pooled_map(trace, cur)
+            if kind != "depthwise":
+                return False
+        elif cur.name not in _MLP_THROUGH:
+            return False
+    return False
+
+
+def _default_ops(trace: Trace, candidates: list[Op]) -> list[Op]:
+    """CNNs: every conv, linear and activation op with a unit axis besides the batch:
+    (B, C), (B, C, L), (B, C, H, W), and a video model's (B, C, D, H, W).
+
+    Transformers: the outputs of repeated blocks, the MLP hidden layers (an activation fed
+    by a linear, see :func:`_mlp_hidden`) and convs outside the blocks (patch embeddings,
+    stems); not the reshapes and attention internals in between."""
     if not _is_transformer(trace):
         return [
             op
             for op in candidates
-            if op.name in CONV | LINEAR | ACTIVATIONS and len(op.shape or ()) in (2, 3, 4)
+            if op.name in CONV | LINEAR | ACTIVATIONS and len(op.shape or ()) >= 2
         ]
     blocks = _blocks(trace)
 
@@ -151,7 +219,7 @@ def _default_ops(trace: Trace, candidates: list[Op]) -> list[Op]:
         if {m.split(":")[0] for m in op.module_outputs} & blocks:
             return True  # a block's output
         if op.name in ACTIVATIONS:  # an MLP's hidden layer
-            return any(trace.ops[p].name in LINEAR for p in op.parents[:1])
+            return _mlp_hidden(trace, op)
         return op.name in CONV and not in_block(op)
 
     return [op for op in candidates if wanted(op)]
@@ -192,7 +260,30 @@ def _trace_first(
         py, cli = _probe_trace_error(model, x0, e, wrap=layout is None)
         if layout is not None:
             py, cli = f"{py} {layout[0]}", f"{cli} {layout[1]}"
+        size = _declared_size(plain or model, x0) if layout is None else None
+        if size is not None:
+            said = (
+                f" The model's config (pretrained_cfg) gives its input size as {size[0]}x"
+                f"{size[1]}, and the images here are {x0.shape[-2]}x{x0.shape[-1]}: many "
+                "models only run at their own size"
+            )
+            py += f"{said}; resize the images to it (load_dataset(DATA, {size[0]}))."
+            cli += f"{said}; probe with --image-size {size[0]}."
         raise TraceError(py, partial=e.partial, failed_op=e.failed_op, cli=cli) from e
+
+
+def _declared_size(model: nn.Module, x0: Tensor) -> tuple[int, int] | None:
+    """The (H, W) a model says it takes (timm's ``pretrained_cfg["input_size"]``, which
+    models with position tables or attention biases of a fixed grid need) where an image
+    batch ``x0`` has another size; None where it says none or ``x0`` has it."""
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
+    size = cfg.get("input_size") if isinstance(cfg, Mapping) else None
+    if x0.dim() != 4 or not isinstance(size, (tuple, list)) or len(size) != 3:
+        return None
+    if not all(isinstance(v, int) and v > 0 for v in size[1:]):
+        return None
+    h, w = int(size[1]), int(size[2])
+    return None if (h, w) == tuple(x0.shape[-2:]) else (h, w)
 
 
 def _other_layout(plain: nn.Module, x0: Tensor, channel_dim: int | None) -> tuple[str, str] | None:
