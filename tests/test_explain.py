@@ -526,6 +526,41 @@ def test_a_model_in_train_mode_is_said_to_be_explained_as_it_trains(digits, xd, 
         assert not [r for r in w if "training mode" in str(r.message)]
 
 
+def test_stochastic_depth_in_train_mode_is_said_and_evaluate_says_it_once(digits, xd) -> None:
+    """Stochastic depth (torchvision's StochasticDepth, timm's DropPath) drops whole
+    residual branches at random in training mode: two attributions of one input differ,
+    so it is said as dropout is. evaluate explains the model once per randomized layer:
+    it says it once, not once per layer."""
+    from torchvision.ops import StochasticDepth
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(256, 256)
+            self.drop = StochasticDepth(0.5, "row")
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + self.drop(self.fc(x))
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Flatten(), Block(), nn.Linear(256, 10)).train()
+    x = xd.float()
+    with pytest.warns(UserWarning, match=r"training mode.*1\.drop \(StochasticDepth\)"):
+        a = lurker.explain(m, x, target=1).attribution
+    with pytest.warns(UserWarning, match="training mode"):
+        b = lurker.explain(m, x, target=1).attribution
+    assert not torch.equal(a, b)  # what the warning is about
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        lurker.explain(m.eval(), x, target=1)
+    assert not [r for r in w if "training mode" in str(r.message)]
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        lurker.explain.evaluate(digits.train(), xd, target=1, metrics=["randomization"])
+    assert len([r for r in w if "training mode" in str(r.message)]) == 1
+    digits.eval()
+
+
 # ---------------------------------------------------------------------- bad input
 def test_bad_input_errors(digits, xd) -> None:
     with pytest.raises(

@@ -1058,3 +1058,24 @@ def _fmt(v: float) -> str:
     if a != 0 and a < 1e-3:
         return f"{v:.2e}"
     return str(float(f"{v:.3g}")).removesuffix(".0") if a < 1e4 else str(v)
+
+
+def test_live_view_names_register_tokens_as_such(tmp_path: Path) -> None:
+    """A ViT with register tokens beside its class token has several tokens with no patch:
+    all are shown apart, and the note does not call them "a class token"."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    vit = timm.models.vision_transformer.VisionTransformer(
+        img_size=16, patch_size=4, embed_dim=16, depth=1, num_heads=2, num_classes=10,
+        reg_tokens=2,
+    ).eval()  # fmt: skip
+    block = "blocks.0"
+    x = load_dataset("digits:test", 16, channels=3)[3][0][None]
+    seen = _hooked(vit, x, [block])
+    tokens = seen[block][1][0]  # (1 + 2 + 16, 16): class token, 2 registers, 4x4 patches
+    with _live_client(vit, tmp_path / "vit") as client:
+        out = client.get(f"/api/runs/r/live/sample-3/ops/{block}").json()["output"]
+    assert [t["token"] for t in out["patchless"]] == [0, 1, 2]
+    assert "class or register tokens" in out["note"] and "a class token" not in out["note"]
+    for t in out["patchless"]:
+        assert np.allclose(t["values"], tokens[t["token"]].numpy(), atol=1e-5)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -221,16 +222,40 @@ def check_input(model: Any, x: Any, what: str = "explain") -> Tensor:
     return x.detach()
 
 
+#: module classes, by name, that drop whole residual branches at random in training mode
+#: (timm's DropPath, torchvision's StochasticDepth): their drop probability attribute
+_STOCHASTIC_DEPTH = {"DropPath": "drop_prob", "StochasticDepth": "p"}
+
+
 def _train_dependent(m: nn.Module) -> bool:
-    """Whether ``m`` computes another function in training mode: dropout, and norms that
-    keep running statistics (in training mode they normalise by the batch's own)."""
+    """Whether ``m`` computes another function in training mode: dropout, stochastic
+    depth, and norms that keep running statistics (in training mode they normalise by
+    the batch's own)."""
     if isinstance(m, nn.modules.dropout._DropoutNd):  # Dropout*, AlphaDropout, ...
         return m.p > 0
+    attr = _STOCHASTIC_DEPTH.get(type(m).__name__)
+    if attr is not None:
+        return float(getattr(m, attr, 0) or 0) > 0
     if isinstance(m, nn.MultiheadAttention):
         return m.dropout > 0
     if isinstance(m, nn.modules.batchnorm._NormBase):  # BatchNorm*, InstanceNorm*
         return bool(m.track_running_stats)
     return False
+
+
+_said = threading.local()
+
+
+@contextlib.contextmanager
+def training_said() -> Iterator[None]:
+    """Inside, :func:`warn_training` says nothing: for a caller that has said it once and
+    explains the same model many times (``evaluate``'s randomization, one per layer)."""
+    before = getattr(_said, "on", False)
+    _said.on = True
+    try:
+        yield
+    finally:
+        _said.on = before
 
 
 def warn_training(model: nn.Module) -> None:
@@ -239,6 +264,8 @@ def warn_training(model: nn.Module) -> None:
     rows, and the steps or noisy copies a method runs as one batch), so the attribution
     would be of neither the model's predictions nor each row alone. Lurker does not switch
     the mode itself (the model is left as it was found); the user calls ``model.eval()``."""
+    if getattr(_said, "on", False):
+        return
     found = [
         f"{name or 'the model'} ({type(m).__name__})"
         for name, m in model.named_modules()

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import LurkerError
-from .base import METHODS, Explanation, check_input, untouched
+from .base import METHODS, Explanation, check_input, training_said, untouched
 from .integrated_gradients import as_baseline
 from .targets import Forward, UnitTarget, parse_target
 
@@ -217,7 +217,8 @@ def evaluate(
         opts = dict(method_options)
         from . import explain
 
-        e = explain(model, x, target, method, **opts)
+        with training_said():  # said by check_input above
+            e = explain(model, x, target, method, **opts)
     options: dict[str, Any] = {"metrics": names, "method_options": opts}
     result = Evaluation(explanation=e, options=options)
     perm = _to_nchw(e, x) if curves or ssim else None
@@ -468,7 +469,8 @@ def _randomization(
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
             named[name].reset_parameters()  # type: ignore[operator]
-        a = explain(twin, x, target, method, **opts).attribution
+        with training_said():  # said once by evaluate, not once per layer
+            a = explain(twin, x, target, method, **opts).attribution
         sims.append(spearman(original.abs().flatten(1), a.abs().flatten(1)))
         if with_ssim:
             a0, a1 = (t if perm is None else t.permute(perm) for t in (original, a))

@@ -123,7 +123,7 @@ def concepts(
             mask = torch.zeros(shape, device=x.device, dtype=at.dtype)
             by_unit(mask, layout)[torch.arange(len(r)), c] = 1  # the unit's every position
             t = tgt if isinstance(tgt, UnitTarget) else [tgt[int(i)] for i in r]
-            part, _ = eng.run(x[r], t, at=layer, mask=mask)
+            part, _ = eng.run(x[r], t, at=layer, mask=mask, known=at.index_select(layout.batch, r))
             heat.append(part.input)
         heatmaps = torch.cat(heat).reshape(B, k, *x.shape[1:])
     return Concepts(

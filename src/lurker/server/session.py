@@ -965,7 +965,10 @@ def _unit_maps(shape: list[int], v: Any, layout: Any) -> Maps:
         m = u[:, order].reshape(u.shape[0], rows, cols)
         what = f"token{'s' if len(left) > 1 else ''} {', '.join(map(str, left))}" if left else ""
         note = f"tokens placed on their {rows}x{cols} grid of image patches" + (
-            f"; {what} (no patch: a class token) shown apart, one value per unit" if left else ""
+            f"; {what} (no patch: {'a class token' if len(left) == 1 else 'class or register tokens'})"
+            " shown apart, one value per unit"
+            if left
+            else ""
         )
         apart = tuple((int(i), u[:, i].contiguous()) for i in left)
         return Maps(shape, m.contiguous(), layout.unit, note, patchless=apart)

@@ -390,7 +390,7 @@ async function showOp(el: HTMLElement, ctx: PageContext, image: string, op: stri
       h("h3", null, `${side} `, h("span", { class: "muted" }, `${shape(t.shape)} · ${what}`)),
       from,
       t.note ? h("p", { class: "muted small map-note" }, t.note) : null,
-      ...(t.patchless ?? []).map((tok) => patchlessStrip(tok, side)),
+      ...(t.patchless ?? []).map((tok, _, all) => patchlessStrip(tok, side, all.length === 1)),
     );
     if (!vector) {
       // (a map with no finite value is counted with the non-finite ones)
@@ -464,9 +464,11 @@ async function showOp(el: HTMLElement, ctx: PageContext, image: string, op: stri
 }
 
 /** A token with no patch (a ViT's class token), which the maps of a patch grid leave
- * out: its value at every unit, index i being map i, as a strip chart under its name. */
-function patchlessStrip(tok: { token: number; values: (number | null)[] }, side: string): HTMLElement {
-  const name = tok.token === 0 ? "class token" : `token ${tok.token}`;
+ * out: its value at every unit, index i being map i, as a strip chart under its name.
+ * Named "class token" only when it is the one such token: with register tokens beside
+ * it, which one is the class token (if any) is the model's to say. */
+function patchlessStrip(tok: { token: number; values: (number | null)[] }, side: string, alone: boolean): HTMLElement {
+  const name = alone && tok.token === 0 ? "class token" : `token ${tok.token} (no patch)`;
   const vals = tok.values.map((v) => (v === null ? NaN : v));
   const fin = vals.filter(Number.isFinite);
   const readout = h("p", { class: "small vec-readout", "aria-live": "polite" }, "hover over the chart for a unit's value");
