@@ -48,11 +48,12 @@ def served(tmp_path: Path) -> Iterator[dict[str, Any]]:
     from lurker.server.serve import background
 
     out, weights = tmp_path / "runs" / "d", tmp_path / "d.pt"
-    probe_digits(out, weights, seed=0, k=3, overwrite=True)
+    model = probe_digits(out, weights, seed=0, k=3, overwrite=True)
     with background(create_app(tmp_path / "runs")) as url:
         yield {
             "url": url,
             "out": out,
+            "model": model,
             "reprobe": lambda: probe_digits(out, weights, seed=1, k=3, overwrite=True),
         }
 
@@ -117,8 +118,14 @@ def test_generation_endpoint_follows_the_run(served: dict) -> None:
         with urlopen(served["url"] + path) as r:
             return json.loads(r.read())
 
-    before = get("api/runs/d")["generation"]
-    assert get("api/runs/d/generation") == {"id": "d", "generation": before, "status": "complete"}
+    summary = get("api/runs/d")
+    before = summary["generation"]
+    assert get("api/runs/d/generation") == {
+        "id": "d",
+        "generation": before,
+        "status": "complete",
+        "images_version": summary["images_version"],
+    }
     assert get("api/runs/d/generation")["generation"] == before  # stable while unchanged
     served["reprobe"]()
     after = get("api/runs/d/generation")["generation"]
@@ -147,3 +154,124 @@ def test_a_toggle_on_a_stale_page_draws_the_new_run(browser: Any, served: dict) 
         srcs = pg.eval_on_selector_all(".topk .top-entry img", "els => els.map(e => e.src)")
         assert srcs and all("/grad.png" in s and f"v={version}" in s for s in srcs), srcs
         assert "img=grad" in pg.evaluate("location.hash")  # the click's choice is kept
+
+
+def _get(url: str) -> dict:
+    import json
+    from urllib.request import urlopen
+
+    with urlopen(url) as r:
+        return json.loads(r.read())
+
+
+def test_writes_that_add_to_the_run_leave_its_generation_alone(served: dict) -> None:
+    """``lurker featviz``, ``lurker map`` and deleting the run's ``cache/`` (to free disk or
+    remake its images) change no value a page shows: the generation stays, so no open page
+    says the run was probed again. Deleting ``cache/`` changes only the image token (its
+    files may be made anew, other pictures under the same names)."""
+    import shutil
+
+    import lurker
+    from lurker.map import make_map
+
+    gen = served["url"] + "api/runs/d/generation"
+    first = _get(gen)
+    assert (
+        first["images_version"]
+        and first["images_version"] == _get(served["url"] + "api/runs/d")["images_version"]
+    )
+    lurker.featviz(served["model"], "features.8", units=[0, 1], steps=4).save(served["out"])
+    make_map(served["out"], method="pca")
+    after_writes = _get(gen)
+    assert _get(served["url"] + "api/runs/d")["holds"]["map"]  # both writes landed
+    assert after_writes == first
+    _get(served["url"] + "api/runs/d/samples/0")  # (any request: the cache is in use)
+    shutil.rmtree(served["out"] / "cache")
+    after_delete = _get(gen)
+    assert after_delete["generation"] == first["generation"]
+    assert after_delete["images_version"] not in (None, first["images_version"])
+
+
+def test_a_deleted_image_cache_is_no_reprobe_to_an_open_page(browser: Any, served: dict) -> None:
+    """The run's ``cache/`` deleted under an open unit page: no bar, and the next page
+    asks for the run's images under the new image token (not the old one, which the
+    browser keeps as immutable)."""
+    import shutil
+
+    unit = f"#/r/d/unit/{LAYER}/{UNIT}?tab=max"
+    with strict_page(browser) as pg:
+        pg.goto(served["url"] + unit)
+        shown = _shown(pg)
+        old_version = _version(pg)
+        shutil.rmtree(served["out"] / "cache")
+        new_version = _version(pg)
+        assert new_version != old_version
+        # the poll (as when the tab is looked at again) answers before the bar could show
+        with pg.expect_response(lambda r: r.url.endswith("/api/runs/d/generation")):
+            pg.evaluate("document.dispatchEvent(new Event('visibilitychange'))")
+        pg.evaluate(f"location.hash = '#/r/d/layer/{LAYER}'")
+        pg.wait_for_selector(".unit-grid .unit-id")
+        pg.evaluate(f"location.hash = '{unit}'")
+        assert _shown(pg) == shown
+        srcs = pg.eval_on_selector_all(".topk .top-entry img", "els => els.map(e => e.src)")
+        assert srcs and all(f"v={new_version}" in s for s in srcs), srcs
+        assert pg.locator(".run-changed").is_hidden()
+
+
+#: ``window.__busy``: the page's fetches and JSON reads not yet done, each counted off a
+#: task after it settles, so after the promise chains it started (what the page did with
+#: the answer) ran: 0 means the page acted on every answer it was given.
+_COUNT_FETCHES = """
+window.__busy = 0;
+const done = () => setTimeout(() => window.__busy--, 0);
+const fetch0 = window.fetch;
+window.fetch = (...args) => { window.__busy++; return fetch0(...args).finally(done); };
+const json0 = Response.prototype.json;
+Response.prototype.json = function () { window.__busy++; return json0.call(this).finally(done); };
+"""
+
+
+@pytest.mark.parametrize("first", ["navigation", "poll"])
+def test_a_poll_during_a_navigation_reports_the_reprobe_once(
+    browser: Any, served: dict, first: str
+) -> None:
+    """After a re-probe, a navigation and the page's poll ask at once whether the run
+    changed (the poll's timer, or the tab looked at again, while the navigation waits for
+    its answer). Both read the token the tab held: each said "changed", so the page just
+    drawn from the new run said it showed the earlier run. Now the run is checked once and
+    the page drawn says it shows the new run. The answers are held back (``page.route``)
+    and let go in the order that showed the fault: the navigation's first."""
+    unit = f"#/r/d/unit/{LAYER}/{UNIT}?tab=max"
+    held: list[Any] = []
+
+    def hold(route: Any) -> None:
+        if route.request.url.endswith("?sync"):
+            route.continue_()
+        else:
+            held.append(route)
+
+    with strict_page(browser) as pg:
+        pg.add_init_script(_COUNT_FETCHES)
+        pg.goto(served["url"] + f"#/r/d/layer/{LAYER}")
+        pg.wait_for_selector(".unit-grid .unit-id")
+        served["reprobe"]()
+        new = _top(served["out"])
+        pg.route("**/api/runs/d/generation*", hold)
+        navigate = f"location.hash = '{unit}'"
+        poll = "document.dispatchEvent(new Event('visibilitychange'))"
+        for js in [navigate, poll] if first == "navigation" else [poll, navigate]:
+            pg.evaluate(js)
+            # a request made after it: once it passed the route, so did the page's
+            pg.evaluate("fetch('api/runs/d/generation?sync').then(r => r.status)")
+        assert held
+        navigation = held[0] if first == "navigation" else held[-1]
+        rest = [r for r in held if r is not navigation]
+        navigation.continue_()
+        pg.wait_for_selector(".run-changed[data-state=fresh]")
+        assert _shown(pg) == new
+        for route in rest:  # (none: one check per run at a time)
+            route.continue_()
+        pg.unroute("**/api/runs/d/generation*")
+        pg.wait_for_function("window.__busy === 0")  # every answer read and acted on
+        assert pg.get_attribute(".run-changed", "data-state") == "fresh"
+        assert _shown(pg) == new

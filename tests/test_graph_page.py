@@ -773,6 +773,48 @@ def test_a_long_chain_of_modules_opens_readable_at_its_start(
     assert _edges_under_nodes(page, only_into=first[12]) == []
 
 
+class SkipOverLoop(torch.nn.Module):
+    """A skip connection around a loop of 500 residual blocks: the input is added again
+    after the loop (and a ReLU), so its edge passes over the blocks' wrapped rank."""
+
+    def __init__(self, n: int = 500) -> None:
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(
+            torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()) for _ in range(n)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x
+        for block in self.blocks:
+            x = x + block(x)
+        return torch.relu(x) + y
+
+
+def test_a_skip_edge_over_a_wrapped_rank_goes_around_its_rows(
+    page: Any, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The input's edge into the ``add`` after a loop of 500 blocks (the blocks one rank,
+    wrapped into rows) starts and ends in rows that are not wrapped: it was drawn as a
+    curve straight down through the wrapped rows' boxes. It is routed beside them."""
+    from lurker.server import create_app
+    from lurker.server.serve import background
+
+    path = _probed(tmp_path_factory, "skipover", SkipOverLoop, "blocks.0.0")
+    with background(create_app(path)) as url:
+        doc = open_graph(page, {"skipover": url}, "skipover")
+        labels = [n["l"] for n in doc["nodes"]]
+        last = max(i for i, n in enumerate(doc["nodes"]) if n["t"] in ("add", "add_"))
+        assert (0, last) in {(e[0], e[1]) for e in doc["edges"]}, labels  # input -> add
+        ex = Expect(doc)
+        items = ex.items(ex.default_open())
+        page.click(".graph-bar button:has-text('Fit')")
+        page.wait_for_function(
+            "n => +document.querySelector('.graph-page').dataset.drawn === n", arg=len(items)
+        )
+        assert page.locator(f'svg.graph path.e[data-a="n0"][data-b="n{last}"]').count() == 1
+        assert _edges_under_nodes(page, only_into=f"n{last}") == []
+
+
 @pytest.mark.parametrize("run", ["flat", "long", "resnet18"])
 def test_fit_shows_the_whole_graph(page: Any, servers: dict[str, str], run: str) -> None:
     """Fit puts every drawn item on screen, however small: the flat Sequential's column of

@@ -56,6 +56,14 @@ export interface RunSummary {
   generation?: string | null;
 }
 
+/** `GET /runs/RUN/generation`: what a page polls (see {@link Api.runChanged}). */
+export interface RunGeneration {
+  id: string;
+  generation: string;
+  status?: string | null;
+  images_version?: string | null;
+}
+
 export interface RunListEntry {
   id: string;
   model: string | null;
@@ -313,6 +321,8 @@ export class Api {
   private versions = new Map<string, string>();
   /** Per run id, the `generation` of the summary the page's cached documents belong to. */
   private generations = new Map<string, string>();
+  /** Per run id, the {@link runChanged} check under way. */
+  private checking = new Map<string, Promise<boolean>>();
 
   constructor(isStatic?: boolean) {
     this.isStatic =
@@ -372,20 +382,43 @@ export class Api {
    * its summary: one small request (`/runs/RUN/generation`). When it was, everything the
    * page holds of the run (its documents, its image token, decoded images) is dropped,
    * so the next page asks the server again and never shows the earlier run's values or
-   * pictures as the current ones. False in a static export (it never changes under a
-   * page), before the summary was read, and when the server cannot be reached.
+   * pictures as the current ones. When only the run's image cache was remade (`cache/`
+   * deleted: same generation, another `images_version`), the image token and decoded
+   * images alone are dropped, and it answers false: no value the page shows changed.
+   * False in a static export (it never changes under a page), before the summary was
+   * read, and when the server cannot be reached. One check per run at a time: a second
+   * caller while one is under way shares its answer (two would both see the old token
+   * and both report the one change).
    */
-  async runChanged(run: string): Promise<boolean> {
+  runChanged(run: string): Promise<boolean> {
+    const pending = this.checking.get(run);
+    if (pending) return pending;
+    const check = this.checkRun(run).finally(() => this.checking.delete(run));
+    this.checking.set(run, check);
+    return check;
+  }
+
+  private async checkRun(run: string): Promise<boolean> {
     const known = this.generations.get(run);
     if (this.isStatic || known === undefined) return false;
-    let now: string;
+    let now: RunGeneration;
     try {
-      now = (await this.get<{ generation: string }>(this.jsonUrl(p("runs", run, "generation")), false, null)).generation;
+      now = await this.get<RunGeneration>(this.jsonUrl(p("runs", run, "generation")), false, null);
     } catch {
       return false;
     }
-    if (now === known) return false;
     const prefix = this.jsonUrl(p("runs", run));
+    if (now.generation === known) {
+      const version = this.versions.get(run);
+      if (version !== undefined && (now.images_version ?? undefined) !== version) {
+        // the cached summary would hand the old token out again
+        this.cache.delete(prefix);
+        for (const url of [...decoded.keys()]) if (url.startsWith(prefix + "/")) decoded.delete(url);
+        this.versions.delete(run);
+        if (now.images_version) this.versions.set(run, now.images_version);
+      }
+      return false;
+    }
     for (const url of [...this.cache.keys()])
       if (url === prefix || url.startsWith(prefix + "/") || url.startsWith(prefix + "?") || url === this.jsonUrl("/runs"))
         this.cache.delete(url);
@@ -394,7 +427,7 @@ export class Api {
     this.generations.delete(run);
     // the new summary sets the new token and generation before any page asks for images
     await this.summary(run).catch(() => undefined);
-    if (!this.generations.has(run)) this.generations.set(run, now);
+    if (!this.generations.has(run)) this.generations.set(run, now.generation);
     return true;
   }
 

@@ -68,10 +68,18 @@ function showRunChanged(run: string, state: "stale" | "fresh"): void {
     );
 }
 
+/** Navigations begun so far, and how many are asking whether their run changed: the
+ * answer is theirs to give (the page they draw is the new run's: "fresh"), never a
+ * poll's ("stale" over a page just drawn from the new run). */
+let renders = 0;
+let renderChecks = 0;
+
 async function watchRun(): Promise<void> {
   const run = shownRun;
-  if (run === null || document.visibilityState !== "visible") return;
-  if ((await api.runChanged(run)) && run === shownRun) showRunChanged(run, "stale");
+  if (run === null || document.visibilityState !== "visible" || renderChecks > 0) return;
+  const seen = renders;
+  const changed = await api.runChanged(run);
+  if (changed && run === shownRun && renders === seen) showRunChanged(run, "stale");
 }
 
 if (!api.isStatic) {
@@ -174,6 +182,7 @@ async function render(): Promise<void> {
   current?.abort();
   const ctl = new AbortController();
   current = ctl;
+  renders++;
   pageStale = false;
   const { path, params } = parseHash(location.hash);
   const scrolled = enterEntry();
@@ -207,7 +216,13 @@ async function render(): Promise<void> {
   renderTopbar(run, kind, null);
   // a run probed again since the tab read it: its cached documents and image token are
   // dropped before this page asks for any, so it shows the new run, and says so
-  const changed = await api.runChanged(run);
+  renderChecks++;
+  let changed: boolean;
+  try {
+    changed = await api.runChanged(run);
+  } finally {
+    renderChecks--;
+  }
   if (ctl.signal.aborted) return;
   if (changed || (!changedBar.hidden && changedBar.dataset.state === "stale")) showRunChanged(run, "fresh");
   api

@@ -146,6 +146,10 @@ class RunGeneration(BaseModel):
     id: str
     generation: str
     status: str | None = None
+    #: The run's :attr:`RunSummary.images_version` now: another value with the same
+    #: ``generation`` means only its image cache was remade (``cache/`` deleted), so a
+    #: page drops its image token and keeps everything else.
+    images_version: str | None = None
 
 
 # -- layers and units ---------------------------------------------------------------------

@@ -266,12 +266,13 @@ class RunEntry:
     @property
     def generation(self) -> str:
         """A token of the run as this entry opened it: which probe made it and how far
-        (``created``, ``status``), its database file (a probe again makes a new one) and
-        its :attr:`images_version`. A page compares it with the one it read to notice that
-        the run changed under it (re-probed, or a resumed probe finished)."""
+        (``created``, ``status``) and its database file (a probe again makes a new one).
+        A page compares it with the one it read to notice that the run changed under it
+        (re-probed, or a resumed probe finished). Not the image cache: deleting
+        ``cache/`` changes no value a page shows (only :attr:`images_version`)."""
         identity = self.run.identity if self.run is not None else (None, self.error)
         sig = self.signature[:2] if self.signature is not None else None
-        key = repr((*identity, sig, self.images_version))
+        key = repr((*identity, sig))
         return hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
 
     # -- lookups that raise 404s listing what exists -----------------------------------

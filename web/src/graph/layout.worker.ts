@@ -236,9 +236,11 @@ class Run {
    * than {@link WRAP_W} wraps, as text does, into rows read left to right, top to bottom:
    * a loop over a ModuleList of 4,000 blocks (every block reads the loop's rolled `add`, so
    * all are one rank) is a column of rows a screen wide to scroll down, not one row
-   * 400,000 px wide. An edge into or out of a wrapped rank gets a route (flagged `c`: clear
-   * of every item by construction), down into the gap above its target's row, or along
-   * the gutter left of every row to it; other edges have none (the page draws a curve). */
+   * 400,000 px wide. An edge into, out of or over a wrapped rank (a skip connection around
+   * the loop) gets a route (flagged `c`: clear of every item by construction), down into
+   * the gap above its target's row, or along the gutter left of every row to it; other
+   * edges have none (the page draws a curve, which over a wrapped rank would cross its
+   * items). */
   private layered(g: number): GroupLayout {
     const items = this.st.items[g];
     const at = new Map(items.map((it, i) => [it, i]));
@@ -306,13 +308,16 @@ class Run {
     const out: GroupLayout["edges"] = [];
     if (anyWrapped) {
       const lane = dx + gutter / 2;
+      // wrappedUpTo[k]: how many of rows 0..k-1 are wrapped (any in ra..rb: a difference)
+      const wrappedUpTo = [0];
+      for (const r of rows) wrappedUpTo.push(wrappedUpTo[wrappedUpTo.length - 1] + (r.wrapped ? 1 : 0));
       for (const [a, b] of own) {
         const ia = at.get(a);
         const ib = at.get(b);
         if (ia === undefined || ib === undefined || ia >= ib) continue;
         const ra = rowOf[ia];
         const rb = rowOf[ib];
-        if (rb <= ra || !(rows[ra].wrapped || rows[rb].wrapped)) continue;
+        if (rb <= ra || wrappedUpTo[rb + 1] === wrappedUpTo[ra]) continue;
         const [ax, ay, , ah] = pos[a];
         const [bx, by, , bh] = pos[b];
         const gb = round(tops[rb] - 10); // the gap above b's row

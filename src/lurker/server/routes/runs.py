@@ -163,4 +163,6 @@ def summarize(request: Request, e: RunEntry) -> RunSummary:
 def run_generation(request: Request, run_id: str) -> RunGeneration:
     e = entry(request, run_id)  # (opened again if probed again since)
     status = e.run.meta.get("status") if e.run is not None else None
-    return RunGeneration(id=e.id, generation=e.generation, status=status)
+    return RunGeneration(
+        id=e.id, generation=e.generation, status=status, images_version=e.images_version
+    )
