@@ -139,8 +139,10 @@ def digits_quality(args: argparse.Namespace) -> None:
 
 def _means(model: torch.nn.Module, layer: str, x: torch.Tensor) -> torch.Tensor:
     got = {}
+    # a clone: an in-place ReLU after the layer (vgg's, the digits model's features.8)
+    # would overwrite the output the hook holds, and the means be the ReLU's
     h = dict(model.named_modules())[layer].register_forward_hook(
-        lambda m, i, o: got.__setitem__("a", o.detach())
+        lambda m, i, o: got.__setitem__("a", o.detach().clone())
     )
     with torch.no_grad():
         model(x)

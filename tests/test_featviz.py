@@ -120,6 +120,41 @@ def test_trace_label_and_functional_op_targets(digits):
     assert torch.allclose(fv.activations, want, rtol=1e-4, atol=1e-6)
 
 
+def test_a_module_that_runs_twice_is_refused_and_each_call_is_its_own_layer():
+    """ResNet's shared ``relu`` runs twice per block: ``layer1.0.relu`` used to be read at
+    its first call, silently (Lucent reads the last; the probe names each call), so a
+    researcher visualizing the block's output got another unit's image."""
+
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1 = nn.Conv2d(1, 4, 3, padding=1)
+            self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+            self.act = nn.ReLU()
+
+        def forward(self, x):
+            return self.act(self.conv2(self.act(self.conv1(x))) - 0.5)
+
+    torch.manual_seed(0)
+    net = Shared().eval()
+    kw = dict(units=[0, 2], steps=8, size=12, channels=1)
+    with pytest.raises(LurkerError, match=r"'act' runs 2 times.*act:1, act:2"):
+        lurker.featviz(net, "act", **kw)
+
+    def calls(images: torch.Tensor) -> list[torch.Tensor]:
+        seen = []  # the oracle: the module's output at each call, by a forward hook
+        h = net.act.register_forward_hook(lambda m, i, o: seen.append(o.clone()))
+        with torch.no_grad():
+            net(images)
+        h.remove()
+        return seen
+
+    for call, layer in ((0, "act:1"), (1, "act:2")):
+        fv = lurker.featviz(net, layer, **kw)
+        want = calls(fv.images)[call].mean((2, 3))[[0, 1], [0, 2]]
+        assert torch.allclose(fv.activations, want, rtol=1e-4, atol=1e-6), (layer, want)
+
+
 def test_units_of_a_token_layer_without_a_run():
     """Without a run, a ViT block's units are its last axis (as the probe reads them), not
     its tokens: each image's activation is its unit's mean over the tokens, by a forward

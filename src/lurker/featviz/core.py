@@ -608,9 +608,10 @@ class _Stop(Exception):
 class _Tap:
     """``tap(x)`` runs the model up to ``target`` and returns its output as ``(B, C, ...)``.
 
-    A module path is read with a forward hook on that module (its first call); any other
-    name through the trace's hook API (one trace of ``x0``, then ``trace.run`` per call),
-    so functional ops (``add_2``, ``relu_4``) work too.
+    A module path is read with a forward hook on that module (one that runs more than
+    once is refused: its calls are named ``path:1``, ``path:2``); any other name through
+    the trace's hook API (one trace of ``x0``, then ``trace.run`` per call), so
+    functional ops (``add_2``, ``relu_4``) and one call of a reused module work too.
     """
 
     def __init__(
@@ -653,6 +654,21 @@ class _Tap:
                 "(model.named_modules()) or a trace label (lurker.trace(model, x) lists "
                 "them)." + (f" Close names: {', '.join(close)}." if close else "")
             ) from e
+        passes = traced.hook_ops(target)
+        if len(passes) > 1:
+            # a module that runs several times (ResNet's shared relu, a loop) has one output
+            # per call: the probe names each, and taking one silently optimizes another unit
+            n = len(passes)
+            calls = (
+                ", ".join(f"{target}:{k}" for k in range(1, n + 1))
+                if n <= 4
+                else f"{target}:1 to {target}:{n}"
+            )
+            raise LurkerError(
+                f"layer {name!r} runs {n} times in {type(model).__name__}'s forward, "
+                f"each call its own output: name the one to visualize ({calls}), as the probe "
+                "names them"
+            )
         if layout is None:  # no run: where its units are, as the probe would find them
             from ..probe.layout import layer_layout
 
