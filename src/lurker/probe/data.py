@@ -975,9 +975,37 @@ def _pil_to_tensor(image: Image.Image) -> Tensor:
     return t.unsqueeze(0) if t.dim() == 2 else t.permute(2, 0, 1)
 
 
-def input_image(dataset: ProbeDataset, sample_id: int) -> Image.Image:
-    """Sample ``sample_id`` as the model saw it (after resize/crop, normalisation undone)."""
+def is_clip(img: Tensor) -> bool:
+    """Whether ``img`` is a video clip ``(C, D, H, W)`` (1 or 3 channels), as a 3-D CNN
+    (r3d_18, mc3_18) takes: a picture of it is one of its frames (:func:`clip_frame`)."""
+    return img.dim() == 4 and img.shape[0] in (1, 3)
+
+
+def middle_frame(frames: int) -> int:
+    """The frame a clip of ``frames`` frames is shown as, when no peak picks one."""
+    return frames // 2
+
+
+def clip_frame(img: Tensor, frame: int | None = None) -> Tensor:
+    """Frame ``frame`` of a ``(C, D, H, W)`` clip as a ``(C, H, W)`` image (default: the
+    middle one, :func:`middle_frame`); an image ``(C, H, W)``/``(H, W)`` as it is.
+
+    to_pil shows images, not clips: a clip is shown one frame at a time, and the caller
+    says which (a unit's crop: the frame of its peak, :func:`lurker.probe.layout.peak_frame`).
+    """
+    if not is_clip(img):
+        return img
+    d = int(img.shape[1])
+    f = middle_frame(d) if frame is None else frame
+    if not 0 <= f < d:
+        raise LurkerError(f"frame {f} is not in this clip of {d} frames {tuple(img.shape)}")
+    return img[:, f]
+
+
+def input_image(dataset: ProbeDataset, sample_id: int, frame: int | None = None) -> Image.Image:
+    """Sample ``sample_id`` as the model saw it (after resize/crop, normalisation undone);
+    a video clip as its frame ``frame`` (default the middle one, :func:`clip_frame`)."""
     item = dataset[sample_id]
     if isinstance(item, Skipped):
         raise LurkerError(f"sample {sample_id} ({item.path}) cannot be read: {item.reason}")
-    return to_pil(denormalize(item[0], dataset.mean, dataset.std))
+    return to_pil(denormalize(clip_frame(item[0], frame), dataset.mean, dataset.std))

@@ -31,7 +31,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import weakref
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -212,6 +212,32 @@ def position_box(
         return None
     r = rf if isinstance(rf, RF) else RF.from_dict(dict(rf))
     return r.box(y, x, clip_to=(h, w))
+
+
+def peak_frame(
+    layout: Layout | Mapping[str, Any] | None, shape: Sequence[int], y: int, frames: int
+) -> int | None:
+    """The frame of a ``frames``-frame input clip to show for a peak ``(y, x)`` of a layer
+    with three position axes (a 3-D convolution's ``(D', H', W')``, stored as
+    ``y = frame * H' + row``); ``None`` for other layers.
+
+    3-D receptive fields are not computed (such a layer's ``rf`` is None), so the frame
+    is the one at the peak's place in time: the middle of the input frames its frame
+    ``f`` of ``D'`` spans, ``((2f + 1) * frames) // (2 D')``; ``f`` itself when the layer
+    keeps the clip's frames (``D' == frames``).
+    """
+    lay = (
+        layout if isinstance(layout, Layout) or layout is None else Layout.from_dict(layout)  # type: ignore[arg-type]
+    )
+    if lay is None or len(lay.positions) != 3:
+        return None
+    # ``shape`` is the output's without its batch axis
+    dims = [p - (p > lay.batch) for p in lay.positions]
+    d, h = int(shape[dims[0]]), int(shape[dims[1]])
+    f = y // h
+    if d == frames:
+        return f
+    return min(frames - 1, ((2 * f + 1) * frames) // (2 * d))
 
 
 def rf_matches(layout: Layout, rf: RF) -> bool:

@@ -49,7 +49,7 @@ from .images import (
     gradient_pixels,
     png_bytes,
 )
-from .layout import position_box
+from .layout import peak_frame, position_box
 from .progress import Progress
 
 Kind = Literal["input", "crop", "grad", "grad_crop"]
@@ -244,10 +244,20 @@ class UnitImages:
                 self._sample_bytes -= old.numel() * old.element_size()
         return t
 
-    def _sample_pil(self, sample_id: int) -> Image.Image:
-        return pdata.to_pil(
-            pdata.denormalize(self._sample(sample_id), self.dataset.mean, self.dataset.std)
-        )
+    def _sample_pil(self, sample_id: int, frame: int | None = None) -> Image.Image:
+        """The sample as an image; a video clip as its frame ``frame`` (default the middle)."""
+        t = pdata.clip_frame(self._sample(sample_id), frame)
+        return pdata.to_pil(pdata.denormalize(t, self.dataset.mean, self.dataset.std))
+
+    def frame(self, layer: str, y: int, sample_id: int) -> int | None:
+        """The frame of a video clip sample shown for a peak ``(y, x)`` of ``layer``: its
+        crop's and gradient's (:func:`lurker.probe.layout.peak_frame`); ``None`` when the
+        samples are images or the layer has no frame axis."""
+        t = self._sample(sample_id)
+        if not pdata.is_clip(t):
+            return None
+        info = self.run.layer(layer)
+        return peak_frame(info.layout, info.shape, y, int(t.shape[1]))
 
     def _entry(self, layer: str, unit: int, which: str, rank: int) -> Any:
         if which not in LISTS:
@@ -381,7 +391,9 @@ class UnitImages:
         def make() -> Image.Image:
             box = self.crop_box(layer, unit, which, rank)
             if kind == "crop":
-                return crop(self._sample_pil(e.sample_id), box)
+                y = e.y if e.y is not None else self.peak(layer, unit, e.sample_id)[0]
+                frame = self.frame(layer, y, e.sample_id)
+                return crop(self._sample_pil(e.sample_id, frame), box)
             with Image.open(self.cache.open(self.get("grad", layer, unit, rank, which))) as full:
                 return crop(full.copy(), box)
 
@@ -432,6 +444,11 @@ class UnitImages:
         width = pos[-1] if pos else 1
         for j, flat in zip(jobs, argmax.tolist()):
             self._peaks[(layer, j.unit, j.sample_id)] = (flat // width, flat % width)
+        if grad.dim() == 5:  # video clips: each gradient on the frame of its entry's peak
+            ys = [(j.peak or self._peaks[(layer, j.unit, j.sample_id)])[0] for j in jobs]
+            frames = [self.frame(layer, y, j.sample_id) for y, j in zip(ys, jobs)]
+            mid = pdata.middle_frame(grad.shape[2])
+            grad = torch.stack([g[:, mid if f is None else f] for g, f in zip(grad, frames)])
         return gradient_pixels(grad).cpu().numpy(), grad
 
     # -- writing all images ------------------------------------------------------------
@@ -566,7 +583,9 @@ class UnitImages:
             box = self._box_of(name, j)
             if j.crop:
                 target = path(self.run, "crop", name, j.unit, j.rank, j.which)
-                out.submit(target, crop(self._sample_pil(j.sample_id), box))
+                y = j.peak[0] if j.peak is not None else self.peak(name, j.unit, j.sample_id)[0]
+                image = self._sample_pil(j.sample_id, self.frame(name, y, j.sample_id))
+                out.submit(target, crop(image, box))
             if j.grad_crop:  # its gradient image is already on disk
                 grad = path(self.run, "grad", name, j.unit, j.rank, j.which)
                 with Image.open(grad) as full:

@@ -299,8 +299,14 @@ class Session:
         folder = self.entry.path / "cache" / safe_component(kind) / safe_component(layer)
         return folder / f"{unit:05d}-{safe_component(which)}-{rank:03d}.png"
 
-    def sample_pil(self, sample_id: int, path: str | None) -> Image.Image:
-        """Sample ``sample_id`` as the model saw it, from the dataset."""
+    def clip_frames(self) -> int | None:
+        """The frames of the run's inputs when they are video clips ``(C, D, H, W)``."""
+        shape = self.config.get("input_shape") or []
+        return int(shape[1]) if len(shape) == 4 and shape[0] in (1, 3) else None
+
+    def sample_pil(self, sample_id: int, path: str | None, frame: int | None = None) -> Image.Image:
+        """Sample ``sample_id`` as the model saw it, from the dataset; a video clip as its
+        frame ``frame`` (default the middle one)."""
         from lurker.probe import data as pdata
 
         ds = self.dataset()
@@ -318,7 +324,7 @@ class Session:
                 f"the dataset now has {paths[sample_id]} there",
             )
         try:
-            return pdata.input_image(ds, sample_id)
+            return pdata.input_image(ds, sample_id, frame)
         except LurkerError as e:
             raise ApiError(409, str(e)) from None
 
@@ -343,7 +349,7 @@ class Session:
         """The receptive-field crop of an entry whose peak ``(y, x)`` the run stores (the max
         list's, and the mean list's of runs probed since): needs only the dataset."""
         from lurker.probe.images import crop
-        from lurker.probe.layout import position_box
+        from lurker.probe.layout import peak_frame, position_box
 
         target = self.unit_file("crop", info.name, unit, which, rank)
         if _cached(target):
@@ -351,7 +357,9 @@ class Session:
         run = self.entry.open_run()
 
         def make() -> Image.Image:
-            image = self.sample_pil(sample_id, path)
+            frames = self.clip_frames()
+            frame = None if frames is None else peak_frame(info.layout, info.shape, y, frames)
+            image = self.sample_pil(sample_id, path, frame)  # a clip: the peak's frame
             size = run.meta.get("image_size") or [image.height, image.width]
             h, w = (size[-2], size[-1]) if len(size) >= 2 else (image.height, image.width)
             box = position_box(info.layout, info.rf, y, x, (h, w)) or (0, h, 0, w)
@@ -422,6 +430,13 @@ class Session:
 
         run = self.entry.open_run()
         shape = self.config.get("input_shape") or [3]
+        if self.clip_frames() is not None:
+            raise ApiError(
+                409,
+                f"this run's model takes video clips {tuple(shape)} (C, D, H, W), and an "
+                "uploaded image is one frame: open a dataset sample's clip in the live view "
+                "instead (sample-N)",
+            )
         channels = int(shape[0]) if shape and shape[0] in (1, 3) else 3
         size = run.meta.get("image_size") or shape[-2:] or [224, 224]
         h, w = (int(size[-2]), int(size[-1])) if len(size) >= 2 else (int(size[0]),) * 2
@@ -450,6 +465,8 @@ class Session:
         try:
             t = self.preprocess(image)
             note = pdata.transparency_note(image)
+        except ApiError:
+            raise
         except Exception as e:  # an image Pillow opened but cannot convert (odd modes)
             raise ApiError(
                 400, f"cannot prepare this image for the model ({type(e).__name__}: {e})"
@@ -504,7 +521,8 @@ class Session:
         std = self.config.get("std") or [1.0] * t.shape[0]
         if len(mean) != t.shape[0]:
             mean, std = [0.0] * t.shape[0], [1.0] * t.shape[0]
-        return pdata.to_pil(pdata.denormalize(t, mean, std))
+        # a video clip as its middle frame, as its sample image
+        return pdata.to_pil(pdata.denormalize(pdata.clip_frame(t), mean, std))
 
     def predictions(self, x: torch.Tensor, top: int = 5) -> list[dict[str, Any]]:
         """Top-``top`` classes of the model's output for one input (softmax)."""
