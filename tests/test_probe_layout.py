@@ -674,6 +674,44 @@ def test_mlp_hidden_layers_behind_norms_chunks_and_depthwise_convs(tmp_path: Pat
             np.testing.assert_allclose([e.value for e in top], np.sort(means)[::-1][:K], rtol=1e-5)
 
 
+class _Bottlenecks(nn.Module):
+    """A CNN trunk of ResNet bottlenecks (1x1 narrowing, 3x3, 1x1 widening, residual)
+    under one attention layer (a DETR-like head): a transformer by lurker's test, whose
+    bottleneck ReLUs are no MLP hidden layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(
+                nn.Conv2d(16, 4, 1), nn.BatchNorm2d(4), nn.ReLU(),
+                nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                nn.Conv2d(4, 16, 1), nn.BatchNorm2d(16),
+            )
+            for _ in range(2)
+        )  # fmt: skip
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.fc = nn.Linear(16, CLASSES)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.stem(x)
+        for b in self.blocks:
+            x = torch.relu(x + b(x))
+        t = x.flatten(2).transpose(1, 2)
+        return self.fc(self.attn(t, t, t)[0].mean(1))
+
+
+def test_a_cnn_trunks_bottleneck_relus_are_not_mlp_layers(tmp_path: Path) -> None:
+    """A bottleneck's first ReLU follows a 1x1 convolution (through BatchNorm) as a
+    convolutional MLP's does, but that 1x1 narrows the channels: in a CNN with attention
+    (classified as a transformer) it was taken for an MLP hidden layer, one per block."""
+    torch.manual_seed(0)
+    run = probe(_Bottlenecks().eval(), _data(size=8), out=tmp_path / "run", k=K, batch_size=7,
+                progress=False)  # fmt: skip
+    names = [layer.name for layer in run.layers]
+    assert not {"blocks.0.2", "blocks.1.2", "blocks.0.5", "blocks.1.5"} & set(names), names
+
+
 class _Video(nn.Module):
     """A 3-D CNN on (C, D, H, W) clips, as torchvision's r3d_18."""
 

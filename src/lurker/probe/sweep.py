@@ -141,14 +141,16 @@ _MLP_THROUGH = {
 
 
 def _conv_kind(op: Op) -> str | None:
-    """``"pointwise"`` for a 1x1 convolution of all channels (a linear layer per position),
-    ``"depthwise"`` for one filter per channel; None for other convolutions."""
+    """``"widening"`` for a 1x1 convolution of all channels to more channels (a linear
+    layer per position, as a convolutional MLP's first layer: a ResNet bottleneck's first
+    1x1 narrows them, and is no MLP), ``"depthwise"`` for one filter per channel; None for
+    other convolutions."""
     with contextlib.suppress(TypeError):
         args = bind(op.name, op.args, op.kwargs)
         shape = tuple(getattr(args.get("weight"), "shape", ()))
         groups = args.get("groups", 1)
         if len(shape) >= 3 and groups == 1 and all(k == 1 for k in shape[2:]):
-            return "pointwise"
+            return "widening" if shape[0] > shape[1] else None
         if len(shape) >= 3 and isinstance(groups, int) and groups > 1 and shape[1] == 1:
             return "depthwise"
     return None
@@ -188,7 +190,7 @@ def _mlp_hidden(trace: Trace, op: Op) -> bool:
             return True
         if cur.name in CONV:
             kind = _conv_kind(cur)
-            if kind == "pointwise":
+            if kind == "widening":
                 return not _of_pooled_map(trace, cur)
             if kind != "depthwise":
                 return False
