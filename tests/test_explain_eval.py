@@ -76,6 +76,28 @@ def test_linear_curves_equal_the_closed_form(linear, kind) -> None:
         )
 
 
+def test_curves_of_a_model_that_ends_in_a_softmax_follow_its_own_probabilities(linear) -> None:
+    """A model whose last op is a softmax gives probabilities: the curves follow them as
+    they are, the same as for its logits alone (a second softmax flattened them)."""
+    torch.manual_seed(1)
+    x = torch.randn(3, 12, dtype=torch.float64)
+    a = torch.randn(3, 12, dtype=torch.float64)
+    with_softmax = nn.Sequential(linear, nn.Softmax(-1)).eval()
+    for kind in ("deletion", "insertion"):
+        curves = []
+        for m in (linear, with_softmax):
+            e = lurker.explain(m, x, target=1, method="saliency", abs=False)
+            e.attribution = a
+            ev = lurker.explain.evaluate(
+                m, x, e, metrics=[kind], step=1, insertion_baseline="zeros"
+            )
+            curves.append(getattr(ev, kind).scores)
+        torch.testing.assert_close(curves[1], curves[0], rtol=1e-12, atol=1e-12)
+        for r in range(3):  # the oracle: the closed form of the logits' softmax
+            want = _analytic(linear, x[r], np.argsort(-a[r].numpy(), kind="stable"), kind)
+            np.testing.assert_allclose(curves[1][r].numpy(), want, rtol=1e-12)
+
+
 def test_true_importance_order_beats_random(linear) -> None:
     """Removing the largest contributions first leaves, at every step, the smallest sum
     any k features can leave: the deletion curve lies under every other order's, and the

@@ -61,6 +61,24 @@ def test_top5_named_by_the_classes_when_outputs_are_the_classes(tmp_path):
     assert [p["prob"] for p in doc["predictions"]] == [float(v) for v in top.values]
 
 
+def test_top5_of_a_model_that_ends_in_a_softmax_are_its_own_probabilities(tmp_path):
+    """A model whose last op is a softmax gives probabilities: the top-5 shows them as
+    they are (a second softmax flattened a 0.9 to about 0.4 over three classes)."""
+    torch.manual_seed(0)
+    net = DigitsNet().eval()
+    net.classifier[3] = torch.nn.Sequential(torch.nn.Linear(64, 3), torch.nn.Softmax(-1))
+    with torch.no_grad():
+        net.classifier[3][0].weight.mul_(1000)  # confident: far from uniform
+    client, data = _served(tmp_path, net)
+    doc = client.get("/api/runs/run/live/sample-3").json()
+    with torch.no_grad():
+        probs = net(data[3][0][None])[0]  # the oracle: the model's own output
+    assert max(probs) > 0.6
+    top = probs.topk(3)
+    assert [p["class"] for p in doc["predictions"]] == top.indices.tolist()
+    assert [p["prob"] for p in doc["predictions"]] == [float(v) for v in top.values]
+
+
 class _Segmenter(torch.nn.Module):
     """A per-pixel classifier: its output is a (B, 3, H, W) map, not scores per image."""
 

@@ -3,6 +3,8 @@ the stored map and its API document."""
 
 from __future__ import annotations
 
+import copy
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +70,26 @@ def test_probe_keeps_every_samples_features(model, data, tmp_path, embed, module
     np.testing.assert_allclose(e.features.astype(np.float32), feats.numpy(), rtol=2e-3, atol=2e-3)
     np.testing.assert_array_equal(e.pred, logits.argmax(1).numpy())
     np.testing.assert_allclose(e.conf, torch.softmax(logits, 1).max(1).values.numpy(), rtol=1e-5)
+
+
+def test_confidence_of_a_model_that_ends_in_a_softmax(model, data, tmp_path):
+    """A model whose output is probabilities already (a final softmax): the stored
+    confidence is its probability, not the softmax of it (0.9 was stored as 0.69); one
+    ending in log_softmax gives the same as its logits. Oracle: the model's own output."""
+    x, _ = _all(data)
+    sharp = copy.deepcopy(model)
+    with torch.no_grad():
+        sharp.classifier[3].weight.mul_(30)  # confident, as a trained head is
+        probs = torch.softmax(sharp(x), 1)
+    # what a second softmax would have said differs enough to be seen
+    assert (torch.softmax(probs, 1).max(1).values - probs.max(1).values).abs().min() > 0.05
+    for name, last in (("soft", torch.nn.Softmax(1)), ("log", torch.nn.LogSoftmax(1))):
+        net = torch.nn.Sequential(sharp, last)
+        run = probe(net, data, out=tmp_path / name, layers="0.classifier.1", progress=False,
+                    embed=True)  # fmt: skip
+        e = run.embedding()
+        np.testing.assert_array_equal(e.pred, probs.argmax(1).numpy())
+        np.testing.assert_allclose(e.conf, probs.max(1).values.numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_features_do_not_depend_on_batch_size(model, data, tmp_path):
@@ -180,6 +202,35 @@ def test_map_without_features_or_model_says_what_to_do(model, data, tmp_path):
     said = str(err.value)
     assert "holds per-sample features of 'classifier.2' only" in said, said
     assert "pass model= and dataset=" in said and "embed=True" not in said
+
+
+class _Counted(torch.utils.data.Dataset):
+    """The digits, counting the items read (a pass over the data is the cost to avoid)."""
+
+    def __init__(self, data: Any) -> None:
+        self.data, self.reads = data, 0
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> Any:
+        self.reads += 1
+        return self.data[i]
+
+
+def test_map_by_umap_without_umap_learn_is_refused_before_the_pass(model, data, tmp_path,
+                                                                  monkeypatch):  # fmt: skip
+    """A run without features needs a pass over its dataset (hours on ImageNet) before it
+    can be reduced: a missing umap-learn is said before that pass, not after it."""
+    counted = _Counted(data)
+    run = probe(model, counted, out=tmp_path / "run", layers="classifier.1", progress=False)
+    reads = counted.reads
+    monkeypatch.setitem(sys.modules, "umap", None)  # umap-learn not installed
+    with pytest.raises(LurkerError, match=r"needs umap-learn: pip install"):
+        make_map(run, method="umap", model=model, dataset=counted)
+    assert counted.reads == reads  # no item of the dataset was read for nothing
+    # and with the method that is installed the same call makes the map
+    assert len(make_map(run, method="pca", model=model, dataset=counted).map()) == len(data)
 
 
 def test_cli_map_collects_features_with_the_recorded_model(model, tmp_path):

@@ -61,6 +61,28 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
         yield {"url": url, "map": run.map(), "root": root, "data": data}
 
 
+#: The partly labelled run's labels and predictions: -1 is an unlabelled sample (as
+#: STL-10's unlabelled split gives) or no prediction.
+PARTLY_LABEL = np.array([0, 1, 2, 0, 1, -1, -1, -1, 2, 0, 1, 2])
+PARTLY_PRED = np.array([0, 1, 1, 0, 2, 0, 1, 2, 2, 1, 1, 2])
+
+
+def _partly_labelled(out: Path) -> None:
+    """A run of 12 points, 3 of them unlabelled (written as ``lurker map`` writes maps)."""
+    from lurker.store import RunWriter
+
+    n = len(PARTLY_LABEL)
+    meta = {"model": "synthetic", "model_fingerprint": "synthetic", "dataset": "synthetic",
+            "k": 3, "image_size": [8, 8]}  # fmt: skip
+    xy = np.random.default_rng(0).normal(size=(n, 2))
+    with RunWriter.create(out, meta=meta) as w:
+        w.set_classes(["a", "b", "c"])
+        w.add_samples((i, f"synthetic/{i}.png", int(PARTLY_LABEL[i])) for i in range(n))
+        w.write_layers_result([])
+        w.write_map(np.arange(n), xy, PARTLY_PRED, np.full(n, 0.5),
+                    {"layer": "fc", "method": "pca", "engine": "numpy", "seconds": 0.0})  # fmt: skip
+
+
 @pytest.fixture
 def page(browser: Any) -> Iterator[Any]:
     ctx = browser.new_context(viewport={"width": 1280, "height": 800})
@@ -140,6 +162,29 @@ def test_misclassified_filter_and_colour_toggle(page: Any, served: dict[str, Any
     page.reload()  # the URL keeps the view
     page.wait_for_selector("canvas.map-canvas")
     assert page.locator("canvas.map-canvas").get_attribute("data-shown") == str(wrong)
+    assert not page.errors
+
+
+def test_correct_legend_does_not_count_unlabelled_samples_as_correct(page: Any, tmp_path: Path):
+    """Unlabelled samples are drawn grey, neither right nor wrong; the legend counts them
+    apart (it called them correct: 'correct (7)' over 4 correct dots)."""
+    known = PARTLY_LABEL >= 0
+    right = int((known & (PARTLY_LABEL == PARTLY_PRED)).sum())
+    wrong = int((known & (PARTLY_LABEL != PARTLY_PRED)).sum())
+    from lurker.server import create_app
+    from lurker.server.serve import background
+
+    _partly_labelled(tmp_path / "partly")
+    with background(create_app(tmp_path)) as url:
+        page.goto(f"{url}#/r/partly/map?color=correct")
+        page.wait_for_selector("canvas.map-canvas[data-shown]")
+        items = page.locator(".map-legend > span").all_inner_texts()
+    assert [t.strip() for t in items] == [
+        f"correct ({right})",
+        f"misclassified ({wrong})",
+        f"no label or prediction ({int((~known).sum())})",
+    ]
+    assert (right, wrong) == (6, 3)
     assert not page.errors
 
 

@@ -83,13 +83,7 @@ def reduce(features: Any, method: str = "tsne", *, seed: int = 0) -> Reduced:
         out = pca(x) if x.shape[1] >= 2 else np.c_[x[:, :1], np.zeros(n)]
         return Reduced(out.astype(np.float32), "pca", "numpy", time.perf_counter() - t0)
     if method == "umap":
-        try:
-            import umap  # type: ignore[import-not-found]
-        except ImportError:
-            raise LurkerError(
-                "map method 'umap' needs umap-learn: pip install 'lurker[map]' (or umap-learn), "
-                "or use --method tsne"
-            ) from None
+        umap = _umap()
         xy = umap.UMAP(n_components=2, random_state=seed, n_jobs=1).fit_transform(x)
         return Reduced(np.asarray(xy, np.float32), "umap", "umap-learn", time.perf_counter() - t0)
     if x.shape[1] > TSNE_PCA_DIMS:
@@ -125,6 +119,18 @@ def reduce(features: Any, method: str = "tsne", *, seed: int = 0) -> Reduced:
         ).fit_transform(x)
         engine = "scikit-learn"
     return Reduced(np.asarray(xy, np.float32), "tsne", engine, time.perf_counter() - t0)
+
+
+def _umap() -> Any:
+    """umap-learn's module, or the error saying how to install it."""
+    try:
+        import umap  # type: ignore[import-not-found]
+    except ImportError:
+        raise LurkerError(
+            "map method 'umap' needs umap-learn: pip install 'lurker[map]' (or umap-learn), "
+            "or use --method tsne"
+        ) from None
+    return umap
 
 
 def _some(v: np.ndarray) -> str:
@@ -220,6 +226,8 @@ def make_map(
     path = run.path if isinstance(run, Run) else run
     if method not in METHODS:
         raise LurkerError(f"map method must be one of {', '.join(METHODS)}, got {method!r}")
+    if method == "umap":
+        _umap()  # refused before a pass over the dataset that could take hours, not after
     with Run.open(path) as r:
         stored = r.embedding() if r.has_embedding else None
         config = dict(r.meta.get("config") or {})

@@ -32,6 +32,7 @@ __all__ = [
     "canonical_channel_dim",
     "channels_first_view",
     "default_device",
+    "probabilities",
     "example_inputs",
     "load_model",
     "parse_input_shape",
@@ -89,6 +90,18 @@ def default_device() -> str:
     """Where lurker runs a model nobody placed: the GPU when there is one, else the CPU.
     One rule for every command's ``--device`` and every Python ``device=None``."""
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def probabilities(scores: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """A classifier's output as class probabilities along ``dim``: as it is where the
+    model ends in a softmax (every row non-negative and summing to 1), else the softmax of
+    its logits. A second softmax over probabilities would flatten them (0.9 said as 0.69).
+    One rule for the map's confidence, the live view's top-5 and evaluate's curves."""
+    s = scores.float() if scores.dtype in (torch.float16, torch.bfloat16) else scores
+    sums = s.sum(dim)
+    if bool((s >= 0).all()) and bool(torch.allclose(sums, torch.ones_like(sums), atol=1e-3)):
+        return s
+    return torch.softmax(s, dim)
 
 
 def parse_input_shape(text: str) -> list[tuple[int, ...]]:

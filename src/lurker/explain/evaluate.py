@@ -2,7 +2,8 @@
 
 - **Deletion / insertion** (Petsiuk et al., 2018, RISE, arXiv:1806.07421): change the
   input's features (pixels, or patches) in the order the attribution ranks them, most
-  important first, and follow the target class's softmax probability. Deletion replaces
+  important first, and follow the target class's probability (the softmax of the logits, or
+  a final softmax's own output). Deletion replaces
   them by a baseline (a good explanation makes the probability fall fast: low area under
   the curve); insertion starts from the baseline (a blurred image by default) and puts the
   original values back (a good explanation makes it rise fast: high area). All steps of a
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import LurkerError
+from ..models import probabilities
 from .base import METHODS, Explanation, check_input, training_said, untouched
 from .integrated_gradients import as_baseline
 from .targets import Forward, UnitTarget, parse_target
@@ -44,7 +46,7 @@ BASELINES = ("zeros", "blur", "mean")
 class Curve:
     """A deletion or insertion curve of each batch row.
 
-    ``scores[b, k]``: row ``b``'s target probability (softmax) once the fraction
+    ``scores[b, k]``: row ``b``'s target probability (:func:`lurker.models.probabilities`) once the fraction
     ``fraction[k]`` of its features was changed, most important first (``fraction[0]`` is 0:
     the input itself for deletion, the baseline for insertion; the last is 1). ``auc[b]``:
     the trapezoid area under ``scores[b]`` over ``fraction``, in [0, 1].
@@ -376,7 +378,7 @@ def _curve(
             )
             scored = fw(xb, r)
             assert scored.output is not None and fw.classes is not None
-            p = torch.softmax(scored.output.double(), 1)
+            p = probabilities(scored.output.double(), 1)  # a final softmax's own
             out[start : start + len(r)] = p.gather(1, fw.classes[r][:, None].to(p.device))[:, 0]
     scores = out.view(B, S)
     fraction = counts.double() / n

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from ..errors import LurkerError, warn
+from ..models import probabilities
 from ..store import LayerResult, RunWriter
 from .stats import HostBatch, UnitStats
 
@@ -427,7 +428,8 @@ class EmbeddingConsumer(BatchConsumer):
             # uniform in float32, and its max would name class 0 for every sample
             scores = out.detach().float()
             pred = scores.argmax(1)
-            conf = torch.softmax(scores, 1).gather(1, pred[:, None])[:, 0]
+            # a model ending in a softmax gives probabilities already (models.probabilities)
+            conf = probabilities(scores, 1).gather(1, pred[:, None])[:, 0]
         else:  # not a (B, classes) logit tensor: no prediction to tell
             pred = torch.full((n,), -1, dtype=torch.long)
             conf = torch.full((n,), float("nan"))

@@ -525,7 +525,8 @@ class Session:
         return pdata.to_pil(pdata.denormalize(pdata.clip_frame(t), mean, std))
 
     def predictions(self, x: torch.Tensor, top: int = 5) -> list[dict[str, Any]]:
-        """Top-``top`` classes of the model's output for one input (softmax)."""
+        """Top-``top`` classes of the model's output for one input, with their probabilities
+        (:func:`lurker.models.probabilities`: the softmax of logits, or the model's own)."""
         import torch
 
         model = self.model()
@@ -541,8 +542,10 @@ class Session:
         logits = _first_tensor(out)
         if logits is None or logits.dim() != 2 or logits.shape[0] != 1:
             return []
+        from lurker.models import probabilities
+
         scores = logits.detach().float()[0].cpu()
-        probs = torch.softmax(scores, 0)
+        probs = probabilities(scores, 0)  # a model ending in a softmax: its own
         # ranked by the logits: tiny logits (a random-init head) give a softmax that is
         # uniform in float32, whose order says nothing
         idx = scores.topk(min(top, scores.numel())).indices

@@ -373,8 +373,16 @@ export async function renderMap(root: HTMLElement, ctx: PageContext): Promise<vo
 
   function renderLegend(): void {
     if (state.color === "correct") {
-      const right = n - nWrong;
-      fill(legend, legendItem(RIGHT, "correct", right, state.mis ? 0 : right), legendItem(WRONG, "misclassified", nWrong, nWrong));
+      // an unlabelled sample (STL-10's unlabelled split: -1) is neither right nor wrong
+      let right = 0;
+      for (let i = 0; i < n; i++) if (doc.label[i] >= 0 && doc.pred[i] >= 0 && !wrong[i]) right++;
+      const unknown = n - right - nWrong;
+      fill(
+        legend,
+        legendItem(RIGHT, "correct", right, state.mis ? 0 : right),
+        legendItem(WRONG, "misclassified", nWrong, nWrong),
+        unknown ? legendItem(UNKNOWN, "no label or prediction", unknown, state.mis ? 0 : unknown) : null,
+      );
       return;
     }
     const counts = new Map<number, number>();
