@@ -92,6 +92,30 @@ def test_confidence_of_a_model_that_ends_in_a_softmax(model, data, tmp_path):
         np.testing.assert_allclose(e.conf, probs.max(1).values.numpy(), rtol=1e-5, atol=1e-6)
 
 
+class _ToBFloat16(torch.nn.Module):
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(torch.bfloat16)
+
+
+def test_confidence_of_a_bfloat16_model_that_ends_in_a_softmax(model, data, tmp_path):
+    """A bfloat16 softmax sums to 1 only within its rounding (a few 1e-3): its rows were
+    taken for logits and softmaxed again, and one such row sent its whole batch there.
+    Oracle: the model's own bfloat16 output."""
+    x, _ = _all(data)
+    sharp = copy.deepcopy(model)
+    with torch.no_grad():
+        sharp.classifier[3].weight.mul_(30)
+    net = torch.nn.Sequential(sharp, _ToBFloat16(), torch.nn.Softmax(1)).eval()
+    with torch.no_grad():
+        probs = net(x).float()
+    assert ((probs.sum(1) - 1).abs() > 1e-3).any()  # what the fixed 1e-3 refused
+    run = probe(net, data, out=tmp_path / "bf16", layers="0.classifier.1", progress=False,
+                embed=True, batch_size=40)  # fmt: skip
+    e = run.embedding()
+    np.testing.assert_array_equal(e.pred, probs.argmax(1).numpy())
+    np.testing.assert_allclose(e.conf, probs.max(1).values.numpy(), rtol=1e-5, atol=1e-6)
+
+
 def test_features_do_not_depend_on_batch_size(model, data, tmp_path):
     a = probe(model, data, out=tmp_path / "a", layers="classifier.1", batch_size=13,
               progress=False, embed=True).embedding()  # fmt: skip
@@ -244,6 +268,15 @@ def test_cli_map_collects_features_with_the_recorded_model(model, tmp_path):
         "--image-size", "16", "--out", str(out), "-l", "classifier.1", "--device", "cpu",
     ])  # fmt: skip
     assert res.exit_code == 0, res.output
+    # umap-learn missing: said before the model is even built, not after a load
+    built = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(sys.modules, "umap", None)
+        mp.setattr("lurker.models.load_model", lambda *a, **k: built.append(a))
+        res = CliRunner().invoke(
+            main, ["map", str(out), "--method", "umap", "--model", "lurker.examples:DigitsNet"]
+        )
+    assert res.exit_code != 0 and "needs umap-learn" in res.output and not built, res.output
     res = CliRunner().invoke(main, ["map", str(out), "--method", "pca", "--layer", "features.8"])
     assert res.exit_code == 0, res.output
     assert "map of 360 samples from features.8 by pca" in res.output

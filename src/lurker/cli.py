@@ -600,9 +600,11 @@ def map_(
 
     Uses the features the probe kept (`lurker probe --embed`); otherwise collects them in
     one pass with the model and dataset the run records (or --model/--data)."""
-    from .map import make_map
+    from .map import make_map, umap_module
     from .store import Run
 
+    if method == "umap":
+        umap_module()  # said before a model or dataset is loaded
     model = dataset = None
     with Run.open(run) as r:
         size = (r.meta.get("image_size") or [224])[0]

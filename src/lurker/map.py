@@ -83,7 +83,7 @@ def reduce(features: Any, method: str = "tsne", *, seed: int = 0) -> Reduced:
         out = pca(x) if x.shape[1] >= 2 else np.c_[x[:, :1], np.zeros(n)]
         return Reduced(out.astype(np.float32), "pca", "numpy", time.perf_counter() - t0)
     if method == "umap":
-        umap = _umap()
+        umap = umap_module()
         xy = umap.UMAP(n_components=2, random_state=seed, n_jobs=1).fit_transform(x)
         return Reduced(np.asarray(xy, np.float32), "umap", "umap-learn", time.perf_counter() - t0)
     if x.shape[1] > TSNE_PCA_DIMS:
@@ -121,7 +121,7 @@ def reduce(features: Any, method: str = "tsne", *, seed: int = 0) -> Reduced:
     return Reduced(np.asarray(xy, np.float32), "tsne", engine, time.perf_counter() - t0)
 
 
-def _umap() -> Any:
+def umap_module() -> Any:
     """umap-learn's module, or the error saying how to install it."""
     try:
         import umap  # type: ignore[import-not-found]
@@ -227,7 +227,7 @@ def make_map(
     if method not in METHODS:
         raise LurkerError(f"map method must be one of {', '.join(METHODS)}, got {method!r}")
     if method == "umap":
-        _umap()  # refused before a pass over the dataset that could take hours, not after
+        umap_module()  # refused before a pass over the dataset that could take hours, not after
     with Run.open(path) as r:
         stored = r.embedding() if r.has_embedding else None
         config = dict(r.meta.get("config") or {})

@@ -32,6 +32,7 @@ __all__ = [
     "canonical_channel_dim",
     "channels_first_view",
     "default_device",
+    "is_probabilities",
     "probabilities",
     "example_inputs",
     "load_model",
@@ -92,16 +93,29 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def probabilities(scores: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """A classifier's output as class probabilities along ``dim``: as it is where the
-    model ends in a softmax (every row non-negative and summing to 1), else the softmax of
-    its logits. A second softmax over probabilities would flatten them (0.9 said as 0.69).
+def is_probabilities(scores: torch.Tensor, dim: int = -1) -> bool:
+    """Whether every slice of a model's output along ``dim`` is a probability distribution
+    (non-negative, summing to 1 within the rounding of the output's own dtype: a bfloat16
+    softmax sums to 1 only within a few 1e-3): the output of a final softmax, not logits.
+    Give it the output as the model returned it, not cast up."""
+    tol = max(1e-3, float(torch.finfo(scores.dtype).eps)) if scores.is_floating_point() else 0.0
+    if not tol:
+        return False
+    s = scores.detach().float()
+    return bool((s >= 0).all()) and bool(((s.sum(dim) - 1).abs() <= tol).all())
+
+
+def probabilities(scores: torch.Tensor, dim: int = -1, own: bool | None = None) -> torch.Tensor:
+    """A classifier's output as class probabilities along ``dim``, at float32 at least: as
+    it is where the model ends in a softmax, else the softmax of its logits (a second
+    softmax over probabilities would flatten them: 0.9 said as 0.69). ``own``: whether the
+    output is probabilities, decided once by the caller for a whole pass (so that one
+    batch's rows all agree with another's); None: :func:`is_probabilities` of ``scores``.
     One rule for the map's confidence, the live view's top-5 and evaluate's curves."""
+    if own is None:
+        own = is_probabilities(scores, dim)
     s = scores.float() if scores.dtype in (torch.float16, torch.bfloat16) else scores
-    sums = s.sum(dim)
-    if bool((s >= 0).all()) and bool(torch.allclose(sums, torch.ones_like(sums), atol=1e-3)):
-        return s
-    return torch.softmax(s, dim)
+    return s if own else torch.softmax(s, dim)
 
 
 def parse_input_shape(text: str) -> list[tuple[int, ...]]:

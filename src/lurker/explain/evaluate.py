@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import LurkerError
-from ..models import probabilities
+from ..models import is_probabilities, probabilities
 from .base import METHODS, Explanation, check_input, training_said, untouched
 from .integrated_gradients import as_baseline
 from .targets import Forward, UnitTarget, parse_target
@@ -364,6 +364,7 @@ def _curve(
     rows = torch.arange(B, device=x.device).repeat_interleave(S)
     ks = torch.arange(S, device=x.device).repeat(B)
     out = torch.empty(B * S, dtype=torch.float64, device=x.device)
+    own: bool | None = None
     with torch.no_grad():
         for start in range(0, B * S, batch_size):
             r = rows[start : start + batch_size]
@@ -378,7 +379,9 @@ def _curve(
             )
             scored = fw(xb, r)
             assert scored.output is not None and fw.classes is not None
-            p = probabilities(scored.output.double(), 1)  # a final softmax's own
+            if own is None:  # a final softmax's output is taken as it is: decided once
+                own = is_probabilities(scored.output, 1)
+            p = probabilities(scored.output, 1, own).double()
             out[start : start + len(r)] = p.gather(1, fw.classes[r][:, None].to(p.device))[:, 0]
     scores = out.view(B, S)
     fraction = counts.double() / n

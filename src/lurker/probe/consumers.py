@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from ..errors import LurkerError, warn
-from ..models import probabilities
+from ..models import is_probabilities, probabilities
 from ..store import LayerResult, RunWriter
 from .stats import HostBatch, UnitStats
 
@@ -372,7 +372,7 @@ EMBED_BUDGET = 4 << 30
 
 class EmbeddingConsumer(BatchConsumer):
     """Every sample's feature vector at one layer (mean-pooled over its positions, kept as
-    float16 on the CPU) with the model's prediction and confidence (softmax max): what
+    float16 on the CPU) with the model's prediction and confidence (its probability: lurker.models.probabilities): what
     the dataset map (:mod:`lurker.map`) reduces to 2-D, gathered during the sweep.
 
     With ``rows`` (a file beside the checkpoint) a checkpoint appends only the samples
@@ -392,6 +392,7 @@ class EmbeddingConsumer(BatchConsumer):
         self._ids: list[Tensor] = []
         self._pred: list[Tensor] = []
         self._conf: list[Tensor] = []
+        self._own: bool | None = None  # the model's output is probabilities (first batch)
         self._saved_chunks = 0  # leading chunks of the lists already in the rows file
         self._saved_rows = 0  # rows of the file that the last checkpoint committed
 
@@ -426,10 +427,12 @@ class EmbeddingConsumer(BatchConsumer):
         if isinstance(out, Tensor) and out.dim() == 2 and out.shape[0] == n and out.shape[1] > 1:
             # the logits' argmax: a softmax of tiny logits (a random-init head) is
             # uniform in float32, and its max would name class 0 for every sample
-            scores = out.detach().float()
-            pred = scores.argmax(1)
-            # a model ending in a softmax gives probabilities already (models.probabilities)
-            conf = probabilities(scores, 1).gather(1, pred[:, None])[:, 0]
+            pred = out.detach().float().argmax(1)
+            # a model ending in a softmax gives probabilities already: decided on the first
+            # batch, at the output's own precision, and kept for every batch of the pass
+            if self._own is None:
+                self._own = is_probabilities(out, 1)
+            conf = probabilities(out.detach(), 1, self._own).gather(1, pred[:, None])[:, 0]
         else:  # not a (B, classes) logit tensor: no prediction to tell
             pred = torch.full((n,), -1, dtype=torch.long)
             conf = torch.full((n,), float("nan"))

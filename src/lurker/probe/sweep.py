@@ -150,7 +150,9 @@ def _conv_kind(op: Op) -> str | None:
         shape = tuple(getattr(args.get("weight"), "shape", ()))
         groups = args.get("groups", 1)
         if len(shape) >= 3 and groups == 1 and all(k == 1 for k in shape[2:]):
-            return "widening" if shape[0] > shape[1] else None
+            # (out, in, 1, 1), a transposed convolution's (in, out, 1, 1)
+            c_out, c_in = (shape[1], shape[0]) if "transpose" in op.name else shape[:2]
+            return "widening" if c_out > c_in else None
         if len(shape) >= 3 and isinstance(groups, int) and groups > 1 and shape[1] == 1:
             return "depthwise"
     return None
@@ -176,7 +178,8 @@ def _of_pooled_map(trace: Trace, conv: Op) -> bool:
 
 
 def _mlp_hidden(trace: Trace, op: Op) -> bool:
-    """An activation fed by a linear layer (or a 1x1 convolution): directly, or through
+    """An activation fed by a linear layer (or a 1x1 convolution that widens the
+    channels): directly, or through
     ops that keep its units (norms, reshapes, a gated MLP's chunk, a depthwise convolution:
     PVTv2's MLP). A 3x3 convolution or another activation on the way ends the search, so a
     CNN stem's activations are not MLP layers; nor are a squeeze-and-excitation block's

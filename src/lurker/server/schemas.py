@@ -624,7 +624,7 @@ class MapDoc(BaseModel):
     label: list[int]
     #: Predicted class index, -1: no prediction.
     pred: list[int]
-    #: The prediction's softmax probability (null: none).
+    #: The prediction's probability (lurker.models.probabilities; null: none).
     conf: list[float | None]
     #: The model's number of outputs (class scores), when the run's graph tells.
     outputs: int | None = None

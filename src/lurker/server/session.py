@@ -544,8 +544,8 @@ class Session:
             return []
         from lurker.models import probabilities
 
+        probs = probabilities(logits.detach()[0].cpu(), 0)  # a final softmax's: its own
         scores = logits.detach().float()[0].cpu()
-        probs = probabilities(scores, 0)  # a model ending in a softmax: its own
         # ranked by the logits: tiny logits (a random-init head) give a softmax that is
         # uniform in float32, whose order says nothing
         idx = scores.topk(min(top, scores.numel())).indices

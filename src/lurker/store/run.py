@@ -157,7 +157,7 @@ class Embedding:
     ids: np.ndarray  # (n,) int64 sample ids, ascending
     features: np.ndarray  # (n, dim) float16
     pred: np.ndarray  # (n,) int64 predicted class, -1: none
-    conf: np.ndarray  # (n,) float32 softmax max, NaN: none
+    conf: np.ndarray  # (n,) float32 probability of pred (lurker.models.probabilities), NaN: none
     meta: dict[str, Any]  # layer, op, dim, pooled, dtype, samples
 
 
@@ -170,7 +170,7 @@ class MapData:
     y: np.ndarray  # (n,) float32
     label: np.ndarray  # (n,) int64 true class, -1: none
     pred: np.ndarray  # (n,) int64 predicted class, -1: none
-    conf: np.ndarray  # (n,) float32 softmax max, NaN: none
+    conf: np.ndarray  # (n,) float32 probability of pred (lurker.models.probabilities), NaN: none
     meta: dict[str, Any]  # layer, method, seconds, samples
 
     def __len__(self) -> int:
@@ -518,7 +518,7 @@ class Run:
         )
 
     def stored_prediction(self, sample_id: int) -> tuple[int, float] | None:
-        """The model's top class and its softmax probability (NaN: none) for one sample, as
+        """The model's top class and its probability (NaN: none) for one sample, as
         the probe (``embed=``) or ``lurker map`` recorded them: the map's when the run has
         one (what the Map page shows), else the embedding's. None when the run holds
         neither for the sample, or the model gave no class scores (-1). Lets a sample's

@@ -130,7 +130,7 @@ CREATE TABLE IF NOT EXISTS relevance (
 
 #: The dataset map's inputs (``probe(..., embed=...)``, ``lurker map``): every sample's
 #: feature vector at one layer (float16, mean-pooled over positions), the model's
-#: prediction (-1: none) and confidence (softmax max). Additive; meta ``embedding`` says
+#: prediction (-1: none) and confidence (its probability, lurker.models.probabilities). Additive; meta ``embedding`` says
 #: which layer.
 EMBEDDING_DDL = """
 CREATE TABLE IF NOT EXISTS embedding (
