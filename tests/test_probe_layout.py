@@ -712,6 +712,40 @@ def test_a_cnn_trunks_bottleneck_relus_are_not_mlp_layers(tmp_path: Path) -> Non
     assert not {"blocks.0.2", "blocks.1.2", "blocks.0.5", "blocks.1.5"} & set(names), names
 
 
+class _TransposedMlp(nn.Module):
+    """Patch embedding, one attention layer, then a convolutional MLP made of 1x1
+    transposed convolutions (8 -> 32 -> 8 channels): a transposed convolution's weight is
+    (in, out, 1, 1), so its widening reads the other way round from a convolution's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, 8, 4, stride=4)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.up, self.act, self.down = (
+            nn.ConvTranspose2d(8, 32, 1),
+            nn.GELU(),
+            nn.ConvTranspose2d(32, 8, 1),
+        )
+        self.fc = nn.Linear(8, CLASSES)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.embed(x)
+        b, c, h, w = x.shape
+        t = x.flatten(2).transpose(1, 2)
+        x = (t + self.attn(t, t, t)[0]).transpose(1, 2).reshape(b, c, h, w)
+        x = x + self.down(self.act(self.up(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_an_mlp_of_transposed_1x1_convolutions_has_its_hidden_layer(tmp_path: Path) -> None:
+    """The MLP's hidden layer (the GELU after the widening 1x1 transposed convolution) is
+    probed by default; read as a convolution's (out, in) weight it was taken for narrowing."""
+    torch.manual_seed(0)
+    run = probe(_TransposedMlp().eval(), _data(size=16), out=tmp_path / "run", k=K,
+                batch_size=7, progress=False)  # fmt: skip
+    assert "act" in [layer.name for layer in run.layers]
+
+
 class _Video(nn.Module):
     """A 3-D CNN on (C, D, H, W) clips, as torchvision's r3d_18."""
 

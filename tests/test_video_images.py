@@ -128,3 +128,23 @@ def test_upload_to_a_video_model_says_why(video: tuple) -> None:
         r = c.post("/api/runs/run/live/images", files={"file": ("a.png", buf.getvalue())})
     assert r.status_code == 409
     assert "video clips (3, 4, 8, 8)" in r.json()["detail"]
+
+
+def test_unit_page_of_a_3d_layer_says_its_crop_is_the_peak_frame(browser, video) -> None:
+    """A 3-D layer has no receptive field: its crop toggle and caption say the image is
+    the clip's frame where the unit peaked, not "the part of the input the peak sees"."""
+    from explorer_fixtures import skip_without_browser, strict_page
+    from lurker.server.serve import background
+
+    skip_without_browser()
+    model, ds, _clips, _run, out = video
+    app = create_app(out, model_obj=model, dataset=wrap(ds))
+    with background(app) as url, strict_page(browser) as pg:
+        pg.goto(url + "#/r/run/unit/conv1/0?tab=max&crop=1")
+        pg.wait_for_selector(".topk .top-entry")
+        toolbar = pg.inner_text(".toolbar")
+        assert "peak frame" in toolbar and "frame where the unit peaked" in toolbar
+        assert "receptive field)" not in toolbar
+        pg.goto(url + "#/r/run/unit/conv1/0?tab=max&crop=0")
+        pg.wait_for_selector(".topk .top-entry")
+        assert "box: none (no receptive field over frames)" in pg.inner_text(".toolbar")

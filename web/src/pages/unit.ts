@@ -63,6 +63,13 @@ export async function renderUnit(root: HTMLElement, ctx: PageContext, args: stri
         box: "the patch of the peak's token",
         mean: "the patch of the unit's peak token in that sample",
       }
+    : frameLayer(doc.layer)
+    ? {
+        name: "peak frame",
+        peak: "the clip's frame where the unit peaked, whole (lurker computes no receptive field over frames)",
+        box: "none (no receptive field over frames); the image is the clip's middle frame",
+        mean: "the clip's frame where the unit peaked in that sample, whole",
+      }
     : {
         name: "receptive-field crop",
         peak: "the part of the input the peak sees (its receptive field)",
@@ -370,6 +377,13 @@ function oneBinText(doc: UnitDoc): string {
 function tiesText(list: List, max: number | null, relevance: number | null, k: number): string {
   const what = list === "max" ? `peak is ${fmt(max)}` : list === "mean" ? `mean is ${fmt(max)}` : `relevance is ${fmt(relevance)}`;
   return `Every sample's ${what}: this list is ${k} tied samples, ranked by sample id alone, so it shows no images.`;
+}
+
+/** A layer of a video model (frames, rows, columns) without a receptive field: its crops
+ * are the whole frame where a unit peaked. */
+function frameLayer(layer: { rf?: Record<string, unknown> | null; layout?: Record<string, unknown> | null }): boolean {
+  const positions = layer.layout?.["positions"];
+  return !layer.rf && Array.isArray(positions) && positions.length === 3;
 }
 
 /** A layer of tokens: positions map to patches (layout boxes), not to a receptive field. */
