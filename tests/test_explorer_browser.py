@@ -210,6 +210,8 @@ def test_layer_grid_unit_toggles_and_history(page: Any, explorer: dict[str, Any]
     page.wait_for_selector(".unit-card")
     page.go_forward()
     page.wait_for_url(f"**/unit/{LAYER}/{unit}**")
+    # the layer page stays until the unit page is drawn (after the run's generation check)
+    page.locator("h1", has_text=f"{LAYER} · unit {unit}").wait_for()
     assert page.locator("h1").inner_text().startswith(f"{LAYER} · unit {unit}")
     graph = page.locator("a", has_text="place in graph")
     assert graph.get_attribute("href").endswith(f"/graph?focus={info.op_label}")
