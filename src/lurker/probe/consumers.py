@@ -24,7 +24,7 @@ from torch import Tensor
 from ..errors import LurkerError, warn
 from ..models import is_probabilities, probabilities
 from ..store import LayerResult, RunWriter
-from .stats import HostBatch, UnitStats
+from .stats import OLDER_FORMATS, HostBatch, UnitStats
 
 if TYPE_CHECKING:
     from .sweep import Layer
@@ -36,15 +36,6 @@ __all__ = [
     "RelevanceConsumer",
     "UnitStatsConsumer",
 ]
-
-
-# statistics formats of older lurkers that a resume refuses, and why they cannot be used
-_OLDER_FORMATS = {
-    1: "whose histograms used a range fixed by the first batch and clamped the values "
-    "outside it, and cannot be converted to order-independent histograms",
-    2: "which kept no peak positions for the mean lists' entries (they cannot be made up "
-    "for the samples already swept)",
-}
 
 
 @dataclass(frozen=True)
@@ -177,10 +168,10 @@ class UnitStatsConsumer(BatchConsumer):
         """Restore each layer's statistics; refuse the statistics of an older lurker, whose
         histograms cannot be brought onto the order-independent grid (format 1) or whose
         mean lists lack their entries' peaks (format 2): never a run that mixes the two."""
-        old = sorted({s.get("format") for s in state.values()} & _OLDER_FORMATS.keys())
+        old = sorted({s.get("format") for s in state.values()} & OLDER_FORMATS.keys())
         if old:
             raise LurkerError(
-                f"its unit statistics were written by an older lurker, {_OLDER_FORMATS[old[0]]}. "
+                f"its unit statistics were written by an older lurker, {OLDER_FORMATS[old[0]]}. "
                 "Delete it to sweep again from the start, or finish the sweep with the lurker "
                 "version that started it."
             )

@@ -55,6 +55,13 @@ _EMPTY = -(1 << 63)  # key of an unfilled slot: below every real (value, id) pai
 # 3: peaks of the mean list's entries too; 2: histograms on a canonical grid, peaks of the max
 # list only; 1: histograms over a range fixed by the first batch
 _STATE_FORMAT = 3
+# statistics formats of older lurkers that a resume refuses, and why they cannot be used
+OLDER_FORMATS = {
+    1: "whose histograms used a range fixed by the first batch and clamped the values "
+    "outside it, and cannot be converted to order-independent histograms",
+    2: "which kept no peak positions for the mean lists' entries (they cannot be made up "
+    "for the samples already swept)",
+}
 _E_MIN = -149  # the finest histogram bin: 2**-149, float32's spacing near zero
 _EXTRA = 3  # histogram columns after the bins: -inf, +inf and NaN means
 _INT32_MAX = (1 << 31) - 1
@@ -640,17 +647,11 @@ class UnitStats:
         buffer_samples: int | None = None,
     ) -> UnitStats:
         """Rebuild a state saved by :meth:`state_dict` on ``device``."""
-        if state.get("format") == 1:
+        why = OLDER_FORMATS.get(state.get("format"))  # type: ignore[arg-type]
+        if why is not None:
             raise ValueError(
-                "this UnitStats state (format 1) was saved by an older lurker, whose histograms "
-                "used a range fixed by the first batch and clamped the values outside it; they "
-                "cannot be converted to the canonical grid: sweep the data again"
-            )
-        if state.get("format") == 2:
-            raise ValueError(
-                "this UnitStats state (format 2) was saved by an older lurker, which kept no "
-                "peak positions for the mean list's entries; they cannot be made up: sweep the "
-                "data again"
+                f"this UnitStats state (format {state['format']}) was saved by an older "
+                f"lurker, {why}: sweep the data again"
             )
         if state.get("format") != _STATE_FORMAT:
             raise ValueError(f"unsupported UnitStats state format {state.get('format')!r}")
