@@ -447,8 +447,7 @@ class UnitImages:
         if grad.dim() == 5:  # video clips: each gradient on the frame of its entry's peak
             ys = [(j.peak or self._peaks[(layer, j.unit, j.sample_id)])[0] for j in jobs]
             frames = [self.frame(layer, y, j.sample_id) for y, j in zip(ys, jobs)]
-            mid = pdata.middle_frame(grad.shape[2])
-            grad = torch.stack([g[:, mid if f is None else f] for g, f in zip(grad, frames)])
+            grad = torch.stack([pdata.clip_frame(g, f) for g, f in zip(grad, frames)])
         return gradient_pixels(grad).cpu().numpy(), grad
 
     # -- writing all images ------------------------------------------------------------
