@@ -89,18 +89,25 @@ def test_a_navigation_after_a_reprobe_shows_the_new_run(browser: Any, served: di
         assert pg.locator(".run-changed").is_hidden()
 
 
+def _reprobed_under(pg: Any, served: dict) -> tuple[list, list]:
+    """Open the unit page, probe its run again, and let the page look (as when its tab is
+    looked at again, what it also checks every few seconds) until its bar says it is
+    stale: the unit's max list before and after."""
+    old = _top(served["out"])
+    pg.goto(served["url"] + f"#/r/d/unit/{LAYER}/{UNIT}?tab=max")
+    assert _shown(pg) == old
+    served["reprobe"]()
+    new = _top(served["out"])
+    pg.evaluate("document.dispatchEvent(new Event('visibilitychange'))")
+    pg.wait_for_selector(".run-changed[data-state=stale]")
+    return old, new
+
+
 def test_an_open_page_says_it_shows_the_earlier_run(browser: Any, served: dict) -> None:
     """A unit page left open during a re-probe: when the tab is looked at again it says
     that what it shows is the earlier run; its button draws the new run's list."""
-    old = _top(served["out"])
     with strict_page(browser) as pg:
-        pg.goto(served["url"] + f"#/r/d/unit/{LAYER}/{UNIT}?tab=max")
-        assert _shown(pg) == old
-        served["reprobe"]()
-        new = _top(served["out"])
-        # the tab is looked at again (what the page also checks every few seconds)
-        pg.evaluate("document.dispatchEvent(new Event('visibilitychange'))")
-        pg.wait_for_selector(".run-changed[data-state=stale]")
+        old, new = _reprobed_under(pg, served)
         assert "what it shows is the earlier run" in pg.inner_text(".run-changed")
         assert _shown(pg) == old  # never redrawn unasked
         pg.click("text=Show the new run")
@@ -137,15 +144,9 @@ def test_a_toggle_on_a_stale_page_draws_the_new_run(browser: Any, served: dict) 
     """The bar says the page shows the earlier run; a click that only swaps image URLs
     (the unit page's image / gradient toggle) must not put the new run's pictures under
     the earlier run's values and sample ids: it draws the page from the new run."""
-    old = _top(served["out"])
     with strict_page(browser) as pg:
-        pg.goto(served["url"] + f"#/r/d/unit/{LAYER}/{UNIT}?tab=max")
-        assert _shown(pg) == old
-        served["reprobe"]()
-        new = _top(served["out"])
+        old, new = _reprobed_under(pg, served)
         assert [s for s, _ in new] != [s for s, _ in old]
-        pg.evaluate("document.dispatchEvent(new Event('visibilitychange'))")
-        pg.wait_for_selector(".run-changed[data-state=stale]")
         pg.click(".seg[aria-label='image or gradient'] button[data-value=grad]")
         pg.wait_for_selector(".run-changed[data-state=fresh]")
         pg.wait_for_selector(".topk img[data-kind=grad]")
