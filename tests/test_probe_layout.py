@@ -782,3 +782,148 @@ def test_video_model_default_layers_are_its_3d_convolutions(tmp_path: Path) -> N
                 assert (e.y, e.x) == ((at // (h * w)) * h + (at // w) % h, at % w)
             means = run.unit(name, u).top("mean")
             assert [e.sample_id for e in means] == _topk(flat[:, u].mean(-1), K)
+
+
+class _HandMatmul(nn.Module):
+    """A linear layer written by hand: ``x @ W.t()``."""
+
+    def __init__(self, c_in: int, c_out: int) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(c_out, c_in) / c_in**0.5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x @ self.w.t()
+
+
+class _EinsumLinear(nn.Module):
+    """A linear layer as an einsum with a weight scaled in forward (weight norm's way)."""
+
+    def __init__(self, c_in: int, c_out: int) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(c_out, c_in))
+        self.g = nn.Parameter(torch.rand(c_out) + 0.5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.w * (self.g / self.w.norm(dim=1))[:, None]
+        return torch.einsum("blc,dc->bld", x, w)
+
+
+class _Normalize(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return nn.functional.normalize(x, dim=-1)
+
+
+class HandLinears(nn.Module):
+    """Tokens through linear layers written as ``@``, an einsum, and F.normalize."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, stride=2)
+        self.lin1 = _HandMatmul(6, 8)
+        self.act = nn.ReLU()
+        self.lin2 = _EinsumLinear(8, 5)
+        self.norm = _Normalize()
+        self.head = nn.Linear(5, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        t = self.conv(x).flatten(2).transpose(1, 2)  # (B, L, 6)
+        return self.head(self.norm(self.lin2(self.act(self.lin1(t)))).mean(1))
+
+
+def test_hand_written_linear_layers_have_their_units_last(tmp_path: Path):
+    """``x @ W.t()`` and an einsum with a weight are linear layers: probed by default, units
+    on the weight's output axis (as nn.Linear's); F.normalize keeps its input's units."""
+    torch.manual_seed(0)
+    model = HandLinears().eval()
+    default = {layer.name for layer in select_layers(lurker.trace(model, _data()[0][0][None]))}
+    assert {"conv", "lin1", "act", "lin2", "head"} <= default
+    layers = ["lin1", "act", "lin2", "norm"]
+    run, ds = _probe(model, tmp_path, layers=layers)
+    acts = _brute(model, ds, dict.fromkeys(layers, TOKENS_LAST))
+    for name in layers:
+        _check(run, name, acts[name], _labels())
+        assert run.layer(name).layout["unit"] == 2
+
+
+class _FactorBlock(nn.Module):
+    """CoaT's factorized attention: the keys are softmaxed over the tokens, then
+    ``q @ (k.T @ v)``: no softmax over a product of two tensors."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(c, 3 * c)
+        self.proj = nn.Linear(c, c)
+        self.fc1 = nn.Linear(c, 2 * c)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(2 * c, c)
+
+    def forward(self, x: Tensor) -> Tensor:
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        att = q @ (k.softmax(dim=1).transpose(1, 2) @ v)
+        x = x + self.proj(att)
+        return x + self.fc2(self.act(self.fc1(x)))
+
+
+class FactorAttention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, 8, 8, stride=8)
+        self.blocks = nn.Sequential(_FactorBlock(8), _FactorBlock(8))
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.blocks(self.patch(x).flatten(2).transpose(1, 2)).mean(1))
+
+
+def test_factorized_attention_is_a_transformer(tmp_path: Path):
+    """CoaT-like attention makes the model a transformer: its defaults are the blocks and
+    MLP hidden layers (units last), not every linear (the qkv projections among them)."""
+    torch.manual_seed(0)
+    model = FactorAttention().eval()
+    run, ds = _probe(model, tmp_path)
+    names = {info.name for info in run.layers}
+    layers = ["blocks.0", "blocks.1", "blocks.0.act", "blocks.1.act"]
+    assert set(layers) <= names
+    assert not names & {"blocks.0.qkv", "blocks.1.qkv", "blocks.0.proj"}
+    acts = _brute(model, ds, dict.fromkeys(layers, TOKENS_LAST))
+    for name in layers:
+        _check(run, name, acts[name], _labels())
+
+
+class _ConvAttention(nn.Module):
+    """BoTNet's self-attention: a 1x1 convolution makes queries, keys and values."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.qkv = nn.Conv2d(c, 3 * c, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(x).flatten(2).split(c, dim=1)  # (B, C, HW) each
+        att = (q.transpose(1, 2) @ k).softmax(dim=-1)  # (B, HW, HW)
+        return (v @ att.transpose(1, 2)).reshape(b, c, h, w)
+
+
+class ConvAttention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 6, 3, stride=4)
+        self.attn = _ConvAttention(6)
+        self.out = nn.Conv2d(6, 6, 3)
+        self.head = nn.Linear(6, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.out(self.attn(self.stem(x))).mean((2, 3)))
+
+
+def test_attention_projection_conv_is_not_a_default_layer(tmp_path: Path):
+    """A qkv 1x1 convolution outside any block is attention's projection (queries, keys
+    and values side by side), not a stem: not a default layer; named, its units are its
+    channels."""
+    torch.manual_seed(0)
+    model = ConvAttention().eval()
+    default = {layer.name for layer in select_layers(lurker.trace(model, _data()[0][0][None]))}
+    assert {"stem", "out"} <= default and "attn.qkv" not in default
+    run, ds = _probe(model, tmp_path, layers=["attn.qkv"])
+    _check(run, "attn.qkv", _brute(model, ds, {"attn.qkv": lambda o: o})["attn.qkv"], _labels())
+    assert run.layer("attn.qkv").layout["unit"] == 1

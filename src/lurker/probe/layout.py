@@ -31,7 +31,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -338,8 +338,12 @@ def _leading_batch(trace: Trace, example: tuple) -> dict[int, int | Skip]:
 
 
 # --------------------------------------------------------------------------- unit axes
-def _defined_unit(op: Op) -> tuple[int, str] | None:
-    """The unit axis an op makes by what it computes, if it makes one."""
+def _defined_unit(op: Op, static: Collection[int] | None = None) -> tuple[int, str] | None:
+    """The unit axis an op makes by what it computes, if it makes one. ``static``: the
+    nodes that do not depend on the batch (weights transposed or scaled in ``forward``);
+    a product of an activation with one of them is a linear layer written by hand
+    (``x @ W.t()``, ``torch.einsum("blc,dc->bld", x, W)``), whose units are the weight's
+    output features."""
     nd = len(op.shape or ())
     name = op.name.rstrip("_") if op.name.endswith("_") and not op.name.endswith("__") else op.name
     if name in _CONV:
@@ -355,13 +359,40 @@ def _defined_unit(op: Op) -> tuple[int, str] | None:
         return nd - 1, "norm"
     if name in _LAST_AXIS:
         return nd - 1, "linear"
-    if name in _WEIGHT_PRODUCTS and op.params and nd >= 2:
+    if name in _WEIGHT_PRODUCTS and nd >= 2:
         srcs = [s for s, _ in op._inputs]
-        if name == "addmm" or (len(srcs) > 1 and srcs[1] == -1):
+        fixed = [s == -1 or (static is not None and s in static) for s in srcs]
+        if name == "addmm" and op.params:
             return nd - 1, "linear"
-        if srcs and srcs[0] == -1:
-            return nd - 2, "linear"
+        if name != "addmm" and len(srcs) == 2 and fixed[0] != fixed[1]:
+            return (nd - 1, "linear") if fixed[1] else (nd - 2, "linear")
+    if name == "einsum" and static is not None:
+        return _einsum_unit(op, static)
     return None
+
+
+def _einsum_unit(op: Op, static: Collection[int]) -> tuple[int, str] | None:
+    """The output axis of an einsum of one activation with weights that only the weights
+    index (``"blc,dc->bld"``: ``d``): the units of a linear layer written as an einsum.
+    None where the activation is not one operand or no single such axis exists."""
+    eq = op.args[0] if op.args and isinstance(op.args[0], str) else None
+    srcs = [s for s, _ in op._inputs]
+    if eq is None or "->" not in eq or len(srcs) < 2:
+        return None
+    ins, out = eq.replace(" ", "").split("->")
+    terms = ins.split(",")
+    data = [i for i, s in enumerate(srcs) if not (s == -1 or s in static)]
+    if len(terms) != len(srcs) or len(data) != 1:
+        return None
+    seen = set(terms[data[0]].replace("...", ""))
+    only = [c for c in out.replace("...", "") if c not in seen]
+    if len(only) != 1:
+        return None
+    before, _, after = out.partition("...")
+    nd = len(op.shape or ())
+    c = only[0]
+    axis = before.index(c) if c in before else nd - len(after) + after.index(c)
+    return axis, "linear"
 
 
 def own_unit_axis(op: Op) -> tuple[int, str] | None:
@@ -370,6 +401,23 @@ def own_unit_axis(op: Op) -> tuple[int, str] | None:
     an op that only carries its inputs' axes. These ops read their input's units on the
     same axis, so explain finds a model input's channel axis with it."""
     return _defined_unit(op)
+
+
+#: Ops that rescale along one axis but keep every index of every axis where it was (each
+#: unit stays itself, as through layer_norm), though positions along that axis are mixed
+_RESCALE_ALONG = {"normalize", "softmax", "log_softmax", "softmin"}
+
+
+def _kept_unit(
+    op: Op, parents: list[tuple[int, int, int]], units: Mapping[tuple[int, int], Any]
+) -> tuple[int, str] | None:
+    """The unit axis through ``F.normalize`` or a softmax: the input's, even where the op
+    normalises over the units themselves (the receptive-field rules see that axis mixed)."""
+    if op.name not in _RESCALE_ALONG or not parents:
+        return None
+    _, s, q = parents[0]
+    u = units.get((s, q))
+    return (u[0], "carried") if u is not None else None
 
 
 def _tensor_parents(op: Op, trace: Trace) -> list[tuple[int, int, int]]:
@@ -445,6 +493,7 @@ def infer_layouts(
             rfs = receptive_fields(trace)
         except LurkerError:
             rfs = {}
+    static = {i for i, b in batch.items() if isinstance(b, Skip) and not b.per_sample}
     units: dict[tuple[int, int], tuple[int, str] | None] = {}
     tokens: dict[tuple[int, int], tuple[int, np.ndarray] | None] = {}
     result: dict[int, Layout | Skip] = {}
@@ -453,7 +502,9 @@ def infer_layouts(
             continue
         parents = _tensor_parents(op, trace)
         for k in range(len(op.outputs)):
-            unit = _defined_unit(op) if k == 0 else None
+            unit = _defined_unit(op, static) if k == 0 else None
+            if unit is None and k == 0:
+                unit = _kept_unit(op, parents, units)
             if unit is None:
                 known = [
                     (j, u[0], tuple(trace.ops[s].outputs[q].shape))

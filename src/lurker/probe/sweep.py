@@ -31,7 +31,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,7 +108,80 @@ def _is_transformer(trace: Trace) -> bool:
                     return True
                 todo.extend(parent.parents[:1])
                 seen += 1
+            if _weights_activations(trace, op):
+                return True
     return False
+
+
+def _children(trace: Trace) -> dict[int, list[int]]:
+    out: dict[int, list[int]] = {}
+    for op in trace.ops:
+        for p in op.parents:
+            out.setdefault(p, []).append(op.index)
+    return out
+
+
+#: Ops between a softmax or an attention projection and its product: shapes, scales, picks
+_TO_PRODUCT = {
+    "view", "reshape", "flatten", "unflatten", "transpose", "permute", "contiguous", "chunk",
+    "split", "tensor_split", "unbind", "getitem", "dropout", "mul", "div", "softmax",
+}  # fmt: skip
+
+
+def _reaches(
+    trace: Trace,
+    start: int,
+    kids: Mapping[int, list[int]],
+    hit: Callable[[Op, int], bool],
+    max_depth: int,
+) -> bool:
+    """Whether an op ``hit`` accepts (called with the op and the index it was reached
+    from) follows ``start`` through at most ``max_depth`` reshapes, splits, picks and
+    scales (:data:`_TO_PRODUCT`)."""
+    todo, seen = [(start, 0)], {start}
+    while todo:
+        i, depth = todo.pop()
+        for c in kids.get(i, ()):
+            child = trace.ops[c]
+            if c in seen or child.kind != "op":
+                continue
+            seen.add(c)
+            if hit(child, i):
+                return True
+            if child.name in _TO_PRODUCT and depth < max_depth:
+                todo.append((c, depth + 1))
+    return False
+
+
+def _weights_activations(trace: Trace, softmax: Op) -> bool:
+    """Whether a softmax's output is multiplied with another activation (attention
+    weights applied to values: CoaT's factorized attention softmaxes the keys, then
+    ``k.T @ v``), not with a weight (a hand-written linear layer) nor nothing (a
+    classifier's probabilities)."""
+
+    def product_with_activation(op: Op, came_from: int) -> bool:
+        if op.name not in _PRODUCTS or op.params:
+            return False
+        # another factor computed from the input, not from weights alone
+        return any(trace.ops[p].parents for p in op.parents if p != came_from)
+
+    return _reaches(trace, softmax.index, _children(trace), product_with_activation, 3)
+
+
+def _feeds_attention(trace: Trace, op: Op, kids: Mapping[int, list[int]]) -> bool:
+    """Whether ``op`` is an attention projection: its output reaches an attention op, an
+    attention's softmax or a product with no weights (``q @ k.T``) through reshapes, splits,
+    picks and scales only (BoTNet's ``qkv`` 1x1 convolution: queries, keys and values side
+    by side, not features of the image)."""
+
+    def attention(child: Op, _from: int) -> bool:
+        return (
+            child.name in ATTENTION
+            or (child.name == "softmax" and _weights_activations(trace, child))
+            or (child.name in _PRODUCTS and not child.params)
+        )
+
+    return _reaches(trace, op.index, kids, attention, 6)
 
 
 _CONTAINERS = {"Sequential", "ModuleList", "ModuleDict"}
@@ -177,7 +250,7 @@ def _of_pooled_map(trace: Trace, conv: Op) -> bool:
     return False
 
 
-def _mlp_hidden(trace: Trace, op: Op) -> bool:
+def _mlp_hidden(trace: Trace, op: Op, linear: Collection[int] = ()) -> bool:
     """An activation fed by a linear layer (or a 1x1 convolution that widens the
     channels): directly, or through
     ops that keep its units (norms, reshapes, a gated MLP's chunk, a depthwise convolution:
@@ -189,7 +262,7 @@ def _mlp_hidden(trace: Trace, op: Op) -> bool:
         if not cur.parents:
             return False
         cur = trace.ops[cur.parents[0]]
-        if cur.name in LINEAR:
+        if cur.name in LINEAR or cur.index in linear:
             return True
         if cur.name in CONV:
             kind = _conv_kind(cur)
@@ -202,20 +275,33 @@ def _mlp_hidden(trace: Trace, op: Op) -> bool:
     return False
 
 
-def _default_ops(trace: Trace, candidates: list[Op]) -> list[Op]:
+def _default_ops(
+    trace: Trace, candidates: list[Op], layouts: Mapping[int, Layout | Skip] | None = None
+) -> list[Op]:
     """CNNs: every conv, linear and activation op with a unit axis besides the batch:
-    (B, C), (B, C, L), (B, C, H, W), and a video model's (B, C, D, H, W).
+    (B, C), (B, C, L), (B, C, H, W), and a video model's (B, C, D, H, W). A product of an
+    activation with a weight (``x @ W.t()``, an einsum: ``layouts`` says which) is a
+    linear layer too.
 
     Transformers: the outputs of repeated blocks, the MLP hidden layers (an activation fed
     by a linear, see :func:`_mlp_hidden`) and convs outside the blocks (patch embeddings,
-    stems); not the reshapes and attention internals in between."""
+    stems) but attention projections; not the reshapes and attention internals between."""
+    linear = {
+        op.index
+        for op in candidates
+        if op.name in _PRODUCTS
+        and isinstance(lay := (layouts or {}).get(op.index), Layout)
+        and lay.source == "linear"
+    }
     if not _is_transformer(trace):
         return [
             op
             for op in candidates
-            if op.name in CONV | LINEAR | ACTIVATIONS and len(op.shape or ()) >= 2
+            if (op.name in CONV | LINEAR | ACTIVATIONS or op.index in linear)
+            and len(op.shape or ()) >= 2
         ]
     blocks = _blocks(trace)
+    kids = _children(trace)
 
     def in_block(op: Op) -> bool:
         return any(path in blocks for path, _ in op.modules)
@@ -224,8 +310,8 @@ def _default_ops(trace: Trace, candidates: list[Op]) -> list[Op]:
         if {m.split(":")[0] for m in op.module_outputs} & blocks:
             return True  # a block's output
         if op.name in ACTIVATIONS:  # an MLP's hidden layer
-            return _mlp_hidden(trace, op)
-        return op.name in CONV and not in_block(op)
+            return _mlp_hidden(trace, op, linear)
+        return op.name in CONV and not in_block(op) and not _feeds_attention(trace, op, kids)
 
     return [op for op in candidates if wanted(op)]
 
@@ -435,7 +521,7 @@ def select_layers(
     exact: set[int] = set()
     unbatched = _unbatched(trace, layouts)
     if layers is None:
-        chosen = _default_ops(trace, candidates)
+        chosen = _default_ops(trace, candidates, layouts)
         for op, why in unbatched:  # a conv or linear a default would probe: say why not
             if skipped is not None and op.name in CONV | LINEAR:
                 skipped.append((_layer_name(op, trace), why))
