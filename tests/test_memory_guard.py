@@ -43,7 +43,7 @@ def _new_storage_bytes(tr: lurker.Trace, x: torch.Tensor, model: nn.Module) -> i
     seen: dict[int, int] = {}
     for op in tr.compute_ops:
         a = op.activation
-        for t in a if isinstance(a, tuple) else (a,):
+        for t in () if a is None else a if isinstance(a, tuple) else (a,):
             s = t.untyped_storage()
             if s.data_ptr() not in known:
                 seen[s.data_ptr()] = s.nbytes()
@@ -186,3 +186,73 @@ def test_bad_max_memory_is_a_clear_error(value):
     with pytest.raises(lurker.LurkerError, match=r"max_memory=.*not understood.*'2GB'"):
         lurker.trace(nn.ReLU(), torch.randn(3), max_memory=value)
     _nothing_installed()
+
+
+def test_dropped_provisional_saves_leave_the_budget():
+    """save=[module] keeps every op inside it provisionally, and drops the ones that turn
+    out not to be its output as their calls end: their bytes must leave the total too, or
+    a big batch is refused although what is held fits."""
+    torch.manual_seed(0)
+    n = 6
+    blocks = [nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU()) for _ in range(n)]
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Sequential(*blocks), nn.Flatten())
+    model.eval()
+    x = torch.randn(2, 3, 8, 8)
+    one = 2 * 4 * 8 * 8 * 4  # bytes of one conv or relu output
+    with torch.no_grad():
+        expected = model[1](model[0](x))
+    alive: list[weakref.ref] = []
+    for b in blocks:  # the convs' outputs: each block's relu reads it, then it is dropped
+        b[0].register_forward_hook(lambda m, i, o: alive.append(weakref.ref(o)))
+    held: list[int] = []
+    # in the last block's relu: are the earlier convs' outputs really freed? (an oracle
+    # independent of the count: nothing else holds them)
+    blocks[-1][1].register_forward_hook(
+        lambda m, i, o: held.append(sum(r() is not None for r in alive))
+    )
+    with torch.no_grad():
+        full = lurker.trace(model, x, save=["1"], max_memory=None)
+    assert _new_storage_bytes(full, x, model) == one  # kept at the end: the output
+    torch.testing.assert_close(full["1"].activation, expected)
+    assert held == [1]  # only the last conv's output is alive there
+    # at that peak the trace holds the n block outputs so far (kept until the saved call
+    # ends) and the last conv's: n + 1 outputs. The guard counted every op inside
+    # (2n outputs) before it took dropped saves off.
+    with torch.no_grad():
+        tr = lurker.trace(model, x, save=["1"], max_memory=(n + 1) * one)
+    assert tr.complete
+    torch.testing.assert_close(tr["1"].activation, full["1"].activation)
+    with pytest.raises(lurker.MemoryLimitError) as info, torch.no_grad():
+        lurker.trace(model, x, save=["1"], max_memory=(n + 1) * one - 1)
+    assert info.value.saved_bytes == (n + 1) * one
+    assert "save= names module '1', and until its call returns" in str(info.value)
+    _nothing_installed()
+
+
+def test_detach_and_data_share_their_input_storage_and_add_nothing():
+    """``y.detach()``, ``y.data`` and ``aten.alias`` are new tensors on ``y``'s storage (not
+    views: no ``_base``): counting them as new memory refused traces that fit."""
+
+    class Detaching(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.conv(x)
+            target = y.detach()  # a stop-gradient target, as in self-distillation
+            z = y.data
+            w = torch.ops.aten.alias(y)
+            return (y - target) + z * w
+
+    torch.manual_seed(0)
+    model, x = Detaching().eval(), torch.randn(2, 3, 16, 16)
+    full = lurker.trace(model, x, max_memory=None)
+    total = _new_storage_bytes(full, x, model)  # conv, sub, mul, add: 4 outputs
+    assert total == 4 * 2 * 4 * 16 * 16 * 4
+    tr = lurker.trace(model, x, max_memory=total)
+    assert tr.complete
+    torch.testing.assert_close(tr.output, full.output)
+    with pytest.raises(lurker.MemoryLimitError) as info:
+        lurker.trace(model, x, max_memory=total - 1)
+    assert info.value.saved_bytes == total and info.value.failed_op == "add_1"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import itertools
 import threading
+import warnings
 import weakref
 
 import pytest
@@ -1235,3 +1236,44 @@ def test_a_dropped_provisional_save_is_not_blamed_for_a_write_into_its_old_stora
         pytest.skip("the allocator never handed a freed storage to the new tensor")
     assert not [op.label for op in tr.ops if op.stale]
     assert tr.validate().output_checked
+
+
+def test_save_of_a_module_whose_result_is_discarded_warns_and_names_its_ops():
+    """``self.aux(x)`` on its own line, or a module that returns its input: no value of the
+    call is used outside it, so which op is its result cannot be told (a side value such as
+    a logged mean must never be taken for it); save= naming it says so instead of saving
+    nothing silently, and names an op label that does save it."""
+
+    class Logger(nn.Module):
+        def forward(self, x):
+            self.stat = x.abs().mean()  # kept on the side; the module returns x
+            return x
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.aux = nn.Sequential(nn.Linear(4, 3), nn.ReLU())
+            self.log = Logger()
+            self.main = nn.Linear(4, 2)
+
+        def forward(self, x):
+            self.aux(x)  # discarded
+            return self.main(self.log(x))
+
+    torch.manual_seed(0)
+    model, x = M().eval(), torch.randn(2, 4)
+    got: list[torch.Tensor] = []  # the oracle: what aux returned (no op in the hook)
+    model.aux.register_forward_hook(lambda m, i, o: got.append(o))
+    full = lurker.trace(model, x)
+    assert full.modules["aux"].outputs == {} and full.modules["log"].outputs == {}
+    with pytest.raises(KeyError, match=r"used outside it.*name an op inside it: abs_1, mean_1"):
+        full["log"]  # not the logged mean
+    with pytest.warns(UserWarning, match=r"module 'aux'.*save=\['relu_1'\]"):
+        lurker.trace(model, x, save=["aux"])
+    with pytest.warns(UserWarning, match=r"module 'log'.*save=\['mean_1'\]"):
+        lurker.trace(model, x, save=["log"])
+    tr = lurker.trace(model, x, save=["relu_1"])  # what the warning says to do
+    torch.testing.assert_close(tr["relu_1"].activation, got[-1], rtol=0, atol=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lurker.trace(model, x, save=["main"])  # a module whose result is used: silent

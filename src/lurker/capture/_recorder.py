@@ -296,6 +296,11 @@ def param_names(model: nn.Module) -> dict[int, str]:
     return _model_index(model).params
 
 
+# ops whose output is a new tensor on its input's storage, though not a view (no _base):
+# the memory guard counts no bytes for them
+_SHARES_STORAGE = frozenset({"detach", "data", "alias"})
+
+
 class _Core:
     """The recorder's state and per-op work; :class:`Recorder` adds the torch function
     mode around it."""
@@ -393,6 +398,8 @@ class _Core:
         self.mem_fraction: float | None = None
         self.mem_basis = ""
         self.over_limit: _memory.OverLimit | None = None
+        # node index -> bytes counted for a provisional save, taken off when it is dropped
+        self._prov_bytes: dict[int, int] = {}
 
     def set_memory_limit(
         self, limit: int | None, fraction: float | None, auto: bool = True
@@ -671,20 +678,58 @@ class _Core:
         # only the entries made since the outermost ended call began: a scan of them all
         # would make a saved module looping over a child quadratic in its steps
         pending = self._pending
+        scan = pending[start:]
         kept = []
-        for entry in pending[start:]:
+        dropped = []
+        for entry in scan:
             node, refs, calls, wanted_calls = entry
             if ended.isdisjoint(calls):
                 kept.append(entry)  # made outside the calls that ended
             elif not any(r() is not None for r in refs):
-                _build.unsave(node, self.param_refs)
+                dropped.append(node)
             elif wanted.isdisjoint(wanted_calls):
                 kept.append(entry)  # alive, and a wanted call holding it still runs
+        if dropped:
+            if self._prov_bytes:
+                self._uncount(dropped, scan)
+            for node in dropped:
+                _build.unsave(node, self.param_refs)
         pending[start:] = kept
         n = len(pending)
         for e in self._chain:  # calls begun after those ended began at the shorter end
             if e[6] > n:
                 e[6] = n
+
+    def _uncount(self, dropped: list[Op], scan: list[Any]) -> None:
+        """Take the provisional saves about to be dropped off the memory guard's total.
+
+        A dropped op's storage stays held when a save that is kept is a view of it: its
+        bytes then pass to that save (or, not provisional, stay counted)."""
+        gone = {id(n) for n in dropped}
+        holders: dict[int, Op] = {}
+        if self.transform is None and self.device is None:  # else saves are own copies
+            for node, _, _, _ in scan:
+                a = node.activation
+                if id(node) in gone or a is None:
+                    continue
+                for x in a if isinstance(a, tuple) else (a,):
+                    holders.setdefault(x.untyped_storage().data_ptr(), node)
+        counted = self._prov_bytes
+        for node in dropped:
+            n = counted.pop(node.index, 0)
+            a = node.activation
+            if not n or a is None:
+                continue
+            holder = None
+            if holders:
+                for x in a if isinstance(a, tuple) else (a,):
+                    holder = holders.get(x.untyped_storage().data_ptr())
+                    if holder is not None:
+                        break
+            if holder is None:
+                self.saved_bytes -= n
+            elif holder._provisional:
+                counted[holder.index] = counted.get(holder.index, 0) + n
 
     def _store(self, node: Op, outs: list[Tensor]) -> None:
         saved = []
@@ -938,7 +983,10 @@ class _Core:
                 continue
             node.activation = tuple(x.clone() for x in a) if isinstance(a, tuple) else a.clone()
             if self.mem_check is not None:  # a copy: memory the guard counts
-                self.saved_bytes += sum(x.nbytes for x in a) if isinstance(a, tuple) else a.nbytes
+                n = sum(x.nbytes for x in a) if isinstance(a, tuple) else a.nbytes
+                self.saved_bytes += n
+                if node._provisional:
+                    self._prov_bytes[i] = self._prov_bytes.get(i, 0) + n
 
     def _mark_stale(self, t: Tensor) -> None:
         """An op we did not expect to be in-place modified ``t``: saved copies are wrong.
@@ -1107,7 +1155,9 @@ class _Core:
                     base = o._base
                     if base is None:
                         prev = producers.get(id(o))
-                        if prev is None or not _alive(prev[0], o):
+                        if (prev is None or not _alive(prev[0], o)) and (
+                            info.name not in _SHARES_STORAGE
+                        ):
                             fresh += o.nbytes
                     elif id(base) not in producers and id(base) not in self.params:
                         fresh += o.nbytes  # a view of a temporary (reshape's copy)
@@ -1130,6 +1180,13 @@ class _Core:
                 if check is not None and node.activation is not None:
                     if self.transform is None and self.device is None:
                         self.saved_bytes += fresh  # else _store counted the copies
+                        if node._provisional:  # uncounted if dropped (_drop_dead)
+                            self._prov_bytes[idx] = fresh
+                    elif node._provisional:
+                        a = node.activation
+                        self._prov_bytes[idx] = (
+                            sum([x.nbytes for x in a]) if type(a) is tuple else a.nbytes
+                        )
                     if self.saved_bytes > check:
                         self._over(idx, fresh, outs[0].device)
         if node.activation is not None or self.save_all:

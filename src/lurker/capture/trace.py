@@ -9,6 +9,7 @@ import os
 import sys
 import threading
 import traceback
+import warnings
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import nullcontext
@@ -164,10 +165,33 @@ def trace(
         tr._no_output_check = no_output_check
         tr._model_hooks = model_hooks
         check_patterns(policy, tr.ops, tr.modules)
+        if rec.saved_modules:
+            _warn_no_output(tr, rec.saved_modules)
         return tr
     finally:
         if gc_was_on:
             gc.enable()
+
+
+def _warn_no_output(tr: Trace, saved: set[str]) -> None:
+    """Warn of modules ``save=`` names that ran but have no output to save: none of the
+    values made in their calls was used outside them (a result the caller discarded, or a
+    module that returned its input), so which op is their result cannot be told and
+    nothing of them was kept."""
+    for path in sorted(saved):
+        info = tr.modules.get(path)
+        if info is None or not info.num_passes or info.outputs:
+            continue
+        inside = [op.label for op in tr.compute_ops if any(p == path for p, _ in op.modules)]
+        if not inside:
+            continue
+        warnings.warn(
+            f"save= names module {path!r}, but no value made in its call was used outside "
+            "it (the caller discarded its result, or it returned a tensor made before the "
+            "call), so lurker cannot tell which op is its result and saved nothing of it; "
+            f"name the op to keep instead, e.g. save=[{inside[-1]!r}] (its last op)",
+            stacklevel=3,
+        )
 
 
 def _lazy_lines(lazy: _lazy.LazyInits) -> list[str]:
@@ -556,8 +580,13 @@ def _memory_error(model: nn.Module, rec: Recorder, inputs: tuple, rng: Any) -> M
     partial.failed_op = op.label
     where = f" in module '{op.modules[-1][0]}'" if op.modules else ""
     n_ops = sum(1 for o in partial.ops[: over.node_index + 1] if o.kind in ("op", "generated"))
+    held = [p for p, _ in op.modules if p in rec.saved_modules]
     fixes = [
-        "save only what you need: save=['layer4.*', 'conv2d_3'] (module paths or op "
+        f"save= names module '{held[0]}', and until its call returns every op inside it "
+        "that is still in use is kept (any may be its output): name smaller modules inside "
+        "it, or op labels"
+        if held
+        else "save only what you need: save=['layer4.*', 'conv2d_3'] (module paths or op "
         "labels, globs allowed) or save=nn.Conv3d (module classes)",
         "keep a reduction instead of each tensor: transform=lambda t: t.mean(tuple(range(2, "
         "t.dim()))) (per-channel means)",

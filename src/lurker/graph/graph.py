@@ -67,7 +67,15 @@ class Graph:
                 + (" ..." if info.num_passes > 5 else "")
             )
         if info is not None:
-            raise KeyError(f"module '{key}' produced no tensor output in this forward pass")
+            inside = [op.label for op in self.ops if any(p == key for p, _ in op.modules)]
+            if not inside:
+                raise KeyError(f"module '{key}' produced no tensor output in this forward pass")
+            raise KeyError(
+                f"module '{key}' produced no tensor output in this forward pass: no value made "
+                "in its call was used outside it (the caller discarded its result, or it "
+                "returned a tensor made before the call), so no op stands for it; name an op "
+                f"inside it: {', '.join(inside[-5:])}"
+            )
         rolled = [op for op in self.ops if op.rolled == key]
         if rolled:
             raise KeyError(
