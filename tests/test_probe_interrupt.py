@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -403,3 +404,120 @@ def test_a_run_of_another_model_stops_every_rank_with_one_message(tmp_path: Path
     for text in said:
         assert text.startswith("RunExistsError every_rank=True"), said
         assert "already holds a run of" in text
+
+
+def _failing_writer_worker(rank: int, world: int, tmp: str, store: str, out: str) -> None:
+    """One gloo rank probing ``out``; rank 0 fails as it writes the run (a full disk)."""
+    from datetime import timedelta
+
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+        timeout=timedelta(seconds=60),
+    )  # fmt: skip
+    if rank == 0:
+
+        def full(*args: Any, **kwargs: Any) -> None:
+            raise OSError(28, "No space left on device")
+
+        lurker.store.RunWriter.set_graph = full  # type: ignore[method-assign]
+    try:
+        said = _outcome(functools.partial(lurker.probe, _model(), Images(), out=out, **KW))
+    except OSError as e:
+        said = f"OSError {e}"
+    Path(tmp, f"outcome-rank{rank}.txt").write_text(said)
+    os._exit(0)  # (rank 0 leaves without the barrier: its connections close)
+
+
+def test_a_rank_keeps_its_shard_until_rank_0_has_written_the_run(tmp_path: Path) -> None:
+    """Rank 1 deleted its checkpoint as soon as the ranks had merged, before rank 0 wrote
+    the run: rank 0 failing to write (a full disk, a kill) lost rank 1's whole shard, swept
+    again by the next job. Now rank 1 keeps it until rank 0 has written the run, says so,
+    and the rerun resumes both shards to the uninterrupted result."""
+    want = lurker.probe(_model(), Images(), out=tmp_path / "whole", **KW)
+    out = tmp_path / "cut"
+    store = tmp_path / "store-fail"
+    torch.multiprocessing.spawn(
+        _failing_writer_worker, args=(2, str(tmp_path), str(store), str(out)), nprocs=2
+    )
+    said = [(tmp_path / f"outcome-rank{r}.txt").read_text() for r in range(2)]
+    assert said[0].startswith("OSError"), said
+    assert "process 0 of this torchrun job stopped before it wrote the run" in said[1], said
+    assert torch.load(out / "checkpoint-rank1.pt", weights_only=True)["done"] == 6
+    assert torch.load(out / "checkpoint-rank0.pt", weights_only=True)["done"] == 6
+    assert _spawn(tmp_path, out) == ["done", "done"]
+    got = lurker.Run.open(out)
+    assert got.meta["sweep"]["resumed_from"] == 12 and got.meta["sweep"]["images"] == 0
+    assert _tops(got) == _tops(want)
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["run.db"]
+
+
+SLOW_NET = """
+import os, sys, time
+from torch import nn
+
+
+class Net(nn.Module):
+    '''A small convnet whose forward takes a while; rank 0 says when the sweep's third batch
+    runs.'''
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU())
+        self.batches = 0
+
+    def forward(self, x):
+        self.batches += x.shape[0] == 4  # the sweep's batches, not the trace's
+        if self.batches == 3 and os.environ.get("RANK") == "0":
+            print("SWEEPING", file=sys.stderr, flush=True)
+        time.sleep(0.05)
+        return self.features(x)
+"""
+
+
+def test_sigterm_to_torchrun_says_one_line_with_the_command_and_it_resumes(
+    tmp_path: Path,
+) -> None:
+    """SIGTERM to the torchrun launcher (a batch system stopping the job; Ctrl-C alike):
+    every rank printed its own "stopped by SIGTERM" line, with only "the same command" to
+    rerun. Now one line from lurker says where the checkpoints are and the exact command,
+    which resumes the run and leaves no checkpoint behind. (The launcher's own
+    SignalException traceback is torchrun's, which lurker cannot change.)"""
+    (tmp_path / "slow_net.py").write_text(SLOW_NET)
+    out = tmp_path / "run"
+    args = [
+        *("probe", str(tmp_path / "slow_net.py") + ":Net", "--data", "digits:test"),
+        *("--image-size", "8", "--batch-size", "4", "--k", "3", "--out", str(out)),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    job = subprocess.Popen(
+        [*launch, "--nproc_per_node=2", "-m", "lurker.cli", *args],
+        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env,
+    )  # fmt: skip
+    assert job.stderr is not None
+    said = []
+    for line in job.stderr:
+        said.append(line)
+        if "SWEEPING" in line:
+            job.send_signal(signal.SIGTERM)
+            break
+    said += job.stderr.readlines()
+    job.wait(timeout=120)
+    ours = [line for line in said if line.startswith("lurker")]
+    assert len(ours) == 1, "".join(said)
+    assert "process 0 of 2 stopped by SIGTERM" in ours[0], ours
+    assert str(out / "checkpoint-rank*.pt") in ours[0]
+    assert not [line for line in said if line.startswith("[rank")], said
+    assert "to resume: " in ours[0], ours
+    command = ours[0].split("to resume: ", 1)[1].strip()
+    want = ["torchrun", "--nproc_per_node=2", "--standalone", "-m", "lurker.cli", *args]
+    assert shlex.split(command) == want
+    done = subprocess.run(
+        [*launch, *want[1:]], capture_output=True, text=True, env=env, check=False, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    run = lurker.Run.open(out)
+    assert 0 < run.meta["sweep"]["resumed_from"] < 360  # digits:test, 360 images
+    assert run.meta["sweep"]["resumed_from"] + run.meta["sweep"]["images"] == 360
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["run.db"]

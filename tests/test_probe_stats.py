@@ -866,3 +866,35 @@ def test_device_code_path_matches_bruteforce(shape, buffer_samples):
     check_against(res, exp)
     cpu = UnitStats(shape[0], 6, 4, device="cpu", hist_bins=8, buffer_samples=buffer_samples)
     assert_same(feed(cpu, acts, ids, labels).result(), res)
+
+
+@PATHS
+def test_class_means_do_not_depend_on_batches_buffer_or_resume(cls):
+    """Resuming at another batch size (or a GPU's buffer folding other runs of samples): the
+    torch path summed each fold's class means as a float32 matmul, so class and unit means
+    changed in their last bits with the folds. Now every fold sums in float64, as the CPU
+    kernel does: the float32 results are the same bits whatever the folds, and numpy's."""
+    rng = np.random.default_rng(5)
+    n, c = 600, 6
+    acts = torch.from_numpy(rng.standard_normal((n, c, 3, 3)).astype(np.float32) * 10 + 3)
+    ids, labels = torch.arange(n), torch.from_numpy(rng.integers(0, 3, n))
+    means = acts.double().mean(dim=(2, 3)).float().double().numpy()  # the float32 means
+    lab = labels.numpy()
+    want = np.stack([means[lab == k].sum(0) / (lab == k).sum() for k in range(3)], 1)
+    got = []
+    for sizes, buffer in [([1] * n, 1), ([7] * 85 + [5], 64), ([600], 600), ([64] * 9 + [24], 100)]:
+        stats = cls(c, 3, 3, device="cpu", buffer_samples=buffer)
+        start = 0
+        for size in sizes:
+            stats.update(
+                acts[start : start + size], ids[start : start + size], labels[start : start + size]
+            )
+            start += size
+            if start == 300:  # a checkpoint and a resume halfway
+                stats = UnitStats.from_state_dict(stats.state_dict()) if cls is UnitStats else stats
+        got.append(stats.result())
+    for res in got:  # (a path's float32 spatial means may differ from numpy's in the last bit)
+        np.testing.assert_allclose(res["class_mean"].numpy(), want, rtol=3e-7)
+        np.testing.assert_allclose(res["unit_mean"].numpy(), means.mean(0), rtol=3e-7)
+        for key in ("class_mean", "unit_mean", "hist"):
+            assert torch.equal(res[key], got[0][key]), key

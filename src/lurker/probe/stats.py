@@ -507,14 +507,15 @@ class UnitStats:
         self._keys = top.values
         self._pos = torch.cat([self._pos, cand], 2).gather(2, top.indices)
 
-        # Class sums as a one-hot matmul in float32 (deterministic, unlike atomic index_add_ on
-        # GPUs); across folds they accumulate in float64. Non-finite means go in apart, lest
-        # 0 * inf put NaN into every class: their sum does not depend on order.
+        # Class sums as a one-hot matmul (deterministic, unlike atomic index_add_ on GPUs), in
+        # the accumulator's float64 as the CPU's kernel sums: a float32 matmul rounded each
+        # fold's sum, so the class means changed with the folds (buffer, batch size, resume).
+        # Non-finite means go in apart, lest 0 * inf put NaN into every class.
         means = stat[0]  # (n, c)
         finite = torch.isfinite(means)
-        onehot = torch.zeros((n, self.num_classes + 1), dtype=stat.dtype, device=self.device)
+        onehot = torch.zeros((n, self.num_classes + 1), dtype=self._acc, device=self.device)
         onehot.scatter_(1, rows[:, None], 1.0)
-        self._class_sum.add_(onehot.T @ means.where(finite, 0.0))
+        self._class_sum.add_(onehot.T @ means.where(finite, 0.0).to(self._acc))
         self._class_sum.index_add_(0, rows, means.where(~finite, 0.0).to(self._acc))
 
         # Histogram: widen the grid to the new finite extremes (the one host sync of a fold: it

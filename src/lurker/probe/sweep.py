@@ -26,6 +26,7 @@ import json
 import numbers
 import os
 import re
+import shlex
 import signal
 import sys
 import threading
@@ -1145,6 +1146,8 @@ def _finished_before(plan: _Plan, writer: RunWriter | None) -> bool:
             )
     if plan.world > 1:
         done = bool(_from_rank0(done))
+        if done:  # a rank's checkpoint left by a job killed after rank 0 wrote the run
+            _drop_checkpoint(plan)
     return done
 
 
@@ -1467,26 +1470,54 @@ def _stop_signals() -> Iterator[list[int]]:
             signal.signal(sig, default)
 
 
+def _resume_command(world: int) -> str:
+    """How to resume: the same call, or for `lurker probe` its command line (under
+    torchrun, rebuilt with the launcher's options the workers can see)."""
+    args = sys.argv[1:]
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    # `lurker probe ...` (its console script imports lurker.cli) or, under torchrun,
+    # `python -m lurker.cli probe ...` (lurker.cli runs as __main__)
+    cli = "lurker.cli" in sys.modules or (spec is not None and spec.name == "lurker.cli")
+    if not args or args[0] != "probe" or not cli:
+        return (
+            "run the same call again"
+            + (f", with {world} processes," if world > 1 else "")
+            + " to resume"
+        )
+    if world == 1:
+        return f"run the same command again to resume: {shlex.join(['lurker', *args])}"
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    nodes = world // max(local, 1)
+    launch = ["torchrun", f"--nproc_per_node={local}"]
+    launch += ["--standalone"] if nodes == 1 else [f"--nnodes={nodes}"]
+    cmd = shlex.join([*launch, "-m", "lurker.cli", *args])
+    where = f" on each of the {nodes} machines (its --node_rank, --master_addr too)"
+    return (
+        f"run the same command again, with {world} processes, to resume"
+        f"{where if nodes > 1 else ''}: {cmd}"
+    )
+
+
 def _say_interrupted(plan: _Plan, position: _Progress, total: int, signum: int) -> None:
     """Tell the user what was kept and how to resume: the same command, with as many
-    processes (each rank resumes its own shard). Under torchrun rank 0 speaks for a Ctrl-C,
-    which the terminal sent every process; a rank stopped alone by SIGTERM (a preempted
-    node) says so itself."""
+    processes (each rank resumes its own shard). Under torchrun the first process of each
+    machine speaks for it: a Ctrl-C or a SIGTERM to the launcher reaches every process
+    (each used to print the same line), and a rank stopped alone makes the others fail at
+    the merge with a message that says so."""
     if plan.world == 1:
         print(
             f"lurker: interrupted after {position.done} of {total} images, which are saved "
-            f"in {plan.checkpoint}: run the same command again to resume",
+            f"in {plan.checkpoint}: {_resume_command(1)}",
             file=sys.stderr,
         )
         return
-    if plan.rank != 0 and signum != signal.SIGTERM:
+    if int(os.environ.get("LOCAL_RANK", plan.rank)) != 0:
         return
     how = "stopped by SIGTERM" if signum == signal.SIGTERM else "interrupted"
     print(
         f"lurker: process {plan.rank} of {plan.world} {how} after {position.done} of its "
         f"{total} images; each process keeps the images it swept in "
-        f"{plan.out / 'checkpoint-rank*.pt'}: run the same command again, with {plan.world} "
-        "processes, to resume",
+        f"{plan.out / 'checkpoint-rank*.pt'}: {_resume_command(plan.world)}",
         file=sys.stderr,
     )
 
@@ -1532,7 +1563,7 @@ def _finish(
             except RuntimeError as e:  # (gloo: "Connection closed by peer"; NCCL's own words)
                 err = LurkerError(
                     f"another process of this torchrun job stopped (interrupted, preempted or "
-                    f"failed: see its message) before the {plan.world} processes merged their "
+                    f"failed) before the {plan.world} processes merged their "
                     f"statistics ({type(e).__name__}: {str(e).splitlines()[0][:120]}). Every "
                     f"process's sweep is saved in {plan.out / 'checkpoint-rank*.pt'} (one killed "
                     f"outright, up to its last checkpoint): run the same command again, with "
@@ -1545,10 +1576,20 @@ def _finish(
         done = sum(g[3] for g in gathered)
         clear = _merge_transparent(*(g[4] for g in gathered))
     if plan.rank != 0:
+        # this rank's checkpoint is the only copy of its shard until rank 0 has written the
+        # run: it is dropped after the barrier, kept if rank 0 fails to write
+        try:
+            torch.distributed.barrier()
+        except RuntimeError as e:  # (gloo: "Connection closed by peer")
+            raise LurkerError(
+                f"process 0 of this torchrun job stopped before it wrote the run ({type(e).__name__}: "
+                f"{str(e).splitlines()[0][:120]}). This process's sweep is kept in "
+                f"{plan.checkpoint}: run the same command again, with {plan.world} processes, "
+                "to resume"
+            ) from None
         _drop_checkpoint(plan)
         for c in consumers:
             c.discard()
-        torch.distributed.barrier()
         return None
     assert writer is not None
     labels = plan.labels
@@ -1598,7 +1639,7 @@ def _finish(
     for c in consumers:
         c.discard()
     if plan.world > 1:
-        torch.distributed.barrier()
+        torch.distributed.barrier()  # the run is written: the other ranks drop theirs
     return Run.open(plan.out)
 
 
