@@ -8,13 +8,14 @@ new one. Oracle: the run's store opened directly (``lurker.store.Run``) before a
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from explorer_fixtures import probe_digits, skip_without_browser, strict_page
+from explorer_fixtures import probe_digits, skip_without_browser, strict_page, watch
 
 skip_without_browser()
 
@@ -132,7 +133,9 @@ def test_generation_endpoint_follows_the_run(served: dict) -> None:
         "generation": before,
         "status": "complete",
         "images_version": summary["images_version"],
+        "additions": {"featviz": None, "map": None},  # neither written yet
     }
+    assert summary["additions"] == {"featviz": None, "map": None}
     assert get("api/runs/d/generation")["generation"] == before  # stable while unchanged
     served["reprobe"]()
     after = get("api/runs/d/generation")["generation"]
@@ -167,9 +170,11 @@ def _get(url: str) -> dict:
 
 def test_writes_that_add_to_the_run_leave_its_generation_alone(served: dict) -> None:
     """``lurker featviz``, ``lurker map`` and deleting the run's ``cache/`` (to free disk or
-    remake its images) change no value a page shows: the generation stays, so no open page
-    says the run was probed again. Deleting ``cache/`` changes only the image token (its
-    files may be made anew, other pictures under the same names)."""
+    remake its images) are no re-probe: the generation stays, so no open page says the run
+    was probed again. ``lurker featviz`` and ``lurker map`` each change their own token of
+    ``additions`` (what the pages showing them look at), each leaving the other's alone.
+    Deleting ``cache/`` changes only the image token (its files may be made anew, other
+    pictures under the same names)."""
     import shutil
 
     import lurker
@@ -182,10 +187,22 @@ def test_writes_that_add_to_the_run_leave_its_generation_alone(served: dict) -> 
         and first["images_version"] == _get(served["url"] + "api/runs/d")["images_version"]
     )
     lurker.featviz(served["model"], "features.8", units=[0, 1], steps=4).save(served["out"])
+    after_featviz = _get(gen)
+    assert after_featviz["additions"]["featviz"] is not None
+    assert after_featviz["additions"]["map"] is None
     make_map(served["out"], method="pca")
     after_writes = _get(gen)
-    assert _get(served["url"] + "api/runs/d")["holds"]["map"]  # both writes landed
-    assert after_writes == first
+    summary = _get(served["url"] + "api/runs/d")
+    assert summary["holds"]["map"]  # both writes landed
+    assert after_writes["additions"]["featviz"] == after_featviz["additions"]["featviz"]
+    assert after_writes["additions"]["map"] is not None
+    assert summary["additions"] == after_writes["additions"]
+    assert {**after_writes, "additions": None} == {**first, "additions": None}
+    # the same units made again (other settings): a new token
+    lurker.featviz(served["model"], "features.8", units=[0, 1], steps=5).save(served["out"])
+    again = _get(gen)["additions"]
+    assert again["featviz"] != after_writes["additions"]["featviz"]
+    assert again["map"] == after_writes["additions"]["map"]
     _get(served["url"] + "api/runs/d/samples/0")  # (any request: the cache is in use)
     shutil.rmtree(served["out"] / "cache")
     after_delete = _get(gen)
@@ -276,3 +293,102 @@ def test_a_poll_during_a_navigation_reports_the_reprobe_once(
         pg.wait_for_function("window.__busy === 0")  # every answer read and acted on
         assert pg.get_attribute(".run-changed", "data-state") == "fresh"
         assert _shown(pg) == new
+
+
+def test_a_navigation_asks_for_its_page_beside_the_check(browser: Any, served: dict) -> None:
+    """A navigation asks whether the run changed beside its page's own requests, not
+    before them (a round trip on every click): with the check's answer held back, the
+    unit page still asks for its document and draws it. Then the answer, a re-probe, is
+    let go: the page is drawn again from the new run, and says so."""
+    unit = f"#/r/d/unit/{LAYER}/{UNIT}?tab=max"
+    held: list[Any] = []
+    with strict_page(browser) as pg:
+        pg.goto(served["url"] + f"#/r/d/layer/{LAYER}")
+        pg.wait_for_selector(".unit-grid .unit-id")
+        old = _top(served["out"])
+        served["reprobe"]()
+        new = _top(served["out"])
+        assert [s for s, _ in new] != [s for s, _ in old]
+        pg.route("**/api/runs/d/generation*", lambda route: held.append(route))
+        with pg.expect_request(
+            lambda r: r.url.endswith(f"/api/runs/d/layers/{LAYER}/units/{UNIT}")
+        ):
+            pg.evaluate(f"location.hash = '{unit}'")
+        pg.wait_for_selector(".topk .top-entry[data-sample]")
+        assert len(held) == 1  # asked, and still unanswered
+        held[0].continue_()
+        pg.unroute("**/api/runs/d/generation*")
+        pg.wait_for_selector(".run-changed[data-state=fresh]")
+        assert _shown(pg) == new
+        version = _version(pg)
+        srcs = pg.eval_on_selector_all(".topk .top-entry img", "els => els.map(e => e.src)")
+        assert srcs and all(f"v={version}" in s for s in srcs), srcs
+
+
+def _looked_at(pg: Any) -> None:
+    """The tab looked at again: the page asks whether its run changed (as every few s)."""
+    with pg.expect_response(lambda r: r.url.endswith("/api/runs/d/generation")):
+        pg.evaluate("document.dispatchEvent(new Event('visibilitychange'))")
+
+
+def test_featviz_under_an_open_unit_page_says_it_lacks_them(browser: Any, served: dict) -> None:
+    """``lurker featviz`` writes images of the unit an open unit page shows: the page
+    says it lacks them, and its button draws them (the feature visualization tab). A
+    navigation back to a unit page seen before shows them too (not its held document).
+    The layer page beside it, whose units got none, is not told."""
+    import lurker
+
+    layer = "features.8"
+    unit = f"#/r/d/unit/{layer}/0?tab=max"
+    with strict_page(browser) as pg:
+        pg.goto(served["url"] + f"#/r/d/unit/{layer}/1?tab=max")
+        pg.wait_for_selector(".topk .top-entry[data-sample]")
+        pg.evaluate(f"location.hash = '{unit}'")
+        pg.wait_for_selector(".topk .top-entry[data-sample]")
+        assert pg.locator("[data-tab=featviz]").count() == 0
+        lurker.featviz(served["model"], layer, units=[0, 1], steps=4).save(served["out"])
+        _looked_at(pg)
+        pg.wait_for_selector(".run-changed[data-state=stale]")
+        bar = pg.inner_text(".run-changed")
+        assert "new feature visualizations" in bar and "probed again" not in bar
+        assert pg.locator("[data-tab=featviz]").count() == 0  # never redrawn unasked
+        pg.click("text=Show the new results")
+        pg.wait_for_selector("[data-tab=featviz]")
+        assert pg.locator(".run-changed").is_hidden()
+        pg.evaluate(f"location.hash = '#/r/d/unit/{layer}/1?tab=max'")  # seen before
+        pg.wait_for_selector("[data-tab=featviz]")
+        assert pg.locator(".run-changed").is_hidden()
+
+
+def test_map_under_an_open_map_page_says_it_lacks_it(browser: Any, served: dict) -> None:
+    """``lurker map`` on a run whose Map page is open (saying there is no map): the page
+    says the run has a new map, and its button draws it, every sample a dot (oracle: the
+    store's map). Another navigation needs no button: a unit page is not told."""
+    from lurker.map import make_map
+    from lurker.store import Run
+
+    ctx, pg, errors = watch(browser)
+    with contextlib.closing(ctx):
+        pg.add_init_script(_COUNT_FETCHES)
+        pg.goto(served["url"] + "#/r/d/map")
+        pg.wait_for_selector("text=lurker map")
+        assert pg.locator("canvas.map-canvas").count() == 0
+        make_map(served["out"], method="pca").close()
+        with Run.open(served["out"]) as run:
+            dots = len(run.map().ids)
+        _looked_at(pg)
+        pg.wait_for_selector(".run-changed[data-state=stale]")
+        assert "a new dataset map" in pg.inner_text(".run-changed")
+        pg.click("text=Show the new results")
+        pg.wait_for_selector("canvas.map-canvas[data-shown]")
+        assert pg.get_attribute("canvas.map-canvas", "data-shown") == str(dots)
+        assert pg.locator(".run-changed").is_hidden()
+        pg.evaluate(f"location.hash = '#/r/d/unit/{LAYER}/{UNIT}'")
+        pg.wait_for_selector(".topk .top-entry[data-sample]")
+        make_map(served["out"], method="pca").close()  # again: the unit page shows none of it
+        _looked_at(pg)
+        pg.wait_for_function("window.__busy === 0")  # the answer read and acted on
+        assert pg.locator(".run-changed").is_hidden()
+    # the page without a map asked for it once: the 404 that says to make one
+    assert [e for e in errors if "/api/runs/d/map" not in e and "404" not in e] == []
+    assert sum("/api/runs/d/map" in e for e in errors) == 1

@@ -471,6 +471,43 @@ def test_static_export_shows_the_map(page: Any, served: dict[str, Any], static_s
     assert not page.errors
 
 
+def test_static_samples_list_marks_the_misclassified(
+    page: Any, served: dict[str, Any], static_site: str
+):
+    """The static export's samples list marks the misclassified samples (``label →
+    predicted``, from the prediction the run's map recorded) as the served list does: it
+    showed the label alone. Oracle: ``Run.map()``, and the served page."""
+    m = served["map"]
+    truth = {int(i): (int(lab), int(pr)) for i, lab, pr in zip(m.ids, m.label, m.pred)}
+
+    def cards(url: str) -> dict[int, tuple[str, bool]]:
+        page.goto(url)
+        page.wait_for_selector(".sample-card")
+        got = page.eval_on_selector_all(
+            ".sample-card",
+            "els => els.map(e => [Number(e.dataset.sample), e.querySelector('small').textContent,"
+            " e.querySelector('small').classList.contains('misclassified')])",
+        )
+        return {int(i): (text, wrong) for i, text, wrong in got}
+
+    static = cards(f"{static_site}#/r/mapped/samples")
+    assert any(truth[i][0] != truth[i][1] for i in static)  # some are misclassified
+    for i, (text, wrong) in static.items():
+        label, pred = truth[i]
+        assert wrong == (label != pred), i
+        assert text == (f"{label} → {pred}" if wrong else str(label)), (i, text)
+    # in red (as the docs say, and the map's selection), not the muted grey of a label
+    red = page.eval_on_selector(
+        ".sample-card small.misclassified", "e => getComputedStyle(e).color"
+    )
+    assert red == "rgb(164, 14, 38)", red
+    served_cards = cards(f"{served['url']}#/r/mapped/samples")  # its first 100
+    both = static.keys() & served_cards.keys()
+    assert any(static[i][1] for i in both)
+    assert {i: served_cards[i] for i in both} == {i: static[i] for i in both}
+    assert not page.errors
+
+
 @pytest.fixture(scope="module")
 def imageless_site(
     served: dict[str, Any], tmp_path_factory: pytest.TempPathFactory

@@ -52,16 +52,25 @@ export interface RunSummary {
   layers: LayerBrief[];
   /** A token of the run as probed: image URLs carrying it (`?v=`) are cached for good. */
   images_version?: string | null;
-  /** A token of the run as this summary describes it (see {@link Api.runChanged}). */
+  /** A token of the run as this summary describes it (see {@link Api.runChanges}). */
   generation?: string | null;
+  /** Tokens of what commands add to the run without probing it again, by kind. */
+  additions?: Partial<Record<Addition, string | null>>;
 }
 
-/** `GET /runs/RUN/generation`: what a page polls (see {@link Api.runChanged}). */
+/** What a command adds to a run without probing it again: its feature visualizations
+ * (`lurker featviz`) and its dataset map (`lurker map`). */
+export type Addition = "featviz" | "map";
+/** How a run changed under a page: probed again, or given new additions. */
+export type RunChange = "probe" | Addition;
+
+/** `GET /runs/RUN/generation`: what a page polls (see {@link Api.runChanges}). */
 export interface RunGeneration {
   id: string;
   generation: string;
   status?: string | null;
   images_version?: string | null;
+  additions?: Partial<Record<Addition, string | null>>;
 }
 
 export interface RunListEntry {
@@ -321,8 +330,10 @@ export class Api {
   private versions = new Map<string, string>();
   /** Per run id, the `generation` of the summary the page's cached documents belong to. */
   private generations = new Map<string, string>();
-  /** Per run id, the {@link runChanged} check under way. */
-  private checking = new Map<string, Promise<boolean>>();
+  /** Per run id, the `additions` of the summary the page's cached documents belong to. */
+  private additions = new Map<string, Partial<Record<Addition, string | null>>>();
+  /** Per run id, the {@link runChanges} check under way. */
+  private checking = new Map<string, Promise<RunChange[]>>();
 
   constructor(isStatic?: boolean) {
     this.isStatic =
@@ -370,27 +381,30 @@ export class Api {
     if (!summary) return got;
     return got.then((doc) => {
       const run = decodeURIComponent(summary[1]);
-      const { images_version: version, generation } = doc as RunSummary;
+      const { images_version: version, generation, additions } = doc as RunSummary;
       if (version) this.versions.set(run, version);
       if (generation && !this.generations.has(run)) this.generations.set(run, generation);
+      if (additions && !this.additions.has(run)) this.additions.set(run, additions);
       return doc;
     });
   }
 
   /**
-   * Whether the run was probed again (or its resumed probe finished) since the page read
-   * its summary: one small request (`/runs/RUN/generation`). When it was, everything the
-   * page holds of the run (its documents, its image token, decoded images) is dropped,
-   * so the next page asks the server again and never shows the earlier run's values or
-   * pictures as the current ones. When only the run's image cache was remade (`cache/`
-   * deleted: same generation, another `images_version`), the image token and decoded
-   * images alone are dropped, and it answers false: no value the page shows changed.
-   * False in a static export (it never changes under a page), before the summary was
-   * read, and when the server cannot be reached. One check per run at a time: a second
-   * caller while one is under way shares its answer (two would both see the old token
-   * and both report the one change).
+   * How the run changed since the page read its summary: one small request
+   * (`/runs/RUN/generation`). `probe`: probed again (or its resumed probe finished);
+   * `featviz`, `map`: `lurker featviz` or `lurker map` wrote into it. On any change,
+   * everything the page holds of the run (its documents, decoded images; for a probe its
+   * image token too) is dropped, so the next page asks the server again and never shows
+   * the earlier run's values or pictures, or lacks what was added, as the current ones.
+   * When only the run's image cache was remade (`cache/` deleted: same generation,
+   * another `images_version`), the image token and decoded images alone are dropped, and
+   * it answers no change: no value the page shows changed. No change in a static export
+   * (it never changes under a page), before the summary was read, and when the server
+   * cannot be reached. One check per run at a time: a second caller while one is under
+   * way shares its answer (two would both see the old token and both report the one
+   * change).
    */
-  runChanged(run: string): Promise<boolean> {
+  runChanges(run: string): Promise<RunChange[]> {
     const pending = this.checking.get(run);
     if (pending) return pending;
     const check = this.checkRun(run).finally(() => this.checking.delete(run));
@@ -398,17 +412,19 @@ export class Api {
     return check;
   }
 
-  private async checkRun(run: string): Promise<boolean> {
+  private async checkRun(run: string): Promise<RunChange[]> {
     const known = this.generations.get(run);
-    if (this.isStatic || known === undefined) return false;
+    if (this.isStatic || known === undefined) return [];
     let now: RunGeneration;
     try {
       now = await this.get<RunGeneration>(this.jsonUrl(p("runs", run, "generation")), false, null);
     } catch {
-      return false;
+      return [];
     }
     const prefix = this.jsonUrl(p("runs", run));
-    if (now.generation === known) {
+    const had = this.additions.get(run) ?? {};
+    const added = (["featviz", "map"] as const).filter((k) => now.additions !== undefined && (had[k] ?? null) !== (now.additions[k] ?? null));
+    if (now.generation === known && !added.length) {
       const version = this.versions.get(run);
       if (version !== undefined && (now.images_version ?? undefined) !== version) {
         // the cached summary would hand the old token out again
@@ -417,7 +433,7 @@ export class Api {
         this.versions.delete(run);
         if (now.images_version) this.versions.set(run, now.images_version);
       }
-      return false;
+      return [];
     }
     for (const url of [...this.cache.keys()])
       if (url === prefix || url.startsWith(prefix + "/") || url.startsWith(prefix + "?") || url === this.jsonUrl("/runs"))
@@ -425,10 +441,12 @@ export class Api {
     for (const url of [...decoded.keys()]) if (url.startsWith(prefix + "/")) decoded.delete(url);
     this.versions.delete(run);
     this.generations.delete(run);
+    this.additions.delete(run);
     // the new summary sets the new token and generation before any page asks for images
     await this.summary(run).catch(() => undefined);
     if (!this.generations.has(run)) this.generations.set(run, now.generation);
-    return true;
+    if (!this.additions.has(run) && now.additions) this.additions.set(run, now.additions);
+    return now.generation !== known ? ["probe"] : added;
   }
 
   /** A file only a static export has (`data/` + safe segments), e.g. the unit chunks. */

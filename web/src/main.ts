@@ -4,7 +4,7 @@
  * (dynamic imports) so first paint needs only this module and the run's manifest.
  */
 import "./style.css";
-import { Api, ApiError, type RunSummary } from "./api";
+import { Api, ApiError, type RunChange, type RunSummary } from "./api";
 import type { PageContext } from "./context";
 import { fill, h, notice } from "./dom";
 
@@ -40,19 +40,56 @@ document.body.append(topbar, changedBar, crumbs, main);
  * the tab is visible, and at once when it becomes visible again). */
 const RUN_POLL_MS = 10_000;
 
+/** What each page shows of what a command adds to a run (a re-probe touches them all). */
+const SHOWS: Record<string, RunChange[]> = {
+  home: ["featviz", "map"],
+  layer: ["featviz"],
+  unit: ["featviz"],
+  map: ["map"],
+  samples: ["map"],
+  sample: ["map"],
+};
+
+/** The changes of `changes` that a page of `kind` shows. */
+function shownBy(kind: string, changes: RunChange[]): RunChange[] {
+  return changes.filter((c) => c === "probe" || (SHOWS[kind] ?? []).includes(c));
+}
+
+/** The page kind shown (its route's third segment). */
+let shownKind = "";
+
 /**
- * The run probed again (`lurker probe --overwrite`, or a resumed probe finishing) while
- * a page of it is open: `stale` says the page on screen shows the earlier run, with a
- * button that draws it again from the new one (never done unasked: a live view's upload
- * would be lost); `fresh` says the page just drawn shows the new run (pages seen before
- * showed the earlier one).
+ * The run changed while a page of it is open: probed again (`lurker probe --overwrite`,
+ * or a resumed probe finishing), or given what the page shows by `lurker featviz` or
+ * `lurker map`. `stale` says the page on screen shows the earlier run (or lacks what was
+ * added), with a button that draws it again from the run as it is now (never done
+ * unasked: a live view's upload would be lost); `fresh` says the page just drawn shows
+ * the new run (pages seen before showed the earlier one): said of a probe only, since a
+ * page drawn after an addition simply shows it.
  */
-function showRunChanged(run: string, state: "stale" | "fresh"): void {
+function showRunChanged(run: string, state: "stale" | "fresh", changes: RunChange[]): void {
+  const probe = changes.includes("probe");
+  if (state === "fresh" && !probe) {
+    changedBar.hidden = true;
+    pageStale = false;
+    return;
+  }
   changedBar.hidden = false;
   changedBar.dataset.state = state;
+  changedBar.dataset.change = probe ? "probe" : changes.join(" ");
   pageStale = state === "stale";
   const dismiss = h("button", { type: "button", class: "link", onclick: () => (changedBar.hidden = true) }, "dismiss");
-  if (state === "stale")
+  const added = [changes.includes("featviz") ? "new feature visualizations (`lurker featviz`)" : "", changes.includes("map") ? "a new dataset map (`lurker map`)" : ""]
+    .filter(Boolean)
+    .join(" and ");
+  if (state === "stale" && !probe)
+    fill(
+      changedBar,
+      h("strong", null, `Run ${run} was given ${added}`),
+      " since this page was drawn: what it shows is the run as it was before. ",
+      h("button", { type: "button", class: "reload-run", onclick: () => void render() }, "Show the new results"),
+    );
+  else if (state === "stale")
     fill(
       changedBar,
       h("strong", null, `Run ${run} was probed again`),
@@ -78,8 +115,9 @@ async function watchRun(): Promise<void> {
   const run = shownRun;
   if (run === null || document.visibilityState !== "visible" || renderChecks > 0) return;
   const seen = renders;
-  const changed = await api.runChanged(run);
-  if (changed && run === shownRun && renders === seen) showRunChanged(run, "stale");
+  const kind = shownKind;
+  const changes = shownBy(kind, await api.runChanges(run));
+  if (changes.length && run === shownRun && renders === seen) showRunChanged(run, "stale", changes);
 }
 
 if (!api.isStatic) {
@@ -178,7 +216,16 @@ function renderCrumbs(run: string | null, kind: string, args: string[]): void {
   );
 }
 
-async function render(): Promise<void> {
+/**
+ * Draw the page of the current URL. Whether the run changed since the tab read it is
+ * asked beside the page's own requests, not before them (a round trip on every click):
+ * when the answer is a change the page shows (a re-probe; an addition it shows), what the
+ * page drew may be the earlier run's, from documents held since, so it is drawn again,
+ * from the run as it is now, before anything else (`checked`: that answer, for the redraw,
+ * which needs no second check). A page the reader may already have worked in (a live
+ * upload, an explanation) is not drawn again unasked: its bar says it is stale instead.
+ */
+async function render(checked?: RunChange[]): Promise<void> {
   current?.abort();
   const ctl = new AbortController();
   current = ctl;
@@ -197,6 +244,7 @@ async function render(): Promise<void> {
   main.replaceChildren(view);
   if (path[0] !== "r" || !path[1]) {
     shownRun = null;
+    shownKind = "";
     changedBar.hidden = true;
     renderTopbar(null, "", null);
     renderCrumbs(null, "", []);
@@ -212,19 +260,29 @@ async function render(): Promise<void> {
   const args = path.slice(3);
   if (shownRun !== run) changedBar.hidden = true;
   shownRun = run;
+  shownKind = kind;
   renderCrumbs(run, kind, args);
   renderTopbar(run, kind, null);
-  // a run probed again since the tab read it: its cached documents and image token are
-  // dropped before this page asks for any, so it shows the new run, and says so
-  renderChecks++;
-  let changed: boolean;
-  try {
-    changed = await api.runChanged(run);
-  } finally {
-    renderChecks--;
+  // the bar of a stale page: this one is drawn from the run as it is now
+  if (!changedBar.hidden && changedBar.dataset.state === "stale")
+    showRunChanged(run, "fresh", (changedBar.dataset.change ?? "").split(" ") as RunChange[]);
+  let drawn = false;
+  if (checked !== undefined) {
+    if (checked.includes("probe")) showRunChanged(run, "fresh", checked);
+  } else {
+    // a run changed since the tab read it: its cached documents (and image token) are
+    // dropped by the check, and the page drawn meanwhile is drawn again from the new run
+    renderChecks++;
+    void api
+      .runChanges(run)
+      .finally(() => renderChecks--)
+      .then((all) => {
+        const changes = shownBy(kind, all);
+        if (ctl.signal.aborted || !changes.length) return;
+        if (drawn && (kind === "live" || kind === "explain")) showRunChanged(run, "stale", changes);
+        else void render(changes);
+      });
   }
-  if (ctl.signal.aborted) return;
-  if (changed || (!changedBar.hidden && changedBar.dataset.state === "stale")) showRunChanged(run, "fresh");
   api
     .summary(run)
     .then((s) => !ctl.signal.aborted && renderTopbar(run, kind, s))
@@ -254,6 +312,7 @@ async function render(): Promise<void> {
   if (ctl.signal.aborted) return;
   view.replaceChildren();
   await guard(view, () => page(view, ctx, args));
+  drawn = true;
   restore();
   prefetch();
 }

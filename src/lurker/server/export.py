@@ -204,11 +204,12 @@ def _dumps(doc: Any) -> str:
 
 
 def _export_run(request: Any, e: Any, files: _Files, make_images: bool) -> None:
+    from .classes import class_names
     from .deps import session
     from .errors import ApiError
     from .routes.layers import layer_detail
     from .routes.runs import run_summary
-    from .routes.samples import _sample_detail
+    from .routes.samples import _sample_detail, listed_sample
 
     s = session(request, e)
     run = e.run
@@ -218,6 +219,7 @@ def _export_run(request: Any, e: Any, files: _Files, make_images: bool) -> None:
     # each top-k sample: its page and its image (made from the dataset if need be)
     images: dict[int, bytes | Path] = {}
     listed = []
+    names = class_names(run)
     for sid in ranked:
         detail = _sample_detail(request, e.id, sid, 0, APPEARANCES_PAGE)
         files.json(_rel("runs", e.id, "samples", sid), detail)
@@ -233,7 +235,10 @@ def _export_run(request: Any, e: Any, files: _Files, make_images: bool) -> None:
             files.image(_rel("runs", e.id, "samples", sid, "image.png"), found)
         else:
             files.bar.total -= 1  # no image to write
-        listed.append({**detail.sample.model_dump(mode="json"), "image": found is not None})
+        # as the served list shows it: the recorded top class marks the misclassified
+        one = detail.sample
+        brief = listed_sample(run, names, (sid, one.path, one.label, one.class_name))
+        listed.append({**brief.model_dump(mode="json"), "image": found is not None})
     # a site without some images says why, here and on its pages (a reason of its own:
     # with --no-images the dataset may well load, and the fix is another export)
     no_image = None

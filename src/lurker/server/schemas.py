@@ -138,6 +138,8 @@ class RunSummary(BaseModel):
     #: /api/runs/{run}/generation``) means the run was probed again, or its probe went on,
     #: and every document and image a page holds of it may be stale.
     generation: str | None = None
+    #: :attr:`RunGeneration.additions` as this summary describes the run.
+    additions: dict[str, str | None] = Field(default_factory=dict)
 
 
 class RunGeneration(BaseModel):
@@ -150,6 +152,11 @@ class RunGeneration(BaseModel):
     #: ``generation`` means only its image cache was remade (``cache/`` deleted), so a
     #: page drops its image token and keeps everything else.
     images_version: str | None = None
+    #: Tokens of what commands add to the run without probing it again (the same
+    #: ``generation``), by kind: ``featviz`` (``lurker featviz``) and ``map`` (``lurker
+    #: map``), null while it holds none. Another value: a page showing them (a unit's
+    #: feature visualizations, the Map page) is out of date.
+    additions: dict[str, str | None] = Field(default_factory=dict)
 
 
 # -- layers and units ---------------------------------------------------------------------

@@ -207,6 +207,7 @@ class RunEntry:
     _counted: tuple[float, int] | None = field(default=None, repr=False)
     _sample_count: int | None = field(default=None, repr=False)
     _last_sample: int | None = field(default=None, repr=False)
+    _additions: tuple[Signature, dict[str, str | None]] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.signature is None:
@@ -274,6 +275,20 @@ class RunEntry:
         sig = self.signature[:2] if self.signature is not None else None
         key = repr((*identity, sig))
         return hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
+
+    def additions(self) -> dict[str, str | None]:
+        """:meth:`lurker.store.Run.additions` now (read again only when the database file
+        changed: a page polls it every few seconds)."""
+        if self.run is None:
+            return {"featviz": None, "map": None}
+        now = db_signature(self.path)
+        with self._lock:
+            if self._additions is not None and self._additions[0] == now:
+                return self._additions[1]
+        tokens = self.run.additions()
+        with self._lock:
+            self._additions = (now, tokens)
+        return tokens
 
     # -- lookups that raise 404s listing what exists -----------------------------------
 

@@ -8,6 +8,7 @@ The connection is read-only and shareable between threads.
 from __future__ import annotations
 
 import difflib
+import hashlib
 import json
 import math
 import operator
@@ -535,6 +536,28 @@ class Run:
                 pred, conf = rows[0]
                 return None if pred < 0 else (int(pred), _nan(conf))
         return None
+
+    def additions(self) -> dict[str, str | None]:
+        """A token of each thing a command adds to a complete run without probing it again:
+        ``featviz`` (``lurker featviz``) and ``map`` (``lurker map``), None while it holds
+        none. Another value means what it adds was written since: a page showing it (a
+        unit's feature visualizations, the Map page) is out of date."""
+
+        def token(rows: list[tuple[Any, ...]]) -> str | None:
+            return hashlib.sha256(repr(rows).encode()).hexdigest()[:16] if rows else None
+
+        featviz = (
+            # the images are rewritten with new settings (a seed, steps) or reach other
+            # values: rows, settings and activations tell them apart without the blobs
+            self._query(
+                "SELECT rowid, layer_id, objective, unit, copy, activation, settings, "
+                "length(image) FROM featviz ORDER BY rowid"
+            )
+            if self._has_table("featviz")
+            else []
+        )
+        drawn = self._query("SELECT value FROM meta WHERE key = 'map'") if self.has_map else []
+        return {"featviz": token(featviz), "map": token(drawn)}
 
     def _meta_now(self, key: str) -> dict[str, Any]:
         """A meta entry as stored now (``lurker map`` may write it after this run opened)."""

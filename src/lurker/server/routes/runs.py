@@ -93,6 +93,9 @@ def _transparent(kept: Any) -> TransparentImages | None:
 
 def summarize(request: Request, e: RunEntry) -> RunSummary:
     run = e.open_run()
+    # read before what they stand for: a token older than the summary's contents makes a
+    # page look again for nothing, a newer one would hide from it what it lacks
+    additions = e.additions()
     meta = run.meta
     cfg: dict[str, Any] = meta.get("config") or {}
     has_graph = e.has_graph()
@@ -152,6 +155,7 @@ def summarize(request: Request, e: RunEntry) -> RunSummary:
         layers=[layer_brief(info) for info in run.layers],
         images_version=e.images_version,
         generation=e.generation,
+        additions=additions,
     )
 
 
@@ -164,5 +168,9 @@ def run_generation(request: Request, run_id: str) -> RunGeneration:
     e = entry(request, run_id)  # (opened again if probed again since)
     status = e.run.meta.get("status") if e.run is not None else None
     return RunGeneration(
-        id=e.id, generation=e.generation, status=status, images_version=e.images_version
+        id=e.id,
+        generation=e.generation,
+        status=status,
+        images_version=e.images_version,
+        additions=e.additions(),
     )

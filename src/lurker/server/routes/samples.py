@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
 
@@ -40,22 +42,28 @@ def list_samples(
     # only where the outputs are the dataset's classes (else it is no label to compare)
     run = e.open_run()
     names = class_names(run)
-    preds = [run.stored_prediction(i) if names else None for i, *_ in rows]
     return SamplePage(
         total=e.sample_count(),
         offset=offset,
         limit=limit,
-        samples=[
-            SampleModel(
-                id=i,
-                path=p,
-                label=lab,
-                class_name=c,
-                pred=None if q is None else q[0],
-                pred_name=None if q is None else name_of(names, q[0]),
-            )
-            for (i, p, lab, c), q in zip(rows, preds, strict=True)
-        ],
+        samples=[listed_sample(run, names, row) for row in rows],
+    )
+
+
+def listed_sample(run: Any, names: list[str], row: tuple[int, Any, Any, Any]) -> SampleModel:
+    """A sample as a list of samples shows it (served, and a static export's): with the
+    top class the run recorded (``pred``), to mark the misclassified as the Map page does,
+    only where the model's outputs are the dataset's classes (``names``, from
+    :func:`class_names`; empty otherwise: a class to compare with no label)."""
+    i, path, label, cname = row
+    q = run.stored_prediction(i) if names else None
+    return SampleModel(
+        id=i,
+        path=path,
+        label=label,
+        class_name=cname,
+        pred=None if q is None else q[0],
+        pred_name=None if q is None else name_of(names, q[0]),
     )
 
 
