@@ -853,6 +853,8 @@ def test_legend_lists_only_what_the_graph_has(page: Any, servers: dict[str, str]
     kinds = {n.get("k", "op") for n in doc["nodes"]}
     assert ("generated tensor" in legend) == ("generated" in kinds)
     assert "input" in legend and "output" in legend
+    # the blue underlined labels (ops a probed layer reads) are explained where it has any
+    assert ("probed layer" in legend) == any("L" in n for n in doc["nodes"])
     if run == "loop":  # a back edge is drawn, in the legend's colour
         assert page.locator("svg.graph path.e.back").count() > 0
 

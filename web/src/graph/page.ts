@@ -402,6 +402,8 @@ class GraphPage {
       ["l-const", "constant", has("constant")],
       ["l-readout", "readout", has("readout")],
       ["l-failed", "failed op", has("failed")],
+      // the blue underlined labels: ops a probed layer reads, each a link to its units
+      ["l-probed", "probed layer (click to see its units)", d.nodes.some((n) => n.L)],
       ["l-mod", "module (click to open)", d.groups.some((gr, g) => g && !this.st.transparent[g] && (gr.N ?? 0) > 0)],
       ["l-branch", "branch taken", d.edges.some((e) => e[3] !== undefined)],
       ["l-back", "loop (back edge)", d.edges.some((e) => e[0] >= e[1])],

@@ -65,7 +65,7 @@ export async function renderHome(root: HTMLElement, ctx: PageContext): Promise<v
           ["graph", s.holds.graph ? h("a", { href: ctx.href("graph") }, "traced graph") : "not recorded"],
           ["dataset map", s.holds.map ? h("a", { href: ctx.href("map") }, "made") : h("span", { class: "muted" }, "none (lurker map RUN)")],
           ["feature visualizations", featviz.length ? `${featviz.length} layer${featviz.length === 1 ? "" : "s"}: ${featviz.slice(0, 4).join(", ")}${featviz.length > 4 ? ", …" : ""}` : h("span", { class: "muted" }, "none (lurker featviz RUN --layer L)")],
-          ["explanations", explained ? h("a", { href: ctx.href("explain") }, `${fmt(explained)} sample${explained === 1 ? "" : "s"} precomputed`) : h("span", { class: "muted" }, s.holds.live ? "computed on request" : "none precomputed")],
+          ["explanations", explained ? h("a", { href: ctx.href("explain") }, `${fmt(explained)} sample${explained === 1 ? "" : "s"} precomputed`) : s.holds.live ? h("a", { href: ctx.href("explain") }, "computed on request") : h("span", { class: "muted" }, "none precomputed")],
           ["live model", s.holds.live ? h("a", { href: ctx.href("live") }, "attached") : h("span", { class: "muted" }, ctx.api.isStatic ? "none in a static export (lurker serve RUN --model SPEC)" : "none (lurker serve RUN --model SPEC)")],
           ["cached images", fmt(s.holds.cached_images)],
           ["probed", [h("span", { title: s.probe.created ?? null }, probedAt(s.probe.created)), s.probe.lurker_version ? ` with lurker ${s.probe.lurker_version}` : ""]],
@@ -78,6 +78,8 @@ export async function renderHome(root: HTMLElement, ctx: PageContext): Promise<v
           s.holds.graph ? h("a", { class: "button", href: ctx.href("graph") }, "Open the graph") : null,
           s.holds.live ? h("a", { class: "button", href: ctx.href("live") }, "Live view") : null,
           s.holds.map ? h("a", { class: "button", href: ctx.href("map") }, "Dataset map") : null,
+          // the Explain page works wherever explanations can be made or were precomputed
+          s.holds.live || explained ? h("a", { class: "button", href: ctx.href("explain") }, "Explain an image") : null,
         ),
       ),
     ),

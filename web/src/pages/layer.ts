@@ -48,6 +48,17 @@ export async function renderLayer(root: HTMLElement, ctx: PageContext, args: str
   const sortButtons = h("div", { class: "seg", role: "group", "aria-label": "sort units" });
   const thumbButtons = h("div", { class: "seg", role: "group", "aria-label": "thumbnail" });
   const fvHint = h("span", { class: "muted small featviz-note" });
+  // what a tile shows and what its two numbers are, for a reader new to the page
+  const gridNote = h("p", { class: "muted small", id: "grid-note" });
+  const statsText =
+    `max: the unit's highest activation on any sample${positions > 1 ? " at any position of its map" : ""}; ` +
+    `mean: its average over the dataset${positions > 1 ? " (each sample's map averaged over its positions)" : ""}`;
+  const tileText = (): string =>
+    thumb === "featviz"
+      ? "Each tile: an image optimized to excite the unit"
+      : thumb === "crop"
+        ? "Each tile: the part of the unit's top sample (by max) that its peak sees, its receptive field"
+        : "Each tile: the sample that excites the unit most (its top sample by max)";
 
   const thumbnail = (unit: number, top: number | null, constant: number | null, peak: number[] | null = null): HTMLElement => {
     const tag = thumb === "featviz" || constant !== null || top === null ? null : patchless({ rf: doc.rf, layout: doc.layout }, peak?.[1]);
@@ -95,7 +106,7 @@ export async function renderLayer(root: HTMLElement, ctx: PageContext, args: str
         { class: u.constant ? "unit-card constant" : "unit-card", role: "listitem", href: ctx.href("unit", name, u.unit), "data-unit": u.unit, "data-constant": u.constant ? "1" : null },
         thumbnail(u.unit, u.top_max, u.constant ? u.max ?? 0 : null, u.top_max_peak ?? null),
         h("span", { class: "unit-id" }, `unit ${u.unit}`),
-        h("span", { class: "unit-stats" }, h("span", null, `max ${fmt(u.max)}`), h("span", null, `mean ${fmt(u.mean)}`)),
+        h("span", { class: "unit-stats", title: statsText }, h("span", null, `max ${fmt(u.max)}`), h("span", null, `mean ${fmt(u.mean)}`)),
       );
       cards.set(u.unit, el);
     }
@@ -147,6 +158,7 @@ export async function renderLayer(root: HTMLElement, ctx: PageContext, args: str
       draw();
     });
     fill(fvHint, thumb === "featviz" ? fvNote : "");
+    fill(gridNote, `${tileText()}. ${statsText[0].toUpperCase()}${statsText.slice(1)}. Click a tile for the unit's page.`);
     seg(thumbButtons, thumbs, thumb, (v) => {
       thumb = v;
       cards.clear(); // each card shows the thumbnail kind it was made with
@@ -198,6 +210,7 @@ export async function renderLayer(root: HTMLElement, ctx: PageContext, args: str
       : null,
     directionsSection(ctx, name, doc),
     h("div", { class: "toolbar" }, h("span", null, "Sort by"), sortButtons, h("span", null, "Thumbnail"), thumbButtons, fvHint),
+    gridNote,
     grid,
   );
 }

@@ -90,6 +90,8 @@ export async function renderLive(root: HTMLElement, ctx: PageContext): Promise<v
         null,
         !live.predictions.length && live.predictions_note ? h("p", { class: "muted small", id: "no-predictions" }, `No top-5: ${live.predictions_note}.`) : null,
         live.input_note ? h("p", { class: "notice info small", id: "input-note", role: "status" }, `As the model sees it: ${live.input_note}.`) : null,
+        // what the five rows are: a bare "7  99.6%" under a photo reads as anything
+        live.predictions.length ? h("p", { class: "muted small", id: "preds-head" }, `The model's top ${live.predictions.length}: class and probability`) : null,
         h(
           "ol",
           { class: "preds" },

@@ -45,6 +45,7 @@ export async function renderSamples(root: HTMLElement, ctx: PageContext): Promis
         )
       : null,
     pager(),
+    list.samples.length ? sampleKey(list.samples) : null,
     h(
       "div",
       { class: "sample-grid" },
@@ -72,5 +73,20 @@ export async function renderSamples(root: HTMLElement, ctx: PageContext): Promis
       ),
     ),
     pager(),
+  );
+}
+
+/** What the two lines under each image are; where the run records the model's predictions,
+ * what a red "2 → 8" means and how many this page has. */
+function sampleKey(samples: { label: number | null; pred?: number | null }[]): HTMLElement {
+  const known = samples.some((s) => s.pred !== null && s.pred !== undefined);
+  const wrong = samples.filter((s) => s.pred !== null && s.pred !== undefined && s.label !== null && s.pred !== s.label).length;
+  return h(
+    "p",
+    { class: "muted small", id: "samples-key" },
+    "Under each image: the sample's index in the dataset (#) and its class",
+    known
+      ? [": in red, true class → the model's prediction where the model gets it wrong (", h("strong", { class: "error-text" }, String(wrong)), ` on this page). Click an image for the sample's page.`]
+      : ". Click an image for the sample's page.",
   );
 }

@@ -294,9 +294,15 @@ function figure(ctx: PageContext, layer: string, unit: number, list: List, kind:
       null,
       h("span", { class: "value" }, fmt(e.value)),
       h("a", { href: ctx.href("sample", e.sample_id) }, `#${e.sample_id}`),
-      e.class_name ? h("span", { class: "cls", title: e.class_name }, e.class_name) : null,
+      e.class_name ? h("span", { class: "cls", title: `class ${e.class_name}` }, classWord(e.class_name)) : null,
     ),
   );
+}
+
+/** A class named by a number (the digits' "4") is written "class 4": beside the value and
+ * the sample's "#366" a bare "4" reads as a third number. */
+export function classWord(name: string): string {
+  return /^\d+$/.test(name) ? `class ${name}` : name;
 }
 
 const NOT_EXPORTED: Record<EntryKind, string> = {
