@@ -130,7 +130,7 @@ def test_round_trip_exact(tmp_path: Path) -> None:
         assert run.skipped == [("img/bad.png", "cannot identify image file")]
         for res, info in zip(results, run.layers):
             # the receptive field comes back as the versioned record
-            rf = None if res.rf is None else {"schema": "lurker.receptive", "version": 1, **res.rf}
+            rf = None if res.rf is None else {"schema": "lurker.receptive", "version": 2, **res.rf}
             assert (info.module, info.op, info.kind, info.shape, info.rf) == (
                 res.module,
                 res.op,
@@ -197,7 +197,7 @@ def test_queries_and_export(tmp_path: Path) -> None:
         d = run.to_dict("conv1", 0)
         text = json.dumps(d, allow_nan=False)
         assert json.loads(text)["unit"] == 0
-        assert d["layer"]["rf"] == {"schema": "lurker.receptive", "version": 1, **rf_dict()}
+        assert d["layer"]["rf"] == {"schema": "lurker.receptive", "version": 2, **rf_dict()}
         assert len(d["top"]["max"]) == K and d["top"]["max"][0]["y"] is not None
         assert len(d["top"]["mean"]) == 2 and d["top"]["mean"][0]["y"] is None
         assert d["histogram"]["counts"][0] == 2**40
@@ -552,7 +552,7 @@ def test_graph_and_op_indices_round_trip(tmp_path: Path) -> None:
         w.set_graph(doc)
         w.write_layers_result(results)
     with Run.open(tmp_path / "run") as run:
-        assert run.schema_version == SCHEMA_VERSION == 3
+        assert run.schema_version == SCHEMA_VERSION == 4
         assert run.graph_json() == json.loads(json.dumps(doc))
         assert [(i.op_index, i.op_label) for i in run.layers] == [
             (conv, "conv2d_2"),
@@ -618,23 +618,26 @@ def test_rf_record_matches_its_json_schema(tmp_path: Path, rf_validator) -> None
     with Run.open(tmp_path / "run") as run:
         record = run.layer("conv1").rf
     rf_validator.validate(record)
-    assert record["schema"] == "lurker.receptive" and record["version"] == 1
+    assert record["schema"] == "lurker.receptive" and record["version"] == 2
     # every receptive field of real models, through the writer's normalisation
     for model, x in [
         (torchvision.models.resnet18().eval(), torch.randn(1, 3, 64, 64)),
         (torch.nn.Sequential(torch.nn.Conv1d(2, 4, 3), torch.nn.Upsample(scale_factor=1.5)),
          torch.randn(1, 2, 10)),
+        (torch.nn.Sequential(torch.nn.Conv3d(3, 4, 3, stride=(2, 1, 1)), torch.nn.ReLU()),
+         torch.randn(1, 3, 6, 9, 9)),  # a video clip: its fields have a t axis
     ]:  # fmt: skip
         rfs = receptive_fields(lurker.trace(model, x))
         assert rfs
         for rf in rfs.values():
             stored = rf_record(rf.to_dict())
             rf_validator.validate(stored)
-            assert stored == {"schema": "lurker.receptive", "version": 1, **rf.to_dict()}
+            assert stored == {"schema": "lurker.receptive", "version": 2, **rf.to_dict()}
     # the schema refuses what the record is not
     for broken in (
         {k: v for k, v in record.items() if k != "version"},
-        {**record, "version": 2},
+        {**record, "version": 1},
+        {**record, "input_size": [4, 32, 32]},  # [D, H, W] only with a t axis
         {**record, "extra": 1},
         {**record, "y": {**record["y"], "lo": [-1, 0]}},
         {**record, "input_size": [32]},
@@ -648,7 +651,7 @@ def test_bad_rf_refused_before_writing(tmp_path: Path) -> None:
         "unknown field": {**good, "size": [11, 11]},
         "one bound per position": {**good, "x": {**good["x"], "hi": good["x"]["hi"][:-1]}},
         r"lo <= hi <= 32": {**good, "y": {**good["y"], "hi": [40] * 7}},
-        "version 2": {**good, "version": 2},
+        "version 1": {**good, "version": 1},
         "finite number": {**good, "y": {**good["y"], "size": float("inf")}},
     }
     with start(tmp_path / "run") as w:

@@ -2,7 +2,8 @@
 
 :func:`receptive_fields` walks a traced graph in execution order and, for every op whose
 output still carries the input's spatial axes, gives an :class:`RF`: per axis
-(``y`` = input height, ``x`` = input width) both
+(``y`` = input height, ``x`` = input width, and ``t`` = the frames of a video clip
+``(N, C, D, H, W)``) both
 
 - the classic affine map (size, stride, start): position ``i`` sees input rows
   ``[start + i*stride, start + i*stride + size - 1]`` (inclusive, may run past the image).
@@ -25,7 +26,7 @@ all of them (so the affine map is then conservative; the exact bounds stay exact
 
 What is exact, approximate or unsupported:
 
-- conv/pool (1-D/2-D, any kernel, stride, padding incl. ``'same'``, dilation, groups,
+- conv/pool (1-D/2-D/3-D, any kernel, stride, padding incl. ``'same'``, dilation, groups,
   ``ceil_mode``), conv_transpose, adaptive pools, ``F.pad`` (all modes), pixel
   (un)shuffle, slicing, cat/split/stack, flip/roll, permutes and reshapes that keep the
   spatial dims, reductions and softmax over spatial dims: exact bounds. For conv_transpose,
@@ -41,6 +42,8 @@ What is exact, approximate or unsupported:
   (squeeze-excitation gates, image-pooling branches) make every later position see the
   whole image; ``global_context=False`` leaves them out.
 - 1-D inputs (N, C, L): ``y`` is a trivial axis (one position, the single input row).
+- Video clips (N, C, D, H, W): a third axis ``t`` over the frames, by the same rules
+  (one code path for every axis: a 3-D conv or pool is a window on each of its dims).
 - An op that collapses a spatial dim (flatten, linear over it, global means, a reshape
   that merges H and W) makes that axis one box: the hull of everything it saw (``full``
   when it covers the input). That is always a valid bound.
@@ -145,14 +148,17 @@ class RF:
     ``full``: every position sees the whole input. ``exact``: every op on the way has a
     known spatial footprint (``False``: one was not known, and was taken to mix its
     spatial axes whole, so boxes are bounds, larger than the true ones, often the whole
-    input). ``input_size`` is the (H, W) of the traced input ((1, L) for 1-D inputs).
+    input). ``input_size`` is the (H, W) of the traced input ((1, L) for 1-D inputs;
+    (D, H, W) for a video clip, which has a ``t`` axis over its D frames; ``t`` is None
+    otherwise).
     """
 
     y: Axis
     x: Axis
-    input_size: tuple[int, int]
+    input_size: tuple[int, ...]
     full: bool
     exact: bool
+    t: Axis | None = None
 
     @property
     def size(self) -> tuple[float, float]:
@@ -178,6 +184,29 @@ class RF:
         x0, x1 = self.x.bounds(x)
         return _clip((y0, y1, x0, x1), clip_to)
 
+    def frames(self, t: int = 0, clip_to: int | None = None) -> tuple[int, int]:
+        """Half-open frame range ``(t0, t1)`` of the input clip seen by output frame ``t``
+        (``(0, 0)`` when it sees none); ``(0, 1)`` for an input with no frames (an image),
+        so a box on an image is a box on its one frame."""
+        if self.t is None:
+            return (0, 1)
+        t0, t1 = self.t.bounds(t)
+        if clip_to is not None:
+            t0, t1 = max(t0, 0), min(t1, clip_to)
+        return (t0, t1) if t0 < t1 else (0, 0)
+
+    def volume(
+        self, t: int = 0, y: int = 0, x: int = 0, clip_to: tuple[int, int, int] | None = None
+    ) -> tuple[int, int, int, int, int, int]:
+        """Half-open ``(t0, t1, y0, y1, x0, x1)`` seen by output position ``(t, y, x)``
+        of a clip's layer: the frames and the box on each (all zeros where it sees
+        nothing). ``clip_to`` is ``(D, H, W)``."""
+        t0, t1 = self.frames(t, None if clip_to is None else clip_to[0])
+        box = self.box(y, x, None if clip_to is None else clip_to[1:])  # type: ignore[arg-type]
+        if t0 >= t1 or box == (0, 0, 0, 0):
+            return (0, 0, 0, 0, 0, 0)
+        return (t0, t1, *box)
+
     def affine_box(
         self, y: int = 0, x: int = 0, clip_to: tuple[int, int] | None = None
     ) -> tuple[int, int, int, int]:
@@ -187,19 +216,29 @@ class RF:
         return _clip((y0, y1, x0, x1), clip_to)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-safe form (see :meth:`from_dict`)."""
-        return {
+        """JSON-safe form (see :meth:`from_dict`); ``t`` only for a clip's field."""
+        d = {
             "y": self.y.to_dict(),
             "x": self.x.to_dict(),
             "input_size": list(self.input_size),
             "full": self.full,
             "exact": self.exact,
         }
+        if self.t is not None:
+            d["t"] = self.t.to_dict()
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RF:
-        h, w = d["input_size"]
-        return cls(Axis.from_dict(d["y"]), Axis.from_dict(d["x"]), (h, w), d["full"], d["exact"])
+        t = d.get("t")
+        return cls(
+            Axis.from_dict(d["y"]),
+            Axis.from_dict(d["x"]),
+            tuple(int(n) for n in d["input_size"]),
+            d["full"],
+            d["exact"],
+            None if t is None else Axis.from_dict(t),
+        )
 
 
 def _clip(
@@ -229,7 +268,7 @@ class _Ax:
 
 @dataclass
 class _State:
-    axes: tuple[_Ax, _Ax]
+    axes: tuple[_Ax, ...]  # (y, x), or (t, y, x) for a clip
     exact: bool
 
 
@@ -351,7 +390,7 @@ def _combine(
     parents: list[_Parent], maps: _Maps, out: tuple[int, ...], exact: bool, context: bool = True
 ) -> _State | None:
     axes: list[_Ax] = []
-    for a in (0, 1):
+    for a in range(len(parents[0].state.axes)):
         parts: list[_Ax] = []
         for p in parents:
             ax = p.state.axes[a]
@@ -372,11 +411,11 @@ def _combine(
         if not parts:
             return None
         dim = next((q.dim for q in parts if q.dim is not None), None)
-        if a == 1 and dim is not None and dim == axes[0].dim:
-            dim = None
+        if dim is not None and any(dim == q.dim for q in axes):
+            dim = None  # an earlier axis holds that dim (merged): this one is a hull
         parts = [q if q.dim == dim else _collapse(q) for q in parts]
         axes.append(_union(parts, dim, out[dim] if dim is not None else 1, context))
-    return _State((axes[0], axes[1]), exact)
+    return _State(tuple(axes), exact)
 
 
 # --------------------------------------------------------------------------- call arguments
@@ -1164,15 +1203,19 @@ def _pick_input(trace: _OpGraph, label: str | None) -> Op:
                 f"{label!r} is not a model input of this trace ({op.label} is {op.kind!r})."
             )
     else:
-        op = next((o for o in trace.inputs if o.shape is not None and len(o.shape) in (3, 4)), None)
+        op = next(
+            (o for o in trace.inputs if o.shape is not None and len(o.shape) in (3, 4, 5)), None
+        )
         if op is None:
             raise LurkerError(
-                "receptive_fields needs a model input of shape (N, C, H, W) or (N, C, L); "
-                f"this trace's inputs have shapes {[o.shape for o in trace.inputs]}."
+                "receptive_fields needs a model input of shape (N, C, H, W), (N, C, L) or a "
+                "video clip (N, C, D, H, W); this trace's inputs have shapes "
+                f"{[o.shape for o in trace.inputs]}."
             )
-    if op.shape is None or len(op.shape) not in (3, 4):
+    if op.shape is None or len(op.shape) not in (3, 4, 5):
         raise LurkerError(
-            f"input {label!r} has shape {op.shape}; expected (N, C, H, W) or (N, C, L)."
+            f"input {label!r} has shape {op.shape}; expected (N, C, H, W), (N, C, L) or "
+            "(N, C, D, H, W)."
         )
     return op
 
@@ -1182,10 +1225,12 @@ def _num(v: float) -> float:
     return int(r) if abs(v - r) < 1e-6 else float(v)
 
 
-def _finish(st: _State, hw: tuple[int, int]) -> RF:
+def _finish(st: _State, size: tuple[int, ...]) -> RF:
+    """The public RF of one state; ``size`` is the input's extent along each state axis:
+    (H, W), or (D, H, W) for a clip (whose state axes are (t, y, x))."""
     axes = []
     full = True
-    for ax, n in zip(st.axes, hw):
+    for ax, n in zip(st.axes, size):
         empty = ax.lo > ax.hi
         lo = np.where(empty, 0, ax.lo)
         hi = np.where(empty, 0, ax.hi + 1)
@@ -1200,7 +1245,9 @@ def _finish(st: _State, hw: tuple[int, int]) -> RF:
                 tuple(hi.tolist()),
             )
         )
-    return RF(axes[0], axes[1], hw, full, st.exact)
+    if len(axes) == 3:
+        return RF(axes[1], axes[2], size, full, st.exact, axes[0])
+    return RF(axes[0], axes[1], size, full, st.exact)
 
 
 def receptive_fields(
@@ -1210,7 +1257,8 @@ def receptive_fields(
     one input.
 
     ``input_label`` names the input (label or name, e.g. ``'x'``); by default the first
-    input of shape (N, C, H, W) or (N, C, L). Ops whose outputs have no spatial dims left
+    input of shape (N, C, H, W), (N, C, L) or (N, C, D, H, W) (a video clip: its fields
+    have a ``t`` axis over the frames). Ops whose outputs have no spatial dims left
     (flatten, linear, global means) get one box for the whole output. Ops of unknown
     footprint that keep the spatial sizes are taken to mix each spatial axis whole (their
     fields and their descendants' have ``exact=False``); those that change the sizes, and
@@ -1225,21 +1273,20 @@ def receptive_fields(
     src = _pick_input(graph, input_label)
     shape = tuple(src.shape or ())
     nd = len(shape)
-    hw = (1, shape[2]) if nd == 3 else (shape[2], shape[3])
-    y = (
-        _Ax(None, 1, 0, 0, np.zeros(1, np.int64), np.zeros(1, np.int64))
-        if nd == 3
-        else _Ax(nd - 2, 1, 1, 0, np.arange(hw[0]), np.arange(hw[0]))
-    )
-    x = _Ax(nd - 1, 1, 1, 0, np.arange(hw[1]), np.arange(hw[1]))
-    states: dict[tuple[int, int], _State] = {(src.index, 0): _State((y, x), True)}
+    size = (1, shape[2]) if nd == 3 else tuple(int(n) for n in shape[2:])
+    # one axis per input dim after (N, C), each mapped to itself; a 1-D input gets a
+    # trivial y axis (one row) so that every field has y and x
+    axes = tuple(_Ax(2 + a, 1, 1, 0, np.arange(n), np.arange(n)) for a, n in enumerate(shape[2:]))
+    if nd == 3:
+        axes = (_Ax(None, 1, 0, 0, np.zeros(1, np.int64), np.zeros(1, np.int64)), *axes)
+    states: dict[tuple[int, int], _State] = {(src.index, 0): _State(axes, True)}
     dep = {src.index}
     token = _GRAPH.set(graph)
     try:
         _spread(graph, states, dep, global_context)
     finally:
         _GRAPH.reset(token)
-    return {i: _finish(st, hw) for (i, k), st in states.items() if k == 0}
+    return {i: _finish(st, size) for (i, k), st in states.items() if k == 0}
 
 
 def _spread(

@@ -58,6 +58,7 @@ __all__ = [
     "layer_name",
     "own_unit_axis",
     "position_box",
+    "position_frames",
 ]
 
 _CONV = {
@@ -196,8 +197,11 @@ def position_box(
 ) -> tuple[int, int, int, int] | None:
     """Half-open input box ``(y0, y1, x0, x1)`` seen by position ``(y, x)`` of a layer.
 
-    ``None`` when the position has no place in the image (a class token) or the layer's
-    positions do not map to it; callers then show the whole image.
+    On a layer of a video clip (positions ``(D', H', W')``, peaks stored as
+    ``y = frame * H' + row``), the box on each frame the position sees (those frames:
+    :func:`position_frames`). ``None`` when the position has no place in the image (a
+    class token) or the layer's positions do not map to it; callers then show the whole
+    image.
     """
     lay = (
         layout if isinstance(layout, Layout) or layout is None else Layout.from_dict(layout)  # type: ignore[arg-type]
@@ -211,26 +215,51 @@ def position_box(
     if rf is None:
         return None
     r = rf if isinstance(rf, RF) else RF.from_dict(dict(rf))
+    if r.t is not None:
+        if r.y.dim is None or not r.y.lo:
+            return r.box(0, x, clip_to=(h, w))
+        return r.box(y % len(r.y.lo), x, clip_to=(h, w))  # y = frame * H' + row
     return r.box(y, x, clip_to=(h, w))
 
 
+def position_frames(rf: RF | Mapping[str, Any] | None, y: int) -> tuple[int, int] | None:
+    """Half-open range ``(t0, t1)`` of input frames seen by the peak ``(y, x)`` of a layer
+    of a video clip (its ``rf`` has a ``t`` axis; ``y = frame * H' + row``); ``None`` for
+    other layers. ``(0, 0)``: it sees none (it lies in padding in time)."""
+    if rf is None:
+        return None
+    r = rf if isinstance(rf, RF) else RF.from_dict(dict(rf))
+    if r.t is None:
+        return None
+    rows = len(r.y.lo) if r.y.dim is not None else 1
+    return r.frames(y // rows, clip_to=int(r.input_size[0]))
+
+
 def peak_frame(
-    layout: Layout | Mapping[str, Any] | None, shape: Sequence[int], y: int, frames: int
+    layout: Layout | Mapping[str, Any] | None,
+    shape: Sequence[int],
+    y: int,
+    frames: int,
+    rf: RF | Mapping[str, Any] | None = None,
 ) -> int | None:
     """The frame of a ``frames``-frame input clip to show for a peak ``(y, x)`` of a layer
     with three position axes (a 3-D convolution's ``(D', H', W')``, stored as
     ``y = frame * H' + row``); ``None`` for other layers.
 
-    3-D receptive fields are not computed (such a layer's ``rf`` is None), so the frame
-    is the one at the peak's place in time: the middle of the input frames its frame
-    ``f`` of ``D'`` spans, ``((2f + 1) * frames) // (2 D')``; ``f`` itself when the layer
-    keeps the clip's frames (``D' == frames``).
+    With the layer's receptive field ``rf``, the middle of the frames the peak sees
+    (:func:`position_frames`), ``(t0 + t1 - 1) // 2``: the frame its crop is cut from.
+    Without one (older runs), the frame at the peak's place in time: the middle of the
+    input frames its frame ``f`` of ``D'`` spans, ``((2f + 1) * frames) // (2 D')``; ``f``
+    itself when the layer keeps the clip's frames (``D' == frames``).
     """
     lay = (
         layout if isinstance(layout, Layout) or layout is None else Layout.from_dict(layout)  # type: ignore[arg-type]
     )
     if lay is None or len(lay.positions) != 3:
         return None
+    seen = position_frames(rf, y)
+    if seen is not None and seen[0] < seen[1] and seen[1] <= frames:
+        return (seen[0] + seen[1] - 1) // 2
     # ``shape`` is the output's without its batch axis
     dims = [p - (p > lay.batch) for p in lay.positions]
     d, h = int(shape[dims[0]]), int(shape[dims[1]])
@@ -241,9 +270,11 @@ def peak_frame(
 
 
 def rf_matches(layout: Layout, rf: RF) -> bool:
-    """Whether ``rf``'s y/x axes are the layout's position axes (else its boxes do not
-    index the stored peaks)."""
-    dims = [a.dim for a in (rf.y, rf.x) if a.dim is not None]
+    """Whether ``rf``'s axes (t, y, x; y, x) are the layout's position axes (else its
+    boxes do not index the stored peaks)."""
+    dims = [a.dim for a in (rf.t, rf.y, rf.x) if a is not None and a.dim is not None]
+    if rf.t is not None:
+        return len(layout.positions) == 3 and dims == list(layout.positions)
     return len(layout.positions) <= 2 and dims == list(layout.positions)
 
 

@@ -257,7 +257,7 @@ class UnitImages:
         if not pdata.is_clip(t):
             return None
         info = self.run.layer(layer)
-        return peak_frame(info.layout, info.shape, y, int(t.shape[1]))
+        return peak_frame(info.layout, info.shape, y, int(t.shape[1]), info.rf)
 
     def _entry(self, layer: str, unit: int, which: str, rank: int) -> Any:
         if which not in LISTS:

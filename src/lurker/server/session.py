@@ -358,7 +358,9 @@ class Session:
 
         def make() -> Image.Image:
             frames = self.clip_frames()
-            frame = None if frames is None else peak_frame(info.layout, info.shape, y, frames)
+            frame = (
+                None if frames is None else peak_frame(info.layout, info.shape, y, frames, info.rf)
+            )
             image = self.sample_pil(sample_id, path, frame)  # a clip: the peak's frame
             size = run.meta.get("image_size") or [image.height, image.width]
             h, w = (size[-2], size[-1]) if len(size) >= 2 else (image.height, image.width)

@@ -297,7 +297,7 @@ class Run:
 
     def __init__(self, path: Path, conn: sqlite3.Connection, version: int = SCHEMA_VERSION) -> None:
         self.path = path
-        #: The run's store schema version (2 or 3; see docs/run-store.md).
+        #: The run's store schema version (2, 3 or 4; see docs/run-store.md).
         self.schema_version = version
         self._conn = conn
         self._lock = threading.Lock()

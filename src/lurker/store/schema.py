@@ -23,15 +23,16 @@ from lurker.errors import LurkerError
 #: Stored in ``PRAGMA user_version`` and in ``meta.schema_version``. Version 2 keeps a
 #: unit's top-k lists in its ``units`` row (``top`` blob) instead of a row per entry;
 #: version 3 adds the traced graph (``graph`` table), each layer's op index and the
-#: versioned receptive-field record.
-SCHEMA_VERSION = 3
+#: versioned receptive-field record; version 4 stores that record's version 2 (a ``t``
+#: axis over the frames of a video clip's layers).
+SCHEMA_VERSION = 4
 #: Versions :class:`lurker.store.Run` opens. A version-2 run lacks the graph and the op
 #: indices: reading them raises :class:`~lurker.store.MissingFromRunError`, nothing is made up.
-READABLE_VERSIONS = (2, 3)
+READABLE_VERSIONS = (2, 3, 4)
 
 #: The receptive-field record (``layers.rf``): ``schema`` and ``version`` fields of each.
 RF_SCHEMA_ID = "lurker.receptive"
-RF_VERSION = 1
+RF_VERSION = 2
 
 DB_NAME = "run.db"
 CACHE_DIR = "cache"
@@ -193,21 +194,26 @@ def rf_record(rf: Any) -> dict[str, Any]:
             f"rf is a {rf.get('schema')!r} record of version {rf.get('version')!r}; "
             f"this lurker stores {RF_SCHEMA_ID!r} version {RF_VERSION}"
         )
-    extra = sorted(set(rf) - {"schema", "version", "y", "x", "input_size", "full", "exact"})
+    extra = sorted(set(rf) - {"schema", "version", "t", "y", "x", "input_size", "full", "exact"})
     if extra:
         raise LurkerError(f"rf has unknown field(s) {extra}")
     size = _ints(rf, "input_size", low=1)
-    if len(size) != 2:
-        raise LurkerError(f"rf input_size must be [H, W], got {rf['input_size']!r}")
-    return {
+    clip = rf.get("t") is not None
+    if len(size) != 2 + clip:
+        want = "[D, H, W] (it has a t axis)" if clip else "[H, W]"
+        raise LurkerError(f"rf input_size must be {want}, got {rf['input_size']!r}")
+    record = {
         "schema": RF_SCHEMA_ID,
         "version": RF_VERSION,
-        "y": _axis(rf, "y", size[0]),
-        "x": _axis(rf, "x", size[1]),
+        "y": _axis(rf, "y", size[-2]),
+        "x": _axis(rf, "x", size[-1]),
         "input_size": size,
         "full": _bool(rf, "full"),
         "exact": _bool(rf, "exact"),
     }
+    if clip:
+        record["t"] = _axis(rf, "t", size[0])
+    return record
 
 
 def _axis(rf: Mapping[str, Any], key: str, extent: int) -> dict[str, Any]:
