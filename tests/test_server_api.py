@@ -28,7 +28,7 @@ from explorer_fixtures import (  # noqa: F401
 )
 from lurker.probe.data import input_image, load_dataset
 from lurker.server import NotServableError, create_app
-from lurker.store import Run
+from lurker.store import SCHEMA_VERSION, Run
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +84,7 @@ def test_run_summary(client: TestClient, run: Run):
     assert s["dataset"]["classes"] == [str(d) for d in range(10)]
     assert s["dataset"]["skipped"] == [] and s["dataset"]["skipped_count"] == 0
     assert s["dataset"]["image_size"] == [16, 16]
-    assert s["probe"]["k"] == 5 and s["probe"]["store_version"] == 3
+    assert s["probe"]["k"] == 5 and s["probe"]["store_version"] == SCHEMA_VERSION
     assert s["probe"]["status"] == "complete"
     assert s["holds"]["graph"] is True
     assert s["holds"]["live"] is True  # the run records a loadable model
