@@ -131,8 +131,12 @@ def test_unit(client: TestClient, run: Run):
             assert body[key] == want[key]
         assert body["layer"] == want["layer"]
         for which in ("max", "mean"):
-            got = [{k: v for k, v in e.items() if k != "box"} for e in body["top"][which]]
+            added = ("box", "frame", "frames")  # what the API adds to the stored entries
+            got = [{k: v for k, v in e.items() if k not in added} for e in body["top"][which]]
             assert got == want["top"][which]
+            # images, not video clips: no frames
+            assert all(e["frame"] is None and e["frames"] is None for e in body["top"][which])
+        assert body["clip_frames"] is None
         assert (body["prev"], body["next"], body["num_units"]) == (prev, nxt, info.num_units)
     # the peak's box is the receptive field of (y, x): 3x3 around it, clipped
     top = body["top"]["max"][0]

@@ -5,6 +5,7 @@ checked against the dataset's frames and a forward hook on the model's own layer
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,8 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
+import lurker
+from lurker.graph.receptive import receptive_fields
 from lurker.probe import UnitImages, probe
 from lurker.probe.data import wrap
 from lurker.server.app import create_app
@@ -79,22 +82,87 @@ def test_sample_image_is_the_clip_middle_frame(video: tuple) -> None:
         assert r.json()["prediction"][0]["class"] == want
 
 
-def test_crop_and_grad_are_on_the_frame_where_the_unit_peaked(video: tuple) -> None:
-    """A max-list crop of a 3-D conv is the frame of the entry's peak (conv1 keeps the
-    clip's frames, so that frame is the peak's own), found by a forward hook; its gradient
-    image is on that frame too: conv1 is the first layer, so the guided gradient of the
-    peak is the plain autograd one."""
+def _oracle(
+    model: torch.nn.Module, clip: torch.Tensor, layer: str, unit: int
+) -> tuple[int, tuple[int, int, int, int, int, int]]:
+    """Brute force, from the dataset's clip and a fresh receptive-field analysis: the
+    unit's first maximum on the clip (a forward hook on the model's own layer) and the
+    ``(t0, t1, y0, y1, x0, x1)`` input volume it sees (``RF.volume``); returns its frame
+    in the layer's output and that volume."""
+    module = getattr(model, layer)
+    got: list[torch.Tensor] = []
+    h = module.register_forward_hook(lambda _m, _i, o: got.append(o.detach()))
+    with torch.no_grad():
+        model(clip[None])
+    h.remove()
+    hh, ww = got[0][0].shape[-2:]
+    at = int(got[0][0, unit].flatten().argmax())
+    f, r, c = at // (hh * ww), (at // ww) % hh, at % ww
+    trace = lurker.trace(model, clip[None])
+    rf = receptive_fields(trace)[trace[layer].index]
+    return f, rf.volume(f, r, c, clip_to=(D, 8, 8))
+
+
+def _crop_equals(png: bytes, clip: torch.Tensor, frame: int, box: tuple[int, ...]) -> bool:
+    """Whether a crop (enlarged k times, nearest neighbour) is ``box`` of ``frame``."""
+    y0, y1, x0, x1 = box
+    px = _pixels(png)
+    k = px.shape[0] // (y1 - y0)
+    if px.shape[:2] != (k * (y1 - y0), k * (x1 - x0)):
+        return False
+    return np.array_equal(px[::k, ::k], _frame_pixels(clip, frame)[y0:y1, x0:x1])
+
+
+@pytest.mark.parametrize("layer", ["conv1", "conv2"])
+def test_crop_is_the_peak_box_on_a_frame_the_peak_sees(video: tuple, layer: str) -> None:
+    """A clip unit's crop (max and mean lists) is the clip cut by ``RF.volume`` at the
+    unit's peak: the box, on one frame of the frames it sees, which the entry names
+    (``frame``, ``frames``); its input image is that frame, whole, so the box drawn on it
+    is where the crop came from. conv1 keeps the clip's frames with a centred kernel: the
+    frame is the peak's own (also at the clip's ends); conv2 sees all 4 frames."""
     model, ds, clips, run, out = video
     seen = set()
+    with TestClient(create_app(out, model_obj=model, dataset=wrap(ds))) as c:
+        for u in range(run.layer(layer).num_units):
+            doc = c.get(f"/api/runs/run/layers/{layer}/units/{u}").json()
+            assert doc["clip_frames"] == D
+            for which in ("max", "mean"):
+                for e in doc["top"][which]:
+                    sid, rank = e["sample_id"], e["rank"]
+                    f, (t0, t1, y0, y1, x0, x1) = _oracle(model, clips[sid], layer, u)
+                    assert e["frames"] == [t0, t1] and e["box"] == [y0, y1, x0, x1]
+                    assert t0 <= e["frame"] < t1
+                    if layer == "conv1":
+                        assert e["frame"] == f
+                    seen.add(e["frame"])
+                    base = f"/api/runs/run/layers/{layer}/units/{u}/{which}/{rank}"
+                    r = c.get(f"{base}/crop.png")
+                    assert r.status_code == 200, r.text
+                    assert _crop_equals(r.content, clips[sid], e["frame"], (y0, y1, x0, x1))
+                    assert (y1 - y0, x1 - x0) != (8, 8)  # a box, not the whole frame
+                    r = c.get(f"{base}/input.png")
+                    assert r.status_code == 200, r.text
+                    assert _which_frame(r.content, clips[sid]) == [e["frame"]]
+                    frame = c.get(f"/api/runs/run/samples/{sid}/frames/{e['frame']}.png")
+                    assert frame.content == r.content
+    if layer == "conv1":
+        assert seen - {D // 2}  # some peaks away from the middle frame: the test can tell
+    # a frame that is not in the clip: a clear 404
+    with TestClient(create_app(out, model_obj=model, dataset=wrap(ds))) as c:
+        r = c.get(f"/api/runs/run/samples/0/frames/{D}.png")
+        assert r.status_code == 404 and f"not in a clip of {D} frames" in r.json()["detail"]
+
+
+def test_grad_is_on_the_frame_where_the_unit_peaked(video: tuple) -> None:
+    """A max-list gradient image of a 3-D conv is on the frame its crop is cut from (conv1
+    keeps the clip's frames, so that frame is the peak's own), found by a forward hook:
+    conv1 is the first layer, so the guided gradient of the peak is the plain autograd one."""
+    model, ds, clips, run, out = video
     with TestClient(create_app(out, model_obj=model, dataset=wrap(ds))) as c:
         for u in range(run.layer("conv1").num_units):
             peaks = _conv1_peaks(model, clips, u)
             for e in run.unit("conv1", u).top("max"):
                 f = peaks[e.sample_id]
-                seen.add(f)
-                r = c.get(f"/api/runs/run/layers/conv1/units/{u}/max/{e.rank}/crop.png")
-                assert r.status_code == 200, r.text
-                assert f in _which_frame(r.content, clips[e.sample_id])
                 x = clips[e.sample_id : e.sample_id + 1].clone().requires_grad_()
                 at = model.conv1(x)[0, u].flatten().argmax()
                 model.conv1(x)[0, u].flatten()[at].backward()
@@ -104,20 +172,49 @@ def test_crop_and_grad_are_on_the_frame_where_the_unit_peaked(video: tuple) -> N
                 assert r.status_code == 200, r.text
                 got = _pixels(r.content).astype(np.int16)
                 assert np.abs(got - want.permute(1, 2, 0).numpy()).max() <= 1
-    assert seen - {D // 2}  # some peaks away from the middle frame: the test can tell
 
 
-def test_unit_images_crop_is_the_peak_frame(video: tuple, tmp_path: Path) -> None:
-    """`lurker images` (UnitImages) cuts the same frame as the explorer."""
+def test_unit_images_crop_is_the_peak_box_on_its_frame(video: tuple, tmp_path: Path) -> None:
+    """`lurker images` (UnitImages) cuts the same crop as the explorer, from the same
+    frame, and writes that frame as the entry's input (the explorer's frames/ file)."""
     model, ds, clips, run, _ = video
     images = UnitImages(run, model=model, dataset=ds)
-    for u in range(run.layer("conv1").num_units):
-        peaks = _conv1_peaks(model, clips, u)
-        for e in run.unit("conv1", u).top("max"):
-            png = Path(images.get("crop", "conv1", u, e.rank)).read_bytes()
-            assert peaks[e.sample_id] in _which_frame(png, clips[e.sample_id])
-    # the probe's images also write (no to_pil error on a clip)
+    for layer in ("conv1", "conv2"):
+        for u in range(run.layer(layer).num_units):
+            for e in run.unit(layer, u).top("max"):
+                _, (t0, t1, y0, y1, x0, x1) = _oracle(model, clips[e.sample_id], layer, u)
+                png = Path(images.get("crop", layer, u, e.rank)).read_bytes()
+                shown = Path(images.get("input", layer, u, e.rank)).read_bytes()
+                [frame] = _which_frame(shown, clips[e.sample_id])
+                assert t0 <= frame < t1
+                assert _crop_equals(png, clips[e.sample_id], frame, (y0, y1, x0, x1))
+    # the probe's images also write (no to_pil error on a clip), the frames among them
     assert images.write_all(layers="conv*", progress=False).total > 0
+    assert list((run.path / "cache" / "frames").glob("*.png"))
+
+
+def test_static_export_shows_a_clip_entry_on_its_frame(video: tuple, tmp_path: Path) -> None:
+    """The static site holds each clip entry's frame (the browser cuts its crop from it,
+    with the entry's box) and the layer grid's thumbnails name it."""
+    from lurker.server import export_site, static_path
+
+    _model, ds, clips, _run, out = video
+    static = tmp_path / "static"
+    (static / "assets").mkdir(parents=True)
+    (static / "index.html").write_text("<!doctype html><html><head></head><body></body></html>")
+    site = export_site(out, tmp_path / "site", static_dir=static, dataset=ds, progress=False)
+    data = site / "data"
+    units = data / static_path("runs/run/layers/conv1/units")
+    docs = [json.loads(f.read_text()) for f in sorted(units.glob("chunk-*.json"))]
+    entries = [(d, e) for doc in docs for d in doc["units"] for e in d["top"]["max"]]
+    assert entries
+    for _d, e in entries:
+        assert e["frame"] is not None
+        frame = data / static_path(f"runs/run/samples/{e['sample_id']}/frames/{e['frame']}.png")
+        assert _which_frame(frame.read_bytes(), clips[e["sample_id"]]) == [e["frame"]]
+    index = json.loads((units / "index.json").read_text())
+    tops = {d["unit"]: d["top"]["max"][0] for doc in docs for d in doc["units"]}
+    assert [t["frame"] for t in index["thumbs"]] == [tops[u]["frame"] for u in range(len(tops))]
 
 
 def test_upload_to_a_video_model_says_why(video: tuple) -> None:
@@ -130,21 +227,95 @@ def test_upload_to_a_video_model_says_why(video: tuple) -> None:
     assert "video clips (3, 4, 8, 8)" in r.json()["detail"]
 
 
-def test_unit_page_of_a_3d_layer_says_its_crop_is_the_peak_frame(browser, video) -> None:
-    """A 3-D layer has no receptive field: its crop toggle and caption say the image is
-    the clip's frame where the unit peaked, not "the part of the input the peak sees"."""
+def test_unit_page_of_a_3d_layer_names_the_frames_and_boxes_the_frame_shown(browser, video) -> None:
+    """A 3-D layer's unit page says its crop is the receptive field, names under each
+    image the frame shown and the frames the peak sees (the API's, numbered from 0), and
+    draws the peak's box on the entry's input image: the peak's frame (input.png)."""
     from explorer_fixtures import skip_without_browser, strict_page
     from lurker.server.serve import background
 
     skip_without_browser()
     model, ds, _clips, _run, out = video
+    with TestClient(create_app(out, model_obj=model, dataset=wrap(ds))) as c:
+        doc = c.get("/api/runs/run/layers/conv1/units/0").json()
     app = create_app(out, model_obj=model, dataset=wrap(ds))
     with background(app) as url, strict_page(browser) as pg:
         pg.goto(url + "#/r/run/unit/conv1/0?tab=max&crop=1")
         pg.wait_for_selector(".topk .top-entry")
         toolbar = pg.inner_text(".toolbar")
-        assert "peak frame" in toolbar and "frame where the unit peaked" in toolbar
-        assert "receptive field)" not in toolbar
+        assert "receptive-field crop" in toolbar and "peak's frame" in toolbar
+        assert "whole" not in toolbar and "no receptive field" not in toolbar
         pg.goto(url + "#/r/run/unit/conv1/0?tab=max&crop=0")
-        pg.wait_for_selector(".topk .top-entry")
-        assert "box: none (no receptive field over frames)" in pg.inner_text(".toolbar")
+        pg.wait_for_selector(".topk .top-entry .peak:not([hidden])")
+        assert "box: the peak's receptive field, drawn on the clip's frame" in pg.inner_text(
+            ".toolbar"
+        )
+        figures = pg.query_selector_all(".topk .top-entry")
+        assert len(figures) == len(doc["top"]["max"])
+        for fig, e in zip(figures, doc["top"]["max"]):
+            t0, t1 = e["frames"]
+            caption = fig.query_selector("figcaption .frames").inner_text()
+            assert caption == f"frame {e['frame']} · sees frames {t0}\u2013{t1 - 1} of {D}"
+            src = fig.query_selector("img").get_attribute("src")
+            assert f"/units/0/max/{e['rank']}/input.png" in src
+            y0, y1, x0, x1 = e["box"]
+            style = fig.query_selector(".peak").get_attribute("style")
+            assert (
+                f"top:{100 * y0 / 8:.2f}%" in style
+                and f"height:{100 * (y1 - y0) / 8:.2f}%" in style
+            )
+            assert (
+                f"left:{100 * x0 / 8:.2f}%" in style
+                and f"width:{100 * (x1 - x0) / 8:.2f}%" in style
+            )
+
+
+def test_static_unit_page_shows_a_clip_entry_on_its_frame(browser, video, tmp_path) -> None:
+    """The exported unit page shows a clip entry's frame (not the sample's middle one),
+    with its box drawn on it and its crop cut from it, and names the frames it sees."""
+    from explorer_fixtures import skip_without_browser, static_server, strict_page
+    from lurker.server import export_site
+
+    skip_without_browser()
+    model, ds, _clips, _run, out = video
+    with TestClient(create_app(out, model_obj=model, dataset=wrap(ds))) as c:
+        doc = c.get("/api/runs/run/layers/conv1/units/1").json()
+    site = export_site(out, tmp_path / "site", dataset=ds, progress=False)
+    with static_server(site) as url, strict_page(browser) as pg:
+        pg.goto(url + "#/r/run/unit/conv1/1?tab=max&crop=0")
+        pg.wait_for_selector(".topk .top-entry .peak:not([hidden])")
+        for fig, e in zip(pg.query_selector_all(".topk .top-entry"), doc["top"]["max"]):
+            src = fig.query_selector("img").get_attribute("src")
+            assert f"/samples/{e['sample_id']}/frames/{e['frame']}.png" in src
+            assert fig.query_selector(".peak") is not None
+            t0, t1 = e["frames"]
+            assert f"sees frames {t0}\u2013{t1 - 1} of {D}" in fig.inner_text()
+        pg.goto(url + "#/r/run/unit/conv1/1?tab=max&crop=1")
+        pg.wait_for_selector(".topk .top-entry canvas")
+        assert len(pg.query_selector_all(".topk .top-entry canvas")) == len(doc["top"]["max"])
+
+
+def test_run_without_clip_fields_shows_the_whole_peak_frame(video, tmp_path) -> None:
+    """A run whose clip layer has no receptive field (one probed before they were stored):
+    its crop is the whole frame at the peak's place in time, its input that frame, and its
+    entries name the frame but no range (nothing made up)."""
+    import shutil
+    import sqlite3
+
+    model, ds, clips, _run, out = video
+    old = tmp_path / "old" / "run"
+    shutil.copytree(out, old, ignore=shutil.ignore_patterns("cache"))
+    with sqlite3.connect(old / "run.db") as db:
+        db.execute("UPDATE layers SET rf = NULL WHERE name = 'conv1'")
+    db.close()
+    with TestClient(create_app(old, model_obj=model, dataset=wrap(ds))) as c:
+        for u in (0, 1):
+            peaks = _conv1_peaks(model, clips, u)
+            doc = c.get(f"/api/runs/run/layers/conv1/units/{u}").json()
+            for e in doc["top"]["max"]:
+                f = peaks[e["sample_id"]]
+                assert (e["frame"], e["frames"], e["box"]) == (f, None, None)
+                base = f"/api/runs/run/layers/conv1/units/{u}/max/{e['rank']}"
+                for kind in ("crop", "input"):
+                    png = c.get(f"{base}/{kind}.png").content
+                    assert _which_frame(png, clips[e["sample_id"]]) == [f]

@@ -121,6 +121,11 @@ export interface TopEntry {
   /** the input box `[y0, y1, x0, x1]` (half-open) the peak sees, or null (max lists, and
    * mean lists where the run stores their peaks: y, x not null). */
   box?: number[] | null;
+  /** a video model's layer: the clip frame the entry's images are cut from (and its box
+   * drawn on), `samples/ID/frames/FRAME.png`; null for images. */
+  frame?: number | null;
+  /** the half-open range `[t0, t1]` of clip frames the peak sees, or null. */
+  frames?: number[] | null;
 }
 
 export interface FeatVizView {
@@ -145,6 +150,8 @@ export interface UnitDoc {
   mean: number | null;
   max: number | null;
   top: { max: TopEntry[]; mean: TopEntry[]; relevance?: TopEntry[] | null };
+  /** a video model's run: the frames of each clip. */
+  clip_frames?: number | null;
   /** Stored feature visualizations (`lurker featviz`), null when the unit has none. */
   featviz?: FeatVizInfo | null;
   class_means: Record<string, number | null>;
@@ -221,7 +228,7 @@ export interface UnitsIndex {
   layer: string;
   num_units: number;
   chunk: number;
-  thumbs: ({ sample: number; box: number[] | null; crop: boolean } | null)[];
+  thumbs: ({ sample: number; box: number[] | null; crop: boolean; frame?: number | null } | null)[];
   /** Why some top-k samples have no image in the export (null: all have one; absent in
    * older exports). */
   no_image?: string | null;

@@ -385,6 +385,12 @@ class ImageCache:
         """Where sample ``sample_id``'s image (as the model saw it) lives: one per sample."""
         return sample_file(_root(run), sample_id, "png")
 
+    @staticmethod
+    def frame_path(run: Any, sample_id: int, frame: int) -> Path:
+        """Where frame ``frame`` of a video clip sample lives (a clip unit's entries are
+        shown on the frame of their peak): ``cache/frames/<id:08d>-<frame:04d>.png``."""
+        return _root(run) / "cache" / "frames" / f"{int(sample_id):08d}-{int(frame):04d}.png"
+
     @contextlib.contextmanager
     def lock(self, target: Path) -> Iterator[None]:
         """Hold the lock of ``target`` (one per file, so one thread makes it)."""

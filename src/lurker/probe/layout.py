@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import math
 import weakref
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
@@ -246,11 +247,14 @@ def peak_frame(
     with three position axes (a 3-D convolution's ``(D', H', W')``, stored as
     ``y = frame * H' + row``); ``None`` for other layers.
 
-    With the layer's receptive field ``rf``, the middle of the frames the peak sees
-    (:func:`position_frames`), ``(t0 + t1 - 1) // 2``: the frame its crop is cut from.
-    Without one (older runs), the frame at the peak's place in time: the middle of the
-    input frames its frame ``f`` of ``D'`` spans, ``((2f + 1) * frames) // (2 D')``; ``f``
-    itself when the layer keeps the clip's frames (``D' == frames``).
+    With the layer's receptive field ``rf``, the frame at the centre of the peak's window
+    in time (its affine map: ``start + f * stride + (size - 1) / 2``, rounded down), moved
+    into the frames it sees (:func:`position_frames`): the frame its crop is cut from and
+    its box drawn on. That is ``f`` itself on a layer that keeps the clip's frames with a
+    centred kernel (r3d_18's stem), also at the clip's ends, where the exact range is cut
+    short. Without one (older runs), the frame at the peak's place in time: the middle of
+    the input frames its frame ``f`` of ``D'`` spans, ``((2f + 1) * frames) // (2 D')``;
+    ``f`` itself when the layer keeps the clip's frames (``D' == frames``).
     """
     lay = (
         layout if isinstance(layout, Layout) or layout is None else Layout.from_dict(layout)  # type: ignore[arg-type]
@@ -259,7 +263,15 @@ def peak_frame(
         return None
     seen = position_frames(rf, y)
     if seen is not None and seen[0] < seen[1] and seen[1] <= frames:
-        return (seen[0] + seen[1] - 1) // 2
+        r = rf if isinstance(rf, RF) else RF.from_dict(dict(rf))  # type: ignore[arg-type]
+        t = r.t
+        assert t is not None  # position_frames gave a range
+        rows = len(r.y.lo) if r.y.dim is not None else 1
+        f = y // rows if t.dim is not None else 0
+        centre = t.start + f * t.stride + (t.size - 1) / 2
+        if not math.isfinite(centre):
+            return (seen[0] + seen[1] - 1) // 2
+        return min(max(math.floor(centre + 1e-9), seen[0]), seen[1] - 1)
     # ``shape`` is the output's without its batch axis
     dims = [p - (p > lay.batch) for p in lay.positions]
     d, h = int(shape[dims[0]]), int(shape[dims[1]])

@@ -908,10 +908,6 @@ class _Plan:
         rf = self.rfs.get(op.index)
         if rf is not None and not rf_matches(layer.layout, rf):
             rf = None  # its y/x are not this layer's position axes
-        if rf is not None and rf.t is not None:
-            # not stored yet: the explorer outlines a peak's box on a clip's middle frame,
-            # not on the frames the box is for (see the report of the 3-D fields work)
-            rf = None
         return {
             "name": layer.name,
             "module": op.module_outputs[0] if op.module_outputs else op.module,

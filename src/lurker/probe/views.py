@@ -353,6 +353,13 @@ class UnitImages:
             target, lambda: self._sample_pil(sample_id), f"sample {sample_id}"
         )
 
+    def frame_image(self, sample_id: int, frame: int) -> Path:
+        """Path of frame ``frame`` of a video clip sample (the explorer's ``frames/`` file)."""
+        target = self.cache.frame_path(self.run, sample_id, frame)
+        return self.cache.get_file(
+            target, lambda: self._sample_pil(sample_id, frame), f"sample {sample_id} frame {frame}"
+        )
+
     def gradients(self, layer: str, unit: int, which: str = "max") -> list[Path]:
         """Paths of the unit's gradient images, one per rank of its ``which`` list.
 
@@ -383,6 +390,11 @@ class UnitImages:
             raise LurkerError(f"unknown image kind {kind!r}; expected one of {KINDS}")
         e = self._entry(layer, unit, which, rank)
         if kind == "input":
+            # a video model's layer: the frame of the stored peak, its crop's (as the
+            # explorer's input.png; an older run's mean list stores none: the sample's)
+            frame = None if e.y is None else self.frame(layer, e.y, e.sample_id)
+            if frame is not None:
+                return self.frame_image(e.sample_id, frame)
             return self.sample_image(e.sample_id)
         if kind == "grad":
             path = self.cache.path(self.run, "grad", layer, unit, rank, which)
@@ -488,7 +500,8 @@ class UnitImages:
     ) -> ImagesResult:
         """Make the images of every unit's top lists (of ``layers``, default all).
 
-        ``kinds``: any of "input" (each sample once), "grad" (batched across the units of
+        ``kinds``: any of "input" (each sample once; a video model's, also each frame its
+        entries are shown on), "grad" (batched across the units of
         a layer), "crop" and "grad_crop" (files cut around the peak; the explorer can cut
         them itself from :meth:`crop_box`). Files already there are skipped, so a killed
         run resumes; each file is written atomically. ``progress``: a bar on a
@@ -499,13 +512,17 @@ class UnitImages:
         lists = _checked_choice("which", which, LISTS)
         names = self.select(layers)
         t0 = time.perf_counter()
-        plan, samples, total = self._plan(names, kinds, lists)
-        bar = Progress("images", total, total - _count(plan, samples), progress, progress_every)
+        plan, samples, frames, total = self._plan(names, kinds, lists)
+        todo = _count(plan, samples) + len(frames)
+        bar = Progress("images", total, total - todo, progress, progress_every)
         made = 0
         with _Writer(bar) as out:
             for sid in samples:
                 target = self.cache.sample_path(self.run, sid)
                 out.submit(target, self._sample_pil(sid))
+            for sid, frame in frames:
+                target = self.cache.frame_path(self.run, sid, frame)
+                out.submit(target, self._sample_pil(sid, frame))
             for name, jobs in plan:
                 self._write_layer(name, jobs, out)
             made = out.close()
@@ -523,10 +540,13 @@ class UnitImages:
 
     def _plan(
         self, names: list[str], kinds: tuple[str, ...], lists: tuple[str, ...]
-    ) -> tuple[list[tuple[str, list[_Job]]], list[int], int]:
-        """Per layer, the entries with a file to write; missing sample ids; files wanted."""
+    ) -> tuple[list[tuple[str, list[_Job]]], list[int], list[tuple[int, int]], int]:
+        """Per layer, the entries with a file to write; missing sample ids; missing frames
+        ``(sample id, frame)`` of a video model's entries (their "input"); files wanted."""
         total = 0
         samples: set[int] = set()
+        shown: set[tuple[int, int]] = set()
+        clip = _clip_frames(self.run)
         plan = []
         for name in names:
             info = self.run.layer(name)
@@ -542,6 +562,10 @@ class UnitImages:
                 for lst in lists:
                     for e in unit.top(lst):  # type: ignore[arg-type]
                         samples.add(e.sample_id)
+                        if clip is not None and e.y is not None:
+                            f = peak_frame(info.layout, info.shape, e.y, clip, info.rf)
+                            if f is not None:
+                                shown.add((e.sample_id, f))
                         file = f"{u:05d}-{lst}-{e.rank:03d}.png"
                         job = _Job(u, lst, e.rank, e.sample_id, _peak(e))
                         for kind in ("grad", "crop", "grad_crop"):
@@ -551,12 +575,19 @@ class UnitImages:
                         if job.grad or job.crop or job.grad_crop:
                             jobs.append(job)
             plan.append((name, jobs))
-        missing = []
+        missing: list[int] = []
+        frames: list[tuple[int, int]] = []
         if "input" in kinds:
-            total += len(samples)
+            total += len(samples) + len(shown)
             have_samples = _listing(self.run.path / "cache" / "samples")
             missing = [s for s in sorted(samples) if f"{s:08d}.png" not in have_samples]
-        return plan, missing, total
+            have_frames = _listing(self.run.path / "cache" / "frames")
+            frames = [
+                (s, f)
+                for s, f in sorted(shown)
+                if self.cache.frame_path(self.run, s, f).name not in have_frames
+            ]
+        return plan, missing, frames, total
 
     def _write_layer(self, name: str, jobs: list[_Job], out: _Writer) -> None:
         path = self.cache.path
@@ -594,6 +625,12 @@ class UnitImages:
     def _box_of(self, layer: str, j: _Job) -> tuple[int, int, int, int]:
         y, x = j.peak if j.peak is not None else self.peak(layer, j.unit, j.sample_id)
         return self.box(layer, y, x)
+
+
+def _clip_frames(run: Run) -> int | None:
+    """The frames of a run's clips (its samples are video clips ``(C, D, H, W)``), else None."""
+    shape = (run.meta.get("config") or {}).get("input_shape") or []
+    return int(shape[1]) if len(shape) == 4 and shape[0] in (1, 3) else None
 
 
 def _peak(e: Any) -> tuple[int, int] | None:

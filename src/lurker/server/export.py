@@ -35,6 +35,7 @@ import re
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
@@ -259,9 +260,22 @@ def _export_run(request: Any, e: Any, files: _Files, make_images: bool) -> None:
         {"total": e.sample_count(), "samples": listed, "no_image": no_image},
     )
     _export_explanations(request, s, e, files)
+    frames: dict[tuple[int, int], bool] = {}  # (sample, frame) of a clip: exported or not
+
+    def frame_image(sid: int, frame: int) -> bool:
+        """Export frame ``frame`` of clip sample ``sid`` (once): a clip unit's entries are
+        shown on their peak's frame; False when the site cannot hold it."""
+        if (sid, frame) not in frames:
+            found = _frame_image(s, sid, frame, make_images, ApiError)
+            frames[(sid, frame)] = found is not None
+            if found is not None:
+                files.bar.total += 1
+                files.image(_rel("runs", e.id, "samples", sid, "frames", frame) + ".png", found)
+        return frames[(sid, frame)]
+
     for info in run.layers:
         files.json(_rel("runs", e.id, "layers", info.name), layer_detail(request, e.id, info.name))
-        _export_units(request, e, info, files, images, no_image)
+        _export_units(request, e, info, files, images, no_image, frame_image)
     # feature visualizations stored in the run (`lurker featviz`): the unit pages show them
     for layer, objective, unit, copy, png in featviz_images(run):
         files.bar.total += 1
@@ -344,6 +358,22 @@ def _sample_image(
         return None  # the dataset changed since the probe: the site shows no image
 
 
+def _frame_image(
+    s: Any, sid: int, frame: int, make: bool, api_error: type[Exception]
+) -> bytes | Path | None:
+    """A clip sample's frame: cached, else made from the dataset (``make``), else None."""
+    cached = s.frame_file(sid, frame)
+    if cached.is_file() and cached.stat().st_size > 0:
+        return cached  # type: ignore[no-any-return]
+    if not make or s.dataset_reason() is not None:
+        return None
+    try:
+        path = s.entry.sample_row(sid)[1]  # checked against the dataset's, as the sample's
+        return s.frame_png(sid, path, frame)  # type: ignore[no-any-return]
+    except (api_error, LurkerError):
+        return None
+
+
 def _export_units(
     request: Any,
     e: Any,
@@ -351,6 +381,7 @@ def _export_units(
     files: _Files,
     images: dict[int, bytes | Path],
     no_image: str | None,
+    frame_image: Callable[[int, int], bool] = lambda sid, frame: False,
 ) -> None:
     """A layer's unit documents in chunks, its cached entry images, and ``units/index``
     (with ``no_image``: why some top-k samples have no image, for the unit pages)."""
@@ -377,9 +408,15 @@ def _export_units(
             for item in doc["top"][which]:
                 rank, sid = int(item["rank"]), int(item["sample_id"])
                 stored = item["y"] is not None  # a stored peak: the browser cuts the crop
+                # a clip's entry is shown on its peak's frame, its crop cut from that frame
+                shown_image = (
+                    sid in images
+                    if item.get("frame") is None
+                    else sid in images and frame_image(sid, int(item["frame"]))
+                )
                 has = {
-                    "input": sid in images,
-                    "crop": sid in images if stored else ("crop", unit, which, rank) in cached,
+                    "input": shown_image,
+                    "crop": shown_image if stored else ("crop", unit, which, rank) in cached,
                     "grad": ("grad", unit, which, rank) in cached,
                     "grad_crop": ("grad_crop", unit, which, rank) in cached,
                 }
@@ -395,8 +432,16 @@ def _export_units(
         top = doc["top"]["max"][0] if doc["top"]["max"] else None
         thumbs.append(
             None
-            if top is None or int(top["sample_id"]) not in images
-            else {"sample": top["sample_id"], "box": top.get("box"), "crop": top["y"] is not None}
+            if top is None
+            or int(top["sample_id"]) not in images
+            or (top.get("frame") is not None and not frame_image(top["sample_id"], top["frame"]))
+            else {
+                "sample": top["sample_id"],
+                "box": top.get("box"),
+                "crop": top["y"] is not None,
+                # a clip's: the image is that frame's (only there: images name no frame)
+                **({} if top.get("frame") is None else {"frame": top["frame"]}),
+            }
         )
         if len(chunk) == size or unit == info.num_units - 1:
             first = unit + 1 - len(chunk)

@@ -244,6 +244,13 @@ class TopEntryModel(BaseModel):
     #: the run stored its peaks; null when the position has no place in the image or the
     #: run has no receptive field for it).
     box: list[int] | None = None
+    #: A video model's layer (peaks over frames, rows, columns): the frame of the clip its
+    #: images are cut from and ``box`` is drawn on (``/samples/{id}/frames/{frame}.png``), a
+    #: frame inside ``frames``; null for images.
+    frame: int | None = None
+    #: Half-open ``[t0, t1]``: the frames of the clip the peak sees (its receptive field in
+    #: time); null for images, and for a run probed before clip fields were stored.
+    frames: list[int] | None = None
 
 
 class EntryPeaks(BaseModel):
@@ -316,6 +323,8 @@ class UnitDetail(BaseModel):
     #: The unit holds its ``max`` on every sample at every position: its max and mean
     #: lists are ties (ranked by sample id alone), its class means all that value.
     constant: bool = False
+    #: A video model's run: the frames of each clip (its entries' ``frames`` count them).
+    clip_frames: int | None = None
 
 
 # -- samples ------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from lurker.store.files import safe_component
 
 from .classes import class_names
 from .errors import ApiError, listing, no_model
+from .state import clip_frames
 
 if TYPE_CHECKING:
     import torch
@@ -301,8 +302,25 @@ class Session:
 
     def clip_frames(self) -> int | None:
         """The frames of the run's inputs when they are video clips ``(C, D, H, W)``."""
-        shape = self.config.get("input_shape") or []
-        return int(shape[1]) if len(shape) == 4 and shape[0] in (1, 3) else None
+        return clip_frames(self.config)
+
+    def frame_file(self, sample_id: int, frame: int) -> Path:
+        return self.entry.path / "cache" / "frames" / f"{sample_id:08d}-{frame:04d}.png"
+
+    def frame_png(self, sample_id: int, path: str | None, frame: int) -> bytes | Path:
+        """Frame ``frame`` of a video clip sample (the one a clip unit's entry is shown on:
+        its crop is cut from it, its box drawn on it), cached."""
+        frames = self.clip_frames()
+        if frames is None:
+            raise ApiError(404, "this run's samples are images, not video clips: no frames")
+        if not 0 <= frame < frames:
+            raise ApiError(
+                404, f"frame {frame} is not in a clip of {frames} frames (0..{frames - 1})"
+            )
+        target = self.frame_file(sample_id, frame)
+        if _cached(target):
+            return target
+        return self._make(target, lambda: self.sample_pil(sample_id, path, frame))
 
     def sample_pil(self, sample_id: int, path: str | None, frame: int | None = None) -> Image.Image:
         """Sample ``sample_id`` as the model saw it, from the dataset; a video clip as its

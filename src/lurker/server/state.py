@@ -46,6 +46,34 @@ def positions_per_sample(info: LayerInfo) -> int:
     return max(1, size // max(1, info.num_units))
 
 
+def clip_frames(config: dict[str, Any]) -> int | None:
+    """The frames of a run's inputs when they are video clips ``(C, D, H, W)`` (its
+    config's ``input_shape``); ``None`` for images."""
+    shape = config.get("input_shape") or []
+    return int(shape[1]) if len(shape) == 4 and shape[0] in (1, 3) else None
+
+
+def entry_frames(
+    info: LayerInfo, y: int | None, frames: int | None
+) -> tuple[int | None, list[int] | None]:
+    """For a peak at row ``y`` of a video model's layer (``frames`` per clip): the frame
+    its images are cut from and its box drawn on, and the half-open range ``[t0, t1)`` of
+    frames it sees (``None`` without a receptive field over frames: a run probed before
+    they were stored). ``(None, None)`` for images, layers without frames, or no peak."""
+    if frames is None or y is None:
+        return None, None
+    from lurker.probe.layout import peak_frame, position_frames
+
+    try:
+        frame = peak_frame(info.layout, info.shape, y, frames, info.rf)
+        seen = position_frames(info.rf, y) if frame is not None else None
+    except (ValueError, KeyError, TypeError, IndexError):
+        return None, None
+    if seen is not None and not seen[0] <= frame < seen[1]:  # type: ignore[operator]
+        seen = None  # it sees no frame (padding in time): the frame is a guess, say none
+    return frame, None if seen is None else [int(seen[0]), int(seen[1])]
+
+
 def constant_tolerance(positions: int) -> float:
     """Relative gap allowed between a constant unit's stored dataset mean and its max.
 

@@ -53,12 +53,18 @@ export async function renderLayer(root: HTMLElement, ctx: PageContext, args: str
   const statsText =
     `max: the unit's highest activation on any sample${positions > 1 ? " at any position of its map" : ""}; ` +
     `mean: its average over the dataset${positions > 1 ? " (each sample's map averaged over its positions)" : ""}`;
+  // a video model's layer (frames, rows, columns): a tile is one frame of a clip
+  const clip = Array.isArray(doc.layout?.["positions"]) && (doc.layout?.["positions"] as unknown[]).length === 3;
   const tileText = (): string =>
     thumb === "featviz"
       ? "Each tile: an image optimized to excite the unit"
       : thumb === "crop"
-        ? "Each tile: the part of the unit's top sample (by max) that its peak sees, its receptive field"
-        : "Each tile: the sample that excites the unit most (its top sample by max)";
+        ? clip
+          ? "Each tile: the part of the unit's top clip (by max) that its peak sees, its receptive field, on the frame of the peak"
+          : "Each tile: the part of the unit's top sample (by max) that its peak sees, its receptive field"
+        : clip
+          ? "Each tile: the clip that excites the unit most (its top sample by max), shown as the frame where the unit peaked"
+          : "Each tile: the sample that excites the unit most (its top sample by max)";
 
   const thumbnail = (unit: number, top: number | null, constant: number | null, peak: number[] | null = null): HTMLElement => {
     const tag = thumb === "featviz" || constant !== null || top === null ? null : patchless({ rf: doc.rf, layout: doc.layout }, peak?.[1]);
@@ -83,7 +89,8 @@ export async function renderLayer(root: HTMLElement, ctx: PageContext, args: str
     if (index) {
       const t = index.thumbs[unit];
       if (!t) return noImage(top === null ? "no top image" : "image not exported");
-      const url = ctx.api.pngUrl(p("runs", ctx.run, "samples", t.sample, "image.png"));
+      // a clip's top entry: the frame of its peak (its crop is cut from it), not the middle one
+      const url = ctx.api.pngUrl(t.frame != null ? p("runs", ctx.run, "samples", t.sample, "frames", `${t.frame}.png`) : p("runs", ctx.run, "samples", t.sample, "image.png"));
       if (thumb === "input") return h("img", { src: url, loading: "lazy", decoding: "async", alt, width: 96, height: 96 });
       return t.crop ? cropCanvas(url, t.box, alt + " (crop)", true) : noImage("no peak to crop");
     }
@@ -290,7 +297,10 @@ function rfText(rf: Record<string, unknown> | null): string {
   const x = rf?.["x"] as { size?: number; stride?: number } | undefined;
   if (!y || !x || y.size === undefined || x.size === undefined) return rf ? "recorded" : "–";
   if (y.stride === 0 && x.stride === 0) return "the whole input"; // spatial axes reduced away
-  const size = `${fmt(y.size)}×${fmt(x.size)} px, stride ${fmt(y.stride)}×${fmt(x.stride)}`;
+  // a video model's layer: its window in time too (frames of the clip, the affine size)
+  const t = rf?.["t"] as { size?: number; stride?: number } | undefined;
+  const time = t?.size !== undefined ? ` over ${fmt(t.size)} frame${t.size === 1 ? "" : "s"}${t.stride ? `, stride ${fmt(t.stride)} in time` : ""}` : "";
+  const size = `${fmt(y.size)}×${fmt(x.size)} px, stride ${fmt(y.stride)}×${fmt(x.stride)}${time}`;
   // a field larger than the image (padding counted): every position sees all of it
   return rf?.["full"] === true ? `the whole input (${size})` : size;
 }

@@ -63,12 +63,19 @@ export async function renderUnit(root: HTMLElement, ctx: PageContext, args: stri
         box: "the patch of the peak's token",
         mean: "the patch of the unit's peak token in that sample",
       }
-    : frameLayer(doc.layer)
+    : frameLayer(doc.layer) && !doc.layer.rf
     ? {
         name: "peak frame",
-        peak: "the clip's frame where the unit peaked, whole (lurker computes no receptive field over frames)",
-        box: "none (no receptive field over frames); the image is the clip's middle frame",
+        peak: "the clip's frame where the unit peaked, whole (this run stores no receptive field over frames: probe it again for one)",
+        box: "none (this run stores no receptive field over frames); the image is the clip's frame where the unit peaked",
         mean: "the clip's frame where the unit peaked in that sample, whole",
+      }
+    : frameLayer(doc.layer)
+    ? {
+        name: "receptive-field crop",
+        peak: "the part of the peak's frame that the peak sees (its receptive field), cut from the frame under each image; the peak sees the frames its caption names",
+        box: "the peak's receptive field, drawn on the clip's frame named under each image; the peak sees the frames its caption names",
+        mean: "the receptive field of the unit's peak in that sample, on the frame named under each image",
       }
     : {
         name: "receptive-field crop",
@@ -204,7 +211,7 @@ export async function renderUnit(root: HTMLElement, ctx: PageContext, args: stri
     // a list whose values are all equal is ties (a relevance of 0 everywhere: a unit that
     // feeds a dead one): which samples it holds, and in what order, is by sample id alone
     const tied = entries.length > 1 && entries.every((e) => e.value === entries[0].value);
-    const figures = entries.map((e) => figure(ctx, layer, unit, list, list === "relevance" ? "input" : kind(), e, tab === "max" && !crop && positions > 1, images.ok, shown, noImageWhy, tagOf(list, e)));
+    const figures = entries.map((e) => figure(ctx, layer, unit, list, list === "relevance" ? "input" : kind(), e, tab === "max" && !crop && positions > 1, images.ok, shown, noImageWhy, tagOf(list, e), list === "relevance" ? null : (doc.clip_frames ?? null)));
     // a static export's missing images: each tile says so in a word, the page says why once
     // (a sentence per tile does not fit in it)
     const whys = [...new Set(figures.flatMap((f) => [...f.querySelectorAll<HTMLElement>(".no-img[data-why]")].map((x) => x.dataset.why ?? "")))];
@@ -270,7 +277,7 @@ export async function renderUnit(root: HTMLElement, ctx: PageContext, args: stri
   );
 }
 
-function figure(ctx: PageContext, layer: string, unit: number, list: List, kind: EntryKind, e: TopEntry, markPeak: boolean, images: boolean, shown: Shown | null, noImageWhy: string | null, tokenTag: HTMLElement | null = null): HTMLElement {
+function figure(ctx: PageContext, layer: string, unit: number, list: List, kind: EntryKind, e: TopEntry, markPeak: boolean, images: boolean, shown: Shown | null, noImageWhy: string | null, tokenTag: HTMLElement | null = null, clipFrames: number | null = null): HTMLElement {
   const visual = images ? entryImage(ctx, layer, unit, list, kind, e, shown, noImageWhy) : noImage();
   const frame = h("div", { class: "frame" }, visual, tokenTag);
   if (markPeak && e.box && visual instanceof HTMLImageElement) {
@@ -295,8 +302,21 @@ function figure(ctx: PageContext, layer: string, unit: number, list: List, kind:
       h("span", { class: "value" }, fmt(e.value)),
       h("a", { href: ctx.href("sample", e.sample_id) }, `#${e.sample_id}`),
       e.class_name ? h("span", { class: "cls", title: `class ${e.class_name}` }, classWord(e.class_name)) : null,
+      clipCaption(e, clipFrames),
     ),
   );
+}
+
+/** Under a video model's entry: the frame its image is (numbered from 0) and the frames of
+ * the clip its peak sees ("frame 2 · sees frames 1–3 of 8"). */
+function clipCaption(e: TopEntry, clipFrames: number | null): HTMLElement | null {
+  if (e.frame == null) return null;
+  const of = clipFrames ? ` of ${clipFrames}` : "";
+  const seen = e.frames ? ` · sees frames ${e.frames[0]}–${e.frames[1] - 1}${of}` : of;
+  const title = e.frames
+    ? `the image is frame ${e.frame} of the clip (numbered from 0); the peak sees frames ${e.frames[0]} to ${e.frames[1] - 1}${of}, and the same box on each`
+    : `the image is frame ${e.frame} of the clip (numbered from 0), where the unit peaked`;
+  return h("span", { class: "frames", title }, `frame ${e.frame}${seen}`);
 }
 
 /** A class named by a number (the digits' "4") is written "class 4": beside the value and
@@ -339,7 +359,8 @@ function entryImage(ctx: PageContext, layer: string, unit: number, list: List, k
         : NOT_EXPORTED[kind];
     return h("div", { class: "no-img", "data-kind": kind, "data-why": why }, "not in this export");
   }
-  const sample = ctx.api.pngUrl(p("runs", ctx.run, "samples", e.sample_id, "image.png"));
+  // a clip's entry: the frame of its peak (its crop is cut from it, its box drawn on it)
+  const sample = ctx.api.pngUrl(list !== "relevance" && e.frame != null ? p("runs", ctx.run, "samples", e.sample_id, "frames", `${e.frame}.png`) : p("runs", ctx.run, "samples", e.sample_id, "image.png"));
   if (kind === "input") return h("img", { src: sample, alt, "data-kind": kind });
   if (kind === "crop" && list !== "relevance" && e.y !== null) {
     const canvas = cropCanvas(sample, e.box ?? null, alt);
@@ -385,11 +406,11 @@ function tiesText(list: List, max: number | null, relevance: number | null, k: n
   return `Every sample's ${what}: this list is ${k} tied samples, ranked by sample id alone, so it shows no images.`;
 }
 
-/** A layer of a video model (frames, rows, columns) without a receptive field: its crops
- * are the whole frame where a unit peaked. */
+/** A layer of a video model (frames, rows, columns): its entries are shown on the frame of
+ * their peak (without a receptive field, an older run's, whole). */
 function frameLayer(layer: { rf?: Record<string, unknown> | null; layout?: Record<string, unknown> | null }): boolean {
   const positions = layer.layout?.["positions"];
-  return !layer.rf && Array.isArray(positions) && positions.length === 3;
+  return Array.isArray(positions) && positions.length === 3;
 }
 
 /** A layer of tokens: positions map to patches (layout boxes), not to a receptive field. */

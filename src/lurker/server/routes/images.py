@@ -18,7 +18,7 @@ from ..deps import MODEL_MADE, entry, live_call, on_model, session
 from ..errors import ApiError
 from ..schemas import EntryPeaks
 from ..session import Session
-from ..state import RunEntry
+from ..state import RunEntry, entry_frames
 
 router = APIRouter(prefix="/api", tags=["images"])
 
@@ -96,6 +96,39 @@ def _sample_image(request: Request, run_id: str, sample_id: int) -> Response:
             f"{_cache_hint(s)}",
         )
     return png_response(s.sample_png(sid, path), request, e)
+
+
+@router.get(
+    "/runs/{run_id}/samples/{sample_id}/frames/{frame}.png",
+    response_class=Response,
+    responses=PNG,
+    summary="One frame of a video clip sample, as the model saw it",
+)
+def frame_image(
+    request: Request,
+    run_id: str,
+    sample_id: int = Path(ge=0, le=2**62),
+    frame: int = Path(ge=0, le=2**31),
+    v: str | None = VERSION,
+) -> Response:
+    return _frame_image(request, run_id, sample_id, frame)
+
+
+def _frame_image(request: Request, run_id: str, sample_id: int, frame: int) -> Response:
+    e = entry(request, run_id)
+    sid, path, _, _ = e.sample_row(sample_id)
+    s = session(request, e)
+    target = s.frame_file(sid, frame)
+    if target.is_file() and target.stat().st_size > 0:
+        return png_response(target, request, e)
+    reason = s.dataset_reason()
+    if reason is not None:
+        raise ApiError(
+            404,
+            f"frame {frame} of sample {sid} is not cached and cannot be made: {reason}. "
+            f"{_cache_hint(s)}",
+        )
+    return png_response(s.frame_png(sid, path, frame), request, e)
 
 
 @router.get(
@@ -214,6 +247,10 @@ def _unit_image(
     top = entries[rank]
     s = session(request, e)
     if kind == "input":
+        # a video model's layer: the frame of the peak (its box is drawn on it)
+        frame, _ = entry_frames(info, top.y, s.clip_frames())
+        if frame is not None:
+            return _frame_image(request, run_id, top.sample_id, frame)
         return _sample_image(request, run_id, top.sample_id)
     target = s.unit_file(kind, info.name, unit, which, rank)
     if target.is_file() and target.stat().st_size > 0:

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Path, Request
 
 from ..deps import entry
 from ..schemas import UnitDetail
-from ..state import is_constant, positions_per_sample
+from ..state import clip_frames, entry_frames, is_constant, positions_per_sample
 
 router = APIRouter(prefix="/api", tags=["units"])
 
@@ -31,8 +31,12 @@ def unit_detail(
     means = [item["value"] for item in doc["top"]["mean"]]
     positions = positions_per_sample(info)
     doc["constant"] = is_constant(found.mean, found.max, peaks, positions, means)
+    frames = clip_frames(e.open_run().meta.get("config") or {})
     for item in doc["top"]["max"] + doc["top"]["mean"]:  # the mean list's peaks: if stored
         item["box"] = _box(info, item["y"], item["x"], size)
+        item["frame"], item["frames"] = entry_frames(info, item["y"], frames)
+    if frames is not None:
+        doc["clip_frames"] = frames
     doc["prev"] = index - 1 if index > 0 else None
     doc["next"] = index + 1 if index + 1 < info.num_units else None
     doc["num_units"] = info.num_units
