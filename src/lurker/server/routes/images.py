@@ -82,20 +82,24 @@ def sample_image(
 
 
 def _sample_image(request: Request, run_id: str, sample_id: int) -> Response:
+    return _sample_png(request, run_id, sample_id, None)
+
+
+def _sample_png(request: Request, run_id: str, sample_id: int, frame: int | None) -> Response:
+    """A sample's image (``frame`` None) or one frame of a clip: from the cache, else made
+    from the dataset, else a 404 that says why it cannot be."""
     e = entry(request, run_id)
     sid, path, _, _ = e.sample_row(sample_id)
     s = session(request, e)
-    target = s.sample_file(sid)
+    target = s.sample_file(sid) if frame is None else s.frame_file(sid, frame)
     if target.is_file() and target.stat().st_size > 0:
         return png_response(target, request, e)
     reason = s.dataset_reason()
     if reason is not None:
-        raise ApiError(
-            404,
-            f"the image of sample {sid} is not cached and cannot be made: {reason}. "
-            f"{_cache_hint(s)}",
-        )
-    return png_response(s.sample_png(sid, path), request, e)
+        what = f"the image of sample {sid}" if frame is None else f"frame {frame} of sample {sid}"
+        raise ApiError(404, f"{what} is not cached and cannot be made: {reason}. {_cache_hint(s)}")
+    made = s.sample_png(sid, path) if frame is None else s.frame_png(sid, path, frame)
+    return png_response(made, request, e)
 
 
 @router.get(
@@ -115,20 +119,7 @@ def frame_image(
 
 
 def _frame_image(request: Request, run_id: str, sample_id: int, frame: int) -> Response:
-    e = entry(request, run_id)
-    sid, path, _, _ = e.sample_row(sample_id)
-    s = session(request, e)
-    target = s.frame_file(sid, frame)
-    if target.is_file() and target.stat().st_size > 0:
-        return png_response(target, request, e)
-    reason = s.dataset_reason()
-    if reason is not None:
-        raise ApiError(
-            404,
-            f"frame {frame} of sample {sid} is not cached and cannot be made: {reason}. "
-            f"{_cache_hint(s)}",
-        )
-    return png_response(s.frame_png(sid, path, frame), request, e)
+    return _sample_png(request, run_id, sample_id, frame)
 
 
 @router.get(
