@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..errors import LurkerError
 from ..graph.nodes import ITEMSIZE, ModuleInfo, Op, ParamRef, TensorMeta
 from ..ops import torch_funcs as _funcs
 
@@ -605,8 +606,8 @@ class _Core:
             node.activation = t.detach() if t.requires_grad else t
             if self.aliases is not None:
                 self.aliases.setdefault(t.untyped_storage().data_ptr(), []).append(idx)
-        else:
-            self._maybe_save(node, [t])
+        else:  # never a module's output (see _maybe_save): not kept for one
+            self._maybe_save(node, [t], provisional=False)
         return idx
 
     def _resolve(self, t: Tensor) -> tuple[int, Any]:
@@ -639,10 +640,13 @@ class _Core:
         return idx, 0
 
     # ------------------------------------------------------------------ saving
-    def _maybe_save(self, node: Op, outs: list[Tensor]) -> None:
+    def _maybe_save(self, node: Op, outs: list[Tensor], provisional: bool = True) -> None:
+        """Save ``node``'s outputs if save= wants them, or (``provisional``: an op, not a
+        parameter, buffer or constant, which a call's output never is) if they may be the
+        output of a module call save= wants."""
         if self.save.wants_op(node):
             self._store(node, outs)
-        elif self.saved_modules and not self.saved_modules.isdisjoint(self._paths):
+        elif provisional and self.saved_modules and not self.saved_modules.isdisjoint(self._paths):
             # inside a module whose output save= wants: keep it until we know whether
             # it is that output (see _build.drop_provisional)
             self._store(node, outs)
@@ -736,7 +740,9 @@ class _Core:
         for o in outs:
             s = o.detach()
             if self.transform is not None:
-                s = self.transform(s)
+                s = apply_transform(
+                    self.transform, s, f"the output of {node.name} (op {node.index})"
+                )
             elif self.device is None and self.aliases is not None:
                 ptr = o.untyped_storage().data_ptr()
                 self.aliases.setdefault(ptr, []).append(node.index)
@@ -753,7 +759,9 @@ class _Core:
                 return  # kept provisionally, and not a module output save= wants
             g = g.detach()
             if self.transform is not None:
-                g = self.transform(g)
+                g = apply_transform(
+                    self.transform, g, f"the gradient of {node.name} (op {node.index})"
+                )
             if self.device is not None:
                 g = g.to(self.device)
             if n == 1:
@@ -1309,6 +1317,35 @@ def _meta(t: Tensor) -> TensorMeta:
     except KeyError:
         device = _DEVICE_NAMES[t.device] = str(t.device)
     return _new_tuple(TensorMeta, (tuple(t.shape), dtype, device, t.requires_grad))
+
+
+class TransformFailed(LurkerError):
+    """``transform=`` raised on a saved value: the message names the op and its shape."""
+
+
+def apply_transform(transform: Callable[[Tensor], Any], t: Tensor, what: str) -> Any:
+    """``transform(t)`` as a value of its own.
+
+    A transform that returns ``t`` itself or a view of it (``t.flatten(1)``, ``t[:, :8]``)
+    would share storage with the model's tensor, which a later in-place op (resnet's
+    ``ReLU(inplace=True)`` after a batch norm) overwrites: such a result is copied, so the
+    saved value is the op's own. ``what`` names the value in the error if it raises."""
+    try:
+        out = transform(t)
+    except Exception as e:
+        raise TransformFailed(
+            f"transform= raised {type(e).__name__} on {what} of shape {tuple(t.shape)}: "
+            f"{str(e).strip()}. It runs on every saved activation (and gradient): save only "
+            "values it accepts (save= op labels or module paths), or make it accept this one."
+        ) from e
+    if isinstance(out, Tensor):
+        try:
+            shared = out.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
+        except (RuntimeError, NotImplementedError):  # no plain storage: a fresh value
+            shared = False
+        if shared:
+            out = out.clone()
+    return out
 
 
 # torch.dtype -> "float32", torch.device -> "cuda:0": the graph holds strings (it is

@@ -21,7 +21,7 @@ from . import _context, _hooks
 from ._hooks import Resolved
 from ._mode import OpMode, produced
 from ._policy import check_classes, check_patterns, make_policy
-from ._recorder import param_names
+from ._recorder import apply_transform, param_names
 from ._tree import call_tensors, paths, tensors
 
 if TYPE_CHECKING:
@@ -338,6 +338,7 @@ class _Keeper:
     def __init__(self, trace: Trace, args: tuple, kwargs: dict):
         self.values: dict[int, Any] = {}
         self.transform = trace._transform
+        self.labels = trace.ops  # (an op's label, for a transform's error)
         cached = trace.__dict__.get("_replay_keep")
         if cached is None:  # per trace: positions of calls that may write; the modules
             writes = frozenset(
@@ -366,10 +367,11 @@ class _Keeper:
     def keep(self, idx: int, value: Any) -> None:
         if self.transform is not None:
             transform = self.transform
+            what = f"the output of {self.labels[idx].label}"
             self.values[idx] = (
-                tuple(transform(t.detach()) for t in value)
+                tuple(apply_transform(transform, t.detach(), what) for t in value)
                 if isinstance(value, tuple)
-                else transform(value.detach())
+                else apply_transform(transform, value.detach(), what)
             )
             return
         if isinstance(value, tuple):
@@ -452,7 +454,9 @@ def replay(trace: Trace, args: tuple, kwargs: dict, save: Any, hooks: Resolved) 
         def keep(op: Op, value: Any) -> None:
             def one(t: Tensor) -> Tensor:
                 t = t.detach()
-                return transform(t) if transform is not None else t.clone()
+                if transform is None:
+                    return t.clone()
+                return apply_transform(transform, t, f"the output of {op.label}")
 
             values[op.index] = (
                 tuple(one(t) for t in value) if isinstance(value, tuple) else one(value)

@@ -28,7 +28,7 @@ from ._build import build
 from ._hooks import HookFn
 from ._memory import fmt_bytes, parse_max_memory
 from ._policy import check_classes, check_patterns, make_policy
-from ._recorder import Recorder
+from ._recorder import Recorder, TransformFailed
 from ._tree import map_tensors, paths
 
 
@@ -126,6 +126,8 @@ def trace(
                 partial = Trace._build(
                     rec, None, inputs_copy, rng, perf_counter() - t0, complete=False
                 )
+                if isinstance(e, TransformFailed):  # the caller's transform, not the model
+                    raise TraceError(str(e), partial=partial) from e.__cause__
                 raise _trace_error(model, e, partial, rec, (args, kwargs)) from e
             # past max_memory: raised below, out of this block, so that the error does
             # not chain the model's frames (and the tensors they hold)
