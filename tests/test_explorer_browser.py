@@ -481,6 +481,7 @@ def test_live_upload_maps_and_kernel(page: Any, explorer: dict[str, Any]) -> Non
     finally:
         hook.remove()
     top5 = [str(int(c)) for c in logits[0].argsort(descending=True)[:5]]
+    page.wait_for_selector(".live-result .preds li")  # (the page may still be redrawing)
     assert [t.split()[0] for t in page.locator(".live-result .preds li").all_inner_texts()] == top5
 
     for side, channel in (("output", 3), ("input", 7)):

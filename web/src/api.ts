@@ -13,6 +13,9 @@ export interface LayerBrief {
   num_units: number;
   shape: number[];
   op_index: number | null;
+  /** What each unit is of its class where the units are the model's output classes
+   * ("score", "probability", "log-probability"); null for any other layer. */
+  class_value?: string | null;
 }
 
 export interface RunSummary {
@@ -107,6 +110,8 @@ export interface LayerDoc {
   layout: Record<string, unknown> | null;
   histogram: Histogram;
   units: { unit: number; mean: number | null; max: number | null; top_max: number | null; top_mean: number | null; top_max_peak?: number[] | null }[];
+  /** Unit i's class name where the units are the model's output classes, else null. */
+  class_names?: string[] | null;
 }
 
 export interface TopEntry {
@@ -159,6 +164,8 @@ export interface UnitDoc {
   prev: number | null;
   next: number | null;
   num_units: number;
+  /** The class the unit stands for, where its layer is the model's output classes. */
+  output_class?: { class: number; name: string; value: string } | null;
 }
 
 export interface SampleBrief {
@@ -251,6 +258,8 @@ export interface ExplainedIndex {
 }
 
 export interface LiveImage {
+  /** The uploaded file's name; null for a dataset sample or a nameless upload. */
+  name?: string | null;
   image: string;
   predictions: Prediction[];
   width?: number;

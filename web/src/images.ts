@@ -51,3 +51,12 @@ export function patchless(layer: { rf?: Record<string, unknown> | null; layout?:
   const name = token === 0 ? "class token" : `token ${token}`;
   return h("span", { class: "token-tag", title: `the peak is at token ${token}, which stands for no patch of the image (${token === 0 ? "the class token" : "a token the model adds"}): no box to draw, and the image shown is the whole image` }, name);
 }
+
+/** What the Live and Explain pages call an image: an upload by its file's name (its id,
+ * a content hash, only where the server does not know the name), `sample-N` as
+ * "sample N". */
+export function imageTitle(image: string, name: string | null | undefined): string {
+  if (name) return name;
+  const sample = /^sample-(\d+)$/.exec(image);
+  return sample ? `sample ${sample[1]}` : image;
+}

@@ -56,3 +56,57 @@ def class_names(run: Any, outputs: int | None = None) -> list[str]:
 def name_of(names: list[str], c: int) -> str:
     """Output ``c``'s name: its class name, else its index."""
     return names[c] if 0 <= c < len(names) else str(c)
+
+
+#: Ops between the class scores and the model's output that give one value per class of
+#: another kind: the units of such an op are still the classes, in those words.
+_PER_CLASS = {"softmax": "probability", "log_softmax": "log-probability", "sigmoid": "probability"}
+#: Ops that pass each class's value through as it is (what their input is, they are).
+_SAME = {"dropout", "clone", "contiguous", "float", "to", "identity", "detach"}
+
+
+def class_units(run: Any) -> dict[str, str]:
+    """The ops whose units are the model's output classes, by op label, each to what its
+    units are of their class: ``"score"`` (the logits), ``"probability"``,
+    ``"log-probability"``; ``{}`` when the outputs are not the dataset's classes.
+
+    Read from the graph backwards from the model's first output: the op that made it, and
+    through a softmax, log-softmax or sigmoid (or an op that passes values through) the op
+    before it, so a head's ``Linear`` is the class scores whether or not the model ends in
+    a softmax. Every op on that chain keeps the output's ``(batch, classes)`` shape; any
+    other op (a hidden layer as wide as the class count) is not named: its unit ``i`` has
+    nothing to do with class ``i``.
+    """
+    if not class_names(run):
+        return {}
+    graph = run.graph  # (class_names found the graph)
+    out = graph.outputs[0]
+    shape = tuple(out.outputs[0].shape)
+    chain = []
+    parents = _tensor_parents(out)
+    while len(parents) == 1:
+        op = graph.ops[parents[0]]
+        if op.kind not in ("op", "generated") or not op.outputs:
+            break
+        if tuple(op.outputs[0].shape) != shape:
+            break
+        chain.append(op)
+        if op.name not in _PER_CLASS and op.name not in _SAME:
+            break  # the scores themselves: a linear, a matmul, an add of a bias
+        parents = _tensor_parents(op)
+    found: dict[str, str] = {}
+    what: str | None = None
+    for op in reversed(chain):  # from the scores up to the output
+        if op.name in _PER_CLASS:
+            what = _PER_CLASS[op.name]
+        elif op.name not in _SAME or what is None:
+            what = "score"
+        found[op.label] = what
+    return found
+
+
+def _tensor_parents(op: Any) -> list[int]:
+    """The distinct ops whose tensors ``op`` reads (its arguments, not its parameters)."""
+    from lurker.graph.nodes import OpRef, refs
+
+    return list(dict.fromkeys(r.index for r in refs(op) if isinstance(r, OpRef)))

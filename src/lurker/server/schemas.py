@@ -119,6 +119,10 @@ class LayerBrief(BaseModel):
     num_units: int
     shape: list[int]
     op_index: int | None = None
+    #: What each unit is of its class where the layer's units are the model's output
+    #: classes (``"score"``, ``"probability"``, ``"log-probability"``: see
+    #: ``lurker.server.classes.class_units``); null for any other layer.
+    class_value: str | None = None
 
 
 class RunSummary(BaseModel):
@@ -216,6 +220,9 @@ class LayerDetail(BaseModel):
     featviz_directions: list[DirectionBrief] | None = None
     #: How many of its units are constant on the dataset (``units[i].constant``).
     constant_units: int = 0
+    #: Unit ``i``'s class name, where the units are the model's output classes
+    #: (``layer.class_value`` says what of it); null for any other layer.
+    class_names: list[str] | None = None
 
 
 class UnitLayer(BaseModel):
@@ -307,6 +314,19 @@ class FeatVizInfo(BaseModel):
     views: list[FeatVizView] = []
 
 
+class OutputClass(BaseModel):
+    """The class a unit of the model's output layer stands for."""
+
+    #: class index (the unit's index)
+    class_: int = Field(alias="class", serialization_alias="class")
+    #: the dataset's class name
+    name: str
+    #: what the unit is of the class: "score" (logit), "probability", "log-probability"
+    value: str
+
+    model_config = {"populate_by_name": True}
+
+
 class UnitDetail(BaseModel):
     layer: UnitLayer
     unit: int
@@ -320,6 +340,9 @@ class UnitDetail(BaseModel):
     num_units: int
     #: null when the run holds no feature visualization of this unit
     featviz: FeatVizInfo | None = None
+    #: The class the unit stands for where its layer's units are the model's output
+    #: classes (``lurker.server.classes.class_units``); null for any other unit.
+    output_class: OutputClass | None = None
     #: The unit holds its ``max`` on every sample at every position: its max and mean
     #: lists are ties (ranked by sample id alone), its class means all that value.
     constant: bool = False
@@ -406,6 +429,9 @@ class SampleDetail(BaseModel):
 
 class LiveImage(BaseModel):
     image: str
+    #: The uploaded file's name (the pages' title for it); null for a dataset sample or
+    #: an upload sent without one.
+    name: str | None = None
     predictions: list[Prediction]
     width: int
     height: int

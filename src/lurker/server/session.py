@@ -140,6 +140,8 @@ class Session:
         self._images: OrderedDict[str, torch.Tensor] = OrderedDict()
         # an upload's note on how it was prepared (its transparency dropped), by image id
         self._upload_notes: dict[str, str] = {}
+        # an upload's file name, by image id (the pages title it so, not by its hash)
+        self._upload_names: dict[str, str] = {}
         self._maps: OrderedDict[tuple[str, int], tuple[Any, Any]] = OrderedDict()
         self._map_bytes = 0
         self._executor = _model_thread()  # its thread starts on the first submit
@@ -473,12 +475,15 @@ class Session:
         s = torch.tensor(std, dtype=t.dtype).reshape(-1, 1, 1)
         return (t - m) / s
 
-    def add_upload(self, data: bytes, image: Image.Image) -> str:
-        """Keep an uploaded image; its id is the sha256 prefix of the file."""
+    def add_upload(self, data: bytes, image: Image.Image, name: str | None = None) -> str:
+        """Keep an uploaded image; its id is the sha256 prefix of the file. ``name``: the
+        file's name as uploaded (the same file uploaded again under another name takes it)."""
         image_id = hashlib.sha256(data).hexdigest()[:16]
         with self._guard:
             if image_id in self._images:
                 self._images.move_to_end(image_id)
+                if name:
+                    self._upload_names[image_id] = name
                 return image_id
         from lurker.probe import data as pdata
 
@@ -493,12 +498,19 @@ class Session:
             ) from None
         with self._guard:
             self._images[image_id] = t
+            if name:
+                self._upload_names[image_id] = name
             if note is not None:
                 self._upload_notes[image_id] = note
             while len(self._images) > LIVE_IMAGES:
                 old, _ = self._images.popitem(last=False)
                 self._drop_maps(old)
         return image_id
+
+    def upload_name(self, image_id: str) -> str | None:
+        """The uploaded file's name (its base name, as the browser sent it), or None."""
+        with self._guard:
+            return self._upload_names.get(image_id)
 
     def upload_note(self, image_id: str) -> str | None:
         """How an uploaded image was changed to prepare it (its transparency dropped), or
@@ -633,6 +645,7 @@ class Session:
 
     def _drop_maps(self, image_id: str) -> None:
         self._upload_notes.pop(image_id, None)
+        self._upload_names.pop(image_id, None)
         for key in [k for k in self._maps if k[0] == image_id]:
             old = self._maps.pop(key)
             self._map_bytes -= sum(m.maps.numel() * 4 for m in old if m is not None)

@@ -231,6 +231,14 @@ class GraphPage {
   private extent: [number, number, number, number] = [0, 0, 100, 100];
   private repaint = 0;
   private byLabel = new Map<string, number>();
+  /** The keyboard's item (roving focus: the SVG is one tab stop, the arrow keys move this
+   * through the drawn modules and probed layers in execution order, so a 5,000-node graph
+   * puts no tabindex on thousands of elements), and that order, made once per draw. */
+  private kb: ItemKey | null = null;
+  private kbOrder: ItemKey[] | null = null;
+  private kbSay!: HTMLSpanElement;
+  /** The keyboard is in use in the graph (a click or drag there hides the ring). */
+  private kbOn = false;
 
   constructor(
     private page: HTMLElement,
@@ -383,6 +391,30 @@ class GraphPage {
     select(this.svg).call(this.zoomer).on("dblclick.zoom", null);
 
     this.svg.addEventListener("click", (ev) => this.onClick(ev));
+    this.svg.setAttribute("tabindex", "0");
+    this.svg.setAttribute("role", "application");
+    this.svg.setAttribute(
+      "aria-label",
+      `Graph of ${d.model}: arrow keys go through its modules and probed layers in execution order, Enter opens or closes a module or opens a probed layer's units`,
+    );
+    this.kbSay = el("span", "visually-hidden");
+    this.kbSay.setAttribute("aria-live", "polite");
+    canvas.append(this.kbSay);
+    this.svg.addEventListener("keydown", (ev) => this.onKey(ev));
+    this.svg.addEventListener("pointerdown", () => {
+      this.kbOn = false;
+      this.kbMark();
+    });
+    this.svg.addEventListener("focus", () => {
+      if (!this.svg.matches(":focus-visible")) return; // focused by a click: no ring, no pan
+      this.kbOn = true;
+      if (this.kb === null || !this.rects.has(this.kb)) this.kb = this.kbList()[0] ?? null;
+      this.kbShow(true);
+    });
+    this.svg.addEventListener("blur", () => {
+      this.kbMark();
+      this.tip.hidden = true;
+    });
     this.svg.addEventListener("mouseover", (ev) => this.onHover(ev));
     this.svg.addEventListener("mousemove", (ev) => this.moveTip(ev));
     this.svg.addEventListener("mouseleave", () => (this.tip.hidden = true));
@@ -417,6 +449,7 @@ class GraphPage {
     const items: Piece[] = [];
     const edges: Piece[] = [];
     this.rects.clear();
+    this.kbOrder = null;
     const hits = this.hitKeys();
     this.drawGroup(0, 0, 0, items, hits);
     this.drawEdges(edges);
@@ -466,6 +499,7 @@ class GraphPage {
     this.viewport.innerHTML = `<g class="edges">${html(edges)}</g>${html(items)}`;
     this.page.dataset.items = String(n);
     this.page.dataset.drawn = String(this.viewport.querySelectorAll(".nd,.box").length);
+    this.kbMark();
   }
 
   /** After a pan or zoom, paints again (once a frame) when the view has left what is in
@@ -851,6 +885,85 @@ class GraphPage {
     select(this.svg).call(this.zoomer.transform, zoomIdentity.translate(W / 2 - r[0] * k, H / 2 - r[1] * k).scale(k));
   }
 
+  // ------------------------------------------------------------------ keyboard
+  /** What the keyboard reaches, in execution order: every drawn module (a closed box, or
+   * an open frame, whose title Enter closes) and every probed layer's op (a link to its
+   * units); a module comes before the items inside it. */
+  private kbList(): ItemKey[] {
+    if (this.kbOrder) return this.kbOrder;
+    const keys: [ItemKey, number, number][] = [];
+    for (const key of this.rects.keys()) {
+      const i = Number(key.slice(1));
+      if (key[0] === "g") {
+        if (i !== 0) keys.push([key, this.st.first.get(key) ?? 0, this.st.depth[i] ?? 0]);
+      } else if (this.doc.nodes[i].L) keys.push([key, i, Infinity]);
+    }
+    keys.sort((a, b) => a[1] - b[1] || a[2] - b[2]);
+    return (this.kbOrder = keys.map((k) => k[0]));
+  }
+
+  private onKey(ev: KeyboardEvent): void {
+    if (ev.altKey || ev.ctrlKey || ev.metaKey) return;
+    const list = this.kbList();
+    if (!list.length) return;
+    let at = this.kb === null ? -1 : list.indexOf(this.kb);
+    if (ev.key === "ArrowDown" || ev.key === "ArrowRight") at = Math.min(list.length - 1, at + 1);
+    else if (ev.key === "ArrowUp" || ev.key === "ArrowLeft") at = Math.max(0, at - 1);
+    else if (ev.key === "Home") at = 0;
+    else if (ev.key === "End") at = list.length - 1;
+    else if (ev.key === "Enter" || ev.key === " ") {
+      ev.preventDefault();
+      if (at >= 0 && this.kbOn) return this.kbActivate(list[at]);
+      this.kb = list[Math.max(0, at)]; // first show where the keyboard is
+      this.kbOn = true;
+      this.kbShow(true);
+      return;
+    } else return;
+    ev.preventDefault();
+    this.kb = list[Math.max(0, at)];
+    this.kbOn = true;
+    this.kbShow(true);
+  }
+
+  /** Enter: what a click does; a group stays the keyboard's item once opened or closed. */
+  private kbActivate(key: ItemKey): void {
+    const i = Number(key.slice(1));
+    if (key[0] === "n") return void this.ctx.navigate(this.ctx.href("layer", this.doc.nodes[i].L!));
+    const done = this.expanded.has(i) ? this.collapseNow(i) : this.expand(i);
+    done.then(() => this.kbShow(true));
+  }
+
+  /** Marks the keyboard's item (while the graph has focus) and, with `scroll`, pans the
+   * view to it when it is not wholly in view; says what it is for a screen reader. */
+  private kbShow(scroll: boolean): void {
+    const key = this.kb;
+    if (key === null) return;
+    const r = this.rects.get(key);
+    if (scroll && r) {
+      const [x0, y0, x1, y1] = this.visibleBox();
+      const inside = r[0] - r[2] / 2 >= x0 && r[0] + r[2] / 2 <= x1 && r[1] - r[3] / 2 >= y0 && r[1] + Math.min(r[3], 40) / 2 <= y1;
+      if (!inside) {
+        const k = Math.max(0.85, zoomTransform(this.svg).k);
+        const W = this.svg.clientWidth || 800;
+        const H = this.svg.clientHeight || 600;
+        // an open frame: its title in view, near the top; else the item centred
+        const y = key[0] === "g" && this.expanded.has(Number(key.slice(1))) ? 40 - (r[1] - r[3] / 2) * k : H / 2 - r[1] * k;
+        select(this.svg).call(this.zoomer.transform, zoomIdentity.translate(W / 2 - r[0] * k, y).scale(k));
+      }
+    }
+    this.kbMark();
+    const text = this.tipHtml(key).replace(/<br>/g, " \u00b7 ").replace(/<[^>]+>/g, "");
+    this.kbSay.textContent = text;
+    this.page.dataset.kb = key;
+  }
+
+  /** Puts the focus ring on the keyboard's item, if it is painted and the graph has focus. */
+  private kbMark(): void {
+    for (const old of this.viewport.querySelectorAll(".kb")) old.classList.remove("kb");
+    if (this.kb === null || !this.kbOn || document.activeElement !== this.svg) return;
+    this.viewport.querySelector(`[data-k="${this.kb}"]`)?.classList.add("kb");
+  }
+
   // ------------------------------------------------------------------ interaction
   private keyAt(ev: Event): { key: ItemKey; title: boolean } | null {
     const t = (ev.target as Element | null)?.closest?.("[data-k]");
@@ -892,10 +1005,14 @@ class GraphPage {
   }
 
   private collapse(g: number): void {
+    this.collapseNow(g);
+  }
+
+  private collapseNow(g: number): Promise<void> {
     this.expanded.delete(g);
     // closing a group closes what was open inside it, so reopening starts tidy
     for (const c of [...this.expanded]) if (this.st.chainOfGroup(c).includes(g)) this.expanded.delete(c);
-    this.relayout();
+    return this.relayout();
   }
 
   private onHover(ev: MouseEvent): void {

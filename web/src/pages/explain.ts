@@ -16,6 +16,7 @@
 import { ApiError, p, type LiveImage, type RunSummary } from "../api";
 import type { PageContext } from "../context";
 import { append, fill, fmt, h, notice, withCode } from "../dom";
+import { imageTitle } from "../images";
 import { imagePicker } from "../picker";
 
 const PICKER = { id: "explain", title: "Image to explain", action: "Explain sample" };
@@ -220,7 +221,7 @@ export async function renderExplain(root: HTMLElement, ctx: PageContext): Promis
   const imageCard = h(
     "section",
     { class: "card explain-image" },
-    h("h3", null, "Image ", h("span", { class: "muted" }, image)),
+    h("h3", null, "Image ", h("span", { class: "muted image-name", id: "image-name", title: live.name ? `upload ${image}` : null }, imageTitle(image, live.name))),
     h(
       "div",
       { class: "live-result" },

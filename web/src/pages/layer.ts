@@ -33,6 +33,10 @@ export async function renderLayer(root: HTMLElement, ctx: PageContext, args: str
         ? "feature visualizations: neuron objective (the unit at one position of its map); this layer has no channel-objective images"
         : `feature visualizations: channel objective; neuron objective (the unit at one position of its map) for the ${fmt(fvCount("neuron"))} unit${fvCount("neuron") === 1 ? "" : "s"} with no channel image, marked "neuron"`;
   const l = doc.layer;
+  // the model's output layer: unit i is class i's score (the server checks that the
+  // units are the dataset's classes; any other layer gets no names)
+  const classNames = l.class_value && doc.class_names?.length === l.num_units ? doc.class_names : null;
+  const className = (u: number): string | null => classNames?.[u] ?? null;
   // one value per unit and sample (a Linear's (N, units)): no positions, no crop (it
   // would be the whole image)
   const positions = positionCount({ shape: l.shape, layout: doc.layout });
@@ -113,6 +117,7 @@ export async function renderLayer(root: HTMLElement, ctx: PageContext, args: str
         { class: u.constant ? "unit-card constant" : "unit-card", role: "listitem", href: ctx.href("unit", name, u.unit), "data-unit": u.unit, "data-constant": u.constant ? "1" : null },
         thumbnail(u.unit, u.top_max, u.constant ? u.max ?? 0 : null, u.top_max_peak ?? null),
         h("span", { class: "unit-id" }, `unit ${u.unit}`),
+        className(u.unit) === null ? null : h("span", { class: "unit-class", title: `the ${l.class_value} of class '${className(u.unit)}'` }, `class '${className(u.unit)}'`),
         h("span", { class: "unit-stats", title: statsText }, h("span", null, `max ${fmt(u.max)}`), h("span", null, `mean ${fmt(u.mean)}`)),
       );
       cards.set(u.unit, el);
@@ -191,6 +196,7 @@ export async function renderLayer(root: HTMLElement, ctx: PageContext, args: str
           ["op", l.op ? h("a", { href: ctx.href("graph") + "?focus=" + encodeURIComponent(l.op) }, l.op) : "–"],
           ["output shape", shape(l.shape)],
           ["units", fmt(l.num_units)],
+          ...(classNames ? [["units are", h("span", { id: "class-units" }, `the model's output: the ${l.class_value === "score" ? "score (logit)" : l.class_value} of each class, unit i for class i`)] as [string, Node]] : []),
           ["constant units", h("span", { id: "constant-count" }, constantCount ? `${fmt(constantCount)} of ${fmt(l.num_units)}${silent === constantCount ? ` (0 everywhere${/relu/i.test(l.kind ?? "") ? ": never fire" : ""})` : ""}` : "none")],
           ["receptive field", rfText(doc.rf)],
         ]),

@@ -13,6 +13,7 @@ import { scaleLinear } from "d3-scale";
 import { create } from "d3-selection";
 import { barChart } from "../charts";
 import { append, fill, fmt, h, notice, shape } from "../dom";
+import { imageTitle } from "../images";
 import { imagePicker } from "../picker";
 
 interface ViewNode {
@@ -88,6 +89,7 @@ export async function renderLive(root: HTMLElement, ctx: PageContext): Promise<v
       h(
         "div",
         null,
+        h("p", { class: "image-name", id: "image-name", title: live.name ? `upload ${image}` : null }, imageTitle(image, live.name)),
         !live.predictions.length && live.predictions_note ? h("p", { class: "muted small", id: "no-predictions" }, `No top-5: ${live.predictions_note}.`) : null,
         live.input_note ? h("p", { class: "notice info small", id: "input-note", role: "status" }, `As the model sees it: ${live.input_note}.`) : null,
         // what the five rows are: a bare "7  99.6%" under a photo reads as anything

@@ -238,6 +238,7 @@ export async function renderUnit(root: HTMLElement, ctx: PageContext, args: stri
       "div",
       { class: "unit-head" },
       h("h1", null, `${layer} · unit ${unit}`, h("span", { class: "sub" }, ` of ${doc.num_units}`)),
+      doc.output_class ? h("p", { class: "output-class", id: "output-class" }, classMeaning(unit, doc.output_class)) : null,
       h(
         "div",
         { class: "unit-nav" },
@@ -321,6 +322,13 @@ function clipCaption(e: TopEntry, clipFrames: number | null): HTMLElement | null
 
 /** A class named by a number (the digits' "4") is written "class 4": beside the value and
  * the sample's "#366" a bare "4" reads as a third number. */
+/** What a unit of the model's output layer is: "unit 4 — the score of class '4'" (the
+ * logit of that class; a softmax after it gives its probability). */
+export function classMeaning(unit: number, c: { name: string; value: string }): string {
+  const what = c.value === "score" ? "score (logit)" : c.value;
+  return `unit ${unit} — the ${what} of class '${c.name}': this layer is the model's output, one unit per class`;
+}
+
 export function classWord(name: string): string {
   return /^\d+$/.test(name) ? `class ${name}` : name;
 }

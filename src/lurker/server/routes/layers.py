@@ -9,6 +9,7 @@ from fastapi import APIRouter, Request
 
 from lurker.store.featviz import direction_featviz, featviz_units
 
+from ..classes import class_names, class_units
 from ..deps import entry
 from ..schemas import DirectionBrief, Histogram, LayerDetail, UnitBrief, UnitWeight
 from .runs import layer_brief
@@ -30,8 +31,9 @@ def layer_detail(request: Request, run_id: str, layer: str) -> LayerDetail:
     info = e.layer(layer)
     rows, counts = e.layer_rows(info)
     edges = e.open_run()._edges(info)
+    value = class_units(e.open_run()).get(info.op or "")
     return LayerDetail(
-        layer=layer_brief(info),
+        layer=layer_brief(info, value),
         rf=info.rf,
         layout=info.layout,
         histogram=Histogram(
@@ -54,6 +56,7 @@ def layer_detail(request: Request, run_id: str, layer: str) -> LayerDetail:
         featviz_objectives=_featviz_objectives(e.open_run(), info.name),
         featviz_directions=_directions(e.open_run(), info.name),
         constant_units=sum(1 for row in rows if row[5]),
+        class_names=class_names(e.open_run()) if value else None,
     )
 
 

@@ -97,10 +97,12 @@ async def upload(request: Request, run_id: str, file: Annotated[UploadFile, File
 
     def work(s: Session) -> LiveImage:
         image = _decode(data, name)
-        image_id = s.add_upload(data, image)
+        # a browser sends the base name; a client may send a path: keep its last part
+        image_id = s.add_upload(data, image, re.split(r"[\\/]", name)[-1] if name else None)
         x = s.live_input(image_id)
         return LiveImage(
             image=image_id,
+            name=s.upload_name(image_id),
             predictions=(preds := s.predictions(x)),
             predictions_note=None if preds else no_scores(s.entry.open_run()),
             width=image.width,  # type: ignore[attr-defined]
@@ -154,6 +156,7 @@ async def predictions(request: Request, run_id: str, image: str) -> LiveImage:
         x = s.live_input(_image_id(s, image))
         return LiveImage(
             image=image,
+            name=s.upload_name(image),
             predictions=(preds := s.predictions(x)),
             predictions_note=None if preds else no_scores(s.entry.open_run()),
             width=int(x.shape[-1]),

@@ -6,6 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
+from ..classes import class_units
 from ..deps import entry, registry, session
 from ..explained import explained_samples
 from ..schemas import (
@@ -29,7 +30,9 @@ router = APIRouter(prefix="/api", tags=["runs"])
 SKIPPED_LISTED = 100
 
 
-def layer_brief(info: Any) -> LayerBrief:
+def layer_brief(info: Any, class_value: str | None = None) -> LayerBrief:
+    """A layer's summary; ``class_value``: what its units are of the output classes
+    (``class_units``), where they are."""
     return LayerBrief(
         name=info.name,
         module=info.module,
@@ -38,6 +41,7 @@ def layer_brief(info: Any) -> LayerBrief:
         num_units=info.num_units,
         shape=list(info.shape),
         op_index=info._op_index,
+        class_value=class_value,
     )
 
 
@@ -108,6 +112,7 @@ def summarize(request: Request, e: RunEntry) -> RunSummary:
     dataset_reason = s.dataset_reason()
     skipped = run._query("SELECT path, reason FROM skipped ORDER BY id LIMIT ?", (SKIPPED_LISTED,))
     skipped_count = run._query("SELECT count(*) FROM skipped")[0][0]
+    scores = class_units(run)
     return RunSummary(
         id=e.id,
         model=ModelInfo(
@@ -152,7 +157,7 @@ def summarize(request: Request, e: RunEntry) -> RunSummary:
             explained=len(explained_samples(e.path)),
         ),
         missing=e.missing(),
-        layers=[layer_brief(info) for info in run.layers],
+        layers=[layer_brief(info, scores.get(info.op or "")) for info in run.layers],
         images_version=e.images_version,
         generation=e.generation,
         additions=additions,

@@ -6,6 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter, Path, Request
 
+from ..classes import class_names, class_units
 from ..deps import entry
 from ..schemas import UnitDetail
 from ..state import clip_frames, entry_frames, is_constant, positions_per_sample
@@ -41,7 +42,17 @@ def unit_detail(
     doc["next"] = index + 1 if index + 1 < info.num_units else None
     doc["num_units"] = info.num_units
     doc["featviz"] = _featviz(e.open_run(), info.name, index, doc)
+    doc["output_class"] = _output_class(e.open_run(), info, index)
     return UnitDetail.model_validate(doc)
+
+
+def _output_class(run: Any, info: Any, unit: int) -> dict[str, Any] | None:
+    """The class the unit stands for, where its layer is the model's output classes."""
+    value = class_units(run).get(info.op or "")
+    names = class_names(run)
+    if value is None or not 0 <= unit < len(names):
+        return None
+    return {"class": unit, "name": names[unit], "value": value}
 
 
 def _featviz(run: Any, layer: str, unit: int, doc: dict[str, Any]) -> dict[str, Any] | None:
