@@ -927,3 +927,32 @@ def test_attention_projection_conv_is_not_a_default_layer(tmp_path: Path):
     run, ds = _probe(model, tmp_path, layers=["attn.qkv"])
     _check(run, "attn.qkv", _brute(model, ds, {"attn.qkv": lambda o: o})["attn.qkv"], _labels())
     assert run.layer("attn.qkv").layout["unit"] == 1
+
+
+def test_a_softmax_gate_in_a_cnn_keeps_its_cnn_default_layers():
+    """A mixture of experts after a CNN: a softmax whose output weighs the experts'
+    activations (einsum) is a gate, not attention; the model keeps its CNN defaults (the
+    convolutions, their ReLUs, the router and the experts), as it had before factorized
+    attention (CoaT) was recognised."""
+
+    class MoE(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Sequential(
+                nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 16, 3), nn.ReLU(),
+                nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            )  # fmt: skip
+            self.router = nn.Linear(16, 4)
+            self.experts = nn.ModuleList(nn.Linear(16, 10) for _ in range(4))
+
+        def forward(self, x):
+            h = self.stem(x)
+            g = torch.softmax(self.router(h), -1)
+            e = torch.stack([f(h) for f in self.experts], 1)
+            return torch.einsum("be,bec->bc", g, e)
+
+    torch.manual_seed(0)
+    tr = lurker.trace(MoE().eval(), torch.randn(2, 3, 16, 16))
+    names = [layer.name for layer in select_layers(tr)]
+    assert {"stem.0", "stem.1", "stem.2", "stem.3", "router"} <= set(names), names
+    assert {f"experts.{i}" for i in range(4)} <= set(names), names

@@ -97,7 +97,11 @@ def _module_type(op: Op, trace: Trace) -> str | None:
 
 
 def _is_transformer(trace: Trace) -> bool:
-    """Attention anywhere: a fused attention op, or a softmax over a product of tensors."""
+    """Attention anywhere: a fused attention op, a softmax over a product of tensors, or
+    (factorized attention) a softmax inside a repeated block whose output weighs another
+    activation; a softmax that weighs activations outside repeated blocks is a gate (a
+    mixture of experts in a CNN), which does not make the model a transformer."""
+    blocks: set[str] | None = None
     for op in trace.ops:
         if op.name in ATTENTION:
             return True
@@ -109,7 +113,9 @@ def _is_transformer(trace: Trace) -> bool:
                     return True
                 todo.extend(parent.parents[:1])
                 seen += 1
-            if _weights_activations(trace, op):
+            if blocks is None:
+                blocks = _blocks(trace)
+            if any(p in blocks for p, _ in op.modules) and _weights_activations(trace, op):
                 return True
     return False
 
