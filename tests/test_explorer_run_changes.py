@@ -392,3 +392,52 @@ def test_map_under_an_open_map_page_says_it_lacks_it(browser: Any, served: dict)
     # the page without a map asked for it once: the 404 that says to make one
     assert [e for e in errors if "/api/runs/d/map" not in e and "404" not in e] == []
     assert sum("/api/runs/d/map" in e for e in errors) == 1
+
+
+_PIXELS = """async () => { const i = document.querySelector('.frame img[src*=featviz]'); await i.decode();
+ const c = document.createElement('canvas'); c.width = i.naturalWidth; c.height = i.naturalHeight;
+ const x = c.getContext('2d'); x.drawImage(i, 0, 0);
+ return Array.from(x.getImageData(0, 0, c.width, c.height).data); }"""
+
+
+def test_featviz_made_again_shows_the_new_images_not_the_browsers_copy(
+    browser: Any, served: dict
+) -> None:
+    """``lurker featviz`` remaking a unit's images (other steps, seed) writes them under the
+    same path: after "Show the new results" the page must show the new pictures (oracle:
+    the store's PNG, decoded), not the browser's copy of the old ones beside new values."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    import lurker
+    from lurker.store import Run
+    from lurker.store.featviz import featviz_png
+
+    layer = "features.8"
+
+    def stored() -> list[int]:
+        with Run.open(served["out"]) as r:
+            png = featviz_png(r, layer, 2, 0, "channel")
+        return np.asarray(Image.open(io.BytesIO(png)).convert("RGBA")).ravel().tolist()
+
+    lurker.featviz(served["model"], layer, units=[2], steps=4).save(served["out"])
+    with strict_page(browser) as pg:
+        pg.goto(served["url"] + f"#/r/d/unit/{layer}/2?tab=featviz")
+        pg.wait_for_selector(".frame img[src*=featviz]")
+        before = pg.evaluate(_PIXELS)
+        assert before == stored()
+        lurker.featviz(served["model"], layer, units=[2], steps=40, seed=7).save(served["out"])
+        after = stored()
+        assert after != before
+        _looked_at(pg)
+        pg.wait_for_selector(".run-changed[data-state=stale]")
+        pg.click("text=Show the new results")
+        pg.wait_for_function(
+            "() => !document.querySelector('.run-changed') || "
+            "getComputedStyle(document.querySelector('.run-changed')).display === 'none' || "
+            "document.querySelector('.run-changed').hidden"
+        )
+        pg.wait_for_selector(".frame img[src*=featviz]")
+        assert pg.evaluate(_PIXELS) == after

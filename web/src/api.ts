@@ -332,6 +332,8 @@ export function staticSegment(s: string): string {
 
 /** The run's images that change only when it is probed again: a sample's image and a
  * top-k entry's images (not feature visualizations, which `lurker featviz` rewrites). */
+/** A feature visualization's image (a unit's, or a direction's of the layer). */
+const FEATVIZ_IMAGE = /^\/runs\/([^/]+)\/layers\/[^/]+\/(?:units\/\d+\/)?featviz\//;
 const RUN_IMAGE = /^\/runs\/([^/]+)\/(?:samples\/[^/]+\/image|layers\/[^/]+\/units\/\d+\/(?:max|mean)\/\d+\/[a-z_]+)\.png$/;
 
 /** Join segments into an API path, each one URL-encoded: `p("runs", id)` -> `/runs/ID`. */
@@ -378,6 +380,13 @@ export class Api {
    * has another token, so never a stale picture. */
   pngUrl(path: string): string {
     if (this.isStatic) return this.staticPath(path);
+    const f = FEATVIZ_IMAGE.exec(path);
+    if (f) {
+      // `lurker featviz` rewrites these files under the same path: the run's featviz token
+      // makes each write's images new URLs, never the browser's copy of the old ones
+      const token = this.additions.get(decodeURIComponent(f[1]))?.featviz;
+      return "api" + path + (token ? "?f=" + encodeURIComponent(token) : "");
+    }
     const m = RUN_IMAGE.exec(path);
     const version = m ? this.versions.get(decodeURIComponent(m[1])) : undefined;
     return "api" + path + (version ? "?v=" + encodeURIComponent(version) : "");
