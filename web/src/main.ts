@@ -79,7 +79,7 @@ function showRunChanged(run: string, state: "stale" | "fresh", changes: RunChang
   changedBar.dataset.change = probe ? "probe" : changes.join(" ");
   pageStale = state === "stale";
   const dismiss = h("button", { type: "button", class: "link", onclick: () => (changedBar.hidden = true) }, "dismiss");
-  const added = [changes.includes("featviz") ? "new feature visualizations (`lurker featviz`)" : "", changes.includes("map") ? "a new dataset map (`lurker map`)" : ""]
+  const added = [changes.includes("featviz") ? "new feature visualizations (lurker featviz)" : "", changes.includes("map") ? "a new dataset map (lurker map)" : ""]
     .filter(Boolean)
     .join(" and ");
   if (state === "stale" && !probe)
