@@ -507,10 +507,11 @@ class UnitStats:
         self._keys = top.values
         self._pos = torch.cat([self._pos, cand], 2).gather(2, top.indices)
 
-        # Class sums as a one-hot matmul (deterministic, unlike atomic index_add_ on GPUs), in
-        # the accumulator's float64 as the CPU's kernel sums: a float32 matmul rounded each
-        # fold's sum, so the class means changed with the folds (buffer, batch size, resume).
-        # Non-finite means go in apart, lest 0 * inf put NaN into every class.
+        # Class sums in the accumulator's float64 (a float32 sum rounded each fold's, so the
+        # class means changed with the folds: buffer, batch size, resume): index_add_ on the
+        # CPU, where it is deterministic; a one-hot matmul elsewhere, unlike atomic
+        # index_add_ on GPUs. Non-finite means go in apart, lest 0 * inf put NaN into every
+        # class.
         means = stat[0]  # (n, c)
         finite = torch.isfinite(means)
         vals = means.where(finite, 0.0).to(self._acc)
