@@ -27,6 +27,7 @@ import lurker
 from lurker.errors import LurkerError
 from lurker.graph.nodes import ParamRef
 from lurker.graph.receptive import RF, receptive_fields
+from rf_twin import twin
 
 Box = tuple[int, int, int, int]
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same'")
@@ -82,32 +83,6 @@ def positive(model: nn.Module, seed: int = 0) -> nn.Module:
             if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
                 m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.1)
     return model.eval()
-
-
-def twin(model: nn.Module) -> nn.Module:
-    """Same geometry, gradients everywhere: ReLU -> identity, max pool -> ones depthwise conv."""
-    model = copy.deepcopy(model)
-    for name, m in list(model.named_modules()):
-        if not name:
-            continue
-        parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
-        leaf = name.rsplit(".", 1)[-1]
-        if isinstance(m, nn.ReLU):
-            setattr(parent, leaf, nn.Identity())
-        elif isinstance(m, nn.MaxPool2d) and not m.ceil_mode:
-            setattr(parent, leaf, _OnesPool(m))
-    return model
-
-
-class _OnesPool(nn.Module):
-    def __init__(self, m: nn.MaxPool2d):
-        super().__init__()
-        self.args = (m.kernel_size, m.stride, m.padding, m.dilation)
-
-    def forward(self, x: Tensor) -> Tensor:
-        k, s, p, d = (v if isinstance(v, tuple) else (v, v) for v in self.args)
-        w = torch.ones(x.shape[1], 1, *k)
-        return F.conv2d(x, w, stride=s, padding=p, dilation=d, groups=x.shape[1])
 
 
 def hooked(model: nn.Module, module: str) -> Callable[[Tensor], Tensor]:

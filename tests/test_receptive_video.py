@@ -6,18 +6,17 @@ vanishes by chance)."""
 
 from __future__ import annotations
 
-import copy
 import itertools
 from collections.abc import Callable
 
 import pytest
 import torch
-import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
 import lurker
 from lurker.graph.receptive import RF, receptive_fields
+from rf_twin import twin
 
 Vol = tuple[int, int, int, int, int, int]
 
@@ -55,34 +54,6 @@ def positive(model: nn.Module, seed: int = 0) -> nn.Module:
             if isinstance(m, (nn.Conv3d, nn.Linear)):
                 m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.1)
     return model.eval()
-
-
-class _OnesPool3d(nn.Module):
-    """A max pool's geometry with a gradient at every tap."""
-
-    def __init__(self, m: nn.MaxPool3d):
-        super().__init__()
-        self.args = (m.kernel_size, m.stride, m.padding, m.dilation)
-
-    def forward(self, x: Tensor) -> Tensor:
-        k, s, p, d = (v if isinstance(v, tuple) else (v,) * 3 for v in self.args)
-        w = torch.ones(x.shape[1], 1, *k)
-        return F.conv3d(x, w, stride=s, padding=p, dilation=d, groups=x.shape[1])
-
-
-def twin(model: nn.Module) -> nn.Module:
-    """Same geometry, gradients everywhere: ReLU -> identity, max pool -> ones conv."""
-    model = copy.deepcopy(model)
-    for name, m in list(model.named_modules()):
-        if not name:
-            continue
-        parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
-        leaf = name.rsplit(".", 1)[-1]
-        if isinstance(m, nn.ReLU):
-            setattr(parent, leaf, nn.Identity())
-        elif isinstance(m, nn.MaxPool3d):
-            setattr(parent, leaf, _OnesPool3d(m))
-    return model
 
 
 def fields(model: nn.Module, x: Tensor) -> tuple[lurker.Trace, dict[int, RF]]:
@@ -188,3 +159,16 @@ def test_hand_built_conv3d_stack_is_tight_including_padding_in_time() -> None:
         empty = check_tight(rf, upto, x, tuple(op.shape))
         if module == "c":
             assert empty > 0  # frames in c's time padding see nothing, and say so
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_twin_keeps_the_pool_geometry_and_passes_every_tap(dims: int) -> None:
+    """The shared oracle: a max pool's twin has its output shape, and every input the
+    window covers gets a gradient (the max pool's goes to its argmax alone)."""
+    pool = (nn.MaxPool3d if dims == 3 else nn.MaxPool2d)(3, stride=2, padding=1)
+    model = twin(nn.Sequential(pool, nn.ReLU()))
+    x = torch.rand(1, 2, *(7,) * dims, requires_grad=True)
+    out = model(x)
+    assert out.shape == pool(x).shape and not any(isinstance(m, nn.ReLU) for m in model)
+    out.flatten()[0].backward()
+    assert int((x.grad[0, 0] != 0).sum()) == 2**dims  # the window at 0 holds 2 taps per axis

@@ -319,3 +319,121 @@ def test_run_without_clip_fields_shows_the_whole_peak_frame(video, tmp_path) -> 
                 for kind in ("crop", "input"):
                     png = c.get(f"{base}/{kind}.png").content
                     assert _which_frame(png, clips[e["sample_id"]]) == [f]
+
+
+def _frames_seen(model: torch.nn.Module, layer: str) -> int:
+    """Autograd oracle: the most clip frames one output frame of ``layer`` has a non-zero
+    gradient on (positive weights, ReLUs as identity: no gradient cancels or vanishes)."""
+    import copy
+
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for m in twin.modules():
+            if isinstance(m, torch.nn.Conv3d):
+                m.weight.copy_(m.weight.abs() + 0.1)
+    x = torch.rand(1, 3, D, 8, 8, requires_grad=True)
+    out = twin.conv1(x) if layer == "conv1" else twin.conv2(twin.conv1(x))
+    most = 0
+    for t in range(out.shape[2]):
+        (g,) = torch.autograd.grad(out[0, :, t].sum(), x, retain_graph=True)
+        most = max(most, int((g.abs().sum((0, 1, 3, 4)) != 0).sum()))
+    return most
+
+
+def test_layer_page_says_the_frames_a_unit_sees_of_the_clip(browser, video, tmp_path) -> None:
+    """The layer page's receptive field names the frames a unit sees of a clip of the
+    probed length (conv2's window is 5 frames long, padding counted, on 4-frame clips: it
+    sees all 4), the unclipped window only labelled as such; served and exported alike."""
+    from explorer_fixtures import skip_without_browser, static_server, strict_page
+    from lurker.server import export_site
+    from lurker.server.serve import background
+
+    skip_without_browser()
+    model, ds, _clips, _run, out = video
+    want = {
+        "conv1": f"sees up to {_frames_seen(model, 'conv1')} of a clip's {D} frames",
+        "conv2": f"sees all {D} frames of a clip (its window unclipped: 5 frames)",
+    }
+    assert _frames_seen(model, "conv2") == D and _frames_seen(model, "conv1") == 3
+    site = export_site(out, tmp_path / "site", dataset=ds, progress=False)
+    app = create_app(out, model_obj=model, dataset=wrap(ds))
+    with background(app) as served, static_server(site) as static, strict_page(browser) as pg:
+        for url in (served, static):
+            for layer, text in want.items():
+                pg.goto(url + f"#/r/run/layer/{layer}")
+                pg.wait_for_selector(".layer-head")
+                facts = pg.inner_text(".layer-head")
+                assert text in facts, repr(facts[facts.index("receptive field") :][:200])
+                assert "over 5 frames" not in facts and "over 3 frames" not in facts
+
+
+def _without_mean_peaks(out: Path, dest: Path) -> Path:
+    """A copy of the run as a lurker before the mean lists kept their peaks wrote it."""
+    import shutil
+
+    from explorer_fixtures import forget_mean_peaks
+
+    shutil.copytree(out, dest, ignore=shutil.ignore_patterns("cache"))
+    forget_mean_peaks(dest)
+    return dest
+
+
+def test_old_run_mean_entry_is_shown_on_its_peak_frame_not_the_middle(video, tmp_path) -> None:
+    """A run that does not record its mean list's peaks: the entry's input image is the
+    frame its peak is on, found with the model (a forward hook's argmax), the frame its crop
+    is cut from, and the peaks answer names it; without a model the image is the middle
+    frame, which the unit page says (it names no frame the run does not know)."""
+    model, ds, clips, run, out = video
+    old = _without_mean_peaks(out, tmp_path / "old" / "run")
+    moved = 0
+    with TestClient(create_app(old, model_obj=model, dataset=wrap(ds))) as c:
+        for u in range(run.layer("conv1").num_units):
+            peaks = _conv1_peaks(model, clips, u)
+            doc = c.get(f"/api/runs/run/layers/conv1/units/{u}").json()
+            assert all(e["y"] is None and e["frame"] is None for e in doc["top"]["mean"])
+            found = c.get(f"/api/runs/run/layers/conv1/units/{u}/mean/peaks").json()
+            want = [peaks[e["sample_id"]] for e in doc["top"]["mean"]]
+            assert found["frames"] == want
+            for e, f in zip(doc["top"]["mean"], want):
+                base = f"/api/runs/run/layers/conv1/units/{u}/mean/{e['rank']}"
+                shown = c.get(f"{base}/input.png")
+                assert shown.status_code == 200, shown.text
+                assert _which_frame(shown.content, clips[e["sample_id"]]) == [f]
+                moved += f != D // 2
+    assert moved  # some peaks away from the middle frame: the test can tell
+    with TestClient(create_app(old, dataset=wrap(ds))) as c:  # no model: the middle frame
+        r = c.get("/api/runs/run/layers/conv1/units/0/mean/0/input.png")
+        e = c.get("/api/runs/run/layers/conv1/units/0").json()["top"]["mean"][0]
+        assert _which_frame(r.content, clips[e["sample_id"]]) == [D // 2]
+        assert c.get("/api/runs/run/layers/conv1/units/0/mean/peaks").status_code == 409
+
+
+def test_unit_page_of_an_old_run_names_no_unknown_frame(browser, video, tmp_path) -> None:
+    """The unit page's mean list of a run without its peaks: with the model, each entry is
+    captioned with the frame the model found (its image's); without, that the frame is not
+    recorded and the image is the clip's middle frame."""
+    from explorer_fixtures import skip_without_browser, strict_page, watch
+    from lurker.server.serve import background
+
+    skip_without_browser()
+    model, ds, clips, _run, out = video
+    old = _without_mean_peaks(out, tmp_path / "old" / "run")
+    peaks = _conv1_peaks(model, clips, 1)
+    with TestClient(create_app(old, model_obj=model, dataset=wrap(ds))) as c:
+        entries = c.get("/api/runs/run/layers/conv1/units/1").json()["top"]["mean"]
+    app = create_app(old, model_obj=model, dataset=wrap(ds))
+    with background(app) as url, strict_page(browser) as pg:
+        pg.goto(url + "#/r/run/unit/conv1/1?tab=mean&crop=0")
+        pg.wait_for_selector(".topk .top-entry figcaption .frames:has-text('found with')")
+        captions = [f.inner_text() for f in pg.query_selector_all(".topk .frames")]
+        want = [f"frame {peaks[e['sample_id']]} of {D} · found with the model" for e in entries]
+        assert captions == want
+    ctx, pg, errors = watch(browser)
+    with background(create_app(old, dataset=wrap(ds))) as url:  # no model: peaks are a 409
+        pg.goto(url + "#/r/run/unit/conv1/1?tab=mean&crop=0")
+        pg.wait_for_selector(".topk .top-entry figcaption .frames:has-text('middle')")
+        captions = [f.inner_text() for f in pg.query_selector_all(".topk .frames")]
+    ctx.close()
+    assert all("/mean/peaks" in e or "409 (Conflict)" in e for e in errors), errors
+    want = f"peak's frame not recorded · image: middle frame {D // 2} of {D}"
+    assert captions == [want] * len(entries)

@@ -390,9 +390,13 @@ class UnitImages:
             raise LurkerError(f"unknown image kind {kind!r}; expected one of {KINDS}")
         e = self._entry(layer, unit, which, rank)
         if kind == "input":
-            # a video model's layer: the frame of the stored peak, its crop's (as the
-            # explorer's input.png; an older run's mean list stores none: the sample's)
-            frame = None if e.y is None else self.frame(layer, e.y, e.sample_id)
+            # a video model's layer: the frame of the peak, its crop's (as the explorer's
+            # input.png); an older run's mean list stores none: found with the model, as
+            # its crop's is, never a frame made up (the clip's middle one)
+            y = e.y
+            if y is None and pdata.is_clip(self._sample(e.sample_id)):
+                y = self.peak(layer, unit, e.sample_id)[0]
+            frame = None if y is None else self.frame(layer, y, e.sample_id)
             if frame is not None:
                 return self.frame_image(e.sample_id, frame)
             return self.sample_image(e.sample_id)

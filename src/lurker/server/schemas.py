@@ -269,6 +269,10 @@ class EntryPeaks(BaseModel):
     #: each sample (the place its crop is cut around). On a layer of tokens x is the token
     #: (one with no patch, a class token: the crop is the whole image).
     peaks: list[list[int]]
+    #: On a video model's layer, by rank, the clip frame each entry's images are cut from
+    #: (its ``input.png``, crop and gradient): the unit document's ``frame``, also for
+    #: peaks found with the model. ``None`` elsewhere.
+    frames: list[int | None] | None = None
 
 
 class TopLists(BaseModel):

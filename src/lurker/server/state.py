@@ -74,6 +74,16 @@ def entry_frames(
     return frame, None if seen is None else [int(seen[0]), int(seen[1])]
 
 
+def unrecorded_frame(info: LayerInfo, frames: int | None) -> bool:
+    """Whether a peak's place in time is what a clip's entry is shown on: a video model's
+    layer with frames among its positions (an entry of it with no stored peak, an older
+    run's mean list, has no known frame)."""
+    if frames is None or info.layout is None:
+        return False
+    positions = info.layout.get("positions") if isinstance(info.layout, dict) else None
+    return isinstance(positions, list) and len(positions) == 3
+
+
 def constant_tolerance(positions: int) -> float:
     """Relative gap allowed between a constant unit's stored dataset mean and its max.
 

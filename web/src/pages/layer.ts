@@ -297,18 +297,33 @@ export function unitsText(shapeNoBatch: number[], units: number, layout: Record<
   return `${count} · each a ${shape(sizes)} map`;
 }
 
-/** `7×7 px, stride 2×2` from the receptive-field record's y and x axes. */
+/** `7×7 px, stride 2×2` from the receptive-field record's y and x axes; on a video
+ * model's layer also its frames, as many as a clip of the probed length lets it see. */
 function rfText(rf: Record<string, unknown> | null): string {
   const y = rf?.["y"] as { size?: number; stride?: number } | undefined;
   const x = rf?.["x"] as { size?: number; stride?: number } | undefined;
   if (!y || !x || y.size === undefined || x.size === undefined) return rf ? "recorded" : "–";
   if (y.stride === 0 && x.stride === 0) return "the whole input"; // spatial axes reduced away
-  // a video model's layer: its window in time too (frames of the clip, the affine size)
-  const t = rf?.["t"] as { size?: number; stride?: number } | undefined;
-  const time = t?.size !== undefined ? ` over ${fmt(t.size)} frame${t.size === 1 ? "" : "s"}${t.stride ? `, stride ${fmt(t.stride)} in time` : ""}` : "";
+  const time = framesText(rf);
   const size = `${fmt(y.size)}×${fmt(x.size)} px, stride ${fmt(y.stride)}×${fmt(x.stride)}${time}`;
   // a field larger than the image (padding counted): every position sees all of it
   return rf?.["full"] === true ? `the whole input (${size})` : size;
+}
+
+/** A video model's layer: the most frames one position sees of a clip of the probed
+ * length (its exact bounds, clipped to the clip as a box is to the image: the affine
+ * window, counting padding, can be longer than the clip), and that window, labelled,
+ * only where it is longer. Empty for other layers. */
+function framesText(rf: Record<string, unknown> | null): string {
+  const t = rf?.["t"] as { size?: number; stride?: number; lo?: number[]; hi?: number[] } | undefined;
+  const clip = (rf?.["input_size"] as number[] | undefined)?.[0];
+  if (t?.size === undefined || !t.lo?.length || !t.hi?.length || clip === undefined) return "";
+  const seen = Math.max(...t.lo.map((lo, i) => (t.hi?.[i] ?? lo) - lo));
+  const frames = (n: number) => `${fmt(n)} frame${n === 1 ? "" : "s"}`;
+  const what = seen >= clip ? `all ${frames(clip)} of a clip` : `up to ${fmt(seen)} of a clip's ${frames(clip)}`;
+  const stride = t.stride ? `, stride ${fmt(t.stride)} in time` : "";
+  const window = t.size > seen ? ` (its window unclipped: ${frames(t.size)})` : "";
+  return ` · sees ${what}${stride}${window}`;
 }
 
 /** `layer4.1.relu` (its 2nd call) for a module called more than once (`layer4.1.relu:2`). */

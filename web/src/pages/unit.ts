@@ -109,16 +109,26 @@ export async function renderUnit(root: HTMLElement, ctx: PageContext, args: stri
   // token: the whole image) is found with the model, asked once when its crops are first
   // shown; a run that stores them (e.y set) is tagged from them, in a static export too
   const meanStored = entriesOf("mean").every((e) => e.y !== null);
-  let meanPeaks: number[][] | null | undefined = hasPatchless(doc.layer) && !ctx.api.isStatic && !meanStored ? undefined : null;
+  // on a video model's layer, the frame such an entry is shown on is the found peak's
+  // (asked with them, whatever the toggles); without the model it is not known
+  const unrecordedFrames = frameLayer(doc.layer) && !meanStored;
+  let meanPeaks: number[][] | null | undefined = (hasPatchless(doc.layer) || unrecordedFrames) && !ctx.api.isStatic && !meanStored ? undefined : null;
+  let meanFrames: (number | null)[] | null = null;
+  let noMeanFrames = ctx.api.isStatic; // no model to find them: the images are the clips' middle frames
   const askMeanPeaks = () => {
     meanPeaks = null;
     ctx.api
-      .json<{ peaks: number[][] }>(p("runs", ctx.run, "layers", layer, "units", unit, "mean", "peaks"))
+      .json<{ peaks: number[][]; frames?: (number | null)[] | null }>(p("runs", ctx.run, "layers", layer, "units", unit, "mean", "peaks"))
       .then((r) => {
         meanPeaks = r.peaks;
-        if (!ctx.signal.aborted && tab === "mean" && crop) draw();
+        meanFrames = r.frames ?? null;
+        if (!ctx.signal.aborted && tab === "mean" && (crop || unrecordedFrames)) draw();
       })
-      .catch(() => undefined); // no model: no crops to tag either (they say why)
+      .catch(() => {
+        // no model: no crops to tag either (they say why), no frames to name
+        noMeanFrames = true;
+        if (!ctx.signal.aborted && tab === "mean" && unrecordedFrames) draw();
+      });
   };
   const tagOf = (list: List, e: TopEntry): HTMLElement | null =>
     list === "max"
@@ -128,8 +138,14 @@ export async function renderUnit(root: HTMLElement, ctx: PageContext, args: stri
         : list === "mean" && crop && meanPeaks
           ? patchless(doc.layer, meanPeaks[e.rank]?.[1])
           : null;
+  const captionOf = (list: List, e: TopEntry): HTMLElement | null =>
+    list === "relevance"
+      ? null
+      : list === "mean" && unrecordedFrames && e.y === null
+        ? unrecordedCaption(meanFrames?.[e.rank] ?? null, noMeanFrames, crop, doc.clip_frames ?? null)
+        : clipCaption(e, doc.clip_frames ?? null);
   const draw = () => {
-    if (tab === "mean" && crop && meanPeaks === undefined) askMeanPeaks();
+    if (tab === "mean" && (crop || unrecordedFrames) && meanPeaks === undefined) askMeanPeaks();
     fill(
       tabs,
       (
@@ -211,7 +227,7 @@ export async function renderUnit(root: HTMLElement, ctx: PageContext, args: stri
     // a list whose values are all equal is ties (a relevance of 0 everywhere: a unit that
     // feeds a dead one): which samples it holds, and in what order, is by sample id alone
     const tied = entries.length > 1 && entries.every((e) => e.value === entries[0].value);
-    const figures = entries.map((e) => figure(ctx, layer, unit, list, list === "relevance" ? "input" : kind(), e, tab === "max" && !crop && positions > 1, images.ok, shown, noImageWhy, tagOf(list, e), list === "relevance" ? null : (doc.clip_frames ?? null)));
+    const figures = entries.map((e) => figure(ctx, layer, unit, list, list === "relevance" ? "input" : kind(), e, tab === "max" && !crop && positions > 1, images.ok, shown, noImageWhy, tagOf(list, e), captionOf(list, e)));
     // a static export's missing images: each tile says so in a word, the page says why once
     // (a sentence per tile does not fit in it)
     const whys = [...new Set(figures.flatMap((f) => [...f.querySelectorAll<HTMLElement>(".no-img[data-why]")].map((x) => x.dataset.why ?? "")))];
@@ -278,7 +294,7 @@ export async function renderUnit(root: HTMLElement, ctx: PageContext, args: stri
   );
 }
 
-function figure(ctx: PageContext, layer: string, unit: number, list: List, kind: EntryKind, e: TopEntry, markPeak: boolean, images: boolean, shown: Shown | null, noImageWhy: string | null, tokenTag: HTMLElement | null = null, clipFrames: number | null = null): HTMLElement {
+function figure(ctx: PageContext, layer: string, unit: number, list: List, kind: EntryKind, e: TopEntry, markPeak: boolean, images: boolean, shown: Shown | null, noImageWhy: string | null, tokenTag: HTMLElement | null = null, caption: HTMLElement | null = null): HTMLElement {
   const visual = images ? entryImage(ctx, layer, unit, list, kind, e, shown, noImageWhy) : noImage();
   const frame = h("div", { class: "frame" }, visual, tokenTag);
   if (markPeak && e.box && visual instanceof HTMLImageElement) {
@@ -303,9 +319,22 @@ function figure(ctx: PageContext, layer: string, unit: number, list: List, kind:
       h("span", { class: "value" }, fmt(e.value)),
       h("a", { href: ctx.href("sample", e.sample_id) }, `#${e.sample_id}`),
       e.class_name ? h("span", { class: "cls", title: `class ${e.class_name}` }, classWord(e.class_name)) : null,
-      clipCaption(e, clipFrames),
+      caption,
     ),
   );
+}
+
+/** Under a video model's mean-list entry whose peak the run does not record (probed before
+ * the mean lists kept them): the frame the model found it on, or that it is not known and
+ * which frame the image is instead (the clip's middle one), never a frame made up. */
+function unrecordedCaption(found: number | null, none: boolean, crop: boolean, clipFrames: number | null): HTMLElement {
+  const of = clipFrames ? ` of ${clipFrames}` : "";
+  const why = "this run does not record on which frame the unit peaked on this sample (it was probed before the mean lists kept their peaks)";
+  if (found !== null) return h("span", { class: "frames", title: `${why}; the model found the peak on frame ${found} (numbered from 0), the frame the image is cut from` }, `frame ${found}${of} · found with the model`);
+  if (!none) return h("span", { class: "frames", title: `${why}; finding it with the model` }, "peak's frame not recorded");
+  const middle = clipFrames ? Math.floor(clipFrames / 2) : null;
+  const shown = !crop && middle !== null ? ` · image: middle frame ${middle}${of}` : "";
+  return h("span", { class: "frames", title: `${why}, and finding it needs the model${shown ? `: the image is the clip's middle frame, ${middle}, not the peak's` : ""}. Serve the run with --model, or probe it again` }, `peak's frame not recorded${shown}`);
 }
 
 /** Under a video model's entry: the frame its image is (numbered from 0) and the frames of

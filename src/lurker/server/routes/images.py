@@ -18,7 +18,7 @@ from ..deps import MODEL_MADE, entry, live_call, on_model, session
 from ..errors import ApiError
 from ..schemas import EntryPeaks
 from ..session import Session
-from ..state import RunEntry, entry_frames
+from ..state import RunEntry, clip_frames, entry_frames, unrecorded_frame
 
 router = APIRouter(prefix="/api", tags=["images"])
 
@@ -217,9 +217,17 @@ async def entry_peaks(
     entries = await run_in_threadpool(lambda: e.open_run().unit(info.name, unit).top(which))
     stored = [[t.y, t.x] for t in entries if t.y is not None and t.x is not None]
     if len(stored) == len(entries):  # all in the run: no model needed
-        return EntryPeaks(which=which, peaks=stored)
-    peaks = await live_call(request, run_id, lambda s: s.entry_peaks(info.name, unit, which))
-    return EntryPeaks(which=which, peaks=[list(p) for p in peaks])
+        peaks: list[list[int]] = stored
+    else:
+        found = await live_call(request, run_id, lambda s: s.entry_peaks(info.name, unit, which))
+        peaks = [list(p) for p in found]
+    frames = clip_frames(e.open_run().meta.get("config") or {})
+    shown = (
+        [entry_frames(info, y, frames)[0] for y, _ in peaks]
+        if unrecorded_frame(info, frames)
+        else None
+    )
+    return EntryPeaks(which=which, peaks=peaks, frames=shown)
 
 
 def _unit_image(
@@ -242,6 +250,15 @@ def _unit_image(
         frame, _ = entry_frames(info, top.y, s.clip_frames())
         if frame is not None:
             return _frame_image(request, run_id, top.sample_id, frame)
+        # an older run's mean list stores no peak: its frame is found with the model (as
+        # its crop's); without one, the clip's middle frame, as the page says
+        if (
+            top.y is None
+            and unrecorded_frame(info, s.clip_frames())
+            and s.model_reason() is None
+            and s.dataset_reason() is None
+        ):
+            return s, info.name
         return _sample_image(request, run_id, top.sample_id)
     target = s.unit_file(kind, info.name, unit, which, rank)
     if target.is_file() and target.stat().st_size > 0:
