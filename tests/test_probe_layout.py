@@ -956,3 +956,232 @@ def test_a_softmax_gate_in_a_cnn_keeps_its_cnn_default_layers():
     names = [layer.name for layer in select_layers(tr)]
     assert {"stem.0", "stem.1", "stem.2", "stem.3", "router"} <= set(names), names
     assert {f"experts.{i}" for i in range(4)} <= set(names), names
+
+
+class _Logits(nn.Module):
+    """A classifier written by hand: ``feat @ W.t()``."""
+
+    def __init__(self, c_in: int, classes: int) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(classes, c_in) / c_in**0.5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x @ self.w.t()
+
+
+class SoftmaxHeadCNN(nn.Module):
+    """A CNN that returns probabilities: a softmax over a hand-written linear layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 6, 3, stride=2), nn.ReLU(), nn.Conv2d(6, 8, 3), nn.ReLU()
+        )
+        self.head = _Logits(8, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.softmax(self.head(self.features(x).mean((2, 3))), dim=-1)
+
+
+class _LatentPool(nn.Module):
+    """Attention from learned queries (a Perceiver's latents): ``softmax(Q @ k.T) @ v``
+    with Q computed from weights only, so ``Q @ k.T`` is, by its layout, a product with
+    a weight; its softmax weighs the values: attention, not a classifier."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.latents = nn.Parameter(torch.randn(4, c))
+        self.kv = nn.Linear(c, 2 * c)
+        self.fc1 = nn.Linear(c, 2 * c)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(2 * c, c)
+
+    def forward(self, x: Tensor) -> Tensor:
+        k, v = self.kv(x).chunk(2, dim=-1)
+        att = torch.softmax(self.latents @ k.transpose(1, 2), dim=-1) @ v  # (B, 4, C)
+        return att + self.fc2(self.act(self.fc1(att)))
+
+
+class LatentAttention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, 8, 8, stride=8)
+        self.blocks = nn.Sequential(_LatentPool(8), _LatentPool(8))
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.blocks(self.patch(x).flatten(2).transpose(1, 2)).mean(1))
+
+
+def test_a_softmax_over_a_hand_written_classifier_keeps_the_cnn_defaults(tmp_path: Path):
+    """``softmax(feat @ W.t())`` is a classifier's probabilities, not attention: the CNN
+    keeps its default layers (every convolution and ReLU, and the hand-written linear),
+    probed on the channel axis; learned queries' attention (a softmax over a product with
+    a weight that weighs the values) still makes a model a transformer."""
+    torch.manual_seed(0)
+    model = SoftmaxHeadCNN().eval()
+    default = [layer.name for layer in select_layers(lurker.trace(model, _data()[0][0][None]))]
+    assert default == ["features.0", "features.1", "features.2", "features.3", "head"]
+    run, ds = _probe(model, tmp_path)
+    acts = _brute(model, ds, dict.fromkeys(default[:4], lambda o: o))
+    acts["head"] = _brute(model, ds, {"head": lambda o: o})["head"]
+    for name in default:
+        _check(run, name, acts[name], _labels())
+    assert run.layer("features.1").layout["unit"] == 1 and run.layer("head").layout["unit"] == 1
+
+    torch.manual_seed(0)
+    latent = LatentAttention().eval()
+    names = {layer.name for layer in select_layers(lurker.trace(latent, _data()[0][0][None]))}
+    assert {"patch", "blocks.0", "blocks.1", "blocks.0.act", "blocks.1.act"} <= names, names
+    assert not names & {"blocks.0.kv", "blocks.0.fc2", "head"}, names
+
+
+class _ConvBlock(nn.Module):
+    """A residual block of two 3x3 convolutions (a CNN stage's)."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1)
+        self.act = nn.ReLU()
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.relu(x + self.conv2(self.act(self.conv1(x))))
+
+
+class _AttnBlock(nn.Module):
+    """BoTNet's self-attention block: 1x1 qkv convolution, attention over the grid."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.attn = _ConvAttention(c)
+        self.conv = nn.Conv2d(c, c, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.relu(x + self.conv(self.attn(x)))
+
+
+class MixedStages(nn.Module):
+    """BoTNet's layout: a stem, a stage of conv blocks, a stage of a conv block then an
+    attention block (no sibling of either type), a stage of attention blocks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 6, 3, stride=4)
+        self.stages = nn.Sequential(
+            nn.Sequential(_ConvBlock(6), _ConvBlock(6)),
+            nn.Sequential(_ConvBlock(6), _AttnBlock(6)),
+            nn.Sequential(_AttnBlock(6), _AttnBlock(6)),
+        )
+        self.head = nn.Linear(6, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.stages(self.stem(x)).mean((2, 3)))
+
+
+def test_every_block_of_a_mixed_stage_is_a_default_layer(tmp_path: Path):
+    """A hybrid (BoTNet) whose stage runs a conv block then an attention block: every
+    block's output of every stage is a default layer (units on the channel axis), the
+    mixed stage's included, though neither of its blocks has a sibling of its type."""
+    torch.manual_seed(0)
+    model = MixedStages().eval()
+    blocks = [f"stages.{s}.{b}" for s in range(3) for b in range(2)]
+    default = {layer.name for layer in select_layers(lurker.trace(model, _data()[0][0][None]))}
+    assert {"stem", *blocks} <= default, default
+    assert not default & {"stages.1.1.attn.qkv", "stages.2.0.attn.qkv"}, default
+    run, ds = _probe(model, tmp_path, layers=blocks)
+    acts = _brute(model, ds, dict.fromkeys(blocks, lambda o: o))
+    for name in blocks:
+        _check(run, name, acts[name], _labels())
+        assert run.layer(name).layout["unit"] == 1
+
+
+class _ConvRelPos(nn.Module):
+    """CoaT's conv relative position encoding: the values as an image of heads x channels
+    per head, a depthwise convolution, back to (B, heads, tokens, channels), times q."""
+
+    def __init__(self, heads: int, ch: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(heads * ch, heads * ch, 3, padding=1, groups=heads * ch)
+
+    def forward(self, q: Tensor, v: Tensor, size: tuple[int, int]) -> Tensor:
+        b, h, n, c = q.shape
+        img = v.transpose(-1, -2).reshape(b, h * c, *size)
+        return q * self.conv(img).reshape(b, h, c, n).transpose(-1, -2)
+
+
+class _CoatBlock(nn.Module):
+    def __init__(self, c: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(c, 3 * c)
+        self.crpe = _ConvRelPos(heads, c // heads)
+        self.proj = nn.Linear(c, c)
+
+    def forward(self, x: Tensor, size: tuple[int, int]) -> Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        att = q @ (k.softmax(dim=2).transpose(-1, -2) @ v) + self.crpe(q, v, size)
+        return x + self.proj(att.transpose(1, 2).reshape(b, n, c))
+
+
+class CoatCrpe(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, 8, 8, stride=8)
+        self.blocks = nn.ModuleList([_CoatBlock(8, 2), _CoatBlock(8, 2)])
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        p = self.patch(x)
+        t = p.flatten(2).transpose(1, 2)
+        for block in self.blocks:
+            t = block(t, p.shape[2:])
+        return self.head(t.mean(1))
+
+
+def test_conv_relative_position_encoding_convs_probe_and_its_output_says_why_not(
+    tmp_path: Path,
+):
+    """CoaT's crpe: its depthwise convolution is a layer with units, probed by name on its
+    channel axis; its output spreads its units over two axes (heads x channels per head),
+    so it is refused saying so, without the advice to name a unit axis (any one axis would
+    read each head, or one channel of every head, as a unit)."""
+    torch.manual_seed(0)
+    model = CoatCrpe().eval()
+    tr = lurker.trace(model, _data()[0][0][None])
+    lay = infer_layouts(tr)[tr["blocks.0.crpe"].index]
+    assert isinstance(lay, Skip) and lay.kind == "split" and not lay.unit_dim_helps, lay
+    assert "split its 8 units over 2 axes (2 x 4" in lay.reason, lay.reason
+    with pytest.raises(LurkerError, match="over 2 axes") as e:
+        select_layers(tr, ["blocks.0.crpe"])
+    assert "unit_dim" not in str(e.value)
+    convs = ["blocks.0.crpe.conv", "blocks.1.crpe.conv"]
+    run, ds = _probe(model, tmp_path, layers=convs)
+    acts = _brute(model, ds, dict.fromkeys(convs, lambda o: o))
+    for name in convs:
+        _check(run, name, acts[name], _labels())
+        assert run.layer(name).layout["unit"] == 1
+
+
+def test_timm_coat_crpe_convs_equal_brute_force(tmp_path: Path):
+    """timm's CoaT runs each crpe (and its convolutions) once per block: the calls probe
+    by name (``crpe1.conv_list.0:2``, the second block's) on their channels; the crpe's
+    own output is refused with the split named."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("coat_lite_tiny", pretrained=False, num_classes=3, img_size=32)
+    model = model.eval()
+    calls: list[Tensor] = []
+    hook = model.crpe1.conv_list[0].register_forward_hook(lambda m, i, o: calls.append(o))
+    ds = _data()
+    with torch.no_grad():
+        model(torch.stack([ds[i][0] for i in range(len(ds))]))
+    hook.remove()
+    run, _ = _probe(model, tmp_path, layers=["crpe1.conv_list.0:1", "crpe1.conv_list.0:2"])
+    for name, act in zip(["crpe1.conv_list.0:1", "crpe1.conv_list.0:2"], calls, strict=True):
+        _check(run, name, act, _labels())
+        assert run.layer(name).layout["unit"] == 1
+    with pytest.raises(LurkerError, match=r"split its 64 units over 2 axes \(8 x 8") as e:
+        select_layers(lurker.trace(model, ds[0][0][None]), ["crpe1:1"])
+    assert "unit_dim" not in str(e.value)

@@ -166,7 +166,9 @@ class Skip:
     ``kind`` says what went wrong: ``"unit"`` where the batch axis is known and the unit
     axis is not (or the one named is wrong): naming it (``unit_dim``) can fix that;
     ``"folded"`` where the batch shares an axis with heads, windows or patches; ``""``
-    for other problems with the batch. Only ``"unit"`` skips can be fixed by ``unit_dim``."""
+    for other problems with the batch; ``"split"`` where a reshape spread the units over
+    several axes (attention heads x channels per head). Only ``"unit"`` skips can be fixed
+    by ``unit_dim``."""
 
     reason: str
     per_sample: bool = True
@@ -463,6 +465,46 @@ def _kept_unit(
     return (u[0], "carried") if u is not None else None
 
 
+#: Reshapes that can split one axis into several
+_RESHAPES = {"view", "reshape", "unflatten", "view_as", "reshape_as"}
+#: Ops after which units split over several axes stay split (each element is still one
+#: unit's value): the reason a reshape gave is the reason of their outputs too
+_SPLIT_KEEPS = {
+    "transpose", "permute", "contiguous", "clone", "getitem", "pad", "constant_pad_nd",
+    "mul", "add", "sub", "div", "neg", "dropout", "cat",
+}  # fmt: skip
+
+
+def _split_units(op: Op, trace: Trace, known: list[tuple[int, int, tuple[int, ...]]]) -> str | None:
+    """Why ``op`` has no unit axis where it is a reshape that splits its input's unit axis
+    into several axes (CoaT's conv relative position encoding: 64 channels as 8 heads x 8
+    channels per head), else None. No one axis holds such units: naming one (unit_dim)
+    would read each head, or each channel of every head together, as a unit."""
+    if op.name not in _RESHAPES or len(known) != 1 or known[0][0] != 0:
+        return None
+    _, a, ish = known[0]
+    osh = tuple(op.outputs[0].shape)
+    before, size = math.prod(ish[:a]), ish[a]
+    for i in range(len(osh) + 1):
+        if math.prod(osh[:i]) != before:
+            continue
+        for j in range(i + 1, len(osh) + 1):
+            if math.prod(osh[i:j]) == size:
+                axes = [d for d in range(i, j) if osh[d] != 1]
+                if len(axes) < 2:
+                    return None
+                src = trace.ops[op.parents[0]] if op.parents else None
+                was = f"; probe {layer_name(src, trace)}, before the split" if src else ""
+                return (
+                    f"{op.label} split its {size} units over {len(axes)} axes "
+                    f"({' x '.join(str(osh[d]) for d in axes)}, attention heads x channels per "
+                    f"head, say): no one axis holds them{was}"
+                )
+            if math.prod(osh[i:j]) > size:
+                break
+    return None
+
+
 def _tensor_parents(op: Op, trace: Trace) -> list[tuple[int, int, int]]:
     """(position among the op's tensor arguments, parent node, its output index)."""
     return [
@@ -539,6 +581,7 @@ def infer_layouts(
     static = {i for i, b in batch.items() if isinstance(b, Skip) and not b.per_sample}
     units: dict[tuple[int, int], tuple[int, str] | None] = {}
     tokens: dict[tuple[int, int], tuple[int, np.ndarray] | None] = {}
+    split: dict[tuple[int, int], str] = {}  # why units are split over several axes
     result: dict[int, Layout | Skip] = {}
     for op in trace.ops:
         if op.kind not in ("op",) or not op.outputs:
@@ -560,12 +603,25 @@ def infer_layouts(
                     else set()
                 )
                 unit = (axes.pop(), "carried") if len(axes) == 1 else None
+                if unit is None:  # split by this reshape, or by one before it
+                    why = _split_units(op, trace, known) if k == 0 else None
+                    if why is None and not known and op.name in _SPLIT_KEEPS:
+                        came = [split[(s, q)] for _, s, q in parents if (s, q) in split]
+                        why = came[0] if came else None
+                    if why is not None:
+                        split[(op.index, k)] = why
             units[(op.index, k)] = unit
             tokens[(op.index, k)] = (_token_start(op, trace, rfs) if k == 0 else None) or (
                 _carry_tokens(op, k, trace, parents, tokens)
             )
         result[op.index] = _layout(
-            op, batch.get(op.index), units[(op.index, 0)], tokens[(op.index, 0)], unit_dim, names
+            op,
+            batch.get(op.index),
+            units[(op.index, 0)],
+            tokens[(op.index, 0)],
+            unit_dim,
+            names,
+            split.get((op.index, 0)),
         )
     _point_past_folds(trace, result)
     return result
@@ -719,7 +775,7 @@ def layer_layout(
         return lay
     why = lay.reason if lay is not None else f"it is the model's {op.kind}, not an op's output"
     why = why.removesuffix(UNIT_DIM_HINT)
-    if lay is not None and lay.kind == "folded":  # naming an axis cannot unfold the batch
+    if lay is not None and lay.kind in ("folded", "split"):  # naming an axis cannot help
         raise LurkerError(f"layer {layer!r}, output {shape}: {why}.")
     raise LurkerError(f"layer {layer!r}, output {shape}: {why}; {hint}.")
 
@@ -804,6 +860,7 @@ def _layout(
     token: tuple[int, np.ndarray] | None,
     unit_dim: Any,
     names: Any,
+    split: str | None = None,
 ) -> Layout | Skip:
     shape = tuple(op.shape or ())
     nd = len(shape)
@@ -821,6 +878,8 @@ def _layout(
         u, source = user % nd, "unit_dim"
         if u == batch:
             return Skip(f"the unit axis named for it, {user}, is its batch axis", kind="unit")
+    elif unit is None and split is not None:
+        return Skip(split, kind="split")
     elif unit is None:
         return Skip(
             f"lurker cannot tell which axis of its output {list(shape)} holds the units "

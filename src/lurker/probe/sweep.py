@@ -96,11 +96,14 @@ def _module_type(op: Op, trace: Trace) -> str | None:
     return info.type if info else None
 
 
-def _is_transformer(trace: Trace) -> bool:
-    """Attention anywhere: a fused attention op, a softmax over a product of tensors, or
-    (factorized attention) a softmax inside a repeated block whose output weighs another
-    activation; a softmax that weighs activations outside repeated blocks is a gate (a
-    mixture of experts in a CNN), which does not make the model a transformer."""
+def _is_transformer(trace: Trace, linear: Collection[int] = ()) -> bool:
+    """Attention anywhere: a fused attention op, a softmax over a product of two
+    activations, or (factorized attention) a softmax inside a repeated block whose output
+    weighs another activation. A softmax that weighs activations outside repeated blocks
+    is a gate (a mixture of experts in a CNN), and one over a product with a weight
+    (``linear``: ``feat @ W.t()``, a hand-written linear layer) is a classifier's
+    probabilities unless it weighs activations in a block (learned queries' attention):
+    neither makes the model a transformer."""
     blocks: set[str] | None = None
     for op in trace.ops:
         if op.name in ATTENTION:
@@ -110,7 +113,9 @@ def _is_transformer(trace: Trace) -> bool:
             while todo and seen < 4:  # the product, maybe scaled or masked on the way
                 parent = trace.ops[todo.pop(0)]
                 if parent.name in _PRODUCTS and not parent.params:
-                    return True
+                    if parent.index not in linear:
+                        return True
+                    break  # a linear layer's output: attention only as below
                 todo.extend(parent.parents[:1])
                 seen += 1
             if blocks is None:
@@ -194,19 +199,29 @@ def _feeds_attention(trace: Trace, op: Op, kids: Mapping[int, list[int]]) -> boo
 _CONTAINERS = {"Sequential", "ModuleList", "ModuleDict"}
 
 
-def _blocks(trace: Trace) -> set[str]:
+def _blocks(trace: Trace, mixed: bool = False) -> set[str]:
     """Module paths of repeated blocks: modules with submodules, not plain containers,
     with a sibling of the same type (``encoder.layers.encoder_layer_3``, Swin's
-    ``features.1.0``, timm's ``blocks.5``)."""
+    ``features.1.0``, timm's ``blocks.5``); ``mixed``: also those in a plain container of
+    two such modules or more, whatever their types (a hybrid's stage: BoTNet's
+    ``stages.2`` runs a bottleneck block, then a self-attention block), whose outputs are
+    block outputs too, though what runs inside them was probed as outside any block."""
+
+    def composite(path: str) -> bool:
+        info = trace.modules.get(path)
+        return info is not None and bool(info.children) and info.type not in _CONTAINERS
+
     out = set()
     for path, info in trace.modules.items():
         parent = trace.modules.get(info.parent) if info.parent is not None else None
-        if not path or parent is None or not info.children or info.type in _CONTAINERS:
+        if not path or parent is None or not composite(path):
             continue
         same = [
             c for c in parent.children if c in trace.modules and trace.modules[c].type == info.type
         ]
-        if len(same) >= 2:
+        if len(same) >= 2 or (
+            mixed and parent.type in _CONTAINERS and sum(map(composite, parent.children)) >= 2
+        ):
             out.add(path)
     return out
 
@@ -300,21 +315,21 @@ def _default_ops(
         and isinstance(lay := (layouts or {}).get(op.index), Layout)
         and lay.source == "linear"
     }
-    if not _is_transformer(trace):
+    if not _is_transformer(trace, linear):
         return [
             op
             for op in candidates
             if (op.name in CONV | LINEAR | ACTIVATIONS or op.index in linear)
             and len(op.shape or ()) >= 2
         ]
-    blocks = _blocks(trace)
+    blocks, outputs = _blocks(trace), _blocks(trace, mixed=True)
     kids = _children(trace)
 
     def in_block(op: Op) -> bool:
         return any(path in blocks for path, _ in op.modules)
 
     def wanted(op: Op) -> bool:
-        if {m.split(":")[0] for m in op.module_outputs} & blocks:
+        if {m.split(":")[0] for m in op.module_outputs} & outputs:
             return True  # a block's output
         if op.name in ACTIVATIONS:  # an MLP's hidden layer
             return _mlp_hidden(trace, op, linear)
