@@ -336,6 +336,81 @@ def test_gradcam_plus_plus_equals_brute_force(digits, xd) -> None:
     close(e.layer_attribution, cam.clamp(min=0))
 
 
+class _SmallCNN(nn.Module):
+    """Conv, ReLU, max pool, conv, ReLU, linear: ReLUs and pools only after ``c2``, so
+    the score is piecewise linear in ``c2``'s map, as Grad-CAM++'s closed form assumes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.c2 = nn.Conv2d(6, 5, 3, padding=1)
+        self.fc = nn.Linear(5 * 4 * 4, 7)
+
+    def head(self, a: torch.Tensor) -> torch.Tensor:  # the network after c2
+        return self.fc(torch.relu(a).flatten(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.c2(nn.functional.max_pool2d(torch.relu(self.c1(x)), 2)))
+
+
+def test_gradcam_plus_plus_equals_the_papers_closed_form_by_autograd() -> None:
+    """Grad-CAM++ as Chattopadhay et al. (2018) derive it: Y = exp(S), alpha = d2Y /
+    (2 d2Y + sum_ab A_ab d3Y), w_k = sum_ij alpha relu(dY/dA), map relu(sum_k w_k A_k),
+    each derivative of Y taken by autograd (element by element, nested), not from the
+    gradient's powers. lurker drops the paper's exp(S) factor of dY/dA (as pytorch-grad-cam
+    does): its map is the paper's divided by exp(S) of its row, a positive number, so
+    the shape of the map is the paper's. A batch, each row its own class."""
+    torch.manual_seed(0)
+    m = _SmallCNN().double().eval()
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    targets = [0, 3, 6, 2]
+    e = lurker.explain(m, x, target=targets, method="gradcam_plus_plus", layer="c2")
+    with torch.no_grad():
+        A = m.c2(nn.functional.max_pool2d(torch.relu(m.c1(x)), 2))
+    _, K, H, W = A.shape
+    for b, c in enumerate(targets):
+        a = A[b : b + 1].clone().requires_grad_(True)
+        score = m.head(a)[0, c]
+        (d1,) = torch.autograd.grad(torch.exp(score), a, create_graph=True)
+        d2, d3 = torch.zeros_like(A[b]), torch.zeros_like(A[b])
+        for k in range(K):
+            for i in range(H):
+                for j in range(W):
+                    (g2,) = torch.autograd.grad(d1[0, k, i, j], a, create_graph=True)
+                    (g3,) = torch.autograd.grad(g2[0, k, i, j], a, retain_graph=True)
+                    d2[k, i, j], d3[k, i, j] = g2[0, k, i, j], g3[0, k, i, j]
+        den = 2 * d2 + A[b].sum((1, 2), keepdim=True) * d3
+        alpha = torch.where(den != 0, d2 / torch.where(den != 0, den, 1.0), 0.0)
+        w = (alpha * d1.detach()[0].clamp(min=0)).sum((1, 2), keepdim=True)
+        paper = (w * A[b]).sum(0).clamp(min=0)
+        assert paper.abs().max() > 0  # (else this row tests nothing)
+        close(e.layer_attribution[b, 0] * torch.exp(score.detach()), paper, 1e-10)
+
+
+@pytest.mark.parametrize(("dtype", "scale"), [(torch.float16, 1e-3), (torch.float32, 1e-22)])
+def test_gradcam_plus_plus_of_small_gradients_is_not_rounded_away(dtype, scale) -> None:
+    """Grad-CAM++'s alpha, g^2 / (2 g^2 + sum A g^3), taken as written underflows where the
+    gradient is small: a float16 gradient under 2.4e-4 (the usual size at the last map of
+    a float16 ImageNet model) has g^2 = 0, and the map was 0 with a warning that the
+    layer's units do not fire. The same model in float64 is the oracle: its map is the
+    float16 model's up to float16's rounding."""
+    import copy
+
+    torch.manual_seed(0)
+    m = _SmallCNN().double().eval()
+    with torch.no_grad():
+        m.fc.weight.mul_(scale)  # the gradient at c2 is about scale / 10
+    x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
+    want = lurker.explain(m, x, target=[0, 3, 6], method="gradcam_plus_plus", layer="c2")
+    low = copy.deepcopy(m).to(dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (no warning that the map is 0)
+        e = lurker.explain(low, x.to(dtype), [0, 3, 6], "gradcam_plus_plus", layer="c2")
+    assert e.layer_attribution.dtype == dtype
+    assert want.layer_attribution.abs().amax((1, 2, 3)).min() > 0
+    close(e.layer_attribution.double(), want.layer_attribution, 2e-2)
+
+
 def test_occlusion_equals_captum(digits, xd) -> None:
     """A 5x5 window at stride 4 on 16x16: Captum's last window sticks out and is clipped."""
     base = torch.full_like(xd, 0.3)
@@ -377,6 +452,38 @@ def test_resnet18_gradients_and_gradcam_equal_captum(resnet) -> None:
     add = [op.label for op in lurker.trace(resnet, x[:1]).ops if op.module == "layer4.1"]
     e = lurker.explain(resnet, x, method="gradcam", layer=[a for a in add if "add" in a][-1])
     assert e.attribution.shape == x.shape and torch.isfinite(e.attribution).all()
+
+
+def test_resnet18_batch_of_targets_equals_captum(resnet) -> None:
+    """float32 ResNet18, each row its own class: saliency, integrated gradients (each row
+    its own baseline, Captum's quadrature and chunks) with its convergence delta, and
+    Grad-CAM upsampled to the input, each equal to Captum's."""
+    from captum.attr import LayerAttribution, LayerGradCam
+
+    torch.manual_seed(3)
+    x = torch.randn(3, 3, 64, 64)
+    base = 0.1 * torch.randn(3, 3, 64, 64)
+    targets = [1, 5, 9]
+    e = lurker.explain(resnet, x, target=targets, method="saliency")
+    close(e.attribution, captum_attr.Saliency(resnet).attribute(x, target=targets), 1e-6)
+    kw = {"n_steps": 16, "internal_batch_size": 10}
+    for integration in ("gausslegendre", "riemann_middle"):
+        e = lurker.explain(
+            resnet, x, targets, "integrated_gradients", baseline=base, integration=integration, **kw
+        )
+        ref, delta = captum_attr.IntegratedGradients(resnet).attribute(
+            x, base, target=targets, method=integration, return_convergence_delta=True, **kw
+        )
+        close(e.attribution, ref, 1e-5)
+        close(e.delta, delta, 1e-4)
+        with torch.no_grad():
+            gap = resnet(x)[range(3), targets] - resnet(base)[range(3), targets]
+        assert torch.allclose(e.delta, e.attribution.sum((1, 2, 3)) - gap, atol=1e-5)
+    e = lurker.explain(resnet, x, target=targets, method="gradcam", layer="layer4")
+    ref = LayerGradCam(resnet, resnet.layer4).attribute(x, target=targets, relu_attributions=True)
+    assert ref.abs().max() > 0
+    up = LayerAttribution.interpolate(ref, x.shape[2:], interpolate_mode="bilinear")
+    close(e.attribution, up.expand_as(x), 1e-5)
 
 
 # ---------------------------------------------------------------------- targets

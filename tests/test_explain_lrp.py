@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -82,6 +83,28 @@ def test_lrp_equals_zennit(arch, composite, x64) -> None:
         _, ref = attr(x64, lambda out: nn.functional.one_hot(torch.tensor([3]), 10) * out)
     assert rel_err(e.attribution, ref) < 1e-4
     assert e.options["composite"] == composite and e.target == [3]
+
+
+@pytest.mark.parametrize("composite", list(ZENNIT))
+def test_lrp_options_equal_zennits(composite, x64) -> None:
+    """epsilon, stabilizer and gamma away from their defaults (where epsilon equals the
+    stabilizer, so a rule given the other one's value would still match): each reaches
+    the rule Zennit gives it, and changes the result."""
+    m = cnn("resnet18")
+    opts = {"epsilon": 0.05, "stabilizer": 1e-3, "gamma": 0.7}
+    zopts = {k: v for k, v in opts.items() if composite == "epsilon_gamma_box" or k != "gamma"}
+    box = {"low": -3.0, "high": 3.0} if composite == "epsilon_gamma_box" else {}
+    e = lurker.explain(m, x64, target=3, method="lrp", composite=composite, **opts, **box)
+    make = {
+        "epsilon_plus_flat": EpsilonPlusFlat,
+        "epsilon_gamma_box": EpsilonGammaBox,
+        "alpha2_beta1": EpsilonAlpha2Beta1,
+    }[composite]
+    with Gradient(model=m, composite=make(canonizers=[ResNetCanonizer()], **zopts, **box)) as attr:
+        _, ref = attr(x64, lambda out: nn.functional.one_hot(torch.tensor([3]), 10) * out)
+    assert rel_err(e.attribution, ref) < 1e-4
+    default = lurker.explain(m, x64, target=3, method="lrp", composite=composite, **box)
+    assert rel_err(default.attribution, ref) > 1e-2
 
 
 @pytest.mark.parametrize("arch", ["vgg11_bn", "resnet18", "mobilenet_v2", "densenet121"])
@@ -611,6 +634,123 @@ def test_vit_attnlrp_conserves_but_for_the_softmax(make) -> None:
     assert abs(total - (float(rel.start.sum()) - absorbed)) < 1e-5 * scale
     cp, _ = Engine(m, x, None, **TINY).run(x, [0, 4])
     assert rel_err(rel.input, cp.input) > 1e-3
+
+
+class OneBlock(nn.Module):
+    """One pre-norm transformer block over tokens (B, T, d) and a mean-pooled head, every
+    layer with a bias: LayerNorm, query, key and value projections split into 2 heads,
+    attention written out (``softmax``: softmax of ``q @ k^T`` scaled, ``@ v``), fused
+    (``sdpa``: ``scaled_dot_product_attention``) or torch's ``nn.MultiheadAttention``
+    (``mha``: one packed projection, as torchvision's ViT), an output projection, a
+    residual sum."""
+
+    def __init__(self, attention: str, d: int = 6, heads: int = 2, classes: int = 5) -> None:
+        super().__init__()
+        self.ln = nn.LayerNorm(d)
+        self.q, self.k, self.v, self.proj = (nn.Linear(d, d) for _ in range(4))
+        self.mha = nn.MultiheadAttention(d, heads, batch_first=True)
+        self.head = nn.Linear(d, classes)
+        self.heads, self.attention = heads, attention
+        with torch.no_grad():
+            self.ln.weight.uniform_(0.5, 1.5)
+            for t in (self.ln.bias, self.mha.in_proj_bias, self.mha.out_proj.bias):
+                t.uniform_(-0.3, 0.3)
+
+    def weights(self) -> dict[str, np.ndarray]:
+        """The parameters by layer name (``q``, ``k``, ``v``, ``proj``, ``ln``, ``head``),
+        those of ``mha`` unpacked where it is the attention."""
+        P = {k: v.detach().numpy() for k, v in self.state_dict().items()}
+        if self.attention == "mha":
+            d = self.proj.in_features
+            for i, name in enumerate("qkv"):
+                P[f"{name}.weight"] = P["mha.in_proj_weight"][i * d : (i + 1) * d]
+                P[f"{name}.bias"] = P["mha.in_proj_bias"][i * d : (i + 1) * d]
+            P["proj.weight"], P["proj.bias"] = P["mha.out_proj.weight"], P["mha.out_proj.bias"]
+        return P
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, d = x.shape
+        n = self.ln(x)
+        if self.attention == "mha":
+            y = x + self.mha(n, n, n, need_weights=False)[0]
+            return self.head(y.mean(1))
+        split = lambda t: t.reshape(B, T, self.heads, -1).transpose(1, 2)  # noqa: E731
+        q, k, v = split(self.q(n)), split(self.k(n)), split(self.v(n))
+        if self.attention == "sdpa":
+            o = nn.functional.scaled_dot_product_attention(q, k, v)
+        else:
+            o = torch.softmax((q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5, -1) @ v
+        y = x + self.proj(o.transpose(1, 2).reshape(B, T, d))
+        return self.head(y.mean(1))
+
+
+def one_block_lrp_by_hand(m: OneBlock, x: torch.Tensor, target: int, rule: str) -> np.ndarray:
+    """The input relevance of one row ``x`` (T, d), each rule written out in numpy from
+    its paper: epsilon rule ``R_i = sum_j x_i W_ji R_j / z_j`` (z with its bias) on the
+    linear layers and on LayerNorm with its std held constant (Ali et al., 2022); z-rule
+    on the mean and the residual sum; on ``A @ v`` the values get all (``cp``: A constant)
+    or half with A the other half (``attnlrp``: uniform rule), then AttnLRP's softmax
+    rule ``R_s = s (R_A - A sum_k R_A)`` and the uniform rule on ``q @ k^T`` (Achtibat
+    et al., 2024)."""
+    P = m.weights()
+    x = x.numpy()
+    T, d = x.shape
+    h = m.heads
+    dh = d // h
+    std = np.sqrt(x.var(1, keepdims=True) + m.ln.eps)
+    n = (x - x.mean(1, keepdims=True)) / std * P["ln.weight"] + P["ln.bias"]
+    lin = lambda t, name: t @ P[name + ".weight"].T + P[name + ".bias"]  # noqa: E731
+    split = lambda t: t.reshape(T, h, dh).transpose(1, 0, 2)  # noqa: E731
+    merge = lambda t: t.transpose(1, 0, 2).reshape(T, d)  # noqa: E731
+    q, k, v = lin(n, "q"), lin(n, "k"), lin(n, "v")
+    qh, kh, vh = split(q), split(k), split(v)
+    s = np.einsum("hij,hkj->hik", qh, kh) / np.sqrt(dh)
+    a = np.exp(s - s.max(-1, keepdims=True))
+    a /= a.sum(-1, keepdims=True)
+    oh = np.einsum("hik,hkj->hij", a, vh)
+    out = lin(merge(oh), "proj")
+    y = x + out
+    pooled = y.mean(0)
+    logits = lin(pooled, "head")
+    R = np.zeros_like(logits)
+    R[target] = logits[target]
+
+    def epsilon(inp: np.ndarray, W: np.ndarray, z: np.ndarray, Rz: np.ndarray) -> np.ndarray:
+        return inp * ((Rz / z) @ W)
+
+    Ry = (y / T) / pooled * epsilon(pooled, P["head.weight"], logits, R)
+    R_skip, R_out = x / y * Ry, out / y * Ry
+    Roh = split(epsilon(merge(oh), P["proj.weight"], out, R_out))
+    Rv = np.einsum("hik,hkj,hij->hkj", a, vh, Roh / oh)
+    Rq, Rk = np.zeros_like(qh), np.zeros_like(kh)
+    if rule == "attnlrp":
+        Rv = 0.5 * Rv
+        Ra = 0.5 * np.einsum("hik,hkj,hij->hik", a, vh, Roh / oh)
+        Rs = s * (Ra - a * Ra.sum(-1, keepdims=True))
+        Rq = 0.5 * np.einsum("hij,hkj,hik->hij", qh, kh, Rs / (s * np.sqrt(dh)))
+        Rk = 0.5 * np.einsum("hij,hkj,hik->hkj", qh, kh, Rs / (s * np.sqrt(dh)))
+    Rn = sum(
+        epsilon(n, P[name + ".weight"], z, merge(Rz))
+        for name, z, Rz in (("q", q, Rq), ("k", k, Rk), ("v", v, Rv))
+    )
+    J = P["ln.weight"][None, :, None] / std[:, None, :] * (np.eye(d) - 1.0 / d)[None]
+    return R_skip + x * np.einsum("tji,tj->ti", J, Rn / n)
+
+
+@pytest.mark.parametrize("rule", ["cp", "attnlrp"])
+@pytest.mark.parametrize("attention", ["softmax", "sdpa", "mha"])
+def test_one_block_transformer_equals_the_rules_written_out(attention: str, rule: str) -> None:
+    """The transformer rules (LayerNorm, attention by either rule, residual, mean, linear
+    layers with biases) against each rule's formula in numpy on a one-block model: the
+    oracle for AttnLRP's softmax and matmul rules that runs without lxt."""
+    torch.manual_seed(0)
+    m = OneBlock(attention).double().eval()
+    torch.manual_seed(1)
+    x = torch.randn(3, 4, 6, dtype=torch.float64)
+    target = [0, 2, 4]
+    e = lurker.explain(m, x, target=target, method="lrp", attention=rule, **TINY)
+    want = np.stack([one_block_lrp_by_hand(m, x[b], target[b], rule) for b in range(3)])
+    assert rel_err(e.attribution, torch.from_numpy(want)) < 1e-10
 
 
 def test_unknown_attention_rule() -> None:

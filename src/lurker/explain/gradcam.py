@@ -179,13 +179,15 @@ def gradcam_pp_weights(A: Tensor, g: Tensor) -> Tensor:
     """Grad-CAM++ with the exponential closed form (the paper's eq. 19, as
     pytorch-grad-cam): ``alpha = g^2 / (2 g^2 + sum_ij A * g^3)``, ``w = sum_ij alpha
     relu(g)``; alpha is 0 where its denominator is (no epsilon that would bias small
-    gradients)."""
-    g2 = g * g
-    g3 = g2 * g
-    denom = 2 * g2 + A.sum((2, 3), keepdim=True) * g3
-    ok = denom != 0
-    alpha = torch.where(ok, g2 / torch.where(ok, denom, torch.ones_like(denom)), 0.0)
-    return (alpha * g.clamp(min=0)).sum((2, 3), keepdim=True)
+    gradients). Computed as ``1 / (2 + sum_ij A * g)`` where ``g != 0``, the same number
+    with no power of ``g`` to underflow (a float16 gradient under 2.4e-4 has ``g^2 = 0``:
+    alpha, and the map, were 0), at float32 at least."""
+    wide = torch.promote_types(g.dtype, torch.float32)
+    gw = g.to(wide)
+    denom = 2 + A.to(wide).sum((2, 3), keepdim=True) * gw
+    ok = (gw != 0) & (denom != 0)
+    alpha = torch.where(ok, 1 / torch.where(ok, denom, torch.ones_like(denom)), 0.0)
+    return (alpha * gw.clamp(min=0)).sum((2, 3), keepdim=True).to(g.dtype)
 
 
 class _CAM(Method):
