@@ -17,6 +17,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1 || $(PY) -m pip install -q torch torchvision
 	$(PY) -m pip install -q -e '.[dev]'
+	# the AttnLRP oracle (tests/test_explain_lrp.py uses lxt.explicit.functional, plain
+	# torch); its declared requirements (transformers, bitsandbytes, ...) are not needed
+	$(PY) -m pip install -q --no-deps lxt==2.1
 	touch $@
 
 $(STATIC): $(WEB_SRC)
