@@ -630,3 +630,105 @@ def test_an_in_place_op_that_writes_nothing_keeps_its_tensor_under_autograd():
     want = model(x)
     torch.testing.assert_close(tr.run(x).output, want)
     torch.testing.assert_close(tr.run(x, hooks={"drop": lambda op, o: None}).output, want)
+
+
+class _TwoInputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = _convnet()
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        return self.net(x * mask)
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "said"),
+    [
+        ((torch.randn(2, 4, 8, 8),), {}, r"input 'input' is \(2, 4, 8, 8\) float32 on cpu where"),
+        ((torch.randn(2, 3, 9, 9),), {}, r"input 'input' is \(2, 3, 9, 9\) float32"),
+        ((torch.randn(3, 8, 8),), {}, r"input 'input' is \(3, 8, 8\) float32"),
+        ((torch.randn(2, 3, 8, 8).half(),), {}, r"input 'input' is \(2, 3, 8, 8\) float16"),
+        ((torch.zeros(2, 3, 8, 8).long(),), {}, r"input 'input' is \(2, 3, 8, 8\) int64"),
+        ((torch.randn(2, 3, 8, 8, device="meta"),), {}, r"float32 on meta where"),
+        ((torch.randn(2, 3, 8, 8), torch.randn(2)), {}, r"'args\[0\]' .*'args\[1\]' .* are "),
+        ((), {}, r"input 'input' is missing \(traced as \(2, 3, 8, 8\) float32 on cpu\)"),
+        ((), {"x": torch.randn(2, 3, 8, 8)}, r"'x' \(\(2, 3, 8, 8\) float32 on cpu\) is passed"),
+    ],
+)
+def test_run_on_inputs_unlike_the_traced_ones_says_which_and_what_to_do(args, kwargs, said):
+    """Trace.run on an input of another shape, dtype or device, or with other inputs,
+    raised torch's error from deep inside the model (a conv's channels, "mat1 and mat2
+    shapes cannot be multiplied", a TypeError of Sequential.forward): now one paragraph
+    naming the input, what the trace was recorded with, and what to do; torch's error is
+    its cause. The traced shape is (2, 3, 8, 8) float32 on cpu."""
+    tr = lurker.trace(_convnet(), _x(0))
+    with pytest.raises(LurkerError, match=said) as err:
+        tr.run(*args, **kwargs)
+    text = str(err.value)
+    assert "(2, 3, 8, 8) float32 on cpu" in text  # what the trace was recorded with
+    assert "batch dimension (dim 0) may differ" in text
+    assert "lurker.trace(model, x)" in text and "The model raised" in text
+    assert err.value.__cause__ is not None and not isinstance(err.value.__cause__, LurkerError)
+
+
+def test_run_on_inputs_like_the_traced_ones_runs_or_keeps_the_models_own_error():
+    """What the replay takes stays taken, with the model's outputs (the oracle: the model
+    itself): another batch size, a channels-last input. A hook's own error, and a model's
+    error on traced-like inputs, are not blamed on the inputs."""
+    model = _convnet()
+    tr = lurker.trace(model, _x(0))
+    for x in (_x(n=5), _x(n=1), _x().to(memory_format=torch.channels_last)):
+        torch.testing.assert_close(tr.run(x).output, model(x))
+
+    def boom(op: lurker.Op, out: Tensor) -> None:
+        raise ValueError("in a hook")
+
+    with pytest.raises(ValueError, match="in a hook"):  # even on another batch size
+        tr.run(_x(n=5), hooks={"0": boom})
+
+    class Big(nn.Module):  # runs out of memory on a batch of more than 2
+        def forward(self, x: Tensor) -> Tensor:
+            if x.shape[0] > 2:
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            return x * 2
+
+    big = lurker.trace(Big(), _x(0))
+    with pytest.raises(torch.OutOfMemoryError, match="simulated"):  # not the input's fault
+        big.run(_x(n=5))
+
+
+def test_run_with_a_missing_input_and_a_fixed_batch_name_them():
+    """A model of two inputs run without its mask, and a model that reshapes to the
+    traced batch run on another: the input that is missing, or the batch that differs."""
+    two = lurker.trace(_TwoInputs(), _x(0), torch.ones(1, 3, 1, 1))
+    with pytest.raises(LurkerError, match=r"input 'mask' is missing \(traced as \(1, 3, 1, 1\)"):
+        two.run(_x())
+
+    class FixedBatch(nn.Module):
+        def forward(self, x: Tensor) -> Tensor:
+            return x.reshape(2, 3 * 8 * 8).sum(1)
+
+    tr = lurker.trace(FixedBatch(), _x(0))
+    with pytest.raises(LurkerError, match=r"in their batch dimension only: input 'x' is \(3, 3"):
+        tr.run(_x(n=3))
+    torch.testing.assert_close(tr.run(_x()).output, FixedBatch()(_x()))
+
+
+def test_run_without_an_optional_input_names_it_not_the_data():
+    """A forward(x, mask=None) traced with its mask and run without it takes another path;
+    GraphChangedError blamed the shapes and the model's control flow ("1 input tensors
+    where the trace had 2 ... a loop over x.shape[0]"). It names the missing input."""
+
+    class Masked(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+
+        def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+            return self.lin(x if mask is None else x * mask)
+
+    tr = lurker.trace(Masked(), torch.randn(2, 4), torch.ones(2, 4))
+    with pytest.raises(GraphChangedError, match=r"input 'mask' is missing \(traced as \(2, 4\)"):
+        tr.run(torch.randn(2, 4))
+    x, mask = torch.randn(5, 4), torch.rand(5, 4)  # another batch runs: the oracle, the model
+    torch.testing.assert_close(tr.run(x, mask).output, tr.model(x, mask))

@@ -150,6 +150,59 @@ def test_ctrl_c_of_lurker_probe_says_lurkers_message_only_and_exits_130(tmp_path
     assert torch.load(out / "checkpoint.pt", weights_only=True)["done"] == 128
 
 
+SIGNAL_IN_TRACE_MODEL = """
+import os, signal, torch
+from torch import nn
+
+
+class Net(nn.Module):
+    '''The digits' convnet; while the probe traces it (a function mode is on: not while
+    `lurker probe` counts its channels, nor in the sweep), it sends itself the signal
+    named by $STOP_WITH, as a batch system or a Ctrl-C would during a slow first forward.'''
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU())
+
+    def forward(self, x):
+        sig = os.environ.get("STOP_WITH")
+        if sig and torch.overrides._get_current_function_mode_stack():
+            os.kill(os.getpid(), getattr(signal, sig))
+        return self.features(x)
+"""
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_a_signal_during_the_probes_first_trace_says_nothing_was_swept(
+    tmp_path: Path, sig: str
+) -> None:
+    """SIGTERM while `lurker probe` traces the model, before its first batch, killed it
+    silently (status -15), leaving the run directory it had made (holding only its lock).
+    Now it stops as Ctrl-C does: one line saying nothing was swept and nothing is lost,
+    exit status 128 + the signal, no directory left behind, and the same command runs."""
+    (tmp_path / "net.py").write_text(SIGNAL_IN_TRACE_MODEL)
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    cmd = [sys.executable, "-c", "from lurker.cli import main; main()", "probe",
+           str(tmp_path / "net.py") + ":Net", "--data", "digits", "--image-size", "8",
+           "--batch-size", "256", "--device", "cpu", "--out", str(out)]  # fmt: skip
+    done = subprocess.run(
+        cmd, capture_output=True, text=True, env={**env, "STOP_WITH": sig}, timeout=600
+    )
+    signum = int(getattr(signal, sig))
+    assert done.returncode == 128 + signum, (done.returncode, done.stderr)
+    said = [line for line in done.stderr.splitlines() if "sweep" in line]
+    how = "stopped by SIGTERM" if sig == "SIGTERM" else "interrupted"
+    assert len(said) == 1 and said[0].startswith(f"lurker: {how} before the sweep's first"), said
+    assert "nothing was swept in this call and nothing is lost" in said[0]
+    assert "run the same command again" in said[0]
+    assert "Traceback" not in done.stderr and "Aborted" not in done.stderr
+    assert not out.exists()  # the directory made for the run, lock and all, is gone
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert lurker.Run.open(out).meta["sweep"]["images"] == 1797
+
+
 class Normalised(Images):
     """:class:`Images` normalised by the dataset itself, with its ``mean``/``std`` (which
     the probe records) saying how."""

@@ -1277,3 +1277,37 @@ def test_save_of_a_module_whose_result_is_discarded_warns_and_names_its_ops():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         lurker.trace(model, x, save=["main"])  # a module whose result is used: silent
+
+
+def test_a_second_backward_leaves_the_first_ones_gradients_and_says_why():
+    """A second trace.backward() (the autograd graph freed by the first) ran the output's
+    gradient hook before torch refused the freed graph: the output op's gradient became
+    the sum of both, silently, and the error was torch's. Now every gradient stays the
+    first backward's (the oracle: autograd on a plain forward), and the error says why;
+    a gradient unlike the output is refused by name instead of torch's shape error."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    x = torch.randn(5, 4)
+    h1 = model[0](x)
+    out = model[2](model[1](h1))
+    g1, go = torch.autograd.grad(out[:, 1].sum(), [h1, out])
+    for again in (
+        lambda tr: tr.backward(output=lambda out: out[:, 1].sum()),
+        lambda tr: tr.output[:, 1].sum().backward(),  # the user's own, first
+    ):
+        tr = lurker.trace(model, x, grads=True)
+        again(tr)
+        with pytest.raises(lurker.LurkerError, match="freed by an earlier backward") as err:
+            tr.backward(output=lambda out: out[:, 1].sum())
+        assert "trace again" in str(err.value)
+        torch.testing.assert_close(tr["0"].grad, g1)
+        torch.testing.assert_close(tr["2"].grad, go)
+    tr = lurker.trace(model, x, grads=True)
+    for bad, said in ((torch.ones(3), r"got \(3,\) on cpu"), (2.0, "got float")):
+        with pytest.raises(
+            lurker.LurkerError, match=rf"output it differentiates, \(5, 3\) on cpu; {said}"
+        ):
+            tr.backward(bad)
+    assert tr["2"].grad is None
+    tr.backward(torch.ones(5, 3))  # still possible: nothing ran
+    torch.testing.assert_close(tr["2"].grad, torch.ones(5, 3))

@@ -522,21 +522,26 @@ def _unit_dims(values: tuple[str, ...]) -> int | dict[str, int] | None:
 def _stopped_quietly() -> Iterator[None]:
     """A probe stopped by Ctrl-C or SIGTERM exits with 128 + the signal, as a shell does,
     with lurker's message only: the sweep has said what it kept and how to resume (once
-    per job), and click would add "Aborted!" from every process."""
+    per job), and click would add "Aborted!" from every process. A SIGTERM while the
+    model is loaded stops as Ctrl-C does, not silently."""
     from .probe import ProbeInterrupted
+    from .probe.sweep import StopSignal, stops_on_sigterm
 
     try:
-        yield
+        with stops_on_sigterm():
+            yield
     except ProbeInterrupted as stop:
         raise SystemExit(128 + stop.signum) from None
-    except KeyboardInterrupt:  # before the sweep, or a second Ctrl-C inside it
+    except KeyboardInterrupt as stop:  # before the probe, or a second Ctrl-C inside it
+        signum = stop.signum if isinstance(stop, StopSignal) else 2  # (SIGINT)
         if int(os.environ.get("RANK", "0")) == 0:
+            how = "stopped by SIGTERM" if signum == 15 else "interrupted"
             click.echo(
-                "lurker: interrupted; the run keeps what its last checkpoint saved (nothing, "
+                f"lurker: {how}; the run keeps what its last checkpoint saved (nothing, "
                 "before the sweep's first): run the same command again to resume",
                 err=True,
             )
-        raise SystemExit(130) from None
+        raise SystemExit(128 + signum) from None
 
 
 @contextlib.contextmanager

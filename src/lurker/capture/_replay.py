@@ -208,6 +208,14 @@ class Replayer(OpMode):
                 "another forward) or on random numbers, not on the data. Trace the model again "
                 "in the state you will run it in."
             )
+        kind = _unlike(self.trace, *self.call)[0]
+        if kind:  # not the data: inputs the trace was not recorded with
+            return (
+                f"The inputs are not like the traced ones: {first_three(kind, '; ')}. Pass "
+                "each input the trace was recorded with, with its dtype and device (only the "
+                "batch dimension may differ), or trace the model on these inputs with "
+                "lurker.trace()."
+            )
         shapes = _shape_change(self.call, self.trace._inputs)
         if shapes and self.diverged is not None:  # the data decided, whatever the shapes
             return (
@@ -236,7 +244,12 @@ class Replayer(OpMode):
             with self:
                 output = model(*args, **kwargs)
         except Exception as e:
-            if not self.reshaped or isinstance(e, LurkerError):
+            if isinstance(e, LurkerError):
+                raise
+            unlike = input_mismatch(self.trace, args, kwargs, e)
+            if unlike is not None:
+                raise LurkerError(unlike) from e
+            if not self.reshaped:
                 raise
             first = (str(e).strip().splitlines() or [""])[0]
             raise LurkerError(
@@ -265,6 +278,95 @@ _same = _funcs.same_callable
 def _meta(t: Tensor) -> str:
     """``(2, 8) float32 on cpu``: what a hook's replacement is compared by."""
     return f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')} on {t.device}"
+
+
+def _meta_of(m: Any) -> str:
+    """``(2, 8) float32 on cpu`` for a recorded input's :class:`TensorMeta`."""
+    return f"{tuple(m.shape)} {m.dtype} on {m.device}"
+
+
+def _unlike(trace: Trace, args: tuple, kwargs: dict) -> tuple[list[str], list[str], list[str]]:
+    """How the inputs ``args, kwargs`` differ from the traced ones, one line per input:
+    (missing, extra, or of another dtype or device; of another shape beyond the batch
+    dimension; of another batch dimension only)."""
+    from .trace import _name_inputs  # (trace imports this module)
+
+    traced = {op.name: op.outputs[0] for op in trace.inputs if op.outputs}
+    given = dict(_name_inputs(trace.model, args, kwargs)) if trace.model is not None else {}
+    kind: list[str] = []
+    shapes: list[str] = []
+    batch: list[str] = []
+    for name, m in traced.items():
+        t = given.get(name)
+        if t is None:
+            kind.append(f"input '{name}' is missing (traced as {_meta_of(m)})")
+            continue
+        shape, dtype = tuple(t.shape), str(t.dtype).removeprefix("torch.")
+        said = f"input '{name}' is {_meta(t)} where the trace was recorded with {_meta_of(m)}"
+        if dtype != m.dtype or str(t.device) != m.device:
+            kind.append(said)
+        elif shape != tuple(m.shape):
+            same_rest = len(shape) == len(m.shape) and shape[1:] == tuple(m.shape[1:])
+            (batch if same_rest else shapes).append(said)
+    extra = [f"'{n}' ({_meta(t)})" for n, t in given.items() if n not in traced]
+    if extra:
+        kind.append(
+            f"{first_three(extra)} {'is' if len(extra) == 1 else 'are'} passed, which the "
+            f"trace was not recorded with (it was with {', '.join(map(repr, traced)) or 'none'})"
+        )
+    return kind, shapes, batch
+
+
+def input_mismatch(trace: Trace, args: tuple, kwargs: dict, error: BaseException) -> str | None:
+    """Why a replay on these inputs failed, if they are not like the traced ones: one
+    paragraph naming each input that differs (missing, extra, or of another shape, dtype or
+    device; the batch dimension alone only when nothing else differs), what the trace was
+    recorded with and what to do. None when the inputs are like the traced ones: the
+    model's own error stands. Only called once the forward has failed (nothing per run)."""
+    kind_of = type(error)
+    if (
+        trace.model is None
+        or _in_hook(error)  # a hook's own error is the caller's to read as it is
+        or not (kind_of.__module__ == "builtins" or kind_of.__module__.startswith("torch"))
+        or isinstance(error, (MemoryError, torch.OutOfMemoryError))  # (a bigger batch's:
+        or "out of memory" in str(error).lower()  # not the input's fault; CPU's say so)
+    ):
+        return None  # (the model's own exception type says what it means)
+    kind, shapes, batch = _unlike(trace, args, kwargs)
+    lines = kind + shapes
+    first = (str(error).strip().splitlines() or [""])[0]
+    raised = f"The model raised {type(error).__name__}: {first}"
+    name = trace.model_name
+    if lines:
+        return (
+            f"Trace.run could not run {name} on these inputs, which are not like the ones "
+            f"it was traced with: {first_three(lines, '; ')}. A trace replays the ops it "
+            "recorded: pass each input the trace was recorded with, with its dtype and device "
+            "(x.to(dtype), x.to(device)) and its shape, whose batch dimension (dim 0) may "
+            "differ. If the model's graph depends on the input's shape, trace it again on an "
+            f"input like this one (lurker.trace(model, x)). {raised}"
+        )
+    if batch:
+        return (
+            f"Trace.run could not run {name} on these inputs, which differ from the ones it "
+            f"was traced with in their batch dimension only: {first_three(batch, '; ')}. "
+            "The model may not take another batch size (a reshape to a fixed batch, a "
+            "buffer of the traced batch): trace it on a batch of this size "
+            f"(lurker.trace(model, x)), or pass the traced batch size. {raised}"
+        )
+    return None
+
+
+def _in_hook(error: BaseException) -> bool:
+    """Whether ``error`` was raised inside a hook function (its traceback passes through
+    the call of the hooks)."""
+    code = _hooks.call.__code__
+    tb = error.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code is code:
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def _same_inputs(a: tuple[tuple, dict], b: tuple[tuple, dict]) -> bool:

@@ -713,7 +713,10 @@ class Trace(Graph):
 
         Raises :class:`~lurker.errors.GraphChangedError` if the new input takes another
         path through the model (a data-dependent branch, or hooks of the model's own added
-        or removed since the trace), naming the first op that differs and the cause.
+        or removed since the trace), naming the first op that differs and the cause; and
+        :class:`~lurker.errors.LurkerError` if the model fails on inputs unlike the traced
+        ones (missing, extra, or of another dtype, device or shape: only the batch
+        dimension may differ), naming each and what the trace was recorded with.
         """
         from ._replay import replay
 
@@ -804,7 +807,37 @@ class Trace(Graph):
             )
         if gradient is None:
             gradient = torch.ones_like(target)
-        target.backward(gradient)
+        elif not isinstance(gradient, Tensor) or (
+            gradient.shape != target.shape or gradient.device != target.device
+        ):
+            got = (
+                f"{tuple(gradient.shape)} on {gradient.device}"
+                if isinstance(gradient, Tensor)
+                else type(gradient).__name__
+            )
+            raise LurkerError(
+                f"trace.backward(gradient) takes a tensor like the output it differentiates, "
+                f"{tuple(target.shape)} on {target.device}; got {got}. Pass one of that shape "
+                "(torch.ones_like(out) is the default), or pick a scalar to differentiate: "
+                "trace.backward(output=lambda out: out[:, 3].sum())."
+            )
+        # each saved op's gradient as it is: a backward that fails may have added to some
+        # (those nearest the output) before it failed, which would leave them wrong
+        kept = [op.grad for op in self.ops]
+        try:
+            target.backward(gradient)
+        except BaseException as e:
+            for op, g in zip(self.ops, kept):
+                op.grad = g
+            if not isinstance(e, RuntimeError) or "a second time" not in str(e):
+                raise
+            raise LurkerError(
+                "This trace's autograd graph was freed by an earlier backward (through "
+                "trace.backward() or the output's own .backward()), so it cannot run again; "
+                "the gradients kept are those of the first. For the gradients of another "
+                "target, trace again (lurker.trace(model, x, grads=True)) and call "
+                "trace.backward(output=...) on that trace."
+            ) from e
 
     def validate(self, *, rtol: float = 1e-4, atol: float = 1e-5) -> ValidationReport:
         """Re-execute every op from its saved inputs and compare; check the final output.

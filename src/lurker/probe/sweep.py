@@ -815,32 +815,33 @@ def probe(
     ``torchrun``), and ``None`` on the other ranks, which write nothing.
     """
     with evaluating(model):  # a model probed between training epochs goes on training
-        plan = _plan(
-            model,
-            dataset,
-            out=Path(out),
-            layers=layers,
-            k=k,
-            batch_size=batch_size,
-            device=device,
-            num_workers=num_workers,
-            checkpoint_every=checkpoint_every,
-            checkpoint_seconds=checkpoint_seconds,
-            hist_bins=hist_bins,
-            progress=progress,
-            meta=meta,
-            unit_dim=unit_dim,
-            relevance=relevance,
-            embed=embed,
-            channel_dim=channel_dim,
-        )
-        writer = _open_writer(plan, overwrite)
-        _check_checkpoints_world(plan, writer)
-        if _finished_before(plan, writer):
-            return Run.open(plan.out) if plan.rank == 0 else None
-        consumers = _consumers(plan)
-        start = _restore(plan, writer, consumers)
-        swept = _sweep(plan, consumers, start)
+        with _before_sweep():
+            plan = _plan(
+                model,
+                dataset,
+                out=Path(out),
+                layers=layers,
+                k=k,
+                batch_size=batch_size,
+                device=device,
+                num_workers=num_workers,
+                checkpoint_every=checkpoint_every,
+                checkpoint_seconds=checkpoint_seconds,
+                hist_bins=hist_bins,
+                progress=progress,
+                meta=meta,
+                unit_dim=unit_dim,
+                relevance=relevance,
+                embed=embed,
+                channel_dim=channel_dim,
+            )
+            writer = _open_writer(plan, overwrite)
+            _check_checkpoints_world(plan, writer)
+            if _finished_before(plan, writer):
+                return Run.open(plan.out) if plan.rank == 0 else None
+            consumers = _consumers(plan)
+            start = _restore(plan, writer, consumers)
+        swept = _sweep(plan, consumers, start)  # (says itself what a signal left)
         return _finish(plan, writer, consumers, swept)
 
 
@@ -1429,9 +1430,68 @@ def _sweep(plan: _Plan, consumers: Sequence[BatchConsumer], start: _Progress) ->
     return position
 
 
+class StopSignal(KeyboardInterrupt):
+    """A SIGTERM that stopped the process outside the sweep's batches, raised where Python
+    was so that everything unwinds as for Ctrl-C: ``signum`` is the signal."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_stop(signum: int, frame: Any) -> None:
+    raise StopSignal(signum)
+
+
+@contextlib.contextmanager
+def stops_on_sigterm() -> Iterator[None]:
+    """Within the block, SIGTERM stops the process as Ctrl-C does (:class:`StopSignal`, a
+    KeyboardInterrupt) instead of killing it on the spot: the run directory's lock is
+    released, a directory made for nothing is removed, and the caller can say so. Only
+    where SIGTERM has its default handler (a caller's own is left alone), in the main
+    thread. The sweep's :func:`_stop_signals` takes over inside it."""
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+    ):
+        yield
+        return
+    signal.signal(signal.SIGTERM, _raise_stop)
+    try:
+        yield
+    finally:
+        if signal.getsignal(signal.SIGTERM) is _raise_stop:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def _before_sweep() -> Iterator[None]:
+    """A Ctrl-C or SIGTERM before the sweep's first batch (while the model is traced, the
+    dataset read, the run opened) stops with one line saying that nothing was swept and
+    nothing is lost, and :class:`ProbeInterrupted`; it used to be a traceback, or for
+    SIGTERM a silent kill. The sweep's own stop (after its checkpoint) passes through."""
+    try:
+        with stops_on_sigterm():
+            yield
+    except ProbeInterrupted:
+        raise
+    except KeyboardInterrupt as stop:
+        signum = stop.signum if isinstance(stop, StopSignal) else int(signal.SIGINT)
+        if int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0"))) == 0:
+            how = "stopped by SIGTERM" if signum == signal.SIGTERM else "interrupted"
+            print(
+                f"lurker: {how} before the sweep's first batch: nothing was swept in this "
+                "call and nothing is lost (the run keeps what earlier calls saved): "
+                f"{_resume_command(int(os.environ.get('WORLD_SIZE', '1')))}",
+                file=sys.stderr,
+            )
+        raise ProbeInterrupted(signum) from None
+
+
 class ProbeInterrupted(KeyboardInterrupt):
-    """The sweep stopped on Ctrl-C (SIGINT) or SIGTERM after checkpointing its last batch;
-    ``signum`` is the signal (the command line exits with 128 + it)."""
+    """The probe stopped on Ctrl-C (SIGINT) or SIGTERM, after checkpointing its last batch
+    or before its first, and said so; ``signum`` is the signal (the command line exits
+    with 128 + it)."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)
@@ -1474,8 +1534,10 @@ def _stop_signals() -> Iterator[list[int]]:
             (signal.SIGINT, signal.default_int_handler),
             (signal.SIGTERM, signal.SIG_DFL),
         )
-        if signal.getsignal(sig) is default
+        # (SIGTERM's handler of stops_on_sigterm, outside the sweep, counts as the default)
+        if signal.getsignal(sig) in (default, _raise_stop)
     }
+    previous = {sig: signal.getsignal(sig) for sig in ours}
 
     def deferred(signum: int, frame: Any) -> None:
         got.append(signum)
@@ -1487,8 +1549,8 @@ def _stop_signals() -> Iterator[list[int]]:
     try:
         yield got
     finally:
-        for sig, default in ours.items():
-            signal.signal(sig, default)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _resume_command(world: int) -> str:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from lurker.errors import LurkerError
+from lurker.errors import GraphChangedError, LurkerError
 from lurker.store.files import safe_component
 
 from .classes import class_names
@@ -745,11 +745,11 @@ class Session:
                     tr.run(xb, save="none", hooks={i: grab for i in wanted})
                 except _Done:  # every value wanted is in: the rest of the forward is not needed
                     pass
-                except LurkerError as e:
+                except GraphChangedError as e:
                     raise ApiError(
                         409, f"the model takes another path on this image: {e}"
                     ) from None
-                except Exception as e:
+                except Exception as e:  # (a LurkerError: inputs unlike the traced ones)
                     raise ApiError(
                         400, f"the model failed on this image: {type(e).__name__}: {e}"
                     ) from None
