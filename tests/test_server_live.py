@@ -504,7 +504,7 @@ def test_live_maps_are_per_unit_on_every_layout(tmp_path: Any):
             got = client.get(f"/api/runs/r/layers/{gelu}/units/{unit}/mean/peaks").json()
             xs = torch.stack([data[e["sample_id"]][0] for e in top])
             want = _hooked(vit, xs, [gelu])[gelu][1][:, :, unit].argmax(1)
-            assert got == {"which": "mean", "peaks": [[0, int(t)] for t in want]}
+            assert got == {"which": "mean", "peaks": [[0, int(t)] for t in want], "frames": None}
 
     torch.manual_seed(0)
     model = _ChannelsLast().eval()
@@ -552,7 +552,7 @@ def test_mean_list_peaks_and_crops_need_no_model(tmp_path: Any):
         assert [[e["y"], e["x"]] for e in top] == want, unit
         got = client.get(f"/api/runs/r/layers/{block}/units/{unit}/mean/peaks")
         assert got.status_code == 200, got.text
-        assert got.json() == {"which": "mean", "peaks": want}
+        assert got.json() == {"which": "mean", "peaks": want, "frames": None}
         for e, (_, token) in zip(top, want):
             i, j = divmod(token - 1, 4)  # patch tokens row by row after the class token
             box = None if token == 0 else [4 * i, 4 * i + 4, 4 * j, 4 * j + 4]
