@@ -434,6 +434,65 @@ def test_auto_roll_off_and_thresholds(monkeypatch: pytest.MonkeyPatch) -> None:
         assert gv.to_dot(tr).source == plain
 
 
+def test_auto_roll_labels_only_the_drawing_it_returns(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sizing a candidate drawing (every pass, then rolled) makes no labels or dot source:
+    only the drawing returned is made, each drawn op labelled once (building the rejected
+    unrolled drawing too was half of our own time on Keypoint R-CNN)."""
+    tr = lurker.trace(RNNLoop(), torch.randn(12, 2, 3))
+    monkeypatch.setattr(gv, "ROLL_COST", 1)  # pretend it is too big for dot
+    labelled: list[str] = []
+    real = gv._op_attrs
+
+    def counting(trace: lurker.Trace, group: list, rolled: bool) -> dict[str, str]:
+        labelled.append(group[0].label)
+        return real(trace, group, rolled)
+
+    monkeypatch.setattr(gv, "_op_attrs", counting)
+    with pytest.warns(UserWarning, match="ran 12 times"):
+        src = gv.to_dot(tr).source
+    assert sorted(labelled) == sorted(set(labelled))  # each drawn node labelled once
+    assert len(labelled) == len(_nodes(src))  # and only the nodes of this drawing
+
+
+def _strip_edge_labels(src: str) -> str:
+    """``src`` with the labels of its edges taken out (node and cluster labels kept)."""
+    label = re.compile(r'\bx?label=(?:"[^"]*"|[^\s\]]+) ?')
+    return "\n".join(label.sub("", ln) if " -> " in ln else ln for ln in src.split("\n"))
+
+
+def _plain_height(src: str) -> float:
+    out = subprocess.run(["dot", "-Tplain"], input=src.encode(), capture_output=True, check=True)
+    return float(out.stdout.split(b"\n", 1)[0].split()[3])  # "graph SCALE WIDTH HEIGHT"
+
+
+@pytest.mark.skipif(shutil.which("dot") is None, reason="needs graphviz's dot")
+@pytest.mark.parametrize(
+    ("model", "x"), [(RNNLoop(), torch.randn(4, 2, 3)), (Branchy(), torch.ones(2, 4))]
+)
+def test_edge_labels_add_no_ranks(
+    model: nn.Module, x: torch.Tensor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a big graph, pass counts and branch values on edges are drawn beside them: the
+    layout is exactly as tall as with no edge labels at all (dot's ordinary edge labels
+    doubled every rank, which made spline routing most of dot's time on Keypoint R-CNN), and
+    the labels are drawn. A small graph keeps ordinary labels (placed clear of clusters)."""
+    tr = lurker.trace(model, x)
+    small = gv.to_dot(tr, rolled=True).source
+    assert [e for e in _edges(small) if " label=" in e or "[label=" in e]
+    assert not [e for e in _edges(small) if "xlabel=" in e]
+    monkeypatch.setattr(gv, "BIG_GRAPH", 0)  # these small graphs drawn as big ones are
+    src = gv.to_dot(tr, rolled=True).source
+    assert [e for e in _edges(src) if "xlabel=" in e]
+    labels = [e for e in _edges(src) if "label=" in e]
+    assert labels  # the test means something: this drawing has edge labels
+    bare = _strip_edge_labels(src)
+    assert not [e for e in _edges(bare) if "label=" in e]
+    assert _plain_height(src) == _plain_height(bare)
+    svg = tr.render(tmp_path / "g.svg", rolled=True).read_text()
+    want = f"{X}4" if isinstance(model, RNNLoop) else "THEN"
+    assert f">{want}</text>" in svg
+
+
 # ---------------------------------------------------------------------- dot failures
 
 

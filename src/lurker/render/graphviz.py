@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from html import escape
 from pathlib import Path
@@ -74,6 +75,14 @@ BACK_EDGE = {"color": "royalblue3", "fontcolor": "royalblue3", "constraint": "fa
 #: The invisible tie that keeps a node nothing flows into where it ran (not above it), on
 #: the rank of the node drawn before it or below, never forcing a rank of its own.
 ANCHOR_EDGE = {"style": "invis", "minlen": "0"}
+
+#: Edge labels (pass counts, branch values) on a big graph (``BIG_GRAPH``) are dot's
+#: external labels, placed beside the edge once it is routed. An ordinary ``label`` makes dot
+#: give every edge of the graph two ranks (one for the label's own virtual node), which
+#: doubles the drawing's height and made spline routing most of dot's time on detection
+#: models. A small graph keeps ordinary labels: dot is quick there, and it places them clear
+#: of cluster titles, which external labels may overlap.
+EDGE_LABEL = "xlabel"
 
 # Layout tuning: clusters are what makes dot slow on big models. newrank lets it rank
 # clusters globally; the limits bound network-simplex and crossing-minimisation passes,
@@ -256,10 +265,11 @@ def to_dot(
     reasonable time has the ops of its longest loops rolled (drawn once, with pass
     counts), and says so in its title and in a warning; ``auto_roll=False`` draws every pass.
     """
-    g, cost, rolled_ops = _build(trace, depth, 1 if rolled else None, direction, buffers)
+    draw, cost, rolled_ops = _build(trace, depth, 1 if rolled else None, direction, buffers)
     if rolled or not auto_roll or cost < ROLL_COST:
-        return g
-    # Roll the ops that ran most often first, and stop as soon as the drawing fits.
+        return draw()
+    # Roll the ops that ran most often first, and stop as soon as the drawing fits. Only
+    # the drawing chosen is made: labels and dot source are most of our time.
     counts = {op.num_passes for op in trace.ops if op.num_passes >= ROLL_MIN_PASSES}
     best = None
     for least in sorted(counts, reverse=True):
@@ -269,8 +279,9 @@ def to_dot(
         if cand[1] < ROLL_COST:
             break
     if best is None or best[1] >= cost or not best[2]:
-        return g
-    g, _, rolled_ops = best
+        return draw()
+    draw, _, rolled_ops = best
+    g = draw()
     lo, hi = min(rolled_ops.values()), max(rolled_ops.values())
     times = f"{hi:,}" if lo == hi else f"{lo:,} to {hi:,}"
     what = "ops and modules" if any(k.startswith("module ") for k in rolled_ops) else "ops"
@@ -292,9 +303,11 @@ def _build(
     roll: int | None,
     direction: str,
     buffers: bool,
-) -> tuple[graphviz.Digraph, int, dict[str, int]]:
-    """The graph, its estimated layout size, and the ops (rolled labels) and collapsed modules
-    (``module PATH``) drawn rolled, with their pass counts.
+) -> tuple[Callable[[], graphviz.Digraph], int, dict[str, int]]:
+    """What makes the graph, its estimated layout size, and the ops (rolled labels) and
+    collapsed modules (``module PATH``) drawn rolled, with their pass counts.
+
+    The graph is made on demand: :func:`to_dot` sizes several candidates and draws one.
 
     ``roll``: ops (and module calls) that ran at least this many times are drawn once;
     1 rolls everything (``rolled=True``), None nothing.
@@ -369,55 +382,58 @@ def _build(
         draw[op.index] = last = nid
         call[op.index] = op.index
 
-    g = graphviz.Digraph(name=trace.model_name or "model")
-    g.attr("graph", rankdir=direction, label=_title(trace), **GRAPH_ATTRS)
-    g.attr("node", fontname="Helvetica", fontsize="10", margin="0.08,0.04", height="0.3")
-    g.attr("edge", color="gray35", arrowsize="0.6", fontname="Helvetica", fontsize="9")
-
-    node_attrs: dict[str, dict[str, str]] = {}
-    for nid, group in reps.items():
-        node_attrs[nid] = _op_attrs(trace, group, nid in rolled_ids)
-    for bid, box in boxes.items():
-        node_attrs[bid] = _box_attrs(trace, box, box.rolled)
-    _emit(g, root, node_attrs)
-
     # Edges: map through the drawn nodes, drop those inside one collapsed call, merge.
     merged = merge_edges(graph_edges(ops), draw, call)
     cost = _layout_cost(order, merged)
-    if cost >= BIG_GRAPH:
-        g.attr("graph", **BIG_GRAPH_ATTRS)
-    fed: set[str] = set()
-    for (s, d, kind, label), n in merged.items():
-        attrs: dict[str, str] = {}
-        text = label or ""
-        if n > 1 and (s in rolled_ids or d in rolled_ids):
-            text = f"{text} {TIMES}{n}".strip()
-        if kind == "branch":
-            attrs.update(BRANCH_EDGE)
-        if order[s] >= order[d]:  # a loop: drawn, but not allowed to bend the ranking
-            attrs.update(BRANCH_EDGE if kind == "branch" else BACK_EDGE)
-            attrs["constraint"] = "false"
-        else:
-            fed.add(d)
-        if text:
-            attrs["label"] = text
-        g.edge(s, d, **attrs)
-    # A node nothing flows into (zeros(), a counter on a hidden buffer) would be ranked at
-    # the very top, stretching its cluster across the whole graph: tie it invisibly to the
-    # node drawn just before it, so it sits where it ran. minlen=0 lets it sit beside that
-    # node: with the default 1, each such tie added a rank, runs of them (Keypoint R-CNN's
-    # anchors and size constants) stretched the drawing by many ranks, and dot's spline
-    # router pays quadratically in the ranks a long edge crosses (FPN levels read by the
-    # RoI pools), which was most of its time.
-    for nid, prev in anchor.items():
-        if nid not in fed and ops[order[nid]].kind != "input":
-            g.edge(prev, nid, **ANCHOR_EDGE)
     rolled_ops = {group[0].rolled: group[0].num_passes for group in reps.values() if len(group) > 1}
     for box in boxes.values():  # a collapsed module that stands for all its calls
         info = trace.modules.get(box.path)
         if box.rolled and info is not None and info.num_passes > 1:
             rolled_ops[f"module {box.path}"] = info.num_passes
-    return g, cost, rolled_ops
+
+    def make() -> graphviz.Digraph:
+        g = graphviz.Digraph(name=trace.model_name or "model")
+        g.attr("graph", rankdir=direction, label=_title(trace), **GRAPH_ATTRS)
+        g.attr("node", fontname="Helvetica", fontsize="10", margin="0.08,0.04", height="0.3")
+        g.attr("edge", color="gray35", arrowsize="0.6", fontname="Helvetica", fontsize="9")
+
+        node_attrs: dict[str, dict[str, str]] = {}
+        for nid, group in reps.items():
+            node_attrs[nid] = _op_attrs(trace, group, nid in rolled_ids)
+        for bid, box in boxes.items():
+            node_attrs[bid] = _box_attrs(trace, box, box.rolled)
+        _emit(g, root, node_attrs)
+        if cost >= BIG_GRAPH:
+            g.attr("graph", **BIG_GRAPH_ATTRS)
+        fed: set[str] = set()
+        for (s, d, kind, label), n in merged.items():
+            attrs: dict[str, str] = {}
+            text = label or ""
+            if n > 1 and (s in rolled_ids or d in rolled_ids):
+                text = f"{text} {TIMES}{n}".strip()
+            if kind == "branch":
+                attrs.update(BRANCH_EDGE)
+            if order[s] >= order[d]:  # a loop: drawn, but not allowed to bend the ranking
+                attrs.update(BRANCH_EDGE if kind == "branch" else BACK_EDGE)
+                attrs["constraint"] = "false"
+            else:
+                fed.add(d)
+            if text:  # on a big graph beside the edge: see EDGE_LABEL
+                attrs[EDGE_LABEL if cost >= BIG_GRAPH else "label"] = text
+            g.edge(s, d, **attrs)
+        # A node nothing flows into (zeros(), a counter on a hidden buffer) would be ranked at
+        # the very top, stretching its cluster across the whole graph: tie it invisibly to the
+        # node drawn just before it, so it sits where it ran. minlen=0 lets it sit beside that
+        # node: with the default 1, each such tie added a rank, runs of them (Keypoint R-CNN's
+        # anchors and size constants) stretched the drawing by many ranks, and dot's spline
+        # router pays quadratically in the ranks a long edge crosses (FPN levels read by the
+        # RoI pools), which was most of its time.
+        for nid, prev in anchor.items():
+            if nid not in fed and ops[order[nid]].kind != "input":
+                g.edge(prev, nid, **ANCHOR_EDGE)
+        return g
+
+    return make, cost, rolled_ops
 
 
 def _layout_cost(order: dict[str, int], merged: dict[tuple[str, str, str, str | None], int]) -> int:
