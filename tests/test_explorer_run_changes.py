@@ -134,6 +134,7 @@ def test_generation_endpoint_follows_the_run(served: dict) -> None:
         "status": "complete",
         "images_version": summary["images_version"],
         "additions": {"featviz": None, "map": None},  # neither written yet
+        "featviz_layers": {},
     }
     assert summary["additions"] == {"featviz": None, "map": None}
     assert get("api/runs/d/generation")["generation"] == before  # stable while unchanged
@@ -197,7 +198,8 @@ def test_writes_that_add_to_the_run_leave_its_generation_alone(served: dict) -> 
     assert after_writes["additions"]["featviz"] == after_featviz["additions"]["featviz"]
     assert after_writes["additions"]["map"] is not None
     assert summary["additions"] == after_writes["additions"]
-    assert {**after_writes, "additions": None} == {**first, "additions": None}
+    unchanged = {"additions": None, "featviz_layers": None}
+    assert {**after_writes, **unchanged} == {**first, **unchanged}
     # the same units made again (other settings): a new token
     lurker.featviz(served["model"], "features.8", units=[0, 1], steps=5).save(served["out"])
     again = _get(gen)["additions"]
@@ -441,3 +443,61 @@ def test_featviz_made_again_shows_the_new_images_not_the_browsers_copy(
         )
         pg.wait_for_selector(".frame img[src*=featviz]")
         assert pg.evaluate(_PIXELS) == after
+
+
+def test_featviz_tokens_are_per_layer_in_the_api(served: dict) -> None:
+    """``/generation`` and the summary give each layer's featviz token: ``lurker featviz``
+    on one layer changes that layer's alone (the pages of another layer look at theirs)."""
+    import lurker
+
+    gen = served["url"] + "api/runs/d/generation"
+    assert _get(gen)["featviz_layers"] == {}
+    lurker.featviz(served["model"], "features.8", units=[0], steps=2).save(served["out"])
+    first = _get(gen)["featviz_layers"]
+    assert set(first) == {"features.8"}
+    lurker.featviz(served["model"], LAYER, units=[0], steps=2).save(served["out"])
+    second = _get(gen)["featviz_layers"]
+    assert set(second) == {"features.8", LAYER} and second["features.8"] == first["features.8"]
+    lurker.featviz(served["model"], LAYER, units=[0], steps=3).save(served["out"])
+    third = _get(gen)
+    assert third["featviz_layers"]["features.8"] == first["features.8"]
+    assert third["featviz_layers"][LAYER] != second[LAYER]
+    assert _get(served["url"] + "api/runs/d")["featviz_layers"] == third["featviz_layers"]
+
+
+def test_featviz_of_another_layer_leaves_an_open_unit_page_alone(
+    browser: Any, served: dict
+) -> None:
+    """``lurker featviz --layers features.8`` under an open unit page of another layer:
+    no bar, and a navigation within that layer asks for none of its documents again; a
+    unit page of ``features.8`` opened before is told (its own layer's images)."""
+    import lurker
+
+    fetched: list[str] = []
+    ctx, pg, errors = watch(browser)
+    with contextlib.closing(ctx):
+        pg.add_init_script(_COUNT_FETCHES)
+        pg.on("request", lambda r: fetched.append(r.url))
+        pg.goto(served["url"] + f"#/r/d/unit/{LAYER}/1?tab=max")
+        pg.wait_for_selector(".topk .top-entry[data-sample]")
+        pg.evaluate(f"location.hash = '#/r/d/unit/{LAYER}/0?tab=max'")
+        pg.wait_for_selector(".topk .top-entry[data-sample]")
+        lurker.featviz(served["model"], "features.8", units=[0], steps=2).save(served["out"])
+        _looked_at(pg)
+        pg.wait_for_function("window.__busy === 0")  # the answer read and acted on
+        assert pg.locator(".run-changed").is_hidden()
+        fetched.clear()
+        pg.evaluate(f"location.hash = '#/r/d/unit/{LAYER}/1?tab=max'")  # seen before
+        pg.wait_for_selector(".topk .top-entry[data-sample]")
+        pg.wait_for_function("window.__busy === 0")
+        assert not [u for u in fetched if f"/api/runs/d/layers/{LAYER}" in u], fetched
+        assert pg.locator(".run-changed").is_hidden()
+        # the layer written: its unit page is told
+        pg.evaluate("location.hash = '#/r/d/unit/features.8/0?tab=max'")
+        pg.wait_for_selector(".topk .top-entry[data-sample]")
+        pg.wait_for_selector("[data-tab=featviz]")
+        lurker.featviz(served["model"], "features.8", units=[0], steps=3).save(served["out"])
+        _looked_at(pg)
+        pg.wait_for_selector(".run-changed[data-state=stale]")
+        assert "new feature visualizations" in pg.inner_text(".run-changed")
+    assert errors == []

@@ -59,6 +59,8 @@ export interface RunSummary {
   generation?: string | null;
   /** Tokens of what commands add to the run without probing it again, by kind. */
   additions?: Partial<Record<Addition, string | null>>;
+  /** The featviz token of each layer with feature visualizations, by layer name. */
+  featviz_layers?: Record<string, string>;
 }
 
 /** What a command adds to a run without probing it again: its feature visualizations
@@ -66,6 +68,13 @@ export interface RunSummary {
 export type Addition = "featviz" | "map";
 /** How a run changed under a page: probed again, or given new additions. */
 export type RunChange = "probe" | Addition;
+/** What {@link Api.runChanges} found: the kinds of change, and for `featviz` the layers
+ * that `lurker featviz` wrote (a page of another layer shows nothing that changed; null:
+ * every layer, where the server names none). */
+export interface RunChanges {
+  kinds: RunChange[];
+  featvizLayers: string[] | null;
+}
 
 /** `GET /runs/RUN/generation`: what a page polls (see {@link Api.runChanges}). */
 export interface RunGeneration {
@@ -74,6 +83,7 @@ export interface RunGeneration {
   status?: string | null;
   images_version?: string | null;
   additions?: Partial<Record<Addition, string | null>>;
+  featviz_layers?: Record<string, string>;
 }
 
 export interface RunListEntry {
@@ -333,7 +343,7 @@ export function staticSegment(s: string): string {
 /** The run's images that change only when it is probed again: a sample's image and a
  * top-k entry's images (not feature visualizations, which `lurker featviz` rewrites). */
 /** A feature visualization's image (a unit's, or a direction's of the layer). */
-const FEATVIZ_IMAGE = /^\/runs\/([^/]+)\/layers\/[^/]+\/(?:units\/\d+\/)?featviz\//;
+const FEATVIZ_IMAGE = /^\/runs\/([^/]+)\/layers\/([^/]+)\/(?:units\/\d+\/)?featviz\//;
 const RUN_IMAGE = /^\/runs\/([^/]+)\/(?:samples\/[^/]+\/image|layers\/[^/]+\/units\/\d+\/(?:max|mean)\/\d+\/[a-z_]+)\.png$/;
 
 /** Join segments into an API path, each one URL-encoded: `p("runs", id)` -> `/runs/ID`. */
@@ -350,8 +360,10 @@ export class Api {
   private generations = new Map<string, string>();
   /** Per run id, the `additions` of the summary the page's cached documents belong to. */
   private additions = new Map<string, Partial<Record<Addition, string | null>>>();
+  /** Per run id, each layer's featviz token, as {@link additions}. */
+  private featvizLayers = new Map<string, Record<string, string>>();
   /** Per run id, the {@link runChanges} check under way. */
-  private checking = new Map<string, Promise<RunChange[]>>();
+  private checking = new Map<string, Promise<RunChanges>>();
 
   constructor(isStatic?: boolean) {
     this.isStatic =
@@ -382,9 +394,11 @@ export class Api {
     if (this.isStatic) return this.staticPath(path);
     const f = FEATVIZ_IMAGE.exec(path);
     if (f) {
-      // `lurker featviz` rewrites these files under the same path: the run's featviz token
-      // makes each write's images new URLs, never the browser's copy of the old ones
-      const token = this.additions.get(decodeURIComponent(f[1]))?.featviz;
+      // `lurker featviz` rewrites these files under the same path: the layer's featviz
+      // token makes each write's images new URLs, never the browser's copy of the old ones
+      const run = decodeURIComponent(f[1]);
+      const layers = this.featvizLayers.get(run);
+      const token = layers ? layers[decodeURIComponent(f[2])] : this.additions.get(run)?.featviz;
       return "api" + path + (token ? "?f=" + encodeURIComponent(token) : "");
     }
     const m = RUN_IMAGE.exec(path);
@@ -406,10 +420,11 @@ export class Api {
     if (!summary) return got;
     return got.then((doc) => {
       const run = decodeURIComponent(summary[1]);
-      const { images_version: version, generation, additions } = doc as RunSummary;
+      const { images_version: version, generation, additions, featviz_layers: layers } = doc as RunSummary;
       if (version) this.versions.set(run, version);
       if (generation && !this.generations.has(run)) this.generations.set(run, generation);
       if (additions && !this.additions.has(run)) this.additions.set(run, additions);
+      if (layers && !this.featvizLayers.has(run)) this.featvizLayers.set(run, layers);
       return doc;
     });
   }
@@ -417,10 +432,13 @@ export class Api {
   /**
    * How the run changed since the page read its summary: one small request
    * (`/runs/RUN/generation`). `probe`: probed again (or its resumed probe finished);
-   * `featviz`, `map`: `lurker featviz` or `lurker map` wrote into it. On any change,
-   * everything the page holds of the run (its documents, decoded images; for a probe its
-   * image token too) is dropped, so the next page asks the server again and never shows
-   * the earlier run's values or pictures, or lacks what was added, as the current ones.
+   * `featviz`, `map`: `lurker featviz` or `lurker map` wrote into it (for `featviz`, the
+   * layers it wrote). On any change, everything the page holds of the run (its
+   * documents, decoded images; for a probe its image token too) is dropped, so the next
+   * page asks the server again and never shows the earlier run's values or pictures, or
+   * lacks what was added, as the current ones; on new feature visualizations alone, only
+   * the summary and the documents of the layers written (another layer's pages changed
+   * nothing).
    * When only the run's image cache was remade (`cache/` deleted: same generation,
    * another `images_version`), the image token and decoded images alone are dropped, and
    * it answers no change: no value the page shows changed. No change in a static export
@@ -429,7 +447,7 @@ export class Api {
    * way shares its answer (two would both see the old token and both report the one
    * change).
    */
-  runChanges(run: string): Promise<RunChange[]> {
+  runChanges(run: string): Promise<RunChanges> {
     const pending = this.checking.get(run);
     if (pending) return pending;
     const check = this.checkRun(run).finally(() => this.checking.delete(run));
@@ -437,14 +455,15 @@ export class Api {
     return check;
   }
 
-  private async checkRun(run: string): Promise<RunChange[]> {
+  private async checkRun(run: string): Promise<RunChanges> {
+    const none: RunChanges = { kinds: [], featvizLayers: [] };
     const known = this.generations.get(run);
-    if (this.isStatic || known === undefined) return [];
+    if (this.isStatic || known === undefined) return none;
     let now: RunGeneration;
     try {
       now = await this.get<RunGeneration>(this.jsonUrl(p("runs", run, "generation")), false, null);
     } catch {
-      return [];
+      return none;
     }
     const prefix = this.jsonUrl(p("runs", run));
     const had = this.additions.get(run) ?? {};
@@ -458,20 +477,32 @@ export class Api {
         this.versions.delete(run);
         if (now.images_version) this.versions.set(run, now.images_version);
       }
-      return [];
+      return none;
     }
-    for (const url of [...this.cache.keys()])
-      if (url === prefix || url.startsWith(prefix + "/") || url.startsWith(prefix + "?") || url === this.jsonUrl("/runs"))
-        this.cache.delete(url);
-    for (const url of [...decoded.keys()]) if (url.startsWith(prefix + "/")) decoded.delete(url);
+    // the layers `lurker featviz` wrote: those whose token differs (all, where a server
+    // gives no layer's token)
+    const before = this.featvizLayers.get(run);
+    const after = now.featviz_layers;
+    const layers =
+      before && after ? [...new Set([...Object.keys(before), ...Object.keys(after)])].filter((l) => before[l] !== after[l]) : null;
+    // a re-probe or a map changes what any page may show: everything held is dropped; new
+    // feature visualizations, only the summary and the documents of the layers written
+    const all = now.generation !== known || added.includes("map") || layers === null;
+    const scopes = all ? [prefix] : [prefix + "?", ...layers.map((l) => this.jsonUrl(p("runs", run, "layers", l)))];
+    const under = (url: string) => scopes.some((s) => url === s || url.startsWith(s + "/") || url.startsWith(s + "?"));
+    for (const url of [...this.cache.keys()]) if (url === prefix || under(url) || url === this.jsonUrl("/runs")) this.cache.delete(url);
+    for (const url of [...decoded.keys()]) if (under(url)) decoded.delete(url);
     this.versions.delete(run);
     this.generations.delete(run);
     this.additions.delete(run);
+    this.featvizLayers.delete(run);
     // the new summary sets the new token and generation before any page asks for images
     await this.summary(run).catch(() => undefined);
     if (!this.generations.has(run)) this.generations.set(run, now.generation);
     if (!this.additions.has(run) && now.additions) this.additions.set(run, now.additions);
-    return now.generation !== known ? ["probe"] : added;
+    if (!this.featvizLayers.has(run) && now.featviz_layers) this.featvizLayers.set(run, now.featviz_layers);
+    if (now.generation !== known) return { kinds: ["probe"], featvizLayers: [] };
+    return { kinds: added, featvizLayers: layers };
   }
 
   /** A file only a static export has (`data/` + safe segments), e.g. the unit chunks. */

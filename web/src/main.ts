@@ -4,7 +4,7 @@
  * (dynamic imports) so first paint needs only this module and the run's manifest.
  */
 import "./style.css";
-import { Api, ApiError, type RunChange, type RunSummary } from "./api";
+import { Api, ApiError, type RunChange, type RunChanges, type RunSummary } from "./api";
 import type { PageContext } from "./context";
 import { fill, h, notice } from "./dom";
 
@@ -50,13 +50,18 @@ const SHOWS: Record<string, RunChange[]> = {
   sample: ["map"],
 };
 
-/** The changes of `changes` that a page of `kind` shows. */
-function shownBy(kind: string, changes: RunChange[]): RunChange[] {
-  return changes.filter((c) => c === "probe" || (SHOWS[kind] ?? []).includes(c));
+/** The changes of `changes` that a page of `kind` (its route args `args`) shows. */
+function shownBy(kind: string, args: string[], changes: RunChanges): RunChange[] {
+  // a layer's and its units' pages show that layer's feature visualizations alone
+  const layer = kind === "layer" || kind === "unit" ? args[0] : undefined;
+  const mine = (c: RunChange) =>
+    c !== "featviz" || layer === undefined || changes.featvizLayers === null || changes.featvizLayers.includes(layer);
+  return changes.kinds.filter((c) => c === "probe" || ((SHOWS[kind] ?? []).includes(c) && mine(c)));
 }
 
-/** The page kind shown (its route's third segment). */
+/** The page kind shown (its route's third segment), and the segments after it. */
 let shownKind = "";
+let shownArgs: string[] = [];
 
 /**
  * The run changed while a page of it is open: probed again (`lurker probe --overwrite`,
@@ -115,8 +120,8 @@ async function watchRun(): Promise<void> {
   const run = shownRun;
   if (run === null || document.visibilityState !== "visible" || renderChecks > 0) return;
   const seen = renders;
-  const kind = shownKind;
-  const changes = shownBy(kind, await api.runChanges(run));
+  const [kind, args] = [shownKind, shownArgs];
+  const changes = shownBy(kind, args, await api.runChanges(run));
   if (changes.length && run === shownRun && renders === seen) showRunChanged(run, "stale", changes);
 }
 
@@ -261,6 +266,7 @@ async function render(checked?: RunChange[]): Promise<void> {
   if (shownRun !== run) changedBar.hidden = true;
   shownRun = run;
   shownKind = kind;
+  shownArgs = args;
   renderCrumbs(run, kind, args);
   renderTopbar(run, kind, null);
   // the bar of a stale page: this one is drawn from the run as it is now
@@ -277,7 +283,7 @@ async function render(checked?: RunChange[]): Promise<void> {
       .runChanges(run)
       .finally(() => renderChecks--)
       .then((all) => {
-        const changes = shownBy(kind, all);
+        const changes = shownBy(kind, args, all);
         if (ctl.signal.aborted || !changes.length) return;
         if (drawn && (kind === "live" || kind === "explain")) showRunChanged(run, "stale", changes);
         else void render(changes);

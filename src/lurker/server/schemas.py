@@ -144,6 +144,8 @@ class RunSummary(BaseModel):
     generation: str | None = None
     #: :attr:`RunGeneration.additions` as this summary describes the run.
     additions: dict[str, str | None] = Field(default_factory=dict)
+    #: :attr:`RunGeneration.featviz_layers` as this summary describes the run.
+    featviz_layers: dict[str, str] = Field(default_factory=dict)
 
 
 class RunGeneration(BaseModel):
@@ -161,6 +163,10 @@ class RunGeneration(BaseModel):
     #: map``), null while it holds none. Another value: a page showing them (a unit's
     #: feature visualizations, the Map page) is out of date.
     additions: dict[str, str | None] = Field(default_factory=dict)
+    #: The ``featviz`` token of each layer that has feature visualizations, by layer name:
+    #: a page of one layer (its unit pages, its images' URLs) looks at its layer's alone,
+    #: so ``lurker featviz`` on another layer leaves it alone.
+    featviz_layers: dict[str, str] = Field(default_factory=dict)
 
 
 # -- layers and units ---------------------------------------------------------------------

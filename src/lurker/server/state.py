@@ -245,7 +245,9 @@ class RunEntry:
     _counted: tuple[float, int] | None = field(default=None, repr=False)
     _sample_count: int | None = field(default=None, repr=False)
     _last_sample: int | None = field(default=None, repr=False)
-    _additions: tuple[Signature, dict[str, str | None]] | None = field(default=None, repr=False)
+    _additions: tuple[Signature, tuple[dict[str, str | None], dict[str, str]]] | None = field(
+        default=None, repr=False
+    )
 
     def __post_init__(self) -> None:
         if self.signature is None:
@@ -317,13 +319,24 @@ class RunEntry:
     def additions(self) -> dict[str, str | None]:
         """:meth:`lurker.store.Run.additions` now (read again only when the database file
         changed: a page polls it every few seconds)."""
+        return self._addition_tokens()[0]
+
+    def featviz_layers(self) -> dict[str, str]:
+        """:meth:`lurker.store.Run.featviz_tokens` now (cached as :meth:`additions`): a page
+        of one layer looks only at its layer's token, so ``lurker featviz`` on another
+        layer leaves it alone."""
+        return self._addition_tokens()[1]
+
+    def _addition_tokens(self) -> tuple[dict[str, str | None], dict[str, str]]:
         if self.run is None:
-            return {"featviz": None, "map": None}
+            return {"featviz": None, "map": None}, {}
         now = db_signature(self.path)
         with self._lock:
             if self._additions is not None and self._additions[0] == now:
                 return self._additions[1]
-        tokens = self.run.additions()
+        # (a write between the two reads is seen by the next call: the signature taken
+        # before them no longer matches)
+        tokens = self.run.additions(), self.run.featviz_tokens()
         with self._lock:
             self._additions = (now, tokens)
         return tokens

@@ -12,9 +12,11 @@ unit never mixes images of two runs (two settings). Torch-free, like the rest of
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
+import secrets
 import sqlite3
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -50,6 +52,54 @@ CREATE TABLE IF NOT EXISTS featviz (
     PRIMARY KEY (layer_id, objective, unit, copy)
 );
 """
+
+
+#: The meta key of the additions' tokens: ``{"featviz": {layer name: token}, "map": token}``,
+#: a fresh random token written with each write, in its transaction (see
+#: :meth:`lurker.store.Run.additions`).
+ADDITIONS_KEY = "additions"
+
+
+def read_additions(conn: Any) -> dict[str, Any]:
+    """The run's additions tokens as stored (``{}``: a run written before them)."""
+    row = conn.execute("SELECT value FROM meta WHERE key = ?", (ADDITIONS_KEY,)).fetchone()
+    return dict(json.loads(row[0]) or {}) if row else {}
+
+
+def write_addition(conn: Any, kind: str, layer: str | None = None) -> None:
+    """Give ``kind`` (``featviz`` of ``layer``, or ``map``) a new token, inside the caller's
+    write transaction. The first featviz token of a run written before tokens existed takes
+    its other layers' tokens from a scan of their rows, so they keep the token they had."""
+    adds = read_additions(conn)
+    new = secrets.token_hex(8)
+    if kind == "featviz":
+        layers = adds.get("featviz")
+        if layers is None:
+            layers = scan_featviz_tokens(conn)
+        adds["featviz"] = {**layers, str(layer): new}
+    else:
+        adds[kind] = new
+    conn.execute(
+        "INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (ADDITIONS_KEY, json.dumps(adds))
+    )
+
+
+def scan_featviz_tokens(conn: Any) -> dict[str, str]:
+    """Each layer's featviz token hashed from its rows (settings and activations tell two
+    writes apart without reading the images): what a run written before the stored tokens
+    gets, one full scan of the table."""
+    if not has_featviz_table(conn):
+        return {}
+    rows = conn.execute(
+        "SELECT l.name, f.rowid, f.objective, f.unit, f.copy, f.activation, f.settings, "
+        "length(f.image) FROM featviz f JOIN layers l ON l.id = f.layer_id ORDER BY f.rowid"
+    ).fetchall()
+    by_layer: dict[str, list[tuple[Any, ...]]] = {}
+    for row in rows:
+        by_layer.setdefault(row[0], []).append(row[1:])
+    return {
+        name: hashlib.sha256(repr(rs).encode()).hexdigest()[:16] for name, rs in by_layer.items()
+    }
 
 
 def has_featviz_table(conn: Any) -> bool:
@@ -117,6 +167,7 @@ def write_featviz(
                 "shape, image, settings) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 encoded,
             )
+            write_addition(conn, "featviz", info.name)  # what open pages of the layer poll
             conn.execute("COMMIT")
         except sqlite3.Error as e:
             if conn.in_transaction:

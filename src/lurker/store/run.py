@@ -33,6 +33,7 @@ from lurker.store.errors import (
     UnknownLayerError,
     UnknownSampleError,
 )
+from lurker.store.featviz import ADDITIONS_KEY, scan_featviz_tokens
 from lurker.store.files import cache_file, lock_holder
 from lurker.store.schema import (
     CLASS_MEAN_DTYPE,
@@ -539,25 +540,41 @@ class Run:
 
     def additions(self) -> dict[str, str | None]:
         """A token of each thing a command adds to a complete run without probing it again:
-        ``featviz`` (``lurker featviz``) and ``map`` (``lurker map``), None while it holds
-        none. Another value means what it adds was written since: a page showing it (a
-        unit's feature visualizations, the Map page) is out of date."""
-
-        def token(rows: list[tuple[Any, ...]]) -> str | None:
-            return hashlib.sha256(repr(rows).encode()).hexdigest()[:16] if rows else None
-
+        ``featviz`` (``lurker featviz``, all layers: :meth:`featviz_tokens` gives each
+        layer's) and ``map`` (``lurker map``), None while it holds none. Another value
+        means what it adds was written since: a page showing it (a unit's feature
+        visualizations, the Map page) is out of date. Reads one meta row: each write
+        stores a new token in its own transaction."""
+        stored = self._meta_now(ADDITIONS_KEY)
+        layers = self._featviz_tokens(stored)
         featviz = (
-            # the images are rewritten with new settings (a seed, steps) or reach other
-            # values: rows, settings and activations tell them apart without the blobs
-            self._query(
-                "SELECT rowid, layer_id, objective, unit, copy, activation, settings, "
-                "length(image) FROM featviz ORDER BY rowid"
-            )
-            if self._has_table("featviz")
-            else []
+            hashlib.sha256(repr(sorted(layers.items())).encode()).hexdigest()[:16]
+            if layers
+            else None
         )
-        drawn = self._query("SELECT value FROM meta WHERE key = 'map'") if self.has_map else []
-        return {"featviz": token(featviz), "map": token(drawn)}
+        drawn: Any = None
+        if self.has_map:
+            # a map written before the tokens: its meta (settings, seconds) stands for it
+            drawn = (
+                stored.get("map")
+                or hashlib.sha256(
+                    repr(self._query("SELECT value FROM meta WHERE key = 'map'")).encode()
+                ).hexdigest()[:16]
+            )
+        return {"featviz": featviz, "map": drawn}
+
+    def featviz_tokens(self) -> dict[str, str]:
+        """Each layer's token of its feature visualizations, by layer name (layers without
+        any are left out): another value means ``lurker featviz`` wrote that layer since."""
+        return self._featviz_tokens(self._meta_now(ADDITIONS_KEY))
+
+    def _featviz_tokens(self, stored: dict[str, Any]) -> dict[str, str]:
+        if stored.get("featviz") is not None:
+            return {str(k): str(v) for k, v in dict(stored["featviz"]).items()}
+        # featviz rows written before the tokens: hashed from the rows (a scan per call,
+        # until the next write stores the tokens)
+        with self._lock:
+            return scan_featviz_tokens(self._conn)
 
     def _meta_now(self, key: str) -> dict[str, Any]:
         """A meta entry as stored now (``lurker map`` may write it after this run opened)."""

@@ -26,6 +26,7 @@ import numpy as np
 
 from lurker.errors import LurkerError
 from lurker.store.errors import NotARunError, RunExistsError
+from lurker.store.featviz import write_addition
 from lurker.store.files import TMP_PREFIX, cache_file, fsync_dir
 from lurker.store.schema import (
     CACHE_DIR,
@@ -501,7 +502,9 @@ class RunWriter:
             # featviz rows name layers by row ids that the new layers reuse
             for derived in ("relevance", "embedding", "map", "featviz"):
                 cur.execute(f"DROP TABLE IF EXISTS {derived}")
-            cur.execute("DELETE FROM meta WHERE key IN ('relevance', 'embedding', 'map')")
+            cur.execute(
+                "DELETE FROM meta WHERE key IN ('relevance', 'embedding', 'map', 'additions')"
+            )
             cur.execute("DELETE FROM units")
             cur.execute("DELETE FROM layers")
             for position, arrays in enumerate(prepared):
@@ -602,6 +605,8 @@ class RunWriter:
             cur.execute(
                 "INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (table, dump_json(meta))
             )
+            if table == "map":  # what an open Map page polls
+                write_addition(cur, "map")
 
     def _check_samples(self, ids: np.ndarray, what: str) -> None:
         """Refuse ids that are repeated or not among the run's samples."""

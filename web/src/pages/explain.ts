@@ -18,6 +18,7 @@ import type { PageContext } from "../context";
 import { append, fill, fmt, h, notice, withCode } from "../dom";
 import { imageTitle } from "../images";
 import { imagePicker } from "../picker";
+import { classLabel, classText, namesWidth } from "../classes";
 
 const PICKER = { id: "explain", title: "Image to explain", action: "Explain sample" };
 
@@ -120,7 +121,7 @@ export async function renderExplain(root: HTMLElement, ctx: PageContext): Promis
       {
         ...PICKER,
         current,
-        only: explained?.samples.map((e) => ({ sample: e.sample, note: e.top ? `predicted ${e.top.name ?? e.top.class}` : e.methods.join(", ") })),
+        only: explained?.samples.map((e) => ({ sample: e.sample, note: e.top ? `predicted ${classLabel(e.top.name, e.top.class)}` : e.methods.join(", ") })),
       },
       (id) => go({ image: id, target: null }),
     );
@@ -192,7 +193,7 @@ export async function renderExplain(root: HTMLElement, ctx: PageContext): Promis
   });
   const chooser = h(
     "ol",
-    { class: "preds target-list", "aria-label": "target class" },
+    { class: "preds target-list", "aria-label": "target class", style: namesWidth(live.predictions.map((q) => classLabel(q.name, q.class))) },
     live.predictions.map((q) => {
       const on = !isUnit && (target === String(q.class) || (target === "top" && q.class === topClass));
       const off = explained !== null && !on; // a static export: the top class only
@@ -210,7 +211,7 @@ export async function renderExplain(root: HTMLElement, ctx: PageContext): Promis
             title: off ? "precomputed for the top class only: other targets run the model (lurker serve RUN --model)" : null,
             onclick: () => go({ target: String(q.class) }),
           },
-          h("span", { class: "pname" }, String(q.name ?? q.class)),
+          h("span", { class: "pname" }, classLabel(q.name, q.class)),
           h("span", { class: "pbar", style: `width:${(100 * q.prob).toFixed(1)}%` }),
           h("span", { class: "muted" }, `${(100 * q.prob).toFixed(1)}%`),
         ),
@@ -476,19 +477,17 @@ function conceptDefault(info: ExplainMethods): string | null {
   return info.concept_layer !== undefined ? info.concept_layer : info.default_layer;
 }
 
-/** `class objects (index 1)`: a class by its name, as the heatmaps' heading names it, with
- * its index when the name is not the index. */
+/** `class objects`, `class 10 (index 0)`: a class as the heatmaps' heading names it (and
+ * every page: see classes.ts). */
 function className(cls: number, live: LiveImage): string {
-  const name = live.predictions.find((q) => q.class === cls)?.name;
-  return name && name !== String(cls) ? `class ${name} (index ${cls})` : `class ${cls}`;
+  return classText(live.predictions.find((q) => q.class === cls)?.name, cls);
 }
 
 function targetLine(target: string, live: LiveImage): string {
   if (target.includes(":")) return `for unit ${target}`;
   const cls = target === "top" ? live.predictions[0]?.class : Number(target);
   const pred = live.predictions.find((q) => q.class === cls);
-  const name = pred?.name ?? String(cls);
-  return `for class ${name}${target === "top" ? " (the top prediction)" : ""}${pred ? ` · p = ${(100 * pred.prob).toFixed(1)}%` : ""}`;
+  return `for ${classText(pred?.name, cls ?? null)}${target === "top" ? " (the top prediction)" : ""}${pred ? ` · p = ${(100 * pred.prob).toFixed(1)}%` : ""}`;
 }
 
 /** The unit page of a `LAYER:CHANNEL` target when LAYER is a probed layer of the run. */

@@ -4,6 +4,7 @@ import { histogramChart, positionCount, sampleValueLabel } from "../charts";
 import type { PageContext } from "../context";
 import { append, facts, fill, fmt, h, notice, shape, withId } from "../dom";
 import { imageState, noImage, patchless, tokenMeanOver } from "../images";
+import { outputClass } from "../classes";
 
 const SORTS = ["max", "mean", "index"] as const;
 /** Cards built before the page first shows: more than a large screen holds. */
@@ -117,7 +118,7 @@ export async function renderLayer(root: HTMLElement, ctx: PageContext, args: str
         { class: u.constant ? "unit-card constant" : "unit-card", role: "listitem", href: ctx.href("unit", name, u.unit), "data-unit": u.unit, "data-constant": u.constant ? "1" : null },
         thumbnail(u.unit, u.top_max, u.constant ? u.max ?? 0 : null, u.top_max_peak ?? null),
         h("span", { class: "unit-id" }, `unit ${u.unit}`),
-        className(u.unit) === null ? null : h("span", { class: "unit-class", title: `the ${l.class_value} of class '${className(u.unit)}'` }, `class '${className(u.unit)}'`),
+        className(u.unit) === null ? null : h("span", { class: "unit-class", title: `the ${l.class_value} of ${outputClass(className(u.unit) ?? "", u.unit)}` }, outputClass(className(u.unit) ?? "", u.unit)),
         h("span", { class: "unit-stats", title: statsText }, h("span", null, `max ${fmt(u.max)}`), h("span", null, `mean ${fmt(u.mean)}`)),
       );
       cards.set(u.unit, el);

@@ -15,6 +15,7 @@ import { barChart } from "../charts";
 import { append, fill, fmt, h, notice, shape } from "../dom";
 import { imageTitle } from "../images";
 import { imagePicker } from "../picker";
+import { classLabel, namesWidth } from "../classes";
 
 interface ViewNode {
   l: string;
@@ -96,9 +97,9 @@ export async function renderLive(root: HTMLElement, ctx: PageContext): Promise<v
         live.predictions.length ? h("p", { class: "muted small", id: "preds-head" }, `The model's top ${live.predictions.length}: class and probability`) : null,
         h(
           "ol",
-          { class: "preds" },
+          { class: "preds", style: namesWidth(live.predictions.map((q) => classLabel(q.name, q.class))) },
           live.predictions.map((q) =>
-            h("li", null, h("span", { class: "pname" }, String(q.name ?? q.class)), h("span", { class: "pbar", style: `width:${(100 * q.prob).toFixed(1)}%` }), h("span", { class: "muted" }, `${(100 * q.prob).toFixed(1)}%`)),
+            h("li", null, h("span", { class: "pname" }, classLabel(q.name, q.class)), h("span", { class: "pbar", style: `width:${(100 * q.prob).toFixed(1)}%` }), h("span", { class: "muted" }, `${(100 * q.prob).toFixed(1)}%`)),
           ),
         ),
         h("p", null, h("a", { class: "button", id: "explain-this", href: ctx.href("explain") + "?image=" + encodeURIComponent(image) }, "Explain this image")),

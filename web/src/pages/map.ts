@@ -13,6 +13,7 @@ import { ApiError, p } from "../api";
 import type { PageContext } from "../context";
 import { append, fill, fmt, h, notice } from "../dom";
 import { imageState, noImage } from "../images";
+import { classLabel } from "../classes";
 
 export interface MapDoc {
   layer: string | null;
@@ -433,7 +434,7 @@ export async function renderMap(root: HTMLElement, ctx: PageContext): Promise<vo
   }
 
   // -- hover and click ---------------------------------------------------------------------
-  const className = (c: number) => (c < 0 ? "–" : doc.classes[c] ?? String(c));
+  const className = (c: number) => (c < 0 ? "–" : classLabel(doc.classes[c], c));
   // a prediction is named by the dataset's class only when outputs are its classes
   const predName = (c: number) => (comparable ? className(c) : `output ${c}`);
   function pick(ev: MouseEvent): number {

@@ -10,16 +10,16 @@ import { p, type Appearance, type LiveImage, type Prediction, type SampleBrief, 
 import type { PageContext } from "../context";
 import { append, facts, fill, fmt, h, notice } from "../dom";
 import { imageState } from "../images";
+import { classLabel, classText } from "../classes";
 
 /** Entries per "show more" request (the server's default page, so a static export holds
  * the same pages: `?offset=N&limit=PAGE`). */
 const PAGE = 200;
 
-/** `0` when the class name is the label itself, else `name (label)`. */
+/** The sample's class as every page names one (see classes.ts): `4`, `cat`, `10 (index 0)`. */
 export function labelText(s: SampleBrief): string {
   if (s.label === null) return "unlabelled";
-  if (!s.class_name || s.class_name === String(s.label)) return String(s.label);
-  return `${s.class_name} (${s.label})`;
+  return classLabel(s.class_name || null, s.label);
 }
 
 export async function renderSample(root: HTMLElement, ctx: PageContext, args: string[]): Promise<void> {
@@ -41,7 +41,7 @@ export async function renderSample(root: HTMLElement, ctx: PageContext, args: st
   const pred = held?.predictions.length ? held.predictions : doc.prediction;
   // no model ran here, but the run recorded the top class (the Map page shows it too)
   const stored = !pred?.length ? (doc.stored_prediction ?? null) : null;
-  const predItem = (q: Prediction) => h("li", { class: q.name !== null && q.class === s.label ? "match" : null }, `${q.name ?? q.class} `, h("span", { class: "muted" }, `${(100 * q.prob).toFixed(1)}%`));
+  const predItem = (q: Prediction) => h("li", { class: q.name !== null && q.class === s.label ? "match" : null }, `${classLabel(q.name, q.class)} `, h("span", { class: "muted" }, `${(100 * q.prob).toFixed(1)}%`));
   // the top class against the label, said in words (a bold true class lower in the
   // top-5 did not say the model got it wrong); only where the outputs are the dataset's
   // classes (a prediction has a name then), as the Map page calls samples misclassified
@@ -49,13 +49,13 @@ export async function renderSample(root: HTMLElement, ctx: PageContext, args: st
   const verdict =
     top && top.name !== null && s.label !== null
       ? top.class === s.label
-        ? h("p", { class: "verdict", id: "verdict", "data-verdict": "correct" }, `predicted ${top.name}: correct`)
-        : h("p", { class: "verdict error-text", id: "verdict", "data-verdict": "misclassified" }, h("strong", null, `predicted ${top.name}, true ${labelText(s)}: misclassified`))
+        ? h("p", { class: "verdict", id: "verdict", "data-verdict": "correct" }, `predicted ${classLabel(top.name, top.class)}: correct`)
+        : h("p", { class: "verdict error-text", id: "verdict", "data-verdict": "misclassified" }, h("strong", null, `predicted ${classLabel(top.name, top.class)}, true ${labelText(s)}: misclassified`))
       : null;
   const plural = (n: number, word: string) => `${n} ${word}${n === 1 ? "" : "s"}`;
   append(
     root,
-    h("h1", null, `Sample ${s.id}`, s.class_name ? h("span", { class: "sub" }, ` · class ${s.class_name}`) : null, verdict?.dataset.verdict === "misclassified" ? h("span", { class: "sub error-text" }, " · misclassified") : null),
+    h("h1", null, `Sample ${s.id}`, s.class_name ? h("span", { class: "sub" }, ` · ${classText(s.class_name, s.label)}`) : null, verdict?.dataset.verdict === "misclassified" ? h("span", { class: "sub error-text" }, " · misclassified") : null),
     h(
       "div",
       { class: "sample-head" },

@@ -3,6 +3,7 @@ import { p, type SampleBrief, type SampleList } from "../api";
 import type { PageContext } from "../context";
 import { append, h, notice, withId } from "../dom";
 import { imageState, noImage } from "../images";
+import { classLabel, classText } from "../classes";
 
 const LIMIT = 100;
 
@@ -67,8 +68,8 @@ export async function renderSamples(root: HTMLElement, ctx: PageContext): Promis
           // misclassified (the run's recorded top class is not the label): "label → predicted",
           // as the Map page's selection shows it and the sample's page says it
           s.pred !== null && s.pred !== undefined && s.label !== null && s.pred !== s.label
-            ? h("small", { class: "error-text misclassified", title: `misclassified: predicted ${s.pred_name ?? s.pred}` }, `${s.class_name ?? s.label} → ${s.pred_name ?? s.pred}`)
-            : h("small", { title: s.class_name ?? "" }, s.class_name ?? ""),
+            ? h("small", { class: "error-text misclassified", title: `misclassified: predicted ${classLabel(s.pred_name, s.pred)}` }, `${classLabel(s.class_name, s.label)} → ${classLabel(s.pred_name, s.pred)}`)
+            : h("small", { title: s.class_name ? classText(s.class_name, s.label) : "" }, s.class_name ? classLabel(s.class_name, s.label) : ""),
         ),
       ),
     ),

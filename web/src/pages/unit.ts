@@ -7,6 +7,7 @@ import { barChart, histogramChart, positionCount, sampleValueLabel } from "../ch
 import type { PageContext } from "../context";
 import { append, fill, fmt, h, notice } from "../dom";
 import { imageState, noImage, patchless, tokenMeanOver } from "../images";
+import { classLabel, classText, classWord, outputClass } from "../classes";
 
 type Tab = "mean" | "max" | "relevance" | "featviz";
 /** The tabs that show a top-k list. */
@@ -16,7 +17,11 @@ export async function renderUnit(root: HTMLElement, ctx: PageContext, args: stri
   const [layer, unitArg] = args;
   const unit = Number(unitArg);
   // static export: the unit comes from its layer's chunk, with which images the site holds
-  const [{ doc, shown, noImage: noImageWhy }, images] = await Promise.all([ctx.api.unit(ctx.run, layer, unitArg), imageState(ctx)]);
+  const [{ doc, shown, noImage: noImageWhy }, images, summary] = await Promise.all([
+    ctx.api.unit(ctx.run, layer, unitArg),
+    imageState(ctx),
+    ctx.api.summary(ctx.run).catch(() => null), // (held: the router asked for it) its class names
+  ]);
   document.title = `${layer} unit ${unit} · ${ctx.run} · lurker`;
   const params = new URLSearchParams(ctx.params);
   const relevance = doc.top.relevance ?? null; // runs probed with relevance=True
@@ -246,7 +251,9 @@ export async function renderUnit(root: HTMLElement, ctx: PageContext, args: stri
     .filter((kv): kv is [string, number] => kv[1] !== null && Number.isFinite(kv[1]))
     .sort((a, b) => b[1] - a[1])
     .slice(0, 10)
-    .map(([label, value]) => ({ label, value }));
+    // keyed by class name (a repeated name made unique with its index): named as every
+    // page names a class, its index beside a name that is another number
+    .map(([label, value]) => ({ label: classLabel(label, summary?.dataset.classes.indexOf(label) ?? -1), value }));
   const opLabel = doc.layer.op_label ?? doc.layer.op;
 
   append(root, 
@@ -318,7 +325,7 @@ function figure(ctx: PageContext, layer: string, unit: number, list: List, kind:
       null,
       h("span", { class: "value" }, fmt(e.value)),
       h("a", { href: ctx.href("sample", e.sample_id) }, `#${e.sample_id}`),
-      e.class_name ? h("span", { class: "cls", title: `class ${e.class_name}` }, classWord(e.class_name)) : null,
+      e.class_name ? classSpan(e.class_name, e.label) : null,
       caption,
     ),
   );
@@ -337,6 +344,14 @@ function unrecordedCaption(found: number | null, none: boolean, crop: boolean, c
   return h("span", { class: "frames", title: `${why}, and finding it needs the model${shown ? `: the image is the clip's middle frame, ${middle}, not the peak's` : ""}. Serve the run with --model, or probe it again` }, `peak's frame not recorded${shown}`);
 }
 
+/** An entry's class; one that carries its index ("class 10 (index 1)") gets a line of its
+ * own, whole: cut to "class 1…" it would name another class. */
+function classSpan(name: string, label: number | null): HTMLElement {
+  const word = classWord(name, label);
+  const indexed = word.endsWith(")") && word !== `class ${name}` && word !== name;
+  return h("span", { class: indexed ? "cls indexed" : "cls", title: classText(name, label) }, word);
+}
+
 /** Under a video model's entry: the frame its image is (numbered from 0) and the frames of
  * the clip its peak sees ("frame 2 · sees frames 1–3 of 8"). */
 function clipCaption(e: TopEntry, clipFrames: number | null): HTMLElement | null {
@@ -349,17 +364,11 @@ function clipCaption(e: TopEntry, clipFrames: number | null): HTMLElement | null
   return h("span", { class: "frames", title }, `frame ${e.frame}${seen}`);
 }
 
-/** A class named by a number (the digits' "4") is written "class 4": beside the value and
- * the sample's "#366" a bare "4" reads as a third number. */
 /** What a unit of the model's output layer is: "unit 4 — the score of class '4'" (the
  * logit of that class; a softmax after it gives its probability). */
-export function classMeaning(unit: number, c: { name: string; value: string }): string {
+export function classMeaning(unit: number, c: { class: number; name: string; value: string }): string {
   const what = c.value === "score" ? "score (logit)" : c.value;
-  return `unit ${unit} — the ${what} of class '${c.name}': this layer is the model's output, one unit per class`;
-}
-
-export function classWord(name: string): string {
-  return /^\d+$/.test(name) ? `class ${name}` : name;
+  return `unit ${unit} — the ${what} of ${outputClass(c.name, c.class)}: this layer is the model's output, one unit per class`;
 }
 
 const NOT_EXPORTED: Record<EntryKind, string> = {

@@ -99,7 +99,7 @@ def summarize(request: Request, e: RunEntry) -> RunSummary:
     run = e.open_run()
     # read before what they stand for: a token older than the summary's contents makes a
     # page look again for nothing, a newer one would hide from it what it lacks
-    additions = e.additions()
+    additions, featviz_layers = e.additions(), e.featviz_layers()
     meta = run.meta
     cfg: dict[str, Any] = meta.get("config") or {}
     has_graph = e.has_graph()
@@ -161,6 +161,7 @@ def summarize(request: Request, e: RunEntry) -> RunSummary:
         images_version=e.images_version,
         generation=e.generation,
         additions=additions,
+        featviz_layers=featviz_layers,
     )
 
 
@@ -178,4 +179,5 @@ def run_generation(request: Request, run_id: str) -> RunGeneration:
         status=status,
         images_version=e.images_version,
         additions=e.additions(),
+        featviz_layers=e.featviz_layers(),
     )
