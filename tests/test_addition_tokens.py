@@ -49,6 +49,11 @@ def _statements(run: object) -> list[str]:
     return seen
 
 
+def _reads_featviz_rows(sql: str) -> bool:
+    """A statement that reads the featviz table's rows (its count is not one)."""
+    return "featviz" in sql.split("WHERE")[0] and "count(*), max(rowid)" not in sql
+
+
 def test_a_featviz_write_changes_its_layers_token_and_nothing_else(run_dir: Path) -> None:
     from lurker.map import make_map
     from lurker.store import Run
@@ -77,11 +82,11 @@ def test_a_featviz_write_changes_its_layers_token_and_nothing_else(run_dir: Path
         assert run.featviz_tokens() == third
         make_map(run_dir, method="pca").close()  # the same map again: still a new write
         assert run.additions()["map"] != after_map["map"]
-        # cheap: one meta row, never the featviz table
+        # cheap: one meta row and the table's row count, never its rows
         seen = _statements(run)
         run.additions()
         run.featviz_tokens()
-        assert seen and not [s for s in seen if "featviz" in s.split("WHERE")[0]], seen
+        assert seen and not [s for s in seen if _reads_featviz_rows(s)], seen
 
 
 def test_a_run_written_before_the_tokens_still_has_exact_ones(tmp_path: Path) -> None:
@@ -108,7 +113,7 @@ def test_a_run_written_before_the_tokens_still_has_exact_ones(tmp_path: Path) ->
         assert now[B] == old[B] and now[A] != old[A]
         seen = _statements(run)
         run.featviz_tokens()
-        assert not [s for s in seen if "FROM featviz" in s], seen  # stored now: no scan
+        assert not [s for s in seen if _reads_featviz_rows(s)], seen  # stored now: no scan
 
 
 def test_a_reprobe_drops_the_tokens_with_the_images(tmp_path: Path) -> None:
@@ -124,3 +129,37 @@ def test_a_reprobe_drops_the_tokens_with_the_images(tmp_path: Path) -> None:
     probe_digits(out, weights, k=3, overwrite=True)
     with Run.open(out) as run:
         assert run.featviz_tokens() == {} and run.additions() == {"featviz": None, "map": None}
+
+
+def test_writes_that_store_no_token_still_change_the_tokens(tmp_path: Path) -> None:
+    """Rows or a map written by a lurker from before the tokens (which leaves the stored
+    tokens as they were) still change them: the stored ones are trusted only while the
+    featviz table is as the last token write left it, and the map's meta is in its token.
+    A write of no images changes nothing."""
+    from lurker.map import make_map
+    from lurker.store import Run
+    from lurker.store.featviz import write_featviz
+    from lurker.store.writer import connect_rw
+
+    out = tmp_path / "d"
+    probe_digits(out, tmp_path / "d.pt", k=3)
+    px = np.zeros((1, 8, 8), np.uint8)
+    write_featviz(out, A, "channel", [(0, 0, 1.0, px)], {"steps": 4})
+    make_map(out, method="pca").close()
+    with Run.open(out) as run:
+        layers, adds = run.featviz_tokens(), run.additions()
+        write_featviz(out, B, "channel", [], {"steps": 4})
+        assert run.featviz_tokens() == layers and run.additions() == adds
+        conn = connect_rw(out / "run.db")  # as an older lurker writes: rows alone
+        try:
+            conn.execute(
+                "INSERT OR REPLACE INTO featviz (layer_id, objective, unit, copy, activation, "
+                "shape, image, settings) SELECT layer_id, objective, unit, copy, 5.0, shape, "
+                "image, settings FROM featviz"
+            )
+            conn.execute("UPDATE meta SET value = json_set(value, '$.seed', 7) WHERE key = 'map'")
+        finally:
+            conn.close()
+        assert run.featviz_tokens()[A] != layers[A]
+        now = run.additions()
+        assert now["featviz"] != adds["featviz"] and now["map"] != adds["map"]

@@ -336,7 +336,8 @@ class RunEntry:
                 return self._additions[1]
         # (a write between the two reads is seen by the next call: the signature taken
         # before them no longer matches)
-        tokens = self.run.additions(), self.run.featviz_tokens()
+        layers = self.run.featviz_tokens()
+        tokens = self.run.additions(layers), layers
         with self._lock:
             self._additions = (now, tokens)
         return tokens

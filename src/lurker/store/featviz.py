@@ -54,9 +54,11 @@ CREATE TABLE IF NOT EXISTS featviz (
 """
 
 
-#: The meta key of the additions' tokens: ``{"featviz": {layer name: token}, "map": token}``,
-#: a fresh random token written with each write, in its transaction (see
-#: :meth:`lurker.store.Run.additions`).
+#: The meta key of the additions' tokens: ``{"featviz": {layer name: token}, "map": token,
+#: "featviz_rows": [rows, largest rowid]}``, a fresh random token written with each write,
+#: in its transaction (see :meth:`lurker.store.Run.additions`). ``featviz_rows`` is the
+#: table as that write left it: a table that differs was written by a lurker that wrote no
+#: token (made before them), and its tokens are hashed from the rows instead.
 ADDITIONS_KEY = "additions"
 
 
@@ -77,11 +79,21 @@ def write_addition(conn: Any, kind: str, layer: str | None = None) -> None:
         if layers is None:
             layers = scan_featviz_tokens(conn)
         adds["featviz"] = {**layers, str(layer): new}
+        adds["featviz_rows"] = featviz_rows(conn)
     else:
         adds[kind] = new
     conn.execute(
         "INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (ADDITIONS_KEY, json.dumps(adds))
     )
+
+
+def featviz_rows(conn: Any) -> list[int]:
+    """The featviz table's row count and largest rowid (``[0, 0]`` without one): what tells
+    a write that stored no token (an older lurker's; a replaced row gets a new rowid)."""
+    if not has_featviz_table(conn):
+        return [0, 0]
+    n, top = conn.execute("SELECT count(*), max(rowid) FROM featviz").fetchone()
+    return [int(n), int(top or 0)]
 
 
 def scan_featviz_tokens(conn: Any) -> dict[str, str]:
@@ -153,6 +165,8 @@ def write_featviz(
         (info.id, objective, int(u), int(k), float(a), dump_json(list(p.shape)), encode_png(p), doc)
         for u, k, a, p in rows
     ]
+    if not encoded:  # nothing written: no new token (open pages would refetch for nothing)
+        return
     with run_lock(path):
         conn = connect_rw(path / DB_NAME)
         try:

@@ -33,7 +33,7 @@ from lurker.store.errors import (
     UnknownLayerError,
     UnknownSampleError,
 )
-from lurker.store.featviz import ADDITIONS_KEY, scan_featviz_tokens
+from lurker.store.featviz import ADDITIONS_KEY, featviz_rows, scan_featviz_tokens
 from lurker.store.files import cache_file, lock_holder
 from lurker.store.schema import (
     CLASS_MEAN_DTYPE,
@@ -538,15 +538,16 @@ class Run:
                 return None if pred < 0 else (int(pred), _nan(conf))
         return None
 
-    def additions(self) -> dict[str, str | None]:
+    def additions(self, featviz_layers: dict[str, str] | None = None) -> dict[str, str | None]:
         """A token of each thing a command adds to a complete run without probing it again:
         ``featviz`` (``lurker featviz``, all layers: :meth:`featviz_tokens` gives each
         layer's) and ``map`` (``lurker map``), None while it holds none. Another value
         means what it adds was written since: a page showing it (a unit's feature
         visualizations, the Map page) is out of date. Reads one meta row: each write
-        stores a new token in its own transaction."""
+        stores a new token in its own transaction. ``featviz_layers``: what
+        :meth:`featviz_tokens` gave now, if the caller asked it already."""
         stored = self._meta_now(ADDITIONS_KEY)
-        layers = self._featviz_tokens(stored)
+        layers = self._featviz_tokens(stored) if featviz_layers is None else featviz_layers
         featviz = (
             hashlib.sha256(repr(sorted(layers.items())).encode()).hexdigest()[:16]
             if layers
@@ -554,13 +555,13 @@ class Run:
         )
         drawn: Any = None
         if self.has_map:
-            # a map written before the tokens: its meta (settings, seconds) stands for it
-            drawn = (
-                stored.get("map")
-                or hashlib.sha256(
-                    repr(self._query("SELECT value FROM meta WHERE key = 'map'")).encode()
-                ).hexdigest()[:16]
-            )
+            # the map's meta (settings, seconds) with its token: a map written by a lurker
+            # that wrote no token (made before them) still changes it
+            drawn = hashlib.sha256(
+                repr(
+                    (stored.get("map"), self._query("SELECT value FROM meta WHERE key = 'map'"))
+                ).encode()
+            ).hexdigest()[:16]
         return {"featviz": featviz, "map": drawn}
 
     def featviz_tokens(self) -> dict[str, str]:
@@ -569,11 +570,13 @@ class Run:
         return self._featviz_tokens(self._meta_now(ADDITIONS_KEY))
 
     def _featviz_tokens(self, stored: dict[str, Any]) -> dict[str, str]:
-        if stored.get("featviz") is not None:
-            return {str(k): str(v) for k, v in dict(stored["featviz"]).items()}
-        # featviz rows written before the tokens: hashed from the rows (a scan per call,
-        # until the next write stores the tokens)
         with self._lock:
+            if stored.get("featviz") is not None and stored.get("featviz_rows") == featviz_rows(
+                self._conn
+            ):
+                return {str(k): str(v) for k, v in dict(stored["featviz"]).items()}
+            # featviz rows written before the tokens, or since by a lurker that writes none:
+            # hashed from the rows (a scan per call, until the next write stores the tokens)
             return scan_featviz_tokens(self._conn)
 
     def _meta_now(self, key: str) -> dict[str, Any]:

@@ -174,7 +174,9 @@ function unblock(
  * near it: routing each edge past every drawn item was edges x items box tests per draw
  * (Keypoint R-CNN opened to 600 items: a third of a second per click or Enter). */
 class BoxGrid {
+  private static readonly MAX_SPAN = 4096;
   private cells = new Map<number, number[]>();
+  private always: number[] = [];
   private seen: Uint32Array;
   private stamp = 0;
   constructor(
@@ -183,6 +185,12 @@ class BoxGrid {
   ) {
     this.seen = new Uint32Array(boxes.length);
     boxes.forEach((b, i) => {
+      // a box not finite, or spanning more cells than a query may, is tried on every query
+      const span = (this.cell(b[2]) - this.cell(b[0]) + 1) * (this.cell(b[3]) - this.cell(b[1]) + 1);
+      if (!b.every(Number.isFinite) || !(span <= BoxGrid.MAX_SPAN)) {
+        this.always.push(i);
+        return;
+      }
       for (let cx = this.cell(b[0]); cx <= this.cell(b[2]); cx++)
         for (let cy = this.cell(b[1]); cy <= this.cell(b[3]); cy++) {
           const key = cx * 131072 + cy;
@@ -206,8 +214,12 @@ class BoxGrid {
     const c1 = this.cell(bx);
     const r0 = this.cell(ay);
     const r1 = this.cell(by);
-    if ((c1 - c0 + 1) * (r1 - r0 + 1) > this.boxes.length) return this.boxes.some((_, i) => hit(i));
+    if (!((c1 - c0 + 1) * (r1 - r0 + 1) <= this.boxes.length)) return this.boxes.some((_, i) => hit(i));
     const stamp = ++this.stamp;
+    for (const i of this.always) {
+      this.seen[i] = stamp;
+      if (hit(i)) return true;
+    }
     for (let cx = c0; cx <= c1; cx++)
       for (let cy = r0; cy <= r1; cy++) {
         const list = this.cells.get(cx * 131072 + cy);
