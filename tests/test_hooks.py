@@ -697,21 +697,34 @@ def test_run_on_inputs_like_the_traced_ones_runs_or_keeps_the_models_own_error()
         big.run(_x(n=5))
 
 
-def test_run_with_a_missing_input_and_a_fixed_batch_name_them():
-    """A model of two inputs run without its mask, and a model that reshapes to the
-    traced batch run on another: the input that is missing, or the batch that differs."""
+def test_run_with_a_missing_input_names_it_and_the_models_own_errors_stand():
+    """A model of two inputs run without its mask: the input that is missing. A model's
+    own error on inputs like the traced ones but for their batch size (the probe replays
+    every batch on a trace of one sample), or on a list of images of other sizes (a
+    detection model's), stands as the model raised it: the inputs are not blamed."""
     two = lurker.trace(_TwoInputs(), _x(0), torch.ones(1, 3, 1, 1))
     with pytest.raises(LurkerError, match=r"input 'mask' is missing \(traced as \(1, 3, 1, 1\)"):
         two.run(_x())
 
-    class FixedBatch(nn.Module):
+    class Checked(nn.Module):
         def forward(self, x: Tensor) -> Tensor:
-            return x.reshape(2, 3 * 8 * 8).sum(1)
+            if x.shape[0] == 5:
+                raise ValueError("the model's own check")
+            return x.reshape(x.shape[0], -1).sum(1)
 
-    tr = lurker.trace(FixedBatch(), _x(0))
-    with pytest.raises(LurkerError, match=r"in their batch dimension only: input 'x' is \(3, 3"):
-        tr.run(_x(n=3))
-    torch.testing.assert_close(tr.run(_x()).output, FixedBatch()(_x()))
+    tr = lurker.trace(Checked(), _x(0))
+    with pytest.raises(ValueError, match="the model's own check"):
+        tr.run(_x(n=5))
+    torch.testing.assert_close(tr.run(_x()).output, Checked()(_x()))
+
+    class Images(nn.Module):
+        def forward(self, images: list[Tensor]) -> Tensor:
+            assert images[0].shape[-1] == 8, "the model's own size check"
+            return torch.stack([i.mean() for i in images])
+
+    imgs = lurker.trace(Images(), [torch.randn(3, 8, 8), torch.randn(3, 8, 8)])
+    with pytest.raises(AssertionError, match="the model's own size check"):
+        imgs.run([torch.randn(3, 6, 6), torch.randn(3, 8, 8)])
 
 
 def test_run_without_an_optional_input_names_it_not_the_data():

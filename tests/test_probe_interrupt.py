@@ -574,3 +574,23 @@ def test_sigterm_to_torchrun_says_one_line_with_the_command_and_it_resumes(
     assert 0 < run.meta["sweep"]["resumed_from"] < 360  # digits:test, 360 images
     assert run.meta["sweep"]["resumed_from"] + run.meta["sweep"]["images"] == 360
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["run.db"]
+
+
+def test_a_torchrun_worker_keeps_the_default_sigterm_before_the_sweep(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Before the sweep a worker waits in C++ (the rendezvous, a barrier while rank 0
+    traces), where a Python handler would run only once the wait ends: under torchrun the
+    launcher's SIGTERM keeps its default action (the process stops at once); elsewhere it
+    stops the probe as Ctrl-C does."""
+    import signal
+
+    from lurker.probe.sweep import stops_on_sigterm
+
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    with stops_on_sigterm():
+        assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")  # what torchrun sets in its workers
+    with stops_on_sigterm():
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL

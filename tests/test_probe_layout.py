@@ -1094,6 +1094,16 @@ def test_every_block_of_a_mixed_stage_is_a_default_layer(tmp_path: Path):
     for name in blocks:
         _check(run, name, acts[name], _labels())
         assert run.layer(name).layout["unit"] == 1
+    # inside a repeated block a container of composite modules is the block's own layers:
+    # MaxViT's MBConv (convs, then squeeze-and-excitation) adds none of them
+    maxvit = torchvision.models.MaxVit(
+        input_size=(32, 32), stem_channels=8, partition_size=2, block_channels=[8, 16],
+        block_layers=[1, 1], head_dim=4, stochastic_depth_prob=0.0, num_classes=5,
+    ).eval()  # fmt: skip
+    tr = lurker.trace(maxvit, torch.randn(1, 3, 32, 32))
+    assert any("squeeze_excitation" in m for m in tr.modules)
+    default = [layer.name for layer in select_layers(tr)]
+    assert not [n for n in default if "squeeze_excitation" in n or n.endswith("MBconv")], default
 
 
 class _ConvRelPos(nn.Module):

@@ -537,8 +537,9 @@ def _stopped_quietly() -> Iterator[None]:
         if int(os.environ.get("RANK", "0")) == 0:
             how = "stopped by SIGTERM" if signum == 15 else "interrupted"
             click.echo(
-                f"lurker: {how}; the run keeps what its last checkpoint saved (nothing, "
-                "before the sweep's first): run the same command again to resume",
+                f"lurker: {how}; the run keeps what its last checkpoint saved (nothing if "
+                "it stopped before the sweep's first batch): run the same command again to "
+                "resume",
                 err=True,
             )
         raise SystemExit(128 + signum) from None

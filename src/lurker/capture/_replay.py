@@ -285,17 +285,18 @@ def _meta_of(m: Any) -> str:
     return f"{tuple(m.shape)} {m.dtype} on {m.device}"
 
 
-def _unlike(trace: Trace, args: tuple, kwargs: dict) -> tuple[list[str], list[str], list[str]]:
+def _unlike(trace: Trace, args: tuple, kwargs: dict) -> tuple[list[str], list[str]]:
     """How the inputs ``args, kwargs`` differ from the traced ones, one line per input:
     (missing, extra, or of another dtype or device; of another shape beyond the batch
-    dimension; of another batch dimension only)."""
+    dimension). Another batch size is no difference (the probe replays every batch on a
+    trace of one sample), nor is another shape of an item of a list of inputs (a detection
+    model's images, each its own size)."""
     from .trace import _name_inputs  # (trace imports this module)
 
     traced = {op.name: op.outputs[0] for op in trace.inputs if op.outputs}
     given = dict(_name_inputs(trace.model, args, kwargs)) if trace.model is not None else {}
     kind: list[str] = []
     shapes: list[str] = []
-    batch: list[str] = []
     for name, m in traced.items():
         t = given.get(name)
         if t is None:
@@ -305,23 +306,22 @@ def _unlike(trace: Trace, args: tuple, kwargs: dict) -> tuple[list[str], list[st
         said = f"input '{name}' is {_meta(t)} where the trace was recorded with {_meta_of(m)}"
         if dtype != m.dtype or str(t.device) != m.device:
             kind.append(said)
-        elif shape != tuple(m.shape):
-            same_rest = len(shape) == len(m.shape) and shape[1:] == tuple(m.shape[1:])
-            (batch if same_rest else shapes).append(said)
+        elif "[" not in name and (len(shape) != len(m.shape) or shape[1:] != tuple(m.shape[1:])):
+            shapes.append(said)
     extra = [f"'{n}' ({_meta(t)})" for n, t in given.items() if n not in traced]
     if extra:
         kind.append(
             f"{first_three(extra)} {'is' if len(extra) == 1 else 'are'} passed, which the "
             f"trace was not recorded with (it was with {', '.join(map(repr, traced)) or 'none'})"
         )
-    return kind, shapes, batch
+    return kind, shapes
 
 
 def input_mismatch(trace: Trace, args: tuple, kwargs: dict, error: BaseException) -> str | None:
     """Why a replay on these inputs failed, if they are not like the traced ones: one
-    paragraph naming each input that differs (missing, extra, or of another shape, dtype or
-    device; the batch dimension alone only when nothing else differs), what the trace was
-    recorded with and what to do. None when the inputs are like the traced ones: the
+    paragraph naming each input that differs (missing, extra, or of another shape past the
+    batch dimension, dtype or device), what the trace was recorded with and what to do.
+    None when the inputs are like the traced ones (another batch size included): the
     model's own error stands. Only called once the forward has failed (nothing per run)."""
     kind_of = type(error)
     if (
@@ -332,7 +332,7 @@ def input_mismatch(trace: Trace, args: tuple, kwargs: dict, error: BaseException
         or "out of memory" in str(error).lower()  # not the input's fault; CPU's say so)
     ):
         return None  # (the model's own exception type says what it means)
-    kind, shapes, batch = _unlike(trace, args, kwargs)
+    kind, shapes = _unlike(trace, args, kwargs)
     lines = kind + shapes
     first = (str(error).strip().splitlines() or [""])[0]
     raised = f"The model raised {type(error).__name__}: {first}"
@@ -345,14 +345,6 @@ def input_mismatch(trace: Trace, args: tuple, kwargs: dict, error: BaseException
             "(x.to(dtype), x.to(device)) and its shape, whose batch dimension (dim 0) may "
             "differ. If the model's graph depends on the input's shape, trace it again on an "
             f"input like this one (lurker.trace(model, x)). {raised}"
-        )
-    if batch:
-        return (
-            f"Trace.run could not run {name} on these inputs, which differ from the ones it "
-            f"was traced with in their batch dimension only: {first_three(batch, '; ')}. "
-            "The model may not take another batch size (a reshape to a fixed batch, a "
-            "buffer of the traced batch): trace it on a batch of this size "
-            f"(lurker.trace(model, x)), or pass the traced batch size. {raised}"
         )
     return None
 

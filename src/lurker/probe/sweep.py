@@ -205,12 +205,15 @@ def _blocks(trace: Trace, mixed: bool = False) -> set[str]:
     ``features.1.0``, timm's ``blocks.5``); ``mixed``: also those in a plain container of
     two such modules or more, whatever their types (a hybrid's stage: BoTNet's
     ``stages.2`` runs a bottleneck block, then a self-attention block), whose outputs are
-    block outputs too, though what runs inside them was probed as outside any block."""
+    block outputs too, though what runs inside them was probed as outside any block. Not
+    inside a repeated block: there a plain container of composite modules is a block's own
+    layers (MaxViT's MBConv: its conv and squeeze-and-excitation modules)."""
 
     def composite(path: str) -> bool:
         info = trace.modules.get(path)
         return info is not None and bool(info.children) and info.type not in _CONTAINERS
 
+    plain = _blocks(trace) if mixed else set()
     out = set()
     for path, info in trace.modules.items():
         parent = trace.modules.get(info.parent) if info.parent is not None else None
@@ -220,7 +223,10 @@ def _blocks(trace: Trace, mixed: bool = False) -> set[str]:
             c for c in parent.children if c in trace.modules and trace.modules[c].type == info.type
         ]
         if len(same) >= 2 or (
-            mixed and parent.type in _CONTAINERS and sum(map(composite, parent.children)) >= 2
+            mixed
+            and parent.type in _CONTAINERS
+            and sum(map(composite, parent.children)) >= 2
+            and not any(path.startswith(b + ".") for b in plain)
         ):
             out.add(path)
     return out
@@ -1449,9 +1455,13 @@ def stops_on_sigterm() -> Iterator[None]:
     KeyboardInterrupt) instead of killing it on the spot: the run directory's lock is
     released, a directory made for nothing is removed, and the caller can say so. Only
     where SIGTERM has its default handler (a caller's own is left alone), in the main
-    thread. The sweep's :func:`_stop_signals` takes over inside it."""
+    thread. The sweep's :func:`_stop_signals` takes over inside it. Not under torchrun:
+    a worker waits in C++ (a rendezvous, a barrier while rank 0 traces), where a Python
+    handler runs only once the call returns, and the launcher's SIGTERM must stop it at
+    once, as the default handler does."""
     if (
-        threading.current_thread() is not threading.main_thread()
+        _under_torchrun()
+        or threading.current_thread() is not threading.main_thread()
         or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
     ):
         yield

@@ -259,6 +259,13 @@ class UnitImages:
         info = self.run.layer(layer)
         return peak_frame(info.layout, info.shape, y, int(t.shape[1]), info.rf)
 
+    def _has_frames(self, layer: str) -> bool:
+        """Whether ``layer``'s stored layout has a frame axis among its positions (a 3-D
+        convolution's (T, H, W)): where a video clip's entry is shown on one frame."""
+        layout = self.run.layer(layer).layout
+        positions = layout.get("positions") if isinstance(layout, dict) else None
+        return isinstance(positions, list) and len(positions) == 3
+
     def _entry(self, layer: str, unit: int, which: str, rank: int) -> Any:
         if which not in LISTS:
             raise LurkerError(f"which must be 'max' or 'mean', got {which!r}")
@@ -393,9 +400,11 @@ class UnitImages:
             # a video model's layer: the frame of the peak, its crop's (as the explorer's
             # input.png); an older run's mean list stores none: found with the model, as
             # its crop's is, never a frame made up (the clip's middle one)
+            # (only on a layer with a frame axis, whose entries' peaks one batched forward
+            # finds, all at once)
             y = e.y
-            if y is None and pdata.is_clip(self._sample(e.sample_id)):
-                y = self.peak(layer, unit, e.sample_id)[0]
+            if y is None and self._has_frames(layer) and pdata.is_clip(self._sample(e.sample_id)):
+                y = self.peaks(layer, unit, which)[rank][0]
             frame = None if y is None else self.frame(layer, y, e.sample_id)
             if frame is not None:
                 return self.frame_image(e.sample_id, frame)
