@@ -6,7 +6,8 @@ of trailing spaces). In the stated output ``...`` stands for any text, lines inc
 doctest's ELLIPSIS). A block whose figures vary between machines or runs (random weights,
 timings, dates) is fenced ```` ```output figures-vary ````: there each number and each
 True/False of the stated output matches any number / any of True and False, so the test
-checks the shape of the output and its words. Blocks without an output block only run.
+checks the shape of the output and its words. A block that prints must state its output;
+blocks that print nothing only run. Relative links and their anchors must resolve.
 """
 
 from __future__ import annotations
@@ -80,6 +81,98 @@ def test_stated_output_is_checked():
     assert _pattern("unit 5: 1.25 (2, 3) True", vary=True).fullmatch("unit 12: -0.5 (0, 1) False")
     assert not _pattern("unit 5: 1.25", vary=True).fullmatch("units 5: 1.25")
     assert not _pattern("unit 5", vary=True).fullmatch("unit x")
+
+
+def _unstated(path: Path) -> list[str]:
+    """The first line of each block of a page that prints but states no output."""
+    return [
+        code.strip().splitlines()[0]
+        for code, stated, _ in _blocks(path)
+        if stated is None and re.search(r"\bprint\(", code)
+    ]
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda d: d.name)
+def test_examples_that_print_state_what_they_print(doc: Path):
+    """A block that prints is followed by the output it prints, so the test above compares
+    it: docs/tracing.md stated `lin.target, lin.args` and a hooked run's shape in comments
+    (the shape as `(2, 4, 12, 12)`, where the block prints `torch.Size([2, 4, 12, 12])`),
+    which nothing checked."""
+    assert not _unstated(doc), (
+        f"{doc.name}: blocks that print without an ```output block after them, "
+        f"starting: {_unstated(doc)}"
+    )
+
+
+def test_unstated_output_is_found(tmp_path: Path):
+    """The check itself: a printing block without an output block is found, one with an
+    output block and one that prints nothing are not."""
+    page = tmp_path / "page.md"
+    fence = "```"
+    page.write_text(
+        f"{fence}python\nx = 1\nprint(x)  # 1\n{fence}\n\n"
+        f"{fence}python\nprint(2)\n{fence}\n\n{fence}output\n2\n{fence}\n\n"
+        f"{fence}python\ny = 3\n{fence}\n"
+    )
+    assert _unstated(page) == ["x = 1"]
+
+
+# --- links between the pages ---
+
+_LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+def _anchors(path: Path) -> set[str]:
+    """The anchors of a page as GitHub makes them: each heading's slug (lower case,
+    punctuation dropped, spaces as hyphens, a repeated slug numbered) and each
+    ``<a id="...">``."""
+    text = re.sub(r"```.*?```", "", path.read_text(), flags=re.S)
+    slugs: set[str] = set()
+    for heading in re.findall(r"^#{1,6} +(.*?) *#*$", text, re.M):
+        slug = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+        n, candidate = 0, slug
+        while candidate in slugs:
+            n += 1
+            candidate = f"{slug}-{n}"
+        slugs.add(candidate)
+    return slugs | set(re.findall(r'<a id="([^"]+)"', text))
+
+
+def _broken_links(path: Path) -> list[str]:
+    """The relative links of a page whose file or anchor does not exist."""
+    text = re.sub(r"```.*?```", "", path.read_text(), flags=re.S)
+    broken = []
+    for link in _LINK.findall(text):
+        if re.match(r"[a-z]+:", link):
+            continue  # http:, https:, mailto:
+        file, _, anchor = link.partition("#")
+        target = (path.parent / file).resolve() if file else path
+        if not target.exists() or (
+            anchor and target.suffix == ".md" and anchor not in _anchors(target)
+        ):
+            broken.append(link)
+    return broken
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda d: d.name)
+def test_links_between_pages_resolve(doc: Path):
+    """Every relative link of README.md and docs/ names a file that exists and, with
+    ``#anchor``, a heading or ``<a id>`` of that page: a renamed heading breaks no link
+    silently."""
+    assert not _broken_links(doc), f"{doc.name}: broken links {_broken_links(doc)}"
+
+
+def test_broken_links_are_found(tmp_path: Path):
+    """The check itself: a missing file or anchor is found; a heading's slug, a repeated
+    heading's numbered slug, an ``<a id>`` and a web address are not."""
+    (tmp_path / "other.md").write_text("# Other page\n\n## In a notebook\n\n## In a notebook\n")
+    page = tmp_path / "page.md"
+    page.write_text(
+        '<a id="here"></a>\n# Page: `x.y`\n'
+        "[a](other.md#in-a-notebook) [b](other.md#in-a-notebook-1) [c](#here) [d](#page-xy) "
+        "[e](https://example.com/x#y) [f](missing.md) [g](other.md#nowhere) [h](#gone)\n"
+    )
+    assert _broken_links(page) == ["missing.md", "other.md#nowhere", "#gone"]
 
 
 # --- the `lurker` command lines of the docs' shell blocks and of the commands' --help ---
