@@ -208,3 +208,13 @@ def forget_mean_peaks(run_dir: Path) -> None:
             top = np.frombuffer(blob, TOP_DTYPE).copy().reshape(2, -1)
             top["y"][1] = top["x"][1] = -1
             db.execute("UPDATE units SET top = ? WHERE rowid = ?", (top.tobytes(), rowid))
+
+
+def shown_percent(p: float) -> str:
+    """A probability as the pages show it (web/src/dom.ts ``pct``): to 0.1%, but never a
+    rounded 100.0% or 0.0% for a value that is not exactly 1 or 0."""
+    if 0 < p < 0.0005:
+        return "<0.1%"
+    if 0.9995 <= p < 1:
+        return ">99.9%"
+    return f"{100 * p:.1f}%"

@@ -25,6 +25,7 @@ from explorer_fixtures import (  # noqa: F401
     FEATVIZ_UNITS,
     ExplorerRun,
     explorer_run,
+    shown_percent,
     skip_without_browser,
     static_server,
 )
@@ -909,7 +910,7 @@ def test_static_explain_page_of_precomputed_samples(
             live = page.request.get(f"{url}data/runs/digits/live/sample-{sid}.json").json()
             shown = page.locator(".sample-head ol.preds li").all_inner_texts()
             want = [
-                f"{q['name'] or q['class']} {100 * q['prob']:.1f}%" for q in live["predictions"]
+                f"{q['name'] or q['class']} {shown_percent(q['prob'])}" for q in live["predictions"]
             ]
             assert shown == want and "no model attached" not in facts
             assert page.locator("#pred-precomputed").count() == 1

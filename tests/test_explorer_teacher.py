@@ -22,6 +22,7 @@ import pytest
 from explorer_fixtures import (  # noqa: F401
     ExplorerRun,
     explorer_run,
+    shown_percent,
     skip_without_browser,
     strict_page,
 )
@@ -274,4 +275,4 @@ def test_live_predictions_say_what_they_are(browser: Any, served: dict[str, Any]
             "ls => ls.map(l => [...l.querySelectorAll('span')].map(s => s.textContent))",
         )
         assert [r[0] for r in rows] == [str(i) for i in top.indices.tolist()]
-        assert [r[2] for r in rows] == [f"{100 * float(p):.1f}%" for p in top.values]
+        assert [r[2] for r in rows] == [shown_percent(float(p)) for p in top.values]

@@ -704,3 +704,53 @@ def test_sample_page_without_images_keeps_the_reason_in_its_box(
         shown = page.locator("#pred-stored li").inner_text()
         assert shown == f"{m.pred[0]} {100 * m.conf[0]:.1f}%"
     assert not page.errors
+
+
+def test_near_certain_confidence_is_not_shown_as_certain(page: Any, tmp_path: Path):
+    """A confident model (a trained head's scale): a sample whose top probability is
+    0.99996 showed "100%" on the Map (the API rounded it to 4 decimals, to 1.0) and
+    "100.0%" on its sample page, and its runner-up's 0.00002 "0.0%": rounding read as
+    certainty. The map's confidence is now the stored float32, and pages say ">99.9%" and
+    "<0.1%". Oracle: softmax of the model's logits, in float64."""
+    import json
+    import urllib.request
+
+    from lurker.examples import DigitsNet
+    from lurker.map import make_map
+    from lurker.probe import probe
+    from lurker.probe.data import load_dataset
+    from lurker.server import create_app
+    from lurker.server.serve import background
+
+    torch.manual_seed(0)
+    model = DigitsNet().eval()
+    with torch.no_grad():
+        model.classifier[3].weight.mul_(1000)
+    data = load_dataset("digits:test", 16, channels=1)
+    x = torch.stack([data[i][0] for i in range(len(data))])
+    with torch.no_grad():
+        probs = torch.softmax(model(x).double(), 1).numpy()
+    top, second = probs.max(1), np.sort(probs, 1)[:, -2]
+    # a confidence that 4 decimals round to 1 (and toFixed(1) to 100.0), float32 does not;
+    # and a runner-up that rounds to 0.0%
+    near = np.flatnonzero((top >= 0.99995) & (top < 1 - 1e-6) & (second > 0) & (second < 5e-4))
+    assert len(near), "the test needs a sample whose confidence rounds to 100.0%"
+    i = int(near[0])
+    run = probe(model, data, out=tmp_path / "sharp", layers="classifier.1", progress=False,
+                embed=True)  # fmt: skip
+    make_map(run, method="pca").close()
+    run.close()
+    with background(create_app(tmp_path, model_obj=model, dataset=data)) as url:
+        with urllib.request.urlopen(f"{url}api/runs/sharp/map") as r:
+            doc = json.load(r)
+        k = doc["ids"].index(i)
+        assert doc["conf"][k] != 1.0
+        assert doc["conf"][k] == pytest.approx(top[i], rel=1e-6)
+        page.goto(f"{url}#/r/sharp/sample/{i}")
+        preds = page.locator("ol.preds li")
+        preds.first.wait_for()
+        shown = preds.all_inner_texts()
+        assert shown[0] == f"{probs[i].argmax()} >99.9%"
+        assert shown[1].endswith(" <0.1%")
+        assert not any(t.endswith(" 100.0%") or t.endswith(" 0.0%") for t in shown)
+    assert not page.errors

@@ -49,6 +49,15 @@ export function fmt(v: number | null | undefined, digits = 3): string {
   return String(Number(v.toPrecision(digits)));
 }
 
+/** A probability as a percentage to 0.1%, never rounded to a certainty it is not:
+ * 0.99996 is ">99.9%" and 0.00002 "<0.1%" (toFixed(1) showed them as 100.0% and 0.0%);
+ * only an exact 1 or 0 reads 100.0% or 0.0%. */
+export function pct(p: number): string {
+  if (p > 0 && p < 0.0005) return "<0.1%";
+  if (p < 1 && p >= 0.9995) return ">99.9%";
+  return `${(100 * p).toFixed(1)}%`;
+}
+
 /** `2026-01-31T12:34:56+00:00` as `2026-01-31 12:34 UTC` (the store writes UTC):
  * the runs list and a run's home page say when it was probed alike. */
 export function probedAt(iso: string | null | undefined): string {

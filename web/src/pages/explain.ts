@@ -15,7 +15,7 @@
  */
 import { ApiError, p, type LiveImage, type RunSummary } from "../api";
 import type { PageContext } from "../context";
-import { append, fill, fmt, h, notice, withCode } from "../dom";
+import { append, fill, fmt, h, notice, pct, withCode } from "../dom";
 import { imageTitle } from "../images";
 import { imagePicker } from "../picker";
 import { classLabel, classText, namesWidth } from "../classes";
@@ -213,7 +213,7 @@ export async function renderExplain(root: HTMLElement, ctx: PageContext): Promis
           },
           h("span", { class: "pname" }, classLabel(q.name, q.class)),
           h("span", { class: "pbar", style: `width:${(100 * q.prob).toFixed(1)}%` }),
-          h("span", { class: "muted" }, `${(100 * q.prob).toFixed(1)}%`),
+          h("span", { class: "muted" }, pct(q.prob)),
         ),
       );
     }),
@@ -487,7 +487,7 @@ function targetLine(target: string, live: LiveImage): string {
   if (target.includes(":")) return `for unit ${target}`;
   const cls = target === "top" ? live.predictions[0]?.class : Number(target);
   const pred = live.predictions.find((q) => q.class === cls);
-  return `for ${classText(pred?.name, cls ?? null)}${target === "top" ? " (the top prediction)" : ""}${pred ? ` · p = ${(100 * pred.prob).toFixed(1)}%` : ""}`;
+  return `for ${classText(pred?.name, cls ?? null)}${target === "top" ? " (the top prediction)" : ""}${pred ? ` · p = ${pct(pred.prob)}` : ""}`;
 }
 
 /** The unit page of a `LAYER:CHANNEL` target when LAYER is a probed layer of the run. */

@@ -12,7 +12,7 @@ import { axisBottom, axisLeft } from "d3-axis";
 import { scaleLinear } from "d3-scale";
 import { create } from "d3-selection";
 import { barChart } from "../charts";
-import { append, fill, fmt, h, notice, shape } from "../dom";
+import { append, fill, fmt, h, notice, pct, shape } from "../dom";
 import { imageTitle } from "../images";
 import { imagePicker } from "../picker";
 import { classLabel, namesWidth } from "../classes";
@@ -99,7 +99,7 @@ export async function renderLive(root: HTMLElement, ctx: PageContext): Promise<v
           "ol",
           { class: "preds", style: namesWidth(live.predictions.map((q) => classLabel(q.name, q.class))) },
           live.predictions.map((q) =>
-            h("li", null, h("span", { class: "pname" }, classLabel(q.name, q.class)), h("span", { class: "pbar", style: `width:${(100 * q.prob).toFixed(1)}%` }), h("span", { class: "muted" }, `${(100 * q.prob).toFixed(1)}%`)),
+            h("li", null, h("span", { class: "pname" }, classLabel(q.name, q.class)), h("span", { class: "pbar", style: `width:${(100 * q.prob).toFixed(1)}%` }), h("span", { class: "muted" }, pct(q.prob))),
           ),
         ),
         h("p", null, h("a", { class: "button", id: "explain-this", href: ctx.href("explain") + "?image=" + encodeURIComponent(image) }, "Explain this image")),

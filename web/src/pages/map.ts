@@ -11,7 +11,7 @@ import { select } from "d3-selection";
 import { zoom, zoomIdentity, type ZoomTransform } from "d3-zoom";
 import { ApiError, p } from "../api";
 import type { PageContext } from "../context";
-import { append, fill, fmt, h, notice } from "../dom";
+import { append, fill, h, notice, pct } from "../dom";
 import { imageState, noImage } from "../images";
 import { classLabel } from "../classes";
 
@@ -454,7 +454,7 @@ export async function renderMap(root: HTMLElement, ctx: PageContext): Promise<vo
   function describe(i: number): string {
     const id = doc.ids[i];
     const conf = doc.conf[i];
-    const pred = doc.pred[i] >= 0 ? `, predicted ${predName(doc.pred[i])}${conf !== null ? ` (${fmt(conf * 100, 3)}%)` : ""}${wrong[i] ? ", misclassified" : ""}` : "";
+    const pred = doc.pred[i] >= 0 ? `, predicted ${predName(doc.pred[i])}${conf !== null ? ` (${pct(conf)})` : ""}${wrong[i] ? ", misclassified" : ""}` : "";
     return `sample #${id}: label ${className(doc.label[i])}${pred}${has(id) ? "" : " (not in this export: no page)"}`;
   }
   function showTip(i: number, ev: { clientX: number; clientY: number }): void {
@@ -474,7 +474,7 @@ export async function renderMap(root: HTMLElement, ctx: PageContext): Promise<vo
           h("b", null, `#${id}`),
           h("div", null, "label ", h("b", null, className(doc.label[i]))),
           doc.pred[i] >= 0
-            ? h("div", { class: wrong[i] ? "error-text" : right ? "" : "muted" }, "predicted ", h("b", null, predName(doc.pred[i])), doc.conf[i] !== null ? ` (${fmt((doc.conf[i] as number) * 100, 3)}%)` : "")
+            ? h("div", { class: wrong[i] ? "error-text" : right ? "" : "muted" }, "predicted ", h("b", null, predName(doc.pred[i])), doc.conf[i] !== null ? ` (${pct(doc.conf[i] as number)})` : "")
             : h("div", { class: "muted" }, "no prediction"),
         ),
       );

@@ -8,7 +8,7 @@
  */
 import { p, type Appearance, type LiveImage, type Prediction, type SampleBrief, type SampleDoc } from "../api";
 import type { PageContext } from "../context";
-import { append, facts, fill, fmt, h, notice } from "../dom";
+import { append, facts, fill, fmt, h, notice, pct } from "../dom";
 import { imageState } from "../images";
 import { classLabel, classText } from "../classes";
 
@@ -41,7 +41,7 @@ export async function renderSample(root: HTMLElement, ctx: PageContext, args: st
   const pred = held?.predictions.length ? held.predictions : doc.prediction;
   // no model ran here, but the run recorded the top class (the Map page shows it too)
   const stored = !pred?.length ? (doc.stored_prediction ?? null) : null;
-  const predItem = (q: Prediction) => h("li", { class: q.name !== null && q.class === s.label ? "match" : null }, `${classLabel(q.name, q.class)} `, h("span", { class: "muted" }, `${(100 * q.prob).toFixed(1)}%`));
+  const predItem = (q: Prediction) => h("li", { class: q.name !== null && q.class === s.label ? "match" : null }, `${classLabel(q.name, q.class)} `, h("span", { class: "muted" }, pct(q.prob)));
   // the top class against the label, said in words (a bold true class lower in the
   // top-5 did not say the model got it wrong); only where the outputs are the dataset's
   // classes (a prediction has a name then), as the Map page calls samples misclassified
@@ -150,7 +150,7 @@ export async function renderSample(root: HTMLElement, ctx: PageContext, args: st
           "a",
           { class: "chip", href: ctx.href("unit", a.layer, a.unit) + `?tab=${a.list}`, "data-unit": a.unit, "data-list": a.list, title: `${a.list} list, rank ${a.rank + 1}, value ${fmt(a.value)}` },
           `unit ${a.unit}`,
-          h("small", null, ` ${a.list} #${a.rank + 1}`),
+          h("small", null, ` ${a.list} rank ${a.rank + 1}`),
         ),
       );
       sec.loaded++;

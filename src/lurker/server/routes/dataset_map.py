@@ -13,6 +13,12 @@ from ..schemas import MapDoc
 router = APIRouter(prefix="/api", tags=["map"])
 
 
+def _confidences(conf: np.ndarray) -> list[float | None]:
+    """Each confidence as the float32 the run stores, in its shortest form: rounding to a
+    few decimals turned 0.99995 into 1.0, which the page then showed as a certain 100%."""
+    return [None if v != v else float(str(v)) for v in conf.astype(np.float32)]
+
+
 def _rounded(a: np.ndarray, span: float) -> list[float]:
     """Coordinates to 1/100,000 of the map's span: finer than any screen, and short."""
     digits = max(0, int(np.ceil(5 - np.log10(max(span, 1e-12)))))
@@ -40,7 +46,6 @@ def dataset_map(request: Request, run_id: str) -> MapDoc:
     else:
         ext = [0.0, 0.0, 0.0, 0.0]
     span = max(ext[1] - ext[0], ext[3] - ext[2])
-    conf = np.round(m.conf.astype(np.float64), 4)
     outputs = model_outputs(run)
     return MapDoc(
         layer=m.meta.get("layer"),
@@ -55,7 +60,7 @@ def dataset_map(request: Request, run_id: str) -> MapDoc:
         y=_rounded(m.y, span),
         label=m.label.tolist(),
         pred=m.pred.tolist(),
-        conf=[None if v != v else v for v in conf.tolist()],
+        conf=_confidences(m.conf),
         outputs=outputs,
         comparable=outputs == len(run.classes)
         if outputs is not None
