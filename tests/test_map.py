@@ -817,3 +817,103 @@ def test_map_refuses_another_model(model, data, tmp_path):
         make_map(run, method="pca", model=other, dataset=data)
     assert not Run.open(run.path).has_embedding
     assert make_map(run, method="pca", model=model, dataset=data).has_map
+
+
+def _sklearn_pca_of_hooked(model, data, module: str) -> np.ndarray:
+    """Oracle: the module's output by a forward hook, mean-pooled per channel, as float16
+    (as stored), placed by scikit-learn's PCA."""
+    from sklearn.decomposition import PCA
+
+    out, _ = _hooked(model, module, _all(data)[0])
+    feats = out.flatten(2).mean(2).to(torch.float16).float().numpy()
+    return PCA(n_components=2).fit_transform(feats.astype(np.float64))
+
+
+def _same_up_to_sign(got: np.ndarray, want: np.ndarray) -> None:
+    signs = np.sign((got * want).sum(0))  # PCA axes are defined up to their sign
+    np.testing.assert_allclose(got * signs, want, rtol=1e-4, atol=2e-3 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("alias", ["features.9", "relu_3", "features"])
+def test_map_of_another_name_of_the_held_layer_uses_the_held_features(model, data, tmp_path,
+                                                                       alias):  # fmt: skip
+    """`features` (the Sequential) outputs the very tensor `features.9` (its last ReLU,
+    op relu_3) does: asking for it by any of these names maps the features the run holds,
+    without a second pass over the dataset, and the map is the PCA of that layer."""
+    counted = _Counted(data)
+    run = probe(model, counted, out=tmp_path / "run", layers="classifier.1", progress=False,
+                embed="features.9")  # fmt: skip
+    before = run.embedding()
+    reads = counted.reads
+    done = make_map(run, layer=alias, method="pca", model=model, dataset=counted)
+    assert counted.reads - reads <= 1  # the first image, to trace the model: no sweep
+    after, m = done.embedding(), done.map()
+    assert after.meta["layer"] == m.meta["layer"] == "features.9"
+    np.testing.assert_array_equal(after.features, before.features)
+    want = _sklearn_pca_of_hooked(model, data, "features.9")
+    _same_up_to_sign(np.c_[m.x, m.y].astype(np.float64), want)
+
+
+def test_cli_map_of_an_alias_of_the_held_layer_does_not_sweep(model, tmp_path, monkeypatch):
+    from lurker.cli import main
+
+    weights = tmp_path / "w.pt"
+    torch.save(model.state_dict(), weights)
+    out = tmp_path / "run"
+    res = CliRunner().invoke(main, [
+        "probe", "lurker.examples:DigitsNet", "-w", str(weights), "--data", "digits:test",
+        "--image-size", "16", "--out", str(out), "-l", "classifier.1", "--device", "cpu",
+        "--embed-layer", "features.9",
+    ])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    with Run.open(out) as r:
+        held = r.embedding().features
+    swept: list[int] = []
+    real = load_dataset
+    monkeypatch.setattr(
+        "torch.utils.data.DataLoader.__iter__",
+        lambda self: swept.append(1) or iter(()),
+    )
+    for alias in ("features", "relu_3"):
+        res = CliRunner().invoke(main, ["map", str(out), "--method", "pca", "--layer", alias])
+        assert res.exit_code == 0, res.output
+        assert "map of 360 samples from features.9 by pca" in res.output, res.output
+    assert not swept  # no pass over the dataset
+    with Run.open(out) as r:
+        np.testing.assert_array_equal(r.embedding().features, held)
+        m = r.map()
+    want = _sklearn_pca_of_hooked(model, real("digits:test", 16, channels=1), "features.9")
+    _same_up_to_sign(np.c_[m.x, m.y].astype(np.float64), want)
+
+
+@pytest.mark.parametrize("top", [None, 0.99949])
+def test_map_document_confidences_are_the_models_softmax(data, tmp_path, top):
+    """Oracle: the model run by hand on every sample. Each point's confidence is the softmax
+    probability of its predicted class (to float32's precision: rounded to 4 decimals,
+    0.99949 was sent as 0.9995, which the page's 3 digits show as 100%), and the
+    misclassified samples are those whose logits' argmax is not the label."""
+    from fastapi.testclient import TestClient
+
+    from lurker.server.app import create_app
+
+    torch.manual_seed(3)
+    net = DigitsNet().eval()
+    if top is not None:  # every sample: class 0 at exactly `top`, the rest shared alike
+        with torch.no_grad():
+            net.classifier[3].weight.zero_()
+            net.classifier[3].bias.copy_(torch.log(torch.tensor([top] + [(1 - top) / 9] * 9)))
+    xs, ys = _all(data)
+    with torch.no_grad():
+        logits = net(xs).double()
+    want_conf = torch.softmax(logits, 1).max(1).values.numpy()
+    want_wrong = int((logits.argmax(1) != ys).sum())
+    run = probe(net, data, out=tmp_path / "run", layers="classifier.1", progress=False,
+                embed=True)  # fmt: skip
+    make_map(run, method="pca").close()
+    doc = TestClient(create_app(str(run.path))).get("/api/runs/run/map").json()
+    ids, conf = np.array(doc["ids"]), np.array(doc["conf"], dtype=np.float64)
+    np.testing.assert_allclose(conf, want_conf[ids], rtol=0, atol=1e-6)
+    pred, label = np.array(doc["pred"]), np.array(doc["label"])
+    assert doc["comparable"] and int((pred != label).sum()) == want_wrong
+    if top is not None:  # as the page writes it: 3 significant digits of the percentage
+        assert {f"{100 * c:.3g}" for c in conf} == {"99.9"}

@@ -594,3 +594,104 @@ def test_a_torchrun_worker_keeps_the_default_sigterm_before_the_sweep(
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")  # what torchrun sets in its workers
     with stops_on_sigterm():
         assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+BLOCKING = '''
+import os, time
+from lurker.examples import DigitsNet
+
+
+class Blocking(DigitsNet):
+    """The digits' convnet, whose second batch of 20 (the sweep's; the trace feeds one
+    image) waits until the test has signalled the launcher, so the signal always comes
+    mid-sweep."""
+
+    batches = 0
+
+    def forward(self, x):
+        Blocking.batches += x.shape[0] == 20
+        flag = os.environ["LURKER_TEST_FLAG"]
+        if Blocking.batches == 2 and not os.path.exists(flag):
+            open(f"{flag}.ready{os.environ['RANK']}", "w").close()
+            while not os.path.exists(flag):
+                time.sleep(0.05)
+        return super().forward(x)
+'''
+
+
+def _doc_block(marker: str) -> str:
+    """The fenced block of docs/probe.md that holds ``marker``."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "probe.md").read_text()
+    blocks = text.split("```")[1::2]
+    (block,) = [b for b in blocks if marker in b]
+    return block
+
+
+def _wait_for(cond: Any, proc: subprocess.Popen, what: str) -> None:
+    """Poll until ``cond()`` (a guard against hanging, not a timed assertion)."""
+    import time
+
+    for _ in range(2400):
+        if cond():
+            return
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError(f"never saw {what}")
+
+
+def test_sigterm_to_torchrun_prints_what_the_docs_show_and_the_run_resumes(
+    tmp_path: Path,
+) -> None:
+    """SIGTERM to `torchrun --nproc_per_node 2 -m lurker.cli probe`: torchrun's launcher
+    prints its own warnings and a SignalException traceback, which lurker cannot change;
+    docs/probe.md shows exactly those lines and says the run is safe: the checkpoints are
+    kept and the command lurker prints resumes them to a complete run."""
+    (tmp_path / "blockmod.py").write_text(BLOCKING)
+    flag, out, said = tmp_path / "go", tmp_path / "run", tmp_path / "said.txt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LURKER_TEST_FLAG": str(flag),
+           "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}  # fmt: skip
+    probe_args = [
+        *("probe", "blockmod:Blocking", "--data", "digits:test", "--image-size", "16"),
+        *("--layers", "features.4", "--batch-size", "20", "--out", str(out)),
+    ]
+    launcher = [sys.executable, "-m", "torch.distributed.run"]
+    with said.open("w") as log:
+        proc = subprocess.Popen(
+            [*launcher, "--standalone", "--nproc_per_node=2", "-m", "lurker.cli", *probe_args],
+            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path,
+            start_new_session=True,
+        )  # fmt: skip
+        ready = [Path(f"{flag}.ready{r}") for r in (0, 1)]
+        _wait_for(lambda: all(p.exists() for p in ready), proc, "both ranks sweeping")
+        proc.send_signal(signal.SIGTERM)
+        _wait_for(lambda: said.read_text().count("closing signal SIGTERM") == 2, proc,
+                  "torchrun passing the signal on")  # fmt: skip
+        flag.touch()
+        assert proc.wait(timeout=300) == 1
+    text = said.read_text()
+    shown = _doc_block("SignalException")
+    for line in (
+        "Received 15 death signal, shutting down workers",
+        "closing signal SIGTERM",
+        "lurker: process 0 of 2 stopped by SIGTERM after",
+        "each process keeps",
+        "Traceback (most recent call last):",
+        "torch.distributed.elastic.multiprocessing.api.SignalException: Process",
+        "got signal: 15",
+    ):
+        assert line in shown, line
+        assert line in text, (line, text)
+    assert text.index("lurker: process 0") < text.index("Traceback"), text
+    assert text.count("lurker: process") == 1, text
+    assert (out / "checkpoint-rank0.pt").exists() and (out / "checkpoint-rank1.pt").exists()
+    # the command lurker printed resumes the run to its end
+    command = shlex.split(text.split("to resume: ", 1)[1].splitlines()[0])
+    assert command[:3] == ["torchrun", "--nproc_per_node=2", "--standalone"], command
+    done = subprocess.run([*launcher, *command[1:]], capture_output=True, text=True, env=env,
+                          cwd=tmp_path, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    with lurker.store.Run.open(out) as run:
+        assert run.num_samples == 360 and run.meta["sweep"]["resumed_from"] > 0
+    assert not list(out.glob("checkpoint*")), list(out.iterdir())  # merged and cleaned up

@@ -606,7 +606,7 @@ def map_(
 
     Uses the features the probe kept (`lurker probe --embed`); otherwise collects them in
     one pass with the model and dataset the run records (or --model/--data)."""
-    from .map import make_map, umap_module
+    from .map import holds_layer, make_map, umap_module
     from .store import Run
 
     if method == "umap":
@@ -616,7 +616,7 @@ def map_(
         size = (r.meta.get("image_size") or [224])[0]
         config = r.meta.get("config") or {}
         emb = (r.meta.get("embedding") or {}) if r.has_embedding else {}
-        held = emb.get("layer")  # the stored features' layer (its op label: emb["op"])
+        held = emb.get("layer")  # the stored features' layer
     if weights and not model_spec:  # the run's own model, with these weights
         model_spec = config.get("model_spec")
         if not model_spec:
@@ -625,7 +625,7 @@ def map_(
                 "--model SPEC alongside --weights",
                 param_hint="'--weights'",
             )
-    if held and (layer is None or layer in (held, emb.get("op"))) and (model_spec or data):
+    if held and (layer is None or holds_layer(run, layer)) and (model_spec or data):
         click.echo(
             f"the run holds the features of {held}: the map uses them, so --model, --weights "
             "and --data are not needed (--layer L collects another layer's with them)"

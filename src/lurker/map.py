@@ -17,7 +17,7 @@ import numpy as np
 
 from .errors import LurkerError, warn
 
-__all__ = ["METHODS", "Reduced", "collect_embedding", "make_map", "reduce"]
+__all__ = ["METHODS", "Reduced", "collect_embedding", "holds_layer", "make_map", "reduce"]
 
 Method = Literal["tsne", "umap", "pca"]
 METHODS: tuple[str, ...] = ("tsne", "umap", "pca")
@@ -151,29 +151,26 @@ def collect_embedding(
     settings)``. Sample ids are dataset indices, as the probe numbers them."""
     from .probe import data as pdata
 
-    return _collect(
-        model, pdata.wrap(dataset), embed, None, batch_size, device, said=("embed", "embed")
-    )
+    ds = pdata.wrap(dataset)
+    found = _resolve(model, ds, embed, device, said=("embed", "embed"))
+    return _collect(model, ds, found, None, batch_size, device)
 
 
-def _collect(
+def _resolve(
     model: Any,
     ds: Any,
     embed: bool | str,
-    indices: list[int] | None,
-    batch_size: int,
     device: str | None,
     said: tuple[str, str] = ("layer", "--layer"),
-) -> tuple[Any, dict[str, Any]]:
-    """:func:`collect_embedding` over the items ``indices`` of ``ds`` (None: all); ``said``:
-    how the caller's user named ``embed`` (in Python, on the command line)."""
+) -> tuple[Any, Any]:
+    """The model's trace and the layer ``embed`` names in it (its canonical name: every
+    alias of one op, module path or op label, resolves to the same layer); ``said``: how
+    the caller's user named ``embed`` (in Python, on the command line)."""
     import torch
 
     from .capture import settled_trace
     from .models import default_device
-    from .probe import data as pdata
-    from .probe.consumers import Batch, EmbeddingConsumer
-    from .probe.sweep import check_embed_budget, embed_layer_of
+    from .probe.sweep import embed_layer_of
 
     if len(ds) == 0:
         raise LurkerError("the dataset is empty: nothing to embed")
@@ -182,7 +179,28 @@ def _collect(
     x0 = ds.first_image().unsqueeze(0).to(dev)
     with torch.no_grad():
         tr = settled_trace(model, x0)
-    layer = embed_layer_of(tr, embed, arg=said[0], cli_arg=said[1])
+    return tr, embed_layer_of(tr, embed, arg=said[0], cli_arg=said[1])
+
+
+def _collect(
+    model: Any,
+    ds: Any,
+    found: tuple[Any, Any],
+    indices: list[int] | None,
+    batch_size: int,
+    device: str | None,
+) -> tuple[Any, dict[str, Any]]:
+    """:func:`collect_embedding` over the items ``indices`` of ``ds`` (None: all), at the
+    layer :func:`_resolve` ``found``."""
+    import torch
+
+    from .models import default_device
+    from .probe import data as pdata
+    from .probe.consumers import Batch, EmbeddingConsumer
+    from .probe.sweep import check_embed_budget
+
+    tr, layer = found
+    dev = torch.device(device or default_device())
     check_embed_budget(layer, len(ds) if indices is None else len(indices))
     consumer = EmbeddingConsumer(layer, probed=False)
     items = ds if indices is None else torch.utils.data.Subset(ds, indices)  # ids: ds indices
@@ -233,8 +251,9 @@ def make_map(
         config = dict(r.meta.get("config") or {})
         size = (r.meta.get("image_size") or [224])[0]
     held = None if stored is None else stored.meta.get("layer")  # the stored features' layer
-    if stored is not None and layer is not None and layer not in (held, stored.meta.get("op")):
-        stored = None
+    kept = stored
+    if stored is not None and layer is not None and not holds_layer(path, layer):
+        stored = None  # unless the model's trace says ``layer`` is another name of theirs
     with run_lock(path):
         writer = RunWriter.reopen(path)
         try:
@@ -242,10 +261,12 @@ def make_map(
                 model, dataset = _model_and_data(config, int(size), model, dataset, device, held)
                 _check_model(model, path)
                 ds = pdata.wrap(dataset)
+                found = _resolve(model, ds, layer or True, device)
+                if kept is not None and found[1].op.label == kept.meta.get("op"):
+                    stored = kept  # another name of the layer held: no second sweep
+            if stored is None:
                 indices, run_ids = _align(path, ds)
-                (at, feats, pred, conf), settings = _collect(
-                    model, ds, layer or True, indices, 256, device
-                )
+                (at, feats, pred, conf), settings = _collect(model, ds, found, indices, 256, device)
                 ids = run_ids[at.numpy()]  # the dataset's indices as the run's sample ids
                 order = np.argsort(ids, kind="stable")
                 ids, feats, pred, conf = (
@@ -274,6 +295,27 @@ def make_map(
         finally:
             writer.close()
     return Run.open(path)
+
+
+def holds_layer(run: Any, layer: str) -> bool:
+    """Whether the per-sample features ``run`` holds are of ``layer``, as the run alone can
+    tell: ``layer`` is their layer's name or op label, or names (in the run's layer table,
+    by name, op label or module path) a layer of that op. Another alias (an enclosing
+    module's path, say) needs the model's trace to resolve, which :func:`make_map` does
+    before it would sweep the dataset again."""
+    from .store import Run, StoreError
+
+    with Run.open(run.path if isinstance(run, Run) else run) as r:
+        emb = (r.meta.get("embedding") or {}) if r.has_embedding else {}
+        if not emb:
+            return False
+        if layer in (emb.get("layer"), emb.get("op")):
+            return True
+        try:
+            info = r.layer(layer)
+        except StoreError:
+            return False
+    return info.name == emb.get("layer") or (info.op is not None and info.op == emb.get("op"))
 
 
 def _align(path: Any, ds: Any) -> tuple[list[int], np.ndarray]:
