@@ -17,9 +17,11 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1 || $(PY) -m pip install -q torch torchvision
 	$(PY) -m pip install -q -e '.[dev]'
-	# the AttnLRP oracle (tests/test_explain_lrp.py uses lxt.explicit.functional, plain
-	# torch); its declared requirements (transformers, bitsandbytes, ...) are not needed
-	$(PY) -m pip install -q --no-deps lxt==2.1
+	# oracles the tests import without their declared requirements: lxt's AttnLRP rules
+	# (tests/test_explain_lrp.py: lxt.explicit.functional, plain torch; not transformers,
+	# bitsandbytes, ...) and Lucent's image parameterization and objectives
+	# (tests/test_featviz_lucent.py: lucent.optvis.param and objectives, torch and decorator)
+	$(PY) -m pip install -q --no-deps lxt==2.1 torch-lucent==0.1.8 decorator
 	touch $@
 
 $(STATIC): $(WEB_SRC)

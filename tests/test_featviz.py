@@ -748,3 +748,39 @@ def _hooked_output(model: torch.nn.Module, path: str):
         return seen[0]
 
     return out
+
+
+def test_a_call_suffixed_layers_files_have_safe_names(tmp_path):
+    """`lurker featviz MODEL --layer act:2 --out DIR` named its PNGs `act:2-0000.png`: a
+    colon, which Windows refuses in a file name (and macOS shows as a slash). The name is
+    now `store.files.safe_component`'s (a plain layer's, `features.8-0000.png`, as
+    before), and activations.json says which prefix its PNGs carry."""
+    from PIL import Image
+
+    from lurker.store.files import safe_component
+
+    (tmp_path / "shared.py").write_text(
+        "import torch\n"
+        "from torch import nn\n\n"
+        "class Shared(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.conv1 = nn.Conv2d(1, 4, 3, padding=1)\n"
+        "        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)\n"
+        "        self.act = nn.ReLU()\n\n"
+        "    def forward(self, x):\n"
+        "        return self.act(self.conv2(self.act(self.conv1(x))) - 0.5)\n"
+    )
+    out = tmp_path / "fv"
+    r = CliRunner().invoke(main, ["featviz", f"{tmp_path / 'shared.py'}:Shared", "--layer",
+                                  "act:2", "-u", "0,2", "-n", "2", "--image-size", "12",
+                                  "--channels", "1", "-o", str(out)])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    meta = json.loads((out / "activations.json").read_text())
+    names = sorted(p.name for p in out.glob("*.png"))
+    prefix = safe_component("act:2")
+    assert not any(set(n) & set('<>:"/\\|?*') for n in names), names
+    assert names == [f"{prefix}-0000.png", f"{prefix}-0002.png"]
+    assert meta["layer"] == "act:2" and meta["file_prefix"] == prefix
+    assert Image.open(out / names[0]).size == (12, 12)
+    assert safe_component("features.8") == "features.8"  # plain layers keep their names

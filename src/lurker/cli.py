@@ -1406,7 +1406,11 @@ def featviz(
             mean, std = pdata.normalize_stats(normalize, c)
         folder = Path(out or "featviz").expanduser()
         folder.mkdir(parents=True, exist_ok=True)
-        name = layer.replace("/", "_")
+        # a layer name as it is when it is a safe file name (`features.8`); else made one,
+        # with a hash so no two layers share it (`layer1.0.relu:2`: Windows refuses `:`)
+        from .store.files import safe_component
+
+        name = safe_component(layer)
         done: dict[str, Any] = {"units": [], "activations": [], "settings": None}
 
         def write(part: Any) -> None:
@@ -1419,7 +1423,10 @@ def featviz(
             done["activations"] += part.activations.tolist()
             done["settings"] = part.settings
             (folder / "activations.json").write_text(
-                json.dumps({"layer": layer, "objective": objective, **done}, indent=1)
+                json.dumps(
+                    {"layer": layer, "objective": objective, "file_prefix": name, **done},
+                    indent=1,
+                )
             )
 
         with _kept_on_interrupt(

@@ -4,7 +4,10 @@ An image that excites a unit only at one exact pixel alignment is an adversarial
 pattern, not a feature; asking it to survive small shifts, zooms and rotations leaves
 the features that the unit responds to wherever they appear. As Lucid: pad (constant
 grey), jitter, random scale, random rotation, jitter again; here the last four are one
-affine warp per image (one bilinear resampling instead of four).
+affine warp per image (one bilinear resampling instead of four), at the image's own size
+(Lucid and Lucent resize it), filling what comes in from outside with the border's grey
+(Lucent: black), jittering by whole pixels either way (Lucent: down and right only);
+docs/featviz.md compares them.
 
 Each image draws its own transform from its own generator, so an image's sequence of
 transforms does not depend on which other images share its batch.
