@@ -887,3 +887,37 @@ def test_a_rerun_over_other_images_with_the_same_labels_sweeps_them(tmp_path: Pa
     again = probe(model, b, out=tmp_path / "r", **kw)
     fresh = probe(model, b, out=tmp_path / "fresh", **kw)
     _runs_equal(again, fresh)
+
+
+def test_the_probe_leaves_older_objects_out_of_full_collections_while_it_runs(
+    tmp_path: Path,
+) -> None:
+    """While the probe runs, the objects alive before it (torch's, the model's) are frozen
+    out of the cyclic GC's full collections, which walk all of them; afterwards they are
+    tracked again, and a caller's own freeze is left alone."""
+    import gc
+
+    from torch.utils.data import TensorDataset
+
+    seen: list[int] = []
+
+    class Seeing(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen.append(gc.get_freeze_count())
+            return self.conv(x)
+
+    ds = TensorDataset(torch.randn(6, 3, 8, 8), torch.arange(6) % 2)
+    before = gc.get_freeze_count()
+    assert before == 0
+    lurker.probe.probe(Seeing().eval(), ds, out=tmp_path / "a", batch_size=3, progress=False)
+    assert seen and min(seen) > 0 and gc.get_freeze_count() == 0
+    gc.freeze()  # the caller's own: kept as it is
+    try:
+        lurker.probe.probe(Seeing().eval(), ds, out=tmp_path / "b", batch_size=3, progress=False)
+        assert gc.get_freeze_count() > 0  # (not unfrozen by the probe)
+    finally:
+        gc.unfreeze()
