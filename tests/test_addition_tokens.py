@@ -9,6 +9,7 @@ the reader runs (a trace of its statements).
 
 from __future__ import annotations
 
+import re
 import sqlite3
 import subprocess
 import sys
@@ -50,8 +51,8 @@ def _statements(run: object) -> list[str]:
 
 
 def _reads_featviz_rows(sql: str) -> bool:
-    """A statement that reads the featviz table's rows (its count is not one)."""
-    return "featviz" in sql.split("WHERE")[0] and "count(*), max(rowid)" not in sql
+    """A statement that reads the featviz table's rows (its change counter is another)."""
+    return re.search(r"\bFROM featviz\b(?!_)", sql) is not None
 
 
 def test_a_featviz_write_changes_its_layers_token_and_nothing_else(run_dir: Path) -> None:
@@ -150,12 +151,14 @@ def test_writes_that_store_no_token_still_change_the_tokens(tmp_path: Path) -> N
         layers, adds = run.featviz_tokens(), run.additions()
         write_featviz(out, B, "channel", [], {"steps": 4})
         assert run.featviz_tokens() == layers and run.additions() == adds
-        conn = connect_rw(out / "run.db")  # as an older lurker writes: rows alone
-        try:
+        conn = connect_rw(out / "run.db")  # as an older lurker writes: rows alone, the
+        try:  # unit's rows deleted and made again (the same rowid: the same row count)
+            conn.execute("CREATE TEMP TABLE old AS SELECT * FROM featviz")
+            conn.execute("DELETE FROM featviz")
             conn.execute(
-                "INSERT OR REPLACE INTO featviz (layer_id, objective, unit, copy, activation, "
-                "shape, image, settings) SELECT layer_id, objective, unit, copy, 5.0, shape, "
-                "image, settings FROM featviz"
+                "INSERT INTO featviz (layer_id, objective, unit, copy, activation, shape, "
+                "image, settings) SELECT layer_id, objective, unit, copy, 5.0, shape, image, "
+                "settings FROM old"
             )
             conn.execute("UPDATE meta SET value = json_set(value, '$.seed', 7) WHERE key = 'map'")
         finally:
@@ -163,3 +166,33 @@ def test_writes_that_store_no_token_still_change_the_tokens(tmp_path: Path) -> N
         assert run.featviz_tokens()[A] != layers[A]
         now = run.additions()
         assert now["featviz"] != adds["featviz"] and now["map"] != adds["map"]
+
+
+def test_a_featviz_table_an_older_lurker_made_again_is_read_from_its_rows(tmp_path: Path) -> None:
+    """An older lurker's re-probe drops the featviz table (and its change triggers) but not
+    the stored tokens; its featviz then makes the table again, without triggers: the tokens
+    are hashed from the rows, not the stored ones trusted."""
+    from lurker.store import Run
+    from lurker.store.featviz import DDL, write_featviz
+    from lurker.store.writer import connect_rw
+
+    out = tmp_path / "d"
+    probe_digits(out, tmp_path / "d.pt", k=3)
+    px = np.zeros((1, 8, 8), np.uint8)
+    write_featviz(out, A, "channel", [(0, 0, 1.0, px)], {"steps": 4})
+    with Run.open(out) as run:
+        stored = run.featviz_tokens()
+        conn = connect_rw(out / "run.db")
+        try:
+            conn.execute("DROP TABLE featviz")
+            assert run.featviz_tokens() == {} and run.additions()["featviz"] is None
+            conn.execute(DDL)
+            layer_id = conn.execute("SELECT id FROM layers WHERE name = ?", (B,)).fetchone()[0]
+            conn.execute(
+                "INSERT INTO featviz VALUES (?, 'channel', 0, 0, 2.0, '[1, 8, 8]', x'00', '{}')",
+                (layer_id,),
+            )
+        finally:
+            conn.close()
+        now = run.featviz_tokens()
+        assert set(now) == {B} and now != stored

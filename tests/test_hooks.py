@@ -720,11 +720,13 @@ def test_run_with_a_missing_input_names_it_and_the_models_own_errors_stand():
     class Images(nn.Module):
         def forward(self, images: list[Tensor]) -> Tensor:
             assert images[0].shape[-1] == 8, "the model's own size check"
-            return torch.stack([i.mean() for i in images])
+            return torch.stack([i.mean((1, 2)) for i in images])
 
     imgs = lurker.trace(Images(), [torch.randn(3, 8, 8), torch.randn(3, 8, 8)])
     with pytest.raises(AssertionError, match="the model's own size check"):
         imgs.run([torch.randn(3, 6, 6), torch.randn(3, 8, 8)])
+    with pytest.raises(LurkerError, match=r"input 'images\[0\]' is \(8, 8\) float32"):
+        imgs.run([torch.randn(8, 8), torch.randn(3, 8, 8)])  # another rank: named
 
 
 def test_run_without_an_optional_input_names_it_not_the_data():

@@ -746,6 +746,10 @@ def test_near_certain_confidence_is_not_shown_as_certain(page: Any, tmp_path: Pa
         k = doc["ids"].index(i)
         assert doc["conf"][k] != 1.0
         assert doc["conf"][k] == pytest.approx(top[i], rel=1e-6)
+        # the sample document's stored probability is the same number (one figure per page)
+        for j in range(0, len(doc["ids"]), 37):
+            with urllib.request.urlopen(f"{url}api/runs/sharp/samples/{doc['ids'][j]}") as r:
+                assert json.load(r)["stored_prediction"]["prob"] == doc["conf"][j]
         page.goto(f"{url}#/r/sharp/sample/{i}")
         preds = page.locator("ol.preds li")
         preds.first.wait_for()

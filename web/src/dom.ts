@@ -53,6 +53,8 @@ export function fmt(v: number | null | undefined, digits = 3): string {
  * 0.99996 is ">99.9%" and 0.00002 "<0.1%" (toFixed(1) showed them as 100.0% and 0.0%);
  * only an exact 1 or 0 reads 100.0% or 0.0%. */
 export function pct(p: number): string {
+  if (!Number.isFinite(p)) return "–"; // (a model's NaN: not a probability to show)
+  if (p < 0 || p > 1) return `${(100 * p).toFixed(1)}% (not a probability)`;
   if (p > 0 && p < 0.0005) return "<0.1%";
   if (p < 1 && p >= 0.9995) return ">99.9%";
   return `${(100 * p).toFixed(1)}%`;

@@ -306,8 +306,8 @@ def _unlike(trace: Trace, args: tuple, kwargs: dict) -> tuple[list[str], list[st
         said = f"input '{name}' is {_meta(t)} where the trace was recorded with {_meta_of(m)}"
         if dtype != m.dtype or str(t.device) != m.device:
             kind.append(said)
-        elif "[" not in name and (len(shape) != len(m.shape) or shape[1:] != tuple(m.shape[1:])):
-            shapes.append(said)
+        elif len(shape) != len(m.shape) or ("[" not in name and shape[1:] != tuple(m.shape[1:])):
+            shapes.append(said)  # (a list item may be of another size, not of another rank)
     extra = [f"'{n}' ({_meta(t)})" for n, t in given.items() if n not in traced]
     if extra:
         kind.append(

@@ -737,8 +737,9 @@ def _older_objects_frozen() -> Iterator[None]:
     of the cyclic garbage collector's full collections while it runs: one walks all of
     them, a tenth of a second in a process that imported torch and torchvision, and the
     sweep's allocations set one off every run or two of a small dataset. The probe's own
-    garbage is collected as before, and the older objects are tracked again afterwards.
-    Left alone where the caller froze objects itself."""
+    garbage is collected as before, and the older objects are tracked again afterwards
+    (cyclic garbage made before the probe and not yet collected waits until it ends, as it
+    would until the next full collection). Left alone where the caller froze objects."""
     if gc.get_freeze_count():
         yield
         return

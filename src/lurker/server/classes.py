@@ -110,3 +110,13 @@ def _tensor_parents(op: Any) -> list[int]:
     from lurker.graph.nodes import OpRef, refs
 
     return list(dict.fromkeys(r.index for r in refs(op) if isinstance(r, OpRef)))
+
+
+def stored_probability(v: float) -> float | None:
+    """A probability the run stores (float32) as the API sends it: its shortest decimal,
+    which reads back as the same float32, so the Map page and the Sample page show one
+    number for it (None for NaN). Never rounded: 0.99995 to 4 decimals read as 100%."""
+    import numpy as np
+
+    f = np.float32(v)
+    return None if f != f else float(str(f))

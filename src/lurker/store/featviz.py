@@ -54,11 +54,31 @@ CREATE TABLE IF NOT EXISTS featviz (
 """
 
 
+#: The counter of changes to the featviz table, kept by triggers in the run's database,
+#: so that a lurker that writes no tokens (made before them) moves it too.
+WRITES_DDL = (
+    "CREATE TABLE IF NOT EXISTS featviz_writes (n INTEGER NOT NULL)",
+    "INSERT INTO featviz_writes (n) SELECT 0 WHERE NOT EXISTS (SELECT 1 FROM featviz_writes)",
+    *(
+        f"CREATE TRIGGER IF NOT EXISTS featviz_{when.lower()} AFTER {when} ON featviz "
+        "BEGIN UPDATE featviz_writes SET n = n + 1; END"
+        for when in ("INSERT", "DELETE", "UPDATE")
+    ),
+)
+_WRITES_KEPT_BY = (
+    "featviz",
+    "featviz_writes",
+    "featviz_insert",
+    "featviz_delete",
+    "featviz_update",
+)
+
 #: The meta key of the additions' tokens: ``{"featviz": {layer name: token}, "map": token,
-#: "featviz_rows": [rows, largest rowid]}``, a fresh random token written with each write,
-#: in its transaction (see :meth:`lurker.store.Run.additions`). ``featviz_rows`` is the
-#: table as that write left it: a table that differs was written by a lurker that wrote no
-#: token (made before them), and its tokens are hashed from the rows instead.
+#: "featviz_writes": n}``, a fresh random token written with each write, in its
+#: transaction (see :meth:`lurker.store.Run.additions`). ``featviz_writes`` is the counter
+#: of the table's changes (``WRITES_DDL``) as that write left it: another value means rows
+#: were written since by a lurker that writes no token, whose tokens are then hashed from
+#: the rows instead.
 ADDITIONS_KEY = "additions"
 
 
@@ -79,7 +99,7 @@ def write_addition(conn: Any, kind: str, layer: str | None = None) -> None:
         if layers is None:
             layers = scan_featviz_tokens(conn)
         adds["featviz"] = {**layers, str(layer): new}
-        adds["featviz_rows"] = featviz_rows(conn)
+        adds["featviz_writes"] = featviz_writes(conn)
     else:
         adds[kind] = new
     conn.execute(
@@ -87,13 +107,18 @@ def write_addition(conn: Any, kind: str, layer: str | None = None) -> None:
     )
 
 
-def featviz_rows(conn: Any) -> list[int]:
-    """The featviz table's row count and largest rowid (``[0, 0]`` without one): what tells
-    a write that stored no token (an older lurker's; a replaced row gets a new rowid)."""
-    if not has_featviz_table(conn):
-        return [0, 0]
-    n, top = conn.execute("SELECT count(*), max(rowid) FROM featviz").fetchone()
-    return [int(n), int(top or 0)]
+def featviz_writes(conn: Any) -> int | None:
+    """The count of the featviz table's changes, or None where the table or the triggers
+    that keep it are missing (no featviz; a run whose table an older lurker dropped or made
+    again without them): what tells a write that stored no token."""
+    marks = ", ".join("?" * len(_WRITES_KEPT_BY))
+    found = conn.execute(
+        f"SELECT count(*) FROM sqlite_master WHERE name IN ({marks})", _WRITES_KEPT_BY
+    ).fetchone()[0]
+    if found != len(_WRITES_KEPT_BY):
+        return None
+    row = conn.execute("SELECT n FROM featviz_writes").fetchone()
+    return None if row is None else int(row[0])
 
 
 def scan_featviz_tokens(conn: Any) -> dict[str, str]:
@@ -172,6 +197,8 @@ def write_featviz(
         try:
             conn.execute("BEGIN IMMEDIATE")
             conn.execute(DDL)
+            for statement in WRITES_DDL:
+                conn.execute(statement)
             conn.executemany(
                 "DELETE FROM featviz WHERE layer_id = ? AND objective = ? AND unit = ?",
                 [(info.id, objective, u) for u in sorted({int(r[0]) for r in rows})],

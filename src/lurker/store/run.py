@@ -33,7 +33,7 @@ from lurker.store.errors import (
     UnknownLayerError,
     UnknownSampleError,
 )
-from lurker.store.featviz import ADDITIONS_KEY, featviz_rows, scan_featviz_tokens
+from lurker.store.featviz import ADDITIONS_KEY, featviz_writes, scan_featviz_tokens
 from lurker.store.files import cache_file, lock_holder
 from lurker.store.schema import (
     CLASS_MEAN_DTYPE,
@@ -571,8 +571,11 @@ class Run:
 
     def _featviz_tokens(self, stored: dict[str, Any]) -> dict[str, str]:
         with self._lock:
-            if stored.get("featviz") is not None and stored.get("featviz_rows") == featviz_rows(
-                self._conn
+            n = featviz_writes(self._conn)
+            if (
+                stored.get("featviz") is not None
+                and n is not None
+                and stored.get("featviz_writes") == n
             ):
                 return {str(k): str(v) for k, v in dict(stored["featviz"]).items()}
             # featviz rows written before the tokens, or since by a lurker that writes none:

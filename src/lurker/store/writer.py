@@ -500,7 +500,7 @@ class RunWriter:
             # what was derived from the results being replaced goes with them, table and
             # meta key: a run re-probed without it must not read as holding it (empty), and
             # featviz rows name layers by row ids that the new layers reuse
-            for derived in ("relevance", "embedding", "map", "featviz"):
+            for derived in ("relevance", "embedding", "map", "featviz", "featviz_writes"):
                 cur.execute(f"DROP TABLE IF EXISTS {derived}")
             cur.execute(
                 "DELETE FROM meta WHERE key IN ('relevance', 'embedding', 'map', 'additions')"

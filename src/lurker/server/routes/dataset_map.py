@@ -5,18 +5,12 @@ from __future__ import annotations
 import numpy as np
 from fastapi import APIRouter, Request
 
-from ..classes import model_outputs
+from ..classes import model_outputs, stored_probability
 from ..deps import entry
 from ..errors import ApiError
 from ..schemas import MapDoc
 
 router = APIRouter(prefix="/api", tags=["map"])
-
-
-def _confidences(conf: np.ndarray) -> list[float | None]:
-    """Each confidence as the float32 the run stores, in its shortest form: rounding to a
-    few decimals turned 0.99995 into 1.0, which the page then showed as a certain 100%."""
-    return [None if v != v else float(str(v)) for v in conf.astype(np.float32)]
 
 
 def _rounded(a: np.ndarray, span: float) -> list[float]:
@@ -60,7 +54,7 @@ def dataset_map(request: Request, run_id: str) -> MapDoc:
         y=_rounded(m.y, span),
         label=m.label.tolist(),
         pred=m.pred.tolist(),
-        conf=_confidences(m.conf),
+        conf=[stored_probability(v) for v in m.conf.astype(np.float32)],
         outputs=outputs,
         comparable=outputs == len(run.classes)
         if outputs is not None

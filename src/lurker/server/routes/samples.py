@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
 
-from ..classes import class_names, name_of, no_scores
+from ..classes import class_names, name_of, no_scores, stored_probability
 from ..deps import entry, on_model, session
 from ..errors import ApiError
 from ..schemas import (
@@ -133,7 +133,7 @@ def _sample_detail(
         else Prediction(
             class_=stored[0],
             name=names[stored[0]] if stored[0] < len(names) else None,
-            prob=stored[1],
+            prob=stored_probability(stored[1]),
         ),
         total=index.count(sid),
         offset=offset,
