@@ -41,6 +41,8 @@ export interface RunSummary {
     image_size: number[] | number | null;
     mean: number[] | null;
     std: number[] | null;
+    /** the token ids per sample where the inputs are token ids (no picture); null else */
+    tokens?: number | null;
   };
   probe: {
     k: number;
@@ -119,7 +121,7 @@ export interface LayerDoc {
   rf: Record<string, unknown> | null;
   layout: Record<string, unknown> | null;
   histogram: Histogram;
-  units: { unit: number; mean: number | null; max: number | null; top_max: number | null; top_mean: number | null; top_max_peak?: number[] | null }[];
+  units: { unit: number; mean: number | null; max: number | null; top_max: number | null; top_mean: number | null; top_max_peak?: number[] | null; top_max_tokens?: number[] | null; top_max_tokens_start?: number | null }[];
   /** Unit i's class name where the units are the model's output classes, else null. */
   class_names?: string[] | null;
 }
@@ -141,6 +143,8 @@ export interface TopEntry {
   frame?: number | null;
   /** the half-open range `[t0, t1]` of clip frames the peak sees, or null. */
   frames?: number[] | null;
+  /** a run of token ids with its dataset: the sample's ids (its peak is token `x`). */
+  tokens?: number[] | null;
 }
 
 export interface FeatVizView {
@@ -167,6 +171,10 @@ export interface UnitDoc {
   top: { max: TopEntry[]; mean: TopEntry[]; relevance?: TopEntry[] | null };
   /** a video model's run: the frames of each clip. */
   clip_frames?: number | null;
+  /** a run of token ids: the ids per sample; null for images */
+  token_length?: number | null;
+  /** why such a run's entries carry no tokens */
+  tokens_error?: string | null;
   /** Stored feature visualizations (`lurker featviz`), null when the unit has none. */
   featviz?: FeatVizInfo | null;
   class_means: Record<string, number | null>;
@@ -208,6 +216,9 @@ export interface SampleDoc {
   sample: SampleBrief;
   prediction: Prediction[] | null;
   prediction_error?: string | null;
+  /** a run of token ids with its dataset: the sample's ids (its picture) */
+  tokens?: number[] | null;
+  tokens_error?: string | null;
   /** The top class as the run recorded it (`lurker probe --embed`, `lurker map`): shown
    * where no model runs (a static export). */
   stored_prediction?: Prediction | null;

@@ -12,14 +12,42 @@ export interface ImageState {
   ok: boolean;
   /** A notice saying why there are no images and what to do; null when `ok`. */
   notice: HTMLElement | null;
+  /** The token ids per sample where the inputs are token ids (a text model's): they have
+   * no picture, and the pages show each sample's ids instead; null for images. */
+  tokens: number | null;
 }
 
 export async function imageState(ctx: PageContext): Promise<ImageState> {
   const s = await ctx.api.json<RunSummary>(p("runs", ctx.run));
+  const tokens = s.dataset.tokens ?? null;
+  if (tokens !== null) {
+    // no image to ask for: every request would fail; the pages show the token ids
+    const why = s.holds.dataset === false ? ` They cannot be shown here either: ${(s.holds.dataset_reason ?? "the run's dataset cannot be loaded").replace(/\.+$/, "")}.` : "";
+    const el = notice(`The inputs are sequences of ${tokens} token ids, not images: each sample is shown as its token ids, the token where the unit peaks marked.${why}`);
+    el.id = "token-inputs";
+    return { ok: false, notice: el, tokens };
+  }
   const ok = ctx.api.isStatic || s.holds.dataset !== false || s.holds.cached_images > 0;
-  if (ok) return { ok, notice: null };
+  if (ok) return { ok, notice: null, tokens };
   const why = (s.holds.dataset_reason ?? "the run's dataset cannot be loaded").replace(/\.+$/, "");
-  return { ok, notice: notice(`No images to show: ${why}.`) };
+  return { ok, notice: notice(`No images to show: ${why}.`), tokens };
+}
+
+/**
+ * A sequence of token ids (a text model's sample, or part of it from `start`), each id a
+ * chip, the one at `peak` (its index in the whole sequence) marked; "…" where the shown
+ * part leaves tokens out. What a run of token ids shows in place of an image.
+ */
+export function tokenSequence(tokens: number[], peak: number | null, start = 0, total: number = tokens.length): HTMLElement {
+  return h(
+    "span",
+    { class: "tokens", "data-peak": peak === null ? null : String(peak) },
+    start > 0 ? h("span", { class: "tok-more", title: `${start} tokens before` }, "…") : null,
+    tokens.map((t, i) =>
+      h("span", { class: start + i === peak ? "tok tok-peak" : "tok", "data-pos": start + i, title: `token ${start + i}: id ${t}${start + i === peak ? " (the peak)" : ""}` }, String(t)),
+    ),
+    start + tokens.length < total ? h("span", { class: "tok-more", title: `${total - start - tokens.length} tokens after` }, "…") : null,
+  );
 }
 
 /** The grey tile drawn where an image is missing. */

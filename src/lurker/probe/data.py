@@ -1008,4 +1008,23 @@ def input_image(dataset: ProbeDataset, sample_id: int, frame: int | None = None)
     item = dataset[sample_id]
     if isinstance(item, Skipped):
         raise LurkerError(f"sample {sample_id} ({item.path}) cannot be read: {item.reason}")
-    return to_pil(denormalize(clip_frame(item[0], frame), dataset.mean, dataset.std))
+    x = clip_frame(item[0], frame)
+    require_picture(x, sample_id)
+    return to_pil(denormalize(x, dataset.mean, dataset.std))
+
+
+def require_picture(x: Tensor, sample_id: int) -> None:
+    """Refuse an input that has no picture (token ids, a text model's input, or another
+    tensor than an image or a clip's frame), naming what it is, rather than with to_pil's
+    complaint about shapes."""
+    if x.dim() in (2, 3) and (x.dim() == 2 or x.shape[0] in (1, 3)):
+        return
+    what = (
+        f"a sequence of {x.numel()} token ids"
+        if x.dim() == 1 and not x.is_floating_point()
+        else f"a tensor of shape {tuple(x.shape)} ({x.dtype})"
+    )
+    raise LurkerError(
+        f"sample {sample_id} is {what}, not an image (C, H, W) with 1 or 3 channels or a "
+        "video clip: it has no picture to show"
+    )

@@ -247,6 +247,7 @@ class UnitImages:
     def _sample_pil(self, sample_id: int, frame: int | None = None) -> Image.Image:
         """The sample as an image; a video clip as its frame ``frame`` (default the middle)."""
         t = pdata.clip_frame(self._sample(sample_id), frame)
+        pdata.require_picture(t, sample_id)
         return pdata.to_pil(pdata.denormalize(t, self.dataset.mean, self.dataset.std))
 
     def frame(self, layer: str, y: int, sample_id: int) -> int | None:
@@ -378,6 +379,9 @@ class UnitImages:
         paths = [self.cache.path(self.run, "grad", layer, unit, e.rank, which) for e in entries]
         if not paths or all(self.cache.has(p) for p in paths):
             return paths
+        # token ids have no picture, nor a gradient image over one
+        sid = entries[0].sample_id
+        pdata.require_picture(pdata.clip_frame(self._sample(sid)), sid)
         with self.cache.lock(paths[0]):
             jobs = [
                 _Job(unit, which, e.rank, e.sample_id, _peak(e), grad=True)
@@ -414,6 +418,7 @@ class UnitImages:
             return path if self.cache.has(path) else self.gradients(layer, unit, which)[rank]
 
         def make() -> Image.Image:
+            pdata.require_picture(pdata.clip_frame(self._sample(e.sample_id)), e.sample_id)
             box = self.crop_box(layer, unit, which, rank)
             if kind == "crop":
                 y = e.y if e.y is not None else self.peak(layer, unit, e.sample_id)[0]

@@ -79,6 +79,10 @@ class DatasetInfo(BaseModel):
     image_size: list[int] | None = None
     mean: list[float] | None = None
     std: list[float] | None = None
+    #: The token ids per sample where the inputs are sequences of token ids (a text
+    #: model's): they have no picture, and the pages show their tokens instead. Null for
+    #: images and clips.
+    tokens: int | None = None
 
 
 class ProbeInfo(BaseModel):
@@ -187,6 +191,11 @@ class UnitBrief(BaseModel):
     #: entries: ``[0, token]`` on a layer of tokens), null on a layer without positions;
     #: the layer page marks a peak at a token with no patch (a class token) by it
     top_max_peak: list[int] | None = None
+    #: Where the run's inputs are token ids and its dataset is at hand: the tokens of that
+    #: max sample around its peak token (3 either side), starting at ``top_max_tokens_start``
+    #: (the layer page's tile, in place of an image); null otherwise.
+    top_max_tokens: list[int] | None = None
+    top_max_tokens_start: int | None = None
     #: The unit holds its ``max`` on every sample at every position (a ReLU that never
     #: fires: 0): its top lists are ties, ranked by sample id alone.
     constant: bool = False
@@ -264,6 +273,9 @@ class TopEntryModel(BaseModel):
     #: Half-open ``[t0, t1]``: the frames of the clip the peak sees (its receptive field in
     #: time); null for images, and for a run probed before clip fields were stored.
     frames: list[int] | None = None
+    #: Where the run's inputs are token ids and its dataset is at hand: the sample's token
+    #: ids (its peak is token ``x``); null otherwise (images, or no dataset).
+    tokens: list[int] | None = None
 
 
 class EntryPeaks(BaseModel):
@@ -358,6 +370,10 @@ class UnitDetail(BaseModel):
     constant: bool = False
     #: A video model's run: the frames of each clip (its entries' ``frames`` count them).
     clip_frames: int | None = None
+    #: A run of token ids: the token ids per sample (its entries' ``tokens``); null else.
+    token_length: int | None = None
+    #: Why such a run's entries carry no ``tokens`` (no dataset, or one that changed).
+    tokens_error: str | None = None
 
 
 # -- samples ------------------------------------------------------------------------------
@@ -417,6 +433,11 @@ class SampleDetail(BaseModel):
     #: --embed``, ``lurker map``): shown where no model runs (a static export); null when
     #: the run holds none. ``name`` is null when the outputs are not the dataset's classes.
     stored_prediction: Prediction | None = None
+    #: The sample's token ids where the run's inputs are token ids and its dataset is at
+    #: hand (its picture); null otherwise.
+    tokens: list[int] | None = None
+    #: Why a token sample's ids cannot be shown (no dataset); null otherwise.
+    tokens_error: str | None = None
     #: All the top-list entries that hold the sample (``appearances`` is one page of them).
     total: int
     offset: int

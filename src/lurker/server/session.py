@@ -27,7 +27,7 @@ from lurker.store.files import safe_component
 
 from .classes import class_names
 from .errors import ApiError, listing, no_model
-from .state import clip_frames
+from .state import clip_frames, token_length
 
 if TYPE_CHECKING:
     import torch
@@ -324,11 +324,34 @@ class Session:
             return target
         return self._make(target, lambda: self.sample_pil(sample_id, path, frame))
 
-    def sample_pil(self, sample_id: int, path: str | None, frame: int | None = None) -> Image.Image:
-        """Sample ``sample_id`` as the model saw it, from the dataset; a video clip as its
-        frame ``frame`` (default the middle one)."""
-        from lurker.probe import data as pdata
+    def token_length(self) -> int | None:
+        """The token ids per input where the run's inputs are sequences of token ids (see
+        :func:`~lurker.server.state.token_length`); None for images and clips."""
+        return token_length(self.entry.open_run())
 
+    def sample_tokens(self, sample_id: int, path: str | None) -> list[int]:
+        """Sample ``sample_id``'s token ids, as the model was fed them (the picture of a
+        sample of a text model), checked against the run as :meth:`sample_pil` checks."""
+        import torch
+
+        ds = self._checked_dataset(sample_id, path)
+        item = ds[sample_id]
+        x = item[0] if isinstance(item, tuple) else None
+        if not isinstance(x, torch.Tensor) or x.dim() != 1 or x.is_floating_point():
+            shown = (
+                f"of shape {tuple(x.shape)} ({x.dtype})"
+                if isinstance(x, torch.Tensor)
+                else "unreadable"
+            )
+            raise ApiError(
+                409,
+                f"sample {sample_id} of the dataset is {shown}, not a sequence of token ids as "
+                "the run's model was fed: the dataset changed since the probe",
+            )
+        return [int(v) for v in x.tolist()]
+
+    def _checked_dataset(self, sample_id: int, path: str | None) -> Any:
+        """The dataset, where it still holds sample ``sample_id`` as the run recorded it."""
         ds = self.dataset()
         if not 0 <= sample_id < len(ds):
             raise ApiError(
@@ -343,6 +366,21 @@ class Session:
                 f"the run's dataset changed since the probe: sample {sample_id} was {path}, "
                 f"the dataset now has {paths[sample_id]} there",
             )
+        return ds
+
+    def sample_pil(self, sample_id: int, path: str | None, frame: int | None = None) -> Image.Image:
+        """Sample ``sample_id`` as the model saw it, from the dataset; a video clip as its
+        frame ``frame`` (default the middle one)."""
+        from lurker.probe import data as pdata
+
+        length = self.token_length()
+        if length is not None:
+            raise ApiError(
+                409,
+                f"sample {sample_id} is a sequence of {length} token ids, not an image: it has "
+                "no picture (the unit and sample pages show its tokens, the peak's marked)",
+            )
+        ds = self._checked_dataset(sample_id, path)
         try:
             return pdata.input_image(ds, sample_id, frame)
         except LurkerError as e:
@@ -529,9 +567,14 @@ class Session:
             sid = int(image_id[7:])
             _, path, _, _ = self.entry.sample_row(sid)
             ds = self.dataset()
-            self.sample_pil(sid, path)  # checks that the dataset still matches the run
+            if self.token_length() is None:
+                self.sample_pil(sid, path)  # checks that the dataset still matches the run
+            else:
+                self.sample_tokens(sid, path)  # the same check, for token ids
             item = ds[sid]
-            t = item[0].detach().cpu().float()
+            t = item[0].detach().cpu()
+            # token ids stay integers (an embedding takes no floats); images are fed as float
+            t = t if self.token_length() is not None else t.float()
             with self._guard:
                 self._images[image_id] = t
                 while len(self._images) > LIVE_IMAGES:

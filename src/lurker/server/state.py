@@ -53,6 +53,29 @@ def clip_frames(config: dict[str, Any]) -> int | None:
     return int(shape[1]) if len(shape) == 4 and shape[0] in (1, 3) else None
 
 
+def token_length(run: Run) -> int | None:
+    """How many token ids each of a run's inputs holds when they are sequences of token ids
+    (its config's ``input_shape`` one axis, its graph's input an integer tensor: a text
+    model's ``(N, L)`` batch); ``None`` for images, clips and runs without a graph. Such
+    inputs have no picture: the explorer shows their tokens instead."""
+    shape = (run.meta.get("config") or {}).get("input_shape") or []
+    if len(shape) != 1:
+        return None
+    try:
+        inputs = run.graph.inputs
+    except (MissingFromRunError, StoreError):
+        return None
+    dtypes = [m.dtype for op in inputs[:1] for m in op.outputs[:1]]
+    return int(shape[0]) if dtypes and str(dtypes[0]).startswith(("int", "uint")) else None
+
+
+def token_window(tokens: list[int], peak: int, reach: int = 3) -> tuple[int, list[int]]:
+    """The tokens around ``peak`` (``reach`` either side, clipped to the sequence) and the
+    index of the first: what a layer's tile shows of its top sequence."""
+    start = max(0, min(peak, len(tokens)) - reach)
+    return start, tokens[start : peak + reach + 1]
+
+
 def entry_frames(
     info: LayerInfo, y: int | None, frames: int | None
 ) -> tuple[int | None, list[int] | None]:

@@ -3,7 +3,7 @@ import { cropCanvas, p, type LayerDoc } from "../api";
 import { histogramChart, positionCount, sampleValueLabel } from "../charts";
 import type { PageContext } from "../context";
 import { append, facts, fill, fmt, h, notice, shape, withId } from "../dom";
-import { imageState, noImage, patchless, tokenMeanOver } from "../images";
+import { imageState, noImage, patchless, tokenMeanOver, tokenSequence } from "../images";
 import { outputClass } from "../classes";
 
 const SORTS = ["max", "mean", "index"] as const;
@@ -41,8 +41,9 @@ export async function renderLayer(root: HTMLElement, ctx: PageContext, args: str
   // one value per unit and sample (a Linear's (N, units)): no positions, no crop (it
   // would be the whole image)
   const positions = positionCount({ shape: l.shape, layout: doc.layout });
-  const thumbs = ["input", ...(positions > 1 ? ["crop"] : []), ...(featviz.size ? ["featviz"] : [])];
-  let thumb = thumbs.includes(params.get("thumb") ?? "") ? (params.get("thumb") as string) : "input";
+  // token ids (a text model's inputs) have no picture: a tile shows the tokens instead
+  const thumbs = images.tokens !== null ? ["tokens"] : ["input", ...(positions > 1 ? ["crop"] : []), ...(featviz.size ? ["featviz"] : [])];
+  let thumb = thumbs.includes(params.get("thumb") ?? "") ? (params.get("thumb") as string) : thumbs[0];
   // units constant on the dataset (a ReLU that never fires): their top lists are ties,
   // so their tiles say so instead of showing a top image
   const units = doc.units as (LayerDoc["units"][number] & { constant?: boolean })[];
@@ -61,7 +62,9 @@ export async function renderLayer(root: HTMLElement, ctx: PageContext, args: str
   // a video model's layer (frames, rows, columns): a tile is one frame of a clip
   const clip = Array.isArray(doc.layout?.["positions"]) && (doc.layout?.["positions"] as unknown[]).length === 3;
   const tileText = (): string =>
-    thumb === "featviz"
+    thumb === "tokens"
+      ? `Each tile: the token ids of the sample that excites the unit most (its top sample by max)${positions > 1 ? ", around the token where it peaks, which is marked" : ", its first ones (this layer has no token axis)"}`
+      : thumb === "featviz"
       ? "Each tile: an image optimized to excite the unit"
       : thumb === "crop"
         ? clip
@@ -71,7 +74,13 @@ export async function renderLayer(root: HTMLElement, ctx: PageContext, args: str
           ? "Each tile: the clip that excites the unit most (its top sample by max), shown as the frame where the unit peaked"
           : "Each tile: the sample that excites the unit most (its top sample by max)";
 
-  const thumbnail = (unit: number, top: number | null, constant: number | null, peak: number[] | null = null): HTMLElement => {
+  const thumbnail = (unit: number, top: number | null, constant: number | null, peak: number[] | null = null, window: { start: number; tokens: number[] } | null = null): HTMLElement => {
+    if (thumb === "tokens" && constant === null) {
+      if (top === null) return noImage("no top sample");
+      if (!window) return noImage("token ids not at hand");
+      const at = positions > 1 && peak ? peak[1] : null;
+      return h("div", { class: "tok-thumb", title: `sample ${top}${at === null ? "" : `: peak at token ${at}`}` }, tokenSequence(window.tokens, at, window.start, images.tokens ?? window.tokens.length));
+    }
     const tag = thumb === "featviz" || constant !== null || top === null ? null : patchless({ rf: doc.rf, layout: doc.layout }, peak?.[1]);
     const shown = image(unit, top, constant);
     // the top image's peak at a class token: no patch, the "crop" is the whole image
@@ -116,7 +125,7 @@ export async function renderLayer(root: HTMLElement, ctx: PageContext, args: str
       el = h(
         "a",
         { class: u.constant ? "unit-card constant" : "unit-card", role: "listitem", href: ctx.href("unit", name, u.unit), "data-unit": u.unit, "data-constant": u.constant ? "1" : null },
-        thumbnail(u.unit, u.top_max, u.constant ? u.max ?? 0 : null, u.top_max_peak ?? null),
+        thumbnail(u.unit, u.top_max, u.constant ? u.max ?? 0 : null, u.top_max_peak ?? null, u.top_max_tokens ? { start: u.top_max_tokens_start ?? 0, tokens: u.top_max_tokens } : null),
         h("span", { class: "unit-id" }, `unit ${u.unit}`),
         className(u.unit) === null ? null : h("span", { class: "unit-class", title: `the ${l.class_value} of ${outputClass(className(u.unit) ?? "", u.unit)}` }, outputClass(className(u.unit) ?? "", u.unit)),
         h("span", { class: "unit-stats", title: statsText }, h("span", null, `max ${fmt(u.max)}`), h("span", null, `mean ${fmt(u.mean)}`)),
@@ -206,7 +215,7 @@ export async function renderLayer(root: HTMLElement, ctx: PageContext, args: str
         "section",
         { class: "card chart-card" },
         h("h3", null, "Activations of all units"),
-        histogramChart(doc.histogram, { width: 460, height: 190, xLabel: sampleValueLabel(positions, tokenMeanOver({ rf: doc.rf, layout: doc.layout }) !== null), yLabel: "samples × units" }),
+        histogramChart(doc.histogram, { width: 460, height: 190, xLabel: sampleValueLabel(positions, tokenMeanOver({ rf: doc.rf, layout: doc.layout }) !== null || images.tokens !== null), yLabel: "samples × units" }),
         h("p", { class: "muted small" }, positions > 1 ? "every unit's per-sample means, counted together" : "every unit's per-sample activations, counted together"),
       ),
     ),

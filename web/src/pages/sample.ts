@@ -9,7 +9,7 @@
 import { p, type Appearance, type LiveImage, type Prediction, type SampleBrief, type SampleDoc } from "../api";
 import type { PageContext } from "../context";
 import { append, facts, fill, fmt, h, notice, pct } from "../dom";
-import { imageState } from "../images";
+import { imageState, tokenSequence } from "../images";
 import { classLabel, classText } from "../classes";
 
 /** Entries per "show more" request (the server's default page, so a static export holds
@@ -59,7 +59,15 @@ export async function renderSample(root: HTMLElement, ctx: PageContext, args: st
     h(
       "div",
       { class: "sample-head" },
-      !hasImage
+      images.tokens !== null
+        ? // token ids have no picture: the sample is its sequence of ids
+          h(
+            "section",
+            { class: "card sample-tokens", id: "sample-tokens" },
+            h("h3", null, `${images.tokens} token ids`),
+            doc.tokens ? tokenSequence(doc.tokens, null) : notice(`Not at hand: ${(doc.tokens_error ?? "the run's dataset cannot be loaded").replace(/\.+$/, "")}.`),
+          )
+        : !hasImage
         ? notice(`This export holds no image of this sample: ${(exported?.no_image ?? "the run's dataset could not be loaded when it was made").replace(/\.+$/, "")}.`)
         : images.ok
           ? h("img", { class: "sample-img pixelated", src: ctx.api.pngUrl(p("runs", ctx.run, "samples", s.id, "image.png")), alt: `sample ${s.id}`, width: 224, height: 224 })
@@ -96,7 +104,8 @@ export async function renderSample(root: HTMLElement, ctx: PageContext, args: st
         ]),
         // a static export runs no model: no button to a view that cannot open (and no row
         // at all where it holds no explanation either)
-        ctx.api.isStatic && !(pred || explained)
+        // (nor for token ids: the live view and Explain draw over images)
+        (ctx.api.isStatic && !(pred || explained)) || images.tokens !== null
           ? null
           : h(
               "p",

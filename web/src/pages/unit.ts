@@ -5,8 +5,8 @@
 import { cropCanvas, p, type EntryKind, type FeatVizView, type Shown, type TopEntry, type UnitDoc } from "../api";
 import { barChart, histogramChart, positionCount, sampleValueLabel } from "../charts";
 import type { PageContext } from "../context";
-import { append, fill, fmt, h, notice } from "../dom";
-import { imageState, noImage, patchless, tokenMeanOver } from "../images";
+import { append, fill, fmt, h, notice, withId } from "../dom";
+import { imageState, noImage, patchless, tokenMeanOver, tokenSequence } from "../images";
 import { classLabel, classText, classWord, outputClass } from "../classes";
 
 type Tab = "mean" | "max" | "relevance" | "featviz";
@@ -58,7 +58,7 @@ export async function renderUnit(root: HTMLElement, ctx: PageContext, args: stri
   const gallery = h("div", { class: "topk", role: "tabpanel" });
 
   // on a layer of tokens, what a sample's mean is over (a class token is one of them)
-  const over = tokenMeanOver(doc.layer);
+  const over = tokenMeanOver(doc.layer) ?? (images.tokens !== null && positions > 1 ? `its ${positions} tokens` : null);
   // what a crop is: a conv's receptive field, or (tokens, which have none) the patch a
   // token stands for; through attention a token sees more than its patch
   const region = tokenLayer(doc.layer)
@@ -203,6 +203,40 @@ export async function renderUnit(root: HTMLElement, ctx: PageContext, args: stri
       fill(gallery, h("div", { class: "notice constant-list" }, tiesText(tab as List, doc.max, relevance?.[0]?.value ?? null, entriesOf(tab as List).length)));
       return;
     }
+    if (images.tokens !== null) {
+      // token ids have no picture: each entry is its sequence, the peak token marked
+      // (the max list's peak, and the mean list's on that sample, as the run stores them)
+      const list = tab as List;
+      const entries = entriesOf(list);
+      const seq = `the sample's ${images.tokens} tokens`;
+      fill(
+        toggles,
+        h(
+          "span",
+          { class: "muted", id: "token-caption" },
+          list === "relevance"
+            ? `value: the unit's LRP relevance for the model's prediction${positions > 1 ? ", summed over its tokens" : ""}`
+            : positions <= 1
+              ? "value: the unit's activation (this layer has no token axis: no token to mark)"
+              : list === "max"
+                ? `value: the unit's peak over ${seq}; marked: the token where it peaks`
+                : `value: the unit's mean over ${seq}; marked: the token where it peaks on that sample`,
+        ),
+      );
+      // why the ids are missing, unless the page's line above says it already (no dataset)
+      const why = doc.tokens_error?.replace(/\.+$/, "") ?? null;
+      const said = summary?.holds.dataset === false;
+      fill(
+        gallery,
+        h(
+          "div",
+          { class: "token-list" },
+          why && !said ? withId(notice(`No token ids to show: ${why}.`), "tokens-error") : null,
+          entries.length ? entries.map((e) => tokenEntry(ctx, e, list !== "relevance" && positions > 1 ? e.x : null)) : notice("This list is empty."),
+        ),
+      );
+      return;
+    }
     if (tab === "relevance") {
       fill(toggles, h("span", { class: "muted" }, `value: the unit's LRP relevance for the model's prediction${positions > 1 ? ", summed over its positions" : ""}: the samples where it carried the decision most`));
     } else fill(
@@ -328,6 +362,20 @@ function figure(ctx: PageContext, layer: string, unit: number, list: List, kind:
       e.class_name ? classSpan(e.class_name, e.label) : null,
       caption,
     ),
+  );
+}
+
+/** A top-list entry of a run of token ids: its value, sample and class, and its sequence
+ * with the token at `peak` marked (null: nothing to mark); the ids where the server has
+ * the dataset, else a word that they are not at hand (the page says why once). */
+function tokenEntry(ctx: PageContext, e: TopEntry, peak: number | null): HTMLElement {
+  return h(
+    "div",
+    { class: "token-entry top-entry", "data-sample": e.sample_id, "data-rank": e.rank, "data-value": e.value === null ? null : String(e.value), "data-peak": peak === null ? null : String(peak) },
+    h("span", { class: "value" }, fmt(e.value)),
+    h("a", { href: ctx.href("sample", e.sample_id) }, `#${e.sample_id}`),
+    e.class_name ? classSpan(e.class_name, e.label) : h("span"),
+    e.tokens ? tokenSequence(e.tokens, peak) : h("span", { class: "muted small" }, peak === null ? "token ids not at hand" : `peak at token ${peak}; token ids not at hand`),
   );
 }
 

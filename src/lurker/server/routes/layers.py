@@ -10,8 +10,10 @@ from fastapi import APIRouter, Request
 from lurker.store.featviz import direction_featviz, featviz_units
 
 from ..classes import class_names, class_units
-from ..deps import entry
+from ..deps import entry, session
+from ..errors import ApiError
 from ..schemas import DirectionBrief, Histogram, LayerDetail, UnitBrief, UnitWeight
+from ..state import token_length, token_window
 from .runs import layer_brief
 
 router = APIRouter(prefix="/api", tags=["layers"])
@@ -32,6 +34,7 @@ def layer_detail(request: Request, run_id: str, layer: str) -> LayerDetail:
     rows, counts = e.layer_rows(info)
     edges = e.open_run()._edges(info)
     value = class_units(e.open_run()).get(info.op or "")
+    windows = _token_windows(request, e, rows)
     return LayerDetail(
         layer=layer_brief(info, value),
         rf=info.rf,
@@ -49,6 +52,8 @@ def layer_detail(request: Request, run_id: str, layer: str) -> LayerDetail:
                 top_mean=tn if tn >= 0 else None,
                 constant=constant,
                 top_max_peak=None if peak is None else list(peak),
+                top_max_tokens=windows[u][1] if u in windows else None,
+                top_max_tokens_start=windows[u][0] if u in windows else None,
             )
             for u, mean, mx, tm, tn, constant, peak in rows
         ],
@@ -58,6 +63,29 @@ def layer_detail(request: Request, run_id: str, layer: str) -> LayerDetail:
         constant_units=sum(1 for row in rows if row[5]),
         class_names=class_names(e.open_run()) if value else None,
     )
+
+
+def _token_windows(request: Request, e: Any, rows: list[Any]) -> dict[int, tuple[int, list[int]]]:
+    """On a run of token ids with its dataset at hand: per unit, the tokens of its top max
+    sample around the peak token (the first tokens on a layer without positions), which
+    its tile shows in place of an image; none where the dataset cannot give them."""
+    if token_length(e.open_run()) is None:
+        return {}
+    s = session(request, e)
+    if s.dataset_reason() is not None:
+        return {}
+    seqs: dict[int, list[int]] = {}
+    out = {}
+    try:
+        for u, _, _, tm, _, _, peak in rows:
+            if tm < 0:
+                continue
+            if tm not in seqs:
+                seqs[tm] = s.sample_tokens(tm, e.sample_row(tm)[1])
+            out[u] = token_window(seqs[tm], 0 if peak is None else peak[1])
+    except ApiError:  # a dataset that changed: the unit page says why; no tile guesses
+        return {}
+    return out
 
 
 def _featviz_objectives(run: Any, layer: str) -> dict[str, list[int]] | None:

@@ -54,9 +54,24 @@ _CONTENT_ID = re.compile(r"[0-9a-f]{16}")
 _SAMPLE_ID = re.compile(r"sample-([0-9]{1,19})")
 
 
+def _images_only(s: Session) -> None:
+    """Refuse a run whose inputs are token ids: the live view's maps and Explain's heatmaps
+    are drawn over an image, which such an input does not have."""
+    length = s.token_length()
+    if length is not None:
+        raise ApiError(
+            409,
+            f"the live view and Explain show images, and this run's inputs are sequences of "
+            f"{length} token ids: a sample's page shows its tokens and the model's prediction, "
+            "a unit's page its top sequences with the peak token marked",
+        )
+
+
 def _image_id(s: Session, image: str) -> str:
     """``image`` checked: a content id (16 hex digits, what an upload returns) or
-    ``sample-N`` with N a sample of the run (404 naming the range otherwise)."""
+    ``sample-N`` with N a sample of the run (404 naming the range otherwise); 409 on a run
+    of token ids, which the live view and Explain (made for images) cannot show."""
+    _images_only(s)
     if _CONTENT_ID.fullmatch(image):
         return image
     m = _SAMPLE_ID.fullmatch(image)
@@ -96,6 +111,7 @@ async def upload(request: Request, run_id: str, file: Annotated[UploadFile, File
     name = file.filename
 
     def work(s: Session) -> LiveImage:
+        _images_only(s)
         image = _decode(data, name)
         # a browser sends the base name; a client may send a path: keep its last part
         image_id = s.add_upload(data, image, re.split(r"[\\/]", name)[-1] if name else None)

@@ -22,7 +22,7 @@ from ..schemas import (
     SkippedFile,
     TransparentImages,
 )
-from ..state import RunEntry
+from ..state import RunEntry, token_length
 
 router = APIRouter(prefix="/api", tags=["runs"])
 
@@ -135,6 +135,7 @@ def summarize(request: Request, e: RunEntry) -> RunSummary:
             image_size=meta.get("image_size"),
             mean=cfg.get("mean"),
             std=cfg.get("std"),
+            tokens=token_length(run),
         ),
         probe=ProbeInfo(
             k=meta.get("k"),

@@ -99,6 +99,16 @@ async def sample_detail(
                 detail.prediction_error = err.detail
 
         await on_model(s, predict)
+    if s.token_length() is not None:
+        reason = s.dataset_reason()
+        if reason is None:
+            try:
+                detail.tokens = await run_in_threadpool(
+                    s.sample_tokens, detail.sample.id, detail.sample.path
+                )
+            except ApiError as err:
+                reason = err.detail
+        detail.tokens_error = reason
     return detail
 
 

@@ -7,9 +7,10 @@ from typing import Any
 from fastapi import APIRouter, Path, Request
 
 from ..classes import class_names, class_units
-from ..deps import entry
+from ..deps import entry, session
+from ..errors import ApiError
 from ..schemas import UnitDetail
-from ..state import clip_frames, entry_frames, is_constant, positions_per_sample
+from ..state import clip_frames, entry_frames, is_constant, positions_per_sample, token_length
 
 router = APIRouter(prefix="/api", tags=["units"])
 
@@ -38,12 +39,38 @@ def unit_detail(
         item["frame"], item["frames"] = entry_frames(info, item["y"], frames)
     if frames is not None:
         doc["clip_frames"] = frames
+    length = token_length(e.open_run())
+    if length is not None:
+        doc["token_length"] = length
+        doc["tokens_error"] = _add_tokens(session(request, e), doc)
     doc["prev"] = index - 1 if index > 0 else None
     doc["next"] = index + 1 if index + 1 < info.num_units else None
     doc["num_units"] = info.num_units
     doc["featviz"] = _featviz(e.open_run(), info.name, index, doc)
     doc["output_class"] = _output_class(e.open_run(), info, index)
     return UnitDetail.model_validate(doc)
+
+
+def _add_tokens(s: Any, doc: dict[str, Any]) -> str | None:
+    """Give each entry of a token run's lists its sample's token ids (the page shows the
+    sequence, its peak token ``x`` marked); the reason when they cannot be had."""
+    reason = s.dataset_reason()
+    if reason is not None:
+        return reason
+    cache: dict[int, list[int]] = {}
+    try:
+        for entries in doc["top"].values():
+            for item in entries or []:
+                sid = item["sample_id"]
+                if sid not in cache:
+                    cache[sid] = s.sample_tokens(sid, item.get("path"))
+                item["tokens"] = cache[sid]
+    except ApiError as err:
+        for entries in doc["top"].values():
+            for item in entries or []:
+                item.pop("tokens", None)  # all or none: no list half from another dataset
+        return err.detail
+    return None
 
 
 def _output_class(run: Any, info: Any, unit: int) -> dict[str, Any] | None:

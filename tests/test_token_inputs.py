@@ -1,0 +1,229 @@
+"""A text classifier's run in the explorer: inputs that are token ids, not images.
+
+A small model (an embedding, two batch-first TransformerEncoder layers, a mean-pool and a
+linear head) probed from Python on ``(token ids, label)`` pairs. Before, every page asked
+for images the server could not make ("to_pil needs a (1|3, H, W) ... image, got (12,)"):
+the layer grid was 64 broken images, the unit page grey "no image" tiles under image /
+gradient / crop toggles, and the sample page's prediction failed with that same error.
+Now the pages show each sample's token ids, the token where the unit peaks marked, every
+number checked here against forward hooks on the model; images are refused with the
+reason, and the live view and Explain (drawn over images) say they do not apply.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from explorer_fixtures import skip_without_browser, strict_page
+
+VOCAB, LENGTH, N, K = 20, 10, 48, 5
+RID = "text"
+LAYER = "enc.layers.1.norm2"  # a module the oracle hooks: (N, tokens, 32)
+
+
+class TextClassifier(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, 32)
+        block = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+        self.enc = nn.TransformerEncoder(block, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(32, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.enc(self.emb(x)).mean(1))
+
+
+def _dataset() -> TensorDataset:
+    """Does the sequence hold token 7? (half of them do, at a random place)."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, VOCAB, (N, LENGTH), generator=g)
+    x[x == 7] = 3
+    has = torch.rand(N, generator=g) < 0.5
+    where = torch.randint(0, LENGTH, (N,), generator=g)
+    x[has, where[has]] = 7
+    return TensorDataset(x, has.long())
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    from lurker.probe import probe
+    from lurker.server import create_app
+    from lurker.server.serve import background
+
+    torch.manual_seed(0)
+    model, data = TextClassifier().eval(), _dataset()
+    root: Path = tmp_path_factory.mktemp("text")
+    run = probe(model, data, out=root / RID, k=K, batch_size=16, progress=False)
+    assert run is not None and LAYER in [layer.name for layer in run.layers]
+    run.close()
+    with (
+        background(create_app(root / RID, model_obj=model, dataset=data)) as url,
+        background(create_app(root / RID)) as bare,  # as `lurker serve RUN` serves it
+    ):
+        yield {
+            "url": url.rstrip("/"),
+            "bare": bare.rstrip("/"),
+            "model": model,
+            "data": data,
+            "run": root / RID,
+        }
+
+
+def _acts(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Brute force: the layer's output on every sample, ``(N, tokens, units)``, by a
+    forward hook (with gradients on, so torch's fused encoder fast path, which skips the
+    submodules, is not taken)."""
+    seen: list[torch.Tensor] = []
+    hook = model.get_submodule(LAYER).register_forward_hook(lambda m, i, o: seen.append(o))
+    try:
+        with torch.enable_grad():
+            model(x)
+    finally:
+        hook.remove()
+    assert len(seen) == 1
+    return seen[0].detach()
+
+
+def _get(url: str) -> Any:
+    import httpx2 as httpx
+
+    r = httpx.get(url)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_unit_entries_carry_their_tokens_and_peaks_as_the_model_computes(served: dict):
+    model, data, url = served["model"], served["data"], served["url"]
+    tokens = data.tensors[0]
+    acts = _acts(model, tokens)
+    peaks, where = acts.max(dim=1)  # (N, units): each sample's peak and its token
+    means = acts.mean(dim=1)
+    summary = _get(f"{url}/api/runs/{RID}")
+    assert summary["dataset"]["tokens"] == LENGTH
+    for unit in range(acts.shape[2]):
+        doc = _get(f"{url}/api/runs/{RID}/layers/{LAYER}/units/{unit}")
+        assert doc["token_length"] == LENGTH and doc["tokens_error"] is None
+        for which, per_sample in (("max", peaks[:, unit]), ("mean", means[:, unit])):
+            entries = doc["top"][which]
+            want = per_sample.argsort(descending=True)[:K].tolist()
+            assert [e["sample_id"] for e in entries] == want, (unit, which)
+            for e in entries:
+                sid = e["sample_id"]
+                assert e["tokens"] == tokens[sid].tolist()
+                assert e["x"] == int(where[sid, unit])  # the token the page marks
+                assert e["value"] == pytest.approx(float(per_sample[sid]), rel=1e-5, abs=1e-6)
+        assert doc["max"] == pytest.approx(float(peaks[:, unit].max()), rel=1e-5)
+
+
+def test_layer_tiles_show_the_top_sequence_around_its_peak(served: dict):
+    model, data, url = served["model"], served["data"], served["url"]
+    tokens = data.tensors[0]
+    acts = _acts(model, tokens)
+    doc = _get(f"{url}/api/runs/{RID}/layers/{LAYER}")
+    for u in doc["units"]:
+        unit, sid = u["unit"], u["top_max"]
+        assert sid == int(acts[:, :, unit].amax(dim=1).argmax())
+        peak = int(acts[sid, :, unit].argmax())
+        assert u["top_max_peak"] == [0, peak]
+        start = max(0, peak - 3)
+        assert u["top_max_tokens_start"] == start
+        assert u["top_max_tokens"] == tokens[sid, start : peak + 4].tolist()
+
+
+def test_sample_shows_its_tokens_and_the_models_prediction(served: dict):
+    model, data, url = served["model"], served["data"], served["url"]
+    sid = 5
+    doc = _get(f"{url}/api/runs/{RID}/samples/{sid}")
+    assert doc["tokens"] == data.tensors[0][sid].tolist() and doc["tokens_error"] is None
+    assert doc["prediction_error"] is None  # was: "to_pil needs a (1|3, H, W) ... image"
+    with torch.no_grad():
+        probs = model(data.tensors[0][sid][None]).softmax(-1)[0]
+    got = {p["class"]: p["prob"] for p in doc["prediction"]}
+    assert got == {c: pytest.approx(float(probs[c]), rel=1e-5) for c in range(2)}
+
+
+def test_images_of_token_ids_are_refused_with_the_reason(served: dict):
+    import httpx2 as httpx
+
+    from lurker.errors import LurkerError
+    from lurker.probe.data import input_image, wrap
+
+    url = served["url"]
+    for path in (
+        "samples/3/image.png",
+        f"layers/{LAYER}/units/0/max/0/input.png",
+        f"layers/{LAYER}/units/0/max/0/crop.png",
+        "live/sample-3",
+    ):
+        r = httpx.get(f"{url}/api/runs/{RID}/{path}")
+        assert r.status_code == 409, (path, r.status_code, r.text)
+        assert f"{LENGTH} token ids" in r.json()["detail"], r.text
+    with pytest.raises(LurkerError, match=f"sample 3 is a sequence of {LENGTH} token ids"):
+        input_image(wrap(served["data"]), 3)
+    # unit images from Python (and `lurker images`): the same reason, not a shape error
+    from lurker.probe import UnitImages
+
+    images = UnitImages(served["run"], model=served["model"], dataset=served["data"])
+    for make in (
+        lambda: images.gradients(LAYER, 0),
+        lambda: images.get("crop", LAYER, 0, rank=0, which="max"),
+        lambda: images.get("input", LAYER, 0, rank=0, which="max"),
+    ):
+        with pytest.raises(LurkerError, match=f"is a sequence of {LENGTH} token ids"):
+            make()
+
+
+def test_without_its_dataset_the_run_says_why_it_shows_no_tokens(served: dict):
+    bare = served["bare"]
+    assert _get(f"{bare}/api/runs/{RID}")["dataset"]["tokens"] == LENGTH
+    doc = _get(f"{bare}/api/runs/{RID}/layers/{LAYER}/units/0")
+    assert "does not record its dataset" in doc["tokens_error"]
+    assert all(e["tokens"] is None for e in doc["top"]["max"] + doc["top"]["mean"])
+    sample = _get(f"{bare}/api/runs/{RID}/samples/0")
+    assert sample["tokens"] is None and "does not record its dataset" in sample["tokens_error"]
+
+
+def test_pages_show_sequences_with_the_peak_marked_and_no_images(browser: Any, served: dict):
+    skip_without_browser()
+    data, url = served["data"], served["url"]
+    tokens = data.tensors[0]
+    unit = 3
+    doc = _get(f"{url}/api/runs/{RID}/layers/{LAYER}/units/{unit}")
+    with strict_page(browser) as pg:
+        for which in ("max", "mean"):
+            pg.goto(f"{url}/#/r/{RID}/unit/{LAYER}/{unit}?tab={which}")
+            pg.wait_for_selector(".token-entry")
+            rows = pg.locator(".token-entry")
+            assert rows.count() == K and pg.locator("img").count() == 0
+            for i, e in enumerate(doc["top"][which]):
+                row = rows.nth(i)
+                assert int(row.get_attribute("data-sample")) == e["sample_id"]
+                ids = row.locator(".tok").evaluate_all("ts => ts.map(t => +t.textContent)")
+                assert ids == tokens[e["sample_id"]].tolist()
+                marked = row.locator(".tok-peak")
+                assert marked.count() == 1 and int(marked.get_attribute("data-pos")) == e["x"]
+            assert pg.locator("#token-inputs").is_visible()
+
+        pg.goto(f"{url}/#/r/{RID}/layer/{LAYER}?sort=index")
+        pg.wait_for_selector(".unit-card .tok-thumb")
+        assert pg.locator(".unit-card .tok-thumb").count() == doc["num_units"]
+        assert pg.locator("img").count() == 0
+
+        pg.goto(f"{url}/#/r/{RID}/sample/7")
+        pg.wait_for_selector("#sample-tokens .tok")
+        ids = pg.locator("#sample-tokens .tok").evaluate_all("ts => ts.map(t => +t.textContent)")
+        assert ids == tokens[7].tolist()
+        assert pg.locator("#open-live").count() == 0  # the live view takes images
+
+    with strict_page(browser) as pg:  # `lurker serve RUN`: no dataset, said once, no errors
+        pg.goto(f"{served['bare']}/#/r/{RID}/unit/{LAYER}/{unit}")
+        pg.wait_for_selector(".token-entry")
+        assert "does not record its dataset" in pg.locator("#token-inputs").inner_text()
+        assert pg.locator("img").count() == 0
