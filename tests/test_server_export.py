@@ -540,3 +540,135 @@ def test_export_never_overwrites_a_file_it_did_not_write(
             explorer_run.path, out, static_dir=static_dir, progress=False, make_images=False
         )
     assert (out / "assets" / "index-abc123.js").read_text() == "console.log(1)"
+
+
+def test_gradient_crops_cut_in_the_browser_from_the_exported_gradients(
+    browser: object,
+    explorer_run: ExplorerRun,  # noqa: F811
+    tmp_path: Path,
+):
+    """A teacher who made the default images (``lurker images RUN``: inputs and gradients)
+    and exported gets the gradient crops too: the static unit page cuts each entry's
+    gradient image by its box, equal pixel for pixel to the server's ``grad_crop.png``
+    (made with the model: the oracle), and the export writes no grad_crop file. They were
+    "not in this export" tiles although the site held everything they are cut from."""
+    from explorer_fixtures import STATIC, static_server, strict_page
+    from lurker.probe import UnitImages
+    from lurker.probe.data import load_dataset
+
+    if not (STATIC / "index.html").is_file():
+        pytest.skip(f"the explorer's front end is not built ({STATIC}/index.html): run `make web`")
+    run_dir = tmp_path / "digits"
+    shutil.copytree(explorer_run.path, run_dir, ignore=shutil.ignore_patterns("cache"))
+    layer = "features.4"
+    with Run.open(run_dir) as run:
+        unit = next(u.index for u in run.units(layer) if u.max > u.mean)
+        images = UnitImages(run, explorer_run.model, load_dataset("digits:test", 16, channels=1))
+        images.write_all(layers=[layer], kinds=["input", "grad"], progress=False)
+    assert not (run_dir / "cache" / "grad_crop").exists()  # what `lurker images` makes
+    site = export_site(run_dir, tmp_path / "site", progress=False)
+    units = site / f"data/runs/digits/layers/{layer}/units"
+    index = json.loads((units / "index.json").read_bytes())
+    chunk = json.loads((units / f"chunk-{unit // index['chunk']}.json").read_bytes())
+    shown = chunk["images"][unit - chunk["offset"]]
+    assert shown["grad"]["max"] and shown["grad_crop"] == shown["grad"]
+    assert not list(site.glob("data/**/grad_crop.png"))  # cut in the browser instead
+
+    c = TestClient(create_app(run_dir, model_obj=explorer_run.model))
+    with static_server(site) as url, strict_page(browser) as pg:
+        for which in ("max", "mean"):
+            pg.goto(f"{url}#/r/digits/unit/{layer}/{unit}?tab={which}&img=grad&crop=1")
+            pg.wait_for_selector(".top-entry")
+            assert pg.locator(".top-entry .no-img").count() == 0, "a tile says it is missing"
+            pg.wait_for_function(
+                "() => { const cs = [...document.querySelectorAll('.top-entry canvas')];"
+                " return cs.length > 0 && cs.every(c => c.dataset.ready === '1'); }",
+                timeout=15000,
+            )
+            shots = pg.locator(".top-entry canvas").evaluate_all(
+                "cs => cs.map(c => [c.height, c.width,"
+                " Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data)])"
+            )
+            assert len(shots) == len(shown["grad_crop"][which])
+            for rank, (hh, ww, data) in enumerate(shots):
+                cut = np.array(data, np.uint8).reshape(hh, ww, 4)[..., :3]
+                api = f"/api/runs/digits/layers/{layer}/units/{unit}/{which}/{rank}/grad_crop.png"
+                served = c.get(api)
+                assert served.status_code == 200, served.text
+                want = np.asarray(Image.open(io.BytesIO(served.content)).convert("RGB"))
+                assert np.array_equal(cut, want), (which, rank)
+
+
+def test_entry_captions_name_their_class_whole_at_any_width(
+    browser: object,
+    explorer_run: ExplorerRun,  # noqa: F811
+    tmp_path: Path,
+):
+    """Under each top-k image of the exported unit pages, the class is shown whole at any
+    window width: where value, id and class do not fit a tile (a k=9 run at 1280 px), the
+    class goes on a line of its own. Cut, "class 7" read "clas…", naming no class."""
+    from explorer_fixtures import STATIC, static_server, strict_page
+
+    if not (STATIC / "index.html").is_file():
+        pytest.skip(f"the explorer's front end is not built ({STATIC}/index.html): run `make web`")
+    site = export_site(explorer_run.path, tmp_path / "site", progress=False)
+    with Run.open(explorer_run.path) as run:
+        pages = [
+            (info.name, next(u.index for u in run.units(info.name) if u.max > u.mean))
+            for info in (run.layers[0], run.layers[-1])
+        ]
+    cut: list[str] = []
+    with static_server(site) as url, strict_page(browser) as pg:
+        for layer, unit in pages:
+            pg.goto(f"{url}#/r/digits/unit/{layer}/{unit}?tab=max")
+            pg.wait_for_selector(".top-entry .cls")
+            for width in range(480, 1400, 23):
+                pg.set_viewport_size({"width": width, "height": 900})
+                cut += pg.eval_on_selector_all(
+                    ".top-entry .cls",
+                    f"""es => es.filter(e => e.scrollWidth > e.clientWidth
+                        || e.getBoundingClientRect().right
+                           > e.closest('figcaption').getBoundingClientRect().right + 0.5)
+                        .map(e => '{layer} at {width} px: ' + e.textContent)""",
+                )
+    assert not cut, f"class captions cut: {cut[:5]}"
+
+
+def test_exported_explain_heading_states_a_bound_as_a_bound(
+    browser: object,
+    explorer_run: ExplorerRun,  # noqa: F811
+    tmp_path: Path,
+):
+    """The heatmaps' heading of an exported explanation gives the top class's probability
+    as the pages show it: a bound (">99.9%") reads "p > 99.9%", not "p = >99.9%", an
+    equality to a bound; other values stay "p = 42.0%". Oracle: the predictions the export
+    holds, formatted by the pages' rule (the test's one-epoch model is never that sure, so
+    one sample's recorded top probability is made a confident model's 0.9997)."""
+    from explorer_fixtures import STATIC, shown_percent, static_server, strict_page
+
+    if not (STATIC / "index.html").is_file():
+        pytest.skip(f"the explorer's front end is not built ({STATIC}/index.html): run `make web`")
+    run_dir = tmp_path / "digits"
+    shutil.copytree(explorer_run.path, run_dir, ignore=shutil.ignore_patterns("cache"))
+    res = CliRunner().invoke(
+        main, ["images", str(run_dir), "--explanations", "2", "--methods", "saliency"]
+    )
+    assert res.exit_code == 0, res.output
+    site = export_site(run_dir, tmp_path / "site", progress=False)
+    held = json.loads((site / "data/runs/digits/explained.json").read_bytes())["samples"]
+    images = [e["image"] for e in held]
+    assert len(images) == 2
+    files = {i: site / f"data/runs/digits/live/{i}.json" for i in images}
+    sure = json.loads(files[images[0]].read_bytes())
+    sure["predictions"][0]["prob"] = 0.9997
+    files[images[0]].write_text(json.dumps(sure))
+    probs = {i: json.loads(f.read_bytes())["predictions"][0]["prob"] for i, f in files.items()}
+    shown = {i: shown_percent(p) for i, p in probs.items()}
+    assert shown[images[0]] == ">99.9%" and shown[images[1]][0].isdigit(), shown
+    with static_server(site) as url, strict_page(browser) as pg:
+        for image, s in shown.items():
+            pg.goto(f"{url}#/r/digits/explain?image={image}")
+            heading = pg.locator("h2:has-text('Heatmaps') .sub")
+            heading.wait_for()
+            want = f"p {s[0]} {s[1:]}" if s[0] in "<>" else f"p = {s}"
+            assert heading.inner_text().endswith(f"· {want}"), (image, heading.inner_text())

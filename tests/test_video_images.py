@@ -295,6 +295,46 @@ def test_static_unit_page_shows_a_clip_entry_on_its_frame(browser, video, tmp_pa
         assert len(pg.query_selector_all(".topk .top-entry canvas")) == len(doc["top"]["max"])
 
 
+def test_static_gradient_crop_is_cut_from_the_peak_frames_gradient(
+    browser, video, tmp_path
+) -> None:
+    """With the gradients made (``lurker images RUN``'s default), the exported unit page
+    cuts a clip entry's gradient crop from its exported gradient (the peak's frame) by the
+    entry's box: pixel for pixel the server's ``grad_crop.png``, made with the model."""
+    import shutil
+
+    from explorer_fixtures import skip_without_browser, static_server, strict_page
+    from lurker.server import export_site
+
+    skip_without_browser()
+    model, ds, _clips, _run, out = video
+    run = tmp_path / "run"
+    shutil.copytree(out, run, ignore=shutil.ignore_patterns("cache"))
+    UnitImages(run, model, wrap(ds)).write_all(layers=["conv1"], kinds=["grad"], progress=False)
+    site = export_site(run, tmp_path / "site", dataset=ds, progress=False)
+    assert not list(site.glob("data/**/grad_crop.png"))
+    with TestClient(create_app(run, model_obj=model, dataset=wrap(ds))) as c:
+        want = [
+            _pixels(c.get(f"/api/runs/run/layers/conv1/units/1/max/{rank}/grad_crop.png").content)
+            for rank in range(K)
+        ]
+    with static_server(site) as url, strict_page(browser) as pg:
+        pg.goto(url + "#/r/run/unit/conv1/1?tab=max&img=grad&crop=1")
+        pg.wait_for_function(
+            "() => { const cs = [...document.querySelectorAll('.top-entry canvas')];"
+            " return cs.length > 0 && cs.every(c => c.dataset.ready === '1'); }",
+            timeout=15000,
+        )
+        shots = pg.locator(".top-entry canvas").evaluate_all(
+            "cs => cs.map(c => [c.height, c.width,"
+            " Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data)])"
+        )
+    assert len(shots) == K
+    for rank, (hh, ww, data) in enumerate(shots):
+        cut = np.array(data, np.uint8).reshape(hh, ww, 4)[..., :3]
+        assert np.array_equal(cut, want[rank]), rank
+
+
 def test_run_without_clip_fields_shows_the_whole_peak_frame(video, tmp_path) -> None:
     """A run whose clip layer has no receptive field (one probed before they were stored):
     its crop is the whole frame at the peak's place in time, its input that frame, and its

@@ -14,9 +14,9 @@ and the layout is made to scale to real runs (see docs/explorer.md, "Static expo
 * each top-k sample's image once, ``data/runs/R/samples/<id>/image.png``: the front end
   cuts the receptive-field crops of entries whose peak the run stores (the max lists', and
   the mean lists' of runs probed since the probe kept them) from it (as
-  ``lurker.probe.images.crop`` does), so no crop file per entry; cached gradients and an
-  older run's mean-list crops (they need the model: ``lurker images RUN``) are exported at
-  their API paths;
+  ``lurker.probe.images.crop`` does), and their gradient crops from the cached gradient
+  image, so no crop file per entry; cached gradients and an older run's mean-list crops
+  (they need the model: ``lurker images RUN``) are exported at their API paths;
 * ``data/runs/R/exported-samples.json``: the samples the site holds;
 * the explanations precomputed into the run's cache (``lurker images RUN --explanations``)
   at the Explain endpoints' paths (the top class; bare heatmap PNG and JSON per method),
@@ -58,7 +58,8 @@ MODE_META = '<meta name="lurker-mode" content="static">'
 CHUNK_BYTES = 192 * 1024
 MAX_CHUNK = 256
 #: Image kinds a top-k entry has; "input" and the "crop" of an entry with a stored peak
-#: are cut in the browser from the sample's image, the others are exported as cached files.
+#: are cut in the browser from the sample's image, its "grad_crop" from its "grad" (an
+#: exported cached file, as are the crops of entries without a stored peak).
 KINDS = ("input", "crop", "grad", "grad_crop")
 
 
@@ -414,18 +415,21 @@ def _export_units(
                     if item.get("frame") is None
                     else sid in images and frame_image(sid, int(item["frame"]))
                 )
+                grad = ("grad", unit, which, rank) in cached
+                # the gradient crop of an entry with a stored peak is cut in the browser
+                # from its gradient image, by the same box, as the server's grad_crop is
                 has = {
                     "input": shown_image,
                     "crop": shown_image if stored else ("crop", unit, which, rank) in cached,
-                    "grad": ("grad", unit, which, rank) in cached,
-                    "grad_crop": ("grad_crop", unit, which, rank) in cached,
+                    "grad": grad,
+                    "grad_crop": grad if stored else ("grad_crop", unit, which, rank) in cached,
                 }
                 for kind, ok in has.items():
                     if ok:
                         avail.setdefault(kind, {}).setdefault(which, []).append(rank)
                 for kind in ("crop", "grad", "grad_crop"):
                     source = cached.get((kind, unit, which, rank))
-                    if source is not None and not (kind == "crop" and stored):
+                    if source is not None and not (kind in ("crop", "grad_crop") and stored):
                         files.bar.total += 1
                         files.image(_rel(*base, "units", unit, which, rank, f"{kind}.png"), source)
         shown.append(avail)

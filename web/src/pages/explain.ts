@@ -487,7 +487,13 @@ function targetLine(target: string, live: LiveImage): string {
   if (target.includes(":")) return `for unit ${target}`;
   const cls = target === "top" ? live.predictions[0]?.class : Number(target);
   const pred = live.predictions.find((q) => q.class === cls);
-  return `for ${classText(pred?.name, cls ?? null)}${target === "top" ? " (the top prediction)" : ""}${pred ? ` · p = ${pct(pred.prob)}` : ""}`;
+  return `for ${classText(pred?.name, cls ?? null)}${target === "top" ? " (the top prediction)" : ""}${pred ? ` · ${probability(pred.prob)}` : ""}`;
+}
+
+/** `p = 42.0%`, but `p > 99.9%` and `p < 0.1%`: a bound is not an equality. */
+function probability(p: number): string {
+  const shown = pct(p);
+  return /^[<>]/.test(shown) ? `p ${shown[0]} ${shown.slice(1)}` : `p = ${shown}`;
 }
 
 /** The unit page of a `LAYER:CHANNEL` target when LAYER is a probed layer of the run. */

@@ -424,14 +424,16 @@ const NOT_EXPORTED: Record<EntryKind, string> = {
   input: "the sample's image is not in this export (the run's dataset could not be loaded)",
   crop: "no crop in this export: this run's mean list stores no peaks, so its crops need the model (run `lurker images RUN --kinds crop,grad_crop` before exporting, or probe again)",
   grad: "no gradient in this export: run `lurker images RUN` before exporting",
-  grad_crop: "no gradient crop in this export: run `lurker images RUN --kinds crop,grad_crop` before exporting",
+  // a stored peak's gradient crop is cut from the gradient image: without it, none
+  grad_crop: "no gradient crop in this export: run `lurker images RUN` before exporting (a run whose mean list stores no peaks: `--kinds grad,grad_crop`)",
 };
 
 /**
  * One entry's image. Served: the API's PNG. Static export: the sample's image (held once
  * per sample), the receptive-field crop of an entry with a stored peak cut from it in the
- * browser (the server's crop, pixel for pixel), other kinds as exported files, and a note where the
- * export holds none (never a request for a file it lacks).
+ * browser (the server's crop, pixel for pixel), and its gradient crop from its gradient
+ * image likewise, other kinds as exported files, and a note where the export holds none
+ * (never a request for a file it lacks).
  */
 function entryImage(ctx: PageContext, layer: string, unit: number, list: List, kind: EntryKind, e: TopEntry, shown: Shown | null, noImageWhy: string | null): HTMLElement {
   const alt = `rank ${e.rank + 1}: sample ${e.sample_id} (${kind})`;
@@ -456,8 +458,10 @@ function entryImage(ctx: PageContext, layer: string, unit: number, list: List, k
   // a clip's entry: the frame of its peak (its crop is cut from it, its box drawn on it)
   const sample = ctx.api.pngUrl(list !== "relevance" && e.frame != null ? p("runs", ctx.run, "samples", e.sample_id, "frames", `${e.frame}.png`) : p("runs", ctx.run, "samples", e.sample_id, "image.png"));
   if (kind === "input") return h("img", { src: sample, alt, "data-kind": kind });
-  if (kind === "crop" && list !== "relevance" && e.y !== null) {
-    const canvas = cropCanvas(sample, e.box ?? null, alt);
+  if ((kind === "crop" || kind === "grad_crop") && list !== "relevance" && e.y !== null) {
+    // cut by the peak's box, from the sample's image or from the entry's gradient image
+    const grad = ctx.api.pngUrl(p("runs", ctx.run, "layers", layer, "units", unit, list, e.rank, "grad.png"));
+    const canvas = cropCanvas(kind === "crop" ? sample : grad, e.box ?? null, alt);
     canvas.dataset.kind = kind;
     return canvas;
   }
