@@ -196,3 +196,29 @@ def test_a_featviz_table_an_older_lurker_made_again_is_read_from_its_rows(tmp_pa
             conn.close()
         now = run.featviz_tokens()
         assert set(now) == {B} and now != stored
+
+
+def test_a_write_after_an_older_lurkers_keeps_no_stale_token(tmp_path: Path) -> None:
+    """An older lurker rewrites layer A's images (no token); the next write, of layer B,
+    must not store A's token from before that rewrite (a page that knew it would keep the
+    old images), but the token A's rows give now."""
+    from lurker.store import Run
+    from lurker.store.featviz import scan_featviz_tokens, write_featviz
+    from lurker.store.writer import connect_rw
+
+    out = tmp_path / "d"
+    probe_digits(out, tmp_path / "d.pt", k=3)
+    px = np.zeros((1, 8, 8), np.uint8)
+    write_featviz(out, A, "channel", [(0, 0, 1.0, px)], {"steps": 4})
+    with Run.open(out) as run:
+        first = run.featviz_tokens()[A]
+    conn = connect_rw(out / "run.db")  # as an older lurker rewrites A: rows alone
+    try:
+        conn.execute("UPDATE featviz SET activation = 9.0")
+        rows_now = scan_featviz_tokens(conn)[A]
+    finally:
+        conn.close()
+    write_featviz(out, B, "channel", [(0, 0, 1.0, px)], {"steps": 4})
+    with Run.open(out) as run:
+        now = run.featviz_tokens()
+        assert now[A] != first and now[A] == rows_now and set(now) == {A, B}

@@ -227,3 +227,86 @@ def test_pages_show_sequences_with_the_peak_marked_and_no_images(browser: Any, s
         pg.wait_for_selector(".token-entry")
         assert "does not record its dataset" in pg.locator("#token-inputs").inner_text()
         assert pg.locator("img").count() == 0
+
+
+def test_a_static_export_of_a_token_run_carries_each_samples_tokens(
+    served: dict, tmp_path: Path
+) -> None:
+    """The exported sample pages carry the sample's token ids (as the served ones do) and
+    the export does not call the samples imageless for a changed dataset: they have no
+    picture by their nature."""
+    import json
+    import warnings
+
+    from lurker.server.export import export_site
+
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        export_site(served["run"], tmp_path / "site", dataset=served["data"])
+    assert not [w for w in said if "no image" in str(w.message)], [str(w.message) for w in said]
+    docs = sorted((tmp_path / "site").rglob("samples/*.json"))
+    assert docs
+    for doc in docs[:5]:
+        got = json.loads(doc.read_text())
+        sid = got["sample"]["id"]
+        assert got["tokens"] == served["data"][sid][0].tolist() and got["tokens_error"] is None
+
+
+class Strided(nn.Module):
+    """Token ids through an embedding, then a strided Conv1d: its positions are groups of
+    4 tokens, not tokens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, 8)
+        self.conv = nn.Conv1d(8, 6, 4, stride=4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.emb(x).transpose(1, 2)).amax(2)
+
+
+class Waveform(nn.Module):
+    """Integer samples of a signal (int16 PCM) read as numbers, not looked up: not ids."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(1, 4, 4, stride=4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x.float().unsqueeze(1) / 32768).amax(2)
+
+
+def test_a_layer_whose_positions_are_not_tokens_marks_none(tmp_path: Path) -> None:
+    """A strided convolution's peak is a group of tokens: its tiles show the first tokens,
+    unmarked, never token ``x``; and 1-D integer inputs nothing looks up (a waveform's
+    samples) are not token ids."""
+    from lurker.probe import probe
+    from lurker.server import create_app
+    from lurker.server.serve import background
+    from lurker.server.state import token_length
+    from lurker.store import Run
+
+    torch.manual_seed(0)
+    x = torch.randint(0, VOCAB, (12, 16))
+    data = TensorDataset(x, torch.arange(12) % 2)
+    run = probe(Strided().eval(), data, out=tmp_path / "s", layers=["conv"], k=3, progress=False)
+    assert run is not None
+    run.close()
+    with background(create_app(tmp_path / "s", model_obj=Strided().eval(), dataset=data)) as url:
+        import json
+        import urllib.request
+
+        with urllib.request.urlopen(f"{url}api/runs/s/layers/conv") as r:
+            doc = json.load(r)
+    for u in doc["units"]:  # the first tokens (0..3), not those around the group x
+        assert u["top_max_tokens_start"] == 0 and len(u["top_max_tokens"]) == 4, u
+    wave = TensorDataset(
+        torch.randint(-32768, 32767, (6, 16), dtype=torch.int16), torch.arange(6) % 2
+    )
+    run = probe(Waveform().eval(), wave, out=tmp_path / "w", layers=["conv"], k=2, progress=False)
+    assert run is not None
+    run.close()
+    with Run.open(tmp_path / "w") as r:
+        assert token_length(r) is None
+    with Run.open(tmp_path / "s") as r:
+        assert token_length(r) == 16

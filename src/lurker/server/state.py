@@ -55,8 +55,9 @@ def clip_frames(config: dict[str, Any]) -> int | None:
 
 def token_length(run: Run) -> int | None:
     """How many token ids each of a run's inputs holds when they are sequences of token ids
-    (its config's ``input_shape`` one axis, its graph's input an integer tensor: a text
-    model's ``(N, L)`` batch); ``None`` for images, clips and runs without a graph. Such
+    (its config's ``input_shape`` one axis, its graph's input an integer tensor read by a
+    lookup, an embedding: a text model's ``(N, L)`` batch); ``None`` for images, clips,
+    integer samples of a signal and runs without a graph. Such
     inputs have no picture: the explorer shows their tokens instead."""
     shape = (run.meta.get("config") or {}).get("input_shape") or []
     if len(shape) != 1:
@@ -65,8 +66,18 @@ def token_length(run: Run) -> int | None:
         inputs = run.graph.inputs
     except (MissingFromRunError, StoreError):
         return None
-    dtypes = [m.dtype for op in inputs[:1] for m in op.outputs[:1]]
-    return int(shape[0]) if dtypes and str(dtypes[0]).startswith(("int", "uint")) else None
+    if not inputs:
+        return None
+    dtypes = [m.dtype for m in inputs[0].outputs[:1]]
+    if not dtypes or not str(dtypes[0]).startswith(("int", "uint")):
+        return None
+    # ids look something up (an embedding); integer samples of a waveform are not ids
+    read = {run.graph.ops[c].name for c in inputs[0].children}
+    return int(shape[0]) if read & _LOOKUPS else None
+
+
+#: Ops that read integer inputs as ids: what makes a run's 1-D integer inputs token ids.
+_LOOKUPS = {"embedding", "embedding_bag", "one_hot", "index_select", "take", "gather"}
 
 
 def token_window(tokens: list[int], peak: int, reach: int = 3) -> tuple[int, list[int]]:

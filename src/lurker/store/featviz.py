@@ -88,14 +88,17 @@ def read_additions(conn: Any) -> dict[str, Any]:
     return dict(json.loads(row[0]) or {}) if row else {}
 
 
-def write_addition(conn: Any, kind: str, layer: str | None = None) -> None:
+def write_addition(
+    conn: Any, kind: str, layer: str | None = None, stored_fresh: bool = True
+) -> None:
     """Give ``kind`` (``featviz`` of ``layer``, or ``map``) a new token, inside the caller's
-    write transaction. The first featviz token of a run written before tokens existed takes
-    its other layers' tokens from a scan of their rows, so they keep the token they had."""
+    write transaction. The other layers keep the tokens they had: the stored ones, or,
+    where none are stored or they were stale before this write (``stored_fresh`` False: an
+    older lurker wrote rows since), those a scan of their rows gives, as a reader gets."""
     adds = read_additions(conn)
     new = secrets.token_hex(8)
     if kind == "featviz":
-        layers = adds.get("featviz")
+        layers = adds.get("featviz") if stored_fresh else None
         if layers is None:
             layers = scan_featviz_tokens(conn)
         adds["featviz"] = {**layers, str(layer): new}
@@ -196,6 +199,9 @@ def write_featviz(
         conn = connect_rw(path / DB_NAME)
         try:
             conn.execute("BEGIN IMMEDIATE")
+            # whether the stored tokens still stand for the rows (no older lurker wrote since)
+            n = featviz_writes(conn)
+            fresh = n is not None and read_additions(conn).get("featviz_writes") == n
             conn.execute(DDL)
             for statement in WRITES_DDL:
                 conn.execute(statement)
@@ -208,7 +214,7 @@ def write_featviz(
                 "shape, image, settings) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 encoded,
             )
-            write_addition(conn, "featviz", info.name)  # what open pages of the layer poll
+            write_addition(conn, "featviz", info.name, fresh)  # what open pages of the layer poll
             conn.execute("COMMIT")
         except sqlite3.Error as e:
             if conn.in_transaction:

@@ -63,7 +63,7 @@ export async function renderLayer(root: HTMLElement, ctx: PageContext, args: str
   const clip = Array.isArray(doc.layout?.["positions"]) && (doc.layout?.["positions"] as unknown[]).length === 3;
   const tileText = (): string =>
     thumb === "tokens"
-      ? `Each tile: the token ids of the sample that excites the unit most (its top sample by max)${positions > 1 ? ", around the token where it peaks, which is marked" : ", its first ones (this layer has no token axis)"}`
+      ? `Each tile: the token ids of the sample that excites the unit most (its top sample by max)${positions > 1 && positions === images.tokens ? ", around the token where it peaks, which is marked" : ", its first ones (this layer has no axis of one position per token)"}`
       : thumb === "featviz"
       ? "Each tile: an image optimized to excite the unit"
       : thumb === "crop"
@@ -78,7 +78,8 @@ export async function renderLayer(root: HTMLElement, ctx: PageContext, args: str
     if (thumb === "tokens" && constant === null) {
       if (top === null) return noImage("no top sample");
       if (!window) return noImage("token ids not at hand");
-      const at = positions > 1 && peak ? peak[1] : null;
+      // (a layer whose positions are not the tokens, a strided convolution's, marks none)
+      const at = positions > 1 && positions === images.tokens && peak ? peak[1] : null;
       return h("div", { class: "tok-thumb", title: `sample ${top}${at === null ? "" : `: peak at token ${at}`}` }, tokenSequence(window.tokens, at, window.start, images.tokens ?? window.tokens.length));
     }
     const tag = thumb === "featviz" || constant !== null || top === null ? null : patchless({ rf: doc.rf, layout: doc.layout }, peak?.[1]);

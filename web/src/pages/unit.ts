@@ -232,7 +232,7 @@ export async function renderUnit(root: HTMLElement, ctx: PageContext, args: stri
           "div",
           { class: "token-list" },
           why && !said ? withId(notice(`No token ids to show: ${why}.`), "tokens-error") : null,
-          entries.length ? entries.map((e) => tokenEntry(ctx, e, list !== "relevance" && positions > 1 ? e.x : null)) : notice("This list is empty."),
+          entries.length ? entries.map((e) => tokenEntry(ctx, e, list !== "relevance" && positions > 1 && positions === doc.token_length ? e.x : null)) : notice("This list is empty."),
         ),
       );
       return;

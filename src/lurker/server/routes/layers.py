@@ -13,7 +13,7 @@ from ..classes import class_names, class_units
 from ..deps import entry, session
 from ..errors import ApiError
 from ..schemas import DirectionBrief, Histogram, LayerDetail, UnitBrief, UnitWeight
-from ..state import token_length, token_window
+from ..state import positions_per_sample, token_length, token_window
 from .runs import layer_brief
 
 router = APIRouter(prefix="/api", tags=["layers"])
@@ -34,7 +34,7 @@ def layer_detail(request: Request, run_id: str, layer: str) -> LayerDetail:
     rows, counts = e.layer_rows(info)
     edges = e.open_run()._edges(info)
     value = class_units(e.open_run()).get(info.op or "")
-    windows = _token_windows(request, e, rows)
+    windows = _token_windows(request, e, rows, info)
     return LayerDetail(
         layer=layer_brief(info, value),
         rf=info.rf,
@@ -65,12 +65,17 @@ def layer_detail(request: Request, run_id: str, layer: str) -> LayerDetail:
     )
 
 
-def _token_windows(request: Request, e: Any, rows: list[Any]) -> dict[int, tuple[int, list[int]]]:
+def _token_windows(
+    request: Request, e: Any, rows: list[Any], info: Any
+) -> dict[int, tuple[int, list[int]]]:
     """On a run of token ids with its dataset at hand: per unit, the tokens of its top max
-    sample around the peak token (the first tokens on a layer without positions), which
-    its tile shows in place of an image; none where the dataset cannot give them."""
-    if token_length(e.open_run()) is None:
+    sample around the peak token (the first tokens on a layer whose positions are not the
+    tokens: none, or fewer, a strided convolution's), which its tile shows in place of an
+    image; none where the dataset cannot give them."""
+    length = token_length(e.open_run())
+    if length is None:
         return {}
+    per_token = positions_per_sample(info) == length
     s = session(request, e)
     if s.dataset_reason() is not None:
         return {}
@@ -82,7 +87,7 @@ def _token_windows(request: Request, e: Any, rows: list[Any]) -> dict[int, tuple
                 continue
             if tm not in seqs:
                 seqs[tm] = s.sample_tokens(tm, e.sample_row(tm)[1])
-            out[u] = token_window(seqs[tm], 0 if peak is None else peak[1])
+            out[u] = token_window(seqs[tm], peak[1] if per_token and peak is not None else 0)
     except ApiError:  # a dataset that changed: the unit page says why; no tile guesses
         return {}
     return out

@@ -18,6 +18,7 @@ from ..schemas import (
     SampleModel,
     SamplePage,
 )
+from ..session import Session
 
 router = APIRouter(prefix="/api", tags=["samples"])
 
@@ -100,16 +101,20 @@ async def sample_detail(
 
         await on_model(s, predict)
     if s.token_length() is not None:
-        reason = s.dataset_reason()
-        if reason is None:
-            try:
-                detail.tokens = await run_in_threadpool(
-                    s.sample_tokens, detail.sample.id, detail.sample.path
-                )
-            except ApiError as err:
-                reason = err.detail
-        detail.tokens_error = reason
+        await run_in_threadpool(add_tokens, s, detail)
     return detail
+
+
+def add_tokens(s: Session, detail: SampleDetail) -> None:
+    """A token-id sample's ids on its document, or why they are not at hand (the served
+    page and the static export alike)."""
+    reason = s.dataset_reason()
+    if reason is None:
+        try:
+            detail.tokens = s.sample_tokens(detail.sample.id, detail.sample.path)
+        except ApiError as err:
+            reason = err.detail
+    detail.tokens_error = reason
 
 
 def _sample_detail(
