@@ -215,6 +215,7 @@ def test_pages_show_sequences_with_the_peak_marked_and_no_images(browser: Any, s
         pg.wait_for_selector(".unit-card .tok-thumb")
         assert pg.locator(".unit-card .tok-thumb").count() == doc["num_units"]
         assert pg.locator("img").count() == 0
+        assert f"over {LENGTH} tokens" in pg.inner_text("h1")  # not "positions"
 
         pg.goto(f"{url}/#/r/{RID}/sample/7")
         pg.wait_for_selector("#sample-tokens .tok")

@@ -195,7 +195,7 @@ export async function renderLayer(root: HTMLElement, ctx: PageContext, args: str
   draw();
 
   append(root, 
-    h("h1", null, name, h("span", { class: "sub" }, ` ${[l.kind, unitsText(l.shape, l.num_units, doc.layout)].filter(Boolean).join(" · ")}`)),
+    h("h1", null, name, h("span", { class: "sub" }, ` ${[l.kind, unitsText(l.shape, l.num_units, doc.layout, images.tokens)].filter(Boolean).join(" · ")}`)),
     h(
       "div",
       { class: "layer-head" },
@@ -290,7 +290,7 @@ function directionsSection(ctx: PageContext, name: string, doc: LayerDoc): HTMLE
  * that stand for image patches), `2,048 units` (a vector: no positions, where the output
  * shape would only repeat the unit count). Positions come from the stored layout (its
  * axes count the batch); runs without one are `(N, C, ...)`. */
-export function unitsText(shapeNoBatch: number[], units: number, layout: Record<string, unknown> | null | undefined): string {
+export function unitsText(shapeNoBatch: number[], units: number, layout: Record<string, unknown> | null | undefined, inputTokens: number | null = null): string {
   const count = `${fmt(units)} unit${units === 1 ? "" : "s"}`;
   const positions = layout?.["positions"];
   const batch = layout?.["batch"];
@@ -302,7 +302,8 @@ export function unitsText(shapeNoBatch: number[], units: number, layout: Record<
   } else sizes = shapeNoBatch.slice(1);
   if (!sizes.length || sizes.every((n) => n === 1)) return count;
   if (sizes.length === 1) {
-    const tokens = Array.isArray(layout?.["boxes"]);
+    // (patch tokens, or a text model's tokens: one position per input token id)
+    const tokens = Array.isArray(layout?.["boxes"]) || (inputTokens !== null && sizes[0] === inputTokens);
     return `${count} · over ${fmt(sizes[0])} ${tokens ? "token" : "position"}${sizes[0] === 1 ? "" : "s"}`;
   }
   return `${count} · each a ${shape(sizes)} map`;
