@@ -9,7 +9,9 @@ units. :func:`infer_layouts` works the layout out for every op of a trace:
   the traced one; the axis whose size grows by exactly those factors is the batch. An
   axis that grows by them but holds more than one slot per sample (``2m -> 3m``: windows
   folded into the batch) or no axis at all (weights, position tables) means the op has
-  no per-sample activation to probe: it is skipped, with that reason.
+  no per-sample activation to probe: it is skipped, with that reason. Where every op
+  keeps axis 0 as the batch by what it computes (a CNN), the trace says so without the
+  replay (:func:`_traced_batch_axes`).
 - **Unit axis**, from the op's semantics, carried along the graph: convolutions and
   batch/group/instance norms make units on the axis after the batch (``NC...``); linear
   layers, ``layer_norm``, matmuls with a weight and RNNs (their hidden units) make them on
@@ -309,6 +311,75 @@ def _batch_shapes(trace: Trace, example: tuple, factor: int) -> dict[int, tuple[
     return shapes
 
 
+#: Ops whose output has the batch on axis 0 wherever their activation inputs have it there,
+#: whatever their other arguments (weights, kernel sizes): per-sample by what they compute
+_KEEP_BATCH_FIRST = {
+    *_CONV, *_CHANNEL_NORMS, "linear",
+    *(f"{p}_pool{n}d" for p in ("max", "avg", "adaptive_max", "adaptive_avg") for n in (1, 2, 3)),
+    "relu", "relu6", "leaky_relu", "gelu", "silu", "sigmoid", "tanh", "hardtanh", "hardswish",
+    "hardsigmoid", "elu", "selu", "mish", "dropout", "contiguous", "clone",
+}  # fmt: skip
+#: Elementwise ops of activations alone (no weight or constant tensor to broadcast against)
+_ELEMENTWISE_PAIRS = {"add", "mul", "sub", "div", "maximum", "minimum"}
+
+
+def _traced_batch_axes(trace: Trace, example: tuple) -> dict[int, int] | None:
+    """Every op's batch axis read off the trace, without running the model: axis 0, where
+    the model's one input is ``example`` and every op keeps its input's axis 0 as its own by
+    what it computes (a CNN: convolutions, norms, pooling, activations, residual sums,
+    ``flatten(1)``, linear layers). None as soon as one op is anything else (a reshape,
+    permute, matmul, attention, a tensor made in ``forward``): those are what the replay
+    at larger batches is for (sequence-first attention, batches folded with windows), and a
+    guess there would read units of the wrong samples."""
+    tensors = [a for a in example if isinstance(a, Tensor)]
+    inputs = [op for op in trace.ops if op.kind == "input"]
+    if len(tensors) != 1 or len(inputs) != 1 or tensors[0].dim() < 2:
+        return None
+    if tuple(inputs[0].shape or ()) != tuple(tensors[0].shape):
+        return None
+    b0 = int(tensors[0].shape[0])
+    batched = {inputs[0].index}  # nodes whose axis 0 is the batch
+    out: dict[int, int] = {}
+    for op in trace.ops:
+        if op.kind in ("input", "output", "buffer", "constant"):
+            continue
+        if op.kind != "op" or not op.outputs:
+            return None  # readouts, generated tensors, failed calls: not a plain CNN
+        shape = tuple(op.shape or ())
+        acts = [(j, s) for j, (s, _) in enumerate(op._inputs) if s in batched]
+        nodes = [s for s, _ in op._inputs if isinstance(s, int) and s >= 0]
+        if not acts or len(shape) < 2 or shape[0] != b0:
+            return None
+        if any(trace.ops[s].kind == "op" and s not in batched for s in nodes):
+            return None  # an op input without a batch axis 0 (computed from weights)
+        ranks = {len(trace.ops[s].shape or ()) for _, s in acts}
+        name = op.name[:-1] if op.name.endswith("_") and not op.name.endswith("__") else op.name
+        if name in _KEEP_BATCH_FIRST:
+            ok = len(acts) == 1 and acts[0][0] == 0 and ranks == {len(shape)}
+            if name[-1] == "d" and name[-2].isdigit():  # conv2d, max_pool2d: batched input
+                ok = ok and len(shape) == int(name[-2]) + 2  # (unbatched: axis 0 is channels)
+        elif name in _ELEMENTWISE_PAIRS:
+            ok = len(acts) == len(op._inputs) and ranks == {len(shape)}
+        elif name in ("flatten", "cat"):
+            key = "start_dim" if name == "flatten" else "dim"  # (x, start_dim), (xs, dim)
+            dim = op.args[1] if len(op.args) > 1 else op.kwargs.get(key, 0)
+            rank = ranks.pop() if len(ranks) == 1 else 0
+            ok = (
+                type(dim) is int
+                and -rank <= dim < rank
+                and dim % rank != 0
+                and (len(acts) == 1 if name == "flatten" else len(acts) == len(op._inputs))
+                and (name == "flatten" or len(shape) == rank)
+            )
+        else:
+            ok = False
+        if not ok:
+            return None
+        batched.add(op.index)
+        out[op.index] = 0
+    return out
+
+
 def _batch_axes(trace: Trace, example: tuple) -> dict[int, int | Skip]:
     b0 = next((int(a.shape[0]) for a in example if isinstance(a, Tensor) and a.dim()), None)
     if b0 is None:
@@ -316,6 +387,9 @@ def _batch_axes(trace: Trace, example: tuple) -> dict[int, int | Skip]:
             "lurker finds each layer's batch axis by growing the batch (dim 0) of the "
             "model's first tensor input, and this trace has none: pass example=(x,)."
         )
+    traced = _traced_batch_axes(trace, example)
+    if traced is not None:
+        return dict(traced)
     try:
         s2, s3 = _batch_shapes(trace, example, 2), _batch_shapes(trace, example, 3)
     except Exception as e:
@@ -555,7 +629,7 @@ def infer_layouts(
 
     ``example`` is the model's positional input with the batch on dim 0 (default: the
     input the trace recorded); the model is replayed on 2x and 3x that batch to find
-    batch axes. ``unit_dim`` names the unit axis (of the full output, batch included;
+    batch axes, unless every op keeps axis 0 as the batch (:func:`_traced_batch_axes`). ``unit_dim`` names the unit axis (of the full output, batch included;
     negative counts from the end) for every op, or per layer as ``{pattern: axis}``
     (globs matched against the op label, rolled label, op name and module outputs; the
     first matching pattern wins): it overrides what the semantics say. ``rfs``: the
@@ -752,7 +826,7 @@ def layer_layout(
     takes) holds its batch, units and positions: :func:`infer_layouts` of the op a hook on
     ``layer`` reaches (with ``unit_dim``, the user's unit axis, counting the batch axis;
     its batch axis is still found). The inference replays ``trace`` at two larger batches
-    once per model and graph (kept per model, and in ``cache``); where the model cannot
+    (where the trace alone does not tell the batch axes) once per model and graph (kept per model, and in ``cache``); where the model cannot
     run them, axis 0 is taken as the batch (``batch_fallback``). Refused with the reason
     where lurker cannot tell: reading another axis as the units would give numbers about
     something else without a word (explain's unit targets, concept relevance and
