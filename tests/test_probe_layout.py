@@ -1304,3 +1304,38 @@ def test_a_convolution_of_an_unbatched_input_is_not_taken_for_a_batch():
     tr = lurker.trace(model, torch.randn(1, 16))
     with pytest.raises(LurkerError, match="batches of 2 and 3"):
         infer_layouts(tr)
+
+
+def test_an_activation_passed_as_a_weight_by_keyword_is_not_read_as_batch_first():
+    """``F.linear(weight=act, input=q)`` and ``F.conv2d(weight=act, input=template)`` (a
+    template correlated with per-sample kernels) put the batch on axis 1: the trace alone
+    cannot say so, so the model is replayed, and the op is not read with its batch on
+    axis 0 (its unit axis would be the samples). Oracle: the outputs at batch 3."""
+    import torch.nn.functional as F
+
+    from lurker.probe.layout import Layout, infer_layouts
+
+    class Lin(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.l = nn.Linear(8, 8)
+            self.q = nn.Parameter(torch.randn(1, 8))
+
+        def forward(self, x: Tensor) -> Tensor:
+            return F.linear(weight=self.l(x), input=self.q).relu()
+
+    class Corr(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c = nn.Conv2d(3, 4, 3)
+            self.template = nn.Parameter(torch.randn(1, 4, 8, 8))
+
+        def forward(self, x: Tensor) -> Tensor:
+            return F.conv2d(weight=self.c(x), input=self.template).relu()
+
+    for model, x in ((Lin().eval(), torch.randn(1, 8)), (Corr().eval(), torch.randn(1, 3, 5, 5))):
+        assert model(x.repeat(3, *[1] * (x.dim() - 1))).shape[1] == 3  # the batch: axis 1
+        tr = lurker.trace(model, x)
+        last = [op for op in tr.ops if op.name in ("relu", "relu_")][-1]
+        lay = infer_layouts(tr).get(last.index)
+        assert not (isinstance(lay, Layout) and lay.batch == 0), lay

@@ -355,7 +355,11 @@ def _traced_batch_axes(trace: Trace, example: tuple) -> dict[int, int] | None:
         ranks = {len(trace.ops[s].shape or ()) for _, s in acts}
         name = op.name[:-1] if op.name.endswith("_") and not op.name.endswith("__") else op.name
         if name in _KEEP_BATCH_FIRST:
-            ok = len(acts) == 1 and acts[0][0] == 0 and ranks == {len(shape)}
+            # the activation is the op's input itself (``input=`` by keyword too), never its
+            # weight: ``F.linear(weight=act, input=q)`` puts the batch on another axis
+            first = op.args[0] if op.args else op.kwargs.get("input")
+            ok = len(acts) == 1 and getattr(first, "index", None) in batched
+            ok = ok and ranks == {len(shape)}
             if name[-1] == "d" and name[-2].isdigit():  # conv2d, max_pool2d: batched input
                 ok = ok and len(shape) == int(name[-2]) + 2  # (unbatched: axis 0 is channels)
         elif name in _ELEMENTWISE_PAIRS:
