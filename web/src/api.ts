@@ -43,6 +43,8 @@ export interface RunSummary {
     std: number[] | null;
     /** the token ids per sample where the inputs are token ids (no picture); null else */
     tokens?: number | null;
+    /** the values per sample where the inputs are flat vectors, not token ids (no picture); null else */
+    features?: number | null;
   };
   probe: {
     k: number;

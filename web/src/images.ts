@@ -15,6 +15,9 @@ export interface ImageState {
   /** The token ids per sample where the inputs are token ids (a text model's): they have
    * no picture, and the pages show each sample's ids instead; null for images. */
   tokens: number | null;
+  /** The values per sample where the inputs are flat vectors of numbers, not token ids (a
+   * tabular model's features): they have no picture; null for images and token ids. */
+  features?: number | null;
 }
 
 export async function imageState(ctx: PageContext): Promise<ImageState> {
@@ -26,6 +29,13 @@ export async function imageState(ctx: PageContext): Promise<ImageState> {
     const el = notice(`The inputs are sequences of ${tokens} token ids, not images: each sample is shown as its token ids, the token where the unit peaks marked.${why}`);
     el.id = "token-inputs";
     return { ok: false, notice: el, tokens };
+  }
+  const features = s.dataset.features ?? null;
+  if (features !== null) {
+    // no picture to ask for (every request would answer 409): say so once, no broken images
+    const el = notice(`The inputs are vectors of ${features} features, not images: they have no picture to show. A sample's page shows the model's prediction on its features.`);
+    el.id = "vector-inputs";
+    return { ok: false, notice: el, tokens, features };
   }
   const ok = ctx.api.isStatic || s.holds.dataset !== false || s.holds.cached_images > 0;
   if (ok) return { ok, notice: null, tokens };

@@ -83,6 +83,9 @@ class DatasetInfo(BaseModel):
     #: model's): they have no picture, and the pages show their tokens instead. Null for
     #: images and clips.
     tokens: int | None = None
+    #: The values per input where the inputs are flat vectors of numbers and not token ids
+    #: (a tabular model's features): they have no picture. Null else.
+    features: int | None = None
 
 
 class ProbeInfo(BaseModel):

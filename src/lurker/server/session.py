@@ -27,7 +27,7 @@ from lurker.store.files import safe_component
 
 from .classes import class_names
 from .errors import ApiError, listing, no_model
-from .state import clip_frames, token_length
+from .state import clip_frames, input_dtype, token_length, vector_length
 
 if TYPE_CHECKING:
     import torch
@@ -329,6 +329,35 @@ class Session:
         :func:`~lurker.server.state.token_length`); None for images and clips."""
         return token_length(self.entry.open_run())
 
+    def vector_length(self) -> int | None:
+        """The values per input where the run's inputs are flat vectors of numbers, not
+        token ids (see :func:`~lurker.server.state.vector_length`); None otherwise."""
+        return vector_length(self.entry.open_run())
+
+    def sample_vector(self, sample_id: int, path: str | None) -> torch.Tensor:
+        """Sample ``sample_id``'s feature vector in the dtype the run's trace recorded for
+        the model's input (as the probe fed it), checked against the run: a vector of
+        another length is a changed dataset, refused rather than fed to the model."""
+        import torch
+
+        length = self.vector_length()
+        item = self._checked_dataset(sample_id, path)[sample_id]
+        x = item[0] if isinstance(item, tuple) else None
+        if not isinstance(x, torch.Tensor) or tuple(x.shape) != (length,):
+            shown = (
+                f"of shape {tuple(x.shape)} ({x.dtype})"
+                if isinstance(x, torch.Tensor)
+                else "unreadable"
+            )
+            raise ApiError(
+                409,
+                f"sample {sample_id} of the dataset is {shown}, not a vector of {length} "
+                "values as the run's model was fed: the dataset changed since the probe",
+            )
+        dtype = getattr(torch, input_dtype(self.entry.open_run()) or "", None)
+        x = x.detach().cpu()
+        return x.to(dtype) if isinstance(dtype, torch.dtype) else x
+
     def sample_tokens(self, sample_id: int, path: str | None) -> list[int]:
         """Sample ``sample_id``'s token ids, as the model was fed them (the picture of a
         sample of a text model), checked against the run as :meth:`sample_pil` checks."""
@@ -379,6 +408,13 @@ class Session:
                 409,
                 f"sample {sample_id} is a sequence of {length} token ids, not an image: it has "
                 "no picture (the unit and sample pages show its tokens, the peak's marked)",
+            )
+        features = self.vector_length()
+        if features is not None:
+            raise ApiError(
+                409,
+                f"sample {sample_id} is one of the run's vectors of {features} features, not "
+                "an image: it has no picture (the sample page shows the model's prediction)",
             )
         ds = self._checked_dataset(sample_id, path)
         try:
@@ -566,6 +602,8 @@ class Session:
         if image_id.startswith("sample-") and image_id[7:].isdigit():
             sid = int(image_id[7:])
             _, path, _, _ = self.entry.sample_row(sid)
+            if self.vector_length() is not None:  # no picture: fed as the dataset gives it
+                return self.sample_vector(sid, path)
             ds = self.dataset()
             if self.token_length() is None:
                 self.sample_pil(sid, path)  # checks that the dataset still matches the run

@@ -76,6 +76,28 @@ def token_length(run: Run) -> int | None:
     return int(shape[0]) if read & _LOOKUPS else None
 
 
+def vector_length(run: Run) -> int | None:
+    """How many values each of a run's inputs holds when they are flat vectors of numbers
+    and not token ids (its config's ``input_shape`` one axis: a tabular model's features,
+    the samples of a signal); ``None`` for images, clips and token ids. Such inputs have no
+    picture: the explorer says so instead of asking for one."""
+    shape = (run.meta.get("config") or {}).get("input_shape") or []
+    if len(shape) != 1 or token_length(run) is not None:
+        return None
+    return int(shape[0])
+
+
+def input_dtype(run: Run) -> str | None:
+    """The dtype of the model's input as the run's trace recorded it (``"float32"``), or
+    None without a graph: what a sample is cast to before the model sees it again."""
+    try:
+        inputs = run.graph.inputs
+    except (MissingFromRunError, StoreError):
+        return None
+    dtypes = [m.dtype for m in inputs[0].outputs[:1]] if inputs else []
+    return str(dtypes[0]) if dtypes and dtypes[0] else None
+
+
 #: Ops that read integer inputs as ids: what makes a run's 1-D integer inputs token ids.
 _LOOKUPS = {"embedding", "embedding_bag", "one_hot", "index_select", "take", "gather"}
 

@@ -109,6 +109,8 @@ export async function renderLayer(root: HTMLElement, ctx: PageContext, args: str
       if (thumb === "input") return h("img", { src: url, loading: "lazy", decoding: "async", alt, width: 96, height: 96 });
       return t.crop ? cropCanvas(url, t.box, alt + " (crop)", true) : noImage("no peak to crop");
     }
+    // a feature vector has no picture: the tile names its top sample instead
+    if (top !== null && (images.features ?? null) !== null && thumb === "input") return noImage(`top: sample #${top}`);
     if (top === null || !images.ok) return noImage(top === null ? "no top image" : "no image");
     const src = ctx.api.pngUrl(p("runs", ctx.run, "layers", name, "units", unit, "max", 0, `${thumb}.png`));
     return h("img", { src, loading: "lazy", decoding: "async", alt, width: 96, height: 96 });

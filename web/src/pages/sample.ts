@@ -104,8 +104,8 @@ export async function renderSample(root: HTMLElement, ctx: PageContext, args: st
         ]),
         // a static export runs no model: no button to a view that cannot open (and no row
         // at all where it holds no explanation either)
-        // (nor for token ids: the live view and Explain draw over images)
-        (ctx.api.isStatic && !(pred || explained)) || images.tokens !== null
+        // (nor for token ids or feature vectors: the live view and Explain draw over images)
+        (ctx.api.isStatic && !(pred || explained)) || images.tokens !== null || (images.features ?? null) !== null
           ? null
           : h(
               "p",

@@ -237,6 +237,15 @@ export async function renderUnit(root: HTMLElement, ctx: PageContext, args: stri
       );
       return;
     }
+    if ((images.features ?? null) !== null) {
+      // feature vectors have no picture: each entry is its value, sample and class, no
+      // image / gradient toggle and no empty tiles
+      const list = tab as List;
+      const entries = entriesOf(list);
+      fill(toggles, h("span", { class: "muted", id: "vector-caption" }, list === "relevance" ? "value: the unit's LRP relevance for the model's prediction" : `value: the unit's ${list === "max" ? "peak" : "mean"} activation on the sample`));
+      fill(gallery, h("div", { class: "token-list vector-list" }, entries.length ? entries.map((e) => vectorEntry(ctx, e)) : notice("This list is empty.")));
+      return;
+    }
     if (tab === "relevance") {
       fill(toggles, h("span", { class: "muted" }, `value: the unit's LRP relevance for the model's prediction${positions > 1 ? ", summed over its positions" : ""}: the samples where it carried the decision most`));
     } else fill(
@@ -376,6 +385,17 @@ function tokenEntry(ctx: PageContext, e: TopEntry, peak: number | null): HTMLEle
     h("a", { href: ctx.href("sample", e.sample_id) }, `#${e.sample_id}`),
     e.class_name ? classSpan(e.class_name, e.label) : h("span"),
     e.tokens ? tokenSequence(e.tokens, peak) : h("span", { class: "muted small" }, peak === null ? "token ids not at hand" : `peak at token ${peak}; token ids not at hand`),
+  );
+}
+
+/** A top-list entry of a run of feature vectors (no picture): its value, sample and class. */
+function vectorEntry(ctx: PageContext, e: TopEntry): HTMLElement {
+  return h(
+    "div",
+    { class: "token-entry vector-entry top-entry", "data-sample": e.sample_id, "data-rank": e.rank, "data-value": e.value === null ? null : String(e.value) },
+    h("span", { class: "value" }, fmt(e.value)),
+    h("a", { href: ctx.href("sample", e.sample_id) }, `#${e.sample_id}`),
+    e.class_name ? classSpan(e.class_name, e.label) : h("span"),
   );
 }
 

@@ -55,8 +55,8 @@ _SAMPLE_ID = re.compile(r"sample-([0-9]{1,19})")
 
 
 def _images_only(s: Session) -> None:
-    """Refuse a run whose inputs are token ids: the live view's maps and Explain's heatmaps
-    are drawn over an image, which such an input does not have."""
+    """Refuse a run whose inputs are token ids or feature vectors: the live view's maps and
+    Explain's heatmaps are drawn over an image, which such an input does not have."""
     length = s.token_length()
     if length is not None:
         raise ApiError(
@@ -64,6 +64,14 @@ def _images_only(s: Session) -> None:
             f"the live view and Explain show images, and this run's inputs are sequences of "
             f"{length} token ids: a sample's page shows its tokens and the model's prediction, "
             "a unit's page its top sequences with the peak token marked",
+        )
+    features = s.vector_length()
+    if features is not None:
+        raise ApiError(
+            409,
+            f"the live view and Explain show images, and this run's inputs are vectors of "
+            f"{features} features, which have no picture: a sample's page shows the model's "
+            "prediction",
         )
 
 

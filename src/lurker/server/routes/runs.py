@@ -22,7 +22,7 @@ from ..schemas import (
     SkippedFile,
     TransparentImages,
 )
-from ..state import RunEntry, token_length
+from ..state import RunEntry, token_length, vector_length
 
 router = APIRouter(prefix="/api", tags=["runs"])
 
@@ -136,6 +136,7 @@ def summarize(request: Request, e: RunEntry) -> RunSummary:
             mean=cfg.get("mean"),
             std=cfg.get("std"),
             tokens=token_length(run),
+            features=vector_length(run),
         ),
         probe=ProbeInfo(
             k=meta.get("k"),
