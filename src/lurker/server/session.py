@@ -341,19 +341,12 @@ class Session:
         import torch
 
         length = self.vector_length()
-        item = self._checked_dataset(sample_id, path)[sample_id]
-        x = item[0] if isinstance(item, tuple) else None
-        if not isinstance(x, torch.Tensor) or tuple(x.shape) != (length,):
-            shown = (
-                f"of shape {tuple(x.shape)} ({x.dtype})"
-                if isinstance(x, torch.Tensor)
-                else "unreadable"
-            )
-            raise ApiError(
-                409,
-                f"sample {sample_id} of the dataset is {shown}, not a vector of {length} "
-                "values as the run's model was fed: the dataset changed since the probe",
-            )
+        x = self._sample_tensor(
+            sample_id,
+            path,
+            lambda t: tuple(t.shape) == (length,),
+            f"a vector of {length} values",
+        )
         dtype = getattr(torch, input_dtype(self.entry.open_run()) or "", None)
         x = x.detach().cpu()
         return x.to(dtype) if isinstance(dtype, torch.dtype) else x
@@ -361,12 +354,24 @@ class Session:
     def sample_tokens(self, sample_id: int, path: str | None) -> list[int]:
         """Sample ``sample_id``'s token ids, as the model was fed them (the picture of a
         sample of a text model), checked against the run as :meth:`sample_pil` checks."""
+        x = self._sample_tensor(
+            sample_id,
+            path,
+            lambda t: t.dim() == 1 and not t.is_floating_point(),
+            "a sequence of token ids",
+        )
+        return [int(v) for v in x.tolist()]
+
+    def _sample_tensor(
+        self, sample_id: int, path: str | None, fits: Callable[[Any], bool], what: str
+    ) -> torch.Tensor:
+        """Sample ``sample_id``'s input tensor where it still ``fits`` what the run's model
+        was fed (``what``); else the dataset changed since the probe, which is said."""
         import torch
 
-        ds = self._checked_dataset(sample_id, path)
-        item = ds[sample_id]
+        item = self._checked_dataset(sample_id, path)[sample_id]
         x = item[0] if isinstance(item, tuple) else None
-        if not isinstance(x, torch.Tensor) or x.dim() != 1 or x.is_floating_point():
+        if not isinstance(x, torch.Tensor) or not fits(x):
             shown = (
                 f"of shape {tuple(x.shape)} ({x.dtype})"
                 if isinstance(x, torch.Tensor)
@@ -374,10 +379,10 @@ class Session:
             )
             raise ApiError(
                 409,
-                f"sample {sample_id} of the dataset is {shown}, not a sequence of token ids as "
-                "the run's model was fed: the dataset changed since the probe",
+                f"sample {sample_id} of the dataset is {shown}, not {what} as the run's model "
+                "was fed: the dataset changed since the probe",
             )
-        return [int(v) for v in x.tolist()]
+        return x
 
     def _checked_dataset(self, sample_id: int, path: str | None) -> Any:
         """The dataset, where it still holds sample ``sample_id`` as the run recorded it."""
