@@ -6,7 +6,10 @@ Playwright) over the shared digits run with its model attached, at 800 and 1280 
   column left each grid one map wide;
 - the graph's legend names the blue underlined labels: the probed layers, links to
   their units;
-- the layer grid says what a tile shows and what its ``max`` and ``mean`` are.
+- the layer grid says what a tile shows and what its ``max`` and ``mean`` are;
+- an output unit's class line goes under its heading and prev/next buttons, which stay on
+  the heading's row;
+- at 800 px the layer page's facts sit above its chart, their words whole.
 
 Oracles: the model's own modules (channels of a convolution), the graph document and the
 run's store (which ops are probed, each unit's max and mean).
@@ -276,3 +279,55 @@ def test_live_predictions_say_what_they_are(browser: Any, served: dict[str, Any]
         )
         assert [r[0] for r in rows] == [str(i) for i in top.indices.tolist()]
         assert [r[2] for r in rows] == [shown_percent(float(p)) for p in top.values]
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_output_unit_class_line_sits_under_the_heading_and_its_buttons(
+    browser: Any, served: dict[str, Any], width: int
+) -> None:
+    """An output unit's class line went between the heading and its prev/next buttons,
+    which then wrapped onto a row of their own under it. The buttons stay on the heading's
+    row; the line comes under both, overlapping neither, its text not cut."""
+    with strict_page(browser, width=width, height=800) as pg:
+        pg.goto(served["url"] + "/unit/classifier.3/3")
+        pg.wait_for_selector("#output-class")
+        title = pg.locator(".unit-head h1").bounding_box()
+        nav = pg.locator(".unit-head .unit-nav").bounding_box()
+        line = pg.locator("#output-class").bounding_box()
+        # the buttons on the heading's row, right of it
+        assert nav["y"] < title["y"] + title["height"] and title["y"] < nav["y"] + nav["height"]
+        assert title["x"] + title["width"] <= nav["x"]
+        # the class line under both
+        assert line["y"] >= max(title["y"] + title["height"], nav["y"] + nav["height"]) - 0.5
+        assert pg.eval_on_selector("#output-class", "e => e.scrollWidth <= e.clientWidth")
+        assert pg.evaluate("document.documentElement.scrollWidth <= innerWidth")
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_layer_facts_keep_their_words_whole(
+    browser: Any, served: dict[str, Any], width: int
+) -> None:
+    """The layer page's facts sat in the 236 px left beside the chart at 800 px: the
+    module's name broke mid-word ("classifier." over "3") and "units are" ran to seven
+    lines. Each name stays on one line, no fact wider than the card, the chart not cut."""
+    with strict_page(browser, width=width, height=800) as pg:
+        pg.goto(served["url"] + "/layer/classifier.3")
+        pg.wait_for_selector("#class-units")
+        # an inline element broken over lines has a box per line
+        assert pg.eval_on_selector(".facts dd code", "e => e.getClientRects().length") == 1
+        assert pg.eval_on_selector(".facts dd a", "e => e.getClientRects().length") == 1
+        lines = pg.eval_on_selector(
+            "#class-units",
+            "e => Math.round(e.getBoundingClientRect().height"
+            " / parseFloat(getComputedStyle(e.parentElement).lineHeight))",
+        )
+        assert lines <= 2, f"'units are' on {lines} lines at {width} px"
+        assert pg.eval_on_selector_all(
+            ".layer-head .card", "cs => cs.every(c => c.scrollWidth <= c.clientWidth)"
+        )
+        facts = pg.locator(".layer-head .card").first.bounding_box()
+        chart = pg.locator(".layer-head .chart-card").bounding_box()
+        apart = (
+            facts["x"] + facts["width"] <= chart["x"] or facts["y"] + facts["height"] <= chart["y"]
+        )
+        assert apart, (facts, chart)

@@ -150,6 +150,31 @@ def test_map_draws_hover_shows_the_sample_and_click_opens_it(page: Any, served: 
     assert not page.errors
 
 
+@pytest.mark.parametrize("width", [800, 1280])
+def test_hover_tip_stays_inside_the_map_at_its_edges(
+    page: Any, served: dict[str, Any], width: int
+) -> None:
+    """The stage clips what passes its edges: the tip of a dot near the bottom or right
+    edge went past them (placed below and right of the dot), its picture and prediction
+    cut off on a projector's 800 px window. It must show whole, inside the stage."""
+    m = served["map"]
+    page.set_viewport_size({"width": width, "height": 900})  # the whole map on screen
+    g = _open(page, served)
+    stage = page.locator(".map-stage").bounding_box()
+    tip = page.locator(".map-tip")
+    # the lowest, the rightmost and the lowest-right dots (y grows upward in the map)
+    for i in {int(np.argmin(m.y)), int(np.argmax(m.x)), int(np.argmax(m.x - m.y))}:
+        page.mouse.move(*_screen(g, float(m.x[i]), float(m.y[i])))
+        tip.wait_for(state="visible")
+        box = tip.bounding_box()
+        assert box["y"] + box["height"] <= stage["y"] + stage["height"] + 0.5, (i, box, stage)
+        assert box["x"] + box["width"] <= stage["x"] + stage["width"] + 0.5, (i, box, stage)
+        assert box["x"] >= stage["x"] - 0.5 and box["y"] >= stage["y"] - 0.5, (i, box, stage)
+        page.mouse.move(stage["x"] + 2, stage["y"] + 2)  # off the dots: the tip goes
+        tip.wait_for(state="hidden")
+    assert not page.errors
+
+
 def test_misclassified_filter_and_colour_toggle(page: Any, served: dict[str, Any]):
     m = served["map"]
     wrong = int(((m.label != m.pred) & (m.pred >= 0)).sum())

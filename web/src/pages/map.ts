@@ -482,9 +482,16 @@ export async function renderMap(root: HTMLElement, ctx: PageContext): Promise<vo
       redraw();
     }
     tip.hidden = false;
-    const left = ev.clientX - rect.left + 14;
-    tip.style.left = `${Math.min(left, rect.width - 240)}px`;
-    tip.style.top = `${Math.max(0, ev.clientY - rect.top + 14)}px`;
+    // the stage clips what passes its edges: beside the dot, but left of it or above it
+    // where the tip (its measured size) would pass the right or bottom edge
+    const x = ev.clientX - rect.left;
+    const y = ev.clientY - rect.top;
+    const w = tip.offsetWidth;
+    const ht = tip.offsetHeight;
+    const left = x + 14 + w <= rect.width ? x + 14 : x - 14 - w;
+    const top = y + 14 + ht <= rect.height ? y + 14 : y - 14 - ht;
+    tip.style.left = `${Math.max(0, Math.min(left, rect.width - w))}px`;
+    tip.style.top = `${Math.max(0, Math.min(top, rect.height - ht))}px`;
   }
   canvas.addEventListener("mousemove", (ev) => {
     if (dragging) return;
