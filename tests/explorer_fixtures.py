@@ -218,3 +218,39 @@ def shown_percent(p: float) -> str:
     if 0.9995 <= p < 1:
         return ">99.9%"
     return f"{100 * p:.1f}%"
+
+
+@contextlib.contextmanager
+def served_run(
+    root: Path, rid: str, model: Any, data: Any, layer: str, k: int
+) -> Iterator[dict[str, Any]]:
+    """Probe ``model`` on ``data`` into ``root/rid`` from Python (a run that records no
+    model or dataset) and serve it twice: with its model and dataset (``url``), and bare,
+    as `lurker serve RUN` serves it (``bare``)."""
+    from lurker.probe import probe
+    from lurker.server import create_app
+    from lurker.server.serve import background
+
+    run = probe(model, data, out=root / rid, k=k, batch_size=16, progress=False)
+    assert run is not None and layer in [info.name for info in run.layers]
+    run.close()
+    with (
+        background(create_app(root / rid, model_obj=model, dataset=data)) as url,
+        background(create_app(root / rid)) as bare,
+    ):
+        yield {
+            "url": url.rstrip("/"),
+            "bare": bare.rstrip("/"),
+            "model": model,
+            "data": data,
+            "run": root / rid,
+        }
+
+
+def get_json(url: str) -> Any:
+    """A GET that must answer 200, as JSON."""
+    import httpx2 as httpx
+
+    r = httpx.get(url)
+    assert r.status_code == 200, r.text
+    return r.json()

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from explorer_fixtures import skip_without_browser, strict_page
+from explorer_fixtures import get_json, served_run, skip_without_browser, strict_page
 
 VOCAB, LENGTH, N, K = 20, 10, 48, 5
 RID = "text"
@@ -53,27 +53,11 @@ def _dataset() -> TensorDataset:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    from lurker.probe import probe
-    from lurker.server import create_app
-    from lurker.server.serve import background
-
     torch.manual_seed(0)
     model, data = TextClassifier().eval(), _dataset()
     root: Path = tmp_path_factory.mktemp("text")
-    run = probe(model, data, out=root / RID, k=K, batch_size=16, progress=False)
-    assert run is not None and LAYER in [layer.name for layer in run.layers]
-    run.close()
-    with (
-        background(create_app(root / RID, model_obj=model, dataset=data)) as url,
-        background(create_app(root / RID)) as bare,  # as `lurker serve RUN` serves it
-    ):
-        yield {
-            "url": url.rstrip("/"),
-            "bare": bare.rstrip("/"),
-            "model": model,
-            "data": data,
-            "run": root / RID,
-        }
+    with served_run(root, RID, model, data, LAYER, K) as served:
+        yield served
 
 
 def _acts(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -91,24 +75,16 @@ def _acts(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return seen[0].detach()
 
 
-def _get(url: str) -> Any:
-    import httpx2 as httpx
-
-    r = httpx.get(url)
-    assert r.status_code == 200, r.text
-    return r.json()
-
-
 def test_unit_entries_carry_their_tokens_and_peaks_as_the_model_computes(served: dict):
     model, data, url = served["model"], served["data"], served["url"]
     tokens = data.tensors[0]
     acts = _acts(model, tokens)
     peaks, where = acts.max(dim=1)  # (N, units): each sample's peak and its token
     means = acts.mean(dim=1)
-    summary = _get(f"{url}/api/runs/{RID}")
+    summary = get_json(f"{url}/api/runs/{RID}")
     assert summary["dataset"]["tokens"] == LENGTH
     for unit in range(acts.shape[2]):
-        doc = _get(f"{url}/api/runs/{RID}/layers/{LAYER}/units/{unit}")
+        doc = get_json(f"{url}/api/runs/{RID}/layers/{LAYER}/units/{unit}")
         assert doc["token_length"] == LENGTH and doc["tokens_error"] is None
         for which, per_sample in (("max", peaks[:, unit]), ("mean", means[:, unit])):
             entries = doc["top"][which]
@@ -126,7 +102,7 @@ def test_layer_tiles_show_the_top_sequence_around_its_peak(served: dict):
     model, data, url = served["model"], served["data"], served["url"]
     tokens = data.tensors[0]
     acts = _acts(model, tokens)
-    doc = _get(f"{url}/api/runs/{RID}/layers/{LAYER}")
+    doc = get_json(f"{url}/api/runs/{RID}/layers/{LAYER}")
     for u in doc["units"]:
         unit, sid = u["unit"], u["top_max"]
         assert sid == int(acts[:, :, unit].amax(dim=1).argmax())
@@ -140,7 +116,7 @@ def test_layer_tiles_show_the_top_sequence_around_its_peak(served: dict):
 def test_sample_shows_its_tokens_and_the_models_prediction(served: dict):
     model, data, url = served["model"], served["data"], served["url"]
     sid = 5
-    doc = _get(f"{url}/api/runs/{RID}/samples/{sid}")
+    doc = get_json(f"{url}/api/runs/{RID}/samples/{sid}")
     assert doc["tokens"] == data.tensors[0][sid].tolist() and doc["tokens_error"] is None
     assert doc["prediction_error"] is None  # was: "to_pil needs a (1|3, H, W) ... image"
     with torch.no_grad():
@@ -182,11 +158,11 @@ def test_images_of_token_ids_are_refused_with_the_reason(served: dict):
 
 def test_without_its_dataset_the_run_says_why_it_shows_no_tokens(served: dict):
     bare = served["bare"]
-    assert _get(f"{bare}/api/runs/{RID}")["dataset"]["tokens"] == LENGTH
-    doc = _get(f"{bare}/api/runs/{RID}/layers/{LAYER}/units/0")
+    assert get_json(f"{bare}/api/runs/{RID}")["dataset"]["tokens"] == LENGTH
+    doc = get_json(f"{bare}/api/runs/{RID}/layers/{LAYER}/units/0")
     assert "does not record its dataset" in doc["tokens_error"]
     assert all(e["tokens"] is None for e in doc["top"]["max"] + doc["top"]["mean"])
-    sample = _get(f"{bare}/api/runs/{RID}/samples/0")
+    sample = get_json(f"{bare}/api/runs/{RID}/samples/0")
     assert sample["tokens"] is None and "does not record its dataset" in sample["tokens_error"]
 
 
@@ -195,7 +171,7 @@ def test_pages_show_sequences_with_the_peak_marked_and_no_images(browser: Any, s
     data, url = served["data"], served["url"]
     tokens = data.tensors[0]
     unit = 3
-    doc = _get(f"{url}/api/runs/{RID}/layers/{LAYER}/units/{unit}")
+    doc = get_json(f"{url}/api/runs/{RID}/layers/{LAYER}/units/{unit}")
     with strict_page(browser) as pg:
         for which in ("max", "mean"):
             pg.goto(f"{url}/#/r/{RID}/unit/{LAYER}/{unit}?tab={which}")

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from explorer_fixtures import skip_without_browser, strict_page
+from explorer_fixtures import get_json, served_run, skip_without_browser, strict_page
 
 FEATURES, CLASSES, N, K = 64, 10, 40, 4
 RID = "tab"
@@ -44,41 +44,17 @@ def _dataset() -> TensorDataset:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    from lurker.probe import probe
-    from lurker.server import create_app
-    from lurker.server.serve import background
-
     torch.manual_seed(0)
     model, data = Mlp().eval(), _dataset()
     root: Path = tmp_path_factory.mktemp("tab")
-    run = probe(model, data, out=root / RID, k=K, batch_size=16, progress=False)
-    assert run is not None and LAYER in [layer.name for layer in run.layers]
-    run.close()
-    with (
-        background(create_app(root / RID, model_obj=model, dataset=data)) as url,
-        background(create_app(root / RID)) as bare,  # as `lurker serve RUN` serves it
-    ):
-        yield {
-            "url": url.rstrip("/"),
-            "bare": bare.rstrip("/"),
-            "model": model,
-            "data": data,
-            "run": root / RID,
-        }
-
-
-def _get(url: str) -> Any:
-    import httpx2 as httpx
-
-    r = httpx.get(url)
-    assert r.status_code == 200, r.text
-    return r.json()
+    with served_run(root, RID, model, data, LAYER, K) as served:
+        yield served
 
 
 def test_sample_shows_the_models_prediction_on_its_features(served: dict):
     model, data, url = served["model"], served["data"], served["url"]
     for sid in (0, 13):
-        doc = _get(f"{url}/api/runs/{RID}/samples/{sid}")
+        doc = get_json(f"{url}/api/runs/{RID}/samples/{sid}")
         # was: "sample 0 is a tensor of shape (64,) (torch.float32), not an image"
         assert doc["prediction_error"] is None, doc["prediction_error"]
         with torch.no_grad():
@@ -92,7 +68,7 @@ def test_sample_shows_the_models_prediction_on_its_features(served: dict):
 
 def test_the_summary_says_the_inputs_are_feature_vectors(served: dict):
     for url in (served["url"], served["bare"]):
-        ds = _get(f"{url}/api/runs/{RID}")["dataset"]
+        ds = get_json(f"{url}/api/runs/{RID}")["dataset"]
         assert ds["features"] == FEATURES and ds["tokens"] is None
 
 
@@ -118,14 +94,14 @@ def test_a_changed_dataset_is_refused_not_fed(served: dict):
 
     other = TensorDataset(torch.rand(N, FEATURES // 2), torch.arange(N) % CLASSES)
     with background(create_app(served["run"], model_obj=served["model"], dataset=other)) as url:
-        doc = _get(f"{url.rstrip('/')}/api/runs/{RID}/samples/2")
+        doc = get_json(f"{url.rstrip('/')}/api/runs/{RID}/samples/2")
     assert doc["prediction"] is None and "changed since the probe" in doc["prediction_error"]
 
 
 def test_pages_say_the_inputs_have_no_picture(browser: Any, served: dict):
     skip_without_browser()
     url = served["url"]
-    doc = _get(f"{url}/api/runs/{RID}/samples/7")
+    doc = get_json(f"{url}/api/runs/{RID}/samples/7")
     with strict_page(browser) as pg:
         pg.goto(f"{url}/#/r/{RID}/sample/7")
         pg.wait_for_selector("#vector-inputs")
@@ -134,7 +110,7 @@ def test_pages_say_the_inputs_have_no_picture(browser: Any, served: dict):
         assert pg.locator("#open-live").count() == 0
         shown = pg.locator("ol.preds li").all_inner_texts()  # the model's top 5, in order
         assert [int(t.split()[0]) for t in shown] == [p["class"] for p in doc["prediction"]]
-        doc = _get(f"{url}/api/runs/{RID}/layers/{LAYER}/units/0")
+        doc = get_json(f"{url}/api/runs/{RID}/layers/{LAYER}/units/0")
         pg.goto(f"{url}/#/r/{RID}/unit/{LAYER}/0?tab=max")  # the top list, with no tiles
         pg.wait_for_selector(".vector-entry")
         got = pg.locator(".vector-entry").evaluate_all("es => es.map(e => +e.dataset.sample)")
