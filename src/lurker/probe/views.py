@@ -260,13 +260,6 @@ class UnitImages:
         info = self.run.layer(layer)
         return peak_frame(info.layout, info.shape, y, int(t.shape[1]), info.rf)
 
-    def _has_frames(self, layer: str) -> bool:
-        """Whether ``layer``'s stored layout has a frame axis among its positions (a 3-D
-        convolution's (T, H, W)): where a video clip's entry is shown on one frame."""
-        layout = self.run.layer(layer).layout
-        positions = layout.get("positions") if isinstance(layout, dict) else None
-        return isinstance(positions, list) and len(positions) == 3
-
     def _entry(self, layer: str, unit: int, which: str, rank: int) -> Any:
         if which not in LISTS:
             raise LurkerError(f"which must be 'max' or 'mean', got {which!r}")
@@ -407,7 +400,11 @@ class UnitImages:
             # (only on a layer with a frame axis, whose entries' peaks one batched forward
             # finds, all at once)
             y = e.y
-            if y is None and self._has_frames(layer) and pdata.is_clip(self._sample(e.sample_id)):
+            if (
+                y is None
+                and self.run.layer(layer).position_axes == 3
+                and pdata.is_clip(self._sample(e.sample_id))
+            ):
                 y = self.peaks(layer, unit, which)[rank][0]
             frame = None if y is None else self.frame(layer, y, e.sample_id)
             if frame is not None:

@@ -60,19 +60,10 @@ def token_length(run: Run) -> int | None:
     integer samples of a signal and runs without a graph. Such
     inputs have no picture: the explorer shows their tokens instead."""
     shape = (run.meta.get("config") or {}).get("input_shape") or []
-    if len(shape) != 1:
-        return None
-    try:
-        inputs = run.graph.inputs
-    except (MissingFromRunError, StoreError):
-        return None
-    if not inputs:
-        return None
-    dtypes = [m.dtype for m in inputs[0].outputs[:1]]
-    if not dtypes or not str(dtypes[0]).startswith(("int", "uint")):
+    if len(shape) != 1 or not (input_dtype(run) or "").startswith(("int", "uint")):
         return None
     # ids look something up (an embedding); integer samples of a waveform are not ids
-    read = {run.graph.ops[c].name for c in inputs[0].children}
+    read = {run.graph.ops[c].name for c in run.graph.inputs[0].children}
     return int(shape[0]) if read & _LOOKUPS else None
 
 
@@ -134,10 +125,7 @@ def unrecorded_frame(info: LayerInfo, frames: int | None) -> bool:
     """Whether a peak's place in time is what a clip's entry is shown on: a video model's
     layer with frames among its positions (an entry of it with no stored peak, an older
     run's mean list, has no known frame)."""
-    if frames is None or info.layout is None:
-        return False
-    positions = info.layout.get("positions") if isinstance(info.layout, dict) else None
-    return isinstance(positions, list) and len(positions) == 3
+    return frames is not None and info.position_axes == 3
 
 
 def constant_tolerance(positions: int) -> float:

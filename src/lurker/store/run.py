@@ -83,6 +83,13 @@ class LayerInfo:
     _op_index: int | None = field(default=None, repr=False)
 
     @property
+    def position_axes(self) -> int | None:
+        """How many axes of the output hold positions by the stored layout (3 on a video
+        model's 3-D layer: time, height, width); None where the run records no layout."""
+        positions = self.layout.get("positions") if isinstance(self.layout, dict) else None
+        return len(positions) if isinstance(positions, list) else None
+
+    @property
     def op_label(self) -> str | None:
         """The label of the probed op in the run's graph (the ``op`` column)."""
         return self.op
