@@ -254,3 +254,23 @@ def get_json(url: str) -> Any:
     r = httpx.get(url)
     assert r.status_code == 200, r.text
     return r.json()
+
+
+def canvas_pixels(page: Any, selector: str) -> list[Any]:
+    """The RGB pixels of each canvas under ``selector`` (once all are drawn: lazy ones
+    draw when scrolled into view)."""
+    for c in page.locator(selector).all():
+        c.scroll_into_view_if_needed()
+    page.wait_for_function(
+        "sel => { const cs = [...document.querySelectorAll(sel)];"
+        " return cs.length > 0 && cs.every(c => c.dataset.ready === '1'); }",
+        arg=selector,
+        timeout=15000,
+    )
+    shots = page.locator(selector).evaluate_all(
+        "cs => cs.map(c => [c.height, c.width,"
+        " Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data)])"
+    )
+    import numpy as np
+
+    return [np.array(d, np.uint8).reshape(hh, ww, 4)[..., :3] for hh, ww, d in shots]

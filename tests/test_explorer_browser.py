@@ -24,6 +24,7 @@ from explorer_fixtures import (  # noqa: F401
     FEATVIZ_NEURON_UNITS,
     FEATVIZ_UNITS,
     ExplorerRun,
+    canvas_pixels,
     explorer_run,
     shown_percent,
     skip_without_browser,
@@ -538,24 +539,6 @@ def static_site(
 
     with static_server(site) as url:
         yield url
-
-
-def canvas_pixels(page: Any, selector: str) -> list[np.ndarray]:
-    """The RGB pixels of each canvas under ``selector`` (once all are drawn: lazy ones
-    draw when scrolled into view)."""
-    for c in page.locator(selector).all():
-        c.scroll_into_view_if_needed()
-    page.wait_for_function(
-        "sel => { const cs = [...document.querySelectorAll(sel)];"
-        " return cs.length > 0 && cs.every(c => c.dataset.ready === '1'); }",
-        arg=selector,
-        timeout=15000,
-    )
-    shots = page.locator(selector).evaluate_all(
-        "cs => cs.map(c => [c.height, c.width,"
-        " Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data)])"
-    )
-    return [np.array(d, np.uint8).reshape(hh, ww, 4)[..., :3] for hh, ww, d in shots]
 
 
 def as_rgb(png: bytes) -> np.ndarray:

@@ -26,6 +26,7 @@ from explorer_fixtures import (  # noqa: F401
     FEATVIZ_LAYER,
     FEATVIZ_UNITS,
     ExplorerRun,
+    canvas_pixels,
     explorer_run,
     forget_mean_peaks,
 )
@@ -580,18 +581,9 @@ def test_gradient_crops_cut_in_the_browser_from_the_exported_gradients(
             pg.goto(f"{url}#/r/digits/unit/{layer}/{unit}?tab={which}&img=grad&crop=1")
             pg.wait_for_selector(".top-entry")
             assert pg.locator(".top-entry .no-img").count() == 0, "a tile says it is missing"
-            pg.wait_for_function(
-                "() => { const cs = [...document.querySelectorAll('.top-entry canvas')];"
-                " return cs.length > 0 && cs.every(c => c.dataset.ready === '1'); }",
-                timeout=15000,
-            )
-            shots = pg.locator(".top-entry canvas").evaluate_all(
-                "cs => cs.map(c => [c.height, c.width,"
-                " Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data)])"
-            )
+            shots = canvas_pixels(pg, ".top-entry canvas")
             assert len(shots) == len(shown["grad_crop"][which])
-            for rank, (hh, ww, data) in enumerate(shots):
-                cut = np.array(data, np.uint8).reshape(hh, ww, 4)[..., :3]
+            for rank, cut in enumerate(shots):
                 api = f"/api/runs/digits/layers/{layer}/units/{unit}/{which}/{rank}/grad_crop.png"
                 served = c.get(api)
                 assert served.status_code == 200, served.text

@@ -303,7 +303,7 @@ def test_static_gradient_crop_is_cut_from_the_peak_frames_gradient(
     entry's box: pixel for pixel the server's ``grad_crop.png``, made with the model."""
     import shutil
 
-    from explorer_fixtures import skip_without_browser, static_server, strict_page
+    from explorer_fixtures import canvas_pixels, skip_without_browser, static_server, strict_page
     from lurker.server import export_site
 
     skip_without_browser()
@@ -320,18 +320,9 @@ def test_static_gradient_crop_is_cut_from_the_peak_frames_gradient(
         ]
     with static_server(site) as url, strict_page(browser) as pg:
         pg.goto(url + "#/r/run/unit/conv1/1?tab=max&img=grad&crop=1")
-        pg.wait_for_function(
-            "() => { const cs = [...document.querySelectorAll('.top-entry canvas')];"
-            " return cs.length > 0 && cs.every(c => c.dataset.ready === '1'); }",
-            timeout=15000,
-        )
-        shots = pg.locator(".top-entry canvas").evaluate_all(
-            "cs => cs.map(c => [c.height, c.width,"
-            " Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data)])"
-        )
+        shots = canvas_pixels(pg, ".top-entry canvas")
     assert len(shots) == K
-    for rank, (hh, ww, data) in enumerate(shots):
-        cut = np.array(data, np.uint8).reshape(hh, ww, 4)[..., :3]
+    for rank, cut in enumerate(shots):
         assert np.array_equal(cut, want[rank]), rank
 
 
