@@ -257,7 +257,9 @@ def test_map_by_umap_without_umap_learn_is_refused_before_the_pass(model, data, 
     assert len(make_map(run, method="pca", model=model, dataset=counted).map()) == len(data)
 
 
-def test_cli_map_collects_features_with_the_recorded_model(model, tmp_path):
+def _cli_probe(model: Any, tmp_path: Path, *extra: str) -> tuple[Path, Path]:
+    """``lurker probe`` of ``model``'s weights on the test digits (``classifier.1``) into
+    ``tmp_path/run``, as a user runs it: the weights file and the run."""
     from lurker.cli import main
 
     weights = tmp_path / "w.pt"
@@ -266,8 +268,16 @@ def test_cli_map_collects_features_with_the_recorded_model(model, tmp_path):
     res = CliRunner().invoke(main, [
         "probe", "lurker.examples:DigitsNet", "-w", str(weights), "--data", "digits:test",
         "--image-size", "16", "--out", str(out), "-l", "classifier.1", "--device", "cpu",
+        *extra,
     ])  # fmt: skip
     assert res.exit_code == 0, res.output
+    return weights, out
+
+
+def test_cli_map_collects_features_with_the_recorded_model(model, tmp_path):
+    from lurker.cli import main
+
+    weights, out = _cli_probe(model, tmp_path)
     # umap-learn missing: said before the model is even built, not after a load
     built = []
     with pytest.MonkeyPatch.context() as mp:
@@ -857,15 +867,7 @@ def test_map_of_another_name_of_the_held_layer_uses_the_held_features(model, dat
 def test_cli_map_of_an_alias_of_the_held_layer_does_not_sweep(model, tmp_path, monkeypatch):
     from lurker.cli import main
 
-    weights = tmp_path / "w.pt"
-    torch.save(model.state_dict(), weights)
-    out = tmp_path / "run"
-    res = CliRunner().invoke(main, [
-        "probe", "lurker.examples:DigitsNet", "-w", str(weights), "--data", "digits:test",
-        "--image-size", "16", "--out", str(out), "-l", "classifier.1", "--device", "cpu",
-        "--embed-layer", "features.9",
-    ])  # fmt: skip
-    assert res.exit_code == 0, res.output
+    _, out = _cli_probe(model, tmp_path, "--embed-layer", "features.9")
     with Run.open(out) as r:
         held = r.embedding().features
     swept: list[int] = []
