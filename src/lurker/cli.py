@@ -800,6 +800,11 @@ Examples:
     help="Port (default 8765, or a free one when it is taken; 0: any free port).",
 )
 @click.option("--no-browser", is_flag=True, help="Do not open a browser.")
+@click.option(
+    "--vocab",
+    type=click.Path(exists=True, dir_okay=False),
+    help="A text model's vocabulary: one token per line (line i: id i), a JSON list, or a JSON {token: id} object. The pages show the words of the token ids (in place of any the run stores).",
+)
 @device_option
 @_friendly
 def serve(
@@ -809,6 +814,7 @@ def serve(
     host: str,
     port: int | None,
     no_browser: bool,
+    vocab: str | None,
     device: str | None,
 ) -> None:
     """Open the explorer on RUN (a run directory, or a folder of runs) in the browser.
@@ -817,6 +823,7 @@ def serve(
     the run records (runs made by `lurker probe`); everything precomputed works without one.
     """
     from .server.serve import serve_forever
+    from .vocab import read_vocab
 
     if weights is not None and model is None:
         raise click.BadParameter(
@@ -832,6 +839,7 @@ def serve(
         port=port,
         browser=not no_browser,
         device=device,
+        vocab=None if vocab is None else read_vocab(vocab),
     )
 
 

@@ -43,6 +43,7 @@ export interface RunSummary {
     std: number[] | null;
     /** the token ids per sample where the inputs are token ids (no picture); null else */
     tokens?: number | null;
+    vocab_size?: number | null;
     /** the values per sample where the inputs are flat vectors, not token ids (no picture); null else */
     features?: number | null;
   };
@@ -123,7 +124,7 @@ export interface LayerDoc {
   rf: Record<string, unknown> | null;
   layout: Record<string, unknown> | null;
   histogram: Histogram;
-  units: { unit: number; mean: number | null; max: number | null; top_max: number | null; top_mean: number | null; top_max_peak?: number[] | null; top_max_tokens?: number[] | null; top_max_tokens_start?: number | null }[];
+  units: { unit: number; mean: number | null; max: number | null; top_max: number | null; top_mean: number | null; top_max_peak?: number[] | null; top_max_tokens?: number[] | null; top_max_tokens_start?: number | null; top_max_token_text?: (string | null)[] | null }[];
   /** Unit i's class name where the units are the model's output classes, else null. */
   class_names?: string[] | null;
 }
@@ -147,6 +148,7 @@ export interface TopEntry {
   frames?: number[] | null;
   /** a run of token ids with its dataset: the sample's ids (its peak is token `x`). */
   tokens?: number[] | null;
+  token_text?: (string | null)[] | null;
 }
 
 export interface FeatVizView {
@@ -220,6 +222,7 @@ export interface SampleDoc {
   prediction_error?: string | null;
   /** a run of token ids with its dataset: the sample's ids (its picture) */
   tokens?: number[] | null;
+  token_text?: (string | null)[] | null;
   tokens_error?: string | null;
   /** The top class as the run recorded it (`lurker probe --embed`, `lurker map`): shown
    * where no model runs (a static export). */

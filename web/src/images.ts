@@ -26,7 +26,9 @@ export async function imageState(ctx: PageContext): Promise<ImageState> {
   if (tokens !== null) {
     // no image to ask for: every request would fail; the pages show the token ids
     const why = s.holds.dataset === false ? ` They cannot be shown here either: ${(s.holds.dataset_reason ?? "the run's dataset cannot be loaded").replace(/\.+$/, "")}.` : "";
-    const el = notice(`The inputs are sequences of ${tokens} token ids, not images: each sample is shown as its token ids, the token where the unit peaks marked.${why}`);
+    // with a vocabulary (stored in the run or given to the server) the ids are shown as words
+    const shown = (s.dataset.vocab_size ?? null) !== null ? "its tokens as the vocabulary spells them (hover a token for its id)" : "its token ids (the run holds no vocabulary: `lurker serve RUN --vocab FILE` shows words)";
+    const el = notice(`The inputs are sequences of ${tokens} token ids, not images: each sample is shown as ${shown}, the token where the unit peaks marked.${why}`);
     el.id = "token-inputs";
     return { ok: false, notice: el, tokens };
   }
@@ -46,18 +48,31 @@ export async function imageState(ctx: PageContext): Promise<ImageState> {
 /**
  * A sequence of token ids (a text model's sample, or part of it from `start`), each id a
  * chip, the one at `peak` (its index in the whole sequence) marked; "…" where the shown
- * part leaves tokens out. What a run of token ids shows in place of an image.
+ * part leaves tokens out. What a run of token ids shows in place of an image. With the
+ * run's vocabulary (`words`, one per id) a chip shows the token's text as the vocabulary
+ * spells it (sub-word markers such as GPT-2's Ġ kept; spaces, tabs and newlines made
+ * visible), its id in its title and `data-id`; an id the vocabulary does not name shows
+ * the id.
  */
-export function tokenSequence(tokens: number[], peak: number | null, start = 0, total: number = tokens.length): HTMLElement {
+export function tokenSequence(tokens: number[], peak: number | null, start = 0, total: number = tokens.length, words: (string | null)[] | null = null): HTMLElement {
   return h(
     "span",
-    { class: "tokens", "data-peak": peak === null ? null : String(peak) },
+    { class: words ? "tokens tokens-words" : "tokens", "data-peak": peak === null ? null : String(peak) },
     start > 0 ? h("span", { class: "tok-more", title: `${start} tokens before` }, "…") : null,
-    tokens.map((t, i) =>
-      h("span", { class: start + i === peak ? "tok tok-peak" : "tok", "data-pos": start + i, title: `token ${start + i}: id ${t}${start + i === peak ? " (the peak)" : ""}` }, String(t)),
-    ),
+    tokens.map((t, i) => {
+      const word = words?.[i] ?? null;
+      const at = start + i === peak ? " (the peak)" : "";
+      const title = word === null ? `token ${start + i}: id ${t}${words ? ", not in the vocabulary" : ""}${at}` : `token ${start + i}: id ${t}, ${JSON.stringify(word)}${at}`;
+      return h("span", { class: start + i === peak ? "tok tok-peak" : "tok", "data-pos": start + i, "data-id": t, title }, word === null ? String(t) : visibleText(word));
+    }),
     start + tokens.length < total ? h("span", { class: "tok-more", title: `${total - start - tokens.length} tokens after` }, "…") : null,
   );
+}
+
+/** A token's text with its whitespace made visible (a chip of spaces would look empty). */
+export function visibleText(word: string): string {
+  if (word === "") return "∅";
+  return word.replace(/ /g, "␣").replace(/\t/g, "⇥").replace(/\r?\n/g, "↵");
 }
 
 /** The grey tile drawn where an image is missing. */

@@ -47,6 +47,7 @@ from ..graph.nodes import Op
 from ..models import canonical_channel_dim, channels_first_view, default_device
 from ..ops.catalogue import bind
 from ..store import Run, RunWriter, atomic_write_bytes, run_lock
+from ..vocab import VocabLike
 from .consumers import (
     EMBED_BUDGET,
     Batch,
@@ -800,6 +801,7 @@ def probe(
     relevance: bool | str = False,
     embed: bool | str = False,
     channel_dim: int | None = None,
+    vocab: VocabLike | None = None,
 ) -> Run | None:
     """Sweep ``dataset`` once through ``model`` and store per-unit statistics in ``out``.
 
@@ -835,6 +837,12 @@ def probe(
     (:func:`lurker.models.channels_first_view`). The run records it, so that its unit
     images and the explorer's live view feed the model the same way.
 
+    ``vocab`` (a text model's: its tokens by id as a list, a ``{token: id}`` dict as a
+    tokenizer's ``get_vocab()`` gives, or a callable id -> token; default the dataset's
+    ``vocab`` or ``itos`` attribute) is stored in the run, so that the explorer shows
+    words beside the ids. It must name every id the embedding can look up (else every id
+    seen); a vocabulary for inputs that are not token ids is refused.
+
     The model is swept in eval mode and left in the mode it came in (each module's
     ``training`` flag restored, however the call ends).
 
@@ -861,6 +869,7 @@ def probe(
                 relevance=relevance,
                 embed=embed,
                 channel_dim=channel_dim,
+                vocab=vocab,
             )
             writer = _open_writer(plan, overwrite)
             _check_checkpoints_world(plan, writer)
@@ -988,6 +997,7 @@ def _plan(
     relevance: bool | str = False,
     embed: bool | str = False,
     channel_dim: int | None = None,
+    vocab: VocabLike | None = None,
 ) -> _Plan:
     """Trace the model on the first image, pick the layers and their layouts, and check
     that every rank holds the same model: all that can fail before the run is created."""
@@ -1055,6 +1065,9 @@ def _plan(
             **(meta or {}),
         },
     }
+    words = _run_vocab(vocab, dataset, tr, x0)
+    if words is not None:
+        run_meta["vocab"] = words
     if world > 1:
         prints: list[Any] = [None] * world
         torch.distributed.all_gather_object(prints, run_meta["model_fingerprint"])
@@ -1088,6 +1101,39 @@ def _plan(
         embed=embed_layer,
         first=_digest(x0),
     )
+
+
+def _run_vocab(
+    vocab: VocabLike | None, dataset: Any, tr: Trace, x0: Tensor
+) -> list[str | None] | None:
+    """The vocabulary to store in the run (given, else the dataset's own), checked before
+    the sweep: only inputs of token ids have one, and it names every id the embedding can
+    look up (without one, every id of the first sample, or of a TensorDataset)."""
+    from ..vocab import as_vocab, check_vocab, dataset_vocab, id_space, reads_ids
+
+    ids = x0.dim() == 2 and not x0.is_floating_point() and not x0.is_complex() and reads_ids(tr)
+    if vocab is None:
+        return dataset_vocab(dataset) if ids else None  # an attribute of another meaning
+    if not ids:
+        raise LurkerError(
+            f"probe: vocab= names the words of token ids, and the model's input is "
+            f"{tuple(x0.shape[1:])} {str(x0.dtype).removeprefix('torch.')}"
+            f"{'' if x0.dim() != 2 or x0.is_floating_point() else ' that no embedding looks up'}"
+            ", not a sequence of token ids: leave vocab out",
+            cli="--vocab names the words of token ids, and the model's input is "
+            f"{tuple(x0.shape[1:])} {str(x0.dtype).removeprefix('torch.')}, not a sequence of "
+            "token ids: leave out --vocab",
+        )
+    rows = id_space(tr)
+    words = as_vocab(vocab, rows)
+    if rows is not None:
+        check_vocab(words, rows, "the model's embedding looks up")
+    else:
+        seen = (
+            x0 if not isinstance(getattr(dataset, "tensors", None), tuple) else dataset.tensors[0]
+        )
+        check_vocab(words, int(seen.max()) + 1, "the samples use")
+    return words
 
 
 def _relevance_composite(relevance: bool | str) -> str | None:
@@ -1187,6 +1233,8 @@ def _finished_before(plan: _Plan, writer: RunWriter | None) -> bool:
             # Python call recorded none): the same model, by its fingerprint, and data
             old = writer.meta_get("config") or {}
             writer.meta_set("config", {**old, **plan.run_meta["config"]})
+            if "vocab" in plan.run_meta:  # a vocabulary given to a finished run: stored
+                writer.meta_set("vocab", plan.run_meta["vocab"])
             writer.close()
             warn(
                 f"{plan.out} already holds this probe, complete (same model, dataset, layers "
@@ -1714,6 +1762,8 @@ def _finish(
     with writer.batch():
         writer.set_classes(plan.classes)
         writer.meta_set("config", plan.run_meta["config"])
+        if "vocab" in plan.run_meta:  # this call's (a resumed run keeps its first meta)
+            writer.meta_set("vocab", plan.run_meta["vocab"])
         writer.meta_set(
             "sweep",
             {

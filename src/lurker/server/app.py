@@ -48,6 +48,34 @@ code{{background:#eee;padding:0 .3em}}</style></head><body>
 """
 
 
+def _checked_vocab(registry: Registry, vocab: Any) -> Any:
+    """A vocabulary given to the server, checked now against each served run of token ids
+    (a list for runs that need no callable); refused where there is none to give it to."""
+    from lurker.vocab import as_vocab
+
+    from .session import run_vocab
+    from .state import token_length
+
+    runs = [e.run for e in registry.entries.values() if e.run is not None]
+    texts = [r for r in runs if token_length(r) is not None]
+    if not texts:
+        what = (
+            f"run {runs[0].path.name!r} takes inputs that are not token ids (a text model's)"
+            if len(runs) == 1
+            else "none of the served runs takes token ids (a text model's inputs)"
+        )
+        raise LurkerError(
+            f"a vocabulary names the words of token ids, and {what}: leave out the vocabulary",
+            cli=f"--vocab names the words of token ids, and {what}: leave out --vocab",
+        )
+    for r in texts:
+        try:
+            run_vocab(r, vocab)
+        except LurkerError as e:
+            raise LurkerError(f"run {r.path.name!r}: {e}") from None
+    return vocab if callable(vocab) and not isinstance(vocab, (list, dict)) else as_vocab(vocab)
+
+
 def create_app(
     source: str | os.PathLike[str],
     *,
@@ -59,6 +87,7 @@ def create_app(
     device: str | None = None,
     upload_limit: int = UPLOAD_LIMIT,
     live: bool = True,
+    vocab: Any = None,
 ) -> FastAPI:
     """The explorer app over ``source``: a run directory or a folder of run directories.
 
@@ -68,7 +97,10 @@ def create_app(
     ``nn.Module``) attaches to every run. Other runs load the model their config records,
     if any. Images a model makes are cached in a run's ``cache/`` only when it is the
     run's recorded model (same spec and weights); others are kept in memory. ``dataset`` replaces the runs' recorded
-    dataset (for runs probed from Python). ``live=False`` attaches no model at all (what
+    dataset (for runs probed from Python). ``vocab`` (as ``probe(vocab=...)`` takes it, or
+    ``lurker.vocab.read_vocab(path)``) gives the words of the served runs of token ids,
+    in place of any they store; it is checked against each run's embedding now, and
+    refused where no served run's inputs are token ids. ``live=False`` attaches no model at all (what
     the static export uses: its documents must not depend on one). Raises :class:`~lurker.server.state.NotServableError`
     when ``source`` holds no run.
     """
@@ -91,11 +123,14 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.registry = registry
+    if vocab is not None:
+        vocab = _checked_vocab(registry, vocab)
     app.state.source = ModelSource(
         spec=model,
         weights=weights,
         model_obj=model_obj,
         dataset=dataset,
+        vocab=vocab,
         device=device,
         live=live,
         single=len(registry.entries) == 1,

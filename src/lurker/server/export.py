@@ -115,6 +115,7 @@ def export_site(
     *,
     static_dir: str | os.PathLike[str] | None = None,
     dataset: Any = None,
+    vocab: Any = None,
     make_images: bool = True,
     progress: bool = True,
 ) -> Path:
@@ -139,7 +140,7 @@ def export_site(
         )
     site = Path(out)
     earlier = _check_out(site)
-    app = create_app(run, static_dir=static, dataset=dataset, live=False)
+    app = create_app(run, static_dir=static, dataset=dataset, live=False, vocab=vocab)
     # the route functions read only request.app: the documents are the API's own
     request = Request({"type": "http", "app": app, "method": "GET", "headers": []})
     bar = _Progress(progress)

@@ -83,6 +83,9 @@ class DatasetInfo(BaseModel):
     #: model's): they have no picture, and the pages show their tokens instead. Null for
     #: images and clips.
     tokens: int | None = None
+    #: How many ids the run's vocabulary names (the pages show words beside the ids);
+    #: null without one, and for inputs that are not token ids.
+    vocab_size: int | None = None
     #: The values per input where the inputs are flat vectors of numbers and not token ids
     #: (a tabular model's features): they have no picture. Null else.
     features: int | None = None
@@ -199,6 +202,8 @@ class UnitBrief(BaseModel):
     #: (the layer page's tile, in place of an image); null otherwise.
     top_max_tokens: list[int] | None = None
     top_max_tokens_start: int | None = None
+    #: The text of each of ``top_max_tokens`` by the run's vocabulary; null without one.
+    top_max_token_text: list[str | None] | None = None
     #: The unit holds its ``max`` on every sample at every position (a ReLU that never
     #: fires: 0): its top lists are ties, ranked by sample id alone.
     constant: bool = False
@@ -279,6 +284,10 @@ class TopEntryModel(BaseModel):
     #: Where the run's inputs are token ids and its dataset is at hand: the sample's token
     #: ids (its peak is token ``x``); null otherwise (images, or no dataset).
     tokens: list[int] | None = None
+    #: The text of each of ``tokens`` by the run's vocabulary (``lurker.vocab``: stored by
+    #: the probe, or given to the server), null for an id it does not name; null without
+    #: a vocabulary. The ids stay in ``tokens``.
+    token_text: list[str | None] | None = None
 
 
 class EntryPeaks(BaseModel):
@@ -439,6 +448,10 @@ class SampleDetail(BaseModel):
     #: The sample's token ids where the run's inputs are token ids and its dataset is at
     #: hand (its picture); null otherwise.
     tokens: list[int] | None = None
+    #: The text of each of ``tokens`` by the run's vocabulary (``lurker.vocab``: stored by
+    #: the probe, or given to the server), null for an id it does not name; null without
+    #: a vocabulary. The ids stay in ``tokens``.
+    token_text: list[str | None] | None = None
     #: Why a token sample's ids cannot be shown (no dataset); null otherwise.
     tokens_error: str | None = None
     #: All the top-list entries that hold the sample (``appearances`` is one page of them).

@@ -69,13 +69,17 @@ def serve_forever(
     browser: bool = True,
     device: str | None = None,
     static_dir: str | None = None,
+    vocab: Any = None,
 ) -> None:
-    """Serve the explorer on ``source`` until interrupted; print the URL first (flushed)."""
+    """Serve the explorer on ``source`` until interrupted; print the URL first (flushed).
+    ``vocab``: as :func:`~lurker.server.create_app` takes it."""
     import uvicorn
 
     from .app import create_app
 
-    app = create_app(source, model=model, weights=weights, device=device, static_dir=static_dir)
+    app = create_app(
+        source, model=model, weights=weights, device=device, static_dir=static_dir, vocab=vocab
+    )
     if model is not None:
         app.state.source.load()  # a bad spec or weights file fails now, not on first use
     sock = bind(host, port)

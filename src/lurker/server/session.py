@@ -45,6 +45,19 @@ LIVE_IMAGES = 64
 MAP_BUDGET = 256 << 20
 
 
+def run_vocab(run: Any, vocab: Any) -> list[str | None]:
+    """``vocab`` (as ``lurker.vocab.as_vocab`` takes it) for a run of token ids, checked
+    against the ids its embedding looks up (recorded in its graph): a vocabulary that
+    would leave ids unnamed is refused, not shown as a wrong word or none."""
+    from lurker.vocab import as_vocab, check_vocab, id_space
+
+    rows = id_space(run.graph)
+    words = as_vocab(vocab, rows)
+    if rows is not None:
+        check_vocab(words, rows, "the model's embedding looks up")
+    return words
+
+
 @dataclass
 class ModelSource:
     """What the server was given: a model spec and weights, a model object, a dataset.
@@ -60,6 +73,9 @@ class ModelSource:
     weights: str | None = None
     model_obj: Any = None
     dataset: Any = None
+    #: A vocabulary given to the server (``create_app(vocab=...)``, ``lurker serve
+    #: --vocab``): it replaces the one a run of token ids stores (see :meth:`Session.vocab`).
+    vocab: Any = None
     device: str | None = None
     #: False: attach no model at all (the static export: what it writes needs none).
     live: bool = True
@@ -132,6 +148,7 @@ class Session:
         self._own_lock = threading.Lock()
         self._dataset: Any = None
         self._dataset_error: str | None = None
+        self._vocab: list[str | None] | None = None
         self._model: Any = None
         self._model_error: str | None = None
         self._unit_images: Any = None
@@ -328,6 +345,21 @@ class Session:
         """The token ids per input where the run's inputs are sequences of token ids (see
         :func:`~lurker.server.state.token_length`); None for images and clips."""
         return token_length(self.entry.open_run())
+
+    def vocab(self) -> list[str | None] | None:
+        """The words of a run of token ids by id: the vocabulary given to the server, else
+        the one the probe stored; None without one, and for inputs that are not ids."""
+        if self.token_length() is None:
+            return None
+        with self._guard:
+            if self._vocab is None:
+                run = self.entry.open_run()
+                self._vocab = (
+                    run_vocab(run, self.source.vocab)
+                    if self.source.vocab is not None
+                    else run.meta.get("vocab")
+                ) or []
+            return self._vocab or None
 
     def vector_length(self) -> int | None:
         """The values per input where the run's inputs are flat vectors of numbers, not

@@ -21,6 +21,7 @@ import numpy as np
 from lurker.errors import LurkerError
 from lurker.store import MissingFromRunError, Run, StoreError
 from lurker.store.schema import DB_NAME, HIST_DTYPE, TOP_DTYPE, from_blob
+from lurker.vocab import reads_ids
 
 from .errors import ApiError, listing, not_found
 
@@ -63,8 +64,7 @@ def token_length(run: Run) -> int | None:
     if len(shape) != 1 or not (input_dtype(run) or "").startswith(("int", "uint")):
         return None
     # ids look something up (an embedding); integer samples of a waveform are not ids
-    read = {run.graph.ops[c].name for c in run.graph.inputs[0].children}
-    return int(shape[0]) if read & _LOOKUPS else None
+    return int(shape[0]) if reads_ids(run.graph) else None
 
 
 def vector_length(run: Run) -> int | None:
@@ -87,10 +87,6 @@ def input_dtype(run: Run) -> str | None:
         return None
     dtypes = [m.dtype for m in inputs[0].outputs[:1]] if inputs else []
     return str(dtypes[0]) if dtypes and dtypes[0] else None
-
-
-#: Ops that read integer inputs as ids: what makes a run's 1-D integer inputs token ids.
-_LOOKUPS = {"embedding", "embedding_bag", "one_hot", "index_select", "take", "gather"}
 
 
 def token_window(tokens: list[int], peak: int, reach: int = 3) -> tuple[int, list[int]]:

@@ -74,13 +74,13 @@ export async function renderLayer(root: HTMLElement, ctx: PageContext, args: str
           ? "Each tile: the clip that excites the unit most (its top sample by max), shown as the frame where the unit peaked"
           : "Each tile: the sample that excites the unit most (its top sample by max)";
 
-  const thumbnail = (unit: number, top: number | null, constant: number | null, peak: number[] | null = null, window: { start: number; tokens: number[] } | null = null): HTMLElement => {
+  const thumbnail = (unit: number, top: number | null, constant: number | null, peak: number[] | null = null, window: { start: number; tokens: number[]; words: (string | null)[] | null } | null = null): HTMLElement => {
     if (thumb === "tokens" && constant === null) {
       if (top === null) return noImage("no top sample");
       if (!window) return noImage("token ids not at hand");
       // (a layer whose positions are not the tokens, a strided convolution's, marks none)
       const at = positions > 1 && positions === images.tokens && peak ? peak[1] : null;
-      return h("div", { class: "tok-thumb", title: `sample ${top}${at === null ? "" : `: peak at token ${at}`}` }, tokenSequence(window.tokens, at, window.start, images.tokens ?? window.tokens.length));
+      return h("div", { class: "tok-thumb", title: `sample ${top}${at === null ? "" : `: peak at token ${at}`}` }, tokenSequence(window.tokens, at, window.start, images.tokens ?? window.tokens.length, window.words));
     }
     const tag = thumb === "featviz" || constant !== null || top === null ? null : patchless({ rf: doc.rf, layout: doc.layout }, peak?.[1]);
     const shown = image(unit, top, constant);
@@ -128,7 +128,7 @@ export async function renderLayer(root: HTMLElement, ctx: PageContext, args: str
       el = h(
         "a",
         { class: u.constant ? "unit-card constant" : "unit-card", role: "listitem", href: ctx.href("unit", name, u.unit), "data-unit": u.unit, "data-constant": u.constant ? "1" : null },
-        thumbnail(u.unit, u.top_max, u.constant ? u.max ?? 0 : null, u.top_max_peak ?? null, u.top_max_tokens ? { start: u.top_max_tokens_start ?? 0, tokens: u.top_max_tokens } : null),
+        thumbnail(u.unit, u.top_max, u.constant ? u.max ?? 0 : null, u.top_max_peak ?? null, u.top_max_tokens ? { start: u.top_max_tokens_start ?? 0, tokens: u.top_max_tokens, words: u.top_max_token_text ?? null } : null),
         h("span", { class: "unit-id" }, `unit ${u.unit}`),
         className(u.unit) === null ? null : h("span", { class: "unit-class", title: `the ${l.class_value} of ${outputClass(className(u.unit) ?? "", u.unit)}` }, outputClass(className(u.unit) ?? "", u.unit)),
         h("span", { class: "unit-stats", title: statsText }, h("span", null, `max ${fmt(u.max)}`), h("span", null, `mean ${fmt(u.mean)}`)),

@@ -65,7 +65,7 @@ export async function renderSample(root: HTMLElement, ctx: PageContext, args: st
             "section",
             { class: "card sample-tokens", id: "sample-tokens" },
             h("h3", null, `${images.tokens} token ids`),
-            doc.tokens ? tokenSequence(doc.tokens, null) : notice(`Not at hand: ${(doc.tokens_error ?? "the run's dataset cannot be loaded").replace(/\.+$/, "")}.`),
+            doc.tokens ? tokenSequence(doc.tokens, null, 0, doc.tokens.length, doc.token_text ?? null) : notice(`Not at hand: ${(doc.tokens_error ?? "the run's dataset cannot be loaded").replace(/\.+$/, "")}.`),
           )
         : !hasImage
         ? notice(`This export holds no image of this sample: ${(exported?.no_image ?? "the run's dataset could not be loaded when it was made").replace(/\.+$/, "")}.`)

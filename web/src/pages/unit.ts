@@ -384,7 +384,7 @@ function tokenEntry(ctx: PageContext, e: TopEntry, peak: number | null): HTMLEle
     h("span", { class: "value" }, fmt(e.value)),
     h("a", { href: ctx.href("sample", e.sample_id) }, `#${e.sample_id}`),
     e.class_name ? classSpan(e.class_name, e.label) : h("span"),
-    e.tokens ? tokenSequence(e.tokens, peak) : h("span", { class: "muted small" }, peak === null ? "token ids not at hand" : `peak at token ${peak}; token ids not at hand`),
+    e.tokens ? tokenSequence(e.tokens, peak, 0, e.tokens.length, e.token_text ?? null) : h("span", { class: "muted small" }, peak === null ? "token ids not at hand" : `peak at token ${peak}; token ids not at hand`),
   );
 }
 

@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from lurker.store.featviz import direction_featviz, featviz_units
+from lurker.vocab import words_of
 
 from ..classes import class_names, class_units
 from ..deps import entry, session
@@ -35,6 +36,7 @@ def layer_detail(request: Request, run_id: str, layer: str) -> LayerDetail:
     edges = e.open_run()._edges(info)
     value = class_units(e.open_run()).get(info.op or "")
     windows = _token_windows(request, e, rows, info)
+    vocab = session(request, e).vocab() if windows else None
     return LayerDetail(
         layer=layer_brief(info, value),
         rf=info.rf,
@@ -54,6 +56,9 @@ def layer_detail(request: Request, run_id: str, layer: str) -> LayerDetail:
                 top_max_peak=None if peak is None else list(peak),
                 top_max_tokens=windows[u][1] if u in windows else None,
                 top_max_tokens_start=windows[u][0] if u in windows else None,
+                top_max_token_text=(
+                    words_of(windows[u][1], vocab) if u in windows and vocab is not None else None
+                ),
             )
             for u, mean, mx, tm, tn, constant, peak in rows
         ],

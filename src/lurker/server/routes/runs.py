@@ -136,6 +136,7 @@ def summarize(request: Request, e: RunEntry) -> RunSummary:
             mean=cfg.get("mean"),
             std=cfg.get("std"),
             tokens=token_length(run),
+            vocab_size=None if (v := s.vocab()) is None else len(v),
             features=vector_length(run),
         ),
         probe=ProbeInfo(

@@ -7,6 +7,8 @@ from typing import Any
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
 
+from lurker.vocab import words_of
+
 from ..classes import class_names, name_of, no_scores, stored_probability
 from ..deps import entry, on_model, session
 from ..errors import ApiError
@@ -112,6 +114,8 @@ def add_tokens(s: Session, detail: SampleDetail) -> None:
     if reason is None:
         try:
             detail.tokens = s.sample_tokens(detail.sample.id, detail.sample.path)
+            vocab = s.vocab()
+            detail.token_text = None if vocab is None else words_of(detail.tokens, vocab)
         except ApiError as err:
             reason = err.detail
     detail.tokens_error = reason

@@ -6,6 +6,8 @@ from typing import Any
 
 from fastapi import APIRouter, Path, Request
 
+from lurker.vocab import words_of
+
 from ..classes import class_names, class_units
 from ..deps import entry, session
 from ..errors import ApiError
@@ -58,6 +60,7 @@ def _add_tokens(s: Any, doc: dict[str, Any]) -> str | None:
     if reason is not None:
         return reason
     cache: dict[int, list[int]] = {}
+    vocab = s.vocab()
     try:
         for entries in doc["top"].values():
             for item in entries or []:
@@ -65,9 +68,11 @@ def _add_tokens(s: Any, doc: dict[str, Any]) -> str | None:
                 if sid not in cache:
                     cache[sid] = s.sample_tokens(sid, item.get("path"))
                 item["tokens"] = cache[sid]
+                item["token_text"] = None if vocab is None else words_of(cache[sid], vocab)
     except ApiError as err:
         for entries in doc["top"].values():
             for item in entries or []:
+                item.pop("token_text", None)
                 item.pop("tokens", None)  # all or none: no list half from another dataset
         return err.detail
     return None

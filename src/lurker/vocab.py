@@ -1,0 +1,147 @@
+"""Vocabularies: the words a text model's token ids stand for.
+
+A run of token ids shows its samples as ids unless it knows its vocabulary. The probe
+stores one in the run (meta key ``vocab``: a JSON list, entry ``i`` the text of id ``i``,
+null for an id the vocabulary does not name), and the explorer shows the words beside
+the ids. This module turns what users have (a list, a tokenizer's ``get_vocab()`` dict,
+a callable, a file) into that list and checks it against the ids it must name, so a
+vocabulary that would show the wrong word, or none, is refused before any work.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import LurkerError
+
+#: What a vocabulary may be given as: the texts by id, ``{text: id}`` (a Hugging Face
+#: tokenizer's ``get_vocab()``), or a callable from an id to its text.
+VocabLike = Sequence[str] | Mapping[str, int] | Callable[[int], str]
+
+#: Ops that read integer inputs as ids: what makes a run's 1-D integer inputs token ids.
+LOOKUPS = frozenset({"embedding", "embedding_bag", "one_hot", "index_select", "take", "gather"})
+
+
+def reads_ids(graph: Any) -> bool:
+    """Whether the graph's (first) input is looked up (an embedding reads it): its
+    integers are ids, not numbers (a waveform's samples are read as numbers)."""
+    if not graph.inputs:
+        return False
+    return any(graph.ops[c].name in LOOKUPS for c in graph.inputs[0].children)
+
+
+def id_space(graph: Any) -> int | None:
+    """How many ids the model can look up: the rows of the embedding that reads the input
+    (the smallest, where several do); None when no embedding with a recorded table reads
+    it."""
+    sizes = [
+        int(p.shape[0])
+        for c in (graph.inputs[0].children if graph.inputs else [])
+        if graph.ops[c].name in ("embedding", "embedding_bag")
+        for p in graph.ops[c].params[:1]
+        if p.shape
+    ]
+    return min(sizes) if sizes else None
+
+
+def as_vocab(vocab: VocabLike, size: int | None = None) -> list[str | None]:
+    """``vocab`` as the list the run stores: entry ``i`` the text of id ``i`` (None for an
+    id a ``{text: id}`` mapping leaves out). A callable is asked for ids ``0..size-1``
+    (``size``: the ids the model can look up), so it needs ``size``."""
+    if isinstance(vocab, (str, bytes, os.PathLike)):
+        raise LurkerError(
+            f"vocab must be the tokens (a list of strings by id, a {{token: id}} dict or a "
+            f"callable id -> token), got {type(vocab).__name__} {str(vocab)[:60]!r}: to read "
+            "a file, pass lurker.vocab.read_vocab(path)"
+        )
+    if isinstance(vocab, Mapping):
+        return _from_mapping(vocab)
+    if callable(vocab):
+        if size is None:
+            raise LurkerError(
+                "vocab is a callable, and the number of ids to ask it for is unknown (no "
+                "embedding reads the model's input): pass the tokens as a list instead"
+            )
+        words = [vocab(i) for i in range(size)]
+    else:
+        words = list(vocab)
+    for i, w in enumerate(words):
+        if not isinstance(w, str):
+            raise LurkerError(
+                f"vocab entry {i} is {type(w).__name__} {w!r}, not a string: a vocabulary "
+                "gives each token id its text"
+            )
+    return list(words)
+
+
+def _from_mapping(vocab: Mapping[Any, Any]) -> list[str | None]:
+    ids: dict[int, str] = {}
+    for text, i in vocab.items():
+        if not isinstance(text, str) or isinstance(i, bool) or not isinstance(i, int) or i < 0:
+            raise LurkerError(
+                f"vocab as a dict maps each token's text to its id ({{'hello': 7}}, as a "
+                f"tokenizer's get_vocab() does), got {text!r}: {i!r}"
+            )
+        if i in ids:
+            raise LurkerError(f"vocab gives id {i} to two tokens, {ids[i]!r} and {text!r}")
+        ids[i] = text
+    return [ids.get(i) for i in range(max(ids) + 1)] if ids else []
+
+
+def read_vocab(path: str | os.PathLike[str]) -> list[str | None]:
+    """A vocabulary file: a JSON list of tokens, a JSON ``{token: id}`` object (a
+    tokenizer's ``vocab.json``), or else one token per line, line ``i`` the text of id
+    ``i`` (the line's end dropped, nothing else: its spaces are the token's)."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise LurkerError(f"cannot read the vocabulary file {p}: {e}") from None
+    if text.lstrip()[:1] in ("[", "{"):
+        try:
+            parsed = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise LurkerError(
+                f"the vocabulary file {p} starts as JSON but is not valid JSON ({e}): give a "
+                "JSON list of tokens, a JSON {token: id} object, or one token per line"
+            ) from None
+        if isinstance(parsed, (list, dict)):
+            return as_vocab(parsed)
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()  # the file's last newline ends the last token, it adds none
+    return [line.removesuffix("\r") for line in lines]
+
+
+def dataset_vocab(dataset: Any) -> list[str | None] | None:
+    """The vocabulary a dataset carries as an attribute, where it has an obvious one: a
+    ``vocab`` (list or ``{token: id}`` dict) or an ``itos`` list; None otherwise."""
+    for name in ("vocab", "itos"):
+        found = getattr(dataset, name, None)
+        if isinstance(found, (list, tuple, dict)) and found:
+            try:
+                return as_vocab(found)
+            except LurkerError:
+                return None  # not a vocabulary after all: say nothing, guess nothing
+    return None
+
+
+def check_vocab(words: Sequence[str | None], needed: int, where: str) -> None:
+    """Refuse a vocabulary that does not name every id up to ``needed - 1`` (``where``
+    says what needs them: "the model's embedding looks up", "the samples use")."""
+    if len(words) < needed:
+        raise LurkerError(
+            f"the vocabulary holds {len(words)} tokens, and {where} {needed} ids (0.."
+            f"{needed - 1}): give the model's full vocabulary, one token per id"
+        )
+
+
+def words_of(ids: Sequence[int], words: Sequence[str | None]) -> list[str | None]:
+    """The text of each id (None for an id the vocabulary does not name: the page shows
+    the id)."""
+    n = len(words)
+    return [words[i] if 0 <= i < n else None for i in ids]
