@@ -331,3 +331,144 @@ def test_explain_command_line_examples_run(tmp_path: Path, monkeypatch: pytest.M
         out = words[words.index("--out") + 1] if "--out" in words else "heat.png"
         method = words[words.index("--method") + 1]
         assert f"{method} of class " in r.output and Image.open(out).size[0] > 0
+
+
+# --- docs/explorer.md's JSON API tables against the server's response models ---
+
+_ENDPOINT = re.compile(r"^\| `(GET|POST) ([^`]+)`[^|]*\| (.*) \|$", re.M)
+
+
+def _keys(text: str) -> dict[str, object]:
+    """The keys of the ``{a, b: {c, d}, e: [{f}], g (a note)}`` that ``text`` starts with,
+    each mapped to its own documented keys (a dict) or None; notes in parentheses and the
+    values of ``key: "value"`` are skipped."""
+    assert text.startswith("{"), text
+    keys: dict[str, object] = {}
+    depth, parens, piece = 0, 0, ""
+    for ch in text[1:]:
+        if ch in "()":
+            parens += 1 if ch == "(" else -1
+        elif parens:
+            continue
+        elif depth == 0 and ch in ",}":
+            _add_key(keys, piece)
+            piece = ""
+            if ch == "}":
+                break
+        else:
+            depth += (ch in "{[") - (ch in "}]")
+            piece += ch
+    return keys
+
+
+def _add_key(keys: dict[str, object], piece: str) -> None:
+    m = re.match(r"\s*(\w+)\s*:?\s*(.*)", piece, re.S)
+    if not m:
+        return
+    name, rest = m[1], m[2].strip()
+    rest = rest.lstrip("[")
+    keys[name] = _keys(rest) if rest.startswith("{") else None
+
+
+def _api_rows() -> list[tuple[str, str, str]]:
+    """(method, path, answer) of each row of the API tables whose answer starts with the
+    document's keys, backticks dropped."""
+    text = (ROOT / "docs" / "explorer.md").read_text()
+    rows = []
+    for method, path, answer in _ENDPOINT.findall(text):
+        answer = answer.replace("`", "")
+        if answer.startswith("{"):
+            rows.append((method, path.split("?")[0], answer))
+    return rows
+
+
+def _schema_keys(spec: dict, schema: dict) -> dict[str, object] | None:
+    """The properties of an OpenAPI schema (following $ref, arrays and nullable unions),
+    each mapped to its own; None where it is not an object with named properties."""
+    for option in schema.get("anyOf", []):
+        if option.get("type") != "null":
+            return _schema_keys(spec, option)
+    if "$ref" in schema:
+        return _schema_keys(spec, spec["components"]["schemas"][schema["$ref"].split("/")[-1]])
+    if schema.get("type") == "array":
+        return _schema_keys(spec, schema.get("items", {}))
+    if "properties" not in schema:
+        return None
+    return {k: _schema_keys(spec, v) for k, v in schema["properties"].items()}
+
+
+def _key_mismatches(doc: dict[str, object], real: dict[str, object], where: str) -> list[str]:
+    out = []
+    if set(doc) != set(real):
+        out.append(
+            f"{where}: documented {sorted(doc)}, answered {sorted(real)} "
+            f"(undocumented {sorted(set(real) - set(doc))}, "
+            f"not answered {sorted(set(doc) - set(real))})"
+        )
+    for key, sub in doc.items():
+        if isinstance(sub, dict) and isinstance(real.get(key), dict):
+            out += _key_mismatches(sub, real[key], f"{where} {key}")  # type: ignore[arg-type]
+    return out
+
+
+def test_api_tables_name_the_keys_the_server_answers(tmp_path: Path):
+    """Each API row of docs/explorer.md that lists its document's keys lists exactly the
+    keys of the route's response model, nested objects included: the run manifest's `holds`
+    listed 7 of its 10 keys (not `featviz`, which the featviz row sends readers to, nor
+    `relevance`, `explained`), `dataset` lacked `features`, the map lacked `outputs` and
+    `comparable`, the methods list `concepts`, the layer document its `featviz_*` and
+    `top_max_tokens*` keys, an op's document `kind`, and the unit document named its
+    top-k lists as `max` and `mean` (numbers; the lists are under `top`)."""
+    import torch
+    from torch import nn
+    from torch.utils.data import TensorDataset
+
+    import lurker
+    from lurker.server import create_app
+
+    data = TensorDataset(torch.rand(4, 1, 8, 8), torch.tensor([0, 1, 0, 1]))
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(72, 2))
+    lurker.probe(model.eval(), data, out=tmp_path / "run", k=2, progress=False)
+    spec = create_app(tmp_path / "run", live=False).openapi()
+    routes = {}
+    for path, methods in spec["paths"].items():
+        for method, op in methods.items():
+            body = op["responses"].get("200", {}).get("content", {}).get("application/json")
+            if body:
+                routes[(method.upper(), re.sub(r"\{\w+\}", "{}", path))] = body["schema"]
+    rows = _api_rows()
+    assert len(rows) >= 16
+    problems = []
+    for method, path, answer in rows:
+        doc_path = re.sub(r"\{\w+\}", "{}", path)
+        found = [
+            schema
+            for (m, p), schema in routes.items()
+            if m == method
+            and (p == doc_path or (path.startswith("...") and p.endswith(doc_path[3:])))
+        ]
+        assert len(found) == 1, f"{method} {path}: {len(found)} routes match"
+        real = _schema_keys(spec, found[0])
+        if real is None:
+            continue
+        doc = _keys(answer)
+        # an object the braces name bare is listed further on as `key` `{...}`
+        for m in re.finditer(r"\b(\w+) (?=\{)", answer):
+            if m[1] in doc and doc[m[1]] is None and isinstance(real.get(m[1]), dict):
+                doc[m[1]] = _keys(answer[m.end() :])
+        problems += _key_mismatches(doc, real, f"{method} {path}")
+    assert not problems, "\n".join(problems)
+
+
+def test_api_keys_are_read_from_the_docs():
+    """The parser itself: nested objects and lists of objects are read, notes are not."""
+    assert _keys("{a, b: {c, d} (note, with, commas), e: [{f, g}], h (x: {y})}: more {z}") == {
+        "a": None,
+        "b": {"c": None, "d": None},
+        "e": {"f": None, "g": None},
+        "h": None,
+    }
+    assert _keys('{target: "top", samples: [{image}]}') == {
+        "target": None,
+        "samples": {"image": None},
+    }
