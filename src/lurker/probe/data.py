@@ -1010,6 +1010,8 @@ def input_image(dataset: ProbeDataset, sample_id: int, frame: int | None = None)
         raise LurkerError(f"sample {sample_id} ({item.path}) cannot be read: {item.reason}")
     x = clip_frame(item[0], frame)
     require_picture(x, sample_id)
+    if x.dtype == torch.uint8:  # raw 0..255 values (a model that scales them itself)
+        x = x.float() / 255.0
     return to_pil(denormalize(x, dataset.mean, dataset.std))
 
 

@@ -553,9 +553,17 @@ class Session:
 
     # -- live ------------------------------------------------------------------------------
 
-    def preprocess(self, image: Image.Image) -> torch.Tensor:
+    def input_dtype(self) -> str:
+        """The dtype the probe fed the model, as the run's graph records it (``uint8``: raw
+        images in 0..255 that the model scales itself); ``float32`` without a graph."""
+        return input_dtype(self.entry.open_run()) or "float32"
+
+    def preprocess(self, image: Image.Image, data: bytes | None = None) -> torch.Tensor:
         """An uploaded image as the run's dataset prepares its images (size, channels,
-        mean/std)."""
+        mean/std, dtype): by the given dataset's own loader and transform when it has them
+        (``data``: the file's bytes, which its loader reads), else as the probe's image
+        folder does. Raw uint8 images are kept in 0..255 (as float, as a dataset sample is
+        fed: gradients are then taken w.r.t. the float image the model casts to)."""
         import torch
         from torchvision.transforms import functional as TF
 
@@ -570,13 +578,33 @@ class Session:
                 "uploaded image is one frame: open a dataset sample's clip in the live view "
                 "instead (sample-N)",
             )
-        channels = int(shape[0]) if shape and shape[0] in (1, 3) else 3
+        own = self._dataset_transform(image, data)
+        if own is not None:
+            return own
+        dtype = self.input_dtype()
+        if dtype not in ("float32", "float64", "float16", "bfloat16", "uint8"):
+            raise ApiError(
+                409,
+                f"this run's model was fed {dtype} inputs {tuple(shape)}, which an uploaded "
+                "picture cannot be made into: open a dataset sample (sample-N) instead",
+            )
+        if shape and int(shape[0]) not in (1, 3):
+            raise ApiError(
+                409,
+                f"this run's model takes inputs of {int(shape[0])} channels {tuple(shape)}, "
+                "and an uploaded picture has 1 (grayscale) or 3 (RGB): lurker does not know "
+                "how to make the others. Serve the run with create_app(RUN, dataset=...) of "
+                "an image-folder dataset whose transform makes them, or open a dataset sample",
+            )
+        channels = int(shape[0]) if shape else 3
         size = run.meta.get("image_size") or shape[-2:] or [224, 224]
         h, w = (int(size[-2]), int(size[-1])) if len(size) >= 2 else (int(size[0]),) * 2
         # what the probe's image-folder loader does to the same file (alpha dropped)
         image = pdata.convert_image(image, "L" if channels == 1 else "RGB")
         image = TF.resize(image, min(h, w), antialias=True)
         image = TF.center_crop(image, [h, w])
+        if dtype == "uint8":  # PILToTensor's values, fed as the live view feeds samples
+            return TF.pil_to_tensor(image).float()
         t = TF.to_tensor(image)
         mean = self.config.get("mean") or [0.0] * channels
         std = self.config.get("std") or [1.0] * channels
@@ -584,7 +612,64 @@ class Session:
             mean, std = [0.0] * channels, [1.0] * channels
         m = torch.tensor(mean, dtype=t.dtype).reshape(-1, 1, 1)
         s = torch.tensor(std, dtype=t.dtype).reshape(-1, 1, 1)
-        return (t - m) / s
+        return self._as_fed((t - m) / s)
+
+    def _as_fed(self, t: torch.Tensor) -> torch.Tensor:
+        """A float image in the floating dtype the run's graph records for the model's
+        input (a float64 or float16 model refuses float32); raw uint8 images stay float32,
+        so that gradients are taken w.r.t. the float image such a model casts to."""
+        import torch
+
+        dtype = getattr(torch, self.input_dtype(), None)
+        if isinstance(dtype, torch.dtype) and dtype.is_floating_point and t.dtype != dtype:
+            return t.to(dtype)
+        return t
+
+    def _dataset_transform(self, image: Image.Image, data: bytes | None) -> torch.Tensor | None:
+        """The upload as the dataset given to the server (``create_app(dataset=...)``)
+        makes a file: its ``loader`` and ``transform`` (torchvision's ImageFolder and its
+        kind), so that a custom resize, crop, dtype or channel count is the probe's; None
+        when the given dataset has no transform (or none was given)."""
+        import tempfile
+
+        import torch
+
+        from lurker.probe import data as pdata
+
+        ds = self.source.dataset
+        if isinstance(ds, pdata.WrappedDataset):
+            ds = ds.dataset
+        transform = getattr(ds, "transform", None)
+        if ds is None or not callable(transform):
+            return None
+
+        if isinstance(ds, pdata.ImageFolderDataset):
+            return None  # lurker's own folder: the path above is exactly its loader's
+        loader = getattr(ds, "loader", None)
+        try:
+            if callable(loader) and data is not None:
+                with tempfile.TemporaryDirectory() as tmp:
+                    path = Path(tmp) / "upload"
+                    path.write_bytes(data)
+                    loaded = loader(str(path))
+            else:  # torchvision's default loader: the file in RGB
+                loaded = pdata.convert_image(image, "RGB")
+            t = transform(loaded)
+        except Exception as e:
+            raise ApiError(
+                422,
+                f"the dataset's own loader and transform failed on this image "
+                f"({type(e).__name__}: {e})",
+            ) from None
+        shape = [int(v) for v in self.config.get("input_shape") or []]
+        if not isinstance(t, torch.Tensor) or (shape and list(t.shape) != shape):
+            what = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ApiError(
+                422,
+                f"the dataset's transform made {what} of this image, not an input shaped "
+                f"{tuple(shape)} as the run's: the model cannot take it",
+            )
+        return self._as_fed(t.detach().cpu().float())
 
     def add_upload(self, data: bytes, image: Image.Image, name: str | None = None) -> str:
         """Keep an uploaded image; its id is the sha256 prefix of the file. ``name``: the
@@ -599,7 +684,7 @@ class Session:
         from lurker.probe import data as pdata
 
         try:
-            t = self.preprocess(image)
+            t = self.preprocess(image, data)
             note = pdata.transparency_note(image)
         except ApiError:
             raise
@@ -649,7 +734,7 @@ class Session:
             item = ds[sid]
             t = item[0].detach().cpu()
             # token ids stay integers (an embedding takes no floats); images are fed as float
-            t = t if self.token_length() is not None else t.float()
+            t = t if self.token_length() is not None else self._as_fed(t.float())
             with self._guard:
                 self._images[image_id] = t
                 while len(self._images) > LIVE_IMAGES:
@@ -667,6 +752,14 @@ class Session:
         from lurker.probe import data as pdata
 
         t = self.live_input(image_id)
+        if self.input_dtype() == "uint8":  # raw 0..255 values: the picture is t / 255
+            t = t / 255.0
+        if not pdata.is_clip(t) and (t.dim() != 3 or t.shape[0] not in (1, 3)):
+            raise ApiError(
+                409,
+                f"{image_id} is fed as a tensor of shape {tuple(t.shape)}, not an image with "
+                "1 or 3 channels: it has no picture to show",
+            )
         mean = self.config.get("mean") or [0.0] * t.shape[0]
         std = self.config.get("std") or [1.0] * t.shape[0]
         if len(mean) != t.shape[0]:
