@@ -132,7 +132,14 @@ def test_unit(client: TestClient, run: Run):
             assert body[key] == want[key]
         assert body["layer"] == want["layer"]
         for which in ("max", "mean"):
-            added = ("box", "frame", "frames", "tokens", "token_text")  # what the API adds
+            added = (
+                "box",
+                "frame",
+                "frames",
+                "tokens",
+                "token_text",
+                "features",
+            )  # what the API adds
             got = [{k: v for k, v in e.items() if k not in added} for e in body["top"][which]]
             assert got == want["top"][which]
             # images, not video clips: no frames

@@ -46,6 +46,8 @@ export interface RunSummary {
     vocab_size?: number | null;
     /** the values per sample where the inputs are flat vectors, not token ids (no picture); null else */
     features?: number | null;
+    /** each feature's name (the dataset's `feature_names`), null where it gave none */
+    feature_names?: string[] | null;
   };
   probe: {
     k: number;
@@ -127,6 +129,11 @@ export interface LayerDoc {
   units: { unit: number; mean: number | null; max: number | null; top_max: number | null; top_mean: number | null; top_max_peak?: number[] | null; top_max_tokens?: number[] | null; top_max_tokens_start?: number | null; top_max_token_text?: (string | null)[] | null }[];
   /** Unit i's class name where the units are the model's output classes, else null. */
   class_names?: string[] | null;
+  /** a run of feature vectors with its dataset: each unit's top max sample's values, by
+   * sample id (a non-finite value is null) */
+  features?: Record<string, (number | null)[]> | null;
+  /** why such a run's tiles have no values */
+  features_error?: string | null;
 }
 
 export interface TopEntry {
@@ -149,6 +156,8 @@ export interface TopEntry {
   /** a run of token ids with its dataset: the sample's ids (its peak is token `x`). */
   tokens?: number[] | null;
   token_text?: (string | null)[] | null;
+  /** a run of feature vectors with its dataset: the sample's values (non-finite: null). */
+  features?: (number | null)[] | null;
 }
 
 export interface FeatVizView {
@@ -179,6 +188,8 @@ export interface UnitDoc {
   token_length?: number | null;
   /** why such a run's entries carry no tokens */
   tokens_error?: string | null;
+  /** why a feature-vector run's entries carry no feature values */
+  features_error?: string | null;
   /** Stored feature visualizations (`lurker featviz`), null when the unit has none. */
   featviz?: FeatVizInfo | null;
   class_means: Record<string, number | null>;
@@ -224,6 +235,9 @@ export interface SampleDoc {
   tokens?: number[] | null;
   token_text?: (string | null)[] | null;
   tokens_error?: string | null;
+  /** a run of feature vectors with its dataset: the sample's values (non-finite: null) */
+  features?: (number | null)[] | null;
+  features_error?: string | null;
   /** The top class as the run recorded it (`lurker probe --embed`, `lurker map`): shown
    * where no model runs (a static export). */
   stored_prediction?: Prediction | null;

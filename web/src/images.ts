@@ -5,7 +5,7 @@
  */
 import { p, type RunSummary } from "./api";
 import type { PageContext } from "./context";
-import { h, notice } from "./dom";
+import { fmt, h, notice } from "./dom";
 
 export interface ImageState {
   /** Image requests can succeed: the dataset loads, or some images are cached/exported. */
@@ -18,6 +18,9 @@ export interface ImageState {
   /** The values per sample where the inputs are flat vectors of numbers, not token ids (a
    * tabular model's features): they have no picture; null for images and token ids. */
   features?: number | null;
+  /** Each feature's name (the dataset's `feature_names`, as the probe stored them); null
+   * where it gave none. */
+  featureNames?: string[] | null;
 }
 
 export async function imageState(ctx: PageContext): Promise<ImageState> {
@@ -35,9 +38,9 @@ export async function imageState(ctx: PageContext): Promise<ImageState> {
   const features = s.dataset.features ?? null;
   if (features !== null) {
     // no picture to ask for (every request would answer 409): say so once, no broken images
-    const el = notice(`The inputs are vectors of ${features} features, not images: they have no picture to show. A sample's page shows the model's prediction on its features.`);
+    const el = notice(`The inputs are vectors of ${features} features, not images: they have no picture to show. Each sample is shown as its feature values, as the model was fed them.`);
     el.id = "vector-inputs";
-    return { ok: false, notice: el, tokens, features };
+    return { ok: false, notice: el, tokens, features, featureNames: s.dataset.feature_names ?? null };
   }
   const ok = ctx.api.isStatic || s.holds.dataset !== false || s.holds.cached_images > 0;
   if (ok) return { ok, notice: null, tokens };
@@ -76,6 +79,66 @@ export function visibleText(word: string): string {
 }
 
 /** The grey tile drawn where an image is missing. */
+/** Feature ``i``'s name: the dataset's, else its index. */
+export function featureName(names: string[] | null | undefined, i: number): string {
+  return names?.[i] ?? `feature ${i}`;
+}
+
+/** The largest |value| of some feature vectors: the colour scale of their strips (one
+ * scale for all of a page's, so strips compare); 0 for none. */
+export function featureScale(vectors: ((number | null)[] | null | undefined)[]): number {
+  let m = 0;
+  for (const v of vectors) for (const x of v ?? []) if (x !== null) m = Math.max(m, Math.abs(x));
+  return m;
+}
+
+/** A value's colour on a diverging scale: blue below 0, red above, white at 0; grey for a
+ * value that is not finite (null). */
+function featureColor(v: number | null, scale: number): string {
+  if (v === null) return "#9a9a9a";
+  const t = scale > 0 ? Math.max(-1, Math.min(1, v / scale)) : 0;
+  const mix = (to: number) => Math.round(255 + (to - 255) * Math.abs(t));
+  return t >= 0 ? `rgb(${mix(192)},${mix(57)},${mix(43)})` : `rgb(${mix(33)},${mix(102)},${mix(172)})`;
+}
+
+/** The indices of the ``n`` values of largest |value| (ties by index), largest first. */
+export function topFeatures(values: (number | null)[], n: number): number[] {
+  return values
+    .map((v, i) => [v === null ? -1 : Math.abs(v), i] as const)
+    .sort((a, b) => b[0] - a[0] || a[1] - b[1])
+    .slice(0, n)
+    .map(([, i]) => i);
+}
+
+/** A feature vector as a heat strip, one cell per feature in order, each titled with its
+ * name and value (colour: the value against ``scale``). */
+export function featureStrip(values: (number | null)[], names: string[] | null | undefined, scale: number): HTMLElement {
+  return h(
+    "div",
+    { class: "feat-strip", role: "img", "aria-label": `${values.length} feature values` },
+    ...values.map((v, i) => h("span", { style: `background:${featureColor(v, scale)}`, "data-value": v === null ? null : String(v), title: `${featureName(names, i)}: ${v === null ? "not finite" : fmt(v)}` })),
+  );
+}
+
+/** Feature values as rows of name, value and a bar from 0 (its length: |value| against
+ * ``scale``), in the order given by ``order``. */
+export function featureRows(values: (number | null)[], names: string[] | null | undefined, scale: number, order: number[]): HTMLElement {
+  return h(
+    "table",
+    { class: "feat-table" },
+    h(
+      "tbody",
+      null,
+      ...order.map((i) => {
+        const v = values[i];
+        const w = v === null || scale <= 0 ? 0 : (50 * Math.abs(v)) / scale;
+        const bar = h("span", { class: "feat-bar" }, h("span", { style: `${v !== null && v < 0 ? `right:50%` : `left:50%`};width:${w.toFixed(1)}%;background:${featureColor(v === null ? null : Math.sign(v) * scale, scale)}` }));
+        return h("tr", { "data-feature": i, "data-value": v === null ? null : String(v) }, h("th", { scope: "row" }, featureName(names, i)), h("td", { class: "feat-value" }, v === null ? "not finite" : fmt(v)), h("td", null, bar));
+      }),
+    ),
+  );
+}
+
 export function noImage(text = "no image"): HTMLElement {
   return h("div", { class: "no-img" }, text);
 }

@@ -275,6 +275,12 @@ class WrappedDataset(_SkipLog, _Base):
         self.dataset = dataset
         classes = getattr(dataset, "classes", None)
         self.class_names: list[str] = [str(c) for c in classes] if classes is not None else []
+        # a tabular dataset's column names (sklearn's ``feature_names``): the explorer
+        # names each value of a feature vector by them
+        names = getattr(dataset, "feature_names", None)
+        self.feature_names: list[str] | None = (
+            [str(n) for n in names] if names is not None and not isinstance(names, str) else None
+        )
         samples = getattr(dataset, "samples", None) or getattr(dataset, "imgs", None)
         self.paths: list[str] | None = (
             [str(s[0]) for s in samples] if isinstance(samples, list) else None

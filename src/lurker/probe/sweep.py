@@ -1046,6 +1046,7 @@ def _plan(
         check_embed_budget(embed_layer, len(ds))
     all_labels = _labels(ds)
     classes = _class_names(ds.class_names, all_labels)
+    names = _feature_names(getattr(ds, "feature_names", None), tuple(x0.shape[1:]))
     run_meta = {
         "model": type(model).__name__,
         "model_fingerprint": fingerprint(model),
@@ -1062,6 +1063,7 @@ def _plan(
             # how the (C, H, W) images are laid out for the model: unit images and the
             # explorer's live view feed it the same way
             "channel_dim": channel_dim,
+            **({"feature_names": names} if names is not None else {}),
             **(meta or {}),
         },
     }
@@ -1825,6 +1827,21 @@ def _labels(ds: Any) -> list[int]:
         item = ds[i]
         out.append(int(item[1]) if isinstance(item, tuple) else -1)  # Skipped: no label
     return out
+
+
+def _feature_names(names: Sequence[str] | None, shape: tuple[int, ...]) -> list[str] | None:
+    """The dataset's ``feature_names``, one per value of its flat feature vectors (what
+    the explorer names them by; ignored for inputs of other shapes, which it does not name);
+    a list that does not name each value is refused, since a name after a gap or a
+    surplus would be shown beside another feature's value."""
+    if names is None or len(shape) != 1:
+        return None
+    if shape[0] != len(names):
+        raise LurkerError(
+            f"The dataset's feature_names has {len(names)} names, but its inputs are vectors "
+            f"of {shape[0]} values: give one name per value, in order, or remove the attribute."
+        )
+    return [str(n) for n in names]
 
 
 def _class_names(names: Sequence[str] | None, labels: list[int]) -> list[str]:

@@ -35,7 +35,7 @@ from PIL import Image
 
 from ..capture import Trace, evaluating, settled_trace
 from ..errors import LurkerError, warn
-from ..store import Run, atomic_write_bytes
+from ..store import MissingFromRunError, Run, StoreError, atomic_write_bytes
 from ..store.files import safe_component
 from ..store.run import LayerInfo
 from . import data as pdata
@@ -124,6 +124,8 @@ class UnitImages:
             raise LurkerError(f"device {device!r}: no CUDA GPU is available here; use cpu")
         self.run = run if isinstance(run, Run) else Run.open(run)
         cfg = self.run.meta.get("config") or {}
+        if model is None or dataset is None:  # before loading what would make no picture
+            self._no_pictures()
         if model is None or dataset is None:
             from ..models import default_device, load_model
 
@@ -189,6 +191,33 @@ class UnitImages:
         self._compute = threading.RLock()  # one model, shared by a threaded server
         self._loading = threading.Lock()  # guards the decoded-sample cache
         self._checked: dict[str, bool] = {}  # layer -> rows of a batch are independent
+
+    def _no_pictures(self) -> None:
+        """Refuse, with the reason, a run whose inputs are flat vectors of numbers (a
+        tabular model's features): no picture exists to cut or back-propagate onto. (Token
+        ids, integer inputs, are refused where a sample is read, naming them.)"""
+        cfg = self.run.meta.get("config") or {}
+        shape = cfg.get("input_shape") or []
+        if len(shape) != 1:
+            return
+        try:
+            outputs = self.run.graph.inputs[0].outputs
+            dtype = str(outputs[0].dtype or "") if outputs else ""
+        except (MissingFromRunError, StoreError, IndexError):
+            dtype = ""
+        if dtype.startswith(("int", "uint")):
+            return
+        raise LurkerError(
+            f"The run in {self.run.path} was probed on flat vectors of {shape[0]} values "
+            "(a tabular model's features), not images: its units have no images to make. "
+            "The explorer shows each top sample's feature values instead: `lurker serve "
+            "RUN`, or create_app(run, dataset=...) for a run probed from Python.",
+            cli=f"The run in {self.run.path} was probed on flat vectors of {shape[0]} values "
+            "(a tabular model's features), not images: `lurker images` has no pictures to "
+            "make for its units. The explorer shows each top sample's feature values "
+            "instead: `lurker serve RUN` (for a run probed from Python, serve it with "
+            "create_app(run, dataset=...)).",
+        )
 
     @contextlib.contextmanager
     def _running(self) -> Iterator[None]:
@@ -390,6 +419,7 @@ class UnitImages:
 
     def get(self, kind: Kind, layer: str, unit: int, rank: int, which: str = "max") -> Path:
         """Path of one cached image (made now if missing). "input" is the sample's own file."""
+        self._no_pictures()
         if kind not in KINDS:
             raise LurkerError(f"unknown image kind {kind!r}; expected one of {KINDS}")
         e = self._entry(layer, unit, which, rank)
@@ -523,6 +553,7 @@ class UnitImages:
         terminal, one output redrawn in place in a notebook, else a line every
         ``progress_every`` seconds, on stderr.
         """
+        self._no_pictures()
         kinds = _checked_choice("kinds", kinds, KINDS)
         lists = _checked_choice("which", which, LISTS)
         names = self.select(layers)

@@ -212,7 +212,7 @@ def _export_run(request: Any, e: Any, files: _Files, make_images: bool) -> None:
     from .errors import ApiError
     from .routes.layers import layer_detail
     from .routes.runs import run_summary
-    from .routes.samples import _sample_detail, add_tokens, listed_sample
+    from .routes.samples import _sample_detail, add_features, add_tokens, listed_sample
 
     s = session(request, e)
     run = e.run
@@ -224,10 +224,13 @@ def _export_run(request: Any, e: Any, files: _Files, make_images: bool) -> None:
     listed = []
     names = class_names(run)
     tokens = s.token_length() is not None  # sequences of token ids: no picture to write
+    vectors = s.vector_length() is not None  # feature vectors: no picture either
     for sid in ranked:
         detail = _sample_detail(request, e.id, sid, 0, APPEARANCES_PAGE)
         if tokens:
             add_tokens(s, detail)
+        if vectors:
+            add_features(s, detail)
         files.json(_rel("runs", e.id, "samples", sid), detail)
         # the sample page's "show more" asks for the next pages of its top-list entries
         for offset in range(APPEARANCES_PAGE, detail.total, APPEARANCES_PAGE):
@@ -235,7 +238,11 @@ def _export_run(request: Any, e: Any, files: _Files, make_images: bool) -> None:
             more = _sample_detail(request, e.id, sid, offset, APPEARANCES_PAGE)
             files.bar.total += 1  # (a sample in many top lists has several pages)
             files.json(_rel("runs", e.id, "samples", query), more)
-        found = None if tokens else _sample_image(s, sid, detail.sample.path, make_images, ApiError)
+        found = (
+            None
+            if tokens or vectors
+            else _sample_image(s, sid, detail.sample.path, make_images, ApiError)
+        )
         if found is not None:
             images[sid] = found
             files.image(_rel("runs", e.id, "samples", sid, "image.png"), found)
@@ -248,7 +255,7 @@ def _export_run(request: Any, e: Any, files: _Files, make_images: bool) -> None:
     # a site without some images says why, here and on its pages (a reason of its own:
     # with --no-images the dataset may well load, and the fix is another export)
     no_image = None
-    if len(images) < len(ranked) and not tokens:
+    if len(images) < len(ranked) and not (tokens or vectors):
         no_image = (
             (s.dataset_reason() or "their files are no longer in the run's dataset")
             if make_images

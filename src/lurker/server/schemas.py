@@ -89,6 +89,9 @@ class DatasetInfo(BaseModel):
     #: The values per input where the inputs are flat vectors of numbers and not token ids
     #: (a tabular model's features): they have no picture. Null else.
     features: int | None = None
+    #: The name of each feature of such vectors, from the dataset's ``feature_names`` as
+    #: the probe stored them; null where it had none.
+    feature_names: list[str] | None = None
 
 
 class ProbeInfo(BaseModel):
@@ -246,6 +249,12 @@ class LayerDetail(BaseModel):
     #: Unit ``i``'s class name, where the units are the model's output classes
     #: (``layer.class_value`` says what of it); null for any other layer.
     class_names: list[str] | None = None
+    #: Where the run's inputs are feature vectors and its dataset is at hand: the feature
+    #: values of each unit's ``top_max`` sample, by sample id (a tile shows them in place of
+    #: an image; a non-finite value is null); null otherwise.
+    features: dict[str, list[float | None]] | None = None
+    #: Why such a run's tiles have no feature values (no dataset, or one that changed).
+    features_error: str | None = None
 
 
 class UnitLayer(BaseModel):
@@ -288,6 +297,9 @@ class TopEntryModel(BaseModel):
     #: the probe, or given to the server), null for an id it does not name; null without
     #: a vocabulary. The ids stay in ``tokens``.
     token_text: list[str | None] | None = None
+    #: Where the run's inputs are feature vectors and its dataset is at hand: the sample's
+    #: feature values as the model is fed them (a non-finite one null); null otherwise.
+    features: list[float | None] | None = None
 
 
 class EntryPeaks(BaseModel):
@@ -386,6 +398,9 @@ class UnitDetail(BaseModel):
     token_length: int | None = None
     #: Why such a run's entries carry no ``tokens`` (no dataset, or one that changed).
     tokens_error: str | None = None
+    #: Why a feature-vector run's entries carry no ``features`` (no dataset, or one
+    #: that changed); null otherwise.
+    features_error: str | None = None
 
 
 # -- samples ------------------------------------------------------------------------------
@@ -454,6 +469,11 @@ class SampleDetail(BaseModel):
     token_text: list[str | None] | None = None
     #: Why a token sample's ids cannot be shown (no dataset); null otherwise.
     tokens_error: str | None = None
+    #: The sample's feature values as the model is fed them, where the run's inputs are
+    #: feature vectors and its dataset is at hand (a non-finite one null); null otherwise.
+    features: list[float | None] | None = None
+    #: Why a feature-vector sample's values cannot be shown (no dataset, or it changed).
+    features_error: str | None = None
     #: All the top-list entries that hold the sample (``appearances`` is one page of them).
     total: int
     offset: int

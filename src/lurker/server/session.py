@@ -383,6 +383,15 @@ class Session:
         x = x.detach().cpu()
         return x.to(dtype) if isinstance(dtype, torch.dtype) else x
 
+    def sample_features(self, sample_id: int, path: str | None) -> list[float | None]:
+        """Sample ``sample_id``'s feature values as the model is fed them (the dataset's,
+        in the input dtype the trace recorded): what the pages show in place of a picture.
+        A value that is not finite is ``None`` (JSON has no NaN), never a made-up number."""
+        import math
+
+        values = self.sample_vector(sample_id, path).double().tolist()
+        return [v if math.isfinite(v) else None for v in values]
+
     def sample_tokens(self, sample_id: int, path: str | None) -> list[int]:
         """Sample ``sample_id``'s token ids, as the model was fed them (the picture of a
         sample of a text model), checked against the run as :meth:`sample_pil` checks."""

@@ -78,6 +78,17 @@ def vector_length(run: Run) -> int | None:
     return int(shape[0])
 
 
+def feature_names(run: Run) -> list[str] | None:
+    """The names of a feature-vector run's values, one per feature, as the probe stored
+    them from the dataset's ``feature_names``; ``None`` where it had none (or the run's
+    inputs are not feature vectors)."""
+    length = vector_length(run)
+    names = (run.meta.get("config") or {}).get("feature_names")
+    if length is None or not isinstance(names, list) or len(names) != length:
+        return None
+    return [str(n) for n in names]
+
+
 def input_dtype(run: Run) -> str | None:
     """The dtype of the model's input as the run's trace recorded it (``"float32"``), or
     None without a graph: what a sample is cast to before the model sees it again."""

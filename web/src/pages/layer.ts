@@ -3,7 +3,7 @@ import { cropCanvas, p, type LayerDoc } from "../api";
 import { histogramChart, positionCount, sampleValueLabel } from "../charts";
 import type { PageContext } from "../context";
 import { append, facts, fill, fmt, h, notice, shape, withId } from "../dom";
-import { imageState, noImage, patchless, tokenMeanOver, tokenSequence } from "../images";
+import { featureName, featureScale, featureStrip, imageState, noImage, patchless, tokenMeanOver, tokenSequence, topFeatures } from "../images";
 import { outputClass } from "../classes";
 
 const SORTS = ["max", "mean", "index"] as const;
@@ -42,7 +42,10 @@ export async function renderLayer(root: HTMLElement, ctx: PageContext, args: str
   // would be the whole image)
   const positions = positionCount({ shape: l.shape, layout: doc.layout });
   // token ids (a text model's inputs) have no picture: a tile shows the tokens instead
-  const thumbs = images.tokens !== null ? ["tokens"] : ["input", ...(positions > 1 ? ["crop"] : []), ...(featviz.size ? ["featviz"] : [])];
+  // feature vectors (a tabular model's inputs) neither: a tile shows the values
+  const vectors = (images.features ?? null) !== null;
+  const scale = featureScale(Object.values(doc.features ?? {}));
+  const thumbs = images.tokens !== null ? ["tokens"] : vectors ? ["features", ...(featviz.size ? ["featviz"] : [])] : ["input", ...(positions > 1 ? ["crop"] : []), ...(featviz.size ? ["featviz"] : [])];
   let thumb = thumbs.includes(params.get("thumb") ?? "") ? (params.get("thumb") as string) : thumbs[0];
   // units constant on the dataset (a ReLU that never fires): their top lists are ties,
   // so their tiles say so instead of showing a top image
@@ -62,7 +65,9 @@ export async function renderLayer(root: HTMLElement, ctx: PageContext, args: str
   // a video model's layer (frames, rows, columns): a tile is one frame of a clip
   const clip = Array.isArray(doc.layout?.["positions"]) && (doc.layout?.["positions"] as unknown[]).length === 3;
   const tileText = (): string =>
-    thumb === "tokens"
+    thumb === "features"
+      ? `Each tile: the feature values of the sample that excites the unit most (its top sample by max), one cell per feature in order, red above 0 and blue below (one scale for every tile: |value| ${fmt(scale)} is the deepest colour), and its ${Math.min(3, images.features ?? 0)} largest by |value| named`
+      : thumb === "tokens"
       ? `Each tile: the token ids of the sample that excites the unit most (its top sample by max)${positions > 1 && positions === images.tokens ? ", around the token where it peaks, which is marked" : ", its first ones (this layer has no axis of one position per token)"}`
       : thumb === "featviz"
       ? "Each tile: an image optimized to excite the unit"
@@ -81,6 +86,17 @@ export async function renderLayer(root: HTMLElement, ctx: PageContext, args: str
       // (a layer whose positions are not the tokens, a strided convolution's, marks none)
       const at = positions > 1 && positions === images.tokens && peak ? peak[1] : null;
       return h("div", { class: "tok-thumb", title: `sample ${top}${at === null ? "" : `: peak at token ${at}`}` }, tokenSequence(window.tokens, at, window.start, images.tokens ?? window.tokens.length, window.words));
+    }
+    if (thumb === "features" && constant === null) {
+      if (top === null) return noImage("no top sample");
+      const values = doc.features?.[String(top)];
+      if (!values) return noImage(`top: sample #${top}; values not at hand`);
+      return h(
+        "div",
+        { class: "feat-thumb", title: `sample ${top}`, "data-sample": top },
+        featureStrip(values, images.featureNames, scale),
+        ...topFeatures(values, 3).map((i) => h("span", { class: "feat-top", "data-feature": i }, h("span", { class: "feat-name" }, featureName(images.featureNames, i)), h("span", { class: "feat-num" }, values[i] === null ? "not finite" : fmt(values[i])))),
+      );
     }
     const tag = thumb === "featviz" || constant !== null || top === null ? null : patchless({ rf: doc.rf, layout: doc.layout }, peak?.[1]);
     const shown = image(unit, top, constant);
@@ -109,8 +125,6 @@ export async function renderLayer(root: HTMLElement, ctx: PageContext, args: str
       if (thumb === "input") return h("img", { src: url, loading: "lazy", decoding: "async", alt, width: 96, height: 96 });
       return t.crop ? cropCanvas(url, t.box, alt + " (crop)", true) : noImage("no peak to crop");
     }
-    // a feature vector has no picture: the tile names its top sample instead
-    if (top !== null && (images.features ?? null) !== null && thumb === "input") return noImage(`top: sample #${top}`);
     if (top === null || !images.ok) return noImage(top === null ? "no top image" : "no image");
     const src = ctx.api.pngUrl(p("runs", ctx.run, "layers", name, "units", unit, "max", 0, `${thumb}.png`));
     return h("img", { src, loading: "lazy", decoding: "async", alt, width: 96, height: 96 });
@@ -230,6 +244,7 @@ export async function renderLayer(root: HTMLElement, ctx: PageContext, args: str
         )
       : null,
     images.notice,
+    doc.features_error ? withId(notice(`No feature values to show: ${doc.features_error.replace(/\.+$/, "")}.`), "features-error") : null,
     // a static export without some samples' images: why, once (the tiles say it in a word)
     index?.no_image && doc.units.some((u) => u.top_max !== null && index.thumbs[u.unit] === null)
       ? withId(notice(`Some tiles have no image: ${index.no_image.replace(/\.+$/, "")}.`), "no-image-why")

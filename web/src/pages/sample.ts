@@ -9,7 +9,7 @@
 import { p, type Appearance, type LiveImage, type Prediction, type SampleBrief, type SampleDoc } from "../api";
 import type { PageContext } from "../context";
 import { append, facts, fill, fmt, h, notice, pct } from "../dom";
-import { imageState, tokenSequence } from "../images";
+import { featureRows, featureScale, featureStrip, imageState, tokenSequence } from "../images";
 import { classLabel, classText } from "../classes";
 
 /** Entries per "show more" request (the server's default page, so a static export holds
@@ -115,6 +115,17 @@ export async function renderSample(root: HTMLElement, ctx: PageContext, args: st
             ),
       ),
     ),
+    (images.features ?? null) !== null
+      ? // feature vectors have no picture: the sample is its values, as the model is fed them
+        h(
+          "section",
+          { class: "card sample-features", id: "sample-features" },
+          h("h3", null, `${images.features} feature values`, h("span", { class: "muted small" }, " as the model is fed them, in order; bars from 0, one scale: the largest |value| of the sample")),
+          doc.features
+            ? [featureStrip(doc.features, images.featureNames, featureScale([doc.features])), featureRows(doc.features, images.featureNames, featureScale([doc.features]), doc.features.map((_, i) => i))]
+            : notice(`Not at hand: ${(doc.features_error ?? "the run's dataset cannot be loaded").replace(/\.+$/, "")}.`),
+        )
+      : null,
     h("h2", null, "Units that rank it in their top-k"),
   );
   if (leftOut) {

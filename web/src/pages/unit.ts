@@ -6,7 +6,7 @@ import { cropCanvas, p, type EntryKind, type FeatVizView, type Shown, type TopEn
 import { barChart, histogramChart, positionCount, sampleValueLabel } from "../charts";
 import type { PageContext } from "../context";
 import { append, fill, fmt, h, notice, withId } from "../dom";
-import { imageState, noImage, patchless, tokenMeanOver, tokenSequence } from "../images";
+import { featureRows, featureScale, featureStrip, imageState, noImage, patchless, tokenMeanOver, tokenSequence, topFeatures } from "../images";
 import { classLabel, classText, classWord, outputClass } from "../classes";
 
 type Tab = "mean" | "max" | "relevance" | "featviz";
@@ -243,7 +243,16 @@ export async function renderUnit(root: HTMLElement, ctx: PageContext, args: stri
       const list = tab as List;
       const entries = entriesOf(list);
       fill(toggles, h("span", { class: "muted", id: "vector-caption" }, list === "relevance" ? "value: the unit's LRP relevance for the model's prediction" : `value: the unit's ${list === "max" ? "peak" : "mean"} activation on the sample`));
-      fill(gallery, h("div", { class: "token-list vector-list" }, entries.length ? entries.map((e) => vectorEntry(ctx, e)) : notice("This list is empty.")));
+      const scale = featureScale(entries.map((e) => e.features));
+      fill(
+        gallery,
+        h(
+          "div",
+          { class: "token-list vector-list" },
+          doc.features_error ? withId(notice(`No feature values to show: ${doc.features_error.replace(/\.+$/, "")}.`), "features-error") : null,
+          entries.length ? entries.map((e) => vectorEntry(ctx, e, images.featureNames, scale)) : notice("This list is empty."),
+        ),
+      );
       return;
     }
     if (tab === "relevance") {
@@ -388,14 +397,26 @@ function tokenEntry(ctx: PageContext, e: TopEntry, peak: number | null): HTMLEle
   );
 }
 
-/** A top-list entry of a run of feature vectors (no picture): its value, sample and class. */
-function vectorEntry(ctx: PageContext, e: TopEntry): HTMLElement {
+/** A top-list entry of a run of feature vectors (no picture): its value, sample and class,
+ * and the sample's feature values: a strip of all of them (one colour ``scale`` for the
+ * list), its five largest by |value| named, and every value in order on request. */
+function vectorEntry(ctx: PageContext, e: TopEntry, names: string[] | null | undefined, scale: number): HTMLElement {
+  const values = e.features ?? null;
   return h(
     "div",
     { class: "token-entry vector-entry top-entry", "data-sample": e.sample_id, "data-rank": e.rank, "data-value": e.value === null ? null : String(e.value) },
     h("span", { class: "value" }, fmt(e.value)),
     h("a", { href: ctx.href("sample", e.sample_id) }, `#${e.sample_id}`),
     e.class_name ? classSpan(e.class_name, e.label) : h("span"),
+    values
+      ? h(
+          "div",
+          { class: "entry-features" },
+          featureStrip(values, names, scale),
+          featureRows(values, names, scale, topFeatures(values, 5)),
+          values.length > 5 ? h("details", null, h("summary", null, `all ${values.length} values`), featureRows(values, names, scale, values.map((_, i) => i))) : null,
+        )
+      : h("span", { class: "muted small" }, "feature values not at hand"),
   );
 }
 

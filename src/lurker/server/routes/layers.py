@@ -14,7 +14,7 @@ from ..classes import class_names, class_units
 from ..deps import entry, session
 from ..errors import ApiError
 from ..schemas import DirectionBrief, Histogram, LayerDetail, UnitBrief, UnitWeight
-from ..state import positions_per_sample, token_length, token_window
+from ..state import positions_per_sample, token_length, token_window, vector_length
 from .runs import layer_brief
 
 router = APIRouter(prefix="/api", tags=["layers"])
@@ -37,6 +37,7 @@ def layer_detail(request: Request, run_id: str, layer: str) -> LayerDetail:
     value = class_units(e.open_run()).get(info.op or "")
     windows = _token_windows(request, e, rows, info)
     vocab = session(request, e).vocab() if windows else None
+    features, features_error = _top_features(request, e, rows)
     return LayerDetail(
         layer=layer_brief(info, value),
         rf=info.rf,
@@ -67,7 +68,31 @@ def layer_detail(request: Request, run_id: str, layer: str) -> LayerDetail:
         featviz_directions=_directions(e.open_run(), info.name),
         constant_units=sum(1 for row in rows if row[5]),
         class_names=class_names(e.open_run()) if value else None,
+        features=features,
+        features_error=features_error,
     )
+
+
+def _top_features(
+    request: Request, e: Any, rows: list[Any]
+) -> tuple[dict[str, list[float | None]] | None, str | None]:
+    """On a run of feature vectors: the values of each unit's top max sample (by sample
+    id: units share samples), which its tile shows in place of an image, or why the
+    dataset cannot give them (all or none: no tile from a dataset that changed)."""
+    if vector_length(e.open_run()) is None:
+        return None, None
+    s = session(request, e)
+    reason = s.dataset_reason()
+    if reason is not None:
+        return None, reason
+    out: dict[str, list[float | None]] = {}
+    try:
+        for _, _, _, tm, _, _, _ in rows:
+            if tm >= 0 and str(tm) not in out:
+                out[str(tm)] = s.sample_features(tm, e.sample_row(tm)[1])
+    except ApiError as err:
+        return None, err.detail
+    return out, None
 
 
 def _token_windows(

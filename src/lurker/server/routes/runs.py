@@ -22,7 +22,7 @@ from ..schemas import (
     SkippedFile,
     TransparentImages,
 )
-from ..state import RunEntry, token_length, vector_length
+from ..state import RunEntry, feature_names, token_length, vector_length
 
 router = APIRouter(prefix="/api", tags=["runs"])
 
@@ -138,6 +138,7 @@ def summarize(request: Request, e: RunEntry) -> RunSummary:
             tokens=token_length(run),
             vocab_size=None if (v := s.vocab()) is None else len(v),
             features=vector_length(run),
+            feature_names=feature_names(run),
         ),
         probe=ProbeInfo(
             k=meta.get("k"),

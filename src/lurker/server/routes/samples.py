@@ -104,7 +104,21 @@ async def sample_detail(
         await on_model(s, predict)
     if s.token_length() is not None:
         await run_in_threadpool(add_tokens, s, detail)
+    if s.vector_length() is not None:
+        await run_in_threadpool(add_features, s, detail)
     return detail
+
+
+def add_features(s: Session, detail: SampleDetail) -> None:
+    """A feature-vector sample's values on its document, or why they are not at hand
+    (the served page and the static export alike)."""
+    reason = s.dataset_reason()
+    if reason is None:
+        try:
+            detail.features = s.sample_features(detail.sample.id, detail.sample.path)
+        except ApiError as err:
+            reason = err.detail
+    detail.features_error = reason
 
 
 def add_tokens(s: Session, detail: SampleDetail) -> None:

@@ -12,7 +12,14 @@ from ..classes import class_names, class_units
 from ..deps import entry, session
 from ..errors import ApiError
 from ..schemas import UnitDetail
-from ..state import clip_frames, entry_frames, is_constant, positions_per_sample, token_length
+from ..state import (
+    clip_frames,
+    entry_frames,
+    is_constant,
+    positions_per_sample,
+    token_length,
+    vector_length,
+)
 
 router = APIRouter(prefix="/api", tags=["units"])
 
@@ -45,6 +52,8 @@ def unit_detail(
     if length is not None:
         doc["token_length"] = length
         doc["tokens_error"] = _add_tokens(session(request, e), doc)
+    if vector_length(e.open_run()) is not None:
+        doc["features_error"] = _add_features(session(request, e), doc)
     doc["prev"] = index - 1 if index > 0 else None
     doc["next"] = index + 1 if index + 1 < info.num_units else None
     doc["num_units"] = info.num_units
@@ -74,6 +83,28 @@ def _add_tokens(s: Any, doc: dict[str, Any]) -> str | None:
             for item in entries or []:
                 item.pop("token_text", None)
                 item.pop("tokens", None)  # all or none: no list half from another dataset
+        return err.detail
+    return None
+
+
+def _add_features(s: Any, doc: dict[str, Any]) -> str | None:
+    """Give each entry of a feature-vector run's lists its sample's feature values (the
+    page shows them beside the unit's value); the reason when they cannot be had."""
+    reason = s.dataset_reason()
+    if reason is not None:
+        return reason
+    cache: dict[int, list[float | None]] = {}
+    try:
+        for entries in doc["top"].values():
+            for item in entries or []:
+                sid = item["sample_id"]
+                if sid not in cache:
+                    cache[sid] = s.sample_features(sid, item.get("path"))
+                item["features"] = cache[sid]
+    except ApiError as err:
+        for entries in doc["top"].values():
+            for item in entries or []:
+                item.pop("features", None)  # all or none: no list half from another dataset
         return err.detail
     return None
 
