@@ -7,7 +7,8 @@ the layer grid was 64 broken images, the unit page grey "no image" tiles under i
 gradient / crop toggles, and the sample page's prediction failed with that same error.
 Now the pages show each sample's token ids, the token where the unit peaks marked, every
 number checked here against forward hooks on the model; images are refused with the
-reason, and the live view and Explain (drawn over images) say they do not apply.
+reason, and the live view (drawn over images) says it does not apply; Explain scores
+each token of a sample.
 """
 
 from __future__ import annotations
@@ -287,3 +288,76 @@ def test_a_layer_whose_positions_are_not_tokens_marks_none(tmp_path: Path) -> No
         assert token_length(r) is None
     with Run.open(tmp_path / "s") as r:
         assert token_length(r) == 16
+
+
+def test_explain_scores_each_token_as_lurker_explain_does(served: dict):
+    """The server's per-token scores of a dataset sample equal ``lurker.explain`` on the
+    same ids (was: 409, Explain shows images)."""
+    import httpx2 as httpx
+
+    import lurker
+
+    model, data, url = served["model"], served["data"], served["url"]
+    sid = 6
+    ids = data.tensors[0][sid][None]
+    listed = get_json(f"{url}/api/runs/{RID}/explain/methods")["methods"]
+    assert [m["name"] for m in listed] == [
+        "saliency",
+        "input_x_gradient",
+        "integrated_gradients",
+        "smoothgrad",
+    ]
+    for method, options in (
+        ("input_x_gradient", {}),
+        ("integrated_gradients", {}),
+        ("saliency", {}),
+        ("smoothgrad", {"seed": 0}),
+    ):
+        doc = get_json(f"{url}/api/runs/{RID}/live/sample-{sid}/explain/{method}?target=1")
+        ours = lurker.explain(model, ids, 1, method=method, **options)
+        assert doc["tokens"] == ids[0].tolist() and doc["shape"] == [1, LENGTH]
+        assert doc["scores"] == pytest.approx(ours.attribution[0].tolist(), abs=1e-5)
+        assert doc["signed"] == ours.signed and doc["target_class"] == 1
+        if method == "integrated_gradients":
+            assert doc["delta"] == pytest.approx(float(ours.delta[0]), abs=1e-5)
+    r = httpx.get(f"{url}/api/runs/{RID}/live/sample-{sid}/explain/gradcam")
+    assert r.status_code == 409 and "does not apply to token ids" in r.json()["detail"]
+    r = httpx.get(f"{url}/api/runs/{RID}/live/sample-{sid}/explain/saliency.png")
+    assert r.status_code == 409 and "no picture" in r.json()["detail"]
+    r = httpx.get(f"{url}/api/runs/{RID}/live/0123456789abcdef/explain/saliency")
+    assert r.status_code == 409 and "uploads" in r.json()["detail"]
+
+
+def test_explain_page_colours_each_token_by_its_score(browser: Any, served: dict):
+    """The Explain page of a token run: the sample's tokens, one row per method, each
+    token carrying the server's score for the chosen target (the same numbers as the API,
+    which the test above checks against lurker.explain), the target chooser the model's
+    top classes; the sample page links to it."""
+    skip_without_browser()
+    data, url = served["data"], served["url"]
+    sid = 6
+    with strict_page(browser) as pg:
+        pg.goto(f"{url}/#/r/{RID}/sample/{sid}")
+        pg.wait_for_selector("#explain-this")
+        assert pg.locator("#open-live").count() == 0
+        pg.click("#explain-this")
+        pg.wait_for_selector(".token-explain-card[data-method='input_x_gradient'] .tok")
+        pg.click(".target-list button[data-class='1']")
+        for method in ("saliency", "input_x_gradient", "integrated_gradients", "smoothgrad"):
+            card = f".token-explain-card[data-method='{method}']"
+            pg.wait_for_selector(f"{card} .tok[data-score]")
+            doc = get_json(f"{url}/api/runs/{RID}/live/sample-{sid}/explain/{method}?target=1")
+            toks = pg.locator(f"{card} .tok")
+            ids = toks.evaluate_all("ts => ts.map(t => +t.dataset.id)")
+            assert ids == data.tensors[0][sid].tolist()
+            shown = toks.evaluate_all("ts => ts.map(t => +t.dataset.score)")
+            assert shown == pytest.approx(doc["scores"], abs=1e-6)
+            signed = pg.locator(f"{card} h3 .sign").inner_text().strip()
+            assert signed == ("signed" if doc["signed"] else "≥ 0")
+            colours = toks.evaluate_all("ts => ts.map(t => t.style.background)")
+            assert len(set(colours)) > 1  # coloured by score, not one flat colour
+        assert (
+            pg.locator(".target-list button[data-class='1']").get_attribute("aria-pressed")
+            == "true"
+        )
+        assert pg.locator("img").count() == 0

@@ -94,7 +94,7 @@ export function featureScale(vectors: ((number | null)[] | null | undefined)[]):
 
 /** A value's colour on a diverging scale: blue below 0, red above, white at 0; grey for a
  * value that is not finite (null). */
-function featureColor(v: number | null, scale: number): string {
+export function featureColor(v: number | null, scale: number): string {
   if (v === null) return "#9a9a9a";
   const t = scale > 0 ? Math.max(-1, Math.min(1, v / scale)) : 0;
   const mix = (to: number) => Math.round(255 + (to - 255) * Math.abs(t));

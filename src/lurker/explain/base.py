@@ -149,8 +149,17 @@ class Method:
         the input's channel axis (batch counted), where lurker should not find it from the
         model's graph (:func:`lurker.explain.axes.input_axes`)."""
         from .axes import input_axes
+        from .tokens import is_ids
 
-        x = check_input(model, x, f"method {self.name!r}")
+        # token ids: attributed at the embedding that reads them (a model without one
+        # reading integers is refused by check_input, as any non-float input)
+        ids = (
+            is_ids(x)
+            and isinstance(model, nn.Module)
+            and any(isinstance(m, nn.Embedding) for m in model.modules())
+        )
+        if not ids:
+            x = check_input(model, x, f"method {self.name!r}")
         allowed = [
             p.name
             for p in inspect.signature(self.compute).parameters.values()
@@ -162,6 +171,8 @@ class Method:
                 f"method {self.name!r} has no option {bad[0]!r}; its options are: "
                 + (", ".join(allowed) or "none")
             )
+        if ids:
+            return self._attribute_ids(model, x, target, options)
         self.axes = input_axes(model, x, channel_dim)
         with (
             input_errors(model, x),
@@ -172,6 +183,58 @@ class Method:
             out = self.compute(model, x, target, **options)
         if out.axes is None and tuple(out.attribution.shape) == tuple(x.shape):
             out.axes = self.axes
+        return out
+
+    def _attribute_ids(
+        self, model: nn.Module, ids: Tensor, target: Any, options: dict[str, Any]
+    ) -> Explanation:
+        """Token ids: the method runs on the output of the embedding that looks them up,
+        and each token gets one score (:mod:`lurker.explain.tokens`)."""
+        from .targets import UnitTarget, parse_target
+        from .tokens import (
+            SUMMED,
+            TOKEN_METHODS,
+            Embedded,
+            fold,
+            not_for_tokens,
+            reading_embedding,
+            token_baseline,
+        )
+
+        if self.name not in TOKEN_METHODS:
+            raise not_for_tokens(self.name)
+        if self.name == "saliency" and options.get("abs", True) is False:
+            raise LurkerError(
+                "saliency on token ids gives each token the L2 norm of its gradient over the "
+                "embedding dimension, which has no sign: abs=False does not apply (for a "
+                "signed score per token use input_x_gradient)"
+            )
+        if isinstance(parse_target(target, ids.shape[0]), UnitTarget):
+            raise LurkerError(
+                "a unit target is not supported on token ids yet: target a class of the "
+                "model's output (an int, one per row, or None for the top class)"
+            )
+        warn_training(model)
+        ids = ids.detach()
+        with input_errors(model, ids), untouched(model), no_param_grads(model):
+            name, emb, e = reading_embedding(model, ids)
+            given = dict(options)
+            if "baseline" in options:
+                options = {**options, "baseline": token_baseline(options["baseline"], emb, ids, e)}
+            elif self.name == "integrated_gradients":
+                options = {**options, "baseline": token_baseline(None, emb, ids, e)}
+            wrapped = Embedded(model, emb, ids)
+            with torch.enable_grad():
+                out = self.compute(wrapped, e, target, **options)
+        at = out.attribution
+        out.layer_attribution = at
+        out.attribution = fold(at, self.name)
+        out.signed = self.name in SUMMED  # (a gradient's L2 norm has no sign)
+        if "baseline" in out.options:
+            out.options["baseline"] = given.get("baseline")
+        out.options["embedding"] = name
+        out.options["per_token"] = "sum" if self.name in SUMMED else "l2"
+        out.axes = None
         return out
 
     def compute(self, model: nn.Module, x: Tensor, target: Any) -> Explanation:
@@ -212,6 +275,12 @@ def check_input(model: Any, x: Any, what: str = "explain") -> Tensor:
         raise LurkerError(
             f"{what} differentiates with respect to the input, so it must be floating point; "
             f"got {x.dtype}"
+            + (
+                " (token ids are attributed at the nn.Embedding that looks them up, and "
+                f"{type(model).__name__} has none)"
+                if not (x.is_complex() or x.dtype == torch.bool)
+                else ""
+            )
         )
     if x.dim() < 2:
         raise LurkerError(

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import LurkerError
+from .tokens import Embedded
 
 __all__ = ["Forward", "Scored", "UnitTarget", "by_unit", "parse_target"]
 
@@ -241,6 +242,8 @@ class Forward:
         if self.classes is None:
             if self.unit is not None:
                 raise LurkerError("a unit target has no classes")
+            if isinstance(self.model, Embedded):
+                self.model.rows = None
             with torch.no_grad():
                 out = self._model_output(self.model(self.x))
             self.classes = out.argmax(1)
@@ -257,6 +260,8 @@ class Forward:
     def __call__(self, xb: Tensor, rows: Tensor | None = None) -> Scored:
         """Score ``xb``; ``rows`` None means ``xb`` is ``x`` itself (then "top" is read off
         this very output)."""
+        if isinstance(self.model, Embedded):  # token ids: which ids each row of xb embeds
+            self.model.rows = rows
         grabbed: dict[str, Tensor] = {}
         stop_after = self.unit.layer if self.unit is not None and not self.layers else None
         output: Any = None

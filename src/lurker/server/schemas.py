@@ -677,6 +677,11 @@ class ExplainResult(BaseModel):
     #: (all zeros), guided backprop or deconvnet on a network with no ReLU (the plain
     #: gradient), relevance LRP did not conserve
     notes: list[str] = []
+    #: on a run of token ids (null elsewhere): each token's score (``shape`` is ``[1, L]``),
+    #: the sample's ids and their words by the run's vocabulary (null without one)
+    scores: list[float | None] | None = None
+    tokens: list[int] | None = None
+    token_text: list[str | None] | None = None
 
 
 class ConceptUnit(BaseModel):

@@ -18,6 +18,7 @@ import type { PageContext } from "../context";
 import { append, fill, fmt, h, notice, pct, withCode } from "../dom";
 import { imageTitle } from "../images";
 import { imagePicker } from "../picker";
+import { renderTokenExplain } from "./explain_tokens";
 import { classLabel, classText, namesWidth } from "../classes";
 
 const PICKER = { id: "explain", title: "Image to explain", action: "Explain sample" };
@@ -91,6 +92,8 @@ export async function renderExplain(root: HTMLElement, ctx: PageContext): Promis
   const loading = h("p", { class: "loading busy", role: "status" }, "Loading…");
   append(root, h("h1", null, "Explain", h("span", { class: "sub" }, " why the model decided this, method by method")), loading);
   const summary = await ctx.api.json<RunSummary>(p("runs", ctx.run));
+  // a text model's run: its samples are token ids, explained token by token
+  if ((summary.dataset.tokens ?? null) !== null) return renderTokenExplain(root, ctx, summary, loading);
   // no model (a static export, or a server that cannot load the run's): only what the
   // run's cache holds, precomputed by `lurker images RUN --explanations`
   const explained = ctx.api.isStatic || !summary.holds.live ? await ctx.api.explained(ctx.run) : null;

@@ -104,8 +104,12 @@ export async function renderSample(root: HTMLElement, ctx: PageContext, args: st
         ]),
         // a static export runs no model: no button to a view that cannot open (and no row
         // at all where it holds no explanation either)
-        // (nor for token ids or feature vectors: the live view and Explain draw over images)
-        (ctx.api.isStatic && !(pred || explained)) || images.tokens !== null || (images.features ?? null) !== null
+        // (nor for feature vectors: the live view and Explain draw over images; token ids
+        // get Explain alone, which scores each token)
+        images.tokens !== null && !ctx.api.isStatic && pred
+          ? // token ids: Explain scores each token (no live view: it draws maps over images)
+            h("p", { class: "entry-links" }, h("a", { class: "button", id: "explain-this", href: ctx.href("explain") + "?image=sample-" + s.id }, "Explain this sample"))
+          : (ctx.api.isStatic && !(pred || explained)) || images.tokens !== null || (images.features ?? null) !== null
           ? null
           : h(
               "p",

@@ -41,8 +41,10 @@ from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import Response
 
 from lurker.errors import LurkerError, collected
+from lurker.explain.tokens import TOKEN_METHODS
 from lurker.store import atomic_write_bytes
 from lurker.store.files import safe_component
+from lurker.vocab import words_of
 
 from ..classes import class_names, name_of
 from ..deps import MODEL_MADE, cached_or_live, entry, range_header, session
@@ -285,9 +287,12 @@ def _key(
 ) -> tuple[str, str, str, str]:
     """The request's cache key (image, method, target, layer; the layer method's default
     layer when none is asked), or the error that says what is wrong with it."""
-    image = _image_id(s, image)
     methods = _methods()
     cls = methods.get(method)
+    if s.token_length() is not None:
+        image = _token_sample(s, image, method if cls is not None else None)
+    else:
+        image = _image_id(s, image)
     if cls is None:
         raise ApiError(
             404, f"unknown explanation method {method!r}; supported: {', '.join(methods)}"
@@ -303,6 +308,30 @@ def _key(
     # else "": lurker.explain's own default, as in Python (a ViT's last block's first norm,
     # which is not a probed layer), resolved per image when computed
     return (image, method, target.strip(), layer or "")
+
+
+def _token_sample(s: Session, image: str, method: str | None) -> str:
+    """On a run of token ids: ``image`` checked as a dataset sample (uploads are images,
+    which such a run does not take) and ``method`` as one that applies to token ids (409
+    naming those that do)."""
+    from lurker.explain.tokens import not_for_tokens
+
+    length = s.token_length()
+    if not _SAMPLE.fullmatch(image):
+        raise ApiError(
+            409,
+            f"this run's inputs are sequences of {length} token ids: Explain attributes a "
+            f"dataset sample's tokens (sample-N), and uploads (images) do not apply; got "
+            f"{image!r}",
+        )
+    last = s.entry.last_sample_id()
+    if not 0 <= int(image[7:]) <= last:
+        raise ApiError(
+            404, f"no sample {image[7:]} in run {s.entry.id!r}: sample ids are 0..{last}"
+        )
+    if method is not None and method not in TOKEN_METHODS:
+        raise ApiError(409, str(not_for_tokens(method)))
+    return image
 
 
 def _hit(s: Session, key: tuple[str, str, str, str], read: Any = None) -> Any:
@@ -571,8 +600,10 @@ def _compute(s: Session, model: Any, x: Any, method: str, target: str, layer: st
     seconds = time.perf_counter() - start
     resolved, cls = _resolved(prep.asked, ex.target)
     delta = None if ex.delta is None else float(ex.delta.reshape(-1)[0])
+    tokens = prep.xb.dim() == 2 and not prep.xb.is_floating_point()
     return Result(
-        heat=ex.heatmap(0).float().cpu(),
+        # token ids: one score per token, kept as a (1, L) map
+        heat=ex.attribution[:1].float().cpu() if tokens else ex.heatmap(0).float().cpu(),
         signed=bool(ex.signed),
         target=resolved,
         target_class=cls,
@@ -823,6 +854,7 @@ def methods(request: Request, run_id: str) -> ExplainMethods:
                 name=name, summary=cls.summary, needs_layer=_needs_layer(cls), signed=cls.signed
             )
             for name, cls in _methods().items()
+            if s.token_length() is None or name in TOKEN_METHODS
         ],
         default_layer=None,  # Grad-CAM's: lurker.explain's own, per image (see _key)
         concept_layer=default_concept_layer(s, "top"),
@@ -1086,6 +1118,13 @@ def explain_png_response(
 
 
 def _explain_png(s: Session, image: str, r: Result, overlay: bool, opacity: float) -> Response:
+    length = s.token_length()
+    if length is not None:
+        raise ApiError(
+            409,
+            f"this run's inputs are sequences of {length} token ids, which have no picture: "
+            "the explanation's JSON (the same URL without .png) holds each token's score",
+        )
     pil = _heat_image(s, image, r.heat, r.signed, overlay, opacity)
     return _png_response(pil, r.heat, r.target)
 
@@ -1127,6 +1166,16 @@ def _result_doc(s: Session, image: str, method: str, r: Result, cached: bool) ->
     lo, hi, total = _stats(r.heat)
     names = class_names(s.entry.open_run())
     name = None if r.target_class is None else name_of(names, r.target_class)
+    scores = tokens = text = None
+    if s.token_length() is not None:
+        scores = [float(v) if math.isfinite(v) else None for v in r.heat[0].tolist()]
+        sid = int(image[7:])
+        try:  # (a cached answer on a server without the dataset shows the scores alone)
+            tokens = s.sample_tokens(sid, s.entry.sample_row(sid)[1])
+        except ApiError:
+            tokens = None
+        vocab = s.vocab()
+        text = None if tokens is None or vocab is None else words_of(tokens, vocab)
     return ExplainResult(
         image=image,
         method=method,
@@ -1146,4 +1195,7 @@ def _result_doc(s: Session, image: str, method: str, r: Result, cached: bool) ->
         seconds=0.0 if cached else r.seconds,
         cached=cached,
         notes=r.notes,
+        scores=scores,
+        tokens=tokens,
+        token_text=text,
     )

@@ -1,0 +1,218 @@
+"""Attributions on token ids: one score per token, attributed at the embedding's output,
+checked against Captum's LayerIntegratedGradients and autograd by hand."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import lurker
+from lurker.errors import LurkerError
+
+VOCAB, DIM, CLASSES = 30, 8, 4
+
+
+class ConvText(nn.Module):
+    """embedding -> conv1d -> relu -> mean over tokens -> linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(VOCAB, DIM)
+        self.conv = nn.Conv1d(DIM, 6, 3, padding=1)
+        self.fc = nn.Linear(6, CLASSES)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.embedding(ids).transpose(1, 2)
+        return self.fc(torch.relu(self.conv(h)).mean(-1))
+
+
+class TransformerText(nn.Module):
+    """embedding + learned positions -> TransformerEncoder (pad id 0 masked) -> mean -> linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(VOCAB, DIM)
+        self.position = nn.Embedding(16, DIM)
+        layer = nn.TransformerEncoderLayer(DIM, 2, 16, dropout=0.1, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.fc = nn.Linear(DIM, CLASSES)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(ids.shape[1], device=ids.device)
+        h = self.embedding(ids) + self.position(pos)[None]
+        h = self.encoder(h, src_key_padding_mask=ids == 0)
+        return self.fc(h.mean(1))
+
+
+def _model(kind: type[nn.Module]) -> nn.Module:
+    torch.manual_seed(0)
+    return kind().double().eval()
+
+
+def _ids() -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, VOCAB, (3, 9), generator=g)
+    ids[1, -3:] = 0  # padding: the transformer masks it, read off the ids
+    return ids
+
+
+def _embedding_grad(model: nn.Module, ids: torch.Tensor, target: list[int]):
+    """The embedding's output and the gradient of the target scores with respect to it,
+    by autograd with a hook (the oracle)."""
+    kept = {}
+
+    def hook(mod, inp, out):
+        out.retain_grad()
+        kept["e"] = out
+
+    h = model.embedding.register_forward_hook(hook)
+    try:
+        out = model(ids)
+        out.gather(1, torch.tensor(target)[:, None]).sum().backward()
+    finally:
+        h.remove()
+    model.zero_grad(set_to_none=True)
+    return kept["e"].detach(), kept["e"].grad.detach()
+
+
+MODELS = [ConvText, TransformerText]
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_integrated_gradients_equal_captum_layer_ig(kind: type[nn.Module]) -> None:
+    from captum.attr import LayerIntegratedGradients
+
+    model, ids = _model(kind), _ids()
+    # a baseline of id 5 everywhere (not the pad id 0: the transformer would mask every token)
+    ours = lurker.explain(model, ids, method="integrated_gradients", baseline=5, n_steps=32)
+    assert ours.attribution.shape == ids.shape
+    lig = LayerIntegratedGradients(model, model.embedding)
+    theirs, delta = lig.attribute(
+        ids,
+        baselines=torch.full_like(ids, 5),
+        target=ours.target,
+        n_steps=32,
+        return_convergence_delta=True,
+    )
+    torch.testing.assert_close(ours.attribution, theirs.sum(-1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours.layer_attribution, theirs, atol=1e-5, rtol=0)
+    if kind is ConvText:
+        # (Captum's delta runs the baseline ids through the model: the transformer's padding
+        # mask is then the baseline's, not the one its integral ran under, as ours keeps)
+        torch.testing.assert_close(ours.delta, delta, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_input_x_gradient_and_saliency_equal_autograd_on_the_embedding(
+    kind: type[nn.Module],
+) -> None:
+    model, ids = _model(kind), _ids()
+    target = [0, 2, 3]
+    e, g = _embedding_grad(model, ids, target)
+    ixg = lurker.explain(model, ids, target, method="input_x_gradient")
+    torch.testing.assert_close(ixg.attribution, (e * g).sum(-1), atol=1e-10, rtol=0)
+    assert ixg.signed and ixg.options["per_token"] == "sum"
+    sal = lurker.explain(model, ids, target, method="saliency")
+    torch.testing.assert_close(sal.attribution, g.norm(dim=-1), atol=1e-10, rtol=0)
+    assert not sal.signed and (sal.attribution >= 0).all()
+    # every position gets a score, padded ones too (the conv model reads them)
+    assert ixg.attribution.shape == sal.attribution.shape == ids.shape
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_integrated_gradients_are_complete_from_the_zero_vector(kind: type[nn.Module]) -> None:
+    model, ids = _model(kind), _ids()
+    ig = lurker.explain(model, ids, method="integrated_gradients", n_steps=400)
+    # f(baseline) by hand: the model with its embedding's output replaced by zeros
+    h = model.embedding.register_forward_hook(lambda m, i, o: torch.zeros_like(o))
+    try:
+        with torch.no_grad():
+            f0 = model(ids).gather(1, torch.tensor(ig.target)[:, None])[:, 0]
+    finally:
+        h.remove()
+    with torch.no_grad():
+        fx = model(ids).gather(1, torch.tensor(ig.target)[:, None])[:, 0]
+    torch.testing.assert_close(ig.delta, ig.attribution.sum(1) - (fx - f0), atol=1e-10, rtol=0)
+    assert ig.delta.abs().max() < 1e-3 * (fx - f0).abs().max()
+    assert ig.options["baseline"] is None
+
+
+def test_smoothgrad_is_the_norm_of_the_mean_noisy_gradient() -> None:
+    model, ids = _model(ConvText), _ids()
+    noise = torch.randn(
+        5, 3, 9, DIM, dtype=torch.float64, generator=torch.Generator().manual_seed(2)
+    )
+    sg = lurker.explain(model, ids, [1, 1, 1], method="smoothgrad", noise=noise)
+    e, _ = _embedding_grad(model, ids, [1, 1, 1])
+    total = torch.zeros_like(e)
+    for n in noise:
+        h = model.embedding.register_forward_hook(lambda m, i, o, n=n: (e + n).requires_grad_())
+        try:
+            kept: dict[str, torch.Tensor] = {}
+            h2 = model.embedding.register_forward_hook(
+                lambda m, i, o, kept=kept: kept.setdefault("e", o)
+            )
+            out = model(ids)
+            (g,) = torch.autograd.grad(out[:, 1].sum(), kept["e"])
+        finally:
+            h.remove()
+            h2.remove()
+        total += g
+    torch.testing.assert_close(sg.attribution, (total / 5).norm(dim=-1), atol=1e-10, rtol=0)
+
+
+def test_the_model_is_left_untouched() -> None:
+    model, ids = _model(TransformerText), _ids()
+    flags = [p.requires_grad for p in model.parameters()]
+    for method in ("saliency", "input_x_gradient", "integrated_gradients", "smoothgrad"):
+        lurker.explain(model, ids, method=method)
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert all(p.grad is None for p in model.parameters())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize(
+    "method", ["gradcam", "gradcam_plus_plus", "occlusion", "guided_backprop", "deconvnet", "lrp"]
+)
+def test_methods_that_do_not_apply_say_which_do(method: str) -> None:
+    model, ids = _model(ConvText), _ids()
+    with pytest.raises(LurkerError, match="does not apply to token ids") as err:
+        lurker.explain(model, ids, method=method)
+    assert "integrated_gradients" in str(err.value) and "input_x_gradient" in str(err.value)
+
+
+def test_token_input_errors_name_the_fix() -> None:
+    model, ids = _model(ConvText), _ids()
+
+    class Numbers(nn.Module):  # reads the integers as numbers
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(9, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x.float())
+
+    with pytest.raises(LurkerError, match=r"floating point.*Numbers has none"):
+        lurker.explain(Numbers(), ids)
+    numbers = Numbers()
+    numbers.position = nn.Embedding(9, 2)  # an embedding that does not read the input
+    with pytest.raises(LurkerError, match=r"no nn\.Embedding .*position.*x\.float\(\)"):
+        lurker.explain(numbers, ids)
+    with pytest.raises(LurkerError, match="batch"):
+        lurker.explain(model, ids[0])
+    with pytest.raises(LurkerError, match="outside the embedding"):
+        lurker.explain(model, ids, method="integrated_gradients", baseline=VOCAB)
+    with pytest.raises(LurkerError, match="abs=False"):
+        lurker.explain(model, ids, method="saliency", abs=False)
+    with pytest.raises(LurkerError, match="unit target"):
+        lurker.explain(model, ids, ("conv", 0))
+
+
+def test_baseline_ids_are_embedded() -> None:
+    model, ids = _model(ConvText), _ids()
+    by_id = lurker.explain(model, ids, method="integrated_gradients", baseline=5)
+    row = model.embedding.weight[5].detach()
+    by_vector = lurker.explain(model, ids, method="integrated_gradients", baseline=row)
+    torch.testing.assert_close(by_id.attribution, by_vector.attribution, atol=1e-12, rtol=0)
+    assert by_id.options["baseline"] == 5
