@@ -164,3 +164,92 @@ def test_a_float64_model_gets_float64_uploads_and_samples(tmp_path, folder):
         xf = ds[3][0][None].clone().requires_grad_(True)
         net(xf)[0, 0].backward()
         assert ex.json()["sum"] == pytest.approx(float(xf.grad.abs().sum()), rel=1e-6)
+
+
+def test_an_in_memory_dataset_keeps_lurkers_resize(tmp_path, folder):
+    """FakeData has a transform but no file loader (nor a resize): an upload of another
+    size is resized and cropped by lurker, as before the dataset's transform was used."""
+    net = _Net().eval()
+    ds = datasets.FakeData(4, (3, 16, 16), 5, transform=T.ToTensor(), random_offset=0)
+    probe(net, ds, out=tmp_path / "run", k=2, batch_size=2, progress=False).close()
+    photo = folder / "a" / "0.png"
+    oracle = T.Compose([T.Resize(16), T.CenterCrop(16), T.ToTensor()])(
+        Image.open(photo).convert("RGB")
+    )
+    with TestClient(create_app(tmp_path / "run", model_obj=net, dataset=ds)) as client:
+        body = _upload(client, photo)
+        got = [p["prob"] for p in body["predictions"]]
+        assert got == pytest.approx(_oracle_probs(net, oracle), abs=1e-6)
+
+
+def test_a_pil_only_transform_is_fed_as_the_probe_feeds_it(tmp_path, folder):
+    """A folder dataset whose transform stops at a PIL image: the probe turns it into a
+    [0, 1] tensor, and so does an upload."""
+    net = _Net().eval()
+    ds = datasets.ImageFolder(folder, T.Compose([T.Resize((12, 20))]))
+    with _served(tmp_path, net, ds, True) as client:
+        path, _ = ds.samples[1]
+        body = _upload(client, folder / path)
+        x = torch.from_numpy(np.asarray(ds[1][0]).copy()).permute(2, 0, 1).float() / 255
+        got = [p["prob"] for p in body["predictions"]]
+        assert got == pytest.approx(_oracle_probs(net, x), abs=1e-6)
+
+
+def test_a_random_transform_gives_each_upload_one_answer(tmp_path, folder):
+    """Augmentation in the dataset's transform (a random crop and flip) would make the
+    same upload's answer random: lurker's own resize and crop is used instead, said."""
+    net = _Net().eval()
+    ds = datasets.ImageFolder(
+        folder,
+        T.Compose(
+            [T.RandomResizedCrop(16, scale=(0.2, 1)), T.RandomHorizontalFlip(), T.ToTensor()]
+        ),
+    )
+    photo = folder / "b" / "1.png"
+    oracle = T.Compose([T.Resize(16), T.CenterCrop(16), T.ToTensor()])(
+        Image.open(photo).convert("RGB")
+    )
+    for sub in ("one", "two"):  # two servers: the upload is not just cached
+        with _served(tmp_path / sub, net, ds, True) as client:
+            body = _upload(client, photo)
+            got = [p["prob"] for p in body["predictions"]]
+            assert got == pytest.approx(_oracle_probs(net, oracle), abs=1e-6)
+            assert "random" in body["input_note"]
+
+
+def test_a_loader_that_checks_the_suffix_reads_the_upload(tmp_path, folder):
+    """A loader guarded by torchvision's is_image_file, reading lazily (the transform
+    opens the file): the upload is a .png file that exists while the transform runs."""
+    from torchvision.datasets.folder import is_image_file
+
+    def lazy_loader(path: str) -> str:
+        if not is_image_file(path):
+            raise ValueError(f"{path} is not an image file")
+        return path  # lazy: the transform reads the file
+
+    net = _Net().eval()
+    opened = T.Lambda(lambda path: Image.open(path).convert("RGB"))
+    tf = T.Compose([opened, T.Resize((24, 40)), T.ToTensor()])
+    ds = datasets.ImageFolder(folder, tf, loader=lazy_loader)
+    with _served(tmp_path, net, ds, True) as client:
+        path, _ = ds.samples[2]
+        body = _upload(client, folder / path)
+        got = [p["prob"] for p in body["predictions"]]
+        assert got == pytest.approx(_oracle_probs(net, ds[2][0]), abs=1e-6)
+        assert body["input_note"] is None
+
+
+def test_a_failing_loader_does_not_show_the_servers_temp_path(tmp_path, folder):
+    def loader(path: str) -> Image.Image:
+        raise OSError(f"cannot read {path}")
+
+    net = _Net().eval()
+    ok = datasets.ImageFolder(folder, T.Compose([T.Resize((24, 40)), T.ToTensor()]))
+    probe(net, ok, out=tmp_path / "run", k=2, batch_size=2, progress=False).close()
+    bad = datasets.ImageFolder(folder, ok.transform, loader=loader)
+    with TestClient(create_app(tmp_path / "run", model_obj=net, dataset=bad)) as client:
+        data = (folder / "a" / "0.png").read_bytes()
+        r = client.post("/api/runs/run/live/images", files={"file": ("x.png", data)})
+        assert r.status_code == 422
+        assert "cannot read the upload" in r.json()["detail"]
+        assert "/tmp" not in r.json()["detail"] and "upload.png" not in r.json()["detail"]

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -46,8 +47,20 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
         yield served
 
 
-def _row(data: Wine, sid: int) -> list[float]:
+def _row(data: Any, sid: int) -> list[float]:
     return data.tensors[0][sid].double().tolist()
+
+
+def _tile_oracle(row: list[float]) -> tuple[list[int], list[float | None], list[int]]:
+    """What a layer tile shows of ``row``, by numpy: its first feature per bin (at most
+    64 bins of consecutive features), each bin's value of largest |value| (signed; None
+    where one is NaN) and the 3 features of largest |value| (NaN last)."""
+    x = np.array(row)
+    bins = np.array_split(np.arange(len(x)), min(len(x), 64))
+    strip = [None if np.isnan(x[b]).any() else float(x[b][np.argmax(np.abs(x[b]))]) for b in bins]
+    key = np.where(np.isnan(x), -1.0, np.abs(x))
+    top = sorted(range(len(x)), key=lambda i: (-key[i], i))[:3]
+    return [int(b[0]) for b in bins], strip, top
 
 
 def test_the_api_gives_each_samples_feature_values_and_names(served: dict):
@@ -60,8 +73,12 @@ def test_the_api_gives_each_samples_feature_values_and_names(served: dict):
     assert layer["features_error"] is None
     tops = {u["top_max"] for u in layer["units"] if u["top_max"] is not None}
     assert tops and set(layer["features"]) == {str(t) for t in tops}
-    for sid in tops:  # oracle: the dataset tensor, value for value
-        assert layer["features"][str(sid)] == _row(data, sid)
+    for sid in tops:  # oracle: the dataset tensor; 13 features: one bin each
+        tile = layer["features"][str(sid)]
+        starts, strip, top = _tile_oracle(_row(data, sid))
+        assert tile["count"] == 13 and tile["starts"] == starts == list(range(13))
+        assert tile["strip"] == strip == _row(data, sid)
+        assert tile["top"] == [{"index": i, "value": _row(data, sid)[i]} for i in top]
     unit = get_json(f"{url}/api/runs/{RID}/layers/{LAYER}/units/0")
     assert unit["features_error"] is None
     for e in unit["top"]["max"] + unit["top"]["mean"]:
@@ -115,7 +132,7 @@ def _check_pages(pg: Any, base: str, data: Wine, layer: dict, unit: dict) -> Non
     u = next(u for u in layer["units"] if u["top_max"] is not None and not u["constant"])
     tile = pg.locator(f'.unit-card[data-unit="{u["unit"]}"] .feat-thumb')
     cells = tile.locator(".feat-strip > span").evaluate_all("es => es.map(e => +e.dataset.value)")
-    assert cells == pytest.approx(_row(data, u["top_max"]), abs=0)
+    assert cells == pytest.approx(_row(data, u["top_max"]), abs=0)  # 13: one cell each
     row = _row(data, u["top_max"])
     biggest = max(range(13), key=lambda i: abs(row[i]))
     assert data.feature_names[biggest] in tile.inner_text()
@@ -156,3 +173,129 @@ def test_the_static_export_shows_the_feature_values(browser: Any, served: dict, 
     assert not list(site.rglob("*.png"))  # no picture exists: none is written
     with static_server(site) as base, strict_page(browser) as pg:
         _check_pages(pg, base, data, layer, unit)
+
+
+class Wide(TensorDataset):
+    """300 random features per sample, the last NaN (a missing value the model skips)."""
+
+    def __init__(self) -> None:
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(40, 300, generator=g)
+        x[:, -1] = float("nan")
+        super().__init__(x, torch.arange(40) % 2)
+
+
+class SkipLast(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(299, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x[:, :-1]).relu()
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    torch.manual_seed(0)
+    with served_run(tmp_path_factory.mktemp("wide"), "wide", SkipLast(), Wide(), "fc", 3) as s:
+        yield s
+
+
+def test_a_wide_vectors_tiles_are_binned_with_the_largest_named(wide: dict):
+    """300 features: a tile is 64 bins (each its largest |value|, signed), not 300 values
+    per unit (a layer of 2,000 units over 500 features was 12 MB of JSON); the NaN is
+    null, in its bin and in the sample's own values."""
+    url, data = wide["url"], wide["data"]
+    layer = get_json(f"{url}/api/runs/wide/layers/fc")
+    tops = {u["top_max"] for u in layer["units"] if u["top_max"] is not None}
+    assert tops and set(layer["features"]) == {str(t) for t in tops}
+    for sid in tops:
+        tile = layer["features"][str(sid)]
+        starts, strip, top = _tile_oracle(_row(data, sid))
+        assert tile["count"] == 300 and tile["starts"] == starts and len(starts) == 64
+        assert tile["strip"] == strip and strip[-1] is None
+        assert tile["top"] == [{"index": i, "value": _row(data, sid)[i]} for i in top]
+    sample = get_json(f"{url}/api/runs/wide/samples/{min(tops)}")
+    assert sample["features"][-1] is None  # JSON has no NaN: null, not a made-up number
+    assert sample["features"][:-1] == _row(data, min(tops))[:-1]
+
+
+def test_a_wide_vectors_tile_draws_at_most_64_cells(browser: Any, wide: dict):
+    skip_without_browser()
+    url, data = wide["url"], wide["data"]
+    layer = get_json(f"{url}/api/runs/wide/layers/fc")
+    with strict_page(browser) as pg:
+        pg.goto(f"{url}/#/r/wide/layer/fc")
+        pg.wait_for_selector(".feat-thumb")
+        u = next(u for u in layer["units"] if u["top_max"] is not None and not u["constant"])
+        tile = pg.locator(f'.unit-card[data-unit="{u["unit"]}"] .feat-thumb')
+        starts, strip, top = _tile_oracle(_row(data, u["top_max"]))
+        cells = tile.locator(".feat-strip > span")
+        assert cells.count() == 64  # not one node per feature
+        shown = cells.evaluate_all(
+            "es => es.map(e => [+e.dataset.first, +e.dataset.last, e.dataset.value ?? null, e.title])"
+        )
+        assert [c[0] for c in shown] == starts and shown[-1][1] == 299
+        assert [None if c[2] is None else float(c[2]) for c in shown] == strip
+        assert shown[0][3].startswith(f"features 0-{starts[1] - 1}")
+        assert shown[-1][3].endswith("not finite")
+        named = tile.locator(".feat-top").evaluate_all("es => es.map(e => +e.dataset.feature)")
+        assert named == top
+        # the sample page keeps every value, the NaN said as such
+        pg.goto(f"{url}/#/r/wide/sample/{u['top_max']}")
+        pg.wait_for_selector("#sample-features tr")
+        assert pg.locator("#sample-features tr").count() == 300
+        assert "not finite" in pg.locator("#sample-features tr").last.inner_text()
+
+
+class Tokens(TensorDataset):
+    """Sequences of 13 token ids whose dataset also carries ``feature_names`` (of another
+    length): ids are not feature vectors, so the names are not theirs to check or store."""
+
+    feature_names = ["a", "b"]
+
+    def __init__(self) -> None:
+        g = torch.Generator().manual_seed(0)
+        super().__init__(torch.randint(0, 20, (8, 13), generator=g), torch.zeros(8).long())
+
+
+class Bag(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 4)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.emb(x).mean(1))
+
+
+def test_feature_names_of_a_token_run_are_ignored(tmp_path: Path):
+    from lurker.probe import probe
+
+    run = probe(Bag(), Tokens(), out=tmp_path / "r", k=2, progress=False)
+    assert run is not None
+    assert "feature_names" not in run.meta["config"]
+    run.close()
+
+
+def test_feature_names_that_are_not_a_list_are_ignored(tmp_path: Path):
+    """A dataset whose ``feature_names`` is a method (or a string) names no features:
+    wrapping it, and probing it, works as without the attribute."""
+    from lurker.probe import probe
+    from lurker.probe.data import wrap
+
+    class Method(Wine):
+        def feature_names(self) -> list[str]:  # type: ignore[override]
+            return ["x"]
+
+    class Text(Wine):
+        feature_names = "alcohol"  # type: ignore[assignment]
+
+    for cls in (Method, Text):
+        data = cls.__new__(cls)
+        TensorDataset.__init__(data, *Wine().tensors)
+        assert wrap(data).feature_names is None
+    run = probe(nn.Sequential(nn.Linear(13, 3)), data, out=tmp_path / "r", k=2, progress=False)
+    assert run is not None and "feature_names" not in run.meta["config"]
+    run.close()
+    assert wrap(Wine()).feature_names == Wine().feature_names  # a list is still used

@@ -114,6 +114,16 @@ export interface Histogram {
   counts: (number | null)[];
 }
 
+/** A sample's feature vector as a layer tile shows it: at most 64 bins of consecutive
+ * features (``starts``: each bin's first feature), each the signed value of largest
+ * |value| in it (null: one is not finite), and the 3 largest features by |value|. */
+export interface FeatureTile {
+  count: number;
+  starts: number[];
+  strip: (number | null)[];
+  top: { index: number; value: number | null }[];
+}
+
 export interface LayerDoc {
   /** units with a stored feature visualization ("channel" objective), null for none */
   featviz_units?: number[] | null;
@@ -131,7 +141,7 @@ export interface LayerDoc {
   class_names?: string[] | null;
   /** a run of feature vectors with its dataset: each unit's top max sample's values, by
    * sample id (a non-finite value is null) */
-  features?: Record<string, (number | null)[]> | null;
+  features?: Record<string, FeatureTile> | null;
   /** why such a run's tiles have no values */
   features_error?: string | null;
 }

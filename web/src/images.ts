@@ -3,7 +3,7 @@
  * dataset nor its model; unless some images were cached, every image request would 404,
  * so the pages show why (and how to fix it) instead of a grid of broken images.
  */
-import { p, type RunSummary } from "./api";
+import { p, type FeatureTile, type RunSummary } from "./api";
 import type { PageContext } from "./context";
 import { fmt, h, notice } from "./dom";
 
@@ -117,6 +117,22 @@ export function featureStrip(values: (number | null)[], names: string[] | null |
     "div",
     { class: "feat-strip", role: "img", "aria-label": `${values.length} feature values` },
     ...values.map((v, i) => h("span", { style: `background:${featureColor(v, scale)}`, "data-value": v === null ? null : String(v), title: `${featureName(names, i)}: ${v === null ? "not finite" : fmt(v)}` })),
+  );
+}
+
+/** A layer tile's strip: one cell per bin of consecutive features (at most 64, however
+ * many features: a tile per unit of a wide layer would otherwise be a million cells), each
+ * coloured by its value of largest |value|, signed, and titled with the features it spans. */
+export function featureBins(tile: FeatureTile, names: string[] | null | undefined, scale: number): HTMLElement {
+  return h(
+    "div",
+    { class: "feat-strip", role: "img", "aria-label": `${tile.count} feature values in ${tile.strip.length} cells` },
+    ...tile.strip.map((v, b) => {
+      const first = tile.starts[b];
+      const last = (b + 1 < tile.starts.length ? tile.starts[b + 1] : tile.count) - 1;
+      const what = first === last ? featureName(names, first) : `features ${first}-${last} (largest |value|)`;
+      return h("span", { style: `background:${featureColor(v, scale)}`, "data-value": v === null ? null : String(v), "data-first": first, "data-last": last, title: `${what}: ${v === null ? "not finite" : fmt(v)}` });
+    }),
   );
 }
 

@@ -56,6 +56,7 @@ __all__ = [
     "load_run_dataset",
     "normalize_stats",
     "parse_normalize",
+    "pil_to_tensor",
     "recorded_normalize",
     "to_pil",
     "transparency_note",
@@ -277,10 +278,7 @@ class WrappedDataset(_SkipLog, _Base):
         self.class_names: list[str] = [str(c) for c in classes] if classes is not None else []
         # a tabular dataset's column names (sklearn's ``feature_names``): the explorer
         # names each value of a feature vector by them
-        names = getattr(dataset, "feature_names", None)
-        self.feature_names: list[str] | None = (
-            [str(n) for n in names] if names is not None and not isinstance(names, str) else None
-        )
+        self.feature_names: list[str] | None = _names_list(getattr(dataset, "feature_names", None))
         samples = getattr(dataset, "samples", None) or getattr(dataset, "imgs", None)
         self.paths: list[str] | None = (
             [str(s[0]) for s in samples] if isinstance(samples, list) else None
@@ -315,7 +313,7 @@ class WrappedDataset(_SkipLog, _Base):
         else:
             image, label = item, -1
         if isinstance(image, Image.Image):
-            image = _pil_to_tensor(image)
+            image = pil_to_tensor(image)
         if not isinstance(image, Tensor):
             raise LurkerError(
                 f"dataset item {index} is a {type(image).__name__}, not an image tensor; "
@@ -360,6 +358,17 @@ class WrappedDataset(_SkipLog, _Base):
             return [int(t) for t in targets]
         except (TypeError, ValueError, RuntimeError):  # e.g. one-hot or multi-label targets
             return None
+
+
+def _names_list(names: Any) -> list[str] | None:
+    """A dataset's ``feature_names`` as a list of strings where it is a list, tuple or
+    array of names (sklearn's kind); anything else (a method, a string, a number) is not
+    such a list and is ignored rather than failing the wrap of an unrelated dataset."""
+    if hasattr(names, "tolist") and not isinstance(names, (str, bytes)):
+        names = names.tolist()
+    if not isinstance(names, (list, tuple)):
+        return None
+    return [str(n) for n in names]
 
 
 def _class_index(label: Any, index: int) -> int:
@@ -975,7 +984,10 @@ def to_pil(img: Tensor) -> Image.Image:
     return Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr)  # "L" or "RGB"
 
 
-def _pil_to_tensor(image: Image.Image) -> Tensor:
+def pil_to_tensor(image: Image.Image) -> Tensor:
+    """A PIL image as the probe feeds it: a float (C, H, W) tensor in [0, 1], "L" as one
+    channel, other modes as RGB (what a dataset whose transform stops at a PIL image
+    gives the model)."""
     arr = np.asarray(image.convert("RGB" if image.mode not in ("L", "RGB") else image.mode))
     t = torch.from_numpy(arr.copy()).float() / 255.0
     return t.unsqueeze(0) if t.dim() == 2 else t.permute(2, 0, 1)

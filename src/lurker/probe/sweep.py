@@ -1046,7 +1046,9 @@ def _plan(
         check_embed_budget(embed_layer, len(ds))
     all_labels = _labels(ds)
     classes = _class_names(ds.class_names, all_labels)
-    names = _feature_names(getattr(ds, "feature_names", None), tuple(x0.shape[1:]))
+    names = _feature_names(
+        getattr(ds, "feature_names", None), tuple(x0.shape[1:]), x0.is_floating_point()
+    )
     run_meta = {
         "model": type(model).__name__,
         "model_fingerprint": fingerprint(model),
@@ -1829,12 +1831,15 @@ def _labels(ds: Any) -> list[int]:
     return out
 
 
-def _feature_names(names: Sequence[str] | None, shape: tuple[int, ...]) -> list[str] | None:
+def _feature_names(
+    names: Sequence[str] | None, shape: tuple[int, ...], floating: bool
+) -> list[str] | None:
     """The dataset's ``feature_names``, one per value of its flat feature vectors (what
-    the explorer names them by; ignored for inputs of other shapes, which it does not name);
-    a list that does not name each value is refused, since a name after a gap or a
-    surplus would be shown beside another feature's value."""
-    if names is None or len(shape) != 1:
+    the explorer names them by; ignored for inputs of other shapes and for integer token
+    ids, which it does not name as features); a list that does not name each value is
+    refused, since a name after a gap or a surplus would be shown beside another feature's
+    value."""
+    if names is None or len(shape) != 1 or not floating:
         return None
     if shape[0] != len(names):
         raise LurkerError(

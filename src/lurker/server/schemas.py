@@ -229,6 +229,29 @@ class DirectionBrief(BaseModel):
     )
 
 
+class FeatureValue(BaseModel):
+    #: the feature's index in the vector
+    index: int
+    #: its value as the model is fed it; null where it is not finite
+    value: float | None = None
+
+
+class FeatureTile(BaseModel):
+    """A sample's feature vector as a layer tile shows it: binned, not every value (a
+    layer of 2,000 units over 500 features would send a million numbers)."""
+
+    #: how many features the vector holds
+    count: int
+    #: the first feature of each bin (bins of consecutive features, at most 64, in order;
+    #: bin ``i`` runs to ``starts[i + 1] - 1``, the last to ``count - 1``)
+    starts: list[int]
+    #: per bin, the value of largest |value| in it, signed; null where one is not finite
+    strip: list[float | None]
+    #: the (at most) 3 features of largest |value|, largest first (ties by index; values
+    #: that are not finite last)
+    top: list[FeatureValue]
+
+
 class LayerDetail(BaseModel):
     layer: LayerBrief
     rf: dict[str, Any] | None = None
@@ -249,10 +272,10 @@ class LayerDetail(BaseModel):
     #: Unit ``i``'s class name, where the units are the model's output classes
     #: (``layer.class_value`` says what of it); null for any other layer.
     class_names: list[str] | None = None
-    #: Where the run's inputs are feature vectors and its dataset is at hand: the feature
-    #: values of each unit's ``top_max`` sample, by sample id (a tile shows them in place of
-    #: an image; a non-finite value is null); null otherwise.
-    features: dict[str, list[float | None]] | None = None
+    #: Where the run's inputs are feature vectors and its dataset is at hand: each unit's
+    #: ``top_max`` sample's values as its tile shows them in place of an image (binned, and
+    #: the largest by |value|), by sample id; null otherwise.
+    features: dict[str, FeatureTile] | None = None
     #: Why such a run's tiles have no feature values (no dataset, or one that changed).
     features_error: str | None = None
 

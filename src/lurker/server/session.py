@@ -161,6 +161,8 @@ class Session:
         self._upload_names: dict[str, str] = {}
         self._maps: OrderedDict[tuple[str, int], tuple[Any, Any]] = OrderedDict()
         self._map_bytes = 0
+        # documents made from the dataset, by a key naming the run's generation
+        self._made: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
         self._executor = _model_thread()  # its thread starts on the first submit
 
     # -- which model -----------------------------------------------------------------------
@@ -383,6 +385,30 @@ class Session:
         x = x.detach().cpu()
         return x.to(dtype) if isinstance(dtype, torch.dtype) else x
 
+    def cached(
+        self,
+        key: tuple[Any, ...],
+        make: Callable[[], Any],
+        keep: Callable[[Any], bool] | None = None,
+    ) -> Any:
+        """``make()``, kept under ``key`` (which names the run's generation, so a re-probe
+        makes it again): what reads every top sample of a layer from the dataset (a layer
+        tile's feature values) is read once, not on every request. The last 64 kept; a
+        value ``keep`` refuses (an answer that says why the dataset cannot give them, which
+        a restored dataset would change) is made again next time."""
+        with self._guard:
+            if key in self._made:
+                self._made.move_to_end(key)
+                return self._made[key]
+        value = make()
+        if keep is not None and not keep(value):
+            return value
+        with self._guard:
+            self._made[key] = value
+            while len(self._made) > 64:
+                self._made.popitem(last=False)
+        return value
+
     def sample_features(self, sample_id: int, path: str | None) -> list[float | None]:
         """Sample ``sample_id``'s feature values as the model is fed them (the dataset's,
         in the input dtype the trace recorded): what the pages show in place of a picture.
@@ -567,12 +593,15 @@ class Session:
         images in 0..255 that the model scales itself); ``float32`` without a graph."""
         return input_dtype(self.entry.open_run()) or "float32"
 
-    def preprocess(self, image: Image.Image, data: bytes | None = None) -> torch.Tensor:
+    def preprocess(
+        self, image: Image.Image, data: bytes | None = None
+    ) -> tuple[torch.Tensor, str | None]:
         """An uploaded image as the run's dataset prepares its images (size, channels,
-        mean/std, dtype): by the given dataset's own loader and transform when it has them
-        (``data``: the file's bytes, which its loader reads), else as the probe's image
-        folder does. Raw uint8 images are kept in 0..255 (as float, as a dataset sample is
-        fed: gradients are then taken w.r.t. the float image the model casts to)."""
+        mean/std, dtype), and a note on how it was prepared otherwise, or None: by the given
+        dataset's own loader and transform when it has them (``data``: the file's bytes,
+        which its loader reads), else as the probe's image folder does. Raw uint8 images
+        are kept in 0..255 (as float, as a dataset sample is fed: gradients are then taken
+        w.r.t. the float image the model casts to)."""
         import torch
         from torchvision.transforms import functional as TF
 
@@ -587,9 +616,9 @@ class Session:
                 "uploaded image is one frame: open a dataset sample's clip in the live view "
                 "instead (sample-N)",
             )
-        own = self._dataset_transform(image, data)
+        own, note = self._dataset_transform(image, data)
         if own is not None:
-            return own
+            return own, None
         dtype = self.input_dtype()
         if dtype not in ("float32", "float64", "float16", "bfloat16", "uint8"):
             raise ApiError(
@@ -613,7 +642,7 @@ class Session:
         image = TF.resize(image, min(h, w), antialias=True)
         image = TF.center_crop(image, [h, w])
         if dtype == "uint8":  # PILToTensor's values, fed as the live view feeds samples
-            return TF.pil_to_tensor(image).float()
+            return TF.pil_to_tensor(image).float(), note
         t = TF.to_tensor(image)
         mean = self.config.get("mean") or [0.0] * channels
         std = self.config.get("std") or [1.0] * channels
@@ -621,7 +650,7 @@ class Session:
             mean, std = [0.0] * channels, [1.0] * channels
         m = torch.tensor(mean, dtype=t.dtype).reshape(-1, 1, 1)
         s = torch.tensor(std, dtype=t.dtype).reshape(-1, 1, 1)
-        return self._as_fed((t - m) / s)
+        return self._as_fed((t - m) / s), note
 
     def _as_fed(self, t: torch.Tensor) -> torch.Tensor:
         """A float image in the floating dtype the run's graph records for the model's
@@ -634,14 +663,20 @@ class Session:
             return t.to(dtype)
         return t
 
-    def _dataset_transform(self, image: Image.Image, data: bytes | None) -> torch.Tensor | None:
+    def _dataset_transform(
+        self, image: Image.Image, data: bytes | None
+    ) -> tuple[torch.Tensor | None, str | None]:
         """The upload as the dataset given to the server (``create_app(dataset=...)``)
         makes a file: its ``loader`` and ``transform`` (torchvision's ImageFolder and its
-        kind), so that a custom resize, crop, dtype or channel count is the probe's; None
-        when the given dataset has no transform (or none was given)."""
+        kind), so that a custom resize, crop, dtype or channel count is the probe's, and a
+        note, or ``(None, note)``. Only a file dataset's (a callable ``loader``, the bytes at
+        hand) is used: a dataset of in-memory images (CIFAR10, FakeData) has no resize for
+        a picture of another size. A random transform (augmentation) is not used either,
+        so that the same upload always gets the same answer; the note says so."""
         import tempfile
 
         import torch
+        from PIL import Image
 
         from lurker.probe import data as pdata
 
@@ -649,27 +684,31 @@ class Session:
         if isinstance(ds, pdata.WrappedDataset):
             ds = ds.dataset
         transform = getattr(ds, "transform", None)
-        if ds is None or not callable(transform):
-            return None
-
-        if isinstance(ds, pdata.ImageFolderDataset):
-            return None  # lurker's own folder: the path above is exactly its loader's
         loader = getattr(ds, "loader", None)
-        try:
-            if callable(loader) and data is not None:
-                with tempfile.TemporaryDirectory() as tmp:
-                    path = Path(tmp) / "upload"
-                    path.write_bytes(data)
-                    loaded = loader(str(path))
-            else:  # torchvision's default loader: the file in RGB
-                loaded = pdata.convert_image(image, "RGB")
-            t = transform(loaded)
-        except Exception as e:
-            raise ApiError(
-                422,
-                f"the dataset's own loader and transform failed on this image "
-                f"({type(e).__name__}: {e})",
-            ) from None
+        if ds is None or not callable(transform) or not callable(loader) or data is None:
+            return None, None
+        if isinstance(ds, pdata.ImageFolderDataset):
+            return None, None  # lurker's own folder: the path below is exactly its loader's
+        with tempfile.TemporaryDirectory() as tmp:
+            # a suffix as the file's own (loaders check it, as torchvision's is_image_file)
+            path = Path(tmp) / f"upload{_suffix(data)}"
+            path.write_bytes(data)
+            try:
+                first = _seeded(lambda: transform(loader(str(path))), 1)
+                second = _seeded(lambda: transform(loader(str(path))), 2)
+            except Exception as e:
+                msg = str(e).replace(str(path), "the upload").replace(tmp, "")
+                raise ApiError(
+                    422,
+                    f"the dataset's own loader and transform failed on this image "
+                    f"({type(e).__name__}: {msg})",
+                ) from None
+        if not _same(first, second):
+            return None, (
+                "the dataset's transform is random (augmentation): the image was resized and "
+                "center-cropped instead, so that it gets the same answer each time"
+            )
+        t = pdata.pil_to_tensor(first) if isinstance(first, Image.Image) else first
         shape = [int(v) for v in self.config.get("input_shape") or []]
         if not isinstance(t, torch.Tensor) or (shape and list(t.shape) != shape):
             what = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
@@ -678,7 +717,7 @@ class Session:
                 f"the dataset's transform made {what} of this image, not an input shaped "
                 f"{tuple(shape)} as the run's: the model cannot take it",
             )
-        return self._as_fed(t.detach().cpu().float())
+        return self._as_fed(t.detach().cpu().float()), None
 
     def add_upload(self, data: bytes, image: Image.Image, name: str | None = None) -> str:
         """Keep an uploaded image; its id is the sha256 prefix of the file. ``name``: the
@@ -693,8 +732,9 @@ class Session:
         from lurker.probe import data as pdata
 
         try:
-            t = self.preprocess(image, data)
-            note = pdata.transparency_note(image)
+            t, transform_note = self.preprocess(image, data)
+            notes = [n for n in (pdata.transparency_note(image), transform_note) if n]
+            note = "; ".join(notes) if notes else None
         except ApiError:
             raise
         except Exception as e:  # an image Pillow opened but cannot convert (odd modes)
@@ -1098,6 +1138,57 @@ class ConvKernel:
         if self.transposed:
             return inp, out - g * (self.out_channels // self.groups)
         return out, inp - g * (self.in_channels // self.groups)
+
+
+def _suffix(data: bytes) -> str:
+    """The file suffix of an uploaded file's image format (``.png``, ``.jpg``), for a
+    loader that checks it; ``""`` for a format Pillow cannot name or names no suffix for."""
+    from PIL import Image
+
+    common = {"JPEG": ".jpg", "PNG": ".png", "BMP": ".bmp", "TIFF": ".tif", "WEBP": ".webp"}
+    try:
+        with Image.open(io.BytesIO(data)) as im:  # reads the header only
+            fmt = im.format or ""
+    except Exception:
+        return ""
+    if fmt in common:
+        return common[fmt]
+    return next((ext for ext, f in Image.registered_extensions().items() if f == fmt), "")
+
+
+def _seeded(make: Callable[[], Any], seed: int) -> Any:
+    """``make()`` with torch's, Python's and numpy's random generators seeded by ``seed``,
+    each restored after: two seeds giving different results show a random transform."""
+    import random
+
+    import torch
+
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            random.seed(seed)
+            np.random.seed(seed)
+            return make()
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Whether two transform results are the same (tensors by value, PIL images by pixels)."""
+    import torch
+    from PIL import Image
+
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        if a.shape != b.shape or a.dtype != b.dtype:
+            return False
+        if a.is_floating_point():  # a NaN the transform makes twice is the same result
+            return bool(torch.allclose(a, b, rtol=0, atol=0, equal_nan=True))
+        return bool(torch.equal(a, b))
+    if isinstance(a, Image.Image) and isinstance(b, Image.Image):
+        return a.size == b.size and a.mode == b.mode and a.tobytes() == b.tobytes()
+    return type(a) is type(b)
 
 
 def _cached(path: Path) -> bool:

@@ -3,7 +3,7 @@ import { cropCanvas, p, type LayerDoc } from "../api";
 import { histogramChart, positionCount, sampleValueLabel } from "../charts";
 import type { PageContext } from "../context";
 import { append, facts, fill, fmt, h, notice, shape, withId } from "../dom";
-import { featureName, featureScale, featureStrip, imageState, noImage, patchless, tokenMeanOver, tokenSequence, topFeatures } from "../images";
+import { featureBins, featureName, featureScale, imageState, noImage, patchless, tokenMeanOver, tokenSequence } from "../images";
 import { outputClass } from "../classes";
 
 const SORTS = ["max", "mean", "index"] as const;
@@ -44,7 +44,8 @@ export async function renderLayer(root: HTMLElement, ctx: PageContext, args: str
   // token ids (a text model's inputs) have no picture: a tile shows the tokens instead
   // feature vectors (a tabular model's inputs) neither: a tile shows the values
   const vectors = (images.features ?? null) !== null;
-  const scale = featureScale(Object.values(doc.features ?? {}));
+  // (each bin holds its largest |value|: the strips' scale is every value's)
+  const scale = featureScale(Object.values(doc.features ?? {}).map((t) => t.strip));
   const thumbs = images.tokens !== null ? ["tokens"] : vectors ? ["features", ...(featviz.size ? ["featviz"] : [])] : ["input", ...(positions > 1 ? ["crop"] : []), ...(featviz.size ? ["featviz"] : [])];
   let thumb = thumbs.includes(params.get("thumb") ?? "") ? (params.get("thumb") as string) : thumbs[0];
   // units constant on the dataset (a ReLU that never fires): their top lists are ties,
@@ -66,7 +67,7 @@ export async function renderLayer(root: HTMLElement, ctx: PageContext, args: str
   const clip = Array.isArray(doc.layout?.["positions"]) && (doc.layout?.["positions"] as unknown[]).length === 3;
   const tileText = (): string =>
     thumb === "features"
-      ? `Each tile: the feature values of the sample that excites the unit most (its top sample by max), one cell per feature in order, red above 0 and blue below (one scale for every tile: |value| ${fmt(scale)} is the deepest colour), and its ${Math.min(3, images.features ?? 0)} largest by |value| named`
+      ? `Each tile: the feature values of the sample that excites the unit most (its top sample by max), one cell per feature in order (at most 64 cells: beyond, each cell spans consecutive features and shows the one of largest |value|), red above 0 and blue below (one scale for every tile: |value| ${fmt(scale)} is the deepest colour), and its ${Math.min(3, images.features ?? 0)} largest by |value| named`
       : thumb === "tokens"
       ? `Each tile: the token ids of the sample that excites the unit most (its top sample by max)${positions > 1 && positions === images.tokens ? ", around the token where it peaks, which is marked" : ", its first ones (this layer has no axis of one position per token)"}`
       : thumb === "featviz"
@@ -89,13 +90,13 @@ export async function renderLayer(root: HTMLElement, ctx: PageContext, args: str
     }
     if (thumb === "features" && constant === null) {
       if (top === null) return noImage("no top sample");
-      const values = doc.features?.[String(top)];
-      if (!values) return noImage(`top: sample #${top}; values not at hand`);
+      const tile = doc.features?.[String(top)];
+      if (!tile) return noImage(`top: sample #${top}; values not at hand`);
       return h(
         "div",
         { class: "feat-thumb", title: `sample ${top}`, "data-sample": top },
-        featureStrip(values, images.featureNames, scale),
-        ...topFeatures(values, 3).map((i) => h("span", { class: "feat-top", "data-feature": i }, h("span", { class: "feat-name" }, featureName(images.featureNames, i)), h("span", { class: "feat-num" }, values[i] === null ? "not finite" : fmt(values[i])))),
+        featureBins(tile, images.featureNames, scale),
+        ...tile.top.map(({ index, value }) => h("span", { class: "feat-top", "data-feature": index }, h("span", { class: "feat-name" }, featureName(images.featureNames, index)), h("span", { class: "feat-num" }, value === null ? "not finite" : fmt(value)))),
       );
     }
     const tag = thumb === "featviz" || constant !== null || top === null ? null : patchless({ rf: doc.rf, layout: doc.layout }, peak?.[1]);

@@ -13,7 +13,15 @@ from lurker.vocab import words_of
 from ..classes import class_names, class_units
 from ..deps import entry, session
 from ..errors import ApiError
-from ..schemas import DirectionBrief, Histogram, LayerDetail, UnitBrief, UnitWeight
+from ..schemas import (
+    DirectionBrief,
+    FeatureTile,
+    FeatureValue,
+    Histogram,
+    LayerDetail,
+    UnitBrief,
+    UnitWeight,
+)
 from ..state import positions_per_sample, token_length, token_window, vector_length
 from .runs import layer_brief
 
@@ -37,7 +45,11 @@ def layer_detail(request: Request, run_id: str, layer: str) -> LayerDetail:
     value = class_units(e.open_run()).get(info.op or "")
     windows = _token_windows(request, e, rows, info)
     vocab = session(request, e).vocab() if windows else None
-    features, features_error = _top_features(request, e, rows)
+    features, features_error = session(request, e).cached(
+        ("layer-features", e.generation, layer),
+        lambda: _top_features(request, e, rows),
+        keep=lambda made: made[1] is None,  # not a reason the dataset cannot give them
+    )
     return LayerDetail(
         layer=layer_brief(info, value),
         rf=info.rf,
@@ -73,11 +85,15 @@ def layer_detail(request: Request, run_id: str, layer: str) -> LayerDetail:
     )
 
 
+#: the most cells a layer tile's strip draws (bins of consecutive features beyond)
+TILE_BINS = 64
+
+
 def _top_features(
     request: Request, e: Any, rows: list[Any]
-) -> tuple[dict[str, list[float | None]] | None, str | None]:
+) -> tuple[dict[str, FeatureTile] | None, str | None]:
     """On a run of feature vectors: the values of each unit's top max sample (by sample
-    id: units share samples), which its tile shows in place of an image, or why the
+    id: units share samples) as its tile shows them in place of an image, or why the
     dataset cannot give them (all or none: no tile from a dataset that changed)."""
     if vector_length(e.open_run()) is None:
         return None, None
@@ -85,14 +101,36 @@ def _top_features(
     reason = s.dataset_reason()
     if reason is not None:
         return None, reason
-    out: dict[str, list[float | None]] = {}
+    out: dict[str, FeatureTile] = {}
     try:
         for _, _, _, tm, _, _, _ in rows:
             if tm >= 0 and str(tm) not in out:
-                out[str(tm)] = s.sample_features(tm, e.sample_row(tm)[1])
+                out[str(tm)] = feature_tile(s.sample_features(tm, e.sample_row(tm)[1]))
     except ApiError as err:
         return None, err.detail
     return out, None
+
+
+def feature_tile(values: list[float | None], bins: int = TILE_BINS, top: int = 3) -> FeatureTile:
+    """``values`` as a tile draws them: at most ``bins`` cells of consecutive features,
+    each the signed value of largest |value| in it (null where one is not finite: a NaN
+    is shown, not hidden by its neighbours), and the ``top`` largest by |value|."""
+    n = len(values)
+    b = min(n, bins)
+    # numpy's array_split: the first n % b bins one feature longer
+    starts = [i * (n // b) + min(i, n % b) for i in range(b)]
+    strip: list[float | None] = []
+    for i, first in enumerate(starts):
+        cell = values[first : starts[i + 1] if i + 1 < b else n]
+        finite = [v for v in cell if v is not None]
+        strip.append(None if len(finite) < len(cell) else max(finite, key=abs))
+    order = sorted(range(n), key=lambda i: (values[i] is None, -abs(values[i] or 0.0), i))
+    return FeatureTile(
+        count=n,
+        starts=starts,
+        strip=strip,
+        top=[FeatureValue(index=i, value=values[i]) for i in order[:top]],
+    )
 
 
 def _token_windows(
