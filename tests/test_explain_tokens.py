@@ -216,3 +216,91 @@ def test_baseline_ids_are_embedded() -> None:
     by_vector = lurker.explain(model, ids, method="integrated_gradients", baseline=row)
     torch.testing.assert_close(by_id.attribution, by_vector.attribution, atol=1e-12, rtol=0)
     assert by_id.options["baseline"] == 5
+
+
+class TwoLookups(nn.Module):
+    """Looks the embedding up twice: the ids, and a class token's id prepended (BERT's
+    [CLS]) or the ids shifted by one: only the ids' own lookup is what is attributed."""
+
+    def __init__(self, shifted: bool) -> None:
+        super().__init__()
+        self.shifted = shifted
+        self.embedding = nn.Embedding(VOCAB, DIM)
+        self.fc = nn.Linear(DIM, CLASSES)
+
+    def mix(self, e: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        if self.shifted:
+            h = e * self.embedding(ids.roll(1, 1))
+        else:
+            cls = self.embedding(torch.full_like(ids[:, :1], VOCAB - 1))
+            h = torch.cat([cls, e], 1)
+        return self.fc(torch.tanh(h).mean(1))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.mix(self.embedding(ids), ids)
+
+
+@pytest.mark.parametrize("shifted", [True, False])
+def test_only_the_ids_own_lookup_is_attributed(shifted: bool) -> None:
+    """Was: every call of the embedding returned the attributed values, so a second lookup
+    (a shifted copy: same shape) made the scores another function's, with a delta near 0;
+    a class token's lookup (another shape) was refused."""
+    torch.manual_seed(0)
+    model, ids = TwoLookups(shifted).double().eval(), _ids()
+    target = [0, 2, 1]
+    e = model.embedding(ids).detach().requires_grad_(True)
+    model.mix(e, ids).gather(1, torch.tensor(target)[:, None]).sum().backward()
+    want = e.grad.detach()
+    sal = lurker.explain(model, ids, target, method="saliency")
+    torch.testing.assert_close(sal.attribution, want.norm(dim=-1), atol=1e-10, rtol=0)
+    ixg = lurker.explain(model, ids, target, method="input_x_gradient")
+    torch.testing.assert_close(ixg.attribution, (want * e.detach()).sum(-1), atol=1e-10, rtol=0)
+    ig = lurker.explain(model, ids, target, method="integrated_gradients", n_steps=64)
+    with torch.no_grad():  # completeness from the zero vector, by hand
+        rows = torch.arange(3)
+        full = model.mix(e.detach(), ids)[rows, target]
+        zero = model.mix(torch.zeros_like(e), ids)[rows, target]
+    torch.testing.assert_close(ig.attribution.sum(-1), full - zero, atol=1e-3, rtol=0)
+
+
+def test_ids_outside_the_vocabulary_and_integer_images_say_what_to_do() -> None:
+    model = _model(ConvText)
+    bad = _ids().clone()
+    bad[0, 0] = VOCAB + 5
+    with pytest.raises(LurkerError, match=f"token id {VOCAB + 5} is outside .*0 to {VOCAB - 1}"):
+        lurker.explain(model, bad)
+
+    class Conditional(nn.Module):  # an image model with a class embedding
+        def __init__(self) -> None:
+            super().__init__()
+            self.cls = nn.Embedding(3, 4)
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.conv(x.float()).mean((2, 3)) + self.cls.weight[0]
+            return h
+
+    img = torch.randint(0, 255, (1, 3, 8, 8), dtype=torch.uint8)
+    for method in ("saliency", "gradcam"):
+        with pytest.raises(LurkerError, match=r"floating point.*pass x\.float\(\)"):
+            lurker.explain(Conditional(), img, method=method)
+
+
+def test_the_model_is_left_untouched_when_a_method_raises() -> None:
+    model, ids = _model(TransformerText), _ids()
+    flags = [p.requires_grad for p in model.parameters()]
+    with pytest.raises(LurkerError):
+        lurker.explain(model, ids, method="smoothgrad", noise=torch.zeros(2, 2))
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert all(p.grad is None for p in model.parameters())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    assert not model.training
+
+
+def test_a_numpy_integer_baseline_is_an_id() -> None:
+    import numpy as np
+
+    model, ids = _model(ConvText), _ids()
+    a = lurker.explain(model, ids, method="integrated_gradients", baseline=np.int64(5))
+    b = lurker.explain(model, ids, method="integrated_gradients", baseline=5)
+    torch.testing.assert_close(a.attribution, b.attribution, atol=0, rtol=0)

@@ -153,8 +153,11 @@ class Method:
 
         # token ids: attributed at the embedding that reads them (a model without one
         # reading integers is refused by check_input, as any non-float input)
+        # (an integer image, B x C x H x W, is no sequence of ids even where the model has
+        # an embedding, a class-conditional one's: check_input says to pass x.float())
         ids = (
             is_ids(x)
+            and x.dim() <= 2
             and isinstance(model, nn.Module)
             and any(isinstance(m, nn.Embedding) for m in model.modules())
         )
@@ -265,6 +268,21 @@ def register(cls: type[Method]) -> type[Method]:
     return cls
 
 
+def _integer_hint(model: nn.Module, x: Tensor) -> str:
+    """What to do with an integer input the methods cannot differentiate."""
+    if x.is_complex() or x.dtype == torch.bool:
+        return ""
+    if any(isinstance(m, nn.Embedding) for m in model.modules()):
+        return (
+            f" (token ids are explained as a batch (B, L) of sequences, and this input has "
+            f"shape {tuple(x.shape)}: for an image or other values, pass x.float())"
+        )
+    return (
+        " (token ids are attributed at the nn.Embedding that looks them up, and "
+        f"{type(model).__name__} has none; for an image or other values, pass x.float())"
+    )
+
+
 def check_input(model: Any, x: Any, what: str = "explain") -> Tensor:
     """``x`` as a floating-point batch the model takes, or a clear error."""
     if not isinstance(model, nn.Module):
@@ -274,13 +292,7 @@ def check_input(model: Any, x: Any, what: str = "explain") -> Tensor:
     if not x.is_floating_point():
         raise LurkerError(
             f"{what} differentiates with respect to the input, so it must be floating point; "
-            f"got {x.dtype}"
-            + (
-                " (token ids are attributed at the nn.Embedding that looks them up, and "
-                f"{type(model).__name__} has none)"
-                if not (x.is_complex() or x.dtype == torch.bool)
-                else ""
-            )
+            f"got {x.dtype}" + _integer_hint(model, x)
         )
     if x.dim() < 2:
         raise LurkerError(

@@ -21,6 +21,7 @@ floating tensor, the embedded baseline itself.
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import torch
@@ -78,12 +79,7 @@ def reading_embedding(model: nn.Module, ids: Tensor) -> tuple[str, nn.Embedding,
 
     def hook(name: str) -> Any:
         def grab(mod: nn.Module, inp: Any, out: Any) -> None:
-            got = inp[0] if inp else None
-            if (
-                isinstance(got, Tensor)
-                and got.shape == ids.shape
-                and (got is ids or torch.equal(got.to(ids.device), ids))
-            ):
+            if _looks_up(inp, ids):
                 if name in seen:
                     raise LurkerError(
                         f"the embedding {name!r} looks the ids up more than once in a forward; "
@@ -97,7 +93,11 @@ def reading_embedding(model: nn.Module, ids: Tensor) -> tuple[str, nn.Embedding,
         for name, m in embeddings:
             handles.append(m.register_forward_hook(hook(name)))
         with torch.no_grad():
-            model(ids)
+            try:
+                model(ids)
+            except IndexError:  # torch's "index out of range in self": say which id
+                check_ids(model, ids)
+                raise
     finally:
         for h in handles:
             h.remove()
@@ -120,13 +120,41 @@ def reading_embedding(model: nn.Module, ids: Tensor) -> tuple[str, nn.Embedding,
     return name, module, out
 
 
+def _looks_up(inp: Any, ids: Tensor) -> bool:
+    """Whether an embedding's call (its positional ``inp``) looks up ``ids`` themselves,
+    not other ids (a class token's, a shifted copy's, positions)."""
+    got = inp[0] if inp else None
+    return (
+        isinstance(got, Tensor)
+        and got.shape == ids.shape
+        and (got is ids or torch.equal(got.to(ids.device), ids))
+    )
+
+
+def check_ids(model: nn.Module, ids: Tensor) -> None:
+    """Refuse ids that no embedding of ``model`` can look up, where a forward failed on
+    them inside torch (an index error that would otherwise read as a dtype problem)."""
+    sizes = [m.num_embeddings for m in model.modules() if isinstance(m, nn.Embedding)]
+    if not sizes or not ids.numel():
+        return
+    n = max(sizes)
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= n:
+        bad = lo if lo < 0 else hi
+        raise LurkerError(
+            f"token id {bad} is outside the ids the model's embeddings look up (0 to "
+            f"{n - 1}): give ids of the model's vocabulary (if the input is numbers, not "
+            "ids, pass x.float())"
+        )
+
+
 def token_baseline(baseline: Any, emb: nn.Embedding, ids: Tensor, e: Tensor) -> Tensor:
     """Integrated gradients' baseline in embedding space (see the module's docstring)."""
     if baseline is None:
         return torch.zeros_like(e)
     if isinstance(baseline, bool):
         raise LurkerError(f"baseline must be None, an id or a tensor; got {baseline!r}")
-    if isinstance(baseline, int) or is_ids(baseline):
+    if isinstance(baseline, numbers.Integral) or is_ids(baseline):
         b = torch.as_tensor(baseline, device=ids.device).long()
         n = emb.num_embeddings
         if b.numel() and (int(b.min()) < 0 or int(b.max()) >= n):
@@ -177,10 +205,15 @@ class Embedded(nn.Module):
 
     def forward(self, e: Tensor) -> Any:
         ids = self.ids if self.rows is None else self.ids[self.rows.to(self.ids.device)]
-        if ids.shape[0] != e.shape[0]:
-            ids = self.ids[: e.shape[0]]
+        if ids.shape[0] != e.shape[0]:  # a method that did not say which rows it runs
+            raise LurkerError(
+                f"internal: {e.shape[0]} embedded rows for {ids.shape[0]} rows of ids, and no "
+                "rows given to pair them"
+            )
 
         def replace(mod: nn.Module, inp: Any, out: Tensor) -> Tensor:
+            if not _looks_up(inp, ids):
+                return out  # another lookup (a class token's id, shifted ids): the model's
             if out.shape != e.shape:
                 raise LurkerError(
                     f"the embedding's output {tuple(out.shape)} does not match the embedded "
