@@ -133,10 +133,10 @@ def test_generation_endpoint_follows_the_run(served: dict) -> None:
         "generation": before,
         "status": "complete",
         "images_version": summary["images_version"],
-        "additions": {"featviz": None, "map": None},  # neither written yet
+        "additions": {"featviz": None, "map": None, "vocab": None},  # neither written yet
         "featviz_layers": {},
     }
-    assert summary["additions"] == {"featviz": None, "map": None}
+    assert summary["additions"] == {"featviz": None, "map": None, "vocab": None}
     assert get("api/runs/d/generation")["generation"] == before  # stable while unchanged
     served["reprobe"]()
     after = get("api/runs/d/generation")["generation"]

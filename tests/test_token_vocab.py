@@ -23,9 +23,9 @@ LAYER = "conv"
 
 
 class Text(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, rows: int = VOCAB) -> None:
         super().__init__()
-        self.emb = nn.Embedding(VOCAB, 6)
+        self.emb = nn.Embedding(rows, 6)
         self.conv = nn.Conv1d(6, 4, 3, padding=1)
         self.head = nn.Linear(4, 2)
 
@@ -71,7 +71,7 @@ def test_api_gives_each_stored_id_its_word(served: dict) -> None:
 def test_a_vocab_too_short_is_refused_before_the_sweep(tmp_path: Path) -> None:
     from lurker.probe import probe
 
-    with pytest.raises(LurkerError, match=r"holds 5 tokens.*embedding looks up 12 ids"):
+    with pytest.raises(LurkerError, match=r"holds 5 tokens.*samples use 12 ids"):
         probe(Text(), _data(), out=tmp_path / "r", k=K, progress=False, vocab=WORDS[:5])
     assert not (tmp_path / "r" / "run.db").exists()  # refused before anything is written
 
@@ -101,7 +101,7 @@ def test_vocab_files_round_trip_and_serve_override(served: dict, tmp_path: Path)
     spaced = tmp_path / "s.txt"
     spaced.write_text(" a\r\n\tb\n\n")  # a token's spaces are its own; an empty token is one
     assert read_vocab(spaced) == [" a", "\tb", ""]
-    with pytest.raises(LurkerError, match=r"holds 3 tokens.*looks up 12 ids"):
+    with pytest.warns(UserWarning, match=r"holds 3 tokens.*looks up 12 ids.*this model's"):
         create_app(served["run"], vocab=read_vocab(spaced))
     app = create_app(served["run"], dataset=served["data"], vocab=read_vocab(lines))
     with background(app) as url:
@@ -142,3 +142,153 @@ def test_unit_page_shows_words_escaped_with_the_peak_marked(browser: Any, served
             peak = rows.nth(i).locator(".tok-peak")
             assert peak.count() == 1 and int(peak.get_attribute("data-pos")) == e["x"]
             assert f"id {want[e['x']]}" in peak.get_attribute("title")
+
+
+def test_a_bert_vocab_txt_starting_with_a_bracket_is_read_as_lines(tmp_path: Path) -> None:
+    from lurker.vocab import read_vocab
+
+    bert = ["[PAD]", "[unused0]", "{", "the", "##s"]
+    for name in ("vocab.txt", "vocab"):
+        (tmp_path / name).write_text("\n".join(bert) + "\n")
+        assert read_vocab(tmp_path / name) == bert
+    (tmp_path / "v.json").write_text("\n".join(bert) + "\n")  # named JSON: it must be JSON
+    with pytest.raises(LurkerError, match=r"v\.json is not valid JSON"):
+        read_vocab(tmp_path / "v.json")
+
+
+def test_a_vocab_stored_on_a_finished_run_reaches_the_running_server(tmp_path: Path) -> None:
+    import httpx2 as httpx
+
+    from lurker.probe import probe
+    from lurker.server import create_app
+    from lurker.server.serve import background
+
+    torch.manual_seed(0)
+    model, data = Text().eval(), _data()
+    kw: dict[str, Any] = dict(out=tmp_path / "p", layers=[LAYER], k=K, progress=False)
+    probe(model, data, **kw).close()
+    with background(create_app(tmp_path / "p", model_obj=model, dataset=data)) as url:
+        url = url.rstrip("/")
+        assert get_json(f"{url}/api/runs/p")["dataset"]["vocab_size"] is None
+        assert get_json(f"{url}/api/runs/p/samples/3")["token_text"] is None
+        before = get_json(f"{url}/api/runs/p/generation")
+        with pytest.warns(UserWarning, match="already holds this probe"):
+            probe(model, data, **kw, vocab=WORDS).close()  # stored, no sweep
+        after = get_json(f"{url}/api/runs/p/generation")
+        assert after["additions"]["vocab"] not in (None, before["additions"]["vocab"])
+        assert get_json(f"{url}/api/runs/p")["dataset"]["vocab_size"] == VOCAB
+        ids = data.tensors[0][3].tolist()
+        assert get_json(f"{url}/api/runs/p/samples/3")["token_text"] == [WORDS[i] for i in ids]
+        unit = httpx.get(f"{url}/api/runs/p/layers/{LAYER}/units/0").json()
+        e = unit["top"]["max"][0]
+        assert e["token_text"] == [WORDS[i] for i in e["tokens"]]
+
+
+def test_a_server_vocab_is_refused_with_several_text_runs(tmp_path: Path) -> None:
+    from lurker.probe import probe
+    from lurker.server import create_app
+
+    for name, words in (("a", WORDS), ("b", [w.upper() for w in WORDS])):
+        probe(Text(), _data(), out=tmp_path / name, k=K, progress=False, vocab=words).close()
+    with pytest.raises(LurkerError, match=r"2 served runs take token ids \('a', 'b'\)"):
+        create_app(tmp_path, vocab=WORDS)
+
+
+def test_a_server_vocab_that_stops_fitting_shows_ids_and_says_why(tmp_path: Path) -> None:
+    from lurker.probe import probe
+    from lurker.server import create_app
+    from lurker.server.serve import background
+
+    calls: list[int] = []
+
+    def word(i: int) -> str:
+        calls.append(i)
+        if i >= VOCAB:
+            raise RuntimeError("unknown id")  # a tokenizer failing past its vocabulary
+        return WORDS[i]
+
+    data = _data()
+    probe(Text(), data, out=tmp_path / "runs" / "t", k=K, progress=False).close()
+    with background(create_app(tmp_path / "runs", dataset=data, vocab=word)) as url:
+        url = url.rstrip("/")
+        assert get_json(f"{url}/api/runs/t/samples/1")["token_text"] is not None
+        # probed again with a bigger embedding: the vocabulary no longer fits
+        probe(Text(20), data, out=tmp_path / "runs" / "t", k=K, progress=False, overwrite=True)
+        summary = get_json(f"{url}/api/runs/t")
+        assert summary["dataset"]["vocab_size"] is None
+        assert summary["dataset"]["vocab_error"].startswith("run 't': ")
+        assert "failed on id 12: RuntimeError: unknown id" in summary["dataset"]["vocab_error"]
+        asked = len(calls)
+        sample = get_json(f"{url}/api/runs/t/samples/1")
+        assert sample["tokens"] == data.tensors[0][1].tolist() and sample["token_text"] is None
+        get_json(f"{url}/api/runs/t/layers/{LAYER}")
+        get_json(f"{url}/api/runs/t/layers/{LAYER}/units/0")
+        assert len(calls) == asked  # the failure is cached, not asked for per request
+
+
+def test_a_padded_embedding_takes_the_tokenizers_vocab(tmp_path: Path) -> None:
+    from lurker.probe import probe
+    from lurker.vocab import as_vocab
+
+    # 13 rows for 12 tokens (nanoGPT pads GPT-2's 50257 to 50304): the data uses 0..11
+    run = probe(Text(13), _data(), out=tmp_path / "a", k=K, progress=False, vocab=WORDS)
+    assert run.meta["vocab"] == [*WORDS, None]
+    run.close()
+    # a list's __getitem__ raises IndexError past its end: that id has no word
+    run = probe(Text(13), _data(), out=tmp_path / "b", k=K, progress=False, vocab=WORDS.__getitem__)
+    assert run.meta["vocab"] == [*WORDS, None]
+    run.close()
+    with pytest.warns(UserWarning, match=r"holds 12 tokens.*looks up 40 ids.*this model's"):
+        probe(Text(40), _data(), out=tmp_path / "c", k=K, progress=False, vocab=WORDS).close()
+
+    def broken(i: int) -> str:
+        raise ValueError("no such token")
+
+    with pytest.raises(LurkerError, match=r"callable failed on id 0: ValueError: no such"):
+        as_vocab(broken, 4)
+
+
+def test_a_dataset_vocab_that_does_not_fit_is_not_stored(tmp_path: Path) -> None:
+    from lurker.probe import probe
+
+    class Named(TensorDataset):
+        itos = WORDS[:5]  # names ids 0..4, and the samples use 0..11
+
+    data = Named(*_data().tensors)
+    with pytest.warns(UserWarning, match=r"vocab/itos is not stored.*holds 5 tokens"):
+        run = probe(Text(), data, out=tmp_path / "r", k=K, progress=False)
+    assert "vocab" not in run.meta
+    run.close()
+    data.itos = WORDS
+    run = probe(Text(), data, out=tmp_path / "s", k=K, progress=False)
+    assert run.meta["vocab"] == WORDS
+    run.close()
+
+
+def test_an_open_sample_page_offers_the_vocab_stored_since(browser: Any, tmp_path: Path) -> None:
+    skip_without_browser()
+    from lurker.probe import probe
+    from lurker.server import create_app
+    from lurker.server.serve import background
+
+    torch.manual_seed(0)
+    model, data = Text().eval(), _data()
+    kw: dict[str, Any] = dict(out=tmp_path / "p", layers=[LAYER], k=K, progress=False)
+    probe(model, data, **kw).close()
+    want = [WORDS[i] for i in data.tensors[0][5].tolist()]
+    app = create_app(tmp_path / "p", model_obj=model, dataset=data)
+    with background(app) as url, strict_page(browser) as pg:
+        pg.goto(f"{url.rstrip('/')}/#/r/p/sample/5")
+        pg.wait_for_selector(".tok")
+        assert pg.locator(".tok").first.text_content() != want[0].replace(" ", "␣")
+        with pytest.warns(UserWarning, match="already holds this probe"):
+            probe(model, data, **kw, vocab=WORDS).close()
+        with pg.expect_response(lambda r: r.url.endswith("/api/runs/p/generation")):
+            pg.evaluate("document.dispatchEvent(new Event('visibilitychange'))")
+        pg.wait_for_selector(".run-changed[data-state=stale]")
+        bar = pg.inner_text(".run-changed")
+        assert "a new vocabulary" in bar and "probed again" not in bar
+        pg.click("text=Show the new results")
+        shown = [{" sat": "␣sat", "\t": "⇥"}.get(w, w) for w in want]
+        pg.wait_for_function("w => document.querySelector('.tok')?.textContent === w", arg=shown[0])
+        assert pg.locator(".tok").evaluate_all("ts => ts.map(t => t.textContent)") == shown

@@ -803,7 +803,7 @@ Examples:
 @click.option(
     "--vocab",
     type=click.Path(exists=True, dir_okay=False),
-    help="A text model's vocabulary: one token per line (line i: id i), a JSON list, or a JSON {token: id} object. The pages show the words of the token ids (in place of any the run stores).",
+    help="A text model's vocabulary: one token per line (line i: id i), a JSON list, or a JSON {token: id} object. The pages show the words of the token ids (in place of any the run stores; refused for a folder of several runs of token ids).",
 )
 @device_option
 @_friendly

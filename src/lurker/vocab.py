@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import LurkerError
+from .errors import LurkerError, warn
 
 #: What a vocabulary may be given as: the texts by id, ``{text: id}`` (a Hugging Face
 #: tokenizer's ``get_vocab()``), or a callable from an id to its text.
@@ -66,16 +66,30 @@ def as_vocab(vocab: VocabLike, size: int | None = None) -> list[str | None]:
                 "vocab is a callable, and the number of ids to ask it for is unknown (no "
                 "embedding reads the model's input): pass the tokens as a list instead"
             )
-        words = [vocab(i) for i in range(size)]
+        words = [_ask(vocab, i) for i in range(size)]
     else:
         words = list(vocab)
     for i, w in enumerate(words):
-        if not isinstance(w, str):
+        if w is not None and not isinstance(w, str):
             raise LurkerError(
                 f"vocab entry {i} is {type(w).__name__} {w!r}, not a string: a vocabulary "
                 "gives each token id its text"
             )
     return list(words)
+
+
+def _ask(vocab: Callable[[int], Any], i: int) -> Any:
+    """The callable's text of id ``i``: None where it has none (an IndexError or KeyError,
+    as a list's ``__getitem__`` or a dict's raise for a padded embedding's extra rows)."""
+    try:
+        return vocab(i)
+    except (IndexError, KeyError):
+        return None
+    except Exception as e:  # a tokenizer failing: say which id, not a deep traceback
+        raise LurkerError(
+            f"the vocabulary callable failed on id {i}: {type(e).__name__}: {e}; give the "
+            "tokens as a list (None for an id without text) instead"
+        ) from None
 
 
 def _from_mapping(vocab: Mapping[Any, Any]) -> list[str | None]:
@@ -95,7 +109,9 @@ def _from_mapping(vocab: Mapping[Any, Any]) -> list[str | None]:
 def read_vocab(path: str | os.PathLike[str]) -> list[str | None]:
     """A vocabulary file: a JSON list of tokens, a JSON ``{token: id}`` object (a
     tokenizer's ``vocab.json``), or else one token per line, line ``i`` the text of id
-    ``i`` (the line's end dropped, nothing else: its spaces are the token's)."""
+    ``i`` (the line's end dropped, nothing else: its spaces are the token's). A file that
+    starts with ``[`` or ``{`` but is not JSON is read as lines (BERT's ``vocab.txt``
+    starts ``[PAD]``), unless it is named ``.json``."""
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
@@ -105,10 +121,14 @@ def read_vocab(path: str | os.PathLike[str]) -> list[str | None]:
         try:
             parsed = json.loads(text)
         except json.JSONDecodeError as e:
-            raise LurkerError(
-                f"the vocabulary file {p} starts as JSON but is not valid JSON ({e}): give a "
-                "JSON list of tokens, a JSON {token: id} object, or one token per line"
-            ) from None
+            # BERT's vocab.txt starts "[PAD]": a file of lines may start as JSON does
+            if p.suffix.lower() == ".json":
+                raise LurkerError(
+                    f"the vocabulary file {p} is not valid JSON ({e}): give a JSON list of "
+                    "tokens or a JSON {token: id} object (or one token per line, in a file "
+                    "not named .json)"
+                ) from None
+            parsed = None
         if isinstance(parsed, (list, dict)):
             return as_vocab(parsed)
     lines = text.split("\n")
@@ -132,12 +152,35 @@ def dataset_vocab(dataset: Any) -> list[str | None] | None:
 
 def check_vocab(words: Sequence[str | None], needed: int, where: str) -> None:
     """Refuse a vocabulary that does not name every id up to ``needed - 1`` (``where``
-    says what needs them: "the model's embedding looks up", "the samples use")."""
+    says what needs them: "the samples use")."""
     if len(words) < needed:
         raise LurkerError(
             f"the vocabulary holds {len(words)} tokens, and {where} {needed} ids (0.."
             f"{needed - 1}): give the model's full vocabulary, one token per id"
         )
+
+
+def fit_vocab(
+    words: Sequence[str | None], rows: int | None, used: int | None, where: str
+) -> list[str | None]:
+    """``words`` checked for a model whose embedding has ``rows`` rows and data whose
+    largest id is ``used - 1`` (None: unknown): refused when it leaves an id the data uses
+    unnamed, padded with None up to ``rows`` (an embedding padded past the tokenizer's
+    vocabulary, as nanoGPT's 50304 rows for GPT-2's 50257 tokens: an id without a word
+    shows as its id). A vocabulary much shorter than the rows (over 10%) is likely not
+    this model's: a warning says so."""
+    if used is not None:
+        check_vocab(words, used, where)
+    out = list(words)
+    if rows is not None and len(out) < rows:
+        if len(out) < 0.9 * rows:
+            warn(
+                f"the vocabulary holds {len(out)} tokens, and the model's embedding looks up "
+                f"{rows} ids: is it this model's? ids {len(out)}..{rows - 1} show without "
+                "words"
+            )
+        out += [None] * (rows - len(out))
+    return out
 
 
 def words_of(ids: Sequence[int], words: Sequence[str | None]) -> list[str | None]:

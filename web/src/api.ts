@@ -72,7 +72,7 @@ export interface RunSummary {
 
 /** What a command adds to a run without probing it again: its feature visualizations
  * (`lurker featviz`) and its dataset map (`lurker map`). */
-export type Addition = "featviz" | "map";
+export type Addition = "featviz" | "map" | "vocab";
 /** How a run changed under a page: probed again, or given new additions. */
 export type RunChange = "probe" | Addition;
 /** What {@link Api.runChanges} found: the kinds of change, and for `featviz` the layers
@@ -507,7 +507,7 @@ export class Api {
     }
     const prefix = this.jsonUrl(p("runs", run));
     const had = this.additions.get(run) ?? {};
-    const added = (["featviz", "map"] as const).filter((k) => now.additions !== undefined && (had[k] ?? null) !== (now.additions[k] ?? null));
+    const added = (["featviz", "map", "vocab"] as const).filter((k) => now.additions !== undefined && (had[k] ?? null) !== (now.additions[k] ?? null));
     if (now.generation === known && !added.length) {
       const version = this.versions.get(run);
       if (version !== undefined && (now.images_version ?? undefined) !== version) {
@@ -527,7 +527,7 @@ export class Api {
       before && after ? [...new Set([...Object.keys(before), ...Object.keys(after)])].filter((l) => before[l] !== after[l]) : null;
     // a re-probe or a map changes what any page may show: everything held is dropped; new
     // feature visualizations, only the summary and the documents of the layers written
-    const all = now.generation !== known || added.includes("map") || layers === null;
+    const all = now.generation !== known || added.includes("map") || added.includes("vocab") || layers === null;
     const scopes = all ? [prefix] : [prefix + "?", ...layers.map((l) => this.jsonUrl(p("runs", run, "layers", l)))];
     const under = (url: string) => scopes.some((s) => url === s || url.startsWith(s + "/") || url.startsWith(s + "?"));
     for (const url of [...this.cache.keys()]) if (url === prefix || under(url) || url === this.jsonUrl("/runs")) this.cache.delete(url);

@@ -43,11 +43,11 @@ const RUN_POLL_MS = 10_000;
 /** What each page shows of what a command adds to a run (a re-probe touches them all). */
 const SHOWS: Record<string, RunChange[]> = {
   home: ["featviz", "map"],
-  layer: ["featviz"],
-  unit: ["featviz"],
+  layer: ["featviz", "vocab"],
+  unit: ["featviz", "vocab"],
   map: ["map"],
   samples: ["map"],
-  sample: ["map"],
+  sample: ["map", "vocab"],
 };
 
 /** The changes of `changes` that a page of `kind` (its route args `args`) shows. */
@@ -84,7 +84,7 @@ function showRunChanged(run: string, state: "stale" | "fresh", changes: RunChang
   changedBar.dataset.change = probe ? "probe" : changes.join(" ");
   pageStale = state === "stale";
   const dismiss = h("button", { type: "button", class: "link", onclick: () => (changedBar.hidden = true) }, "dismiss");
-  const added = [changes.includes("featviz") ? "new feature visualizations (lurker featviz)" : "", changes.includes("map") ? "a new dataset map (lurker map)" : ""]
+  const added = [changes.includes("featviz") ? "new feature visualizations (lurker featviz)" : "", changes.includes("map") ? "a new dataset map (lurker map)" : "", changes.includes("vocab") ? "a new vocabulary (probe(..., vocab=...))" : ""]
     .filter(Boolean)
     .join(" and ");
   if (state === "stale" && !probe)

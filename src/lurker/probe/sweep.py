@@ -1111,14 +1111,15 @@ def _run_vocab(
     vocab: VocabLike | None, dataset: Any, tr: Trace, x0: Tensor
 ) -> list[str | None] | None:
     """The vocabulary to store in the run (given, else the dataset's own), checked before
-    the sweep: only inputs of token ids have one, and it names every id the embedding can
-    look up (without one, every id of the first sample, or of a TensorDataset)."""
-    from ..vocab import as_vocab, check_vocab, dataset_vocab, id_space, reads_ids
+    the sweep: only inputs of token ids have one, and it names every id the data uses
+    (every sample of a TensorDataset, else the first sample: a dataset read lazily is not
+    swept twice), padded to the rows of the embedding that reads the ids."""
+    from ..vocab import as_vocab, dataset_vocab, fit_vocab, id_space, reads_ids
 
     ids = x0.dim() == 2 and not x0.is_floating_point() and not x0.is_complex() and reads_ids(tr)
-    if vocab is None:
-        return dataset_vocab(dataset) if ids else None  # an attribute of another meaning
-    if not ids:
+    if vocab is None and not ids:
+        return None  # a vocab/itos attribute of another meaning
+    if vocab is not None and not ids:
         raise LurkerError(
             f"probe: vocab= names the words of token ids, and the model's input is "
             f"{tuple(x0.shape[1:])} {str(x0.dtype).removeprefix('torch.')}"
@@ -1129,15 +1130,21 @@ def _run_vocab(
             "token ids: leave out --vocab",
         )
     rows = id_space(tr)
-    words = as_vocab(vocab, rows)
-    if rows is not None:
-        check_vocab(words, rows, "the model's embedding looks up")
-    else:
-        seen = (
-            x0 if not isinstance(getattr(dataset, "tensors", None), tuple) else dataset.tensors[0]
-        )
-        check_vocab(words, int(seen.max()) + 1, "the samples use")
-    return words
+    tensors = getattr(dataset, "tensors", None)
+    seen = tensors[0] if isinstance(tensors, tuple) and tensors else x0
+    used = int(seen.max()) + 1 if seen.numel() else 0
+    where = "the samples use" if seen is not x0 else "the first sample uses"
+    if vocab is None:
+        found = dataset_vocab(dataset)
+        if found is None:
+            return None
+        try:
+            return fit_vocab(found, rows, used, where)
+        except LurkerError as e:
+            # the attribute may mean something else: store nothing rather than wrong words
+            warn(f"probe: the dataset's vocab/itos is not stored as the run's vocabulary: {e}")
+            return None
+    return fit_vocab(as_vocab(vocab, rows), rows, used, where)
 
 
 def _relevance_composite(relevance: bool | str) -> str | None:

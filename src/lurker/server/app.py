@@ -48,32 +48,45 @@ code{{background:#eee;padding:0 .3em}}</style></head><body>
 """
 
 
-def _checked_vocab(registry: Registry, vocab: Any) -> Any:
-    """A vocabulary given to the server, checked now against each served run of token ids
-    (a list for runs that need no callable); refused where there is none to give it to."""
+def _checked_vocab(registry: Registry, vocab: Any) -> tuple[Any, str]:
+    """A vocabulary given to the server, checked now against the one served run of token
+    ids it is for (a list for runs that need no callable), and that run's id; refused
+    where there is none to give it to, and where there are several (a folder of text runs
+    probed with different vocabularies would show one's words on the others)."""
     from lurker.vocab import as_vocab
 
     from .session import run_vocab
     from .state import token_length
 
-    runs = [e.run for e in registry.entries.values() if e.run is not None]
-    texts = [r for r in runs if token_length(r) is not None]
+    served = [(i, e.run) for i, e in registry.entries.items() if e.run is not None]
+    texts = [(i, r) for i, r in served if token_length(r) is not None]
     if not texts:
         what = (
-            f"run {runs[0].path.name!r} takes inputs that are not token ids (a text model's)"
-            if len(runs) == 1
+            f"run {served[0][1].path.name!r} takes inputs that are not token ids (a text model's)"
+            if len(served) == 1
             else "none of the served runs takes token ids (a text model's inputs)"
         )
         raise LurkerError(
             f"a vocabulary names the words of token ids, and {what}: leave out the vocabulary",
             cli=f"--vocab names the words of token ids, and {what}: leave out --vocab",
         )
-    for r in texts:
-        try:
-            run_vocab(r, vocab)
-        except LurkerError as e:
-            raise LurkerError(f"run {r.path.name!r}: {e}") from None
-    return vocab if callable(vocab) and not isinstance(vocab, (list, dict)) else as_vocab(vocab)
+    if len(texts) > 1:
+        names = ", ".join(repr(i) for i, _ in texts[:5])
+        raise LurkerError(
+            f"a vocabulary given to the server is one run's, and {len(texts)} served runs "
+            f"take token ids ({names}): serve a single run with the vocabulary, or store each "
+            "run's own with probe(..., vocab=...)",
+            cli=f"--vocab is one run's, and {len(texts)} served runs take token ids "
+            f"({names}): give --vocab with a single run, or store each run's own with "
+            "probe(..., vocab=...)",
+        )
+    run_id, run = texts[0]
+    try:
+        run_vocab(run, vocab)
+    except LurkerError as e:
+        raise LurkerError(f"run {run.path.name!r}: {e}") from None
+    kept = vocab if callable(vocab) and not isinstance(vocab, (list, dict)) else as_vocab(vocab)
+    return kept, run_id
 
 
 def create_app(
@@ -98,9 +111,10 @@ def create_app(
     if any. Images a model makes are cached in a run's ``cache/`` only when it is the
     run's recorded model (same spec and weights); others are kept in memory. ``dataset`` replaces the runs' recorded
     dataset (for runs probed from Python). ``vocab`` (as ``probe(vocab=...)`` takes it, or
-    ``lurker.vocab.read_vocab(path)``) gives the words of the served runs of token ids,
-    in place of any they store; it is checked against each run's embedding now, and
-    refused where no served run's inputs are token ids. ``live=False`` attaches no model at all (what
+    ``lurker.vocab.read_vocab(path)``) gives the words of the served run of token ids, in
+    place of any it stores; it is checked against the run's embedding now, and refused
+    where no served run's inputs are token ids or several are (each run's own is the one
+    its probe stored). ``live=False`` attaches no model at all (what
     the static export uses: its documents must not depend on one). Raises :class:`~lurker.server.state.NotServableError`
     when ``source`` holds no run.
     """
@@ -123,14 +137,16 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.registry = registry
+    vocab_run = None
     if vocab is not None:
-        vocab = _checked_vocab(registry, vocab)
+        vocab, vocab_run = _checked_vocab(registry, vocab)
     app.state.source = ModelSource(
         spec=model,
         weights=weights,
         model_obj=model_obj,
         dataset=dataset,
         vocab=vocab,
+        vocab_run=vocab_run,
         device=device,
         live=live,
         single=len(registry.entries) == 1,

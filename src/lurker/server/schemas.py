@@ -86,6 +86,9 @@ class DatasetInfo(BaseModel):
     #: How many ids the run's vocabulary names (the pages show words beside the ids);
     #: null without one, and for inputs that are not token ids.
     vocab_size: int | None = None
+    #: Why the vocabulary given to the server shows no words on this run (it does not fit
+    #: it: the pages show the ids), ``run '<id>': ...``; null when it fits or none is given.
+    vocab_error: str | None = None
     #: The values per input where the inputs are flat vectors of numbers and not token ids
     #: (a tabular model's features): they have no picture. Null else.
     features: int | None = None
@@ -172,8 +175,9 @@ class RunGeneration(BaseModel):
     #: page drops its image token and keeps everything else.
     images_version: str | None = None
     #: Tokens of what commands add to the run without probing it again (the same
-    #: ``generation``), by kind: ``featviz`` (``lurker featviz``) and ``map`` (``lurker
-    #: map``), null while it holds none. Another value: a page showing them (a unit's
+    #: ``generation``), by kind: ``featviz`` (``lurker featviz``), ``map`` (``lurker
+    #: map``) and ``vocab`` (a vocabulary stored by a probe again of the finished run),
+    #: null while it holds none. Another value: a page showing them (a unit's
     #: feature visualizations, the Map page) is out of date.
     additions: dict[str, str | None] = Field(default_factory=dict)
     #: The ``featviz`` token of each layer that has feature visualizations, by layer name:

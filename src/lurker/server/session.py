@@ -46,16 +46,14 @@ MAP_BUDGET = 256 << 20
 
 
 def run_vocab(run: Any, vocab: Any) -> list[str | None]:
-    """``vocab`` (as ``lurker.vocab.as_vocab`` takes it) for a run of token ids, checked
-    against the ids its embedding looks up (recorded in its graph): a vocabulary that
-    would leave ids unnamed is refused, not shown as a wrong word or none."""
-    from lurker.vocab import as_vocab, check_vocab, id_space
+    """``vocab`` (as ``lurker.vocab.as_vocab`` takes it) for a run of token ids, padded
+    to the rows its embedding looks up (recorded in its graph): an id without a word shows
+    as its id, never as another id's word. The server has not the data's ids to check it
+    against (the probe does); a vocabulary much shorter than the rows is warned about."""
+    from lurker.vocab import as_vocab, fit_vocab, id_space
 
     rows = id_space(run.graph)
-    words = as_vocab(vocab, rows)
-    if rows is not None:
-        check_vocab(words, rows, "the model's embedding looks up")
-    return words
+    return fit_vocab(as_vocab(vocab, rows), rows, None, "")
 
 
 @dataclass
@@ -74,8 +72,10 @@ class ModelSource:
     model_obj: Any = None
     dataset: Any = None
     #: A vocabulary given to the server (``create_app(vocab=...)``, ``lurker serve
-    #: --vocab``): it replaces the one a run of token ids stores (see :meth:`Session.vocab`).
+    #: --vocab``): it replaces the one the run ``vocab_run`` stores (see
+    #: :meth:`Session.vocab`); other runs show their own.
     vocab: Any = None
+    vocab_run: str | None = None
     device: str | None = None
     #: False: attach no model at all (the static export: what it writes needs none).
     live: bool = True
@@ -148,7 +148,8 @@ class Session:
         self._own_lock = threading.Lock()
         self._dataset: Any = None
         self._dataset_error: str | None = None
-        self._vocab: list[str | None] | None = None
+        #: (the database's signature it was read at, the words or None, why there are none)
+        self._vocab: tuple[Any, list[str | None] | None, str | None] | None = None
         self._model: Any = None
         self._model_error: str | None = None
         self._unit_images: Any = None
@@ -349,19 +350,41 @@ class Session:
         return token_length(self.entry.open_run())
 
     def vocab(self) -> list[str | None] | None:
-        """The words of a run of token ids by id: the vocabulary given to the server, else
-        the one the probe stored; None without one, and for inputs that are not ids."""
+        """The words of a run of token ids by id: the vocabulary given to the server for
+        this run, else the one the probe stored; None without one, and for inputs that are
+        not ids. Read again when the run's database changes (a probe again of a finished
+        run stores a vocabulary without sweeping), else cached: a callable is not asked
+        per request."""
+        return self._vocab_now()[0]
+
+    def vocab_error(self) -> str | None:
+        """Why a vocabulary given for this run shows no words (it does not fit the run:
+        its ids are shown instead), ``run '<id>': ...``; None when it fits or there is
+        none."""
+        return self._vocab_now()[1]
+
+    def _vocab_now(self) -> tuple[list[str | None] | None, str | None]:
         if self.token_length() is None:
-            return None
+            return None, None
+        from .state import db_signature
+
+        now = db_signature(self.entry.path)
         with self._guard:
-            if self._vocab is None:
-                run = self.entry.open_run()
-                self._vocab = (
-                    run_vocab(run, self.source.vocab)
-                    if self.source.vocab is not None
-                    else run.meta.get("vocab")
-                ) or []
-            return self._vocab or None
+            if self._vocab is not None and self._vocab[0] == now:
+                return self._vocab[1], self._vocab[2]
+        run = self.entry.open_run()
+        words: list[str | None] | None
+        error = None
+        try:
+            if self.source.vocab is not None and self.entry.id == self.source.vocab_run:
+                words = run_vocab(run, self.source.vocab)
+            else:
+                words = run.meta_now("vocab")
+        except LurkerError as e:
+            words, error = None, f"run {self.entry.id!r}: {e}"
+        with self._guard:
+            self._vocab = (now, words or None, error)
+        return words or None, error
 
     def vector_length(self) -> int | None:
         """The values per input where the run's inputs are flat vectors of numbers, not

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import math
 import os
 import threading
@@ -380,7 +381,7 @@ class RunEntry:
 
     def _addition_tokens(self) -> tuple[dict[str, str | None], dict[str, str]]:
         if self.run is None:
-            return {"featviz": None, "map": None}, {}
+            return {"featviz": None, "map": None, "vocab": None}, {}
         now = db_signature(self.path)
         with self._lock:
             if self._additions is not None and self._additions[0] == now:
@@ -388,7 +389,14 @@ class RunEntry:
         # (a write between the two reads is seen by the next call: the signature taken
         # before them no longer matches)
         layers = self.run.featviz_tokens()
-        tokens = self.run.additions(layers), layers
+        added = self.run.additions(layers)
+        # a probe again of a finished run stores a vocabulary without sweeping: the pages
+        # showing ids (or other words) are out of date
+        words = self.run.meta_now("vocab")
+        added["vocab"] = (
+            None if words is None else hashlib.sha256(json.dumps(words).encode()).hexdigest()[:16]
+        )
+        tokens = added, layers
         with self._lock:
             self._additions = (now, tokens)
         return tokens

@@ -589,10 +589,16 @@ class Run:
             # hashed from the rows (a scan per call, until the next write stores the tokens)
             return scan_featviz_tokens(self._conn)
 
-    def _meta_now(self, key: str) -> dict[str, Any]:
-        """A meta entry as stored now (``lurker map`` may write it after this run opened)."""
+    def meta_now(self, key: str) -> Any:
+        """The meta value ``key`` as stored now, None without one: :attr:`meta` is read
+        once, at open, and ``lurker map`` or a probe of a finished run (its ``vocab``) may
+        write after this run opened."""
         rows = self._query("SELECT value FROM meta WHERE key = ?", (key,))
-        return dict(json.loads(rows[0][0]) or {}) if rows else {}
+        return json.loads(rows[0][0]) if rows else None
+
+    def _meta_now(self, key: str) -> dict[str, Any]:
+        """A meta entry that is a mapping, as stored now ({} without one)."""
+        return dict(self.meta_now(key) or {})
 
     def map(self) -> MapData:
         """The dataset map: every sample's 2-D position, label, prediction and confidence,

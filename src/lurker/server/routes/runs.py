@@ -137,6 +137,7 @@ def summarize(request: Request, e: RunEntry) -> RunSummary:
             std=cfg.get("std"),
             tokens=token_length(run),
             vocab_size=None if (v := s.vocab()) is None else len(v),
+            vocab_error=s.vocab_error(),
             features=vector_length(run),
             feature_names=feature_names(run),
         ),
