@@ -260,8 +260,10 @@ def trace(
     "--data",
     "-d",
     required=True,
-    help="'digits', 'digits:train', 'digits:test', or an image folder: DIR/<class>/<image> "
-    "(unreadable files are skipped and listed).",
+    help="'digits', 'digits:train', 'digits:test', an image folder: DIR/<class>/<image> "
+    "(unreadable files are skipped and listed), or code that makes any dataset of (input, "
+    "label) pairs, as MODEL takes a model: 'path/to/file.py:make_dataset' or "
+    "'package.module:make_dataset' (token ids, feature vectors, ...).",
 )
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Run dir.")
 @click.option("--weights", "-w", type=click.Path(dir_okay=False), help="State dict to load.")
@@ -352,6 +354,13 @@ def trace(
     + NORMALIZE_CHOICES
     + " It must be what the model was trained on. Recorded in the run.",
 )
+@click.option(
+    "--vocab",
+    type=click.Path(exists=True, dir_okay=False),
+    help="A text model's vocabulary, stored in the run: one token per line (line i: id i), "
+    "a JSON list, or a JSON {token: id} object (default: the dataset's vocab or itos "
+    "attribute). The pages show the words of the token ids.",
+)
 @_friendly
 def probe(
     model: str,
@@ -372,6 +381,7 @@ def probe(
     embed_layer: str | None,
     channel_dim: int | None,
     normalize: str | None,
+    vocab: str | None,
 ) -> None:
     """Sweep a dataset through MODEL; keep what every unit of every layer responds to.
 
@@ -382,15 +392,21 @@ def probe(
     from .models import channels_first_view, image_channels, load_model
     from .probe import data as pdata
     from .probe import probe as do_probe
+    from .vocab import read_vocab
 
     out = str(Path(out).expanduser())  # --out=~/runs/x: the shell leaves ~ after = alone
     if normalize is not None:  # a typo is said before the model is loaded
         normalize = pdata.parse_normalize(normalize)
+    words = None if vocab is None else read_vocab(vocab)  # as is a bad vocabulary file
+    code = pdata.is_code_spec(data)
     with _stopped_quietly(), _torchrun_group(device):
         net = load_model(model, weights, device=device)
-        where = next((p.device for p in net.parameters()), "cpu")  # probed where it lies
-        # (the probe makes its own view: given the model, its errors can name the fix)
-        channels = image_channels(channels_first_view(net, channel_dim), image_size, device=where)
+        channels = None
+        if not code:  # the digits and folders are images made for the model's channels
+            where = next((p.device for p in net.parameters()), "cpu")  # probed where it lies
+            # (the probe makes its own view: given the model, its errors can name the fix)
+            view = channels_first_view(net, channel_dim)
+            channels = image_channels(view, image_size, device=where)
         ds = pdata.load_dataset(data, image_size, channels=channels, normalize=normalize)
         if isinstance(ds, pdata.ImageFolderDataset):  # recorded as applied, said at once
             default = normalize is None
@@ -411,10 +427,13 @@ def probe(
             relevance=relevance_composite or relevance,
             embed=embed_layer or embed,
             channel_dim=channel_dim,
+            vocab=words,
             meta={
                 "model_spec": model,
                 "weights": str(Path(weights).resolve()) if weights else None,
                 "data": _data_spec(data),
+                # a dataset made by code is checked to be the same when read again
+                **({"data_fingerprint": pdata.fingerprint(ds)} if pdata.is_code_spec(data) else {}),
                 # how the folder's images were normalised: its readers reload it so
                 "normalize": normalize or "none",
             },
@@ -485,8 +504,15 @@ def _normalize_note(spec: str, mean: Sequence[float], std: Sequence[float], defa
 
 
 def _data_spec(data: str) -> str:
-    """The dataset spec a run records: a folder as its absolute path, so that `lurker serve`
-    and `lurker map` find it (and tell it from another folder) from any directory."""
+    """The dataset spec a run records: a folder, or the file of a ``file.py:fn`` spec, as
+    its absolute path, so that `lurker serve` and `lurker map` find it (and tell it from
+    another folder) from any directory."""
+    from .probe import data as pdata
+
+    if pdata.is_code_spec(data):
+        file = pdata.code_spec_file(data)
+        name = data.strip().rpartition(":")[2].strip()
+        return data.strip() if file is None else f"{file.absolute()}:{name}"
     path = Path(data).expanduser()
     return str(path.absolute()) if path.exists() else data
 

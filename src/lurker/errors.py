@@ -38,6 +38,11 @@ class ModelSpecError(LurkerError):
     """A model spec (``torchvision:NAME``, ``pkg.mod:fn``, ``file.py:fn``) could not be resolved."""
 
 
+class DataSpecError(LurkerError):
+    """A dataset spec (``pkg.mod:fn``, ``file.py:fn``) could not be resolved, or what it
+    names is not a dataset of ``(input, label)`` pairs."""
+
+
 class WeightsError(LurkerError):
     """A weights file is missing, unreadable, or does not fit the model."""
 

@@ -36,6 +36,7 @@ __all__ = [
     "probabilities",
     "example_inputs",
     "load_model",
+    "load_spec_object",
     "parse_input_shape",
     "parse_inputs",
     "torchvision_specs",
@@ -459,44 +460,48 @@ def _build_timm(name: str) -> nn.Module:
     return _require_module(model, f"timm.create_model('{name}')", f"timm:{name}")
 
 
-def _import_module(name: str, spec: str) -> ModuleType:
+def _import_module(
+    name: str, spec: str, kind: str = "Model spec", error: type[LurkerError] = ModelSpecError
+) -> ModuleType:
     try:
         return importlib.import_module(name)
     except ModuleNotFoundError as e:
         missing = e.name or name
         if name == missing or name.startswith(missing + "."):
-            raise ModelSpecError(
-                f"Model spec '{spec}': module '{name}' could not be found (no module named "
+            raise error(
+                f"{kind} '{spec}': module '{name}' could not be found (no module named "
                 f"'{missing}'). Install the package that provides it, add its parent directory "
                 f"to PYTHONPATH (or run from that directory), or use the 'path/to/file.py:"
                 f"callable' form to load a file directly."
             ) from e
-        raise ModelSpecError(
-            f"Model spec '{spec}': importing module '{name}' failed because it imports "
+        raise error(
+            f"{kind} '{spec}': importing module '{name}' failed because it imports "
             f"'{missing}', which is not installed. Install it (e.g. `pip install {missing}`) "
             f"or make it importable, then retry."
         ) from e
     except Exception as e:
-        raise ModelSpecError(
-            f"Model spec '{spec}': importing module '{name}' raised {type(e).__name__}: "
+        raise error(
+            f"{kind} '{spec}': importing module '{name}' raised {type(e).__name__}: "
             f'{_first_line(e)}. Fix the error in that module (try `python -c "import {name}"` '
             f"to see the full traceback)."
         ) from e
 
 
-def _import_file(path: Path, spec: str) -> ModuleType:
+def _import_file(
+    path: Path, spec: str, kind: str = "Model spec", error: type[LurkerError] = ModelSpecError
+) -> ModuleType:
     if not path.is_file():
         where = "is a directory, not a file" if path.is_dir() else "does not exist"
-        raise ModelSpecError(
-            f"Model spec '{spec}': file '{path}'{_resolved(path)} {where}. Check the path; "
+        raise error(
+            f"{kind} '{spec}': file '{path}'{_resolved(path)} {where}. Check the path; "
             f"relative paths are relative to the current directory '{Path.cwd()}'."
         )
     stem = re.sub(r"\W", "_", path.stem)
     module_name = f"_lurker_user_{stem}_{next(_file_module_ids)}"
     file_spec = importlib.util.spec_from_file_location(module_name, path)
     if file_spec is None or file_spec.loader is None:
-        raise ModelSpecError(
-            f"Model spec '{spec}': Python cannot load '{path}' as a module. Make sure it is a "
+        raise error(
+            f"{kind} '{spec}': Python cannot load '{path}' as a module. Make sure it is a "
             f"plain '.py' source file."
         )
     module = importlib.util.module_from_spec(file_spec)
@@ -513,8 +518,8 @@ def _import_file(path: Path, spec: str) -> ModuleType:
             if isinstance(e, ModuleNotFoundError)
             else f"Fix the error in the file (run `python {path}` to see the full traceback)."
         )
-        raise ModelSpecError(
-            f"Model spec '{spec}': executing '{path}' raised {type(e).__name__}: "
+        raise error(
+            f"{kind} '{spec}': executing '{path}' raised {type(e).__name__}: "
             f"{_first_line(e)}. {fix}"
         ) from e
     finally:
@@ -523,7 +528,45 @@ def _import_file(path: Path, spec: str) -> ModuleType:
     return module
 
 
-def _call_factory(module: ModuleType, attr_path: str, spec: str) -> nn.Module:
+def load_spec_object(spec: str, kind: str, error: type[LurkerError] = LurkerError) -> Any:
+    """What a ``package.module:callable`` or ``path/to/file.py:callable`` spec names, called
+    with no arguments when it is callable (else the object itself): how MODEL and, for
+    instance, ``lurker probe --data`` take code, with the same errors. ``kind`` starts each
+    message ("Dataset spec"); the caller checks what it got."""
+    spec = spec.strip()
+    target, _, attr_path = spec.rpartition(":")
+    target, attr_path = target.strip(), attr_path.strip()
+    if not target or not attr_path:
+        raise error(
+            f"{kind} '{spec}' needs a module or file before ':' and a callable after it, as "
+            "'package.module:callable' or 'path/to/file.py:callable'."
+        )
+    if target.endswith(".py"):
+        module = _import_file(Path(target).expanduser(), spec, kind, error)
+    elif "/" in target or "\\" in target:
+        raise error(
+            f"{kind} '{spec}' looks like a file path, but '{target}' does not end in '.py'. "
+            f"Point at the Python file that defines it, e.g. 'path/to/data.py:make_dataset'."
+        )
+    else:
+        module = _import_module(target, spec, kind, error)
+    obj = _resolve_attr(module, attr_path, spec, kind, error)
+    if not callable(obj):
+        return obj
+    try:
+        return obj()
+    except Exception as e:
+        raise error(
+            f"{kind} '{spec}': calling '{attr_path}()' raised {type(e).__name__}: "
+            f"{_first_line(e)}. The callable is called with no arguments; if it needs some, "
+            f"wrap it in a factory such as `def make(): return {attr_path}(...)` and point "
+            f"the spec at that."
+        ) from e
+
+
+def _resolve_attr(
+    module: ModuleType, attr_path: str, spec: str, kind: str, error: type[LurkerError]
+) -> Any:
     obj: Any = module
     walked: list[str] = []
     for part in attr_path.split("."):
@@ -537,11 +580,16 @@ def _call_factory(module: ModuleType, attr_path: str, spec: str) -> nn.Module:
             listing = ", ".join(available[:20])
             if len(available) > 20:
                 listing += f" and {len(available) - 20} more"
-            raise ModelSpecError(
-                f"Model spec '{spec}': {owner} has no attribute '{part}'.{suggestion} "
+            raise error(
+                f"{kind} '{spec}': {owner} has no attribute '{part}'.{suggestion} "
                 f"Public callables there: {listing or '(none)'}. Put one of them after the ':'."
             ) from e
         walked.append(part)
+    return obj
+
+
+def _call_factory(module: ModuleType, attr_path: str, spec: str) -> nn.Module:
+    obj = _resolve_attr(module, attr_path, spec, "Model spec", ModelSpecError)
     if isinstance(obj, nn.Module):
         return obj
     if not callable(obj):

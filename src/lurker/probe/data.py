@@ -35,7 +35,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset, TensorDataset
 
-from ..errors import LurkerError
+from ..errors import DataSpecError, LurkerError
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -52,6 +52,7 @@ __all__ = [
     "digits",
     "image_folder",
     "input_image",
+    "is_code_spec",
     "load_dataset",
     "load_run_dataset",
     "normalize_stats",
@@ -912,7 +913,8 @@ def load_dataset(
     normalize: str | None = None,
     reload: bool = False,
 ) -> ProbeDataset:
-    """The dataset a CLI spec names: ``digits`` (``digits:train``/``digits:test``) or a folder.
+    """The dataset a CLI spec names: ``digits`` (``digits:train``/``digits:test``), a folder,
+    or code that makes it (``file.py:fn``, ``pkg.mod:fn``: :func:`code_dataset`).
 
     ``channels`` should match the model's input (None: digits 1, folders 3). A folder's
     images are normalised as ``normalize`` says (:func:`normalize_stats`; None:
@@ -932,6 +934,17 @@ def load_dataset(
             )
         return digits(image_size, channels=channels or 1, split=split or "all")
     path = Path(spec).expanduser()
+    if is_code_spec(spec):
+        if normalize is not None and parse_normalize(normalize) != "none":
+            raise LurkerError(
+                f"normalize={normalize!r}: a dataset made by code ({spec}) is fed as its items "
+                "are; normalize applies to image folders (normalise in the dataset, or leave "
+                "it out)",
+                cli=f"--normalize {normalize}: a dataset made by code ({spec}) is fed as its "
+                "items are; --normalize applies to image folders (normalise in the dataset, "
+                "or leave it out)",
+            )
+        return code_dataset(spec)
     if path.exists():
         if channels not in (None, 1, 3):
             raise LurkerError(f"image folders have 1 or 3 channels; the model wants {channels}")
@@ -939,9 +952,127 @@ def load_dataset(
         mean, std = normalize_stats(normalize, c)
         return image_folder(path, image_size, mean=mean, std=std, channels=c, warn_empty=not reload)
     raise LurkerError(
-        f"unknown dataset {spec!r}: give 'digits' (or 'digits:train' / 'digits:test') or an "
-        f"existing directory laid out as {_LAYOUT}."
+        f"unknown dataset {spec!r}: give 'digits' (or 'digits:train' / 'digits:test'), an "
+        f"existing directory laid out as {_LAYOUT}, or code that makes the dataset: "
+        "'path/to/file.py:make_dataset' or 'package.module:make_dataset'."
     )
+
+
+def is_code_spec(spec: str) -> bool:
+    """Whether a dataset spec names code (``file.py:fn``, ``pkg.mod:fn``) rather than the
+    digits or a folder: one with a ':' that is neither (a folder whose name holds a ':' is
+    a folder while it exists)."""
+    name = spec.partition(":")[0]
+    return ":" in spec and name != "digits" and not Path(spec).expanduser().exists()
+
+
+def code_spec_file(spec: str) -> Path | None:
+    """The file a ``file.py:fn`` spec loads (None for ``pkg.mod:fn``): a run records it
+    absolute, so the dataset is found again from any directory."""
+    target = spec.strip().rpartition(":")[0].strip()
+    return Path(target).expanduser() if target.endswith(".py") else None
+
+
+def code_dataset(spec: str) -> ProbeDataset:
+    """The dataset a ``file.py:fn`` or ``pkg.mod:fn`` spec makes (a zero-argument callable,
+    or a dataset object, as MODEL specs are taken), checked to be a map-style dataset of
+    ``(input tensor, class index)`` pairs before a model is fed it, so that a wrong return
+    is said in one line rather than as an error deep in a DataLoader."""
+    from ..models import load_spec_object
+
+    ds = load_spec_object(spec, "Dataset spec", DataSpecError)
+    if isinstance(ds, _Base):  # lurker's own (digits, image_folder): already checked
+        return ds
+    fix = (
+        "Make the callable return a map-style dataset of (input tensor, class index) pairs, "
+        "e.g. `return torch.utils.data.TensorDataset(inputs, labels)`."
+    )
+    if not (hasattr(ds, "__len__") and hasattr(ds, "__getitem__")) or isinstance(ds, Tensor):
+        raise DataSpecError(
+            f"Dataset spec '{spec}' gave an object of type {type(ds).__name__}, not a "
+            f"dataset with __len__ and __getitem__. {fix}"
+        )
+    try:
+        n = len(ds)
+        item = ds[0] if n else None
+    except Exception as e:
+        raise DataSpecError(
+            f"Dataset spec '{spec}': reading its first item raised {type(e).__name__}: "
+            f"{str(e).strip().splitlines()[0] if str(e).strip() else '(no message)'}. {fix}"
+        ) from e
+    if not n:
+        raise DataSpecError(f"Dataset spec '{spec}' gave an empty dataset (no items). {fix}")
+    if not isinstance(item, (tuple, list)) or len(item) != 2:
+        what = (
+            f"a {len(item)}-item {type(item).__name__}"
+            if isinstance(item, (tuple, list))
+            else f"a {type(item).__name__}"
+        )
+        raise DataSpecError(
+            f"Dataset spec '{spec}': item 0 is {what}, not an (input, label) pair. {fix}"
+        )
+    if not isinstance(item[0], Tensor):
+        raise DataSpecError(
+            f"Dataset spec '{spec}': the input of item 0 is a {type(item[0]).__name__}, not a "
+            f"torch tensor (convert it with torch.as_tensor in __getitem__). {fix}"
+        )
+    _class_index(item[1], 0)
+    wrapped = WrappedDataset(ds)
+    wrapped.description = f"{spec} ({type(ds).__name__}, {n} samples)"
+    return wrapped
+
+
+def fingerprint(ds: Any) -> list[dict[str, Any]]:
+    """A few items of a dataset made by code (first, middle, last), summed up so that the
+    same dataset made again can be told from another: a spec read again by the explorer
+    (``lurker serve``) must give the items the probe swept, or the pages would show other
+    samples' tokens or values under the probe's numbers (an unseeded random dataset).
+    Integer inputs are kept exactly (a hash); floating ones as their shape, sum, sum of
+    squares and first values, compared with a tolerance (another machine's arithmetic)."""
+    import hashlib
+
+    n = len(ds)
+    out = []
+    for i in sorted({0, n // 2, n - 1}) if n else []:
+        x, y = ds[i][:2]
+        x = torch.as_tensor(x).detach().cpu()
+        entry: dict[str, Any] = {"item": i, "shape": list(x.shape), "label": int(y)}
+        if x.is_floating_point() or x.is_complex():
+            v = x.double().flatten()
+            entry["sum"] = float(v.sum())
+            entry["sumsq"] = float((v * v).sum())
+            entry["head"] = [float(a) for a in v[:16]]
+        else:
+            entry["sha256"] = hashlib.sha256(x.contiguous().numpy().tobytes()).hexdigest()
+        out.append(entry)
+    return out
+
+
+def fingerprint_differs(recorded: list[dict[str, Any]], ds: Any) -> str | None:
+    """Where ``ds`` differs from the ``recorded`` :func:`fingerprint` (item and what), or
+    None when it matches."""
+    import math
+
+    n = len(ds)
+    if recorded and recorded[-1]["item"] != n - 1:
+        return f"it has {n} items, and the probe swept {recorded[-1]['item'] + 1}"
+    now = {e["item"]: e for e in fingerprint(ds)}
+    for was in recorded:
+        got = now.get(was["item"])
+        i = was["item"]
+        if got is None or got["shape"] != was["shape"] or got["label"] != was["label"]:
+            return f"item {i} is not the item the probe swept (its shape or label differ)"
+        if "sha256" in was and got.get("sha256") != was["sha256"]:
+            return f"item {i}'s input holds other values than when it was probed"
+        for key in ("sum", "sumsq"):
+            if key in was and not math.isclose(got[key], was[key], rel_tol=1e-4, abs_tol=1e-6):
+                return f"item {i}'s input holds other values than when it was probed"
+        if "head" in was and not all(
+            math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-6)
+            for a, b in zip(got.get("head", []), was["head"])
+        ):
+            return f"item {i}'s input holds other values than when it was probed"
+    return None
 
 
 # --------------------------------------------------------------------------- display
@@ -955,14 +1086,26 @@ def load_run_dataset(
     input channels, a folder normalised as :func:`recorded_normalize` says (digits are
     fed in [0, 1]), its empty classes not warned about again."""
     spec = spec if spec is not None else str(config["data"])
-    folder = spec.partition(":")[0] != "digits"
-    return load_dataset(
+    code = is_code_spec(spec)
+    folder = spec.partition(":")[0] != "digits" and not code
+    ds = load_dataset(
         spec,
         image_size,
         channels=(config.get("input_shape") or [None])[0],
         normalize=recorded_normalize(config) if folder else None,
         reload=True,
     )
+    recorded = config.get("data_fingerprint")
+    if code and recorded and spec == str(config.get("data")):
+        why = fingerprint_differs(recorded, ds)
+        if why is not None:
+            raise DataSpecError(
+                f"Dataset spec '{spec}' makes another dataset than the one probed: {why}. "
+                "Its pages would show other samples under the probe's numbers; make the "
+                "dataset the same each time (seed its randomness, keep its file) and probe "
+                "again if it changed."
+            )
+    return ds
 
 
 def denormalize(img: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:

@@ -158,7 +158,8 @@ class UnitImages:
                 model = load_model(spec, weights, device=device or default_device())
             if dataset is None:
                 data = str(cfg["data"])
-                if Path(data).is_absolute() and not Path(data).exists():  # a moved folder
+                moved = Path(data).is_absolute() and not Path(data).exists()
+                if moved and not pdata.is_code_spec(data):  # a moved folder
                     raise LurkerError(
                         f"The run in {self.run.path} records its dataset as the folder {data}, "
                         "and that folder does not exist here (moved or deleted): put it back "

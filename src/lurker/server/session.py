@@ -215,6 +215,17 @@ class Session:
         # a moved image folder: said at once (as a missing weights file is), not after
         # pages have asked for images that all fail
         spec = str(self.config["data"])
+        from lurker.probe.data import code_spec_file, is_code_spec
+
+        if is_code_spec(spec):  # file.py:fn or pkg.mod:fn: a moved file said at once too
+            file = code_spec_file(spec)
+            if file is not None and not file.is_file():
+                return (
+                    f"the run's recorded dataset file {file} (of {spec}) does not exist here "
+                    "(moved or deleted); put it back there, or serve the run from Python "
+                    "with create_app(RUN, dataset=...)"
+                )
+            return None
         if spec.partition(":")[0] != "digits" and not Path(spec).expanduser().exists():
             return (
                 f"the run's recorded dataset {spec} does not exist here (moved or deleted); "

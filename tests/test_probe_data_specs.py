@@ -1,0 +1,253 @@
+"""`lurker probe --data` takes code that makes any dataset, as MODEL takes any model.
+
+A text model (token ids) and a tabular one (feature vectors) are probed from the command
+line with ``--data file.py:make_dataset``; the run records the spec (its file made
+absolute), and serving the run with no dataset given (as `lurker serve RUN` does) shows
+the tokens and feature values of its samples. Oracle: the tensors the dataset file makes,
+loaded here on its own with runpy.
+"""
+
+from __future__ import annotations
+
+import runpy
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+from fastapi.testclient import TestClient
+
+from lurker.cli import main
+
+VOCAB, LENGTH, N, K = 12, 8, 24, 3
+WORDS = ["<pad>", "the", "cat", "sat", "on", "a", "mat", "dog", "ran", "far", "x", "y"]
+
+TEXT_FILE = f"""
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+
+class Text(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding({VOCAB}, 6)
+        self.conv = nn.Conv1d(6, 4, 3, padding=1)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.conv(self.emb(x).transpose(1, 2)).amax(2))
+
+
+def build():
+    return Text()
+
+
+def make_dataset():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, {VOCAB}, ({N}, {LENGTH}), generator=g)
+    return TensorDataset(ids, torch.arange({N}) % 2)
+
+
+def not_a_dataset():
+    return 42
+
+
+def inputs_only():
+    return TensorDataset(torch.zeros(4, {LENGTH}, dtype=torch.long))
+
+
+def broken():
+    raise OSError("corpus.txt is missing")
+
+
+def unseeded():
+    ids = torch.randint(0, {VOCAB}, ({N}, {LENGTH}))  # other ids at every call
+    return TensorDataset(ids, torch.arange({N}) % 2)
+"""
+
+TABLE_FILE = """
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+
+class Table(TensorDataset):
+    def __init__(self):
+        g = torch.Generator().manual_seed(1)
+        super().__init__(torch.randn(30, 5, generator=g), torch.arange(30) % 3)
+        self.feature_names = ["age", "height", "weight", "income", "score"]
+        self.classes = ["low", "mid", "high"]
+
+
+def build():
+    return nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3))
+"""
+
+
+def _probe(*args: str) -> Any:
+    return CliRunner().invoke(main, ["probe", *args, "-k", str(K), "-b", "8"])
+
+
+@pytest.fixture
+def files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The dataset files in ``tmp_path/src``, the current directory while probing."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "text.py").write_text(TEXT_FILE)
+    (src / "table.py").write_text(TABLE_FILE)
+    monkeypatch.chdir(src)
+    return src
+
+
+def _serve(run: Path, monkeypatch: pytest.MonkeyPatch, **kw: Any) -> TestClient:
+    """The run served with no dataset (as `lurker serve RUN`), from another directory."""
+    from lurker.server import create_app
+
+    monkeypatch.chdir(run.parent)  # the relative spec must not be what finds the file
+    return TestClient(create_app(run, **kw))
+
+
+def test_a_text_run_probed_from_a_file_spec_shows_its_tokens_when_served(
+    files: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lurker.store import Run
+
+    run = tmp_path / "runs" / "text"
+    r = _probe("text.py:build", "--data", "text.py:make_dataset", "-o", str(run), "-l", "conv")
+    assert r.exit_code == 0, r.output
+    with Run.open(run) as opened:
+        recorded = opened.meta["config"]["data"]
+    assert recorded == f"{files / 'text.py'}:make_dataset"  # absolute: found from anywhere
+    ids = runpy.run_path(str(files / "text.py"))["make_dataset"]().tensors[0]
+    with _serve(run, monkeypatch) as c:
+        info = c.get("/api/runs/text").json()
+        assert info["dataset"]["spec"] == recorded and info["dataset"]["size"] == N
+        for unit in (0, 1, 3):
+            doc = c.get(f"/api/runs/text/layers/conv/units/{unit}").json()
+            assert doc["top"]["max"], doc
+            for e in doc["top"]["max"] + doc["top"]["mean"]:
+                assert e["tokens"] == ids[e["sample_id"]].tolist()
+        layer = c.get("/api/runs/text/layers/conv").json()
+        for u in layer["units"]:
+            start = u["top_max_tokens_start"]  # the tokens around its peak
+            window = ids[u["top_max"]][start : start + len(u["top_max_tokens"])]
+            assert u["top_max_tokens"] and u["top_max_tokens"] == window.tolist()
+        sample = c.get("/api/runs/text/samples/5").json()
+        assert sample["tokens"] == ids[5].tolist()
+
+
+def test_a_tabular_run_probed_from_a_class_spec_shows_its_features_when_served(
+    files: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = tmp_path / "runs" / "table"
+    r = _probe("table.py:build", "--data", "./table.py:Table", "-o", str(run), "-l", "1")
+    assert r.exit_code == 0, r.output
+    data = runpy.run_path(str(files / "table.py"))["Table"]()
+    rows = data.tensors[0].double()
+    with _serve(run, monkeypatch) as c:
+        ds = c.get("/api/runs/table").json()["dataset"]
+        assert ds["feature_names"] == data.feature_names and ds["classes"] == data.classes
+        unit = c.get("/api/runs/table/layers/1/units/2").json()
+        assert unit["features_error"] is None and unit["top"]["max"]
+        for e in unit["top"]["max"] + unit["top"]["mean"]:
+            assert e["features"] == rows[e["sample_id"]].tolist()
+        sample = c.get("/api/runs/table/samples/7").json()
+        assert sample["features"] == rows[7].tolist() and sample["features_error"] is None
+
+
+def test_the_vocab_option_stores_the_words_of_the_ids(
+    files: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (files / "vocab.txt").write_text("\n".join(WORDS) + "\n")
+    run = tmp_path / "runs" / "words"
+    r = _probe(
+        "text.py:build", "-d", "text.py:make_dataset", "-o", str(run), "-l", "conv",
+        "--vocab", "vocab.txt",
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    ids = runpy.run_path(str(files / "text.py"))["make_dataset"]().tensors[0]
+    with _serve(run, monkeypatch) as c:
+        assert c.get("/api/runs/words").json()["dataset"]["vocab_size"] == VOCAB
+        doc = c.get("/api/runs/words/layers/conv/units/1").json()
+        for e in doc["top"]["max"]:
+            assert e["token_text"] == [WORDS[i] for i in ids[e["sample_id"]].tolist()]
+        assert c.get("/api/runs/words/samples/4").json()["token_text"] == [
+            WORDS[i] for i in ids[4].tolist()
+        ]
+
+
+def test_a_vocab_too_short_is_refused_before_the_sweep(files: Path, tmp_path: Path) -> None:
+    (files / "short.txt").write_text("\n".join(WORDS[:5]) + "\n")
+    run = tmp_path / "runs" / "short"
+    r = _probe(
+        "text.py:build", "-d", "text.py:make_dataset", "-o", str(run), "--vocab", "short.txt"
+    )
+    assert r.exit_code != 0 and "holds 5 tokens" in r.output, r.output
+    assert "Traceback" not in r.output and not (run / "run.db").exists()
+
+
+@pytest.mark.parametrize(
+    ("spec", "said"),
+    [
+        ("nowhere.py:make_dataset", r"file '.*nowhere\.py'.* does not exist"),
+        ("text.py:make_datset", r"has no attribute 'make_datset'\. Did you mean 'make_dataset'"),
+        ("no_such_pkg.data:make", r"module 'no_such_pkg\.data' could not be found"),
+        (
+            "text.py:not_a_dataset",
+            r"gave an object of type int, not a dataset with __len__ and __getitem__",
+        ),
+        ("text.py:inputs_only", r"item 0 is a 1-item tuple, not an \(input, label\) pair"),
+        ("text.py:broken", r"calling 'broken\(\)' raised OSError: corpus\.txt is missing"),
+    ],
+)
+def test_a_bad_dataset_spec_is_said_in_one_paragraph(
+    files: Path, tmp_path: Path, spec: str, said: str
+) -> None:
+    import re
+
+    run = tmp_path / "runs" / "bad"
+    r = _probe("text.py:build", "--data", spec, "-o", str(run))
+    assert r.exit_code != 0
+    assert re.search(f"Dataset spec '{re.escape(spec)}'.*{said}", r.output), r.output
+    assert "Traceback" not in r.output and not (run / "run.db").exists()
+
+
+def test_a_moved_dataset_file_is_said_by_the_server(
+    files: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = tmp_path / "runs" / "moved"
+    r = _probe("text.py:build", "--data", "text.py:make_dataset", "-o", str(run), "-l", "conv")
+    assert r.exit_code == 0, r.output
+    (files / "text.py").rename(files / "elsewhere.py")
+    with _serve(run, monkeypatch) as c:
+        sample = c.get("/api/runs/moved/samples/0").json()
+    assert sample["tokens"] is None  # said, not a 500 or a folder's "moved" message
+    assert f"dataset file {files / 'text.py'} (of " in sample["tokens_error"]
+    assert "does not exist here" in sample["tokens_error"]
+
+
+def test_a_dataset_spec_that_makes_other_items_when_read_again_is_refused(
+    files: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unseeded random dataset gives other ids each time it is made: the server would
+    show them under the probe's numbers. The run records a fingerprint of a few items and
+    the server refuses a dataset that no longer matches it, saying why."""
+    run = tmp_path / "runs" / "unseeded"
+    r = _probe("text.py:build", "--data", "text.py:unseeded", "-o", str(run), "-l", "conv")
+    assert r.exit_code == 0, r.output
+    with _serve(run, monkeypatch) as c:
+        doc = c.get("/api/runs/unseeded/layers/conv/units/0").json()
+        assert all(e["tokens"] is None for e in doc["top"]["max"])
+        assert "another dataset than the one probed" in doc["tokens_error"]
+        assert "seed" in doc["tokens_error"]
+        sample = c.get("/api/runs/unseeded/samples/3").json()
+        assert sample["tokens"] is None and "seed" in sample["tokens_error"]
+    # the seeded one (same call, same items) is served as before: the check passes
+    monkeypatch.chdir(files)
+    run = tmp_path / "runs" / "seeded"
+    r = _probe("text.py:build", "--data", "text.py:make_dataset", "-o", str(run), "-l", "conv")
+    assert r.exit_code == 0, r.output
+    with _serve(run, monkeypatch) as c:
+        doc = c.get("/api/runs/seeded/layers/conv/units/0").json()
+        assert doc["tokens_error"] is None and doc["top"]["max"][0]["tokens"]
