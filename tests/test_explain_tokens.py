@@ -304,3 +304,28 @@ def test_a_numpy_integer_baseline_is_an_id() -> None:
     a = lurker.explain(model, ids, method="integrated_gradients", baseline=np.int64(5))
     b = lurker.explain(model, ids, method="integrated_gradients", baseline=5)
     torch.testing.assert_close(a.attribution, b.attribution, atol=0, rtol=0)
+
+
+def test_a_model_that_trims_its_ids_by_batch_is_refused_not_zeroed() -> None:
+    """A model that trims padding to the batch's longest row looks up other ids when the
+    method runs rows in smaller batches (internal_batch_size): the attributed values never
+    reach it, so its scores would be zeros. Refused, saying why."""
+
+    class Trims(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embedding = nn.Embedding(10, 4)
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            ids = ids[:, : int((ids != 0).sum(1).max())]
+            return self.fc(self.embedding(ids)).mean(1)
+
+    torch.manual_seed(0)
+    model, ids = Trims().double().eval(), torch.tensor([[1, 2, 3, 4], [5, 6, 0, 0]])
+    whole = lurker.explain(model, ids, method="integrated_gradients", n_steps=4)
+    assert bool((whole.attribution[1, :2] != 0).all())
+    with pytest.raises(LurkerError, match="did not look up .*internal_batch_size"):
+        lurker.explain(
+            model, ids, method="integrated_gradients", n_steps=4, internal_batch_size=1
+        )

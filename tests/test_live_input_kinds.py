@@ -253,3 +253,31 @@ def test_a_failing_loader_does_not_show_the_servers_temp_path(tmp_path, folder):
         assert r.status_code == 422
         assert "cannot read the upload" in r.json()["detail"]
         assert "/tmp" not in r.json()["detail"] and "upload.png" not in r.json()["detail"]
+
+
+def test_the_randomness_check_of_two_uploads_at_once_does_not_mix_their_seeds():
+    """The check seeds the process's global generators: two uploads at once (two runs'
+    sessions) must not reseed each other mid-transform (a fixed transform read as random)
+    nor leave the generators at another call's seed."""
+    import threading
+    import time
+
+    from lurker.server.session import _seeded
+
+    def draws() -> list[float]:
+        a = torch.rand(1).item()
+        time.sleep(0.2)  # another upload's check starts here
+        return [a, torch.rand(1).item()]
+
+    alone = _seeded(draws, 1)
+    torch.manual_seed(123)
+    before = torch.rand(3)
+    torch.manual_seed(123)
+    got: dict[str, list[float]] = {}
+    t = threading.Thread(target=lambda: got.setdefault("a", _seeded(draws, 1)))
+    t.start()
+    time.sleep(0.05)
+    _seeded(lambda: (torch.rand(1), time.sleep(0.4)), 2)  # outlasts the first one
+    t.join()
+    assert got["a"] == alone
+    assert torch.equal(torch.rand(3), before)  # the generators as they were

@@ -292,3 +292,33 @@ def test_an_open_sample_page_offers_the_vocab_stored_since(browser: Any, tmp_pat
         shown = [{" sat": "␣sat", "\t": "⇥"}.get(w, w) for w in want]
         pg.wait_for_function("w => document.querySelector('.tok')?.textContent === w", arg=shown[0])
         assert pg.locator(".tok").evaluate_all("ts => ts.map(t => t.textContent)") == shown
+
+
+def test_a_server_vocab_is_not_asked_again_when_the_run_is_written_to(tmp_path: Path) -> None:
+    """A vocabulary given to the server depends on the run's graph alone: a write that only
+    adds to the run (lurker map, lurker featviz) must not make every request call the
+    tokenizer again for every id."""
+    import sqlite3
+
+    from lurker.probe import probe
+    from lurker.server import create_app
+    from lurker.server.serve import background
+
+    calls: list[int] = []
+
+    def word(i: int) -> str:
+        calls.append(i)
+        return WORDS[i]
+
+    data = _data()
+    probe(Text(), data, out=tmp_path / "runs" / "t", k=K, progress=False).close()
+    with background(create_app(tmp_path / "runs", dataset=data, vocab=word)) as url:
+        url = url.rstrip("/")
+        assert get_json(f"{url}/api/runs/t/samples/1")["token_text"] is not None
+        asked = len(calls)
+        for n in range(3):  # an addition to the run's database before each request
+            with sqlite3.connect(tmp_path / "runs" / "t" / "run.db") as db:
+                db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (f"x{n}", "1"))
+            text = get_json(f"{url}/api/runs/t/samples/1")["token_text"]
+            assert text == [WORDS[i] for i in data.tensors[0][1].tolist()]
+        assert len(calls) == asked

@@ -211,6 +211,8 @@ class Embedded(nn.Module):
                 "rows given to pair them"
             )
 
+        replaced = []
+
         def replace(mod: nn.Module, inp: Any, out: Tensor) -> Tensor:
             if not _looks_up(inp, ids):
                 return out  # another lookup (a class token's id, shifted ids): the model's
@@ -219,13 +221,22 @@ class Embedded(nn.Module):
                     f"the embedding's output {tuple(out.shape)} does not match the embedded "
                     f"input {tuple(e.shape)}"
                 )
+            replaced.append(True)
             return e
 
         handle = self.embedding.register_forward_hook(replace)
         try:
-            return self.inner(ids)
+            out = self.inner(ids)
         finally:
             handle.remove()
+        if not replaced:  # the attributed values never reached the model: all zeros
+            raise LurkerError(
+                f"the embedding did not look up these {ids.shape[0]} rows of ids as it looked "
+                "up the whole batch (the model changes its ids by batch, e.g. trims the "
+                "padding to the longest row): explain the rows one batch at a time without "
+                "internal_batch_size"
+            )
+        return out
 
 
 def fold(attr: Tensor, method: str) -> Tensor:

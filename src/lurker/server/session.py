@@ -379,7 +379,10 @@ class Session:
             return None, None
         from .state import db_signature
 
-        now = db_signature(self.entry.path)
+        # a vocabulary given to the server depends on the run's graph alone (fixed for this
+        # entry): made once; the stored one is read again when the database changes
+        given = self.source.vocab is not None and self.entry.id == self.source.vocab_run
+        now = None if given else db_signature(self.entry.path)
         with self._guard:
             if self._vocab is not None and self._vocab[0] == now:
                 return self._vocab[1], self._vocab[2]
@@ -1190,6 +1193,11 @@ def _suffix(data: bytes) -> str:
     return next((ext for ext, f in Image.registered_extensions().items() if f == fmt), "")
 
 
+#: the process's random generators are global: one seeded call at a time, so that two
+#: uploads (to two runs' sessions) neither restore each other's states nor reseed mid-call
+_RNG_LOCK = threading.Lock()
+
+
 def _seeded(make: Callable[[], Any], seed: int) -> Any:
     """``make()`` with torch's, Python's and numpy's random generators seeded by ``seed``,
     each restored after: two seeds giving different results show a random transform."""
@@ -1197,16 +1205,17 @@ def _seeded(make: Callable[[], Any], seed: int) -> Any:
 
     import torch
 
-    py_state, np_state = random.getstate(), np.random.get_state()
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            random.seed(seed)
-            np.random.seed(seed)
-            return make()
-    finally:
-        random.setstate(py_state)
-        np.random.set_state(np_state)
+    with _RNG_LOCK:
+        py_state, np_state = random.getstate(), np.random.get_state()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                random.seed(seed)
+                np.random.seed(seed)
+                return make()
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
 
 
 def _same(a: Any, b: Any) -> bool:
