@@ -325,7 +325,5 @@ def test_a_model_that_trims_its_ids_by_batch_is_refused_not_zeroed() -> None:
     model, ids = Trims().double().eval(), torch.tensor([[1, 2, 3, 4], [5, 6, 0, 0]])
     whole = lurker.explain(model, ids, method="integrated_gradients", n_steps=4)
     assert bool((whole.attribution[1, :2] != 0).all())
-    with pytest.raises(LurkerError, match="did not look up .*internal_batch_size"):
-        lurker.explain(
-            model, ids, method="integrated_gradients", n_steps=4, internal_batch_size=1
-        )
+    with pytest.raises(LurkerError, match=r"did not look up .*internal_batch_size"):
+        lurker.explain(model, ids, method="integrated_gradients", n_steps=4, internal_batch_size=1)
