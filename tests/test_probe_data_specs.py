@@ -118,7 +118,9 @@ def test_a_text_run_probed_from_a_file_spec_shows_its_tokens_when_served(
     assert r.exit_code == 0, r.output
     with Run.open(run) as opened:
         recorded = opened.meta["config"]["data"]
+        model_spec = opened.meta["config"]["model_spec"]
     assert recorded == f"{files / 'text.py'}:make_dataset"  # absolute: found from anywhere
+    assert model_spec == f"{files / 'text.py'}:build"  # the model's file too
     ids = runpy.run_path(str(files / "text.py"))["make_dataset"]().tensors[0]
     with _serve(run, monkeypatch) as c:
         info = c.get("/api/runs/text").json()
@@ -135,6 +137,8 @@ def test_a_text_run_probed_from_a_file_spec_shows_its_tokens_when_served(
             assert u["top_max_tokens"] and u["top_max_tokens"] == window.tolist()
         sample = c.get("/api/runs/text/samples/5").json()
         assert sample["tokens"] == ids[5].tolist()
+        # the model loads from its recorded file, served from another directory
+        assert sample["prediction"], sample["prediction_error"]
 
 
 def test_a_tabular_run_probed_from_a_class_spec_shows_its_features_when_served(
@@ -251,3 +255,18 @@ def test_a_dataset_spec_that_makes_other_items_when_read_again_is_refused(
     with _serve(run, monkeypatch) as c:
         doc = c.get("/api/runs/seeded/layers/conv/units/0").json()
         assert doc["tokens_error"] is None and doc["top"]["max"][0]["tokens"]
+
+
+def test_a_relative_spec_given_again_names_the_recorded_absolute_one(
+    files: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`lurker serve RUNS --model text.py:build` from the file's directory attaches to the
+    runs that recorded it (absolute since the probe), and not from elsewhere."""
+    from lurker.specs import absolute_spec, same_spec
+
+    recorded = absolute_spec("text.py:build")
+    assert recorded == f"{files / 'text.py'}:build"
+    assert same_spec(recorded, "text.py:build") and same_spec(recorded, recorded)
+    assert absolute_spec("torchvision:resnet18") == "torchvision:resnet18"
+    monkeypatch.chdir(tmp_path)
+    assert not same_spec(recorded, "text.py:build")  # another file, or none, here

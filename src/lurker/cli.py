@@ -392,6 +392,7 @@ def probe(
     from .models import channels_first_view, image_channels, load_model
     from .probe import data as pdata
     from .probe import probe as do_probe
+    from .specs import absolute_spec
     from .vocab import read_vocab
 
     out = str(Path(out).expanduser())  # --out=~/runs/x: the shell leaves ~ after = alone
@@ -429,7 +430,7 @@ def probe(
             channel_dim=channel_dim,
             vocab=words,
             meta={
-                "model_spec": model,
+                "model_spec": absolute_spec(model),  # found again from any directory
                 "weights": str(Path(weights).resolve()) if weights else None,
                 "data": _data_spec(data),
                 # a dataset made by code is checked to be the same when read again
@@ -508,11 +509,10 @@ def _data_spec(data: str) -> str:
     its absolute path, so that `lurker serve` and `lurker map` find it (and tell it from
     another folder) from any directory."""
     from .probe import data as pdata
+    from .specs import absolute_spec
 
     if pdata.is_code_spec(data):
-        file = pdata.code_spec_file(data)
-        name = data.strip().rpartition(":")[2].strip()
-        return data.strip() if file is None else f"{file.absolute()}:{name}"
+        return absolute_spec(data)
     path = Path(data).expanduser()
     return str(path.absolute()) if path.exists() else data
 

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from lurker.errors import GraphChangedError, LurkerError
+from lurker.specs import same_spec
 from lurker.store.files import safe_component
 
 from .classes import class_names
@@ -180,7 +181,7 @@ class Session:
         if src.single:
             return True
         recorded_weights = self.config.get("weights")
-        return self.config.get("model_spec") == src.spec and (
+        return same_spec(self.config.get("model_spec"), src.spec) and (
             not recorded_weights or same_weights(recorded_weights, src.weights)
         )
 
@@ -195,7 +196,7 @@ class Session:
         if src.model_obj is not None:
             return True
         return not (
-            self.config.get("model_spec") == src.spec
+            same_spec(self.config.get("model_spec"), src.spec)
             and same_weights(self.config.get("weights"), src.weights)
         )
 
