@@ -270,3 +270,64 @@ def test_a_relative_spec_given_again_names_the_recorded_absolute_one(
     assert absolute_spec("torchvision:resnet18") == "torchvision:resnet18"
     monkeypatch.chdir(tmp_path)
     assert not same_spec(recorded, "text.py:build")  # another file, or none, here
+
+
+def test_which_specs_are_code() -> None:
+    from lurker.probe.data import is_code_spec
+
+    for code in ("text.py:make", "C:\\src\\text.py:make", "pkg.data:make", "_data:make"):
+        assert is_code_spec(code), code
+    for not_code in ("digits", "digits:train", "C:\\data\\imgs", "a:b", "/data/imgs:v2"):
+        assert not is_code_spec(not_code), not_code
+
+
+def test_the_fingerprint_tells_a_changed_dataset_not_roundoff() -> None:
+    """Made again on another machine, a standardised float dataset differs by roundoff
+    (its sums are near 0): the same. Missing values (NaN) stay missing: the same. Other
+    values, another kind of input, or an item that no longer reads: said, not a crash."""
+    import torch
+    from torch.utils.data import Dataset, TensorDataset
+
+    from lurker.probe.data import fingerprint, fingerprint_differs
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 30, generator=g)
+    x = x - x.mean(0)  # zero-centred: each row's sum near 0
+    y = torch.arange(40) % 3
+    was = fingerprint(TensorDataset(x, y))
+    ulp = x + torch.sign(x) * x.abs() * 2**-23  # one float32 ulp on every value
+    assert fingerprint_differs(was, TensorDataset(ulp, y)) is None
+    nan = x.clone()
+    nan[:, 3] = float("nan")
+    assert fingerprint_differs(fingerprint(TensorDataset(nan, y)), TensorDataset(nan, y)) is None
+    other = x.clone()
+    other[0, 5] += 0.5
+    assert "item 0's input holds other values" in fingerprint_differs(was, TensorDataset(other, y))
+    ints = TensorDataset((x * 10).long(), y)
+    assert "another kind" in fingerprint_differs(was, ints)
+
+    class Broken(Dataset):
+        def __len__(self) -> int:
+            return 40
+
+        def __getitem__(self, i: int):
+            raise OSError("the corpus moved")
+
+    assert "OSError: the corpus moved" in fingerprint_differs(was, Broken())
+
+
+def test_a_finished_run_probed_again_from_another_directory_is_the_same_probe(
+    files: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The run names its dataset by the spec with its file absolute: the same file given
+    by another relative path is the same dataset (was: 'holds a run ... with
+    dataset='text.py:make_dataset ...', not 'src/text.py:make_dataset ...')."""
+    run = tmp_path / "runs" / "again"
+    r = _probe("text.py:build", "--data", "text.py:make_dataset", "-o", str(run), "-l", "conv")
+    assert r.exit_code == 0, r.output
+    monkeypatch.chdir(tmp_path)
+    r = _probe(
+        "src/text.py:build", "--data", "./src/text.py:make_dataset", "-o", str(run), "-l", "conv"
+    )
+    assert r.exit_code == 0, r.output
+    assert "not '" not in r.output

@@ -695,3 +695,22 @@ def test_sigterm_to_torchrun_prints_what_the_docs_show_and_the_run_resumes(
     with lurker.store.Run.open(out) as run:
         assert run.num_samples == 360 and run.meta["sweep"]["resumed_from"] > 0
     assert not list(out.glob("checkpoint*")), list(out.iterdir())  # merged and cleaned up
+
+
+def test_a_dataset_made_again_differently_does_not_continue_the_statistics(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A dataset made by code (`--data file.py:fn`) is fingerprinted in the run's config:
+    an interrupted probe resumed on a dataset whose fingerprint differs (an unseeded random
+    one, same labels) starts from the first sample instead of mixing two datasets."""
+    model = _model()
+    for resumed, fingerprint in ((8, "A"), (0, "B")):
+        out = tmp_path / f"cut{fingerprint}"
+        meta = {"data_fingerprint": [{"item": 0, "sha256": "A"}]}
+        with pytest.raises(KeyboardInterrupt):
+            lurker.probe(
+                model, Images(ctrl_c_at=6), out=out, k=3, batch_size=4, progress=False, meta=meta
+            )
+        meta = {"data_fingerprint": [{"item": 0, "sha256": fingerprint}]}
+        got = lurker.probe(model, Images(), out=out, k=3, batch_size=4, progress=False, meta=meta)
+        assert got.meta["sweep"]["resumed_from"] == resumed

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 import tempfile
 import warnings
 import weakref
@@ -36,6 +37,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, TensorDataset
 
 from ..errors import DataSpecError, LurkerError
+from ..specs import absolute_spec
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -960,10 +962,15 @@ def load_dataset(
 
 def is_code_spec(spec: str) -> bool:
     """Whether a dataset spec names code (``file.py:fn``, ``pkg.mod:fn``) rather than the
-    digits or a folder: one with a ':' that is neither (a folder whose name holds a ':' is
-    a folder while it exists)."""
-    name = spec.partition(":")[0]
-    return ":" in spec and name != "digits" and not Path(spec).expanduser().exists()
+    digits or a folder: what comes before the last ':' is a ``.py`` file or a dotted module
+    name (not a drive letter, ``C:\\data``, nor a path, ``/data/imgs:v2``), and no folder
+    of that name exists."""
+    target = spec.strip().rpartition(":")[0].strip()
+    if not target or spec.partition(":")[0] == "digits" or Path(spec).expanduser().exists():
+        return False
+    return target.endswith(".py") or (
+        len(target) > 1 and re.fullmatch(r"[A-Za-z_][\w.]*", target) is not None
+    )
 
 
 def code_spec_file(spec: str) -> Path | None:
@@ -1018,7 +1025,8 @@ def code_dataset(spec: str) -> ProbeDataset:
         )
     _class_index(item[1], 0)
     wrapped = WrappedDataset(ds)
-    wrapped.description = f"{spec} ({type(ds).__name__}, {n} samples)"
+    # the file absolute, as the run records the spec: a resume from elsewhere is the same
+    wrapped.description = f"{absolute_spec(spec)} ({type(ds).__name__}, {n} samples)"
     return wrapped
 
 
@@ -1056,23 +1064,42 @@ def fingerprint_differs(recorded: list[dict[str, Any]], ds: Any) -> str | None:
     n = len(ds)
     if recorded and recorded[-1]["item"] != n - 1:
         return f"it has {n} items, and the probe swept {recorded[-1]['item'] + 1}"
-    now = {e["item"]: e for e in fingerprint(ds)}
+    try:
+        now = {e["item"]: e for e in fingerprint(ds)}
+    except Exception as e:  # an item that no longer reads
+        return f"reading its items raised {type(e).__name__}: {e}"
     for was in recorded:
         got = now.get(was["item"])
         i = was["item"]
+        other = f"item {i}'s input holds other values than when it was probed"
         if got is None or got["shape"] != was["shape"] or got["label"] != was["label"]:
             return f"item {i} is not the item the probe swept (its shape or label differ)"
-        if "sha256" in was and got.get("sha256") != was["sha256"]:
-            return f"item {i}'s input holds other values than when it was probed"
-        for key in ("sum", "sumsq"):
-            if key in was and not math.isclose(got[key], was[key], rel_tol=1e-4, abs_tol=1e-6):
-                return f"item {i}'s input holds other values than when it was probed"
-        if "head" in was and not all(
-            math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-6)
-            for a, b in zip(got.get("head", []), was["head"])
-        ):
-            return f"item {i}'s input holds other values than when it was probed"
+        if ("sha256" in was) != ("sha256" in got):
+            return f"item {i}'s input is of another kind (integers or floats) than when probed"
+        if "sha256" in was and got["sha256"] != was["sha256"]:
+            return other
+        if "sum" in was:
+            # float sums of zero-centred data are near 0 and differ by roundoff: the scale
+            # of a value is the item's root mean square, and of a sum sqrt(numel) times it
+            numel = max(1, math.prod(was["shape"]))
+            rms = math.sqrt(max(was["sumsq"], 0.0) / numel)
+            if not (
+                _close(got["sum"], was["sum"], 1e-5 * rms * math.sqrt(numel))
+                and _close(got["sumsq"], was["sumsq"], 1e-5 * max(was["sumsq"], 0.0))
+                and len(got["head"]) == len(was["head"])
+                and all(_close(a, b, 1e-5 * rms) for a, b in zip(got["head"], was["head"]))
+            ):
+                return other
     return None
+
+
+def _close(a: float, b: float, tol: float) -> bool:
+    """Equal up to a relative 1e-4 or ``tol`` (NaN equals NaN: missing values stay so)."""
+    import math
+
+    if math.isnan(a) or math.isnan(b):
+        return math.isnan(a) and math.isnan(b)
+    return math.isclose(a, b, rel_tol=1e-4, abs_tol=tol + 1e-12)
 
 
 # --------------------------------------------------------------------------- display
@@ -1096,7 +1123,7 @@ def load_run_dataset(
         reload=True,
     )
     recorded = config.get("data_fingerprint")
-    if code and recorded and spec == str(config.get("data")):
+    if code and recorded and absolute_spec(spec) == str(config.get("data")):
         why = fingerprint_differs(recorded, ds)
         if why is not None:
             raise DataSpecError(

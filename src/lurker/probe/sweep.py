@@ -921,6 +921,11 @@ class _Plan:
         transforms must still resume."""
         h = hashlib.sha1(array.array("q", self.labels).tobytes())
         h.update(repr((self.ds.paths, self.ds.source_indices(), _subset_indices(self.ds))).encode())
+        # a dataset made by code (`--data file.py:fn`): a few of its items, so that an
+        # unseeded random one made again does not continue the statistics of another
+        fingerprint = self.run_meta["config"].get("data_fingerprint")
+        if fingerprint is not None:
+            h.update(repr(fingerprint).encode())
         return f"{len(self.labels)}:{h.hexdigest()[:16]}"
 
     @property
