@@ -342,11 +342,14 @@ def test_explain_page_colours_each_token_by_its_score(browser: Any, served: dict
         assert pg.locator("#open-live").count() == 0
         pg.click("#explain-this")
         pg.wait_for_selector(".token-explain-card[data-method='input_x_gradient'] .tok")
-        pg.click(".target-list button[data-class='1']")
+        # class 0, not the top class: its pressed button exists only once the page is
+        # drawn again for it (the top class's cards, drawn first, are then gone)
+        pg.click(".target-list button[data-class='0']")
+        pg.wait_for_selector(".target-list button[data-class='0'][aria-pressed='true']")
         for method in ("saliency", "input_x_gradient", "integrated_gradients", "smoothgrad"):
             card = f".token-explain-card[data-method='{method}']"
             pg.wait_for_selector(f"{card} .tok[data-score]")
-            doc = get_json(f"{url}/api/runs/{RID}/live/sample-{sid}/explain/{method}?target=1")
+            doc = get_json(f"{url}/api/runs/{RID}/live/sample-{sid}/explain/{method}?target=0")
             toks = pg.locator(f"{card} .tok")
             ids = toks.evaluate_all("ts => ts.map(t => +t.dataset.id)")
             assert ids == data.tensors[0][sid].tolist()
@@ -358,6 +361,19 @@ def test_explain_page_colours_each_token_by_its_score(browser: Any, served: dict
             assert len(set(colours)) > 1  # coloured by score, not one flat colour
         assert (
             pg.locator(".target-list button[data-class='1']").get_attribute("aria-pressed")
-            == "true"
+            == "false"
         )
         assert pg.locator("img").count() == 0
+
+
+def test_the_live_view_says_it_takes_images_and_points_to_explain(browser: Any, served: dict):
+    """It offered "Upload an image..." and a sample box on a run of token ids."""
+    skip_without_browser()
+    with strict_page(browser) as pg:
+        pg.goto(f"{served['url']}/#/r/{RID}/live")
+        pg.wait_for_selector("#live-no-images")
+        text = pg.inner_text("#live-no-images")
+        assert f"sequences of {LENGTH} token ids" in text and "does not apply" in text
+        assert pg.locator("input[type=file]").count() == 0
+        pg.click("#live-explain")
+        pg.wait_for_selector("#explain-picker")

@@ -322,3 +322,65 @@ def test_a_server_vocab_is_not_asked_again_when_the_run_is_written_to(tmp_path: 
             text = get_json(f"{url}/api/runs/t/samples/1")["token_text"]
             assert text == [WORDS[i] for i in data.tensors[0][1].tolist()]
         assert len(calls) == asked
+
+
+def test_layer_tiles_keep_words_and_the_peak_inside_the_tile(browser: Any, tmp_path: Path) -> None:
+    """A layer tile shows 7 words around the unit's peak. Words as long as a real
+    vocabulary's (``[CLS]``, ``sleeps``) used to overflow the 96 px tile, centred, so its
+    first line was cut in half at the top (and its last at the bottom). Every tile's
+    words now start inside it and its peak token is shown whole."""
+    skip_without_browser()
+    from lurker.probe import probe
+    from lurker.server import create_app
+    from lurker.server.serve import background
+
+    words = ["[PAD]", "[CLS]", "yesterday", "elephant", "wandered", "through", "gardens",
+             "quietly", "sleeping", "tomorrow", "children", "mountain"]  # fmt: skip
+    torch.manual_seed(0)
+    model, data = Text().eval(), _data()
+    probe(model, data, out=tmp_path / "w", layers=[LAYER], k=K, progress=False, vocab=words)
+    app = create_app(tmp_path / "w", model_obj=model, dataset=data)
+    with background(app) as url, strict_page(browser) as pg:
+        pg.goto(f"{url.rstrip('/')}/#/r/w/layer/{LAYER}")
+        pg.wait_for_selector(".unit-card .tok-thumb .tok-peak")
+        boxes = pg.locator(".unit-card .tok-thumb").evaluate_all(
+            """ts => ts.map(t => {
+              const r = t.getBoundingClientRect();
+              const first = t.querySelector('.tokens > *').getBoundingClientRect();
+              const peak = t.querySelector('.tok-peak').getBoundingClientRect();
+              return {top: r.top, bottom: r.bottom, left: r.left, right: r.right,
+                      first: first.top, peakTop: peak.top, peakBottom: peak.bottom,
+                      peakLeft: peak.left, peakRight: peak.right};
+            })"""
+        )
+    assert len(boxes) == 4
+    for b in boxes:
+        assert b["first"] >= b["top"], b  # the first line is not cut off above the tile
+        assert b["top"] <= b["peakTop"] and b["peakBottom"] <= b["bottom"], b
+        assert b["left"] <= b["peakLeft"] and b["peakRight"] <= b["right"], b
+
+
+def test_run_page_describes_a_token_run_without_image_facts(browser: Any, served: dict) -> None:
+    """The run page of a text model said "image size -", "transparency dropped: not
+    checked", "9 images per unit", offered "Live view" (which does not apply to token ids)
+    and "Explain an image". It now says what a sample is: its tokens and vocabulary."""
+    skip_without_browser()
+    url = served["url"]
+    assert get_json(f"{url}/api/runs/t")["dataset"]["vocab_size"] == len(WORDS)
+    with strict_page(browser) as pg:
+        pg.goto(f"{url}/#/r/t")
+        pg.wait_for_selector("dl.facts")
+        facts = dict(
+            zip(
+                pg.locator("dl.facts dt").all_inner_texts(),
+                pg.locator("dl.facts dd").all_inner_texts(),
+                strict=True,
+            )
+        )
+        assert facts["tokens per sample"] == str(LENGTH)
+        assert facts["vocabulary"] == f"{len(WORDS)} tokens"
+        assert facts["top-k"].startswith(f"{K} samples per unit")
+        assert "image size" not in facts and "transparency dropped" not in facts
+        buttons = pg.locator(".entry-links a").all_inner_texts()
+        assert "Explain a sample" in buttons
+        assert "Live view" not in buttons and "Explain an image" not in buttons

@@ -1,6 +1,6 @@
 /** Small DOM helpers: enough to build pages without a framework. */
 
-type Child = Node | string | number | null | undefined | false;
+export type Child = Node | string | number | null | undefined | false;
 type Attrs = Record<string, string | number | boolean | null | undefined | EventListener>;
 
 /** `h("a", {href: "#/"}, "Home")`: an element with attributes (on* = listeners) and children. */

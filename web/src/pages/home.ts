@@ -1,7 +1,7 @@
 /** `#/r/RUN`: what the model and dataset are, what the run holds, and where to go next. */
 import type { RunSummary } from "../api";
 import type { PageContext } from "../context";
-import { append, facts, fmt, h, notice, probedAt, shape } from "../dom";
+import { append, type Child, facts, fmt, h, notice, probedAt, shape } from "../dom";
 
 export async function renderHome(root: HTMLElement, ctx: PageContext): Promise<void> {
   const s = await ctx.api.json<RunSummary>(`/runs/${encodeURIComponent(ctx.run)}`);
@@ -12,6 +12,10 @@ export async function renderHome(root: HTMLElement, ctx: PageContext): Promise<v
   const classes = d.classes.length;
   const featviz = s.holds.featviz ?? [];
   const explained = s.holds.explained ?? 0;
+  // inputs with no picture (token ids, feature vectors): the image facts and the live view,
+  // which draws maps over an image, do not apply, and a top-k entry is a sample
+  const tokens = d.tokens ?? null;
+  const pictureless = tokens !== null || (d.features ?? null) !== null;
   const shownClasses = d.classes.slice(0, 40).join(", ") + (classes > 40 ? `, … (${classes - 40} more)` : "");
   append(root, 
     h("h1", null, m.name ?? ctx.run, h("span", { class: "sub" }, ` · run `, h("code", null, s.id))),
@@ -37,14 +41,19 @@ export async function renderHome(root: HTMLElement, ctx: PageContext): Promise<v
         "section",
         { class: "card" },
         h("h2", null, "Dataset"),
-        facts([
+        facts(([
           d.spec || !d.description ? ["spec", h("code", null, d.spec ?? "–")] : ["source", d.description],
           ["samples", fmt(d.size)],
           ["classes", classes ? `${classes}: ${shownClasses}` : "unlabelled"],
-          ["image size", Array.isArray(d.image_size) ? shape(d.image_size) : fmt(d.image_size)],
-          ["skipped files", d.skipped_count ? String(d.skipped_count) : "none"],
-          ["transparency dropped", transparency(d.transparent_images, d.spec || d.description)],
-        ]),
+          tokens !== null
+            ? ["tokens per sample", fmt(tokens)]
+            : d.features != null
+              ? ["features per sample", fmt(d.features)]
+              : ["image size", Array.isArray(d.image_size) ? shape(d.image_size) : fmt(d.image_size)],
+          tokens !== null ? ["vocabulary", d.vocab_size ? `${fmt(d.vocab_size)} tokens` : h("span", { class: "muted" }, "none: ids shown (lurker serve RUN --vocab FILE)")] : null,
+          pictureless ? null : ["skipped files", d.skipped_count ? String(d.skipped_count) : "none"],
+          pictureless ? null : ["transparency dropped", transparency(d.transparent_images, d.spec || d.description)],
+        ] as ([string, Child | Child[]] | null)[]).filter((r): r is [string, Child | Child[]] => r !== null)),
         d.skipped.length
           ? h(
               "details",
@@ -60,7 +69,7 @@ export async function renderHome(root: HTMLElement, ctx: PageContext): Promise<v
         h("h2", null, "This run holds"),
         facts([
           ["layers", `${s.layers.length} (${fmt(units)} units)`],
-          ["top-k", `${s.probe.k} images per unit, by max, by mean${s.holds.relevance ? " and by relevance for the prediction" : ""}`],
+          ["top-k", `${s.probe.k} ${pictureless ? "samples" : "images"} per unit, by max, by mean${s.holds.relevance ? " and by relevance for the prediction" : ""}`],
           ["histograms", `${s.probe.hist_bins} bins per unit`],
           ["graph", s.holds.graph ? h("a", { href: ctx.href("graph") }, "traced graph") : "not recorded"],
           ["dataset map", s.holds.map ? h("a", { href: ctx.href("map") }, "made") : h("span", { class: "muted" }, "none (lurker map RUN)")],
@@ -76,10 +85,10 @@ export async function renderHome(root: HTMLElement, ctx: PageContext): Promise<v
           { class: "entry-links" },
           h("a", { class: "button", href: ctx.href("samples") }, "Browse samples"),
           s.holds.graph ? h("a", { class: "button", href: ctx.href("graph") }, "Open the graph") : null,
-          s.holds.live ? h("a", { class: "button", href: ctx.href("live") }, "Live view") : null,
+          s.holds.live && !pictureless ? h("a", { class: "button", href: ctx.href("live") }, "Live view") : null,
           s.holds.map ? h("a", { class: "button", href: ctx.href("map") }, "Dataset map") : null,
           // the Explain page works wherever explanations can be made or were precomputed
-          s.holds.live || explained ? h("a", { class: "button", href: ctx.href("explain") }, "Explain an image") : null,
+          s.holds.live || explained ? h("a", { class: "button", href: ctx.href("explain") }, pictureless ? "Explain a sample" : "Explain an image") : null,
         ),
       ),
     ),

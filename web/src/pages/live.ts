@@ -12,7 +12,7 @@ import { axisBottom, axisLeft } from "d3-axis";
 import { scaleLinear } from "d3-scale";
 import { create } from "d3-selection";
 import { barChart } from "../charts";
-import { append, fill, fmt, h, notice, pct, shape } from "../dom";
+import { append, fill, fmt, h, notice, pct, shape, withId } from "../dom";
 import { imageTitle } from "../images";
 import { imagePicker } from "../picker";
 import { classLabel, namesWidth } from "../classes";
@@ -52,6 +52,24 @@ export async function renderLive(root: HTMLElement, ctx: PageContext): Promise<v
         "error",
       ),
     );
+    return;
+  }
+  // token ids and feature vectors have no picture: the live view draws an image's maps
+  const tokens = summary.dataset.tokens ?? null;
+  const features = summary.dataset.features ?? null;
+  if (tokens !== null || features !== null) {
+    const what = tokens !== null ? `sequences of ${tokens} token ids` : `vectors of ${features} features`;
+    append(
+      root,
+      withId(
+        notice(
+          `The live view runs an image through the model and draws every op's maps; this run's inputs are ${what}, not images, so it does not apply. ${tokens !== null ? "Explain scores each token of a dataset sample: " : "A sample's page shows the model's prediction on its values: "}`,
+        ),
+        "live-no-images",
+      ),
+    );
+    const link = tokens !== null ? h("a", { href: ctx.href("explain"), id: "live-explain" }, "open Explain") : h("a", { href: ctx.href("samples") }, "browse the samples");
+    root.querySelector("#live-no-images")?.append(link, ".");
     return;
   }
   const params = new URLSearchParams(ctx.params);
