@@ -331,3 +331,21 @@ def test_a_finished_run_probed_again_from_another_directory_is_the_same_probe(
     )
     assert r.exit_code == 0, r.output
     assert "not '" not in r.output
+
+
+def test_a_run_probed_from_a_relative_spec_can_be_mapped(
+    files: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`lurker map RUN` reloads the recorded (absolute) spec; the run described its dataset
+    by the relative one typed, and the map refused it as "not the dataset the run was
+    probed with" while naming the same spec twice."""
+    from lurker.store import Run
+
+    run = tmp_path / "runs" / "table"
+    r = _probe("table.py:build", "--data", "table.py:Table", "-o", str(run))
+    assert r.exit_code == 0, r.output
+    monkeypatch.chdir(tmp_path)  # from another directory, as a user maps it later
+    r = CliRunner().invoke(main, ["map", str(run), "--method", "pca"])
+    assert r.exit_code == 0, r.output
+    with Run.open(run) as done:
+        assert str(files / "table.py") in str(done.meta["dataset"])

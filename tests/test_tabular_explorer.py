@@ -125,6 +125,63 @@ def test_unit_images_say_feature_vectors_have_none(served: dict):
     assert "lurker serve" in r.output
 
 
+def test_explain_scores_each_feature_as_captum_does(served: dict):
+    """Explain on a feature vector: one score per feature, in the vector's order, for the
+    asked class (was: 409 "the live view and Explain show images" for every method)."""
+    import httpx2 as httpx
+    from captum.attr import IntegratedGradients, Saliency
+
+    url, model, data = served["url"], served["model"], served["data"]
+    x = data.tensors[0][7:8].clone()
+    base = f"{url}/api/runs/{RID}/live/sample-7/explain"
+    methods = get_json(f"{url}/api/runs/{RID}/explain/methods")["methods"]
+    assert [m["name"] for m in methods] == [
+        "saliency", "input_x_gradient", "integrated_gradients", "smoothgrad"
+    ]  # fmt: skip
+    for target in (0, 2):  # the class asked, not only the top one
+        oracle = {
+            "saliency": Saliency(model).attribute(x, target=target, abs=True),
+            "integrated_gradients": IntegratedGradients(model).attribute(
+                x, target=target, n_steps=50
+            ),
+        }
+        for method, want in oracle.items():
+            doc = get_json(f"{base}/{method}.json?target={target}")
+            assert doc["target_class"] == target and doc["shape"] == [1, 13]
+            np.testing.assert_allclose(
+                doc["scores"], want[0].detach().numpy(), rtol=1e-4, atol=1e-6
+            )
+        # input x gradient by autograd: each feature's value times its partial derivative
+        xg = x.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(model(xg)[0, target], xg)
+        doc = get_json(f"{base}/input_x_gradient.json?target={target}")
+        np.testing.assert_allclose(doc["scores"], (x * grad)[0].numpy(), rtol=1e-4, atol=1e-6)
+    # methods that draw on an image, uploads and the PNG are refused saying why
+    r = httpx.get(f"{base}/gradcam.json")
+    assert r.status_code == 409 and "vectors of 13 features" in r.json()["detail"]
+    r = httpx.get(f"{base}/saliency.png")
+    assert r.status_code == 409 and "each feature's score" in r.json()["detail"]
+    r = httpx.get(f"{url}/api/runs/{RID}/live/0123456789abcdef/explain/saliency.json")
+    assert r.status_code == 409 and "sample-N" in r.json()["detail"]
+
+
+def test_the_explain_page_charts_each_features_score(browser: Any, served: dict):
+    skip_without_browser()
+    url, data = served["url"], served["data"]
+    doc = get_json(f"{url}/api/runs/{RID}/live/sample-3/explain/integrated_gradients.json")
+    with strict_page(browser) as pg:
+        pg.goto(f"{url}/#/r/{RID}/sample/3")  # the sample page leads there
+        pg.locator("#explain-this").click()
+        pg.wait_for_url("**/explain?image=sample-3")
+        card = pg.locator('.feature-explain-card[data-method="integrated_gradients"]')
+        card.locator("details summary").click()
+        rows = card.locator("details tr")
+        rows.first.wait_for()
+        shown = rows.evaluate_all("es => es.map(e => [+e.dataset.feature, +e.dataset.value])")
+        assert shown == [[i, v] for i, v in enumerate(doc["scores"])]
+        assert data.feature_names[0] in card.inner_text()
+
+
 def _check_pages(pg: Any, base: str, data: Wine, layer: dict, unit: dict) -> None:
     """A tile and a unit entry show their sample's values (named), the sample page all."""
     pg.goto(f"{base}#/r/{RID}/layer/{LAYER}")
@@ -151,6 +208,8 @@ def _check_pages(pg: Any, base: str, data: Wine, layer: dict, unit: dict) -> Non
     assert rows == _row(data, sid)
     assert data.feature_names[0] in pg.inner_text("#sample-features")
     assert pg.locator("img").count() == 0
+    # a vector has no image: the export's "holds no image ... could not be loaded" was false
+    assert "holds no image" not in pg.inner_text(".view")
 
 
 def test_pages_show_the_feature_values(browser: Any, served: dict):
@@ -299,3 +358,15 @@ def test_feature_names_that_are_not_a_list_are_ignored(tmp_path: Path):
     assert run is not None and "feature_names" not in run.meta["config"]
     run.close()
     assert wrap(Wine()).feature_names == Wine().feature_names  # a list is still used
+
+
+def test_the_live_view_says_it_takes_images_and_points_to_explain(browser: Any, served: dict):
+    """It offered "Upload an image..." on a run of feature vectors."""
+    skip_without_browser()
+    with strict_page(browser) as pg:
+        pg.goto(f"{served['url']}/#/r/{RID}/live")
+        pg.wait_for_selector("#live-no-images")
+        text = pg.inner_text("#live-no-images")
+        assert "vectors of 13 features" in text and "does not apply" in text
+        assert pg.locator("input[type=file]").count() == 0
+        assert pg.locator("#live-explain").get_attribute("href").endswith("/explain")

@@ -19,6 +19,7 @@ import { append, fill, fmt, h, notice, pct, withCode } from "../dom";
 import { imageTitle } from "../images";
 import { imagePicker } from "../picker";
 import { renderTokenExplain } from "./explain_tokens";
+import { renderFeatureExplain } from "./explain_features";
 import { classLabel, classText, namesWidth } from "../classes";
 
 const PICKER = { id: "explain", title: "Image to explain", action: "Explain sample" };
@@ -94,6 +95,8 @@ export async function renderExplain(root: HTMLElement, ctx: PageContext): Promis
   const summary = await ctx.api.json<RunSummary>(p("runs", ctx.run));
   // a text model's run: its samples are token ids, explained token by token
   if ((summary.dataset.tokens ?? null) !== null) return renderTokenExplain(root, ctx, summary, loading);
+  // a tabular model's run: its samples are feature vectors, explained feature by feature
+  if ((summary.dataset.features ?? null) !== null) return renderFeatureExplain(root, ctx, summary, loading);
   // no model (a static export, or a server that cannot load the run's): only what the
   // run's cache holds, precomputed by `lurker images RUN --explanations`
   const explained = ctx.api.isStatic || !summary.holds.live ? await ctx.api.explained(ctx.run) : null;

@@ -63,13 +63,12 @@ export async function renderLive(root: HTMLElement, ctx: PageContext): Promise<v
       root,
       withId(
         notice(
-          `The live view runs an image through the model and draws every op's maps; this run's inputs are ${what}, not images, so it does not apply. ${tokens !== null ? "Explain scores each token of a dataset sample: " : "A sample's page shows the model's prediction on its values: "}`,
+          `The live view runs an image through the model and draws every op's maps; this run's inputs are ${what}, not images, so it does not apply. Explain scores each ${tokens !== null ? "token" : "feature"} of a dataset sample: `,
         ),
         "live-no-images",
       ),
     );
-    const link = tokens !== null ? h("a", { href: ctx.href("explain"), id: "live-explain" }, "open Explain") : h("a", { href: ctx.href("samples") }, "browse the samples");
-    root.querySelector("#live-no-images")?.append(link, ".");
+    root.querySelector("#live-no-images")?.append(h("a", { href: ctx.href("explain"), id: "live-explain" }, "open Explain"), ".");
     return;
   }
   const params = new URLSearchParams(ctx.params);

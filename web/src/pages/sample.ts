@@ -67,7 +67,7 @@ export async function renderSample(root: HTMLElement, ctx: PageContext, args: st
             h("h3", null, `${images.tokens} token ids`),
             doc.tokens ? tokenSequence(doc.tokens, null, 0, doc.tokens.length, doc.token_text ?? null) : notice(`Not at hand: ${(doc.tokens_error ?? "the run's dataset cannot be loaded").replace(/\.+$/, "")}.`),
           )
-        : !hasImage
+        : !hasImage && (images.features ?? null) === null // a vector has no image to hold
         ? notice(`This export holds no image of this sample: ${(exported?.no_image ?? "the run's dataset could not be loaded when it was made").replace(/\.+$/, "")}.`)
         : images.ok
           ? h("img", { class: "sample-img pixelated", src: ctx.api.pngUrl(p("runs", ctx.run, "samples", s.id, "image.png")), alt: `sample ${s.id}`, width: 224, height: 224 })
@@ -104,10 +104,10 @@ export async function renderSample(root: HTMLElement, ctx: PageContext, args: st
         ]),
         // a static export runs no model: no button to a view that cannot open (and no row
         // at all where it holds no explanation either)
-        // (nor for feature vectors: the live view and Explain draw over images; token ids
-        // get Explain alone, which scores each token)
-        images.tokens !== null && !ctx.api.isStatic && pred
-          ? // token ids: Explain scores each token (no live view: it draws maps over images)
+        // (token ids and feature vectors get Explain alone, which scores each token or
+        // feature: the live view draws maps over images)
+        (images.tokens !== null || (images.features ?? null) !== null) && !ctx.api.isStatic && pred
+          ? // Explain scores each token or feature (no live view: it draws over images)
             h("p", { class: "entry-links" }, h("a", { class: "button", id: "explain-this", href: ctx.href("explain") + "?image=sample-" + s.id }, "Explain this sample"))
           : (ctx.api.isStatic && !(pred || explained)) || images.tokens !== null || (images.features ?? null) !== null
           ? null

@@ -289,8 +289,8 @@ def _key(
     layer when none is asked), or the error that says what is wrong with it."""
     methods = _methods()
     cls = methods.get(method)
-    if s.token_length() is not None:
-        image = _token_sample(s, image, method if cls is not None else None)
+    if s.token_length() is not None or s.vector_length() is not None:
+        image = _flat_sample(s, image, method if cls is not None else None)
     else:
         image = _image_id(s, image)
     if cls is None:
@@ -310,19 +310,24 @@ def _key(
     return (image, method, target.strip(), layer or "")
 
 
-def _token_sample(s: Session, image: str, method: str | None) -> str:
-    """On a run of token ids: ``image`` checked as a dataset sample (uploads are images,
-    which such a run does not take) and ``method`` as one that applies to token ids (409
-    naming those that do)."""
+def _flat_sample(s: Session, image: str, method: str | None) -> str:
+    """On a run whose inputs have no picture (token ids, feature vectors): ``image``
+    checked as a dataset sample (uploads are images, which such a run does not take) and
+    ``method`` as one that scores each token or feature (409 naming those that do: the
+    others draw on an image's pixels)."""
     from lurker.explain.tokens import not_for_tokens
 
     length = s.token_length()
+    tokens = length is not None
+    what = (
+        f"sequences of {length} token ids" if tokens else f"vectors of {s.vector_length()} features"
+    )
     if not _SAMPLE.fullmatch(image):
         raise ApiError(
             409,
-            f"this run's inputs are sequences of {length} token ids: Explain attributes a "
-            f"dataset sample's tokens (sample-N), and uploads (images) do not apply; got "
-            f"{image!r}",
+            f"this run's inputs are {what}: Explain attributes a dataset sample's "
+            f"{'tokens' if tokens else 'features'} (sample-N), and uploads (images) do not "
+            f"apply; got {image!r}",
         )
     last = s.entry.last_sample_id()
     if not 0 <= int(image[7:]) <= last:
@@ -330,7 +335,13 @@ def _token_sample(s: Session, image: str, method: str | None) -> str:
             404, f"no sample {image[7:]} in run {s.entry.id!r}: sample ids are 0..{last}"
         )
     if method is not None and method not in TOKEN_METHODS:
-        raise ApiError(409, str(not_for_tokens(method)))
+        if tokens:
+            raise ApiError(409, str(not_for_tokens(method)))
+        raise ApiError(
+            409,
+            f"method {method!r} draws on an image, and this run's inputs are {what}; the "
+            "methods that score each feature: " + ", ".join(TOKEN_METHODS),
+        )
     return image
 
 
@@ -600,10 +611,10 @@ def _compute(s: Session, model: Any, x: Any, method: str, target: str, layer: st
     seconds = time.perf_counter() - start
     resolved, cls = _resolved(prep.asked, ex.target)
     delta = None if ex.delta is None else float(ex.delta.reshape(-1)[0])
-    tokens = prep.xb.dim() == 2 and not prep.xb.is_floating_point()
+    # token ids (one score per token) and feature vectors (one per feature): a (1, L) map
+    flat = prep.xb.dim() == 2 and (not prep.xb.is_floating_point() or s.vector_length() is not None)
     return Result(
-        # token ids: one score per token, kept as a (1, L) map
-        heat=ex.attribution[:1].float().cpu() if tokens else ex.heatmap(0).float().cpu(),
+        heat=ex.attribution[:1].float().cpu() if flat else ex.heatmap(0).float().cpu(),
         signed=bool(ex.signed),
         target=resolved,
         target_class=cls,
@@ -854,7 +865,8 @@ def methods(request: Request, run_id: str) -> ExplainMethods:
                 name=name, summary=cls.summary, needs_layer=_needs_layer(cls), signed=cls.signed
             )
             for name, cls in _methods().items()
-            if s.token_length() is None or name in TOKEN_METHODS
+            # token ids and feature vectors: the methods that score each token or feature
+            if (s.token_length() is None and s.vector_length() is None) or name in TOKEN_METHODS
         ],
         default_layer=None,  # Grad-CAM's: lurker.explain's own, per image (see _key)
         concept_layer=default_concept_layer(s, "top"),
@@ -1125,6 +1137,13 @@ def _explain_png(s: Session, image: str, r: Result, overlay: bool, opacity: floa
             f"this run's inputs are sequences of {length} token ids, which have no picture: "
             "the explanation's JSON (the same URL without .png) holds each token's score",
         )
+    features = s.vector_length()
+    if features is not None:
+        raise ApiError(
+            409,
+            f"this run's inputs are vectors of {features} features, which have no picture: "
+            "the explanation's JSON (the same URL without .png) holds each feature's score",
+        )
     pil = _heat_image(s, image, r.heat, r.signed, overlay, opacity)
     return _png_response(pil, r.heat, r.target)
 
@@ -1167,6 +1186,8 @@ def _result_doc(s: Session, image: str, method: str, r: Result, cached: bool) ->
     names = class_names(s.entry.open_run())
     name = None if r.target_class is None else name_of(names, r.target_class)
     scores = tokens = text = None
+    if s.vector_length() is not None:  # one score per feature, in the vector's order
+        scores = [float(v) if math.isfinite(v) else None for v in r.heat[0].tolist()]
     if s.token_length() is not None:
         scores = [float(v) if math.isfinite(v) else None for v in r.heat[0].tolist()]
         sid = int(image[7:])

@@ -69,9 +69,9 @@ def _images_only(s: Session) -> None:
     if features is not None:
         raise ApiError(
             409,
-            f"the live view and Explain show images, and this run's inputs are vectors of "
-            f"{features} features, which have no picture: a sample's page shows the model's "
-            "prediction",
+            f"the live view shows images, and this run's inputs are vectors of {features} "
+            "features, which have no picture: a sample's page shows the model's prediction, "
+            "and Explain (sample-N) each feature's attribution",
         )
 
 
