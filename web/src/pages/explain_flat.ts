@@ -1,0 +1,169 @@
+/**
+ * Explain on a run whose inputs have no picture: a text model's token ids or a tabular
+ * model's feature vectors. A dataset sample (uploads are images, which such a run does
+ * not take; the picker is a sample id), the model's top classes as the target chooser,
+ * and one card per method that scores each token or feature (the server's
+ * `explain/methods`); how a card draws its scores is the kind's (`FlatKind`).
+ */
+import { p, type RunSummary, type SampleDoc } from "../api";
+import type { PageContext } from "../context";
+import { append, fill, fmt, h, notice, pct } from "../dom";
+import { classLabel, namesWidth } from "../classes";
+
+export interface FlatMethod {
+  name: string;
+  summary: string;
+  signed: boolean;
+}
+
+export interface FlatResult {
+  method: string;
+  signed: boolean;
+  min: number | null;
+  max: number | null;
+  sum: number | null;
+  delta: number | null;
+  options: Record<string, unknown>;
+  notes?: string[];
+  /** one score per token or feature, in the input's order (null: not finite) */
+  scores?: (number | null)[] | null;
+}
+
+/** What differs between token ids and feature vectors. */
+export interface FlatKind {
+  /** "token" or "feature" */
+  noun: string;
+  /** the inputs in words: "sequences of 12 token ids", "vectors of 30 features" */
+  what: string;
+  /** the card grid's class and its cards' ("token-explain", "feature-explain") */
+  css: string;
+  /** the legend under the sample, and its id */
+  legend: string;
+  legendId: string;
+  /** what the sample card shows of the sample (its strip), or why it is missing */
+  sample(doc: SampleDoc): HTMLElement | null;
+  /** the scores of one method drawn, in place of the card's spinner */
+  draw(scores: (number | null)[], doc: SampleDoc): HTMLElement;
+}
+
+const TITLES: Record<string, string> = {
+  saliency: "Saliency",
+  input_x_gradient: "Input × gradient",
+  integrated_gradients: "Integrated gradients",
+  smoothgrad: "SmoothGrad",
+};
+
+export async function renderFlatExplain(root: HTMLElement, ctx: PageContext, summary: RunSummary, loading: HTMLElement, kind: FlatKind): Promise<void> {
+  const params = new URLSearchParams(ctx.params);
+  const image = params.get("image");
+  const target = params.get("target") || "top";
+  const go = (next: Record<string, string | null>) => {
+    const q = new URLSearchParams(params);
+    for (const [k, v] of Object.entries(next)) (v === null ? q.delete(k) : q.set(k, v));
+    ctx.navigate(ctx.href("explain") + "?" + q);
+  };
+  if (ctx.api.isStatic || !summary.holds.live) {
+    loading.remove();
+    const why = ctx.api.isStatic ? "This is a static export" : `This run has no model attached${summary.holds.live_reason ? ` (${summary.holds.live_reason})` : ""}`;
+    root.append(notice(`${why}: explaining a sample's ${kind.noun}s runs the model. Serve it with \`lurker serve ${ctx.run} --model SPEC\`.`, ctx.api.isStatic ? undefined : "error"));
+    return;
+  }
+  const field = h("input", { type: "number", min: 0, max: Math.max(0, summary.dataset.size - 1), id: "explain-sample", "aria-label": "sample id", value: image?.startsWith("sample-") ? image.slice(7) : "" });
+  const choose = () => {
+    const v = (field as HTMLInputElement).value.trim();
+    if (/^\d+$/.test(v)) go({ image: `sample-${v}`, target: null });
+  };
+  field.addEventListener("keydown", (e) => {
+    if ((e as KeyboardEvent).key === "Enter") choose();
+  });
+  const picker = h(
+    "section",
+    { class: "card", id: "explain-picker" },
+    h("h3", null, "Sample to explain"),
+    h("p", { class: "muted small" }, `The inputs are ${kind.what}: a dataset sample's ${kind.noun}s are explained (0..${summary.dataset.size - 1}).`),
+    h("div", { class: "row" }, field, h("button", { type: "button", onclick: choose }, "Explain sample")),
+  );
+  if (!image || !/^sample-\d+$/.test(image)) {
+    loading.remove();
+    if (image) root.append(notice(`${image} is not a dataset sample: this run's inputs are ${kind.what}, so uploads (images) do not apply. Choose a sample.`, "error"));
+    root.append(picker);
+    return;
+  }
+  const sid = Number(image.slice(7));
+  let doc: SampleDoc;
+  let methods: FlatMethod[];
+  try {
+    const [d, info] = await Promise.all([
+      ctx.api.json<SampleDoc>(p("runs", ctx.run, "samples", sid) + "?limit=1"),
+      ctx.api.json<{ methods: FlatMethod[] }>(p("runs", ctx.run, "explain", "methods")),
+    ]);
+    doc = d;
+    methods = info.methods;
+  } catch (err) {
+    loading.remove();
+    root.append(notice((err as Error).message, "error"), picker);
+    return;
+  }
+  if (ctx.signal.aborted) return;
+  loading.remove();
+  const preds = doc.prediction ?? [];
+  const topClass = preds[0]?.class;
+  const chooser = h(
+    "ol",
+    { class: "preds target-list", "aria-label": "target class", style: namesWidth(preds.map((q) => classLabel(q.name, q.class))) },
+    preds.map((q) => {
+      const on = target === String(q.class) || (target === "top" && q.class === topClass);
+      return h(
+        "li",
+        null,
+        h(
+          "button",
+          { type: "button", class: on ? "target on" : "target", "data-class": q.class, "aria-pressed": String(on), onclick: () => go({ target: String(q.class) }) },
+          h("span", { class: "pname" }, classLabel(q.name, q.class)),
+          h("span", { class: "pbar", style: `width:${(100 * q.prob).toFixed(1)}%` }),
+          h("span", { class: "muted" }, pct(q.prob)),
+        ),
+      );
+    }),
+  );
+  append(
+    root,
+    picker,
+    h(
+      "section",
+      { class: "card explain-image" },
+      h("h3", null, "Sample ", h("a", { href: ctx.href("sample", String(sid)), id: "image-name" }, `#${sid}`), h("span", { class: "muted" }, ` · ${kind.what.replace(/^\w+ of /, "")}`)),
+      kind.sample(doc),
+      doc.prediction_error ? notice(doc.prediction_error, "error") : h("div", null, h("p", { class: "muted small" }, "Target: a class the model predicts…"), chooser),
+    ),
+    h("p", { class: "muted small", id: kind.legendId }, kind.legend),
+    h("div", { class: kind.css }, methods.map((m) => methodCard(ctx, image, m, target, doc, kind))),
+  );
+}
+
+function methodCard(ctx: PageContext, image: string, m: FlatMethod, target: string, doc: SampleDoc, kind: FlatKind): HTMLElement {
+  const body = h("div", { class: "spinner", role: "status", "aria-label": `computing ${m.name}` });
+  const caption = h("p", { class: "small muted" }, "computing…");
+  // SmoothGrad, like saliency, is a gradient's size here: the result says which
+  const sign = h("span", { class: "muted sign" }, m.signed ? " signed" : " ≥ 0");
+  const card = h("section", { class: `card ${kind.css}-card`, "data-method": m.name }, h("h3", { title: m.summary }, h("span", { class: "name" }, TITLES[m.name] ?? m.name), sign), body, caption);
+  const url = `${p("runs", ctx.run, "live", image, "explain", m.name)}.json?${new URLSearchParams({ target })}`;
+  void (async () => {
+    try {
+      const r = await ctx.api.json<FlatResult>(url);
+      sign.textContent = r.signed ? " signed" : " ≥ 0";
+      body.replaceWith(kind.draw(r.scores ?? [], doc));
+      fill(
+        caption,
+        r.min === null || r.max === null ? "no finite score" : `min ${fmt(r.min)} · max ${fmt(r.max)} · sum ${fmt(r.sum)}`,
+        r.delta !== null ? ` · delta ${fmt(r.delta)}` : null,
+        ...(r.notes ?? []).map((n) => h("span", { class: "explain-note", role: "note" }, n)),
+      );
+      caption.title = `options: ${JSON.stringify(r.options)}`;
+    } catch (err) {
+      body.remove();
+      fill(caption, h("span", { class: "error-text" }, (err as Error).message));
+    }
+  })();
+  return card;
+}
