@@ -156,6 +156,15 @@ def test_explain_scores_each_feature_as_captum_does(served: dict):
         (grad,) = torch.autograd.grad(model(xg)[0, target], xg)
         doc = get_json(f"{base}/input_x_gradient.json?target={target}")
         np.testing.assert_allclose(doc["scores"], (x * grad)[0].numpy(), rtol=1e-4, atol=1e-6)
+    # SmoothGrad noises the vector by 15% of its range (the paper's level: raw features
+    # of very different scales are noised in proportion), seeded as lurker.explain is
+    import lurker
+
+    doc = get_json(f"{base}/smoothgrad.json?target=2")
+    stdev = 0.15 * float(x.max() - x.min())
+    assert doc["options"]["stdev"] == pytest.approx(stdev, rel=1e-6)
+    own = lurker.explain(model, x, 2, method="smoothgrad", seed=0, stdev=stdev)
+    np.testing.assert_allclose(doc["scores"], own.attribution[0].numpy(), rtol=1e-5, atol=1e-7)
     # methods that draw on an image, uploads and the PNG are refused saying why
     r = httpx.get(f"{base}/gradcam.json")
     assert r.status_code == 409 and "vectors of 13 features" in r.json()["detail"]
@@ -370,3 +379,35 @@ def test_the_live_view_says_it_takes_images_and_points_to_explain(browser: Any, 
         assert "vectors of 13 features" in text and "does not apply" in text
         assert pg.locator("input[type=file]").count() == 0
         assert pg.locator("#live-explain").get_attribute("href").endswith("/explain")
+
+
+class _Counts(torch.nn.Module):
+    """Reads integer counts as numbers (casts them itself)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = torch.nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.float())
+
+
+def test_explain_on_integer_vectors_scores_the_numbers(tmp_path: Path):
+    """A vector of integer counts: each method scores them as numbers (was: four cards
+    each failing with "must be floating point ... pass x.float()")."""
+    from torch.utils.data import TensorDataset
+
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(
+        torch.randint(0, 9, (24, 6), generator=g, dtype=torch.int16), torch.arange(24) % 3
+    )
+    model = _Counts().eval()
+    with served_run(tmp_path, "counts", model, data, "fc", 3) as served:
+        base = f"{served['url']}/api/runs/counts/live/sample-4/explain"
+        x = data.tensors[0][4:5].float().requires_grad_(True)
+        (grad,) = torch.autograd.grad(model(x)[0, 1], x)
+        doc = get_json(f"{base}/input_x_gradient.json?target=1")
+        np.testing.assert_allclose(doc["scores"], (x * grad)[0].detach().numpy(), rtol=1e-5)
+        for method in ("saliency", "integrated_gradients", "smoothgrad"):
+            assert len(get_json(f"{base}/{method}.json?target=1")["scores"]) == 6

@@ -596,8 +596,15 @@ def _resolved(asked: str, target: Any) -> tuple[str, int | None]:
 def _compute(s: Session, model: Any, x: Any, method: str, target: str, layer: str | None) -> Result:
     import lurker.explain as xp
 
+    vector = s.vector_length() is not None
+    if vector and not x.is_floating_point():  # counts, a waveform's integer samples:
+        x = x.float()  # attributed as the numbers they are (no gradient w.r.t. integers)
     prep = _prepare(s, model, x, target, layer)
     options = _options(method, x)
+    if vector and method == "smoothgrad":  # the paper's noise: 15% of the input's range
+        finite = x[x.isfinite()]
+        spread = float(finite.max() - finite.min()) if finite.numel() else 0.0
+        options["stdev"] = 0.15 * spread if spread > 0 else 0.15
     if prep.layer is not None:
         options["layer"] = prep.layer
     start = time.perf_counter()
@@ -1186,10 +1193,10 @@ def _result_doc(s: Session, image: str, method: str, r: Result, cached: bool) ->
     names = class_names(s.entry.open_run())
     name = None if r.target_class is None else name_of(names, r.target_class)
     scores = tokens = text = None
-    if s.vector_length() is not None:  # one score per feature, in the vector's order
+    if s.token_length() is not None or s.vector_length() is not None:
+        # one score per token or feature, in the input's order
         scores = [float(v) if math.isfinite(v) else None for v in r.heat[0].tolist()]
     if s.token_length() is not None:
-        scores = [float(v) if math.isfinite(v) else None for v in r.heat[0].tolist()]
         sid = int(image[7:])
         try:  # (a cached answer on a server without the dataset shows the scores alone)
             tokens = s.sample_tokens(sid, s.entry.sample_row(sid)[1])
