@@ -411,3 +411,59 @@ def test_explain_on_integer_vectors_scores_the_numbers(tmp_path: Path):
         np.testing.assert_allclose(doc["scores"], (x * grad)[0].detach().numpy(), rtol=1e-5)
         for method in ("saliency", "integrated_gradients", "smoothgrad"):
             assert len(get_json(f"{base}/{method}.json?target=1")["scores"]) == 6
+
+
+def test_the_samples_list_carries_each_samples_binned_values(served: dict, wide: dict):
+    """The Samples page of a vector run was a grid of grey "no image" tiles: the list now
+    carries each sample's values binned as a layer tile's (oracle: the dataset tensors,
+    binned by numpy), for the page asked; without the dataset, none and why."""
+    for url, rid, data in (
+        (served["url"], RID, served["data"]),
+        (wide["url"], "wide", wide["data"]),
+    ):
+        page = get_json(f"{url}/api/runs/{rid}/samples?offset=3&limit=40")
+        assert page["features_error"] is None and page["tokens_error"] is None
+        assert [s["id"] for s in page["samples"]] == list(range(3, min(43, len(data))))
+        for s in page["samples"]:
+            starts, strip, top = _tile_oracle(_row(data, s["id"]))
+            tile = s["features"]
+            assert tile["count"] == len(data.tensors[0][0]) and tile["starts"] == starts
+            assert tile["strip"] == strip and [t["index"] for t in tile["top"]] == top
+            assert s["tokens"] is None
+    bare = get_json(f"{served['bare']}/api/runs/{RID}/samples?limit=5")
+    assert all(s["features"] is None for s in bare["samples"])
+    assert "does not record its dataset" in bare["features_error"]
+
+
+def test_the_samples_page_shows_feature_strips_not_missing_images(
+    browser: Any, served: dict, wide: dict
+):
+    skip_without_browser()
+    url, data = served["url"], served["data"]
+    with strict_page(browser) as pg:
+        pg.goto(f"{url}/#/r/{RID}/samples?offset=100")
+        pg.wait_for_selector(".sample-card .feat-thumb")
+        cards = pg.locator(".sample-card")
+        assert cards.count() == len(data) - 100 == pg.locator(".sample-card .feat-thumb").count()
+        assert pg.locator("img").count() == 0 and pg.locator(".no-img").count() == 0
+        first = cards.first
+        sid = int(first.get_attribute("data-sample") or -1)
+        cells = first.locator(".feat-strip > span").evaluate_all(
+            "es => es.map(e => +e.dataset.value)"
+        )
+        assert sid == 100 and cells == _row(data, sid)  # 13 features: one cell each
+        row = _row(data, sid)
+        assert data.feature_names[max(range(13), key=lambda i: abs(row[i]))] in first.inner_text()
+        key = pg.inner_text("#samples-key")
+        assert "Under each sample" in key and "image" not in key
+        pg.goto(f"{wide['url']}/#/r/wide/samples")
+        pg.wait_for_selector(".sample-card .feat-thumb")
+        counts = pg.locator(".sample-card .feat-strip").evaluate_all(
+            "es => es.map(e => e.children.length)"
+        )
+        assert counts and set(counts) == {64}  # bounded as a layer tile, not 300 nodes
+    with strict_page(browser) as pg:  # no dataset: said once, grey tiles, no broken images
+        pg.goto(f"{served['bare']}/#/r/{RID}/samples")
+        pg.wait_for_selector("#flat-why")
+        assert "does not record its dataset" in pg.inner_text("#flat-why")
+        assert pg.locator("img").count() == 0

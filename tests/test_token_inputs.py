@@ -377,3 +377,57 @@ def test_the_live_view_says_it_takes_images_and_points_to_explain(browser: Any, 
         assert pg.locator("input[type=file]").count() == 0
         pg.click("#live-explain")
         pg.wait_for_selector("#explain-picker")
+
+
+def test_the_samples_list_carries_each_samples_first_tokens(served: dict):
+    """The Samples page of a text run was a grid of grey "no image" tiles: the list now
+    carries each sample's first ids (oracle: the dataset tensor), for the page asked."""
+    url, tokens = served["url"], served["data"].tensors[0]
+    page = get_json(f"{url}/api/runs/{RID}/samples?offset=7&limit=30")
+    assert page["tokens_error"] is None and page["features_error"] is None
+    assert [s["id"] for s in page["samples"]] == list(range(7, 37))
+    for s in page["samples"]:
+        assert s["tokens"] == tokens[s["id"]][:16].tolist() and s["features"] is None
+    bare = get_json(f"{served['bare']}/api/runs/{RID}/samples?limit=5")
+    assert all(s["tokens"] is None for s in bare["samples"])
+    assert "does not record its dataset" in bare["tokens_error"]
+
+
+def test_the_samples_page_shows_tokens_not_missing_images(browser: Any, served: dict):
+    skip_without_browser()
+    url, tokens = served["url"], served["data"].tensors[0]
+    with strict_page(browser) as pg:
+        pg.goto(f"{url}/#/r/{RID}/samples")
+        pg.wait_for_selector(".sample-card .tok-thumb")
+        cards = pg.locator(".sample-card")
+        assert cards.count() == N == pg.locator(".sample-card .tok-thumb").count()
+        assert pg.locator("img").count() == 0 and pg.locator(".no-img").count() == 0
+        for i in (0, 5, N - 1):
+            card = cards.nth(i)
+            sid = int(card.get_attribute("data-sample") or -1)
+            ids = card.locator(".tok").evaluate_all("ts => ts.map(t => +t.dataset.id)")
+            assert sid == i and ids == tokens[sid].tolist()
+        key = pg.inner_text("#samples-key")
+        assert "Under each sample" in key and "image" not in key
+    with strict_page(browser) as pg:  # no dataset: why said once, grey tiles, no broken images
+        pg.goto(f"{served['bare']}/#/r/{RID}/samples")
+        pg.wait_for_selector(".sample-card .no-img")
+        assert pg.inner_text(".view").count("does not record its dataset") == 1
+        assert pg.locator("img").count() == 0
+
+
+def test_the_probe_counts_sequences_and_vectors_not_images(tmp_path: Path, capsys):
+    """`lurker probe` of token ids said "images/s"; images keep saying so."""
+    import lurker
+
+    torch.manual_seed(0)
+    lurker.probe(TextClassifier().eval(), _dataset(), out=tmp_path / "t", k=2, progress=True)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("probing:")]
+    assert lines and all(line.endswith(" sequences/s") for line in lines), err
+    vectors = TensorDataset(torch.randn(12, 5), torch.arange(12) % 2)
+    mlp = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
+    lurker.probe(mlp, vectors, out=tmp_path / "v", k=2, progress=True)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("probing:")]
+    assert lines and all(line.endswith(" vectors/s") for line in lines), err

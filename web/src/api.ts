@@ -263,9 +263,22 @@ export interface SampleDoc {
   left_out_layers?: { layer: string; count: number }[];
 }
 
+/** A sample in a page of samples: on a run with no picture, what its tile shows. */
+export interface ListedSample extends SampleBrief {
+  /** a run of token ids with its dataset: the sample's first ids (at most 16) */
+  tokens?: number[] | null;
+  token_text?: (string | null)[] | null;
+  /** a run of feature vectors with its dataset: its values binned as a layer tile's */
+  features?: FeatureTile | null;
+}
+
 export interface SampleList {
   total: number;
-  samples: SampleBrief[];
+  samples: ListedSample[];
+  /** why a run of token ids lists no `tokens` (no dataset, or one that changed) */
+  tokens_error?: string | null;
+  /** why a run of feature vectors lists no `features` */
+  features_error?: string | null;
 }
 
 /** Image kinds of a top-k entry, by list, with the ranks a static export can show. */
@@ -294,7 +307,7 @@ export interface UnitsIndex {
 /** Static export: the samples it holds (those some unit ranks in its top-k). */
 export interface ExportedSamples {
   total: number;
-  samples: (SampleBrief & { image: boolean })[];
+  samples: (ListedSample & { image: boolean })[];
   /** Why some of them have no image (null: all have one; absent in older exports). */
   no_image?: string | null;
 }

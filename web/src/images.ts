@@ -31,7 +31,7 @@ export async function imageState(ctx: PageContext): Promise<ImageState> {
     const why = s.holds.dataset === false ? ` They cannot be shown here either: ${(s.holds.dataset_reason ?? "the run's dataset cannot be loaded").replace(/\.+$/, "")}.` : "";
     // with a vocabulary (stored in the run or given to the server) the ids are shown as words
     const shown = (s.dataset.vocab_size ?? null) !== null ? "its tokens as the vocabulary spells them (hover a token for its id)" : "its token ids (the run holds no vocabulary: `lurker serve RUN --vocab FILE` shows words)";
-    const el = notice(`The inputs are sequences of ${tokens} token ids, not images: each sample is shown as ${shown}, the token where the unit peaks marked.${why}`);
+    const el = notice(`The inputs are sequences of ${tokens} token ids, not images: each sample is shown as ${shown} (on a unit's lists, the token where it peaks marked).${why}`);
     el.id = "token-inputs";
     return { ok: false, notice: el, tokens };
   }

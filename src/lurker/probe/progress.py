@@ -19,10 +19,18 @@ class Progress:
     """``label: 120/4300 (3%), 61.2 images/s``: a bar on a terminal, one output in a
     notebook redrawn in place, else a line every ``every`` seconds and one at the end.
     ``done`` counts what an earlier, interrupted call did (shown, not counted in the
-    rate)."""
+    rate). ``unit`` names what is counted ("sequences" for token ids: not images)."""
 
-    def __init__(self, label: str, total: int, done: int, enabled: bool, every: float):
-        self.label = label
+    def __init__(
+        self,
+        label: str,
+        total: int,
+        done: int,
+        enabled: bool,
+        every: float,
+        unit: str = "images",
+    ):
+        self.label, self.unit = label, unit
         self.total, self.done, self.made = total, done, 0
         self.every = every
         self.t0 = self.last = time.perf_counter()
@@ -58,14 +66,15 @@ class Progress:
             self._line()
 
     def rate(self) -> float:
-        """Images a second in this call."""
+        """Items (``unit``) a second in this call."""
         elapsed = time.perf_counter() - self.t0
         return self.made / elapsed if elapsed > 0 else 0.0
 
     def text(self) -> str:
-        """``label: done/total (pct%), rate images/s``."""
+        """``label: done/total (pct%), rate images/s`` (or the ``unit``)."""
         pct = 100.0 * self.done / self.total if self.total else 100.0
-        return f"{self.label}: {self.done}/{self.total} ({pct:.0f}%), {self.rate():.1f} images/s"
+        rate = f"{self.rate():.1f} {self.unit}/s"
+        return f"{self.label}: {self.done}/{self.total} ({pct:.0f}%), {rate}"
 
     def _line(self) -> None:
         print(self.text(), file=sys.stderr, flush=True)
@@ -81,7 +90,7 @@ class Progress:
         self.made += n
         now = time.perf_counter()
         if self.bar is not None:
-            self.bar.update(self.task, advance=n, rate=f"{self.rate():.1f} images/s")
+            self.bar.update(self.task, advance=n, rate=f"{self.rate():.1f} {self.unit}/s")
         elif self.cell is not None and now - self.last >= NOTEBOOK_EVERY:
             self.last = now
             self._redraw()

@@ -881,6 +881,18 @@ def probe(
         return _finish(plan, writer, consumers, swept)
 
 
+def input_noun(x0: torch.Tensor) -> str:
+    """What the samples of a batch ``x0`` are, for the probe's rate ("images/s"): token ids
+    and feature vectors are no images, and a text run saying "images/s" misleads."""
+    if x0.dim() == 4:
+        return "images"
+    if x0.dim() == 5:
+        return "clips"
+    if x0.dim() == 2:
+        return "vectors" if x0.is_floating_point() else "sequences"
+    return "samples"
+
+
 @dataclass
 class _Plan:
     """What a probe call will do, settled before the sweep: the model on its device, the
@@ -911,6 +923,7 @@ class _Plan:
     embed: Layer | None = None  # the layer whose per-sample features are kept
 
     first: str = ""  # digest of the first image (the traced input), as loaded
+    inputs: str = "images"  # what a sample is, in the progress line's rate ("images/s")
 
     @functools.cached_property
     def data_key(self) -> str:
@@ -1109,6 +1122,7 @@ def _plan(
         relevance=composite,
         embed=embed_layer,
         first=_digest(x0),
+        inputs=input_noun(x0),
     )
 
 
@@ -1463,7 +1477,9 @@ def _sweep(plan: _Plan, consumers: Sequence[BatchConsumer], start: _Progress) ->
     t_start = last_ckpt = time.perf_counter()
     total = len(plan.shard)
     known = torch.tensor(plan.labels, dtype=torch.int64)  # what the run will say they are
-    bar = Progress("probing", total, position.done, plan.progress and plan.rank == 0, 10.0)
+    bar = Progress(
+        "probing", total, position.done, plan.progress and plan.rank == 0, 10.0, plan.inputs
+    )
     batches = iter(loader)
     with contextlib.closing(bar), torch.no_grad(), _stop_signals() as interrupted:
         while True:

@@ -210,9 +210,15 @@ def _export_run(request: Any, e: Any, files: _Files, make_images: bool) -> None:
     from .classes import class_names
     from .deps import session
     from .errors import ApiError
-    from .routes.layers import layer_detail
+    from .routes.layers import feature_tile, layer_detail
     from .routes.runs import run_summary
-    from .routes.samples import _sample_detail, add_features, add_tokens, listed_sample
+    from .routes.samples import (
+        TILE_TOKENS,
+        _sample_detail,
+        add_features,
+        add_tokens,
+        listed_sample,
+    )
 
     s = session(request, e)
     run = e.run
@@ -251,6 +257,14 @@ def _export_run(request: Any, e: Any, files: _Files, make_images: bool) -> None:
         # as the served list shows it: the recorded top class marks the misclassified
         one = detail.sample
         brief = listed_sample(run, names, (sid, one.path, one.label, one.class_name))
+        # what its tile shows in place of a picture, as the served list sends it
+        if detail.tokens is not None:
+            brief.tokens = detail.tokens[:TILE_TOKENS]
+            brief.token_text = (
+                None if detail.token_text is None else detail.token_text[:TILE_TOKENS]
+            )
+        if detail.features is not None:
+            brief.features = feature_tile(detail.features)
         listed.append({**brief.model_dump(mode="json"), "image": found is not None})
     # a site without some images says why, here and on its pages (a reason of its own:
     # with --no-images the dataset may well load, and the fix is another export)

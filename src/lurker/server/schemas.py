@@ -445,11 +445,31 @@ class SampleModel(BaseModel):
     pred_name: str | None = None
 
 
+class ListedSample(SampleModel):
+    """A sample in a page of samples: on a run with no picture (token ids, feature
+    vectors), what its tile shows in place of one, read from the dataset for this page."""
+
+    #: A run of token ids: the sample's first ids (at most 16; the run's ``token_length``
+    #: says how many it holds), null otherwise or without the dataset.
+    tokens: list[int] | None = None
+    #: Their text by the run's vocabulary (null for an id it does not name); null without
+    #: a vocabulary.
+    token_text: list[str | None] | None = None
+    #: A run of feature vectors: the sample's values as a layer tile bins them; null
+    #: otherwise or without the dataset.
+    features: FeatureTile | None = None
+
+
 class SamplePage(BaseModel):
     total: int
     offset: int
     limit: int
-    samples: list[SampleModel]
+    samples: list[ListedSample]
+    #: Why a run of token ids lists its samples without ``tokens`` (no dataset, or one
+    #: that changed); null otherwise.
+    tokens_error: str | None = None
+    #: Why a run of feature vectors lists its samples without ``features``; null otherwise.
+    features_error: str | None = None
 
 
 class Prediction(BaseModel):

@@ -1,8 +1,9 @@
-/** `#/r/RUN/samples?offset=N`: the dataset, a page of thumbnails at a time. */
-import { p, type SampleBrief, type SampleList } from "../api";
+/** `#/r/RUN/samples?offset=N`: the dataset, a page of thumbnails at a time (on a run of
+ * token ids, each sample's first tokens; of feature vectors, its binned feature strip). */
+import { p, type ListedSample, type SampleList } from "../api";
 import type { PageContext } from "../context";
-import { append, h, notice, withId } from "../dom";
-import { imageState, noImage } from "../images";
+import { append, fmt, h, notice, withId } from "../dom";
+import { featureBins, featureName, featureScale, imageState, noImage, tokenSequence, type ImageState } from "../images";
 import { classLabel, classText } from "../classes";
 
 const LIMIT = 100;
@@ -11,13 +12,18 @@ export async function renderSamples(root: HTMLElement, ctx: PageContext): Promis
   const offset = Math.max(0, Math.floor(Number(ctx.params.get("offset") ?? 0)) || 0);
   // a static export holds the samples some unit ranks in its top-k: list those only
   const [exported, images] = await Promise.all([ctx.api.isStatic ? ctx.api.exportedSamples(ctx.run) : null, imageState(ctx)]);
-  const list: { total: number; samples: (SampleBrief & { image?: boolean })[] } = exported
+  const list: { total: number; samples: (ListedSample & { image?: boolean })[]; tokens_error?: string | null; features_error?: string | null } = exported
     ? { total: exported.samples.length, samples: exported.samples.slice(offset, offset + LIMIT) }
     : await ctx.api.json<SampleList>(p("runs", ctx.run, "samples") + `?offset=${offset}&limit=${LIMIT}`);
   document.title = `samples · ${ctx.run} · lurker`;
   // an offset past the end (an old link, a hand-edited URL): previous goes to the last page
   const last = Math.max(0, Math.floor((list.total - 1) / LIMIT) * LIMIT);
   const past = offset > 0 && offset >= list.total;
+  // a run with no picture: each tile shows the sample's tokens or feature strip instead
+  const flat = images.tokens !== null || (images.features ?? null) !== null;
+  const what = images.tokens !== null ? "tokens" : "feature values";
+  const flatWhy = images.tokens !== null ? list.tokens_error : list.features_error;
+  const scale = featureScale(list.samples.map((s) => s.features?.strip));
   const pager = () =>
     h(
       "div",
@@ -36,6 +42,8 @@ export async function renderSamples(root: HTMLElement, ctx: PageContext): Promis
       : null,
     exported?.no_image ? withId(notice(`${exported.samples.filter((x) => !x.image).length} of them have no image here: ${exported.no_image.replace(/\.+$/, "")}.`), "no-image-why") : null,
     images.notice,
+    // (once: the inputs' notice may already say why, the run having no dataset)
+    flat && flatWhy && !exported && !images.notice?.textContent?.includes(flatWhy.replace(/`/g, "").replace(/\.+$/, "")) ? withId(notice(`The samples' ${what} are not at hand: ${flatWhy.replace(/\.+$/, "")}.`, "error"), "flat-why") : null,
     past
       ? h(
           "div",
@@ -46,7 +54,7 @@ export async function renderSamples(root: HTMLElement, ctx: PageContext): Promis
         )
       : null,
     pager(),
-    list.samples.length ? sampleKey(list.samples) : null,
+    list.samples.length ? sampleKey(list.samples, flat) : null,
     h(
       "div",
       { class: "sample-grid" },
@@ -54,7 +62,9 @@ export async function renderSamples(root: HTMLElement, ctx: PageContext): Promis
         h(
           "a",
           { class: "sample-card", href: ctx.href("sample", s.id), "data-sample": s.id },
-          images.ok && s.image !== false
+          flat
+            ? flatTile(s, images, scale)
+            : images.ok && s.image !== false
             ? h("img", {
                 src: ctx.api.pngUrl(p("runs", ctx.run, "samples", s.id, "image.png")),
                 loading: "lazy",
@@ -77,17 +87,34 @@ export async function renderSamples(root: HTMLElement, ctx: PageContext): Promis
   );
 }
 
-/** What the two lines under each image are; where the run records the model's predictions,
- * what a red "2 → 8" means and how many this page has. */
-function sampleKey(samples: { label: number | null; pred?: number | null }[]): HTMLElement {
+/** A sample of a run with no picture as its tile shows it: its first tokens (words with a
+ * vocabulary) or its feature strip (at most 64 cells, as the layer page's tiles), or a grey
+ * tile where the dataset cannot give them (the page says why once). */
+function flatTile(s: ListedSample, images: ImageState, scale: number): HTMLElement {
+  if (s.tokens) return h("div", { class: "tok-thumb", title: `sample ${s.id}: its first ${s.tokens.length} of ${images.tokens ?? s.tokens.length} tokens` }, tokenSequence(s.tokens, null, 0, images.tokens ?? s.tokens.length, s.token_text ?? null));
+  if (s.features)
+    return h(
+      "div",
+      { class: "feat-thumb", title: `sample ${s.id}: its ${s.features.count} features (the strip) and the 3 largest by |value|` },
+      featureBins(s.features, images.featureNames, scale),
+      ...s.features.top.map(({ index, value }) => h("span", { class: "feat-top", "data-feature": index }, h("span", { class: "feat-name" }, featureName(images.featureNames, index)), h("span", { class: "feat-num" }, value === null ? "not finite" : fmt(value)))),
+    );
+  return noImage(images.tokens !== null ? "tokens not at hand" : "values not at hand");
+}
+
+/** What the two lines under each tile are; where the run records the model's predictions,
+ * what a red "2 → 8" means and how many this page has. A run with no picture (token ids,
+ * feature vectors) says "sample", not "image". */
+function sampleKey(samples: { label: number | null; pred?: number | null }[], flat: boolean): HTMLElement {
+  const one = flat ? "sample" : "image";
   const known = samples.some((s) => s.pred !== null && s.pred !== undefined);
   const wrong = samples.filter((s) => s.pred !== null && s.pred !== undefined && s.label !== null && s.pred !== s.label).length;
   return h(
     "p",
     { class: "muted small", id: "samples-key" },
-    "Under each image: the sample's index in the dataset (#) and its class",
+    `Under each ${one}: the sample's index in the dataset (#) and its class`,
     known
-      ? [": in red, true class → the model's prediction where the model gets it wrong (", h("strong", { class: "error-text" }, String(wrong)), ` on this page). Click an image for the sample's page.`]
-      : ". Click an image for the sample's page.",
+      ? [": in red, true class → the model's prediction where the model gets it wrong (", h("strong", { class: "error-text" }, String(wrong)), ` on this page). Click a ${one} for the sample's page.`]
+      : `. Click a ${one} for the sample's page.`,
   );
 }

@@ -15,12 +15,14 @@ from ..errors import ApiError
 from ..schemas import (
     Appearance,
     LayerCount,
+    ListedSample,
     Prediction,
     SampleDetail,
     SampleModel,
     SamplePage,
 )
 from ..session import Session
+from .layers import feature_tile
 
 router = APIRouter(prefix="/api", tags=["samples"])
 
@@ -30,6 +32,8 @@ MAX_PAGE = 1000
 #: top-k of thousands of units.
 APPEARANCES_PAGE = 200
 MAX_APPEARANCES = 2000
+#: The first token ids a listed sample of a run of token ids carries (what its tile shows).
+TILE_TOKENS = 16
 
 
 @router.get("/runs/{run_id}/samples", response_model=SamplePage, summary="A page of samples")
@@ -45,22 +49,61 @@ def list_samples(
     # only where the outputs are the dataset's classes (else it is no label to compare)
     run = e.open_run()
     names = class_names(run)
-    return SamplePage(
+    page = SamplePage(
         total=e.sample_count(),
         offset=offset,
         limit=limit,
         samples=[listed_sample(run, names, row) for row in rows],
     )
+    s = session(request, e)
+    if s.token_length() is not None:
+        page.tokens_error = add_listed_tokens(s, page.samples)
+    if s.vector_length() is not None:
+        page.features_error = add_listed_features(s, page.samples)
+    return page
 
 
-def listed_sample(run: Any, names: list[str], row: tuple[int, Any, Any, Any]) -> SampleModel:
+def add_listed_tokens(s: Session, samples: list[ListedSample]) -> str | None:
+    """Each listed sample's first :data:`TILE_TOKENS` ids (and words, with a vocabulary),
+    read from the dataset for this page only; else why not (all or none: no tile from a
+    dataset that changed)."""
+    reason = s.dataset_reason()
+    if reason is not None:
+        return reason
+    vocab = s.vocab()
+    try:
+        firsts = [s.sample_tokens(x.id, x.path)[:TILE_TOKENS] for x in samples]
+    except ApiError as err:
+        return err.detail
+    for x, ids in zip(samples, firsts, strict=True):
+        x.tokens = ids
+        x.token_text = None if vocab is None else words_of(ids, vocab)
+    return None
+
+
+def add_listed_features(s: Session, samples: list[ListedSample]) -> str | None:
+    """Each listed sample's values binned as a layer tile shows them (at most 64 cells: a
+    page of 1000 samples of 500 features stays small), or why they are not at hand."""
+    reason = s.dataset_reason()
+    if reason is not None:
+        return reason
+    try:
+        tiles = [feature_tile(s.sample_features(x.id, x.path)) for x in samples]
+    except ApiError as err:
+        return err.detail
+    for x, tile in zip(samples, tiles, strict=True):
+        x.features = tile
+    return None
+
+
+def listed_sample(run: Any, names: list[str], row: tuple[int, Any, Any, Any]) -> ListedSample:
     """A sample as a list of samples shows it (served, and a static export's): with the
     top class the run recorded (``pred``), to mark the misclassified as the Map page does,
     only where the model's outputs are the dataset's classes (``names``, from
     :func:`class_names`; empty otherwise: a class to compare with no label)."""
     i, path, label, cname = row
     q = run.stored_prediction(i) if names else None
-    return SampleModel(
+    return ListedSample(
         id=i,
         path=path,
         label=label,
