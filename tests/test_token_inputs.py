@@ -431,3 +431,43 @@ def test_the_probe_counts_sequences_and_vectors_not_images(tmp_path: Path, capsy
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("probing:")]
     assert lines and all(line.endswith(" vectors/s") for line in lines), err
+    # integer counts read as numbers (no lookup reads them) are vectors, as the explorer
+    # tells them, not sequences
+    counts = TensorDataset(torch.randint(0, 9, (12, 5), dtype=torch.int16), torch.arange(12) % 2)
+
+    class Counts(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(5, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x.float())
+
+    lurker.probe(Counts().eval(), counts, out=tmp_path / "c", k=2, progress=True)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("probing:")]
+    assert lines and all(line.endswith(" vectors/s") for line in lines), err
+
+
+def test_a_sample_the_dataset_cannot_read_leaves_the_list_listing(served: dict, tmp_path):
+    """The samples list reads each tile's tokens from the dataset: one row that raises
+    (the dataset's own error) gave the whole page a 500; the list now lists and says why."""
+    from lurker.server import create_app
+    from lurker.server.serve import background
+
+    data = served["data"]
+
+    class Flaky(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return len(data)
+
+        def __getitem__(self, i: int):
+            if i == 5:
+                raise RuntimeError("row 5 is corrupt")
+            return data[i]
+
+    with background(create_app(served["run"], dataset=Flaky())) as url:
+        page = get_json(f"{url.rstrip('/')}/api/runs/{RID}/samples?limit=10")
+        assert [s["id"] for s in page["samples"]] == list(range(10))
+        assert all(s["tokens"] is None for s in page["samples"])
+        assert "RuntimeError" in page["tokens_error"] and "row 5 is corrupt" in page["tokens_error"]

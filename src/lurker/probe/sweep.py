@@ -47,7 +47,7 @@ from ..graph.nodes import Op
 from ..models import canonical_channel_dim, channels_first_view, default_device
 from ..ops.catalogue import bind
 from ..store import Run, RunWriter, atomic_write_bytes, run_lock
-from ..vocab import VocabLike
+from ..vocab import VocabLike, reads_ids
 from .consumers import (
     EMBED_BUDGET,
     Batch,
@@ -881,15 +881,16 @@ def probe(
         return _finish(plan, writer, consumers, swept)
 
 
-def input_noun(x0: torch.Tensor) -> str:
+def input_noun(x0: torch.Tensor, ids: bool) -> str:
     """What the samples of a batch ``x0`` are, for the probe's rate ("images/s"): token ids
-    and feature vectors are no images, and a text run saying "images/s" misleads."""
+    (``ids``: a lookup reads the input, as the explorer tells them) and feature vectors
+    (integer counts and samples of a signal included) are no images."""
     if x0.dim() == 4:
         return "images"
     if x0.dim() == 5:
         return "clips"
     if x0.dim() == 2:
-        return "vectors" if x0.is_floating_point() else "sequences"
+        return "sequences" if ids and not x0.is_floating_point() else "vectors"
     return "samples"
 
 
@@ -1122,7 +1123,7 @@ def _plan(
         relevance=composite,
         embed=embed_layer,
         first=_digest(x0),
-        inputs=input_noun(x0),
+        inputs=input_noun(x0, reads_ids(tr)),
     )
 
 

@@ -456,16 +456,19 @@ class Session:
         values = self.sample_vector(sample_id, path).double().tolist()
         return [v if math.isfinite(v) else None for v in values]
 
-    def sample_tokens(self, sample_id: int, path: str | None) -> list[int]:
-        """Sample ``sample_id``'s token ids, as the model was fed them (the picture of a
-        sample of a text model), checked against the run as :meth:`sample_pil` checks."""
+    def sample_tokens(
+        self, sample_id: int, path: str | None, first: int | None = None
+    ) -> list[int]:
+        """Sample ``sample_id``'s token ids (its ``first`` ones only, where given), as the
+        model was fed them (the picture of a sample of a text model), checked against the
+        run as :meth:`sample_pil` checks."""
         x = self._sample_tensor(
             sample_id,
             path,
             lambda t: t.dim() == 1 and not t.is_floating_point(),
             "a sequence of token ids",
         )
-        return [int(v) for v in x.tolist()]
+        return [int(v) for v in x[:first].tolist()]
 
     def _sample_tensor(
         self, sample_id: int, path: str | None, fits: Callable[[Any], bool], what: str

@@ -72,9 +72,11 @@ def add_listed_tokens(s: Session, samples: list[ListedSample]) -> str | None:
         return reason
     vocab = s.vocab()
     try:
-        firsts = [s.sample_tokens(x.id, x.path)[:TILE_TOKENS] for x in samples]
+        firsts = [s.sample_tokens(x.id, x.path, first=TILE_TOKENS) for x in samples]
     except ApiError as err:
         return err.detail
+    except Exception as err:  # the dataset's own error on a sample: the list still lists
+        return _unreadable(err)
     for x, ids in zip(samples, firsts, strict=True):
         x.tokens = ids
         x.token_text = None if vocab is None else words_of(ids, vocab)
@@ -91,9 +93,16 @@ def add_listed_features(s: Session, samples: list[ListedSample]) -> str | None:
         tiles = [feature_tile(s.sample_features(x.id, x.path)) for x in samples]
     except ApiError as err:
         return err.detail
+    except Exception as err:  # the dataset's own error on a sample: the list still lists
+        return _unreadable(err)
     for x, tile in zip(samples, tiles, strict=True):
         x.features = tile
     return None
+
+
+def _unreadable(err: Exception) -> str:
+    """Why a page's tiles are missing when the dataset raised on one of its samples."""
+    return f"the dataset raised {type(err).__name__} reading a sample of this page: {err}"
 
 
 def listed_sample(run: Any, names: list[str], row: tuple[int, Any, Any, Any]) -> ListedSample:
