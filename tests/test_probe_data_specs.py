@@ -349,3 +349,21 @@ def test_a_run_probed_from_a_relative_spec_can_be_mapped(
     assert r.exit_code == 0, r.output
     with Run.open(run) as done:
         assert str(files / "table.py") in str(done.meta["dataset"])
+
+
+def test_a_layers_feature_tiles_come_back_with_the_dataset(
+    files: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A layer's feature tiles are cached per generation: a reason they are missing (the
+    dataset file moved away) must not be cached with them, or the tiles stay missing once
+    the file is back."""
+    run = tmp_path / "runs" / "table"
+    r = _probe("table.py:build", "--data", "table.py:Table", "-o", str(run), "-l", "1")
+    assert r.exit_code == 0, r.output
+    (files / "table.py").rename(files / "away.py")
+    with _serve(run, monkeypatch) as c:
+        layer = c.get("/api/runs/table/layers/1").json()
+        assert layer["features"] is None and "does not exist here" in layer["features_error"]
+        (files / "away.py").rename(files / "table.py")
+        layer = c.get("/api/runs/table/layers/1").json()
+        assert layer["features_error"] is None and layer["features"]
