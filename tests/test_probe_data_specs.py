@@ -367,3 +367,49 @@ def test_a_layers_feature_tiles_come_back_with_the_dataset(
         (files / "away.py").rename(files / "table.py")
         layer = c.get("/api/runs/table/layers/1").json()
         assert layer["features_error"] is None and layer["features"]
+
+
+def test_a_code_dataset_with_missing_values_and_its_own_vocab(
+    files: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A NaN in a fingerprinted item crashed the probe writing the run's meta (strict
+    JSON); a `--data file.py:fn` dataset's own `vocab` attribute was not read (the probe
+    looked on lurker's wrapper)."""
+    from lurker.store import Run
+
+    (files / "gaps.py").write_text(
+        "import torch\n"
+        "from torch import nn\n"
+        "from torch.utils.data import TensorDataset\n"
+        "def make_dataset():\n"
+        "    x = torch.randn(20, 6, generator=torch.Generator().manual_seed(0))\n"
+        "    x[0, 2] = float('nan')\n"
+        "    return TensorDataset(x, torch.arange(20) % 2)\n"
+        "def build():\n"
+        "    torch.manual_seed(0)\n"
+        "    return nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 2))\n"
+        "class Worded(TensorDataset):\n"
+        "    vocab = " + repr(WORDS) + "\n"
+        "    def __init__(self):\n"
+        "        g = torch.Generator().manual_seed(0)\n"
+        "        ids = torch.randint(0, "
+        + str(VOCAB)
+        + ", ("
+        + str(N)
+        + ", "
+        + str(LENGTH)
+        + "), generator=g)\n"
+        "        super().__init__(ids, torch.arange(" + str(N) + ") % 2)\n"
+    )
+    run = tmp_path / "runs" / "gaps"
+    r = _probe("gaps.py:build", "--data", "gaps.py:make_dataset", "-o", str(run), "-l", "1")
+    assert r.exit_code == 0, r.output
+    with _serve(run, monkeypatch) as c:  # the NaN stays NaN when made again: the same data
+        sample = c.get("/api/runs/gaps/samples/0").json()
+        assert sample["features_error"] is None and sample["features"][2] is None
+    monkeypatch.chdir(files)
+    run = tmp_path / "runs" / "worded"
+    r = _probe("text.py:build", "--data", "gaps.py:Worded", "-o", str(run), "-l", "conv")
+    assert r.exit_code == 0, r.output
+    with Run.open(run) as opened:
+        assert opened.meta["vocab"] == WORDS

@@ -471,3 +471,27 @@ def test_a_sample_the_dataset_cannot_read_leaves_the_list_listing(served: dict, 
         assert [s["id"] for s in page["samples"]] == list(range(10))
         assert all(s["tokens"] is None for s in page["samples"])
         assert "RuntimeError" in page["tokens_error"] and "row 5 is corrupt" in page["tokens_error"]
+
+
+def test_ids_no_embedding_reads_offer_no_explanation(tmp_path: Path):
+    """An EmbeddingBag reads the ids: a run of token ids to the explorer, but
+    lurker.explain attributes at an nn.Embedding only. Explain offered four methods that
+    each failed with "pass x.float()"; it now offers none and says why."""
+    import httpx2 as httpx
+
+    class Bag(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bag = nn.EmbeddingBag(VOCAB, 8)
+            self.fc = nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.bag(x))
+
+    torch.manual_seed(0)
+    with served_run(tmp_path, "bag", Bag().eval(), _dataset(), "fc", 3) as served:
+        url = served["url"]
+        assert get_json(f"{url}/api/runs/bag")["dataset"]["tokens"] == LENGTH
+        assert get_json(f"{url}/api/runs/bag/explain/methods")["methods"] == []
+        r = httpx.get(f"{url}/api/runs/bag/live/sample-2/explain/saliency.json")
+        assert r.status_code == 409 and "nn.Embedding" in r.json()["detail"]

@@ -34,6 +34,14 @@ def reads_ids(graph: Any) -> bool:
     return any(graph.ops[c].name in LOOKUPS for c in graph.inputs[0].children)
 
 
+def embedding_reads_ids(graph: Any) -> bool:
+    """Whether an ``nn.Embedding`` lookup (``embedding``, not ``embedding_bag`` or
+    ``one_hot``) reads the graph's input: where ``lurker.explain`` attributes token ids."""
+    if not graph.inputs:
+        return False
+    return any(graph.ops[c].name == "embedding" for c in graph.inputs[0].children)
+
+
 def id_space(graph: Any) -> int | None:
     """How many ids the model can look up: the rows of the embedding that reads the input
     (the smallest, where several do); None when no embedding with a recorded table reads

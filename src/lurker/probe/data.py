@@ -53,6 +53,10 @@ __all__ = [
     "denormalize",
     "digits",
     "image_folder",
+    "code_dataset",
+    "code_spec_file",
+    "fingerprint",
+    "fingerprint_differs",
     "input_image",
     "is_code_spec",
     "load_dataset",
@@ -1047,20 +1051,23 @@ def fingerprint(ds: Any) -> list[dict[str, Any]]:
         entry: dict[str, Any] = {"item": i, "shape": list(x.shape), "label": int(y)}
         if x.is_floating_point() or x.is_complex():
             v = x.double().flatten()
-            entry["sum"] = float(v.sum())
-            entry["sumsq"] = float((v * v).sum())
-            entry["head"] = [float(a) for a in v[:16]]
+            # (None for a value that is not finite: a run's meta is strict JSON)
+            entry["sum"] = _finite(float(v.sum()))
+            entry["sumsq"] = _finite(float((v * v).sum()))
+            entry["head"] = [_finite(float(a)) for a in v[:16]]
         else:
             entry["sha256"] = hashlib.sha256(x.contiguous().numpy().tobytes()).hexdigest()
         out.append(entry)
     return out
 
 
+def _finite(v: float) -> float | None:
+    return v if math.isfinite(v) else None
+
+
 def fingerprint_differs(recorded: list[dict[str, Any]], ds: Any) -> str | None:
     """Where ``ds`` differs from the ``recorded`` :func:`fingerprint` (item and what), or
     None when it matches."""
-    import math
-
     n = len(ds)
     if recorded and recorded[-1]["item"] != n - 1:
         return f"it has {n} items, and the probe swept {recorded[-1]['item'] + 1}"
@@ -1082,10 +1089,11 @@ def fingerprint_differs(recorded: list[dict[str, Any]], ds: Any) -> str | None:
             # float sums of zero-centred data are near 0 and differ by roundoff: the scale
             # of a value is the item's root mean square, and of a sum sqrt(numel) times it
             numel = max(1, math.prod(was["shape"]))
-            rms = math.sqrt(max(was["sumsq"], 0.0) / numel)
+            sumsq = was["sumsq"] if was["sumsq"] is not None else 0.0
+            rms = math.sqrt(max(sumsq, 0.0) / numel)
             if not (
                 _close(got["sum"], was["sum"], 1e-5 * rms * math.sqrt(numel))
-                and _close(got["sumsq"], was["sumsq"], 1e-5 * max(was["sumsq"], 0.0))
+                and _close(got["sumsq"], was["sumsq"], 1e-5 * max(sumsq, 0.0))
                 and len(got["head"]) == len(was["head"])
                 and all(_close(a, b, 1e-5 * rms) for a, b in zip(got["head"], was["head"]))
             ):
@@ -1093,12 +1101,11 @@ def fingerprint_differs(recorded: list[dict[str, Any]], ds: Any) -> str | None:
     return None
 
 
-def _close(a: float, b: float, tol: float) -> bool:
-    """Equal up to a relative 1e-4 or ``tol`` (NaN equals NaN: missing values stay so)."""
-    import math
-
-    if math.isnan(a) or math.isnan(b):
-        return math.isnan(a) and math.isnan(b)
+def _close(a: float | None, b: float | None, tol: float) -> bool:
+    """Equal up to a relative 1e-4 or ``tol`` (a value that is not finite, stored as None,
+    equals one: missing values stay so)."""
+    if a is None or b is None or math.isnan(a) or math.isnan(b):
+        return (a is None or math.isnan(a)) and (b is None or math.isnan(b))
     return math.isclose(a, b, rel_tol=1e-4, abs_tol=tol + 1e-12)
 
 

@@ -936,10 +936,13 @@ class _Plan:
         h = hashlib.sha1(array.array("q", self.labels).tobytes())
         h.update(repr((self.ds.paths, self.ds.source_indices(), _subset_indices(self.ds))).encode())
         # a dataset made by code (`--data file.py:fn`): a few of its items, so that an
-        # unseeded random one made again does not continue the statistics of another
+        # unseeded random one made again does not continue the statistics of another (their
+        # exact parts only: a float item's sums may differ by roundoff on another machine,
+        # which the server's check allows)
         fingerprint = self.run_meta["config"].get("data_fingerprint")
         if fingerprint is not None:
-            h.update(repr(fingerprint).encode())
+            exact = [[e.get(k) for k in ("item", "shape", "label", "sha256")] for e in fingerprint]
+            h.update(repr(exact).encode())
         return f"{len(self.labels)}:{h.hexdigest()[:16]}"
 
     @property
@@ -1088,7 +1091,10 @@ def _plan(
             **(meta or {}),
         },
     }
-    words = _run_vocab(vocab, dataset, tr, x0)
+    # the dataset as given, past lurker's wrapper (a `--data file.py:fn` one is wrapped):
+    # its own vocab/itos attribute and its tensors are what the vocabulary is checked by
+    given = dataset.dataset if isinstance(dataset, pdata.WrappedDataset) else dataset
+    words = _run_vocab(vocab, given, tr, x0)
     if words is not None:
         run_meta["vocab"] = words
     if world > 1:

@@ -21,6 +21,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lurker.errors import LurkerError
+from lurker.vocab import VocabLike
 
 from .errors import ApiError
 from .limits import UploadLimit
@@ -100,7 +101,7 @@ def create_app(
     device: str | None = None,
     upload_limit: int = UPLOAD_LIMIT,
     live: bool = True,
-    vocab: Any = None,
+    vocab: VocabLike | None = None,
 ) -> FastAPI:
     """The explorer app over ``source``: a run directory or a folder of run directories.
 

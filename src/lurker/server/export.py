@@ -45,6 +45,7 @@ import numpy as np
 from lurker.errors import LurkerError, warn
 from lurker.store.featviz import featviz_images
 from lurker.store.files import safe_component
+from lurker.vocab import VocabLike
 
 from .routes.samples import APPEARANCES_PAGE
 
@@ -115,7 +116,7 @@ def export_site(
     *,
     static_dir: str | os.PathLike[str] | None = None,
     dataset: Any = None,
-    vocab: Any = None,
+    vocab: VocabLike | None = None,
     make_images: bool = True,
     progress: bool = True,
 ) -> Path:

@@ -44,7 +44,7 @@ from lurker.errors import LurkerError, collected
 from lurker.explain.tokens import TOKEN_METHODS
 from lurker.store import atomic_write_bytes
 from lurker.store.files import safe_component
-from lurker.vocab import words_of
+from lurker.vocab import embedding_reads_ids, words_of
 
 from ..classes import class_names, name_of
 from ..deps import MODEL_MADE, cached_or_live, entry, range_header, session
@@ -310,6 +310,13 @@ def _key(
     return (image, method, target.strip(), layer or "")
 
 
+#: why a run of token ids that no nn.Embedding reads has no explanation
+_NO_EMBEDDING = (
+    "Explain attributes token ids at the nn.Embedding that looks them up, and this model "
+    "reads its ids otherwise (an EmbeddingBag, one_hot, an index): no method applies"
+)
+
+
 def _flat_sample(s: Session, image: str, method: str | None) -> str:
     """On a run whose inputs have no picture (token ids, feature vectors): ``image``
     checked as a dataset sample (uploads are images, which such a run does not take) and
@@ -334,6 +341,8 @@ def _flat_sample(s: Session, image: str, method: str | None) -> str:
         raise ApiError(
             404, f"no sample {image[7:]} in run {s.entry.id!r}: sample ids are 0..{last}"
         )
+    if tokens and not embedding_reads_ids(s.entry.open_run().graph):
+        raise ApiError(409, _NO_EMBEDDING)
     if method is not None and method not in TOKEN_METHODS:
         if tokens:
             raise ApiError(409, str(not_for_tokens(method)))
@@ -866,6 +875,7 @@ def methods(request: Request, run_id: str) -> ExplainMethods:
 
     s = session(request, entry(request, run_id))
     layers = _spatial_layers(s)
+    by_embedding = s.token_length() is None or embedding_reads_ids(s.entry.open_run().graph)
     return ExplainMethods(
         methods=[
             ExplainMethod(
@@ -873,7 +883,9 @@ def methods(request: Request, run_id: str) -> ExplainMethods:
             )
             for name, cls in _methods().items()
             # token ids and feature vectors: the methods that score each token or feature
-            if (s.token_length() is None and s.vector_length() is None) or name in TOKEN_METHODS
+            # (none for ids no nn.Embedding reads)
+            if (s.token_length() is None and s.vector_length() is None)
+            or (name in TOKEN_METHODS and (s.token_length() is None or by_embedding))
         ],
         default_layer=None,  # Grad-CAM's: lurker.explain's own, per image (see _key)
         concept_layer=default_concept_layer(s, "top"),
