@@ -8,6 +8,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -712,5 +713,12 @@ def test_a_dataset_made_again_differently_does_not_continue_the_statistics(
                 model, Images(ctrl_c_at=6), out=out, k=3, batch_size=4, progress=False, meta=meta
             )
         meta = {"data_fingerprint": [{"item": 0, "sha256": fingerprint}]}
-        got = lurker.probe(model, Images(), out=out, k=3, batch_size=4, progress=False, meta=meta)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = lurker.probe(
+                model, Images(), out=out, k=3, batch_size=4, progress=False, meta=meta
+            )
         assert got.meta["sweep"]["resumed_from"] == resumed
+        said = [str(w.message) for w in caught if "not resuming from" in str(w.message)]
+        assert bool(said) == (resumed == 0)  # a restart says why
+        assert all("the dataset differs" in m for m in said)

@@ -1406,13 +1406,24 @@ def _restore(
     if not ckpt.exists() or (writer is not None and not writer.resumed):
         return _Progress()
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    if (
-        state.get("layers") != plan.layer_names
-        or state.get("world") != plan.world
-        or state.get("data", plan.data_key) != plan.data_key  # (none: an older checkpoint)
-        or state.get("normalization", _normalization(plan)) != _normalization(plan)
-        or any(c.key not in state for c in consumers)
-    ):
+    why = (
+        "its layers differ" if state.get("layers") != plan.layer_names
+        else f"it was swept by {state.get('world')} process(es)" if state.get("world") != plan.world
+        # (no data key: an older checkpoint)
+        else "the dataset differs (its size, labels or items)"
+        if state.get("data", plan.data_key) != plan.data_key
+        else "the images were normalised otherwise"
+        if state.get("normalization", _normalization(plan)) != _normalization(plan)
+        else "it lacks some of the statistics now kept"
+        if any(c.key not in state for c in consumers)
+        else None
+    )  # fmt: skip
+    if why is not None:
+        if plan.rank == 0:
+            warn(
+                f"probe: not resuming from {ckpt} ({state.get('done', 0)} samples swept): "
+                f"{why}; sweeping from the first sample"
+            )
         return _Progress()
     for c in consumers:
         try:
