@@ -150,8 +150,8 @@ def check_ids(model: nn.Module, ids: Tensor) -> None:
 
 def token_baseline(baseline: Any, emb: nn.Embedding, ids: Tensor, e: Tensor) -> Tensor:
     """Integrated gradients' baseline in embedding space (see the module's docstring)."""
-    if baseline is None:
-        return torch.zeros_like(e)
+    from .integrated_gradients import as_baseline  # (it imports this module's importers)
+
     if isinstance(baseline, bool):
         raise LurkerError(f"baseline must be None, an id or a tensor; got {baseline!r}")
     if isinstance(baseline, numbers.Integral) or is_ids(baseline):
@@ -176,17 +176,11 @@ def token_baseline(baseline: Any, emb: nn.Embedding, ids: Tensor, e: Tensor) -> 
             f"baseline {baseline!r} on token ids: give an id (an int, such as the pad id), "
             "None (the zero vector) or a tensor"
         )
-    if not isinstance(baseline, Tensor):
+    if baseline is not None and not isinstance(baseline, Tensor):
         raise LurkerError(
             f"baseline must be None, an id or a tensor; got {type(baseline).__name__}"
         )
-    try:
-        return baseline.detach().to(e.device, e.dtype).expand_as(e)
-    except RuntimeError as err:
-        raise LurkerError(
-            f"an embedded baseline of shape {tuple(baseline.shape)} does not broadcast to the "
-            f"embedded input {tuple(e.shape)}"
-        ) from err
+    return as_baseline(baseline, e)  # None: the zero vector; a tensor: the embedded one
 
 
 class Embedded(nn.Module):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, Path, Query, Request
@@ -67,16 +68,10 @@ def add_listed_tokens(s: Session, samples: list[ListedSample]) -> str | None:
     """Each listed sample's first :data:`TILE_TOKENS` ids (and words, with a vocabulary),
     read from the dataset for this page only; else why not (all or none: no tile from a
     dataset that changed)."""
-    reason = s.dataset_reason()
-    if reason is not None:
-        return reason
+    firsts, why = _read_page(s, samples, lambda x: s.sample_tokens(x.id, x.path, first=TILE_TOKENS))
+    if firsts is None:
+        return why
     vocab = s.vocab()
-    try:
-        firsts = [s.sample_tokens(x.id, x.path, first=TILE_TOKENS) for x in samples]
-    except ApiError as err:
-        return err.detail
-    except Exception as err:  # the dataset's own error on a sample: the list still lists
-        return _unreadable(err)
     for x, ids in zip(samples, firsts, strict=True):
         x.tokens = ids
         x.token_text = None if vocab is None else words_of(ids, vocab)
@@ -86,23 +81,29 @@ def add_listed_tokens(s: Session, samples: list[ListedSample]) -> str | None:
 def add_listed_features(s: Session, samples: list[ListedSample]) -> str | None:
     """Each listed sample's values binned as a layer tile shows them (at most 64 cells: a
     page of 1000 samples of 500 features stays small), or why they are not at hand."""
-    reason = s.dataset_reason()
-    if reason is not None:
-        return reason
-    try:
-        tiles = [feature_tile(s.sample_features(x.id, x.path)) for x in samples]
-    except ApiError as err:
-        return err.detail
-    except Exception as err:  # the dataset's own error on a sample: the list still lists
-        return _unreadable(err)
+    tiles, why = _read_page(s, samples, lambda x: feature_tile(s.sample_features(x.id, x.path)))
+    if tiles is None:
+        return why
     for x, tile in zip(samples, tiles, strict=True):
         x.features = tile
     return None
 
 
-def _unreadable(err: Exception) -> str:
-    """Why a page's tiles are missing when the dataset raised on one of its samples."""
-    return f"the dataset raised {type(err).__name__} reading a sample of this page: {err}"
+def _read_page(
+    s: Session, samples: list[ListedSample], read: Callable[[ListedSample], Any]
+) -> tuple[list[Any] | None, str | None]:
+    """``read`` of each sample of a page from the dataset, or None and why not (all or
+    none: no tile from a dataset that changed, and one unreadable sample says so rather
+    than fail the page)."""
+    reason = s.dataset_reason()
+    if reason is not None:
+        return None, reason
+    try:
+        return [read(x) for x in samples], None
+    except ApiError as err:
+        return None, err.detail
+    except Exception as err:  # the dataset's own error on a sample: the list still lists
+        return None, f"the dataset raised {type(err).__name__} reading a sample of this page: {err}"
 
 
 def listed_sample(run: Any, names: list[str], row: tuple[int, Any, Any, Any]) -> ListedSample:
