@@ -467,3 +467,29 @@ def test_the_samples_page_shows_feature_strips_not_missing_images(
         pg.wait_for_selector("#flat-why")
         assert "does not record its dataset" in pg.inner_text("#flat-why")
         assert pg.locator("img").count() == 0
+
+
+def test_a_top_sample_the_dataset_cannot_read_leaves_the_layer_page_working(served: dict):
+    """The layer document reads each unit's top sample for its tile: a row the dataset's
+    own code fails on gave the page a 500 (only the server's own errors were caught); the
+    page now has its units and says why the tiles are missing."""
+    from lurker.server import create_app
+    from lurker.server.serve import background
+
+    data = served["data"]
+    layer = get_json(f"{served['url']}/api/runs/{RID}/layers/{LAYER}")
+    bad = layer["units"][0]["top_max"]
+
+    class Flaky(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return len(data)
+
+        def __getitem__(self, i: int):
+            if i == bad:
+                raise RuntimeError(f"row {i} is corrupt")
+            return data[i]
+
+    with background(create_app(served["run"], dataset=Flaky())) as url:
+        doc = get_json(f"{url.rstrip('/')}/api/runs/{RID}/layers/{LAYER}")
+        assert len(doc["units"]) == len(layer["units"]) and doc["features"] is None
+        assert "RuntimeError" in doc["features_error"] and "is corrupt" in doc["features_error"]

@@ -202,6 +202,22 @@ class Session:
 
     # -- what is available ----------------------------------------------------------------
 
+    def read_samples(
+        self, items: list[Any], read: Callable[[Any], Any]
+    ) -> tuple[list[Any] | None, str | None]:
+        """``read`` of each of ``items`` (samples of a page, a layer's top samples) from the
+        dataset, or None and why not: all or none (no tile from a dataset that changed), and
+        a sample the dataset's own code fails on is said, not a failed page."""
+        reason = self.dataset_reason()
+        if reason is not None:
+            return None, reason
+        try:
+            return [read(x) for x in items], None
+        except ApiError as err:
+            return None, err.detail
+        except Exception as err:  # the dataset's own error on a sample: the page still lists
+            return None, f"the dataset raised {type(err).__name__} reading a sample: {err}"
+
     def dataset_reason(self) -> str | None:
         """None when the dataset can be had, else why not."""
         if self.source.dataset is not None:

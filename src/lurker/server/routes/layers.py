@@ -98,17 +98,13 @@ def _top_features(
     if vector_length(e.open_run()) is None:
         return None, None
     s = session(request, e)
-    reason = s.dataset_reason()
-    if reason is not None:
-        return None, reason
-    out: dict[str, FeatureTile] = {}
-    try:
-        for _, _, _, tm, _, _, _ in rows:
-            if tm >= 0 and str(tm) not in out:
-                out[str(tm)] = feature_tile(s.sample_features(tm, e.sample_row(tm)[1]))
-    except ApiError as err:
-        return None, err.detail
-    return out, None
+    tops = list(dict.fromkeys(tm for _, _, _, tm, _, _, _ in rows if tm >= 0))
+    tiles, why = s.read_samples(
+        tops, lambda sid: feature_tile(s.sample_features(sid, e.sample_row(sid)[1]))
+    )
+    if tiles is None:
+        return None, why
+    return {str(sid): tile for sid, tile in zip(tops, tiles, strict=True)}, None
 
 
 def feature_tile(values: list[float | None], bins: int = TILE_BINS, top: int = 3) -> FeatureTile:

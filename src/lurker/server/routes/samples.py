@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, Path, Query, Request
@@ -68,7 +67,9 @@ def add_listed_tokens(s: Session, samples: list[ListedSample]) -> str | None:
     """Each listed sample's first :data:`TILE_TOKENS` ids (and words, with a vocabulary),
     read from the dataset for this page only; else why not (all or none: no tile from a
     dataset that changed)."""
-    firsts, why = _read_page(s, samples, lambda x: s.sample_tokens(x.id, x.path, first=TILE_TOKENS))
+    firsts, why = s.read_samples(
+        samples, lambda x: s.sample_tokens(x.id, x.path, first=TILE_TOKENS)
+    )
     if firsts is None:
         return why
     vocab = s.vocab()
@@ -81,29 +82,12 @@ def add_listed_tokens(s: Session, samples: list[ListedSample]) -> str | None:
 def add_listed_features(s: Session, samples: list[ListedSample]) -> str | None:
     """Each listed sample's values binned as a layer tile shows them (at most 64 cells: a
     page of 1000 samples of 500 features stays small), or why they are not at hand."""
-    tiles, why = _read_page(s, samples, lambda x: feature_tile(s.sample_features(x.id, x.path)))
+    tiles, why = s.read_samples(samples, lambda x: feature_tile(s.sample_features(x.id, x.path)))
     if tiles is None:
         return why
     for x, tile in zip(samples, tiles, strict=True):
         x.features = tile
     return None
-
-
-def _read_page(
-    s: Session, samples: list[ListedSample], read: Callable[[ListedSample], Any]
-) -> tuple[list[Any] | None, str | None]:
-    """``read`` of each sample of a page from the dataset, or None and why not (all or
-    none: no tile from a dataset that changed, and one unreadable sample says so rather
-    than fail the page)."""
-    reason = s.dataset_reason()
-    if reason is not None:
-        return None, reason
-    try:
-        return [read(x) for x in samples], None
-    except ApiError as err:
-        return None, err.detail
-    except Exception as err:  # the dataset's own error on a sample: the list still lists
-        return None, f"the dataset raised {type(err).__name__} reading a sample of this page: {err}"
 
 
 def listed_sample(run: Any, names: list[str], row: tuple[int, Any, Any, Any]) -> ListedSample:
