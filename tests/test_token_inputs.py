@@ -495,3 +495,28 @@ def test_ids_no_embedding_reads_offer_no_explanation(tmp_path: Path):
         assert get_json(f"{url}/api/runs/bag/explain/methods")["methods"] == []
         r = httpx.get(f"{url}/api/runs/bag/live/sample-2/explain/saliency.json")
         assert r.status_code == 409 and "nn.Embedding" in r.json()["detail"]
+
+
+def test_a_top_sample_the_dataset_cannot_read_leaves_the_layer_page_working(served: dict):
+    """A row the dataset's own code fails on gave the layer document a 500 (only the
+    server's own errors were caught); its tiles are now without tokens, the units there."""
+    from lurker.server import create_app
+    from lurker.server.serve import background
+
+    data = served["data"]
+    layer = get_json(f"{served['url']}/api/runs/{RID}/layers/{LAYER}")
+    bad = layer["units"][0]["top_max"]
+
+    class Flaky(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return len(data)
+
+        def __getitem__(self, i: int):
+            if i == bad:
+                raise RuntimeError(f"row {i} is corrupt")
+            return data[i]
+
+    with background(create_app(served["run"], dataset=Flaky())) as url:
+        doc = get_json(f"{url.rstrip('/')}/api/runs/{RID}/layers/{LAYER}")
+        assert len(doc["units"]) == len(layer["units"])
+        assert all(u["top_max_tokens"] is None for u in doc["units"])

@@ -12,7 +12,6 @@ from lurker.vocab import words_of
 
 from ..classes import class_names, class_units
 from ..deps import entry, session
-from ..errors import ApiError
 from ..schemas import (
     DirectionBrief,
     FeatureTile,
@@ -141,20 +140,16 @@ def _token_windows(
         return {}
     per_token = positions_per_sample(info) == length
     s = session(request, e)
-    if s.dataset_reason() is not None:
+    tops = list(dict.fromkeys(tm for _, _, _, tm, _, _, _ in rows if tm >= 0))
+    seqs, _ = s.read_samples(tops, lambda sid: s.sample_tokens(sid, e.sample_row(sid)[1]))
+    if seqs is None:  # a dataset that changed: the unit page says why; no tile guesses
         return {}
-    seqs: dict[int, list[int]] = {}
-    out = {}
-    try:
-        for u, _, _, tm, _, _, peak in rows:
-            if tm < 0:
-                continue
-            if tm not in seqs:
-                seqs[tm] = s.sample_tokens(tm, e.sample_row(tm)[1])
-            out[u] = token_window(seqs[tm], peak[1] if per_token and peak is not None else 0)
-    except ApiError:  # a dataset that changed: the unit page says why; no tile guesses
-        return {}
-    return out
+    by_id = dict(zip(tops, seqs, strict=True))
+    return {
+        u: token_window(by_id[tm], peak[1] if per_token and peak is not None else 0)
+        for u, _, _, tm, _, _, peak in rows
+        if tm >= 0
+    }
 
 
 def _featviz_objectives(run: Any, layer: str) -> dict[str, list[int]] | None:
