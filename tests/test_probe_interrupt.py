@@ -722,3 +722,109 @@ def test_a_dataset_made_again_differently_does_not_continue_the_statistics(
         said = [str(w.message) for w in caught if "not resuming from" in str(w.message)]
         assert bool(said) == (resumed == 0)  # a restart says why
         assert all("the dataset differs" in m for m in said)
+
+
+RESCALED_DATA = """
+import signal
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+HERE = Path(__file__).parent
+
+
+class Data(Dataset):
+    '''12 fixed images, normalised by the scale in scale.txt (the user's own file: they
+    change it between two runs); loading item 7 presses Ctrl-C once while `stop` exists.'''
+
+    def __init__(self):
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.rand(12, 3, 8, 8, generator=g)
+        self.y = torch.arange(12) % 3
+        self.targets = self.y.tolist()
+        self.scale = float((HERE / "scale.txt").read_text())
+
+    def __len__(self):
+        return 12
+
+    def __getitem__(self, i):
+        stop = HERE / "stop"
+        if i == 7 and stop.exists():
+            stop.unlink()
+            signal.raise_signal(signal.SIGINT)
+        return (self.x[i] - 0.5) / self.scale, int(self.y[i])
+
+
+def make():
+    return Data()
+
+
+def net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 5, 3))
+"""
+
+
+@pytest.mark.parametrize("scale", ["0.25", "0.5"])
+def test_a_resumed_code_dataset_whose_values_changed_starts_over(
+    tmp_path: Path, scale: str
+) -> None:
+    """`lurker probe --data file.py:fn` interrupted, the file's normalisation changed
+    (same shapes and labels, other float values), and the same command run again: the
+    checkpoint was resumed, as the data key holds only a float item's exact parts, and the
+    run silently mixed statistics of two datasets (caught only by `lurker serve`). Now the
+    rerun says what changed and sweeps from the first sample, equal to an uninterrupted
+    probe of the new data; the same data read again still resumes."""
+    from click.testing import CliRunner
+
+    from lurker.cli import main
+
+    (tmp_path / "data.py").write_text(RESCALED_DATA)
+    spec, data = f"{tmp_path / 'data.py'}:net", f"{tmp_path / 'data.py'}:make"
+
+    def probe(out: Path) -> Any:
+        args = ["probe", spec, "--data", data, "--out", str(out), "--k", "3"]
+        return CliRunner().invoke(main, [*args, "--batch-size", "4", "--device", "cpu"])
+
+    (tmp_path / "scale.txt").write_text(scale)
+    whole = probe(tmp_path / "whole")
+    assert whole.exit_code == 0, whole.output
+    out = tmp_path / "cut"
+    (tmp_path / "scale.txt").write_text("0.25")
+    (tmp_path / "stop").touch()
+    cut = probe(out)
+    assert cut.exit_code == 130, cut.output
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["done"] == 8
+    (tmp_path / "scale.txt").write_text(scale)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        again = probe(out)
+    assert again.exit_code == 0, again.output
+    told = " ".join(str(w.message) for w in caught)
+    with lurker.Run.open(out) as got, lurker.Run.open(tmp_path / "whole") as want:
+        changed = scale != "0.25"
+        assert got.meta["sweep"]["resumed_from"] == (0 if changed else 8)
+        assert _tops(got) == _tops(want)
+    said = "item 0's input holds other values than when it was probed"
+    assert (said in told) == changed, told
+    if changed:
+        assert "not resuming from" in told and "restore the dataset" in told
+
+
+def test_the_fingerprints_of_one_dataset_read_twice_match_to_roundoff() -> None:
+    """The resume's comparison of two fingerprints allows float roundoff (the same data
+    computed again in another order) and nothing larger."""
+    from torch.utils.data import TensorDataset
+
+    from lurker.probe.data import fingerprint, fingerprints_differ
+
+    x = torch.randn(5, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    y = torch.zeros(5, dtype=torch.long)
+    was = fingerprint(TensorDataset(x, y))
+    assert fingerprints_differ(was, fingerprint(TensorDataset(x.clone(), y))) is None
+    roundoff = x * (1 + 1e-7 * torch.randn(x.shape, generator=torch.Generator().manual_seed(2)))
+    assert fingerprints_differ(was, fingerprint(TensorDataset(roundoff, y))) is None
+    why = fingerprints_differ(was, fingerprint(TensorDataset(x * 1.001, y)))
+    assert why is not None and "input holds other values" in why

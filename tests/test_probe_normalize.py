@@ -4,6 +4,7 @@ the user says, the run records it, and everything that reloads the folder from t
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,21 @@ class Net(nn.Module):
         self.fc = nn.Linear(4, 2)
 
     def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+class Raw(nn.Module):
+    # takes raw uint8 images (0..255) and scales and normalises them itself
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(2)
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        x = x.float() / 255
+        x = (x - 0.45) / 0.225
         return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
 
 
@@ -105,7 +121,7 @@ def test_probe_feeds_the_normalisation_asked_and_reloads_it(
     assert r.exit_code == 0, r.output
     # said once, at the start, with how to change it
     assert r.stderr.count("lurker: images ") == 1 and said in r.stderr
-    assert "else give --normalize none (images in [0, 1]) or --normalize MEAN/STD" in r.stderr
+    assert "else give --normalize none (images in [0, 1]), --normalize raw" in r.stderr
     x = _oracle(folder, mean, std)
     logits = _logits(spec, x)
     run = lurker.Run.open(out)
@@ -382,3 +398,112 @@ def test_the_rule_for_other_channel_counts() -> None:
     assert (m, s) == pytest.approx((np.mean(IMAGENET_MEAN), np.mean(IMAGENET_STD)))
     with pytest.raises(LurkerError, match=r"ImageNet's mean and std are for 3-channel.*4 values"):
         normalize_stats("imagenet", 4)
+
+
+def _raw_images(folder: Path) -> torch.Tensor:
+    """The folder's images in sorted order as PIL reads them: uint8 (N, 3, H, W), 0..255."""
+    files = sorted(folder.glob("*/*.png"))
+    arr = np.stack([np.asarray(Image.open(f).convert("RGB"), np.uint8) for f in files])
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+
+
+def test_a_model_that_scales_raw_pixels_itself_is_probed_with_normalize_raw(
+    setup: tuple[str, Path], tmp_path: Path
+) -> None:
+    """A model whose forward begins `x.float() / 255` probed from an image folder got
+    ImageNet-normalised floats, which it divided by 255 again: every number wrong, with no
+    word. `--normalize raw` feeds the folder's uint8 0..255 values; the run records it and
+    everything that reloads the folder (`lurker images`, `lurker serve`, `lurker explain
+    RUN`, `lurker featviz RUN`) feeds the same. Oracle: forward hooks on the model fed the
+    uint8 images PIL reads."""
+    import json
+
+    from lurker.models import load_model
+
+    spec, folder = setup
+    spec = spec.replace(":Net", ":Raw")
+    raw = _raw_images(folder)
+    net = load_model(spec, None, device="cpu")
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [
+        getattr(net, name).register_forward_hook(
+            lambda _m, _i, o, name=name: seen.__setitem__(name, o.detach())
+        )
+        for name in ("conv", "fc")
+    ]
+    with torch.no_grad():
+        logits = net(raw)
+    for h in hooks:
+        h.remove()
+
+    out = tmp_path / "run"
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
+        r = _probe(spec, folder, out, "--normalize", "raw")
+    assert r.exit_code == 0, r.output
+    assert "fed raw: uint8 tensors of their 0..255 values" in r.stderr
+    assert "255" not in " ".join(str(w) for w in warned)
+    run = lurker.Run.open(out)
+    assert run.meta["config"]["normalize"] == "raw"
+    for u in range(2):
+        top = run.unit("fc", u).top("max")
+        want = seen["fc"][:, u].sort(descending=True)
+        assert [e.sample_id for e in top] == want.indices.tolist()
+        assert [e.value for e in top] == pytest.approx(want.values.tolist(), abs=1e-5)
+    for u in range(4):  # a conv unit's maximum over positions, per image
+        top = run.unit("conv", u).top("max")
+        want = seen["conv"][:, u].amax((1, 2)).sort(descending=True)
+        assert [e.value for e in top] == pytest.approx(want.values.tolist(), abs=1e-5)
+    # reloaded from the run: the same uint8 images
+    images = UnitImages(out, device="cpu")
+    for i in range(len(raw)):
+        assert torch.equal(images.dataset[i][0], raw[i])
+    # `lurker serve`: a sample's live prediction, and an upload of the same file
+    from fastapi.testclient import TestClient
+
+    from lurker.server.app import create_app
+
+    client = TestClient(create_app(str(out)))
+    rid = client.get("/api/runs").json()["runs"][0]["id"]
+    live = client.get(f"/api/runs/{rid}/live/sample-4")
+    assert live.status_code == 200, live.text
+    assert live.json()["predictions"][0]["prob"] == pytest.approx(
+        float(logits[4].softmax(0).max()), abs=1e-5
+    )
+    # `lurker explain RUN`: the image as the probe fed it (its 0..255 values, as float)
+    image = sorted(folder.glob("*/*.png"))[2]
+    heat = tmp_path / "heat.png"
+    args = ["explain", str(out), "--image", str(image), "--method", "input_x_gradient", "-t", "0"]
+    r = CliRunner().invoke(main, [*args, "-o", str(heat)])
+    assert r.exit_code == 0, r.output
+    e = lurker.explain(net, raw[2:3].float(), 0, "input_x_gradient")
+    shown = raw[2].float() / 255
+    assert Image.open(heat).tobytes() == e.overlay(0, image=shown, alpha=0.6).tobytes()
+    # `lurker featviz RUN`: the model fed 0..255 values (its [0, 1] image / (1/255))
+    fv = tmp_path / "fv"
+    r = CliRunner().invoke(main, ["featviz", str(out), "--layer", "conv", "-u", "0", "-n", "1",
+                                  "--device", "cpu"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, ["featviz", spec, "--layer", "conv", "-u", "0", "-n", "1",
+                                  "--image-size", str(SIZE), "-o", str(fv), "--device", "cpu",
+                                  "--normalize", "raw"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    settings = json.loads((fv / "activations.json").read_text())["settings"]
+    assert settings["std"] == pytest.approx([1 / 255] * 3) and settings["mean"] == [0.0] * 3
+
+
+def test_a_model_that_scales_raw_pixels_fed_normalised_floats_is_warned_about(
+    setup: tuple[str, Path], tmp_path: Path
+) -> None:
+    """Without --normalize raw, such a model gets ImageNet-normalised floats (the default):
+    the probe runs, so it says, from the trace, that the model divides its input by 255,
+    and names --normalize raw. Models that do not scale their input are not warned about."""
+    spec, folder = setup
+    for name, warned in ((":Raw", True), (":Net", False)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            r = _probe(spec.replace(":Net", name), folder, tmp_path / name[1:])
+        assert r.exit_code == 0, r.output
+        told = " ".join(str(w.message) for w in caught)
+        assert ("the model's forward divides its input by 255" in told) == warned, told
+        assert ("--normalize raw" in told) == warned

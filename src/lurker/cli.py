@@ -136,7 +136,8 @@ device_option = click.option(
 
 #: ``--normalize`` of probe, explain and featviz: one rule (probe.data.default_normalize)
 NORMALIZE_CHOICES = (
-    "imagenet (ImageNet's mean and std), none (images in [0, 1]), or MEAN/STD with one "
+    "imagenet (ImageNet's mean and std), none (images in [0, 1]), raw (uint8 images, 0..255, "
+    "for a model whose forward scales them itself, e.g. x.float() / 255), or MEAN/STD with one "
     "value per channel, e.g. 0.5,0.5,0.5/0.25,0.25,0.25 (0.5/0.25 for 1 channel). Default: "
     "imagenet for a 3-channel model, none for others."
 )
@@ -348,7 +349,7 @@ def trace(
 )
 @click.option(
     "--normalize",
-    metavar="imagenet|none|MEAN/STD",
+    metavar="imagenet|none|raw|MEAN/STD",
     default=None,
     help="How an image folder's images are normalised before the model sees them: "
     + NORMALIZE_CHOICES
@@ -497,10 +498,13 @@ def _normalize_note(spec: str, mean: Sequence[float], std: Sequence[float], defa
     what = {
         "imagenet": f"with ImageNet's statistics ({stats}; {how})",
         "none": f"not normalised: fed in [0, 1] ({how})",
+        "raw": "fed raw: uint8 tensors of their 0..255 values, not scaled nor normalised "
+        "(--normalize raw)",
     }.get(spec, f"with {stats} (--normalize)")
     return (
         f"lurker: images {what}. They must be fed as the model was trained: else give "
-        "--normalize none (images in [0, 1]) or --normalize MEAN/STD (one value per channel)."
+        "--normalize none (images in [0, 1]), --normalize raw (uint8, 0..255, for a model "
+        "that scales them itself) or --normalize MEAN/STD (one value per channel)."
     )
 
 
@@ -961,7 +965,7 @@ Examples:
 )
 @click.option(
     "--normalize",
-    metavar="imagenet|none|MEAN/STD",
+    metavar="imagenet|none|raw|MEAN/STD",
     default=None,
     help="How the image is normalised for the model (as `lurker probe --normalize`): "
     + NORMALIZE_CHOICES
@@ -1293,7 +1297,7 @@ Examples:
 @click.option(
     "--normalize",
     default=None,
-    metavar="imagenet|none|MEAN/STD",
+    metavar="imagenet|none|raw|MEAN/STD",
     help="For a model spec: the normalisation its inputs were trained with: "
     + NORMALIZE_CHOICES
     + " A run feeds the model as its probe did.",
@@ -1438,6 +1442,8 @@ def featviz(
                     param_hint="'--normalize'",
                 )
             mean, std = pdata.normalize_stats(normalize, c)
+            if normalize == "raw":  # the model gets 0..255 values, as a raw probe feeds it
+                std = tuple(v / 255.0 for v in std)
         folder = Path(out or "featviz").expanduser()
         folder.mkdir(parents=True, exist_ok=True)
         # a layer name as it is when it is a safe file name (`features.8`); else made one,

@@ -27,8 +27,8 @@ def load_image(
     16-bit images scaled, transparency dropped; shorter side resized to ``image_size``,
     centre crop) and normalised by the same rule (``normalize``, see
     :func:`lurker.probe.data.normalize_stats`; None: ImageNet's mean and std for 3 channels,
-    none for 1), so an image is the same input tensor here as in a probe of a folder
-    holding it."""
+    none for 1; ``raw``: the 0..255 values, as float), so an image is the same input here
+    as in a probe of a folder holding it."""
     from torchvision import transforms
 
     from ..probe import data as pdata
@@ -47,6 +47,13 @@ def load_image(
     shown = transforms.Compose(
         [transforms.Resize(image_size), transforms.CenterCrop(image_size), transforms.ToTensor()]
     )(img)
+    if normalize is not None and pdata.parse_normalize(normalize) == "raw":
+        # the folder's uint8 0..255 values, as float: the model's own x.float() / 255 then
+        # sees the probe's input, and gradients are taken w.r.t. the image it casts
+        x = transforms.PILToTensor()(
+            transforms.CenterCrop(image_size)(transforms.Resize(image_size)(img))
+        ).float()
+        return x[None], x / 255.0
     x = transforms.Normalize(list(mean), list(std))(shown)  # the folder's very transform
     return x[None], shown
 

@@ -578,8 +578,15 @@ def _from_run(
         size,
         chans,
         cfg.get("mean"),
-        cfg.get("std"),
+        _raw_std(cfg.get("std")) if cfg.get("normalize") == "raw" else cfg.get("std"),
     )
+
+
+def _raw_std(std: Any) -> Any:
+    """A raw run's (``--normalize raw``: uint8 images, 0..255, that the model scales
+    itself) std as featviz applies it to its [0, 1] image: divided by 255, so the model is
+    fed 0..255 values as its probe fed it, not [0, 1] ones it would divide by 255 again."""
+    return None if std is None else [float(v) / 255.0 for v in std]
 
 
 @contextlib.contextmanager

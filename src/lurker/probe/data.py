@@ -57,6 +57,7 @@ __all__ = [
     "code_spec_file",
     "fingerprint",
     "fingerprint_differs",
+    "fingerprints_differ",
     "input_image",
     "is_code_spec",
     "load_dataset",
@@ -643,6 +644,7 @@ class ImageFolderDataset(_SkipLog, _Base):
         verify: bool = True,
         workers: int | None = None,
         warn_empty: bool = True,
+        raw: bool = False,
     ) -> None:
         from torchvision import datasets, transforms
 
@@ -694,16 +696,23 @@ class ImageFolderDataset(_SkipLog, _Base):
                 "trained on this layout numbers them)",
                 stacklevel=3,
             )
+        if raw and (any(float(v) != 0.0 for v in mean) or any(float(v) != 1.0 for v in std)):
+            raise LurkerError(
+                "image folder: raw images are fed as they are (uint8, 0..255): give no mean "
+                "and std with raw=True"
+            )
         self.mode = "RGB" if channels == 3 else "L"
         self.channels = channels
         self.image_size = image_size
+        #: Whether images are fed as uint8 0..255 (a model that scales them itself).
+        self.raw = raw
+        tail = (
+            [transforms.PILToTensor()]
+            if raw
+            else [transforms.ToTensor(), transforms.Normalize(list(mean), list(std))]
+        )
         self.transform = transforms.Compose(
-            [
-                transforms.Resize(image_size),
-                transforms.CenterCrop(image_size),
-                transforms.ToTensor(),
-                transforms.Normalize(list(mean), list(std)),
-            ]
+            [transforms.Resize(image_size), transforms.CenterCrop(image_size), *tail]
         )
         self.class_names: list[str] = list(folder.classes)
         self.class_to_idx: dict[str, int] = dict(folder.class_to_idx)
@@ -776,6 +785,7 @@ def image_folder(
     channels: int = 3,
     verify: bool = True,
     warn_empty: bool = True,
+    raw: bool = False,
 ) -> ImageFolderDataset:
     """Images under ``root/<class_name>/``, resized, center-cropped and normalised.
 
@@ -785,7 +795,10 @@ def image_folder(
     images as grayscale; mean/std must then have one value each (default: as
     :func:`default_normalize` says). A class folder without
     images is kept as a class, with a warning; ``warn_empty=False`` where a run's folder is
-    read again (its probe warned once, when it read the folder for the sweep).
+    read again (its probe warned once, when it read the folder for the sweep). ``raw``
+    feeds each image as the uint8 tensor of its 0..255 values (resized and cropped, not
+    scaled nor normalised): for a model whose forward scales its input itself
+    (``x.float() / 255``), which a [0, 1] or normalised image would silently mislead.
     """
     return ImageFolderDataset(
         root,
@@ -795,26 +808,28 @@ def image_folder(
         channels=channels,
         verify=verify,
         warn_empty=warn_empty,
+        raw=raw,
     )
 
 
 def parse_normalize(value: str) -> str:
     """A ``normalize`` spec checked and written canonically, so a run records it as given:
-    ``imagenet``, ``none`` (images in [0, 1]) or ``MEAN/STD`` (comma-separated, one value per
+    ``imagenet``, ``none`` (images in [0, 1]), ``raw`` (uint8 images, 0..255, for a model
+    that scales them itself) or ``MEAN/STD`` (comma-separated, one value per
     channel, every std positive). Checked before anything is loaded: a typo is said at once."""
     text = str(value).strip()
-    if text.lower() in ("imagenet", "none"):
+    if text.lower() in ("imagenet", "none", "raw"):
         return text.lower()
     example = "e.g. 0.5,0.5,0.5/0.25,0.25,0.25, or 0.5/0.25 for 1-channel images"
     head, slash, tail = text.partition("/")
     if not slash or "/" in tail:
         raise LurkerError(
             f"normalize={value!r}: give 'imagenet' (ImageNet's mean and std, the default for "
-            f"3 channels), "
-            f"'none' (images in [0, 1]) or MEAN/STD with one value per channel ({example})",
+            f"3 channels), 'none' (images in [0, 1]), 'raw' (uint8 images, 0..255, for a "
+            f"model that scales them itself) or MEAN/STD with one value per channel ({example})",
             cli=f"--normalize {value!r}: give imagenet (ImageNet's mean and std, the default for "
-            f"3 channels), "
-            f"none (images in [0, 1]) or MEAN/STD with one value per channel ({example})",
+            f"3 channels), none (images in [0, 1]), raw (uint8 images, 0..255, for a model "
+            f"that scales them itself) or MEAN/STD with one value per channel ({example})",
         )
     stats: list[list[float]] = []
     for what, part in (("mean", head), ("std", tail)):
@@ -881,9 +896,10 @@ def normalize_stats(
     images of ``channels`` channels; None: :func:`default_normalize`'s. ``imagenet`` for 1
     channel is the mean of ImageNet's three values (a model trained on grayscale ImageNet;
     what 1-channel runs probed before the default was ``none`` record), and is refused for
-    other counts than 1 and 3, which it has no values for."""
+    other counts than 1 and 3, which it has no values for. ``raw`` is 0 and 1: its uint8
+    images are not normalised (their picture is their values / 255)."""
     spec = parse_normalize(default_normalize(channels) if normalize is None else normalize)
-    if spec == "none":
+    if spec in ("none", "raw"):  # raw: uint8 0..255, whose picture is x / 255 as is
         return (0.0,) * channels, (1.0,) * channels
     if spec == "imagenet":
         if channels == 1:
@@ -924,7 +940,8 @@ def load_dataset(
 
     ``channels`` should match the model's input (None: digits 1, folders 3). A folder's
     images are normalised as ``normalize`` says (:func:`normalize_stats`; None:
-    :func:`default_normalize`'s, ImageNet's statistics for 3 channels, none for 1). Digits are fed in [0, 1]: any other
+    :func:`default_normalize`'s, ImageNet's statistics for 3 channels, none for 1;
+    ``raw``: uint8 0..255). Digits are fed in [0, 1]: any other
     ``normalize`` than ``none`` is refused rather than ignored. ``reload``: the folder is
     a run's, read again (the explorer, unit images, the map): its empty class folders
     were warned about when the probe read it, and are not again.
@@ -956,7 +973,10 @@ def load_dataset(
             raise LurkerError(f"image folders have 1 or 3 channels; the model wants {channels}")
         c = channels or 3
         mean, std = normalize_stats(normalize, c)
-        return image_folder(path, image_size, mean=mean, std=std, channels=c, warn_empty=not reload)
+        raw = normalize is not None and parse_normalize(normalize) == "raw"
+        return image_folder(
+            path, image_size, mean=mean, std=std, channels=c, warn_empty=not reload, raw=raw
+        )
     raise LurkerError(
         f"unknown dataset {spec!r}: give 'digits' (or 'digits:train' / 'digits:test'), an "
         f"existing directory laid out as {_LAYOUT}, or code that makes the dataset: "
@@ -1072,14 +1092,29 @@ def fingerprint_differs(recorded: list[dict[str, Any]], ds: Any) -> str | None:
     if recorded and recorded[-1]["item"] != n - 1:
         return f"it has {n} items, and the probe swept {recorded[-1]['item'] + 1}"
     try:
-        now = {e["item"]: e for e in fingerprint(ds)}
+        now = fingerprint(ds)
     except Exception as e:  # an item that no longer reads
         return f"reading its items raised {type(e).__name__}: {e}"
+    return fingerprints_differ(recorded, now)
+
+
+def fingerprints_differ(recorded: list[dict[str, Any]], now: list[dict[str, Any]]) -> str | None:
+    """Where the :func:`fingerprint` ``now`` differs from the ``recorded`` one (item and
+    what), or None when they match: integer inputs exactly, floating ones to a relative
+    1e-5 of the item's scale (the same data read twice, or on another machine, matches;
+    other values, such as another normalisation, do not)."""
+    by_item = {e["item"]: e for e in now}
+    if recorded and now and recorded[-1]["item"] != now[-1]["item"]:
+        return f"it has {now[-1]['item'] + 1} items, and the probe swept {recorded[-1]['item'] + 1}"
     for was in recorded:
-        got = now.get(was["item"])
+        got = by_item.get(was["item"])
         i = was["item"]
         other = f"item {i}'s input holds other values than when it was probed"
-        if got is None or got["shape"] != was["shape"] or got["label"] != was["label"]:
+        if (
+            got is None
+            or got.get("shape") != was.get("shape")
+            or got.get("label") != was.get("label")
+        ):
             return f"item {i} is not the item the probe swept (its shape or label differ)"
         if ("sha256" in was) != ("sha256" in got):
             return f"item {i}'s input is of another kind (integers or floats) than when probed"

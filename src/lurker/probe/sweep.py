@@ -1049,6 +1049,8 @@ def _plan(
             f"and the dataset's images are {tuple(x0.shape[1:])}: leave out --channel-dim",
         )
     tr = _trace_first(model, x0, plain, channel_dim)
+    if rank == 0:
+        _warn_scaled_again(tr, x0)
     try:
         rfs = receptive_fields(tr)
     except LurkerError:
@@ -1130,6 +1132,54 @@ def _plan(
         embed=embed_layer,
         first=_digest(x0),
         inputs=input_noun(x0, reads_ids(tr)),
+    )
+
+
+#: Ops that pass the input on unchanged but for its dtype or layout (``x.float() / 255``).
+_PASS_ON = frozenset({"float", "double", "half", "bfloat16", "to", "type", "contiguous", "clone"})
+
+
+def raw_scaling(tr: Trace) -> str | None:
+    """How the model treats its input as raw 0..255 pixels, from the trace, or None: the
+    input (through casts) divided by 255, multiplied by 1/255, or cast to uint8. Only
+    those exact forms: a model that merely compares or clamps its input says nothing."""
+    derived = {op.index for op in tr.ops if op.is_input}
+    for op in tr.ops:
+        args = op.args
+        first = args[0] if args else None
+        if getattr(first, "index", None) not in derived or op.is_input:
+            continue
+        second = args[1] if len(args) > 1 else None
+        number = isinstance(second, (int, float)) and not isinstance(second, bool)
+        if op.dtype == "uint8":
+            return f"casts its input to uint8 ({op.name})"
+        if op.name in ("div", "div_", "true_divide") and number and float(second) == 255.0:
+            return "divides its input by 255"
+        if op.name in ("mul", "mul_") and number and abs(float(second) - 1 / 255) < 1e-9:
+            return "multiplies its input by 1/255"
+        if op.name in _PASS_ON:
+            derived.add(op.index)
+    return None
+
+
+def _warn_scaled_again(tr: Trace, x0: Tensor) -> None:
+    """Warn when the model scales raw 0..255 pixels itself (:func:`raw_scaling`) and the
+    first input holds float values no larger than a normalised or [0, 1] image's: then it
+    scales them again, and every number of the run is silently wrong."""
+    if not x0.is_floating_point():
+        return
+    how = raw_scaling(tr)
+    finite = x0[torch.isfinite(x0)]
+    if how is None or not finite.numel() or float(finite.abs().max()) > 8.0:
+        return
+    lo, hi = float(finite.min()), float(finite.max())
+    warn(
+        f"probe: the model's forward {how}, so it takes raw 0..255 pixel values, but the "
+        f"dataset feeds floats in [{lo:.3g}, {hi:.3g}] (its first image): scaled again, "
+        "every number of the run would be wrong. Feed raw images: on the command line "
+        "--normalize raw (an image folder's images as uint8, 0..255); from Python a "
+        "dataset of uint8 tensors (transforms.PILToTensor() instead of ToTensor() and "
+        "Normalize), or image_folder(..., raw=True)"
     )
 
 
@@ -1412,6 +1462,10 @@ def _restore(
         # (no data key: an older checkpoint)
         else "the dataset differs (its size, labels or items)"
         if state.get("data", plan.data_key) != plan.data_key
+        else f"the dataset differs ({changed}): the checkpoint's statistics are of the "
+        "other values, and are not mixed with these; if the change was a mistake, stop "
+        "and restore the dataset as it was (its file, its normalisation) to resume"
+        if (changed := _values_changed(plan, state)) is not None
         else "the images were normalised otherwise"
         if state.get("normalization", _normalization(plan)) != _normalization(plan)
         else "it lacks some of the statistics now kept"
@@ -1437,9 +1491,24 @@ def _restore(
     )
 
 
+def _values_changed(plan: _Plan, state: Mapping[str, Any]) -> str | None:
+    """How a dataset made by code (``--data file.py:fn``) now holds other values than the
+    checkpoint's (its float items, which the data key leaves out: e.g. the file's
+    normalisation changed), or None: the same, or no fingerprint to tell by."""
+    from .data import fingerprints_differ
+
+    was = state.get("data_fingerprint")
+    now = plan.run_meta["config"].get("data_fingerprint")
+    if not was or not now:
+        return None
+    return fingerprints_differ(was, now)
+
+
 def _normalization(plan: _Plan) -> list[list[float]]:
-    """The dataset's mean and std, as a checkpoint keeps them."""
-    return [[float(v) for v in plan.ds.mean], [float(v) for v in plan.ds.std]]
+    """The dataset's mean and std, as a checkpoint keeps them, and ``["raw"]`` for an image
+    folder fed raw (uint8 0..255: its mean and std are those of ``none``'s [0, 1] images)."""
+    out = [[float(v) for v in plan.ds.mean], [float(v) for v in plan.ds.std]]
+    return [*out, ["raw"]] if getattr(plan.ds, "raw", False) else out
 
 
 def _save_checkpoint(plan: _Plan, consumers: Sequence[BatchConsumer], position: _Progress) -> None:
@@ -1450,6 +1519,9 @@ def _save_checkpoint(plan: _Plan, consumers: Sequence[BatchConsumer], position: 
         "world": plan.world,
         "layers": plan.layer_names,
         "data": plan.data_key,
+        # a dataset made by code: its items' values too (data_key holds only the exact
+        # parts), compared with a tolerance when resumed (another normalisation is caught)
+        "data_fingerprint": plan.run_meta["config"].get("data_fingerprint"),
         "normalization": _normalization(plan),
         "skipped": [list(s) for s in _merge_skipped(position.skipped, plan.ds.skipped)],
         "transparent": _merge_transparent(position.transparent, plan.ds.transparent),
