@@ -369,16 +369,15 @@ def test_feature_names_that_are_not_a_list_are_ignored(tmp_path: Path):
     assert wrap(Wine()).feature_names == Wine().feature_names  # a list is still used
 
 
-def test_the_live_view_says_it_takes_images_and_points_to_explain(browser: Any, served: dict):
-    """It offered "Upload an image..." on a run of feature vectors."""
+def test_the_live_view_takes_typed_features_not_an_image(browser: Any, served: dict):
+    """It offered "Upload an image..." on a run of feature vectors; then only a pointer
+    to Explain. Now one named field per feature; tests/test_live_typed.py runs it."""
     skip_without_browser()
     with strict_page(browser) as pg:
         pg.goto(f"{served['url']}/#/r/{RID}/live")
-        pg.wait_for_selector("#live-no-images")
-        text = pg.inner_text("#live-no-images")
-        assert "vectors of 13 features" in text and "does not apply" in text
+        pg.wait_for_selector("#live-preds li")
+        assert pg.locator("#live-features input").count() == 13
         assert pg.locator("input[type=file]").count() == 0
-        assert pg.locator("#live-explain").get_attribute("href").endswith("/explain")
 
 
 class _Counts(torch.nn.Module):

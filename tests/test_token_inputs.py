@@ -366,17 +366,15 @@ def test_explain_page_colours_each_token_by_its_score(browser: Any, served: dict
         assert pg.locator("img").count() == 0
 
 
-def test_the_live_view_says_it_takes_images_and_points_to_explain(browser: Any, served: dict):
-    """It offered "Upload an image..." and a sample box on a run of token ids."""
+def test_the_live_view_takes_a_typed_sequence_not_an_image(browser: Any, served: dict):
+    """It offered "Upload an image..." on a run of token ids; then only a pointer to
+    Explain. Now a text box of ids (no vocabulary here); tests/test_live_typed.py runs it."""
     skip_without_browser()
     with strict_page(browser) as pg:
         pg.goto(f"{served['url']}/#/r/{RID}/live")
-        pg.wait_for_selector("#live-no-images")
-        text = pg.inner_text("#live-no-images")
-        assert f"sequences of {LENGTH} token ids" in text and "does not apply" in text
+        pg.wait_for_selector("#live-text")
         assert pg.locator("input[type=file]").count() == 0
-        pg.click("#live-explain")
-        pg.wait_for_selector("#explain-picker")
+        assert pg.eval_on_selector("#live-mode", "s => s.value") == "ids"
 
 
 def test_the_samples_list_carries_each_samples_first_tokens(served: dict):

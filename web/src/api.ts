@@ -236,6 +236,29 @@ export interface Appearance {
   value: number | null;
 }
 
+/** One probed layer's units on a typed live input (`POST .../live/inputs`). */
+export interface LiveLayerUnits {
+  layer: string;
+  op: string | null;
+  num_units: number;
+  positions: number;
+  mean: (number | null)[];
+  max: (number | null)[];
+  top: number[];
+}
+
+/** A typed live input's document: what was fed, the prediction, every probed layer. */
+export interface LiveInput {
+  input: string;
+  ids: number[] | null;
+  words: (string | null)[] | null;
+  features: number[] | null;
+  feature_names: string[] | null;
+  predictions: Prediction[];
+  predictions_note: string | null;
+  layers: LiveLayerUnits[];
+}
+
 /** One sample and one page of the top-list entries that hold it (`total` in all). */
 export interface SampleDoc {
   sample: SampleBrief;
@@ -649,6 +672,12 @@ export class Api {
     }
     const chunk = await this.exportFile<UnitChunk>("runs", run, "layers", layer, "units", `chunk-${Math.floor(u / index.chunk)}`);
     return { doc: chunk.units[u - chunk.offset], shown: chunk.images[u - chunk.offset], noImage: index.no_image ?? null };
+  }
+
+  /** POST a JSON body (the live view's typed inputs; served mode only). */
+  async postJson<T>(path: string, body: unknown): Promise<T> {
+    const url = "api" + path;
+    return readJson<T>(await fetch(url, { method: "POST", body: JSON.stringify(body), headers: { "Content-Type": "application/json" } }), url);
   }
 
   /** POST a file (live uploads; served mode only). */

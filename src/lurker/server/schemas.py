@@ -556,6 +556,52 @@ class LiveImage(BaseModel):
     input_note: str | None = None
 
 
+class LiveInputBody(BaseModel):
+    """An input typed in the live view of a run with no picture: one of ``text`` (words
+    looked up in the run's vocabulary, split at whitespace), ``ids`` (token ids) or
+    ``features`` (one number per feature). Values are checked by the server, which names
+    the bad one (a word not in the vocabulary, an id out of range, a value that is not a
+    number), so they are taken loosely here."""
+
+    text: str | None = None
+    ids: list[Any] | None = None
+    features: list[Any] | None = None
+
+
+class LiveLayerUnits(BaseModel):
+    """One probed layer's units on a typed input."""
+
+    layer: str
+    op: str | None = None
+    num_units: int
+    #: positions each unit has on this input (its tokens); 1 for a vector
+    positions: int
+    #: each unit's mean over its positions (the probe's mean lists), null where not finite
+    mean: list[float | None]
+    #: each unit's largest value over its positions (the probe's max lists)
+    max: list[float | None]
+    #: the 10 units of largest ``max`` (finite values only), highest first
+    top: list[int]
+
+
+class LiveInput(BaseModel):
+    """A typed input's document: what the model was fed, its prediction and every probed
+    layer's units."""
+
+    #: its id for the other live endpoints (16 hex digits of its content)
+    input: str
+    #: the token ids fed (a run of token ids), null else
+    ids: list[int] | None = None
+    #: the vocabulary's word for each id, null where it has none (or no vocabulary)
+    words: list[str | None] | None = None
+    #: the feature values fed (a run of feature vectors), null else
+    features: list[float] | None = None
+    feature_names: list[str] | None = None
+    predictions: list[Prediction]
+    predictions_note: str | None = None
+    layers: list[LiveLayerUnits]
+
+
 class PatchlessToken(BaseModel):
     """A token that stands for no patch of the image (a ViT's class token), which the
     maps of a patch grid leave out: its own value at every unit."""

@@ -809,6 +809,61 @@ class Session:
                 self._drop_maps(old)
         return image_id
 
+    def add_input(self, t: torch.Tensor) -> str:
+        """Keep an input typed in the live view (token ids, a feature vector), fed as it
+        is; its id is the sha256 prefix of its dtype, shape and values, so the same input
+        typed again is the same id (and the live endpoints read it as they read uploads)."""
+        t = t.detach().cpu().contiguous()
+        digest = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
+        digest.update(t.numpy().tobytes())
+        input_id = digest.hexdigest()[:16]
+        with self._guard:
+            self._images[input_id] = t
+            self._images.move_to_end(input_id)
+            while len(self._images) > LIVE_IMAGES:
+                old, _ = self._images.popitem(last=False)
+                self._drop_maps(old)
+        return input_id
+
+    def layer_units(self, input_id: str) -> list[tuple[Any, Any, Any, int]]:
+        """Every probed layer's units on one live input, in one forward: ``(layer info,
+        mean, max, positions)``, mean and max ``(units,)``, over the unit's positions (its tokens) as the probe
+        reduces them for its mean and max top-k lists; a layer with no positions has one
+        value per unit, both equal. A layer whose op the live trace lacks is left out."""
+        import torch
+
+        tr = self.trace()
+        model = self.model()
+        x = self.live_input(input_id)
+        index = {op.label: op.index for op in tr.ops}
+        infos = [i for i in self.entry.open_run().layers if i.op in index]
+        wanted: dict[int, Any] = {index[i.op]: None for i in infos}
+
+        def grab(node: Any, value: Any) -> None:
+            wanted[node.index] = _first_tensor(_detach(value))
+
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        with self.model_lock, torch.no_grad():
+            try:
+                tr.run(x.unsqueeze(0).to(device), save="none", hooks={i: grab for i in wanted})
+            except GraphChangedError as e:
+                raise ApiError(409, f"the model takes another path on this input: {e}") from None
+            except Exception as e:  # the model's own error (a sequence too long for it)
+                raise ApiError(
+                    400, f"the model failed on this input: {type(e).__name__}: {e}"
+                ) from None
+        out = []
+        for info in infos:
+            v = wanted[index[info.op]]
+            op = tr.ops[index[info.op]]
+            layout = self.layout(op)
+            if not isinstance(v, torch.Tensor) or not hasattr(layout, "units"):
+                continue
+            u = layout.units(v.to("cpu", torch.float64))[0]  # (units, *positions)
+            u = u.reshape(u.shape[0], -1)
+            out.append((info, u.mean(1), u.amax(1), int(u.shape[1])))
+        return out
+
     def upload_name(self, image_id: str) -> str | None:
         """The uploaded file's name (its base name, as the browser sent it), or None."""
         with self._guard:
@@ -918,7 +973,15 @@ class Session:
                 if not shape:
                     shape = [3, *(run.meta.get("image_size") or [224, 224])]
                 device = next((p.device for p in model.parameters()), torch.device("cpu"))
-                x0 = torch.zeros(1, *[int(s) for s in shape], device=device)
+                # token ids (integers) are traced as ids (zeros: a valid id), not floats
+                dtype = getattr(torch, self.input_dtype(), None)
+                if (
+                    not isinstance(dtype, torch.dtype)
+                    or dtype.is_floating_point
+                    or dtype in (torch.uint8, torch.bool)
+                ):
+                    dtype = torch.float32
+                x0 = torch.zeros(1, *[int(s) for s in shape], device=device, dtype=dtype)
                 try:
                     with torch.no_grad():
                         self._trace = settled_trace(model, x0)

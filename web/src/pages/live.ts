@@ -12,10 +12,11 @@ import { axisBottom, axisLeft } from "d3-axis";
 import { scaleLinear } from "d3-scale";
 import { create } from "d3-selection";
 import { barChart } from "../charts";
-import { append, fill, fmt, h, notice, pct, shape, withId } from "../dom";
+import { append, fill, fmt, h, notice, pct, shape } from "../dom";
 import { imageTitle } from "../images";
 import { imagePicker } from "../picker";
 import { classLabel, namesWidth } from "../classes";
+import { renderFlatLive } from "./live_flat";
 
 interface ViewNode {
   l: string;
@@ -54,21 +55,10 @@ export async function renderLive(root: HTMLElement, ctx: PageContext): Promise<v
     );
     return;
   }
-  // token ids and feature vectors have no picture: the live view draws an image's maps
-  const tokens = summary.dataset.tokens ?? null;
-  const features = summary.dataset.features ?? null;
-  if (tokens !== null || features !== null) {
-    const what = tokens !== null ? `sequences of ${tokens} token ids` : `vectors of ${features} features`;
-    append(
-      root,
-      withId(
-        notice(
-          `The live view runs an image through the model and draws every op's maps; this run's inputs are ${what}, not images, so it does not apply. Explain scores each ${tokens !== null ? "token" : "feature"} of a dataset sample: `,
-        ),
-        "live-no-images",
-      ),
-    );
-    root.querySelector("#live-no-images")?.append(h("a", { href: ctx.href("explain"), id: "live-explain" }, "open Explain"), ".");
+  // token ids and feature vectors have no picture: a typed input, and every probed layer's units
+  if ((summary.dataset.tokens ?? null) !== null || (summary.dataset.features ?? null) !== null) {
+    root.querySelector("h1 .sub")!.textContent = ` the model on one typed ${summary.dataset.tokens != null ? "sequence" : "feature vector"}, layer by layer`;
+    await renderFlatLive(root, ctx, summary);
     return;
   }
   const params = new URLSearchParams(ctx.params);

@@ -27,6 +27,9 @@ from ..schemas import (
     KernelInfo,
     KernelValues,
     LiveImage,
+    LiveInput,
+    LiveInputBody,
+    LiveLayerUnits,
     LiveOp,
     MapValues,
     PatchlessToken,
@@ -62,16 +65,18 @@ def _images_only(s: Session) -> None:
         raise ApiError(
             409,
             f"the live view and Explain show images, and this run's inputs are sequences of "
-            f"{length} token ids: a sample's page shows its tokens and the model's prediction, "
-            "a unit's page its top sequences with the peak token marked",
+            f"{length} token ids: type a sequence in the live view (POST "
+            ".../live/inputs) to see the model's prediction and every probed layer's units; "
+            "Explain (sample-N) scores each token of a sample",
         )
     features = s.vector_length()
     if features is not None:
         raise ApiError(
             409,
-            f"the live view shows images, and this run's inputs are vectors of {features} "
-            "features, which have no picture: a sample's page shows the model's prediction, "
-            "and Explain (sample-N) each feature's attribution",
+            f"the live view's maps are drawn over images, and this run's inputs are vectors "
+            f"of {features} features, which have no picture: type the values in the live "
+            "view (POST .../live/inputs) to see the model's prediction and every probed "
+            "layer's units; Explain (sample-N) scores each feature of a sample",
         )
 
 
@@ -135,6 +140,195 @@ async def upload(request: Request, run_id: str, file: Annotated[UploadFile, File
         )
 
     return await live_call(request, run_id, work)
+
+
+#: the longest sequence (ids typed or words) the live view takes
+MAX_TOKENS = 4096
+
+
+@router.post(
+    "/runs/{run_id}/live/inputs",
+    response_model=LiveInput,
+    responses={409: {"description": "the run's inputs are images"}},
+    summary="Run the model on typed token ids, words or feature values: its prediction and "
+    "every probed layer's units",
+)
+async def typed_input(request: Request, run_id: str, body: LiveInputBody) -> LiveInput:
+    def work(s: Session) -> LiveInput:
+        import torch
+
+        from .. import state
+
+        run = s.entry.open_run()
+        ids = words = features = names = None
+        if s.token_length() is not None:
+            ids = _token_ids(s, body)
+            vocab = s.vocab()
+            words = [vocab[i] if vocab and i < len(vocab) else None for i in ids]
+            x = torch.tensor(ids, dtype=_dtype(s, torch.int64))
+        elif (length := s.vector_length()) is not None:
+            names = state.feature_names(run)
+            features = _features(body, length, names)
+            x = torch.tensor(features, dtype=_dtype(s, torch.float32))
+        else:
+            raise ApiError(
+                409,
+                "this run's inputs are images: upload one (POST .../live/images) or open a "
+                "dataset sample (sample-N); typed inputs are for runs of token ids or "
+                "feature vectors",
+            )
+        input_id = s.add_input(x)
+        try:
+            layers = s.layer_units(input_id)
+        except ApiError as e:
+            length = s.token_length()
+            if ids is not None and length is not None and len(ids) != length:
+                e.detail = (
+                    f"{e.detail} (this input has {len(ids)} tokens; the run's sequences "
+                    f"have {length}: try a sequence of {length})"
+                )
+            raise
+        preds = s.predictions(x)
+        return LiveInput(
+            input=input_id,
+            ids=ids,
+            words=words,
+            features=None if features is None else [float(v) for v in x.double().tolist()],
+            feature_names=names,
+            predictions=preds,
+            predictions_note=None if preds else no_scores(run),
+            layers=[
+                LiveLayerUnits(
+                    layer=info.name,
+                    op=info.op,
+                    num_units=int(mean.numel()),
+                    positions=positions,
+                    mean=json_values(mean.numpy()[None])[0],
+                    max=json_values(peak.numpy()[None])[0],
+                    top=_top(peak),
+                )
+                for info, mean, peak, positions in layers
+            ],
+        )
+
+    return await live_call(request, run_id, work)
+
+
+def _dtype(s: Session, default: Any) -> Any:
+    """The dtype the run's trace recorded for the model's input (as the probe fed it)."""
+    import torch
+
+    dtype = getattr(torch, s.input_dtype(), None)
+    return dtype if isinstance(dtype, torch.dtype) else default
+
+
+def _top(peak: Any, n: int = 10) -> list[int]:
+    """The ``n`` units of largest value, highest first (ties: the lower unit), finite only."""
+    v = peak.numpy()
+    ok = [i for i in range(v.size) if np.isfinite(v[i])]
+    return sorted(ok, key=lambda i: (-v[i], i))[:n]
+
+
+def _token_ids(s: Session, body: LiveInputBody) -> list[int]:
+    """The ids of a typed sequence: ``ids`` checked (integers within the model's
+    embedding), or ``text`` split at whitespace and each word looked up in the run's
+    vocabulary (exactly, else ignoring case where that names one word); a word not in it
+    is named, never dropped."""
+    from lurker.vocab import id_space
+
+    if (body.text is None) == (body.ids is None) or body.features is not None:
+        raise ApiError(
+            422,
+            'this run\'s inputs are token ids: send {"text": "some words"} (looked up '
+            'in the run\'s vocabulary) or {"ids": [1, 2, 3]}',
+        )
+    vocab = s.vocab()
+    rows = id_space(s.entry.open_run().graph) or (len(vocab) if vocab else None)
+    if body.text is not None:
+        if not vocab:
+            why = s.vocab_error()
+            raise ApiError(
+                422,
+                "this run has no vocabulary to look words up in"
+                + (f" ({why})" if why else "")
+                + ": type the token ids as numbers, or serve the run with its vocabulary "
+                "(lurker serve RUN --vocab FILE, or probe(..., vocab=...))",
+            )
+        exact: dict[str, int] = {}
+        folded: dict[str, set[int]] = {}
+        for i, w in enumerate(vocab):
+            if w is None:
+                continue
+            exact.setdefault(w, i)
+            folded.setdefault(w.casefold(), set()).add(i)
+        ids, unknown = [], []
+        for word in body.text.split():
+            hit = exact.get(word)
+            if hit is None and len(folded.get(word.casefold(), ())) == 1:
+                hit = next(iter(folded[word.casefold()]))
+            if hit is None:
+                unknown.append(word)
+            else:
+                ids.append(hit)
+        if unknown:
+            shown = ", ".join(repr(w) for w in dict.fromkeys(unknown))
+            raise ApiError(
+                422,
+                f"not in the run's vocabulary ({sum(w is not None for w in vocab)} words): "
+                f"{shown}; use other words, or type the token ids as numbers",
+            )
+    else:
+        ids = []
+        for pos, v in enumerate(body.ids or []):
+            if isinstance(v, str) and re.fullmatch(r"\s*-?[0-9]+\s*", v):
+                v = int(v)
+            if isinstance(v, float) and v.is_integer():
+                v = int(v)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ApiError(422, f"token {pos} is {v!r}, not a token id (a whole number)")
+            if v < 0 or (rows is not None and v >= rows):
+                span = f"0..{rows - 1}" if rows is not None else "0 or more"
+                raise ApiError(
+                    422,
+                    f"token {pos} is id {v}, out of range: the model's embedding looks up ids "
+                    f"{span}",
+                )
+            ids.append(v)
+    if not ids:
+        raise ApiError(422, "the sequence is empty: type at least one word or id")
+    if len(ids) > MAX_TOKENS:
+        raise ApiError(422, f"the sequence has {len(ids)} tokens; the limit is {MAX_TOKENS}")
+    return ids
+
+
+def _features(body: LiveInputBody, length: int, names: list[str] | None) -> list[float]:
+    """``features`` checked: ``length`` finite numbers, a bad one named (by its feature
+    name where the run has them)."""
+    if body.features is None or body.text is not None or body.ids is not None:
+        raise ApiError(
+            422,
+            f"this run's inputs are vectors of {length} features: send "
+            '{"features": [one number per feature]}',
+        )
+    if len(body.features) != length:
+        raise ApiError(
+            422,
+            f"{len(body.features)} values given; the model takes {length} features, one value each",
+        )
+    out = []
+    for i, v in enumerate(body.features):
+        what = f"feature {i}" + (f" ({names[i]})" if names else "")
+        if isinstance(v, str):
+            try:
+                v = float(v)
+            except ValueError:
+                raise ApiError(422, f"{what} is {v!r}, not a number") from None
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ApiError(422, f"{what} is {v!r}, not a number")
+        if not np.isfinite(v):
+            raise ApiError(422, f"{what} is {v}: give a finite number")
+        out.append(float(v))
+    return out
 
 
 def _decode(data: bytes, name: str | None) -> object:

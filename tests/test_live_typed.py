@@ -1,0 +1,213 @@
+"""The live view on runs with no picture: a typed sentence (or token ids) on a text run,
+typed feature values on a tabular run. Before, Live took only an uploaded image and said
+so on such runs. Now the server runs the live model on the typed input and answers its
+prediction and every probed layer's units (mean and max over positions, as the probe
+ranks them), checked here against forward hooks on the model; bad input is a 422 naming
+the problem."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx2 as httpx
+import pytest
+import torch
+
+from explorer_fixtures import served_run, skip_without_browser, strict_page, watch
+from test_tabular_explorer import LAYER as WINE_LAYER
+from test_tabular_explorer import Wine
+from test_token_inputs import LAYER as TEXT_LAYER
+from test_token_inputs import VOCAB, TextClassifier, _dataset
+
+WORDS = [f"w{i}" for i in range(VOCAB)]
+WORDS[7] = "Seven"  # the word the classifier looks for
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    from lurker.server import create_app
+    from lurker.server.serve import background
+
+    torch.manual_seed(0)
+    model, data = TextClassifier().eval(), _dataset()
+    root: Path = tmp_path_factory.mktemp("text")
+    with served_run(root, "text", model, data, TEXT_LAYER, 5) as served:
+        app = create_app(served["run"], model_obj=model, dataset=data, vocab=WORDS)
+        with background(app) as url:
+            yield {**served, "vocab_url": url.rstrip("/")}
+
+
+@pytest.fixture(scope="module")
+def wine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(13, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    with served_run(
+        tmp_path_factory.mktemp("tab"), "wine", model.eval(), Wine(), WINE_LAYER, 4
+    ) as s:
+        yield s
+
+
+def _post(url: str, run: str, body: dict[str, Any]) -> httpx.Response:
+    return httpx.post(f"{url}/api/runs/{run}/live/inputs", json=body, timeout=60)
+
+
+def _hooked(model: torch.nn.Module, layer: str, x: torch.Tensor) -> torch.Tensor:
+    """Brute force: the module's output on ``x`` by a forward hook (grad on, so torch's
+    fused encoder path, which skips the submodules, is not taken)."""
+    seen: list[torch.Tensor] = []
+    hook = model.get_submodule(layer).register_forward_hook(lambda m, i, o: seen.append(o))
+    try:
+        with torch.enable_grad():
+            logits = model(x)
+    finally:
+        hook.remove()
+    return seen[0].detach()[0], logits.detach()[0]
+
+
+def _by_layer(doc: dict[str, Any], name: str) -> dict[str, Any]:
+    return next(layer for layer in doc["layers"] if layer["layer"] == name)
+
+
+def test_a_typed_sentence_gives_the_units_forward_hooks_give(text: dict):
+    sentence = "w1 seven w3 W4 w5 w1"  # case folded where it names one word
+    ids = [1, 7, 3, 4, 5, 1]
+    r = _post(text["vocab_url"], "text", {"text": sentence})
+    assert r.status_code == 200, r.text
+    doc = r.json()
+    assert doc["ids"] == ids and doc["words"] == [WORDS[i] for i in ids]
+    acts, logits = _hooked(text["model"], TEXT_LAYER, torch.tensor([ids]))  # (tokens, units)
+    layer = _by_layer(doc, TEXT_LAYER)
+    assert layer["positions"] == len(ids) and layer["num_units"] == acts.shape[1]
+    assert layer["mean"] == pytest.approx(acts.mean(0).tolist(), rel=1e-4, abs=1e-5)
+    assert layer["max"] == pytest.approx(acts.amax(0).tolist(), rel=1e-4, abs=1e-5)
+    assert layer["top"] == acts.amax(0).argsort(descending=True)[:10].tolist()
+    assert doc["predictions"][0]["class"] == int(logits.argmax())
+    assert doc["predictions"][0]["prob"] == pytest.approx(float(logits.softmax(0).max()), rel=1e-4)
+    # the same sequence typed as ids is the same input
+    again = _post(text["url"], "text", {"ids": ids}).json()
+    assert again["input"] == doc["input"] and again["words"] == [None] * len(ids)
+    assert _by_layer(again, TEXT_LAYER)["max"] == layer["max"]
+
+
+@pytest.mark.parametrize(
+    ("body", "says"),
+    [
+        ({"text": "w1 blorp w2 zzz"}, "'blorp', 'zzz'"),
+        ({"ids": [1, 20]}, "id 20, out of range"),
+        ({"ids": [1, -1]}, "id -1, out of range"),
+        ({"ids": [1, "two"]}, "'two', not a token id"),
+        ({"ids": []}, "empty"),
+        ({"features": [1.0]}, "send"),
+    ],
+)
+def test_bad_token_input_is_named(text: dict, body: dict, says: str):
+    r = _post(text["vocab_url"], "text", body)
+    assert r.status_code == 422 and says in r.json()["detail"], r.text
+
+
+def test_words_without_a_vocabulary_say_to_type_ids(text: dict):
+    r = _post(text["url"], "text", {"text": "w1 w2"})
+    assert r.status_code == 422 and "no vocabulary" in r.json()["detail"]
+    assert "token ids as numbers" in r.json()["detail"]
+
+
+def test_typed_features_give_the_units_forward_hooks_give(wine: dict):
+    row = wine["data"].tensors[0][5].clone()
+    row[0] = 2.5
+    r = _post(wine["url"], "wine", {"features": row.tolist()})
+    assert r.status_code == 200, r.text
+    doc = r.json()
+    assert doc["feature_names"] == Wine().feature_names
+    acts, logits = _hooked(wine["model"], WINE_LAYER, row[None])
+    layer = _by_layer(doc, WINE_LAYER)
+    assert layer["positions"] == 1
+    assert layer["mean"] == pytest.approx(acts.tolist(), rel=1e-5, abs=1e-6)
+    assert layer["max"] == layer["mean"]
+    assert doc["predictions"][0]["class"] == int(logits.argmax())
+
+
+@pytest.mark.parametrize(
+    ("features", "says"),
+    [
+        ([0.0] * 12, "12 values given; the model takes 13"),
+        ([0.0] * 12 + ["x"], "feature 12 (proline) is 'x', not a number"),
+        ([0.0] * 12 + [None], "feature 12 (proline) is None"),
+        ([0.0] * 12 + ["inf"], "finite"),
+    ],
+)
+def test_bad_features_are_named(wine: dict, features: list, says: str):
+    r = _post(wine["url"], "wine", {"features": features})
+    assert r.status_code == 422 and says in r.json()["detail"], r.text
+
+
+def test_without_a_model_typed_input_says_how_to_attach_one(wine: dict):
+    r = _post(wine["bare"], "wine", {"features": [0.0] * 13})
+    assert r.status_code == 409 and "--model" in r.json()["detail"], r.text
+
+
+def _shoot(pg: Any, name: str) -> None:
+    for w, hh in ((1280, 800), (800, 600)):
+        pg.set_viewport_size({"width": w, "height": hh})
+        pg.screenshot(path=f"/tmp/qf58_/{name}-{w}.png", full_page=False)
+
+
+def test_the_live_page_runs_a_typed_sentence(browser: Any, text: dict):
+    skip_without_browser()
+    model = text["model"]
+    with strict_page(browser) as pg:
+        pg.goto(f"{text['vocab_url']}/#/r/text/live")
+        pg.fill("#live-text", "w1 w2 w3 w4")
+        pg.press("#live-text", "Enter")
+        pg.wait_for_selector("#live-preds li")
+        first = pg.inner_text("#live-preds li >> nth=0")
+        with torch.no_grad():
+            logits = model(torch.tensor([[1, 2, 3, 4]]))[0]
+        assert first.startswith(str(int(logits.argmax())))
+        card = pg.locator(f".live-layer[data-layer='{TEXT_LAYER}']")
+        assert card.locator("a[data-unit]").count() == 10
+        href = card.locator("a[data-unit] >> nth=0").get_attribute("href")
+        assert f"/unit/{TEXT_LAYER}/" in href
+        pg.fill("#live-text", "Seven Seven w2 w3")
+        pg.click("#live-run")
+        pg.wait_for_selector("#live-fed .tok >> text=Seven")
+        _shoot(pg, "text")
+    ctx, pg, errors = watch(browser, 1280, 900)  # the 422 is expected: not a strict page
+    try:
+        pg.goto(f"{text['vocab_url']}/#/r/text/live")
+        pg.fill("#live-text", "w1 nope")
+        pg.click("#live-run")
+        pg.wait_for_selector("#live-result .notice.error")
+        assert "'nope'" in pg.inner_text("#live-result")
+        assert all("422" in e for e in errors), errors
+    finally:
+        ctx.close()
+
+
+def test_the_live_page_recomputes_when_a_feature_is_edited(browser: Any, wine: dict):
+    skip_without_browser()
+    model, data = wine["model"], wine["data"]
+    with strict_page(browser) as pg:
+        pg.goto(f"{wine['url']}/#/r/wine/live?sample=5")
+        pg.wait_for_selector("#live-preds li")
+        row = data.tensors[0][5]
+        assert float(pg.input_value("#feature-0")) == pytest.approx(float(row[0]), rel=1e-5)
+        assert "alcohol" in pg.inner_text("label[for=feature-0]")
+        before = pg.inner_text("#live-preds")
+        # a value far enough out to change the answer, found by the model itself
+        edited = row.clone()
+        for value in (-30.0, 30.0):
+            edited[12] = value
+            with torch.no_grad():
+                if model(edited[None]).argmax() != model(row[None]).argmax():
+                    break
+        pg.fill("#feature-12", str(edited[12].item()))
+        pg.press("#feature-12", "Tab")
+        want = Wine().classes[int(model(edited[None]).argmax())]
+        pg.wait_for_function(
+            "w => document.querySelector('#live-preds li .pname')?.textContent.includes(w)",
+            arg=want,
+        )
+        assert pg.inner_text("#live-preds") != before
+        _shoot(pg, "wine")

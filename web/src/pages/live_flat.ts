@@ -1,0 +1,164 @@
+/**
+ * Live on a run whose inputs have no picture: a text model's token ids (a sentence typed
+ * as words, looked up in the run's vocabulary, or as ids) or a tabular model's feature
+ * vectors (one number per feature, named by the dataset's `feature_names`), pre-filled
+ * from a dataset sample (`?sample=N`). The server runs the live model on it
+ * (`POST .../live/inputs`): the prediction, then every probed layer's units, the ones
+ * that fire most linked to their pages.
+ */
+import { p, type LiveInput, type LiveLayerUnits, type RunSummary, type SampleDoc } from "../api";
+import type { PageContext } from "../context";
+import { append, fill, fmt, h, notice, pct } from "../dom";
+import { classLabel, namesWidth } from "../classes";
+
+export async function renderFlatLive(root: HTMLElement, ctx: PageContext, summary: RunSummary): Promise<void> {
+  const tokens = summary.dataset.tokens ?? null;
+  const count = tokens ?? summary.dataset.features ?? 0;
+  const names = summary.dataset.feature_names ?? null;
+  const hasVocab = !!summary.dataset.vocab_size;
+  const params = new URLSearchParams(ctx.params);
+  const sample = params.get("sample");
+  const result = h("section", { class: "live-flat-result", id: "live-result", "aria-live": "polite" });
+
+  // the input: a text box (token runs) or one number field per feature
+  const mode = h("select", { id: "live-mode", "aria-label": "what the text box holds" }, h("option", { value: "text", disabled: hasVocab ? null : "" }, "words"), h("option", { value: "ids" }, "token ids"));
+  (mode as HTMLSelectElement).value = hasVocab ? "text" : "ids";
+  const text = h("textarea", { id: "live-text", rows: 3, "aria-label": "the input sequence", placeholder: hasVocab ? "type a sentence: words split at spaces" : "type token ids: 12 7 3 …" });
+  const fields: HTMLInputElement[] = [];
+  const grid = h("div", { class: "feature-form", id: "live-features" });
+  if (tokens === null) {
+    for (let i = 0; i < count; i++) {
+      const label = names?.[i] ?? `feature ${i}`;
+      const input = h("input", { type: "number", step: "any", "data-feature": i, id: `feature-${i}`, value: "0" }) as HTMLInputElement;
+      input.addEventListener("change", () => void run());
+      fields.push(input);
+      grid.append(h("label", { for: `feature-${i}`, title: label }, h("span", { class: "fname" }, label), input));
+    }
+  }
+  const sampleField = h("input", { type: "number", min: 0, max: Math.max(0, summary.dataset.size - 1), id: "live-sample", "aria-label": "sample id", value: sample ?? "" }) as HTMLInputElement;
+  const useSample = h("button", { type: "button", id: "live-use-sample" }, "Fill from sample");
+  useSample.addEventListener("click", () => {
+    const v = sampleField.value.trim();
+    if (/^\d+$/.test(v)) ctx.navigate(ctx.href("live") + "?sample=" + v);
+  });
+  const runButton = h("button", { type: "button", class: "button", id: "live-run" }, "Run the model");
+  runButton.addEventListener("click", () => void run());
+  text.addEventListener("keydown", (e) => {
+    const k = e as KeyboardEvent;
+    if (k.key === "Enter" && !k.shiftKey) {
+      e.preventDefault();
+      void run();
+    }
+  });
+  const what = tokens !== null ? `a sequence of token ids (the run's have ${tokens})` : `${count} feature values`;
+  const form = h(
+    "section",
+    { class: "card live-form" },
+    h("h3", null, tokens !== null ? "Sequence" : "Features"),
+    h("p", { class: "muted small" }, `Type ${what}; the model runs on it as you ${tokens !== null ? "press Enter" : "change a value"}.${tokens !== null && !hasVocab ? " This run has no vocabulary, so it takes ids (serve it with `--vocab FILE` to type words)." : ""}`),
+    tokens !== null ? h("div", { class: "live-text-row" }, text, h("div", null, mode)) : grid,
+    h("p", { class: "live-actions" }, runButton, " ", h("span", { class: "muted" }, "or fill from dataset sample "), sampleField, " ", useSample),
+  );
+  append(root, form, result);
+
+  if (sample !== null && /^\d+$/.test(sample)) {
+    try {
+      const doc = await ctx.api.json<SampleDoc>(p("runs", ctx.run, "samples", sample) + "?limit=1");
+      if (ctx.signal.aborted) return;
+      if (tokens !== null && doc.tokens) {
+        const words = doc.token_text;
+        const asWords = hasVocab && !!words && words.every((w) => w !== null && !/\s/.test(w));
+        (mode as HTMLSelectElement).value = asWords ? "text" : "ids";
+        (text as HTMLTextAreaElement).value = asWords ? words!.join(" ") : doc.tokens.join(" ");
+      } else if (doc.features) {
+        doc.features.forEach((v, i) => fields[i] && (fields[i].value = v === null ? "" : String(v)));
+      } else {
+        result.append(notice(`Sample ${sample} gives no values to fill: ${doc.tokens_error ?? doc.features_error ?? "the dataset is not available"}.`, "error"));
+        return;
+      }
+    } catch (err) {
+      result.append(notice((err as Error).message, "error"));
+      return;
+    }
+    await run();
+  } else if (tokens === null) {
+    await run();
+  } else {
+    result.append(notice("Type a sequence and press Enter (or Run the model), or fill the box from a dataset sample."));
+  }
+
+  async function run(): Promise<void> {
+    let body: Record<string, unknown>;
+    if (tokens !== null) {
+      const raw = (text as HTMLTextAreaElement).value.trim();
+      if ((mode as HTMLSelectElement).value === "text") body = { text: raw };
+      else body = { ids: raw.split(/[\s,]+/).filter((t) => t).map((t) => (/^-?\d+$/.test(t) ? Number(t) : t)) };
+    } else {
+      // a field the browser cannot read as a number is sent as typed, so the server names it
+      body = { features: fields.map((f) => (f.value.trim() === "" || Number.isNaN(f.valueAsNumber) ? f.value : f.valueAsNumber)) };
+    }
+    result.setAttribute("aria-busy", "true");
+    let doc: LiveInput;
+    try {
+      doc = await ctx.api.postJson<LiveInput>(p("runs", ctx.run, "live", "inputs"), body);
+    } catch (err) {
+      fill(result, notice((err as Error).message, "error"));
+      result.id = "live-result";
+      result.removeAttribute("aria-busy");
+      return;
+    }
+    if (ctx.signal.aborted) return;
+    result.removeAttribute("aria-busy");
+    fill(result, fedCard(doc), ...doc.layers.map((l) => layerCard(ctx, l)));
+  }
+}
+
+/** What the model was fed (words with their ids) and its top classes. */
+function fedCard(doc: LiveInput): HTMLElement {
+  const fed = doc.ids
+    ? h("p", { class: "token-strip", id: "live-fed" }, doc.ids.map((id, i) => h("span", { class: "tok", title: `token ${i}: id ${id}` }, doc.words?.[i] ?? String(id), doc.words?.[i] != null ? h("sub", { class: "muted" }, String(id)) : null)))
+    : null;
+  return h(
+    "section",
+    { class: "card live-flat-preds" },
+    h("h3", null, "Prediction"),
+    fed,
+    !doc.predictions.length && doc.predictions_note ? h("p", { class: "muted small", id: "no-predictions" }, `No top-5: ${doc.predictions_note}.`) : null,
+    doc.predictions.length ? h("p", { class: "muted small", id: "preds-head" }, `The model's top ${doc.predictions.length}: class and probability`) : null,
+    h(
+      "ol",
+      { class: "preds live-preds", id: "live-preds", style: namesWidth(doc.predictions.map((q) => classLabel(q.name, q.class))) },
+      doc.predictions.map((q) => h("li", null, h("span", { class: "pname" }, classLabel(q.name, q.class)), h("span", { class: "pbar", style: `width:${(100 * q.prob).toFixed(1)}%` }), h("span", { class: "muted" }, pct(q.prob)))),
+    ),
+  );
+}
+
+/** One probed layer: the units that fire most, each linked to its page, with its value. */
+function layerCard(ctx: PageContext, l: LiveLayerUnits): HTMLElement {
+  const finite = l.max.filter((v): v is number => v !== null);
+  const hi = Math.max(0, ...finite);
+  const lo = Math.min(0, ...finite);
+  const span = hi - lo || 1;
+  const peakWord = l.positions > 1 ? `max over its ${l.positions} positions (mean beside it)` : "activation";
+  return h(
+    "section",
+    { class: "card live-layer", "data-layer": l.layer },
+    h("h3", null, h("a", { href: ctx.href("layer", l.layer) }, l.layer), h("span", { class: "muted small" }, ` · ${l.num_units} units${l.positions > 1 ? ` · ${l.positions} positions` : ""}`)),
+    h("p", { class: "muted small" }, `The ${l.top.length} units that fire most, by ${peakWord}:`),
+    h(
+      "ol",
+      { class: "live-top-units" },
+      l.top.map((u) =>
+        h(
+          "li",
+          null,
+          h("a", { href: ctx.href("unit", l.layer, u), "data-unit": u }, `unit ${u}`),
+          h("span", { class: "pbar", style: `width:${(100 * Math.max(0, (l.max[u]! - lo) / span)).toFixed(1)}%` }),
+          h("span", { class: "value" }, fmt(l.max[u]!)),
+          l.positions > 1 ? h("span", { class: "muted small" }, `mean ${l.mean[u] === null ? "not finite" : fmt(l.mean[u]!)}`) : null,
+        ),
+      ),
+    ),
+    l.max.some((v) => v === null) ? h("p", { class: "notice error small" }, `${l.max.filter((v) => v === null).length} units are not finite (NaN or ±inf).`) : null,
+  );
+}
