@@ -48,6 +48,8 @@ export interface RunSummary {
     features?: number | null;
     /** each feature's name (the dataset's `feature_names`), null where it gave none */
     feature_names?: string[] | null;
+    /** `[C, T]` where the inputs are signals, channels by time (drawn as lines); null else */
+    signal?: number[] | null;
   };
   probe: {
     k: number;
@@ -168,6 +170,10 @@ export interface TopEntry {
   token_text?: (string | null)[] | null;
   /** a run of feature vectors with its dataset: the sample's values (non-finite: null). */
   features?: (number | null)[] | null;
+  /** a run of signals with its dataset: the sample's values, one list per channel. */
+  signal?: (number | null)[][] | null;
+  /** a run of signals: the half-open span `[t0, t1)` of samples the peak at `x` sees. */
+  span?: number[] | null;
 }
 
 export interface FeatVizView {
@@ -200,6 +206,10 @@ export interface UnitDoc {
   tokens_error?: string | null;
   /** why a feature-vector run's entries carry no feature values */
   features_error?: string | null;
+  /** a run of signals: `[C, T]`, its entries' `signal` */
+  signal_shape?: number[] | null;
+  /** why a signal run's entries carry no signal */
+  signal_error?: string | null;
   /** Stored feature visualizations (`lurker featviz`), null when the unit has none. */
   featviz?: FeatVizInfo | null;
   class_means: Record<string, number | null>;
@@ -271,6 +281,9 @@ export interface SampleDoc {
   /** a run of feature vectors with its dataset: the sample's values (non-finite: null) */
   features?: (number | null)[] | null;
   features_error?: string | null;
+  /** a run of signals with its dataset: the sample's values, one list per channel */
+  signal?: (number | null)[][] | null;
+  signal_error?: string | null;
   /** The top class as the run recorded it (`lurker probe --embed`, `lurker map`): shown
    * where no model runs (a static export). */
   stored_prediction?: Prediction | null;

@@ -21,6 +21,9 @@ export interface ImageState {
   /** Each feature's name (the dataset's `feature_names`, as the probe stored them); null
    * where it gave none. */
   featureNames?: string[] | null;
+  /** `[C, T]` where the inputs are signals, channels by time: the pages draw each sample
+   * as lines (its picture as an image would be a C-pixel-high strip); null else. */
+  signal?: number[] | null;
 }
 
 export async function imageState(ctx: PageContext): Promise<ImageState> {
@@ -41,6 +44,14 @@ export async function imageState(ctx: PageContext): Promise<ImageState> {
     const el = notice(`The inputs are vectors of ${features} features, not images: they have no picture to show. Each sample is shown as its feature values, as the model was fed them.`);
     el.id = "vector-inputs";
     return { ok: false, notice: el, tokens, features, featureNames: s.dataset.feature_names ?? null };
+  }
+  const signal = s.dataset.signal ?? null;
+  if (signal !== null) {
+    // drawn as lines from the values the API gives, never as a C-pixel-high image
+    const why = s.holds.dataset === false ? ` They cannot be drawn here: ${(s.holds.dataset_reason ?? "the run's dataset cannot be loaded").replace(/\.+$/, "")}.` : "";
+    const el = notice(`The inputs are signals of ${signal[0]} channel${signal[0] === 1 ? "" : "s"} × ${signal[1].toLocaleString()} samples, not images: each sample is drawn as one line per channel (on one scale), and on a unit's lists the samples its peak sees (its receptive field) are shaded.${why}`);
+    el.id = "signal-inputs";
+    return { ok: false, notice: el, tokens, signal };
   }
   const ok = ctx.api.isStatic || s.holds.dataset !== false || s.holds.cached_images > 0;
   if (ok) return { ok, notice: null, tokens };

@@ -217,6 +217,7 @@ def _export_run(request: Any, e: Any, files: _Files, make_images: bool) -> None:
         TILE_TOKENS,
         _sample_detail,
         add_features,
+        add_signal,
         add_tokens,
         listed_sample,
     )
@@ -238,6 +239,8 @@ def _export_run(request: Any, e: Any, files: _Files, make_images: bool) -> None:
             add_tokens(s, detail)
         if vectors:
             add_features(s, detail)
+        if s.signal_shape() is not None:
+            add_signal(s, detail)
         files.json(_rel("runs", e.id, "samples", sid), detail)
         # the sample page's "show more" asks for the next pages of its top-list entries
         for offset in range(APPEARANCES_PAGE, detail.total, APPEARANCES_PAGE):

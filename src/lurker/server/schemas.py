@@ -95,6 +95,9 @@ class DatasetInfo(BaseModel):
     #: The name of each feature of such vectors, from the dataset's ``feature_names`` as
     #: the probe stored them; null where it had none.
     feature_names: list[str] | None = None
+    #: ``[C, T]`` where the inputs are signals, channels by time (each sample two axes:
+    #: a Conv1d stack's ``(N, C, T)`` batch): the pages draw them as lines. Null else.
+    signal: list[int] | None = None
 
 
 class ProbeInfo(BaseModel):
@@ -327,6 +330,14 @@ class TopEntryModel(BaseModel):
     #: Where the run's inputs are feature vectors and its dataset is at hand: the sample's
     #: feature values as the model is fed them (a non-finite one null); null otherwise.
     features: list[float | None] | None = None
+    #: Where the run's inputs are signals ``(C, T)`` and its dataset is at hand: the
+    #: sample's values as the model is fed them, one list of ``T`` per channel (a
+    #: non-finite one null); null otherwise.
+    signal: list[list[float | None]] | None = None
+    #: On a signal run: the half-open span ``[t0, t1)`` of input samples the peak at ``x``
+    #: sees (its receptive field, clipped to the signal); null without one (a layer with
+    #: no positions sees the whole signal).
+    span: list[int] | None = None
 
 
 class EntryPeaks(BaseModel):
@@ -428,6 +439,10 @@ class UnitDetail(BaseModel):
     #: Why a feature-vector run's entries carry no ``features`` (no dataset, or one
     #: that changed); null otherwise.
     features_error: str | None = None
+    #: A signal run's ``[C, T]``: channels by samples (its entries' ``signal``); null else.
+    signal_shape: list[int] | None = None
+    #: Why a signal run's entries carry no ``signal`` (no dataset, or one that changed).
+    signal_error: str | None = None
 
 
 # -- samples ------------------------------------------------------------------------------
@@ -521,6 +536,11 @@ class SampleDetail(BaseModel):
     features: list[float | None] | None = None
     #: Why a feature-vector sample's values cannot be shown (no dataset, or it changed).
     features_error: str | None = None
+    #: The sample's values, one list per channel, where the run's inputs are signals
+    #: ``(C, T)`` and its dataset is at hand (a non-finite one null); null otherwise.
+    signal: list[list[float | None]] | None = None
+    #: Why a signal sample's values cannot be shown (no dataset, or it changed).
+    signal_error: str | None = None
     #: All the top-list entries that hold the sample (``appearances`` is one page of them).
     total: int
     offset: int

@@ -28,7 +28,7 @@ from lurker.store.files import safe_component
 
 from .classes import class_names
 from .errors import ApiError, listing, no_model
-from .state import clip_frames, input_dtype, token_length, vector_length
+from .state import clip_frames, input_dtype, signal_shape, token_length, vector_length
 
 if TYPE_CHECKING:
     import torch
@@ -471,6 +471,32 @@ class Session:
 
         values = self.sample_vector(sample_id, path).double().tolist()
         return [v if math.isfinite(v) else None for v in values]
+
+    def signal_shape(self) -> tuple[int, int] | None:
+        """``(C, T)`` where the run's inputs are signals, channels by time (see
+        :func:`~lurker.server.state.signal_shape`); None otherwise."""
+        return signal_shape(self.entry.open_run())
+
+    def sample_signal(self, sample_id: int, path: str | None) -> list[list[float | None]]:
+        """Sample ``sample_id``'s signal as the model is fed it, one list of values per
+        channel (the dataset's, in the input dtype the trace recorded), checked against the
+        run's ``(C, T)``: what the pages draw as lines in place of a picture. A value that
+        is not finite is ``None`` (JSON has no NaN), never a made-up number."""
+        import math
+
+        import torch
+
+        shape = self.signal_shape()
+        x = self._sample_tensor(
+            sample_id,
+            path,
+            lambda t: shape is not None and tuple(t.shape) == shape,
+            f"a signal of {shape[0]} channels x {shape[1]} samples" if shape else "a signal",
+        )
+        dtype = getattr(torch, input_dtype(self.entry.open_run()) or "", None)
+        x = x.detach().cpu()
+        x = x.to(dtype) if isinstance(dtype, torch.dtype) else x
+        return [[v if math.isfinite(v) else None for v in row] for row in x.double().tolist()]
 
     def sample_tokens(
         self, sample_id: int, path: str | None, first: int | None = None

@@ -79,6 +79,42 @@ def vector_length(run: Run) -> int | None:
     return int(shape[0])
 
 
+def signal_shape(run: Run) -> tuple[int, int] | None:
+    """``(C, T)`` where a run's inputs are signals: each sample two axes, channels by time
+    (an EEG's ``(8, 256)``, a waveform's ``(1, 4000)``), as a ``Conv1d`` stack reads its
+    ``(N, C, T)`` batch and as the probe's receptive fields read it (over the last axis);
+    ``None`` for images ``(C, H, W)``, clips, flat vectors and token ids. The rule is the
+    axes alone: a one-axis input stays a feature vector (a model that reshapes it into a
+    signal itself is not seen through), and two axes are never an image's (those have
+    three). Such inputs have no picture: the explorer draws them as lines."""
+    shape = (run.meta.get("config") or {}).get("input_shape") or []
+    if len(shape) != 2:
+        return None
+    try:
+        if reads_ids(run.graph):  # ids looked up per position are no signal
+            return None
+    except (MissingFromRunError, StoreError):
+        pass
+    return int(shape[0]), int(shape[1])
+
+
+def signal_span(info: LayerInfo, x: int | None, length: int) -> list[int] | None:
+    """The half-open span ``[t0, t1)`` of input samples the peak at position ``x`` of a
+    layer of a signal run sees (its receptive field, clipped to the signal's ``length``);
+    None for a layer without positions (it sees the whole signal) or no receptive field."""
+    if x is None or info.rf is None or not info.position_axes:
+        return None
+    from lurker.probe.layout import position_box
+
+    try:
+        box = position_box(info.layout, info.rf, 0, x, (1, length))
+    except (ValueError, KeyError, TypeError, IndexError):
+        return None
+    if box is None or box[2] >= box[3]:
+        return None  # no place in the signal, or it lies in padding alone
+    return [int(box[2]), int(box[3])]
+
+
 def feature_names(run: Run) -> list[str] | None:
     """The names of a feature-vector run's values, one per feature, as the probe stored
     them from the dataset's ``feature_names``; ``None`` where it had none (or the run's

@@ -10,6 +10,7 @@ import { p, type Appearance, type LiveImage, type Prediction, type SampleBrief, 
 import type { PageContext } from "../context";
 import { append, facts, fill, fmt, h, notice, pct } from "../dom";
 import { featureRows, featureScale, featureStrip, imageState, tokenSequence } from "../images";
+import { signalPlot } from "../signal";
 import { classLabel, classText } from "../classes";
 
 /** Entries per "show more" request (the server's default page, so a static export holds
@@ -67,6 +68,8 @@ export async function renderSample(root: HTMLElement, ctx: PageContext, args: st
             h("h3", null, `${images.tokens} token ids`),
             doc.tokens ? tokenSequence(doc.tokens, null, 0, doc.tokens.length, doc.token_text ?? null) : notice(`Not at hand: ${(doc.tokens_error ?? "the run's dataset cannot be loaded").replace(/\.+$/, "")}.`),
           )
+        : (images.signal ?? null) !== null
+        ? null // drawn full width below
         : !hasImage && (images.features ?? null) === null // a vector has no image to hold
         ? notice(`This export holds no image of this sample: ${(exported?.no_image ?? "the run's dataset could not be loaded when it was made").replace(/\.+$/, "")}.`)
         : images.ok
@@ -119,6 +122,15 @@ export async function renderSample(root: HTMLElement, ctx: PageContext, args: st
             ),
       ),
     ),
+    (images.signal ?? null) !== null
+      ? // a signal is drawn as lines, one per channel, from its values
+          h(
+            "section",
+            { class: "card sample-signal", id: "sample-signal" },
+            h("h3", null, `${images.signal![0]} channel${images.signal![0] === 1 ? "" : "s"} × ${images.signal![1].toLocaleString()} samples`, h("span", { class: "muted small" }, " as the model is fed them; one lane per channel (0 at the top), one scale for all")),
+            doc.signal ? signalPlot(doc.signal, { width: 1200, height: Math.min(420, 40 + 60 * doc.signal.length), axis: true, label: `sample ${s.id}: ${doc.signal.length} channels` }) : notice(`Not at hand: ${(doc.signal_error ?? "the run's dataset cannot be loaded").replace(/\.+$/, "")}.`),
+          )
+      : null,
     (images.features ?? null) !== null
       ? // feature vectors have no picture: the sample is its values, as the model is fed them
         h(

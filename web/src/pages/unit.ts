@@ -7,6 +7,7 @@ import { barChart, histogramChart, positionCount, sampleValueLabel } from "../ch
 import type { PageContext } from "../context";
 import { append, fill, fmt, h, notice, withId } from "../dom";
 import { featureRows, featureScale, featureStrip, imageState, noImage, patchless, tokenMeanOver, tokenSequence, topFeatures } from "../images";
+import { signalPlot } from "../signal";
 import { classLabel, classText, classWord, outputClass } from "../classes";
 
 type Tab = "mean" | "max" | "relevance" | "featviz";
@@ -255,6 +256,24 @@ export async function renderUnit(root: HTMLElement, ctx: PageContext, args: stri
       );
       return;
     }
+    if ((images.signal ?? null) !== null) {
+      // signals are drawn as lines from their values, the peak's span shaded: no image /
+      // gradient or crop toggle (an image of a signal is a strip a few pixels high)
+      const list = tab as List;
+      const entries = entriesOf(list);
+      const spanned = list !== "relevance" && entries.some((e) => e.span);
+      fill(toggles, h("span", { class: "muted", id: "signal-caption" }, list === "relevance" ? "value: the unit's LRP relevance for the model's prediction" : `value: the unit's ${list === "max" ? "peak" : "mean"} activation on the sample${spanned ? `; shaded: the samples its ${list === "max" ? "peak" : "peak on that sample"} sees (its receptive field)` : positions <= 1 ? " (it sees the whole signal)" : ""}`));
+      fill(
+        gallery,
+        h(
+          "div",
+          { class: "signal-list" },
+          doc.signal_error ? withId(notice(`No signals to draw: ${doc.signal_error.replace(/\.+$/, "")}.`), "signal-error") : null,
+          entries.length ? entries.map((e) => signalEntry(ctx, e, list !== "relevance")) : notice("This list is empty."),
+        ),
+      );
+      return;
+    }
     if (tab === "relevance") {
       fill(toggles, h("span", { class: "muted" }, `value: the unit's LRP relevance for the model's prediction${positions > 1 ? ", summed over its positions" : ""}: the samples where it carried the decision most`));
     } else fill(
@@ -394,6 +413,31 @@ function tokenEntry(ctx: PageContext, e: TopEntry, peak: number | null): HTMLEle
     h("a", { href: ctx.href("sample", e.sample_id) }, `#${e.sample_id}`),
     e.class_name ? classSpan(e.class_name, e.label) : h("span"),
     e.tokens ? tokenSequence(e.tokens, peak, 0, e.tokens.length, e.token_text ?? null) : h("span", { class: "muted small" }, peak === null ? "token ids not at hand" : `peak at token ${peak}; token ids not at hand`),
+  );
+}
+
+/** A top-list entry of a run of signals: the sample drawn as lines, the samples its peak
+ * sees shaded (`spanned`), its value, sample and class, and the span in words. */
+function signalEntry(ctx: PageContext, e: TopEntry, spanned: boolean): HTMLElement {
+  const span = spanned ? (e.span ?? null) : null;
+  return h(
+    "figure",
+    { class: "signal-entry top-entry", "data-sample": e.sample_id, "data-rank": e.rank, "data-value": e.value === null ? null : String(e.value), "data-span": span ? span.join(" ") : null },
+    h(
+      "a",
+      { href: ctx.href("sample", e.sample_id) },
+      e.signal ? signalPlot(e.signal, { width: 280, height: Math.min(150, 24 + 22 * e.signal.length), span, label: `sample ${e.sample_id}${span ? `, samples ${span[0]}–${span[1] - 1} shaded` : ""}` }) : h("span", { class: "no-img muted small" }, "signal not at hand"),
+    ),
+    h(
+      "figcaption",
+      null,
+      h("span", { class: "value" }, fmt(e.value)),
+      " ",
+      h("a", { href: ctx.href("sample", e.sample_id) }, `#${e.sample_id}`),
+      " ",
+      e.class_name ? classSpan(e.class_name, e.label) : null,
+      span ? h("div", { class: "muted small span-text" }, `sees samples ${span[0]}–${span[1] - 1} (${span[1] - span[0]})`) : null,
+    ),
   );
 }
 

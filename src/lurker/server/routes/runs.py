@@ -22,7 +22,7 @@ from ..schemas import (
     SkippedFile,
     TransparentImages,
 )
-from ..state import RunEntry, feature_names, token_length, vector_length
+from ..state import RunEntry, feature_names, signal_shape, token_length, vector_length
 
 router = APIRouter(prefix="/api", tags=["runs"])
 
@@ -140,6 +140,7 @@ def summarize(request: Request, e: RunEntry) -> RunSummary:
             vocab_error=s.vocab_error(),
             features=vector_length(run),
             feature_names=feature_names(run),
+            signal=None if (sig := signal_shape(run)) is None else list(sig),
         ),
         probe=ProbeInfo(
             k=meta.get("k"),

@@ -143,7 +143,21 @@ async def sample_detail(
         await run_in_threadpool(add_tokens, s, detail)
     if s.vector_length() is not None:
         await run_in_threadpool(add_features, s, detail)
+    if s.signal_shape() is not None:
+        await run_in_threadpool(add_signal, s, detail)
     return detail
+
+
+def add_signal(s: Session, detail: SampleDetail) -> None:
+    """A signal sample's values (one list per channel) on its document, or why they are
+    not at hand (the served page and the static export alike)."""
+    reason = s.dataset_reason()
+    if reason is None:
+        try:
+            detail.signal = s.sample_signal(detail.sample.id, detail.sample.path)
+        except ApiError as err:
+            reason = err.detail
+    detail.signal_error = reason
 
 
 def add_features(s: Session, detail: SampleDetail) -> None:

@@ -17,6 +17,8 @@ from ..state import (
     entry_frames,
     is_constant,
     positions_per_sample,
+    signal_shape,
+    signal_span,
     token_length,
     vector_length,
 )
@@ -54,6 +56,12 @@ def unit_detail(
         doc["tokens_error"] = _add_tokens(session(request, e), doc)
     if vector_length(e.open_run()) is not None:
         doc["features_error"] = _add_features(session(request, e), doc)
+    shape = signal_shape(e.open_run())
+    if shape is not None:
+        doc["signal_shape"] = list(shape)
+        for item in doc["top"]["max"] + doc["top"]["mean"]:
+            item["span"] = signal_span(info, item["x"], shape[1])
+        doc["signal_error"] = _add_signals(session(request, e), doc)
     doc["prev"] = index - 1 if index > 0 else None
     doc["next"] = index + 1 if index + 1 < info.num_units else None
     doc["num_units"] = info.num_units
@@ -83,6 +91,28 @@ def _add_tokens(s: Any, doc: dict[str, Any]) -> str | None:
             for item in entries or []:
                 item.pop("token_text", None)
                 item.pop("tokens", None)  # all or none: no list half from another dataset
+        return err.detail
+    return None
+
+
+def _add_signals(s: Any, doc: dict[str, Any]) -> str | None:
+    """Give each entry of a signal run's lists its sample's signal, one list per channel
+    (the page draws them, the peak's ``span`` shaded); the reason when they cannot be had."""
+    reason = s.dataset_reason()
+    if reason is not None:
+        return reason
+    cache: dict[int, list[list[float | None]]] = {}
+    try:
+        for entries in doc["top"].values():
+            for item in entries or []:
+                sid = item["sample_id"]
+                if sid not in cache:
+                    cache[sid] = s.sample_signal(sid, item.get("path"))
+                item["signal"] = cache[sid]
+    except ApiError as err:
+        for entries in doc["top"].values():
+            for item in entries or []:
+                item.pop("signal", None)  # all or none: no list half from another dataset
         return err.detail
     return None
 

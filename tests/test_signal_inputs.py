@@ -1,0 +1,132 @@
+"""A 1-D model's run in the explorer: signals ``(C, T)`` drawn as lines, not images.
+
+A ``Conv1d`` stack probed from Python on ``(signal, label)`` pairs of 3 channels x 96
+samples. Before, such a sample was shown as a 96 x 3 pixel image, a unit's entries had no
+receptive-field box (``box`` null: the run's image size has one axis), and nothing said
+which samples a peak sees. Now the run summary calls the inputs signals, the API gives
+each entry its sample's values (checked against the dataset tensor) and the span of
+samples its peak sees (checked against a hand computation of the stack's receptive
+field), the peaks are the model's own (brute force by forward hooks), and the pages draw
+each signal as lines with that span shaded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from explorer_fixtures import get_json, served_run, skip_without_browser, strict_page
+
+RID, C, T, K = "eeg", 3, 96, 5
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv1d(C, 4, 5, padding=2),  # "0": sees input [x-2, x+3)
+        nn.ReLU(),
+        nn.MaxPool1d(2),
+        nn.Conv1d(4, 5, 3, stride=2, padding=1),  # "3": sees [4x-4, 4x+6)
+        nn.ReLU(),
+        nn.AdaptiveAvgPool1d(1),
+        nn.Flatten(),
+        nn.Linear(5, 2),
+    ).eval()
+
+
+def _span(layer: str, x: int) -> list[int]:
+    """By hand: a Conv1d(k=5, p=2); a MaxPool1d(2); a Conv1d(k=3, s=2, p=1) over it: its
+    position x reads pool positions 2x-1..2x+1, each two conv positions, each 5 samples."""
+    lo, hi = (x - 2, x + 3) if layer == "0" else (4 * x - 4, 4 * x + 6)
+    return [max(0, lo), min(T, hi)]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    g = torch.Generator().manual_seed(1)
+    data = TensorDataset(torch.randn(40, C, T, generator=g), torch.arange(40) % 2)
+    with served_run(tmp_path_factory.mktemp("sig"), RID, _model(), data, "3", K) as served:
+        yield served
+
+
+def _maps(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Each probed conv's output on ``x``, by forward hooks (the oracle)."""
+    out: dict[str, torch.Tensor] = {}
+    hooks = [
+        model[i].register_forward_hook(lambda m, a, o, n=str(i): out.__setitem__(n, o.detach()))
+        for i in (0, 3)
+    ]
+    with torch.no_grad():
+        model(x)
+    for hk in hooks:
+        hk.remove()
+    return out
+
+
+def test_the_run_is_a_signal_not_an_image_or_a_feature_vector(served: dict):
+    ds = get_json(f"{served['url']}/api/runs/{RID}")["dataset"]
+    assert ds["signal"] == [C, T]
+    assert ds["features"] is None and ds["tokens"] is None
+
+
+@pytest.mark.parametrize("layer", ["0", "3"])
+def test_peaks_spans_and_values_match_hooks_hand_rf_and_the_dataset(served: dict, layer: str):
+    url, data, model = served["url"], served["data"], served["model"]
+    xs = data.tensors[0]
+    maps = _maps(model, xs)[layer]
+    for unit in range(maps.shape[1]):
+        doc = get_json(f"{url}/api/runs/{RID}/layers/{layer}/units/{unit}")
+        assert doc["signal_shape"] == [C, T] and doc["signal_error"] is None
+        peak, where = maps[:, unit].max(1)
+        top = doc["top"]["max"]
+        assert [e["sample_id"] for e in top] == torch.argsort(-peak)[:K].tolist()
+        for e in top:
+            sid = e["sample_id"]
+            assert e["value"] == pytest.approx(float(peak[sid]), rel=1e-5)
+            assert e["x"] == int(where[sid])
+            assert e["span"] == _span(layer, e["x"])
+            assert e["signal"] == xs[sid].double().tolist()  # the values the page draws
+        for e in doc["top"]["mean"]:  # its peak on that sample, and the span it sees
+            assert e["span"] == _span(layer, int(maps[e["sample_id"], unit].argmax()))
+
+
+def test_the_sample_document_carries_its_signal(served: dict):
+    url, data = served["url"], served["data"]
+    doc = get_json(f"{url}/api/runs/{RID}/samples/7")
+    assert doc["signal"] == data.tensors[0][7].double().tolist() and doc["signal_error"] is None
+    bare = get_json(f"{served['bare']}/api/runs/{RID}/samples/7")  # no dataset: says why
+    assert bare["signal"] is None and "dataset" in bare["signal_error"]
+
+
+def test_a_layer_without_positions_has_no_span(served: dict):
+    doc = get_json(f"{served['url']}/api/runs/{RID}/layers/7/units/0")
+    assert all(e["span"] is None and e["signal"] is not None for e in doc["top"]["max"])
+
+
+def test_pages_draw_the_signals_with_the_peaks_span(browser: Any, served: dict):
+    skip_without_browser()
+    url = served["url"]
+    doc = get_json(f"{url}/api/runs/{RID}/layers/3/units/1")
+    with strict_page(browser) as pg:
+        pg.goto(f"{url}/#/r/{RID}/unit/3/1?tab=max")
+        pg.wait_for_selector(".signal-entry svg.signal-plot")
+        entries = pg.locator(".signal-entry")
+        assert entries.count() == K
+        for i, e in enumerate(doc["top"]["max"]):
+            entry = entries.nth(i)
+            assert int(entry.get_attribute("data-sample") or -1) == e["sample_id"]
+            assert entry.locator("path.signal-line").count() == C
+            assert entry.locator("rect.signal-span").get_attribute("data-span") == (
+                f"{e['span'][0]} {e['span'][1]}"
+            )
+        assert pg.locator("img").count() == 0 and pg.locator(".feat-strip").count() == 0
+        assert "signals of 3 channels" in pg.inner_text("#signal-inputs")
+        pg.goto(f"{url}/#/r/{RID}/sample/7")
+        pg.wait_for_selector("#sample-signal svg.signal-plot")
+        assert pg.locator("#sample-signal path.signal-line").count() == C
+        assert pg.locator("img").count() == 0

@@ -1,0 +1,119 @@
+/**
+ * A signal (a sample of a 1-D model: channels by time, an EEG's 8 x 256 or a waveform's
+ * 1 x 4000) drawn as lines, one lane per channel on one shared value scale (so channels'
+ * amplitudes compare), with a unit's receptive-field span at its peak shaded: what a run
+ * of signals shows in place of an image.
+ */
+import { axisBottom } from "d3-axis";
+import { scaleLinear } from "d3-scale";
+import { create } from "d3-selection";
+
+/** The channels' colours, in turn. */
+const COLOURS = ["#1f5fa8", "#c2410c", "#15803d", "#7e22ce", "#a16207", "#be123c", "#0e7490", "#4d7c0f"];
+
+export interface SignalPlotOptions {
+  width?: number;
+  height?: number;
+  /** the half-open span `[t0, t1)` of samples to shade (a peak's receptive field) */
+  span?: number[] | null;
+  /** draw the time axis (samples) under the lanes */
+  axis?: boolean;
+  /** what the plot is, for screen readers and its title */
+  label?: string;
+}
+
+/**
+ * One lane per channel, values on one scale for all lanes, the sample index on x. Where a
+ * channel has more samples than twice the plot's pixels, each pixel column draws the
+ * minimum-to-maximum of its samples (every extreme stays visible, none is averaged away).
+ * A value that is not finite (null) breaks the line: it is not drawn as a number.
+ */
+export function signalPlot(values: (number | null)[][], { width = 320, height = 120, span = null, axis = false, label = "signal" }: SignalPlotOptions = {}): SVGSVGElement {
+  const bottom = axis ? 22 : 2;
+  const channels = values.length;
+  const length = Math.max(0, ...values.map((c) => c.length));
+  const svg = create("svg")
+    .attr("class", "chart signal-plot")
+    .attr("viewBox", `0 0 ${width} ${height}`)
+    .attr("width", width)
+    .attr("height", height)
+    .attr("role", "img")
+    .attr("aria-label", label)
+    .attr("data-channels", channels)
+    .attr("data-samples", length);
+  svg.append("title").text(label);
+  const x = scaleLinear().domain([0, Math.max(1, length)]).range([4, width - 4]);
+  if (span && span.length === 2 && span[1] > span[0]) {
+    svg
+      .append("rect")
+      .attr("class", "signal-span")
+      .attr("x", x(span[0]))
+      .attr("width", Math.max(1, x(span[1]) - x(span[0])))
+      .attr("y", 0)
+      .attr("height", height - bottom)
+      .attr("data-span", `${span[0]} ${span[1]}`)
+      .append("title")
+      .text(`the peak's receptive field: samples ${span[0]}–${span[1] - 1}`);
+  }
+  let lo = Infinity;
+  let hi = -Infinity;
+  for (const c of values) for (const v of c) if (v !== null) ((lo = Math.min(lo, v)), (hi = Math.max(hi, v)));
+  if (!(lo <= hi)) {
+    svg.append("text").attr("x", width / 2).attr("y", height / 2).attr("text-anchor", "middle").text("no finite values");
+    return svg.node()!;
+  }
+  if (lo === hi) ((lo -= 1), (hi += 1));
+  const lane = (height - bottom) / Math.max(1, channels);
+  values.forEach((c, ch) => {
+    const y = scaleLinear().domain([lo, hi]).range([(ch + 1) * lane - 2, ch * lane + 2]);
+    svg
+      .append("path")
+      .attr("class", "signal-line")
+      .attr("data-channel", ch)
+      .attr("fill", "none")
+      .attr("stroke", COLOURS[ch % COLOURS.length])
+      .attr("stroke-width", 1)
+      .attr("d", linePath(c, x, y, width));
+  });
+  if (axis) {
+    svg
+      .append("g")
+      .attr("transform", `translate(0,${height - bottom})`)
+      .call(axisBottom(x).ticks(Math.max(2, Math.floor(width / 90))).tickSizeOuter(0));
+  }
+  return svg.node()!;
+}
+
+/** The path of one channel: every sample, or per pixel column its min and max. */
+function linePath(c: (number | null)[], x: (v: number) => number, y: (v: number) => number, width: number): string {
+  const parts: string[] = [];
+  let pen = false;
+  const move = (px: number, py: number): void => {
+    parts.push(`${pen ? "L" : "M"}${px.toFixed(1)},${py.toFixed(1)}`);
+    pen = true;
+  };
+  if (c.length <= 2 * width) {
+    c.forEach((v, i) => (v === null ? (pen = false) : move(x(i + 0.5), y(v))));
+    return parts.join("");
+  }
+  const per = c.length / width;
+  for (let col = 0; col < width; col++) {
+    const a = Math.floor(col * per);
+    const b = Math.min(c.length, Math.floor((col + 1) * per));
+    let mn = Infinity;
+    let mx = -Infinity;
+    let broken = false;
+    for (let i = a; i < b; i++) {
+      const v = c[i];
+      if (v === null) broken = true;
+      else ((mn = Math.min(mn, v)), (mx = Math.max(mx, v)));
+    }
+    if (broken || !(mn <= mx)) {
+      pen = false;
+      if (!(mn <= mx)) continue;
+    }
+    move(x((a + b) / 2), y(mn));
+    move(x((a + b) / 2), y(mx));
+  }
+  return parts.join("");
+}
