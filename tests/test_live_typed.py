@@ -211,3 +211,37 @@ def test_the_live_page_recomputes_when_a_feature_is_edited(browser: Any, wine: d
         )
         assert pg.inner_text("#live-preds") != before
         _shoot(pg, "wine")
+
+
+def _fed_ids(pg: Any) -> list[int]:
+    titles = pg.locator("#live-fed .tok").evaluate_all("ts => ts.map(t => t.title)")
+    return [int(t.rsplit("id ", 1)[1]) for t in titles]
+
+
+def test_the_sample_page_opens_live_filled_with_that_sample(browser: Any, text: dict):
+    """The sample page's *Try it in live view* fills the box from the sample, as words
+    where the vocabulary spells its ids apart; where two of its ids are spelled alike the
+    words would feed another sequence, so the box holds the sample's ids instead."""
+    skip_without_browser()
+    from lurker.server import create_app
+    from lurker.server.serve import background
+
+    ids = text["data"].tensors[0][7].tolist()
+    with strict_page(browser) as pg:
+        pg.goto(f"{text['vocab_url']}/#/r/text/sample/7")
+        pg.click("#open-live")
+        pg.wait_for_selector("#live-fed .tok")
+        assert pg.input_value("#live-mode") == "text"
+        assert pg.input_value("#live-text") == " ".join(WORDS[i] for i in ids)
+        assert _fed_ids(pg) == ids
+    dup = list(WORDS)
+    t = max(ids)  # a later id spelled as the one before it: the word looks up the first
+    dup[t] = dup[t - 1]
+    app = create_app(text["run"], model_obj=text["model"], dataset=text["data"], vocab=dup)
+    with background(app) as url, strict_page(browser) as pg:
+        pg.goto(f"{url.rstrip('/')}/#/r/text/sample/7")
+        pg.click("#open-live")
+        pg.wait_for_selector("#live-result .notice >> text=spells several ids alike")
+        assert _fed_ids(pg) == ids  # the sample's own sequence, not the words' lookup
+        assert pg.input_value("#live-mode") == "ids"
+        assert pg.input_value("#live-text") == " ".join(map(str, ids))

@@ -7,8 +7,8 @@ the layer grid was 64 broken images, the unit page grey "no image" tiles under i
 gradient / crop toggles, and the sample page's prediction failed with that same error.
 Now the pages show each sample's token ids, the token where the unit peaks marked, every
 number checked here against forward hooks on the model; images are refused with the
-reason, and the live view (drawn over images) says it does not apply; Explain scores
-each token of a sample.
+reason, the live view takes a typed sequence (tests/test_live_typed.py), and Explain
+scores each token of a sample.
 """
 
 from __future__ import annotations
@@ -198,7 +198,8 @@ def test_pages_show_sequences_with_the_peak_marked_and_no_images(browser: Any, s
         pg.wait_for_selector("#sample-tokens .tok")
         ids = pg.locator("#sample-tokens .tok").evaluate_all("ts => ts.map(t => +t.textContent)")
         assert ids == tokens[7].tolist()
-        assert pg.locator("#open-live").count() == 0  # the live view takes images
+        # Live takes a typed sequence, filled from this sample
+        assert pg.get_attribute("#open-live", "href").endswith("/live?sample=7")
 
     with strict_page(browser) as pg:  # `lurker serve RUN`: no dataset, said once, no errors
         pg.goto(f"{served['bare']}/#/r/{RID}/unit/{LAYER}/{unit}")
@@ -339,7 +340,7 @@ def test_explain_page_colours_each_token_by_its_score(browser: Any, served: dict
     with strict_page(browser) as pg:
         pg.goto(f"{url}/#/r/{RID}/sample/{sid}")
         pg.wait_for_selector("#explain-this")
-        assert pg.locator("#open-live").count() == 0
+        assert pg.get_attribute("#open-live", "href").endswith(f"/live?sample={sid}")
         pg.click("#explain-this")
         pg.wait_for_selector(".token-explain-card[data-method='input_x_gradient'] .tok")
         # class 0, not the top class: its pressed button exists only once the page is

@@ -107,7 +107,8 @@ def test_pages_say_the_inputs_have_no_picture(browser: Any, served: dict):
         pg.wait_for_selector("#vector-inputs")
         assert f"vectors of {FEATURES} features" in pg.inner_text("#vector-inputs")
         assert pg.locator("img").count() == 0
-        assert pg.locator("#open-live").count() == 0
+        # Live takes a typed vector, filled from this sample
+        assert pg.get_attribute("#open-live", "href").endswith("/live?sample=7")
         shown = pg.locator("ol.preds li").all_inner_texts()  # the model's top 5, in order
         assert [int(t.split()[0]) for t in shown] == [p["class"] for p in doc["prediction"]]
         doc = get_json(f"{url}/api/runs/{RID}/layers/{LAYER}/units/0")

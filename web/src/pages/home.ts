@@ -12,8 +12,8 @@ export async function renderHome(root: HTMLElement, ctx: PageContext): Promise<v
   const classes = d.classes.length;
   const featviz = s.holds.featviz ?? [];
   const explained = s.holds.explained ?? 0;
-  // inputs with no picture (token ids, feature vectors): the image facts and the live view,
-  // which draws maps over an image, do not apply, and a top-k entry is a sample
+  // inputs with no picture (token ids, feature vectors): the image facts do not apply, a
+  // top-k entry is a sample, and the live view takes a typed input instead of an image
   const tokens = d.tokens ?? null;
   const pictureless = tokens !== null || (d.features ?? null) !== null;
   const shownClasses = d.classes.slice(0, 40).join(", ") + (classes > 40 ? `, … (${classes - 40} more)` : "");
@@ -85,7 +85,7 @@ export async function renderHome(root: HTMLElement, ctx: PageContext): Promise<v
           { class: "entry-links" },
           h("a", { class: "button", href: ctx.href("samples") }, "Browse samples"),
           s.holds.graph ? h("a", { class: "button", href: ctx.href("graph") }, "Open the graph") : null,
-          s.holds.live && !pictureless ? h("a", { class: "button", href: ctx.href("live") }, "Live view") : null,
+          s.holds.live ? h("a", { class: "button", href: ctx.href("live") }, pictureless ? "Live: type an input" : "Live view") : null,
           s.holds.map ? h("a", { class: "button", href: ctx.href("map") }, "Dataset map") : null,
           // the Explain page works wherever explanations can be made or were precomputed
           s.holds.live || explained ? h("a", { class: "button", href: ctx.href("explain") }, pictureless ? "Explain a sample" : "Explain an image") : null,

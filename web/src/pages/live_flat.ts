@@ -60,6 +60,9 @@ export async function renderFlatLive(root: HTMLElement, ctx: PageContext, summar
     h("p", { class: "live-actions" }, runButton, " ", h("span", { class: "muted" }, "or fill from dataset sample "), sampleField, " ", useSample),
   );
   append(root, form, result);
+  // a sample filled in as words: the ids it holds, checked against the ids the words look
+  // up (a vocabulary that names two ids alike would feed another sequence than the sample)
+  let expected: number[] | null = null;
 
   if (sample !== null && /^\d+$/.test(sample)) {
     try {
@@ -70,6 +73,7 @@ export async function renderFlatLive(root: HTMLElement, ctx: PageContext, summar
         const asWords = hasVocab && !!words && words.every((w) => w !== null && !/\s/.test(w));
         (mode as HTMLSelectElement).value = asWords ? "text" : "ids";
         (text as HTMLTextAreaElement).value = asWords ? words!.join(" ") : doc.tokens.join(" ");
+        expected = asWords ? doc.tokens.slice() : null;
       } else if (doc.features) {
         doc.features.forEach((v, i) => fields[i] && (fields[i].value = v === null ? "" : String(v)));
       } else {
@@ -108,6 +112,15 @@ export async function renderFlatLive(root: HTMLElement, ctx: PageContext, summar
       return;
     }
     if (ctx.signal.aborted) return;
+    const want = expected;
+    expected = null;
+    if (want && (!doc.ids || doc.ids.join(" ") !== want.join(" "))) {
+      (mode as HTMLSelectElement).value = "ids";
+      (text as HTMLTextAreaElement).value = want.join(" ");
+      await run();
+      result.prepend(notice(`Sample ${sample}'s words look up other ids than it holds (its vocabulary spells several ids alike): the box holds its ids instead.`));
+      return;
+    }
     result.removeAttribute("aria-busy");
     fill(result, fedCard(doc), ...doc.layers.map((l) => layerCard(ctx, l)));
   }

@@ -107,11 +107,15 @@ export async function renderSample(root: HTMLElement, ctx: PageContext, args: st
         ]),
         // a static export runs no model: no button to a view that cannot open (and no row
         // at all where it holds no explanation either)
-        // (token ids and feature vectors get Explain alone, which scores each token or
-        // feature: the live view draws maps over images)
+        // (token ids and feature vectors: Live fills its typed input from the sample, and
+        // Explain scores each token or feature)
         (images.tokens !== null || (images.features ?? null) !== null) && !ctx.api.isStatic && pred
-          ? // Explain scores each token or feature (no live view: it draws over images)
-            h("p", { class: "entry-links" }, h("a", { class: "button", id: "explain-this", href: ctx.href("explain") + "?image=sample-" + s.id }, "Explain this sample"))
+          ? h(
+              "p",
+              { class: "entry-links" },
+              h("a", { class: "button", id: "open-live", href: ctx.href("live") + "?sample=" + s.id }, "Try it in live view"),
+              h("a", { class: "button", id: "explain-this", href: ctx.href("explain") + "?image=sample-" + s.id }, "Explain this sample"),
+            )
           : (ctx.api.isStatic && !(pred || explained)) || images.tokens !== null || (images.features ?? null) !== null
           ? null
           : h(
