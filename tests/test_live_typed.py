@@ -210,6 +210,17 @@ def test_the_live_page_recomputes_when_a_feature_is_edited(browser: Any, wine: d
             arg=want,
         )
         assert pg.inner_text("#live-preds") != before
+        # each unit's bar is as long as |value| from zero, a negative one marked: a bar
+        # measured from the layer's lowest value gave negative values long bars
+        doc = _post(wine["url"], "wine", {"features": edited.tolist()}).json()
+        for layer in doc["layers"]:
+            card = pg.locator(f".live-layer[data-layer='{layer['layer']}']")
+            most = max(abs(v) for v in layer["max"] if v is not None)
+            for i, u in enumerate(layer["top"]):
+                bar = card.locator("li .pbar").nth(i)
+                width = float(bar.evaluate("b => parseFloat(b.style.width)"))
+                assert width == pytest.approx(100 * abs(layer["max"][u]) / most, abs=0.1)
+                assert ("neg" in bar.get_attribute("class")) == (layer["max"][u] < 0)
         _shoot(pg, "wine")
 
 

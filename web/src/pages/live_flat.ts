@@ -50,7 +50,7 @@ export async function renderFlatLive(root: HTMLElement, ctx: PageContext, summar
       void run();
     }
   });
-  const what = tokens !== null ? `a sequence of token ids (the run's have ${tokens})` : `${count} feature values`;
+  const what = tokens !== null ? `a sequence (the run's have ${tokens} tokens)` : `${count} feature values`;
   const form = h(
     "section",
     { class: "card live-form" },
@@ -148,10 +148,10 @@ function fedCard(doc: LiveInput): HTMLElement {
 
 /** One probed layer: the units that fire most, each linked to its page, with its value. */
 function layerCard(ctx: PageContext, l: LiveLayerUnits): HTMLElement {
+  // bars from zero, as long as |value| (negative ones another colour): a bar from the
+  // layer's lowest value would give a negative value a long bar
   const finite = l.max.filter((v): v is number => v !== null);
-  const hi = Math.max(0, ...finite);
-  const lo = Math.min(0, ...finite);
-  const span = hi - lo || 1;
+  const span = Math.max(0, ...finite.map(Math.abs)) || 1;
   const peakWord = l.positions > 1 ? `max over its ${l.positions} positions (mean beside it)` : "activation";
   return h(
     "section",
@@ -166,7 +166,7 @@ function layerCard(ctx: PageContext, l: LiveLayerUnits): HTMLElement {
           "li",
           null,
           h("a", { href: ctx.href("unit", l.layer, u), "data-unit": u }, `unit ${u}`),
-          h("span", { class: "pbar", style: `width:${(100 * Math.max(0, (l.max[u]! - lo) / span)).toFixed(1)}%` }),
+          h("span", { class: l.max[u]! < 0 ? "pbar neg" : "pbar", style: `width:${((100 * Math.abs(l.max[u]!)) / span).toFixed(1)}%` }),
           h("span", { class: "value" }, fmt(l.max[u]!)),
           l.positions > 1 ? h("span", { class: "muted small" }, `mean ${l.mean[u] === null ? "not finite" : fmt(l.mean[u]!)}`) : null,
         ),
