@@ -171,19 +171,20 @@ class Seq(nn.Module):
 
 
 def test_a_sequence_is_refused_as_an_image_but_explained() -> None:
-    """(B, C, L) into a Conv1d: attributions as usual, a heatmap or Grad-CAM refused
-    with the reason (it used to draw the (C, L) array as an image)."""
+    """(B, C, L) into a Conv1d: attributions as usual, a heatmap refused with the reason
+    (it used to draw the (C, L) array as an image), Grad-CAM a map along time (see
+    test_explain_signals.py)."""
     torch.manual_seed(2)
     m = Seq().eval()
     x = torch.randn(2, 3, 20)
     e = lurker.explain(m, x, 1, method="saliency")
     close(e.attribution, captum_attr.Saliency(m).attribute(x, target=1))
-    with pytest.raises(LurkerError, match=r"not one lurker can read: conv1d .* sequence"):
+    with pytest.raises(LurkerError, match=r"batch of signals .* \.signal\(index\)"):
         e.heatmap(0)
-    with pytest.raises(LurkerError, match="Grad-CAM needs an image input"):
-        lurker.explain(m, x, 1, method="gradcam", layer="conv")
+    assert lurker.explain(m, x, 1, method="gradcam", layer="conv").signal(1).shape == (20,)
     o = lurker.explain(m, x, 1, method="occlusion", window=4, strides=2)
     assert o.options["window"] == (3, 4)  # the channels whole, the sequence windowed
+    assert o.repeated and o.signal(0).shape == (20,)
 
 
 class FlatMLP(nn.Module):

@@ -130,3 +130,96 @@ def test_pages_draw_the_signals_with_the_peaks_span(browser: Any, served: dict):
         pg.wait_for_selector("#sample-signal svg.signal-plot")
         assert pg.locator("#sample-signal path.signal-line").count() == C
         assert pg.locator("img").count() == 0
+
+
+# ----------------------------------------------------------------- Explain on signals
+METHODS_ON_SIGNALS = [
+    "saliency",
+    "input_x_gradient",
+    "guided_backprop",
+    "deconvnet",
+    "integrated_gradients",
+    "smoothgrad",
+    "gradcam",
+    "gradcam_plus_plus",
+    "occlusion",
+    "lrp",
+]
+
+
+def test_explain_methods_on_a_signal_run_are_all_but_concepts(served: dict):
+    info = get_json(f"{served['url']}/api/runs/{RID}/explain/methods")
+    assert [m["name"] for m in info["methods"]] == METHODS_ON_SIGNALS
+    assert info["concepts"] is False  # drawn on an image: not offered on signals
+
+
+@pytest.mark.parametrize("method", METHODS_ON_SIGNALS)
+def test_explain_api_scores_equal_lurker_explain(served: dict, method: str):
+    """Each method's JSON holds the attribution along time, the numbers
+    ``lurker.explain`` gives in Python for the same sample and its top class."""
+    import lurker
+
+    url, data, model = served["url"], served["data"], served["model"]
+    x = data.tensors[0][5][None]
+    doc = get_json(f"{url}/api/runs/{RID}/live/sample-5/explain/{method}?target=top")
+    opts = {k: v for k, v in doc["options"].items() if k in ("seed", "window", "strides")}
+    if method == "occlusion":
+        opts = {k: tuple(v) for k, v in opts.items()}
+    if doc["layer"]:
+        opts["layer"] = doc["layer"]
+    ex = lurker.explain(model, x, method=method, **opts)
+    want = ex.signal(0)
+    want = want[None] if want.dim() == 1 else want
+    assert doc["target_class"] == int(model(x).argmax())
+    assert doc["shape"] == list(want.shape) == ([1, T] if ex.repeated else [C, T])
+    got = torch.tensor(doc["signal_scores"], dtype=torch.float64)
+    torch.testing.assert_close(got, want.double(), atol=1e-5, rtol=1e-4)
+    assert doc["sum"] == pytest.approx(float(want.double().sum()), abs=1e-4)
+    assert doc["scores"] is None
+
+
+def test_explain_png_and_concepts_of_a_signal_say_why_not(served: dict):
+    import httpx2 as httpx
+
+    url = served["url"]
+    r = httpx.get(f"{url}/api/runs/{RID}/live/sample-5/explain/saliency.png")
+    assert r.status_code == 409 and "signal_scores" in r.json()["detail"]
+    r = httpx.get(f"{url}/api/runs/{RID}/live/sample-5/explain/concepts")
+    assert r.status_code == 409 and "signals" in r.json()["detail"]
+    r = httpx.get(f"{url}/api/runs/{RID}/live/upload-1/explain/saliency")
+    assert r.status_code == 409 and "sample-N" in r.json()["detail"]
+
+
+def test_explain_page_draws_each_method_along_time(browser: Any, served: dict, tmp_path: Any):
+    """One plot per method, the sample's lines with a colour band under each channel (one
+    band under all where the method gives a position one value), no image at all (before:
+    ~21 broken heatmap images)."""
+    skip_without_browser()
+    url = served["url"]
+    with strict_page(browser) as pg:
+        pg.set_viewport_size({"width": 1280, "height": 800})
+        pg.goto(f"{url}/#/r/{RID}/explain?image=sample-5")
+        pg.wait_for_selector("#signal-explain-legend")
+        cards = pg.locator(".signal-explain-card")
+        assert cards.count() == len(METHODS_ON_SIGNALS)
+        pg.wait_for_function(
+            "n => document.querySelectorAll('.signal-explain-card svg.signal-plot').length === n",
+            arg=len(METHODS_ON_SIGNALS),
+            timeout=60_000,
+        )
+        assert pg.locator("img").count() == 0 and pg.locator(".error-text").count() == 0
+        for m in METHODS_ON_SIGNALS:
+            doc = get_json(f"{url}/api/runs/{RID}/live/sample-5/explain/{m}")
+            card = pg.locator(f".signal-explain-card[data-method='{m}']")
+            assert card.locator("svg.signal-plot").count() == 1
+            assert card.locator("path.signal-line").count() == C
+            bands = card.locator("g.signal-band")
+            assert bands.count() == len(doc["signal_scores"])  # C, or 1 for Grad-CAM
+        assert pg.locator("button.target").count() == 2  # the model's classes as targets
+        pg.screenshot(path=str(tmp_path / "explain-1280.png"), full_page=True)
+        pg.set_viewport_size({"width": 800, "height": 600})
+        pg.screenshot(path=str(tmp_path / "explain-800.png"))
+        import shutil
+
+        shutil.copy(tmp_path / "explain-1280.png", "/tmp/qf59_/explain-1280.png")
+        shutil.copy(tmp_path / "explain-800.png", "/tmp/qf59_/explain-800.png")

@@ -20,7 +20,15 @@ export interface SignalPlotOptions {
   axis?: boolean;
   /** what the plot is, for screen readers and its title */
   label?: string;
+  /** an attribution along time drawn as colour bands: one row per channel (a band under
+   * each lane), or one row (one band under all lanes); null values are left blank */
+  bands?: (number | null)[][] | null;
+  /** the bands' values have a sign (red positive, blue negative) or not (hot only) */
+  signed?: boolean;
 }
+
+/** A band's height in pixels. */
+const BAND = 10;
 
 /**
  * One lane per channel, values on one scale for all lanes, the sample index on x. Where a
@@ -28,8 +36,9 @@ export interface SignalPlotOptions {
  * minimum-to-maximum of its samples (every extreme stays visible, none is averaged away).
  * A value that is not finite (null) breaks the line: it is not drawn as a number.
  */
-export function signalPlot(values: (number | null)[][], { width = 320, height = 120, span = null, axis = false, label = "signal" }: SignalPlotOptions = {}): SVGSVGElement {
-  const bottom = axis ? 22 : 2;
+export function signalPlot(values: (number | null)[][], { width = 320, height = 120, span = null, axis = false, label = "signal", bands = null, signed = true }: SignalPlotOptions = {}): SVGSVGElement {
+  const shared = bands !== null && bands.length === 1 && values.length > 1; // one band for all lanes
+  const bottom = (axis ? 22 : 2) + (shared ? BAND + 4 : 0);
   const channels = values.length;
   const length = Math.max(0, ...values.map((c) => c.length));
   const svg = create("svg")
@@ -58,14 +67,31 @@ export function signalPlot(values: (number | null)[][], { width = 320, height = 
   let lo = Infinity;
   let hi = -Infinity;
   for (const c of values) for (const v of c) if (v !== null) ((lo = Math.min(lo, v)), (hi = Math.max(hi, v)));
-  if (!(lo <= hi)) {
+  if (!(lo <= hi) && bands === null) {
     svg.append("text").attr("x", width / 2).attr("y", height / 2).attr("text-anchor", "middle").text("no finite values");
     return svg.node()!;
   }
+  if (!(lo <= hi)) ((lo = -1), (hi = 1));
   if (lo === hi) ((lo -= 1), (hi += 1));
   const lane = (height - bottom) / Math.max(1, channels);
+  const own = bands !== null && !shared; // a band under each lane
+  let big = 0;
+  for (const row of bands ?? []) for (const v of row) if (v !== null) big = Math.max(big, Math.abs(v));
+  const band = (row: (number | null)[], top: number, ch: number | null): void => {
+    const g = svg.append("g").attr("class", "signal-band").attr("data-channel", ch === null ? "all" : ch);
+    const cell = (width - 8) / Math.max(1, row.length);
+    row.forEach((v, i) => {
+      if (v === null || big === 0) return;
+      const a = Math.abs(v) / big;
+      const colour = !signed ? `rgba(220,80,0,${a.toFixed(3)})` : v >= 0 ? `rgba(200,30,30,${a.toFixed(3)})` : `rgba(30,80,200,${a.toFixed(3)})`;
+      g.append("rect").attr("x", (4 + i * cell).toFixed(2)).attr("width", (cell + 0.3).toFixed(2)).attr("y", top).attr("height", BAND).attr("fill", colour);
+    });
+    g.append("rect").attr("x", 4).attr("width", width - 8).attr("y", top).attr("height", BAND).attr("fill", "none").attr("stroke", "#ccc").attr("stroke-width", 0.5);
+  };
   values.forEach((c, ch) => {
-    const y = scaleLinear().domain([lo, hi]).range([(ch + 1) * lane - 2, ch * lane + 2]);
+    const below = own ? BAND + 2 : 0;
+    const y = scaleLinear().domain([lo, hi]).range([(ch + 1) * lane - 2 - below, ch * lane + 2]);
+    if (own && bands![ch]) band(bands![ch], (ch + 1) * lane - BAND - 1, ch);
     svg
       .append("path")
       .attr("class", "signal-line")
@@ -75,10 +101,11 @@ export function signalPlot(values: (number | null)[][], { width = 320, height = 
       .attr("stroke-width", 1)
       .attr("d", linePath(c, x, y, width));
   });
+  if (shared) band(bands![0], height - bottom + 2, null);
   if (axis) {
     svg
       .append("g")
-      .attr("transform", `translate(0,${height - bottom})`)
+      .attr("transform", `translate(0,${height - 22})`)
       .call(axisBottom(x).ticks(Math.max(2, Math.floor(width / 90))).tickSizeOuter(0));
   }
   return svg.node()!;

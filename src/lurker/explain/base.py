@@ -66,6 +66,13 @@ class Explanation:
         ax = self.axes
         if ax is not None:
             if ax.image is None:
+                if self._signal_channel() is not None:
+                    raise LurkerError(
+                        f"a heatmap needs an image input, and this input {tuple(a.shape)} is "
+                        "a batch of signals (B, C, T): use .signal(index), the attribution "
+                        "along time per channel ((T,) where the method gives one value per "
+                        "position, such as Grad-CAM)"
+                    )
                 raise ax.not_an_image(a.shape, "a heatmap")
             a = a[index].detach().float().cpu()
             if ax.channel is None:
@@ -80,6 +87,36 @@ class Explanation:
         raise LurkerError(
             f"a heatmap needs an image-shaped attribution (C, H, W), got {tuple(a.shape)}"
         )
+
+    def _signal_channel(self) -> int | None:
+        """The channel axis (batch counted) of a batch of signals ``(B, C, T)`` or
+        ``(B, T, C)``; None for any other input."""
+        ax = self.axes
+        if ax is None or ax.image is not None or ax.channel is None:
+            return None
+        return ax.channel if self.attribution.dim() == 3 else None
+
+    def signal(self, index: int = 0) -> Tensor:
+        """Row ``index``'s attribution of a signal input ``(B, C, T)`` (a Conv1d stack's
+        EEG or audio): ``(C, T)``, channels first whatever the input's layout, or ``(T,)``
+        where every channel holds the position's whole value (``repeated``: Grad-CAM's map
+        along time, occlusion's windows across all channels), which summed over the
+        channels would count it ``C`` times. Any other input is refused."""
+        a = self.attribution
+        if not 0 <= index < a.shape[0]:
+            raise LurkerError(f"index {index} out of range: this explanation has {a.shape[0]} rows")
+        c = self._signal_channel()
+        if c is None:
+            raise LurkerError(
+                f"signal() needs a signal input (B, C, T) whose channel axis the model reads "
+                f"(a Conv1d's), and this attribution is {tuple(a.shape)}"
+                + ("" if self.axes is None else f" ({self.axes.why})")
+                + ": use .heatmap() for an image, or .attribution itself"
+            )
+        row = a[index].detach().float().cpu()
+        if self.repeated:
+            return row.select(c - 1, 0).clone()
+        return row if c == 1 else row.t().contiguous()
 
     def overlay(
         self, index: int = 0, image: Tensor | Image.Image | None = None, alpha: float = 0.5

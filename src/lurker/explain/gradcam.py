@@ -40,17 +40,30 @@ def default_layer(model: nn.Module, x: Tensor, target: Any = None) -> str:
     the projection itself (see :func:`_read_through`)."""
     from ..capture import settled_trace
     from ..probe.layout import Layout, cached_layouts
+    from .axes import input_axes
 
+    line = is_signal(input_axes(model, x), x)
     with torch.no_grad():
         tr = settled_trace(model, x[:1], save="none")
     layouts = cached_layouts(tr)
     maps = []
     for op in tr.compute_ops:
         lay = layouts.get(op.index)
-        hw = lay.map_shape(op.shape) if isinstance(lay, Layout) and op.shape else None
-        if hw is not None and hw[0] * hw[1] > 1 and op.seq >= 0:
+        if not isinstance(lay, Layout) or not op.shape or op.seq < 0:
+            continue
+        if line:  # a signal's map: one position axis, time
+            hw = (1, int(op.shape[lay.positions[0]])) if len(lay.positions) == 1 else None
+        else:
+            hw = lay.map_shape(op.shape)
+        if hw is not None and hw[0] * hw[1] > 1:
             maps.append(op.label)
     if not maps:
+        if line:
+            raise LurkerError(
+                "Grad-CAM on a signal (B, C, T) needs a layer whose units make a map along "
+                "time (a Conv1d's (B, C, L) output) and lurker found none in this model; "
+                "pass layer= (a module path or trace label)"
+            )
         raise LurkerError(
             "Grad-CAM needs a layer whose units make a map (a (B, C, H, W) output, a "
             "channels-last one, or tokens of image patches) and lurker found none in this "
@@ -60,7 +73,7 @@ def default_layer(model: nn.Module, x: Tensor, target: Any = None) -> str:
 
     def reaches(name: str) -> bool:  # one forward and backward
         try:
-            _, g, _, _ = layer_and_grad(model, x, target, name)
+            _, g, _, _ = layer_and_grad(model, x, target, name, line)
         except LurkerError:
             return False
         return bool(g.abs().amax() > 0)
@@ -106,11 +119,18 @@ def _read_through(tr: Any, label: str, maps: set[str]) -> str:
     return op.label
 
 
+def is_signal(axes: InputAxes | None, x: Tensor) -> bool:
+    """Whether ``x`` is a batch of signals ``(B, C, T)``: a channel axis the model reads
+    (a Conv1d's) and one axis of time, no image."""
+    return axes is not None and axes.image is None and axes.channel is not None and x.dim() == 3
+
+
 def layer_and_grad(
-    model: nn.Module, x: Tensor, target: Any, layer: str
+    model: nn.Module, x: Tensor, target: Any, layer: str, line: bool = False
 ) -> tuple[Tensor, Tensor, Forward, Tensor | None]:
     """The layer's output ``A`` and ``d score / d A`` (one backward for the batch), both
-    as ``(B, C, h, w)`` maps of units (see :func:`as_map`)."""
+    as ``(B, C, h, w)`` maps of units (see :func:`as_map`); ``line``: a signal's layer,
+    ``(B, C, L)`` read as a map one row high, ``(B, C, 1, L)``."""
     fw = Forward(model, x, target, layers=[layer])
     xi = x.clone().requires_grad_(True)  # the graph reaches A even with frozen weights
     scored = fw(xi)
@@ -119,7 +139,12 @@ def layer_and_grad(
     (g,) = torch.autograd.grad(scored.score.sum(), A, allow_unused=True)
     if g is None:
         raise LurkerError(f"the target does not depend on layer {layer!r} (it runs after it?)")
-    return as_map(A.detach(), layout, layer), as_map(g, layout, layer), fw, scored.output
+    return (
+        as_map(A.detach(), layout, layer, line),
+        as_map(g, layout, layer, line),
+        fw,
+        scored.output,
+    )
 
 
 def _layout(fw: Forward, layer: str) -> Any:
@@ -131,11 +156,20 @@ def _layout(fw: Forward, layer: str) -> Any:
     )
 
 
-def as_map(t: Tensor, layout: Any, layer: str) -> Tensor:
+def as_map(t: Tensor, layout: Any, layer: str, line: bool = False) -> Tensor:
     """A layer's output (or its gradient) as ``(B, C, h, w)``: units first, positions as
     the map; tokens of image patches on their patch grid, the tokens with no patch left
-    out."""
+    out. ``line`` (a signal's layer): ``(B, C, L)`` as ``(B, C, 1, L)``, a map along time."""
     u = by_unit(t, layout)
+    if line:
+        if u.dim() != 3:
+            raise LurkerError(
+                f"Grad-CAM on a signal needs a layer whose units make a map along time (a "
+                f"Conv1d's (B, C, L) output): {layer!r} gives {tuple(t.shape)}, with units "
+                f"on axis {layout.unit} and {len(layout.positions)} position axes; pass "
+                "another layer="
+            )
+        return u[:, :, None, :]
     if u.dim() == 4:
         return u
     grid = layout.patch_grid() if u.dim() == 3 else None
@@ -160,9 +194,14 @@ def upsample(cam: Tensor, x: Tensor, mode: str, axes: InputAxes | None = None) -
         if x.dim() != 4:
             raise LurkerError(f"Grad-CAM explains (B, C, H, W) images, got {tuple(x.shape)}")
         axes = InputAxes(1, (2, 3), "assumed", "(B, C, H, W)")
+    kw = {} if mode == "nearest" else {"align_corners": False}
+    if is_signal(axes, x):  # (B, 1, 1, L) -> along time (bilinear on one row: linear)
+        c = int(axes.channel)  # type: ignore[arg-type]
+        t = 3 - c  # the other axis of (B, C, T) or (B, T, C)
+        up = F.interpolate(cam, size=(1, x.shape[t]), mode=mode, **kw)[:, 0, 0]
+        return up.unsqueeze(c).expand(x.shape)
     if axes.image is None:
         raise axes.not_an_image(x.shape, "Grad-CAM")
-    kw = {} if mode == "nearest" else {"align_corners": False}
     rows, cols = axes.image
     up = F.interpolate(cam, size=(x.shape[rows], x.shape[cols]), mode=mode, **kw)[:, 0]
     if axes.channel is None:
@@ -204,11 +243,12 @@ class _CAM(Method):
         relu: bool = True,
         interpolate: str = "bilinear",
     ) -> Explanation:
-        if self.axes is not None and self.axes.image is None:
+        line = is_signal(self.axes, x)
+        if self.axes is not None and self.axes.image is None and not line:
             raise self.axes.not_an_image(x.shape, "Grad-CAM")  # before any layer is looked at
         if layer is None:
             layer = default_layer(model, x, target)
-        A, g, fw, out = layer_and_grad(model, x, target, layer)
+        A, g, fw, out = layer_and_grad(model, x, target, layer, line)
         flat = g.reshape(g.shape[0], -1).abs().amax(1) == 0
         what = f"{'Grad-CAM++' if self.name == 'gradcam_plus_plus' else 'Grad-CAM'} at {layer!r}"
         if bool(flat.any()):
@@ -244,7 +284,8 @@ class _CAM(Method):
             fw,
             options,
             output=None if out is None else out.detach(),
-            layer_attribution=cam.detach(),
+            # a signal's: (B, 1, L), the layer's own positions along time
+            layer_attribution=(cam[:, :, 0] if line else cam).detach(),
             signed=not relu,
             repeated=True,
         )

@@ -138,5 +138,10 @@ class Occlusion(Method):
         out = None if clean.output is None else clean.output.detach()
         # a window across every channel credits each channel with the pixel's whole drop
         c = whole if whole is not None and whole >= 0 else 0
-        across = len(dims) == 3 and whole is not None and win[c] == dims[c]
+        # (an image's (C, H, W), or a signal's (C, T): one drop per position along time)
+        across = (
+            whole is not None
+            and win[c] == dims[c]
+            and (len(dims) == 3 or (len(dims) == 2 and whole >= 0))
+        )
         return self.explanation(total / count, fw, options, output=out, repeated=across)

@@ -795,6 +795,11 @@ class ExplainResult(BaseModel):
     scores: list[float | None] | None = None
     tokens: list[int] | None = None
     token_text: list[str | None] | None = None
+    #: on a run of signals (null elsewhere): the attribution along time, one list per
+    #: channel (``shape`` ``[C, T]``), or one list (``[1, T]``) where the method gives each
+    #: position one value whatever the channel (Grad-CAM's map along time, occlusion's
+    #: windows across all channels); null where not finite
+    signal_scores: list[list[float | None]] | None = None
 
 
 class ConceptUnit(BaseModel):

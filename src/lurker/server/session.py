@@ -478,12 +478,19 @@ class Session:
         return signal_shape(self.entry.open_run())
 
     def sample_signal(self, sample_id: int, path: str | None) -> list[list[float | None]]:
-        """Sample ``sample_id``'s signal as the model is fed it, one list of values per
-        channel (the dataset's, in the input dtype the trace recorded), checked against the
-        run's ``(C, T)``: what the pages draw as lines in place of a picture. A value that
-        is not finite is ``None`` (JSON has no NaN), never a made-up number."""
+        """Sample ``sample_id``'s signal as the model is fed it (:meth:`_signal_tensor`),
+        one list of values per channel: what the pages draw as lines in place of a
+        picture. A value that is not finite is ``None`` (JSON has no NaN), never a made-up
+        number."""
         import math
 
+        x = self._signal_tensor(sample_id, path)
+        return [[v if math.isfinite(v) else None for v in row] for row in x.double().tolist()]
+
+    def _signal_tensor(self, sample_id: int, path: str | None) -> torch.Tensor:
+        """A signal sample as the model is fed it: the dataset's, checked against the
+        run's ``(C, T)``, in the floating dtype the trace recorded for the input (float32
+        for integer samples, which the model is fed as numbers)."""
         import torch
 
         shape = self.signal_shape()
@@ -494,9 +501,17 @@ class Session:
             f"a signal of {shape[0]} channels x {shape[1]} samples" if shape else "a signal",
         )
         dtype = getattr(torch, input_dtype(self.entry.open_run()) or "", None)
-        x = x.detach().cpu()
-        x = x.to(dtype) if isinstance(dtype, torch.dtype) else x
-        return [[v if math.isfinite(v) else None for v in row] for row in x.double().tolist()]
+        t = x.detach().cpu()
+        return (
+            t.to(dtype) if isinstance(dtype, torch.dtype) and dtype.is_floating_point else t.float()
+        )
+
+    def _live_signal(self, image_id: str, sid: int, path: str | None) -> torch.Tensor:
+        """A signal sample kept as a live input (the values :meth:`sample_signal` serves)."""
+        t = self._signal_tensor(sid, path)
+        with self._guard:
+            self._images[image_id] = t
+        return t
 
     def sample_tokens(
         self, sample_id: int, path: str | None, first: int | None = None
@@ -913,6 +928,8 @@ class Session:
             _, path, _, _ = self.entry.sample_row(sid)
             if self.vector_length() is not None:  # no picture: fed as the dataset gives it
                 return self.sample_vector(sid, path)
+            if self.signal_shape() is not None:  # a signal (C, T): as sample_signal checks it
+                return self._live_signal(image_id, sid, path)
             ds = self.dataset()
             if self.token_length() is None:
                 self.sample_pil(sid, path)  # checks that the dataset still matches the run

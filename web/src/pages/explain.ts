@@ -20,6 +20,7 @@ import { imageTitle } from "../images";
 import { imagePicker } from "../picker";
 import { renderTokenExplain } from "./explain_tokens";
 import { renderFeatureExplain } from "./explain_features";
+import { renderSignalExplain } from "./explain_signal";
 import { classLabel, classText, namesWidth } from "../classes";
 
 const PICKER = { id: "explain", title: "Image to explain", action: "Explain sample" };
@@ -97,6 +98,8 @@ export async function renderExplain(root: HTMLElement, ctx: PageContext): Promis
   if ((summary.dataset.tokens ?? null) !== null) return renderTokenExplain(root, ctx, summary, loading);
   // a tabular model's run: its samples are feature vectors, explained feature by feature
   if ((summary.dataset.features ?? null) !== null) return renderFeatureExplain(root, ctx, summary, loading);
+  // a 1-D model's run: its samples are signals, explained along time per channel
+  if ((summary.dataset.signal ?? null) !== null) return renderSignalExplain(root, ctx, summary, loading);
   // no model (a static export, or a server that cannot load the run's): only what the
   // run's cache holds, precomputed by `lurker images RUN --explanations`
   const explained = ctx.api.isStatic || !summary.holds.live ? await ctx.api.explained(ctx.run) : null;

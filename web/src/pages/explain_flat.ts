@@ -27,6 +27,8 @@ export interface FlatResult {
   notes?: string[];
   /** one score per token or feature, in the input's order (null: not finite) */
   scores?: (number | null)[] | null;
+  /** a signal's scores along time: one list per channel, or one list for all of them */
+  signal_scores?: (number | null)[][] | null;
 }
 
 /** What differs between token ids and feature vectors. */
@@ -41,9 +43,9 @@ export interface FlatKind {
   legend: string;
   legendId: string;
   /** what the sample card shows of the sample (its strip), or why it is missing */
-  sample(doc: SampleDoc): HTMLElement | null;
+  sample(doc: SampleDoc): HTMLElement | SVGSVGElement | null;
   /** the scores of one method drawn, in place of the card's spinner */
-  draw(scores: (number | null)[], doc: SampleDoc): HTMLElement;
+  draw(scores: (number | null)[], doc: SampleDoc, result: FlatResult): HTMLElement | SVGSVGElement;
 }
 
 const TITLES: Record<string, string> = {
@@ -51,6 +53,12 @@ const TITLES: Record<string, string> = {
   input_x_gradient: "Input × gradient",
   integrated_gradients: "Integrated gradients",
   smoothgrad: "SmoothGrad",
+  guided_backprop: "Guided backprop",
+  deconvnet: "Deconvnet",
+  gradcam: "Grad-CAM",
+  gradcam_plus_plus: "Grad-CAM++",
+  occlusion: "Occlusion",
+  lrp: "LRP",
 };
 
 export async function renderFlatExplain(root: HTMLElement, ctx: PageContext, summary: RunSummary, loading: HTMLElement, kind: FlatKind): Promise<void> {
@@ -152,7 +160,7 @@ function methodCard(ctx: PageContext, image: string, m: FlatMethod, target: stri
     try {
       const r = await ctx.api.json<FlatResult>(url);
       sign.textContent = r.signed ? " signed" : " ≥ 0";
-      body.replaceWith(kind.draw(r.scores ?? [], doc));
+      body.replaceWith(kind.draw(r.scores ?? [], doc, r));
       fill(
         caption,
         r.min === null || r.max === null ? "no finite score" : `min ${fmt(r.min)} · max ${fmt(r.max)} · sum ${fmt(r.sum)}`,

@@ -263,6 +263,9 @@ def _options(method: str, x: Any) -> dict[str, Any]:
     input size)."""
     if method == "smoothgrad":
         return {"seed": 0}
+    if method == "occlusion" and x.dim() == 2:  # a signal (C, T): windows along time
+        window = max(2, round(int(x.shape[-1]) / 16))  # across all channels
+        return {"window": window, "strides": max(1, window // 2)}
     if method == "occlusion":
         side = min(int(x.shape[-2]), int(x.shape[-1]))
         window = max(2, round(side / 8))
@@ -291,6 +294,8 @@ def _key(
     cls = methods.get(method)
     if s.token_length() is not None or s.vector_length() is not None:
         image = _flat_sample(s, image, method if cls is not None else None)
+    elif s.signal_shape() is not None:
+        image = _signal_sample(s, image)
     else:
         image = _image_id(s, image)
     if cls is None:
@@ -336,11 +341,7 @@ def _flat_sample(s: Session, image: str, method: str | None) -> str:
             f"{'tokens' if tokens else 'features'} (sample-N), and uploads (images) do not "
             f"apply; got {image!r}",
         )
-    last = s.entry.last_sample_id()
-    if not 0 <= int(image[7:]) <= last:
-        raise ApiError(
-            404, f"no sample {image[7:]} in run {s.entry.id!r}: sample ids are 0..{last}"
-        )
+    _check_sample(s, image)
     if tokens and not embedding_reads_ids(s.entry.open_run().graph):
         raise ApiError(409, _NO_EMBEDDING)
     if method is not None and method not in TOKEN_METHODS:
@@ -351,6 +352,30 @@ def _flat_sample(s: Session, image: str, method: str | None) -> str:
             f"method {method!r} draws on an image, and this run's inputs are {what}; the "
             "methods that score each feature: " + ", ".join(TOKEN_METHODS),
         )
+    return image
+
+
+def _check_sample(s: Session, image: str) -> None:
+    """``sample-N`` names a sample of the run (404 naming the range if not)."""
+    last = s.entry.last_sample_id()
+    if not 0 <= int(image[7:]) <= last:
+        raise ApiError(
+            404, f"no sample {image[7:]} in run {s.entry.id!r}: sample ids are 0..{last}"
+        )
+
+
+def _signal_sample(s: Session, image: str) -> str:
+    """On a run of signals ``(C, T)``: ``image`` checked as a dataset sample (uploads are
+    images, which such a run does not take)."""
+    c, t = s.signal_shape() or (0, 0)
+    if not _SAMPLE.fullmatch(image):
+        raise ApiError(
+            409,
+            f"this run's inputs are signals of {c} channels x {t} samples: Explain attributes "
+            f"a dataset sample's signal (sample-N), and uploads (images) do not apply; got "
+            f"{image!r}",
+        )
+    _check_sample(s, image)
     return image
 
 
@@ -629,8 +654,13 @@ def _compute(s: Session, model: Any, x: Any, method: str, target: str, layer: st
     delta = None if ex.delta is None else float(ex.delta.reshape(-1)[0])
     # token ids (one score per token) and feature vectors (one per feature): a (1, L) map
     flat = prep.xb.dim() == 2 and (not prep.xb.is_floating_point() or s.vector_length() is not None)
+    if s.signal_shape() is not None:  # (C, T) per channel, or (1, T): one value per position
+        sig = ex.signal(0).float().cpu()
+        heat = sig[None] if sig.dim() == 1 else sig
+    else:
+        heat = ex.attribution[:1].float().cpu() if flat else ex.heatmap(0).float().cpu()
     return Result(
-        heat=ex.attribution[:1].float().cpu() if flat else ex.heatmap(0).float().cpu(),
+        heat=heat,
         signed=bool(ex.signed),
         target=resolved,
         target_class=cls,
@@ -665,6 +695,13 @@ def _concept_key(
 
     if not hasattr(xp, "concepts"):
         raise ApiError(404, "this lurker has no concept relevance (lurker.explain.concepts)")
+    if s.signal_shape() is not None:
+        raise ApiError(
+            409,
+            "concept relevance draws each unit's conditional heatmap on an image, and this "
+            "run's inputs are signals: the attribution methods (explain/METHOD) score them "
+            "along time",
+        )
     image = _image_id(s, image)
     if layer is None:
         layer = default_concept_layer(s, target)
@@ -890,7 +927,9 @@ def methods(request: Request, run_id: str) -> ExplainMethods:
         default_layer=None,  # Grad-CAM's: lurker.explain's own, per image (see _key)
         concept_layer=default_concept_layer(s, "top"),
         layers=layers,
-        concepts=hasattr(sys.modules.get("lurker.explain"), "concepts"),
+        # concept relevance draws a unit's share on an image (none on a signal yet)
+        concepts=hasattr(sys.modules.get("lurker.explain"), "concepts")
+        and s.signal_shape() is None,
     )
 
 
@@ -1156,6 +1195,14 @@ def _explain_png(s: Session, image: str, r: Result, overlay: bool, opacity: floa
             f"this run's inputs are sequences of {length} token ids, which have no picture: "
             "the explanation's JSON (the same URL without .png) holds each token's score",
         )
+    signal = s.signal_shape()
+    if signal is not None:
+        raise ApiError(
+            409,
+            f"this run's inputs are signals of {signal[0]} channels x {signal[1]} samples, "
+            "which have no picture: the explanation's JSON (the same URL without .png) holds "
+            "the scores along time (signal_scores)",
+        )
     features = s.vector_length()
     if features is not None:
         raise ApiError(
@@ -1216,7 +1263,13 @@ def _result_doc(s: Session, image: str, method: str, r: Result, cached: bool) ->
             tokens = None
         vocab = s.vocab()
         text = None if tokens is None or vocab is None else words_of(tokens, vocab)
+    signal_scores = None
+    if s.signal_shape() is not None:  # per channel along time, or one row per position
+        signal_scores = [
+            [float(v) if math.isfinite(v) else None for v in row] for row in r.heat.tolist()
+        ]
     return ExplainResult(
+        signal_scores=signal_scores,
         image=image,
         method=method,
         target=r.target,
