@@ -219,7 +219,120 @@ def test_explain_page_draws_each_method_along_time(browser: Any, served: dict, t
         pg.screenshot(path=str(tmp_path / "explain-1280.png"), full_page=True)
         pg.set_viewport_size({"width": 800, "height": 600})
         pg.screenshot(path=str(tmp_path / "explain-800.png"))
-        import shutil
 
-        shutil.copy(tmp_path / "explain-1280.png", "/tmp/qf59_/explain-1280.png")
-        shutil.copy(tmp_path / "explain-800.png", "/tmp/qf59_/explain-800.png")
+
+def _columns(row: torch.Tensor, n: int) -> tuple[list[float | None], list[float | None]]:
+    """Numpy's array_split of ``row`` into ``n`` columns, each column's min and max (None
+    where one is not finite): the oracle of a tile."""
+    import numpy as np
+
+    parts = np.array_split(row.double().numpy(), n)
+    lo = [float(c.min()) if np.isfinite(c).all() else None for c in parts]
+    hi = [float(c.max()) if np.isfinite(c).all() else None for c in parts]
+    return lo, hi
+
+
+def test_layer_tiles_carry_each_units_top_sample_and_its_peaks_span(served: dict):
+    """The layer grid's tiles drew "no image": the layer document now gives each unit's
+    top sample (by forward hooks) cut into columns of min..max of the dataset's values, and
+    the span its peak sees (by hand)."""
+    url, data, model = served["url"], served["data"], served["model"]
+    xs = data.tensors[0]
+    maps = _maps(model, xs)["3"]
+    doc = get_json(f"{url}/api/runs/{RID}/layers/3")
+    assert doc["signals_error"] is None
+    for u in doc["units"]:
+        peak, where = maps[:, u["unit"]].max(1)
+        top = int(peak.argmax())
+        assert u["top_max"] == top
+        assert u["top_max_span"] == _span("3", int(where[top]))
+        tile = doc["signals"][str(top)]
+        assert tile["length"] == T and tile["channels"] == C and len(tile["starts"]) == 48
+        for ch in range(C):
+            assert (tile["lo"][ch], tile["hi"][ch]) == _columns(xs[top, ch], 48)
+
+
+def test_a_long_signals_tile_is_bounded_and_keeps_its_extremes_and_gaps():
+    """A tile of 10 channels x 5,001 samples sends 8 channels x 48 columns, each column its
+    exact min and max (no spike averaged away); a column holding a NaN is a gap."""
+    from lurker.server.routes.layers import signal_tile
+
+    x = torch.randn(10, 5001, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    x[2, 4000] = 50.0
+    x[1, 17] = float("nan")
+    values = [[v if v == v else None for v in row] for row in x.tolist()]
+    tile = signal_tile(values)
+    assert tile.length == 5001 and tile.channels == 10 and len(tile.lo) == 8
+    for ch in range(8):
+        assert (tile.lo[ch], tile.hi[ch]) == _columns(x[ch], 48)
+    assert max(v for v in tile.hi[2] if v is not None) == 50.0
+    assert tile.lo[1][0] is None and tile.hi[1][0] is None
+
+
+def test_the_samples_page_lists_each_samples_signal(served: dict):
+    url, xs = served["url"], served["data"].tensors[0]
+    page = get_json(f"{url}/api/runs/{RID}/samples?offset=5&limit=10")
+    assert page["signal_error"] is None
+    for s in page["samples"]:
+        tile = s["signal"]
+        assert tile["length"] == T and tile["channels"] == C
+        assert [(tile["lo"][c], tile["hi"][c]) for c in range(C)] == [
+            _columns(xs[s["id"], c], 48) for c in range(C)
+        ]
+    bare = get_json(f"{served['bare']}/api/runs/{RID}/samples?limit=3")
+    assert all(s["signal"] is None for s in bare["samples"])
+    assert "dataset" in bare["signal_error"]
+
+
+def test_live_lines_are_the_ops_values_over_time(served: dict):
+    """The live view drew each unit of a Conv1d as a grayscale PNG one pixel high; the
+    lines it draws now come from every channel at once, equal to forward hooks."""
+    url, data, model = served["url"], served["data"], served["model"]
+    x = data.tensors[0][3:4]
+    out: dict[str, torch.Tensor] = {}
+    hooks = [
+        model[i].register_forward_hook(lambda m, a, o, n=i: out.__setitem__(n, o.detach()))
+        for i in (2, 3)
+    ]
+    with torch.no_grad():
+        model(x)
+    for hk in hooks:
+        hk.remove()
+    base = f"{url}/api/runs/{RID}/live/sample-3/ops/conv1d_2"
+    got = get_json(f"{base}/output")
+    assert got["shape"] == [5, 24]
+    assert torch.tensor(got["values"]) == pytest.approx(out[3][0].double(), abs=1e-5)
+    inp = get_json(f"{base}/input.json")  # the max-pool's output feeds it
+    assert torch.tensor(inp["values"]) == pytest.approx(out[2][0].double(), abs=1e-5)
+
+
+def test_layer_samples_home_and_live_pages_draw_signals(browser: Any, served: dict):
+    skip_without_browser()
+    url = served["url"]
+    doc = get_json(f"{url}/api/runs/{RID}/layers/3")
+    with strict_page(browser) as pg:
+        pg.goto(f"{url}/#/r/{RID}/layer/3")
+        pg.wait_for_selector(".unit-card .signal-tile svg")
+        assert pg.inner_text("#rf-text") == "10 samples, stride 4"
+        for u in doc["units"]:
+            tile = pg.locator(f'.unit-card[data-unit="{u["unit"]}"] .signal-tile')
+            assert int(tile.get_attribute("data-sample") or -1) == u["top_max"]
+            assert tile.locator("path.signal-line").count() == C
+            assert tile.locator("rect.signal-span").get_attribute("data-span") == (
+                f"{u['top_max_span'][0]} {u['top_max_span'][1]}"
+            )
+        assert pg.locator("img").count() == 0 and pg.locator(".no-img").count() == 0
+        pg.goto(f"{url}/#/r/{RID}/samples")
+        pg.wait_for_selector(".sample-card .signal-tile svg")
+        assert pg.locator(".sample-card .signal-tile path.signal-line").count() == 40 * C
+        assert pg.locator("img").count() == 0 and pg.locator(".no-img").count() == 0
+        pg.goto(f"{url}/#/r/{RID}")
+        pg.wait_for_selector("text=3 channels \u00d7 96 samples")
+        assert "image size" not in pg.inner_text("main")
+        pg.goto(f"{url}/#/r/{RID}/live?image=sample-3&op=conv1d_2")
+        pg.wait_for_selector('.unit-line[data-side="output"] svg')
+        assert pg.locator('.unit-line[data-side="output"] path.signal-line').count() == 5
+        assert pg.locator('.unit-line[data-side="input"]').count() == 4
+        assert pg.locator("#live-signal-input path.signal-line").count() == C
+        assert pg.locator(".preds li").count() == 2
+        assert pg.locator("img").count() == 0

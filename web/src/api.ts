@@ -126,6 +126,17 @@ export interface FeatureTile {
   top: { index: number; value: number | null }[];
 }
 
+/** A sample's signal as a tile draws it: per channel drawn (at most 8 of `channels`), per
+ * column of consecutive samples (`starts`: each column's first sample, at most 48), its
+ * least (`lo`) and greatest (`hi`) value; null where one is not finite. */
+export interface SignalTile {
+  length: number;
+  channels: number;
+  starts: number[];
+  lo: (number | null)[][];
+  hi: (number | null)[][];
+}
+
 export interface LayerDoc {
   /** units with a stored feature visualization ("channel" objective), null for none */
   featviz_units?: number[] | null;
@@ -138,7 +149,7 @@ export interface LayerDoc {
   rf: Record<string, unknown> | null;
   layout: Record<string, unknown> | null;
   histogram: Histogram;
-  units: { unit: number; mean: number | null; max: number | null; top_max: number | null; top_mean: number | null; top_max_peak?: number[] | null; top_max_tokens?: number[] | null; top_max_tokens_start?: number | null; top_max_token_text?: (string | null)[] | null }[];
+  units: { unit: number; mean: number | null; max: number | null; top_max: number | null; top_mean: number | null; top_max_peak?: number[] | null; top_max_tokens?: number[] | null; top_max_tokens_start?: number | null; top_max_token_text?: (string | null)[] | null; top_max_span?: number[] | null }[];
   /** Unit i's class name where the units are the model's output classes, else null. */
   class_names?: string[] | null;
   /** a run of feature vectors with its dataset: each unit's top max sample's values, by
@@ -146,6 +157,10 @@ export interface LayerDoc {
   features?: Record<string, FeatureTile> | null;
   /** why such a run's tiles have no values */
   features_error?: string | null;
+  /** a run of signals with its dataset: each unit's top max sample as its tile draws it */
+  signals?: Record<string, SignalTile> | null;
+  /** why such a run's tiles have no signals */
+  signals_error?: string | null;
 }
 
 export interface TopEntry {
@@ -306,6 +321,8 @@ export interface ListedSample extends SampleBrief {
   token_text?: (string | null)[] | null;
   /** a run of feature vectors with its dataset: its values binned as a layer tile's */
   features?: FeatureTile | null;
+  /** a run of signals with its dataset: the sample as a tile draws it */
+  signal?: SignalTile | null;
 }
 
 export interface SampleList {
@@ -315,6 +332,8 @@ export interface SampleList {
   tokens_error?: string | null;
   /** why a run of feature vectors lists no `features` */
   features_error?: string | null;
+  /** why a run of signals lists no `signal` */
+  signal_error?: string | null;
 }
 
 /** Image kinds of a top-k entry, by list, with the ranks a static export can show. */

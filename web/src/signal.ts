@@ -7,6 +7,7 @@
 import { axisBottom } from "d3-axis";
 import { scaleLinear } from "d3-scale";
 import { create } from "d3-selection";
+import type { SignalTile } from "./api";
 
 /** The channels' colours, in turn. */
 const COLOURS = ["#1f5fa8", "#c2410c", "#15803d", "#7e22ce", "#a16207", "#be123c", "#0e7490", "#4d7c0f"];
@@ -143,4 +144,53 @@ function linePath(c: (number | null)[], x: (v: number) => number, y: (v: number)
     move(x((a + b) / 2), y(mx));
   }
   return parts.join("");
+}
+
+/**
+ * A tile's small plot of a signal the server has cut into columns (a layer's or the
+ * samples page's tile: `SignalTile`), each column drawn from its least to its greatest
+ * value and joined to the next, one lane per channel on one scale, `span` shaded. A null
+ * column (a value that is not finite) breaks the line.
+ */
+export function signalTilePlot(tile: SignalTile, { width = 96, height = 64, span = null, label = "signal" }: SignalPlotOptions = {}): SVGSVGElement {
+  const channels = tile.lo.length;
+  const svg = create("svg")
+    .attr("class", "signal-plot signal-tile-plot")
+    .attr("viewBox", `0 0 ${width} ${height}`)
+    .attr("width", width)
+    .attr("height", height)
+    .attr("role", "img")
+    .attr("aria-label", label)
+    .attr("data-channels", tile.channels)
+    .attr("data-samples", tile.length);
+  svg.append("title").text(label);
+  const x = scaleLinear().domain([0, Math.max(1, tile.length)]).range([1, width - 1]);
+  if (span && span.length === 2 && span[1] > span[0]) {
+    svg.append("rect").attr("class", "signal-span").attr("x", x(span[0])).attr("width", Math.max(1, x(span[1]) - x(span[0]))).attr("y", 0).attr("height", height).attr("data-span", `${span[0]} ${span[1]}`);
+  }
+  let lo = Infinity;
+  let hi = -Infinity;
+  for (const c of [...tile.lo, ...tile.hi]) for (const v of c) if (v !== null) ((lo = Math.min(lo, v)), (hi = Math.max(hi, v)));
+  if (!(lo <= hi)) {
+    svg.append("text").attr("x", width / 2).attr("y", height / 2).attr("text-anchor", "middle").attr("font-size", 10).text("no finite values");
+    return svg.node()!;
+  }
+  if (lo === hi) ((lo -= 1), (hi += 1));
+  const lane = height / Math.max(1, channels);
+  for (let ch = 0; ch < channels; ch++) {
+    const y = scaleLinear().domain([lo, hi]).range([(ch + 1) * lane - 1, ch * lane + 1]);
+    const parts: string[] = [];
+    let pen = false;
+    tile.starts.forEach((a, i) => {
+      const b = tile.starts[i + 1] ?? tile.length;
+      const mn = tile.lo[ch][i];
+      const mx = tile.hi[ch][i];
+      if (mn === null || mx === null) return void (pen = false);
+      const px = x((a + b) / 2).toFixed(1);
+      parts.push(`${pen ? "L" : "M"}${px},${y(mn).toFixed(1)}L${px},${y(mx).toFixed(1)}`);
+      pen = true;
+    });
+    svg.append("path").attr("class", "signal-line").attr("data-channel", ch).attr("fill", "none").attr("stroke", COLOURS[ch % COLOURS.length]).attr("stroke-width", 1).attr("d", parts.join(""));
+  }
+  return svg.node()!;
 }

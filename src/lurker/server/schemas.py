@@ -217,6 +217,9 @@ class UnitBrief(BaseModel):
     #: The unit holds its ``max`` on every sample at every position (a ReLU that never
     #: fires: 0): its top lists are ties, ranked by sample id alone.
     constant: bool = False
+    #: A run of signals: the half-open span ``[t0, t1)`` of samples that max sample's peak
+    #: sees (its receptive field, clipped); null on a layer without positions or elsewhere.
+    top_max_span: list[int] | None = None
 
 
 class UnitWeight(BaseModel):
@@ -259,6 +262,25 @@ class FeatureTile(BaseModel):
     top: list[FeatureValue]
 
 
+class SignalTile(BaseModel):
+    """A sample's signal as a tile draws it: per channel, each pixel column's minimum and
+    maximum (every extreme kept, none averaged away), not every value (a layer of 2,000
+    units over 8 x 4,000 samples would send 64 million numbers)."""
+
+    #: how many samples (time steps) the signal holds
+    length: int
+    #: how many channels it holds (``lo``/``hi`` carry at most the first 8)
+    channels: int
+    #: the first sample of each column (consecutive samples, at most 48 columns, in order;
+    #: column ``i`` runs to ``starts[i + 1] - 1``, the last to ``length - 1``); one per
+    #: sample where the signal is that short
+    starts: list[int]
+    #: per channel drawn, per column: the least value in it (null where one is not finite)
+    lo: list[list[float | None]]
+    #: per channel drawn, per column: the greatest value in it (null where one is not finite)
+    hi: list[list[float | None]]
+
+
 class LayerDetail(BaseModel):
     layer: LayerBrief
     rf: dict[str, Any] | None = None
@@ -285,6 +307,12 @@ class LayerDetail(BaseModel):
     features: dict[str, FeatureTile] | None = None
     #: Why such a run's tiles have no feature values (no dataset, or one that changed).
     features_error: str | None = None
+    #: Where the run's inputs are signals and its dataset is at hand: each unit's
+    #: ``top_max`` sample as its tile draws it (per column min..max), by sample id; null
+    #: otherwise.
+    signals: dict[str, SignalTile] | None = None
+    #: Why such a run's tiles have no signals (no dataset, or one that changed).
+    signals_error: str | None = None
 
 
 class UnitLayer(BaseModel):
@@ -473,6 +501,9 @@ class ListedSample(SampleModel):
     #: A run of feature vectors: the sample's values as a layer tile bins them; null
     #: otherwise or without the dataset.
     features: FeatureTile | None = None
+    #: A run of signals: the sample as a tile draws it (per column min..max); null
+    #: otherwise or without the dataset.
+    signal: SignalTile | None = None
 
 
 class SamplePage(BaseModel):
@@ -485,6 +516,8 @@ class SamplePage(BaseModel):
     tokens_error: str | None = None
     #: Why a run of feature vectors lists its samples without ``features``; null otherwise.
     features_error: str | None = None
+    #: Why a run of signals lists its samples without ``signal``; null otherwise.
+    signal_error: str | None = None
 
 
 class Prediction(BaseModel):

@@ -15,7 +15,7 @@ export async function renderHome(root: HTMLElement, ctx: PageContext): Promise<v
   // inputs with no picture (token ids, feature vectors): the image facts do not apply, a
   // top-k entry is a sample, and the live view takes a typed input instead of an image
   const tokens = d.tokens ?? null;
-  const pictureless = tokens !== null || (d.features ?? null) !== null;
+  const pictureless = tokens !== null || (d.features ?? null) !== null || (d.signal ?? null) !== null;
   const shownClasses = d.classes.slice(0, 40).join(", ") + (classes > 40 ? `, … (${classes - 40} more)` : "");
   append(root, 
     h("h1", null, m.name ?? ctx.run, h("span", { class: "sub" }, ` · run `, h("code", null, s.id))),
@@ -49,6 +49,8 @@ export async function renderHome(root: HTMLElement, ctx: PageContext): Promise<v
             ? ["tokens per sample", fmt(tokens)]
             : d.features != null
               ? ["features per sample", fmt(d.features)]
+              : d.signal
+              ? ["signal", `${fmt(d.signal[0])} channel${d.signal[0] === 1 ? "" : "s"} × ${fmt(d.signal[1])} samples`]
               : ["image size", Array.isArray(d.image_size) ? shape(d.image_size) : fmt(d.image_size)],
           tokens !== null ? ["vocabulary", d.vocab_size ? `${fmt(d.vocab_size)} tokens` : h("span", { class: "muted" }, "none: ids shown (lurker serve RUN --vocab FILE)")] : null,
           pictureless ? null : ["skipped files", d.skipped_count ? String(d.skipped_count) : "none"],
@@ -85,7 +87,8 @@ export async function renderHome(root: HTMLElement, ctx: PageContext): Promise<v
           { class: "entry-links" },
           h("a", { class: "button", href: ctx.href("samples") }, "Browse samples"),
           s.holds.graph ? h("a", { class: "button", href: ctx.href("graph") }, "Open the graph") : null,
-          s.holds.live ? h("a", { class: "button", href: ctx.href("live") }, pictureless ? "Live: type an input" : "Live view") : null,
+          // token ids and feature vectors are typed into Live; a signal is a dataset sample
+          s.holds.live ? h("a", { class: "button", href: ctx.href("live") }, tokens !== null || (d.features ?? null) !== null ? "Live: type an input" : "Live view") : null,
           s.holds.map ? h("a", { class: "button", href: ctx.href("map") }, "Dataset map") : null,
           // the Explain page works wherever explanations can be made or were precomputed
           s.holds.live || explained ? h("a", { class: "button", href: ctx.href("explain") }, pictureless ? "Explain a sample" : "Explain an image") : null,

@@ -5,6 +5,7 @@ import type { PageContext } from "../context";
 import { append, facts, fill, fmt, h, notice, shape, withId } from "../dom";
 import { featureBins, featureName, featureScale, imageState, noImage, patchless, tokenMeanOver, tokenSequence } from "../images";
 import { outputClass } from "../classes";
+import { signalTilePlot } from "../signal";
 
 const SORTS = ["max", "mean", "index"] as const;
 /** Cards built before the page first shows: more than a large screen holds. */
@@ -46,7 +47,9 @@ export async function renderLayer(root: HTMLElement, ctx: PageContext, args: str
   const vectors = (images.features ?? null) !== null;
   // (each bin holds its largest |value|: the strips' scale is every value's)
   const scale = featureScale(Object.values(doc.features ?? {}).map((t) => t.strip));
-  const thumbs = images.tokens !== null ? ["tokens"] : vectors ? ["features", ...(featviz.size ? ["featviz"] : [])] : ["input", ...(positions > 1 ? ["crop"] : []), ...(featviz.size ? ["featviz"] : [])];
+  // signals (a 1-D model's inputs, channels by time): a tile draws the top sample's lines
+  const signal = images.signal ?? null;
+  const thumbs = signal !== null ? ["signal"] : images.tokens !== null ? ["tokens"] : vectors ? ["features", ...(featviz.size ? ["featviz"] : [])] : ["input", ...(positions > 1 ? ["crop"] : []), ...(featviz.size ? ["featviz"] : [])];
   let thumb = thumbs.includes(params.get("thumb") ?? "") ? (params.get("thumb") as string) : thumbs[0];
   // units constant on the dataset (a ReLU that never fires): their top lists are ties,
   // so their tiles say so instead of showing a top image
@@ -66,7 +69,9 @@ export async function renderLayer(root: HTMLElement, ctx: PageContext, args: str
   // a video model's layer (frames, rows, columns): a tile is one frame of a clip
   const clip = Array.isArray(doc.layout?.["positions"]) && (doc.layout?.["positions"] as unknown[]).length === 3;
   const tileText = (): string =>
-    thumb === "features"
+    thumb === "signal"
+      ? `Each tile: the signal of the sample that excites the unit most (its top sample by max), one line per channel${signal && signal[0] > 8 ? " (its first 8 of " + fmt(signal[0]) + ")" : ""} on one scale, each pixel column its samples' least to greatest value${positions > 1 ? "; shaded: the samples its peak sees (its receptive field)" : " (the unit sees the whole signal)"}`
+      : thumb === "features"
       ? `Each tile: the feature values of the sample that excites the unit most (its top sample by max), one cell per feature in order (at most 64 cells: beyond, each cell spans consecutive features and shows the one of largest |value|), red above 0 and blue below (one scale for every tile: |value| ${fmt(scale)} is the deepest colour), and its ${Math.min(3, images.features ?? 0)} largest by |value| named`
       : thumb === "tokens"
       ? `Each tile: the token ids of the sample that excites the unit most (its top sample by max)${positions > 1 && positions === images.tokens ? ", around the token where it peaks, which is marked" : ", its first ones (this layer has no axis of one position per token)"}`
@@ -80,7 +85,14 @@ export async function renderLayer(root: HTMLElement, ctx: PageContext, args: str
           ? "Each tile: the clip that excites the unit most (its top sample by max), shown as the frame where the unit peaked"
           : "Each tile: the sample that excites the unit most (its top sample by max)";
 
-  const thumbnail = (unit: number, top: number | null, constant: number | null, peak: number[] | null = null, window: { start: number; tokens: number[]; words: (string | null)[] | null } | null = null): HTMLElement => {
+  const thumbnail = (unit: number, top: number | null, constant: number | null, peak: number[] | null = null, window: { start: number; tokens: number[]; words: (string | null)[] | null } | null = null, span: number[] | null = null): HTMLElement => {
+    if (thumb === "signal" && constant === null) {
+      if (top === null) return noImage("no top sample");
+      const tile = doc.signals?.[String(top)];
+      if (!tile) return noImage(`top: sample #${top}; signal not at hand`);
+      const label = `sample ${top}${span ? `: its peak sees samples ${span[0]}–${span[1] - 1}` : ""}`;
+      return h("div", { class: "signal-tile", title: label, "data-sample": top, "data-span": span ? span.join(" ") : null }, signalTilePlot(tile, { width: 96, height: 64, span, label }));
+    }
     if (thumb === "tokens" && constant === null) {
       if (top === null) return noImage("no top sample");
       if (!window) return noImage("token ids not at hand");
@@ -143,7 +155,7 @@ export async function renderLayer(root: HTMLElement, ctx: PageContext, args: str
       el = h(
         "a",
         { class: u.constant ? "unit-card constant" : "unit-card", role: "listitem", href: ctx.href("unit", name, u.unit), "data-unit": u.unit, "data-constant": u.constant ? "1" : null },
-        thumbnail(u.unit, u.top_max, u.constant ? u.max ?? 0 : null, u.top_max_peak ?? null, u.top_max_tokens ? { start: u.top_max_tokens_start ?? 0, tokens: u.top_max_tokens, words: u.top_max_token_text ?? null } : null),
+        thumbnail(u.unit, u.top_max, u.constant ? u.max ?? 0 : null, u.top_max_peak ?? null, u.top_max_tokens ? { start: u.top_max_tokens_start ?? 0, tokens: u.top_max_tokens, words: u.top_max_token_text ?? null } : null, u.top_max_span ?? null),
         h("span", { class: "unit-id" }, `unit ${u.unit}`),
         className(u.unit) === null ? null : h("span", { class: "unit-class", title: `the ${l.class_value} of ${outputClass(className(u.unit) ?? "", u.unit)}` }, outputClass(className(u.unit) ?? "", u.unit)),
         h("span", { class: "unit-stats", title: statsText }, h("span", null, `max ${fmt(u.max)}`), h("span", null, `mean ${fmt(u.mean)}`)),
@@ -226,7 +238,7 @@ export async function renderLayer(root: HTMLElement, ctx: PageContext, args: str
           ["units", fmt(l.num_units)],
           ...(classNames ? [["units are", h("span", { id: "class-units" }, `the model's output: the ${l.class_value === "score" ? "score (logit)" : l.class_value} of each class, unit i for class i`)] as [string, Node]] : []),
           ["constant units", h("span", { id: "constant-count" }, constantCount ? `${fmt(constantCount)} of ${fmt(l.num_units)}${silent === constantCount ? ` (0 everywhere${/relu/i.test(l.kind ?? "") ? ": never fire" : ""})` : ""}` : "none")],
-          ["receptive field", rfText(doc.rf)],
+          ["receptive field", h("span", { id: "rf-text" }, rfText(doc.rf, signal !== null))],
         ]),
       ),
       h(
@@ -246,6 +258,7 @@ export async function renderLayer(root: HTMLElement, ctx: PageContext, args: str
       : null,
     images.notice,
     doc.features_error ? withId(notice(`No feature values to show: ${doc.features_error.replace(/\.+$/, "")}.`), "features-error") : null,
+    doc.signals_error ? withId(notice(`No signals to draw: ${doc.signals_error.replace(/\.+$/, "")}.`), "signals-error") : null,
     // a static export without some samples' images: why, once (the tiles say it in a word)
     index?.no_image && doc.units.some((u) => u.top_max !== null && index.thumbs[u.unit] === null)
       ? withId(notice(`Some tiles have no image: ${index.no_image.replace(/\.+$/, "")}.`), "no-image-why")
@@ -328,11 +341,17 @@ export function unitsText(shapeNoBatch: number[], units: number, layout: Record<
 }
 
 /** `7×7 px, stride 2×2` from the receptive-field record's y and x axes; on a video
- * model's layer also its frames, as many as a clip of the probed length lets it see. */
-function rfText(rf: Record<string, unknown> | null): string {
+ * model's layer also its frames, as many as a clip of the probed length lets it see; on a
+ * signal's (`signal`: its one axis, time, is the record's x) `16 samples, stride 4`. */
+export function rfText(rf: Record<string, unknown> | null, signal = false): string {
   const y = rf?.["y"] as { size?: number; stride?: number } | undefined;
   const x = rf?.["x"] as { size?: number; stride?: number } | undefined;
   if (!y || !x || y.size === undefined || x.size === undefined) return rf ? "recorded" : "–";
+  if (signal) {
+    if (x.stride === 0) return "the whole signal"; // its time axis reduced away
+    const samples = `${fmt(x.size)} sample${x.size === 1 ? "" : "s"}, stride ${fmt(x.stride)}`;
+    return rf?.["full"] === true ? `the whole signal (${samples})` : samples;
+  }
   if (y.stride === 0 && x.stride === 0) return "the whole input"; // spatial axes reduced away
   const time = framesText(rf);
   const size = `${fmt(y.size)}×${fmt(x.size)} px, stride ${fmt(y.stride)}×${fmt(x.stride)}${time}`;

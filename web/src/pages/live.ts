@@ -17,6 +17,7 @@ import { imageTitle } from "../images";
 import { imagePicker } from "../picker";
 import { classLabel, namesWidth } from "../classes";
 import { renderFlatLive } from "./live_flat";
+import { renderSignalLive } from "./live_signal";
 
 interface ViewNode {
   l: string;
@@ -59,6 +60,11 @@ export async function renderLive(root: HTMLElement, ctx: PageContext): Promise<v
   if ((summary.dataset.tokens ?? null) !== null || (summary.dataset.features ?? null) !== null) {
     root.querySelector("h1 .sub")!.textContent = ` the model on one typed ${summary.dataset.tokens != null ? "sequence" : "feature vector"}, layer by layer`;
     await renderFlatLive(root, ctx, summary);
+    return;
+  }
+  // signals (channels by time) are drawn as lines: a unit's map is one row over time
+  if ((summary.dataset.signal ?? null) !== null) {
+    await renderSignalLive(root, ctx, summary, fillPicker, showOp);
     return;
   }
   const params = new URLSearchParams(ctx.params);

@@ -5,6 +5,7 @@ import type { PageContext } from "../context";
 import { append, fmt, h, notice, withId } from "../dom";
 import { featureBins, featureName, featureScale, imageState, noImage, tokenSequence, type ImageState } from "../images";
 import { classLabel, classText } from "../classes";
+import { signalTilePlot } from "../signal";
 
 const LIMIT = 100;
 
@@ -12,7 +13,7 @@ export async function renderSamples(root: HTMLElement, ctx: PageContext): Promis
   const offset = Math.max(0, Math.floor(Number(ctx.params.get("offset") ?? 0)) || 0);
   // a static export holds the samples some unit ranks in its top-k: list those only
   const [exported, images] = await Promise.all([ctx.api.isStatic ? ctx.api.exportedSamples(ctx.run) : null, imageState(ctx)]);
-  const list: { total: number; samples: (ListedSample & { image?: boolean })[]; tokens_error?: string | null; features_error?: string | null } = exported
+  const list: { total: number; samples: (ListedSample & { image?: boolean })[]; tokens_error?: string | null; features_error?: string | null; signal_error?: string | null } = exported
     ? { total: exported.samples.length, samples: exported.samples.slice(offset, offset + LIMIT) }
     : await ctx.api.json<SampleList>(p("runs", ctx.run, "samples") + `?offset=${offset}&limit=${LIMIT}`);
   document.title = `samples · ${ctx.run} · lurker`;
@@ -20,9 +21,11 @@ export async function renderSamples(root: HTMLElement, ctx: PageContext): Promis
   const last = Math.max(0, Math.floor((list.total - 1) / LIMIT) * LIMIT);
   const past = offset > 0 && offset >= list.total;
   // a run with no picture: each tile shows the sample's tokens or feature strip instead
-  const flat = images.tokens !== null || (images.features ?? null) !== null;
-  const what = images.tokens !== null ? "tokens" : "feature values";
-  const flatWhy = images.tokens !== null ? list.tokens_error : list.features_error;
+  // (a signal's tile draws its lines)
+  const signal = (images.signal ?? null) !== null;
+  const flat = images.tokens !== null || (images.features ?? null) !== null || signal;
+  const what = images.tokens !== null ? "tokens" : signal ? "signals" : "feature values";
+  const flatWhy = images.tokens !== null ? list.tokens_error : signal ? list.signal_error : list.features_error;
   const scale = featureScale(list.samples.map((s) => s.features?.strip));
   const pager = () =>
     h(
@@ -91,6 +94,10 @@ export async function renderSamples(root: HTMLElement, ctx: PageContext): Promis
  * vocabulary) or its feature strip (at most 64 cells, as the layer page's tiles), or a grey
  * tile where the dataset cannot give them (the page says why once). */
 function flatTile(s: ListedSample, images: ImageState, scale: number): HTMLElement {
+  if (s.signal) {
+    const label = `sample ${s.id}: ${s.signal.channels} channel${s.signal.channels === 1 ? "" : "s"} × ${s.signal.length} samples`;
+    return h("div", { class: "signal-tile", title: label, "data-sample": s.id }, signalTilePlot(s.signal, { width: 80, height: 56, label }));
+  }
   if (s.tokens) return h("div", { class: "tok-thumb", title: `sample ${s.id}: its first ${s.tokens.length} of ${images.tokens ?? s.tokens.length} tokens` }, tokenSequence(s.tokens, null, 0, images.tokens ?? s.tokens.length, s.token_text ?? null));
   if (s.features)
     return h(
@@ -99,7 +106,7 @@ function flatTile(s: ListedSample, images: ImageState, scale: number): HTMLEleme
       featureBins(s.features, images.featureNames, scale),
       ...s.features.top.map(({ index, value }) => h("span", { class: "feat-top", "data-feature": index }, h("span", { class: "feat-name" }, featureName(images.featureNames, index)), h("span", { class: "feat-num" }, value === null ? "not finite" : fmt(value)))),
     );
-  return noImage(images.tokens !== null ? "tokens not at hand" : "values not at hand");
+  return noImage(images.tokens !== null ? "tokens not at hand" : (images.signal ?? null) !== null ? "signal not at hand" : "values not at hand");
 }
 
 /** What the two lines under each tile are; where the run records the model's predictions,

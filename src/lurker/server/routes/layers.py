@@ -18,10 +18,18 @@ from ..schemas import (
     FeatureValue,
     Histogram,
     LayerDetail,
+    SignalTile,
     UnitBrief,
     UnitWeight,
 )
-from ..state import positions_per_sample, token_length, token_window, vector_length
+from ..state import (
+    positions_per_sample,
+    signal_shape,
+    signal_span,
+    token_length,
+    token_window,
+    vector_length,
+)
 from .runs import layer_brief
 
 router = APIRouter(prefix="/api", tags=["layers"])
@@ -49,6 +57,12 @@ def layer_detail(request: Request, run_id: str, layer: str) -> LayerDetail:
         lambda: _top_features(request, e, rows),
         keep=lambda made: made[1] is None,  # not a reason the dataset cannot give them
     )
+    signals, signals_error = session(request, e).cached(
+        ("layer-signals", e.generation, layer),
+        lambda: _top_signals(request, e, rows),
+        keep=lambda made: made[1] is None,
+    )
+    shape = signal_shape(e.open_run())
     return LayerDetail(
         layer=layer_brief(info, value),
         rf=info.rf,
@@ -66,6 +80,9 @@ def layer_detail(request: Request, run_id: str, layer: str) -> LayerDetail:
                 top_mean=tn if tn >= 0 else None,
                 constant=constant,
                 top_max_peak=None if peak is None else list(peak),
+                top_max_span=None
+                if shape is None or peak is None or tm < 0
+                else signal_span(info, peak[-1], shape[1]),
                 top_max_tokens=windows[u][1] if u in windows else None,
                 top_max_tokens_start=windows[u][0] if u in windows else None,
                 top_max_token_text=(
@@ -81,6 +98,8 @@ def layer_detail(request: Request, run_id: str, layer: str) -> LayerDetail:
         class_names=class_names(e.open_run()) if value else None,
         features=features,
         features_error=features_error,
+        signals=signals,
+        signals_error=signals_error,
     )
 
 
@@ -126,6 +145,53 @@ def feature_tile(values: list[float | None], bins: int = TILE_BINS, top: int = 3
         strip=strip,
         top=[FeatureValue(index=i, value=values[i]) for i in order[:top]],
     )
+
+
+#: the most pixel columns a signal tile draws (each its samples' min..max beyond)
+TILE_COLUMNS = 48
+#: the most channels a signal tile draws (lanes of a 96-pixel tile: more would be hairs)
+TILE_CHANNELS = 8
+
+
+def _top_signals(
+    request: Request, e: Any, rows: list[Any]
+) -> tuple[dict[str, SignalTile] | None, str | None]:
+    """On a run of signals: each unit's top max sample (by sample id: units share samples)
+    as its tile draws it in place of an image, or why the dataset cannot give them."""
+    if signal_shape(e.open_run()) is None:
+        return None, None
+    s = session(request, e)
+    tops = list(dict.fromkeys(tm for _, _, _, tm, _, _, _ in rows if tm >= 0))
+    tiles, why = s.read_samples(
+        tops, lambda sid: signal_tile(s.sample_signal(sid, e.sample_row(sid)[1]))
+    )
+    if tiles is None:
+        return None, why
+    return {str(sid): tile for sid, tile in zip(tops, tiles, strict=True)}, None
+
+
+def signal_tile(
+    values: list[list[float | None]], columns: int = TILE_COLUMNS, channels: int = TILE_CHANNELS
+) -> SignalTile:
+    """``values`` (one list per channel) as a tile draws them: per channel (the first
+    ``channels``), at most ``columns`` columns of consecutive samples (numpy's
+    array_split), each its least and greatest value; null where one is not finite (a NaN
+    is shown as a gap, not hidden by its neighbours)."""
+    n = len(values[0]) if values else 0
+    b = max(1, min(n, columns))
+    starts = [i * (n // b) + min(i, n % b) for i in range(b)] if n else []
+    lo: list[list[float | None]] = []
+    hi: list[list[float | None]] = []
+    for row in values[:channels]:
+        lo.append([])
+        hi.append([])
+        for i, first in enumerate(starts):
+            cell = row[first : starts[i + 1] if i + 1 < len(starts) else n]
+            finite = [v for v in cell if v is not None]
+            whole = len(finite) == len(cell)
+            lo[-1].append(min(finite) if whole else None)
+            hi[-1].append(max(finite) if whole else None)
+    return SignalTile(length=n, channels=len(values), starts=starts, lo=lo, hi=hi)
 
 
 def _token_windows(

@@ -491,6 +491,49 @@ def _channel_map(
     return node.label, maps[channel].numpy()
 
 
+#: The most values one request for all of an op's lines returns (units x time steps).
+MAX_LINE_VALUES = 2_000_000
+
+
+@json_get(
+    router,
+    "/runs/{run_id}/live/{image}/ops/{op}/{side}",
+    MapValues,
+    "Every channel of a 1-D op's input or output (units x time), raw values",
+)
+async def lines_json(
+    request: Request, run_id: str, image: str, op: str, side: Literal["input", "output"]
+) -> MapValues:
+    """All channels of an op over time at once, ``shape`` ``[channels, T]``: what the live
+    view of a run of signals draws as one line per unit (a map one row high would be a
+    strip of grey pixels). 409 on a map with rows (an image's: ask per channel)."""
+
+    def work(s: Session) -> MapValues:
+        node, inp, out = s.op_maps(_image_id(s, image), op)
+        pair = inp if side == "input" else out
+        if pair is None:
+            raise ApiError(404, f"op {node.label!r} has no tensor input to show (its input: none)")
+        maps = pair.maps.numpy()
+        if maps.shape[1] != 1:
+            raise ApiError(
+                409,
+                f"the {side} of {node.label!r} has maps of {maps.shape[1]} x {maps.shape[2]} "
+                "positions, not one row over time: ask for one channel at a time "
+                f"(.../ops/{node.label}/{side}/CHANNEL)",
+            )
+        if maps.size > MAX_LINE_VALUES:
+            raise ApiError(
+                413,
+                f"the {side} of {node.label!r} holds {maps.size:,} values (more than "
+                f"{MAX_LINE_VALUES:,} at once): ask for one channel at a time "
+                f"(.../ops/{node.label}/{side}/CHANNEL)",
+            )
+        a = maps[:, 0, :]
+        return MapValues(shape=list(a.shape), **_values(a))
+
+    return await live_call(request, run_id, work)
+
+
 @router.get(
     "/runs/{run_id}/live/{image}/ops/{op}/{side}/{channel}.png",
     response_class=Response,

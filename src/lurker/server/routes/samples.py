@@ -22,7 +22,7 @@ from ..schemas import (
     SamplePage,
 )
 from ..session import Session
-from .layers import feature_tile
+from .layers import feature_tile, signal_tile
 
 router = APIRouter(prefix="/api", tags=["samples"])
 
@@ -60,7 +60,20 @@ def list_samples(
         page.tokens_error = add_listed_tokens(s, page.samples)
     if s.vector_length() is not None:
         page.features_error = add_listed_features(s, page.samples)
+    if s.signal_shape() is not None:
+        page.signal_error = add_listed_signals(s, page.samples)
     return page
+
+
+def add_listed_signals(s: Session, samples: list[ListedSample]) -> str | None:
+    """Each listed sample's signal as a layer tile draws it (per column min..max: a page of
+    1000 long recordings stays small), or why they are not at hand."""
+    tiles, why = s.read_samples(samples, lambda x: signal_tile(s.sample_signal(x.id, x.path)))
+    if tiles is None:
+        return why
+    for x, tile in zip(samples, tiles, strict=True):
+        x.signal = tile
+    return None
 
 
 def add_listed_tokens(s: Session, samples: list[ListedSample]) -> str | None:

@@ -1,0 +1,134 @@
+/**
+ * The live view of a run of signals (each sample channels by time, read by a Conv1d
+ * stack): a dataset sample drawn as lines, the model's top 5 on it, and the chosen op's
+ * input and output one line per unit over time, each unit on its own scale (a unit's map
+ * is one row over time: as a grayscale image it would be a strip one pixel high).
+ */
+import { p, type LiveImage, type LiveOp, type RunSummary, type SampleDoc } from "../api";
+import type { PageContext } from "../context";
+import { append, fmt, h, notice, pct } from "../dom";
+import { classLabel, namesWidth } from "../classes";
+import { signalPlot } from "../signal";
+
+interface Lines {
+  shape: number[];
+  values: (number | null)[][];
+  nonfinite?: Record<string, number>;
+}
+
+type Picker = (el: HTMLElement, ctx: PageContext, summary: RunSummary, current: string | null, choose: (label: string) => void) => Promise<void>;
+
+export async function renderSignalLive(root: HTMLElement, ctx: PageContext, summary: RunSummary, fillPicker: Picker, showOp: (el: HTMLElement, ctx: PageContext, image: string, op: string) => Promise<void>): Promise<void> {
+  const [channels, length] = summary.dataset.signal ?? [0, 0];
+  root.querySelector("h1 .sub")!.textContent = " the model on one sample of the dataset (a signal), op by op";
+  const params = new URLSearchParams(ctx.params);
+  const image = params.get("image");
+  const sample = /^sample-(\d+)$/.exec(image ?? "");
+  const op = params.get("op") ?? (sample ? summary.layers.find((l) => l.op)?.op ?? null : null);
+  const go = (next: Record<string, string | null>) => {
+    const q = new URLSearchParams(params);
+    for (const [k, v] of Object.entries(next)) (v === null ? q.delete(k) : q.set(k, v));
+    ctx.navigate(ctx.href("live") + "?" + q);
+  };
+  const last = Math.max(0, (summary.dataset.size ?? 1) - 1);
+  const field = h("input", { type: "number", min: 0, max: last, value: sample ? sample[1] : "0", id: "live-sample", "aria-label": "sample id" });
+  const left = h(
+    "section",
+    { class: "card live-signal-pick" },
+    h("h3", null, "Sample"),
+    h("p", { class: "muted small" }, `The inputs are signals of ${fmt(channels)} channel${channels === 1 ? "" : "s"} × ${fmt(length)} samples: pick one of the dataset's samples (0–${fmt(last)}); an image upload has no meaning for this model.`),
+    h("form", { onsubmit: (ev: Event) => (ev.preventDefault(), go({ image: `sample-${Math.max(0, Math.floor(Number((field as HTMLInputElement).value)) || 0)}`, op })) }, field, " ", h("button", { type: "submit", class: "button" }, "Use sample")),
+  );
+  const picker = h("section", { class: "card op-picker" }, h("h3", null, "Op"), h("p", { class: "muted" }, "Loading the graph…"));
+  const maps = h("section", { class: "live-maps" });
+  append(root, h("div", { class: "live-top" }, left, picker), maps);
+  void fillPicker(picker, ctx, summary, op, (label) => go({ op: label }));
+  if (image !== null && !sample) {
+    maps.append(notice(`${image} is not a dataset sample: a run of signals is shown live for a sample of its dataset only (sample-N).`, "error"));
+    return;
+  }
+  if (!sample) {
+    maps.append(notice("Pick a dataset sample to run the model on it."));
+    return;
+  }
+  let live: LiveImage;
+  let doc: SampleDoc;
+  try {
+    [live, doc] = await Promise.all([ctx.api.json<LiveImage>(p("runs", ctx.run, "live", image!), { cache: false }), ctx.api.json<SampleDoc>(p("runs", ctx.run, "samples", sample[1]) + "?limit=1")]);
+  } catch (err) {
+    maps.append(notice((err as Error).message, "error"));
+    return;
+  }
+  if (ctx.signal.aborted) return;
+  left.append(
+    h(
+      "div",
+      { class: "sample-signal", id: "live-signal-input" },
+      doc.signal ? signalPlot(doc.signal, { width: 540, height: Math.min(150, 24 + 22 * doc.signal.length), axis: true, label: `sample ${sample[1]} as the model is fed it` }) : notice(`The sample's signal is not at hand: ${(doc.signal_error ?? "no dataset").replace(/\.+$/, "")}.`),
+    ),
+    h(
+      "div",
+      { class: "live-signal-result" },
+      h("p", { class: "image-name", id: "image-name" }, `sample ${sample[1]}`),
+      !live.predictions.length && live.predictions_note ? h("p", { class: "muted small", id: "no-predictions" }, `No top-5: ${live.predictions_note}.`) : null,
+      live.predictions.length ? h("p", { class: "muted small", id: "preds-head" }, `The model's top ${live.predictions.length}: class and probability`) : null,
+      h(
+        "ol",
+        { class: "preds", style: namesWidth(live.predictions.map((q) => classLabel(q.name, q.class))) },
+        live.predictions.map((q) => h("li", null, h("span", { class: "pname" }, classLabel(q.name, q.class)), h("span", { class: "pbar", style: `width:${(100 * q.prob).toFixed(1)}%` }), h("span", { class: "muted" }, pct(q.prob)))),
+      ),
+      h("p", null, h("a", { class: "button", id: "explain-this", href: ctx.href("explain") + "?image=" + encodeURIComponent(image!) }, "Explain this sample")),
+    ),
+  );
+  if (!op) {
+    maps.append(notice("Choose an op to see its units over time."));
+    return;
+  }
+  const base = p("runs", ctx.run, "live", image!, "ops", op);
+  let info: LiveOp;
+  try {
+    info = await ctx.api.json<LiveOp>(base, { cache: false });
+  } catch (err) {
+    maps.append(notice((err as Error).message, "error"));
+    return;
+  }
+  if (ctx.signal.aborted) return;
+  // a side over time (maps one row high, more than one step): lines; else (a vector, an
+  // image-like map) the ordinary view, which draws those well
+  const overTime = (t: LiveOp["output"] | null) => !!t && t.map_shape.length === 2 && t.map_shape[0] === 1 && t.map_shape[1] > 1 && !t.one_value_maps;
+  if (!overTime(info.output) && !overTime(info.input)) return showOp(maps, ctx, image!, op);
+  for (const side of ["input", "output"] as const) {
+    const t = side === "input" ? info.input : info.output;
+    if (!t) continue;
+    if (!overTime(t)) {
+      maps.append(h("section", { class: "card" }, h("h3", null, `${side}: ${t.shape.join(" × ")}`), h("p", { class: "muted" }, `Not over time (shape ${t.shape.join(" × ")}): choose the op that reads it to see its values.`)));
+      continue;
+    }
+    let lines: Lines;
+    try {
+      lines = await ctx.api.json<Lines>(`${base}/${side}`, { cache: false });
+    } catch (err) {
+      maps.append(notice((err as Error).message, "error"));
+      continue;
+    }
+    if (ctx.signal.aborted) return;
+    const bad = Object.values(lines.nonfinite ?? {}).reduce((a, b) => a + b, 0);
+    maps.append(
+      h(
+        "section",
+        { class: "card live-lines", "data-side": side },
+        h("h3", null, `${side} · ${fmt(lines.shape[0])} unit${lines.shape[0] === 1 ? "" : "s"} × ${fmt(lines.shape[1])} steps`),
+        h("p", { class: "muted small" }, `Each unit's ${side === "input" ? "input channel" : "output"} over time (steps left to right), each line on its own scale (its least value at the bottom, its greatest at the top: the numbers above it)${bad ? `; ${fmt(bad)} values are not finite (gaps)` : ""}.`),
+        h(
+          "div",
+          { class: "unit-lines" },
+          lines.values.map((row, u) => {
+            const finite = row.filter((v): v is number => v !== null);
+            const range = finite.length ? `${fmt(Math.min(...finite))} … ${fmt(Math.max(...finite))}` : "no finite value";
+            return h("figure", { class: "unit-line", "data-unit": u, "data-side": side }, h("figcaption", { class: "small" }, h("strong", null, `${u}`), h("span", { class: "muted" }, ` ${range}`)), signalPlot([row], { width: 260, height: 40, label: `${side} unit ${u} over time: ${range}` }));
+          }),
+        ),
+      ),
+    );
+  }
+}
