@@ -130,6 +130,7 @@ def test_pages_draw_the_signals_with_the_peaks_span(browser: Any, served: dict):
         pg.wait_for_selector("#sample-signal svg.signal-plot")
         assert pg.locator("#sample-signal path.signal-line").count() == C
         assert pg.locator("img").count() == 0
+        assert pg.inner_text("#explain-this") == "Explain this sample"  # not "this image"
 
 
 # ----------------------------------------------------------------- Explain on signals

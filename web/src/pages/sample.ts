@@ -59,7 +59,8 @@ export async function renderSample(root: HTMLElement, ctx: PageContext, args: st
     h("h1", null, `Sample ${s.id}`, s.class_name ? h("span", { class: "sub" }, ` · ${classText(s.class_name, s.label)}`) : null, verdict?.dataset.verdict === "misclassified" ? h("span", { class: "sub error-text" }, " · misclassified") : null),
     h(
       "div",
-      { class: "sample-head" },
+      // a signal is drawn full width below: the facts take the row
+      { class: (images.signal ?? null) !== null ? "sample-head one-col" : "sample-head" },
       images.tokens !== null
         ? // token ids have no picture: the sample is its sequence of ids
           h(
@@ -122,7 +123,7 @@ export async function renderSample(root: HTMLElement, ctx: PageContext, args: st
               "p",
               { class: "entry-links" },
               ctx.api.isStatic ? null : h("a", { class: "button", id: "open-live", href: ctx.href("live") + "?image=sample-" + s.id }, "Open in live view"),
-              pred || explained ? h("a", { class: "button", id: "explain-this", href: ctx.href("explain") + "?image=sample-" + s.id }, "Explain this image") : null,
+              pred || explained ? h("a", { class: "button", id: "explain-this", href: ctx.href("explain") + "?image=sample-" + s.id }, (images.signal ?? null) !== null ? "Explain this sample" : "Explain this image") : null,
             ),
       ),
     ),
