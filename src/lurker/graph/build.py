@@ -8,6 +8,7 @@ in a batch afterwards, so the recorder leaves all of this until the forward is d
 
 from __future__ import annotations
 
+import weakref
 from collections import deque
 from typing import Any
 
@@ -213,8 +214,9 @@ def _any_shape_tree(v: Any, nodes: list[Op]) -> Any:
 # values _shape_tree returns as they are (no ``shape``, not a container)
 _AS_IS = frozenset({int, float, bool, str, type(None)})
 # types _any_shape_tree found to be none of the types it tests (tensors): it reads their
-# shape at once (graph/ imports no torch to name them)
-_SHAPED: set[type] = set()
+# shape at once (graph/ imports no torch to name them); weakly, so that a class made per
+# model is not kept alive by having been seen
+_SHAPED: weakref.WeakSet[type] = weakref.WeakSet()
 
 
 def _rnn_flops(node: Op, nodes: list[Op]) -> int | None:
