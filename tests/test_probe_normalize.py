@@ -507,3 +507,193 @@ def test_a_model_that_scales_raw_pixels_fed_normalised_floats_is_warned_about(
         told = " ".join(str(w.message) for w in caught)
         assert ("the model's forward divides its input by 255" in told) == warned, told
         assert ("--normalize raw" in told) == warned
+
+
+def test_a_raw_runs_pictures_are_its_images_and_its_gradients_are_autograds(
+    setup: tuple[str, Path], tmp_path: Path
+) -> None:
+    """A raw run's sample pictures came out black-and-white (its uint8 values denormalised
+    in uint8 arithmetic, every pixel clamped to 0 or 1) and its gradient images raised
+    (requires_grad on uint8), so `lurker images RUN` stopped with a traceback. Oracles:
+    the folder's PNG files themselves, and autograd on the images' 0..255 values as
+    floats (the conv unit's gradient passes no ReLU: guided backprop is plain autograd)."""
+    from lurker.models import load_model
+    from lurker.probe.images import gradient_pixels
+
+    spec, folder = setup
+    spec = spec.replace(":Net", ":Raw")
+    out = tmp_path / "run"
+    r = _probe(spec, folder, out, "--normalize", "raw")
+    assert r.exit_code == 0, r.output
+    raw = _raw_images(folder)  # the files are SIZE x SIZE: the probe's resize/crop keep them
+    images = UnitImages(out, device="cpu")
+    for i in (0, 4):
+        with Image.open(images.sample_image(i)) as got:
+            assert np.array_equal(np.asarray(got.convert("RGB")), raw[i].permute(1, 2, 0).numpy())
+
+    net = load_model(spec, None, device="cpu")
+    entries = images.run.unit("conv", 1).top("max")
+    paths = images.gradients("conv", 1)
+    assert len(paths) == len(entries)
+    seen: list[torch.Tensor] = []
+    net.conv.register_forward_hook(lambda _m, _i, o: seen.append(o))
+    for e, path in zip(entries, paths):
+        x = raw[e.sample_id : e.sample_id + 1].float().requires_grad_(True)
+        net(x)
+        unit = seen.pop()[0, 1].flatten()
+        peak = unit.detach().argmax()
+        (grad,) = torch.autograd.grad(unit[peak], x)
+        assert float(unit[peak].detach()) == pytest.approx(e.value, abs=1e-5)
+        want = gradient_pixels(grad).numpy()[0]
+        with Image.open(path) as got:
+            diff = np.abs(np.asarray(got.convert("RGB")).astype(int) - want.astype(int))
+        assert diff.max() <= 1  # a rounding step at most
+    # `lurker images RUN` makes every picture of the raw run
+    r = CliRunner().invoke(main, ["images", str(out), "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert "images made" in r.output
+
+
+def test_image_folder_raw_from_python_defaults_to_its_own_statistics(
+    setup: tuple[str, Path], tmp_path: Path
+) -> None:
+    """`image_folder(FOLDER, size, raw=True)`, the call the warning recommends, raised for
+    every 3-channel folder (its mean/std defaulted to ImageNet's, which raw then refused).
+    It feeds the files' own uint8 values; given statistics are refused before the folder
+    is scanned (an empty directory says so, not that it holds no images)."""
+    from lurker.errors import LurkerError
+    from lurker.probe.data import image_folder
+
+    _, folder = setup
+    ds = image_folder(folder, SIZE, raw=True)
+    raw = _raw_images(folder)
+    assert ds.raw and len(ds) == len(raw)
+    for i in range(len(raw)):
+        assert torch.equal(ds[i][0], raw[i])
+    ds1 = image_folder(folder, SIZE, raw=True, channels=1)
+    assert ds1[0][0].dtype == torch.uint8 and ds1[0][0].shape == (1, SIZE, SIZE)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(LurkerError, match="give no mean and std with raw=True"):
+        image_folder(empty, SIZE, raw=True, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+
+
+def test_a_raw_run_probed_from_python_is_reloaded_raw(
+    setup: tuple[str, Path], tmp_path: Path
+) -> None:
+    """A raw dataset probed from Python recorded only mean 0 and std 1, so everything that
+    reloads the run (load_run_dataset, the explorer's samples, `lurker images`, featviz of
+    the run) read it back as [0, 1] floats, which the model divided by 255 again. The run
+    records normalize "raw" whoever probed it. Oracle: the files' uint8 values."""
+    from lurker.models import load_model
+    from lurker.probe.data import image_folder, load_run_dataset, recorded_normalize
+
+    spec, folder = setup
+    net = load_model(spec.replace(":Net", ":Raw"), None, device="cpu")
+    out = tmp_path / "pyrun"
+    ds = image_folder(folder, SIZE, raw=True)
+    lurker.probe(net, ds, out=out, k=6, device="cpu", meta={"data": str(folder)})
+    cfg = lurker.Run.open(out).meta["config"]
+    assert cfg["normalize"] == "raw" and recorded_normalize(cfg) == "raw"
+    again = load_run_dataset(cfg, SIZE)
+    raw = _raw_images(folder)
+    assert torch.equal(again[3][0], raw[3])
+    assert torch.equal(UnitImages(out, model=net, device="cpu").dataset[5][0], raw[5])
+
+
+class _Scales(torch.nn.Module):
+    """A conv net whose forward begins with ``first`` (how it scales its input)."""
+
+    def __init__(self, first: Any) -> None:
+        super().__init__()
+        self.first = first
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.first(x))
+
+
+@pytest.mark.parametrize(
+    ("form", "first"),
+    [
+        ("x.flip(1) / 255", lambda x: x.flip(1) / 255),
+        ("x[:, [2, 1, 0]] / 255", lambda x: x[:, [2, 1, 0]] / 255),
+        (
+            "x.index_select(1, bgr) / 255",
+            lambda x: x.index_select(1, torch.tensor([2, 1, 0])) / 255,
+        ),
+        ("torch.div(x, other=255.)", lambda x: torch.div(x, other=255.0)),
+        ("x * np.float32(1 / 255)", lambda x: x * np.float32(1 / 255)),
+        ("x * 0.00392157", lambda x: x * 0.00392157),
+        (
+            "x.reshape(...).transpose(2, 3) / 255",
+            lambda x: x.reshape(x.shape).transpose(2, 3) / 255,
+        ),
+    ],
+)
+def test_every_form_of_scaling_by_255_is_recognised(form: str, first: Any) -> None:
+    """The warning missed channel reorders, layout ops, keyword divisors, numpy numbers
+    and a rounded 1/255: each reads the input's pixels scaled by 255."""
+    from lurker.capture import settled_trace
+    from lurker.probe.sweep import raw_scaling
+
+    tr = settled_trace(_Scales(first).eval(), torch.rand(1, 3, 8, 8))
+    assert raw_scaling(tr) is not None, form
+
+
+def test_a_channels_last_model_that_scales_raw_pixels_is_warned_about(
+    setup: tuple[str, Path], tmp_path: Path
+) -> None:
+    """`--channel-dim -1` feeds the model through a movedim, and a channels-last model
+    permutes back before it scales: the warning followed neither and said nothing."""
+    spec, folder = setup
+    path = Path(spec.partition(":")[0])
+    path.write_text(
+        path.read_text()
+        + """
+
+class RawLast(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):  # (N, H, W, C) images of 0..255 values
+        return self.conv(x.permute(0, 3, 1, 2).float() / 255).mean((2, 3))
+"""
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        r = _probe(f"{path}:RawLast", folder, tmp_path / "run", "--channel-dim", "-1")
+    assert r.exit_code == 0, r.output
+    told = " ".join(str(w.message) for w in caught)
+    assert "the model's forward divides its input by 255" in told, told
+
+
+def test_ordinary_models_are_not_said_to_scale_raw_pixels() -> None:
+    """Following layout ops and rounded numbers must not misfire on models that do not
+    scale their input: torchvision's resnet18, vit_b_16 and mobilenet_v3_small, and the
+    test zoo's models."""
+    import torchvision
+
+    import models_zoo as zoo
+    from lurker.capture import settled_trace
+    from lurker.probe.sweep import raw_scaling
+
+    torch.manual_seed(0)
+    cases = [
+        (torchvision.models.resnet18(), torch.randn(1, 3, 64, 64)),
+        (torchvision.models.vit_b_16(image_size=32), torch.randn(1, 3, 32, 32)),
+        (torchvision.models.mobilenet_v3_small(), torch.randn(1, 3, 64, 64)),
+        (zoo.Small(), torch.randn(2, 4)),
+        (zoo.Branchy(), torch.ones(1, 4)),
+        (zoo.RNNLoop(), torch.randn(4, 2, 3)),
+        (zoo.LSTMNet(), torch.randn(2, 7, 6)),
+        (zoo.Pyramid(decode=True), torch.randn(2, 4)),
+        (zoo.Generates(), torch.randn(2, 5)),
+        (zoo.InPlace(), torch.randn(3, 4)),
+        (zoo.Twice(), torch.randn(2, 4)),
+        (zoo.DigitsViT(), torch.rand(1, 1, 16, 16)),
+        (zoo.digits_net_float64(), torch.rand(1, 1, 16, 16, dtype=torch.float64)),
+    ]
+    for model, x in cases:
+        assert raw_scaling(settled_trace(model.eval(), x)) is None, type(model).__name__

@@ -661,13 +661,20 @@ class ImageFolderDataset(_SkipLog, _Base):
             raise LurkerError(
                 f"image folder: image_size must be a positive integer, got {image_size!r}"
             )
-        default_mean, default_std = normalize_stats(None, channels)
+        # raw: its own 0 and 1 (not ImageNet's, which it would refuse), checked before the
+        # folder is scanned, so a bad call says so at once
+        default_mean, default_std = normalize_stats("raw" if raw else None, channels)
         mean = default_mean if mean is None else mean
         std = default_std if std is None else std
         if len(mean) != channels or len(std) != channels:
             raise LurkerError(
                 f"image folder: mean and std need {channels} values each, got {len(mean)} and "
                 f"{len(std)}"
+            )
+        if raw and (any(float(v) != 0.0 for v in mean) or any(float(v) != 1.0 for v in std)):
+            raise LurkerError(
+                "image folder: raw images are fed as they are (uint8, 0..255): give no mean "
+                "and std with raw=True"
             )
         accepted = ", ".join(datasets.folder.IMG_EXTENSIONS)
         try:
@@ -695,11 +702,6 @@ class ImageFolderDataset(_SkipLog, _Base):
                 "class keeps the index of its folder's place in sorted order (as a model "
                 "trained on this layout numbers them)",
                 stacklevel=3,
-            )
-        if raw and (any(float(v) != 0.0 for v in mean) or any(float(v) != 1.0 for v in std)):
-            raise LurkerError(
-                "image folder: raw images are fed as they are (uint8, 0..255): give no mean "
-                "and std with raw=True"
             )
         self.mode = "RGB" if channels == 3 else "L"
         self.channels = channels

@@ -75,6 +75,7 @@ def guided_backprop(
     ``x`` is passed as is (include the batch dimension the model expects); the result has
     its shape. Parameters' ``.grad`` are not touched.
     """
+    x = x.float() if x.dtype == torch.uint8 else x  # raw pixels: their 0..255 values
     x_in = x.detach().clone().requires_grad_(True)
     with torch.enable_grad():
         with GuidedReLUMode():
@@ -160,6 +161,9 @@ def _gradients(
     if bad:
         raise LurkerError(f"mode must be 'max' or 'mean', got {bad[0]!r}")
     device = trace.inputs[0].device or x.device
+    # raw uint8 pixels (a model that scales them itself) have no gradient: take it on their
+    # float values, which the model's own cast gives it anyway (w.r.t. the 0..255 values)
+    x = x.float() if x.dtype == torch.uint8 else x
     x_in = x.detach().to(device).clone().requires_grad_(True)
     found: dict[str, Any] = {}
 

@@ -24,6 +24,7 @@ import hashlib
 import inspect
 import io
 import json
+import math
 import numbers
 import os
 import re
@@ -1091,6 +1092,9 @@ def _plan(
             "channel_dim": channel_dim,
             **({"feature_names": names} if names is not None else {}),
             **(meta or {}),
+            # a raw dataset (uint8 0..255) is reloaded raw whoever probed it: its mean 0 and
+            # std 1 alone would read it back as [0, 1] floats the model scales again
+            **({"normalize": "raw"} if getattr(ds, "raw", False) else {}),
         },
     }
     # the dataset as given, past lurker's wrapper (a `--data file.py:fn` one is wrapped):
@@ -1135,28 +1139,52 @@ def _plan(
     )
 
 
-#: Ops that pass the input on unchanged but for its dtype or layout (``x.float() / 255``).
-_PASS_ON = frozenset({"float", "double", "half", "bfloat16", "to", "type", "contiguous", "clone"})
+#: Ops that pass the input's values on unchanged but for their dtype, layout or order
+#: (``x.float() / 255``, a channels-last model's ``x.permute(0, 3, 1, 2)``, RGB to BGR
+#: ``x[:, [2, 1, 0]]``): what follows them still reads the input's pixels.
+_PASS_ON = frozenset(
+    {
+        *("float", "double", "half", "bfloat16", "to", "type", "contiguous", "clone"),
+        *("movedim", "moveaxis", "permute", "transpose", "swapaxes", "swapdims", "flip"),
+        *("reshape", "view", "unsqueeze", "squeeze", "getitem", "index_select"),
+    }
+)
+
+
+def _real(value: Any) -> float | None:
+    """``value`` as a float when it is a real number of any kind (Python's, numpy's),
+    else None: a tensor, a string, a bool or anything else says nothing."""
+    if isinstance(value, (bool, str, bytes)) or value is None:
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
 
 
 def raw_scaling(tr: Trace) -> str | None:
     """How the model treats its input as raw 0..255 pixels, from the trace, or None: the
-    input (through casts) divided by 255, multiplied by 1/255, or cast to uint8. Only
-    those exact forms: a model that merely compares or clamps its input says nothing."""
+    input (through casts and layout-only ops) divided by 255, multiplied by 1/255 (to a
+    relative 1e-4, as a rounded 0.00392157 is), or cast to uint8. Only those forms: a
+    model that merely compares or clamps its input says nothing."""
     derived = {op.index for op in tr.ops if op.is_input}
     for op in tr.ops:
         args = op.args
         first = args[0] if args else None
         if getattr(first, "index", None) not in derived or op.is_input:
             continue
-        second = args[1] if len(args) > 1 else None
-        number = isinstance(second, (int, float)) and not isinstance(second, bool)
         if op.dtype == "uint8":
             return f"casts its input to uint8 ({op.name})"
-        if op.name in ("div", "div_", "true_divide") and number and float(second) == 255.0:
-            return "divides its input by 255"
-        if op.name in ("mul", "mul_") and number and abs(float(second) - 1 / 255) < 1e-9:
-            return "multiplies its input by 1/255"
+        number = _real(args[1] if len(args) > 1 else op.kwargs.get("other"))
+        if number is not None:
+            if op.name in ("div", "div_", "true_divide", "true_divide_") and math.isclose(
+                number, 255.0, rel_tol=1e-4
+            ):
+                return "divides its input by 255"
+            if op.name in ("mul", "mul_", "multiply") and math.isclose(
+                number, 1 / 255, rel_tol=1e-4
+            ):
+                return "multiplies its input by 1/255"
         if op.name in _PASS_ON:
             derived.add(op.index)
     return None

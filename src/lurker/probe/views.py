@@ -278,6 +278,8 @@ class UnitImages:
         """The sample as an image; a video clip as its frame ``frame`` (default the middle)."""
         t = pdata.clip_frame(self._sample(sample_id), frame)
         pdata.require_picture(t, sample_id)
+        if t.dtype == torch.uint8:  # raw 0..255 values: in uint8 arithmetic denormalize
+            t = t.float() / 255.0  # would clamp every pixel to 0 or 1 (as input_image does)
         return pdata.to_pil(pdata.denormalize(t, self.dataset.mean, self.dataset.std))
 
     def frame(self, layer: str, y: int, sample_id: int) -> int | None:
