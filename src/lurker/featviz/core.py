@@ -539,13 +539,27 @@ def _units(units: Any) -> list[int] | None:
 
 def _input_channels(model: nn.Module) -> int:
     """The channels of the model's input: the first convolution's ``in_channels``."""
-    for m in model.modules():
-        if isinstance(m, nn.modules.conv._ConvNd) and len(m.kernel_size) == 2:
+    convs = [m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)]
+    for m in convs:
+        if len(m.kernel_size) == 2:
             return int(m.in_channels)
+    if any(len(m.kernel_size) == 1 for m in convs):
+        raise LurkerError(_NOT_IMAGES.format(what=f"{type(model).__name__}'s", kind=_SIGNAL))
     raise LurkerError(
         f"cannot tell how many input channels {type(model).__name__} takes (it has no 2-D "
         "convolution); pass channels= (and size=) for the images it takes"
     )
+
+
+#: why a model that does not take images has no feature visualization, and what shows its
+#: units instead (optimizing a 1-D input from noise has no prior that makes it readable)
+_NOT_IMAGES = (
+    "feature visualization optimizes an image (channels, height, width), and "
+    "{what} inputs are {kind}, not images: it has no image to optimize. What excites a "
+    "unit is in its top samples (Run.unit(layer, u).top('max'), the explorer's unit page), "
+    "where the explorer draws each one"
+)
+_SIGNAL = "signals, channels by time (a Conv1d stack's (N, C, T))"
 
 
 def _from_run(
@@ -559,6 +573,21 @@ def _from_run(
     info = r.layer(layer)  # UnknownLayerError lists the run's layers
     cfg = r.meta.get("config") or {}
     shape = cfg.get("input_shape")
+    if isinstance(shape, list) and len(shape) in (1, 2):  # as the explorer tells them
+        kind = (
+            f"{_SIGNAL[:-1]}: {shape[0]} channels x {shape[1]} samples)"
+            if len(shape) == 2
+            else f"one axis of {shape[0]} values (token ids or feature vectors)"
+        )
+        msg = _NOT_IMAGES.format(what=f"run {r.path}'s", kind=kind)
+        raise LurkerError(
+            msg,
+            cli=msg.replace(
+                "Run.unit(layer, u).top('max'), the explorer's unit page",
+                f"the unit pages of lurker serve {r.path}",
+            )
+            + ".",
+        )
     if (want_size or want_channels) and not (isinstance(shape, list) and len(shape) == 3):
         raise LurkerError(
             f"run {r.path} does not record its model's input shape (channels, height, "
