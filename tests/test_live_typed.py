@@ -136,6 +136,9 @@ def test_typed_features_give_the_units_forward_hooks_give(wine: dict):
         ([0.0] * 12 + ["x"], "feature 12 (proline) is 'x', not a number"),
         ([0.0] * 12 + [None], "feature 12 (proline) is None"),
         ([0.0] * 12 + ["inf"], "finite"),
+        ([0.0] * 12 + ["1_0"], "feature 12 (proline) is '1_0', not a number"),  # not 10
+        ([0.0] * 12 + [10**400], "feature 12 (proline) is 1000"),  # was a 500
+        ([1e308] * 13, "feature 0 (alcohol) is 1e+308, beyond the model's input dtype float32"),
     ],
 )
 def test_bad_features_are_named(wine: dict, features: list, says: str):

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from ..errors import LurkerError, collected
 
-__all__ = ["InputAxes", "input_axes"]
+__all__ = ["InputAxes", "graph_input_axes", "input_axes"]
 
 #: what a user can do where lurker cannot tell
 HINT = "pass channel_dim= (the input's channel axis, counting the batch axis: 1 or -1)"
@@ -169,6 +169,15 @@ def _traced(model: nn.Module, x: Tensor) -> InputAxes | None:
         except Exception:  # no graph: the convention decides
             continue
     return None if tr is None else _read(tr, x.dim())
+
+
+def graph_input_axes(graph: Any, nd: int) -> InputAxes | None:
+    """How a recorded graph (a :class:`~lurker.capture.Trace`, or a run's stored
+    :class:`~lurker.graph.Graph`) reads the axes of its first input of ``nd`` axes (the
+    batch counted): what :func:`input_axes` finds, from a graph already at hand (the
+    explorer asks it of a run without tracing the model). None where the graph does not
+    say (no op reads one of the input's axes whole as channels)."""
+    return _read(graph, nd)
 
 
 def _read(tr: Any, nd: int) -> InputAxes | None:

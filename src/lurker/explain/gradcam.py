@@ -51,6 +51,8 @@ def default_layer(model: nn.Module, x: Tensor, target: Any = None) -> str:
         lay = layouts.get(op.index)
         if not isinstance(lay, Layout) or not op.shape or op.seq < 0:
             continue
+        if len(op.outputs) > 1:  # an LSTM's (output, (h, c)): a hook sees one tensor of
+            continue  # them, so the map is taken at the op that reads its output instead
         if line:  # a signal's map: one position axis, time
             hw = (1, int(op.shape[lay.positions[0]])) if len(lay.positions) == 1 else None
         else:

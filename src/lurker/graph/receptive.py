@@ -1251,7 +1251,11 @@ def _finish(st: _State, size: tuple[int, ...]) -> RF:
 
 
 def receptive_fields(
-    graph: _OpGraph, input_label: str | None = None, *, global_context: bool = True
+    graph: _OpGraph,
+    input_label: str | None = None,
+    *,
+    global_context: bool = True,
+    time_axis: int | None = None,
 ) -> dict[int, RF]:
     """Receptive field of every op of ``graph`` (by node index) whose output depends on
     one input.
@@ -1269,14 +1273,26 @@ def receptive_fields(
     position-independent one (a squeeze-excitation gate, an image-pooling branch), the
     latter: strictly every later position then sees the whole image, which is true but
     hides the local region that shapes a unit's response (what a crop should show).
+
+    ``time_axis``: for a signal input of three axes, the axis that holds time (2, the
+    default, for ``(N, C, T)``; 1 for a channels-last ``(N, T, C)`` the model transposes
+    or reads per step): the fields' x axis is then along it.
     """
     src = _pick_input(graph, input_label)
+    if time_axis is not None and (len(src.shape or ()) != 3 or time_axis not in (1, 2)):
+        raise LurkerError(
+            f"time_axis={time_axis} needs a signal input (N, C, T) or (N, T, C) and an axis 1 "
+            f"or 2; this input has shape {src.shape}"
+        )
     shape = tuple(src.shape or ())
     nd = len(shape)
     size = (1, shape[2]) if nd == 3 else tuple(int(n) for n in shape[2:])
     # one axis per input dim after (N, C), each mapped to itself; a 1-D input gets a
     # trivial y axis (one row) so that every field has y and x
     axes = tuple(_Ax(2 + a, 1, 1, 0, np.arange(n), np.arange(n)) for a, n in enumerate(shape[2:]))
+    if time_axis == 1:  # a channels-last signal: time on axis 1
+        size = (1, shape[1])
+        axes = (_Ax(1, 1, 1, 0, np.arange(shape[1]), np.arange(shape[1])),)
     if nd == 3:
         axes = (_Ax(None, 1, 0, 0, np.zeros(1, np.int64), np.zeros(1, np.int64)), *axes)
     states: dict[tuple[int, int], _State] = {(src.index, 0): _State(axes, True)}

@@ -28,7 +28,14 @@ from lurker.store.files import safe_component
 
 from .classes import class_names
 from .errors import ApiError, listing, no_model
-from .state import clip_frames, input_dtype, signal_shape, token_length, vector_length
+from .state import (
+    clip_frames,
+    input_dtype,
+    signal_layout,
+    signal_shape,
+    token_length,
+    vector_length,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -479,26 +486,41 @@ class Session:
 
     def sample_signal(self, sample_id: int, path: str | None) -> list[list[float | None]]:
         """Sample ``sample_id``'s signal as the model is fed it (:meth:`_signal_tensor`),
-        one list of values per channel: what the pages draw as lines in place of a
-        picture. A value that is not finite is ``None`` (JSON has no NaN), never a made-up
-        number."""
+        one list of values per channel (a channels-last ``(T, C)`` sample transposed):
+        what the pages draw as lines in place of a picture. A value that is not finite is
+        ``None`` (JSON has no NaN), never a made-up number."""
         import math
 
         x = self._signal_tensor(sample_id, path)
+        if self.signal_channels_last():
+            x = x.t()
         return [[v if math.isfinite(v) else None for v in row] for row in x.double().tolist()]
+
+    def signal_channels_last(self) -> bool:
+        """Whether the run's signals are stored ``(T, C)``, channels last (see
+        :func:`~lurker.server.state.signal_layout`): the model is fed them so, the pages
+        are served them channels first."""
+        found = signal_layout(self.entry.open_run())
+        return found is not None and found[2]
 
     def _signal_tensor(self, sample_id: int, path: str | None) -> torch.Tensor:
         """A signal sample as the model is fed it: the dataset's, checked against the
-        run's ``(C, T)``, in the floating dtype the trace recorded for the input (float32
-        for integer samples, which the model is fed as numbers)."""
+        run's ``(C, T)`` (``(T, C)`` for a channels-last signal), in the floating dtype the
+        trace recorded for the input (float32 for integer samples, which the model is fed
+        as numbers)."""
         import torch
 
         shape = self.signal_shape()
+        fed = None if shape is None else shape[::-1] if self.signal_channels_last() else shape
+        what = (
+            "a signal"
+            if shape is None
+            else f"a signal of {shape[1]} samples x {shape[0]} channels (channels last)"
+            if self.signal_channels_last()
+            else f"a signal of {shape[0]} channels x {shape[1]} samples"
+        )
         x = self._sample_tensor(
-            sample_id,
-            path,
-            lambda t: shape is not None and tuple(t.shape) == shape,
-            f"a signal of {shape[0]} channels x {shape[1]} samples" if shape else "a signal",
+            sample_id, path, lambda t: fed is not None and tuple(t.shape) == fed, what
         )
         dtype = getattr(torch, input_dtype(self.entry.open_run()) or "", None)
         t = x.detach().cpu()
@@ -507,10 +529,10 @@ class Session:
         )
 
     def _live_signal(self, image_id: str, sid: int, path: str | None) -> torch.Tensor:
-        """A signal sample kept as a live input (the values :meth:`sample_signal` serves)."""
+        """A signal sample kept as a live input (the values :meth:`sample_signal` serves,
+        in the model's own axes), the oldest dropped past ``LIVE_IMAGES`` as uploads are."""
         t = self._signal_tensor(sid, path)
-        with self._guard:
-            self._images[image_id] = t
+        self._keep(image_id, t)
         return t
 
     def sample_tokens(
@@ -858,13 +880,18 @@ class Session:
         digest = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
         digest.update(t.numpy().tobytes())
         input_id = digest.hexdigest()[:16]
+        self._keep(input_id, t)
+        return input_id
+
+    def _keep(self, input_id: str, t: torch.Tensor) -> None:
+        """Keep a live input as the newest, dropping the oldest (and their maps) past
+        ``LIVE_IMAGES``: every kind of live input is bounded alike."""
         with self._guard:
             self._images[input_id] = t
             self._images.move_to_end(input_id)
             while len(self._images) > LIVE_IMAGES:
                 old, _ = self._images.popitem(last=False)
                 self._drop_maps(old)
-        return input_id
 
     def layer_units(self, input_id: str) -> list[tuple[Any, Any, Any, int]]:
         """Every probed layer's units on one live input, in one forward: ``(layer info,
@@ -939,11 +966,7 @@ class Session:
             t = item[0].detach().cpu()
             # token ids stay integers (an embedding takes no floats); images are fed as float
             t = t if self.token_length() is not None else self._as_fed(t.float())
-            with self._guard:
-                self._images[image_id] = t
-                while len(self._images) > LIVE_IMAGES:
-                    old, _ = self._images.popitem(last=False)
-                    self._drop_maps(old)
+            self._keep(image_id, t)
             return t
         raise ApiError(
             404,

@@ -13,6 +13,7 @@ import math
 import os
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -80,39 +81,114 @@ def vector_length(run: Run) -> int | None:
 
 
 def signal_shape(run: Run) -> tuple[int, int] | None:
-    """``(C, T)`` where a run's inputs are signals: each sample two axes, channels by time
-    (an EEG's ``(8, 256)``, a waveform's ``(1, 4000)``), as a ``Conv1d`` stack reads its
-    ``(N, C, T)`` batch and as the probe's receptive fields read it (over the last axis);
-    ``None`` for images ``(C, H, W)``, clips, flat vectors and token ids. The rule is the
-    axes alone: a one-axis input stays a feature vector (a model that reshapes it into a
-    signal itself is not seen through), and two axes are never an image's (those have
-    three). Such inputs have no picture: the explorer draws them as lines."""
+    """``(C, T)`` where a run's inputs are signals, channels by time, whatever the order of
+    a sample's own two axes (see :func:`signal_layout`); ``None`` for images, clips, flat
+    vectors, token ids and two axes the run's graph does not read as a signal. Such inputs
+    have no picture: the explorer draws them as lines, channels first."""
+    found = signal_layout(run)
+    return None if found is None else (found[0], found[1])
+
+
+# run -> ((its identity, its input shape), its signal layout): asked on every request, so
+# the graph is read once per run generation (a run probed again is another key)
+_SIGNALS: weakref.WeakKeyDictionary[Run, tuple[Any, tuple[int, int, bool] | None]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def signal_layout(run: Run) -> tuple[int, int, bool] | None:
+    """``(C, T, channels_last)`` where a run's inputs are signals: each sample two axes
+    that the model's graph reads as channels and time, the way
+    :func:`lurker.explain.axes.graph_input_axes` reads them for Explain (the first op
+    that reads one of the input's axes as channels). Channels at the sample's first axis
+    (a ``Conv1d`` stack's ``(N, C, T)`` batch: an EEG's ``(8, 256)``, a waveform's
+    ``(1, 4000)``) is a signal ``(C, T)``; channels at its last axis (a transpose into a
+    ``Conv1d``, an ``LSTM``/``GRU`` with ``batch_first``, a ``Linear`` per step) a
+    channels-last signal, stored ``(T, C)`` and served channels first
+    (``channels_last`` True). A one-channel image (unsqueezed into a ``Conv2d``), token
+    ids, other shapes, no graph, or a graph that does not say: ``None``, not a signal
+    (two axes alone cannot tell a ``(12, 12)`` image from a signal)."""
     shape = (run.meta.get("config") or {}).get("input_shape") or []
+    key = (run.identity, tuple(shape))
+    known = _SIGNALS.get(run)
+    if known is not None and known[0] == key:
+        return known[1]
+    found = _read_signal(run, shape)
+    _SIGNALS[run] = (key, found)
+    return found
+
+
+def _read_signal(run: Run, shape: list[Any]) -> tuple[int, int, bool] | None:
     if len(shape) != 2:
         return None
     try:
-        if reads_ids(run.graph):  # ids looked up per position are no signal
+        graph = run.graph
+        if reads_ids(graph):  # ids looked up per position are no signal
             return None
     except (MissingFromRunError, StoreError):
-        pass
-    return int(shape[0]), int(shape[1])
+        return None  # no graph to tell a signal from a one-channel image
+    from lurker.explain.axes import graph_input_axes
+
+    try:
+        axes = graph_input_axes(graph, 3)
+    except Exception:  # a graph the axis rules cannot follow tells nothing
+        axes = None
+    if axes is None or axes.image is not None or axes.channel not in (1, 2):
+        return None
+    if axes.channel == 1:
+        return int(shape[0]), int(shape[1]), False
+    return int(shape[1]), int(shape[0]), True
 
 
-def signal_span(info: LayerInfo, x: int | None, length: int) -> list[int] | None:
+def signal_span(run: Run, info: LayerInfo, x: int | None, length: int) -> list[int] | None:
     """The half-open span ``[t0, t1)`` of input samples the peak at position ``x`` of a
-    layer of a signal run sees (its receptive field, clipped to the signal's ``length``);
-    None for a layer without positions (it sees the whole signal) or no receptive field."""
-    if x is None or info.rf is None or not info.position_axes:
+    layer of a signal run sees (its receptive field along time, clipped to the signal's
+    ``length``: :func:`signal_rf`); None for a layer without positions (it sees the whole
+    signal) or no receptive field."""
+    rf = signal_rf(run, info)
+    if x is None or rf is None or not info.position_axes:
         return None
     from lurker.probe.layout import position_box
 
     try:
-        box = position_box(info.layout, info.rf, 0, x, (1, length))
+        box = position_box(info.layout, rf, 0, x, (1, length))
     except (ValueError, KeyError, TypeError, IndexError):
         return None
     if box is None or box[2] >= box[3]:
         return None  # no place in the signal, or it lies in padding alone
     return [int(box[2]), int(box[3])]
+
+
+# run -> (its identity, each op's receptive field along a channels-last signal's time)
+_FIELDS: weakref.WeakKeyDictionary[Run, tuple[Any, dict[int, dict[str, Any]]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def signal_rf(run: Run, info: LayerInfo) -> dict[str, Any] | None:
+    """A layer's receptive field along time on a signal run: the probe's own for a
+    ``(C, T)`` signal (computed over the last axis, time); for a channels-last ``(T, C)``
+    one, over which the probe's fields are not along time, computed from the run's graph
+    with time on axis 1 (once per run generation). An RNN's output at a step sees every
+    step up to it (``[0, t + 1)``), as its field says. None where there is none."""
+    found = signal_layout(run)
+    if found is None or not found[2]:
+        return info.rf
+    try:
+        index = int(info.op_index)
+    except MissingFromRunError:
+        return None
+    known = _FIELDS.get(run)
+    if known is None or known[0] != run.identity:
+        from lurker.graph.receptive import receptive_fields
+
+        try:
+            fields = {i: rf.to_dict() for i, rf in receptive_fields(run.graph, time_axis=1).items()}
+        except Exception:  # a graph the field rules cannot follow: no spans, not wrong ones
+            fields = {}
+        known = (run.identity, fields)
+        _FIELDS[run] = known
+    return known[1].get(index)
 
 
 def feature_names(run: Run) -> list[str] | None:

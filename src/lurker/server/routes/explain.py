@@ -257,14 +257,14 @@ def _model_name(s: Session, model: Any, name: str) -> str:
     return info.op or name
 
 
-def _options(method: str, x: Any) -> dict[str, Any]:
+def _options(method: str, x: Any, length: int | None = None) -> dict[str, Any]:
     """The server's options per method: deterministic (a seeded SmoothGrad, so the cache
     and a recomputation agree) and bounded in cost (about 15x15 occlusion windows at any
-    input size)."""
+    input size; about 30 along a signal of ``length`` samples)."""
     if method == "smoothgrad":
         return {"seed": 0}
-    if method == "occlusion" and x.dim() == 2:  # a signal (C, T): windows along time
-        window = max(2, round(int(x.shape[-1]) / 16))  # across all channels
+    if method == "occlusion" and length is not None:  # a signal: windows along time
+        window = max(2, round(length / 16))  # across all channels (its (C, T) or (T, C))
         return {"window": window, "strides": max(1, window // 2)}
     if method == "occlusion":
         side = min(int(x.shape[-2]), int(x.shape[-1]))
@@ -634,7 +634,8 @@ def _compute(s: Session, model: Any, x: Any, method: str, target: str, layer: st
     if vector and not x.is_floating_point():  # counts, a waveform's integer samples:
         x = x.float()  # attributed as the numbers they are (no gradient w.r.t. integers)
     prep = _prepare(s, model, x, target, layer)
-    options = _options(method, x)
+    signal = s.signal_shape()
+    options = _options(method, x, None if signal is None else signal[1])
     if vector and method == "smoothgrad":  # the paper's noise: 15% of the input's range
         finite = x[x.isfinite()]
         spread = float(finite.max() - finite.min()) if finite.numel() else 0.0

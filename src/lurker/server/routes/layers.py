@@ -24,6 +24,7 @@ from ..schemas import (
 )
 from ..state import (
     positions_per_sample,
+    signal_rf,
     signal_shape,
     signal_span,
     token_length,
@@ -65,7 +66,7 @@ def layer_detail(request: Request, run_id: str, layer: str) -> LayerDetail:
     shape = signal_shape(e.open_run())
     return LayerDetail(
         layer=layer_brief(info, value),
-        rf=info.rf,
+        rf=info.rf if shape is None else signal_rf(e.open_run(), info),
         layout=info.layout,
         histogram=Histogram(
             edges=[_f(v) for v in edges.tolist()],
@@ -82,7 +83,7 @@ def layer_detail(request: Request, run_id: str, layer: str) -> LayerDetail:
                 top_max_peak=None if peak is None else list(peak),
                 top_max_span=None
                 if shape is None or peak is None or tm < 0
-                else signal_span(info, peak[-1], shape[1]),
+                else signal_span(e.open_run(), info, peak[-1], shape[1]),
                 top_max_tokens=windows[u][1] if u in windows else None,
                 top_max_tokens_start=windows[u][0] if u in windows else None,
                 top_max_token_text=(

@@ -168,8 +168,17 @@ async def typed_input(request: Request, run_id: str, body: LiveInputBody) -> Liv
             x = torch.tensor(ids, dtype=_dtype(s, torch.int64))
         elif (length := s.vector_length()) is not None:
             names = state.feature_names(run)
-            features = _features(body, length, names)
-            x = torch.tensor(features, dtype=_dtype(s, torch.float32))
+            dtype = _dtype(s, torch.float32)
+            features = _features(body, length, names, dtype)
+            x = torch.tensor(features, dtype=dtype)
+        elif (signal := s.signal_shape()) is not None:
+            raise ApiError(
+                409,
+                f"this run's inputs are signals of {signal[0]} channels x {signal[1]} samples: "
+                "Live on a signal run takes a dataset sample (open sample-N, GET "
+                ".../live/sample-N/...); typed inputs are for runs of token ids or feature "
+                "vectors",
+            )
         else:
             raise ApiError(
                 409,
@@ -301,9 +310,12 @@ def _token_ids(s: Session, body: LiveInputBody) -> list[int]:
     return ids
 
 
-def _features(body: LiveInputBody, length: int, names: list[str] | None) -> list[float]:
-    """``features`` checked: ``length`` finite numbers, a bad one named (by its feature
-    name where the run has them)."""
+def _features(body: LiveInputBody, length: int, names: list[str] | None, dtype: Any) -> list[float]:
+    """``features`` checked: ``length`` numbers finite in the model's input ``dtype`` (a
+    float64 1e308 is inf in float32, which would give every score NaN), a bad one named
+    (by its feature name where the run has them)."""
+    import torch
+
     if body.features is None or body.text is not None or body.ids is not None:
         raise ApiError(
             422,
@@ -320,14 +332,32 @@ def _features(body: LiveInputBody, length: int, names: list[str] | None) -> list
         what = f"feature {i}" + (f" ({names[i]})" if names else "")
         if isinstance(v, str):
             try:
+                if "_" in v:  # Python's float() reads "1_0" as 10: no number a person types
+                    raise ValueError(v)
                 v = float(v)
             except ValueError:
                 raise ApiError(422, f"{what} is {v!r}, not a number") from None
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise ApiError(422, f"{what} is {v!r}, not a number")
-        if not np.isfinite(v):
+        try:
+            f = float(v)
+        except OverflowError:  # an integer beyond any float (10**400)
+            raise ApiError(
+                422,
+                f"{what} is {str(v)[:24]}... ({len(str(v))} digits): too large for a number "
+                "the model can take; give a finite number",
+            ) from None
+        if not np.isfinite(f):
             raise ApiError(422, f"{what} is {v}: give a finite number")
-        out.append(float(v))
+        cast = torch.tensor(f, dtype=dtype) if dtype.is_floating_point else None
+        if cast is not None and not bool(torch.isfinite(cast)):
+            name = str(dtype).replace("torch.", "")
+            raise ApiError(
+                422,
+                f"{what} is {f:g}, beyond the model's input dtype {name} (which holds at most "
+                f"{torch.finfo(dtype).max:g}): give a smaller number",
+            )
+        out.append(f)
     return out
 
 

@@ -17,6 +17,7 @@ from ..state import (
     entry_frames,
     is_constant,
     positions_per_sample,
+    signal_rf,
     signal_shape,
     signal_span,
     token_length,
@@ -59,8 +60,9 @@ def unit_detail(
     shape = signal_shape(e.open_run())
     if shape is not None:
         doc["signal_shape"] = list(shape)
+        doc["layer"]["rf"] = signal_rf(e.open_run(), info)  # along time, whatever the axes
         for item in doc["top"]["max"] + doc["top"]["mean"]:
-            item["span"] = signal_span(info, item["x"], shape[1])
+            item["span"] = signal_span(e.open_run(), info, item["x"], shape[1])
         doc["signal_error"] = _add_signals(session(request, e), doc)
     doc["prev"] = index - 1 if index > 0 else None
     doc["next"] = index + 1 if index + 1 < info.num_units else None
