@@ -50,6 +50,16 @@ def cached_file(s: Any, image: str, name: str) -> Path | None:
     return path if path.is_file() else None
 
 
+def pictureless(s: Any) -> bool:
+    """Whether the run's inputs are token ids, feature vectors or 1-D signals: explained
+    per token, feature or time step (scores, no heatmap image), and no input picture."""
+    return bool(
+        s.token_length() is not None
+        or s.vector_length() is not None
+        or s.signal_shape() is not None
+    )
+
+
 def explained_index(s: Any) -> dict[str, Any]:
     """Which samples the run's cache holds explanations of, with which methods (the
     ``/explained`` document, and ``explained.json`` of a static export); never runs the
@@ -62,9 +72,10 @@ def explained_index(s: Any) -> dict[str, Any]:
     listed: list[dict[str, Any]] = []
     if s.foreign_model:
         return {"target": TARGET, "samples": listed}
+    flat = pictureless(s)
     for image in explained_samples(s.entry.path):
         folder = sample_folder(s.entry.path, image)
-        if not (folder / "input.png").is_file():
+        if not flat and not (folder / "input.png").is_file():
             continue
         methods = [m for m in METHODS if stored_result(s, image, m, TARGET) is not None]
         concepts = stored_concepts(s, image, TARGET)
@@ -123,6 +134,8 @@ def precompute(
             f"unknown explanation method {unknown[0]!r}; supported: {', '.join(every)}"
         )
     app = create_app(run, device=device, dataset=dataset)
+    from .routes.explain import methods as methods_doc
+
     entries: list[RunEntry] = [e for e in app.state.registry.entries.values() if e.run is not None]
     if len(entries) != 1:
         app.state.registry.close()
@@ -155,10 +168,23 @@ def precompute(
                 "`lurker serve RUN --model SPEC` explains on request instead, without keeping "
                 "them"
             ) from None
-        if asked is None and CONCEPTS in methods and not _has_concepts(s):
+        flat = pictureless(s)
+        if flat:  # scores per token, feature or time step: the methods its page shows
+            shown = [m.name for m in methods_doc(request, e.id).methods]
+            if asked is None:
+                methods = shown
+            elif [m for m in methods if m not in shown]:
+                bad = next(m for m in methods if m not in shown)
+                raise LurkerError(
+                    f"cannot precompute {bad!r} for run {e.path}: its inputs have no picture "
+                    "and its Explain page shows "
+                    + (", ".join(shown) or "no method (no nn.Embedding reads its ids)")
+                    + "; name those in --methods, or leave it out"
+                )
+        elif asked is None and CONCEPTS in methods and not _has_concepts(s):
             methods.remove(CONCEPTS)  # not asked for, and this run cannot have them
         for n, sid in enumerate(ids):
-            image = _image_id(s, f"sample-{sid}")
+            image = f"sample-{sid}" if flat else _image_id(s, f"sample-{sid}")
             folder = sample_folder(e.path, image)
             try:
                 _live_files(s, image, folder)
@@ -201,9 +227,14 @@ def _live_files(s: Any, image: str, folder: Path) -> None:
 
     from .schemas import LiveImage
 
-    if (folder / "live.json").is_file() and (folder / "input.png").is_file():
+    flat = pictureless(s)
+    if (folder / "live.json").is_file() and (flat or (folder / "input.png").is_file()):
         return
     x = s.live_input(image)
+    if flat:  # no picture to keep; the predictions name the top class it is explained for
+        doc = {"image": image, "predictions": s.predictions(x)}
+        atomic_write_bytes(folder / "live.json", json.dumps(doc).encode(), durable=False)
+        return
     doc = LiveImage(
         image=image,
         predictions=s.predictions(x),

@@ -211,7 +211,7 @@ def _export_run(request: Any, e: Any, files: _Files, make_images: bool) -> None:
     from .classes import class_names
     from .deps import session
     from .errors import ApiError
-    from .routes.layers import feature_tile, layer_detail
+    from .routes.layers import feature_tile, layer_detail, signal_tile
     from .routes.runs import run_summary
     from .routes.samples import (
         TILE_TOKENS,
@@ -233,13 +233,15 @@ def _export_run(request: Any, e: Any, files: _Files, make_images: bool) -> None:
     names = class_names(run)
     tokens = s.token_length() is not None  # sequences of token ids: no picture to write
     vectors = s.vector_length() is not None  # feature vectors: no picture either
+    signals = s.signal_shape() is not None  # 1-D signals are drawn as lines: no picture
+    pictureless = tokens or vectors or signals
     for sid in ranked:
         detail = _sample_detail(request, e.id, sid, 0, APPEARANCES_PAGE)
         if tokens:
             add_tokens(s, detail)
         if vectors:
             add_features(s, detail)
-        if s.signal_shape() is not None:
+        if signals:
             add_signal(s, detail)
         files.json(_rel("runs", e.id, "samples", sid), detail)
         # the sample page's "show more" asks for the next pages of its top-list entries
@@ -248,9 +250,11 @@ def _export_run(request: Any, e: Any, files: _Files, make_images: bool) -> None:
             more = _sample_detail(request, e.id, sid, offset, APPEARANCES_PAGE)
             files.bar.total += 1  # (a sample in many top lists has several pages)
             files.json(_rel("runs", e.id, "samples", query), more)
+        # (a signal's image would be a C x T pixel strip no page shows, made into the
+        # run's cache and counted among its cached images)
         found = (
             None
-            if tokens or vectors
+            if pictureless
             else _sample_image(s, sid, detail.sample.path, make_images, ApiError)
         )
         if found is not None:
@@ -269,11 +273,13 @@ def _export_run(request: Any, e: Any, files: _Files, make_images: bool) -> None:
             )
         if detail.features is not None:
             brief.features = feature_tile(detail.features)
+        if detail.signal is not None:
+            brief.signal = signal_tile(detail.signal)
         listed.append({**brief.model_dump(mode="json"), "image": found is not None})
     # a site without some images says why, here and on its pages (a reason of its own:
     # with --no-images the dataset may well load, and the fix is another export)
     no_image = None
-    if len(images) < len(ranked) and not (tokens or vectors):
+    if len(images) < len(ranked) and not pictureless:
         no_image = (
             (s.dataset_reason() or "their files are no longer in the run's dataset")
             if make_images
@@ -332,7 +338,7 @@ def _export_explanations(request: Any, s: Any, e: Any, files: _Files) -> None:
     have them, with which methods (the top class only, as precomputed)."""
     from urllib.parse import urlencode
 
-    from .explained import TARGET, explained_index, sample_folder
+    from .explained import TARGET, explained_index, pictureless, sample_folder
     from .routes.explain import (
         CONCEPT_TOP,
         concept_png_response,
@@ -343,14 +349,23 @@ def _export_explanations(request: Any, s: Any, e: Any, files: _Files) -> None:
     from .routes.explain import methods as methods_doc
 
     index = explained_index(s)
+    # token ids, feature vectors, signals: scores in the JSON, no picture (the live
+    # endpoints and heatmap PNGs answer 409 on such a run; the sample's page has its values)
+    flat = pictureless(s)
     for held in index["samples"]:
         image, methods = held["image"], held["methods"]
         folder = sample_folder(e.path, image)
         base = ("runs", e.id, "live", image)
+        query = urlencode({"target": TARGET})
+        if flat:
+            files.bar.total += len(methods)
+            for m in methods:
+                doc = explain_result(s, image, m, TARGET, None)
+                files.json(_rel(*base, "explain", f"{m}.json?{query}"), doc)
+            continue
         files.bar.total += 2 + 2 * len(methods)
         files.json(_rel(*base), json.loads((folder / "live.json").read_text(encoding="utf-8")))
         files.image(_rel(*base, "input.png"), folder / "input.png")
-        query = urlencode({"target": TARGET})
         for m in methods:
             doc = explain_result(s, image, m, TARGET, None)
             files.json(_rel(*base, "explain", f"{m}.json?{query}"), doc)

@@ -5,7 +5,7 @@
  * and one card per method that scores each token or feature (the server's
  * `explain/methods`); how a card draws its scores is the kind's (`FlatKind`).
  */
-import { p, type RunSummary, type SampleDoc } from "../api";
+import { p, type ExplainedIndex, type RunSummary, type SampleDoc } from "../api";
 import type { PageContext } from "../context";
 import { append, fill, fmt, h, notice, pct } from "../dom";
 import { classLabel, namesWidth } from "../classes";
@@ -70,11 +70,39 @@ export async function renderFlatExplain(root: HTMLElement, ctx: PageContext, sum
     for (const [k, v] of Object.entries(next)) (v === null ? q.delete(k) : q.set(k, v));
     ctx.navigate(ctx.href("explain") + "?" + q);
   };
-  if (ctx.api.isStatic || !summary.holds.live) {
+  // no model (a static export, or a server that cannot load the run's): only what
+  // `lurker images RUN --explanations` precomputed, the top class of some samples
+  const explained = ctx.api.isStatic || !summary.holds.live ? await ctx.api.explained(ctx.run) : null;
+  if (explained && !explained.samples.length) {
     loading.remove();
     const why = ctx.api.isStatic ? "This is a static export" : `This run has no model attached${summary.holds.live_reason ? ` (${summary.holds.live_reason})` : ""}`;
-    root.append(notice(`${why}: explaining a sample's ${kind.noun}s runs the model. Serve it with \`lurker serve ${ctx.run} --model SPEC\`.`, ctx.api.isStatic ? undefined : "error"));
+    root.append(
+      notice(
+        `${why}: explaining a sample's ${kind.noun}s runs the model. Serve it with \`lurker serve ${ctx.run} --model SPEC\`, or precompute the top class's explanations of the top-k samples into the run with \`lurker images ${ctx.run} --explanations top\`${ctx.api.isStatic ? " and export again" : ""}.`,
+        ctx.api.isStatic ? undefined : "error",
+      ),
+    );
     return;
+  }
+  if (explained) {
+    const held = explained.samples.find((e) => e.image === image) ?? null;
+    const list = h(
+      "section",
+      { class: "card", id: "explain-picker" },
+      h("h3", null, "Sample to explain"),
+      h("p", { class: "muted small" }, `The inputs are ${kind.what}. ${explained.samples.length} samples' explanations were precomputed (the top class only):`),
+      h("p", { class: "explained-list" }, explained.samples.flatMap((e, i) => [i ? " " : null, h("a", { href: ctx.href("explain") + "?image=" + e.image, class: e.image === image ? "on" : null, "data-sample": e.sample, title: e.top ? `predicted ${classLabel(e.top.name, e.top.class)}` : e.methods.join(", ") }, `#${e.sample}`)])),
+    );
+    const said = `${ctx.api.isStatic ? "This static export holds" : "Without the model, this server has"} the explanations of the top class of the samples listed, precomputed with the run's model; other samples and classes run the model: \`lurker serve ${ctx.run} --model SPEC\`.`;
+    if (!held) {
+      loading.remove();
+      if (image) root.append(notice(`${image} has no precomputed explanation here. ${said}`, "error"));
+      else root.append(notice(said));
+      root.append(list);
+      return;
+    }
+    if (target !== "top") root.append(notice(`Only the top class is precomputed: shown below. Target ${target} runs the model: \`lurker serve ${ctx.run} --model SPEC\`.`));
+    return renderHeld(root, ctx, held, list, said, loading, kind);
   }
   const field = h("input", { type: "number", min: 0, max: Math.max(0, summary.dataset.size - 1), id: "explain-sample", "aria-label": "sample id", value: image?.startsWith("sample-") ? image.slice(7) : "" });
   const choose = () => {
@@ -146,6 +174,49 @@ export async function renderFlatExplain(root: HTMLElement, ctx: PageContext, sum
     ),
     h("p", { class: "muted small", id: kind.legendId }, kind.legend),
     h("div", { class: kind.css }, methods.map((m) => methodCard(ctx, image, m, target, doc, kind))),
+  );
+}
+
+/** A precomputed sample: its values, its top class (the only target) and each method held. */
+async function renderHeld(root: HTMLElement, ctx: PageContext, held: ExplainedIndex["samples"][number], list: HTMLElement, said: string, loading: HTMLElement, kind: FlatKind): Promise<void> {
+  let doc: SampleDoc;
+  let methods: FlatMethod[];
+  try {
+    const [d, info] = await Promise.all([
+      // (a static export holds each sample's first page, not a page of one entry)
+      ctx.api.json<SampleDoc>(p("runs", ctx.run, "samples", held.sample) + (ctx.api.isStatic ? "" : "?limit=1")),
+      ctx.api.json<{ methods: FlatMethod[] }>(p("runs", ctx.run, "explain", "methods")),
+    ]);
+    doc = d;
+    methods = info.methods.filter((m) => held.methods.includes(m.name));
+  } catch (err) {
+    loading.remove();
+    root.append(notice((err as Error).message, "error"), list);
+    return;
+  }
+  if (ctx.signal.aborted) return;
+  loading.remove();
+  const top = held.top;
+  append(
+    root,
+    h("div", { id: "explained-only" }, notice(said)),
+    list,
+    h(
+      "section",
+      { class: "card explain-image" },
+      h("h3", null, "Sample ", h("a", { href: ctx.href("sample", String(held.sample)), id: "image-name" }, `#${held.sample}`), h("span", { class: "muted" }, ` · ${kind.what.replace(/^\w+ of /, "")}`)),
+      kind.sample(doc),
+      top
+        ? h(
+            "div",
+            null,
+            h("p", { class: "muted small" }, "Target: the class the model predicts (precomputed)"),
+            h("ol", { class: "preds target-list", "aria-label": "target class", style: namesWidth([classLabel(top.name, top.class)]) }, h("li", null, h("button", { type: "button", class: "target on", "data-class": top.class, "aria-pressed": "true", disabled: true }, h("span", { class: "pname" }, classLabel(top.name, top.class)), h("span", { class: "pbar", style: `width:${(100 * top.prob).toFixed(1)}%` }), h("span", { class: "muted" }, pct(top.prob))))),
+          )
+        : null,
+    ),
+    h("p", { class: "muted small", id: kind.legendId }, kind.legend),
+    h("div", { class: kind.css }, methods.map((m) => methodCard(ctx, held.image, m, "top", doc, kind))),
   );
 }
 

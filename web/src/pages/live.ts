@@ -34,9 +34,20 @@ interface ViewDoc {
 
 const PAGE = 128;
 
+/** What the live view runs the model on, as its heading says it. */
+function liveInput(summary: RunSummary): string {
+  if ((summary.dataset.tokens ?? null) !== null) return "typed sequence, layer by layer";
+  if ((summary.dataset.features ?? null) !== null) return "typed feature vector, layer by layer";
+  if ((summary.dataset.signal ?? null) !== null) return "sample of the dataset (a signal), op by op";
+  return "image, op by op";
+}
+
 export async function renderLive(root: HTMLElement, ctx: PageContext): Promise<void> {
   document.title = `live · ${ctx.run} · lurker`;
-  append(root, h("h1", null, "Live", h("span", { class: "sub" }, " the model on one image, op by op")));
+  // the run's summary first (a static export holds it too): the heading names its input,
+  // which is no image on a run of token ids, feature vectors or signals
+  const summary = await ctx.api.json<RunSummary>(p("runs", ctx.run));
+  append(root, h("h1", null, "Live", h("span", { class: "sub" }, ` the model on one ${liveInput(summary)}`)));
   if (ctx.api.isStatic) {
     root.append(
       notice(
@@ -45,7 +56,6 @@ export async function renderLive(root: HTMLElement, ctx: PageContext): Promise<v
     );
     return;
   }
-  const summary = await ctx.api.json<RunSummary>(p("runs", ctx.run));
   if (!summary.holds.live) {
     append(
       root,
@@ -58,7 +68,6 @@ export async function renderLive(root: HTMLElement, ctx: PageContext): Promise<v
   }
   // token ids and feature vectors have no picture: a typed input, and every probed layer's units
   if ((summary.dataset.tokens ?? null) !== null || (summary.dataset.features ?? null) !== null) {
-    root.querySelector("h1 .sub")!.textContent = ` the model on one typed ${summary.dataset.tokens != null ? "sequence" : "feature vector"}, layer by layer`;
     await renderFlatLive(root, ctx, summary);
     return;
   }

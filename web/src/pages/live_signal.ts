@@ -20,7 +20,6 @@ type Picker = (el: HTMLElement, ctx: PageContext, summary: RunSummary, current: 
 
 export async function renderSignalLive(root: HTMLElement, ctx: PageContext, summary: RunSummary, fillPicker: Picker, showOp: (el: HTMLElement, ctx: PageContext, image: string, op: string) => Promise<void>): Promise<void> {
   const [channels, length] = summary.dataset.signal ?? [0, 0];
-  root.querySelector("h1 .sub")!.textContent = " the model on one sample of the dataset (a signal), op by op";
   const params = new URLSearchParams(ctx.params);
   const image = params.get("image");
   const sample = /^sample-(\d+)$/.exec(image ?? "");
