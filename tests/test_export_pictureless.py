@@ -16,6 +16,7 @@ import json
 import re
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -341,3 +342,31 @@ def test_the_static_explain_page_shows_the_precomputed_scores(browser: Any, prec
         assert "top class" in pg.locator("#explained-only").inner_text()
         assert pg.locator(".target.on").get_attribute("data-class") == str(held[0]["top"]["class"])
         pg.screenshot(path=str(precomputed["run"].parent / "explain.png"), full_page=True)
+
+
+def test_samples_explained_beyond_the_top_lists_are_exported_with_their_values(
+    precomputed: dict, tmp_path: Path
+) -> None:
+    """A sample precomputed beyond the top-k lists (``--explanations N``) is offered by
+    the static Explain page, which reads its values from the sample's page document: the
+    export writes that document too (it wrote only the top-k samples', and such a sample
+    opened to an error)."""
+    from lurker.server.explained import precompute
+    from lurker.server.export import export_site
+
+    kind, data, url = precomputed["kind"], precomputed["data"], precomputed["url"]
+    precompute(precomputed["run"], len(data), ["saliency"], dataset=data, progress=False)
+    site = export_site(precomputed["run"], tmp_path / "site", dataset=data, progress=False)
+    held = json.loads((site / f"data/runs/{kind}/explained.json").read_text())["samples"]
+    ranked = {
+        int(s.stem) for s in (precomputed["site"] / f"data/runs/{kind}/samples").glob("*.json")
+    }
+    if not {h["sample"] for h in held} - ranked:
+        pytest.skip(f"every sample of the {kind} run is in a top-k list")
+    for h in held:
+        f = site / f"data/runs/{kind}/samples/{h['sample']}.json"
+        got = json.loads(f.read_text())
+        want = get_json(f"{url}/api/runs/{kind}/samples/{h['sample']}")
+        for key in ("prediction", "prediction_error"):  # the site runs no model
+            got.pop(key), want.pop(key)
+        assert got == want

@@ -235,7 +235,9 @@ def _export_run(request: Any, e: Any, files: _Files, make_images: bool) -> None:
     vectors = s.vector_length() is not None  # feature vectors: no picture either
     signals = s.signal_shape() is not None  # 1-D signals are drawn as lines: no picture
     pictureless = tokens or vectors or signals
-    for sid in ranked:
+
+    def sample_page(sid: int) -> Any:
+        """The sample's page document, with its values where it has no picture, written."""
         detail = _sample_detail(request, e.id, sid, 0, APPEARANCES_PAGE)
         if tokens:
             add_tokens(s, detail)
@@ -244,6 +246,10 @@ def _export_run(request: Any, e: Any, files: _Files, make_images: bool) -> None:
         if signals:
             add_signal(s, detail)
         files.json(_rel("runs", e.id, "samples", sid), detail)
+        return detail
+
+    for sid in ranked:
+        detail = sample_page(sid)
         # the sample page's "show more" asks for the next pages of its top-list entries
         for offset in range(APPEARANCES_PAGE, detail.total, APPEARANCES_PAGE):
             query = f"{sid}?offset={offset}&limit={APPEARANCES_PAGE}"
@@ -295,7 +301,7 @@ def _export_run(request: Any, e: Any, files: _Files, make_images: bool) -> None:
         _rel("runs", e.id, "exported-samples"),
         {"total": e.sample_count(), "samples": listed, "no_image": no_image},
     )
-    _export_explanations(request, s, e, files)
+    _export_explanations(request, s, e, files, set(ranked), sample_page)
     frames: dict[tuple[int, int], bool] = {}  # (sample, frame) of a clip: exported or not
 
     def frame_image(sid: int, frame: int) -> bool:
@@ -332,10 +338,19 @@ def _export_run(request: Any, e: Any, files: _Files, make_images: bool) -> None:
     files.json(_rel("runs", e.id), run_summary(request, e.id))
 
 
-def _export_explanations(request: Any, s: Any, e: Any, files: _Files) -> None:
+def _export_explanations(
+    request: Any,
+    s: Any,
+    e: Any,
+    files: _Files,
+    exported: set[int],
+    sample_page: Callable[[int], Any],
+) -> None:
     """The explanations the run's cache holds (``lurker images RUN --explanations``) at
     the paths the static Explain page asks for, and ``explained.json``: which samples
-    have them, with which methods (the top class only, as precomputed)."""
+    have them, with which methods (the top class only, as precomputed). On a run with no
+    picture the page reads a held sample's values from its page document, written here
+    (``sample_page``) where no top-k list holds the sample (``exported``)."""
     from urllib.parse import urlencode
 
     from .explained import TARGET, explained_index, pictureless, sample_folder
@@ -359,6 +374,11 @@ def _export_explanations(request: Any, s: Any, e: Any, files: _Files) -> None:
         query = urlencode({"target": TARGET})
         if flat:
             files.bar.total += len(methods)
+            sid = int(image.removeprefix("sample-"))
+            if sid not in exported:  # precomputed beyond the top-k lists
+                files.bar.total += 1
+                sample_page(sid)
+                exported.add(sid)
             for m in methods:
                 doc = explain_result(s, image, m, TARGET, None)
                 files.json(_rel(*base, "explain", f"{m}.json?{query}"), doc)
