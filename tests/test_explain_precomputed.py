@@ -294,6 +294,7 @@ def test_export_without_explanations_lists_none(
         (["--explanations", "0"], "'top' or a number of samples"),
         (["--explanations", "1", "--methods", "nope"], "unknown explanation method 'nope'"),
         (["--methods", "saliency"], "--methods goes with --explanations"),
+        (["--explanations", "1", "--methods", ","], "names no method"),  # not 'concepts'
     ],
 )
 def test_bad_input(args: list[str], says: str, run: Path) -> None:

@@ -821,3 +821,29 @@ def test_a_model_of_signals_is_refused_saying_why(tmp_path):
     assert r.exit_code == 2 and "inputs are signals" in r.output, r.output
     assert f"lurker serve {run}" in r.output and "Traceback" not in r.output
     assert "--image-size" not in r.output
+
+
+@pytest.mark.parametrize(
+    ("model_of", "shape", "said"),
+    [
+        # a channels-last signal the model transposes: 3 channels over 64 samples, not 64 x 3
+        ("ChannelsLast", (64, 3), r"signals.*3 channels x 64 samples, stored channels last"),
+        # a one-channel image the model unsqueezes: no signal, which the explorer agrees
+        ("Image", (12, 12), r"two axes per sample \(12, 12\).*one-channel image"),
+    ],
+)
+def test_a_two_axis_run_is_named_as_its_graph_reads_it(tmp_path, model_of, shape, said):
+    """featviz tells a run's two-axis samples apart as the explorer does, from the graph:
+    it called every one 'signals' of shape[0] channels (the image 12 channels x 12
+    samples, the channels-last signal 64 channels x 3 samples)."""
+    from torch.utils.data import TensorDataset
+
+    from test_signal_layouts import ChannelsLast, Image
+
+    torch.manual_seed(0)
+    model = {"ChannelsLast": ChannelsLast, "Image": Image}[model_of]().eval()
+    data = TensorDataset(torch.randn(12, *shape), torch.arange(12) % 2)
+    lurker.probe(model, data, out=tmp_path / "run", k=3, progress=False)
+    layer = next(n for n, m in model.named_modules() if isinstance(m, nn.Conv1d | nn.Conv2d))
+    with pytest.raises(LurkerError, match=said):
+        lurker.featviz(model, layer, [0], steps=1, run=tmp_path / "run")

@@ -242,3 +242,26 @@ def test_typed_input_on_a_signal_run_says_live_takes_a_dataset_sample(runs: dict
     r = runs["plain"]["client"].post("/api/runs/plain/live/inputs", json={"features": [1]})
     assert r.status_code == 409
     assert "sample-N" in r.json()["detail"] and "images" not in r.json()["detail"]
+
+
+def test_precomputing_an_lstm_runs_explanations_leaves_out_grad_cam_saying_why(
+    tmp_path: Path,
+) -> None:
+    """``lurker images RUN --explanations N`` with no ``--methods`` asks every method the
+    Explain page shows; Grad-CAM has no map along time in a batch-first LSTM (and LRP no
+    rule for it), so they are left out and said, not the whole precompute stopped at sample 0 (it was)."""
+    from lurker.errors import LurkerError
+    from lurker.server.explained import precompute
+
+    torch.manual_seed(0)
+    model = Recurrent().eval()
+    data = TensorDataset(torch.randn(N, 20, 8), torch.arange(N) % 2)
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    meta = {"model_spec": f"{__name__}:Recurrent", "weights": str(tmp_path / "w.pt")}
+    probe(model, data, out=tmp_path / "lstm", k=K, batch_size=8, progress=False, meta=meta).close()
+    done = precompute(tmp_path / "lstm", 2, dataset=data, progress=False)
+    assert {"gradcam", "gradcam_plus_plus", "lrp"} == set(done.skipped)  # no rule for LSTMs
+    assert "layer=" in done.skipped["gradcam"]
+    assert done.made == 2 * 7  # the other seven methods, on both samples
+    with pytest.raises(LurkerError, match="sample 0"):  # named by the user: an error
+        precompute(tmp_path / "lstm", 1, ["gradcam"], dataset=data, progress=False)

@@ -783,7 +783,15 @@ def images(
                 param_hint="--explanations",
             )
         names = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
+        if names == []:
+            raise click.BadParameter(
+                f"{methods!r} names no method: give them comma-separated (e.g. "
+                "saliency,gradcam), or leave --methods out for every one",
+                param_hint="--methods",
+            )
         done = precompute(run, spec if spec == "top" else int(spec), names, device=device)
+        for method, why in done.skipped.items():
+            click.echo(f"lurker: {method} left out: {why}", err=True)
         click.echo(
             f"{done.made} explanations made ({done.existing} already there) for "
             f"{done.samples} samples in {done.seconds:.1f} s; in {Path(run) / 'cache' / 'explain'}"

@@ -562,6 +562,26 @@ _NOT_IMAGES = (
 _SIGNAL = "signals, channels by time (a Conv1d stack's (N, C, T))"
 
 
+def _two_axes(r: Any, shape: list[Any]) -> str:
+    """What a run's two-axis samples are, read from its graph as the explorer reads them
+    (:func:`lurker.explain.axes.graph_input_axes`): signals channels by time, either
+    order, else two axes the model reshapes itself (a one-channel image it unsqueezes)."""
+    from ..explain.axes import graph_input_axes
+
+    try:
+        axes = graph_input_axes(r.graph, 3)
+    except Exception:  # no graph, or one the axis rules cannot follow
+        axes = None
+    if axes is not None and axes.image is None and axes.channel in (1, 2):
+        c, t = (shape[0], shape[1]) if axes.channel == 1 else (shape[1], shape[0])
+        order = "" if axes.channel == 1 else ", stored channels last"
+        return f"{_SIGNAL[:-1]}: {c} channels x {t} samples{order})"
+    return (
+        f"two axes per sample {tuple(shape)} (a one-channel image the model reshapes "
+        "itself, or a sequence), not the (channels, height, width) it optimizes"
+    )
+
+
 def _from_run(
     run: Any, layer: str, want_size: bool, want_channels: bool
 ) -> tuple[str, str, Any, tuple[int, int] | None, int | None, Any, Any]:
@@ -575,7 +595,7 @@ def _from_run(
     shape = cfg.get("input_shape")
     if isinstance(shape, list) and len(shape) in (1, 2):  # as the explorer tells them
         kind = (
-            f"{_SIGNAL[:-1]}: {shape[0]} channels x {shape[1]} samples)"
+            _two_axes(r, shape)
             if len(shape) == 2
             else f"one axis of {shape[0]} values (token ids or feature vectors)"
         )

@@ -89,11 +89,9 @@ def signal_shape(run: Run) -> tuple[int, int] | None:
     return None if found is None else (found[0], found[1])
 
 
-# run -> ((its identity, its input shape), its signal layout): asked on every request, so
-# the graph is read once per run generation (a run probed again is another key)
-_SIGNALS: weakref.WeakKeyDictionary[Run, tuple[Any, tuple[int, int, bool] | None]] = (
-    weakref.WeakKeyDictionary()
-)
+# run -> its signal layout: asked on every request, so the graph is read once per Run
+# object (a run probed again in place is opened as a new Run: RunEntry.run)
+_SIGNALS: weakref.WeakKeyDictionary[Run, tuple[int, int, bool] | None] = weakref.WeakKeyDictionary()
 
 
 def signal_layout(run: Run) -> tuple[int, int, bool] | None:
@@ -108,13 +106,10 @@ def signal_layout(run: Run) -> tuple[int, int, bool] | None:
     (``channels_last`` True). A one-channel image (unsqueezed into a ``Conv2d``), token
     ids, other shapes, no graph, or a graph that does not say: ``None``, not a signal
     (two axes alone cannot tell a ``(12, 12)`` image from a signal)."""
-    shape = (run.meta.get("config") or {}).get("input_shape") or []
-    key = (run.identity, tuple(shape))
-    known = _SIGNALS.get(run)
-    if known is not None and known[0] == key:
-        return known[1]
-    found = _read_signal(run, shape)
-    _SIGNALS[run] = (key, found)
+    if run in _SIGNALS:
+        return _SIGNALS[run]
+    found = _read_signal(run, (run.meta.get("config") or {}).get("input_shape") or [])
+    _SIGNALS[run] = found
     return found
 
 
@@ -159,10 +154,8 @@ def signal_span(run: Run, info: LayerInfo, x: int | None, length: int) -> list[i
     return [int(box[2]), int(box[3])]
 
 
-# run -> (its identity, each op's receptive field along a channels-last signal's time)
-_FIELDS: weakref.WeakKeyDictionary[Run, tuple[Any, dict[int, dict[str, Any]]]] = (
-    weakref.WeakKeyDictionary()
-)
+# run -> each op's receptive field along a channels-last signal's time (per Run object)
+_FIELDS: weakref.WeakKeyDictionary[Run, dict[int, dict[str, Any]]] = weakref.WeakKeyDictionary()
 
 
 def signal_rf(run: Run, info: LayerInfo) -> dict[str, Any] | None:
@@ -178,17 +171,16 @@ def signal_rf(run: Run, info: LayerInfo) -> dict[str, Any] | None:
         index = int(info.op_index)
     except MissingFromRunError:
         return None
-    known = _FIELDS.get(run)
-    if known is None or known[0] != run.identity:
+    fields = _FIELDS.get(run)
+    if fields is None:
         from lurker.graph.receptive import receptive_fields
 
         try:
             fields = {i: rf.to_dict() for i, rf in receptive_fields(run.graph, time_axis=1).items()}
         except Exception:  # a graph the field rules cannot follow: no spans, not wrong ones
             fields = {}
-        known = (run.identity, fields)
-        _FIELDS[run] = known
-    return known[1].get(index)
+        _FIELDS[run] = fields
+    return fields.get(index)
 
 
 def feature_names(run: Run) -> list[str] | None:
