@@ -139,15 +139,14 @@ def test_unit(client: TestClient, run: Run):
                 "tokens",
                 "token_text",
                 "features",
-                "signal",
                 "span",
             )  # what the API adds
             got = [{k: v for k, v in e.items() if k not in added} for e in body["top"][which]]
             assert got == want["top"][which]
             # images, not video clips: no frames
             assert all(e["frame"] is None and e["frames"] is None for e in body["top"][which])
-            # images, not signals: no values, no span
-            assert all(e["signal"] is None and e["span"] is None for e in body["top"][which])
+            # images, not signals: no span (a signal's values are its own document)
+            assert all(e["span"] is None and "signal" not in e for e in body["top"][which])
         assert body["clip_frames"] is None
         assert (body["prev"], body["next"], body["num_units"]) == (prev, nxt, info.num_units)
     # the peak's box is the receptive field of (y, x): 3x3 around it, clipped

@@ -50,6 +50,8 @@ export interface RunSummary {
     feature_names?: string[] | null;
     /** `[C, T]` where the inputs are signals, channels by time (drawn as lines); null else */
     signal?: number[] | null;
+    /** each channel's name (the dataset's `channel_names`: EEG electrodes); null: none */
+    channel_names?: string[] | null;
   };
   probe: {
     k: number;
@@ -137,6 +139,20 @@ export interface SignalTile {
   hi: (number | null)[][];
 }
 
+/** One sample's signal document (`samples/{id}/signal.json`), channels first: every
+ * value (`values`), or with `columns` each channel's per-column min..max (`starts`, `lo`,
+ * `hi`, as a tile's). Fetched once per sample, shared by every entry that ranks it. */
+export interface SignalDoc {
+  id: number;
+  length: number;
+  channels: number;
+  channel_names?: string[] | null;
+  values?: (number | null)[][] | null;
+  starts?: number[] | null;
+  lo?: (number | null)[][] | null;
+  hi?: (number | null)[][] | null;
+}
+
 export interface LayerDoc {
   /** units with a stored feature visualization ("channel" objective), null for none */
   featviz_units?: number[] | null;
@@ -185,8 +201,6 @@ export interface TopEntry {
   token_text?: (string | null)[] | null;
   /** a run of feature vectors with its dataset: the sample's values (non-finite: null). */
   features?: (number | null)[] | null;
-  /** a run of signals with its dataset: the sample's values, one list per channel. */
-  signal?: (number | null)[][] | null;
   /** a run of signals: the half-open span `[t0, t1)` of samples the peak at `x` sees. */
   span?: number[] | null;
 }
@@ -296,8 +310,7 @@ export interface SampleDoc {
   /** a run of feature vectors with its dataset: the sample's values (non-finite: null) */
   features?: (number | null)[] | null;
   features_error?: string | null;
-  /** a run of signals with its dataset: the sample's values, one list per channel */
-  signal?: (number | null)[][] | null;
+  /** why a signal sample cannot be drawn (its values: {@link Api.signalDoc}) */
   signal_error?: string | null;
   /** The top class as the run recorded it (`lurker probe --embed`, `lurker map`): shown
    * where no model runs (a static export). */
@@ -512,6 +525,23 @@ export class Api {
     const m = RUN_IMAGE.exec(path);
     const version = m ? this.versions.get(decodeURIComponent(m[1])) : undefined;
     return "api" + path + (version ? "?v=" + encodeURIComponent(version) : "");
+  }
+
+  /**
+   * A sample's signal document, fetched once per page life and URL (the entries of all
+   * the units that rank the sample share it). Served: `columns` cuts each channel into
+   * per-column min..max, and the run's token (`?v=`) lets the browser keep it for good,
+   * as a sample's image. A static export holds one file of every value per sample.
+   */
+  signalDoc(run: string, id: number, columns?: number): Promise<SignalDoc> {
+    const path = p("runs", run, "samples", id, "signal");
+    if (this.isStatic) return this.get<SignalDoc>(this.staticPath(path) + ".json", true, null);
+    const q = new URLSearchParams();
+    if (columns) q.set("columns", String(columns));
+    const version = this.versions.get(run);
+    if (version) q.set("v", version);
+    const query = q.toString();
+    return this.get<SignalDoc>("api" + path + ".json" + (query ? "?" + query : ""), true, null);
   }
 
   /** The run's summary (its manifest). */

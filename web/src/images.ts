@@ -24,6 +24,8 @@ export interface ImageState {
   /** `[C, T]` where the inputs are signals, channels by time: the pages draw each sample
    * as lines (its picture as an image would be a C-pixel-high strip); null else. */
   signal?: number[] | null;
+  /** Each channel's name (the dataset's `channel_names`); null where it gave none. */
+  channelNames?: string[] | null;
 }
 
 export async function imageState(ctx: PageContext): Promise<ImageState> {
@@ -51,7 +53,7 @@ export async function imageState(ctx: PageContext): Promise<ImageState> {
     const why = s.holds.dataset === false ? ` They cannot be drawn here: ${(s.holds.dataset_reason ?? "the run's dataset cannot be loaded").replace(/\.+$/, "")}.` : "";
     const el = notice(`The inputs are signals of ${signal[0]} channel${signal[0] === 1 ? "" : "s"} × ${signal[1].toLocaleString()} samples, not images: each sample is drawn as one line per channel (on one scale), and on a unit's lists the samples its peak sees (its receptive field) are shaded.${why}`);
     el.id = "signal-inputs";
-    return { ok: false, notice: el, tokens, signal };
+    return { ok: false, notice: el, tokens, signal, channelNames: s.dataset.channel_names ?? null };
   }
   const ok = ctx.api.isStatic || s.holds.dataset !== false || s.holds.cached_images > 0;
   if (ok) return { ok, notice: null, tokens };

@@ -7,7 +7,7 @@
 import { axisBottom } from "d3-axis";
 import { scaleLinear } from "d3-scale";
 import { create } from "d3-selection";
-import type { SignalTile } from "./api";
+import type { Api, SignalDoc, SignalTile } from "./api";
 
 /** The channels' colours, in turn. */
 const COLOURS = ["#1f5fa8", "#c2410c", "#15803d", "#7e22ce", "#a16207", "#be123c", "#0e7490", "#4d7c0f"];
@@ -26,6 +26,36 @@ export interface SignalPlotOptions {
   bands?: (number | null)[][] | null;
   /** the bands' values have a sign (red positive, blue negative) or not (hot only) */
   signed?: boolean;
+  /** each channel's name (EEG electrodes): a lane label with `axis`, each line's tooltip */
+  names?: string[] | null;
+}
+
+/** Channel `ch`'s name, or "channel ch" where the dataset named none. */
+export function channelName(names: string[] | null | undefined, ch: number): string {
+  return names?.[ch] ?? `channel ${ch}`;
+}
+
+/** A box that shows sample `id`'s signal document once fetched (`api` asks for each URL
+ * once per page life: a sample on several cards is one request), drawn by `draw`, or
+ * `missing(why)` where it cannot be had. */
+export function fetchedSignal(api: Api, run: string, id: number, columns: number | undefined, draw: (doc: SignalDoc) => Element, missing: (why: string) => HTMLElement): HTMLElement {
+  const box = document.createElement("div");
+  box.className = "signal-fetched";
+  box.textContent = "loading…";
+  api.signalDoc(run, id, columns).then(
+    (doc) => box.replaceChildren(draw(doc)),
+    (err: Error) => box.replaceChildren(missing(err.message)),
+  );
+  return box;
+}
+
+/** A signal document drawn: every value as {@link signalPlot}, or its columns (min..max
+ * per column) as {@link signalTilePlot}; its channel names label the lines. */
+export function signalDocPlot(doc: SignalDoc, opts: SignalPlotOptions = {}): SVGSVGElement {
+  const names = opts.names ?? doc.channel_names ?? null;
+  if (doc.values) return signalPlot(doc.values, { ...opts, names });
+  const tile: SignalTile = { length: doc.length, channels: doc.channels, starts: doc.starts ?? [], lo: doc.lo ?? [], hi: doc.hi ?? [] };
+  return signalTilePlot(tile, { ...opts, names });
 }
 
 /** A band's height in pixels. */
@@ -37,7 +67,7 @@ const BAND = 10;
  * minimum-to-maximum of its samples (every extreme stays visible, none is averaged away).
  * A value that is not finite (null) breaks the line: it is not drawn as a number.
  */
-export function signalPlot(values: (number | null)[][], { width = 320, height = 120, span = null, axis = false, label = "signal", bands = null, signed = true }: SignalPlotOptions = {}): SVGSVGElement {
+export function signalPlot(values: (number | null)[][], { width = 320, height = 120, span = null, axis = false, label = "signal", bands = null, signed = true, names = null }: SignalPlotOptions = {}): SVGSVGElement {
   const shared = bands !== null && bands.length === 1 && values.length > 1; // one band for all lanes
   const bottom = (axis ? 22 : 2) + (shared ? BAND + 4 : 0);
   const channels = values.length;
@@ -80,6 +110,7 @@ export function signalPlot(values: (number | null)[][], { width = 320, height = 
   for (const row of bands ?? []) for (const v of row) if (v !== null) big = Math.max(big, Math.abs(v));
   const band = (row: (number | null)[], top: number, ch: number | null): void => {
     const g = svg.append("g").attr("class", "signal-band").attr("data-channel", ch === null ? "all" : ch);
+    g.append("title").text(ch === null ? "all channels" : channelName(names, ch));
     const cell = (width - 8) / Math.max(1, row.length);
     row.forEach((v, i) => {
       if (v === null || big === 0) return;
@@ -100,7 +131,12 @@ export function signalPlot(values: (number | null)[][], { width = 320, height = 
       .attr("fill", "none")
       .attr("stroke", COLOURS[ch % COLOURS.length])
       .attr("stroke-width", 1)
-      .attr("d", linePath(c, x, y, width));
+      .attr("d", linePath(c, x, y, width))
+      .append("title")
+      .text(channelName(names, ch));
+    if (axis && names?.[ch] !== undefined) {
+      svg.append("text").attr("class", "signal-lane-label").attr("data-channel", ch).attr("x", 6).attr("y", ch * lane + 12).attr("font-size", 11).attr("fill", COLOURS[ch % COLOURS.length]).text(names[ch]);
+    }
   });
   if (shared) band(bands![0], height - bottom + 2, null);
   if (axis) {
@@ -152,7 +188,7 @@ function linePath(c: (number | null)[], x: (v: number) => number, y: (v: number)
  * value and joined to the next, one lane per channel on one scale, `span` shaded. A null
  * column (a value that is not finite) breaks the line.
  */
-export function signalTilePlot(tile: SignalTile, { width = 96, height = 64, span = null, label = "signal" }: SignalPlotOptions = {}): SVGSVGElement {
+export function signalTilePlot(tile: SignalTile, { width = 96, height = 64, span = null, label = "signal", names = null }: SignalPlotOptions = {}): SVGSVGElement {
   const channels = tile.lo.length;
   const svg = create("svg")
     .attr("class", "signal-plot signal-tile-plot")
@@ -190,7 +226,7 @@ export function signalTilePlot(tile: SignalTile, { width = 96, height = 64, span
       parts.push(`${pen ? "L" : "M"}${px},${y(mn).toFixed(1)}L${px},${y(mx).toFixed(1)}`);
       pen = true;
     });
-    svg.append("path").attr("class", "signal-line").attr("data-channel", ch).attr("fill", "none").attr("stroke", COLOURS[ch % COLOURS.length]).attr("stroke-width", 1).attr("d", parts.join(""));
+    svg.append("path").attr("class", "signal-line").attr("data-channel", ch).attr("fill", "none").attr("stroke", COLOURS[ch % COLOURS.length]).attr("stroke-width", 1).attr("d", parts.join("")).append("title").text(channelName(names, ch));
   }
   return svg.node()!;
 }

@@ -287,6 +287,8 @@ class WrappedDataset(_SkipLog, _Base):
         # a tabular dataset's column names (sklearn's ``feature_names``): the explorer
         # names each value of a feature vector by them
         self.feature_names: list[str] | None = _names_list(getattr(dataset, "feature_names", None))
+        # a signal dataset's channel names (EEG electrodes): the explorer labels lanes so
+        self.channel_names: list[str] | None = _names_list(getattr(dataset, "channel_names", None))
         samples = getattr(dataset, "samples", None) or getattr(dataset, "imgs", None)
         self.paths: list[str] | None = (
             [str(s[0]) for s in samples] if isinstance(samples, list) else None

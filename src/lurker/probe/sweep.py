@@ -1074,6 +1074,9 @@ def _plan(
     names = _feature_names(
         getattr(ds, "feature_names", None), tuple(x0.shape[1:]), x0.is_floating_point()
     )
+    channels = _channel_names(
+        getattr(ds, "channel_names", None), tuple(x0.shape[1:]), x0.is_floating_point()
+    )
     run_meta = {
         "model": type(model).__name__,
         "model_fingerprint": fingerprint(model),
@@ -1091,6 +1094,7 @@ def _plan(
             # explorer's live view feed it the same way
             "channel_dim": channel_dim,
             **({"feature_names": names} if names is not None else {}),
+            **({"channel_names": channels} if channels is not None else {}),
             **(meta or {}),
             # a raw dataset (uint8 0..255) is reloaded raw whoever probed it: its mean 0 and
             # std 1 alone would read it back as [0, 1] floats the model scales again
@@ -1991,6 +1995,25 @@ def _feature_names(
         raise LurkerError(
             f"The dataset's feature_names has {len(names)} names, but its inputs are vectors "
             f"of {shape[0]} values: give one name per value, in order, or remove the attribute."
+        )
+    return [str(n) for n in names]
+
+
+def _channel_names(
+    names: Sequence[str] | None, shape: tuple[int, ...], floating: bool
+) -> list[str] | None:
+    """The dataset's ``channel_names``, one per channel of its signals (two axes per
+    sample: ``(C, T)``, or ``(T, C)`` for a channels-last model; the explorer tells which
+    from the graph and keeps the names only where they count its ``C``); ignored for other
+    inputs. A list that names neither axis is refused: a lane labelled with another
+    channel's electrode is a silently wrong reading."""
+    if names is None or len(shape) != 2 or not floating:
+        return None
+    if len(names) not in shape:
+        raise LurkerError(
+            f"The dataset's channel_names has {len(names)} names, but its samples are signals "
+            f"of {shape[0]} channels x {shape[1]} samples (or {shape[1]} channels, channels "
+            "last): give one name per channel, in order, or remove the attribute."
         )
     return [str(n) for n in names]
 

@@ -211,15 +211,16 @@ def _export_run(request: Any, e: Any, files: _Files, make_images: bool) -> None:
     from .classes import class_names
     from .deps import session
     from .errors import ApiError
-    from .routes.layers import feature_tile, layer_detail, signal_tile
+    from .routes.layers import feature_tile, layer_detail
     from .routes.runs import run_summary
     from .routes.samples import (
         TILE_TOKENS,
         _sample_detail,
         add_features,
-        add_signal,
+        add_listed_signals,
         add_tokens,
         listed_sample,
+        signal_document,
     )
 
     s = session(request, e)
@@ -244,7 +245,13 @@ def _export_run(request: Any, e: Any, files: _Files, make_images: bool) -> None:
         if vectors:
             add_features(s, detail)
         if signals:
-            add_signal(s, detail)
+            detail.signal_error = s.dataset_reason()
+            if detail.signal_error is None:  # its values once, for every unit that ranks it
+                files.bar.total += 1
+                files.json(
+                    _rel("runs", e.id, "samples", sid, "signal"),
+                    signal_document(s, sid, detail.sample.path, None),
+                )
         files.json(_rel("runs", e.id, "samples", sid), detail)
         return detail
 
@@ -279,8 +286,8 @@ def _export_run(request: Any, e: Any, files: _Files, make_images: bool) -> None:
             )
         if detail.features is not None:
             brief.features = feature_tile(detail.features)
-        if detail.signal is not None:
-            brief.signal = signal_tile(detail.signal)
+        if signals and detail.signal_error is None:  # as the served list's tile
+            add_listed_signals(s, [brief])
         listed.append({**brief.model_dump(mode="json"), "image": found is not None})
     # a site without some images says why, here and on its pages (a reason of its own:
     # with --no-images the dataset may well load, and the fix is another export)

@@ -98,6 +98,9 @@ class DatasetInfo(BaseModel):
     #: ``[C, T]`` where the inputs are signals, channels by time (each sample two axes:
     #: a Conv1d stack's ``(N, C, T)`` batch): the pages draw them as lines. Null else.
     signal: list[int] | None = None
+    #: The name of each channel of such signals (EEG electrodes), from the dataset's
+    #: ``channel_names`` as the probe stored them; null where it had none.
+    channel_names: list[str] | None = None
 
 
 class ProbeInfo(BaseModel):
@@ -281,6 +284,30 @@ class SignalTile(BaseModel):
     hi: list[list[float | None]]
 
 
+class SignalDoc(BaseModel):
+    """One sample's signal, channels first (a channels-last run's transposed), as the
+    pages draw it: fetched once per sample (the entries of every unit that ranks it
+    share it), not embedded in each unit's document. Values are rounded to float32's
+    precision (what a plot needs); a value that is not finite is null."""
+
+    #: the sample's id
+    id: int
+    #: how many samples (time steps) each channel holds
+    length: int
+    #: how many channels the signal holds
+    channels: int
+    #: each channel's name (the dataset's ``channel_names``), null where it gave none
+    channel_names: list[str] | None = None
+    #: without ``columns``: every value, one list of ``length`` per channel; else null
+    values: list[list[float | None]] | None = None
+    #: with ``columns=N``: the first sample of each of at most N columns of consecutive
+    #: samples (numpy's ``array_split``), and per channel (all of them) each column's
+    #: least (``lo``) and greatest (``hi``) value, null where one is not finite
+    starts: list[int] | None = None
+    lo: list[list[float | None]] | None = None
+    hi: list[list[float | None]] | None = None
+
+
 class LayerDetail(BaseModel):
     layer: LayerBrief
     rf: dict[str, Any] | None = None
@@ -358,10 +385,6 @@ class TopEntryModel(BaseModel):
     #: Where the run's inputs are feature vectors and its dataset is at hand: the sample's
     #: feature values as the model is fed them (a non-finite one null); null otherwise.
     features: list[float | None] | None = None
-    #: Where the run's inputs are signals ``(C, T)`` and its dataset is at hand: the
-    #: sample's values as the model is fed them, one list of ``T`` per channel (a
-    #: non-finite one null); null otherwise.
-    signal: list[list[float | None]] | None = None
     #: On a signal run: the half-open span ``[t0, t1)`` of input samples the peak at ``x``
     #: sees (its receptive field, clipped to the signal); null without one (a layer with
     #: no positions sees the whole signal).
@@ -467,9 +490,11 @@ class UnitDetail(BaseModel):
     #: Why a feature-vector run's entries carry no ``features`` (no dataset, or one
     #: that changed); null otherwise.
     features_error: str | None = None
-    #: A signal run's ``[C, T]``: channels by samples (its entries' ``signal``); null else.
+    #: A signal run's ``[C, T]``: channels by samples; null else. Its entries carry their
+    #: ``sample_id`` and ``span``: each sample's values are its signal document
+    #: (``samples/{id}/signal.json``), one per sample however many units rank it.
     signal_shape: list[int] | None = None
-    #: Why a signal run's entries carry no ``signal`` (no dataset, or one that changed).
+    #: Why a signal run's samples cannot be drawn (no dataset).
     signal_error: str | None = None
 
 
@@ -569,10 +594,8 @@ class SampleDetail(BaseModel):
     features: list[float | None] | None = None
     #: Why a feature-vector sample's values cannot be shown (no dataset, or it changed).
     features_error: str | None = None
-    #: The sample's values, one list per channel, where the run's inputs are signals
-    #: ``(C, T)`` and its dataset is at hand (a non-finite one null); null otherwise.
-    signal: list[list[float | None]] | None = None
-    #: Why a signal sample's values cannot be shown (no dataset, or it changed).
+    #: Why a signal sample's values cannot be shown (no dataset); the values themselves
+    #: are the sample's signal document (``samples/{id}/signal.json``), fetched once.
     signal_error: str | None = None
     #: All the top-list entries that hold the sample (``appearances`` is one page of them).
     total: int

@@ -194,6 +194,17 @@ def feature_names(run: Run) -> list[str] | None:
     return [str(n) for n in names]
 
 
+def channel_names(run: Run) -> list[str] | None:
+    """The names of a signal run's channels (EEG electrodes, ``Fz``, ``Cz``...), as the
+    probe stored them from the dataset's ``channel_names``; ``None`` where it had none,
+    the run is not a signal, or they do not name each of its ``C`` channels."""
+    shape = signal_shape(run)
+    names = (run.meta.get("config") or {}).get("channel_names")
+    if shape is None or not isinstance(names, list) or len(names) != shape[0]:
+        return None
+    return [str(n) for n in names]
+
+
 def input_dtype(run: Run) -> str | None:
     """The dtype of the model's input as the run's trace recorded it (``"float32"``), or
     None without a graph: what a sample is cast to before the model sees it again."""

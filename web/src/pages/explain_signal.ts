@@ -8,7 +8,7 @@
 import type { RunSummary } from "../api";
 import type { PageContext } from "../context";
 import { notice } from "../dom";
-import { signalPlot } from "../signal";
+import { fetchedSignal, signalDocPlot } from "../signal";
 import { renderFlatExplain } from "./explain_flat";
 
 export function renderSignalExplain(root: HTMLElement, ctx: PageContext, summary: RunSummary, loading: HTMLElement): Promise<void> {
@@ -20,10 +20,12 @@ export function renderSignalExplain(root: HTMLElement, ctx: PageContext, summary
     css: "signal-explain",
     legendId: "signal-explain-legend",
     legend: "Each method's score along time, a colour band under each channel (one scale per method: its largest |score| is the strongest colour); one band under all channels where the method gives each position one value (Grad-CAM, occlusion across all channels). Signed methods: red raises the target's score, blue lowers it; saliency is the gradient's size, which has no sign.",
-    sample: (doc) => (doc.signal ? signalPlot(doc.signal, { width: 640, height: 40 * c + 22, axis: true, label: `sample signal, ${c} channels x ${t} samples` }) : missing(doc.signal_error)),
+    // the sample's values: its signal document, one request for all the method cards
+    sample: (doc) => (doc.signal_error ? missing(doc.signal_error) : fetchedSignal(ctx.api, ctx.run, doc.sample.id, undefined, (sig) => signalDocPlot(sig, { width: 640, height: 40 * c + 22, axis: true, label: `sample signal, ${c} channels x ${t} samples` }), missing)),
     draw: (_scores, doc, r) => {
-      if (!doc.signal) return missing(doc.signal_error);
-      return signalPlot(doc.signal, { width: 560, height: 48 * c + 22 + (r.signal_scores?.length === 1 ? 14 : 0), axis: true, bands: r.signal_scores ?? [], signed: r.signed, label: `${r.method} along time` });
+      if (doc.signal_error) return missing(doc.signal_error);
+      // the bands are named by channel, as the lanes: each band's tooltip its channel
+      return fetchedSignal(ctx.api, ctx.run, doc.sample.id, undefined, (sig) => signalDocPlot(sig, { width: 560, height: 48 * c + 22 + (r.signal_scores?.length === 1 ? 14 : 0), axis: true, bands: r.signal_scores ?? [], signed: r.signed, label: `${r.method} along time` }), missing);
     },
   });
 }

@@ -8,7 +8,7 @@ import { p, type LiveImage, type LiveOp, type RunSummary, type SampleDoc } from 
 import type { PageContext } from "../context";
 import { append, fmt, h, notice, pct } from "../dom";
 import { classLabel, namesWidth } from "../classes";
-import { signalPlot } from "../signal";
+import { fetchedSignal, signalDocPlot, signalPlot } from "../signal";
 
 interface Lines {
   shape: number[];
@@ -63,7 +63,16 @@ export async function renderSignalLive(root: HTMLElement, ctx: PageContext, summ
     h(
       "div",
       { class: "sample-signal", id: "live-signal-input" },
-      doc.signal ? signalPlot(doc.signal, { width: 540, height: Math.min(150, 24 + 22 * doc.signal.length), axis: true, label: `sample ${sample[1]} as the model is fed it` }) : notice(`The sample's signal is not at hand: ${(doc.signal_error ?? "no dataset").replace(/\.+$/, "")}.`),
+      doc.signal_error
+        ? notice(`The sample's signal is not at hand: ${doc.signal_error.replace(/\.+$/, "")}.`)
+        : fetchedSignal(
+            ctx.api,
+            ctx.run,
+            doc.sample.id,
+            undefined,
+            (sig) => signalDocPlot(sig, { width: 540, height: Math.min(150, 24 + 22 * sig.channels), axis: true, label: `sample ${sample[1]} as the model is fed it` }),
+            (why) => notice(`The sample's signal is not at hand: ${why.replace(/\.+$/, "")}.`),
+          ),
     ),
     h(
       "div",

@@ -171,6 +171,12 @@ def _top_signals(
     return {str(sid): tile for sid, tile in zip(tops, tiles, strict=True)}, None
 
 
+def plotted(v: float) -> float:
+    """A value to 7 significant digits (float32's precision, all a plot can show): a
+    float64's 17 digits would more than double a signal's JSON for nothing."""
+    return float(f"{v:.7g}")
+
+
 def signal_tile(
     values: list[list[float | None]], columns: int = TILE_COLUMNS, channels: int = TILE_CHANNELS
 ) -> SignalTile:
@@ -190,8 +196,8 @@ def signal_tile(
             cell = row[first : starts[i + 1] if i + 1 < len(starts) else n]
             finite = [v for v in cell if v is not None]
             whole = len(finite) == len(cell)
-            lo[-1].append(min(finite) if whole else None)
-            hi[-1].append(max(finite) if whole else None)
+            lo[-1].append(plotted(min(finite)) if whole else None)
+            hi[-1].append(plotted(max(finite)) if whole else None)
     return SignalTile(length=n, channels=len(values), starts=starts, lo=lo, hi=hi)
 
 

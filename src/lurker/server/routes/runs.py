@@ -22,7 +22,14 @@ from ..schemas import (
     SkippedFile,
     TransparentImages,
 )
-from ..state import RunEntry, feature_names, signal_shape, token_length, vector_length
+from ..state import (
+    RunEntry,
+    channel_names,
+    feature_names,
+    signal_shape,
+    token_length,
+    vector_length,
+)
 
 router = APIRouter(prefix="/api", tags=["runs"])
 
@@ -141,6 +148,7 @@ def summarize(request: Request, e: RunEntry) -> RunSummary:
             features=vector_length(run),
             feature_names=feature_names(run),
             signal=None if (sig := signal_shape(run)) is None else list(sig),
+            channel_names=channel_names(run),
         ),
         probe=ProbeInfo(
             k=meta.get("k"),

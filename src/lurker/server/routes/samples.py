@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Path, Query, Request
+from fastapi import APIRouter, Path, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
 from lurker.vocab import words_of
@@ -20,9 +20,11 @@ from ..schemas import (
     SampleDetail,
     SampleModel,
     SamplePage,
+    SignalDoc,
 )
 from ..session import Session
-from .layers import feature_tile, signal_tile
+from ..state import channel_names
+from .layers import feature_tile, plotted, signal_tile
 
 router = APIRouter(prefix="/api", tags=["samples"])
 
@@ -157,20 +159,84 @@ async def sample_detail(
     if s.vector_length() is not None:
         await run_in_threadpool(add_features, s, detail)
     if s.signal_shape() is not None:
-        await run_in_threadpool(add_signal, s, detail)
+        detail.signal_error = s.dataset_reason()  # the values: its signal document
     return detail
 
 
-def add_signal(s: Session, detail: SampleDetail) -> None:
-    """A signal sample's values (one list per channel) on its document, or why they are
-    not at hand (the served page and the static export alike)."""
+#: the most columns a signal document is cut into (a plot wider than any screen)
+MAX_SIGNAL_COLUMNS = 20_000
+
+
+@router.get(
+    "/runs/{run_id}/samples/{sample_id}/signal.json",
+    response_model=SignalDoc,
+    summary="A signal sample's values, channels first (or per column min..max)",
+)
+def sample_signal(
+    request: Request,
+    response: Response,
+    run_id: str,
+    sample_id: int = Path(ge=0, le=2**62),
+    columns: int | None = Query(
+        None,
+        ge=1,
+        le=MAX_SIGNAL_COLUMNS,
+        description="cut each channel into at most this many columns, each its min..max",
+    ),
+    v: str | None = Query(
+        None, description="the run's `images_version`: the answer is then cached for good"
+    ),
+) -> SignalDoc:
+    e = entry(request, run_id)
+    sid, path, _, _ = e.sample_row(sample_id)
+    s = session(request, e)
+    doc = signal_document(s, sid, path, columns)
+    # as a sample's image: the run's token names these values for good (a run probed again
+    # has another token); without it, or an earlier run's, the browser asks again
+    current = v is not None and v == e.images_version and not e.changed()
+    response.headers["Cache-Control"] = (
+        "public, max-age=31536000, immutable" if current else "no-cache"
+    )
+    return doc
+
+
+def signal_document(s: Session, sid: int, path: str | None, columns: int | None) -> SignalDoc:
+    """Sample ``sid``'s signal document (the served endpoint and the static export's one
+    file per sample): every value, or with ``columns`` each channel cut as a layer's tile
+    is (:func:`~.layers.signal_tile`, all channels), rounded to float32's precision."""
+    shape = s.signal_shape()
+    if shape is None:
+        raise ApiError(
+            409, "this run's inputs are not signals (channels x time): it has no signal.json"
+        )
     reason = s.dataset_reason()
-    if reason is None:
-        try:
-            detail.signal = s.sample_signal(detail.sample.id, detail.sample.path)
-        except ApiError as err:
-            reason = err.detail
-    detail.signal_error = reason
+    if reason is not None:
+        raise ApiError(404, f"the signal of sample {sid} is not at hand: {reason}")
+    values = s.sample_signal(sid, path)
+    names = channel_names(s.entry.open_run())
+    if columns is None:
+        return SignalDoc(
+            id=sid,
+            length=shape[1],
+            channels=shape[0],
+            channel_names=names,
+            values=[_plotted(row) for row in values],
+        )
+    tile = signal_tile(values, columns, len(values))
+    return SignalDoc(
+        id=sid,
+        length=tile.length,
+        channels=tile.channels,
+        channel_names=names,
+        starts=tile.starts,
+        lo=tile.lo,  # (rounded as every tile is)
+        hi=tile.hi,
+    )
+
+
+def _plotted(row: list[float | None]) -> list[float | None]:
+    """A channel's values as :func:`~.layers.plotted` rounds them; None stays None."""
+    return [None if v is None else plotted(v) for v in row]
 
 
 def add_features(s: Session, detail: SampleDetail) -> None:
