@@ -205,8 +205,8 @@ def test_token_input_errors_name_the_fix() -> None:
         lurker.explain(model, ids, method="integrated_gradients", baseline=VOCAB)
     with pytest.raises(LurkerError, match="abs=False"):
         lurker.explain(model, ids, method="saliency", abs=False)
-    with pytest.raises(LurkerError, match="unit target"):
-        lurker.explain(model, ids, ("conv", 0))
+    with pytest.raises(LurkerError, match="unit target conv:9: channel 9 is out of range"):
+        lurker.explain(model, ids, ("conv", 9))  # (units: tests/test_explain_unit_pictureless.py)
 
 
 def test_baseline_ids_are_embedded() -> None:

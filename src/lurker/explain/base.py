@@ -230,7 +230,7 @@ class Method:
     ) -> Explanation:
         """Token ids: the method runs on the output of the embedding that looks them up,
         and each token gets one score (:mod:`lurker.explain.tokens`)."""
-        from .targets import UnitTarget, parse_target
+        from .targets import parse_target
         from .tokens import (
             SUMMED,
             TOKEN_METHODS,
@@ -249,11 +249,7 @@ class Method:
                 "embedding dimension, which has no sign: abs=False does not apply (for a "
                 "signed score per token use input_x_gradient)"
             )
-        if isinstance(parse_target(target, ids.shape[0]), UnitTarget):
-            raise LurkerError(
-                "a unit target is not supported on token ids yet: target a class of the "
-                "model's output (an int, one per row, or None for the top class)"
-            )
+        parse_target(target, ids.shape[0])  # (a bad target is refused before any forward)
         warn_training(model)
         ids = ids.detach()
         with input_errors(model, ids), untouched(model), no_param_grads(model):

@@ -157,6 +157,13 @@ def by_unit(t: Tensor, layout: Any) -> Tensor:
     return t.permute(layout.batch, layout.unit, *layout.positions)
 
 
+def _ids_layers(modules: dict[str, nn.Module]) -> str:
+    """The module paths a unit target on token ids can name, for an error message."""
+    names = [n for n in modules if n]
+    more = f", ... ({len(names)} in all)" if len(names) > 40 else ""
+    return ", ".join(names[:40]) + more
+
+
 def _check_class(v: int) -> None:
     if v < 0:
         raise LurkerError(f"target class {v} is negative; class indices start at 0")
@@ -195,7 +202,9 @@ class Forward:
         )
         self.layers = list(dict.fromkeys(layers))
         taps = [*self.layers, *([self.unit.layer] if self.unit else [])]
-        self._modules = dict(model.named_modules())
+        # token ids: the layers are the wrapped model's, tapped while it runs on the ids
+        self._ids_model: nn.Module | None = model.inner if isinstance(model, Embedded) else None
+        self._modules = dict((self._ids_model or model).named_modules())
         self._trace: Any = None
         self._trace_hooks: dict[str, Any] = {}
         self.taps = list(dict.fromkeys(taps))
@@ -215,15 +224,24 @@ class Forward:
             from ..capture import settled_trace
 
             with torch.no_grad():
-                self._trace = settled_trace(self.model, self.x[:1], save="none")
+                if isinstance(self.model, Embedded):
+                    self._trace = settled_trace(self.model.inner, self.model.ids[:1], save="none")
+                else:
+                    self._trace = settled_trace(self.model, self.x[:1], save="none")
         return self._trace
 
     # ------------------------------------------------------------------ layers
     def _check_layer(self, name: str) -> None:
         if not isinstance(name, str) or not name:
             raise LurkerError(f"a layer is a module path or trace label (a string); got {name!r}")
-        if name in self._modules:
+        if name in self._modules and (self._ids_model is None or name):
             return
+        if self._ids_model is not None:  # token ids: module paths (hooks while on the ids)
+            raise LurkerError(
+                f"layer {name!r} is not a module of {type(self._ids_model).__name__}: on token "
+                "ids a unit target names a module path that runs after the embedding reads "
+                f"the ids; its layers: {_ids_layers(self._modules)}"
+            )
         from ..errors import OpKeyError
 
         try:
@@ -272,6 +290,13 @@ class Forward:
                 raise LurkerError(f"layer {name!r} did not run in this forward pass")
         if self.unit is not None:
             score = self._unit_score(grabbed[self.unit.layer])
+            if isinstance(self.model, Embedded) and xb.requires_grad and not score.requires_grad:
+                raise LurkerError(
+                    f"unit target {self.unit}: {self.unit.layer!r} does not depend on the "
+                    "embedding's output, where token ids are attributed (it runs before or "
+                    "beside the lookup of the ids, or is that lookup itself): name a layer "
+                    f"after it; the model's layers: {_ids_layers(self._modules)}"
+                )
             out = output if isinstance(output, Tensor) else None
         else:
             out = self._model_output(output)

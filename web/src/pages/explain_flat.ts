@@ -144,11 +144,39 @@ export async function renderFlatExplain(root: HTMLElement, ctx: PageContext, sum
   loading.remove();
   const preds = doc.prediction ?? [];
   const topClass = preds[0]?.class;
+  // a unit target LAYER:CHANNEL: the unit's activation averaged over its positions (tokens,
+  // time steps), as lurker.explain(model, x, target=(layer, channel)) scores it
+  const isUnit = target.includes(":");
+  const unitField = h("input", {
+    type: "text",
+    id: "explain-unit",
+    placeholder: "LAYER:CHANNEL, e.g. " + (summary.layers[summary.layers.length - 1]?.name ?? "layer") + ":0",
+    value: isUnit ? target : "",
+    "aria-label": "unit target LAYER:CHANNEL",
+    list: "explain-layers",
+  }) as HTMLInputElement;
+  const unitGo = () => {
+    const v = unitField.value.trim();
+    if (v) go({ target: v });
+  };
+  unitField.addEventListener("keydown", (e) => {
+    if ((e as KeyboardEvent).key === "Enter") unitGo();
+  });
+  const unitLayer = isUnit ? summary.layers.find((l) => target.startsWith(l.name + ":")) : undefined;
+  const unitRow = h(
+    "div",
+    { class: "row unit-target" },
+    h("label", { class: "muted small", for: "explain-unit" }, "…or a unit (its mean over the positions):"),
+    unitField,
+    h("datalist", { id: "explain-layers" }, summary.layers.map((l) => h("option", { value: `${l.name}:` }))),
+    h("button", { type: "button", onclick: unitGo }, "Explain unit"),
+    unitLayer ? h("a", { href: ctx.href("unit", unitLayer.name, target.slice(unitLayer.name.length + 1)), id: "explain-unit-page" }, "unit page") : null,
+  );
   const chooser = h(
     "ol",
     { class: "preds target-list", "aria-label": "target class", style: namesWidth(preds.map((q) => classLabel(q.name, q.class))) },
     preds.map((q) => {
-      const on = target === String(q.class) || (target === "top" && q.class === topClass);
+      const on = !isUnit && (target === String(q.class) || (target === "top" && q.class === topClass));
       return h(
         "li",
         null,
@@ -171,6 +199,7 @@ export async function renderFlatExplain(root: HTMLElement, ctx: PageContext, sum
       h("h3", null, "Sample ", h("a", { href: ctx.href("sample", String(sid)), id: "image-name" }, `#${sid}`), h("span", { class: "muted" }, ` · ${kind.what.replace(/^\w+ of /, "")}`)),
       kind.sample(doc),
       doc.prediction_error ? notice(doc.prediction_error, "error") : h("div", null, h("p", { class: "muted small" }, "Target: a class the model predicts…"), chooser),
+      unitRow,
     ),
     h("p", { class: "muted small", id: kind.legendId }, kind.legend),
     h("div", { class: kind.css }, methods.map((m) => methodCard(ctx, image, m, target, doc, kind))),
