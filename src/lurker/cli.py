@@ -752,8 +752,9 @@ def images(
     """Precompute the images of RUN's units: each top-k sample once, guided-backprop
     gradients (batched), crops if asked. Rerun after an interruption to resume.
 
-    With --explanations, precompute the Explain page's heatmaps of dataset samples
-    instead (with the run's own model, into the run's cache/)."""
+    With --explanations, precompute the Explain page's explanations of dataset samples
+    instead (heatmaps; per-token, per-feature or along-time scores on a run of token ids,
+    feature vectors or signals), with the run's own model, into the run's cache/."""
     from .probe.views import UnitImages
 
     if methods is not None and explanations is None:

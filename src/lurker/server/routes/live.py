@@ -64,8 +64,9 @@ def _images_only(s: Session) -> None:
     if length is not None:
         raise ApiError(
             409,
-            f"the live view and Explain show images, and this run's inputs are sequences of "
-            f"{length} token ids: type a sequence in the live view (POST "
+            "the live view's maps and Explain's heatmaps are drawn over images, and this "
+            f"run's inputs are sequences of {length} token ids: type a sequence in the live "
+            "view (POST "
             ".../live/inputs) to see the model's prediction and every probed layer's units; "
             "Explain (sample-N) scores each token of a sample",
         )
@@ -83,7 +84,7 @@ def _images_only(s: Session) -> None:
 def _image_id(s: Session, image: str) -> str:
     """``image`` checked: a content id (16 hex digits, what an upload returns) or
     ``sample-N`` with N a sample of the run (404 naming the range otherwise); 409 on a run
-    of token ids, which the live view and Explain (made for images) cannot show."""
+    of token ids or feature vectors, whose image endpoints have no picture to draw on."""
     _images_only(s)
     if _CONTENT_ID.fullmatch(image):
         return image
