@@ -270,3 +270,33 @@ def test_precomputing_an_lstm_runs_explanations_leaves_out_grad_cam_saying_why(
     assert done.made == 2 * 7  # the other seven methods, on both samples
     with pytest.raises(LurkerError, match="sample 0"):  # named by the user: an error
         precompute(tmp_path / "lstm", 1, ["gradcam"], dataset=data, progress=False)
+
+
+@pytest.mark.parametrize("rid", ["plain", "last"])
+def test_unit_images_say_signals_have_none(runs: dict, rid: str):
+    """``lurker images`` / ``UnitImages`` on a run of signals: the reason and where the
+    lines are drawn (was: "gradient_pixels needs (N, 1|3, H, W) gradients, got (32, 3,
+    64)" after making a sample picture of each top sample)."""
+    from click.testing import CliRunner
+
+    from lurker.cli import main
+    from lurker.errors import LurkerError
+    from lurker.probe import UnitImages
+
+    r = runs[rid]
+    said = r"signals of 3 channels x 64 samples.*no images to make"
+    with pytest.raises(LurkerError, match=said):
+        UnitImages(r["path"], model=r["model"], dataset=TensorDataset(r["xs"])).write_all(
+            progress=False
+        )
+    out = CliRunner().invoke(main, ["images", str(r["path"])])
+    assert out.exit_code != 0 and "signals of 3 channels x 64 samples" in out.output
+    assert "lurker serve" in out.output and "gradient_pixels" not in out.output
+
+
+def test_unit_images_of_an_unsqueezed_image_are_not_refused_as_signals(runs: dict):
+    """A one-channel image the model unsqueezes has two axes too, but pictures."""
+    from lurker.probe import UnitImages
+
+    r = runs["img"]
+    UnitImages(r["path"], model=r["model"], dataset=TensorDataset(r["xs"]))  # no refusal

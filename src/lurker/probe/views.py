@@ -199,6 +199,8 @@ class UnitImages:
         ids, integer inputs, are refused where a sample is read, naming them.)"""
         cfg = self.run.meta.get("config") or {}
         shape = cfg.get("input_shape") or []
+        if len(shape) == 2:
+            self._no_signal_pictures(shape)
         if len(shape) != 1:
             return
         try:
@@ -218,6 +220,30 @@ class UnitImages:
             "make for its units. The explorer shows each top sample's feature values "
             "instead: `lurker serve RUN` (for a run probed from Python, serve it with "
             "create_app(run, dataset=...)).",
+        )
+
+    def _no_signal_pictures(self, shape: list[Any]) -> None:
+        """Refuse a run of 1-D signals (two axes per sample that its graph reads as
+        channels and time, as the explorer tells them): the explorer draws their lines
+        and the peak's span; there is no picture to cut or back-propagate onto."""
+        from ..explain.axes import graph_input_axes
+
+        try:
+            axes = graph_input_axes(self.run.graph, 3)
+        except Exception:  # no graph, or one the axis rules cannot follow: not told apart
+            return
+        if axes is None or axes.image is not None or axes.channel not in (1, 2):
+            return  # a one-channel image the model reshapes itself: it has pictures
+        c, t = (shape[0], shape[1]) if axes.channel == 1 else (shape[1], shape[0])
+        what = f"signals of {c} channels x {t} samples (channels by time), not images"
+        raise LurkerError(
+            f"The run in {self.run.path} was probed on {what}: its units have no images to "
+            "make. The explorer draws each top sample's lines with the samples the unit's "
+            "peak sees shaded: `lurker serve RUN`, or create_app(run, dataset=...) for a run "
+            "probed from Python.",
+            cli=f"The run in {self.run.path} was probed on {what}: `lurker images` has no "
+            "pictures to make for its units. The explorer draws each top sample's lines with "
+            "the samples the unit's peak sees shaded instead: `lurker serve RUN`.",
         )
 
     @contextlib.contextmanager
