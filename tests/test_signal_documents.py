@@ -65,6 +65,19 @@ def test_a_wrong_count_of_channel_names_is_refused_naming_both(tmp_path: Path):
         probe(_model(), data, out=tmp_path / "bad", k=K, batch_size=16, progress=False)
 
 
+def test_channel_names_that_count_the_time_axis_are_refused(tmp_path: Path):
+    """The names must count the channels the model reads: 512 names for 8 channels x 512
+    samples were taken (512 is one of the axes) and then dropped by the server without a
+    word."""
+    from lurker.errors import LurkerError
+    from lurker.probe import probe
+
+    data = _data()
+    data.channel_names = [f"t{i}" for i in range(T)]  # type: ignore[misc]
+    with pytest.raises(LurkerError, match=rf"{T} names.*{C} channels x {T} samples"):
+        probe(_model(), data, out=tmp_path / "bad", k=K, batch_size=16, progress=False)
+
+
 def test_unit_documents_carry_sample_ids_and_spans_only(served: dict):
     url = served["url"]
     for unit in range(6):
@@ -111,6 +124,28 @@ def test_the_export_writes_each_top_samples_signal_once(served: dict, tmp_path: 
     assert sum(f.stat().st_size for f in files) < 2 * (len(ranked) + 5) * one
 
 
+def test_an_export_with_a_changed_dataset_says_why_per_sample(served: dict, tmp_path: Path):
+    """A dataset that no longer holds some top samples (another, shorter one): the export
+    finishes, each such sample's page saying why, as the served page does (the export
+    stopped with the server's error: the signal document was read without a guard)."""
+    from lurker.server.export import export_site
+
+    data = served["data"]
+    small = Eeg(data.tensors[0][:5], data.tensors[1][:5])
+    site = export_site(served["run"], tmp_path / "site", dataset=small, progress=False)
+    docs = {int(f.stem): f for f in (site / f"data/runs/{RID}/samples").glob("*.json")}
+    gone = [sid for sid in docs if sid >= 5]
+    assert gone  # some top samples lie beyond the five
+    for sid in gone:
+        doc = json.loads(docs[sid].read_text())
+        assert "not in the run's dataset any more" in doc["signal_error"]
+        assert not (site / f"data/runs/{RID}/samples/{sid}/signal.json").exists()
+    kept = [sid for sid in docs if sid < 5]
+    for sid in kept:
+        assert json.loads(docs[sid].read_text())["signal_error"] is None
+        assert (site / f"data/runs/{RID}/samples/{sid}/signal.json").is_file()
+
+
 def test_pages_fetch_each_signal_once_and_name_the_channels(browser: Any, served: dict):
     skip_without_browser()
     url = served["url"]
@@ -130,4 +165,3 @@ def test_pages_fetch_each_signal_once_and_name_the_channels(browser: Any, served
         pg.wait_for_selector("#sample-signal svg.signal-plot")
         labels = pg.locator("#sample-signal text.signal-lane-label")
         assert labels.all_text_contents() == NAMES
-        pg.screenshot(path="/tmp/qf65_/sample.png", full_page=True)

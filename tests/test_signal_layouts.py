@@ -300,3 +300,35 @@ def test_unit_images_of_an_unsqueezed_image_are_not_refused_as_signals(runs: dic
 
     r = runs["img"]
     UnitImages(r["path"], model=r["model"], dataset=TensorDataset(r["xs"]))  # no refusal
+
+
+class Boom(nn.Module):
+    """Probes (no gradient) but fails on every explanation: the model's own error."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(3, 6, 5)
+        self.fc = nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return self.fc(torch.relu(self.conv(x)).amax(-1))
+
+
+def test_precomputing_stops_on_the_models_own_error_not_leaving_methods_out(tmp_path: Path):
+    """A method left out is one the model cannot give (no rule, no map along time); the
+    model failing (out of memory, a bug) stops the precompute naming it, as before: it
+    was taken for 'cannot give' and every method left out, or a traceback."""
+    from lurker.errors import LurkerError
+    from lurker.server.explained import precompute
+
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(N, 3, 64), torch.arange(N) % 2)
+    torch.save(Boom().state_dict(), tmp_path / "w.pt")
+    meta = {"model_spec": f"{__name__}:Boom", "weights": str(tmp_path / "w.pt")}
+    probe(
+        Boom().eval(), data, out=tmp_path / "r", k=K, batch_size=8, progress=False, meta=meta
+    ).close()
+    with pytest.raises(LurkerError, match=r"sample 0: \w+ failed on this image.*out of memory"):
+        precompute(tmp_path / "r", 2, dataset=data, progress=False)

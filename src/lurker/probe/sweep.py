@@ -1075,7 +1075,10 @@ def _plan(
         getattr(ds, "feature_names", None), tuple(x0.shape[1:]), x0.is_floating_point()
     )
     channels = _channel_names(
-        getattr(ds, "channel_names", None), tuple(x0.shape[1:]), x0.is_floating_point()
+        getattr(ds, "channel_names", None),
+        tuple(x0.shape[1:]),
+        x0.is_floating_point(),
+        _signal_channel_axis(tr),
     )
     run_meta = {
         "model": type(model).__name__,
@@ -1999,16 +2002,45 @@ def _feature_names(
     return [str(n) for n in names]
 
 
+def _signal_channel_axis(tr: Trace) -> int | None:
+    """The axis of a two-axis sample (0 or 1, the batch not counted) that the traced
+    model reads as channels, as the explorer reads it; None where the graph does not say
+    (or the input is not two axes)."""
+    from ..explain.axes import graph_input_axes
+
+    try:
+        axes = graph_input_axes(tr, 3)
+    except Exception:  # a graph the axis rules cannot follow tells nothing
+        return None
+    if axes is None or axes.image is not None or axes.channel not in (1, 2):
+        return None
+    return int(axes.channel) - 1
+
+
 def _channel_names(
-    names: Sequence[str] | None, shape: tuple[int, ...], floating: bool
+    names: Sequence[str] | None,
+    shape: tuple[int, ...],
+    floating: bool,
+    channel_axis: int | None = None,
 ) -> list[str] | None:
     """The dataset's ``channel_names``, one per channel of its signals (two axes per
-    sample: ``(C, T)``, or ``(T, C)`` for a channels-last model; the explorer tells which
-    from the graph and keeps the names only where they count its ``C``); ignored for other
-    inputs. A list that names neither axis is refused: a lane labelled with another
-    channel's electrode is a silently wrong reading."""
+    sample: ``(C, T)``, or ``(T, C)`` for a channels-last model: ``channel_axis``, read
+    from the graph as the explorer reads it); ignored for other inputs. A list of another
+    length is refused: a lane labelled with another channel's electrode is a silently
+    wrong reading (where the graph does not say which axis is channels, a list that names
+    neither)."""
     if names is None or len(shape) != 2 or not floating:
         return None
+    if channel_axis is not None:
+        c, t = shape[channel_axis], shape[1 - channel_axis]
+        if len(names) != c:
+            order = "" if channel_axis == 0 else ", channels last"
+            raise LurkerError(
+                f"The dataset's channel_names has {len(names)} names, but its samples are "
+                f"signals of {c} channels x {t} samples{order} (as the model reads them): "
+                "give one name per channel, in order, or remove the attribute."
+            )
+        return [str(n) for n in names]
     if len(names) not in shape:
         raise LurkerError(
             f"The dataset's channel_names has {len(names)} names, but its samples are signals "

@@ -212,9 +212,15 @@ def precompute(
                         explain_result(s, image, method, TARGET, None)
                     except ApiError as err:
                         # a method the model cannot give (Grad-CAM on a batch-first LSTM:
-                        # no map along time; LRP: no rule for it), not named by the user:
-                        # left out, said
-                        if asked is None and err.status == 400:
+                        # no map along time; LRP: no rule for it), not named by the user,
+                        # found on the first sample: left out, said. The model's own
+                        # failure ("failed on this image": out of memory, a bug) stops it
+                        if (
+                            asked is None
+                            and n == 0
+                            and err.status == 400
+                            and "failed on this image" not in str(err.detail)
+                        ):
                             methods.remove(method)
                             skipped[method] = str(err.detail)
                             continue

@@ -247,11 +247,13 @@ def _export_run(request: Any, e: Any, files: _Files, make_images: bool) -> None:
         if signals:
             detail.signal_error = s.dataset_reason()
             if detail.signal_error is None:  # its values once, for every unit that ranks it
-                files.bar.total += 1
-                files.json(
-                    _rel("runs", e.id, "samples", sid, "signal"),
-                    signal_document(s, sid, detail.sample.path, None),
-                )
+                try:
+                    doc = signal_document(s, sid, detail.sample.path, None)
+                except ApiError as err:  # the dataset changed since the probe: said, per sample
+                    detail.signal_error = err.detail
+                else:
+                    files.bar.total += 1
+                    files.json(_rel("runs", e.id, "samples", sid, "signal"), doc)
         files.json(_rel("runs", e.id, "samples", sid), detail)
         return detail
 

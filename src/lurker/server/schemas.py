@@ -287,8 +287,9 @@ class SignalTile(BaseModel):
 class SignalDoc(BaseModel):
     """One sample's signal, channels first (a channels-last run's transposed), as the
     pages draw it: fetched once per sample (the entries of every unit that ranks it
-    share it), not embedded in each unit's document. Values are rounded to float32's
-    precision (what a plot needs); a value that is not finite is null."""
+    share it), not embedded in each unit's document. Values are rounded to 7
+    significant digits (a relative error up to 5e-7: what a plot needs); a value that
+    is not finite is null."""
 
     #: the sample's id
     id: int

@@ -609,6 +609,8 @@ def _own_default(s: Session, model: Any, x: Any, target: str, image: str) -> str
                 hit = default_layer(model, prep.xb, prep.target)
         except LurkerError as e:
             raise ApiError(400, str(e)) from None
+        except Exception as e:  # the model's own failure (as _compute says it)
+            raise ApiError(400, f"Grad-CAM failed on this image: {type(e).__name__}: {e}") from None
         found.put(key, hit)
     return str(hit)
 

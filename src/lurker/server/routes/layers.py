@@ -172,7 +172,7 @@ def _top_signals(
 
 
 def plotted(v: float) -> float:
-    """A value to 7 significant digits (float32's precision, all a plot can show): a
+    """A value to 7 significant digits (a relative error up to 5e-7, all a plot can show): a
     float64's 17 digits would more than double a signal's JSON for nothing."""
     return float(f"{v:.7g}")
 

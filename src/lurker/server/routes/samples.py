@@ -203,7 +203,8 @@ def sample_signal(
 def signal_document(s: Session, sid: int, path: str | None, columns: int | None) -> SignalDoc:
     """Sample ``sid``'s signal document (the served endpoint and the static export's one
     file per sample): every value, or with ``columns`` each channel cut as a layer's tile
-    is (:func:`~.layers.signal_tile`, all channels), rounded to float32's precision."""
+    is (:func:`~.layers.signal_tile`, all channels), rounded to 7 significant digits (a
+    relative error up to 5e-7: what a plot can show)."""
     shape = s.signal_shape()
     if shape is None:
         raise ApiError(
