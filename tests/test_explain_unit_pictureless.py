@@ -92,7 +92,9 @@ def test_a_unit_on_token_ids_is_the_autograd_gradient_at_the_embedding(
 
 def test_bad_units_on_token_ids_name_the_models_layers():
     model, ids = _text_model(ConvText), _ids()
-    with pytest.raises(LurkerError, match=r"'nope' is not a module.*embedding, conv, fc"):
+    with pytest.raises(
+        LurkerError, match=r"'nope' is not in the model.*modules: embedding, conv, fc"
+    ):
         lurker.explain(model, ids, target=("nope", 0))
     with pytest.raises(LurkerError, match=r"channel 6 is out of range; conv has 6 channels"):
         lurker.explain(model, ids, target=("conv", 6))
@@ -200,3 +202,100 @@ def test_the_explain_page_takes_a_unit_on_a_token_run(browser: Any, served: dict
         assert pg.locator(".target-list button[aria-pressed='true']").count() == 0
         assert pg.get_attribute("#explain-unit-page", "href").endswith("/unit/enc.layers.1.norm2/3")
         pg.screenshot(path="/tmp/qf66_/unit.png", full_page=True)
+
+
+# ------------------------------------------------------------------ a module run twice
+
+
+class Twice(nn.Module):
+    """``lin`` runs twice (``lin(relu(lin(e)))``): each call has its own units."""
+
+    def __init__(self, ids: bool = True) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(20, 8) if ids else nn.Identity()
+        self.lin = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.lin(torch.relu(self.lin(self.embedding(x)))).mean(1))
+
+
+def _twice_unit(model: Twice, e: torch.Tensor, call: str, channel: int) -> torch.Tensor:
+    """The oracle: the forward written out by hand from the embedding's output ``e``,
+    returning the chosen call's unit averaged over the tokens."""
+    first = model.lin(e)
+    a = {"lin:1": first, "relu_1": torch.relu(first), "lin:2": model.lin(torch.relu(first))}
+    return a[call][..., channel].mean(1)
+
+
+def _twice(ids: bool) -> tuple[Twice, torch.Tensor]:
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randint(0, 20, (3, 6), generator=g) if ids else torch.randn(3, 6, 8, generator=g)
+    return Twice(ids).eval(), x
+
+
+@pytest.mark.parametrize("ids", [True, False], ids=["token-ids", "floats"])
+def test_a_module_run_twice_is_refused_naming_each_calls_label(ids: bool):
+    """Was: scored on its first call without a word (the hook stopped the forward there)."""
+    model, x = _twice(ids)
+    with pytest.raises(LurkerError, match=r"'lin' runs 2 times.*lin:1 \(op linear_1:1\), lin:2"):
+        lurker.explain(model, x, target=("lin", 1), method="saliency")
+
+
+@pytest.mark.parametrize("call", ["lin:1", "relu_1", "lin:2"])
+@pytest.mark.parametrize("ids", [True, False], ids=["token-ids", "floats"])
+def test_each_call_of_a_module_run_twice_is_its_own_target(ids: bool, call: str):
+    """A call's trace label (and a functional op's, ``relu_1``) is a unit target on token
+    ids too (was refused: module paths only), scored on that very call. Oracle: autograd
+    through the forward written out by hand."""
+    model, x = _twice(ids)
+    e = (model.embedding(x) if ids else x).detach().requires_grad_()
+    (grad,) = torch.autograd.grad(_twice_unit(model, e, call, 1).sum(), e)
+    ixg = lurker.explain(model, x, target=(call, 1), method="input_x_gradient")
+    want = (e.detach() * grad).sum(-1) if ids else e.detach() * grad
+    torch.testing.assert_close(ixg.attribution, want, atol=1e-7, rtol=1e-5)
+    if ids:  # and Captum's layer IG of the hand-written unit at the embedding
+        captum_attr = pytest.importorskip("captum.attr")
+
+        def f(i: torch.Tensor) -> torch.Tensor:
+            return _twice_unit(model, model.embedding(i), call, 1)
+
+        ref = captum_attr.LayerIntegratedGradients(f, model.embedding).attribute(
+            x, baselines=torch.zeros_like(x), n_steps=64
+        )
+        ig = lurker.explain(
+            model, x, target=(call, 1), method="integrated_gradients", baseline=0, n_steps=64
+        )
+        torch.testing.assert_close(ig.layer_attribution, ref.detach(), atol=1e-6, rtol=1e-5)
+
+
+def test_every_probed_layer_of_a_token_run_is_a_unit_target_of_the_server(tmp_path: Path):
+    """The Explain page suggests the run's probed layers as units; on token ids 3 of 4 were
+    refused (trace labels: a call of a module run twice, a functional op), the message
+    naming the asked ``lin:1`` as ``linear_1:1``."""
+    from fastapi.testclient import TestClient
+    from torch.utils.data import TensorDataset
+
+    from lurker.probe import probe
+    from lurker.server import create_app
+
+    model, _ = _twice(True)
+    data = TensorDataset(torch.randint(0, 20, (12, 6)), torch.arange(12) % 3)
+    probe(model, data, out=tmp_path / "r", k=3, batch_size=4, progress=False).close()
+    c = TestClient(create_app(tmp_path / "r", model_obj=model, dataset=data))
+    names = [i["name"] for i in c.get("/api/runs/r").json()["layers"]]
+    assert {"lin:1", "relu_1", "lin:2"} <= set(names)
+    base = "/api/runs/r/live/sample-2/explain/input_x_gradient.json"
+    for name in names:
+        r = c.get(base, params={"target": f"{name}:0"})
+        assert r.status_code == 200, (name, r.json())
+        assert r.json()["target"] == f"{name}:0"
+    ids = data.tensors[0][2][None]
+    r = c.get(base, params={"target": "lin:2:1"}).json()
+    ours = lurker.explain(model, ids, target=("lin:2", 1), method="input_x_gradient")
+    assert r["scores"] == pytest.approx(ours.attribution[0].tolist(), abs=1e-6)
+    r = c.get(base, params={"target": "lin:1:9"})
+    assert r.status_code == 400
+    assert "channel 9 is out of range; lin:1 has 8 channels" in r.json()["detail"]
+    assert "linear_1" not in r.json()["detail"]

@@ -5,10 +5,12 @@
 ``(layer, channel, y, x)`` with ``layer`` a module path (``"features.3"``) or a trace
 label (``"relu_4"``, ``"add_2"``: functional ops too, which no module hook reaches). A
 unit's score is its activation at ``(y, x)``, or its spatial mean without a position
-(the value the probe ranks units by). Which axis of a layer's output holds its units is
-the probe's layout of that op (:func:`lurker.probe.layout.layer_layout`): channels after
-the batch for convolutions, the last axis for linear layers and norms on tokens or
-channels-last maps, sequence-first tensors inside attention; a layer whose units lurker
+(the value the probe ranks units by). A module that runs several times in a forward is
+refused as a unit's layer, naming its calls' trace labels (``"lin:2"``), which are
+targets; on token ids too (labels of the model's trace on the ids). Which axis of a
+layer's output holds its units is the probe's layout of that op
+(:func:`lurker.probe.layout.layer_layout`): channels after the batch for convolutions,
+the last axis for linear layers and norms on tokens or channels-last maps, sequence-first tensors inside attention; a layer whose units lurker
 cannot locate is refused with the reason, unless ``unit_dim`` names the axis.
 
 :class:`Forward` turns the target into one differentiable score per batch row, and taps
@@ -214,9 +216,36 @@ class Forward:
         if self.unit is not None:
             from ..probe.layout import layer_layout  # (probe imports explain's guided ReLU)
 
+            self._check_once(self.unit.layer)
             self._unit_layout = layer_layout(
                 self._traced(), self.unit.layer, self.unit.unit_dim, hint=UNIT_HINT
             )
+
+    def _check_once(self, name: str) -> None:
+        """Refuse a unit target on a module that runs several times in a forward: which
+        call's unit is meant cannot be told (each is named by its own trace label)."""
+        if name not in self._modules:
+            return  # a trace label names one op (a rolled label is refused by the hook)
+        ops = self._traced().hook_ops(name)
+        if len(ops) < 2:
+            return
+        calls = [
+            next((m for m in op.module_outputs if m.startswith(name + ":")), op.label) for op in ops
+        ]
+        named = ", ".join(
+            c if c == op.label else f"{c} (op {op.label})" for c, op in zip(calls, ops)
+        )
+        u = self.unit
+        assert u is not None
+        at = "" if u.y is None else f", {u.y}, {u.x}"
+        raise LurkerError(
+            f"unit target {u}: module {name!r} runs {len(ops)} times in a forward, and each "
+            f"call has its own units; name one call by its trace label: {named} (such as "
+            f"({calls[-1]!r}, {u.channel}{at}))",
+            cli=f"unit target {u}: module {name!r} runs {len(ops)} times in a forward, and "
+            f"each call has its own units; name one call by its trace label: {named} (such "
+            f"as --target {calls[-1]}:{u.channel}{'' if u.y is None else f':{u.y}:{u.x}'})",
+        )
 
     def _traced(self) -> Any:
         """The model's trace on one row of ``x`` (made once, when a label or a unit needs it)."""
@@ -234,14 +263,9 @@ class Forward:
     def _check_layer(self, name: str) -> None:
         if not isinstance(name, str) or not name:
             raise LurkerError(f"a layer is a module path or trace label (a string); got {name!r}")
-        if name in self._modules and (self._ids_model is None or name):
+        if name in self._modules:
             return
-        if self._ids_model is not None:  # token ids: module paths (hooks while on the ids)
-            raise LurkerError(
-                f"layer {name!r} is not a module of {type(self._ids_model).__name__}: on token "
-                "ids a unit target names a module path that runs after the embedding reads "
-                f"the ids; its layers: {_ids_layers(self._modules)}"
-            )
+        # any other name through the trace (on token ids, the inner model's trace of them)
         from ..errors import OpKeyError
 
         try:
@@ -250,6 +274,8 @@ class Forward:
             names = dict.fromkeys(n for n in (*self._modules, *self._trace.keys()) if n)
             close = difflib.get_close_matches(name, list(names), n=5)
             hint = f" Close names: {', '.join(close)}." if close else ""
+            if self._ids_model is not None:  # (the trace of the ids: after the lookup too)
+                hint += f" Its modules: {_ids_layers(self._modules)}."
             raise LurkerError(
                 f"layer {name!r} is not in the model: name a module path "
                 f"(model.named_modules()) or a trace label (lurker.trace(model, x)).{hint}"
@@ -399,8 +425,13 @@ class Forward:
                 hooks = {name: trace_hook(name) for name in on_trace}
                 tr = self._trace
 
+                def replay(x: Tensor) -> Any:
+                    return tr.run(x, save="none", hooks=hooks).output
+
                 def run(xb: Tensor) -> Any:
-                    return tr.run(xb, save="none", hooks=hooks).output
+                    if isinstance(self.model, Embedded):  # the ids' trace, embedding replaced
+                        return self.model.run(xb, replay)
+                    return replay(xb)
 
                 yield run
             else:

@@ -22,6 +22,7 @@ floating tensor, the embedded baseline itself.
 from __future__ import annotations
 
 import numbers
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -198,6 +199,11 @@ class Embedded(nn.Module):
         self.rows: Tensor | None = None
 
     def forward(self, e: Tensor) -> Any:
+        return self.run(e, self.inner)
+
+    def run(self, e: Tensor, call: Callable[[Tensor], Any]) -> Any:
+        """:meth:`forward` with ``call(ids)`` running the model (a replay of its trace, whose
+        hooks tap trace labels: a functional op, one call of a module run several times)."""
         ids = self.ids if self.rows is None else self.ids[self.rows.to(self.ids.device)]
         if ids.shape[0] != e.shape[0]:  # a method that did not say which rows it runs
             raise LurkerError(
@@ -220,7 +226,7 @@ class Embedded(nn.Module):
 
         handle = self.embedding.register_forward_hook(replace)
         try:
-            out = self.inner(ids)
+            out = call(ids)
         finally:
             handle.remove()
         if not replaced:  # the attributed values never reached the model: all zeros

@@ -545,6 +545,15 @@ class Prepared:
     target: Any  # for lurker.explain: int, "top" or a UnitTarget with a model layer name
     asked: str  # the unit target as asked (the run's layer name), or ""
     layer: str | None  # the layer for lurker.explain (module path or trace label)
+    #: the run's layer names by the explain package's names of them, where they differ
+    renamed: dict[str, str] = field(default_factory=dict)
+
+    def said(self, message: str) -> str:
+        """The explain package's ``message`` in the run's words (``lin:1``, as asked, not
+        the op label ``linear_1:1`` it was passed on as)."""
+        for model_name, run_name in self.renamed.items():
+            message = re.sub(rf"(?<![\w.:]){re.escape(model_name)}(?![\w.])", run_name, message)
+        return message
 
 
 def _prepare(s: Session, model: Any, x: Any, target: str, layer: str | None) -> Prepared:
@@ -561,8 +570,10 @@ def _prepare(s: Session, model: Any, x: Any, target: str, layer: str | None) -> 
     except LurkerError as e:
         raise ApiError(400, str(e).replace("--target", "target")) from None
     asked = ""
+    renamed: dict[str, str] = {}
     if isinstance(parsed, UnitTarget):
         asked = str(parsed)
+        renamed[_model_name(s, model, parsed.layer)] = parsed.layer
         parsed = UnitTarget(
             _model_name(s, model, parsed.layer),
             parsed.channel,
@@ -573,11 +584,15 @@ def _prepare(s: Session, model: Any, x: Any, target: str, layer: str | None) -> 
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     xb = x.unsqueeze(0).to(device)
     name = None if layer is None else _model_name(s, model, layer)
+    if layer is not None and name is not None:
+        renamed[name] = layer
+    renamed = {k: v for k, v in renamed.items() if k != v}
+    prep = Prepared(xb, parsed, asked, name, renamed)
     try:
         with untouched(model):
             Forward(model, xb, parsed, layers=[name] if name else [])
     except LurkerError as e:
-        said = str(e)
+        said = prep.said(str(e))
         python = ": name a module path (model.named_modules()) or a trace label (lurker.trace(model, x))."
         if asked and python in said:  # a typed unit: in the page's words, with the run's layers
             layers = [i.name for i in s.entry.open_run().layers]
@@ -588,7 +603,7 @@ def _prepare(s: Session, model: Any, x: Any, target: str, layer: str | None) -> 
                 f"{more}) or any module of the model.",
             )
         raise ApiError(404, said) from None
-    return Prepared(xb, parsed, asked, name)
+    return prep
 
 
 def _own_default(s: Session, model: Any, x: Any, target: str, image: str) -> str:
@@ -649,7 +664,7 @@ def _compute(s: Session, model: Any, x: Any, method: str, target: str, layer: st
         with collected() as said:  # what the method warns of: the page's notes
             ex = xp.explain(model, prep.xb, target=prep.target, method=method, **options)
     except LurkerError as e:
-        raise ApiError(400, str(e)) from None
+        raise ApiError(400, prep.said(str(e))) from None
     except Exception as e:  # the model's own error, said in one line
         raise ApiError(400, f"{method} failed on this image: {type(e).__name__}: {e}") from None
     seconds = time.perf_counter() - start
