@@ -330,5 +330,5 @@ def test_precomputing_stops_on_the_models_own_error_not_leaving_methods_out(tmp_
     probe(
         Boom().eval(), data, out=tmp_path / "r", k=K, batch_size=8, progress=False, meta=meta
     ).close()
-    with pytest.raises(LurkerError, match=r"sample 0: \w+ failed on this image.*out of memory"):
+    with pytest.raises(LurkerError, match=r"sample 0: \w+ failed on this input.*out of memory"):
         precompute(tmp_path / "r", 2, dataset=data, progress=False)

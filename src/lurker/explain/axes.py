@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from ..errors import LurkerError, collected
 
-__all__ = ["InputAxes", "graph_input_axes", "input_axes"]
+__all__ = ["InputAxes", "graph_input_axes", "graph_signal_layout", "input_axes"]
 
 #: what a user can do where lurker cannot tell
 HINT = "pass channel_dim= (the input's channel axis, counting the batch axis: 1 or -1)"
@@ -178,6 +178,31 @@ def graph_input_axes(graph: Any, nd: int) -> InputAxes | None:
     explorer asks it of a run without tracing the model). None where the graph does not
     say (no op reads one of the input's axes whole as channels)."""
     return _read(graph, nd)
+
+
+def graph_signal_layout(graph: Any, shape: Any) -> tuple[int, int, bool] | None:
+    """``(C, T, channels_last)`` where samples of ``shape`` (two axes, the batch not
+    counted) are 1-D signals as ``graph`` reads them: the first op that reads one of the
+    input's axes as channels (a ``Conv1d``'s ``(N, C, T)``; channels last through a
+    transpose into one, an ``LSTM``/``GRU`` with ``batch_first``, a ``Linear`` per step);
+    None for other shapes, ids an embedding looks up, a one-channel image the model
+    unsqueezes, or a graph that does not say. The one rule the explorer, the probe, unit
+    images and featviz tell signals by."""
+    from ..vocab import reads_ids
+
+    if shape is None or len(shape) != 2:
+        return None
+    try:
+        if reads_ids(graph):  # ids looked up per position are no signal
+            return None
+        axes = _read(graph, 3)
+    except Exception:  # no graph, or one the axis rules cannot follow: tells nothing
+        return None
+    if axes is None or axes.image is not None or axes.channel not in (1, 2):
+        return None
+    if axes.channel == 1:
+        return int(shape[0]), int(shape[1]), False
+    return int(shape[1]), int(shape[0]), True
 
 
 def _read(tr: Any, nd: int) -> InputAxes | None:

@@ -566,15 +566,15 @@ def _two_axes(r: Any, shape: list[Any]) -> str:
     """What a run's two-axis samples are, read from its graph as the explorer reads them
     (:func:`lurker.explain.axes.graph_input_axes`): signals channels by time, either
     order, else two axes the model reshapes itself (a one-channel image it unsqueezes)."""
-    from ..explain.axes import graph_input_axes
+    from ..explain.axes import graph_signal_layout
 
     try:
-        axes = graph_input_axes(r.graph, 3)
-    except Exception:  # no graph, or one the axis rules cannot follow
-        axes = None
-    if axes is not None and axes.image is None and axes.channel in (1, 2):
-        c, t = (shape[0], shape[1]) if axes.channel == 1 else (shape[1], shape[0])
-        order = "" if axes.channel == 1 else ", stored channels last"
+        found = graph_signal_layout(r.graph, shape)
+    except Exception:  # no graph (an older run): not told apart
+        found = None
+    if found is not None:
+        c, t, last = found
+        order = ", stored channels last" if last else ""
         return f"{_SIGNAL[:-1]}: {c} channels x {t} samples{order})"
     return (
         f"two axes per sample {tuple(shape)} (a one-channel image the model reshapes "

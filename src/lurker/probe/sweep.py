@@ -1078,7 +1078,7 @@ def _plan(
         getattr(ds, "channel_names", None),
         tuple(x0.shape[1:]),
         x0.is_floating_point(),
-        _signal_channel_axis(tr),
+        _signal_channel_axis(tr, tuple(x0.shape[1:])),
     )
     run_meta = {
         "model": type(model).__name__,
@@ -2002,19 +2002,14 @@ def _feature_names(
     return [str(n) for n in names]
 
 
-def _signal_channel_axis(tr: Trace) -> int | None:
+def _signal_channel_axis(tr: Trace, shape: tuple[int, ...]) -> int | None:
     """The axis of a two-axis sample (0 or 1, the batch not counted) that the traced
     model reads as channels, as the explorer reads it; None where the graph does not say
-    (or the input is not two axes)."""
-    from ..explain.axes import graph_input_axes
+    (or the samples are not signals)."""
+    from ..explain.axes import graph_signal_layout
 
-    try:
-        axes = graph_input_axes(tr, 3)
-    except Exception:  # a graph the axis rules cannot follow tells nothing
-        return None
-    if axes is None or axes.image is not None or axes.channel not in (1, 2):
-        return None
-    return int(axes.channel) - 1
+    found = graph_signal_layout(tr, shape)
+    return None if found is None else int(found[2])
 
 
 def _channel_names(

@@ -226,15 +226,15 @@ class UnitImages:
         """Refuse a run of 1-D signals (two axes per sample that its graph reads as
         channels and time, as the explorer tells them): the explorer draws their lines
         and the peak's span; there is no picture to cut or back-propagate onto."""
-        from ..explain.axes import graph_input_axes
+        from ..explain.axes import graph_signal_layout
 
         try:
-            axes = graph_input_axes(self.run.graph, 3)
-        except Exception:  # no graph, or one the axis rules cannot follow: not told apart
+            found = graph_signal_layout(self.run.graph, shape)
+        except (MissingFromRunError, StoreError):  # no graph: not told apart
             return
-        if axes is None or axes.image is not None or axes.channel not in (1, 2):
+        if found is None:
             return  # a one-channel image the model reshapes itself: it has pictures
-        c, t = (shape[0], shape[1]) if axes.channel == 1 else (shape[1], shape[0])
+        c, t, _ = found
         what = f"signals of {c} channels x {t} samples (channels by time), not images"
         raise LurkerError(
             f"The run in {self.run.path} was probed on {what}: its units have no images to "

@@ -11,11 +11,21 @@ LISTED = 40
 class ApiError(Exception):
     """Turned into ``{"detail": message}`` with ``status`` by the app's handler."""
 
-    def __init__(self, status: int, detail: str, headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        detail: str,
+        headers: dict[str, str] | None = None,
+        *,
+        model_failed: bool = False,
+    ):
         super().__init__(detail)
         self.status = status
         self.detail = detail
         self.headers = headers
+        #: the model's own code raised (out of memory, a bug in it), not a request the
+        #: model cannot answer (a method with no rule for it): precompute tells them apart
+        self.model_failed = model_failed
 
 
 def listing(names: Sequence[object], limit: int = LISTED) -> str:

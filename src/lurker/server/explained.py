@@ -125,7 +125,7 @@ def precompute(
     from .deps import session
     from .errors import ApiError
     from .routes.explain import CONCEPT_TOP, concept_ranking, explain_result, stored_result
-    from .routes.live import _image_id
+    from .routes.live import image_id
     from .state import RunEntry
 
     every = [*METHODS, CONCEPTS]
@@ -194,7 +194,7 @@ def precompute(
             methods.remove(CONCEPTS)  # not asked for, and this run cannot have them
         skipped: dict[str, str] = {}
         for n, sid in enumerate(ids):
-            image = f"sample-{sid}" if flat else _image_id(s, f"sample-{sid}")
+            image = f"sample-{sid}" if flat else image_id(s, f"sample-{sid}")
             folder = sample_folder(e.path, image)
             try:
                 _live_files(s, image, folder)
@@ -214,13 +214,8 @@ def precompute(
                         # a method the model cannot give (Grad-CAM on a batch-first LSTM:
                         # no map along time; LRP: no rule for it), not named by the user,
                         # found on the first sample: left out, said. The model's own
-                        # failure ("failed on this image": out of memory, a bug) stops it
-                        if (
-                            asked is None
-                            and n == 0
-                            and err.status == 400
-                            and "failed on this image" not in str(err.detail)
-                        ):
+                        # failure (out of memory, a bug: model_failed) stops it
+                        if asked is None and n == 0 and err.status == 400 and not err.model_failed:
                             methods.remove(method)
                             skipped[method] = str(err.detail)
                             continue

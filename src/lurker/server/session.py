@@ -1007,7 +1007,9 @@ class Session:
                     out = model(x.unsqueeze(0).to(device))
             except Exception as e:  # the model's own error, said in one line
                 raise ApiError(
-                    400, f"the model failed on this image: {type(e).__name__}: {e}"
+                    400,
+                    f"the model failed on this input: {type(e).__name__}: {e}",
+                    model_failed=True,
                 ) from None
         logits = _first_tensor(out)
         if logits is None or logits.dim() != 2 or logits.shape[0] != 1:
@@ -1197,7 +1199,9 @@ class Session:
                     ) from None
                 except Exception as e:  # (a LurkerError: inputs unlike the traced ones)
                     raise ApiError(
-                        400, f"the model failed on this image: {type(e).__name__}: {e}"
+                        400,
+                        f"the model failed on this input: {type(e).__name__}: {e}",
+                        model_failed=True,
                     ) from None
 
         def value(node: Any, output: int) -> Any:

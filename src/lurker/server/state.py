@@ -118,21 +118,11 @@ def _read_signal(run: Run, shape: list[Any]) -> tuple[int, int, bool] | None:
         return None
     try:
         graph = run.graph
-        if reads_ids(graph):  # ids looked up per position are no signal
-            return None
     except (MissingFromRunError, StoreError):
         return None  # no graph to tell a signal from a one-channel image
-    from lurker.explain.axes import graph_input_axes
+    from lurker.explain.axes import graph_signal_layout
 
-    try:
-        axes = graph_input_axes(graph, 3)
-    except Exception:  # a graph the axis rules cannot follow tells nothing
-        axes = None
-    if axes is None or axes.image is not None or axes.channel not in (1, 2):
-        return None
-    if axes.channel == 1:
-        return int(shape[0]), int(shape[1]), False
-    return int(shape[1]), int(shape[0]), True
+    return graph_signal_layout(graph, shape)
 
 
 def signal_span(run: Run, info: LayerInfo, x: int | None, length: int) -> list[int] | None:

@@ -59,7 +59,7 @@ from ..schemas import (
 )
 from ..session import Session
 from . import json_get
-from .live import PNG, _image_id
+from .live import PNG, image_id
 
 router = APIRouter(prefix="/api", tags=["explain"])
 
@@ -297,7 +297,7 @@ def _key(
     elif s.signal_shape() is not None:
         image = _signal_sample(s, image)
     else:
-        image = _image_id(s, image)
+        image = image_id(s, image)
     if cls is None:
         raise ApiError(
             404, f"unknown explanation method {method!r}; supported: {', '.join(methods)}"
@@ -625,7 +625,9 @@ def _own_default(s: Session, model: Any, x: Any, target: str, image: str) -> str
         except LurkerError as e:
             raise ApiError(400, str(e)) from None
         except Exception as e:  # the model's own failure (as _compute says it)
-            raise ApiError(400, f"Grad-CAM failed on this image: {type(e).__name__}: {e}") from None
+            raise ApiError(
+                400, f"Grad-CAM failed on this input: {type(e).__name__}: {e}", model_failed=True
+            ) from None
         found.put(key, hit)
     return str(hit)
 
@@ -666,7 +668,9 @@ def _compute(s: Session, model: Any, x: Any, method: str, target: str, layer: st
     except LurkerError as e:
         raise ApiError(400, prep.said(str(e))) from None
     except Exception as e:  # the model's own error, said in one line
-        raise ApiError(400, f"{method} failed on this image: {type(e).__name__}: {e}") from None
+        raise ApiError(
+            400, f"{method} failed on this input: {type(e).__name__}: {e}", model_failed=True
+        ) from None
     seconds = time.perf_counter() - start
     resolved, cls = _resolved(prep.asked, ex.target)
     delta = None if ex.delta is None else float(ex.delta.reshape(-1)[0])
@@ -720,7 +724,7 @@ def _concept_key(
             "run's inputs are signals: the attribution methods (explain/METHOD) score them "
             "along time",
         )
-    image = _image_id(s, image)
+    image = image_id(s, image)
     if layer is None:
         layer = default_concept_layer(s, target)
         if layer is None:
@@ -792,7 +796,9 @@ def _concepts(
             raise ApiError(400, str(e)) from None
         except Exception as e:  # the model's own error, said in one line
             raise ApiError(
-                400, f"concept relevance failed on this image: {type(e).__name__}: {e}"
+                400,
+                f"concept relevance failed on this input: {type(e).__name__}: {e}",
+                model_failed=True,
             ) from None
         seconds = time.perf_counter() - start
         maps = c.heatmaps[0].float().cpu()  # (k, C, H, W)
@@ -886,7 +892,7 @@ def stored_concepts(s: Session, image: str, target: str = "top") -> str | None:
     ``image`` and ``target`` with the top units' maps (what the Explain page asks first),
     else None."""
     try:
-        image = _image_id(s, image)
+        image = image_id(s, image)
     except ApiError:
         return None
     layer = default_concept_layer(s, target)
@@ -1068,7 +1074,7 @@ def concept_ranking(
     s: Session, image: str, target: str, layer: str | None, top: int
 ) -> ConceptRanking:
     r, name, cached = _concepts(s, image, target, layer, top)
-    return _ranking_doc(s, _image_id(s, image), name, r, top, cached)
+    return _ranking_doc(s, image_id(s, image), name, r, top, cached)
 
 
 def _ranking_doc(

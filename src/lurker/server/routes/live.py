@@ -81,7 +81,7 @@ def _images_only(s: Session) -> None:
         )
 
 
-def _image_id(s: Session, image: str) -> str:
+def image_id(s: Session, image: str) -> str:
     """``image`` checked: a content id (16 hex digits, what an upload returns) or
     ``sample-N`` with N a sample of the run (404 naming the range otherwise); 409 on a run
     of token ids or feature vectors, whose image endpoints have no picture to draw on."""
@@ -402,7 +402,7 @@ def _decode(data: bytes, name: str | None) -> object:
 )
 async def predictions(request: Request, run_id: str, image: str) -> LiveImage:
     def work(s: Session) -> LiveImage:
-        x = s.live_input(_image_id(s, image))
+        x = s.live_input(image_id(s, image))
         return LiveImage(
             image=image,
             name=s.upload_name(image),
@@ -442,7 +442,7 @@ async def input_png(request: Request, run_id: str, image: str) -> Response:
     from lurker.probe.images import png_bytes
 
     def work(s: Session) -> bytes:
-        return png_bytes(s.input_pil(_image_id(s, image)))
+        return png_bytes(s.input_pil(image_id(s, image)))
 
     try:
         data = await live_call(request, run_id, work)
@@ -478,7 +478,7 @@ async def live_op(request: Request, run_id: str, image: str, op: str) -> LiveOp:
 
 
 def _live_op(s: Session, image: str, op: str) -> LiveOp:
-    node, inp, out = s.op_maps(_image_id(s, image), op)
+    node, inp, out = s.op_maps(image_id(s, image), op)
     k = s.conv_kernel(node)
     tr = s.trace()
     from lurker.graph.nodes import OpRef, refs
@@ -508,7 +508,7 @@ def _live_op(s: Session, image: str, op: str) -> LiveOp:
 def _channel_map(
     s: Session, image: str, op: str, side: str, channel: int
 ) -> tuple[str, np.ndarray]:
-    node, inp, out = s.op_maps(_image_id(s, image), op)
+    node, inp, out = s.op_maps(image_id(s, image), op)
     pair = inp if side == "input" else out
     if pair is None:
         raise ApiError(404, f"op {node.label!r} has no tensor input to show (its input: none)")
@@ -540,7 +540,7 @@ async def lines_json(
     strip of grey pixels). 409 on a map with rows (an image's: ask per channel)."""
 
     def work(s: Session) -> MapValues:
-        node, inp, out = s.op_maps(_image_id(s, image), op)
+        node, inp, out = s.op_maps(image_id(s, image), op)
         pair = inp if side == "input" else out
         if pair is None:
             raise ApiError(404, f"op {node.label!r} has no tensor input to show (its input: none)")
@@ -634,7 +634,7 @@ async def kernel_json(
     inp: int = Path(ge=0, le=2**31),
 ) -> KernelValues:
     def work(s: Session) -> KernelValues:
-        _image_id(s, image)
+        image_id(s, image)
         return _kernel(s, op, out, inp)
 
     return await live_call(request, run_id, work)
