@@ -162,7 +162,12 @@ def static_server(site: Path) -> Iterator[str]:
         def log_message(self, *args: Any) -> None:
             pass
 
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(site)))
+    class Server(ThreadingHTTPServer):
+        # a page asks for many files at once; the default backlog of 5 connections
+        # overflows on a loaded machine and the browser sees ERR_CONNECTION_RESET
+        request_queue_size = 128
+
+    httpd = Server(("127.0.0.1", 0), functools.partial(Quiet, directory=str(site)))
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     try:
