@@ -52,6 +52,8 @@ export interface RunSummary {
     signal?: number[] | null;
     /** each channel's name (the dataset's `channel_names`: EEG electrodes); null: none */
     channel_names?: string[] | null;
+    /** the signals' sampling rate in Hz (the dataset's `sample_rate`); null: none */
+    sample_rate?: number | null;
   };
   probe: {
     k: number;

@@ -26,6 +26,9 @@ export interface ImageState {
   signal?: number[] | null;
   /** Each channel's name (the dataset's `channel_names`); null where it gave none. */
   channelNames?: string[] | null;
+  /** The signals' sampling rate in Hz (the dataset's `sample_rate`): times are given in
+   * seconds beside samples by it; null where it gave none. */
+  sampleRate?: number | null;
 }
 
 export async function imageState(ctx: PageContext): Promise<ImageState> {
@@ -53,7 +56,7 @@ export async function imageState(ctx: PageContext): Promise<ImageState> {
     const why = s.holds.dataset === false ? ` They cannot be drawn here: ${(s.holds.dataset_reason ?? "the run's dataset cannot be loaded").replace(/\.+$/, "")}.` : "";
     const el = notice(`The inputs are signals of ${signal[0]} channel${signal[0] === 1 ? "" : "s"} × ${signal[1].toLocaleString()} samples, not images: each sample is drawn as one line per channel (on one scale), and on a unit's lists the samples its peak sees (its receptive field) are shaded.${why}`);
     el.id = "signal-inputs";
-    return { ok: false, notice: el, tokens, signal, channelNames: s.dataset.channel_names ?? null };
+    return { ok: false, notice: el, tokens, signal, channelNames: s.dataset.channel_names ?? null, sampleRate: s.dataset.sample_rate ?? null };
   }
   const ok = ctx.api.isStatic || s.holds.dataset !== false || s.holds.cached_images > 0;
   if (ok) return { ok, notice: null, tokens };

@@ -28,6 +28,27 @@ export interface SignalPlotOptions {
   signed?: boolean;
   /** each channel's name (EEG electrodes): a lane label with `axis`, each line's tooltip */
   names?: string[] | null;
+  /** the sampling rate in Hz: the time axis is in seconds (samples / rate); null: samples */
+  rate?: number | null;
+}
+
+/** Decimals that tell one sample's time from the next at `rate` Hz (3 at 128 Hz). */
+function timeDecimals(rate: number): number {
+  return Math.min(6, Math.max(0, Math.ceil(Math.log10(rate) - 1e-9)));
+}
+
+/** The times of samples `first` and `last` at `rate` Hz: `1.227–1.344 s`. */
+export function secondsText(first: number, last: number, rate: number): string {
+  const d = timeDecimals(rate);
+  return `${(first / rate).toFixed(d)}–${(last / rate).toFixed(d)} s`;
+}
+
+/** A duration of `samples` samples at `rate` Hz: `125 ms`, `7.8 ms`, `1.5 s`. */
+export function durationText(samples: number, rate: number): string {
+  const s = samples / rate;
+  if (s >= 1) return `${Number(s.toPrecision(3))} s`;
+  const ms = s * 1000;
+  return `${ms >= 10 ? Math.round(ms) : Number(ms.toPrecision(2))} ms`;
 }
 
 /** Channel `ch`'s name, or "channel ch" where the dataset named none. */
@@ -67,7 +88,7 @@ const BAND = 10;
  * minimum-to-maximum of its samples (every extreme stays visible, none is averaged away).
  * A value that is not finite (null) breaks the line: it is not drawn as a number.
  */
-export function signalPlot(values: (number | null)[][], { width = 320, height = 120, span = null, axis = false, label = "signal", bands = null, signed = true, names = null }: SignalPlotOptions = {}): SVGSVGElement {
+export function signalPlot(values: (number | null)[][], { width = 320, height = 120, span = null, axis = false, label = "signal", bands = null, signed = true, names = null, rate = null }: SignalPlotOptions = {}): SVGSVGElement {
   const shared = bands !== null && bands.length === 1 && values.length > 1; // one band for all lanes
   const bottom = (axis ? 22 : 2) + (shared ? BAND + 4 : 0);
   const channels = values.length;
@@ -83,6 +104,7 @@ export function signalPlot(values: (number | null)[][], { width = 320, height = 
     .attr("data-samples", length);
   svg.append("title").text(label);
   const x = scaleLinear().domain([0, Math.max(1, length)]).range([4, width - 4]);
+  const timed = rate !== null && rate > 0 && Number.isFinite(rate);
   if (span && span.length === 2 && span[1] > span[0]) {
     svg
       .append("rect")
@@ -93,7 +115,7 @@ export function signalPlot(values: (number | null)[][], { width = 320, height = 
       .attr("height", height - bottom)
       .attr("data-span", `${span[0]} ${span[1]}`)
       .append("title")
-      .text(`the peak's receptive field: samples ${span[0]}–${span[1] - 1}`);
+      .text(`the peak's receptive field: samples ${span[0]}–${span[1] - 1}${timed ? ` (${secondsText(span[0], span[1] - 1, rate)})` : ""}`);
   }
   let lo = Infinity;
   let hi = -Infinity;
@@ -139,9 +161,17 @@ export function signalPlot(values: (number | null)[][], { width = 320, height = 
     }
   });
   if (shared) band(bands![0], height - bottom + 2, null);
-  if (axis) {
+  if (axis && timed) {
+    // the same positions in seconds: ticks at round times, each sample i at i / rate
+    const t = scaleLinear().domain([0, Math.max(1, length) / rate]).range(x.range());
+    const g = svg.append("g").attr("class", "signal-axis").attr("data-unit", "s").attr("transform", `translate(0,${height - 22})`);
+    g.call(axisBottom(t).ticks(Math.max(2, Math.floor(width / 90))).tickSizeOuter(0));
+    g.append("text").attr("class", "signal-axis-unit").attr("x", width - 4).attr("y", -3).attr("text-anchor", "end").attr("fill", "#555").attr("font-size", 10).text(`time (s), ${Number(rate.toPrecision(6))} Hz`);
+  } else if (axis) {
     svg
       .append("g")
+      .attr("class", "signal-axis")
+      .attr("data-unit", "samples")
       .attr("transform", `translate(0,${height - 22})`)
       .call(axisBottom(x).ticks(Math.max(2, Math.floor(width / 90))).tickSizeOuter(0));
   }

@@ -289,6 +289,8 @@ class WrappedDataset(_SkipLog, _Base):
         self.feature_names: list[str] | None = _names_list(getattr(dataset, "feature_names", None))
         # a signal dataset's channel names (EEG electrodes): the explorer labels lanes so
         self.channel_names: list[str] | None = _names_list(getattr(dataset, "channel_names", None))
+        # a signal dataset's sampling rate in Hz, as given: the probe checks it (signals only)
+        self.sample_rate: object = getattr(dataset, "sample_rate", None)
         samples = getattr(dataset, "samples", None) or getattr(dataset, "imgs", None)
         self.paths: list[str] | None = (
             [str(s[0]) for s in samples] if isinstance(samples, list) else None

@@ -1080,6 +1080,9 @@ def _plan(
         x0.is_floating_point(),
         _signal_channel_axis(tr, tuple(x0.shape[1:])),
     )
+    rate = _sample_rate(
+        getattr(ds, "sample_rate", None), tuple(x0.shape[1:]), x0.is_floating_point()
+    )
     run_meta = {
         "model": type(model).__name__,
         "model_fingerprint": fingerprint(model),
@@ -1098,6 +1101,7 @@ def _plan(
             "channel_dim": channel_dim,
             **({"feature_names": names} if names is not None else {}),
             **({"channel_names": channels} if channels is not None else {}),
+            **({"sample_rate": rate} if rate is not None else {}),
             **(meta or {}),
             # a raw dataset (uint8 0..255) is reloaded raw whoever probed it: its mean 0 and
             # std 1 alone would read it back as [0, 1] floats the model scales again
@@ -2043,6 +2047,22 @@ def _channel_names(
             "last): give one name per channel, in order, or remove the attribute."
         )
     return [str(n) for n in names]
+
+
+def _sample_rate(rate: object, shape: tuple[int, ...], floating: bool) -> float | None:
+    """The dataset's ``sample_rate`` (Hz) of its signals, so the explorer gives times in
+    seconds beside sample indices; ignored for other inputs. Anything but a positive finite
+    number is refused: every time the pages show would be silently wrong by it."""
+    if rate is None or len(shape) != 2 or not floating:
+        return None
+    ok = isinstance(rate, numbers.Real) and not isinstance(rate, bool)
+    if not ok or not math.isfinite(float(rate)) or float(rate) <= 0:  # type: ignore[arg-type]
+        raise LurkerError(
+            f"The dataset's sample_rate is {rate!r}, but it must be the signals' sampling "
+            "rate in Hz, a positive finite number (such as 128 or 256.0): give one, or "
+            "remove the attribute."
+        )
+    return float(rate)  # type: ignore[arg-type]
 
 
 def _class_names(names: Sequence[str] | None, labels: list[int]) -> list[str]:

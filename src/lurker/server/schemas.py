@@ -101,6 +101,9 @@ class DatasetInfo(BaseModel):
     #: The name of each channel of such signals (EEG electrodes), from the dataset's
     #: ``channel_names`` as the probe stored them; null where it had none.
     channel_names: list[str] | None = None
+    #: The signals' sampling rate in Hz, from the dataset's ``sample_rate`` as the probe
+    #: stored it: the pages give times in seconds beside samples. Null where it had none.
+    sample_rate: float | None = None
 
 
 class ProbeInfo(BaseModel):

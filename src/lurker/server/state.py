@@ -195,6 +195,16 @@ def channel_names(run: Run) -> list[str] | None:
     return [str(n) for n in names]
 
 
+def sample_rate(run: Run) -> float | None:
+    """A signal run's sampling rate in Hz, as the probe stored it from the dataset's
+    ``sample_rate``: the pages give times in seconds by it. ``None`` where it had none,
+    the run is not a signal, or the stored value is not a positive finite number."""
+    rate = (run.meta.get("config") or {}).get("sample_rate")
+    if signal_shape(run) is None or isinstance(rate, bool) or not isinstance(rate, int | float):
+        return None
+    return float(rate) if math.isfinite(rate) and rate > 0 else None
+
+
 def input_dtype(run: Run) -> str | None:
     """The dtype of the model's input as the run's trace recorded it (``"float32"``), or
     None without a graph: what a sample is cast to before the model sees it again."""

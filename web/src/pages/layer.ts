@@ -5,7 +5,7 @@ import type { PageContext } from "../context";
 import { append, facts, fill, fmt, h, notice, shape, withId } from "../dom";
 import { featureBins, featureName, featureScale, imageState, noImage, patchless, tokenMeanOver, tokenSequence } from "../images";
 import { outputClass } from "../classes";
-import { signalTilePlot } from "../signal";
+import { durationText, signalTilePlot } from "../signal";
 
 const SORTS = ["max", "mean", "index"] as const;
 /** Cards built before the page first shows: more than a large screen holds. */
@@ -238,7 +238,7 @@ export async function renderLayer(root: HTMLElement, ctx: PageContext, args: str
           ["units", fmt(l.num_units)],
           ...(classNames ? [["units are", h("span", { id: "class-units" }, `the model's output: the ${l.class_value === "score" ? "score (logit)" : l.class_value} of each class, unit i for class i`)] as [string, Node]] : []),
           ["constant units", h("span", { id: "constant-count" }, constantCount ? `${fmt(constantCount)} of ${fmt(l.num_units)}${silent === constantCount ? ` (0 everywhere${/relu/i.test(l.kind ?? "") ? ": never fire" : ""})` : ""}` : "none")],
-          ["receptive field", h("span", { id: "rf-text" }, rfText(doc.rf, signal !== null))],
+          ["receptive field", h("span", { id: "rf-text" }, rfText(doc.rf, signal !== null, images.sampleRate ?? null))],
         ]),
       ),
       h(
@@ -343,13 +343,15 @@ export function unitsText(shapeNoBatch: number[], units: number, layout: Record<
 /** `7×7 px, stride 2×2` from the receptive-field record's y and x axes; on a video
  * model's layer also its frames, as many as a clip of the probed length lets it see; on a
  * signal's (`signal`: its one axis, time, is the record's x) `16 samples, stride 4`. */
-export function rfText(rf: Record<string, unknown> | null, signal = false): string {
+export function rfText(rf: Record<string, unknown> | null, signal = false, rate: number | null = null): string {
   const y = rf?.["y"] as { size?: number; stride?: number } | undefined;
   const x = rf?.["x"] as { size?: number; stride?: number } | undefined;
   if (!y || !x || y.size === undefined || x.size === undefined) return rf ? "recorded" : "–";
   if (signal) {
     if (x.stride === 0) return "the whole signal"; // its time axis reduced away
-    const samples = `${fmt(x.size)} sample${x.size === 1 ? "" : "s"}, stride ${fmt(x.stride)}`;
+    // with the dataset's sampling rate, each also as a duration: `16 samples (125 ms)`
+    const dur = (n: number | undefined): string => (rate && n !== undefined ? ` (${durationText(n, rate)})` : "");
+    const samples = `${fmt(x.size)} sample${x.size === 1 ? "" : "s"}${dur(x.size)}, stride ${fmt(x.stride)}${dur(x.stride)}`;
     return rf?.["full"] === true ? `the whole signal (${samples})` : samples;
   }
   if (y.stride === 0 && x.stride === 0) return "the whole input"; // spatial axes reduced away

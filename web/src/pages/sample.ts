@@ -10,7 +10,7 @@ import { p, type Appearance, type LiveImage, type Prediction, type SampleBrief, 
 import type { PageContext } from "../context";
 import { append, facts, fill, fmt, h, notice, pct } from "../dom";
 import { featureRows, featureScale, featureStrip, imageState, tokenSequence } from "../images";
-import { fetchedSignal, signalDocPlot } from "../signal";
+import { durationText, fetchedSignal, signalDocPlot } from "../signal";
 import { classLabel, classText } from "../classes";
 
 /** Entries per "show more" request (the server's default page, so a static export holds
@@ -132,7 +132,7 @@ export async function renderSample(root: HTMLElement, ctx: PageContext, args: st
           h(
             "section",
             { class: "card sample-signal", id: "sample-signal" },
-            h("h3", null, `${images.signal![0]} channel${images.signal![0] === 1 ? "" : "s"} × ${images.signal![1].toLocaleString()} samples`, h("span", { class: "muted small" }, ` as the model is fed them; one lane per channel (${images.channelNames?.length ? images.channelNames[0] : "0"} at the top), one scale for all`)),
+            h("h3", null, `${images.signal![0]} channel${images.signal![0] === 1 ? "" : "s"} × ${images.signal![1].toLocaleString()} samples${images.sampleRate ? ` (${durationText(images.signal![1], images.sampleRate)} at ${Number(images.sampleRate.toPrecision(6))} Hz)` : ""}`, h("span", { class: "muted small" }, ` as the model is fed them; one lane per channel (${images.channelNames?.length ? images.channelNames[0] : "0"} at the top), one scale for all`)),
             doc.signal_error
               ? notice(`Not at hand: ${doc.signal_error.replace(/\.+$/, "")}.`)
               : fetchedSignal(
@@ -140,7 +140,7 @@ export async function renderSample(root: HTMLElement, ctx: PageContext, args: st
                   ctx.run,
                   s.id,
                   undefined,
-                  (sig) => signalDocPlot(sig, { width: 1200, height: Math.min(420, 40 + 60 * sig.channels), axis: true, label: `sample ${s.id}: ${sig.channels} channels` }),
+                  (sig) => signalDocPlot(sig, { width: 1200, height: Math.min(420, 40 + 60 * sig.channels), axis: true, rate: images.sampleRate ?? null, label: `sample ${s.id}: ${sig.channels} channels` }),
                   (why) => notice(`Not at hand: ${why.replace(/\.+$/, "")}.`),
                 ),
           )

@@ -7,7 +7,7 @@ import { barChart, histogramChart, positionCount, sampleValueLabel } from "../ch
 import type { PageContext } from "../context";
 import { append, fill, fmt, h, notice, withId } from "../dom";
 import { featureRows, featureScale, featureStrip, imageState, noImage, patchless, tokenMeanOver, tokenSequence, topFeatures } from "../images";
-import { signalDocPlot } from "../signal";
+import { secondsText, signalDocPlot } from "../signal";
 import { classLabel, classText, classWord, outputClass } from "../classes";
 
 type Tab = "mean" | "max" | "relevance" | "featviz";
@@ -269,7 +269,7 @@ export async function renderUnit(root: HTMLElement, ctx: PageContext, args: stri
           "div",
           { class: "signal-list" },
           doc.signal_error ? withId(notice(`No signals to draw: ${doc.signal_error.replace(/\.+$/, "")}.`), "signal-error") : null,
-          entries.length ? entries.map((e) => signalEntry(ctx, e, list !== "relevance", !doc.signal_error)) : notice("This list is empty."),
+          entries.length ? entries.map((e) => signalEntry(ctx, e, list !== "relevance", !doc.signal_error, images.sampleRate ?? null)) : notice("This list is empty."),
         ),
       );
       return;
@@ -423,14 +423,14 @@ const ENTRY_WIDTH = 280;
  * document, fetched once per sample however many entries rank it; `drawable` false where
  * the run's dataset is not at hand), the samples its peak sees shaded (`spanned`), its
  * value, sample and class, and the span in words. */
-function signalEntry(ctx: PageContext, e: TopEntry, spanned: boolean, drawable: boolean): HTMLElement {
+function signalEntry(ctx: PageContext, e: TopEntry, spanned: boolean, drawable: boolean, rate: number | null): HTMLElement {
   const span = spanned ? (e.span ?? null) : null;
   const plot = h("span", { class: "no-img muted small signal-pending" }, drawable ? "loading…" : "signal not at hand");
   if (drawable) {
     ctx.api.signalDoc(ctx.run, e.sample_id, ENTRY_WIDTH).then(
       (doc) => {
         if (ctx.signal.aborted) return;
-        plot.replaceWith(signalDocPlot(doc, { width: ENTRY_WIDTH, height: Math.min(150, 24 + 22 * doc.channels), span, label: `sample ${e.sample_id}${span ? `, samples ${span[0]}–${span[1] - 1} shaded` : ""}` }));
+        plot.replaceWith(signalDocPlot(doc, { width: ENTRY_WIDTH, height: Math.min(150, 24 + 22 * doc.channels), span, rate, label: `sample ${e.sample_id}${span ? `, samples ${span[0]}–${span[1] - 1} shaded` : ""}` }));
       },
       (err: Error) => {
         plot.textContent = `signal not at hand: ${err.message}`;
@@ -453,7 +453,7 @@ function signalEntry(ctx: PageContext, e: TopEntry, spanned: boolean, drawable: 
       h("a", { href: ctx.href("sample", e.sample_id) }, `#${e.sample_id}`),
       " ",
       e.class_name ? classSpan(e.class_name, e.label) : null,
-      span ? h("div", { class: "muted small span-text" }, `sees samples ${span[0]}–${span[1] - 1} (${span[1] - span[0]})`) : null,
+      span ? h("div", { class: "muted small span-text" }, `sees samples ${span[0]}–${span[1] - 1} (${span[1] - span[0]})${rate ? ` · ${secondsText(span[0], span[1] - 1, rate)}` : ""}`) : null,
     ),
   );
 }

@@ -26,6 +26,7 @@ from ..state import (
     RunEntry,
     channel_names,
     feature_names,
+    sample_rate,
     signal_shape,
     token_length,
     vector_length,
@@ -149,6 +150,7 @@ def summarize(request: Request, e: RunEntry) -> RunSummary:
             feature_names=feature_names(run),
             signal=None if (sig := signal_shape(run)) is None else list(sig),
             channel_names=channel_names(run),
+            sample_rate=sample_rate(run),
         ),
         probe=ProbeInfo(
             k=meta.get("k"),

@@ -1,0 +1,157 @@
+"""A signal dataset's ``sample_rate`` (Hz) gives the explorer's spans in seconds.
+
+A neuroscientist's EEG at 128 Hz was shown only in samples ("sees samples 157-172
+(16)"): now the rate is stored in the run, given in the summary, and where it is known the
+unit captions, the layer's receptive field and the sample page's time axis are in seconds
+too; a bad rate is refused before anything is probed, and runs without one are unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from explorer_fixtures import get_json, served_run, skip_without_browser, strict_page
+
+C, T, K, N, RATE = 8, 512, 4, 30, 128
+DASH = "\u2013"  # the pages' en dash between a span's ends
+
+
+class Eeg(TensorDataset):
+    """(signal, label) pairs recorded at ``RATE`` Hz, as an EEG loader says."""
+
+    sample_rate = RATE
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv1d(C, 6, 9, stride=4), nn.ReLU(), nn.AdaptiveMaxPool1d(1), nn.Flatten()
+    ).eval()
+
+
+def _tensors() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    return torch.randn(N, C, T, generator=g), torch.arange(N) % 2
+
+
+@pytest.fixture(scope="module")
+def timed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    with served_run(tmp_path_factory.mktemp("hz"), "eeg", _model(), Eeg(*_tensors()), "0", K) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def untimed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    data = TensorDataset(*_tensors())
+    with served_run(tmp_path_factory.mktemp("nohz"), "raw", _model(), data, "0", K) as s:
+        yield s
+
+
+def test_the_rate_is_stored_and_served(timed: dict, untimed: dict):
+    from lurker.store import Run
+
+    run = Run.open(timed["run"])
+    assert run.meta["config"]["sample_rate"] == 128.0
+    run.close()
+    for url in (timed["url"], timed["bare"]):
+        assert get_json(f"{url}/api/runs/eeg")["dataset"]["sample_rate"] == 128.0
+    assert get_json(f"{untimed['url']}/api/runs/raw")["dataset"]["sample_rate"] is None
+
+
+@pytest.mark.parametrize("bad", [0, -128, math.nan, math.inf, "128", True, [128]])
+def test_a_bad_rate_is_refused_naming_it(tmp_path: Path, bad: object):
+    from lurker.errors import LurkerError
+    from lurker.probe import probe
+
+    data = Eeg(*_tensors())
+    data.sample_rate = bad  # type: ignore[assignment]
+    with pytest.raises(LurkerError, match=r"sample_rate is .*positive finite number"):
+        probe(_model(), data, out=tmp_path / "bad", k=K, batch_size=16, progress=False)
+    assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").rglob("*.json"))
+
+
+def test_a_rate_on_inputs_that_are_not_signals_is_ignored(tmp_path: Path):
+    """Images have no time axis: the rate (even a bad one) means nothing to them."""
+    from lurker.probe import probe
+
+    class Pictures(TensorDataset):
+        sample_rate = -1
+
+    g = torch.Generator().manual_seed(0)
+    data = Pictures(torch.rand(12, 1, 8, 8, generator=g), torch.arange(12) % 2)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten()).eval()
+    run = probe(model, data, out=tmp_path / "img", k=2, batch_size=4, progress=False)
+    assert run is not None and "sample_rate" not in run.meta["config"]
+    run.close()
+
+
+def _seconds(text: str) -> tuple[float, float] | None:
+    m = re.search(rf"· ([\d.]+){DASH}([\d.]+) s$", text)
+    return None if m is None else (float(m[1]), float(m[2]))
+
+
+def test_the_pages_give_seconds_as_samples_over_the_rate(browser: Any, timed: dict):
+    skip_without_browser()
+    url = timed["url"]
+    doc = get_json(f"{url}/api/runs/eeg/layers/0/units/2")
+    spans = [e["span"] for e in doc["top"]["max"]]
+    rf = get_json(f"{url}/api/runs/eeg/layers/0")["rf"]["x"]
+    with strict_page(browser) as pg:
+        pg.goto(f"{url}/#/r/eeg/unit/0/2?tab=max")
+        pg.wait_for_function(
+            f"document.querySelectorAll('.signal-entry .span-text').length === {K}"
+        )
+        texts = pg.locator(".signal-entry .span-text").all_text_contents()
+        for (t0, t1), text in zip(spans, texts, strict=True):
+            assert text.startswith(f"sees samples {t0}{DASH}{t1 - 1} ({t1 - t0})")
+            first, last = _seconds(text) or pytest.fail(f"no seconds in {text!r}")
+            # to the shown 3 decimals (128 Hz: a sample is 7.8 ms)
+            assert abs(first - t0 / RATE) <= 5e-4 and abs(last - (t1 - 1) / RATE) <= 5e-4
+
+        pg.goto(f"{url}/#/r/eeg/layer/0")
+        line = pg.locator("#rf-text").inner_text(timeout=10_000)
+        m = re.fullmatch(r"(\d+) samples \((\d+) ms\), stride (\d+) \((\d+) ms\)", line)
+        assert m, line
+        assert (int(m[1]), int(m[3])) == (rf["size"], rf["stride"])
+        assert int(m[2]) == round(1000 * rf["size"] / RATE)  # 9 samples: 70 ms
+        assert int(m[4]) == round(1000 * rf["stride"] / RATE)  # 4 samples: 31 ms
+
+        pg.goto(f"{url}/#/r/eeg/sample/4")
+        axis = pg.locator("#sample-signal g.signal-axis")
+        axis.wait_for()
+        assert axis.get_attribute("data-unit") == "s"
+        ticks = axis.locator("g.tick")
+        values = [float(v) for v in ticks.locator("text").all_text_contents()]
+        assert values[0] == 0 and 3.5 <= values[-1] <= T / RATE  # a 512-sample signal: 4 s
+        # each tick sits where its time's sample is: x = 4 + (t * rate) / T * (width - 8)
+        for i, v in enumerate(values):
+            x = float(re.search(r"translate\(([\d.]+)", ticks.nth(i).get_attribute("transform"))[1])
+            assert abs(x - (4 + v * RATE / T * 1192)) < 0.6
+
+
+def test_pages_of_a_run_without_a_rate_stay_in_samples(browser: Any, untimed: dict):
+    skip_without_browser()
+    url = untimed["url"]
+    with strict_page(browser) as pg:
+        pg.goto(f"{url}/#/r/raw/unit/0/2?tab=max")
+        pg.wait_for_function(
+            f"document.querySelectorAll('.signal-entry .span-text').length === {K}"
+        )
+        for text in pg.locator(".signal-entry .span-text").all_text_contents():
+            assert re.fullmatch(rf"sees samples \d+{DASH}\d+ \(\d+\)", text), text
+        pg.goto(f"{url}/#/r/raw/layer/0")
+        assert re.fullmatch(r"\d+ samples, stride \d+", pg.locator("#rf-text").inner_text())
+        pg.goto(f"{url}/#/r/raw/sample/4")
+        axis = pg.locator("#sample-signal g.signal-axis")
+        axis.wait_for()
+        assert axis.get_attribute("data-unit") == "samples"
+        assert pg.locator("#sample-signal .signal-axis-unit").count() == 0
