@@ -136,6 +136,10 @@ def test_the_pages_give_seconds_as_samples_over_the_rate(browser: Any, timed: di
         for i, v in enumerate(values):
             x = float(re.search(r"translate\(([\d.]+)", ticks.nth(i).get_attribute("transform"))[1])
             assert abs(x - (4 + v * RATE / T * 1192)) < 0.6
+        # every tick label lies inside the plot (those at its edges were cut in half)
+        svg = pg.locator("#sample-signal svg.signal-plot").bounding_box()
+        for box in (ticks.nth(i).locator("text").bounding_box() for i in range(len(values))):
+            assert svg["x"] <= box["x"] and box["x"] + box["width"] <= svg["x"] + svg["width"]
 
 
 def test_pages_of_a_run_without_a_rate_stay_in_samples(browser: Any, untimed: dict):

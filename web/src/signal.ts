@@ -6,7 +6,7 @@
  */
 import { axisBottom } from "d3-axis";
 import { scaleLinear } from "d3-scale";
-import { create } from "d3-selection";
+import { create, select } from "d3-selection";
 import type { Api, SignalDoc, SignalTile } from "./api";
 
 /** The channels' colours, in turn. */
@@ -166,16 +166,31 @@ export function signalPlot(values: (number | null)[][], { width = 320, height = 
     const t = scaleLinear().domain([0, Math.max(1, length) / rate]).range(x.range());
     const g = svg.append("g").attr("class", "signal-axis").attr("data-unit", "s").attr("transform", `translate(0,${height - 22})`);
     g.call(axisBottom(t).ticks(Math.max(2, Math.floor(width / 90))).tickSizeOuter(0));
+    keepEndLabels(g.node()!, t);
     g.append("text").attr("class", "signal-axis-unit").attr("x", width - 4).attr("y", -3).attr("text-anchor", "end").attr("fill", "#555").attr("font-size", 10).text(`time (s), ${Number(rate.toPrecision(6))} Hz`);
   } else if (axis) {
-    svg
+    const g = svg
       .append("g")
       .attr("class", "signal-axis")
       .attr("data-unit", "samples")
       .attr("transform", `translate(0,${height - 22})`)
       .call(axisBottom(x).ticks(Math.max(2, Math.floor(width / 90))).tickSizeOuter(0));
+    keepEndLabels(g.node()!, x);
   }
   return svg.node()!;
+}
+
+/** An axis's first and last tick labels kept inside the plot: one at the very edge
+ * (0.0, 2.0 s) would be cut in half, centred on it. */
+function keepEndLabels(g: SVGGElement, scale: { (v: number): number; range(): number[] }): void {
+  const ticks = select(g).selectAll<SVGGElement, number>(".tick");
+  const [lo, hi] = [Math.min(...scale.range()), Math.max(...scale.range())];
+  ticks.each(function (v) {
+    const at = scale(v);
+    const text = select(this).select("text");
+    if (at - lo < 12) text.attr("text-anchor", "start");
+    else if (hi - at < 12) text.attr("text-anchor", "end");
+  });
 }
 
 /** The path of one channel: every sample, or per pixel column its min and max. */
