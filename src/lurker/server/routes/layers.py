@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -108,22 +109,42 @@ def layer_detail(request: Request, run_id: str, layer: str) -> LayerDetail:
 TILE_BINS = 64
 
 
-def _top_features(
-    request: Request, e: Any, rows: list[Any]
-) -> tuple[dict[str, FeatureTile] | None, str | None]:
-    """On a run of feature vectors: the values of each unit's top max sample (by sample
-    id: units share samples) as its tile shows them in place of an image, or why the
-    dataset cannot give them (all or none: no tile from a dataset that changed)."""
-    if vector_length(e.open_run()) is None:
-        return None, None
+def _top_tiles(
+    request: Request, e: Any, rows: list[Any], tile_of: Callable[[Any, int, str | None], Any]
+) -> tuple[dict[str, Any] | None, str | None]:
+    """Each unit's top max sample (by sample id: units share samples) as its tile shows it
+    in place of an image (``tile_of(session, sample id, path)``: a feature strip, a
+    signal's plot), or why the dataset cannot give them (all or none: no tile from a
+    dataset that changed)."""
     s = session(request, e)
     tops = list(dict.fromkeys(tm for _, _, _, tm, _, _, _ in rows if tm >= 0))
-    tiles, why = s.read_samples(
-        tops, lambda sid: feature_tile(s.sample_features(sid, e.sample_row(sid)[1]))
-    )
+    tiles, why = s.read_samples(tops, lambda sid: tile_of(s, sid, e.sample_row(sid)[1]))
     if tiles is None:
         return None, why
     return {str(sid): tile for sid, tile in zip(tops, tiles, strict=True)}, None
+
+
+def _top_features(
+    request: Request, e: Any, rows: list[Any]
+) -> tuple[dict[str, FeatureTile] | None, str | None]:
+    """On a run of feature vectors: each unit's top sample's values as its tile."""
+    if vector_length(e.open_run()) is None:
+        return None, None
+    return _top_tiles(
+        request, e, rows, lambda s, sid, path: feature_tile(s.sample_features(sid, path))
+    )
+
+
+def _cell_starts(n: int, cells: int) -> list[int]:
+    """Where each of ``cells`` runs of consecutive items of ``n`` begins, as numpy's
+    array_split cuts them (the first ``n % cells`` one item longer)."""
+    return [i * (n // cells) + min(i, n % cells) for i in range(cells)]
+
+
+def _cells(values: list[Any], starts: list[int]) -> Iterator[list[Any]]:
+    """``values`` cut at ``starts``."""
+    for i, first in enumerate(starts):
+        yield values[first : starts[i + 1] if i + 1 < len(starts) else len(values)]
 
 
 def feature_tile(values: list[float | None], bins: int = TILE_BINS, top: int = 3) -> FeatureTile:
@@ -131,12 +152,9 @@ def feature_tile(values: list[float | None], bins: int = TILE_BINS, top: int = 3
     each the signed value of largest |value| in it (null where one is not finite: a NaN
     is shown, not hidden by its neighbours), and the ``top`` largest by |value|."""
     n = len(values)
-    b = min(n, bins)
-    # numpy's array_split: the first n % b bins one feature longer
-    starts = [i * (n // b) + min(i, n % b) for i in range(b)]
+    starts = _cell_starts(n, min(n, bins))
     strip: list[float | None] = []
-    for i, first in enumerate(starts):
-        cell = values[first : starts[i + 1] if i + 1 < b else n]
+    for cell in _cells(values, starts):
         finite = [v for v in cell if v is not None]
         strip.append(None if len(finite) < len(cell) else max(finite, key=abs))
     order = sorted(range(n), key=lambda i: (values[i] is None, -abs(values[i] or 0.0), i))
@@ -157,18 +175,12 @@ TILE_CHANNELS = 8
 def _top_signals(
     request: Request, e: Any, rows: list[Any]
 ) -> tuple[dict[str, SignalTile] | None, str | None]:
-    """On a run of signals: each unit's top max sample (by sample id: units share samples)
-    as its tile draws it in place of an image, or why the dataset cannot give them."""
+    """On a run of signals: each unit's top sample's lines as its tile."""
     if signal_shape(e.open_run()) is None:
         return None, None
-    s = session(request, e)
-    tops = list(dict.fromkeys(tm for _, _, _, tm, _, _, _ in rows if tm >= 0))
-    tiles, why = s.read_samples(
-        tops, lambda sid: signal_tile(s.sample_signal(sid, e.sample_row(sid)[1]))
+    return _top_tiles(
+        request, e, rows, lambda s, sid, path: signal_tile(s.sample_signal(sid, path))
     )
-    if tiles is None:
-        return None, why
-    return {str(sid): tile for sid, tile in zip(tops, tiles, strict=True)}, None
 
 
 def plotted(v: float) -> float:
@@ -185,15 +197,13 @@ def signal_tile(
     array_split), each its least and greatest value; null where one is not finite (a NaN
     is shown as a gap, not hidden by its neighbours)."""
     n = len(values[0]) if values else 0
-    b = max(1, min(n, columns))
-    starts = [i * (n // b) + min(i, n % b) for i in range(b)] if n else []
+    starts = _cell_starts(n, max(1, min(n, columns))) if n else []
     lo: list[list[float | None]] = []
     hi: list[list[float | None]] = []
     for row in values[:channels]:
         lo.append([])
         hi.append([])
-        for i, first in enumerate(starts):
-            cell = row[first : starts[i + 1] if i + 1 < len(starts) else n]
+        for cell in _cells(row, starts):
             finite = [v for v in cell if v is not None]
             whole = len(finite) == len(cell)
             lo[-1].append(plotted(min(finite)) if whole else None)
