@@ -12,10 +12,10 @@ import { axisBottom, axisLeft } from "d3-axis";
 import { scaleLinear } from "d3-scale";
 import { create } from "d3-selection";
 import { barChart } from "../charts";
-import { append, fill, fmt, h, notice, pct, shape } from "../dom";
+import { append, fill, fmt, h, notice, shape } from "../dom";
 import { imageTitle } from "../images";
 import { imagePicker } from "../picker";
-import { classLabel, namesWidth } from "../classes";
+import { topPredictions } from "../predictions";
 import { renderFlatLive } from "./live_flat";
 import { renderSignalLive } from "./live_signal";
 
@@ -104,6 +104,7 @@ export async function renderLive(root: HTMLElement, ctx: PageContext): Promise<v
     return;
   }
   if (ctx.signal.aborted) return;
+  const [none, head, list] = topPredictions(live.predictions, live.predictions_note);
   left.append(
     h(
       "div",
@@ -113,17 +114,10 @@ export async function renderLive(root: HTMLElement, ctx: PageContext): Promise<v
         "div",
         null,
         h("p", { class: "image-name", id: "image-name", title: live.name ? `upload ${image}` : null }, imageTitle(image, live.name)),
-        !live.predictions.length && live.predictions_note ? h("p", { class: "muted small", id: "no-predictions" }, `No top-5: ${live.predictions_note}.`) : null,
+        none,
         live.input_note ? h("p", { class: "notice info small", id: "input-note", role: "status" }, `As the model sees it: ${live.input_note}.`) : null,
-        // what the five rows are: a bare "7  99.6%" under a photo reads as anything
-        live.predictions.length ? h("p", { class: "muted small", id: "preds-head" }, `The model's top ${live.predictions.length}: class and probability`) : null,
-        h(
-          "ol",
-          { class: "preds", style: namesWidth(live.predictions.map((q) => classLabel(q.name, q.class))) },
-          live.predictions.map((q) =>
-            h("li", null, h("span", { class: "pname" }, classLabel(q.name, q.class)), h("span", { class: "pbar", style: `width:${(100 * q.prob).toFixed(1)}%` }), h("span", { class: "muted" }, pct(q.prob))),
-          ),
-        ),
+        head,
+        list,
         h("p", null, h("a", { class: "button", id: "explain-this", href: ctx.href("explain") + "?image=" + encodeURIComponent(image) }, "Explain this image")),
       ),
     ),

@@ -8,8 +8,8 @@
  */
 import { p, type LiveInput, type LiveLayerUnits, type RunSummary, type SampleDoc } from "../api";
 import type { PageContext } from "../context";
-import { append, fill, fmt, h, notice, pct } from "../dom";
-import { classLabel, namesWidth } from "../classes";
+import { append, fill, fmt, h, notice } from "../dom";
+import { topPredictions } from "../predictions";
 
 export async function renderFlatLive(root: HTMLElement, ctx: PageContext, summary: RunSummary): Promise<void> {
   const tokens = summary.dataset.tokens ?? null;
@@ -136,13 +136,7 @@ function fedCard(doc: LiveInput): HTMLElement {
     { class: "card live-flat-preds" },
     h("h3", null, "Prediction"),
     fed,
-    !doc.predictions.length && doc.predictions_note ? h("p", { class: "muted small", id: "no-predictions" }, `No top-5: ${doc.predictions_note}.`) : null,
-    doc.predictions.length ? h("p", { class: "muted small", id: "preds-head" }, `The model's top ${doc.predictions.length}: class and probability`) : null,
-    h(
-      "ol",
-      { class: "preds live-preds", id: "live-preds", style: namesWidth(doc.predictions.map((q) => classLabel(q.name, q.class))) },
-      doc.predictions.map((q) => h("li", null, h("span", { class: "pname" }, classLabel(q.name, q.class)), h("span", { class: "pbar", style: `width:${(100 * q.prob).toFixed(1)}%` }), h("span", { class: "muted" }, pct(q.prob)))),
-    ),
+    ...topPredictions(doc.predictions, doc.predictions_note, { class: "live-preds", id: "live-preds" }),
   );
 }
 

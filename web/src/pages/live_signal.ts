@@ -6,8 +6,8 @@
  */
 import { p, type LiveImage, type LiveOp, type RunSummary, type SampleDoc } from "../api";
 import type { PageContext } from "../context";
-import { append, fmt, h, notice, pct } from "../dom";
-import { classLabel, namesWidth } from "../classes";
+import { append, fmt, h, notice } from "../dom";
+import { topPredictions } from "../predictions";
 import { fetchedSignal, signalDocPlot, signalPlot } from "../signal";
 
 interface Lines {
@@ -78,13 +78,7 @@ export async function renderSignalLive(root: HTMLElement, ctx: PageContext, summ
       "div",
       { class: "live-signal-result" },
       h("p", { class: "image-name", id: "image-name" }, `sample ${sample[1]}`),
-      !live.predictions.length && live.predictions_note ? h("p", { class: "muted small", id: "no-predictions" }, `No top-5: ${live.predictions_note}.`) : null,
-      live.predictions.length ? h("p", { class: "muted small", id: "preds-head" }, `The model's top ${live.predictions.length}: class and probability`) : null,
-      h(
-        "ol",
-        { class: "preds", style: namesWidth(live.predictions.map((q) => classLabel(q.name, q.class))) },
-        live.predictions.map((q) => h("li", null, h("span", { class: "pname" }, classLabel(q.name, q.class)), h("span", { class: "pbar", style: `width:${(100 * q.prob).toFixed(1)}%` }), h("span", { class: "muted" }, pct(q.prob)))),
-      ),
+      ...topPredictions(live.predictions, live.predictions_note),
       h("p", null, h("a", { class: "button", id: "explain-this", href: ctx.href("explain") + "?image=" + encodeURIComponent(image!) }, "Explain this sample")),
     ),
   );

@@ -1,0 +1,26 @@
+/**
+ * The model's top classes as the live pages show them: a line that says what the rows
+ * are (a bare "7  99.6%" under an input reads as anything), one row per class with its
+ * probability as a bar, or why there is no top 5.
+ */
+import type { Prediction } from "./api";
+import { classLabel, namesWidth } from "./classes";
+import { h, pct } from "./dom";
+
+/** `[why none, head, list]`: the first null when there are predictions, the second when
+ * there are none; `list` carries the extra class and id a page styles or tests by. */
+export function topPredictions(
+  preds: Prediction[],
+  note: string | null | undefined,
+  list: { class?: string; id?: string } = {},
+): [HTMLElement | null, HTMLElement | null, HTMLElement] {
+  return [
+    !preds.length && note ? h("p", { class: "muted small", id: "no-predictions" }, `No top-5: ${note}.`) : null,
+    preds.length ? h("p", { class: "muted small", id: "preds-head" }, `The model's top ${preds.length}: class and probability`) : null,
+    h(
+      "ol",
+      { class: list.class ? `preds ${list.class}` : "preds", id: list.id ?? null, style: namesWidth(preds.map((q) => classLabel(q.name, q.class))) },
+      preds.map((q) => h("li", null, h("span", { class: "pname" }, classLabel(q.name, q.class)), h("span", { class: "pbar", style: `width:${(100 * q.prob).toFixed(1)}%` }), h("span", { class: "muted" }, pct(q.prob)))),
+    ),
+  ];
+}
