@@ -474,8 +474,6 @@ class Session:
         """Sample ``sample_id``'s feature values as the model is fed them (the dataset's,
         in the input dtype the trace recorded): what the pages show in place of a picture.
         A value that is not finite is ``None`` (JSON has no NaN), never a made-up number."""
-        import math
-
         values = self.sample_vector(sample_id, path).double().tolist()
         return [v if math.isfinite(v) else None for v in values]
 
@@ -489,8 +487,6 @@ class Session:
         one list of values per channel (a channels-last ``(T, C)`` sample transposed):
         what the pages draw as lines in place of a picture. A value that is not finite is
         ``None`` (JSON has no NaN), never a made-up number."""
-        import math
-
         x = self._signal_tensor(sample_id, path)
         if self.signal_channels_last():
             x = x.t()
@@ -895,9 +891,10 @@ class Session:
 
     def layer_units(self, input_id: str) -> list[tuple[Any, Any, Any, int]]:
         """Every probed layer's units on one live input, in one forward: ``(layer info,
-        mean, max, positions)``, mean and max ``(units,)``, over the unit's positions (its tokens) as the probe
-        reduces them for its mean and max top-k lists; a layer with no positions has one
-        value per unit, both equal. A layer whose op the live trace lacks is left out."""
+        mean, max, positions)``, mean and max ``(units,)``, over the unit's positions (its
+        tokens) as the probe reduces them for its mean and max top-k lists; a layer with no
+        positions has one value per unit, both equal. A layer whose op the live trace lacks
+        is left out."""
         import torch
 
         tr = self.trace()
@@ -918,7 +915,9 @@ class Session:
                 raise ApiError(409, f"the model takes another path on this input: {e}") from None
             except Exception as e:  # the model's own error (a sequence too long for it)
                 raise ApiError(
-                    400, f"the model failed on this input: {type(e).__name__}: {e}"
+                    400,
+                    f"the model failed on this input: {type(e).__name__}: {e}",
+                    model_failed=True,
                 ) from None
         out = []
         for info in infos:

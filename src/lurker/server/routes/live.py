@@ -66,9 +66,8 @@ def _images_only(s: Session) -> None:
             409,
             "the live view's maps and Explain's heatmaps are drawn over images, and this "
             f"run's inputs are sequences of {length} token ids: type a sequence in the live "
-            "view (POST "
-            ".../live/inputs) to see the model's prediction and every probed layer's units; "
-            "Explain (sample-N) scores each token of a sample",
+            "view (POST .../live/inputs) to see the model's prediction and every probed "
+            "layer's units; Explain (sample-N) scores each token of a sample",
         )
     features = s.vector_length()
     if features is not None:
