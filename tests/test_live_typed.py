@@ -8,6 +8,7 @@ the problem."""
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -265,3 +266,137 @@ def test_the_sample_page_opens_live_filled_with_that_sample(browser: Any, text: 
         assert _fed_ids(pg) == ids  # the sample's own sequence, not the words' lookup
         assert pg.input_value("#live-mode") == "ids"
         assert pg.input_value("#live-text") == " ".join(map(str, ids))
+
+
+def test_each_listed_unit_names_the_position_where_it_peaks(text: dict):
+    """Live said how strongly a unit fires, not where: ``peak`` is each unit's argmax over
+    its tokens, as forward hooks give it (units on the last axis of ``(tokens, units)``)."""
+    ids = [1, 7, 3, 4, 7, 2, 9]
+    doc = _post(text["url"], "text", {"ids": ids}).json()
+    acts, _ = _hooked(text["model"], TEXT_LAYER, torch.tensor([ids]))  # (tokens, units)
+    layer = _by_layer(doc, TEXT_LAYER)
+    assert layer["peak"] == acts.double().argmax(0).tolist()
+    assert len(set(layer["peak"])) > 1  # the units do not all peak at one token
+
+
+class FixedLength(torch.nn.Module):
+    """A text model that takes only sequences of ``LENGTH`` tokens (it flattens them into
+    its head), its units channels-first: a conv over the tokens, ``(units, tokens)``."""
+
+    def __init__(self, padding_idx: int | None) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(VOCAB, 8, padding_idx=padding_idx)
+        self.conv = torch.nn.Conv1d(8, 12, 3, padding=1)
+        self.head = torch.nn.Linear(12 * FIXED, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv(self.emb(x).transpose(1, 2)))
+        return self.head(h.flatten(1))
+
+
+FIXED = 10
+
+
+@pytest.fixture(scope="module")
+def fixed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    from lurker.server import create_app
+    from lurker.server.serve import background
+
+    torch.manual_seed(0)
+    model, data = FixedLength(padding_idx=0).eval(), _dataset()
+    root: Path = tmp_path_factory.mktemp("fixed")
+    with served_run(root, "fixed", model, data, "conv", 5) as served:
+        no_pad = FixedLength(padding_idx=None).eval()
+        no_pad.load_state_dict(model.state_dict())
+        with (
+            background(create_app(served["run"], model_obj=model, dataset=data)) as url,
+            background(create_app(served["run"], model_obj=no_pad, dataset=data)) as bare,
+            background(
+                create_app(
+                    served["run"], model_obj=no_pad, dataset=data, vocab=["<pad>", *WORDS[1:]]
+                )
+            ) as voc,
+        ):
+            yield {
+                **served,
+                "url": url.rstrip("/"),
+                "no_pad": bare.rstrip("/"),
+                "voc": voc.rstrip("/"),
+            }
+
+
+def test_a_short_input_is_padded_with_the_embeddings_padding_idx(fixed: dict):
+    """A model of a fixed length answered a short input with its own error; now the input
+    is padded with the run's pad id (the embedding's ``padding_idx``), and the answer is the
+    one the padded ids typed by hand give, and says so."""
+    ids = [5, 7, 3]
+    padded = ids + [0] * (FIXED - len(ids))
+    r = _post(fixed["url"], "fixed", {"ids": ids})
+    assert r.status_code == 200, r.text
+    doc = r.json()
+    assert doc["ids"] == padded
+    assert "Padded" in doc["fitted"] and "7 x id 0" in doc["fitted"]
+    assert "padding_idx" in doc["fitted"]
+    by_hand = _post(fixed["url"], "fixed", {"ids": padded}).json()
+    assert by_hand["fitted"] is None and by_hand["input"] == doc["input"]
+    assert by_hand["predictions"] == doc["predictions"]
+    assert _by_layer(by_hand, "conv") == _by_layer(doc, "conv")
+    acts, logits = _hooked(fixed["model"], "conv", torch.tensor([padded]))  # (units, tokens)
+    layer = _by_layer(doc, "conv")
+    assert layer["max"] == pytest.approx(acts.amax(1).tolist(), rel=1e-5, abs=1e-6)
+    assert layer["peak"] == acts.double().argmax(1).tolist()
+    assert doc["predictions"][0]["class"] == int(logits.argmax())
+
+
+def test_a_short_input_is_padded_with_the_vocabularys_pad_token(fixed: dict):
+    doc = _post(fixed["voc"], "fixed", {"text": "w5 Seven"}).json()
+    assert doc["ids"] == [5, 7] + [0] * (FIXED - 2)
+    assert doc["words"][2:] == ["<pad>"] * (FIXED - 2)
+    assert "'<pad>' (id 0)" in doc["fitted"] and "vocabulary" in doc["fitted"]
+
+
+def test_a_short_input_without_a_pad_id_says_the_length(fixed: dict):
+    r = _post(fixed["no_pad"], "fixed", {"ids": [5, 7, 3]})
+    assert r.status_code == 400, r.text
+    detail = r.json()["detail"]
+    assert "the model failed" in detail and "no padding id" in detail
+    assert f"try a sequence of {FIXED}" in detail
+
+
+def test_a_too_long_input_is_truncated_and_says_so(fixed: dict):
+    ids = [(3 * i) % VOCAB for i in range(FIXED + 4)]
+    doc = _post(fixed["no_pad"], "fixed", {"ids": ids}).json()
+    assert doc["ids"] == ids[:FIXED]
+    assert "Truncated" in doc["fitted"] and "last 4 of the 14" in doc["fitted"]
+    by_hand = _post(fixed["no_pad"], "fixed", {"ids": ids[:FIXED]}).json()
+    assert by_hand["predictions"] == doc["predictions"] and by_hand["input"] == doc["input"]
+
+
+def test_the_live_page_names_the_token_each_unit_peaks_at(browser: Any, text: dict, fixed: dict):
+    skip_without_browser()
+    ids = [1, 7, 3, 4, 5, 2]
+    acts, _ = _hooked(text["model"], TEXT_LAYER, torch.tensor([ids]))  # (tokens, units)
+    with strict_page(browser) as pg:
+        pg.goto(f"{text['vocab_url']}/#/r/text/live")
+        pg.fill("#live-text", " ".join(WORDS[i] for i in ids))
+        pg.press("#live-text", "Enter")
+        card = pg.locator(f".live-layer[data-layer='{TEXT_LAYER}']")
+        card.locator(".peak-at").first.wait_for()
+        for row in range(3):
+            li = card.locator("li").nth(row)
+            unit = int(li.locator("a[data-unit]").get_attribute("data-unit"))
+            at = int(acts[:, unit].double().argmax())
+            assert li.locator(".peak-at").inner_text() == f"at “{WORDS[ids[at]]}” (token {at})"
+        _shoot(pg, "peaks")
+        # a fixed-length model: the short input is padded, and the page says so
+        pg.goto(f"{fixed['url']}/#/r/fixed/live")
+        pg.fill("#live-text", "5 7 3")
+        pg.press("#live-text", "Enter")
+        pg.wait_for_selector("#live-fitted")
+        assert "Padded" in pg.inner_text("#live-fitted")
+        assert pg.locator("#live-fed .tok").count() == FIXED
+        assert re.fullmatch(
+            r"at id \d+ \(token \d\)",
+            pg.locator(".live-layer[data-layer='conv'] .peak-at").first.inner_text(),
+        )
+        _shoot(pg, "padded")

@@ -285,6 +285,8 @@ export interface LiveLayerUnits {
   positions: number;
   mean: (number | null)[];
   max: (number | null)[];
+  /** each unit's argmax position (a token index where `positions` is the sequence's length); null without positions */
+  peak: (number | null)[] | null;
   top: number[];
 }
 
@@ -293,6 +295,8 @@ export interface LiveInput {
   input: string;
   ids: number[] | null;
   words: (string | null)[] | null;
+  /** how the typed sequence was padded or truncated to the run's length; null: fed as typed */
+  fitted: string | null;
   features: number[] | null;
   feature_names: string[] | null;
   predictions: Prediction[];

@@ -660,6 +660,10 @@ class LiveLayerUnits(BaseModel):
     mean: list[float | None]
     #: each unit's largest value over its positions (the probe's max lists)
     max: list[float | None]
+    #: the position of each unit's max (the first where it ties; a token's index where
+    #: ``positions`` is the sequence's length), null where the max is not finite; null for
+    #: a layer with no positions
+    peak: list[int | None] | None = None
     #: the 10 units of largest ``max`` (finite values only), highest first
     top: list[int]
 
@@ -674,6 +678,9 @@ class LiveInput(BaseModel):
     ids: list[int] | None = None
     #: the vocabulary's word for each id, null where it has none (or no vocabulary)
     words: list[str | None] | None = None
+    #: how the typed sequence was made the run's length for a model that takes no other
+    #: (padded with the run's padding id, or truncated), null where it was fed as typed
+    fitted: str | None = None
     #: the feature values fed (a run of feature vectors), null else
     features: list[float] | None = None
     feature_names: list[str] | None = None

@@ -889,12 +889,14 @@ class Session:
                 old, _ = self._images.popitem(last=False)
                 self._drop_maps(old)
 
-    def layer_units(self, input_id: str) -> list[tuple[Any, Any, Any, int]]:
+    def layer_units(self, input_id: str) -> list[tuple[Any, Any, Any, int, Any]]:
         """Every probed layer's units on one live input, in one forward: ``(layer info,
-        mean, max, positions)``, mean and max ``(units,)``, over the unit's positions (its
-        tokens) as the probe reduces them for its mean and max top-k lists; a layer with no
-        positions has one value per unit, both equal. A layer whose op the live trace lacks
-        is left out."""
+        mean, max, positions, peak)``, mean and max ``(units,)``, over the unit's positions
+        (its tokens) as the probe reduces them for its mean and max top-k lists; ``peak``
+        ``(units,)`` the position of each max (the first where it ties; None for a layer
+        with no positions, which has one value per unit, mean and max equal), so the page
+        can say which token a unit fires on. A layer whose op the live trace lacks is left
+        out."""
         import torch
 
         tr = self.trace()
@@ -927,8 +929,10 @@ class Session:
             if not isinstance(v, torch.Tensor) or not hasattr(layout, "units"):
                 continue
             u = layout.units(v.to("cpu", torch.float64))[0]  # (units, *positions)
+            flat = u.dim() == 1
             u = u.reshape(u.shape[0], -1)
-            out.append((info, u.mean(1), u.amax(1), int(u.shape[1])))
+            peak = None if flat else u.argmax(1)  # the first of equal maxima
+            out.append((info, u.mean(1), u.amax(1), int(u.shape[1]), peak))
         return out
 
     def upload_name(self, image_id: str) -> str | None:

@@ -51,11 +51,12 @@ export async function renderFlatLive(root: HTMLElement, ctx: PageContext, summar
     }
   });
   const what = tokens !== null ? `a sequence (the run's have ${tokens} tokens)` : `${count} feature values`;
+  const fits = " A model that takes only that length gets a longer sequence cut to its first tokens, and a shorter one padded at its end with the run's padding id (the embedding's padding_idx, or the vocabulary's <pad>) where it knows one; the answer says so.";
   const form = h(
     "section",
     { class: "card live-form" },
     h("h3", null, tokens !== null ? "Sequence" : "Features"),
-    h("p", { class: "muted small" }, `Type ${what}; the model runs on it as you ${tokens !== null ? "press Enter" : "change a value"}.${tokens !== null && !hasVocab ? " This run has no vocabulary, so it takes ids (serve it with `--vocab FILE` to type words)." : ""}`),
+    h("p", { class: "muted small" }, `Type ${what}; the model runs on it as you ${tokens !== null ? "press Enter" : "change a value"}.${tokens !== null ? fits : ""}${tokens !== null && !hasVocab ? " This run has no vocabulary, so it takes ids (serve it with `--vocab FILE` to type words)." : ""}`),
     tokens !== null ? h("div", { class: "live-text-row" }, text, h("div", null, mode)) : grid,
     h("p", { class: "live-actions" }, runButton, " ", h("span", { class: "muted" }, "or fill from dataset sample "), sampleField, " ", useSample),
   );
@@ -122,7 +123,7 @@ export async function renderFlatLive(root: HTMLElement, ctx: PageContext, summar
       return;
     }
     result.removeAttribute("aria-busy");
-    fill(result, fedCard(doc), ...doc.layers.map((l) => layerCard(ctx, l)));
+    fill(result, fedCard(doc), ...doc.layers.map((l) => layerCard(ctx, l, doc)));
   }
 }
 
@@ -135,13 +136,26 @@ function fedCard(doc: LiveInput): HTMLElement {
     "section",
     { class: "card live-flat-preds" },
     h("h3", null, "Prediction"),
+    doc.fitted ? h("p", { class: "notice small", id: "live-fitted" }, doc.fitted) : null,
     fed,
     ...topPredictions(doc.predictions, doc.predictions_note, { class: "live-preds", id: "live-preds" }),
   );
 }
 
+/** Where a unit peaks: the token at its max position (its word, else its id) where the
+ * layer's positions are the sequence's tokens, else the position alone. */
+function peakAt(l: LiveLayerUnits, u: number, doc: LiveInput): HTMLElement | null {
+  const at = l.peak?.[u];
+  if (at == null || l.positions < 2) return null;
+  const tokens = doc.ids && doc.ids.length === l.positions;
+  const word = tokens ? (doc.words?.[at] ?? null) : null;
+  const tok = tokens ? (word ?? `id ${doc.ids![at]}`) : null;
+  const title = `the unit's max is at position ${at} of ${l.positions}${tok !== null ? `, token “${tok}”` : ""}`;
+  return h("span", { class: "peak-at small", "data-peak": at, title }, ...(word !== null ? ["at “", h("span", { class: "peak-word" }, word), `” (token ${at})`] : [tok !== null ? `at ${tok} (token ${at})` : `at position ${at}`]));
+}
+
 /** One probed layer: the units that fire most, each linked to its page, with its value. */
-function layerCard(ctx: PageContext, l: LiveLayerUnits): HTMLElement {
+function layerCard(ctx: PageContext, l: LiveLayerUnits, doc: LiveInput): HTMLElement {
   // bars from zero, as long as |value| (negative ones another colour): a bar from the
   // layer's lowest value would give a negative value a long bar
   const finite = l.max.filter((v): v is number => v !== null);
@@ -162,6 +176,7 @@ function layerCard(ctx: PageContext, l: LiveLayerUnits): HTMLElement {
           h("a", { href: ctx.href("unit", l.layer, u), "data-unit": u }, `unit ${u}`),
           h("span", { class: l.max[u]! < 0 ? "pbar neg" : "pbar", style: `width:${((100 * Math.abs(l.max[u]!)) / span).toFixed(1)}%` }),
           h("span", { class: "value" }, fmt(l.max[u]!)),
+          peakAt(l, u, doc),
           l.positions > 1 ? h("span", { class: "muted small" }, `mean ${l.mean[u] === null ? "not finite" : fmt(l.mean[u]!)}`) : null,
         ),
       ),

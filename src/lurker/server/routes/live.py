@@ -187,21 +187,36 @@ async def typed_input(request: Request, run_id: str, body: LiveInputBody) -> Liv
                 "feature vectors",
             )
         input_id = s.add_input(x)
+        fitted = None
         try:
             layers = s.layer_units(input_id)
         except ApiError as e:
             length = s.token_length()
-            if ids is not None and length is not None and len(ids) != length:
+            if ids is None or length is None or len(ids) == length:
+                raise
+            refit = _fit_length(s, ids, length, vocab)
+            if refit is None:  # no pad id to fill a short sequence with: the model's error
                 e.detail = (
                     f"{e.detail} (this input has {len(ids)} tokens; the run's sequences "
-                    f"have {length}: try a sequence of {length})"
+                    f"have {length}, and the run knows no padding id to fill them with: "
+                    f"try a sequence of {length})"
                 )
-            raise
+                raise
+            ids, fitted = refit
+            words = [vocab[i] if vocab and i < len(vocab) else None for i in ids]
+            x = torch.tensor(ids, dtype=x.dtype)
+            input_id = s.add_input(x)
+            try:
+                layers = s.layer_units(input_id)
+            except ApiError as again:
+                again.detail = f"{fitted[:-1]}; the model still fails: {again.detail}"
+                raise again from None
         preds = s.predictions(x)
         return LiveInput(
             input=input_id,
             ids=ids,
             words=words,
+            fitted=fitted,
             features=None if features is None else [float(v) for v in x.double().tolist()],
             feature_names=names,
             predictions=preds,
@@ -213,14 +228,72 @@ async def typed_input(request: Request, run_id: str, body: LiveInputBody) -> Liv
                     num_units=int(mean.numel()),
                     positions=positions,
                     mean=json_values(mean.numpy()[None])[0],
-                    max=json_values(peak.numpy()[None])[0],
+                    max=(top := json_values(peak.numpy()[None])[0]),
+                    peak=None
+                    if at is None
+                    else [None if v is None else int(i) for v, i in zip(top, at.tolist())],
                     top=_top(peak),
                 )
-                for info, mean, peak, positions in layers
+                for info, mean, peak, positions, at in layers
             ],
         )
 
     return await live_call(request, run_id, work)
+
+
+#: vocabulary entries read as the padding token where the model's embedding names none
+PAD_WORDS = ("<pad>", "[PAD]", "<PAD>", "[pad]", "<|pad|>")
+
+
+def pad_id(s: Session, vocab: list[str | None] | None) -> tuple[int, str] | None:
+    """The run's padding id and where it comes from: the ``padding_idx`` of the embedding
+    that reads the input (the model's own, as the trace recorded the call), else the one
+    vocabulary entry spelled as a padding token (``<pad>``, ``[PAD]``); None when the run
+    knows none (then nothing is guessed)."""
+    from lurker.vocab import id_space
+
+    tr = s.trace()
+    if tr.inputs:
+        for c in tr.inputs[0].children:
+            op = tr.ops[c]
+            p = op.kwargs.get("padding_idx") if op.name == "embedding" else None
+            if isinstance(p, int) and not isinstance(p, bool):
+                rows = next((int(w.shape[0]) for w in op.params[:1] if w.shape), None)
+                if p < 0 and rows is not None:
+                    p += rows
+                if p >= 0:
+                    return p, "the embedding's padding_idx"
+    rows = id_space(tr) or (len(vocab) if vocab else 0)
+    hits = {i for i, w in enumerate(vocab or []) if w in PAD_WORDS and i < rows}
+    if len(hits) == 1:
+        i = hits.pop()
+        return i, f"the vocabulary's {vocab[i]!r}"  # type: ignore[index]
+    return None
+
+
+def _fit_length(
+    s: Session, ids: list[int], length: int, vocab: list[str | None] | None
+) -> tuple[list[int], str] | None:
+    """``ids`` made the run's ``length`` for a model that takes no other: a longer sequence
+    cut to its first ``length`` tokens, a shorter one padded at its end with the run's
+    padding id; with what was done, said in words. None for a short one and no pad id."""
+    if len(ids) > length:
+        cut = len(ids) - length
+        return ids[:length], (
+            f"Truncated: the model takes only the run's {length} tokens, so the last {cut} "
+            f"of the {len(ids)} typed were dropped."
+        )
+    pad = pad_id(s, vocab)
+    if pad is None:
+        return None
+    n = length - len(ids)
+    word = vocab[pad[0]] if vocab and pad[0] < len(vocab) and vocab[pad[0]] else None
+    shown = f"{word!r} (id {pad[0]})" if word else f"id {pad[0]}"
+    return ids + [pad[0]] * n, (
+        f"Padded: the model takes only the run's {length} tokens, so the {len(ids)} typed "
+        f"were followed by {n} x {shown}, the padding id ({pad[1]}); tokens {len(ids)}.."
+        f"{length - 1} are padding."
+    )
 
 
 def _dtype(s: Session, default: Any) -> Any:
