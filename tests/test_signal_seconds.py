@@ -22,6 +22,7 @@ from torch.utils.data import TensorDataset
 from explorer_fixtures import get_json, served_run, skip_without_browser, strict_page
 
 C, T, K, N, RATE = 8, 512, 4, 30, 128
+NAMES = ["Fz", "Cz", "Pz", "Oz", "F3", "F4", "P3", "P4"]
 DASH = "\u2013"  # the pages' en dash between a span's ends
 
 
@@ -29,6 +30,7 @@ class Eeg(TensorDataset):
     """(signal, label) pairs recorded at ``RATE`` Hz, as an EEG loader says."""
 
     sample_rate = RATE
+    channel_names = NAMES
 
 
 def _model() -> nn.Module:
@@ -159,3 +161,124 @@ def test_pages_of_a_run_without_a_rate_stay_in_samples(browser: Any, untimed: di
         axis.wait_for()
         assert axis.get_attribute("data-unit") == "samples"
         assert pg.locator("#sample-signal .signal-axis-unit").count() == 0
+
+
+def _ticks(axis: Any, width: int, length: int, per: float) -> list[float]:
+    """An axis's tick values, each checked to sit where its position is drawn: x = 4 +
+    (v * per) / length * (width - 8) (``per``: the rate on a seconds axis, else 1)."""
+    ticks = axis.locator("g.tick")
+    values = [float(v) for v in ticks.locator("text").all_text_contents()]
+    assert values and values[0] == 0
+    for i, v in enumerate(values):
+        x = float(re.search(r"translate\(([\d.]+)", ticks.nth(i).get_attribute("transform"))[1])
+        assert abs(x - (4 + v * per / length * (width - 8))) < 0.6, (v, x)
+    return values
+
+
+def _live_op(pg: Any, url: str, rid: str, shot: Path | None = None) -> tuple[Any, Any]:
+    pg.goto(f"{url}/#/r/{rid}/live?image=sample-4&op=conv1d_1")
+    inp = pg.locator(".live-lines[data-side='input']")
+    out = pg.locator(".live-lines[data-side='output']")
+    out.wait_for(timeout=60_000)
+    if shot is not None:
+        for width in (1280, 800):
+            pg.set_viewport_size({"width": width, "height": 900})
+            pg.screenshot(path=str(shot / f"live-{rid}-{width}.png"), full_page=True)
+    return inp, out
+
+
+def test_live_op_lines_name_the_input_channels_and_time_the_steps(
+    browser: Any, timed: dict, tmp_path: Path
+):
+    """The model's input drawn on Live is the EEG itself: its lanes are the electrodes and
+    its axis seconds (sample / rate); the conv's output keeps unit numbers, its axis in
+    steps, each step the layer's stride in samples and ms (the receptive field's, exact)."""
+    skip_without_browser()
+    url = timed["url"]
+    stride = get_json(f"{url}/api/runs/eeg/layers/0")["rf"]["x"]["stride"]
+    with strict_page(browser) as pg:
+        inp, out = _live_op(pg, url, "eeg", tmp_path)
+        assert [t.strip() for t in inp.locator("figcaption strong").all_text_contents()] == NAMES
+        axes = inp.locator("g.signal-axis")
+        assert axes.count() == C
+        assert {axes.nth(i).get_attribute("data-unit") for i in range(C)} == {"s"}
+        values = _ticks(axes.first, 260, T, RATE)
+        assert 3.5 <= values[-1] <= T / RATE  # 512 samples at 128 Hz: 4 s
+        assert inp.locator(".line-axis").all_text_contents() == ["time (s), 128 Hz"] * C
+        assert [
+            inp.locator("path.signal-line title").nth(i).text_content() for i in range(C)
+        ] == NAMES
+
+        # units, not channels: no electrode names
+        assert "Fz" not in out.inner_text()
+        assert [t.strip() for t in out.locator("figcaption strong").all_text_contents()] == [
+            str(u) for u in range(6)
+        ]
+        axis = out.locator("g.signal-axis").first
+        assert axis.get_attribute("data-unit") == "steps"
+        _ticks(axis, 260, (T - 9) // 4 + 1, 1)  # 126 steps
+        notes = out.locator(".line-axis").all_text_contents()
+        assert len(notes) == 6 and len(set(notes)) == 1
+        m = re.fullmatch(r"steps · 1 step = (\d+) samples \((\d+) ms\)", notes[0])
+        assert m, notes[0]
+        assert int(m[1]) == stride == 4 and int(m[2]) == round(1000 * stride / RATE)
+
+
+def test_live_op_lines_without_a_rate_stay_in_samples(browser: Any, untimed: dict):
+    skip_without_browser()
+    url = untimed["url"]
+    with strict_page(browser) as pg:
+        inp, out = _live_op(pg, url, "raw")
+        axis = inp.locator("g.signal-axis").first
+        assert axis.get_attribute("data-unit") == "samples"
+        assert _ticks(axis, 260, T, 1)[-1] <= T
+        assert set(inp.locator(".line-axis").all_text_contents()) == {"samples"}
+        assert inp.locator("figcaption strong").first.text_content().strip() == "0"
+        assert set(out.locator(".line-axis").all_text_contents()) == {"steps · 1 step = 4 samples"}
+
+
+def test_explain_plots_are_in_seconds_with_the_channel_names(
+    browser: Any, timed: dict, untimed: dict, tmp_path: Path
+):
+    skip_without_browser()
+    for s, rid, unit in ((timed, "eeg", "s"), (untimed, "raw", "samples")):
+        with strict_page(browser) as pg:
+            pg.set_viewport_size({"width": 1280, "height": 900})
+            pg.goto(f"{s['url']}/#/r/{rid}/explain?image=sample-4")
+            pg.wait_for_function(
+                "document.querySelectorAll('.signal-explain-card svg.signal-plot').length > 0",
+                timeout=60_000,
+            )
+            card = pg.locator(".signal-explain-card").first
+            axis = card.locator("g.signal-axis")
+            assert axis.get_attribute("data-unit") == unit
+            values = _ticks(axis, 560, T, RATE if unit == "s" else 1)
+            assert values[-1] <= (T / RATE if unit == "s" else T)
+            labels = card.locator(".signal-lane-label").all_text_contents()
+            assert labels == (NAMES if rid == "eeg" else [])
+            pg.screenshot(path=str(tmp_path / f"explain-{rid}-1280.png"), full_page=True)
+            pg.set_viewport_size({"width": 800, "height": 900})
+            pg.screenshot(path=str(tmp_path / f"explain-{rid}-800.png"))
+
+
+def test_tiles_tooltips_give_seconds(browser: Any, timed: dict, untimed: dict):
+    """The layer's tiles say their peak's span in seconds, the Samples page's tiles the
+    sample's length; without a rate, samples alone."""
+    skip_without_browser()
+    for s, rid in ((timed, "eeg"), (untimed, "raw")):
+        url = s["url"]
+        with strict_page(browser) as pg:
+            pg.goto(f"{url}/#/r/{rid}/layer/0")
+            tile = pg.locator(".signal-tile[data-span]").first
+            tile.wait_for(timeout=30_000)
+            t0, t1 = (int(v) for v in tile.get_attribute("data-span").split())
+            title = tile.get_attribute("title")
+            span = f"its peak sees samples {t0}{DASH}{t1 - 1}"
+            if rid == "eeg":
+                assert title.endswith(f"{span} ({t0 / RATE:.3f}{DASH}{(t1 - 1) / RATE:.3f} s)")
+            else:
+                assert title.endswith(span)
+            pg.goto(f"{url}/#/r/{rid}/samples")
+            title = pg.locator(".signal-tile").first.get_attribute("title", timeout=30_000)
+            tail = f"{C} channels \u00d7 {T} samples"
+            assert title.endswith(f"{tail} (4 s at 128 Hz)" if rid == "eeg" else tail), title

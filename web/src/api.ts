@@ -429,11 +429,23 @@ export interface FeatureSide {
   patchless?: { token: number; values: (number | null)[] }[];
 }
 
+/** Where a side of an op lies along a signal run's time. */
+export interface SignalTime {
+  /** the side is the model's input itself: its maps are the signal's channels */
+  model_input: boolean;
+  /** input samples per step, where the receptive field tells it exactly; null: unknown */
+  stride: number | null;
+  start: number | null;
+}
+
 export interface LiveOp {
   op: string;
   input: FeatureSide | null;
   output: FeatureSide;
   kernel: { shape: number[] } | null;
+  /** on a run of (C, T) signals, each side's place along time; null elsewhere */
+  input_time?: SignalTime | null;
+  output_time?: SignalTime | null;
 }
 
 export interface Kernel {

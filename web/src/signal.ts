@@ -30,6 +30,13 @@ export interface SignalPlotOptions {
   names?: string[] | null;
   /** the sampling rate in Hz: the time axis is in seconds (samples / rate); null: samples */
   rate?: number | null;
+  /** what the untimed axis counts (its `data-unit`): `samples`, or an op's `steps` */
+  axisUnit?: string;
+  /** a note at the untimed axis's right end (an op's "step = 4 samples (31 ms)") */
+  axisNote?: string | null;
+  /** write the lane labels and the seconds axis's unit in the plot (off where a small
+   * plot's caption says them: in a 40-pixel lane they would cover the line) */
+  inlineText?: boolean;
 }
 
 /** Decimals that tell one sample's time from the next at `rate` Hz (3 at 128 Hz). */
@@ -88,7 +95,7 @@ const BAND = 10;
  * minimum-to-maximum of its samples (every extreme stays visible, none is averaged away).
  * A value that is not finite (null) breaks the line: it is not drawn as a number.
  */
-export function signalPlot(values: (number | null)[][], { width = 320, height = 120, span = null, axis = false, label = "signal", bands = null, signed = true, names = null, rate = null }: SignalPlotOptions = {}): SVGSVGElement {
+export function signalPlot(values: (number | null)[][], { width = 320, height = 120, span = null, axis = false, label = "signal", bands = null, signed = true, names = null, rate = null, axisUnit = "samples", axisNote = null, inlineText = true }: SignalPlotOptions = {}): SVGSVGElement {
   const shared = bands !== null && bands.length === 1 && values.length > 1; // one band for all lanes
   const bottom = (axis ? 22 : 2) + (shared ? BAND + 4 : 0);
   const channels = values.length;
@@ -156,7 +163,7 @@ export function signalPlot(values: (number | null)[][], { width = 320, height = 
       .attr("d", linePath(c, x, y, width))
       .append("title")
       .text(channelName(names, ch));
-    if (axis && names?.[ch] !== undefined) {
+    if (axis && inlineText && names?.[ch] !== undefined) {
       svg.append("text").attr("class", "signal-lane-label").attr("data-channel", ch).attr("x", 6).attr("y", ch * lane + 12).attr("font-size", 11).attr("fill", COLOURS[ch % COLOURS.length]).text(names[ch]);
     }
   });
@@ -167,15 +174,16 @@ export function signalPlot(values: (number | null)[][], { width = 320, height = 
     const g = svg.append("g").attr("class", "signal-axis").attr("data-unit", "s").attr("transform", `translate(0,${height - 22})`);
     g.call(axisBottom(t).ticks(Math.max(2, Math.floor(width / 90))).tickSizeOuter(0));
     keepEndLabels(g.node()!, t);
-    g.append("text").attr("class", "signal-axis-unit").attr("x", width - 4).attr("y", -3).attr("text-anchor", "end").attr("fill", "#555").attr("font-size", 10).text(`time (s), ${Number(rate.toPrecision(6))} Hz`);
+    if (inlineText) g.append("text").attr("class", "signal-axis-unit").attr("x", width - 4).attr("y", -3).attr("text-anchor", "end").attr("fill", "#555").attr("font-size", 10).text(`time (s), ${Number(rate.toPrecision(6))} Hz`);
   } else if (axis) {
     const g = svg
       .append("g")
       .attr("class", "signal-axis")
-      .attr("data-unit", "samples")
+      .attr("data-unit", axisUnit)
       .attr("transform", `translate(0,${height - 22})`)
       .call(axisBottom(x).ticks(Math.max(2, Math.floor(width / 90))).tickSizeOuter(0));
     keepEndLabels(g.node()!, x);
+    if (axisNote && inlineText) g.append("text").attr("class", "signal-axis-unit").attr("x", width - 4).attr("y", -3).attr("text-anchor", "end").attr("fill", "#555").attr("font-size", 10).text(axisNote);
   }
   return svg.node()!;
 }

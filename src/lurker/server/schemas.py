@@ -741,6 +741,19 @@ class KernelInfo(BaseModel):
     out_channels: int | None = None
 
 
+class SignalTime(BaseModel):
+    """Where a side of an op lies along a signal run's time (see docs/explorer.md)."""
+
+    #: The side is the model's input itself: its maps are the signal's channels.
+    model_input: bool = False
+    #: Samples of the input per step of this side, where the receptive field tells it
+    #: exactly (every op on the way has a known footprint); null where it does not.
+    stride: float | None = None
+    #: The input sample step 0's field starts at (may be negative: padding); null with
+    #: ``stride``.
+    start: float | None = None
+
+
 class LiveOp(BaseModel):
     op: str
     index: int
@@ -752,6 +765,10 @@ class LiveOp(BaseModel):
     input_op: str | None = None
     output: FeatureSide
     kernel: KernelInfo | None = None
+    #: On a run of signals ``(C, T)``: the input's and output's place along time (null
+    #: on other runs, and for a side that is not over time).
+    input_time: SignalTime | None = None
+    output_time: SignalTime | None = None
 
 
 class MapValues(BaseModel):

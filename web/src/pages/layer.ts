@@ -5,7 +5,7 @@ import type { PageContext } from "../context";
 import { append, facts, fill, fmt, h, notice, shape, withId } from "../dom";
 import { featureBins, featureName, featureScale, imageState, noImage, patchless, tokenMeanOver, tokenSequence } from "../images";
 import { outputClass } from "../classes";
-import { durationText, signalTilePlot } from "../signal";
+import { durationText, secondsText, signalTilePlot } from "../signal";
 
 const SORTS = ["max", "mean", "index"] as const;
 /** Cards built before the page first shows: more than a large screen holds. */
@@ -90,7 +90,8 @@ export async function renderLayer(root: HTMLElement, ctx: PageContext, args: str
       if (top === null) return noImage("no top sample");
       const tile = doc.signals?.[String(top)];
       if (!tile) return noImage(`top: sample #${top}; signal not at hand`);
-      const label = `sample ${top}${span ? `: its peak sees samples ${span[0]}–${span[1] - 1}` : ""}`;
+      const rate = images.sampleRate ?? null;
+      const label = `sample ${top}${span ? `: its peak sees samples ${span[0]}–${span[1] - 1}${rate ? ` (${secondsText(span[0], span[1] - 1, rate)})` : ""}` : ""}`;
       return h("div", { class: "signal-tile", title: label, "data-sample": top, "data-span": span ? span.join(" ") : null }, signalTilePlot(tile, { width: 96, height: 64, span, label }));
     }
     if (thumb === "tokens" && constant === null) {

@@ -4,11 +4,11 @@
  * input and output one line per unit over time, each unit on its own scale (a unit's map
  * is one row over time: as a grayscale image it would be a strip one pixel high).
  */
-import { p, type LiveImage, type LiveOp, type RunSummary, type SampleDoc } from "../api";
+import { p, type LiveImage, type LiveOp, type RunSummary, type SampleDoc, type SignalTime } from "../api";
 import type { PageContext } from "../context";
 import { append, fmt, h, notice } from "../dom";
 import { topPredictions } from "../predictions";
-import { fetchedSignal, signalDocPlot, signalPlot } from "../signal";
+import { channelName, durationText, fetchedSignal, signalDocPlot, signalPlot } from "../signal";
 
 interface Lines {
   shape: number[];
@@ -20,6 +20,7 @@ type Picker = (el: HTMLElement, ctx: PageContext, summary: RunSummary, current: 
 
 export async function renderSignalLive(root: HTMLElement, ctx: PageContext, summary: RunSummary, fillPicker: Picker, showOp: (el: HTMLElement, ctx: PageContext, image: string, op: string) => Promise<void>): Promise<void> {
   const [channels, length] = summary.dataset.signal ?? [0, 0];
+  const rate = summary.dataset.sample_rate ?? null;
   const params = new URLSearchParams(ctx.params);
   const image = params.get("image");
   const sample = /^sample-(\d+)$/.exec(image ?? "");
@@ -70,7 +71,7 @@ export async function renderSignalLive(root: HTMLElement, ctx: PageContext, summ
             ctx.run,
             doc.sample.id,
             undefined,
-            (sig) => signalDocPlot(sig, { width: 540, height: Math.min(150, 24 + 22 * sig.channels), axis: true, label: `sample ${sample[1]} as the model is fed it` }),
+            (sig) => signalDocPlot(sig, { width: 540, height: Math.min(150, 24 + 22 * sig.channels), axis: true, rate, label: `sample ${sample[1]} as the model is fed it` }),
             (why) => notice(`The sample's signal is not at hand: ${why.replace(/\.+$/, "")}.`),
           ),
     ),
@@ -115,22 +116,60 @@ export async function renderSignalLive(root: HTMLElement, ctx: PageContext, summ
     }
     if (ctx.signal.aborted) return;
     const bad = Object.values(lines.nonfinite ?? {}).reduce((a, b) => a + b, 0);
+    const axis = timeAxis(side === "input" ? info.input_time : info.output_time, lines.shape[1], length, rate);
+    // only the model's input has the dataset's channels: an op's units are not its channels
+    const names = axis.channels ? (summary.dataset.channel_names ?? null) : null;
+    const what = axis.channels ? `channel${lines.shape[0] === 1 ? "" : "s"}` : `unit${lines.shape[0] === 1 ? "" : "s"}`;
     maps.append(
       h(
         "section",
         { class: "card live-lines", "data-side": side },
-        h("h3", null, `${side} · ${fmt(lines.shape[0])} unit${lines.shape[0] === 1 ? "" : "s"} × ${fmt(lines.shape[1])} steps`),
-        h("p", { class: "muted small" }, `Each unit's ${side === "input" ? "input channel" : "output"} over time (steps left to right), each line on its own scale (its least value at the bottom, its greatest at the top: the numbers above it)${bad ? `; ${fmt(bad)} values are not finite (gaps)` : ""}.`),
+        h("h3", null, `${side} · ${fmt(lines.shape[0])} ${what} × ${fmt(lines.shape[1])} ${axis.unit === "steps" ? "steps" : "samples"}${axis.channels ? " (the model's input)" : ""}`),
+        h("p", { class: "muted small" }, `${axis.channels ? "Each channel of the sample as the model is fed it" : `Each unit's ${side === "input" ? "input channel" : "output"}`} over time (${axis.about}), each line on its own scale (its least value at the bottom, its greatest at the top: the numbers above it)${bad ? `; ${fmt(bad)} values are not finite (gaps)` : ""}.`),
         h(
           "div",
           { class: "unit-lines" },
           lines.values.map((row, u) => {
             const finite = row.filter((v): v is number => v !== null);
             const range = finite.length ? `${fmt(Math.min(...finite))} … ${fmt(Math.max(...finite))}` : "no finite value";
-            return h("figure", { class: "unit-line", "data-unit": u, "data-side": side }, h("figcaption", { class: "small" }, h("strong", null, `${u}`), h("span", { class: "muted" }, ` ${range}`)), signalPlot([row], { width: 260, height: 40, label: `${side} unit ${u} over time: ${range}` }));
+            const name = axis.channels ? channelName(names, u) : `unit ${u}`;
+            return h(
+              "figure",
+              { class: "unit-line", "data-unit": u, "data-side": side },
+              h("figcaption", { class: "small" }, h("strong", null, axis.channels ? (names?.[u] ?? `${u}`) : `${u}`), h("span", { class: "muted" }, ` ${range}`)),
+              signalPlot([row], { width: 260, height: 62, axis: true, rate: axis.unit === "s" ? rate : null, axisUnit: axis.unit === "steps" ? "steps" : "samples", inlineText: false, names: names ? [channelName(names, u)] : null, label: `${side} ${name} over time: ${range}` }),
+              h("p", { class: "muted small line-axis" }, axis.note),
+            );
           }),
         ),
       ),
     );
   }
+}
+
+interface TimeAxis {
+  /** the lanes are the model's input channels (named by the dataset's channel names) */
+  channels: boolean;
+  /** `s`: seconds (a step is a sample and the rate is known); `samples`; `steps`: an op's */
+  unit: "s" | "samples" | "steps";
+  /** the axis's caption: its unit, and a step's length where it is known exactly */
+  note: string;
+  /** the description's words for the axis */
+  about: string;
+}
+
+/**
+ * How a side of `steps` positions is put on time: the model's input (or a side whose step
+ * is exactly one input sample from sample 0) in samples, or seconds with a rate; another
+ * length in steps, with the step's length in samples (and seconds) only where the
+ * receptive field gives it exactly. Never a guess: an unknown stride is said so.
+ */
+function timeAxis(time: SignalTime | null | undefined, steps: number, length: number, rate: number | null): TimeAxis {
+  const sampled = (channels: boolean): TimeAxis => ({ channels, unit: rate ? "s" : "samples", note: rate ? `time (s), ${Number(rate.toPrecision(6))} Hz` : "samples", about: rate ? `in seconds, ${Number(rate.toPrecision(6))} Hz` : "in samples, left to right" });
+  if (time?.model_input) return sampled(true);
+  if (time?.stride === 1 && time.start === 0 && steps === length) return sampled(false);
+  const stride = time?.stride ?? null;
+  if (stride === null) return { channels: false, unit: "steps", note: "steps (stride not known exactly)", about: "its steps, left to right; how many input samples a step spans is not known exactly" };
+  const each = `${Number(stride.toPrecision(6))} sample${stride === 1 ? "" : "s"}${rate ? ` (${durationText(stride, rate)})` : ""}`;
+  return { channels: false, unit: "steps", note: `steps · 1 step = ${each}`, about: `its steps, left to right: each step ${each} of the input` };
 }

@@ -5,7 +5,7 @@ import type { PageContext } from "../context";
 import { append, fmt, h, notice, withId } from "../dom";
 import { featureBins, featureName, featureScale, imageState, noImage, tokenSequence, type ImageState } from "../images";
 import { classLabel, classText } from "../classes";
-import { signalTilePlot } from "../signal";
+import { durationText, signalTilePlot } from "../signal";
 
 const LIMIT = 100;
 
@@ -95,7 +95,8 @@ export async function renderSamples(root: HTMLElement, ctx: PageContext): Promis
  * tile where the dataset cannot give them (the page says why once). */
 function flatTile(s: ListedSample, images: ImageState, scale: number): HTMLElement {
   if (s.signal) {
-    const label = `sample ${s.id}: ${s.signal.channels} channel${s.signal.channels === 1 ? "" : "s"} × ${s.signal.length} samples`;
+    const rate = images.sampleRate ?? null;
+    const label = `sample ${s.id}: ${s.signal.channels} channel${s.signal.channels === 1 ? "" : "s"} × ${s.signal.length} samples${rate ? ` (${durationText(s.signal.length, rate)} at ${Number(rate.toPrecision(6))} Hz)` : ""}`;
     return h("div", { class: "signal-tile", title: label, "data-sample": s.id }, signalTilePlot(s.signal, { width: 80, height: 56, label }));
   }
   if (s.tokens) return h("div", { class: "tok-thumb", title: `sample ${s.id}: its first ${s.tokens.length} of ${images.tokens ?? s.tokens.length} tokens` }, tokenSequence(s.tokens, null, 0, images.tokens ?? s.tokens.length, s.token_text ?? null));

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import re
+import weakref
 from typing import Annotated, Any, Literal
 
 import numpy as np
@@ -33,6 +34,7 @@ from ..schemas import (
     LiveOp,
     MapValues,
     PatchlessToken,
+    SignalTime,
 )
 from ..session import (
     Maps,
@@ -44,6 +46,7 @@ from ..session import (
     nonfinite_counts,
     nonfinite_maps,
 )
+from ..state import signal_layout
 from . import json_get
 
 router = APIRouter(prefix="/api", tags=["live"])
@@ -540,6 +543,41 @@ def _side(m: Maps) -> FeatureSide:
     )
 
 
+# session -> (its trace, each op's receptive field along a (C, T) signal's time)
+_TIME_FIELDS: weakref.WeakKeyDictionary[Session, tuple[Any, dict[int, Any]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _signal_time(s: Session, tr: Any, op: Any, m: Maps | None) -> SignalTime | None:
+    """Where the output of ``op`` (shown as ``m``) lies along time on a run of ``(C, T)``
+    signals: the model's input itself, or its stride in samples where the receptive field
+    is exact (never a guess: a field through an op of unknown footprint gives none)."""
+    if m is None or m.one_value_maps or m.unit_axis is None or len(m.shape) != 3:
+        return None
+    layout = signal_layout(s.entry.open_run())
+    if layout is None or layout[2]:
+        return None  # not a signal run, or a channels-last one (its input is not C lines)
+    if getattr(op, "kind", None) == "input":
+        if list(m.shape[1:]) != [layout[0], layout[1]]:
+            return None
+        return SignalTime(model_input=True, stride=1.0, start=0.0)
+    cached = _TIME_FIELDS.get(s)
+    fields = cached[1] if cached is not None and cached[0] is tr else None
+    if fields is None:
+        from lurker.graph.receptive import receptive_fields
+
+        try:
+            fields = receptive_fields(tr)
+        except Exception:  # a graph the field rules cannot follow: no stride, not a wrong one
+            fields = {}
+        _TIME_FIELDS[s] = (tr, fields)
+    rf = fields.get(op.index)
+    if rf is None or not rf.exact or rf.full or rf.x.dim != len(m.shape) - 1:
+        return SignalTime()
+    return SignalTime(stride=float(rf.x.stride), start=float(rf.x.start))
+
+
 @router.get(
     "/runs/{run_id}/live/{image}/ops/{op}",
     response_model=LiveOp,
@@ -556,14 +594,17 @@ def _live_op(s: Session, image: str, op: str) -> LiveOp:
     from lurker.graph.nodes import OpRef, refs
 
     ref = next((r for r in refs(node) if isinstance(r, OpRef)), None)
+    src = None if ref is None or inp is None else tr.ops[ref.index]
     return LiveOp(
         op=node.label,
         index=node.index,
         name=node.name,
         kind=node.kind,
         input=None if inp is None else _side(inp),
-        input_op=None if ref is None or inp is None else tr.ops[ref.index].label,
+        input_op=None if src is None else src.label,
         output=_side(out),
+        input_time=None if src is None else _signal_time(s, tr, src, inp),
+        output_time=_signal_time(s, tr, node, out),
         kernel=None
         if k is None
         else KernelInfo(
