@@ -135,3 +135,84 @@ def test_signal_of_an_image_is_refused():
     ex = lurker.explain(model, x, method="saliency")
     with pytest.raises(LurkerError, match="signal input"):
         ex.signal(0)
+
+
+def _biasless() -> nn.Sequential:
+    """A Conv1d stack with no biases: LRP-0 (epsilon -> 0) conserves through every layer."""
+    torch.manual_seed(3)
+    return nn.Sequential(
+        nn.Conv1d(C, 4, 5, padding=2, bias=False),
+        nn.ReLU(),
+        nn.Conv1d(4, 6, 3, padding=1, bias=False),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool1d(1),
+        nn.Flatten(),
+        nn.Linear(6, 2, bias=False),
+    ).eval()
+
+
+@pytest.mark.parametrize("layer", ["0", "2"])
+def test_concepts_on_a_signal_conserve_and_equal_hand_lrp(layer: str):
+    """Each unit's conditional heatmap along time: ``(C, T)`` per input channel, summing
+    to the unit's relevance, the units' relevances to the logit; and (LRP-0 on a biasless
+    ReLU net) equal to a hand one: ``x * d/dx sum_t A_c(t) g_c(t)``, ``g`` held fixed."""
+    model, x = _biasless(), torch.randn(2, C, T)
+    c = lurker.explain.concepts(model, x, layer=layer, composite="epsilon", epsilon=1e-12, top=3)
+    assert c.heatmaps.shape == (2, 3, C, T)
+    torch.testing.assert_close(c.heatmap_sums, c.unit_relevance, atol=1e-5, rtol=1e-4)
+    logit = model(x).gather(1, model(x).argmax(1, keepdim=True))[:, 0].detach()
+    torch.testing.assert_close(c.relevance.sum(1), logit, atol=1e-5, rtol=1e-4)
+    for b in range(2):  # the hand oracle, by autograd
+        xi = x[b : b + 1].clone().requires_grad_(True)
+        acts: list[torch.Tensor] = []
+        hook = model[int(layer)].register_forward_hook(lambda m, a, o, acts=acts: acts.append(o))
+        out = model(xi)
+        hook.remove()
+        (g,) = torch.autograd.grad(out[0, int(out.argmax())], acts[0], retain_graph=True)
+        rel = (acts[0] * g)[0].detach()  # (units, L)
+        torch.testing.assert_close(c.relevance[b], rel.sum(1), atol=1e-5, rtol=1e-4)
+        for i, u in enumerate(c.units[b].tolist()):
+            (gx,) = torch.autograd.grad((acts[0][0, u] * g[0, u]).sum(), xi, retain_graph=True)
+            torch.testing.assert_close(
+                c.heatmaps[b, i], (xi * gx)[0].detach(), atol=1e-5, rtol=1e-4
+            )
+
+
+class _ConvLSTM(nn.Module):
+    """A Conv1d reading the signal's channels, then an LSTM over time (batch first)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(C, 4, 3, padding=1)
+        self.lstm = nn.LSTM(4, 5, batch_first=True)
+        self.fc = nn.Linear(5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.lstm(torch.relu(self.conv(x)).transpose(1, 2))
+        return self.fc(out[:, -1])
+
+
+@pytest.mark.parametrize("layer", ["lstm", "lstm_1"])
+def test_gradcam_at_an_lstm_says_what_it_outputs_and_which_layers_qualify(layer: str):
+    """Before: "a hook on lstm_1 returned Tensor; lstm_1 has 3 output tensors, so return a
+    tuple ..." (the trace label), or "returns tuple, not a tensor; name the op inside it"
+    (the module path, whose op is that same LSTM)."""
+    torch.manual_seed(0)
+    model, x = _ConvLSTM().eval(), torch.randn(1, C, T)
+    with pytest.raises(LurkerError) as e:
+        lurker.explain(model, x, method="gradcam", layer=layer)
+    said = str(e.value)
+    assert "'lstm'" in said or "'lstm_1'" in said
+    assert "LSTM" in said and "3 tensors" in said and "Conv1d" in said
+    assert "qualify: conv1d_1, relu_1" in said and "hook" not in said
+    assert lurker.explain(model, x, method="gradcam").signal(0).shape == (T,)  # the default
+
+
+def test_concepts_through_an_lstm_name_it_and_what_to_use_instead():
+    torch.manual_seed(0)
+    model, x = _ConvLSTM().eval(), torch.randn(1, C, T)
+    with pytest.raises(LurkerError) as e:
+        lurker.explain.concepts(model, x, layer="conv")
+    said = str(e.value)
+    assert said.startswith("concept relevance is LRP") and "lstm_1" in said and "LSTM" in said
+    assert "method='integrated_gradients'" in said and "method='gradcam'" in said

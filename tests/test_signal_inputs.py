@@ -208,10 +208,34 @@ METHODS_ON_SIGNALS = [
 ]
 
 
-def test_explain_methods_on_a_signal_run_are_all_but_concepts(served: dict):
+def test_explain_methods_on_a_signal_run_are_all_and_concepts(served: dict):
     info = get_json(f"{served['url']}/api/runs/{RID}/explain/methods")
     assert [m["name"] for m in info["methods"]] == METHODS_ON_SIGNALS
-    assert info["concepts"] is False  # drawn on an image: not offered on signals
+    assert (
+        info["concepts"] is True and info["concept_layer"] == "4"
+    )  # the last probed map (its ReLU)
+
+
+def test_concepts_of_a_signal_are_lurker_explain_concepts_along_time(served: dict):
+    """The ranking's units, relevances and each unit's conditional heatmap (``(C, T)``
+    per channel, ``signal_scores``) are ``lurker.explain.concepts``'s for the same sample;
+    the heatmap sums are its sums (before: 409, concept relevance refused on signals)."""
+    import lurker
+
+    url, data, model = served["url"], served["data"], served["model"]
+    x = data.tensors[0][7][None]
+    doc = get_json(f"{url}/api/runs/{RID}/live/sample-7/explain/concepts?layer=3&top=3")
+    c = lurker.explain.concepts(model, x, layer="3", top=3)
+    assert doc["layer"] == "3" and doc["channels"] == 5
+    assert doc["target_class"] == int(model(x).argmax())
+    assert [u["unit"] for u in doc["units"]] == c.units[0].tolist()
+    for i, u in enumerate(doc["units"]):
+        assert u["relevance"] == pytest.approx(float(c.unit_relevance[0, i]), abs=1e-5)
+        got = torch.tensor(u["signal_scores"], dtype=torch.float64)
+        assert got.shape == (C, T)
+        torch.testing.assert_close(got, c.heatmaps[0, i].double(), atol=1e-5, rtol=1e-4)
+        assert u["heatmap_sum"] == pytest.approx(float(got.sum()), abs=1e-5)
+    assert doc["total"] == pytest.approx(float(c.total[0]), abs=1e-5)
 
 
 @pytest.mark.parametrize("method", METHODS_ON_SIGNALS)
@@ -239,14 +263,16 @@ def test_explain_api_scores_equal_lurker_explain(served: dict, method: str):
     assert doc["scores"] is None
 
 
-def test_explain_png_and_concepts_of_a_signal_say_why_not(served: dict):
+def test_explain_and_concept_pngs_of_a_signal_say_why_not(served: dict):
     import httpx2 as httpx
 
     url = served["url"]
     r = httpx.get(f"{url}/api/runs/{RID}/live/sample-5/explain/saliency.png")
     assert r.status_code == 409 and "signal_scores" in r.json()["detail"]
-    r = httpx.get(f"{url}/api/runs/{RID}/live/sample-5/explain/concepts")
-    assert r.status_code == 409 and "signals" in r.json()["detail"]
+    r = httpx.get(f"{url}/api/runs/{RID}/live/sample-5/explain/concepts/0.png")
+    assert r.status_code == 409 and "signal_scores" in r.json()["detail"]
+    r = httpx.get(f"{url}/api/runs/{RID}/live/upload-1/explain/concepts")
+    assert r.status_code == 409 and "sample-N" in r.json()["detail"]
     r = httpx.get(f"{url}/api/runs/{RID}/live/upload-1/explain/saliency")
     assert r.status_code == 409 and "sample-N" in r.json()["detail"]
 
@@ -277,7 +303,22 @@ def test_explain_page_draws_each_method_along_time(browser: Any, served: dict, t
             bands = card.locator("g.signal-band")
             assert bands.count() == len(doc["signal_scores"])  # C, or 1 for Grad-CAM
         assert pg.locator("button.target").count() == 2  # the model's classes as targets
+        # concept relevance: a card per top unit, the lines with its bands per channel
+        ranking = get_json(f"{url}/api/runs/{RID}/live/sample-5/explain/concepts?top=8")
+        pg.wait_for_function(
+            "n => document.querySelectorAll('.concept[data-unit] svg.signal-plot').length === n",
+            arg=len(ranking["units"]),
+            timeout=60_000,
+        )
+        units = pg.locator(".concept[data-unit]")
+        assert [int(u) for u in units.evaluate_all("es => es.map(e => e.dataset.unit)")] == [
+            u["unit"] for u in ranking["units"]
+        ]
+        assert units.first.locator("g.signal-band").count() == C
+        assert "with the most relevance" in pg.inner_text(".concept-section")
+        assert pg.locator(".error-text").count() == 0
         pg.screenshot(path=str(tmp_path / "explain-1280.png"), full_page=True)
+        pg.screenshot(path="/tmp/qf72_/explain-signal-concepts.png", full_page=True)
         pg.set_viewport_size({"width": 800, "height": 600})
         pg.screenshot(path=str(tmp_path / "explain-800.png"))
 
@@ -402,3 +443,46 @@ def test_layer_samples_home_and_live_pages_draw_signals(browser: Any, served: di
         assert pg.locator("#live-signal-input path.signal-line").count() == C
         assert pg.locator(".preds li").count() == 2
         assert pg.locator("img").count() == 0
+
+
+class _ConvLSTM(nn.Module):
+    """A Conv1d reading the signal's channels, then an LSTM over time (batch first)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv1d(C, 4, 3, padding=1)
+        self.lstm = nn.LSTM(4, 5, batch_first=True)
+        self.fc = nn.Linear(5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.lstm(torch.relu(self.conv(x)).transpose(1, 2))
+        return self.fc(out[:, -1])
+
+
+@pytest.fixture(scope="module")
+def served_lstm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    g = torch.Generator().manual_seed(2)
+    data = TensorDataset(torch.randn(12, C, T, generator=g), torch.arange(12) % 2)
+    with served_run(
+        tmp_path_factory.mktemp("lstm"), "rnn", _ConvLSTM().eval(), data, "conv", 3
+    ) as s:
+        yield s
+
+
+@pytest.mark.parametrize("layer", ["lstm", "lstm_1"])
+def test_gradcam_at_an_lstm_is_a_400_naming_the_layers_that_qualify(served_lstm: dict, layer: str):
+    """Before: 404 "module 'lstm' returns tuple, not a tensor" or a 400 about a hook's
+    "3 output tensors"; concept relevance through the LSTM says why, too."""
+    import httpx2 as httpx
+
+    base = f"{served_lstm['url']}/api/runs/rnn/live/sample-1/explain"
+    for method in ("gradcam", "gradcam_plus_plus"):
+        r = httpx.get(f"{base}/{method}?layer={layer}")
+        said = r.json()["detail"]
+        assert r.status_code == 400 and f"'{layer}'" in said and "LSTM" in said
+        assert "3 tensors" in said and "qualify: conv1d_1, relu_1" in said and "hook" not in said
+    assert httpx.get(f"{base}/gradcam").status_code == 200  # the default layer: the conv's
+    r = httpx.get(f"{base}/concepts?layer=conv")
+    assert r.status_code == 400 and "lstm_1" in r.json()["detail"]
+    assert "method='integrated_gradients'" in r.json()["detail"]

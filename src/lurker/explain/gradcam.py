@@ -38,27 +38,10 @@ def default_layer(model: nn.Module, x: Tensor, target: Any = None) -> str:
     so the map is taken before it: at the map the last attention's query-key-value
     projection reads (the last block's first norm, pytorch-grad-cam's ViT recipe), not at
     the projection itself (see :func:`_read_through`)."""
-    from ..capture import settled_trace
-    from ..probe.layout import Layout, cached_layouts
     from .axes import input_axes
 
     line = is_signal(input_axes(model, x), x)
-    with torch.no_grad():
-        tr = settled_trace(model, x[:1], save="none")
-    layouts = cached_layouts(tr)
-    maps = []
-    for op in tr.compute_ops:
-        lay = layouts.get(op.index)
-        if not isinstance(lay, Layout) or not op.shape or op.seq < 0:
-            continue
-        if len(op.outputs) > 1:  # an LSTM's (output, (h, c)): a hook sees one tensor of
-            continue  # them, so the map is taken at the op that reads its output instead
-        if line:  # a signal's map: one position axis, time
-            hw = (1, int(op.shape[lay.positions[0]])) if len(lay.positions) == 1 else None
-        else:
-            hw = lay.map_shape(op.shape)
-        if hw is not None and hw[0] * hw[1] > 1:
-            maps.append(op.label)
+    tr, maps = _map_layers(model, x, line)
     if not maps:
         if line:
             raise LurkerError(
@@ -93,6 +76,66 @@ def default_layer(model: nn.Module, x: Tensor, target: Any = None) -> str:
     if isinstance(parse_target(target, x.shape[0]), UnitTarget):
         return last[lo]  # a unit's own layer: the map it is, not one it reads
     return _read_through(tr, last[lo], set(maps))
+
+
+def _map_layers(model: nn.Module, x: Tensor, line: bool) -> tuple[Any, list[str]]:
+    """The model's trace and the labels of its ops whose units make a map larger than 1x1
+    (along time on a signal, ``line``): the layers Grad-CAM can be taken at."""
+    from ..capture import settled_trace
+    from ..probe.layout import Layout, cached_layouts
+
+    with torch.no_grad():
+        tr = settled_trace(model, x[:1], save="none")
+    layouts = cached_layouts(tr)
+    maps = []
+    for op in tr.compute_ops:
+        lay = layouts.get(op.index)
+        if not isinstance(lay, Layout) or not op.shape or op.seq < 0:
+            continue
+        if len(op.outputs) > 1:  # an LSTM's (output, (h, c)): a hook sees one tensor of
+            continue  # them, so the map is taken at the op that reads its output instead
+        if line:  # a signal's map: one position axis, time
+            hw = (1, int(op.shape[lay.positions[0]])) if len(lay.positions) == 1 else None
+        else:
+            hw = lay.map_shape(op.shape)
+        if hw is not None and hw[0] * hw[1] > 1:
+            maps.append(op.label)
+    return tr, maps
+
+
+def several_outputs(model: nn.Module, x: Tensor, layer: str, line: bool) -> LurkerError | None:
+    """The error for a ``layer`` whose op returns several tensors (an LSTM's output and its
+    ``(h, c)`` state, named by trace label or module path), which Grad-CAM cannot read as
+    one map: what it outputs, and the layers of this model that qualify; else None."""
+    try:
+        tr, maps = _map_layers(model, x, line)
+    except Exception:  # the model cannot be traced: the original error stands
+        return None
+    ops = [op for op in tr.compute_ops if op.label == layer] or [
+        op for op in tr.compute_ops if op.module == layer
+    ]
+    op = ops[-1] if ops else None  # a module's last op: what it returns
+    if op is None or len(op.outputs) <= 1:
+        return None
+    kind = type(model.get_submodule(op.module)).__name__ if op.module else op.name
+    shapes = ", ".join(str(tuple(t.shape)) for t in op.outputs if hasattr(t, "shape"))
+    need = (
+        "a layer whose units are channels along time (a Conv1d's (B, C, L) output)"
+        if line
+        else "a layer whose units make a map (a (B, C, H, W) output, a channels-last one, "
+        "or tokens of image patches)"
+    )
+    more = f", ... {len(maps) - 20} more" if len(maps) > 20 else ""
+    qualify = (
+        f"layers of this model that qualify: {', '.join(maps[-20:])}{more}"
+        if maps
+        else "no layer of this model qualifies: use a gradient method (method='integrated_gradients')"
+    )
+    return LurkerError(
+        f"Grad-CAM cannot read layer {layer!r} ({op.label}, {kind}): it outputs "
+        f"{len(op.outputs)} tensors ({shapes} for one row: an output and a recurrent state), not "
+        f"one map of channels. Grad-CAM needs {need}; {qualify} (a trace label, or its module path)."
+    )
 
 
 #: ops that give a map the same positions as their input, each unit a fixed affine mix
@@ -250,7 +293,10 @@ class _CAM(Method):
             raise self.axes.not_an_image(x.shape, "Grad-CAM")  # before any layer is looked at
         if layer is None:
             layer = default_layer(model, x, target)
-        A, g, fw, out = layer_and_grad(model, x, target, layer, line)
+        try:
+            A, g, fw, out = layer_and_grad(model, x, target, layer, line)
+        except LurkerError as e:  # an LSTM named by hand: what it is, and what qualifies
+            raise several_outputs(model, x, layer, line) or e from None
         flat = g.reshape(g.shape[0], -1).abs().amax(1) == 0
         what = f"{'Grad-CAM++' if self.name == 'gradcam_plus_plus' else 'Grad-CAM'} at {layer!r}"
         if bool(flat.any()):

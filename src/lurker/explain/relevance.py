@@ -89,7 +89,10 @@ def concepts(
         raise LurkerError(f"batch_size must be >= 1, got {batch_size}")
     with untouched(model), no_param_grads(model), torch.enable_grad():
         with input_errors(model, x):  # a ViT given the wrong image size, ...
-            eng = Engine(model, x, composite, **params)
+            try:
+                eng = Engine(model, x, composite, **params)
+            except LurkerError as e:
+                raise _no_rule(e) from None
             rel, tgt = eng.run(x, target, at=layer, mask=None)
         _warn_leaks(rel, tolerance)
         if rel.layer is None:
@@ -136,4 +139,22 @@ def concepts(
         unit_relevance=per.gather(1, chosen).detach(),
         heatmaps=heatmaps.detach(),
         options={"top": top, "batch_size": batch_size, **params},
+    )
+
+
+def _no_rule(e: LurkerError) -> LurkerError:
+    """LRP's refusal of a layer it has no rule for (an LSTM), said for concept relevance,
+    which propagates LRP from the output through every layer, whichever layer it ranks:
+    what to use instead is a method that needs no rule; any other error as it is."""
+    said = str(e)
+    if not said.startswith("LRP has no rule for "):
+        return e
+    head, _, supported = said.partition(". Supported: ")
+    supported = supported.split(". Explain this model")[0]
+    return LurkerError(
+        f"concept relevance is LRP, propagated from the output through every layer, and {head}"
+        f" (supported: {supported}). Instead, attribute the "
+        "decision with a gradient method (lurker.explain(model, x, method='integrated_gradients'"
+        ")), Grad-CAM at a convolution's map (method='gradcam', layer=...), or a unit target "
+        "(target=(layer, channel)) to see what drives one unit."
     )

@@ -896,6 +896,9 @@ class ConceptUnit(BaseModel):
     #: the sum of its conditional heatmap (equals ``relevance`` where the rules below
     #: the layer conserve)
     heatmap_sum: float
+    #: on a run of signals, the conditional heatmap itself: one list per input channel
+    #: along time (null where not finite); null on images (their heatmap is the unit's PNG)
+    signal_scores: list[list[float | None]] | None = None
 
 
 class ConceptRanking(BaseModel):

@@ -46,6 +46,8 @@ export interface FlatKind {
   sample(doc: SampleDoc): HTMLElement | SVGSVGElement | null;
   /** the scores of one method drawn, in place of the card's spinner */
   draw(scores: (number | null)[], doc: SampleDoc, result: FlatResult): HTMLElement | SVGSVGElement;
+  /** what follows the method cards with the model at hand (a signal's concept relevance) */
+  extra?(image: string, target: string, doc: SampleDoc): HTMLElement | null;
 }
 
 const TITLES: Record<string, string> = {
@@ -203,6 +205,7 @@ export async function renderFlatExplain(root: HTMLElement, ctx: PageContext, sum
     ),
     h("p", { class: "muted small", id: kind.legendId }, kind.legend),
     h("div", { class: kind.css }, methods.map((m) => methodCard(ctx, image, m, target, doc, kind))),
+    kind.extra?.(image, target, doc) ?? null,
   );
 }
 

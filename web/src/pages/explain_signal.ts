@@ -3,11 +3,13 @@
  * time): each method's card draws the sample's lines with the attribution as a colour
  * band along time under each channel, or one band under all of them where the method
  * gives each position one value (Grad-CAM's map along time, occlusion's windows across
- * every channel).
+ * every channel). Below them, concept relevance: the chosen layer's most relevant units,
+ * each with its conditional heatmap (the relevance that flowed through that unit alone)
+ * as bands under the same lines.
  */
-import type { RunSummary } from "../api";
+import { p, type RunSummary, type SampleDoc } from "../api";
 import type { PageContext } from "../context";
-import { notice } from "../dom";
+import { fill, fmt, h, notice } from "../dom";
 import { fetchedSignal, signalDocPlot } from "../signal";
 import { renderFlatExplain } from "./explain_flat";
 
@@ -30,5 +32,72 @@ export function renderSignalExplain(root: HTMLElement, ctx: PageContext, summary
       // the bands are named by channel, as the lanes: each band's tooltip its channel
       return fetchedSignal(ctx.api, ctx.run, doc.sample.id, undefined, (sig) => signalDocPlot(sig, { width: 560, height: 48 * c + 22 + (r.signal_scores?.length === 1 ? 14 : 0), axis: true, names, rate, bands: r.signal_scores ?? [], signed: r.signed, label: `${r.method} along time` }), missing);
     },
+    extra: (image, target, doc) => conceptSection(ctx, summary, image, target, doc, missing),
   });
+}
+
+interface SignalConcepts {
+  layer: string;
+  probed: boolean;
+  target: string;
+  composite: string;
+  channels: number;
+  total: number;
+  units: { unit: number; relevance: number; share: number | null; heatmap_sum: number; signal_scores?: (number | null)[][] | null }[];
+}
+
+/** Concept relevance on a signal: the layer's 8 most relevant units (LRP), each card the
+ * sample's lines with the unit's conditional heatmap as a band under each channel. */
+function conceptSection(ctx: PageContext, summary: RunSummary, image: string, target: string, doc: SampleDoc, missing: (why: string | null | undefined) => HTMLElement): HTMLElement {
+  const [c] = summary.dataset.signal ?? [0, 0];
+  const params = new URLSearchParams(ctx.params);
+  const layer = params.get("clayer");
+  const select = h(
+    "select",
+    { id: "concept-layer", "aria-label": "concept relevance layer" },
+    h("option", { value: "" }, "default layer"),
+    summary.layers.map((l) => h("option", { value: l.name, selected: l.name === layer }, `${l.name} (${l.num_units} units)`)),
+  ) as HTMLSelectElement;
+  select.addEventListener("change", () => {
+    const q = new URLSearchParams(params);
+    if (select.value) q.set("clayer", select.value);
+    else q.delete("clayer");
+    ctx.navigate(ctx.href("explain") + "?" + q);
+  });
+  const status = h("p", { class: "muted small" }, "Ranking the units…");
+  const list = h("div", { class: "signal-explain concepts", "aria-label": "units by relevance" });
+  const q = new URLSearchParams({ target, top: "8" });
+  if (layer) q.set("layer", layer);
+  void (async () => {
+    let r: SignalConcepts;
+    try {
+      r = await ctx.api.json<SignalConcepts>(`${p("runs", ctx.run, "live", image, "explain", "concepts")}.json?${q}`);
+    } catch (err) {
+      fill(status, h("span", { class: "error-text" }, (err as Error).message));
+      return;
+    }
+    if (ctx.signal.aborted) return;
+    if (!layer) select.value = summary.layers.some((l) => l.name === r.layer) ? r.layer : "";
+    fill(status, `The ${r.units.length} of ${r.channels} units of `, h("code", null, r.layer), ` with the most relevance (LRP, ${r.composite}) for ${r.target.includes(":") ? `unit ${r.target}` : `class ${r.target}`}; the layer's total relevance is ${fmt(r.total)}. Each unit's bands are the relevance that flowed through that unit alone, per channel along time (one scale per unit; red supports the target, blue opposes it).`);
+    for (const u of r.units) {
+      const plot = doc.signal_error ? missing(doc.signal_error) : fetchedSignal(ctx.api, ctx.run, doc.sample.id, undefined, (sig) => signalDocPlot(sig, { width: 560, height: 48 * c + 22, axis: true, bands: u.signal_scores ?? [], signed: true, label: `unit ${u.unit}'s conditional relevance along time` }), missing);
+      list.append(
+        h(
+          "section",
+          { class: "card signal-concept-card concept", "data-unit": u.unit },
+          h("h3", null, r.probed ? h("a", { class: "name", href: ctx.href("unit", r.layer, u.unit), title: "its unit page" }, `unit ${u.unit}`) : h("span", { class: "name" }, `unit ${u.unit}`), h("span", { class: "muted" }, u.share === null ? "" : ` ${(100 * u.share).toFixed(1)}%`)),
+          plot,
+          h("p", { class: "small muted" }, `relevance ${fmt(u.relevance)} · map sum ${fmt(u.heatmap_sum)}`),
+        ),
+      );
+    }
+  })();
+  return h(
+    "section",
+    { class: "concept-section" },
+    h("h2", null, "Concept relevance ", h("span", { class: "sub" }, "which units of a layer carried this decision")),
+    h("div", { class: "toolbar" }, h("label", { for: "concept-layer" }, "Layer"), select),
+    status,
+    list,
+  );
 }

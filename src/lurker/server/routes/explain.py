@@ -139,11 +139,12 @@ def _needs_layer(cls: Any) -> bool:
 
 def _spatial_layers(s: Session) -> list[str]:
     """The run's layers whose units make maps larger than 1x1 (by their layouts: channels
-    of a conv, channels-last maps, tokens of image patches): Grad-CAM's and concept
-    relevance's choices."""
+    of a conv, channels-last maps, tokens of image patches; on a signal, positions along
+    time): Grad-CAM's and concept relevance's choices."""
     from lurker.probe.layout import Layout
 
     run = s.entry.open_run()
+    signal = s.signal_shape() is not None
     out = []
     for info in run.layers:
         if info.shape is None:
@@ -152,7 +153,11 @@ def _spatial_layers(s: Session) -> list[str]:
         if info.layout:
             lay = Layout.from_dict(info.layout)
             shape.insert(lay.batch, 1)  # the layout's axes count it
-            hw = lay.map_shape(shape)
+            if signal:  # a map along time: one position axis (a Conv1d's (B, C, L))
+                one = len(lay.positions) == 1
+                hw = (1, int(shape[lay.positions[0]])) if one else None
+            else:
+                hw = lay.map_shape(shape)
         else:  # a run from before layouts: (C, H, W) as the probe then read it
             hw = (shape[1], shape[2]) if len(shape) == 3 else None
         if hw is not None and hw[0] * hw[1] > 1:
@@ -652,7 +657,12 @@ def _compute(s: Session, model: Any, x: Any, method: str, target: str, layer: st
     vector = s.vector_length() is not None
     if vector and not x.is_floating_point():  # counts, a waveform's integer samples:
         x = x.float()  # attributed as the numbers they are (no gradient w.r.t. integers)
-    prep = _prepare(s, model, x, target, layer)
+    try:
+        prep = _prepare(s, model, x, target, layer)
+    except ApiError:
+        if layer is not None and method in ("gradcam", "gradcam_plus_plus"):
+            _cam_layer_check(s, model, x, layer)  # an LSTM named by hand: a 400 saying why
+        raise
     signal = s.signal_shape()
     options = _options(method, x, None if signal is None else signal[1])
     if vector and method == "smoothgrad":  # the paper's noise: 15% of the input's range
@@ -694,6 +704,25 @@ def _compute(s: Session, model: Any, x: Any, method: str, target: str, layer: st
     )
 
 
+def _cam_layer_check(s: Session, model: Any, x: Any, layer: str) -> None:
+    """Grad-CAM's own error for a layer it cannot read as a map (an LSTM, whose op returns
+    its output and its state): what the layer outputs and which layers qualify (400)."""
+    import torch
+
+    from lurker.explain.axes import input_axes
+    from lurker.explain.base import untouched
+    from lurker.explain.gradcam import is_signal, several_outputs
+
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    xb = x.unsqueeze(0).to(device)
+    name = _model_name(s, model, layer)
+    with untouched(model):
+        err = several_outputs(model, xb, name, is_signal(input_axes(model, xb), xb))
+    if err is not None:
+        said = str(err) if name == layer else str(err).replace(repr(name), repr(layer))
+        raise ApiError(400, said)
+
+
 # ------------------------------------------------------------------ concept relevance
 @dataclass
 class ConceptResult:
@@ -717,14 +746,7 @@ def _concept_key(
 
     if not hasattr(xp, "concepts"):
         raise ApiError(404, "this lurker has no concept relevance (lurker.explain.concepts)")
-    if s.signal_shape() is not None:
-        raise ApiError(
-            409,
-            "concept relevance draws each unit's conditional heatmap on an image, and this "
-            "run's inputs are signals: the attribution methods (explain/METHOD) score them "
-            "along time",
-        )
-    image = image_id(s, image)
+    image = _signal_sample(s, image) if s.signal_shape() is not None else image_id(s, image)
     if layer is None:
         layer = default_concept_layer(s, target)
         if layer is None:
@@ -801,8 +823,15 @@ def _concepts(
                 model_failed=True,
             ) from None
         seconds = time.perf_counter() - start
-        maps = c.heatmaps[0].float().cpu()  # (k, C, H, W)
-        new = {int(u): maps[i].sum(0) for i, u in enumerate(c.units[0].tolist())}
+        maps = c.heatmaps[0].float().cpu()  # (k, C, H, W); a signal's (k, C, T) or (k, T, C)
+        if s.signal_shape() is not None:  # (C, T) per channel along time, as LRP's scores
+            from lurker.explain.axes import input_axes
+
+            if input_axes(model, prep.xb).channel == 2:  # a channels-last (T, C) signal
+                maps = maps.transpose(1, 2)
+            new = {int(u): maps[i].contiguous() for i, u in enumerate(c.units[0].tolist())}
+        else:
+            new = {int(u): maps[i].sum(0) for i, u in enumerate(c.units[0].tolist())}
         if hit is None:
             resolved, cls = _resolved(prep.asked, c.target)
             hit = ConceptResult(
@@ -951,9 +980,8 @@ def methods(request: Request, run_id: str) -> ExplainMethods:
         default_layer=None,  # Grad-CAM's: lurker.explain's own, per image (see _key)
         concept_layer=default_concept_layer(s, "top"),
         layers=layers,
-        # concept relevance draws a unit's share on an image (none on a signal yet)
-        concepts=hasattr(sys.modules.get("lurker.explain"), "concepts")
-        and s.signal_shape() is None,
+        # on a signal, each unit's conditional heatmap is scores along time
+        concepts=hasattr(sys.modules.get("lurker.explain"), "concepts"),
     )
 
 
@@ -1074,7 +1102,7 @@ def concept_ranking(
     s: Session, image: str, target: str, layer: str | None, top: int
 ) -> ConceptRanking:
     r, name, cached = _concepts(s, image, target, layer, top)
-    return _ranking_doc(s, image_id(s, image), name, r, top, cached)
+    return _ranking_doc(s, _concept_key(s, image, target, name)[0], name, r, top, cached)
 
 
 def _ranking_doc(
@@ -1089,6 +1117,7 @@ def _ranking_doc(
     names = class_names(run)
     cls = r.target_class
     shape = next(iter(r.heat.values())).shape
+    signal = s.signal_shape() is not None
     return ConceptRanking(
         image=image,
         layer=name,
@@ -1105,6 +1134,13 @@ def _ranking_doc(
                 relevance=float(r.relevance[u]),
                 share=float(r.relevance[u]) / spread if spread else None,
                 heatmap_sum=float(r.heat[u].double().sum()),
+                # a signal's conditional heatmap: (C, T) per channel along time
+                signal_scores=[
+                    [float(v) if math.isfinite(v) else None for v in row]
+                    for row in r.heat[u].tolist()
+                ]
+                if signal and u in r.heat
+                else None,
             )
             for u in ranked
         ],
@@ -1155,6 +1191,14 @@ def concept_png_response(
     opacity: float = 0.5,
 ) -> Response:
     """The concept PNG endpoint's answer (the static export writes its body)."""
+    signal = s.signal_shape()
+    if signal is not None:
+        raise ApiError(
+            409,
+            f"this run's inputs are signals of {signal[0]} channels x {signal[1]} samples, "
+            "which have no picture: the concept ranking's JSON (explain/concepts) holds each "
+            "unit's conditional heatmap along time (signal_scores)",
+        )
     r, name, _ = _concepts(s, image, target, layer, 1)
     channels = int(r.relevance.numel())
     if unit >= channels:
