@@ -59,6 +59,21 @@ class LSTMNet(nn.Module):
         return self.fc(out[:, -1]) + h[-1].sum() * 0
 
 
+class ConvLSTM(nn.Module):
+    """A Conv1d reading a signal's ``channels``, then an LSTM over time (batch first): a
+    model of signals with one layer Grad-CAM and LRP can read and one they cannot."""
+
+    def __init__(self, channels: int = 3) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(channels, 4, 3, padding=1)
+        self.lstm = nn.LSTM(4, 5, batch_first=True)
+        self.fc = nn.Linear(5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.lstm(torch.relu(self.conv(x)).transpose(1, 2))
+        return self.fc(out[:, -1])
+
+
 class ReadsEachRow(nn.Module):
     """A loop that reads a value from each row (``.item()``), as Keypoint R-CNN reads each
     box's size: one rolled readout that read a different value on every pass."""

@@ -16,6 +16,7 @@ from torch import nn
 
 import lurker
 from lurker.errors import LurkerError
+from models_zoo import ConvLSTM
 
 C, T = 3, 96
 
@@ -178,27 +179,13 @@ def test_concepts_on_a_signal_conserve_and_equal_hand_lrp(layer: str):
             )
 
 
-class _ConvLSTM(nn.Module):
-    """A Conv1d reading the signal's channels, then an LSTM over time (batch first)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv1d(C, 4, 3, padding=1)
-        self.lstm = nn.LSTM(4, 5, batch_first=True)
-        self.fc = nn.Linear(5, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out, _ = self.lstm(torch.relu(self.conv(x)).transpose(1, 2))
-        return self.fc(out[:, -1])
-
-
 @pytest.mark.parametrize("layer", ["lstm", "lstm_1"])
 def test_gradcam_at_an_lstm_says_what_it_outputs_and_which_layers_qualify(layer: str):
     """Before: "a hook on lstm_1 returned Tensor; lstm_1 has 3 output tensors, so return a
     tuple ..." (the trace label), or "returns tuple, not a tensor; name the op inside it"
     (the module path, whose op is that same LSTM)."""
     torch.manual_seed(0)
-    model, x = _ConvLSTM().eval(), torch.randn(1, C, T)
+    model, x = ConvLSTM(C).eval(), torch.randn(1, C, T)
     with pytest.raises(LurkerError) as e:
         lurker.explain(model, x, method="gradcam", layer=layer)
     said = str(e.value)
@@ -210,7 +197,7 @@ def test_gradcam_at_an_lstm_says_what_it_outputs_and_which_layers_qualify(layer:
 
 def test_concepts_through_an_lstm_name_it_and_what_to_use_instead():
     torch.manual_seed(0)
-    model, x = _ConvLSTM().eval(), torch.randn(1, C, T)
+    model, x = ConvLSTM(C).eval(), torch.randn(1, C, T)
     with pytest.raises(LurkerError) as e:
         lurker.explain.concepts(model, x, layer="conv")
     said = str(e.value)

@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from explorer_fixtures import get_json, served_run, skip_without_browser, strict_page
+from models_zoo import ConvLSTM
 
 RID, C, T, K = "eeg", 3, 96, 5
 
@@ -445,28 +446,13 @@ def test_layer_samples_home_and_live_pages_draw_signals(browser: Any, served: di
         assert pg.locator("img").count() == 0
 
 
-class _ConvLSTM(nn.Module):
-    """A Conv1d reading the signal's channels, then an LSTM over time (batch first)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.conv = nn.Conv1d(C, 4, 3, padding=1)
-        self.lstm = nn.LSTM(4, 5, batch_first=True)
-        self.fc = nn.Linear(5, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out, _ = self.lstm(torch.relu(self.conv(x)).transpose(1, 2))
-        return self.fc(out[:, -1])
-
-
 @pytest.fixture(scope="module")
 def served_lstm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     g = torch.Generator().manual_seed(2)
     data = TensorDataset(torch.randn(12, C, T, generator=g), torch.arange(12) % 2)
-    with served_run(
-        tmp_path_factory.mktemp("lstm"), "rnn", _ConvLSTM().eval(), data, "conv", 3
-    ) as s:
+    torch.manual_seed(0)
+    model = ConvLSTM(C).eval()
+    with served_run(tmp_path_factory.mktemp("lstm"), "rnn", model, data, "conv", 3) as s:
         yield s
 
 

@@ -22,6 +22,7 @@ import { renderTokenExplain } from "./explain_tokens";
 import { renderFeatureExplain } from "./explain_features";
 import { renderSignalExplain } from "./explain_signal";
 import { classLabel, classText, namesWidth } from "../classes";
+import { conceptFrame, conceptLayerSelect, conceptUnitTitle, type ConceptRanking } from "../concepts";
 
 const PICKER = { id: "explain", title: "Image to explain", action: "Explain sample" };
 
@@ -40,17 +41,6 @@ interface ExplainMethods {
   concept_layer?: string | null;
   layers: string[];
   concepts: boolean;
-}
-
-interface ConceptRanking {
-  layer: string;
-  probed: boolean;
-  target: string;
-  composite: string;
-  channels: number;
-  total: number;
-  units: { unit: number; relevance: number; share: number | null; heatmap_sum: number }[];
-  seconds: number;
 }
 
 interface ExplainResult {
@@ -364,13 +354,7 @@ export async function renderExplain(root: HTMLElement, ctx: PageContext): Promis
 /** Concept relevance: the units of `layer` ranked by their share of the relevance for the
  * target, each with its conditional heatmap (the relevance that flowed through it). */
 function conceptSection(ctx: PageContext, summary: RunSummary, live: LiveImage, image: string, target: string, layer: string | null, inputSrc: string, choose: (layer: string | null) => void): HTMLElement {
-  const select = h(
-    "select",
-    { id: "concept-layer", "aria-label": "concept relevance layer" },
-    h("option", { value: "" }, "default layer"),
-    summary.layers.map((l) => h("option", { value: l.name, selected: l.name === layer }, `${l.name} (${l.num_units} units)`)),
-  );
-  select.addEventListener("change", () => choose(select.value || null));
+  const select = conceptLayerSelect(summary, layer, choose);
   const status = h("p", { class: "muted small" }, "Ranking the units…");
   const list = h("div", { class: "explain-grid concepts", "aria-label": "units by relevance" });
   const q = new URLSearchParams({ target });
@@ -405,21 +389,14 @@ function conceptSection(ctx: PageContext, summary: RunSummary, live: LiveImage, 
         h(
           "figure",
           { class: "card explain-card concept", "data-unit": u.unit },
-          h("h3", null, r.probed ? h("a", { class: "name", href: ctx.href("unit", r.layer, u.unit), title: "its unit page" }, `unit ${u.unit}`) : h("span", { class: "name" }, `unit ${u.unit}`), h("span", { class: "muted" }, u.share === null ? "" : `${(100 * u.share).toFixed(1)}%`)),
+          conceptUnitTitle(ctx, r, u),
           stack,
           h("figcaption", { class: "small muted" }, `relevance ${fmt(u.relevance)} · map sum ${fmt(u.heatmap_sum)}`),
         ),
       );
     }
   })();
-  return h(
-    "section",
-    { class: "concept-section" },
-    h("h2", null, "Concept relevance ", h("span", { class: "sub" }, "which units of a layer carried this decision")),
-    h("div", { class: "toolbar" }, h("label", { for: "concept-layer" }, "Layer"), select),
-    status,
-    list,
-  );
+  return conceptFrame(select, status, list);
 }
 
 function methodCard(ctx: PageContext, image: string, m: ExplainMethod, target: string, layer: string | null, inputSrc: string, resolved?: (r: ExplainResult) => void): HTMLElement {

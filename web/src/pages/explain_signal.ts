@@ -12,6 +12,7 @@ import type { PageContext } from "../context";
 import { fill, fmt, h, notice } from "../dom";
 import { fetchedSignal, signalDocPlot } from "../signal";
 import { renderFlatExplain } from "./explain_flat";
+import { conceptFrame, conceptLayerSelect, conceptUnitTitle, type ConceptRanking } from "../concepts";
 
 export function renderSignalExplain(root: HTMLElement, ctx: PageContext, summary: RunSummary, loading: HTMLElement): Promise<void> {
   const [c, t] = summary.dataset.signal ?? [0, 0];
@@ -36,31 +37,15 @@ export function renderSignalExplain(root: HTMLElement, ctx: PageContext, summary
   });
 }
 
-interface SignalConcepts {
-  layer: string;
-  probed: boolean;
-  target: string;
-  composite: string;
-  channels: number;
-  total: number;
-  units: { unit: number; relevance: number; share: number | null; heatmap_sum: number; signal_scores?: (number | null)[][] | null }[];
-}
-
 /** Concept relevance on a signal: the layer's 8 most relevant units (LRP), each card the
  * sample's lines with the unit's conditional heatmap as a band under each channel. */
 function conceptSection(ctx: PageContext, summary: RunSummary, image: string, target: string, doc: SampleDoc, missing: (why: string | null | undefined) => HTMLElement): HTMLElement {
   const [c] = summary.dataset.signal ?? [0, 0];
   const params = new URLSearchParams(ctx.params);
   const layer = params.get("clayer");
-  const select = h(
-    "select",
-    { id: "concept-layer", "aria-label": "concept relevance layer" },
-    h("option", { value: "" }, "default layer"),
-    summary.layers.map((l) => h("option", { value: l.name, selected: l.name === layer }, `${l.name} (${l.num_units} units)`)),
-  ) as HTMLSelectElement;
-  select.addEventListener("change", () => {
+  const select = conceptLayerSelect(summary, layer, (chosen) => {
     const q = new URLSearchParams(params);
-    if (select.value) q.set("clayer", select.value);
+    if (chosen) q.set("clayer", chosen);
     else q.delete("clayer");
     ctx.navigate(ctx.href("explain") + "?" + q);
   });
@@ -69,9 +54,9 @@ function conceptSection(ctx: PageContext, summary: RunSummary, image: string, ta
   const q = new URLSearchParams({ target, top: "8" });
   if (layer) q.set("layer", layer);
   void (async () => {
-    let r: SignalConcepts;
+    let r: ConceptRanking;
     try {
-      r = await ctx.api.json<SignalConcepts>(`${p("runs", ctx.run, "live", image, "explain", "concepts")}.json?${q}`);
+      r = await ctx.api.json<ConceptRanking>(`${p("runs", ctx.run, "live", image, "explain", "concepts")}.json?${q}`);
     } catch (err) {
       fill(status, h("span", { class: "error-text" }, (err as Error).message));
       return;
@@ -85,19 +70,12 @@ function conceptSection(ctx: PageContext, summary: RunSummary, image: string, ta
         h(
           "section",
           { class: "card signal-concept-card concept", "data-unit": u.unit },
-          h("h3", null, r.probed ? h("a", { class: "name", href: ctx.href("unit", r.layer, u.unit), title: "its unit page" }, `unit ${u.unit}`) : h("span", { class: "name" }, `unit ${u.unit}`), h("span", { class: "muted" }, u.share === null ? "" : ` ${(100 * u.share).toFixed(1)}%`)),
+          conceptUnitTitle(ctx, r, u),
           plot,
           h("p", { class: "small muted" }, `relevance ${fmt(u.relevance)} · map sum ${fmt(u.heatmap_sum)}`),
         ),
       );
     }
   })();
-  return h(
-    "section",
-    { class: "concept-section" },
-    h("h2", null, "Concept relevance ", h("span", { class: "sub" }, "which units of a layer carried this decision")),
-    h("div", { class: "toolbar" }, h("label", { for: "concept-layer" }, "Layer"), select),
-    status,
-    list,
-  );
+  return conceptFrame(select, status, list);
 }

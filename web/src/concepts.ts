@@ -1,0 +1,54 @@
+/**
+ * Pieces the image and signal Explain pages share for concept relevance: the ranking
+ * document, the layer chooser, each unit card's heading and the section around them.
+ */
+import type { RunSummary } from "./api";
+import type { PageContext } from "./context";
+import { h } from "./dom";
+
+/** GET .../explain/concepts.json: a layer's units ranked by their share of the relevance. */
+export interface ConceptRanking {
+  layer: string;
+  probed: boolean;
+  target: string;
+  composite: string;
+  channels: number;
+  total: number;
+  /** `signal_scores`: on a signal run, each unit's conditional heatmap (C, T). */
+  units: { unit: number; relevance: number; share: number | null; heatmap_sum: number; signal_scores?: (number | null)[][] | null }[];
+  seconds: number;
+}
+
+/** The layer chooser: "default layer" and every probed layer, `layer` selected. */
+export function conceptLayerSelect(summary: RunSummary, layer: string | null, choose: (layer: string | null) => void): HTMLSelectElement {
+  const select = h(
+    "select",
+    { id: "concept-layer", "aria-label": "concept relevance layer" },
+    h("option", { value: "" }, "default layer"),
+    summary.layers.map((l) => h("option", { value: l.name, selected: l.name === layer }, `${l.name} (${l.num_units} units)`)),
+  ) as HTMLSelectElement;
+  select.addEventListener("change", () => choose(select.value || null));
+  return select;
+}
+
+/** A unit card's heading: the unit (linked to its page where the layer was probed) and its share. */
+export function conceptUnitTitle(ctx: PageContext, r: ConceptRanking, u: ConceptRanking["units"][number]): HTMLElement {
+  return h(
+    "h3",
+    null,
+    r.probed ? h("a", { class: "name", href: ctx.href("unit", r.layer, u.unit), title: "its unit page" }, `unit ${u.unit}`) : h("span", { class: "name" }, `unit ${u.unit}`),
+    h("span", { class: "muted" }, u.share === null ? "" : ` ${(100 * u.share).toFixed(1)}%`),
+  );
+}
+
+/** The section: heading, layer chooser, status line and the units' cards. */
+export function conceptFrame(select: HTMLElement, status: HTMLElement, list: HTMLElement): HTMLElement {
+  return h(
+    "section",
+    { class: "concept-section" },
+    h("h2", null, "Concept relevance ", h("span", { class: "sub" }, "which units of a layer carried this decision")),
+    h("div", { class: "toolbar" }, h("label", { for: "concept-layer" }, "Layer"), select),
+    status,
+    list,
+  );
+}
