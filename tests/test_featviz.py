@@ -786,48 +786,9 @@ def test_a_call_suffixed_layers_files_have_safe_names(tmp_path):
     assert safe_component("features.8") == "features.8"  # plain layers keep their names
 
 
-def test_a_model_of_signals_is_refused_saying_why(tmp_path):
-    """A Conv1d stack's run (an EEG's (C, T) signals): feature visualization optimizes an
-    image, so it is refused naming the signals and where a unit's stimuli are shown. Before,
-    the run path said the run 'does not record its model's input shape' (it does: [3, 48])
-    and to pass --channels and --image-size, which then failed with an IndexError; without
-    a run, it said the model 'has no 2-D convolution' and to pass channels=."""
-    from torch.utils.data import TensorDataset
-
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv1d(3, 4, 5, padding=2), nn.ReLU(), nn.AdaptiveAvgPool1d(1), nn.Flatten(),
-        nn.Linear(4, 2),
-    ).eval()  # fmt: skip
-    data = TensorDataset(torch.randn(12, 3, 48), torch.arange(12) % 2)
-    run = tmp_path / "eeg"
-    lurker.probe(model, data, out=run, k=3, progress=False)
-    said = r"inputs are signals.*3 channels x 48 samples.*not images.*top samples"
-    with pytest.raises(LurkerError, match=said):
-        lurker.featviz(model, "0", [0], steps=1, run=run)
-    with pytest.raises(LurkerError, match=said):  # the sizes the old message asked for
-        lurker.featviz(model, "0", [0], steps=1, run=run, channels=3, size=16)
-    with pytest.raises(LurkerError, match=r"Sequential's inputs are signals.*not images"):
-        lurker.featviz(model, "0", [0], steps=1)
-    torch.save(model.state_dict(), tmp_path / "w.pt")
-    (tmp_path / "m.py").write_text(
-        "from torch import nn\n"
-        "def build():\n"
-        "    return nn.Sequential(nn.Conv1d(3, 4, 5, padding=2), nn.ReLU(),\n"
-        "        nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(4, 2))\n"
-    )
-    spec = ["-m", f"{tmp_path / 'm.py'}:build", "-w", str(tmp_path / "w.pt")]
-    r = CliRunner().invoke(main, ["featviz", str(run), "--layer", "0", "--steps", "1", *spec])
-    assert r.exit_code == 2 and "inputs are signals" in r.output, r.output
-    assert f"lurker serve {run}" in r.output and "Traceback" not in r.output
-    assert "--image-size" not in r.output
-
-
 @pytest.mark.parametrize(
     ("model_of", "shape", "said"),
     [
-        # a channels-last signal the model transposes: 3 channels over 64 samples, not 64 x 3
-        ("ChannelsLast", (64, 3), r"signals.*3 channels x 64 samples, stored channels last"),
         # a one-channel image the model unsqueezes: no signal, which the explorer agrees
         ("Image", (12, 12), r"two axes per sample \(12, 12\).*one-channel image"),
     ],
@@ -835,13 +796,13 @@ def test_a_model_of_signals_is_refused_saying_why(tmp_path):
 def test_a_two_axis_run_is_named_as_its_graph_reads_it(tmp_path, model_of, shape, said):
     """featviz tells a run's two-axis samples apart as the explorer does, from the graph:
     it called every one 'signals' of shape[0] channels (the image 12 channels x 12
-    samples, the channels-last signal 64 channels x 3 samples)."""
+    samples); signals are optimized as such (tests/test_featviz_signals.py)."""
     from torch.utils.data import TensorDataset
 
-    from test_signal_layouts import ChannelsLast, Image
+    from test_signal_layouts import Image
 
     torch.manual_seed(0)
-    model = {"ChannelsLast": ChannelsLast, "Image": Image}[model_of]().eval()
+    model = {"Image": Image}[model_of]().eval()
     data = TensorDataset(torch.randn(12, *shape), torch.arange(12) % 2)
     lurker.probe(model, data, out=tmp_path / "run", k=3, progress=False)
     layer = next(n for n, m in model.named_modules() if isinstance(m, nn.Conv1d | nn.Conv2d))

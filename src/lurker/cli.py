@@ -1311,6 +1311,13 @@ Examples:
     + NORMALIZE_CHOICES
     + " A run feeds the model as its probe did.",
 )
+@click.option(
+    "--amplitude",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Signals only (a Conv1d model of (C, T)): the most a signal's value may reach "
+    "either way, in the model's input units (default 3).",
+)
 @_friendly
 def featviz(
     run_or_model: str,
@@ -1332,6 +1339,7 @@ def featviz(
     out: str | None,
     overwrite: bool,
     normalize: str | None,
+    amplitude: float | None,
 ) -> None:
     """Optimize images that excite units of a layer (Lucid-style feature visualization).
 
@@ -1419,7 +1427,7 @@ def featviz(
                     size=size, channels=channels, param=param,
                     images_per_unit=images_per_unit, diversity=diversity, seed=seed,
                     batch_size=batch_size, run=run, progress=_progress, on_chunk=store,
-                    resume=not overwrite, log=_say,
+                    resume=not overwrite, log=_say, amplitude=amplitude,
                 )  # fmt: skip
         where = f"stored in {run_or_model}"
     else:
@@ -1488,7 +1496,7 @@ def featviz(
                 net, layer, unit_list, objective=objective, steps=steps, size=size,
                 channels=channels, param=param, images_per_unit=images_per_unit,
                 diversity=diversity, seed=seed, batch_size=batch_size, progress=_progress,
-                on_chunk=write, mean=mean, std=std,
+                on_chunk=write, mean=mean, std=std, amplitude=amplitude,
             )  # fmt: skip
         where = f"in {folder}"
     if not fv.units:

@@ -215,6 +215,10 @@ export interface FeatVizView {
   settings: Record<string, unknown>;
   best_dataset: number | null;
   best_sample: number | null;
+  /** a run of signals: per copy, the optimized signal `[C][T]` in the model's input units */
+  signals?: number[][][] | null;
+  /** per copy: the samples `[t0, t1)` the unit's peak on that signal sees, or null */
+  spans?: (number[] | null)[] | null;
 }
 
 export interface FeatVizInfo extends FeatVizView {

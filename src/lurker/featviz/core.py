@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from ..errors import LurkerError, OpKeyError
 from .param import FourierImage, MacoImage
-from .transforms import Transforms
+from .transforms import Shifts, Transforms
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -74,6 +74,18 @@ class FeatViz:
     #: with ``resume=True``: the units left out because the run already holds them, made
     #: with these settings (their images are in the run, not here)
     skipped: list[int] = field(default_factory=list)
+    #: on a model of signals: where along the unit's map (time) each signal excites it
+    #: most, shaped as ``activations``; None for images or a unit with no positions
+    peaks: Tensor | None = None
+
+    @property
+    def signals(self) -> Tensor | None:
+        """On a model of signals, ``(units, C, T)`` (``(units, n, C, T)``): the signals as
+        the model takes them, ``amplitude * (2 * image - 1)``; None for images."""
+        amp = self.settings.get("amplitude")
+        if self.settings.get("input") != "signal" or amp is None:
+            return None
+        return (self.images * 2 - 1).squeeze(-2) * float(amp)
 
     def image(self, index: int, copy: int = 0) -> Image.Image:
         """Row ``index`` (and copy ``copy``) as a PIL image (grey for 1 channel, RGB for 3)."""
@@ -102,7 +114,11 @@ class FeatViz:
             for i, unit in enumerate(self.units)
             for c in range(images.shape[1])
         ]
-        write_featviz(path, self.layer, self.objective, rows, self.settings)
+        extra = None
+        if self.peaks is not None:  # each unit's own: where its signals peak
+            peaks = self.peaks if self.peaks.dim() == 2 else self.peaks[:, None]
+            extra = {u: {"peaks": peaks[i].tolist()} for i, u in enumerate(self.units)}
+        write_featviz(path, self.layer, self.objective, rows, self.settings, extra)
         return path
 
     def _repr_png_(self) -> bytes | None:
@@ -133,9 +149,10 @@ class FeatViz:
         return buf.getvalue()
 
     def __repr__(self) -> str:
-        return (
-            f"FeatViz({self.layer!r}, {self.objective}, {len(self.units)} units, "
-            f"images {tuple(self.images.shape)})"
+        return f"FeatViz({self.layer!r}, {self.objective}, {len(self.units)} units, " + (
+            f"signals {tuple(sig.shape)})"
+            if (sig := self.signals) is not None
+            else f"images {tuple(self.images.shape)})"
         )
 
 
@@ -157,6 +174,7 @@ def featviz(
     directions: Tensor | np.ndarray | Sequence[Sequence[float]] | None = None,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
+    amplitude: float | None = None,
     run: str | os.PathLike[str] | Run | None = None,
     seed: int = 0,
     batch_size: int | None = None,
@@ -190,6 +208,9 @@ def featviz(
         mean, std: the normalisation the model expects; default the run's, else
             :func:`lurker.probe.data.default_normalize`'s (ImageNet's for 3 channels, none
             for others), as the probe and ``lurker explain`` feed an image.
+        amplitude: on a model of signals ``(C, T)`` (a Conv1d stack, a signal run), the
+            most a signal's value may reach either way, in the model's input units
+            (default 3: a standardized signal's three deviations). Signals only.
         run: a probe run (directory or :class:`~lurker.store.Run`) supplying layer names,
             input size, channels and normalisation.
         seed: images are seeded per ``(seed, unit, copy)``: the same for a unit alone or
@@ -223,6 +244,7 @@ def featviz(
     cfg = _Config.make(
         model, layer, units, objective, steps, size, channels, lr, param, images_per_unit,
         diversity, position, directions, mean, std, run, batch_size, max_memory, device,
+        amplitude,
     )  # fmt: skip
     if cfg.layout is not None and unit_dim is not None:
         raise LurkerError(
@@ -231,14 +253,18 @@ def featviz(
         )
     from ..probe.sweep import fingerprint  # the probe's: a run records its model's
 
-    tf = Transforms.standard(max(cfg.height, cfg.width)) if transforms else Transforms.none()
+    tf: Any
+    if cfg.signal:
+        tf = Shifts.standard(cfg.width) if transforms else Shifts.none()
+    else:
+        tf = Transforms.standard(max(cfg.height, cfg.width)) if transforms else Transforms.none()
     with _evaluating(model) as dev:
         dev = torch.device(device) if device is not None else dev
         if device is not None:
             model.to(dev)
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
         x0 = torch.full((1, cfg.channels, cfg.height, cfg.width), 0.5, dtype=dtype, device=dev)
-        tap = _Tap(model, cfg.target, x0, cfg.layout, cfg.layer, unit_dim)
+        tap = _Tap(model, cfg.target, x0, cfg.layout, cfg.layer, unit_dim, _feed(cfg))
         refused = (
             _refuses(tap, tf.apply(x0, [tf.draw(np.random.default_rng(0))])) if tf.pad else None
         )
@@ -264,6 +290,8 @@ def featviz(
             "mean": list(cfg.mean),
             "std": list(cfg.std),
             "target": cfg.target,
+            **({"input": "signal", "amplitude": cfg.amplitude} if cfg.signal else {}),
+            **({"channels_last": True} if cfg.channels_last else {}),
             # the model's identity: a unit resumes only onto images of this very model
             "model": fingerprint(model),
         }
@@ -296,23 +324,58 @@ def featviz(
         images: list[Tensor] = []
         reached: list[Tensor] = []
         start: list[Tensor] = []
+        peaks: list[Tensor] = []
         for lo in range(0, len(todo), per_chunk):
             rows = todo[lo : lo + per_chunk]
             img, act, first = _optimize(cfg, tap, scorer, rows, tf, norm, seed, dtype, dev)
             images.append(img.cpu())
             reached.append(act.cpu())
             start.append(first.cpu())
+            if cfg.signal:
+                peaks.append(_peaks(tap, scorer, rows, norm(img), n))
             if on_chunk is not None:
                 units_done = [scorer.rows[r] for r in rows]
-                on_chunk(
-                    _result(cfg, units_done, n, [images[-1]], [reached[-1]], [start[-1]], settings)
+                part = _result(
+                    cfg, units_done, n, [images[-1]], [reached[-1]], [start[-1]], settings
                 )
+                part.peaks = _shaped(peaks[-1:], part.activations.shape) if cfg.signal else None
+                on_chunk(part)
             if progress is not None:
                 progress(lo + len(rows), len(todo))
     made = [scorer.rows[r] for r in todo]
     fv = _result(cfg, made, n, images, reached, start, settings)
     fv.skipped = skipped
+    if cfg.signal:
+        fv.peaks = _shaped(peaks, fv.activations.shape)
     return fv
+
+
+def _shaped(peaks: list[Tensor], shape: torch.Size) -> Tensor | None:
+    """The chunks' peaks as one tensor of ``shape``; None where the map has no positions."""
+    if not peaks or any(p.numel() == 0 for p in peaks):
+        return None if peaks else torch.zeros(shape, dtype=torch.long)
+    return torch.cat(peaks).reshape(shape)
+
+
+def _peaks(tap: _Tap, scorer: _Scorer, rows: list[int], x: Tensor, n: int) -> Tensor:
+    """Where along time each unit's map peaks on its final signal (model input ``x``, the
+    untransformed signals, ``n`` per unit); empty where the map has no positions."""
+    units = torch.tensor([scorer.rows[r] for r in rows for _ in range(n)], device=x.device)
+    with torch.no_grad():
+        act = tap(x)
+    if act.dim() != 3 or scorer.objective == "direction":
+        return torch.zeros(0, dtype=torch.long)
+    return act[torch.arange(act.shape[0], device=act.device), units].argmax(-1).cpu()
+
+
+def _feed(cfg: _Config) -> Callable[[Tensor], Tensor] | None:
+    """What the model takes from an optimized ``(N, C, 1, T)`` signal: ``(N, C, T)`` (or
+    ``(N, T, C)`` for a model that takes its channels last); None for images."""
+    if not cfg.signal:
+        return None
+    if cfg.channels_last:
+        return lambda x: x.squeeze(2).transpose(1, 2)
+    return lambda x: x.squeeze(2)
 
 
 def _result(
@@ -363,6 +426,11 @@ class _Config:
     std: tuple[float, ...]
     batch_size: int | None
     max_memory: float | str | None
+    #: a model of signals: ``(C, T)`` optimized as an image of height 1 (``width`` is T),
+    #: fed as ``amplitude * (2 x - 1)`` (``mean`` 0.5, ``std`` ``1 / (2 amplitude)``)
+    signal: bool = False
+    channels_last: bool = False
+    amplitude: float | None = None
 
     @classmethod
     def make(
@@ -386,6 +454,7 @@ class _Config:
         batch_size: Any,
         max_memory: Any,
         device: Any,
+        amplitude: Any = None,
     ) -> _Config:
         if not isinstance(model, nn.Module):
             raise LurkerError(
@@ -411,9 +480,23 @@ class _Config:
         name, target, layout = layer, layer, None
         run_size = run_channels = None
         run_mean = run_std = None
+        signal: tuple[int, int, bool] | None = None
         if run is not None:
-            name, target, layout, run_size, run_channels, run_mean, run_std = _from_run(
+            name, target, layout, run_size, run_channels, run_mean, run_std, signal = _from_run(
                 run, layer, size is None, channels is None
+            )
+        elif channels is None:
+            signal = _signal_input(model)
+        if signal is not None:
+            return cls._signal(
+                signal, size, channels, mean, std, amplitude, objective, position,
+                name, target, layout, units, steps, lr, param, images_per_unit, diversity,
+                directions, batch_size, max_memory,
+            )  # fmt: skip
+        if amplitude is not None:
+            raise LurkerError(
+                "amplitude= bounds a signal's values; this model takes images, which are "
+                "bounded in [0, 1] before its normalisation (mean=, std=)"
             )
         hw = size if size is not None else (run_size or DEFAULT_SIZE)
         if isinstance(hw, int) and not isinstance(hw, bool):
@@ -440,22 +523,7 @@ class _Config:
         if any(v <= 0 for v in s):
             raise LurkerError(f"std values must be positive, got {list(s)}")
         unit_list = _units(units)
-        dirs = None
-        if objective == "direction":
-            if directions is None:
-                raise LurkerError(
-                    "objective='direction' needs directions=: one vector per image, of the "
-                    "layer's channel count (a (D, C) array)"
-                )
-            dirs = torch.as_tensor(np.asarray(directions, dtype=np.float64))
-            if dirs.dim() == 1:
-                dirs = dirs[None]
-            if dirs.dim() != 2 or not torch.isfinite(dirs).all():
-                raise LurkerError(
-                    f"directions must be a finite (D, C) array, got shape {tuple(dirs.shape)}"
-                )
-        elif directions is not None:
-            raise LurkerError("directions= is for objective='direction'")
+        dirs = _directions(objective, directions)
         pos = None
         if position is not None:
             if objective != "neuron":
@@ -469,6 +537,84 @@ class _Config:
             name, target, layout, unit_list, objective, int(steps), int(hw[0]), int(hw[1]),
             int(c), float(lr), param, n, div, pos, dirs, m, s, batch_size, max_memory,
         )  # fmt: skip
+
+    @classmethod
+    def _signal(
+        cls,
+        found: tuple[int, int, bool],
+        size: Any,
+        channels: Any,
+        mean: Any,
+        std: Any,
+        amplitude: Any,
+        objective: str,
+        position: Any,
+        *rest: Any,
+    ) -> _Config:
+        """The config of a model of signals ``found = (C, T, channels_last)``: the options
+        that only mean something for images are refused, naming what signals take."""
+        (name, target, layout, units, steps, lr, param, images_per_unit, diversity,
+         directions, batch_size, max_memory) = rest  # fmt: skip
+        c, t, last = found
+        said = f"the model's inputs are signals ({c} channels x {t} samples), not images"
+        if mean is not None or std is not None:
+            raise LurkerError(
+                f"{said}: mean=/std= (--normalize) are an image's normalisation; a signal is "
+                "optimized in the model's own input units, within amplitude= (--amplitude)"
+            )
+        if objective == "neuron" or position is not None:
+            raise LurkerError(
+                f"{said}: objective='neuron' (position=) picks a place of an image's map; use "
+                "objective='channel', the unit's mean along time (its signal's peak is "
+                "recorded in fv.peaks)"
+            )
+        if isinstance(size, (tuple, list)):
+            raise LurkerError(
+                f"{said}: size= is the signal's length in samples (one int), got {size!r}"
+            )
+        length = size if size is not None else t
+        if isinstance(length, bool) or not isinstance(length, int) or length < 2:
+            raise LurkerError(
+                f"size (the signal's length in samples) must be an int >= 2, got {size!r}"
+            )
+        chans = channels if channels is not None else c
+        _positive_int(chans, "channels")
+        amp = 3.0 if amplitude is None else amplitude
+        if (
+            isinstance(amp, bool)
+            or not isinstance(amp, (int, float))
+            or not (math.isfinite(amp) and amp > 0)
+        ):
+            raise LurkerError(f"amplitude must be a positive number, got {amplitude!r}")
+        n = int(images_per_unit)
+        div = float(diversity) if diversity is not None else (DEFAULT_DIVERSITY if n > 1 else 0.0)
+        return cls(
+            name, target, layout, _units(units), objective, int(steps), 1, int(length),
+            int(chans), float(lr), param, n, div, None, _directions(objective, directions),
+            (0.5,) * chans, (0.5 / amp,) * chans, batch_size, max_memory, True, last,
+            float(amp),
+        )  # fmt: skip
+
+
+def _directions(objective: str, directions: Any) -> Tensor | None:
+    """``directions=`` as a ``(D, C)`` tensor for the direction objective (checked)."""
+    dirs = None
+    if objective == "direction":
+        if directions is None:
+            raise LurkerError(
+                "objective='direction' needs directions=: one vector per image, of the "
+                "layer's channel count (a (D, C) array)"
+            )
+        dirs = torch.as_tensor(np.asarray(directions, dtype=np.float64))
+        if dirs.dim() == 1:
+            dirs = dirs[None]
+        if dirs.dim() != 2 or not torch.isfinite(dirs).all():
+            raise LurkerError(
+                f"directions must be a finite (D, C) array, got shape {tuple(dirs.shape)}"
+            )
+    elif directions is not None:
+        raise LurkerError("directions= is for objective='direction'")
+    return dirs
 
 
 def _stored_alike(run: Any, cfg: _Config, settings: dict[str, Any], units: list[int]) -> list[int]:
@@ -489,7 +635,13 @@ def _stored_alike(run: Any, cfg: _Config, settings: dict[str, Any], units: list[
     alike = []
     held = set(stored.units)
     for u in units:
-        if u not in held or stored.unit_settings(u) != want:
+        # a signal's peaks are what it reached, not how it was made
+        made = (
+            {k: v for k, v in stored.unit_settings(u).items() if k != "peaks"}
+            if u in held
+            else None
+        )
+        if made != want:
             continue
         try:  # every copy there (a write stores a unit whole; this guards older runs)
             for k in range(cfg.images_per_unit):
@@ -537,45 +689,41 @@ def _units(units: Any) -> list[int] | None:
     return [int(v) for v in values]
 
 
+def _signal_input(model: nn.Module) -> tuple[int, int, bool] | None:
+    """``(C, T, False)`` for a model whose only convolutions are 1-D (a Conv1d stack reads
+    ``(N, C, T)``; T is the default length, ``DEFAULT_SIZE``); None for any other."""
+    convs = [m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)]
+    if convs and all(len(m.kernel_size) == 1 for m in convs):
+        return int(convs[0].in_channels), DEFAULT_SIZE, False
+    return None
+
+
 def _input_channels(model: nn.Module) -> int:
     """The channels of the model's input: the first convolution's ``in_channels``."""
     convs = [m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)]
     for m in convs:
         if len(m.kernel_size) == 2:
             return int(m.in_channels)
-    if any(len(m.kernel_size) == 1 for m in convs):
-        raise LurkerError(_NOT_IMAGES.format(what=f"{type(model).__name__}'s", kind=_SIGNAL))
     raise LurkerError(
         f"cannot tell how many input channels {type(model).__name__} takes (it has no 2-D "
         "convolution); pass channels= (and size=) for the images it takes"
     )
 
 
-#: why a model that does not take images has no feature visualization, and what shows its
-#: units instead (optimizing a 1-D input from noise has no prior that makes it readable)
+#: why a model that takes token ids or feature vectors has no feature visualization, and
+#: what shows its units instead (signals, channels by time, get signals optimized)
 _NOT_IMAGES = (
     "feature visualization optimizes an image (channels, height, width), and "
     "{what} inputs are {kind}, not images: it has no image to optimize. What excites a "
     "unit is in its top samples (Run.unit(layer, u).top('max'), the explorer's unit page), "
     "where the explorer draws each one"
 )
-_SIGNAL = "signals, channels by time (a Conv1d stack's (N, C, T))"
 
 
 def _two_axes(r: Any, shape: list[Any]) -> str:
-    """What a run's two-axis samples are, read from its graph as the explorer reads them
-    (:func:`lurker.explain.axes.graph_input_axes`): signals channels by time, either
-    order, else two axes the model reshapes itself (a one-channel image it unsqueezes)."""
-    from ..explain.axes import graph_signal_layout
-
-    try:
-        found = graph_signal_layout(r.graph, shape)
-    except Exception:  # no graph (an older run): not told apart
-        found = None
-    if found is not None:
-        c, t, last = found
-        order = ", stored channels last" if last else ""
-        return f"{_SIGNAL[:-1]}: {c} channels x {t} samples{order})"
+    """What a run's two-axis samples that are no signals are (signals are optimized as
+    such, :func:`_signal_of`): two axes the model reshapes itself (a one-channel image it
+    unsqueezes), or a sequence."""
     return (
         f"two axes per sample {tuple(shape)} (a one-channel image the model reshapes "
         "itself, or a sequence), not the (channels, height, width) it optimizes"
@@ -584,15 +732,19 @@ def _two_axes(r: Any, shape: list[Any]) -> str:
 
 def _from_run(
     run: Any, layer: str, want_size: bool, want_channels: bool
-) -> tuple[str, str, Any, tuple[int, int] | None, int | None, Any, Any]:
+) -> tuple[str, str, Any, tuple[int, int] | None, int | None, Any, Any, Any]:
     """The layer's name, op label and layout in ``run``, and the run's input size,
-    channels and normalisation."""
+    channels and normalisation; last, ``(C, T, channels_last)`` for a run of signals
+    (else None)."""
     from ..store import Run
 
     r = run if isinstance(run, Run) else Run.open(run)
     info = r.layer(layer)  # UnknownLayerError lists the run's layers
     cfg = r.meta.get("config") or {}
     shape = cfg.get("input_shape")
+    found = _signal_of(r, shape) if isinstance(shape, list) and len(shape) == 2 else None
+    if found is not None:
+        return info.name, info.op or info.name, info.layout, None, None, None, None, found
     if isinstance(shape, list) and len(shape) in (1, 2):  # as the explorer tells them
         kind = (
             _two_axes(r, shape)
@@ -628,7 +780,19 @@ def _from_run(
         chans,
         cfg.get("mean"),
         _raw_std(cfg.get("std")) if cfg.get("normalize") == "raw" else cfg.get("std"),
+        None,
     )
+
+
+def _signal_of(r: Any, shape: list[Any]) -> tuple[int, int, bool] | None:
+    """``(C, T, channels_last)`` where the run's two-axis samples are signals, read from
+    its graph as the explorer reads them; None otherwise (or a run with no graph)."""
+    from ..explain.axes import graph_signal_layout
+
+    try:
+        return graph_signal_layout(r.graph, shape)
+    except Exception:  # no graph (an older run): not told apart
+        return None
 
 
 def _raw_std(std: Any) -> Any:
@@ -678,8 +842,12 @@ class _Tap:
         layout: Any,
         name: str,
         unit_dim: int | None = None,
+        feed: Callable[[Tensor], Tensor] | None = None,
     ):
         self.model = model
+        #: what the model takes from an optimized input (a signal's ``(N, C, 1, T)`` as
+        #: ``(N, C, T)``); None: the image as it is
+        self.feed = feed
         self.target = target
         self.layout = layout
         self.name = name
@@ -691,7 +859,7 @@ class _Tap:
 
         with torch.no_grad():
             try:
-                traced = trace(model, x0, save="none")
+                traced = trace(model, feed(x0) if feed else x0, save="none")
             except LurkerError as e:
                 shape = tuple(x0.shape[1:])
                 raise LurkerError(
@@ -740,6 +908,8 @@ class _Tap:
 
     def __call__(self, x: Tensor) -> Tensor:
         grabbed: list[Tensor] = []
+        if self.feed is not None:
+            x = self.feed(x)
 
         def keep(out: Any) -> None:
             if isinstance(out, (tuple, list)):
@@ -947,10 +1117,12 @@ def _optimize(
     h, w, c = cfg.height, cfg.width, cfg.channels
     if cfg.param == "fourier":
         init = np.stack([g.standard_normal((c, h, w // 2 + 1, 2)) * 0.01 for g in gens])
-        image: nn.Module = FourierImage(torch.as_tensor(init, dtype=dtype), h, w)
+        image: nn.Module = FourierImage(
+            torch.as_tensor(init, dtype=dtype), h, w, decorrelate=not cfg.signal
+        )
     else:
         init = np.stack([g.uniform(-np.pi, np.pi, (c, h, w // 2 + 1)) for g in gens])
-        image = MacoImage(torch.as_tensor(init, dtype=dtype), h, w)
+        image = MacoImage(torch.as_tensor(init, dtype=dtype), h, w, decorrelate=not cfg.signal)
     image.to(dev)
     idx = torch.tensor([u for u in units for _ in range(n)], device=dev)
     dirs = scorer.directions[idx] if scorer.objective == "direction" else None

@@ -58,14 +58,16 @@ def spectrum_scale(height: int, width: int, decay_power: float = 1.0) -> np.ndar
 class _Param(nn.Module):
     """A batch of images kept as parameters; ``forward()`` gives them ``(N, C, H, W)`` in [0, 1]."""
 
-    def __init__(self, channels: int, height: int, width: int, dtype: torch.dtype) -> None:
+    def __init__(
+        self, channels: int, height: int, width: int, dtype: torch.dtype, decorrelate: bool = True
+    ) -> None:
         super().__init__()
         self.channels, self.height, self.width = channels, height, width
         scale = spectrum_scale(height, width)
         self.register_buffer("scale", torch.as_tensor(scale, dtype=dtype), persistent=False)
-        self.register_buffer(
-            "color", torch.as_tensor(color_matrix(channels), dtype=dtype), persistent=False
-        )
+        # a signal's channels (electrodes) have no colour covariance: the identity
+        color = color_matrix(channels) if decorrelate else np.eye(channels)
+        self.register_buffer("color", torch.as_tensor(color, dtype=dtype), persistent=False)
 
     def _to_image(self, spatial: Tensor) -> Tensor:
         """Decorrelated, unbounded ``(N, C, H, W)`` -> model channels in [0, 1]."""
@@ -79,11 +81,13 @@ class FourierImage(_Param):
     divided by :data:`SPECTRUM_MAGIC`, mapped through :func:`color_matrix` and a sigmoid.
 
     ``init`` holds the starting spectra, ``(N, C, H, W // 2 + 1, 2)`` (real, imaginary);
-    Lucid starts from normal noise of standard deviation 0.01.
+    Lucid starts from normal noise of standard deviation 0.01. A signal ``(C, T)`` is the
+    image of height 1 (``spectrum_scale(1, T)`` is ``1/f`` along time), with
+    ``decorrelate=False``: its channels are not colours.
     """
 
-    def __init__(self, init: Tensor, height: int, width: int) -> None:
-        super().__init__(init.shape[1], height, width, init.dtype)
+    def __init__(self, init: Tensor, height: int, width: int, decorrelate: bool = True) -> None:
+        super().__init__(init.shape[1], height, width, init.dtype, decorrelate)
         if init.shape[2:] != (height, width // 2 + 1, 2):
             raise ValueError(f"spectrum shape {tuple(init.shape)} does not fit {height}x{width}")
         self.spectrum = nn.Parameter(init.clone())
@@ -105,8 +109,8 @@ class MacoImage(_Param):
     ``init`` holds the starting phases, ``(N, C, H, W // 2 + 1)``.
     """
 
-    def __init__(self, init: Tensor, height: int, width: int) -> None:
-        super().__init__(init.shape[1], height, width, init.dtype)
+    def __init__(self, init: Tensor, height: int, width: int, decorrelate: bool = True) -> None:
+        super().__init__(init.shape[1], height, width, init.dtype, decorrelate)
         if init.shape[2:] != (height, width // 2 + 1):
             raise ValueError(f"phase shape {tuple(init.shape)} does not fit {height}x{width}")
         self.phase = nn.Parameter(init.clone())

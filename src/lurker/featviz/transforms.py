@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["Transforms"]
+__all__ = ["Shifts", "Transforms"]
 
 
 @dataclass(frozen=True)
@@ -101,3 +101,52 @@ def _inverse_affine(p: tuple[float, ...], h: int, w: int) -> list[list[float]]:
         [m[0][0], m[0][1] * h / w, 2 * tx / w],
         [m[1][0] * w / h, m[1][1], 2 * ty / h],
     ]
+
+
+@dataclass(frozen=True)
+class Shifts:
+    """The transforms of a signal ``(N, C, 1, T)`` (a :class:`Transforms` of height 1):
+    two whole-sample shifts along time, of ``-jitter`` to ``jitter`` and ``-jitter2`` to
+    ``jitter2`` samples, what comes in from outside being 0.5 (a zero signal), cut back to
+    ``T`` samples. The signal must excite its unit wherever the pattern lands in time, as
+    an image must wherever its feature lands; the model sees the length it was probed at
+    (a model that flattens time into a ``Linear`` takes that one only). No zoom or
+    rotation: they have no meaning along time."""
+
+    jitter: int
+    jitter2: int
+    #: the same interface as :class:`Transforms`: nothing padded, always cut back
+    pad: int = 0
+    crop: bool = True
+
+    @classmethod
+    def standard(cls, length: int) -> Shifts:
+        """Lucid's jitters (8 and 4 at 128 px) scaled to the signal's length."""
+        f = length / 128
+        return cls(jitter=max(1, round(8 * f)), jitter2=max(1, round(4 * f)))
+
+    @classmethod
+    def none(cls) -> Shifts:
+        return cls(jitter=0, jitter2=0)
+
+    def draw(self, rng: np.random.Generator) -> tuple[float, ...]:
+        """One signal's shift for one step: the two shifts' sum, in samples."""
+        a = rng.integers(-self.jitter, self.jitter + 1)
+        b = rng.integers(-self.jitter2, self.jitter2 + 1)
+        return (float(a + b),)
+
+    def apply(self, images: Tensor, params: Sequence[tuple[float, ...]]) -> Tensor:
+        """Each signal shifted by its own ``params`` row (as :meth:`draw` gives)."""
+        if self.is_identity:
+            return images
+        t = images.shape[-1]
+        m = self.jitter + self.jitter2
+        x = F.pad(images, [m, m], value=0.5)
+        # shifted right by d: sample i of the result is sample i - d of the signal
+        return torch.stack(
+            [x[i, ..., m - int(p[0]) : m - int(p[0]) + t] for i, p in enumerate(params)]
+        )
+
+    @property
+    def is_identity(self) -> bool:
+        return self.jitter == 0 and self.jitter2 == 0

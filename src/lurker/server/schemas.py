@@ -432,6 +432,12 @@ class FeatVizView(BaseModel):
     #: none for a neuron, whose value is at one position)
     best_dataset: float | None = None
     best_sample: int | None = None
+    #: a run of signals: per copy, the optimized signal ``(C, T)`` in the model's input
+    #: units (as ``Run.featviz(layer).signals()`` reads it), null for images
+    signals: list[list[list[float]]] | None = None
+    #: per copy: the half-open span ``[t0, t1)`` of samples the unit's peak on that signal
+    #: sees (its receptive field), null where it sees the whole signal
+    spans: list[list[int] | None] | None = None
 
 
 class FeatVizInfo(BaseModel):
@@ -449,6 +455,12 @@ class FeatVizInfo(BaseModel):
     #: the channel objective's counterpart in the dataset: the unit's best spatial mean
     best_dataset: float | None = None
     best_sample: int | None = None
+    #: a run of signals: per copy, the optimized signal ``(C, T)`` in the model's input
+    #: units (as ``Run.featviz(layer).signals()`` reads it), null for images
+    signals: list[list[list[float]]] | None = None
+    #: per copy: the half-open span ``[t0, t1)`` of samples the unit's peak on that signal
+    #: sees (its receptive field), null where it sees the whole signal
+    spans: list[list[int] | None] | None = None
     #: every objective the unit has images for, in ``objectives`` order
     views: list[FeatVizView] = []
 

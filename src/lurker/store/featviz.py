@@ -34,6 +34,7 @@ __all__ = [
     "UnitFeatViz",
     "direction_featviz",
     "featviz_png",
+    "featviz_signal",
     "featviz_units",
     "unit_featviz",
     "write_featviz",
@@ -176,12 +177,14 @@ def write_featviz(
     objective: str,
     rows: Sequence[tuple[int, int, float, np.ndarray]],
     settings: dict[str, Any],
+    extra: dict[int, dict[str, Any]] | None = None,
 ) -> None:
     """Store images in the run at ``root``: ``rows`` of ``(unit, copy, activation,
     pixels)``, pixels ``(C, H, W)`` uint8. ``layer`` is any name the run knows the layer
     by. The units written lose their earlier images of ``objective`` first (a unit made
     again with fewer copies keeps none of the old ones, whose settings differ). Holds the
-    run's lock (a probe writing the run makes this fail at once)."""
+    run's lock (a probe writing the run makes this fail at once). ``extra``: per unit, keys
+    added to its settings (a signal's ``peaks``: what it reached, not how it was made)."""
     from lurker.store.run import Run
     from lurker.store.writer import connect_rw
 
@@ -189,8 +192,18 @@ def write_featviz(
     with Run.open(path) as run:  # a complete run, or an error that says so
         info = run.layer(layer)
     doc = dump_json(settings)
+    docs = {int(u): dump_json({**settings, **more}) for u, more in (extra or {}).items()}
     encoded = [
-        (info.id, objective, int(u), int(k), float(a), dump_json(list(p.shape)), encode_png(p), doc)
+        (
+            info.id,
+            objective,
+            int(u),
+            int(k),
+            float(a),
+            dump_json(list(p.shape)),
+            encode_png(p),
+            docs.get(int(u), doc),
+        )
         for u, k, a, p in rows
     ]
     if not encoded:  # nothing written: no new token (open pages would refetch for nothing)
@@ -284,6 +297,41 @@ class StoredFeatViz:
                 if found is not None:
                     out[i, k] = decode_png(*found).astype(np.float32) / 255.0
         return out
+
+    def signals(self) -> np.ndarray:
+        """A run of signals' as float32 ``(units, copies, C, T)``, in the model's input
+        units: ``amplitude * (2 * image - 1)`` (8-bit precision: steps of ``2 amplitude /
+        255``); NaN past a unit's own copies. Refused for images."""
+        amp = self.settings.get("amplitude")
+        if self.settings.get("input") != "signal" or amp is None:
+            raise StoreError(
+                f"the feature visualizations of layer {self.layer!r} are images, not "
+                "signals: read them with images()"
+            )
+        return ((self.images() * 2 - 1) * np.float32(amp)).squeeze(-2)
+
+
+def featviz_signal(
+    run: Any, layer: str, unit: int, copy: int = 0, objective: str = "channel"
+) -> list[list[float]] | None:
+    """One stored signal ``(C, T)`` as lists, in the model's input units (as
+    :meth:`StoredFeatViz.signals`), or None where the stored image is no signal."""
+    info = run.layer(layer)
+    rows = run._query(
+        "SELECT shape, image, settings FROM featviz WHERE layer_id = ? AND objective = ? "
+        "AND unit = ? AND copy = ?",
+        (info.id, objective, int(unit), int(copy)),
+    )
+    if not rows:
+        return None
+    shape, image, doc = rows[0]
+    settings = json.loads(doc)
+    amp = settings.get("amplitude")
+    if settings.get("input") != "signal" or amp is None:
+        return None
+    pixels = decode_png(bytes(image), json.loads(shape)).astype(np.float32) / 255.0
+    values = (pixels * 2 - 1) * np.float32(amp)
+    return [[float(v) for v in ch] for ch in values[:, 0, :]]
 
 
 def read_featviz(run: Any, layer: str, objective: str | None) -> StoredFeatViz:

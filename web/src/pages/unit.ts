@@ -7,7 +7,7 @@ import { barChart, histogramChart, positionCount, sampleValueLabel } from "../ch
 import type { PageContext } from "../context";
 import { append, fill, fmt, h, notice, withId } from "../dom";
 import { featureRows, featureScale, featureStrip, imageState, noImage, patchless, tokenMeanOver, tokenSequence, topFeatures } from "../images";
-import { secondsText, signalDocPlot } from "../signal";
+import { secondsText, signalDocPlot, signalPlot } from "../signal";
 import { classLabel, classText, classWord, outputClass } from "../classes";
 
 type Tab = "mean" | "max" | "relevance" | "featviz";
@@ -196,6 +196,10 @@ export async function renderUnit(root: HTMLElement, ctx: PageContext, args: stri
       // a static export holds the best sample's image only where the unit's lists show it
       const best = view.best_sample;
       const held = !shown || (["mean", "max"] as const).some((w) => doc.top[w].some((e) => e.sample_id === best && shown.input?.[w]?.includes(e.rank)));
+      if (view.signals) {
+        fill(gallery, h("div", { class: "signal-list featviz-signals" }, ...featvizSignals(ctx, unit, view, images.channelNames ?? null, images.sampleRate ?? null, !doc.signal_error)));
+        return;
+      }
       fill(gallery, featvizFigures(ctx, layer, unit, view, images.ok, held ? null : (noImageWhy ?? NOT_EXPORTED.input)));
       return;
     }
@@ -627,7 +631,7 @@ function hasPatchless(layer: { rf?: Record<string, unknown> | null; layout?: Rec
 /** What the feature visualization tab says about how its images were made. */
 function featvizCaption(f: FeatVizView): string {
   const st = f.settings;
-  const made = [st["steps"] ? `${st["steps"]} steps` : null, st["size"] ? `${([] as unknown[]).concat(st["size"]).join("\u00d7")} px` : null, st["param"] ? `${st["param"]} parametrization` : null]
+  const made = [st["steps"] ? `${st["steps"]} steps` : null, st["size"] ? (st["input"] === "signal" ? `${([] as unknown[]).concat(st["size"]).slice(-1)} samples within ±${st["amplitude"]}` : `${([] as unknown[]).concat(st["size"]).join("\u00d7")} px`) : null, st["param"] ? `${st["param"]} parametrization` : null]
     .filter(Boolean)
     .join(", ");
   // several images per unit are pushed apart by a diversity term, which can cost activation
@@ -635,7 +639,48 @@ function featvizCaption(f: FeatVizView): string {
   const apart = n > 1 && Number(st["diversity"] ?? 0) > 0 ? `; ${n} images pushed apart by a diversity term of weight ${st["diversity"]}, which trades activation for variety` : "";
   const meaning = f.meaning ?? (f.objective === "channel" ? "the mean of its map" : f.objective);
   const beside = f.best_sample !== null ? ", beside the best dataset sample's" : "";
-  return `images optimized to excite the unit (${f.objective} objective: ${meaning}${made ? `; ${made}` : ""}${apart}); value: what each reached${beside}`;
+  const what = st["input"] === "signal" ? "signals" : "images";
+  return `${what} optimized to excite the unit (${f.objective} objective: ${meaning}${made ? `; ${made}` : ""}${apart}); value: what each reached${beside}`;
+}
+
+/** On a run of signals: each optimized signal drawn as lines (a lane per channel, named),
+ * the samples its unit's peak sees shaded, with the value it reached; then the best
+ * dataset sample's signal, as the top lists draw it. */
+function featvizSignals(ctx: PageContext, unit: number, f: FeatVizView, names: string[] | null, rate: number | null, drawable: boolean): HTMLElement[] {
+  const width = ENTRY_WIDTH;
+  const out = (f.signals ?? []).map((values, copy) => {
+    const span = f.spans?.[copy] ?? null;
+    const a = f.activations[copy] ?? null;
+    return h(
+      "figure",
+      { class: "signal-entry top-entry featviz", "data-objective": f.objective, "data-copy": copy, "data-value": a === null ? null : String(a), "data-span": span ? span.join(" ") : null },
+      signalPlot(values, { width, height: Math.min(220, 44 + 22 * values.length), axis: true, span, names, rate, label: `optimized signal ${copy + 1} of unit ${unit}${span ? `, samples ${span[0]}–${span[1] - 1} shaded (its peak)` : ""}` }),
+      h("figcaption", null, h("span", { class: "value" }, fmt(a)), h("span", { class: "cls" }, f.activations.length > 1 ? `signal ${copy + 1}` : "optimized")),
+      span ? h("div", { class: "muted small span-text" }, `peak sees samples ${span[0]}–${span[1] - 1} (${span[1] - span[0]})${rate ? ` · ${secondsText(span[0], span[1] - 1, rate)}` : ""}`) : null,
+    );
+  });
+  if (f.best_sample !== null) {
+    const plot = h("span", { class: "no-img muted small signal-pending" }, drawable ? "loading…" : "signal not at hand");
+    if (drawable) {
+      ctx.api.signalDoc(ctx.run, f.best_sample, width).then(
+        (doc) => {
+          if (!ctx.signal.aborted) plot.replaceWith(signalDocPlot(doc, { width, height: Math.min(150, 24 + 22 * doc.channels), rate, label: `best dataset sample ${f.best_sample}` }));
+        },
+        (err: Error) => {
+          plot.textContent = `signal not at hand: ${err.message}`;
+        },
+      );
+    }
+    out.push(
+      h(
+        "figure",
+        { class: "signal-entry top-entry best", "data-sample": f.best_sample, "data-value": f.best_dataset === null ? null : String(f.best_dataset) },
+        plot,
+        h("figcaption", null, h("span", { class: "value" }, fmt(f.best_dataset)), h("a", { href: ctx.href("sample", f.best_sample) }, `#${f.best_sample}`), h("span", { class: "cls", title: "the best dataset sample (rank 1 of the mean list)" }, "best sample")),
+      ),
+    );
+  }
+  return out;
 }
 
 /** The optimized images with the value each reached, then the best dataset sample. */

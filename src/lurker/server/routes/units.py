@@ -159,10 +159,30 @@ def _featviz(run: Any, layer: str, unit: int, doc: dict[str, Any]) -> dict[str, 
                 "settings": one.settings,
                 "best_dataset": best["value"] if best else None,
                 "best_sample": best["sample_id"] if best else None,
+                **_featviz_signals(run, layer, unit, objective, one),
             }
         )
     first = next((v for v in views if v["objective"] == found.objective), views[0])
     return {**first, "objectives": [v["objective"] for v in views], "views": views}
+
+
+def _featviz_signals(run: Any, layer: str, unit: int, objective: str, one: Any) -> dict[str, Any]:
+    """A signal run's stored signals of the unit, per copy, and the span each one's peak
+    sees (``signals``, ``spans``); nothing for images."""
+    if one.settings.get("input") != "signal":
+        return {}
+    from lurker.store.featviz import featviz_signal
+
+    info = run.layer(layer)
+    peaks = one.settings.get("peaks") or []
+    signals, spans = [], []
+    for copy in range(len(one.activations)):
+        values = featviz_signal(run, layer, unit, copy, objective)
+        signals.append(values or [])
+        peak = peaks[copy] if copy < len(peaks) else None
+        length = len(values[0]) if values else 0
+        spans.append(signal_span(run, info, peak, length) if peak is not None else None)
+    return {"signals": signals, "spans": spans}
 
 
 def _meaning(objective: str, settings: dict[str, Any]) -> str:

@@ -1,0 +1,205 @@
+"""Feature visualization of a model of 1-D signals ``(C, T)`` (an EEG's Conv1d stack):
+a signal per unit, optimized in a 1/f Fourier parametrization along time with random
+shifts, stored in the run, served and drawn as lines on the unit page.
+
+Oracles: a unit whose kernel is a sinusoid (its best input along its receptive field is
+that sinusoid), the dataset's best sample, and the stored run read back without torch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+from torch.utils.data import TensorDataset
+
+import lurker
+from explorer_fixtures import get_json, served_run, skip_without_browser, strict_page
+from lurker.cli import main
+from lurker.errors import LurkerError
+
+RID, C, T, K = "eeg", 3, 64, 3
+NAMES = ["Fz", "Cz", "Pz"]
+#: unit 0's kernel: one period of a sinusoid over 9 samples, on channel 1 only
+WAVE = torch.sin(2 * math.pi * torch.arange(9, dtype=torch.float32) / 9 + 0.3)
+
+
+class Eeg(TensorDataset):
+    channel_names = NAMES
+
+
+def _model() -> nn.Module:
+    """Conv1d (3 -> 4, kernel 9) -> ReLU -> mean over time -> Linear. Unit 0 of the conv
+    reads channel 1 through the sinusoid WAVE; the others are random."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv1d(C, 4, 9), nn.ReLU(), nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(4, 2)
+    ).eval()
+    with torch.no_grad():
+        model[0].weight[0].zero_()
+        model[0].weight[0, 1] = WAVE
+        model[0].bias[0] = 0.0
+    return model
+
+
+def _data() -> Eeg:
+    g = torch.Generator().manual_seed(3)
+    return Eeg(torch.randn(24, C, T, generator=g), torch.arange(24) % 2)
+
+
+def test_a_sinusoid_kernel_gets_the_sinusoid_where_its_unit_peaks():
+    """The ReLU after the conv, unit 0 (mean over time): its best input is WAVE along
+    every receptive field, so the optimized signal must correlate with WAVE on channel 1
+    at the unit's peak, and excite it far more than its random start."""
+    model = _model()
+    fv = lurker.featviz(model, "1", units=[0, 1], size=T, steps=128, seed=0)
+    assert tuple(fv.images.shape) == (2, C, 1, T)
+    sig = fv.signals
+    assert sig is not None and tuple(sig.shape) == (2, C, T)
+    assert float(sig.abs().max()) <= 3.0 + 1e-6  # within the default amplitude
+    assert fv.peaks is not None and tuple(fv.peaks.shape) == (2,)
+    p = int(fv.peaks[0])
+    window = sig[0, 1, p : p + 9].numpy()
+    assert np.corrcoef(window, WAVE.numpy())[0, 1] > 0.9
+    # the value reached, recomputed on the signal by hand (the model's own forward)
+    with torch.no_grad():
+        by_hand = torch.relu(model[0](sig))[:, :].mean(-1)
+    assert float(fv.activations[0]) == pytest.approx(float(by_hand[0, 0]), rel=1e-4)
+    assert (fv.activations > fv.start + 1.0).all()
+    # the peak is where the unit's map on the signal is highest
+    with torch.no_grad():
+        assert p == int(torch.relu(model[0](sig[:1]))[0, 0].argmax())
+
+
+def test_same_seed_same_signal_and_a_unit_alone_as_in_its_layer():
+    model = _model()
+    a = lurker.featviz(model, "0", size=T, steps=8, seed=4)
+    b = lurker.featviz(model, "0", size=T, steps=8, seed=4)
+    c = lurker.featviz(model, "0", size=T, steps=8, seed=5)
+    alone = lurker.featviz(model, "0", units=[2], size=T, steps=8, seed=4)
+    assert torch.equal(a.images, b.images) and torch.equal(a.activations, b.activations)
+    assert not torch.allclose(a.images, c.images)
+    assert torch.allclose(alone.images[0], a.images[2], atol=1e-5)
+
+
+def test_image_only_options_are_refused_naming_the_signals():
+    model = _model()
+    said = r"signals \(3 channels x 128 samples\), not images"
+    with pytest.raises(LurkerError, match=said + r".*mean=/std="):
+        lurker.featviz(model, "0", steps=1, mean=[0.0] * C, std=[1.0] * C)
+    with pytest.raises(LurkerError, match=said + r".*objective='neuron'"):
+        lurker.featviz(model, "0", steps=1, objective="neuron")
+    with pytest.raises(LurkerError, match=said + r".*length in samples"):
+        lurker.featviz(model, "0", steps=1, size=(1, 64))
+    with pytest.raises(LurkerError, match="amplitude must be a positive number"):
+        lurker.featviz(model, "0", steps=1, amplitude=0)
+    image_model = nn.Sequential(nn.Conv2d(1, 2, 3)).eval()
+    with pytest.raises(LurkerError, match=r"amplitude= bounds a signal"):
+        lurker.featviz(image_model, "0", steps=1, size=8, amplitude=2.0)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    model, data = _model(), _data()
+    with served_run(tmp_path_factory.mktemp("fvsig"), RID, model, data, "1", K) as s:
+        fv = lurker.featviz(model, "1", run=s["run"], steps=96, seed=0)
+        fv.save(s["run"])
+        s["fv"] = fv
+        yield s
+
+
+def test_the_signal_beats_the_dataset_best_and_is_stored_and_served_as_made(served: dict):
+    run = lurker.Run.open(served["run"])
+    fv = served["fv"]
+    assert fv.settings["input"] == "signal" and fv.settings["size"] == [1, T]
+    stored = run.featviz("1")
+    assert stored.units == [0, 1, 2, 3]
+    values = stored.signals()  # (units, copies, C, T), read without torch
+    assert values.shape == (4, 1, C, T)
+    # 8-bit precision: steps of 2 * amplitude / 255
+    assert np.abs(values[:, 0] - fv.signals.numpy()).max() <= 3.0 / 255 + 1e-6
+    for u in (0, 1, 2, 3):
+        best = run.unit("1", u).to_dict()["top"]["mean"][0]["value"]
+        assert float(fv.activations[u]) > best, (u, float(fv.activations[u]), best)
+    url = served["url"]
+    doc = get_json(f"{url}/api/runs/{RID}/layers/1/units/0")["featviz"]
+    assert doc["signals"][0] == values[0, 0].tolist()  # exactly what is stored
+    assert doc["settings"]["peaks"] == [int(fv.peaks[0])]
+    p = int(fv.peaks[0])
+    assert doc["spans"] == [[p, p + 9]]  # kernel 9, no padding: samples p..p+8
+    bare = get_json(f"{served['bare']}/api/runs/{RID}/layers/1/units/0")["featviz"]
+    assert bare["signals"] == doc["signals"]  # the run alone serves it (no model there)
+
+
+def test_a_rerun_from_the_command_line_resumes_the_stored_signals(served: dict, tmp_path: Path):
+    """`lurker featviz RUN` on a signal run stores signals; the peaks stored beside the
+    settings do not make a rerun redo them."""
+    import shutil
+
+    run = tmp_path / "copy"
+    shutil.copytree(served["run"], run)
+    torch.save(served["model"].state_dict(), tmp_path / "w.pt")
+    (tmp_path / "m.py").write_text(
+        "import math, torch\nfrom torch import nn\n"
+        "def build():\n"
+        f"    return nn.Sequential(nn.Conv1d({C}, 4, 9), nn.ReLU(), nn.AdaptiveAvgPool1d(1),\n"
+        "        nn.Flatten(), nn.Linear(4, 2))\n"
+    )
+    spec = ["-m", f"{tmp_path / 'm.py'}:build", "-w", str(tmp_path / "w.pt")]
+    args = ["featviz", str(run), "--layer", "1", "-u", "0,1", "--steps", "4", *spec]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    first = lurker.Run.open(run).featviz("1").png(0)
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0 and "already made with these settings" in r.output, r.output
+    assert lurker.Run.open(run).featviz("1").png(0) == first
+    r = CliRunner().invoke(main, [*args, "--normalize", "none"])
+    assert r.exit_code == 2 and "--normalize is for a model spec" in r.output
+
+
+def test_the_unit_page_draws_the_optimized_signal_as_lines(
+    browser: Any, served: dict, tmp_path: Path
+):
+    skip_without_browser()
+    url = served["url"]
+    p = int(served["fv"].peaks[0])
+    with strict_page(browser) as pg:
+        pg.goto(f"{url}/#/r/{RID}/unit/1/0?tab=featviz")
+        fig = pg.locator("figure.featviz.signal-entry")
+        fig.locator("svg.signal-plot").wait_for()
+        svg = fig.locator("svg.signal-plot")
+        assert svg.get_attribute("data-channels") == str(C)
+        assert svg.get_attribute("data-samples") == str(T)
+        assert fig.locator("path.signal-line").count() == C
+        assert fig.locator("text.signal-lane-label").all_text_contents() == NAMES
+        assert fig.get_attribute("data-span") == f"{p} {p + 9}"
+        assert fig.locator("rect.signal-span").count() == 1
+        pg.wait_for_selector("figure.best svg.signal-plot")  # the best sample beside it
+        assert "signals optimized to excite the unit" in pg.locator(".featviz-caption").inner_text()
+        pg.screenshot(path=str(tmp_path / "featviz-signal.png"), full_page=True)
+
+
+def test_a_channels_last_signal_run_gets_the_signals_of_its_channels_first_twin(tmp_path: Path):
+    """A run of ``(T, C)`` samples that the model transposes inside: the signal is fed
+    channels last, so it is the one the same stack makes fed ``(C, T)`` directly."""
+    from test_signal_layouts import ChannelsLast, Plain
+
+    torch.manual_seed(0)
+    model = ChannelsLast().eval()
+    data = TensorDataset(torch.randn(12, 64, 3), torch.arange(12) % 2)
+    lurker.probe(model, data, out=tmp_path / "run", k=3, progress=False)
+    layer = next(n for n, m in model.named_modules() if isinstance(m, nn.Conv1d))
+    fv = lurker.featviz(model, layer, [0, 1], steps=8, run=tmp_path / "run")
+    assert fv.settings["channels_last"] is True and tuple(fv.signals.shape) == (2, 3, 64)
+    twin = Plain().eval()
+    twin.load_state_dict(model.state_dict())
+    ref = lurker.featviz(twin, layer, [0, 1], steps=8, size=64)
+    assert torch.allclose(fv.images, ref.images, atol=1e-5)
+    assert torch.allclose(fv.activations, ref.activations, atol=1e-4)
