@@ -279,3 +279,22 @@ def canvas_pixels(page: Any, selector: str) -> list[Any]:
     import numpy as np
 
     return [np.array(d, np.uint8).reshape(hh, ww, 4)[..., :3] for hh, ww, d in shots]
+
+
+def assert_signal_max_list(
+    doc: dict[str, Any], maps: torch.Tensor, k: int, span: Callable[[int, int], list[int]]
+) -> list[dict[str, Any]]:
+    """A signal unit document's max list equals brute force over ``maps`` (the unit's
+    ``(samples, T')`` values from forward hooks): the top ``k`` samples by their peak, each
+    value, peak position, and the span ``span(sample_id, x)`` its peak sees; the values
+    themselves are left to the sample's one signal document. Returns the entries."""
+    peak, where = maps.max(1)
+    top = doc["top"]["max"]
+    assert [e["sample_id"] for e in top] == torch.argsort(-peak)[:k].tolist()
+    for e in top:
+        sid = e["sample_id"]
+        assert e["value"] == pytest.approx(float(peak[sid]), rel=1e-5)
+        assert e["x"] == int(where[sid])
+        assert e["span"] == span(sid, e["x"])
+        assert "signal" not in e
+    return top

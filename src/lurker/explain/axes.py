@@ -40,13 +40,16 @@ class InputAxes:
     cannot tell (``found == "unknown"``). ``found``: ``"graph"`` (from the model's first
     op that reads channels), ``"channel_dim"`` (named by the caller), ``"assumed"`` (the
     graph does not say; the ``(B, C, H, W)`` or ``(B, H, W)`` convention) or
-    ``"unknown"``. ``why``: how, in words, for errors.
+    ``"unknown"``. ``why``: how, in words, for errors. ``waveform``: a ``(B, T)`` input
+    the model gives its one channel itself in front of a ``Conv1d`` (``x.unsqueeze(1)``):
+    a one-channel signal with no channel axis of its own.
     """
 
     channel: int | None
     image: tuple[int, int] | None
     found: str
     why: str
+    waveform: bool = False
 
     def not_an_image(self, shape: Any, what: str) -> LurkerError:
         """The error for ``what`` (a heatmap, Grad-CAM) asked of an input that is not an
@@ -181,20 +184,26 @@ def graph_input_axes(graph: Any, nd: int) -> InputAxes | None:
 
 
 def graph_signal_layout(graph: Any, shape: Any) -> tuple[int, int, bool] | None:
-    """``(C, T, channels_last)`` where samples of ``shape`` (two axes, the batch not
-    counted) are 1-D signals as ``graph`` reads them: the first op that reads one of the
+    """``(C, T, channels_last)`` where samples of ``shape`` (the batch not counted) are
+    1-D signals as ``graph`` reads them. Two axes: the first op that reads one of the
     input's axes as channels (a ``Conv1d``'s ``(N, C, T)``; channels last through a
-    transpose into one, an ``LSTM``/``GRU`` with ``batch_first``, a ``Linear`` per step);
-    None for other shapes, ids an embedding looks up, a one-channel image the model
-    unsqueezes, or a graph that does not say. The one rule the explorer, the probe, unit
-    images and featviz tell signals by."""
+    transpose into one, an ``LSTM``/``GRU`` with ``batch_first``, a ``Linear`` per step).
+    One axis ``(T,)``: a raw waveform the model gives a channel axis of 1 in front of a
+    ``Conv1d`` (``x.unsqueeze(1)``, ``x.view(N, 1, T)``, ``x[:, None]``), a one-channel
+    signal ``(1, T, False)``, served as ``(1, T)`` (:func:`_one_channel`). None for other
+    shapes, ids an embedding looks up, features a ``Linear`` reads, a one-channel image
+    the model unsqueezes, or a graph that does not say. The one rule the explorer, the
+    probe, unit images and featviz tell signals by."""
     from ..vocab import reads_ids
 
-    if shape is None or len(shape) != 2:
+    if shape is None or len(shape) not in (1, 2):
         return None
     try:
         if reads_ids(graph):  # ids looked up per position are no signal
             return None
+        if len(shape) == 1:
+            wave = _read(graph, 2)
+            return (1, int(shape[0]), False) if wave is not None and wave.waveform else None
         axes = _read(graph, 3)
     except Exception:  # no graph, or one the axis rules cannot follow: tells nothing
         return None
@@ -206,6 +215,21 @@ def graph_signal_layout(graph: Any, shape: Any) -> tuple[int, int, bool] | None:
 
 
 def _read(tr: Any, nd: int) -> InputAxes | None:
+    found = _first_reader(tr, nd)
+    if found is None:
+        return None
+    shape, op, unit, args = found
+    if nd == 2 and _one_channel(tr, found):
+        why = f"{op.name.rstrip('_')} ({op.label}) reads it as a one-channel signal"
+        return InputAxes(None, None, "graph", why, waveform=True)
+    return _doubted(_at(op, unit, args, nd), shape)
+
+
+def _first_reader(tr: Any, nd: int) -> tuple[tuple[int, ...], Any, int, list] | None:
+    """The first op that reads an axis of the graph's first input (of ``nd`` axes) as its
+    channels: ``(the input's shape, the op, its unit axis, [(argument, ref, {input axis:
+    axis of that argument})])`` for the arguments that carry input axes whole; None where
+    no op does (or the first input has another number of axes)."""
     from ..graph.nodes import OpRef, refs
     from ..graph.receptive import follow_axes
     from ..probe.layout import own_unit_axis
@@ -227,7 +251,7 @@ def _read(tr: Any, nd: int) -> InputAxes | None:
             continue
         unit = own_unit_axis(op)
         if unit is not None:
-            return _doubted(_at(op, unit[0], args, nd), tuple(first.outputs[0].shape))
+            return tuple(first.outputs[0].shape), op, unit[0], args
         for k in range(len(op.outputs)):
             entries = [
                 (j, e, tuple(tr.ops[r.index].outputs[r.output].shape), d)
@@ -245,6 +269,32 @@ def _read(tr: Any, nd: int) -> InputAxes | None:
             if out:
                 carried[(op.index, k)] = out
     return None
+
+
+def _one_channel(tr: Any, found: tuple[tuple[int, ...], Any, int, list]) -> bool:
+    """Whether a graph's ``(B, T)`` input is a one-channel signal: the first op that reads
+    channels reads a ``(B, 1, T)`` tensor channels first (a ``Conv1d``, a
+    ``BatchNorm1d``), the input's batch on its axis 0, its one axis along the time axis 2
+    and the size-1 channel axis made by the model (``x.unsqueeze(1)``, ``x.view(B, 1,
+    T)``, ``x[:, None]``). A ``Linear`` reading the values as features, or one per value
+    (``x.unsqueeze(-1)``: a tabular model's per-feature tokens), is not. ``found``: that
+    op, as :func:`_first_reader` gives it."""
+    from ..graph.nodes import OpRef
+
+    _, op, unit, args = found
+    for j, r, m in args:
+        if j != 0 or type(r) is not OpRef:
+            continue
+        shape = tuple(tr.ops[r.index].outputs[r.output].shape)
+        return (
+            len(shape) == 3
+            and unit % 3 == 1
+            and shape[1] == 1
+            and len(op.outputs[0].shape) == 3
+            and m.get(0) == 0
+            and m.get(1) == 2
+        )
+    return False
 
 
 def _doubted(found: InputAxes | None, shape: tuple[int, ...]) -> InputAxes | None:

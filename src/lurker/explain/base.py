@@ -98,13 +98,17 @@ class Explanation:
 
     def signal(self, index: int = 0) -> Tensor:
         """Row ``index``'s attribution of a signal input ``(B, C, T)`` (a Conv1d stack's
-        EEG or audio): ``(C, T)``, channels first whatever the input's layout, or ``(T,)``
+        EEG or audio; a waveform ``(B, T)`` the model gives its one channel, ``(1, T)``):
+        ``(C, T)``, channels first whatever the input's layout, or ``(T,)``
         where every channel holds the position's whole value (``repeated``: Grad-CAM's map
         along time, occlusion's windows across all channels), which summed over the
         channels would count it ``C`` times. Any other input is refused."""
         a = self.attribution
         if not 0 <= index < a.shape[0]:
             raise LurkerError(f"index {index} out of range: this explanation has {a.shape[0]} rows")
+        if self.axes is not None and self.axes.waveform and a.dim() == 2:  # (B, T): one channel
+            row = a[index].detach().float().cpu()
+            return row.clone() if self.repeated else row[None].clone()
         c = self._signal_channel()
         if c is None:
             raise LurkerError(

@@ -166,7 +166,10 @@ def _read_through(tr: Any, label: str, maps: set[str]) -> str:
 
 def is_signal(axes: InputAxes | None, x: Tensor) -> bool:
     """Whether ``x`` is a batch of signals ``(B, C, T)``: a channel axis the model reads
-    (a Conv1d's) and one axis of time, no image."""
+    (a Conv1d's) and one axis of time, no image; or of waveforms ``(B, T)`` the model gives
+    their one channel itself (``axes.waveform``)."""
+    if axes is not None and axes.waveform:
+        return x.dim() == 2
     return axes is not None and axes.image is None and axes.channel is not None and x.dim() == 3
 
 
@@ -240,6 +243,8 @@ def upsample(cam: Tensor, x: Tensor, mode: str, axes: InputAxes | None = None) -
             raise LurkerError(f"Grad-CAM explains (B, C, H, W) images, got {tuple(x.shape)}")
         axes = InputAxes(1, (2, 3), "assumed", "(B, C, H, W)")
     kw = {} if mode == "nearest" else {"align_corners": False}
+    if is_signal(axes, x) and axes.waveform:  # (B, 1, 1, L) -> (B, T), its one channel
+        return F.interpolate(cam, size=(1, x.shape[1]), mode=mode, **kw)[:, 0, 0]
     if is_signal(axes, x):  # (B, 1, 1, L) -> along time (bilinear on one row: linear)
         c = int(axes.channel)  # type: ignore[arg-type]
         t = 3 - c  # the other axis of (B, C, T) or (B, T, C)

@@ -292,6 +292,7 @@ def featviz(
             "target": cfg.target,
             **({"input": "signal", "amplitude": cfg.amplitude} if cfg.signal else {}),
             **({"channels_last": True} if cfg.channels_last else {}),
+            **({"waveform": True} if cfg.waveform else {}),
             # the model's identity: a unit resumes only onto images of this very model
             "model": fingerprint(model),
         }
@@ -370,9 +371,12 @@ def _peaks(tap: _Tap, scorer: _Scorer, rows: list[int], x: Tensor, n: int) -> Te
 
 def _feed(cfg: _Config) -> Callable[[Tensor], Tensor] | None:
     """What the model takes from an optimized ``(N, C, 1, T)`` signal: ``(N, C, T)`` (or
-    ``(N, T, C)`` for a model that takes its channels last); None for images."""
+    ``(N, T, C)`` for a model that takes its channels last, ``(N, T)`` for a waveform's
+    model); None for images."""
     if not cfg.signal:
         return None
+    if cfg.waveform:  # samples of one axis: the model makes the one channel itself
+        return lambda x: x[:, 0, 0]
     if cfg.channels_last:
         return lambda x: x.squeeze(2).transpose(1, 2)
     return lambda x: x.squeeze(2)
@@ -431,6 +435,7 @@ class _Config:
     signal: bool = False
     channels_last: bool = False
     amplitude: float | None = None
+    waveform: bool = False  # samples of one axis (T,) the model makes one channel itself
 
     @classmethod
     def make(
@@ -480,7 +485,7 @@ class _Config:
         name, target, layout = layer, layer, None
         run_size = run_channels = None
         run_mean = run_std = None
-        signal: tuple[int, int, bool] | None = None
+        signal: tuple[int, int, bool, bool] | None = None
         if run is not None:
             name, target, layout, run_size, run_channels, run_mean, run_std, signal = _from_run(
                 run, layer, size is None, channels is None
@@ -541,7 +546,7 @@ class _Config:
     @classmethod
     def _signal(
         cls,
-        found: tuple[int, int, bool],
+        found: tuple[int, int, bool, bool],
         size: Any,
         channels: Any,
         mean: Any,
@@ -551,11 +556,11 @@ class _Config:
         position: Any,
         *rest: Any,
     ) -> _Config:
-        """The config of a model of signals ``found = (C, T, channels_last)``: the options
+        """The config of a model of signals ``found = (C, T, channels_last, waveform)``: the options
         that only mean something for images are refused, naming what signals take."""
         (name, target, layout, units, steps, lr, param, images_per_unit, diversity,
          directions, batch_size, max_memory) = rest  # fmt: skip
-        c, t, last = found
+        c, t, last, waveform = found
         said = f"the model's inputs are signals ({c} channels x {t} samples), not images"
         if mean is not None or std is not None:
             raise LurkerError(
@@ -577,6 +582,11 @@ class _Config:
             raise LurkerError(
                 f"size (the signal's length in samples) must be an int >= 2, got {size!r}"
             )
+        if waveform and channels not in (None, 1):
+            raise LurkerError(
+                f"{said}: its samples are waveforms of one axis, which the model makes one "
+                f"channel itself; channels= must be 1 or left out, got {channels!r}"
+            )
         chans = channels if channels is not None else c
         _positive_int(chans, "channels")
         amp = 3.0 if amplitude is None else amplitude
@@ -592,7 +602,7 @@ class _Config:
             name, target, layout, _units(units), objective, int(steps), 1, int(length),
             int(chans), float(lr), param, n, div, None, _directions(objective, directions),
             (0.5,) * chans, (0.5 / amp,) * chans, batch_size, max_memory, True, last,
-            float(amp),
+            float(amp), waveform,
         )  # fmt: skip
 
 
@@ -689,12 +699,12 @@ def _units(units: Any) -> list[int] | None:
     return [int(v) for v in values]
 
 
-def _signal_input(model: nn.Module) -> tuple[int, int, bool] | None:
-    """``(C, T, False)`` for a model whose only convolutions are 1-D (a Conv1d stack reads
+def _signal_input(model: nn.Module) -> tuple[int, int, bool, bool] | None:
+    """``(C, T, False, False)`` for a model whose only convolutions are 1-D (a Conv1d stack reads
     ``(N, C, T)``; T is the default length, ``DEFAULT_SIZE``); None for any other."""
     convs = [m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)]
     if convs and all(len(m.kernel_size) == 1 for m in convs):
-        return int(convs[0].in_channels), DEFAULT_SIZE, False
+        return int(convs[0].in_channels), DEFAULT_SIZE, False, False
     return None
 
 
@@ -734,16 +744,18 @@ def _from_run(
     run: Any, layer: str, want_size: bool, want_channels: bool
 ) -> tuple[str, str, Any, tuple[int, int] | None, int | None, Any, Any, Any]:
     """The layer's name, op label and layout in ``run``, and the run's input size,
-    channels and normalisation; last, ``(C, T, channels_last)`` for a run of signals
-    (else None)."""
+    channels and normalisation; last, ``(C, T, channels_last, waveform)`` for a run of
+    signals (``waveform``: samples of one axis ``(T,)`` that the model makes one channel
+    itself), else None."""
     from ..store import Run
 
     r = run if isinstance(run, Run) else Run.open(run)
     info = r.layer(layer)  # UnknownLayerError lists the run's layers
     cfg = r.meta.get("config") or {}
     shape = cfg.get("input_shape")
-    found = _signal_of(r, shape) if isinstance(shape, list) and len(shape) == 2 else None
-    if found is not None:
+    sig = _signal_of(r, shape) if isinstance(shape, list) and len(shape) in (1, 2) else None
+    if sig is not None:  # a one-axis sample is a waveform the model unsqueezes: (1, T)
+        found = (*sig, len(shape) == 1)
         return info.name, info.op or info.name, info.layout, None, None, None, None, found
     if isinstance(shape, list) and len(shape) in (1, 2):  # as the explorer tells them
         kind = (
@@ -785,8 +797,9 @@ def _from_run(
 
 
 def _signal_of(r: Any, shape: list[Any]) -> tuple[int, int, bool] | None:
-    """``(C, T, channels_last)`` where the run's two-axis samples are signals, read from
-    its graph as the explorer reads them; None otherwise (or a run with no graph)."""
+    """``(C, T, channels_last)`` where the run's samples are signals (two axes, or a
+    waveform's one), read from its graph as the explorer reads them; None otherwise (or a
+    run with no graph)."""
     from ..explain.axes import graph_signal_layout
 
     try:

@@ -1195,7 +1195,10 @@ def _propagate(
     return _combine(parents, maps, out, exact, context)
 
 
-def _pick_input(trace: _OpGraph, label: str | None) -> Op:
+def _pick_input(trace: _OpGraph, label: str | None, waveform: bool = False) -> Op:
+    """The input the fields are of; ``waveform`` (``time_axis=1``) also takes a ``(N, T)``
+    one, a raw waveform the model gives its one channel itself."""
+    dims = (2, 3) if waveform else (3, 4, 5)
     if label is not None:
         op = trace[label]
         if op.kind != "input":
@@ -1203,16 +1206,14 @@ def _pick_input(trace: _OpGraph, label: str | None) -> Op:
                 f"{label!r} is not a model input of this trace ({op.label} is {op.kind!r})."
             )
     else:
-        op = next(
-            (o for o in trace.inputs if o.shape is not None and len(o.shape) in (3, 4, 5)), None
-        )
+        op = next((o for o in trace.inputs if o.shape is not None and len(o.shape) in dims), None)
         if op is None:
             raise LurkerError(
                 "receptive_fields needs a model input of shape (N, C, H, W), (N, C, L) or a "
                 "video clip (N, C, D, H, W); this trace's inputs have shapes "
                 f"{[o.shape for o in trace.inputs]}."
             )
-    if op.shape is None or len(op.shape) not in (3, 4, 5):
+    if op.shape is None or len(op.shape) not in (*dims, 3, 4, 5):
         raise LurkerError(
             f"input {label!r} has shape {op.shape}; expected (N, C, H, W), (N, C, L) or "
             "(N, C, D, H, W)."
@@ -1276,13 +1277,16 @@ def receptive_fields(
 
     ``time_axis``: for a signal input of three axes, the axis that holds time (2, the
     default, for ``(N, C, T)``; 1 for a channels-last ``(N, T, C)`` the model transposes
-    or reads per step): the fields' x axis is then along it.
+    or reads per step, and for a raw waveform ``(N, T)`` the model gives its one channel):
+    the fields' x axis is then along it.
     """
-    src = _pick_input(graph, input_label)
-    if time_axis is not None and (len(src.shape or ()) != 3 or time_axis not in (1, 2)):
+    src = _pick_input(graph, input_label, waveform=time_axis == 1)
+    rank = len(src.shape or ())
+    waveform = rank == 2 and time_axis == 1
+    if time_axis is not None and not ((rank == 3 and time_axis in (1, 2)) or waveform):
         raise LurkerError(
             f"time_axis={time_axis} needs a signal input (N, C, T) or (N, T, C) and an axis 1 "
-            f"or 2; this input has shape {src.shape}"
+            f"or 2, or a waveform (N, T) and axis 1; this input has shape {src.shape}"
         )
     shape = tuple(src.shape or ())
     nd = len(shape)
@@ -1293,7 +1297,7 @@ def receptive_fields(
     if time_axis == 1:  # a channels-last signal: time on axis 1
         size = (1, shape[1])
         axes = (_Ax(1, 1, 1, 0, np.arange(shape[1]), np.arange(shape[1])),)
-    if nd == 3:
+    if nd in (2, 3):  # a waveform (N, T) has its time on axis 1 too
         axes = (_Ax(None, 1, 0, 0, np.zeros(1, np.int64), np.zeros(1, np.int64)), *axes)
     states: dict[tuple[int, int], _State] = {(src.index, 0): _State(axes, True)}
     dep = {src.index}

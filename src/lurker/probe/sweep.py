@@ -1074,15 +1074,14 @@ def _plan(
     names = _feature_names(
         getattr(ds, "feature_names", None), tuple(x0.shape[1:]), x0.is_floating_point()
     )
+    sample = tuple(x0.shape[1:])
+    axis = _signal_channel_axis(tr, sample)
+    if len(sample) == 1 and axis is not None:  # a waveform the model gives one channel
+        sample = (1, sample[0])
     channels = _channel_names(
-        getattr(ds, "channel_names", None),
-        tuple(x0.shape[1:]),
-        x0.is_floating_point(),
-        _signal_channel_axis(tr, tuple(x0.shape[1:])),
+        getattr(ds, "channel_names", None), sample, x0.is_floating_point(), axis
     )
-    rate = _sample_rate(
-        getattr(ds, "sample_rate", None), tuple(x0.shape[1:]), x0.is_floating_point()
-    )
+    rate = _sample_rate(getattr(ds, "sample_rate", None), sample, x0.is_floating_point())
     run_meta = {
         "model": type(model).__name__,
         "model_fingerprint": fingerprint(model),
@@ -2008,8 +2007,9 @@ def _feature_names(
 
 def _signal_channel_axis(tr: Trace, shape: tuple[int, ...]) -> int | None:
     """The axis of a two-axis sample (0 or 1, the batch not counted) that the traced
-    model reads as channels, as the explorer reads it; None where the graph does not say
-    (or the samples are not signals)."""
+    model reads as channels, as the explorer reads it (0 for a one-axis waveform the
+    model gives its one channel: ``(1, T)``); None where the graph does not say (or the
+    samples are not signals)."""
     from ..explain.axes import graph_signal_layout
 
     found = graph_signal_layout(tr, shape)

@@ -490,6 +490,7 @@ class Session:
         x = self._signal_tensor(sample_id, path)
         if self.signal_channels_last():
             x = x.t()
+        x = x.reshape(self.signal_shape() or x.shape)  # a one-axis waveform: one channel
         return [[v if math.isfinite(v) else None for v in row] for row in x.double().tolist()]
 
     def signal_channels_last(self) -> bool:
@@ -507,10 +508,14 @@ class Session:
         import torch
 
         shape = self.signal_shape()
-        fed = None if shape is None else shape[::-1] if self.signal_channels_last() else shape
+        # as stored: (T, C) channels last, (T,) a waveform the model gives its one channel
+        stored = (self.entry.open_run().meta.get("config") or {}).get("input_shape") or []
+        fed = None if shape is None else tuple(int(n) for n in stored)
         what = (
             "a signal"
             if shape is None
+            else f"a waveform of {shape[1]} samples"
+            if len(fed or ()) == 1
             else f"a signal of {shape[1]} samples x {shape[0]} channels (channels last)"
             if self.signal_channels_last()
             else f"a signal of {shape[0]} channels x {shape[1]} samples"

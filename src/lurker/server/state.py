@@ -71,11 +71,12 @@ def token_length(run: Run) -> int | None:
 
 def vector_length(run: Run) -> int | None:
     """How many values each of a run's inputs holds when they are flat vectors of numbers
-    and not token ids (its config's ``input_shape`` one axis: a tabular model's features,
-    the samples of a signal); ``None`` for images, clips and token ids. Such inputs have no
-    picture: the explorer says so instead of asking for one."""
+    and not token ids (its config's ``input_shape`` one axis: a tabular model's features);
+    ``None`` for images, clips, token ids and a raw waveform the model reads as a
+    one-channel signal (:func:`signal_layout`). Such inputs have no picture: the explorer
+    says so instead of asking for one."""
     shape = (run.meta.get("config") or {}).get("input_shape") or []
-    if len(shape) != 1 or token_length(run) is not None:
+    if len(shape) != 1 or token_length(run) is not None or signal_layout(run) is not None:
         return None
     return int(shape[0])
 
@@ -100,7 +101,8 @@ def signal_layout(run: Run) -> tuple[int, int, bool] | None:
     :func:`lurker.explain.axes.graph_input_axes` reads them for Explain (the first op
     that reads one of the input's axes as channels). Channels at the sample's first axis
     (a ``Conv1d`` stack's ``(N, C, T)`` batch: an EEG's ``(8, 256)``, a waveform's
-    ``(1, 4000)``) is a signal ``(C, T)``; channels at its last axis (a transpose into a
+    ``(1, 4000)``) is a signal ``(C, T)``, and so is one axis ``(T,)`` the model unsqueezes
+    into a ``Conv1d``'s one channel (``(1, T)``); channels at its last axis (a transpose into a
     ``Conv1d``, an ``LSTM``/``GRU`` with ``batch_first``, a ``Linear`` per step) a
     channels-last signal, stored ``(T, C)`` and served channels first
     (``channels_last`` True). A one-channel image (unsqueezed into a ``Conv2d``), token
@@ -114,7 +116,7 @@ def signal_layout(run: Run) -> tuple[int, int, bool] | None:
 
 
 def _read_signal(run: Run, shape: list[Any]) -> tuple[int, int, bool] | None:
-    if len(shape) != 2:
+    if len(shape) not in (1, 2):
         return None
     try:
         graph = run.graph
@@ -151,11 +153,13 @@ _FIELDS: weakref.WeakKeyDictionary[Run, dict[int, dict[str, Any]]] = weakref.Wea
 def signal_rf(run: Run, info: LayerInfo) -> dict[str, Any] | None:
     """A layer's receptive field along time on a signal run: the probe's own for a
     ``(C, T)`` signal (computed over the last axis, time); for a channels-last ``(T, C)``
-    one, over which the probe's fields are not along time, computed from the run's graph
-    with time on axis 1 (once per run generation). An RNN's output at a step sees every
+    one, over which the probe's fields are not along time, and a one-axis waveform
+    ``(T,)``, for which the probe computes none, from the run's graph with time on axis 1
+    (once per run generation). An RNN's output at a step sees every
     step up to it (``[0, t + 1)``), as its field says. None where there is none."""
     found = signal_layout(run)
-    if found is None or not found[2]:
+    one_axis = len((run.meta.get("config") or {}).get("input_shape") or []) == 1
+    if found is None or not (found[2] or one_axis):  # (C, T): the probe's, along T
         return info.rf
     try:
         index = int(info.op_index)

@@ -484,7 +484,7 @@ async def predictions(request: Request, run_id: str, image: str) -> LiveImage:
             predictions=(preds := s.predictions(x)),
             predictions_note=None if preds else no_scores(s.entry.open_run()),
             width=int(x.shape[-1]),
-            height=int(x.shape[-2]),
+            height=int(x.shape[-2]) if x.dim() > 1 else 1,  # a waveform: one channel
             input_note=s.upload_note(image),
         )
 
