@@ -21,7 +21,13 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from explorer_fixtures import get_json, served_run, skip_without_browser, strict_page
+from explorer_fixtures import (
+    assert_signal_max_list,
+    get_json,
+    served_run,
+    skip_without_browser,
+    strict_page,
+)
 from models_zoo import ConvLSTM
 
 RID, C, T, K = "eeg", 3, 96, 5
@@ -84,15 +90,8 @@ def test_peaks_spans_and_values_match_hooks_hand_rf_and_the_dataset(served: dict
     for unit in range(maps.shape[1]):
         doc = get_json(f"{url}/api/runs/{RID}/layers/{layer}/units/{unit}")
         assert doc["signal_shape"] == [C, T] and doc["signal_error"] is None
-        peak, where = maps[:, unit].max(1)
-        top = doc["top"]["max"]
-        assert [e["sample_id"] for e in top] == torch.argsort(-peak)[:K].tolist()
-        for e in top:
-            sid = e["sample_id"]
-            assert e["value"] == pytest.approx(float(peak[sid]), rel=1e-5)
-            assert e["x"] == int(where[sid])
-            assert e["span"] == _span(layer, e["x"])
-            assert "signal" not in e  # the values: the sample's one signal document
+        for e in assert_signal_max_list(doc, maps[:, unit], K, lambda _, x: _span(layer, x)):
+            sid = e["sample_id"]  # the values: the sample's one signal document
             assert _values(url, sid) == pytest.approx(xs[sid].double(), rel=1e-6, abs=1e-30)
         for e in doc["top"]["mean"]:  # its peak on that sample, and the span it sees
             assert e["span"] == _span(layer, int(maps[e["sample_id"], unit].argmax()))

@@ -24,6 +24,7 @@ from fastapi.testclient import TestClient
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from explorer_fixtures import assert_signal_max_list
 from lurker.explain.axes import graph_input_axes, input_axes
 from lurker.probe import probe
 from lurker.server import create_app
@@ -161,15 +162,11 @@ def test_conv_peaks_spans_and_values_match_hooks_and_a_hand_field(runs: dict, ri
     for unit in range(4):
         doc = _get(run, f"/api/runs/{rid}/layers/conv/units/{unit}")
         assert doc["signal_shape"] == [3, 64]
-        peak, where = out["c"][:, unit].max(1)
-        top = doc["top"]["max"]
-        assert [e["sample_id"] for e in top] == torch.argsort(-peak)[:K].tolist()
+        top = assert_signal_max_list(
+            doc, out["c"][:, unit], K, lambda _, x: [max(0, x - 2), min(64, x + 3)]
+        )
         for e in top:
             sid = e["sample_id"]
-            assert e["value"] == pytest.approx(float(peak[sid]), rel=1e-5)
-            assert e["x"] == int(where[sid])
-            assert e["span"] == [max(0, e["x"] - 2), min(64, e["x"] + 3)]
-            assert "signal" not in e
             sig = _get(run, f"/api/runs/{rid}/samples/{sid}/signal.json")["values"]
             np.testing.assert_allclose(sig, seen[sid].double(), rtol=1e-6)
         unit_row = layer["units"][unit]
