@@ -21,6 +21,7 @@ from fastapi.testclient import TestClient
 from torch import nn
 from torch.utils.data import TensorDataset
 
+import lurker
 from explorer_fixtures import (
     assert_signal_max_list,
     served_run,
@@ -216,6 +217,20 @@ def test_live_and_explain_answer_as_for_a_one_channel_run(wav: dict):
         assert len(got["signal_scores"]) == 1 and len(got["signal_scores"][0]) == T, method
 
 
+def test_concept_relevance_on_a_waveform_is_its_one_channel(wav: dict):
+    """Each unit's conditional heatmap on a waveform is one channel along time, equal to
+    lurker.explain.concepts on the (N, T) sample (it was a 500: a (T,) map read as rows)."""
+    x = wav["xs"][3:4]
+    ref = lurker.explain.concepts(wav["model"], x, layer="conv1", top=3)
+    got = _get(wav, "/api/runs/wav/live/sample-3/explain/concepts.json?layer=conv1&top=3")
+    assert [u["unit"] for u in got["units"]] == ref.units[0].tolist()
+    for i, u in enumerate(got["units"]):
+        heat = torch.tensor(u["signal_scores"], dtype=torch.float64)
+        assert heat.shape == (1, T)
+        want = ref.heatmaps[0, i].double().reshape(1, T)
+        assert heat == pytest.approx(want, rel=1e-5, abs=1e-7)
+
+
 def test_a_tabular_mlp_stays_feature_vectors(tmp_path: Path):
     data = TensorDataset(torch.randn(N, T), torch.arange(N) % 3)
     probe(_mlp().eval(), data, out=tmp_path / "mlp", k=K, batch_size=8, progress=False).close()
@@ -265,3 +280,26 @@ def test_featviz_optimizes_a_waveform_as_the_model_takes_it(wav: dict):
     assert (fv.activations > fv.start).all()
     with pytest.raises(LurkerError, match="channels= must be 1"):
         featviz(model, "conv1", 0, run=wav["path"], steps=1, channels=3)
+
+
+class _SideAndSignal(nn.Module):
+    """Side features (N, 4) first, then a channels-last signal (N, T, 3) into a Conv1d."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(3, 2, 5, stride=2)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, meta: torch.Tensor, sig: torch.Tensor) -> torch.Tensor:
+        return self.conv(sig.transpose(1, 2)).mean(2) + self.fc(meta)
+
+
+def test_fields_along_time_take_the_signal_over_side_features():
+    """With time on axis 1, a (N, T, C) input comes before a 2-D one: side features read
+    as a waveform gave the conv no field at all, silently."""
+    from lurker.graph.receptive import receptive_fields
+
+    tr = lurker.trace(_SideAndSignal().eval(), torch.randn(1, 4), torch.randn(1, 50, 3))
+    conv = next(op for op in tr.ops if op.name == "conv1d")
+    rf = receptive_fields(tr, time_axis=1)[conv.index]
+    assert (rf.x.size, rf.x.stride) == (5, 2)

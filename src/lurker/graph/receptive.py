@@ -1206,7 +1206,11 @@ def _pick_input(trace: _OpGraph, label: str | None, waveform: bool = False) -> O
                 f"{label!r} is not a model input of this trace ({op.label} is {op.kind!r})."
             )
     else:
-        op = next((o for o in trace.inputs if o.shape is not None and len(o.shape) in dims), None)
+        shaped = [o for o in trace.inputs if o.shape is not None and len(o.shape) in dims]
+        # a signal (N, C, T) before a waveform (N, T): another 2-D input (a model's side
+        # features) is no waveform when a signal is there
+        op = next((o for o in shaped if len(o.shape) == 3), None) if waveform else None
+        op = op or next(iter(shaped), None)
         if op is None:
             raise LurkerError(
                 "receptive_fields needs a model input of shape (N, C, H, W), (N, C, L) or a "

@@ -673,8 +673,9 @@ class LiveLayerUnits(BaseModel):
     #: each unit's largest value over its positions (the probe's max lists)
     max: list[float | None]
     #: the position of each unit's max (the first where it ties; a token's index where
-    #: ``positions`` is the sequence's length), null where the max is not finite; null for
-    #: a layer with no positions
+    #: ``positions`` is the sequence's length), null where the max is not finite or the
+    #: unit is equal at every position (a dead ReLU's zeros: it peaks nowhere); null for a
+    #: layer with no positions
     peak: list[int | None] | None = None
     #: the 10 units of largest ``max`` (finite values only), highest first
     top: list[int]

@@ -898,7 +898,8 @@ class Session:
         """Every probed layer's units on one live input, in one forward: ``(layer info,
         mean, max, positions, peak)``, mean and max ``(units,)``, over the unit's positions
         (its tokens) as the probe reduces them for its mean and max top-k lists; ``peak``
-        ``(units,)`` the position of each max (the first where it ties; None for a layer
+        ``(units,)`` the position of each max (the first where it ties, -1 for a unit equal
+        at every position; None for a layer
         with no positions, which has one value per unit, mean and max equal), so the page
         can say which token a unit fires on. A layer whose op the live trace lacks is left
         out."""
@@ -936,7 +937,9 @@ class Session:
             u = layout.units(v.to("cpu", torch.float64))[0]  # (units, *positions)
             flat = u.dim() == 1
             u = u.reshape(u.shape[0], -1)
-            peak = None if flat else u.argmax(1)  # the first of equal maxima
+            # the first of equal maxima; -1 for a unit equal at every position (a dead
+            # ReLU's zeros): it peaks nowhere, and position 0 would say a token it fires on
+            peak = None if flat else torch.where(u.amax(1) > u.amin(1), u.argmax(1), -1)
             out.append((info, u.mean(1), u.amax(1), int(u.shape[1]), peak))
         return out
 

@@ -823,11 +823,14 @@ def _concepts(
                 model_failed=True,
             ) from None
         seconds = time.perf_counter() - start
-        maps = c.heatmaps[0].float().cpu()  # (k, C, H, W); a signal's (k, C, T) or (k, T, C)
+        # (k, C, H, W); a signal's (k, C, T) or (k, T, C), a waveform's (k, T)
+        maps = c.heatmaps[0].float().cpu()
         if s.signal_shape() is not None:  # (C, T) per channel along time, as LRP's scores
             from lurker.explain.axes import input_axes
 
-            if input_axes(model, prep.xb).channel == 2:  # a channels-last (T, C) signal
+            if maps.dim() == 2:  # a waveform the model gives its one channel itself
+                maps = maps[:, None]
+            elif input_axes(model, prep.xb).channel == 2:  # a channels-last (T, C) signal
                 maps = maps.transpose(1, 2)
             new = {int(u): maps[i].contiguous() for i, u in enumerate(c.units[0].tolist())}
         else:

@@ -234,7 +234,7 @@ async def typed_input(request: Request, run_id: str, body: LiveInputBody) -> Liv
                     max=(top := json_values(peak.numpy()[None])[0]),
                     peak=None
                     if at is None
-                    else [None if v is None else int(i) for v, i in zip(top, at.tolist())],
+                    else [None if v is None or i < 0 else int(i) for v, i in zip(top, at.tolist())],
                     top=_top(peak),
                 )
                 for info, mean, peak, positions, at in layers
