@@ -203,3 +203,44 @@ def test_a_channels_last_signal_run_gets_the_signals_of_its_channels_first_twin(
     ref = lurker.featviz(twin, layer, [0, 1], steps=8, size=64)
     assert torch.allclose(fv.images, ref.images, atol=1e-5)
     assert torch.allclose(fv.activations, ref.activations, atol=1e-4)
+
+
+def test_a_layer_made_in_pieces_reads_each_unit_at_its_own_amplitude(tmp_path: Path):
+    """Units written at amplitude 3, then others at 10: Run.featviz().signals() scales each
+    by its own (the latest write's amplitude scaled them all, silently)."""
+    model, data = _model(), _data()
+    lurker.probe(model, data, out=tmp_path / "r", k=K, batch_size=8, progress=False).close()
+    low = lurker.featviz(model, "1", units=[0], run=tmp_path / "r", steps=8, amplitude=3.0)
+    low.save(tmp_path / "r")
+    high = lurker.featviz(model, "1", units=[1], run=tmp_path / "r", steps=8, amplitude=10.0)
+    high.save(tmp_path / "r")
+    values = lurker.Run.open(tmp_path / "r").featviz("1").signals()
+    assert np.abs(values[0, 0] - low.signals[0].numpy()).max() <= 3.0 / 255 + 1e-6
+    assert np.abs(values[1, 0] - high.signals[0].numpy()).max() <= 10.0 / 255 + 1e-5
+
+
+def test_transforms_on_and_off_are_told_apart_on_resume(tmp_path: Path):
+    """A signal made without shifts is not "already made" for a run with them: the setting
+    said "cropped" for both (a signal's shifts always crop back to T)."""
+    model = _model()
+    plain = lurker.featviz(model, "1", units=[0], size=T, steps=2, transforms=False)
+    shifted = lurker.featviz(model, "1", units=[0], size=T, steps=2, transforms=True)
+    assert plain.settings["transforms"] is False and shifted.settings["transforms"] is True
+
+
+def test_a_conv1d_model_without_a_run_is_a_signal_model_whatever_channels_says():
+    """channels= on a Conv1d stack without a run took the image path (a 4-D input, then
+    advice to pass channels= and size=); a model it cannot feed says to pass its run."""
+    fv = lurker.featviz(_model(), "1", units=[0], channels=C, size=32, steps=2)
+    assert fv.signals is not None and tuple(fv.signals.shape) == (1, C, 32)
+
+    class Waveform(nn.Module):  # takes (N, T) and gives it its one channel itself
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv1d(1, 2, 5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(x.unsqueeze(1))
+
+    with pytest.raises(LurkerError, match=r"does not run on a \(1, 32\) signal.*pass run="):
+        lurker.featviz(Waveform().eval(), "conv", units=[0], size=32, steps=2)

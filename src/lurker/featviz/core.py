@@ -282,7 +282,9 @@ def featviz(
             "channels": cfg.channels,
             "lr": lr,
             "param": param,
-            "transforms": "cropped" if tf.crop else transforms,
+            # "cropped" only where the model refused the padded size (a signal's shifts
+            # always crop back to T: that is no refusal, and on/off must stay told apart)
+            "transforms": "cropped" if refused is not None else transforms,
             **({"cropped_because": refused} if refused is not None else {}),
             "images_per_unit": n,
             "diversity": cfg.diversity,
@@ -352,10 +354,11 @@ def featviz(
 
 
 def _shaped(peaks: list[Tensor], shape: torch.Size) -> Tensor | None:
-    """The chunks' peaks as one tensor of ``shape``; None where the map has no positions."""
-    if not peaks or any(p.numel() == 0 for p in peaks):
-        return None if peaks else torch.zeros(shape, dtype=torch.long)
-    return torch.cat(peaks).reshape(shape)
+    """The chunks' peaks as one tensor of ``shape``; None where the map has no positions
+    (or nothing was made)."""
+    if peaks and all(p.numel() for p in peaks):
+        return torch.cat(peaks).reshape(shape)
+    return None
 
 
 def _peaks(tap: _Tap, scorer: _Scorer, rows: list[int], x: Tensor, n: int) -> Tensor:
@@ -490,7 +493,7 @@ class _Config:
             name, target, layout, run_size, run_channels, run_mean, run_std, signal = _from_run(
                 run, layer, size is None, channels is None
             )
-        elif channels is None:
+        else:  # a Conv1d stack: signals, whatever channels= says (_signal checks it)
             signal = _signal_input(model)
         if signal is not None:
             return cls._signal(
@@ -874,6 +877,18 @@ class _Tap:
             try:
                 traced = trace(model, feed(x0) if feed else x0, save="none")
             except LurkerError as e:
+                if feed is not None:  # a signal: channels= and size= are not what is wrong
+                    fed = tuple(feed(x0).shape[1:])
+                    raise LurkerError(
+                        f"the model does not run on a {fed} signal (channels, samples). {e} "
+                        "A model that takes its signal channels last (T, C) or as a "
+                        "waveform (T,) it gives a channel itself is told by its probe run: "
+                        "pass run= (a probe of this model).",
+                        cli=f"the model does not run on a {fed} signal (channels, samples). "
+                        f"{e.for_cli()} A model that takes its signal channels last (T, C) or "
+                        "as a waveform (T,) it gives a channel itself is told by its probe "
+                        "run: pass the run instead of a model spec.",
+                    ) from e
                 shape = tuple(x0.shape[1:])
                 raise LurkerError(
                     f"the model does not run on a {shape} image. {e} Pass the channels and "

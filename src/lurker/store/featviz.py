@@ -300,15 +300,20 @@ class StoredFeatViz:
 
     def signals(self) -> np.ndarray:
         """A run of signals' as float32 ``(units, copies, C, T)``, in the model's input
-        units: ``amplitude * (2 * image - 1)`` (8-bit precision: steps of ``2 amplitude /
-        255``); NaN past a unit's own copies. Refused for images."""
-        amp = self.settings.get("amplitude")
-        if self.settings.get("input") != "signal" or amp is None:
-            raise StoreError(
-                f"the feature visualizations of layer {self.layer!r} are images, not "
-                "signals: read them with images()"
-            )
-        return ((self.images() * 2 - 1) * np.float32(amp)).squeeze(-2)
+        units: ``amplitude * (2 * image - 1)`` with each unit's own amplitude (a layer made
+        in pieces may have several; 8-bit precision: steps of ``2 amplitude / 255``); NaN
+        past a unit's own copies. Refused for images."""
+        amps = []
+        for u in self.units:
+            made = self.unit_settings(u)
+            if made.get("input") != "signal" or made.get("amplitude") is None:
+                raise StoreError(
+                    f"the feature visualizations of layer {self.layer!r} are images, not "
+                    f"signals (unit {u}'s at least): read them with images()"
+                )
+            amps.append(made["amplitude"])
+        amp = np.asarray(amps, dtype=np.float32)[:, None, None, None, None]
+        return ((self.images() * 2 - 1) * amp).squeeze(-2)
 
 
 def featviz_signal(
