@@ -174,6 +174,8 @@ def precompute(
         flat = pictureless(s)
         if flat:  # scores per token, feature or time step: the methods its page shows
             shown = [m.name for m in methods_doc(request, e.id).methods]
+            if s.signal_shape() is not None and _has_concepts(s):
+                shown.append(CONCEPTS)  # a signal's page shows concept relevance too
             if asked is None:
                 if not shown:
                     raise LurkerError(

@@ -391,6 +391,12 @@ def _export_explanations(
             for m in methods:
                 doc = explain_result(s, image, m, TARGET, None)
                 files.json(_rel(*base, "explain", f"{m}.json?{query}"), doc)
+            if held["concepts"] is not None:  # a signal's: the maps are in the JSON
+                files.bar.total += 1
+                ranking = concept_ranking(s, image, TARGET, None, CONCEPT_TOP)
+                files.json(
+                    _rel(*base, "explain", f"concepts.json?{query}&top={CONCEPT_TOP}"), ranking
+                )
             continue
         files.bar.total += 2 + 2 * len(methods)
         files.json(_rel(*base), json.loads((folder / "live.json").read_text(encoding="utf-8")))

@@ -48,6 +48,9 @@ export interface FlatKind {
   draw(scores: (number | null)[], doc: SampleDoc, result: FlatResult): HTMLElement | SVGSVGElement;
   /** what follows the method cards with the model at hand (a signal's concept relevance) */
   extra?(image: string, target: string, doc: SampleDoc): HTMLElement | null;
+  /** what follows the method cards of a precomputed sample (no model: a signal's concept
+   * relevance as precomputed, or the command that precomputes it) */
+  held?(held: ExplainedIndex["samples"][number], doc: SampleDoc): HTMLElement | null;
 }
 
 const TITLES: Record<string, string> = {
@@ -249,6 +252,7 @@ async function renderHeld(root: HTMLElement, ctx: PageContext, held: ExplainedIn
     ),
     h("p", { class: "muted small", id: kind.legendId }, kind.legend),
     h("div", { class: kind.css }, methods.map((m) => methodCard(ctx, held.image, m, "top", doc, kind))),
+    kind.held?.(held, doc) ?? null,
   );
 }
 

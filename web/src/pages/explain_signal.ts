@@ -9,7 +9,7 @@
  */
 import { p, type RunSummary, type SampleDoc } from "../api";
 import type { PageContext } from "../context";
-import { fill, fmt, h, notice } from "../dom";
+import { fill, fmt, h, notice, withCode } from "../dom";
 import { fetchedSignal, signalDocPlot } from "../signal";
 import { renderFlatExplain } from "./explain_flat";
 import { conceptFrame, conceptLayerSelect, conceptUnitTitle, type ConceptRanking } from "../concepts";
@@ -34,21 +34,38 @@ export function renderSignalExplain(root: HTMLElement, ctx: PageContext, summary
       return fetchedSignal(ctx.api, ctx.run, doc.sample.id, undefined, (sig) => signalDocPlot(sig, { width: 560, height: 48 * c + 22 + (r.signal_scores?.length === 1 ? 14 : 0), axis: true, names, rate, bands: r.signal_scores ?? [], signed: r.signed, label: `${r.method} along time` }), missing);
     },
     extra: (image, target, doc) => conceptSection(ctx, summary, image, target, doc, missing),
+    // no model: the concept relevance precomputed at the default layer for the top class
+    // (the layer chooser disabled, as on an image's page), or the command that makes it
+    held: (held, doc) => {
+      const where = ctx.api.isStatic ? "a server" : "one attached";
+      if (!held.concepts)
+        return h(
+          "section",
+          { class: "concept-section" },
+          h("h2", null, "Concept relevance ", h("span", { class: "sub" }, "which units of a layer carried this decision")),
+          notice(`Concept relevance runs LRP through the model, so it needs ${where}: \`lurker serve ${ctx.run} --model SPEC\`. To show it here, precompute it: \`lurker images ${ctx.run} --explanations top\`${ctx.api.isStatic ? " and export again" : ""}.`),
+        );
+      const section = conceptSection(ctx, summary, held.image, "top", doc, missing, true);
+      section.append(h("p", { class: "muted small static-note" }, withCode(`Precomputed at \`${held.concepts}\` for the top class; other layers run LRP through the model: \`lurker serve ${ctx.run} --model SPEC\`.`)));
+      return section;
+    },
   });
 }
 
 /** Concept relevance on a signal: the layer's 8 most relevant units (LRP), each card the
  * sample's lines with the unit's conditional heatmap as a band under each channel. */
-function conceptSection(ctx: PageContext, summary: RunSummary, image: string, target: string, doc: SampleDoc, missing: (why: string | null | undefined) => HTMLElement): HTMLElement {
+function conceptSection(ctx: PageContext, summary: RunSummary, image: string, target: string, doc: SampleDoc, missing: (why: string | null | undefined) => HTMLElement, precomputed = false): HTMLElement {
   const [c] = summary.dataset.signal ?? [0, 0];
   const params = new URLSearchParams(ctx.params);
-  const layer = params.get("clayer");
+  // precomputed: the default layer's ranking only (the path a static export holds)
+  const layer = precomputed ? null : params.get("clayer");
   const select = conceptLayerSelect(summary, layer, (chosen) => {
     const q = new URLSearchParams(params);
     if (chosen) q.set("clayer", chosen);
     else q.delete("clayer");
     ctx.navigate(ctx.href("explain") + "?" + q);
   });
+  select.disabled = precomputed;
   const status = h("p", { class: "muted small" }, "Ranking the units…");
   const list = h("div", { class: "signal-explain concepts", "aria-label": "units by relevance" });
   const q = new URLSearchParams({ target, top: "8" });

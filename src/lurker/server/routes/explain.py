@@ -923,14 +923,12 @@ def stored_concepts(s: Session, image: str, target: str = "top") -> str | None:
     """The default layer when the run's cache holds on disk its concept relevance for
     ``image`` and ``target`` with the top units' maps (what the Explain page asks first),
     else None."""
-    try:
-        image = image_id(s, image)
+    try:  # (a signal run's samples are checked as such: image_id refuses them)
+        key = _concept_key(s, image, target, None)
     except ApiError:
         return None
-    layer = default_concept_layer(s, target)
-    if layer is None:
-        return None
-    r = _read_concepts(s, (image, "concepts", target, layer))
+    layer = key[3]
+    r = _read_concepts(s, key)
     # only a ranking with the maps the page shows (a unit's PNG asked alone keeps fewer)
     if r is None or not all(u in r.heat for u in _wanted(r, CONCEPT_TOP)):
         return None
