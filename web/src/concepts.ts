@@ -4,7 +4,7 @@
  */
 import type { RunSummary } from "./api";
 import type { PageContext } from "./context";
-import { h } from "./dom";
+import { h, notice, withCode } from "./dom";
 
 /** GET .../explain/concepts.json: a layer's units ranked by their share of the relevance. */
 export interface ConceptRanking {
@@ -51,4 +51,20 @@ export function conceptFrame(select: HTMLElement, status: HTMLElement, list: HTM
     status,
     list,
   );
+}
+
+/** Where no model is attached and nothing was precomputed: what runs concept relevance. */
+export function conceptNeedsModel(ctx: PageContext): HTMLElement {
+  const where = ctx.api.isStatic ? "a server" : "one attached";
+  return h(
+    "section",
+    { class: "concept-section" },
+    h("h2", null, "Concept relevance ", h("span", { class: "sub" }, "which units of a layer carried this decision")),
+    notice(`Concept relevance runs LRP through the model, so it needs ${where}: \`lurker serve ${ctx.run} --model SPEC\`. To show it here, precompute it: \`lurker images ${ctx.run} --explanations top\`${ctx.api.isStatic ? " and export again" : ""}.`),
+  );
+}
+
+/** Under a precomputed ranking: where it was made, and what the other layers need. */
+export function conceptPrecomputedNote(ctx: PageContext, layer: string): HTMLElement {
+  return h("p", { class: "muted small static-note" }, withCode(`Precomputed at \`${layer}\` for the top class; other layers run LRP through the model: \`lurker serve ${ctx.run} --model SPEC\`.`));
 }

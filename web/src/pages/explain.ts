@@ -22,7 +22,7 @@ import { renderTokenExplain } from "./explain_tokens";
 import { renderFeatureExplain } from "./explain_features";
 import { renderSignalExplain } from "./explain_signal";
 import { classLabel, classText, namesWidth } from "../classes";
-import { conceptFrame, conceptLayerSelect, conceptUnitTitle, type ConceptRanking } from "../concepts";
+import { conceptFrame, conceptLayerSelect, conceptNeedsModel, conceptPrecomputedNote, conceptUnitTitle, type ConceptRanking } from "../concepts";
 
 const PICKER = { id: "explain", title: "Image to explain", action: "Explain sample" };
 
@@ -334,17 +334,10 @@ export async function renderExplain(root: HTMLElement, ctx: PageContext): Promis
     const section = conceptSection(ctx, summary, live, image, "top", null, inputSrc, () => undefined);
     const select = section.querySelector("select");
     if (select) select.disabled = true;
-    section.append(h("p", { class: "muted small static-note" }, withCode(`Precomputed at \`${held.concepts}\` for the top class; other layers run LRP through the model: \`lurker serve ${ctx.run} --model SPEC\`.`)));
+    section.append(conceptPrecomputedNote(ctx, held.concepts));
     page.append(section);
   } else if (explained) {
-    page.append(
-      h(
-        "section",
-        { class: "concept-section" },
-        h("h2", null, "Concept relevance ", h("span", { class: "sub" }, "which units of a layer carried this decision")),
-        notice(`Concept relevance runs LRP through the model, so it needs ${ctx.api.isStatic ? "a server" : "one attached"}: \`lurker serve ${ctx.run} --model SPEC\`. To show it here, precompute it: \`lurker images ${ctx.run} --explanations top\`.`),
-      ),
-    );
+    page.append(conceptNeedsModel(ctx));
   } else if (info.concepts) {
     const clayer = params.get("clayer") || (isUnit ? null : conceptDefault(info)) || null;
     page.append(conceptSection(ctx, summary, live, image, target, clayer, inputSrc, (l) => go({ clayer: l })));

@@ -9,10 +9,10 @@
  */
 import { p, type RunSummary, type SampleDoc } from "../api";
 import type { PageContext } from "../context";
-import { fill, fmt, h, notice, withCode } from "../dom";
+import { fill, fmt, h, notice } from "../dom";
 import { fetchedSignal, signalDocPlot } from "../signal";
 import { renderFlatExplain } from "./explain_flat";
-import { conceptFrame, conceptLayerSelect, conceptUnitTitle, type ConceptRanking } from "../concepts";
+import { conceptFrame, conceptLayerSelect, conceptNeedsModel, conceptPrecomputedNote, conceptUnitTitle, type ConceptRanking } from "../concepts";
 
 export function renderSignalExplain(root: HTMLElement, ctx: PageContext, summary: RunSummary, loading: HTMLElement): Promise<void> {
   const [c, t] = summary.dataset.signal ?? [0, 0];
@@ -37,16 +37,9 @@ export function renderSignalExplain(root: HTMLElement, ctx: PageContext, summary
     // no model: the concept relevance precomputed at the default layer for the top class
     // (the layer chooser disabled, as on an image's page), or the command that makes it
     held: (held, doc) => {
-      const where = ctx.api.isStatic ? "a server" : "one attached";
-      if (!held.concepts)
-        return h(
-          "section",
-          { class: "concept-section" },
-          h("h2", null, "Concept relevance ", h("span", { class: "sub" }, "which units of a layer carried this decision")),
-          notice(`Concept relevance runs LRP through the model, so it needs ${where}: \`lurker serve ${ctx.run} --model SPEC\`. To show it here, precompute it: \`lurker images ${ctx.run} --explanations top\`${ctx.api.isStatic ? " and export again" : ""}.`),
-        );
+      if (!held.concepts) return conceptNeedsModel(ctx);
       const section = conceptSection(ctx, summary, held.image, "top", doc, missing, true);
-      section.append(h("p", { class: "muted small static-note" }, withCode(`Precomputed at \`${held.concepts}\` for the top class; other layers run LRP through the model: \`lurker serve ${ctx.run} --model SPEC\`.`)));
+      section.append(conceptPrecomputedNote(ctx, held.concepts));
       return section;
     },
   });
