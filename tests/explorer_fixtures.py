@@ -298,3 +298,21 @@ def assert_signal_max_list(
         assert e["span"] == span(sid, e["x"])
         assert "signal" not in e
     return top
+
+
+def without_weights(run: Path, root: Path) -> Path:
+    """A copy of ``run`` under ``root`` (its explanation cache included) whose recorded
+    weights file does not exist here: a server cannot load its model."""
+    import shutil
+
+    from lurker.store import RunWriter, run_lock
+
+    copy = root / run.name
+    shutil.copytree(run, copy)
+    with run_lock(copy):
+        w = RunWriter.reopen(copy)
+        try:
+            w.meta_set("config", {**w.meta_get("config"), "weights": str(root / "gone.pt")})
+        finally:
+            w.close()
+    return copy

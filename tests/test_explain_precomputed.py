@@ -19,7 +19,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 import lurker.explain as XP
-from explorer_fixtures import ExplorerRun, explorer_run  # noqa: F401
+from explorer_fixtures import ExplorerRun, explorer_run, without_weights  # noqa: F401
 from lurker.cli import main
 from lurker.server import create_app, export_site, static_segment
 
@@ -301,22 +301,6 @@ def test_bad_input(args: list[str], says: str, run: Path) -> None:
     res = CliRunner().invoke(main, ["images", str(run), *args])
     assert res.exit_code != 0
     assert says in res.output
-
-
-def without_weights(run: Path, root: Path) -> Path:
-    """A copy of ``run`` (its explanation cache included) whose recorded weights file does
-    not exist here: a server cannot load its model."""
-    from lurker.store import RunWriter, run_lock
-
-    copy = root / "digits"
-    shutil.copytree(run, copy)
-    with run_lock(copy):
-        w = RunWriter.reopen(copy)
-        try:
-            w.meta_set("config", {**w.meta_get("config"), "weights": str(root / "gone.pt")})
-        finally:
-            w.close()
-    return copy
 
 
 def held_units(run: Path, sid: int) -> list[int]:

@@ -11,7 +11,6 @@ draws its cards. Before, precompute skipped concept relevance on a signal run (i
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,13 @@ from typing import Any
 import pytest
 import torch
 
-from explorer_fixtures import get_json, skip_without_browser, static_server, strict_page
+from explorer_fixtures import (
+    get_json,
+    skip_without_browser,
+    static_server,
+    strict_page,
+    without_weights,
+)
 
 RID = "eeg"
 QUERY = "concepts.json?target=top&top=8"
@@ -58,21 +63,6 @@ def older(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     yield _run(tmp_path_factory.mktemp("signal-no-concepts"), ["saliency", "lrp"])
 
 
-def _without_weights(run: Path, root: Path) -> Path:
-    """A copy of ``run`` whose recorded weights are gone: a server cannot load its model."""
-    from lurker.store import RunWriter, run_lock
-
-    copy = root / RID
-    shutil.copytree(run, copy)
-    with run_lock(copy):
-        w = RunWriter.reopen(copy)
-        try:
-            w.meta_set("config", {**w.meta_get("config"), "weights": str(root / "gone.pt")})
-        finally:
-            w.close()
-    return copy
-
-
 def test_precomputed_concepts_equal_the_live_ones_and_lurker_explain(
     pre: dict, tmp_path: Path
 ) -> None:
@@ -87,7 +77,7 @@ def test_precomputed_concepts_equal_the_live_ones_and_lurker_explain(
     held = pre["held"]
     assert held and all(h["concepts"] == "4" for h in held)  # the default layer (its ReLU)
     assert pre["done"].skipped == {}
-    bare = _without_weights(pre["run"], tmp_path)
+    bare = without_weights(pre["run"], tmp_path)
     apps = (
         create_app(bare, dataset=pre["data"]),  # no model: the store only
         create_app(pre["run"], dataset=pre["data"]),  # the run's own model
@@ -123,7 +113,7 @@ def test_a_run_precomputed_without_concepts_serves_and_says_what_to_run(
     held = older["held"]
     assert held and all(h["concepts"] is None and h["methods"] for h in held)
     assert not list(older["site"].rglob("concepts.json*"))
-    bare = _without_weights(older["run"], tmp_path)
+    bare = without_weights(older["run"], tmp_path)
     with background(create_app(bare, dataset=older["data"])) as a:
         image = held[0]["image"]
         assert get_json(f"{a}api/runs/{RID}/live/{image}/explain/saliency.json?target=top")
