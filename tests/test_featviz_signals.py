@@ -244,3 +244,53 @@ def test_a_conv1d_model_without_a_run_is_a_signal_model_whatever_channels_says()
 
     with pytest.raises(LurkerError, match=r"does not run on a \(1, 32\) signal.*pass run="):
         lurker.featviz(Waveform().eval(), "conv", units=[0], size=32, steps=2)
+
+
+def _split_min_max(row: np.ndarray, columns: int) -> tuple[list[float], list[float]]:
+    parts = np.array_split(row, min(len(row), columns))
+    return [float(p.min()) for p in parts], [float(p.max()) for p in parts]
+
+
+def test_the_layer_document_gives_each_units_stored_signal_as_a_tile(served: dict):
+    """The layer grid's featviz view drew each unit's stored PNG, a C x T grey strip: the
+    layer document now carries every unit's stored signal as the grid's tiles draw them,
+    each column numpy's array_split min..max of the stored values (read without torch)."""
+    from lurker.server.routes.layers import TILE_COLUMNS
+
+    stored = lurker.Run.open(served["run"]).featviz("1").signals()  # (units, 1, C, T)
+    for base in (served["url"], served["bare"]):  # the run alone serves them too
+        tiles = get_json(f"{base}/api/runs/{RID}/layers/1")["featviz_signals"]
+        assert sorted(tiles, key=int) == ["0", "1", "2", "3"]
+        for u, tile in tiles.items():
+            assert tile["length"] == T and tile["channels"] == C
+            for ch in range(C):
+                lo, hi = _split_min_max(stored[int(u), 0, ch], TILE_COLUMNS)
+                assert tile["lo"][ch] == pytest.approx(lo, rel=1e-6, abs=1e-7)
+                assert tile["hi"][ch] == pytest.approx(hi, rel=1e-6, abs=1e-7)
+
+
+def test_the_layer_grid_draws_each_units_signal_as_lines(
+    browser: Any, served: dict, tmp_path: Path
+):
+    skip_without_browser()
+    url = served["url"]
+    tiles = get_json(f"{url}/api/runs/{RID}/layers/1")["featviz_signals"]
+    with strict_page(browser, width=1280) as pg:
+        pg.goto(f"{url}/#/r/{RID}/layer/1?sort=index&thumb=featviz")
+        plots = pg.locator(".unit-grid .featviz-signal svg.signal-tile-plot")
+        plots.first.wait_for()
+        assert plots.count() == 4
+        assert pg.locator(".unit-grid img").count() == 0  # no grey strip left
+        for u in range(4):
+            card = pg.locator(f'.unit-card[data-unit="{u}"]')
+            svg = card.locator("svg.signal-tile-plot")
+            assert svg.get_attribute("data-channels") == str(C)
+            assert svg.get_attribute("data-samples") == str(T)
+            lines = card.locator("path.signal-line")
+            assert lines.count() == C
+            assert [lines.nth(i).locator("title").text_content() for i in range(C)] == NAMES
+            # one pen stroke per column drawn: every column of the served tile is on it
+            d = lines.nth(0).get_attribute("d") or ""
+            assert d.count("M") + d.count("L") == 2 * len(tiles[str(u)]["starts"])
+        assert "a signal optimized to excite the unit" in pg.locator("#grid-note").inner_text()
+        pg.screenshot(path=str(tmp_path / "layer-featviz-signal.png"), full_page=True)

@@ -179,6 +179,8 @@ export interface LayerDoc {
   signals?: Record<string, SignalTile> | null;
   /** why such a run's tiles have no signals */
   signals_error?: string | null;
+  /** a signal run's stored feature visualizations as tiles, by unit (the grid's featviz view) */
+  featviz_signals?: Record<string, SignalTile> | null;
 }
 
 export interface TopEntry {

@@ -344,6 +344,10 @@ class LayerDetail(BaseModel):
     signals: dict[str, SignalTile] | None = None
     #: Why such a run's tiles have no signals (no dataset, or one that changed).
     signals_error: str | None = None
+    #: Where the run's inputs are signals and it holds feature visualizations of the
+    #: layer: each unit's (its channel objective's, else its neuron objective's first
+    #: copy) as a tile, keyed by unit: the grid's featviz view draws these lines.
+    featviz_signals: dict[str, SignalTile] | None = None
 
 
 class UnitLayer(BaseModel):

@@ -1093,7 +1093,11 @@ class Session:
         x = self.live_input(image_id)
         inp, out = self._compute(op, x)
         in_layout, out_layout = self._side_layouts(op)
-        pair = (None if inp is None else as_maps(inp, in_layout), as_maps(out, out_layout))
+        from_input, to_input = self._input_sides(op)
+        pair = (
+            None if inp is None else self._signal_maps(inp, from_input) or as_maps(inp, in_layout),
+            self._signal_maps(out, to_input) or as_maps(out, out_layout),
+        )
         with self._guard:
             self._maps[key] = pair
             self._map_bytes += sum(m.maps.numel() * 4 for m in pair if m is not None)
@@ -1108,6 +1112,34 @@ class Session:
         for key in [k for k in self._maps if k[0] == image_id]:
             old = self._maps.pop(key)
             self._map_bytes -= sum(m.maps.numel() * 4 for m in old if m is not None)
+
+    def _input_sides(self, op: Any) -> tuple[bool, bool]:
+        """Whether an op's input, and its output, is the model's input tensor itself (a
+        model input node's output, or the tensor such a node hands the op)."""
+        from lurker.graph.nodes import OpRef, refs
+
+        ref = next((r for r in refs(op) if isinstance(r, OpRef)), None)
+        producer = self.trace().ops[ref.index] if ref is not None else None
+        return getattr(producer, "kind", None) == "input", getattr(op, "kind", None) == "input"
+
+    def _signal_maps(self, t: Any, model_input: bool) -> Maps | None:
+        """The model's input on a signal run as one map per channel over time, whatever
+        order its axes come in: a channels-last ``(1, T, C)`` batch is C lanes (read as
+        stored it would be T maps of C values), a raw waveform's ``(1, T)`` one (read as
+        stored: one vector). None for any other tensor: the ordinary maps."""
+        found = signal_layout(self.entry.open_run()) if model_input else None
+        if found is None:
+            return None
+        import torch
+
+        channels, length, last = found
+        shape = list(t.shape)
+        v = t.detach().to("cpu", torch.float32)
+        if shape == [1, length] and channels == 1:  # a waveform: one channel
+            return Maps(shape, v.reshape(1, 1, length).contiguous(), None)
+        if last and shape == [1, length, channels]:
+            return Maps(shape, v[0].T.reshape(channels, 1, length).contiguous(), 2)
+        return None
 
     def _side_layouts(self, op: Any) -> tuple[Any, Any]:
         """The layouts that tell the units of an op's input and output (see

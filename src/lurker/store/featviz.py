@@ -339,6 +339,29 @@ def featviz_signal(
     return [[float(v) for v in ch] for ch in values[:, 0, :]]
 
 
+def featviz_signals(run: Any, layer: str, objective: str) -> dict[int, list[list[float]]]:
+    """Every unit's first stored signal ``(C, T)`` of a layer and objective, in the model's
+    input units (as :func:`featviz_signal`, in one query: what a layer's grid draws);
+    empty where none is stored or the stored images are no signals."""
+    if not run._has_table("featviz"):
+        return {}
+    info = run.layer(layer)
+    found: dict[int, list[list[float]]] = {}
+    for unit, shape, image, doc in run._query(
+        "SELECT unit, shape, image, settings FROM featviz WHERE layer_id = ? AND objective = ? "
+        "AND copy = 0 ORDER BY unit",
+        (info.id, objective),
+    ):
+        settings = json.loads(doc)
+        amp = settings.get("amplitude")
+        if settings.get("input") != "signal" or amp is None:
+            return {}
+        pixels = decode_png(bytes(image), json.loads(shape)).astype(np.float32) / 255.0
+        values = (pixels * 2 - 1) * np.float32(amp)
+        found[int(unit)] = [[float(v) for v in ch] for ch in values[:, 0, :]]
+    return found
+
+
 def read_featviz(run: Any, layer: str, objective: str | None) -> StoredFeatViz:
     """What :meth:`lurker.store.Run.featviz` returns (see there)."""
     info = run.layer(layer)

@@ -49,7 +49,7 @@ export async function renderLayer(root: HTMLElement, ctx: PageContext, args: str
   const scale = featureScale(Object.values(doc.features ?? {}).map((t) => t.strip));
   // signals (a 1-D model's inputs, channels by time): a tile draws the top sample's lines
   const signal = images.signal ?? null;
-  const thumbs = signal !== null ? ["signal"] : images.tokens !== null ? ["tokens"] : vectors ? ["features", ...(featviz.size ? ["featviz"] : [])] : ["input", ...(positions > 1 ? ["crop"] : []), ...(featviz.size ? ["featviz"] : [])];
+  const thumbs = signal !== null ? ["signal", ...(featviz.size ? ["featviz"] : [])] : images.tokens !== null ? ["tokens"] : vectors ? ["features", ...(featviz.size ? ["featviz"] : [])] : ["input", ...(positions > 1 ? ["crop"] : []), ...(featviz.size ? ["featviz"] : [])];
   let thumb = thumbs.includes(params.get("thumb") ?? "") ? (params.get("thumb") as string) : thumbs[0];
   // units constant on the dataset (a ReLU that never fires): their top lists are ties,
   // so their tiles say so instead of showing a top image
@@ -76,7 +76,9 @@ export async function renderLayer(root: HTMLElement, ctx: PageContext, args: str
       : thumb === "tokens"
       ? `Each tile: the token ids of the sample that excites the unit most (its top sample by max)${positions > 1 && positions === images.tokens ? ", around the token where it peaks, which is marked" : ", its first ones (this layer has no axis of one position per token)"}`
       : thumb === "featviz"
-      ? "Each tile: an image optimized to excite the unit"
+      ? signal !== null
+        ? "Each tile: a signal optimized to excite the unit, one line per channel on one scale (in the model's input units), each pixel column its samples' least to greatest value"
+        : "Each tile: an image optimized to excite the unit"
       : thumb === "crop"
         ? clip
           ? "Each tile: the part of the unit's top clip (by max) that its peak sees, its receptive field, on the frame of the peak"
@@ -126,6 +128,15 @@ export async function renderLayer(root: HTMLElement, ctx: PageContext, args: str
     if (thumb === "featviz") {
       const objective = featviz.get(unit);
       if (!objective) return noImage("no feature visualization");
+      if (signal !== null) {
+        // a signal run's featviz is a (C, T) signal: its stored PNG is a grey strip, so
+        // the tile draws its lines from the layer document's values
+        const tile = doc.featviz_signals?.[String(unit)];
+        if (!tile) return noImage("feature visualization not at hand");
+        const label = `unit ${unit}: feature visualization (${objective} objective)`;
+        const plot = h("div", { class: "signal-tile featviz-signal", title: label, "data-objective": objective }, signalTilePlot(tile, { width: 96, height: 64, label, names: images.channelNames ?? null }));
+        return objective === "channel" ? plot : h("span", { class: "fv-thumb" }, plot, h("small", { class: "fv-objective" }, objective));
+      }
       const src = ctx.api.pngUrl(p("runs", ctx.run, "layers", name, "units", unit, "featviz", objective, "0.png"));
       const img = h("img", { src, loading: "lazy", decoding: "async", alt: `unit ${unit}: feature visualization (${objective} objective)`, title: `${objective} objective`, "data-objective": objective, width: 96, height: 96 });
       // a fallback to the neuron objective is marked on the tile itself

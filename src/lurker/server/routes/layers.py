@@ -8,7 +8,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from lurker.store.featviz import direction_featviz, featviz_units
+from lurker.store.featviz import direction_featviz, featviz_signals, featviz_units
 from lurker.vocab import words_of
 
 from ..classes import class_names, class_units
@@ -102,6 +102,7 @@ def layer_detail(request: Request, run_id: str, layer: str) -> LayerDetail:
         features_error=features_error,
         signals=signals,
         signals_error=signals_error,
+        featviz_signals=_featviz_tiles(e.open_run(), info.name) if shape is not None else None,
     )
 
 
@@ -233,6 +234,17 @@ def _token_windows(
         for u, _, _, tm, _, _, peak in rows
         if tm >= 0
     }
+
+
+def _featviz_tiles(run: Any, layer: str) -> dict[str, SignalTile] | None:
+    """On a signal run: each unit's stored feature visualization as a tile draws it (its
+    channel objective's, else its neuron objective's: the image the grid shows), so the
+    grid draws lines from one document rather than a grey strip or a request per unit."""
+    tiles: dict[str, SignalTile] = {}
+    for objective in ("channel", "neuron"):
+        for unit, values in featviz_signals(run, layer, objective).items():
+            tiles.setdefault(str(unit), signal_tile(values))
+    return tiles or None
 
 
 def _featviz_objectives(run: Any, layer: str) -> dict[str, list[int]] | None:

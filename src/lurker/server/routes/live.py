@@ -550,32 +550,52 @@ _TIME_FIELDS: weakref.WeakKeyDictionary[Session, tuple[Any, dict[int, Any]]] = (
 
 
 def _signal_time(s: Session, tr: Any, op: Any, m: Maps | None) -> SignalTime | None:
-    """Where the output of ``op`` (shown as ``m``) lies along time on a run of ``(C, T)``
-    signals: the model's input itself, or its stride in samples where the receptive field
-    is exact (never a guess: a field through an op of unknown footprint gives none)."""
-    if m is None or m.one_value_maps or m.unit_axis is None or len(m.shape) != 3:
+    """Where the output of ``op`` (shown as ``m``) lies along time on a run of signals:
+    the model's input itself (channels first, channels last or a one-axis waveform: its
+    maps are the signal's channels), or its stride in samples where the receptive field
+    along the signal's time is exact (never a guess: a field through an op of unknown
+    footprint gives none)."""
+    if m is None or m.one_value_maps:
         return None
-    layout = signal_layout(s.entry.open_run())
-    if layout is None or layout[2]:
-        return None  # not a signal run, or a channels-last one (its input is not C lines)
+    run = s.entry.open_run()
+    layout = signal_layout(run)
+    if layout is None:
+        return None  # not a signal run
+    channels, length, last = layout
     if getattr(op, "kind", None) == "input":
-        if list(m.shape[1:]) != [layout[0], layout[1]]:
+        if list(m.maps.shape) != [channels, 1, length]:
             return None
         return SignalTime(model_input=True, stride=1.0, start=0.0)
+    time = _time_axis(m)
+    if time is None:
+        return None
     cached = _TIME_FIELDS.get(s)
     fields = cached[1] if cached is not None and cached[0] is tr else None
     if fields is None:
         from lurker.graph.receptive import receptive_fields
 
+        # time is the input's axis 1 where it is not its last (channels last, a waveform)
+        one_axis = len((run.meta.get("config") or {}).get("input_shape") or []) == 1
         try:
-            fields = receptive_fields(tr)
+            fields = receptive_fields(tr, time_axis=1 if last or one_axis else None)
         except Exception:  # a graph the field rules cannot follow: no stride, not a wrong one
             fields = {}
         _TIME_FIELDS[s] = (tr, fields)
     rf = fields.get(op.index)
-    if rf is None or not rf.exact or rf.full or rf.x.dim != len(m.shape) - 1:
+    if rf is None or not rf.exact or rf.full or rf.x.dim != time:
         return SignalTime()
     return SignalTime(stride=float(rf.x.stride), start=float(rf.x.start))
+
+
+def _time_axis(m: Maps) -> int | None:
+    """The axis of a side's tensor ``(1, ., .)`` its lines run along: the one that is not
+    its units' (an LSTM's ``(1, T, units)``: axis 1), axis 2 where the maps are the tensor
+    as stored; None for a side that is not one row per unit over time."""
+    if len(m.shape) != 3 or m.maps.shape[1] != 1:
+        return None
+    if m.unit_axis is None:
+        return 2 if list(m.maps.shape) == [m.shape[1], 1, m.shape[2]] else None
+    return {1: 2, 2: 1}.get(m.unit_axis)
 
 
 @router.get(
