@@ -394,6 +394,17 @@ def test_the_live_page_names_the_token_each_unit_peaks_at(browser: Any, text: di
             unit = int(li.locator("a[data-unit]").get_attribute("data-unit"))
             at = int(acts[:, unit].double().argmax())
             assert li.locator(".peak-at").inner_text() == f"at “{WORDS[ids[at]]}” (token {at})"
+        # the bars as drawn are as long as the values, row against row (each row sized
+        # its bar's column by its own text: a unit at 0.7 drew shorter than one at 0.6)
+        for width in (1280, 800):
+            pg.set_viewport_size({"width": width, "height": 900})
+            drawn = card.locator(".pbar").evaluate_all(
+                "bars => bars.map(b => b.getBoundingClientRect().width)"
+            )
+            values = [abs(float(v)) for v in card.locator(".value").all_inner_texts()]
+            assert len(drawn) == len(values) > 2
+            for w, v in zip(drawn, values):
+                assert w == pytest.approx(drawn[0] * v / values[0], abs=1.5), (width, drawn)
         _shoot(pg, "peaks")
         # a fixed-length model: the short input is padded, and the page says so
         pg.goto(f"{fixed['url']}/#/r/fixed/live")

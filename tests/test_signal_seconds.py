@@ -237,6 +237,16 @@ def test_live_op_lines_without_a_rate_stay_in_samples(browser: Any, untimed: dic
         assert set(out.locator(".line-axis").all_text_contents()) == {"steps · 1 step = 4 samples"}
 
 
+#: where a plot's axis unit ("time (s), 128 Hz") lies against its tick labels and the plot
+_AXIS_NOTE_BOX = """svg => {
+  const note = svg.querySelector('.signal-axis-unit').getBoundingClientRect();
+  const ticks = [...svg.querySelectorAll('.signal-axis .tick text')]
+    .map(t => t.getBoundingClientRect().bottom);
+  return {note_top: note.top, note_bottom: note.bottom, ticks_bottom: Math.max(...ticks),
+          svg_bottom: svg.getBoundingClientRect().bottom};
+}"""
+
+
 def test_explain_plots_are_in_seconds_with_the_channel_names(
     browser: Any, timed: dict, untimed: dict, tmp_path: Path
 ):
@@ -256,6 +266,19 @@ def test_explain_plots_are_in_seconds_with_the_channel_names(
             assert values[-1] <= (T / RATE if unit == "s" else T)
             labels = card.locator(".signal-lane-label").all_text_contents()
             assert labels == (NAMES if rid == "eeg" else [])
+            if unit == "s":  # the unit's row lies under the tick labels, inside the plot
+                box = card.locator("svg.signal-plot").first.evaluate(_AXIS_NOTE_BOX)
+                assert box["note_top"] >= box["ticks_bottom"] - 0.5, box
+                assert box["note_bottom"] <= box["svg_bottom"] + 0.5, box
+            # concept relevance's cards too (they were in samples, their lanes unnamed)
+            pg.wait_for_function(
+                "document.querySelectorAll('.signal-concept-card svg.signal-plot').length > 0",
+                timeout=60_000,
+            )
+            concept = pg.locator(".signal-concept-card").first
+            assert concept.locator("g.signal-axis").get_attribute("data-unit") == unit
+            named = concept.locator(".signal-lane-label").all_text_contents()
+            assert named == (NAMES if rid == "eeg" else [])
             pg.screenshot(path=str(tmp_path / f"explain-{rid}-1280.png"), full_page=True)
             pg.set_viewport_size({"width": 800, "height": 900})
             pg.screenshot(path=str(tmp_path / f"explain-{rid}-800.png"))

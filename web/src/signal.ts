@@ -97,21 +97,25 @@ const BAND = 10;
  */
 export function signalPlot(values: (number | null)[][], { width = 320, height = 120, span = null, axis = false, label = "signal", bands = null, signed = true, names = null, rate = null, axisUnit = "samples", axisNote = null, inlineText = true }: SignalPlotOptions = {}): SVGSVGElement {
   const shared = bands !== null && bands.length === 1 && values.length > 1; // one band for all lanes
+  const timed = rate !== null && rate > 0 && Number.isFinite(rate);
+  // the axis's unit ("time (s), 128 Hz") gets a row of its own under the tick labels,
+  // the plot that much taller (drawn over the plot, the last lane and the bands ran
+  // through it)
+  const noted = axis && inlineText && (timed || !!axisNote);
   const bottom = (axis ? 22 : 2) + (shared ? BAND + 4 : 0);
   const channels = values.length;
   const length = Math.max(0, ...values.map((c) => c.length));
   const svg = create("svg")
     .attr("class", "chart signal-plot")
-    .attr("viewBox", `0 0 ${width} ${height}`)
+    .attr("viewBox", `0 0 ${width} ${height + (noted ? 12 : 0)}`)
     .attr("width", width)
-    .attr("height", height)
+    .attr("height", height + (noted ? 12 : 0))
     .attr("role", "img")
     .attr("aria-label", label)
     .attr("data-channels", channels)
     .attr("data-samples", length);
   svg.append("title").text(label);
   const x = scaleLinear().domain([0, Math.max(1, length)]).range([4, width - 4]);
-  const timed = rate !== null && rate > 0 && Number.isFinite(rate);
   if (span && span.length === 2 && span[1] > span[0]) {
     svg
       .append("rect")
@@ -174,7 +178,7 @@ export function signalPlot(values: (number | null)[][], { width = 320, height = 
     const g = svg.append("g").attr("class", "signal-axis").attr("data-unit", "s").attr("transform", `translate(0,${height - 22})`);
     g.call(axisBottom(t).ticks(Math.max(2, Math.floor(width / 90))).tickSizeOuter(0));
     keepEndLabels(g.node()!, t);
-    if (inlineText) g.append("text").attr("class", "signal-axis-unit").attr("x", width - 4).attr("y", -3).attr("text-anchor", "end").attr("fill", "#555").attr("font-size", 10).text(`time (s), ${Number(rate.toPrecision(6))} Hz`);
+    if (inlineText) g.append("text").attr("class", "signal-axis-unit").attr("x", width - 4).attr("y", 31).attr("text-anchor", "end").attr("fill", "#555").attr("font-size", 10).text(`time (s), ${Number(rate.toPrecision(6))} Hz`);
   } else if (axis) {
     const g = svg
       .append("g")
@@ -183,7 +187,7 @@ export function signalPlot(values: (number | null)[][], { width = 320, height = 
       .attr("transform", `translate(0,${height - 22})`)
       .call(axisBottom(x).ticks(Math.max(2, Math.floor(width / 90))).tickSizeOuter(0));
     keepEndLabels(g.node()!, x);
-    if (axisNote && inlineText) g.append("text").attr("class", "signal-axis-unit").attr("x", width - 4).attr("y", -3).attr("text-anchor", "end").attr("fill", "#555").attr("font-size", 10).text(axisNote);
+    if (axisNote && inlineText) g.append("text").attr("class", "signal-axis-unit").attr("x", width - 4).attr("y", 31).attr("text-anchor", "end").attr("fill", "#555").attr("font-size", 10).text(axisNote);
   }
   return svg.node()!;
 }

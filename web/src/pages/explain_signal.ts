@@ -22,12 +22,12 @@ export function renderSignalExplain(root: HTMLElement, ctx: PageContext, summary
   const missing = (why: string | null | undefined) => notice(`The sample's values are not at hand: ${(why ?? "the run's dataset cannot be loaded").replace(/\.+$/, "")}.`, "error");
   return renderFlatExplain(root, ctx, summary, loading, {
     noun: "signal",
-    what: `signals of ${c} channels x ${t} samples`,
+    what: `signals of ${c} channel${c === 1 ? "" : "s"} x ${t} samples`,
     css: "signal-explain",
     legendId: "signal-explain-legend",
     legend: "Each method's score along time, a colour band under each channel (one scale per method: its largest |score| is the strongest colour); one band under all channels where the method gives each position one value (Grad-CAM, occlusion across all channels). Signed methods: red raises the target's score, blue lowers it; saliency is the gradient's size, which has no sign.",
     // the sample's values: its signal document, one request for all the method cards
-    sample: (doc) => (doc.signal_error ? missing(doc.signal_error) : fetchedSignal(ctx.api, ctx.run, doc.sample.id, undefined, (sig) => signalDocPlot(sig, { width: 640, height: 40 * c + 22, axis: true, names, rate, label: `sample signal, ${c} channels x ${t} samples` }), missing)),
+    sample: (doc) => (doc.signal_error ? missing(doc.signal_error) : fetchedSignal(ctx.api, ctx.run, doc.sample.id, undefined, (sig) => signalDocPlot(sig, { width: 640, height: 40 * c + 22, axis: true, names, rate, label: `sample signal, ${c} channel${c === 1 ? "" : "s"} x ${t} samples` }), missing)),
     draw: (_scores, doc, r) => {
       if (doc.signal_error) return missing(doc.signal_error);
       // the bands are named by channel, as the lanes: each band's tooltip its channel
@@ -49,6 +49,9 @@ export function renderSignalExplain(root: HTMLElement, ctx: PageContext, summary
  * sample's lines with the unit's conditional heatmap as a band under each channel. */
 function conceptSection(ctx: PageContext, summary: RunSummary, image: string, target: string, doc: SampleDoc, missing: (why: string | null | undefined) => HTMLElement, precomputed = false): HTMLElement {
   const [c] = summary.dataset.signal ?? [0, 0];
+  // the lanes named and the axis in seconds as on the method cards above
+  const names = summary.dataset.channel_names ?? null;
+  const rate = summary.dataset.sample_rate ?? null;
   const params = new URLSearchParams(ctx.params);
   // precomputed: the default layer's ranking only (the path a static export holds)
   const layer = precomputed ? null : params.get("clayer");
@@ -75,7 +78,7 @@ function conceptSection(ctx: PageContext, summary: RunSummary, image: string, ta
     if (!layer) select.value = summary.layers.some((l) => l.name === r.layer) ? r.layer : "";
     fill(status, `The ${r.units.length} of ${r.channels} units of `, h("code", null, r.layer), ` with the most relevance (LRP, ${r.composite}) for ${r.target.includes(":") ? `unit ${r.target}` : `class ${r.target}`}; the layer's total relevance is ${fmt(r.total)}. Each unit's bands are the relevance that flowed through that unit alone, per channel along time (one scale per unit; red supports the target, blue opposes it).`);
     for (const u of r.units) {
-      const plot = doc.signal_error ? missing(doc.signal_error) : fetchedSignal(ctx.api, ctx.run, doc.sample.id, undefined, (sig) => signalDocPlot(sig, { width: 560, height: 48 * c + 22, axis: true, bands: u.signal_scores ?? [], signed: true, label: `unit ${u.unit}'s conditional relevance along time` }), missing);
+      const plot = doc.signal_error ? missing(doc.signal_error) : fetchedSignal(ctx.api, ctx.run, doc.sample.id, undefined, (sig) => signalDocPlot(sig, { width: 560, height: 48 * c + 22, axis: true, names, rate, bands: u.signal_scores ?? [], signed: true, label: `unit ${u.unit}'s conditional relevance along time` }), missing);
       list.append(
         h(
           "section",
