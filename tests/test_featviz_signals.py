@@ -269,6 +269,32 @@ def test_the_layer_document_gives_each_units_stored_signal_as_a_tile(served: dic
                 assert tile["hi"][ch] == pytest.approx(hi, rel=1e-6, abs=1e-7)
 
 
+def test_the_layer_tiles_follow_a_later_featviz_of_the_layer(tmp_path: Path):
+    """The tiles are decoded once per layer (kept by the server), yet a unit made later,
+    or made again at another amplitude, shows on the next request."""
+    from fastapi.testclient import TestClient
+
+    from lurker.server import create_app
+
+    model, data = _model(), _data()
+    lurker.probe(model, data, out=tmp_path / "r", k=K, batch_size=8, progress=False).close()
+    lurker.featviz(model, "1", units=[0], run=tmp_path / "r", steps=4).save(tmp_path / "r")
+    client = TestClient(create_app(tmp_path / "r"))
+    layer = "/api/runs/r/layers/1"
+    assert list(client.get(layer).json()["featviz_signals"]) == ["0"]
+    assert list(client.get(layer).json()["featviz_signals"]) == ["0"]  # kept: the same
+    lurker.featviz(model, "1", units=[1], run=tmp_path / "r", steps=4).save(tmp_path / "r")
+    again = lurker.featviz(model, "1", units=[0], run=tmp_path / "r", steps=4, amplitude=9.0)
+    again.save(tmp_path / "r")
+    tiles = client.get(layer).json()["featviz_signals"]
+    assert sorted(tiles) == ["0", "1"]
+    stored = lurker.Run.open(tmp_path / "r").featviz("1").signals()
+    assert max(max(row) for row in tiles["0"]["hi"]) == pytest.approx(
+        float(stored[0, 0].max()), rel=1e-6
+    )
+    assert float(stored[0, 0].max()) > 3.0  # the new amplitude's, not the first's
+
+
 def test_the_layer_grid_draws_each_units_signal_as_lines(
     browser: Any, served: dict, tmp_path: Path
 ):

@@ -316,6 +316,17 @@ class StoredFeatViz:
         return ((self.images() * 2 - 1) * amp).squeeze(-2)
 
 
+def _decoded_signal(shape: str, image: bytes, doc: str) -> np.ndarray | None:
+    """A stored row's signal ``(C, T)`` float32, in the model's input units (its own
+    amplitude); None where the stored image is no signal."""
+    settings = json.loads(doc)
+    amp = settings.get("amplitude")
+    if settings.get("input") != "signal" or amp is None:
+        return None
+    pixels = decode_png(bytes(image), json.loads(shape)).astype(np.float32) / 255.0
+    return ((pixels * 2 - 1) * np.float32(amp))[:, 0, :]
+
+
 def featviz_signal(
     run: Any, layer: str, unit: int, copy: int = 0, objective: str = "channel"
 ) -> list[list[float]] | None:
@@ -327,38 +338,27 @@ def featviz_signal(
         "AND unit = ? AND copy = ?",
         (info.id, objective, int(unit), int(copy)),
     )
-    if not rows:
-        return None
-    shape, image, doc = rows[0]
-    settings = json.loads(doc)
-    amp = settings.get("amplitude")
-    if settings.get("input") != "signal" or amp is None:
-        return None
-    pixels = decode_png(bytes(image), json.loads(shape)).astype(np.float32) / 255.0
-    values = (pixels * 2 - 1) * np.float32(amp)
-    return [[float(v) for v in ch] for ch in values[:, 0, :]]
+    values = _decoded_signal(*rows[0]) if rows else None
+    return None if values is None else values.tolist()
 
 
-def featviz_signals(run: Any, layer: str, objective: str) -> dict[int, list[list[float]]]:
-    """Every unit's first stored signal ``(C, T)`` of a layer and objective, in the model's
-    input units (as :func:`featviz_signal`, in one query: what a layer's grid draws);
-    empty where none is stored or the stored images are no signals."""
+def featviz_signals(run: Any, layer: str, objective: str) -> dict[int, np.ndarray]:
+    """Every unit's first stored signal ``(C, T)`` of a layer and objective, float32 in the
+    model's input units (as :func:`featviz_signal`, in one query: what a layer's grid
+    draws); empty where none is stored or the stored images are no signals."""
     if not run._has_table("featviz"):
         return {}
     info = run.layer(layer)
-    found: dict[int, list[list[float]]] = {}
+    found: dict[int, np.ndarray] = {}
     for unit, shape, image, doc in run._query(
         "SELECT unit, shape, image, settings FROM featviz WHERE layer_id = ? AND objective = ? "
         "AND copy = 0 ORDER BY unit",
         (info.id, objective),
     ):
-        settings = json.loads(doc)
-        amp = settings.get("amplitude")
-        if settings.get("input") != "signal" or amp is None:
+        values = _decoded_signal(shape, image, doc)
+        if values is None:
             return {}
-        pixels = decode_png(bytes(image), json.loads(shape)).astype(np.float32) / 255.0
-        values = (pixels * 2 - 1) * np.float32(amp)
-        found[int(unit)] = [[float(v) for v in ch] for ch in values[:, 0, :]]
+        found[int(unit)] = values
     return found
 
 

@@ -6,6 +6,7 @@ import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import numpy as np
 from fastapi import APIRouter, Request
 
 from lurker.store.featviz import direction_featviz, featviz_signals, featviz_units
@@ -102,7 +103,12 @@ def layer_detail(request: Request, run_id: str, layer: str) -> LayerDetail:
         features_error=features_error,
         signals=signals,
         signals_error=signals_error,
-        featviz_signals=_featviz_tiles(e.open_run(), info.name) if shape is not None else None,
+        featviz_signals=None
+        if shape is None
+        else session(request, e).cached(  # decoded once per layer and featviz write
+            ("layer-featviz-signals", e.generation, layer, e.featviz_layers().get(info.name)),
+            lambda: _featviz_tiles(e.open_run(), info.name),
+        ),
     )
 
 
@@ -191,14 +197,29 @@ def plotted(v: float) -> float:
 
 
 def signal_tile(
-    values: list[list[float | None]], columns: int = TILE_COLUMNS, channels: int = TILE_CHANNELS
+    values: list[list[float | None]] | np.ndarray,
+    columns: int = TILE_COLUMNS,
+    channels: int = TILE_CHANNELS,
 ) -> SignalTile:
-    """``values`` (one list per channel) as a tile draws them: per channel (the first
-    ``channels``), at most ``columns`` columns of consecutive samples (numpy's
-    array_split), each its least and greatest value; null where one is not finite (a NaN
-    is shown as a gap, not hidden by its neighbours)."""
-    n = len(values[0]) if values else 0
+    """``values`` (one list per channel, or a ``(C, T)`` array) as a tile draws them: per
+    channel (the first ``channels``), at most ``columns`` columns of consecutive samples
+    (numpy's array_split), each its least and greatest value; null where one is not
+    finite (a NaN is shown as a gap, not hidden by its neighbours)."""
+    n = len(values[0]) if len(values) else 0
     starts = _cell_starts(n, max(1, min(n, columns))) if n else []
+    if isinstance(values, np.ndarray) and n and np.isfinite(values[:channels]).all():
+        # every value finite (a decoded featviz signal): the cells' extremes at once
+        lows = np.minimum.reduceat(values[:channels], starts, axis=1).astype(np.float64)
+        highs = np.maximum.reduceat(values[:channels], starts, axis=1).astype(np.float64)
+        return SignalTile(
+            length=n,
+            channels=len(values),
+            starts=starts,
+            lo=[[plotted(v) for v in row] for row in lows.tolist()],
+            hi=[[plotted(v) for v in row] for row in highs.tolist()],
+        )
+    if isinstance(values, np.ndarray):
+        values = [[float(v) if np.isfinite(v) else None for v in row] for row in values]
     lo: list[list[float | None]] = []
     hi: list[list[float | None]] = []
     for row in values[:channels]:
@@ -237,14 +258,11 @@ def _token_windows(
 
 
 def _featviz_tiles(run: Any, layer: str) -> dict[str, SignalTile] | None:
-    """On a signal run: each unit's stored feature visualization as a tile draws it (its
-    channel objective's, else its neuron objective's: the image the grid shows), so the
-    grid draws lines from one document rather than a grey strip or a request per unit."""
-    tiles: dict[str, SignalTile] = {}
-    for objective in ("channel", "neuron"):
-        for unit, values in featviz_signals(run, layer, objective).items():
-            tiles.setdefault(str(unit), signal_tile(values))
-    return tiles or None
+    """On a signal run: each unit's stored feature visualization (its channel objective's:
+    featviz on signals has no other per unit) as a tile draws it, so the grid draws lines
+    from one document rather than a grey strip or a request per unit."""
+    found = featviz_signals(run, layer, "channel")
+    return {str(unit): signal_tile(values) for unit, values in found.items()} or None
 
 
 def _featviz_objectives(run: Any, layer: str) -> dict[str, list[int]] | None:
