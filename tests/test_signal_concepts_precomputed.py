@@ -153,3 +153,28 @@ def test_the_static_explain_page_draws_the_precomputed_concepts(
         note.wait_for()
         assert f"lurker images {RID} --explanations top" in note.inner_text()
         assert not pg.locator(".signal-concept-card").count()
+
+
+def test_precomputing_a_model_lrp_cannot_pass_leaves_concepts_out_saying_why(tmp_path: Path):
+    """A Conv1d then an LSTM: concept relevance (LRP) has no rule for the LSTM, so with no
+    --methods it is left out and said like LRP, not the whole precompute stopped at
+    sample 0 (it was, once concepts became a signal run's default)."""
+    from torch.utils.data import TensorDataset
+
+    from lurker.errors import LurkerError
+    from lurker.probe import probe
+    from lurker.server.explained import precompute
+    from models_zoo import ConvLSTM
+
+    torch.manual_seed(0)
+    model = ConvLSTM(3).eval()
+    data = TensorDataset(torch.randn(12, 3, 32), torch.arange(12) % 2)
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    meta = {"model_spec": "models_zoo:ConvLSTM", "weights": str(tmp_path / "w.pt")}
+    probe(model, data, out=tmp_path / "r", k=3, batch_size=4, progress=False, meta=meta).close()
+    done = precompute(tmp_path / "r", 1, dataset=data, progress=False)
+    assert "concepts" in done.skipped and "lstm" in done.skipped["concepts"]
+    assert "lrp" in done.skipped
+    assert done.made > 0  # the gradient methods were made
+    with pytest.raises(LurkerError, match="sample 0"):  # named by the user: an error
+        precompute(tmp_path / "r", 1, ["concepts"], dataset=data, progress=False)

@@ -201,20 +201,23 @@ def precompute(
             try:
                 _live_files(s, image, folder)
                 for method in list(methods):
-                    if method == CONCEPTS:  # the ranking the page shows first, and its maps
-                        ranking = concept_ranking(s, image, TARGET, None, CONCEPT_TOP)
-                        existing += int(ranking.cached)
-                        made += int(not ranking.cached)
-                        continue
                     # (not an older lurker's default layer: made again at today's)
-                    if stored_result(s, image, method, TARGET, older=False) is not None:
+                    if method != CONCEPTS and (
+                        stored_result(s, image, method, TARGET, older=False) is not None
+                    ):
                         existing += 1
                         continue
                     try:
+                        if method == CONCEPTS:  # the ranking the page shows first, its maps
+                            ranking = concept_ranking(s, image, TARGET, None, CONCEPT_TOP)
+                            existing += int(ranking.cached)
+                            made += int(not ranking.cached)
+                            continue
                         explain_result(s, image, method, TARGET, None)
                     except ApiError as err:
                         # a method the model cannot give (Grad-CAM on a batch-first LSTM:
-                        # no map along time; LRP: no rule for it), not named by the user,
+                        # no map along time; LRP and concept relevance: no rule for it),
+                        # not named by the user,
                         # found on the first sample: left out, said. The model's own
                         # failure (out of memory, a bug: model_failed) stops it
                         if asked is None and n == 0 and err.status == 400 and not err.model_failed:

@@ -81,6 +81,13 @@ def vector_length(run: Run) -> int | None:
     return int(shape[0])
 
 
+def signal_words(shape: tuple[int, int] | list[int]) -> str:
+    """A signal ``(C, T)`` in words, as messages say it: "8 channels x 512 samples", "1
+    channel x 4000 samples" (a waveform)."""
+    c, t = int(shape[0]), int(shape[1])
+    return f"{c} channel{'' if c == 1 else 's'} x {t} samples"
+
+
 def signal_shape(run: Run) -> tuple[int, int] | None:
     """``(C, T)`` where a run's inputs are signals, channels by time, whatever the order of
     a sample's own two axes (see :func:`signal_layout`); ``None`` for images, clips, flat
@@ -150,6 +157,16 @@ def signal_span(run: Run, info: LayerInfo, x: int | None, length: int) -> list[i
 _FIELDS: weakref.WeakKeyDictionary[Run, dict[int, dict[str, Any]]] = weakref.WeakKeyDictionary()
 
 
+def signal_time_axis(run: Run) -> int | None:
+    """The model input's axis that time runs along where it is not the last, as
+    ``receptive_fields(time_axis=)`` takes it: 1 for a channels-last ``(N, T, C)`` signal
+    and a one-axis waveform ``(N, T)``; None for a ``(N, C, T)`` signal (time last, as the
+    probe's own fields read it) and for runs that are not signals."""
+    found = signal_layout(run)
+    waveform = len((run.meta.get("config") or {}).get("input_shape") or []) == 1
+    return 1 if found is not None and (found[2] or waveform) else None
+
+
 def signal_rf(run: Run, info: LayerInfo) -> dict[str, Any] | None:
     """A layer's receptive field along time on a signal run: the probe's own for a
     ``(C, T)`` signal (computed over the last axis, time); for a channels-last ``(T, C)``
@@ -157,9 +174,7 @@ def signal_rf(run: Run, info: LayerInfo) -> dict[str, Any] | None:
     ``(T,)``, for which the probe computes none, from the run's graph with time on axis 1
     (once per run generation). An RNN's output at a step sees every
     step up to it (``[0, t + 1)``), as its field says. None where there is none."""
-    found = signal_layout(run)
-    one_axis = len((run.meta.get("config") or {}).get("input_shape") or []) == 1
-    if found is None or not (found[2] or one_axis):  # (C, T): the probe's, along T
+    if signal_time_axis(run) is None:  # not a signal, or (C, T): the probe's, along T
         return info.rf
     try:
         index = int(info.op_index)

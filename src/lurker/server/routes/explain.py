@@ -58,6 +58,7 @@ from ..schemas import (
     ExplainResult,
 )
 from ..session import Session
+from ..state import signal_words
 from . import json_get
 from .live import PNG, image_id
 
@@ -376,7 +377,7 @@ def _signal_sample(s: Session, image: str) -> str:
     if not _SAMPLE.fullmatch(image):
         raise ApiError(
             409,
-            f"this run's inputs are signals of {c} channels x {t} samples: Explain attributes "
+            f"this run's inputs are signals of {signal_words((c, t))}: Explain attributes "
             f"a dataset sample's signal (sample-N), and uploads (images) do not apply; got "
             f"{image!r}",
         )
@@ -1196,7 +1197,7 @@ def concept_png_response(
     if signal is not None:
         raise ApiError(
             409,
-            f"this run's inputs are signals of {signal[0]} channels x {signal[1]} samples, "
+            f"this run's inputs are signals of {signal_words(signal)}, "
             "which have no picture: the concept ranking's JSON (explain/concepts) holds each "
             "unit's conditional heatmap along time (signal_scores)",
         )
@@ -1268,7 +1269,7 @@ def _explain_png(s: Session, image: str, r: Result, overlay: bool, opacity: floa
     if signal is not None:
         raise ApiError(
             409,
-            f"this run's inputs are signals of {signal[0]} channels x {signal[1]} samples, "
+            f"this run's inputs are signals of {signal_words(signal)}, "
             "which have no picture: the explanation's JSON (the same URL without .png) holds "
             "the scores along time (signal_scores)",
         )

@@ -46,7 +46,7 @@ from ..session import (
     nonfinite_counts,
     nonfinite_maps,
 )
-from ..state import signal_layout
+from ..state import signal_layout, signal_time_axis, signal_words
 from . import json_get
 
 router = APIRouter(prefix="/api", tags=["live"])
@@ -177,7 +177,7 @@ async def typed_input(request: Request, run_id: str, body: LiveInputBody) -> Liv
         elif (signal := s.signal_shape()) is not None:
             raise ApiError(
                 409,
-                f"this run's inputs are signals of {signal[0]} channels x {signal[1]} samples: "
+                f"this run's inputs are signals of {signal_words(signal)}: "
                 "Live on a signal run takes a dataset sample (open sample-N, GET "
                 ".../live/sample-N/...); typed inputs are for runs of token ids or feature "
                 "vectors",
@@ -561,7 +561,7 @@ def _signal_time(s: Session, tr: Any, op: Any, m: Maps | None) -> SignalTime | N
     layout = signal_layout(run)
     if layout is None:
         return None  # not a signal run
-    channels, length, last = layout
+    channels, length, _ = layout
     if getattr(op, "kind", None) == "input":
         if list(m.maps.shape) != [channels, 1, length]:
             return None
@@ -574,10 +574,8 @@ def _signal_time(s: Session, tr: Any, op: Any, m: Maps | None) -> SignalTime | N
     if fields is None:
         from lurker.graph.receptive import receptive_fields
 
-        # time is the input's axis 1 where it is not its last (channels last, a waveform)
-        one_axis = len((run.meta.get("config") or {}).get("input_shape") or []) == 1
-        try:
-            fields = receptive_fields(tr, time_axis=1 if last or one_axis else None)
+        try:  # time on the input's axis 1 where it is not its last
+            fields = receptive_fields(tr, time_axis=signal_time_axis(run))
         except Exception:  # a graph the field rules cannot follow: no stride, not a wrong one
             fields = {}
         _TIME_FIELDS[s] = (tr, fields)
