@@ -64,6 +64,7 @@ def test_a_sinusoid_kernel_gets_the_sinusoid_where_its_unit_peaks():
     sig = fv.signals
     assert sig is not None and tuple(sig.shape) == (2, C, T)
     assert float(sig.abs().max()) <= 3.0 + 1e-6  # within the default amplitude
+    assert fv._repr_png_() is None and "signals (2, 3, 64)" in repr(fv)  # a notebook's view
     assert fv.peaks is not None and tuple(fv.peaks.shape) == (2,)
     p = int(fv.peaks[0])
     window = sig[0, 1, p : p + 9].numpy()
@@ -109,6 +110,7 @@ def test_image_only_options_are_refused_naming_the_signals():
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     model, data = _model(), _data()
     with served_run(tmp_path_factory.mktemp("fvsig"), RID, model, data, "1", K) as s:
+        # each channel within the dataset's range (the run's default)
         fv = lurker.featviz(model, "1", run=s["run"], steps=96, seed=0)
         fv.save(s["run"])
         s["fv"] = fv
@@ -123,9 +125,14 @@ def test_the_signal_beats_the_dataset_best_and_is_stored_and_served_as_made(serv
     assert stored.units == [0, 1, 2, 3]
     values = stored.signals()  # (units, copies, C, T), read without torch
     assert values.shape == (4, 1, C, T)
-    # 8-bit precision: steps of 2 * amplitude / 255
-    assert np.abs(values[:, 0] - fv.signals.numpy()).max() <= 3.0 / 255 + 1e-6
-    for u in (0, 1, 2, 3):
+    # each channel within the dataset's range, which the probe recorded
+    lo, hi = (np.asarray(b, dtype=np.float32)[:, None] for b in fv.settings["bounds"])
+    rec = run.meta["channel_range"]
+    assert np.allclose(lo[:, 0], rec["min"]) and np.allclose(hi[:, 0], rec["max"])
+    assert (fv.signals.numpy() >= lo - 1e-5).all() and (fv.signals.numpy() <= hi + 1e-5).all()
+    # 8-bit precision: steps of (max - min) / 255 per channel
+    assert (np.abs(values[:, 0] - fv.signals.numpy()) <= (hi - lo) / 510 + 1e-5).all()
+    for u in (0, 1, 2, 3):  # every unit, none left dead at its start
         best = run.unit("1", u).to_dict()["top"]["mean"][0]["value"]
         assert float(fv.activations[u]) > best, (u, float(fv.activations[u]), best)
     url = served["url"]
@@ -196,7 +203,8 @@ def test_a_channels_last_signal_run_gets_the_signals_of_its_channels_first_twin(
     data = TensorDataset(torch.randn(12, 64, 3), torch.arange(12) % 2)
     lurker.probe(model, data, out=tmp_path / "run", k=3, progress=False)
     layer = next(n for n, m in model.named_modules() if isinstance(m, nn.Conv1d))
-    fv = lurker.featviz(model, layer, [0, 1], steps=8, run=tmp_path / "run")
+    # (at the twin's bound: without a run it has no dataset ranges)
+    fv = lurker.featviz(model, layer, [0, 1], steps=8, run=tmp_path / "run", amplitude=3.0)
     assert fv.settings["channels_last"] is True and tuple(fv.signals.shape) == (2, 3, 64)
     twin = Plain().eval()
     twin.load_state_dict(model.state_dict())

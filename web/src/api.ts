@@ -54,6 +54,9 @@ export interface RunSummary {
     channel_names?: string[] | null;
     /** the signals' sampling rate in Hz (the dataset's `sample_rate`); null: none */
     sample_rate?: number | null;
+    /** each channel's least and greatest finite value over the dataset and its count of
+     * finite values, as the probe recorded them; null: not signals, or an older run */
+    channel_range?: { min: (number | null)[]; max: (number | null)[]; finite: number[] } | null;
   };
   probe: {
     k: number;

@@ -81,9 +81,17 @@ class FeatViz:
     @property
     def signals(self) -> Tensor | None:
         """On a model of signals, ``(units, C, T)`` (``(units, n, C, T)``): the signals as
-        the model takes them, ``amplitude * (2 * image - 1)``; None for images."""
+        the model takes them, each channel's [0, 1] mapped onto its bounds (the run's
+        dataset range for it, or ``±amplitude``); None for images."""
+        if self.settings.get("input") != "signal":
+            return None
+        bounds = self.settings.get("bounds")
+        if bounds is not None:
+            lo = torch.tensor(bounds[0], dtype=self.images.dtype)[:, None]
+            hi = torch.tensor(bounds[1], dtype=self.images.dtype)[:, None]
+            return lo + self.images.squeeze(-2) * (hi - lo)
         amp = self.settings.get("amplitude")
-        if self.settings.get("input") != "signal" or amp is None:
+        if amp is None:
             return None
         return (self.images * 2 - 1).squeeze(-2) * float(amp)
 
@@ -124,7 +132,11 @@ class FeatViz:
     def _repr_png_(self) -> bytes | None:
         """What a notebook shows for ``fv`` at the end of a cell: the images as a grid, a
         row per unit with ``images_per_unit > 1`` (else 8 units a row), the first
-        ``PREVIEW_TILES``, each scaled up (nearest) to at least 64 px so a 16 px image shows."""
+        ``PREVIEW_TILES``, each scaled up (nearest) to at least 64 px so a 16 px image shows.
+        None for signals: a ``(C, 1, T)`` strip scaled that way is an image hundreds of
+        thousands of pixels wide; the notebook shows the repr, which gives their shape."""
+        if self.signals is not None:
+            return None
         import io
 
         from PIL import Image
@@ -209,8 +221,10 @@ def featviz(
             :func:`lurker.probe.data.default_normalize`'s (ImageNet's for 3 channels, none
             for others), as the probe and ``lurker explain`` feed an image.
         amplitude: on a model of signals ``(C, T)`` (a Conv1d stack, a signal run), the
-            most a signal's value may reach either way, in the model's input units
-            (default 3: a standardized signal's three deviations). Signals only.
+            most a signal's value may reach either way on every channel, in the model's
+            input units. Default: on a run that recorded its channels' ranges, each
+            channel within the dataset's own ``[min, max]`` for it; else 3 (a
+            standardized signal's three deviations). Signals only.
         run: a probe run (directory or :class:`~lurker.store.Run`) supplying layer names,
             input size, channels and normalisation.
         seed: images are seeded per ``(seed, unit, copy)``: the same for a unit alone or
@@ -292,7 +306,7 @@ def featviz(
             "mean": list(cfg.mean),
             "std": list(cfg.std),
             "target": cfg.target,
-            **({"input": "signal", "amplitude": cfg.amplitude} if cfg.signal else {}),
+            **(_signal_settings(cfg) if cfg.signal else {}),
             **({"channels_last": True} if cfg.channels_last else {}),
             **({"waveform": True} if cfg.waveform else {}),
             # the model's identity: a unit resumes only onto images of this very model
@@ -434,11 +448,15 @@ class _Config:
     batch_size: int | None
     max_memory: float | str | None
     #: a model of signals: ``(C, T)`` optimized as an image of height 1 (``width`` is T),
-    #: fed as ``amplitude * (2 x - 1)`` (``mean`` 0.5, ``std`` ``1 / (2 amplitude)``)
+    #: fed as ``amplitude * (2 x - 1)`` (``mean`` 0.5, ``std`` ``1 / (2 amplitude)``), or
+    #: with ``bounds`` as ``min + x (max - min)`` per channel (the dataset's range)
     signal: bool = False
     channels_last: bool = False
     amplitude: float | None = None
     waveform: bool = False  # samples of one axis (T,) the model makes one channel itself
+    bounds: tuple[list[float], list[float]] | None = None  # each channel's (mins, maxes)
+    #: why a run of signals got the default ±3 rather than its channels' ranges
+    bounds_note: str | None = None
 
     @classmethod
     def make(
@@ -488,7 +506,7 @@ class _Config:
         name, target, layout = layer, layer, None
         run_size = run_channels = None
         run_mean = run_std = None
-        signal: tuple[int, int, bool, bool] | None = None
+        signal: tuple[int, int, bool, bool, Any] | None = None
         if run is not None:
             name, target, layout, run_size, run_channels, run_mean, run_std, signal = _from_run(
                 run, layer, size is None, channels is None
@@ -549,7 +567,7 @@ class _Config:
     @classmethod
     def _signal(
         cls,
-        found: tuple[int, int, bool, bool],
+        found: tuple[int, int, bool, bool, Any],
         size: Any,
         channels: Any,
         mean: Any,
@@ -559,11 +577,13 @@ class _Config:
         position: Any,
         *rest: Any,
     ) -> _Config:
-        """The config of a model of signals ``found = (C, T, channels_last, waveform)``: the options
-        that only mean something for images are refused, naming what signals take."""
+        """The config of a model of signals ``found = (C, T, channels_last, waveform,
+        ranges)`` (``ranges``: the run's channel ranges ``(mins, maxes)``, a string saying
+        why a run has none, or None without a run): the options that only mean something
+        for images are refused, naming what signals take."""
         (name, target, layout, units, steps, lr, param, images_per_unit, diversity,
          directions, batch_size, max_memory) = rest  # fmt: skip
-        c, t, last, waveform = found
+        c, t, last, waveform, ranges = found
         said = f"the model's inputs are signals ({c} channels x {t} samples), not images"
         if mean is not None or std is not None:
             raise LurkerError(
@@ -601,11 +621,27 @@ class _Config:
             raise LurkerError(f"amplitude must be a positive number, got {amplitude!r}")
         n = int(images_per_unit)
         div = float(diversity) if diversity is not None else (DEFAULT_DIVERSITY if n > 1 else 0.0)
+        mean, std = (0.5,) * chans, (0.5 / amp,) * chans
+        bounds = note = None
+        if amplitude is None and isinstance(ranges, tuple):
+            lo, hi = ranges
+            if len(lo) != chans:
+                raise LurkerError(
+                    f"channels={chans}, but the run recorded the ranges of its {len(lo)} "
+                    "channels, which bound each channel's signal: leave channels= out, or "
+                    "pass amplitude= to bound every channel to ±amplitude"
+                )
+            bounds = (list(lo), list(hi))
+            # [0, 1] onto [lo, hi]: (x - mean) / std with std = 1 / (hi - lo)
+            mean = tuple(-a / (b - a) for a, b in zip(lo, hi, strict=True))
+            std = tuple(1 / (b - a) for a, b in zip(lo, hi, strict=True))
+        elif amplitude is None and isinstance(ranges, str):
+            note = ranges
         return cls(
             name, target, layout, _units(units), objective, int(steps), 1, int(length),
             int(chans), float(lr), param, n, div, None, _directions(objective, directions),
-            (0.5,) * chans, (0.5 / amp,) * chans, batch_size, max_memory, True, last,
-            float(amp), waveform,
+            mean, std, batch_size, max_memory, True, last,
+            None if bounds is not None else float(amp), waveform, bounds, note,
         )  # fmt: skip
 
 
@@ -707,7 +743,7 @@ def _signal_input(model: nn.Module) -> tuple[int, int, bool, bool] | None:
     ``(N, C, T)``; T is the default length, ``DEFAULT_SIZE``); None for any other."""
     convs = [m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)]
     if convs and all(len(m.kernel_size) == 1 for m in convs):
-        return int(convs[0].in_channels), DEFAULT_SIZE, False, False
+        return int(convs[0].in_channels), DEFAULT_SIZE, False, False, None
     return None
 
 
@@ -758,7 +794,7 @@ def _from_run(
     shape = cfg.get("input_shape")
     sig = _signal_of(r, shape) if isinstance(shape, list) and len(shape) in (1, 2) else None
     if sig is not None:  # a one-axis sample is a waveform the model unsqueezes: (1, T)
-        found = (*sig, len(shape) == 1)
+        found = (*sig, len(shape) == 1, _channel_ranges(r.meta.get("channel_range"), sig[0]))
         return info.name, info.op or info.name, info.layout, None, None, None, None, found
     if isinstance(shape, list) and len(shape) in (1, 2):  # as the explorer tells them
         kind = (
@@ -797,6 +833,52 @@ def _from_run(
         _raw_std(cfg.get("std")) if cfg.get("normalize") == "raw" else cfg.get("std"),
         None,
     )
+
+
+#: what a run of signals' featviz settings say where it bounds to the default ±3 because
+#: the run records no channel ranges
+NO_RANGES = (
+    "±3: the run records no range of its channels (probed before lurker recorded one); "
+    "probe it again to bound each channel to its dataset range, or pass amplitude="
+)
+
+
+def _channel_ranges(recorded: Any, channels: int) -> tuple[list[float], list[float]] | str:
+    """A run's recorded ``channel_range`` as each channel's ``(mins, maxes)``, or why it
+    gives none (an older run; a channel with no finite value, which leaves nothing to bound
+    it to). A channel whose values are all one gets a span of a millionth of its value (at
+    least 1e-6) around it: nothing else is the data's own scale."""
+    if not isinstance(recorded, dict):
+        return NO_RANGES
+    lo, hi = recorded.get("min"), recorded.get("max")
+    if not isinstance(lo, list) or not isinstance(hi, list) or len(lo) != channels:
+        return NO_RANGES
+    if len(hi) != len(lo) or any(v is None for v in (*lo, *hi)):
+        empty = [i for i, (a, b) in enumerate(zip(lo, hi, strict=False)) if a is None or b is None]
+        return (
+            f"±3: channel(s) {empty} of the run's dataset hold no finite value, so no range "
+            "bounds them; pass amplitude= to choose the bound"
+        )
+    mins, maxes = [], []
+    for a, b in zip(lo, hi, strict=True):
+        a, b = float(a), float(b)
+        if b <= a:
+            half = 1e-6 * max(1.0, abs(a))
+            a, b = a - half, a + half
+        mins.append(a)
+        maxes.append(b)
+    return mins, maxes
+
+
+def _signal_settings(cfg: _Config) -> dict[str, Any]:
+    """What a signal's settings record of its bounds (resume compares them; the store and
+    the explorer decode the stored 8-bit image by them)."""
+    if cfg.bounds is not None:
+        return {"input": "signal", "bounds": [cfg.bounds[0], cfg.bounds[1]]}
+    out: dict[str, Any] = {"input": "signal", "amplitude": cfg.amplitude}
+    if cfg.bounds_note is not None:
+        out["amplitude_note"] = cfg.bounds_note
+    return out
 
 
 def _signal_of(r: Any, shape: list[Any]) -> tuple[int, int, bool] | None:
@@ -1118,6 +1200,14 @@ def _diversity(act: Tensor, n: int) -> Tensor:
 
 # ---------------------------------------------------------------------------- optimizing
 def _normaliser(cfg: _Config, dtype: torch.dtype, dev: torch.device) -> Callable[[Tensor], Tensor]:
+    """What the model is fed from an optimized image ``x`` in [0, 1]: ``(x - mean) / std``;
+    a signal bounded to its channels' ranges as ``min + x (max - min)``, the same map
+    without the cancellation ``(x - mean) / std`` suffers for a narrow range far from 0
+    (a channel within 100 ± 0.001 would keep a few of float32's digits)."""
+    if cfg.bounds is not None:
+        lo = torch.tensor(cfg.bounds[0], dtype=dtype, device=dev).view(1, -1, 1, 1)
+        span = torch.tensor(cfg.bounds[1], dtype=dtype, device=dev).view(1, -1, 1, 1) - lo
+        return lambda x: lo + x * span
     m = torch.tensor(cfg.mean, dtype=dtype, device=dev).view(1, -1, 1, 1)
     s = torch.tensor(cfg.std, dtype=dtype, device=dev).view(1, -1, 1, 1)
     return lambda x: (x - m) / s
@@ -1125,6 +1215,21 @@ def _normaliser(cfg: _Config, dtype: torch.dtype, dev: torch.device) -> Callable
 
 def _generator(seed: int, unit: int, copy: int) -> np.random.Generator:
     return np.random.default_rng([seed, unit, copy])
+
+
+def _start_offset(cfg: _Config) -> Tensor | None:
+    """Where each channel of a signal bounded to its dataset's range starts: at the model's
+    0 (a standardized signal's mean, a waveform's silence) where the range holds it, else
+    at the nearer end, as a logit added before the sigmoid. Started at the range's middle
+    instead, a channel whose range is not centred on 0 fed the model a shifted signal,
+    and units whose ReLU never fired on it got no gradient and ended at 0. None (the
+    middle, 0 on ``±amplitude``) for images and amplitude bounds."""
+    if cfg.bounds is None:
+        return None
+    lo = torch.tensor(cfg.bounds[0], dtype=torch.float64)
+    hi = torch.tensor(cfg.bounds[1], dtype=torch.float64)
+    zero = ((0 - lo) / (hi - lo).clamp_min(1e-12)).clamp(0.02, 0.98)
+    return torch.logit(zero)
 
 
 def _optimize(
@@ -1143,14 +1248,17 @@ def _optimize(
     units = [scorer.rows[r] for r in rows]
     gens = [_generator(seed, u, k) for u in units for k in range(n)]
     h, w, c = cfg.height, cfg.width, cfg.channels
+    offset = _start_offset(cfg)
     if cfg.param == "fourier":
         init = np.stack([g.standard_normal((c, h, w // 2 + 1, 2)) * 0.01 for g in gens])
         image: nn.Module = FourierImage(
-            torch.as_tensor(init, dtype=dtype), h, w, decorrelate=not cfg.signal
+            torch.as_tensor(init, dtype=dtype), h, w, decorrelate=not cfg.signal, offset=offset
         )
     else:
         init = np.stack([g.uniform(-np.pi, np.pi, (c, h, w // 2 + 1)) for g in gens])
-        image = MacoImage(torch.as_tensor(init, dtype=dtype), h, w, decorrelate=not cfg.signal)
+        image = MacoImage(
+            torch.as_tensor(init, dtype=dtype), h, w, decorrelate=not cfg.signal, offset=offset
+        )
     image.to(dev)
     idx = torch.tensor([u for u in units for _ in range(n)], device=dev)
     dirs = scorer.directions[idx] if scorer.objective == "direction" else None

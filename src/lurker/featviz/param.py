@@ -58,10 +58,34 @@ def spectrum_scale(height: int, width: int, decay_power: float = 1.0) -> np.ndar
 class _Param(nn.Module):
     """A batch of images kept as parameters; ``forward()`` gives them ``(N, C, H, W)`` in [0, 1]."""
 
+    #: the name of the optimized tensor ``init`` starts, and its shape past ``(N, C)``
+    _holds = ""
+
+    def _shape(self, height: int, width: int) -> tuple[int, ...]:
+        raise NotImplementedError
+
     def __init__(
-        self, channels: int, height: int, width: int, dtype: torch.dtype, decorrelate: bool = True
+        self,
+        init: Tensor,
+        height: int,
+        width: int,
+        decorrelate: bool = True,
+        offset: Tensor | None = None,
     ) -> None:
         super().__init__()
+        channels, dtype = init.shape[1], init.dtype
+        if init.shape[2:] != self._shape(height, width):
+            raise ValueError(
+                f"{self._holds} shape {tuple(init.shape)} does not fit {height}x{width}"
+            )
+        setattr(self, self._holds, nn.Parameter(init.clone()))
+        # per channel, added before the sigmoid: where a channel starts (a signal bounded
+        # to its dataset's range starts at the model's 0 there, not at the range's middle)
+        self.register_buffer(
+            "offset",
+            torch.zeros(channels, dtype=dtype) if offset is None else offset.to(dtype),
+            persistent=False,
+        )
         self.channels, self.height, self.width = channels, height, width
         scale = spectrum_scale(height, width)
         self.register_buffer("scale", torch.as_tensor(scale, dtype=dtype), persistent=False)
@@ -72,7 +96,7 @@ class _Param(nn.Module):
     def _to_image(self, spatial: Tensor) -> Tensor:
         """Decorrelated, unbounded ``(N, C, H, W)`` -> model channels in [0, 1]."""
         rgb = torch.einsum("nchw,dc->ndhw", spatial, self.color)
-        return torch.sigmoid(rgb)
+        return torch.sigmoid(rgb + self.offset[:, None, None])
 
 
 class FourierImage(_Param):
@@ -86,11 +110,11 @@ class FourierImage(_Param):
     ``decorrelate=False``: its channels are not colours.
     """
 
-    def __init__(self, init: Tensor, height: int, width: int, decorrelate: bool = True) -> None:
-        super().__init__(init.shape[1], height, width, init.dtype, decorrelate)
-        if init.shape[2:] != (height, width // 2 + 1, 2):
-            raise ValueError(f"spectrum shape {tuple(init.shape)} does not fit {height}x{width}")
-        self.spectrum = nn.Parameter(init.clone())
+    _holds = "spectrum"
+    spectrum: nn.Parameter
+
+    def _shape(self, height: int, width: int) -> tuple[int, ...]:
+        return (height, width // 2 + 1, 2)
 
     def forward(self) -> Tensor:
         spec = torch.view_as_complex(self.spectrum) * self.scale
@@ -109,11 +133,11 @@ class MacoImage(_Param):
     ``init`` holds the starting phases, ``(N, C, H, W // 2 + 1)``.
     """
 
-    def __init__(self, init: Tensor, height: int, width: int, decorrelate: bool = True) -> None:
-        super().__init__(init.shape[1], height, width, init.dtype, decorrelate)
-        if init.shape[2:] != (height, width // 2 + 1):
-            raise ValueError(f"phase shape {tuple(init.shape)} does not fit {height}x{width}")
-        self.phase = nn.Parameter(init.clone())
+    _holds = "phase"
+    phase: nn.Parameter
+
+    def _shape(self, height: int, width: int) -> tuple[int, ...]:
+        return (height, width // 2 + 1)
 
     def forward(self) -> Tensor:
         spec = torch.polar(self.scale.expand_as(self.phase), self.phase)

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Batch",
     "BatchConsumer",
+    "ChannelRangeConsumer",
     "EmbeddingConsumer",
     "RelevanceConsumer",
     "UnitStatsConsumer",
@@ -533,3 +534,92 @@ class EmbeddingConsumer(BatchConsumer):
         writer.write_embedding(
             ids.numpy(), feats.numpy(), pred.numpy(), conf.numpy(), self.settings
         )
+
+
+class ChannelRangeConsumer(BatchConsumer):
+    """Each input channel's least and greatest finite value over the dataset, and its count
+    of finite values, on a run of signals: the data's own scale, which feature
+    visualization bounds each channel's signal to (a raw waveform within ±0.6 must not get
+    ±3 pulses). One masked reduction of the input per batch, none of the activations; min,
+    max and count merge exactly in any order (batches, resumes, ranks).
+
+    ``channel_axis``: the sample's axis (batch not counted) holding the channels, 0 for
+    ``(C, T)``, 1 for a channels-last ``(T, C)``, None for a waveform ``(T,)`` (one
+    channel).
+    """
+
+    key = "channel_range"
+
+    def __init__(self, channels: int, channel_axis: int | None, device: torch.device) -> None:
+        self.channels = int(channels)
+        self.channel_axis = channel_axis
+        self.low = torch.full((self.channels,), float("inf"), dtype=torch.float64, device=device)
+        self.high = torch.full((self.channels,), -float("inf"), dtype=torch.float64, device=device)
+        self.count = torch.zeros(self.channels, dtype=torch.int64, device=device)
+
+    def begin(self, batch: Batch) -> None:
+        """Fold the batch's input in (before the forward: an in-place op cannot change it).
+        A min and a max over the batch's other axes, in place; only a batch with a value
+        that is not finite (or any batch on a GPU, where asking would wait for it) takes
+        the masked reductions that leave such values out."""
+        x = batch.images
+        dims = tuple(
+            d for d in range(x.dim()) if self.channel_axis is None or d != 1 + self.channel_axis
+        )
+        lo, hi = x.amin(dim=dims).reshape(-1), x.amax(dim=dims).reshape(-1)
+        if x.device.type == "cpu" and bool(torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+            self.count += x.numel() // self.channels
+        else:
+            finite = torch.isfinite(x)
+            inf = torch.tensor(float("inf"), dtype=x.dtype, device=x.device)
+            lo = torch.where(finite, x, inf).amin(dim=dims).reshape(-1)
+            hi = torch.where(finite, x, -inf).amax(dim=dims).reshape(-1)
+            self.count += finite.sum(dim=dims).reshape(-1)
+        self.low = torch.minimum(self.low, lo.double())
+        self.high = torch.maximum(self.high, hi.double())
+
+    def update(self, layer: Layer, output: Tensor, batch: Batch) -> None:
+        """Nothing: the range is of the input, taken in :meth:`begin`."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "channel_axis": self.channel_axis,
+            "low": self.low.cpu(),
+            "high": self.high.cpu(),
+            "count": self.count.cpu(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        low = state["low"]
+        if state.get("channel_axis") != self.channel_axis or len(low) != self.channels:
+            raise LurkerError(
+                "its channel range is of another input layout: delete it to sweep again "
+                "from the start"
+            )
+        dev = self.low.device
+        self.low = low.to(dev, torch.float64)
+        self.high = state["high"].to(dev, torch.float64)
+        self.count = state["count"].to(dev, torch.int64)
+
+    def merge(self, group: Any = None) -> None:
+        """All-reduce: min of the lows, max of the highs, sum of the counts."""
+        import torch.distributed as dist
+
+        dist.all_reduce(self.low, op=dist.ReduceOp.MIN, group=group)
+        dist.all_reduce(self.high, op=dist.ReduceOp.MAX, group=group)
+        dist.all_reduce(self.count, group=group)
+
+    def result(self) -> dict[str, list[Any]]:
+        """``{"min", "max", "finite"}``, one entry per channel (min and max null for a
+        channel with no finite value)."""
+        n = self.count.cpu().tolist()
+        lo, hi = self.low.cpu().tolist(), self.high.cpu().tolist()
+        return {
+            "min": [v if c else None for v, c in zip(lo, n, strict=True)],
+            "max": [v if c else None for v, c in zip(hi, n, strict=True)],
+            "finite": [int(c) for c in n],
+        }
+
+    def finish(self, writer: RunWriter) -> None:
+        """Meta ``channel_range``."""
+        writer.meta_set("channel_range", self.result())

@@ -53,6 +53,7 @@ from .consumers import (
     EMBED_BUDGET,
     Batch,
     BatchConsumer,
+    ChannelRangeConsumer,
     EmbeddingConsumer,
     RelevanceConsumer,
     UnitStatsConsumer,
@@ -923,6 +924,9 @@ class _Plan:
     progress: bool
     relevance: str | None = None  # LRP composite of the relevance-max lists ("": default)
     embed: Layer | None = None  # the layer whose per-sample features are kept
+    #: on a run of signals, ``(C, channel axis)`` (the axis None for a waveform ``(T,)``):
+    #: each channel's range over the dataset is recorded (meta ``channel_range``)
+    signal: tuple[int, int | None] | None = None
 
     first: str = ""  # digest of the first image (the traced input), as loaded
     inputs: str = "images"  # what a sample is, in the progress line's rate ("images/s")
@@ -1082,6 +1086,9 @@ def _plan(
         getattr(ds, "channel_names", None), sample, x0.is_floating_point(), axis
     )
     rate = _sample_rate(getattr(ds, "sample_rate", None), sample, x0.is_floating_point())
+    signal = None
+    if axis is not None and x0.is_floating_point():
+        signal = (sample[axis], None if x0.dim() == 2 else axis)
     run_meta = {
         "model": type(model).__name__,
         "model_fingerprint": fingerprint(model),
@@ -1146,6 +1153,7 @@ def _plan(
         embed=embed_layer,
         first=_digest(x0),
         inputs=input_noun(x0, reads_ids(tr)),
+        signal=signal,
     )
 
 
@@ -1401,6 +1409,8 @@ def _consumers(plan: _Plan) -> list[BatchConsumer]:
         probed = plan.embed.op.index in {layer.op.index for layer in plan.layers}
         rows = plan.checkpoint.with_name(f"{plan.checkpoint.stem}-embedding.rows")
         consumers.append(EmbeddingConsumer(plan.embed, probed=probed, rows=rows))
+    if plan.signal is not None:  # the input's own scale, for feature visualization
+        consumers.append(ChannelRangeConsumer(*plan.signal, device=plan.dev))
     return consumers
 
 
@@ -1950,6 +1960,8 @@ def _finish(
         )
         writer.set_graph(plan.trace.to_json())  # the layers' op_index and op label index into it
         writer.meta_set("probed_with", plan.settings)
+        # (a run of signals' consumer writes it: a re-probe of another input keeps none)
+        writer.meta_set("channel_range", None)
         writer.meta_set(
             "skipped_layers",
             [{"layer": name, "reason": why} for name, why in plan.layer_skips],

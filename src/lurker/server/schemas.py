@@ -104,6 +104,11 @@ class DatasetInfo(BaseModel):
     #: The signals' sampling rate in Hz, from the dataset's ``sample_rate`` as the probe
     #: stored it: the pages give times in seconds beside samples. Null where it had none.
     sample_rate: float | None = None
+    #: Each channel of such signals' least and greatest finite value over the dataset and
+    #: its count of finite values (``{min, max, finite}``, lists of ``C``; min/max null
+    #: for a channel with none), as the probe recorded them: feature visualizations are
+    #: bounded to them. Null for other inputs and runs probed before lurker recorded them.
+    channel_range: dict[str, list[Any]] | None = None
 
 
 class ProbeInfo(BaseModel):

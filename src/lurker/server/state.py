@@ -224,6 +224,21 @@ def sample_rate(run: Run) -> float | None:
     return float(rate) if math.isfinite(rate) and rate > 0 else None
 
 
+def channel_range(run: Run) -> dict[str, list[Any]] | None:
+    """A signal run's ``{min, max, finite}``, one entry per channel: each input channel's
+    least and greatest finite value over the dataset and its count of finite values, as
+    the probe recorded them (featviz bounds each channel's signal to them). ``None`` where
+    the run is not a signal or was probed before they were recorded."""
+    shape = signal_shape(run)
+    got = run.meta.get("channel_range")
+    if shape is None or not isinstance(got, dict):
+        return None
+    parts = [got.get(k) for k in ("min", "max", "finite")]
+    if not all(isinstance(p, list) and len(p) == shape[0] for p in parts):
+        return None
+    return {"min": parts[0], "max": parts[1], "finite": parts[2]}
+
+
 def input_dtype(run: Run) -> str | None:
     """The dtype of the model's input as the run's trace recorded it (``"float32"``), or
     None without a graph: what a sample is cast to before the model sees it again."""

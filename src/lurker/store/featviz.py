@@ -35,6 +35,7 @@ __all__ = [
     "direction_featviz",
     "featviz_png",
     "featviz_signal",
+    "signal_values",
     "featviz_units",
     "unit_featviz",
     "write_featviz",
@@ -300,31 +301,50 @@ class StoredFeatViz:
 
     def signals(self) -> np.ndarray:
         """A run of signals' as float32 ``(units, copies, C, T)``, in the model's input
-        units: ``amplitude * (2 * image - 1)`` with each unit's own amplitude (a layer made
-        in pieces may have several; 8-bit precision: steps of ``2 amplitude / 255``); NaN
-        past a unit's own copies. Refused for images."""
-        amps = []
-        for u in self.units:
-            made = self.unit_settings(u)
-            if made.get("input") != "signal" or made.get("amplitude") is None:
+        units, each unit decoded by its own settings (:func:`signal_values`: its channels'
+        dataset ranges, or ``amplitude * (2 * image - 1)``; a layer made in pieces may have
+        several; 8-bit precision: steps of ``(max - min) / 255``); NaN past a unit's own
+        copies. Refused for images."""
+        images = self.images()
+        out = np.full(images.shape[:3] + images.shape[-1:], np.nan, dtype=np.float32)
+        for i, u in enumerate(self.units):
+            values = signal_values(images[i], self.unit_settings(u))
+            if values is None:
                 raise StoreError(
                     f"the feature visualizations of layer {self.layer!r} are images, not "
                     f"signals (unit {u}'s at least): read them with images()"
                 )
-            amps.append(made["amplitude"])
-        amp = np.asarray(amps, dtype=np.float32)[:, None, None, None, None]
-        return ((self.images() * 2 - 1) * amp).squeeze(-2)
+            out[i] = values
+        return out
+
+
+def signal_values(pixels: np.ndarray, settings: dict[str, Any]) -> np.ndarray | None:
+    """Stored signal pixels ``(..., C, 1, T)`` in [0, 1] as ``(..., C, T)`` float32 values
+    in the model's input units, by the settings they were made with: ``bounds`` (each
+    channel's ``[min, max]``, the dataset's range) maps [0, 1] onto each channel's range,
+    ``amplitude`` (older runs, ``amplitude=``) onto ``±amplitude``. None where the
+    settings are no signal's."""
+    if settings.get("input") != "signal":
+        return None
+    x = np.asarray(pixels, dtype=np.float32)[..., 0, :]
+    bounds = settings.get("bounds")
+    if bounds is not None:
+        lo = np.asarray(bounds[0], dtype=np.float32)[:, None]
+        hi = np.asarray(bounds[1], dtype=np.float32)[:, None]
+        if lo.shape[0] != x.shape[-2]:
+            return None
+        return (lo + x * (hi - lo)).astype(np.float32)
+    amp = settings.get("amplitude")
+    if amp is None:
+        return None
+    return ((x * 2 - 1) * np.float32(amp)).astype(np.float32)
 
 
 def _decoded_signal(shape: str, image: bytes, doc: str) -> np.ndarray | None:
-    """A stored row's signal ``(C, T)`` float32, in the model's input units (its own
-    amplitude); None where the stored image is no signal."""
-    settings = json.loads(doc)
-    amp = settings.get("amplitude")
-    if settings.get("input") != "signal" or amp is None:
-        return None
+    """A stored row's signal ``(C, T)`` float32, in the model's input units (by its own
+    settings, :func:`signal_values`); None where the stored image is no signal."""
     pixels = decode_png(bytes(image), json.loads(shape)).astype(np.float32) / 255.0
-    return ((pixels * 2 - 1) * np.float32(amp))[:, 0, :]
+    return signal_values(pixels, json.loads(doc))
 
 
 def featviz_signal(

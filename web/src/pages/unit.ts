@@ -628,10 +628,17 @@ function hasPatchless(layer: { rf?: Record<string, unknown> | null; layout?: Rec
   return tokenLayer(layer) && Array.isArray(boxes) && boxes.includes(null);
 }
 
+/** The bounds a signal's values were optimized within: each channel's dataset range
+ * (settings `bounds`), or ±amplitude (`amplitude=`, or a run that recorded no ranges). */
+function signalBounds(st: Record<string, unknown>): string {
+  if (Array.isArray(st["bounds"])) return "within each channel's dataset range";
+  return `within ±${st["amplitude"]}${st["amplitude_note"] ? " (the run records no channel ranges)" : ""}`;
+}
+
 /** What the feature visualization tab says about how its images were made. */
 function featvizCaption(f: FeatVizView): string {
   const st = f.settings;
-  const made = [st["steps"] ? `${st["steps"]} steps` : null, st["size"] ? (st["input"] === "signal" ? `${([] as unknown[]).concat(st["size"]).slice(-1)} samples within ±${st["amplitude"]}` : `${([] as unknown[]).concat(st["size"]).join("\u00d7")} px`) : null, st["param"] ? `${st["param"]} parametrization` : null]
+  const made = [st["steps"] ? `${st["steps"]} steps` : null, st["size"] ? (st["input"] === "signal" ? `${([] as unknown[]).concat(st["size"]).slice(-1)} samples ${signalBounds(st)}` : `${([] as unknown[]).concat(st["size"]).join("\u00d7")} px`) : null, st["param"] ? `${st["param"]} parametrization` : null]
     .filter(Boolean)
     .join(", ");
   // several images per unit are pushed apart by a diversity term, which can cost activation

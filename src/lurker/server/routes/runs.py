@@ -25,6 +25,7 @@ from ..schemas import (
 from ..state import (
     RunEntry,
     channel_names,
+    channel_range,
     feature_names,
     sample_rate,
     signal_shape,
@@ -151,6 +152,7 @@ def summarize(request: Request, e: RunEntry) -> RunSummary:
             signal=None if (sig := signal_shape(run)) is None else list(sig),
             channel_names=channel_names(run),
             sample_rate=sample_rate(run),
+            channel_range=channel_range(run),
         ),
         probe=ProbeInfo(
             k=meta.get("k"),
