@@ -227,3 +227,17 @@ def test_a_run_without_ranges_keeps_plus_minus_3_and_says_so(eeg_run: Path, tmp_
     assert "records no range" in fv.settings["amplitude_note"]
     sig = fv.signals
     assert sig is not None and math.isclose(float(sig.abs().max()), 3.0, rel_tol=0.2)
+
+
+def test_shifts_bring_in_the_value_that_feeds_the_model_its_zero() -> None:
+    """A signal bounded to its channels' ranges is shifted with each channel's start
+    value coming in from outside (the model's 0), not 0.5 (the range's middle: a shifted
+    signal, what the start offset is there to avoid); without bounds, 0.5 as before."""
+    from lurker.featviz.transforms import Shifts
+
+    fill = torch.tensor([0.25, 0.8])  # where each channel's range holds the model's 0
+    start = fill[None, :, None, None].expand(1, 2, 1, 16).clone()  # a signal at 0
+    shifted = Shifts(jitter=3, jitter2=0, fill=fill).apply(start, [(3.0,)])
+    assert torch.equal(shifted, start)  # still 0 everywhere, the edge included
+    plain = Shifts(jitter=3, jitter2=0).apply(torch.full((1, 2, 1, 16), 0.5), [(-3.0,)])
+    assert torch.equal(plain, torch.full((1, 2, 1, 16), 0.5))

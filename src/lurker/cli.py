@@ -1316,7 +1316,8 @@ Examples:
     type=click.FloatRange(min=0, min_open=True),
     default=None,
     help="Signals only (a Conv1d model of (C, T)): the most a signal's value may reach "
-    "either way, in the model's input units (default 3).",
+    "either way, in the model's input units (default: each channel's range over the "
+    "dataset, as the probe recorded it; 3 on a run that recorded none).",
 )
 @_friendly
 def featviz(

@@ -270,6 +270,9 @@ def featviz(
     tf: Any
     if cfg.signal:
         tf = Shifts.standard(cfg.width) if transforms else Shifts.none()
+        start = _start_offset(cfg)
+        if start is not None:  # what comes in from outside feeds the model its 0 too
+            tf = replace(tf, fill=torch.sigmoid(start))
     else:
         tf = Transforms.standard(max(cfg.height, cfg.width)) if transforms else Transforms.none()
     with _evaluating(model) as dev:
@@ -839,7 +842,8 @@ def _from_run(
 #: the run records no channel ranges
 NO_RANGES = (
     "±3: the run records no range of its channels (probed before lurker recorded one); "
-    "probe it again to bound each channel to its dataset range, or pass amplitude="
+    "probe it again with overwrite=True (--overwrite; it drops the run's feature "
+    "visualizations) to bound each channel to its dataset range, or pass amplitude="
 )
 
 

@@ -107,7 +107,7 @@ def _inverse_affine(p: tuple[float, ...], h: int, w: int) -> list[list[float]]:
 class Shifts:
     """The transforms of a signal ``(N, C, 1, T)`` (a :class:`Transforms` of height 1):
     two whole-sample shifts along time, of ``-jitter`` to ``jitter`` and ``-jitter2`` to
-    ``jitter2`` samples, what comes in from outside being 0.5 (a zero signal), cut back to
+    ``jitter2`` samples, what comes in from outside being ``fill`` (the model's 0), cut back to
     ``T`` samples. The signal must excite its unit wherever the pattern lands in time, as
     an image must wherever its feature lands; the model sees the length it was probed at
     (a model that flattens time into a ``Linear`` takes that one only). No zoom or
@@ -118,6 +118,9 @@ class Shifts:
     #: the same interface as :class:`Transforms`: nothing padded, always cut back
     pad: int = 0
     crop: bool = True
+    #: per channel, the value (in [0, 1]) that comes in from outside: the one that feeds
+    #: the model its 0 (a signal bounded to its dataset's range); None: 0.5 (±amplitude's 0)
+    fill: Tensor | None = None
 
     @classmethod
     def standard(cls, length: int) -> Shifts:
@@ -141,7 +144,11 @@ class Shifts:
             return images
         t = images.shape[-1]
         m = self.jitter + self.jitter2
-        x = F.pad(images, [m, m], value=0.5)
+        if self.fill is None:
+            x = F.pad(images, [m, m], value=0.5)
+        else:
+            fill = self.fill.to(images)[:, None, None]
+            x = F.pad(images - fill, [m, m]) + fill
         # shifted right by d: sample i of the result is sample i - d of the signal
         return torch.stack(
             [x[i, ..., m - int(p[0]) : m - int(p[0]) + t] for i, p in enumerate(params)]

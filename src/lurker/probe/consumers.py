@@ -566,14 +566,16 @@ class ChannelRangeConsumer(BatchConsumer):
         dims = tuple(
             d for d in range(x.dim()) if self.channel_axis is None or d != 1 + self.channel_axis
         )
-        lo, hi = x.amin(dim=dims).reshape(-1), x.amax(dim=dims).reshape(-1)
-        if x.device.type == "cpu" and bool(torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+        plain = False
+        if x.device.type == "cpu":  # asking whether all is finite costs no wait here
+            lo, hi = x.amin(dim=dims).reshape(-1), x.amax(dim=dims).reshape(-1)
+            plain = bool(torch.isfinite(lo).all() and torch.isfinite(hi).all())
+        if plain:
             self.count += x.numel() // self.channels
-        else:
+        else:  # masked with Python scalars: no tensor copied to the device, no sync
             finite = torch.isfinite(x)
-            inf = torch.tensor(float("inf"), dtype=x.dtype, device=x.device)
-            lo = torch.where(finite, x, inf).amin(dim=dims).reshape(-1)
-            hi = torch.where(finite, x, -inf).amax(dim=dims).reshape(-1)
+            lo = x.masked_fill(~finite, float("inf")).amin(dim=dims).reshape(-1)
+            hi = x.masked_fill(~finite, -float("inf")).amax(dim=dims).reshape(-1)
             self.count += finite.sum(dim=dims).reshape(-1)
         self.low = torch.minimum(self.low, lo.double())
         self.high = torch.maximum(self.high, hi.double())

@@ -632,7 +632,8 @@ function hasPatchless(layer: { rf?: Record<string, unknown> | null; layout?: Rec
  * (settings `bounds`), or ±amplitude (`amplitude=`, or a run that recorded no ranges). */
 function signalBounds(st: Record<string, unknown>): string {
   if (Array.isArray(st["bounds"])) return "within each channel's dataset range";
-  return `within ±${st["amplitude"]}${st["amplitude_note"] ? " (the run records no channel ranges)" : ""}`;
+  const note = typeof st["amplitude_note"] === "string" ? st["amplitude_note"] : null;
+  return `within ±${st["amplitude"]}${note ? ` (${note.replace(/^±\S+: /, "")})` : ""}`;
 }
 
 /** What the feature visualization tab says about how its images were made. */
