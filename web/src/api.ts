@@ -306,6 +306,8 @@ export interface LiveInput {
   words: (string | null)[] | null;
   /** how the typed sequence was padded or truncated to the run's length; null: fed as typed */
   fitted: string | null;
+  /** where the padding begins, when the sequence was padded to the run's length */
+  padded_from?: number | null;
   features: number[] | null;
   feature_names: string[] | null;
   predictions: Prediction[];

@@ -703,6 +703,9 @@ class LiveInput(BaseModel):
     #: how the typed sequence was made the run's length for a model that takes no other
     #: (padded with the run's padding id, or truncated), null where it was fed as typed
     fitted: str | None = None
+    #: the first padding position where the sequence was padded (positions from there to
+    #: the end are the padding id), null where nothing was padded
+    padded_from: int | None = None
     #: the feature values fed (a run of feature vectors), null else
     features: list[float] | None = None
     feature_names: list[str] | None = None

@@ -150,8 +150,10 @@ function peakAt(l: LiveLayerUnits, u: number, doc: LiveInput): HTMLElement | nul
   const tokens = doc.ids && doc.ids.length === l.positions;
   const word = tokens ? (doc.words?.[at] ?? null) : null;
   const tok = tokens ? (word ?? `id ${doc.ids![at]}`) : null;
-  const title = `the unit's max is at position ${at} of ${l.positions}${tok !== null ? `, token “${tok}”` : ""}`;
-  return h("span", { class: "peak-at small", "data-peak": at, title }, ...(word !== null ? ["at “", h("span", { class: "peak-word" }, word), `” (token ${at})`] : [tok !== null ? `at ${tok} (token ${at})` : `at position ${at}`]));
+  // a peak on the padding the server added is no word the user typed: said so
+  const padding = tokens && doc.padded_from != null && at >= doc.padded_from;
+  const title = `the unit's max is at position ${at} of ${l.positions}${tok !== null ? `, token “${tok}”` : ""}${padding ? " (padding)" : ""}`;
+  return h("span", { class: padding ? "peak-at small muted padding" : "peak-at small", "data-peak": at, title }, ...(word !== null ? ["at “", h("span", { class: "peak-word" }, word), `” (token ${at}${padding ? ", padding" : ""})`] : [tok !== null ? `at ${tok} (token ${at}${padding ? ", padding" : ""})` : `at position ${at}`]));
 }
 
 /** One probed layer: the units that fire most, each linked to its page, with its value. */

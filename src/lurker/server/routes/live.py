@@ -191,6 +191,7 @@ async def typed_input(request: Request, run_id: str, body: LiveInputBody) -> Liv
             )
         input_id = s.add_input(x)
         fitted = None
+        padded_from = None
         try:
             layers = s.layer_units(input_id)
         except ApiError as e:
@@ -205,6 +206,8 @@ async def typed_input(request: Request, run_id: str, body: LiveInputBody) -> Liv
                     f"try a sequence of {length})"
                 )
                 raise
+            if len(refit[0]) > len(ids):  # padded: the typed tokens, then the pad id
+                padded_from = len(ids)
             ids, fitted = refit
             words = [vocab[i] if vocab and i < len(vocab) else None for i in ids]
             x = torch.tensor(ids, dtype=x.dtype)
@@ -220,6 +223,7 @@ async def typed_input(request: Request, run_id: str, body: LiveInputBody) -> Liv
             ids=ids,
             words=words,
             fitted=fitted,
+            padded_from=padded_from,
             features=None if features is None else [float(v) for v in x.double().tolist()],
             feature_names=names,
             predictions=preds,
