@@ -82,18 +82,12 @@ class FeatViz:
     def signals(self) -> Tensor | None:
         """On a model of signals, ``(units, C, T)`` (``(units, n, C, T)``): the signals as
         the model takes them, each channel's [0, 1] mapped onto its bounds (the run's
-        dataset range for it, or ``±amplitude``); None for images."""
-        if self.settings.get("input") != "signal":
-            return None
-        bounds = self.settings.get("bounds")
-        if bounds is not None:
-            lo = torch.tensor(bounds[0], dtype=self.images.dtype)[:, None]
-            hi = torch.tensor(bounds[1], dtype=self.images.dtype)[:, None]
-            return lo + self.images.squeeze(-2) * (hi - lo)
-        amp = self.settings.get("amplitude")
-        if amp is None:
-            return None
-        return (self.images * 2 - 1).squeeze(-2) * float(amp)
+        dataset range for it, or ``±amplitude``; as the store decodes them,
+        :func:`lurker.store.featviz.signal_values`); None for images."""
+        from ..store.featviz import signal_values
+
+        values = signal_values(self.images.detach().cpu().numpy(), self.settings)
+        return None if values is None else torch.from_numpy(values)
 
     def image(self, index: int, copy: int = 0) -> Image.Image:
         """Row ``index`` (and copy ``copy``) as a PIL image (grey for 1 channel, RGB for 3)."""
@@ -268,11 +262,11 @@ def featviz(
     from ..probe.sweep import fingerprint  # the probe's: a run records its model's
 
     tf: Any
+    offset = _start_offset(cfg)  # where a bounded signal's channels start (else None)
     if cfg.signal:
         tf = Shifts.standard(cfg.width) if transforms else Shifts.none()
-        start = _start_offset(cfg)
-        if start is not None:  # what comes in from outside feeds the model its 0 too
-            tf = replace(tf, fill=torch.sigmoid(start))
+        if offset is not None:  # what comes in from outside feeds the model its 0 too
+            tf = replace(tf, fill=torch.sigmoid(offset))
     else:
         tf = Transforms.standard(max(cfg.height, cfg.width)) if transforms else Transforms.none()
     with _evaluating(model) as dev:
@@ -347,7 +341,7 @@ def featviz(
         peaks: list[Tensor] = []
         for lo in range(0, len(todo), per_chunk):
             rows = todo[lo : lo + per_chunk]
-            img, act, first = _optimize(cfg, tap, scorer, rows, tf, norm, seed, dtype, dev)
+            img, act, first = _optimize(cfg, tap, scorer, rows, tf, norm, seed, dtype, dev, offset)
             images.append(img.cpu())
             reached.append(act.cpu())
             start.append(first.cpu())
@@ -741,8 +735,9 @@ def _units(units: Any) -> list[int] | None:
     return [int(v) for v in values]
 
 
-def _signal_input(model: nn.Module) -> tuple[int, int, bool, bool] | None:
-    """``(C, T, False, False)`` for a model whose only convolutions are 1-D (a Conv1d stack reads
+def _signal_input(model: nn.Module) -> tuple[int, int, bool, bool, None] | None:
+    """``(C, T, False, False, None)`` (as :func:`_from_run` gives a run's, without its
+    channel ranges) for a model whose only convolutions are 1-D (a Conv1d stack reads
     ``(N, C, T)``; T is the default length, ``DEFAULT_SIZE``); None for any other."""
     convs = [m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)]
     if convs and all(len(m.kernel_size) == 1 for m in convs):
@@ -786,9 +781,9 @@ def _from_run(
     run: Any, layer: str, want_size: bool, want_channels: bool
 ) -> tuple[str, str, Any, tuple[int, int] | None, int | None, Any, Any, Any]:
     """The layer's name, op label and layout in ``run``, and the run's input size,
-    channels and normalisation; last, ``(C, T, channels_last, waveform)`` for a run of
-    signals (``waveform``: samples of one axis ``(T,)`` that the model makes one channel
-    itself), else None."""
+    channels and normalisation; last, ``(C, T, channels_last, waveform, ranges)`` for a
+    run of signals (``waveform``: samples of one axis ``(T,)`` that the model makes one
+    channel itself; ``ranges``: :func:`_channel_ranges`), else None."""
     from ..store import Run
 
     r = run if isinstance(run, Run) else Run.open(run)
@@ -1246,13 +1241,14 @@ def _optimize(
     seed: int,
     dtype: torch.dtype,
     dev: torch.device,
+    offset: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Optimize the images of result rows ``rows`` (``images_per_unit`` each) together."""
+    """Optimize the images of result rows ``rows`` (``images_per_unit`` each) together;
+    ``offset``: where each channel starts (:func:`_start_offset`)."""
     n = cfg.images_per_unit
     units = [scorer.rows[r] for r in rows]
     gens = [_generator(seed, u, k) for u in units for k in range(n)]
     h, w, c = cfg.height, cfg.width, cfg.channels
-    offset = _start_offset(cfg)
     if cfg.param == "fourier":
         init = np.stack([g.standard_normal((c, h, w // 2 + 1, 2)) * 0.01 for g in gens])
         image: nn.Module = FourierImage(

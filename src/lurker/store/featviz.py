@@ -319,25 +319,29 @@ class StoredFeatViz:
 
 
 def signal_values(pixels: np.ndarray, settings: dict[str, Any]) -> np.ndarray | None:
-    """Stored signal pixels ``(..., C, 1, T)`` in [0, 1] as ``(..., C, T)`` float32 values
-    in the model's input units, by the settings they were made with: ``bounds`` (each
-    channel's ``[min, max]``, the dataset's range) maps [0, 1] onto each channel's range,
-    ``amplitude`` (older runs, ``amplitude=``) onto ``±amplitude``. None where the
-    settings are no signal's."""
+    """Signal pixels ``(..., C, 1, T)`` in [0, 1] (stored, or a fresh result's) as
+    ``(..., C, T)`` values in the model's input units, by the settings they were made
+    with: ``bounds`` (each channel's ``[min, max]``, the dataset's range) maps [0, 1] onto
+    each channel's range, ``amplitude`` (older runs, ``amplitude=``) onto ``±amplitude``;
+    in the pixels' float dtype (float32 for others). None where the settings are no
+    signal's."""
     if settings.get("input") != "signal":
         return None
-    x = np.asarray(pixels, dtype=np.float32)[..., 0, :]
+    x = np.asarray(pixels)
+    if not np.issubdtype(x.dtype, np.floating):
+        x = x.astype(np.float32)
+    x = x[..., 0, :]
     bounds = settings.get("bounds")
     if bounds is not None:
-        lo = np.asarray(bounds[0], dtype=np.float32)[:, None]
-        hi = np.asarray(bounds[1], dtype=np.float32)[:, None]
+        lo = np.asarray(bounds[0], dtype=x.dtype)[:, None]
+        hi = np.asarray(bounds[1], dtype=x.dtype)[:, None]
         if lo.shape[0] != x.shape[-2]:
             return None
-        return (lo + x * (hi - lo)).astype(np.float32)
+        return lo + x * (hi - lo)
     amp = settings.get("amplitude")
     if amp is None:
         return None
-    return ((x * 2 - 1) * np.float32(amp)).astype(np.float32)
+    return (x * 2 - 1) * x.dtype.type(amp)
 
 
 def _decoded_signal(shape: str, image: bytes, doc: str) -> np.ndarray | None:
