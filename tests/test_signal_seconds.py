@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from explorer_fixtures import get_json, served_run, skip_without_browser, strict_page
+from test_signal_documents import _model  # the same 8-channel Conv1d model
 
 C, T, K, N, RATE = 8, 512, 4, 30, 128
 NAMES = ["Fz", "Cz", "Pz", "Oz", "F3", "F4", "P3", "P4"]
@@ -31,13 +32,6 @@ class Eeg(TensorDataset):
 
     sample_rate = RATE
     channel_names = NAMES
-
-
-def _model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv1d(C, 6, 9, stride=4), nn.ReLU(), nn.AdaptiveMaxPool1d(1), nn.Flatten()
-    ).eval()
 
 
 def _tensors() -> tuple[torch.Tensor, torch.Tensor]:
