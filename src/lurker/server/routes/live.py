@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import io
 import re
-import weakref
 from typing import Annotated, Any, Literal
 
 import numpy as np
@@ -547,12 +546,6 @@ def _side(m: Maps) -> FeatureSide:
     )
 
 
-# session -> (its trace, each op's receptive field along a (C, T) signal's time)
-_TIME_FIELDS: weakref.WeakKeyDictionary[Session, tuple[Any, dict[int, Any]]] = (
-    weakref.WeakKeyDictionary()
-)
-
-
 def _signal_time(s: Session, tr: Any, op: Any, m: Maps | None) -> SignalTime | None:
     """Where the output of ``op`` (shown as ``m``) lies along time on a run of signals:
     the model's input itself (channels first, channels last or a one-axis waveform: its
@@ -573,20 +566,23 @@ def _signal_time(s: Session, tr: Any, op: Any, m: Maps | None) -> SignalTime | N
     time = _time_axis(m)
     if time is None:
         return None
-    cached = _TIME_FIELDS.get(s)
-    fields = cached[1] if cached is not None and cached[0] is tr else None
-    if fields is None:
-        from lurker.graph.receptive import receptive_fields
-
-        try:  # time on the input's axis 1 where it is not its last
-            fields = receptive_fields(tr, time_axis=signal_time_axis(run))
-        except Exception:  # a graph the field rules cannot follow: no stride, not a wrong one
-            fields = {}
-        _TIME_FIELDS[s] = (tr, fields)
+    # each op's field along time, once per session (its live trace is made once)
+    fields = s.cached(("live-time-fields", s.entry.generation), lambda: _fields(tr, run))
     rf = fields.get(op.index)
     if rf is None or not rf.exact or rf.full or rf.x.dim != time:
         return SignalTime()
     return SignalTime(stride=float(rf.x.stride), start=float(rf.x.start))
+
+
+def _fields(tr: Any, run: Any) -> dict[int, Any]:
+    """Every op's receptive field along the signal's time on the live trace ``tr``; none
+    where the field rules cannot follow the graph (no stride then, not a wrong one)."""
+    from lurker.graph.receptive import receptive_fields
+
+    try:  # time on the input's axis 1 where it is not its last
+        return receptive_fields(tr, time_axis=signal_time_axis(run))
+    except Exception:
+        return {}
 
 
 def _time_axis(m: Maps) -> int | None:
