@@ -33,6 +33,7 @@ from .state import (
     input_dtype,
     signal_layout,
     signal_shape,
+    signal_waveform,
     token_length,
     vector_length,
 )
@@ -515,7 +516,7 @@ class Session:
             "a signal"
             if shape is None
             else f"a waveform of {shape[1]} samples"
-            if len(fed or ()) == 1
+            if signal_waveform(self.entry.open_run())
             else f"a signal of {shape[1]} samples x {shape[0]} channels (channels last)"
             if self.signal_channels_last()
             else f"a signal of {shape[0]} channels x {shape[1]} samples"
@@ -1135,7 +1136,7 @@ class Session:
         channels, length, last = found
         shape = list(t.shape)
         v = t.detach().to("cpu", torch.float32)
-        if shape == [1, length] and channels == 1:  # a waveform: one channel
+        if shape == [1, length] and signal_waveform(self.entry.open_run()):  # one channel
             return Maps(shape, v.reshape(1, 1, length).contiguous(), None)
         if last and shape == [1, length, channels]:
             return Maps(shape, v[0].T.reshape(channels, 1, length).contiguous(), 2)

@@ -163,8 +163,14 @@ def signal_time_axis(run: Run) -> int | None:
     and a one-axis waveform ``(N, T)``; None for a ``(N, C, T)`` signal (time last, as the
     probe's own fields read it) and for runs that are not signals."""
     found = signal_layout(run)
-    waveform = len((run.meta.get("config") or {}).get("input_shape") or []) == 1
-    return 1 if found is not None and (found[2] or waveform) else None
+    return 1 if found is not None and (found[2] or signal_waveform(run)) else None
+
+
+def signal_waveform(run: Run) -> bool:
+    """Whether a signal run's samples are raw waveforms of one axis ``(T,)`` that the model
+    gives its one channel itself (served as ``(1, T)``): the one test the server reads."""
+    shape = (run.meta.get("config") or {}).get("input_shape") or []
+    return len(shape) == 1 and signal_layout(run) is not None
 
 
 def signal_rf(run: Run, info: LayerInfo) -> dict[str, Any] | None:
