@@ -4,7 +4,7 @@
  */
 import type { RunSummary } from "./api";
 import type { PageContext } from "./context";
-import { h, notice, withCode } from "./dom";
+import { fmt, h, notice, withCode } from "./dom";
 
 /** GET .../explain/concepts.json: a layer's units ranked by their share of the relevance. */
 export interface ConceptRanking {
@@ -67,4 +67,10 @@ export function conceptNeedsModel(ctx: PageContext): HTMLElement {
 /** Under a precomputed ranking: where it was made, and what the other layers need. */
 export function conceptPrecomputedNote(ctx: PageContext, layer: string): HTMLElement {
   return h("p", { class: "muted small static-note" }, withCode(`Precomputed at \`${layer}\` for the top class; other layers run LRP through the model: \`lurker serve ${ctx.run} --model SPEC\`.`));
+}
+
+/** The ranking's status line: how many units of which layer, for what target (`target`:
+ * its words, a class's name where the page knows it), and what the cards show (`shows`). */
+export function conceptLead(r: ConceptRanking, target: string, shows: string): (string | HTMLElement)[] {
+  return [`The ${r.units.length} of ${r.channels} units of `, h("code", null, r.layer), ` with the most relevance (LRP, ${r.composite}) for ${target}; the layer's total relevance is ${fmt(r.total)}. ${shows}`];
 }

@@ -22,7 +22,7 @@ import { renderTokenExplain } from "./explain_tokens";
 import { renderFeatureExplain } from "./explain_features";
 import { renderSignalExplain } from "./explain_signal";
 import { classLabel, classText, namesWidth } from "../classes";
-import { conceptFrame, conceptLayerSelect, conceptNeedsModel, conceptPrecomputedNote, conceptUnitTitle, type ConceptRanking } from "../concepts";
+import { conceptFrame, conceptLayerSelect, conceptLead, conceptNeedsModel, conceptPrecomputedNote, conceptUnitTitle, type ConceptRanking } from "../concepts";
 
 const PICKER = { id: "explain", title: "Image to explain", action: "Explain sample" };
 
@@ -363,12 +363,8 @@ function conceptSection(ctx: PageContext, summary: RunSummary, live: LiveImage, 
     }
     if (ctx.signal.aborted) return;
     if (!layer) select.value = summary.layers.some((l) => l.name === r.layer) ? r.layer : "";
-    fill(
-      status,
-      `The ${r.units.length} of ${r.channels} units of `,
-      h("code", null, r.layer),
-      ` with the most relevance (LRP, ${r.composite}) for ${r.target.includes(":") ? `unit ${r.target}` : /^\d+$/.test(r.target) ? className(Number(r.target), live) : `class ${r.target}`}; the layer's total relevance is ${fmt(r.total)}. Each map is the relevance that flowed through that unit alone (blue negative, red positive).`,
-    );
+    const target = r.target.includes(":") ? `unit ${r.target}` : /^\d+$/.test(r.target) ? className(Number(r.target), live) : `class ${r.target}`;
+    fill(status, ...conceptLead(r, target, "Each map is the relevance that flowed through that unit alone (blue negative, red positive)."));
     const cq = new URLSearchParams(q);
     cq.set("layer", r.layer);
     cq.set("overlay", "0");

@@ -12,7 +12,7 @@ import type { PageContext } from "../context";
 import { fill, fmt, h, notice } from "../dom";
 import { fetchedSignal, signalDocPlot } from "../signal";
 import { renderFlatExplain } from "./explain_flat";
-import { conceptFrame, conceptLayerSelect, conceptNeedsModel, conceptPrecomputedNote, conceptUnitTitle, type ConceptRanking } from "../concepts";
+import { conceptFrame, conceptLayerSelect, conceptLead, conceptNeedsModel, conceptPrecomputedNote, conceptUnitTitle, type ConceptRanking } from "../concepts";
 
 export function renderSignalExplain(root: HTMLElement, ctx: PageContext, summary: RunSummary, loading: HTMLElement): Promise<void> {
   const [c, t] = summary.dataset.signal ?? [0, 0];
@@ -76,7 +76,7 @@ function conceptSection(ctx: PageContext, summary: RunSummary, image: string, ta
     }
     if (ctx.signal.aborted) return;
     if (!layer) select.value = summary.layers.some((l) => l.name === r.layer) ? r.layer : "";
-    fill(status, `The ${r.units.length} of ${r.channels} units of `, h("code", null, r.layer), ` with the most relevance (LRP, ${r.composite}) for ${r.target.includes(":") ? `unit ${r.target}` : `class ${r.target}`}; the layer's total relevance is ${fmt(r.total)}. Each unit's bands are the relevance that flowed through that unit alone, per channel along time (one scale per unit; red supports the target, blue opposes it).`);
+    fill(status, ...conceptLead(r, r.target.includes(":") ? `unit ${r.target}` : `class ${r.target}`, "Each unit's bands are the relevance that flowed through that unit alone, per channel along time (one scale per unit; red supports the target, blue opposes it)."));
     for (const u of r.units) {
       const plot = doc.signal_error ? missing(doc.signal_error) : fetchedSignal(ctx.api, ctx.run, doc.sample.id, undefined, (sig) => signalDocPlot(sig, { width: 560, height: 48 * c + 22, axis: true, names, rate, bands: u.signal_scores ?? [], signed: true, label: `unit ${u.unit}'s conditional relevance along time` }), missing);
       list.append(
