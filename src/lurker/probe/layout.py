@@ -128,6 +128,12 @@ class Layout:
         grid = self.patch_grid() if len(self.positions) == 1 else None
         return (grid[1], grid[2]) if grid is not None else None
 
+    def line_shape(self, shape: Any) -> tuple[int, int] | None:
+        """``(1, L)`` of the map each unit makes along a signal's time in an output of
+        ``shape`` (batch axis included): its one position axis (a Conv1d's ``(B, C, L)``);
+        None where it has another number of them."""
+        return (1, int(shape[self.positions[0]])) if len(self.positions) == 1 else None
+
     def units(self, t: Tensor) -> Tensor:
         """``t`` as ``(B, C)``, ``(B, C, L)`` or ``(B, C, H, W)``: what UnitStats takes."""
         if self.identity:

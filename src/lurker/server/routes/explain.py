@@ -154,11 +154,7 @@ def _spatial_layers(s: Session) -> list[str]:
         if info.layout:
             lay = Layout.from_dict(info.layout)
             shape.insert(lay.batch, 1)  # the layout's axes count it
-            if signal:  # a map along time: one position axis (a Conv1d's (B, C, L))
-                one = len(lay.positions) == 1
-                hw = (1, int(shape[lay.positions[0]])) if one else None
-            else:
-                hw = lay.map_shape(shape)
+            hw = lay.line_shape(shape) if signal else lay.map_shape(shape)
         else:  # a run from before layouts: (C, H, W) as the probe then read it
             hw = (shape[1], shape[2]) if len(shape) == 3 else None
         if hw is not None and hw[0] * hw[1] > 1:
