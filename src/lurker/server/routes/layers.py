@@ -207,30 +207,31 @@ def signal_tile(
     finite (a NaN is shown as a gap, not hidden by its neighbours)."""
     n = len(values[0]) if len(values) else 0
     starts = _cell_starts(n, max(1, min(n, columns))) if n else []
-    if isinstance(values, np.ndarray) and n and np.isfinite(values[:channels]).all():
-        # every value finite (a decoded featviz signal): the cells' extremes at once
-        lows = np.minimum.reduceat(values[:channels], starts, axis=1).astype(np.float64)
-        highs = np.maximum.reduceat(values[:channels], starts, axis=1).astype(np.float64)
-        return SignalTile(
-            length=n,
-            channels=len(values),
-            starts=starts,
-            lo=[[plotted(v) for v in row] for row in lows.tolist()],
-            hi=[[plotted(v) for v in row] for row in highs.tolist()],
-        )
-    if isinstance(values, np.ndarray):
-        values = [[float(v) if np.isfinite(v) else None for v in row] for row in values]
-    lo: list[list[float | None]] = []
-    hi: list[list[float | None]] = []
-    for row in values[:channels]:
-        lo.append([])
-        hi.append([])
-        for cell in _cells(row, starts):
-            finite = [v for v in cell if v is not None]
-            whole = len(finite) == len(cell)
-            lo[-1].append(plotted(min(finite)) if whole else None)
-            hi[-1].append(plotted(max(finite)) if whole else None)
-    return SignalTile(length=n, channels=len(values), starts=starts, lo=lo, hi=hi)
+    shown = min(channels, len(values))
+    if not n:
+        empty: list[list[float | None]] = [[] for _ in range(shown)]
+        return SignalTile(length=0, channels=len(values), starts=[], lo=empty, hi=[*empty])
+    # a value that is not finite (None in lists) as NaN, which each cell's min and max keep
+    rows = np.array(
+        [[np.nan if v is None else v for v in row] for row in values[:channels]]
+        if not isinstance(values, np.ndarray)
+        else values[:channels],
+        dtype=np.float64,
+    )
+    rows[~np.isfinite(rows)] = np.nan
+    lows = np.minimum.reduceat(rows, starts, axis=1).tolist()
+    highs = np.maximum.reduceat(rows, starts, axis=1).tolist()
+
+    def cells(row: list[float]) -> list[float | None]:
+        return [None if math.isnan(v) else plotted(v) for v in row]
+
+    return SignalTile(
+        length=n,
+        channels=len(values),
+        starts=starts,
+        lo=[cells(row) for row in lows],
+        hi=[cells(row) for row in highs],
+    )
 
 
 def _token_windows(
