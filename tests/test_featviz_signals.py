@@ -95,8 +95,8 @@ def test_image_only_options_are_refused_naming_the_signals():
     said = r"signals \(3 channels x 128 samples\), not images"
     with pytest.raises(LurkerError, match=said + r".*mean=/std="):
         lurker.featviz(model, "0", steps=1, mean=[0.0] * C, std=[1.0] * C)
-    with pytest.raises(LurkerError, match=said + r".*objective='neuron'"):
-        lurker.featviz(model, "0", steps=1, objective="neuron")
+    with pytest.raises(LurkerError, match=said + r".*position= is \(t,\)"):
+        lurker.featviz(model, "0", steps=1, objective="neuron", position=(0, 3))
     with pytest.raises(LurkerError, match=said + r".*length in samples"):
         lurker.featviz(model, "0", steps=1, size=(1, 64))
     with pytest.raises(LurkerError, match="amplitude must be a positive number"):
@@ -328,3 +328,129 @@ def test_the_layer_grid_draws_each_units_signal_as_lines(
             assert d.count("M") + d.count("L") == 2 * len(tiles[str(u)]["starts"])
         assert "a signal optimized to excite the unit" in pg.locator("#grid-note").inner_text()
         pg.screenshot(path=str(tmp_path / "layer-featviz-signal.png"), full_page=True)
+
+
+def _linear_stack() -> nn.Module:
+    """Conv1d (3 -> 4, kernel 5, padding 2) -> Conv1d (4 -> 4, kernel 3, dilation 2) ->
+    ReLU: linear up to layer "1", so the input samples that reach one of its positions are
+    exactly those its gradient is non-zero on, whatever the input."""
+    torch.manual_seed(1)
+    return nn.Sequential(
+        nn.Conv1d(C, 4, 5, padding=2), nn.Conv1d(4, 4, 3, dilation=2), nn.ReLU()
+    ).eval()
+
+
+def _support(model: nn.Module, unit: int, t: int) -> list[int]:
+    """The half-open span of input samples the unit's output at step t depends on, by
+    autograd on a random signal (the receptive field's independent oracle)."""
+    x = torch.randn(1, C, T, generator=torch.Generator().manual_seed(7), requires_grad=True)
+    model[:2](x)[0, unit, t].backward()
+    assert x.grad is not None
+    hit = torch.nonzero(x.grad[0].abs().sum(0)).flatten()
+    return [int(hit.min()), int(hit.max()) + 1]
+
+
+def test_the_neuron_objective_on_a_signal_excites_its_unit_at_one_step_of_time():
+    """objective='neuron' on signals: the unit at the centre of its map along time (or at
+    position=(t,)); the value reached is the model's own at that step, beats every dataset
+    sample's there, and the span recorded is what autograd says that step sees."""
+    model = _linear_stack()
+    fv = lurker.featviz(model, "1", units=[0, 1], size=T, steps=64, objective="neuron")
+    length = T - 4  # the map along time: 64 - (3 - 1) * 2
+    t = length // 2
+    assert fv.settings["position"] == [t]
+    assert fv.settings["span"] == _support(model, 0, t) == [t - 2, t + 7]
+    assert "span_seconds" not in fv.settings  # no run, no sample rate
+    sig = fv.signals
+    assert sig is not None and tuple(sig.shape) == (2, C, T)
+    with torch.no_grad():
+        by_hand = model[:2](sig)[:, :, t]  # (units, channels): each signal's own unit
+        data = _data().tensors[0].clamp(-3, 3)  # within the default ±3 the signal keeps
+        best = model[:2](data)[:, :2, t].max(0).values
+    assert fv.activations.tolist() == pytest.approx([float(by_hand[0, 0]), float(by_hand[1, 1])])
+    assert (fv.activations > best).all(), (fv.activations, best)
+    assert (fv.activations > fv.start).all()
+    # another step, given as an image's (y, x) is: (t,) on a map with one axis
+    at = lurker.featviz(model, "1", units=[0], size=T, steps=8, objective="neuron", position=(3,))
+    assert at.settings["position"] == [3] and at.settings["span"] == _support(model, 0, 3)
+    with torch.no_grad():
+        assert float(at.activations[0]) == pytest.approx(float(model[:2](at.signals)[0, 0, 3]))
+    with pytest.raises(LurkerError, match=r"position \(60,\) lies outside the 60 steps"):
+        lurker.featviz(model, "1", units=[0], size=T, steps=1, objective="neuron", position=(60,))
+    pooled = nn.Sequential(nn.Conv1d(C, 2, 3), nn.AdaptiveAvgPool1d(1), nn.Flatten()).eval()
+    with pytest.raises(LurkerError, match=r"needs a map along time.*objective='channel'"):
+        lurker.featviz(pooled, "2", units=[0], size=T, steps=1, objective="neuron")
+
+
+def test_the_signal_neurons_gradient_is_autograd_of_the_unit_at_its_step():
+    """The objective's gradient with respect to the signal fed to the model equals that of
+    the hand-written objective (the unit's output at step t), and it is zero outside the
+    recorded span: nothing there moves the objective."""
+    from lurker.featviz.core import Shifts, _Config, _feed, _Scorer, _Tap
+
+    model = _linear_stack()
+    cfg = _Config.make(
+        model, "1", [0, 2], "neuron", 1, T, None, 0.05, "fourier", 1, None, (9,), None,
+        None, None, None, None, None, None,
+    )  # fmt: skip
+    x0 = torch.full((1, C, 1, T), 0.5)
+    tap = _Tap(model, cfg.target, x0, cfg.layout, cfg.layer, None, _feed(cfg))
+    scorer = _Scorer.make(cfg, tap, x0, Shifts.none())
+    x = torch.randn(2, C, 1, T, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    scorer(tap(x), torch.tensor([0, 2]), None).sum().backward()
+    y = x.detach().clone().requires_grad_(True)
+    (model[:2](y[:, :, 0])[0, 0, 9] + model[:2](y[:, :, 0])[1, 2, 9]).backward()
+    assert x.grad is not None and y.grad is not None
+    assert torch.allclose(x.grad, y.grad, atol=1e-6)
+    lo, hi = _support(model, 0, 9)
+    assert x.grad[..., :lo].abs().max() == 0 and x.grad[..., hi:].abs().max() == 0
+    assert x.grad[..., lo:hi].abs().amax((0, 1, 2)).min() > 0  # every sample within moves it
+
+
+class _EegAt128(Eeg):
+    sample_rate = 128.0
+
+
+def test_a_signal_neurons_result_is_stored_served_and_drawn_with_its_span(
+    browser: Any, tmp_path: Path
+):
+    """Stored beside a run's other featviz, read back by signals(), served in the unit
+    document with the span its position sees (not its peak's) in samples and seconds, and
+    in the layer's tiles for a unit with no channel signal."""
+    from fastapi.testclient import TestClient
+
+    from lurker.server import create_app
+
+    model, data = _model(), _data()
+    ds = _EegAt128(*data.tensors)
+    lurker.probe(model, ds, out=tmp_path / "r", k=K, batch_size=8, progress=False).close()
+    fv = lurker.featviz(model, "1", units=[0, 1], run=tmp_path / "r", steps=32,
+                        objective="neuron")  # fmt: skip
+    t = (T - 8) // 2  # kernel 9: a map of 56 steps
+    assert fv.settings["position"] == [t] and fv.settings["span"] == [t, t + 9]
+    assert fv.settings["span_seconds"] == pytest.approx([t / 128, (t + 9) / 128])
+    fv.save(tmp_path / "r")
+    stored = lurker.Run.open(tmp_path / "r").featviz("1", objective="neuron")
+    assert stored.unit_settings(0)["span"] == [t, t + 9]
+    values = stored.signals()
+    assert values.shape == (2, 1, C, T)
+    assert np.abs(values[:, 0] - fv.signals.numpy()).max() < 6.5 / 255  # 8-bit of the range
+    client = TestClient(create_app(tmp_path / "r"))
+    doc = client.get("/api/runs/r/layers/1/units/0").json()["featviz"]
+    assert doc["objective"] == "neuron" and doc["spans"] == [[t, t + 9]]
+    assert (
+        f"step t = {t}" in doc["views"][0]["meaning"] and doc["signals"][0] == values[0, 0].tolist()
+    )
+    tiles = client.get("/api/runs/r/layers/1").json()["featviz_signals"]
+    assert sorted(tiles) == ["0", "1"]  # neuron signals only: the grid draws them
+    skip_without_browser()
+    from lurker.server.serve import background
+
+    with background(create_app(tmp_path / "r")) as url, strict_page(browser) as pg:
+        pg.goto(f"{url.rstrip('/')}/#/r/r/unit/1/0?tab=featviz&objective=neuron")
+        fig = pg.locator("figure.featviz.signal-entry")
+        fig.locator("svg.signal-plot").wait_for()
+        assert fig.get_attribute("data-span") == f"{t} {t + 9}"
+        assert fig.get_attribute("data-objective") == "neuron"
+        assert f"step {t} sees samples {t}\u2013{t + 8}" in fig.locator(".span-text").inner_text()
+        pg.screenshot(path=str(tmp_path / "featviz-neuron-signal.png"), full_page=True)

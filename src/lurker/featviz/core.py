@@ -249,6 +249,7 @@ def featviz(
 
         held = run if isinstance(run, Run) else Run.open(run)
         model = channels_first_view(model, (held.meta.get("config") or {}).get("channel_dim"))
+    rate = _sample_rate(held) if run is not None else None
     cfg = _Config.make(
         model, layer, units, objective, steps, size, channels, lr, param, images_per_unit,
         diversity, position, directions, mean, std, run, batch_size, max_memory, device,
@@ -311,6 +312,8 @@ def featviz(
         }
         if objective == "neuron":
             settings["position"] = list(scorer.position) if scorer.position else None
+            if cfg.signal and scorer.position:  # the input samples that position sees
+                settings.update(_neuron_span(tap, cfg, x0, scorer.position[0], rate))
             if scorer.token is not None:  # the token index in the layer's output
                 settings["token"] = scorer.token
         if objective == "direction":
@@ -383,6 +386,43 @@ def _peaks(tap: _Tap, scorer: _Scorer, rows: list[int], x: Tensor, n: int) -> Te
     return act[torch.arange(act.shape[0], device=act.device), units].argmax(-1).cpu()
 
 
+def _sample_rate(run: Any) -> float | None:
+    """A signal run's sampling rate in Hz (the dataset's ``sample_rate``, as the probe
+    recorded it); None where it has none or it is no positive finite number."""
+    rate = (run.meta.get("config") or {}).get("sample_rate")
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)):
+        return None
+    return float(rate) if math.isfinite(rate) and rate > 0 else None
+
+
+def _neuron_span(tap: _Tap, cfg: _Config, x0: Tensor, t: int, rate: float | None) -> dict[str, Any]:
+    """What a signal's neuron objective records of the input its position ``t`` sees:
+    ``span``, the half-open ``[t0, t1)`` of input samples (its receptive field along time,
+    clipped to the signal, as the unit page shades a peak's), None where the field is not
+    known or lies in padding alone; ``span_seconds`` by the run's ``sample_rate``."""
+    from ..capture import trace
+    from ..graph.receptive import receptive_fields
+    from ..probe.layout import position_box
+
+    box = None
+    try:
+        with torch.no_grad():
+            traced = tap.trace or trace(tap.model, tap.feed(x0) if tap.feed else x0, save="none")
+        op = traced.hook_ops(cfg.target)[-1]
+        axis = 1 if cfg.channels_last or cfg.waveform else None
+        rf = receptive_fields(traced, time_axis=axis).get(op.index)
+        box = position_box(tap.layout, rf, 0, t, (1, cfg.width))
+    except Exception:  # a graph the field rules cannot follow: no span, not a wrong one
+        box = None
+    if box is None or box[2] >= box[3]:
+        return {"span": None}
+    span = [int(box[2]), int(box[3])]
+    out: dict[str, Any] = {"span": span}
+    if rate is not None:
+        out["span_seconds"] = [span[0] / rate, span[1] / rate]
+    return out
+
+
 def _feed(cfg: _Config) -> Callable[[Tensor], Tensor] | None:
     """What the model takes from an optimized ``(N, C, 1, T)`` signal: ``(N, C, T)`` (or
     ``(N, T, C)`` for a model that takes its channels last, ``(N, T)`` for a waveform's
@@ -438,7 +478,7 @@ class _Config:
     param: str
     images_per_unit: int
     diversity: float
-    position: tuple[int, int] | None
+    position: tuple[int, ...] | None  # (y, x) on an image's map, (t,) on a signal's
     directions: Tensor | None
     mean: tuple[float, ...]
     std: tuple[float, ...]
@@ -587,12 +627,22 @@ class _Config:
                 f"{said}: mean=/std= (--normalize) are an image's normalisation; a signal is "
                 "optimized in the model's own input units, within amplitude= (--amplitude)"
             )
-        if objective == "neuron" or position is not None:
-            raise LurkerError(
-                f"{said}: objective='neuron' (position=) picks a place of an image's map; use "
-                "objective='channel', the unit's mean along time (its signal's peak is "
-                "recorded in fv.peaks)"
-            )
+        pos = None
+        if position is not None:
+            if objective != "neuron":
+                raise LurkerError("position= is for objective='neuron'")
+            # a signal's map has one axis of positions, time: (t,), as an image's (y, x)
+            if (
+                not isinstance(position, (tuple, list))
+                or len(position) != 1
+                or not all(isinstance(v, int) and not isinstance(v, bool) for v in position)
+                or position[0] < 0
+            ):
+                raise LurkerError(
+                    f"{said}: position= is (t,), the step along time of the layer's map "
+                    f"(one int >= 0), got {position!r}"
+                )
+            pos = (int(position[0]),)
         if isinstance(size, (tuple, list)):
             raise LurkerError(
                 f"{said}: size= is the signal's length in samples (one int), got {size!r}"
@@ -636,7 +686,7 @@ class _Config:
             note = ranges
         return cls(
             name, target, layout, _units(units), objective, int(steps), 1, int(length),
-            int(chans), float(lr), param, n, div, None, _directions(objective, directions),
+            int(chans), float(lr), param, n, div, pos, _directions(objective, directions),
             mean, std, batch_size, max_memory, True, last,
             None if bounds is not None else float(amp), waveform, bounds, note,
         )  # fmt: skip
@@ -1080,8 +1130,9 @@ class _Scorer:
     objective: str
     rows: list[int]  # unit (or direction) index of each row of the result
     num_channels: int
-    position: tuple[int, int] | None
-    base_hw: tuple[int, int] | None  # the map's size for an untransformed image
+    position: tuple[int, ...] | None  # (y, x) on an image's map, (t,) on a signal's
+    #: the map's size for an untransformed image ((1, T') for a signal's map)
+    base_hw: tuple[int, int] | None
     directions: Tensor
     #: a token layer's neuron: the index of the patch token at ``position`` of the patch
     #: grid, and the layer's token count (None for a map of positions)
@@ -1120,7 +1171,22 @@ class _Scorer:
                 f"(0..{total - 1}); pass --units within that range, or leave it out for all",
             )
         token = num_tokens = None
-        if cfg.objective == "neuron":
+        if cfg.objective == "neuron" and cfg.signal:  # one step along the map's time
+            if act.dim() != 3:
+                raise LurkerError(
+                    f"objective='neuron' on a signal needs a map along time, (B, C, T); "
+                    f"layer {cfg.layer!r} gives {tuple(act.shape)} (it sees the whole "
+                    "signal): use objective='channel'"
+                )
+            length = act.shape[2]
+            position = cfg.position or (length // 2,)
+            if position[0] >= length:
+                raise LurkerError(
+                    f"position {position} lies outside the {length} steps of layer "
+                    f"{cfg.layer!r}'s map along time (0..{length - 1})"
+                )
+            base_hw = (1, length)
+        elif cfg.objective == "neuron":
             grid = _token_grid(tap.layout) if act.dim() == 3 else None
             if grid is not None:  # tokens of image patches: the grid they tile is the map
                 order, rows_, cols, _ = grid
@@ -1163,6 +1229,9 @@ class _Scorer:
                     "moves: pass transforms=False"
                 )
             return picked[:, self.token]
+        if picked.dim() == 2:  # a signal's map (B, T): one step along time
+            w, t = picked.shape[1], self.position[0]
+            return picked[:, min(max(w // 2 + t - self.base_hw[1] // 2, 0), w - 1)]
         # the same place relative to the map's centre (transforms pad the image)
         h, w = picked.shape[1:3]
         y = min(max(h // 2 + self.position[0] - self.base_hw[0] // 2, 0), h - 1)

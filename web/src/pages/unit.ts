@@ -656,15 +656,18 @@ function featvizCaption(f: FeatVizView): string {
  * dataset sample's signal, as the top lists draw it. */
 function featvizSignals(ctx: PageContext, unit: number, f: FeatVizView, names: string[] | null, rate: number | null, drawable: boolean): HTMLElement[] {
   const width = ENTRY_WIDTH;
+  // the neuron objective's span is what its one position sees, not where a signal peaks
+  const t = f.objective === "neuron" ? (f.settings?.position as number[] | undefined)?.[0] : undefined;
+  const who = t === undefined ? "peak" : `step ${t}`;
   const out = (f.signals ?? []).map((values, copy) => {
     const span = f.spans?.[copy] ?? null;
     const a = f.activations[copy] ?? null;
     return h(
       "figure",
       { class: "signal-entry top-entry featviz", "data-objective": f.objective, "data-copy": copy, "data-value": a === null ? null : String(a), "data-span": span ? span.join(" ") : null },
-      signalPlot(values, { width, height: Math.min(220, 44 + 22 * values.length), axis: true, span, names, rate, label: `optimized signal ${copy + 1} of unit ${unit}${span ? `, samples ${span[0]}–${span[1] - 1} shaded (its peak)` : ""}` }),
+      signalPlot(values, { width, height: Math.min(220, 44 + 22 * values.length), axis: true, span, names, rate, label: `optimized signal ${copy + 1} of unit ${unit}${span ? `, samples ${span[0]}–${span[1] - 1} shaded (its ${who})` : ""}` }),
       h("figcaption", null, h("span", { class: "value" }, fmt(a)), h("span", { class: "cls" }, f.activations.length > 1 ? `signal ${copy + 1}` : "optimized")),
-      span ? h("div", { class: "muted small span-text" }, `peak sees samples ${span[0]}–${span[1] - 1} (${span[1] - span[0]})${rate ? ` · ${secondsText(span[0], span[1] - 1, rate)}` : ""}`) : null,
+      span ? h("div", { class: "muted small span-text" }, `${who} sees samples ${span[0]}–${span[1] - 1} (${span[1] - span[0]})${rate ? ` · ${secondsText(span[0], span[1] - 1, rate)}` : ""}`) : null,
     );
   });
   if (f.best_sample !== null) {

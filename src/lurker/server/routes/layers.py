@@ -259,10 +259,10 @@ def _token_windows(
 
 
 def _featviz_tiles(run: Any, layer: str) -> dict[str, SignalTile] | None:
-    """On a signal run: each unit's stored feature visualization (its channel objective's:
-    featviz on signals has no other per unit) as a tile draws it, so the grid draws lines
-    from one document rather than a grey strip or a request per unit."""
-    found = featviz_signals(run, layer, "channel")
+    """On a signal run: each unit's stored feature visualization as a tile draws it, so
+    the grid draws lines from one document rather than a grey strip or a request per unit:
+    its channel objective's, else its neuron objective's (the grid's rule for images)."""
+    found = {**featviz_signals(run, layer, "neuron"), **featviz_signals(run, layer, "channel")}
     return {str(unit): signal_tile(values) for unit, values in found.items()} or None
 
 

@@ -175,10 +175,16 @@ def _featviz_signals(run: Any, layer: str, unit: int, objective: str, one: Any) 
 
     info = run.layer(layer)
     peaks = one.settings.get("peaks") or []
+    # the neuron objective's signals are made for one position: the span shaded is what
+    # that position sees (recorded with them), wherever each signal happens to peak
+    neuron = objective == "neuron" and "span" in one.settings
     signals, spans = [], []
     for copy in range(len(one.activations)):
         values = featviz_signal(run, layer, unit, copy, objective)
         signals.append(values or [])
+        if neuron:
+            spans.append(one.settings["span"])
+            continue
         peak = peaks[copy] if copy < len(peaks) else None
         length = len(values[0]) if values else 0
         spans.append(signal_span(run, info, peak, length) if peak is not None else None)
@@ -194,6 +200,10 @@ def _meaning(objective: str, settings: dict[str, Any]) -> str:
         token = settings.get("token")
         if token is not None and pos:  # a token layer: a patch token, by its grid place
             return f"the unit at token {token}, the patch at (row, column) = ({pos[0]}, {pos[1]})"
+        if pos and len(pos) == 1:  # a signal's map: one step along time
+            span = settings.get("span")
+            seen = f" (it sees input samples {span[0]}-{span[1] - 1})" if span else ""
+            return f"the unit at step t = {pos[0]} of its map along time{seen}"
         at = f"position (y, x) = ({pos[0]}, {pos[1]})" if pos else "one position"
         return f"the unit at {at} of its map"
     return objective
