@@ -64,6 +64,18 @@ export function conceptNeedsModel(ctx: PageContext): HTMLElement {
   );
 }
 
+/** In place of the section when the run's model cannot give concept relevance (LRP has no
+ * rule for one of its layers, said by `explain/methods` from its trace): why, and what
+ * to use instead, rather than a 400 after a ranking request. */
+export function conceptUnavailable(reason: string): HTMLElement {
+  return h(
+    "section",
+    { class: "concept-section concept-unavailable" },
+    h("h2", null, "Concept relevance ", h("span", { class: "sub" }, "not available for this model")),
+    notice(reason.charAt(0).toUpperCase() + reason.slice(1).replace(/\.?$/, ".")),
+  );
+}
+
 /** Under a precomputed ranking: where it was made, and what the other layers need. */
 export function conceptPrecomputedNote(ctx: PageContext, layer: string): HTMLElement {
   return h("p", { class: "muted small static-note" }, withCode(`Precomputed at \`${layer}\` for the top class; other layers run LRP through the model: \`lurker serve ${ctx.run} --model SPEC\`.`));

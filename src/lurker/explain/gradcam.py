@@ -101,6 +101,26 @@ def _map_layers(model: nn.Module, x: Tensor, line: bool) -> tuple[Any, list[str]
     return tr, maps
 
 
+def refusal(model: nn.Module, x: Tensor) -> str | None:
+    """Why Grad-CAM has no default layer in ``model`` (no op makes a map: an MLP, an LSTM
+    over time), or None; from the trace alone (no gradient), so it can be said before
+    anyone asks. The model's own failure on ``x`` is None."""
+    from .axes import input_axes
+
+    try:
+        line = is_signal(input_axes(model, x), x)
+        _, maps = _map_layers(model, x, line)
+    except Exception:
+        return None
+    if maps:
+        return None
+    what = "a map along time (a Conv1d's (B, C, L) output)" if line else "a map"
+    return (
+        f"Grad-CAM weighs a layer's maps, and no layer of this model makes {what}; "
+        "use a gradient method (integrated_gradients, input_x_gradient) instead"
+    )
+
+
 def several_outputs(model: nn.Module, x: Tensor, layer: str, line: bool) -> LurkerError | None:
     """The error for a ``layer`` whose op returns several tensors (an LSTM's output and its
     ``(h, c)`` state, named by trace label or module path), which Grad-CAM cannot read as

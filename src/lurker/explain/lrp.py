@@ -378,6 +378,19 @@ def _arg(op: Op, pos: int, name: str, default: Any = None) -> Any:
     return op.kwargs.get(name, default)
 
 
+class NoRule(LurkerError):
+    """LRP has no rule for an op of the model (an LSTM): no input can change that, so
+    callers tell it from other failures by type (concept relevance says it in its own words,
+    the explorer before anyone asks)."""
+
+    def __init__(self, where: str):
+        self.where = where
+        super().__init__(
+            f"LRP has no rule for {where}. Supported: {SUPPORTED}. Explain this model with a "
+            "gradient method (method='input_x_gradient', 'integrated_gradients') instead."
+        )
+
+
 class Engine:
     """Rules for every op of one traced model; :meth:`run` is one LRP forward+backward."""
 
@@ -538,11 +551,7 @@ class Engine:
             elif name in _ROUTE or name in _FACTORY:
                 pass
             else:
-                raise LurkerError(
-                    f"LRP has no rule for {self._where(op)}. Supported: {SUPPORTED}. "
-                    "Explain this model with a gradient method (method='input_x_gradient', "
-                    "'integrated_gradients') instead."
-                )
+                raise NoRule(self._where(op))
 
     def _softmax_rule(self, name: str) -> bool:
         """Whether this op gets AttnLRP's softmax rule (else it is a constant)."""
@@ -934,6 +943,31 @@ class Engine:
             ):
                 op = child
         return op
+
+
+def no_rule(model: nn.Module, x: Tensor) -> NoRule | None:
+    """The op of ``model`` LRP has no rule for, as its error, or None. Found by tracing
+    ``x`` and planning the rules, without an attribution, so a caller can say it before
+    anyone asks for one (the Explain page's method list). Any other failure is None: the
+    model's own on ``x`` may not recur on real input."""
+    from .base import untouched
+
+    try:
+        with untouched(model), torch.enable_grad():
+            Engine(model, x)
+    except NoRule as e:
+        return e
+    except Exception:
+        return None
+    return None
+
+
+def said(e: NoRule) -> str:
+    """:func:`no_rule`'s finding as one line for a list of methods: what to use instead."""
+    return (
+        f"LRP has no rule for {e.where}; use a gradient method (integrated_gradients, "
+        "input_x_gradient) instead"
+    )
 
 
 def _merge(w: Tensor, b: Tensor | None, bn: Op, value: Callable) -> tuple[Tensor, Tensor]:

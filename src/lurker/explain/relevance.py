@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from ..errors import LurkerError
 from .base import check_input, input_errors, no_param_grads, untouched
-from .lrp import Engine, _warn_leaks
+from .lrp import SUPPORTED, Engine, NoRule, _warn_leaks
 from .targets import UnitTarget, by_unit
 
 __all__ = ["Concepts", "concepts"]
@@ -142,18 +142,25 @@ def concepts(
     )
 
 
+def said(e: NoRule) -> str:
+    """LRP's :func:`~lurker.explain.lrp.no_rule` finding as concept relevance's line for a
+    list of methods: it propagates LRP through every layer, so what to use instead."""
+    return (
+        f"concept relevance is LRP through every layer, and LRP has no rule for {e.where}; "
+        "use a gradient method (integrated_gradients) or Grad-CAM at a convolution's map "
+        "instead"
+    )
+
+
 def _no_rule(e: LurkerError) -> LurkerError:
     """LRP's refusal of a layer it has no rule for (an LSTM), said for concept relevance,
     which propagates LRP from the output through every layer, whichever layer it ranks:
     what to use instead is a method that needs no rule; any other error as it is."""
-    said = str(e)
-    if not said.startswith("LRP has no rule for "):
+    if not isinstance(e, NoRule):
         return e
-    head, _, supported = said.partition(". Supported: ")
-    supported = supported.split(". Explain this model")[0]
     return LurkerError(
-        f"concept relevance is LRP, propagated from the output through every layer, and {head}"
-        f" (supported: {supported}). Instead, attribute the "
+        f"concept relevance is LRP, propagated from the output through every layer, and LRP "
+        f"has no rule for {e.where} (supported: {SUPPORTED}). Instead, attribute the "
         "decision with a gradient method (lurker.explain(model, x, method='integrated_gradients'"
         ")), Grad-CAM at a convolution's map (method='gradcam', layer=...), or a unit target "
         "(target=(layer, channel)) to see what drives one unit."

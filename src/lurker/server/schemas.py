@@ -826,6 +826,9 @@ class ExplainMethod(BaseModel):
     needs_layer: bool
     #: whether its values have a sign that matters (diverging colours) or are >= 0
     signed: bool
+    #: why the run's model cannot give it (an op it has no rule for, no layer making a
+    #: map), found from the model's trace; null: it can, or no model tells (precomputed)
+    unavailable: str | None = None
 
 
 class ExplainMethods(BaseModel):
@@ -841,6 +844,9 @@ class ExplainMethods(BaseModel):
     layers: list[str]
     #: whether concept relevance (``.../explain/concepts.json``) is available
     concepts: bool
+    #: why not, when lurker has it but the run's model cannot give it (LRP has no rule
+    #: for one of its layers): the page shows this instead of the section
+    concepts_reason: str | None = None
 
 
 class ExplainedSample(BaseModel):

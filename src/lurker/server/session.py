@@ -1039,6 +1039,25 @@ class Session:
             for i in idx.tolist()
         ]
 
+    def example_input(self, model: Any) -> torch.Tensor:
+        """A batch of one zero input shaped like the run's, on the model's device: what
+        the model is traced on (token ids as ids: zero is a valid id; else float32)."""
+        import torch
+
+        run = self.entry.open_run()
+        shape = self.config.get("input_shape")
+        if not shape:
+            shape = [3, *(run.meta.get("image_size") or [224, 224])]
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        dtype = getattr(torch, self.input_dtype(), None)
+        if (
+            not isinstance(dtype, torch.dtype)
+            or dtype.is_floating_point
+            or dtype in (torch.uint8, torch.bool)
+        ):
+            dtype = torch.float32
+        return torch.zeros(1, *[int(s) for s in shape], device=device, dtype=dtype)
+
     def trace(self) -> Trace:
         """The live model's trace (made once, on an input shaped like the run's)."""
         import torch
@@ -1048,20 +1067,7 @@ class Session:
         model = self.model()
         with self.model_lock:
             if self._trace is None:
-                run = self.entry.open_run()
-                shape = self.config.get("input_shape")
-                if not shape:
-                    shape = [3, *(run.meta.get("image_size") or [224, 224])]
-                device = next((p.device for p in model.parameters()), torch.device("cpu"))
-                # token ids (integers) are traced as ids (zeros: a valid id), not floats
-                dtype = getattr(torch, self.input_dtype(), None)
-                if (
-                    not isinstance(dtype, torch.dtype)
-                    or dtype.is_floating_point
-                    or dtype in (torch.uint8, torch.bool)
-                ):
-                    dtype = torch.float32
-                x0 = torch.zeros(1, *[int(s) for s in shape], device=device, dtype=dtype)
+                x0 = self.example_input(model)
                 try:
                     with torch.no_grad():
                         self._trace = settled_trace(model, x0)

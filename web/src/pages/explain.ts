@@ -21,8 +21,9 @@ import { imagePicker } from "../picker";
 import { renderTokenExplain } from "./explain_tokens";
 import { renderFeatureExplain } from "./explain_features";
 import { renderSignalExplain } from "./explain_signal";
+import { unavailableCard } from "./explain_flat";
 import { classLabel, classText, namesWidth } from "../classes";
-import { conceptFrame, conceptLayerSelect, conceptLead, conceptNeedsModel, conceptPrecomputedNote, conceptUnitTitle, type ConceptRanking } from "../concepts";
+import { conceptFrame, conceptLayerSelect, conceptLead, conceptNeedsModel, conceptPrecomputedNote, conceptUnavailable, conceptUnitTitle, type ConceptRanking } from "../concepts";
 
 const PICKER = { id: "explain", title: "Image to explain", action: "Explain sample" };
 
@@ -31,6 +32,8 @@ interface ExplainMethod {
   summary: string;
   needs_layer: boolean;
   signed: boolean;
+  /** why the run's model cannot give it (from its trace); null or absent: it can */
+  unavailable?: string | null;
 }
 
 interface ExplainMethods {
@@ -41,6 +44,8 @@ interface ExplainMethods {
   concept_layer?: string | null;
   layers: string[];
   concepts: boolean;
+  /** why the run's model cannot give concept relevance; null or absent: it can */
+  concepts_reason?: string | null;
 }
 
 interface ExplainResult {
@@ -293,7 +298,7 @@ export async function renderExplain(root: HTMLElement, ctx: PageContext): Promis
   root.append(page);
   // a target the model may not have (a typed unit, a class from a link): asked once, so
   // that a typo is one message by the input, not one error per method
-  const probe = info.methods.find((m) => !m.needs_layer);
+  const probe = info.methods.find((m) => !m.needs_layer && !m.unavailable);
   if (!explained && target !== "top" && probe) {
     try {
       await ctx.api.json<ExplainResult>(`${p("runs", ctx.run, "live", image, "explain", probe.name)}.json?${new URLSearchParams({ target })}`);
@@ -338,6 +343,8 @@ export async function renderExplain(root: HTMLElement, ctx: PageContext): Promis
     page.append(section);
   } else if (explained) {
     page.append(conceptNeedsModel(ctx));
+  } else if (info.concepts && info.concepts_reason) {
+    page.append(conceptUnavailable(info.concepts_reason));
   } else if (info.concepts) {
     const clayer = params.get("clayer") || (isUnit ? null : conceptDefault(info)) || null;
     page.append(conceptSection(ctx, summary, live, image, target, clayer, inputSrc, (l) => go({ clayer: l })));
@@ -389,6 +396,7 @@ function conceptSection(ctx: PageContext, summary: RunSummary, live: LiveImage, 
 }
 
 function methodCard(ctx: PageContext, image: string, m: ExplainMethod, target: string, layer: string | null, inputSrc: string, resolved?: (r: ExplainResult) => void): HTMLElement {
+  if (m.unavailable) return unavailableCard(m, TITLES[m.name] ?? m.name, m.unavailable, "card explain-card unavailable");
   const base = p("runs", ctx.run, "live", image, "explain", m.name);
   const q = new URLSearchParams({ target });
   if (layer) q.set("layer", layer);

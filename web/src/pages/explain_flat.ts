@@ -14,6 +14,8 @@ export interface FlatMethod {
   name: string;
   summary: string;
   signed: boolean;
+  /** why the run's model cannot give it (from its trace); null or absent: it can */
+  unavailable?: string | null;
 }
 
 export interface FlatResult {
@@ -47,7 +49,7 @@ export interface FlatKind {
   /** the scores of one method drawn, in place of the card's spinner */
   draw(scores: (number | null)[], doc: SampleDoc, result: FlatResult): HTMLElement | SVGSVGElement;
   /** what follows the method cards with the model at hand (a signal's concept relevance) */
-  extra?(image: string, target: string, doc: SampleDoc): HTMLElement | null;
+  extra?(image: string, target: string, doc: SampleDoc, conceptsReason: string | null): HTMLElement | null;
   /** what follows the method cards of a precomputed sample (no model: a signal's concept
    * relevance as precomputed, or the command that precomputes it) */
   held?(held: ExplainedIndex["samples"][number], doc: SampleDoc): HTMLElement | null;
@@ -133,13 +135,15 @@ export async function renderFlatExplain(root: HTMLElement, ctx: PageContext, sum
   const sid = Number(image.slice(7));
   let doc: SampleDoc;
   let methods: FlatMethod[];
+  let conceptsReason: string | null = null;
   try {
     const [d, info] = await Promise.all([
       ctx.api.json<SampleDoc>(p("runs", ctx.run, "samples", sid) + "?limit=1"),
-      ctx.api.json<{ methods: FlatMethod[] }>(p("runs", ctx.run, "explain", "methods")),
+      ctx.api.json<{ methods: FlatMethod[]; concepts_reason?: string | null }>(p("runs", ctx.run, "explain", "methods")),
     ]);
     doc = d;
     methods = info.methods;
+    conceptsReason = info.concepts_reason ?? null;
   } catch (err) {
     loading.remove();
     root.append(notice((err as Error).message, "error"), picker);
@@ -208,7 +212,7 @@ export async function renderFlatExplain(root: HTMLElement, ctx: PageContext, sum
     ),
     h("p", { class: "muted small", id: kind.legendId }, kind.legend),
     h("div", { class: kind.css }, methods.map((m) => methodCard(ctx, image, m, target, doc, kind))),
-    kind.extra?.(image, target, doc) ?? null,
+    kind.extra?.(image, target, doc, conceptsReason) ?? null,
   );
 }
 
@@ -256,7 +260,20 @@ async function renderHeld(root: HTMLElement, ctx: PageContext, held: ExplainedIn
   );
 }
 
+/** A method the run's model cannot give (`explain/methods` says why, from its trace):
+ * disabled, its reason in place of the result, and no request made for it. */
+export function unavailableCard(m: { name: string; summary: string }, title: string, reason: string, css: string): HTMLElement {
+  const said = reason.charAt(0).toUpperCase() + reason.slice(1).replace(/\.?$/, ".");
+  return h(
+    "figure",
+    { class: css, "data-method": m.name, "aria-disabled": "true", title: said },
+    h("h3", { title: m.summary }, h("span", { class: "name" }, title), h("span", { class: "muted" }, " not available")),
+    h("p", { class: "small unavailable-reason", role: "note" }, said),
+  );
+}
+
 function methodCard(ctx: PageContext, image: string, m: FlatMethod, target: string, doc: SampleDoc, kind: FlatKind): HTMLElement {
+  if (m.unavailable) return unavailableCard(m, TITLES[m.name] ?? m.name, m.unavailable, `card ${kind.css}-card unavailable`);
   const body = h("div", { class: "spinner", role: "status", "aria-label": `computing ${m.name}` });
   const caption = h("p", { class: "small muted" }, "computing…");
   // SmoothGrad, like saliency, is a gradient's size here: the result says which

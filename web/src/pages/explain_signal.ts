@@ -12,7 +12,7 @@ import type { PageContext } from "../context";
 import { fill, fmt, h, notice } from "../dom";
 import { fetchedSignal, signalDocPlot } from "../signal";
 import { renderFlatExplain } from "./explain_flat";
-import { conceptFrame, conceptLayerSelect, conceptLead, conceptNeedsModel, conceptPrecomputedNote, conceptUnitTitle, type ConceptRanking } from "../concepts";
+import { conceptFrame, conceptLayerSelect, conceptLead, conceptNeedsModel, conceptPrecomputedNote, conceptUnavailable, conceptUnitTitle, type ConceptRanking } from "../concepts";
 
 export function renderSignalExplain(root: HTMLElement, ctx: PageContext, summary: RunSummary, loading: HTMLElement): Promise<void> {
   const [c, t] = summary.dataset.signal ?? [0, 0];
@@ -33,7 +33,8 @@ export function renderSignalExplain(root: HTMLElement, ctx: PageContext, summary
       // the bands are named by channel, as the lanes: each band's tooltip its channel
       return fetchedSignal(ctx.api, ctx.run, doc.sample.id, undefined, (sig) => signalDocPlot(sig, { width: 560, height: 48 * c + 22 + (r.signal_scores?.length === 1 ? 14 : 0), axis: true, names, rate, bands: r.signal_scores ?? [], signed: r.signed, label: `${r.method} along time` }), missing);
     },
-    extra: (image, target, doc) => conceptSection(ctx, summary, image, target, doc, missing),
+    // a model LRP has no rule for (an LSTM): why, in place of the section, no request
+    extra: (image, target, doc, reason) => (reason ? conceptUnavailable(reason) : conceptSection(ctx, summary, image, target, doc, missing)),
     // no model: the concept relevance precomputed at the default layer for the top class
     // (the layer chooser disabled, as on an image's page), or the command that makes it
     held: (held, doc) => {

@@ -964,23 +964,75 @@ def methods(request: Request, run_id: str) -> ExplainMethods:
     s = session(request, entry(request, run_id))
     layers = _spatial_layers(s)
     by_embedding = s.token_length() is None or embedding_reads_ids(s.entry.open_run().graph)
+    shown = {
+        name: cls
+        for name, cls in _methods().items()
+        # token ids and feature vectors: the methods that score each token or feature
+        # (none for ids no nn.Embedding reads)
+        if (s.token_length() is None and s.vector_length() is None)
+        or (name in TOKEN_METHODS and (s.token_length() is None or by_embedding))
+    }
+    # on a signal, each unit's conditional heatmap is scores along time
+    concepts = hasattr(sys.modules.get("lurker.explain"), "concepts")
+    refused = _refusals(s) if concepts or set(shown) & set(_REFUSABLE) else {}
     return ExplainMethods(
         methods=[
             ExplainMethod(
-                name=name, summary=cls.summary, needs_layer=_needs_layer(cls), signed=cls.signed
+                name=name,
+                summary=cls.summary,
+                needs_layer=_needs_layer(cls),
+                signed=cls.signed,
+                unavailable=refused.get(name),
             )
-            for name, cls in _methods().items()
-            # token ids and feature vectors: the methods that score each token or feature
-            # (none for ids no nn.Embedding reads)
-            if (s.token_length() is None and s.vector_length() is None)
-            or (name in TOKEN_METHODS and (s.token_length() is None or by_embedding))
+            for name, cls in shown.items()
         ],
         default_layer=None,  # Grad-CAM's: lurker.explain's own, per image (see _key)
         concept_layer=default_concept_layer(s, "top"),
         layers=layers,
-        # on a signal, each unit's conditional heatmap is scores along time
-        concepts=hasattr(sys.modules.get("lurker.explain"), "concepts"),
+        concepts=concepts,
+        concepts_reason=refused.get(CONCEPTS_KEY) if concepts else None,
     )
+
+
+#: the methods whose refusal can be told from the model's trace alone; concept
+#: relevance (LRP through every layer) is said under CONCEPTS_KEY
+_REFUSABLE = ("lrp", "gradcam", "gradcam_plus_plus")
+CONCEPTS_KEY = "concepts"
+
+
+def _refusals(s: Session) -> dict[str, str]:
+    """Why the run's model cannot give each method (and ``concepts``) that it cannot, by
+    name: from one trace of a zero input (LRP's rule plan, Grad-CAM's map layers), never
+    an attribution; once per run generation. Empty when there is no model to ask (a
+    precomputed run served without one keeps what it lists) or the run's inputs are not
+    pictures or signals (token ids, feature vectors: those methods are not listed)."""
+    if (
+        s.model_reason() is not None
+        or s.token_length() is not None
+        or s.vector_length() is not None
+    ):
+        return {}
+    try:
+        model = s.model()
+    except ApiError:
+        return {}
+
+    def make() -> dict[str, str]:
+        from lurker.explain import gradcam, lrp, relevance
+
+        out: dict[str, str] = {}
+        with s.model_lock:
+            x = s.example_input(model)
+            cam = gradcam.refusal(model, x)
+            no_rule = lrp.no_rule(model, x)
+        if cam is not None:
+            out["gradcam"] = out["gradcam_plus_plus"] = cam
+        if no_rule is not None:
+            out["lrp"] = lrp.said(no_rule)
+            out[CONCEPTS_KEY] = relevance.said(no_rule)
+        return out
+
+    return s.cached(("explain-refusals", s.entry.generation), make)
 
 
 @router.get(
