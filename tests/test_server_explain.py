@@ -518,3 +518,92 @@ def test_default_gradcam_layer_of_a_token_averaging_head_is_its_last_map(tmp_pat
     heat = _oracle(model, x, "gradcam", cam["target_class"], cam["options"]).heatmap(0)
     assert cam["sum"] == pytest.approx(float(heat.sum()), rel=1e-4, abs=1e-4)
     assert cam["max"] == pytest.approx(float(heat.max()), rel=1e-4, abs=1e-6)
+
+
+def _cam_model(signal: bool) -> torch.nn.Module:
+    """Maps of several positions (a conv, its ReLU), a map of one position (a global pool,
+    a 1x1 conv over it) and flat units (the head): on images or along a signal's time."""
+    conv, pool = (
+        (torch.nn.Conv1d, torch.nn.AdaptiveAvgPool1d)
+        if signal
+        else (torch.nn.Conv2d, torch.nn.AdaptiveAvgPool2d)
+    )
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        conv(3, 4, 3, padding=1), torch.nn.ReLU(), pool(1), conv(4, 3, 1),
+        torch.nn.Flatten(), torch.nn.Linear(3, 2),
+    ).eval()  # fmt: skip
+
+
+@pytest.mark.parametrize("signal", [False, True], ids=["image", "signal"])
+def test_the_pages_layers_are_lurker_explains_grad_cam_layers_by_one_rule(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, signal: bool
+):
+    """The Explain page's layer list (explain/methods ``layers``) and the layers
+    ``lurker.explain``'s Grad-CAM can be taken at come from one rule
+    (``Layout.makes_map``): the probed layers whose op Grad-CAM's trace lists, the 1x1 map
+    and the flat head left out. Before, the server kept a copy of the rule: a rule changed
+    in one place (here patched to take a map of one position) changed only one list."""
+    from torch.utils.data import TensorDataset
+
+    from lurker.explain.gradcam import _map_layers
+    from lurker.probe import probe
+    from lurker.probe.layout import Layout
+
+    model = _cam_model(signal)
+    g = torch.Generator().manual_seed(1)
+    xs = torch.randn(20, 3, 24, generator=g) if signal else torch.randn(20, 3, 8, 8, generator=g)
+    run = probe(model, TensorDataset(xs, torch.arange(20) % 2), out=tmp_path / "r", k=3,
+                batch_size=10, progress=False)  # fmt: skip
+    assert run is not None
+    ops = {info.name: info.op for info in run.layers}
+    run.close()
+
+    def lists() -> tuple[list[str], list[str]]:
+        with TestClient(create_app(tmp_path / "r")) as c:  # a new server: nothing kept
+            page = c.get("/api/runs/r/explain/methods").json()["layers"]
+        cam = set(_map_layers(model, xs[:1], signal)[1])
+        return page, [name for name, op in ops.items() if op in cam]
+
+    page, cam = lists()
+    assert page == cam and len(page) == 2  # the conv and its ReLU; not the 1x1 map, the head
+    assert len(ops) == 4  # the pool is not probed
+
+    def any_map(self: Layout, shape: Any, line: bool = False) -> bool:
+        return (self.line_shape(shape) if line else self.map_shape(shape)) is not None
+
+    monkeypatch.setattr(Layout, "makes_map", any_map)  # a map of one position counts too
+    page, cam = lists()
+    assert page == cam and len(page) == 3  # the 1x1 conv joins both lists
+
+
+class _Breaks(torch.nn.Module):
+    """The digits model, whose forward raises its own error (as one out of memory would)
+    where it is asked for a gradient: every explanation, not the first look at the input."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            raise RuntimeError("boom in forward")
+        return self.model(x)
+
+
+def test_the_models_own_error_is_one_line_naming_what_failed(explorer_run: ExplorerRun):  # noqa: F811
+    """Each endpoint that runs the model says its error the one way (``errors.model_failed``):
+    400, what failed, the exception's type and message; never a traceback."""
+    app = create_app(explorer_run.path, model_obj=_Breaks(explorer_run.model))
+    with TestClient(app) as c:
+        for method, what in (("saliency", "saliency"), ("gradcam", "Grad-CAM")):
+            r = c.get(f"{BASE}/{method}")
+            assert r.status_code == 400, r.text
+            assert (
+                r.json()["detail"] == f"{what} failed on this input: RuntimeError: boom in forward"
+            )
+        r = c.get(f"{BASE}/concepts")
+        assert r.status_code == 400, r.text
+        assert r.json()["detail"] == (
+            "concept relevance failed on this input: RuntimeError: boom in forward"
+        )

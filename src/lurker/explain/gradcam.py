@@ -94,9 +94,7 @@ def _map_layers(model: nn.Module, x: Tensor, line: bool) -> tuple[Any, list[str]
             continue
         if len(op.outputs) > 1:  # an LSTM's (output, (h, c)): a hook sees one tensor of
             continue  # them, so the map is taken at the op that reads its output instead
-        # a signal's map: one position axis, time
-        hw = lay.line_shape(op.shape) if line else lay.map_shape(op.shape)
-        if hw is not None and hw[0] * hw[1] > 1:
+        if lay.makes_map(op.shape, line):  # a signal's map: one position axis, time
             maps.append(op.label)
     return tr, maps
 

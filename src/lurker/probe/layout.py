@@ -134,6 +134,13 @@ class Layout:
         None where it has another number of them."""
         return (1, int(shape[self.positions[0]])) if len(self.positions) == 1 else None
 
+    def makes_map(self, shape: Any, line: bool = False) -> bool:
+        """Whether each unit makes a map of more than one position in an output of ``shape``
+        (batch axis included; along time on a signal, ``line``): the layers Grad-CAM can be
+        taken at. The one rule for ``lurker.explain``'s choices and the explorer's list."""
+        hw = self.line_shape(shape) if line else self.map_shape(shape)
+        return hw is not None and hw[0] * hw[1] > 1
+
     def units(self, t: Tensor) -> Tensor:
         """``t`` as ``(B, C)``, ``(B, C, L)`` or ``(B, C, H, W)``: what UnitStats takes."""
         if self.identity:

@@ -49,3 +49,10 @@ def no_model(run_id: str, reason: str | None = None) -> ApiError:
         f"run {run_id!r} has no model attached{why}: the live views need one. Serve it with "
         f"`lurker serve RUN --model SPEC --weights WEIGHTS` (or create_app(..., model_obj=...)).",
     )
+
+
+def model_failed(what: str, e: BaseException) -> ApiError:
+    """400 ``{what} failed on this input: RuntimeError: ...``: the model's own error (out of
+    memory, a bug in it) said in one line, flagged ``model_failed`` so that precompute
+    stops on it rather than skipping the sample as one the method cannot answer."""
+    return ApiError(400, f"{what} failed on this input: {type(e).__name__}: {e}", model_failed=True)

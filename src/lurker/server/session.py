@@ -27,7 +27,7 @@ from lurker.specs import same_spec
 from lurker.store.files import safe_component
 
 from .classes import class_names
-from .errors import ApiError, listing, no_model
+from .errors import ApiError, listing, model_failed, no_model
 from .state import (
     clip_frames,
     input_dtype,
@@ -923,11 +923,7 @@ class Session:
             except GraphChangedError as e:
                 raise ApiError(409, f"the model takes another path on this input: {e}") from None
             except Exception as e:  # the model's own error (a sequence too long for it)
-                raise ApiError(
-                    400,
-                    f"the model failed on this input: {type(e).__name__}: {e}",
-                    model_failed=True,
-                ) from None
+                raise model_failed("the model", e) from None
         out = []
         for info in infos:
             v = wanted[index[info.op]]
@@ -1018,11 +1014,7 @@ class Session:
                 with torch.no_grad():
                     out = model(x.unsqueeze(0).to(device))
             except Exception as e:  # the model's own error, said in one line
-                raise ApiError(
-                    400,
-                    f"the model failed on this input: {type(e).__name__}: {e}",
-                    model_failed=True,
-                ) from None
+                raise model_failed("the model", e) from None
         logits = _first_tensor(out)
         if logits is None or logits.dim() != 2 or logits.shape[0] != 1:
             return []
@@ -1248,11 +1240,7 @@ class Session:
                         409, f"the model takes another path on this image: {e}"
                     ) from None
                 except Exception as e:  # (a LurkerError: inputs unlike the traced ones)
-                    raise ApiError(
-                        400,
-                        f"the model failed on this input: {type(e).__name__}: {e}",
-                        model_failed=True,
-                    ) from None
+                    raise model_failed("the model", e) from None
 
         def value(node: Any, output: int) -> Any:
             if node.kind == "input":

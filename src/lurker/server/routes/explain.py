@@ -48,7 +48,7 @@ from lurker.vocab import embedding_reads_ids, words_of
 
 from ..classes import class_names, name_of
 from ..deps import MODEL_MADE, cached_or_live, entry, range_header, session
-from ..errors import ApiError
+from ..errors import ApiError, model_failed
 from ..schemas import (
     ConceptRanking,
     ConceptUnit,
@@ -151,13 +151,13 @@ def _spatial_layers(s: Session) -> list[str]:
         if info.shape is None:
             continue
         shape = list(info.shape)  # stored without the batch axis
-        if info.layout:
+        if info.layout:  # lurker.explain's own rule (Grad-CAM's choices)
             lay = Layout.from_dict(info.layout)
             shape.insert(lay.batch, 1)  # the layout's axes count it
-            hw = lay.line_shape(shape) if signal else lay.map_shape(shape)
+            spatial = lay.makes_map(shape, line=signal)
         else:  # a run from before layouts: (C, H, W) as the probe then read it
-            hw = (shape[1], shape[2]) if len(shape) == 3 else None
-        if hw is not None and hw[0] * hw[1] > 1:
+            spatial = len(shape) == 3 and shape[1] * shape[2] > 1
+        if spatial:
             out.append(info.name)
     return out
 
@@ -627,9 +627,7 @@ def _own_default(s: Session, model: Any, x: Any, target: str, image: str) -> str
         except LurkerError as e:
             raise ApiError(400, str(e)) from None
         except Exception as e:  # the model's own failure (as _compute says it)
-            raise ApiError(
-                400, f"Grad-CAM failed on this input: {type(e).__name__}: {e}", model_failed=True
-            ) from None
+            raise model_failed("Grad-CAM", e) from None
         found.put(key, hit)
     return str(hit)
 
@@ -675,9 +673,7 @@ def _compute(s: Session, model: Any, x: Any, method: str, target: str, layer: st
     except LurkerError as e:
         raise ApiError(400, prep.said(str(e))) from None
     except Exception as e:  # the model's own error, said in one line
-        raise ApiError(
-            400, f"{method} failed on this input: {type(e).__name__}: {e}", model_failed=True
-        ) from None
+        raise model_failed(method, e) from None
     seconds = time.perf_counter() - start
     resolved, cls = _resolved(prep.asked, ex.target)
     delta = None if ex.delta is None else float(ex.delta.reshape(-1)[0])
@@ -814,11 +810,7 @@ def _concepts(
         except LurkerError as e:
             raise ApiError(400, str(e)) from None
         except Exception as e:  # the model's own error, said in one line
-            raise ApiError(
-                400,
-                f"concept relevance failed on this input: {type(e).__name__}: {e}",
-                model_failed=True,
-            ) from None
+            raise model_failed("concept relevance", e) from None
         seconds = time.perf_counter() - start
         # (k, C, H, W); a signal's (k, C, T) or (k, T, C), a waveform's (k, T)
         maps = c.heatmaps[0].float().cpu()
