@@ -173,19 +173,24 @@ def _brute_appearances(run: Run) -> dict[int, list[tuple]]:
     """Every unit's top lists read one unit at a time: sample id -> its entries in the
     order the API promises (layer order, rank, max list before mean before relevance, unit).
     Lists of ties of a unit that is the same everywhere (here: ReLUs that never fire, mean =
-    max = 0) are left out, and counted in ``left``."""
+    max = 0) are left out, and so is a list's tail of two or more entries sharing its last
+    value (a relevance of 0 of a unit that feeds a dead one), all counted in ``left``."""
     found: dict[int, list[tuple]] = {}
     for pos, info in enumerate(run.layers):
         for u in range(info.num_units):
             unit = run.unit(info.name, u)
             for which_pos, which in enumerate(run.top_lists):  # with "relevance": probed so
                 top = unit.top(which)
-                if unit.mean == unit.max and len({e.value for e in top}) == 1:
-                    for e in top:
-                        left = _LEFT.setdefault(id(run), {}).setdefault(e.sample_id, {})
-                        left[info.name] = left.get(info.name, 0) + 1
-                    continue
-                for e in top:
+                values = [e.value for e in top]
+                tail = next(i for i, v in enumerate(values) if v == values[-1]) if top else 0
+                if len(top) - tail < 2:
+                    tail = len(top)
+                if unit.mean == unit.max and len(set(values)) == 1:
+                    tail = 0
+                for e in top[tail:]:
+                    left = _LEFT.setdefault(id(run), {}).setdefault(e.sample_id, {})
+                    left[info.name] = left.get(info.name, 0) + 1
+                for e in top[:tail]:
                     found.setdefault(e.sample_id, []).append(
                         ((pos, e.rank, which_pos, u), (info.name, u, which, e.rank, e.value))
                     )

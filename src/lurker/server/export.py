@@ -226,7 +226,8 @@ def _export_run(request: Any, e: Any, files: _Files, make_images: bool) -> None:
     s = session(request, e)
     run = e.run
     index = e.appearances()
-    ranked = np.unique(index.sample).tolist()  # max, mean and relevance lists
+    # max, mean and relevance lists (their tied tails too: the unit pages show them)
+    ranked = np.union1d(index.sample, index.tails).astype(np.int64).tolist()
     files.bar.total += 2 * len(ranked) + 3 + 2 * len(run.layers)
     # each top-k sample: its page and its image (made from the dataset if need be)
     images: dict[int, bytes | Path] = {}

@@ -631,9 +631,11 @@ class SampleDetail(BaseModel):
     #: Entries ``offset`` to ``offset + limit``, by layer order, then rank, then list
     #: (max first), then unit.
     appearances: list[Appearance]
-    #: Entries in the lists of units constant on the dataset, left out of all the above:
-    #: their lists are ties, ranked by sample id alone (a ReLU that never fires lists the
-    #: first k samples), so they say nothing about the sample.
+    #: Entries that are ties, left out of all the above: in the lists of units constant on
+    #: the dataset (ranked by sample id alone: a ReLU that never fires lists the first k
+    #: samples), or in a list's tail of two or more entries sharing its last value (a
+    #: relevance of 0 where the unit carried nothing), which more samples may share; they
+    #: say nothing about the sample.
     left_out: int = 0
     #: Those entries per layer, in layer order.
     left_out_layers: list[LayerCount] = []

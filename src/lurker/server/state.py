@@ -355,6 +355,25 @@ def _ties(values: np.ndarray) -> bool:
     return len(values) > 0 and bool(np.all(values == values[0]))
 
 
+def _tied_tail(values: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """Which entries of one top list (``keep``: its filled slots, a prefix) are its tied
+    tail: two or more entries at the end sharing the list's last value. More samples
+    outside the list may share it (a ReLU's 0, a relevance of 0 where the unit carried
+    nothing), so which of them the list holds is by sample id alone: listing them as
+    ranking the sample would be a false claim. Ties inside a list are kept."""
+    out = np.zeros(len(values), bool)
+    n = int(keep.sum())
+    if n < 2:
+        return out
+    last = values[n - 1]
+    i = n - 1
+    while i > 0 and values[i - 1] == last:
+        i -= 1
+    if n - i >= 2:
+        out[i:n] = True
+    return out
+
+
 @dataclass
 class Appearances:
     """Inverted index of every unit's top-k lists: sample id -> (layer, unit, list, rank,
@@ -363,7 +382,8 @@ class Appearances:
     in each layer first), then list (max first), then unit.
 
     The lists of units constant on the dataset are left out (their entries are ties,
-    ranked by sample id alone: a ReLU that never fires lists the first k samples);
+    ranked by sample id alone: a ReLU that never fires lists the first k samples), and so
+    is a list's tied tail (``_tied_tail``: a relevance of 0 where a unit carried nothing);
     ``left`` counts them per sample and layer position."""
 
     sample: np.ndarray
@@ -373,6 +393,8 @@ class Appearances:
     rank: np.ndarray
     value: np.ndarray
     left: dict[int, dict[int, int]] = field(default_factory=dict)
+    #: The samples of tied tails: left out here, but their unit pages still show them.
+    tails: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
     def left_out(self, sample_id: int) -> list[tuple[int, int]]:
         """``(layer position, entries)`` of the sample's entries in constant units'
@@ -672,6 +694,7 @@ class RunEntry:
         # sample and layer (``Appearances.left``)
         constant: set[tuple[int, int]] = set()
         left: dict[int, dict[int, int]] = {}
+        tails: list[np.ndarray] = []
 
         def leave_out(ids: np.ndarray, layer: int) -> None:
             for sid in ids[ids >= 0].tolist():
@@ -693,6 +716,11 @@ class RunEntry:
                 continue
             k = len(slots) // 2
             keep = slots["sample_id"] >= 0
+            for half in (slice(0, k), slice(k, len(slots))):  # each list's tied tail
+                tail = _tied_tail(slots["value"][half], keep[half])
+                leave_out(slots["sample_id"][half][tail], layer)
+                tails.append(slots["sample_id"][half][tail])
+                keep[half] &= ~tail
             n = int(keep.sum())
             parts["sample"].append(slots["sample_id"][keep])
             parts["value"].append(slots["value"][keep])
@@ -713,6 +741,10 @@ class RunEntry:
                 if (layer, int(unit)) in constant and _ties(slots["value"][keep]):
                     leave_out(slots["sample_id"], layer)
                     continue
+                tail = _tied_tail(slots["value"], keep)
+                leave_out(slots["sample_id"][tail], layer)
+                tails.append(slots["sample_id"][tail])
+                keep &= ~tail
                 n = int(keep.sum())
                 parts["sample"].append(slots["sample_id"][keep])
                 parts["value"].append(slots["value"][keep])
@@ -720,12 +752,13 @@ class RunEntry:
                 parts["rank"].append(np.arange(len(slots), dtype=np.int32)[keep])
                 parts["layer"].append(np.full(n, layer, np.int32))
                 parts["unit"].append(np.full(n, unit, np.int32))
+        tied = np.unique(np.concatenate(tails)) if tails else np.zeros(0, np.int64)
         if not parts["sample"]:
             empty = np.zeros(0, np.int64)
-            return Appearances(empty, empty, empty, empty, empty, np.zeros(0), left)
+            return Appearances(empty, empty, empty, empty, empty, np.zeros(0), left, tied)
         cat = {k: np.concatenate(v) for k, v in parts.items()}
         order = np.lexsort((cat["unit"], cat["which"], cat["rank"], cat["layer"], cat["sample"]))
-        return Appearances(*(cat[k][order] for k in parts), left)
+        return Appearances(*(cat[k][order] for k in parts), left, tied)
 
     def graph_view(self) -> dict[str, Any]:
         """``lurker.graph.view.graph_view(run.graph)`` with the probed layers named on their

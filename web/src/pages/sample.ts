@@ -3,8 +3,9 @@
  * rank it in their top-k. A sample can sit in the top-k of thousands of units, so the API
  * pages those entries (strongest rank first within each layer); the page shows every
  * layer with its count at once and fills the layers page by page on "show more". Entries
- * in the lists of units constant on the dataset (ties, ranked by sample id alone: a ReLU
- * that never fires lists the first k samples) are left out, and the page says how many.
+ * that are ties (ranked by sample id alone) are left out, and the page says how many: the
+ * lists of units constant on the dataset (a ReLU that never fires lists the first k
+ * samples) and a list's tail of samples sharing its last value (a relevance of 0).
  */
 import { p, type Appearance, type LiveImage, type Prediction, type SampleBrief, type SampleDoc } from "../api";
 import type { PageContext } from "../context";
@@ -104,7 +105,7 @@ export async function renderSample(root: HTMLElement, ctx: PageContext, args: st
                       ? "not in this export: the model runs under lurker serve RUN (or make the run's map, lurker map RUN, before exporting: it records every sample's prediction)"
                       : "no model attached (lurker serve RUN --model SPEC)"),
           ],
-          ["in top-k of", h("span", { id: "top-k-of" }, `${plural(doc.total, "unit list")} in ${plural(doc.layers.length, "layer")}`, leftOut ? h("span", { class: "muted" }, ` (and ${leftOut.total} of constant units, left out)`) : null)],
+          ["in top-k of", h("span", { id: "top-k-of" }, `${plural(doc.total, "unit list")} in ${plural(doc.layers.length, "layer")}`, leftOut ? h("span", { class: "muted" }, ` (and ${leftOut.total} tied, left out)`) : null)],
         ]),
         // a static export runs no model: no button to a view that cannot open (and no row
         // at all where it holds no explanation either)
@@ -163,7 +164,7 @@ export async function renderSample(root: HTMLElement, ctx: PageContext, args: st
       h(
         "p",
         { class: "left-out muted", id: "left-out" },
-        `Left out: ${leftOut.total} ${leftOut.total === 1 ? "entry" : "entries"} in the top lists of units that are constant on the dataset (every sample ties, so those lists are ranked by sample id alone and say nothing about this sample): `,
+        `Left out: ${leftOut.total} ${leftOut.total === 1 ? "entry" : "entries"} that are ties, ranked by sample id alone, so they say nothing about this sample (the top lists of units constant on the dataset, and the end of a list where several samples share its last value, such as a relevance of 0: the unit carried nothing of the decision): `,
         // "layer 8 (34)": a Sequential's layers are numbers, and "8 34" would read as two
         leftOut.layers.flatMap(({ layer, count }, i) => [i ? ", " : "", "layer ", h("a", { href: ctx.href("layer", layer), "data-layer": layer, "data-count": count }, layer), ` (${count})`]),
         ".",

@@ -307,15 +307,24 @@ export async function renderUnit(root: HTMLElement, ctx: PageContext, args: stri
     // a list whose values are all equal is ties (a relevance of 0 everywhere: a unit that
     // feeds a dead one): which samples it holds, and in what order, is by sample id alone
     const tied = entries.length > 1 && entries.every((e) => e.value === entries[0].value);
+    // a list whose last few values are equal (a relevance of 0 where the unit carried
+    // nothing): those samples are ties too, listed by sample id, so they are dimmed and said
+    const last = entries.length ? entries[entries.length - 1].value : null;
+    let tailFrom = entries.length;
+    while (!tied && tailFrom > 0 && entries[tailFrom - 1].value === last) tailFrom--;
+    if (entries.length - tailFrom < 2) tailFrom = entries.length;
     const figures = entries.map((e) => figure(ctx, layer, unit, list, list === "relevance" ? "input" : kind(), e, tab === "max" && !crop && positions > 1, images.ok, shown, noImageWhy, tagOf(list, e), captionOf(list, e)));
     // a static export's missing images: each tile says so in a word, the page says why once
     // (a sentence per tile does not fit in it)
     const whys = [...new Set(figures.flatMap((f) => [...f.querySelectorAll<HTMLElement>(".no-img[data-why]")].map((x) => x.dataset.why ?? "")))];
     const missing = whys.length ? notice(whys.map((w) => w.charAt(0).toUpperCase() + w.slice(1).replace(/\.+$/, "") + ".").join(" ")) : null;
     if (missing) missing.id = "entries-missing";
+    figures.slice(tailFrom).forEach((f) => f.classList.add("tied"));
+    const tail = entries.length - tailFrom;
     fill(
       gallery,
       tied ? h("div", { class: "notice constant-list", id: "tied-list" }, `All ${entries.length} samples of this list have the value ${fmt(entries[0].value)}: they are ties, in sample-id order, and more samples may share that value, so the list does not single them out.`) : null,
+      tail ? h("div", { class: "notice constant-list", id: "tied-tail" }, `The last ${tail} samples of this list (dimmed) have the value ${fmt(last)}: they are ties, in sample-id order, and more samples may share that value${list === "relevance" && last === 0 ? " (the unit carried none of the decision on them)" : ""}; only the first ${tailFrom} ${tailFrom === 1 ? "stands" : "stand"} out.`) : null,
       missing,
       entries.length ? figures : notice("This list is empty."),
     );
