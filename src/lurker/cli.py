@@ -216,7 +216,8 @@ def trace(
     validate: bool,
     device: str,
 ) -> None:
-    """Trace MODEL on random inputs: print a summary, draw the graph, validate.
+    """Trace MODEL on random inputs: print a summary, draw the graph, validate, and name
+    the first op whose output is NaN or inf, if any.
 
     MODEL is torchvision:NAME, timm:NAME, package.module:callable or path/file.py:callable.
     torchvision:NAME is any classification, detection, segmentation, video or optical-flow
@@ -248,6 +249,11 @@ def trace(
     if validate:
         report = tr.validate()
         click.secho(f"validation: {report}", fg="green")
+    first = tr.first_nonfinite()
+    if first is None:
+        click.echo("non-finite: none (every op's output is finite)")
+    else:
+        click.secho(f"non-finite: {first}", fg="yellow")
     path = tr.render(out, depth=depth, rolled=rolled, direction=direction)
     click.echo(f"graph: {path}")
     if json_out:

@@ -23,10 +23,11 @@ from torch import Tensor, nn
 from ..errors import LurkerError, MemoryLimitError, TraceError, first_three
 from ..graph.graph import Graph
 from ..graph.nodes import Op
-from . import _context, _hooks, _lazy, _state
+from . import _context, _hooks, _lazy, _nonfinite, _state
 from ._build import build
 from ._hooks import HookFn
 from ._memory import fmt_bytes, parse_max_memory
+from ._nonfinite import FirstNonFinite, NonFiniteCount
 from ._policy import check_classes, check_patterns, make_policy
 from ._recorder import Recorder, TransformFailed
 from ._tree import map_tensors, paths
@@ -692,6 +693,21 @@ class Trace(Graph):
     def activations(self) -> dict[str, Any]:
         """Saved activations by op label."""
         return {op.label: op.activation for op in self.ops if op.activation is not None}
+
+    def nonfinite(self) -> dict[str, NonFiniteCount]:
+        """NaN, +inf and -inf counts of every saved op whose output is not finite, by label
+        in execution order (empty when all are finite). Counted now from the saved values
+        (after ``transform=``), not while tracing, so a trace pays nothing for it."""
+        return _nonfinite.nonfinite(self)
+
+    def first_nonfinite(self) -> FirstNonFinite | None:
+        """The first op, in execution order, whose saved output holds NaN or ±inf, with its
+        counts, its inputs' ranges, non-finite parameters and the earlier ops not saved;
+        None when every saved value is finite. ``str()`` of it is one sentence.
+
+        Raises :class:`~lurker.errors.LurkerError` when the trace saved nothing, or when the
+        output is not finite but no saved value is (the culprit was not saved)."""
+        return _nonfinite.first_nonfinite(self)
 
     # ------------------------------------------------------------------ actions
     def run(

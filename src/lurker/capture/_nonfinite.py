@@ -1,0 +1,176 @@
+"""Where a forward first made NaN or inf: counted from the saved activations on request.
+
+Nothing here runs while recording: the counts are reductions over tensors the trace
+already holds, paid only by the caller who asks (``Trace.nonfinite``,
+``Trace.first_nonfinite``), so the trace's hot path is untouched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from ..errors import LurkerError
+
+if TYPE_CHECKING:
+    from ..graph import Op
+    from .trace import Trace
+
+
+@dataclass(frozen=True)
+class NonFiniteCount:
+    """How many elements of an op's saved outputs are NaN, +inf and -inf, of ``numel``."""
+
+    nan: int
+    posinf: int
+    neginf: int
+    numel: int
+
+    @property
+    def total(self) -> int:
+        return self.nan + self.posinf + self.neginf
+
+    def __str__(self) -> str:
+        parts = [
+            f"{n:,} {what}"
+            for n, what in ((self.nan, "NaN"), (self.posinf, "+inf"), (self.neginf, "-inf"))
+            if n
+        ]
+        return f"{', '.join(parts) or 'no non-finite value'} of {self.numel:,}"
+
+
+@dataclass(frozen=True)
+class FirstNonFinite:
+    """The first op, in execution order, whose saved output holds NaN or ±inf.
+
+    ``inputs`` are its parent ops (finite where saved: they ran before it), each with the
+    range of its saved value, which is usually what explains the op (a 0 divisor, a
+    negative under a square root); ``params`` the parameters it used that are themselves
+    not finite; ``unchecked`` the ops before it whose activation was not saved, any of
+    which may have made the value first (trace with ``save="all"`` to check them).
+    """
+
+    op: Op
+    count: NonFiniteCount
+    inputs: tuple[tuple[str, float | None, float | None], ...]  # label, min, max
+    params: tuple[str, ...]
+    unchecked: tuple[str, ...]
+
+    def __str__(self) -> str:
+        op = self.op
+        where = f" in module '{op.module}'" if op.module else ""
+        src = f" at {op.source}" if op.source else ""
+        head = f"{op.label} ({op.target or op.kind}){where}{src} made {self.count}"
+        if op.kind == "input":
+            return f"{head}: the model's input is not finite."
+        ins = ", ".join(
+            f"{label} (min {lo:.4g}, max {hi:.4g})" if lo is not None and hi is not None else label
+            for label, lo, hi in self.inputs
+        )
+        finite = "" if any(label in self.unchecked for label, _, _ in self.inputs) else "finite "
+        text = f"{head}, from {finite}inputs {ins}" if ins else head
+        if self.params:
+            text += f"; its parameters {', '.join(self.params)} are not finite"
+        if self.unchecked:
+            shown = ", ".join(self.unchecked[:5]) + (", ..." if len(self.unchecked) > 5 else "")
+            text += (
+                f". {len(self.unchecked)} earlier ops were not saved ({shown}) and may have "
+                "made it first: trace with save='all' to check them"
+            )
+        return text + "."
+
+
+def _tensors(value: Any) -> list[Tensor]:
+    if isinstance(value, Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensors(v)]
+    return []
+
+
+def _floating(t: Tensor) -> Tensor | None:
+    """The tensor as real floats, or None where it cannot hold a non-finite value."""
+    if t.is_complex():
+        return torch.view_as_real(t.detach())
+    return t.detach() if t.is_floating_point() else None
+
+
+def count(value: Any) -> NonFiniteCount:
+    """NaN, +inf and -inf counts over every floating tensor of a saved value."""
+    nan = posinf = neginf = numel = 0
+    for t in _tensors(value):
+        numel += t.numel()
+        f = _floating(t)
+        if f is None or f.numel() == 0 or bool(f.isfinite().all()):
+            continue
+        nan += int(f.isnan().sum())
+        posinf += int(f.isposinf().sum())
+        neginf += int(f.isneginf().sum())
+    return NonFiniteCount(nan, posinf, neginf, numel)
+
+
+def _finite(value: Any) -> bool:
+    for t in _tensors(value):
+        f = _floating(t)
+        if f is not None and f.numel() and not bool(f.isfinite().all()):
+            return False
+    return True
+
+
+def _range(value: Any) -> tuple[float | None, float | None]:
+    fs = [f for t in _tensors(value) if (f := _floating(t)) is not None and f.numel()]
+    if not fs:
+        return None, None
+    return min(float(f.min()) for f in fs), max(float(f.max()) for f in fs)
+
+
+def nonfinite(tr: Trace) -> dict[str, NonFiniteCount]:
+    _require_saved(tr)
+    out: dict[str, NonFiniteCount] = {}
+    for op in tr.ops:
+        if op.activation is not None and not _finite(op.activation):
+            out[op.label] = count(op.activation)
+    return out
+
+
+def first_nonfinite(tr: Trace) -> FirstNonFinite | None:
+    _require_saved(tr)
+    unchecked: list[str] = []
+    for op in tr.ops:
+        if op.activation is None:
+            if op.kind not in ("output", "constant", "readout"):
+                unchecked.append(op.label)
+            continue
+        if _finite(op.activation):
+            continue
+        inputs = tuple((tr.ops[i].label, *_range(tr.ops[i].activation)) for i in op.parents)
+        params = tuple(
+            p.name for p in op.params if tr.model is not None and not _finite(_param(tr, p.name))
+        )
+        return FirstNonFinite(op, count(op.activation), inputs, params, tuple(unchecked))
+    if not _finite(tr.output):
+        raise LurkerError(
+            "The model's output is not finite, but no saved activation is: the op that made "
+            f"the first NaN or inf was not saved ({len(unchecked)} ops were not). Trace with "
+            "save='all' (the default) to find it."
+        )
+    return None
+
+
+def _param(tr: Trace, name: str) -> Any:
+    assert tr.model is not None
+    try:
+        return tr.model.get_parameter(name)
+    except AttributeError:
+        return None
+
+
+def _require_saved(tr: Trace) -> None:
+    if not any(op.activation is not None for op in tr.ops):
+        raise LurkerError(
+            "This trace saved no activations (save='none', or save= names that matched no op), so it cannot tell where a NaN "
+            "or inf was made. Trace with save='all' (the default), or save= the ops to check."
+        )
