@@ -120,3 +120,42 @@ def test_run_with_hooks_copies_what_a_hook_hands_back():
     held.zero_()
     torch.testing.assert_close(acts["0"], torch.ones(2, 4))
     torch.testing.assert_close(acts["1"], torch.ones(2, 4))  # relu of the replacement
+
+
+class WritesItsInput(nn.Module):
+    """Doubles its second input in place before using it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        y.mul_(2)
+        return self.lin(x) + y
+
+
+@pytest.mark.parametrize("save", [["input_1"], ["input_2"], ["y"], ["input_*"], "all", None])
+def test_inputs_are_saved_by_their_label_as_they_went_in(save):
+    # the model's inputs are saved when save= names them (input_1, or the forward()
+    # parameter's name), by trace and by Trace.run, with the value the model was given,
+    # not what it wrote into it later; they were matched by name but silently not saved
+    model = WritesItsInput()
+    x0, y0 = torch.randn(2, 3), torch.randn(2, 3)
+    tr = lurker.trace(model, x0.clone(), y0.clone(), save=save or "all")
+    x1, y1 = torch.randn(2, 3), torch.randn(2, 3)
+    acts = tr.run(x1.clone(), y1.clone(), save=save)
+    with_hooks = None
+    with tr.hooks({"linear_1": lambda op, out: out}):
+        with_hooks = tr.run(x1.clone(), y1.clone(), save=save)
+    wanted = {
+        "input_1": save in ("all", None) or save in (["input_1"], ["input_*"]),
+        "input_2": save in ("all", None) or save in (["input_2"], ["y"], ["input_*"]),
+    }
+    for label, (given_trace, given_run) in {"input_1": (x0, x1), "input_2": (y0, y1)}.items():
+        if wanted[label]:
+            torch.testing.assert_close(tr[label].activation, given_trace, rtol=0, atol=0)
+            torch.testing.assert_close(acts[label], given_run, rtol=0, atol=0)
+            torch.testing.assert_close(with_hooks[label], given_run, rtol=0, atol=0)
+        else:
+            assert tr[label].activation is None
+            assert label not in list(acts)

@@ -599,6 +599,9 @@ class _Core:
     def add_source_node(self, kind: str, name: str, t: Tensor) -> int:
         idx = len(self.nodes)
         node = _blank(idx, kind, name, self.stack)
+        if kind == "input":  # its label now, so that save=["input_1"] finds it (the build
+            # names the rest of the source nodes, by the same rule: kind, number of its kind)
+            node.label = node.rolled = f"input_{sum(n.kind == 'input' for n in self.nodes) + 1}"
         node.outputs = [_meta(t)]
         self.nodes.append(node)
         self.producers[id(t)] = (t if self.fast_save else _ref(t), (idx, 0), t._version)

@@ -417,6 +417,26 @@ def chosen_ops(trace: Trace, save: Any) -> list[Op]:
     ]
 
 
+def chosen_inputs(trace: Trace, save: Any, args: tuple, kwargs: dict) -> list[tuple[Op, Tensor]]:
+    """The model inputs ``save=`` selects (default: those this trace saved), each with the
+    tensor given for it now (matched by the name the trace gave it: ``x``, ``mask[0]``)."""
+    if save is False or save == "none":
+        return []
+    ins = [op for op in trace.ops if op.kind == "input"]
+    if save is None:
+        ins = [op for op in ins if op.activation is not None]
+    else:
+        policy = make_policy(save)
+        if not policy.everything:
+            ins = [op for op in ins if policy.wants_op(op)]
+    if not ins:
+        return []
+    from .trace import _name_inputs
+
+    given = dict(_name_inputs(trace.model, args, kwargs))
+    return [(op, given[op.name]) for op in ins if op.name in given]
+
+
 class _Keeper:
     """Keeps the wanted outputs of one replay, copying only those that need it.
 
@@ -569,6 +589,8 @@ def replay(trace: Trace, args: tuple, kwargs: dict, save: Any, hooks: Resolved) 
         hooks = {i: list(fns) for i, fns in hooks.items()}  # (the caller's stay as they are)
         for op in chosen:
             hooks.setdefault(op.index, []).append(keep)
+    for op, t in chosen_inputs(trace, save, args, kwargs):  # the values going in
+        keep(op, t)
     replayer = Replayer(trace, hooks, user)
     if keeper is not None:
         replayer.before_write = keeper.before_write
