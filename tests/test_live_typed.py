@@ -425,3 +425,51 @@ def test_the_live_page_names_the_token_each_unit_peaks_at(browser: Any, text: di
             said = r"at id \d+ \(token \d, padding\)" if at >= 3 else r"at id \d+ \(token \d\)"
             assert re.fullmatch(said, peak.inner_text()), (at, peak.inner_text())
         _shoot(pg, "padded")
+
+
+class NamedPad(torch.utils.data.TensorDataset):
+    """A dataset that names its padding id, as a tokenizer does, and whose vocabulary has
+    no ``<pad>`` word."""
+
+    pad_token_id = 7
+    vocab = WORDS
+
+
+def test_a_short_input_is_padded_with_the_id_the_dataset_names(tmp_path: Path):
+    """The dataset's ``pad_token_id`` is stored in the run and preferred over the
+    embedding's ``padding_idx`` (0 here): the answer is the model's own on the ids padded
+    by hand with 7."""
+    import lurker
+
+    torch.manual_seed(0)
+    model = FixedLength(padding_idx=0).eval()
+    data = NamedPad(*_dataset().tensors)
+    with served_run(tmp_path, "pad", model, data, "conv", 3) as served:
+        assert lurker.Run.open(served["run"]).meta_now("pad_id") == 7
+        ids = [5, 2, 3]
+        padded = ids + [7] * (FIXED - len(ids))
+        r = _post(served["url"], "pad", {"ids": ids})
+        assert r.status_code == 200, r.text
+        doc = r.json()
+        assert doc["ids"] == padded and doc["padded_from"] == len(ids)
+        assert f"{FIXED - 3} x 'Seven' (id 7)" in doc["fitted"]
+        assert "the dataset's pad id" in doc["fitted"]
+        acts, logits = _hooked(model, "conv", torch.tensor([padded]))
+        assert _by_layer(doc, "conv")["max"] == pytest.approx(
+            acts.amax(1).tolist(), rel=1e-5, abs=1e-6
+        )
+        probs = torch.softmax(logits, 0)
+        top = doc["predictions"][0]
+        assert top["class"] == int(logits.argmax())
+        assert top["prob"] == pytest.approx(float(probs.max()), rel=1e-5)
+
+
+@pytest.mark.parametrize("bad", [-1, 2.0, True, VOCAB])
+def test_a_pad_id_that_is_not_an_id_is_not_stored(tmp_path: Path, bad: object):
+    from lurker.probe import probe
+
+    data = NamedPad(*_dataset().tensors)
+    data.pad_token_id = bad  # type: ignore[assignment]
+    with pytest.warns(UserWarning, match="pad_token_id is .* not stored as the run's padding id"):
+        run = probe(FixedLength(None).eval(), data, out=tmp_path / "r", k=3, progress=False)
+    assert run is not None and run.meta_now("pad_id") is None

@@ -73,14 +73,24 @@ def _lines(run: dict, rid: str, op: str, side: str, sample: int = 2) -> torch.Te
 def test_a_waveforms_input_op_is_its_one_channel_over_time(runs: dict):
     run = runs["wav"]
     doc = _op(run, "wav", "input_1")
-    assert doc["output_time"] == {"model_input": True, "stride": 1.0, "start": 0.0}
+    assert doc["output_time"] == {
+        "model_input": True,
+        "channels": True,
+        "stride": 1.0,
+        "start": 0.0,
+    }
     assert doc["output"]["channels"] == 1 and doc["output"]["map_shape"] == [1, 240]
     x = run["data"].tensors[0][2]
     assert torch.equal(_lines(run, "wav", "input_1", "output"), x[None])
     # the conv's input, the unsqueezed waveform, is on the samples; its output's step is
     # the conv's stride, 4 samples, as the probe's field along time says
     conv = _op(run, "wav", "conv1d_1")
-    assert conv["input_time"] == {"model_input": False, "stride": 1.0, "start": 0.0}
+    assert conv["input_time"] == {
+        "model_input": False,
+        "channels": False,
+        "stride": 1.0,
+        "start": 0.0,
+    }
     rf = signal_rf(lurker.Run.open(run["run"]), lurker.Run.open(run["run"]).layer("conv1"))
     assert conv["output_time"]["stride"] == 4.0 == rf["x"]["stride"]
 
@@ -91,7 +101,10 @@ def test_a_channels_last_input_is_its_channels_over_time(runs: dict, rid: str, o
     x = run["data"].tensors[0][2]  # (T, C)
     for label, side, key in (("input_1", "output", "output_time"), (op, "input", "input_time")):
         doc = _op(run, rid, label)
-        assert doc[key] == {"model_input": True, "stride": 1.0, "start": 0.0}, (label, side)
+        assert doc[key] == {"model_input": True, "channels": True, "stride": 1.0, "start": 0.0}, (
+            label,
+            side,
+        )
         assert doc[side]["channels"] == x.shape[1] and doc[side]["map_shape"] == [1, x.shape[0]]
         assert torch.equal(_lines(run, rid, label, side), x.T), (label, side)
 
@@ -100,14 +113,29 @@ def test_a_channels_last_runs_ops_get_their_stride_along_time(runs: dict):
     """Conv1d(3, 4, 5, padding=2) after the transpose: step t sees samples [t-2, t+3);
     a batch-first LSTM's step t sees [0, t + 1). Both are the probe's fields along time."""
     cl = _op(runs["cl"], "cl", "conv1d_1")
-    assert cl["input_time"] == {"model_input": False, "stride": 1.0, "start": 0.0}
-    assert cl["output_time"] == {"model_input": False, "stride": 1.0, "start": -2.0}
+    assert cl["input_time"] == {
+        "model_input": False,
+        "channels": False,
+        "stride": 1.0,
+        "start": 0.0,
+    }
+    assert cl["output_time"] == {
+        "model_input": False,
+        "channels": False,
+        "stride": 1.0,
+        "start": -2.0,
+    }
     r = lurker.Run.open(runs["cl"]["run"])
     rf = signal_rf(r, r.layer("conv"))  # the probe's field of the conv, along time
     assert (rf["x"]["stride"], rf["x"]["start"]) == (1, -2)
     rnn = _op(runs["rnn"], "rnn", "lstm_1")
     # step t's field ends at t + 1 and spans all 20 steps (clipped at 0): start t - 19
-    assert rnn["output_time"] == {"model_input": False, "stride": 1.0, "start": -19.0}
+    assert rnn["output_time"] == {
+        "model_input": False,
+        "channels": False,
+        "stride": 1.0,
+        "start": -19.0,
+    }
     assert rnn["output"]["map_shape"] == [1, 20] and rnn["output"]["channels"] == 16
 
 

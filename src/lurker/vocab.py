@@ -158,6 +158,35 @@ def dataset_vocab(dataset: Any) -> list[str | None] | None:
     return None
 
 
+#: Dataset attributes that name a run's padding id (a tokenizer's ``pad_token_id``), read
+#: as the vocabulary is: the explorer pads a short typed sequence with it.
+PAD_ATTRS = ("pad_id", "pad_token_id", "pad_index")
+
+
+def dataset_pad_id(dataset: Any, rows: int | None) -> int | None:
+    """The padding id a dataset names (its first ``pad_id``, ``pad_token_id`` or
+    ``pad_index`` that is set), checked against the ``rows`` of the embedding that reads
+    the ids (None: unknown); None where it names none. One that is not an id of the
+    embedding (a negative, a float, past its rows) is warned about and not used: padding
+    with it would feed the model the wrong token, or fail it."""
+    for name in PAD_ATTRS:
+        found = getattr(dataset, name, None)
+        if found is None:
+            continue
+        if isinstance(found, bool) or not isinstance(found, int) or found < 0:
+            why = "not an id (a whole number from 0)"
+        elif rows is not None and found >= rows:
+            why = f"past the embedding's {rows} rows (ids 0..{rows - 1})"
+        else:
+            return int(found)
+        warn(
+            f"probe: the dataset's {name} is {found!r}, {why}: it is not stored as the run's "
+            "padding id (set it to the id the model pads with, or leave it None)"
+        )
+        return None
+    return None
+
+
 def check_vocab(words: Sequence[str | None], needed: int, where: str) -> None:
     """Refuse a vocabulary that does not name every id up to ``needed - 1`` (``where``
     says what needs them: "the samples use")."""

@@ -444,6 +444,8 @@ export interface FeatureSide {
 export interface SignalTime {
   /** the side is the model's input itself: its maps are the signal's channels */
   model_input: boolean;
+  /** its maps are the model input's channels in order (the input, or elementwise ops on it) */
+  channels?: boolean;
   /** input samples per step, where the receptive field tells it exactly; null: unknown */
   stride: number | null;
   start: number | null;

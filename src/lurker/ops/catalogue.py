@@ -467,6 +467,46 @@ def draws_random(
     return op.arg(args, kwargs, p_name) != 0
 
 
+# Ops whose output keeps its input's positions one to one: element ``i`` of the output is
+# made from element ``i`` of each tensor argument (broadcast aside) and nothing else, so an
+# output of the input's shape has its input's channels and time steps (the explorer names
+# an op's units by the dataset's channels through a chain of them). The per-channel
+# normalisations are here too: each channel scaled by statistics of its own. Anything that
+# reads along an axis (a softmax, a cumsum, a flip, a shuffle, a layer norm over channels)
+# is not. In-place variants (``relu_``, ``iadd``) are matched by :func:`is_elementwise`.
+ELEMENTWISE = frozenset({
+    # arithmetic, operands in either order
+    "add", "sub", "subtract", "mul", "multiply", "div", "divide", "true_divide", "radd",
+    "rsub", "rmul", "rdiv", "neg", "negative", "pos", "positive", "abs", "absolute", "pow",
+    "square", "sqrt", "rsqrt", "reciprocal", "exp", "expm1", "log", "log1p", "sign",
+    "clamp", "clip", "clamp_min", "clamp_max", "maximum", "minimum", "nan_to_num",
+    # activations
+    "relu", "relu6", "leaky_relu", "elu", "selu", "celu", "gelu", "silu", "mish", "sigmoid",
+    "tanh", "hardswish", "hardsigmoid", "hardtanh", "softplus", "softsign", "logsigmoid",
+    "prelu", "threshold", "tanhshrink", "hardshrink", "softshrink",
+    # dropouts (identity in eval; in training they zero single values or whole channels)
+    "dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout",
+    "feature_alpha_dropout", "feature_dropout",
+    # copies
+    "contiguous", "clone", "detach", "to", "type", "type_as", "float", "double", "half",
+    "bfloat16", "cpu", "cuda",
+    # normalisation of each channel by its own statistics
+    "batch_norm", "instance_norm",
+})  # fmt: skip
+
+
+def is_elementwise(name: str) -> bool:
+    """Whether op ``name`` (as recorded; an in-place ``relu_`` or ``iadd`` as its plain
+    op) is in :data:`ELEMENTWISE`."""
+    if name.endswith("_") and not name.endswith("__"):
+        name = name[:-1]
+    elif name in INPLACE_DUNDERS and name[1:] in ELEMENTWISE:
+        name = name[1:]
+    elif name == "itruediv":
+        name = "div"
+    return name in ELEMENTWISE
+
+
 # Ops that update running statistics in place while training (normalisations, QAT observers):
 # name -> (the flag that says so, the statistics it updates).
 NORMS: dict[str, tuple[str, tuple[str, ...]]] = {

@@ -843,7 +843,8 @@ def probe(
     tokenizer's ``get_vocab()`` gives, or a callable id -> token; default the dataset's
     ``vocab`` or ``itos`` attribute) is stored in the run, so that the explorer shows
     words beside the ids. It must name every id the embedding can look up (else every id
-    seen); a vocabulary for inputs that are not token ids is refused.
+    seen); a vocabulary for inputs that are not token ids is refused. A dataset's
+    ``pad_id``, ``pad_token_id`` or ``pad_index`` is stored too: the explorer pads with it.
 
     The model is swept in eval mode and left in the mode it came in (each module's
     ``training`` flag restored, however the call ends).
@@ -1120,6 +1121,9 @@ def _plan(
     words = _run_vocab(vocab, given, tr, x0)
     if words is not None:
         run_meta["vocab"] = words
+    pad = _run_pad_id(given, tr, x0)
+    if pad is not None:
+        run_meta["pad_id"] = pad
     if world > 1:
         prints: list[Any] = [None] * world
         torch.distributed.all_gather_object(prints, run_meta["model_fingerprint"])
@@ -1269,6 +1273,15 @@ def _run_vocab(
     return fit_vocab(as_vocab(vocab, rows), rows, used, where)
 
 
+def _run_pad_id(dataset: Any, tr: Trace, x0: Tensor) -> int | None:
+    """The padding id the dataset names (``pad_id``, ``pad_token_id``, ``pad_index``), to
+    store in a run of token ids beside its vocabulary; None on other runs."""
+    from ..vocab import dataset_pad_id, id_space, reads_ids
+
+    ids = x0.dim() == 2 and not x0.is_floating_point() and not x0.is_complex() and reads_ids(tr)
+    return dataset_pad_id(dataset, id_space(tr)) if ids else None
+
+
 def _relevance_composite(relevance: bool | str) -> str | None:
     """None: no relevance lists; "": the engine's default composite; else a checked name."""
     from ..explain.lrp import COMPOSITES
@@ -1366,8 +1379,9 @@ def _finished_before(plan: _Plan, writer: RunWriter | None) -> bool:
             # Python call recorded none): the same model, by its fingerprint, and data
             old = writer.meta_get("config") or {}
             writer.meta_set("config", {**old, **plan.run_meta["config"]})
-            if "vocab" in plan.run_meta:  # a vocabulary given to a finished run: stored
-                writer.meta_set("vocab", plan.run_meta["vocab"])
+            for key in ("vocab", "pad_id"):  # a vocabulary given to a finished run: stored
+                if key in plan.run_meta:
+                    writer.meta_set(key, plan.run_meta[key])
             writer.close()
             warn(
                 f"{plan.out} already holds this probe, complete (same model, dataset, layers "
@@ -1932,8 +1946,9 @@ def _finish(
     with writer.batch():
         writer.set_classes(plan.classes)
         writer.meta_set("config", plan.run_meta["config"])
-        if "vocab" in plan.run_meta:  # this call's (a resumed run keeps its first meta)
-            writer.meta_set("vocab", plan.run_meta["vocab"])
+        for key in ("vocab", "pad_id"):  # this call's (a resumed run keeps its first meta)
+            if key in plan.run_meta:
+                writer.meta_set(key, plan.run_meta[key])
         writer.meta_set(
             "sweep",
             {

@@ -773,6 +773,10 @@ class SignalTime(BaseModel):
 
     #: The side is the model's input itself: its maps are the signal's channels.
     model_input: bool = False
+    #: The side's maps are the model input's channels, in order, sample by sample: the
+    #: input itself or elementwise ops on it that keep its shape (a dropout, ``x * 0.5``,
+    #: an activation); the explorer names them by the dataset's ``channel_names``.
+    channels: bool = False
     #: Samples of the input per step of this side, where the receptive field tells it
     #: exactly (every op on the way has a known footprint); null where it does not.
     stride: float | None = None

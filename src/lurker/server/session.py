@@ -1113,13 +1113,28 @@ class Session:
             self._map_bytes -= sum(m.maps.numel() * 4 for m in old if m is not None)
 
     def _input_sides(self, op: Any) -> tuple[bool, bool]:
-        """Whether an op's input, and its output, is the model's input tensor itself (a
-        model input node's output, or the tensor such a node hands the op)."""
+        """Whether an op's input, and its output, holds the model input's channels one to
+        one (see :meth:`keeps_input`): the producer of its first tensor argument, and the
+        op itself."""
         from lurker.graph.nodes import OpRef, refs
 
         ref = next((r for r in refs(op) if isinstance(r, OpRef)), None)
         producer = self.trace().ops[ref.index] if ref is not None else None
-        return getattr(producer, "kind", None) == "input", getattr(op, "kind", None) == "input"
+        return producer is not None and self.keeps_input(producer), self.keeps_input(op)
+
+    def keeps_input(self, op: Any) -> bool:
+        """Whether the output of ``op`` is the model's input, channel by channel and step by
+        step: the input node itself, or an op of the catalogue's elementwise ones (a
+        dropout, ``x * 0.5``, ``x - mean``, an activation, a ``contiguous``, a per-channel
+        norm) whose output has the input's shape, one of whose tensor arguments is such an
+        output and whose others read nothing of the input (parameters, buffers, constants)
+        or are such outputs too. A conv, a transpose, a reduction, a permutation of the
+        channels or a mix with another tensor made from the input is not: its units are not
+        the dataset's channels (naming them so would be wrong, not merely vague)."""
+        tr = self.trace()
+        return self.cached(
+            ("keeps-input", self.entry.generation, id(tr)), lambda: _keeps_input(tr)
+        ).get(op.index, False)
 
     def _signal_maps(self, t: Any, model_input: bool) -> Maps | None:
         """The model's input on a signal run as one map per channel over time, whatever
@@ -1691,3 +1706,36 @@ def json_values(a: np.ndarray) -> list[list[float | None]]:
     if np.isfinite(a).all():
         return a.tolist()  # type: ignore[no-any-return]
     return [[float(v) if math.isfinite(v) else None for v in row] for row in a.tolist()]
+
+
+def _keeps_input(tr: Any) -> dict[int, bool]:
+    """Per op index of the trace ``tr``, whether its first output is its single model
+    input's tensor, element for element (see :meth:`Session.keeps_input`); no op does on
+    a model of several inputs (whose channels would the names be?)."""
+    from lurker.graph.nodes import OpRef, ParamRef, refs
+    from lurker.ops.catalogue import is_elementwise
+
+    inputs = [op for op in tr.ops if op.kind == "input"]
+    if len(inputs) != 1 or not inputs[0].outputs:
+        return {}
+    shape = tuple(inputs[0].outputs[0].shape)
+    keeps: dict[int, bool] = {inputs[0].index: True}
+    reads: dict[int, bool] = {inputs[0].index: True}  # reads the input at all
+    for op in tr.ops:  # in call order: an op's arguments come before it
+        if op.index in keeps:
+            continue
+        args = [r for r in refs(op) if not isinstance(r, ParamRef)]
+        reads[op.index] = any(reads.get(r.index, False) for r in args)
+        keeps[op.index] = bool(
+            op.kind == "op"
+            and is_elementwise(op.name)
+            and op.outputs
+            and tuple(op.outputs[0].shape) == shape
+            and any(r.output == 0 and keeps.get(r.index, False) for r in args)
+            and all(
+                (r.output == 0 and keeps.get(r.index, False)) or not reads.get(r.index, False)
+                for r in args
+                if isinstance(r, OpRef)
+            )
+        )
+    return keeps

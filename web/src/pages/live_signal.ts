@@ -117,15 +117,16 @@ export async function renderSignalLive(root: HTMLElement, ctx: PageContext, summ
     if (ctx.signal.aborted) return;
     const bad = Object.values(lines.nonfinite ?? {}).reduce((a, b) => a + b, 0);
     const axis = timeAxis(side === "input" ? info.input_time : info.output_time, lines.shape[1], length, rate);
-    // only the model's input has the dataset's channels: an op's units are not its channels
+    // only the model's input (and elementwise ops on it, which keep its channels in order)
+    // has the dataset's channels: another op's units are not its channels
     const names = axis.channels ? (summary.dataset.channel_names ?? null) : null;
     const what = axis.channels ? `channel${lines.shape[0] === 1 ? "" : "s"}` : `unit${lines.shape[0] === 1 ? "" : "s"}`;
     maps.append(
       h(
         "section",
         { class: "card live-lines", "data-side": side },
-        h("h3", null, `${side} · ${fmt(lines.shape[0])} ${what} × ${fmt(lines.shape[1])} ${axis.unit === "steps" ? "steps" : "samples"}${axis.channels ? " (the model's input)" : ""}`),
-        h("p", { class: "muted small" }, `${axis.channels ? "Each channel of the sample as the model is fed it" : `Each unit's ${side === "input" ? "input channel" : "output"}`} over time (${axis.about}), each line on its own scale (its least value at the bottom, its greatest at the top: the numbers above it)${bad ? `; ${fmt(bad)} values are not finite (gaps)` : ""}.`),
+        h("h3", null, `${side} · ${fmt(lines.shape[0])} ${what} × ${fmt(lines.shape[1])} ${axis.unit === "steps" ? "steps" : "samples"}${axis.channels ? (axis.input ? " (the model's input)" : " (the input's channels)") : ""}`),
+        h("p", { class: "muted small" }, `${axis.channels ? (axis.input ? "Each channel of the sample as the model is fed it" : "Each channel of the sample, made value by value from the model's input by elementwise ops,") : `Each unit's ${side === "input" ? "input channel" : "output"}`} over time (${axis.about}), each line on its own scale (its least value at the bottom, its greatest at the top: the numbers above it)${bad ? `; ${fmt(bad)} values are not finite (gaps)` : ""}.`),
         h(
           "div",
           { class: "unit-lines" },
@@ -150,6 +151,8 @@ export async function renderSignalLive(root: HTMLElement, ctx: PageContext, summ
 interface TimeAxis {
   /** the lanes are the model's input channels (named by the dataset's channel names) */
   channels: boolean;
+  /** the lanes are the model's input itself (not an elementwise op's copy of it) */
+  input: boolean;
   /** `s`: seconds (a step is a sample and the rate is known); `samples`; `steps`: an op's */
   unit: "s" | "samples" | "steps";
   /** the axis's caption: its unit, and a step's length where it is known exactly */
@@ -165,11 +168,11 @@ interface TimeAxis {
  * receptive field gives it exactly. Never a guess: an unknown stride is said so.
  */
 function timeAxis(time: SignalTime | null | undefined, steps: number, length: number, rate: number | null): TimeAxis {
-  const sampled = (channels: boolean): TimeAxis => ({ channels, unit: rate ? "s" : "samples", note: rate ? `time (s), ${Number(rate.toPrecision(6))} Hz` : "samples", about: rate ? `in seconds, ${Number(rate.toPrecision(6))} Hz` : "in samples, left to right" });
-  if (time?.model_input) return sampled(true);
+  const sampled = (channels: boolean): TimeAxis => ({ channels, input: !!time?.model_input, unit: rate ? "s" : "samples", note: rate ? `time (s), ${Number(rate.toPrecision(6))} Hz` : "samples", about: rate ? `in seconds, ${Number(rate.toPrecision(6))} Hz` : "in samples, left to right" });
+  if (time?.model_input || time?.channels) return sampled(true);
   if (time?.stride === 1 && time.start === 0 && steps === length) return sampled(false);
   const stride = time?.stride ?? null;
-  if (stride === null) return { channels: false, unit: "steps", note: "steps (stride not known exactly)", about: "its steps, left to right; how many input samples a step spans is not known exactly" };
+  if (stride === null) return { channels: false, input: false, unit: "steps", note: "steps (stride not known exactly)", about: "its steps, left to right; how many input samples a step spans is not known exactly" };
   const each = `${Number(stride.toPrecision(6))} sample${stride === 1 ? "" : "s"}${rate ? ` (${durationText(stride, rate)})` : ""}`;
-  return { channels: false, unit: "steps", note: `steps · 1 step = ${each}`, about: `its steps, left to right: each step ${each} of the input` };
+  return { channels: false, input: false, unit: "steps", note: `steps · 1 step = ${each}`, about: `its steps, left to right: each step ${each} of the input` };
 }

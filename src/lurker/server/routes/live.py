@@ -252,12 +252,17 @@ PAD_WORDS = ("<pad>", "[PAD]", "<PAD>", "[pad]", "<|pad|>")
 
 
 def pad_id(s: Session, vocab: list[str | None] | None) -> tuple[int, str] | None:
-    """The run's padding id and where it comes from: the ``padding_idx`` of the embedding
-    that reads the input (the model's own, as the trace recorded the call), else the one
-    vocabulary entry spelled as a padding token (``<pad>``, ``[PAD]``); None when the run
-    knows none (then nothing is guessed)."""
+    """The run's padding id and where it comes from: the one its dataset named (``pad_id``,
+    ``pad_token_id`` or ``pad_index``, stored by the probe as ``pad_id``: said, not
+    guessed), else the ``padding_idx`` of the embedding that reads the input (the model's
+    own, as the trace recorded the call), else the one vocabulary entry spelled as a
+    padding token (``<pad>``, ``[PAD]``); None when the run knows none (then nothing is
+    guessed)."""
     from lurker.vocab import id_space
 
+    named = s.entry.open_run().meta_now("pad_id")
+    if isinstance(named, int) and not isinstance(named, bool) and named >= 0:
+        return named, "the dataset's pad id"
     tr = s.trace()
     if tr.inputs:
         for c in tr.inputs[0].children:
@@ -549,7 +554,8 @@ def _side(m: Maps) -> FeatureSide:
 def _signal_time(s: Session, tr: Any, op: Any, m: Maps | None) -> SignalTime | None:
     """Where the output of ``op`` (shown as ``m``) lies along time on a run of signals:
     the model's input itself (channels first, channels last or a one-axis waveform: its
-    maps are the signal's channels), or its stride in samples where the receptive field
+    maps are the signal's channels) or an elementwise copy of it (its channels and
+    samples, see :meth:`Session.keeps_input`), or its stride in samples where the receptive field
     along the signal's time is exact (never a guess: a field through an op of unknown
     footprint gives none)."""
     if m is None or m.one_value_maps:
@@ -558,11 +564,15 @@ def _signal_time(s: Session, tr: Any, op: Any, m: Maps | None) -> SignalTime | N
     layout = signal_layout(run)
     if layout is None:
         return None  # not a signal run
-    channels, length, _ = layout
-    if getattr(op, "kind", None) == "input":
-        if list(m.maps.shape) != [channels, 1, length]:
+    channels, length, last = layout
+    if s.keeps_input(op):  # the input, or an elementwise chain on it (a dropout, x * 0.5)
+        # its maps one per channel of the input, in order (units on the channel axis)
+        if list(m.maps.shape) != [channels, 1, length] or (
+            len(m.shape) == 3 and (m.unit_axis != 2 if last else m.unit_axis not in (None, 1))
+        ):
             return None
-        return SignalTime(model_input=True, stride=1.0, start=0.0)
+        model_input = getattr(op, "kind", None) == "input"
+        return SignalTime(model_input=model_input, channels=True, stride=1.0, start=0.0)
     time = _time_axis(m)
     if time is None:
         return None
