@@ -441,7 +441,7 @@ def test_export_writes_the_further_pages_of_a_sample(
     )
     last = capsys.readouterr().err.strip().splitlines()[-1]
     written = sum(1 for f in (site / "data").rglob("*") if f.is_file())
-    assert last == f"export: {written:,}/{written:,} files, done: {site}", last
+    assert last.endswith(f" items, {written:,} files, done: {site}"), last
     c = TestClient(create_app(explorer_run.path, static_dir=site, live=False))
     counts: dict[int, int] = {}
     with Run.open(explorer_run.path) as run:
@@ -464,6 +464,37 @@ def test_export_writes_the_further_pages_of_a_sample(
     assert not (
         site / (client_static_url(f"{base}?offset={counts[sid]}&limit=7") + ".json")
     ).exists()
+
+
+def test_export_progress_total_is_known_before_writing(
+    explorer_run: ExplorerRun,  # noqa: F811
+    static_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+):
+    """Every progress line names the same total, counted before the first file is
+    written (a total that grew as the export went read as a wrong estimate), and the last
+    line reaches it: the total is the run's top-k samples and units (read from the run
+    itself here), its explained samples (none) and runs.json and the run's documents."""
+    import lurker.server.export as export
+
+    monkeypatch.setattr(export._Progress, "every", 0.0)  # a line per item
+    site = export_site(explorer_run.path, tmp_path / "site", static_dir=static_dir)
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("export: ")]
+    counts = [re.match(r"export: ([\d,]+)/([\d,]+) items, ([\d,]+) files", x) for x in lines]
+    assert all(counts), lines
+    done = [int(m[1].replace(",", "")) for m in counts]
+    totals = {int(m[2].replace(",", "")) for m in counts}
+    with Run.open(explorer_run.path) as run:
+        units = sum(info.num_units for info in run.layers)
+        ranked = {e.sample_id for i in run.layers for u in run.units(i.name)
+                  for w in run.top_lists for e in u.top(w)}  # fmt: skip
+    assert totals == {len(ranked) + units + 2}, (totals, lines[:3])
+    assert done == sorted(done) and done[-1] == len(ranked) + units + 2
+    assert len(lines) > units  # a line per item: the total was there from the first
+    written = sum(1 for f in (site / "data").rglob("*") if f.is_file())
+    assert lines[-1].endswith(f", {written:,} files, done: {site}")
 
 
 def _tree(folder: Path) -> set[str]:
@@ -668,3 +699,51 @@ def test_exported_explain_heading_states_a_bound_as_a_bound(
             heading.wait_for()
             want = f"p {s[0]} {s[1:]}" if s[0] in "<>" else f"p = {s}"
             assert heading.inner_text().endswith(f"· {want}"), (image, heading.inner_text())
+
+
+def test_exported_pages_name_the_command_that_serves_the_run_with_its_model(
+    browser: object,
+    explorer_run: ExplorerRun,  # noqa: F811
+    tmp_path: Path,
+):
+    """The exported Home, Live and Explain pages say how to get the model: for a run that
+    records its model spec, `lurker serve RUN` alone (the oracle: the server, given no
+    model, attaches it); they asked for `--model SPEC` and `--weights W`, which sent the
+    reader hunting for a spec the run holds. A run that records none still gets them."""
+    from explorer_fixtures import STATIC, static_server, strict_page
+    from lurker.store import RunWriter, run_lock
+
+    if not (STATIC / "index.html").is_file():
+        pytest.skip(f"the explorer's front end is not built ({STATIC}/index.html): run `make web`")
+    served = TestClient(create_app(explorer_run.path, static_dir=STATIC))
+    assert served.get("/api/runs/digits").json()["holds"]["live"] is True
+    bare = tmp_path / "runs" / "digits"  # the same run, recording no model
+    shutil.copytree(explorer_run.path, bare, ignore=shutil.ignore_patterns("cache"))
+    with run_lock(bare):
+        w = RunWriter.reopen(bare)
+        try:
+            config = w.meta_get("config")
+            w.meta_set("config", {k: v for k, v in config.items() if k != "model_spec"})
+        finally:
+            w.close()
+    shown: dict[str, list[str]] = {}
+    for name, run in (("recorded", explorer_run.path), ("bare", bare)):
+        site = export_site(run, tmp_path / name, progress=False, make_images=False)
+        with static_server(site) as url, strict_page(browser) as pg:
+            for page, sel in (
+                ("", "text=live model"),
+                ("/live", ".notice"),
+                ("/explain", ".notice"),
+            ):
+                pg.goto(f"{url}#/r/digits{page}")
+                pg.wait_for_selector(sel)
+                text = pg.inner_text("main")
+                shown.setdefault(name, []).append(
+                    re.findall(r"lurker serve [\w.-]+(?: --model SPEC)?", text)[-1]
+                )
+    assert shown["recorded"] == ["lurker serve RUN", "lurker serve digits", "lurker serve digits"]
+    assert shown["bare"] == [
+        "lurker serve RUN --model SPEC",
+        "lurker serve digits --model SPEC",
+        "lurker serve digits --model SPEC",
+    ]

@@ -905,7 +905,8 @@ def export(run: str, site: str, no_images: bool) -> None:
     image (made from the run's dataset when it can be loaded; the pages cut crops from it),
     the cached gradients (make them first with `lurker images RUN`) and the cached
     explanations (`lurker images RUN --explanations top`). View it with any static file server, e.g.
-    `python -m http.server -d SITE`. The live views need `lurker serve RUN --model SPEC`.
+    `python -m http.server -d SITE`. The live views need `lurker serve RUN` (and
+    `--model SPEC` where the run records no model).
     SITE is a new or empty folder, or an earlier export: what that export wrote (listed in
     SITE/.lurker-export.json) is replaced, any other file there is kept.
     """

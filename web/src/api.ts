@@ -877,3 +877,13 @@ async function readJson<T>(res: Response, url: string): Promise<T> {
   }
   throw new ApiError(res.status, detail);
 }
+
+/**
+ * The command that serves `run` with its model, for a page that needs one: a run that
+ * records its model spec (as `lurker probe` does) needs no `--model`, since the server
+ * loads the recorded model and weights itself; asking for `--model SPEC` sent readers of
+ * an export hunting for a spec the run already holds.
+ */
+export function serveCommand(run: string, summary: RunSummary): string {
+  return summary.model.spec ? `lurker serve ${run}` : `lurker serve ${run} --model SPEC --weights W`;
+}

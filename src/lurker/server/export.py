@@ -36,6 +36,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
@@ -87,23 +88,35 @@ def _rel(*segments: object) -> str:
 
 
 class _Progress:
-    """``export: 120/4,300 files`` on stderr, at most once a second, and at the end."""
+    """``export: 120/4,300 items, 233 files`` on stderr, at most every :attr:`every`
+    seconds, and at the end. The total is counted before anything is written, in items
+    known up front (each top-k sample, unit and explained sample, and each run's other
+    documents), so it never moves: how many files an item writes is known only once
+    written (a sample's further pages, a clip's frames, cached images)."""
+
+    every = 1.0
 
     def __init__(self, enabled: bool):
         self.enabled = enabled
         self.done = 0
         self.total = 0
+        self.files = 0
         self.last = 0.0
 
-    def add(self, n: int = 1) -> None:
-        self.done += n
+    def step(self) -> None:
+        """One item done."""
+        self.done += 1
         now = time.monotonic()
-        if self.enabled and now - self.last >= 1.0:
+        if self.enabled and now - self.last >= self.every:
             self.last = now
             self._line()
 
     def _line(self, end: str = "") -> None:
-        print(f"export: {self.done:,}/{self.total:,} files{end}", file=sys.stderr, flush=True)
+        print(
+            f"export: {self.done:,}/{self.total:,} items, {self.files:,} files{end}",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def close(self, out: Path) -> None:
         if self.enabled:
@@ -153,11 +166,13 @@ def export_site(
     out_files = _Files(site, "data", bar, written)
     try:
         _copy_front_end(static, site, written)
-        bar.total += 1  # runs.json, written last
-        for e in app.state.registry.entries.values():
-            if e.run is not None:
-                _export_run(request, e, out_files, make_images)
+        entries = app.state.registry.entries.values()
+        runs = [_plan(request, e) for e in entries if e.run is not None]
+        bar.total = sum(plan.items for plan in runs) + 1  # and runs.json, written last
+        for plan in runs:
+            _export_run(request, plan, out_files, make_images)
         out_files.json(_rel("runs"), list_runs(request))
+        bar.step()
     finally:
         app.state.registry.close()
         # also when interrupted: the next export then removes what this one wrote
@@ -197,7 +212,7 @@ class _Files:
 
     def _done(self) -> None:
         self.count += 1
-        self.bar.add()
+        self.bar.files += 1
 
 
 def _dumps(doc: Any) -> str:
@@ -207,7 +222,32 @@ def _dumps(doc: Any) -> str:
     return json.dumps(doc, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
 
 
-def _export_run(request: Any, e: Any, files: _Files, make_images: bool) -> None:
+@dataclass
+class _Plan:
+    """What a run's export writes, found before writing (the progress total)."""
+
+    entry: Any
+    ranked: list[int]  # the samples some top-k list holds (max, mean, relevance)
+    explained: dict[str, Any]  # the explanations its cache holds (``explained_index``)
+
+    @property
+    def items(self) -> int:
+        """Progress items: each top-k sample, unit and explained sample, and the rest."""
+        units = sum(info.num_units for info in self.entry.run.layers)
+        return len(self.ranked) + units + len(self.explained["samples"]) + 1
+
+
+def _plan(request: Any, e: Any) -> _Plan:
+    from .deps import session
+    from .explained import explained_index
+
+    index = e.appearances()
+    # max, mean and relevance lists (their tied tails too: the unit pages show them)
+    ranked = np.union1d(index.sample, index.tails).astype(np.int64).tolist()
+    return _Plan(e, ranked, explained_index(session(request, e)))
+
+
+def _export_run(request: Any, plan: _Plan, files: _Files, make_images: bool) -> None:
     from .classes import class_names
     from .deps import session
     from .errors import ApiError
@@ -223,12 +263,10 @@ def _export_run(request: Any, e: Any, files: _Files, make_images: bool) -> None:
         signal_document,
     )
 
+    e = plan.entry
     s = session(request, e)
     run = e.run
-    index = e.appearances()
-    # max, mean and relevance lists (their tied tails too: the unit pages show them)
-    ranked = np.union1d(index.sample, index.tails).astype(np.int64).tolist()
-    files.bar.total += 2 * len(ranked) + 3 + 2 * len(run.layers)
+    ranked = plan.ranked
     # each top-k sample: its page and its image (made from the dataset if need be)
     images: dict[int, bytes | Path] = {}
     listed = []
@@ -253,7 +291,6 @@ def _export_run(request: Any, e: Any, files: _Files, make_images: bool) -> None:
                 except ApiError as err:  # the dataset changed since the probe: said, per sample
                     detail.signal_error = err.detail
                 else:
-                    files.bar.total += 1
                     files.json(_rel("runs", e.id, "samples", sid, "signal"), doc)
         files.json(_rel("runs", e.id, "samples", sid), detail)
         return detail
@@ -264,7 +301,6 @@ def _export_run(request: Any, e: Any, files: _Files, make_images: bool) -> None:
         for offset in range(APPEARANCES_PAGE, detail.total, APPEARANCES_PAGE):
             query = f"{sid}?offset={offset}&limit={APPEARANCES_PAGE}"
             more = _sample_detail(request, e.id, sid, offset, APPEARANCES_PAGE)
-            files.bar.total += 1  # (a sample in many top lists has several pages)
             files.json(_rel("runs", e.id, "samples", query), more)
         # (a signal's image would be a C x T pixel strip no page shows, made into the
         # run's cache and counted among its cached images)
@@ -276,8 +312,6 @@ def _export_run(request: Any, e: Any, files: _Files, make_images: bool) -> None:
         if found is not None:
             images[sid] = found
             files.image(_rel("runs", e.id, "samples", sid, "image.png"), found)
-        else:
-            files.bar.total -= 1  # no image to write
         # as the served list shows it: the recorded top class marks the misclassified
         one = detail.sample
         brief = listed_sample(run, names, (sid, one.path, one.label, one.class_name))
@@ -292,6 +326,7 @@ def _export_run(request: Any, e: Any, files: _Files, make_images: bool) -> None:
         if signals and detail.signal_error is None:  # as the served list's tile
             add_listed_signals(s, [brief])
         listed.append({**brief.model_dump(mode="json"), "image": found is not None})
+        files.bar.step()
     # a site without some images says why, here and on its pages (a reason of its own:
     # with --no-images the dataset may well load, and the fix is another export)
     no_image = None
@@ -311,7 +346,7 @@ def _export_run(request: Any, e: Any, files: _Files, make_images: bool) -> None:
         _rel("runs", e.id, "exported-samples"),
         {"total": e.sample_count(), "samples": listed, "no_image": no_image},
     )
-    _export_explanations(request, s, e, files, set(ranked), sample_page)
+    _export_explanations(request, s, e, files, plan.explained, set(ranked), sample_page)
     frames: dict[tuple[int, int], bool] = {}  # (sample, frame) of a clip: exported or not
 
     def frame_image(sid: int, frame: int) -> bool:
@@ -321,7 +356,6 @@ def _export_run(request: Any, e: Any, files: _Files, make_images: bool) -> None:
             found = _frame_image(s, sid, frame, make_images, ApiError)
             frames[(sid, frame)] = found is not None
             if found is not None:
-                files.bar.total += 1
                 files.image(_rel("runs", e.id, "samples", sid, "frames", frame) + ".png", found)
         return frames[(sid, frame)]
 
@@ -330,7 +364,6 @@ def _export_run(request: Any, e: Any, files: _Files, make_images: bool) -> None:
         _export_units(request, e, info, files, images, no_image, frame_image)
     # feature visualizations stored in the run (`lurker featviz`): the unit pages show them
     for layer, objective, unit, copy, png in featviz_images(run):
-        files.bar.total += 1
         where = (
             _rel("runs", e.id, "layers", layer, "featviz", "direction", unit)  # its index
             if objective == "direction"
@@ -342,10 +375,10 @@ def _export_run(request: Any, e: Any, files: _Files, make_images: bool) -> None:
     if run.has_map:  # the Map page (its hover images: the exported samples')
         from .routes.dataset_map import dataset_map
 
-        files.bar.total += 1
         files.json(_rel("runs", e.id, "map"), dataset_map(request, e.id))
     e._counted = None  # count the cached images again, with those just made
     files.json(_rel("runs", e.id), run_summary(request, e.id))
+    files.bar.step()
 
 
 def _export_explanations(
@@ -353,6 +386,7 @@ def _export_explanations(
     s: Any,
     e: Any,
     files: _Files,
+    index: dict[str, Any],
     exported: set[int],
     sample_page: Callable[[int], Any],
 ) -> None:
@@ -363,7 +397,7 @@ def _export_explanations(
     (``sample_page``) where no top-k list holds the sample (``exported``)."""
     from urllib.parse import urlencode
 
-    from .explained import TARGET, explained_index, pictureless, sample_folder
+    from .explained import TARGET, pictureless, sample_folder
     from .routes.explain import (
         CONCEPT_TOP,
         concept_png_response,
@@ -373,7 +407,6 @@ def _export_explanations(
     )
     from .routes.explain import methods as methods_doc
 
-    index = explained_index(s)
     # token ids, feature vectors, signals: scores in the JSON, no picture (the live
     # endpoints and heatmap PNGs answer 409 on such a run; the sample's page has its values)
     flat = pictureless(s)
@@ -383,23 +416,20 @@ def _export_explanations(
         base = ("runs", e.id, "live", image)
         query = urlencode({"target": TARGET})
         if flat:
-            files.bar.total += len(methods)
             sid = int(image.removeprefix("sample-"))
             if sid not in exported:  # precomputed beyond the top-k lists
-                files.bar.total += 1
                 sample_page(sid)
                 exported.add(sid)
             for m in methods:
                 doc = explain_result(s, image, m, TARGET, None)
                 files.json(_rel(*base, "explain", f"{m}.json?{query}"), doc)
             if held["concepts"] is not None:  # a signal's: the maps are in the JSON
-                files.bar.total += 1
                 ranking = concept_ranking(s, image, TARGET, None, CONCEPT_TOP)
                 files.json(
                     _rel(*base, "explain", f"concepts.json?{query}&top={CONCEPT_TOP}"), ranking
                 )
+            files.bar.step()
             continue
-        files.bar.total += 2 + 2 * len(methods)
         files.json(_rel(*base), json.loads((folder / "live.json").read_text(encoding="utf-8")))
         files.image(_rel(*base, "input.png"), folder / "input.png")
         for m in methods:
@@ -409,7 +439,6 @@ def _export_explanations(
             files.image(_rel(*base, "explain", f"{m}.png?{query}&overlay=0"), bytes(png.body))
         if held["concepts"] is not None:  # the ranking the page asks first, and its maps
             ranking = concept_ranking(s, image, TARGET, None, CONCEPT_TOP)
-            files.bar.total += 1 + len(ranking.units)
             files.json(_rel(*base, "explain", f"concepts.json?{query}&top={CONCEPT_TOP}"), ranking)
             maps = urlencode({"target": TARGET, "layer": ranking.layer, "overlay": 0})
             for u in ranking.units:
@@ -417,10 +446,9 @@ def _export_explanations(
                 files.image(
                     _rel(*base, "explain", "concepts", f"{u.unit}.png?{maps}"), bytes(png.body)
                 )
+        files.bar.step()
     if index["samples"]:  # the page's method list (titles, signs, layers)
-        files.bar.total += 1
         files.json(_rel("runs", e.id, "explain", "methods"), methods_doc(request, e.id))
-    files.bar.total += 1
     files.json(_rel("runs", e.id, "explained"), index)
 
 
@@ -479,7 +507,6 @@ def _export_units(
         text = json.dumps(doc, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
         if unit == 0:
             size = max(1, min(MAX_CHUNK, CHUNK_BYTES // max(len(text), 1)))
-            files.bar.total += -(-info.num_units // size)
         chunk.append(text)
         avail: dict[str, dict[str, list[int]]] = {}
         for item in doc["top"].get("relevance") or []:  # whole samples: the input only
@@ -510,9 +537,9 @@ def _export_units(
                 for kind in ("crop", "grad", "grad_crop"):
                     source = cached.get((kind, unit, which, rank))
                     if source is not None and not (kind in ("crop", "grad_crop") and stored):
-                        files.bar.total += 1
                         files.image(_rel(*base, "units", unit, which, rank, f"{kind}.png"), source)
         shown.append(avail)
+        files.bar.step()
         top = doc["top"]["max"][0] if doc["top"]["max"] else None
         thumbs.append(
             None

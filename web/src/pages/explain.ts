@@ -13,7 +13,7 @@
  * precomputed into the run (`lurker images RUN --explanations`): only those samples,
  * their methods, for the top class.
  */
-import { ApiError, p, type LiveImage, type RunSummary } from "../api";
+import { ApiError, p, serveCommand, type LiveImage, type RunSummary } from "../api";
 import type { PageContext } from "../context";
 import { append, fill, fmt, h, notice, pct, withCode } from "../dom";
 import { imageTitle } from "../images";
@@ -106,7 +106,7 @@ export async function renderExplain(root: HTMLElement, ctx: PageContext): Promis
     root.append(
       notice(
         ctx.api.isStatic
-          ? `${noModel}. Run: \`lurker serve ${ctx.run} --model SPEC\` (and \`--weights W\`). To show some here, precompute them before exporting: \`lurker images ${ctx.run} --explanations top\`.`
+          ? `${noModel}. Run: \`${serveCommand(ctx.run, summary)}\`${summary.model.spec ? " (it loads the model the run records)" : ""}. To show some here, precompute them before exporting: \`lurker images ${ctx.run} --explanations top\`.`
           : `${noModel}. Serve it with: \`lurker serve ${ctx.run} --model SPEC --weights W\`.`,
         ctx.api.isStatic ? undefined : "error",
       ),

@@ -1,5 +1,5 @@
 /** `#/r/RUN`: what the model and dataset are, what the run holds, and where to go next. */
-import type { RunSummary } from "../api";
+import { serveCommand, type RunSummary } from "../api";
 import type { PageContext } from "../context";
 import { append, type Child, facts, fmt, h, notice, probedAt, shape } from "../dom";
 
@@ -77,7 +77,7 @@ export async function renderHome(root: HTMLElement, ctx: PageContext): Promise<v
           ["dataset map", s.holds.map ? h("a", { href: ctx.href("map") }, "made") : h("span", { class: "muted" }, "none (lurker map RUN)")],
           ["feature visualizations", featviz.length ? `${featviz.length} layer${featviz.length === 1 ? "" : "s"}: ${featviz.slice(0, 4).join(", ")}${featviz.length > 4 ? ", …" : ""}` : h("span", { class: "muted" }, "none (lurker featviz RUN --layer L)")],
           ["explanations", explained ? h("a", { href: ctx.href("explain") }, `${fmt(explained)} sample${explained === 1 ? "" : "s"} precomputed`) : s.holds.live ? h("a", { href: ctx.href("explain") }, "computed on request") : h("span", { class: "muted" }, "none precomputed")],
-          ["live model", s.holds.live ? h("a", { href: ctx.href("live") }, "attached") : h("span", { class: "muted" }, ctx.api.isStatic ? "none in a static export (lurker serve RUN --model SPEC)" : "none (lurker serve RUN --model SPEC)")],
+          ["live model", s.holds.live ? h("a", { href: ctx.href("live") }, "attached") : h("span", { class: "muted" }, ctx.api.isStatic ? `none in a static export (${serveCommand("RUN", s)})` : "none (lurker serve RUN --model SPEC)")],
           ["cached images", fmt(s.holds.cached_images)],
           ["probed", [h("span", { title: s.probe.created ?? null }, probedAt(s.probe.created)), s.probe.lurker_version ? ` with lurker ${s.probe.lurker_version}` : ""]],
           ["status", s.probe.status ?? "–"],

@@ -6,7 +6,7 @@
  * (input, output) channel pair, the inputs that feed a chosen output of a grouped one
  * marked.
  */
-import { p, type FeatureSide, type Kernel, type LiveImage, type LiveOp, type RunSummary } from "../api";
+import { p, serveCommand, type FeatureSide, type Kernel, type LiveImage, type LiveOp, type RunSummary } from "../api";
 import type { PageContext } from "../context";
 import { axisBottom, axisLeft } from "d3-axis";
 import { scaleLinear } from "d3-scale";
@@ -51,7 +51,7 @@ export async function renderLive(root: HTMLElement, ctx: PageContext): Promise<v
   if (ctx.api.isStatic) {
     root.append(
       notice(
-        `This is a static export: the live view runs the model, so it needs a server. Run: \`lurker serve ${ctx.run} --model SPEC\` (and \`--weights W\`).`,
+        `This is a static export: the live view runs the model, so it needs a server. Run: \`${serveCommand(ctx.run, summary)}\`${summary.model.spec ? " (it loads the model the run records)" : ""}.`,
       ),
     );
     return;
