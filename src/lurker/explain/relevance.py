@@ -57,6 +57,24 @@ class Concepts:
         """(B, k): each conditional heatmap's sum, to hold against ``unit_relevance``."""
         return self.heatmaps.flatten(2).sum(2)
 
+    def __repr__(self) -> str:
+        """One line (the dataclass's printed every tensor, heatmaps included: a page of
+        numbers ending a notebook cell): the layer, target, and each row's top units."""
+        target = self.target
+        if isinstance(target, list) and len(target) > 8:
+            target_text = f"[{', '.join(map(str, target[:8]))}, ... ({len(target)} rows)]"
+        else:
+            target_text = str(target)
+        rows = self.units.tolist()
+        top = ", ".join(
+            "[" + ", ".join(map(str, r[:8])) + (", ...]" if len(r) > 8 else "]") for r in rows[:2]
+        )
+        top += f", ... ({len(rows)} rows)" if len(rows) > 2 else ""
+        return (
+            f"<Concepts {self.composite} at {self.layer!r}: target {target_text}, "
+            f"top units {top}, heatmaps {tuple(self.heatmaps.shape)}>"
+        )
+
 
 def concepts(
     model: nn.Module,

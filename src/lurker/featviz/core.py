@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import LurkerError, OpKeyError
+from ..store.featviz import preview_grid_png
 from .param import FourierImage, MacoImage
 from .transforms import Shifts, Transforms
 
@@ -48,8 +49,6 @@ DEFAULT_LR = 0.05
 #: 1e2 to 1e3 against activations of order 10; lurker's term is per image, see
 #: :func:`_diversity`).
 DEFAULT_DIVERSITY = 1e2
-#: the most images ``FeatViz._repr_png_`` (a notebook's view of a result) draws
-PREVIEW_TILES = 128
 
 
 @dataclass
@@ -124,35 +123,16 @@ class FeatViz:
         return path
 
     def _repr_png_(self) -> bytes | None:
-        """What a notebook shows for ``fv`` at the end of a cell: the images as a grid, a
-        row per unit with ``images_per_unit > 1`` (else 8 units a row), the first
-        ``PREVIEW_TILES``, each scaled up (nearest) to at least 64 px so a 16 px image shows.
-        None for signals: a ``(C, 1, T)`` strip scaled that way is an image hundreds of
-        thousands of pixels wide; the notebook shows the repr, which gives their shape."""
+        """What a notebook shows for ``fv`` at the end of a cell: the images as a grid
+        (:func:`lurker.store.featviz.preview_grid_png`: a row per unit with
+        ``images_per_unit > 1``, else 8 units a row, the first 128, scaled up
+        to at least 64 px). None for signals: the notebook shows the repr, which gives
+        their shape."""
         if self.signals is not None:
             return None
-        import io
-
-        from PIL import Image
-
         copies = self.images.shape[1] if self.images.dim() == 5 else 1
-        tiles = [self.image(i, c) for i in range(len(self.units)) for c in range(copies)][
-            :PREVIEW_TILES
-        ]
-        if not tiles:
-            return None
-        cols = copies if copies > 1 else min(8, len(tiles))
-        w, h = tiles[0].size
-        zoom = max(1, math.ceil(64 / min(w, h)))
-        tw, th, gap = w * zoom, h * zoom, 2
-        rows = math.ceil(len(tiles) / cols)
-        grid = Image.new("RGB", (cols * (tw + gap) - gap, rows * (th + gap) - gap), "white")
-        for k, tile in enumerate(tiles):
-            big = tile.convert("RGB").resize((tw, th), Image.Resampling.NEAREST)
-            grid.paste(big, ((k % cols) * (tw + gap), (k // cols) * (th + gap)))
-        buf = io.BytesIO()
-        grid.save(buf, format="PNG")
-        return buf.getvalue()
+        tiles = [self.image(i, c) for i in range(len(self.units)) for c in range(copies)]
+        return preview_grid_png(tiles, copies)
 
     def __repr__(self) -> str:
         return f"FeatViz({self.layer!r}, {self.objective}, {len(self.units)} units, " + (

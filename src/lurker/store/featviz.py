@@ -34,6 +34,7 @@ __all__ = [
     "UnitFeatViz",
     "direction_featviz",
     "featviz_png",
+    "preview_grid_png",
     "featviz_signal",
     "signal_values",
     "featviz_units",
@@ -160,6 +161,37 @@ def encode_png(pixels: np.ndarray) -> bytes:
         img = Image.fromarray(np.ascontiguousarray(pixels.reshape(-1, pixels.shape[-1])), "L")
     buf = io.BytesIO()
     img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+#: the most images a notebook's view of a layer's feature visualizations draws
+PREVIEW_TILES = 128
+
+
+def preview_grid_png(tiles: Sequence[Any], copies: int = 1) -> bytes | None:
+    """PIL images as one PNG grid, what a notebook shows for feature visualizations (a
+    fresh ``FeatViz`` or a stored one): a row per unit with ``copies > 1`` (else 8 a row),
+    the first :data:`PREVIEW_TILES`, each scaled up (nearest) to at least 64 px so a 16 px
+    image shows, but never past 512 px along its longer side (a 4 x 200 image zoomed 16
+    times made a grid 12,806 px wide). None for no tiles."""
+    import math
+
+    from PIL import Image
+
+    tiles = list(tiles)[:PREVIEW_TILES]
+    if not tiles:
+        return None
+    cols = copies if copies > 1 else min(8, len(tiles))
+    w, h = tiles[0].size
+    zoom = max(1, min(math.ceil(64 / min(w, h)), 512 // max(w, h)))
+    tw, th, gap = w * zoom, h * zoom, 2
+    rows = math.ceil(len(tiles) / cols)
+    grid = Image.new("RGB", (cols * (tw + gap) - gap, rows * (th + gap) - gap), "white")
+    for k, tile in enumerate(tiles):
+        big = tile.convert("RGB").resize((tw, th), Image.Resampling.NEAREST)
+        grid.paste(big, ((k % cols) * (tw + gap), (k // cols) * (th + gap)))
+    buf = io.BytesIO()
+    grid.save(buf, format="PNG")
     return buf.getvalue()
 
 
@@ -298,6 +330,36 @@ class StoredFeatViz:
                 if found is not None:
                     out[i, k] = decode_png(*found).astype(np.float32) / 255.0
         return out
+
+    def __repr__(self) -> str:
+        """One line (the dataclass's printed the activations and settings): the layer,
+        objective, units and the images' shape."""
+        shapes = sorted({tuple(shape) for _, shape in self._pngs.values()})
+        kind = "signals" if self.settings.get("input") == "signal" else "images"
+        size = ", ".join("x".join(map(str, sh)) for sh in shapes) or "none"
+        copies = f", {self.copies} copies each" if self.copies > 1 else ""
+        return (
+            f"<StoredFeatViz {self.layer!r} {self.objective}: {len(self.units)} units"
+            f"{copies}, {kind} {size}>"
+        )
+
+    def _repr_png_(self) -> bytes | None:
+        """What a notebook shows for ``run.featviz(layer)``: the stored images as a grid
+        (:func:`preview_grid_png`), as for a fresh ``FeatViz``. None for signals (the repr
+        says their shape) and for images of different sizes (no one grid holds them)."""
+        from PIL import Image
+
+        if self.settings.get("input") == "signal":
+            return None
+        if len({tuple(shape) for _, shape in self._pngs.values()}) != 1:
+            return None
+        tiles = [
+            Image.open(io.BytesIO(self._pngs[(u, k)][0]))
+            for u in self.units
+            for k in range(self.copies)
+            if (u, k) in self._pngs
+        ]
+        return preview_grid_png(tiles, self.copies)
 
     def signals(self) -> np.ndarray:
         """A run of signals' as float32 ``(units, copies, C, T)``, in the model's input

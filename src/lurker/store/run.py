@@ -73,12 +73,14 @@ class LayerInfo:
     kind: str | None
     num_units: int
     shape: tuple[int, ...]
-    rf: dict[str, Any] | None
+    #: Not in the repr (nor ``layout``): dozens of numbers per layer, and ``run.layers``
+    #: ending a notebook cell is a list of every layer.
+    rf: dict[str, Any] | None = field(repr=False)
     position: int = 0
     id: int = field(default=0, repr=False)
     #: Which axes of the op's full output hold the batch, the units and the positions
     #: (see lurker.probe.layout); ``None`` for runs written before layouts: (N, C, ...).
-    layout: dict[str, Any] | None = None
+    layout: dict[str, Any] | None = field(default=None, repr=False)
     #: As stored: ``None`` where the run does not record it (read :attr:`op_index`).
     _op_index: int | None = field(default=None, repr=False)
 
@@ -169,6 +171,20 @@ class Embedding:
     conf: np.ndarray  # (n,) float32 probability of pred (lurker.models.probabilities), NaN: none
     meta: dict[str, Any]  # layer, op, dim, pooled, dtype, samples
 
+    def __repr__(self) -> str:
+        """One line (the dataclass's printed every array: hundreds of lines ending a
+        notebook cell): the layer, how many samples and the features' shape."""
+        return (
+            f"<Embedding of {self.meta.get('layer')!r}: {len(self.ids):,} samples, features "
+            f"{tuple(self.features.shape)} {self.features.dtype}{_predicted(self.pred)}>"
+        )
+
+
+def _predicted(pred: np.ndarray) -> str:
+    """How many rows hold a prediction, for a repr (``-1``: none)."""
+    n = int((np.asarray(pred) >= 0).sum())
+    return f", {n:,} with a prediction" if n else ""
+
 
 @dataclass(frozen=True)
 class MapData:
@@ -184,6 +200,18 @@ class MapData:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def __repr__(self) -> str:
+        """One line (the dataclass's printed all seven arrays: a 360-sample map was 300
+        lines ending a notebook cell): the method, the layer and how many points."""
+        labeled = int((np.asarray(self.label) >= 0).sum())
+        wrong = int(((self.pred != self.label) & (self.label >= 0) & (self.pred >= 0)).sum())
+        facts = f", {labeled:,} labeled" if labeled else ""
+        facts += f", {wrong:,} misclassified" if labeled and (self.pred >= 0).any() else ""
+        return (
+            f"<MapData {self.meta.get('method')} of {self.meta.get('layer')!r}: "
+            f"{len(self.ids):,} points{_predicted(self.pred)}{facts}>"
+        )
 
 
 @dataclass(frozen=True)
