@@ -416,6 +416,8 @@ export interface LiveImage {
   predictions_note?: string | null;
   /** How an upload was changed as the dataset loader changes it (transparency dropped). */
   input_note?: string | null;
+  /** What preparing an upload did to it (size and colours as sent -> the model's input); null for a sample. */
+  prepared?: string | null;
 }
 
 /** One side (input or output) of a live op: a map per unit. */

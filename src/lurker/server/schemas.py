@@ -657,6 +657,9 @@ class LiveImage(BaseModel):
     #: How an upload was changed to prepare it as the dataset loader would (its
     #: transparency dropped); None when it was not.
     input_note: str | None = None
+    #: What preparing an upload did to it, in one sentence: its size and colours as sent
+    #: and the model's input they became; None for a dataset sample.
+    prepared: str | None = None
 
 
 class LiveInputBody(BaseModel):

@@ -169,6 +169,8 @@ class Session:
         self._upload_notes: dict[str, str] = {}
         # an upload's file name, by image id (the pages title it so, not by its hash)
         self._upload_names: dict[str, str] = {}
+        # what preparing an upload did to it (its size and channels before and after)
+        self._upload_prepared: dict[str, str] = {}
         self._maps: OrderedDict[tuple[str, int], tuple[Any, Any]] = OrderedDict()
         self._map_bytes = 0
         # documents made from the dataset, by a key naming the run's generation
@@ -717,9 +719,10 @@ class Session:
 
     def preprocess(
         self, image: Image.Image, data: bytes | None = None
-    ) -> tuple[torch.Tensor, str | None]:
+    ) -> tuple[torch.Tensor, str | None, bool]:
         """An uploaded image as the run's dataset prepares its images (size, channels,
-        mean/std, dtype), and a note on how it was prepared otherwise, or None: by the given
+        mean/std, dtype), a note on how it was prepared otherwise, or None, and whether the
+        given dataset's own transform made it: by the given
         dataset's own loader and transform when it has them (``data``: the file's bytes,
         which its loader reads), else as the probe's image folder does. Raw uint8 images
         are kept in 0..255 (as float, as a dataset sample is fed: gradients are then taken
@@ -740,7 +743,7 @@ class Session:
             )
         own, note = self._dataset_transform(image, data)
         if own is not None:
-            return own, None
+            return own, None, True
         dtype = self.input_dtype()
         if dtype not in ("float32", "float64", "float16", "bfloat16", "uint8"):
             raise ApiError(
@@ -764,7 +767,7 @@ class Session:
         image = TF.resize(image, min(h, w), antialias=True)
         image = TF.center_crop(image, [h, w])
         if dtype == "uint8":  # PILToTensor's values, fed as the live view feeds samples
-            return TF.pil_to_tensor(image).float(), note
+            return TF.pil_to_tensor(image).float(), note, False
         t = TF.to_tensor(image)
         mean = self.config.get("mean") or [0.0] * channels
         std = self.config.get("std") or [1.0] * channels
@@ -772,7 +775,7 @@ class Session:
             mean, std = [0.0] * channels, [1.0] * channels
         m = torch.tensor(mean, dtype=t.dtype).reshape(-1, 1, 1)
         s = torch.tensor(std, dtype=t.dtype).reshape(-1, 1, 1)
-        return self._as_fed((t - m) / s), note
+        return self._as_fed((t - m) / s), note, False
 
     def _as_fed(self, t: torch.Tensor) -> torch.Tensor:
         """A float image in the floating dtype the run's graph records for the model's
@@ -854,9 +857,10 @@ class Session:
         from lurker.probe import data as pdata
 
         try:
-            t, transform_note = self.preprocess(image, data)
+            t, transform_note, by_dataset = self.preprocess(image, data)
             notes = [n for n in (pdata.transparency_note(image), transform_note) if n]
             note = "; ".join(notes) if notes else None
+            prepared = prepared_line(image, t, by_dataset)
         except ApiError:
             raise
         except Exception as e:  # an image Pillow opened but cannot convert (odd modes)
@@ -869,6 +873,7 @@ class Session:
                 self._upload_names[image_id] = name
             if note is not None:
                 self._upload_notes[image_id] = note
+            self._upload_prepared[image_id] = prepared
             while len(self._images) > LIVE_IMAGES:
                 old, _ = self._images.popitem(last=False)
                 self._drop_maps(old)
@@ -950,6 +955,12 @@ class Session:
         None."""
         with self._guard:
             return self._upload_notes.get(image_id)
+
+    def upload_prepared(self, image_id: str) -> str | None:
+        """What preparing an upload did to it, in one line (:func:`prepared_line`), or
+        None (a dataset sample, or an id this server does not hold)."""
+        with self._guard:
+            return self._upload_prepared.get(image_id)
 
     def live_input(self, image_id: str) -> torch.Tensor:
         """The preprocessed input of an uploaded image or of ``sample-N``."""
@@ -1107,6 +1118,7 @@ class Session:
 
     def _drop_maps(self, image_id: str) -> None:
         self._upload_notes.pop(image_id, None)
+        self._upload_prepared.pop(image_id, None)
         self._upload_names.pop(image_id, None)
         for key in [k for k in self._maps if k[0] == image_id]:
             old = self._maps.pop(key)
@@ -1381,6 +1393,54 @@ class ConvKernel:
         if self.transposed:
             return inp, out - g * (self.out_channels // self.groups)
         return out, inp - g * (self.in_channels // self.groups)
+
+
+#: Pillow's modes as a teacher would name them (others are named by their mode).
+_MODE_WORDS = {
+    "1": "black and white",
+    "L": "grayscale",
+    "LA": "grayscale with transparency",
+    "I": "grayscale (32-bit)",
+    "I;16": "grayscale (16-bit)",
+    "F": "grayscale (float)",
+    "P": "colour (palette)",
+    "PA": "colour (palette) with transparency",
+    "RGB": "colour (RGB)",
+    "RGBA": "colour (RGB) with transparency",
+    "CMYK": "colour (CMYK)",
+    "YCbCr": "colour (YCbCr)",
+}
+
+
+def prepared_line(image: Image.Image, t: torch.Tensor, by_dataset: bool) -> str:
+    """One sentence on what preparing an upload did to it: its size and colours as
+    uploaded, and the model's input they became (``t``, ``(C, H, W)``), so that a viewer of
+    a 16x16 grey thumbnail knows it is the 512x512 colour photo they sent, as the model saw
+    it. ``by_dataset``: the given dataset's own loader and transform made ``t``."""
+    w, h, mode = image.width, image.height, image.mode
+    was = f"{w}x{h}, {_MODE_WORDS.get(mode, mode)}"
+    c = int(t.shape[0]) if t.dim() >= 3 else 1
+    ih, iw = int(t.shape[-2]), int(t.shape[-1])
+    channels = {1: "grayscale (1 channel)", 3: "colour (3 channels)"}.get(c, f"{c} channels")
+    now = f"{iw}x{ih}, {channels}"
+    if by_dataset:
+        return f"Uploaded {was} → the model's input {now}, by the dataset's own transform."
+    steps = []
+    if (iw, ih) != (w, h):
+        steps.append("enlarged" if min(iw, ih) > min(w, h) else "shrunk")
+        if w * ih != h * iw:
+            steps.append("centre-cropped")
+    grey = mode in ("1", "L", "LA", "I", "F") or mode.startswith("I;16")
+    if c == 1 and not grey:
+        steps.append("converted to grayscale")
+    elif c == 3 and grey:
+        steps.append("copied to 3 colour channels")
+    if "transparency" in _MODE_WORDS.get(mode, ""):
+        steps.append("transparency dropped")
+    if not steps:
+        return f"Uploaded {was}: the model's input as it is, not resized."
+    done = ", ".join(steps[:-1]) + (" and " if len(steps) > 1 else "") + steps[-1]
+    return f"Uploaded {was} → the model's input {now}: {done}."
 
 
 def _suffix(data: bytes) -> str:

@@ -25,6 +25,9 @@ import { unavailableCard } from "./explain_flat";
 import { classLabel, classText, namesWidth } from "../classes";
 import { conceptFrame, conceptLayerSelect, conceptLead, conceptNeedsModel, conceptPrecomputedNote, conceptUnavailable, conceptUnitTitle, type ConceptRanking } from "../concepts";
 
+/** What integrated gradients' delta is (its completeness check), said where the number is shown. */
+const DELTA_NOTE = "delta: the map's sum minus how much the score rose from the baseline input to this one; near 0, the map accounts for the whole score (the completeness check).";
+
 const PICKER = { id: "explain", title: "Image to explain", action: "Explain sample" };
 
 interface ExplainMethod {
@@ -410,6 +413,8 @@ function methodCard(ctx: PageContext, image: string, m: ExplainMethod, target: s
     h("h3", { title: m.summary }, h("span", { class: "name" }, TITLES[m.name] ?? m.name), h("span", { class: "muted" }, m.signed ? " signed" : " ≥ 0")),
     stack,
     caption,
+    // what the method computes, in one sentence from the server: a hover title alone is unseen on a projector or a touch screen
+    m.summary ? h("p", { class: "method-summary small muted" }, m.summary) : null,
   );
   const jq = q.toString(); // the JSON's query: no overlay
   heat.addEventListener("load", async () => {
@@ -424,7 +429,7 @@ function methodCard(ctx: PageContext, image: string, m: ExplainMethod, target: s
         r.min === null || r.max === null
           ? h("span", { class: "explain-note nf-note", role: "note" }, "no finite value: every attribution is NaN or ±inf (a NaN or inf in the model's weights or its input), so nothing is drawn")
           : `min ${fmt(r.min)} · max ${fmt(r.max)} · sum ${fmt(r.sum)}`,
-        r.delta !== null ? ` · delta ${fmt(r.delta)}` : null,
+        r.delta !== null ? [` · delta ${fmt(r.delta)}`, h("span", { class: "delta-note", role: "note" }, DELTA_NOTE)] : null,
         // a map that is all zeros, or the gradient under another name, says so
         ...(r.notes ?? []).map((n) => h("span", { class: "explain-note", role: "note" }, n)),
       );

@@ -115,9 +115,14 @@ export async function renderLive(root: HTMLElement, ctx: PageContext): Promise<v
         null,
         h("p", { class: "image-name", id: "image-name", title: live.name ? `upload ${image}` : null }, imageTitle(image, live.name)),
         none,
+        live.prepared ? h("p", { class: "small", id: "input-prepared" }, live.prepared) : null,
         live.input_note ? h("p", { class: "notice info small", id: "input-note", role: "status" }, `As the model sees it: ${live.input_note}.`) : null,
         head,
         list,
+        // an upload is not from the dataset: a confident answer on it can still mean nothing
+        live.prepared
+          ? h("p", { class: "muted small", id: "upload-caveat" }, "The model only learned this run's dataset: on a picture unlike those, it still names one of its classes, often confidently, and the answer means little.")
+          : null,
         h("p", null, h("a", { class: "button", id: "explain-this", href: ctx.href("explain") + "?image=" + encodeURIComponent(image) }, "Explain this image")),
       ),
     ),

@@ -139,6 +139,7 @@ async def upload(request: Request, run_id: str, file: Annotated[UploadFile, File
             width=image.width,  # type: ignore[attr-defined]
             height=image.height,  # type: ignore[attr-defined]
             input_note=s.upload_note(image_id),
+            prepared=s.upload_prepared(image_id),
         )
 
     return await live_call(request, run_id, work)
@@ -494,6 +495,7 @@ async def predictions(request: Request, run_id: str, image: str) -> LiveImage:
             width=int(x.shape[-1]),
             height=int(x.shape[-2]) if x.dim() > 1 else 1,  # a waveform: one channel
             input_note=s.upload_note(image),
+            prepared=s.upload_prepared(image),
         )
 
     try:
