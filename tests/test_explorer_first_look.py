@@ -82,17 +82,20 @@ def test_graph_toolbar_is_one_group_and_the_first_view_says_what_it_shows(
             and drawn["y"] + drawn["height"] <= canvas["y"] + canvas["height"] + 1
         )
         if whole:
-            assert "Showing the top" not in status
-        else:  # part of the graph is off screen: the page says so, and how to see it
-            shown = (canvas["y"] + canvas["height"] - drawn["y"]) / drawn["height"]
-            said = re.search(r"Showing the top (\d+)% of the graph", status)
-            assert said and abs(int(said[1]) - 100 * shown) <= 2, (status, shown)
+            assert "this is its top" not in status and pg.locator(".graph-more").is_hidden()
+        else:  # part of the graph is off screen: the page says how much, and how to see it
+            said = re.search(r"this is its top: (\d+) of its (\d+) boxes are below", status)
+            assert said and 0 < int(said[1]) < int(said[2]), status
             assert "Fit" in status
-            pg.click(".graph-bar button:text-is('Fit')")
+            # the cue on the drawing's bottom edge says as much, and shows the whole graph
+            cue = pg.locator(".graph-more")
+            assert cue.is_visible() and cue.inner_text().startswith(f"\u2193 {said[1]} more below")
+            cue.click()
             pg.wait_for_timeout(300)
             drawn = pg.locator(".graph-canvas g.viewport").bounding_box()
             assert drawn["y"] + drawn["height"] <= canvas["y"] + canvas["height"] + 1
-            assert "Showing the top" not in pg.inner_text(".graph-status")
+            assert "this is its top" not in pg.inner_text(".graph-status")
+            assert cue.is_hidden()
 
 
 @pytest.mark.parametrize("width", WIDTHS)

@@ -716,7 +716,8 @@ export class Api {
       const top = query.get("target") === "top" && !query.has("layer");
       const precomputed = segs[4] === "explain" && top && (held?.methods.includes(method) || (method === "concepts" && !!held?.concepts));
       if (held && (segs.length === 4 || segs[4] === "input.png" || precomputed)) return null;
-      return "this static export has no model: the live views, and explanations other than the precomputed ones, need `lurker serve RUN --model SPEC`";
+      const summary = await this.json<RunSummary>(p("runs", run));
+      return `this static export has no model: the live views, and explanations other than the precomputed ones, need \`${serveCommand(run, summary)}\``;
     }
     const summary = await this.json<RunSummary>(p("runs", run));
     if (segs[2] === "map" && !summary.holds.map)
@@ -884,8 +885,9 @@ async function readJson<T>(res: Response, url: string): Promise<T> {
  * The command that serves `run` with its model, for a page that needs one: a run that
  * records its model spec (as `lurker probe` does) needs no `--model`, since the server
  * loads the recorded model and weights itself; asking for `--model SPEC` sent readers of
- * an export hunting for a spec the run already holds.
+ * an export hunting for a spec the run already holds. `isStatic` false: a server that has
+ * no model although the run records one could not load it, so naming the model is the fix.
  */
-export function serveCommand(run: string, summary: RunSummary): string {
-  return summary.model.spec ? `lurker serve ${run}` : `lurker serve ${run} --model SPEC --weights W`;
+export function serveCommand(run: string, summary: RunSummary, isStatic = true): string {
+  return isStatic && summary.model.spec ? `lurker serve ${run}` : `lurker serve ${run} --model SPEC --weights W`;
 }

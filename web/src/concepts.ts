@@ -2,7 +2,7 @@
  * Pieces the image and signal Explain pages share for concept relevance: the ranking
  * document, the layer chooser, each unit card's heading and the section around them.
  */
-import type { RunSummary } from "./api";
+import { serveCommand, type RunSummary } from "./api";
 import type { PageContext } from "./context";
 import { fmt, h, notice, withCode } from "./dom";
 
@@ -54,13 +54,13 @@ export function conceptFrame(select: HTMLElement, status: HTMLElement, list: HTM
 }
 
 /** Where no model is attached and nothing was precomputed: what runs concept relevance. */
-export function conceptNeedsModel(ctx: PageContext): HTMLElement {
+export function conceptNeedsModel(ctx: PageContext, summary: RunSummary): HTMLElement {
   const where = ctx.api.isStatic ? "a server" : "one attached";
   return h(
     "section",
     { class: "concept-section" },
     h("h2", null, "Concept relevance ", h("span", { class: "sub" }, "which units of a layer carried this decision")),
-    notice(`Concept relevance runs LRP through the model, so it needs ${where}: \`lurker serve ${ctx.run} --model SPEC\`. To show it here, precompute it: \`lurker images ${ctx.run} --explanations top\`${ctx.api.isStatic ? " and export again" : ""}.`),
+    notice(`Concept relevance runs LRP through the model, so it needs ${where}: \`${serveCommand(ctx.run, summary, ctx.api.isStatic)}\`. To show it here, precompute it: \`lurker images ${ctx.run} --explanations top\`${ctx.api.isStatic ? " and export again" : ""}.`),
   );
 }
 
@@ -77,8 +77,8 @@ export function conceptUnavailable(reason: string): HTMLElement {
 }
 
 /** Under a precomputed ranking: where it was made, and what the other layers need. */
-export function conceptPrecomputedNote(ctx: PageContext, layer: string): HTMLElement {
-  return h("p", { class: "muted small static-note" }, withCode(`Precomputed at \`${layer}\` for the top class; other layers run LRP through the model: \`lurker serve ${ctx.run} --model SPEC\`.`));
+export function conceptPrecomputedNote(ctx: PageContext, summary: RunSummary, layer: string): HTMLElement {
+  return h("p", { class: "muted small static-note" }, withCode(`Precomputed at \`${layer}\` for the top class; other layers run LRP through the model: \`${serveCommand(ctx.run, summary, ctx.api.isStatic)}\`.`));
 }
 
 /** The ranking's status line: how many units of which layer, for what target (`target`:

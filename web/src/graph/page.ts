@@ -273,6 +273,7 @@ class GraphPage {
   private layouts: Record<number, GroupLayout> = {};
   /** absolute centre and size of every drawn item */
   private rects = new Map<ItemKey, [number, number, number, number]>();
+  private more!: HTMLButtonElement;
   private worker: Worker;
   private reqId = 0;
   private pending = new Map<number, (l: Record<number, GroupLayout>) => void>();
@@ -439,7 +440,13 @@ class GraphPage {
     this.viewport = this.svg.querySelector("g.viewport")!;
     this.tip = el("div", "graph-tip");
     this.tip.hidden = true;
-    canvas.append(this.svg, this.tip);
+    // the first view's cue that the graph goes on below it (a long chain such as the
+    // digits CNN: its classifier was off screen, said only by a percentage above)
+    this.more = el("button", "graph-more") as HTMLButtonElement;
+    this.more.type = "button";
+    this.more.hidden = true;
+    this.more.onclick = () => this.fit();
+    canvas.append(this.svg, this.tip, this.more);
     // before d3-zoom reads its floor for this wheel turn (the view may have been resized)
     canvas.addEventListener("wheel", () => this.zoomFloor(), { capture: true, passive: true });
     this.page.insertBefore(bar, this.status);
@@ -449,6 +456,8 @@ class GraphPage {
       .scaleExtent([MIN_ZOOM, MAX_ZOOM])
       .on("zoom", (ev) => {
         this.viewport.setAttribute("transform", ev.transform.toString());
+        // the bottom reached (dragged or scrolled there): the cue has said its piece
+        if (!this.more.hidden && ev.transform.applyY(this.extent[3]) <= (this.svg.clientHeight || 600)) this.more.hidden = true;
         this.tip.hidden = true; // what it described has moved from under the pointer
         this.paintIfMoved();
       });
@@ -911,6 +920,7 @@ class GraphPage {
   /** Shows the whole drawing, however small that makes it: centred across, from the top. */
   private fit(): void {
     this.say("");
+    this.more.hidden = true;
     this.zoomFloor();
     const [x0, y0, x1] = this.extent;
     const W = this.svg.clientWidth || 800;
@@ -923,7 +933,7 @@ class GraphPage {
     const whole = this.fitScale() >= 0.85;
     this.page.dataset.firstView = whole ? "whole" : "top";
     if (whole) return this.fit();
-    const [x0, y0, x1, y1] = this.extent;
+    const [x0, y0, x1] = this.extent;
     const w = x1 - x0;
     const W = this.svg.clientWidth || 800;
     const H = this.svg.clientHeight || 600;
@@ -936,13 +946,20 @@ class GraphPage {
         ? (W - w * k) / 2 - x0 * k
         : Math.max(W - 20 - x1 * k, Math.min(20 - x0 * k, W / 2 - (first?.[0] ?? (x0 + x1) / 2) * k));
     select(this.svg).call(this.zoomer.transform, zoomIdentity.translate(x, 16 - y0 * k).scale(k));
-    // a part of the graph is off screen: say so, and how to see the rest
-    const part = Math.round(100 * Math.min(1, (H - 16) / ((y1 - y0) * k)));
-    this.say(
-      part < 100
-        ? `Showing the top ${part}% of the graph at a readable size: drag or scroll to see the rest, or Fit to see it whole.`
-        : "Showing the start of the graph at a readable size: drag or scroll to see the rest, or Fit to see it whole.",
-    );
+    // a part of the graph is off screen: say what (the boxes drawn below the view, in
+    // words a first-time reader follows), how to reach it, and what Fit does
+    const ty = 16 - y0 * k;
+    let drawn = 0;
+    let below = 0;
+    for (const [key, r] of this.rects) {
+      if (key[0] === "c" && this.expanded.has(Number(key.slice(1)))) continue; // a frame, not a box
+      drawn++;
+      if (ty + (r[1] - r[3] / 2) * k > H) below++;
+    }
+    const rest = below ? `${fmt(below)} of its ${fmt(drawn)} boxes ${below === 1 ? "is" : "are"} below` : "the rest is beside it";
+    this.say(`The graph is too long to show whole at a readable size, so this is its top: ${rest}. Drag or scroll to see ${below === 1 ? "it" : "them"}, or press Fit to see the whole graph at once, smaller.`);
+    this.more.textContent = below ? `\u2193 ${fmt(below)} more below \u00b7 Fit: show the whole graph` : "Fit: show the whole graph";
+    this.more.hidden = false;
   }
 
   private centre(key: ItemKey): void {

@@ -110,7 +110,7 @@ export async function renderExplain(root: HTMLElement, ctx: PageContext): Promis
       notice(
         ctx.api.isStatic
           ? `${noModel}. Run: \`${serveCommand(ctx.run, summary)}\`${summary.model.spec ? " (it loads the model the run records)" : ""}. To show some here, precompute them before exporting: \`lurker images ${ctx.run} --explanations top\`.`
-          : `${noModel}. Serve it with: \`lurker serve ${ctx.run} --model SPEC --weights W\`.`,
+          : `${noModel}. Serve it with: \`${serveCommand(ctx.run, summary, false)}\`.`,
         ctx.api.isStatic ? undefined : "error",
       ),
     );
@@ -161,7 +161,7 @@ export async function renderExplain(root: HTMLElement, ctx: PageContext): Promis
   const held = explained?.samples.find((e) => e.image === image);
   if (live.input_note) root.append(notice(`As the model sees this upload: ${live.input_note}.`));
   if (explained && asked !== "top")
-    root.append(notice(`${ctx.api.isStatic ? "This export holds" : "Without the model, this server has"} explanations of the top class only: shown below. Target ${asked} runs the model: \`lurker serve ${ctx.run} --model SPEC\`.`));
+    root.append(notice(`${ctx.api.isStatic ? "This export holds" : "Without the model, this server has"} explanations of the top class only: shown below. Target ${asked} runs the model: \`${serveCommand(ctx.run, summary, ctx.api.isStatic)}\`.`));
   // a layer asked in the link (one shared from a served page) is not what is shown: say so,
   // as for a target, rather than show the default layer's heatmaps under that URL
   const [gradcamAt, conceptAt] = [params.get("layer"), params.get("clayer")];
@@ -172,7 +172,7 @@ export async function renderExplain(root: HTMLElement, ctx: PageContext): Promis
       ].filter((x): x is string => x !== null)
     : [];
   if (askedLayers.length) {
-    const said = notice(`${ctx.api.isStatic ? "This export holds" : "Without the model, this server has"} each method at its default layer only: shown below. ${askedLayers.join(" and ")} ${askedLayers.length > 1 ? "run" : "runs"} the model: \`lurker serve ${ctx.run} --model SPEC\`.`);
+    const said = notice(`${ctx.api.isStatic ? "This export holds" : "Without the model, this server has"} each method at its default layer only: shown below. ${askedLayers.join(" and ")} ${askedLayers.length > 1 ? "run" : "runs"} the model: \`${serveCommand(ctx.run, summary, ctx.api.isStatic)}\`.`);
     said.id = "explain-layer-not-held";
     root.append(said);
   }
@@ -215,7 +215,7 @@ export async function renderExplain(root: HTMLElement, ctx: PageContext): Promis
             "data-class": q.class,
             "aria-pressed": String(on),
             disabled: off,
-            title: off ? "precomputed for the top class only: other targets run the model (lurker serve RUN --model)" : null,
+            title: off ? `precomputed for the top class only: other targets run the model (${serveCommand(ctx.run, summary, ctx.api.isStatic)})` : null,
             onclick: () => go({ target: String(q.class) }),
           },
           h("span", { class: "pname" }, classLabel(q.name, q.class)),
@@ -240,7 +240,7 @@ export async function renderExplain(root: HTMLElement, ctx: PageContext): Promis
       ? h(
           "p",
           { class: "muted small static-note" },
-          withCode(`${ctx.api.isStatic ? "This static export holds" : `${noModel}; the run's cache holds`} the explanations of the top class, precomputed with the run's model. Other classes, units, Grad-CAM layers and concept relevance at other layers run the model: \`lurker serve ${ctx.run} --model SPEC\`.`),
+          withCode(`${ctx.api.isStatic ? "This static export holds" : `${noModel}; the run's cache holds`} the explanations of the top class, precomputed with the run's model. Other classes, units, Grad-CAM layers and concept relevance at other layers run the model: \`${serveCommand(ctx.run, summary, ctx.api.isStatic)}\`.`),
         )
       : h(
       "div",
@@ -342,10 +342,10 @@ export async function renderExplain(root: HTMLElement, ctx: PageContext): Promis
     const section = conceptSection(ctx, summary, live, image, "top", null, inputSrc, () => undefined);
     const select = section.querySelector("select");
     if (select) select.disabled = true;
-    section.append(conceptPrecomputedNote(ctx, held.concepts));
+    section.append(conceptPrecomputedNote(ctx, summary, held.concepts));
     page.append(section);
   } else if (explained) {
-    page.append(conceptNeedsModel(ctx));
+    page.append(conceptNeedsModel(ctx, summary));
   } else if (info.concepts && info.concepts_reason) {
     page.append(conceptUnavailable(info.concepts_reason));
   } else if (info.concepts) {

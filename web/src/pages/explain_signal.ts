@@ -38,9 +38,9 @@ export function renderSignalExplain(root: HTMLElement, ctx: PageContext, summary
     // no model: the concept relevance precomputed at the default layer for the top class
     // (the layer chooser disabled, as on an image's page), or the command that makes it
     held: (held, doc) => {
-      if (!held.concepts) return conceptNeedsModel(ctx);
+      if (!held.concepts) return conceptNeedsModel(ctx, summary);
       const section = conceptSection(ctx, summary, held.image, "top", doc, missing, true);
-      section.append(conceptPrecomputedNote(ctx, held.concepts));
+      section.append(conceptPrecomputedNote(ctx, summary, held.concepts));
       return section;
     },
   });

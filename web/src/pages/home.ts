@@ -54,7 +54,9 @@ export async function renderHome(root: HTMLElement, ctx: PageContext): Promise<v
               : ["image size", Array.isArray(d.image_size) ? shape(d.image_size) : fmt(d.image_size)],
           tokens !== null ? ["vocabulary", d.vocab_size ? `${fmt(d.vocab_size)} tokens` : h("span", { class: "muted" }, "none: ids shown (lurker serve RUN --vocab FILE)")] : null,
           pictureless ? null : ["skipped files", d.skipped_count ? String(d.skipped_count) : "none"],
-          pictureless ? null : ["transparency dropped", transparency(d.transparent_images, d.spec || d.description)],
+          // only where lurker read the image files itself and so could check them: a
+          // dataset it does not decode (tensors, a wrapped ImageFolder) has nothing to say
+          pictureless || !d.transparent_images ? null : ["transparent images", transparency(d.transparent_images, d.spec || d.description)],
         ] as ([string, Child | Child[]] | null)[]).filter((r): r is [string, Child | Child[]] => r !== null)),
         d.skipped.length
           ? h(
@@ -77,7 +79,7 @@ export async function renderHome(root: HTMLElement, ctx: PageContext): Promise<v
           ["dataset map", s.holds.map ? h("a", { href: ctx.href("map") }, "made") : h("span", { class: "muted" }, "none (lurker map RUN)")],
           ["feature visualizations", featviz.length ? `${featviz.length} layer${featviz.length === 1 ? "" : "s"}: ${featviz.slice(0, 4).join(", ")}${featviz.length > 4 ? ", …" : ""}` : h("span", { class: "muted" }, "none (lurker featviz RUN --layer L)")],
           ["explanations", explained ? h("a", { href: ctx.href("explain") }, `${fmt(explained)} sample${explained === 1 ? "" : "s"} precomputed`) : s.holds.live ? h("a", { href: ctx.href("explain") }, "computed on request") : h("span", { class: "muted" }, "none precomputed")],
-          ["live model", s.holds.live ? h("a", { href: ctx.href("live") }, "attached") : h("span", { class: "muted" }, ctx.api.isStatic ? `none in a static export (${serveCommand("RUN", s)})` : "none (lurker serve RUN --model SPEC)")],
+          ["live model", s.holds.live ? h("a", { href: ctx.href("live") }, "attached") : h("span", { class: "muted" }, ctx.api.isStatic ? `none in a static export (${serveCommand("RUN", s)})` : `none (${serveCommand("RUN", s, false)})`)],
           ["cached images", fmt(s.holds.cached_images)],
           ["probed", [h("span", { title: s.probe.created ?? null }, probedAt(s.probe.created)), s.probe.lurker_version ? ` with lurker ${s.probe.lurker_version}` : ""]],
           ["status", s.probe.status ?? "–"],
@@ -125,12 +127,8 @@ export async function renderHome(root: HTMLElement, ctx: PageContext): Promise<v
 /** The images the probe fed without their alpha (a transparent pixel as the colour it
  * stores, often black, not a background): the model saw them so, which explains odd
  * activations on them. */
-function transparency(
-  t: RunSummary["dataset"]["transparent_images"],
-  source: unknown,
-): HTMLElement | string {
-  if (!t) return h("span", { class: "muted", title: "a dataset lurker does not decode itself (a wrapped torchvision ImageFolder), or a run probed before lurker kept this" }, "not checked");
-  if (!t.count) return "none";
+function transparency(t: NonNullable<RunSummary["dataset"]["transparent_images"]>, source: unknown): HTMLElement | string {
+  if (!t.count) return "none: every image file was checked, and the model saw each as stored";
   const n = `${fmt(t.count)} image${t.count === 1 ? "" : "s"}`;
   const root = typeof source === "string" ? source.replace(/\/+$/, "") + "/" : null;
   const short = (p: string) => (root && p.startsWith(root) ? p.slice(root.length) : p);

@@ -60,7 +60,7 @@ export async function renderLive(root: HTMLElement, ctx: PageContext): Promise<v
     append(
       root,
       notice(
-        `The live view runs the model, and this run has none attached${summary.holds.live_reason ? ` (${summary.holds.live_reason})` : ""}. Serve it with: \`lurker serve ${ctx.run} --model SPEC --weights W\`.`,
+        `The live view runs the model, and this run has none attached${summary.holds.live_reason ? ` (${summary.holds.live_reason})` : ""}. Serve it with: \`${serveCommand(ctx.run, summary, false)}\`.`,
         "error",
       ),
     );

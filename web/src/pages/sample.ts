@@ -7,7 +7,7 @@
  * lists of units constant on the dataset (a ReLU that never fires lists the first k
  * samples) and a list's tail of samples sharing its last value (a relevance of 0).
  */
-import { p, type Appearance, type LiveImage, type Prediction, type SampleBrief, type SampleDoc } from "../api";
+import { p, serveCommand, type RunSummary, type Appearance, type LiveImage, type Prediction, type SampleBrief, type SampleDoc } from "../api";
 import type { PageContext } from "../context";
 import { append, facts, fill, fmt, h, notice, pct } from "../dom";
 import { featureRows, featureScale, featureStrip, imageState, tokenSequence } from "../images";
@@ -27,7 +27,7 @@ export function labelText(s: SampleBrief): string {
 export async function renderSample(root: HTMLElement, ctx: PageContext, args: string[]): Promise<void> {
   const id = args[0];
   const path = p("runs", ctx.run, "samples", id);
-  const [doc, images] = await Promise.all([ctx.api.json<SampleDoc>(path), imageState(ctx)]);
+  const [doc, images, summary] = await Promise.all([ctx.api.json<SampleDoc>(path), imageState(ctx), ctx.api.json<RunSummary>(p("runs", ctx.run))]);
   const s = doc.sample;
   // entries of units constant on the dataset (ties) are not in the document: counted only
   const leftOut = doc.left_out ? { total: doc.left_out, layers: doc.left_out_layers ?? [] } : null;
@@ -102,8 +102,8 @@ export async function renderSample(root: HTMLElement, ctx: PageContext, args: st
                   (pred
                     ? "none (the model's output is not one score per class)"
                     : ctx.api.isStatic
-                      ? "not in this export: the model runs under lurker serve RUN (or make the run's map, lurker map RUN, before exporting: it records every sample's prediction)"
-                      : "no model attached (lurker serve RUN --model SPEC)"),
+                      ? `not in this export: the model runs under ${serveCommand(ctx.run, summary)} (or make the run's map, lurker map ${ctx.run}, before exporting: it records every sample's prediction)`
+                      : `no model attached (${serveCommand(ctx.run, summary, false)})`),
           ],
           ["in top-k of", h("span", { id: "top-k-of" }, `${plural(doc.total, "unit list")} in ${plural(doc.layers.length, "layer")}`, leftOut ? h("span", { class: "muted" }, ` (and ${leftOut.total} tied, left out)`) : null)],
         ]),
