@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -136,3 +137,48 @@ def test_live_names_the_lanes_of_an_op_that_keeps_channels(browser: Any, run: di
                 pg.screenshot(path=str(tmp_path / "sub.png"), full_page=True)
             else:
                 assert lanes == ["0", "1", "2"]
+
+
+class _Parts(nn.Module):
+    """A parameter and a buffer of the input's shape, for calls whose other tensor
+    arguments give no values (``p.type_as(x)``, ``out=``)."""
+
+    def __init__(self, fwd: Any) -> None:
+        super().__init__()
+        self.fwd = fwd
+        self.p = nn.Parameter(torch.randn(1, 3, 3))
+        self.register_buffer("b", torch.randn(1, 3, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fwd(self, x)
+
+
+def _neg_into(s: Any, x: torch.Tensor) -> torch.Tensor:
+    y = x * 1
+    torch.neg(s.b.flip(1), out=y)  # y now holds the flipped buffer, not the input
+    return y * 1
+
+
+@pytest.mark.parametrize(
+    "fwd, last, kept",
+    [
+        (lambda s, x: s.p.type_as(x) * 1, False, []),  # the parameter's values
+        (lambda s, x: s.p.to(x) * 1, False, []),
+        (_neg_into, False, ["mul"]),  # x * 1 is the input; neg's out= is not its value
+        (lambda s, x: x.type_as(s.p) * 2, False, ["type_as", "mul"]),  # x's own values
+        # axis 1 is time on a channels-last input: the norm mixes its channels
+        (lambda s, x: F.instance_norm(x) * 1, True, []),
+        (lambda s, x: F.instance_norm(x) * 1, False, ["instance_norm", "mul"]),
+    ],
+)
+def test_only_the_arguments_that_give_values_carry_the_inputs_channels(fwd, last, kept):
+    # review: p.type_as(x), p.to(x) and torch.neg(b.flip(1), out=y) were said to be the
+    # input's channels (to()'s other and out= were read as values), and a norm over axis 1
+    # on a channels-last input, which is time there
+    import lurker
+    from lurker.server.session import _keeps_input
+
+    model = _Parts(fwd).eval()
+    tr = lurker.trace(model, torch.randn(1, 3, 3))
+    found = _keeps_input(tr, channels_last=last)
+    assert [op.name for op in tr.ops if op.kind == "op" and found.get(op.index)] == kept

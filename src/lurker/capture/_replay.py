@@ -493,6 +493,22 @@ class _Keeper:
         else:
             self.values[idx] = self._one(idx, value)
 
+    def keep_input(self, idx: int, t: Tensor) -> None:
+        """Keep a model input as given, as ``lurker.trace`` does (a copy of a large input
+        would cost more than a small model's ops): copied only if a call of the forward
+        may write into it (see :meth:`before_write`)."""
+        if self.transform is not None:
+            self.keep(idx, t)
+            return
+        if self.aliases is not None:
+            try:
+                ptr = t.untyped_storage().data_ptr()
+            except (RuntimeError, NotImplementedError):  # no plain storage (sparse, ...)
+                self.values[idx] = t.detach().clone()
+                return
+            self.aliases.setdefault(ptr, []).append(idx)
+        self.values[idx] = t.detach()
+
     def _one(self, idx: int, t: Tensor) -> Tensor:
         i = id(t)
         base = t._base
@@ -590,7 +606,10 @@ def replay(trace: Trace, args: tuple, kwargs: dict, save: Any, hooks: Resolved) 
         for op in chosen:
             hooks.setdefault(op.index, []).append(keep)
     for op, t in chosen_inputs(trace, save, args, kwargs):  # the values going in
-        keep(op, t)
+        if keeper is not None:
+            keeper.keep_input(op.index, t)
+        else:
+            keep(op, t)
     replayer = Replayer(trace, hooks, user)
     if keeper is not None:
         replayer.before_write = keeper.before_write

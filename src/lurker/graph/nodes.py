@@ -96,6 +96,13 @@ def refs(op: Op) -> list[OpRef | ParamRef]:
     return out
 
 
+def refs_in(obj: Any) -> list[OpRef | ParamRef]:
+    """The references in part of a call's skeleton (``op.args[:1]``, a dict of keywords)."""
+    out: list[OpRef | ParamRef] = []
+    _refs(obj, out)
+    return out
+
+
 def _refs(obj: Any, out: list[OpRef | ParamRef]) -> None:
     if type(obj) is OpRef or type(obj) is ParamRef:
         out.append(obj)

@@ -495,6 +495,25 @@ ELEMENTWISE = frozenset({
 })  # fmt: skip
 
 
+#: The elementwise ops that normalise each index of axis 1 by its own statistics: one to
+#: one only where axis 1 holds the channels.
+PER_CHANNEL_NORMS = frozenset({"batch_norm", "instance_norm"})
+#: Ops whose tensor arguments after the first give only a dtype and device
+#: (``p.type_as(x)``): their values come from the first alone.
+_DTYPE_FROM = frozenset({"to", "type", "type_as"})
+
+
+def value_refs(op: Any) -> list[Any]:
+    """The references of ``op``'s call (see :func:`lurker.graph.nodes.refs`) whose values
+    its output is made from: not ``out=``, which it writes, nor the second tensor of
+    ``to``/``type``/``type_as``, which gives a dtype and device."""
+    from ..graph.nodes import refs_in
+
+    if op.name in _DTYPE_FROM:
+        return refs_in(op.args[:1])
+    return refs_in((op.args, {k: v for k, v in op.kwargs.items() if k != "out"}))
+
+
 def is_elementwise(name: str) -> bool:
     """Whether op ``name`` (as recorded; an in-place ``relu_`` or ``iadd`` as its plain
     op) is in :data:`ELEMENTWISE`."""

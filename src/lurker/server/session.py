@@ -1145,7 +1145,8 @@ class Session:
         the dataset's channels (naming them so would be wrong, not merely vague)."""
         tr = self.trace()
         return self.cached(
-            ("keeps-input", self.entry.generation, id(tr)), lambda: _keeps_input(tr)
+            ("keeps-input", self.entry.generation, id(tr)),
+            lambda: _keeps_input(tr, self.signal_channels_last()),
         ).get(op.index, False)
 
     def _signal_maps(self, t: Any, model_input: bool) -> Maps | None:
@@ -1768,12 +1769,13 @@ def json_values(a: np.ndarray) -> list[list[float | None]]:
     return [[float(v) if math.isfinite(v) else None for v in row] for row in a.tolist()]
 
 
-def _keeps_input(tr: Any) -> dict[int, bool]:
+def _keeps_input(tr: Any, channels_last: bool = False) -> dict[int, bool]:
     """Per op index of the trace ``tr``, whether its first output is its single model
     input's tensor, element for element (see :meth:`Session.keeps_input`); no op does on
-    a model of several inputs (whose channels would the names be?)."""
+    a model of several inputs (whose channels would the names be?). On a channels-last
+    input the norms are not such ops: they normalise over axis 1, which is time there."""
     from lurker.graph.nodes import OpRef, ParamRef, refs
-    from lurker.ops.catalogue import is_elementwise
+    from lurker.ops.catalogue import PER_CHANNEL_NORMS, is_elementwise, value_refs
 
     inputs = [op for op in tr.ops if op.kind == "input"]
     if len(inputs) != 1 or not inputs[0].outputs:
@@ -1784,18 +1786,23 @@ def _keeps_input(tr: Any) -> dict[int, bool]:
     for op in tr.ops:  # in call order: an op's arguments come before it
         if op.index in keeps:
             continue
-        args = [r for r in refs(op) if not isinstance(r, ParamRef)]
-        reads[op.index] = any(reads.get(r.index, False) for r in args)
+        reads[op.index] = any(
+            reads.get(r.index, False) for r in refs(op) if not isinstance(r, ParamRef)
+        )
+        # the arguments whose values make the output: not to(other)'s other, which gives a
+        # dtype and device, nor out=, which is written (a buffer's values type_as(x) would
+        # otherwise carry the input's channel names)
+        args = [r for r in value_refs(op) if isinstance(r, OpRef)]
         keeps[op.index] = bool(
             op.kind == "op"
             and is_elementwise(op.name)
+            and not (channels_last and op.name.rstrip("_") in PER_CHANNEL_NORMS)
             and op.outputs
             and tuple(op.outputs[0].shape) == shape
             and any(r.output == 0 and keeps.get(r.index, False) for r in args)
             and all(
                 (r.output == 0 and keeps.get(r.index, False)) or not reads.get(r.index, False)
                 for r in args
-                if isinstance(r, OpRef)
             )
         )
     return keeps
