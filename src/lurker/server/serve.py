@@ -26,7 +26,11 @@ def bind(host: str, port: int | None) -> socket.socket:
     tries = [DEFAULT_PORT, 0] if port is None else [port]
     last: OSError | None = None
     for p in tries:
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        # IPPROTO_TCP, not the default 0: asyncio sets TCP_NODELAY only on accepted sockets
+        # whose proto says TCP, and without it every response after the first on a
+        # keep-alive connection (headers and body are two writes) waits ~40 ms for the
+        # client's delayed ACK (Nagle): a page of hundreds of map tiles took seconds.
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, p))

@@ -361,17 +361,60 @@ def _tied_tail(values: np.ndarray, keep: np.ndarray) -> np.ndarray:
     outside the list may share it (a ReLU's 0, a relevance of 0 where the unit carried
     nothing), so which of them the list holds is by sample id alone: listing them as
     ranking the sample would be a false claim. Ties inside a list are kept."""
-    out = np.zeros(len(values), bool)
-    n = int(keep.sum())
-    if n < 2:
-        return out
-    last = values[n - 1]
-    i = n - 1
-    while i > 0 and values[i - 1] == last:
-        i -= 1
-    if n - i >= 2:
-        out[i:n] = True
-    return out
+    return _tied_tail_rows(values[None], keep[None])[0]
+
+
+def _same_length(
+    rows: list[tuple[int, Any, Any, bytes]],
+) -> list[list[tuple[int, Any, Any, bytes]]]:
+    """``rows`` (unit, mean, max, top blob) grouped by the length of their top lists, so
+    each group stacks into one 2-D array (a run's lists have one length; a group per length
+    keeps any other run right)."""
+    groups: dict[int, list[tuple[int, Any, Any, bytes]]] = {}
+    for r in rows:
+        groups.setdefault(len(r[3]), []).append(r)
+    return [g for n, g in groups.items() if n // TOP_DTYPE.itemsize >= 2]
+
+
+def _slots_constant_rows(
+    means: list[Any], maxes: list[Any], top: np.ndarray, positions: int
+) -> np.ndarray:
+    """:func:`slots_constant` of many units at once: ``top`` is ``(units, 2k)`` slots (the
+    max list, then the mean list), ``means`` and ``maxes`` their stored mean and max (None
+    where unknown). The same tests as :func:`is_constant`, row by row."""
+    n, width = top.shape
+    k = width // 2
+    mean = np.array([np.nan if v is None else v for v in means], np.float64)
+    mx = np.array([np.nan if v is None else v for v in maxes], np.float64)
+    filled = top["sample_id"] >= 0
+    value = top["value"]
+    with np.errstate(invalid="ignore", over="ignore"):
+        ok = np.isfinite(mean) & np.isfinite(mx)
+        peaks, pf = value[:, :k], filled[:, :k]
+        ok &= np.all((peaks == mx[:, None]) | ~pf, axis=1)
+        ok &= ~(np.abs(mx - mean) > constant_tolerance(positions) * np.abs(mx))
+        vals, vf = value[:, k:], filled[:, k:]
+        any_mean = vf.any(axis=1)
+        first = vals[np.arange(n), np.argmax(vf, axis=1)] if k else np.full(n, np.nan)
+        ok &= any_mean & np.all((vals == first[:, None]) | ~vf, axis=1)
+        ok &= np.abs(first - mean) <= ROUNDOFF * 64 * np.abs(mx)
+    return ok
+
+
+def _tied_tail_rows(values: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """:func:`_tied_tail` of many top lists at once (one a row; ``keep`` their filled
+    slots, a prefix of each row): an entry is in the tail where it and every filled entry
+    after it equal the row's last filled value, and the tail holds two or more."""
+    n = keep.sum(axis=1)
+    rows = np.arange(len(values))
+    last = values[rows, np.maximum(n - 1, 0)]
+    pos = np.arange(values.shape[1])[None, :]
+    inside = pos < n[:, None]
+    same = (values == last[:, None]) & inside
+    # an entry is in the tail where it and every filled entry after it equal the last
+    tail = np.flip(np.cumprod(np.flip(same | ~inside, axis=1), axis=1), axis=1).astype(bool)
+    tail &= inside
+    return tail & ((tail.sum(axis=1) >= 2) & (n >= 2))[:, None]
 
 
 @dataclass
@@ -701,34 +744,46 @@ class RunEntry:
                 per = left.setdefault(int(sid), {})
                 per[layer] = per.get(layer, 0) + 1
 
+        # one layer's units at once (a ResNet-50 has 50,000 units: one numpy pass per
+        # layer, not per unit, builds the index in a fraction of a second, not seconds)
+        rows: dict[int, list[tuple[int, Any, Any, bytes]]] = {}
         for layer_id, unit, mean, mx, top in run._query(
             "SELECT layer_id, unit, mean, max, top FROM units"
         ):
-            if top is None or layer_id not in position:
+            if top is None or layer_id not in position or not len(top):
                 continue
-            slots = np.frombuffer(bytes(top), TOP_DTYPE)
-            if not len(slots):
-                continue
+            rows.setdefault(layer_id, []).append((int(unit), mean, mx, bytes(top)))
+        for layer_id, unit_rows in rows.items():
             layer = position[layer_id]
-            if slots_constant(mean, mx, slots, positions[layer_id]):
-                constant.add((layer, int(unit)))
-                leave_out(slots["sample_id"], layer)  # the max and the mean list
-                continue
-            k = len(slots) // 2
-            keep = slots["sample_id"] >= 0
-            for half in (slice(0, k), slice(k, len(slots))):  # each list's tied tail
-                tail = _tied_tail(slots["value"][half], keep[half])
-                leave_out(slots["sample_id"][half][tail], layer)
-                tails.append(slots["sample_id"][half][tail])
-                keep[half] &= ~tail
-            n = int(keep.sum())
-            parts["sample"].append(slots["sample_id"][keep])
-            parts["value"].append(slots["value"][keep])
-            idx = np.arange(len(slots))
-            parts["which"].append((idx >= k)[keep].astype(np.int8))
-            parts["rank"].append((idx % k)[keep].astype(np.int32))
-            parts["layer"].append(np.full(n, layer, np.int32))
-            parts["unit"].append(np.full(n, unit, np.int32))
+            for same in _same_length(unit_rows):
+                units = np.array([r[0] for r in same], np.int64)
+                slots = np.frombuffer(b"".join(r[3] for r in same), TOP_DTYPE)
+                slots = slots.reshape(len(same), -1)
+                const = _slots_constant_rows(
+                    [r[1] for r in same], [r[2] for r in same], slots, positions[layer_id]
+                )
+                for u in units[const].tolist():
+                    constant.add((layer, u))
+                sid = slots["sample_id"]
+                leave_out(sid[const].ravel(), layer)  # the max and the mean list
+                sid, val = sid[~const], slots["value"][~const]
+                units = units[~const]
+                keep = sid >= 0
+                k = sid.shape[1] // 2
+                for half in (slice(0, k), slice(k, sid.shape[1])):  # each list's tied tail
+                    tail = _tied_tail_rows(val[:, half], keep[:, half])
+                    leave_out(sid[:, half][tail], layer)
+                    tails.append(sid[:, half][tail])
+                    keep[:, half] &= ~tail
+                idx = np.broadcast_to(np.arange(sid.shape[1]), sid.shape)
+                parts["sample"].append(sid[keep])
+                parts["value"].append(val[keep])
+                parts["which"].append((idx >= k)[keep].astype(np.int8))
+                parts["rank"].append((idx % k)[keep].astype(np.int32))
+                parts["layer"].append(np.full(int(keep.sum()), layer, np.int32))
+                parts["unit"].append(
+                    np.broadcast_to(units[:, None], sid.shape)[keep].astype(np.int32)
+                )
         if run.has_relevance:  # the relevance-max lists: list 2
             for layer_id, unit, top in run._query("SELECT layer_id, unit, top FROM relevance"):
                 if layer_id not in position:
