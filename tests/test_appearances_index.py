@@ -25,11 +25,12 @@ from lurker.store.schema import TOP_DTYPE
 K = 5
 
 
-def _tail_by_hand(values: np.ndarray, keep: np.ndarray) -> np.ndarray:
-    """The tied tail of one list by a plain walk back from its last filled entry."""
+def _tail_by_hand(values: np.ndarray, keep: np.ndarray, samples: int = 100) -> np.ndarray:
+    """The tied tail of one list by a plain walk back from its last entry: two or more
+    zeros ending a full list, in a run of more samples than the list holds."""
     out = np.zeros(len(values), bool)
     n = int(keep.sum())
-    if n < 2:
+    if n < 2 or n < len(values) or samples <= len(values) or values[n - 1] != 0:
         return out
     i = n - 1
     while i > 0 and values[i - 1] == values[n - 1]:
@@ -78,7 +79,7 @@ def test_rows_at_once_equal_unit_by_unit(seed: int) -> None:
         assert 0 < sum(slow) < len(slow)  # both kinds drawn
     keep = top["sample_id"] >= 0
     for half in (slice(0, K), slice(K, 2 * K)):
-        fast = _tied_tail_rows(top["value"][:, half], keep[:, half])
+        fast = _tied_tail_rows(top["value"][:, half], keep[:, half], 100)
         slow = [_tail_by_hand(v, k) for v, k in zip(top["value"][:, half], keep[:, half])]
         assert fast.tolist() == [s.tolist() for s in slow]
     assert fast.any() and not fast.all()
@@ -114,7 +115,7 @@ def _index_unit_by_unit(run: Run) -> tuple[dict, dict, set]:
         for which, half in enumerate((slice(0, k), slice(k, len(slots)))):
             s = slots[half]
             keep = s["sample_id"] >= 0
-            tail = _tail_by_hand(s["value"], keep)
+            tail = _tail_by_hand(s["value"], keep, run.num_samples)
             leave_out(s["sample_id"][tail], layer)
             tied.update(s["sample_id"][tail].tolist())
             for rank in np.flatnonzero(keep & ~tail).tolist():

@@ -32,11 +32,13 @@ from explorer_fixtures import (  # noqa: F401
 skip_without_browser()
 
 
-def tail_length(values: list[float]) -> int:
-    """How many entries at the end share the list's last value (brute force)."""
+def tail_length(values: list[float], k: int | None = None) -> int:
+    """How many zeros end a full list of ``k`` (brute force): two or more, else none."""
+    if k is not None and len(values) < k:
+        return 0
     n = 0
     for v in reversed(values):
-        if v != values[-1]:
+        if v != 0:
             break
         n += 1
     return n if n >= 2 else 0
@@ -114,12 +116,13 @@ def test_sample_page_leaves_tied_tails_out(
         for layer, unit, which in lists
         if which == "max" and get_json(f"{api}/layers/{layer}/units/{unit}")["constant"]
     }
-    # the sample in the most tied tails (of units that are not constant)
+    # the sample in the most tied tails (of units that are not constant; full lists only)
+    k = max(len(entries) for entries in lists.values())
     in_tail: dict[int, int] = {}
     for (layer, unit, _), entries in lists.items():
         if (layer, unit) in constant:
             continue
-        for sid, _ in entries[len(entries) - tail_length([v for _, v in entries]) :]:
+        for sid, _ in entries[len(entries) - tail_length([v for _, v in entries], k) :]:
             in_tail[sid] = in_tail.get(sid, 0) + 1
     assert in_tail, "the digits run should have tied tails"
     sid = max(in_tail, key=lambda s: in_tail[s])
@@ -128,7 +131,7 @@ def test_sample_page_leaves_tied_tails_out(
         (layer, unit, which)
         for (layer, unit, which), entries in lists.items()
         if (layer, unit) not in constant
-        and sid in [s for s, _ in entries[: len(entries) - tail_length([v for _, v in entries])]]
+        and sid in [s for s, _ in entries[: len(entries) - tail_length([v for _, v in entries], k)]]
     )
     with strict_page(browser, width=1280, height=800) as pg:
         pg.goto(f"{served['url']}/sample/{sid}")

@@ -173,8 +173,8 @@ def _brute_appearances(run: Run) -> dict[int, list[tuple]]:
     """Every unit's top lists read one unit at a time: sample id -> its entries in the
     order the API promises (layer order, rank, max list before mean before relevance, unit).
     Lists of ties of a unit that is the same everywhere (here: ReLUs that never fire, mean =
-    max = 0) are left out, and so is a list's tail of two or more entries sharing its last
-    value (a relevance of 0 of a unit that feeds a dead one), all counted in ``left``."""
+    max = 0) are left out, and so is a full list's tail of two or more zeros (a relevance
+    of 0 of a unit that feeds a dead one), all counted in ``left``."""
     found: dict[int, list[tuple]] = {}
     for pos, info in enumerate(run.layers):
         for u in range(info.num_units):
@@ -183,7 +183,9 @@ def _brute_appearances(run: Run) -> dict[int, list[tuple]]:
                 top = unit.top(which)
                 values = [e.value for e in top]
                 tail = next(i for i, v in enumerate(values) if v == values[-1]) if top else 0
-                if len(top) - tail < 2:
+                k = run.meta["k"]
+                full = len(top) == k and run.num_samples > k
+                if len(top) - tail < 2 or not full or values[-1] != 0:
                     tail = len(top)
                 if unit.mean == unit.max and len(set(values)) == 1:
                     tail = 0

@@ -355,13 +355,15 @@ def _ties(values: np.ndarray) -> bool:
     return len(values) > 0 and bool(np.all(values == values[0]))
 
 
-def _tied_tail(values: np.ndarray, keep: np.ndarray) -> np.ndarray:
+def _tied_tail(values: np.ndarray, keep: np.ndarray, samples: int) -> np.ndarray:
     """Which entries of one top list (``keep``: its filled slots, a prefix) are its tied
-    tail: two or more entries at the end sharing the list's last value. More samples
-    outside the list may share it (a ReLU's 0, a relevance of 0 where the unit carried
-    nothing), so which of them the list holds is by sample id alone: listing them as
-    ranking the sample would be a false claim. Ties inside a list are kept."""
-    return _tied_tail_rows(values[None], keep[None])[0]
+    tail: two or more entries at the end of a full list sharing the value 0 (a ReLU that
+    did not fire, a relevance of 0 where the unit carried nothing), in a run of more
+    ``samples`` than the list holds. Samples outside the list may share that 0, so which of
+    them the list holds is by sample id: listing them as ranking the sample would be a
+    claim the data does not make. Any other tie is kept: two samples that both reach a
+    ReLU6's 6, or a duplicate image, do rank (review: dropping them hid real entries)."""
+    return _tied_tail_rows(values[None], keep[None], samples)[0]
 
 
 def _same_length(
@@ -401,10 +403,10 @@ def _slots_constant_rows(
     return ok
 
 
-def _tied_tail_rows(values: np.ndarray, keep: np.ndarray) -> np.ndarray:
+def _tied_tail_rows(values: np.ndarray, keep: np.ndarray, samples: int) -> np.ndarray:
     """:func:`_tied_tail` of many top lists at once (one a row; ``keep`` their filled
     slots, a prefix of each row): an entry is in the tail where it and every filled entry
-    after it equal the row's last filled value, and the tail holds two or more."""
+    after it are 0, the tail holds two or more, and the row is full."""
     n = keep.sum(axis=1)
     rows = np.arange(len(values))
     last = values[rows, np.maximum(n - 1, 0)]
@@ -414,7 +416,9 @@ def _tied_tail_rows(values: np.ndarray, keep: np.ndarray) -> np.ndarray:
     # an entry is in the tail where it and every filled entry after it equal the last
     tail = np.flip(np.cumprod(np.flip(same | ~inside, axis=1), axis=1), axis=1).astype(bool)
     tail &= inside
-    return tail & ((tail.sum(axis=1) >= 2) & (n >= 2))[:, None]
+    full = n == values.shape[1]
+    ok = (tail.sum(axis=1) >= 2) & full & (last == 0) & (samples > values.shape[1])
+    return tail & ok[:, None]
 
 
 @dataclass
@@ -728,6 +732,7 @@ class RunEntry:
 
     def _build_appearances(self) -> Appearances:
         run = self.open_run()
+        samples = run.num_samples  # a list's tied tail needs more samples than it holds
         position = {info.id: i for i, info in enumerate(run.layers)}
         positions = {info.id: positions_per_sample(info) for info in run.layers}
         parts: dict[str, list[np.ndarray]] = {
@@ -771,7 +776,7 @@ class RunEntry:
                 keep = sid >= 0
                 k = sid.shape[1] // 2
                 for half in (slice(0, k), slice(k, sid.shape[1])):  # each list's tied tail
-                    tail = _tied_tail_rows(val[:, half], keep[:, half])
+                    tail = _tied_tail_rows(val[:, half], keep[:, half], samples)
                     leave_out(sid[:, half][tail], layer)
                     tails.append(sid[:, half][tail])
                     keep[:, half] &= ~tail
@@ -796,7 +801,7 @@ class RunEntry:
                 if (layer, int(unit)) in constant and _ties(slots["value"][keep]):
                     leave_out(slots["sample_id"], layer)
                     continue
-                tail = _tied_tail(slots["value"], keep)
+                tail = _tied_tail(slots["value"], keep, samples)
                 leave_out(slots["sample_id"][tail], layer)
                 tails.append(slots["sample_id"][tail])
                 keep &= ~tail

@@ -164,7 +164,7 @@ export async function renderSample(root: HTMLElement, ctx: PageContext, args: st
       h(
         "p",
         { class: "left-out muted", id: "left-out" },
-        `Left out: ${leftOut.total} ${leftOut.total === 1 ? "entry" : "entries"} that are ties, ranked by sample id alone, so they say nothing about this sample (the top lists of units constant on the dataset, and the end of a list where several samples share its last value, such as a relevance of 0: the unit carried nothing of the decision): `,
+        `Left out: ${leftOut.total} ${leftOut.total === 1 ? "entry" : "entries"} that are ties, ranked by sample id alone, so they say nothing about this sample: the top lists of units constant on the dataset, and the zeros that end a full list (a unit that did not fire, a relevance of 0 where it carried nothing of the decision; more samples than the list holds may share that 0): `,
         // "layer 8 (34)": a Sequential's layers are numbers, and "8 34" would read as two
         leftOut.layers.flatMap(({ layer, count }, i) => [i ? ", " : "", "layer ", h("a", { href: ctx.href("layer", layer), "data-layer": layer, "data-count": count }, layer), ` (${count})`]),
         ".",

@@ -312,7 +312,9 @@ export async function renderUnit(root: HTMLElement, ctx: PageContext, args: stri
     const last = entries.length ? entries[entries.length - 1].value : null;
     let tailFrom = entries.length;
     while (!tied && tailFrom > 0 && entries[tailFrom - 1].value === last) tailFrom--;
-    if (entries.length - tailFrom < 2) tailFrom = entries.length;
+    // zeros alone (a unit that did not fire, a relevance of 0): two samples that both reach
+    // a ReLU6's 6, or a duplicate image, do rank, as the sample page keeps them
+    if (entries.length - tailFrom < 2 || last !== 0) tailFrom = entries.length;
     const figures = entries.map((e) => figure(ctx, layer, unit, list, list === "relevance" ? "input" : kind(), e, tab === "max" && !crop && positions > 1, images.ok, shown, noImageWhy, tagOf(list, e), captionOf(list, e)));
     // a static export's missing images: each tile says so in a word, the page says why once
     // (a sentence per tile does not fit in it)
