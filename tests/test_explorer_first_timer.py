@@ -71,9 +71,48 @@ def test_live_says_how_an_upload_was_prepared_and_that_it_is_unlike_the_data(
             pg.screenshot(path=str(tmp_path / "live.png"), full_page=True)
 
 
-def test_upload_document_names_the_preparation(served: dict[str, Any]) -> None:
-    """The sentence comes from the server (what it did), not guessed by the page: a grey
-    image the model's own size is kept as it is; a sample has none."""
+def _palette_with_transparent_entry() -> Any:
+    from PIL import Image
+
+    im = Image.new("P", (16, 16), 0)
+    im.putpalette([0, 0, 0, 200, 50, 50] + [0] * 762)
+    im.paste(1, (0, 0, 8, 16))
+    im.info["transparency"] = 0  # palette entry 0 transparent (a PNG's tRNS chunk)
+    return im
+
+
+@pytest.mark.parametrize(
+    "make, said",
+    [
+        # the model's own size, grey: kept as it is
+        (
+            lambda: ("L", (16, 16)),
+            "Uploaded 16x16, grayscale: the model's input as it is, not resized.",
+        ),
+        # its short side is the model's already: cropped, not resized (review: said shrunk)
+        (
+            lambda: ("L", (16, 40)),
+            "Uploaded 16x40, grayscale → the model's input 16x16, grayscale (1 channel): "
+            "centre-cropped.",
+        ),
+        # a palette whose entry 0 is transparent: no alpha mode, but its alpha is dropped
+        (
+            _palette_with_transparent_entry,
+            "Uploaded 16x16, colour (palette) → the model's input 16x16, grayscale (1 channel): "
+            "converted to grayscale and transparency dropped.",
+        ),
+        (
+            lambda: ("CMYK", (32, 32)),
+            "Uploaded 32x32, colour (CMYK) → the model's input 16x16, grayscale (1 channel): "
+            "shrunk and converted to grayscale.",
+        ),
+    ],
+)
+def test_upload_document_names_the_preparation(
+    served: dict[str, Any], make: Any, said: str
+) -> None:
+    """The sentence comes from the server (what it did), not guessed by the page; a sample
+    has none."""
     import io
     import json
     import urllib.request
@@ -81,8 +120,10 @@ def test_upload_document_names_the_preparation(served: dict[str, Any]) -> None:
     from PIL import Image
 
     base = served["url"].split("#")[0] + "api/runs/" + served["run"].path.name + "/live"
+    made = make()
+    image = made if isinstance(made, Image.Image) else Image.new(made[0], made[1], 90)
     buf = io.BytesIO()
-    Image.new("L", (16, 16), 90).save(buf, "PNG")
+    image.save(buf, "PNG" if image.mode != "CMYK" else "JPEG")
     boundary = "qf86boundary"
     body = (
         (
@@ -99,9 +140,7 @@ def test_upload_document_names_the_preparation(served: dict[str, Any]) -> None:
     )
     with urllib.request.urlopen(req) as r:
         doc = json.load(r)
-    assert doc["prepared"] == (
-        "Uploaded 16x16, grayscale: the model's input as it is, not resized."
-    )
+    assert doc["prepared"] == said
     with urllib.request.urlopen(base + "/sample-0") as r:
         assert json.load(r)["prepared"] is None
 

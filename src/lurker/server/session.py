@@ -1418,6 +1418,8 @@ def prepared_line(image: Image.Image, t: torch.Tensor, by_dataset: bool) -> str:
     uploaded, and the model's input they became (``t``, ``(C, H, W)``), so that a viewer of
     a 16x16 grey thumbnail knows it is the 512x512 colour photo they sent, as the model saw
     it. ``by_dataset``: the given dataset's own loader and transform made ``t``."""
+    from lurker.probe import data as pdata
+
     w, h, mode = image.width, image.height, image.mode
     was = f"{w}x{h}, {_MODE_WORDS.get(mode, mode)}"
     c = int(t.shape[0]) if t.dim() >= 3 else 1
@@ -1427,16 +1429,21 @@ def prepared_line(image: Image.Image, t: torch.Tensor, by_dataset: bool) -> str:
     if by_dataset:
         return f"Uploaded {was} → the model's input {now}, by the dataset's own transform."
     steps = []
-    if (iw, ih) != (w, h):
-        steps.append("enlarged" if min(iw, ih) > min(w, h) else "shrunk")
-        if w * ih != h * iw:
-            steps.append("centre-cropped")
+    # the short side is resized to the input's, then the centre cut to its shape: an
+    # upload whose short side is the input's already is cropped, not resized
+    short_in, short_out = min(w, h), min(iw, ih)
+    if short_out != short_in:
+        steps.append("enlarged" if short_out > short_in else "shrunk")
+    if w * ih != h * iw:
+        steps.append("centre-cropped")
     grey = mode in ("1", "L", "LA", "I", "F") or mode.startswith("I;16")
     if c == 1 and not grey:
         steps.append("converted to grayscale")
     elif c == 3 and grey:
         steps.append("copied to 3 colour channels")
-    if "transparency" in _MODE_WORDS.get(mode, ""):
+    elif c == 3 and mode not in ("RGB", "RGBA", "P", "PA"):
+        steps.append(f"converted from {mode} to RGB")
+    if pdata.has_transparency(image):  # an alpha channel, or a palette's transparent entry
         steps.append("transparency dropped")
     if not steps:
         return f"Uploaded {was}: the model's input as it is, not resized."
