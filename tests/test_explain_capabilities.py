@@ -95,7 +95,7 @@ def test_the_methods_answer_agrees_with_what_each_method_really_does(served: Any
         assert (said[method] is None) == (really is None), (name, method, said[method], really)
     if name in ("convlstm", "gru"):
         assert "LSTM" in said["lrp"] or "GRU" in said["lrp"]
-        assert "integrated_gradients" in said["lrp"]
+        assert "Integrated gradients" in said["lrp"] and "lstm_1" not in said["lrp"]
         assert not doc["concepts"] or doc["concepts_reason"]
         assert "concept relevance is LRP" in doc["concepts_reason"]
         assert ("LSTM" if name == "convlstm" else "GRU") in doc["concepts_reason"]
@@ -149,7 +149,7 @@ def test_the_page_shows_why_and_asks_nothing_the_model_cannot_give(
         card.wait_for()
         said = card.locator(".unavailable-reason").inner_text()
         assert "LRP has no rule for" in said and ("LSTM" if name == "convlstm" else "GRU") in said
-        assert "integrated_gradients" in said and card.get_attribute("title") == said
+        assert "Integrated gradients" in said and card.get_attribute("title") == said
         note = pg.locator(".concept-unavailable")
         note.wait_for()
         assert "Concept relevance is LRP" in note.inner_text()
@@ -158,3 +158,13 @@ def test_the_page_shows_why_and_asks_nothing_the_model_cannot_give(
         pg.wait_for_load_state("networkidle")
         pg.screenshot(path=str(tmp_path / f"{name}.png"), full_page=True)
         assert not [u for u in asked if "/explain/concepts" in u or "/explain/lrp" in u]
+        # every card says what its method is, and integrated gradients what its delta is,
+        # on the signal page as on the image page (review: the signal page said neither)
+        ig = pg.locator(".card[data-method='integrated_gradients']")
+        ig.locator(".delta-note").wait_for()
+        assert "completeness check" in ig.locator(".delta-note").inner_text()
+        summary = lurker.explain.METHODS["integrated_gradients"].summary
+        assert ig.locator(".method-summary").inner_text() == summary
+        # the disabled card lines up with the others (review: a figure's margins)
+        a, b = card.bounding_box(), ig.bounding_box()
+        assert abs(a["width"] - b["width"]) < 1

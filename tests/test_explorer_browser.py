@@ -1018,7 +1018,7 @@ def test_static_explain_says_a_linked_layer_is_not_held(page: Any, course_site: 
     said = page.locator("#explain-layer-not-held").inner_text()
     assert f"Grad-CAM at layer {LAYER}" in said and "concept relevance at layer features.0" in said
     # the run records its model: serving it needs no --model (a command the reader cannot fill)
-    assert "lurker serve digits" in said and "--model" not in said
+    assert "lurker serve RUN" in said and "--model" not in said
     go(page, f"{course_site}#/r/digits/explain?image=sample-0&layer={LAYER}")
     said = page.locator("#explain-layer-not-held").inner_text()
     assert f"Grad-CAM at layer {LAYER} runs the model" in said and "concept" not in said

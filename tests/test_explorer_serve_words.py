@@ -35,7 +35,7 @@ def test_static_export_names_the_serve_command_the_run_needs(
     tmp_path: Path,
 ) -> None:
     """Oracle: the run's recorded spec (the fixture probes with ``model_spec``), so the
-    command that serves it with its model is plain ``lurker serve digits``."""
+    command that serves it with its model is plain ``lurker serve RUN``."""
     import json
 
     from lurker.cli import main
@@ -72,7 +72,7 @@ def test_static_export_names_the_serve_command_the_run_needs(
     assert not wrong, {n: [ln for ln in t.splitlines() if "SPEC" in ln] for n, t in wrong.items()}
     # and each page that needs the model says how to serve it
     for name in ["explain", "explain, another class", "explain, a sample not held", "live"]:
-        assert "lurker serve digits" in said[name], name
+        assert "lurker serve RUN" in said[name], name
     assert "lurker serve RUN" in said["home"]
 
 

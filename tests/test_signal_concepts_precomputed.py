@@ -151,7 +151,7 @@ def test_the_static_explain_page_draws_the_precomputed_concepts(
         pg.locator("[data-method]").first.wait_for()
         note = pg.locator(".concept-section")
         note.wait_for()
-        assert f"lurker images {RID} --explanations top" in note.inner_text()
+        assert "lurker images RUN --explanations top" in note.inner_text()
         assert not pg.locator(".signal-concept-card").count()
 
 

@@ -888,6 +888,10 @@ async function readJson<T>(res: Response, url: string): Promise<T> {
  * an export hunting for a spec the run already holds. `isStatic` false: a server that has
  * no model although the run records one could not load it, so naming the model is the fix.
  */
-export function serveCommand(run: string, summary: RunSummary, isStatic = true): string {
-  return isStatic && summary.model.spec ? `lurker serve ${run}` : `lurker serve ${run} --model SPEC --weights W`;
+/** The command that serves a run with its model. RUN stands for the run's folder, as in
+ * the docs: the run's id is a name, not a path a reader can pass (a run named "run" read as
+ * a verb). A static export of a run that records its model needs nothing more; a server
+ * without a model although the run records one could not load it, so it names both. */
+export function serveCommand(_run: string, summary: RunSummary, isStatic = true): string {
+  return isStatic && summary.model.spec ? "lurker serve RUN" : "lurker serve RUN --model SPEC --weights W";
 }

@@ -60,7 +60,7 @@ export function conceptNeedsModel(ctx: PageContext, summary: RunSummary): HTMLEl
     "section",
     { class: "concept-section" },
     h("h2", null, "Concept relevance ", h("span", { class: "sub" }, "which units of a layer carried this decision")),
-    notice(`Concept relevance runs LRP through the model, so it needs ${where}: \`${serveCommand(ctx.run, summary, ctx.api.isStatic)}\`. To show it here, precompute it: \`lurker images ${ctx.run} --explanations top\`${ctx.api.isStatic ? " and export again" : ""}.`),
+    notice(`Concept relevance runs LRP through the model, so it needs ${where}: \`${serveCommand(ctx.run, summary, ctx.api.isStatic)}\`. To show it here, precompute it: \`lurker images RUN --explanations top\`${ctx.api.isStatic ? " and export again" : ""}.`),
   );
 }
 

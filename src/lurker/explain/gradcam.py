@@ -104,6 +104,7 @@ def refusal(model: nn.Module, x: Tensor) -> str | None:
     over time), or None; from the trace alone (no gradient), so it can be said before
     anyone asks. The model's own failure on ``x`` is None."""
     from .axes import input_axes
+    from .lrp import INSTEAD
 
     try:
         line = is_signal(input_axes(model, x), x)
@@ -113,10 +114,7 @@ def refusal(model: nn.Module, x: Tensor) -> str | None:
     if maps:
         return None
     what = "a map along time (a Conv1d's (B, C, L) output)" if line else "a map"
-    return (
-        f"Grad-CAM weighs a layer's maps, and no layer of this model makes {what}; "
-        "use a gradient method (integrated_gradients, input_x_gradient) instead"
-    )
+    return f"Grad-CAM weighs a layer's maps, and no layer of this model makes {what}; {INSTEAD}"
 
 
 def several_outputs(model: nn.Module, x: Tensor, layer: str, line: bool) -> LurkerError | None:

@@ -383,8 +383,10 @@ class NoRule(LurkerError):
     callers tell it from other failures by type (concept relevance says it in its own words,
     the explorer before anyone asks)."""
 
-    def __init__(self, where: str):
+    def __init__(self, where: str, plain: str = ""):
         self.where = where
+        #: the op in plain words (``an LSTM layer ('lstm')``), for the explorer's lists
+        self.plain = plain or where
         super().__init__(
             f"LRP has no rule for {where}. Supported: {SUPPORTED}. Explain this model with a "
             "gradient method (method='input_x_gradient', 'integrated_gradients') instead."
@@ -456,15 +458,32 @@ class Engine:
         self._plan()
 
     # ------------------------------------------------------------------ planning
-    def _where(self, op: Op) -> str:
+    def _module(self, op: Op) -> tuple[str, str] | None:
+        """The path and class name of the innermost module ``op`` ran in (``?`` where the
+        model no longer has it), or None for a function call in the forward."""
         if not op.modules:
-            return f"{op.label} ({op.name}, a function call in the model's forward)"
+            return None
         path = op.modules[-1][0]
         try:
-            kind = type(self.model.get_submodule(path)).__name__
+            return path, type(self.model.get_submodule(path)).__name__
         except AttributeError:
-            kind = "?"
-        return f"{op.label} ({op.name} in '{path}', {kind})"
+            return path, "?"
+
+    def _where(self, op: Op) -> str:
+        found = self._module(op)
+        if found is None:
+            return f"{op.label} ({op.name}, a function call in the model's forward)"
+        return f"{op.label} ({op.name} in '{found[0]}', {found[1]})"
+
+    def _plain(self, op: Op) -> str:
+        """The op in a first-time reader's words: ``an LSTM layer ('lstm')``."""
+        found = self._module(op)
+        if found is None:
+            return f"the function {op.name} in the model's forward"
+        path, kind = found
+        if kind == "?":
+            return f"{op.name} in '{path}'"
+        return f"{'an' if kind[:1] in 'AEIOU' else 'a'} {kind} layer ('{path}')"
 
     def _on_path(self, op: Op) -> bool:
         return op.kind == "op" and op.dist_from_input is not None
@@ -551,7 +570,7 @@ class Engine:
             elif name in _ROUTE or name in _FACTORY:
                 pass
             else:
-                raise NoRule(self._where(op))
+                raise NoRule(self._where(op), self._plain(op))
 
     def _softmax_rule(self, name: str) -> bool:
         """Whether this op gets AttnLRP's softmax rule (else it is a constant)."""
@@ -964,10 +983,11 @@ def no_rule(model: nn.Module, x: Tensor) -> NoRule | None:
 
 def said(e: NoRule) -> str:
     """:func:`no_rule`'s finding as one line for a list of methods: what to use instead."""
-    return (
-        f"LRP has no rule for {e.where}; use a gradient method (integrated_gradients, "
-        "input_x_gradient) instead"
-    )
+    return f"LRP has no rule for {e.plain}; {INSTEAD}"
+
+
+#: What to use where LRP cannot go, by the explorer's method titles.
+INSTEAD = "use Integrated gradients or Input \u00d7 gradient instead"
 
 
 def _merge(w: Tensor, b: Tensor | None, bn: Op, value: Callable) -> tuple[Tensor, Tensor]:

@@ -952,13 +952,14 @@ class GraphPage {
     let drawn = 0;
     let below = 0;
     for (const [key, r] of this.rects) {
-      if (key[0] === "c" && this.expanded.has(Number(key.slice(1)))) continue; // a frame, not a box
+      if (key[0] !== "n" && this.expanded.has(Number(key.slice(1)))) continue; // a frame, not a box
       drawn++;
       if (ty + (r[1] - r[3] / 2) * k > H) below++;
     }
     const rest = below ? `${fmt(below)} of its ${fmt(drawn)} boxes ${below === 1 ? "is" : "are"} below` : "the rest is beside it";
     this.say(`The graph is too long to show whole at a readable size, so this is its top: ${rest}. Drag or scroll to see ${below === 1 ? "it" : "them"}, or press Fit to see the whole graph at once, smaller.`);
-    this.more.textContent = below ? `\u2193 ${fmt(below)} more below \u00b7 Fit: show the whole graph` : "Fit: show the whole graph";
+    // (a button that zooms out: no arrow, which would read as a scroll)
+    this.more.textContent = below ? `Fit: show all ${fmt(drawn)} boxes (${fmt(below)} below)` : "Fit: show the whole graph";
     this.more.hidden = false;
   }
 

@@ -21,12 +21,11 @@ import { imagePicker } from "../picker";
 import { renderTokenExplain } from "./explain_tokens";
 import { renderFeatureExplain } from "./explain_features";
 import { renderSignalExplain } from "./explain_signal";
-import { unavailableCard } from "./explain_flat";
+import { DELTA_NOTE, unavailableCard } from "./explain_flat";
 import { classLabel, classText, namesWidth } from "../classes";
 import { conceptFrame, conceptLayerSelect, conceptLead, conceptNeedsModel, conceptPrecomputedNote, conceptUnavailable, conceptUnitTitle, type ConceptRanking } from "../concepts";
 
 /** What integrated gradients' delta is (its completeness check), said where the number is shown. */
-const DELTA_NOTE = "delta: the map's sum minus how much the score rose from the baseline input to this one; near 0, the map accounts for the whole score (the completeness check).";
 
 const PICKER = { id: "explain", title: "Image to explain", action: "Explain sample" };
 
@@ -109,7 +108,7 @@ export async function renderExplain(root: HTMLElement, ctx: PageContext): Promis
     root.append(
       notice(
         ctx.api.isStatic
-          ? `${noModel}. Run: \`${serveCommand(ctx.run, summary)}\`${summary.model.spec ? " (it loads the model the run records)" : ""}. To show some here, precompute them before exporting: \`lurker images ${ctx.run} --explanations top\`.`
+          ? `${noModel}. Run: \`${serveCommand(ctx.run, summary)}\`${summary.model.spec ? " (it loads the model the run records)" : ""}. To show some here, precompute them before exporting: \`lurker images RUN --explanations top\`.`
           : `${noModel}. Serve it with: \`${serveCommand(ctx.run, summary, false)}\`.`,
         ctx.api.isStatic ? undefined : "error",
       ),

@@ -85,7 +85,7 @@ export async function renderFlatExplain(root: HTMLElement, ctx: PageContext, sum
     const why = ctx.api.isStatic ? "This is a static export" : `This run has no model attached${summary.holds.live_reason ? ` (${summary.holds.live_reason})` : ""}`;
     root.append(
       notice(
-        `${why}: explaining a sample's ${kind.noun}s runs the model. Serve it with \`${serveCommand(ctx.run, summary, ctx.api.isStatic)}\`, or precompute the top class's explanations of the top-k samples into the run with \`lurker images ${ctx.run} --explanations top\`${ctx.api.isStatic ? " and export again" : ""}.`,
+        `${why}: explaining a sample's ${kind.noun}s runs the model. Serve it with \`${serveCommand(ctx.run, summary, ctx.api.isStatic)}\`, or precompute the top class's explanations of the top-k samples into the run with \`lurker images RUN --explanations top\`${ctx.api.isStatic ? " and export again" : ""}.`,
         ctx.api.isStatic ? undefined : "error",
       ),
     );
@@ -260,12 +260,15 @@ async function renderHeld(root: HTMLElement, ctx: PageContext, held: ExplainedIn
   );
 }
 
+/** What integrated gradients' delta is, wherever a card shows one. */
+export const DELTA_NOTE = "delta: the map's sum minus how much the score rose from the baseline input to this one; near 0, the map accounts for the whole score (the completeness check).";
+
 /** A method the run's model cannot give (`explain/methods` says why, from its trace):
  * disabled, its reason in place of the result, and no request made for it. */
 export function unavailableCard(m: { name: string; summary: string }, title: string, reason: string, css: string): HTMLElement {
   const said = reason.charAt(0).toUpperCase() + reason.slice(1).replace(/\.?$/, ".");
   return h(
-    "figure",
+    "section",
     { class: css, "data-method": m.name, "aria-disabled": "true", title: said },
     h("h3", { title: m.summary }, h("span", { class: "name" }, title), h("span", { class: "muted" }, " not available")),
     h("p", { class: "small unavailable-reason", role: "note" }, said),
@@ -278,7 +281,14 @@ function methodCard(ctx: PageContext, image: string, m: FlatMethod, target: stri
   const caption = h("p", { class: "small muted" }, "computing…");
   // SmoothGrad, like saliency, is a gradient's size here: the result says which
   const sign = h("span", { class: "muted sign" }, m.signed ? " signed" : " ≥ 0");
-  const card = h("section", { class: `card ${kind.css}-card`, "data-method": m.name }, h("h3", { title: m.summary }, h("span", { class: "name" }, TITLES[m.name] ?? m.name), sign), body, caption);
+  const card = h(
+    "section",
+    { class: `card ${kind.css}-card`, "data-method": m.name },
+    h("h3", { title: m.summary }, h("span", { class: "name" }, TITLES[m.name] ?? m.name), sign),
+    body,
+    caption,
+    m.summary ? h("p", { class: "method-summary small muted" }, m.summary) : null,
+  );
   const url = `${p("runs", ctx.run, "live", image, "explain", m.name)}.json?${new URLSearchParams({ target })}`;
   void (async () => {
     try {
@@ -288,7 +298,7 @@ function methodCard(ctx: PageContext, image: string, m: FlatMethod, target: stri
       fill(
         caption,
         r.min === null || r.max === null ? "no finite score" : `min ${fmt(r.min)} · max ${fmt(r.max)} · sum ${fmt(r.sum)}`,
-        r.delta !== null ? ` · delta ${fmt(r.delta)}` : null,
+        r.delta !== null ? [` · delta ${fmt(r.delta)}`, h("span", { class: "delta-note", role: "note" }, DELTA_NOTE)] : null,
         ...(r.notes ?? []).map((n) => h("span", { class: "explain-note", role: "note" }, n)),
       );
       caption.title = `options: ${JSON.stringify(r.options)}`;

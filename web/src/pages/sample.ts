@@ -102,7 +102,7 @@ export async function renderSample(root: HTMLElement, ctx: PageContext, args: st
                   (pred
                     ? "none (the model's output is not one score per class)"
                     : ctx.api.isStatic
-                      ? `not in this export: the model runs under ${serveCommand(ctx.run, summary)} (or make the run's map, lurker map ${ctx.run}, before exporting: it records every sample's prediction)`
+                      ? `not in this export: the model runs under ${serveCommand(ctx.run, summary)} (or make the run's map, lurker map RUN, before exporting: it records every sample's prediction)`
                       : `no model attached (${serveCommand(ctx.run, summary, false)})`),
           ],
           ["in top-k of", h("span", { id: "top-k-of" }, `${plural(doc.total, "unit list")} in ${plural(doc.layers.length, "layer")}`, leftOut ? h("span", { class: "muted" }, ` (and ${leftOut.total} tied, left out)`) : null)],
@@ -164,7 +164,7 @@ export async function renderSample(root: HTMLElement, ctx: PageContext, args: st
       h(
         "p",
         { class: "left-out muted", id: "left-out" },
-        `Left out: ${leftOut.total} ${leftOut.total === 1 ? "entry" : "entries"} that are ties, ranked by sample id alone, so they say nothing about this sample: the top lists of units constant on the dataset, and the zeros that end a full list (a unit that did not fire, a relevance of 0 where it carried nothing of the decision; more samples than the list holds may share that 0): `,
+        `Left out: ${leftOut.total} ${leftOut.total === 1 ? "entry" : "entries"} that are ties, ranked by sample id alone, so they say nothing about this sample (lists of units constant on the dataset; zeros ending a full list, which more samples may share): `,
         // "layer 8 (34)": a Sequential's layers are numbers, and "8 34" would read as two
         leftOut.layers.flatMap(({ layer, count }, i) => [i ? ", " : "", "layer ", h("a", { href: ctx.href("layer", layer), "data-layer": layer, "data-count": count }, layer), ` (${count})`]),
         ".",
@@ -172,7 +172,7 @@ export async function renderSample(root: HTMLElement, ctx: PageContext, args: st
     );
   }
   if (!doc.total) {
-    root.append(notice(leftOut ? "No other unit ranks this sample in its top-k." : "No unit ranks this sample in its top-k."));
+    root.append(notice(leftOut ? "No unit ranks this sample in its top-k, other than by the ties above." : "No unit ranks this sample in its top-k."));
     return;
   }
 
