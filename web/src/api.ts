@@ -474,6 +474,27 @@ export interface Kernel {
   nonfinite?: Record<string, number>;
 }
 
+/** A first convolution's kernels as pictures (`GET .../layers/L/filters`). */
+export interface LayerFilters {
+  layer: string;
+  op: string;
+  param: string;
+  /** `[units, channels, kh, kw]` */
+  shape: number[];
+  channels: number;
+  colour: "grey" | "rgb";
+  /** the layer's largest |w|: every kernel is scaled by it, 0 mid-grey */
+  max_abs: number;
+  scaling: string;
+  normalize: string | null;
+  columns: number;
+  rows: number;
+  /** a grid cell's [height, width] in pixels, and the gap around cells */
+  cell: number[];
+  gap: number;
+  units: { unit: number; min: number | null; max: number | null; nonfinite: number }[];
+}
+
 /** An error the API answered with (its `detail`), or a network failure. */
 export class ApiError extends Error {
   constructor(

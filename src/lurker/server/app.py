@@ -156,9 +156,21 @@ def create_app(
     app.state.upload_limit = upload_limit
     _install_errors(app)
 
-    from .routes import dataset_map, explain, graph, images, layers, live, runs, samples, units
+    from .routes import (
+        dataset_map,
+        explain,
+        filters,
+        graph,
+        images,
+        layers,
+        live,
+        runs,
+        samples,
+        units,
+    )
 
-    for module in (runs, layers, units, samples, images, graph, live, explain, dataset_map):
+    routers = (runs, layers, filters, units, samples, images, graph, live, explain, dataset_map)
+    for module in routers:
         app.include_router(module.router)
     # JSON documents (a layer of 512 units, a sample's appearances, the graph view)
     # shrink several-fold; PNGs are already compressed and small responses are left alone.

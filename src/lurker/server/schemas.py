@@ -771,6 +771,45 @@ class KernelInfo(BaseModel):
     out_channels: int | None = None
 
 
+class FilterUnit(BaseModel):
+    unit: int
+    #: the unit's smallest and largest finite weight (null: none is finite)
+    min: float | None = None
+    max: float | None = None
+    #: how many of its weights are not finite (drawn magenta)
+    nonfinite: int = 0
+
+
+class FilterLayers(BaseModel):
+    #: the probed layers whose kernels are drawn as pictures, in the run's order
+    layers: list[str]
+    #: every other probed layer: why it has none
+    reasons: dict[str, str]
+
+
+class LayerFilters(BaseModel):
+    """A first convolution's kernels as pictures (``.../filters.png``, ``.../filter.png``)."""
+
+    layer: str
+    op: str
+    param: str
+    #: the weight's shape, ``[units, channels, kh, kw]``
+    shape: list[int]
+    channels: int
+    colour: Literal["grey", "rgb"]
+    #: the layer's largest finite ``|w|``: every unit's kernel is scaled by it
+    max_abs: float
+    scaling: str
+    #: how the run normalised its images (the run's recorded ``normalize``), null if unknown
+    normalize: str | None = None
+    columns: int
+    rows: int
+    #: a grid cell's ``[height, width]`` in pixels, and the white gap around cells
+    cell: list[int]
+    gap: int
+    units: list[FilterUnit]
+
+
 class SignalTime(BaseModel):
     """Where a side of an op lies along a signal run's time (see docs/explorer.md)."""
 

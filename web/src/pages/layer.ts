@@ -6,6 +6,7 @@ import { append, facts, fill, fmt, h, notice, shape, withId } from "../dom";
 import { featureBins, featureName, featureScale, imageState, noImage, patchless, tokenMeanOver, tokenSequence } from "../images";
 import { outputClass } from "../classes";
 import { durationText, secondsText, signalTilePlot } from "../signal";
+import { filtersSection, layerFilters } from "../filters";
 
 const SORTS = ["max", "mean", "index"] as const;
 /** Cards built before the page first shows: more than a large screen holds. */
@@ -234,6 +235,12 @@ export async function renderLayer(root: HTMLElement, ctx: PageContext, args: str
     });
   };
   draw();
+  // a first convolution's kernels as pictures, where the server has the model: the slot
+  // stays empty (and takes no room) on any other layer or page
+  const filtersSlot = h("div", { class: "filters-slot" });
+  void layerFilters(ctx, name).then((f) => {
+    if (f) fill(filtersSlot, filtersSection(ctx, name, f));
+  });
 
   append(root, 
     h("h1", null, name, h("span", { class: "sub" }, ` ${[l.kind, unitsText(l.shape, l.num_units, doc.layout, images.tokens)].filter(Boolean).join(" · ")}`)),
@@ -276,6 +283,7 @@ export async function renderLayer(root: HTMLElement, ctx: PageContext, args: str
       ? withId(notice(`Some tiles have no image: ${index.no_image.replace(/\.+$/, "")}.`), "no-image-why")
       : null,
     directionsSection(ctx, name, doc),
+    filtersSlot,
     h("div", { class: "toolbar" }, h("span", null, "Sort by"), sortButtons, h("span", null, "Thumbnail"), thumbButtons, fvHint),
     gridNote,
     grid,

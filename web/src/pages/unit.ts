@@ -8,6 +8,7 @@ import type { PageContext } from "../context";
 import { append, fill, fmt, h, notice, withId } from "../dom";
 import { featureRows, featureScale, featureStrip, imageState, noImage, patchless, tokenMeanOver, tokenSequence, topFeatures } from "../images";
 import { secondsText, signalDocPlot, signalPlot } from "../signal";
+import { layerFilters, unitFilter } from "../filters";
 import { classLabel, classText, classWord, outputClass } from "../classes";
 
 type Tab = "mean" | "max" | "relevance" | "featviz";
@@ -342,6 +343,13 @@ export async function renderUnit(root: HTMLElement, ctx: PageContext, args: stri
     .map(([label, value]) => ({ label: classLabel(label, summary?.dataset.classes.indexOf(label) ?? -1), value }));
   const opLabel = doc.layer.op_label ?? doc.layer.op;
 
+  // a first convolution's kernel, enlarged beside the top samples (where the server has the
+  // model and the layer reads the input image; else the slot is empty and takes no room)
+  const filterSlot = h("div", { class: "filter-slot" });
+  void layerFilters(ctx, layer).then((f) => {
+    const fig = f ? unitFilter(ctx, layer, unit, f) : null;
+    if (fig) fill(filterSlot, fig);
+  });
   append(root, 
     h(
       "div",
@@ -361,7 +369,7 @@ export async function renderUnit(root: HTMLElement, ctx: PageContext, args: stri
     tabs,
     toggles,
     images.notice,
-    gallery,
+    h("div", { class: "topk-row" }, filterSlot, gallery),
     h(
       "div",
       { class: "cards two" },

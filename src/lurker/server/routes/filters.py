@@ -1,0 +1,275 @@
+"""``/api/runs/{run}/layers/{layer}/filters``: a first layer's convolution kernels as pictures.
+
+A 2-D convolution that reads the model's input image (directly, or through elementwise ops
+only: a normalisation, a dropout) with 1 or 3 input channels has kernels that are small
+images of what each unit looks for, grey or RGB: what a teacher shows first (AlexNet's
+conv1). Every kernel of the layer is scaled by the same number, the layer's largest
+``|w|``, symmetrically around 0 (``round(128 + 127 * w / max|w|)``), so 0 is mid-grey
+and colours and contrasts compare across units. Needs the model (409 otherwise); any
+other layer is refused with a 404 saying why.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from fastapi import APIRouter, Path, Query, Request
+from fastapi.responses import Response
+
+from ..deps import live_call
+from ..errors import ApiError
+from ..schemas import FilterLayers, FilterUnit, LayerFilters
+from ..session import Session
+from . import json_get
+
+router = APIRouter(prefix="/api", tags=["filters"])
+
+PNG = {200: {"content": {"image/png": {}}, "description": "a PNG image"}}
+#: each grid cell's longer side is at least this many pixels (nearest-neighbour upscaled)
+GRID_CELL = 24
+#: pixels between the grid's cells (white)
+GRID_GAP = 2
+#: a non-finite weight's colour: magenta, which no scaled value has
+NONFINITE = (255, 0, 255)
+
+
+@dataclass(frozen=True)
+class Filters:
+    """A layer's kernels as pictures: ``weight`` ``(units, channels, kh, kw)`` float64."""
+
+    layer: str
+    op: str
+    param: str
+    weight: np.ndarray
+    max_abs: float
+
+    def pixels(self, unit: int) -> np.ndarray:
+        """Unit ``unit``'s kernel as ``uint8`` ``(kh, kw)`` (grey) or ``(kh, kw, 3)`` (RGB, or
+        any kernel holding a non-finite weight, drawn magenta)."""
+        return to_pixels(self.weight[unit], self.max_abs)
+
+
+def to_pixels(w: np.ndarray, max_abs: float) -> np.ndarray:
+    """A kernel ``(channels, kh, kw)`` as 8-bit pixels, ``round(128 + 127 * w / max_abs)``
+    (0 is mid-grey 128; ``max_abs`` 0, all weights 0, is flat mid-grey)."""
+    finite = np.isfinite(w)
+    scaled = np.where(finite, w, 0.0) / max_abs if max_abs > 0 else np.zeros_like(w)
+    pix = np.clip(np.rint(128 + 127 * scaled), 0, 255).astype(np.uint8)
+    rgb = w.shape[0] == 3 or not finite.all()
+    if not rgb:
+        return pix[0]
+    out = np.repeat(pix, 3, axis=0) if w.shape[0] == 1 else pix
+    out = np.ascontiguousarray(np.moveaxis(out, 0, -1))
+    out[~finite.all(axis=0)] = NONFINITE
+    return out
+
+
+def _png(pix: np.ndarray, scale: int) -> bytes:
+    from PIL import Image
+
+    if scale > 1:
+        pix = pix.repeat(scale, axis=0).repeat(scale, axis=1)
+    buf = io.BytesIO()
+    Image.fromarray(pix, mode="RGB" if pix.ndim == 3 else "L").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def layer_filters(s: Session, layer: str) -> Filters:
+    """The layer's kernels, or a 404 naming why the layer has none to draw: its op is not a
+    convolution with a parameter weight, is transposed or grouped (a kernel sees only some
+    channels), is not 2-D, has other than 1 or 3 input channels, or does not read the
+    model's input (directly or through elementwise ops only)."""
+    from lurker.graph.nodes import OpRef, refs
+
+    info = s.entry.layer(layer)
+    node = s.op(info.op) if info.op else None
+    what = f"layer {info.name!r}" + (f" (op {info.op})" if info.op else "")
+    k = s.conv_kernel(node) if node is not None else None
+    if k is None:
+        raise ApiError(
+            404,
+            f"{what} has no filters to draw: it is not a convolution whose weight is a "
+            "parameter of the model; filters are drawn for a first layer's convolution",
+        )
+    if k.transposed or k.groups != 1:
+        kind = "transposed" if k.transposed else f"grouped ({k.groups} groups)"
+        raise ApiError(
+            404,
+            f"{what} is a {kind} convolution: its kernels are not each one picture of the "
+            "whole input image, so no filters are drawn",
+        )
+    if k.weight.dim() != 4:
+        raise ApiError(
+            404,
+            f"{what} is a {k.weight.dim() - 2}-D convolution; filters are drawn as pictures "
+            "for a 2-D convolution (conv2d) only",
+        )
+    ref = next((r for r in refs(node) if isinstance(r, OpRef)), None)
+    producer = s.trace().ops[ref.index] if ref is not None else None
+    if producer is None or not s.keeps_input(producer):
+        source = f"{producer.label} ({producer.name})" if producer is not None else "no tensor"
+        raise ApiError(
+            404,
+            f"{what} reads {source}, not the model's input image (directly or through "
+            "elementwise ops only): its kernels weigh other layers' channels, not colours, "
+            "so no filters are drawn",
+        )
+    if k.in_channels not in (1, 3):
+        raise ApiError(
+            404,
+            f"{what} reads {k.in_channels} channels; filters are drawn as pictures for 1 "
+            "(grey) or 3 (RGB) input channels only",
+        )
+    if k.out_channels != info.num_units:
+        raise ApiError(
+            404,
+            f"{what} has {info.num_units} units but its convolution {k.out_channels} "
+            "outputs: its units are not one per kernel, so no filters are drawn",
+        )
+    w = k.weight.detach().to("cpu").double().numpy()
+    finite = w[np.isfinite(w)]
+    max_abs = float(np.abs(finite).max()) if finite.size else 0.0
+    return Filters(info.name, node.label, k.param, w, max_abs)
+
+
+def grid_shape(units: int) -> tuple[int, int]:
+    """``(columns, rows)`` of the grid: as square as it gets, filled row by row."""
+    cols = max(1, math.ceil(math.sqrt(units)))
+    return cols, math.ceil(units / cols)
+
+
+def cell_scale(f: Filters) -> int:
+    return max(1, math.ceil(GRID_CELL / max(f.weight.shape[2:])))
+
+
+def grid_png(f: Filters) -> bytes:
+    """Every unit's kernel, row by row, ``GRID_GAP`` white pixels around and between cells."""
+    units, _, kh, kw = f.weight.shape
+    cols, rows = grid_shape(units)
+    scale = cell_scale(f)
+    ch, cw = kh * scale, kw * scale
+    out = np.full(
+        (GRID_GAP + rows * (ch + GRID_GAP), GRID_GAP + cols * (cw + GRID_GAP), 3), 255, np.uint8
+    )
+    for u in range(units):
+        pix = f.pixels(u)
+        if pix.ndim == 2:
+            pix = np.repeat(pix[..., None], 3, axis=2)
+        y = GRID_GAP + (u // cols) * (ch + GRID_GAP)
+        x = GRID_GAP + (u % cols) * (cw + GRID_GAP)
+        out[y : y + ch, x : x + cw] = pix.repeat(scale, axis=0).repeat(scale, axis=1)
+    if f.weight.shape[1] == 1 and np.isfinite(f.weight).all():
+        out = out[..., 0]  # grey: one channel
+    return _png(out, 1)
+
+
+def _doc(s: Session, f: Filters) -> LayerFilters:
+    from lurker.probe.data import recorded_normalize
+
+    units, channels, kh, kw = f.weight.shape
+    cols, rows = grid_shape(units)
+    per = f.weight.reshape(units, -1)
+    fin = np.isfinite(per)
+    lo = np.where(fin, per, np.inf).min(axis=1)
+    hi = np.where(fin, per, -np.inf).max(axis=1)
+    return LayerFilters(
+        layer=f.layer,
+        op=f.op,
+        param=f.param,
+        shape=list(f.weight.shape),
+        channels=channels,
+        colour="rgb" if channels == 3 else "grey",
+        max_abs=f.max_abs,
+        scaling=(
+            "each weight w is the pixel round(128 + 127 * w / max_abs), max_abs the layer's "
+            "largest |w|: 0 is mid-grey, and all units share the scale"
+            + (
+                "; RGB: the kernel's input channels 0, 1, 2 as red, green, blue (the model's "
+                "input channels in the order the model reads them)"
+                if channels == 3
+                else ""
+            )
+        ),
+        normalize=recorded_normalize(s.config),
+        columns=cols,
+        rows=rows,
+        cell=[kh * cell_scale(f), kw * cell_scale(f)],
+        gap=GRID_GAP,
+        units=[
+            FilterUnit(
+                unit=u,
+                min=float(lo[u]) if math.isfinite(lo[u]) else None,
+                max=float(hi[u]) if math.isfinite(hi[u]) else None,
+                nonfinite=int((~fin[u]).sum()),
+            )
+            for u in range(units)
+        ],
+    )
+
+
+def _listing(s: Session) -> FilterLayers:
+    layers, reasons = [], {}
+    for info in s.entry.open_run().layers:
+        try:
+            layer_filters(s, info.name)
+        except ApiError as e:
+            reasons[info.name] = str(e.detail)
+        else:
+            layers.append(info.name)
+    return FilterLayers(layers=layers, reasons=reasons)
+
+
+@json_get(
+    router,
+    "/runs/{run_id}/filters",
+    FilterLayers,
+    "Which probed layers have filters to draw (first convolutions), and why the others not",
+)
+async def filter_layers(request: Request, run_id: str) -> FilterLayers:
+    return await live_call(request, run_id, _listing)
+
+
+@json_get(
+    router,
+    "/runs/{run_id}/layers/{layer}/filters",
+    LayerFilters,
+    "A first convolution's kernels as pictures: the scale, each unit's range, the grid",
+)
+async def filters_doc(request: Request, run_id: str, layer: str) -> LayerFilters:
+    return await live_call(request, run_id, lambda s: _doc(s, layer_filters(s, layer)))
+
+
+@router.get(
+    "/runs/{run_id}/layers/{layer}/filters.png",
+    response_class=Response,
+    responses=PNG,
+    summary="Every unit's kernel of a first convolution, one grid (row by row)",
+)
+async def filters_grid(request: Request, run_id: str, layer: str) -> Response:
+    png = await live_call(request, run_id, lambda s: grid_png(layer_filters(s, layer)))
+    return Response(png, media_type="image/png", headers={"Cache-Control": "no-cache"})
+
+
+@router.get(
+    "/runs/{run_id}/layers/{layer}/units/{unit}/filter.png",
+    response_class=Response,
+    responses=PNG,
+    summary="One unit's kernel of a first convolution as a picture",
+)
+async def unit_filter(
+    request: Request,
+    run_id: str,
+    layer: str,
+    unit: int = Path(ge=0, le=2**31),
+    scale: int = Query(1, ge=1, le=64, description="nearest-neighbour upscaling factor"),
+) -> Response:
+    def work(s: Session) -> bytes:
+        f = layer_filters(s, layer)
+        s.entry.unit_index(s.entry.layer(layer), unit)
+        return _png(f.pixels(unit), scale)
+
+    png = await live_call(request, run_id, work)
+    return Response(png, media_type="image/png", headers={"Cache-Control": "no-cache"})
