@@ -138,3 +138,65 @@ def test_a_one_channel_model_gives_grey(tmp_path: Path):
     with TestClient(create_app(out)) as client:
         res = client.get("/api/runs/g/layers/conv/filters.json")
         assert res.status_code == 409 and "--model" in res.json()["detail"]
+
+
+class _Through(torch.nn.Module):
+    """A grey first conv reading the image through ``how``."""
+
+    def __init__(self, how: str, kernel: int = 3) -> None:
+        super().__init__()
+        self.how = how
+        self.register_buffer("scale", torch.tensor([-1.0]).view(1, 1, 1, 1))
+        self.register_buffer("std", torch.tensor([0.5]).view(1, 1, 1, 1))
+        self.conv = torch.nn.Conv2d(1, 4, kernel)
+        self.fc = torch.nn.Linear(4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = {
+            "std": lambda: (x - 0.5) / self.std,  # an offset and a positive factor: kept
+            "plain": lambda: x,
+            "inverted": lambda: 1 - x,
+            "negative factor": lambda: x * self.scale,
+            "squared": lambda: x * x,
+            "flipped": lambda: x.flip(3),
+        }[self.how]()
+        return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+@pytest.mark.parametrize(
+    "how, said",
+    [
+        ("std", None),
+        ("inverted", "may turn a colour's meaning around"),
+        ("negative factor", "may turn a colour's meaning around"),
+        ("squared", "may turn a colour's meaning around"),
+        ("flipped", "the image reordered, moved or resized"),
+    ],
+)
+def test_filters_are_drawn_only_where_the_kernels_colours_mean_the_images(
+    tmp_path: Path, how: str, said: str | None
+):
+    # review: 1 - x and x * (a negative buffer) were drawn, a kernel shown bright where it
+    # weighs dark; a flipped image was refused as "other layers' channels"
+    torch.manual_seed(0)
+    model = _Through(how).eval()
+    out = tmp_path / "runs" / "t"
+    probe(model, load_dataset("digits:test", 16), out=out, layers="conv", k=2, progress=False)
+    with TestClient(create_app(out, model_obj=model)) as client:
+        res = client.get("/api/runs/t/layers/conv/filters.json")
+        if said is None:
+            assert res.status_code == 200, res.text
+        else:
+            assert res.status_code == 404 and said in res.json()["detail"], res.text
+
+
+def test_a_one_by_one_kernel_is_served_at_the_scale_its_page_asks(tmp_path: Path):
+    # review: the unit page asked a 1x1 kernel at scale 112, which the server refused (422)
+    torch.manual_seed(0)
+    model = _Through("plain", kernel=1).eval()
+    out = tmp_path / "runs" / "one"
+    probe(model, load_dataset("digits:test", 16), out=out, layers="conv", k=2, progress=False)
+    w = model.conv.weight.detach().double().numpy()
+    with TestClient(create_app(out, model_obj=model)) as client:
+        pix = _png(client, "/api/runs/one/layers/conv/units/2/filter.png?scale=64")
+        assert pix.shape == (64, 64) and (pix == _scaled(w)[2, 0, 0, 0]).all()

@@ -572,3 +572,31 @@ def test_a_trace_without_saved_activations_gives_the_same_fields_and_layouts(nam
     assert infer_layouts(bare) == layouts
     pool = next(op for op in full.ops if op.name in ("max_pool2d", "adaptive_avg_pool2d"))
     assert layouts[pool.index].unit == 1  # a pool keeps the channels where they are
+
+
+def test_a_flipped_input_is_stored_with_its_negative_stride() -> None:
+    # a flip makes the affine map's stride negative (positions run backwards); the run's
+    # record refused it, so probing any model that flips its input stopped with
+    # "rf x.stride must be >= 0"; its exact bounds are the gradients' support
+    from lurker.store.schema import rf_record
+
+    model = Chain([nn.Conv2d(2, 3, 3, stride=2)])
+    x = torch.randn(1, 2, 9, 11)
+
+    def flipped(t: Tensor) -> Tensor:
+        return model(t.flip(3))
+
+    rf, shape = rf_of(_Wrap(flipped), x)
+    check(rf, flipped, x, all_positions(shape), tight=True)
+    record = rf_record(rf)
+    assert record["x"]["stride"] == -2 and record["y"]["stride"] == 2
+    assert record["x"]["lo"] == rf.to_dict()["x"]["lo"]
+
+
+class _Wrap(nn.Module):
+    def __init__(self, fn: Callable[[Tensor], Tensor]) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fn(x)

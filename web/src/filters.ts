@@ -67,7 +67,7 @@ export function filtersSection(ctx: PageContext, layer: string, f: LayerFilters)
 export function unitFilter(ctx: PageContext, layer: string, unit: number, f: LayerFilters): HTMLElement | null {
   const u = f.units[unit];
   if (!u) return null;
-  const scale = Math.max(1, Math.ceil(112 / Math.max(f.shape[2], f.shape[3])));
+  const scale = Math.min(64, Math.max(1, Math.ceil(112 / Math.max(f.shape[2], f.shape[3]))));
   return h(
     "figure",
     { class: "card unit-filter", id: "unit-filter" },

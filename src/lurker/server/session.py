@@ -1149,6 +1149,14 @@ class Session:
             lambda: _keeps_input(tr, self.signal_channels_last()),
         ).get(op.index, False)
 
+    def reads_input(self, op: Any) -> bool:
+        """Whether the output of ``op`` is made from the model's input at all (through any
+        ops: a reorder, a resize), where :meth:`keeps_input` asks whether it is the input."""
+        tr = self.trace()
+        return self.cached(
+            ("reads-input", self.entry.generation, id(tr)), lambda: _reads_input(tr)
+        ).get(op.index, False)
+
     def _signal_maps(self, t: Any, model_input: bool) -> Maps | None:
         """The model's input on a signal run as one map per channel over time, whatever
         order its axes come in: a channels-last ``(1, T, C)`` batch is C lanes (read as
@@ -1781,7 +1789,7 @@ def _keeps_input(tr: Any, channels_last: bool = False) -> dict[int, bool]:
     input's tensor, element for element (see :meth:`Session.keeps_input`); no op does on
     a model of several inputs (whose channels would the names be?). On a channels-last
     input the norms are not such ops: they normalise over axis 1, which is time there."""
-    from lurker.graph.nodes import OpRef, ParamRef, refs
+    from lurker.graph.nodes import OpRef
     from lurker.ops.catalogue import PER_CHANNEL_NORMS, is_elementwise, value_refs
 
     inputs = [op for op in tr.ops if op.kind == "input"]
@@ -1789,13 +1797,10 @@ def _keeps_input(tr: Any, channels_last: bool = False) -> dict[int, bool]:
         return {}
     shape = tuple(inputs[0].outputs[0].shape)
     keeps: dict[int, bool] = {inputs[0].index: True}
-    reads: dict[int, bool] = {inputs[0].index: True}  # reads the input at all
+    reads = _reads_input(tr)  # made from the input at all
     for op in tr.ops:  # in call order: an op's arguments come before it
         if op.index in keeps:
             continue
-        reads[op.index] = any(
-            reads.get(r.index, False) for r in refs(op) if not isinstance(r, ParamRef)
-        )
         # the arguments whose values make the output: not to(other)'s other, which gives a
         # dtype and device, nor out=, which is written (a buffer's values type_as(x) would
         # otherwise carry the input's channel names)
@@ -1813,3 +1818,15 @@ def _keeps_input(tr: Any, channels_last: bool = False) -> dict[int, bool]:
             )
         )
     return keeps
+
+
+def _reads_input(tr: Any) -> dict[int, bool]:
+    """Per op index of the trace ``tr``, whether its output is made from a model input."""
+    from lurker.graph.nodes import OpRef, refs
+
+    reads: dict[int, bool] = {}
+    for op in tr.ops:  # in call order: an op's arguments come before it
+        reads[op.index] = op.kind == "input" or any(
+            reads.get(r.index, False) for r in refs(op) if isinstance(r, OpRef)
+        )
+    return reads

@@ -237,7 +237,8 @@ def _axis(rf: Mapping[str, Any], key: str, extent: int) -> dict[str, Any]:
         raise LurkerError(f"{where}: bounds must satisfy 0 <= lo <= hi <= {extent}")
     return {
         "size": _number(axis, "size", where, low=0),
-        "stride": _number(axis, "stride", where, low=0),
+        # negative after a flip: positions run backwards along the input
+        "stride": _number(axis, "stride", where),
         "start": _number(axis, "start", where),
         "dim": None if dim is None else int(dim),
         "lo": lo,

@@ -371,12 +371,16 @@ export function rfText(rf: Record<string, unknown> | null, signal = false, rate:
     if (x.stride === 0) return "the whole signal"; // its time axis reduced away
     // with the dataset's sampling rate, each also as a duration: `16 samples (125 ms)`
     const dur = (n: number | undefined): string => (rate && n !== undefined ? ` (${durationText(n, rate)})` : "");
-    const samples = `${fmt(x.size)} sample${x.size === 1 ? "" : "s"}${dur(x.size)}, stride ${fmt(x.stride)}${dur(x.stride)}`;
+    const back = (x.stride ?? 0) < 0 ? " (reversed)" : "";
+    const step = x.stride === undefined ? undefined : Math.abs(x.stride);
+    const samples = `${fmt(x.size)} sample${x.size === 1 ? "" : "s"}${dur(x.size)}, stride ${fmt(step)}${dur(step)}${back}`;
     return rf?.["full"] === true ? `the whole signal (${samples})` : samples;
   }
   if (y.stride === 0 && x.stride === 0) return "the whole input"; // spatial axes reduced away
   const time = framesText(rf);
-  const size = `${fmt(y.size)}×${fmt(x.size)} px, stride ${fmt(y.stride)}×${fmt(x.stride)}${time}`;
+  // a flip makes a stride negative (positions run backwards): its size, said mirrored
+  const mirrored = (y.stride ?? 0) < 0 || (x.stride ?? 0) < 0 ? " (mirrored)" : "";
+  const size = `${fmt(y.size)}×${fmt(x.size)} px, stride ${fmt(Math.abs(y.stride ?? 0))}×${fmt(Math.abs(x.stride ?? 0))}${mirrored}${time}`;
   // a field larger than the image (padding counted): every position sees all of it
   return rf?.["full"] === true ? `the whole input (${size})` : size;
 }

@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, Path, Query, Request
@@ -111,11 +112,24 @@ def layer_filters(s: Session, layer: str) -> Filters:
     producer = s.trace().ops[ref.index] if ref is not None else None
     if producer is None or not s.keeps_input(producer):
         source = f"{producer.label} ({producer.name})" if producer is not None else "no tensor"
+        why = (
+            "the image reordered, moved or resized (its channels are not the image's colours "
+            "as shown)"
+            if producer is not None and s.reads_input(producer)
+            else "other layers' channels, not colours"
+        )
         raise ApiError(
             404,
             f"{what} reads {source}, not the model's input image (directly or through "
-            "elementwise ops only): its kernels weigh other layers' channels, not colours, "
-            "so no filters are drawn",
+            f"elementwise ops only): its kernels weigh {why}, so no filters are drawn",
+        )
+    flipped = _colour_flip(s, producer)
+    if flipped is not None:
+        raise ApiError(
+            404,
+            f"{what} reads the input image through {flipped}, which may turn a colour's "
+            "meaning around (a negative factor, 1 - x, a square): a kernel drawn red could "
+            "weigh less red, so no filters are drawn",
         )
     if k.in_channels not in (1, 3):
         raise ApiError(
@@ -133,6 +147,87 @@ def layer_filters(s: Session, layer: str) -> Filters:
     finite = w[np.isfinite(w)]
     max_abs = float(np.abs(finite).max()) if finite.size else 0.0
     return Filters(info.name, node.label, k.param, w, max_abs)
+
+
+#: ops through which the input's colours keep their meaning, given the conditions of
+#: :func:`_colour_flip` (a positive factor, the input as the minuend or dividend)
+_KEEP_COLOUR = frozenset({
+    "add", "sub", "subtract", "mul", "multiply", "div", "divide", "true_divide",
+    "batch_norm", "instance_norm", "dropout", "dropout1d", "dropout2d", "dropout3d",
+    "alpha_dropout", "feature_alpha_dropout", "feature_dropout", "contiguous", "clone",
+    "detach", "to", "type", "type_as", "float", "double", "half", "bfloat16", "cpu", "cuda",
+})  # fmt: skip
+_FACTOR = frozenset({"mul", "multiply", "div", "divide", "true_divide"})
+
+
+def _colour_flip(s: Session, op: Any) -> str | None:
+    """The op (``label (name)``) on the way from the input image to a first convolution
+    that may turn a colour's meaning around, or None where every op keeps it: an offset
+    (``x - mean``), a factor that is a positive number, buffer or parameter (``x / std``),
+    a per-channel norm of positive scale, a dropout or a copy. ``1 - x``, ``-x``, a square,
+    a factor that is negative somewhere or unknown: the kernels' colours would mislead."""
+    from lurker.graph.nodes import OpRef
+
+    tr = s.trace()
+    model = s.model()
+    seen: set[int] = set()
+    todo = [op]
+    while todo:
+        o = todo.pop()
+        if o.index in seen or o.kind == "input":
+            continue
+        seen.add(o.index)
+        name = o.name.rstrip("_")
+        said = f"{o.label} ({o.name})"
+        if name not in _KEEP_COLOUR:
+            return said
+        args = list(o.args)
+        colour = [
+            i for i, a in enumerate(args) if isinstance(a, OpRef) and s.keeps_input(tr.ops[a.index])
+        ]
+        if not colour:
+            return said
+        if name in ("sub", "subtract", "div", "divide", "true_divide") and colour != [0]:
+            return said  # 1 - x, 1 / x, or x - x
+        if name in _FACTOR and len(colour) != 1:
+            return said  # x * x: a square turns negative values around
+        if name in _FACTOR or name in ("batch_norm", "instance_norm"):
+            if name in _FACTOR:
+                others = [a for i, a in enumerate(args) if i not in colour]
+            else:  # (input, running_mean, running_var, weight, ...): the scale is weight
+                weight = o.kwargs.get("weight", args[3] if len(args) > 3 else None)
+                others = [weight] if weight is not None else []
+            for a in others:
+                if not _positive(a, tr, model):
+                    return said
+        todo.extend(tr.ops[args[i].index] for i in colour)
+    return None
+
+
+def _positive(a: Any, tr: Any, model: Any) -> bool:
+    """Whether a factor of the input is positive everywhere: a number, or a parameter,
+    buffer or constant whose value is at hand; anything else is not known to be."""
+    import torch
+
+    from lurker.graph.nodes import OpRef, ParamRef
+
+    if isinstance(a, bool):
+        return False
+    if isinstance(a, (int, float)):
+        return a > 0
+    value = None
+    try:
+        if isinstance(a, ParamRef):
+            value = model.get_parameter(a.name)
+        elif isinstance(a, OpRef):
+            node = tr.ops[a.index]
+            if node.kind == "buffer":
+                value = model.get_buffer(node.name)
+            elif node.kind == "constant":
+                value = node.activation
+    except AttributeError:
+        return False
+    return isinstance(value, torch.Tensor) and bool((value.detach() > 0).all())
 
 
 def grid_shape(units: int) -> tuple[int, int]:

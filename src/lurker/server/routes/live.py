@@ -581,8 +581,8 @@ def _signal_time(s: Session, tr: Any, op: Any, m: Maps | None) -> SignalTime | N
     # each op's field along time, once per session (its live trace is made once)
     fields = s.cached(("live-time-fields", s.entry.generation), lambda: _fields(tr, run))
     rf = fields.get(op.index)
-    if rf is None or not rf.exact or rf.full or rf.x.dim != time:
-        return SignalTime()
+    if rf is None or not rf.exact or rf.full or rf.x.dim != time or rf.x.stride <= 0:
+        return SignalTime()  # (a flip's negative stride: steps run backwards, said as unknown)
     return SignalTime(stride=float(rf.x.stride), start=float(rf.x.start))
 
 
