@@ -210,7 +210,7 @@ def test_images_once_per_sample_and_crops_cut_from_them(
 def test_file_count_is_bounded(site: Path, explorer_run: ExplorerRun):  # noqa: F811
     """samples in top-k (page + image each) + per layer (document, index, chunks) + the
     run list, summary, graph, sample list and explained.json (no explanation cached):
-    nothing per unit or per top-k entry."""
+    nothing per unit or per top-k entry but a first layer's kernels."""
     ranked = ranked_samples(explorer_run.path)
     with Run.open(explorer_run.path) as run:
         layers = [(i.name, i.num_units) for i in run.layers]
@@ -234,7 +234,14 @@ def test_file_count_is_bounded(site: Path, explorer_run: ExplorerRun):  # noqa: 
         )
     assert made == len(FEATVIZ_UNITS) + 4  # channel; neuron: 2 units here, 2 in features.4
     assert len(featviz) == made  # one image per unit and objective made
-    assert len(files) - len(cached) - len(featviz) == 2 * len(ranked) + 2 * len(layers) + chunks + 5
+    # a first layer's filters (the export has the run's model): the listing, its document
+    # and grid, and a kernel per unit (the one thing per unit: what its page shows)
+    drawn = json.loads((site / "data/runs/digits/filters.json").read_bytes())["layers"]
+    filters = [f for f in files if f.name.startswith("filter")]
+    assert len(filters) == 1 + sum(2 + n for name, n in layers if name in drawn)
+    assert len(files) - len(cached) - len(featviz) - len(filters) == (
+        2 * len(ranked) + 2 * len(layers) + chunks + 5
+    )
     assert chunks < sum(n for _, n in layers) / 4
 
 
@@ -476,7 +483,8 @@ def test_export_progress_total_is_known_before_writing(
     """Every progress line names the same total, counted before the first file is
     written (a total that grew as the export went read as a wrong estimate), and the last
     line reaches it: the total is the run's top-k samples and units (read from the run
-    itself here), its explained samples (none) and runs.json and the run's documents."""
+    itself here), its explained samples (none), its filters (it records its model) and
+    runs.json and the run's documents."""
     import lurker.server.export as export
 
     monkeypatch.setattr(export._Progress, "every", 0.0)  # a line per item
@@ -490,8 +498,15 @@ def test_export_progress_total_is_known_before_writing(
         units = sum(info.num_units for info in run.layers)
         ranked = {e.sample_id for i in run.layers for u in run.units(i.name)
                   for w in run.top_lists for e in u.top(w)}  # fmt: skip
-    assert totals == {len(ranked) + units + 2}, (totals, lines[:3])
-    assert done == sorted(done) and done[-1] == len(ranked) + units + 2
+    # the filters, drawn from the run's recorded model: the listing, each filter layer,
+    # each of its units' kernels (the oracle: the served listing and the run's layers)
+    listing = TestClient(create_app(explorer_run.path)).get("/api/runs/digits/filters").json()
+    with Run.open(explorer_run.path) as run:
+        filters = 1 + sum(1 + run.layer(name).num_units for name in listing["layers"])
+    assert listing["layers"] and filters > 2
+    total = len(ranked) + units + filters + 2
+    assert totals == {total}, (totals, lines[:3])
+    assert done == sorted(done) and done[-1] == total
     assert len(lines) > units  # a line per item: the total was there from the first
     written = sum(1 for f in (site / "data").rglob("*") if f.is_file())
     assert lines[-1].endswith(f", {written:,} files, done: {site}")
@@ -744,3 +759,102 @@ def test_exported_pages_name_the_command_that_serves_the_run_with_its_model(
     # RUN, the run's folder, on every page (the run's id is a name, not a path)
     assert shown["recorded"] == ["lurker serve RUN"] * 3
     assert shown["bare"] == ["lurker serve RUN --model SPEC"] * 3
+
+
+def _pixels(body: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(body)))
+
+
+def test_first_layer_filters_exported_as_served(site: Path, explorer_run: ExplorerRun):  # noqa: F811
+    """With the run's recorded model the export writes the Filters endpoints' answers at
+    the paths the static pages ask for: the listing and each filter layer's document equal
+    the served JSON, its grid and each unit's kernel (at the unit page's `?scale=`, named
+    by its query) decode to the served pixels, and those are the model's own weights scaled
+    (oracle: round(128 + 127 w / max|w|), nearest-neighbour enlarged). Other layers hold
+    none, and each layer's units index says which."""
+    import math
+
+    served = TestClient(create_app(explorer_run.path, static_dir=site))
+    listing = served.get("/api/runs/digits/filters").json()
+    assert listing["layers"], listing  # the digits CNN's first conv reads the image
+    exported = site / (client_static_url(p("runs", "digits", "filters")) + ".json")
+    assert json.loads(exported.read_bytes()) == listing
+    params = dict(explorer_run.model.named_parameters())
+    with Run.open(explorer_run.path) as run:
+        names = [i.name for i in run.layers]
+    for name in names:
+        layer = p("runs", "digits", "layers", name)
+        index = json.loads((site / client_static_url(layer + "/units/index.json")).read_bytes())
+        assert index["filters"] is (name in listing["layers"]), name
+        if name not in listing["layers"]:
+            assert not list((site / client_static_url(layer)).rglob("filter*")), name
+            continue
+        doc = served.get(f"/api{layer}/filters").json()
+        assert (
+            json.loads((site / (client_static_url(layer + "/filters") + ".json")).read_bytes())
+            == doc
+        )
+        grid = (site / client_static_url(layer + "/filters.png")).read_bytes()
+        assert np.array_equal(
+            _pixels(grid), _pixels(served.get(f"/api{layer}/filters.png").content)
+        )
+        w = params[doc["param"]].detach().double().numpy()
+        kh, kw = w.shape[2:]
+        scale = max(1, math.ceil(112 / max(kh, kw)))  # what web/src/filters.ts asks for
+        for u in range(w.shape[0]):
+            url = layer + f"/units/{u}/filter.png?scale={scale}"
+            got = _pixels((site / client_static_url(url)).read_bytes())
+            assert np.array_equal(got, _pixels(served.get("/api" + url).content)), (name, u)
+            want = np.rint(128 + 127 * w[u, 0] / np.abs(w).max()).astype(np.uint8)
+            assert np.array_equal(got, want.repeat(scale, 0).repeat(scale, 1)), (name, u)
+
+
+def test_exported_pages_show_the_filters_only_with_the_model(
+    browser: object,
+    explorer_run: ExplorerRun,  # noqa: F811
+    tmp_path: Path,
+):
+    """An export made with the run's recorded model shows the layer page's Filters grid
+    (its picture loaded, a cell per unit) and the unit page's kernel as served; one of the
+    same run recording no model writes no filter file and its pages show neither, no empty
+    box and no request for a file the site lacks (strict pages: no console error, no 404)."""
+    from explorer_fixtures import STATIC, static_server, strict_page
+    from lurker.store import RunWriter, run_lock
+
+    if not (STATIC / "index.html").is_file():
+        pytest.skip(f"the explorer's front end is not built ({STATIC}/index.html): run `make web`")
+    served = TestClient(create_app(explorer_run.path, static_dir=STATIC))
+    layer = served.get("/api/runs/digits/filters").json()["layers"][0]
+    units = len(served.get(f"/api/runs/digits/layers/{layer}/filters").json()["units"])
+    loaded = "(s) => { const i = document.querySelector(s); return i && i.complete && i.naturalWidth > 0; }"
+    site = export_site(explorer_run.path, tmp_path / "recorded", progress=False, make_images=False)
+    with static_server(site) as url, strict_page(browser) as pg:
+        pg.goto(f"{url}#/r/digits/layer/{layer}")
+        pg.wait_for_function(loaded, arg="#filters .filter-grid img")
+        assert pg.locator("#filters a.filter-cell").count() == units
+        pg.locator("#filters a.filter-cell").nth(1).click()
+        pg.wait_for_url(f"**#/r/digits/unit/{layer}/1")
+        pg.wait_for_function(loaded, arg="#unit-filter img")
+        assert "mid-grey is 0" in pg.locator("#unit-filter").inner_text()
+        pg.screenshot(path=str(tmp_path / "unit.png"))
+    bare = tmp_path / "runs" / "digits"  # the same run, recording no model
+    shutil.copytree(explorer_run.path, bare, ignore=shutil.ignore_patterns("cache"))
+    with run_lock(bare):
+        w = RunWriter.reopen(bare)
+        try:
+            config = w.meta_get("config")
+            w.meta_set("config", {k: v for k, v in config.items() if k != "model_spec"})
+        finally:
+            w.close()
+    site = export_site(bare, tmp_path / "bare", progress=False, make_images=False)
+    assert not list((site / "data").rglob("filter*"))
+    with static_server(site) as url, strict_page(browser) as pg:
+        pg.goto(f"{url}#/r/digits/layer/{layer}")
+        pg.wait_for_selector(".unit-grid .unit-card")
+        pg.wait_for_load_state("networkidle")
+        assert pg.locator("#filters").count() == 0
+        assert pg.locator(".filters-slot").bounding_box() is None
+        pg.goto(f"{url}#/r/digits/unit/{layer}/1")
+        pg.wait_for_selector(".topk")
+        pg.wait_for_load_state("networkidle")
+        assert pg.locator("#unit-filter").count() == 0

@@ -387,6 +387,9 @@ export interface UnitsIndex {
   /** Why some top-k samples have no image in the export (null: all have one; absent in
    * older exports). */
   no_image?: string | null;
+  /** Whether the export holds the layer's filters (drawn from the run's model while
+   * exporting; absent in older exports: none). */
+  filters?: boolean;
 }
 
 /** Static export: the samples it holds (those some unit ranks in its top-k). */

@@ -1,15 +1,21 @@
 /** A first convolution's kernels as pictures: the layer page's grid and the unit page's
- * kernel. Only a served run with its model has them (the server draws them from the
- * weights); any other page, or a layer that does not read the input image, shows nothing. */
+ * kernel. A served run with its model has them (the server draws them from the weights),
+ * and a static export made with the run's recorded model (it wrote them then); any other
+ * page, or a layer that does not read the input image, shows nothing. */
 import { p, type LayerFilters } from "./api";
 import type { PageContext } from "./context";
 import { fmt, h } from "./dom";
 
-/** The layer's filters document, or null where there is none to show: a static export, a
- * run served without its model, a layer the server refuses (not a 1- or 3-channel conv2d
- * reading the input image; its 404 says why). */
+/** The layer's filters document, or null where there is none to show: a run served
+ * without its model, a static export that holds none of the layer (its units' index says:
+ * no request for a file it lacks), a layer the server refuses (not a 1- or 3-channel
+ * conv2d reading the input image; its 404 says why). */
 export async function layerFilters(ctx: PageContext, layer: string): Promise<LayerFilters | null> {
-  if (ctx.api.isStatic) return null;
+  if (ctx.api.isStatic) {
+    const index = await ctx.api.unitsIndex(ctx.run, layer).catch(() => null);
+    if (!index?.filters) return null;
+    return ctx.api.json<LayerFilters>(p("runs", ctx.run, "layers", layer, "filters")).catch(() => null);
+  }
   const summary = await ctx.api.summary(ctx.run).catch(() => null);
   if (!summary?.holds.live) return null;
   // which layers have filters: one document per run, so no other layer's page asks (a 404)
@@ -67,12 +73,17 @@ export function filtersSection(ctx: PageContext, layer: string, f: LayerFilters)
 export function unitFilter(ctx: PageContext, layer: string, unit: number, f: LayerFilters): HTMLElement | null {
   const u = f.units[unit];
   if (!u) return null;
+  // the static export writes each kernel at this scale only (routes/filters.py unit_scale);
+  // at most 64, the largest the server serves (a 1x1 kernel would ask 112)
   const scale = Math.min(64, Math.max(1, Math.ceil(112 / Math.max(f.shape[2], f.shape[3]))));
+  const path = p("runs", ctx.run, "layers", layer, "units", unit, "filter.png");
+  // a static file takes no query: the export names it by the query too, as pngUrl maps it
+  const src = ctx.api.isStatic ? ctx.api.pngUrl(`${path}?scale=${scale}`) : withQuery(ctx.api.pngUrl(path), `scale=${scale}`);
   return h(
     "figure",
     { class: "card unit-filter", id: "unit-filter" },
     h("img", {
-      src: withQuery(ctx.api.pngUrl(p("runs", ctx.run, "layers", layer, "units", unit, "filter.png")), `scale=${scale}`),
+      src,
       alt: `unit ${unit}'s kernel`,
       width: f.shape[3] * scale,
       height: f.shape[2] * scale,

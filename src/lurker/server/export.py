@@ -22,6 +22,12 @@ and the layout is made to scale to real runs (see docs/explorer.md, "Static expo
   at the Explain endpoints' paths (the top class; bare heatmap PNG and JSON per method),
   each explained sample's predictions and input, and ``data/runs/R/explained.json``
   saying which samples have which methods;
+* with the run's recorded model (loaded here, once: the site itself runs none), a first
+  layer's filters at the Filters endpoints' paths: the run's ``filters.json``, each
+  filter layer's ``filters.json`` and ``filters.png``, and each unit's ``filter.png`` at
+  the scale the unit page asks for (``filter.png?scale=N``, a file name as any query);
+  ``units/index.json`` says whether its layer has them (``filters``), so a page never
+  asks for a file the export did not write;
 * ``.lurker-export.json``: every file the export wrote, so that the next export into the
   folder deletes exactly those (stale bundles and images go) and never another file.
 """
@@ -229,12 +235,52 @@ class _Plan:
     entry: Any
     ranked: list[int]  # the samples some top-k list holds (max, mean, relevance)
     explained: dict[str, Any]  # the explanations its cache holds (``explained_index``)
+    filters: _FilterPlan | None = None  # None: no model to draw them from
 
     @property
     def items(self) -> int:
-        """Progress items: each top-k sample, unit and explained sample, and the rest."""
+        """Progress items: each top-k sample, unit and explained sample, the filters (the
+        listing, each filter layer, each of its units' kernels), and the rest."""
         units = sum(info.num_units for info in self.entry.run.layers)
-        return len(self.ranked) + units + len(self.explained["samples"]) + 1
+        kernels = 0
+        if self.filters is not None:
+            kernels = 1 + sum(1 + f.weight.shape[0] for f in self.filters.layers.values())
+        return len(self.ranked) + units + len(self.explained["samples"]) + kernels + 1
+
+
+@dataclass
+class _FilterPlan:
+    """The run's filters, drawn from its recorded model loaded for the export (only the
+    first layers' weights are kept: a folder of runs never holds all their models)."""
+
+    listing: Any  # FilterLayers
+    layers: dict[str, Any]  # layer name -> Filters
+    documents: dict[str, Any]  # layer name -> its LayerFilters
+
+
+def _filter_plan(request: Any, e: Any) -> _FilterPlan | None:
+    """The run's filters when it records a model that loads here, else None: a run that
+    records none has none (silently); one whose model fails to load is warned about, and
+    the site shows no filters (as served without the model)."""
+    from .errors import ApiError
+    from .routes.filters import filter_listing, filters_document, layer_filters
+    from .session import ModelSource, Session
+
+    # a session of its own: the export's app attaches no model (its documents need none)
+    s = Session(e, ModelSource(device=request.app.state.source.device))
+    reason = s.model_reason()
+    try:
+        if reason is not None:
+            raise ApiError(409, reason)
+        listing = filter_listing(s)
+        layers = {name: layer_filters(s, name) for name in listing.layers}
+        documents = {name: filters_document(s, f) for name, f in layers.items()}
+    except (ApiError, LurkerError) as err:
+        if s.config.get("model_spec"):
+            why = err.detail if isinstance(err, ApiError) else str(err)
+            warn(f"run {e.id}: the site shows no first-layer filters, they need the model: {why}")
+        return None
+    return _FilterPlan(listing, layers, documents)
 
 
 def _plan(request: Any, e: Any) -> _Plan:
@@ -244,7 +290,7 @@ def _plan(request: Any, e: Any) -> _Plan:
     index = e.appearances()
     # max, mean and relevance lists (their tied tails too: the unit pages show them)
     ranked = np.union1d(index.sample, index.tails).astype(np.int64).tolist()
-    return _Plan(e, ranked, explained_index(session(request, e)))
+    return _Plan(e, ranked, explained_index(session(request, e)), _filter_plan(request, e))
 
 
 def _export_run(request: Any, plan: _Plan, files: _Files, make_images: bool) -> None:
@@ -359,9 +405,12 @@ def _export_run(request: Any, plan: _Plan, files: _Files, make_images: bool) -> 
                 files.image(_rel("runs", e.id, "samples", sid, "frames", frame) + ".png", found)
         return frames[(sid, frame)]
 
+    drawn = plan.filters.layers if plan.filters is not None else {}
     for info in run.layers:
         files.json(_rel("runs", e.id, "layers", info.name), layer_detail(request, e.id, info.name))
-        _export_units(request, e, info, files, images, no_image, frame_image)
+        _export_units(request, e, info, files, images, no_image, frame_image, info.name in drawn)
+    if plan.filters is not None:
+        _export_filters(plan.filters, e.id, files)
     # feature visualizations stored in the run (`lurker featviz`): the unit pages show them
     for layer, objective, unit, copy, png in featviz_images(run):
         where = (
@@ -452,6 +501,25 @@ def _export_explanations(
     files.json(_rel("runs", e.id, "explained"), index)
 
 
+def _export_filters(plan: _FilterPlan, run_id: str, files: _Files) -> None:
+    """The Filters endpoints' answers, at their paths: the listing, each filter layer's
+    document and grid, and each unit's kernel at the scale the unit page asks for."""
+    from .routes.filters import grid_png, unit_png, unit_scale
+
+    files.json(_rel("runs", run_id, "filters"), plan.listing)
+    files.bar.step()
+    for name, f in plan.layers.items():
+        base = ("runs", run_id, "layers", name)
+        files.json(_rel(*base, "filters"), plan.documents[name])
+        files.image(_rel(*base, "filters.png"), grid_png(f))
+        files.bar.step()
+        scale = unit_scale(f)
+        for unit in range(f.weight.shape[0]):
+            png = unit_png(f, unit, scale)
+            files.image(_rel(*base, "units", unit, f"filter.png?scale={scale}"), png)
+            files.bar.step()
+
+
 def _sample_image(
     s: Any, sid: int, path: str | None, make: bool, api_error: type[Exception]
 ) -> bytes | Path | None:
@@ -491,9 +559,11 @@ def _export_units(
     images: dict[int, bytes | Path],
     no_image: str | None,
     frame_image: Callable[[int, int], bool] = lambda sid, frame: False,
+    filters: bool = False,
 ) -> None:
     """A layer's unit documents in chunks, its cached entry images, and ``units/index``
-    (with ``no_image``: why some top-k samples have no image, for the unit pages)."""
+    (with ``no_image``: why some top-k samples have no image, for the unit pages; and
+    ``filters``: whether the export holds the layer's filters)."""
     from .routes.units import unit_detail
 
     cached = _cached_unit_images(e.path / "cache", info.name)
@@ -570,6 +640,7 @@ def _export_units(
             "chunk": size,
             "thumbs": thumbs,
             "no_image": no_image,
+            "filters": filters,
         },
     )
 

@@ -33,6 +33,10 @@ PNG = {200: {"content": {"image/png": {}}, "description": "a PNG image"}}
 GRID_CELL = 24
 #: pixels between the grid's cells (white)
 GRID_GAP = 2
+#: the unit page shows a kernel's longer side enlarged to at least this many pixels
+UNIT_PIXELS = 112
+#: the largest ``?scale=`` served (a 1x1 kernel on the unit page asks this, not 112)
+MAX_SCALE = 64
 #: a non-finite weight's colour: magenta, which no scaled value has
 NONFINITE = (255, 0, 255)
 
@@ -66,6 +70,17 @@ def to_pixels(w: np.ndarray, max_abs: float) -> np.ndarray:
     out = np.ascontiguousarray(np.moveaxis(out, 0, -1))
     out[~finite.all(axis=0)] = NONFINITE
     return out
+
+
+def unit_scale(f: Filters) -> int:
+    """The ``?scale=`` the unit page asks for (web/src/filters.ts's ``unitFilter``): the
+    static export writes each unit's kernel at this scale only."""
+    return min(MAX_SCALE, max(1, math.ceil(UNIT_PIXELS / max(f.weight.shape[2:]))))
+
+
+def unit_png(f: Filters, unit: int, scale: int) -> bytes:
+    """Unit ``unit``'s kernel as a PNG, upscaled ``scale`` times (nearest neighbour)."""
+    return _png(f.pixels(unit), scale)
 
 
 def _png(pix: np.ndarray, scale: int) -> bytes:
@@ -261,7 +276,8 @@ def grid_png(f: Filters) -> bytes:
     return _png(out, 1)
 
 
-def _doc(s: Session, f: Filters) -> LayerFilters:
+def filters_document(s: Session, f: Filters) -> LayerFilters:
+    """The ``filters.json`` of ``f``'s layer: its scale, each unit's range, the grid's layout."""
     from lurker.probe.data import recorded_normalize
 
     units, channels, kh, kw = f.weight.shape
@@ -305,7 +321,8 @@ def _doc(s: Session, f: Filters) -> LayerFilters:
     )
 
 
-def _listing(s: Session) -> FilterLayers:
+def filter_listing(s: Session) -> FilterLayers:
+    """The run's ``filters.json``: its layers with filters, and why each other has none."""
     layers, reasons = [], {}
     for info in s.entry.open_run().layers:
         try:
@@ -324,7 +341,7 @@ def _listing(s: Session) -> FilterLayers:
     "Which probed layers have filters to draw (first convolutions), and why the others not",
 )
 async def filter_layers(request: Request, run_id: str) -> FilterLayers:
-    return await live_call(request, run_id, _listing)
+    return await live_call(request, run_id, filter_listing)
 
 
 @json_get(
@@ -334,7 +351,7 @@ async def filter_layers(request: Request, run_id: str) -> FilterLayers:
     "A first convolution's kernels as pictures: the scale, each unit's range, the grid",
 )
 async def filters_doc(request: Request, run_id: str, layer: str) -> LayerFilters:
-    return await live_call(request, run_id, lambda s: _doc(s, layer_filters(s, layer)))
+    return await live_call(request, run_id, lambda s: filters_document(s, layer_filters(s, layer)))
 
 
 @router.get(
@@ -359,12 +376,12 @@ async def unit_filter(
     run_id: str,
     layer: str,
     unit: int = Path(ge=0, le=2**31),
-    scale: int = Query(1, ge=1, le=64, description="nearest-neighbour upscaling factor"),
+    scale: int = Query(1, ge=1, le=MAX_SCALE, description="nearest-neighbour upscaling factor"),
 ) -> Response:
     def work(s: Session) -> bytes:
         f = layer_filters(s, layer)
         s.entry.unit_index(s.entry.layer(layer), unit)
-        return _png(f.pixels(unit), scale)
+        return unit_png(f, unit, scale)
 
     png = await live_call(request, run_id, work)
     return Response(png, media_type="image/png", headers={"Cache-Control": "no-cache"})
