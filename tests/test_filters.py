@@ -159,6 +159,7 @@ class _Through(torch.nn.Module):
             "negative factor": lambda: x * self.scale,
             "squared": lambda: x * x,
             "flipped": lambda: x.flip(3),
+            "clamped": lambda: torch.relu(x.clamp(0, 1)),
         }[self.how]()
         return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
 
@@ -167,9 +168,10 @@ class _Through(torch.nn.Module):
     "how, said",
     [
         ("std", None),
-        ("inverted", "may turn a colour's meaning around"),
-        ("negative factor", "may turn a colour's meaning around"),
-        ("squared", "may turn a colour's meaning around"),
+        ("clamped", None),  # monotone: kept (review: refused, its reason false)
+        ("inverted", "does not know to keep a colour's meaning"),
+        ("negative factor", "does not know to keep a colour's meaning"),
+        ("squared", "does not know to keep a colour's meaning"),
         ("flipped", "the image reordered, moved or resized"),
     ],
 )

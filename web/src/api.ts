@@ -741,7 +741,7 @@ export class Api {
       const precomputed = segs[4] === "explain" && top && (held?.methods.includes(method) || (method === "concepts" && !!held?.concepts));
       if (held && (segs.length === 4 || segs[4] === "input.png" || precomputed)) return null;
       const summary = await this.json<RunSummary>(p("runs", run));
-      return `this static export has no model: the live views, and explanations other than the precomputed ones, need \`${serveCommand(run, summary)}\``;
+      return `this static export has no model: the live views, and explanations other than the precomputed ones, need \`${serveCommand(summary)}\``;
     }
     const summary = await this.json<RunSummary>(p("runs", run));
     if (segs[2] === "map" && !summary.holds.map)
@@ -905,17 +905,10 @@ async function readJson<T>(res: Response, url: string): Promise<T> {
   throw new ApiError(res.status, detail);
 }
 
-/**
- * The command that serves `run` with its model, for a page that needs one: a run that
- * records its model spec (as `lurker probe` does) needs no `--model`, since the server
- * loads the recorded model and weights itself; asking for `--model SPEC` sent readers of
- * an export hunting for a spec the run already holds. `isStatic` false: a server that has
- * no model although the run records one could not load it, so naming the model is the fix.
- */
 /** The command that serves a run with its model. RUN stands for the run's folder, as in
  * the docs: the run's id is a name, not a path a reader can pass (a run named "run" read as
  * a verb). A static export of a run that records its model needs nothing more; a server
  * without a model although the run records one could not load it, so it names both. */
-export function serveCommand(_run: string, summary: RunSummary, isStatic = true): string {
+export function serveCommand(summary: RunSummary, isStatic = true): string {
   return isStatic && summary.model.spec ? "lurker serve RUN" : "lurker serve RUN --model SPEC --weights W";
 }

@@ -60,7 +60,7 @@ export function conceptNeedsModel(ctx: PageContext, summary: RunSummary): HTMLEl
     "section",
     { class: "concept-section" },
     h("h2", null, "Concept relevance ", h("span", { class: "sub" }, "which units of a layer carried this decision")),
-    notice(`Concept relevance runs LRP through the model, so it needs ${where}: \`${serveCommand(ctx.run, summary, ctx.api.isStatic)}\`. To show it here, precompute it: \`lurker images RUN --explanations top\`${ctx.api.isStatic ? " and export again" : ""}.`),
+    notice(`Concept relevance runs LRP through the model, so it needs ${where}: \`${serveCommand(summary, ctx.api.isStatic)}\`. To show it here, precompute it: \`lurker images RUN --explanations top\`${ctx.api.isStatic ? " and export again" : ""}.`),
   );
 }
 
@@ -78,7 +78,7 @@ export function conceptUnavailable(reason: string): HTMLElement {
 
 /** Under a precomputed ranking: where it was made, and what the other layers need. */
 export function conceptPrecomputedNote(ctx: PageContext, summary: RunSummary, layer: string): HTMLElement {
-  return h("p", { class: "muted small static-note" }, withCode(`Precomputed at \`${layer}\` for the top class; other layers run LRP through the model: \`${serveCommand(ctx.run, summary, ctx.api.isStatic)}\`.`));
+  return h("p", { class: "muted small static-note" }, withCode(`Precomputed at \`${layer}\` for the top class; other layers run LRP through the model: \`${serveCommand(summary, ctx.api.isStatic)}\`.`));
 }
 
 /** The ranking's status line: how many units of which layer, for what target (`target`:

@@ -35,7 +35,7 @@ export function imagePicker(ctx: PageContext, summary: RunSummary, opts: PickerO
       { class: "card live-input" },
       h("h3", null, opts.title),
       h("div", { class: "row" }, h("span", null, "dataset sample"), select, h("button", { type: "button", id: `${opts.id}-use-sample`, onclick: () => choose(`sample-${select.value}`) }, opts.action)),
-      h("p", { class: "muted small" }, withCode(`The ${opts.only.length} samples whose explanations are precomputed. Other images (and uploads) run the model: \`${serveCommand(ctx.run, summary, ctx.api.isStatic)}\`.`)),
+      h("p", { class: "muted small" }, withCode(`The ${opts.only.length} samples whose explanations are precomputed. Other images (and uploads) run the model: \`${serveCommand(summary, ctx.api.isStatic)}\`.`)),
     );
   }
   const file = h("input", { type: "file", accept: "image/*", id: `${opts.id}-file`, class: "visually-hidden", "aria-label": "upload an image" });

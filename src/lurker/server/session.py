@@ -1146,16 +1146,16 @@ class Session:
         tr = self.trace()
         return self.cached(
             ("keeps-input", self.entry.generation, id(tr)),
-            lambda: _keeps_input(tr, self.signal_channels_last()),
+            lambda: _keeps_input(tr, self.signal_channels_last(), self._reads(tr)),
         ).get(op.index, False)
 
     def reads_input(self, op: Any) -> bool:
         """Whether the output of ``op`` is made from the model's input at all (through any
         ops: a reorder, a resize), where :meth:`keeps_input` asks whether it is the input."""
-        tr = self.trace()
-        return self.cached(
-            ("reads-input", self.entry.generation, id(tr)), lambda: _reads_input(tr)
-        ).get(op.index, False)
+        return self._reads(self.trace()).get(op.index, False)
+
+    def _reads(self, tr: Any) -> dict[int, bool]:
+        return self.cached(("reads-input", self.entry.generation, id(tr)), lambda: _reads_input(tr))
 
     def _signal_maps(self, t: Any, model_input: bool) -> Maps | None:
         """The model's input on a signal run as one map per channel over time, whatever
@@ -1784,7 +1784,9 @@ def json_values(a: np.ndarray) -> list[list[float | None]]:
     return [[float(v) if math.isfinite(v) else None for v in row] for row in a.tolist()]
 
 
-def _keeps_input(tr: Any, channels_last: bool = False) -> dict[int, bool]:
+def _keeps_input(
+    tr: Any, channels_last: bool = False, reads: dict[int, bool] | None = None
+) -> dict[int, bool]:
     """Per op index of the trace ``tr``, whether its first output is its single model
     input's tensor, element for element (see :meth:`Session.keeps_input`); no op does on
     a model of several inputs (whose channels would the names be?). On a channels-last
@@ -1797,7 +1799,8 @@ def _keeps_input(tr: Any, channels_last: bool = False) -> dict[int, bool]:
         return {}
     shape = tuple(inputs[0].outputs[0].shape)
     keeps: dict[int, bool] = {inputs[0].index: True}
-    reads = _reads_input(tr)  # made from the input at all
+    if reads is None:  # made from the input at all (the session passes its cached map)
+        reads = _reads_input(tr)
     for op in tr.ops:  # in call order: an op's arguments come before it
         if op.index in keeps:
             continue

@@ -21,7 +21,7 @@ import { imagePicker } from "../picker";
 import { renderTokenExplain } from "./explain_tokens";
 import { renderFeatureExplain } from "./explain_features";
 import { renderSignalExplain } from "./explain_signal";
-import { DELTA_NOTE, unavailableCard } from "./explain_flat";
+import { DELTA_NOTE, TITLES, unavailableCard } from "./explain_flat";
 import { classLabel, classText, namesWidth } from "../classes";
 import { conceptFrame, conceptLayerSelect, conceptLead, conceptNeedsModel, conceptPrecomputedNote, conceptUnavailable, conceptUnitTitle, type ConceptRanking } from "../concepts";
 
@@ -71,18 +71,6 @@ interface ExplainResult {
   notes?: string[];
 }
 
-const TITLES: Record<string, string> = {
-  saliency: "Saliency",
-  input_x_gradient: "Input × gradient",
-  guided_backprop: "Guided backprop",
-  deconvnet: "Deconvnet",
-  integrated_gradients: "Integrated gradients",
-  smoothgrad: "SmoothGrad",
-  gradcam: "Grad-CAM",
-  gradcam_plus_plus: "Grad-CAM++",
-  occlusion: "Occlusion",
-  lrp: "LRP",
-};
 
 export async function renderExplain(root: HTMLElement, ctx: PageContext): Promise<void> {
   document.title = `explain · ${ctx.run} · lurker`;
@@ -108,8 +96,8 @@ export async function renderExplain(root: HTMLElement, ctx: PageContext): Promis
     root.append(
       notice(
         ctx.api.isStatic
-          ? `${noModel}. Run: \`${serveCommand(ctx.run, summary)}\`${summary.model.spec ? " (it loads the model the run records)" : ""}. To show some here, precompute them before exporting: \`lurker images RUN --explanations top\`.`
-          : `${noModel}. Serve it with: \`${serveCommand(ctx.run, summary, false)}\`.`,
+          ? `${noModel}. Run: \`${serveCommand(summary)}\`${summary.model.spec ? " (it loads the model the run records)" : ""}. To show some here, precompute them before exporting: \`lurker images RUN --explanations top\`.`
+          : `${noModel}. Serve it with: \`${serveCommand(summary, false)}\`.`,
         ctx.api.isStatic ? undefined : "error",
       ),
     );
@@ -160,7 +148,7 @@ export async function renderExplain(root: HTMLElement, ctx: PageContext): Promis
   const held = explained?.samples.find((e) => e.image === image);
   if (live.input_note) root.append(notice(`As the model sees this upload: ${live.input_note}.`));
   if (explained && asked !== "top")
-    root.append(notice(`${ctx.api.isStatic ? "This export holds" : "Without the model, this server has"} explanations of the top class only: shown below. Target ${asked} runs the model: \`${serveCommand(ctx.run, summary, ctx.api.isStatic)}\`.`));
+    root.append(notice(`${ctx.api.isStatic ? "This export holds" : "Without the model, this server has"} explanations of the top class only: shown below. Target ${asked} runs the model: \`${serveCommand(summary, ctx.api.isStatic)}\`.`));
   // a layer asked in the link (one shared from a served page) is not what is shown: say so,
   // as for a target, rather than show the default layer's heatmaps under that URL
   const [gradcamAt, conceptAt] = [params.get("layer"), params.get("clayer")];
@@ -171,7 +159,7 @@ export async function renderExplain(root: HTMLElement, ctx: PageContext): Promis
       ].filter((x): x is string => x !== null)
     : [];
   if (askedLayers.length) {
-    const said = notice(`${ctx.api.isStatic ? "This export holds" : "Without the model, this server has"} each method at its default layer only: shown below. ${askedLayers.join(" and ")} ${askedLayers.length > 1 ? "run" : "runs"} the model: \`${serveCommand(ctx.run, summary, ctx.api.isStatic)}\`.`);
+    const said = notice(`${ctx.api.isStatic ? "This export holds" : "Without the model, this server has"} each method at its default layer only: shown below. ${askedLayers.join(" and ")} ${askedLayers.length > 1 ? "run" : "runs"} the model: \`${serveCommand(summary, ctx.api.isStatic)}\`.`);
     said.id = "explain-layer-not-held";
     root.append(said);
   }
@@ -214,7 +202,7 @@ export async function renderExplain(root: HTMLElement, ctx: PageContext): Promis
             "data-class": q.class,
             "aria-pressed": String(on),
             disabled: off,
-            title: off ? `precomputed for the top class only: other targets run the model (${serveCommand(ctx.run, summary, ctx.api.isStatic)})` : null,
+            title: off ? `precomputed for the top class only: other targets run the model (${serveCommand(summary, ctx.api.isStatic)})` : null,
             onclick: () => go({ target: String(q.class) }),
           },
           h("span", { class: "pname" }, classLabel(q.name, q.class)),
@@ -239,7 +227,7 @@ export async function renderExplain(root: HTMLElement, ctx: PageContext): Promis
       ? h(
           "p",
           { class: "muted small static-note" },
-          withCode(`${ctx.api.isStatic ? "This static export holds" : `${noModel}; the run's cache holds`} the explanations of the top class, precomputed with the run's model. Other classes, units, Grad-CAM layers and concept relevance at other layers run the model: \`${serveCommand(ctx.run, summary, ctx.api.isStatic)}\`.`),
+          withCode(`${ctx.api.isStatic ? "This static export holds" : `${noModel}; the run's cache holds`} the explanations of the top class, precomputed with the run's model. Other classes, units, Grad-CAM layers and concept relevance at other layers run the model: \`${serveCommand(summary, ctx.api.isStatic)}\`.`),
         )
       : h(
       "div",

@@ -55,7 +55,8 @@ export interface FlatKind {
   held?(held: ExplainedIndex["samples"][number], doc: SampleDoc): HTMLElement | null;
 }
 
-const TITLES: Record<string, string> = {
+/** Each attribution method's title on the Explain pages (images, signals, tokens, features). */
+export const TITLES: Record<string, string> = {
   saliency: "Saliency",
   input_x_gradient: "Input × gradient",
   integrated_gradients: "Integrated gradients",
@@ -85,7 +86,7 @@ export async function renderFlatExplain(root: HTMLElement, ctx: PageContext, sum
     const why = ctx.api.isStatic ? "This is a static export" : `This run has no model attached${summary.holds.live_reason ? ` (${summary.holds.live_reason})` : ""}`;
     root.append(
       notice(
-        `${why}: explaining a sample's ${kind.noun}s runs the model. Serve it with \`${serveCommand(ctx.run, summary, ctx.api.isStatic)}\`, or precompute the top class's explanations of the top-k samples into the run with \`lurker images RUN --explanations top\`${ctx.api.isStatic ? " and export again" : ""}.`,
+        `${why}: explaining a sample's ${kind.noun}s runs the model. Serve it with \`${serveCommand(summary, ctx.api.isStatic)}\`, or precompute the top class's explanations of the top-k samples into the run with \`lurker images RUN --explanations top\`${ctx.api.isStatic ? " and export again" : ""}.`,
         ctx.api.isStatic ? undefined : "error",
       ),
     );
@@ -100,7 +101,7 @@ export async function renderFlatExplain(root: HTMLElement, ctx: PageContext, sum
       h("p", { class: "muted small" }, `The inputs are ${kind.what}. ${explained.samples.length} samples' explanations were precomputed (the top class only):`),
       h("p", { class: "explained-list" }, explained.samples.flatMap((e, i) => [i ? " " : null, h("a", { href: ctx.href("explain") + "?image=" + e.image, class: e.image === image ? "on" : null, "data-sample": e.sample, title: e.top ? `predicted ${classLabel(e.top.name, e.top.class)}` : e.methods.join(", ") }, `#${e.sample}`)])),
     );
-    const said = `${ctx.api.isStatic ? "This static export holds" : "Without the model, this server has"} the explanations of the top class of the samples listed, precomputed with the run's model; other samples and classes run the model: \`${serveCommand(ctx.run, summary, ctx.api.isStatic)}\`.`;
+    const said = `${ctx.api.isStatic ? "This static export holds" : "Without the model, this server has"} the explanations of the top class of the samples listed, precomputed with the run's model; other samples and classes run the model: \`${serveCommand(summary, ctx.api.isStatic)}\`.`;
     if (!held) {
       loading.remove();
       if (image) root.append(notice(`${image} has no precomputed explanation here. ${said}`, "error"));
@@ -108,7 +109,7 @@ export async function renderFlatExplain(root: HTMLElement, ctx: PageContext, sum
       root.append(list);
       return;
     }
-    if (target !== "top") root.append(notice(`Only the top class is precomputed: shown below. Target ${target} runs the model: \`${serveCommand(ctx.run, summary, ctx.api.isStatic)}\`.`));
+    if (target !== "top") root.append(notice(`Only the top class is precomputed: shown below. Target ${target} runs the model: \`${serveCommand(summary, ctx.api.isStatic)}\`.`));
     return renderHeld(root, ctx, held, list, said, loading, kind);
   }
   const field = h("input", { type: "number", min: 0, max: Math.max(0, summary.dataset.size - 1), id: "explain-sample", "aria-label": "sample id", value: image?.startsWith("sample-") ? image.slice(7) : "" });

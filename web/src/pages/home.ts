@@ -79,7 +79,7 @@ export async function renderHome(root: HTMLElement, ctx: PageContext): Promise<v
           ["dataset map", s.holds.map ? h("a", { href: ctx.href("map") }, "made") : h("span", { class: "muted" }, "none (lurker map RUN)")],
           ["feature visualizations", featviz.length ? `${featviz.length} layer${featviz.length === 1 ? "" : "s"}: ${featviz.slice(0, 4).join(", ")}${featviz.length > 4 ? ", …" : ""}` : h("span", { class: "muted" }, "none (lurker featviz RUN --layer L)")],
           ["explanations", explained ? h("a", { href: ctx.href("explain") }, `${fmt(explained)} sample${explained === 1 ? "" : "s"} precomputed`) : s.holds.live ? h("a", { href: ctx.href("explain") }, "computed on request") : h("span", { class: "muted" }, "none precomputed")],
-          ["live model", s.holds.live ? h("a", { href: ctx.href("live") }, "attached") : h("span", { class: "muted" }, ctx.api.isStatic ? `none in a static export (${serveCommand("RUN", s)})` : `none (${serveCommand("RUN", s, false)})`)],
+          ["live model", s.holds.live ? h("a", { href: ctx.href("live") }, "attached") : h("span", { class: "muted" }, ctx.api.isStatic ? `none in a static export (${serveCommand(s)})` : `none (${serveCommand(s, false)})`)],
           ["cached images", fmt(s.holds.cached_images)],
           ["probed", [h("span", { title: s.probe.created ?? null }, probedAt(s.probe.created)), s.probe.lurker_version ? ` with lurker ${s.probe.lurker_version}` : ""]],
           ["status", s.probe.status ?? "–"],

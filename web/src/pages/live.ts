@@ -51,7 +51,7 @@ export async function renderLive(root: HTMLElement, ctx: PageContext): Promise<v
   if (ctx.api.isStatic) {
     root.append(
       notice(
-        `This is a static export: the live view runs the model, so it needs a server. Run: \`${serveCommand(ctx.run, summary)}\`${summary.model.spec ? " (it loads the model the run records)" : ""}.`,
+        `This is a static export: the live view runs the model, so it needs a server. Run: \`${serveCommand(summary)}\`${summary.model.spec ? " (it loads the model the run records)" : ""}.`,
       ),
     );
     return;
@@ -60,7 +60,7 @@ export async function renderLive(root: HTMLElement, ctx: PageContext): Promise<v
     append(
       root,
       notice(
-        `The live view runs the model, and this run has none attached${summary.holds.live_reason ? ` (${summary.holds.live_reason})` : ""}. Serve it with: \`${serveCommand(ctx.run, summary, false)}\`.`,
+        `The live view runs the model, and this run has none attached${summary.holds.live_reason ? ` (${summary.holds.live_reason})` : ""}. Serve it with: \`${serveCommand(summary, false)}\`.`,
         "error",
       ),
     );

@@ -102,8 +102,8 @@ export async function renderSample(root: HTMLElement, ctx: PageContext, args: st
                   (pred
                     ? "none (the model's output is not one score per class)"
                     : ctx.api.isStatic
-                      ? `not in this export: the model runs under ${serveCommand(ctx.run, summary)} (or make the run's map, lurker map RUN, before exporting: it records every sample's prediction)`
-                      : `no model attached (${serveCommand(ctx.run, summary, false)})`),
+                      ? `not in this export: the model runs under ${serveCommand(summary)} (or make the run's map, lurker map RUN, before exporting: it records every sample's prediction)`
+                      : `no model attached (${serveCommand(summary, false)})`),
           ],
           ["in top-k of", h("span", { id: "top-k-of" }, `${plural(doc.total, "unit list")} in ${plural(doc.layers.length, "layer")}`, leftOut ? h("span", { class: "muted" }, ` (and ${leftOut.total} tied, left out)`) : null)],
         ]),

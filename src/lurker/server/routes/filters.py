@@ -142,9 +142,9 @@ def layer_filters(s: Session, layer: str) -> Filters:
     if flipped is not None:
         raise ApiError(
             404,
-            f"{what} reads the input image through {flipped}, which may turn a colour's "
-            "meaning around (a negative factor, 1 - x, a square): a kernel drawn red could "
-            "weigh less red, so no filters are drawn",
+            f"{what} reads the input image through {flipped}, which lurker does not know "
+            "to keep a colour's meaning (1 - x, a negative factor or a square turn it around:"
+            " a kernel drawn red could weigh less red), so no filters are drawn",
         )
     if k.in_channels not in (1, 3):
         raise ApiError(
@@ -164,13 +164,18 @@ def layer_filters(s: Session, layer: str) -> Filters:
     return Filters(info.name, node.label, k.param, w, max_abs)
 
 
-#: ops through which the input's colours keep their meaning, given the conditions of
-#: :func:`_colour_flip` (a positive factor, the input as the minuend or dividend)
+#: ops through which the input's colours keep their meaning (more of a colour in, not less
+#: out: non-decreasing per value), given the conditions of :func:`_colour_flip` (a positive
+#: factor, the input as the minuend or dividend, a leaky ReLU's slope >= 0)
 _KEEP_COLOUR = frozenset({
     "add", "sub", "subtract", "mul", "multiply", "div", "divide", "true_divide",
     "batch_norm", "instance_norm", "dropout", "dropout1d", "dropout2d", "dropout3d",
     "alpha_dropout", "feature_alpha_dropout", "feature_dropout", "contiguous", "clone",
     "detach", "to", "type", "type_as", "float", "double", "half", "bfloat16", "cpu", "cuda",
+    # monotone non-decreasing functions: a clamp to [0, 1], an activation on the way
+    "clamp", "clip", "clamp_min", "clamp_max", "nan_to_num", "pos", "positive", "relu",
+    "relu6", "leaky_relu", "elu", "selu", "celu", "sigmoid", "tanh", "hardsigmoid",
+    "hardtanh", "softplus", "logsigmoid", "exp", "expm1", "log", "log1p", "sqrt",
 })  # fmt: skip
 _FACTOR = frozenset({"mul", "multiply", "div", "divide", "true_divide"})
 
@@ -206,6 +211,10 @@ def _colour_flip(s: Session, op: Any) -> str | None:
             return said  # 1 - x, 1 / x, or x - x
         if name in _FACTOR and len(colour) != 1:
             return said  # x * x: a square turns negative values around
+        if name == "leaky_relu":
+            slope = o.kwargs.get("negative_slope", args[1] if len(args) > 1 else 0.01)
+            if not isinstance(slope, (int, float)) or slope < 0:
+                return said
         if name in _FACTOR or name in ("batch_norm", "instance_norm"):
             if name in _FACTOR:
                 others = [a for i, a in enumerate(args) if i not in colour]
