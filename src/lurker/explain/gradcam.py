@@ -99,12 +99,12 @@ def _map_layers(model: nn.Module, x: Tensor, line: bool) -> tuple[Any, list[str]
     return tr, maps
 
 
-def refusal(model: nn.Module, x: Tensor) -> str | None:
-    """Why Grad-CAM has no default layer in ``model`` (no op makes a map: an MLP, an LSTM
-    over time), or None; from the trace alone (no gradient), so it can be said before
-    anyone asks. The model's own failure on ``x`` is None."""
+def no_map(model: nn.Module, x: Tensor) -> str | None:
+    """What Grad-CAM finds no layer of ``model`` making (``"a map"``, or ``"a map along
+    time"`` on a signal) where none does (an MLP, an LSTM over time), else None: from the
+    trace alone (no gradient), so a caller can say it before anyone asks. The model's own
+    failure on ``x`` is None."""
     from .axes import input_axes
-    from .lrp import INSTEAD
 
     try:
         line = is_signal(input_axes(model, x), x)
@@ -113,8 +113,7 @@ def refusal(model: nn.Module, x: Tensor) -> str | None:
         return None
     if maps:
         return None
-    what = "a map along time (a Conv1d's (B, C, L) output)" if line else "a map"
-    return f"Grad-CAM weighs a layer's maps, and no layer of this model makes {what}; {INSTEAD}"
+    return "a map along time (a Conv1d's (B, C, L) output)" if line else "a map"
 
 
 def several_outputs(model: nn.Module, x: Tensor, layer: str, line: bool) -> LurkerError | None:

@@ -54,7 +54,15 @@ from .targets import (
     parse_target,
 )
 
-__all__ = ["ATTENTION_RULES", "COMPOSITES", "LRP", "Relevance", "lrp_relevance"]
+__all__ = [
+    "ATTENTION_RULES",
+    "COMPOSITES",
+    "LRP",
+    "NoRule",
+    "Relevance",
+    "lrp_relevance",
+    "no_rule",
+]
 
 #: How relevance crosses softmax attention: ``cp`` holds the attention weights constant
 #: (Ali et al., 2022; conservative), ``attnlrp`` gives the scores their share by AttnLRP's
@@ -979,15 +987,6 @@ def no_rule(model: nn.Module, x: Tensor) -> NoRule | None:
     except Exception:
         return None
     return None
-
-
-def said(e: NoRule) -> str:
-    """:func:`no_rule`'s finding as one line for a list of methods: what to use instead."""
-    return f"LRP has no rule for {e.plain}; {INSTEAD}"
-
-
-#: What to use where LRP cannot go, by the explorer's method titles.
-INSTEAD = "use Integrated gradients or Input \u00d7 gradient instead"
 
 
 def _merge(w: Tensor, b: Tensor | None, bn: Op, value: Callable) -> tuple[Tensor, Tensor]:

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from ..errors import LurkerError
 from .base import check_input, input_errors, no_param_grads, untouched
-from .lrp import INSTEAD, SUPPORTED, Engine, NoRule, _warn_leaks
+from .lrp import SUPPORTED, Engine, NoRule, _warn_leaks
 from .targets import UnitTarget, by_unit
 
 __all__ = ["Concepts", "concepts"]
@@ -158,12 +158,6 @@ def concepts(
         heatmaps=heatmaps.detach(),
         options={"top": top, "batch_size": batch_size, **params},
     )
-
-
-def said(e: NoRule) -> str:
-    """LRP's :func:`~lurker.explain.lrp.no_rule` finding as concept relevance's line for a
-    list of methods: it propagates LRP through every layer, so what to use instead."""
-    return f"concept relevance is LRP through every layer, and LRP has no rule for {e.plain}; {INSTEAD}"
 
 
 def _no_rule(e: LurkerError) -> LurkerError:

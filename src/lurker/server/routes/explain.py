@@ -990,6 +990,8 @@ def methods(request: Request, run_id: str) -> ExplainMethods:
 #: relevance (LRP through every layer) is said under CONCEPTS_KEY
 _REFUSABLE = ("lrp", "gradcam", "gradcam_plus_plus")
 CONCEPTS_KEY = "concepts"
+#: what to use where LRP or Grad-CAM cannot go, by the Explain pages' method titles
+_INSTEAD = "use Integrated gradients or Input \u00d7 gradient instead"
 
 
 def _refusals(s: Session) -> dict[str, str]:
@@ -1010,18 +1012,24 @@ def _refusals(s: Session) -> dict[str, str]:
         return {}
 
     def make() -> dict[str, str]:
-        from lurker.explain import gradcam, lrp, relevance
+        from lurker.explain import gradcam, lrp
 
         out: dict[str, str] = {}
         with s.model_lock:
             x = s.example_input(model)
-            cam = gradcam.refusal(model, x)
+            what = gradcam.no_map(model, x)
             no_rule = lrp.no_rule(model, x)
-        if cam is not None:
-            out["gradcam"] = out["gradcam_plus_plus"] = cam
+        if what is not None:
+            out["gradcam"] = out["gradcam_plus_plus"] = (
+                f"Grad-CAM weighs a layer's maps, and no layer of this model makes {what}; "
+                f"{_INSTEAD}"
+            )
         if no_rule is not None:
-            out["lrp"] = lrp.said(no_rule)
-            out[CONCEPTS_KEY] = relevance.said(no_rule)
+            out["lrp"] = f"LRP has no rule for {no_rule.plain}; {_INSTEAD}"
+            out[CONCEPTS_KEY] = (
+                "concept relevance is LRP through every layer, and LRP has no rule for "
+                f"{no_rule.plain}; {_INSTEAD}"
+            )
         return out
 
     return s.cached(("explain-refusals", s.entry.generation), make)
