@@ -319,6 +319,47 @@ def test_scale_factor_and_antialias() -> None:
     check(rf, M(), x, all_positions(shape), tight=False)
 
 
+@pytest.mark.parametrize(
+    "size, kw",
+    [
+        ((32, 32), dict(scale_factor=0.5, mode="bilinear")),
+        ((20, 24), dict(scale_factor=0.5, mode="bicubic")),
+        ((13, 31), dict(scale_factor=0.37, mode="bilinear")),
+        ((20, 24), dict(size=(9, 14), mode="bilinear", align_corners=True)),
+        ((7, 5), dict(scale_factor=2.0, mode="bicubic")),
+    ],
+)
+def test_an_antialiased_resize_gives_exact_boxes(size: tuple[int, int], kw: dict) -> None:
+    # the field is called exact, but each box took torch's whole antialiasing window,
+    # whose end taps the filter weighs 0: up to two pixels too wide on each side (a
+    # model shrinking its input with antialias=True had every crop padded with pixels
+    # its units never see)
+    class M(nn.Module):
+        def forward(self, x: Tensor) -> Tensor:
+            return F.interpolate(x, antialias=True, **kw)
+
+    x = torch.randn(1, 1, *size)
+    rf, shape = rf_of(M(), x)
+    assert rf.exact
+    check(rf, M(), x, all_positions(shape), tight=True)
+    check(rf, M(), x.double(), all_positions(shape), tight=True)
+
+
+def test_a_conv_after_an_antialiased_halving_sees_eight_pixels() -> None:
+    # by hand: halving with antialias weighs 4 pixels per output (a triangle 2 px wide on
+    # each side, its ends weighed 0); a 3x3 conv's 3 outputs step 2: 4 + 2 * 2 = 8 px.
+    # The layer page said 12x12 px
+    conv = nn.Conv2d(1, 2, 3)
+
+    def model(t: Tensor) -> Tensor:
+        return conv(F.interpolate(t, scale_factor=0.5, mode="bilinear", antialias=True))
+
+    x = torch.randn(1, 1, 32, 32)
+    rf, shape = rf_of(_Wrap(model), x)
+    assert rf.size == (8, 8) and rf.stride == (2, 2)
+    check(rf, model, x, all_positions(shape), tight=True)
+
+
 def test_conv_transpose_and_pixel_shuffle() -> None:
     class M(nn.Module):
         def __init__(self):

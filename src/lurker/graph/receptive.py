@@ -614,12 +614,8 @@ def _interp_map(n_in: int, n_out: int, mode: str, align: bool, sf: float | None,
         idx = np.minimum(np.stack(cols, 1).astype(np.int64), n_in - 1)
         return _Map(None, idx, scale)
     cubic = mode == "bicubic"
-    if aa:  # antialiased: a support of interp_size/2 input pixels, stretched when shrinking
-        support = (2.0 if cubic else 1.0) * max(scale, 1.0)
-        centres = np.stack([scale * (i + 0.5), scale * i + 0.5], 1)
-        start = np.floor(centres.min(1) - support).astype(np.int64) - 1
-        end = np.ceil(centres.max(1) + support).astype(np.int64) + 2
-        return _ragged(start.clip(0, n_in - 1), end.clip(1, n_in), scale)
+    if aa:
+        return _aa_map(n_in, n_out, scales, cubic)
     cols = []
     for sc in scales:
         dt = type(sc)
@@ -630,6 +626,47 @@ def _interp_map(n_in: int, n_out: int, mode: str, align: bool, sf: float | None,
         base = np.floor(src).astype(np.int64)
         cols += [base + t for t in ((-1, 0, 1, 2) if cubic else (0, 1))]
     return _Map(None, np.stack(cols, 1).clip(0, n_in - 1), scale)
+
+
+def _aa_filter(x: np.ndarray, cubic: bool) -> np.ndarray:
+    """torch's antialiasing filters (``aa_filter``): a triangle, or Keys' cubic (a = -0.5)."""
+    x = np.abs(x)
+    if not cubic:
+        return np.where(x < 1, 1 - x, 0)
+    a = x.dtype.type(-0.5)
+    near = ((a + 2) * x - (a + 3)) * x * x + 1
+    far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+    return np.where(x < 1, near, np.where(x < 2, far, 0))
+
+
+def _aa_map(n_in: int, n_out: int, scales: list[Any], cubic: bool) -> _Map:
+    """Antialiased taps as torch's ``upsample_*_aa`` weighs them. Its window of
+    ``interp_size / 2`` input pixels around ``scale * (i + 0.5)`` (stretched when
+    shrinking, the same centre with align_corners) holds end taps the filter weighs 0,
+    which nothing reaches: only taps of non-zero weight are kept, in float32 and float64
+    (the kernel may weigh in either; their union is a bound), else a box called exact was
+    up to two pixels too wide on each side."""
+    i = np.arange(n_out)
+    rows = np.arange(n_out)
+    lo = np.full(n_out, n_in, dtype=np.int64)
+    hi = np.zeros(n_out, dtype=np.int64)
+    for sc in scales:
+        dt = np.float64 if isinstance(sc, float) else np.float32
+        s, one, half = dt(sc), dt(1), dt(0.5)
+        support = dt(2.0 if cubic else 1.0) * (s if s >= one else one)
+        inv = one / s if s >= one else one
+        centre = s * (i.astype(dt) + half)
+        start = np.maximum(np.trunc(centre - support + half).astype(np.int64), 0)
+        end = np.minimum(np.trunc(centre + support + half).astype(np.int64), n_in)
+        j = _col(start) + np.arange(max(int((end - start).max()), 1), dtype=np.int64)
+        w = _aa_filter((j.astype(dt) - centre[:, None] + half) * inv, cubic)
+        nz = (j < _col(end)) & (w != 0)
+        has = nz.any(1)
+        first = np.where(has, j[rows, nz.argmax(1)], n_in)
+        last = np.where(has, j[rows, nz.shape[1] - 1 - nz[:, ::-1].argmax(1)] + 1, 0)
+        lo, hi = np.minimum(lo, first), np.maximum(hi, last)
+    empty = hi <= lo  # no tap of non-zero weight (not met): the whole axis, as a bound
+    return _ragged(np.where(empty, 0, lo), np.where(empty, n_in, hi), float(scales[0]))
 
 
 def _h_interpolate(op: Op, k: int, parents: list[_Parent], out: tuple[int, ...]) -> _Maps | None:
