@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from concurrent.futures import ThreadPoolExecutor
 
 from lurker.server.serve import bind
 
@@ -32,7 +33,10 @@ def _accepted_nodelay(listener: socket.socket) -> int:
             server.close()
             await server.wait_closed()
 
-    return asyncio.run(main())
+    # in a thread of its own: a browser test's sync Playwright may leave this thread
+    # with a running event loop, where asyncio.run() refuses to start
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(lambda: asyncio.run(main())).result()
 
 
 def test_served_connections_disable_nagle() -> None:
