@@ -111,6 +111,8 @@ def test_a_layer_that_does_not_read_the_input_or_is_grouped_is_refused(colour):
         res = client.get(f"/api/runs/c/layers/{layer}/filters.json")
         assert res.status_code == 404
         assert "not the model's input image" in res.json()["detail"]
+        # made by another conv: its channels, not the image moved (review: said moved)
+        assert "other layers' channels" in res.json()["detail"], res.text
     res = client.get("/api/runs/c/layers/grouped/units/0/filter.png")
     assert res.status_code == 404 and "grouped (2 groups)" in res.json()["detail"]
     res = client.get("/api/runs/c/layers/conv/units/6/filter.png")

@@ -1146,16 +1146,8 @@ class Session:
         tr = self.trace()
         return self.cached(
             ("keeps-input", self.entry.generation, id(tr)),
-            lambda: _keeps_input(tr, self.signal_channels_last(), self._reads(tr)),
+            lambda: _keeps_input(tr, self.signal_channels_last()),
         ).get(op.index, False)
-
-    def reads_input(self, op: Any) -> bool:
-        """Whether the output of ``op`` is made from the model's input at all (through any
-        ops: a reorder, a resize), where :meth:`keeps_input` asks whether it is the input."""
-        return self._reads(self.trace()).get(op.index, False)
-
-    def _reads(self, tr: Any) -> dict[int, bool]:
-        return self.cached(("reads-input", self.entry.generation, id(tr)), lambda: _reads_input(tr))
 
     def _signal_maps(self, t: Any, model_input: bool) -> Maps | None:
         """The model's input on a signal run as one map per channel over time, whatever
@@ -1784,9 +1776,7 @@ def json_values(a: np.ndarray) -> list[list[float | None]]:
     return [[float(v) if math.isfinite(v) else None for v in row] for row in a.tolist()]
 
 
-def _keeps_input(
-    tr: Any, channels_last: bool = False, reads: dict[int, bool] | None = None
-) -> dict[int, bool]:
+def _keeps_input(tr: Any, channels_last: bool = False) -> dict[int, bool]:
     """Per op index of the trace ``tr``, whether its first output is its single model
     input's tensor, element for element (see :meth:`Session.keeps_input`); no op does on
     a model of several inputs (whose channels would the names be?). On a channels-last
@@ -1799,8 +1789,6 @@ def _keeps_input(
         return {}
     shape = tuple(inputs[0].outputs[0].shape)
     keeps: dict[int, bool] = {inputs[0].index: True}
-    if reads is None:  # made from the input at all (the session passes its cached map)
-        reads = _reads_input(tr)
     for op in tr.ops:  # in call order: an op's arguments come before it
         if op.index in keeps:
             continue
@@ -1816,20 +1804,10 @@ def _keeps_input(
             and tuple(op.outputs[0].shape) == shape
             and any(r.output == 0 and keeps.get(r.index, False) for r in args)
             and all(
-                (r.output == 0 and keeps.get(r.index, False)) or not reads.get(r.index, False)
+                # or made from no input at all (the graph's distance from one: none)
+                (r.output == 0 and keeps.get(r.index, False))
+                or tr.ops[r.index].dist_from_input is None
                 for r in args
             )
         )
     return keeps
-
-
-def _reads_input(tr: Any) -> dict[int, bool]:
-    """Per op index of the trace ``tr``, whether its output is made from a model input."""
-    from lurker.graph.nodes import OpRef, refs
-
-    reads: dict[int, bool] = {}
-    for op in tr.ops:  # in call order: an op's arguments come before it
-        reads[op.index] = op.kind == "input" or any(
-            reads.get(r.index, False) for r in refs(op) if isinstance(r, OpRef)
-        )
-    return reads

@@ -130,7 +130,7 @@ def layer_filters(s: Session, layer: str) -> Filters:
         why = (
             "the image reordered, moved or resized (its channels are not the image's colours "
             "as shown)"
-            if producer is not None and s.reads_input(producer)
+            if producer is not None and _image_alone(s.trace(), producer)
             else "other layers' channels, not colours"
         )
         raise ApiError(
@@ -162,6 +162,29 @@ def layer_filters(s: Session, layer: str) -> Filters:
     finite = w[np.isfinite(w)]
     max_abs = float(np.abs(finite).max()) if finite.size else 0.0
     return Filters(info.name, node.label, k.param, w, max_abs)
+
+
+def _image_alone(tr: Any, op: Any) -> bool:
+    """Whether ``op``'s output is made from the model's input through ops of no parameter
+    alone (a flip, an index, a resize, a pad: the image moved, still its colours), not
+    through a layer's weights (another conv: other layers' channels)."""
+    from lurker.graph.nodes import OpRef, refs
+
+    seen: dict[int, bool] = {}
+
+    def alone(o: Any) -> bool:
+        if o.index not in seen:
+            seen[o.index] = False  # (a graph has no cycle: a guard all the same)
+            parents = [tr.ops[r.index] for r in refs(o) if isinstance(r, OpRef)]
+            seen[o.index] = o.kind == "input" or (
+                o.kind == "op"
+                and not o.params
+                and any(p.dist_from_input is not None for p in parents)
+                and all(alone(p) for p in parents if p.dist_from_input is not None)
+            )
+        return seen[o.index]
+
+    return alone(op)
 
 
 #: ops through which the input's colours keep their meaning (more of a colour in, not less
