@@ -716,6 +716,21 @@ def test_exported_explain_heading_states_a_bound_as_a_bound(
             assert heading.inner_text().endswith(f"· {want}"), (image, heading.inner_text())
 
 
+def _without_model_spec(run: Path, dest: Path) -> Path:
+    """A copy of ``run`` at ``dest`` that records no model (its cache left out)."""
+    from lurker.store import RunWriter, run_lock
+
+    shutil.copytree(run, dest, ignore=shutil.ignore_patterns("cache"))
+    with run_lock(dest):
+        w = RunWriter.reopen(dest)
+        try:
+            config = w.meta_get("config")
+            w.meta_set("config", {k: v for k, v in config.items() if k != "model_spec"})
+        finally:
+            w.close()
+    return dest
+
+
 def test_exported_pages_name_the_command_that_serves_the_run_with_its_model(
     browser: object,
     explorer_run: ExplorerRun,  # noqa: F811
@@ -726,21 +741,12 @@ def test_exported_pages_name_the_command_that_serves_the_run_with_its_model(
     model, attaches it); they asked for `--model SPEC` and `--weights W`, which sent the
     reader hunting for a spec the run holds. A run that records none still gets them."""
     from explorer_fixtures import STATIC, static_server, strict_page
-    from lurker.store import RunWriter, run_lock
 
     if not (STATIC / "index.html").is_file():
         pytest.skip(f"the explorer's front end is not built ({STATIC}/index.html): run `make web`")
     served = TestClient(create_app(explorer_run.path, static_dir=STATIC))
     assert served.get("/api/runs/digits").json()["holds"]["live"] is True
-    bare = tmp_path / "runs" / "digits"  # the same run, recording no model
-    shutil.copytree(explorer_run.path, bare, ignore=shutil.ignore_patterns("cache"))
-    with run_lock(bare):
-        w = RunWriter.reopen(bare)
-        try:
-            config = w.meta_get("config")
-            w.meta_set("config", {k: v for k, v in config.items() if k != "model_spec"})
-        finally:
-            w.close()
+    bare = _without_model_spec(explorer_run.path, tmp_path / "runs" / "digits")
     shown: dict[str, list[str]] = {}
     for name, run in (("recorded", explorer_run.path), ("bare", bare)):
         site = export_site(run, tmp_path / name, progress=False, make_images=False)
@@ -819,7 +825,6 @@ def test_exported_pages_show_the_filters_only_with_the_model(
     same run recording no model writes no filter file and its pages show neither, no empty
     box and no request for a file the site lacks (strict pages: no console error, no 404)."""
     from explorer_fixtures import STATIC, static_server, strict_page
-    from lurker.store import RunWriter, run_lock
 
     if not (STATIC / "index.html").is_file():
         pytest.skip(f"the explorer's front end is not built ({STATIC}/index.html): run `make web`")
@@ -837,15 +842,7 @@ def test_exported_pages_show_the_filters_only_with_the_model(
         pg.wait_for_function(loaded, arg="#unit-filter img")
         assert "mid-grey is 0" in pg.locator("#unit-filter").inner_text()
         pg.screenshot(path=str(tmp_path / "unit.png"))
-    bare = tmp_path / "runs" / "digits"  # the same run, recording no model
-    shutil.copytree(explorer_run.path, bare, ignore=shutil.ignore_patterns("cache"))
-    with run_lock(bare):
-        w = RunWriter.reopen(bare)
-        try:
-            config = w.meta_get("config")
-            w.meta_set("config", {k: v for k, v in config.items() if k != "model_spec"})
-        finally:
-            w.close()
+    bare = _without_model_spec(explorer_run.path, tmp_path / "runs" / "digits")
     site = export_site(bare, tmp_path / "bare", progress=False, make_images=False)
     assert not list((site / "data").rglob("filter*"))
     with static_server(site) as url, strict_page(browser) as pg:
