@@ -229,7 +229,7 @@ def featviz(
 
         held = run if isinstance(run, Run) else Run.open(run)
         model = channels_first_view(model, (held.meta.get("config") or {}).get("channel_dim"))
-    rate = _sample_rate(held) if run is not None else None
+    rate = held.sample_rate if run is not None else None
     cfg = _Config.make(
         model, layer, units, objective, steps, size, channels, lr, param, images_per_unit,
         diversity, position, directions, mean, std, run, batch_size, max_memory, device,
@@ -364,15 +364,6 @@ def _peaks(tap: _Tap, scorer: _Scorer, rows: list[int], x: Tensor, n: int) -> Te
     if act.dim() != 3 or scorer.objective == "direction":
         return torch.zeros(0, dtype=torch.long)
     return act[torch.arange(act.shape[0], device=act.device), units].argmax(-1).cpu()
-
-
-def _sample_rate(run: Any) -> float | None:
-    """A signal run's sampling rate in Hz (the dataset's ``sample_rate``, as the probe
-    recorded it); None where it has none or it is no positive finite number."""
-    rate = (run.meta.get("config") or {}).get("sample_rate")
-    if isinstance(rate, bool) or not isinstance(rate, (int, float)):
-        return None
-    return float(rate) if math.isfinite(rate) and rate > 0 else None
 
 
 def _neuron_span(tap: _Tap, cfg: _Config, x0: Tensor, t: int, rate: float | None) -> dict[str, Any]:

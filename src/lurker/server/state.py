@@ -224,10 +224,7 @@ def sample_rate(run: Run) -> float | None:
     """A signal run's sampling rate in Hz, as the probe stored it from the dataset's
     ``sample_rate``: the pages give times in seconds by it. ``None`` where it had none,
     the run is not a signal, or the stored value is not a positive finite number."""
-    rate = (run.meta.get("config") or {}).get("sample_rate")
-    if signal_shape(run) is None or isinstance(rate, bool) or not isinstance(rate, int | float):
-        return None
-    return float(rate) if math.isfinite(rate) and rate > 0 else None
+    return None if signal_shape(run) is None else run.sample_rate
 
 
 def channel_range(run: Run) -> dict[str, list[Any]] | None:

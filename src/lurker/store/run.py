@@ -517,6 +517,15 @@ class Run:
             return has_relevance_table(self._conn)
 
     @property
+    def sample_rate(self) -> float | None:
+        """The sampling rate in Hz the probe recorded from a signal dataset's
+        ``sample_rate``; None where it recorded none or not a positive finite number."""
+        rate = (self.meta.get("config") or {}).get("sample_rate")
+        if isinstance(rate, bool) or not isinstance(rate, int | float):
+            return None
+        return float(rate) if math.isfinite(rate) and rate > 0 else None
+
+    @property
     def num_samples(self) -> int:
         """How many samples the run holds (the readable images the probe swept)."""
         return int(self._query("SELECT count(*) FROM samples")[0][0])
