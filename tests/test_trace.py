@@ -260,6 +260,49 @@ def test_submodule_called_twice():
     _assert_same_output(tr, model, x)
 
 
+def test_a_module_shared_under_two_paths_is_named_by_its_first():
+    """A module registered twice (``self.enc.emb = self.emb``, tied embeddings) is named
+    by its first path, as ``named_modules()`` does; its other path, the one the forward
+    calls it by, is refused everywhere with the path that names it, not a bare "no such
+    module"."""
+
+    class Enc(nn.Module):
+        def __init__(self, emb: nn.Embedding) -> None:
+            super().__init__()
+            self.emb = emb
+            self.l = nn.Linear(8, 8)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.l(self.emb(ids))
+
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(20, 8)
+            self.enc = Enc(self.emb)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.enc(ids)
+
+    torch.manual_seed(0)
+    model = Tied()
+    ids = torch.randint(0, 20, (2, 5))
+    tr = lurker.trace(model, ids)
+    torch.testing.assert_close(tr["emb"].activation, model.emb.weight[ids].detach())
+    use = "use 'emb'"
+    with pytest.raises(KeyError, match=use):
+        tr["enc.emb"]
+    with pytest.raises(KeyError, match=use):
+        tr.run(ids, hooks={"enc.emb": lambda op, out: None})
+    with pytest.raises(lurker.LurkerError, match=use):
+        lurker.trace(model, ids, save=["enc.emb"])
+    with pytest.raises(lurker.LurkerError, match=use):
+        tr.run(ids, save=["enc.emb"])
+    with pytest.raises(KeyError) as err:  # a key that is no path at all gets no such note
+        tr["enc.nothing"]
+    assert "registered first" not in str(err.value)
+
+
 def test_structured_inputs_and_dict_output():
     torch.manual_seed(0)
     model = Structured()
@@ -560,6 +603,23 @@ def test_gradients_match_autograd():
     torch.testing.assert_close(tr["0"].grad, g1)
     torch.testing.assert_close(tr["1"].grad, g2)
     torch.testing.assert_close(tr["2"].grad, go)
+
+
+def test_backward_on_a_trace_without_grads_is_refused_before_it_runs():
+    """tr.backward() on a trace made without grads=True ran, kept no op's gradient and
+    said nothing: every op.grad stayed None. Now it is refused with the fix, and the
+    autograd graph is left unspent (the output's own backward still runs)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    x = torch.randn(5, 4)
+    tr = lurker.trace(model, x)
+    with pytest.raises(lurker.LurkerError, match=r"grads=True"):
+        tr.backward(output=lambda out: out[:, 1].sum())
+    assert all(op.grad is None for op in tr.ops)
+    assert model[0].weight.grad is None  # nothing ran
+    tr.output[:, 1].sum().backward()
+    (g,) = torch.autograd.grad(model(x)[:, 1].sum(), [model[0].weight])
+    torch.testing.assert_close(model[0].weight.grad, g)
 
 
 def test_gradients_are_kept_for_the_saved_ops_only():

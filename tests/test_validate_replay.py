@@ -1009,6 +1009,34 @@ def test_a_path_that_changes_with_the_input_shape_names_the_shapes():
             tr.run(torch.randn(n, 3))
 
 
+def test_a_path_that_changes_with_a_count_argument_names_the_argument():
+    """A forward looping over a count it is passed (``model(x, steps)``) takes another
+    path when the count differs: the error names the argument and both values, instead of
+    blaming the model's state because the tensors are the traced ones."""
+
+    class Steps(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.block = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor, steps: int, mode: str = "a") -> torch.Tensor:
+            for _ in range(steps):
+                x = torch.tanh(self.block(x))
+            return x
+
+    model = Steps()
+    x = torch.randn(2, 4)
+    tr = lurker.trace(model, x, 3)
+    x5 = torch.randn(5, 4)
+    _same(tr.run(x5, steps=3).output, model(x5, 3))  # the same count replays
+    for call in ((x, 5), (torch.randn(3, 4), 2)):
+        with pytest.raises(GraphChangedError) as err:
+            tr.run(*call)
+        msg = str(err.value)
+        assert f"argument 'steps' is {call[1]} where the trace was recorded with 3" in msg
+        assert "model's state" not in msg and "'mode'" not in msg
+
+
 def test_a_model_made_under_inference_mode_is_named_not_blamed():
     """Parameters made under inference_mode have no version counter: the trace cannot
     run, and says why (not as the model's own error at an op inside lurker)."""

@@ -48,6 +48,7 @@ def build(
     tr.time = wall
     tr._inputs = inputs
     tr._rng = rng
+    tr._grads = rec.grads
     tr._transform = rec.transform
     tr.param_shapes = dict(rec.param_shapes)  # the recorder shares its index across traces
     tr._param_writes = rec.param_writes

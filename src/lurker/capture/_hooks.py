@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.nn.modules import module as _module
 
 from ..errors import LurkerError, OpKeyError
+from ._policy import shared_module_note
 
 if TYPE_CHECKING:
     from ..graph.nodes import Op
@@ -84,7 +85,8 @@ def ops_for(trace: Trace, key: Any) -> list[Op]:
             names = list(dict.fromkeys([*trace._index, *(op.rolled for op in ops)]))  # once each
             close = difflib.get_close_matches(key, names, n=5)
             hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-            raise OpKeyError(f"hook key {key!r} names no op or module of this trace.{hint}")
+            note = shared_module_note(trace.model, [key])
+            raise OpKeyError(f"hook key {key!r} names no op or module of this trace.{hint}{note}")
     for op in found:
         _check_hookable(trace, key, op)
     return found

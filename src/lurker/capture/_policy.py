@@ -112,9 +112,47 @@ def check_classes(policy: SavePolicy, model: nn.Module) -> None:
     )
 
 
-def check_patterns(policy: SavePolicy, ops: Iterable[Op], module_paths: Iterable[str]) -> None:
+def shared_module_note(model: nn.Module | None, keys: Iterable[Any]) -> str:
+    """A sentence for each key that names a module by a second path it is registered
+    under (``enc.emb`` where ``self.enc.emb = self.emb``), or empty. A trace names each
+    module by its first path, as ``model.named_modules()`` does, so such a key matches
+    nothing; the sentence gives the path that does. Only called once a key matched nothing."""
+    if model is None:
+        return ""
+    first: dict[int, str] = {}
+    alias: dict[str, str] = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        name = first.setdefault(id(module), path)
+        if name != path:
+            alias[path] = name
+    notes = []
+    for key in keys:
+        if not isinstance(key, str) or not alias:
+            continue
+        path, colon, pass_num = key.partition(":")
+        parts = path.split(".")
+        for n in range(len(parts), 0, -1):  # the longest registered prefix
+            head = ".".join(parts[:n])
+            if head in alias:
+                name = ".".join([alias[head], *parts[n:]]) + colon + pass_num
+                notes.append(
+                    f"'{head}' is the module registered first as '{alias[head]}' (one module "
+                    "under two paths); a trace names it by its first path, as "
+                    f"model.named_modules() does: use {name!r}."
+                )
+                break
+    return (" " + " ".join(notes)) if notes else ""
+
+
+def check_patterns(
+    policy: SavePolicy,
+    ops: Iterable[Op],
+    module_paths: Iterable[str],
+    model: nn.Module | None = None,
+) -> None:
     """Raise if a ``save=`` name or glob matched nothing in the trace: a typo would
-    otherwise silently save nothing. The message lists what the names can match."""
+    otherwise silently save nothing. The message lists what the names can match (and,
+    for a shared module's second path, its first: ``model`` is read for that)."""
     if not policy.patterns:
         return
     labels: list[str] = []
@@ -147,7 +185,8 @@ def check_patterns(policy: SavePolicy, ops: Iterable[Op], module_paths: Iterable
     hint = f" Did you mean {', '.join(map(repr, dict.fromkeys(close)))}?" if close else ""
     raise LurkerError(
         f"save={missing!r} matches no op or module of this model, so nothing would be saved "
-        f"for {'it' if len(missing) == 1 else 'them'}.{hint} save= names (globs allowed) match op "
+        f"for {'it' if len(missing) == 1 else 'them'}.{hint}"
+        f"{shared_module_note(model, missing)} save= names (globs allowed) match op "
         f"labels ({some(labels)}), op names ({some(sorted(names))}) and module paths "
         f"({some(paths) or 'none'}); or pass 'all', 'none', module classes or a function."
     )

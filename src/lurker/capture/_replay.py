@@ -185,6 +185,15 @@ class Replayer(OpMode):
                 f"forward with grad {'on' if grad else 'off'}. Run it in the trace's grad "
                 "mode (torch.no_grad() / torch.enable_grad()), or trace it in this one."
             )
+        changed = _changed_arguments(self.trace, self.call)
+        if changed:  # (the tensors may be the traced ones: not the model's state)
+            return (
+                f"Arguments that are not tensors differ from the traced ones: "
+                f"{first_three(changed, '; ')}. The model's control flow depends on them (a "
+                "loop over a count, a branch on a flag), and a trace records one path: pass "
+                "the values it was traced with, or trace the model with these "
+                "(lurker.trace(model, x, ...))."
+            )
         changes = self.trace._state.lines
         if changes:
             listed = first_three(changes, ", ")
@@ -361,6 +370,42 @@ def _in_hook(error: BaseException) -> bool:
     return False
 
 
+_PLAIN = (bool, int, float, complex, str, bytes, type(None))
+
+
+def _plain(value: Any) -> bool:
+    """Whether ``value`` is a number, string, None or a tuple/list of them: what ``==``
+    compares safely (unlike arrays, or objects whose ``__eq__`` may raise)."""
+    if isinstance(value, (tuple, list)):
+        return all(_plain(v) for v in value)
+    return isinstance(value, _PLAIN)
+
+
+def _changed_arguments(trace: Trace, call: tuple[tuple, dict]) -> list[str]:
+    """``argument 'steps' is 5 where the trace was recorded with 3`` for each argument of
+    the forward, by name, that holds a plain value (a count, a flag, a string) differing
+    from the traced call's: a path that depends on it is not the data's nor the state's
+    doing. Empty where the calls do not bind to the forward's signature."""
+    from .trace import _signature  # (trace imports this module)
+
+    if trace.model is None:
+        return []
+    try:
+        sig = _signature(trace.model.forward)[0]
+        now = sig.bind(*call[0], **call[1])
+        then = sig.bind(*trace._inputs[0], **trace._inputs[1])
+    except (TypeError, ValueError):
+        return []
+    now.apply_defaults()
+    then.apply_defaults()
+    out = []
+    for name, old in then.arguments.items():
+        new = now.arguments.get(name)
+        if _plain(old) and _plain(new) and old is not new and old != new:
+            out.append(f"argument {name!r} is {new!r} where the trace was recorded with {old!r}")
+    return out
+
+
 def _same_inputs(a: tuple[tuple, dict], b: tuple[tuple, dict]) -> bool:
     """Whether two calls' arguments hold equal tensors in the same places."""
     ta, tb = tensors(a, []), tensors(b, [])
@@ -397,7 +442,7 @@ def chosen_ops(trace: Trace, save: Any) -> list[Op]:
     if policy.everything:
         return calls
     # a name that matches nothing would save nothing, silently: refused, as trace() does
-    check_patterns(policy, trace.ops, trace.modules)
+    check_patterns(policy, trace.ops, trace.modules, trace.model)
     if trace.model is not None:
         check_classes(policy, trace.model)
     modules = (

@@ -28,7 +28,7 @@ from ._build import build
 from ._hooks import HookFn
 from ._memory import fmt_bytes, parse_max_memory
 from ._nonfinite import FirstNonFinite, NonFiniteCount
-from ._policy import check_classes, check_patterns, make_policy
+from ._policy import check_classes, check_patterns, make_policy, shared_module_note
 from ._recorder import Recorder, TransformFailed
 from ._tree import map_tensors, paths
 
@@ -167,7 +167,7 @@ def trace(
         tr._param_replaced = gone
         tr._no_output_check = no_output_check
         tr._model_hooks = model_hooks
-        check_patterns(policy, tr.ops, tr.modules)
+        check_patterns(policy, tr.ops, tr.modules, model)
         if rec.saved_modules:
             _warn_no_output(tr, rec.saved_modules)
         return tr
@@ -638,6 +638,7 @@ class Trace(Graph):
         self.param_shapes: dict[str, tuple[int, ...]] = {}
         self._inputs: tuple[tuple, dict] = ((), {})
         self._rng: Any = None  # autocast, grad mode and RNG state the forward started in
+        self._grads = False  # traced with grads=True: ops keep their gradients
         self._state = _state.NO_CHANGES  # what the traced forward changed in the model
         # parameters the forward wrote into in place (an EMA codebook) or replaced
         # (`p.data = new`): name -> (index of the writing op, or of the last op before the
@@ -669,6 +670,15 @@ class Trace(Graph):
         cls, rec: Recorder, output: Any, inputs: tuple, rng: Any, wall: float, complete: bool
     ) -> Trace:
         return build(cls(), rec, output, inputs, rng, wall, complete)
+
+    def __getitem__(self, key: str | int) -> Op:
+        try:
+            return super().__getitem__(key)
+        except KeyError as e:  # a shared module's second path: say which path names it
+            note = shared_module_note(self.model, [key])
+            if not note:
+                raise
+            raise KeyError(f"{e.args[0]}{note}") from None
 
     @property
     def state_changes(self) -> list[str]:
@@ -802,7 +812,8 @@ class Trace(Graph):
                     break
 
     def backward(self, gradient: Any = None, output: Callable[[Any], Tensor] | None = None) -> None:
-        """Backpropagate from the traced output so saved ops receive ``.grad``.
+        """Backpropagate from the traced output so saved ops receive ``.grad``; only a trace
+        made with ``grads=True`` keeps them, so any other is refused before it runs.
 
         ``output`` picks the tensor to differentiate from the model's output (e.g.
         ``lambda out: out[0, 3]``); without it, the output must be a single tensor, and
@@ -810,6 +821,13 @@ class Trace(Graph):
         """
         if self.output is None:
             raise LurkerError("This trace has no output (the forward pass failed).")
+        if not self._grads:  # refused before it runs: the autograd graph is not spent
+            raise LurkerError(
+                "This trace was made without grads=True, so no op keeps its gradient: "
+                "after trace.backward() every op.grad would still be None. Trace with "
+                "lurker.trace(model, x, grads=True) and call trace.backward() on that trace "
+                "(for the parameters' .grad alone, call backward on trace.output yourself)."
+            )
         target = output(self.output) if output is not None else self.output
         if not isinstance(target, Tensor):
             raise LurkerError(
