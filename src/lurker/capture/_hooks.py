@@ -37,7 +37,14 @@ Resolved = dict[int, list[HookFn]]  # op index -> hooks, in the order given
 # --------------------------------------------------------------------------- keys
 def resolve(trace: Trace, hooks: Mapping[Any, HookFn]) -> Resolved:
     """Op indices of ``hooks``' keys; raises :class:`OpKeyError` for a key that names no
-    op (with close matches) and :class:`LurkerError` for one that names no call."""
+    op (with close matches) and :class:`LurkerError` for one that names no call, or for
+    hooks that are not a mapping (a list of pairs would otherwise fail on ``.items``)."""
+    if not isinstance(hooks, Mapping):
+        raise LurkerError(
+            f"hooks= is a {type(hooks).__name__}; it maps each op to its hook, "
+            "{key: fn(op, output)}, a key being an op label, rolled label, module path or "
+            "index. Pass a dict: hooks={'relu_1': fn} (for a list of pairs, dict(pairs))."
+        )
     out: Resolved = {}
     for key, fn in hooks.items():
         if not callable(fn):

@@ -323,7 +323,45 @@ def _unlike(trace: Trace, args: tuple, kwargs: dict) -> tuple[list[str], list[st
             f"{first_three(extra)} {'is' if len(extra) == 1 else 'are'} passed, which the "
             f"trace was not recorded with (it was with {', '.join(map(repr, traced)) or 'none'})"
         )
-    return kind, shapes
+    return kind + _other_arguments(trace, args, kwargs), shapes
+
+
+def _other_arguments(trace: Trace, args: tuple, kwargs: dict) -> list[str]:
+    """``argument 'steps' is missing (traced as 3)`` for each argument of the traced call
+    that holds no tensor and is not in this call, and one line for those this call passes
+    that the traced one did not: the tensor inputs alone all matched in a ``tr.run(x)`` of
+    a trace of ``model(x, steps=3)``, which left torch's TypeError unexplained."""
+    from .trace import _signature, bind_loosely  # (trace imports this module)
+
+    try:
+        sig = _signature(trace.model.forward)[0]
+        then = dict(sig.bind(*trace._inputs[0], **trace._inputs[1]).arguments)
+        now = dict(bind_loosely(sig, args, kwargs))
+    except (TypeError, ValueError):  # no signature, or too many positional arguments
+        return []
+    out = [
+        f"argument '{name}' is missing (traced as {_shown(value)})"
+        for name, value in then.items()
+        if name not in now and not tensors(value, [])  # (a tensor's: named above)
+    ]
+    extra = [
+        f"'{name}' ({_shown(value)})"
+        for name, value in now.items()
+        if name not in then and not tensors(value, [])
+    ]
+    if extra:
+        out.append(
+            f"argument {first_three(extra)} {'is' if len(extra) == 1 else 'are'} passed, "
+            "which the trace was not recorded with"
+        )
+    return out
+
+
+def _shown(value: Any) -> str:
+    """A plain argument as its repr (``3``, ``'greedy'``), anything else by its type."""
+    if _plain(value) and len(repr(value)) <= 40:
+        return repr(value)
+    return f"a {type(value).__name__}"
 
 
 def input_mismatch(trace: Trace, args: tuple, kwargs: dict, error: BaseException) -> str | None:

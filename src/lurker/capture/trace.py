@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import gc
 import inspect
+import math
+import numbers
 import os
 import sys
 import threading
@@ -283,12 +285,25 @@ def _name_inputs(model: nn.Module, args: tuple, kwargs: dict) -> list[tuple[str,
                 else:
                     paths(value, name, out)
             return out
-        items = list(sig.bind(*args, **kwargs).arguments.items())
+        items = bind_loosely(sig, args, kwargs)
     except (TypeError, ValueError):
         items = [(f"args[{i}]", a) for i, a in enumerate(args)] + list(kwargs.items())
     for name, value in items:
         paths(value, name, out)
     return out
+
+
+def bind_loosely(sig: inspect.Signature, args: tuple, kwargs: dict) -> list[tuple[str, Any]]:
+    """The call's arguments by the forward's parameter names, also where a required one
+    is missing or a keyword unknown (``tr.run(x)`` on a trace of ``model(x, steps=3)``):
+    ``x`` is still called ``x``, so the error can name ``steps`` rather than ``args[0]``.
+    Unknown keywords keep their own names; too many positional arguments raise
+    ``TypeError``."""
+    params = sig.parameters
+    any_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    known = {k: v for k, v in kwargs.items() if any_kw or k in params}
+    items = list(sig.bind_partial(*args, **known).arguments.items())
+    return items + [(k, v) for k, v in kwargs.items() if k not in known]
 
 
 _TORCH_DIR = str(Path(torch.__file__).resolve().parent)
@@ -828,10 +843,19 @@ class Trace(Graph):
                 "lurker.trace(model, x, grads=True) and call trace.backward() on that trace "
                 "(for the parameters' .grad alone, call backward on trace.output yourself)."
             )
+        if output is not None and not callable(output):
+            key = repr(output) if isinstance(output, str) else "'logits'"
+            raise LurkerError(
+                f"trace.backward(output=...) got a {type(output).__name__}; output is a "
+                "function that picks the tensor to differentiate from the model's output, "
+                "not the tensor or its name. Pass one: "
+                f"trace.backward(output=lambda out: out[{key}].sum())."
+            )
         target = output(self.output) if output is not None else self.output
         if not isinstance(target, Tensor):
+            got = "output= returned" if output is not None else "the model returned"
             raise LurkerError(
-                "trace.backward() needs one tensor; the model returned "
+                f"trace.backward() needs one tensor; {got} "
                 f"{type(target).__name__}. Pick one: trace.backward(output=lambda out: out['logits'].sum())."
             )
         if not target.requires_grad:
@@ -877,9 +901,23 @@ class Trace(Graph):
         """Re-execute every op from its saved inputs and compare; check the final output.
 
         Raises :class:`~lurker.errors.ValidationError` naming the first op that differs.
+        ``rtol`` and ``atol`` are checked first: a bad one would otherwise pass every op
+        that re-ran bit for bit and only fail, inside torch, at the first that did not.
         """
         from .validate import validate
 
+        for name, value in (("rtol", rtol), ("atol", atol)):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, numbers.Real)
+                or not math.isfinite(value)
+                or value < 0
+            ):
+                raise LurkerError(
+                    f"trace.validate({name}={value!r}): {name} is a tolerance, a finite "
+                    "number >= 0 as in torch.allclose (the defaults are rtol=1e-4, "
+                    "atol=1e-5). Pass one: trace.validate(rtol=1e-3, atol=1e-4)."
+                )
         return validate(self, rtol=rtol, atol=atol)
 
     def __repr__(self) -> str:

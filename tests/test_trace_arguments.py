@@ -1,0 +1,88 @@
+"""Bad arguments to a Trace's methods: a LurkerError naming the argument and the fix, not a
+raw TypeError or AttributeError from inside lurker or torch, nor a bad value taken."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+import lurker
+from lurker.errors import LurkerError
+
+
+def _mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+
+
+@pytest.mark.parametrize(
+    "tolerance",
+    [{"rtol": "a"}, {"atol": "1e-5"}, {"rtol": -1}, {"atol": None}, {"atol": float("nan")}],
+)
+def test_validate_refuses_a_tolerance_that_is_not_a_number_at_least_zero(
+    tolerance: dict[str, Any],
+) -> None:
+    """tr.validate(rtol="a") passed every op that re-ran bit for bit, and failed inside
+    torch.allclose (or, for atol=None, in a comparison) only at the first that did not; a
+    negative or NaN one likewise. It is refused before anything runs, by name."""
+    tr = lurker.trace(_mlp(), torch.randn(2, 4))
+    (name,) = tolerance
+    with pytest.raises(LurkerError, match=rf"trace\.validate\({name}=.*finite number >= 0"):
+        tr.validate(**tolerance)
+    assert tr.validate(rtol=0, atol=1e-6).checked == 3  # numbers at the limits stay taken
+
+
+@pytest.mark.parametrize(
+    ("call", "said"),
+    [
+        (lambda tr: tr.backward(output="logits"), r"output=\.\.\.\) got a str.*out\['logits'\]"),
+        (lambda tr: tr.run(torch.randn(2, 4), hooks=[("0", lambda op, h: h)]), "hooks= is a list"),
+        (lambda tr: tr.hooks([("0", lambda op, h: h)]), r"hooks= is a list.*dict\(pairs\)"),
+    ],
+)
+def test_a_function_or_mapping_argument_of_another_type_is_named(call: Any, said: str) -> None:
+    """tr.backward(output="logits") raised "'str' object is not callable" and hooks= as a
+    list of pairs "'list' object has no attribute 'items'"; each is a LurkerError naming the
+    argument and the form it takes."""
+    tr = lurker.trace(_mlp(), torch.randn(2, 4), grads=True)
+    with pytest.raises(LurkerError, match=said):
+        call(tr)
+    tr.backward(output=lambda out: out[:, 1].sum())  # the trace is left usable
+    assert tr["0"].grad is not None
+
+
+class _Steps(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x: Tensor, steps: int) -> Tensor:
+        for _ in range(steps):
+            x = self.lin(x)
+        return x
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "said"),
+    [
+        ((), {}, r"argument 'steps' is missing \(traced as 3\)"),
+        ((), {"x": torch.randn(5, 4)}, r"argument 'steps' is missing \(traced as 3\)"),
+        ((), {"step": 3}, r"'steps' is missing .*argument 'step' \(3\) is passed"),
+    ],
+)
+def test_run_without_a_plain_argument_of_the_traced_call_names_it(
+    args: tuple, kwargs: dict, said: str
+) -> None:
+    """tr.run(x) on a trace of model(x, steps=3) said "input 'x' is missing ... 'args[0]'
+    is passed", blaming the tensor that was passed (or, for tr.run(x=x), raised torch's
+    TypeError as it was): it names the argument that is missing, with its traced value."""
+    tr = lurker.trace(_Steps(), torch.randn(2, 4), steps=3)
+    x = torch.randn(5, 4)
+    call_args = (x, *args) if "x" not in kwargs else args
+    with pytest.raises(LurkerError, match=said) as err:
+        tr.run(*call_args, **kwargs)
+    assert "input 'x'" not in str(err.value) and "args[0]" not in str(err.value)
+    torch.testing.assert_close(tr.run(x, steps=3).output, tr.model(x, 3))  # the oracle
