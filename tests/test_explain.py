@@ -548,6 +548,31 @@ def test_batch_rows_equal_single_rows(digits, xd, method) -> None:
         close(one.attribution[0], e.attribution[i], 1e-9)
 
 
+@pytest.mark.parametrize("method", ALL)
+def test_inside_inference_mode_gives_the_same_attribution(digits, xd, method) -> None:
+    """Evaluation code often runs under torch.inference_mode, where autograd records
+    nothing: the gradient methods gave all-zero maps there without a word."""
+    opts = OPTS.get(method, {})
+    e = lurker.explain(digits, xd, target=[1, 2, 3], method=method, **opts)
+    with torch.inference_mode():
+        x = xd.clone()  # an inference tensor, as a loader run in that mode makes
+        inner = lurker.explain(digits, x, target=[1, 2, 3], method=method, **opts)
+    assert inner.attribution.abs().sum() > 0
+    close(inner.attribution, e.attribution, 1e-9)
+
+
+def test_concepts_and_evaluate_inside_inference_mode(digits, xd) -> None:
+    c = lurker.explain.concepts(digits, xd, 3, layer="features.8", top=3)
+    ev = lurker.explain.evaluate(digits, xd, 3, "saliency", layers=["classifier.3"])
+    with torch.inference_mode():
+        ci = lurker.explain.concepts(digits, xd, 3, layer="features.8", top=3)
+        evi = lurker.explain.evaluate(digits, xd, 3, "saliency", layers=["classifier.3"])
+    close(ci.relevance, c.relevance, 1e-9)
+    close(ci.heatmaps, c.heatmaps, 1e-9)
+    close(evi.deletion.scores, ev.deletion.scores, 1e-9)
+    close(evi.randomization.similarity, ev.randomization.similarity, 1e-9)
+
+
 # ---------------------------------------------------------------------- model untouched
 @pytest.mark.parametrize("method", ALL)
 def test_model_left_untouched_also_when_raising(digits, xd, method) -> None:
@@ -692,6 +717,20 @@ def test_bad_input_errors(digits, xd) -> None:
         lurker.explain(digits, xd, method="integrated_gradients", integration="simpson")
     with pytest.raises(LurkerError, match=r"target 1.5 is not supported"):
         lurker.explain(digits, xd, target=1.5)
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_an_empty_batch_is_one_clear_error(digits, xd, method) -> None:
+    """x[labels == 7] that kept no rows: most methods failed deep in torch (an empty
+    amax, a reshape, internal_batch_size 'None'), saliency returned an empty map."""
+    empty = xd[:0]
+    for target in (None, 3, ("features.8", 1)):
+        with pytest.raises(LurkerError, match=r"empty batch: x has shape \(0, 1, 16, 16\)"):
+            lurker.explain(digits, empty, target, method=method, **OPTS.get(method, {}))
+    with pytest.raises(LurkerError, match=r"concepts got an empty batch"):
+        lurker.explain.concepts(digits, empty, 3, layer="features.8")
+    with pytest.raises(LurkerError, match=r"evaluate got an empty batch"):
+        lurker.explain.evaluate(digits, empty, 3)
 
 
 def test_overlay_is_an_image(digits, xd) -> None:

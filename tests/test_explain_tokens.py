@@ -207,6 +207,19 @@ def test_token_input_errors_name_the_fix() -> None:
         lurker.explain(model, ids, method="saliency", abs=False)
     with pytest.raises(LurkerError, match="unit target conv:9: channel 9 is out of range"):
         lurker.explain(model, ids, ("conv", 9))  # (units: tests/test_explain_unit_pictureless.py)
+    for method in ("saliency", "integrated_gradients"):  # (these failed on options, or not)
+        with pytest.raises(LurkerError, match=r"empty batch: x has shape \(0, 9\)"):
+            lurker.explain(model, ids[:0], method=method)
+
+
+def test_inside_inference_mode_the_scores_are_the_same() -> None:
+    """Under torch.inference_mode autograd records nothing: the scores were all 0."""
+    model, ids = _model(TransformerText), _ids()
+    e = lurker.explain(model, ids, [0, 1, 2], method="input_x_gradient")
+    with torch.inference_mode():
+        inner = lurker.explain(model, ids.clone(), [0, 1, 2], method="input_x_gradient")
+    assert e.attribution.abs().min() > 0
+    torch.testing.assert_close(inner.attribution, e.attribution, rtol=1e-9, atol=1e-12)
 
 
 def test_baseline_ids_are_embedded() -> None:

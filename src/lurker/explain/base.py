@@ -6,11 +6,12 @@ when a method raises."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, ParamSpec, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -25,6 +26,24 @@ if TYPE_CHECKING:
     from .targets import UnitTarget
 
 __all__ = ["METHODS", "Explanation", "Method", "register", "untouched"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def outside_inference_mode(fn: Callable[P, R]) -> Callable[P, R]:
+    """``fn`` run outside ``torch.inference_mode`` when called inside it: there autograd
+    records nothing (``torch.enable_grad`` cannot turn it on), so every gradient would
+    silently be 0, and a model copied there would hold parameters autograd refuses."""
+
+    @functools.wraps(fn)
+    def run(*args: P.args, **kwargs: P.kwargs) -> R:
+        if torch.is_inference_mode_enabled():
+            with torch.inference_mode(False):
+                return fn(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return run
 
 
 @dataclass(repr=False)
@@ -176,6 +195,7 @@ class Method:
     #: where the input being explained holds its channels and image (set by :meth:`attribute`)
     axes: InputAxes | None = None
 
+    @outside_inference_mode
     def attribute(
         self,
         model: nn.Module,
@@ -204,6 +224,8 @@ class Method:
         )
         if not ids:
             x = check_input(model, x, f"method {self.name!r}")
+        else:
+            check_rows(x, f"method {self.name!r}")
         allowed = [
             p.name
             for p in inspect.signature(self.compute).parameters.values()
@@ -336,8 +358,19 @@ def check_input(model: Any, x: Any, what: str = "explain") -> Tensor:
             f"{what} needs a batch: x of shape (B, ...), got {tuple(x.shape)}; add a batch "
             "dimension with x[None]"
         )
+    check_rows(x, what)
     warn_training(model)
     return x.detach()
+
+
+def check_rows(x: Tensor, what: str) -> None:
+    """Refuse a batch without rows (a filter such as ``x[labels == 7]`` that kept none)
+    before a method runs: each would fail deep inside torch on an empty reduction."""
+    if x.shape[0] == 0:
+        raise LurkerError(
+            f"{what} got an empty batch: x has shape {tuple(x.shape)}, no rows to explain; "
+            "pass at least one row (check the selection that made x)"
+        )
 
 
 #: module classes, by name, that drop whole residual branches at random in training mode

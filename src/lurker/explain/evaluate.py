@@ -32,7 +32,14 @@ from torch import Tensor, nn
 
 from ..errors import LurkerError
 from ..models import is_probabilities, probabilities
-from .base import METHODS, Explanation, check_input, training_said, untouched
+from .base import (
+    METHODS,
+    Explanation,
+    check_input,
+    outside_inference_mode,
+    training_said,
+    untouched,
+)
 from .integrated_gradients import as_baseline
 from .targets import Forward, UnitTarget, parse_target
 
@@ -103,6 +110,7 @@ class Evaluation:
 
 
 # ----------------------------------------------------------------------------- entry
+@outside_inference_mode
 def evaluate(
     model: nn.Module,
     x: Tensor,

@@ -24,7 +24,13 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import LurkerError
-from .base import check_input, input_errors, no_param_grads, untouched
+from .base import (
+    check_input,
+    input_errors,
+    no_param_grads,
+    outside_inference_mode,
+    untouched,
+)
 from .lrp import SUPPORTED, Engine, NoRule, _warn_leaks
 from .targets import UnitTarget, by_unit
 
@@ -76,6 +82,7 @@ class Concepts:
         )
 
 
+@outside_inference_mode
 def concepts(
     model: nn.Module,
     x: Tensor,
