@@ -717,6 +717,30 @@ def test_the_same_probe_of_a_complete_run_sweeps_nothing_and_keeps_its_images(tm
     assert again.reads >= 60
 
 
+def test_a_finished_run_swept_again_for_other_layers_is_said_before_its_images_go(
+    tmp_path: Path,
+):
+    """Probing a finished run with other layers sweeps it again and, at the end, drops the
+    unit images made from it: that used to happen without a word. It is said before the
+    sweep (what differs, how many cached files go), and a sweep stopped then leaves the
+    finished run and its images as they were."""
+    model, out, idx = _model(), tmp_path / "r", list(range(30))
+    kw = dict(out=out, layers=["features.0"], k=3, batch_size=8, progress=False)
+    probe(model, _Picked(idx), **kw).close()
+    UnitImages(out, model=model, dataset=_Picked(idx)).write_all(kinds=["input"], progress=False)
+    files = sorted(p for p in (out / "cache").rglob("*") if p.is_file())
+    assert files
+    other = {**kw, "layers": ["features.0", "features.2"]}
+    stopped = pytest.raises(_Interrupted)  # the user stops after the warning
+    with pytest.warns(UserWarning, match="holds a finished probe") as rec, stopped:
+        probe(model, _Picked(idx, stop_at=10), checkpoint_every=1, **other)
+    said = str(rec[0].message)
+    assert "other settings (layers)" in said and f"its {len(files)} cached" in said
+    assert sorted(p for p in (out / "cache").rglob("*") if p.is_file()) == files
+    with lurker.Run.open(out) as run:
+        assert run.meta["status"] == "complete" and [x.name for x in run.layers] == ["features.0"]
+
+
 def _labelled_folder(root: Path) -> Path:
     rng = np.random.default_rng(1)
     for cls in ("ant", "bee", "cat"):

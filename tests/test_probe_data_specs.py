@@ -191,6 +191,43 @@ def test_a_vocab_too_short_is_refused_before_the_sweep(files: Path, tmp_path: Pa
     assert "Traceback" not in r.output and not (run / "run.db").exists()
 
 
+IMAGES_FILE = """
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+
+def build():
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+
+def make_dataset():
+    g = torch.Generator().manual_seed(0)
+    return TensorDataset(torch.rand(10, 3, 12, 12, generator=g), torch.arange(10) % 2)
+"""
+
+
+def test_an_image_size_for_a_dataset_made_by_code_is_refused_not_ignored(
+    files: Path, tmp_path: Path
+) -> None:
+    """Items made by code are fed at their own size: --image-size 32 on 12x12 items used to
+    be dropped silently, probing other images than the user asked for. It is refused, naming
+    the fix, before the model is loaded; left out, the same probe runs at the items' size."""
+    from lurker.store import Run
+
+    (files / "images.py").write_text(IMAGES_FILE)
+    run = tmp_path / "runs" / "images"
+    args = ["images.py:build", "--data", "images.py:make_dataset", "-o", str(run)]
+    r = _probe(*args, "--image-size", "32")
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    assert "--image-size" in r.output and "resize in the dataset, or leave it out" in r.output
+    assert not run.exists()
+    r = _probe(*args)
+    assert r.exit_code == 0, r.output
+    with Run.open(run) as opened:
+        assert opened.meta["image_size"] == [12, 12]
+
+
 @pytest.mark.parametrize(
     ("spec", "said"),
     [

@@ -296,7 +296,8 @@ def trace(
     type=click.IntRange(min=1),
     default=224,
     show_default=True,
-    help="Images are resized (shorter side) to this, then center-cropped to a square.",
+    help="Images are resized (shorter side) to this, then center-cropped to a square "
+    "(image folders and the digits; a dataset made by code is fed at its own size).",
 )
 @click.option(
     "--batch-size",
@@ -407,6 +408,16 @@ def probe(
         normalize = pdata.parse_normalize(normalize)
     words = None if vocab is None else read_vocab(vocab)  # as is a bad vocabulary file
     code = pdata.is_code_spec(data)
+    ctx = click.get_current_context()
+    if code and ctx.get_parameter_source("image_size") is not click.core.ParameterSource.DEFAULT:
+        # items made by code are fed as they are: a size the user asked for, not applied,
+        # would silently probe other images than they meant (said before the model loads)
+        raise click.BadParameter(
+            f"a dataset made by code ({data}) is fed as its items are, at their own size; "
+            "--image-size applies to image folders and the digits (resize in the dataset, "
+            "or leave it out)",
+            param_hint="'--image-size'",
+        )
     with _stopped_quietly(), _torchrun_group(device):
         net = load_model(model, weights, device=device)
         channels = None

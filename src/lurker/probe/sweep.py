@@ -1370,10 +1370,12 @@ def _finished_before(plan: _Plan, writer: RunWriter | None) -> bool:
     images, feature visualizations) for the same numbers. Rank 0 decides for all ranks."""
     done = False
     if writer is not None and writer.resumed:
-        done = writer.status == "complete" and not plan.checkpoint.exists()
-        done = done and writer.meta_get("probed_with") == json.loads(
-            json.dumps(plan.settings)
-        )  # as stored: tuples are lists
+        finished = writer.status == "complete" and not plan.checkpoint.exists()
+        before = writer.meta_get("probed_with") or {}
+        now = json.loads(json.dumps(plan.settings))  # as stored: tuples are lists
+        done = finished and before == now
+        if finished and not done and plan.rank == 0:
+            _say_swept_again(plan, before, now)
         if done:
             # this call's way to load the model and data again (the CLI's spec, where a
             # Python call recorded none): the same model, by its fingerprint, and data
@@ -1393,6 +1395,27 @@ def _finished_before(plan: _Plan, writer: RunWriter | None) -> bool:
         if done:  # a rank's checkpoint left by a job killed after rank 0 wrote the run
             _drop_checkpoint(plan)
     return done
+
+
+def _say_swept_again(plan: _Plan, before: dict[str, Any], now: dict[str, Any]) -> None:
+    """Warn, before the sweep, that a finished run is swept again for other settings: its
+    results and the unit images made from it (maybe hours of work) are replaced when the
+    new sweep commits, so the user can still stop and keep them (or probe into another
+    --out)."""
+    names = {"data": "dataset", "first_image": "images as loaded", "hist_bins": "histogram bins"}
+    differ = [
+        names.get(key, key.replace("_", " "))
+        for key in sorted({*before, *now})
+        if before.get(key) != now.get(key)
+    ]
+    cache = plan.out / "cache"
+    files = sum(1 for p in cache.rglob("*") if p.is_file()) if cache.is_dir() else 0
+    lost = f" and its {files:,} cached images and files" if files else ""
+    warn(
+        f"{plan.out} holds a finished probe with other settings ({', '.join(differ)}): "
+        f"sweeping it again; when this sweep ends, its results{lost} are replaced. To keep "
+        "them, stop now (Ctrl-C) and probe into another out directory (--out)"
+    )
 
 
 def _consumers(plan: _Plan) -> list[BatchConsumer]:
