@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import weakref
 from collections import deque
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from ..ops import catalogue
@@ -234,11 +235,49 @@ def _rnn_flops(node: Op, nodes: list[Op]) -> int | None:
     return sum(2 * steps * p.shape[0] * p.shape[1] for p in node.params if len(p.shape) == 2)
 
 
-def _bound_shapes(node: Op, nodes: list[Op]) -> dict[str, Any]:
+def _bound_shapes(node: Op, nodes: list[Op]) -> Mapping[str, Any]:
     """The op's arguments by parameter name, tensors replaced by their shapes: from its
     raw arguments while the trace holds them, else from its call's skeleton."""
     if node._skel_args is not None:
-        bound = catalogue.bind(node.name, node._skel_args, node._skel_kwargs)
+        args, kwargs = node._skel_args, node._skel_kwargs
     else:
-        bound = catalogue.bind(node.name, node.args, node.kwargs)
-    return {k: _shape_tree(v, nodes) for k, v in bound.items()}
+        args, kwargs = node.args, node.kwargs
+    spec = catalogue.spec(node.name)
+    if spec is None:
+        raise KeyError(node.name)
+    return _Shapes(spec, args, kwargs, nodes)
+
+
+class _Shapes(Mapping[str, Any]):
+    """``{name: shape tree}`` of a call's bound arguments, each made when read: a FLOPs
+    rule reads one or two of a conv's seven (binding and shaping them all was most of the
+    build's FLOPs step). Reads as ``catalogue.bind`` binds (``OpSpec.arg``)."""
+
+    __slots__ = ("_args", "_kwargs", "_nodes", "_spec")
+
+    def __init__(self, spec: catalogue.OpSpec, args: Any, kwargs: Any, nodes: list[Op]):
+        self._spec, self._args, self._kwargs, self._nodes = spec, args, kwargs, nodes
+
+    def __getitem__(self, name: str) -> Any:
+        v = self._spec.arg(self._args, self._kwargs, name, _ABSENT)
+        if v is _ABSENT:
+            raise KeyError(name)
+        return _shape_tree(v, self._nodes)
+
+    def __contains__(self, name: object) -> bool:
+        return (
+            isinstance(name, str)
+            and self._spec.arg(self._args, self._kwargs, name, _ABSENT) is not _ABSENT
+        )
+
+    def _bound(self) -> dict[str, Any]:
+        return self._spec.bind(self._args, self._kwargs)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._bound())
+
+    def __len__(self) -> int:
+        return len(self._bound())
+
+
+_ABSENT = object()  # an argument the call did not give and that has no default
