@@ -18,6 +18,7 @@ import torchvision
 from torch import nn
 
 import lurker
+from lurker.errors import GraphDocumentError, LurkerError
 from lurker.graph import Graph, Op, Opaque, OpRef, ParamRef
 from lurker.graph.nodes import ITEMSIZE
 from lurker.graph.schema import decode, encode, json_schema
@@ -419,6 +420,45 @@ def test_from_json_refuses_other_versions() -> None:
         Graph.from_json({**doc, "version": 1})
     with pytest.raises(ValueError, match="not a lurker graph"):
         Graph.from_json({**doc, "schema": "other"})
+
+
+def test_from_json_names_the_versions_and_the_fix() -> None:
+    """Another version: the one found, who wrote it, the one read, and what to do (a
+    newer document needs a newer lurker, not a new trace); a ValueError as documented."""
+    doc = ZOO["small"].to_json()
+    with pytest.raises(
+        GraphDocumentError,
+        match=r"version 3 \(written by lurker 9\.0\): this lurker reads version 2 only; "
+        "upgrade lurker",
+    ):
+        Graph.from_json({**doc, "version": 3, "lurker_version": "9.0"})
+
+
+def test_from_json_refuses_what_is_not_a_document_by_name(tmp_path) -> None:
+    """A cut-short file raised a raw JSONDecodeError, the document's text "File name too
+    long", a list pathlib's TypeError, a document without "ops" KeyError: 'ops'. Each is a
+    GraphDocumentError (a LurkerError and a ValueError) saying what was wrong and the fix."""
+    tr = ZOO["small"]
+    text = json.dumps(tr.to_json())
+    cut = tmp_path / "cut.json"
+    cut.write_text(text[:100])
+    doc = tr.to_json()
+    cases = [
+        (cut, r"cut\.json is not a JSON document .*Write it again"),
+        (text, r"the text of a JSON document.*pass json\.loads\(text\)"),
+        ([doc], r"got an object of type list; it takes a trace document"),
+        ({k: v for k, v in doc.items() if k != "ops"}, r"field 'ops' is missing"),
+    ]
+    listed = tmp_path / "list.json"
+    listed.write_text(json.dumps([doc]))
+    cases.append((listed, r"not a lurker graph document: a JSON list"))
+    for given, said in cases:
+        with pytest.raises(GraphDocumentError, match=said) as err:
+            Graph.from_json(given)
+        assert isinstance(err.value, LurkerError) and isinstance(err.value, ValueError)
+    whole = tmp_path / "whole.json"
+    tr.to_json(whole)
+    assert Graph.from_json(whole) == tr == Graph.from_json(str(whole))  # paths still read
 
 
 def test_blank_op_sets_every_slot_as_init_does():

@@ -650,7 +650,12 @@ class _TwoInputs(nn.Module):
         ((torch.randn(2, 3, 8, 8).half(),), {}, r"input 'input' is \(2, 3, 8, 8\) float16"),
         ((torch.zeros(2, 3, 8, 8).long(),), {}, r"input 'input' is \(2, 3, 8, 8\) int64"),
         ((torch.randn(2, 3, 8, 8, device="meta"),), {}, r"float32 on meta where"),
-        ((torch.randn(2, 3, 8, 8), torch.randn(2)), {}, r"'args\[0\]' .*'args\[1\]' .* are "),
+        # the one it takes is still 'input': only the surplus is named by position
+        (
+            (torch.randn(2, 3, 8, 8), torch.randn(2)),
+            {},
+            r": 'args\[1\]' \(\(2,\) float32 on cpu\) is ",
+        ),
         ((), {}, r"input 'input' is missing \(traced as \(2, 3, 8, 8\) float32 on cpu\)"),
         ((), {"x": torch.randn(2, 3, 8, 8)}, r"'x' \(\(2, 3, 8, 8\) float32 on cpu\) is passed"),
     ],
@@ -747,3 +752,27 @@ def test_run_without_an_optional_input_names_it_not_the_data():
         tr.run(torch.randn(2, 4))
     x, mask = torch.randn(5, 4), torch.rand(5, 4)  # another batch runs: the oracle, the model
     torch.testing.assert_close(tr.run(x, mask).output, tr.model(x, mask))
+
+
+@pytest.mark.parametrize(
+    ("fn", "why"),
+    [(lambda h: h, "too many positional arguments"), (lambda a, b, c: b, "missing a required")],
+)
+def test_a_hook_of_the_wrong_signature_is_refused_with_its_key(fn, why):
+    """lambda h: h raised torch-deep "takes 1 positional argument but 2 were given" in the
+    middle of the forward, naming neither the hook's key nor its op."""
+    tr = lurker.trace(_convnet(), _x(0))
+    with pytest.raises(LurkerError, match=rf"hooks\['1'\] is .*fn\(op, output\) \({why}"):
+        tr.run(_x(), hooks={"1": fn})
+    with pytest.raises(LurkerError, match=r"hooks\['1'\]"):
+        tr.hooks({"1": fn})
+
+
+def test_a_replacement_that_does_not_fit_names_the_hooks_key():
+    """A hook keyed by module path ('0') returning another shape was named by its op only
+    (conv2d_1), which the user never wrote."""
+    tr = lurker.trace(_convnet(), _x(0))
+    with pytest.raises(LurkerError, match=r"the hook's replacement .* \(from hooks\['0'\]\)"):
+        tr.run(_x(), hooks={"0": lambda op, out: out[:, :3]})
+    with pytest.raises(LurkerError, match=r"hooks\['0'\] \(on conv2d_1\) returned str"):
+        tr.run(_x(), hooks={"0": lambda op, out: "x"})

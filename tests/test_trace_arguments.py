@@ -86,3 +86,60 @@ def test_run_without_a_plain_argument_of_the_traced_call_names_it(
         tr.run(*call_args, **kwargs)
     assert "input 'x'" not in str(err.value) and "args[0]" not in str(err.value)
     torch.testing.assert_close(tr.run(x, steps=3).output, tr.model(x, 3))  # the oracle
+
+
+@pytest.mark.parametrize(
+    ("save_to", "said"),
+    [
+        ("gpu9", r"save_to='gpu9' is not a device\. Pass 'cpu', 'cuda'"),
+        (99, r"save_to=99 asks for cuda:99, but this machine has .*Pass save_to='cpu'"),
+    ],
+)
+def test_a_save_to_device_that_is_not_one_or_not_here_is_named(save_to: Any, said: str) -> None:
+    """save_to="gpu9" raised torch's "Invalid device string", and save_to=3 without that
+    GPU "Found no NVIDIA driver" from inside the recorder: neither named save_to."""
+    with pytest.raises(LurkerError, match=said):
+        lurker.trace(_mlp(), torch.randn(2, 4), save_to=save_to)
+    tr = lurker.trace(_mlp(), torch.randn(2, 4), save_to="cpu")  # a device it has is taken
+    assert tr["0"].activation.device.type == "cpu"
+
+
+def test_a_transform_that_is_not_a_function_is_refused_before_the_forward() -> None:
+    """transform="mean" was reported as "transform= raised TypeError on the output of
+    input", as if the function had failed on that tensor."""
+    with pytest.raises(LurkerError, match=r"transform='mean' is a str, not a function") as err:
+        lurker.trace(_mlp(), torch.randn(2, 4), transform="mean")
+    assert "raised" not in str(err.value)
+
+
+@pytest.mark.parametrize("save", [{"0": False}, {"2": True}])
+def test_save_as_a_dict_is_refused_not_read_as_its_keys(save: dict) -> None:
+    """save={"0": False} iterated as its keys and saved op "0" (what False meant not to)."""
+    with pytest.raises(LurkerError, match=r"save= is a dict; it takes names, not a mapping"):
+        lurker.trace(_mlp(), torch.randn(2, 4), save=save)
+
+
+class _KeywordSteps(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x: Tensor, *, steps: int) -> Tensor:
+        for _ in range(steps):
+            x = self.lin(x)
+        return x
+
+
+def test_a_keyword_only_argument_passed_by_position_is_named() -> None:
+    """tr.run(x, 3) on forward(x, *, steps) said "input 'x' is missing ... 'args[0]' is
+    passed"; it says steps is keyword-only and how to pass it (lurker.trace likewise)."""
+    model = _KeywordSteps()
+    x = torch.randn(2, 4)
+    tr = lurker.trace(model, x, steps=3)
+    said = r"'steps' is keyword-only; pass it by name \(steps=3\)"
+    with pytest.raises(LurkerError, match=said) as err:
+        tr.run(x, 3)
+    assert "input 'x'" not in str(err.value) and "args[0]" not in str(err.value)
+    with pytest.raises(LurkerError, match=said):
+        lurker.trace(model, x, 3)
+    torch.testing.assert_close(tr.run(x, steps=3).output, model(x, steps=3))  # the oracle

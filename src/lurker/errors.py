@@ -51,6 +51,12 @@ class InputSpecError(LurkerError):
     """An input description (e.g. ``--input-shape``) is malformed."""
 
 
+class GraphDocumentError(LurkerError, ValueError):
+    """What ``Graph.from_json`` was given is not a trace document it reads: not JSON, not a
+    ``lurker.trace`` document, another schema version, or one with a field missing. A
+    ``ValueError`` too, as it always was."""
+
+
 class TraceError(LurkerError):
     """The model raised during a traced forward pass.
 

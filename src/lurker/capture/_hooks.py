@@ -15,6 +15,7 @@ replay that diverges can name that cause instead of blaming the data.
 from __future__ import annotations
 
 import difflib
+import inspect
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -52,9 +53,43 @@ def resolve(trace: Trace, hooks: Mapping[Any, HookFn]) -> Resolved:
                 f"hooks[{key!r}] is {type(fn).__name__}, not a function; a hook is called "
                 "as fn(op, output) and returns a replacement output or None."
             )
+        _check_arity(key, fn)
+        keyed = Keyed(key, fn)
         for op in ops_for(trace, key):
-            out.setdefault(op.index, []).append(fn)
+            out.setdefault(op.index, []).append(keyed)
     return out
+
+
+class Keyed:
+    """A hook with the key it was given under, so that a replacement that does not fit
+    can be blamed on ``hooks['layer3']`` rather than only on the op it ran on."""
+
+    __slots__ = ("fn", "key")
+
+    def __init__(self, key: Any, fn: HookFn) -> None:
+        self.key = key
+        self.fn = fn
+
+    def __call__(self, op: Op, output: Any) -> Any:
+        return self.fn(op, output)
+
+
+def _check_arity(key: Any, fn: HookFn) -> None:
+    """Raise if ``fn`` cannot be called as ``fn(op, output)``: checked before anything
+    runs, else it fails mid-forward with a TypeError naming neither the key nor the op."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):  # no signature to read (a builtin): let the call tell
+        return
+    try:
+        sig.bind(None, None)
+    except TypeError as why:
+        name = getattr(fn, "__qualname__", type(fn).__name__)
+        raise LurkerError(
+            f"hooks[{key!r}] is {name}{sig}, which cannot be called as fn(op, output) "
+            f"({why}). A hook takes the op and its output and returns a replacement or "
+            "None: lambda op, out: out * 0.5."
+        ) from None
 
 
 def ops_for(trace: Trace, key: Any) -> list[Op]:
@@ -137,18 +172,20 @@ def call(
     replaced or not, is written there, and stands for the copy in what the call returns.
     """
     value = outs[0] if len(outs) == 1 else tuple(outs)
+    who = ""
     for fn in fns:
         new = fn(op, value)
         if new is not None:
-            value = _check(op, new, value)
+            who = named(op, fn)
+            value = _check(who, op, new, value)
     if len(outs) == 1:
         if into is not None:
-            _write(op, value, into)
+            _write(who, op, value, into)
             return into if out is outs[0] else out
         if value is outs[0]:
             return out
         if inplace:
-            _write(op, value, outs[0])
+            _write(who, op, value, outs[0])
             return out
         if isinstance(out, Tensor) or out is None:
             return value
@@ -158,12 +195,20 @@ def call(
     return _rebuild(out, iter(value))
 
 
-def _write(op: Op, value: Tensor, target: Tensor) -> None:
+def named(op: Op, fn: Any) -> str:
+    """The hook as a message names it: its key, and the op where the key is another name."""
+    key = getattr(fn, "key", None) if type(fn) is Keyed else None
+    if key is None:
+        return f"a hook on {op.label}"
+    return f"hooks[{key!r}]" + ("" if key == op.label else f" (on {op.label})")
+
+
+def _write(who: str, op: Op, value: Tensor, target: Tensor) -> None:
     """Write a hook's value into the tensor an in-place op writes (autograd records the
     copy: gradients reach the replacement)."""
     if value.shape != target.shape:
         raise LurkerError(
-            f"a hook on {op.label} returned shape {tuple(value.shape)}; {op.label} writes "
+            f"{who} returned shape {tuple(value.shape)}; {op.label} writes "
             f"its input in place, so its replacement is written into that tensor and must "
             f"have its shape {tuple(target.shape)}"
         )
@@ -186,12 +231,12 @@ def _rebuild(obj: Any, values: Any) -> Any:
     return obj
 
 
-def _check(op: Op, new: Any, old: Any) -> Any:
+def _check(who: str, op: Op, new: Any, old: Any) -> Any:
     """A hook's replacement, checked against what it replaces."""
     if isinstance(old, Tensor):
         if not isinstance(new, Tensor):
             raise LurkerError(
-                f"a hook on {op.label} returned {type(new).__name__}; return a tensor "
+                f"{who} returned {type(new).__name__}; return a tensor "
                 "(the replacement output) or None (keep it)"
             )
         return new
@@ -202,7 +247,7 @@ def _check(op: Op, new: Any, old: Any) -> Any:
     ):
         what = f"{len(new)} items" if isinstance(new, (tuple, list)) else type(new).__name__
         raise LurkerError(
-            f"a hook on {op.label} returned {what}; {op.label} has {len(old)} output "
+            f"{who} returned {what}; {op.label} has {len(old)} output "
             f"tensors, so return a tuple of {len(old)} tensors or None"
         )
     return tuple(new)

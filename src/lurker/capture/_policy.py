@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from torch import nn
@@ -75,6 +75,12 @@ def make_policy(save: Any) -> SavePolicy:
     if callable(save):
         fn = save
         return SavePolicy(ops=lambda op: bool(fn(op)))
+    if isinstance(save, Mapping):  # iterating gives its keys: {"fc": False} would save fc
+        raise LurkerError(
+            f"save= is a {type(save).__name__}; it takes names, not a mapping. Pass the names/globs to save as a list "
+            "(save=[k for k, keep in d.items() if keep]), module classes, 'all', 'none' or "
+            "a function op -> bool."
+        )
     if isinstance(save, Iterable):
         pats = list(save)
         if not all(isinstance(p, str) for p in pats):

@@ -118,16 +118,18 @@ class Replayer(OpMode):
             outs = [swapped if o is copy else o for o in outs]
         new = _hooks.call(hooked[0], hooked[1], out, outs, inplace)
         if new is not out:
-            self._note_reshaped(hooked[0], outs, new)
+            self._note_reshaped(hooked[0], hooked[1], outs, new)
         return new
 
-    def _note_reshaped(self, op: Op, outs: list[Tensor], new: Any) -> None:
+    def _note_reshaped(self, op: Op, fns: list[Any], outs: list[Tensor], new: Any) -> None:
         got = [new] if isinstance(new, Tensor) else tensors(new, [])
         for k, (a, b) in enumerate(zip(outs, got)):
             if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
                 which = f" (output {k})" if len(outs) > 1 else ""
+                keys = [f"hooks[{f.key!r}]" for f in fns if type(f) is _hooks.Keyed]
+                by = f" (from {' or '.join(dict.fromkeys(keys))})" if keys else ""
                 self.reshaped.append(
-                    f"{op.label}{which} was {_meta(a)}, the hook's replacement {_meta(b)}"
+                    f"{op.label}{which} was {_meta(a)}, the hook's replacement {_meta(b)}{by}"
                 )
 
     def _count(self, func: Any) -> int:
@@ -319,9 +321,10 @@ def _unlike(trace: Trace, args: tuple, kwargs: dict) -> tuple[list[str], list[st
             shapes.append(said)  # (a list item may be of another size, not of another rank)
     extra = [f"'{n}' ({_meta(t)})" for n, t in given.items() if n not in traced]
     if extra:
+        with_ = [f"'{n}' {_meta_of(m)}" for n, m in traced.items()]
         kind.append(
             f"{first_three(extra)} {'is' if len(extra) == 1 else 'are'} passed, which the "
-            f"trace was not recorded with (it was with {', '.join(map(repr, traced)) or 'none'})"
+            f"trace was not recorded with (it was with {first_three(with_) or 'none'})"
         )
     return kind + _other_arguments(trace, args, kwargs), shapes
 
@@ -331,14 +334,17 @@ def _other_arguments(trace: Trace, args: tuple, kwargs: dict) -> list[str]:
     that holds no tensor and is not in this call, and one line for those this call passes
     that the traced one did not: the tensor inputs alone all matched in a ``tr.run(x)`` of
     a trace of ``model(x, steps=3)``, which left torch's TypeError unexplained."""
-    from .trace import _signature, bind_loosely  # (trace imports this module)
+    from .trace import _signature, bind_loosely, keyword_only_note  # (trace imports this)
 
     try:
         sig = _signature(trace.model.forward)[0]
         then = dict(sig.bind(*trace._inputs[0], **trace._inputs[1]).arguments)
         now = dict(bind_loosely(sig, args, kwargs))
-    except (TypeError, ValueError):  # no signature, or too many positional arguments
+    except (TypeError, ValueError):  # no signature, or an argument given twice
         return []
+    note = keyword_only_note(sig, args, kwargs)
+    if note is not None:  # the one cause of the lines below it would give
+        return [note]
     out = [
         f"argument '{name}' is missing (traced as {_shown(value)})"
         for name, value in then.items()

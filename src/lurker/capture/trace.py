@@ -87,7 +87,13 @@ def trace(
     args, kwargs = _context.without_inference_tensors(args, kwargs)
     policy = make_policy(save)
     check_classes(policy, model)
-    device = torch.device(save_to) if save_to is not None else None
+    if transform is not None and not callable(transform):  # else "transform= raised" per op
+        raise LurkerError(
+            f"transform={transform!r} is a {type(transform).__name__}, not a function; it is "
+            "called on each saved tensor and returns what to keep, e.g. "
+            "transform=lambda t: t.mean(tuple(range(2, t.dim()))). None keeps the tensors."
+        )
+    device = _save_device(save_to) if save_to is not None else None
     limit, fraction = parse_max_memory(max_memory)
     rec = Recorder(model, save=policy, transform=transform, device=device, grads=grads)
     if policy.everything or policy.asks_ops or policy.saves_modules:
@@ -272,6 +278,28 @@ def _signature(fwd: Any) -> tuple[inspect.Signature, tuple[str, ...] | None]:
     return hit
 
 
+def _save_device(save_to: Any) -> torch.device:
+    """``save_to=`` as a device this machine has, checked before the forward runs: torch's
+    own errors ("Invalid device string", "Found no NVIDIA driver") name neither the
+    argument nor what to pass instead."""
+    try:
+        dev = torch.device(save_to)
+    except (RuntimeError, ValueError, TypeError):
+        raise LurkerError(
+            f"save_to={save_to!r} is not a device. Pass 'cpu', 'cuda', 'cuda:N' (or an int N "
+            "for cuda:N) or a torch.device; None keeps saved tensors where they are."
+        ) from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (dev.index is not None and dev.index >= count):
+            has = f"{count} CUDA device(s) (cuda:0..cuda:{count - 1})" if count else "no CUDA GPU"
+            raise LurkerError(
+                f"save_to={save_to!r} asks for {dev}, but this machine has {has}. Pass "
+                "save_to='cpu' (or None: saved tensors stay on the device they are made on)."
+            )
+    return dev
+
+
 def _name_inputs(model: nn.Module, args: tuple, kwargs: dict) -> list[tuple[str, Tensor]]:
     """Name each input tensor by the forward() parameter it binds to (``x``, ``mask[0]``)."""
     out: list[tuple[str, Tensor]] = []
@@ -297,13 +325,50 @@ def bind_loosely(sig: inspect.Signature, args: tuple, kwargs: dict) -> list[tupl
     """The call's arguments by the forward's parameter names, also where a required one
     is missing or a keyword unknown (``tr.run(x)`` on a trace of ``model(x, steps=3)``):
     ``x`` is still called ``x``, so the error can name ``steps`` rather than ``args[0]``.
-    Unknown keywords keep their own names; too many positional arguments raise
-    ``TypeError``."""
+    Unknown keywords keep their own names, and positional arguments past those the
+    forward takes are ``args[i]`` (``tr.run(x, 3)`` on ``forward(x, *, steps)``: ``x`` is
+    still ``x``; see :func:`keyword_only_note`)."""
     params = sig.parameters
-    any_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    kinds = [p.kind for p in params.values()]
+    any_kw = inspect.Parameter.VAR_KEYWORD in kinds
     known = {k: v for k, v in kwargs.items() if any_kw or k in params}
-    items = list(sig.bind_partial(*args, **known).arguments.items())
-    return items + [(k, v) for k, v in kwargs.items() if k not in known]
+    n = len(args)
+    if inspect.Parameter.VAR_POSITIONAL not in kinds:
+        n = min(n, sum(k in _POSITIONAL for k in kinds))
+    items = list(sig.bind_partial(*args[:n], **known).arguments.items())
+    surplus = [(f"args[{i}]", a) for i, a in enumerate(args) if i >= n]
+    return items + surplus + [(k, v) for k, v in kwargs.items() if k not in known]
+
+
+def keyword_only_note(sig: inspect.Signature, args: tuple, kwargs: dict) -> str | None:
+    """The sentence for positional arguments past those the forward takes where it has
+    keyword-only parameters they were surely meant for (``forward(x, *, steps)`` called
+    with ``(x, 3)``: "'steps' is keyword-only: pass steps=3"); None otherwise."""
+    params = list(sig.parameters.values())
+    kinds = [p.kind for p in params]
+    if inspect.Parameter.VAR_POSITIONAL in kinds:
+        return None
+    n = sum(k in _POSITIONAL for k in kinds)
+    surplus = args[n:]
+    only = [
+        p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in kwargs
+    ]
+    if not surplus or not only:
+        return None
+    pairs = [f"{name}={_describe_short(v)}" for name, v in zip(only, surplus)]
+    return (
+        f"{len(args)} positional arguments are passed where forward{sig} takes {n}: "
+        f"{first_three([repr(o) for o in only])} {'is' if len(only) == 1 else 'are'} "
+        f"keyword-only; pass {'it' if len(only) == 1 else 'them'} by name ({', '.join(pairs)})"
+    )
+
+
+def _describe_short(value: Any) -> str:
+    """An argument as a call would spell it: ``3``, ``'greedy'``; ``...`` for anything else."""
+    text = repr(value)
+    if isinstance(value, (bool, int, float, str, type(None))) and len(text) <= 40:
+        return text
+    return "..."
 
 
 _TORCH_DIR = str(Path(torch.__file__).resolve().parent)
@@ -439,7 +504,7 @@ def _call_mismatch(model: nn.Module, e: Exception, args: tuple, kwargs: dict) ->
         given = [_describe(a) for a in args] + [f"{k}={_describe(v)}" for k, v in kwargs.items()]
         return (
             f"{type(model).__name__}.forward{sig} does not take the inputs given "
-            f"({', '.join(given) or 'none'}): {why}."
+            f"({', '.join(given) or 'none'}): {keyword_only_note(sig, args, kwargs) or why}."
         )
     except ValueError:  # no signature to read
         return None

@@ -232,11 +232,33 @@ class Graph:
     @classmethod
     def from_json(cls, doc: dict[str, Any] | str | Path) -> Graph:
         """The graph of a :meth:`to_json` document (the dict, or a path to the file); a
-        :class:`Graph` also when called on a subclass (nothing live is in the document)."""
+        :class:`Graph` also when called on a subclass (nothing live is in the document).
+
+        Raises :class:`~lurker.errors.GraphDocumentError` (a ``ValueError``) for anything
+        else, a file that is not JSON, or a document this lurker does not read."""
+        from ..errors import GraphDocumentError
         from .schema import from_json
 
-        if not isinstance(doc, dict):
-            doc = json.loads(Path(doc).read_text("utf-8"))
+        if isinstance(doc, str) and doc.lstrip().startswith(("{", "[")):
+            raise GraphDocumentError(
+                "Graph.from_json got the text of a JSON document, where it takes the document "
+                "(a dict) or a path to its file: pass json.loads(text)."
+            )
+        if isinstance(doc, (str, Path)):
+            path = Path(doc)
+            try:
+                doc = json.loads(path.read_text("utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise GraphDocumentError(
+                    f"{path} is not a JSON document ({e}): a file cut short, or not one "
+                    "written by to_json. Write it again: tr.to_json(path) or lurker trace "
+                    "... --json PATH."
+                ) from None
+        elif not isinstance(doc, dict):
+            raise GraphDocumentError(
+                f"Graph.from_json got an object of type {type(doc).__name__}; it takes a trace document (the "
+                "dict tr.to_json() returns) or a path to the file tr.to_json(path) wrote."
+            )
         return from_json(doc)
 
     # ------------------------------------------------------------------ equality

@@ -77,16 +77,45 @@ def to_json(trace: Graph) -> dict[str, Any]:
 
 def from_json(doc: dict[str, Any]) -> Graph:
     """The graph a :func:`to_json` document describes (of this schema version only)."""
+    from ..errors import GraphDocumentError
+
+    if not isinstance(doc, dict):  # (a file holding a list, say)
+        raise GraphDocumentError(
+            f"not a lurker graph document: a JSON {type(doc).__name__}, where to_json writes "
+            "an object"
+        )
+    if doc.get("schema") != SCHEMA_ID:
+        raise GraphDocumentError(
+            f"not a lurker graph document: schema is {doc.get('schema')!r}, not {SCHEMA_ID!r}"
+        )
+    version = doc.get("version")
+    if version != SCHEMA_VERSION:
+        wrote = doc.get("lurker_version")
+        by = f" (written by lurker {wrote})" if isinstance(wrote, str) else ""
+        newer = isinstance(version, int) and version > SCHEMA_VERSION
+        fix = (
+            "upgrade lurker to read it"
+            if newer
+            else "trace the model again (or read it with the lurker that wrote it)"
+        )
+        raise GraphDocumentError(
+            f"lurker.trace document version {version!r}{by}: this lurker reads version "
+            f"{SCHEMA_VERSION} only; {fix}"
+        )
+    try:
+        return _graph_from(doc)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        what = f"field {e.args[0]!r} is missing" if isinstance(e, KeyError) else str(e)
+        raise GraphDocumentError(
+            f"this lurker.trace version {SCHEMA_VERSION} document is not one to_json wrote: "
+            f"{what}. Check it against lurker.graph.schema.json_schema(), or write it again "
+            "with tr.to_json()."
+        ) from e
+
+
+def _graph_from(doc: dict[str, Any]) -> Graph:
     from .graph import Graph
 
-    if doc.get("schema") != SCHEMA_ID:
-        raise ValueError(f"not a lurker graph document: schema is {doc.get('schema')!r}")
-    if doc.get("version") != SCHEMA_VERSION:
-        raise ValueError(
-            f"lurker.trace document version {doc.get('version')!r}: this lurker reads version "
-            f"{SCHEMA_VERSION} only; trace the model again (or read it with the lurker that "
-            "wrote it)"
-        )
     g = Graph()
     model = doc["model"]
     g.model_name = model["name"]
