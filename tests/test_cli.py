@@ -299,3 +299,33 @@ def test_ctrl_c_of_any_command_exits_130_without_aborted(tmp_path: Path, monkeyp
     r = CliRunner().invoke(main, ["trace", "torchvision:resnet18", "-i", "1,3,32,32"])
     assert r.exit_code == 130, r.output
     assert "Aborted" not in r.output and "lurker trace: interrupted" in r.output
+
+
+def test_trace_out_in_a_folder_where_no_file_can_be_made(tmp_path: Path, monkeypatch):
+    """`--out /proc/g.svg`: /proc passes os.access's writable check, yet no file can be
+    created there; the graph was drawn after the whole trace and the temporary file beside
+    it failed with a FileNotFoundError traceback. Refused first, naming the folder and what
+    to pass (here the folder refuses files as /proc does, by a patched mkstemp)."""
+    import tempfile
+
+    real = tempfile.mkstemp
+    blocked = tmp_path / "proc"
+    blocked.mkdir()
+
+    def mkstemp(*args, **kwargs):
+        if Path(kwargs.get("dir") or "") == blocked:
+            raise FileNotFoundError(2, "No such file or directory")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    f = tmp_path / "net.py"
+    f.write_text("from torch import nn\n\ndef build():\n    return nn.Linear(4, 2)\n")
+    good = ["--out", str(tmp_path / "g.dot")]
+    for option, paths in [("--out", ["--out", str(blocked / "g.dot")]),
+                          ("--json", [*good, "--json", str(blocked / "g.json")])]:  # fmt: skip
+        r = CliRunner().invoke(main, ["trace", f"{f}:build", "-i", "1,4", *paths])
+        assert r.exit_code == 2, r.output
+        assert r.exception is None or isinstance(r.exception, SystemExit), r.exception
+        assert f"Invalid value for '{option}'" in r.output
+        assert f"no file can be created in its folder '{blocked}'" in r.output
+        assert "give a path in a folder you can write to" in r.output

@@ -733,6 +733,63 @@ def test_an_empty_batch_is_one_clear_error(digits, xd, method) -> None:
         lurker.explain.evaluate(digits, empty, 3)
 
 
+@pytest.mark.parametrize("method", ALL)
+def test_a_row_with_nan_or_inf_is_refused_naming_it(digits, xd, method) -> None:
+    """A NaN pixel in row 1 made its output NaN, its "top class" argmax(NaN) = 0 and its
+    map NaN or a gradient of nothing decided, silently: now an error names the rows."""
+    x = xd.clone()
+    x[1, 0, 3, 4] = float("nan")
+    x[2, 0, 0, 0] = float("inf")
+    assert int(digits(x[1:2]).argmax()) == 0  # the silent class, before the fix
+    with pytest.raises(LurkerError, match=r"NaN or inf values in rows 1, 2 \(of 3\).*nan_to_num"):
+        lurker.explain(digits, x, method=method, **OPTS.get(method, {}))
+    with pytest.raises(LurkerError, match=r"concepts: x holds NaN or inf values in row 1 "):
+        lurker.explain.concepts(digits, x[:2], 3, layer="features.8")
+    ok = lurker.explain(digits, xd[:1], method=method, **OPTS.get(method, {}))
+    assert bool(torch.isfinite(ok.attribution).all())  # finite rows are explained as before
+
+
+@pytest.mark.parametrize(
+    ("method", "options", "said"),
+    [
+        (
+            "smoothgrad",
+            {"stdev": -0.1},
+            r"smoothgrad: stdev must be a finite number >= 0, got -0.1",
+        ),
+        ("smoothgrad", {"stdev": float("nan")}, r"stdev must be a finite number >= 0, got nan"),
+        ("smoothgrad", {"n_samples": 2.5}, r"n_samples must be an integer >= 1, got 2.5"),
+        ("smoothgrad", {"n_samples": -3}, r"n_samples must be an integer >= 1, got -3"),
+        ("smoothgrad", {"internal_batch_size": 0.5}, r"internal_batch_size must be an integer"),
+        ("smoothgrad", {"noise": torch.full((2, 3, 1, 16, 16), float("nan"))}, r"noise holds NaN"),
+        ("integrated_gradients", {"n_steps": float("nan")}, r"n_steps must be an integer >= 1"),
+        ("integrated_gradients", {"n_steps": 0}, r"n_steps must be an integer >= 1, got 0"),
+        ("integrated_gradients", {"baseline": float("nan")}, r"baseline holds NaN or inf"),
+        ("occlusion", {"baseline": float("inf")}, r"baseline holds NaN or inf"),
+        ("occlusion", {"internal_batch_size": -1}, r"internal_batch_size must be an integer >= 1"),
+        ("lrp", {"epsilon": -1.0}, r"LRP: epsilon must be a finite number >= 0, got -1.0"),
+        ("lrp", {"gamma": float("nan")}, r"LRP: gamma must be a finite number >= 0, got nan"),
+        ("lrp", {"stabilizer": -1e-6}, r"LRP: stabilizer must be a finite number >= 0"),
+        ("lrp", {"tolerance": -1}, r"LRP: tolerance must be a finite number >= 0, got -1"),
+    ],
+)
+def test_numeric_options_out_of_range_are_refused_by_name(
+    digits, xd, method: str, options: dict[str, Any], said: str
+) -> None:
+    """stdev=-1 or NaN, a NaN baseline, a negative LRP epsilon ran and gave a map (NaN, or
+    of noise nobody meant); n_steps=NaN or n_samples=2.5 failed inside numpy or torch."""
+    with pytest.raises(LurkerError, match=said):
+        lurker.explain(digits, xd, method=method, **options)
+
+
+def test_options_at_their_limits_are_taken(digits, xd) -> None:
+    """stdev=0 is plain saliency's signed gradient on every copy: equal to autograd's."""
+    e = lurker.explain(digits, xd, 3, method="smoothgrad", stdev=0.0, n_samples=2)
+    x = xd.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(digits(x)[:, 3].sum(), x)
+    close(e.attribution, g)
+
+
 def test_overlay_is_an_image(digits, xd) -> None:
     e = lurker.explain(digits, xd, method="input_x_gradient")
     img = e.overlay(1, image=xd[1].float())

@@ -314,3 +314,35 @@ def test_model_of_a_fixed_input_size_is_told_its_size(tmp_path: Path) -> None:
     right = torch.utils.data.TensorDataset(torch.randn(4, 3, 8, 8), torch.zeros(4).long())
     run = probe(_FixedGrid(), right, out=tmp_path / "ok", k=1, progress=False)
     assert [layer.name for layer in run.layers] == ["conv"]
+
+
+def test_fixed_size_model_on_a_dataset_made_by_code_is_told_to_resize_there(
+    tmp_path: Path,
+) -> None:
+    """`lurker probe MODEL -d file.py:fn` at the wrong size said "probe with --image-size
+    8", an option the same command then refuses for a dataset made by code: the hint now
+    says to make the dataset function return that size."""
+    code = tmp_path / "defs.py"
+    code.write_text(
+        "import torch\nfrom torch import nn\n\n"
+        "class FixedGrid(nn.Module):\n"
+        "    pretrained_cfg = {'input_size': (3, 8, 8)}\n\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.conv = nn.Conv2d(3, 4, 1)\n"
+        "        self.bias = nn.Parameter(torch.zeros(4, 64, 64))\n\n"
+        "    def forward(self, x):\n"
+        "        t = self.conv(x).flatten(2)\n"
+        "        return ((t.transpose(1, 2) @ t)[:, None] + self.bias[None]).mean((1, 2, 3))\n\n"
+        "def data(size=16):\n"
+        "    return torch.utils.data.TensorDataset(torch.rand(4, 3, size, size), torch.zeros(4).long())\n"
+    )
+    args = ["probe", f"{code}:FixedGrid", "-d", f"{code}:data", "-k", "1", "--device", "cpu"]
+    r = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "r")])
+    assert r.exit_code == 2, r.output
+    assert "input size as 8x8, and the images here are 16x16" in r.output
+    assert "make the dataset function return 8x8 images" in r.output
+    assert "probe with --image-size" not in r.output
+    # and the option the old hint named is indeed refused for such a dataset
+    r = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "s"), "--image-size", "8"])
+    assert r.exit_code == 2 and "dataset made by code" in r.output

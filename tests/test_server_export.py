@@ -390,10 +390,28 @@ def test_cli_serve_prints_url_and_serves(explorer_run: ExplorerRun):  # noqa: F8
         proc.wait(10)
 
 
+def test_cli_export_of_a_non_run_says_export(
+    static_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """The message shared with serve said "cannot serve NOT_A_RUN" to `lurker export`."""
+    import lurker.server.app as app_module
+
+    monkeypatch.setattr(app_module, "STATIC_DIR", static_dir)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "a.txt").write_text("x")
+    for source, why in [("empty", "it is neither a lurker run"), ("a.txt", "it is a file")]:
+        r = CliRunner().invoke(main, ["export", str(tmp_path / source), str(tmp_path / "site")])
+        assert r.exit_code == 2, r.output
+        assert f"cannot export {tmp_path / source}: {why}" in r.output, r.output
+        assert "serve" not in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "site").exists()  # refused before anything was written
+
+
 def test_cli_serve_refuses_a_folder_without_runs(tmp_path: Path):
     r = CliRunner().invoke(main, ["serve", str(tmp_path), "--no-browser"])
     assert r.exit_code == 2
-    assert "neither a lurker run" in r.output and "Traceback" not in r.output
+    assert f"cannot serve {tmp_path}: it is neither a lurker run" in r.output
+    assert "Traceback" not in r.output
 
 
 def test_cli_serve_bad_model_fails_before_serving(explorer_run: ExplorerRun):  # noqa: F811
@@ -447,8 +465,8 @@ def test_export_writes_the_further_pages_of_a_sample(
         progress=True,
     )
     last = capsys.readouterr().err.strip().splitlines()[-1]
-    written = sum(1 for f in (site / "data").rglob("*") if f.is_file())
-    assert last.endswith(f" items, {written:,} files, done: {site}"), last
+    on_disk = sum(1 for f in site.rglob("*") if f.is_file())  # the front end's too
+    assert last.endswith(f" items, {on_disk:,} files, done: {site}"), last
     c = TestClient(create_app(explorer_run.path, static_dir=site, live=False))
     counts: dict[int, int] = {}
     with Run.open(explorer_run.path) as run:
@@ -508,8 +526,10 @@ def test_export_progress_total_is_known_before_writing(
     assert totals == {total}, (totals, lines[:3])
     assert done == sorted(done) and done[-1] == total
     assert len(lines) > units  # a line per item: the total was there from the first
-    written = sum(1 for f in (site / "data").rglob("*") if f.is_file())
-    assert lines[-1].endswith(f", {written:,} files, done: {site}")
+    # the count is what the site holds: the front end's files and the manifest too (it
+    # said only data/'s, 857 files of a site of 880)
+    on_disk = sum(1 for f in site.rglob("*") if f.is_file())
+    assert lines[-1].endswith(f", {on_disk:,} files, done: {site}")
 
 
 def _tree(folder: Path) -> set[str]:

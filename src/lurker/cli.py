@@ -12,6 +12,7 @@ import functools
 import os
 import shlex
 import sys
+import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -78,7 +79,27 @@ def _out_folder(path: str, hint: str) -> str:
         raise click.BadParameter(
             f"cannot write {path!r}: its folder {str(folder)!r} is not writable", param_hint=hint
         )
+    _can_create_in(folder, path, hint)
     return str(target)
+
+
+def _can_create_in(folder: Path, path: str, hint: str) -> None:
+    """Create and remove a file in ``folder``: ``os.access`` says yes for folders where no
+    file can be made (``/proc``, a read-only mount), and the file is written through a
+    temporary file beside it, after all the work that makes it."""
+    from .store.files import TMP_PREFIX
+
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f"{TMP_PREFIX}check.")
+    except OSError as e:
+        raise click.BadParameter(
+            f"cannot write {path!r}: no file can be created in its folder {str(folder)!r} "
+            f"({e.strerror or e}); give a path in a folder you can write to",
+            param_hint=hint,
+        ) from None
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        os.unlink(tmp)
 
 
 def _channel_dim_option(then: str) -> Callable[[Any], Any]:

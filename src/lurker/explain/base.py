@@ -8,6 +8,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import math
+import numbers
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -359,8 +361,44 @@ def check_input(model: Any, x: Any, what: str = "explain") -> Tensor:
             "dimension with x[None]"
         )
     check_rows(x, what)
+    check_finite(x, what)
     warn_training(model)
     return x.detach()
+
+
+def check_finite(x: Tensor, what: str) -> None:
+    """Refuse a batch with NaN or inf values, naming its rows: such a row's output is NaN,
+    so its "top class" would be ``argmax`` of NaN (class 0, silently) and its map NaN or
+    a gradient of nothing the model decided."""
+    bad = ~torch.isfinite(x.detach()).reshape(x.shape[0], -1).all(dim=1)
+    if bool(bad.any()):
+        rows = bad.nonzero().flatten().tolist()
+        shown = ", ".join(map(str, rows[:10])) + (
+            f", ... ({len(rows)} rows)" if len(rows) > 10 else ""
+        )
+        raise LurkerError(
+            f"{what}: x holds NaN or inf values in row{'s' if len(rows) > 1 else ''} {shown} "
+            f"(of {x.shape[0]}); a model's output there is no decision to explain. Drop those "
+            "rows (x[torch.isfinite(x).flatten(1).all(1)]) or replace the values "
+            "(torch.nan_to_num(x)) and explain again"
+        )
+
+
+def check_count(what: str, name: str, value: Any, minimum: int = 1) -> int:
+    """An option that counts something (samples, steps, rows per forward): an int of at
+    least ``minimum``, or an error naming the option (not a TypeError from torch)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise LurkerError(f"{what}: {name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def check_real(what: str, name: str, value: Any, minimum: float = 0.0) -> float:
+    """A numeric option (a noise scale, a stabilizer): a finite number of at least
+    ``minimum``; NaN or a negative scale would give a map of NaN or of nothing meant."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if not ok or not math.isfinite(value) or value < minimum:
+        raise LurkerError(f"{what}: {name} must be a finite number >= {minimum:g}, got {value!r}")
+    return float(value)
 
 
 def check_rows(x: Tensor, what: str) -> None:

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import LurkerError
-from .base import Explanation, Method, input_grad, register
+from .base import Explanation, Method, check_count, input_grad, register
 from .targets import Forward
 
 METHODS = ("gausslegendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid")
@@ -27,9 +27,8 @@ METHODS = ("gausslegendre", "riemann_left", "riemann_right", "riemann_middle", "
 
 def nodes(method: str, n: int) -> tuple[list[float], list[float]]:
     """``(alphas, weights)`` of the quadrature on [0, 1], as Captum defines them."""
+    n = check_count("integrated gradients", "n_steps", n)
     if method == "gausslegendre":
-        if n < 1:
-            raise LurkerError(f"integrated gradients needs n_steps >= 1, got {n}")
         t, w = np.polynomial.legendre.leggauss(n)
         return list(0.5 * (t + 1)), list(0.5 * w)
     if method not in METHODS:
@@ -57,18 +56,22 @@ def as_baseline(baseline: Any, x: Tensor) -> Tensor:
     if baseline is None:
         return torch.zeros_like(x)
     if isinstance(baseline, (int, float)) and not isinstance(baseline, bool):
-        return torch.full_like(x, float(baseline))
-    if not isinstance(baseline, Tensor):
+        x0 = torch.full_like(x, float(baseline))
+    elif not isinstance(baseline, Tensor):
         raise LurkerError(
             f"baseline must be None, a number or a tensor; got {type(baseline).__name__}"
         )
-    try:
-        return baseline.detach().to(x.device, x.dtype).expand_as(x)
-    except RuntimeError as e:
-        raise LurkerError(
-            f"baseline of shape {tuple(baseline.shape)} does not broadcast to the input "
-            f"{tuple(x.shape)}"
-        ) from e
+    else:
+        try:
+            x0 = baseline.detach().to(x.device, x.dtype).expand_as(x)
+        except RuntimeError as e:
+            raise LurkerError(
+                f"baseline of shape {tuple(baseline.shape)} does not broadcast to the input "
+                f"{tuple(x.shape)}"
+            ) from e
+    if not bool(torch.isfinite(x0).all()):  # every map made from it would be NaN
+        raise LurkerError("baseline holds NaN or inf values; give a finite baseline")
+    return x0
 
 
 def integrated_gradients(
@@ -90,9 +93,11 @@ def integrated_gradients(
     shape = (-1,) + (1,) * (x.dim() - 1)
     diff = x - x0
     total = len(alphas) * B
-    chunk = total if internal_batch_size is None else int(internal_batch_size)
-    if chunk < 1:
-        raise LurkerError(f"internal_batch_size must be >= 1, got {internal_batch_size}")
+    chunk = (
+        total
+        if internal_batch_size is None
+        else check_count("integrated gradients", "internal_batch_size", internal_batch_size)
+    )
     rows_all = torch.arange(B, device=x.device).repeat(len(alphas))
     step_all = torch.arange(len(alphas), device=x.device).repeat_interleave(B)
     acc = torch.zeros_like(x, dtype=wide)

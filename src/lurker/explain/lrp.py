@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 from ..errors import LurkerError, warn
 from ..graph.nodes import Op, OpRef, ParamRef
-from .base import Explanation, Method, register
+from .base import Explanation, Method, check_real, register
 from .targets import (
     UNIT_HINT,
     UnitTarget,
@@ -414,6 +414,9 @@ class Engine:
     ) -> None:
         from ..capture import settled_trace as _trace
 
+        for name in ("epsilon", "stabilizer", "gamma"):  # before the model is traced
+            if name in params:
+                params[name] = check_real("LRP", name, params[name])
         if attention not in ATTENTION_RULES:
             raise LurkerError(
                 f"unknown LRP attention rule {attention!r}; supported: "
@@ -1107,6 +1110,7 @@ def lrp_relevance(
     **params: Any,
 ) -> tuple[Relevance, list[int] | UnitTarget]:
     """One LRP pass (no guard: :class:`LRP` and :func:`~.relevance.concepts` wrap it)."""
+    tolerance = check_real("LRP", "tolerance", tolerance)
     eng = Engine(model, x, composite, **params)
     rel, tgt = eng.run(x, target)
     _warn_leaks(rel, tolerance)
@@ -1149,6 +1153,7 @@ class LRP(Method):
         high: Any = None,
         tolerance: float = 1e-3,
     ) -> Explanation:
+        tolerance = check_real("LRP", "tolerance", tolerance)  # before the pass, not after
         eng = Engine(
             model,
             x,

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from ..errors import LurkerError
 from .axes import HINT
-from .base import Explanation, Method, register
+from .base import Explanation, Method, check_count, register
 from .integrated_gradients import as_baseline
 from .targets import Forward
 
@@ -112,8 +112,7 @@ class Occlusion(Method):
         win = _per_dim(window, dims, "window", whole)
         st = _per_dim(strides, dims, "strides", whole)
         spots = windows(dims, win, st)
-        if internal_batch_size < 1:
-            raise LurkerError(f"internal_batch_size must be >= 1, got {internal_batch_size}")
+        internal_batch_size = check_count("occlusion", "internal_batch_size", internal_batch_size)
         fw = Forward(model, x, target)
         x0 = as_baseline(baseline, x)
         B = x.shape[0]

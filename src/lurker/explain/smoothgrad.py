@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import LurkerError
-from .base import Explanation, Method, input_grad, register
+from .base import Explanation, Method, check_count, check_real, input_grad, register
 from .targets import Forward
 
 
@@ -46,8 +46,8 @@ class SmoothGrad(Method):
             fw.resolve_top()  # of the clean input, not of each noisy copy
         B = x.shape[0]
         if noise is None:
-            if n_samples < 1:
-                raise LurkerError(f"smoothgrad needs n_samples >= 1, got {n_samples}")
+            n_samples = check_count("smoothgrad", "n_samples", n_samples)
+            stdev = check_real("smoothgrad", "stdev", stdev)
             if seed is not None:  # drawn on the CPU: a seed gives the same noise on any device
                 gen = torch.Generator().manual_seed(seed)
                 noise = torch.randn((n_samples, *x.shape), generator=gen, dtype=x.dtype)
@@ -66,12 +66,16 @@ class SmoothGrad(Method):
                     f"noise must have shape (n_samples, *x.shape) = (n, {', '.join(map(str, x.shape))}); got {got}"
                 )
             noise = noise.to(x.device, x.dtype)
+            if not bool(torch.isfinite(noise).all()):
+                raise LurkerError("smoothgrad: noise holds NaN or inf values; give finite draws")
             n_samples = noise.shape[0]
             stdev = seed = None  # type: ignore[assignment]  # (the options record what was used)
         total = n_samples * B
-        chunk = total if internal_batch_size is None else int(internal_batch_size)
-        if chunk < 1:
-            raise LurkerError(f"internal_batch_size must be >= 1, got {internal_batch_size}")
+        chunk = (
+            total
+            if internal_batch_size is None
+            else check_count("smoothgrad", "internal_batch_size", internal_batch_size)
+        )
         noisy = (x.unsqueeze(0) + noise).reshape(total, *x.shape[1:])  # sample-major
         rows_all = torch.arange(B, device=x.device).repeat(n_samples)
         acc = torch.zeros_like(x)

@@ -362,13 +362,19 @@ _SPATIAL_OPS = re.compile(r"(conv|conv_transpose|max_pool|avg_pool|adaptive_\w+_
 
 
 def _trace_first(
-    model: nn.Module, x0: Tensor, plain: nn.Module | None = None, channel_dim: int | None = None
+    model: nn.Module,
+    x0: Tensor,
+    plain: nn.Module | None = None,
+    channel_dim: int | None = None,
+    data_by_code: bool = False,
 ) -> Trace:
     """Trace ``model`` on the first sample; where it cannot take one tensor of that shape,
     an error that says what the probe feeds it, what it wanted, and what to do (the trace's
     own advice names ``lurker trace``'s input options, which the probe does not have).
     ``model`` is the model as fed: ``plain`` (the user's) where ``channel_dim`` is None or
-    1, else its :func:`channels_first_view`."""
+    1, else its :func:`channels_first_view`. ``data_by_code``: the CLI's dataset is made by
+    code (``--data file.py:fn``), which ``--image-size`` cannot resize (the CLI refuses it):
+    the fix is then in the dataset function."""
     need = _required_inputs(model)
     if len(need) > 1:
         py, cli = _more_inputs_error(model, x0, need)
@@ -391,7 +397,12 @@ def _trace_first(
                 "models only run at their own size"
             )
             py += f"{said}; resize the images to it (load_dataset(DATA, {size[0]}))."
-            cli += f"{said}; probe with --image-size {size[0]}."
+            cli += (
+                f"{said}; make the dataset function return {size[0]}x{size[1]} images "
+                "(--image-size does not resize a dataset made by code)."
+                if data_by_code
+                else f"{said}; probe with --image-size {size[0]}."
+            )
         raise TraceError(py, partial=e.partial, failed_op=e.failed_op, cli=cli) from e
 
 
@@ -1054,7 +1065,9 @@ def _plan(
             cli=f"--channel-dim {channel_dim} moves the channels of image batches (N, C, H, W), "
             f"and the dataset's images are {tuple(x0.shape[1:])}: leave out --channel-dim",
         )
-    tr = _trace_first(model, x0, plain, channel_dim)
+    spec = (meta or {}).get("data")
+    by_code = isinstance(spec, str) and pdata.is_code_spec(spec)
+    tr = _trace_first(model, x0, plain, channel_dim, data_by_code=by_code)
     if rank == 0:
         _warn_scaled_again(tr, x0)
     try:

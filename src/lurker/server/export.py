@@ -55,6 +55,7 @@ from lurker.store.files import safe_component
 from lurker.vocab import VocabLike
 
 from .routes.samples import APPEARANCES_PAGE
+from .state import NotServableError
 
 _SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
 _CACHE_NAME = re.compile(r"^(\d{5,})-(max|mean)-(\d{3,})\.png$")
@@ -98,15 +99,17 @@ class _Progress:
     seconds, and at the end. The total is counted before anything is written, in items
     known up front (each top-k sample, unit and explained sample, and each run's other
     documents), so it never moves: how many files an item writes is known only once
-    written (a sample's further pages, a clip's frames, cached images)."""
+    written (a sample's further pages, a clip's frames, cached images). The files are
+    those in ``written`` (the manifest's list: the front end's files too) and, at the
+    end, the manifest itself: what the site holds, for a user who counts them."""
 
     every = 1.0
 
-    def __init__(self, enabled: bool):
+    def __init__(self, enabled: bool, written: set[str]):
         self.enabled = enabled
         self.done = 0
         self.total = 0
-        self.files = 0
+        self.written = written
         self.last = 0.0
 
     def step(self) -> None:
@@ -117,16 +120,17 @@ class _Progress:
             self.last = now
             self._line()
 
-    def _line(self, end: str = "") -> None:
+    def _line(self, end: str = "", manifest: int = 0) -> None:
+        files = len(self.written) + manifest
         print(
-            f"export: {self.done:,}/{self.total:,} items, {self.files:,} files{end}",
+            f"export: {self.done:,}/{self.total:,} items, {files:,} files{end}",
             file=sys.stderr,
             flush=True,
         )
 
     def close(self, out: Path) -> None:
         if self.enabled:
-            self._line(f", done: {out}")
+            self._line(f", done: {out}", manifest=1)  # written by now
 
 
 def export_site(
@@ -160,15 +164,18 @@ def export_site(
         )
     site = Path(out)
     earlier = _check_out(site)
-    app = create_app(run, static_dir=static, dataset=dataset, live=False, vocab=vocab)
+    try:
+        app = create_app(run, static_dir=static, dataset=dataset, live=False, vocab=vocab)
+    except NotServableError as e:
+        raise e.for_verb("export") from None
     # the route functions read only request.app: the documents are the API's own
     request = Request({"type": "http", "app": app, "method": "GET", "headers": []})
-    bar = _Progress(progress)
     site.mkdir(parents=True, exist_ok=True)
     # the earlier export's files go first (old hashed bundles, images of units no longer
     # in the run would linger beside the new ones); nothing else in the folder is touched
     _remove_written(site, earlier)
     written: set[str] = set()
+    bar = _Progress(progress, written)
     out_files = _Files(site, "data", bar, written)
     try:
         _copy_front_end(static, site, written)
@@ -188,19 +195,17 @@ def export_site(
 
 
 class _Files:
-    """Writes the site's files under ``site/folder`` (``data/``), counts them, and records
-    each in ``written`` (paths relative to ``site``: the manifest)."""
+    """Writes the site's files under ``site/folder`` (``data/``), and records each in
+    ``written`` (paths relative to ``site``: the manifest, and the progress's count)."""
 
     def __init__(self, site: Path, folder: str, bar: _Progress, written: set[str]):
         self.site = site
         self.folder = folder
         self.bar = bar
         self.written = written
-        self.count = 0
 
     def text(self, relative: str, body: str) -> None:
         _write(self._target(relative), body.encode("utf-8"))
-        self._done()
 
     def json(self, relative: str, doc: Any) -> None:
         self.text(relative + ".json", _dumps(doc))
@@ -211,14 +216,9 @@ class _Files:
             _write(target, found)
         else:
             _link(found, target)
-        self._done()
 
     def _target(self, relative: str) -> Path:
         return _claim(self.site, f"{self.folder}/{relative}", self.written)
-
-    def _done(self) -> None:
-        self.count += 1
-        self.bar.files += 1
 
 
 def _dumps(doc: Any) -> str:

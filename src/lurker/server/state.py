@@ -34,7 +34,20 @@ if TYPE_CHECKING:
 
 
 class NotServableError(LurkerError):
-    """The folder given to the server is neither a run nor a folder of runs."""
+    """The folder given to the server is neither a run nor a folder of runs.
+
+    Keeps ``path`` and ``reason`` apart from the verb, so a command other than ``serve``
+    (``export``) can say what it could not do: :meth:`for_verb`.
+    """
+
+    def __init__(self, path: Path, reason: str, verb: str = "serve"):
+        super().__init__(f"cannot {verb} {path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+    def for_verb(self, verb: str) -> NotServableError:
+        """The same error, worded for the command ``verb`` (``"export"``)."""
+        return NotServableError(self.path, self.reason, verb)
 
 
 #: float32's unit roundoff: the probe reads maps, sums them and keeps means in float32.
@@ -884,13 +897,14 @@ class Registry:
     def __init__(self, source: str | os.PathLike[str], sources: ModelSource | None = None):
         root = Path(source).expanduser()
         if not root.exists():
-            raise NotServableError(f"cannot serve {root}: the path does not exist")
+            raise NotServableError(root, "the path does not exist")
         if root.is_file() and root.name == DB_NAME:
             root = root.parent
         if not root.is_dir():
             raise NotServableError(
-                f"cannot serve {root}: it is a file; expected a run directory (holding "
-                f"{DB_NAME}, the --out of `lurker probe`) or a folder of run directories"
+                root,
+                f"it is a file; expected a run directory (holding {DB_NAME}, the --out of "
+                "`lurker probe`) or a folder of run directories",
             )
         self.root = root
         self.single = (root / DB_NAME).is_file()
@@ -901,9 +915,10 @@ class Registry:
         )
         if not folders:
             raise NotServableError(
-                f"cannot serve {root}: it is neither a lurker run (no {DB_NAME} in it) nor a "
-                f"folder of runs (no sub-folder holds a {DB_NAME}). Expected the --out "
-                "directory of `lurker probe`, or a folder holding such directories."
+                root,
+                f"it is neither a lurker run (no {DB_NAME} in it) nor a folder of runs (no "
+                f"sub-folder holds a {DB_NAME}). Expected the --out directory of `lurker "
+                "probe`, or a folder holding such directories.",
             )
         self.entries: dict[str, RunEntry] = {}
         self._lock = threading.Lock()
@@ -911,7 +926,7 @@ class Registry:
             self._add(folder.resolve().name if folder == root else folder.name, folder)
         if self.single and self.entries[next(iter(self.entries))].run is None:
             entry = next(iter(self.entries.values()))
-            raise NotServableError(f"cannot serve {root}: {entry.error}")
+            raise NotServableError(root, str(entry.error))
 
     def _add(self, name: str, folder: Path) -> RunEntry:
         signature = db_signature(folder)  # before opening: a write meanwhile reopens it later
