@@ -52,7 +52,13 @@ def _hooked(model: torch.nn.Module, module: str, x: torch.Tensor) -> tuple[torch
 
 
 @pytest.mark.parametrize(
-    ("embed", "module", "batch_size"), [(True, "classifier.2", 7), ("features.8", "features.8", 50)]
+    ("embed", "module", "batch_size"),
+    [
+        (True, "classifier.2", 7),
+        ("features.8", "features.8", 50),
+        # a Flatten of a conv map: no unit axis, but one vector per sample all the same
+        ("classifier.0", "classifier.0", 11),
+    ],
 )
 def test_probe_keeps_every_samples_features(model, data, tmp_path, embed, module, batch_size):
     run = probe(
@@ -210,6 +216,20 @@ def test_make_map_stores_one_point_per_sample(model, data, tmp_path):
     want = reduce(e.features, "pca").xy
     np.testing.assert_allclose(np.c_[done.x, done.y], want, rtol=1e-5, atol=1e-4)
     assert done.meta["method"] == "pca" and done.meta["layer"] == "classifier.2"
+
+
+def test_map_of_a_flattened_conv_map(model, data, tmp_path):
+    """``lurker map --layer`` on a Flatten of a conv map places the samples by the flat
+    vector (its unit axis is unknown, and ``map`` has no ``--unit-dim`` to name one)."""
+    run = probe(model, data, out=tmp_path / "run", layers="classifier.1", progress=False)
+    done = make_map(run, layer="classifier.0", method="pca", model=model, dataset=data)
+    e = done.embedding()
+    feats, _ = _hooked(model, "classifier.0", _all(data)[0])
+    assert e.meta["layer"] == "classifier.0" and e.features.shape == (len(data), 512)
+    np.testing.assert_allclose(e.features.astype(np.float32), feats.numpy(), rtol=2e-3, atol=2e-3)
+    want = reduce(feats.numpy(), "pca").xy
+    m = done.map()
+    np.testing.assert_allclose(np.c_[m.x, m.y], want, rtol=1e-2, atol=2e-2)
 
 
 def test_map_without_features_or_model_says_what_to_do(model, data, tmp_path):

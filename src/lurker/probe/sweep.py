@@ -58,7 +58,16 @@ from .consumers import (
     RelevanceConsumer,
     UnitStatsConsumer,
 )
-from .layout import UNIT_DIM_HINT, Layout, Skip, infer_layouts, op_names, reused_paths, rf_matches
+from .layout import (
+    UNIT_DIM_HINT,
+    Layout,
+    Skip,
+    _batch_axes,
+    infer_layouts,
+    op_names,
+    reused_paths,
+    rf_matches,
+)
 from .layout import layer_name as _layer_name
 from .progress import Progress
 
@@ -1506,8 +1515,10 @@ def embed_layer_of(
         return Layer(src, _layer_name(src, tr), lay)
     if not isinstance(embed, str) or not embed:
         raise LurkerError(f"probe: embed must be True, False or a layer name, got {embed!r}")
+    if layouts is None:
+        layouts = infer_layouts(tr, unit_dim=unit_dim)
     try:
-        found = select_layers(tr, embed, unit_dim=unit_dim, layouts=layouts)
+        found = select_layers(tr, embed, unit_dim=unit_dim, layouts=_as_features(tr, layouts))
     except LurkerError as err:
         raise LurkerError(
             f"{arg}={embed!r}: {err}", cli=f"{cli_arg} {embed}: {err.for_cli()}"
@@ -1517,6 +1528,28 @@ def embed_layer_of(
         said = f"names {len(found)} layers ({names}); name one of them"
         raise LurkerError(f"{arg}={embed!r} {said}", cli=f"{cli_arg} {embed} {said}")
     return found[0]
+
+
+def _as_features(tr: Trace, layouts: Mapping[int, Layout | Skip]) -> Mapping[int, Layout | Skip]:
+    """``layouts`` with every ``(batch, features)`` output whose unit axis lurker cannot tell
+    (a ``Flatten`` of a conv map) read as one vector per sample, as ``embed=True`` reads
+    the last linear op's input: the map needs each sample's features, not units, and
+    naming a unit axis (``unit_dim``) would also make the probe read it as units."""
+    flat = [
+        op
+        for op in tr.ops
+        if isinstance(lay := layouts.get(op.index), Skip)
+        and lay.unit_dim_helps  # its batch axis is known, only its units are not
+        and len(op.shape or ()) == 2
+    ]
+    if not flat:
+        return layouts
+    batch = _batch_axes(tr, tuple(tr._inputs[0]))
+    out = dict(layouts)
+    for op in flat:
+        if isinstance(b := batch.get(op.index), int):
+            out[op.index] = Layout(batch=b, unit=1 - b, positions=())
+    return out
 
 
 def check_embed_budget(layer: Layer, n: int, budget: int = EMBED_BUDGET) -> None:
