@@ -329,3 +329,10 @@ def test_trace_out_in_a_folder_where_no_file_can_be_made(tmp_path: Path, monkeyp
         assert f"Invalid value for '{option}'" in r.output
         assert f"no file can be created in its folder '{blocked}'" in r.output
         assert "give a path in a folder you can write to" in r.output
+    # a file already there is written over through a new file beside it: refused too
+    (blocked / "old.dot").write_text("digraph {}")
+    r = CliRunner().invoke(
+        main, ["trace", f"{f}:build", "-i", "1,4", "--out", str(blocked / "old.dot")]
+    )
+    assert r.exit_code == 2, r.output
+    assert f"no file can be created in its folder '{blocked}'" in r.output

@@ -790,6 +790,27 @@ def test_options_at_their_limits_are_taken(digits, xd) -> None:
     close(e.attribution, g)
 
 
+def test_tensor_options_are_taken_as_before(digits, xd) -> None:
+    """stdev as a 0-d tensor (0.15 * (x.max() - x.min()), Captum's advice) or a scale per
+    channel, and n_samples as a 0-d integer tensor, ran before the numeric checks: taken,
+    with the same map as the plain numbers give (an out-of-range one still refused)."""
+    scale = 0.15 * (xd.max() - xd.min())
+    want = lurker.explain(digits, xd, 3, method="smoothgrad", stdev=float(scale), seed=0)
+    got = lurker.explain(digits, xd, 3, method="smoothgrad", stdev=scale, seed=0)
+    close(got.attribution, want.attribution)
+    per_channel = torch.full((xd.shape[1], 1, 1), float(scale))
+    got = lurker.explain(digits, xd, 3, method="smoothgrad", stdev=per_channel, seed=0)
+    close(got.attribution, want.attribution)
+    got = lurker.explain(
+        digits, xd, 3, method="smoothgrad", stdev=float(scale), seed=0, n_samples=torch.tensor(25)
+    )
+    close(got.attribution, want.attribution)
+    with pytest.raises(LurkerError, match="stdev must be a finite number >= 0"):
+        lurker.explain(digits, xd, method="smoothgrad", stdev=torch.tensor(-1.0))
+    with pytest.raises(LurkerError, match="stdev must be finite numbers >= 0"):
+        lurker.explain(digits, xd, method="smoothgrad", stdev=-per_channel)
+
+
 def test_overlay_is_an_image(digits, xd) -> None:
     e = lurker.explain(digits, xd, method="input_x_gradient")
     img = e.overlay(1, image=xd[1].float())

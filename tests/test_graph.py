@@ -461,6 +461,26 @@ def test_from_json_refuses_what_is_not_a_document_by_name(tmp_path) -> None:
     assert Graph.from_json(whole) == tr == Graph.from_json(str(whole))  # paths still read
 
 
+def test_from_json_reads_any_path_it_read_before(tmp_path, monkeypatch) -> None:
+    """Any os.PathLike (py.path's local, a PurePath) and a path that starts like JSON text
+    ('[run 1]/t.json') were read as paths before the checks for other objects and for a
+    document's text: they still are."""
+    import pathlib
+
+    tr = ZOO["small"]
+    folder = tmp_path / "[run 1]"
+    folder.mkdir()
+    tr.to_json(folder / "t.json")
+
+    class Local:  # a PathLike that is not a pathlib.Path
+        def __fspath__(self) -> str:
+            return str(folder / "t.json")
+
+    monkeypatch.chdir(tmp_path)
+    for given in (Local(), pathlib.PurePath(folder / "t.json"), "[run 1]/t.json"):
+        assert Graph.from_json(given) == tr
+
+
 def test_blank_op_sets_every_slot_as_init_does():
     """The recorder's fast constructor: a slot it forgot would raise AttributeError on read,
     a different default would change every traced op."""

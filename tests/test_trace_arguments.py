@@ -38,7 +38,8 @@ def test_validate_refuses_a_tolerance_that_is_not_a_number_at_least_zero(
 @pytest.mark.parametrize(
     ("call", "said"),
     [
-        (lambda tr: tr.backward(output="logits"), r"output=\.\.\.\) got a str.*out\['logits'\]"),
+        (lambda tr: tr.backward(output="logits"), r"output=\.\.\.\) got a str.*out\[:, 0\]"),
+        (lambda tr: tr.backward(output=tr.output), r"got a Tensor.*out\[:, 0\]\.sum\(\)"),
         (lambda tr: tr.run(torch.randn(2, 4), hooks=[("0", lambda op, h: h)]), "hooks= is a list"),
         (lambda tr: tr.hooks([("0", lambda op, h: h)]), r"hooks= is a list.*dict\(pairs\)"),
     ],
@@ -143,3 +144,47 @@ def test_a_keyword_only_argument_passed_by_position_is_named() -> None:
     with pytest.raises(LurkerError, match=said):
         lurker.trace(model, x, 3)
     torch.testing.assert_close(tr.run(x, steps=3).output, model(x, steps=3))  # the oracle
+
+
+class _Dict(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        return {"logits": self.lin(x)}
+
+
+def test_backward_output_not_a_function_suggests_a_fix_that_works() -> None:
+    """The message suggested out['logits'] for every model; on a model that returns a
+    tensor that fix raises IndexError. The suggestion fits the output, and runs."""
+    for model, pattern in [(_mlp(), "out[:, 0].sum()"), (_Dict(), "out['logits'].sum()")]:
+        tr = lurker.trace(model, torch.randn(2, 4), grads=True)
+        with pytest.raises(LurkerError) as err:
+            tr.backward(output="logits")
+        assert f"lambda out: {pattern}" in str(err.value)
+        tr.backward(output=eval(f"lambda out: {pattern}"))  # the suggested fix runs
+
+
+class _Branch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x: Tensor, steps: int = 2) -> Tensor:
+        if x.sum() > 0:  # the data decides the path
+            x = x * 2
+        for _ in range(steps):
+            x = self.lin(x)
+        return x
+
+
+def test_an_argument_left_at_its_default_is_not_blamed() -> None:
+    """A trace of model(x, steps=2), steps' default, replayed as tr.run(x2) on data that
+    takes another branch: the message said "argument 'steps' is missing (traced as 2)",
+    though steps is 2 there too, instead of the data's control flow."""
+    tr = lurker.trace(_Branch(), torch.ones(2, 4), steps=2)
+    with pytest.raises(LurkerError) as err:
+        tr.run(-torch.ones(2, 4))
+    assert "'steps'" not in str(err.value)
+    assert "control flow depends on the data" in str(err.value)

@@ -66,6 +66,7 @@ def _out_folder(path: str, hint: str) -> str:
     if target.is_file():  # written over: the file must be writable, whatever its folder
         if not os.access(target, os.W_OK):
             raise click.BadParameter(f"cannot write {path!r}: it is read-only", param_hint=hint)
+        _can_create_in(target.parent, path, hint)  # (written through a file beside it)
         return str(target)
     folder = target.parent
     try:

@@ -345,6 +345,10 @@ def _other_arguments(trace: Trace, args: tuple, kwargs: dict) -> list[str]:
     note = keyword_only_note(sig, args, kwargs)
     if note is not None:  # the one cause of the lines below it would give
         return [note]
+    for p in sig.parameters.values():  # an argument left at its default is given: it
+        if p.default is not p.empty:  # holds that value (compared where a path diverges)
+            then.setdefault(p.name, p.default)
+            now.setdefault(p.name, p.default)
     out = [
         f"argument '{name}' is missing (traced as {_shown(value)})"
         for name, value in then.items()

@@ -909,12 +909,17 @@ class Trace(Graph):
                 "(for the parameters' .grad alone, call backward on trace.output yourself)."
             )
         if output is not None and not callable(output):
-            key = repr(output) if isinstance(output, str) else "'logits'"
+            if isinstance(self.output, Tensor):  # (out['logits'] would fail on it)
+                pick = "out[:, 0].sum()" if self.output.dim() >= 2 else "out.sum()"
+            elif isinstance(self.output, (tuple, list)):
+                pick = "out[0].sum()"
+            else:
+                pick = f"out[{repr(output) if isinstance(output, str) else repr('logits')}].sum()"
             raise LurkerError(
                 f"trace.backward(output=...) got a {type(output).__name__}; output is a "
                 "function that picks the tensor to differentiate from the model's output, "
                 "not the tensor or its name. Pass one: "
-                f"trace.backward(output=lambda out: out[{key}].sum())."
+                f"trace.backward(output=lambda out: {pick})."
             )
         target = output(self.output) if output is not None else self.output
         if not isinstance(target, Tensor):

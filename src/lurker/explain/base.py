@@ -387,6 +387,8 @@ def check_finite(x: Tensor, what: str) -> None:
 def check_count(what: str, name: str, value: Any, minimum: int = 1) -> int:
     """An option that counts something (samples, steps, rows per forward): an int of at
     least ``minimum``, or an error naming the option (not a TypeError from torch)."""
+    if isinstance(value, Tensor) and value.dim() == 0 and not value.is_floating_point():
+        value = value.item()  # a 0-d integer tensor (x.shape[0] * 2 of a tensor): its int
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise LurkerError(f"{what}: {name} must be an integer >= {minimum}, got {value!r}")
     return int(value)
@@ -394,7 +396,10 @@ def check_count(what: str, name: str, value: Any, minimum: int = 1) -> int:
 
 def check_real(what: str, name: str, value: Any, minimum: float = 0.0) -> float:
     """A numeric option (a noise scale, a stabilizer): a finite number of at least
-    ``minimum``; NaN or a negative scale would give a map of NaN or of nothing meant."""
+    ``minimum``; NaN or a negative scale would give a map of NaN or of nothing meant. A 0-d
+    tensor is read as its number (``0.15 * (x.max() - x.min())``)."""
+    if isinstance(value, Tensor) and value.dim() == 0 and value.dtype != torch.bool:
+        value = value.item()
     ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
     if not ok or not math.isfinite(value) or value < minimum:
         raise LurkerError(f"{what}: {name} must be a finite number >= {minimum:g}, got {value!r}")

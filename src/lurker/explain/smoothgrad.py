@@ -47,7 +47,14 @@ class SmoothGrad(Method):
         B = x.shape[0]
         if noise is None:
             n_samples = check_count("smoothgrad", "n_samples", n_samples)
-            stdev = check_real("smoothgrad", "stdev", stdev)
+            if isinstance(stdev, Tensor) and stdev.dim() > 0:  # a scale per channel, say
+                if not bool((torch.isfinite(stdev) & (stdev >= 0)).all()):
+                    raise LurkerError(
+                        "smoothgrad: stdev must be finite numbers >= 0, got a tensor holding "
+                        "NaN, inf or negative values"
+                    )
+            else:
+                stdev = check_real("smoothgrad", "stdev", stdev)
             if seed is not None:  # drawn on the CPU: a seed gives the same noise on any device
                 gen = torch.Generator().manual_seed(seed)
                 noise = torch.randn((n_samples, *x.shape), generator=gen, dtype=x.dtype)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import json
+import os
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -239,15 +240,18 @@ class Graph:
         from ..errors import GraphDocumentError
         from .schema import from_json
 
-        if isinstance(doc, str) and doc.lstrip().startswith(("{", "[")):
-            raise GraphDocumentError(
-                "Graph.from_json got the text of a JSON document, where it takes the document "
-                "(a dict) or a path to its file: pass json.loads(text)."
-            )
-        if isinstance(doc, (str, Path)):
+        text = isinstance(doc, str) and doc.lstrip().startswith(("{", "["))
+        if isinstance(doc, (str, os.PathLike)):
             path = Path(doc)
             try:
                 doc = json.loads(path.read_text("utf-8"))
+            except OSError:  # (a path such as '[run 1]/t.json' is read as one)
+                if not text:
+                    raise
+                raise GraphDocumentError(
+                    "Graph.from_json got the text of a JSON document, where it takes the "
+                    "document (a dict) or a path to its file: pass json.loads(text)."
+                ) from None
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise GraphDocumentError(
                     f"{path} is not a JSON document ({e}): a file cut short, or not one "
