@@ -741,6 +741,22 @@ def test_a_finished_run_swept_again_for_other_layers_is_said_before_its_images_g
         assert run.meta["status"] == "complete" and [x.name for x in run.layers] == ["features.0"]
 
 
+def test_a_finished_run_that_recorded_no_settings_is_not_said_to_differ_in_all(tmp_path: Path):
+    """A run from before lurker recorded what it was probed with: the warning says its
+    settings are unknown, not that every one of them differs."""
+    import sqlite3
+
+    model, out, idx = _model(), tmp_path / "r", list(range(12))
+    kw = dict(out=out, layers=["features.0"], k=3, batch_size=8, progress=False)
+    probe(model, _Picked(idx), **kw).close()
+    with sqlite3.connect(out / "run.db") as db:  # as an older lurker wrote it
+        db.execute("DELETE FROM meta WHERE key = 'probed_with'")
+    with pytest.warns(UserWarning, match="holds a finished probe") as rec:
+        probe(model, _Picked(idx), **kw).close()
+    said = str(rec[0].message)
+    assert "settings it did not record" in said and "other settings" not in said
+
+
 def _labelled_folder(root: Path) -> Path:
     rng = np.random.default_rng(1)
     for cls in ("ant", "bee", "cat"):

@@ -1433,8 +1433,10 @@ def _say_swept_again(plan: _Plan, before: dict[str, Any], now: dict[str, Any]) -
     cache = plan.out / "cache"
     files = sum(1 for p in cache.rglob("*") if p.is_file()) if cache.is_dir() else 0
     lost = f" and its {files:,} cached images and files" if files else ""
+    # a run from before lurker recorded its settings: which of them differ is unknown
+    which = f"other settings ({', '.join(differ)})" if before else "settings it did not record"
     warn(
-        f"{plan.out} holds a finished probe with other settings ({', '.join(differ)}): "
+        f"{plan.out} holds a finished probe with {which}: "
         f"sweeping it again; when this sweep ends, its results{lost} are replaced. To keep "
         "them, stop now (Ctrl-C) and probe into another out directory (--out)"
     )
