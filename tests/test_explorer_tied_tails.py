@@ -82,6 +82,7 @@ def test_relevance_list_zero_tail_is_dimmed_and_said(
         doc = route.fetch().json()
         for e in doc["top"]["relevance"][-3:]:
             e["value"] = 0.0
+        doc["tied_tail"]["relevance"] = 3  # as the server counts such a list's tail
         route.fulfill(json=doc)
 
     with strict_page(browser, width=1280, height=800) as pg:
@@ -105,6 +106,41 @@ def test_relevance_list_zero_tail_is_dimmed_and_said(
         pg.click('button[data-tab="max"]')
         pg.wait_for_function("() => !document.querySelector('#tied-tail')")
         assert pg.locator(".top-entry.tied").count() == 0
+
+
+def test_unit_documents_count_the_tails_the_sample_pages_leave_out(
+    served: dict[str, Any], lists: dict[Any, Any]
+) -> None:
+    """The unit page dims what the server counts as each list's tied tail, by the sample
+    pages' rule (zeros ending a full list, in a run of more samples than it holds): it had
+    its own rule, which dimmed zeros ending a list that was not full, so the two pages could
+    disagree. Brute force over every list of every unit."""
+    api = served["url"].replace("#/r/", "api/runs/")
+    from lurker.store import Run
+
+    with Run.open(served["run"].path) as run:
+        k, samples = run.meta["k"], run.num_samples
+    assert samples > k
+    seen = 0
+    for layer, unit in sorted({(layer, unit) for layer, unit, _ in lists}):
+        doc = get_json(f"{api}/layers/{layer}/units/{unit}")
+        for which in doc["tied_tail"]:
+            want = tail_length([v for _, v in lists[(layer, unit, which)]], k)
+            assert doc["tied_tail"][which] == want, (layer, unit, which)
+            seen += want > 0
+    assert seen, "the digits run should have tied tails"
+
+
+def test_a_zero_tail_of_a_list_that_is_not_full_is_no_tie() -> None:
+    """Fewer samples than the list holds, or a run no larger than it: every sample is
+    listed, so its zeros rank (they are all the samples there are)."""
+    from lurker.server.state import tied_tail_count
+
+    assert tied_tail_count([3.0, 0.0, 0.0], 5, 100) == 0  # not full
+    assert tied_tail_count([3.0, 2.0, 0.0, 0.0, 0.0], 5, 5) == 0  # the run is the list
+    assert tied_tail_count([3.0, 2.0, 0.0, 0.0, 0.0], 5, 6) == 3
+    assert tied_tail_count([3.0, 2.0, 1.0, 1.0, 1.0], 5, 100) == 0  # not zeros: they rank
+    assert tied_tail_count([3.0, 2.0, 1.0, 0.0, None], 5, 100) == 0  # a NaN last
 
 
 def test_sample_page_leaves_tied_tails_out(

@@ -253,6 +253,9 @@ export interface UnitDoc {
   /** Stored feature visualizations (`lurker featviz`), null when the unit has none. */
   featviz?: FeatVizInfo | null;
   class_means: Record<string, number | null>;
+  /** Per list: how many entries end it as ties samples outside it may share (zeros ending
+   * a full list): the sample pages leave them out, the unit page dims them. */
+  tied_tail?: Partial<Record<"max" | "mean" | "relevance", number>>;
   histogram: Histogram;
   prev: number | null;
   next: number | null;

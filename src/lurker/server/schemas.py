@@ -506,6 +506,10 @@ class UnitDetail(BaseModel):
     #: The unit holds its ``max`` on every sample at every position: its max and mean
     #: lists are ties (ranked by sample id alone), its class means all that value.
     constant: bool = False
+    #: Per list (max, mean, relevance): how many entries end it as ties that samples
+    #: outside it may share (two or more zeros ending a full list in a run of more
+    #: samples): the sample pages leave them out, the unit page dims them.
+    tied_tail: dict[str, int] = {}
     #: A video model's run: the frames of each clip (its entries' ``frames`` count them).
     clip_frames: int | None = None
     #: A run of token ids: the token ids per sample (its entries' ``tokens``); null else.

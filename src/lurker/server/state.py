@@ -376,6 +376,20 @@ def _tied_tail(values: np.ndarray, keep: np.ndarray, samples: int) -> np.ndarray
     return _tied_tail_rows(values[None], keep[None], samples)[0]
 
 
+def tied_tail_count(values: list[float | None], k: int, samples: int) -> int:
+    """How many entries end one unit's top list (its filled entries' ``values``, a list of
+    ``k`` slots) as its tied tail: :func:`_tied_tail`, the rule the sample pages leave
+    such entries out by, for the unit page to dim the same ones."""
+    n = len(values)
+    if not n or n > k:
+        return 0
+    v = np.full(k, np.nan)
+    v[:n] = [np.nan if x is None else x for x in values]
+    keep = np.zeros(k, bool)
+    keep[:n] = True
+    return int(_tied_tail(v, keep, samples).sum())
+
+
 def _same_length(
     rows: list[tuple[int, Any, Any, bytes]],
 ) -> list[list[tuple[int, Any, Any, bytes]]]:

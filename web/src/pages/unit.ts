@@ -308,14 +308,12 @@ export async function renderUnit(root: HTMLElement, ctx: PageContext, args: stri
     // a list whose values are all equal is ties (a relevance of 0 everywhere: a unit that
     // feeds a dead one): which samples it holds, and in what order, is by sample id alone
     const tied = entries.length > 1 && entries.every((e) => e.value === entries[0].value);
-    // a list whose last few values are equal (a relevance of 0 where the unit carried
-    // nothing): those samples are ties too, listed by sample id, so they are dimmed and said
+    // a list's tied tail (zeros ending a full list, a relevance of 0 where the unit carried
+    // nothing, in a run of more samples): ties listed by sample id, so they are dimmed and
+    // said; the server decides, by the rule the sample pages leave them out by
     const last = entries.length ? entries[entries.length - 1].value : null;
-    let tailFrom = entries.length;
-    while (!tied && tailFrom > 0 && entries[tailFrom - 1].value === last) tailFrom--;
-    // zeros alone (a unit that did not fire, a relevance of 0): two samples that both reach
-    // a ReLU6's 6, or a duplicate image, do rank, as the sample page keeps them
-    if (entries.length - tailFrom < 2 || last !== 0) tailFrom = entries.length;
+    const tailCount = tied ? 0 : Math.min(doc.tied_tail?.[list] ?? 0, entries.length);
+    const tailFrom = entries.length - tailCount;
     const figures = entries.map((e) => figure(ctx, layer, unit, list, list === "relevance" ? "input" : kind(), e, tab === "max" && !crop && positions > 1, images.ok, shown, noImageWhy, tagOf(list, e), captionOf(list, e)));
     // a static export's missing images: each tile says so in a word, the page says why once
     // (a sentence per tile does not fit in it)

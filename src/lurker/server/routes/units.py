@@ -20,6 +20,7 @@ from ..state import (
     signal_rf,
     signal_shape,
     signal_span,
+    tied_tail_count,
     token_length,
     vector_length,
 )
@@ -45,6 +46,12 @@ def unit_detail(
     means = [item["value"] for item in doc["top"]["mean"]]
     positions = positions_per_sample(info)
     doc["constant"] = is_constant(found.mean, found.max, peaks, positions, means)
+    k, samples = e.open_run().meta.get("k"), e.open_run().num_samples
+    doc["tied_tail"] = {
+        name: tied_tail_count([item["value"] for item in items], k, samples)
+        for name, items in doc["top"].items()
+        if items is not None and isinstance(k, int)
+    }
     frames = clip_frames(e.open_run().meta.get("config") or {})
     for item in doc["top"]["max"] + doc["top"]["mean"]:  # the mean list's peaks: if stored
         item["box"] = _box(info, item["y"], item["x"], size)
