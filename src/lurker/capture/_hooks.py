@@ -47,13 +47,16 @@ def resolve(trace: Trace, hooks: Mapping[Any, HookFn]) -> Resolved:
             "index. Pass a dict: hooks={'relu_1': fn} (for a list of pairs, dict(pairs))."
         )
     out: Resolved = {}
+    checked: set[int] = set()  # one signature read per function (probe: one for all keys)
     for key, fn in hooks.items():
         if not callable(fn):
             raise LurkerError(
                 f"hooks[{key!r}] is {type(fn).__name__}, not a function; a hook is called "
                 "as fn(op, output) and returns a replacement output or None."
             )
-        _check_arity(key, fn)
+        if id(fn) not in checked:
+            _check_arity(key, fn)
+            checked.add(id(fn))
         keyed = Keyed(key, fn)
         for op in ops_for(trace, key):
             out.setdefault(op.index, []).append(keyed)
@@ -172,20 +175,20 @@ def call(
     replaced or not, is written there, and stands for the copy in what the call returns.
     """
     value = outs[0] if len(outs) == 1 else tuple(outs)
-    who = ""
+    last = None  # the hook whose replacement stands, named only in an error
     for fn in fns:
         new = fn(op, value)
         if new is not None:
-            who = named(op, fn)
-            value = _check(who, op, new, value)
+            last = fn
+            value = _check(fn, op, new, value)
     if len(outs) == 1:
         if into is not None:
-            _write(who, op, value, into)
+            _write(last, op, value, into)
             return into if out is outs[0] else out
         if value is outs[0]:
             return out
         if inplace:
-            _write(who, op, value, outs[0])
+            _write(last, op, value, outs[0])
             return out
         if isinstance(out, Tensor) or out is None:
             return value
@@ -197,18 +200,18 @@ def call(
 
 def named(op: Op, fn: Any) -> str:
     """The hook as a message names it: its key, and the op where the key is another name."""
-    key = getattr(fn, "key", None) if type(fn) is Keyed else None
+    key = fn.key if type(fn) is Keyed else None
     if key is None:
         return f"a hook on {op.label}"
     return f"hooks[{key!r}]" + ("" if key == op.label else f" (on {op.label})")
 
 
-def _write(who: str, op: Op, value: Tensor, target: Tensor) -> None:
+def _write(fn: Any, op: Op, value: Tensor, target: Tensor) -> None:
     """Write a hook's value into the tensor an in-place op writes (autograd records the
     copy: gradients reach the replacement)."""
     if value.shape != target.shape:
         raise LurkerError(
-            f"{who} returned shape {tuple(value.shape)}; {op.label} writes "
+            f"{named(op, fn)} returned shape {tuple(value.shape)}; {op.label} writes "
             f"its input in place, so its replacement is written into that tensor and must "
             f"have its shape {tuple(target.shape)}"
         )
@@ -231,12 +234,12 @@ def _rebuild(obj: Any, values: Any) -> Any:
     return obj
 
 
-def _check(who: str, op: Op, new: Any, old: Any) -> Any:
+def _check(fn: Any, op: Op, new: Any, old: Any) -> Any:
     """A hook's replacement, checked against what it replaces."""
     if isinstance(old, Tensor):
         if not isinstance(new, Tensor):
             raise LurkerError(
-                f"{who} returned {type(new).__name__}; return a tensor "
+                f"{named(op, fn)} returned {type(new).__name__}; return a tensor "
                 "(the replacement output) or None (keep it)"
             )
         return new
@@ -247,7 +250,7 @@ def _check(who: str, op: Op, new: Any, old: Any) -> Any:
     ):
         what = f"{len(new)} items" if isinstance(new, (tuple, list)) else type(new).__name__
         raise LurkerError(
-            f"{who} returned {what}; {op.label} has {len(old)} output "
+            f"{named(op, fn)} returned {what}; {op.label} has {len(old)} output "
             f"tensors, so return a tuple of {len(old)} tensors or None"
         )
     return tuple(new)
