@@ -189,6 +189,21 @@ def watch(browser: Any, width: int = 1280, height: int = 900) -> tuple[Any, Any,
     return ctx, pg, errors
 
 
+def assert_no_filters(page: Any, base: str, layer: str, unit: int) -> None:
+    """The layer page and one unit's page of ``base`` (``URL#/r/RUN``) show no filters and
+    keep no empty room for them: what a layer that does not read the image, or a site
+    without the model's weights, shows."""
+    page.goto(f"{base}/layer/{layer}")
+    page.wait_for_selector(".unit-grid .unit-card")
+    page.wait_for_load_state("networkidle")
+    assert page.locator("#filters").count() == 0
+    assert page.locator(".filters-slot").bounding_box() is None  # the slot takes no room
+    page.goto(f"{base}/unit/{layer}/{unit}")
+    page.wait_for_selector(".topk")
+    page.wait_for_load_state("networkidle")
+    assert page.locator("#unit-filter").count() == 0
+
+
 @contextlib.contextmanager
 def strict_page(browser: Any, width: int = 1280, height: int = 900) -> Iterator[Any]:
     """A page that fails the test on any console error, uncaught exception or HTTP error

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 
-from explorer_fixtures import skip_without_browser
+from explorer_fixtures import assert_no_filters, skip_without_browser
 from lurker.examples import DigitsNet
 from lurker.probe import probe
 from lurker.probe.data import load_dataset
@@ -71,13 +71,4 @@ def test_layer_page_shows_the_filters_grid_and_a_cell_opens_its_unit(page: Any, 
 
 
 def test_a_layer_that_does_not_read_the_input_shows_no_filters(page: Any, served: str):
-    page.goto(f"{served}#/r/d/layer/features.4")
-    page.wait_for_selector(".unit-grid .unit-card")
-    page.wait_for_load_state("networkidle")
-    assert page.locator("#filters").count() == 0
-    # the slot takes no room: no empty box
-    assert page.locator(".filters-slot").bounding_box() is None
-    page.goto(f"{served}#/r/d/unit/features.4/0")
-    page.wait_for_selector(".topk")
-    page.wait_for_load_state("networkidle")
-    assert page.locator("#unit-filter").count() == 0
+    assert_no_filters(page, f"{served}#/r/d", "features.4", 0)

@@ -26,6 +26,7 @@ from explorer_fixtures import (  # noqa: F401
     FEATVIZ_LAYER,
     FEATVIZ_UNITS,
     ExplorerRun,
+    assert_no_filters,
     canvas_pixels,
     explorer_run,
     forget_mean_peaks,
@@ -866,12 +867,4 @@ def test_exported_pages_show_the_filters_only_with_the_model(
     site = export_site(bare, tmp_path / "bare", progress=False, make_images=False)
     assert not list((site / "data").rglob("filter*"))
     with static_server(site) as url, strict_page(browser) as pg:
-        pg.goto(f"{url}#/r/digits/layer/{layer}")
-        pg.wait_for_selector(".unit-grid .unit-card")
-        pg.wait_for_load_state("networkidle")
-        assert pg.locator("#filters").count() == 0
-        assert pg.locator(".filters-slot").bounding_box() is None
-        pg.goto(f"{url}#/r/digits/unit/{layer}/1")
-        pg.wait_for_selector(".topk")
-        pg.wait_for_load_state("networkidle")
-        assert pg.locator("#unit-filter").count() == 0
+        assert_no_filters(pg, f"{url}#/r/digits", layer, 1)
