@@ -303,6 +303,53 @@ def test_a_module_shared_under_two_paths_is_named_by_its_first():
     assert "registered first" not in str(err.value)
 
 
+class _Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.lin(x))
+
+
+class _SharedBlock(nn.Module):
+    """``blk`` registered again as ``enc.blk``, and called by that path."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blk = _Block()
+        self.enc = nn.Module()
+        self.enc.blk = self.blk
+        self.enc.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.enc.head(self.enc.blk(x))
+
+
+def test_a_save_glob_over_a_shared_modules_second_path_warns_with_the_path_to_add():
+    """save=["enc.*"] on a model whose ``enc.blk`` is the module registered first as
+    ``blk`` silently saved only ``enc.head``: the trace names the block ``blk``, which the
+    glob does not match. It warns, naming the block and the paths that save it, in trace
+    and in run; with those added, the block's output is saved, equal to a plain call."""
+    torch.manual_seed(0)
+    model = _SharedBlock()
+    x = torch.randn(3, 4)
+    with pytest.warns(
+        UserWarning,
+        match=r"'enc.blk' is the module registered first as 'blk'.*add 'blk', 'blk\.\*'",
+    ):
+        tr = lurker.trace(model, x, save=["enc.*"])
+    assert set(tr.activations()) == {"linear_2", "output_1"}  # enc.head's only
+    with pytest.warns(UserWarning, match=r"add 'blk', 'blk\.\*'"):
+        tr.run(x, save=["enc.*"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tr = lurker.trace(model, x, save=["enc.*", "blk*"])
+        tr.run(x, save=["enc.*", "blk*"])
+        lurker.trace(model, x, save=["enc.head"])  # no glob over the second path
+    torch.testing.assert_close(tr["blk"].activation, model.blk(x).detach())
+
+
 def test_structured_inputs_and_dict_output():
     torch.manual_seed(0)
     model = Structured()

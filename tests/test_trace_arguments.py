@@ -94,6 +94,7 @@ def test_run_without_a_plain_argument_of_the_traced_call_names_it(
     [
         ("gpu9", r"save_to='gpu9' is not a device\. Pass 'cpu', 'cuda'"),
         (99, r"save_to=99 asks for cuda:99, but this machine has .*Pass save_to='cpu'"),
+        ("meta", r"save_to='meta' keeps no values .*Pass save_to='cpu'"),
     ],
 )
 def test_a_save_to_device_that_is_not_one_or_not_here_is_named(save_to: Any, said: str) -> None:
@@ -103,6 +104,45 @@ def test_a_save_to_device_that_is_not_one_or_not_here_is_named(save_to: Any, sai
         lurker.trace(_mlp(), torch.randn(2, 4), save_to=save_to)
     tr = lurker.trace(_mlp(), torch.randn(2, 4), save_to="cpu")  # a device it has is taken
     assert tr["0"].activation.device.type == "cpu"
+
+
+@pytest.mark.skipif(torch.backends.mps.is_available(), reason="this machine has MPS")
+def test_save_to_mps_without_mps_is_refused_before_the_forward() -> None:
+    """save_to="mps" passed the check (it looked at CUDA devices only) and the first saved
+    op raised torch's "PyTorch is not linked with support for mps devices" from inside the
+    recorder, naming neither save_to nor what to pass."""
+    model = _mlp()
+    called = []
+    model.register_forward_pre_hook(lambda m, a: called.append(1))
+    with pytest.raises(
+        LurkerError,
+        match=r"save_to='mps' asks for mps, but this machine has no mps device\. Pass save_to='cpu'",
+    ):
+        lurker.trace(model, torch.randn(2, 4), save_to="mps")
+    assert not called  # refused up front: the forward never ran
+
+
+def test_a_transform_that_raises_on_an_input_gives_the_partial_trace() -> None:
+    """A transform that takes 4-D tensors only, on a 2-D input, raised a bare
+    TransformFailed with no ``partial`` (the same failure on an op gives a TraceError with
+    one), and named the input "the output of input (op 0)"."""
+
+    def means(t: Tensor) -> Tensor:
+        if t.dim() != 4:
+            raise ValueError(f"want (N, C, H, W), got {t.dim()}-D")
+        return t.mean((2, 3))
+
+    x = torch.randn(2, 4)
+    with pytest.raises(
+        lurker.TraceError, match=r"raised ValueError on input 'input' \(input_1\)"
+    ) as err:
+        lurker.trace(_mlp(), x, transform=means)
+    assert err.value.failed_op == "input_1" and err.value.partial is not None
+    assert not err.value.partial.complete and err.value.partial.failed_op == "input_1"
+    assert [op.label for op in err.value.partial.inputs] == ["input_1"]
+    with pytest.raises(lurker.TraceError) as on_op:  # the op case: the same, naming the op
+        lurker.trace(_mlp(), x, save=["0"], transform=means)
+    assert on_op.value.failed_op == on_op.value.partial.failed_op == "linear_1"
 
 
 def test_a_transform_that_is_not_a_function_is_refused_before_the_forward() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -118,19 +119,27 @@ def check_classes(policy: SavePolicy, model: nn.Module) -> None:
     )
 
 
-def shared_module_note(model: nn.Module | None, keys: Iterable[Any]) -> str:
-    """A sentence for each key that names a module by a second path it is registered
-    under (``enc.emb`` where ``self.enc.emb = self.emb``), or empty. A trace names each
-    module by its first path, as ``model.named_modules()`` does, so such a key matches
-    nothing; the sentence gives the path that does. Only called once a key matched nothing."""
+def second_paths(model: nn.Module | None) -> dict[str, str]:
+    """Each path a module is registered under besides its first (``enc.emb`` where
+    ``self.enc.emb = self.emb``, and the paths below it), mapped to the first (``emb``),
+    the one a trace names it by, as ``model.named_modules()`` does."""
     if model is None:
-        return ""
+        return {}
     first: dict[int, str] = {}
     alias: dict[str, str] = {}
     for path, module in model.named_modules(remove_duplicate=False):
         name = first.setdefault(id(module), path)
         if name != path:
             alias[path] = name
+    return alias
+
+
+def shared_module_note(model: nn.Module | None, keys: Iterable[Any]) -> str:
+    """A sentence for each key that names a module by a second path it is registered
+    under (``enc.emb`` where ``self.enc.emb = self.emb``), or empty. A trace names each
+    module by its first path, as ``model.named_modules()`` does, so such a key matches
+    nothing; the sentence gives the path that does. Only called once a key matched nothing."""
+    alias = second_paths(model)
     notes = []
     for key in keys:
         if not isinstance(key, str) or not alias:
@@ -155,12 +164,16 @@ def check_patterns(
     ops: Iterable[Op],
     module_paths: Iterable[str],
     model: nn.Module | None = None,
+    stacklevel: int = 3,
 ) -> None:
     """Raise if a ``save=`` name or glob matched nothing in the trace: a typo would
     otherwise silently save nothing. The message lists what the names can match (and,
-    for a shared module's second path, its first: ``model`` is read for that)."""
+    for a shared module's second path, its first: ``model`` is read for that). Warn
+    (at ``stacklevel`` above this call) of a glob that covers a shared module only by
+    its second path, which would leave it out as silently."""
     if not policy.patterns:
         return
+    ops = list(ops)
     labels: list[str] = []
     names: set[str] = set()
     extra: set[str] = set()
@@ -175,6 +188,7 @@ def check_patterns(
     everything = [*labels, *names, *extra, *paths]
     missing = [p for p in policy.patterns if not _match([p], *everything)]
     if not missing:
+        _warn_second_paths(policy, ops, set(paths), model, stacklevel + 1)
         return
 
     def some(items: Iterable[str], n: int = 12) -> str:
@@ -195,4 +209,44 @@ def check_patterns(
         f"{shared_module_note(model, missing)} save= names (globs allowed) match op "
         f"labels ({some(labels)}), op names ({some(sorted(names))}) and module paths "
         f"({some(paths) or 'none'}); or pass 'all', 'none', module classes or a function."
+    )
+
+
+def _warn_second_paths(
+    policy: SavePolicy, ops: list[Op], paths: set[str], model: nn.Module | None, stacklevel: int
+) -> None:
+    """Warn of modules a ``save=`` glob covers only by a second path they are registered
+    under (``enc.*`` over ``enc.emb`` where ``self.enc.emb = self.emb``): a trace names a
+    module by its first path, which the glob does not match, so its output is not saved,
+    while the user asked for everything under ``enc``. The warning names the path to add;
+    none where save= keeps that module's output anyway (by an op label or name)."""
+    alias = second_paths(model)
+    if not alias:  # the common case: no module under two paths
+        return
+    patterns = policy.patterns
+    kept = {m.partition(":")[0] for op in ops for m in op.module_outputs if policy.wants_op(op)}
+    paths = paths - kept
+    left_out: dict[str, str] = {}  # first path -> the second path a glob matched
+    for second, first in alias.items():
+        if first in paths and first not in left_out and not _match(patterns, first):
+            hit = [p for p in patterns if fnmatch.fnmatchcase(second, p)]
+            if hit:
+                left_out[first] = second
+    if not left_out:
+        return
+    # a module below a shared one is covered by adding the shared one's path as a glob
+    tops = [f for f in left_out if not any(f.startswith(g + ".") for g in left_out)]
+    named = "; ".join(f"{left_out[f]!r} is the module registered first as {f!r}" for f in tops[:4])
+    more = f" (and {len(tops) - 4} more)" if len(tops) > 4 else ""
+    add = ", ".join(
+        repr(n)
+        for f in tops[:4]
+        for n in ([f, f"{f}.*"] if any(g.startswith(f + ".") for g in left_out) else [f])
+    )
+    warnings.warn(
+        f"save={patterns!r} does not save every module it covers: {named}{more} (one "
+        "module under two paths). A trace names a module by its first path, as "
+        "model.named_modules() does, and the pattern does not match that one, so its "
+        f"output is not saved; add {add} to save= to keep it.",
+        stacklevel=stacklevel,
     )

@@ -743,9 +743,11 @@ class _Core:
         for o in outs:
             s = o.detach()
             if self.transform is not None:
-                s = apply_transform(
-                    self.transform, s, f"the output of {node.name} (op {node.index})"
-                )
+                try:
+                    s = apply_transform(self.transform, s, _what(node))
+                except TransformFailed as e:  # so that the error can name it
+                    e.node = node
+                    raise
             elif self.device is None and self.aliases is not None:
                 ptr = o.untyped_storage().data_ptr()
                 self.aliases.setdefault(ptr, []).append(node.index)
@@ -1333,7 +1335,20 @@ def _meta(t: Tensor) -> TensorMeta:
 
 
 class TransformFailed(LurkerError):
-    """``transform=`` raised on a saved value: the message names the op and its shape."""
+    """``transform=`` raised on a saved value: the message names the op and its shape,
+    ``node`` is the node whose value it was (set where it is known: at record time)."""
+
+    node: Op | None = None
+
+
+def _what(node: Op) -> str:
+    """The value ``transform=`` ran on, as its error names it: ``input x (input_1)``,
+    ``buffer bn.running_mean``, ``the output of linear (op 3)``."""
+    if node.kind == "input":
+        return f"input {node.name!r} ({node.label})"
+    if node.kind in ("buffer", "constant"):
+        return f"{node.kind} {node.name}"
+    return f"the output of {node.name} (op {node.index})"
 
 
 def apply_transform(transform: Callable[[Tensor], Any], t: Tensor, what: str) -> Any:

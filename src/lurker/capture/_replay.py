@@ -490,7 +490,9 @@ def chosen_ops(trace: Trace, save: Any) -> list[Op]:
     if policy.everything:
         return calls
     # a name that matches nothing would save nothing, silently: refused, as trace() does
-    check_patterns(policy, trace.ops, trace.modules, trace.model)
+    check_patterns(
+        policy, trace.ops, trace.modules, trace.model, stacklevel=5
+    )  # Trace.run's caller
     if trace.model is not None:
         check_classes(policy, trace.model)
     modules = (

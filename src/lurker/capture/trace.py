@@ -100,12 +100,18 @@ def trace(
         auto = isinstance(max_memory, str) and max_memory.lower() == "auto"
         rec.set_memory_limit(limit, fraction, auto=auto)
     named = _name_inputs(model, args, kwargs)
-    for name, t in named:
-        rec.add_source_node("input", name, t)
     if not kwargs and all(type(a) is Tensor for a in args):  # the common case, quicker
         inputs_copy: tuple = (tuple([a.detach().clone() for a in args]), {})
     else:
         inputs_copy = (map_tensors(args, _copy), map_tensors(kwargs, _copy))
+    try:
+        for name, t in named:
+            rec.add_source_node("input", name, t)
+    except TransformFailed as e:  # on an input: the same error, with the same partial,
+        # as on an op (the forward has not run: the partial holds the inputs before it)
+        rng = _context.current(rng=True, grad=rec.grad0)
+        partial = Trace._build(rec, None, inputs_copy, rng, 0.0, complete=False)
+        raise _transform_error(e, partial) from e.__cause__
     rng = _context.current(rng=True, grad=rec.grad0)  # the state it starts in
     rec.attach()
     idx = rec.index
@@ -136,7 +142,7 @@ def trace(
                     rec, None, inputs_copy, rng, perf_counter() - t0, complete=False
                 )
                 if isinstance(e, TransformFailed):  # the caller's transform, not the model
-                    raise TraceError(str(e), partial=partial) from e.__cause__
+                    raise _transform_error(e, partial) from e.__cause__
                 raise _trace_error(model, e, partial, rec, (args, kwargs)) from e
             # past max_memory: raised below, out of this block, so that the error does
             # not chain the model's frames (and the tensors they hold)
@@ -182,6 +188,14 @@ def trace(
     finally:
         if gc_was_on:
             gc.enable()
+
+
+def _transform_error(e: TransformFailed, partial: Trace) -> TraceError:
+    """``transform=`` raised while recording: a :class:`TraceError` whose partial trace
+    (and ``failed_op``) names the op or input whose value it raised on."""
+    if e.node is not None:
+        partial.failed_op = e.node.label
+    return TraceError(str(e), partial=partial, failed_op=partial.failed_op)
 
 
 def _warn_no_output(tr: Trace, saved: set[str]) -> None:
@@ -297,7 +311,33 @@ def _save_device(save_to: Any) -> torch.device:
                 f"save_to={save_to!r} asks for {dev}, but this machine has {has}. Pass "
                 "save_to='cpu' (or None: saved tensors stay on the device they are made on)."
             )
+    elif dev.type == "meta":  # would "save" shapes with no values, silently
+        raise LurkerError(
+            f"save_to={save_to!r} keeps no values (a meta tensor has a shape but no data). "
+            "Pass save_to='cpu' or a device this machine has, or save='none' to keep only "
+            "the graph."
+        )
+    elif dev.type != "cpu" and not _device_available(dev):
+        # mps on a machine without it, xpu, ...: torch's error would come at the first
+        # saved op, from deep in the forward, and name a backend kernel, not save_to=
+        raise LurkerError(
+            f"save_to={save_to!r} asks for {dev}, but this machine has no {dev.type} "
+            "device. Pass save_to='cpu' (or None: saved tensors stay on the device they "
+            "are made on)."
+        )
     return dev
+
+
+def _device_available(dev: torch.device) -> bool:
+    """Whether a tensor can be made on ``dev`` here (MPS by its own check, as making one
+    on a machine without it raises a backend-kernel error rather than saying so)."""
+    if dev.type == "mps":
+        return torch.backends.mps.is_available()
+    try:
+        torch.empty(0, device=dev)
+    except (RuntimeError, AssertionError):  # "Torch not compiled with XPU enabled", ...
+        return False
+    return True
 
 
 def _name_inputs(model: nn.Module, args: tuple, kwargs: dict) -> list[tuple[str, Tensor]]:
