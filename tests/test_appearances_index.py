@@ -27,15 +27,16 @@ K = 5
 
 def _tail_by_hand(values: np.ndarray, keep: np.ndarray, samples: int = 100) -> np.ndarray:
     """The tied tail of one list by a plain walk back from its last entry: two or more
-    zeros ending a full list, in a run of more samples than the list holds."""
+    zeros ending a full list, or a full list all of one value, in a run of more samples
+    than the list holds."""
     out = np.zeros(len(values), bool)
     n = int(keep.sum())
-    if n < 2 or n < len(values) or samples <= len(values) or values[n - 1] != 0:
+    if n < 2 or n < len(values) or samples <= len(values):
         return out
     i = n - 1
     while i > 0 and values[i - 1] == values[n - 1]:
         i -= 1
-    if n - i >= 2:
+    if n - i >= 2 and (values[n - 1] == 0 or i == 0):
         out[i:n] = True
     return out
 

@@ -33,15 +33,18 @@ skip_without_browser()
 
 
 def tail_length(values: list[float], k: int | None = None) -> int:
-    """How many zeros end a full list of ``k`` (brute force): two or more, else none."""
+    """How many zeros end a full list of ``k`` (brute force): two or more, else none; a
+    full list all of one value, whatever it is, is ties in whole."""
     if k is not None and len(values) < k:
         return 0
     n = 0
     for v in reversed(values):
-        if v != 0:
+        if v != values[-1]:
             break
         n += 1
-    return n if n >= 2 else 0
+    if n < 2 or (values[-1] != 0 and n < len(values)):
+        return 0
+    return n
 
 
 @pytest.fixture(scope="module")

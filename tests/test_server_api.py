@@ -185,7 +185,8 @@ def _brute_appearances(run: Run) -> dict[int, list[tuple]]:
                 tail = next(i for i, v in enumerate(values) if v == values[-1]) if top else 0
                 k = run.meta["k"]
                 full = len(top) == k and run.num_samples > k
-                if len(top) - tail < 2 or not full or values[-1] != 0:
+                # zeros ending a full list, or a full list all of one value, are ties
+                if len(top) - tail < 2 or not full or (values[-1] != 0 and tail != 0):
                     tail = len(top)
                 if unit.mean == unit.max and len(set(values)) == 1:
                     tail = 0

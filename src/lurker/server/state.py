@@ -368,11 +368,13 @@ def _ties(values: np.ndarray) -> bool:
 def _tied_tail(values: np.ndarray, keep: np.ndarray, samples: int) -> np.ndarray:
     """Which entries of one top list (``keep``: its filled slots, a prefix) are its tied
     tail: two or more entries at the end of a full list sharing the value 0 (a ReLU that
-    did not fire, a relevance of 0 where the unit carried nothing), in a run of more
-    ``samples`` than the list holds. Samples outside the list may share that 0, so which of
-    them the list holds is by sample id: listing them as ranking the sample would be a
-    claim the data does not make. Any other tie is kept: two samples that both reach a
-    ReLU6's 6, or a duplicate image, do rank (review: dropping them hid real entries)."""
+    did not fire, a relevance of 0 where the unit carried nothing), or the whole of a full
+    list all of one value (a peak every sample reaches: the bias at a digit's blank
+    border, a ReLU6's 6), in a run of more ``samples`` than the list holds. Samples outside
+    the list may share that value, so which of them the list holds is by sample id:
+    listing them as ranking the sample would be a claim the data does not make. Any other
+    tie is kept: two samples that both reach a ReLU6's 6 behind ones above it, or a
+    duplicate image, do rank (review: dropping them hid real entries)."""
     return _tied_tail_rows(values[None], keep[None], samples)[0]
 
 
@@ -430,7 +432,8 @@ def _slots_constant_rows(
 def _tied_tail_rows(values: np.ndarray, keep: np.ndarray, samples: int) -> np.ndarray:
     """:func:`_tied_tail` of many top lists at once (one a row; ``keep`` their filled
     slots, a prefix of each row): an entry is in the tail where it and every filled entry
-    after it are 0, the tail holds two or more, and the row is full."""
+    after it equal the last, the tail holds two or more, the row is full, and the last is
+    0 or the tail is the whole row."""
     n = keep.sum(axis=1)
     rows = np.arange(len(values))
     last = values[rows, np.maximum(n - 1, 0)]
@@ -441,7 +444,8 @@ def _tied_tail_rows(values: np.ndarray, keep: np.ndarray, samples: int) -> np.nd
     tail = np.flip(np.cumprod(np.flip(same | ~inside, axis=1), axis=1), axis=1).astype(bool)
     tail &= inside
     full = n == values.shape[1]
-    ok = (tail.sum(axis=1) >= 2) & full & (last == 0) & (samples > values.shape[1])
+    count = tail.sum(axis=1)
+    ok = (count >= 2) & full & ((last == 0) | (count == n)) & (samples > values.shape[1])
     return tail & ok[:, None]
 
 

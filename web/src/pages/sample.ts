@@ -164,7 +164,7 @@ export async function renderSample(root: HTMLElement, ctx: PageContext, args: st
       h(
         "p",
         { class: "left-out muted", id: "left-out" },
-        `Left out: ${leftOut.total} ${leftOut.total === 1 ? "entry" : "entries"} that are ties, ranked by sample id alone, so they say nothing about this sample (lists of units constant on the dataset; zeros ending a full list, which more samples may share): `,
+        `Left out: ${leftOut.total} ${leftOut.total === 1 ? "entry" : "entries"} that are ties, ranked by sample id alone, so they say nothing about this sample (lists of units constant on the dataset; zeros ending a full list, or a full list all of one value, which more samples may share): `,
         // "layer 8 (34)": a Sequential's layers are numbers, and "8 34" would read as two
         leftOut.layers.flatMap(({ layer, count }, i) => [i ? ", " : "", "layer ", h("a", { href: ctx.href("layer", layer), "data-layer": layer, "data-count": count }, layer), ` (${count})`]),
         ".",

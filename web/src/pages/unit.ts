@@ -305,14 +305,15 @@ export async function renderUnit(root: HTMLElement, ctx: PageContext, args: stri
     );
     const list = tab as List;
     const entries = entriesOf(list);
-    // a list whose values are all equal is ties (a relevance of 0 everywhere: a unit that
-    // feeds a dead one): which samples it holds, and in what order, is by sample id alone
-    const tied = entries.length > 1 && entries.every((e) => e.value === entries[0].value);
     // a list's tied tail (zeros ending a full list, a relevance of 0 where the unit carried
     // nothing, in a run of more samples): ties listed by sample id, so they are dimmed and
-    // said; the server decides, by the rule the sample pages leave them out by
+    // said; the server decides, by the rule the sample pages leave them out by. A tail that
+    // is the whole list (all of one value: a peak every sample reaches, a relevance of 0
+    // everywhere) is said as such: which samples it holds is by sample id alone
     const last = entries.length ? entries[entries.length - 1].value : null;
-    const tailCount = tied ? 0 : Math.min(doc.tied_tail?.[list] ?? 0, entries.length);
+    const told = Math.min(doc.tied_tail?.[list] ?? 0, entries.length);
+    const tied = entries.length > 1 && told === entries.length;
+    const tailCount = tied ? 0 : told;
     const tailFrom = entries.length - tailCount;
     const figures = entries.map((e) => figure(ctx, layer, unit, list, list === "relevance" ? "input" : kind(), e, tab === "max" && !crop && positions > 1, images.ok, shown, noImageWhy, tagOf(list, e), captionOf(list, e)));
     // a static export's missing images: each tile says so in a word, the page says why once
