@@ -762,6 +762,16 @@ def test_a_row_with_nan_or_inf_is_refused_naming_it(digits, xd, method) -> None:
         ("smoothgrad", {"n_samples": -3}, r"n_samples must be an integer >= 1, got -3"),
         ("smoothgrad", {"internal_batch_size": 0.5}, r"internal_batch_size must be an integer"),
         ("smoothgrad", {"noise": torch.full((2, 3, 1, 16, 16), float("nan"))}, r"noise holds NaN"),
+        (
+            "smoothgrad",
+            {"seed": 1.5},
+            r"smoothgrad: seed must be an integer from 0 to 2\*\*64 - 1, got 1.5; pass seed=0",
+        ),
+        ("smoothgrad", {"seed": "3"}, r"seed must be an integer from 0 .* got '3'; pass seed=0"),
+        ("smoothgrad", {"seed": -1}, r"seed must be an integer from 0 .* got -1; pass seed=0"),
+        ("smoothgrad", {"seed": 2**64}, r"seed must be an integer from 0 .*, or seed=None"),
+        ("smoothgrad", {"seed": True}, r"seed must be an integer from 0 .* got True"),
+        ("smoothgrad", {"seed": torch.tensor(3.0)}, r"seed must be an integer from 0"),
         ("integrated_gradients", {"n_steps": float("nan")}, r"n_steps must be an integer >= 1"),
         ("integrated_gradients", {"n_steps": 0}, r"n_steps must be an integer >= 1, got 0"),
         ("integrated_gradients", {"baseline": float("nan")}, r"baseline holds NaN or inf"),
@@ -782,12 +792,51 @@ def test_numeric_options_out_of_range_are_refused_by_name(
         lurker.explain(digits, xd, method=method, **options)
 
 
+@pytest.mark.parametrize(
+    ("options", "said"),
+    [
+        ({"window": 0}, r"occlusion: window=0 makes windows .* pass one from 1 to 16 \(window=8"),
+        ({"window": 40}, r"window=40 makes windows .* pass one from 1 to 16"),
+        ({"window": 2.5}, r"window must be an int .* got 2.5; pass window=8"),
+        ({"window": True}, r"window must be an int .* got True; pass window=8"),
+        ({"window": (8, 8, 8, 8)}, r"window=\(8, 8, 8, 8\) has 4 values.* at most 3 values"),
+        ({"strides": 0}, r"occlusion: strides=0 makes steps .* pass strides=4 \(half the window"),
+        ({"strides": 9}, r"strides=9 makes steps .* pass strides=4"),
+        ({"strides": "4"}, r"strides must be an int .* got '4'; pass strides=4"),
+        (
+            {"baseline": torch.zeros(2, 1, 16, 16)},
+            r"baseline of shape \(2, 1, 16, 16\) does not broadcast .* pass one shaped like "
+            r"a row of it \(1, 16, 16\)",
+        ),
+        ({"baseline": "black"}, r"got str: pass None \(zeros\), a number"),
+    ],
+)
+def test_occlusion_argument_errors_say_what_to_pass(
+    digits, xd, options: dict[str, Any], said: str
+) -> None:
+    """window=0 was refused with the windows it made and no word of what to give."""
+    with pytest.raises(LurkerError, match=said):
+        lurker.explain(digits, xd, 3, method="occlusion", **options)
+
+
 def test_options_at_their_limits_are_taken(digits, xd) -> None:
     """stdev=0 is plain saliency's signed gradient on every copy: equal to autograd's."""
     e = lurker.explain(digits, xd, 3, method="smoothgrad", stdev=0.0, n_samples=2)
     x = xd.clone().requires_grad_(True)
     (g,) = torch.autograd.grad(digits(x)[:, 3].sum(), x)
     close(e.attribution, g)
+
+
+def test_seeds_at_their_limits_draw_as_torch_does(digits, xd) -> None:
+    """seed 0, 2**64 - 1 and a 0-d integer tensor are taken: the same map as noise drawn
+    from torch's own generator so seeded (the noise smoothgrad draws with a seed)."""
+    for seed in (0, 2**64 - 1, torch.tensor(7)):
+        gen = torch.Generator().manual_seed(int(seed))
+        noise = 0.15 * torch.randn((2, *xd.shape), generator=gen, dtype=xd.dtype)
+        want = lurker.explain(digits, xd, 3, method="smoothgrad", noise=noise)
+        got = lurker.explain(digits, xd, 3, method="smoothgrad", n_samples=2, seed=seed)
+        close(got.attribution, want.attribution)
+        assert got.options["seed"] == int(seed)
 
 
 def test_tensor_options_are_taken_as_before(digits, xd) -> None:

@@ -4,6 +4,7 @@ agrees with what calling the method really does."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -168,3 +169,66 @@ def test_the_page_shows_why_and_asks_nothing_the_model_cannot_give(
         # the disabled card lines up with the others (review: a figure's margins)
         a, b = card.bounding_box(), ig.bounding_box()
         assert abs(a["width"] - b["width"]) < 1
+
+
+def _recorded_run(tmp_path: Path, name: str) -> tuple[Path, TensorDataset]:
+    """A run of MODELS[name] probed with its model recorded (precompute loads it)."""
+    make, shape = MODELS[name]
+    torch.manual_seed(0)
+    model = make().eval()
+    data = TensorDataset(torch.randn(8, *shape, generator=torch.Generator().manual_seed(1)))
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    meta = {"model_spec": f"{__name__}:{make.__name__}", "weights": str(tmp_path / "w.pt")}
+    probe(model, data, out=tmp_path / "r", k=2, batch_size=4, progress=False, meta=meta).close()
+    return tmp_path / "r", data
+
+
+@pytest.mark.parametrize(
+    ("name", "refused"), [("mlp", {"gradcam", "gradcam_plus_plus"}), ("gru", {"lrp", "concepts"})]
+)
+def test_precompute_asks_what_the_model_cannot_give_up_front(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, refused: set[str]
+):
+    """``lurker images --explanations`` leaves out what the Explain page greys out, asking
+    the model's trace before any sample: the methods it cannot give are never run (they
+    were tried on sample 0 and their failure caught), and one named by the user is
+    refused before anything is made, with the reason and the fix (was: after sample 0's
+    files were written, as 'sample 0: ...')."""
+    from lurker.server import explained
+    from lurker.server.routes import explain as routes
+
+    run, data = _recorded_run(tmp_path, name)
+    tried: list[str] = []
+    real = routes.explain_result
+    monkeypatch.setattr(
+        routes, "explain_result", lambda s, image, m, *a: tried.append(m) or real(s, image, m, *a)
+    )
+    done = explained.precompute(run, 2, dataset=data, progress=False)
+    assert set(done.skipped) == refused and not refused & set(tried)
+    assert all("integrated_gradients" in why for why in done.skipped.values())
+    assert set(tried) == set(lurker.explain.METHODS) - refused  # every other one made
+    bare = tmp_path / "bare"
+    run.rename(bare)  # (without the cache the first precompute made)
+    shutil.rmtree(bare / "cache", ignore_errors=True)
+    method = sorted(refused)[0]
+    with pytest.raises(
+        LurkerError, match=rf"cannot precompute '{method}' .*leave it out of --methods"
+    ):
+        explained.precompute(bare, 1, ["saliency", method], dataset=data, progress=False)
+    assert not (bare / "cache" / "explain").exists()  # nothing made before it was said
+
+
+def test_the_cli_says_each_reason_once(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """Grad-CAM and Grad-CAM++ left out for one reason: one line naming both."""
+    from click.testing import CliRunner
+
+    from lurker.cli import main
+    from lurker.server import explained
+
+    why = "Grad-CAM weighs a layer's maps, and no layer of this model makes a map"
+    done = explained.Precomputed(1, 3, 0, 0.1, {"gradcam": why, "gradcam_plus_plus": why})
+    monkeypatch.setattr(explained, "precompute", lambda *a, **k: done)
+    res = CliRunner().invoke(main, ["images", str(tmp_path), "--explanations", "1"])
+    assert res.exit_code == 0, res.output
+    assert res.output.count(why) == 1
+    assert f"lurker: gradcam, gradcam_plus_plus left out: {why}" in res.output

@@ -830,8 +830,11 @@ def images(
                 param_hint="--methods",
             )
         done = precompute(run, spec if spec == "top" else int(spec), names, device=device)
+        by_reason: dict[str, list[str]] = {}  # (Grad-CAM and Grad-CAM++: one reason, said once)
         for method, why in done.skipped.items():
-            click.echo(f"lurker: {method} left out: {why}", err=True)
+            by_reason.setdefault(why, []).append(method)
+        for why, names in by_reason.items():
+            click.echo(f"lurker: {', '.join(names)} left out: {why}", err=True)
         click.echo(
             f"{done.made} explanations made ({done.existing} already there) for "
             f"{done.samples} samples in {done.seconds:.1f} s; in {Path(run) / 'cache' / 'explain'}"

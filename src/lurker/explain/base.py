@@ -394,6 +394,31 @@ def check_count(what: str, name: str, value: Any, minimum: int = 1) -> int:
     return int(value)
 
 
+#: one past the largest seed torch's generators take (``manual_seed`` reads a uint64)
+SEED_LIMIT = 2**64
+
+
+def check_seed(what: str, value: Any, name: str = "seed") -> int | None:
+    """A random seed: None (fresh draws each call) or an int in ``[0, 2**64)``. torch
+    refuses a float or a string from deep inside ``manual_seed``, and silently takes a
+    negative one modulo ``2**64`` (``-1`` and ``2**64 - 1`` draw the same noise)."""
+    if value is None:
+        return None
+    if isinstance(value, Tensor) and value.dim() == 0 and not value.is_floating_point():
+        value = value.item()
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Integral)
+        or not 0 <= value < SEED_LIMIT
+    ):
+        raise LurkerError(
+            f"{what}: {name} must be an integer from 0 to 2**64 - 1, got {value!r}; pass "
+            f"{name}=0 (or any such int) for the same draws on every call, or {name}=None "
+            "for fresh ones"
+        )
+    return int(value)
+
+
 def check_real(what: str, name: str, value: Any, minimum: float = 0.0) -> float:
     """A numeric option (a noise scale, a stabilizer): a finite number of at least
     ``minimum``; NaN or a negative scale would give a map of NaN or of nothing meant. A 0-d

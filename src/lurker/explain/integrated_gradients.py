@@ -59,7 +59,9 @@ def as_baseline(baseline: Any, x: Tensor) -> Tensor:
         x0 = torch.full_like(x, float(baseline))
     elif not isinstance(baseline, Tensor):
         raise LurkerError(
-            f"baseline must be None, a number or a tensor; got {type(baseline).__name__}"
+            f"baseline must be None, a number or a tensor; got {type(baseline).__name__}: "
+            "pass None (zeros), a number (baseline=0.5) or a tensor shaped like one row of "
+            f"the input {tuple(x.shape[1:])}"
         )
     else:
         try:
@@ -67,7 +69,9 @@ def as_baseline(baseline: Any, x: Tensor) -> Tensor:
         except RuntimeError as e:
             raise LurkerError(
                 f"baseline of shape {tuple(baseline.shape)} does not broadcast to the input "
-                f"{tuple(x.shape)}"
+                f"{tuple(x.shape)}; pass one shaped like a row of it {tuple(x.shape[1:])} "
+                f"(the same for every row), like the input itself {tuple(x.shape)} (one per "
+                "row), or a number"
             ) from e
     if not bool(torch.isfinite(x0).all()):  # every map made from it would be NaN
         raise LurkerError("baseline holds NaN or inf values; give a finite baseline")

@@ -33,15 +33,25 @@ def _per_dim(
     trailing dims and leaves the leading ones whole. An int, or a tuple of one value per
     axis but ``whole``, windows the other axes and spans ``whole``."""
     n = len(dims)
+    example = "window=8" if what == "window" else "strides=4"
     if isinstance(value, int) and not isinstance(value, bool):
         count = n if whole is None else (n - 1 if n > 1 else 1)
         vals = (value,) * count
-    elif isinstance(value, (tuple, list)) and all(isinstance(v, int) for v in value):
+    elif isinstance(value, (tuple, list)) and all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value
+    ):
         vals = tuple(value)
     else:
-        raise LurkerError(f"{what} must be an int or a tuple of ints, got {value!r}")
+        raise LurkerError(
+            f"occlusion: {what} must be an int or a tuple of ints, got {value!r}; pass "
+            f"{example} (every axis of the image alike) or a tuple of one int per axis"
+        )
     if len(vals) > n:
-        raise LurkerError(f"{what} {vals} has more dims than a sample {dims}")
+        raise LurkerError(
+            f"occlusion: {what}={value!r} has {len(vals)} values, more than a sample "
+            f"{dims} has axes ({n}, the batch axis not counted); pass an int ({example}) "
+            f"or a tuple of at most {n} values"
+        )
     if whole is not None and whole >= 0 and len(vals) == n - 1:
         full = dims[whole] if what == "window" else 1
         return (*vals[:whole], full, *vals[whole:])
@@ -53,15 +63,28 @@ def _per_dim(
 
 
 def windows(
-    dims: tuple[int, ...], window: tuple[int, ...], strides: tuple[int, ...]
+    dims: tuple[int, ...],
+    window: tuple[int, ...],
+    strides: tuple[int, ...],
+    given: tuple[Any, Any] | None = None,
 ) -> list[tuple[slice, ...]]:
-    """Every window position as slices into a sample (Captum's positions)."""
+    """Every window position as slices into a sample (Captum's positions). ``given``: the
+    ``window`` and ``strides`` as the user wrote them, which the errors quote."""
+    said_w, said_s = given if given is not None else (window, strides)
     starts = []
     for d, w, s in zip(dims, window, strides):
         if not 1 <= w <= d:
-            raise LurkerError(f"window {window} does not fit a sample of shape {dims}")
+            raise LurkerError(
+                f"occlusion: window={said_w!r} makes windows {window}, which do not fit a "
+                f"sample of shape {dims}: each size must be from 1 to its axis's length; "
+                f"pass one from 1 to {d} (window={min(8, d)}, say) or a tuple of one size per axis"
+            )
         if s < 1 or (s > w and d != w):
-            raise LurkerError(f"strides {strides} must be >= 1 and at most the window {window}")
+            raise LurkerError(
+                f"occlusion: strides={said_s!r} makes steps {strides} for windows {window}: "
+                "each step must be from 1 to its window's size (a larger one skips inputs no "
+                f"window covers); pass strides={max(1, w // 2)} (half the window) or strides=1"
+            )
         count = math.ceil((d - w) / s) + 1
         starts.append([slice(k * s, min(k * s + w, d)) for k in range(count)])
     return list(itertools.product(*starts))
@@ -111,7 +134,7 @@ class Occlusion(Method):
         whole = self._whole(x, window, strides)
         win = _per_dim(window, dims, "window", whole)
         st = _per_dim(strides, dims, "strides", whole)
-        spots = windows(dims, win, st)
+        spots = windows(dims, win, st, (window, strides))
         internal_batch_size = check_count("occlusion", "internal_batch_size", internal_batch_size)
         fw = Forward(model, x, target)
         x0 = as_baseline(baseline, x)

@@ -18,7 +18,15 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import LurkerError
-from .base import Explanation, Method, check_count, check_real, input_grad, register
+from .base import (
+    Explanation,
+    Method,
+    check_count,
+    check_real,
+    check_seed,
+    input_grad,
+    register,
+)
 from .targets import Forward
 
 
@@ -41,6 +49,7 @@ class SmoothGrad(Method):
         seed: int | None = None,
         internal_batch_size: int | None = None,
     ) -> Explanation:
+        seed = check_seed("smoothgrad", seed)  # (before any forward: a bad one said first)
         fw = Forward(model, x, target)
         if fw.unit is None:
             fw.resolve_top()  # of the clean input, not of each noisy copy

@@ -124,7 +124,13 @@ def precompute(
     from .app import create_app
     from .deps import session
     from .errors import ApiError
-    from .routes.explain import CONCEPT_TOP, concept_ranking, explain_result, stored_result
+    from .routes.explain import (
+        CONCEPT_TOP,
+        concept_ranking,
+        explain_result,
+        refusals,
+        stored_result,
+    )
     from .routes.live import image_id
     from .state import RunEntry
 
@@ -194,7 +200,19 @@ def precompute(
                 )
         elif asked is None and CONCEPTS in methods and not _has_concepts(s):
             methods.remove(CONCEPTS)  # not asked for, and this run cannot have them
+        # what the model cannot give, asked up front as the Explain page does (its trace:
+        # Grad-CAM's map layers, LRP's rules), not learnt by failing on the first sample
         skipped: dict[str, str] = {}
+        for method, why in refusals(s).items():
+            if method not in methods:
+                continue
+            if asked is not None:  # named by the user: said, nothing made
+                raise LurkerError(
+                    f"cannot precompute {method!r} for run {e.path}: {why}; leave it out of "
+                    f"--methods ({_INSTEAD})"
+                )
+            methods.remove(method)
+            skipped[method] = f"{why}; {_INSTEAD}"
         for n, sid in enumerate(ids):
             image = f"sample-{sid}" if flat else image_id(s, f"sample-{sid}")
             folder = sample_folder(e.path, image)
@@ -215,11 +233,10 @@ def precompute(
                             continue
                         explain_result(s, image, method, TARGET, None)
                     except ApiError as err:
-                        # a method the model cannot give (Grad-CAM on a batch-first LSTM:
-                        # no map along time; LRP and concept relevance: no rule for it),
-                        # not named by the user,
-                        # found on the first sample: left out, said. The model's own
-                        # failure (out of memory, a bug: model_failed) stops it
+                        # a method the model cannot give that the trace did not tell
+                        # (refusals), not named by the user, found on the first sample:
+                        # left out, said. The model's own failure (out of memory, a bug:
+                        # model_failed) stops it
                         if asked is None and n == 0 and err.status == 400 and not err.model_failed:
                             methods.remove(method)
                             skipped[method] = str(err.detail)
@@ -233,6 +250,10 @@ def precompute(
     finally:
         app.state.registry.close()
     return Precomputed(len(ids), made, existing, time.perf_counter() - start, skipped)
+
+
+#: what still explains a model that Grad-CAM or LRP cannot (by method name)
+_INSTEAD = "integrated_gradients, input_x_gradient and the other gradient methods still explain it"
 
 
 def _has_concepts(s: Any) -> bool:

@@ -966,7 +966,11 @@ def methods(request: Request, run_id: str) -> ExplainMethods:
     }
     # on a signal, each unit's conditional heatmap is scores along time
     concepts = hasattr(sys.modules.get("lurker.explain"), "concepts")
-    refused = _refusals(s) if concepts or set(shown) & set(_REFUSABLE) else {}
+    refused = (
+        {k: f"{why}; {_INSTEAD}" for k, why in refusals(s).items()}
+        if concepts or set(shown) & set(_REFUSABLE)
+        else {}
+    )
     return ExplainMethods(
         methods=[
             ExplainMethod(
@@ -994,12 +998,14 @@ CONCEPTS_KEY = "concepts"
 _INSTEAD = "use Integrated gradients or Input \u00d7 gradient instead"
 
 
-def _refusals(s: Session) -> dict[str, str]:
+def refusals(s: Session) -> dict[str, str]:
     """Why the run's model cannot give each method (and ``concepts``) that it cannot, by
-    name: from one trace of a zero input (LRP's rule plan, Grad-CAM's map layers), never
-    an attribution; once per run generation. Empty when there is no model to ask (a
-    precomputed run served without one keeps what it lists) or the run's inputs are not
-    pictures or signals (token ids, feature vectors: those methods are not listed)."""
+    name, without what to use instead (the page and ``lurker images --explanations`` say
+    that each in their own terms): from one trace of a zero input (LRP's rule plan,
+    Grad-CAM's map layers), never an attribution; once per run generation. Empty when
+    there is no model to ask (a precomputed run served without one keeps what it lists)
+    or the run's inputs are not pictures or signals (token ids, feature vectors: those
+    methods are not listed)."""
     if (
         s.model_reason() is not None
         or s.token_length() is not None
@@ -1021,14 +1027,13 @@ def _refusals(s: Session) -> dict[str, str]:
             no_rule = lrp.no_rule(model, x)
         if what is not None:
             out["gradcam"] = out["gradcam_plus_plus"] = (
-                f"Grad-CAM weighs a layer's maps, and no layer of this model makes {what}; "
-                f"{_INSTEAD}"
+                f"Grad-CAM weighs a layer's maps, and no layer of this model makes {what}"
             )
         if no_rule is not None:
-            out["lrp"] = f"LRP has no rule for {no_rule.plain}; {_INSTEAD}"
+            out["lrp"] = f"LRP has no rule for {no_rule.plain}"
             out[CONCEPTS_KEY] = (
                 "concept relevance is LRP through every layer, and LRP has no rule for "
-                f"{no_rule.plain}; {_INSTEAD}"
+                f"{no_rule.plain}"
             )
         return out
 
