@@ -939,3 +939,40 @@ def test_map_document_confidences_are_the_models_softmax(data, tmp_path, top):
     assert doc["comparable"] and int((pred != label).sum()) == want_wrong
     if top is not None:  # as the page writes it: 3 significant digits of the percentage
         assert {f"{100 * c:.3g}" for c in conf} == {"99.9"}
+
+
+class _ReshapedCNN(torch.nn.Module):
+    """A conv map flattened with ``reshape`` (not ``flatten(1)``): its batch axes are found
+    by replaying the model, and the reshaped layer's units are unknown."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 4, 3)
+        self.fc = torch.nn.Linear(4 * 6 * 6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv(x))
+        return self.fc(h.reshape(h.shape[0], -1))
+
+
+def test_map_layer_of_a_flat_output_reuses_the_batch_axes_found_with_the_layouts():
+    """Naming a flattened layer for the map reads its batch axis from the layouts already
+    found (the model was replayed once for them), without replaying the model again."""
+    import lurker
+    from lurker.probe.layout import infer_layouts
+    from lurker.probe.sweep import embed_layer_of
+
+    model = _ReshapedCNN().eval()
+    tr = lurker.trace(model, torch.randn(1, 1, 8, 8))
+    calls: list[int] = []
+    hook = model.register_forward_pre_hook(lambda m, i: calls.append(1))
+    try:
+        layouts = infer_layouts(tr)
+        assert len(calls) == 2  # the replay at 2x and 3x the batch: this model needs it
+        calls.clear()
+        layer = embed_layer_of(tr, "reshape_1", layouts=layouts)
+    finally:
+        hook.remove()
+    assert calls == []
+    assert (layer.name, layer.layout.batch, layer.layout.unit) == ("reshape_1", 0, 1)
+    assert layer.layout.positions == ()

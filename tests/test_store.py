@@ -891,3 +891,31 @@ def test_package_root_is_lazy_and_complete() -> None:
 def test_graph_import_loads_no_torch() -> None:
     code = "import sys, lurker.graph; print('torch' in sys.modules)"
     assert _fresh_python(code).strip() == "False"
+
+
+def test_a_blocks_module_path_names_the_probed_layer_that_is_its_output(tmp_path: Path) -> None:
+    """``run.layer('block')`` (a block's path, as the model's print shows it; what
+    ``lurker featviz --layer`` and the explorer take) is the probed layer that is the block's
+    output, as ``lurker probe --layers block`` reads it; a module whose output was not
+    probed is said so, with how to probe it, not listed as unknown."""
+    import torch
+    from torch import nn
+
+    import lurker
+
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+    model = nn.Sequential(block, nn.Conv2d(4, 6, 3), nn.ReLU()).eval()
+    data = torch.utils.data.TensorDataset(torch.randn(8, 3, 12, 12), torch.arange(8) % 2)
+    with lurker.probe(model, data, out=tmp_path / "run", k=2, progress=False, device="cpu") as run:
+        names = [i.name for i in run.layers]
+        assert "0" not in names and "0.2" in names  # the block's output: its ReLU
+        assert run.layer("0").name == "0.2"
+        assert run.unit("0", 1).layer == "0.2"
+        with pytest.raises(UnknownLayerError) as err:
+            run.layer("0.1")  # the BatchNorm: not probed
+        said = str(err.value)
+        assert "output of module '0.1'" in said and "was not probed" in said, said
+        assert "--layers 0.1" in said, said
+        with pytest.raises(UnknownLayerError, match="no layer 'nope'"):
+            run.layer("nope")

@@ -183,11 +183,14 @@ class Skip:
     ``"folded"`` where the batch shares an axis with heads, windows or patches; ``""``
     for other problems with the batch; ``"split"`` where a reshape spread the units over
     several axes (attention heads x channels per head). Only ``"unit"`` skips can be fixed
-    by ``unit_dim``."""
+    by ``unit_dim``. ``batch`` is the batch axis where it is known (a ``"unit"`` skip), so
+    that a caller that reads the output whole (the map's one vector per sample) needs no
+    second search for it."""
 
     reason: str
     per_sample: bool = True
     kind: str = ""
+    batch: int | None = None
 
     @property
     def unit_dim_helps(self) -> bool:
@@ -965,10 +968,13 @@ def _layout(
             return Skip(
                 f"the unit axis named for it, {user}, is out of range for its {nd} dimensions",
                 kind="unit",
+                batch=batch,
             )
         u, source = user % nd, "unit_dim"
         if u == batch:
-            return Skip(f"the unit axis named for it, {user}, is its batch axis", kind="unit")
+            return Skip(
+                f"the unit axis named for it, {user}, is its batch axis", kind="unit", batch=batch
+            )
     elif unit is None and split is not None:
         return Skip(split, kind="split")
     elif unit is None:
@@ -976,11 +982,12 @@ def _layout(
             f"lurker cannot tell which axis of its output {list(shape)} holds the units "
             f"({op.name} mixes or reshapes them, or no op before it says)" + UNIT_DIM_HINT,
             kind="unit",
+            batch=batch,
         )
     else:
         u, source = unit
         if u == batch:
-            return Skip(f"its unit axis would be its batch axis ({u})", kind="unit")
+            return Skip(f"its unit axis would be its batch axis ({u})", kind="unit", batch=batch)
     positions = tuple(d for d in range(nd) if d not in (batch, u))
     boxes = None
     if token is not None and positions == (token[0],):

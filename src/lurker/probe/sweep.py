@@ -62,7 +62,6 @@ from .layout import (
     UNIT_DIM_HINT,
     Layout,
     Skip,
-    _batch_axes,
     infer_layouts,
     op_names,
     reused_paths,
@@ -1537,20 +1536,12 @@ def _as_features(tr: Trace, layouts: Mapping[int, Layout | Skip]) -> Mapping[int
     (a ``Flatten`` of a conv map) read as one vector per sample, as ``embed=True`` reads
     the last linear op's input: the map needs each sample's features, not units, and
     naming a unit axis (``unit_dim``) would also make the probe read it as units."""
-    flat = [
-        op
-        for op in tr.ops
-        if isinstance(lay := layouts.get(op.index), Skip)
-        and lay.unit_dim_helps  # its batch axis is known, only its units are not
-        and len(op.shape or ()) == 2
-    ]
-    if not flat:
-        return layouts
-    batch = _batch_axes(tr, tuple(tr._inputs[0]))
     out = dict(layouts)
-    for op in flat:
-        if isinstance(b := batch.get(op.index), int):
-            out[op.index] = Layout(batch=b, unit=1 - b, positions=())
+    for op in tr.ops:
+        lay = layouts.get(op.index)
+        # a unit skip knows its batch axis (found with the layouts): only its units are not
+        if isinstance(lay, Skip) and lay.batch is not None and len(op.shape or ()) == 2:
+            out[op.index] = Layout(batch=lay.batch, unit=1 - lay.batch, positions=())
     return out
 
 

@@ -668,7 +668,8 @@ class Run:
         return ("max", "mean", "relevance") if self.has_relevance else ("max", "mean")
 
     def layer(self, name: str) -> LayerInfo:
-        """A layer by name, op label or module path (names win; a module must be unique)."""
+        """A layer by name, op label or module path (names win; a module must be unique; a
+        block's path, such as ``layer3.1``, names the probed layer that is its output)."""
         if not isinstance(name, str):
             raise UnknownLayerError(
                 f"a layer is named by a string (its name, op label or module path), got "
@@ -686,7 +687,46 @@ class Run:
                     f"{attr} {name!r} matches several layers of run {self.path}: "
                     f"{', '.join(h.name for h in hits)}; use one of these names"
                 )
+        found = self._module_output(name)
+        if found is not None:
+            return found
         raise UnknownLayerError(self._unknown_layer_message(name))
+
+    def _module_output(self, name: str) -> LayerInfo | None:
+        """The probed layer that is the output of module ``name``, as ``lurker probe
+        --layers`` reads a module path: a block's path (``layer3.1``, what the model's print
+        shows) names its last op (``layer3.1.relu:2``), which the layer is keyed on. None
+        where the run's graph has no such module; an error where its output is not probed."""
+        try:
+            graph = self.graph
+        except MissingFromRunError:  # an older run: module paths are its layers' only
+            return None
+        ops = [op for op in graph.ops if name in op.module_outputs]
+        if not ops:
+            return None
+        hits = [
+            info
+            for info in self.layers
+            for op in ops
+            if (info._op_index == op.index if info._op_index is not None else info.op == op.label)
+        ]
+        if len(hits) == 1:
+            return hits[0]
+        if len(hits) > 1:
+            raise UnknownLayerError(
+                f"module {name!r} outputs several layers of run {self.path}: "
+                f"{', '.join(h.name for h in hits)}; use one of these names"
+            )
+        labels = ", ".join(op.label for op in ops)
+        inside = [i.name for i in self.layers if (i.module or "").startswith(name + ".")]
+        held = inside or [i.name for i in self.layers]
+        shown = ", ".join(held[:8]) + (", ..." if len(held) > 8 else "")
+        raise UnknownLayerError(
+            f"the output of module {name!r} (op {labels}) was not probed: no layer of run "
+            f"{self.path} is it. Probe it (lurker probe --layers {name}; Python: "
+            f"layers={name!r}) or name a layer the run holds"
+            + (f" inside that module: {shown}" if inside else f": {shown}")
+        )
 
     def _unknown_layer_message(self, name: str) -> str:
         valid = [info.name for info in self.layers]
