@@ -354,6 +354,15 @@ def test_bad_input_errors(digits) -> None:
         (dict(patch=0), "patch must be an int >= 1"),
         (dict(rank_by="size"), "rank_by is 'value' or 'magnitude'"),
         (dict(n_stepz=3), "method 'saliency' has no option 'n_stepz'"),
+        # checked before the curves run (the seed was read only after them), and -1 was
+        # taken silently as 2**64 - 1 by torch's generator
+        *(
+            (
+                dict(metrics=["deletion", "randomization"], randomization_seed=seed),
+                f"randomization_seed must be an integer from 0 to 2**64 - 1, got {seed!r}",
+            )
+            for seed in (-1, None, 1.5, True, 2**64)
+        ),
         (dict(target=11), "target class 11 is out of range"),
     ]
     calls: list[int] = []

@@ -36,6 +36,7 @@ from .base import (
     METHODS,
     Explanation,
     check_input,
+    check_seed,
     outside_inference_mode,
     training_said,
     untouched,
@@ -157,6 +158,14 @@ def evaluate(
     """
     names = _metrics(metrics)
     x = check_input(model, x, "evaluate")
+    if "randomization" in names:  # before the curves run: a bad seed loses no work
+        if randomization_seed is None:
+            raise LurkerError(
+                "evaluate: randomization_seed must be an integer from 0 to 2**64 - 1, got "
+                "None (randomization re-initialises layers the same way on every call); "
+                "pass randomization_seed=0 (or any such int)"
+            )
+        randomization_seed = check_seed("evaluate", randomization_seed, "randomization_seed")
     curves = [n for n in names if n != "randomization"]
     if curves:  # options checked before anything runs
         if rank_by not in ("value", "magnitude"):
@@ -457,8 +466,6 @@ def _randomization(
 ) -> Randomization:
     from . import explain
 
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise LurkerError(f"randomization_seed must be an int, got {seed!r}")
     target = e.target
     original = e.attribution.to(x.device)
     try:
