@@ -142,10 +142,19 @@ def test_non_finite_activations_are_named(tmp_path: Path):
     x[3, 0, 2, 5] = float("nan")
     x[7, 0, 4, 4] = float("inf")
     data = torch.utils.data.TensorDataset(x, torch.arange(20) % 2)
-    with pytest.warns(UserWarning, match="had NaN or infinite activations, on samples 3, 7") as w:
+    with pytest.warns(
+        UserWarning,
+        match=r"had NaN or infinite activations, on at least 2 samples \(in the top lists: 3, 7\)",
+    ) as w:
         run = probe(m, data, out=tmp_path / "r", layers=["0"], k=3, progress=False)
     assert [r.filename for r in w if "NaN" in str(r.message)] == [__file__]
     assert run.meta["non_finite"] == {"0": [3, 7]}
+    # how many samples (counted over all, not only the top lists), by brute force: those
+    # whose spatial mean of some unit is NaN or +inf
+    with torch.no_grad():
+        means = m(x).mean((2, 3))
+    bad = (means.isnan() | means.isposinf()).any(1)
+    assert run.meta["non_finite_samples"] == {"0": int(bad.sum())} == {"0": 2}
     assert run.unit("0", 0).top("max")[0].sample_id in (3, 7)  # as the warning says
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -29,14 +29,22 @@ VIEW_VERSION = "lurker.graph_view/1"
 HIDDEN_KINDS = frozenset({"buffer"})
 
 
-def graph_view(graph: Graph, *, layers: Mapping[str, str] | None = None) -> dict[str, Any]:
+def graph_view(
+    graph: Graph,
+    *,
+    layers: Mapping[str, str] | None = None,
+    nonfinite: Mapping[str, int] | None = None,
+) -> dict[str, Any]:
     """The graph view document of ``graph`` (see docs/explorer.md, "Graph view document").
 
     ``layers`` maps an op label (any pass) to the name of the probed layer it produced, so
-    the page can link the node to that layer's page.
+    the page can link the node to that layer's page; ``nonfinite`` maps a probed layer's
+    name to how many samples at least made NaN or +inf there (the run's meta
+    ``non_finite_samples``), so the page can mark those nodes and the first of them.
     """
     ops = graph.ops
     layers = layers or {}
+    nonfinite = nonfinite or {}
     paths = list(graph.modules)
     gidx = {p: i for i, p in enumerate(paths)}
     if "" not in gidx:  # a graph without its module tree: everything sits at the top
@@ -86,6 +94,8 @@ def graph_view(graph: Graph, *, layers: Mapping[str, str] | None = None) -> dict
             layer = layers.get(o.label)
             if layer is not None:
                 node["L"] = layer
+                if layer in nonfinite:
+                    node["nf"] = nonfinite[layer]
                 break
         nodes.append(node)
 
@@ -101,7 +111,7 @@ def graph_view(graph: Graph, *, layers: Mapping[str, str] | None = None) -> dict
     groups = _groups(graph, paths, gidx, direct, _fewer_passes(nodes, graph, gidx))
     for g in _interleaved(groups, nodes, edge_rows):
         groups[g]["s"] = 1
-    return {
+    doc = {
         "version": VIEW_VERSION,
         "model": graph.model_name,
         "complete": graph.complete,
@@ -115,6 +125,11 @@ def graph_view(graph: Graph, *, layers: Mapping[str, str] | None = None) -> dict
         "nodes": nodes,
         "edges": edge_rows,
     }
+    # nodes are in execution order of their first pass, so the first marked one ran first
+    first = next((k for k, n in enumerate(nodes) if "nf" in n), None)
+    if first is not None:
+        doc["first_nonfinite"] = first
+    return doc
 
 
 def _fewer_passes(nodes: list[dict[str, Any]], graph: Graph, gidx: dict[str, int]) -> set[int]:

@@ -189,14 +189,20 @@ class UnitStatsConsumer(BatchConsumer):
     def finish(self, writer: RunWriter) -> None:
         """Write every layer with its units' statistics (the run's layers table), and name
         the samples whose activations were NaN or infinite (meta ``non_finite``, and a
-        warning): they rank first in every top list they reach and make means NaN."""
+        warning): they rank first in every top list they reach and make means NaN. Those
+        ids are only the ones that reached a top list (k per unit), so meta
+        ``non_finite_samples`` gives, per such layer, how many samples at least had one
+        (the most of any unit, counted over every sample), for the explorer's graph."""
         results = []
         odd: dict[str, list[int]] = {}
+        many: dict[str, int] = {}
         for layer in self.layers:
             r = self.stats[layer.op.index].result()
             ids = _non_finite(r)
             if ids is not None:
                 odd[layer.name] = ids
+                bad = int((r["hist_nan"] + r["hist_posinf"]).max())
+                many[layer.name] = max(bad, len(ids))
             results.append(
                 LayerResult(
                     **self.describe(layer),
@@ -217,13 +223,18 @@ class UnitStatsConsumer(BatchConsumer):
             )
         writer.write_layers_result(results)
         writer.meta_set("non_finite", odd)
+        writer.meta_set("non_finite_samples", many)
         if odd:
             samples = sorted({i for ids in odd.values() for i in ids})
             shown = ", ".join(map(str, samples[:10])) + (", ..." if len(samples) > 10 else "")
             layers = ", ".join(list(odd)[:5]) + (", ..." if len(odd) > 5 else "")
             warn(
                 f"probe: {len(odd)} layer(s) ({layers}) had NaN or infinite activations"
-                + (f", on samples {shown}" if samples else "")
+                + (
+                    f", on at least {max(many.values())} samples (in the top lists: {shown})"
+                    if samples
+                    else ""
+                )
                 + ": they rank first in the top lists they reach and make the units' means "
                 "NaN or infinite. Check those inputs (or the model) and probe again; the run "
                 "lists them in meta['non_finite']"

@@ -54,6 +54,15 @@ class NotServableError(LurkerError):
 ROUNDOFF = 2.0**-24
 
 
+def _nonfinite_samples(meta: dict[str, Any]) -> dict[str, int]:
+    """Per probed layer with NaN or +inf, how many samples at least had one: the probe's
+    ``non_finite_samples`` (counted over every sample), else, for a run probed before it,
+    how many the top lists name (``non_finite``: at most k per unit)."""
+    names = meta.get("non_finite") or {}
+    counts = meta.get("non_finite_samples") or {}
+    return {layer: max(int(counts.get(layer, 0)), len(ids)) for layer, ids in names.items()}
+
+
 def positions_per_sample(info: LayerInfo) -> int:
     """How many values one unit has per sample: its map's positions (1 for a layer of
     one value per unit, a Linear's ``(N, units)``). The output per sample is units x
@@ -867,7 +876,9 @@ class RunEntry:
                 except MissingFromRunError as e:
                     raise ApiError(404, str(e)) from None
                 layers = {info.op: info.name for info in run.layers if info.op}
-                self._graph_view = graph_view(graph, layers=layers)
+                self._graph_view = graph_view(
+                    graph, layers=layers, nonfinite=_nonfinite_samples(run.meta)
+                )
             return self._graph_view
 
     def has_graph(self) -> bool:

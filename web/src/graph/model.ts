@@ -30,6 +30,7 @@ export interface ViewNode {
   p?: number;
   v?: string;
   L?: string;
+  nf?: number; // its probed layer made NaN or +inf: on at least this many samples
 }
 
 /** `[src, dst, count?, branchLabel?]` node positions. */
@@ -48,6 +49,7 @@ export interface GraphView {
   groups: ViewGroup[];
   nodes: ViewNode[];
   edges: ViewEdge[];
+  first_nonfinite?: number; // the first node with `nf`, in execution order
 }
 
 /** An item drawn inside a group: `n12` (node 12) or `g5` (group 5, a box or a frame). */

@@ -450,6 +450,8 @@ class GraphPage {
     // before d3-zoom reads its floor for this wheel turn (the view may have been resized)
     canvas.addEventListener("wheel", () => this.zoomFloor(), { capture: true, passive: true });
     this.page.insertBefore(bar, this.status);
+    const nan = this.nonfiniteLine();
+    if (nan) this.page.insertBefore(nan, this.status);
     this.page.append(legend, canvas);
 
     this.zoomer = zoom<SVGSVGElement, unknown>()
@@ -491,6 +493,35 @@ class GraphPage {
     this.svg.addEventListener("mouseover", (ev) => this.onHover(ev));
     this.svg.addEventListener("mousemove", (ev) => this.moveTip(ev));
     this.svg.addEventListener("mouseleave", () => (this.tip.hidden = true));
+  }
+
+  /** "NaN or +inf first appears at LAYER (n samples); N layers affected", its layer a link
+   * that opens and centres that node; null when no probed layer made NaN or +inf. */
+  private nonfiniteLine(): HTMLElement | null {
+    const d = this.doc;
+    const k = d.first_nonfinite;
+    if (k === undefined || !d.nodes[k]) return null;
+    const n = d.nodes[k];
+    const count = d.nodes.filter((m) => m.nf !== undefined).length;
+    const line = el("div", "graph-nonfinite");
+    const a = el("a");
+    a.textContent = n.L ?? n.l;
+    a.href = `${this.ctx.href("graph")}?focus=${encodeURIComponent(n.l)}`;
+    a.title = `show ${n.l} in the graph`;
+    a.onclick = (ev) => {
+      ev.preventDefault();
+      const q = new URLSearchParams(this.ctx.params);
+      q.set("focus", n.l);
+      this.ctx.replaceParams(q);
+      void this.reveal({ k }, true);
+    };
+    const samples = n.nf ? ` (on at least ${fmt(n.nf)} ${n.nf === 1 ? "sample" : "samples"})` : "";
+    line.append(
+      "Among the probed layers, NaN or +inf first appears at ",
+      a,
+      `${samples}; ${count} probed ${count === 1 ? "layer" : "layers"} affected (outlined in red).`,
+    );
+    return line;
   }
 
   /** The legend's entries: only the kinds of node, module and edge this graph has. */
@@ -635,7 +666,8 @@ class GraphPage {
   private nodeSvg(k: number, cx: number, cy: number, w: number, h: number, extra: string): string {
     const n = this.doc.nodes[k];
     const kind = n.k ?? (n.P ? "param" : "op");
-    const cls = `nd n-${kind}${n.k === "generated" && n.P ? " n-param" : ""}${n.L ? " probed" : ""}${extra}`;
+    const nf = n.nf !== undefined ? (k === this.doc.first_nonfinite ? " nonfinite nf-first" : " nonfinite") : "";
+    const cls = `nd n-${kind}${n.k === "generated" && n.P ? " n-param" : ""}${n.L ? " probed" : ""}${nf}${extra}`;
     const x0 = f1(cx - w / 2);
     const y0 = f1(cy - h / 2);
     let shape: string;
@@ -650,6 +682,7 @@ class GraphPage {
       `<g class="${cls}" data-k="n${k}">${shape}` +
       `<text class="l1" x="${f1(cx)}" y="${f1(b ? cy - 3 : cy + 4)}" text-anchor="middle">${esc(a)}</text>` +
       (b ? `<text class="l2" x="${f1(cx)}" y="${f1(cy + 11)}" text-anchor="middle">${esc(b)}</text>` : "") +
+      (nf ? `<g class="nf-badge"><rect x="${f1(cx + w / 2 - 26)}" y="${f1(cy - h / 2 - 7)}" width="26" height="13" rx="6"/><text x="${f1(cx + w / 2 - 13)}" y="${f1(cy - h / 2 + 3)}" text-anchor="middle">NaN</text></g>` : "") +
       `</g>`
     );
   }
@@ -1153,6 +1186,7 @@ class GraphPage {
       rows.push(`source: <span title="${esc(file)}">${esc(file.split("/").pop() ?? file)}:${n.src[1]}</span>`);
     }
     if (n.L) rows.push(`probed layer <b>${esc(n.L)}</b>: click to open it`);
+    if (n.nf !== undefined) rows.push(`<b class="nf">NaN or +inf</b> here, on at least ${fmt(n.nf)} samples`);
     return rows.join("<br>");
   }
 
