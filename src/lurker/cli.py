@@ -301,8 +301,8 @@ def trace(
     "-l",
     multiple=True,
     help="Layers to probe (op labels, module paths, module types or op names; globs); "
-    "repeatable. Default: the convs, linears and activations (CNNs), or the blocks' "
-    "outputs and MLP hidden layers (transformers); see docs/probe.md.",
+    "repeatable or comma-separated. Default: the convs, linears and activations (CNNs), or "
+    "the blocks' outputs and MLP hidden layers (transformers); see docs/probe.md.",
 )
 @click.option(
     "--k",
@@ -458,7 +458,7 @@ def probe(
             net,
             ds,
             out=out,
-            layers=list(layers) or None,
+            layers=_names(layers) or None,
             k=k,
             batch_size=batch_size,
             device=device,
@@ -513,6 +513,19 @@ def probe(
                 "in the run): " + ", ".join(other),
                 fg="yellow",
             )
+        # layers left without a receptive field (no crop), grouped by the op that broke it
+        gaps: dict[str, list[str]] = {}
+        for layer in run.layers:
+            if layer.rf is None and layer.rf_reason:
+                gaps.setdefault(layer.rf_reason, []).append(layer.name)
+        for why, names in gaps.items():
+            click.echo(f"no receptive field (no crop) for {', '.join(names)}: {why}")
+
+
+def _names(values: tuple[str, ...]) -> list[str]:
+    """A repeatable option's names, each value also split at commas (``--layers c1,c2``,
+    as ``--kinds`` and ``--methods`` take them; no layer name holds a comma)."""
+    return [n.strip() for v in values for n in v.split(",") if n.strip()]
 
 
 def _channel_axis(value: int | None) -> int | None:
@@ -739,7 +752,7 @@ def map_(
     "-l",
     multiple=True,
     help="Layers whose units' images to make (names, module paths, op labels or types; "
-    "globs); repeatable. Default: all.",
+    "globs); repeatable or comma-separated. Default: all.",
 )
 @click.option(
     "--kinds",
@@ -842,7 +855,7 @@ def images(
         return
     unit_images = UnitImages(run, device=device, batch_size=batch_size)  # errors say what to pass
     result = unit_images.write_all(
-        layers=list(layers) or None, kinds=kinds.split(","), which=which.split(",")
+        layers=_names(layers) or None, kinds=kinds.split(","), which=which.split(",")
     )
     click.echo(
         f"{result.made} images made ({result.existing} already there) in "

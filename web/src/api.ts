@@ -168,6 +168,8 @@ export interface LayerDoc {
   featviz_directions?: { index: number; activations: (number | null)[]; units: number; top_units: { unit: number; weight: number }[] }[] | null;
   layer: LayerBrief;
   rf: Record<string, unknown> | null;
+  /** why `rf` is null: the op that broke the chain from the input (null: not said) */
+  rf_reason?: string | null;
   layout: Record<string, unknown> | null;
   histogram: Histogram;
   units: { unit: number; mean: number | null; max: number | null; top_max: number | null; top_mean: number | null; top_max_peak?: number[] | null; top_max_tokens?: number[] | null; top_max_tokens_start?: number | null; top_max_token_text?: (string | null)[] | null; top_max_span?: number[] | null }[];
@@ -233,7 +235,7 @@ export interface FeatVizInfo extends FeatVizView {
 }
 
 export interface UnitDoc {
-  layer: LayerBrief & { rf: Record<string, unknown> | null; op_label: string | null };
+  layer: LayerBrief & { rf: Record<string, unknown> | null; rf_reason?: string | null; op_label: string | null };
   unit: number;
   mean: number | null;
   max: number | null;

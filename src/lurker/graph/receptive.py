@@ -56,7 +56,7 @@ What is exact, approximate or unsupported:
   descendants') gets ``exact=False``: a bound, possibly the whole input, never a guess
   that could be too small. Only the ops listed here are position-wise. One that changes
   the sizes gets no RF, and neither does anything computed from it, rather than a wrong
-  box.
+  box (``receptive_fields(gaps=)`` says which op broke the chain, and how).
 """
 
 from __future__ import annotations
@@ -1298,6 +1298,7 @@ def receptive_fields(
     *,
     global_context: bool = True,
     time_axis: int | None = None,
+    gaps: dict[int, str] | None = None,
 ) -> dict[int, RF]:
     """Receptive field of every op of ``graph`` (by node index) whose output depends on
     one input.
@@ -1320,6 +1321,10 @@ def receptive_fields(
     default, for ``(N, C, T)``; 1 for a channels-last ``(N, T, C)`` the model transposes
     or reads per step, and for a raw waveform ``(N, T)`` the model gives its one channel):
     the fields' x axis is then along it.
+
+    ``gaps``, where given, is filled with why each op that depends on the input has no
+    field: the op that broke the chain and how (its descendants name the same op), so a
+    layer without a crop can say why.
     """
     src = _pick_input(graph, input_label, waveform=time_axis == 1)
     rank = len(src.shape or ())
@@ -1344,7 +1349,7 @@ def receptive_fields(
     dep = {src.index}
     token = _GRAPH.set(graph)
     try:
-        _spread(graph, states, dep, global_context)
+        _spread(graph, states, dep, global_context, gaps if gaps is not None else {})
     finally:
         _GRAPH.reset(token)
     return {i: _finish(st, size) for (i, k), st in states.items() if k == 0}
@@ -1355,8 +1360,10 @@ def _spread(
     states: dict[tuple[int, int], _State],
     dep: set[int],
     global_context: bool,
+    gaps: dict[int, str],
 ) -> None:
-    """Carry the input's receptive-field state through every op of ``graph``."""
+    """Carry the input's receptive-field state through every op of ``graph``; ``gaps``
+    gets, per op left without one, why (an op after a gap inherits its reason)."""
     for op in graph.ops:
         if op.kind not in ("op", "output"):
             continue
@@ -1367,14 +1374,29 @@ def _spread(
         parents = []
         for j, s, k in ins:
             st = states.get((s, k))
-            if st is None:
-                break  # depends on something without an RF: so does this op
+            if st is None:  # depends on something without an RF: so does this op
+                gaps[op.index] = gaps.get(s) or f"{graph.ops[s].label} has no receptive field"
+                break
             parents.append(_Parent(j, st, tuple(graph.ops[s].outputs[k].shape)))
         else:
             for k, meta in enumerate(op.outputs):
                 st = _propagate(op, k, parents, tuple(meta.shape), global_context)
                 if st is not None:
                     states[(op.index, k)] = st
+                elif k == 0:
+                    gaps[op.index] = _gap(op, tuple(meta.shape))
+
+
+def _gap(op: Op, out: tuple[int, ...]) -> str:
+    """Why :func:`_propagate` gave ``op`` no field, naming the op (its label) and its kind."""
+    if any(n == 0 for n in out):
+        return f"{op.label}: its output {out} is empty"
+    if _HANDLERS.get(_base_name(op.name)) is None:
+        return (
+            f"{op.label}: no receptive-field rule for {op.name}, and it changes the spatial "
+            f"sizes (to {out}), so which output position reads which input ones is unknown"
+        )
+    return f"{op.label}: its {op.name} call moves the spatial positions in a way lurker cannot map"
 
 
 def follow_axes(

@@ -310,6 +310,44 @@ def rf_matches(layout: Layout, rf: RF) -> bool:
     return len(layout.positions) <= 2 and dims == list(layout.positions)
 
 
+def rf_mismatch(layout: Layout, op: Op, trace: Trace, rfs: dict[int, RF]) -> str:
+    """Why the field of ``op`` (``rfs[op.index]``, which :func:`rf_matches` refused) is not
+    stored: the op where the input's axes stopped being the positions in order (a
+    transpose of H and W, a ``grid_sample`` that reads the whole input), found by walking
+    back through the ops whose fields are out of order too."""
+
+    def ordered(rf: RF) -> bool:
+        dims = [a.dim for a in (rf.t, rf.y, rf.x) if a is not None]
+        return None not in dims and dims == sorted(dims)
+
+    def names(rf: RF) -> str:
+        axes = [(n, a.dim) for n, a in (("t", rf.t), ("y", rf.y), ("x", rf.x)) if a is not None]
+        return ", ".join(f"{n} on dim {d}" if d is not None else f"{n} reduced" for n, d in axes)
+
+    rf = rfs[op.index]
+    at = op
+    while True:
+        ups = [trace.ops[s] for s, _ in at._inputs if isinstance(s, int) and s in rfs]
+        up = next((u for u in ups if not ordered(rfs[u.index])), None)
+        if up is None:
+            break
+        at = up
+    found = rfs[at.index]
+    where = f"{at.label} ({at.name})"
+    if ordered(found):
+        where, how = op.label, "keeps the input's axes in order but not as its layout's"
+    elif found.y.dim is not None and found.x.dim is not None and found.y.dim > found.x.dim:
+        how = "swaps the input's y and x axes"
+    elif None in (found.y.dim, found.x.dim):
+        how = "mixes the whole input along its y and x axes (every position sees all of it)"
+    else:
+        how = "moves the input's axes"
+    return (
+        f"{where} {how}: the field ({names(rf)}) is not along this layer's position axes "
+        f"{list(layout.positions)} in order, so no crop is kept"
+    )
+
+
 # --------------------------------------------------------------------------- batch axes
 def _batch_shapes(trace: Trace, example: tuple, factor: int) -> dict[int, tuple[int, ...]]:
     args = tuple(

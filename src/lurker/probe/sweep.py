@@ -66,6 +66,7 @@ from .layout import (
     op_names,
     reused_paths,
     rf_matches,
+    rf_mismatch,
 )
 from .layout import layer_name as _layer_name
 from .progress import Progress
@@ -929,6 +930,8 @@ class _Plan:
     world: int
     trace: Trace
     rfs: dict[int, Any]  # op index -> receptive field, where one could be computed
+    #: op index -> why it has none (the op that broke the chain), for ops after the input
+    rf_gaps: dict[int, str]
     layers: list[Layer]
     layer_skips: list[tuple[str, str]]  # (layer, why its units cannot be located)
     labels: list[int]  # every sample's label, -1: none
@@ -1011,7 +1014,9 @@ class _Plan:
         statistics (the graph's side of a layer, which consumers do not know)."""
         op = layer.op
         rf = self.rfs.get(op.index)
+        why = self.rf_gaps.get(op.index) if rf is None else None
         if rf is not None and not rf_matches(layer.layout, rf):
+            why = rf_mismatch(layer.layout, op, self.trace, self.rfs)
             rf = None  # its y/x are not this layer's position axes
         return {
             "name": layer.name,
@@ -1021,6 +1026,7 @@ class _Plan:
             "kind": _module_type(op, self.trace) or op.name,
             "shape": tuple(n for d, n in enumerate(op.shape or ()) if d != layer.layout.batch),
             "rf": rf.to_dict() if rf is not None else None,
+            "rf_reason": why,
             "layout": layer.layout.to_dict(),
         }
 
@@ -1078,9 +1084,10 @@ def _plan(
     tr = _trace_first(model, x0, plain, channel_dim, data_by_code=by_code)
     if rank == 0:
         _warn_scaled_again(tr, x0)
+    rf_gaps: dict[int, str] = {}
     try:
-        rfs = receptive_fields(tr)
-    except LurkerError:
+        rfs = receptive_fields(tr, gaps=rf_gaps)
+    except LurkerError:  # no image, clip or signal input: no positions to crop
         rfs = {}
     layer_skips: list[tuple[str, str]] = []
     types = {op.index: [t] for op in tr.ops if (t := _module_type(op, tr))}
@@ -1161,6 +1168,7 @@ def _plan(
         world=world,
         trace=tr,
         rfs=rfs,
+        rf_gaps=rf_gaps,
         layers=selected,
         layer_skips=layer_skips,
         labels=all_labels,

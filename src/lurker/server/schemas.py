@@ -320,6 +320,8 @@ class SignalDoc(BaseModel):
 class LayerDetail(BaseModel):
     layer: LayerBrief
     rf: dict[str, Any] | None = None
+    #: why ``rf`` is null (the op that broke the chain from the input), where the run says
+    rf_reason: str | None = None
     layout: dict[str, Any] | None = None
     histogram: Histogram
     units: list[UnitBrief]
@@ -366,6 +368,8 @@ class UnitLayer(BaseModel):
     layout: dict[str, Any] | None = None
     op_label: str | None = None
     op_index: int | None = None
+    #: why ``rf`` is null (the op that broke the chain from the input), where the run says
+    rf_reason: str | None = None
 
 
 class TopEntryModel(BaseModel):

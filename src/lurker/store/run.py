@@ -41,11 +41,13 @@ from lurker.store.schema import (
     EDGES_DTYPE,
     HIST_DTYPE,
     READABLE_VERSIONS,
+    RF_REASON_UNRECORDED,
     SCHEMA_VERSION,
     STATUS_COMPLETE,
     TOP_DTYPE,
     TOP_LISTS,
     from_blob,
+    has_column,
     has_graph_table,
     has_layout_column,
     has_relevance_table,
@@ -83,6 +85,11 @@ class LayerInfo:
     layout: dict[str, Any] | None = field(default=None, repr=False)
     #: As stored: ``None`` where the run does not record it (read :attr:`op_index`).
     _op_index: int | None = field(default=None, repr=False)
+    #: Why ``rf`` is ``None``: the op that broke the chain from the input and how
+    #: (``"transpose_1 (transpose) swaps the input's y and x axes: ..."``); ``None`` where
+    #: there is a field or the positions are no image grid; in a run written before the
+    #: reason was kept, a text saying it is not recorded.
+    rf_reason: str | None = field(default=None, repr=False)
 
     @property
     def position_axes(self) -> int | None:
@@ -294,6 +301,7 @@ class Unit:
                 "layout": self.info.layout,
                 "op_label": self.info.op_label,
                 "op_index": self.info._op_index,
+                "rf_reason": self.info.rf_reason,
             },
             "unit": self.index,
             "mean": _json_float(self.mean),
@@ -346,6 +354,8 @@ class Run:
         ]
         layout_col = "layout" if has_layout_column(self._conn) else "NULL"
         op_index_col = "op_index" if version >= 3 else "NULL"
+        reason_col = "rf_reason" if has_column(self._conn, "rf_reason") else "NULL"
+        unrecorded = reason_col == "NULL"
         self.layers: list[LayerInfo] = [
             LayerInfo(
                 name=name,
@@ -359,6 +369,7 @@ class Run:
                 id=int(layer_id),
                 layout=None if layout is None else json.loads(layout),
                 _op_index=None if op_index is None else int(op_index),
+                rf_reason=RF_REASON_UNRECORDED if unrecorded and rf is None else reason,
             )
             for (
                 layer_id,
@@ -372,9 +383,10 @@ class Run:
                 position,
                 layout,
                 op_index,
+                reason,
             ) in self._query(
                 "SELECT id, name, module, op, kind, num_units, shape, rf, position, "
-                f"{layout_col}, {op_index_col} FROM layers ORDER BY position"
+                f"{layout_col}, {op_index_col}, {reason_col} FROM layers ORDER BY position"
             )
         ]
         self._by_name = {info.name: info for info in self.layers}

@@ -60,7 +60,21 @@ PAGE_SIZE = 16384
 def has_layout_column(conn: Any) -> bool:
     """Whether ``layers`` has the ``layout`` column (added within version 2: runs written
     before it lack it, and their layers are laid out (N, C, ...))."""
-    return any(row[1] == "layout" for row in conn.execute("PRAGMA table_info(layers)"))
+    return has_column(conn, "layout")
+
+
+def has_column(conn: Any, name: str) -> bool:
+    """Whether ``layers`` has column ``name`` (columns added within a version are absent
+    from the runs written before them)."""
+    return any(row[1] == name for row in conn.execute("PRAGMA table_info(layers)"))
+
+
+#: ``LayerInfo.rf_reason`` of a layer without a field in a run written before the reason
+#: was kept (no ``rf_reason`` column).
+RF_REASON_UNRECORDED = (
+    "not recorded (this run was probed by a lurker that did not keep why a layer has no "
+    "receptive field: probe it again to see why)"
+)
 
 
 DDL = """
@@ -95,7 +109,8 @@ CREATE TABLE layers (
     position   INTEGER NOT NULL,
     hist_edges BLOB NOT NULL,
     layout     TEXT,
-    op_index   INTEGER
+    op_index   INTEGER,
+    rf_reason  TEXT
 );
 CREATE INDEX layers_by_module ON layers(module);
 CREATE INDEX layers_by_op ON layers(op);

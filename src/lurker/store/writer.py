@@ -46,6 +46,7 @@ from lurker.store.schema import (
     STATUS_RUNNING,
     TOP_DTYPE,
     dump_json,
+    has_column,
     has_layout_column,
     rf_record,
     to_blob,
@@ -98,6 +99,8 @@ class LayerResult:
     mean_x: ArrayLike | None = None  # (C, k) column of that peak
     layout: dict[str, Any] | None = None  # batch/unit/position axes (probe.layout.Layout)
     op_index: int | None = None  # the probed op's index in the run's graph
+    #: why ``rf`` is None, where it is not an image grid's: the op that broke the chain
+    rf_reason: str | None = None
 
 
 @dataclass
@@ -487,6 +490,8 @@ class RunWriter:
         prepared = [_prepare(layer, num_classes) for layer in layers]
         if not has_layout_column(self._conn):  # a run made without the column
             self._conn.execute("ALTER TABLE layers ADD COLUMN layout TEXT")
+        if not has_column(self._conn, "rf_reason"):
+            self._conn.execute("ALTER TABLE layers ADD COLUMN rf_reason TEXT")
         labels = self._graph_labels()
         for layer in layers if labels is not None else ():
             i = layer.op_index
@@ -627,7 +632,7 @@ class RunWriter:
         c, k = a.max_ids.shape
         cur.execute(
             "INSERT INTO layers(name, module, op, kind, num_units, shape, rf, position, "
-            "hist_edges, layout, op_index) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "hist_edges, layout, op_index, rf_reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 r.name,
                 r.module,
@@ -640,6 +645,7 @@ class RunWriter:
                 to_blob(a.hist_edges, EDGES_DTYPE),
                 a.layout_json,
                 None if r.op_index is None else int(r.op_index),
+                None if r.rf is not None else r.rf_reason,
             ),
         )
         layer_id = cur.lastrowid

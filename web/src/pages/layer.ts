@@ -257,7 +257,7 @@ export async function renderLayer(root: HTMLElement, ctx: PageContext, args: str
           ["units", fmt(l.num_units)],
           ...(classNames ? [["units are", h("span", { id: "class-units" }, `the model's output: the ${l.class_value === "score" ? "score (logit)" : l.class_value} of each class, unit i for class i`)] as [string, Node]] : []),
           ["constant units", h("span", { id: "constant-count" }, constantCount ? `${fmt(constantCount)} of ${fmt(l.num_units)}${silent === constantCount ? ` (0 everywhere${/relu/i.test(l.kind ?? "") ? ": never fire" : ""})` : ""}` : "none")],
-          ["receptive field", h("span", { id: "rf-text" }, rfText(doc.rf, signal !== null, images.sampleRate ?? null))],
+          ["receptive field", h("span", { id: "rf-text" }, !doc.rf && doc.rf_reason ? `none, so no crop: ${doc.rf_reason}` : rfText(doc.rf, signal !== null, images.sampleRate ?? null))],
         ]),
       ),
       h(

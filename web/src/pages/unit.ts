@@ -77,6 +77,14 @@ export async function renderUnit(root: HTMLElement, ctx: PageContext, args: stri
         box: "none (this run stores no receptive field over frames); the image is the clip's frame where the unit peaked",
         mean: "the clip's frame where the unit peaked in that sample, whole",
       }
+    : !doc.layer.rf && doc.layer.rf_reason
+    ? {
+        // no field: the server's crop is the whole input; say so, and why
+        name: "receptive-field crop",
+        peak: `the whole input: this layer has no receptive field (${doc.layer.rf_reason})`,
+        box: `none: this layer has no receptive field (${doc.layer.rf_reason})`,
+        mean: "the whole input (this layer has no receptive field)",
+      }
     : frameLayer(doc.layer)
     ? {
         name: "receptive-field crop",

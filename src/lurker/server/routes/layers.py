@@ -69,6 +69,7 @@ def layer_detail(request: Request, run_id: str, layer: str) -> LayerDetail:
     return LayerDetail(
         layer=layer_brief(info, value),
         rf=info.rf if shape is None else signal_rf(e.open_run(), info),
+        rf_reason=info.rf_reason,
         layout=info.layout,
         histogram=Histogram(
             edges=[_f(v) for v in edges.tolist()],
