@@ -113,6 +113,20 @@ def explorer_run(tmp_path_factory: pytest.TempPathFactory) -> ExplorerRun:
     return _BUILT["run"]
 
 
+@pytest.fixture(scope="module", name="served")
+def served_explorer_run(explorer_run: ExplorerRun) -> Iterator[dict[str, Any]]:
+    """The shared run served with its model, once per test module that imports this
+    (with ``explorer_run``) and asks for ``served``: ``url`` (its pages, ``URL#/r/RUN``),
+    ``api`` (``URL/api/runs/RUN``) and ``run`` (the :class:`ExplorerRun`). Named apart
+    from ``served`` so that importing it shadows no test's argument."""
+    from lurker.server import create_app
+    from lurker.server.serve import background
+
+    with background(create_app(explorer_run.path, model_obj=explorer_run.model)) as url:
+        name = explorer_run.path.name
+        yield {"url": f"{url}#/r/{name}", "api": f"{url}api/runs/{name}", "run": explorer_run}
+
+
 def summary_rank_behind(app: Any, url: Callable[[int], str], started: threading.Event) -> int:
     """Send 60 model requests (``url(i)``, more than the 40 worker threads) to ``app``,
     then, once the model is busy, a run-summary request: its position among the answers.

@@ -13,29 +13,19 @@ shape and the explain methods' registry.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from explorer_fixtures import (  # noqa: F401
-    ExplorerRun,
     explorer_run,
+    served_explorer_run,
     skip_without_browser,
     strict_page,
 )
 
 skip_without_browser()
-
-
-@pytest.fixture(scope="module")
-def served(explorer_run: ExplorerRun) -> Iterator[dict[str, Any]]:  # noqa: F811
-    from lurker.server import create_app
-    from lurker.server.serve import background
-
-    with background(create_app(explorer_run.path, model_obj=explorer_run.model)) as url:
-        yield {"url": f"{url}#/r/{explorer_run.path.name}", "run": explorer_run}
 
 
 @pytest.mark.parametrize("width", [800, 1280])

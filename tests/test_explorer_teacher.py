@@ -17,14 +17,13 @@ run's store (which ops are probed, each unit's max and mean).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from explorer_fixtures import (  # noqa: F401
-    ExplorerRun,
     explorer_run,
+    served_explorer_run,
     shown_percent,
     skip_without_browser,
     strict_page,
@@ -33,15 +32,6 @@ from explorer_fixtures import (  # noqa: F401
 skip_without_browser()
 
 WIDTHS = [800, 1280]
-
-
-@pytest.fixture(scope="module")
-def served(explorer_run: ExplorerRun) -> Iterator[dict[str, Any]]:  # noqa: F811
-    from lurker.server import create_app
-    from lurker.server.serve import background
-
-    with background(create_app(explorer_run.path, model_obj=explorer_run.model)) as url:
-        yield {"url": f"{url}#/r/{explorer_run.path.name}", "run": explorer_run}
 
 
 @pytest.mark.parametrize("width", WIDTHS)

@@ -16,15 +16,14 @@ Oracle: the run's store (each list's values and sample ids), read with numpy.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from explorer_fixtures import (  # noqa: F401
-    ExplorerRun,
     explorer_run,
     get_json,
+    served_explorer_run,
     skip_without_browser,
     strict_page,
 )
@@ -45,15 +44,6 @@ def tail_length(values: list[float], k: int | None = None) -> int:
     if n < 2 or (values[-1] != 0 and n < len(values)):
         return 0
     return n
-
-
-@pytest.fixture(scope="module")
-def served(explorer_run: ExplorerRun) -> Iterator[dict[str, Any]]:  # noqa: F811
-    from lurker.server import create_app
-    from lurker.server.serve import background
-
-    with background(create_app(explorer_run.path, model_obj=explorer_run.model)) as url:
-        yield {"url": f"{url}#/r/{explorer_run.path.name}", "run": explorer_run}
 
 
 @pytest.fixture(scope="module")

@@ -47,7 +47,7 @@ from lurker.store.files import safe_component
 from lurker.vocab import embedding_reads_ids, words_of
 
 from ..classes import class_names, name_of
-from ..deps import MODEL_MADE, cached_or_live, entry, range_header, session
+from ..deps import cached_or_live, entry, range_header, session
 from ..errors import ApiError, model_failed
 from ..schemas import (
     ConceptRanking,
@@ -59,8 +59,8 @@ from ..schemas import (
 )
 from ..session import Session
 from ..state import signal_words
-from . import json_get
-from .live import PNG, image_id
+from . import json_get, made_png, png_get
+from .live import image_id
 
 router = APIRouter(prefix="/api", tags=["explain"])
 
@@ -1087,15 +1087,12 @@ def _png_response(pil: Any, heat: Any, target: str) -> Response:
         pil = pil.resize((pil.width * scale, pil.height * scale), Image.Resampling.NEAREST)
     lo, hi, _ = _stats(heat)
     headers = {
-        **MODEL_MADE,
         "X-Lurker-Scale": str(scale),
         "X-Lurker-Min": range_header(lo),  # "none" when no value is finite
         "X-Lurker-Max": range_header(hi),
         "X-Lurker-Target": target,
-        "Access-Control-Expose-Headers": "X-Lurker-Scale, X-Lurker-Min, X-Lurker-Max, "
-        "X-Lurker-Target",
     }
-    return Response(png_bytes(pil), media_type="image/png", headers=headers)
+    return made_png(png_bytes(pil), headers)
 
 
 def _heat_image(
@@ -1205,11 +1202,10 @@ def _ranking_doc(
     )
 
 
-@router.get(
+@png_get(
+    router,
     "/runs/{run_id}/live/{image}/explain/concepts/{unit}.png",
-    response_class=Response,
-    responses=PNG,
-    summary="A unit's conditional heatmap: the relevance that flowed through it (overlay=0: bare)",
+    "A unit's conditional heatmap: the relevance that flowed through it (overlay=0: bare)",
 )
 async def concept_png(
     request: Request,
@@ -1266,11 +1262,10 @@ def concept_png_response(
     return _png_response(_heat_image(s, image, heat, True, overlay, opacity), heat, r.target)
 
 
-@router.get(
+@png_get(
+    router,
     "/runs/{run_id}/live/{image}/explain/{method}.png",
-    response_class=Response,
-    responses=PNG,
-    summary="One method's heatmap over the image (overlay=0: the bare heatmap, RGBA)",
+    "One method's heatmap over the image (overlay=0: the bare heatmap, RGBA)",
 )
 async def explain_png(
     request: Request,

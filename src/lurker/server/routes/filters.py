@@ -24,11 +24,10 @@ from ..deps import live_call
 from ..errors import ApiError
 from ..schemas import FilterLayers, FilterUnit, LayerFilters
 from ..session import Session
-from . import json_get
+from . import json_get, made_png, png_get
 
 router = APIRouter(prefix="/api", tags=["filters"])
 
-PNG = {200: {"content": {"image/png": {}}, "description": "a PNG image"}}
 #: each grid cell's longer side is at least this many pixels (nearest-neighbour upscaled)
 GRID_CELL = 24
 #: pixels between the grid's cells (white)
@@ -386,22 +385,20 @@ async def filters_doc(request: Request, run_id: str, layer: str) -> LayerFilters
     return await live_call(request, run_id, lambda s: filters_document(s, layer_filters(s, layer)))
 
 
-@router.get(
+@png_get(
+    router,
     "/runs/{run_id}/layers/{layer}/filters.png",
-    response_class=Response,
-    responses=PNG,
-    summary="Every unit's kernel of a first convolution, one grid (row by row)",
+    "Every unit's kernel of a first convolution, one grid (row by row)",
 )
 async def filters_grid(request: Request, run_id: str, layer: str) -> Response:
     png = await live_call(request, run_id, lambda s: grid_png(layer_filters(s, layer)))
-    return Response(png, media_type="image/png", headers={"Cache-Control": "no-cache"})
+    return made_png(png)
 
 
-@router.get(
+@png_get(
+    router,
     "/runs/{run_id}/layers/{layer}/units/{unit}/filter.png",
-    response_class=Response,
-    responses=PNG,
-    summary="One unit's kernel of a first convolution as a picture",
+    "One unit's kernel of a first convolution as a picture",
 )
 async def unit_filter(
     request: Request,
@@ -416,4 +413,4 @@ async def unit_filter(
         return unit_png(f, unit, scale)
 
     png = await live_call(request, run_id, work)
-    return Response(png, media_type="image/png", headers={"Cache-Control": "no-cache"})
+    return made_png(png)

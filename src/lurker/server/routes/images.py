@@ -14,15 +14,14 @@ from fastapi import APIRouter, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, Response
 
-from ..deps import MODEL_MADE, entry, live_call, on_model, session
+from ..deps import entry, live_call, on_model, session
 from ..errors import ApiError
 from ..schemas import EntryPeaks
 from ..session import Session
 from ..state import RunEntry, clip_frames, entry_frames, unrecorded_frame
+from . import made_png, png_get
 
 router = APIRouter(prefix="/api", tags=["images"])
-
-PNG = {200: {"content": {"image/png": {}}, "description": "a PNG image"}}
 
 
 #: Images of a run's samples and of its units' top-k entries: the same URL names another
@@ -48,7 +47,7 @@ def png_response(
     it; immutable when ``request`` carries ``run``'s current ``images_version``) or PNG
     bytes a foreign model made (kept in memory, not the run's)."""
     if isinstance(found, bytes):
-        return Response(found, media_type="image/png", headers=MODEL_MADE)
+        return made_png(found)
     st = found.stat()
     # the file itself (inode, mtime to the nanosecond, size): Starlette's own ETag uses
     # the mtime in float seconds and the size, which two different PNGs may share
@@ -66,12 +65,7 @@ def png_response(
     return FileResponse(found, media_type="image/png", headers=headers, stat_result=st)
 
 
-@router.get(
-    "/runs/{run_id}/samples/{sample_id}/image.png",
-    response_class=Response,
-    responses=PNG,
-    summary="The sample as the model saw it",
-)
+@png_get(router, "/runs/{run_id}/samples/{sample_id}/image.png", "The sample as the model saw it")
 def sample_image(
     request: Request,
     run_id: str,
@@ -102,11 +96,10 @@ def _sample_png(request: Request, run_id: str, sample_id: int, frame: int | None
     return png_response(made, request, e)
 
 
-@router.get(
+@png_get(
+    router,
     "/runs/{run_id}/samples/{sample_id}/frames/{frame}.png",
-    response_class=Response,
-    responses=PNG,
-    summary="One frame of a video clip sample, as the model saw it",
+    "One frame of a video clip sample, as the model saw it",
 )
 def frame_image(
     request: Request,
@@ -122,11 +115,10 @@ def _frame_image(request: Request, run_id: str, sample_id: int, frame: int) -> R
     return _sample_png(request, run_id, sample_id, frame)
 
 
-@router.get(
+@png_get(
+    router,
     "/runs/{run_id}/layers/{layer}/units/{unit}/featviz/{objective}/{copy}.png",
-    response_class=Response,
-    responses=PNG,
-    summary="A feature visualization of the unit (stored in the run by `lurker featviz`)",
+    "A feature visualization of the unit (stored in the run by `lurker featviz`)",
 )  # declared before the entry images' route, whose /{which}/{rank}/{kind}.png matches it too
 def featviz_image(
     request: Request,
@@ -142,11 +134,10 @@ def featviz_image(
     return _featviz_response(e, info.name, unit, copy, objective)
 
 
-@router.get(
+@png_get(
+    router,
     "/runs/{run_id}/layers/{layer}/featviz/direction/{index}/{copy}.png",
-    response_class=Response,
-    responses=PNG,
-    summary="A feature visualization of a direction in the layer's units (by its index)",
+    "A feature visualization of a direction in the layer's units (by its index)",
 )
 def direction_image(
     request: Request,
@@ -170,14 +161,13 @@ def _featviz_response(e: RunEntry, layer: str, index: int, copy: int, objective:
     except MissingFromRunError as err:
         raise ApiError(404, str(err)) from None
     # `lurker featviz` may write the layer again: revalidate rather than keep a day
-    return Response(png, media_type="image/png", headers=MODEL_MADE)
+    return made_png(png)
 
 
-@router.get(
+@png_get(
+    router,
     "/runs/{run_id}/layers/{layer}/units/{unit}/{which}/{rank}/{kind}.png",
-    response_class=Response,
-    responses=PNG,
-    summary="An image of one top-k entry: the input, its crop, the gradient, its crop",
+    "An image of one top-k entry: the input, its crop, the gradient, its crop",
 )
 async def unit_image(
     request: Request,

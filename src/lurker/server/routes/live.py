@@ -20,7 +20,7 @@ from fastapi import APIRouter, File, Path, Request, UploadFile
 from fastapi.responses import Response
 
 from ..classes import no_scores
-from ..deps import MODEL_MADE, entry, live_call, range_header, session
+from ..deps import entry, live_call, range_header, session
 from ..errors import ApiError
 from ..schemas import (
     FeatureSide,
@@ -46,11 +46,10 @@ from ..session import (
     nonfinite_maps,
 )
 from ..state import signal_layout, signal_time_axis, signal_words
-from . import json_get
+from . import json_get, made_png, png_get
 
 router = APIRouter(prefix="/api", tags=["live"])
 
-PNG = {200: {"content": {"image/png": {}}, "description": "a PNG image"}}
 #: Decoded images larger than this many pixels are refused (a decompression bomb).
 MAX_PIXELS = 40_000_000
 
@@ -517,11 +516,10 @@ def _kept(request: Request, run_id: str, image: str, name: str, err: ApiError) -
     return path.read_bytes()
 
 
-@router.get(
+@png_get(
+    router,
     "/runs/{run_id}/live/{image}/input.png",
-    response_class=Response,
-    responses=PNG,
-    summary="The image as the model sees it (resized, cropped)",
+    "The image as the model sees it (resized, cropped)",
 )
 async def input_png(request: Request, run_id: str, image: str) -> Response:
     from lurker.probe.images import png_bytes
@@ -533,7 +531,7 @@ async def input_png(request: Request, run_id: str, image: str) -> Response:
         data = await live_call(request, run_id, work)
     except ApiError as e:
         data = _kept(request, run_id, image, "input.png", e)
-    return Response(data, media_type="image/png", headers=MODEL_MADE)
+    return made_png(data)
 
 
 def _side(m: Maps) -> FeatureSide:
@@ -708,11 +706,10 @@ async def lines_json(
     return await live_call(request, run_id, work)
 
 
-@router.get(
+@png_get(
+    router,
     "/runs/{run_id}/live/{image}/ops/{op}/{side}/{channel}.png",
-    response_class=Response,
-    responses=PNG,
-    summary="One channel of an op's input or output as an 8-bit grayscale PNG",
+    "One channel of an op's input or output as an 8-bit grayscale PNG",
 )
 async def channel_png(
     request: Request,
@@ -728,17 +725,13 @@ async def channel_png(
 
     (data, scale, lo, hi), nonfinite = await live_call(request, run_id, work)
     headers = {
-        **MODEL_MADE,
         "X-Lurker-Scale": str(scale),
         # over the finite values: "none" when no value is finite
         "X-Lurker-Min": range_header(lo),
         "X-Lurker-Max": range_header(hi),
         "X-Lurker-Nonfinite": str(nonfinite),
-        "Access-Control-Expose-Headers": (
-            "X-Lurker-Scale, X-Lurker-Min, X-Lurker-Max, X-Lurker-Nonfinite"
-        ),
     }
-    return Response(data, media_type="image/png", headers=headers)
+    return made_png(data, headers)
 
 
 @json_get(
