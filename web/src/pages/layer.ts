@@ -149,11 +149,14 @@ export async function renderLayer(root: HTMLElement, ctx: PageContext, args: str
       // a clip's top entry: the frame of its peak (its crop is cut from it), not the middle one
       const url = ctx.api.pngUrl(t.frame != null ? p("runs", ctx.run, "samples", t.sample, "frames", `${t.frame}.png`) : p("runs", ctx.run, "samples", t.sample, "image.png"));
       if (thumb === "input") return h("img", { src: url, loading: "lazy", decoding: "async", alt, width: 96, height: 96 });
-      return t.crop ? cropCanvas(url, t.box, alt + " (crop)", true) : noImage("no peak to crop");
+      if (!t.crop) return noImage("no peak to crop");
+      const canvas = cropCanvas(url, t.box, alt + " (crop)", true);
+      canvas.classList.add("crop");
+      return canvas;
     }
     if (top === null || !images.ok) return noImage(top === null ? "no top image" : "no image");
     const src = ctx.api.pngUrl(p("runs", ctx.run, "layers", name, "units", unit, "max", 0, `${thumb}.png`));
-    return h("img", { src, loading: "lazy", decoding: "async", alt, width: 96, height: 96 });
+    return h("img", { src, loading: "lazy", decoding: "async", alt, width: 96, height: 96, class: thumb === "crop" ? "crop" : null });
   };
 
   // The grid of a wide layer (resnet50's layer4: 2,048 units; a ViT MLP: 3,072) is built

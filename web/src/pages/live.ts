@@ -135,18 +135,23 @@ export async function renderLive(root: HTMLElement, ctx: PageContext): Promise<v
 }
 
 async function fillPicker(el: HTMLElement, ctx: PageContext, summary: RunSummary, current: string | null, choose: (label: string) => void): Promise<void> {
-  let rows: { label: string; type: string; module: string; shape: string; layer: boolean }[];
+  let rows: { label: string; type: string; module: string; shape: string; layer: boolean; end: boolean }[];
   const probed = new Set(summary.layers.map((l) => l.op).filter((x): x is string => !!x));
   try {
     const view = await ctx.api.json<ViewDoc>(p("runs", ctx.run, "graph"));
     rows = view.nodes
       .filter((n) => !n.k || n.k === "op" || n.k === "input" || n.k === "output")
-      .map((n) => ({ label: n.l, type: n.t, module: view.groups[n.m ?? 0]?.p ?? "", shape: n.s?.[0] ? shape(n.s[0]) : "", layer: probed.has(n.l) }));
+      .map((n) => ({ label: n.l, type: n.t, module: view.groups[n.m ?? 0]?.p ?? "", shape: n.s?.[0] ? shape(n.s[0]) : "", layer: probed.has(n.l), end: n.k === "input" || n.k === "output" }));
   } catch {
-    rows = summary.layers.filter((l) => l.op).map((l) => ({ label: l.op!, type: l.kind ?? "", module: l.module ?? "", shape: shape(l.shape), layer: true }));
+    rows = summary.layers.filter((l) => l.op).map((l) => ({ label: l.op!, type: l.kind ?? "", module: l.module ?? "", shape: shape(l.shape), layer: true, end: false }));
   }
   if (ctx.signal.aborted) return;
-  const search = h("input", { type: "search", placeholder: `search ${rows.length} ops: label, op type or module`, "aria-label": "search ops", id: "op-search" });
+  // counted as the Home and Graph pages count them: the model's ops, the input and output
+  // nodes apart (else this page said 17 ops where they said 15)
+  const ends = rows.filter((r) => r.end).length;
+  const ops = rows.length - ends;
+  const what = `${ops} op${ops === 1 ? "" : "s"}${ends ? " and the input and output" : ""}`;
+  const search = h("input", { type: "search", placeholder: `search ${what}: label, op type or module`, "aria-label": "search ops", id: "op-search" });
   const list = h("ul", { class: "op-list", role: "listbox" });
   const draw = () => {
     const q = search.value.trim().toLowerCase();
@@ -189,7 +194,7 @@ async function fillPicker(el: HTMLElement, ctx: PageContext, summary: RunSummary
   draw();
   const heading = current
     ? h("h3", null, "Op ", h("code", null, current), " · ", h("a", { href: graphHref(ctx, current), class: "in-graph" }, "show in the graph"))
-    : h("h3", null, "Op ", h("span", { class: "muted" }, `choose one of ${rows.length}`));
+    : h("h3", null, "Op ", h("span", { class: "muted" }, `choose one of ${what}`));
   fill(el, heading, search, list);
   list.querySelector("li.on")?.scrollIntoView({ block: "nearest" });
 }

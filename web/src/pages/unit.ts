@@ -404,7 +404,8 @@ export async function renderUnit(root: HTMLElement, ctx: PageContext, args: stri
 
 function figure(ctx: PageContext, layer: string, unit: number, list: List, kind: EntryKind, e: TopEntry, markPeak: boolean, images: boolean, shown: Shown | null, noImageWhy: string | null, tokenTag: HTMLElement | null = null, caption: HTMLElement | null = null): HTMLElement {
   const visual = images ? entryImage(ctx, layer, unit, list, kind, e, shown, noImageWhy) : noImage();
-  const frame = h("div", { class: "frame" }, visual, tokenTag);
+  const isCrop = kind === "crop" || kind === "grad_crop";
+  const frame = h("div", { class: isCrop ? "frame crop" : "frame" }, visual, tokenTag);
   if (markPeak && e.box && visual instanceof HTMLImageElement) {
     // the box is in pixels of the image the model saw, which is the image shown
     const mark = h("div", { class: "peak", title: `peak at (${e.y}, ${e.x})`, hidden: true });
