@@ -196,6 +196,7 @@ def test_samples_page_says_what_the_lines_under_each_image_are(
         pg.wait_for_selector(".sample-card")
         key = pg.inner_text("#samples-key")
         assert "index in the dataset (#) and its class" in key and "red" not in key
+        assert "Click an image for the sample's page" in key  # not "a image"
 
     run = er.path.parent / "teacher-mapped" / er.path.name
     shutil.copytree(er.path, run)

@@ -455,6 +455,7 @@ def test_the_samples_page_shows_feature_strips_not_missing_images(
         assert data.feature_names[max(range(13), key=lambda i: abs(row[i]))] in first.inner_text()
         key = pg.inner_text("#samples-key")
         assert "Under each sample" in key and "image" not in key
+        assert "Click a sample for the sample's page" in key
         pg.goto(f"{wide['url']}/#/r/wide/samples")
         pg.wait_for_selector(".sample-card .feat-thumb")
         counts = pg.locator(".sample-card .feat-strip").evaluate_all(

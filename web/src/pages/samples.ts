@@ -115,6 +115,7 @@ function flatTile(s: ListedSample, images: ImageState, scale: number): HTMLEleme
  * feature vectors) says "sample", not "image". */
 function sampleKey(samples: { label: number | null; pred?: number | null }[], flat: boolean): HTMLElement {
   const one = flat ? "sample" : "image";
+  const aOne = flat ? "a sample" : "an image";
   const known = samples.some((s) => s.pred !== null && s.pred !== undefined);
   const wrong = samples.filter((s) => s.pred !== null && s.pred !== undefined && s.label !== null && s.pred !== s.label).length;
   return h(
@@ -122,7 +123,7 @@ function sampleKey(samples: { label: number | null; pred?: number | null }[], fl
     { class: "muted small", id: "samples-key" },
     `Under each ${one}: the sample's index in the dataset (#) and its class`,
     known
-      ? [": in red, true class → the model's prediction where the model gets it wrong (", h("strong", { class: "error-text" }, String(wrong)), ` on this page). Click a ${one} for the sample's page.`]
-      : `. Click a ${one} for the sample's page.`,
+      ? [": in red, true class → the model's prediction where the model gets it wrong (", h("strong", { class: "error-text" }, String(wrong)), ` on this page). Click ${aOne} for the sample's page.`]
+      : `. Click ${aOne} for the sample's page.`,
   );
 }
