@@ -350,6 +350,22 @@ def test_a_save_glob_over_a_shared_modules_second_path_warns_with_the_path_to_ad
     torch.testing.assert_close(tr["blk"].activation, model.blk(x).detach())
 
 
+def test_find_over_a_shared_modules_second_path_warns_with_the_path_that_finds_it():
+    """tr.find("enc.*") returned only enc.head's op, silently, on a model whose enc.blk is
+    the module registered first as blk: it warns as save= does, and find("blk*") finds it."""
+    model = _SharedBlock()
+    tr = lurker.trace(model, torch.randn(3, 4))
+    with pytest.warns(
+        UserWarning, match=r"'enc.blk' is the module registered first as 'blk'.*find\('blk'\)"
+    ):
+        found = tr.find("enc.*")
+    assert [op.label for op in found] == ["linear_2"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert tr.find("enc.head") == found
+        assert tr["blk"] in tr.find("blk*")
+
+
 def test_structured_inputs_and_dict_output():
     torch.manual_seed(0)
     model = Structured()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import gc
 import inspect
 import math
@@ -30,7 +31,13 @@ from ._build import build
 from ._hooks import HookFn
 from ._memory import fmt_bytes, parse_max_memory
 from ._nonfinite import FirstNonFinite, NonFiniteCount
-from ._policy import check_classes, check_patterns, make_policy, shared_module_note
+from ._policy import (
+    check_classes,
+    check_patterns,
+    make_policy,
+    second_paths,
+    shared_module_note,
+)
 from ._recorder import Recorder, TransformFailed
 from ._tree import map_tensors, paths
 
@@ -799,6 +806,34 @@ class Trace(Graph):
             if not note:
                 raise
             raise KeyError(f"{e.args[0]}{note}") from None
+
+    def find(self, pattern: str) -> list[Op]:
+        """Ops whose label, name or module path matches a glob pattern; warns where the
+        glob covers a module only by a second path it is registered under (``enc.*`` over
+        ``enc.blk`` where ``self.enc.blk = self.blk``), whose ops it leaves out, as
+        ``save=`` does: the trace names that module by its first path (``blk``)."""
+        found = super().find(pattern)
+        if isinstance(pattern, str) and self.model is not None:
+            left = {
+                first: second
+                for second, first in second_paths(self.model).items()
+                if fnmatch.fnmatchcase(second, pattern)
+                and not fnmatch.fnmatchcase(first, pattern)
+                and first in self.modules
+            }
+            tops = [f for f in left if not any(f.startswith(g + ".") for g in left)]
+            if tops:
+                named = "; ".join(
+                    f"{left[f]!r} is the module registered first as {f!r}" for f in tops[:4]
+                )
+                add = ", ".join(f"find({f!r})" for f in tops[:4])
+                warnings.warn(
+                    f"find({pattern!r}) leaves out modules it covers only by a second path: "
+                    f"{named} (one module under two paths; a trace names it by its first, as "
+                    f"model.named_modules() does). Use {add} for their ops.",
+                    stacklevel=2,
+                )
+        return found
 
     @property
     def state_changes(self) -> list[str]:
