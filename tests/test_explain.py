@@ -1177,6 +1177,42 @@ def test_unit_targets_on_sequence_first_and_fixed_batch_models() -> None:
     assert torch.allclose(e.layer_attribution, _cam(R.detach(), g), atol=1e-6)
 
 
+def test_unit_target_at_a_token_is_the_probes_peak(tmp_path) -> None:
+    """A ViT's peak is stored as (0, token) (docs/probe.md); explaining the unit at that
+    stored peak reads that token (class token included) and LRP starts there too, as
+    autograd by hand does; a token past the layer's is refused naming the form."""
+    from torch.utils.data import TensorDataset
+    from torchvision.models import VisionTransformer
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(16, 4, 1, 2, 16, 32, num_classes=3).eval()
+    x = torch.randn(6, 3, 16, 16)
+    layer = "encoder.layers.encoder_layer_0"
+    run = lurker.probe(
+        vit, TensorDataset(x, torch.zeros(6, dtype=torch.long)), out=tmp_path / "r",
+        layers=[layer], k=2, progress=False,
+    )  # fmt: skip
+    top = run.unit(layer, 3).top("max")[0]
+    acts: dict[str, torch.Tensor] = {}
+    hook = vit.encoder.layers.encoder_layer_0.register_forward_hook(
+        lambda m, i, o: acts.__setitem__("a", o)
+    )
+    xi = x.clone().requires_grad_(True)
+    vit(xi)
+    hook.remove()
+    for token in (top.x, 0, 16):
+        (g,) = torch.autograd.grad(acts["a"][:, token, 3].sum(), xi, retain_graph=True)
+        e = lurker.explain(vit, x, target=(layer, 3, 0, token), method="saliency")
+        close(e.attribution, g.abs())
+    assert top.y == 0
+    e = lurker.explain(vit, x, target=(layer, 3, top.y, top.x), method="lrp")
+    assert e.attribution.abs().sum() > 0
+    with pytest.raises(LurkerError, match=r"outside the 1x17 map.*\(0, token\)"):
+        lurker.explain(vit, x, target=(layer, 3, 0, 17), method="saliency")
+    with pytest.raises(LurkerError, match=r"outside the 1x17 map"):
+        lurker.explain(vit, x, target=(layer, 3, 1, 2), method="lrp")
+
+
 # ---------------------------------------------------------------------- transformers
 def _small_vit() -> nn.Module:
     """A torchvision ViT for 32x32 images whose head is not zero (torchvision starts it

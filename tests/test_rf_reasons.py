@@ -147,3 +147,36 @@ def test_the_cli_says_which_layers_have_no_crop_and_why(tmp_path: Path) -> None:
     lines = [ln for ln in r.output.splitlines() if ln.startswith("no receptive field")]
     assert len(lines) == 1 and lines[0].startswith("no receptive field (no crop) for c2: ")
     assert "transpose_1 (transpose) swaps the input's y and x axes" in lines[0]
+
+
+def test_vit_tokens_are_not_said_to_have_no_crop(tmp_path: Path) -> None:
+    """A ViT's token layers have no receptive field but do have crops (each token's patch):
+    neither the run, the layer document nor ``lurker probe`` may say "no crop" for them."""
+    from click.testing import CliRunner
+
+    from lurker.cli import main
+    from lurker.probe.layout import PATCH_TOKENS
+
+    src = tmp_path / "vit.py"
+    src.write_text(
+        "import torch\nfrom torchvision.models import VisionTransformer\n\n\n"
+        "def build():\n    torch.manual_seed(0)\n"
+        "    return VisionTransformer(16, 4, 1, 2, 16, 32, num_classes=2)\n\n\n"
+        "class Data(torch.utils.data.Dataset):\n"
+        "    def __len__(self):\n"
+        "        return 6\n\n"
+        "    def __getitem__(self, i):\n"
+        "        return torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(i)), i % 2\n"
+    )
+    out = tmp_path / "r"
+    block = "encoder.layers.encoder_layer_0"
+    args = ["probe", f"{src}:build", "--data", f"{src}:Data", "--out", str(out), "--k", "2"]
+    r = CliRunner().invoke(main, [*args, "--layers", f"conv_proj,{block}"])
+    assert r.exit_code == 0, r.output
+    assert "no crop" not in r.output, r.output
+    run = Run.open(out)
+    info = run.layer(block)
+    assert info.rf is None and info.rf_reason == PATCH_TOKENS
+    doc = TestClient(create_app(out)).get(f"/api/runs/r/layers/{block}").json()
+    assert doc["rf"] is None and "no crop" not in doc["rf_reason"]
+    assert doc["layout"]["boxes"][1] == [0, 4, 0, 4]  # token 1: the top-left patch

@@ -516,7 +516,8 @@ def probe(
         # layers left without a receptive field (no crop), grouped by the op that broke it
         gaps: dict[str, list[str]] = {}
         for layer in run.layers:
-            if layer.rf is None and layer.rf_reason:
+            boxed = isinstance(layer.layout, dict) and layer.layout.get("boxes") is not None
+            if layer.rf is None and layer.rf_reason and not boxed:  # tokens crop their patch
                 gaps.setdefault(layer.rf_reason, []).append(layer.name)
         for why, names in gaps.items():
             click.echo(f"no receptive field (no crop) for {', '.join(names)}: {why}")

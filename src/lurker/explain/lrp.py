@@ -52,6 +52,7 @@ from .targets import (
     check_unit,
     class_output_error,
     parse_target,
+    unit_position,
 )
 
 __all__ = [
@@ -1093,11 +1094,8 @@ def _unit_relevance(act: Tensor, u: UnitTarget, layout: Any) -> Tensor:
         per = a[:, u.channel]
         rv[:, u.channel] = per / max(per[0].numel(), 1)
     else:
-        if a.dim() != 4 or u.y >= a.shape[2] or u.x is None or u.x >= a.shape[3]:
-            raise LurkerError(
-                f"unit target {u}: position outside {u.layer}'s output {tuple(act.shape)}"
-            )
-        rv[:, u.channel, u.y, u.x] = a[:, u.channel, u.y, u.x]
+        at = (slice(None), u.channel, *unit_position(u, a.shape[2:]))
+        rv[at] = a[at]
     return r
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from numbers import Integral
@@ -151,6 +152,38 @@ def check_unit(u: UnitTarget, channels: int) -> None:
             f"unit target {u}: channel {u.channel} is out of range; {u.layer} has "
             f"{channels} channels (0 to {channels - 1})"
         )
+
+
+def unit_position(u: UnitTarget, positions: Sequence[int]) -> tuple[int, ...]:
+    """The index into a unit's ``positions`` (its map's axes) of the target's ``(y, x)``,
+    read as the probe stores a peak: one position axis (a ViT's tokens) is ``(0, token)``,
+    more than two are merged, all but the last into ``y``; so a stored peak explains as is.
+    """
+    if not positions:
+        raise LurkerError(
+            f"unit target {u}: {u.layer}'s units have no positions (one value per sample): "
+            f"target ({u.layer!r}, {u.channel}) without a position"
+        )
+    width = int(positions[-1])
+    height = math.prod(int(n) for n in positions[:-1])
+    y, x = u.y, u.x
+    if y is None or x is None or not (0 <= y < height and 0 <= x < width):
+        tokens = (
+            f" (one axis of {width} positions, a layer of tokens: (0, token) as the probe "
+            f"stores its peaks; or target ({u.layer!r}, {u.channel}) without a position, "
+            "its mean over the tokens)"
+            if len(positions) == 1
+            else ""
+        )
+        raise LurkerError(
+            f"unit target {u}: position ({y}, {x}) lies outside the {height}x{width} map of "
+            f"{u.layer}{tokens}"
+        )
+    flat, index = y * width + x, []
+    for n in reversed(positions):
+        flat, i = divmod(flat, int(n))
+        index.append(i)
+    return tuple(reversed(index))
 
 
 def by_unit(t: Tensor, layout: Any) -> Tensor:
@@ -355,19 +388,7 @@ class Forward:
         a = units[:, u.channel]
         if u.y is None:
             return a.reshape(a.shape[0], -1).mean(1)
-        if a.dim() != 3:
-            raise LurkerError(
-                f"unit target {u}: a position (y, x) needs two position axes (a map); "
-                f"{u.layer} gives {tuple(act.shape)}, whose units have {a.dim() - 1}: "
-                f"target ({u.layer!r}, {u.channel}) without a position (its mean over "
-                "the positions), or a position on a layer with a map (a convolution's)"
-            )
-        if not (u.y < a.shape[1] and u.x is not None and u.x < a.shape[2]):
-            raise LurkerError(
-                f"unit target {u}: position ({u.y}, {u.x}) lies outside the "
-                f"{a.shape[1]}x{a.shape[2]} map of {u.layer}"
-            )
-        return a[:, u.y, u.x]
+        return a[(slice(None), *unit_position(u, a.shape[1:]))]
 
     @contextlib.contextmanager
     def _tapped(self, grabbed: dict[str, Tensor], stop_after: str | None) -> Iterator[Any]:

@@ -51,6 +51,7 @@ if TYPE_CHECKING:
     from ..graph.nodes import Op
 
 __all__ = [
+    "PATCH_TOKENS",
     "UNIT_DIM_HINT",
     "Layout",
     "Skip",
@@ -299,6 +300,14 @@ def peak_frame(
     if d == frames:
         return f
     return min(frames - 1, ((2 * f + 1) * frames) // (2 * d))
+
+
+#: ``rf_reason`` of a layer of patch tokens: it has crops, cut from its boxes, so the
+#: reason says what they are rather than the op that ended the receptive field.
+PATCH_TOKENS = (
+    "its positions are patch tokens, not a receptive field's grid: a crop is the peak "
+    "token's patch (where the token sits; through attention it sees more of the image)"
+)
 
 
 def rf_matches(layout: Layout, rf: RF) -> bool:

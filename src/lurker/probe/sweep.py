@@ -59,6 +59,7 @@ from .consumers import (
     UnitStatsConsumer,
 )
 from .layout import (
+    PATCH_TOKENS,
     UNIT_DIM_HINT,
     Layout,
     Skip,
@@ -1018,6 +1019,8 @@ class _Plan:
         if rf is not None and not rf_matches(layer.layout, rf):
             why = rf_mismatch(layer.layout, op, self.trace, self.rfs)
             rf = None  # its y/x are not this layer's position axes
+        if rf is None and layer.layout.boxes is not None:  # crops are the tokens' patches
+            why = PATCH_TOKENS
         return {
             "name": layer.name,
             "module": op.module_outputs[0] if op.module_outputs else op.module,

@@ -69,6 +69,8 @@ export async function renderLayer(root: HTMLElement, ctx: PageContext, args: str
     `mean: its average over the dataset${positions > 1 ? " (each sample's map averaged over its positions)" : ""}`;
   // a video model's layer (frames, rows, columns): a tile is one frame of a clip
   const clip = Array.isArray(doc.layout?.["positions"]) && (doc.layout?.["positions"] as unknown[]).length === 3;
+  // a ViT's layer of patch tokens: it has no receptive field, and its crops are the tokens' patches
+  const patches = Array.isArray(doc.layout?.["boxes"]);
   const tileText = (): string =>
     thumb === "signal"
       ? `Each tile: the signal of the sample that excites the unit most (its top sample by max), one line per channel${signal && signal[0] > 8 ? " (its first 8 of " + fmt(signal[0]) + ")" : ""} on one scale, each pixel column its samples' least to greatest value${positions > 1 ? "; shaded: the samples its peak sees (its receptive field)" : " (the unit sees the whole signal)"}`
@@ -83,7 +85,9 @@ export async function renderLayer(root: HTMLElement, ctx: PageContext, args: str
       : thumb === "crop"
         ? clip
           ? "Each tile: the part of the unit's top clip (by max) that its peak sees, its receptive field, on the frame of the peak"
-          : "Each tile: the part of the unit's top sample (by max) that its peak sees, its receptive field"
+          : patches
+            ? "Each tile: the patch of the token where the unit peaks on its top sample (by max); through attention the token sees more of the image (a tile tagged “class token”: a token with no patch, the whole image)"
+            : "Each tile: the part of the unit's top sample (by max) that its peak sees, its receptive field"
         : clip
           ? "Each tile: the clip that excites the unit most (its top sample by max), shown as the frame where the unit peaked"
           : "Each tile: the sample that excites the unit most (its top sample by max)";
@@ -260,7 +264,7 @@ export async function renderLayer(root: HTMLElement, ctx: PageContext, args: str
           ["units", fmt(l.num_units)],
           ...(classNames ? [["units are", h("span", { id: "class-units" }, `the model's output: the ${l.class_value === "score" ? "score (logit)" : l.class_value} of each class, unit i for class i`)] as [string, Node]] : []),
           ["constant units", h("span", { id: "constant-count" }, constantCount ? `${fmt(constantCount)} of ${fmt(l.num_units)}${silent === constantCount ? ` (0 everywhere${/relu/i.test(l.kind ?? "") ? ": never fire" : ""})` : ""}` : "none")],
-          ["receptive field", h("span", { id: "rf-text" }, !doc.rf && doc.rf_reason ? `none, so no crop: ${doc.rf_reason}` : rfText(doc.rf, signal !== null, images.sampleRate ?? null))],
+          ["receptive field", h("span", { id: "rf-text" }, !doc.rf && patches ? "none (patch tokens): a crop is the peak token's patch, where the token sits; through attention it sees more of the image" : !doc.rf && doc.rf_reason ? `none, so no crop: ${doc.rf_reason}` : rfText(doc.rf, signal !== null, images.sampleRate ?? null))],
         ]),
       ),
       h(
