@@ -10,11 +10,13 @@ values against their positions), data from the run itself (lurker.store.Run).
 from __future__ import annotations
 
 from collections.abc import Iterator
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 from explorer_fixtures import ExplorerRun, explorer_run, strict_page  # noqa: F401
 
@@ -211,3 +213,58 @@ def test_layer_facts_of_a_reused_module_and_a_field_over_the_whole_image(
     facts = page.inner_text(".layer-head .facts")
     assert "features.8 (its 2nd call)" in facts and "features.8:2" not in facts
     assert "the whole input (" in facts and " px, stride " in facts
+
+
+class _Bright(torch.nn.Module):
+    """Six units, each 1 on the brightest tenth of the samples and 0 on the rest: most of
+    the layer's samples x units in one bin (1,800 to 2,000 of 2,160), so its y axis ends at
+    2k, close above 1k on a symlog scale."""
+
+    def __init__(self, t: float) -> None:
+        super().__init__()
+        self.t = t
+        self.out = torch.nn.Linear(1, 6)
+        torch.nn.init.ones_(self.out.weight)
+        torch.nn.init.zeros_(self.out.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bright = (x.flatten(1).mean(1, keepdim=True) > self.t).float()
+        return self.out(bright)
+
+
+def test_count_labels_never_crowd_at_a_projectors_width(tmp_path: Path, browser: Any) -> None:
+    """On a layer of large counts the y axis keeps only the ticks there is room for (the
+    800 px window's "2k" sat on "1k"); the top tick still names the axis's end."""
+    if not (STATIC / "index.html").exists():
+        pytest.skip(f"the explorer's front end is not built ({STATIC}/index.html): run `make web`")
+    from lurker.probe import probe
+    from lurker.probe.data import load_dataset
+    from lurker.server import create_app
+    from lurker.server.serve import background
+
+    data = load_dataset("digits:test", 16, channels=1)
+    means = torch.stack([data[i][0].mean() for i in range(len(data))])
+    model = _Bright(float(means.quantile(0.9))).eval()
+    out = tmp_path / "runs" / "b"
+    probe(model, data, out=out, layers=["out"], k=2, progress=False)
+    # the oracle: the tallest bin holds the dark samples of all six units
+    dark = int((means <= model.t).sum()) * 6
+    assert 1000 < dark <= 2000
+    with background(create_app(out)) as url, strict_page(browser, 800, 600) as pg:
+        go(pg, f"{url}#/r/b/layer/out", "svg.histogram")
+        boxes = pg.locator("svg.histogram .y-axis").evaluate(
+            """g => [...g.querySelectorAll('.tick text')].map(t => {
+                 const r = t.getBoundingClientRect(); return [t.textContent, r.top, r.bottom]; })"""
+        )
+        assert (
+            max(
+                int(b.get_attribute("data-count"))
+                for b in pg.locator("svg.histogram .bars rect").all()
+            )
+            == dark
+        )
+    labels = [b[0] for b in sorted(boxes, key=lambda b: b[1])]
+    assert labels[0] == "2k" and labels[-1] == "0"
+    tops = sorted(boxes, key=lambda b: b[1])
+    for upper, lower in pairwise(tops):
+        assert lower[1] - upper[2] >= 3, f"{upper[0]!r} and {lower[0]!r} crowd: {boxes}"

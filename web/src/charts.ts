@@ -78,7 +78,7 @@ export function histogramChart(
     .append("g")
     .attr("class", "y-axis")
     .attr("transform", `translate(${M.left},0)`)
-    .call(axisLeft(y).tickValues(yTicks).tickFormat((d) => compact(Number(d))));
+    .call(axisLeft(y).tickValues(roomyTicks(yTicks, y)).tickFormat((d) => compact(Number(d))));
   axisLabels(svg.node()!, width, height, xLabel, `${yLabel} (symlog)`);
   return svg.node()!;
 }
@@ -228,6 +228,25 @@ function symlogTicks(top: number): number[] {
   for (let d = end >= 2000 ? 10 : 1; d < end; d *= 10) ticks.push(d);
   if (ticks.length < 4) for (let d = 1; d < end; d *= 10) ticks.push(2 * d, 5 * d);
   return [...new Set([...ticks.filter((v) => v < end), end])].sort((a, b) => a - b);
+}
+
+/** Tick labels' least distance apart, centre to centre (a 10 px label is 11 px high). */
+const TICK_GAP = 15;
+
+/**
+ * The ticks whose labels have room: from the axis's end (always kept: it names the top)
+ * down, a tick closer than {@link TICK_GAP} to the last one kept is left out (on a symlog
+ * axis 1k sits 13 px under 2k, their labels touching); 0 is kept, in place of a tick
+ * too close above it.
+ */
+function roomyTicks(ticks: number[], y: (v: number) => number): number[] {
+  const kept: number[] = [];
+  for (const t of [...ticks].sort((a, b) => b - a)) {
+    const last = kept[kept.length - 1];
+    if (last === undefined || Math.abs(y(t) - y(last)) >= TICK_GAP) kept.push(t);
+    else if (t === 0 && kept.length > 1) kept[kept.length - 1] = 0;
+  }
+  return kept.reverse();
 }
 
 function compact(v: number): string {

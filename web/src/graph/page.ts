@@ -74,6 +74,17 @@ const esc = (s: string) =>
   s.replace(/[&<>"]/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;" })[c]!);
 const fmt = (n: number) => n.toLocaleString("en-US");
 const f1 = (x: number) => Math.round(x * 10) / 10;
+/** The red pill on a marked node or box, its right end at (right, top) less a little. */
+const nfBadge = (right: number, top: number, text: string) => {
+  const w = 8 + 5.5 * text.length;
+  return (
+    `<g class="nf-badge"><rect x="${f1(right - w)}" y="${f1(top - 7)}" width="${f1(w)}" height="13" rx="6"/>` +
+    `<text x="${f1(right - w / 2)}" y="${f1(top + 3)}" text-anchor="middle">${text}</text></g>`
+  );
+};
+/** A module's tooltip row: how many probed layers inside it made NaN or +inf. */
+const nfTip = (n: number) =>
+  n ? `<b class="nf">${n} probed ${n === 1 ? "layer" : "layers"} inside made NaN or +inf</b>` : "";
 
 /** An SVG path through points joined by straight segments, each corner rounded with radius
  * up to ``r`` (less where a segment is short); repeated points are dropped. */
@@ -296,6 +307,9 @@ class GraphPage {
   private extent: [number, number, number, number] = [0, 0, 100, 100];
   private repaint = 0;
   private byLabel = new Map<string, number>();
+  /** per module group: how many of the nodes inside it (its drawn chain) are marked NaN or
+   * +inf, so a closed box that hides them can say so */
+  private nfIn = new Map<number, number>();
   /** The keyboard's item (roving focus: the SVG is one tab stop, the arrow keys move this
    * through the drawn modules and probed layers in execution order, so a 5,000-node graph
    * puts no tabindex on thousands of elements), and that order, made once per draw. */
@@ -317,6 +331,9 @@ class GraphPage {
     // a probed layer's name finds its op too (an Explain result names its layer so)
     doc.nodes.forEach((n, k) => {
       if (n.L && !this.byLabel.has(n.L)) this.byLabel.set(n.L, k);
+    });
+    doc.nodes.forEach((n, k) => {
+      if (n.nf !== undefined) for (const g of this.st.chains[k]) this.nfIn.set(g, (this.nfIn.get(g) ?? 0) + 1);
     });
     this.worker = new LayoutWorker();
     this.worker.onmessage = (ev: MessageEvent<WorkerOut>) => this.onWorker(ev.data);
@@ -538,6 +555,7 @@ class GraphPage {
       ["l-const", "constant", has("constant")],
       ["l-readout", "readout", has("readout")],
       ["l-failed", "failed op", has("failed")],
+      ["l-nan", "made NaN or +inf (probed layer)", d.first_nonfinite !== undefined],
       // the blue underlined labels: ops a probed layer reads, each a link to its units
       ["l-probed", "probed layer (click to see its units)", d.nodes.some((n) => n.L)],
       ["l-mod", "module (click to open)", d.groups.some((gr, g) => g && !this.st.transparent[g] && (gr.N ?? 0) > 0)],
@@ -652,11 +670,18 @@ class GraphPage {
         this.drawGroup(c, x0, y0, out, hits);
       } else {
         const [a, b] = groupLines(gr, st.name(c));
+        // a closed box hides its marked nodes: it carries their mark and count instead
+        const nfs = this.nfIn.get(c) ?? 0;
+        const first = this.doc.first_nonfinite;
+        const nf = nfs ? (first !== undefined && st.chains[first]?.includes(c) ? " nonfinite nf-first" : " nonfinite") : "";
         out.push([
-          `<g class="box${extra}" data-k="${it}"><rect class="sh3" x="${f1(x0 + 3)}" y="${f1(y0 + 3)}" width="${w}" height="${h}" rx="3"/>` +
+          `<g class="box${nf}${extra}" data-k="${it}"><rect class="sh3" x="${f1(x0 + 3)}" y="${f1(y0 + 3)}" width="${w}" height="${h}" rx="3"/>` +
             `<rect class="sh" x="${x0}" y="${y0}" width="${w}" height="${h}" rx="3"/>` +
+            (nfs ? `<rect class="nf-ring" x="${f1(x0 - 4)}" y="${f1(y0 - 4)}" width="${w + 11}" height="${h + 11}" rx="6"/>` : "") +
             `<text class="l1" x="${f1(cx)}" y="${f1(cy - 3)}" text-anchor="middle">${esc(a)}</text>` +
-            `<text class="l2" x="${f1(cx)}" y="${f1(cy + 11)}" text-anchor="middle">${esc("+ " + b)}</text></g>`,
+            `<text class="l2" x="${f1(cx)}" y="${f1(cy + 11)}" text-anchor="middle">${esc("+ " + b)}</text>` +
+            (nfs ? nfBadge(cx + w / 2, cy - h / 2, `${nfs} NaN`) : "") +
+            `</g>`,
           ...box,
         ]);
       }
@@ -677,12 +702,18 @@ class GraphPage {
       const rx = n.k === "input" || n.k === "output" ? h / 2 : 3;
       shape = `<rect class="sh" x="${x0}" y="${y0}" width="${w}" height="${h}" rx="${rx}"/>`;
     }
+    // a red ring just outside the shape, shown when another highlight (current, search hit,
+    // keyboard) takes the shape's outline, so the NaN mark and that highlight both show
+    if (nf) {
+      const r = n.k === "input" || n.k === "output" ? h / 2 + 4 : 6;
+      shape += `<rect class="nf-ring" x="${f1(cx - w / 2 - 4)}" y="${f1(cy - h / 2 - 4)}" width="${w + 8}" height="${h + 8}" rx="${f1(r)}"/>`;
+    }
     const [a, b] = nodeLines(n);
     return (
       `<g class="${cls}" data-k="n${k}">${shape}` +
       `<text class="l1" x="${f1(cx)}" y="${f1(b ? cy - 3 : cy + 4)}" text-anchor="middle">${esc(a)}</text>` +
       (b ? `<text class="l2" x="${f1(cx)}" y="${f1(cy + 11)}" text-anchor="middle">${esc(b)}</text>` : "") +
-      (nf ? `<g class="nf-badge"><rect x="${f1(cx + w / 2 - 26)}" y="${f1(cy - h / 2 - 7)}" width="26" height="13" rx="6"/><text x="${f1(cx + w / 2 - 13)}" y="${f1(cy - h / 2 + 3)}" text-anchor="middle">NaN</text></g>` : "") +
+      (nf ? nfBadge(cx + w / 2, cy - h / 2, "NaN") : "") +
       `</g>`
     );
   }
@@ -1165,6 +1196,7 @@ class GraphPage {
         `<b>${esc(gr.p || d.model)}</b> <span class="k">(${esc(gr.c)})</span>`,
         `${fmt(gr.N ?? 0)} ops${gr.x ? ` \u00b7 called ${gr.x} times` : ""}`,
         gr.P ? `params: ${fmt(gr.P)}` : "",
+        nfTip(this.nfIn.get(Number(key.slice(1))) ?? 0),
         this.expanded.has(Number(key.slice(1))) ? "click the title to close" : "click to open",
       ];
       return rows.filter(Boolean).join("<br>");
