@@ -228,3 +228,31 @@ def test_an_argument_left_at_its_default_is_not_blamed() -> None:
         tr.run(-torch.ones(2, 4))
     assert "'steps'" not in str(err.value)
     assert "control flow depends on the data" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("given", "said"),
+    [
+        (
+            lambda x: x.numpy(),
+            "input 'input' is a numpy.ndarray, not a tensor: pass torch.as_tensor(",
+        ),
+        (lambda x: x.tolist(), "input 'input' is a list, not a tensor: pass torch.as_tensor("),
+        (lambda x: None, "input 'input' is None"),
+    ],
+)
+def test_run_on_an_input_that_is_not_a_tensor_says_what_it_is(given: Any, said: str) -> None:
+    """tr.run(stimuli.numpy()), a stimulus set kept as a numpy array, said "input 'input'
+    is missing" though it was passed: the message names what was passed and how to make
+    it a tensor of the traced dtype."""
+    x = torch.randn(5, 4)
+    tr = lurker.trace(_mlp(), x[:1], save=["0"])
+    with pytest.raises(LurkerError) as err:
+        tr.run(given(x))
+    msg = str(err.value)
+    assert said in msg
+    assert "missing" not in msg
+    if "as_tensor" in said:  # the fix it names works
+        assert torch.equal(
+            tr.run(torch.as_tensor(given(x), dtype=torch.float32))["0"], _mlp()[0](x)
+        )

@@ -311,7 +311,7 @@ def _unlike(trace: Trace, args: tuple, kwargs: dict) -> tuple[list[str], list[st
     for name, m in traced.items():
         t = given.get(name)
         if t is None:
-            kind.append(f"input '{name}' is missing (traced as {_meta_of(m)})")
+            kind.append(_absent(trace, args, kwargs, name, m))
             continue
         shape, dtype = tuple(t.shape), str(t.dtype).removeprefix("torch.")
         said = f"input '{name}' is {_meta(t)} where the trace was recorded with {_meta_of(m)}"
@@ -327,6 +327,34 @@ def _unlike(trace: Trace, args: tuple, kwargs: dict) -> tuple[list[str], list[st
             f"trace was not recorded with (it was with {first_three(with_) or 'none'})"
         )
     return kind + _other_arguments(trace, args, kwargs), shapes
+
+
+def _absent(trace: Trace, args: tuple, kwargs: dict, name: str, m: Any) -> str:
+    """Why traced input ``name`` holds no tensor in this call: missing, or passed as
+    something else (a numpy array of stimuli, a list, None), which "missing" would misname."""
+    from .trace import _signature, bind_loosely  # (trace imports this module)
+
+    missing = f"input '{name}' is missing (traced as {_meta_of(m)})"
+    try:
+        now = dict(bind_loosely(_signature(trace.model.forward)[0], args, kwargs))
+    except (TypeError, ValueError):  # no signature, or an argument given twice
+        return missing
+    root = name.split("[", 1)[0].split(".", 1)[0]
+    if root not in now or tensors(now[root], []):  # absent, or a container missing this item
+        return missing
+    value = now[root]
+    if value is None:
+        return f"input '{name}' is None (traced as {_meta_of(m)})"
+    kind = type(value)
+    shown = (
+        kind.__qualname__
+        if kind.__module__ == "builtins"
+        else f"{kind.__module__}.{kind.__qualname__}"
+    )
+    return (
+        f"input '{name}' is a {shown}, not a tensor: pass "
+        f"torch.as_tensor({name}, dtype=torch.{m.dtype}) (traced as {_meta_of(m)})"
+    )
 
 
 def _other_arguments(trace: Trace, args: tuple, kwargs: dict) -> list[str]:
