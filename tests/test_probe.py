@@ -386,7 +386,9 @@ def test_cli_probe_and_render(tmp_path: Path):
 
 
 def test_torchrun_cli_equals_single_process(tmp_path: Path):
-    """The documented multi-process command: torchrun with 2 CPU (gloo) processes."""
+    """The documented multi-process command: torchrun with 2 CPU (gloo) processes. Its
+    progress (process 0's) used to read "probing: 180/180" on the 360 images, as if half
+    of them were swept: it now says whose count it is."""
     torchrun = Path(sys.executable).parent / "torchrun"
     args = [
         "probe",
@@ -403,7 +405,7 @@ def test_torchrun_cli_equals_single_process(tmp_path: Path):
         "50",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run(
+    job = subprocess.run(
         [
             str(torchrun),
             "--standalone",
@@ -417,7 +419,10 @@ def test_torchrun_cli_equals_single_process(tmp_path: Path):
         check=True,
         env=env,
         capture_output=True,
+        text=True,
     )
+    said = [line for line in job.stderr.splitlines() if line.startswith("probing")]
+    assert said[-1].startswith("probing (process 0 of 2, its shard): 180/180 (100%)"), said
     from lurker.cli import main
 
     r = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "single")])

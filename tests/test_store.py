@@ -304,6 +304,39 @@ def test_incomplete_run_refused(tmp_path: Path) -> None:
         Run.open(tmp_path / "r2")
 
 
+def test_a_run_whose_probe_is_still_starting_says_so(tmp_path: Path) -> None:
+    """A probe holds its --out (the lock) for the minute it loads and traces its model
+    before it creates run.db: `lurker images` and `lurker serve` on it then said "not a
+    lurker run directory (no run.db); point at the --out directory of `lurker probe`",
+    which it is. Now they say its probe is still starting, and which process runs it."""
+    from lurker.server.state import NotServableError, Registry
+
+    out = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from lurker.store import run_lock\n"
+         "with run_lock(sys.argv[1]):\n print('held', flush=True); time.sleep(60)",
+         str(out)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunIncompleteError) as info:
+            Run.open(out)
+        said = str(info.value)
+        assert f"its probe is still starting (process {holder.pid} holds" in said, said
+        assert "not a lurker run" not in said
+        with pytest.raises(NotServableError) as served:
+            Registry(out)
+        said = str(served.value)
+        assert f"its probe is still starting (process {holder.pid} holds" in said, said
+    finally:
+        holder.kill()
+        holder.wait()
+    # the probe was killed before it wrote anything: its lock is free, no run there
+    with pytest.raises(NotARunError, match="not a lurker run directory"):
+        Run.open(out)
+
+
 def test_failure_mid_write_rolls_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "run"
     w = start(path)

@@ -22,6 +22,7 @@ import numpy as np
 
 from lurker.errors import LurkerError
 from lurker.store import MissingFromRunError, Run, StoreError
+from lurker.store.files import lock_holder
 from lurker.store.schema import DB_NAME, HIST_DTYPE, TOP_DTYPE, from_blob
 from lurker.vocab import reads_ids
 
@@ -943,6 +944,13 @@ class Registry:
             else sorted(p for p in root.iterdir() if p.is_dir() and (p / DB_NAME).is_file())
         )
         if not folders:
+            holder = lock_holder(root)
+            if holder is not None:  # a probe into it is still loading and tracing its model
+                raise NotServableError(
+                    root,
+                    f"its probe is still starting (process {holder} holds the directory and "
+                    f"has not created {DB_NAME} yet). Serve it when that process has finished",
+                )
             raise NotServableError(
                 root,
                 f"it is neither a lurker run (no {DB_NAME} in it) nor a folder of runs (no "

@@ -412,6 +412,13 @@ class Run:
         if not root.exists():
             raise NotARunError(f"no run at {root}: the path does not exist")
         if not db.is_file():
+            holder = lock_holder(root)
+            if holder is not None:  # a probe that is still loading and tracing its model
+                raise RunIncompleteError(
+                    f"run {root} is not written yet: its probe is still starting (process "
+                    f"{holder} holds the directory and has not created {DB_NAME}). Open it "
+                    "when that process has finished"
+                )
             raise NotARunError(
                 f"{root} is not a lurker run directory (no {DB_NAME}); "
                 "point at the --out directory of `lurker probe`"
