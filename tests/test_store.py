@@ -952,3 +952,38 @@ def test_a_blocks_module_path_names_the_probed_layer_that_is_its_output(tmp_path
         assert "--layers 0.1" in said, said
         with pytest.raises(UnknownLayerError, match="no layer 'nope'"):
             run.layer("nope")
+
+
+def test_a_blocks_path_names_its_output_even_where_an_op_inside_it_is_probed(
+    tmp_path: Path,
+) -> None:
+    """A residual block's add lives in the block itself (its module path is the block's),
+    so ``run.layer('blk')`` matched the add, not the block's output, once the add was
+    probed (``layers='*'``), and refused the path outright when two such ops were: the
+    block's output wins, as the docstring says; ops inside it keep their own names."""
+    import torch
+    from torch import nn
+
+    import lurker
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, padding=1)
+            self.relu = nn.ReLU()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.relu(self.conv(x) + x)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), Block(), Block()).eval()
+    data = torch.utils.data.TensorDataset(torch.randn(8, 1, 8, 8), torch.arange(8) % 2)
+    with lurker.probe(
+        model, data, out=tmp_path / "run", layers=["*"], k=2, progress=False, device="cpu"
+    ) as run:
+        adds = [i.name for i in run.layers if i.module == "1"]
+        assert adds == ["add_1"]  # the add inside the block carries the block's path
+        assert run.layer("1").name == "1.relu"
+        assert run.layer("2").name == "2.relu"
+        assert run.layer("add_1").name == "add_1"
+        assert run.layer("1.conv").name == "1.conv"

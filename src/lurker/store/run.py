@@ -697,7 +697,14 @@ class Run:
             )
         if name in self._by_name:
             return self._by_name[name]
+        output: LayerInfo | str | None = None
         for attr in ("op", "module"):
+            if attr == "module":
+                # a module whose output is probed names that layer, even where ops inside
+                # it (a block's residual add) are probed too and carry its path
+                output = self._module_output(name)
+                if isinstance(output, LayerInfo):
+                    return output
             hits = [info for info in self.layers if getattr(info, attr) == name]
             if len(hits) == 1:
                 return hits[0]
@@ -706,16 +713,14 @@ class Run:
                     f"{attr} {name!r} matches several layers of run {self.path}: "
                     f"{', '.join(h.name for h in hits)}; use one of these names"
                 )
-        found = self._module_output(name)
-        if found is not None:
-            return found
-        raise UnknownLayerError(self._unknown_layer_message(name))
+        raise UnknownLayerError(output or self._unknown_layer_message(name))
 
-    def _module_output(self, name: str) -> LayerInfo | None:
+    def _module_output(self, name: str) -> LayerInfo | str | None:
         """The probed layer that is the output of module ``name``, as ``lurker probe
         --layers`` reads a module path: a block's path (``layer3.1``, what the model's print
         shows) names its last op (``layer3.1.relu:2``), which the layer is keyed on. None
-        where the run's graph has no such module; an error where its output is not probed."""
+        where the run's graph has no such module; why not, where its output is not probed
+        or is several layers."""
         try:
             graph = self.graph
         except MissingFromRunError:  # an older run: module paths are its layers' only
@@ -732,7 +737,7 @@ class Run:
         if len(hits) == 1:
             return hits[0]
         if len(hits) > 1:
-            raise UnknownLayerError(
+            return (
                 f"module {name!r} outputs several layers of run {self.path}: "
                 f"{', '.join(h.name for h in hits)}; use one of these names"
             )
@@ -740,7 +745,7 @@ class Run:
         inside = [i.name for i in self.layers if (i.module or "").startswith(name + ".")]
         held = inside or [i.name for i in self.layers]
         shown = ", ".join(held[:8]) + (", ..." if len(held) > 8 else "")
-        raise UnknownLayerError(
+        return (
             f"the output of module {name!r} (op {labels}) was not probed: no layer of run "
             f"{self.path} is it. Probe it (lurker probe --layers {name}; Python: "
             f"layers={name!r}) or name a layer the run holds"
