@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -711,3 +716,44 @@ def test_a_model_in_training_mode_is_run_in_eval_and_given_back_training(
     want = UnitImages(tmp_path / "ref" / "run", model=ref, dataset=ds).gradients("4", 1, "max")
     for p, q in zip(got, want, strict=True):
         assert np.array_equal(np.asarray(Image.open(p)), np.asarray(Image.open(q)))
+
+
+KILLED_MID_WRITE = """
+import os, signal, sys
+from lurker.store import files
+
+os.replace = lambda *a: os.kill(os.getpid(), signal.SIGKILL)  # dies between write and rename
+files.atomic_write_bytes(sys.argv[1], b"half an image")
+"""
+
+
+def test_write_all_removes_the_temp_files_of_killed_writers_only(
+    probed: Any, tmp_path: Path
+) -> None:
+    """`lurker images` killed by SIGKILL mid-write left ``.lurker-tmp-*`` files in the
+    cache that reruns never removed (they piled up). A rerun removes those whose writer
+    is gone, and keeps one a running process (a `lurker serve`) is writing now."""
+    from lurker.store import files
+
+    run, images = fresh(probed, tmp_path)
+    folder = run / "cache" / "grad" / "3"
+    folder.mkdir(parents=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run(
+        [sys.executable, "-c", KILLED_MID_WRITE, str(folder / "00000-max-000.png")],
+        env=env, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == -signal.SIGKILL
+    (killed,) = folder.glob(".lurker-tmp-*")
+    live = folder / f"{files._tmp_tag()}00001-max-000.png.abcd1234"  # this process: running
+    live.write_bytes(b"being written")
+    old = folder / ".lurker-tmp-00002-max-000.png.wxyz9876"  # no writer named, 2 hours old
+    old.write_bytes(b"x")
+    hours_ago = time.time() - 2 * 3600
+    os.utime(old, (hours_ago, hours_ago))
+    images.write_all(kinds=["grad"], progress=False)
+    assert not killed.exists() and not old.exists()
+    assert live.read_bytes() == b"being written"
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        [live.name, *(p.name for p in folder.glob("*.png"))]
+    )

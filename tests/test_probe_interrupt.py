@@ -204,6 +204,54 @@ def test_a_signal_during_the_probes_first_trace_says_nothing_was_swept(
     assert lurker.Run.open(out).meta["sweep"]["images"] == 1797
 
 
+SIGNAL_IN_LOAD_MODEL = """
+import os, signal
+from torch import nn
+
+
+class Net(nn.Module):
+    '''Sends itself $STOP_WITH while `lurker probe` loads it (before probe() is called,
+    before --out exists), as a batch system would during a slow model load.'''
+
+    def __init__(self):
+        super().__init__()
+        if os.environ.get("STOP_WITH"):
+            os.kill(os.getpid(), getattr(signal, os.environ["STOP_WITH"]))
+        self.features = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU())
+
+    def forward(self, x):
+        return self.features(x)
+"""
+
+
+def test_sigterm_while_lurker_probe_loads_the_model_says_what_the_docs_show(
+    tmp_path: Path,
+) -> None:
+    """SIGTERM while `lurker probe` was still loading the model said "the run keeps what
+    its last checkpoint saved (nothing if ...)", not the line docs/probe.md shows for a
+    signal before the sweep's first batch: "stopped by SIGTERM before the sweep's first
+    batch: nothing was swept in this call and nothing is lost ..." with the command."""
+    (tmp_path / "net.py").write_text(SIGNAL_IN_LOAD_MODEL)
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    cmd = [sys.executable, "-c", "from lurker.cli import main; main()", "probe",
+           str(tmp_path / "net.py") + ":Net", "--data", "digits", "--image-size", "8",
+           "--device", "cpu", "--out", str(out)]  # fmt: skip
+    done = subprocess.run(
+        cmd, capture_output=True, text=True, env={**env, "STOP_WITH": "SIGTERM"}, timeout=600
+    )
+    assert done.returncode == 128 + int(signal.SIGTERM), (done.returncode, done.stderr)
+    said = [line for line in done.stderr.splitlines() if line.startswith("lurker:")]
+    assert len(said) == 1, done.stderr
+    assert said[0].startswith(
+        "lurker: stopped by SIGTERM before the sweep's first batch: nothing was swept in "
+        "this call and nothing is lost"
+    ), said
+    assert "run the same command again to resume: lurker probe" in said[0]
+    assert "last checkpoint" not in done.stderr and "Traceback" not in done.stderr
+    assert not out.exists()
+
+
 class Normalised(Images):
     """:class:`Images` normalised by the dataset itself, with its ``mean``/``std`` (which
     the probe records) saying how."""

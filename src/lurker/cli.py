@@ -422,6 +422,7 @@ def probe(
     from .models import channels_first_view, image_channels, load_model
     from .probe import data as pdata
     from .probe import probe as do_probe
+    from .probe.sweep import before_sweep
     from .specs import absolute_spec
     from .vocab import read_vocab
 
@@ -441,19 +442,24 @@ def probe(
             param_hint="'--image-size'",
         )
     with _stopped_quietly(), _torchrun_group(device):
-        net = load_model(model, weights, device=device)
-        channels = None
-        if not code:  # the digits and folders are images made for the model's channels
-            where = next((p.device for p in net.parameters()), "cpu")  # probed where it lies
-            # (the probe makes its own view: given the model, its errors can name the fix)
-            view = channels_first_view(net, channel_dim)
-            channels = image_channels(view, image_size, device=where)
-        ds = pdata.load_dataset(data, image_size, channels=channels, normalize=normalize)
-        if isinstance(ds, pdata.ImageFolderDataset):  # recorded as applied, said at once
-            default = normalize is None
-            normalize = normalize or pdata.default_normalize(len(ds.mean))
-            if int(os.environ.get("RANK", "0")) == 0:  # once, under torchrun too
-                click.echo(_normalize_note(normalize, ds.mean, ds.std, default), err=True)
+        # a signal while the model and the dataset load says what one during the probe's
+        # own setup does: nothing was swept, nothing is lost (as docs/probe.md shows)
+        with before_sweep():
+            net = load_model(model, weights, device=device)
+            channels = None
+            if not code:  # the digits and folders are images made for the model's channels
+                where = next((p.device for p in net.parameters()), "cpu")  # probed where it is
+                # (the probe makes its own view: given the model, its errors can name the fix)
+                view = channels_first_view(net, channel_dim)
+                channels = image_channels(view, image_size, device=where)
+            ds = pdata.load_dataset(data, image_size, channels=channels, normalize=normalize)
+            if isinstance(ds, pdata.ImageFolderDataset):  # recorded as applied, said at once
+                default = normalize is None
+                normalize = normalize or pdata.default_normalize(len(ds.mean))
+                if int(os.environ.get("RANK", "0")) == 0:  # once, under torchrun too
+                    click.echo(_normalize_note(normalize, ds.mean, ds.std, default), err=True)
+            # a dataset made by code is checked to be the same when read again
+            fingerprint = {"data_fingerprint": pdata.fingerprint(ds)} if code else {}
         run = do_probe(
             net,
             ds,
@@ -473,8 +479,7 @@ def probe(
                 "model_spec": absolute_spec(model),  # found again from any directory
                 "weights": str(Path(weights).resolve()) if weights else None,
                 "data": _data_spec(data),
-                # a dataset made by code is checked to be the same when read again
-                **({"data_fingerprint": pdata.fingerprint(ds)} if pdata.is_code_spec(data) else {}),
+                **fingerprint,
                 # how the folder's images were normalised: its readers reload it so
                 "normalize": normalize or "none",
             },

@@ -874,7 +874,7 @@ def probe(
     ``torchrun``), and ``None`` on the other ranks, which write nothing.
     """
     with evaluating(model):  # a model probed between training epochs goes on training
-        with _before_sweep():
+        with before_sweep():
             plan = _plan(
                 model,
                 dataset,
@@ -1802,7 +1802,7 @@ def stops_on_sigterm() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _before_sweep() -> Iterator[None]:
+def before_sweep() -> Iterator[None]:
     """A Ctrl-C or SIGTERM before the sweep's first batch (while the model is traced, the
     dataset read, the run opened) stops with one line saying that nothing was swept and
     nothing is lost, and :class:`ProbeInterrupted`; it used to be a traceback, or for

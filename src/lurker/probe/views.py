@@ -36,7 +36,7 @@ from PIL import Image
 from ..capture import Trace, evaluating, settled_trace
 from ..errors import LurkerError, warn
 from ..store import MissingFromRunError, Run, StoreError, atomic_write_bytes
-from ..store.files import safe_component
+from ..store.files import remove_stale_tmp, safe_component
 from ..store.run import LayerInfo
 from . import data as pdata
 from .images import (
@@ -578,7 +578,8 @@ class UnitImages:
         entries are shown on), "grad" (batched across the units of
         a layer), "crop" and "grad_crop" (files cut around the peak; the explorer can cut
         them itself from :meth:`crop_box`). Files already there are skipped, so a killed
-        run resumes; each file is written atomically. ``progress``: a bar on a
+        run resumes (and the temporary files a killed one left are removed); each file is
+        written atomically. ``progress``: a bar on a
         terminal, one output redrawn in place in a notebook, else a line every
         ``progress_every`` seconds, on stderr.
         """
@@ -587,6 +588,7 @@ class UnitImages:
         lists = _checked_choice("which", which, LISTS)
         names = self.select(layers)
         t0 = time.perf_counter()
+        remove_stale_tmp(Path(self.run.path) / "cache")  # a SIGKILL's half-written files
         plan, samples, frames, total = self._plan(names, kinds, lists)
         todo = _count(plan, samples) + len(frames)
         bar = Progress("images", total, total - todo, progress, progress_every)

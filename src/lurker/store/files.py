@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import re
+import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,8 +22,12 @@ except ImportError:  # Windows: runs are not locked there
     fcntl = None  # type: ignore[assignment]
 
 #: Prefix of the temporary files :func:`atomic_write_bytes` (and run creation) leave
-#: behind only if the process dies mid-write; safe to delete.
+#: behind only if the process dies mid-write; safe to delete once their writer is gone.
 TMP_PREFIX = ".lurker-tmp-"
+#: A temporary file this old is stale whoever wrote it: a write lives for moments.
+STALE_TMP_SECONDS = 3600.0
+#: ``.lurker-tmp-<pid>@<host>@<name>.XXXX``: the writing process and its machine.
+_TMP_WRITER = re.compile(rf"^{re.escape(TMP_PREFIX)}(\d+)@([^@]*)@")
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _MAX_COMPONENT = 96
@@ -41,7 +48,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, durable: bo
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f"{TMP_PREFIX}{target.name}.")
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f"{_tmp_tag()}{target.name}.")
     try:
         with os.fdopen(fd, "wb") as f:
             if hasattr(os, "fchmod"):
@@ -58,6 +65,53 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, durable: bo
     if durable:
         fsync_dir(target.parent)
     return target
+
+
+@functools.cache
+def _host() -> str:
+    """This machine's name as temporary file names hold it (read once per process)."""
+    return _UNSAFE.sub("_", socket.gethostname())[:40] or "host"
+
+
+def _tmp_tag() -> str:
+    """The start of this process's temporary file names: they name their writer, so that
+    :func:`remove_stale_tmp` can tell a killed writer's file from one being written."""
+    return f"{TMP_PREFIX}{os.getpid()}@{_host()}@"
+
+
+def _writer_gone(name: str) -> bool:
+    """Whether the temporary file ``name`` names a process of this machine that has exited
+    (False when it names none, another machine's, or one still running)."""
+    m = _TMP_WRITER.match(name)
+    if m is None or m[2] != _host() or os.name == "nt":  # (Windows' os.kill would kill it)
+        return False
+    try:
+        os.kill(int(m[1]), 0)
+    except ProcessLookupError:
+        return True
+    except (OSError, OverflowError):  # another user's process (still running), a bad pid
+        return False
+    return False
+
+
+def remove_stale_tmp(folder: str | os.PathLike[str]) -> int:
+    """Delete the ``.lurker-tmp-*`` files under ``folder`` whose writer is gone: killed
+    mid-write (``lurker images`` stopped by SIGKILL), they are never valid data and
+    reruns would keep them for good. A file whose writer still runs (a ``lurker serve``
+    writing an image into the same folder now) is kept, unless older than
+    :data:`STALE_TMP_SECONDS` (files of other machines and of lurker before writers were
+    named in them). Returns how many were removed."""
+    removed = 0
+    now = time.time()
+    for entry in Path(folder).rglob(f"{TMP_PREFIX}*"):
+        try:
+            stale = _writer_gone(entry.name) or now - entry.stat().st_mtime > STALE_TMP_SECONDS
+            if stale and entry.is_file():
+                entry.unlink()
+                removed += 1
+        except OSError:  # gone meanwhile (renamed into place by its writer), or unreadable
+            continue
+    return removed
 
 
 def fsync_dir(path: Path) -> None:

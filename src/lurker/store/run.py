@@ -563,7 +563,11 @@ class Run:
 
     def embedding(self) -> Embedding:
         """Every sample's stored feature vector with the model's prediction and confidence,
-        in sample-id order. :class:`MissingFromRunError` when the run holds none."""
+        in sample-id order. :class:`MissingFromRunError` when the run holds none.
+
+        The features are float16, kept for the dataset map: about 3 significant digits,
+        inf beyond 65,504. For exact values over a dataset, replay a trace
+        (``lurker.trace(model, x, save=[layer]).run(batch)``; docs/tracing.md)."""
         if not self.has_embedding:
             raise MissingFromRunError(
                 f"run {self.path} holds no per-sample features: probe with embed=True "
