@@ -356,6 +356,31 @@ def test_torch_layer_refusing_a_deep_tensor_is_named():
     assert "BatchNorm2d '2' expects (N, 3, H, W)" in cli
 
 
+@pytest.mark.parametrize(
+    ("model_dtype", "input_dtype"),
+    [
+        (torch.float32, torch.float16),
+        (torch.float16, torch.float32),
+        (torch.float32, torch.float64),
+    ],
+)
+def test_input_of_another_float_dtype_than_the_layer_names_both_and_the_fix(
+    model_dtype: torch.dtype, input_dtype: torch.dtype
+):
+    """A float16 input to a float32 model on CPU (``--input-dtype half``): torch says only
+    'expected scalar type Half but found Float'; the error names the layer's dtype, the
+    input's, and both conversions."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 3)).to(model_dtype)
+    with pytest.raises(lurker.TraceError) as info:
+        lurker.trace(model, torch.randn(1, 3, 8, 8, dtype=input_dtype))
+    want = str(model_dtype).removeprefix("torch.")
+    got = str(input_dtype).removeprefix("torch.")
+    cli = info.value.for_cli()
+    assert f"Conv2d '0' has {want} parameters, so it takes {want} inputs, not {got}" in cli
+    assert f"x.to(torch.{want}); CLI: --input-dtype {want}" in cli
+    assert f"model.to(torch.{got})" in cli
+
+
 class _Checks(nn.Module):
     """Checks its input as timm's patch embedding does: torch._assert on a bool."""
 
@@ -372,6 +397,25 @@ def test_a_failed_check_of_the_models_own_reads_as_one_sentence():
     text = info.value.for_cli()
     assert "AssertionError: Input width (4) doesn't match model (8). " in text, text
     assert ".." not in text and "shapes []" not in text
+
+
+class _TooSmall(nn.Module):
+    """Refuses small inputs in its own code, as torchvision's RAFT does (below 128 px)."""
+
+    def forward(self, x):
+        if x.shape[-1] < 128:
+            raise ValueError(f"Feature maps are too small: got {x.shape[-1]}; use at least 128.")
+        return x * 2
+
+
+def test_a_models_own_error_keeps_one_full_stop():
+    """RAFT's message ends with a full stop: the error reads '... at least 128. The
+    model's input shapes ...', not '128.. The'."""
+    with pytest.raises(lurker.TraceError) as info:
+        lurker.trace(_TooSmall(), torch.randn(1, 3, 64, 64))
+    text = info.value.for_cli()
+    assert "use at least 128. The model's input shapes were (1, 3, 64, 64)." in text, text
+    assert ".." not in text and ".." not in str(info.value)
 
 
 class _TwoInputs(nn.Module):

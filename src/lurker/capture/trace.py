@@ -499,6 +499,7 @@ def _trace_error(
     loc = f" at {inner.filename}:{inner.lineno}" if inner else ""
     last = partial.ops[-1].label if partial.ops else "none"
     in_torch = inner is not None and _in_torch(inner.filename)
+    ends = first.rstrip(".")  # the sentence's own full stop, not a second one after it
     if in_torch and layer is not None and layer[3]:
         # a torch layer's own checks (a norm layer's _check_input_dim, ...) refuse what
         # reached it: the model's code is not at fault, the input's shape or dtype is
@@ -517,13 +518,13 @@ def _trace_error(
         at = f", called from {caller.filename}:{caller.lineno}" if caller else ""
         text = (
             f"{mname} raised {kind} inside torch{loc}{at} (last op recorded: {last}): "
-            f"{first}.{inputs} Check what that line passes to torch (shapes, dtypes, "
+            f"{ends}.{inputs} Check what that line passes to torch (shapes, dtypes, "
             "arguments), or the model's inputs"
         )
     else:
         text = (
             f"{mname} raised {kind}{loc} (in its own code, not in a tensor op; last op "
-            f"recorded: {last}): {first}.{inputs} Fix the model code or its inputs"
+            f"recorded: {last}): {ends}.{inputs} Fix the model code or its inputs"
         )
     return TraceError(
         text + "; the partial trace is in `err.partial`.",
@@ -619,11 +620,39 @@ def _failing_layer(
         got = f"a {type(arg).__name__}"
     expects = _expected_input(module, input_hint) if not _fits(module, arg) else None
     what = f"{type(module).__name__} '{path}' expects {expects}." if expects and path else ""
+    if not what and path and _dtype_refused(e):
+        what = _dtype_mismatch(module, path, arg, input_hint)
     builtin = type(module).__module__.startswith("torch.")
     return path or "(the model itself)", got, what, builtin
 
 
 _SPATIAL = {1: "L", 2: "H, W", 3: "D, H, W"}
+
+
+def _dtype_refused(e: BaseException) -> bool:
+    """Whether torch's message is about dtypes (``expected scalar type Half but found
+    Float``, ``mat1 and mat2 must have the same dtype``, ``Input type (double) and bias
+    type``): then a layer whose input fits in shape was refused its dtype."""
+    return "type" in str(e)
+
+
+def _dtype_mismatch(m: nn.Module, path: str, x: Any, input_hint: bool) -> str:
+    """The sentence for a floating input of another dtype than the layer's own floating
+    parameters (a float16 input to a float32 model: torch only says ``expected scalar type
+    Half but found Float``, which names neither the input nor the fix); "" otherwise."""
+    if not isinstance(x, Tensor) or not x.dtype.is_floating_point:
+        return ""
+    own = {p.dtype for p in m.parameters(recurse=False) if p.dtype.is_floating_point}
+    if len(own) != 1 or x.dtype in own:
+        return ""
+    want = str(next(iter(own))).removeprefix("torch.")
+    got = str(x.dtype).removeprefix("torch.")
+    cli = f"; CLI: --input-dtype {want}" if input_hint else ""
+    return (
+        f"{type(m).__name__} '{path}' has {want} parameters, so it takes {want} inputs, not "
+        f"{got}: convert the input (x.to(torch.{want}){cli}) or the model "
+        f"(model.to(torch.{got}))."
+    )
 
 
 def _fits(m: nn.Module, x: Any) -> bool:
