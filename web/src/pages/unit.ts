@@ -37,7 +37,13 @@ export async function renderUnit(root: HTMLElement, ctx: PageContext, args: stri
   // a layer with no position axes (a Linear's (N, units)): one activation per sample, no
   // peak to place, and a crop would be the whole image
   const positions = positionCount(doc.layer as UnitDoc["layer"] & { layout?: Record<string, unknown> | null });
-  let crop = positions > 1 && params.get("crop") === "1";
+  // a layer with no receptive field (not tokens, which crop to their patch, nor a clip's
+  // frames): every crop would be the whole input, so the crop button is disabled, saying why
+  const noField =
+    !tokenLayer(doc.layer) && !frameLayer(doc.layer) && !doc.layer.rf && doc.layer.rf_reason
+      ? `no crop: this layer has no receptive field (${doc.layer.rf_reason})`
+      : null;
+  let crop = positions > 1 && noField === null && params.get("crop") === "1";
   // the same value on every sample everywhere: its max and mean lists are ties
   const constant = (doc as UnitDoc & { constant?: boolean }).constant === true;
   const relevanceTies = !!relevance?.length && relevance.every((e) => e.value === relevance[0].value);
@@ -110,12 +116,13 @@ export async function renderUnit(root: HTMLElement, ctx: PageContext, args: stri
     if (ctx.stale()) return ctx.redraw();
     draw();
   };
-  const seg = (label: string, options: [string, string][], value: string, set: (v: string) => void) =>
+  // `off`: values that cannot be chosen here, each with why (its button's tooltip)
+  const seg = (label: string, options: [string, string][], value: string, set: (v: string) => void, off: Record<string, string> = {}) =>
     h(
       "div",
       { class: "seg", role: "group", "aria-label": label },
       options.map(([v, text]) =>
-        h("button", { type: "button", "data-value": v, "aria-pressed": String(v === value), class: v === value ? "on" : null, onclick: () => set(v) }, text),
+        h("button", { type: "button", "data-value": v, "aria-pressed": String(v === value), class: v === value ? "on" : null, disabled: v in off ? true : null, title: off[v] ?? null, onclick: () => set(v) }, text),
       ),
     );
 
@@ -202,14 +209,15 @@ export async function renderUnit(root: HTMLElement, ctx: PageContext, args: stri
             )
           : null;
       fill(toggles, pick, h("span", { class: "muted featviz-caption" }, featvizCaption(view)));
+      const beyond = featvizBeyondData(view);
       // a static export holds the best sample's image only where the unit's lists show it
       const best = view.best_sample;
       const held = !shown || (["mean", "max"] as const).some((w) => doc.top[w].some((e) => e.sample_id === best && shown.input?.[w]?.includes(e.rank)));
       if (view.signals) {
-        fill(gallery, h("div", { class: "signal-list featviz-signals" }, ...featvizSignals(ctx, unit, view, images.channelNames ?? null, images.sampleRate ?? null, !doc.signal_error)));
+        fill(gallery, h("div", { class: "signal-list featviz-signals" }, beyond, ...featvizSignals(ctx, unit, view, images.channelNames ?? null, images.sampleRate ?? null, !doc.signal_error)));
         return;
       }
-      fill(gallery, featvizFigures(ctx, layer, unit, view, images.ok, held ? null : (noImageWhy ?? NOT_EXPORTED.input)));
+      fill(gallery, beyond, featvizFigures(ctx, layer, unit, view, images.ok, held ? null : (noImageWhy ?? NOT_EXPORTED.input)));
       return;
     }
     if (constant && (tab !== "relevance" || relevanceTies)) {
@@ -296,10 +304,16 @@ export async function renderUnit(root: HTMLElement, ctx: PageContext, args: stri
         sync();
       }),
       positions > 1
-        ? seg(`full or ${region.name}`, [["0", "full"], ["1", region.name]], crop ? "1" : "0", (v) => {
-            crop = v === "1";
-            sync();
-          })
+        ? seg(
+            `full or ${region.name}`,
+            [["0", "full"], ["1", region.name]],
+            crop ? "1" : "0",
+            (v) => {
+              crop = v === "1";
+              sync();
+            },
+            noField === null ? {} : { "1": noField },
+          )
         : null,
       h(
         "span",
@@ -676,6 +690,28 @@ function featvizCaption(f: FeatVizView): string {
   const beside = f.best_sample !== null ? ", beside the best dataset sample's" : "";
   const what = st["input"] === "signal" ? "signals" : "images";
   return `${what} optimized to excite the unit (${f.objective} objective: ${meaning}${made ? `; ${made}` : ""}${apart}); value: what each reached${beside}`;
+}
+
+/** How many times the best dataset sample's value an optimized input must reach for the
+ * page to say why it looks like no sample (saturated noise rather than a digit). */
+const FAR_ABOVE_DATA = 2;
+
+/** Where an optimized input reached far more than any dataset sample (at least
+ * FAR_ABOVE_DATA times the best one's positive value), a sentence saying that this is
+ * expected: the optimizer is free to leave the data, so its images can look like noise. */
+function featvizBeyondData(f: FeatVizView): HTMLElement | null {
+  const best = f.best_dataset;
+  const reached = f.activations.filter((a): a is number => a !== null && Number.isFinite(a));
+  if (best === null || !(best > 0) || !reached.length) return null;
+  const top = Math.max(...reached);
+  if (top < FAR_ABOVE_DATA * best) return null;
+  const what = f.settings["input"] === "signal" ? "signal" : "image";
+  return withId(
+    notice(
+      `The optimized ${what} reaches ${fmt(top)}, ${fmt(top / best, 2)}× the best dataset sample's ${fmt(best)}. That is expected: the optimizer is free to make inputs no dataset ${what} is like (often saturated, noise-like patterns), so it shows what drives the unit hardest, not what it responds to in the data; for that, see the max and average activation tabs.`,
+    ),
+    "featviz-beyond",
+  );
 }
 
 /** On a run of signals: each optimized signal drawn as lines (a lane per channel, named),
