@@ -3,6 +3,8 @@ targets, batches, the model left untouched, bad input, the CLI."""
 
 from __future__ import annotations
 
+import math
+import re
 import warnings
 from typing import Any
 
@@ -795,12 +797,18 @@ def test_numeric_options_out_of_range_are_refused_by_name(
 @pytest.mark.parametrize(
     ("options", "said"),
     [
-        ({"window": 0}, r"occlusion: window=0 makes windows .* pass one from 1 to 16 \(window=8"),
+        (
+            {"window": 0},
+            r"occlusion: window=0 makes windows .* pass one from 1 to 16 for this axis \(window=8",
+        ),
         ({"window": 40}, r"window=40 makes windows .* pass one from 1 to 16"),
         ({"window": 2.5}, r"window must be an int .* got 2.5; pass window=8"),
         ({"window": True}, r"window must be an int .* got True; pass window=8"),
         ({"window": (8, 8, 8, 8)}, r"window=\(8, 8, 8, 8\) has 4 values.* at most 3 values"),
-        ({"strides": 0}, r"occlusion: strides=0 makes steps .* pass strides=4 \(half the window"),
+        (
+            {"strides": 0},
+            r"occlusion: strides=0 makes steps .* pass strides=4 \(half the smallest window",
+        ),
         ({"strides": 9}, r"strides=9 makes steps .* pass strides=4"),
         ({"strides": "4"}, r"strides must be an int .* got '4'; pass strides=4"),
         (
@@ -1485,3 +1493,29 @@ def test_repr_is_one_line_a_notebook_can_show(digits, xd) -> None:
     assert "[0, 1, 2, 3, 4, 5, 6, 7, ... (18 rows)]" in repr(many) and len(repr(many)) < 200
     unit = lurker.explain(digits, xd, target=("features.8", 5), method="guided_backprop")
     assert "target features.8:5>" in repr(unit)
+
+
+@pytest.mark.parametrize(
+    ("shape", "options"),
+    [
+        ((3, 32, 5), {"window": (40, 3)}),  # said window=8, which the 5 axis refuses
+        ((3, 32, 5), {"window": 10}),
+        ((3, 32, 16), {"window": (2, 8), "strides": (1, 20)}),  # said strides=4 > 2
+        ((3, 32, 16), {"window": (2, 8), "strides": 9}),
+    ],
+)
+def test_occlusion_sizes_its_errors_suggest_are_taken(shape, options: dict[str, Any]) -> None:
+    """The window or strides an occlusion error suggests, passed instead of the one it
+    refused, runs: window=(40, 3) on a (3, 32, 5) sample suggested window=8, which does not
+    fit its 5 columns, and strides=(1, 20) over windows (2, 8) strides=4, longer than 2."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(math.prod(shape), 3))
+    x = torch.randn(1, *shape)
+    with pytest.raises(LurkerError) as err:
+        lurker.explain(model, x, 0, method="occlusion", **options)
+    said = re.search(r"(window|strides)=(\d+)(?:, say| \(half)", str(err.value))
+    if said is None:  # (a tuple's error names the sizes, not one int for every axis)
+        assert "one size per axis" in str(err.value)
+        return
+    options = {**options, said.group(1): int(said.group(2))}
+    lurker.explain(model, x, 0, method="occlusion", **options)

@@ -147,6 +147,13 @@ def test_the_cli_says_which_layers_have_no_crop_and_why(tmp_path: Path) -> None:
     lines = [ln for ln in r.output.splitlines() if ln.startswith("no receptive field")]
     assert len(lines) == 1 and lines[0].startswith("no receptive field (no crop) for c2: ")
     assert "transpose_1 (transpose) swaps the input's y and x axes" in lines[0]
+    assert [i.name for i in Run.open(tmp_path / "r").layers] == ["c1", "c2"]
+    # a comma inside a glob's brackets is the glob's, not a separator
+    args[args.index("c1,c2")] = "c[1,2]"
+    args[args.index(str(tmp_path / "r"))] = str(tmp_path / "g")
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    assert [i.name for i in Run.open(tmp_path / "g").layers] == ["c1", "c2"]
 
 
 def test_vit_tokens_are_not_said_to_have_no_crop(tmp_path: Path) -> None:

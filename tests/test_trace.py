@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import gc
 import itertools
+import re
 import threading
 import warnings
 import weakref
@@ -357,9 +359,14 @@ def test_find_over_a_shared_modules_second_path_warns_with_the_path_that_finds_i
     tr = lurker.trace(model, torch.randn(3, 4))
     with pytest.warns(
         UserWarning, match=r"'enc.blk' is the module registered first as 'blk'.*find\('blk'\)"
-    ):
+    ) as said:
         found = tr.find("enc.*")
     assert [op.label for op in found] == ["linear_2"]
+    # the finds it names get every op enc.* covers by the second path: the block's output
+    # and its linear's (blk.lin, also enc.blk.lin), not the block's output alone
+    named = re.findall(r"find\(('[^']*')\)", str(said[0].message))[1:]
+    got = {op.label for pattern in named for op in tr.find(ast.literal_eval(pattern))}
+    assert got == {"linear_1", "relu_1"}, named
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert tr.find("enc.head") == found

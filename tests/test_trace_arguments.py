@@ -122,6 +122,15 @@ def test_save_to_mps_without_mps_is_refused_before_the_forward() -> None:
     assert not called  # refused up front: the forward never ran
 
 
+@pytest.mark.skipif(hasattr(torch, "hpu"), reason="this torch has an HPU backend")
+def test_save_to_a_backend_this_torch_lacks_is_refused_by_name() -> None:
+    """save_to="hpu" (Habana Gaudi) on a torch without that backend: the device check made
+    a tensor there to see whether it could, and torch's "No module named 'torch.hpu'"
+    (a ModuleNotFoundError, not the RuntimeError it caught) came out raw."""
+    with pytest.raises(LurkerError, match=r"save_to='hpu' asks for hpu, but this machine has no"):
+        lurker.trace(_mlp(), torch.randn(2, 4), save_to="hpu")
+
+
 def test_a_transform_that_raises_on_an_input_gives_the_partial_trace() -> None:
     """A transform that takes 4-D tensors only, on a 2-D input, raised a bare
     TransformFailed with no ``partial`` (the same failure on an op gives a TraceError with

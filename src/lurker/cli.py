@@ -530,8 +530,20 @@ def probe(
 
 def _names(values: tuple[str, ...]) -> list[str]:
     """A repeatable option's names, each value also split at commas (``--layers c1,c2``,
-    as ``--kinds`` and ``--methods`` take them; no layer name holds a comma)."""
-    return [n.strip() for v in values for n in v.split(",") if n.strip()]
+    as ``--kinds`` and ``--methods`` take them; no layer name holds a comma), except a
+    comma inside a glob's brackets (``features.[0,3]``)."""
+    out: list[str] = []
+    for v in values:
+        part, depth = "", 0
+        for ch in v:
+            if ch == "," and not depth:
+                out.append(part)
+                part = ""
+                continue
+            depth = 1 if ch == "[" else 0 if ch == "]" else depth
+            part += ch
+        out.append(part)
+    return [n.strip() for n in out if n.strip()]
 
 
 def _channel_axis(value: int | None) -> int | None:

@@ -223,30 +223,46 @@ def _warn_second_paths(
     alias = second_paths(model)
     if not alias:  # the common case: no module under two paths
         return
-    patterns = policy.patterns
     kept = {m.partition(":")[0] for op in ops for m in op.module_outputs if policy.wants_op(op)}
-    paths = paths - kept
-    left_out: dict[str, str] = {}  # first path -> the second path a glob matched
-    for second, first in alias.items():
-        if first in paths and first not in left_out and not _match(patterns, first):
-            hit = [p for p in patterns if fnmatch.fnmatchcase(second, p)]
-            if hit:
-                left_out[first] = second
-    if not left_out:
+    gap = second_path_gaps(alias, policy.patterns, paths - kept)
+    if gap is None:
         return
-    # a module below a shared one is covered by adding the shared one's path as a glob
-    tops = [f for f in left_out if not any(f.startswith(g + ".") for g in left_out)]
-    named = "; ".join(f"{left_out[f]!r} is the module registered first as {f!r}" for f in tops[:4])
-    more = f" (and {len(tops) - 4} more)" if len(tops) > 4 else ""
-    add = ", ".join(
-        repr(n)
-        for f in tops[:4]
-        for n in ([f, f"{f}.*"] if any(g.startswith(f + ".") for g in left_out) else [f])
-    )
+    named, add = gap
     warnings.warn(
-        f"save={patterns!r} does not save every module it covers: {named}{more} (one "
+        f"save={policy.patterns!r} does not save every module it covers: {named} (one "
         "module under two paths). A trace names a module by its first path, as "
         "model.named_modules() does, and the pattern does not match that one, so its "
-        f"output is not saved; add {add} to save= to keep it.",
+        f"output is not saved; add {', '.join(map(repr, add))} to save= to keep it.",
         stacklevel=stacklevel,
     )
+
+
+def second_path_gaps(
+    alias: Mapping[str, str], patterns: list[str], paths: Iterable[str]
+) -> tuple[str, list[str]] | None:
+    """The modules among ``paths`` (first paths, as a trace names them) that ``patterns``
+    cover only by a second path (``alias``: :func:`second_paths`), or None: a sentence
+    naming them (at most 4, the topmost: one below another is covered with it) and the
+    patterns that cover them by their first paths (``blk`` and ``blk.*`` where the
+    modules below ``blk`` were covered too). For ``save=`` and ``Trace.find``."""
+    paths = set(paths)
+    left: dict[str, str] = {}  # first path -> the second path a pattern matched
+    for second, first in alias.items():
+        if (
+            first in paths
+            and first not in left
+            and not _match(patterns, first)
+            and any(fnmatch.fnmatchcase(second, p) for p in patterns)
+        ):
+            left[first] = second
+    if not left:
+        return None
+    tops = [f for f in left if not any(f.startswith(g + ".") for g in left)]
+    named = "; ".join(f"{left[f]!r} is the module registered first as {f!r}" for f in tops[:4])
+    more = f" (and {len(tops) - 4} more)" if len(tops) > 4 else ""
+    add = [
+        n
+        for f in tops[:4]
+        for n in ([f, f"{f}.*"] if any(g.startswith(f + ".") for g in left) else [f])
+    ]
+    return named + more, add

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import gc
 import inspect
 import math
@@ -35,6 +34,7 @@ from ._policy import (
     check_classes,
     check_patterns,
     make_policy,
+    second_path_gaps,
     second_paths,
     shared_module_note,
 )
@@ -342,7 +342,7 @@ def _device_available(dev: torch.device) -> bool:
         return torch.backends.mps.is_available()
     try:
         torch.empty(0, device=dev)
-    except (RuntimeError, AssertionError):  # "Torch not compiled with XPU enabled", ...
+    except Exception:  # "Torch not compiled with XPU enabled", no module torch.hpu, ...
         return False
     return True
 
@@ -842,26 +842,17 @@ class Trace(Graph):
         ``enc.blk`` where ``self.enc.blk = self.blk``), whose ops it leaves out, as
         ``save=`` does: the trace names that module by its first path (``blk``)."""
         found = super().find(pattern)
-        if isinstance(pattern, str) and self.model is not None:
-            left = {
-                first: second
-                for second, first in second_paths(self.model).items()
-                if fnmatch.fnmatchcase(second, pattern)
-                and not fnmatch.fnmatchcase(first, pattern)
-                and first in self.modules
-            }
-            tops = [f for f in left if not any(f.startswith(g + ".") for g in left)]
-            if tops:
-                named = "; ".join(
-                    f"{left[f]!r} is the module registered first as {f!r}" for f in tops[:4]
-                )
-                add = ", ".join(f"find({f!r})" for f in tops[:4])
-                warnings.warn(
-                    f"find({pattern!r}) leaves out modules it covers only by a second path: "
-                    f"{named} (one module under two paths; a trace names it by its first, as "
-                    f"model.named_modules() does). Use {add} for their ops.",
-                    stacklevel=2,
-                )
+        alias = second_paths(self.model) if isinstance(pattern, str) else {}
+        gap = second_path_gaps(alias, [pattern], self.modules) if alias else None
+        if gap is not None:
+            named, add = gap
+            warnings.warn(
+                f"find({pattern!r}) leaves out modules it covers only by a second path: "
+                f"{named} (one module under two paths; a trace names it by its first, as "
+                "model.named_modules() does). Use "
+                f"{', '.join(f'find({n!r})' for n in add)} for their ops.",
+                stacklevel=2,
+            )
         return found
 
     @property

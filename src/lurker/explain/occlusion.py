@@ -72,18 +72,29 @@ def windows(
     ``window`` and ``strides`` as the user wrote them, which the errors quote."""
     said_w, said_s = given if given is not None else (window, strides)
     starts = []
+    # what to pass instead, a size that fits every axis: an int window as given applies
+    # to each axis it windows, and fits those it does not fit at the shortest of them (the
+    # others are longer than it); an int stride fits every window not spanning its axis
+    bad = [d for d, w in zip(dims, window) if not 1 <= w <= d]
+    fit = (
+        f"window={min(8, *bad)}, say"
+        if isinstance(said_w, int) and bad
+        else "in a tuple, one size per axis"
+    )
+    parts = [w for d, w in zip(dims, window) if w != d]
+    step = max(1, min(parts) // 2) if parts else 1
     for d, w, s in zip(dims, window, strides):
         if not 1 <= w <= d:
             raise LurkerError(
                 f"occlusion: window={said_w!r} makes windows {window}, which do not fit a "
                 f"sample of shape {dims}: each size must be from 1 to its axis's length; "
-                f"pass one from 1 to {d} (window={min(8, d)}, say) or a tuple of one size per axis"
+                f"pass one from 1 to {d} for this axis ({fit})"
             )
         if s < 1 or (s > w and d != w):
             raise LurkerError(
                 f"occlusion: strides={said_s!r} makes steps {strides} for windows {window}: "
                 "each step must be from 1 to its window's size (a larger one skips inputs no "
-                f"window covers); pass strides={max(1, w // 2)} (half the window) or strides=1"
+                f"window covers); pass strides={step} (half the smallest window) or strides=1"
             )
         count = math.ceil((d - w) / s) + 1
         starts.append([slice(k * s, min(k * s + w, d)) for k in range(count)])

@@ -30,6 +30,7 @@ interface ViewNode {
 interface ViewDoc {
   nodes: ViewNode[];
   groups: { p: string }[];
+  ops: number;
 }
 
 const PAGE = 128;
@@ -136,9 +137,11 @@ export async function renderLive(root: HTMLElement, ctx: PageContext): Promise<v
 
 async function fillPicker(el: HTMLElement, ctx: PageContext, summary: RunSummary, current: string | null, choose: (label: string) => void): Promise<void> {
   let rows: { label: string; type: string; module: string; shape: string; layer: boolean; end: boolean }[];
+  let total: number | null = null; // the model's ops as Home and Graph count them
   const probed = new Set(summary.layers.map((l) => l.op).filter((x): x is string => !!x));
   try {
     const view = await ctx.api.json<ViewDoc>(p("runs", ctx.run, "graph"));
+    total = view.ops;
     rows = view.nodes
       .filter((n) => !n.k || n.k === "op" || n.k === "input" || n.k === "output")
       .map((n) => ({ label: n.l, type: n.t, module: view.groups[n.m ?? 0]?.p ?? "", shape: n.s?.[0] ? shape(n.s[0]) : "", layer: probed.has(n.l), end: n.k === "input" || n.k === "output" }));
@@ -146,11 +149,13 @@ async function fillPicker(el: HTMLElement, ctx: PageContext, summary: RunSummary
     rows = summary.layers.filter((l) => l.op).map((l) => ({ label: l.op!, type: l.kind ?? "", module: l.module ?? "", shape: shape(l.shape), layer: true, end: false }));
   }
   if (ctx.signal.aborted) return;
-  // counted as the Home and Graph pages count them: the model's ops, the input and output
-  // nodes apart (else this page said 17 ops where they said 15)
+  // the model's ops, the input and output nodes apart, as the Home and Graph pages count
+  // them (else this page said 17 ops where they said 15); where the list holds fewer (an
+  // op run in a loop is one row, arange and the like are not listed), both numbers
   const ends = rows.filter((r) => r.end).length;
   const ops = rows.length - ends;
-  const what = `${ops} op${ops === 1 ? "" : "s"}${ends ? " and the input and output" : ""}`;
+  const of = total !== null && total !== ops ? ` (of the model's ${fmt(total)}: an op run in a loop is listed once, one that reads no tensor, like arange, not at all)` : "";
+  const what = `${ops} op${ops === 1 ? "" : "s"}${ends ? " and the input and output" : ""}${of}`;
   const search = h("input", { type: "search", placeholder: `search ${what}: label, op type or module`, "aria-label": "search ops", id: "op-search" });
   const list = h("ul", { class: "op-list", role: "listbox" });
   const draw = () => {
