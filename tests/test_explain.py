@@ -1513,9 +1513,30 @@ def test_occlusion_sizes_its_errors_suggest_are_taken(shape, options: dict[str, 
     x = torch.randn(1, *shape)
     with pytest.raises(LurkerError) as err:
         lurker.explain(model, x, 0, method="occlusion", **options)
-    said = re.search(r"(window|strides)=(\d+)(?:, say| \(half)", str(err.value))
+    said = re.search(r"(window|strides)=(\d+)(?:, say| \(half|$)", str(err.value))
     if said is None:  # (a tuple's error names the sizes, not one int for every axis)
         assert "one size per axis" in str(err.value)
         return
     options = {**options, said.group(1): int(said.group(2))}
     lurker.explain(model, x, 0, method="occlusion", **options)
+
+
+def test_occlusion_strides_left_out_follow_a_small_window(digits, xd) -> None:
+    """strides left out are 4, or a window's size where it is smaller: window=3 alone was
+    refused by the fixed default stride 4 ("each step must be from 1 to its window's size").
+    Captum's Occlusion with those strides is the oracle; window=8 alone is as before."""
+    e = lurker.explain(digits, xd, target=[7, 8, 9], method="occlusion", window=3)
+    ref = captum_attr.Occlusion(digits).attribute(
+        xd, sliding_window_shapes=(1, 3, 3), strides=(1, 3, 3), baselines=0.0, target=[7, 8, 9]
+    )
+    close(e.attribution, ref)
+    assert e.options["strides"] == (1, 3, 3)
+    big = lurker.explain(digits, xd, target=[7, 8, 9], method="occlusion")
+    assert big.options["strides"] == (1, 4, 4) and big.options["window"] == (1, 8, 8)
+    ref = captum_attr.Occlusion(digits).attribute(
+        xd, sliding_window_shapes=(1, 8, 8), strides=(1, 4, 4), baselines=0.0, target=[7, 8, 9]
+    )
+    close(big.attribution, ref)
+    # a stride error whose only fit is 1 says so once (it said "strides=1 (half ...) or strides=1")
+    with pytest.raises(LurkerError, match=r"pass strides=1$"):
+        lurker.explain(digits, xd, 0, method="occlusion", window=(1, 3, 3), strides=0)

@@ -94,7 +94,9 @@ def windows(
             raise LurkerError(
                 f"occlusion: strides={said_s!r} makes steps {strides} for windows {window}: "
                 "each step must be from 1 to its window's size (a larger one skips inputs no "
-                f"window covers); pass strides={step} (half the smallest window) or strides=1"
+                "window covers); pass "
+                + (f"strides={step} (half the smallest window) or " if step > 1 else "")
+                + "strides=1"
             )
         count = math.ceil((d - w) / s) + 1
         starts.append([slice(k * s, min(k * s + w, d)) for k in range(count)])
@@ -118,8 +120,9 @@ class Occlusion(Method):
                 return None  # (B, H, W): both axes windowed
             return -1
         if ax.found == "unknown":
-            full = [
-                isinstance(v, (tuple, list)) and len(v) == x.dim() - 1 for v in (window, strides)
+            full = [  # (strides left out follow the window)
+                isinstance(v, (tuple, list)) and len(v) == x.dim() - 1
+                for v in ((window,) if strides is None else (window, strides))
             ]
             if not all(full):
                 raise LurkerError(
@@ -137,15 +140,19 @@ class Occlusion(Method):
         target: Any,
         *,
         window: int | tuple[int, ...] = 8,
-        strides: int | tuple[int, ...] = 4,
+        strides: int | tuple[int, ...] | None = None,
         baseline: Any = None,
         internal_batch_size: int = 64,
     ) -> Explanation:
         dims = tuple(x.shape[1:])
         whole = self._whole(x, window, strides)
         win = _per_dim(window, dims, "window", whole)
-        st = _per_dim(strides, dims, "strides", whole)
-        spots = windows(dims, win, st, (window, strides))
+        if strides is None:  # 4, or a window's size where it is smaller (window=3 alone
+            # ran into the fixed default's "each step must be from 1 to its window's size")
+            st = tuple(min(s, w) for s, w in zip(_per_dim(4, dims, "strides", whole), win))
+        else:
+            st = _per_dim(strides, dims, "strides", whole)
+        spots = windows(dims, win, st, (window, st if strides is None else strides))
         internal_batch_size = check_count("occlusion", "internal_batch_size", internal_batch_size)
         fw = Forward(model, x, target)
         x0 = as_baseline(baseline, x)
