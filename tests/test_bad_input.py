@@ -713,3 +713,50 @@ def test_moved_dataset_of_a_run_is_named_and_export_says_images_are_missing(tmp_
     ):
         r = _cli("export", str(run), str(tmp_path / "site"))
     assert r.exit_code == 0, r.output
+
+
+class _ListOfImages(nn.Module):
+    """A detector's forward: a list of (C, H, W) images, iterated one by one (as
+    torchvision's GeneralizedRCNN, FCOS, RetinaNet and SSD do)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [self.conv(img.unsqueeze(0)).mean((2, 3)) for img in images]
+
+
+class _Unannotated(_ListOfImages):
+    def forward(self, images):  # type: ignore[override]  (as RetinaNet: no annotation)
+        return [self.conv(img.unsqueeze(0)).mean((2, 3)) for img in images]
+
+
+@pytest.mark.parametrize("cls", [_ListOfImages, _Unannotated])
+@pytest.mark.parametrize("given", ["dict", "tensor"])
+def test_a_list_of_images_model_given_a_dict_or_one_tensor_is_told_to_pass_a_list(
+    cls: type[nn.Module], given: str
+) -> None:
+    """A detector traced with {"images": [x]} said only "'str' object has no attribute
+    'shape'" (it iterated the dict's keys), and with a bare (3, H, W) tensor the model's
+    own complaint about a 2-D image: neither said to pass [x]. Oracle: [x] traces, and
+    gives the model's own output."""
+    torch.manual_seed(0)
+    model = cls().eval()
+    x = torch.rand(3, 12, 12)
+    with pytest.raises(LurkerError) as err:
+        lurker.trace(model, {"images": [x]} if given == "dict" else x)
+    said = str(err.value)
+    assert "forward takes 'images' as a list of image tensors" in said
+    assert "pass lurker.trace(model, [x])" in said
+    assert ("a dict" if given == "dict" else "a tensor of shape (3, 12, 12)") in said
+    tr = lurker.trace(model, [x])
+    torch.testing.assert_close(tr.output[0], model([x])[0], rtol=0, atol=0)
+
+
+def test_a_list_of_images_model_given_a_list_gets_no_such_hint() -> None:
+    """The hint is for the wrong container only: a list whose image is wrong is the
+    model's own error, said without it."""
+    with pytest.raises(LurkerError) as err:
+        lurker.trace(_ListOfImages().eval(), [torch.rand(5, 12, 12)])
+    assert "as a list of image tensors" not in str(err.value)

@@ -976,3 +976,27 @@ def test_map_layer_of_a_flat_output_reuses_the_batch_axes_found_with_the_layouts
     assert calls == []
     assert (layer.name, layer.layout.batch, layer.layout.unit) == ("reshape_1", 0, 1)
     assert layer.layout.positions == ()
+
+
+def test_features_beyond_float16_are_warned_and_recorded(model, data, tmp_path):
+    """A layer reaching past float16's 65,504 was stored as inf with no word until the
+    map refused it. Oracle: the float32 features by a forward hook."""
+    big = copy.deepcopy(model)
+    with torch.no_grad():
+        big.classifier[1].weight.mul_(1e6)
+    x, _ = _all(data)
+    ref, _ = _hooked(big, "classifier.2", x)
+    over = ref.abs() > 65504
+    assert 0 < int(over.sum()) < ref.numel()
+    with pytest.warns(UserWarning, match=r"'classifier\.2'.*exceed float16") as w:
+        run = probe(big, data, out=tmp_path / "r", layers="classifier.1", progress=False,
+                    embed=True, batch_size=50)  # fmt: skip
+    said = next(str(m.message) for m in w if "float16" in str(m.message))
+    assert f"{int(over.sum()):,} feature values" in said
+    assert f"{float(ref.abs().max()):.4g}" in said and "docs/tracing.md" in said
+    e = run.embedding()
+    np.testing.assert_array_equal(np.isinf(e.features), over.numpy())
+    assert e.meta["overflow"]["values"] == int(over.sum())
+    assert e.meta["overflow"]["max_abs"] == pytest.approx(float(ref.abs().max()), rel=1e-6)
+    with pytest.raises(LurkerError, match=rf"{int(over.sum()):,} values beyond float16"):
+        make_map(run, method="pca")

@@ -278,6 +278,13 @@ def make_map(
                 settings = stored.meta
             if len(ids) == 0:
                 raise LurkerError("no sample could be embedded (every image was unreadable)")
+            if over := settings.get("overflow"):  # said with its numbers, not reduce's guess
+                raise LurkerError(
+                    f"the features of layer {settings.get('layer')!r} hold "
+                    f"{over.get('values', 0):,} values beyond float16's range (65,504; the "
+                    f"largest magnitude is {over.get('max_abs', 0):.4g}), stored as inf: "
+                    "embed another layer (--layer), or scale the model's values down"
+                )
             done = reduce(feats, method, seed=seed)
             writer.write_map(
                 ids,

@@ -13,7 +13,7 @@ import threading
 import traceback
 import warnings
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from time import perf_counter
@@ -449,6 +449,7 @@ def _trace_error(
     mname = type(model).__name__
     got = ", ".join(str(tuple(op.outputs[0].shape)) for op in partial.inputs if op.outputs)
     inputs = f" The model's input shapes were {got}." if got else ""
+    inputs += _image_list_hint(model, *call)
     failed = rec.failed
     # indices the model makes itself (positions from the input's length) are no matter
     # of --input-dtype: only an op fed by the input gets that hint
@@ -557,6 +558,43 @@ def _call_mismatch(model: nn.Module, e: Exception, args: tuple, kwargs: dict) ->
     except ValueError:  # no signature to read
         return None
     return None
+
+
+def _image_list_hint(model: nn.Module, args: tuple, kwargs: dict) -> str:
+    """Where the forward takes a list of images (its first parameter annotated as a list
+    of tensors, or named ``images``: torchvision's detection models) and got something
+    else for it (a dict, whose keys it iterates as images, or one tensor, whose rows it
+    takes for images): how to pass it. Else empty."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):  # no signature to read
+        return ""
+    if not params or params[0].kind not in (
+        params[0].POSITIONAL_ONLY,
+        params[0].POSITIONAL_OR_KEYWORD,
+    ):
+        return ""
+    first = params[0]
+    note = first.annotation
+    text = note.replace(" ", "").lower() if isinstance(note, str) else ""
+    takes_list = (
+        getattr(note, "__origin__", None) in (list, Sequence)
+        or text.startswith(("list[tensor", "list[torch.tensor"))
+        or (note is first.empty and first.name == "images")
+    )
+    value = args[0] if args else kwargs.get(first.name, first.empty)
+    if not takes_list or value is first.empty or isinstance(value, (list, tuple)):
+        return ""
+    if isinstance(value, Mapping):
+        said = "a dict (one argument, not keywords: its keys were taken for images)"
+    else:
+        said = _describe(value)
+    batch = isinstance(value, Tensor) and value.dim() == 4
+    fix = "list(x)) (x: an (N, C, H, W) batch" if batch else "[x]) (one (C, H, W) tensor per image"
+    return (
+        f" {type(model).__name__}.forward takes '{first.name}' as a list of image tensors "
+        f"and got {said}: pass lurker.trace(model, {fix})."
+    )
 
 
 def _describe(value: Any) -> str:

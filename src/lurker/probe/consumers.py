@@ -398,16 +398,37 @@ class EmbeddingConsumer(BatchConsumer):
         self._own: bool | None = None  # the model's output is probabilities (first batch)
         self._saved_chunks = 0  # leading chunks of the lists already in the rows file
         self._saved_rows = 0  # rows of the file that the last checkpoint committed
+        self._overflow = 0  # finite features that float16 turned into inf
+        self._largest = 0.0  # the largest finite magnitude among the features (float32)
 
     @property
     def settings(self) -> dict[str, Any]:
-        """What the features are, stored in the run's meta as ``embedding``."""
-        return {
+        """What the features are, stored in the run's meta as ``embedding``; with
+        ``overflow`` (how many values float16 stored as inf, and the largest magnitude)
+        when the layer's values exceed float16's range, so a reader of the run can tell."""
+        out: dict[str, Any] = {
             "layer": self.layer.name,
             "op": self.layer.op.label,
             "dim": self.layer.width,
             "pooled": bool(self.layer.layout.positions),
         }
+        if self._overflow:
+            out["overflow"] = {"values": self._overflow, "max_abs": self._largest}
+        return out
+
+    def overflow_message(self) -> str | None:
+        """Why some stored features are inf and what to do instead (None: none are)."""
+        if not self._overflow:
+            return None
+        return (
+            f"embedding of layer {self.layer.name!r}: {self._overflow:,} feature value"
+            f"{'s' if self._overflow != 1 else ''} exceed float16's range (65,504; the "
+            f"largest magnitude is {self._largest:.4g}) and {'are' if self._overflow != 1 else 'is'}"
+            " stored as inf, so the dataset map refuses these features. Embed another layer "
+            "(embed=LAYER, `--embed-layer`), or scale the model's values down; for the exact "
+            'float32 values use a trace ("Activations of chosen layers over a stimulus set" '
+            "in docs/tracing.md)"
+        )
 
     @property
     def _row_dtype(self) -> np.dtype:
@@ -421,7 +442,13 @@ class EmbeddingConsumer(BatchConsumer):
             return
         u = layer.units(output)
         f = u.reshape(u.shape[0], u.shape[1], -1).float().mean(2)  # pool in float32
-        self._feats.append(f.to("cpu", torch.float16))
+        full = f.to("cpu")
+        half = full.to(torch.float16)
+        lost = int((half.isinf() & full.isfinite()).sum())  # float16 overflowed them
+        if lost:
+            self._overflow += lost
+            self._largest = max(self._largest, float(full[full.isfinite()].abs().max()))
+        self._feats.append(half)
         self._ids.append(batch.ids.to("cpu"))
 
     def end(self, batch: Batch, output: Any) -> None:
@@ -471,7 +498,7 @@ class EmbeddingConsumer(BatchConsumer):
             ids, feats, pred, conf = self.arrays()
             return {
                 "layer": self.layer.name, "ids": ids, "features": feats, "pred": pred,
-                "conf": conf,
+                "conf": conf, "overflow": self._overflow, "max_abs": self._largest,
             }  # fmt: skip
         ids, feats, pred, conf = self._concat(self._saved_chunks)
         rec = np.empty(len(ids), self._row_dtype)
@@ -491,6 +518,8 @@ class EmbeddingConsumer(BatchConsumer):
             "rows_file": self.rows.name,
             "rows": self._saved_rows,
             "row_bytes": dt.itemsize,
+            "overflow": self._overflow,
+            "max_abs": self._largest,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -499,6 +528,8 @@ class EmbeddingConsumer(BatchConsumer):
                 f"its features are of layer {state.get('layer')!r}, this probe embeds "
                 f"{self.layer.name!r}; resume with the same embed="
             )
+        self._overflow = int(state.get("overflow", 0))
+        self._largest = float(state.get("max_abs", 0.0))
         if "features" in state:  # every row inside the checkpoint
             self._set(state["ids"], state["features"], state["pred"], state["conf"])
             self._saved_chunks = self._saved_rows = 0  # the next save writes them all
@@ -533,15 +564,20 @@ class EmbeddingConsumer(BatchConsumer):
 
         first = dist.get_rank(group) == 0
         parts: list[Any] | None = [None] * dist.get_world_size(group) if first else None
+        mine = (*self.arrays(), self._overflow, self._largest)
         dist.gather_object(
-            self.arrays(), parts, dst=dist.get_global_rank(group, 0) if group else 0, group=group
+            mine, parts, dst=dist.get_global_rank(group, 0) if group else 0, group=group
         )
         if parts is not None:
             self._set(*(torch.cat([p[i] for p in parts]) for i in range(4)))
             self._set(*self.arrays())
+            self._overflow = sum(p[4] for p in parts)
+            self._largest = max(p[5] for p in parts)
 
     def finish(self, writer: RunWriter) -> None:
         ids, feats, pred, conf = self.arrays()
+        if (message := self.overflow_message()) is not None:
+            warn(message)
         writer.write_embedding(
             ids.numpy(), feats.numpy(), pred.numpy(), conf.numpy(), self.settings
         )
