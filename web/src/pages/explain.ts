@@ -397,7 +397,7 @@ function methodCard(ctx: PageContext, image: string, m: ExplainMethod, target: s
   const card = h(
     "figure",
     { class: "card explain-card", "data-method": m.name },
-    h("h3", { title: m.summary }, h("span", { class: "name" }, TITLES[m.name] ?? m.name), h("span", { class: "muted" }, m.signed ? " signed" : " ≥ 0")),
+    h("h3", { title: m.summary }, h("span", { class: "name" }, TITLES[m.name] ?? m.name), h("span", { class: "muted sign" }, m.signed ? " signed" : " ≥ 0")),
     stack,
     caption,
     // what the method computes, in one sentence from the server: a hover title alone is unseen on a projector or a touch screen

@@ -80,7 +80,20 @@ export async function renderHome(root: HTMLElement, ctx: PageContext): Promise<v
           ["feature visualizations", featviz.length ? `${featviz.length} layer${featviz.length === 1 ? "" : "s"}: ${featviz.slice(0, 4).join(", ")}${featviz.length > 4 ? ", …" : ""}` : h("span", { class: "muted" }, "none (lurker featviz RUN --layer L)")],
           ["explanations", explained ? h("a", { href: ctx.href("explain") }, `${fmt(explained)} sample${explained === 1 ? "" : "s"} precomputed`) : s.holds.live ? h("a", { href: ctx.href("explain") }, "computed on request") : h("span", { class: "muted" }, "none precomputed")],
           ["live model", s.holds.live ? h("a", { href: ctx.href("live") }, "attached") : h("span", { class: "muted" }, ctx.api.isStatic ? `none in a static export (${serveCommand(s)})` : `none (${serveCommand(s, false)})`)],
-          ["cached images", fmt(s.holds.cached_images)],
+          // the server makes a unit's or sample's images the first time a page shows
+          // them and keeps them, so this count grows as one browses: say so, not leave a
+          // number that changes unexplained (an export's count is fixed when written)
+          ctx.api.isStatic
+            ? ["cached images", fmt(s.holds.cached_images)]
+            : [
+                "images cached so far",
+                h(
+                  "span",
+                  { class: "cached-images", title: "Pages make their images on first view and keep them, so this count grows as you browse. `lurker images RUN` makes the units' images ahead of time." },
+                  fmt(s.holds.cached_images),
+                  h("span", { class: "muted" }, " (made as pages are first viewed)"),
+                ),
+              ],
           ["probed", [h("span", { title: s.probe.created ?? null }, probedAt(s.probe.created)), s.probe.lurker_version ? ` with lurker ${s.probe.lurker_version}` : ""]],
           ["status", s.probe.status ?? "–"],
         ]),
