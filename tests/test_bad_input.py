@@ -760,3 +760,23 @@ def test_a_list_of_images_model_given_a_list_gets_no_such_hint() -> None:
     with pytest.raises(LurkerError) as err:
         lurker.trace(_ListOfImages().eval(), [torch.rand(5, 12, 12)])
     assert "as a list of image tensors" not in str(err.value)
+
+
+def test_a_model_whose_batch_is_named_images_gets_no_list_hint() -> None:
+    """A plain model whose forward names its (B, C, H, W) batch ``images`` (no annotation)
+    is not a detector: its own error (a wrong Linear width) was told to pass
+    lurker.trace(model, list(x)), which fails too."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c = nn.Conv2d(3, 4, 3)
+            self.fc = nn.Linear(10, 2)
+
+        def forward(self, images):  # type: ignore[no-untyped-def]
+            return self.fc(self.c(images).flatten(1))
+
+    with pytest.raises(LurkerError) as err:
+        lurker.trace(Net().eval(), torch.randn(2, 3, 8, 8))
+    assert "in_features=10" in str(err.value)
+    assert "list of image tensors" not in str(err.value)

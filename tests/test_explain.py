@@ -1540,3 +1540,21 @@ def test_occlusion_strides_left_out_follow_a_small_window(digits, xd) -> None:
     # a stride error whose only fit is 1 says so once (it said "strides=1 (half ...) or strides=1")
     with pytest.raises(LurkerError, match=r"pass strides=1$"):
         lurker.explain(digits, xd, 0, method="occlusion", window=(1, 3, 3), strides=0)
+
+
+def test_occlusion_strides_left_out_are_4_where_the_channels_are_unknown() -> None:
+    """A channels-last input lurker cannot read (a Flatten first) takes a window of every
+    axis, (8, 8, 3); strides left out were (1, 4, 3): 1 on the rows, not the documented 4
+    (as channel_dim=3 gives). Captum with strides (4, 4, 1) is the oracle."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16 * 16 * 3, 4)).eval()
+    x = torch.randn(2, 16, 16, 3)
+    e = lurker.explain(model, x, target=[1, 2], method="occlusion", window=(8, 8, 3))
+    named = lurker.explain(
+        model, x, target=[1, 2], method="occlusion", window=(8, 8, 3), channel_dim=3
+    )
+    assert e.options["strides"] == named.options["strides"] == (4, 4, 1)
+    ref = captum_attr.Occlusion(model).attribute(
+        x, sliding_window_shapes=(8, 8, 3), strides=(4, 4, 1), baselines=0.0, target=[1, 2]
+    )
+    close(e.attribution, ref)

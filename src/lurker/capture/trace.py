@@ -577,13 +577,18 @@ def _image_list_hint(model: nn.Module, args: tuple, kwargs: dict) -> str:
     first = params[0]
     note = first.annotation
     text = note.replace(" ", "").lower() if isinstance(note, str) else ""
-    takes_list = (
-        getattr(note, "__origin__", None) in (list, Sequence)
-        or text.startswith(("list[tensor", "list[torch.tensor"))
-        or (note is first.empty and first.name == "images")
+    annotated = getattr(note, "__origin__", None) in (list, Sequence) or text.startswith(
+        ("list[tensor", "list[torch.tensor")
     )
     value = args[0] if args else kwargs.get(first.name, first.empty)
-    if not takes_list or value is first.empty or isinstance(value, (list, tuple)):
+    # by its name alone (no annotation): a 4-D batch is what a model whose forward names
+    # its batch ``images`` takes, so only a dict or a tensor of another rank gets the hint
+    by_name = (
+        note is first.empty
+        and first.name == "images"
+        and not (isinstance(value, Tensor) and value.dim() == 4)
+    )
+    if not (annotated or by_name) or value is first.empty or isinstance(value, (list, tuple)):
         return ""
     if isinstance(value, Mapping):
         said = "a dict (one argument, not keywords: its keys were taken for images)"

@@ -149,7 +149,11 @@ class Occlusion(Method):
         win = _per_dim(window, dims, "window", whole)
         if strides is None:  # 4, or a window's size where it is smaller (window=3 alone
             # ran into the fixed default's "each step must be from 1 to its window's size")
-            st = tuple(min(s, w) for s, w in zip(_per_dim(4, dims, "strides", whole), win))
+            four = _per_dim(4, dims, "strides", whole)
+            if self.axes is not None and self.axes.found == "unknown":  # the window gives
+                # every axis and none is known to be the channels: 4 on each it slides over
+                four = tuple(4 if w < d else 1 for w, d in zip(win, dims))
+            st = tuple(min(s, w) for s, w in zip(four, win))
         else:
             st = _per_dim(strides, dims, "strides", whole)
         spots = windows(dims, win, st, (window, st if strides is None else strides))
