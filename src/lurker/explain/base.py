@@ -242,8 +242,11 @@ class Method:
         if ids:
             return self._attribute_ids(model, x, target, options)
         self.axes = input_axes(model, x, channel_dim)
+        # integrated gradients, occlusion: the model also runs on their baseline
+        given = options.get("baseline")
+        baseline = functools.partial(_baseline, given, x) if "baseline" in allowed else None
         with (
-            input_errors(model, x),
+            input_errors(model, x, baseline, self.name, given is not None),
             untouched(model),
             no_param_grads(model),
             torch.enable_grad(),
@@ -501,35 +504,93 @@ def warn_training(model: nn.Module) -> None:
         )
 
 
+def _baseline(given: Any, x: Tensor) -> Tensor:
+    """A method's ``baseline=`` option as the tensor it runs the model on."""
+    from .integrated_gradients import as_baseline
+
+    return as_baseline(given, x)
+
+
+class BaselineError(LurkerError):
+    """The model runs on the input but not on the method's baseline (zeros by default): a
+    model that divides by its input's norm or asserts a nonzero input. A request the model
+    cannot answer as asked, not a failure of the model on the input (the explorer's
+    precompute leaves the method out, saying why)."""
+
+
 @contextlib.contextmanager
-def input_errors(model: nn.Module, x: Tensor) -> Iterator[None]:
+def input_errors(
+    model: nn.Module,
+    x: Tensor,
+    baseline: Callable[[], Tensor] | None = None,
+    method: str = "",
+    given: bool = False,
+) -> Iterator[None]:
     """A failure within becomes :func:`input_error`'s message where the model itself does
-    not run on ``x``; lurker's own errors, and failures of a model that runs on ``x``, go
-    through as they are."""
+    not run on ``x``, or :func:`baseline_error`'s where it runs on ``x`` but not on the
+    method's ``baseline`` (made on demand; ``given``: passed by the user, not the default
+    zeros); lurker's own errors, and failures of a model that runs on both, go through as
+    they are."""
     try:
         yield
     except Exception as e:
         if isinstance(e, LurkerError) and not isinstance(e, TraceError):
             raise  # lurker's own message already names the problem
-        bad = input_error(model, x)
+        failed = forward_error(model, x)
+        bad = None if failed is None else input_error(model, x, failed)
+        if failed is None and baseline is not None:  # runs on x: does it on the baseline?
+            bad = baseline_error(model, baseline(), method, given)
         if bad is None:
             raise  # the model runs on x: the failure is the method's or the model's own
         raise bad from e
 
 
-def input_error(model: nn.Module, x: Tensor) -> LurkerError | None:
+def baseline_error(model: nn.Module, x0: Tensor, method: str, given: bool) -> BaselineError | None:
+    """Why ``method`` failed where the model runs on the input but not on the baseline
+    ``x0`` the method runs it on: its error said with the baseline named and the fix (the
+    model's own message names neither). None where the model runs on ``x0``, or runs out
+    of memory there (then the baseline is not the problem)."""
+    e = forward_error(model, x0)
+    if e is not None:
+        if (
+            isinstance(e, (MemoryError, torch.OutOfMemoryError))
+            or "out of memory" in str(e).lower()
+        ):
+            return None
+        said = str(e).strip() or type(e).__name__
+        which = "the given baseline" if given else "its default baseline, zeros"
+        return BaselineError(
+            f"{type(model).__name__} runs on the input but fails on the baseline of {method} "
+            f"({which}), which the method runs it on: {type(e).__name__}: {said.rstrip('.')}. "
+            "Pass a baseline the model accepts: baseline= a number or a tensor shaped like "
+            "one row of x, such as the dataset's mean image or a blurred copy of the input."
+        )
+    return None
+
+
+def forward_error(model: nn.Module, x: Tensor) -> BaseException | None:
+    """What one plain forward of ``x`` raises, or None where it runs."""
+    try:
+        with untouched(model), torch.no_grad():
+            model(x)
+    except Exception as e:
+        return e
+    return None
+
+
+def input_error(
+    model: nn.Module, x: Tensor, err: BaseException | None = None
+) -> LurkerError | None:
     """Why a method failed when the model itself does not run on ``x`` (a ViT built for
     another image size, the wrong channels, a float64 input to a float32 model, a
     missing batch axis): an error that names the input and the fix, instead of the
     traceback from inside the model. None when one plain forward of ``x`` runs (then the
     failure is not the input's), or where the model raises an exception type of its own
-    or runs out of memory. Only called after a failure, so it costs nothing otherwise."""
-    try:
-        with untouched(model), torch.no_grad():
-            model(x)
-    except Exception as e:
-        err: BaseException = e
-    else:
+    or runs out of memory. Only called after a failure, so it costs nothing otherwise.
+    ``err``: what :func:`forward_error` said of ``x`` where it was asked already."""
+    if err is None:
+        err = forward_error(model, x)
+    if err is None:
         return None
     kind = type(err)
     if not (kind.__module__ == "builtins" or kind.__module__.startswith("torch")) or issubclass(

@@ -648,6 +648,7 @@ def _resolved(asked: str, target: Any) -> tuple[str, int | None]:
 
 def _compute(s: Session, model: Any, x: Any, method: str, target: str, layer: str | None) -> Result:
     import lurker.explain as xp
+    from lurker.explain.base import BaselineError
 
     vector = s.vector_length() is not None
     if vector and not x.is_floating_point():  # counts, a waveform's integer samples:
@@ -670,6 +671,13 @@ def _compute(s: Session, model: Any, x: Any, method: str, target: str, layer: st
     try:
         with collected() as said:  # what the method warns of: the page's notes
             ex = xp.explain(model, prep.xb, target=prep.target, method=method, **options)
+    except BaselineError as e:  # the explorer has no baseline option: say where there is one
+        raise ApiError(
+            400,
+            prep.said(str(e)).removesuffix(".")
+            + f" (in Python: lurker.explain(model, x, method={method!r}, baseline=...); "
+            "the explorer runs it from zeros only).",
+        ) from None
     except LurkerError as e:
         raise ApiError(400, prep.said(str(e))) from None
     except Exception as e:  # the model's own error, said in one line

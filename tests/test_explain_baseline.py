@@ -1,0 +1,94 @@
+"""A model that runs on its input but refuses the baseline a method runs it on (zeros by
+default: a model that divides by its input's norm) is told so, with the fix
+(``baseline=``), rather than with the model's own error, which names neither; the
+explorer's precompute leaves such a method out, saying why, instead of stopping."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+import lurker
+from lurker.errors import LurkerError
+from lurker.probe import probe
+
+
+class NormNet(nn.Module):
+    """Divides by its input's norm: an all-zero input is refused."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.flatten(1).norm(dim=1)
+        if bool((n == 0).any()):
+            raise ValueError("input has zero norm")
+        h = torch.relu(self.conv(x / n.view(-1, 1, 1, 1)))
+        return self.fc(h.mean((2, 3)))
+
+
+def _model() -> NormNet:
+    torch.manual_seed(0)
+    return NormNet().eval()
+
+
+def _data() -> TensorDataset:
+    return TensorDataset(torch.randn(6, 3, 8, 8, generator=torch.Generator().manual_seed(1)))
+
+
+@pytest.mark.parametrize(
+    ("method", "options"), [("integrated_gradients", {}), ("occlusion", {"window": 8})]
+)
+def test_a_refused_default_baseline_is_named_with_the_fix(method: str, options: dict) -> None:
+    """Was the model's bare ``ValueError: input has zero norm``, raised from its forward."""
+    x = _data().tensors[0][:2]
+    with pytest.raises(LurkerError) as err:
+        lurker.explain(_model(), x, method=method, **options)
+    said = str(err.value)
+    assert f"fails on the baseline of {method} (its default baseline, zeros)" in said
+    assert "ValueError: input has zero norm" in said and "baseline=" in said
+
+
+def test_a_baseline_the_model_accepts_explains() -> None:
+    """The fix the error names works: completeness holds from the dataset's mean image."""
+    model, x = _model(), _data().tensors[0]
+    base = x.mean(0) + 0.1  # (a nonzero mean)
+    e = lurker.explain(model, x[:2], method="integrated_gradients", baseline=base)
+    with torch.no_grad():
+        rise = model(x[:2]) - model(base[None].expand(2, -1, -1, -1))
+    top = e.target if isinstance(e.target, torch.Tensor) else torch.tensor(e.target)
+    want = rise.gather(1, top.view(-1, 1)).squeeze(1)
+    got = e.attribution.flatten(1).sum(1)
+    assert torch.allclose(got, want, atol=1e-3, rtol=1e-3)
+    zero = torch.zeros(2, 3, 8, 8)  # the input itself refused: said as the input's problem
+    with pytest.raises(LurkerError, match="does not run on the input"):
+        lurker.explain(model, zero, method="integrated_gradients", baseline=base)
+
+
+def test_precompute_leaves_the_method_out_saying_why(tmp_path: Path) -> None:
+    """``lurker images --explanations`` stopped the whole run at sample 0 with
+    'integrated_gradients failed on this input: ValueError: ...'; now the method is left
+    out with the reason, every other method is made, and one named in --methods is
+    refused with the same reason."""
+    from lurker.server import explained
+
+    model, data = _model(), _data()
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    meta = {"model_spec": f"{__name__}:NormNet", "weights": str(tmp_path / "w.pt")}
+    probe(model, data, out=tmp_path / "r", k=2, batch_size=3, progress=False, meta=meta).close()
+    done = explained.precompute(tmp_path / "r", 2, dataset=data, progress=False)
+    why = done.skipped["integrated_gradients"]
+    assert "baseline of integrated_gradients (its default baseline, zeros)" in why
+    assert "baseline=" in why
+    assert explained.explained_samples(tmp_path / "r") == ["sample-0", "sample-1"]
+    assert done.made > 0 and "saliency" not in done.skipped
+    with pytest.raises(LurkerError, match="baseline of integrated_gradients"):
+        explained.precompute(
+            tmp_path / "r", 1, ["integrated_gradients"], dataset=data, progress=False
+        )
