@@ -92,3 +92,43 @@ def test_precompute_leaves_the_method_out_saying_why(tmp_path: Path) -> None:
         explained.precompute(
             tmp_path / "r", 1, ["integrated_gradients"], dataset=data, progress=False
         )
+
+
+def test_evaluate_names_the_curve_baseline_the_model_refuses() -> None:
+    """Deletion ends on zeros by default, which the model refuses: was its bare
+    ``ValueError: input has zero norm``; now the curve, its baseline and the fix are named,
+    and the fix given works (the curve's ends are the model's own probabilities)."""
+    model, x = _model(), _data().tensors[0][:2]
+    with pytest.raises(LurkerError) as err:
+        lurker.explain.evaluate(model, x, 0, metrics="deletion")
+    said = str(err.value)
+    assert "baseline of the deletion curve (deletion_baseline='zeros', the default)" in said
+    assert "ValueError: input has zero norm" in said
+    assert "deletion_baseline='blur' or 'mean'" in said
+    with pytest.raises(LurkerError, match=r"insertion curve \(insertion_baseline=0\)"):
+        lurker.explain.evaluate(model, x, 0, metrics="insertion", insertion_baseline=0)
+    ev = lurker.explain.evaluate(model, x, 0, metrics="deletion", deletion_baseline="mean")
+    mean = x.mean((2, 3), keepdim=True).expand_as(x)
+    with torch.no_grad():
+        want = torch.stack([model(x), model(mean)], 1).softmax(-1)[:, :, 0].double()
+    assert ev.deletion is not None
+    assert torch.allclose(ev.deletion.scores[:, [0, -1]], want, atol=1e-6)
+
+
+def test_precompute_suggests_only_methods_it_still_makes(tmp_path: Path) -> None:
+    """LRP has no rule for the model's norm, and integrated gradients is left out for its
+    zeros baseline: LRP's and concept relevance's reasons said 'integrated_gradients ...
+    still explain it' (or the Python call), a method the same precompute left out; now
+    they name methods it made."""
+    from lurker.server import explained
+
+    model, data = _model(), _data()
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    meta = {"model_spec": f"{__name__}:NormNet", "weights": str(tmp_path / "w.pt")}
+    probe(model, data, out=tmp_path / "r", k=2, batch_size=3, progress=False, meta=meta).close()
+    done = explained.precompute(tmp_path / "r", 1, dataset=data, progress=False)
+    assert set(done.skipped) == {"integrated_gradients", "lrp", "concepts"}
+    for method in ("lrp", "concepts"):
+        why = done.skipped[method]
+        assert "no rule" in why and "integrated_gradients" not in why
+        assert "input_x_gradient" in why and "input_x_gradient" not in done.skipped

@@ -518,6 +518,13 @@ class BaselineError(LurkerError):
     precompute leaves the method out, saying why)."""
 
 
+#: how a method's ``baseline=`` is changed: a value the model may accept
+BASELINE_FIX = (
+    "baseline= a number or a tensor shaped like one row of x, such as the dataset's mean "
+    "image or a blurred copy of the input"
+)
+
+
 @contextlib.contextmanager
 def input_errors(
     model: nn.Module,
@@ -525,12 +532,15 @@ def input_errors(
     baseline: Callable[[], Tensor] | None = None,
     method: str = "",
     given: bool = False,
+    *,
+    which: str | None = None,
+    fix: str = BASELINE_FIX,
 ) -> Iterator[None]:
     """A failure within becomes :func:`input_error`'s message where the model itself does
     not run on ``x``, or :func:`baseline_error`'s where it runs on ``x`` but not on the
     method's ``baseline`` (made on demand; ``given``: passed by the user, not the default
-    zeros); lurker's own errors, and failures of a model that runs on both, go through as
-    they are."""
+    zeros; ``which``, ``fix``: as for :func:`baseline_error`); lurker's own errors, and
+    failures of a model that runs on both, go through as they are."""
     try:
         yield
     except Exception as e:
@@ -539,17 +549,27 @@ def input_errors(
         failed = forward_error(model, x)
         bad = None if failed is None else input_error(model, x, failed)
         if failed is None and baseline is not None:  # runs on x: does it on the baseline?
-            bad = baseline_error(model, baseline(), method, given)
+            bad = baseline_error(model, baseline(), method, given, which=which, fix=fix)
         if bad is None:
             raise  # the model runs on x: the failure is the method's or the model's own
         raise bad from e
 
 
-def baseline_error(model: nn.Module, x0: Tensor, method: str, given: bool) -> BaselineError | None:
+def baseline_error(
+    model: nn.Module,
+    x0: Tensor,
+    method: str,
+    given: bool,
+    *,
+    which: str | None = None,
+    fix: str = BASELINE_FIX,
+) -> BaselineError | None:
     """Why ``method`` failed where the model runs on the input but not on the baseline
     ``x0`` the method runs it on: its error said with the baseline named and the fix (the
     model's own message names neither). None where the model runs on ``x0``, or runs out
-    of memory there (then the baseline is not the problem)."""
+    of memory there (then the baseline is not the problem). ``which`` / ``fix``: the
+    baseline and the option that changes it, where it is not a method's ``baseline=``
+    (evaluate's deletion and insertion curves)."""
     e = forward_error(model, x0)
     if e is not None:
         if (
@@ -558,12 +578,12 @@ def baseline_error(model: nn.Module, x0: Tensor, method: str, given: bool) -> Ba
         ):
             return None
         said = str(e).strip() or type(e).__name__
-        which = "the given baseline" if given else "its default baseline, zeros"
+        if which is None:
+            which = "the given baseline" if given else "its default baseline, zeros"
         return BaselineError(
             f"{type(model).__name__} runs on the input but fails on the baseline of {method} "
-            f"({which}), which the method runs it on: {type(e).__name__}: {said.rstrip('.')}. "
-            "Pass a baseline the model accepts: baseline= a number or a tensor shaped like "
-            "one row of x, such as the dataset's mean image or a blurred copy of the input."
+            f"({which}), which it runs the model on: {type(e).__name__}: {said.rstrip('.')}. "
+            f"Pass a baseline the model accepts: {fix}."
         )
     return None
 

@@ -37,6 +37,7 @@ from .base import (
     Explanation,
     check_input,
     check_seed,
+    input_errors,
     outside_inference_mode,
     training_said,
     untouched,
@@ -254,13 +255,29 @@ def evaluate(
             step = max(1, math.ceil(n_features / 100))
         options.update(patch=patch, step=step, rank_by=rank_by, batch_size=batch_size)
         blur = (blur_kernel, blur_sigma)
+        defaults = {"deletion": "zeros", "insertion": "blur"}
         for kind in curves:
             spec = deletion_baseline if kind == "deletion" else insertion_baseline
             if perm is None or isinstance(spec, str):
                 base = _baseline(spec, xc, blur)
             else:  # a number or a tensor in the input's own layout
                 base = as_baseline(spec, x).permute(perm)
-            with untouched(model):
+            # a model that refuses the baseline (zeros: one dividing by its input's norm)
+            # is told which and what to pass instead, not with its own bare error
+            own = base if perm is None else base.permute([perm.index(d) for d in range(x.dim())])
+            with (
+                input_errors(
+                    model,
+                    x,
+                    lambda own=own: own,
+                    f"the {kind} curve",
+                    which=f"{kind}_baseline="
+                    + (_describe(spec, blur) if isinstance(spec, Tensor) else repr(spec))
+                    + (", the default" if isinstance(spec, str) and spec == defaults[kind] else ""),
+                    fix=_baseline_fix(kind, spec, x),
+                ),
+                untouched(model),
+            ):
                 curve = _curve(net, xc, e.target, rank, n_features, step, base, kind, batch_size)
             curve.baseline = _describe(spec, blur)
             setattr(result, kind, curve)
@@ -420,6 +437,17 @@ def _baseline(spec: Any, x: Tensor, blur: tuple[int, float]) -> Tensor:
             f"unknown baseline {spec!r}; supported: {', '.join(BASELINES)}, a number or a tensor"
         )
     return as_baseline(spec, x)
+
+
+def _baseline_fix(kind: str, spec: Any, x: Tensor) -> str:
+    """The ``{kind}_baseline=`` values to try where the model refuses ``spec``."""
+    zero = isinstance(spec, (int, float)) and spec == 0  # zeros already, as a number
+    others = [
+        repr(b)
+        for b in BASELINES
+        if b != spec and (b != "blur" or x.dim() == 4) and not (b == "zeros" and zero)
+    ]
+    return f"{kind}_baseline={' or '.join(others)}, a number or a tensor"
 
 
 def _describe(spec: Any, blur: tuple[int, float]) -> str:

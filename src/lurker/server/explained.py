@@ -17,11 +17,14 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from lurker.errors import LurkerError
+
+if TYPE_CHECKING:
+    from lurker.explain.lrp import NoRule
 
 #: The target precomputed explanations are made for (the Explain page's default).
 TARGET = "top"
@@ -128,6 +131,7 @@ def precompute(
         CONCEPT_TOP,
         concept_ranking,
         explain_result,
+        no_rule_reasons,
         refusals,
         stored_result,
     )
@@ -201,18 +205,21 @@ def precompute(
         elif asked is None and CONCEPTS in methods and not _has_concepts(s):
             methods.remove(CONCEPTS)  # not asked for, and this run cannot have them
         # what the model cannot give, asked up front as the Explain page does (its trace:
-        # Grad-CAM's map layers, LRP's rules), not learnt by failing on the first sample
+        # Grad-CAM's map layers, LRP's rules), not learnt by failing on the first sample.
+        # Each reason's "use ... instead" is said once the first sample has settled which
+        # methods are still made (integrated gradients may be left out for its baseline)
         skipped: dict[str, str] = {}
+        refused: dict[str, str] = {}
         for method, why in refusals(s).items():
             if method not in methods:
                 continue
             if asked is not None:  # named by the user: said, nothing made
                 raise LurkerError(
                     f"cannot precompute {method!r} for run {e.path}: {why}; leave it out of "
-                    f"--methods ({_INSTEAD})"
+                    f"--methods ({_instead(list(_GRADIENT))})"
                 )
             methods.remove(method)
-            skipped[method] = f"{why}; {_INSTEAD}"
+            refused[method] = why
         for n, sid in enumerate(ids):
             image = f"sample-{sid}" if flat else image_id(s, f"sample-{sid}")
             folder = sample_folder(e.path, image)
@@ -239,7 +246,11 @@ def precompute(
                         # model_failed) stops it
                         if asked is None and n == 0 and err.status == 400 and not err.model_failed:
                             methods.remove(method)
-                            skipped[method] = str(err.detail)
+                            rule = _no_rule(err)  # (a model that fails on the zeros it
+                            if rule is None:  # was traced on: refusals could not tell)
+                                skipped[method] = str(err.detail)
+                            else:
+                                refused[method] = no_rule_reasons(rule)[method]
                             continue
                         raise
                     made += 1
@@ -247,13 +258,47 @@ def precompute(
                 raise LurkerError(f"sample {sid}: {err.detail}") from None
             if progress:
                 print(f"explain: {n + 1}/{len(ids)} samples", file=sys.stderr, flush=True)
+        # what is left out is settled (on the first sample): what still explains the model
+        skipped.update({m: f"{why}; {_instead(methods)}" for m, why in refused.items()})
     finally:
         app.state.registry.close()
     return Precomputed(len(ids), made, existing, time.perf_counter() - start, skipped)
 
 
-#: what still explains a model that Grad-CAM or LRP cannot (by method name)
-_INSTEAD = "integrated_gradients, input_x_gradient and the other gradient methods still explain it"
+#: what explains a model that Grad-CAM or LRP cannot (by method name), first named first
+_GRADIENT = (
+    "integrated_gradients",
+    "input_x_gradient",
+    "saliency",
+    "smoothgrad",
+    "guided_backprop",
+    "deconvnet",
+)
+
+
+def _instead(methods: list[str]) -> str:
+    """The gradient methods among ``methods`` (those still made) that explain a model
+    Grad-CAM or LRP cannot: never one left out (integrated gradients, where the model
+    refuses its zeros baseline)."""
+    still = [m for m in _GRADIENT if m in methods]
+    if not still:
+        return "lurker.explain's gradient methods explain it in Python"
+    if len(still) <= 2:
+        return f"{' and '.join(still)} still explain{'s' if len(still) == 1 else ''} it"
+    return f"{still[0]}, {still[1]} and the other gradient methods still explain it"
+
+
+def _no_rule(err: BaseException) -> NoRule | None:
+    """LRP's refusal of an op (:class:`lurker.explain.lrp.NoRule`) behind the explorer's
+    error, kept as its context, or None."""
+    from lurker.explain.lrp import NoRule
+
+    e: BaseException | None = err
+    while e is not None:
+        if isinstance(e, NoRule):
+            return e
+        e = e.__context__
+    return None
 
 
 def _has_concepts(s: Any) -> bool:

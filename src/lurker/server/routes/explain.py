@@ -1038,14 +1038,22 @@ def refusals(s: Session) -> dict[str, str]:
                 f"Grad-CAM weighs a layer's maps, and no layer of this model makes {what}"
             )
         if no_rule is not None:
-            out["lrp"] = f"LRP has no rule for {no_rule.plain}"
-            out[CONCEPTS_KEY] = (
-                "concept relevance is LRP through every layer, and LRP has no rule for "
-                f"{no_rule.plain}"
-            )
+            out.update(no_rule_reasons(no_rule))
         return out
 
     return s.cached(("explain-refusals", s.entry.generation), make)
+
+
+def no_rule_reasons(no_rule: Any) -> dict[str, str]:
+    """Why LRP and concept relevance cannot explain a model with an op LRP has no rule
+    for (an :class:`lurker.explain.lrp.NoRule`), without what to use instead: each caller
+    says that in its own terms."""
+    return {
+        "lrp": f"LRP has no rule for {no_rule.plain}",
+        CONCEPTS_KEY: (
+            f"concept relevance is LRP through every layer, and LRP has no rule for {no_rule.plain}"
+        ),
+    }
 
 
 @router.get(
