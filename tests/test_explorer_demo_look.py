@@ -12,29 +12,19 @@ convolution's 3x3 crop at the image's edge is narrower than the tile).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import torch
 
 from explorer_fixtures import (  # noqa: F401
-    ExplorerRun,
     explorer_run,
+    served_explorer_run,
     skip_without_browser,
     strict_page,
 )
 
 skip_without_browser()
-
-
-@pytest.fixture(scope="module")
-def served(explorer_run: ExplorerRun) -> Iterator[dict[str, Any]]:  # noqa: F811
-    from lurker.server import create_app
-    from lurker.server.serve import background
-
-    with background(create_app(explorer_run.path, model_obj=explorer_run.model)) as url:
-        yield {"url": f"{url}#/r/{explorer_run.path.name}", "run": explorer_run}
 
 
 def test_live_counts_ops_as_the_graph_and_home_pages_do(

@@ -20,19 +20,9 @@ from fastapi.testclient import TestClient
 from lurker.probe import probe
 from lurker.probe.data import load_dataset
 from lurker.server import create_app
+from test_graph_nonfinite import _Dark
 
 LAYERS = ["blk.inner.dark", "blk.inner.relu", "head"]
-
-
-class _Dark(torch.nn.Module):
-    """Adds ``sqrt(mean brightness - t)``: NaN on the samples darker than t."""
-
-    def __init__(self, t: float) -> None:
-        super().__init__()
-        self.t = t
-
-    def forward(self, v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return v + torch.sqrt(x.flatten(1).mean(1, keepdim=True) - self.t)
 
 
 class _Inner(torch.nn.Module):
