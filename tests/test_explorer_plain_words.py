@@ -53,11 +53,14 @@ def test_live_maps_are_described_in_plain_words(
         pg.goto(served["url"] + "/live?image=sample-0&op=conv2d_1")
         pg.wait_for_selector(".fmaps[data-side=output] .fmap img")
         heading = pg.locator("section.card[data-side=output] h3").inner_text()
+        given = pg.locator("section.card[data-side=input] h3").inner_text()
     assert (
         f"{channels} channel maps, one per unit (axis 1 of the shape), each {hh}\u00d7{ww}"
         in heading
     )
     assert "units on axis" not in heading
+    # the model's own input has channels, not units (its one grey channel here)
+    assert "1 channel map, one per channel of the model's input (axis 1 of the shape)" in given
 
 
 @pytest.fixture(scope="module")

@@ -416,7 +416,8 @@ async function showOp(el: HTMLElement, ctx: PageContext, image: string, op: stri
     const what = vector
       ? `${t.map_shape[1]} value${t.map_shape[1] === 1 ? "" : "s"}, ${t.one_value_maps ? "one per map" : t.shape.length > 2 ? "one map" : "no positions"}`
       : // in plain words: a map per channel, and where the units are, which axis holds them
-        `${t.channels} channel map${t.channels === 1 ? "" : "s"}${t.unit_axis === null || t.unit_axis === undefined ? "" : `, one per unit (axis ${t.unit_axis} of the shape)`}, each ${t.map_shape.join("×")}`;
+        // (the model's own input has channels, not units: input_N is how lurker labels it)
+        `${t.channels} channel map${t.channels === 1 ? "" : "s"}${t.unit_axis === null || t.unit_axis === undefined ? "" : `, one per ${side === "input" && /^input_\d+$/.test(info.input_op ?? "") ? "channel of the model's input" : "unit"} (axis ${t.unit_axis} of the shape)`}, each ${t.map_shape.join("×")}`;
     const from =
       side === "input" && info.input_op
         ? h("p", { class: "muted small" }, "the output of ", h("a", { href: ctx.href("live") + "?" + new URLSearchParams({ image, op: info.input_op }), class: "input-op" }, h("code", null, info.input_op)), info.kind === "output" ? ", which the model returns" : "")
