@@ -401,11 +401,12 @@ def check_count(what: str, name: str, value: Any, minimum: int = 1) -> int:
 SEED_LIMIT = 2**64
 
 
-def check_seed(what: str, value: Any, name: str = "seed") -> int | None:
-    """A random seed: None (fresh draws each call) or an int in ``[0, 2**64)``. torch
-    refuses a float or a string from deep inside ``manual_seed``, and silently takes a
-    negative one modulo ``2**64`` (``-1`` and ``2**64 - 1`` draw the same noise)."""
-    if value is None:
+def check_seed(what: str, value: Any, name: str = "seed", required: bool = False) -> int | None:
+    """A random seed: None (fresh draws each call; refused where ``required``) or an int in
+    ``[0, 2**64)``. torch refuses a float or a string from deep inside ``manual_seed``, and
+    silently takes a negative one modulo ``2**64`` (``-1`` and ``2**64 - 1`` draw the same
+    noise)."""
+    if value is None and not required:
         return None
     if isinstance(value, Tensor) and value.dim() == 0 and not value.is_floating_point():
         value = value.item()
@@ -414,10 +415,10 @@ def check_seed(what: str, value: Any, name: str = "seed") -> int | None:
         or not isinstance(value, numbers.Integral)
         or not 0 <= value < SEED_LIMIT
     ):
+        fresh = "" if required else f", or {name}=None for fresh ones"
         raise LurkerError(
             f"{what}: {name} must be an integer from 0 to 2**64 - 1, got {value!r}; pass "
-            f"{name}=0 (or any such int) for the same draws on every call, or {name}=None "
-            "for fresh ones"
+            f"{name}=0 (or any such int) for the same draws on every call{fresh}"
         )
     return int(value)
 

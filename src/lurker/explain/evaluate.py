@@ -160,13 +160,10 @@ def evaluate(
     names = _metrics(metrics)
     x = check_input(model, x, "evaluate")
     if "randomization" in names:  # before the curves run: a bad seed loses no work
-        if randomization_seed is None:
-            raise LurkerError(
-                "evaluate: randomization_seed must be an integer from 0 to 2**64 - 1, got "
-                "None (randomization re-initialises layers the same way on every call); "
-                "pass randomization_seed=0 (or any such int)"
-            )
-        randomization_seed = check_seed("evaluate", randomization_seed, "randomization_seed")
+        # (never None: randomization re-initialises layers the same way on every call)
+        randomization_seed = check_seed(
+            "evaluate", randomization_seed, "randomization_seed", required=True
+        )
     curves = [n for n in names if n != "randomization"]
     if curves:  # options checked before anything runs
         if rank_by not in ("value", "magnitude"):

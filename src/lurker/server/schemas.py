@@ -511,8 +511,9 @@ class UnitDetail(BaseModel):
     #: lists are ties (ranked by sample id alone), its class means all that value.
     constant: bool = False
     #: Per list (max, mean, relevance): how many entries end it as ties that samples
-    #: outside it may share (two or more zeros ending a full list in a run of more
-    #: samples): the sample pages leave them out, the unit page dims them.
+    #: outside it may share (two or more zeros ending a full list, or the whole of a full
+    #: list all of one value, in a run of more samples): the sample pages leave them out,
+    #: the unit page dims them (or, the whole list, says so).
     tied_tail: dict[str, int] = {}
     #: A video model's run: the frames of each clip (its entries' ``frames`` count them).
     clip_frames: int | None = None

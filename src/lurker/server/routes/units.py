@@ -39,20 +39,21 @@ def unit_detail(
     e = entry(request, run_id)
     info = e.layer(layer)
     index = e.unit_index(info, unit)
-    found = e.open_run().unit(info.name, index)
+    run = e.open_run()
+    found = run.unit(info.name, index)
     doc: dict[str, Any] = found.to_dict()
-    size = e.open_run().meta.get("image_size")
+    size = run.meta.get("image_size")
     peaks = [item["value"] for item in doc["top"]["max"]]
     means = [item["value"] for item in doc["top"]["mean"]]
     positions = positions_per_sample(info)
     doc["constant"] = is_constant(found.mean, found.max, peaks, positions, means)
-    k, samples = e.open_run().meta.get("k"), e.open_run().num_samples
+    k, samples = run.meta.get("k"), run.num_samples
     doc["tied_tail"] = {
         name: tied_tail_count([item["value"] for item in items], k, samples)
         for name, items in doc["top"].items()
         if items is not None and isinstance(k, int)
     }
-    frames = clip_frames(e.open_run().meta.get("config") or {})
+    frames = clip_frames(run.meta.get("config") or {})
     for item in doc["top"]["max"] + doc["top"]["mean"]:  # the mean list's peaks: if stored
         item["box"] = _box(info, item["y"], item["x"], size)
         item["frame"], item["frames"] = entry_frames(info, item["y"], frames)
