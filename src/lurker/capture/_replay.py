@@ -25,6 +25,8 @@ from ._recorder import apply_transform, param_names
 from ._tree import call_tensors, paths, tensors
 
 if TYPE_CHECKING:
+    import inspect
+
     from ..graph.nodes import Op
     from .trace import Activations, Trace
 
@@ -306,12 +308,13 @@ def _unlike(trace: Trace, args: tuple, kwargs: dict) -> tuple[list[str], list[st
 
     traced = {op.name: op.outputs[0] for op in trace.inputs if op.outputs}
     given = dict(_name_inputs(trace.model, args, kwargs)) if trace.model is not None else {}
+    bound = _bound(trace, args, kwargs)
     kind: list[str] = []
     shapes: list[str] = []
     for name, m in traced.items():
         t = given.get(name)
         if t is None:
-            kind.append(_absent(trace, args, kwargs, name, m))
+            kind.append(_absent(bound, name, m))
             continue
         shape, dtype = tuple(t.shape), str(t.dtype).removeprefix("torch.")
         said = f"input '{name}' is {_meta(t)} where the trace was recorded with {_meta_of(m)}"
@@ -326,19 +329,30 @@ def _unlike(trace: Trace, args: tuple, kwargs: dict) -> tuple[list[str], list[st
             f"{first_three(extra)} {'is' if len(extra) == 1 else 'are'} passed, which the "
             f"trace was not recorded with (it was with {first_three(with_) or 'none'})"
         )
-    return kind + _other_arguments(trace, args, kwargs), shapes
+    return kind + _other_arguments(trace, args, kwargs, bound), shapes
 
 
-def _absent(trace: Trace, args: tuple, kwargs: dict, name: str, m: Any) -> str:
-    """Why traced input ``name`` holds no tensor in this call: missing, or passed as
-    something else (a numpy array of stimuli, a list, None), which "missing" would misname."""
+def _bound(trace: Trace, args: tuple, kwargs: dict) -> tuple[inspect.Signature, dict] | None:
+    """The forward's signature and this call's arguments bound to it by name (loosely:
+    missing ones left out), or None where it has no signature or an argument is given
+    twice. Read once for all the lines :func:`_unlike` writes."""
     from .trace import _signature, bind_loosely  # (trace imports this module)
 
-    missing = f"input '{name}' is missing (traced as {_meta_of(m)})"
     try:
-        now = dict(bind_loosely(_signature(trace.model.forward)[0], args, kwargs))
-    except (TypeError, ValueError):  # no signature, or an argument given twice
+        sig = _signature(trace.model.forward)[0]
+        return sig, dict(bind_loosely(sig, args, kwargs))
+    except (TypeError, ValueError):
+        return None
+
+
+def _absent(bound: tuple[inspect.Signature, dict] | None, name: str, m: Any) -> str:
+    """Why traced input ``name`` holds no tensor in this call (``bound``: :func:`_bound`):
+    missing, or passed as something else (a numpy array of stimuli, a list, None), which
+    "missing" would misname."""
+    missing = f"input '{name}' is missing (traced as {_meta_of(m)})"
+    if bound is None:
         return missing
+    now = bound[1]
     root = name.split("[", 1)[0].split(".", 1)[0]
     if root not in now or tensors(now[root], []):  # absent, or a container missing this item
         return missing
@@ -357,18 +371,22 @@ def _absent(trace: Trace, args: tuple, kwargs: dict, name: str, m: Any) -> str:
     )
 
 
-def _other_arguments(trace: Trace, args: tuple, kwargs: dict) -> list[str]:
+def _other_arguments(
+    trace: Trace, args: tuple, kwargs: dict, bound: tuple[inspect.Signature, dict] | None
+) -> list[str]:
     """``argument 'steps' is missing (traced as 3)`` for each argument of the traced call
     that holds no tensor and is not in this call, and one line for those this call passes
     that the traced one did not: the tensor inputs alone all matched in a ``tr.run(x)`` of
-    a trace of ``model(x, steps=3)``, which left torch's TypeError unexplained."""
-    from .trace import _signature, bind_loosely, keyword_only_note  # (trace imports this)
+    a trace of ``model(x, steps=3)``, which left torch's TypeError unexplained. ``bound``:
+    :func:`_bound` of this call."""
+    from .trace import keyword_only_note  # (trace imports this module)
 
+    if bound is None:  # no signature, or an argument given twice
+        return []
+    sig, now = bound[0], dict(bound[1])  # (a copy: defaults are filled in below)
     try:
-        sig = _signature(trace.model.forward)[0]
         then = dict(sig.bind(*trace._inputs[0], **trace._inputs[1]).arguments)
-        now = dict(bind_loosely(sig, args, kwargs))
-    except (TypeError, ValueError):  # no signature, or an argument given twice
+    except TypeError:
         return []
     note = keyword_only_note(sig, args, kwargs)
     if note is not None:  # the one cause of the lines below it would give
