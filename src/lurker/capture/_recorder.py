@@ -1435,6 +1435,9 @@ def _line(code: Any, offset: int) -> int | None:
 # code id -> {offset of a later copy of an instruction: the first copy's offset}, made once
 # per code object (empty, without disassembling, where no source span recurs)
 _COPIES: dict[int, dict[int, int]] = {}
+# frames -> what _first_copies returns for them (_NO_COPY: the frames themselves)
+_FIRST: dict[tuple[int, ...], tuple[int, ...]] = {}
+_NO_COPY: tuple[int, ...] = ()
 
 
 def _first_copies(frames: tuple[int, ...]) -> tuple[int, ...]:
@@ -1445,6 +1448,9 @@ def _first_copies(frames: tuple[int, ...]) -> tuple[int, ...]:
     again at its end, a ``finally`` block on the normal and the exception path. Both
     copies are one call site of the model's code, so one rolled op.
     """
+    hit = _FIRST.get(frames)
+    if hit is not None:  # the same frames again (each block of a model's stack)
+        return frames if hit is _NO_COPY else hit
     out = None
     for i in range(1, len(frames), 2):
         copies = _COPIES.get(frames[i - 1])
@@ -1455,7 +1461,13 @@ def _first_copies(frames: tuple[int, ...]) -> tuple[int, ...]:
             if out is None:
                 out = list(frames)
             out[i] = first
-    return frames if out is None else tuple(out)
+    if len(_FIRST) > 100_000:  # a bound, not a policy
+        _FIRST.clear()
+    if out is None:
+        _FIRST[frames] = _NO_COPY
+        return frames
+    _FIRST[frames] = first_frames = tuple(out)
+    return first_frames
 
 
 def _copies_in(code_id: int) -> dict[int, int]:

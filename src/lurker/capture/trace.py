@@ -352,8 +352,9 @@ def _name_inputs(model: nn.Module, args: tuple, kwargs: dict) -> list[tuple[str,
     out: list[tuple[str, Tensor]] = []
     try:
         sig, names = _signature(model.forward)
-        if names is not None and not kwargs and len(args) == len(names):
-            # what bind() would give, without its cost
+        if names is not None and not kwargs and len(args) <= len(names):
+            # what bind() would give, without its cost (the first parameters, in order;
+            # those left to their defaults hold no input)
             for name, value in zip(names, args):
                 if isinstance(value, Tensor):
                     out.append((name, value))
