@@ -18,7 +18,7 @@ export async function renderHome(root: HTMLElement, ctx: PageContext): Promise<v
   const pictureless = tokens !== null || (d.features ?? null) !== null || (d.signal ?? null) !== null;
   const shownClasses = d.classes.slice(0, 40).join(", ") + (classes > 40 ? `, … (${classes - 40} more)` : "");
   append(root, 
-    h("h1", null, m.name ?? ctx.run, h("span", { class: "sub" }, ` · run `, h("code", null, s.id))),
+    h("h1", null, m.name ?? ctx.run, h("span", { class: "sub", title: "the run's name: its folder" }, ` · `, h("code", null, s.id))),
     s.missing.length ? notice(`This run lacks: ${s.missing.join("; ")}.`) : null,
     h(
       "div",
