@@ -871,6 +871,57 @@ def test_an_unlabelled_dataset_has_no_class_means(tmp_path: Path):
     assert all(e.label is None and e.class_name is None for e in unit.top("max"))
 
 
+class _FloatTargets(torch.utils.data.Dataset):
+    """A regression dataset read item by item (no ``targets``): Python float labels."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor):
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, float]:
+        return self.x[i], float(self.y[i])
+
+
+@pytest.mark.parametrize("itemwise", [False, True])
+def test_regression_targets_are_refused_not_truncated_into_classes(tmp_path: Path, itemwise):
+    """Float targets with fractions (a regression model's) are not class indices: truncated
+    they made classes '0'..'6' out of y = 3x and per-class means over them, silently. The
+    probe refuses them before the sweep, naming the item and the fix, and leaves no run."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 1)).eval()
+    x = torch.randn(40, 10)
+    y = torch.arange(40, dtype=torch.float32)
+    y[23] = 2.5  # whole numbers up to item 23
+    ds = _FloatTargets(x, y) if itemwise else torch.utils.data.TensorDataset(x, y)
+    with pytest.raises(
+        LurkerError,
+        match=r"item 23 has the label 2\.5, not a class index.*regression.*\(image,\) unlabelled",
+    ):
+        probe(model, ds, out=tmp_path / "r", k=2, progress=False)
+    assert not (tmp_path / "r").exists()
+
+
+def test_whole_float_targets_are_class_indices(tmp_path: Path):
+    """Binary targets as floats (0.0 / 1.0, as BCE takes them) keep per-class means by
+    those two classes, equal to numpy's over the hooked activations."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 1)).eval()
+    x = torch.randn(40, 10)
+    y = (x[:, 0] > 0).float()
+    run = probe(
+        model, torch.utils.data.TensorDataset(x, y), out=tmp_path / "r", k=2, progress=False
+    )
+    with torch.no_grad():
+        act = model[1](model[0](x)).numpy()
+    assert run.classes == ["0", "1"]
+    for u in range(8):
+        means = run.unit("1", u).class_means()
+        for c in (0, 1):
+            np.testing.assert_allclose(means[str(c)], act[y.numpy() == c, u].mean(), rtol=1e-5)
+
+
 def test_progress_is_plain_lines_on_stderr_when_not_a_terminal(tmp_path: Path, capsys):
     """In a log (stderr not a terminal) the sweep says how far it has come as it goes, in
     plain lines: the start, then at most every 10 seconds, and the end; stdout stays clean."""

@@ -366,10 +366,10 @@ class WrappedDataset(_SkipLog, _Base):
         transform = getattr(self.dataset, "target_transform", None)
         try:
             if callable(transform):
-                return [int(transform(t)) for t in targets]
-            return [int(t) for t in targets]
-        except (TypeError, ValueError, RuntimeError):  # e.g. one-hot or multi-label targets
-            return None
+                return [_integral(transform(t)) for t in targets]
+            return [_integral(t) for t in targets]
+        except (TypeError, ValueError, RuntimeError):  # one-hot, multi-label, regression
+            return None  # (read from the items, whose first such label is refused, saying so)
 
 
 def _names_list(names: Any) -> list[str] | None:
@@ -383,18 +383,37 @@ def _names_list(names: Any) -> list[str] | None:
     return [str(n) for n in names]
 
 
+def _integral(label: Any) -> int:
+    """``label`` as an int, or ValueError where it is a number with a fraction: ``int()``
+    alone truncates a regression target (2.7 -> class 2), so class statistics would be
+    kept, silently, by classes the data does not have. Whole floats (1.0) are class ids."""
+    if isinstance(label, Tensor) and label.numel() == 1 and label.is_floating_point():
+        label = float(label)
+    if isinstance(label, (float, np.floating)) and not float(label).is_integer():
+        raise ValueError(f"{float(label)!r} is not a whole number")
+    return int(label)
+
+
 def _class_index(label: Any, index: int) -> int:
     """An item's label as a class index, or an error that says what the probe takes."""
     try:
-        return int(label)
+        return _integral(label)
     except (TypeError, ValueError, RuntimeError):
-        is_tensor = isinstance(label, Tensor)
-        shown = f"a tensor of shape {tuple(label.shape)}" if is_tensor else repr(label)
+        is_tensor = isinstance(label, Tensor) and label.numel() != 1
+        shown = f"a tensor of shape {tuple(label.shape)}" if is_tensor else repr(_plain(label))
         raise LurkerError(
             f"dataset item {index} has the label {shown}, not a class index: the probe keeps "
-            "per-class statistics by integer labels (one-hot, multi-label and named labels are "
-            "not class indices). Give items as (image, class index), or (image,) unlabelled."
+            "per-class statistics by integer labels (one-hot, multi-label, named labels, masks "
+            "and regression targets with fractions are not class indices). Give items as "
+            "(image, class index), or (image,) unlabelled."
         ) from None
+
+
+def _plain(label: Any) -> Any:
+    """A one-value tensor or numpy scalar as the Python number it holds, for messages."""
+    if (isinstance(label, Tensor) and label.numel() == 1) or isinstance(label, np.generic):
+        return label.item()
+    return label
 
 
 def _find_normalize(dataset: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
