@@ -395,7 +395,11 @@ def _integral(label: Any) -> int:
 
 
 def _class_index(label: Any, index: int) -> int:
-    """An item's label as a class index, or an error that says what the probe takes."""
+    """An item's label as a class index, or an error that says what the probe takes.
+
+    A float label is taken only where it is a whole number (``3.0``): ``int`` would turn a
+    regression target such as ``2.5`` into class 2, and a name such as ``"3"`` may be any
+    class's, so both are refused rather than give class statistics by the wrong labels."""
     try:
         return _integral(label)
     except (TypeError, ValueError, RuntimeError):
@@ -440,7 +444,32 @@ def wrap(
     """
     if isinstance(dataset, _Base):
         return dataset
+    _refuse_unindexed(dataset)
     return WrappedDataset(dataset, mean=mean, std=std)
+
+
+def _refuse_unindexed(dataset: Any) -> None:
+    """Refuse what cannot be read by index (a DataLoader, an ``IterableDataset``, a
+    generator) in one paragraph naming the fix, rather than a ``TypeError`` from deep in
+    the sweep: every result names its samples by index, and resuming and sharding read
+    items by index."""
+    if isinstance(dataset, torch.utils.data.DataLoader):
+        raise LurkerError(
+            "got a DataLoader where a dataset is expected: the probe batches the dataset "
+            "itself and names each sample by its index in it. Pass the loader's dataset "
+            "(`loader.dataset`), with batch_size= and num_workers= for the probe's own loader."
+        )
+    if isinstance(dataset, torch.utils.data.IterableDataset) or not (
+        hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")
+    ):
+        raise LurkerError(
+            f"the dataset ({type(dataset).__name__}) is not a map-style dataset with __len__ "
+            "and __getitem__: the probe reads items by index, so that each sample keeps its "
+            "id in the results and an interrupted probe resumes where it stopped. Give it a "
+            "map-style dataset, e.g. `torch.utils.data.TensorDataset(inputs, labels)` of the "
+            "stacked items, or a Dataset class whose __getitem__(i) returns the i-th "
+            "(input, label) pair."
+        )
 
 
 # --------------------------------------------------------------------------- digits

@@ -33,6 +33,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 from collections import Counter
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -1713,10 +1714,22 @@ def _sweep(plan: _Plan, consumers: Sequence[BatchConsumer], start: _Progress) ->
                 images, labels, ids = next(batches)  # unreadable images dropped (ds.skipped)
             except StopIteration:
                 break
-            except Exception:
+            except LurkerError:  # lurker's own (mixed shapes, a label): says what to do
+                raise
+            except Exception as e:
                 if interrupted:  # DataLoader workers stopped by the same Ctrl-C
                     break
-                raise
+                # the dataset's own error, maybe wrapped by a DataLoader worker: keep the
+                # batches swept so far and name the item, rather than torch's traceback
+                if position.done:
+                    _save_checkpoint(plan, consumers, position)
+                # DataLoader workers inherit the run's lock: end them now, not when the
+                # error is collected (a notebook keeps it, and the rerun found the run in use)
+                e.__traceback__ = None  # (its frames hold the iterator)
+                batches = iter(())
+                batch_ids = todo[n_batches * batch_size : (n_batches + 1) * batch_size]
+                said = _dataset_item_error(plan, batch_ids, e, position.done)
+                raise said from said.__cause__
             if len(images):
                 _check_labels(labels, ids, known)
                 batch = Batch(
@@ -1761,6 +1774,56 @@ def _sweep(plan: _Plan, consumers: Sequence[BatchConsumer], start: _Progress) ->
     position.skipped = _merge_skipped(position.skipped, plan.ds.skipped)
     position.transparent = _merge_transparent(position.transparent, plan.ds.transparent)
     return position
+
+
+def _failing_item(ds: Any, ids: Sequence[int]) -> tuple[int, Exception] | None:
+    """The first of ``ids`` whose item raises when read again in this process, with its
+    error (a DataLoader worker's error names neither the item nor keeps its type)."""
+    for i in ids:
+        try:
+            ds[i]
+        except LurkerError:
+            raise
+        except Exception as e:
+            return int(i), e
+    return None
+
+
+def item_error(what: str, error: BaseException, then: str) -> LurkerError:
+    """One paragraph for ``what`` ("dataset item 7") whose reading raised: its error and
+    where in the dataset's code it was raised, and ``then`` (what was kept, the fix); the
+    dataset's own error is its cause, with its traceback."""
+    frames = traceback.extract_tb(error.__traceback__)
+    where = f" (at {Path(frames[-1].filename).name}:{frames[-1].lineno})" if frames else ""
+    said = str(error).strip().splitlines()
+    err = LurkerError(
+        f"{what} raised {type(error).__name__}{': ' + said[0] if said else ''}{where}: the "
+        f"probe reads every item of the dataset. {then}"
+    )
+    err.__cause__ = error
+    return err
+
+
+def _dataset_item_error(
+    plan: _Plan, batch_ids: Sequence[int], error: Exception, done: int
+) -> LurkerError:
+    """The error for a batch whose reading failed, once the batches before it are
+    checkpointed (``done`` samples): the item, found by reading the batch's items again."""
+    found = _failing_item(plan.ds, batch_ids)
+    what = f"dataset item {found[0]}" if found else "reading the batch of dataset items "
+    if found:
+        error = found[1]
+    elif batch_ids:  # not one item alone (collating them, or a flaky read)
+        what += f"{batch_ids[0]}..{batch_ids[-1]}"
+    kept = (
+        f"The {done} samples swept before it are saved in {plan.checkpoint}: fix the item "
+        "and run the same call again to resume from there (a dataset that leaves it out, "
+        "such as a Subset of the other indices, is another dataset and is swept from its "
+        "first sample)."
+        if done
+        else "Nothing was swept before it: fix the item and probe again."
+    )
+    return item_error(what, error, kept)
 
 
 class StopSignal(KeyboardInterrupt):
@@ -2083,7 +2146,16 @@ def _labels(ds: Any) -> list[int]:
         return [int(v) for v in labels]
     out = []  # last resort: one pass that reads every item
     for i in range(len(ds)):
-        item = ds[i]
+        try:
+            item = ds[i]
+        except LurkerError:
+            raise
+        except Exception as e:
+            fix = (
+                "It reads each item's label before the sweep (the dataset has no targets), "
+                "so nothing was swept: fix the item and probe again."
+            )
+            raise item_error(f"dataset item {i}", e, fix) from e
         out.append(int(item[1]) if isinstance(item, tuple) else -1)  # Skipped: no label
     return out
 
