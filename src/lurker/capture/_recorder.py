@@ -178,6 +178,7 @@ def _shape(p: Any) -> tuple[int, ...] | None:
 
 _PARAMETER = nn.Parameter
 _UNINITIALIZED = nn.parameter.UninitializedParameter
+_SCRIPTED = torch.jit.ScriptModule
 _UNINITIALIZED_B = nn.parameter.UninitializedBuffer
 _is = operator.is_
 
@@ -203,6 +204,9 @@ class _ModelIndex:
         self.param_list_names: list[str] = []
         # lazy modules whose first forward will materialize their parameters: (path, module)
         self.lazy: list[tuple[str, nn.Module]] = []
+        # the first TorchScript submodule's path (left out of the index): a trace cannot
+        # see its ops (a scripted model itself is refused before it is indexed)
+        self.scripted: str | None = None
         parents: dict[str, str | None] = {}
         children: dict[str, list[str]] = {}
         counts: dict[str, dict[int, int]] = {}
@@ -214,6 +218,11 @@ class _ModelIndex:
             if id(mod) in seen:  # a module registered twice keeps its first path
                 if parent is not None:
                     again.append((parent, seen[id(mod)]))  # (its parameters are the parent's too)
+                continue
+            if parent is not None and isinstance(mod, _SCRIPTED):
+                # TorchScript's insides, not modules (a trace refuses the model, naming it)
+                if self.scripted is None:
+                    self.scripted = path
                 continue
             seen[id(mod)] = path
             self.modules[path] = mod

@@ -79,6 +79,16 @@ def trace(
             f"lurker.trace needs an nn.Module, got {type(model).__name__}. "
             "Pass the model object itself: lurker.trace(model, x)."
         )
+    # the model itself here; a scripted submodule once the model's index is at hand
+    top = "" if isinstance(model, torch.jit.ScriptModule) else None
+    hidden = hidden_forward(model, scripted=top)
+    if hidden is not None:
+        reason, ops_seen = hidden
+        if not ops_seen:
+            raise LurkerError(f"lurker.trace cannot record this model: {reason}.")
+        warnings.warn(
+            f"lurker.trace: {reason}. The trace holds its ops, none in a module.", stacklevel=2
+        )
     if torch.is_inference_mode_enabled():  # recorded under no_grad instead (see there)
         with _context.no_inference_mode():
             return trace(
@@ -122,6 +132,10 @@ def trace(
     rng = _context.current(rng=True, grad=rec.grad0)  # the state it starts in
     rec.attach()
     idx = rec.index
+    if idx.scripted is not None:  # its ops would be unseen (or fail deep inside torch)
+        raise LurkerError(
+            f"lurker.trace cannot record this model: {hidden_forward(model, idx.scripted)[0]}."
+        )
     # lazy modules materialize their parameters in this forward: unrecorded (see _lazy)
     lazy = _lazy.LazyInits(rec, idx.lazy) if idx.lazy else None
     params, param_names = idx.param_list, idx.param_list_names
@@ -195,6 +209,62 @@ def trace(
     finally:
         if gc_was_on:
             gc.enable()
+
+
+def hidden_forward(model: nn.Module, scripted: str | None = "?") -> tuple[str, bool] | None:
+    """Why lurker cannot see ``model``'s ops or modules, as ``(reason, ops_seen)``, or None.
+
+    lurker records the Python forward of eager modules. A TorchScript module (or one
+    inside the model) runs a compiled graph in C++ and a ``torch.compile``'d model runs
+    the code TorchDynamo generated: neither shows its ops to a TorchFunctionMode, so the
+    trace would be empty or fail deep inside torch (``ops_seen`` False). A
+    ``torch.export`` program's module calls aten ops on its weights directly: its ops are
+    seen, but its layers are no longer module calls (``ops_seen`` True). The reason names
+    what to pass instead: the eager model.
+
+    ``scripted``: the path of the model's outermost TorchScript module where the caller
+    knows it (``None``: it has none; a trace reads it from its cached model index rather
+    than walk the modules on every call); by default the modules are walked."""
+    if type(model).__name__ == "OptimizedModule" and isinstance(
+        getattr(model, "_orig_mod", None), nn.Module
+    ):
+        return (
+            "it is a torch.compile'd model (OptimizedModule), whose forward runs the code "
+            "TorchDynamo compiled, where lurker cannot see its ops; pass the eager model it "
+            "wraps, model._orig_mod",
+            False,
+        )
+    if scripted == "?":
+        scripted = next(
+            (n for n, m in model.named_modules() if isinstance(m, torch.jit.ScriptModule)), None
+        )
+    if scripted is not None:
+        what = "it is" if not scripted else f"its submodule {scripted!r} is"
+        # (the outermost one: its path goes through eager modules, or is the model's own)
+        kind = type(model.get_submodule(scripted) if scripted else model).__name__
+        return (
+            f"{what} a TorchScript module ({kind}: torch.jit.script, torch.jit.trace or "
+            "torch.jit.load), whose forward runs as a compiled graph where lurker cannot see "
+            "its ops; pass the eager nn.Module it was made from (for a saved TorchScript "
+            "file: build the model's class and load the scripted module's state_dict() "
+            "into it)",
+            False,
+        )
+    if isinstance(model, torch.fx.GraphModule):
+        nodes = model.graph.nodes
+        aten = any(
+            n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) for n in nodes
+        )
+        called = [model.get_submodule(n.target) for n in nodes if n.op == "call_module"]
+        # (export's own call_modules, such as its input guards, hold no parameters)
+        if aten and not any(next(m.parameters(), None) is not None for m in called):
+            return (
+                "it is an exported program's module (torch.export.export(...).module()), "
+                "whose graph calls aten ops on its weights directly, so none of its layers "
+                "is a module call; pass the eager model it was exported from to see its layers",
+                True,
+            )
+    return None
 
 
 def _transform_error(e: TransformFailed, partial: Trace) -> TraceError:

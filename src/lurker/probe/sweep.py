@@ -44,6 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from ..capture import Trace, evaluating, settled_trace
+from ..capture.trace import hidden_forward
 from ..errors import LurkerError, MemoryLimitError, TraceError, warn
 from ..graph.nodes import Op
 from ..models import canonical_channel_dim, channels_first_view, default_device
@@ -698,13 +699,36 @@ def fingerprint(model: nn.Module) -> str:
     """
     h = hashlib.sha1(type(model).__name__.encode())
     with torch.no_grad():
-        for name, p in model.state_dict().items():
+        for name, p in _state_leaves(model.state_dict().items()):
+            if not isinstance(p, Tensor):  # a quantized Linear's dtype, say
+                h.update(f"{name}{_stable_repr(p)}".encode())
+                continue
+            if p.is_quantized:  # its int values have no float64 view
+                p = p.dequantize()
             h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
             if p.numel():
                 flat = p.detach().flatten()
                 sample = flat[:: max(1, flat.numel() // 4096)].to("cpu", torch.float64)
                 h.update(sample.numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def _state_leaves(items: Iterator[tuple[str, Any]] | Any) -> Iterator[tuple[str, Any]]:
+    """A state dict's entries with its tuples and lists opened: a dynamically quantized
+    Linear keeps ``_packed_params._packed_params`` as a (weight, bias) tuple."""
+    for name, value in items:
+        if isinstance(value, (tuple, list)):
+            yield from _state_leaves((f"{name}.{i}", v) for i, v in enumerate(value))
+        else:
+            yield name, value
+
+
+def _stable_repr(value: Any) -> str:
+    """``repr`` for plain values; the type's name for other objects, whose repr may hold
+    an address that differs from one process to the next (and so the fingerprint)."""
+    if value is None or isinstance(value, (bool, int, float, str, torch.dtype)):
+        return repr(value)
+    return type(value).__name__
 
 
 def _dist() -> tuple[int, int]:
@@ -874,6 +898,9 @@ def probe(
     Returns the written :class:`~lurker.store.Run` on rank 0 (always, without
     ``torchrun``), and ``None`` on the other ranks, which write nothing.
     """
+    hidden = hidden_forward(model)
+    if hidden is not None:  # no layers to probe (and torch's own error, deep inside)
+        raise LurkerError(f"probe: cannot find the layers of this model: {hidden[0]}.")
     with evaluating(model):  # a model probed between training epochs goes on training
         with before_sweep():
             plan = _plan(
@@ -1213,7 +1240,9 @@ def _real(value: Any) -> float | None:
         return None
     try:
         return float(value)
-    except (TypeError, ValueError, OverflowError):
+    except (TypeError, ValueError, OverflowError, NotImplementedError):
+        # NotImplementedError: a TorchScript object (a dynamically quantized Linear's
+        # packed weights) that implements no number protocol
         return None
 
 
