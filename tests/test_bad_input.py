@@ -754,6 +754,32 @@ def test_a_list_of_images_model_given_a_dict_or_one_tensor_is_told_to_pass_a_lis
     torch.testing.assert_close(tr.output[0], model([x])[0], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize(
+    ("cls", "shape", "want"),
+    [
+        ("_ListOfImages", "3,12,12", '-i "[3,12,12]"'),
+        ("_Unannotated", "3,12,12", '-i "[3,12,12]"'),
+    ],
+)
+def test_lurker_trace_tells_a_list_of_images_as_an_input_shape(
+    tmp_path: Path, cls: str, shape: str, want: str
+) -> None:
+    """`lurker trace` of a detector given one tensor printed the Python fix
+    (``lurker.trace(model, [x])``), which no command line takes; now the -i that gives the
+    same images as a list. Oracle: that -i traces the model."""
+    spec = f"{__name__}:{cls}"
+    r = _cli("trace", spec, "-i", shape, "--out", str(tmp_path / "g.dot"), "--no-validate")
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    said = r.output.replace("\n", " ")
+    assert (
+        "lurker.trace(" not in said
+        and f"one C,H,W shape per image separated by ';': {want}" in said
+    )
+    fixed = want.removeprefix('-i "').removesuffix('"')
+    r = _cli("trace", spec, "-i", fixed, "--out", str(tmp_path / "g.dot"), "--no-validate")
+    assert r.exit_code == 0, r.output
+
+
 def test_a_list_of_images_model_given_a_list_gets_no_such_hint() -> None:
     """The hint is for the wrong container only: a list whose image is wrong is the
     model's own error, said without it."""

@@ -6,6 +6,7 @@ explorer's precompute leaves such a method out, saying why, instead of stopping.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -132,3 +133,41 @@ def test_precompute_suggests_only_methods_it_still_makes(tmp_path: Path) -> None
         why = done.skipped[method]
         assert "no rule" in why and "integrated_gradients" not in why
         assert "input_x_gradient" in why and "input_x_gradient" not in done.skipped
+
+
+def test_the_explain_page_greys_out_what_the_model_cannot_give(browser: Any, tmp_path: Path):
+    """The page's method check traced the model on zeros, which it refuses: it could tell
+    nothing, so LRP and concept relevance were offered (and failed, suggesting integrated
+    gradients), and integrated gradients failed on its zeros baseline. Now each is disabled
+    with why, only what works suggested, and none of them asked for (a strict page fails
+    on a 400). Oracle: lurker.explain on a real sample."""
+    from explorer_fixtures import served_run, skip_without_browser, strict_page
+
+    skip_without_browser()
+    model, data = _model(), _data()
+    x = data.tensors[0][:1]
+    for method in ("lrp", "integrated_gradients"):
+        with pytest.raises(LurkerError):
+            lurker.explain(model, x, method=method)
+    lurker.explain(model, x, method="input_x_gradient")  # what the page suggests works
+    lurker.explain(model, x, method="saliency")
+    with served_run(tmp_path, "r", model, data, "conv", 2) as s, strict_page(browser) as pg:
+        asked: list[str] = []
+        pg.on("request", lambda r: asked.append(r.url))
+        pg.goto(f"{s['url']}/#/r/r/explain?image=sample-1")
+        said = {}
+        for method in ("lrp", "integrated_gradients"):
+            card = pg.locator(f"[data-method='{method}'][aria-disabled='true']")
+            card.wait_for()
+            said[method] = card.locator(".unavailable-reason").inner_text()
+        assert "LRP has no rule for" in said["lrp"] and "norm" in said["lrp"]
+        assert "Integrated gradients" not in said["lrp"] and "Input \u00d7 gradient" in said["lrp"]
+        ig = said["integrated_gradients"]
+        assert "all-zero input" in ig and "ValueError: input has zero norm" in ig
+        assert "baseline=" in ig
+        note = pg.locator(".concept-unavailable").inner_text()
+        assert "Concept relevance is LRP" in note and "Integrated gradients" not in note
+        pg.wait_for_selector("[data-method='input_x_gradient']:not([aria-disabled])")
+        pg.wait_for_load_state("networkidle")
+        for path in ("/explain/concepts", "/explain/lrp", "/explain/integrated_gradients"):
+            assert not [u for u in asked if path in u]

@@ -520,7 +520,12 @@ def _trace_error(
     mname = type(model).__name__
     got = ", ".join(str(tuple(op.outputs[0].shape)) for op in partial.inputs if op.outputs)
     inputs = f" The model's input shapes were {got}." if got else ""
-    inputs += _image_list_hint(model, *call)
+    hint, cli_hint = _image_list_hint(model, *call)
+    inputs += hint
+
+    def for_cli(text: str) -> str:  # the list-of-images hint as an -i, not as Python
+        return text.replace(hint, cli_hint) if hint else text
+
     failed = rec.failed
     # indices the model makes itself (positions from the input's length) are no matter
     # of --input-dtype: only an op fed by the input gets that hint
@@ -548,9 +553,9 @@ def _trace_error(
                 " This op is right after the model's input, so the input probably does not "
                 f"have the shape or dtype the model expects. {_TRY_INPUT}"
             )
-            cli = text
+            cli = for_cli(text)
         else:
-            cli = text + " Check the shapes flowing into this op."
+            cli = for_cli(text) + " Check the shapes flowing into this op."
             text += (
                 " Check the shapes flowing into this op; `err.partial.summary()` shows every "
                 "op recorded before it."
@@ -583,7 +588,11 @@ def _trace_error(
         )
         more = " The partial trace (up to the last op before that layer) is in `err.partial`."
         return TraceError(
-            text + more, partial=partial, failed_op=None, cli=text, input_advice=_TRY_INPUT
+            text + more,
+            partial=partial,
+            failed_op=None,
+            cli=for_cli(text),
+            input_advice=_TRY_INPUT,
         )
     if in_torch:  # torch refused what the model's own code handed it
         caller = next((f for f in reversed(tb) if not _in_torch(f.filename)), None)
@@ -602,7 +611,7 @@ def _trace_error(
         text + "; the partial trace is in `err.partial`.",
         partial=partial,
         failed_op=None,
-        cli=text + ".",
+        cli=for_cli(text) + ".",
     )
 
 
@@ -631,20 +640,21 @@ def _call_mismatch(model: nn.Module, e: Exception, args: tuple, kwargs: dict) ->
     return None
 
 
-def _image_list_hint(model: nn.Module, args: tuple, kwargs: dict) -> str:
+def _image_list_hint(model: nn.Module, args: tuple, kwargs: dict) -> tuple[str, str]:
     """Where the forward takes a list of images (its first parameter annotated as a list
     of tensors, or named ``images``: torchvision's detection models) and got something
     else for it (a dict, whose keys it iterates as images, or one tensor, whose rows it
-    takes for images): how to pass it. Else empty."""
+    takes for images): how to pass it, as ``(Python, command line)``: ``lurker trace``
+    takes a list as shapes in brackets (``-i "[3,128,128]"``), not ``[x]``. Else empty."""
     try:
         params = list(inspect.signature(model.forward).parameters.values())
     except (TypeError, ValueError):  # no signature to read
-        return ""
+        return "", ""
     if not params or params[0].kind not in (
         params[0].POSITIONAL_ONLY,
         params[0].POSITIONAL_OR_KEYWORD,
     ):
-        return ""
+        return "", ""
     first = params[0]
     note = first.annotation
     text = note.replace(" ", "").lower() if isinstance(note, str) else ""
@@ -660,17 +670,30 @@ def _image_list_hint(model: nn.Module, args: tuple, kwargs: dict) -> str:
         and not (isinstance(value, Tensor) and value.dim() == 4)
     )
     if not (annotated or by_name) or value is first.empty or isinstance(value, (list, tuple)):
-        return ""
+        return "", ""
     if isinstance(value, Mapping):
         said = "a dict (one argument, not keywords: its keys were taken for images)"
     else:
         said = _describe(value)
     batch = isinstance(value, Tensor) and value.dim() == 4
     fix = "list(x)) (x: an (N, C, H, W) batch" if batch else "[x]) (one (C, H, W) tensor per image"
+    takes = f" {type(model).__name__}.forward takes '{first.name}' as a list of image tensors"
     return (
-        f" {type(model).__name__}.forward takes '{first.name}' as a list of image tensors "
-        f"and got {said}: pass lurker.trace(model, {fix})."
+        f"{takes} and got {said}: pass lurker.trace(model, {fix}).",
+        f"{takes} and got {said}: give the list in brackets, one C,H,W shape per image "
+        f"separated by ';': -i {_bracketed(value)}.",
     )
+
+
+def _bracketed(value: Any) -> str:
+    """``-i``'s list of images (its shell quoting included) for what the forward got: the
+    images of an ``(N, C, H, W)`` batch, one ``(C, H, W)`` image, else an example."""
+    if isinstance(value, Tensor) and value.dim() in (3, 4):
+        image = ",".join(str(n) for n in value.shape[-3:])
+        n = value.shape[0] if value.dim() == 4 else 1
+        if n <= 4:
+            return '"[' + "; ".join([image] * n) + ']"'
+    return '"[3,128,128]" (two images: "[3,128,128; 3,96,128]")'
 
 
 def _describe(value: Any) -> str:

@@ -974,11 +974,18 @@ def methods(request: Request, run_id: str) -> ExplainMethods:
     }
     # on a signal, each unit's conditional heatmap is scores along time
     concepts = hasattr(sys.modules.get("lurker.explain"), "concepts")
-    refused = (
-        {k: f"{why}; {_INSTEAD}" for k, why in refusals(s).items()}
-        if concepts or set(shown) & set(_REFUSABLE)
-        else {}
-    )
+    refused = refusals(s) if concepts or set(shown) & set(_REFUSABLE) else {}
+    zeros = zeros_refused(s) if "integrated_gradients" in shown else None
+    # integrated gradients cannot be the way round LRP or Grad-CAM where it is greyed too
+    instead = _INSTEAD_NO_IG if zeros is not None else _INSTEAD
+    refused = {k: f"{why}; {instead}" for k, why in refused.items()}
+    if zeros is not None:
+        refused["integrated_gradients"] = (
+            "Integrated gradients starts from an all-zero input, the only baseline the "
+            f"explorer runs it from, and this model fails on one ({zeros}); in Python, "
+            "lurker.explain(model, x, method='integrated_gradients', baseline=...) runs it "
+            "from a baseline the model accepts, such as the dataset's mean image"
+        )
     return ExplainMethods(
         methods=[
             ExplainMethod(
@@ -1004,6 +1011,42 @@ _REFUSABLE = ("lrp", "gradcam", "gradcam_plus_plus")
 CONCEPTS_KEY = "concepts"
 #: what to use where LRP or Grad-CAM cannot go, by the Explain pages' method titles
 _INSTEAD = "use Integrated gradients or Input \u00d7 gradient instead"
+#: the same where the model refuses integrated gradients' all-zero baseline
+_INSTEAD_NO_IG = "use Input \u00d7 gradient or Saliency instead"
+
+
+def zeros_refused(s: Session) -> str | None:
+    """The model's own error (``ValueError: ...``, one line) on the all-zero input the
+    explorer runs integrated gradients from, its only baseline, and traces the model on
+    for :func:`refusals`; None where the model runs on it, or there is no model or no
+    picture or signal (as :func:`refusals`). Once per run generation."""
+    if (
+        s.model_reason() is not None
+        or s.token_length() is not None
+        or s.vector_length() is not None
+    ):
+        return None
+    try:
+        model = s.model()
+    except ApiError:
+        return None
+
+    def make() -> str | None:
+        import torch
+
+        from lurker.explain.base import untouched
+
+        with s.model_lock:
+            x = s.example_input(model)
+            try:
+                with untouched(model), torch.no_grad():
+                    model(x)
+            except Exception as e:  # the model's refusal of zeros, whatever it raises
+                said = " ".join(str(e).split())
+                return f"{type(e).__name__}: {said[:200]}" if said else type(e).__name__
+        return None
+
+    return s.cached(("explain-zeros", s.entry.generation), make)
 
 
 def refusals(s: Session) -> dict[str, str]:
@@ -1029,8 +1072,16 @@ def refusals(s: Session) -> dict[str, str]:
         from lurker.explain import gradcam, lrp
 
         out: dict[str, str] = {}
+        x = None
+        if zeros_refused(s) is not None:  # traced on zeros, it fails before any op LRP
+            # or Grad-CAM would refuse: traced on the first dataset sample instead
+            with contextlib.suppress(ApiError):
+                x = s.live_input("sample-0")[None]
         with s.model_lock:
-            x = s.example_input(model)
+            if x is None:
+                x = s.example_input(model)
+            else:
+                x = x.to(s.example_input(model).device)
             what = gradcam.no_map(model, x)
             no_rule = lrp.no_rule(model, x)
         if what is not None:
