@@ -14,6 +14,11 @@ column is Captum's time, Zennit's for ``lrp``.
     python benchmarks/explain_speed.py --small               # CPU: 64 px, fewer steps/repeats
     python benchmarks/explain_speed.py --size 128 --repeats 3 --device cuda
     python benchmarks/explain_speed.py --batches 8 --steps 8 --samples 8   # a small machine
+    python benchmarks/explain_speed.py --models resnet18 --batches 1 --methods occlusion \
+        --size 64 --window 8 --stride 4 --threads 1 --repeats 9   # occlusion's defaults
+
+Occlusion's maps are checked equal to Captum's (``torch.testing.assert_close``) before
+they are timed: a faster map that differs is no comparison.
 
 Integrated gradients runs its steps as one batch in both libraries: batch 8 with 50 steps
 holds 400 images' activations at once (vgg11 at 224 px: about 18 GB on the CPU), so on a
@@ -152,21 +157,29 @@ def main() -> None:
     p.add_argument("--stride", type=int, default=None, help="occlusion stride (px)")
     p.add_argument("--occlusion-rows", type=int, default=64, help="occluded copies per forward")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (a shared box: 1)")
     a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     size = a.size or (64 if a.small else 224)
     a.repeats = a.repeats or (2 if a.small else 5)
     a.steps = a.steps or (8 if a.small else 50)
     a.samples = a.samples or (8 if a.small else 25)
     a.window = a.window or max(1, size // 8)
     a.stride = a.stride or a.window
-    layers = {"vgg11": "features.19", "resnet50": "layer4"}
+    # Grad-CAM's layer: the last block of a ResNet (any depth), vgg11's last ReLU
+    layers = {"vgg11": "features.19"}
+    names = a.models.split(",")
+    unknown = [n for n in names if n not in layers and not n.startswith("resnet")]
+    if unknown:
+        p.error(f"--models: no Grad-CAM layer known for {unknown}; use resnet18/34/50/... or vgg11")
     print(
         f"{size} px, {a.device}, median of {a.repeats}; IG {a.steps} steps, SmoothGrad "
         f"{a.samples} samples, occlusion {a.window} px window / {a.stride} stride"
     )
     print("times as multiples of one forward + backward to the input, same batch")
     print(f"{'model':9} {'B':>2} {'method':21} {'lurker':>8} {'library':>8}  lurker/library")
-    for name in a.models.split(","):
+    for name in names:
         torch.manual_seed(0)
         model = _no_inplace(getattr(torchvision.models, name)(num_classes=1000).eval()).to(a.device)
         for b in (int(v) for v in a.batches.split(",")):
@@ -175,12 +188,14 @@ def main() -> None:
 
             unit = functools.partial(fwd_bwd, model, x, t)
             unit()  # warm-up
-            table = cases(model, layers[name], a, b, name)
+            table = cases(model, layers.get(name, "layer4"), a, b, name)
             for method in a.methods.split(",") if a.methods else table:
                 ours, theirs = table[method]
-                ours(x, t)  # warm-up (and the trace of a layer tap, made once per call anyway)
+                mine = ours(x, t)  # warm-up (and the trace of a layer tap, made once per call)
                 if theirs is not None:
-                    theirs(x, t)
+                    other = theirs(x, t)
+                    if method == "occlusion":  # the same maps, or the times compare nothing
+                        torch.testing.assert_close(mine.attribution, other)
                 lt, ct, bt = [], [], []
                 for _ in range(a.repeats):  # interleaved: the unit of cost measured alongside
                     bt.append(_time(unit, a.device))
