@@ -149,8 +149,11 @@ def summary_rank_behind(app: Any, url: Callable[[int], str], started: threading.
                 order.append("model")
 
             tasks = [asyncio.create_task(model_request(i)) for i in range(60)]
-            while not started.is_set():
+            for _ in range(3000):  # (bounded: a request that fails never starts one)
+                if started.is_set() or any(t.done() for t in tasks):
+                    break
                 await asyncio.sleep(0.01)
+            assert started.is_set(), [t.exception() for t in tasks if t.done()][:1]
             await asyncio.sleep(0.1)
             r = await c.get("/api/runs/digits")
             assert r.status_code == 200

@@ -171,3 +171,92 @@ def test_the_explain_page_greys_out_what_the_model_cannot_give(browser: Any, tmp
         pg.wait_for_load_state("networkidle")
         for path in ("/explain/concepts", "/explain/lrp", "/explain/integrated_gradients"):
             assert not [u for u in asked if path in u]
+
+
+def _labelled() -> TensorDataset:
+    """:func:`_data` with labels, as a dataset spec the CLI loads again."""
+    return TensorDataset(_data().tensors[0], torch.tensor([0, 1, 0, 1, 0, 1]))
+
+
+def _recorded_run(tmp_path: Path) -> Path:
+    """A run recording its model, weights and dataset, as `lurker probe` makes one."""
+    model = _model()
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    meta = {
+        "model_spec": f"{__name__}:NormNet",
+        "weights": str(tmp_path / "w.pt"),
+        "data": f"{__name__}:_labelled",
+    }
+    run = tmp_path / "r"
+    probe(model, _labelled(), out=run, k=2, batch_size=3, progress=False, meta=meta).close()
+    return run
+
+
+@pytest.mark.parametrize("methods", ["lrp", "concepts", "lrp,integrated_gradients"])
+def test_the_cli_refusing_lrp_suggests_only_methods_that_run(tmp_path: Path, methods: str):
+    """``lurker images --explanations --methods lrp`` said 'leave it out of --methods
+    (integrated_gradients, input_x_gradient and the other gradient methods still explain
+    it)': integrated gradients, which this model refuses too (it starts from zeros). Oracle:
+    lurker.explain on a sample."""
+    from click.testing import CliRunner
+
+    from lurker.cli import main
+
+    model, x = _model(), _data().tensors[0][:1]
+    with pytest.raises(LurkerError, match="fails on the baseline of integrated_gradients"):
+        lurker.explain(model, x, method="integrated_gradients")
+    lurker.explain(model, x, method="input_x_gradient")
+    lurker.explain(model, x, method="saliency")
+    run = _recorded_run(tmp_path)
+    res = CliRunner().invoke(
+        main, ["images", str(run), "--explanations", "1", "--methods", methods]
+    )
+    assert res.exit_code != 0
+    said = " ".join(res.output.split())
+    assert "LRP has no rule for the function norm" in said and "leave it out of --methods" in said
+    assert "input_x_gradient, saliency" in said and "integrated_gradients" not in said
+
+
+def test_the_api_refusing_lrp_suggests_only_methods_that_run(tmp_path: Path) -> None:
+    """A request for LRP (the page greys it out and asks none) answered 400 ending 'Explain
+    this model with a gradient method (method='input_x_gradient', 'integrated_gradients')':
+    the explorer runs integrated gradients from zeros only, which this model refuses (its
+    own 400 on the same sample says so). Oracle: those requests on the same server."""
+    from fastapi.testclient import TestClient
+
+    from lurker.server import create_app
+
+    run = _recorded_run(tmp_path)
+    with TestClient(create_app(run, dataset=_labelled())) as c:
+        base = "/api/runs/r/live/sample-1/explain"
+        r = c.get(f"{base}/lrp?target=top")
+        assert r.status_code == 400, r.text
+        said = r.json()["detail"]
+        assert said.startswith("LRP has no rule for norm_1")
+        assert "integrated_gradients" not in said
+        assert "method='input_x_gradient', 'saliency'" in said
+        assert c.get(f"{base}/integrated_gradients?target=top").status_code == 400
+        for method in ("input_x_gradient", "saliency"):
+            assert c.get(f"{base}/{method}?target=top").status_code == 200
+
+
+def test_the_api_refusing_concepts_suggests_only_methods_that_run(tmp_path: Path) -> None:
+    """A request for concept relevance (greyed out on the page) answered 400 saying
+    'attribute the decision with ... method='integrated_gradients'', which this model
+    refuses from the explorer's zeros: now a gradient method that runs. Oracle: those
+    requests on the same server."""
+    from fastapi.testclient import TestClient
+
+    from lurker.server import create_app
+
+    run = _recorded_run(tmp_path)
+    with TestClient(create_app(run, dataset=_labelled())) as c:
+        base = "/api/runs/r/live/sample-1/explain"
+        r = c.get(f"{base}/concepts?target=top")
+        assert r.status_code == 400, r.text
+        said = r.json()["detail"]
+        assert "concept relevance is LRP" in said and "no rule for norm_1" in said
+        assert "integrated_gradients" not in said
+        assert "method='input_x_gradient'" in said
+        assert c.get(f"{base}/integrated_gradients?target=top").status_code == 400
+        assert c.get(f"{base}/input_x_gradient?target=top").status_code == 200

@@ -360,7 +360,9 @@ def test_explain_requests_waiting_for_the_model_hold_no_worker_thread(
 
     started = threading.Event()
 
-    def slow(s: Any, model: Any, x: Any, method: str, target: str, layer: Any) -> Any:
+    def slow(
+        s: Any, model: Any, x: Any, method: str, target: str, layer: Any, instead: Any = None
+    ) -> Any:
         started.set()  # called under the model's lock, as a real attribution is
         time.sleep(0.05)
         return routes.Result(torch.zeros(16, 16), True, target, 0, layer, None, {}, 0.05)

@@ -396,9 +396,16 @@ class NoRule(LurkerError):
         self.where = where
         #: the op in plain words (``an LSTM layer ('lstm')``), for the explorer's lists
         self.plain = plain or where
-        super().__init__(
-            f"LRP has no rule for {where}. Supported: {SUPPORTED}. Explain this model with a "
-            "gradient method (method='input_x_gradient', 'integrated_gradients') instead."
+        super().__init__(self.said(("input_x_gradient", "integrated_gradients")))
+
+    def said(self, methods: tuple[str, ...]) -> str:
+        """The refusal, suggesting the gradient ``methods`` instead: a caller that knows
+        the model refuses one (the explorer, whose integrated gradients starts from zeros
+        only) names those that run."""
+        named = ", ".join(repr(m) for m in methods)
+        return (
+            f"LRP has no rule for {self.where}. Supported: {SUPPORTED}. Explain this model "
+            f"with a gradient method (method={named}) instead."
         )
 
 

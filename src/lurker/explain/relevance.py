@@ -173,10 +173,17 @@ def _no_rule(e: LurkerError) -> LurkerError:
     what to use instead is a method that needs no rule; any other error as it is."""
     if not isinstance(e, NoRule):
         return e
-    return LurkerError(
+    return LurkerError(no_rule_said(e))
+
+
+def no_rule_said(e: NoRule, instead: str = "integrated_gradients") -> str:
+    """Concept relevance's refusal for LRP's ``e``, suggesting the gradient method
+    ``instead``: a caller that knows the model refuses integrated gradients (the explorer,
+    which runs it from zeros only) names one that runs."""
+    return (
         f"concept relevance is LRP, propagated from the output through every layer, and LRP "
         f"has no rule for {e.where} (supported: {SUPPORTED}). Instead, attribute the "
-        "decision with a gradient method (lurker.explain(model, x, method='integrated_gradients'"
-        ")), Grad-CAM at a convolution's map (method='gradcam', layer=...), or a unit target "
+        f"decision with a gradient method (lurker.explain(model, x, method={instead!r})), "
+        "Grad-CAM at a convolution's map (method='gradcam', layer=...), or a unit target "
         "(target=(layer, channel)) to see what drives one unit."
     )

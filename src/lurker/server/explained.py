@@ -134,6 +134,7 @@ def precompute(
         no_rule_reasons,
         refusals,
         stored_result,
+        zeros_refused,
     )
     from .routes.live import image_id
     from .state import RunEntry
@@ -214,9 +215,12 @@ def precompute(
             if method not in methods:
                 continue
             if asked is not None:  # named by the user: said, nothing made
+                # never suggesting integrated gradients where the model refuses its zeros
+                zeros = zeros_refused(s)
+                runs = [m for m in _GRADIENT if zeros is None or m != "integrated_gradients"]
                 raise LurkerError(
                     f"cannot precompute {method!r} for run {e.path}: {why}; leave it out of "
-                    f"--methods ({_instead(list(_GRADIENT))})"
+                    f"--methods ({_instead(runs)})"
                 )
             methods.remove(method)
             refused[method] = why

@@ -403,6 +403,9 @@ def _explained(
     x = s.live_input(key[0])
     model = s.model()
     cache = _cache(s)
+    # what LRP's refusal suggests instead: not integrated gradients where the model fails
+    # on the zeros the explorer runs it from (asked before the lock, which that takes)
+    instead = _NO_IG_METHODS if method == "lrp" and zeros_refused(s) is not None else None
     with s.model_lock:
         hit = cache.get(key)  # computed by a request that held the lock before this one
         if hit is not None:
@@ -410,7 +413,7 @@ def _explained(
         layer = key[3] or None
         if layer is None and _needs_layer(_methods()[method]):
             layer = _own_default(s, model, x, target, key[0])
-        result = _compute(s, model, x, method, target, layer)
+        result = _compute(s, model, x, method, target, layer, instead)
         cache.put(key, result)
         _write_disk(s, key, result)
     return result, False
@@ -646,9 +649,20 @@ def _resolved(asked: str, target: Any) -> tuple[str, int | None]:
     return str(int(target[0])), int(target[0])
 
 
-def _compute(s: Session, model: Any, x: Any, method: str, target: str, layer: str | None) -> Result:
+def _compute(
+    s: Session,
+    model: Any,
+    x: Any,
+    method: str,
+    target: str,
+    layer: str | None,
+    instead: tuple[str, ...] | None = None,
+) -> Result:
+    """One attribution, or the 400 that says why the method cannot give it; ``instead``:
+    the gradient methods LRP's refusal names, where not its own (which may not run)."""
     import lurker.explain as xp
     from lurker.explain.base import BaselineError
+    from lurker.explain.lrp import NoRule
 
     vector = s.vector_length() is not None
     if vector and not x.is_floating_point():  # counts, a waveform's integer samples:
@@ -678,6 +692,8 @@ def _compute(s: Session, model: Any, x: Any, method: str, target: str, layer: st
             + f" (in Python: lurker.explain(model, x, method={method!r}, baseline=...); "
             "the explorer runs it from zeros only).",
         ) from None
+    except NoRule as e:
+        raise ApiError(400, prep.said(str(e) if instead is None else e.said(instead))) from None
     except LurkerError as e:
         raise ApiError(400, prep.said(str(e))) from None
     except Exception as e:  # the model's own error, said in one line
@@ -783,6 +799,8 @@ def _concepts(
     or an int: the top that many) computed; cached per (image, target, layer); on the
     model's thread."""
     import lurker.explain as xp
+    from lurker.explain.lrp import NoRule
+    from lurker.explain.relevance import no_rule_said
 
     key = _concept_key(s, image, target, layer)
     image, layer = key[0], key[3]
@@ -792,6 +810,8 @@ def _concepts(
     cache = _cache(s)
     x = s.live_input(image)
     model = s.model()
+    # what LRP's refusal suggests instead, asked before the lock (as in _explained)
+    no_ig = zeros_refused(s) is not None
     with s.model_lock:
         hit = cache.get(key)
         if hit is not None:
@@ -816,6 +836,9 @@ def _concepts(
                     model, prep.xb, prep.target, layer=prep.layer, units=missing, unit_dim=axis
                 )
         except LurkerError as e:
+            rule = e.__context__ if isinstance(e.__context__, NoRule) else None
+            if no_ig and rule is not None:  # not integrated gradients, which fails on zeros
+                raise ApiError(400, no_rule_said(rule, _NO_IG_METHODS[0])) from None
             raise ApiError(400, str(e)) from None
         except Exception as e:  # the model's own error, said in one line
             raise model_failed("concept relevance", e) from None
@@ -1013,6 +1036,8 @@ CONCEPTS_KEY = "concepts"
 _INSTEAD = "use Integrated gradients or Input \u00d7 gradient instead"
 #: the same where the model refuses integrated gradients' all-zero baseline
 _INSTEAD_NO_IG = "use Input \u00d7 gradient or Saliency instead"
+#: the same by lurker.explain's names, for LRP's refusal (a 400)
+_NO_IG_METHODS = ("input_x_gradient", "saliency")
 
 
 def zeros_refused(s: Session) -> str | None:
