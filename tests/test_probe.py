@@ -646,8 +646,10 @@ def test_checkpoint_without_mean_list_peaks_is_refused(tmp_path: Path):
     assert all(e.y is not None for e in run.unit(HIST_LAYERS[0], 0).top("mean"))
 
 
-class _Interrupted(Exception):
-    """Raised by :class:`_Picked` after a few items: an interrupted sweep."""
+class _Interrupted(BaseException):
+    """Raised by :class:`_Picked` after a few items: an interrupted sweep. Not an
+    ``Exception``, which the sweep reports as the dataset's error (naming the item): these
+    tests are about what a sweep stopped midway keeps, as after Ctrl-C."""
 
 
 class _Picked(torch.utils.data.Dataset):
