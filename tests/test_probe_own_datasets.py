@@ -4,9 +4,11 @@ wrong class or a traceback from deep inside a DataLoader, and the work before is
 
 from __future__ import annotations
 
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -46,7 +48,10 @@ def _probe(ds: Any, out: Path, **kw: Any) -> lurker.Run:
     return lurker.probe(_model(), ds, out=out, k=3, batch_size=8, progress=False, **kw)
 
 
-@pytest.mark.parametrize("label", [2.5, torch.tensor(0.7)])
+# a 0-d numpy array is what y[i].numpy() gives; int() truncated it, and a Fraction
+@pytest.mark.parametrize(
+    "label", [2.5, torch.tensor(0.7), np.array(2.5), np.array([0.7]), Fraction(5, 2)]
+)
 def test_a_fractional_label_is_refused_not_truncated_to_a_class(tmp_path: Path, label: Any):
     labels: list[Any] = [label] * len(X)
     with pytest.raises(LurkerError, match=r"item 0 has the label .*not a class index"):
@@ -88,3 +93,48 @@ def test_an_item_that_raises_is_named_and_the_batches_before_it_kept(tmp_path: P
 def test_an_item_that_raises_while_labels_are_read_is_named(tmp_path: Path):
     with pytest.raises(LurkerError, match=r"item 5 raised ValueError.*nothing was swept"):
         _probe(_Items(Y.tolist(), bad=5), tmp_path / "run")
+
+
+class _FailsInWorkers(_Items):
+    """An item that raises only in a DataLoader worker (a file handle opened before the
+    fork, say): read again in the main process, it loads."""
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, Any]:
+        if i == 21 and torch.utils.data.get_worker_info() is not None:
+            raise ValueError("stale handle for record 21")
+        return super().__getitem__(i)
+
+
+def test_an_item_that_raises_only_in_a_worker_is_said_with_its_own_error(tmp_path: Path):
+    """torch re-raises a worker's error as "Caught ValueError in DataLoader worker process
+    0." with the traceback as text: the message says the dataset's own error and line."""
+    with pytest.raises(LurkerError) as e:
+        _probe(_FailsInWorkers(Y.tolist(), targets=True), tmp_path / "run", num_workers=1)
+    said = str(e.value)
+    assert "items 16..23 in a DataLoader worker" in said
+    line = _FailsInWorkers.__getitem__.__code__.co_firstlineno + 2
+    assert (
+        f"raised ValueError: stale handle for record 21 (at {Path(__file__).name}:{line})" in said
+    )
+    assert "Caught" not in said and "Traceback" not in said
+    assert "The 16 samples swept before it are saved" in said
+
+
+class _MixedShapes(_Items):
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, Any]:
+        x, y = super().__getitem__(i)
+        return (x[:, :6] if i == 19 else x), y
+
+
+def test_lurkers_own_error_from_a_worker_is_its_paragraph_not_the_workers_traceback(
+    tmp_path: Path,
+):
+    """Images of two shapes in one batch are refused while the worker collates it: the
+    message is the same paragraph as without workers."""
+    ds = _MixedShapes(Y.tolist(), targets=True)
+    with pytest.raises(LurkerError) as plain:
+        _probe(ds, tmp_path / "a")
+    with pytest.raises(LurkerError) as worker:
+        _probe(ds, tmp_path / "b", num_workers=1)
+    assert str(plain.value).startswith("dataset items 16 and 19 have images of shapes")
+    assert str(worker.value) == str(plain.value)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import operator
 import os
 import re
 import tempfile
@@ -386,20 +387,35 @@ def _names_list(names: Any) -> list[str] | None:
 def _integral(label: Any) -> int:
     """``label`` as an int, or ValueError where it is a number with a fraction: ``int()``
     alone truncates a regression target (2.7 -> class 2), so class statistics would be
-    kept, silently, by classes the data does not have. Whole floats (1.0) are class ids."""
-    if isinstance(label, Tensor) and label.numel() == 1 and label.is_floating_point():
-        label = float(label)
-    if isinstance(label, (float, np.floating)) and not float(label).is_integer():
-        raise ValueError(f"{float(label)!r} is not a whole number")
-    return int(label)
+    kept, silently, by classes the data does not have. Whole floats (1.0) are class ids.
+
+    Every number kind is checked, not only ``float``: a one-value tensor or numpy array
+    (``y[i].numpy()`` is a 0-d array) by the number it holds, and a ``Decimal`` or
+    ``Fraction`` by its value; a complex number is no class index."""
+    if isinstance(label, (Tensor, np.ndarray)) and _size(label) == 1:
+        label = label.item()
+    if isinstance(label, (str, bytes, Tensor, np.ndarray)):  # int() says what it takes
+        return int(label)
+    try:
+        return operator.index(label)  # int, bool, numpy integers
+    except TypeError:
+        pass
+    value = float(label)  # TypeError for what is not a real number
+    if not value.is_integer():
+        raise ValueError(f"{value!r} is not a whole number")
+    return int(value)
+
+
+def _size(array: Tensor | np.ndarray) -> int:
+    return array.numel() if isinstance(array, Tensor) else array.size
 
 
 def _class_index(label: Any, index: int) -> int:
     """An item's label as a class index, or an error that says what the probe takes.
 
     A float label is taken only where it is a whole number (``3.0``): ``int`` would turn a
-    regression target such as ``2.5`` into class 2, and a name such as ``"3"`` may be any
-    class's, so both are refused rather than give class statistics by the wrong labels."""
+    regression target such as ``2.5`` into class 2. A string is taken where ``int`` reads
+    it (``"3"``, as a CSV gives ids); a name (``"cat"``) is refused."""
     try:
         return _integral(label)
     except (TypeError, ValueError, RuntimeError):
@@ -415,7 +431,9 @@ def _class_index(label: Any, index: int) -> int:
 
 def _plain(label: Any) -> Any:
     """A one-value tensor or numpy scalar as the Python number it holds, for messages."""
-    if (isinstance(label, Tensor) and label.numel() == 1) or isinstance(label, np.generic):
+    if isinstance(label, (Tensor, np.ndarray)) and _size(label) == 1:
+        return label.item()
+    if isinstance(label, np.generic):
         return label.item()
     return label
 

@@ -1743,8 +1743,14 @@ def _sweep(plan: _Plan, consumers: Sequence[BatchConsumer], start: _Progress) ->
                 images, labels, ids = next(batches)  # unreadable images dropped (ds.skipped)
             except StopIteration:
                 break
-            except LurkerError:  # lurker's own (mixed shapes, a label): says what to do
-                raise
+            except LurkerError as e:  # lurker's own (mixed shapes, a label): says what to do
+                worker = worker_error(e)
+                if worker is None:
+                    raise
+                # from a DataLoader worker: its message, not torch's "Caught ... Traceback"
+                e.__traceback__ = None  # (its frames hold the iterator, and so the workers)
+                batches = iter(())
+                raise LurkerError(worker[1]) from None
             except Exception as e:
                 if interrupted:  # DataLoader workers stopped by the same Ctrl-C
                     break
@@ -1822,15 +1828,50 @@ def item_error(what: str, error: BaseException, then: str) -> LurkerError:
     """One paragraph for ``what`` ("dataset item 7") whose reading raised: its error and
     where in the dataset's code it was raised, and ``then`` (what was kept, the fix); the
     dataset's own error is its cause, with its traceback."""
-    frames = traceback.extract_tb(error.__traceback__)
-    where = f" (at {Path(frames[-1].filename).name}:{frames[-1].lineno})" if frames else ""
-    said = str(error).strip().splitlines()
+    worker = worker_error(error)
+    if worker is not None:  # the worker's own error, not torch's "Caught ... in worker"
+        kind, message, where = worker
+    else:
+        frames = traceback.extract_tb(error.__traceback__)
+        kind, message = type(error).__name__, str(error)
+        where = f"{Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else ""
+    said = message.strip().splitlines()
+    at = f" (at {where})" if where else ""
     err = LurkerError(
-        f"{what} raised {type(error).__name__}{': ' + said[0] if said else ''}{where}: the "
+        f"{what} raised {kind}{': ' + said[0] if said else ''}{at}: the "
         f"probe reads every item of the dataset. {then}"
     )
     err.__cause__ = error
     return err
+
+
+_WORKER_CAUGHT = re.compile(r"Caught \w+ in DataLoader worker process \d+\.\nOriginal Traceback")
+_FRAME = re.compile(r'  File "(.+)", line (\d+)')
+
+
+def worker_error(error: BaseException) -> tuple[str, str, str] | None:
+    """``(type name, message, "file:line")`` of the error a DataLoader worker raised, or
+    None where ``error`` is not one. torch re-raises it in this process as a new exception
+    whose message is "Caught ValueError in DataLoader worker process 0." and the worker's
+    formatted traceback (its type may be RuntimeError; no traceback object comes across):
+    the dataset's own message and line are read back from that text."""
+    text = str(error)
+    if not _WORKER_CAUGHT.match(text):
+        return None
+    lines = text.rstrip("\n").splitlines()
+    last = max((i for i, line in enumerate(lines) if _FRAME.match(line)), default=None)
+    if last is None:
+        return None
+    frame = _FRAME.match(lines[last])
+    assert frame is not None
+    rest = lines[last + 1 :]
+    while rest and rest[0].startswith("    "):  # the frame's source line and its carets
+        rest = rest[1:]
+    if not rest:
+        return None
+    kind, _, first = rest[0].partition(": ")
+    message = "\n".join([first, *rest[1:]])
+    return kind.rsplit(".", 1)[-1], message, f"{Path(frame[1]).name}:{frame[2]}"
 
 
 def _dataset_item_error(
@@ -1842,8 +1883,10 @@ def _dataset_item_error(
     what = f"dataset item {found[0]}" if found else "reading the batch of dataset items "
     if found:
         error = found[1]
-    elif batch_ids:  # not one item alone (collating them, or a flaky read)
+    elif batch_ids:  # not one item alone (collating them, a flaky read, a worker's state)
         what += f"{batch_ids[0]}..{batch_ids[-1]}"
+        if worker_error(error) is not None:
+            what += " in a DataLoader worker (read again in this process, each item loads)"
     kept = (
         f"The {done} samples swept before it are saved in {plan.checkpoint}: fix the item "
         "and run the same call again to resume from there (a dataset that leaves it out, "
