@@ -40,7 +40,8 @@ def _norm(v: Any) -> Any:
 
 
 def _aten(source: str) -> tuple[list[list[tuple[str, Any, bool]]], list[set[str]]]:
-    """(candidate parameter lists, every overload's names) of an aten::op[.overload]."""
+    """(candidate parameter lists, every overload's names) of an aten::op[.overload]
+    (or another namespace's operator, quantized::linear_dynamic)."""
     op, _, overload = source.partition(".")
     schemas = torch._C._jit_get_schemas_for_operator(op)
     assert schemas, f"torch has no operator {op}"
@@ -94,7 +95,7 @@ def test_signature_matches_torch(key: str, spec: catalogue.OpSpec) -> None:
     parameter another overload leaves out (``x.sum()`` against ``x.sum(dim)``)."""
     source = spec.source
     assert source is not None
-    if source.startswith("aten::"):
+    if source.startswith(("aten::", "quantized::")):  # an operator with a schema
         cands, every = _aten(source)
         omittable = {n for p in spec.params for n in [p.name] if any(n not in e for e in every)}
     else:

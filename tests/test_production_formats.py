@@ -132,6 +132,35 @@ def test_symbolic_traced_model_is_probed_as_its_eager_self(tmp_path: Path) -> No
     assert tr["conv1"].module == "conv1"
 
 
+def _hooked_acts(model: nn.Module, x: torch.Tensor, batch_size: int) -> dict[str, torch.Tensor]:
+    """Every module's output over ``x`` by forward hooks, fed in the probe's batches: a
+    dynamically quantized layer scales its input by the batch's range, so a sample's
+    activations depend on the samples batched with it."""
+    acts: dict[str, list[torch.Tensor]] = {}
+    hooks = [
+        m.register_forward_hook(lambda m, i, o, n=n: acts.setdefault(n, []).append(o.detach()))
+        for n, m in model.named_modules()
+        if n
+    ]
+    with torch.no_grad():
+        for batch in x.split(batch_size):
+            model(batch)
+    for h in hooks:
+        h.remove()
+    return {n: torch.cat(v) for n, v in acts.items()}
+
+
+def _check_top_samples(run: lurker.Run, acts: dict[str, torch.Tensor], k: int) -> None:
+    for layer in run.layers:
+        a = acts[layer.module]
+        peaks = a.flatten(2).amax(2) if a.dim() > 2 else a  # the unit's peak over positions
+        for u in range(layer.num_units):
+            top = run.unit(layer.name, u).top("max")
+            want = peaks[:, u].topk(k)
+            assert [e.sample_id for e in top] == want.indices.tolist(), (layer.name, u)
+            torch.testing.assert_close(torch.tensor([e.value for e in top]), want.values)
+
+
 def test_dynamically_quantized_model_is_probed_right(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = _quiet(torch.ao.quantization.quantize_dynamic, CNN().eval(), {nn.Linear})
@@ -146,19 +175,109 @@ def test_dynamically_quantized_model_is_probed_right(tmp_path: Path) -> None:
         progress=False,
         device="cpu",
     )
-    assert [layer.name for layer in run.layers][:2] == ["conv1", "relu1"]
-    acts: dict[str, torch.Tensor] = {}
-    hooks = [
-        m.register_forward_hook(lambda m, i, o, n=n: acts.__setitem__(n, o.detach()))
-        for n, m in model.named_modules()
-        if n
-    ]
-    with torch.no_grad():
-        model(data.tensors[0])
-    for h in hooks:
-        h.remove()
-    for layer in run.layers:
-        peaks = acts[layer.module].flatten(2).amax(2)  # the unit's peak over positions
-        for u in range(layer.num_units):
-            got = [e.sample_id for e in run.unit(layer.name, u).top("max")]
-            assert got == peaks[:, u].topk(3).indices.tolist(), (layer.name, u)
+    assert [layer.name for layer in run.layers] == ["conv1", "relu1", "conv2", "relu2", "fc"]
+    _check_top_samples(run, _hooked_acts(model, data.tensors[0], 8), 3)
+
+
+class MLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(8, 16)
+        self.relu = nn.ReLU()
+        self.fc2 = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.relu(self.fc1(x)))
+
+
+@pytest.mark.parametrize("dtype", [torch.qint8, torch.float16])
+def test_quantized_linear_layers_are_probed_by_module_path(
+    dtype: torch.dtype, tmp_path: Path
+) -> None:
+    """An all-Linear MLP, quantized: its Linear layers (``linear_dynamic``, units on the
+    last axis as a float Linear's) are probed under their module paths, with the top
+    samples that hooks on the quantized model give, and near the float model's."""
+    torch.manual_seed(0)
+    float_model = MLP().eval()
+    model = _quiet(torch.ao.quantization.quantize_dynamic, float_model, {nn.Linear}, dtype=dtype)
+    x = torch.randn(40, 8)
+    data = TensorDataset(x, torch.zeros(40, dtype=torch.long))
+    run = _quiet(
+        lurker.probe,
+        model,
+        data,
+        out=tmp_path / "run",
+        k=5,
+        batch_size=16,
+        progress=False,
+        device="cpu",
+    )
+    assert [layer.name for layer in run.layers] == ["fc1", "relu", "fc2"]
+    assert [layer.num_units for layer in run.layers] == [16, 16, 4]
+    _check_top_samples(run, _hooked_acts(model, x, 16), 5)
+    floats = _hooked_acts(float_model, x, 16)
+    for layer in run.layers:  # quantization moves values a little, never the unit axis
+        best = [run.unit(layer.name, u).top("max")[0].value for u in range(layer.num_units)]
+        torch.testing.assert_close(
+            torch.tensor(best), floats[layer.module].amax(0), atol=0.05, rtol=0.05
+        )
+
+
+class LSTMHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(4, 5)
+        self.fc = nn.Linear(5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.lstm(x)[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.qint8, torch.float16])
+@pytest.mark.parametrize(
+    ("make", "x"),
+    [(MLP, (3, 8)), (CNN, (2, 3, 6, 6)), (LSTMHead, (7, 2, 4))],
+    ids=["mlp", "cnn", "lstm"],
+)
+def test_quantized_model_counts_its_packed_weights(
+    make: type[nn.Module], x: tuple[int, ...], dtype: torch.dtype
+) -> None:
+    """Packed weights (TorchScript objects, no nn.Parameter) are parameters too: a quantized
+    model has as many as the float model it came from, in the trace and per module."""
+    float_model = make().eval()
+    model = _quiet(
+        torch.ao.quantization.quantize_dynamic, float_model, {nn.Linear, nn.LSTM}, dtype=dtype
+    )
+    tr = _quiet(lurker.trace, model, torch.randn(x))
+    assert tr.num_params == sum(p.numel() for p in float_model.parameters())
+    for name, m in float_model.named_children():
+        assert tr.modules[name].num_params == sum(p.numel() for p in m.parameters()), name
+
+
+def test_quantized_run_home_counts_packed_weights(tmp_path: Path) -> None:
+    """The explorer's Home reads the run's stored graph: 8x16 + 16 + 16x4 + 4 = 212."""
+    model = _quiet(torch.ao.quantization.quantize_dynamic, MLP().eval(), {nn.Linear})
+    data = TensorDataset(torch.randn(8, 8), torch.zeros(8, dtype=torch.long))
+    run = _quiet(lurker.probe, model, data, out=tmp_path / "run", k=2, progress=False, device="cpu")
+    assert run.graph.num_params == 212
+    with lurker.Run.open(tmp_path / "run") as stored:
+        assert stored.graph.num_params == 212
+
+
+def test_exported_module_at_another_batch_size_names_dynamic_shapes() -> None:
+    """An exported module's shape guards refuse a batch it was not exported for: the error
+    names dynamic_shapes (and the eager model), not torch's ``Guard failed``; the fix it
+    names then runs at that batch size."""
+    model = CNN().eval()
+    x, x5 = torch.randn(2, 3, 6, 6), torch.randn(5, 3, 6, 6)
+    fixed = torch.export.export(model, (x,)).module()
+    tr = _quiet(lurker.trace, fixed, x)
+    fix = r"exported for fixed input shapes.*dynamic_shapes=.*Dim\.DYNAMIC.*eager model"
+    with pytest.raises(LurkerError, match=fix):
+        tr.run(x5)
+    with pytest.raises(LurkerError, match=fix):
+        _quiet(lurker.trace, fixed, x5)
+    dims = ({0: torch.export.Dim.DYNAMIC},)
+    dynamic = torch.export.export(model, (x,), dynamic_shapes=dims).module()
+    out = _quiet(lurker.trace, dynamic, x).run(x5, save="none").output
+    torch.testing.assert_close(out, model(x5))

@@ -22,6 +22,7 @@ Design notes
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import operator
@@ -183,6 +184,26 @@ _UNINITIALIZED_B = nn.parameter.UninitializedBuffer
 _is = operator.is_
 
 
+def _packed_numel(obj: Any) -> int:
+    """The elements of the weights a TorchScript object packs (a quantized Linear's or
+    conv's ``_packed_params``, a dynamically quantized LSTM cell's), read off its pickled
+    state: no ``nn.Parameter`` holds them, yet they are the model's parameters, as many
+    as the float model it was quantized from has. A tensor met twice in the state (an LSTM
+    cell's bias, kept beside its packed Linear too) counts once."""
+    found: dict[tuple[int, int], Tensor] = {}  # (data_ptr, numel) -> the tensor, kept alive
+    todo = [obj]
+    while todo:
+        o = todo.pop()
+        if isinstance(o, Tensor):
+            found.setdefault((o.data_ptr(), o.numel()), o)
+        elif isinstance(o, torch.ScriptObject):
+            with contextlib.suppress(AttributeError, RuntimeError):  # a class with no state
+                todo.append(o.__getstate__())
+        elif isinstance(o, (list, tuple)):
+            todo.extend(o)
+    return sum(n for _, n in found)
+
+
 class _ModelIndex:
     """A model's module tree, parameters and buffers, indexed in one walk.
 
@@ -250,6 +271,9 @@ class _ModelIndex:
                 elif p.layout is torch.strided:  # (a sparse tensor has no data pointer)
                     self.param_list.append(p)
                     self.param_list_names.append(name)
+            for v in vars(mod).values():  # weights packed by quantization: parameters too
+                if isinstance(v, torch.ScriptObject):
+                    held[id(v)] = _packed_numel(v)
             if lazy and hasattr(mod, "_initialize_hook"):  # its init pre-hook has not run
                 self.lazy.append((path, mod))
             counts[path] = held

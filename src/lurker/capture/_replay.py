@@ -259,6 +259,9 @@ class Replayer(OpMode):
         except Exception as e:
             if isinstance(e, LurkerError):
                 raise
+            guard = export_guard_failure(model, e)
+            if guard is not None:
+                raise LurkerError(f"Trace.run could not run {guard}") from e
             unlike = input_mismatch(self.trace, args, kwargs, e)
             if unlike is not None:
                 raise LurkerError(unlike) from e
@@ -418,6 +421,28 @@ def _shown(value: Any) -> str:
     if _plain(value) and len(repr(value)) <= 40:
         return repr(value)
     return f"a {type(value).__name__}"
+
+
+def export_guard_failure(model: Any, error: BaseException) -> str | None:
+    """Why an exported program's module refused an input, if its shape guards did:
+    ``torch.export`` fixes every dimension it was not told is dynamic (the batch too), and
+    the module asserts its inputs have those sizes. The message names the fix rather than
+    torch's ``Guard failed: x.size()[0] == 2``; None for any other error."""
+    if not isinstance(model, torch.fx.GraphModule) or not isinstance(
+        error, (AssertionError, RuntimeError)
+    ):
+        return None
+    first = (str(error).strip().splitlines() or [""])[0]
+    # (torch 2.5 to 2.8 check inputs in a pre-hook: "Expected input at *args[0].shape[0]")
+    if not first.startswith(("Guard failed", "Expected input at")):
+        return None
+    return (
+        f"{type(model).__name__}: it is an exported program's module "
+        "(torch.export.export(...).module()), exported for fixed input shapes, and it refuses "
+        f"others ({type(error).__name__}: {first}). Export the model with its batch dimension "
+        "dynamic, torch.export.export(model, (x,), dynamic_shapes=({0: "
+        "torch.export.Dim.DYNAMIC},)), or pass the eager model it was exported from."
+    )
 
 
 def input_mismatch(trace: Trace, args: tuple, kwargs: dict, error: BaseException) -> str | None:

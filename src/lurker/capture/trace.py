@@ -503,6 +503,16 @@ def _trace_error(
     model: nn.Module, e: Exception, partial: Trace, rec: Recorder, call: tuple = ((), {})
 ) -> TraceError:
     """One paragraph on why the forward failed; for the CLI, without ``err.partial``."""
+    from ._replay import export_guard_failure
+
+    guard = export_guard_failure(model, e)
+    if guard is not None:
+        return TraceError(
+            f"lurker.trace could not run {guard} The partial trace is in `err.partial`.",
+            partial=partial,
+            failed_op=None,
+            cli=f"lurker trace could not run {guard}",
+        )
     mismatch = _call_mismatch(model, e, *call)
     if mismatch is not None:
         return TraceError(

@@ -70,7 +70,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from ..errors import LurkerError
-from ..ops.catalogue import bind
+from ..ops.catalogue import QUANTIZED_LINEAR, bind
 from .nodes import OpRef
 
 if TYPE_CHECKING:
@@ -1186,7 +1186,7 @@ for _h, _names in {
     _h_pad: "pad",
     _h_getitem: "getitem",
     _h_roll: "roll",
-    _h_linear: "linear",
+    _h_linear: " ".join(("linear", *QUANTIZED_LINEAR)),
     _h_grid_sample: "grid_sample",
     _h_setitem: "setitem",
     _h_recurrent: "lstm gru rnn_tanh rnn_relu",

@@ -182,6 +182,9 @@ _TABLE: dict[str, tuple[str, str | None, str | None]] = {
         "convolution",
     ),
     "linear": ("input, weight, bias=None", "aten::linear", "linear"),
+    # a quantize_dynamic'd nn.Linear: its weight and bias packed in one TorchScript object
+    "linear_dynamic": ("X, W_prepack, reduce_range=False", "quantized::linear_dynamic", None),
+    "linear_dynamic_fp16": ("X, W_prepack", "quantized::linear_dynamic_fp16", None),
     "matmul": ("self, other", "aten::matmul", "matmul"),
     "linalg_matmul": ("self, other", "aten::linalg_matmul", "matmul"),  # torch.linalg.matmul
     "rmatmul": ("self, other", None, "rmatmul"),  # Tensor.__rmatmul__: other @ self
@@ -433,6 +436,10 @@ DROPOUTS: dict[str, tuple[str, str | None]] = {
 # layers. Several overloads and no published signature, so no entry in SPECS: their calls
 # are read by position, as nn.RNNBase makes them
 RECURRENT = frozenset({"lstm", "gru", "rnn_tanh", "rnn_relu"})
+
+# The ops a dynamically quantized nn.Linear (``quantize_dynamic``, int8 or float16) runs
+# in place of ``linear``: units on the last axis, as a float Linear's.
+QUANTIZED_LINEAR = frozenset({"linear_dynamic", "linear_dynamic_fp16"})
 
 
 def _recurrent_draws(args: tuple | list) -> bool:

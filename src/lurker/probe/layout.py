@@ -44,7 +44,7 @@ from torch import Tensor
 
 from ..errors import LurkerError
 from ..graph.receptive import RF, follow_axes, receptive_fields
-from ..ops.catalogue import bind
+from ..ops.catalogue import QUANTIZED_LINEAR, bind
 
 if TYPE_CHECKING:
     from ..capture.trace import Trace
@@ -71,7 +71,7 @@ _CONV = {
 _CHANNEL_NORMS = {"batch_norm", "instance_norm", "group_norm"}
 _LAST_AXIS = {  # units on the last axis: hidden units of RNNs (nn.LSTM, nn.GRU, nn.RNN) too
     "linear", "embedding", "_native_multi_head_attention", "lstm", "gru", "rnn_tanh", "rnn_relu",
-    "lstm_cell", "gru_cell", "rnn_tanh_cell", "rnn_relu_cell",
+    "lstm_cell", "gru_cell", "rnn_tanh_cell", "rnn_relu_cell", *QUANTIZED_LINEAR,
 }  # fmt: skip
 _WEIGHT_PRODUCTS = {"matmul", "mm", "bmm", "addmm"}
 
@@ -377,7 +377,7 @@ def _batch_shapes(trace: Trace, example: tuple, factor: int) -> dict[int, tuple[
 #: Ops whose output has the batch on axis 0 wherever their activation inputs have it there,
 #: whatever their other arguments (weights, kernel sizes): per-sample by what they compute
 _KEEP_BATCH_FIRST = {
-    *_CONV, *_CHANNEL_NORMS, "linear",
+    *_CONV, *_CHANNEL_NORMS, "linear", *QUANTIZED_LINEAR,
     *(f"{p}_pool{n}d" for p in ("max", "avg", "adaptive_max", "adaptive_avg") for n in (1, 2, 3)),
     "relu", "relu6", "leaky_relu", "gelu", "silu", "sigmoid", "tanh", "hardtanh", "hardswish",
     "hardsigmoid", "elu", "selu", "mish", "dropout", "contiguous", "clone",

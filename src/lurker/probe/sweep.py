@@ -48,7 +48,7 @@ from ..capture.trace import hidden_forward
 from ..errors import LurkerError, MemoryLimitError, TraceError, warn
 from ..graph.nodes import Op
 from ..models import canonical_channel_dim, channels_first_view, default_device
-from ..ops.catalogue import bind
+from ..ops.catalogue import QUANTIZED_LINEAR, bind
 from ..store import Run, RunWriter, atomic_write_bytes, run_lock
 from ..vocab import VocabLike, reads_ids
 from .consumers import (
@@ -75,7 +75,7 @@ from .layout import layer_name as _layer_name
 from .progress import Progress
 
 CONV = {"conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"}
-LINEAR = {"linear", "addmm"}
+LINEAR = {"linear", "addmm", *QUANTIZED_LINEAR}
 ACTIVATIONS = {
     "relu", "relu_", "relu6", "leaky_relu", "leaky_relu_", "gelu", "silu", "silu_", "sigmoid",
     "tanh", "elu", "elu_", "selu", "celu", "hardswish", "hardswish_", "hardsigmoid", "mish",
@@ -319,6 +319,21 @@ def _mlp_hidden(trace: Trace, op: Op, linear: Collection[int] = ()) -> bool:
     return False
 
 
+def _cast_back(
+    trace: Trace, op: Op, kids: Mapping[int, list[int]], layouts: Mapping[int, Layout | Skip]
+) -> Op:
+    """A quantized Linear's module output, where ``op`` is its ``linear_dynamic``: the
+    module casts the result back to its input's dtype (``Y.to(x.dtype)``), and that cast,
+    not the op, is the module's output, so the layer goes by its path (``fc1``) as a
+    float Linear's does. Any other op is itself."""
+    if op.name not in QUANTIZED_LINEAR or len(kids.get(op.index, ())) != 1:
+        return op
+    cast = trace.ops[kids[op.index][0]]
+    if cast.name == "to" and cast.module_outputs and isinstance(layouts.get(cast.index), Layout):
+        return cast
+    return op
+
+
 def _default_ops(
     trace: Trace, candidates: list[Op], layouts: Mapping[int, Layout | Skip] | None = None
 ) -> list[Op]:
@@ -338,8 +353,9 @@ def _default_ops(
         and lay.source == "linear"
     }
     if not _is_transformer(trace, linear):
+        kids = _children(trace)
         return [
-            op
+            _cast_back(trace, op, kids, layouts or {})
             for op in candidates
             if (op.name in CONV | LINEAR | ACTIVATIONS or op.index in linear)
             and len(op.shape or ()) >= 2
