@@ -890,7 +890,9 @@ class _FloatTargets(torch.utils.data.Dataset):
 def test_regression_targets_are_refused_not_truncated_into_classes(tmp_path: Path, itemwise):
     """Float targets with fractions (a regression model's) are not class indices: truncated
     they made classes '0'..'6' out of y = 3x and per-class means over them, silently. The
-    probe refuses them before the sweep, naming the item and the fix, and leaves no run."""
+    probe refuses them as it reads the item (labels without ``targets`` that tell them are
+    read with the items, by the sweep), naming the item and the fix; the run it leaves holds
+    nothing and the next probe replaces it."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 1)).eval()
     x = torch.randn(40, 10)
@@ -902,7 +904,11 @@ def test_regression_targets_are_refused_not_truncated_into_classes(tmp_path: Pat
         match=r"item 23 has the label 2\.5, not a class index.*regression.*\(image,\) unlabelled",
     ):
         probe(model, ds, out=tmp_path / "r", k=2, progress=False)
-    assert not (tmp_path / "r").exists()
+    y[23] = 23.0
+    run = probe(
+        model, torch.utils.data.TensorDataset(x, y), out=tmp_path / "r", k=2, progress=False
+    )
+    assert run.classes == [str(i) for i in range(40)]
 
 
 def test_whole_float_targets_are_class_indices(tmp_path: Path):

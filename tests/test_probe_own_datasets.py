@@ -90,9 +90,17 @@ def test_an_item_that_raises_is_named_and_the_batches_before_it_kept(tmp_path: P
     assert top == sorted(range(len(X)), key=lambda i: (-oracle[i].item(), i))[:3]
 
 
-def test_an_item_that_raises_while_labels_are_read_is_named(tmp_path: Path):
-    with pytest.raises(LurkerError, match=r"item 5 raised ValueError.*nothing was swept"):
-        _probe(_Items(Y.tolist(), bad=5), tmp_path / "run")
+def test_an_item_without_targets_that_raises_is_named_and_the_batches_before_it_kept(
+    tmp_path: Path,
+):
+    """No targets: the labels are read with the items by the sweep (no pass of its own
+    before it), so the item is named there and the rerun resumes with the labels read."""
+    out = tmp_path / "run"
+    with pytest.raises(LurkerError, match=r"item 21 raised ValueError.*16 samples swept before"):
+        _probe(_Items(Y.tolist(), bad=21), out)
+    run = _probe(_Items(Y.tolist()), out)
+    assert run.meta["sweep"]["resumed_from"] == 16
+    assert [s.label for s in run.samples(range(len(X)))] == Y.tolist()
 
 
 class _FailsInWorkers(_Items):

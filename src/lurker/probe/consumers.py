@@ -34,6 +34,7 @@ __all__ = [
     "BatchConsumer",
     "ChannelRangeConsumer",
     "EmbeddingConsumer",
+    "LabelsConsumer",
     "RelevanceConsumer",
     "UnitStatsConsumer",
 ]
@@ -46,7 +47,7 @@ class Batch:
     images: Tensor  # (B, ...) the model's input
     ids: Tensor  # (B,) int64 global dataset indices: unique, so merges never double-count
     labels: Tensor  # (B,) int64 class indices, -1 for unlabelled samples
-    num_classes: int
+    num_classes: int  # classes met so far (at least): every label of the batch is below it
 
 
 class BatchConsumer(ABC):
@@ -133,6 +134,7 @@ class UnitStatsConsumer(BatchConsumer):
         self.layers = list(layers)
         self.device = device
         self.describe = describe
+        self.num_classes = num_classes
         self._host: HostBatch | None = None
         # per-sample statistics are buffered on the device (16 bytes per unit and sample)
         # and folded in every few batches; keep all layers' buffers together under ~512 MiB
@@ -151,9 +153,18 @@ class UnitStatsConsumer(BatchConsumer):
         }
 
     def begin(self, batch: Batch) -> None:
-        """The batch's ids and labels as the CPU kernels take them, once for all layers."""
+        """The batch's ids and labels as the CPU kernels take them, once for all layers;
+        room first for classes the sweep met in this batch (labels read from the items)."""
+        self.grow_classes(batch.num_classes)
         cpu = self.device.type == "cpu"
-        self._host = HostBatch(batch.ids, batch.labels, batch.num_classes) if cpu else None
+        self._host = HostBatch(batch.ids, batch.labels, self.num_classes) if cpu else None
+
+    def grow_classes(self, num_classes: int) -> None:
+        """Give every layer's statistics ``num_classes`` classes, if they hold fewer."""
+        if num_classes > self.num_classes:
+            for stats in self.stats.values():
+                stats.grow_classes(num_classes)
+            self.num_classes = num_classes
 
     def update(self, layer: Layer, output: Tensor, batch: Batch) -> None:
         """One vectorised top-k and histogram update for all of ``layer``'s units."""
@@ -180,9 +191,16 @@ class UnitStatsConsumer(BatchConsumer):
             self.stats[layer.op.index] = UnitStats.from_state_dict(
                 state[layer.name], device=self.device
             )
+        self.num_classes = max(s.num_classes for s in self.stats.values())
+        self.grow_classes(self.num_classes)  # (the same on every layer)
 
     def merge(self, group: Any = None) -> None:
-        """All-reduce each layer's statistics (in op order, the same on every rank)."""
+        """All-reduce each layer's statistics (in op order, the same on every rank), once
+        every rank holds the classes any rank met (labels read from the items: each rank
+        meets those of its own shard)."""
+        most = torch.tensor([self.num_classes], dtype=torch.int64, device=self.device)
+        torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX, group=group)
+        self.grow_classes(int(most))
         for i in sorted(self.stats):
             self.stats[i].all_reduce(group)
 
@@ -672,3 +690,49 @@ class ChannelRangeConsumer(BatchConsumer):
     def finish(self, writer: RunWriter) -> None:
         """Meta ``channel_range``."""
         writer.meta_set("channel_range", self.result())
+
+
+class LabelsConsumer(BatchConsumer):
+    """Every swept sample's label, as its item carries it, for a dataset that cannot tell
+    its labels without reading its items (no ``targets``): the sweep reads each item once,
+    so the run's classes and samples' labels are collected here rather than by a pass of
+    their own. The labels are kept on the sweep's device (no sync per batch), indexed by
+    sample id, -1 for samples not swept (or skipped, or unlabelled); ranks sweep disjoint
+    shards, so their merge is a max."""
+
+    key = "labels"
+
+    def __init__(self, size: int, device: torch.device) -> None:
+        self.labels = torch.full((size,), -1, dtype=torch.int64, device=device)
+
+    def begin(self, batch: Batch) -> None:
+        """Record the batch's labels under its sample ids."""
+        self.labels.index_copy_(0, batch.ids, batch.labels)
+
+    def update(self, layer: Layer, output: Tensor, batch: Batch) -> None:
+        """Nothing: the labels come with the batch, taken in :meth:`begin`."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"labels": self.labels.cpu()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        saved = state["labels"]
+        if len(saved) != len(self.labels):
+            raise LurkerError(
+                f"its labels are of {len(saved)} samples, and the dataset has "
+                f"{len(self.labels)}: delete it to sweep again from the start"
+            )
+        self.labels = saved.to(self.labels.device, torch.int64)
+
+    def merge(self, group: Any = None) -> None:
+        """All-reduce MAX: each sample's label comes from the one rank that swept it."""
+        import torch.distributed as dist
+
+        dist.all_reduce(self.labels, op=dist.ReduceOp.MAX, group=group)
+
+    def result(self) -> list[int]:
+        """Every sample's label by sample id, -1: none (not swept, skipped, unlabelled)."""
+        return [int(v) for v in self.labels.cpu().tolist()]
+
+    def finish(self, writer: RunWriter) -> None:
+        """Nothing: the sweep names the run's classes and samples from :meth:`result`."""

@@ -536,6 +536,19 @@ class UnitStats:
         cols += self._bin_offsets[:c]
         self._hist.view(-1).index_add_(0, cols.reshape(-1), self._one.expand(cols.numel()))
 
+    def grow_classes(self, num_classes: int) -> None:
+        """Make room for ``num_classes`` classes (no-op when there is already as much): a
+        dataset whose labels are known only as its items are read meets its classes during
+        the sweep. New classes start empty; the unlabelled row stays last. Buffered samples
+        keep their labels, not rows, so they fold in correctly afterwards."""
+        if num_classes <= self.num_classes:
+            return
+        extra = num_classes - self.num_classes
+        sums, counts = self._class_sum, self._class_count
+        self._class_sum = torch.cat([sums[:-1], sums.new_zeros((extra, sums.shape[1])), sums[-1:]])
+        self._class_count = torch.cat([counts[:-1], counts.new_zeros(extra), counts[-1:]])
+        self.num_classes = num_classes
+
     # ------------------------------------------------------------------ combining states
 
     def _check_compatible(self, other: UnitStats) -> None:

@@ -57,6 +57,7 @@ from .consumers import (
     BatchConsumer,
     ChannelRangeConsumer,
     EmbeddingConsumer,
+    LabelsConsumer,
     RelevanceConsumer,
     UnitStatsConsumer,
 )
@@ -979,8 +980,11 @@ class _Plan:
     rf_gaps: dict[int, str]
     layers: list[Layer]
     layer_skips: list[tuple[str, str]]  # (layer, why its units cannot be located)
-    labels: list[int]  # every sample's label, -1: none
-    classes: list[str]
+    #: every sample's label (-1: none) where the dataset tells them without reading its
+    #: items (``targets``); None: they are collected from the items as the sweep reads them
+    #: (a :class:`LabelsConsumer`), so that each item is read once
+    labels: list[int] | None
+    classes: list[str]  # the run's classes, so far as known before the sweep
     run_meta: dict[str, Any]
     out: Path
     k: int
@@ -1001,12 +1005,14 @@ class _Plan:
 
     @functools.cached_property
     def data_key(self) -> str:
-        """The dataset as a checkpoint records it: its size, its labels in order, its files
-        and the indices a ``Subset`` takes. A run's ``dataset`` meta names only the type of
-        an in-memory dataset, so another dataset of that type (a new random subset) must
-        not continue this one's statistics. Not the images: a dataset with random
-        transforms must still resume."""
-        h = hashlib.sha1(array.array("q", self.labels).tobytes())
+        """The dataset as a checkpoint records it: its size, its labels in order (where it
+        tells them without reading its items: reading them all for this would double the
+        cost of a sweep), its files and the indices a ``Subset`` takes. A run's ``dataset``
+        meta names only the type of an in-memory dataset, so another dataset of that type
+        (a new random subset) must not continue this one's statistics. Not the images: a
+        dataset with random transforms must still resume."""
+        known = self.labels is not None
+        h = hashlib.sha1(array.array("q", self.labels).tobytes() if known else b"from items")
         h.update(repr((self.ds.paths, self.ds.source_indices(), _subset_indices(self.ds))).encode())
         # a dataset made by code (`--data file.py:fn`): a few of its items, so that an
         # unseeded random one made again does not continue the statistics of another (their
@@ -1016,7 +1022,7 @@ class _Plan:
         if fingerprint is not None:
             exact = [[e.get(k) for k in ("item", "shape", "label", "sha256")] for e in fingerprint]
             h.update(repr(exact).encode())
-        return f"{len(self.labels)}:{h.hexdigest()[:16]}"
+        return f"{len(self.ds)}:{h.hexdigest()[:16]}"
 
     @property
     def settings(self) -> dict[str, Any]:
@@ -1037,7 +1043,8 @@ class _Plan:
 
     @property
     def num_classes(self) -> int:
-        """The run's classes (none for an unlabelled dataset: no class means to store)."""
+        """The run's classes known before the sweep (none for an unlabelled dataset: no
+        class means to store); labels read from the items may add more as it meets them."""
         return len(self.classes)
 
     @property
@@ -1150,7 +1157,8 @@ def _plan(
         embed_layer = embed_layer_of(tr, embed, layouts=layouts, unit_dim=unit_dim)
         check_embed_budget(embed_layer, len(ds))
     all_labels = _labels(ds)
-    classes = _class_names(ds.class_names, all_labels)
+    # labels read from the items are met during the sweep: the classes named so far
+    classes = _class_names(ds.class_names, all_labels or [])
     names = _feature_names(
         getattr(ds, "feature_names", None), tuple(x0.shape[1:]), x0.is_floating_point()
     )
@@ -1528,6 +1536,8 @@ def _consumers(plan: _Plan) -> list[BatchConsumer]:
         consumers.append(EmbeddingConsumer(plan.embed, probed=probed, rows=rows))
     if plan.signal is not None:  # the input's own scale, for feature visualization
         consumers.append(ChannelRangeConsumer(*plan.signal, device=plan.dev))
+    if plan.labels is None:  # the run's labels, as the sweep reads the items
+        consumers.append(LabelsConsumer(len(plan.ds), plan.dev))
     return consumers
 
 
@@ -1747,7 +1757,9 @@ def _sweep(plan: _Plan, consumers: Sequence[BatchConsumer], start: _Progress) ->
     n_batches = 0
     t_start = last_ckpt = time.perf_counter()
     total = len(plan.shard)
-    known = torch.tensor(plan.labels, dtype=torch.int64)  # what the run will say they are
+    # what the run will say they are, where told before the sweep (targets)
+    known = None if plan.labels is None else torch.tensor(plan.labels, dtype=torch.int64)
+    classes = plan.num_classes  # grows with the labels the items carry (no targets)
     # under torchrun rank 0 shows its own shard's count and rate, and says so: a bare
     # "probing: 899/899" on a dataset of 1797 reads as half the dataset swept
     label = "probing" if plan.world == 1 else f"probing (process 0 of {plan.world}, its shard)"
@@ -1763,9 +1775,18 @@ def _sweep(plan: _Plan, consumers: Sequence[BatchConsumer], start: _Progress) ->
                 worker = worker_error(e)
                 if worker is None:
                     raise
-                # from a DataLoader worker: its message, not torch's "Caught ... Traceback"
+                # from a DataLoader worker, as torch's "Caught ... Traceback" text: read the
+                # batch again here, where the same check raises it as lurker says it, or
+                # else say the worker's own message
                 e.__traceback__ = None  # (its frames hold the iterator, and so the workers)
-                batches = iter(())
+                batches = iter(())  # (ends the workers, which hold the run's lock)
+                batch_ids = todo[n_batches * batch_size : (n_batches + 1) * batch_size]
+                try:
+                    pdata.collate([plan.ds[i] for i in batch_ids])
+                except LurkerError as said:
+                    raise said from None  # (not torch's wrapped copy as its context)
+                except Exception:  # (read here, the batch fails otherwise: the worker's)
+                    pass
                 raise LurkerError(worker[1]) from None
             except Exception as e:
                 if interrupted:  # DataLoader workers stopped by the same Ctrl-C
@@ -1782,12 +1803,14 @@ def _sweep(plan: _Plan, consumers: Sequence[BatchConsumer], start: _Progress) ->
                 said = _dataset_item_error(plan, batch_ids, e, position.done)
                 raise said from said.__cause__
             if len(images):
-                _check_labels(labels, ids, known)
+                if known is not None:
+                    _check_labels(labels, ids, known)
+                classes = max(classes, int(labels.max()) + 1)  # (on the host: no sync)
                 batch = Batch(
                     images.to(dev, non_blocking=True),
                     ids.to(dev, non_blocking=True),
                     labels.to(dev, non_blocking=True),
-                    plan.num_classes,
+                    classes,
                 )
                 for c in consumers:
                     c.begin(batch)
@@ -2163,13 +2186,16 @@ def _finish(
             c.discard()
         return None
     assert writer is not None
-    labels = plan.labels
+    labels, classes = plan.labels, plan.classes
+    if labels is None:  # read from the items by the sweep: all known now
+        labels = next(c for c in consumers if isinstance(c, LabelsConsumer)).result()
+        classes = _class_names(plan.ds.class_names, labels)
     # One transaction (one fsync): classes, this call's config (on resume the store keeps
     # the first call's other meta; the config says how to load this call's model and data
     # again), the sweep's figures, samples, skipped files and every consumer's results are
     # all stored, and the run marked complete, or none of it is.
     with writer.batch():
-        writer.set_classes(plan.classes)
+        writer.set_classes(classes)
         writer.meta_set("config", plan.run_meta["config"])
         for key in ("vocab", "pad_id"):  # this call's (a resumed run keeps its first meta)
             if key in plan.run_meta:
@@ -2227,25 +2253,12 @@ def _drop_checkpoint(plan: _Plan) -> None:
         rows.unlink(missing_ok=True)
 
 
-def _labels(ds: Any) -> list[int]:
-    """Every sample's label (-1: none), cheaply when the dataset can tell without images."""
+def _labels(ds: Any) -> list[int] | None:
+    """Every sample's label (-1: none) where the dataset tells them without reading its
+    items, else None: the sweep then collects them from the items it reads (a pass of its
+    own would read every item twice, which doubles the cost of a costly pipeline)."""
     labels = ds.labels_list()  # (a wrapped dataset's targets, as its items carry them)
-    if labels is not None:
-        return [int(v) for v in labels]
-    out = []  # last resort: one pass that reads every item
-    for i in range(len(ds)):
-        try:
-            item = ds[i]
-        except LurkerError:
-            raise
-        except Exception as e:
-            fix = (
-                "It reads each item's label before the sweep (the dataset has no targets), "
-                "so nothing was swept: fix the item and probe again."
-            )
-            raise item_error(f"dataset item {i}", e, fix) from e
-        out.append(int(item[1]) if isinstance(item, tuple) else -1)  # Skipped: no label
-    return out
+    return None if labels is None else [int(v) for v in labels]
 
 
 def _feature_names(
