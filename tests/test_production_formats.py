@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import gc
 import warnings
+import weakref
 from pathlib import Path
 
 import pytest
@@ -120,7 +121,7 @@ def test_exported_module_traces_its_ops_and_says_it_has_no_modules(tmp_path: Pat
         tr = lurker.trace(exported, x)
     assert len(tr.ops) > 3 and all(op.module is None for op in tr.ops)
     torch.testing.assert_close(tr.output, model(x))
-    with pytest.raises(LurkerError, match=r"exported program.*pass the eager model"):
+    with pytest.raises(LurkerError, match=r"torch\.export.*pass the eager model"):
         lurker.probe(exported, _data(), out=tmp_path / "run", k=3, progress=False, device="cpu")
 
 
@@ -281,3 +282,91 @@ def test_exported_module_at_another_batch_size_names_dynamic_shapes() -> None:
     dynamic = torch.export.export(model, (x,), dynamic_shapes=dims).module()
     out = _quiet(lurker.trace, dynamic, x).run(x5, save="none").output
     torch.testing.assert_close(out, model(x5))
+
+
+def test_make_fx_graph_warning_does_not_call_it_an_exported_program() -> None:
+    """make_fx makes the same aten graph as torch.export: the warning says what it is
+    (an fx graph of aten ops, from either), not that it came from torch.export."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    model = CNN().eval()
+    x = torch.randn(2, 3, 6, 6)
+    gm = make_fx(model)(x)
+    with pytest.warns(UserWarning, match=r"fx GraphModule of aten ops.*make_fx") as got:
+        tr = lurker.trace(gm, x)
+    assert not any("exported program" in str(w.message) for w in got)
+    torch.testing.assert_close(tr.output, model(x))
+
+
+def test_exported_module_under_inference_mode_warns_once_at_the_caller() -> None:
+    model = CNN().eval()
+    x = torch.randn(2, 3, 6, 6)
+    exported = torch.export.export(model, (x,)).module()
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        with torch.inference_mode():
+            tr = lurker.trace(exported, x)
+    ours = [w for w in got if "lurker.trace" in str(w.message)]
+    assert len(ours) == 1 and ours[0].filename == __file__
+    torch.testing.assert_close(tr.output, model(x))
+
+
+def test_aten_graph_check_walks_each_graph_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Telling an aten graph walks all its nodes: a GraphModule traced again and again
+    (thousands of nodes) pays it once, and again only for a new or edited graph."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    model = CNN().eval()
+    x = torch.randn(2, 3, 6, 6)
+    gm = make_fx(model)(x)
+    walks = []  # a mark per read of a graph's nodes (not the graph: it holds its module)
+    nodes = torch.fx.Graph.nodes
+    monkeypatch.setattr(
+        torch.fx.Graph, "nodes", property(lambda g: walks.append(1) or nodes.fget(g))
+    )
+
+    def traced(gm: nn.Module) -> int:
+        before = len(walks)
+        with pytest.warns(UserWarning, match=r"aten ops.*none in a module"):
+            tr = lurker.trace(gm, x)
+        torch.testing.assert_close(tr.output, model(x))
+        return len(walks) - before
+
+    assert traced(gm) > 0
+    assert traced(gm) == 0 and traced(gm) == 0
+    new = torch.fx.Graph()  # the same graph, a new object: walked again
+    new.output(new.graph_copy(gm.graph, {}))
+    gm.graph = new
+    assert traced(gm) > 0
+    assert traced(gm) == 0
+    ref = weakref.ref(gm)
+    del gm, new
+    gc.collect()
+    assert ref() is None  # the cache holds no model alive
+
+
+class _WithCompiled(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 3, 1)
+        self.b = torch.compile(CNN().eval())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.stem(x))
+
+
+def test_compiled_submodule_is_refused_naming_orig_mod(tmp_path: Path) -> None:
+    """TorchDynamo compiles lurker's recording along with the submodule and fails, blaming
+    the input's shape: the model is refused, naming the eager module to put back."""
+    model = _WithCompiled().eval()
+    x = torch.randn(2, 3, 6, 6)
+    fix = r"submodule 'b' is a torch\.compile'd.*model\.b = model\.b\._orig_mod"
+    with pytest.raises(LurkerError, match=fix):
+        lurker.trace(model, x)
+    with pytest.raises(LurkerError, match=fix):
+        lurker.probe(model, _data(), out=tmp_path / "run", k=3, progress=False, device="cpu")
+    assert not (tmp_path / "run" / "run.db").exists()
+    model.b = model.b._orig_mod  # the fix the error names
+    tr = lurker.trace(model, x)
+    torch.testing.assert_close(tr.output, model(x))
+    assert "b.conv1" in tr.modules

@@ -184,6 +184,14 @@ _UNINITIALIZED_B = nn.parameter.UninitializedBuffer
 _is = operator.is_
 
 
+def is_compiled(mod: nn.Module) -> bool:
+    """Whether ``mod`` is a ``torch.compile``'d module (an OptimizedModule, which wraps
+    the eager one as ``_orig_mod``), told without importing torch._dynamo."""
+    return type(mod).__name__ == "OptimizedModule" and isinstance(
+        getattr(mod, "_orig_mod", None), nn.Module
+    )
+
+
 def _packed_numel(obj: Any) -> int:
     """The elements of the weights a TorchScript object packs (a quantized Linear's or
     conv's ``_packed_params``, a dynamically quantized LSTM cell's), read off its pickled
@@ -228,6 +236,8 @@ class _ModelIndex:
         # the first TorchScript submodule's path (left out of the index): a trace cannot
         # see its ops (a scripted model itself is refused before it is indexed)
         self.scripted: str | None = None
+        # the first torch.compile'd submodule's path (its insides left out), refused alike
+        self.compiled: str | None = None
         parents: dict[str, str | None] = {}
         children: dict[str, list[str]] = {}
         counts: dict[str, dict[int, int]] = {}
@@ -244,6 +254,10 @@ class _ModelIndex:
                 # TorchScript's insides, not modules (a trace refuses the model, naming it)
                 if self.scripted is None:
                     self.scripted = path
+                continue
+            if parent is not None and is_compiled(mod):
+                if self.compiled is None:
+                    self.compiled = path
                 continue
             seen[id(mod)] = path
             self.modules[path] = mod

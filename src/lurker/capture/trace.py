@@ -38,7 +38,7 @@ from ._policy import (
     second_paths,
     shared_module_note,
 )
-from ._recorder import Recorder, TransformFailed
+from ._recorder import Recorder, TransformFailed, is_compiled
 from ._tree import map_tensors, paths
 
 
@@ -81,7 +81,7 @@ def trace(
         )
     # the model itself here; a scripted submodule once the model's index is at hand
     top = "" if isinstance(model, torch.jit.ScriptModule) else None
-    hidden = hidden_forward(model, scripted=top)
+    hidden = hidden_forward(model, scripted=top, compiled=None)
     if hidden is not None:
         reason, ops_seen = hidden
         if not ops_seen:
@@ -89,18 +89,26 @@ def trace(
         warnings.warn(
             f"lurker.trace: {reason}. The trace holds its ops, none in a module.", stacklevel=2
         )
-    if torch.is_inference_mode_enabled():  # recorded under no_grad instead (see there)
+    # under inference mode: recorded under no_grad instead (see there); the checks above
+    # ran once, and a warning below points at the caller either way
+    if torch.is_inference_mode_enabled():
         with _context.no_inference_mode():
-            return trace(
-                model,
-                *args,
-                save=save,
-                transform=transform,
-                save_to=save_to,
-                grads=grads,
-                max_memory=max_memory,
-                **kwargs,
-            )
+            return _record(model, args, kwargs, save, transform, save_to, grads, max_memory)
+    return _record(model, args, kwargs, save, transform, save_to, grads, max_memory)
+
+
+def _record(
+    model: nn.Module,
+    args: tuple,
+    kwargs: dict,
+    save: Any,
+    transform: Callable[[Tensor], Tensor] | None,
+    save_to: str | torch.device | None,
+    grads: bool,
+    max_memory: Any,
+) -> Trace:
+    """:func:`trace` past its checks on the model, outside inference mode: its warnings
+    are at ``stacklevel`` 3 from here, the caller of :func:`trace`."""
     args, kwargs = _context.without_inference_tensors(args, kwargs)
     policy = make_policy(save)
     check_classes(policy, model)
@@ -132,10 +140,10 @@ def trace(
     rng = _context.current(rng=True, grad=rec.grad0)  # the state it starts in
     rec.attach()
     idx = rec.index
-    if idx.scripted is not None:  # its ops would be unseen (or fail deep inside torch)
-        raise LurkerError(
-            f"lurker.trace cannot record this model: {hidden_forward(model, idx.scripted)[0]}."
-        )
+    if idx.scripted is not None or idx.compiled is not None:  # its ops would be unseen
+        # (or fail deep inside torch, or in TorchDynamo as a wrong input shape)
+        reason = hidden_forward(model, idx.scripted, idx.compiled)[0]
+        raise LurkerError(f"lurker.trace cannot record this model: {reason}.")
     # lazy modules materialize their parameters in this forward: unrecorded (see _lazy)
     lazy = _lazy.LazyInits(rec, idx.lazy) if idx.lazy else None
     params, param_names = idx.param_list, idx.param_list_names
@@ -202,7 +210,7 @@ def trace(
         tr._param_replaced = gone
         tr._no_output_check = no_output_check
         tr._model_hooks = model_hooks
-        check_patterns(policy, tr.ops, tr.modules, model)
+        check_patterns(policy, tr.ops, tr.modules, model, stacklevel=4)
         if rec.saved_modules:
             _warn_no_output(tr, rec.saved_modules)
         return tr
@@ -211,23 +219,26 @@ def trace(
             gc.enable()
 
 
-def hidden_forward(model: nn.Module, scripted: str | None = "?") -> tuple[str, bool] | None:
+def hidden_forward(
+    model: nn.Module, scripted: str | None = "?", compiled: str | None = "?"
+) -> tuple[str, bool] | None:
     """Why lurker cannot see ``model``'s ops or modules, as ``(reason, ops_seen)``, or None.
 
     lurker records the Python forward of eager modules. A TorchScript module (or one
     inside the model) runs a compiled graph in C++ and a ``torch.compile``'d model runs
     the code TorchDynamo generated: neither shows its ops to a TorchFunctionMode, so the
-    trace would be empty or fail deep inside torch (``ops_seen`` False). A
-    ``torch.export`` program's module calls aten ops on its weights directly: its ops are
-    seen, but its layers are no longer module calls (``ops_seen`` True). The reason names
-    what to pass instead: the eager model.
+    trace would be empty or fail deep inside torch (``ops_seen`` False). A compiled
+    submodule is refused too, not warned of: TorchDynamo compiles lurker's recording along
+    with it and fails, blaming the input's shape, so the trace would be no use. An fx
+    graph of aten ops (``torch.export``'s ``.module()``, ``make_fx``) calls them on its
+    weights directly: its ops are seen, but its layers are no longer module calls
+    (``ops_seen`` True). The reason names what to pass instead: the eager model.
 
-    ``scripted``: the path of the model's outermost TorchScript module where the caller
-    knows it (``None``: it has none; a trace reads it from its cached model index rather
-    than walk the modules on every call); by default the modules are walked."""
-    if type(model).__name__ == "OptimizedModule" and isinstance(
-        getattr(model, "_orig_mod", None), nn.Module
-    ):
+    ``scripted`` / ``compiled``: the path of the model's outermost TorchScript module /
+    torch.compile'd submodule where the caller knows it (``None``: it has none; a trace
+    reads them from its cached model index rather than walk the modules on every call);
+    by default the modules are walked."""
+    if is_compiled(model):
         return (
             "it is a torch.compile'd model (OptimizedModule), whose forward runs the code "
             "TorchDynamo compiled, where lurker cannot see its ops; pass the eager model it "
@@ -237,6 +248,19 @@ def hidden_forward(model: nn.Module, scripted: str | None = "?") -> tuple[str, b
     if scripted == "?":
         scripted = next(
             (n for n, m in model.named_modules() if isinstance(m, torch.jit.ScriptModule)), None
+        )
+    if compiled == "?":
+        compiled = next((n for n, m in model.named_modules() if n and is_compiled(m)), None)
+    if scripted is None and compiled is not None:
+        fix = f"model.{compiled} = model.{compiled}._orig_mod"
+        if not all(part.isidentifier() for part in compiled.split(".")):  # a Sequential's "0"
+            fix = f"its _orig_mod, set where model.get_submodule({compiled!r}) is"
+        return (
+            f"its submodule {compiled!r} is a torch.compile'd module (OptimizedModule), "
+            "whose forward runs the code TorchDynamo compiled, where lurker cannot see its "
+            "ops (and TorchDynamo fails on lurker's recording); pass the model with the "
+            f"eager module it wraps in its place: {fix}",
+            False,
         )
     if scripted is not None:
         what = "it is" if not scripted else f"its submodule {scripted!r} is"
@@ -250,21 +274,46 @@ def hidden_forward(model: nn.Module, scripted: str | None = "?") -> tuple[str, b
             "into it)",
             False,
         )
-    if isinstance(model, torch.fx.GraphModule):
-        nodes = model.graph.nodes
-        aten = any(
-            n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) for n in nodes
+    if isinstance(model, torch.fx.GraphModule) and _aten_graph(model):
+        return (
+            "it is an fx GraphModule of aten ops (as torch.export.export(...).module() and "
+            "make_fx make), whose graph calls aten ops on its weights directly, so none of "
+            "its layers is a module call; pass the eager model it was made from to see its "
+            "layers",
+            True,
         )
-        called = [model.get_submodule(n.target) for n in nodes if n.op == "call_module"]
-        # (export's own call_modules, such as its input guards, hold no parameters)
-        if aten and not any(next(m.parameters(), None) is not None for m in called):
-            return (
-                "it is an exported program's module (torch.export.export(...).module()), "
-                "whose graph calls aten ops on its weights directly, so none of its layers "
-                "is a module call; pass the eager model it was exported from to see its layers",
-                True,
-            )
     return None
+
+
+# GraphModule -> (its graph, weakly; its code; whether it is an aten graph)
+_ATEN_GRAPHS: weakref.WeakKeyDictionary[nn.Module, tuple[Any, str, bool]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _aten_graph(model: torch.fx.GraphModule) -> bool:
+    """Whether ``model``'s graph calls aten ops and no module that holds parameters (as
+    torch.export's ``.module()`` and ``make_fx`` make it), where a symbolic_trace'd
+    model calls its layers as modules.
+
+    The answer walks every node of the graph: it is cached per model, and read again only
+    when its graph object or its generated code changes (``model.graph = ...``, a
+    ``recompile()`` after an edit), so that tracing a graph of thousands of nodes over and
+    over does not pay the walk each time."""
+    graph, code = model.graph, model.code
+    cached = _ATEN_GRAPHS.get(model)
+    if cached is not None and cached[0]() is graph and cached[1] == code:
+        return cached[2]
+    nodes = graph.nodes
+    aten = any(
+        n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) for n in nodes
+    )
+    # (export's own call_modules, such as its input guards, hold no parameters)
+    called = [model.get_submodule(n.target) for n in nodes if n.op == "call_module"]
+    found = aten and not any(next(m.parameters(), None) is not None for m in called)
+    # (the graph weakly: it refers to its module, which would then never leave the cache)
+    _ATEN_GRAPHS[model] = (weakref.ref(graph), code, found)
+    return found
 
 
 def _transform_error(e: TransformFailed, partial: Trace) -> TraceError:
@@ -292,7 +341,7 @@ def _warn_no_output(tr: Trace, saved: set[str]) -> None:
             "it (the caller discarded its result, or it returned a tensor made before the "
             "call), so lurker cannot tell which op is its result and saved nothing of it; "
             f"name the op to keep instead, e.g. save=[{inside[-1]!r}] (its last op)",
-            stacklevel=3,
+            stacklevel=4,
         )
 
 
