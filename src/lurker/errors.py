@@ -8,9 +8,25 @@ so that nobody has to read a traceback from deep inside torch.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
+
+
+def close_names(name: str, candidates: Iterable[str], n: int = 5, cutoff: float = 0.6) -> list[str]:
+    """Names ``name`` may have meant, best first, for a "did you mean" hint.
+
+    First every candidate that ends with ``.<name>`` (shallowest first): the module path of
+    a model under a wrapper, ``module.conv1`` of an ``nn.DataParallel`` or
+    ``model.net.conv1`` of a Lightning-style one, which fuzzy matching ranks below op
+    labels (``conv2d_1``) or misses; then :func:`difflib.get_close_matches`. At most ``n``.
+    """
+    names = [c for c in dict.fromkeys(candidates) if c]
+    suffix = "." + name
+    under = sorted((c for c in names if c.endswith(suffix)), key=lambda c: c.count("."))
+    fuzzy = difflib.get_close_matches(name, names, n=n, cutoff=cutoff)
+    return list(dict.fromkeys([*under, *fuzzy]))[:n]
 
 
 class LurkerError(Exception):

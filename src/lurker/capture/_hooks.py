@@ -14,7 +14,6 @@ replay that diverges can name that cause instead of blaming the data.
 
 from __future__ import annotations
 
-import difflib
 import inspect
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -22,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from torch import Tensor, nn
 from torch.nn.modules import module as _module
 
-from ..errors import LurkerError, OpKeyError
+from ..errors import LurkerError, OpKeyError, close_names
 from ._policy import shared_module_note
 
 if TYPE_CHECKING:
@@ -127,8 +126,7 @@ def ops_for(trace: Trace, key: Any) -> list[Op]:
                     + ")"
                 )
         if not found:
-            names = list(dict.fromkeys([*trace._index, *(op.rolled for op in ops)]))  # once each
-            close = difflib.get_close_matches(key, names, n=5)
+            close = close_names(key, [*trace._index, *(op.rolled for op in ops), *trace.modules])
             hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
             note = shared_module_note(trace.model, [key])
             raise OpKeyError(f"hook key {key!r} names no op or module of this trace.{hint}{note}")

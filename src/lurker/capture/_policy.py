@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import fnmatch
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -10,7 +9,7 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import LurkerError
+from ..errors import LurkerError, close_names
 from ..graph.nodes import Op
 
 
@@ -200,7 +199,7 @@ def check_patterns(
         c
         for p in missing
         if not any(ch in p for ch in "*?[")
-        for c in difflib.get_close_matches(p, [*paths, *labels, *names], n=4, cutoff=0.6)
+        for c in close_names(p, [*paths, *labels, *names], n=4, cutoff=0.6)
     ]
     hint = f" Did you mean {', '.join(map(repr, dict.fromkeys(close)))}?" if close else ""
     raise LurkerError(

@@ -19,7 +19,6 @@
 from __future__ import annotations
 
 import copy
-import difflib
 import inspect
 import math
 from collections.abc import Sequence
@@ -30,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import LurkerError
+from ..errors import LurkerError, close_names
 from ..models import is_probabilities, probabilities
 from .base import (
     METHODS,
@@ -558,7 +557,7 @@ def _check_layers(layers: Sequence[str], named: dict[str, nn.Module]) -> list[st
     out = []
     for name in layers:
         if not isinstance(name, str) or name not in named:
-            close = difflib.get_close_matches(str(name), [n for n in named if n], n=5)
+            close = close_names(str(name), named)
             hint = f" Close names: {', '.join(close)}." if close else ""
             raise LurkerError(
                 f"layer {name!r} is not a module of the model: randomization re-initialises "

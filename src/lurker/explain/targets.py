@@ -22,7 +22,6 @@ on that module, removed after each call; any other label through the trace's hoo
 from __future__ import annotations
 
 import contextlib
-import difflib
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..errors import LurkerError
+from ..errors import LurkerError, close_names
 from .tokens import Embedded
 
 __all__ = ["Forward", "Scored", "UnitTarget", "by_unit", "parse_target"]
@@ -304,8 +303,7 @@ class Forward:
         try:
             self._traced().hook_ops(name)
         except OpKeyError as e:
-            names = dict.fromkeys(n for n in (*self._modules, *self._trace.keys()) if n)
-            close = difflib.get_close_matches(name, list(names), n=5)
+            close = close_names(name, [*self._modules, *self._trace.keys()])
             hint = f" Close names: {', '.join(close)}." if close else ""
             if self._ids_model is not None:  # (the trace of the ids: after the lookup too)
                 hint += f" Its modules: {_ids_layers(self._modules)}."

@@ -12,7 +12,6 @@ or with its layer (to float rounding), and batching is purely a speed-up.
 from __future__ import annotations
 
 import contextlib
-import difflib
 import json
 import math
 import os
@@ -25,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..errors import LurkerError, OpKeyError
+from ..errors import LurkerError, OpKeyError, close_names
 from ..store.featviz import preview_grid_png
 from .param import FourierImage, MacoImage
 from .transforms import Shifts, Transforms
@@ -1001,8 +1000,7 @@ class _Tap:
         try:
             traced.hooks({target: lambda op, out: None})
         except OpKeyError as e:
-            names = dict.fromkeys(n for n in (*dict(model.named_modules()), *traced.keys()) if n)
-            close = difflib.get_close_matches(name, list(names), n=5)
+            close = close_names(name, [*dict(model.named_modules()), *traced.keys()])
             raise LurkerError(
                 f"layer {name!r} is not in {type(model).__name__}: name a module path "
                 "(model.named_modules()) or a trace label (lurker.trace(model, x) lists "

@@ -7,7 +7,6 @@ back with :meth:`Graph.from_json` is the same data without those.
 
 from __future__ import annotations
 
-import difflib
 import fnmatch
 import json
 import os
@@ -16,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from ..errors import close_names
 from .edges import Edge
 from .nodes import ModuleInfo, Op
 from .schema import SCHEMA_VERSION
@@ -83,7 +83,7 @@ class Graph:
                 f"'{key}' ran {len(rolled)} times; name a pass: '{rolled[0].label}' .. "
                 f"'{rolled[-1].label}' (or use trace.passes('{key}'))"
             )
-        close = difflib.get_close_matches(str(key), list(self._index), n=5)
+        close = close_names(str(key), [*self._index, *self.modules])
         hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
         raise KeyError(f"no op or module named {key!r} in this trace.{hint}")
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import array
 import contextlib
-import difflib
 import fnmatch
 import functools
 import gc
@@ -45,7 +44,7 @@ from torch import Tensor, nn
 
 from ..capture import Trace, evaluating, settled_trace
 from ..capture.trace import hidden_forward
-from ..errors import LurkerError, MemoryLimitError, TraceError, warn
+from ..errors import LurkerError, MemoryLimitError, TraceError, close_names, warn
 from ..graph.nodes import Op
 from ..models import canonical_channel_dim, channels_first_view, default_device
 from ..ops.catalogue import QUANTIZED_LINEAR, bind
@@ -619,9 +618,7 @@ def select_layers(
             close = [
                 c
                 for p in sorted(unmatched)
-                for c in difflib.get_close_matches(
-                    p, {n for op in candidates for n in op_names(op, types)}, n=3
-                )
+                for c in close_names(p, [n for op in candidates for n in op_names(op, types)], n=3)
             ]
             said = f" Close names: {', '.join(dict.fromkeys(close))}." if close else ""
             raise LurkerError(

@@ -16,7 +16,6 @@ What the explorer shows for an entry (layer, unit, list, rank) of a unit's top l
 from __future__ import annotations
 
 import contextlib
-import difflib
 import fnmatch
 import os
 import threading
@@ -34,7 +33,7 @@ import torch
 from PIL import Image
 
 from ..capture import Trace, evaluating, settled_trace
-from ..errors import LurkerError, warn
+from ..errors import LurkerError, close_names, warn
 from ..store import MissingFromRunError, Run, StoreError, atomic_write_bytes
 from ..store.files import remove_stale_tmp, safe_component
 from ..store.run import LayerInfo
@@ -556,7 +555,7 @@ class UnitImages:
             valid = [info.name for info in self.run.layers]
             shown = ", ".join(valid[:60]) + (" ..." if len(valid) > 60 else "")
             known = sorted({n for i in self.run.layers for n in (i.name, i.module, i.op) if n})
-            close = [c for p in sorted(unmatched) for c in difflib.get_close_matches(p, known, 3)]
+            close = [c for p in sorted(unmatched) for c in close_names(p, known, 3)]
             hint = f" Close names: {', '.join(dict.fromkeys(close))}." if close else ""
             raise LurkerError(
                 f"No layer of this run matches {sorted(unmatched)}.{hint} Name layers, module "

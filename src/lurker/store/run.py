@@ -7,7 +7,6 @@ The connection is read-only and shareable between threads.
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import math
@@ -23,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from lurker.errors import close_names
 from lurker.store.errors import (
     MissingFromRunError,
     NotARunError,
@@ -759,7 +759,7 @@ class Run:
     def _unknown_layer_message(self, name: str) -> str:
         valid = [info.name for info in self.layers]
         candidates = set(valid) | {x for i in self.layers for x in (i.op, i.module) if x}
-        close = difflib.get_close_matches(name, sorted(candidates), n=3, cutoff=0.5)
+        close = close_names(name, sorted(candidates), n=3, cutoff=0.5)
         shown = ", ".join(valid[:40]) + (
             f", ... ({len(valid) - 40} more)" if len(valid) > 40 else ""
         )
