@@ -789,8 +789,8 @@ def test_class_statistics_and_samples_use_the_labels_the_items_carry(tmp_path: P
     of the items (the oracle: ds[i][1] and a forward hook), never the folders' raw targets
     for one and the items' labels for the other; labels past the folder names name the
     classes by id (with a warning) instead of failing deep inside the statistics. Labels
-    that are not class indices, and targets that disagree with the items, are refused
-    with what to do."""
+    that are not class indices (one-hot) make the run unlabelled, with a warning; targets
+    that disagree with the items are refused with what to do."""
     from torchvision import transforms
 
     root = _labelled_folder(tmp_path / "imgs")
@@ -814,8 +814,9 @@ def test_class_statistics_and_samples_use_the_labels_the_items_carry(tmp_path: P
                 want = means[labels == c, u].mean() if (labels == c).any() else np.nan
                 np.testing.assert_allclose(cm[c], want, rtol=1e-5, err_msg=f"{u} {c}")
     onehot = torch.utils.data.TensorDataset(torch.randn(4, 3, 8, 8), torch.eye(2)[[0, 1, 0, 1]])
-    with pytest.raises(LurkerError, match=r"item 0 has the label a tensor of shape \(2,\), not a"):
-        probe(model, onehot, out=tmp_path / "onehot", progress=False)
+    with pytest.warns(UserWarning, match=r"item 0 has a label of shape \(2,\), not a class"):
+        run = probe(model, onehot, out=tmp_path / "onehot", progress=False)
+    assert run.classes == [] and run.meta["labels_ignored"]["item"] == 0
 
     class Disagree(torch.utils.data.Dataset):
         targets = [0, 1, 0, 1]
@@ -887,28 +888,34 @@ class _FloatTargets(torch.utils.data.Dataset):
 
 
 @pytest.mark.parametrize("itemwise", [False, True])
-def test_regression_targets_are_refused_not_truncated_into_classes(tmp_path: Path, itemwise):
+def test_regression_targets_are_probed_unlabelled_not_truncated_into_classes(
+    tmp_path: Path, itemwise: bool
+):
     """Float targets with fractions (a regression model's) are not class indices: truncated
-    they made classes '0'..'6' out of y = 3x and per-class means over them, silently. The
-    probe refuses them as it reads the item (labels without ``targets`` that tell them are
-    read with the items, by the sweep), naming the item and the fix; the run it leaves holds
-    nothing and the next probe replaces it."""
+    they made classes '0'..'6' out of y = 3x and per-class means over them, silently. Read
+    from targets before the sweep, or item by item by the sweep (0.0 .. 22.0 met as classes
+    before item 23's 2.5), the run is unlabelled: one warning naming the first such item,
+    the reason in the run's meta, no classes and no class means; the top samples and the
+    units' means are as a forward hook gives them."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 1)).eval()
     x = torch.randn(40, 10)
     y = torch.arange(40, dtype=torch.float32)
     y[23] = 2.5  # whole numbers up to item 23
     ds = _FloatTargets(x, y) if itemwise else torch.utils.data.TensorDataset(x, y)
-    with pytest.raises(
-        LurkerError,
-        match=r"item 23 has the label 2\.5, not a class index.*regression.*\(image,\) unlabelled",
-    ):
-        probe(model, ds, out=tmp_path / "r", k=2, progress=False)
-    y[23] = 23.0
-    run = probe(
-        model, torch.utils.data.TensorDataset(x, y), out=tmp_path / "r", k=2, progress=False
-    )
-    assert run.classes == [str(i) for i in range(40)]
+    with pytest.warns(UserWarning, match=r"item 23 has the label 2\.5, not a class index") as rec:
+        run = probe(model, ds, out=tmp_path / "r", k=3, batch_size=8, progress=False)
+    said = [str(w.message) for w in rec if "not a class index" in str(w.message)]
+    assert len(said) == 1 and "no per-class statistics" in said[0]
+    assert run.classes == [] and run.meta["labels_ignored"]["item"] == 23
+    assert [s.label for s in run.samples(range(40))] == [None] * 40
+    with torch.no_grad():
+        act = model[1](model[0](x)).numpy()
+    for u in range(8):
+        unit = run.unit("1", u)
+        assert unit.class_means() == {} and unit.class_mean_array().shape == (0,)
+        assert [e.sample_id for e in unit.top("max")] == _topk(act[:, u], 3).tolist()
+        np.testing.assert_allclose(unit.mean, act[:, u].mean(), rtol=1e-5, atol=1e-7)
 
 
 def test_whole_float_targets_are_class_indices(tmp_path: Path):

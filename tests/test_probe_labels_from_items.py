@@ -137,7 +137,7 @@ def test_a_resumed_sweep_keeps_the_labels_read_before_the_interruption(
     _check_against_brute_force(run, again, ["0", "1", "2", "3", "4", "5"])
 
 
-def _rank_worker(rank: int, world: int, store: str, out: str) -> None:
+def _rank_worker(rank: int, world: int, store: str, out: str, bad: bool = False) -> None:
     from datetime import timedelta
 
     torch.set_num_threads(1)
@@ -148,7 +148,7 @@ def _rank_worker(rank: int, world: int, store: str, out: str) -> None:
         world_size=world,
         timeout=timedelta(seconds=60),  # a hang fails the test instead of blocking it
     )
-    lurker.probe(_model(), Own(), out=out, **KW)
+    lurker.probe(_model(), BadLabel() if bad else Own(), out=out, **KW)
     torch.distributed.destroy_process_group()
     os._exit(0)  # (gloo's teardown at exit can abort: see test_probe_interrupt)
 
@@ -164,18 +164,67 @@ def test_two_processes_merge_the_classes_each_met(tmp_path: Path) -> None:
 
 
 class BadLabel(Own):
+    """Item 21 (an odd id: rank 1's shard under two processes) has a regression target,
+    after items 0..20 whose labels were read as classes 0..2."""
+
     def __getitem__(self, i: int) -> tuple[torch.Tensor, Any]:
         image, label = super().__getitem__(i)
         return image, (2.5 if i == 21 else label)
 
 
+def _check_unlabelled(run: lurker.Run, ds: Own) -> None:
+    """The run is unlabelled: no classes, no sample's label, no class means; the top lists
+    and each unit's mean over every sample are the brute force's."""
+    assert run.classes == []
+    assert [s.label for s in run.samples(range(N))] == [None] * N
+    assert run.meta["labels_ignored"]["item"] == 21
+    assert run.meta["labels_ignored"]["reason"].startswith("dataset item 21 has the label 2.5")
+    acts = _brute(_model(), ds)
+    for layer in run.layers:
+        out = acts[layer.name]
+        means, peaks = out.mean((2, 3)).double(), out.amax((2, 3))
+        for u in range(layer.num_units):
+            unit = run.unit(layer.name, u)
+            assert unit.class_mean_array().shape == (0,)
+            assert unit.mean == pytest.approx(means[:, u].mean().item(), rel=1e-5, abs=1e-6)
+            order = sorted(range(N), key=lambda i: (-peaks[i, u].item(), i))[: KW["k"]]
+            top = unit.top("max")
+            assert [e.sample_id for e in top] == order
+            assert all(e.label is None and e.class_name is None for e in top)
+
+
 @pytest.mark.parametrize("workers", [0, 1])
-def test_a_label_that_is_not_a_class_index_is_said_as_the_sweep_reads_it(
+def test_a_label_that_is_not_a_class_index_makes_the_whole_run_unlabelled(
     tmp_path: Path, workers: int
 ) -> None:
     """Met in the sweep (no pass over the labels first), in a DataLoader worker too: the
-    same paragraph, not torch's worker traceback inside the message."""
-    with pytest.raises(lurker.LurkerError) as e:
-        lurker.probe(_model(), BadLabel(), out=tmp_path / "run", num_workers=workers, **KW)
-    assert str(e.value).startswith("dataset item 21 has the label 2.5, not a class index")
-    assert "Traceback" not in str(e.value) and "worker" not in str(e.value)
+    classes read before item 21 (0..2) are dropped, not mixed with samples without one,
+    and one warning, in this process, says why."""
+    with pytest.warns(UserWarning, match=r"item 21 has the label 2\.5, not a class") as rec:
+        run = lurker.probe(_model(), BadLabel(), out=tmp_path / "run", num_workers=workers, **KW)
+    assert sum("not a class index" in str(w.message) for w in rec) == 1
+    _check_unlabelled(run, Own())
+
+
+def test_a_resumed_sweep_stays_unlabelled(tmp_path: Path) -> None:
+    """Ctrl-C in the 4th batch, after item 21 made the run unlabelled: the rerun reads only
+    items 32.. (classes 0..2 and 5 among them), and the run stays unlabelled, for the same
+    reason, its checkpoint having kept the decision."""
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt), pytest.warns(UserWarning, match="item 21"):
+        lurker.probe(_model(), BadLabel(stop_at=28), out=out, **KW)
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["done"] == 32
+    again = BadLabel()
+    run = lurker.probe(_model(), again, out=out, **KW)
+    assert run.meta["sweep"]["resumed_from"] == 32
+    assert sorted(again.reads) == [0, *range(32, N)]  # (0: the trace)
+    _check_unlabelled(run, Own())
+
+
+def test_two_processes_agree_the_run_is_unlabelled(tmp_path: Path) -> None:
+    """Item 21 is in rank 1's shard alone: rank 0, whose labels were all class indices,
+    drops its classes too before the ranks merge."""
+    out = tmp_path / "run"
+    spawn = functools.partial(torch.multiprocessing.spawn, nprocs=2)
+    spawn(_rank_worker, args=(2, str(tmp_path / "store"), str(out), True))
+    _check_unlabelled(lurker.Run.open(out), Own())

@@ -48,19 +48,115 @@ def _probe(ds: Any, out: Path, **kw: Any) -> lurker.Run:
     return lurker.probe(_model(), ds, out=out, k=3, batch_size=8, progress=False, **kw)
 
 
+def _hooked_top(layer: int, unit: int, k: int = 3) -> list[int]:
+    """The oracle: the k samples whose unit's spatial max is greatest, read by a forward
+    hook on the model's layer over each sample alone (ties by sample id)."""
+    model, got = _model(), []
+    model[layer].register_forward_hook(lambda m, i, o: got.append(o[0, unit].amax().item()))
+    with torch.no_grad():
+        for x in X:
+            model(x[None])
+    return sorted(range(len(X)), key=lambda i: (-got[i], i))[:k]
+
+
 # a 0-d numpy array is what y[i].numpy() gives; int() truncated it, and a Fraction
 @pytest.mark.parametrize(
-    "label", [2.5, torch.tensor(0.7), np.array(2.5), np.array([0.7]), Fraction(5, 2)]
+    ("label", "said"),
+    [
+        (2.5, r"the label 2\.5"),  # a regression target
+        (torch.tensor(0.5), r"the label 0\.5"),
+        (np.array(2.5), r"the label 2\.5"),
+        (np.array([0.7]), r"the label 0\.7"),
+        (Fraction(5, 2), r"the label Fraction\(5, 2\)"),
+        (torch.tensor([0.0, 1.0, 1.0]), r"a label of shape \(3,\)"),  # multi-label, one-hot
+        (torch.zeros(8, 8, dtype=torch.long), r"a label of shape \(8, 8\)"),  # a mask
+        ("cat", r"the label 'cat'"),  # a name
+    ],
 )
-def test_a_fractional_label_is_refused_not_truncated_to_a_class(tmp_path: Path, label: Any):
-    labels: list[Any] = [label] * len(X)
-    with pytest.raises(LurkerError, match=r"item 0 has the label .*not a class index"):
-        _probe(_Items(labels), tmp_path / "run")
+@pytest.mark.parametrize("workers", [0, 1])
+def test_labels_that_are_not_class_indices_are_probed_unlabelled(
+    tmp_path: Path, label: Any, said: str, workers: int
+):
+    """A regression, multi-label or segmentation model's data is probed: top samples as a
+    forward hook finds them, no classes, one warning (in this process, also where the items
+    are read in DataLoader workers) naming the first item and what the probe does, and the
+    reason kept in the run's meta (what the explorer shows)."""
+    with pytest.warns(UserWarning, match=rf"item 0 has {said}, not a class index") as rec:
+        run = _probe(_Items([label] * len(X)), tmp_path / "run", num_workers=workers)
+    said_once = [w for w in rec if "not a class index" in str(w.message)]
+    assert len(said_once) == 1
+    assert "no per-class statistics" in str(said_once[0].message)
+    assert "(input, class index)" in str(said_once[0].message)
+    assert run.classes == [] and run.unit("1", 1).class_means() == {}
+    assert run.meta["labels_ignored"]["item"] == 0
+    assert "not a class index" in run.meta["labels_ignored"]["reason"]
+    assert [e.sample_id for e in run.unit("1", 1).top("max")] == _hooked_top(1, 1)
+    assert all(e.label is None for e in run.unit("1", 1).top("max"))
+
+
+def test_whole_float_labels_are_classes_and_the_run_says_none_ignored(tmp_path: Path):
     run = _probe(_Items([float(v) for v in Y]), tmp_path / "whole")  # 1.0: class 1
     oracle = torch.relu(_model()[0](X)).mean((2, 3))[:, 0]
     means = run.unit("1", 0).class_means()
     for c in range(3):
         assert means[str(c)] == pytest.approx(oracle[Y.eq(c)].mean().item(), rel=1e-5)
+    assert run.meta["labels_ignored"] is None
+
+
+@pytest.mark.parametrize(("targets", "workers"), [(False, 0), (False, 1), (True, 0)])
+def test_a_label_below_minus_one_is_said_and_kept_out_of_class_statistics(
+    tmp_path: Path, targets: bool, workers: int
+):
+    """-2 is no class: its sample is unlabelled (as -1 is), but said in a warning rather
+    than silently; the class means are numpy's over the other samples of each class."""
+    labels = Y.tolist()
+    labels[5] = -2
+    ds = _Items(labels)
+    if targets:
+        ds.targets = labels
+    with pytest.warns(UserWarning, match=r"item 5 has the label -2: a negative label is no class"):
+        run = _probe(ds, tmp_path / "run", num_workers=workers)
+    oracle = torch.relu(_model()[0](X)).mean((2, 3))[:, 0].detach().numpy()
+    y = np.array(labels)
+    means = run.unit("1", 0).class_means()
+    assert run.classes == ["0", "1", "2"]
+    for c in range(3):
+        assert means[str(c)] == pytest.approx(oracle[y == c].mean(), rel=1e-5)
+    assert run.sample(5).label is None and run.sample(6).label == int(Y[6])
+
+
+@pytest.mark.parametrize("targets", [False, True])
+def test_whole_number_targets_that_look_like_regression_are_said(tmp_path: Path, targets: bool):
+    """Whole-number regression targets (151.0, 75.0) cannot be told from class ids, but 48
+    samples each with its own label are no classifier's data: the probe warns, once."""
+    y = torch.arange(len(X), dtype=torch.float32) + 100
+    ds = TensorDataset(X, y) if targets else _Items(y.tolist())
+    with pytest.warns(UserWarning, match=r"48 of the dataset's 48 samples .*regression") as rec:
+        _probe(ds, tmp_path / "run")
+    assert sum("look like regression" in str(w.message) for w in rec) == 1
+
+
+class _Dicts(Dataset):
+    def __len__(self) -> int:
+        return len(X)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"image": X[i], "label": int(Y[i])}
+
+
+class _Arrays(_Dicts):
+    def __getitem__(self, i: int) -> tuple[Any, int]:  # type: ignore[override]
+        return X[i].numpy(), int(Y[i])
+
+
+def test_dict_items_are_refused_naming_their_keys_and_numpy_items_probed(tmp_path: Path):
+    """A dict item is refused naming its keys and how to return (input, label), not told
+    to add ToTensor (which does not help a dict); numpy arrays are taken as tensors."""
+    with pytest.raises(LurkerError, match=r"item 0 is a dict \(keys 'image', 'label'\).*return"):
+        _probe(_Dicts(), tmp_path / "dicts")
+    run = _probe(_Arrays(), tmp_path / "arrays")
+    assert [e.sample_id for e in run.unit("1", 1).top("max")] == _hooked_top(1, 1)
+    assert run.classes == ["0", "1", "2"]
 
 
 class _Stream(IterableDataset):

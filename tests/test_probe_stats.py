@@ -656,6 +656,26 @@ def test_class_sorted_data_growing_range_nothing_clamped(cls, buffer_samples):
                           sizes=[7] * 8 + [1], order=rev).result())  # fmt: skip
 
 
+@PATHS
+@pytest.mark.parametrize("buffer_samples", [4, 1000])
+def test_dropped_classes_leave_the_statistics_of_an_unlabelled_sweep(cls, buffer_samples):
+    """A sweep that turns out unlabelled (an item's label was no class index) drops the
+    classes met so far, buffered samples' too: its statistics are those of the same data
+    fed unlabelled throughout (the unit means over every sample), with no class rows."""
+    acts, ids, labels = make_data((3, 4), seed=5)
+    kw = {"device": "cpu", "hist_bins": 10, "buffer_samples": buffer_samples}
+    stats = feed(cls(3, 4, 3, **kw), acts[:29], ids[:29], labels[:29], sizes=[8, 1, 20])
+    stats.drop_classes()
+    feed(stats, acts[29:], ids[29:], None, sizes=[16, 12])
+    res = stats.result()
+    want = feed(cls(3, 4, 0, **kw), acts, ids, None).result()
+    assert res["class_mean"].shape == (3, 0) and res["class_count"].shape == (0,)
+    assert_same(res, want)
+    torch.testing.assert_close(
+        res["unit_mean"].double(), acts.double().mean((0, 2)), rtol=1e-5, atol=1e-7
+    )
+
+
 def _saved(state):
     buf = io.BytesIO()
     torch.save(state, buf)

@@ -38,6 +38,8 @@ export interface RunSummary {
     skipped_count: number;
     /** images fed without their alpha; null: not checked (or a run from before) */
     transparent_images?: { count: number; examples: string[] } | null;
+    /** why the items' labels gave no classes (not class indices); null: none, or an older run */
+    labels_ignored?: string | null;
     image_size: number[] | number | null;
     mean: number[] | null;
     std: number[] | null;

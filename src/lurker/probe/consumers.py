@@ -166,6 +166,13 @@ class UnitStatsConsumer(BatchConsumer):
                 stats.grow_classes(num_classes)
             self.num_classes = num_classes
 
+    def drop_classes(self) -> None:
+        """Keep no per-class statistics: the run turned out unlabelled (an item's label was
+        no class index), so the classes met before are dropped, not mixed with none."""
+        for stats in self.stats.values():
+            stats.drop_classes()
+        self.num_classes = 0
+
     def update(self, layer: Layer, output: Tensor, batch: Batch) -> None:
         """One vectorised top-k and histogram update for all of ``layer``'s units."""
         self.stats[layer.op.index].update(
@@ -698,12 +705,23 @@ class LabelsConsumer(BatchConsumer):
     so the run's classes and samples' labels are collected here rather than by a pass of
     their own. The labels are kept on the sweep's device (no sync per batch), indexed by
     sample id, -1 for samples not swept (or skipped, or unlabelled); ranks sweep disjoint
-    shards, so their merge is a max."""
+    shards, so their merge is a max.
+
+    ``ignored`` is the run's ``labels_ignored`` meta once an item's label was no class index
+    (the sweep decides it, in the main process, from the batch): the run is then unlabelled,
+    every label -1, and it stays so through a checkpoint and its resume."""
 
     key = "labels"
 
     def __init__(self, size: int, device: torch.device) -> None:
         self.labels = torch.full((size,), -1, dtype=torch.int64, device=device)
+        self.ignored: dict[str, Any] | None = None
+
+    def ignore(self, why: dict[str, Any]) -> None:
+        """Make the run unlabelled for ``why`` (``{"item", "reason"}``): the labels read so
+        far are forgotten, and the batches to come carry none."""
+        self.ignored = why
+        self.labels.fill_(-1)
 
     def begin(self, batch: Batch) -> None:
         """Record the batch's labels under its sample ids."""
@@ -713,7 +731,7 @@ class LabelsConsumer(BatchConsumer):
         """Nothing: the labels come with the batch, taken in :meth:`begin`."""
 
     def state_dict(self) -> dict[str, Any]:
-        return {"labels": self.labels.cpu()}
+        return {"labels": self.labels.cpu(), "ignored": self.ignored}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         saved = state["labels"]
@@ -723,6 +741,7 @@ class LabelsConsumer(BatchConsumer):
                 f"{len(self.labels)}: delete it to sweep again from the start"
             )
         self.labels = saved.to(self.labels.device, torch.int64)
+        self.ignored = state.get("ignored")  # (None in a checkpoint from before it was kept)
 
     def merge(self, group: Any = None) -> None:
         """All-reduce MAX: each sample's label comes from the one rank that swept it."""

@@ -24,6 +24,7 @@ import re
 import tempfile
 import warnings
 import weakref
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -37,12 +38,13 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset, TensorDataset
 
-from ..errors import DataSpecError, LurkerError
+from ..errors import DataSpecError, LurkerError, warn
 from ..specs import absolute_spec
 
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "NOT_A_CLASS",
     "DigitsDataset",
     "ImageFolderDataset",
     "ProbeDataset",
@@ -75,6 +77,13 @@ __all__ = [
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
+#: The label an item carries where its own label is not a class index (a regression target
+#: with a fraction, a one-hot or multi-label vector, a mask, a name). Items may be read in
+#: DataLoader workers, whose state never reaches the run: the label travels in the batch,
+#: and the sweep (in the main process) decides there that the run is unlabelled. Negative,
+#: so that whatever reads it as a label takes it as "no class".
+NOT_A_CLASS: int = torch.iinfo(torch.int64).min
+
 _LAYOUT = "root/<class_name>/<image>.jpg (one sub-folder per class, images inside)"
 
 
@@ -83,8 +92,9 @@ class ProbeDataset(Protocol):
     """What the probe and the explorer need from a dataset.
 
     ``__getitem__(i)`` returns ``(image CxHxW float, label int, sample_id int)`` with
-    ``sample_id == i`` (label -1 if unlabelled), or a :class:`Skipped` marker for an
-    unreadable item, which :func:`collate` drops.
+    ``sample_id == i`` (label -1 if unlabelled, :data:`NOT_A_CLASS` where the item's label
+    is no class index), or a :class:`Skipped` marker for an unreadable item, which
+    :func:`collate` drops.
     """
 
     class_names: list[str]
@@ -302,6 +312,11 @@ class WrappedDataset(_SkipLog, _Base):
         root = getattr(dataset, "root", None)
         self.description = type(dataset).__name__ + (f"({root})" if root is not None else "")
         self._shape: tuple[int, ...] | None = None
+        #: why the labels of ``targets`` are not used as classes (None: they are class
+        #: indices, or there are none): ``{"item", "reason"}``, which the run records. Labels
+        #: read from the items are decided by the sweep instead (see :data:`NOT_A_CLASS`).
+        self.labels_ignored: dict[str, Any] | None = None
+        self._negative_said = self._regression_said = False
         if self.paths is not None:
             self._open_log()
 
@@ -321,19 +336,49 @@ class WrappedDataset(_SkipLog, _Base):
             if skipped is None:
                 raise
             return skipped
+        if isinstance(item, Mapping):
+            keys = ", ".join(repr(k) for k in list(item)[:6])
+            raise LurkerError(
+                f"dataset item {index} is a dict (keys {keys}), not an (input, label) pair: the "
+                "probe reads items as (input tensor, class index), or (input,) unlabelled. Make "
+                "__getitem__ return a tuple of them, e.g. `return d['image'], d['label']`."
+            )
         if isinstance(item, (tuple, list)):
-            image, label = item[0], (_class_index(item[1], index) if len(item) > 1 else -1)
+            image, label = item[0], (_class_or_not(item[1]) if len(item) > 1 else -1)
         else:
             image, label = item, -1
         if isinstance(image, Image.Image):
             image = pil_to_tensor(image)
+        elif isinstance(image, np.ndarray) and image.dtype.kind in "biuf":
+            image = torch.as_tensor(image)  # (as a DataLoader's collate takes it)
         if not isinstance(image, Tensor):
             raise LurkerError(
-                f"dataset item {index} is a {type(image).__name__}, not an image tensor; "
-                "give the dataset a transform that ends with ToTensor()."
+                f"dataset item {index} is a {type(image).__name__}, not an input tensor; "
+                "give the dataset a transform that ends with ToTensor() (images), or return "
+                "torch.as_tensor(x) from __getitem__."
             )
         self._shape = tuple(image.shape)
         return image, label, index
+
+    def label_shown(self, index: int) -> str:
+        """Item ``index``'s label as a message names it ("the label 2.5", "a label of shape
+        (3,)"), read again here: the sweep met it as :data:`NOT_A_CLASS` in a batch, perhaps
+        read in a DataLoader worker, and says it once, in this process."""
+        try:
+            item = self.dataset[index]
+            return _shown(item[1])
+        except Exception:  # (read once already: a flaky read is no reason to fail the run)
+            return "a label"
+
+    def _ignore(self, index: int, shown: str) -> None:
+        """Probe unlabelled: the label of ``targets[index]`` is not a class index."""
+        self.labels_ignored = labels_ignored(index, shown)
+
+    def _negative(self, index: int, label: int) -> None:
+        """Warn (once) that a label below -1 is stored as no label (see :func:`say_negative`)."""
+        if not self._negative_said:
+            self._negative_said = True
+            say_negative(index, label)
 
     def _unreadable(self, index: int, error: Exception) -> Skipped | None:
         """A :class:`Skipped` item when the item's file itself cannot be read (the
@@ -364,13 +409,22 @@ class WrappedDataset(_SkipLog, _Base):
             targets = tensors[1] if len(tensors) > 1 else None
         if targets is None or len(targets) != len(self):
             return None
+        if self.labels_ignored is not None:
+            return [-1] * len(self)
         transform = getattr(self.dataset, "target_transform", None)
-        try:
-            if callable(transform):
-                return [_integral(transform(t)) for t in targets]
-            return [_integral(t) for t in targets]
-        except (TypeError, ValueError, RuntimeError):  # one-hot, multi-label, regression
-            return None  # (read from the items, whose first such label is refused, saying so)
+        labels = []
+        for i, target in enumerate(targets):
+            label = transform(target) if callable(transform) else target
+            cls = _as_class(label)
+            if cls is None:  # every label is read here: no sample was given a class yet
+                self._ignore(i, _shown(label))
+                return [-1] * len(self)
+            if cls < -1:
+                self._negative(i, cls)
+            labels.append(max(cls, -1))
+        if not self._regression_said:
+            self._regression_said = warn_if_regression(labels, self.class_names)
+        return labels
 
 
 def _names_list(names: Any) -> list[str] | None:
@@ -410,23 +464,86 @@ def _size(array: Tensor | np.ndarray) -> int:
     return array.numel() if isinstance(array, Tensor) else array.size
 
 
-def _class_index(label: Any, index: int) -> int:
-    """An item's label as a class index, or an error that says what the probe takes.
-
-    A float label is taken only where it is a whole number (``3.0``): ``int`` would turn a
-    regression target such as ``2.5`` into class 2. A string is taken where ``int`` reads
-    it (``"3"``, as a CSV gives ids); a name (``"cat"``) is refused."""
+def _as_class(label: Any) -> int | None:
+    """``label`` as a class index, or None where it is none: a number with a fraction
+    (``int`` would turn a regression target such as ``2.5`` into class 2), a vector
+    (one-hot, multi-label), a mask, a name (``"cat"``; ``"3"`` is class 3, as a CSV gives
+    ids). Whole floats (``3.0``) are class indices."""
     try:
         return _integral(label)
     except (TypeError, ValueError, RuntimeError):
-        is_tensor = isinstance(label, Tensor) and label.numel() != 1
-        shown = f"a tensor of shape {tuple(label.shape)}" if is_tensor else repr(_plain(label))
-        raise LurkerError(
-            f"dataset item {index} has the label {shown}, not a class index: the probe keeps "
-            "per-class statistics by integer labels (one-hot, multi-label, named labels, masks "
-            "and regression targets with fractions are not class indices). Give items as "
-            "(image, class index), or (image,) unlabelled."
-        ) from None
+        return None
+
+
+def _class_or_not(label: Any) -> int:
+    """An item's label as the batch carries it: its class index, or :data:`NOT_A_CLASS`."""
+    cls = _as_class(label)
+    return NOT_A_CLASS if cls is None else cls
+
+
+def _shown(label: Any) -> str:
+    """A label as a message names it ("the label 2.5"); an array of more than one value
+    (one-hot, a mask) by its shape."""
+    if isinstance(label, (Tensor, np.ndarray)) and _size(label) != 1:
+        return f"a label of shape {tuple(label.shape)}"
+    return f"the label {_plain(label)!r}"
+
+
+def labels_ignored(index: int, shown: str) -> dict[str, Any]:
+    """Say (one warning) that the dataset is probed unlabelled because item ``index``'s
+    label (``shown``) is not a class index, and return the run's ``labels_ignored`` meta.
+    Not refused: a regression, multi-label or segmentation model's top samples, histograms
+    and gradients need no labels."""
+    reason = (
+        f"dataset item {index} has {shown}, not a class index (regression targets with "
+        "fractions, one-hot and multi-label vectors, masks and names are not)"
+    )
+    warn(
+        f"probe: {reason}: the dataset is probed unlabelled, so the run has top samples, "
+        "histograms and gradients but no per-class statistics. For those, give items "
+        "as (input, class index)."
+    )
+    return {"item": index, "reason": reason}
+
+
+def say_negative(index: int, label: int) -> None:
+    """Warn that a label below -1 is stored as no label. Not refused: negative labels mark
+    unlabelled samples by convention (-1, and -100, CrossEntropyLoss's ignore_index), so a
+    dataset that uses one is probed; but no class can have it, so the sample is kept out of
+    the class statistics, said rather than silently."""
+    warn(
+        f"probe: dataset item {index} has the label {label}: a negative label is no "
+        "class (class indices are 0, 1, ...), so its samples are probed unlabelled, "
+        "outside the per-class statistics. If it is a class, shift the labels to "
+        "start at 0."
+    )
+
+
+#: Fewer samples than this are not checked for labels that look like regression targets:
+#: a small dataset may well hold one sample per class.
+_REGRESSION_CHECK_MIN = 20
+
+
+def warn_if_regression(labels: Sequence[int], class_names: Sequence[str]) -> bool:
+    """Warn where whole-number labels look like regression targets (151.0, 75.0: they
+    cannot be told from class ids): more than half the samples each with a label no other
+    has, which a classifier's data (many samples per class) does not have. A dataset that
+    names classes for every label is a classifier's, and is not warned about; unlabelled
+    samples (-1) are not counted. True: warned."""
+    labelled = [v for v in labels if v >= 0]
+    n = len(labelled)
+    if n < _REGRESSION_CHECK_MIN or (class_names and max(labelled) < len(class_names)):
+        return False
+    once = sum(1 for c in Counter(labelled).values() if c == 1)
+    if once > n / 2:
+        warn(
+            f"probe: {once} of the dataset's {n} samples each have a label no other sample "
+            f"has (labels {min(labelled)} to {max(labelled)}): these look like regression "
+            "targets, not class indices, and the run keeps per-class statistics by them. To "
+            "probe a regression model unlabelled, give items as (input,)."
+        )
+        return True
+    return False
 
 
 def _plain(label: Any) -> Any:
@@ -1119,7 +1236,6 @@ def code_dataset(spec: str) -> ProbeDataset:
             f"Dataset spec '{spec}': the input of item 0 is a {type(item[0]).__name__}, not a "
             f"torch tensor (convert it with torch.as_tensor in __getitem__). {fix}"
         )
-    _class_index(item[1], 0)
     wrapped = WrappedDataset(ds)
     # the file absolute, as the run records the spec: a resume from elsewhere is the same
     wrapped.description = f"{absolute_spec(spec)} ({type(ds).__name__}, {n} samples)"

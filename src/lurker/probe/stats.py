@@ -549,6 +549,15 @@ class UnitStats:
         self._class_count = torch.cat([counts[:-1], counts.new_zeros(extra), counts[-1:]])
         self.num_classes = num_classes
 
+    def drop_classes(self) -> None:
+        """Keep no classes: every sample's spatial mean moves to the unlabelled row, so the
+        dataset sums (and the unit's mean) stay, and no class mean is kept. Buffered samples
+        are folded in first, by the classes they came with."""
+        self._flush()
+        self._class_sum = self._class_sum.sum(0, keepdim=True)
+        self._class_count = self._class_count.sum(0, keepdim=True)
+        self.num_classes = 0
+
     # ------------------------------------------------------------------ combining states
 
     def _check_compatible(self, other: UnitStats) -> None:

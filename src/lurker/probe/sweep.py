@@ -1154,8 +1154,10 @@ def _plan(
         embed_layer = embed_layer_of(tr, embed, layouts=layouts, unit_dim=unit_dim)
         check_embed_budget(embed_layer, len(ds))
     all_labels = _labels(ds)
-    # labels read from the items are met during the sweep: the classes named so far
-    classes = _class_names(ds.class_names, all_labels or [])
+    # labels read from the items are met during the sweep: the classes named so far; none
+    # where targets that are no class indices make the run unlabelled
+    ignored = getattr(ds, "labels_ignored", None)
+    classes = [] if ignored else _class_names(ds.class_names, all_labels or [])
     names = _feature_names(
         getattr(ds, "feature_names", None), tuple(x0.shape[1:]), x0.is_floating_point()
     )
@@ -1756,7 +1758,12 @@ def _sweep(plan: _Plan, consumers: Sequence[BatchConsumer], start: _Progress) ->
     total = len(plan.shard)
     # what the run will say they are, where told before the sweep (targets)
     known = None if plan.labels is None else torch.tensor(plan.labels, dtype=torch.int64)
-    classes = plan.num_classes  # grows with the labels the items carry (no targets)
+    # the labels the items carry (no targets), and the per-class statistics kept by them
+    reader = next((c for c in consumers if isinstance(c, LabelsConsumer)), None)
+    unit_stats = next(c for c in consumers if isinstance(c, UnitStatsConsumer))
+    unlabelled = reader is not None and reader.ignored is not None  # (kept by a checkpoint)
+    classes = 0 if unlabelled else plan.num_classes  # grows with the labels the items carry
+    negative_said: list[int] = []
     # under torchrun rank 0 shows its own shard's count and rate, and says so: a bare
     # "probing: 899/899" on a dataset of 1797 reads as half the dataset swept
     label = "probing" if plan.world == 1 else f"probing (process 0 of {plan.world}, its shard)"
@@ -1800,8 +1807,11 @@ def _sweep(plan: _Plan, consumers: Sequence[BatchConsumer], start: _Progress) ->
                 said = _dataset_item_error(plan, batch_ids, e, position.done)
                 raise said from said.__cause__
             if len(images):
-                if known is not None:
-                    _check_labels(labels, ids, known)
+                labels = _batch_labels(plan, labels, ids, known, reader, negative_said)
+                if reader is not None and reader.ignored is not None and not unlabelled:
+                    unlabelled = True  # (an item's label is no class index: none are kept)
+                    unit_stats.drop_classes()
+                    classes = 0
                 classes = max(classes, int(labels.max()) + 1)  # (on the host: no sync)
                 batch = Batch(
                     images.to(dev, non_blocking=True),
@@ -2113,6 +2123,60 @@ def _say_interrupted(plan: _Plan, position: _Progress, total: int, signum: int) 
     )
 
 
+def _batch_labels(
+    plan: _Plan,
+    labels: Tensor,
+    ids: Tensor,
+    known: Tensor | None,
+    reader: LabelsConsumer | None,
+    negative_said: list[int],
+) -> Tensor:
+    """The batch's labels as the run keeps them (-1: none), decided here, in the main
+    process, from what the batch carries (its items may be read in DataLoader workers,
+    whose state never reaches the run). Told by ``targets`` (``known``), they are checked
+    against the items'. Read from the items: the first label that is no class index
+    (:data:`~lurker.probe.data.NOT_A_CLASS`) makes the whole run unlabelled (``reader``
+    ignores its labels from then on, said once); a label below -1 is none, said once."""
+    from . import data as pdata
+
+    not_class = labels == pdata.NOT_A_CLASS
+    if known is not None:
+        if getattr(plan.ds, "labels_ignored", None) is not None:  # (said before the sweep)
+            return torch.full_like(labels, -1)
+        if bool(not_class.any()):
+            i = int(ids[not_class][0])
+            raise LurkerError(
+                f"dataset item {i} carries {_label_shown(plan.ds, i)}, not a class index, but "
+                f"the dataset's targets say {int(known[i])}: the probe names each sample's "
+                "class from targets and keeps class statistics by the items' labels, so the "
+                "two must agree. Make targets hold the labels the items carry."
+            )
+        labels = labels.clamp(min=-1)  # (below -1: no class, said as targets were read)
+        _check_labels(labels, ids, known)
+        return labels
+    assert reader is not None
+    if reader.ignored is None and bool(not_class.any()):
+        i = int(ids[not_class][0])
+        reader.ignore(pdata.labels_ignored(i, _label_shown(plan.ds, i)))
+    if reader.ignored is not None:
+        return torch.full_like(labels, -1)
+    negative = labels < -1
+    if bool(negative.any()):
+        if not negative_said:
+            i = int(negative.nonzero()[0, 0])
+            negative_said.append(int(ids[i]))
+            pdata.say_negative(int(ids[i]), int(labels[i]))
+        labels = labels.clamp(min=-1)
+    return labels
+
+
+def _label_shown(ds: Any, index: int) -> str:
+    """Item ``index``'s label as a message names it (read again: the batch holds only
+    :data:`~lurker.probe.data.NOT_A_CLASS`)."""
+    shown = getattr(ds, "label_shown", None)
+    return shown(index) if callable(shown) else "a label"
+
+
 def _check_labels(labels: Tensor, ids: Tensor, known: Tensor) -> None:
     """Refuse a batch whose items carry other labels than the run records for them (read
     from the dataset's ``targets`` before the sweep): the class statistics would be kept by
@@ -2146,6 +2210,7 @@ def _finish(
         # collective (a traceback, then gloo's abort): a rank that stopped ends the merge
         with _stop_signals():
             try:
+                _agree_unlabelled(consumers)
                 for c in consumers:
                     c.merge()
                 # one gather: every rank's unreadable (and transparent) files, and its share
@@ -2184,9 +2249,14 @@ def _finish(
         return None
     assert writer is not None
     labels, classes = plan.labels, plan.classes
+    # why the items' labels were not class indices, so the run has no classes (None: none)
+    ignored = getattr(plan.ds, "labels_ignored", None)
     if labels is None:  # read from the items by the sweep: all known now
-        labels = next(c for c in consumers if isinstance(c, LabelsConsumer)).result()
-        classes = _class_names(plan.ds.class_names, labels)
+        reader = next(c for c in consumers if isinstance(c, LabelsConsumer))
+        labels, ignored = reader.result(), reader.ignored
+        classes = [] if ignored else _class_names(plan.ds.class_names, labels)
+        if ignored is None:
+            pdata.warn_if_regression(labels, plan.ds.class_names)
     # One transaction (one fsync): classes, this call's config (on resume the store keeps
     # the first call's other meta; the config says how to load this call's model and data
     # again), the sweep's figures, samples, skipped files and every consumer's results are
@@ -2216,6 +2286,7 @@ def _finish(
             replace=True,
         )
         writer.add_skipped(skipped, replace=True)
+        writer.meta_set("labels_ignored", ignored)
         # files whose transparency the loader dropped: count and two names (null: the
         # dataset does not check, as a wrapped dataset decodes its files itself)
         writer.meta_set(
@@ -2240,6 +2311,21 @@ def _finish(
     if plan.world > 1:
         torch.distributed.barrier()  # the run is written: the other ranks drop theirs
     return Run.open(plan.out)
+
+
+def _agree_unlabelled(consumers: Sequence[BatchConsumer]) -> None:
+    """Under torchrun, before the ranks merge: where any rank met an item whose label is no
+    class index, every rank's run is unlabelled (the first such item's reason), its classes
+    dropped, so that no rank's class statistics are mixed into a run without classes."""
+    reader = next((c for c in consumers if isinstance(c, LabelsConsumer)), None)
+    if reader is None:  # (the same on every rank: labels told by targets, or not)
+        return
+    said: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(said, reader.ignored)
+    first = min((s for s in said if s is not None), key=lambda s: s["item"], default=None)
+    if first is not None:
+        reader.ignore(first)
+        next(c for c in consumers if isinstance(c, UnitStatsConsumer)).drop_classes()
 
 
 def _drop_checkpoint(plan: _Plan) -> None:

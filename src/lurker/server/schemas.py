@@ -76,6 +76,12 @@ class DatasetInfo(BaseModel):
         description="the run's meta transparent_images: images fed without their alpha "
         "(null: not checked, a dataset lurker does not decode itself or a run from before)",
     )
+    labels_ignored: str | None = Field(
+        None,
+        description="why the probe kept no classes though the items had labels (the reason "
+        "of the run's meta labels_ignored: they were not class indices); null: none, or a "
+        "run from before",
+    )
     image_size: list[int] | None = None
     mean: list[float] | None = None
     std: list[float] | None = None

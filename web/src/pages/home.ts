@@ -44,7 +44,7 @@ export async function renderHome(root: HTMLElement, ctx: PageContext): Promise<v
         facts(([
           d.spec || !d.description ? ["spec", h("code", null, d.spec ?? "–")] : ["source", d.description],
           ["samples", fmt(d.size)],
-          ["classes", classes ? `${classes}: ${shownClasses}` : "unlabelled"],
+          ["classes", classes ? `${classes}: ${shownClasses}` : d.labels_ignored ? unlabelledWhy(d.labels_ignored) : "unlabelled"],
           tokens !== null
             ? ["tokens per sample", fmt(tokens)]
             : d.features != null
@@ -135,6 +135,12 @@ export async function renderHome(root: HTMLElement, ctx: PageContext): Promise<v
     ),
   );
   if (ctx.params.get("show") === "layers") document.getElementById("layers")?.scrollIntoView();
+}
+
+/** "unlabelled", and why, where the items had labels that were not class indices (a
+ * regression target, a mask): the probe kept no class statistics by them. */
+function unlabelledWhy(reason: string): HTMLElement {
+  return h("span", { class: "labels-ignored" }, `unlabelled: ${reason}, so the probe kept no class statistics (give items as (input, class index) for them)`);
 }
 
 /** The images the probe fed without their alpha (a transparent pixel as the colour it

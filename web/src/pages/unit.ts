@@ -402,7 +402,11 @@ export async function renderUnit(root: HTMLElement, ctx: PageContext, args: stri
           ? notice(`Every class's mean is ${fmt(doc.max)}: a constant unit tells no class from another.`)
           : classes.length
             ? barChart(classes, { width: 520, xLabel: "mean activation over the class's samples" })
-            : notice("No class means (unlabelled data)."),
+            : notice(
+                summary?.dataset.labels_ignored
+                  ? `No class means: ${summary.dataset.labels_ignored}, so the probe kept the run unlabelled.`
+                  : "No class means (unlabelled data).",
+              ),
       ),
       h(
         "section",

@@ -104,6 +104,13 @@ def _transparent(kept: Any) -> TransparentImages | None:
     )
 
 
+def _labels_ignored(kept: Any) -> str | None:
+    """The reason of the run's ``labels_ignored`` meta (why its items' labels gave no
+    classes), or None where there is none (labels were class indices, or an older run)."""
+    reason = kept.get("reason") if isinstance(kept, dict) else None
+    return reason if isinstance(reason, str) else None
+
+
 def summarize(request: Request, e: RunEntry) -> RunSummary:
     run = e.open_run()
     # read before what they stand for: a token older than the summary's contents makes a
@@ -141,6 +148,7 @@ def summarize(request: Request, e: RunEntry) -> RunSummary:
             skipped=[SkippedFile(path=p, reason=r) for p, r in skipped],
             skipped_count=int(skipped_count),
             transparent_images=_transparent(meta.get("transparent_images")),
+            labels_ignored=_labels_ignored(meta.get("labels_ignored")),
             image_size=meta.get("image_size"),
             mean=cfg.get("mean"),
             std=cfg.get("std"),
