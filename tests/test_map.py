@@ -680,6 +680,12 @@ def test_export_writes_the_map_document(model, data, tmp_path):
     assert written == served and written["count"] == len(data)
 
 
+def _crashed() -> Any:
+    """What a probe says when :class:`_FailsOnce` raises: the dataset's error, named with
+    its items, as the cause of lurker's paragraph (the batches before it checkpointed)."""
+    return pytest.raises(LurkerError, match=r"raised RuntimeError: crash")
+
+
 class _FailsOnce(torch.utils.data.Dataset):
     """The test digits, raising once at sample ``at`` (a crash in the middle of the sweep)."""
 
@@ -701,7 +707,7 @@ def test_resumed_probe_keeps_the_features_of_both_parts(model, data, tmp_path):
     flaky = _FailsOnce(data)
     kw = {"layers": "classifier.1", "batch_size": 50, "progress": False, "embed": True,
           "relevance": True}  # fmt: skip
-    with pytest.raises(RuntimeError, match="crash"):
+    with _crashed():
         probe(model, flaky, out=tmp_path / "r", checkpoint_every=1, **kw)
     done = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)["done"]
     assert 0 < done < len(data)
@@ -731,7 +737,7 @@ def test_features_resume_bit_exactly_after_a_crash(model, data, tmp_path, monkey
     kw = {"layers": "classifier.1", "batch_size": 20, "progress": False, "embed": "features.8"}
     out, ds = tmp_path / "r", _FailsOnce(data, at=130)  # raises once, then reads as data
     if crash == "dataset":
-        with pytest.raises(RuntimeError, match="crash"):
+        with _crashed():
             probe(model, ds, out=out, checkpoint_every=2, **kw)
     else:
         real, calls = sweep.atomic_write_bytes, []
@@ -769,7 +775,7 @@ def test_resume_without_embed_leaves_no_rows_file(model, data, tmp_path):
     kw = {"layers": "classifier.1", "batch_size": 20, "progress": False}
     out = tmp_path / "r"
     flaky = _FailsOnce(data, at=130)
-    with pytest.raises(RuntimeError, match="crash"):
+    with _crashed():
         probe(model, flaky, out=out, checkpoint_every=1, embed=True, **kw)
     assert (out / "checkpoint-embedding.rows").stat().st_size > 0
     run = probe(model, flaky, out=out, **kw)
@@ -786,7 +792,7 @@ def test_checkpoint_size_does_not_grow_with_the_saved_features(model, data, tmp_
     sizes = {}
     for at in (80, 160):  # crash in batch 5 and batch 9: 4 and 8 batches checkpointed
         out = tmp_path / str(at)
-        with pytest.raises(RuntimeError, match="crash"):
+        with _crashed():
             probe(model, _FailsOnce(data, at=at), out=out, **kw)
         rows = torch.load(out / "checkpoint.pt", weights_only=True)["embedding"]
         assert rows["rows"] == at
