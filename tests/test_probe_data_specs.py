@@ -54,7 +54,16 @@ def not_a_dataset():
 
 
 def inputs_only():
-    return TensorDataset(torch.zeros(4, {LENGTH}, dtype=torch.long))
+    g = torch.Generator().manual_seed(0)
+    return TensorDataset(torch.randint(0, {VOCAB}, ({N}, {LENGTH}), generator=g))
+
+
+def numpy_items():
+    return [(x.numpy(), int(y)) for x, y in make_dataset()]
+
+
+def named_items():
+    return [{{"ids": torch.zeros({LENGTH}, dtype=torch.long), "y": 0}}] * 4
 
 
 def broken():
@@ -228,6 +237,37 @@ def test_an_image_size_for_a_dataset_made_by_code_is_refused_not_ignored(
         assert opened.meta["image_size"] == [12, 12]
 
 
+@pytest.mark.parametrize("spec", ["text.py:inputs_only", "text.py:numpy_items"])
+def test_a_dataset_spec_takes_the_items_a_python_dataset_may_have(
+    files: Path, tmp_path: Path, spec: str
+) -> None:
+    """``(input,)`` items (unlabelled) and numpy inputs, which ``lurker.probe`` takes from
+    Python, were refused on the command line ("item 0 is a 1-item tuple, not an (input,
+    label) pair"): probed alike, top samples as a forward hook over the items finds them."""
+    import torch
+
+    from lurker.store import Run
+
+    run = tmp_path / "runs" / spec.partition(":")[2]
+    r = _probe("text.py:build", "--data", spec, "-o", str(run), "-l", "conv")
+    assert r.exit_code == 0, r.output
+    made = runpy.run_path(str(files / "text.py"))
+    torch.manual_seed(0)  # as lurker builds a random-init MODEL spec: the same weights
+    model, data = made["build"](), made[spec.partition(":")[2]]()
+    with Run.open(run) as opened:
+        if spec.endswith("inputs_only"):
+            assert opened.classes == []
+        got: list[torch.Tensor] = []
+        model.conv.register_forward_hook(lambda m, i, o: got.append(o[0].amax(-1)))
+        with torch.no_grad():
+            for item in data:
+                model(torch.as_tensor(item[0])[None])
+        peaks = torch.stack(got)
+        for u in range(peaks.shape[1]):
+            want = sorted(range(len(data)), key=lambda i: (-peaks[i, u].item(), i))[:K]
+            assert [e.sample_id for e in opened.unit("conv", u).top("max")] == want
+
+
 @pytest.mark.parametrize(
     ("spec", "said"),
     [
@@ -238,7 +278,7 @@ def test_an_image_size_for_a_dataset_made_by_code_is_refused_not_ignored(
             "text.py:not_a_dataset",
             r"gave an object of type int, not a dataset with __len__ and __getitem__",
         ),
-        ("text.py:inputs_only", r"item 0 is a 1-item tuple, not an \(input, label\) pair"),
+        ("text.py:named_items", r"item 0 is a dict \(keys 'ids', 'y'\).*d\['image'\]"),
         ("text.py:broken", r"calling 'broken\(\)' raised OSError: corpus\.txt is missing"),
     ],
 )

@@ -1205,7 +1205,8 @@ def code_dataset(spec: str) -> ProbeDataset:
         return ds
     fix = (
         "Make the callable return a map-style dataset of (input tensor, class index) pairs, "
-        "e.g. `return torch.utils.data.TensorDataset(inputs, labels)`."
+        "or (input tensor,) unlabelled, e.g. `return torch.utils.data.TensorDataset(inputs, "
+        "labels)`."
     )
     if not (hasattr(ds, "__len__") and hasattr(ds, "__getitem__")) or isinstance(ds, Tensor):
         raise DataSpecError(
@@ -1222,21 +1223,19 @@ def code_dataset(spec: str) -> ProbeDataset:
         ) from e
     if not n:
         raise DataSpecError(f"Dataset spec '{spec}' gave an empty dataset (no items). {fix}")
-    if not isinstance(item, (tuple, list)) or len(item) != 2:
-        what = (
-            f"a {len(item)}-item {type(item).__name__}"
-            if isinstance(item, (tuple, list))
-            else f"a {type(item).__name__}"
-        )
+    if isinstance(item, (tuple, list)) and not item:
         raise DataSpecError(
-            f"Dataset spec '{spec}': item 0 is {what}, not an (input, label) pair. {fix}"
+            f"Dataset spec '{spec}': item 0 is an empty {type(item).__name__}. {fix}"
         )
-    if not isinstance(item[0], Tensor):
-        raise DataSpecError(
-            f"Dataset spec '{spec}': the input of item 0 is a {type(item[0]).__name__}, not a "
-            f"torch tensor (convert it with torch.as_tensor in __getitem__). {fix}"
-        )
+    # the items as the probe reads them, by the same rules as a dataset given from Python:
+    # (input,) unlabelled, (input, label, anything else), numpy inputs taken
     wrapped = WrappedDataset(ds)
+    try:
+        wrapped[0]
+    except DataSpecError:
+        raise
+    except LurkerError as e:  # a dict item, an input that is no tensor: said by the wrapper
+        raise DataSpecError(f"Dataset spec '{spec}': {e} {fix}") from None
     # the file absolute, as the run records the spec: a resume from elsewhere is the same
     wrapped.description = f"{absolute_spec(spec)} ({type(ds).__name__}, {n} samples)"
     return wrapped
