@@ -38,7 +38,7 @@ from ._policy import (
     second_paths,
     shared_module_note,
 )
-from ._recorder import Recorder, TransformFailed, is_compiled
+from ._recorder import Recorder, TransformFailed, _model_index, is_compiled
 from ._tree import map_tensors, paths
 
 
@@ -237,7 +237,7 @@ def hidden_forward(
     ``scripted`` / ``compiled``: the path of the model's outermost TorchScript module /
     torch.compile'd submodule where the caller knows it (``None``: it has none; a trace
     reads them from its cached model index rather than walk the modules on every call);
-    by default the modules are walked."""
+    by default they are read from that index here."""
     if is_compiled(model):
         return (
             "it is a torch.compile'd model (OptimizedModule), whose forward runs the code "
@@ -245,12 +245,12 @@ def hidden_forward(
             "wraps, model._orig_mod",
             False,
         )
-    if scripted == "?":
-        scripted = next(
-            (n for n, m in model.named_modules() if isinstance(m, torch.jit.ScriptModule)), None
-        )
-    if compiled == "?":
-        compiled = next((n for n, m in model.named_modules() if n and is_compiled(m)), None)
+    if scripted == "?" or compiled == "?":  # from the model index a trace caches anyway
+        if isinstance(model, torch.jit.ScriptModule):  # (not indexed: refused as it is)
+            scripted, compiled = "", None
+        else:
+            idx = _model_index(model)
+            scripted, compiled = idx.scripted, idx.compiled
     if scripted is None and compiled is not None:
         fix = f"model.{compiled} = model.{compiled}._orig_mod"
         if not all(part.isidentifier() for part in compiled.split(".")):  # a Sequential's "0"

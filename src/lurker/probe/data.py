@@ -548,9 +548,9 @@ def warn_if_regression(labels: Sequence[int], class_names: Sequence[str]) -> boo
 
 def _plain(label: Any) -> Any:
     """A one-value tensor or numpy scalar as the Python number it holds, for messages."""
-    if isinstance(label, (Tensor, np.ndarray)) and _size(label) == 1:
-        return label.item()
-    if isinstance(label, np.generic):
+    if (isinstance(label, (Tensor, np.ndarray)) and _size(label) == 1) or isinstance(
+        label, np.generic
+    ):
         return label.item()
     return label
 
