@@ -15,6 +15,7 @@ torch or a silently empty trace or run.
 
 from __future__ import annotations
 
+import copy
 import gc
 import warnings
 import weakref
@@ -141,7 +142,7 @@ def _hooked_acts(model: nn.Module, x: torch.Tensor, batch_size: int) -> dict[str
     hooks = [
         m.register_forward_hook(lambda m, i, o, n=n: acts.setdefault(n, []).append(o.detach()))
         for n, m in model.named_modules()
-        if n
+        if n and not isinstance(m, nn.MultiheadAttention)  # (its output is a tuple)
     ]
     with torch.no_grad():
         for batch in x.split(batch_size):
@@ -370,3 +371,160 @@ def test_compiled_submodule_is_refused_naming_orig_mod(tmp_path: Path) -> None:
     tr = lurker.trace(model, x)
     torch.testing.assert_close(tr.output, model(x))
     assert "b.conv1" in tr.modules
+
+
+@pytest.mark.parametrize("dtype", [torch.qint8, torch.float16])
+@pytest.mark.parametrize(
+    ("make", "x"),
+    [(MLP, (3, 8)), (CNN, (2, 3, 6, 6)), (LSTMHead, (7, 2, 4))],
+    ids=["mlp", "cnn", "lstm"],
+)
+def test_quantized_layers_count_the_float_models_flops(
+    make: type[nn.Module], x: tuple[int, ...], dtype: torch.dtype
+) -> None:
+    """A quantized Linear or LSTM keeps its weight in a packed object, no tensor argument:
+    its ops count the FLOPs of the float layer it replaced (op by op, and in all), not 0."""
+    float_model = make().eval()
+    model = _quiet(
+        torch.ao.quantization.quantize_dynamic, float_model, {nn.Linear, nn.LSTM}, dtype=dtype
+    )
+    inp = torch.randn(x)
+    want = lurker.trace(float_model, inp)
+    got = _quiet(lurker.trace, model, inp)
+    counted = [(op.modules[-1][0], op.flops) for op in got.ops if op.flops]
+    assert counted == [(op.modules[-1][0], op.flops) for op in want.ops if op.flops]
+    assert got.flops == want.flops > 0
+    if make is MLP:  # 2 FLOPs per multiply-add: 3 rows of 8x16, then of 16x4
+        assert got.flops == 2 * 3 * (8 * 16 + 16 * 4)
+
+
+class _StaticCNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.quant = torch.ao.quantization.QuantStub()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.dequant = torch.ao.quantization.DeQuantStub()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dequant(self.relu(self.conv(self.quant(x))))
+
+
+def test_statically_quantized_conv_counts_its_flops() -> None:
+    """A statically quantized conv's packed weight is read for its FLOPs (the trace
+    failed with torch's NotImplementedError from indexing the packed object)."""
+    float_model = _StaticCNN().eval()
+    float_model.qconfig = torch.ao.quantization.get_default_qconfig("fbgemm")
+    x = torch.randn(2, 3, 6, 6)
+    prepared = _quiet(torch.ao.quantization.prepare, copy.deepcopy(float_model))
+    prepared(x)
+    model = _quiet(torch.ao.quantization.convert, prepared)
+    tr = _quiet(lurker.trace, model, x)
+    want = lurker.trace(float_model, x)["conv"].flops
+    assert tr["conv"].flops == want == 2 * (2 * 4 * 6 * 6) * (3 * 3 * 3)
+    torch.testing.assert_close(tr.output, model(x))
+
+
+def test_aten_graph_answer_follows_a_swapped_submodule(tmp_path: Path) -> None:
+    """Whether a GraphModule is a graph of aten ops depends on the modules it calls:
+    swapping one (``gm.sub = other``) changes neither its graph nor its code, yet the
+    answer, and so the trace's warning and the probe's refusal, follow the swap."""
+
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.sub = nn.Identity()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.ops.aten.relu.default(self.sub(x))
+
+    gm = torch.fx.symbolic_trace(M())
+    x = torch.randn(5, 4)
+    data = TensorDataset(torch.randn(8, 4), torch.zeros(8, dtype=torch.long))
+    with pytest.warns(UserWarning, match=r"aten ops.*none in a module"):
+        lurker.trace(gm, x)  # calls no module with weights: its layers cannot be found
+    with pytest.raises(LurkerError, match="cannot find the layers"):
+        lurker.probe(gm, data, out=tmp_path / "a", progress=False, device="cpu")
+    gm.sub = nn.Linear(4, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tr = lurker.trace(gm, x)
+    assert tr["sub"].module == "sub"
+    run = lurker.probe(gm, data, out=tmp_path / "b", k=2, progress=False, device="cpu")
+    assert [layer.module for layer in run.layers] == ["sub"]
+    gm.sub = nn.Identity()  # and back
+    with pytest.warns(UserWarning, match=r"aten ops.*none in a module"):
+        lurker.trace(gm, x)
+
+
+class _Encoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(6, 16)
+        layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.enc(self.embed(x)).mean(1))
+
+
+def test_quantized_transformer_probes_the_float_models_layers(tmp_path: Path) -> None:
+    """A quantized Linear is a module with a submodule (its packed weights' holder, never
+    called): it is no repeated block, and its result cast back to float still feeds the
+    MLP's activation. So a dynamically quantized encoder is probed at the float model's
+    layers (the MLP activations, the blocks' outputs), units on the last axis, with the top
+    samples by mean over positions that hooks on the quantized model give."""
+    torch.manual_seed(0)
+    float_model = _Encoder().eval()
+    model = _quiet(torch.ao.quantization.quantize_dynamic, float_model, {nn.Linear})
+    x = torch.randn(24, 5, 6)
+    data = TensorDataset(x, torch.zeros(24, dtype=torch.long))
+    probe = dict(k=3, batch_size=8, progress=False, device="cpu")
+    want = lurker.probe(float_model, data, out=tmp_path / "float", **probe)
+    run = _quiet(lurker.probe, model, data, out=tmp_path / "q", **probe)
+    names = ["relu_1", "enc.layers.0.norm2", "relu_2", "enc.layers.1.norm2"]
+    assert [layer.name for layer in want.layers] == names
+    assert [layer.name for layer in run.layers] == names
+    assert [layer.num_units for layer in run.layers] == [32, 16, 32, 16]
+    acts = _hooked_acts(model, x, 8)
+    oracle = {  # the activation is F.relu, no module: applied to linear1's output
+        "relu_1": acts["enc.layers.0.linear1"].relu(),
+        "relu_2": acts["enc.layers.1.linear1"].relu(),
+        **{n: acts[n] for n in names[1::2]},
+    }
+    for layer in run.layers:
+        means = oracle[layer.name].mean(1)  # (samples, units): the mean over positions
+        for u in range(layer.num_units):
+            top = run.unit(layer.name, u).top("mean")
+            best = means[:, u].topk(3)
+            assert [e.sample_id for e in top] == best.indices.tolist(), (layer.name, u)
+            torch.testing.assert_close(torch.tensor([e.value for e in top]), best.values)
+
+
+class _LastStep(LSTMHead):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(4, 5, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.lstm(x)[0][:, -1])
+
+
+@pytest.mark.parametrize("method", ["saliency", "integrated_gradients", "gradcam", "lrp"])
+def test_gradient_methods_refuse_a_quantized_model(method: str) -> None:
+    """A quantized layer's kernels have no gradient: every gradient-based attribution was
+    silently 0. They refuse, naming the layer and the fixes; occlusion, which only runs
+    the model, explains it, as it explains the float model (to quantization's error)."""
+    torch.manual_seed(0)
+    float_model = _LastStep().eval()
+    model = _quiet(torch.ao.quantization.quantize_dynamic, float_model, {nn.Linear, nn.LSTM})
+    x = torch.randn(3, 6, 4)  # (batch, steps, features)
+    options = {"layer": "lstm"} if method == "gradcam" else {}
+    refused = r"layer 'lstm' \(DynamicQuantizedLSTM\) is quantized.*occlusion"
+    with pytest.raises(LurkerError, match=refused):
+        lurker.explain(model, x, 0, method=method, **options)
+    got = _quiet(lurker.explain, model, x, 0, method="occlusion", window=(1, 4), strides=(1, 4))
+    want = lurker.explain(float_model, x, 0, method="occlusion", window=(1, 4), strides=(1, 4))
+    assert got.attribution.abs().sum() > 0
+    torch.testing.assert_close(got.attribution, want.attribution, atol=0.05, rtol=0.1)

@@ -135,7 +135,19 @@ def live_call(op: Op) -> None:
     op._args, op._kwargs = call_skeleton(op._skel_args, op._skel_kwargs, op._inputs, refs)
 
 
+def packed_weights(v: Any) -> list[tuple[int, ...]] | None:
+    """The shapes of the weights (tensors of two or more axes: biases left out) a
+    TorchScript object packs, a quantized Linear's or conv's ``_packed_params``, in
+    order; None for any other value."""
+    import torch
+
+    if not isinstance(v, torch.ScriptObject):
+        return None
+    return [tuple(t.shape) for t in _recorder.packed_tensors(v) if t.dim() > 1]
+
+
 nodes._live_call = live_call  # graph/ cannot import capture/: capture hands it over
+steps.packed_weights = packed_weights
 
 
 def drop_provisional(rec: Recorder) -> None:
@@ -219,6 +231,8 @@ def _target_name(func: Any) -> str:
     for space, prefix in ((F, "torch.nn.functional"), (torch, "torch")):
         if getattr(space, name, None) is func:
             return f"{prefix}.{name}"
+    if isinstance(func, (torch._ops.OpOverloadPacket, torch._ops.OpOverload)):
+        return f"torch.ops.{func}"  # torch.ops.quantized.linear_dynamic
     module = getattr(func, "__module__", None) or ""
     qual = getattr(func, "__qualname__", None) or name
     return f"{module}.{qual}" if module else qual

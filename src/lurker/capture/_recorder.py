@@ -192,13 +192,13 @@ def is_compiled(mod: nn.Module) -> bool:
     )
 
 
-def _packed_numel(obj: Any) -> int:
-    """The elements of the weights a TorchScript object packs (a quantized Linear's or
-    conv's ``_packed_params``, a dynamically quantized LSTM cell's), read off its pickled
-    state: no ``nn.Parameter`` holds them, yet they are the model's parameters, as many
-    as the float model it was quantized from has. A tensor met twice in the state (an LSTM
-    cell's bias, kept beside its packed Linear too) counts once."""
-    found: dict[tuple[int, int], Tensor] = {}  # (data_ptr, numel) -> the tensor, kept alive
+def packed_tensors(obj: Any) -> list[Tensor]:
+    """The tensors a TorchScript object packs (a quantized Linear's or conv's
+    ``_packed_params``, a dynamically quantized LSTM cell's), read off its pickled state
+    in order: no ``nn.Parameter`` holds them, yet they are the model's weights. A tensor
+    met twice in the state (an LSTM cell's bias, kept beside its packed Linear too) is
+    listed once."""
+    found: dict[tuple[int, int], Tensor] = {}  # (data_ptr, numel) -> the tensor, in order
     todo = [obj]
     while todo:
         o = todo.pop()
@@ -208,8 +208,14 @@ def _packed_numel(obj: Any) -> int:
             with contextlib.suppress(AttributeError, RuntimeError):  # a class with no state
                 todo.append(o.__getstate__())
         elif isinstance(o, (list, tuple)):
-            todo.extend(o)
-    return sum(n for _, n in found)
+            todo.extend(reversed(o))
+    return list(found.values())
+
+
+def _packed_numel(obj: Any) -> int:
+    """The elements of the weights a TorchScript object packs: as many as the float model
+    it was quantized from has."""
+    return sum(t.numel() for t in packed_tensors(obj))
 
 
 class _ModelIndex:

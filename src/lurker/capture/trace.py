@@ -285,8 +285,9 @@ def hidden_forward(
     return None
 
 
-# GraphModule -> (its graph, weakly; its code; whether it is an aten graph)
-_ATEN_GRAPHS: weakref.WeakKeyDictionary[nn.Module, tuple[Any, str, bool]] = (
+# GraphModule -> (its graph, weakly; its code; whether it calls aten ops; the targets of
+# its call_module nodes)
+_ATEN_GRAPHS: weakref.WeakKeyDictionary[nn.Module, tuple[Any, str, bool, tuple[str, ...]]] = (
     weakref.WeakKeyDictionary()
 )
 
@@ -296,24 +297,27 @@ def _aten_graph(model: torch.fx.GraphModule) -> bool:
     torch.export's ``.module()`` and ``make_fx`` make it), where a symbolic_trace'd
     model calls its layers as modules.
 
-    The answer walks every node of the graph: it is cached per model, and read again only
-    when its graph object or its generated code changes (``model.graph = ...``, a
+    The walk over every node of the graph is cached per model, and done again only when
+    its graph object or its generated code changes (``model.graph = ...``, a
     ``recompile()`` after an edit), so that tracing a graph of thousands of nodes over and
-    over does not pay the walk each time."""
+    over does not pay it each time. The modules the graph calls are looked up on every
+    call (only for a graph of aten ops: few), since a swap (``model.sub = other``) changes
+    no graph and no code."""
     graph, code = model.graph, model.code
     cached = _ATEN_GRAPHS.get(model)
-    if cached is not None and cached[0]() is graph and cached[1] == code:
-        return cached[2]
-    nodes = graph.nodes
-    aten = any(
-        n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) for n in nodes
-    )
+    if cached is None or cached[0]() is not graph or cached[1] != code:
+        nodes = graph.nodes
+        aten = any(
+            n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) for n in nodes
+        )
+        targets = tuple(n.target for n in nodes if n.op == "call_module")
+        # (the graph weakly: it refers to its module, which would then never leave the cache)
+        cached = _ATEN_GRAPHS[model] = (weakref.ref(graph), code, aten, targets)
+    if not cached[2]:
+        return False
     # (export's own call_modules, such as its input guards, hold no parameters)
-    called = [model.get_submodule(n.target) for n in nodes if n.op == "call_module"]
-    found = aten and not any(next(m.parameters(), None) is not None for m in called)
-    # (the graph weakly: it refers to its module, which would then never leave the cache)
-    _ATEN_GRAPHS[model] = (weakref.ref(graph), code, found)
-    return found
+    called = (model.get_submodule(t) for t in cached[3])
+    return not any(next(m.parameters(), None) is not None for m in called)
 
 
 def _transform_error(e: TransformFailed, partial: Trace) -> TraceError:

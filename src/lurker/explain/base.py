@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import itertools
 import math
 import numbers
 import threading
@@ -193,6 +194,8 @@ class Method:
     signed: ClassVar[bool] = True
     #: one line: what it computes and where it comes from (the docs and errors list it)
     summary: ClassVar[str] = ""
+    #: whether the method follows the model's gradients (occlusion only runs it)
+    gradients: ClassVar[bool] = True
 
     #: where the input being explained holds its channels and image (set by :meth:`attribute`)
     axes: InputAxes | None = None
@@ -228,6 +231,8 @@ class Method:
             x = check_input(model, x, f"method {self.name!r}")
         else:
             check_rows(x, f"method {self.name!r}")
+        if self.gradients:
+            check_differentiable(model, f"method {self.name!r}")
         allowed = [
             p.name
             for p in inspect.signature(self.compute).parameters.values()
@@ -367,6 +372,24 @@ def check_input(model: Any, x: Any, what: str = "explain") -> Tensor:
     check_finite(x, what)
     warn_training(model)
     return x.detach()
+
+
+def check_differentiable(model: nn.Module, what: str) -> None:
+    """Refuse a model with quantized layers (``quantize_dynamic``, ``convert``): their
+    weights are packed in TorchScript objects and run in kernels with no gradient, so
+    every gradient through them would be 0 and every attribution silently 0 too."""
+    for path, m in model.named_modules():
+        if any(isinstance(v, torch.ScriptObject) for v in vars(m).values()):
+            # the quantized layer, not its weights' holder (fc._packed_params)
+            where = ".".join(itertools.takewhile(lambda p: not p.startswith("_"), path.split(".")))
+            kind = model.get_submodule(where)._get_name()  # DynamicQuantizedLinear
+            raise LurkerError(
+                f"{what} follows the model's gradients, and its layer {where!r} ({kind}) is "
+                "quantized: its packed weights run in kernels that have no gradient, so "
+                "every attribution would be 0. Explain the float model it was quantized "
+                "from (before quantize_dynamic or convert), or use method='occlusion', "
+                "which only runs the model."
+            )
 
 
 def check_finite(x: Tensor, what: str) -> None:

@@ -107,6 +107,7 @@ def windows(
 class Occlusion(Method):
     name = "occlusion"
     signed = True
+    gradients = False
     summary = "drop of the target score when a sliding window is replaced by a baseline (Zeiler and Fergus, 2014)"
 
     def _whole(self, x: Tensor, window: Any, strides: Any) -> int | None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import weakref
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from ..ops import catalogue
@@ -151,8 +151,9 @@ def input_metas(node: Op, nodes: list[Op]) -> list[tuple[int, ...]]:
     return metas
 
 
-#: recurrent ops: their weight matrices applied at every step
-_RNN_OPS = frozenset({"lstm", "gru", "rnn_tanh", "rnn_relu"})
+#: recurrent ops: their weight matrices applied at every step (``quantized_lstm``: a
+#: dynamically quantized LSTM's, its weights packed)
+_RNN_OPS = frozenset({"lstm", "gru", "rnn_tanh", "rnn_relu", "quantized_lstm", "quantized_gru"})
 _FLOP_OPS = frozenset(n for n, s in catalogue.SPECS.items() if s.flops is not None) | _RNN_OPS
 
 
@@ -207,10 +208,22 @@ def _any_shape_tree(v: Any, nodes: list[Op]) -> Any:
     if isinstance(v, (list, tuple)) and not hasattr(v, "_fields"):
         items = [_shape_tree(x, nodes) for x in v]
         return items if isinstance(v, list) else tuple(items)
+    weights = packed_weights(v)
+    if weights is not None:  # a quantized Linear's or conv's packed weight: its shape
+        return weights[0] if len(weights) == 1 else None
     _SHAPED.add(type(v))  # none of the above, by its type: straight here next time
     shape = getattr(v, "shape", None)  # a tensor
     return tuple(shape) if shape is not None else v
 
+
+def _no_packed_weights(v: Any) -> list[tuple[int, ...]] | None:
+    return None
+
+
+#: the shapes of the weight matrices (or kernels) a value packs, None for a value that is
+#: no packed object: a quantized Linear's or conv's ``_packed_params`` holds its weight in
+#: a TorchScript object, not a tensor. capture/ hands it over (graph/ imports no torch)
+packed_weights: Callable[[Any], list[tuple[int, ...]] | None] = _no_packed_weights
 
 # values _shape_tree returns as they are (no ``shape``, not a container)
 _AS_IS = frozenset({int, float, bool, str, type(None)})
@@ -223,16 +236,22 @@ _SHAPED: weakref.WeakSet[type] = weakref.WeakSet()
 def _rnn_flops(node: Op, nodes: list[Op]) -> int | None:
     """An RNN, LSTM or GRU call: every weight matrix (input, hidden and projection, of
     every layer and direction) is applied once per step of every sequence, 2 FLOPs per
-    multiply-add (the gates' elementwise work is not counted, as for other ops)."""
+    multiply-add (the gates' elementwise work is not counted, as for other ops). A
+    dynamically quantized one's weights are packed in its call's parameter list."""
     shapes = [
         tuple(nodes[s].outputs[k].shape) for s, k in node._inputs if s >= 0 and nodes[s].outputs
     ]
-    if not shapes or not node.params:
+    weights = [p.shape for p in node.params if len(p.shape) == 2]
+    if not weights and node.name.startswith("quantized_"):
+        args = node._skel_args if node._skel_args is not None else node.args
+        cells = args[2] if len(args) > 2 and isinstance(args[2], (list, tuple)) else ()
+        weights = [w for c in cells for w in packed_weights(c) or () if len(w) == 2]
+    if not shapes or not weights:
         return None
     first = shapes[0]
     packed = len(first) == 2 and len(shapes) > 1 and len(shapes[1]) == 1  # (data, batch_sizes)
     steps = first[0] if packed or len(first) == 2 else first[0] * first[1]
-    return sum(2 * steps * p.shape[0] * p.shape[1] for p in node.params if len(p.shape) == 2)
+    return sum(2 * steps * w[0] * w[1] for w in weights)
 
 
 def _bound_shapes(node: Op, nodes: list[Op]) -> Mapping[str, Any]:

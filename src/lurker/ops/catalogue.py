@@ -183,8 +183,10 @@ _TABLE: dict[str, tuple[str, str | None, str | None]] = {
     ),
     "linear": ("input, weight, bias=None", "aten::linear", "linear"),
     # a quantize_dynamic'd nn.Linear: its weight and bias packed in one TorchScript object
-    "linear_dynamic": ("X, W_prepack, reduce_range=False", "quantized::linear_dynamic", None),
-    "linear_dynamic_fp16": ("X, W_prepack", "quantized::linear_dynamic_fp16", None),
+    "linear_dynamic": (
+        "X, W_prepack, reduce_range=False", "quantized::linear_dynamic", "packed_linear"
+    ),
+    "linear_dynamic_fp16": ("X, W_prepack", "quantized::linear_dynamic_fp16", "packed_linear"),
     "matmul": ("self, other", "aten::matmul", "matmul"),
     "linalg_matmul": ("self, other", "aten::linalg_matmul", "matmul"),  # torch.linalg.matmul
     "rmatmul": ("self, other", None, "rmatmul"),  # Tensor.__rmatmul__: other @ self
@@ -587,6 +589,8 @@ def flops(name: str, shapes: Mapping[str, Any], out: Shape) -> int | None:
             return 2 * prod(shapes["input"]) * prod(shapes["weight"][1:])
         if rule == "linear":
             return 2 * n_out * shapes["weight"][-1]
+        if rule == "packed_linear":  # W_prepack: the packed weight's shape (out, in)
+            return 2 * n_out * shapes["W_prepack"][-1]
         if rule == "matmul":
             return 2 * n_out * shapes["self"][-1]
         if rule == "rmatmul":

@@ -225,9 +225,15 @@ def _blocks(trace: Trace, mixed: bool = False) -> set[str]:
     inside a repeated block: there a plain container of composite modules is a block's own
     layers (MaxViT's MBConv: its conv and squeeze-and-excitation modules)."""
 
+    def part(path: str) -> bool:
+        # (a leaf that never ran is no layer of its parent: a quantized Linear's weights'
+        # holder; a container iterated by hand never runs, and its modules do)
+        info = trace.modules.get(path)
+        return info is not None and bool(info.num_passes or info.children)
+
     def composite(path: str) -> bool:
         info = trace.modules.get(path)
-        return info is not None and bool(info.children) and info.type not in _CONTAINERS
+        return info is not None and info.type not in _CONTAINERS and any(map(part, info.children))
 
     plain = _blocks(trace) if mixed else set()
     out = set()
@@ -249,11 +255,12 @@ def _blocks(trace: Trace, mixed: bool = False) -> set[str]:
 
 
 #: Ops between an MLP's first linear and its activation that keep its hidden units: norms
-#: (LeViT's, EfficientFormer's), reshapes and the chunk of a gated MLP (EVA-02's SwiGLU)
+#: (LeViT's, EfficientFormer's), reshapes, the chunk of a gated MLP (EVA-02's SwiGLU) and
+#: a cast (a quantized Linear's result cast back to its input's dtype)
 _MLP_THROUGH = {
     "batch_norm", "layer_norm", "group_norm", "rms_norm", "dropout", "view", "reshape",
     "reshape_as", "view_as", "flatten", "unflatten", "transpose", "permute", "contiguous",
-    "chunk", "split", "tensor_split",
+    "chunk", "split", "tensor_split", "to",
 }  # fmt: skip
 
 
