@@ -212,3 +212,130 @@ def httpx_get(served: dict, path: str) -> Any:
     import httpx2 as httpx
 
     return httpx.get(served["url"].rstrip("/") + path).json()
+
+
+def _shape(*sizes: int) -> str:
+    """A shape as the page writes it, its sizes joined by a multiplication sign."""
+    return "\u00d7".join(map(str, sizes))
+
+
+def _live_op(served: dict, op: str) -> dict:
+    return httpx_get(served, f"/api/runs/{RID}/live/sample-{SAMPLE}/ops/{op}")
+
+
+def _live_map(served: dict, op: str, side: str, unit: int) -> torch.Tensor:
+    """A token side's map of ``unit`` as the live view serves it: the 16 patch tokens in
+    row-major order (the class token is apart)."""
+    doc = httpx_get(served, f"/api/runs/{RID}/live/sample-{SAMPLE}/ops/{op}/{side}/{unit}.json")
+    return torch.tensor(doc["values"]).flatten()
+
+
+def test_live_names_an_ops_other_inputs(browser: Any, served: dict):
+    """The live view draws one input of an op. On the last block's residual ``add``, the
+    class token's ``cat`` and the position embedding's ``add`` it drew the first alone,
+    titled "input", as if it were all the op took (a 1x1x32 "input" becoming a 1x17x32
+    output). Now the others are named under it, linked. The oracle: the model's own values
+    by forward hooks, so the named inputs are the ones the op combines (the block's output
+    is the shown input plus the named op's output, which is the MLP's; the embedding's add
+    is the cat's output plus the model's ``pos_embedding``)."""
+    model, data = served["model"], served["data"]
+    vit = model.vit
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [
+        model.get_submodule(name).register_forward_hook(
+            lambda m, i, o, name=name: seen.__setitem__(name, o[0])
+        )
+        for name in (BLOCK, f"{BLOCK}.mlp", "vit.encoder.dropout")
+    ]
+    with torch.no_grad():
+        model(data[SAMPLE][0][None])
+    for h in hooks:
+        h.remove()
+    unit = 5
+    # the block's residual add: its input and the other one, named, sum to its output
+    add = httpx_get(served, f"/api/runs/{RID}/layers/{BLOCK}/units/{unit}")["layer"]["op"]
+    doc = _live_op(served, add)
+    (other,) = doc["other_inputs"]
+    assert other["param"] is None and other["shape"] == [1, 17, 32]
+    mlp = seen[f"{BLOCK}.mlp"][1:, unit]  # (17, 32) -> the patch tokens of the unit
+    block = seen[BLOCK][1:, unit]
+    assert torch.allclose(_live_map(served, other["op"], "output", unit), mlp, atol=1e-5)
+    assert torch.allclose(_live_map(served, add, "input", unit), block - mlp, atol=1e-5)
+    # the position embedding's add (what the encoder's dropout reads): the cat plus the param
+    embed = next(
+        o for o in (_live_op(served, f"add_{i}") for i in range(1, 4))
+        if o["other_inputs"] and o["other_inputs"][0]["param"]
+    )  # fmt: skip
+    assert embed["other_inputs"] == [
+        {"op": None, "param": "vit.encoder.pos_embedding", "shape": [1, 17, 32]}
+    ]
+    pos = vit.encoder.pos_embedding.detach()[0, 1:, unit]
+    got = _live_map(served, embed["op"], "output", unit) - _live_map(
+        served, embed["op"], "input", unit
+    )
+    assert torch.allclose(got, pos, atol=1e-5)
+    assert torch.allclose(_live_map(served, embed["op"], "output", unit), seen["vit.encoder.dropout"][1:, unit], atol=1e-5)  # fmt: skip
+    cat = embed["input_op"]
+    cat_doc = _live_op(served, cat)
+    (patches,) = cat_doc["other_inputs"]
+    assert cat_doc["input"]["shape"] == [1, 1, 32] and patches["shape"] == [1, 16, 32]
+    token = _live_op(served, cat_doc["input_op"])  # the class token's expand: no op input
+    assert token["input"] is None
+    assert token["other_inputs"] == [{"op": None, "param": "vit.class_token", "shape": [1, 1, 32]}]
+    url = served["url"].rstrip("/")
+    with strict_page(browser) as pg:
+        pg.goto(f"{url}/#/r/{RID}/live?image=sample-{SAMPLE}&op={add}")
+        line = pg.locator(".card[data-side=input] .input-from")
+        line.wait_for()
+        assert line.inner_text() == (
+            f"the output of {doc['input_op']}: one of its 2 inputs, the only one shown here; "
+            f"the other: {other['op']} ({_shape(1, 17, 32)})"
+        )
+        href = line.locator("a.other-input").get_attribute("href")
+        assert href is not None and href.endswith(f"&op={other['op']}")
+        pg.goto(f"{url}/#/r/{RID}/live?image=sample-{SAMPLE}&op={embed['op']}")
+        line = pg.locator(".card[data-side=input] .input-from")
+        line.wait_for()
+        assert line.inner_text().endswith(
+            f"the other: the parameter vit.encoder.pos_embedding ({_shape(1, 17, 32)})"
+        )
+        pg.goto(f"{url}/#/r/{RID}/live?image=sample-{SAMPLE}&op={cat}")
+        line = pg.locator(".card[data-side=input] .input-from")
+        line.wait_for()
+        assert f"the other: {patches['op']} ({_shape(1, 16, 32)})" in line.inner_text()
+        pg.goto(f"{url}/#/r/{RID}/live?image=sample-{SAMPLE}&op={cat_doc['input_op']}")
+        card = pg.locator(".card[data-side=input] .notice")
+        card.wait_for()
+        assert f"the model's parameter vit.class_token ({_shape(1, 1, 32)})" in card.inner_text()
+
+
+def test_concept_shares_are_said_to_be_of_the_summed_absolute_relevance(browser: Any, served: dict):
+    """Each concept card's % is the unit's relevance over the sum of every unit's
+    |relevance|, but the only sum the line above named was the layer's signed total: a
+    reader dividing a card's relevance by it got another %. Now the line names the sum the
+    shares are of. The oracle: every unit's relevance (``top`` = all), summed in Python."""
+    import re
+
+    import httpx2 as httpx
+
+    url = served["url"].rstrip("/")
+    doc = httpx.get(
+        f"{url}/api/runs/{RID}/live/sample-{SAMPLE}/explain/concepts.json",
+        params={"target": "top", "top": 32}, timeout=120,
+    ).json()  # fmt: skip
+    rel = [u["relevance"] for u in doc["units"]]
+    assert len(rel) == doc["channels"] == 32
+    total, absolute = sum(rel), sum(abs(r) for r in rel)
+    assert doc["total"] == pytest.approx(total, rel=1e-4)
+    assert abs(total - absolute) > 0.05 * absolute  # the two sums differ here: the test can tell
+    with strict_page(browser) as pg:
+        pg.goto(f"{url}/#/r/{RID}/explain?image=sample-{SAMPLE}")
+        pg.wait_for_selector(".concept")
+        text = pg.locator(".concept-section > p").first.inner_text()
+        said = re.search(r"summed \|relevance\|, ([-\d.e]+) ", text)
+        assert said, text
+        assert float(said.group(1)) == pytest.approx(absolute, rel=5e-3)
+        heads = pg.locator(".concept h3").all_inner_texts()
+        first = heads[0].split()
+        assert first[:2] == ["unit", str(doc["units"][0]["unit"])]
+        assert float(first[2].rstrip("%")) == pytest.approx(100 * rel[0] / absolute, abs=0.051)

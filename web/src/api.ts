@@ -463,9 +463,18 @@ export interface SignalTime {
   start: number | null;
 }
 
+/** A tensor argument of an op besides the one shown as its input: an op's output or a parameter. */
+export interface OtherInput {
+  op: string | null;
+  param: string | null;
+  shape: number[];
+}
+
 export interface LiveOp {
   op: string;
   input: FeatureSide | null;
+  /** the op's other tensor arguments, which `input` does not show (absent: a server before them) */
+  other_inputs?: OtherInput[];
   output: FeatureSide;
   kernel: { shape: number[] } | null;
   /** on a run of (C, T) signals, each side's place along time; null elsewhere */

@@ -84,5 +84,10 @@ export function conceptPrecomputedNote(ctx: PageContext, summary: RunSummary, la
 /** The ranking's status line: how many units of which layer, for what target (`target`:
  * its words, a class's name where the page knows it), and what the cards show (`shows`). */
 export function conceptLead(r: ConceptRanking, target: string, shows: string): (string | HTMLElement)[] {
-  return [`The ${r.units.length} of ${r.channels} units of `, h("code", null, r.layer), ` with the most relevance (LRP, ${r.composite}) for ${target}; the layer's total relevance is ${fmt(r.total)}. ${shows}`];
+  // a card's % is of the units' summed |relevance|, not of the signed total said before it
+  // (units that oppose the target count too): name that sum, else 1.93 of 12.2 reads as
+  // 15.8%, not the 14.7% the card shows
+  const u = r.units.find((x) => x.share !== null && x.share !== 0);
+  const shares = u ? ` Each unit's % is its share of the ${r.channels} units' summed |relevance|, ${fmt(Math.abs(u.relevance / (u.share as number)))} (units that oppose the target count too).` : "";
+  return [`The ${r.units.length} of ${r.channels} units of `, h("code", null, r.layer), ` with the most relevance (LRP, ${r.composite}) for ${target}; the layer's total relevance is ${fmt(r.total)}.${shares} ${shows}`];
 }

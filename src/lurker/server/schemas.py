@@ -842,6 +842,16 @@ class SignalTime(BaseModel):
     start: float | None = None
 
 
+class OtherInput(BaseModel):
+    """A tensor argument of an op besides the one its live view shows as its input."""
+
+    #: the op whose output it is (its label); null for a parameter
+    op: str | None = None
+    #: the model parameter it is (its name); null for an op's output
+    param: str | None = None
+    shape: list[int]
+
+
 class LiveOp(BaseModel):
     op: str
     index: int
@@ -851,6 +861,10 @@ class LiveOp(BaseModel):
     input: FeatureSide | None = None
     #: Label of the op whose output is this op's input (null for model inputs too).
     input_op: str | None = None
+    #: The op's other tensor arguments, in argument order, which ``input`` does not show
+    #: (a residual ``add``'s branch, a ``cat``'s other parts, attention's keys and values,
+    #: a position embedding added): without them, ``input`` reads as the whole input.
+    other_inputs: list[OtherInput] = Field(default_factory=list)
     output: FeatureSide
     kernel: KernelInfo | None = None
     #: On a run of signals ``(C, T)``: the input's and output's place along time (null

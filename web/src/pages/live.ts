@@ -266,6 +266,20 @@ async function showOp(el: HTMLElement, ctx: PageContext, image: string, op: stri
   }
   if (ctx.signal.aborted) return;
   const kernel = info.kernel;
+  // the op's tensor arguments besides the one shown: said under the input, which else reads
+  // as the op's whole input (a residual add's other branch, a cat's other parts, attention's
+  // keys and values, a position embedding)
+  const others = info.other_inputs ?? [];
+  const opLink = (label: string, cls?: string) => h("a", { href: ctx.href("live") + "?" + new URLSearchParams({ image, op: label }), class: cls }, h("code", null, label));
+  const othersShown = (): (string | HTMLElement)[] => {
+    if (!others.length) return [];
+    const items = others.flatMap((o, i) => [
+      i ? ", " : "",
+      ...(o.op !== null ? [opLink(o.op, "other-input")] : ["the parameter ", h("code", { class: "other-input" }, o.param ?? "")]),
+      ` (${shape(o.shape)})`,
+    ]);
+    return [`: one of its ${others.length + 1} inputs, the only one shown here; ${others.length === 1 ? "the other" : "the others"}: `, ...items];
+  };
   const inCount = info.input?.channels ?? 0;
   const outCount = info.output.channels;
   const sel: { in: number | null; out: number | null } = { in: null, out: null };
@@ -420,7 +434,14 @@ async function showOp(el: HTMLElement, ctx: PageContext, image: string, op: stri
         `${t.channels} channel map${t.channels === 1 ? "" : "s"}${t.unit_axis === null || t.unit_axis === undefined ? "" : `, one per ${side === "input" && /^input_\d+$/.test(info.input_op ?? "") ? "channel of the model's input" : "unit"} (axis ${t.unit_axis} of the shape)`}, each ${t.map_shape.join("×")}`;
     const from =
       side === "input" && info.input_op
-        ? h("p", { class: "muted small" }, "the output of ", h("a", { href: ctx.href("live") + "?" + new URLSearchParams({ image, op: info.input_op }), class: "input-op" }, h("code", null, info.input_op)), info.kind === "output" ? ", which the model returns" : "")
+        ? h(
+            "p",
+            { class: "muted small input-from" },
+            "the output of ",
+            opLink(info.input_op, "input-op"),
+            info.kind === "output" ? ", which the model returns" : "",
+            ...othersShown(),
+          )
         : null;
     const card = h(
       "section",
@@ -469,10 +490,13 @@ async function showOp(el: HTMLElement, ctx: PageContext, image: string, op: stri
     return card;
   };
 
+  const params = others.filter((o) => o.param !== null);
   const noInput =
     info.kind === "input"
       ? "This is the model's input: the image as the model sees it (resized, cropped and normalised), one map per channel on the right."
-      : `This op takes no tensor from another op (its tensor arguments, if any, are the model's parameters or constants).`;
+      : params.length
+        ? `This op takes no tensor from another op: its tensor argument${params.length === 1 ? " is the model's parameter" : "s are the model's parameters"} ${params.map((o) => `${o.param} (${shape(o.shape)})`).join(", ")}.`
+        : `This op takes no tensor from another op (its arguments, if any, are constants).`;
   const inputCard = info.input ? grid("input", info.input) : h("section", { class: "card", "data-side": "input" }, notice(noInput));
   const outputCard = grid("output", info.output);
   append(

@@ -32,6 +32,7 @@ from ..schemas import (
     LiveLayerUnits,
     LiveOp,
     MapValues,
+    OtherInput,
     PatchlessToken,
     SignalTime,
 )
@@ -621,7 +622,8 @@ def _live_op(s: Session, image: str, op: str) -> LiveOp:
     tr = s.trace()
     from lurker.graph.nodes import OpRef, refs
 
-    ref = next((r for r in refs(node) if isinstance(r, OpRef)), None)
+    args = refs(node)
+    ref = next((r for r in args if isinstance(r, OpRef)), None)
     src = None if ref is None or inp is None else tr.ops[ref.index]
     return LiveOp(
         op=node.label,
@@ -630,6 +632,7 @@ def _live_op(s: Session, image: str, op: str) -> LiveOp:
         kind=node.kind,
         input=None if inp is None else _side(inp),
         input_op=None if src is None else src.label,
+        other_inputs=_other_inputs(tr, args, None if src is None else ref),
         output=_side(out),
         input_time=None if src is None else _signal_time(s, tr, src, inp),
         output_time=_signal_time(s, tr, node, out),
@@ -644,6 +647,25 @@ def _live_op(s: Session, image: str, op: str) -> LiveOp:
             out_channels=k.out_channels,
         ),
     )
+
+
+def _other_inputs(tr: Any, args: list[Any], shown: Any) -> list[OtherInput]:
+    """The tensor arguments of an op besides ``shown`` (the one its input maps are of),
+    each once, in argument order: the ops' outputs by label, the parameters by name."""
+    from lurker.graph.nodes import OpRef
+
+    out: list[OtherInput] = []
+    seen = {shown}
+    for r in args:
+        if r in seen:
+            continue
+        seen.add(r)
+        if isinstance(r, OpRef):
+            meta = tr.ops[r.index].outputs[r.output]
+            out.append(OtherInput(op=tr.ops[r.index].label, shape=list(meta.shape)))
+        else:
+            out.append(OtherInput(param=r.name, shape=list(r.shape)))
+    return out
 
 
 def _channel_map(
