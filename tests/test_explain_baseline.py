@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -260,3 +261,125 @@ def test_the_api_refusing_concepts_suggests_only_methods_that_run(tmp_path: Path
         assert "method='input_x_gradient'" in said
         assert c.get(f"{base}/integrated_gradients?target=top").status_code == 400
         assert c.get(f"{base}/input_x_gradient?target=top").status_code == 200
+
+
+def _files(run: Path) -> list[str]:
+    root = run / "cache" / "explain"
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+def test_the_cli_naming_a_refused_baseline_method_writes_nothing(tmp_path: Path) -> None:
+    """``lurker images --explanations 2 --methods saliency,integrated_gradients`` stopped at
+    sample 0 after writing its ``live.json``, ``input.png`` and saliency: a half-explained
+    run, with a fix (``baseline=``) the command does not take. Now every method of a sample
+    is made before any file is, the paragraph names the method, the model's refusal and
+    both fixes, and the command it suggests then works. Oracle: lurker.explain on the
+    samples."""
+    from click.testing import CliRunner
+
+    from lurker.cli import main
+    from lurker.server.explained import explained_samples
+
+    run = _recorded_run(tmp_path)
+    res = CliRunner().invoke(
+        main,
+        ["images", str(run), "--explanations", "2", "--methods", "saliency,integrated_gradients"],
+    )
+    assert res.exit_code != 0
+    said = " ".join(res.output.split())
+    assert "cannot precompute 'integrated_gradients' (sample 0)" in said
+    assert "fails on the baseline of integrated_gradients (its default baseline, zeros)" in said
+    assert "ValueError: input has zero norm" in said and "nothing was written" in said
+    assert "leave integrated_gradients out of --methods (saliency still explains it)" in said
+    assert "--option baseline=VALUE" in said and "baseline=..." in said
+    assert "Traceback" not in res.output
+    assert not (run / "cache" / "explain").exists() or _files(run) == []
+    res = CliRunner().invoke(
+        main, ["images", str(run), "--explanations", "2", "--methods", "saliency"]
+    )
+    assert res.exit_code == 0, res.output
+    assert explained_samples(run) == ["sample-0", "sample-1"]
+    x = _labelled().tensors[0][:2]
+    want = lurker.explain(_model(), x, method="saliency")
+    for i in range(2):
+        got = np.load(run / "cache" / "explain" / f"sample-{i}" / "saliency-top.npy")
+        np.testing.assert_allclose(got, want.heatmap(i).numpy(), rtol=1e-5, atol=1e-7)
+
+
+class NormText(nn.Module):
+    """Token ids -> embedding, divided by the sequence's norm: integrated gradients' default
+    baseline on ids, the zero vector at every position, is refused."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(20, 6)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        e = self.embedding(ids)
+        n = e.flatten(1).norm(dim=1)
+        if bool((n == 0).any()):
+            raise ValueError("embedding has zero norm")
+        return self.fc(torch.tanh(e / n.view(-1, 1, 1)).mean(1))
+
+
+def _norm_text() -> NormText:
+    torch.manual_seed(0)
+    return NormText().eval()
+
+
+def _text() -> TensorDataset:
+    g = torch.Generator().manual_seed(2)
+    return TensorDataset(torch.randint(1, 20, (6, 7), generator=g), torch.tensor([0, 1, 2] * 2))
+
+
+def test_token_ids_name_a_refused_baseline_with_the_fix() -> None:
+    """Integrated gradients on token ids raised the model's bare ``ValueError: embedding has
+    zero norm`` from inside its forward, naming neither the baseline nor the fix. Now the
+    baseline in embedding space is named with the token fixes; the fix given (an id) gives
+    Captum's LayerIntegratedGradients from that id's embedding."""
+    from captum.attr import LayerIntegratedGradients
+
+    model, ids = _norm_text(), _text().tensors[0][:2]
+    for given in ({}, {"baseline": torch.zeros(6)}):
+        with pytest.raises(LurkerError) as err:
+            lurker.explain(model, ids, method="integrated_gradients", **given)
+        said = str(err.value)
+        assert said.startswith("NormText runs on the input but fails on the baseline")
+        which = "the given baseline" if given else "its default baseline on token ids, the zero"
+        assert which in said and "ValueError: embedding has zero norm" in said
+        assert "baseline= a token id" in said and "(B, L, D)" in said
+    ours = lurker.explain(model, ids, method="integrated_gradients", baseline=1, n_steps=32)
+    theirs = LayerIntegratedGradients(model, model.embedding).attribute(
+        ids, baselines=torch.full_like(ids, 1), target=ours.target, n_steps=32
+    )
+    torch.testing.assert_close(ours.attribution, theirs.sum(-1), atol=1e-5, rtol=1e-4)
+
+
+def test_precompute_of_token_ids_leaves_a_refused_baseline_out(tmp_path: Path) -> None:
+    """On a run of token ids, ``lurker images --explanations`` stopped at sample 0 with
+    'integrated_gradients failed on this input: ValueError: ...' after writing the sample's
+    other methods; now it is left out saying why (every other method made), and named in
+    --methods it is refused before any file is written."""
+    from lurker.server import explained
+
+    model, data = _norm_text(), _text()
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    meta = {"model_spec": f"{__name__}:NormText", "weights": str(tmp_path / "w.pt")}
+    run = tmp_path / "r"
+    probe(model, data, out=run, k=2, batch_size=3, progress=False, meta=meta).close()
+    with pytest.raises(LurkerError) as err:
+        explained.precompute(
+            run, 2, ["input_x_gradient", "integrated_gradients"], dataset=data, progress=False
+        )
+    said = str(err.value)
+    assert "cannot precompute 'integrated_gradients' (sample 0)" in said
+    assert "nothing was written" in said and "baseline= a token id" in said
+    assert "lurker explain MODEL" not in said  # (it reads images only)
+    assert not (run / "cache" / "explain").exists() or _files(run) == []
+    done = explained.precompute(run, 2, dataset=data, progress=False)
+    assert set(done.skipped) == {"integrated_gradients"}
+    assert "its default baseline on token ids" in done.skipped["integrated_gradients"]
+    want = lurker.explain(model, data.tensors[0][:1], method="input_x_gradient")
+    got = np.load(run / "cache" / "explain" / "sample-0" / "input_x_gradient-top.npy")
+    np.testing.assert_allclose(got[0], want.attribution[0].numpy(), rtol=1e-5, atol=1e-7)

@@ -199,9 +199,9 @@ def test_precompute_asks_what_the_model_cannot_give_up_front(
 
     run, data = _recorded_run(tmp_path, name)
     tried: list[str] = []
-    real = routes.explain_result
+    real = routes.unkept_result  # (precompute's: each method made before a file is written)
     monkeypatch.setattr(
-        routes, "explain_result", lambda s, image, m, *a: tried.append(m) or real(s, image, m, *a)
+        routes, "unkept_result", lambda s, image, m, *a: tried.append(m) or real(s, image, m, *a)
     )
     done = explained.precompute(run, 2, dataset=data, progress=False)
     assert set(done.skipped) == refused and not refused & set(tried)

@@ -1237,11 +1237,28 @@ def _explain_run(
             )
         return model, weights, image_size or 224, channel_dim, normalize
     from .probe import data as pdata
+    from .server.state import signal_shape, token_length, vector_length
     from .store import Run
 
     with Run.open(where) as run:
         cfg = run.meta.get("config") or {}
         size = run.meta.get("image_size") or [224]
+        tokens, vector, signal = token_length(run), vector_length(run), signal_shape(run)
+    if tokens is not None or vector is not None or signal is not None:
+        # its model does not read an image: said before it is built, with where it explains
+        kind = (
+            f"sequences of {tokens} token ids"
+            if tokens is not None
+            else f"vectors of {vector} features"
+            if vector is not None
+            else "signals (channels by time)"
+        )
+        raise LurkerError(
+            f"run {where}'s inputs are {kind}, not images, and lurker explain reads an "
+            f"image: `lurker images {shlex.quote(str(where))} --explanations N` explains "
+            "its dataset samples 0..N-1 for the explorer's Explain page (one score per "
+            "token, feature or time step), and lurker.explain(model, x) any input in Python."
+        )
     spec, weights = _recorded_model(
         where, cfg, model_spec, weights, "pass it: --model SPEC [--weights FILE]"
     )

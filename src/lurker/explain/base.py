@@ -296,8 +296,27 @@ class Method:
             elif self.name == "integrated_gradients":
                 options = {**options, "baseline": token_baseline(None, emb, ids, e)}
             wrapped = Embedded(model, emb, ids)
-            with torch.enable_grad():
-                out = self.compute(wrapped, e, target, **options)
+            try:
+                with torch.enable_grad():
+                    out = self.compute(wrapped, e, target, **options)
+            except Exception as err:
+                # the model runs on the ids (reading_embedding ran it): where the method
+                # ran it on a baseline too, a failure there is the baseline's, said so
+                bad = None
+                if "baseline" in options and not isinstance(err, LurkerError):
+                    wrapped.rows = None  # (the baseline has the ids' own rows)
+                    bad = baseline_error(
+                        wrapped,
+                        options["baseline"],
+                        self.name,
+                        "baseline" in given,
+                        which=None if "baseline" in given else _TOKEN_ZEROS,
+                        fix=TOKEN_BASELINE_FIX,
+                        model_name=type(model).__name__,
+                    )
+                if bad is None:
+                    raise
+                raise bad from err
         at = out.attribution
         out.layer_attribution = at
         out.attribution = fold(at, self.name)
@@ -547,6 +566,13 @@ BASELINE_FIX = (
     "baseline= a number or a tensor shaped like one row of x, such as the dataset's mean "
     "image or a blurred copy of the input"
 )
+#: the same on token ids, where the baseline is the embedding's output (tokens.token_baseline)
+TOKEN_BASELINE_FIX = (
+    "baseline= a token id whose embedding fills every position (a pad id: baseline=0 is "
+    "Captum's default on ids), ids shaped (L,) or (B, L), or an embedded baseline (B, L, D)"
+)
+#: integrated gradients' default baseline on token ids, as an error names it
+_TOKEN_ZEROS = "its default baseline on token ids, the zero vector at every position"
 
 
 @contextlib.contextmanager
@@ -587,13 +613,15 @@ def baseline_error(
     *,
     which: str | None = None,
     fix: str = BASELINE_FIX,
+    model_name: str | None = None,
 ) -> BaselineError | None:
     """Why ``method`` failed where the model runs on the input but not on the baseline
     ``x0`` the method runs it on: its error said with the baseline named and the fix (the
     model's own message names neither). None where the model runs on ``x0``, or runs out
     of memory there (then the baseline is not the problem). ``which`` / ``fix``: the
     baseline and the option that changes it, where it is not a method's ``baseline=``
-    (evaluate's deletion and insertion curves)."""
+    (evaluate's deletion and insertion curves); ``model_name``: the model's, where
+    ``model`` wraps it (token ids' :class:`~.tokens.Embedded`)."""
     e = forward_error(model, x0)
     if e is not None:
         if (
@@ -605,7 +633,7 @@ def baseline_error(
         if which is None:
             which = "the given baseline" if given else "its default baseline, zeros"
         return BaselineError(
-            f"{type(model).__name__} runs on the input but fails on the baseline of {method} "
+            f"{model_name or type(model).__name__} runs on the input but fails on the baseline of {method} "
             f"({which}), which it runs the model on: {type(e).__name__}: {said.rstrip('.')}. "
             f"Pass a baseline the model accepts: {fix}."
         )

@@ -179,9 +179,22 @@ def check_runs(model: torch.nn.Module, x: Tensor, image_size: int) -> None:
         said = str(e).strip()
         if not said.endswith((".", "!", "?")):
             said += "."
+        fix = (
+            "If the model takes another image size, pass it with --image-size; if it takes "
+            "channels-last images (B, H, W, C), pass --channel-dim -1. "
+        )
+        if any(isinstance(m, torch.nn.Embedding) for m in model.modules()):
+            fix = ""  # a text model: no image size makes it read a picture
         raise LurkerError(
             f"{type(model).__name__} fails on the image as loaded, a tensor of shape "
-            f"{tuple(x.shape)} (--image-size {image_size}): {type(e).__name__}: {said} If "
-            "the model takes another image size, pass it with --image-size; if it takes "
-            "channels-last images (B, H, W, C), pass --channel-dim -1."
+            f"{tuple(x.shape)} (--image-size {image_size}): {type(e).__name__}: {said} {fix}"
+            f"{_NOT_AN_IMAGE}"
         ) from e
+
+
+#: where a model whose input is no image is explained (``lurker explain`` reads images)
+_NOT_AN_IMAGE = (
+    "lurker explain reads an image; a model of token ids or feature vectors is explained "
+    "in Python, lurker.explain(model, x) (one score per token or feature), or, probed with "
+    "`lurker probe`, by `lurker images RUN --explanations N` for the explorer's Explain page."
+)

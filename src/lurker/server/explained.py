@@ -130,10 +130,11 @@ def precompute(
     from .routes.explain import (
         CONCEPT_TOP,
         concept_ranking,
-        explain_result,
+        keep_result,
         no_rule_reasons,
         refusals,
         stored_result,
+        unkept_result,
         zeros_refused,
     )
     from .routes.live import image_id
@@ -224,40 +225,56 @@ def precompute(
                 )
             methods.remove(method)
             refused[method] = why
+
+        def left_out(method: str, err: ApiError, n: int, sid: int) -> bool:
+            """Whether ``method``'s failure on sample ``sid`` leaves it out: a method the
+            model cannot give that the trace did not tell (refusals), not named by the user,
+            found on the first sample is left out, said; one named whose baseline the model
+            refuses is refused with both fixes. The model's own failure (out of memory, a
+            bug: model_failed) stops it."""
+            if asked is None and n == 0 and err.status == 400 and not err.model_failed:
+                methods.remove(method)
+                rule = _no_rule(err)  # (a model that fails on the zeros it was traced on:
+                if rule is None:  # refusals could not tell)
+                    skipped[method] = str(err.detail)
+                else:
+                    refused[method] = no_rule_reasons(rule)[method]
+                return True
+            if asked is not None and _baseline_refused(err):
+                raise LurkerError(_no_baseline(err, method, sid, n, methods, flat)) from None
+            return False
+
         for n, sid in enumerate(ids):
             image = f"sample-{sid}" if flat else image_id(s, f"sample-{sid}")
             folder = sample_folder(e.path, image)
             try:
-                _live_files(s, image, folder)
-                for method in list(methods):
+                # every method of the sample is made before any of its files is written:
+                # one that fails (a model refusing integrated gradients' zeros) leaves no
+                # sample half explained, and a command naming it writes nothing at all
+                kept: list[tuple[Any, Any]] = []
+                for method in [m for m in methods if m != CONCEPTS]:
                     # (not an older lurker's default layer: made again at today's)
-                    if method != CONCEPTS and (
-                        stored_result(s, image, method, TARGET, older=False) is not None
-                    ):
+                    if stored_result(s, image, method, TARGET, older=False) is not None:
                         existing += 1
                         continue
                     try:
-                        if method == CONCEPTS:  # the ranking the page shows first, its maps
-                            ranking = concept_ranking(s, image, TARGET, None, CONCEPT_TOP)
-                            existing += int(ranking.cached)
-                            made += int(not ranking.cached)
-                            continue
-                        explain_result(s, image, method, TARGET, None)
+                        kept.append(unkept_result(s, image, method, TARGET, None))
                     except ApiError as err:
-                        # a method the model cannot give that the trace did not tell
-                        # (refusals), not named by the user, found on the first sample:
-                        # left out, said. The model's own failure (out of memory, a bug:
-                        # model_failed) stops it
-                        if asked is None and n == 0 and err.status == 400 and not err.model_failed:
-                            methods.remove(method)
-                            rule = _no_rule(err)  # (a model that fails on the zeros it
-                            if rule is None:  # was traced on: refusals could not tell)
-                                skipped[method] = str(err.detail)
-                            else:
-                                refused[method] = no_rule_reasons(rule)[method]
-                            continue
-                        raise
-                    made += 1
+                        if not left_out(method, err, n, sid):
+                            raise
+                _live_files(s, image, folder)
+                for key, result in kept:
+                    keep_result(s, key, result)
+                made += len(kept)
+                if CONCEPTS in methods:  # the ranking the page shows first, its maps
+                    try:
+                        ranking = concept_ranking(s, image, TARGET, None, CONCEPT_TOP)
+                    except ApiError as err:
+                        if not left_out(CONCEPTS, err, n, sid):
+                            raise
+                    else:
+                        existing += int(ranking.cached)
+                        made += int(not ranking.cached)
             except ApiError as err:
                 raise LurkerError(f"sample {sid}: {err.detail}") from None
             if progress:
@@ -290,6 +307,44 @@ def _instead(methods: list[str]) -> str:
     if len(still) <= 2:
         return f"{' and '.join(still)} still explain{'s' if len(still) == 1 else ''} it"
     return f"{still[0]}, {still[1]} and the other gradient methods still explain it"
+
+
+def _baseline_refused(err: BaseException) -> bool:
+    """Whether the explorer's error says the model refuses a method's baseline
+    (:class:`lurker.explain.base.BaselineError`, kept as its context)."""
+    from lurker.explain.base import BaselineError
+
+    e: BaseException | None = err
+    while e is not None:
+        if isinstance(e, BaselineError):
+            return True
+        e = e.__context__
+    return False
+
+
+def _no_baseline(err: Any, method: str, sid: int, n: int, methods: list[str], flat: bool) -> str:
+    """Why ``method``, named in ``--methods``, cannot be precomputed for a model that
+    refuses its baseline, with both fixes: leave it out (naming what still explains the
+    model), or run it from a baseline the model accepts where one can be given (``flat``:
+    token ids, feature vectors or signals, which ``lurker explain`` does not read)."""
+    detail = str(err.detail).split(" (in Python:")[0].rstrip(".")
+    why, _, kinds = detail.partition(". Pass a baseline the model accepts: ")
+    # what else was asked that explains the model, else the gradient methods but this one
+    still = [m for m in methods if m in _GRADIENT and m != method]
+    left = _instead(still or [m for m in _GRADIENT if m != method])
+    written = "nothing was written" if n == 0 else f"the samples before {sid} are kept"
+    cli = (
+        ""
+        if flat
+        else f"`lurker explain MODEL --image FILE --method {method} --option baseline=VALUE` or "
+    )
+    return (
+        f"cannot precompute {method!r} (sample {sid}): {why}. `lurker images --explanations` "
+        f"runs it from that baseline only, as the explorer does ({written}): leave {method} "
+        f"out of --methods ({left}). To explain it from a baseline the model accepts"
+        + (f" ({kinds})" if kinds else "")
+        + f", use {cli}lurker.explain(model, x, method={method!r}, baseline=...) in Python."
+    )
 
 
 def _no_rule(err: BaseException) -> NoRule | None:

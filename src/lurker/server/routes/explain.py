@@ -392,10 +392,10 @@ def _hit(s: Session, key: tuple[str, str, str, str], read: Any = None) -> Any:
 
 
 def _explained(
-    s: Session, image: str, method: str, target: str, layer: str | None
+    s: Session, image: str, method: str, target: str, layer: str | None, keep: bool = True
 ) -> tuple[Result, bool]:
     """The attribution (cached), or the error that says what is wrong; on the model's
-    thread."""
+    thread. ``keep``: also write it into the run's ``cache/`` (see :func:`unkept_result`)."""
     key = _key(s, image, method, target, layer)
     hit = _hit(s, key)
     if hit is not None:
@@ -415,8 +415,26 @@ def _explained(
             layer = _own_default(s, model, x, target, key[0])
         result = _compute(s, model, x, method, target, layer, instead)
         cache.put(key, result)
-        _write_disk(s, key, result)
+        if keep:
+            _write_disk(s, key, result)
     return result, False
+
+
+def unkept_result(
+    s: Session, image: str, method: str, target: str = "top", layer: str | None = None
+) -> tuple[tuple[str, str, str, str], Result]:
+    """The explanation and its cache key, computed (or read) but not yet written into
+    the run's ``cache/``: ``lurker images --explanations`` makes every method of a sample
+    before it writes any file of it, so that a method that fails leaves no sample half
+    explained (:func:`keep_result` writes it)."""
+    return _key(s, image, method, target, layer), _explained(
+        s, image, method, target, layer, keep=False
+    )[0]
+
+
+def keep_result(s: Session, key: tuple[str, str, str, str], result: Result) -> None:
+    """Write an :func:`unkept_result` into the run's ``cache/``."""
+    _write_disk(s, key, result)
 
 
 def cached_result(
