@@ -18,6 +18,7 @@ from click.testing import CliRunner
 from PIL import Image
 from torch import nn
 
+import dist_ranks
 import lurker
 from lurker.cli import main
 from lurker.errors import LurkerError
@@ -210,22 +211,16 @@ def test_lock_is_held_for_the_whole_probe_and_released_after(tmp_path: Path, mon
 # --------------------------------------------------------------------------- torchrun figures
 
 
-def _dist_worker(rank: int, world: int, store: str, out: str) -> None:
-    torch.distributed.init_process_group(
-        "gloo", init_method=f"file://{store}", rank=rank, world_size=world
-    )
-    try:
-        probe(
-            _model(), digits(16, split="test"), out=out, layers="features.8", k=2,
-            batch_size=40, progress=False,
-        )  # fmt: skip
-    finally:
-        torch.distributed.destroy_process_group()
+def _dist_worker(rank: int, out: str) -> None:
+    probe(
+        _model(), digits(16, split="test"), out=out, layers="features.8", k=2,
+        batch_size=40, progress=False,
+    )  # fmt: skip
 
 
 def test_distributed_sweep_figures_count_every_rank(tmp_path: Path):
     out = tmp_path / "dist"
-    torch.multiprocessing.spawn(_dist_worker, args=(2, str(tmp_path / "store"), str(out)), nprocs=2)
+    dist_ranks.spawn(_dist_worker, str(out))
     sweep = lurker.Run.open(out).meta["sweep"]
     n = len(digits(16, split="test"))
     assert sweep["world"] == 2 and sweep["images"] == n

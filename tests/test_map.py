@@ -13,6 +13,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+import dist_ranks
 from lurker.errors import LurkerError
 from lurker.examples import DigitsNet
 from lurker.map import collect_embedding, make_map, reduce
@@ -807,23 +808,15 @@ def test_checkpoint_size_does_not_grow_with_the_saved_features(model, data, tmp_
     assert rows_2k.stat().st_size == 160 * row_bytes
 
 
-def _dist_worker(rank: int, world: int, store: str, out: str) -> None:
-    torch.distributed.init_process_group(
-        "gloo", init_method=f"file://{store}", rank=rank, world_size=world
-    )
-    try:
-        torch.manual_seed(0)
-        probe(DigitsNet().eval(), load_dataset("digits:test", 16, channels=1), out=out,
-              layers="classifier.1", batch_size=32, progress=False, device="cpu",
-              embed="features.8", relevance=True)  # fmt: skip
-    finally:
-        torch.distributed.destroy_process_group()
+def _dist_worker(rank: int, out: str) -> None:
+    torch.manual_seed(0)
+    probe(DigitsNet().eval(), load_dataset("digits:test", 16, channels=1), out=out,
+          layers="classifier.1", batch_size=32, progress=False, device="cpu",
+          embed="features.8", relevance=True)  # fmt: skip
 
 
 def test_two_ranks_gather_every_samples_features(model, data, tmp_path):
-    torch.multiprocessing.spawn(
-        _dist_worker, args=(2, str(tmp_path / "store"), str(tmp_path / "dist")), nprocs=2
-    )
+    dist_ranks.spawn(_dist_worker, str(tmp_path / "dist"))
     got = Run.open(tmp_path / "dist").embedding()
     one = probe(model, data, out=tmp_path / "one", layers="classifier.1", progress=False,
                 embed="features.8", relevance=True)  # fmt: skip

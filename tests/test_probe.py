@@ -20,6 +20,7 @@ from click.testing import CliRunner
 from PIL import Image
 from torch import nn
 
+import dist_ranks
 import lurker
 from lurker.errors import LurkerError
 from lurker.examples import DigitsNet
@@ -274,33 +275,27 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path: Path):
     _runs_equal(lurker.store.Run.open(run_dir), lurker.store.Run.open(tmp_path / "whole"))
 
 
-def _dist_worker(rank: int, world: int, store: str, out: str) -> None:
-    torch.distributed.init_process_group(
-        "gloo", init_method=f"file://{store}", rank=rank, world_size=world
+def _dist_worker(rank: int, out: str) -> None:
+    run = probe(
+        _model(),
+        digits(16, split="test"),
+        out=out,
+        layers=LAYERS,
+        k=4,
+        batch_size=32,
+        progress=False,
     )
-    try:
-        run = probe(
-            _model(),
-            digits(16, split="test"),
-            out=out,
-            layers=LAYERS,
-            k=4,
-            batch_size=32,
-            progress=False,
-        )
-        # rank 0 writes the run and returns it; the other ranks return None
-        if rank == 0:
-            assert isinstance(run, lurker.store.Run), run
-            assert Path(run.path).resolve() == Path(out).resolve()
-        else:
-            assert run is None, run
-    finally:
-        torch.distributed.destroy_process_group()
+    # rank 0 writes the run and returns it; the other ranks return None
+    if rank == 0:
+        assert isinstance(run, lurker.store.Run), run
+        assert Path(run.path).resolve() == Path(out).resolve()
+    else:
+        assert run is None, run
 
 
 def test_distributed_equals_single_process(tmp_path: Path):
     out = tmp_path / "dist"
-    torch.multiprocessing.spawn(_dist_worker, args=(2, str(tmp_path / "store"), str(out)), nprocs=2)
+    dist_ranks.spawn(_dist_worker, str(out))
     single = probe(
         _model(),
         digits(16, split="test"),
@@ -572,14 +567,8 @@ def _hist_probe(out: Path, batch_size: int, order: torch.Tensor | None = None) -
     )
 
 
-def _hist_dist_worker(rank: int, world: int, store: str, out: str) -> None:
-    torch.distributed.init_process_group(
-        "gloo", init_method=f"file://{store}", rank=rank, world_size=world
-    )
-    try:
-        _hist_probe(Path(out), 7)
-    finally:
-        torch.distributed.destroy_process_group()
+def _hist_dist_worker(rank: int, out: str) -> None:
+    _hist_probe(Path(out), 7)
 
 
 def test_histograms_identical_for_any_batch_size_order_and_ranks(tmp_path: Path):
@@ -587,9 +576,7 @@ def test_histograms_identical_for_any_batch_size_order_and_ranks(tmp_path: Path)
     histograms and edges, and each equals numpy.histogram of the brute-force spatial means
     (a forward hook) over the same edges: no value clamped although the data come sorted by
     class with growing values."""
-    torch.multiprocessing.spawn(
-        _hist_dist_worker, args=(2, str(tmp_path / "store"), str(tmp_path / "dist")), nprocs=2
-    )
+    dist_ranks.spawn(_hist_dist_worker, str(tmp_path / "dist"))
     perm = torch.randperm(HIST_N, generator=torch.Generator().manual_seed(2))
     runs = {
         "b64": _hist_probe(tmp_path / "b64", 64),

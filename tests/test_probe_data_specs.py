@@ -53,6 +53,12 @@ def not_a_dataset():
     return 42
 
 
+def an_array():
+    import numpy
+
+    return numpy.zeros(({N}, {LENGTH}), dtype="int64")
+
+
 def inputs_only():
     g = torch.Generator().manual_seed(0)
     return TensorDataset(torch.randint(0, {VOCAB}, ({N}, {LENGTH}), generator=g))
@@ -277,6 +283,11 @@ def test_a_dataset_spec_takes_the_items_a_python_dataset_may_have(
         (
             "text.py:not_a_dataset",
             r"gave an object of type int, not a dataset with __len__ and __getitem__",
+        ),
+        (  # (an array's rows are no (input, label) items: it raised a TypeError from deep
+            # in the wrapper, reading its mean() method as normalisation statistics)
+            "text.py:an_array",
+            r"gave an object of type ndarray, not a dataset with __len__ and __getitem__",
         ),
         ("text.py:named_items", r"item 0 is a dict \(keys 'ids', 'y'\).*d\['image'\]"),
         ("text.py:broken", r"calling 'broken\(\)' raised OSError: corpus\.txt is missing"),

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+import dist_ranks
 import lurker
 
 
@@ -315,31 +316,14 @@ def _outcome(call: Any) -> str:
         return f"{type(e).__name__} every_rank={e.every_rank} {e}"
 
 
-def _rank_worker(
-    rank: int, world: int, tmp: str, store: str, out: str, sigterm_at: int | None
-) -> None:
+def _rank_worker(rank: int, tmp: str, out: str, sigterm_at: int | None) -> None:
     """One gloo rank probing ``out`` (SIGTERM to rank 1 as it loads item ``sigterm_at``).
     How the call ended goes to ``outcome-rankN.txt`` in ``tmp``; the process then exits
-    with status 0 (spawn stops no other rank), closing its connections as a stopped rank's
-    do."""
-    from datetime import timedelta
-
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group(
-        "gloo",
-        init_method=f"file://{store}",
-        rank=rank,
-        world_size=world,
-        timeout=timedelta(seconds=60),  # a hang fails the test instead of blocking it
-    )
+    with status 0 (spawn stops no other rank: see :func:`dist_ranks.spawn`), closing its
+    connections as a stopped rank's do."""
     data = Images(sigterm_at if rank == 1 else None, signal.SIGTERM)
     said = _outcome(functools.partial(lurker.probe, _model(), data, out=out, **KW))
-    torch.distributed.destroy_process_group()
     Path(tmp, f"outcome-rank{rank}.txt").write_text(said)
-    # what the rank said is written: leave at once (its sockets close as any process's).
-    # The interpreter's teardown of gloo's threads, after a group ended on an error, can
-    # abort ("terminate called without an active exception"), a race in gloo at exit
-    os._exit(0)
 
 
 KW: dict[str, Any] = {"k": 3, "batch_size": 2, "progress": False}
@@ -348,11 +332,7 @@ KW: dict[str, Any] = {"k": 3, "batch_size": 2, "progress": False}
 def _spawn(tmp_path: Path, out: Path, sigterm_at: int | None = None) -> list[str]:
     for old in tmp_path.glob("outcome-*"):
         old.unlink()
-    store = tmp_path / f"store-{len(list(tmp_path.glob('store-*')))}"  # a new one each job
-    store.touch()  # (counted by the next call)
-    torch.multiprocessing.spawn(
-        _rank_worker, args=(2, str(tmp_path), str(store) + "-file", str(out), sigterm_at), nprocs=2
-    )
+    dist_ranks.spawn(_rank_worker, str(tmp_path), str(out), sigterm_at)
     return [(tmp_path / f"outcome-rank{r}.txt").read_text() for r in range(2)]
 
 
@@ -508,15 +488,8 @@ def test_a_run_of_another_model_stops_every_rank_with_one_message(tmp_path: Path
         assert "already holds a run of" in text
 
 
-def _failing_writer_worker(rank: int, world: int, tmp: str, store: str, out: str) -> None:
+def _failing_writer_worker(rank: int, tmp: str, out: str) -> None:
     """One gloo rank probing ``out``; rank 0 fails as it writes the run (a full disk)."""
-    from datetime import timedelta
-
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group(
-        "gloo", init_method=f"file://{store}", rank=rank, world_size=world,
-        timeout=timedelta(seconds=60),
-    )  # fmt: skip
     if rank == 0:
 
         def full(*args: Any, **kwargs: Any) -> None:
@@ -538,10 +511,7 @@ def test_a_rank_keeps_its_shard_until_rank_0_has_written_the_run(tmp_path: Path)
     and the rerun resumes both shards to the uninterrupted result."""
     want = lurker.probe(_model(), Images(), out=tmp_path / "whole", **KW)
     out = tmp_path / "cut"
-    store = tmp_path / "store-fail"
-    torch.multiprocessing.spawn(
-        _failing_writer_worker, args=(2, str(tmp_path), str(store), str(out)), nprocs=2
-    )
+    dist_ranks.spawn(_failing_writer_worker, str(tmp_path), str(out))
     said = [(tmp_path / f"outcome-rank{r}.txt").read_text() for r in range(2)]
     assert said[0].startswith("OSError"), said
     assert "process 0 of this torchrun job stopped before it wrote the run" in said[1], said

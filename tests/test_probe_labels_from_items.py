@@ -7,8 +7,6 @@ resumed and when two processes each meet some of the classes."""
 from __future__ import annotations
 
 import collections
-import functools
-import os
 import signal
 from pathlib import Path
 from typing import Any
@@ -18,6 +16,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+import dist_ranks
 import lurker
 
 N = 40
@@ -137,28 +136,15 @@ def test_a_resumed_sweep_keeps_the_labels_read_before_the_interruption(
     _check_against_brute_force(run, again, ["0", "1", "2", "3", "4", "5"])
 
 
-def _rank_worker(rank: int, world: int, store: str, out: str, bad: bool = False) -> None:
-    from datetime import timedelta
-
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group(
-        "gloo",
-        init_method=f"file://{store}",
-        rank=rank,
-        world_size=world,
-        timeout=timedelta(seconds=60),  # a hang fails the test instead of blocking it
-    )
+def _rank_worker(rank: int, out: str, bad: bool = False) -> None:
     lurker.probe(_model(), BadLabel() if bad else Own(), out=out, **KW)
-    torch.distributed.destroy_process_group()
-    os._exit(0)  # (gloo's teardown at exit can abort: see test_probe_interrupt)
 
 
 def test_two_processes_merge_the_classes_each_met(tmp_path: Path) -> None:
     """Class 5 is only at odd ids, all in rank 1's shard: rank 0's statistics are widened
     to it before the ranks merge."""
     out = tmp_path / "run"
-    spawn = functools.partial(torch.multiprocessing.spawn, nprocs=2)
-    spawn(_rank_worker, args=(2, str(tmp_path / "store"), str(out)))
+    dist_ranks.spawn(_rank_worker, str(out))
     run = lurker.Run.open(out)
     _check_against_brute_force(run, Own(), ["0", "1", "2", "3", "4", "5"])
 
@@ -225,6 +211,5 @@ def test_two_processes_agree_the_run_is_unlabelled(tmp_path: Path) -> None:
     """Item 21 is in rank 1's shard alone: rank 0, whose labels were all class indices,
     drops its classes too before the ranks merge."""
     out = tmp_path / "run"
-    spawn = functools.partial(torch.multiprocessing.spawn, nprocs=2)
-    spawn(_rank_worker, args=(2, str(tmp_path / "store"), str(out), True))
+    dist_ranks.spawn(_rank_worker, str(out), True)
     _check_unlabelled(lurker.Run.open(out), Own())

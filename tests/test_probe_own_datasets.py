@@ -171,6 +171,20 @@ def test_a_dataloader_or_an_iterable_dataset_is_refused_naming_the_fix(tmp_path:
         _probe(_Stream(), tmp_path / "b")
 
 
+def test_a_bare_tensor_or_array_is_refused_naming_tensor_dataset(tmp_path: Path):
+    """A tensor (or numpy array) of inputs has __len__ and __getitem__, but its rows are no
+    (input, label) items: it raised a TypeError from deep in the wrapper (its mean() method
+    read as normalisation statistics). Now refused naming TensorDataset, before anything
+    is written; the TensorDataset it names is probed."""
+    for given in (X, X.numpy()):
+        out = tmp_path / type(given).__name__
+        with pytest.raises(LurkerError, match=r"of shape \(48, 1, 8, 8\).*TensorDataset\(inputs"):
+            _probe(given, out)
+        assert not out.exists()
+    run = _probe(TensorDataset(X), tmp_path / "wrapped")
+    assert [e.sample_id for e in run.unit("1", 1).top("max")] == _hooked_top(1, 1)
+
+
 @pytest.mark.parametrize("workers", [0, 1])
 def test_an_item_that_raises_is_named_and_the_batches_before_it_kept(tmp_path: Path, workers: int):
     out = tmp_path / "run"

@@ -5,14 +5,13 @@ from __future__ import annotations
 import io
 import math
 import os
-import time
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+import dist_ranks
 from lurker.probe.stats import HostBatch, UnitStats, _bin_index, _grid
 
 N = 57
@@ -543,11 +542,9 @@ def dist_data():
     return acts, ids, labels
 
 
-def _dist_worker(rank, world, init_file, out_dir):
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+def _dist_worker(rank, out_dir):
     acts, ids, labels = dist_data()
-    mine = slice(rank, None, world)
+    mine = slice(rank, None, dist.get_world_size())
     a, i, lab = acts[mine], ids[mine], labels[mine]
     out = {}
     for name, cls in (("cpu", UnitStats), ("torch", DevicePath)):
@@ -574,23 +571,10 @@ def _dist_worker(rank, world, init_file, out_dir):
         out["raised"] = True
     dist.barrier()
     torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
 
 
 def test_all_reduce_two_gloo_ranks_equals_single_process(tmp_path):
-    ctx = mp.start_processes(
-        _dist_worker,
-        args=(2, str(tmp_path / "init"), str(tmp_path)),
-        nprocs=2,
-        join=False,
-        start_method="spawn",
-    )
-    deadline = time.monotonic() + 120
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("distributed workers timed out")
+    dist_ranks.spawn(_dist_worker, str(tmp_path))
     acts, ids, labels = dist_data()
     single = UnitStats(4, 6, 4, device="cpu", hist_bins=10)
     sizes = DIST_SIZES[0] + DIST_SIZES[1]

@@ -7,9 +7,7 @@ Oracles: numpy's min and max over the dataset; the stored run read back without 
 
 from __future__ import annotations
 
-import functools
 import math
-import os
 import signal
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+import dist_ranks
 import lurker
 from lurker.store.featviz import featviz_signal
 
@@ -124,26 +123,18 @@ def test_an_interrupted_probe_resumes_to_the_same_range(
     assert got.meta["channel_range"] == _numpy_range()
 
 
-def _rank(rank: int, store: str, out: str) -> None:
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group(
-        "gloo", init_method=f"file://{store}", rank=rank, world_size=2
-    )
+def _rank(rank: int, out: str) -> None:
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         lurker.probe(Stack(), Eeg(), out=out, k=3, batch_size=3, progress=False)
-    torch.distributed.destroy_process_group()
-    os._exit(0)
 
 
 def test_two_ranks_merge_to_the_same_range(tmp_path: Path) -> None:
     """Under torchrun each rank sweeps its shard: the all-reduce gives numpy's range."""
     out = tmp_path / "ranks"
-    torch.multiprocessing.spawn(
-        functools.partial(_rank), args=(str(tmp_path / "store"), str(out)), nprocs=2
-    )
+    dist_ranks.spawn(_rank, str(out))
     run = lurker.Run.open(out)
     assert run.meta["sweep"]["world"] == 2
     assert run.meta["channel_range"] == _numpy_range()

@@ -9,6 +9,8 @@ and through it the probe's sweep and unit images.
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -25,8 +27,6 @@ from ._recorder import apply_transform, param_names
 from ._tree import call_tensors, paths, tensors
 
 if TYPE_CHECKING:
-    import inspect
-
     from ..graph.nodes import Op
     from .trace import Activations, Trace
 
@@ -307,11 +307,14 @@ def _unlike(trace: Trace, args: tuple, kwargs: dict) -> tuple[list[str], list[st
     dimension). Another batch size is no difference (the probe replays every batch on a
     trace of one sample), nor is another shape of an item of a list of inputs (a detection
     model's images, each its own size)."""
-    from .trace import _name_inputs  # (trace imports this module)
+    from .trace import _name_inputs, bind_call  # (trace imports this module)
 
     traced = {op.name: op.outputs[0] for op in trace.inputs if op.outputs}
     given = dict(_name_inputs(trace.model, args, kwargs)) if trace.model is not None else {}
-    bound = _bound(trace, args, kwargs)
+    bound: tuple[inspect.Signature, dict] | None = None  # read once for all the lines below
+    with contextlib.suppress(TypeError, ValueError):  # (no signature, or an argument twice)
+        sig, items = bind_call(trace.model.forward, args, kwargs)
+        bound = sig, dict(items)
     kind: list[str] = []
     shapes: list[str] = []
     for name, m in traced.items():
@@ -335,23 +338,11 @@ def _unlike(trace: Trace, args: tuple, kwargs: dict) -> tuple[list[str], list[st
     return kind + _other_arguments(trace, args, kwargs, bound), shapes
 
 
-def _bound(trace: Trace, args: tuple, kwargs: dict) -> tuple[inspect.Signature, dict] | None:
-    """The forward's signature and this call's arguments bound to it by name (loosely:
-    missing ones left out), or None where it has no signature or an argument is given
-    twice. Read once for all the lines :func:`_unlike` writes."""
-    from .trace import _signature, bind_loosely  # (trace imports this module)
-
-    try:
-        sig = _signature(trace.model.forward)[0]
-        return sig, dict(bind_loosely(sig, args, kwargs))
-    except (TypeError, ValueError):
-        return None
-
-
 def _absent(bound: tuple[inspect.Signature, dict] | None, name: str, m: Any) -> str:
-    """Why traced input ``name`` holds no tensor in this call (``bound``: :func:`_bound`):
-    missing, or passed as something else (a numpy array of stimuli, a list, None), which
-    "missing" would misname."""
+    """Why traced input ``name`` holds no tensor in this call (``bound``: the forward's
+    signature and this call bound to it loosely, as in :func:`_unlike`): missing, or
+    passed as something else (a numpy array of stimuli, a list, None), which "missing"
+    would misname."""
     missing = f"input '{name}' is missing (traced as {_meta_of(m)})"
     if bound is None:
         return missing
@@ -381,14 +372,14 @@ def _other_arguments(
     that holds no tensor and is not in this call, and one line for those this call passes
     that the traced one did not: the tensor inputs alone all matched in a ``tr.run(x)`` of
     a trace of ``model(x, steps=3)``, which left torch's TypeError unexplained. ``bound``:
-    :func:`_bound` of this call."""
-    from .trace import keyword_only_note  # (trace imports this module)
+    this call bound loosely, as in :func:`_unlike`."""
+    from .trace import bind_call, keyword_only_note  # (trace imports this module)
 
     if bound is None:  # no signature, or an argument given twice
         return []
     sig, now = bound[0], dict(bound[1])  # (a copy: defaults are filled in below)
     try:
-        then = dict(sig.bind(*trace._inputs[0], **trace._inputs[1]).arguments)
+        then = dict(bind_call(trace.model.forward, *trace._inputs, strict=True)[1])
     except TypeError:
         return []
     note = keyword_only_note(sig, args, kwargs)
@@ -505,16 +496,16 @@ def _changed_arguments(trace: Trace, call: tuple[tuple, dict]) -> list[str]:
     the forward, by name, that holds a plain value (a count, a flag, a string) differing
     from the traced call's: a path that depends on it is not the data's nor the state's
     doing. Empty where the calls do not bind to the forward's signature."""
-    from .trace import _signature  # (trace imports this module)
+    from .trace import bind_call  # (trace imports this module)
 
     if trace.model is None:
         return []
     try:
-        sig = _signature(trace.model.forward)[0]
-        now = sig.bind(*call[0], **call[1])
-        then = sig.bind(*trace._inputs[0], **trace._inputs[1])
+        sig, given = bind_call(trace.model.forward, *call, strict=True)
+        traced = bind_call(trace.model.forward, *trace._inputs, strict=True)[1]
     except (TypeError, ValueError):
         return []
+    now, then = inspect.BoundArguments(sig, dict(given)), inspect.BoundArguments(sig, dict(traced))
     now.apply_defaults()
     then.apply_defaults()
     out = []

@@ -13,7 +13,7 @@ import threading
 import traceback
 import warnings
 import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from time import perf_counter
@@ -473,32 +473,44 @@ def _device_available(dev: torch.device) -> bool:
 def _name_inputs(model: nn.Module, args: tuple, kwargs: dict) -> list[tuple[str, Tensor]]:
     """Name each input tensor by the forward() parameter it binds to (``x``, ``mask[0]``)."""
     out: list[tuple[str, Tensor]] = []
+    items: Iterable[tuple[str, Any]]
     try:
-        sig, names = _signature(model.forward)
+        names = _signature(model.forward)[1]
         if names is not None and not kwargs and len(args) <= len(names):
-            # what bind() would give, without its cost (the first parameters, in order;
-            # those left to their defaults hold no input)
-            for name, value in zip(names, args):
-                if isinstance(value, Tensor):
-                    out.append((name, value))
-                else:
-                    paths(value, name, out)
-            return out
-        items = bind_loosely(sig, args, kwargs)
+            # what bind_call would give, without its cost (the replay names each batch's
+            # inputs): the first parameters, in order (those left to their defaults hold
+            # no input)
+            items = zip(names, args)
+        else:
+            items = bind_call(model.forward, args, kwargs)[1]
     except (TypeError, ValueError):
         items = [(f"args[{i}]", a) for i, a in enumerate(args)] + list(kwargs.items())
     for name, value in items:
-        paths(value, name, out)
+        if isinstance(value, Tensor):
+            out.append((name, value))
+        else:
+            paths(value, name, out)
     return out
 
 
-def bind_loosely(sig: inspect.Signature, args: tuple, kwargs: dict) -> list[tuple[str, Any]]:
-    """The call's arguments by the forward's parameter names, also where a required one
-    is missing or a keyword unknown (``tr.run(x)`` on a trace of ``model(x, steps=3)``):
-    ``x`` is still called ``x``, so the error can name ``steps`` rather than ``args[0]``.
-    Unknown keywords keep their own names, and positional arguments past those the
-    forward takes are ``args[i]`` (``tr.run(x, 3)`` on ``forward(x, *, steps)``: ``x`` is
-    still ``x``; see :func:`keyword_only_note`)."""
+def bind_call(
+    fwd: Any, args: tuple, kwargs: dict, *, strict: bool = False
+) -> tuple[inspect.Signature, list[tuple[str, Any]]]:
+    """``fwd``'s signature (cached) and the call's arguments by its parameter names, in
+    order: the one place a call is bound to a forward, to name a trace's inputs and for
+    the replay's error lines. Raises TypeError or ValueError where ``fwd`` has no
+    signature or an argument is given twice.
+
+    Loosely (the default), also where a required argument is missing or a keyword unknown
+    (``tr.run(x)`` on a trace of ``model(x, steps=3)``: ``x`` is still called ``x``, so
+    the error can name ``steps`` rather than ``args[0]``): unknown keywords keep their own
+    names, and positional arguments past those the forward takes are ``args[i]``
+    (``tr.run(x, 3)`` on ``forward(x, *, steps)``: ``x`` is still ``x``; see
+    :func:`keyword_only_note`). ``strict``: as the call itself binds (a TypeError where it
+    would not)."""
+    sig = _signature(fwd)[0]
+    if strict:
+        return sig, list(sig.bind(*args, **kwargs).arguments.items())
     params = sig.parameters
     kinds = [p.kind for p in params.values()]
     any_kw = inspect.Parameter.VAR_KEYWORD in kinds
@@ -508,7 +520,7 @@ def bind_loosely(sig: inspect.Signature, args: tuple, kwargs: dict) -> list[tupl
         n = min(n, sum(k in _POSITIONAL for k in kinds))
     items = list(sig.bind_partial(*args[:n], **known).arguments.items())
     surplus = [(f"args[{i}]", a) for i, a in enumerate(args) if i >= n]
-    return items + surplus + [(k, v) for k, v in kwargs.items() if k not in known]
+    return sig, items + surplus + [(k, v) for k, v in kwargs.items() if k not in known]
 
 
 def keyword_only_note(sig: inspect.Signature, args: tuple, kwargs: dict) -> str | None:

@@ -583,28 +583,56 @@ def wrap(
     return WrappedDataset(dataset, mean=mean, std=std)
 
 
-def _refuse_unindexed(dataset: Any) -> None:
+#: how to fix what a ``--data file.py:fn`` spec gave (:func:`code_dataset`)
+_CODE_FIX = (
+    "Make the callable return a map-style dataset of (input tensor, class index) pairs, "
+    "or (input tensor,) unlabelled, e.g. `return torch.utils.data.TensorDataset(inputs, "
+    "labels)`."
+)
+
+
+def _refuse_unindexed(dataset: Any, spec: str | None = None) -> None:
     """Refuse what cannot be read by index (a DataLoader, an ``IterableDataset``, a
-    generator) in one paragraph naming the fix, rather than a ``TypeError`` from deep in
-    the sweep: every result names its samples by index, and resuming and sharding read
-    items by index."""
-    if isinstance(dataset, torch.utils.data.DataLoader):
+    generator) or whose items are no ``(input, label)`` pairs (a bare tensor or array) in
+    one paragraph naming the fix, rather than a ``TypeError`` from deep in the sweep: every
+    result names its samples by index, and resuming and sharding read items by index.
+    ``spec``: the ``--data`` spec that gave it (:func:`code_dataset`), which the message
+    names instead."""
+    array = isinstance(dataset, (Tensor, np.ndarray))
+    loader = isinstance(dataset, torch.utils.data.DataLoader)
+    if not (
+        array
+        or loader
+        or isinstance(dataset, torch.utils.data.IterableDataset)
+        or not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__"))
+    ):
+        return
+    kind = type(dataset).__name__
+    if spec is not None:
+        raise DataSpecError(
+            f"Dataset spec '{spec}' gave an object of type {kind}, not a dataset with "
+            f"__len__ and __getitem__. {_CODE_FIX}"
+        )
+    if loader:
         raise LurkerError(
             "got a DataLoader where a dataset is expected: the probe batches the dataset "
             "itself and names each sample by its index in it. Pass the loader's dataset "
             "(`loader.dataset`), with batch_size= and num_workers= for the probe's own loader."
         )
-    if isinstance(dataset, torch.utils.data.IterableDataset) or not (
-        hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")
-    ):
+    if array:
         raise LurkerError(
-            f"the dataset ({type(dataset).__name__}) is not a map-style dataset with __len__ "
-            "and __getitem__: the probe reads items by index, so that each sample keeps its "
-            "id in the results and an interrupted probe resumes where it stopped. Give it a "
-            "map-style dataset, e.g. `torch.utils.data.TensorDataset(inputs, labels)` of the "
-            "stacked items, or a Dataset class whose __getitem__(i) returns the i-th "
-            "(input, label) pair."
+            f"got a {kind} of shape {tuple(dataset.shape)} where a dataset is expected: the "
+            "probe reads (input, label) items by index, and a row of a tensor is neither. "
+            "Pass `torch.utils.data.TensorDataset(inputs, labels)`, or "
+            "`TensorDataset(inputs)` unlabelled (torch.as_tensor(array) for a numpy array)."
         )
+    raise LurkerError(
+        f"the dataset ({kind}) is not a map-style dataset with __len__ and __getitem__: the "
+        "probe reads items by index, so that each sample keeps its id in the results and an "
+        "interrupted probe resumes where it stopped. Give it a map-style dataset, e.g. "
+        "`torch.utils.data.TensorDataset(inputs, labels)` of the stacked items, or a Dataset "
+        "class whose __getitem__(i) returns the i-th (input, label) pair."
+    )
 
 
 # --------------------------------------------------------------------------- digits
@@ -1203,29 +1231,20 @@ def code_dataset(spec: str) -> ProbeDataset:
     ds = load_spec_object(spec, "Dataset spec", DataSpecError)
     if isinstance(ds, _Base):  # lurker's own (digits, image_folder): already checked
         return ds
-    fix = (
-        "Make the callable return a map-style dataset of (input tensor, class index) pairs, "
-        "or (input tensor,) unlabelled, e.g. `return torch.utils.data.TensorDataset(inputs, "
-        "labels)`."
-    )
-    if not (hasattr(ds, "__len__") and hasattr(ds, "__getitem__")) or isinstance(ds, Tensor):
-        raise DataSpecError(
-            f"Dataset spec '{spec}' gave an object of type {type(ds).__name__}, not a "
-            f"dataset with __len__ and __getitem__. {fix}"
-        )
+    _refuse_unindexed(ds, spec)
     try:
         n = len(ds)
         item = ds[0] if n else None
     except Exception as e:
         raise DataSpecError(
             f"Dataset spec '{spec}': reading its first item raised {type(e).__name__}: "
-            f"{str(e).strip().splitlines()[0] if str(e).strip() else '(no message)'}. {fix}"
+            f"{str(e).strip().splitlines()[0] if str(e).strip() else '(no message)'}. {_CODE_FIX}"
         ) from e
     if not n:
-        raise DataSpecError(f"Dataset spec '{spec}' gave an empty dataset (no items). {fix}")
+        raise DataSpecError(f"Dataset spec '{spec}' gave an empty dataset (no items). {_CODE_FIX}")
     if isinstance(item, (tuple, list)) and not item:
         raise DataSpecError(
-            f"Dataset spec '{spec}': item 0 is an empty {type(item).__name__}. {fix}"
+            f"Dataset spec '{spec}': item 0 is an empty {type(item).__name__}. {_CODE_FIX}"
         )
     # the items as the probe reads them, by the same rules as a dataset given from Python:
     # (input,) unlabelled, (input, label, anything else), numpy inputs taken
@@ -1235,7 +1254,7 @@ def code_dataset(spec: str) -> ProbeDataset:
     except DataSpecError:
         raise
     except LurkerError as e:  # a dict item, an input that is no tensor: said by the wrapper
-        raise DataSpecError(f"Dataset spec '{spec}': {e} {fix}") from None
+        raise DataSpecError(f"Dataset spec '{spec}': {e} {_CODE_FIX}") from None
     # the file absolute, as the run records the spec: a resume from elsewhere is the same
     wrapped.description = f"{absolute_spec(spec)} ({type(ds).__name__}, {n} samples)"
     return wrapped
