@@ -56,6 +56,8 @@ def test_demo_serves_the_explorer(tmp_path: Path) -> None:
         with urllib.request.urlopen(url + "api/runs/run/samples/0", timeout=30) as r:
             sample = json.load(r)
         assert sample["prediction"] and len(sample["prediction"]) == 5
+        assert summary["holds"]["featviz"], "README: the demo stores featviz in the run"
+        _readme_tells_what_the_demo_wrote(tmp_path / "out", "".join(lines))
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -63,3 +65,23 @@ def test_demo_serves_the_explorer(tmp_path: Path) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             raise
+
+
+def _readme_tells_what_the_demo_wrote(out: Path, printed: str) -> None:
+    """README.md's `make demo writes everything to demo-out/` paragraph names files the demo
+    writes, and the run's cache holds what it and the demo's own line say: README and the
+    demo said the cache held receptive-field crops, which `write_all` makes only when asked
+    (the explorer cuts them from the sample images)."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    paragraph = readme.split("`make demo` writes everything to `demo-out/`:")[1].split("\n\n")[0]
+    named = re.findall(r"`([\w./-]+\.\w+|run/)`", paragraph)
+    assert {"graph.svg", "graph-depth1.svg", "summary.txt", "trace.json", "run/"} <= set(named)
+    assert all((out / name).exists() for name in named), [
+        n for n in named if not (out / n).exists()
+    ]
+    cache = {p.name for p in (out / "run" / "cache").iterdir()}
+    assert {"samples", "grad"} <= cache and not cache & {"crop", "grad_crop"}
+    line = next(x for x in printed.splitlines() if "images of every layer's units" in x)
+    assert (
+        "cuts the receptive-field crops" in line and "cuts the receptive-field crops" in paragraph
+    )

@@ -397,7 +397,7 @@ def _schema_keys(spec: dict, schema: dict) -> dict[str, object] | None:
 
 
 #: JSON routes whose answer docs/explorer.md describes in prose or another document, not
-#: as a key list (the graph's has its own schema, docs/graph-format.md).
+#: as a key list (the graph's has its own schema, docs/explorer.md "Graph view document").
 _KEYS_DOCUMENTED_ELSEWHERE = {("GET", "/api/runs/{}/graph")}
 
 #: Nested objects a row may name bare (their keys are a command's or a store's own:
@@ -498,3 +498,43 @@ def test_api_keys_are_read_from_the_docs():
         "target": None,
         "samples": {"image": None},
     }
+
+
+def test_map_page_lists_the_map_documents_keys():
+    """docs/map.md's API paragraph lists the keys of `GET /api/runs/{run}/map` as
+    docs/explorer.md's row does (which test_api_tables_name_the_keys_the_server_answers
+    checks against the server): it lacked `outputs` and `comparable`."""
+    text = (ROOT / "docs" / "map.md").read_text()
+    m = re.search(r"`GET /api/runs/\{run\}/map` answers[^`]*`(\{[^`]*\})`", text)
+    assert m, "docs/map.md no longer lists the map document's keys"
+    row = [a for method, path, a in _api_rows() if (method, path) == ("GET", "/api/runs/{run}/map")]
+    assert len(row) == 1
+    assert _keys(" ".join(m[1].split())) == _keys(row[0])
+
+
+def test_trace_command_line_examples_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """The `lurker trace` lines of README.md and docs/ whose model ships with torchvision or
+    lurker run as written (given the weights `make demo` leaves) and print what
+    docs/tracing.md says the command prints: the summary, the validation line, the
+    `non-finite:` line, and the files it wrote."""
+    import torch
+    from click.testing import CliRunner
+
+    from lurker.cli import main
+    from lurker.examples import DigitsNet
+
+    monkeypatch.chdir(tmp_path)
+    Path("demo-out").mkdir()
+    torch.save(DigitsNet().state_dict(), "demo-out/digits_net.pt")
+    lines = [w for _, w in _doc_commands() if w[0] == "trace"]
+    runnable = [w for w in lines if w[1].split(":")[0] in ("torchvision", "lurker.examples")]
+    assert len(runnable) >= 4 and len(lines) - len(runnable) == 1  # path/to/model.py
+    for words in runnable:
+        r = CliRunner().invoke(main, words)
+        assert r.exit_code == 0, f"lurker {' '.join(words)}\n{r.output}"
+        out = words[words.index("--out") + 1] if "--out" in words else "graph.svg"
+        assert "Ops:" in r.output and "validation:" in r.output, r.output
+        assert "non-finite: none" in r.output and f"graph: {out}" in r.output, r.output
+        assert Path(out).stat().st_size > 0
+        if "--json" in words:
+            assert Path(words[words.index("--json") + 1]).stat().st_size > 0

@@ -82,8 +82,8 @@ def main(argv: list[str] | None = None) -> None:
     images = UnitImages(run, model=model, dataset=data)
     made = images.write_all(progress=False)
     print(
-        f"{made.total} images of every layer's units (each top sample once, guided gradients, "
-        f"receptive-field crops) in {run.path / 'cache'}"
+        f"{made.total} images of every layer's units (each top sample once, guided gradients; "
+        f"the explorer cuts the receptive-field crops from them) in {run.path / 'cache'}"
     )
 
     t1 = time.perf_counter()
