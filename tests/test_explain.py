@@ -1558,3 +1558,28 @@ def test_occlusion_strides_left_out_are_4_where_the_channels_are_unknown() -> No
         x, sliding_window_shapes=(8, 8, 3), strides=(4, 4, 1), baselines=0.0, target=[1, 2]
     )
     close(e.attribution, ref)
+
+
+class _ClassesFirst(nn.Module):
+    """Returns (classes, batch): a time-major head's last step, transposed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x).t()
+
+
+@pytest.mark.parametrize("method", ["saliency", "integrated_gradients", "lrp", "occlusion"])
+def test_class_target_refuses_an_output_whose_batch_is_not_axis_0(method: str) -> None:
+    """A (classes, batch) output was read as (batch, classes): saliency silently scored
+    each row by another's values, integrated gradients failed in ``gather``. One
+    paragraph now names the shape, the batch and the fix."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 6)
+    options = {"window": 2} if method == "occlusion" else {}
+    with pytest.raises(
+        LurkerError, match=r"shape \(3, 5\), whose first axis is not the batch of 5 rows.*transpose"
+    ):
+        lurker.explain(_ClassesFirst().eval(), x, method=method, **options)

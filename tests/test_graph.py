@@ -495,3 +495,32 @@ def test_blank_op_sets_every_slot_as_init_does():
     other = Op.blank(8, "op", "relu", ())
     for s in ("module_outputs", "parents", "children", "outputs", "params", "meta", "_kwargs"):
         assert getattr(fast, s) is not getattr(other, s), f"{s} shared between ops"
+
+
+class _UnknownFlops(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # dims as a tensor: a tensordot whose contraction the FLOPs rule cannot read
+        return torch.tensordot(self.fc(x), x.t(), dims=torch.tensor(1))
+
+
+def test_total_flops_says_when_ops_are_unknown() -> None:
+    """An op of a counted kind whose FLOPs are unknown counted as 0 in every total, with no
+    mark: the total now says it is a lower bound, how many ops it leaves out, in the
+    summary, the JSON document and the explorer's graph view."""
+    from lurker.graph.view import graph_view
+
+    tr = lurker.trace(_UnknownFlops(), torch.randn(3, 4))
+    assert tr["tensordot_1"].flops is None
+    assert tr.flops == 2 * 3 * 4 * 4  # the Linear's alone
+    assert tr.flops_unknown == 1
+    assert f"at least 0.000 GFLOPs ({tr.flops:,}): 1 op of unknown FLOPs" in tr.summary()
+    doc = tr.to_json()
+    assert doc["model"]["flops_unknown"] == 1
+    assert lurker.Graph.from_json(doc).flops_unknown == 1
+    assert graph_view(tr)["flops_unknown"] == 1
+    known = lurker.trace(nn.Linear(4, 4), torch.randn(3, 4))
+    assert known.flops_unknown == 0 and "at least" not in known.summary()

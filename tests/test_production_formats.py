@@ -196,7 +196,7 @@ class MLP(nn.Module):
 def test_quantized_linear_layers_are_probed_by_module_path(
     dtype: torch.dtype, tmp_path: Path
 ) -> None:
-    """An all-Linear MLP, quantized: its Linear layers (``linear_dynamic``, units on the
+    """An all-Linear MLP, quantized: its Linear layers (``quantized_linear_dynamic``, units on the
     last axis as a float Linear's) are probed under their module paths, with the top
     samples that hooks on the quantized model give, and near the float model's."""
     torch.manual_seed(0)
@@ -528,3 +528,107 @@ def test_gradient_methods_refuse_a_quantized_model(method: str) -> None:
     want = lurker.explain(float_model, x, 0, method="occlusion", window=(1, 4), strides=(1, 4))
     assert got.attribution.abs().sum() > 0
     torch.testing.assert_close(got.attribution, want.attribution, atol=0.05, rtol=0.1)
+
+
+class _StaticNet(nn.Module):
+    """Convs whose stride, padding, dilation and groups are not the defaults (a quantized
+    conv's call holds none of them: its packed weight does), a 1-D one, and a Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.quant = torch.ao.quantization.QuantStub()
+        self.conv1 = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(4, 6, 3, padding=2, dilation=2, groups=2)
+        self.relu2 = nn.ReLU()
+        self.conv3 = nn.Conv1d(6, 8, 3, stride=2, padding=1)
+        self.fc = nn.Linear(8, 5)
+        self.dequant = torch.ao.quantization.DeQuantStub()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu2(self.conv2(self.relu1(self.conv1(self.quant(x)))))
+        x = self.conv3(x.flatten(2))  # (B, 6, H*W): a signal
+        return self.dequant(self.fc(x.mean(2)))
+
+
+def _statically_quantized(x: torch.Tensor) -> tuple[nn.Module, nn.Module]:
+    """The float model and its eager-mode static quantization (conv1 fused with relu1)."""
+    torch.manual_seed(0)
+    float_model = _StaticNet().eval()
+    fused = torch.ao.quantization.fuse_modules(copy.deepcopy(float_model), [["conv1", "relu1"]])
+    engine = "fbgemm" if "fbgemm" in torch.backends.quantized.supported_engines else "qnnpack"
+    fused.qconfig = torch.ao.quantization.get_default_qconfig(engine)
+    prepared = _quiet(torch.ao.quantization.prepare, fused)
+    prepared(x)
+    return float_model, _quiet(torch.ao.quantization.convert, prepared)
+
+
+def test_statically_quantized_ops_bind_their_own_parameters() -> None:
+    """``torch.ops.quantized.conv2d`` takes (qx, packed_weight, output_scale,
+    output_zero_point): it was recorded as ``conv2d`` and bound with aten's parameters, so
+    its stride read the output zero-point. Its own name and schema now: the arguments
+    bind as torch defines them, and its geometry is read off the packed weight."""
+    from lurker.ops import catalogue
+
+    x = torch.randn(2, 3, 8, 8)
+    float_model, model = _statically_quantized(x)
+    tr = _quiet(lurker.trace, model, x)
+    names = {op.module: op.name for op in tr.ops if op.kind == "op" and op.module}
+    assert names["conv1"] == "quantized_conv2d_relu"
+    assert names["conv2"] == "quantized_conv2d"
+    assert names["conv3"] == "quantized_conv1d"
+    assert names["fc"] == "quantized_linear"
+    conv2 = tr["conv2"]
+    bound = catalogue.bind(conv2.name, conv2.args, conv2.kwargs)
+    assert "stride" not in bound
+    assert bound["output_zero_point"] == model.conv2.zero_point
+    for path in ("conv1", "conv2", "conv3"):
+        conv = getattr(float_model, path)
+        packed = tr[path].meta["packed"]
+        assert packed["weight"] == list(conv.weight.shape)
+        for key in ("stride", "padding", "dilation"):
+            assert packed[key] == list(getattr(conv, key)), (path, key)
+        assert packed["groups"] == conv.groups
+
+
+def test_statically_quantized_model_has_the_float_models_flops_and_fields() -> None:
+    """FLOPs and receptive fields of a statically quantized model are its float model's,
+    op by op (the oracle: the same layers unquantized), also on its graph read back from
+    JSON (the packed weights are not in the document: what was read off them is)."""
+    from lurker.graph.receptive import receptive_fields
+
+    x = torch.randn(2, 3, 8, 8)
+    float_model, model = _statically_quantized(x)
+    want = lurker.trace(float_model, x)
+    tr = _quiet(lurker.trace, model, x)
+    for graph in (tr, lurker.Graph.from_json(tr.to_json())):
+        assert graph.flops == want.flops > 0
+        got_rf, want_rf = receptive_fields(graph), receptive_fields(want)
+        for path in ("conv1", "conv2", "conv3", "fc"):
+            w_op = next(op for op in want.ops if op.module == path and op.flops)
+            assert graph[path].flops == w_op.flops, path
+            got, exp = got_rf[graph[path].index], want_rf[w_op.index]
+            assert (got.size, got.stride, got.exact) == (exp.size, exp.stride, exp.exact), path
+        assert receptive_fields(graph)[graph["conv2"].index].size == (11, 11)
+
+
+def test_statically_quantized_model_is_probed_right(tmp_path: Path) -> None:
+    """A statically quantized CNN's convs are probed as conv layers, units on axis 1
+    (the float model's layers, less a ReLU fused into its conv), and their top samples'
+    values are those hooks on the quantized model give (its activations are quantized
+    tensors: the probe reads their float values)."""
+    data = _data(24)
+    _, model = _statically_quantized(data.tensors[0])
+    run = _quiet(
+        lurker.probe, model, data, out=tmp_path / "run", k=3, batch_size=8, progress=False,
+        device="cpu",
+    )  # fmt: skip
+    assert [layer.name for layer in run.layers] == ["conv1", "conv2", "relu2", "conv3", "fc"]
+    assert [layer.num_units for layer in run.layers] == [4, 6, 6, 8, 5]
+    acts = {n: a.dequantize() for n, a in _hooked_acts(model, data.tensors[0], 8).items()}
+    for layer in run.layers:
+        a = acts[layer.module]
+        peaks = a.flatten(2).amax(2) if a.dim() > 2 else a
+        for u in range(layer.num_units):
+            got = [e.value for e in run.unit(layer.name, u).top("max")]
+            torch.testing.assert_close(torch.tensor(got), peaks[:, u].topk(3).values)

@@ -148,6 +148,7 @@ def test_small_by_hand() -> None:
         "num_params": 15,
         "activation_bytes": 72,
         "flops": 48,
+        "flops_unknown": 0,
         "is_recurrent": False,
         "has_branching": False,
         "time_s": doc["model"]["time_s"],

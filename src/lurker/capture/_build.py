@@ -14,6 +14,7 @@ from torch import Tensor
 from ..graph import build as steps
 from ..graph import nodes
 from ..graph.nodes import Op, OpRef, ParamRef
+from ..ops import catalogue
 from . import _recorder
 from ._tree import paths
 
@@ -35,12 +36,14 @@ def build(
        each module's ops; the ops readouts read;
     5. ``passes``: pass counts, and ``linear_1:2`` labels for ops that ran several times;
     6. ``distances``: hops from the nearest input and to the nearest output;
-    7. ``count_flops``: ``meta["flops"]``;
-    8. ``public_calls``: each op's ``target`` and ``source`` (``args``/``kwargs`` are made
+    7. ``read_packed``: ``meta["packed"]``, a quantized layer's weight shape and conv
+       geometry, read off its packed weight;
+    8. ``count_flops``: ``meta["flops"]``;
+    9. ``public_calls``: each op's ``target`` and ``source`` (``args``/``kwargs`` are made
        from the raw call when first read: see :func:`live_call`);
-    9. ``drop_provisional``: activations kept in case they were a module output ``save=``
-       names, and that were not;
-    10. ``index``: what ``trace[key]`` looks up.
+    10. ``drop_provisional``: activations kept in case they were a module output ``save=``
+        names, and that were not;
+    11. ``index``: what ``trace[key]`` looks up.
     """
     tr.model = rec.model
     tr.model_name = type(rec.model).__name__
@@ -65,6 +68,7 @@ def build(
     steps.labels(nodes, rec.module_info)
     steps.passes(nodes)
     steps.distances(nodes)
+    read_packed(nodes)
     steps.count_flops(nodes)
     public_calls(rec)
     drop_provisional(rec)
@@ -144,6 +148,48 @@ def packed_weights(v: Any) -> list[tuple[int, ...]] | None:
     if not isinstance(v, torch.ScriptObject):
         return None
     return [tuple(t.shape) for t in _recorder.packed_tensors(v) if t.dim() > 1]
+
+
+def read_packed(nodes: list[Op]) -> None:
+    """``meta["packed"]`` of every quantized conv and Linear op: its weight's shape and,
+    for a conv, the ``stride``, ``padding``, ``dilation``, ``groups`` and
+    ``output_padding`` its packed weight holds (a TorchScript object, written into a
+    saved graph as its repr only), as a float conv's arguments read: receptive fields and
+    unit layouts read them (``catalogue.packed_call``). A quantized conv1d's packed
+    weight is a conv2d's of height 1: its axis of 1 is left out."""
+    import torch
+
+    packed, convs, specs = catalogue.PACKED, catalogue.QUANTIZED_CONV, catalogue.SPECS
+    for node in nodes:
+        param = packed.get(node.name)
+        if param is None:
+            continue
+        args = node._skel_args if node._skel_args is not None else node.args
+        kwargs = node._skel_kwargs if node._skel_args is not None else node.kwargs
+        try:
+            obj = specs[node.name].arg(args, kwargs or None, param)
+        except TypeError:  # a call its signature does not take
+            continue
+        if not isinstance(obj, torch.ScriptObject):
+            continue
+        weights = packed_weights(obj) or []
+        if len(weights) != 1:
+            continue
+        nd = convs.get(node.name)
+        if nd is None:  # a Linear's (out, in)
+            node.meta["packed"] = {"weight": list(weights[0])}
+            continue
+        w = weights[0]
+        try:
+            found: dict[str, Any] = {
+                k: [int(n) for n in getattr(obj, k)()[-nd:]]
+                for k in ("stride", "padding", "dilation", "output_padding")
+            }
+            found["groups"] = int(obj.groups())
+        except (AttributeError, RuntimeError):  # another packing, of other methods
+            continue
+        found["weight"] = [*w[:2], *w[len(w) - nd :]]
+        node.meta["packed"] = found
 
 
 nodes._live_call = live_call  # graph/ cannot import capture/: capture hands it over

@@ -119,9 +119,16 @@ UNIT_HINT = (
 )
 
 
-def class_output_error(out: Any) -> LurkerError:
-    """Why a class target does not fit the model's output ``out``, and what does."""
-    if isinstance(out, Tensor):
+def class_output_error(out: Any, batch: int | None = None) -> LurkerError:
+    """Why a class target does not fit the model's output ``out``, and what does
+    (``batch``: the rows of the input, where the output's first axis has another size)."""
+    if isinstance(out, Tensor) and batch is not None:
+        what = (
+            f"a tensor of shape {tuple(out.shape)}, whose first axis is not the batch of "
+            f"{batch} rows (a time-major model's (steps, batch, classes), or (classes, "
+            "batch): return out[-1] or out.transpose(0, 1) from the wrapper)"
+        )
+    elif isinstance(out, Tensor):
         what = f"a tensor of shape {tuple(out.shape)}"
     elif isinstance(out, (tuple, list)) or hasattr(out, "keys"):
         items = list(out.items()) if hasattr(out, "keys") else list(enumerate(out))
@@ -320,15 +327,19 @@ class Forward:
             if isinstance(self.model, Embedded):
                 self.model.rows = None
             with torch.no_grad():
-                out = self._model_output(self.model(self.x))
+                out = self._model_output(self.model(self.x), len(self.x))
             self.classes = out.argmax(1)
             self.target = self.classes.tolist()
         return self.classes
 
     @staticmethod
-    def _model_output(out: Any) -> Tensor:
+    def _model_output(out: Any, rows: int) -> Tensor:
+        """The model's (batch, classes) output for an input of ``rows`` rows: a batch on
+        another axis would have each row scored by another's (or a class's) values."""
         if not isinstance(out, Tensor) or out.dim() != 2:
             raise class_output_error(out)
+        if out.shape[0] != rows:
+            raise class_output_error(out, rows)
         return out
 
     # ------------------------------------------------------------------ forward
@@ -356,7 +367,7 @@ class Forward:
                 )
             out = output if isinstance(output, Tensor) else None
         else:
-            out = self._model_output(output)
+            out = self._model_output(output, len(xb))
             if self.classes is None:
                 if rows is not None:
                     self.resolve_top()

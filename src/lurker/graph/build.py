@@ -68,6 +68,19 @@ def index(nodes: list[Op]) -> dict[str, int]:
     return found
 
 
+def flops_unknown(node: Op) -> bool:
+    """Whether ``node`` is an op of a kind whose FLOPs are counted (a conv, linear,
+    matmul-like, attention or recurrent op) that has no count, its arguments being ones
+    the rule cannot read: a total over the graph leaves it out, so it is a lower bound.
+    (An ``einsum`` that is no matmul, a sum or an outer product, has no count by rule.)"""
+    return (
+        node.kind == "op"
+        and node.name in _FLOP_OPS
+        and node.name != "einsum"
+        and node.flops is None
+    )
+
+
 def count_flops(nodes: list[Op]) -> None:
     """``meta["flops"]`` of every conv, linear, matmul-like, attention and recurrent op
     whose count is known."""

@@ -163,7 +163,17 @@ class Graph:
 
     @property
     def flops(self) -> int:
+        """The ops' known FLOPs, summed: a lower bound where :attr:`flops_unknown` is not 0."""
         return sum(op.flops or 0 for op in self.ops)
+
+    @property
+    def flops_unknown(self) -> int:
+        """How many ops of a kind whose FLOPs are counted (conv, linear, matmul-like,
+        attention, recurrent) have no count (arguments lurker cannot read): :attr:`flops`
+        leaves them out."""
+        from .build import flops_unknown
+
+        return sum(map(flops_unknown, self.ops))
 
     @property
     def is_recurrent(self) -> bool:

@@ -70,7 +70,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from ..errors import LurkerError
-from ..ops.catalogue import QUANTIZED_LINEAR, bind
+from ..ops.catalogue import QUANTIZED_CONV, QUANTIZED_LINEAR, bind, packed_call
 from .nodes import OpRef
 
 if TYPE_CHECKING:
@@ -535,7 +535,13 @@ def _spatial_op(nd: int, kind: str) -> _Handler:
         p = _main(parents)
         if p is None:
             return {}
-        c = _args(op)
+        c = (
+            _args(op)
+            if op.name not in QUANTIZED_CONV
+            else packed_call(op.name, op.meta.get("packed"))
+        )
+        if c is None:  # a quantized conv whose packed weight the trace could not read
+            return None
         if kind in ("conv", "convt"):
             w = c.get("weight")
             ws = _tensor_shape(w)
@@ -1157,6 +1163,11 @@ _POINTWISE = {
     "angle", "signbit", "conj_physical", "lshift", "rshift", "bitwise_left_shift",
     "bitwise_right_shift", "deg2rad", "rad2deg", "i0", "nextafter", "isclose", "isneginf",
     "isposinf", "isreal",
+    # quantization (QuantStub, DeQuantStub) and what quantized models run elementwise
+    "quantize_per_tensor", "dequantize", "quantized_add", "quantized_add_relu",
+    "quantized_mul", "quantized_mul_relu", "quantized_hardswish", "quantized_leaky_relu",
+    "quantized_elu", "quantized_batch_norm1d", "quantized_batch_norm2d",
+    "quantized_batch_norm3d",
 }  # fmt: skip
 
 _HANDLERS: dict[str, _Handler] = {n: _h_pointwise for n in _POINTWISE}
@@ -1170,6 +1181,8 @@ for _nd in (1, 2, 3):
     for _kind in ("avg", "max"):
         _HANDLERS[f"adaptive_{_kind}_pool{_nd}d"] = _adaptive(_nd)
         _HANDLERS[f"adaptive_{_kind}_pool{_nd}d_with_indices"] = _adaptive(_nd)
+for _name, _nd in QUANTIZED_CONV.items():  # quantized_conv2d_relu: its relu is pointwise
+    _HANDLERS[_name] = _spatial_op(_nd, "convt" if "transpose" in _name else "conv")
 _HANDLERS.update({n: _h_reduce for n in _REDUCE})
 _HANDLERS.update({n: _h_along for n in _ALONG})
 for _h, _names in {

@@ -39,6 +39,7 @@ def to_json(trace: Graph) -> dict[str, Any]:
             "num_params": trace.num_params,
             "activation_bytes": trace.activation_bytes,
             "flops": trace.flops,
+            "flops_unknown": trace.flops_unknown,
             "is_recurrent": trace.is_recurrent,
             "has_branching": trace.has_branching,
             "time_s": float(trace.time),
@@ -310,13 +311,16 @@ def _rolled(ops: list[Op]) -> list[dict[str, Any]]:
 
 
 def json_value(value: Any) -> Any:
-    """A readout's Python value as JSON: non-finite floats and exotic types become strings."""
+    """A readout's Python value (or an op's ``meta`` entry) as JSON: non-finite floats and
+    exotic types become strings."""
     if value is None or isinstance(value, (bool, int, str)):
         return value
     if isinstance(value, float):
         return value if math.isfinite(value) else str(value)
     if isinstance(value, (list, tuple)):
         return [json_value(v) for v in value]
+    if isinstance(value, dict):  # meta["packed"]
+        return {str(k): json_value(v) for k, v in value.items()}
     return repr(value)  # complex, numpy scalars, anything else
 
 

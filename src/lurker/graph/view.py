@@ -119,6 +119,7 @@ def graph_view(
         "ops": graph.num_ops,
         "params": graph.num_params,
         "flops": graph.flops,
+        "flops_unknown": graph.flops_unknown,
         "dtype": dtype,
         "files": list(files),
         "groups": groups,

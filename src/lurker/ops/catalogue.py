@@ -165,6 +165,8 @@ _ATEN_DROPOUT = "input, p, train"
 _SPLIT = "self, {}, dim=0"
 _CAT = "tensors, dim=0"
 _ADDMM = "self, {}, {}, *, beta=1, alpha=1"
+_QCONV = "qx, packed_weight, output_scale, output_zero_point"
+_QLINEAR = "X, W_prepack, Y_scale_i, Y_zero_point_i"
 
 # name -> (signature, source, FLOPs rule)
 _TABLE: dict[str, tuple[str, str | None, str | None]] = {
@@ -182,11 +184,39 @@ _TABLE: dict[str, tuple[str, str | None, str | None]] = {
         "convolution",
     ),
     "linear": ("input, weight, bias=None", "aten::linear", "linear"),
-    # a quantize_dynamic'd nn.Linear: its weight and bias packed in one TorchScript object
-    "linear_dynamic": (
-        "X, W_prepack, reduce_range=False", "quantized::linear_dynamic", "packed_linear"
+    # torch.ops.quantized.*, what quantized layers run (named apart from aten's ops: see
+    # torch_funcs.op_name): their weight, bias, stride, padding, dilation and groups are
+    # in one packed TorchScript object; the trace reads them off it (PACKED, below)
+    **{
+        f"quantized_{n}": (_QCONV, f"quantized::{n}{'' if n.startswith('conv1d') else '.new'}", "packed_conv")
+        for n in ("conv1d", "conv2d", "conv3d", "conv1d_relu", "conv2d_relu", "conv3d_relu")
+    },
+    **{
+        f"quantized_{n}": (_QCONV.replace("qx,", "qx, qaccum,"), f"quantized::{n}", "packed_conv")
+        for n in ("conv2d_add", "conv2d_add_relu")  # conv(qx) + qaccum
+    },
+    **{
+        f"quantized_conv_transpose{n}d": (
+            _QCONV, f"quantized::conv_transpose{n}d", "packed_conv_transpose"
+        )
+        for n in (1, 2, 3)
+    },
+    **{
+        f"quantized_{n}": (_QLINEAR, f"quantized::{n}", "packed_linear")
+        for n in ("linear", "linear_relu", "linear_tanh")
+    },
+    "quantized_linear_leaky_relu": (
+        f"{_QLINEAR}, negative_slope", "quantized::linear_leaky_relu", "packed_linear"
     ),
-    "linear_dynamic_fp16": ("X, W_prepack", "quantized::linear_dynamic_fp16", "packed_linear"),
+    # a quantize_dynamic'd nn.Linear: float in, float out
+    **{
+        f"quantized_{n}": ("X, W_prepack, reduce_range=False", f"quantized::{n}", "packed_linear")
+        for n in ("linear_dynamic", "linear_relu_dynamic")
+    },
+    **{
+        f"quantized_{n}": ("X, W_prepack", f"quantized::{n}", "packed_linear")
+        for n in ("linear_dynamic_fp16", "linear_relu_dynamic_fp16")
+    },
     "matmul": ("self, other", "aten::matmul", "matmul"),
     "linalg_matmul": ("self, other", "aten::linalg_matmul", "matmul"),  # torch.linalg.matmul
     "rmatmul": ("self, other", None, "rmatmul"),  # Tensor.__rmatmul__: other @ self
@@ -439,9 +469,42 @@ DROPOUTS: dict[str, tuple[str, str | None]] = {
 # are read by position, as nn.RNNBase makes them
 RECURRENT = frozenset({"lstm", "gru", "rnn_tanh", "rnn_relu"})
 
-# The ops a dynamically quantized nn.Linear (``quantize_dynamic``, int8 or float16) runs
-# in place of ``linear``: units on the last axis, as a float Linear's.
-QUANTIZED_LINEAR = frozenset({"linear_dynamic", "linear_dynamic_fp16"})
+# The ops a quantized nn.Linear runs in place of ``linear`` (``quantize_dynamic``, int8 or
+# float16; ``convert``, fused with its activation or not): units on the last axis, as a
+# float Linear's.
+QUANTIZED_LINEAR = frozenset(n for n, s in SPECS.items() if s.flops == "packed_linear")
+# The ops a statically quantized conv runs (``convert``) in place of ``conv2d``... -> their
+# spatial dims: units on the axis after the batch, as a float conv's.
+QUANTIZED_CONV = {
+    n: int(next(c for c in n if c.isdigit()))
+    for n, s in SPECS.items()
+    if s.flops in ("packed_conv", "packed_conv_transpose")
+}
+# The parameter that holds the packed weight, per op that takes one
+PACKED = {
+    n: "W_prepack" if s.flops == "packed_linear" else "packed_weight"
+    for n, s in SPECS.items()
+    if n in QUANTIZED_LINEAR or n in QUANTIZED_CONV
+}
+
+
+def packed_call(name: str, packed: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """A quantized conv's or Linear's arguments as its float op's (``conv2d``'s
+    ``weight``, ``stride``, ``padding``, ``dilation``, ``groups``...; ``weight`` a shape),
+    from what the trace read off its packed weight (``op.meta["packed"]``), so that rules
+    written for the float op read them; None where the trace read nothing."""
+    if name not in PACKED or not packed or "weight" not in packed:
+        return None
+    call = {k: tuple(v) if isinstance(v, list) else v for k, v in packed.items()}
+    call["weight"] = _Shape(call["weight"])
+    return call
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """A weight known by its shape (what analyses read of weights)."""
+
+    shape: tuple[int, ...]
 
 
 def _recurrent_draws(args: tuple | list) -> bool:
@@ -591,6 +654,10 @@ def flops(name: str, shapes: Mapping[str, Any], out: Shape) -> int | None:
             return 2 * n_out * shapes["weight"][-1]
         if rule == "packed_linear":  # W_prepack: the packed weight's shape (out, in)
             return 2 * n_out * shapes["W_prepack"][-1]
+        if rule == "packed_conv":  # (a quantized conv1d's kernel has an axis of 1 more)
+            return 2 * n_out * prod(shapes["packed_weight"][1:])
+        if rule == "packed_conv_transpose":
+            return 2 * prod(shapes["qx"]) * prod(shapes["packed_weight"][1:])
         if rule == "matmul":
             return 2 * n_out * shapes["self"][-1]
         if rule == "rmatmul":

@@ -115,8 +115,21 @@ class FuncInfo:
         return f"FuncInfo({self.name!r}{', ' if flags else ''}{', '.join(flags)})"
 
 
+# torch's operator types -> whether the type is a packet (else one overload of a packet)
+_OPERATOR_TYPES = {torch._ops.OpOverloadPacket: True, torch._ops.OpOverload: False}
+
+
 def op_name(func: Any) -> str:
-    """A readable, stable name for a torch callable."""
+    """A readable, stable name for a torch callable. An operator of torch's ``quantized``
+    namespace (what a quantized layer runs) is ``quantized_conv2d``: its name alone is
+    aten's (``conv2d``), whose parameters are other ones, and every analysis that knows
+    aten's op would read its arguments wrongly (the output zero-point as the stride)."""
+    is_packet = _OPERATOR_TYPES.get(type(func))
+    if is_packet is not None:
+        packet = func if is_packet else func._overloadpacket
+        qualified = packet._qualified_op_name  # quantized::conv2d
+        if qualified.startswith("quantized::"):
+            return "quantized_" + qualified[len("quantized::") :]
     name = getattr(func, "__name__", None) or type(func).__name__
     if name == "__get__":  # a Tensor property such as .T or .data
         owner = getattr(func, "__self__", None)

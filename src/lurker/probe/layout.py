@@ -44,7 +44,7 @@ from torch import Tensor
 
 from ..errors import LurkerError
 from ..graph.receptive import RF, follow_axes, receptive_fields
-from ..ops.catalogue import QUANTIZED_LINEAR, bind
+from ..ops.catalogue import QUANTIZED_CONV, QUANTIZED_LINEAR, bind
 
 if TYPE_CHECKING:
     from ..capture.trace import Trace
@@ -65,9 +65,10 @@ __all__ = [
     "position_frames",
 ]
 
-_CONV = {
-    f"{p}{n}d" for p in ("conv", "conv_transpose") for n in (1, 2, 3)
-}  # units on the axis after the batch
+_CONV = {  # units on the axis after the batch: name -> spatial dims
+    **{f"{p}{n}d": n for p in ("conv", "conv_transpose") for n in (1, 2, 3)},
+    **QUANTIZED_CONV,
+}
 _CHANNEL_NORMS = {"batch_norm", "instance_norm", "group_norm"}
 _LAST_AXIS = {  # units on the last axis: hidden units of RNNs (nn.LSTM, nn.GRU, nn.RNN) too
     "linear", "embedding", "_native_multi_head_attention", "lstm", "gru", "rnn_tanh", "rnn_relu",
@@ -423,8 +424,11 @@ def _traced_batch_axes(trace: Trace, example: tuple) -> dict[int, int] | None:
             first = op.args[0] if op.args else op.kwargs.get("input")
             ok = len(acts) == 1 and getattr(first, "index", None) in batched
             ok = ok and ranks == {len(shape)}
-            if name[-1] == "d" and name[-2].isdigit():  # conv2d, max_pool2d: batched input
-                ok = ok and len(shape) == int(name[-2]) + 2  # (unbatched: axis 0 is channels)
+            spatial = _CONV.get(name)
+            if spatial is None and name[-1] == "d" and name[-2].isdigit():  # max_pool2d
+                spatial = int(name[-2])
+            if spatial is not None:  # a batched input (unbatched: axis 0 is channels)
+                ok = ok and len(shape) == spatial + 2
         elif name in _ELEMENTWISE_PAIRS:
             ok = len(acts) == len(op._inputs) and ranks == {len(shape)}
         elif name in ("flatten", "cat"):
@@ -533,7 +537,7 @@ def _defined_unit(op: Op, static: Collection[int] | None = None) -> tuple[int, s
     nd = len(op.shape or ())
     name = op.name.rstrip("_") if op.name.endswith("_") and not op.name.endswith("__") else op.name
     if name in _CONV:
-        return max(nd - int(name[-2]) - 1, 0), "conv"
+        return max(nd - _CONV[name] - 1, 0), "conv"
     if name in _CHANNEL_NORMS and nd >= 2:
         return 1, "norm"
     if name in ("layer_norm", "rms_norm"):

@@ -47,7 +47,7 @@ from ..capture.trace import hidden_forward
 from ..errors import LurkerError, MemoryLimitError, TraceError, close_names, warn
 from ..graph.nodes import Op
 from ..models import canonical_channel_dim, channels_first_view, default_device
-from ..ops.catalogue import QUANTIZED_LINEAR, bind
+from ..ops.catalogue import QUANTIZED_CONV, QUANTIZED_LINEAR, bind, packed_call
 from ..store import Run, RunWriter, atomic_write_bytes, run_lock
 from ..vocab import VocabLike, reads_ids
 from .consumers import (
@@ -74,7 +74,10 @@ from .layout import (
 from .layout import layer_name as _layer_name
 from .progress import Progress
 
-CONV = {"conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"}
+CONV = {
+    "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
+    *QUANTIZED_CONV,
+}  # fmt: skip
 LINEAR = {"linear", "addmm", *QUANTIZED_LINEAR}
 ACTIVATIONS = {
     "relu", "relu_", "relu6", "leaky_relu", "leaky_relu_", "gelu", "silu", "silu_", "sigmoid",
@@ -270,7 +273,8 @@ def _conv_kind(op: Op) -> str | None:
     1x1 narrows them, and is no MLP), ``"depthwise"`` for one filter per channel; None for
     other convolutions."""
     with contextlib.suppress(TypeError):
-        args = bind(op.name, op.args, op.kwargs)
+        packed = packed_call(op.name, op.meta.get("packed"))  # a quantized conv's
+        args = packed if packed is not None else bind(op.name, op.args, op.kwargs)
         shape = tuple(getattr(args.get("weight"), "shape", ()))
         groups = args.get("groups", 1)
         if len(shape) >= 3 and groups == 1 and all(k == 1 for k in shape[2:]):
@@ -329,7 +333,7 @@ def _mlp_hidden(trace: Trace, op: Op, linear: Collection[int] = ()) -> bool:
 def _cast_back(
     trace: Trace, op: Op, kids: Mapping[int, list[int]], layouts: Mapping[int, Layout | Skip]
 ) -> Op:
-    """A quantized Linear's module output, where ``op`` is its ``linear_dynamic``: the
+    """A quantized Linear's module output, where ``op`` is its ``quantized_linear_dynamic``: the
     module casts the result back to its input's dtype (``Y.to(x.dtype)``), and that cast,
     not the op, is the module's output, so the layer goes by its path (``fc1``) as a
     float Linear's does. Any other op is itself."""

@@ -48,7 +48,7 @@ def summary(trace: Trace, depth: int | None = None) -> str:
             trace.model_name or "model",
             _shapes([o.index for o in trace.outputs], trace),
             f"{trace.num_params:,}",
-            _flops(trace.flops),
+            _flops(trace.flops) + ("+" if trace.flops_unknown else ""),
             f"{trace.num_ops:,}",
         )
     ]
@@ -68,7 +68,7 @@ def summary(trace: Trace, depth: int | None = None) -> str:
         ("Ops", f"{trace.num_ops:,}"),
         ("Params", f"{trace.num_params:,}"),
         ("Activations", f"{trace.activation_bytes / 2**20:.2f} MiB ({trace.activation_bytes:,} B)"),
-        ("FLOPs", f"{trace.flops / 1e9:.3f} GFLOPs ({trace.flops:,})"),
+        ("FLOPs", _total_flops(trace.flops, trace.flops_unknown)),
         ("Recurrent", "yes" if trace.is_recurrent else "no"),
         ("Branching", "yes" if trace.has_branching else "no"),
         ("Traced in", f"{trace.time:.3f} s"),
@@ -124,6 +124,15 @@ def _shapes(nodes: list[int], trace: Trace) -> str:
         return "--"
     text = ", ".join(str(s) for s in shapes[:2]) + (", ..." if len(shapes) > 2 else "")
     return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _total_flops(n: int, unknown: int) -> str:
+    """The model's FLOPs, and how many ops it leaves out (a lower bound then, never a
+    total that passes for whole)."""
+    text = f"{n / 1e9:.3f} GFLOPs ({n:,})"
+    if not unknown:
+        return text
+    return f"at least {text}: {unknown} op{'s' if unknown > 1 else ''} of unknown FLOPs"
 
 
 def _flops(n: int) -> str:

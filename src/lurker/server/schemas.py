@@ -52,6 +52,8 @@ class ModelInfo(BaseModel):
     ops: int | None = None
     input_shape: list[int] | None = None
     flops: int | None = None
+    #: ops whose FLOPs are unknown, left out of ``flops`` (then a lower bound)
+    flops_unknown: int | None = None
 
 
 class SkippedFile(BaseModel):

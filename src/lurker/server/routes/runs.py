@@ -119,10 +119,11 @@ def summarize(request: Request, e: RunEntry) -> RunSummary:
     meta = run.meta
     cfg: dict[str, Any] = meta.get("config") or {}
     has_graph = e.has_graph()
-    params = ops = flops = None
+    params = ops = flops = flops_unknown = None
     if has_graph:
         graph = run.graph
         params, ops, flops = graph.num_params, graph.num_ops, graph.flops
+        flops_unknown = graph.flops_unknown
     s = session(request, e)
     live_reason = s.model_reason()
     dataset_reason = s.dataset_reason()
@@ -139,6 +140,7 @@ def summarize(request: Request, e: RunEntry) -> RunSummary:
             ops=ops,
             input_shape=cfg.get("input_shape"),
             flops=flops,
+            flops_unknown=flops_unknown,
         ),
         dataset=DatasetInfo(
             spec=cfg.get("data"),
