@@ -383,3 +383,93 @@ def test_precompute_of_token_ids_leaves_a_refused_baseline_out(tmp_path: Path) -
     want = lurker.explain(model, data.tensors[0][:1], method="input_x_gradient")
     got = np.load(run / "cache" / "explain" / "sample-0" / "input_x_gradient-top.npy")
     np.testing.assert_allclose(got[0], want.attribution[0].numpy(), rtol=1e-5, atol=1e-7)
+
+
+class NormMLP(nn.Module):
+    """A tabular model that divides each row by its norm: an all-zero row is refused."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.norm(dim=1, keepdim=True)
+        if bool((n == 0).any()):
+            raise ValueError("row has zero norm")
+        return self.net(x / n)
+
+
+class NormSignalNet(nn.Module):
+    """A Conv1d model of (B, 2, T) signals that divides by the signal's norm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(2, 4, 3)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.flatten(1).norm(dim=1)
+        if bool((n == 0).any()):
+            raise ValueError("signal has zero norm")
+        return self.fc(torch.relu(self.conv(x / n.view(-1, 1, 1))).mean(2))
+
+
+def _vectors() -> TensorDataset:
+    g = torch.Generator().manual_seed(2)
+    return TensorDataset(torch.randn(8, 6, generator=g) + 1, torch.tensor([0, 1] * 4))
+
+
+@pytest.mark.parametrize(
+    ("model", "shape", "like"),
+    [
+        (NormMLP, (2, 6), "such as the dataset's mean feature vector."),
+        (
+            NormSignalNet,
+            (2, 2, 20),
+            "such as the dataset's mean signal or a smoothed copy of the input.",
+        ),
+        (NormNet, (2, 3, 8, 8), "such as the dataset's mean image or a blurred copy of the input."),
+    ],
+)
+def test_the_baseline_fix_names_a_baseline_of_the_inputs_kind(model: type, shape: tuple, like: str):
+    """The fix said 'the dataset's mean image or a blurred copy of the input' of a feature
+    vector and a signal too: a vector has no image and nothing to blur. Now it is worded
+    for the input, and the fix it names works (completeness from the dataset's mean)."""
+    torch.manual_seed(0)
+    m, x = model().eval(), torch.randn(*shape) + 1
+    with pytest.raises(LurkerError) as err:
+        lurker.explain(m, x, method="integrated_gradients")
+    said = str(err.value)
+    assert said.endswith(like) and "ValueError" in said
+    if model is not NormNet:
+        assert "image" not in said and "blur" not in said
+    base = x.mean(0)  # the fix named: the data's mean, as a baseline the model accepts
+    e = lurker.explain(m, x, method="integrated_gradients", baseline=base, n_steps=200)
+    with torch.no_grad():
+        rise = m(x) - m(base[None].expand_as(x))
+    want = rise.gather(1, torch.as_tensor(e.target).view(-1, 1)).squeeze(1)
+    assert torch.allclose(e.attribution.flatten(1).sum(1), want, atol=1e-3, rtol=1e-2)
+
+
+def test_a_feature_vector_runs_explain_page_greys_out_integrated_gradients(tmp_path: Path):
+    """On a feature-vector run whose model refuses an all-zero row, the Explain page
+    offered integrated gradients (``explain/methods`` checked image and signal runs only)
+    and its card answered 400. Now the method is listed as unavailable with the model's
+    complaint and a baseline for vectors; the other methods still explain the sample."""
+    from explorer_fixtures import get_json, served_run
+
+    torch.manual_seed(0)
+    model, data = NormMLP().eval(), _vectors()
+    with pytest.raises(LurkerError, match="row has zero norm"):
+        lurker.explain(model, data.tensors[0][:1], method="integrated_gradients")
+    with served_run(tmp_path, "v", model, data, "net.1", 2) as s:
+        methods = get_json(f"{s['url']}/api/runs/v/explain/methods")["methods"]
+        why = {m["name"]: m["unavailable"] for m in methods}
+        assert set(why) == {"saliency", "input_x_gradient", "integrated_gradients", "smoothgrad"}
+        ig = why.pop("integrated_gradients")
+        assert "all-zero input" in ig and "ValueError: row has zero norm" in ig
+        assert ig.endswith("such as the dataset's mean feature vector") and "image" not in ig
+        assert set(why.values()) == {None}
+        for method in why:  # each method still offered answers
+            r = get_json(f"{s['url']}/api/runs/v/live/sample-1/explain/{method}.json?target=top")
+            assert len(r["scores"]) == 6

@@ -29,6 +29,7 @@ SAMPLE = 3
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    from lurker.map import make_map
     from lurker.probe import probe
     from lurker.probe.data import load_dataset
     from lurker.server import create_app
@@ -43,9 +44,10 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
     meta = {"model_spec": "models_zoo:DigitsViT", "weights": str(root / "vit.pt")}
     run = probe(
         model, data, out=root / RID, k=5, batch_size=128, progress=False,
-        meta={**meta, "data": "digits:test"},
+        meta={**meta, "data": "digits:test"}, relevance=True, embed=True,
     )  # fmt: skip
     assert run is not None
+    make_map(run, method="pca")
     run.close()
     with background(create_app(root / RID)) as url:
         yield {"url": url, "model": model, "data": data, "run": root / RID}
@@ -339,3 +341,96 @@ def test_concept_shares_are_said_to_be_of_the_summed_absolute_relevance(browser:
         first = heads[0].split()
         assert first[:2] == ["unit", str(doc["units"][0]["unit"])]
         assert float(first[2].rstrip("%")) == pytest.approx(100 * rel[0] / absolute, abs=0.051)
+
+
+def test_token_layers_help_says_tokens_not_positions_of_a_map(browser: Any, served: dict):
+    """On a ViT block (17 tokens: the class token and 16 patches) the layer page's tile
+    help said "at any position of its map ... each sample's map averaged over its
+    positions", and the unit page "the peak of the unit's map" and, on its relevance tab,
+    "summed over its positions": a class token is no position of a map. Now the words
+    follow the layer: tokens on the block, a map on the patch conv (the control)."""
+    import httpx2 as httpx
+
+    url = served["url"].rstrip("/")
+    layer = httpx.get(f"{url}/api/runs/{RID}/layers/{BLOCK}").json()
+    assert layer["layer"]["shape"] == [17, 32] and layer["layout"]["boxes"][0] is None
+    with strict_page(browser) as pg:
+        pg.goto(f"{url}/#/r/{RID}/layer/{BLOCK}")
+        pg.wait_for_selector(".unit-card")
+        note = pg.locator("#grid-note").inner_text()
+        assert "highest activation on any sample at any token;" in note
+        assert "(each sample's values averaged over its tokens)" in note
+        assert "position" not in note and " map" not in note
+        pg.goto(f"{url}/#/r/{RID}/unit/{BLOCK}/2?tab=max")
+        pg.wait_for_selector("figure.top-entry")
+        bar = pg.locator(".toolbar").inner_text()
+        assert "value: the peak of the unit's values over its tokens;" in bar
+        pg.goto(f"{url}/#/r/{RID}/unit/{BLOCK}/2?tab=relevance")
+        pg.wait_for_selector("figure.top-entry")
+        bar = pg.locator(".toolbar").inner_text()
+        assert "LRP relevance for the model's prediction, summed over its tokens:" in bar
+        assert "position" not in bar
+        # a conv's map keeps its words
+        pg.goto(f"{url}/#/r/{RID}/layer/vit.conv_proj")
+        pg.wait_for_selector(".unit-card")
+        note = pg.locator("#grid-note").inner_text()
+        assert "at any position of its map" in note
+        assert "each sample's map averaged over its positions" in note
+        pg.goto(f"{url}/#/r/{RID}/unit/vit.conv_proj/2?tab=relevance")
+        pg.wait_for_selector("figure.top-entry")
+        assert "summed over its positions" in pg.locator(".toolbar").inner_text()
+
+
+def test_the_map_title_says_its_layer_is_the_class_token(browser: Any, served: dict):
+    """``embed=True`` on a ViT keeps ``getitem_7``, an op label, and the Map page's title
+    named only that. Now it says what it is. Oracle: the stored features are the class
+    token (token 0) of ``vit.encoder.ln``'s output, by a forward hook (float16 storage)."""
+    import numpy as np
+
+    from lurker.store import Run
+
+    model, data = served["model"], served["data"]
+    with Run.open(served["run"]) as run:
+        e = run.embedding()
+        label = e.meta["layer"]
+        op = next(o for o in run.graph.ops if o.label == label)
+        norm = next(o for o in run.graph.ops if o.index == op.parents[0])
+    assert norm.module == "vit.encoder.ln"
+    seen: list[torch.Tensor] = []
+    h = model.get_submodule("vit.encoder.ln").register_forward_hook(lambda m, i, o: seen.append(o))
+    with torch.no_grad():
+        model(torch.stack([data[i][0] for i in range(8)]))
+    h.remove()
+    got = torch.tensor(np.asarray(e.features[:8], dtype=np.float32))
+    assert torch.allclose(got, seen[0][:, 0], atol=2e-3, rtol=2e-3)
+    assert not torch.allclose(got, seen[0][:, 1], atol=2e-3, rtol=2e-3)
+    want = f"the class token (token 0) of the output of vit.encoder.ln (op {norm.label})"
+    assert httpx_get(served, f"/api/runs/{RID}/map")["layer_said"] == want
+    with strict_page(browser) as pg:
+        pg.goto(f"{served['url'].rstrip('/')}/#/r/{RID}/map")
+        pg.wait_for_selector("h1 .sub")
+        assert f"by their features at {label}, {want} \u00b7 pca" in pg.inner_text("h1")
+
+
+def test_a_units_histogram_says_its_axis_spans_its_bins_of_the_layers(browser: Any, served: dict):
+    """A patch-conv unit's values fill a few of the layer's 64 shared bins, so its chart
+    showed a handful of bars with nothing saying why. The axis already spans only the bins
+    that hold its values; the page now says so, with the layer's bin width, and the bars
+    are the stored counts, unchanged. Oracle: the run's histogram, by numpy."""
+    import numpy as np
+
+    from lurker.store import Run
+
+    with Run.open(served["run"]) as run:
+        counts, _ = run.unit("vit.conv_proj", 3).histogram()
+        samples = run.num_samples
+    held = np.flatnonzero(counts)
+    first, last = int(held[0]), int(held[-1])
+    assert last - first + 1 < len(counts) and counts.sum() == samples
+    with strict_page(browser) as pg:
+        pg.goto(f"{served['url'].rstrip('/')}/#/r/{RID}/unit/vit.conv_proj/3?tab=max")
+        pg.wait_for_selector("svg.histogram rect")
+        note = pg.locator("#unit-hist-bins").inner_text()
+        assert f"the {last - first + 1} of the layer's {len(counts)} bins" in note
+        shown = pg.locator("svg.histogram rect").evaluate_all("rs => rs.map(r => +r.dataset.count)")
+        assert shown == counts[first : last + 1].tolist()

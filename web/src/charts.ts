@@ -4,6 +4,7 @@ import { axisBottom, axisLeft } from "d3-axis";
 import { scaleBand, scaleLinear, scaleSymlog } from "d3-scale";
 import { create } from "d3-selection";
 import type { Histogram } from "./api";
+import type { Places } from "./images";
 
 const M = { top: 10, right: 14, bottom: 40, left: 56 };
 
@@ -84,7 +85,7 @@ export function histogramChart(
 }
 
 /** The first and last bin with a count above 0 (null: none). */
-function dataBins(counts: number[]): [number, number] | null {
+export function dataBins(counts: number[]): [number, number] | null {
   let first = -1;
   let last = -1;
   counts.forEach((c, i) => {
@@ -131,9 +132,10 @@ export function positionCount(layer: { shape: number[]; layout?: Record<string, 
 
 /** What one value of an activation histogram is: a sample's spatial mean (on a layer of
  * tokens, its mean over the tokens: a ViT's class token is one of them, not a place in
- * the image), or (a layer with one value per unit and sample) its activation. */
-export function sampleValueLabel(positions: number, tokens = false): string {
-  return positions > 1 ? (tokens ? "mean activation over a sample's tokens" : "spatial mean activation of a sample") : "activation of a sample";
+ * the image; on a signal's layer, over its time steps), or (a layer with one value per
+ * unit and sample) its activation. */
+export function sampleValueLabel(places: Places): string {
+  return places.kind === "vector" ? "activation of a sample" : places.kind === "spatial" ? "spatial mean activation of a sample" : `mean activation over a sample's ${places.many}`;
 }
 
 /** Horizontal bars, label on the left, value at the bar's end. */

@@ -176,6 +176,43 @@ export function noImage(text = "no image"): HTMLElement {
 }
 
 /**
+ * What the places of a layer's output are called where the pages say where a unit peaks,
+ * what its per-sample mean is over and what its relevance is summed over: a conv's map
+ * ("position", "spatial"), tokens (a ViT's patch and class tokens, a text model's: a
+ * class token is no place in the image, "map" would mislead), a signal layer's time steps
+ * ("time"), or none (a vector, one value per unit and sample: "vector").
+ */
+export interface Places {
+  kind: "spatial" | "tokens" | "time" | "vector";
+  /** one of them: "position", "token", "time step" */
+  one: string;
+  /** all of them: "positions", "tokens", "time steps" */
+  many: string;
+}
+
+export function layerPlaces(
+  layer: { rf?: Record<string, unknown> | null; layout?: Record<string, unknown> | null },
+  positions: number,
+  images: { tokens: number | null; signal?: number[] | null },
+): Places {
+  if (positions <= 1) return { kind: "vector", one: "position", many: "positions" };
+  if ((!layer.rf && Array.isArray(layer.layout?.["boxes"])) || images.tokens !== null) return { kind: "tokens", one: "token", many: "tokens" };
+  if ((images.signal ?? null) !== null) return { kind: "time", one: "time step", many: "time steps" };
+  return { kind: "spatial", one: "position", many: "positions" };
+}
+
+/** Where a unit peaks, after "at any": "position of its map", "token", "time step". */
+export function anyPlace(p: Places): string {
+  return p.kind === "spatial" ? "position of its map" : p.one;
+}
+
+/** What a sample's mean is, after "each sample's": "map averaged over its positions",
+ * "values averaged over its tokens". */
+export function averagedPlaces(p: Places): string {
+  return `${p.kind === "spatial" ? "map" : "values"} averaged over its ${p.many}`;
+}
+
+/**
  * On a layer of tokens, what a unit's per-sample mean is taken over, in words: "its 17
  * tokens (the class token included)" (the probe averages every token, a patchless class
  * token too); null on any other layer.

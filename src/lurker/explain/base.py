@@ -251,7 +251,9 @@ class Method:
         given = options.get("baseline")
         baseline = functools.partial(_baseline, given, x) if "baseline" in allowed else None
         with (
-            input_errors(model, x, baseline, self.name, given is not None),
+            input_errors(
+                model, x, baseline, self.name, given is not None, fix=baseline_fix(self.axes, x)
+            ),
             untouched(model),
             no_param_grads(model),
             torch.enable_grad(),
@@ -561,11 +563,40 @@ class BaselineError(LurkerError):
     precompute leaves the method out, saying why)."""
 
 
+#: a baseline the model may accept, by the kind of input (an image's mean or blur means
+#: nothing to a feature vector, whose values have no neighbours to smooth over)
+BASELINE_EXAMPLES = {
+    "image": "the dataset's mean image or a blurred copy of the input",
+    "signal": "the dataset's mean signal or a smoothed copy of the input",
+    "vector": "the dataset's mean feature vector",
+    "input": "the dataset's mean input",
+}
 #: how a method's ``baseline=`` is changed: a value the model may accept
 BASELINE_FIX = (
-    "baseline= a number or a tensor shaped like one row of x, such as the dataset's mean "
-    "image or a blurred copy of the input"
+    "baseline= a number or a tensor shaped like one row of x, such as " + BASELINE_EXAMPLES["image"]
 )
+
+
+def baseline_fix(axes: InputAxes | None, x: Tensor) -> str:
+    """:data:`BASELINE_FIX` worded for the input ``x`` (``axes``: where it holds its
+    channels and image): an image, a signal ``(B, C, T)`` or waveform ``(B, T)``, a
+    feature vector ``(B, F)``, or another input."""
+    from .gradcam import is_signal
+
+    if is_signal(axes, x):
+        kind = "signal"
+    elif x.dim() == 2:
+        kind = "vector"
+    elif axes is not None and axes.image is not None:
+        kind = "image"
+    else:
+        kind = "input"
+    return (
+        "baseline= a number or a tensor shaped like one row of x, such as "
+        + BASELINE_EXAMPLES[kind]
+    )
+
+
 #: the same on token ids, where the baseline is the embedding's output (tokens.token_baseline)
 TOKEN_BASELINE_FIX = (
     "baseline= a token id whose embedding fills every position (a pad id: baseline=0 is "

@@ -176,7 +176,7 @@ export async function renderFlatExplain(root: HTMLElement, ctx: PageContext, sum
   const unitRow = h(
     "div",
     { class: "row unit-target" },
-    h("label", { class: "muted small", for: "explain-unit" }, "…or a unit (its mean over the positions):"),
+    h("label", { class: "muted small", for: "explain-unit" }, `…or a unit (${UNIT_SCORE[kind.noun] ?? "its mean over the positions"}):`),
     unitField,
     h("datalist", { id: "explain-layers" }, summary.layers.map((l) => h("option", { value: `${l.name}:` }))),
     h("button", { type: "button", onclick: unitGo }, "Explain unit"),
@@ -260,6 +260,14 @@ async function renderHeld(root: HTMLElement, ctx: PageContext, held: ExplainedIn
     kind.held?.(held, doc) ?? null,
   );
 }
+
+/** What a unit target's score is, by the kind's noun: its mean over what its layer has
+ * several of per sample (as lurker.explain scores it), said in the run's own terms. */
+const UNIT_SCORE: Record<string, string> = {
+  token: "its mean over the tokens, where its layer has a token axis",
+  signal: "its mean over the time steps, where its layer has them",
+  feature: "its activation, averaged over any positions its layer has",
+};
 
 /** What integrated gradients' delta is, wherever a card shows one. */
 export const DELTA_NOTE = "delta: the map's sum minus how much the score rose from the baseline input to this one; near 0, the map accounts for the whole score (the completeness check).";

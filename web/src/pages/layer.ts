@@ -3,7 +3,7 @@ import { cropCanvas, p, type LayerDoc } from "../api";
 import { histogramChart, positionCount, sampleValueLabel } from "../charts";
 import type { PageContext } from "../context";
 import { append, facts, fill, fmt, h, notice, shape, withId } from "../dom";
-import { featureBins, featureName, featureScale, imageState, noImage, patchless, tokenMeanOver, tokenSequence } from "../images";
+import { anyPlace, averagedPlaces, type Places, featureBins, featureName, featureScale, imageState, layerPlaces, noImage, patchless, tokenSequence } from "../images";
 import { outputClass } from "../classes";
 import { durationText, secondsText, signalTilePlot } from "../signal";
 import { filtersSection, layerFilters } from "../filters";
@@ -29,12 +29,6 @@ export async function renderLayer(root: HTMLElement, ctx: PageContext, args: str
   const featviz = new Map<number, string>();
   for (const o of ["channel", "neuron"]) for (const u of byObjective[o] ?? []) if (!featviz.has(u)) featviz.set(u, o);
   const fvCount = (o: string) => [...featviz.values()].filter((v) => v === o).length;
-  const fvNote =
-    fvCount("neuron") === 0
-      ? "feature visualizations: channel objective (the unit's mean over its map)"
-      : fvCount("channel") === 0
-        ? "feature visualizations: neuron objective (the unit at one position of its map); this layer has no channel-objective images"
-        : `feature visualizations: channel objective; neuron objective (the unit at one position of its map) for the ${fmt(fvCount("neuron"))} unit${fvCount("neuron") === 1 ? "" : "s"} with no channel image, marked "neuron"`;
   const l = doc.layer;
   // the model's output layer: unit i is class i's score (the server checks that the
   // units are the dataset's classes; any other layer gets no names)
@@ -43,6 +37,16 @@ export async function renderLayer(root: HTMLElement, ctx: PageContext, args: str
   // one value per unit and sample (a Linear's (N, units)): no positions, no crop (it
   // would be the whole image)
   const positions = positionCount({ shape: l.shape, layout: doc.layout });
+  // what its positions are called: a conv's map, tokens (a ViT's, a text model's), time steps
+  const places = layerPlaces({ rf: doc.rf, layout: doc.layout }, positions, images);
+  const mapOrPlaces = places.kind === "spatial" ? "its map" : `its ${places.many}`;
+  const oneOf = `one ${anyPlace(places)}`;
+  const fvNote =
+    fvCount("neuron") === 0
+      ? `feature visualizations: channel objective (the unit's mean over ${mapOrPlaces})`
+      : fvCount("channel") === 0
+        ? `feature visualizations: neuron objective (the unit at ${oneOf}); this layer has no channel-objective images`
+        : `feature visualizations: channel objective; neuron objective (the unit at ${oneOf}) for the ${fmt(fvCount("neuron"))} unit${fvCount("neuron") === 1 ? "" : "s"} with no channel image, marked "neuron"`;
   // token ids (a text model's inputs) have no picture: a tile shows the tokens instead
   // feature vectors (a tabular model's inputs) neither: a tile shows the values
   const vectors = (images.features ?? null) !== null;
@@ -65,8 +69,8 @@ export async function renderLayer(root: HTMLElement, ctx: PageContext, args: str
   // what a tile shows and what its two numbers are, for a reader new to the page
   const gridNote = h("p", { class: "muted small", id: "grid-note" });
   const statsText =
-    `max: the unit's highest activation on any sample${positions > 1 ? " at any position of its map" : ""}; ` +
-    `mean: its average over the dataset${positions > 1 ? " (each sample's map averaged over its positions)" : ""}`;
+    `max: the unit's highest activation on any sample${positions > 1 ? ` at any ${anyPlace(places)}` : ""}; ` +
+    `mean: its average over the dataset${positions > 1 ? ` (each sample's ${averagedPlaces(places)})` : ""}`;
   // a video model's layer (frames, rows, columns): a tile is one frame of a clip
   const clip = Array.isArray(doc.layout?.["positions"]) && (doc.layout?.["positions"] as unknown[]).length === 3;
   // a ViT's layer of patch tokens: it has no receptive field, and its crops are the tokens' patches
@@ -128,7 +132,7 @@ export async function renderLayer(root: HTMLElement, ctx: PageContext, args: str
     const alt = `unit ${unit}: top image`;
     if (constant !== null && thumb !== "featviz") {
       const word = constant === 0 ? "silent" : "constant";
-      return h("div", { class: "no-img silent", title: `constant on the dataset: ${fmt(constant)} on every sample${positions > 1 ? " at every position" : ""}; its top lists are ties` }, h("strong", null, word), h("small", null, `${fmt(constant)} everywhere`));
+      return h("div", { class: "no-img silent", title: `constant on the dataset: ${fmt(constant)} on every sample${positions > 1 ? ` at every ${places.one}` : ""}; its top lists are ties` }, h("strong", null, word), h("small", null, `${fmt(constant)} everywhere`));
     }
     if (thumb === "featviz") {
       const objective = featviz.get(unit);
@@ -271,14 +275,14 @@ export async function renderLayer(root: HTMLElement, ctx: PageContext, args: str
         "section",
         { class: "card chart-card" },
         h("h3", null, "Activations of all units"),
-        histogramChart(doc.histogram, { width: 460, height: 190, xLabel: sampleValueLabel(positions, tokenMeanOver({ rf: doc.rf, layout: doc.layout }) !== null || images.tokens !== null), yLabel: "samples × units" }),
+        histogramChart(doc.histogram, { width: 460, height: 190, xLabel: sampleValueLabel(places), yLabel: "samples × units" }),
         h("p", { class: "muted small" }, positions > 1 ? "every unit's per-sample means, counted together" : "every unit's per-sample activations, counted together"),
       ),
     ),
     constantCount
       ? notice(
           `${constantCount === l.num_units ? `All ${fmt(constantCount)}` : `${fmt(constantCount)} of the ${fmt(l.num_units)}`} units of this layer are constant on the dataset` +
-            `${silent === constantCount ? `: 0 on every sample${positions > 1 ? " at every position" : ""}${/relu/i.test(l.kind ?? "") ? " (ReLUs that never fire)" : ""}` : " (each the same value on every sample)"}. ` +
+            `${silent === constantCount ? `: 0 on every sample${positions > 1 ? ` at every ${places.one}` : ""}${/relu/i.test(l.kind ?? "") ? " (ReLUs that never fire)" : ""}` : " (each the same value on every sample)"}. ` +
             "Their top lists are ties, ranked by sample id alone, so their tiles show no image.",
         )
       : null,
@@ -289,7 +293,7 @@ export async function renderLayer(root: HTMLElement, ctx: PageContext, args: str
     index?.no_image && doc.units.some((u) => u.top_max !== null && index.thumbs[u.unit] === null)
       ? withId(notice(`Some tiles have no image: ${index.no_image.replace(/\.+$/, "")}.`), "no-image-why")
       : null,
-    directionsSection(ctx, name, doc),
+    directionsSection(ctx, name, doc, places),
     filtersSlot,
     h("div", { class: "toolbar" }, h("span", null, "Sort by"), sortButtons, h("span", null, "Thumbnail"), thumbButtons, fvHint),
     gridNote,
@@ -301,7 +305,7 @@ export async function renderLayer(root: HTMLElement, ctx: PageContext, args: str
  * objective="direction")`): a direction mixes the units, so it has no unit page; each is
  * shown here by its index, with the units it weighs most (linked) and what its images
  * reached. Null where the layer has none. */
-function directionsSection(ctx: PageContext, name: string, doc: LayerDoc): HTMLElement | null {
+function directionsSection(ctx: PageContext, name: string, doc: LayerDoc, places: Places): HTMLElement | null {
   const dirs = doc.featviz_directions ?? [];
   if (!dirs.length) return null;
   const weight = (w: number) => (w >= 0 ? "+" : "−") + fmt(Math.abs(w));
@@ -312,7 +316,7 @@ function directionsSection(ctx: PageContext, name: string, doc: LayerDoc): HTMLE
     h(
       "p",
       { class: "muted small" },
-      "Images that maximize the dot product of this layer's unit vector with a direction, mean over positions (objective \"direction\"). A direction mixes the units, so it is shown here by its index, with the units it weighs most.",
+      `Images that maximize the dot product of this layer's unit vector with a direction, mean over ${places.many} (objective "direction"). A direction mixes the units, so it is shown here by its index, with the units it weighs most.`,
     ),
     h(
       "div",

@@ -17,6 +17,9 @@ import { classLabel } from "../classes";
 
 export interface MapDoc {
   layer: string | null;
+  /** what the layer is where its name does not say (an op label picking a ViT's class
+   * token); null else */
+  layer_said?: string | null;
   method: string;
   engine: string | null;
   seconds: number | null;
@@ -158,7 +161,7 @@ export async function renderMap(root: HTMLElement, ctx: PageContext): Promise<vo
       "h1",
       null,
       "Map",
-      h("span", { class: "sub" }, ` ${n.toLocaleString()} samples by their features at ${doc.layer ?? "?"} · ${doc.method}${doc.engine ? ` (${doc.engine})` : ""}`),
+      h("span", { class: "sub" }, ` ${n.toLocaleString()} samples by their features at ${doc.layer ?? "?"}${doc.layer_said ? `, ${doc.layer_said}` : ""} · ${doc.method}${doc.engine ? ` (${doc.engine})` : ""}`),
     ),
     images.notice,
     comparable

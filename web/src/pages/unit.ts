@@ -3,10 +3,10 @@
  * page. One JSON request (the unit) plus its images; toggles only swap image URLs.
  */
 import { cropCanvas, p, type EntryKind, type FeatVizView, type Shown, type TopEntry, type UnitDoc } from "../api";
-import { barChart, histogramChart, positionCount, sampleValueLabel } from "../charts";
+import { barChart, dataBins, histogramChart, positionCount, sampleValueLabel } from "../charts";
 import type { PageContext } from "../context";
 import { append, fill, fmt, h, notice, withId } from "../dom";
-import { featureRows, featureScale, featureStrip, imageState, noImage, patchless, tokenMeanOver, tokenSequence, topFeatures } from "../images";
+import { featureRows, featureScale, featureStrip, imageState, layerPlaces, type Places, noImage, patchless, tokenMeanOver, tokenSequence, topFeatures } from "../images";
 import { secondsText, signalDocPlot, signalPlot } from "../signal";
 import { layerFilters, unitFilter } from "../filters";
 import { classLabel, classText, classWord, outputClass } from "../classes";
@@ -37,6 +37,8 @@ export async function renderUnit(root: HTMLElement, ctx: PageContext, args: stri
   // a layer with no position axes (a Linear's (N, units)): one activation per sample, no
   // peak to place, and a crop would be the whole image
   const positions = positionCount(doc.layer as UnitDoc["layer"] & { layout?: Record<string, unknown> | null });
+  // what its positions are called: a conv's map, tokens (a ViT's, a text model's), time steps
+  const places = layerPlaces(doc.layer, positions, images);
   // a layer with no receptive field (not tokens, which crop to their patch, nor a clip's
   // frames): every crop would be the whole input, so the crop button is disabled, saying why
   const noField =
@@ -283,7 +285,7 @@ export async function renderUnit(root: HTMLElement, ctx: PageContext, args: stri
       const list = tab as List;
       const entries = entriesOf(list);
       const spanned = list !== "relevance" && entries.some((e) => e.span);
-      fill(toggles, h("span", { class: "muted", id: "signal-caption" }, list === "relevance" ? "value: the unit's LRP relevance for the model's prediction" : `value: the unit's ${list === "max" ? "peak" : "mean"} activation on the sample${spanned ? `; shaded: the samples its ${list === "max" ? "peak" : "peak on that sample"} sees (its receptive field)` : positions <= 1 ? " (it sees the whole signal)" : ""}`));
+      fill(toggles, h("span", { class: "muted", id: "signal-caption" }, list === "relevance" ? `value: the unit's LRP relevance for the model's prediction${positions > 1 ? `, summed over its ${places.many}` : ""}` : `value: the unit's ${list === "max" ? "peak" : "mean"} activation on the sample${spanned ? `; shaded: the samples its ${list === "max" ? "peak" : "peak on that sample"} sees (its receptive field)` : positions <= 1 ? " (it sees the whole signal)" : ""}`));
       fill(
         gallery,
         h(
@@ -296,7 +298,7 @@ export async function renderUnit(root: HTMLElement, ctx: PageContext, args: stri
       return;
     }
     if (tab === "relevance") {
-      fill(toggles, h("span", { class: "muted" }, `value: the unit's LRP relevance for the model's prediction${positions > 1 ? ", summed over its positions" : ""}: the samples where it carried the decision most`));
+      fill(toggles, h("span", { class: "muted" }, `value: the unit's LRP relevance for the model's prediction${positions > 1 ? `, summed over its ${places.many}` : ""}: the samples where it carried the decision most`));
     } else fill(
       toggles,
       seg("image or gradient", [["input", "image"], ["grad", "gradient"]], img, (v) => {
@@ -321,8 +323,8 @@ export async function renderUnit(root: HTMLElement, ctx: PageContext, args: stri
         positions <= 1
           ? `value: the unit's activation${tab === "mean" ? " (one per sample: the same ranking as the max list)" : ""}`
           : tab === "max"
-            ? `value: the peak of the unit's map; ${crop ? `image: ${region.peak}` : `box: ${region.box}`}${entriesOf("max").some((e) => patchless(doc.layer, e.x)) ? "; “class token”: the peak is at a token with no patch, so the whole image is shown" : ""}`
-            : `value: the mean of the unit's ${over ? `values over ${over}` : "map"}${crop ? `; image: ${region.mean}` : ""}${crop && entriesOf("mean").some((e) => tagOf("mean", e)) ? "; “class token”: the unit peaks at a token with no patch on that sample, so the whole image is shown" : ""}`,
+            ? `value: the peak of the unit's ${places.kind === "spatial" ? "map" : `values over its ${places.many}`}; ${crop ? `image: ${region.peak}` : `box: ${region.box}`}${entriesOf("max").some((e) => patchless(doc.layer, e.x)) ? "; “class token”: the peak is at a token with no patch, so the whole image is shown" : ""}`
+            : `value: the mean of the unit's ${over ? `values over ${over}` : places.kind === "spatial" ? "map" : `values over its ${places.many}`}${crop ? `; image: ${region.mean}` : ""}${crop && entriesOf("mean").some((e) => tagOf("mean", e)) ? "; “class token”: the unit peaks at a token with no patch on that sample, so the whole image is shown" : ""}`,
       ),
     );
     const list = tab as List;
@@ -386,7 +388,7 @@ export async function renderUnit(root: HTMLElement, ctx: PageContext, args: stri
       ),
     ),
     h("p", { class: "stats" }, `max ${fmt(doc.max)} · mean ${fmt(doc.mean)} · layer `, h("a", { href: ctx.href("layer", layer) }, layer), doc.layer.kind ? ` (${doc.layer.kind})` : ""),
-    constant ? h("div", { class: "notice constant", id: "constant-unit" }, constantText(doc, positions, relevance && !relevanceTies ? "relevance" : null)) : null,
+    constant ? h("div", { class: "notice constant", id: "constant-unit" }, constantText(doc, places, relevance && !relevanceTies ? "relevance" : null)) : null,
     tabs,
     toggles,
     images.notice,
@@ -412,9 +414,9 @@ export async function renderUnit(root: HTMLElement, ctx: PageContext, args: stri
         "section",
         { class: "card" },
         h("h3", null, "Activation distribution"),
-        histogramChart(doc.histogram, { width: 520, height: 220, mark: doc.mean, xLabel: sampleValueLabel(positions, over !== null), yLabel: "samples" }),
-        h("p", { class: "muted small", id: "unit-hist-note" }, `one value per sample: ${positions > 1 ? (over ? `the unit averaged over ${over}` : "the unit's map averaged over its positions") : "the unit's activation"}; the line marks the mean over the dataset`),
-        constant ? h("p", { class: "muted small", id: "constant-bin" }, oneBinText(doc)) : null,
+        histogramChart(doc.histogram, { width: 520, height: 220, mark: doc.mean, xLabel: sampleValueLabel(places), yLabel: "samples" }),
+        h("p", { class: "muted small", id: "unit-hist-note" }, `one value per sample: ${positions > 1 ? (over ? `the unit averaged over ${over}` : places.kind === "spatial" ? "the unit's map averaged over its positions" : `the unit averaged over its ${places.many}`) : "the unit's activation"}; the line marks the mean over the dataset`),
+        constant ? h("p", { class: "muted small", id: "constant-bin" }, oneBinText(doc)) : withId(h("p", { class: "muted small" }, binsText(doc)), "unit-hist-bins"),
       ),
     ),
   );
@@ -629,8 +631,8 @@ function peakBox([y0, y1, x0, x1]: number[], H: number, W: number): string {
  * What the page says of a constant unit: its value, where, and that its top lists are ties
  * (every sample has the same value, so a list is the first k samples by id).
  */
-function constantText(doc: UnitDoc, positions: number, kept: "relevance" | null): string {
-  const where = positions > 1 ? "on every sample at every position" : "on every sample";
+function constantText(doc: UnitDoc, places: Places, kept: "relevance" | null): string {
+  const where = places.kind !== "vector" ? `on every sample at every ${places.one}` : "on every sample";
   const relu = doc.max === 0 && /relu/i.test(doc.layer.kind ?? "") ? " (a ReLU that never fires)" : "";
   // the stored mean is rounded (float32 sums): equal to the max within that rounding
   const rounded = doc.mean !== doc.max ? ` (to float32 rounding: its dataset mean is ${doc.mean})` : "";
@@ -647,6 +649,20 @@ function oneBinText(doc: UnitDoc): string {
   const n = counts.reduce((a: number, c) => a + (c ?? 0), 0);
   if (i < 0) return "";
   return `every sample's value is ${fmt(doc.max)}: all ${fmt(n)} are in one bin, [${fmt(edges[i])}, ${fmt(edges[i + 1])}) of the layer's shared bins; the bar's width is that bin's, not a spread`;
+}
+
+/** Under a unit's histogram: its bars are the layer's shared bins (exact across batches,
+ * docs/probe.md), so a unit of a narrow range fills a few of them; the x axis spans those
+ * alone, and says so, rather than the layer's whole range. Empty where it fills them all. */
+function binsText(doc: UnitDoc): string {
+  const edges = doc.histogram.edges.map((e) => e ?? 0); // (as the chart reads them)
+  const counts = doc.histogram.counts;
+  const held = dataBins(counts.map((c) => c ?? 0));
+  if (held === null || edges.length < 2) return "";
+  const spans = held[1] - held[0] + 1;
+  if (spans >= counts.length) return "";
+  const width = edges[1] - edges[0];
+  return `x axis: the ${fmt(spans)} of the layer's ${fmt(counts.length)} bins from its lowest to its highest value, [${fmt(edges[held[0]])}, ${fmt(edges[held[1] + 1])}); the bins (each ${fmt(width)} wide) are shared by the layer's units, so a unit of a narrow range has few bars`;
 }
 
 /** In place of a constant unit's list: why it shows no images. */

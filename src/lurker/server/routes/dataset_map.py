@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from fastapi import APIRouter, Request
+
+from lurker.errors import LurkerError
 
 from ..classes import model_outputs, stored_probability
 from ..deps import entry
@@ -17,6 +21,54 @@ def _rounded(a: np.ndarray, span: float) -> list[float]:
     """Coordinates to 1/100,000 of the map's span: finer than any screen, and short."""
     digits = max(0, int(np.ceil(5 - np.log10(max(span, 1e-12)))))
     return np.round(a.astype(np.float64), digits).tolist()
+
+
+def _one_token(op: Any) -> tuple[int, int] | None:
+    """``(axis, index)`` where ``op`` picks one entry of an axis after the batch by an int
+    index, keeping every other axis whole (``x[:, 0]``, ``x.select(1, 0)``): how a ViT's
+    head reads its class token; else None (a slice keeps them all)."""
+    if op.name == "select" and len(op.args) > 2:
+        axis, index = op.args[1], op.args[2]
+        ok = isinstance(axis, int) and isinstance(index, int) and axis >= 1
+        return (axis, index) if ok else None
+    if op.name not in ("getitem", "__getitem__") or len(op.args) < 2:
+        return None
+    parts = op.args[1] if isinstance(op.args[1], tuple) else (op.args[1],)
+    full = slice(None)
+    ints = [i for i, p in enumerate(parts) if isinstance(p, int) and not isinstance(p, bool)]
+    if len(ints) != 1 or ints[0] < 1 or any(p != full for p in parts[: ints[0]]):
+        return None
+    if any(p != full for p in parts[ints[0] + 1 :]):
+        return None
+    return ints[0], parts[ints[0]]
+
+
+def layer_said(run: Any, layer: str | None) -> str | None:
+    """What the map's layer is, where its name (an op label, ``getitem_7``) does not say:
+    one token picked from a sequence, ``the class token (token 0) of the output of
+    vit.encoder.ln (op layer_norm_5)`` (a token the run's token layers give no patch: a class token),
+    from the run's graph; None for any other layer or a run without its graph."""
+    if not layer:
+        return None
+    try:
+        ops = run.graph.ops
+    except LurkerError:
+        return None
+    by_index = {o.index: o for o in ops}
+    op = next((o for o in ops if o.label == layer and o.kind == "op"), None)
+    picked = None if op is None else _one_token(op)
+    if op is None or picked is None or not op.parents:
+        return None
+    parent = by_index.get(op.parents[0])
+    if parent is None or len(parent.shape or ()) != 3 or picked[0] != 1:
+        return None
+    count, token = parent.shape[1], picked[1] % parent.shape[1]
+    # a token with no patch on the run's token layers of that length: a class token
+    boxes = [b for i in run.layers if isinstance(b := (i.layout or {}).get("boxes"), list)]
+    patchless = any(len(b) == count and b[token] is None for b in boxes)
+    what = f"the class token (token {token})" if patchless else f"token {token} of {count}"
+    where = f"{parent.module} (op {parent.label})" if parent.module else f"op {parent.label}"
+    return f"{what} of the output of {where}"
 
 
 @router.get(
@@ -43,6 +95,7 @@ def dataset_map(request: Request, run_id: str) -> MapDoc:
     outputs = model_outputs(run)
     return MapDoc(
         layer=m.meta.get("layer"),
+        layer_said=layer_said(run, m.meta.get("layer")),
         method=str(m.meta.get("method", "")),
         engine=m.meta.get("engine"),
         seconds=m.meta.get("seconds"),

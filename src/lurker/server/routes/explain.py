@@ -41,6 +41,7 @@ from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import Response
 
 from lurker.errors import LurkerError, collected
+from lurker.explain.base import BASELINE_EXAMPLES
 from lurker.explain.tokens import TOKEN_METHODS
 from lurker.store import atomic_write_bytes
 from lurker.store.files import safe_component
@@ -1021,11 +1022,18 @@ def methods(request: Request, run_id: str) -> ExplainMethods:
     instead = _INSTEAD_NO_IG if zeros is not None else _INSTEAD
     refused = {k: f"{why}; {instead}" for k, why in refused.items()}
     if zeros is not None:
+        like = BASELINE_EXAMPLES[
+            "vector"
+            if s.vector_length() is not None
+            else "signal"
+            if s.signal_shape() is not None
+            else "image"
+        ]
         refused["integrated_gradients"] = (
             "Integrated gradients starts from an all-zero input, the only baseline the "
             f"explorer runs it from, and this model fails on one ({zeros}); in Python, "
             "lurker.explain(model, x, method='integrated_gradients', baseline=...) runs it "
-            "from a baseline the model accepts, such as the dataset's mean image"
+            f"from a baseline the model accepts, such as {like}"
         )
     return ExplainMethods(
         methods=[
@@ -1061,13 +1069,10 @@ _NO_IG_METHODS = ("input_x_gradient", "saliency")
 def zeros_refused(s: Session) -> str | None:
     """The model's own error (``ValueError: ...``, one line) on the all-zero input the
     explorer runs integrated gradients from, its only baseline, and traces the model on
-    for :func:`refusals`; None where the model runs on it, or there is no model or no
-    picture or signal (as :func:`refusals`). Once per run generation."""
-    if (
-        s.model_reason() is not None
-        or s.token_length() is not None
-        or s.vector_length() is not None
-    ):
+    for :func:`refusals`; None where the model runs on it, or there is no model, or the
+    inputs are token ids (whose baseline is the embedding's output, not zeros fed to the
+    model). Once per run generation."""
+    if s.model_reason() is not None or s.token_length() is not None:
         return None
     try:
         model = s.model()
