@@ -480,6 +480,50 @@ export interface LiveOp {
   /** on a run of (C, T) signals, each side's place along time; null elsewhere */
   input_time?: SignalTime | null;
   output_time?: SignalTime | null;
+  /** the op is attention (scaled_dot_product_attention): its weights are at `.../attention` */
+  attention?: boolean;
+}
+
+/** Where an attention op's tokens lie on the image (a ViT's patch grid). */
+export interface AttentionPatches {
+  rows: number;
+  cols: number;
+  /** [height, width] of the image as the model sees it: the frame of `boxes` */
+  image_size: number[];
+  /** per key token its [row, col] on the grid; null: no patch (a class token) */
+  keys: (number[] | null)[];
+  /** per query token, the same */
+  queries: (number[] | null)[];
+  /** per key token its patch [y0, y1, x0, x1] in the image (half-open); null: none */
+  boxes: (number[] | null)[];
+}
+
+/** An attention op's weights on one image (`.../ops/OP/attention?query=Q&head=H`). */
+export interface LiveAttention {
+  op: string;
+  heads: number;
+  queries: number;
+  keys: number;
+  /** the query token `rows` and `mean` are of */
+  query: number;
+  /** the head `matrix` is of; null: the mean over heads */
+  head: number | null;
+  scale: number;
+  causal: boolean;
+  mask: string | null;
+  notes: string[];
+  /** per head, the query's weight on each key token (null: masked, no weight) */
+  rows: (number | null)[][];
+  mean: (number | null)[];
+  /** queries x keys of `head` (or the mean); null when too large (`matrix_note`) */
+  matrix: (number | null)[][] | null;
+  matrix_min: number | null;
+  matrix_max: number | null;
+  matrix_note: string | null;
+  patches: AttentionPatches | null;
+  patches_note: string | null;
+  /** query tokens whose every key is masked out: no weights */
+  masked: number[];
 }
 
 export interface Kernel {

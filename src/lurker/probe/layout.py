@@ -61,8 +61,10 @@ __all__ = [
     "layer_layout",
     "layer_name",
     "own_unit_axis",
+    "patch_grid",
     "position_box",
     "position_frames",
+    "token_axes",
 ]
 
 _CONV = {  # units on the axis after the batch: name -> spatial dims
@@ -108,18 +110,7 @@ class Layout:
         """For tokens that stand for image patches: the tokens in row-major order of the
         patch grid their boxes tile, the grid's rows and columns, and the tokens with no
         patch (a class token); None where the boxes are not one grid cell per token."""
-        if self.boxes is None:
-            return None
-        cells = [(i, b) for i, b in enumerate(self.boxes) if b is not None]
-        if not cells:
-            return None
-        ys = sorted({b[0] for _, b in cells})
-        xs = sorted({b[2] for _, b in cells})
-        at = {(b[0], b[2]): i for i, b in cells}
-        if len(at) != len(cells) or len(cells) != len(ys) * len(xs):
-            return None
-        order = [at[(y, x)] for y in ys for x in xs]
-        return order, len(ys), len(xs), [i for i, b in enumerate(self.boxes) if b is None]
+        return None if self.boxes is None else patch_grid(self.boxes)
 
     def map_shape(self, shape: Any) -> tuple[int, int] | None:
         """``(h, w)`` of the map each unit makes in an output of ``shape`` (batch axis
@@ -174,6 +165,24 @@ class Layout:
             str(d.get("source", "carried")),
             None if boxes is None else tuple(None if b is None else tuple(b) for b in boxes),  # type: ignore[misc]
         )
+
+
+def patch_grid(
+    boxes: Sequence[tuple[int, int, int, int] | None],
+) -> tuple[list[int], int, int, list[int]] | None:
+    """Tokens' input boxes (None: a token with no patch) as a patch grid: the tokens in
+    row-major order of the grid their boxes tile, its rows and columns, and the tokens
+    with no patch (a class token); None where the boxes are not one grid cell per token."""
+    cells = [(i, b) for i, b in enumerate(boxes) if b is not None]
+    if not cells:
+        return None
+    ys = sorted({b[0] for _, b in cells})
+    xs = sorted({b[2] for _, b in cells})
+    at = {(b[0], b[2]): i for i, b in cells}
+    if len(at) != len(cells) or len(cells) != len(ys) * len(xs):
+        return None
+    order = [at[(y, x)] for y in ys for x in xs]
+    return order, len(ys), len(xs), [i for i, b in enumerate(boxes) if b is None]
 
 
 @dataclass(frozen=True)
@@ -725,7 +734,7 @@ def infer_layouts(
             rfs = {}
     static = {i for i, b in batch.items() if isinstance(b, Skip) and not b.per_sample}
     units: dict[tuple[int, int], tuple[int, str] | None] = {}
-    tokens: dict[tuple[int, int], tuple[int, np.ndarray] | None] = {}
+    tokens = token_axes(trace, rfs)
     split: dict[tuple[int, int], str] = {}  # why units are split over several axes
     result: dict[int, Layout | Skip] = {}
     for op in trace.ops:
@@ -756,20 +765,43 @@ def infer_layouts(
                     if why is not None:
                         split[(op.index, k)] = why
             units[(op.index, k)] = unit
-            tokens[(op.index, k)] = (_token_start(op, trace, rfs) if k == 0 else None) or (
-                _carry_tokens(op, k, trace, parents, tokens)
-            )
         result[op.index] = _layout(
             op,
             batch.get(op.index),
             units[(op.index, 0)],
-            tokens[(op.index, 0)],
+            tokens.get((op.index, 0)),
             unit_dim,
             names,
             split.get((op.index, 0)),
         )
     _point_past_folds(trace, result)
     return result
+
+
+def token_axes(
+    trace: Trace, rfs: Mapping[int, RF] | None = None
+) -> dict[tuple[int, int], tuple[int, np.ndarray]]:
+    """Each op output's axis of tokens that stand for image patches, by ``(op index,
+    output)``: the axis and each token's input box ``(y0, y1, x0, x1)`` (a row of -1: a
+    token with no patch, a class token). Made where a reshape flattens a conv's grid into
+    one axis (a ViT's patch embedding) and carried whole along the graph (transposes,
+    views, head splits, concatenation with a class token); outputs with no such axis are
+    absent. ``rfs``: the trace's receptive fields, if already computed."""
+    if rfs is None:
+        try:
+            rfs = receptive_fields(trace)
+        except LurkerError:
+            rfs = {}
+    tokens: dict[tuple[int, int], tuple[int, np.ndarray] | None] = {}
+    for op in trace.ops:
+        if op.kind != "op" or not op.outputs:
+            continue
+        parents = _tensor_parents(op, trace)
+        for k in range(len(op.outputs)):
+            tokens[(op.index, k)] = (_token_start(op, trace, rfs) if k == 0 else None) or (
+                _carry_tokens(op, k, trace, parents, tokens)
+            )
+    return {key: t for key, t in tokens.items() if t is not None}
 
 
 def layer_name(op: Op, trace: Any) -> str:

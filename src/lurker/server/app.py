@@ -157,6 +157,7 @@ def create_app(
     _install_errors(app)
 
     from .routes import (
+        attention,
         dataset_map,
         explain,
         filters,
@@ -169,7 +170,20 @@ def create_app(
         units,
     )
 
-    routers = (runs, layers, filters, units, samples, images, graph, live, explain, dataset_map)
+    # attention before live: its path would else be read as live's .../ops/{op}/{side}
+    routers = (
+        runs,
+        layers,
+        filters,
+        units,
+        samples,
+        images,
+        graph,
+        attention,
+        live,
+        explain,
+        dataset_map,
+    )
     for module in routers:
         app.include_router(module.router)
     # JSON documents (a layer of 512 units, a sample's appearances, the graph view)

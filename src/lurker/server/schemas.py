@@ -873,6 +873,69 @@ class LiveOp(BaseModel):
     #: on other runs, and for a side that is not over time).
     input_time: SignalTime | None = None
     output_time: SignalTime | None = None
+    #: The op is an attention call (``scaled_dot_product_attention``): its weights per
+    #: head are at ``.../ops/{op}/attention`` (which says why where they cannot be had).
+    attention: bool = False
+
+
+class AttentionPatches(BaseModel):
+    """Where an attention op's tokens lie on the image: the patch grid of a ViT, read off
+    the trace (the patch embedding's tokens carried to the op's query and key axes)."""
+
+    rows: int
+    cols: int
+    #: ``[height, width]`` of the image as the model sees it: the frame of ``boxes``
+    image_size: list[int]
+    #: per key token: its ``[row, col]`` on the grid; null for a token with no patch (a
+    #: class token)
+    keys: list[list[int] | None]
+    #: per query token: its ``[row, col]`` on the grid (null: no patch)
+    queries: list[list[int] | None]
+    #: per key token: its patch ``[y0, y1, x0, x1]`` in the image (half-open); null: none
+    boxes: list[list[int] | None]
+
+
+class LiveAttention(BaseModel):
+    """An attention op's weights on one image: ``softmax(q kᵀ · scale + mask)`` per head,
+    from the op's own query and key on that image (its arguments bound by name), without
+    dropout (as in eval mode)."""
+
+    op: str
+    name: str
+    heads: int
+    #: the query tokens (L) and key tokens (S)
+    queries: int
+    keys: int
+    #: the query token whose weights ``rows`` and ``mean`` are (default: the first token
+    #: with no patch, the class token, where the tokens are patches; else 0)
+    query: int
+    #: the head ``matrix`` is of; null: the mean over heads
+    head: int | None = None
+    #: the scale the scores were multiplied by (the call's ``scale``, else 1/sqrt(E))
+    scale: float
+    #: the call's ``is_causal``: query i sees keys 0..i only
+    causal: bool = False
+    #: the call's ``attn_mask`` in words (null: none)
+    mask: str | None = None
+    #: what else the reader should know: dropout the call applies and these weights do
+    #: not, a module in train mode, keys shared by query heads (grouped-query attention)
+    notes: list[str] = []
+    #: per head, the query's weight on each key token (heads x keys; each row sums to 1)
+    rows: list[list[float | None]]
+    #: the mean of ``rows`` over the heads
+    mean: list[float | None]
+    #: every query's weights on every key (queries x keys) of ``head`` (or the mean);
+    #: null where it is too large to send (``matrix_note`` says so)
+    matrix: list[list[float | None]] | None = None
+    matrix_min: float | None = None
+    matrix_max: float | None = None
+    matrix_note: str | None = None
+    #: the tokens on the image's patch grid; null where they are not patches
+    #: (``patches_note`` says why)
+    patches: AttentionPatches | None = None
+    patches_note: str | None = None
+    #: query tokens whose every key is masked out: their weights are null (no softmax)
+    masked: list[int] = []
 
 
 class MapValues(BaseModel):

@@ -1225,26 +1225,39 @@ class Session:
 
     def _compute(self, op: Any, x: torch.Tensor) -> tuple[Any, Any]:
         """The op's input (its first tensor argument's value) and output on ``x``."""
-        import torch
-
         from lurker.graph.nodes import OpRef, refs
 
         tr = self.trace()
-        model = self.model()
         producer_ref = next((r for r in refs(op) if isinstance(r, OpRef)), None)
-        wanted: dict[int, Any] = {}
-
-        def need(node: Any) -> None:
-            if node.seq >= 0:
-                wanted[node.index] = None
-
         target = op
         if op.kind == "output" and producer_ref is not None:
             target = tr.ops[producer_ref.index]
-        need(target)
         producer = tr.ops[producer_ref.index] if producer_ref is not None else None
-        if producer is not None and op.kind != "output":
-            need(producer)
+        wanted = [target] if producer is None or op.kind == "output" else [target, producer]
+        value = self._live_values(x, wanted)
+        out = value(target, producer_ref.output if target is not op and producer_ref else 0)
+        if out is None:
+            raise ApiError(
+                404,
+                f"op {op.label!r} ({op.kind}) has no tensor value per image to show",
+            )
+        inp = None
+        if op.kind == "output":  # the model returns its producer's output as it is
+            inp = out
+        elif producer is not None and producer_ref is not None:
+            inp = value(producer, producer_ref.output)
+        return inp, out
+
+    def _live_values(self, x: torch.Tensor, nodes: list[Any]) -> Callable[[Any, int], Any]:
+        """Run the model on ``x`` as far as the last of ``nodes`` (a partial forward: the
+        rest is not needed) and return ``value(node, output)``: that output's tensor on
+        ``x`` for a node of ``nodes``, the model's input, a buffer, or what the trace kept
+        of a node the replay does not run again; None where there is no tensor."""
+        import torch
+
+        tr = self.trace()
+        model = self.model()
+        wanted: dict[int, Any] = {n.index: None for n in nodes if n.seq >= 0}
         last = max(wanted, default=-1)
 
         class _Done(Exception):
@@ -1284,18 +1297,42 @@ class Session:
                 v = v[output] if output < len(v) else None
             return v if isinstance(v, torch.Tensor) else None
 
-        out = value(target, producer_ref.output if target is not op and producer_ref else 0)
-        if out is None:
-            raise ApiError(
-                404,
-                f"op {op.label!r} ({op.kind}) has no tensor value per image to show",
-            )
-        inp = None
-        if op.kind == "output":  # the model returns its producer's output as it is
-            inp = out
-        elif producer is not None and producer_ref is not None:
-            inp = value(producer, producer_ref.output)
-        return inp, out
+        return value
+
+    def call_values(self, image_id: str, op: Any) -> tuple[dict[str, Any], list[str]]:
+        """The op's call on one image, its arguments bound by name with the op catalogue
+        (``bind``: never by position), each tensor argument its value on this image (an
+        op's output, a parameter or buffer of the model); and the names of the arguments
+        whose value the live run cannot give (a tensor the replay neither runs nor keeps),
+        which stay None. KeyError for an op the catalogue does not know."""
+        from lurker.graph.nodes import OpRef, ParamRef, refs
+        from lurker.ops.catalogue import bind
+
+        call = bind(op.name, op.args or (), op.kwargs or {}, getattr(op, "target", None))
+        tr = self.trace()
+        value = self._live_values(
+            self.live_input(image_id),
+            [tr.ops[r.index] for r in refs(op) if isinstance(r, OpRef)],
+        )
+        model = self.model()
+        missing: list[str] = []
+
+        def live(name: str, a: Any) -> Any:
+            if isinstance(a, OpRef):
+                v = value(tr.ops[a.index], a.output)
+            elif isinstance(a, ParamRef):
+                v = dict(model.named_parameters()).get(a.name)
+                v = dict(model.named_buffers()).get(a.name) if v is None else v
+                v = None if v is None else v.detach()
+            elif isinstance(a, (tuple, list)):
+                return type(a)(live(name, b) for b in a)
+            else:
+                return a
+            if v is None and name not in missing:
+                missing.append(name)
+            return v
+
+        return {name: live(name, a) for name, a in call.items()}, missing
 
     def conv_kernel(self, op: Any) -> ConvKernel | None:
         """The op's convolution kernel: for a convolution (``conv1d`` .. ``conv3d``,

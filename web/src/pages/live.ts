@@ -4,7 +4,7 @@
  * per channel loaded as it scrolls into view (a side with no positions, a vector, drawn
  * as a chart of its values instead), and for a convolution the kernel between a chosen
  * (input, output) channel pair, the inputs that feed a chosen output of a grouped one
- * marked.
+ * marked. An attention op gets its weights above its maps (see live_attention.ts).
  */
 import { p, serveCommand, type FeatureSide, type Kernel, type LiveImage, type LiveOp, type RunSummary } from "../api";
 import type { PageContext } from "../context";
@@ -16,6 +16,7 @@ import { append, fill, fmt, h, notice, shape } from "../dom";
 import { imageTitle } from "../images";
 import { imagePicker } from "../picker";
 import { topPredictions } from "../predictions";
+import { attentionCard } from "./live_attention";
 import { renderFlatLive } from "./live_flat";
 import { renderSignalLive } from "./live_signal";
 
@@ -508,6 +509,8 @@ async function showOp(el: HTMLElement, ctx: PageContext, image: string, op: stri
       kernel ? h("span", { class: "sub" }, ` kernel ${shape(kernel.shape)}${(kernel.groups ?? 1) > 1 ? ` · ${kernel.groups} groups` : ""}${kernel.transposed ? " · transposed" : ""}`) : null,
       h("span", { class: "sub" }, " · ", h("a", { href: graphHref(ctx, info.op), class: "in-graph" }, "show in the graph")),
     ),
+    // attention: no op's output is its weights (a fused call), so they are computed apart
+    info.attention ? attentionCard(ctx, image, info.op) : null,
     kernel
       ? h(
           "p",

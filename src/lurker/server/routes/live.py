@@ -55,6 +55,9 @@ router = APIRouter(prefix="/api", tags=["live"])
 MAX_PIXELS = 40_000_000
 
 
+#: Ops whose call is attention, by name: the live view offers their weights (routes/attention.py).
+ATTENTION = frozenset({"scaled_dot_product_attention", "_native_multi_head_attention"})
+
 _CONTENT_ID = re.compile(r"[0-9a-f]{16}")
 _SAMPLE_ID = re.compile(r"sample-([0-9]{1,19})")
 
@@ -636,6 +639,7 @@ def _live_op(s: Session, image: str, op: str) -> LiveOp:
         output=_side(out),
         input_time=None if src is None else _signal_time(s, tr, src, inp),
         output_time=_signal_time(s, tr, node, out),
+        attention=node.name in ATTENTION,
         kernel=None
         if k is None
         else KernelInfo(

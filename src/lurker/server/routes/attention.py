@@ -1,0 +1,358 @@
+"""``/api/runs/{run}/live/{image}/ops/{op}/attention``: which tokens each token attends to.
+
+A ViT's attention is one fused call (``F.scaled_dot_product_attention``, which
+``nn.MultiheadAttention`` also records when asked for no weights), so no op's output is
+the attention weights. They are made here from the call's own query and key on the
+image, bound by name with the op catalogue, as torch defines them: ``softmax(q kᵀ · scale
++ mask)`` per head, honouring ``attn_mask``, ``is_causal``, ``scale`` and
+``enable_gqa``; dropout is not applied (the eval view). Where the tokens are a ViT's
+patches (the probe's token boxes carried from the patch embedding to the op's query and
+key), each key token's patch is given, so the page draws a query's weights on the image.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import APIRouter, Query, Request
+
+from ..deps import live_call
+from ..errors import ApiError
+from ..schemas import AttentionPatches, LiveAttention
+from ..session import Session, finite_range, json_values
+from . import json_get
+from .live import ATTENTION, image_id
+
+router = APIRouter(prefix="/api", tags=["attention"])
+
+#: The most values (queries x keys) the L x S matrix is sent with: 512 tokens squared.
+MAX_MATRIX = 512 * 512
+#: Weights of one (image, op) kept for the next request (queries, heads) up to this many.
+KEEP_VALUES = 1 << 20
+
+
+@dataclass(frozen=True)
+class Weights:
+    """An attention op's weights on one image, and what the page says about them."""
+
+    weights: Any  # (heads, L, S) float32, CPU; NaN on a query whose every key is masked
+    scale: float
+    causal: bool
+    mask: str | None
+    notes: list[str]
+    patches: AttentionPatches | None
+    patches_note: str | None
+
+
+def sdpa_weights(
+    query: Any,
+    key: Any,
+    attn_mask: Any = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> Any:
+    """The attention weights ``scaled_dot_product_attention`` takes its weighted sum of
+    the values with, ``(..., heads, L, S)``, computed in float64 as torch documents its
+    reference: scores ``q kᵀ · scale`` (default ``1/sqrt(E)``), a boolean ``attn_mask``
+    leaving out the keys where it is False, a float one added, ``is_causal`` leaving out
+    the keys after each query (top-left aligned), ``enable_gqa`` sharing each key head
+    among its group of query heads; softmax over the keys, no dropout. A query whose every
+    key is left out has no weights: NaN (torch's kernels differ there)."""
+    import torch
+
+    q, k = query.double(), key.double()
+    if enable_gqa and q.dim() >= 3 and k.size(-3) != q.size(-3):
+        k = k.repeat_interleave(q.size(-3) // k.size(-3), dim=-3)
+    s = q @ k.transpose(-2, -1) * (1 / math.sqrt(q.size(-1)) if scale is None else scale)
+    L, S = s.shape[-2:]
+    if is_causal:
+        keep = torch.ones(L, S, dtype=torch.bool, device=s.device).tril()
+        s = s.masked_fill(~keep, float("-inf"))
+    if attn_mask is not None:
+        m = attn_mask.to(s.device)
+        s = s.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else s + m.double()
+    return torch.softmax(s, dim=-1)
+
+
+@json_get(
+    router,
+    "/runs/{run_id}/live/{image}/ops/{op}/attention",
+    LiveAttention,
+    "An attention op's weights on this image: each head's for one query token, and the "
+    "query x key matrix of one head (or their mean); 409 saying why where its inputs "
+    "cannot give them",
+)
+async def attention(
+    request: Request,
+    run_id: str,
+    image: str,
+    op: str,
+    query: int | None = Query(
+        None, ge=0, le=2**31, description="query token (default: the class token)"
+    ),
+    head: int | None = Query(
+        None, ge=0, le=2**31, description="the matrix's head (default: the mean)"
+    ),
+) -> LiveAttention:
+    return await live_call(request, run_id, lambda s: _attention(s, image, op, query, head))
+
+
+def _attention(
+    s: Session, image: str, label: str, query: int | None, head: int | None
+) -> LiveAttention:
+    iid = image_id(s, image)
+    node = s.op(label)
+    found = s.cached(
+        ("attention", s.entry.generation, iid, node.index),
+        lambda: _weights(s, iid, node),
+        keep=lambda w: w.weights.numel() <= KEEP_VALUES,
+    )
+    w = found.weights
+    heads, L, S = (int(n) for n in w.shape)
+    if query is None:
+        cells = found.patches.queries if found.patches else []
+        query = next((i for i, c in enumerate(cells) if c is None), 0)
+    if not query < L:
+        raise ApiError(
+            404, f"no query token {query} in {node.label!r}: its queries are tokens 0..{L - 1}"
+        )
+    if head is not None and not head < heads:
+        raise ApiError(
+            404,
+            f"no head {head} in {node.label!r}: its heads are 0..{heads - 1} (omit it for their mean)",
+        )
+    m = w.mean(0) if head is None else w[head]
+    matrix = matrix_min = matrix_max = matrix_note = None
+    if L * S <= MAX_MATRIX:
+        a = m.numpy()
+        matrix = json_values(a)
+        matrix_min, matrix_max = finite_range(a)
+    else:
+        matrix_note = (
+            f"the {L} x {S} matrix holds {L * S:,} weights, more than the {MAX_MATRIX:,} "
+            "sent at once: choose query tokens to see their rows"
+        )
+    masked = [int(i) for i in w[0].isnan().all(-1).nonzero().flatten().tolist()]
+    return LiveAttention(
+        op=node.label,
+        name=node.name,
+        heads=heads,
+        queries=L,
+        keys=S,
+        query=query,
+        head=head,
+        scale=found.scale,
+        causal=found.causal,
+        mask=found.mask,
+        notes=found.notes,
+        rows=json_values(w[:, query].numpy()),
+        mean=json_values(w[:, query].mean(0).numpy()[None])[0],
+        matrix=matrix,
+        matrix_min=matrix_min,
+        matrix_max=matrix_max,
+        matrix_note=matrix_note,
+        patches=found.patches,
+        patches_note=found.patches_note,
+        masked=masked,
+    )
+
+
+def _weights(s: Session, iid: str, node: Any) -> Weights:
+    """The op's weights on one image from its live query and key (409 saying why they
+    cannot be had from them)."""
+    import torch
+
+    what = f"{node.label!r} ({node.name})"
+    if node.name != "scaled_dot_product_attention":
+        if node.name in ATTENTION:
+            raise ApiError(
+                409,
+                f"{what} is a fused attention whose call holds the projection weights, "
+                "not the query and key: lurker computes attention weights from a "
+                "scaled_dot_product_attention call's query and key only (nn.MultiheadAttention "
+                "records one when traced by lurker)",
+            )
+        raise ApiError(
+            404,
+            f"{what} is not an attention op: attention weights are computed for "
+            "scaled_dot_product_attention calls (an attention written out as q @ kᵀ and a "
+            "softmax has its weights as that softmax's output: see its output maps)",
+        )
+    try:
+        call, missing = s.call_values(iid, node)
+    except (KeyError, TypeError) as e:
+        raise ApiError(409, f"{what}: lurker cannot read its call's arguments ({e})") from None
+    gone = [n for n in ("query", "key", "attn_mask") if n in missing]
+    if gone:
+        raise ApiError(
+            409,
+            f"the live run does not give {what}'s {' and '.join(gone)}: the replay neither "
+            "computes nor keeps that tensor (it was made once, at trace time), so its weights "
+            "cannot be computed on this image",
+        )
+    q, k, mask = call.get("query"), call.get("key"), call.get("attn_mask")
+    for name, t in (("query", q), ("key", k), ("attn_mask", mask)):
+        if isinstance(t, torch.Tensor) and (t.is_nested or t.layout != torch.strided):
+            raise ApiError(
+                409,
+                f"{what}'s {name} is a {'nested' if t.is_nested else str(t.layout)} tensor "
+                "(sequences of several lengths in one tensor): lurker computes attention "
+                "weights from dense query and key tensors only",
+            )
+        if name != "attn_mask" and not isinstance(t, torch.Tensor):
+            raise ApiError(409, f"{what}'s {name} is not a tensor ({type(t).__name__})")
+    _check_form(what, q, k, bool(call.get("enable_gqa", False)))
+    scale = call.get("scale")
+    causal = bool(call.get("is_causal", False))
+    try:
+        w = sdpa_weights(q, k, mask, causal, scale, bool(call.get("enable_gqa", False)))
+    except RuntimeError as e:  # a mask that does not broadcast: said, never a 500
+        raise ApiError(409, f"{what}: its weights cannot be made from its inputs ({e})") from None
+    w = w.reshape(-1, *w.shape[-2:]).to("cpu", torch.float32)
+    return Weights(
+        w,
+        float(1 / math.sqrt(q.size(-1)) if scale is None else scale),
+        causal,
+        _mask_words(s, node, mask),
+        _notes(s, node, call, q, k),
+        *_patches(s, iid, node, q, k),
+    )
+
+
+def _check_form(what: str, q: Any, k: Any, gqa: bool) -> None:
+    """409 unless query and key are one image's ``(1, heads, L, E)`` or ``(1, L, E)``,
+    the forms ``scaled_dot_product_attention`` documents (heads on axis -3)."""
+    form = (
+        "lurker reads attention as (batch, heads, tokens, channels) or (batch, tokens, "
+        "channels), the forms scaled_dot_product_attention documents"
+    )
+    if q.dim() not in (3, 4) or k.dim() != q.dim():
+        raise ApiError(
+            409,
+            f"{what}'s query {list(q.shape)} and key {list(k.shape)} are not in a form "
+            f"lurker knows: {form}",
+        )
+    if q.shape[0] != 1:
+        raise ApiError(
+            409,
+            f"{what}'s query {list(q.shape)} holds {q.shape[0]} sequences on its batch axis "
+            "for this one image (windows or crops folded into the batch, as in windowed "
+            f"attention): {form}, one sequence per image",
+        )
+    hq, hk = (q.shape[1], k.shape[1]) if q.dim() == 4 else (1, 1)
+    if k.shape[0] != 1 or k.shape[-1] != q.shape[-1] or (hk != hq and not (gqa and hq % hk == 0)):
+        raise ApiError(
+            409,
+            f"{what}'s query {list(q.shape)} and key {list(k.shape)} do not pair head by "
+            f"head: {form}",
+        )
+
+
+def _mask_words(s: Session, node: Any, mask: Any) -> str | None:
+    """The call's ``attn_mask`` in words: its kind, shape and where it comes from."""
+    import torch
+
+    from lurker.graph.nodes import OpRef, ParamRef
+    from lurker.ops.catalogue import bind
+
+    if mask is None:
+        return None
+    a = bind(node.name, node.args or (), node.kwargs or {}, getattr(node, "target", None)).get(
+        "attn_mask"
+    )
+    where = ""
+    if isinstance(a, OpRef):
+        src = s.trace().ops[a.index]
+        where = (
+            f", the model's buffer {src.name}"
+            if src.kind == "buffer"
+            else f", the output of {src.label}"
+        )
+    elif isinstance(a, ParamRef):
+        where = f", the model's {a.name}"
+    if mask.dtype == torch.bool:
+        left = int((~mask).sum())
+        return (
+            f"a boolean mask {list(mask.shape)}{where}: keys where it is False are left out "
+            f"({left:,} of its {mask.numel():,} entries)"
+        )
+    return f"a {str(mask.dtype).removeprefix('torch.')} mask {list(mask.shape)}{where}, added to the scores"
+
+
+def _notes(s: Session, node: Any, call: dict[str, Any], q: Any, k: Any) -> list[str]:
+    """Dropout the call applies and the weights shown do not; a module in train mode;
+    key heads shared by query heads."""
+    notes = []
+    p = call.get("dropout_p", 0.0)
+    if isinstance(p, (int, float)) and p > 0:
+        notes.append(
+            f"This call applies dropout to its weights (dropout_p = {p}), so the model's "
+            "output on this image is random; the weights shown have no dropout, as in eval mode."
+        )
+    model = s.model()
+    path = node.module or ""
+    try:
+        mod = model.get_submodule(path) if path else model
+    except AttributeError:
+        mod = model
+    if mod.training:
+        notes.append(
+            f"The module running it ({path or 'the model'}) is in train mode; the weights "
+            "shown have no dropout, as in eval mode."
+        )
+    if q.dim() == 4 and k.shape[1] != q.shape[1]:
+        notes.append(
+            f"Grouped-query attention: its {k.shape[1]} key heads are each shared by "
+            f"{q.shape[1] // k.shape[1]} of its {q.shape[1]} query heads."
+        )
+    return notes
+
+
+def _patches(
+    s: Session, iid: str, node: Any, q: Any, k: Any
+) -> tuple[AttentionPatches | None, str | None]:
+    """Where the op's tokens lie on the image: the token boxes the probe's layout
+    inference carries from the patch embedding to the query's and key's token axes
+    (:func:`lurker.probe.layout.token_axes`), placed on their patch grid."""
+    from lurker.graph.nodes import OpRef
+    from lurker.ops.catalogue import bind
+    from lurker.probe.layout import patch_grid, token_axes
+
+    tr = s.trace()
+    found = s.cached(("token-axes", s.entry.generation, id(tr)), lambda: token_axes(tr))
+    call = bind(node.name, node.args or (), node.kwargs or {}, getattr(node, "target", None))
+
+    def boxes(arg: str, t: Any) -> list[tuple[int, int, int, int] | None] | None:
+        ref = call.get(arg)
+        hit = found.get((ref.index, ref.output)) if isinstance(ref, OpRef) else None
+        if hit is None or hit[0] != t.dim() - 2 or len(hit[1]) != t.shape[-2]:
+            return None
+        return [None if b[0] < 0 else tuple(int(v) for v in b) for b in hit[1]]  # type: ignore[misc]
+
+    kb, qb = boxes("key", k), boxes("query", q)
+    grid = None if kb is None else patch_grid(kb)
+    if grid is None:
+        return None, (
+            "its tokens are not shown on the image: lurker could not follow them from a "
+            "patch embedding (a conv's grid flattened into tokens) to this op's key"
+            if kb is None
+            else "its key tokens' patches do not tile one grid"
+        )
+    order, rows, cols, _ = grid
+    cell = {t: [i // cols, i % cols] for i, t in enumerate(order)}
+    at = {(b[0], b[2]): cell[t] for t, b in enumerate(kb) if b is not None}
+    h, w = (int(n) for n in s.live_input(iid).shape[-2:])
+    return AttentionPatches(
+        rows=rows,
+        cols=cols,
+        image_size=[h, w],
+        keys=[cell.get(t) for t in range(len(kb))],
+        queries=[None if b is None else at.get((b[0], b[2])) for b in (qb or [None] * q.shape[-2])],
+        boxes=[
+            None if b is None else [max(b[0], 0), min(b[1], h), max(b[2], 0), min(b[3], w)]
+            for b in kb
+        ],
+    ), None
