@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+import warnings
 from collections.abc import Callable
 
+import numpy as np
 import pytest
 import torch
 from torch import Tensor, nn
@@ -105,3 +108,93 @@ def test_a_transform_that_raises_is_named_not_the_model():
     tr._transform = lambda t: t.mean((2, 3))  # (as if traced with it on another layer)
     with pytest.raises(lurker.LurkerError, match=r"transform= raised .* linear_1 of shape"):
         tr.run(torch.randn(2, 3, 8, 8))
+
+
+def _dropout_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 3))
+
+
+def test_a_run_keeping_activations_of_a_model_in_training_mode_warns():
+    # timm and torchvision build models in training mode: a stimulus set's activations
+    # were silently random (dropout), with nothing to say so
+    model = _dropout_model()  # left in training mode, as built
+    x = torch.randn(8, 6)
+    tr = lurker.trace(model, x[:1], save=["2"])
+    said = r"training mode, where 2 \(Dropout\).*model\.eval\(\)"
+    with pytest.warns(UserWarning, match=said), torch.no_grad():
+        first, second = tr.run(x)["2"], tr.run(x)["2"]
+    assert not torch.equal(first, second)  # what the warning is about: each run differs
+    model.eval()  # the same trace, the model's mode as it is now: no warning, the hook's values
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.no_grad():
+            got = tr.run(x)["2"]
+    torch.testing.assert_close(got, _hooked(model, ["2"], x)["2"], rtol=0, atol=0)
+
+
+def test_a_run_that_keeps_nothing_does_not_warn_of_training_mode():
+    # lurker's own replays (explain, probe) keep nothing and say it themselves, or switch
+    # the model to eval mode
+    model = _dropout_model()
+    tr = lurker.trace(model, torch.randn(1, 6))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tr.run(torch.randn(4, 6), save="none")
+
+
+def test_saving_an_identity_module_by_name_warns_and_its_lookup_says_why():
+    # timm's fc_norm and ls1 are nn.Identity: save= accepted the name, saved nothing, and
+    # reading it said only "produced no tensor output"
+    model = nn.Sequential(nn.Linear(3, 4), nn.Identity(), nn.ReLU()).eval()
+    x = torch.randn(2, 3)
+    with pytest.warns(UserWarning, match=r"save= names module '1' \(Identity\), but no op ran"):
+        tr = lurker.trace(model, x, save=["1", "2"])
+    with pytest.raises(KeyError, match=r"'1' \(Identity\) ran no op.*returns its input"):
+        tr.run(x)["1"]
+    with warnings.catch_warnings():  # a glob that covers it is no request for it by name
+        warnings.simplefilter("error")
+        lurker.trace(model, x, save=["*"])
+
+
+def test_a_pass_of_a_module_named_in_save_points_at_the_module():
+    # acts["block.relu"] asks for a pass ('block.relu:2'), which save= refused with
+    # no word of how a pass is saved
+    torchvision = pytest.importorskip("torchvision")
+    model = torchvision.models.resnet18().eval()
+    with pytest.raises(lurker.LurkerError, match=r"save=\['layer1.0.relu'\] keeps them all"):
+        lurker.trace(model, torch.randn(1, 3, 32, 32), save=["layer1.0.relu:2"])
+    tr = lurker.trace(model, torch.randn(1, 3, 32, 32), save=["layer1.0.relu"])
+    with pytest.raises(KeyError, match="name a pass"):
+        tr.run(torch.randn(2, 3, 32, 32))["layer1.0.relu"]
+
+
+def test_rdms_of_resnet18_layers_overwritten_in_place_match_forward_hooks():
+    # torchvision's BasicBlock adds the shortcut into bn2's output in place (out +=
+    # identity) and its ReLU is in place: the oracle is a copy with both out of place
+    torchvision = pytest.importorskip("torchvision")
+    from torchvision.models.resnet import BasicBlock
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18().eval()
+    ref = copy.deepcopy(model)
+
+    def out_of_place(self: BasicBlock, x: Tensor) -> Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return torch.relu(out + shortcut)
+
+    for m in ref.modules():
+        if isinstance(m, BasicBlock):
+            m.forward = out_of_place.__get__(m)
+    layers = ["layer1.0.bn2", "layer2.1.bn2", "layer3", "layer4.1.bn2", "fc"]
+    stimuli = torch.randn(20, 3, 32, 32)
+    oracle = _hooked(ref, layers, stimuli)
+    tr = lurker.trace(model, stimuli[:1], save=layers, transform=lambda t: t.flatten(1))
+    with torch.no_grad():
+        runs = [tr.run(batch) for batch in stimuli.split(6)]
+    for name in layers:
+        got = torch.cat([acts[name] for acts in runs]).double().numpy()
+        want = oracle[name].flatten(1).double().numpy()
+        np.testing.assert_allclose(1 - np.corrcoef(got), 1 - np.corrcoef(want), atol=1e-5)

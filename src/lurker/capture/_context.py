@@ -111,6 +111,39 @@ def evaluating(model: torch.nn.Module) -> Iterator[None]:
             m.training = training
 
 
+#: module classes, by name, that drop whole residual branches at random in training mode
+#: (timm's DropPath, torchvision's StochasticDepth): their drop probability attribute
+_STOCHASTIC_DEPTH = {"DropPath": "drop_prob", "StochasticDepth": "p"}
+
+
+def _train_dependent(m: torch.nn.Module) -> bool:
+    """Whether ``m`` computes another function in training mode: dropout, stochastic
+    depth, and norms that keep running statistics (in training mode they normalise by
+    the batch's own)."""
+    if isinstance(m, torch.nn.modules.dropout._DropoutNd):  # Dropout*, AlphaDropout, ...
+        return m.p > 0
+    attr = _STOCHASTIC_DEPTH.get(type(m).__name__)
+    if attr is not None:
+        return float(getattr(m, attr, 0) or 0) > 0
+    if isinstance(m, torch.nn.MultiheadAttention):
+        return m.dropout > 0
+    if isinstance(m, torch.nn.modules.batchnorm._NormBase):  # BatchNorm*, InstanceNorm*
+        return bool(m.track_running_stats)
+    return False
+
+
+def training_layers(model: torch.nn.Module) -> list[str]:
+    """The layers of ``model`` in training mode that compute otherwise at inference
+    (``'features.3 (Dropout)'``, the model itself as ``'the model'``), in module order:
+    dropout makes every forward random, BatchNorm normalises by the batch's statistics.
+    Lurker never switches the mode itself; its callers say so instead."""
+    return [
+        f"{name or 'the model'} ({type(m).__name__})"
+        for name, m in model.named_modules()
+        if m.training and _train_dependent(m)
+    ]
+
+
 @contextmanager
 def no_inference_mode() -> Iterator[None]:
     """Leave ``torch.inference_mode`` (grad stays off) for a forward lurker records or

@@ -202,6 +202,15 @@ def check_patterns(
         for c in close_names(p, [*paths, *labels, *names], n=4, cutoff=0.6)
     ]
     hint = f" Did you mean {', '.join(map(repr, dict.fromkeys(close)))}?" if close else ""
+    path_set = set(paths)
+    for p in missing:  # 'layer1.0.relu:2', the name a module's pass is read by
+        base, _, num = p.rpartition(":")
+        if num.isdigit() and base in path_set:
+            hint += (
+                f" A module is saved by its path, every pass of it: save=[{base!r}] keeps "
+                f"them all, and its pass {num} is read as acts[{p!r}]."
+            )
+            break
     raise LurkerError(
         f"save={missing!r} matches no op or module of this model, so nothing would be saved "
         f"for {'it' if len(missing) == 1 else 'them'}.{hint}"

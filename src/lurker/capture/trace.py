@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..errors import LurkerError, MemoryLimitError, TraceError, first_three
+from ..errors import LurkerError, MemoryLimitError, TraceError, first_three, warn
 from ..graph.graph import Graph
 from ..graph.nodes import Op
 from . import _context, _hooks, _lazy, _nonfinite, _state
@@ -212,7 +212,7 @@ def _record(
         tr._model_hooks = model_hooks
         check_patterns(policy, tr.ops, tr.modules, model, stacklevel=4)
         if rec.saved_modules:
-            _warn_no_output(tr, rec.saved_modules)
+            _warn_no_output(tr, rec.saved_modules, policy.patterns or ())
         return tr
     finally:
         if gc_was_on:
@@ -328,14 +328,26 @@ def _transform_error(e: TransformFailed, partial: Trace) -> TraceError:
     return TraceError(str(e), partial=partial, failed_op=partial.failed_op)
 
 
-def _warn_no_output(tr: Trace, saved: set[str]) -> None:
+def _warn_no_output(tr: Trace, saved: set[str], named: Sequence[str] = ()) -> None:
     """Warn of modules ``save=`` names that ran but have no output to save: none of the
     values made in their calls was used outside them (a result the caller discarded, or a
     module that returned its input), so which op is their result cannot be told and
-    nothing of them was kept."""
+    nothing of them was kept. A module ``named`` by its path (not a glob) that ran no op
+    at all, an ``nn.Identity`` (timm's ``fc_norm``, ``ls1``), is warned of too: asked for
+    by name, it would otherwise only fail when its value is read."""
     for path in sorted(saved):
         info = tr.modules.get(path)
-        if info is None or not info.num_passes or info.outputs:
+        if info is None or info.outputs:
+            continue
+        if not info.num_passes:
+            if path in named:
+                warnings.warn(
+                    f"save= names module {path!r} ({info.type}), but no op ran inside it: "
+                    "it was not called, or it returned a tensor made before its call (an "
+                    "nn.Identity returns its input), so no op stands for its output and "
+                    "nothing of it was saved; save the layer whose output it passed on",
+                    stacklevel=4,
+                )
             continue
         inside = [op.label for op in tr.compute_ops if any(p == path for p, _ in op.modules)]
         if not inside:
@@ -346,6 +358,25 @@ def _warn_no_output(tr: Trace, saved: set[str]) -> None:
             "call), so lurker cannot tell which op is its result and saved nothing of it; "
             f"name the op to keep instead, e.g. save=[{inside[-1]!r}] (its last op)",
             stacklevel=4,
+        )
+
+
+def _warn_training(model: nn.Module) -> None:
+    """Say so where a run keeps the activations of a model in training mode whose layers
+    then compute otherwise: a stimulus set's activations would be random (dropout) or
+    depend on which stimuli shared a batch (BatchNorm), and nothing else would tell. Once
+    per line of the caller's code, as Python shows a warning: a loop over batches warns
+    once. Per run, not per op: a walk over the modules."""
+    found = _context.training_layers(model)
+    if found:
+        more = f" and {len(found) - 3} more" if len(found) > 3 else ""
+        warn(
+            f"{type(model).__name__} is in training mode, where {', '.join(found[:3])}{more} "
+            "compute otherwise than at inference: dropout is random on every forward and "
+            "BatchNorm normalises by the statistics of the batch (and updates its running "
+            "ones), so the activations this run keeps change from run to run or with the "
+            "stimuli that share its batch. Call model.eval() first (the run uses the model's "
+            "mode as it is now), unless training-mode values are what you want."
         )
 
 
@@ -1122,7 +1153,8 @@ class Trace(Graph):
         that may return a replacement output, as in :meth:`hooks`, for this call only
         (after those of any ``with trace.hooks(...)`` block). Saved values are those after
         the hooks. The forward runs in the caller's grad mode: gradients flow through
-        replacements.
+        replacements. A run that keeps activations of a model in training mode with
+        dropout or BatchNorm warns: its values are random or depend on the batch.
 
         Raises :class:`~lurker.errors.GraphChangedError` if the new input takes another
         path through the model (a data-dependent branch, or hooks of the model's own added
@@ -1133,6 +1165,11 @@ class Trace(Graph):
         """
         from ._replay import replay
 
+        model = self.model
+        # (the walk only for a model whose root is in training mode, as models come from
+        # their constructors: run() is the per-batch call of a stimulus loop)
+        if model is not None and model.training and save is not False and save != "none":
+            _warn_training(model)
         active = self._active_hooks
         if hooks:
             active = [*active, _hooks.resolve(self, hooks)]

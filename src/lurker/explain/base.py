@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules import module as _module
 
+from ..capture import training_layers
 from ..errors import LurkerError, TraceError, warn
 
 if TYPE_CHECKING:
@@ -489,27 +490,6 @@ def check_rows(x: Tensor, what: str) -> None:
         )
 
 
-#: module classes, by name, that drop whole residual branches at random in training mode
-#: (timm's DropPath, torchvision's StochasticDepth): their drop probability attribute
-_STOCHASTIC_DEPTH = {"DropPath": "drop_prob", "StochasticDepth": "p"}
-
-
-def _train_dependent(m: nn.Module) -> bool:
-    """Whether ``m`` computes another function in training mode: dropout, stochastic
-    depth, and norms that keep running statistics (in training mode they normalise by
-    the batch's own)."""
-    if isinstance(m, nn.modules.dropout._DropoutNd):  # Dropout*, AlphaDropout, ...
-        return m.p > 0
-    attr = _STOCHASTIC_DEPTH.get(type(m).__name__)
-    if attr is not None:
-        return float(getattr(m, attr, 0) or 0) > 0
-    if isinstance(m, nn.MultiheadAttention):
-        return m.dropout > 0
-    if isinstance(m, nn.modules.batchnorm._NormBase):  # BatchNorm*, InstanceNorm*
-        return bool(m.track_running_stats)
-    return False
-
-
 _said = threading.local()
 
 
@@ -533,11 +513,7 @@ def warn_training(model: nn.Module) -> None:
     the mode itself (the model is left as it was found); the user calls ``model.eval()``."""
     if getattr(_said, "on", False):
         return
-    found = [
-        f"{name or 'the model'} ({type(m).__name__})"
-        for name, m in model.named_modules()
-        if m.training and _train_dependent(m)
-    ]
+    found = training_layers(model)
     if found:
         more = f" and {len(found) - 3} more" if len(found) > 3 else ""
         warn(

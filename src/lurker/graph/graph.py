@@ -70,7 +70,12 @@ class Graph:
         if info is not None:
             inside = [op.label for op in self.ops if any(p == key for p, _ in op.modules)]
             if not inside:
-                raise KeyError(f"module '{key}' produced no tensor output in this forward pass")
+                raise KeyError(
+                    f"module '{key}' ({info.type}) ran no op in this forward pass: it was not "
+                    "called, or it returned a tensor made before its call (an nn.Identity "
+                    "returns its input), so no op stands for its output; name the layer whose "
+                    "output it passed on"
+                )
             raise KeyError(
                 f"module '{key}' produced no tensor output in this forward pass: no value made "
                 "in its call was used outside it (the caller discarded its result, or it "
