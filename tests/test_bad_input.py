@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 import signal
@@ -434,6 +435,32 @@ def test_too_few_inputs_name_what_the_forward_takes():
         lurker.TraceError, match=r"\(a tensor of shape \(2,\), a tensor of shape \(2,\), a tensor"
     ):
         lurker.trace(_TwoInputs(), torch.ones(2), torch.ones(2), torch.ones(2))
+
+
+class _Unreadable:
+    """A callable whose signature inspect cannot read (``inspect.signature`` raises
+    TypeError, as for an extension's forward that sets a bad ``__signature__``)."""
+
+    __signature__ = "not a Signature"
+
+    def __call__(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return x * mask
+
+
+def test_a_forward_with_no_readable_signature_still_says_why_the_call_failed():
+    """The call check read the forward's signature with TypeError meaning "the inputs do
+    not bind": an unreadable signature raised UnboundLocalError out of lurker.trace. Now
+    the error is the forward's own, in one TraceError, and nothing claims a signature."""
+    m = _TwoInputs()
+    m.forward = _Unreadable()  # type: ignore[method-assign]
+    with pytest.raises(TypeError):
+        inspect.signature(m.forward)  # the premise: no signature to read
+    with pytest.raises(lurker.TraceError) as info:
+        lurker.trace(m, torch.randn(2, 8))
+    said = str(info.value)
+    assert "missing 1 required positional argument: 'mask'" in said, said
+    assert "does not take the inputs given" not in said
+    assert "The model's input shapes were (2, 8)." in said
 
 
 def test_a_type_error_inside_the_forward_is_not_blamed_on_its_inputs():

@@ -117,7 +117,7 @@ def test_explain_dash_m_gives_a_runs_model(tmp_path: Path):
 
     model = load_model("lurker.examples:DigitsNet")
     x, shown = load_image(img, 16, 1)
-    want = lurker.explain(model, x, 2, "saliency").overlay(0, image=shown, alpha=0.6)
+    want = lurker.explain(model, x, 2, "saliency").overlay(0, image=shown)
     assert Image.open(heat).tobytes() == want.tobytes()
 
 

@@ -955,12 +955,13 @@ def test_cli_explain_writes_the_overlay(tmp_path) -> None:
     )
     assert r.exit_code == 0, r.output
     assert "integrated_gradients of class 3, convergence delta" in r.output
-    # the same picture as the Python API's overlay of the same input
+    # the same picture as the Python API's overlay of the same input, at its default
+    # opacity (the command's was 0.6 to overlay's 0.5: one explanation, two looks)
     x, shown = load_image(img, 16, 1)
     e = lurker.explain(
         load_model("lurker.examples:DigitsNet"), x, 3, "integrated_gradients", n_steps=8
     )
-    assert Image.open(out).tobytes() == e.overlay(0, image=shown, alpha=0.6).tobytes()
+    assert Image.open(out).tobytes() == e.overlay(0, image=shown).tobytes()
 
     r = CliRunner().invoke(
         main, [*args, "--method", "gradcam", "--layer", "features.8", "-o", str(out)]
@@ -975,6 +976,7 @@ def test_cli_explain_writes_the_overlay(tmp_path) -> None:
         (["--method", "lime"], "unknown explanation method 'lime'; supported: saliency"),
         (["-t", "12"], "target class 12 is out of range"),
         (["-t", "features.88:1"], "layer 'features.88' is not in the model"),
+        (["--alpha", "1.5"], "1.5 is not in the range 0<=x<=1"),
     ]:
         r = CliRunner().invoke(main, [*args, *extra, "-o", str(out)])
         assert r.exit_code == 2 and message in r.output, r.output
@@ -1028,7 +1030,7 @@ def test_cli_unit_dim(tmp_path) -> None:
     e = lurker.explain(
         vit_mod.build().eval(), x, lurker.explain.UnitTarget(block, 1, unit_dim=1), "saliency"
     )
-    assert Image.open(out).tobytes() == e.overlay(0, image=shown, alpha=0.6).tobytes()
+    assert Image.open(out).tobytes() == e.overlay(0, image=shown).tobytes()
     r = CliRunner().invoke(main, [*args, "-t", "3", "--unit-dim", "1"])
     assert r.exit_code == 2 and "needs a unit --target" in r.output, r.output
     r = CliRunner().invoke(main, [*args, "-t", "scaled_dot_product_attention_1:0"])

@@ -8,6 +8,7 @@ kernels. No page may log a console error.
 
 from __future__ import annotations
 
+import inspect
 import io
 import time
 from collections.abc import Iterator
@@ -699,7 +700,12 @@ def test_explain_page(page: Any, console: list[str], explorer: dict[str, Any]) -
     heat = page.locator("img.heat")  # method and concept overlays alike
 
     opacities = "es => es.map(e => getComputedStyle(e).opacity)"
-    assert set(heat.evaluate_all(opacities)) == {"0.7"}
+    # by default at Explanation.overlay's alpha (and `lurker explain --alpha`'s)
+    from lurker.explain import Explanation
+
+    overlay_alpha = inspect.signature(Explanation.overlay).parameters["alpha"].default
+    assert set(heat.evaluate_all(opacities)) == {str(overlay_alpha)} == {"0.5"}
+    assert page.locator("#explain-opacity-value").inner_text() == "50%"
     page.locator("#explain-opacity").fill("0.25")
     assert set(heat.evaluate_all(opacities)) == {"0.25"}
     assert page.locator("#explain-opacity-value").inner_text() == "25%"

@@ -473,6 +473,8 @@ def test_an_interrupted_command_keeps_the_units_it_finished(run_dir, tmp_path, m
 
 
 def test_the_diversity_weight_is_an_option_of_the_command(run_dir, tmp_path):
+    """--diversity is stored and gives Python's images; the closing line of one unit says
+    "1 unit of", not "1 units of"."""
     run = _fresh_run(run_dir, tmp_path)
     r = CliRunner().invoke(
         main,
@@ -480,6 +482,7 @@ def test_the_diversity_weight_is_an_option_of_the_command(run_dir, tmp_path):
          "--images-per-unit", "2", "--diversity", "5"],
     )  # fmt: skip
     assert r.exit_code == 0, r.output
+    assert "1 unit of features.8: activation" in r.output, r.output
     with Run.open(run) as opened:
         stored = opened.featviz("features.8")
     assert stored.settings["diversity"] == 5.0
@@ -808,3 +811,40 @@ def test_a_two_axis_run_is_named_as_its_graph_reads_it(tmp_path, model_of, shape
     layer = next(n for n, m in model.named_modules() if isinstance(m, nn.Conv1d | nn.Conv2d))
     with pytest.raises(LurkerError, match=said):
         lurker.featviz(model, layer, [0], steps=1, run=tmp_path / "run")
+
+
+def test_a_token_layers_channel_images_are_said_to_maximize_its_mean_over_tokens(tmp_path):
+    """The unit document's meaning of the channel objective said "mean over its map" on a
+    ViT block, whose units have no map: their per-sample mean (the value featviz raises,
+    and the probe ranks by) is over the block's tokens, the class token among them. It
+    says so now, with the token count the model's block gives."""
+    from fastapi.testclient import TestClient
+    from torch.utils.data import Subset
+
+    from lurker.probe.data import load_dataset
+    from lurker.server import create_app
+    from models_zoo import DigitsViT
+
+    torch.manual_seed(0)
+    model = DigitsViT().eval()
+    data = Subset(load_dataset("digits:test", 16, channels=1), range(8))
+    block = "vit.encoder.layers.encoder_layer_1"
+    run = lurker.probe(model, data, out=tmp_path / "vit", k=2, progress=False, layers=[block])
+    run.close()
+    fv = lurker.featviz(model, block, units=[3], steps=1, run=tmp_path / "vit")
+    fv.save(tmp_path / "vit")
+    seen: list[torch.Tensor] = []
+    hook = model.get_submodule(block).register_forward_hook(lambda m, i, o: seen.append(o))
+    with torch.no_grad():
+        model(data[0][0][None])
+    hook.remove()
+    tokens = seen[0].shape[1]  # (1, tokens, units): the class token and the patches
+    assert tokens == 17
+    with TestClient(create_app(tmp_path / "vit")) as client:
+        doc = client.get(f"/api/runs/vit/layers/{block}/units/3").json()
+    (view,) = doc["featviz"]["views"]
+    assert view["objective"] == "channel"
+    assert (
+        view["meaning"]
+        == f"the unit's mean over its {tokens} tokens (the value the probe ranks by)"
+    )

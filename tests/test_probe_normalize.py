@@ -332,7 +332,7 @@ def test_probe_explain_and_featviz_feed_one_image_as_one_tensor(
                                   str(SIZE), *method])  # fmt: skip
     assert r.exit_code == 0, r.output
     e = lurker.explain(net, want, 1, "input_x_gradient")
-    assert Image.open(heat).tobytes() == e.overlay(0, image=shown, alpha=0.6).tobytes()
+    assert Image.open(heat).tobytes() == e.overlay(0, image=shown).tobytes()
 
     # lurker featviz and lurker.featviz: the [0, 1] image normalised by the same statistics
     fv = tmp_path / "fv"
@@ -366,11 +366,11 @@ def test_explain_of_a_run_feeds_the_image_as_the_runs_probe_did(
     net = load_model(spec, None, device="cpu")
     shown = torch.from_numpy(np.asarray(Image.open(image), np.float32) / 255).permute(2, 0, 1)
     e = lurker.explain(net, x, 0, "input_x_gradient")
-    assert Image.open(heat).tobytes() == e.overlay(0, image=shown, alpha=0.6).tobytes()
+    assert Image.open(heat).tobytes() == e.overlay(0, image=shown).tobytes()
     r = CliRunner().invoke(main, [*args, "-o", str(heat), "--normalize", "none"])
     assert r.exit_code == 0, r.output
     plain = lurker.explain(net, _oracle(folder, (0.0,) * 3, (1.0,) * 3)[2:3], 0, "input_x_gradient")
-    assert Image.open(heat).tobytes() == plain.overlay(0, image=shown, alpha=0.6).tobytes()
+    assert Image.open(heat).tobytes() == plain.overlay(0, image=shown).tobytes()
     assert plain.overlay(0, image=shown).tobytes() != e.overlay(0, image=shown).tobytes()
     r = CliRunner().invoke(main, [*args, "-o", str(heat), "--normalize", "0.5/0.25"])
     assert r.exit_code == 2 and "--normalize" in r.output and "3-channel" in r.output, r.output
@@ -378,7 +378,7 @@ def test_explain_of_a_run_feeds_the_image_as_the_runs_probe_did(
     older = ["explain", spec, *args[2:], "--image-size", str(SIZE), "-o", str(heat)]
     r = CliRunner().invoke(main, [*older, "--mean", "0.5,0.4,0.3", "--std", "0.2,0.25,0.5"])
     assert r.exit_code == 0, r.output
-    assert Image.open(heat).tobytes() == e.overlay(0, image=shown, alpha=0.6).tobytes()
+    assert Image.open(heat).tobytes() == e.overlay(0, image=shown).tobytes()
     r = CliRunner().invoke(main, [*older, "--mean", "0.5,0.4,0.3"])
     assert r.exit_code == 2 and "--normalize MEAN/STD" in r.output, r.output
 
@@ -478,7 +478,7 @@ def test_a_model_that_scales_raw_pixels_itself_is_probed_with_normalize_raw(
     assert r.exit_code == 0, r.output
     e = lurker.explain(net, raw[2:3].float(), 0, "input_x_gradient")
     shown = raw[2].float() / 255
-    assert Image.open(heat).tobytes() == e.overlay(0, image=shown, alpha=0.6).tobytes()
+    assert Image.open(heat).tobytes() == e.overlay(0, image=shown).tobytes()
     # `lurker featviz RUN`: the model fed 0..255 values (its [0, 1] image / (1/255))
     fv = tmp_path / "fv"
     r = CliRunner().invoke(main, ["featviz", str(out), "--layer", "conv", "-u", "0", "-n", "1",
@@ -697,3 +697,59 @@ def test_ordinary_models_are_not_said_to_scale_raw_pixels() -> None:
     ]
     for model, x in cases:
         assert raw_scaling(settled_trace(model.eval(), x)) is None, type(model).__name__
+
+
+MEAN3, STD3 = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
+
+
+class _Table(torch.utils.data.Dataset):
+    """A dataset class with ``mean()``/``std()`` methods (as a pandas DataFrame subclass
+    has), its images normalised by a Normalize in its transform."""
+
+    def __init__(self, images: torch.Tensor, mean: list[float], std: list[float]) -> None:
+        from torchvision import transforms
+
+        self.images = images
+        self.transform = transforms.Compose([transforms.Normalize(mean, std)])
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.transform(self.images[i]), 0
+
+    def mean(self) -> float:
+        return float(self.images.mean())
+
+    def std(self) -> float:
+        return float(self.images.std())
+
+
+def test_a_datasets_mean_and_std_methods_are_not_read_as_its_normalisation() -> None:
+    """``mean``/``std`` attributes were read as the normalisation numbers whatever they
+    were: a class with mean()/std() methods crashed wrap() ("'method' object is not
+    iterable"). They are passed over, the transform's Normalize is found, and the sample's
+    picture is its image again; numbers in other forms (a (3, 1, 1) array, one float)
+    are still read."""
+    from lurker.probe.data import input_image, wrap
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (2, 3, 6, 6), generator=g).float() / 255
+    mean, std = MEAN3, STD3
+    ds = wrap(_Table(images, mean, std))
+    assert ds.mean == pytest.approx(mean) and ds.std == pytest.approx(std)
+    picture = np.asarray(input_image(ds, 1), dtype=np.float64)
+    want = images[1].permute(1, 2, 0).numpy() * 255  # the image before its Normalize
+    assert np.abs(picture - want).max() <= 1
+
+    class Arrays(torch.utils.data.TensorDataset):
+        mean = np.array(MEAN3, dtype=np.float32).reshape(3, 1, 1)
+        std = torch.tensor(STD3)
+
+    found = wrap(Arrays(images))
+    assert found.mean == pytest.approx(mean) and found.std == pytest.approx(std)
+
+    class Scalars(torch.utils.data.TensorDataset):
+        mean, std = 0.5, np.float32(0.25)
+
+    assert (wrap(Scalars(images)).mean, wrap(Scalars(images)).std) == ((0.5,), (0.25,))

@@ -157,6 +157,22 @@ def test_images_of_token_ids_are_refused_with_the_reason(served: dict):
             make()
 
 
+def test_unit_images_of_token_ids_are_refused_before_any_progress(served: dict, capsys):
+    """`lurker images` on a run of token ids printed "images: 0/96 (0%)" (its progress
+    line) before refusing: a start it would never make. Now the refusal comes first,
+    naming the token ids, whichever kinds are asked."""
+    from lurker.errors import LurkerError
+    from lurker.probe import UnitImages
+
+    images = UnitImages(served["run"], model=served["model"], dataset=served["data"])
+    for kinds in (("input", "grad"), ("grad",)):
+        capsys.readouterr()
+        with pytest.raises(LurkerError, match=f"is a sequence of {LENGTH} token ids"):
+            images.write_all(layers=[LAYER], kinds=kinds, progress=True, progress_every=0)
+        err = capsys.readouterr().err
+        assert "images:" not in err and "0%" not in err, err
+
+
 def test_without_its_dataset_the_run_says_why_it_shows_no_tokens(served: dict):
     bare = served["bare"]
     assert get_json(f"{bare}/api/runs/{RID}")["dataset"]["tokens"] == LENGTH

@@ -1056,7 +1056,13 @@ Examples:
 )
 @click.option("--mean", default=None, hidden=True)  # before --normalize: MEAN of MEAN/STD
 @click.option("--std", default=None, hidden=True)
-@click.option("--alpha", default=0.6, show_default=True, help="Heatmap opacity at its strongest.")
+@click.option(
+    "--alpha",
+    type=click.FloatRange(0, 1),
+    default=0.5,
+    show_default=True,
+    help="Heatmap opacity at its strongest (Explanation.overlay's and the Explain page's default).",
+)
 @click.option(
     "--out",
     "-o",
@@ -1600,7 +1606,7 @@ def featviz(
     reached = fv.activations.reshape(len(fv.units), -1).mean(1)
     start = fv.start.reshape(len(fv.units), -1).mean(1)
     click.echo(
-        f"{len(fv.units)} units of {fv.layer}: activation {float(start.mean()):.3g} at the "
+        f"{len(fv.units)} unit{'s' * (len(fv.units) != 1)} of {fv.layer}: activation {float(start.mean()):.3g} at the "
         f"random start, {float(reached.mean()):.3g} reached (mean over units); {where}"
     )
 

@@ -28,6 +28,8 @@ export interface RunSummary {
     ops: number | null;
     input_shape: number[] | null;
     flops: number | null;
+    /** ops of unknown FLOPs that ``flops`` leaves out (then a lower bound); null: no graph */
+    flops_unknown?: number | null;
   };
   dataset: {
     spec: string | null;

@@ -49,6 +49,14 @@ export function fmt(v: number | null | undefined, digits = 3): string {
   return String(Number(v.toPrecision(digits)));
 }
 
+/** A model's FLOPs total: "at least 96, 1 op of unknown FLOPs" where ``unknown`` ops
+ * (arguments lurker cannot read) are left out of it, so a lower bound never passes for the
+ * whole (as `lurker trace`'s summary says it). */
+export function flopsTotal(flops: number | null | undefined, unknown: number | null | undefined): string {
+  if (!unknown || flops === null || flops === undefined) return fmt(flops);
+  return `at least ${fmt(flops)}, ${fmt(unknown)} op${unknown === 1 ? "" : "s"} of unknown FLOPs`;
+}
+
 /** A probability as a percentage to 0.1%, never rounded to a certainty it is not:
  * 0.99996 is ">99.9%" and 0.00002 "<0.1%" (toFixed(1) showed them as 100.0% and 0.0%);
  * only an exact 1 or 0 reads 100.0% or 0.0%. */

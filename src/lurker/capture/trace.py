@@ -734,6 +734,9 @@ def _call_mismatch(model: nn.Module, e: Exception, args: tuple, kwargs: dict) ->
         tb = tb.tb_next
     try:
         sig = inspect.signature(model.forward)
+    except (TypeError, ValueError):  # no signature to read (a builtin, a C forward)
+        return None
+    try:
         sig.bind(*args, **kwargs)
     except TypeError as why:
         given = [_describe(a) for a in args] + [f"{k}={_describe(v)}" for k, v in kwargs.items()]
@@ -741,8 +744,6 @@ def _call_mismatch(model: nn.Module, e: Exception, args: tuple, kwargs: dict) ->
             f"{type(model).__name__}.forward{sig} does not take the inputs given "
             f"({', '.join(given) or 'none'}): {keyword_only_note(sig, args, kwargs) or why}."
         )
-    except ValueError:  # no signature to read
-        return None
     return None
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import operator
 import os
 import re
@@ -556,10 +557,13 @@ def _plain(label: Any) -> Any:
 
 
 def _find_normalize(dataset: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """mean/std of the dataset: its own attributes, a Normalize in its transform, or 0/1."""
-    mean, std = getattr(dataset, "mean", None), getattr(dataset, "std", None)
+    """mean/std of the dataset: its own attributes, a Normalize in its transform, or 0/1.
+    Attributes that are no numbers (a DataFrame subclass's ``mean()``/``std()`` methods)
+    are not normalisation numbers: they are passed over, not called or crashed on."""
+    mean = _numbers(getattr(dataset, "mean", None))
+    std = _numbers(getattr(dataset, "std", None))
     if mean is not None and std is not None:
-        return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+        return mean, std
     from torchvision import transforms
 
     transform = getattr(dataset, "transform", None)
@@ -567,6 +571,25 @@ def _find_normalize(dataset: Any) -> tuple[tuple[float, ...], tuple[float, ...]]
         if isinstance(t, transforms.Normalize):
             return tuple(float(v) for v in t.mean), tuple(float(v) for v in t.std)
     return (0.0,), (1.0,)
+
+
+def _numbers(value: Any) -> tuple[float, ...] | None:
+    """``value`` as per-channel numbers where it is a number or a sequence of them (a list,
+    a tuple, an array or tensor of one axis that is not 1, such as ``(3, 1, 1)``), else None
+    (a method, a string, a table)."""
+    if isinstance(value, (Tensor, np.ndarray)):
+        if value.dtype == torch.bool or value.dtype == np.bool_ or value.size == 0:
+            return None
+        if sum(int(n) > 1 for n in value.shape) > 1:  # a table, not one value per channel
+            return None
+        value = value.reshape(-1).tolist()
+    if isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)):
+        return (float(value),)
+    if not isinstance(value, (list, tuple)) or not value:
+        return None
+    if not all(isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_)) for v in value):
+        return None
+    return tuple(float(v) for v in value)
 
 
 def wrap(

@@ -195,7 +195,8 @@ class UnitImages:
     def _no_pictures(self) -> None:
         """Refuse, with the reason, a run whose inputs are flat vectors of numbers (a
         tabular model's features): no picture exists to cut or back-propagate onto. (Token
-        ids, integer inputs, are refused where a sample is read, naming them.)"""
+        ids, integer inputs, are refused where a sample is read, naming them: write_all
+        reads one before it says any progress.)"""
         cfg = self.run.meta.get("config") or {}
         shape = cfg.get("input_shape") or []
         if len(shape) == 2:
@@ -589,6 +590,10 @@ class UnitImages:
         t0 = time.perf_counter()
         remove_stale_tmp(Path(self.run.path) / "cache")  # a SIGKILL's half-written files
         plan, samples, frames, total = self._plan(names, kinds, lists)
+        # token ids have no picture: refused naming them, before any progress is said
+        sid = samples[0] if samples else next((j.sample_id for _, js in plan for j in js), None)
+        if sid is not None:
+            pdata.require_picture(pdata.clip_frame(self._sample(sid)), sid)
         todo = _count(plan, samples) + len(frames)
         bar = Progress("images", total, total - todo, progress, progress_every)
         made = 0

@@ -44,6 +44,8 @@ export interface GraphView {
   ops: number;
   params: number;
   flops: number;
+  /** ops of unknown FLOPs that ``flops`` leaves out (then a lower bound) */
+  flops_unknown?: number;
   dtype: string;
   files: string[];
   groups: ViewGroup[];

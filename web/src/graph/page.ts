@@ -73,6 +73,13 @@ function el<K extends keyof HTMLElementTagNameMap>(tag: K, cls?: string): HTMLEl
 const esc = (s: string) =>
   s.replace(/[&<>"]/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;" })[c]!);
 const fmt = (n: number) => n.toLocaleString("en-US");
+
+/** The graph's FLOPs, "at least 96 FLOPs, 1 op of unknown FLOPs" where ops whose FLOPs
+ * lurker cannot count are left out of the sum: a lower bound never passes for the total. */
+function flopsText(d: GraphView): string {
+  const k = d.flops_unknown ?? 0;
+  return k ? `at least ${fmt(d.flops)} FLOPs, ${fmt(k)} op${k === 1 ? "" : "s"} of unknown FLOPs` : `${fmt(d.flops)} FLOPs`;
+}
 const f1 = (x: number) => Math.round(x * 10) / 10;
 /** The red pill on a marked node or box, its right end at (right, top) less a little. */
 const nfBadge = (right: number, top: number, text: string) => {
@@ -405,7 +412,7 @@ class GraphPage {
     h1.textContent = `Graph of ${d.model}`;
     const facts = el("span", "facts");
     facts.textContent =
-      `${fmt(d.ops)} ops \u00b7 ${fmt(d.params)} params \u00b7 ${fmt(d.flops)} FLOPs` +
+      `${fmt(d.ops)} ops \u00b7 ${fmt(d.params)} params \u00b7 ${flopsText(d)}` +
       (d.complete ? "" : ` \u00b7 partial: failed at ${d.failed}`);
     const search = el("input");
     search.type = "search";

@@ -164,7 +164,7 @@ export async function renderExplain(root: HTMLElement, ctx: PageContext): Promis
     root.append(said);
   }
   const layer = explained ? null : params.get("layer") || null;
-  const opacity = clamp01(Number(params.get("opacity") ?? "0.7"));
+  const opacity = clamp01(Number(params.get("opacity") ?? String(OPACITY)));
   const inputSrc = ctx.api.pngUrl(p("runs", ctx.run, "live", image, "input.png"));
   const isUnit = target.includes(":");
   const topClass = live.predictions[0]?.class;
@@ -483,6 +483,11 @@ function unitHref(ctx: PageContext, summary: RunSummary, target: string): string
   return null;
 }
 
+/** The heatmap's opacity at its strongest by default: Explanation.overlay's alpha and
+ * `lurker explain --alpha`'s, so one explanation looks the same on the page, from Python
+ * and from the command line. */
+const OPACITY = 0.5;
+
 function clamp01(v: number): number {
-  return Number.isFinite(v) ? Math.min(1, Math.max(0, v)) : 0.7;
+  return Number.isFinite(v) ? Math.min(1, Math.max(0, v)) : OPACITY;
 }

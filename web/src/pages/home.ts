@@ -1,7 +1,7 @@
 /** `#/r/RUN`: what the model and dataset are, what the run holds, and where to go next. */
 import { serveCommand, type RunSummary } from "../api";
 import type { PageContext } from "../context";
-import { append, type Child, facts, fmt, h, notice, probedAt, shape } from "../dom";
+import { append, type Child, facts, flopsTotal, fmt, h, notice, probedAt, shape } from "../dom";
 
 export async function renderHome(root: HTMLElement, ctx: PageContext): Promise<void> {
   const s = await ctx.api.json<RunSummary>(`/runs/${encodeURIComponent(ctx.run)}`);
@@ -34,7 +34,7 @@ export async function renderHome(root: HTMLElement, ctx: PageContext): Promise<v
           ["parameters", fmt(m.params)],
           ["ops", fmt(m.ops)],
           ["input size", shape(m.input_shape)],
-          ["FLOPs", fmt(m.flops)],
+          ["FLOPs", flopsTotal(m.flops, m.flops_unknown)],
         ]),
       ),
       h(

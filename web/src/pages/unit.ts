@@ -210,7 +210,7 @@ export async function renderUnit(root: HTMLElement, ctx: PageContext, args: stri
               },
             )
           : null;
-      fill(toggles, pick, h("span", { class: "muted featviz-caption" }, featvizCaption(view)));
+      fill(toggles, pick, h("span", { class: "muted featviz-caption" }, featvizCaption(view, places)));
       const beyond = featvizBeyondData(view);
       // a static export holds the best sample's image only where the unit's lists show it
       const best = view.best_sample;
@@ -698,7 +698,7 @@ function signalBounds(st: Record<string, unknown>): string {
 }
 
 /** What the feature visualization tab says about how its images were made. */
-function featvizCaption(f: FeatVizView): string {
+function featvizCaption(f: FeatVizView, places: Places): string {
   const st = f.settings;
   const made = [st["steps"] ? `${st["steps"]} steps` : null, st["size"] ? (st["input"] === "signal" ? `${([] as unknown[]).concat(st["size"]).slice(-1)} samples ${signalBounds(st)}` : `${([] as unknown[]).concat(st["size"]).join("\u00d7")} px`) : null, st["param"] ? `${st["param"]} parametrization` : null]
     .filter(Boolean)
@@ -706,7 +706,7 @@ function featvizCaption(f: FeatVizView): string {
   // several images per unit are pushed apart by a diversity term, which can cost activation
   const n = Number(st["images_per_unit"] ?? 1);
   const apart = n > 1 && Number(st["diversity"] ?? 0) > 0 ? `; ${n} images pushed apart by a diversity term of weight ${st["diversity"]}, which trades activation for variety` : "";
-  const meaning = f.meaning ?? (f.objective === "channel" ? "the mean of its map" : f.objective);
+  const meaning = f.meaning ?? (f.objective === "channel" ? (places.kind === "vector" ? "the unit's value" : `the unit's mean over its ${places.kind === "spatial" ? "map" : places.many}`) : f.objective);
   const beside = f.best_sample !== null ? ", beside the best dataset sample's" : "";
   const what = st["input"] === "signal" ? "signals" : "images";
   return `${what} optimized to excite the unit (${f.objective} objective: ${meaning}${made ? `; ${made}` : ""}${apart}); value: what each reached${beside}`;

@@ -75,7 +75,8 @@ def unit_detail(
     doc["prev"] = index - 1 if index > 0 else None
     doc["next"] = index + 1 if index + 1 < info.num_units else None
     doc["num_units"] = info.num_units
-    doc["featviz"] = _featviz(e.open_run(), info.name, index, doc)
+    places = _places(info, positions, signal=shape is not None, tokens=length is not None)
+    doc["featviz"] = _featviz(e.open_run(), info.name, index, doc, places)
     doc["output_class"] = _output_class(e.open_run(), info, index)
     return UnitDetail.model_validate(doc)
 
@@ -144,7 +145,9 @@ def _output_class(run: Any, info: Any, unit: int) -> dict[str, Any] | None:
     return {"class": unit, "name": names[unit], "value": value}
 
 
-def _featviz(run: Any, layer: str, unit: int, doc: dict[str, Any]) -> dict[str, Any] | None:
+def _featviz(
+    run: Any, layer: str, unit: int, doc: dict[str, Any], places: str
+) -> dict[str, Any] | None:
     from lurker.store.featviz import unit_featviz
 
     found = unit_featviz(run, layer, unit)
@@ -162,7 +165,7 @@ def _featviz(run: Any, layer: str, unit: int, doc: dict[str, Any]) -> dict[str, 
         views.append(
             {
                 "objective": objective,
-                "meaning": _meaning(objective, one.settings),
+                "meaning": _meaning(objective, one.settings, places),
                 "activations": one.activations,
                 "settings": one.settings,
                 "best_dataset": best["value"] if best else None,
@@ -199,10 +202,24 @@ def _featviz_signals(run: Any, layer: str, unit: int, objective: str, one: Any) 
     return {"signals": signals, "spans": spans}
 
 
-def _meaning(objective: str, settings: dict[str, Any]) -> str:
-    """What an objective's images maximize, in words (the unit page's label)."""
+def _places(info: Any, positions: int, *, signal: bool, tokens: bool) -> str:
+    """What a unit's per-sample mean is over, as the pages word it (web/src/images.ts
+    ``layerPlaces``): "its map", "its 17 tokens" (a ViT's: a class token is no place of a
+    map), "its time steps"; "" for a layer of one value per unit and sample."""
+    if positions <= 1:
+        return ""
+    if tokens or (not info.rf and isinstance((info.layout or {}).get("boxes"), list)):
+        return f"its {positions} tokens"
+    return "its time steps" if signal else "its map"
+
+
+def _meaning(objective: str, settings: dict[str, Any], places: str = "its map") -> str:
+    """What an objective's images maximize, in words (the unit page's label); ``places``:
+    what the channel objective's mean is over (:func:`_places`)."""
     if objective == "channel":
-        return "the unit's mean over its map (the value the probe ranks by)"
+        if not places:  # one value per sample: no mean to take
+            return "the unit's value (the value the probe ranks by)"
+        return f"the unit's mean over {places} (the value the probe ranks by)"
     if objective == "neuron":
         pos = settings.get("position")
         token = settings.get("token")
