@@ -1585,3 +1585,43 @@ def test_class_target_refuses_an_output_whose_batch_is_not_axis_0(method: str) -
         LurkerError, match=r"shape \(3, 5\), whose first axis is not the batch of 5 rows.*transpose"
     ):
         lurker.explain(_ClassesFirst().eval(), x, method=method, **options)
+
+
+class _TimeMajor(nn.Module):
+    """Reads (steps, batch, features), as nn.GRU does by default; returns (batch, classes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.GRU(4, 6)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.rnn(x)[0][-1])
+
+
+class _BatchFirst(nn.Module):
+    """The fix the refusal names: the batch first, moved back inside the forward."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x.movedim(0, 1))
+
+
+def test_class_target_names_an_input_whose_batch_is_not_axis_0() -> None:
+    """A time-major input (steps, batch, features) gives a (batch, classes) output, whose
+    first axis is not the input's: the refusal told to transpose the output, which is
+    already right. It names the input's axis that holds the batch and the fix, and that
+    fix explains the model: saliency equal to autograd's on the time-major model."""
+    torch.manual_seed(0)
+    model = _TimeMajor().eval()
+    x = torch.randn(5, 2, 4)  # 5 steps of a batch of 2
+    with pytest.raises(LurkerError, match=r"axis 1 of the input \(5, 2, 4\).*x\.movedim\(1, 0\)"):
+        lurker.explain(model, x, method="saliency")
+    e = lurker.explain(_BatchFirst(model).eval(), x.movedim(1, 0), method="saliency")
+    xg = x.clone().requires_grad_(True)
+    out = model(xg)
+    out.gather(1, out.argmax(1, keepdim=True)).sum().backward()
+    close(e.attribution, xg.grad.abs().movedim(1, 0))

@@ -999,3 +999,68 @@ def test_features_beyond_float16_are_warned_and_recorded(model, data, tmp_path):
     assert e.meta["overflow"]["max_abs"] == pytest.approx(float(ref.abs().max()), rel=1e-6)
     with pytest.raises(LurkerError, match=rf"{int(over.sum()):,} values beyond float16"):
         make_map(run, method="pca")
+
+
+class _LastStep(torch.nn.Module):
+    """An LSTM's last step feeds the head: ``out[:, -1]``, time on axis 1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = torch.nn.LSTM(3, 8, batch_first=True)
+        self.fc = torch.nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.lstm(x)[0][:, -1])
+
+
+class _OneChannel(torch.nn.Module):
+    """A conv's channel 0 over time feeds the head: ``h[:, 0]`` of ``(B, C, L)``, whose
+    axis 1 is channels, no place in the signal."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv1d(3, 8, 5, padding=2)
+        self.fc = torch.nn.Linear(40, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.conv(x)[:, 0])
+
+
+@pytest.mark.parametrize(
+    ("make", "shape", "said", "picked"),
+    [
+        (_LastStep, (40, 3), "time step 39 of 40 (the last) of the output of lstm", (1, -1)),
+        (_OneChannel, (3, 40), "entry 0 of axis 1 (8 long) of the output of conv", (1, 0)),
+    ],
+    ids=["time-step", "channel"],
+)
+def test_map_title_names_a_signal_layers_entry_by_its_axis(make, shape, said, picked, tmp_path):
+    """The map's ``layer_said`` called any entry picked off axis 1 a token: an LSTM's
+    last step on a signal run was "token 39 of 40", and a conv's channel 0 "token 0 of
+    8". Now a time step where the signal's time runs along the axis (its receptive
+    field), else the entry by its axis. Oracle: the stored features are that entry of the
+    module's output, by a forward hook."""
+    from fastapi.testclient import TestClient
+
+    from lurker.server.app import create_app
+
+    torch.manual_seed(0)
+    model = make().eval()
+    x = torch.randn(32, *shape)
+    ds = torch.utils.data.TensorDataset(x, torch.randint(0, 4, (32,)))
+    run = probe(model, ds, out=tmp_path / "run", k=2, progress=False, device="cpu", embed=True)
+    seen: list[torch.Tensor] = []
+    module = model.lstm if make is _LastStep else model.conv
+    hook = module.register_forward_hook(
+        lambda m, i, o: seen.append(o[0] if make is _LastStep else o)
+    )
+    with torch.no_grad():
+        model(x)
+    hook.remove()
+    out = seen[0]
+    got = torch.tensor(np.asarray(run.embedding().features, dtype=np.float32))
+    torch.testing.assert_close(got, out.select(*picked), atol=2e-3, rtol=2e-3)
+    make_map(run, method="pca")
+    client = TestClient(create_app(str(run.path)))
+    doc = client.get(f"/api/runs/{Path(run.path).name}/map").json()
+    assert doc["layer_said"].startswith(said + " (op ")

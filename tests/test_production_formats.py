@@ -632,3 +632,27 @@ def test_statically_quantized_model_is_probed_right(tmp_path: Path) -> None:
         for u in range(layer.num_units):
             got = [e.value for e in run.unit(layer.name, u).top("max")]
             torch.testing.assert_close(torch.tensor(got), peaks[:, u].topk(3).values)
+
+
+def test_statically_quantized_model_keeps_its_features_for_the_map(tmp_path: Path) -> None:
+    """``embed=True`` on a statically quantized model keeps the input of its last Linear,
+    a quantized tensor: the probe failed deep in torch ("Creation of quantized tensor
+    requires quantized dtype") pooling its ints. Its features are their float values,
+    as a forward hook on the quantized model gives them (float16 storage)."""
+    data = _data(24)
+    x = data.tensors[0]
+    _, model = _statically_quantized(x)
+    run = _quiet(
+        lurker.probe, model, data, out=tmp_path / "run", k=3, batch_size=8, progress=False,
+        device="cpu", embed=True,
+    )  # fmt: skip
+    seen: list[torch.Tensor] = []
+    hook = model.fc.register_forward_hook(lambda m, i, o: seen.append(i[0].dequantize()))
+    with torch.no_grad():
+        for batch in x.split(8):
+            model(batch)
+    hook.remove()
+    want = torch.cat(seen)  # (samples, 8): the mean over the conv's positions
+    got = torch.tensor(run.embedding().features.astype("float32"))
+    assert got.shape == want.shape == (24, 8)
+    torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)

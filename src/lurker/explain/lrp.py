@@ -893,7 +893,7 @@ class Engine:
             if not isinstance(output, Tensor) or output.dim() != 2:
                 raise class_output_error(output)
             if output.shape[0] != x.shape[0]:  # a batch on another axis: rows mixed up
-                raise class_output_error(output, x.shape[0])
+                raise class_output_error(output, x.shape[0], tuple(x.shape))
             classes = output.detach().argmax(1).tolist() if parsed is None else parsed
             big = max(classes)
             if big >= output.shape[1]:

@@ -119,10 +119,23 @@ UNIT_HINT = (
 )
 
 
-def class_output_error(out: Any, batch: int | None = None) -> LurkerError:
+def class_output_error(
+    out: Any, batch: int | None = None, input_shape: tuple[int, ...] | None = None
+) -> LurkerError:
     """Why a class target does not fit the model's output ``out``, and what does
-    (``batch``: the rows of the input, where the output's first axis has another size)."""
-    if isinstance(out, Tensor) and batch is not None:
+    (``batch``: the rows of the input, where the output's first axis has another size;
+    ``input_shape``: the input's, to tell a batch read off another axis of it)."""
+    if isinstance(out, Tensor) and batch is not None and out.shape[0] in (input_shape or ())[1:]:
+        axis = list(input_shape or ())[1:].index(out.shape[0]) + 1
+        what = (
+            f"a tensor of shape {tuple(out.shape)}, whose first axis is not the batch of "
+            f"{batch} rows: where the model reads its batch off axis {axis} of the input "
+            f"{tuple(input_shape or ())} (a time-major (steps, batch, features) one), pass "
+            f"x.movedim({axis}, 0), batch first, and move it back in a wrapper's forward "
+            "(explain reads the input's first axis as its batch, one explanation per row); "
+            "where it returns (classes, batch), return out.transpose(0, 1) from the wrapper"
+        )
+    elif isinstance(out, Tensor) and batch is not None:
         what = (
             f"a tensor of shape {tuple(out.shape)}, whose first axis is not the batch of "
             f"{batch} rows (a time-major model's (steps, batch, classes), or (classes, "
@@ -327,19 +340,20 @@ class Forward:
             if isinstance(self.model, Embedded):
                 self.model.rows = None
             with torch.no_grad():
-                out = self._model_output(self.model(self.x), len(self.x))
+                out = self._model_output(self.model(self.x), self.x.shape)
             self.classes = out.argmax(1)
             self.target = self.classes.tolist()
         return self.classes
 
     @staticmethod
-    def _model_output(out: Any, rows: int) -> Tensor:
-        """The model's (batch, classes) output for an input of ``rows`` rows: a batch on
-        another axis would have each row scored by another's (or a class's) values."""
+    def _model_output(out: Any, shape: tuple[int, ...]) -> Tensor:
+        """The model's (batch, classes) output for an input of ``shape``, a batch of
+        ``shape[0]`` rows: a batch on another axis would have each row scored by another's
+        (or a class's) values."""
         if not isinstance(out, Tensor) or out.dim() != 2:
             raise class_output_error(out)
-        if out.shape[0] != rows:
-            raise class_output_error(out, rows)
+        if out.shape[0] != shape[0]:
+            raise class_output_error(out, shape[0], tuple(shape))
         return out
 
     # ------------------------------------------------------------------ forward
@@ -367,7 +381,7 @@ class Forward:
                 )
             out = output if isinstance(output, Tensor) else None
         else:
-            out = self._model_output(output, len(xb))
+            out = self._model_output(output, xb.shape)
             if self.classes is None:
                 if rows is not None:
                     self.resolve_top()

@@ -1835,6 +1835,8 @@ def _sweep(plan: _Plan, consumers: Sequence[BatchConsumer], start: _Progress) ->
 
                 def feed(op: Any, value: Any, batch: Batch = batch) -> None:
                     output = value[0] if isinstance(value, tuple) else value
+                    if getattr(output, "is_quantized", False):  # a static quantized layer's
+                        output = output.dequantize()  # (its ints have no float view)
                     for layer, c in routes[op.index]:
                         c.update(layer, output, batch)
 

@@ -1102,9 +1102,10 @@ class MapDoc(BaseModel):
     sample-id order): 50,000 points stay a couple of MB before gzip."""
 
     layer: str | None
-    #: What the layer is where its name does not say (an op label that picks one token:
-    #: ``the class token (token 0) of the output of vit.encoder.ln (op layer_norm_5)``);
-    #: null else.
+    #: What the layer is where its name does not say (an op label that picks one entry
+    #: of axis 1: ``the class token (token 0) of the output of vit.encoder.ln (op
+    #: layer_norm_5)``, ``time step 39 of 40 (the last) of ...``, ``entry 0 of axis 1 (8
+    #: long) of ...``); null else.
     layer_said: str | None = None
     method: str
     engine: str | None = None

@@ -209,16 +209,25 @@ def signal_rf(run: Run, info: LayerInfo) -> dict[str, Any] | None:
         index = int(info.op_index)
     except MissingFromRunError:
         return None
+    return signal_fields(run).get(index)
+
+
+def signal_fields(run: Run) -> dict[int, dict[str, Any]]:
+    """Every op's receptive field along time on a signal run, from the run's graph (time
+    on the input's axis 1 for a channels-last signal or a waveform, its last axis for a
+    ``(C, T)`` one), by op index, once per Run object; empty for a run that is no signal
+    or a graph the field rules cannot follow (no spans, not wrong ones)."""
     fields = _FIELDS.get(run)
     if fields is None:
         from lurker.graph.receptive import receptive_fields
 
-        try:
-            fields = {i: rf.to_dict() for i, rf in receptive_fields(run.graph, time_axis=1).items()}
-        except Exception:  # a graph the field rules cannot follow: no spans, not wrong ones
-            fields = {}
+        fields = {}
+        if signal_layout(run) is not None:
+            with contextlib.suppress(Exception):
+                found = receptive_fields(run.graph, time_axis=signal_time_axis(run))
+                fields = {i: rf.to_dict() for i, rf in found.items()}
         _FIELDS[run] = fields
-    return fields.get(index)
+    return fields
 
 
 def feature_names(run: Run) -> list[str] | None:

@@ -13,6 +13,7 @@ from ..classes import model_outputs, stored_probability
 from ..deps import entry
 from ..errors import ApiError
 from ..schemas import MapDoc
+from ..state import signal_fields, token_length
 
 router = APIRouter(prefix="/api", tags=["map"])
 
@@ -45,9 +46,14 @@ def _one_token(op: Any) -> tuple[int, int] | None:
 
 def layer_said(run: Any, layer: str | None) -> str | None:
     """What the map's layer is, where its name (an op label, ``getitem_7``) does not say:
-    one token picked from a sequence, ``the class token (token 0) of the output of
-    vit.encoder.ln (op layer_norm_5)`` (a token the run's token layers give no patch: a class token),
-    from the run's graph; None for any other layer or a run without its graph."""
+    one entry picked off axis 1 of an op's output, ``the class token (token 0) of the
+    output of vit.encoder.ln (op layer_norm_5)``, from the run's graph; None for any other
+    layer or a run without its graph.
+
+    The entry is called a token only where axis 1 is one: the run's token layers of that
+    length (a token they give no patch: a class token) or its token ids; a time step where
+    the signal's time runs along it (its receptive field); else by its index on the axis
+    (a conv's ``(B, C, L)`` output has channels there, which "token" would misname)."""
     if not layer:
         return None
     try:
@@ -62,11 +68,20 @@ def layer_said(run: Any, layer: str | None) -> str | None:
     parent = by_index.get(op.parents[0])
     if parent is None or len(parent.shape or ()) != 3 or picked[0] != 1:
         return None
-    count, token = parent.shape[1], picked[1] % parent.shape[1]
-    # a token with no patch on the run's token layers of that length: a class token
+    count = parent.shape[1]
+    token = picked[1] % count
     boxes = [b for i in run.layers if isinstance(b := (i.layout or {}).get("boxes"), list)]
-    patchless = any(len(b) == count and b[token] is None for b in boxes)
-    what = f"the class token (token {token})" if patchless else f"token {token} of {count}"
+    boxes = [b for b in boxes if len(b) == count]
+    rf = signal_fields(run).get(parent.index) or {}
+    if any(b[token] is None for b in boxes):  # a token with no patch: a class token
+        what = f"the class token (token {token})"
+    elif boxes or token_length(run) == count:
+        what = f"token {token} of {count}"
+    elif (rf.get("x") or {}).get("dim") == 1 and (rf.get("y") or {}).get("dim") is None:
+        last = " (the last)" if token == count - 1 else ""
+        what = f"time step {token} of {count}{last}"
+    else:
+        what = f"entry {token} of axis 1 ({count} long)"
     where = f"{parent.module} (op {parent.label})" if parent.module else f"op {parent.label}"
     return f"{what} of the output of {where}"
 
