@@ -239,3 +239,129 @@ def test_weights_times_values_are_torchs_attention(kind: str):
         want = F.scaled_dot_product_attention(q, k, v, **kw)
     torch.testing.assert_close((w @ vv.double()).float(), want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(w.sum(-1), torch.ones(2, 4, L, dtype=w.dtype))
+
+
+class CausalText(nn.Module):
+    """Token ids through one causal grouped-query attention (4 query heads, 2 key heads):
+    a text model, whose tokens are the sequence's positions, not an image's patches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 16)
+        self.q, self.k, self.v = nn.Linear(16, 16), nn.Linear(16, 8), nn.Linear(16, 8)
+        self.mlp = nn.Sequential(nn.Linear(16, 16), nn.ReLU())
+        self.head = nn.Linear(16, 3)
+
+    def heads(self, ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        t = self.emb(ids)
+        split = lambda x: x.unflatten(-1, (-1, 4)).transpose(1, 2)  # noqa: E731
+        return split(self.q(t)), split(self.k(t)), split(self.v(t))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.heads(ids)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return self.head(self.mlp(y.transpose(1, 2).flatten(2))[:, -1])
+
+
+class PaddedMHA(nn.Module):
+    """Patch tokens through ``nn.MultiheadAttention`` given a key_padding_mask made from the
+    tokens and a per-head boolean attn_mask (3-D) that leaves query 2 no key in head 1:
+    the module merges both into one float mask of -inf entries for its fused call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        self.embed = nn.Conv2d(1, 8, 4, 4)
+        self.mha = nn.MultiheadAttention(8, 2, batch_first=True)
+        block = torch.rand(2, 16, 16, generator=g) > 0.7  # True: not allowed
+        block[1, 2] = True
+        self.register_buffer("block", block)
+        self.head = nn.Linear(8, 10)
+
+    def masks(self, t: torch.Tensor) -> dict[str, torch.Tensor]:
+        norm = t.norm(dim=-1)
+        return {
+            "key_padding_mask": norm < norm.median(),
+            "attn_mask": self.block.repeat(len(t), 1, 1),
+        }
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.embed(x).flatten(2).transpose(1, 2)
+        y, _ = self.mha(t, t, t, need_weights=False, **self.masks(t))
+        return self.head(y.nan_to_num().mean(1))
+
+
+@pytest.fixture(scope="module")
+def more(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    from torch.utils.data import TensorDataset
+
+    from lurker.probe.data import load_dataset
+    from lurker.server import create_app
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 20, (24, 10), generator=g)
+    text = TensorDataset(ids, torch.randint(0, 3, (24,), generator=g))
+    digits = load_dataset("digits:test", 16, channels=1)
+    models = {"text": (CausalText().eval(), text), "padded": (PaddedMHA().eval(), digits)}
+    root = tmp_path_factory.mktemp("attention-more")
+    out: dict[str, Any] = {"ids": ids, "digits": digits}
+    for rid, (model, data) in models.items():
+        app = create_app(_probe(root, rid, model, data), model_obj=model, dataset=data)
+        out[rid], out[f"{rid}_client"] = model, TestClient(app)
+    yield out
+
+
+def test_token_run_causal_gqa_weights_by_hand(more: dict[str, Any]):
+    """A text model's attention on a dataset sample and on a typed sequence (before, the
+    endpoint refused every run of token ids, as image maps do): each head's weights equal
+    numpy's softmax of its query against its shared key head, nothing after the query;
+    the default query is the last (the first sees only itself), and the tokens are said to
+    be positions, not patches."""
+    model, client, ids = more["text"], more["text_client"], more["ids"]
+    with torch.no_grad():
+        q, k, _ = (t[0].double().numpy() for t in model.heads(ids[SAMPLE][None]))
+    s = q @ np.repeat(k, 2, axis=0).transpose(0, 2, 1) / 2  # key head h // 2, 1/sqrt(4)
+    s = np.where(np.tril(np.ones((10, 10), bool)), s, -np.inf)
+    want = np.exp(s - s.max(-1, keepdims=True))
+    want /= want.sum(-1, keepdims=True)
+    typed = client.post("/api/runs/text/live/inputs", json={"ids": ids[SAMPLE].tolist()})
+    assert typed.status_code == 200, typed.text
+    for image in (f"sample-{SAMPLE}", typed.json()["input"]):
+        r = client.get(f"/api/runs/text/live/{image}/ops/scaled_dot_product_attention_1/attention")
+        assert r.status_code == 200, r.text
+        doc = r.json()
+        assert (doc["heads"], doc["queries"], doc["keys"], doc["query"]) == (4, 10, 10, 9)
+        assert doc["causal"] and doc["patches"] is None and "token ids" in doc["patches_note"]
+        assert any("2 key heads are each shared by 2" in n for n in doc["notes"])
+        np.testing.assert_allclose(_values(doc["rows"]), want[:, 9], atol=1e-6)
+        np.testing.assert_allclose(_values(doc["matrix"]), want.mean(0), atol=1e-6)
+    doc = _get(client, "text", "scaled_dot_product_attention_1", head=3, query=4)
+    np.testing.assert_allclose(_values(doc["matrix"]), want[3], atol=1e-6)
+    assert doc["rows"][0][5:] == [0.0] * 5
+
+
+def test_multihead_padding_and_per_head_masks(more: dict[str, Any]):
+    """nn.MultiheadAttention's key_padding_mask and a per-head boolean attn_mask reach the
+    fused call as one float mask: the weights are the module's own (need_weights=True),
+    the mask's words count its -inf entries (else "added to the scores" hid that keys
+    are left out), and a query with no key in head 1 only is listed as masked (before,
+    only head 0 was looked at) while head 0 still has its weights."""
+    model, client = more["padded"], more["padded_client"]
+    seen: list[torch.Tensor] = []
+    hook = model.mha.register_forward_hook(lambda m, i, o: seen.append(i[0]))
+    with torch.no_grad():
+        model(more["digits"][SAMPLE][0][None])
+        hook.remove()
+        t = seen[0]
+        masks = model.masks(t)
+        _, want = model.mha(t, t, t, need_weights=True, average_attn_weights=False, **masks)
+    want = want[0].numpy()
+    assert np.isnan(want[1, 2]).all() and not np.isnan(want[0, 2]).any()
+    left = int((masks["key_padding_mask"][0][None, None] | model.block).sum())
+    for head in (0, 1):
+        doc = _get(client, "padded", "scaled_dot_product_attention_1", head=head, query=2)
+        np.testing.assert_allclose(_values(doc["matrix"]), want[head], atol=1e-6)
+        np.testing.assert_allclose(_values(doc["rows"]), want[:, 2], atol=1e-6)
+        assert doc["masked"] == [2]
+        assert f"(-inf at {left} of its 512 entries: keys left out)" in doc["mask"]

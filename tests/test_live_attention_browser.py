@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from explorer_fixtures import get_json, skip_without_browser, strict_page, watch
-from test_live_attention import SAMPLE, MaskedAttention
+from test_live_attention import SAMPLE, CausalText, MaskedAttention
 
 skip_without_browser()
 
@@ -129,3 +129,48 @@ def test_attention_that_cannot_be_shown_says_why(browser: Any, served: dict[str,
     ctx.close()
     # the one error answer is the expected 409 (the browser logs it to the console too)
     assert all("409" in e for e in errors), errors
+
+
+@pytest.mark.parametrize("width", [1280, 800])
+def test_text_runs_card_shows_positions_and_causality(
+    browser: Any, tmp_path_factory: pytest.TempPathFactory, width: int
+):
+    """A run of token ids: Live (a typed sequence, here a sample's) gets the attention
+    card too (before, none: its endpoint refused token runs), as a strip and a matrix with
+    no image; the default query is the last, and the keys after each query, which
+    is_causal leaves out, are grey (masked), not white as the smallest weight."""
+    from torch.utils.data import TensorDataset
+
+    from lurker.probe import probe
+    from lurker.server import create_app
+    from lurker.server.serve import background
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randint(0, 20, (24, 10), generator=g), torch.zeros(24).long())
+    model, root = CausalText().eval(), tmp_path_factory.mktemp("attention-text")
+    probe(model, data, out=root / "text", k=3, batch_size=16, progress=False).close()
+    with (
+        background(create_app(root / "text", model_obj=model, dataset=data)) as url,
+        strict_page(browser, width=width) as pg,
+    ):
+        pg.goto(f"{url.rstrip('/')}/#/r/text/live?sample={SAMPLE}")
+        pg.locator("#live-attention #attention[data-query='9']").wait_for()
+        assert pg.locator("#attn-op").input_value() == "scaled_dot_product_attention_1"
+        assert pg.locator("#attn-overlay").count() == 0 and pg.locator(".attn-strip").count()
+        assert "token ids" in pg.locator("#attention").inner_text()
+
+        def pixel(row: int, col: int) -> list[int]:
+            return pg.eval_on_selector(
+                "#attn-matrix",
+                "(c, [r, k]) => Array.from(c.getContext('2d').getImageData(k, r, 1, 1).data)",
+                [row, col],
+            )[:3]
+
+        assert pixel(0, 5) == pixel(3, 9) == [190, 190, 190]  # after the query: grey
+        assert pixel(9, 0) != [190, 190, 190] and pixel(0, 0) == [200, 16, 60]  # weight 1
+        # the card within the window (the layer cards' "mean" notes beside it are not its own)
+        right = pg.eval_on_selector(
+            "#live-attention", "e => e.scrollWidth + e.getBoundingClientRect().left"
+        )
+        assert right <= width

@@ -907,7 +907,8 @@ class LiveAttention(BaseModel):
     queries: int
     keys: int
     #: the query token whose weights ``rows`` and ``mean`` are (default: the first token
-    #: with no patch, the class token, where the tokens are patches; else 0)
+    #: with no patch, the class token, where the tokens are patches; else the last of a
+    #: causal call; else 0)
     query: int
     #: the head ``matrix`` is of; null: the mean over heads
     head: int | None = None
@@ -934,7 +935,8 @@ class LiveAttention(BaseModel):
     #: (``patches_note`` says why)
     patches: AttentionPatches | None = None
     patches_note: str | None = None
-    #: query tokens whose every key is masked out: their weights are null (no softmax)
+    #: query tokens whose every key is masked out in some head: their weights are null
+    #: there (no softmax)
     masked: list[int] = []
 
 

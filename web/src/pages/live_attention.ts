@@ -170,7 +170,8 @@ export function attentionCard(ctx: PageContext, image: string, op: string): HTML
     const headName = (hd: number | null) => (hd === null ? (doc.heads > 1 ? `mean of the ${doc.heads} heads` : "the one head") : `head ${hd}`);
     const rowOf = (hd: number | null) => (hd === null ? doc.mean : doc.rows[hd]);
     const vals = rowOf(doc.head);
-    const masked = doc.masked.includes(doc.query);
+    // `masked` lists a query masked in any head; under this head (or the mean) its row may hold weights
+    const masked = vals.every((v) => v === null);
     const querySelect = h(
       "select",
       { id: "attn-query", "aria-label": "query token", onchange: (e: Event) => choose({ query: Number((e.target as HTMLSelectElement).value) }, "attn-query") },
@@ -186,7 +187,7 @@ export function attentionCard(ctx: PageContext, image: string, op: string): HTML
       heads.map((i) => h("option", { value: i, selected: doc.head === i || (doc.heads === 1 && doc.head === null && i === 0) }, `head ${i}`)),
     );
     const what = [
-      `softmax(q·kᵀ × ${fmt(doc.scale, 4)}${doc.mask ? " + mask" : ""}) over the key tokens, per head, from this op's own query and key on this image; no dropout (as in eval mode)`,
+      `softmax(q·kᵀ × ${fmt(doc.scale, 4)}${doc.mask ? " + mask" : ""}) over the key tokens, per head, from this op's own query and key on this input; no dropout (as in eval mode)`,
       doc.causal ? "; causal (is_causal): query i sees keys 0..i only" : "",
       doc.mask ? `; mask: ${doc.mask}` : "",
       ".",
@@ -235,7 +236,7 @@ export function attentionCard(ctx: PageContext, image: string, op: string): HTML
         ),
       );
     } else {
-      picture = h("div", { class: "attn-big" }, notice(doc.patches_note ?? "Its tokens do not map to patches of the image."), strip(vals, doc.keys));
+      picture = h("div", { class: "attn-big" }, notice(doc.patches_note ?? "Its tokens do not map to patches of the image."), strip(vals, doc.keys, doc.causal ? doc.query : null));
     }
     const matrix = doc.matrix ? matrixView(doc, patches, (q) => choose({ query: q })) : notice(doc.matrix_note ?? "No matrix.");
     const small = patches && !masked && doc.heads > 1
@@ -282,18 +283,19 @@ export function attentionCard(ctx: PageContext, image: string, op: string): HTML
   return card;
 }
 
-/** One query's weights over the key tokens as a strip of cells (tokens that are not patches). */
-function strip(vals: (number | null)[], n: number): HTMLElement {
+/** One query's weights over the key tokens as a strip of cells (tokens that are not patches);
+ * under is_causal, the keys after the query `after` grey (left out, not a small weight). */
+function strip(vals: (number | null)[], n: number, after: number | null): HTMLElement {
   const r = range(vals) ?? [0, 0];
   const canvas = h("canvas", { class: "attn-strip", width: n, height: 1, role: "img", "aria-label": "weights by key token" });
   const g = canvas.getContext("2d");
   if (g) {
     vals.forEach((v, t) => {
-      g.fillStyle = v === null ? MASKED : matrixColour(scaled(v, r));
+      g.fillStyle = v === null || (after !== null && t > after) ? MASKED : matrixColour(scaled(v, r));
       g.fillRect(t, 0, 1, 1);
     });
   }
-  return h("figure", { class: "attn-strip-fig" }, canvas, h("figcaption", { class: "small" }, `Key tokens 0..${n - 1}, left to right: white the smallest weight (${fmt(r[0], 4)}), red the largest (${fmt(r[1], 4)}).`));
+  return h("figure", { class: "attn-strip-fig" }, canvas, h("figcaption", { class: "small" }, `Key tokens 0..${n - 1}, left to right: white the smallest weight (${fmt(r[0], 4)}), red the largest (${fmt(r[1], 4)})${after !== null && after < n - 1 ? `; grey: the keys after the query, which is_causal leaves out` : ""}.`));
 }
 
 function matrixColour(t: number): string {
@@ -307,6 +309,7 @@ function matrixColour(t: number): string {
  * its query. */
 function matrixView(doc: LiveAttention, patches: AttentionPatches | null, pick: (q: number) => void): HTMLElement {
   const m = doc.matrix!;
+  const nullRows = m.filter((row) => row.every((v) => v === null)).length;
   const L = doc.queries;
   const S = doc.keys;
   const cell = Math.max(1, Math.floor(BIG / Math.max(L, S)));
@@ -319,7 +322,8 @@ function matrixView(doc: LiveAttention, patches: AttentionPatches | null, pick: 
     for (let i = 0; i < L; i++)
       for (let j = 0; j < S; j++) {
         const v = m[i][j];
-        g.fillStyle = v === null ? MASKED : matrixColour(scaled(v, span));
+        // a key after the query, which is_causal leaves out: grey as a masked row, not white as a weight near the smallest
+        g.fillStyle = v === null || (doc.causal && j > i) ? MASKED : matrixColour(scaled(v, span));
         g.fillRect(j, i, 1, 1);
       }
   }
@@ -337,7 +341,7 @@ function matrixView(doc: LiveAttention, patches: AttentionPatches | null, pick: 
   canvas.addEventListener("mousemove", (ev) => {
     const [i, j] = at(ev);
     const v = m[i][j];
-    readout.textContent = `query ${tokenName(patches, i, "query")} → key ${tokenName(patches, j, "key")}: ${v === null ? "masked" : fmt(v, 4)}`;
+    readout.textContent = `query ${tokenName(patches, i, "query")} → key ${tokenName(patches, j, "key")}: ${v === null ? "masked" : doc.causal && j > i ? "0 (after the query: left out by is_causal)" : fmt(v, 4)}`;
   });
   canvas.addEventListener("click", (ev) => pick(at(ev)[0]));
   return h(
@@ -348,7 +352,7 @@ function matrixView(doc: LiveAttention, patches: AttentionPatches | null, pick: 
       "figcaption",
       null,
       h("div", { class: "attn-legend" }, h("span", null, fmt(span[0], 3)), h("span", { class: "attn-bar matrix", "aria-hidden": "true" }), h("span", null, fmt(span[1], 3))),
-      h("p", { class: "small", id: "attn-matrix-range" }, `Rows: query tokens 0..${L - 1}, top to bottom; columns: key tokens 0..${S - 1}, left to right (each row sums to 1). White the smallest weight (min ${fmt(doc.matrix_min, 4)}), red the largest (max ${fmt(doc.matrix_max, 4)}).`, doc.masked.length ? ` ${doc.masked.length} masked rows grey.` : ""),
+      h("p", { class: "small", id: "attn-matrix-range" }, `Rows: query tokens 0..${L - 1}, top to bottom; columns: key tokens 0..${S - 1}, left to right (each row sums to 1). White the smallest weight (min ${fmt(doc.matrix_min, 4)}), red the largest (max ${fmt(doc.matrix_max, 4)}).`, doc.causal ? " Grey above the diagonal: the keys after each query, which is_causal leaves out (weight 0)." : "", nullRows ? ` ${nullRows} masked row${nullRows === 1 ? "" : "s"} grey.` : ""),
       readout,
     ),
   );

@@ -4,12 +4,14 @@
  * vectors (one number per feature, named by the dataset's `feature_names`), pre-filled
  * from a dataset sample (`?sample=N`). The server runs the live model on it
  * (`POST .../live/inputs`): the prediction, then every probed layer's units, the ones
- * that fire most linked to their pages.
+ * that fire most linked to their pages; on a text model, the attention weights of a chosen
+ * `scaled_dot_product_attention` op on the sequence (`?op=`, see live_attention.ts).
  */
 import { p, type LiveInput, type LiveLayerUnits, type RunSummary, type SampleDoc } from "../api";
 import type { PageContext } from "../context";
 import { append, fill, fmt, h, notice } from "../dom";
 import { topPredictions } from "../predictions";
+import { attentionCard } from "./live_attention";
 
 export async function renderFlatLive(root: HTMLElement, ctx: PageContext, summary: RunSummary): Promise<void> {
   const tokens = summary.dataset.tokens ?? null;
@@ -124,7 +126,41 @@ export async function renderFlatLive(root: HTMLElement, ctx: PageContext, summar
     }
     result.removeAttribute("aria-busy");
     fill(result, fedCard(doc), ...doc.layers.map((l) => layerCard(ctx, l, doc)));
+    if (tokens !== null) void attentionOps(ctx, result, doc.input);
   }
+}
+
+/** The model's attention ops (`scaled_dot_product_attention`), a chooser of them and the
+ * chosen one's weights on this sequence; nothing where the model has none. */
+async function attentionOps(ctx: PageContext, result: HTMLElement, input: string): Promise<void> {
+  let ops: string[];
+  try {
+    const view = await ctx.api.json<{ nodes: { l: string; t: string }[] }>(p("runs", ctx.run, "graph"));
+    ops = view.nodes.filter((n) => n.t === "scaled_dot_product_attention").map((n) => n.l);
+  } catch {
+    return; // the graph view says why on its own page; the units above stand
+  }
+  if (!ops.length || ctx.signal.aborted || !result.isConnected) return;
+  const asked = ctx.params.get("op");
+  let op = asked !== null && ops.includes(asked) ? asked : ops[0];
+  const slot = h("div", null, attentionCard(ctx, input, op));
+  const select = h(
+    "select",
+    { id: "attn-op", "aria-label": "attention op" },
+    ops.map((o) => h("option", { value: o, selected: o === op }, o)),
+  ) as HTMLSelectElement;
+  select.addEventListener("change", () => {
+    op = select.value;
+    // ctx.params too: the card builds its URL (query, head) from them
+    ctx.params.set("op", op);
+    ctx.params.delete("query"); // another op's tokens: its own defaults
+    ctx.params.delete("head");
+    ctx.replaceParams(new URLSearchParams(ctx.params));
+    fill(slot, attentionCard(ctx, input, op));
+  });
+  result.append(
+    h("section", { class: "live-attention", id: "live-attention" }, h("p", { class: "attn-controls" }, h("label", null, `Attention op (${ops.length}) `, select)), slot),
+  );
 }
 
 /** What the model was fed (words with their ids) and its top classes. */

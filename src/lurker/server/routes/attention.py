@@ -103,7 +103,7 @@ async def attention(
 def _attention(
     s: Session, image: str, label: str, query: int | None, head: int | None
 ) -> LiveAttention:
-    iid = image_id(s, image)
+    iid = image_id(s, image, sequences=True)
     node = s.op(label)
     found = s.cached(
         ("attention", s.entry.generation, iid, node.index),
@@ -113,8 +113,10 @@ def _attention(
     w = found.weights
     heads, L, S = (int(n) for n in w.shape)
     if query is None:
+        # the class token sees the whole image; a causal call's last query sees every key
+        # (its first sees only itself: a weight of 1, which says nothing)
         cells = found.patches.queries if found.patches else []
-        query = next((i for i, c in enumerate(cells) if c is None), 0)
+        query = next((i for i, c in enumerate(cells) if c is None), L - 1 if found.causal else 0)
     if not query < L:
         raise ApiError(
             404, f"no query token {query} in {node.label!r}: its queries are tokens 0..{L - 1}"
@@ -135,7 +137,8 @@ def _attention(
             f"the {L} x {S} matrix holds {L * S:,} weights, more than the {MAX_MATRIX:,} "
             "sent at once: choose query tokens to see their rows"
         )
-    masked = [int(i) for i in w[0].isnan().all(-1).nonzero().flatten().tolist()]
+    # in any head: a mask may differ by head (a 3-D attn_mask of nn.MultiheadAttention)
+    masked = [int(i) for i in w.isnan().all(-1).any(0).nonzero().flatten().tolist()]
     return LiveAttention(
         op=node.label,
         name=node.name,
@@ -239,8 +242,8 @@ def _check_form(what: str, q: Any, k: Any, gqa: bool) -> None:
         raise ApiError(
             409,
             f"{what}'s query {list(q.shape)} holds {q.shape[0]} sequences on its batch axis "
-            "for this one image (windows or crops folded into the batch, as in windowed "
-            f"attention): {form}, one sequence per image",
+            "for this one input (windows or crops folded into the batch, as in windowed "
+            f"attention, or heads): {form}, one sequence per input",
         )
     hq, hk = (q.shape[1], k.shape[1]) if q.dim() == 4 else (1, 1)
     if k.shape[0] != 1 or k.shape[-1] != q.shape[-1] or (hk != hq and not (gqa and hq % hk == 0)):
@@ -279,7 +282,13 @@ def _mask_words(s: Session, node: Any, mask: Any) -> str | None:
             f"a boolean mask {list(mask.shape)}{where}: keys where it is False are left out "
             f"({left:,} of its {mask.numel():,} entries)"
         )
-    return f"a {str(mask.dtype).removeprefix('torch.')} mask {list(mask.shape)}{where}, added to the scores"
+    # nn.MultiheadAttention turns a boolean mask and key_padding_mask into -inf entries
+    out = int(mask.isneginf().sum())
+    return (
+        f"a {str(mask.dtype).removeprefix('torch.')} mask {list(mask.shape)}{where}, added "
+        "to the scores"
+        + (f" (-inf at {out:,} of its {mask.numel():,} entries: keys left out)" if out else "")
+    )
 
 
 def _notes(s: Session, node: Any, call: dict[str, Any], q: Any, k: Any) -> list[str]:
@@ -334,6 +343,11 @@ def _patches(
 
     kb, qb = boxes("key", k), boxes("query", q)
     grid = None if kb is None else patch_grid(kb)
+    if grid is None and s.token_length() is not None:
+        return (
+            None,
+            "this run's inputs are sequences of token ids: its tokens are shown by position",
+        )
     if grid is None:
         return None, (
             "its tokens are not shown on the image: lurker could not follow them from a "

@@ -85,11 +85,14 @@ def _images_only(s: Session) -> None:
         )
 
 
-def image_id(s: Session, image: str) -> str:
+def image_id(s: Session, image: str, *, sequences: bool = False) -> str:
     """``image`` checked: a content id (16 hex digits, what an upload returns) or
     ``sample-N`` with N a sample of the run (404 naming the range otherwise); 409 on a run
-    of token ids or feature vectors, whose image endpoints have no picture to draw on."""
-    _images_only(s)
+    of token ids or feature vectors, whose image endpoints have no picture to draw on
+    (``sequences``: a run of token ids is taken too, by an endpoint that needs no picture,
+    its ids those of ``sample-N`` or of a sequence typed with ``POST .../live/inputs``)."""
+    if not (sequences and s.token_length() is not None):
+        _images_only(s)
     if _CONTENT_ID.fullmatch(image):
         return image
     m = _SAMPLE_ID.fullmatch(image)
