@@ -36,11 +36,12 @@ def build(
        each module's ops; the ops readouts read;
     5. ``passes``: pass counts, and ``linear_1:2`` labels for ops that ran several times;
     6. ``distances``: hops from the nearest input and to the nearest output;
-    7. ``read_packed``: ``meta["packed"]``, a quantized layer's weight shape and conv
+    7. ``public_calls``: each op's ``target`` and ``source`` (``args``/``kwargs`` are made
+       from the raw call when first read: see :func:`live_call`); the target says which
+       parameters a call binds where they differ from its name's (``catalogue.spec``);
+    8. ``read_packed``: ``meta["packed"]``, a quantized layer's weight shape and conv
        geometry, read off its packed weight;
-    8. ``count_flops``: ``meta["flops"]``;
-    9. ``public_calls``: each op's ``target`` and ``source`` (``args``/``kwargs`` are made
-       from the raw call when first read: see :func:`live_call`);
+    9. ``count_flops``: ``meta["flops"]``;
     10. ``drop_provisional``: activations kept in case they were a module output ``save=``
         names, and that were not;
     11. ``index``: what ``trace[key]`` looks up.
@@ -68,9 +69,9 @@ def build(
     steps.labels(nodes, rec.module_info)
     steps.passes(nodes)
     steps.distances(nodes)
+    public_calls(rec)
     read_packed(nodes)
     steps.count_flops(nodes)
-    public_calls(rec)
     drop_provisional(rec)
     tr._index = steps.index(nodes)
     tr.ops = nodes

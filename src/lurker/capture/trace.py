@@ -278,7 +278,11 @@ def hidden_forward(
         return (
             "it is an fx GraphModule of aten ops (as torch.export.export(...).module() and "
             "make_fx make), whose graph calls aten ops on its weights directly, so none of "
-            "its layers is a module call; pass the eager model it was made from to see its "
+            "its layers is a module call: its ops are named as the eager calls they stand "
+            "for (conv2d, linear) and counted as those, but a layer is known by its op label "
+            "(conv2d_1), not its module path, in-place ops are copies, and a decomposed "
+            "graph (make_fx, run_decompositions) holds aten's parts (convolution, addmm, t) "
+            "in place of the eager calls; pass the eager model it was made from to see its "
             "layers",
             True,
         )

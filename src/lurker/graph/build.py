@@ -274,7 +274,7 @@ def _bound_shapes(node: Op, nodes: list[Op]) -> Mapping[str, Any]:
         args, kwargs = node._skel_args, node._skel_kwargs
     else:
         args, kwargs = node.args, node.kwargs
-    spec = catalogue.spec(node.name)
+    spec = catalogue.spec(node.name, node.target)
     if spec is None:
         raise KeyError(node.name)
     return _Shapes(spec, args, kwargs, nodes)

@@ -450,7 +450,7 @@ def _args(op: Op) -> dict[str, Any]:
             )
         args, kwargs = _shaped(op.args, graph), _shaped(op.kwargs, graph)
     try:
-        return bind(_base_name(op.name), args, kwargs)
+        return bind(_base_name(op.name), args, kwargs, op.target)
     except TypeError as e:
         raise _Unbound(str(e)) from None
 
@@ -578,6 +578,26 @@ def _spatial_op(nd: int, kind: str) -> _Handler:
         return {p.j: maps}
 
     return handler
+
+
+def _h_convolution(op: Op, k: int, parents: list[_Parent], out: tuple[int, ...]) -> _Maps | None:
+    """aten's ``convolution`` (what ``make_fx`` and decomposed exports call for every
+    conv): a conv or, ``transposed``, a conv_transpose over its weight's spatial dims."""
+    w = _tensor_shape(_args(op).get("weight"))
+    if w is None or len(w) < 3:
+        return None
+    kind = "convt" if _args(op).get("transposed") else "conv"
+    return _spatial_op(len(w) - 2, kind)(op, k, parents, out)
+
+
+def _h_addmm(op: Op, k: int, parents: list[_Parent], out: tuple[int, ...]) -> _Maps | None:
+    """``addmm(bias, mat1, mat2)``: the matmul of its second and third tensors (a Linear
+    in a decomposed graph); the bias, added to every row, is left mixed."""
+    if any(p.j == 0 for p in parents):
+        return None  # the bias depends on the input: not a Linear's
+    shifted = [_Parent(p.j - 1, p.state, p.shape) for p in parents]
+    maps = _h_matmul(op, k, shifted, out)
+    return {j + 1: m for j, m in maps.items()} if maps is not None else None
 
 
 def _adaptive_map(n_in: int, n_out: int) -> _Map:
@@ -1168,6 +1188,9 @@ _POINTWISE = {
     "quantized_mul", "quantized_mul_relu", "quantized_hardswish", "quantized_leaky_relu",
     "quantized_elu", "quantized_batch_norm1d", "quantized_batch_norm2d",
     "quantized_batch_norm3d",
+    # what decomposed aten graphs (make_fx, run_decompositions) call for a BatchNorm in eval
+    # (output 0; its saved statistics are of other shapes) and for a returned view
+    "_native_batch_norm_legit_no_training", "native_batch_norm", "alias",
 }  # fmt: skip
 
 _HANDLERS: dict[str, _Handler] = {n: _h_pointwise for n in _POINTWISE}
@@ -1186,7 +1209,9 @@ for _name, _nd in QUANTIZED_CONV.items():  # quantized_conv2d_relu: its relu is 
 _HANDLERS.update({n: _h_reduce for n in _REDUCE})
 _HANDLERS.update({n: _h_along for n in _ALONG})
 for _h, _names in {
-    _h_reshape: "view reshape flatten unflatten squeeze unsqueeze view_as reshape_as ravel",
+    _h_reshape: (
+        "view reshape flatten unflatten squeeze unsqueeze view_as reshape_as ravel _unsafe_view"
+    ),
     _h_permute: "permute transpose swapaxes swapdims t T H mT mH adjoint movedim moveaxis",
     _h_split: "split split_with_sizes chunk tensor_split unsafe_split unsafe_chunk unbind",
     _h_narrow: "narrow select",
@@ -1195,6 +1220,8 @@ for _h, _names in {
     _h_repeat: "repeat tile",
     _h_pixel_shuffle: "pixel_shuffle pixel_unshuffle",
     _h_matmul: "matmul mm bmm",
+    _h_addmm: "addmm",
+    _h_convolution: "convolution _convolution",
     _h_interpolate: "interpolate upsample",
     _h_pad: "pad",
     _h_getitem: "getitem",

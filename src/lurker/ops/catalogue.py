@@ -371,20 +371,55 @@ _TABLE: dict[str, tuple[str, str | None, str | None]] = {
 
 SPECS: dict[str, OpSpec] = {n: _parse(n, *row) for n, row in _TABLE.items()}
 
+_ATEN_BATCH_NORM = _parse(
+    "batch_norm",
+    "input, weight, bias, running_mean, running_var, training, momentum, eps, cudnn_enabled",
+    "aten::batch_norm",
+)
+_ATEN_INSTANCE_NORM = _parse(
+    "instance_norm",
+    "input, weight, bias, running_mean, running_var, use_input_stats, momentum, eps, cudnn_enabled",
+    "aten::instance_norm",
+)
+_ATEN_SOFTMAX = "self, dim, dtype=None"
+
 # Callables recorded under a name whose parameters differ from SPECS[name]'s, by
-# qualified name: torch.batch_norm takes (input, weight, bias, running_mean, ...).
+# qualified name: torch.batch_norm takes (input, weight, bias, running_mean, ...). The
+# aten operators a graph of torch.export or make_fx calls are named as their eager calls
+# (torch_funcs.op_name); those whose schema differs from the entry's are here, as torch
+# writes them (the test checks that every other aten overload of an entry's name binds
+# as the entry does).
 VARIANTS: dict[str, OpSpec] = {
-    "torch.batch_norm": _parse(
-        "batch_norm",
-        "input, weight, bias, running_mean, running_var, training, momentum, eps, cudnn_enabled",
-        "aten::batch_norm",
+    "torch.batch_norm": _ATEN_BATCH_NORM,
+    "torch.instance_norm": _ATEN_INSTANCE_NORM,
+    "torch.ops.aten.batch_norm.default": _ATEN_BATCH_NORM,
+    "torch.ops.aten.instance_norm.default": _ATEN_INSTANCE_NORM,
+    "torch.ops.aten.softmax.int": _parse("softmax", _ATEN_SOFTMAX, "aten::softmax.int"),
+    "torch.ops.aten.log_softmax.int": _parse("log_softmax", _ATEN_SOFTMAX, "aten::log_softmax.int"),
+    "torch.ops.aten.layer_norm.default": _parse(
+        "layer_norm",
+        "input, normalized_shape, weight=None, bias=None, eps=1e-05, cudnn_enable=True",
+        "aten::layer_norm",
     ),
-    "torch.instance_norm": _parse(
-        "instance_norm",
-        "input, weight, bias, running_mean, running_var, use_input_stats, momentum, eps, "
-        "cudnn_enabled",
-        "aten::instance_norm",
+    "torch.ops.aten.tensordot.default": _parse(
+        "tensordot", "self, other, dims_self, dims_other", "aten::tensordot"
     ),
+    # a product in another output dtype: out_dtype after the matrices
+    **{
+        f"torch.ops.aten.{n}.dtype": _parse(n, f"self, {m}, out_dtype", f"aten::{n}.dtype")
+        for n, m in (("mm", "mat2"), ("bmm", "mat2"))
+    },
+    **{
+        f"torch.ops.aten.{n}.dtype": _parse(
+            n, _ADDMM.format(*m).replace(", *", ", out_dtype, *"), f"aten::{n}.dtype"
+        )
+        for n, m in (("addmm", ("mat1", "mat2")), ("baddbmm", ("batch1", "batch2")))
+    },
+    # x.std(False): unbiased, where the entry's (dim) comes first
+    **{
+        f"torch.ops.aten.{n}.default": _parse(n, "self, unbiased=True", f"aten::{n}")
+        for n in ("std", "var", "std_mean", "var_mean")
+    },
 }
 
 
@@ -674,6 +709,9 @@ def flops(name: str, shapes: Mapping[str, Any], out: Shape) -> int | None:
         if rule == "einsum":
             return einsum_flops(shapes["equation"], shapes["tensors"], out)
         if rule == "tensordot":
+            if "dims_self" in shapes:  # aten::tensordot: the two lists of axes apart
+                dims = (shapes["dims_self"], shapes["dims_other"])
+                return tensordot_flops(shapes["self"], shapes["other"], dims)
             return tensordot_flops(shapes["a"], shapes["b"], shapes["dims"])
     except (KeyError, IndexError, TypeError, ValueError):  # an argument missing or not a tensor
         return None

@@ -123,7 +123,11 @@ def op_name(func: Any) -> str:
     """A readable, stable name for a torch callable. An operator of torch's ``quantized``
     namespace (what a quantized layer runs) is ``quantized_conv2d``: its name alone is
     aten's (``conv2d``), whose parameters are other ones, and every analysis that knows
-    aten's op would read its arguments wrongly (the output zero-point as the stride)."""
+    aten's op would read its arguments wrongly (the output zero-point as the stride).
+    An aten operator (``torch.ops.aten.conv2d.default``, what a graph of
+    ``torch.export`` or ``make_fx`` calls) is named as the eager call that runs it
+    (``conv2d``): the same op, whose overloads whose parameters differ from the name's
+    entry have their own (``catalogue.VARIANTS``), so that analyses bind its schema."""
     is_packet = _OPERATOR_TYPES.get(type(func))
     if is_packet is not None:
         packet = func if is_packet else func._overloadpacket
@@ -131,6 +135,8 @@ def op_name(func: Any) -> str:
         if qualified.startswith("quantized::"):
             return "quantized_" + qualified[len("quantized::") :]
     name = getattr(func, "__name__", None) or type(func).__name__
+    if is_packet is not None and qualified.startswith("aten::"):
+        name = qualified[len("aten::") :]  # (aten::__and__ as Tensor.__and__: 'and')
     if name == "__get__":  # a Tensor property such as .T or .data
         owner = getattr(func, "__self__", None)
         name = getattr(owner, "__name__", "get")

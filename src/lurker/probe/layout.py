@@ -71,6 +71,8 @@ _CONV = {  # units on the axis after the batch: name -> spatial dims
     **{f"{p}{n}d": n for p in ("conv", "conv_transpose") for n in (1, 2, 3)},
     **QUANTIZED_CONV,
 }
+#: aten's convolutions of any dims, transposed or not (graphs of make_fx, decomposed exports)
+_ATEN_CONV = {"convolution", "_convolution"}
 _CHANNEL_NORMS = {"batch_norm", "instance_norm", "group_norm"}
 _LAST_AXIS = {  # units on the last axis: hidden units of RNNs (nn.LSTM, nn.GRU, nn.RNN) too
     "linear", "embedding", "_native_multi_head_attention", "lstm", "gru", "rnn_tanh", "rnn_relu",
@@ -387,7 +389,7 @@ def _batch_shapes(trace: Trace, example: tuple, factor: int) -> dict[int, tuple[
 #: Ops whose output has the batch on axis 0 wherever their activation inputs have it there,
 #: whatever their other arguments (weights, kernel sizes): per-sample by what they compute
 _KEEP_BATCH_FIRST = {
-    *_CONV, *_CHANNEL_NORMS, "linear", *QUANTIZED_LINEAR,
+    *_CONV, *_ATEN_CONV, *_CHANNEL_NORMS, "linear", *QUANTIZED_LINEAR,
     *(f"{p}_pool{n}d" for p in ("max", "avg", "adaptive_max", "adaptive_avg") for n in (1, 2, 3)),
     "relu", "relu6", "leaky_relu", "gelu", "silu", "sigmoid", "tanh", "hardtanh", "hardswish",
     "hardsigmoid", "elu", "selu", "mish", "dropout", "contiguous", "clone",
@@ -547,12 +549,14 @@ def _defined_unit(op: Op, static: Collection[int] | None = None) -> tuple[int, s
     name = op.name.rstrip("_") if op.name.endswith("_") and not op.name.endswith("__") else op.name
     if name in _CONV:
         return max(nd - _CONV[name] - 1, 0), "conv"
+    if name in _ATEN_CONV and nd >= 3:  # (aten's convolution takes batched inputs only)
+        return 1, "conv"
     if name in _CHANNEL_NORMS and nd >= 2:
         return 1, "norm"
     if name in ("layer_norm", "rms_norm"):
         shape = None
         with contextlib.suppress(TypeError):  # a call the signature does not take
-            shape = bind(name, op.args, op.kwargs).get("normalized_shape")
+            shape = bind(name, op.args, op.kwargs, op.target).get("normalized_shape")
         if isinstance(shape, (list, tuple)) and len(shape) != 1:
             return None
         return nd - 1, "norm"

@@ -76,7 +76,7 @@ from .progress import Progress
 
 CONV = {
     "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
-    *QUANTIZED_CONV,
+    *QUANTIZED_CONV, "convolution", "_convolution",
 }  # fmt: skip
 LINEAR = {"linear", "addmm", *QUANTIZED_LINEAR}
 ACTIVATIONS = {
@@ -274,12 +274,13 @@ def _conv_kind(op: Op) -> str | None:
     other convolutions."""
     with contextlib.suppress(TypeError):
         packed = packed_call(op.name, op.meta.get("packed"))  # a quantized conv's
-        args = packed if packed is not None else bind(op.name, op.args, op.kwargs)
+        args = packed if packed is not None else bind(op.name, op.args, op.kwargs, op.target)
         shape = tuple(getattr(args.get("weight"), "shape", ()))
         groups = args.get("groups", 1)
         if len(shape) >= 3 and groups == 1 and all(k == 1 for k in shape[2:]):
             # (out, in, 1, 1), a transposed convolution's (in, out, 1, 1)
-            c_out, c_in = (shape[1], shape[0]) if "transpose" in op.name else shape[:2]
+            transposed = "transpose" in op.name or args.get("transposed")
+            c_out, c_in = (shape[1], shape[0]) if transposed else shape[:2]
             return "widening" if c_out > c_in else None
         if len(shape) >= 3 and isinstance(groups, int) and groups > 1 and shape[1] == 1:
             return "depthwise"
