@@ -103,3 +103,60 @@ def test_a_text_model_is_not_told_to_change_the_image_size(tmp_path: Path) -> No
     assert said.startswith("error: Text fails on the image as loaded")
     assert "--image-size;" not in said and "lurker explain reads an image" in said
     assert "lurker.explain(model, x)" in said
+
+
+class PositionalVit(nn.Module):
+    """A ViT-like image model built for 8 px images that holds an ``nn.Embedding`` of its
+    patch positions (looked up by ``arange``, never by the input)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.patches = nn.Conv2d(3, 6, 4, stride=4)
+        self.positions = nn.Embedding(4, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.patches(x).flatten(2).transpose(1, 2)
+        return self.head((tokens + self.positions(torch.arange(4))).mean(1))
+
+
+def test_an_image_model_holding_an_embedding_is_told_the_image_size(tmp_path: Path) -> None:
+    """Was: any nn.Embedding in the model dropped the --image-size hint, so a ViT with a
+    positional embedding, given the wrong size, was told only that lurker explain reads
+    images. Oracle: the size the hint points to makes the command work."""
+    spec = f"{__name__}:PositionalVit"
+    img = str(_image(tmp_path))
+    res = CliRunner().invoke(main, ["explain", spec, "--image", img, "--image-size", "12"])
+    assert res.exit_code != 0
+    said = " ".join(res.output.split())
+    assert said.startswith("error: PositionalVit fails on the image as loaded"), said
+    assert "(1, 3, 12, 12)" in said and "Traceback" not in res.output
+    assert "pass it with --image-size" in said and "--channel-dim -1" in said
+    out = tmp_path / "o.png"
+    res = CliRunner().invoke(
+        main, ["explain", spec, "--image", img, "--image-size", "8", "--out", str(out)]
+    )
+    assert res.exit_code == 0, res.output
+    assert out.exists()
+
+
+def test_a_text_model_casting_its_ids_is_not_told_the_image_size(tmp_path: Path) -> None:
+    """A text model that casts and reshapes its ids before a functional lookup still reads
+    token ids: no --image-size hint."""
+    res = CliRunner().invoke(
+        main, ["explain", f"{__name__}:CastText", "--image", str(_image(tmp_path))]
+    )
+    assert res.exit_code != 0
+    said = " ".join(res.output.split())
+    assert said.startswith("error: CastText fails on the image as loaded"), said
+    assert "--image-size;" not in said and "lurker explain reads an image" in said
+
+
+class CastText(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(20, 6))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.long().reshape(ids.shape[0], -1)
+        return torch.nn.functional.embedding(flat, self.table).mean(1)

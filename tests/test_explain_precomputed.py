@@ -449,3 +449,67 @@ def test_grad_cam_precomputed_at_an_older_default_layer_is_still_served(
     assert res.exit_code == 0, res.output
     assert "1 explanations made" in res.output  # today's default, not the older file
     assert (folder / "gradcam-top.json").is_file()
+
+
+class BrightCumsum(torch.nn.Module):
+    """Sums its maps along the width (an op LRP has no rule for) only on bright inputs:
+    the zeros the method check traces take the ruled path, so concept relevance is
+    refused only once it meets a real sample."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = torch.nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv(x))
+        if x.mean().item() > 0.5:
+            h = torch.cumsum(h, -1)
+        return self.fc(h.mean((2, 3)))
+
+
+def bright_model() -> BrightCumsum:
+    torch.manual_seed(0)
+    return BrightCumsum().eval()
+
+
+def bright_data() -> torch.utils.data.TensorDataset:
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(4, 3, 8, 8, generator=g) + 0.5
+    return torch.utils.data.TensorDataset(x, torch.tensor([0, 1, 0, 1]))
+
+
+def test_a_sample_concept_relevance_fails_on_is_not_half_explained(tmp_path: Path) -> None:
+    """``--methods saliency,concepts`` on a model whose sample 0 meets an op LRP has no
+    rule for: the concept ranking was made after sample 0's live.json, input.png and
+    saliency were written, so the failed command left it half explained (the Explain
+    page showed its saliency, no concepts). Now nothing of it is written, and the command
+    without concepts explains it. Oracle: lurker.explain's saliency."""
+    from lurker.probe import probe
+    from lurker.server.explained import explained_samples
+
+    model = bright_model()
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    meta = {
+        "model_spec": f"{__name__}:bright_model",
+        "weights": str(tmp_path / "w.pt"),
+        "data": f"{__name__}:bright_data",
+    }
+    run = tmp_path / "r"
+    probe(model, bright_data(), out=run, k=2, batch_size=2, progress=False, meta=meta).close()
+    args = ["images", str(run), "--explanations", "2", "--methods"]
+    res = CliRunner().invoke(main, [*args, "saliency,concepts"])
+    assert res.exit_code != 0
+    said = " ".join(res.output.split())
+    assert said.startswith("error: sample 0: concept relevance is LRP"), said
+    assert "no rule for cumsum_1" in said and "Traceback" not in res.output
+    explained = run / "cache" / "explain"
+    assert not explained.exists() or not [p for p in explained.rglob("*") if p.is_file()]
+    assert explained_samples(run) == []
+    res = CliRunner().invoke(main, [*args, "saliency"])
+    assert res.exit_code == 0, res.output
+    assert explained_samples(run) == ["sample-0", "sample-1"]
+    want = XP.explain(model, bright_data().tensors[0][:2], method="saliency")
+    for i in range(2):
+        got = np.load(explained / f"sample-{i}" / "saliency-top.npy")
+        np.testing.assert_allclose(got, want.heatmap(i).numpy(), rtol=1e-5, atol=1e-7)

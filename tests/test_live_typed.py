@@ -473,3 +473,51 @@ def test_a_pad_id_that_is_not_an_id_is_not_stored(tmp_path: Path, bad: object):
     with pytest.warns(UserWarning, match="pad_token_id is .* not stored as the run's padding id"):
         run = probe(FixedLength(None).eval(), data, out=tmp_path / "r", k=3, progress=False)
     assert run is not None and run.meta_now("pad_id") is None
+
+
+#: every page of a run, as reached from its top bar (``{layer}`` the probed layer's name),
+#: Live last: its layer card is looked at once the sweep is done
+TEXT_PAGES = (
+    "",
+    "/samples",
+    "/sample/3",
+    "/layer/{layer}",
+    "/unit/{layer}/0",
+    "/graph",
+    "/map",
+    "/explain",
+    "/live?sample=3",
+)
+
+
+def test_no_page_of_a_text_run_is_wider_than_a_projectors_800px(browser: Any, text: dict):
+    """At 800 px the text Live page scrolled sideways by about 21 px: each layer card's
+    unit rows put the peak ("at id 1 (token 0)") and the "mean …" note on one line, wider
+    than the card. Now the mean goes under the peak where the card is narrow: no page of
+    the run is wider than the window, and every note is still shown, inside its card."""
+    skip_without_browser()
+    wide = "() => [document.documentElement.scrollWidth, innerWidth]"
+    ctx, pg, errors = watch(browser, 800, 900)  # the map's 404 is expected: the run has none
+    try:
+        for page in TEXT_PAGES:
+            pg.goto(f"{text['vocab_url']}/#/r/text{page.format(layer=TEXT_LAYER)}")
+            pg.wait_for_selector("main h1, main h2")
+            if page.startswith("/live"):
+                pg.locator(".live-layer .peak-at").first.wait_for()
+            else:
+                pg.wait_for_load_state("networkidle")
+            scroll, inner = pg.evaluate(wide)
+            assert inner == 800 and scroll <= inner, (page, scroll)
+        card = pg.locator(f".live-layer[data-layer='{TEXT_LAYER}']")
+        right = card.evaluate("c => c.getBoundingClientRect().right")
+        means = card.locator("li span", has_text=re.compile(r"^mean "))
+        assert means.count() == card.locator("li").count() == 10
+        for mean in means.all():
+            assert re.fullmatch(r"mean -?\d[\d.e+-]*", mean.inner_text()), mean.inner_text()
+            assert mean.evaluate("m => m.getBoundingClientRect().right") <= right
+        _shoot(pg, "narrow")
+    finally:
+        ctx.close()
+    maps = [e for e in errors if e.endswith("/api/runs/text/map")]
+    loads = [e for e in errors if e.startswith("Failed to load resource") and "404" in e]
+    assert len(maps) == len(loads) and len(maps) + len(loads) == len(errors), errors

@@ -175,11 +175,19 @@ def test_a_bare_tensor_or_array_is_refused_naming_tensor_dataset(tmp_path: Path)
     """A tensor (or numpy array) of inputs has __len__ and __getitem__, but its rows are no
     (input, label) items: it raised a TypeError from deep in the wrapper (its mean() method
     read as normalisation statistics). Now refused naming TensorDataset, before anything
-    is written; the TensorDataset it names is probed."""
-    for given in (X, X.numpy()):
+    is written; the TensorDataset it names is probed. It read "got a ndarray" and said a
+    row "is neither" input nor label, though an input alone is an item: now it names the
+    array in English and says why it is not read as one."""
+    for given, what in ((X, "tensor"), (X.numpy(), "numpy array")):
         out = tmp_path / type(given).__name__
-        with pytest.raises(LurkerError, match=r"of shape \(48, 1, 8, 8\).*TensorDataset\(inputs"):
+        with pytest.raises(
+            LurkerError, match=r"of shape \(48, 1, 8, 8\).*TensorDataset\(inputs"
+        ) as e:
             _probe(given, out)
+        said = str(e.value)
+        assert said.startswith(f"got a {what} of shape (48, 1, 8, 8) where a dataset is expected")
+        assert f"a bare {what} holds no labels" in said and "neither" not in said
+        assert "`TensorDataset(inputs)` for unlabelled inputs" in said
         assert not out.exists()
     run = _probe(TensorDataset(X), tmp_path / "wrapped")
     assert [e.sample_id for e in run.unit("1", 1).top("max")] == _hooked_top(1, 1)

@@ -183,13 +183,61 @@ def check_runs(model: torch.nn.Module, x: Tensor, image_size: int) -> None:
             "If the model takes another image size, pass it with --image-size; if it takes "
             "channels-last images (B, H, W, C), pass --channel-dim -1. "
         )
-        if any(isinstance(m, torch.nn.Embedding) for m in model.modules()):
+        if reads_token_ids(model, x):
             fix = ""  # a text model: no image size makes it read a picture
         raise LurkerError(
             f"{type(model).__name__} fails on the image as loaded, a tensor of shape "
             f"{tuple(x.shape)} (--image-size {image_size}): {type(e).__name__}: {said} {fix}"
             f"{_NOT_AN_IMAGE}"
         ) from e
+
+
+#: the calls that hand a model's input on unchanged but for its type, layout or device,
+#: as a text model's ``ids.long()`` or ``ids.view(...)`` does before its embedding lookup
+_PASS_ON = frozenset(
+    getattr(Tensor, name)
+    for name in (
+        "to", "long", "int", "type", "contiguous", "view", "reshape", "flatten", "squeeze",
+        "unsqueeze", "detach", "clone",
+    )
+)  # fmt: skip
+
+
+def reads_token_ids(model: torch.nn.Module, x: Tensor) -> bool:
+    """Whether ``model`` reads ``x`` as token ids: ``x`` is integer, or an embedding lookup
+    takes ``x`` itself (or ``x`` cast or reshaped) as its indices. An image model that holds
+    an embedding (a ViT's positions, a codebook indexed by computed codes) looks up other
+    indices, so it is told about ``--image-size``. Runs ``model`` once more (it may fail
+    again: the lookup is seen before the failure)."""
+    from torch.overrides import TorchFunctionMode
+
+    if not (x.is_floating_point() or x.is_complex()):
+        return True
+    lookups = {torch.nn.functional.embedding: (0, "input"), torch.embedding: (1, "indices")}
+    ids: list[Tensor] = [x]
+    seen = False
+
+    def own(value: Any) -> bool:
+        return isinstance(value, Tensor) and any(value is t for t in ids)
+
+    class Watch(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            nonlocal seen
+            kwargs = kwargs or {}
+            if func in lookups:
+                at, name = lookups[func]
+                seen = seen or own(args[at] if len(args) > at else kwargs.get(name))
+            out = func(*args, **kwargs)
+            if func in _PASS_ON and args and own(args[0]) and isinstance(out, Tensor):
+                ids.append(out)
+            return out
+
+    try:
+        with torch.no_grad(), Watch():
+            model(x)
+    except Exception:  # the failure check_runs reports; the lookup, if any, came first
+        pass
+    return seen
 
 
 #: where a model whose input is no image is explained (``lurker explain`` reads images)

@@ -616,7 +616,8 @@ _CODE_FIX = (
 
 def _refuse_unindexed(dataset: Any, spec: str | None = None) -> None:
     """Refuse what cannot be read by index (a DataLoader, an ``IterableDataset``, a
-    generator) or whose items are no ``(input, label)`` pairs (a bare tensor or array) in
+    generator) or is no dataset (a bare tensor or array: no labels, and attributes such as
+    ``mean`` that the probe would read as the dataset's) in
     one paragraph naming the fix, rather than a ``TypeError`` from deep in the sweep: every
     result names its samples by index, and resuming and sharding read items by index.
     ``spec``: the ``--data`` spec that gave it (:func:`code_dataset`), which the message
@@ -643,11 +644,13 @@ def _refuse_unindexed(dataset: Any, spec: str | None = None) -> None:
             "(`loader.dataset`), with batch_size= and num_workers= for the probe's own loader."
         )
     if array:
+        what = "numpy array" if isinstance(dataset, np.ndarray) else "tensor"
         raise LurkerError(
-            f"got a {kind} of shape {tuple(dataset.shape)} where a dataset is expected: the "
-            "probe reads (input, label) items by index, and a row of a tensor is neither. "
-            "Pass `torch.utils.data.TensorDataset(inputs, labels)`, or "
-            "`TensorDataset(inputs)` unlabelled (torch.as_tensor(array) for a numpy array)."
+            f"got a {what} of shape {tuple(dataset.shape)} where a dataset is expected: "
+            f"a bare {what} holds no labels, and the probe would read its own "
+            "attributes (its mean and std methods) as the dataset's. Wrap it: "
+            "`torch.utils.data.TensorDataset(inputs, labels)`, or `TensorDataset(inputs)` "
+            "for unlabelled inputs (torch.as_tensor(array) for a numpy array)."
         )
     raise LurkerError(
         f"the dataset ({kind}) is not a map-style dataset with __len__ and __getitem__: the "

@@ -249,8 +249,9 @@ def precompute(
             folder = sample_folder(e.path, image)
             try:
                 # every method of the sample is made before any of its files is written:
-                # one that fails (a model refusing integrated gradients' zeros) leaves no
-                # sample half explained, and a command naming it writes nothing at all
+                # one that fails (a model refusing integrated gradients' zeros, concept
+                # relevance meeting an op LRP has no rule for on this input's path) leaves
+                # no sample half explained, and a command naming it writes nothing at all
                 kept: list[tuple[Any, Any]] = []
                 for method in [m for m in methods if m != CONCEPTS]:
                     # (not an older lurker's default layer: made again at today's)
@@ -262,12 +263,8 @@ def precompute(
                     except ApiError as err:
                         if not left_out(method, err, n, sid):
                             raise
-                _live_files(s, image, folder)
-                for key, result in kept:
-                    keep_result(s, key, result)
-                made += len(kept)
-                if CONCEPTS in methods:  # the ranking the page shows first, its maps
-                    try:
+                if CONCEPTS in methods:  # the ranking the page shows first, its maps: made
+                    try:  # last and kept by itself, so the first file written is its own
                         ranking = concept_ranking(s, image, TARGET, None, CONCEPT_TOP)
                     except ApiError as err:
                         if not left_out(CONCEPTS, err, n, sid):
@@ -275,6 +272,10 @@ def precompute(
                     else:
                         existing += int(ranking.cached)
                         made += int(not ranking.cached)
+                _live_files(s, image, folder)
+                for key, result in kept:
+                    keep_result(s, key, result)
+                made += len(kept)
             except ApiError as err:
                 raise LurkerError(f"sample {sid}: {err.detail}") from None
             if progress:

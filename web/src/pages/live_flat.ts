@@ -198,7 +198,7 @@ function layerCard(ctx: PageContext, l: LiveLayerUnits, doc: LiveInput): HTMLEle
   // layer's lowest value would give a negative value a long bar
   const finite = l.max.filter((v): v is number => v !== null);
   const span = Math.max(0, ...finite.map(Math.abs)) || 1;
-  const peakWord = l.positions > 1 ? `max over its ${l.positions} positions (mean beside it)` : "activation";
+  const peakWord = l.positions > 1 ? `max over its ${l.positions} positions (its mean with it)` : "activation";
   return h(
     "section",
     { class: "card live-layer", "data-layer": l.layer },
@@ -214,8 +214,14 @@ function layerCard(ctx: PageContext, l: LiveLayerUnits, doc: LiveInput): HTMLEle
           h("a", { href: ctx.href("unit", l.layer, u), "data-unit": u }, `unit ${u}`),
           h("span", { class: l.max[u]! < 0 ? "pbar neg" : "pbar", style: `width:${((100 * Math.abs(l.max[u]!)) / span).toFixed(1)}%` }),
           h("span", { class: "value" }, fmt(l.max[u]!)),
-          peakAt(l, u, doc),
-          l.positions > 1 ? h("span", { class: "muted small" }, `mean ${l.mean[u] === null ? "not finite" : fmt(l.mean[u]!)}`) : null,
+          // where it peaks and its mean share the rest of the row, the mean wrapping under
+          // the peak where the card is too narrow for both (at 800 px it spilled out)
+          h(
+            "span",
+            { class: "unit-notes" },
+            peakAt(l, u, doc),
+            l.positions > 1 ? h("span", { class: "muted small unit-mean" }, `mean ${l.mean[u] === null ? "not finite" : fmt(l.mean[u]!)}`) : null,
+          ),
         ),
       ),
     ),
