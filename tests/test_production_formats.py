@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import re
 import warnings
 import weakref
 from pathlib import Path
@@ -660,3 +661,243 @@ def test_statically_quantized_model_keeps_its_features_for_the_map(tmp_path: Pat
     got = torch.tensor(run.embedding().features.astype("float32"))
     assert got.shape == want.shape == (24, 8)
     torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)
+
+
+class _ChannelsLast(nn.Module):
+    """A conv, then a Linear over its channels at every position (channels last)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, stride=2)
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.conv(x).permute(0, 2, 3, 1))
+
+
+def _as_older_lurker(doc: dict, counted: bool = True) -> dict:
+    """A trace document as lurker wrote it before torch's quantized operators were named
+    apart from aten's: a quantize_dynamic'd Linear's op ``linear_dynamic`` (labels
+    ``linear_dynamic_1``), no ``meta["packed"]``, no ``flops_unknown``; and, where not
+    ``counted``, before the FLOPs of such ops were counted."""
+    old = copy.deepcopy(doc)
+
+    def back(name: str) -> str:
+        return name.replace("quantized_linear_dynamic", "linear_dynamic")
+
+    del old["model"]["flops_unknown"]
+    for op in old["ops"]:
+        op["name"], op["label"], op["rolled"] = (back(op[k]) for k in ("name", "label", "rolled"))
+        if op["name"].startswith("linear_dynamic"):
+            del op["meta"]["packed"]
+            if not counted:
+                del op["meta"]["flops"]
+                op["flops"] = None
+    for group in old["rolled"]:
+        group["label"], group["name"] = back(group["label"]), back(group["name"])
+    old["model"]["flops"] = sum(op["flops"] or 0 for op in old["ops"])
+    return old
+
+
+def test_old_graph_of_a_dynamically_quantized_model_reads_its_ops_by_todays_names() -> None:
+    """A graph stored before its ``linear_dynamic`` ops were named
+    ``quantized_linear_dynamic`` is read under today's names: its labels are the live
+    trace's, and receptive fields go through the Linear as through the float model's
+    (the oracle: the same conv and Linear unquantized)."""
+    from lurker.graph.receptive import receptive_fields
+
+    torch.manual_seed(0)
+    float_model = _ChannelsLast().eval()
+    model = _quiet(torch.ao.quantization.quantize_dynamic, float_model, {nn.Linear})
+    x = torch.randn(1, 3, 9, 9)
+    tr = _quiet(lurker.trace, model, x)
+    old = _as_older_lurker(tr.to_json())
+    assert "linear_dynamic_1" in {op["label"] for op in old["ops"]}
+    graph = lurker.Graph.from_json(old)
+    assert [(op.label, op.name) for op in graph.ops] == [(op.label, op.name) for op in tr.ops]
+    assert graph["quantized_linear_dynamic_1"].module == "fc"
+    want = lurker.trace(float_model, x)
+    got_rf = receptive_fields(graph)[graph["quantized_linear_dynamic_1"].index]
+    exp = receptive_fields(want)[want["linear_1"].index]
+    assert (got_rf.size, got_rf.stride, got_rf.exact) == (exp.size, exp.stride, exp.exact)
+    assert got_rf.size == (3, 3)
+
+
+def test_old_graph_without_flops_unknown_counts_its_uncounted_ops() -> None:
+    """A graph stored before ``flops_unknown`` was written, and before a quantized
+    Linear's FLOPs were counted: its total leaves the Linear out, so the graph read back
+    says one op of unknown FLOPs (not 0) and its summary says the total is a lower bound."""
+    torch.manual_seed(0)
+    model = _quiet(torch.ao.quantization.quantize_dynamic, _ChannelsLast().eval(), {nn.Linear})
+    tr = _quiet(lurker.trace, model, torch.randn(1, 3, 9, 9))
+    assert tr.flops_unknown == 0
+    old = _as_older_lurker(tr.to_json(), counted=False)
+    graph = lurker.Graph.from_json(old)
+    assert (
+        graph.flops
+        == old["model"]["flops"]
+        == tr.flops - tr["quantized_linear_dynamic_1"].flops
+        > 0
+    )
+    assert graph.flops_unknown == 1
+    assert "at least" in graph.summary()
+    # with the Linear's FLOPs counted (a run of the commits between), none is unknown
+    assert lurker.Graph.from_json(_as_older_lurker(tr.to_json())).flops_unknown == 0
+
+
+def test_old_run_layer_of_a_quantized_linear_is_in_the_live_view(tmp_path: Path) -> None:
+    """A run stored before ``linear_dynamic`` was named ``quantized_linear_dynamic``, one
+    of whose layers is the op ``linear_dynamic_2``: the layer names today's op, which the
+    stored graph and the live trace hold, so the explorer's live view shows its units
+    (with the values a forward hook on the model gives), not leaving it out."""
+    import json
+    import sqlite3
+
+    from fastapi.testclient import TestClient
+
+    from lurker.server import create_app
+
+    torch.manual_seed(0)
+    model = _quiet(torch.ao.quantization.quantize_dynamic, MLP().eval(), {nn.Linear})
+    data = TensorDataset(torch.randn(12, 8), torch.zeros(12, dtype=torch.long))
+    probe = dict(k=2, batch_size=6, progress=False, device="cpu")
+    layers = ["fc1", "quantized_linear_dynamic_2"]
+    _quiet(lurker.probe, model, data, out=tmp_path / "run", layers=layers, **probe)
+    with sqlite3.connect(tmp_path / "run" / "run.db") as db:  # as an older lurker wrote it
+        (doc,) = db.execute("SELECT doc FROM graph").fetchone()
+        old = _as_older_lurker(json.loads(doc))
+        db.execute("UPDATE graph SET doc = ?", (json.dumps(old),))
+        db.execute(
+            "UPDATE layers SET name = 'linear_dynamic_2', op = 'linear_dynamic_2', "
+            "kind = 'linear_dynamic' WHERE op = 'quantized_linear_dynamic_2'"
+        )
+    db.close()
+    with lurker.Run.open(tmp_path / "run") as run:
+        info = run.layer("linear_dynamic_2")
+        assert (info.op, info.kind) == ("quantized_linear_dynamic_2", "quantized_linear_dynamic")
+        assert run.layer("quantized_linear_dynamic_2") is info
+        assert run.graph.ops[info.op_index].label == info.op
+    x = torch.randn(8)
+    seen = {}
+    model.fc2.register_forward_hook(lambda m, i, o: seen.update(out=o[0]))
+    with torch.no_grad():
+        model(x[None])
+    app = create_app(tmp_path / "run", model_obj=model, dataset=data)
+    with TestClient(app) as client:
+        r = client.post("/api/runs/run/live/inputs", json={"features": x.tolist()})
+    assert r.status_code == 200, r.text
+    shown = {layer["layer"]: layer for layer in r.json()["layers"]}
+    assert set(shown) == {"fc1", "linear_dynamic_2"}
+    assert shown["linear_dynamic_2"]["op"] == "quantized_linear_dynamic_2"
+    torch.testing.assert_close(torch.tensor(shown["linear_dynamic_2"]["max"]), seen["out"])
+
+
+@pytest.mark.parametrize(
+    ("dtype", "pattern", "use", "op"),
+    [
+        (torch.qint8, "linear_dynamic*", "quantized_linear_dynamic*", "quantized_linear_dynamic_2"),
+        (torch.float16, "linear_dynamic_fp16_2", *["quantized_linear_dynamic_fp16_2"] * 2),
+    ],
+)
+def test_save_by_an_old_quantized_linear_name_names_the_new_one(
+    dtype: torch.dtype, pattern: str, use: str, op: str
+) -> None:
+    """``save=`` an op's name from before it was ``quantized_linear_dynamic`` matches no op:
+    refused (not a trace that saved nothing), naming the pattern to use, which saves it."""
+    model = _quiet(torch.ao.quantization.quantize_dynamic, MLP().eval(), {nn.Linear}, dtype=dtype)
+    x = torch.randn(2, 8)
+    with pytest.raises(LurkerError, match=rf"named 'quantized_.*use '{re.escape(use)}'") as e:
+        _quiet(lurker.trace, model, x, save=pattern)
+    assert "Traceback" not in str(e.value)
+    tr = _quiet(lurker.trace, model, x, save=use)
+    assert tr[op].saved
+
+
+@pytest.mark.parametrize("kind", ["static", "dynamic"])
+def test_relevance_of_a_quantized_model_names_its_quantized_layer(
+    kind: str, tmp_path: Path
+) -> None:
+    """LRP cannot pass a quantized layer (quantized kernels on packed weights: no gradient,
+    no rule). ``relevance=True`` was refused mid-sweep as "no rule for quantize_per_tensor"
+    (the QuantStub, the first op LRP met), suggesting gradient methods, which are as
+    blind, and left a run behind: now refused before any run is written, naming the
+    quantized layer and the fixes (the float model; occlusion); concept relevance says so."""
+    if kind == "static":
+        data = _data(8)
+        _, model = _statically_quantized(data.tensors[0])
+        layer, cls = "conv1", "QuantizedConvReLU2d"
+    else:
+        data = TensorDataset(torch.randn(8, 8), torch.zeros(8, dtype=torch.long))
+        model = _quiet(torch.ao.quantization.quantize_dynamic, MLP().eval(), {nn.Linear})
+        layer, cls = "fc1", "DynamicQuantizedLinear"
+    said = rf"quantized layer '{layer}' \({cls}\).*no gradient.*float model.*occlusion"
+    with pytest.raises(LurkerError, match=said) as e:
+        _quiet(
+            lurker.probe, model, data, out=tmp_path / "run", k=2, progress=False,
+            device="cpu", relevance=True,
+        )  # fmt: skip
+    assert "quantize_per_tensor" not in str(e.value) and "integrated_gradients" not in str(e.value)
+    assert "--relevance" in e.value.for_cli()
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(LurkerError, match=said) as e:
+        _quiet(lurker.explain.concepts, model, data.tensors[0][:1], layer=layer)
+    assert "gradient method" not in str(e.value)
+
+
+class _ConvAdd(nn.Module):
+    """A residual-like block: a conv's output plus another branch's (a wider kernel, so
+    the added input's field is the larger), and a ReLU after the sum where ``relu``."""
+
+    def __init__(self, relu: bool) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.side = nn.Conv2d(4, 4, 5, padding=2)
+        self.relu = nn.ReLU() if relu else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        return self.relu(self.conv(h) + self.side(h))
+
+
+@pytest.mark.skipif(
+    "onednn" not in torch.backends.quantized.supported_engines,
+    reason="conv + add fuse into quantized::conv2d_add on the onednn engine only",
+)
+@pytest.mark.parametrize("relu", [False, True], ids=["conv2d_add", "conv2d_add_relu"])
+def test_quantized_conv_add_merges_the_added_inputs_field(relu: bool) -> None:
+    """fx quantization for onednn fuses a conv and the add after it into one op,
+    ``quantized::conv2d_add(qx, qaccum)``: its receptive field is the conv's window of
+    ``qx`` merged with ``qaccum``'s, equal to the float model's (conv, then add) position
+    by position. Left out, ``qaccum`` read as mixed: the whole image."""
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.backend_config import get_onednn_backend_config
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    from lurker.graph.receptive import receptive_fields
+
+    torch.manual_seed(0)
+    float_model = _ConvAdd(relu).eval()
+    x = torch.randn(2, 3, 16, 16)
+    engine = torch.backends.quantized.engine
+    torch.backends.quantized.engine = "onednn"
+    try:
+        config = get_onednn_backend_config()
+        mapping = get_default_qconfig_mapping("onednn")
+        prepared = _quiet(
+            prepare_fx, copy.deepcopy(float_model), mapping, (x,), backend_config=config
+        )
+        prepared(x)
+        model = _quiet(convert_fx, prepared, backend_config=config)
+        tr = _quiet(lurker.trace, model, x)
+    finally:
+        torch.backends.quantized.engine = engine
+    name = "quantized_conv2d_add_relu" if relu else "quantized_conv2d_add"
+    fused = next(op for op in tr.ops if op.name == name)
+    want = lurker.trace(float_model, x)
+    last = next(op for op in reversed(want.ops) if op.name in ("add", "relu"))
+    exp = receptive_fields(want)[last.index]
+    for graph in (tr, lurker.Graph.from_json(tr.to_json())):
+        got = receptive_fields(graph)[graph[fused.label].index]
+        assert got.to_dict() == exp.to_dict()
+    assert not exp.full and exp.size == (11, 11)  # the side conv's 5x5 over the stem's

@@ -11,6 +11,7 @@ from torch import nn
 
 from ..errors import LurkerError, close_names
 from ..graph.nodes import Op
+from ..ops.catalogue import FORMER_NAMES
 
 
 class SavePolicy:
@@ -211,6 +212,14 @@ def check_patterns(
                 f"them all, and its pass {num} is read as acts[{p!r}]."
             )
             break
+    for p in missing:  # 'linear_dynamic_1', as an older lurker named the op
+        old = max((n for n in FORMER_NAMES if p.startswith(n)), key=len, default=None)
+        renamed = None if old is None else FORMER_NAMES[old] + p[len(old) :]
+        if renamed is not None and _match([renamed], *everything):
+            hint += (
+                f" The op {old!r} is named {FORMER_NAMES[old]!r} now (torch's quantized "
+                f"operators are named apart from aten's): use {renamed!r}."
+            )
     raise LurkerError(
         f"save={missing!r} matches no op or module of this model, so nothing would be saved "
         f"for {'it' if len(missing) == 1 else 'them'}.{hint}"

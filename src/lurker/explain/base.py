@@ -396,22 +396,37 @@ def check_input(model: Any, x: Any, what: str = "explain") -> Tensor:
     return x.detach()
 
 
-def check_differentiable(model: nn.Module, what: str) -> None:
-    """Refuse a model with quantized layers (``quantize_dynamic``, ``convert``): their
-    weights are packed in TorchScript objects and run in kernels with no gradient, so
-    every gradient through them would be 0 and every attribution silently 0 too."""
+def quantized_layer(model: nn.Module) -> tuple[str, str] | None:
+    """The path and class of the first quantized layer of ``model`` (``quantize_dynamic``,
+    ``convert``): ``("fc", "DynamicQuantizedLinear")``; None where it has none. Its weights
+    are packed in TorchScript objects and run in kernels with no gradient."""
     for path, m in model.named_modules():
         if any(isinstance(v, torch.ScriptObject) for v in vars(m).values()):
             # the quantized layer, not its weights' holder (fc._packed_params)
             where = ".".join(itertools.takewhile(lambda p: not p.startswith("_"), path.split(".")))
-            kind = model.get_submodule(where)._get_name()  # DynamicQuantizedLinear
-            raise LurkerError(
-                f"{what} follows the model's gradients, and its layer {where!r} ({kind}) is "
-                "quantized: its packed weights run in kernels that have no gradient, so "
-                "every attribution would be 0. Explain the float model it was quantized "
-                "from (before quantize_dynamic or convert), or use method='occlusion', "
-                "which only runs the model."
-            )
+            return where, model.get_submodule(where)._get_name()
+    return None
+
+
+#: what a gradient method or LRP on a quantized model is to do instead
+QUANTIZED_FIX = (
+    "Explain the float model it was quantized from (before quantize_dynamic or convert), "
+    "or use method='occlusion', which only runs the model."
+)
+
+
+def check_differentiable(model: nn.Module, what: str) -> None:
+    """Refuse a model with quantized layers (``quantize_dynamic``, ``convert``): their
+    weights are packed in TorchScript objects and run in kernels with no gradient, so
+    every gradient through them would be 0 and every attribution silently 0 too."""
+    found = quantized_layer(model)
+    if found is not None:
+        where, kind = found
+        raise LurkerError(
+            f"{what} follows the model's gradients, and its layer {where!r} ({kind}) is "
+            "quantized: its packed weights run in kernels that have no gradient, so "
+            f"every attribution would be 0. {QUANTIZED_FIX}"
+        )
 
 
 def check_finite(x: Tensor, what: str) -> None:

@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 from ..errors import LurkerError, warn
 from ..graph.nodes import Op, OpRef, ParamRef
-from .base import Explanation, Method, check_real, register
+from .base import QUANTIZED_FIX, Explanation, Method, check_real, quantized_layer, register
 from .targets import (
     UNIT_HINT,
     UnitTarget,
@@ -409,6 +409,31 @@ class NoRule(LurkerError):
         )
 
 
+class QuantizedNoRule(NoRule):
+    """A quantized layer (``quantize_dynamic``, ``convert``): it runs quantized kernels on
+    packed weights, with no gradient for LRP's rules to follow and no rule of its own, so
+    LRP stops there. A gradient method cannot stand in (its gradients are as absent): the
+    float model, or occlusion, can."""
+
+    def __init__(self, where: str, kind: str):
+        layer = f"the quantized layer {where!r} ({kind})"
+        super().__init__(
+            f"{layer}: it runs quantized kernels on packed weights, with no gradient", layer
+        )
+
+    def said(self, methods: tuple[str, ...] = ()) -> str:
+        """The refusal, with the fixes that work on a quantized model (not ``methods``)."""
+        return f"LRP has no rule for {self.where}. {QUANTIZED_FIX}"
+
+
+def check_quantized(model: nn.Module) -> None:
+    """Raise :class:`QuantizedNoRule` for a model with a quantized layer: LRP (the probe's
+    relevance lists, concept relevance) cannot pass it, whichever op it meets first."""
+    found = quantized_layer(model)
+    if found is not None:
+        raise QuantizedNoRule(*found)
+
+
 class Engine:
     """Rules for every op of one traced model; :meth:`run` is one LRP forward+backward."""
 
@@ -434,6 +459,7 @@ class Engine:
             )
         self.attention_rule = attention
         self._layouts: dict[str, Any] = {}  # unit_layout's cache for this trace
+        check_quantized(model)  # (not its QuantStub, the first op with no rule)
 
         self.model = model
         from ..errors import TraceError

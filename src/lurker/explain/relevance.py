@@ -31,7 +31,7 @@ from .base import (
     outside_inference_mode,
     untouched,
 )
-from .lrp import SUPPORTED, Engine, NoRule, _warn_leaks
+from .lrp import SUPPORTED, Engine, NoRule, QuantizedNoRule, _warn_leaks
 from .targets import UnitTarget, by_unit
 
 __all__ = ["Concepts", "concepts"]
@@ -179,7 +179,13 @@ def _no_rule(e: LurkerError) -> LurkerError:
 def no_rule_said(e: NoRule, instead: str = "integrated_gradients") -> str:
     """Concept relevance's refusal for LRP's ``e``, suggesting the gradient method
     ``instead``: a caller that knows the model refuses integrated gradients (the explorer,
-    which runs it from zeros only) names one that runs."""
+    which runs it from zeros only) names one that runs. A quantized layer's refusal names
+    the fixes that work there (a gradient method's gradients are as absent)."""
+    if isinstance(e, QuantizedNoRule):
+        return (
+            "concept relevance is LRP, propagated from the output through every layer, and "
+            + e.said()
+        )
     return (
         f"concept relevance is LRP, propagated from the output through every layer, and LRP "
         f"has no rule for {e.where} (supported: {SUPPORTED}). Instead, attribute the "

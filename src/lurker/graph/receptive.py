@@ -580,6 +580,21 @@ def _spatial_op(nd: int, kind: str) -> _Handler:
     return handler
 
 
+def _conv_add(nd: int) -> _Handler:
+    """``quantized::conv2d_add(qx, qaccum, ...)`` (a conv and the add after it, fused):
+    ``conv(qx) + qaccum``, so each output position reads ``qx``'s window and ``qaccum``'s
+    same position, the fields of a float conv and add merged (``qaccum`` left out would
+    read as mixed: the whole image)."""
+    conv = _spatial_op(nd, "conv")
+
+    def handler(op: Op, k: int, parents: list[_Parent], out: tuple[int, ...]) -> _Maps | None:
+        maps = conv(op, k, [p for p in parents if p.j == 0], out)
+        added = _aligned([p for p in parents if p.j == 1], out, _keep)
+        return None if maps is None or added is None else {**maps, **added}
+
+    return handler
+
+
 def _h_convolution(op: Op, k: int, parents: list[_Parent], out: tuple[int, ...]) -> _Maps | None:
     """aten's ``convolution`` (what ``make_fx`` and decomposed exports call for every
     conv): a conv or, ``transposed``, a conv_transpose over its weight's spatial dims."""
@@ -1205,7 +1220,11 @@ for _nd in (1, 2, 3):
         _HANDLERS[f"adaptive_{_kind}_pool{_nd}d"] = _adaptive(_nd)
         _HANDLERS[f"adaptive_{_kind}_pool{_nd}d_with_indices"] = _adaptive(_nd)
 for _name, _nd in QUANTIZED_CONV.items():  # quantized_conv2d_relu: its relu is pointwise
-    _HANDLERS[_name] = _spatial_op(_nd, "convt" if "transpose" in _name else "conv")
+    _HANDLERS[_name] = (
+        _conv_add(_nd)
+        if "_add" in _name
+        else _spatial_op(_nd, "convt" if "transpose" in _name else "conv")
+    )
 _HANDLERS.update({n: _h_reduce for n in _REDUCE})
 _HANDLERS.update({n: _h_along for n in _ALONG})
 for _h, _names in {

@@ -15,6 +15,7 @@ from functools import cache
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
+from ..ops.catalogue import current_label
 from .edges import edges
 from .nodes import ITEMSIZE, ModuleInfo, Op, Opaque, OpRef, ParamRef, TensorMeta, refs
 
@@ -143,7 +144,9 @@ def _graph_from(doc: dict[str, Any]) -> Graph:
 
 
 def _op_from(d: dict[str, Any], params: dict[str, ParamRef]) -> Op:
-    op = Op(d["index"], d["kind"], d["name"], d["label"], d["rolled"], d["pass"], d["num_passes"])
+    # an op an older lurker named otherwise (linear_dynamic) is read by its current name
+    name, label, rolled = (current_label(d[k]) for k in ("name", "label", "rolled"))
+    op = Op(d["index"], d["kind"], name, label, rolled, d["pass"], d["num_passes"])
     op.modules = tuple((path, n) for path, n in d["modules"])
     op.module_outputs = list(d["module_outputs"])
     op.parents = list(d["parents"])

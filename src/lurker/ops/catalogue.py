@@ -542,6 +542,33 @@ class _Shape:
     shape: tuple[int, ...]
 
 
+# Op names an older lurker wrote into runs and graph documents -> this lurker's. A
+# quantize_dynamic'd Linear's op was ``linear_dynamic`` (labels ``linear_dynamic_1``)
+# until torch's quantized operators were named apart from aten's (torch_funcs.op_name):
+# read under the old name, a stored graph's op is one no analysis knows (receptive fields
+# stop there) and a stored layer's label matches no op of a live trace.
+FORMER_NAMES = {
+    n.removeprefix("quantized_"): n
+    for n in (
+        "quantized_linear_dynamic", "quantized_linear_dynamic_fp16",
+        "quantized_linear_relu_dynamic", "quantized_linear_relu_dynamic_fp16",
+    )
+}  # fmt: skip
+
+
+def current_label(label: str) -> str:
+    """An op name or label as this lurker writes it: ``linear_dynamic_2:3`` (written by an
+    older lurker, :data:`FORMER_NAMES`) is ``quantized_linear_dynamic_2:3``; any other
+    name or label is itself."""
+    if label in FORMER_NAMES:
+        return FORMER_NAMES[label]
+    rolled, colon, pass_num = label.partition(":")
+    name, _, number = rolled.rpartition("_")
+    if name in FORMER_NAMES and number.isdigit():
+        return f"{FORMER_NAMES[name]}_{number}{colon}{pass_num}"
+    return label
+
+
 def _recurrent_draws(args: tuple | list) -> bool:
     """Whether an RNN kernel call drops out between layers: ``(input, hx, params,
     has_biases, num_layers, dropout, train, ...)``, or packed ``(data, batch_sizes, hx,

@@ -1121,6 +1121,8 @@ def _plan(
     from . import data as pdata
 
     composite = _relevance_composite(relevance)
+    if composite is not None:
+        _check_relevance_model(model)
     ds = pdata.wrap(dataset)
     if len(ds) == 0:
         raise LurkerError("The dataset is empty: nothing to probe.")
@@ -1377,6 +1379,29 @@ def _run_pad_id(dataset: Any, tr: Trace, x0: Tensor) -> int | None:
 
     ids = x0.dim() == 2 and not x0.is_floating_point() and not x0.is_complex() and reads_ids(tr)
     return dataset_pad_id(dataset, id_space(tr)) if ids else None
+
+
+def _check_relevance_model(model: nn.Module) -> None:
+    """Refuse relevance lists of a quantized model before the run is created: LRP cannot
+    pass a quantized layer (packed weights, no gradient, no rule), and the first op it
+    would stop at, mid-sweep, is the model's QuantStub, which says nothing of why."""
+    from ..explain.lrp import QuantizedNoRule, check_quantized
+
+    try:
+        check_quantized(model)
+    except QuantizedNoRule as e:
+        why = (
+            f"LRP has no rule for {e.plain}: it runs quantized kernels on packed weights, with no gradient. Probe "
+            "the float model it was quantized from (before quantize_dynamic or convert) for "
+            "relevance lists, or this model without them; occlusion explains its decisions "
+            "(it only runs the model)"
+        )
+        raise LurkerError(
+            f"probe: relevance lists rank samples by LRP relevance, and {why}: "
+            "lurker.explain(model, x, method='occlusion')",
+            cli=f"--relevance ranks samples by LRP relevance, and {why}: lurker explain "
+            "--method occlusion",
+        ) from None
 
 
 def _relevance_composite(relevance: bool | str) -> str | None:

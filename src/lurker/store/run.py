@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from lurker.errors import close_names
+from lurker.ops.catalogue import current_label
 from lurker.store.errors import (
     MissingFromRunError,
     NotARunError,
@@ -360,8 +361,10 @@ class Run:
             LayerInfo(
                 name=name,
                 module=module,
-                op=op,
-                kind=kind,
+                # an op an older lurker named otherwise (linear_dynamic_1): the live
+                # trace's and the stored graph's label (lurker.graph reads it so too)
+                op=None if op is None else current_label(op),
+                kind=None if kind is None else current_label(kind),
                 num_units=int(num_units),
                 shape=tuple(json.loads(shape)),
                 rf=None if rf is None else json.loads(rf),
@@ -709,7 +712,8 @@ class Run:
                 output = self._module_output(name)
                 if isinstance(output, LayerInfo):
                     return output
-            hits = [info for info in self.layers if getattr(info, attr) == name]
+            key = current_label(name) if attr == "op" else name  # an old label too
+            hits = [info for info in self.layers if getattr(info, attr) == key]
             if len(hits) == 1:
                 return hits[0]
             if len(hits) > 1:
