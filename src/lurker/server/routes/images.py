@@ -7,12 +7,13 @@ crops of runs that stored no peaks for that list, with the model) and cached.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path as FsPath
 from typing import Literal
 
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse, Response
+from fastapi.responses import Response
 
 from ..deps import entry, live_call, on_model, session
 from ..errors import ApiError
@@ -48,7 +49,18 @@ def png_response(
     bytes a foreign model made (kept in memory, not the run's)."""
     if isinstance(found, bytes):
         return made_png(found)
-    st = found.stat()
+    # opened once, its size, ETag and bytes all read from that one file: the cache may be
+    # written again (a re-probe, the file's own lazy maker) or deleted between a stat and
+    # a later open, and a Content-Length of one file with the bytes of another breaks the
+    # image (ERR_CONTENT_LENGTH_MISMATCH). The PNGs are small.
+    try:
+        with open(found, "rb") as f:
+            st = os.fstat(f.fileno())
+            data = f.read()
+    except FileNotFoundError:
+        raise ApiError(
+            404, f"{found.name} was deleted from the run's cache while it was asked for: reload"
+        ) from None
     # the file itself (inode, mtime to the nanosecond, size): Starlette's own ETag uses
     # the mtime in float seconds and the size, which two different PNGs may share
     etag = f'"{st.st_ino:x}-{st.st_mtime_ns:x}-{st.st_size:x}"'
@@ -62,7 +74,7 @@ def png_response(
     headers = {**(IMMUTABLE if current else REVALIDATE), "ETag": etag}
     if request is not None and request.headers.get("if-none-match") == etag:
         return Response(status_code=304, headers=headers)
-    return FileResponse(found, media_type="image/png", headers=headers, stat_result=st)
+    return Response(data, media_type="image/png", headers=headers)
 
 
 @png_get(router, "/runs/{run_id}/samples/{sample_id}/image.png", "The sample as the model saw it")
