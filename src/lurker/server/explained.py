@@ -17,7 +17,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
@@ -310,17 +310,26 @@ def _instead(methods: list[str]) -> str:
     return f"{still[0]}, {still[1]} and the other gradient methods still explain it"
 
 
+E = TypeVar("E", bound=BaseException)
+
+
 def _baseline_refused(err: BaseException) -> bool:
     """Whether the explorer's error says the model refuses a method's baseline
     (:class:`lurker.explain.base.BaselineError`, kept as its context)."""
     from lurker.explain.base import BaselineError
 
+    return _in_context(err, BaselineError) is not None
+
+
+def _in_context(err: BaseException, kind: type[E]) -> E | None:
+    """The first exception of ``kind`` in ``err``'s chain of contexts (the explorer's
+    ApiError keeps the method's own error as its context), or None."""
     e: BaseException | None = err
     while e is not None:
-        if isinstance(e, BaselineError):
-            return True
+        if isinstance(e, kind):
+            return e
         e = e.__context__
-    return False
+    return None
 
 
 def _no_baseline(err: Any, method: str, sid: int, n: int, methods: list[str], flat: bool) -> str:
@@ -353,12 +362,7 @@ def _no_rule(err: BaseException) -> NoRule | None:
     error, kept as its context, or None."""
     from lurker.explain.lrp import NoRule
 
-    e: BaseException | None = err
-    while e is not None:
-        if isinstance(e, NoRule):
-            return e
-        e = e.__context__
-    return None
+    return _in_context(err, NoRule)
 
 
 def _has_concepts(s: Any) -> bool:
