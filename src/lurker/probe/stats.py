@@ -337,8 +337,6 @@ class UnitStats:
                 f"activation maps have no positions (shape {tuple(act.shape)}): nothing to "
                 "take a mean or max of"
             )
-        if act.is_quantized:  # a statically quantized layer's: no float view of its ints
-            act = act.dequantize()
         flat = act.detach().to(device=self.device, dtype=torch.float32)
         return flat.reshape(*act.shape[:2], -1), act.shape[-1] if act.dim() > 2 else 1
 
