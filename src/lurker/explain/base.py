@@ -562,10 +562,19 @@ BASELINE_EXAMPLES = {
     "vector": "the dataset's mean feature vector",
     "input": "the dataset's mean input",
 }
-#: how a method's ``baseline=`` is changed: a value the model may accept
-BASELINE_FIX = (
-    "baseline= a number or a tensor shaped like one row of x, such as " + BASELINE_EXAMPLES["image"]
-)
+
+
+def _baseline_fix(kind: str) -> str:
+    """How a method's ``baseline=`` is changed: a value the model may accept, worded for
+    the ``kind`` of input (a key of :data:`BASELINE_EXAMPLES`)."""
+    return (
+        "baseline= a number or a tensor shaped like one row of x, such as "
+        + BASELINE_EXAMPLES[kind]
+    )
+
+
+#: how a method's ``baseline=`` is changed, on an image
+BASELINE_FIX = _baseline_fix("image")
 
 
 def baseline_fix(axes: InputAxes | None, x: Tensor) -> str:
@@ -582,10 +591,7 @@ def baseline_fix(axes: InputAxes | None, x: Tensor) -> str:
         kind = "image"
     else:
         kind = "input"
-    return (
-        "baseline= a number or a tensor shaped like one row of x, such as "
-        + BASELINE_EXAMPLES[kind]
-    )
+    return _baseline_fix(kind)
 
 
 #: the same on token ids, where the baseline is the embedding's output (tokens.token_baseline)
