@@ -292,6 +292,9 @@ def test_the_cli_naming_a_refused_baseline_method_writes_nothing(tmp_path: Path)
     assert "ValueError: input has zero norm" in said and "nothing was written" in said
     assert "leave integrated_gradients out of --methods (saliency still explains it)" in said
     assert "--option baseline=VALUE" in said and "baseline=..." in said
+    # the baselines the model may accept, read off the refusal itself, not its wording
+    assert "from a baseline the model accepts (baseline= a number" in said
+    assert "such as the dataset's mean image or a blurred copy of the input)" in said
     assert "Traceback" not in res.output
     assert not (run / "cache" / "explain").exists() or _files(run) == []
     res = CliRunner().invoke(

@@ -551,7 +551,16 @@ class BaselineError(LurkerError):
     """The model runs on the input but not on the method's baseline (zeros by default): a
     model that divides by its input's norm or asserts a nonzero input. A request the model
     cannot answer as asked, not a failure of the model on the input (the explorer's
-    precompute leaves the method out, saying why)."""
+    precompute leaves the method out, saying why).
+
+    ``why``: the first sentence, what failed on which baseline; ``fix``: the baselines
+    the model may accept, worded for the input's kind (callers that reword the refusal
+    read these, not the message)."""
+
+    def __init__(self, message: str, *, why: str = "", fix: str = "") -> None:
+        super().__init__(message)
+        self.why = why
+        self.fix = fix
 
 
 #: a baseline the model may accept, by the kind of input (an image's mean or blur means
@@ -660,11 +669,12 @@ def baseline_error(
         said = str(e).strip() or type(e).__name__
         if which is None:
             which = "the given baseline" if given else "its default baseline, zeros"
-        return BaselineError(
-            f"{model_name or type(model).__name__} runs on the input but fails on the baseline of {method} "
-            f"({which}), which it runs the model on: {type(e).__name__}: {said.rstrip('.')}. "
-            f"Pass a baseline the model accepts: {fix}."
+        why = (
+            f"{model_name or type(model).__name__} runs on the input but fails on the baseline "
+            f"of {method} ({which}), which it runs the model on: {type(e).__name__}: "
+            f"{said.rstrip('.')}"
         )
+        return BaselineError(f"{why}. Pass a baseline the model accepts: {fix}.", why=why, fix=fix)
     return None
 
 

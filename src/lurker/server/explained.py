@@ -337,8 +337,10 @@ def _no_baseline(err: Any, method: str, sid: int, n: int, methods: list[str], fl
     refuses its baseline, with both fixes: leave it out (naming what still explains the
     model), or run it from a baseline the model accepts where one can be given (``flat``:
     token ids, feature vectors or signals, which ``lurker explain`` does not read)."""
-    detail = str(err.detail).split(" (in Python:")[0].rstrip(".")
-    why, _, kinds = detail.partition(". Pass a baseline the model accepts: ")
+    from lurker.explain.base import BaselineError
+
+    refusal = _in_context(err, BaselineError)
+    why, kinds = (refusal.why, refusal.fix) if refusal is not None else (str(err.detail), "")
     # what else was asked that explains the model, else the gradient methods but this one
     still = [m for m in methods if m in _GRADIENT and m != method]
     left = _instead(still or [m for m in _GRADIENT if m != method])
