@@ -488,6 +488,10 @@ def test_flops_of_einsum_tensordot_and_recurrent_ops_equal_torchs_counter(save: 
         ("ij,jk", (3, 4), (4, 5)),  # the output implicit
         ("bhqd,bhkd->bhqk", (2, 4, 5, 8), (2, 4, 6, 8)),
         ("i,j->ij", (3,), (4,)),  # an outer product: no matmul, not counted
+        ("...ij,...jk->...ik", (2, 3, 4, 5), (5, 6)),  # an ellipsis, broadcast from the right
+        ("...ij,...jk", (2, 3, 4, 5), (3, 5, 6)),  # ... and an implicit output
+        ("b...d,b...d->b...", (2, 3, 4), (2, 3, 4)),  # a batched dot product
+        ("...i,...i->i", (3, 4), (3, 4)),  # the ellipsis' axes summed out
     ],
 )
 def test_einsum_flops_equal_torchs_counter(eq: str, a: tuple, b: tuple) -> None:
@@ -500,10 +504,24 @@ def test_einsum_flops_equal_torchs_counter(eq: str, a: tuple, b: tuple) -> None:
     assert (tr["einsum_1"].flops or 0) == counter.get_total_flops()
 
 
+def test_an_einsum_of_three_operands_is_a_flops_unknown_and_a_sum_is_not() -> None:
+    """A contraction of three matrices costs what its order makes it: no count, so the
+    graph's FLOPs total says it is a lower bound; an einsum that contracts nothing (a
+    transpose, an element-wise product) costs no matmul and leaves the total exact."""
+    a, b, c = torch.randn(3, 4), torch.randn(4, 5), torch.randn(5, 6)
+    tr = lurker.trace(_Einsum("ij,jk,kl->il"), a, b, c)
+    assert tr["einsum_1"].flops is None and tr.flops_unknown == 1
+    assert "at least" in tr.summary()
+    assert lurker.Graph.from_json(tr.to_json()).flops_unknown == 1
+    for eq, xs in (("ij,ij->ij", (a, a)), ("ij->ji", (a,)), ("i,j->ij", (a[0], b[0]))):
+        tr = lurker.trace(_Einsum(eq), *xs)
+        assert tr["einsum_1"].flops is None and tr.flops_unknown == 0, eq
+
+
 class _Einsum(nn.Module):
     def __init__(self, eq: str) -> None:
         super().__init__()
         self.eq = eq
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return torch.einsum(self.eq, x, y)
+    def forward(self, *xs: torch.Tensor) -> torch.Tensor:
+        return torch.einsum(self.eq, *xs)

@@ -72,13 +72,20 @@ def flops_unknown(node: Op) -> bool:
     """Whether ``node`` is an op of a kind whose FLOPs are counted (a conv, linear,
     matmul-like, attention or recurrent op) that has no count, its arguments being ones
     the rule cannot read: a total over the graph leaves it out, so it is a lower bound.
-    (An ``einsum`` that is no matmul, a sum or an outer product, has no count by rule.)"""
-    return (
-        node.kind == "op"
-        and node.name in _FLOP_OPS
-        and node.name != "einsum"
-        and node.flops is None
-    )
+    An ``einsum`` that contracts nothing (a sum, a transpose, an outer product) has no
+    count by rule; one that does but has none (three operands or more) is unknown."""
+    if node.kind != "op" or node.name not in _FLOP_OPS or node.flops is not None:
+        return False
+    if node.name != "einsum":
+        return True
+    args, kwargs = node.args, node.kwargs
+    equation = kwargs.get("equation", args[0] if args else None)
+    if not isinstance(equation, str):
+        return True  # a call the rule could not read
+    rest = args[1:] if "equation" not in kwargs else args
+    if len(rest) == 1 and isinstance(rest[0], (list, tuple)):  # einsum(eq, [a, b])
+        rest = rest[0]
+    return catalogue.einsum_contracts(equation, len(rest))
 
 
 def count_flops(nodes: list[Op]) -> None:

@@ -749,22 +749,21 @@ def einsum_flops(equation: str, operands: Any, out: Shape) -> int | None:
     """``einsum`` of two operands, as the batched matmul it is: 2 FLOPs per multiply-add
     over the indices it multiplies over (those of both operands, or of the output; an
     index summed out of one operand alone costs no multiplication), a broadcast index at
-    its larger size. None for one operand (a sum or a transpose), an outer or element-wise
-    product (nothing contracted: not a matmul), more than two operands (the cost depends
-    on the contraction order) or an ellipsis.
+    its larger size; an ellipsis stands for the axes it covers, broadcast from the right.
+    None for one operand (a sum or a transpose), an outer or element-wise product (nothing
+    contracted: not a matmul) or more than two operands (the cost depends on the
+    contraction order: :func:`einsum_contracts` tells that apart).
 
     ``operands``: their shapes, or one operand's shape (``einsum(eq, x)`` binds it alone).
     """
     if operands and all(type(n) is int for n in operands):
         operands = [operands]
-    eq = equation.replace(" ", "")
-    if "..." in eq or len(operands) != 2:
+    if len(operands) != 2:
         return None
-    lhs, arrow, rhs = eq.partition("->")
-    subs = lhs.split(",")
-    if not arrow:  # implicit output: the indices that appear once, in order
-        every = "".join(subs)
-        rhs = "".join(sorted(c for c in set(every) if every.count(c) == 1))
+    parsed = _einsum_letters(equation, operands)
+    if parsed is None:
+        return None
+    subs, rhs = parsed
     size: dict[str, int] = {}
     for letters, shape in zip(subs, operands, strict=True):
         if len(letters) != len(shape):
@@ -775,6 +774,59 @@ def einsum_flops(equation: str, operands: Any, out: Shape) -> int | None:
     if not both - set(rhs):  # nothing contracted: an outer or element-wise product
         return None
     return 2 * prod(n for c, n in size.items() if c in both or c in rhs)
+
+
+def _einsum_letters(equation: str, operands: Any) -> tuple[list[str], str] | None:
+    """The operands' index letters and the output's, an ellipsis spelled out as one
+    letter per axis it covers (right-aligned across operands, as einsum broadcasts it) and
+    an implicit output made explicit (the ellipsis' axes, then the letters that appear
+    once, sorted). None where the equation does not fit the shapes."""
+    eq = equation.replace(" ", "")
+    lhs, arrow, rhs = eq.partition("->")
+    subs = lhs.split(",")
+    if len(subs) != len(operands):
+        return None
+    spans = []
+    for letters, shape in zip(subs, operands):
+        if "..." in letters:
+            n = len(shape) - (len(letters) - 3)
+            if n < 0:
+                return None
+            spans.append(n)
+        else:
+            spans.append(0)
+    width = max(spans)
+    # letters no equation uses (einsum's are a-z and A-Z)
+    axes = [chr(0x3B1 + i) for i in range(width)]
+    subs = [
+        letters.replace("...", "".join(axes[width - n :])) if "..." in letters else letters
+        for letters, n in zip(subs, spans)
+    ]
+    if not arrow:  # implicit output: the ellipsis' axes, then the letters met once, in order
+        every = "".join(subs)
+        rhs = "".join(axes) + "".join(
+            sorted(c for c in set(every) if every.count(c) == 1 and c not in axes)
+        )
+    else:
+        rhs = rhs.replace("...", "".join(axes))
+    return subs, rhs
+
+
+def einsum_contracts(equation: str, operands: int) -> bool:
+    """Whether an ``einsum`` of ``operands`` operands contracts an index (one of two or
+    more operands' that the output leaves out): a matmul-like op with a cost, whether or
+    not :func:`einsum_flops` can count it. A sum, a transpose, an outer or element-wise
+    product does not."""
+    # the ellipsis as one more index: summed where the output leaves it out
+    eq = equation.replace(" ", "").replace("...", "\u00b7")
+    lhs, arrow, rhs = eq.partition("->")
+    subs = lhs.split(",")
+    if operands < 2 or len(subs) != operands:
+        return False
+    every = "".join(subs)
+    if not arrow:  # implicit: the letters met once, and the ellipsis
+        rhs = "\u00b7" + "".join(c for c in set(every) if every.count(c) == 1)
+    return any(sum(c in letters for letters in subs) >= 2 and c not in rhs for c in set(every))
 
 
 def tensordot_flops(a: Shape, b: Shape, dims: Any = 2) -> int:
