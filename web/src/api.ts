@@ -482,7 +482,8 @@ export interface LiveOp {
   /** on a run of (C, T) signals, each side's place along time; null elsewhere */
   input_time?: SignalTime | null;
   output_time?: SignalTime | null;
-  /** the op is attention (scaled_dot_product_attention): its weights are at `.../attention` */
+  /** the op is attention (scaled_dot_product_attention, or a softmax of attention written out
+   * by hand, whose output is the weights): its weights are at `.../attention` */
   attention?: boolean;
 }
 
@@ -510,7 +511,8 @@ export interface LiveAttention {
   query: number;
   /** the head `matrix` is of; null: the mean over heads */
   head: number | null;
-  scale: number;
+  /** the scale of the scores; null on a softmax op (its output is the weights as computed) */
+  scale: number | null;
   causal: boolean;
   mask: string | null;
   notes: string[];
@@ -526,6 +528,14 @@ export interface LiveAttention {
   patches_note: string | null;
   /** query tokens whose every key is masked out: no weights */
   masked: number[];
+  /** op type: `scaled_dot_product_attention`, or `softmax` for attention written out by hand */
+  name: string;
+  /** sequences on the batch axis for this one input (a Swin's windows), and the one shown */
+  windows: number;
+  window: number | null;
+  /** on a softmax op: the op making its scores (q kᵀ) and the one weighing the values */
+  scores_op: string | null;
+  values_op: string | null;
 }
 
 export interface Kernel {

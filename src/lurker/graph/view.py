@@ -18,6 +18,7 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
+from .attention import attention_softmaxes
 from .drawn import merge_edges, readout_values
 from .edges import edges as graph_edges
 from .graph import Graph
@@ -58,6 +59,12 @@ def graph_view(
     nodes: list[dict[str, Any]] = []
     direct = [0] * len(paths)
 
+    # attention ops, whose weights the live view shows (a softmax of attention written out)
+    attention = set(attention_softmaxes(graph)) | {
+        o.index
+        for o in ops
+        if o.name in ("scaled_dot_product_attention", "_native_multi_head_attention")
+    }
     for rolled, passes in graph.rolled().items():
         op = passes[0]
         if op.kind in HIDDEN_KINDS:
@@ -90,6 +97,8 @@ def graph_view(
             node["p"] = len(passes)
         if op.kind == "readout":
             node["v"] = readout_values(passes)
+        if any(o.index in attention for o in passes):
+            node["a"] = 1
         for o in passes:
             layer = layers.get(o.label)
             if layer is not None:

@@ -898,7 +898,8 @@ class AttentionPatches(BaseModel):
 class LiveAttention(BaseModel):
     """An attention op's weights on one image: ``softmax(q kᵀ · scale + mask)`` per head,
     from the op's own query and key on that image (its arguments bound by name), without
-    dropout (as in eval mode)."""
+    dropout (as in eval mode); on a softmax of attention written out by hand, that
+    softmax's output on the image, as the model computed it."""
 
     op: str
     name: str
@@ -912,8 +913,9 @@ class LiveAttention(BaseModel):
     query: int
     #: the head ``matrix`` is of; null: the mean over heads
     head: int | None = None
-    #: the scale the scores were multiplied by (the call's ``scale``, else 1/sqrt(E))
-    scale: float
+    #: the scale the scores were multiplied by (the call's ``scale``, else 1/sqrt(E));
+    #: null on a softmax op, whose weights are its output as the model computed it
+    scale: float | None = None
     #: the call's ``is_causal``: query i sees keys 0..i only
     causal: bool = False
     #: the call's ``attn_mask`` in words (null: none)
@@ -938,6 +940,14 @@ class LiveAttention(BaseModel):
     #: query tokens whose every key is masked out in some head: their weights are null
     #: there (no softmax)
     masked: list[int] = []
+    #: the sequences this one input's weights hold on their batch axis (a Swin's windows
+    #: folded into it), and the one shown (null: there is one)
+    windows: int = 1
+    window: int | None = None
+    #: on a softmax op: the op that made its scores (q kᵀ) and the one that takes the
+    #: weighted sum of the values with its output (null on a scaled_dot_product_attention)
+    scores_op: str | None = None
+    values_op: str | None = None
 
 
 class MapValues(BaseModel):

@@ -1299,6 +1299,11 @@ class Session:
 
         return value
 
+    def op_output(self, image_id: str, op: Any, output: int = 0) -> Any:
+        """Output ``output`` of ``op`` on one input, as the model computes it (None where
+        the live run gives no tensor)."""
+        return self._live_values(self.live_input(image_id), [op])(op, output)
+
     def call_values(self, image_id: str, op: Any) -> tuple[dict[str, Any], list[str]]:
         """The op's call on one image, its arguments bound by name with the op catalogue
         (``bind``: never by position), each tensor argument its value on this image (an

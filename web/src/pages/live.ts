@@ -509,7 +509,7 @@ async function showOp(el: HTMLElement, ctx: PageContext, image: string, op: stri
       kernel ? h("span", { class: "sub" }, ` kernel ${shape(kernel.shape)}${(kernel.groups ?? 1) > 1 ? ` · ${kernel.groups} groups` : ""}${kernel.transposed ? " · transposed" : ""}`) : null,
       h("span", { class: "sub" }, " · ", h("a", { href: graphHref(ctx, info.op), class: "in-graph" }, "show in the graph")),
     ),
-    // attention: no op's output is its weights (a fused call), so they are computed apart
+    // attention: a fused call's weights are computed apart; a hand-written one's softmax output is read
     info.attention ? attentionCard(ctx, image, info.op) : null,
     kernel
       ? h(

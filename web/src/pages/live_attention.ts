@@ -4,8 +4,11 @@
  * image on its patch grid where the tokens are a ViT's patches (a bar of weights per key
  * token where they are not), and the whole query x key matrix of one head (or the mean) as
  * a heat map; a click on a patch or a matrix row chooses the query. The query and head are
- * kept in the URL (`query`, `head`). The server computes the weights from the op's own
- * query and key on the image; where they cannot be had, the card says why.
+ * kept in the URL (`query`, `head`, `window`). The server computes the weights from the
+ * op's own query and key on the image; on a softmax of attention written out by hand
+ * (`q @ kᵀ`, softmax, `@ v`) they are that softmax's output, read, not recomputed, one
+ * window at a time where windows are folded into the batch axis (Swin). Where they cannot
+ * be had, the card says why.
  */
 import { loadImage, p, type AttentionPatches, type LiveAttention } from "../api";
 import type { PageContext } from "../context";
@@ -123,7 +126,7 @@ function range(vals: (number | null)[]): [number, number] | null {
 
 export function attentionCard(ctx: PageContext, image: string, op: string): HTMLElement {
   const card = h("section", { class: "card attention", id: "attention", "aria-label": "attention weights" }, h("h3", null, "Attention"), h("p", { class: "muted" }, "Computing the attention weights…"));
-  const state = { query: toInt(ctx.params.get("query")), head: toInt(ctx.params.get("head")), seq: 0 };
+  const state = { query: toInt(ctx.params.get("query")), head: toInt(ctx.params.get("head")), window: toInt(ctx.params.get("window")), seq: 0 };
   const base = p("runs", ctx.run, "live", image, "ops", op, "attention");
 
   const load = async (focus: string | null = null) => {
@@ -131,6 +134,7 @@ export function attentionCard(ctx: PageContext, image: string, op: string): HTML
     const q = new URLSearchParams();
     if (state.query !== null) q.set("query", String(state.query));
     if (state.head !== null) q.set("head", String(state.head));
+    if (state.window !== null) q.set("window", String(state.window));
     const qs = q.toString();
     let doc: LiveAttention;
     try {
@@ -139,8 +143,8 @@ export function attentionCard(ctx: PageContext, image: string, op: string): HTML
       if (seq !== state.seq || ctx.signal.aborted) return;
       const msg = (err as Error).message;
       // a query or head the op does not have (a link from another op): its defaults instead
-      if ((state.query !== null || state.head !== null) && /^no (query token|head) /.test(msg)) {
-        state.query = state.head = null;
+      if ((state.query !== null || state.head !== null || state.window !== null) && (/^no (query token|head|window) /.test(msg) || /no windows: omit window/.test(msg))) {
+        state.query = state.head = state.window = null;
         void load(focus);
         return;
       }
@@ -154,13 +158,16 @@ export function attentionCard(ctx: PageContext, image: string, op: string): HTML
     url.set("query", String(doc.query));
     if (doc.head === null) url.delete("head");
     else url.set("head", String(doc.head));
+    if (doc.window === null) url.delete("window");
+    else url.set("window", String(doc.window));
     ctx.replaceParams(url);
     render(doc);
     if (focus) card.querySelector<HTMLElement>(`#${focus}`)?.focus();
   };
-  const choose = (next: { query?: number; head?: number | null }, focus: string | null = null) => {
+  const choose = (next: { query?: number; head?: number | null; window?: number }, focus: string | null = null) => {
     if (next.query !== undefined) state.query = next.query;
     if (next.head !== undefined) state.head = next.head;
+    if (next.window !== undefined) state.window = next.window;
     void load(focus);
   };
 
@@ -186,12 +193,25 @@ export function attentionCard(ctx: PageContext, image: string, op: string): HTML
       doc.heads > 1 ? h("option", { value: "mean", selected: doc.head === null }, `mean of the ${doc.heads} heads`) : null,
       heads.map((i) => h("option", { value: i, selected: doc.head === i || (doc.heads === 1 && doc.head === null && i === 0) }, `head ${i}`)),
     );
-    const what = [
-      `softmax(q·kᵀ × ${fmt(doc.scale, 4)}${doc.mask ? " + mask" : ""}) over the key tokens, per head, from this op's own query and key on this input; no dropout (as in eval mode)`,
-      doc.causal ? "; causal (is_causal): query i sees keys 0..i only" : "",
-      doc.mask ? `; mask: ${doc.mask}` : "",
-      ".",
-    ].join("");
+    // a softmax of attention written out by hand: its output is the weights, read as computed
+    const written = doc.scale === null;
+    const what = written
+      ? `Attention written out by hand (q·kᵀ, softmax, then the values): the weights are read from ${doc.op}'s output, not recomputed.`
+      : [
+          `softmax(q·kᵀ × ${fmt(doc.scale, 4)}${doc.mask ? " + mask" : ""}) over the key tokens, per head, from this op's own query and key on this input; no dropout (as in eval mode)`,
+          doc.causal ? "; causal (is_causal): query i sees keys 0..i only" : "",
+          doc.mask ? `; mask: ${doc.mask}` : "",
+          ".",
+        ].join("");
+    const win = doc.window === null ? "" : ` · window ${doc.window} (of 0..${doc.windows - 1})`;
+    const windowSelect =
+      doc.windows > 1
+        ? h(
+            "select",
+            { id: "attn-window", "aria-label": "window", onchange: (e: Event) => choose({ window: Number((e.target as HTMLSelectElement).value), query: 0 }, "attn-window") },
+            Array.from({ length: doc.windows }, (_, i) => h("option", { value: i, selected: i === doc.window }, `window ${i}`)),
+          )
+        : null;
     const r = range(vals);
     const fin = vals.filter((v) => v !== null).length;
     // the strongest keys of this query, under the chosen head (or the mean)
@@ -257,26 +277,28 @@ export function attentionCard(ctx: PageContext, image: string, op: string): HTML
       : null;
     fill(
       card,
-      h("h3", null, "Attention ", h("span", { class: "muted" }, `${doc.heads} head${doc.heads === 1 ? "" : "s"} · ${doc.queries} query × ${doc.keys} key tokens`)),
+      h("h3", null, written ? `Attention weights: output of ${doc.op} ` : "Attention ", h("span", { class: "muted" }, `${doc.heads} head${doc.heads === 1 ? "" : "s"} · ${doc.queries} query × ${doc.keys} key tokens${doc.windows > 1 ? ` · ${doc.windows} windows` : ""}`)),
       h("p", { class: "muted small attn-what" }, what),
       doc.notes.map((n) => h("p", { class: "notice info small attn-note" }, n)),
       h(
         "div",
         { class: "attn-controls" },
+        windowSelect ? h("label", null, "Window ", windowSelect) : null,
         h("label", null, "Query ", querySelect),
         h("label", null, "Head ", headSelect),
       ),
       h(
         "div",
         { class: "attn-row" },
-        h("div", { class: "attn-col" }, h("h4", null, `${tokenName(patches, doc.query, "query")} attends to · ${headName(doc.head)}`), picture, masked ? null : h("h4", null, "Strongest keys"), masked ? null : top),
-        h("div", { class: "attn-col" }, h("h4", null, `Every query's weights · ${headName(doc.head)}`), matrix),
+        h("div", { class: "attn-col" }, h("h4", null, `${tokenName(patches, doc.query, "query")} attends to · ${headName(doc.head)}${win}`), picture, masked ? null : h("h4", null, "Strongest keys"), masked ? null : top),
+        h("div", { class: "attn-col" }, h("h4", null, `Every query's weights · ${headName(doc.head)}${win}`), matrix),
       ),
       small ? h("h4", null, "Per head (each tinted from its own smallest to largest patch weight; click one to show it)") : null,
       small,
     );
     card.dataset.query = String(doc.query);
     card.dataset.head = doc.head === null ? "mean" : String(doc.head);
+    card.dataset.window = doc.window === null ? "" : String(doc.window);
   };
 
   void load();

@@ -5,7 +5,8 @@
  * from a dataset sample (`?sample=N`). The server runs the live model on it
  * (`POST .../live/inputs`): the prediction, then every probed layer's units, the ones
  * that fire most linked to their pages; on a text model, the attention weights of a chosen
- * `scaled_dot_product_attention` op on the sequence (`?op=`, see live_attention.ts).
+ * attention op (an SDPA call or a hand-written attention's softmax) on the sequence
+ * (`?op=`, see live_attention.ts).
  */
 import { p, type LiveInput, type LiveLayerUnits, type RunSummary, type SampleDoc } from "../api";
 import type { PageContext } from "../context";
@@ -130,13 +131,15 @@ export async function renderFlatLive(root: HTMLElement, ctx: PageContext, summar
   }
 }
 
-/** The model's attention ops (`scaled_dot_product_attention`), a chooser of them and the
+/** The model's attention ops (`scaled_dot_product_attention`, or a softmax of attention
+ * written out by hand: the graph view's `a`), a chooser of them and the
  * chosen one's weights on this sequence; nothing where the model has none. */
 async function attentionOps(ctx: PageContext, result: HTMLElement, input: string): Promise<void> {
   let ops: string[];
   try {
-    const view = await ctx.api.json<{ nodes: { l: string; t: string }[] }>(p("runs", ctx.run, "graph"));
-    ops = view.nodes.filter((n) => n.t === "scaled_dot_product_attention").map((n) => n.l);
+    const view = await ctx.api.json<{ nodes: { l: string; t: string; a?: number }[] }>(p("runs", ctx.run, "graph"));
+    // `a`: an attention op (an SDPA call, or a softmax of attention written out by hand)
+    ops = view.nodes.filter((n) => n.a === 1 || n.t === "scaled_dot_product_attention").map((n) => n.l);
   } catch {
     return; // the graph view says why on its own page; the units above stand
   }

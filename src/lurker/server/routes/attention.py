@@ -8,6 +8,12 @@ image, bound by name with the op catalogue, as torch defines them: ``softmax(q k
 ``enable_gqa``; dropout is not applied (the eval view). Where the tokens are a ViT's
 patches (the probe's token boxes carried from the patch embedding to the op's query and
 key), each key token's patch is given, so the page draws a query's weights on the image.
+
+Attention written out by hand (``softmax(q @ kᵀ ...) @ v``: Swin, minGPT, timm's ViTs with
+``fused_attn=False``) has its weights as a softmax op's output: for a softmax that
+:func:`lurker.graph.attention.attention_softmaxes` finds to be attention, that output on the
+image is served as the model computed it, with no scale, mask or causality claimed; windows
+folded into the batch axis (Swin) are served one at a time (``window=W``).
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from ..errors import ApiError
 from ..schemas import AttentionPatches, LiveAttention
 from ..session import Session, finite_range, json_values
 from . import json_get
-from .live import ATTENTION, image_id
+from .live import ATTENTION, image_id, written_attention
 
 router = APIRouter(prefix="/api", tags=["attention"])
 
@@ -37,13 +43,16 @@ KEEP_VALUES = 1 << 20
 class Weights:
     """An attention op's weights on one image, and what the page says about them."""
 
-    weights: Any  # (heads, L, S) float32, CPU; NaN on a query whose every key is masked
-    scale: float
+    weights: Any  # (windows, heads, L, S) float32, CPU; NaN on a query whose every key is masked
+    scale: float | None
     causal: bool
     mask: str | None
     notes: list[str]
     patches: AttentionPatches | None
     patches_note: str | None
+    last_query: bool = False  # the last query is the default (it sees every key)
+    scores_op: str | None = None
+    values_op: str | None = None
 
 
 def sdpa_weights(
@@ -96,12 +105,23 @@ async def attention(
     head: int | None = Query(
         None, ge=0, le=2**31, description="the matrix's head (default: the mean)"
     ),
+    window: int | None = Query(
+        None,
+        ge=0,
+        le=2**31,
+        description="the window, where the batch axis holds several for this input (default: 0)",
+    ),
 ) -> LiveAttention:
-    return await live_call(request, run_id, lambda s: _attention(s, image, op, query, head))
+    return await live_call(request, run_id, lambda s: _attention(s, image, op, query, head, window))
 
 
 def _attention(
-    s: Session, image: str, label: str, query: int | None, head: int | None
+    s: Session,
+    image: str,
+    label: str,
+    query: int | None,
+    head: int | None,
+    window: int | None = None,
 ) -> LiveAttention:
     iid = image_id(s, image, sequences=True)
     node = s.op(label)
@@ -110,13 +130,23 @@ def _attention(
         lambda: _weights(s, iid, node),
         keep=lambda w: w.weights.numel() <= KEEP_VALUES,
     )
-    w = found.weights
+    windows = int(found.weights.shape[0])
+    if window is not None and not window < windows:
+        raise ApiError(
+            404,
+            f"no window {window} in {node.label!r}: its windows are 0..{windows - 1}"
+            if windows > 1
+            else f"{node.label!r} has one sequence per input, no windows: omit window",
+        )
+    w = found.weights[window or 0]
     heads, L, S = (int(n) for n in w.shape)
     if query is None:
         # the class token sees the whole image; a causal call's last query sees every key
         # (its first sees only itself: a weight of 1, which says nothing)
         cells = found.patches.queries if found.patches else []
-        query = next((i for i, c in enumerate(cells) if c is None), L - 1 if found.causal else 0)
+        query = next(
+            (i for i, c in enumerate(cells) if c is None), L - 1 if found.last_query else 0
+        )
     if not query < L:
         raise ApiError(
             404, f"no query token {query} in {node.label!r}: its queries are tokens 0..{L - 1}"
@@ -160,6 +190,10 @@ def _attention(
         patches=found.patches,
         patches_note=found.patches_note,
         masked=masked,
+        windows=windows,
+        window=(window or 0) if windows > 1 else None,
+        scores_op=found.scores_op,
+        values_op=found.values_op,
     )
 
 
@@ -169,6 +203,9 @@ def _weights(s: Session, iid: str, node: Any) -> Weights:
     import torch
 
     what = f"{node.label!r} ({node.name})"
+    written = written_attention(s).get(node.index)
+    if written is not None:
+        return _softmax_weights(s, iid, node, written)
     if node.name != "scaled_dot_product_attention":
         if node.name in ATTENTION:
             raise ApiError(
@@ -180,9 +217,15 @@ def _weights(s: Session, iid: str, node: Any) -> Weights:
             )
         raise ApiError(
             404,
-            f"{what} is not an attention op: attention weights are computed for "
-            "scaled_dot_product_attention calls (an attention written out as q @ kᵀ and a "
-            "softmax has its weights as that softmax's output: see its output maps)",
+            f"{what} is not an attention op: attention weights are shown for "
+            "scaled_dot_product_attention calls and for a softmax over q @ kᵀ whose output "
+            "weighs the values (attention written out by hand)"
+            + (
+                "; this softmax is not one: its input is no product of two tensors of the "
+                "input (q and kᵀ), or its output weighs no values"
+                if node.name == "softmax"
+                else ""
+            ),
         )
     try:
         call, missing = s.call_values(iid, node)
@@ -214,7 +257,7 @@ def _weights(s: Session, iid: str, node: Any) -> Weights:
         w = sdpa_weights(q, k, mask, causal, scale, bool(call.get("enable_gqa", False)))
     except RuntimeError as e:  # a mask that does not broadcast: said, never a 500
         raise ApiError(409, f"{what}: its weights cannot be made from its inputs ({e})") from None
-    w = w.reshape(-1, *w.shape[-2:]).to("cpu", torch.float32)
+    w = w.reshape(-1, *w.shape[-2:]).to("cpu", torch.float32)[None]
     return Weights(
         w,
         float(1 / math.sqrt(q.size(-1)) if scale is None else scale),
@@ -222,7 +265,90 @@ def _weights(s: Session, iid: str, node: Any) -> Weights:
         _mask_words(s, node, mask),
         _notes(s, node, call, q, k),
         *_patches(s, iid, node, q, k),
+        last_query=causal,
     )
+
+
+def _softmax_weights(s: Session, iid: str, node: Any, found: Any) -> Weights:
+    """The weights of attention written out by hand: the softmax op's own output on the
+    image, ``(..., heads, L, S)``, as the model computed it (its scale, masks and biases
+    are in it, so none is recomputed or claimed); leading axes past one input's are
+    sequences folded into the batch axis (a Swin's windows), each shown apart."""
+    import torch
+
+    from lurker.ops.catalogue import bind
+
+    tr = s.trace()
+    what = f"{node.label!r} ({node.name})"
+    t = s.op_output(iid, node)
+    if not isinstance(t, torch.Tensor):
+        raise ApiError(409, f"the live run does not give {what}'s output on this input")
+    if t.is_nested or t.layout != torch.strided:
+        raise ApiError(
+            409, f"{what}'s output is not a dense tensor: lurker shows dense weights only"
+        )
+    t = t.detach().to("cpu", torch.float32)
+    L, S = (int(n) for n in t.shape[-2:])
+    scores, values = tr.ops[found.scores].label, tr.ops[found.values].label
+    notes = [
+        f"These weights are the output of {node.label} (a softmax over the key tokens) on "
+        f"this input, as the model computed it: the scores {scores} makes (q @ kᵀ) with "
+        "whatever scale, bias and mask the model applies on the way, which lurker does not "
+        f"recompute; {values} weighs the values with them."
+    ]
+    if t.dim() == 3 and t.shape[0] > 1:
+        notes.append(
+            f"Its output is {list(t.shape)}: lurker reads its first axis as {t.shape[0]} "
+            "heads (one input, heads folded into the batch axis, as nn.MultiheadAttention "
+            "folds them); the shape alone cannot tell heads from windows folded there."
+        )
+    w = t.reshape(1, 1, L, S) if t.dim() == 2 else t.reshape(-1, *t.shape[-3:])
+    windows = int(w.shape[0])
+    if windows > 1:
+        notes.append(
+            f"Its batch axis holds {windows} sequences for this one input: windows of the "
+            "image folded into the batch axis, as in Swin's windowed attention, each its own "
+            f"{L} x {S} attention. One window is shown at a time, numbered in the order the "
+            "model folded them; the mean is over one window's heads, never over windows."
+        )
+    for i in found.between:
+        op = tr.ops[i]
+        try:
+            p = bind(op.name, op.args, op.kwargs, op.target).get("p") if "dropout" in op.name else 0
+        except (KeyError, TypeError):
+            p = None
+        if isinstance(p, (int, float)) and p > 0:
+            notes.append(
+                f"{op.label} (dropout, p = {p}) follows the softmax before the values are "
+                "weighed: the identity in eval mode; the weights shown are before it."
+            )
+    notes.extend(_train_note(s, node))
+    last = False
+    if L == S > 1:
+        upper = torch.ones(L, S, dtype=torch.bool).triu(1)
+        last = bool((w[..., upper] == 0).all())
+        if last:
+            notes.append(
+                "On this input every query puts weight 0 on the keys after it (query i "
+                "weighs keys 0..i only, as a causal mask gives): the last query, which sees "
+                "every key, is shown first."
+            )
+    if windows > 1:
+        patches, note = (
+            None,
+            (
+                "its tokens are shown by position within the window: lurker cannot place a "
+                "window folded into the batch axis on the image"
+            ),
+        )
+    else:
+        patches, note = _patches_of(
+            s, iid, found.query, found.query_axis, L, found.key, found.key_axis, S
+        )
+    return Weights(
+        w, None, False, None, notes, patches, note, last_query=last,
+        scores_op=scores, values_op=values,
+    )  # fmt: skip
 
 
 def _check_form(what: str, q: Any, k: Any, gqa: bool) -> None:
@@ -301,17 +427,7 @@ def _notes(s: Session, node: Any, call: dict[str, Any], q: Any, k: Any) -> list[
             f"This call applies dropout to its weights (dropout_p = {p}), so the model's "
             "output on this image is random; the weights shown have no dropout, as in eval mode."
         )
-    model = s.model()
-    path = node.module or ""
-    try:
-        mod = model.get_submodule(path) if path else model
-    except AttributeError:
-        mod = model
-    if mod.training:
-        notes.append(
-            f"The module running it ({path or 'the model'}) is in train mode; the weights "
-            "shown have no dropout, as in eval mode."
-        )
+    notes.extend(_train_note(s, node))
     if q.dim() == 4 and k.shape[1] != q.shape[1]:
         notes.append(
             f"Grouped-query attention: its {k.shape[1]} key heads are each shared by "
@@ -320,28 +436,54 @@ def _notes(s: Session, node: Any, call: dict[str, Any], q: Any, k: Any) -> list[
     return notes
 
 
+def _train_note(s: Session, node: Any) -> list[str]:
+    """A note where the module running ``node`` is in train mode."""
+    model = s.model()
+    path = node.module or ""
+    try:
+        mod = model.get_submodule(path) if path else model
+    except AttributeError:
+        mod = model
+    if not mod.training:
+        return []
+    return [
+        f"The module running it ({path or 'the model'}) is in train mode; the weights "
+        "shown have no dropout, as in eval mode."
+    ]
+
+
 def _patches(
     s: Session, iid: str, node: Any, q: Any, k: Any
 ) -> tuple[AttentionPatches | None, str | None]:
-    """Where the op's tokens lie on the image: the token boxes the probe's layout
-    inference carries from the patch embedding to the query's and key's token axes
+    """Where a ``scaled_dot_product_attention`` call's tokens lie on the image: its query's
+    and key's token axes (axis -2 of each), see :func:`_patches_of`."""
+    from lurker.ops.catalogue import bind
+
+    call = bind(node.name, node.args or (), node.kwargs or {}, getattr(node, "target", None))
+    L, S = int(q.shape[-2]), int(k.shape[-2])
+    return _patches_of(s, iid, call.get("query"), q.dim() - 2, L, call.get("key"), k.dim() - 2, S)
+
+
+def _patches_of(
+    s: Session, iid: str, qref: Any, qaxis: int, L: int, kref: Any, kaxis: int, S: int
+) -> tuple[AttentionPatches | None, str | None]:
+    """Where the tokens of query ``qref`` (on its axis ``qaxis``, ``L`` of them) and key
+    ``kref`` (axis ``kaxis``, ``S``) lie on the image: the token boxes the probe's layout
+    inference carries from the patch embedding to those axes
     (:func:`lurker.probe.layout.token_axes`), placed on their patch grid."""
     from lurker.graph.nodes import OpRef
-    from lurker.ops.catalogue import bind
     from lurker.probe.layout import patch_grid, token_axes
 
     tr = s.trace()
     found = s.cached(("token-axes", s.entry.generation, id(tr)), lambda: token_axes(tr))
-    call = bind(node.name, node.args or (), node.kwargs or {}, getattr(node, "target", None))
 
-    def boxes(arg: str, t: Any) -> list[tuple[int, int, int, int] | None] | None:
-        ref = call.get(arg)
+    def boxes(ref: Any, axis: int, n: int) -> list[tuple[int, int, int, int] | None] | None:
         hit = found.get((ref.index, ref.output)) if isinstance(ref, OpRef) else None
-        if hit is None or hit[0] != t.dim() - 2 or len(hit[1]) != t.shape[-2]:
+        if hit is None or hit[0] != axis or len(hit[1]) != n:
             return None
         return [None if b[0] < 0 else tuple(int(v) for v in b) for b in hit[1]]  # type: ignore[misc]
 
-    kb, qb = boxes("key", k), boxes("query", q)
+    kb, qb = boxes(kref, kaxis, S), boxes(qref, qaxis, L)
     grid = None if kb is None else patch_grid(kb)
     if grid is None and s.token_length() is not None:
         return (
@@ -364,7 +506,7 @@ def _patches(
         cols=cols,
         image_size=[h, w],
         keys=[cell.get(t) for t in range(len(kb))],
-        queries=[None if b is None else at.get((b[0], b[2])) for b in (qb or [None] * q.shape[-2])],
+        queries=[None if b is None else at.get((b[0], b[2])) for b in (qb or [None] * L)],
         boxes=[
             None if b is None else [max(b[0], 0), min(b[1], h), max(b[2], 0), min(b[3], w)]
             for b in kb

@@ -58,6 +58,18 @@ MAX_PIXELS = 40_000_000
 #: Ops whose call is attention, by name: the live view offers their weights (routes/attention.py).
 ATTENTION = frozenset({"scaled_dot_product_attention", "_native_multi_head_attention"})
 
+
+def written_attention(s: Session) -> dict[int, Any]:
+    """The live trace's softmax ops whose output is attention weights (attention written
+    out by hand, :func:`lurker.graph.attention.attention_softmaxes`), found once per trace."""
+    from lurker.graph.attention import attention_softmaxes
+
+    tr = s.trace()
+    return s.cached(
+        ("written-attention", s.entry.generation, id(tr)), lambda: attention_softmaxes(tr)
+    )
+
+
 _CONTENT_ID = re.compile(r"[0-9a-f]{16}")
 _SAMPLE_ID = re.compile(r"sample-([0-9]{1,19})")
 
@@ -642,7 +654,7 @@ def _live_op(s: Session, image: str, op: str) -> LiveOp:
         output=_side(out),
         input_time=None if src is None else _signal_time(s, tr, src, inp),
         output_time=_signal_time(s, tr, node, out),
-        attention=node.name in ATTENTION,
+        attention=node.name in ATTENTION or node.index in written_attention(s),
         kernel=None
         if k is None
         else KernelInfo(
