@@ -256,3 +256,217 @@ def test_detach_and_data_share_their_input_storage_and_add_nothing():
     with pytest.raises(lurker.MemoryLimitError) as info:
         lurker.trace(model, x, max_memory=total - 1)
     assert info.value.saved_bytes == total and info.value.failed_op == "add_1"
+
+
+# ------------------------------------------------------------------ Trace.run
+
+
+def _fresh_model() -> nn.Sequential:
+    """Every op makes a new tensor (no views, nothing in place): the bytes a run keeps
+    are the sum of its ops' outputs, which forward hooks see independently."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.Sigmoid(),
+        nn.Conv2d(8, 4, 3, padding=1),
+        nn.Tanh(),
+    ).eval()
+
+
+def _cumulative_output_bytes(model: nn.Module, x: torch.Tensor) -> list[tuple[str, int]]:
+    """Oracle: (module path, bytes of every output so far) from a plain forward."""
+    seen: list[tuple[str, int]] = []
+    handles = [
+        m.register_forward_hook(lambda m, i, o, name=name: seen.append((name, o.nbytes)))
+        for name, m in model.named_children()
+    ]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    total, out = 0, []
+    for name, n in seen:
+        total += n
+        out.append((name, total))
+    return out
+
+
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("hooked", [False, True])
+def test_run_stops_past_max_memory_and_the_trace_stays_usable(hooked):
+    model, x = Net().eval(), torch.randn(2, 3, 16, 16)
+    made: list[weakref.ref] = []  # the conv's output's memory, run by run
+    model.conv.register_forward_hook(lambda m, i, o: made.append(weakref.ref(o.untyped_storage())))
+    tr = lurker.trace(model, x)
+    seen = model.seen
+    before = _state(model)
+    conv_bytes = 8 * 4 * 16 * 16 * 4  # conv2d_1's output at batch 8
+    big = torch.randn(8, 3, 16, 16)
+    # a hook that changes nothing: with hooks, every kept value is a copy (counted too)
+    hooks = {"conv2d_2": lambda op, o: None} if hooked else None
+    with pytest.raises(lurker.MemoryLimitError) as info:
+        tr.run(big, save="all", hooks=hooks, max_memory=conv_bytes + 1)
+    err = info.value
+    _nothing_installed()
+    assert isinstance(err, lurker.TraceError)
+    if hooked:  # every value is a copy, the input's too (24 KiB): conv2d_1 passes
+        op, saved, said = (
+            "conv2d_1",
+            big.nbytes + conv_bytes,
+            "op conv2d_1 (conv2d) in module 'conv'",
+        )
+    else:  # conv2d_1 fits; relu_ overwrites it in place, so the run keeps a copy: past it
+        op, saved, said = "relu__1", 2 * conv_bytes, "op relu__1 (relu_)"
+    assert err.failed_op == op
+    assert (err.saved_bytes, err.limit) == (saved, conv_bytes + 1)
+    text = str(err)
+    for part in (
+        "Trace.run of Net",
+        said,
+        f"{saved / 1024:.1f} KiB",  # saved so far ...
+        "past the limit of 32.0 KiB (max_memory=32,769 bytes)",  # ... vs the limit, basis
+        "smaller batch",
+        "save=",
+        "transform=",
+        "max_memory=None",
+    ):
+        assert part in text, part
+    # the values kept so far are freed: nothing holds the run's first conv output
+    # (with hooks the run stops inside that conv's call, before its module hook)
+    assert len(made) == (1 if hooked else 2)  # the trace's own, then the run's
+    assert all(r() is None for r in made[1:])
+    # the model is as it was: its tensors, and the attribute its forward reassigns
+    assert _same_state(before, _state(model)) and model.seen is seen
+    # the trace is usable: a smaller batch, or fewer ops saved, runs
+    with torch.no_grad():
+        expected = model(big)
+    small = tr.run(big[:1], save="all", hooks=hooks, max_memory=conv_bytes + 1)
+    torch.testing.assert_close(small.output, expected[:1])
+    fewer = tr.run(big, save=["fc"], hooks=hooks, max_memory=conv_bytes + 1)
+    torch.testing.assert_close(fewer["fc"], expected)
+    torch.testing.assert_close(tr.run(big).output, expected)  # the trace's "auto"
+
+
+def test_a_stopped_run_puts_back_the_running_statistics_it_updated():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+    x = torch.randn(2, 3, 8, 8)
+    tr = lurker.trace(model, x)  # in training mode: the batch norm counts batches too
+    before = _state(model)
+    big = torch.randn(8, 3, 8, 8)
+    one = 8 * 8 * 8 * 8 * 4  # one op's output at batch 8
+    # conv, the batch count (a copy of an 8-byte buffer) and batch norm fit (it updated
+    # its statistics); relu does not
+    with (
+        pytest.warns(UserWarning, match="training mode"),
+        pytest.raises(lurker.MemoryLimitError) as info,
+    ):
+        tr.run(big, max_memory=2 * one + 8)
+    assert info.value.failed_op == "relu_1"
+    assert _same_state(before, _state(model))
+    with pytest.warns(UserWarning, match="training mode"):
+        tr.run(big, max_memory=3 * one + 8)  # fits: the statistics move, as a forward's do
+    assert not torch.equal(model[1].running_mean, before["1.running_mean"])
+    assert model[1].num_batches_tracked.item() == 2  # the trace's forward, then this
+
+
+def test_auto_run_budget_is_measured_once_and_stops_at_the_right_op(monkeypatch):
+    model, x = _fresh_model(), torch.randn(2, 3, 12, 12)
+    tr = lurker.trace(model, x, max_memory=None)
+    big = torch.randn(6, 3, 12, 12)
+    cumulative = _cumulative_output_bytes(model, big)
+    first_check, available = 1000, 30_000
+    monkeypatch.setattr(_memory, "AUTO_FIRST_CHECK", first_check)
+    calls: list[torch.device] = []
+    monkeypatch.setattr(
+        _memory, "available_bytes", lambda device: calls.append(device) or available
+    )
+    # the oracle: measured when the total first passes the first check, as 80% of what
+    # is available then plus what the run kept; the run stops at the first op past it
+    measured_at = next(total for _, total in cumulative if total > first_check)
+    limit = int(0.8 * (available + measured_at))
+    stop, saved = next((name, total) for name, total in cumulative if total > limit)
+    assert stop not in (cumulative[0][0], cumulative[-1][0])  # a mid-model stop
+    kept: list[weakref.ref] = []  # the memory of the first op's output
+    model[0].register_forward_hook(lambda m, i, o: kept.append(weakref.ref(o.untyped_storage())))
+    with pytest.raises(lurker.MemoryLimitError) as info:
+        tr.run(big, save="all", max_memory="auto")
+    err = info.value
+    assert len(kept) == 1 and kept[0]() is None  # kept by the run as is, then freed
+    assert calls == [torch.device("cpu")]
+    assert err.failed_op == tr[stop].label
+    assert (err.saved_bytes, err.limit) == (saved, limit)
+    assert "80% of the" in str(err) and "available on cpu when the run started" in str(err)
+    # where available memory cannot be told: no guard rather than a wrong one
+    monkeypatch.setattr(_memory, "available_bytes", lambda device: None)
+    assert tr.run(big, save="all", max_memory="auto").output.shape == (6, 4, 12, 12)
+
+
+def test_runs_default_to_the_max_memory_the_trace_was_made_with(monkeypatch):
+    model, x = _fresh_model(), torch.randn(2, 3, 12, 12)
+    big = torch.randn(6, 3, 12, 12)
+    total = _cumulative_output_bytes(model, big)[-1][1]
+    monkeypatch.setattr(_memory, "AUTO_FIRST_CHECK", 0)
+    calls: list[torch.device] = []
+    monkeypatch.setattr(_memory, "available_bytes", lambda device: calls.append(device) or 1)
+    # traced with max_memory=None: its runs are not stopped, nor is memory read
+    unguarded = lurker.trace(model, x, max_memory=None)
+    assert unguarded.run(big, save="all").output.shape == (6, 4, 12, 12)
+    assert calls == []
+    with pytest.raises(lurker.MemoryLimitError):  # the same run, asking for "auto"
+        unguarded.run(big, save="all", max_memory="auto")
+    # traced with a size: a run of a batch whose values pass it stops by default
+    sized = lurker.trace(model, x, max_memory=total - 1)  # batch 2 fits
+    with pytest.raises(lurker.MemoryLimitError) as info:
+        sized.run(big, save="all")
+    assert info.value.limit == total - 1
+    assert sized.run(big, save="all", max_memory=total).output.shape == (6, 4, 12, 12)
+
+
+def test_runs_that_keep_nothing_are_never_stopped():
+    """The probe's sweep, unit images and the explorer's live view run save="none" with
+    hooks that keep what they need (and bound it themselves): the guard counts nothing."""
+    model, x = _fresh_model(), torch.randn(2, 3, 12, 12)
+    tr = lurker.trace(model, x, save=["5"], max_memory=5000)  # its output: 4,608 bytes
+    big = torch.randn(6, 3, 12, 12)
+    got: list[torch.Tensor] = []
+    out = tr.run(big, save="none", hooks={"2": lambda op, o: got.append(o)})
+    assert out.output.shape == (6, 4, 12, 12) and got[0].shape == (6, 8, 12, 12)
+    with pytest.raises(lurker.MemoryLimitError):  # what the trace saves, it counts
+        tr.run(big)
+
+
+def test_a_model_that_swallows_the_signal_is_still_stopped_in_a_run():
+    class Swallows(nn.Module):
+        def forward(self, x):
+            try:
+                return torch.relu(x * 2)
+            except Exception:
+                return x
+
+    tr = lurker.trace(Swallows(), torch.randn(10))
+    with pytest.raises(lurker.MemoryLimitError) as info:
+        tr.run(torch.randn(100), max_memory=10)
+    assert info.value.failed_op == "mul_1"
+    _nothing_installed()
+
+
+@pytest.mark.parametrize("value", [0, -5, "lots", True, 1.5, "3 parsecs", "0.5", "0B", [1]])
+def test_bad_max_memory_in_a_run_is_the_same_clear_error(value):
+    model, x = _fresh_model(), torch.randn(2, 3, 12, 12)
+    tr = lurker.trace(model, x)
+    with pytest.raises(lurker.LurkerError, match=r"max_memory=.*not understood.*'2GB'"):
+        tr.run(x, max_memory=value)
+    _nothing_installed()
+    assert tr.run(x).output.shape == (2, 4, 12, 12)

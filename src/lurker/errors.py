@@ -99,10 +99,12 @@ class TraceError(LurkerError):
 
 
 class MemoryLimitError(TraceError):
-    """A trace stopped because the activations it saves would exceed ``max_memory``.
+    """A trace (or a ``Trace.run``) stopped because the activations it saves would exceed
+    ``max_memory``.
 
     ``partial`` is the graph recorded so far, with its saved activations dropped (they
-    are what ran out of room); ``saved_bytes`` what had been saved, ``limit`` the budget.
+    are what ran out of room); None for a run, whose trace is the graph. ``saved_bytes``
+    is what had been saved, ``limit`` the budget.
     """
 
     def __init__(

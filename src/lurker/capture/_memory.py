@@ -39,6 +39,16 @@ _UNITS = {
 }
 
 
+class _Traced:
+    """``Trace.run``'s default ``max_memory``: the value the trace was made with."""
+
+    def __repr__(self) -> str:
+        return "<as traced>"
+
+
+TRACED: Any = _Traced()
+
+
 def parse_max_memory(value: Any) -> tuple[int | None, float | None]:
     """``max_memory=`` as (a fixed limit in bytes, or a fraction of available memory).
 
@@ -106,3 +116,50 @@ class OverLimit(Exception):
         self.saved = saved
         self.limit = limit
         self.basis = basis
+
+
+class Budget:
+    """One replay's running total of saved bytes against ``max_memory=`` (``Trace.run``).
+
+    The recorder keeps its own total (it counts new storages as it records); a replay adds
+    the bytes of each value it keeps and compares, and reads the machine's memory only as
+    the recorder does: at the first saved tensor for a fraction asked for, at
+    :data:`AUTO_FIRST_CHECK` saved bytes for ``"auto"``, never below it.
+    """
+
+    __slots__ = ("basis", "check", "fraction", "over_limit", "saved")
+
+    def __init__(self, limit: int | None, fraction: float | None, auto: bool) -> None:
+        self.saved = 0
+        self.over_limit: OverLimit | None = None
+        self.fraction: float | None = None
+        self.basis = ""
+        if limit is not None:
+            self.check: float = limit
+            self.basis = f"max_memory={limit:,} bytes"
+        else:
+            self.check = AUTO_FIRST_CHECK if auto else 0
+            self.fraction = fraction
+
+    def over(self, node_index: int, nbytes: int, device: torch.device) -> None:
+        """The saved total passed the point to check: measure the budget, or stop (raise
+        :class:`OverLimit`, again at every later save if the model swallows it)."""
+        saved = self.saved
+        if self.fraction is not None:  # a fraction: measure once, now
+            fraction = self.fraction
+            self.fraction = None
+            avail = available_bytes(device)
+            if avail is None:  # cannot tell: no guard rather than a wrong one
+                self.check = float("inf")
+                return
+            start = avail + saved  # what was available when the run started
+            self.check = int(fraction * start)
+            self.basis = (
+                f"{fraction:.0%} of the {fmt_bytes(start)} available on {device} when the "
+                "run started"
+            )
+            if saved <= self.check:
+                return
+        if self.over_limit is None:  # the first op past the limit is the one to name
+            self.over_limit = OverLimit(node_index, nbytes, saved, int(self.check), self.basis)
+        raise OverLimit(node_index, nbytes, saved, int(self.check), self.basis)

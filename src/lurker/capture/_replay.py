@@ -17,10 +17,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from ..errors import GraphChangedError, LurkerError, first_three
+from ..errors import GraphChangedError, LurkerError, MemoryLimitError, first_three
 from ..ops import torch_funcs as _funcs
-from . import _context, _hooks
+from . import _context, _hooks, _state
 from ._hooks import Resolved
+from ._memory import AUTO_FRACTION, TRACED, Budget, OverLimit, fmt_bytes, parse_max_memory
 from ._mode import OpMode, produced
 from ._policy import check_classes, check_patterns, make_policy
 from ._recorder import apply_transform, param_names
@@ -257,7 +258,7 @@ class Replayer(OpMode):
             with self:
                 output = model(*args, **kwargs)
         except Exception as e:
-            if isinstance(e, LurkerError):
+            if isinstance(e, (LurkerError, OverLimit)):  # (OverLimit: the replay reports it)
                 raise
             guard = export_guard_failure(model, e)
             if guard is not None:
@@ -606,22 +607,12 @@ class _Keeper:
     constant) is copied at once, since the caller or an optimizer may change that later.
     """
 
-    def __init__(self, trace: Trace, args: tuple, kwargs: dict):
+    def __init__(self, trace: Trace, args: tuple, kwargs: dict, budget: Budget | None = None):
         self.values: dict[int, Any] = {}
         self.transform = trace._transform
         self.labels = trace.ops  # (an op's label, for a transform's error)
-        cached = trace.__dict__.get("_replay_keep")
-        if cached is None:  # per trace: positions of calls that may write; the modules
-            writes = frozenset(
-                op.seq
-                for op in trace.ops
-                if op.seq >= 0 and (op.inplace or op.name in ("batch_norm", "instance_norm"))
-            )
-            mods = list(trace.model.modules()) if trace.model is not None else []
-            consts = [op._key for op in trace.ops if op.kind == "constant"]
-            cached = (writes, mods, [id(t) for t in consts if isinstance(t, Tensor)])
-            trace.__dict__["_replay_keep"] = cached
-        self.writes, mods, consts = cached
+        self.budget = budget  # max_memory=: None, or counts the bytes of each new value
+        self.writes, mods, consts = _keep_cache(trace)
         # ids of tensors from outside the forward: inputs, constants the trace holds, and
         # the parameters and buffers the model holds now (they may have been replaced)
         outside = set(consts)
@@ -639,11 +630,14 @@ class _Keeper:
         if self.transform is not None:
             transform = self.transform
             what = f"the output of {self.labels[idx].label}"
-            self.values[idx] = (
+            kept = (
                 tuple(apply_transform(transform, t.detach(), what) for t in value)
                 if isinstance(value, tuple)
                 else apply_transform(transform, value.detach(), what)
             )
+            if self.budget is not None:  # the reduced values are what is kept
+                _count(self.budget, idx, kept)
+            self.values[idx] = kept
             return
         if isinstance(value, tuple):
             self.values[idx] = tuple(self._one(idx, t) for t in value)
@@ -661,22 +655,41 @@ class _Keeper:
             try:
                 ptr = t.untyped_storage().data_ptr()
             except (RuntimeError, NotImplementedError):  # no plain storage (sparse, ...)
-                self.values[idx] = t.detach().clone()
+                copy = t.detach().clone()
+                if self.budget is not None:
+                    _count(self.budget, idx, copy)
+                self.values[idx] = copy
                 return
             self.aliases.setdefault(ptr, []).append(idx)
-        self.values[idx] = t.detach()
+        self.values[idx] = t.detach()  # (the caller's tensor: no new memory)
 
     def _one(self, idx: int, t: Tensor) -> Tensor:
         i = id(t)
         base = t._base
+        budget = self.budget
         if i in self.outside or (base is not None and id(base) not in self.made):
-            return t.detach().clone()  # (a view of) a tensor from outside the forward
+            copy = t.detach().clone()  # (a view of) a tensor from outside the forward
+            if budget is not None:
+                budget.saved += copy.nbytes
+                if budget.saved > budget.check:
+                    budget.over(idx, copy.nbytes, copy.device)
+            return copy
         if self.aliases is not None:
             try:
                 ptr = t.untyped_storage().data_ptr()
             except (RuntimeError, NotImplementedError):  # no plain storage (sparse, ...)
-                return t.detach().clone()
+                copy = t.detach().clone()
+                if budget is not None:
+                    _count(budget, idx, copy)
+                return copy
             self.aliases.setdefault(ptr, []).append(idx)
+        if budget is not None:
+            # new memory unless it is a kept output again (an in-place op's) or a view of
+            # one; checked either way (before_write may have copied what this op wrote)
+            if base is None and i not in self.made:
+                budget.saved += t.nbytes
+            if budget.saved > budget.check:
+                budget.over(idx, t.nbytes, t.device)
         self.made[i] = t
         return t.detach()
 
@@ -707,6 +720,8 @@ class _Keeper:
                     values[i] = tuple(x.clone() for x in v)
                 elif v is not None:
                     values[i] = v.clone()
+                if v is not None and self.budget is not None:  # copies: counted, checked
+                    self.budget.saved += _nbytes(v)  # at the next value kept
 
 
 def _swap_first(args: tuple, kwargs: dict, first: Tensor) -> tuple[tuple, dict, Tensor]:
@@ -720,17 +735,122 @@ def _swap_first(args: tuple, kwargs: dict, first: Tensor) -> tuple[tuple, dict, 
     )
 
 
-def replay(trace: Trace, args: tuple, kwargs: dict, save: Any, hooks: Resolved) -> Activations:
+def _keep_cache(trace: Trace) -> tuple[frozenset[int], list[Any], list[int]]:
+    """Per trace (cached): the positions of calls that may write into a tensor (an op
+    recorded as in place, a normalisation updating running statistics), the model's
+    modules, and the ids of the constants the trace holds."""
+    cached = trace.__dict__.get("_replay_keep")
+    if cached is None:
+        writes = frozenset(
+            op.seq
+            for op in trace.ops
+            if op.seq >= 0 and (op.inplace or op.name in ("batch_norm", "instance_norm"))
+        )
+        mods = list(trace.model.modules()) if trace.model is not None else []
+        consts = [op._key for op in trace.ops if op.kind == "constant"]
+        cached = (writes, mods, [id(t) for t in consts if isinstance(t, Tensor)])
+        trace.__dict__["_replay_keep"] = cached
+    return cached
+
+
+def _nbytes(value: Any) -> int:
+    if isinstance(value, tuple):
+        return sum([t.nbytes for t in value if isinstance(t, Tensor)])
+    return value.nbytes if isinstance(value, Tensor) else 0
+
+
+def _count(budget: Budget, idx: int, value: Any) -> None:
+    """Add a kept value's bytes to the run's total; stop the run past its limit."""
+    n = _nbytes(value)
+    budget.saved += n
+    if budget.saved > budget.check:
+        t = value if isinstance(value, Tensor) else tensors(value, [])[0]
+        budget.over(idx, n, t.device)
+
+
+class _StateKeeper:
+    """The values of the model's parameters and buffers that a call of this run is about
+    to write into (running statistics in training mode, an EMA update), each kept once,
+    and the model's attributes (what a forward reassigns), so that a run stopped by
+    ``max_memory=`` leaves the model as it found it. Made only where such writes can
+    happen: nothing for a model in eval mode whose traced forward wrote nothing."""
+
+    def __init__(self, trace: Trace, modules: list[Any]) -> None:
+        self.state = {
+            id(t): t
+            for m in modules
+            for t in (*m._parameters.values(), *m._buffers.values())
+            if t is not None
+        }
+        self.before: dict[int, tuple[Tensor, Tensor]] = {}
+        self.snapshot = (
+            _state.snapshot(dict(trace.model.named_modules()))
+            if trace._state and trace.model is not None
+            else None
+        )
+
+    def before_write(self, func: Any, ins: list[Tensor], args: tuple, kwargs: dict) -> None:
+        info = _funcs.func_info(func)
+        out = kwargs.get("out")
+        if out is not None:
+            targets = tensors(out, [])
+        elif info.inplace_first and ins:
+            targets = ins[:1]
+        elif info.mutates_buffers:
+            targets = _funcs.mutated_buffers(info, args, kwargs)
+        else:
+            targets = ins
+        for t in targets:
+            held = self.state.get(id(t if t._base is None else t._base))
+            if held is not None and id(held) not in self.before:
+                self.before[id(held)] = (held, held.detach().clone())
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for t, old in self.before.values():
+                t.copy_(old)
+        self.before.clear()
+        if self.snapshot is not None:
+            _state.changes(self.snapshot).restored()
+
+
+def memory_budget(trace: Trace, max_memory: Any) -> Budget | None:
+    """A fresh :class:`Budget` for one run: ``max_memory`` as ``lurker.trace`` reads it,
+    or (``TRACED``) the value the trace was made with; None for no limit."""
+    if max_memory is TRACED:
+        # (a trace pickled before max_memory= was kept: "auto", the default)
+        limit, fraction, auto = getattr(trace, "_max_memory", (None, AUTO_FRACTION, True))
+    else:
+        limit, fraction = parse_max_memory(max_memory)
+        auto = isinstance(max_memory, str) and max_memory.lower() == "auto"
+    if limit is None and fraction is None:
+        return None
+    return Budget(limit, fraction, auto)
+
+
+def replay(
+    trace: Trace,
+    args: tuple,
+    kwargs: dict,
+    save: Any,
+    hooks: Resolved,
+    max_memory: Any = TRACED,
+) -> Activations:
     """Run the traced model on new inputs with ``hooks``; save what ``save`` selects
-    (after the hooks: the values the rest of the forward used)."""
+    (after the hooks: the values the rest of the forward used), within ``max_memory``."""
     from .trace import Activations
 
     if trace.model is None or not trace.complete:
         raise GraphChangedError("Only a complete trace can be re-run on new inputs.")
     if torch.is_inference_mode_enabled():  # replayed under no_grad instead (see there)
         with _context.no_inference_mode():
-            return replay(trace, args, kwargs, save, hooks)
+            return replay(trace, args, kwargs, save, hooks, max_memory)
+    budget = memory_budget(trace, max_memory)  # (a bad value: refused before anything runs)
     args, kwargs = _context.without_inference_tensors(args, kwargs)
+    chosen = chosen_ops(trace, save)
+    inputs = chosen_inputs(trace, save, args, kwargs)
+    if not chosen and not inputs:
+        budget = None  # nothing kept: nothing to count
     keeper: _Keeper | None = None
     if hooks:
         # a hook may hand back a tensor it keeps, or write into an output outside any
@@ -745,35 +865,99 @@ def replay(trace: Trace, args: tuple, kwargs: dict, save: Any, hooks: Resolved) 
                     return t.clone()
                 return apply_transform(transform, t, f"the output of {op.label}")
 
-            values[op.index] = (
-                tuple(one(t) for t in value) if isinstance(value, tuple) else one(value)
-            )
+            kept = tuple(one(t) for t in value) if isinstance(value, tuple) else one(value)
+            if budget is not None:
+                _count(budget, op.index, kept)
+            values[op.index] = kept
 
     else:
-        keeper = _Keeper(trace, args, kwargs)
+        keeper = _Keeper(trace, args, kwargs, budget)
         values = keeper.values
 
         def keep(op: Op, value: Any) -> None:
             keeper.keep(op.index, value)  # type: ignore[union-attr]
 
-    chosen = chosen_ops(trace, save)
     user = list(hooks)  # the caller's hooks may replace values; `keep` never does
     if chosen:
         hooks = {i: list(fns) for i, fns in hooks.items()}  # (the caller's stay as they are)
         for op in chosen:
             hooks.setdefault(op.index, []).append(keep)
-    for op, t in chosen_inputs(trace, save, args, kwargs):  # the values going in
-        if keeper is not None:
-            keeper.keep_input(op.index, t)
-        else:
-            keep(op, t)
     replayer = Replayer(trace, hooks, user)
     if keeper is not None:
         replayer.before_write = keeper.before_write
         replayer.writes = keeper.writes
-    output = replayer.run(trace.model, args, kwargs)
+    model = trace.model
+    undo: _StateKeeper | None = None
+    if budget is not None and (
+        model.training
+        or getattr(trace, "_state_before", None)
+        or getattr(trace, "_param_writes", None)
+        or getattr(trace, "_state", None)
+    ):  # the forward may write into the model: what it writes is kept, to put back
+        writes, modules, _ = _keep_cache(trace)
+        undo = _StateKeeper(trace, modules)
+        replayer.writes = writes
+        first = replayer.before_write
+        if first is None:
+            replayer.before_write = undo.before_write
+        else:
+
+            def both(func: Any, ins: list[Tensor], args: tuple, kwargs: dict) -> None:
+                undo.before_write(func, ins, args, kwargs)  # type: ignore[union-attr]
+                first(func, ins, args, kwargs)
+
+            replayer.before_write = both
+    try:
+        for op, t in inputs:  # the values going in
+            if keeper is not None:
+                keeper.keep_input(op.index, t)
+            else:
+                keep(op, t)
+        output = replayer.run(model, args, kwargs)
+    except Exception:
+        if budget is None or budget.over_limit is None:
+            raise
+        # past max_memory (the model may have gone on and failed otherwise, having caught
+        # the signal): reported below, out of this block, so the error chains no frames
+        output = None
+    if budget is not None and budget.over_limit is not None:
+        # (also if the model caught the signal and went on): free what was kept
+        values.clear()
+        if keeper is not None:
+            keeper.made.clear()
+            keeper.aliases = None
+            keeper.inputs = ((), {})
+        replayer.call = ((), {})
+        output = None
+        if undo is not None:
+            undo.restore()
+        raise _memory_error(trace, budget.over_limit)
     named = dict(paths(output, "output", []))
     for op in trace.ops:
         if op.kind == "output" and op.name in named:
             values[op.index] = named[op.name].detach()
     return Activations(trace, values, output)
+
+
+def _memory_error(trace: Trace, over: OverLimit) -> MemoryLimitError:
+    """A run passed ``max_memory``: say where, how much, and what to do for the next."""
+    op = trace.ops[over.node_index]
+    where = f" in module '{op.modules[-1][0]}'" if op.modules else ""
+    calls = len(trace.__dict__["_replay_calls"][0])
+    ran = f" after {op.seq + 1} of its {calls} calls" if op.seq >= 0 else ""
+    text = (
+        f"Trace.run of {trace.model_name} stopped before it could run out of memory: the "
+        f"values it saved add up to {fmt_bytes(over.saved)}{ran}, past the limit of "
+        f"{fmt_bytes(over.limit)} ({over.basis}). It stopped at op {op.label} ({op.name})"
+        f"{where}, whose value is {fmt_bytes(over.nbytes)}. Nothing is changed: the values "
+        "saved so far are freed, the model's state is as it was, and the trace is ready for "
+        "the next run. To save less per run: run a smaller batch (for batch in "
+        "x.split(n): tr.run(batch)); save= only the ops you need (tr.run(x, "
+        "save=['layer4', 'relu_8']), module paths or op labels); trace with transform= to "
+        "keep a reduction, which every run applies (lurker.trace(model, x, save=..., "
+        "transform=lambda t: t.mean(tuple(range(2, t.dim()))))); or set the limit with "
+        "max_memory= (tr.run(x, max_memory='8GB'); max_memory=None turns this check off)."
+    )
+    return MemoryLimitError(
+        text, partial=None, failed_op=op.label, saved_bytes=over.saved, limit=over.limit
+    )

@@ -28,7 +28,7 @@ from ..graph.nodes import Op
 from . import _context, _hooks, _lazy, _nonfinite, _state
 from ._build import build
 from ._hooks import HookFn
-from ._memory import fmt_bytes, parse_max_memory
+from ._memory import AUTO_FRACTION, TRACED, fmt_bytes, parse_max_memory
 from ._nonfinite import FirstNonFinite, NonFiniteCount
 from ._policy import (
     check_classes,
@@ -120,9 +120,9 @@ def _record(
         )
     device = _save_device(save_to) if save_to is not None else None
     limit, fraction = parse_max_memory(max_memory)
+    auto = isinstance(max_memory, str) and max_memory.lower() == "auto"
     rec = Recorder(model, save=policy, transform=transform, device=device, grads=grads)
     if policy.everything or policy.asks_ops or policy.saves_modules:
-        auto = isinstance(max_memory, str) and max_memory.lower() == "auto"
         rec.set_memory_limit(limit, fraction, auto=auto)
     named = _name_inputs(model, args, kwargs)
     if not kwargs and all(type(a) is Tensor for a in args):  # the common case, quicker
@@ -210,6 +210,7 @@ def _record(
         tr._param_replaced = gone
         tr._no_output_check = no_output_check
         tr._model_hooks = model_hooks
+        tr._max_memory = (limit, fraction, auto)  # Trace.run's default
         check_patterns(policy, tr.ops, tr.modules, model, stacklevel=4)
         if rec.saved_modules:
             _warn_no_output(tr, rec.saved_modules, policy.patterns or ())
@@ -1064,6 +1065,8 @@ class Trace(Graph):
         # why validation cannot compare the output with an untraced forward, if it cannot
         self._no_output_check: str | None = None
         self._transform: Callable[[Tensor], Tensor] | None = None
+        # max_memory= the trace was made with, parsed: (limit, fraction, "auto"), for run
+        self._max_memory: tuple[int | None, float | None, bool] = (None, AUTO_FRACTION, True)
         self._model_hooks: _hooks.ModelHooks = {}  # the model's own hooks when traced
         # the `with trace.hooks()` blocks, per thread: a block applies to the runs of the
         # thread that entered it, not to another thread's runs of the same trace
@@ -1148,6 +1151,7 @@ class Trace(Graph):
         *args: Any,
         save: Any = None,
         hooks: Mapping[str | int, HookFn] | None = None,
+        max_memory: Any = TRACED,
         **kwargs: Any,
     ) -> Activations:
         """Activations for new inputs, reusing this trace's graph (no re-recording).
@@ -1167,6 +1171,14 @@ class Trace(Graph):
         :class:`~lurker.errors.LurkerError` if the model fails on inputs unlike the traced
         ones (missing, extra, or of another dtype, device or shape: only the batch
         dimension may differ), naming each and what the trace was recorded with.
+
+        ``max_memory`` bounds the bytes this run saves, as in :func:`lurker.trace` (the
+        same values), so that a large batch with ``save="all"`` stops with
+        :class:`~lurker.errors.MemoryLimitError` instead of the kernel killing the process;
+        by default the value the trace was made with (a trace made with
+        ``max_memory=None`` runs unguarded). Stopped, the run frees what it saved, leaves
+        the model's state as it was and the trace ready for the next run (a smaller
+        batch, fewer ops in ``save=``). What hooks keep themselves is theirs to bound.
         """
         from ._replay import replay
 
@@ -1187,7 +1199,7 @@ class Trace(Graph):
             for resolved in active:  # outer blocks first, this call's hooks last
                 for i, fns in resolved.items():
                     merged.setdefault(i, []).extend(fns)
-        return replay(self, args, kwargs, save, merged)
+        return replay(self, args, kwargs, save, merged, max_memory)
 
     def hook_ops(self, key: str | int) -> list[Op]:
         """The ops a hook keyed by ``key`` applies to, as :meth:`hooks` resolves it: one
