@@ -28,6 +28,7 @@ from models_zoo import (
     Generates,
     InPlace,
     LSTMNet,
+    Pyramid,
     RNNLoop,
     Small,
     Structured,
@@ -524,3 +525,59 @@ def test_total_flops_says_when_ops_are_unknown() -> None:
     assert graph_view(tr)["flops_unknown"] == 1
     known = lurker.trace(nn.Linear(4, 4), torch.randn(3, 4))
     assert known.flops_unknown == 0 and "at least" not in known.summary()
+
+
+def _relaxed_hops(ops: list[Op], start: str, down: bool) -> list[int | None]:
+    """Oracle for the distances: hops from the nearest node of kind ``start`` along
+    children (``down``) or parents, by relaxing every edge until nothing changes."""
+    dist: list[int | None] = [0 if op.kind == start else None for op in ops]
+    changed = True
+    while changed:
+        changed = False
+        for op in ops:
+            d = dist[op.index]
+            if d is None:
+                continue
+            for j in op.children if down else op.parents:
+                if dist[j] is None or d + 1 < dist[j]:  # type: ignore[operator]
+                    dist[j] = d + 1
+                    changed = True
+    return dist
+
+
+@pytest.mark.parametrize(
+    "model,x",
+    [
+        (Pyramid(decode=True), torch.randn(2, 4)),
+        (RNNLoop(), torch.randn(4, 2, 3)),
+        (InPlace(), torch.randn(2, 4)),
+        (Structured(), None),
+    ],
+    ids=["pyramid", "loop", "inplace", "dict-output"],
+)
+def test_distances_are_the_fewest_hops_to_an_input_and_an_output(model: nn.Module, x: Any):
+    if x is None:
+        pair, feats = (torch.randn(2, 4), torch.randn(2, 4)), {"z": torch.randn(2, 4)}
+        tr = lurker.trace(model.eval(), pair, feats, scale=torch.tensor(2.0))
+    else:
+        tr = lurker.trace(model.eval(), x)
+    assert [op.dist_from_input for op in tr.ops] == _relaxed_hops(tr.ops, "input", True)
+    assert [op.dist_from_output for op in tr.ops] == _relaxed_hops(tr.ops, "output", False)
+    assert any(op.dist_from_input and op.dist_from_input > 2 for op in tr.ops)
+
+
+def test_distances_of_nodes_out_of_execution_order_are_searched():
+    """A graph whose node 1 reads node 2 (never a trace's order, a hand-made one's): the
+    one-pass distances would read a node not yet done; the build searches instead."""
+    from lurker.graph import build
+
+    kinds = ["input", "op", "op", "op", "output"]
+    ops = [Op(index=i, kind=k, name=k) for i, k in enumerate(kinds)]
+    for p, c in [(0, 2), (2, 1), (1, 3), (3, 4), (0, 3)]:
+        ops[c].parents.append(p)
+        ops[p].children.append(c)
+    build.distances(ops)
+    assert [op.dist_from_input for op in ops] == _relaxed_hops(ops, "input", True) == [
+        0, 2, 1, 1, 2
+    ]  # fmt: skip
+    assert [op.dist_from_output for op in ops] == _relaxed_hops(ops, "output", False)

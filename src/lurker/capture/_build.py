@@ -7,9 +7,11 @@ tensors); the steps that need only graph data are in :mod:`lurker.graph.build`.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
+from torch.nn import Parameter
 
 from ..graph import build as steps
 from ..graph import nodes
@@ -31,9 +33,9 @@ def build(
     1. ``complete_calls``: each recorded op's parents and children, parameters, kind,
        output metadata and place (the rolling key that numbers ``conv2d_3``);
     2. ``attach_outputs``: an ``output`` node per tensor the model returned;
-    3. ``module_outputs``: which module calls each op's output leaves;
-    4. ``labels``: names of inputs, outputs, buffers, constants and module outputs;
-       each module's ops; the ops readouts read;
+    3. ``module_outputs``: which module calls each op's output leaves, named;
+    4. ``labels``: names of inputs, outputs, buffers and constants; each module's ops;
+       the ops readouts read;
     5. ``passes``: pass counts, and ``linear_1:2`` labels for ops that ran several times;
     6. ``distances``: hops from the nearest input and to the nearest output;
     7. ``public_calls``: each op's ``target`` and ``source`` (``args``/``kwargs`` are made
@@ -70,7 +72,7 @@ def build(
     steps.passes(nodes)
     steps.distances(nodes)
     public_calls(rec)
-    read_packed(nodes)
+    read_packed(nodes, rec.name_counts)
     steps.count_flops(nodes)
     drop_provisional(rec)
     tr._index = steps.index(nodes)
@@ -82,9 +84,7 @@ def build(
 
 def complete_calls(rec: Recorder) -> None:
     """What the recorder's hot path left out, for every op not completed already."""
-    for node in rec.nodes:
-        if node._where is not None:
-            rec._complete(node)
+    rec._complete_all(rec.nodes)
 
 
 def attach_outputs(rec: Recorder, output: Any) -> None:
@@ -112,11 +112,13 @@ def attach_outputs(rec: Recorder, output: Any) -> None:
 
 
 def public_calls(rec: Recorder) -> None:
-    """Each recorded op's ``target`` and ``source`` (resolved once per call site, then
-    shared by every op made there). ``args``/``kwargs`` of an op whose raw call the
+    """Each recorded op's ``target`` and ``source`` (resolved once per place an op is
+    made, then shared by every op made there; the model's table of places keeps it from
+    trace to trace). ``args``/``kwargs`` of an op whose raw call the
     recorder kept are made from it when first read (:func:`live_call`)."""
     _source = _recorder._source
     targets = _TARGETS
+    sources = rec.index.place_sources if rec.index is not None else {}
     for node in rec.nodes:
         func = node._func
         if func is None:  # inputs, outputs, buffers, constants
@@ -130,7 +132,10 @@ def public_calls(rec: Recorder) -> None:
         entry = node._key
         sites = entry[3]
         if type(sites) is list:  # first op from this place: find its source line
-            sites = entry[3] = _source(sites)
+            known = sources.get(entry[4])  # as the last trace found it, from these sites?
+            if known is None or known[0] != sites:
+                known = sources[entry[4]] = (sites.copy(), _source(sites))
+            sites = entry[3] = known[1]
         node.source = sites
 
 
@@ -151,16 +156,19 @@ def packed_weights(v: Any) -> list[tuple[int, ...]] | None:
     return [tuple(t.shape) for t in _recorder.packed_tensors(v) if t.dim() > 1]
 
 
-def read_packed(nodes: list[Op]) -> None:
+def read_packed(nodes: list[Op], names: Collection[str]) -> None:
     """``meta["packed"]`` of every quantized conv and Linear op: its weight's shape and,
     for a conv, the ``stride``, ``padding``, ``dilation``, ``groups`` and
     ``output_padding`` its packed weight holds (a TorchScript object, written into a
     saved graph as its repr only), as a float conv's arguments read: receptive fields and
     unit layouts read them (``catalogue.packed_call``). A quantized conv1d's packed
-    weight is a conv2d's of height 1: its axis of 1 is left out."""
+    weight is a conv2d's of height 1: its axis of 1 is left out. ``names``: those of the
+    ops recorded (no pass at all over a model without quantized ops)."""
     import torch
 
     packed, convs, specs = catalogue.PACKED, catalogue.QUANTIZED_CONV, catalogue.SPECS
+    if packed.keys().isdisjoint(names):
+        return
     for node in nodes:
         param = packed.get(node.name)
         if param is None:
@@ -195,6 +203,7 @@ def read_packed(nodes: list[Op]) -> None:
 
 nodes._live_call = live_call  # graph/ cannot import capture/: capture hands it over
 steps.packed_weights = packed_weights
+steps.tensor_types = frozenset({Tensor, Parameter})
 
 
 def drop_provisional(rec: Recorder) -> None:

@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import itertools
 import math
 import operator
 import os
 import sys
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from time import perf_counter
 from typing import Any
 
@@ -244,6 +245,12 @@ class _ModelIndex:
         self.scripted: str | None = None
         # the first torch.compile'd submodule's path (its insides left out), refused alike
         self.compiled: str | None = None
+        # rolling key (op name, module paths, call sites, parameters) -> the number of its
+        # place (see _place): the same on every trace of the model
+        self.places: dict[tuple[Any, ...], int] = {}
+        # place number -> (call sites of its first op in the last trace, their source):
+        # the next trace's first op there is most often called from the same sites
+        self.place_sources: dict[int, tuple[list[int], str | None]] = {}
         parents: dict[str, str | None] = {}
         children: dict[str, list[str]] = {}
         counts: dict[str, dict[int, int]] = {}
@@ -414,7 +421,10 @@ class _Core:
         self.buffers: dict[int, str] = {}
         self.buffer_nodes: dict[int, int] = {}
         self.constant_nodes: dict[int, int] = {}
-        self.keys: dict[Any, list[int]] = {}  # rolling key -> [class number, passes so far]
+        # place number (see _place) -> [class number, passes so far, label, call sites
+        # (their source once the build found it), place number]
+        self.keys: dict[int, list[Any]] = {}
+        self._places: dict[tuple[Any, ...], int] = {}  # the model's table (attach())
         self.name_counts: dict[str, int] = {}
         # module bookkeeping
         self.stack: tuple[tuple[str, int], ...] = ()  # (path, pass) of the current op's calls
@@ -498,6 +508,7 @@ class _Core:
         """Index modules, parameters and buffers (cached per model while its tree is unchanged)."""
         idx = _model_index(self.model)
         self.index = idx
+        self._places = idx.places
         self.paths = idx.paths
         self.params = idx.params
         self.param_shapes = idx.param_shapes
@@ -1295,65 +1306,71 @@ class _Core:
             self.failed = node
 
     def _complete(self, node: Op) -> None:
-        """Parents and children, parameters used, kind, output metadata, and the rolling
-        key that numbers the op (``conv2d_3``), counts its passes and finds its source.
-        """
-        paths, sites, cut = node._where
-        node._where = None
-        parents: list[int] = []
-        pnames: list[str] | None = None
-        for src, what in node._inputs:
-            if src >= 0:
-                if src not in parents:
-                    parents.append(src)
-            elif pnames is None:
-                pnames = [what]
-            elif what not in pnames:
-                pnames.append(what)
-        extra = node._extra_parents
-        if extra:
-            parents.extend([m for m in extra if m not in parents])
-        node.parents = parents
-        nodes = self.nodes
-        for p in parents:
-            parent = nodes[p]
-            parent.children.append(node.index)
-        if pnames:
-            refs = self.param_refs
-            node.params = [refs[w] for w in pnames]
-        if node.kind is None:
-            node.kind = "op" if parents or pnames else "generated"
-        outs = node._outs
-        if outs is not None:
-            node.outputs = [_meta(o) for o in outs]
-            node._outs = None
-        name = node.name
-        frames = tuple(sites[:cut])
-        key = (name, paths, frames, *pnames) if pnames else (name, paths, frames)
-        entry = self.keys.get(key)
-        if entry is None:  # first time at this place
-            # a place the compiler wrote twice (a while loop's condition: once before the
-            # loop, once at its end) is one place: look it up by its first copy
-            first = _first_copies(frames)
-            if first is not frames:
-                key0 = (name, paths, first, *pnames) if pnames else (name, paths, first)
-                entry = self.keys.get(key0)
-                if entry is None:
-                    entry = self.keys[key0] = self._number(name, sites)
-                self.keys[key] = entry
-            else:
-                entry = self.keys[key] = self._number(name, sites)
-        entry[1] += 1
-        node.label = node.rolled = entry[2]
-        node.pass_num = entry[1]
-        node._key = entry  # its final pass count (and source) is read in the build
+        """:meth:`_complete_all` of one op (save= asks about an op by its label at once)."""
+        self._complete_all((node,))
 
-    def _number(self, name: str, sites: list[int]) -> list[Any]:
-        """A new rolled op: its number among ops of that name, passes so far, label and call
-        sites (the source line is looked up from them only if asked for)."""
-        n = self.name_counts.get(name, 0) + 1
-        self.name_counts[name] = n
-        return [n, 0, f"{name}_{n}", sites]
+    def _complete_all(self, nodes: Iterable[Op]) -> None:
+        """Parents and children, parameters used, kind, output metadata, and the rolling
+        key that numbers the op (``conv2d_3``), counts its passes and finds its source,
+        of every op of ``nodes`` not completed already.
+
+        One loop over them all (the build's first step), with what it reads per op
+        looked up once: at a few microseconds an op, this is most of the build.
+        """
+        graph = self.nodes
+        refs = self.param_refs
+        places = self._places
+        keys = self.keys
+        counts = self.name_counts
+        for node in nodes:
+            where = node._where
+            if where is None:  # a source node, or completed already
+                continue
+            paths, sites, cut = where
+            node._where = None
+            parents: list[int] = []
+            pnames: list[str] | None = None
+            for src, what in node._inputs:
+                if src >= 0:
+                    if src not in parents:
+                        parents.append(src)
+                elif pnames is None:
+                    pnames = [what]
+                elif what not in pnames:
+                    pnames.append(what)
+            extra = node._extra_parents
+            if extra:
+                parents.extend([m for m in extra if m not in parents])
+            node.parents = parents
+            if parents:
+                i = node.index
+                for p in parents:
+                    graph[p].children.append(i)
+            if pnames:
+                node.params = [refs[w] for w in pnames]
+            if node.kind is None:
+                node.kind = "op" if parents or pnames else "generated"
+            outs = node._outs
+            if outs is not None:  # (kept for one output only: no comprehension to run)
+                node.outputs = [_meta(outs[0])] if len(outs) == 1 else [_meta(o) for o in outs]
+                node._outs = None
+            name = node.name
+            frames = tuple(sites) if cut == len(sites) else tuple(sites[:cut])
+            key = (name, paths, frames, *pnames) if pnames else (name, paths, frames)
+            # the number of the op's place in the model's table: one hash of the key,
+            # where a table of this trace's keys took two, and the frames' a third
+            place = places.get(key)
+            if place is None:
+                place = _place(places, key, name, paths, frames, pnames)
+            entry = keys.get(place)
+            if entry is None:  # a new rolled op: its number among ops of its name,
+                # passes so far, label, the call sites its source is found from, place
+                n = counts[name] = counts.get(name, 0) + 1
+                entry = keys[place] = [n, 0, f"{name}_{n}", sites, place]
+            entry[1] += 1
+            node.label = node.rolled = entry[2]
+            node.pass_num = entry[1]
+            node._key = entry  # its final pass count (and source) is read in the build
 
 
 class Recorder(_Core, OpMode):
@@ -1380,10 +1397,13 @@ def _meta(t: Tensor) -> TensorMeta:
         dtype = _DTYPE_NAMES[t.dtype]
     except KeyError:
         dtype = _dtype_name(t.dtype)
-    try:
-        device = _DEVICE_NAMES[t.device]
-    except KeyError:
-        device = _DEVICE_NAMES[t.device] = str(t.device)
+    if t.is_cpu:  # read cheaper than t.device, which makes a device object to look up
+        device = "cpu"
+    else:
+        try:
+            device = _DEVICE_NAMES[t.device]
+        except KeyError:
+            device = _DEVICE_NAMES[t.device] = str(t.device)
     return _new_tuple(TensorMeta, (tuple(t.shape), dtype, device, t.requires_grad))
 
 
@@ -1521,6 +1541,32 @@ def _first_copies(frames: tuple[int, ...]) -> tuple[int, ...]:
         return frames
     _FIRST[frames] = first_frames = tuple(out)
     return first_frames
+
+
+_place_numbers = itertools.count()  # next() is atomic: threads may trace one model at once
+
+
+def _place(
+    places: dict[tuple[Any, ...], int],
+    key: tuple[Any, ...],
+    name: str,
+    paths: tuple[str, ...],
+    frames: tuple[int, ...],
+    pnames: list[str] | None,
+) -> int:
+    """The number of the place ``key`` names in a model's table of places (``places``),
+    adding it: a place the compiler wrote twice (a while loop's condition: once before
+    the loop, once at its end) is one place, numbered as its first copy is.
+
+    Numbers are never reused nor removed while the model lives, so that every trace, in
+    any thread, tells the same places apart (they are few: the model's call sites)."""
+    first = _first_copies(frames)
+    if first is not frames:
+        key0 = (name, paths, first, *pnames) if pnames else (name, paths, first)
+        place = places.setdefault(key0, next(_place_numbers))
+    else:
+        place = next(_place_numbers)
+    return places.setdefault(key, place)
 
 
 def _copies_in(code_id: int) -> dict[int, int]:

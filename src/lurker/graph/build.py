@@ -23,21 +23,22 @@ RECORDED = frozenset({"op", "generated", "readout", "failed"})
 
 def labels(nodes: list[Op], modules: dict[str, ModuleInfo]) -> None:
     """Name what the recorder left unnamed: ``input_1``, ``output_2``, ``buffer_1``...;
-    module calls an op's output leaves as ``features.3`` or ``cell:2`` (a module called
-    several times); and record each module's ops and the ops a readout read."""
+    and record each module's ops and the ops a readout read."""
     counters: dict[str, int] = {}
+    calls: tuple[tuple[str, int], ...] = ()
+    ops: list[list[int]] = []  # the ops lists of the modules of `calls`
     for node in nodes:
         kind = node.kind
         if not node.label and kind not in RECORDED:
-            counters[kind] = counters.get(kind, 0) + 1
-            node.label = node.rolled = f"{kind}_{counters[kind]}"
-        if node.module_outputs:
-            node.module_outputs = [
-                path if modules[path].num_passes <= 1 else f"{path}:{pass_num}"
-                for path, pass_num in node.module_outputs  # type: ignore[misc]
-            ]
-        for path, _ in node.modules:
-            modules[path].ops.append(node.index)
+            counters[kind] = n = counters.get(kind, 0) + 1
+            node.label = node.rolled = f"{kind}_{n}"
+        ms = node.modules
+        if ms is not calls:  # (ops of one call share its stack: looked up once a call)
+            calls = ms
+            ops = [modules[path].ops for path, _ in ms]
+        i = node.index
+        for held in ops:
+            held.append(i)
         if kind == "readout":
             for p in node.parents:
                 nodes[p].decides_branch = True
@@ -99,7 +100,8 @@ def count_flops(nodes: list[Op]) -> None:
 
 
 def module_outputs(nodes: list[Op], modules: dict[str, ModuleInfo]) -> None:
-    """Which module calls each op's output leaves: those are the calls' outputs.
+    """Which module calls each op's output leaves: those are the calls' outputs, named
+    ``features.3``, or ``cell:2`` for a module called several times.
 
     An output is what a call hands back to code outside it: an op is an output of each
     enclosing call that one of its consumers (or the model's output) lies outside,
@@ -114,8 +116,9 @@ def module_outputs(nodes: list[Op], modules: dict[str, ModuleInfo]) -> None:
         depth = len(ms)
         exit_at = depth
         for c in node.children:
-            child = nodes[c]
-            cm = child.modules
+            cm = nodes[c].modules
+            if cm is ms:  # the same call: the recorder shares one stack within a call
+                continue
             j = 0
             n = min(depth, len(cm))
             while j < n and cm[j] == ms[j]:
@@ -124,15 +127,50 @@ def module_outputs(nodes: list[Op], modules: dict[str, ModuleInfo]) -> None:
                 exit_at = j
                 if not j:
                     break
+        if exit_at == depth:
+            continue
+        outs = node.module_outputs
         for j in range(depth - 1, exit_at - 1, -1):
             path, pass_num = ms[j]
-            node.module_outputs.append((path, pass_num))
             info = modules[path]
+            outs.append(path if info.num_passes <= 1 else f"{path}:{pass_num}")
             info.outputs.setdefault(pass_num, []).append(node.index)
 
 
 def distances(nodes: list[Op]) -> None:
-    """Hops from the nearest input (following children) and to the nearest output."""
+    """Hops from the nearest input (following children) and to the nearest output.
+
+    The nodes are in execution order, so every node's parents come before it: one pass
+    forward and one back, each node's distance from its neighbours' (final by then), give
+    what a breadth-first search from the inputs and one from the outputs would."""
+    for node in nodes:
+        if node.kind == "input":
+            node.dist_from_input = 0
+            continue
+        d = None
+        i = node.index
+        for p in node.parents:
+            if p >= i:  # not in execution order (never made by a trace): search instead
+                _searched_distances(nodes)
+                return
+            dp = nodes[p].dist_from_input
+            if dp is not None and (d is None or dp < d):
+                d = dp
+        node.dist_from_input = None if d is None else d + 1
+    for node in reversed(nodes):
+        if node.kind == "output":
+            node.dist_from_output = 0
+            continue
+        d = None
+        for c in node.children:
+            dc = nodes[c].dist_from_output
+            if dc is not None and (d is None or dc < d):
+                d = dc
+        node.dist_from_output = None if d is None else d + 1
+
+
+def _searched_distances(nodes: list[Op]) -> None:
+    """:func:`distances` of nodes in any order: a breadth-first search each way."""
     down = _levels(nodes, "input", True)
     up = _levels(nodes, "output", False)
     for node, d_in, d_out in zip(nodes, down, up):
@@ -206,7 +244,7 @@ def _shape_tree(v: Any, nodes: list[Op]) -> Any:
         return v
     if t is OpRef:
         return tuple(nodes[v.index].outputs[v.output].shape)
-    if t in _SHAPED:  # a tensor
+    if t in tensor_types or t in _SHAPED:  # a tensor
         shape = getattr(v, "shape", None)
         return tuple(shape) if shape is not None else v
     if t is tuple or t is list:
@@ -244,6 +282,10 @@ def _no_packed_weights(v: Any) -> list[tuple[int, ...]] | None:
 #: no packed object: a quantized Linear's or conv's ``_packed_params`` holds its weight in
 #: a TorchScript object, not a tensor. capture/ hands it over (graph/ imports no torch)
 packed_weights: Callable[[Any], list[tuple[int, ...]] | None] = _no_packed_weights
+
+#: torch's own tensor types (``Tensor``, ``Parameter``): capture/ hands them over, so that
+#: _shape_tree finds them in a plain set, not by _SHAPED's weak (slower) lookup
+tensor_types: frozenset[type] = frozenset()
 
 # values _shape_tree returns as they are (no ``shape``, not a container)
 _AS_IS = frozenset({int, float, bool, str, type(None)})
