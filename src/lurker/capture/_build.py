@@ -56,6 +56,7 @@ def build(
     tr._rng = rng
     tr._grads = rec.grads
     tr._transform = rec.transform
+    tr._save_to = rec.device  # save_to=: where every run keeps its values too
     tr.param_shapes = dict(rec.param_shapes)  # the recorder shares its index across traces
     tr._param_writes = rec.param_writes
     tr._params_replaced = rec.params_replaced

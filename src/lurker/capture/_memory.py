@@ -109,17 +109,30 @@ def fmt_bytes(n: float) -> str:
 class OverLimit(Exception):
     """Raised inside the forward by the recorder; :func:`lurker.trace` reports it."""
 
-    def __init__(self, node_index: int, nbytes: int, saved: int, limit: int, basis: str):
+    def __init__(
+        self,
+        node_index: int,
+        nbytes: int,
+        saved: int,
+        limit: int,
+        basis: str,
+        device: torch.device | None = None,
+    ):
         super().__init__("the trace's memory budget is exhausted")
         self.node_index = node_index
         self.nbytes = nbytes
         self.saved = saved
         self.limit = limit
         self.basis = basis
+        # where the values are kept (a run's error suggests save_to= off an accelerator)
+        self.device = device
 
 
 class Budget:
     """One replay's running total of saved bytes against ``max_memory=`` (``Trace.run``).
+
+    ``device`` in :meth:`over` is where the values are kept (the trace's ``save_to=``
+    where it was given), so ``"auto"`` measures that device's memory, not the model's.
 
     The recorder keeps its own total (it counts new storages as it records); a replay adds
     the bytes of each value it keeps and compares, and reads the machine's memory only as
@@ -161,5 +174,7 @@ class Budget:
             if saved <= self.check:
                 return
         if self.over_limit is None:  # the first op past the limit is the one to name
-            self.over_limit = OverLimit(node_index, nbytes, saved, int(self.check), self.basis)
-        raise OverLimit(node_index, nbytes, saved, int(self.check), self.basis)
+            self.over_limit = OverLimit(
+                node_index, nbytes, saved, int(self.check), self.basis, device
+            )
+        raise OverLimit(node_index, nbytes, saved, int(self.check), self.basis, device)

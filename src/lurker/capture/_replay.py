@@ -724,6 +724,63 @@ class _Keeper:
                     self.budget.saved += _nbytes(v)  # at the next value kept
 
 
+def to_device(t: Tensor, device: torch.device) -> Tensor:
+    """``t`` on ``device``, the trace's ``save_to=``: ``t`` itself where it is there
+    already (no copy), else a new tensor. Every value a run keeps passes here once."""
+    return t.to(device)
+
+
+class _MovingKeeper(_Keeper):
+    """A :class:`_Keeper` for a trace made with ``save_to=``: every value is kept on that
+    device, after the trace's ``transform=``, as the recorder keeps it. A value already
+    there is kept as :class:`_Keeper` keeps it (copied only where something may change
+    it); one moved is a new tensor of its own (counted, never shared with the model)."""
+
+    def __init__(
+        self, trace: Trace, args: tuple, kwargs: dict, budget: Budget | None, device: torch.device
+    ):
+        super().__init__(trace, args, kwargs, budget)
+        self.device = device
+
+    def keep(self, idx: int, value: Any) -> None:
+        if self.transform is None:
+            super().keep(idx, value)  # each tensor through _one, below
+            return
+        transform, device = self.transform, self.device
+        what = f"the output of {self.labels[idx].label}"
+
+        def one(t: Tensor) -> Any:
+            kept = apply_transform(transform, t.detach(), what)  # a value of its own
+            return to_device(kept, device) if isinstance(kept, Tensor) else kept
+
+        kept = tuple(one(t) for t in value) if isinstance(value, tuple) else one(value)
+        if self.budget is not None:  # the reduced values, where they are kept
+            _count(self.budget, idx, kept)
+        self.values[idx] = kept
+
+    def keep_input(self, idx: int, t: Tensor) -> None:
+        if self.transform is not None:
+            self.keep(idx, t)
+            return
+        d = t.detach()
+        moved = to_device(d, self.device)
+        if moved is d:  # on the device already: the caller's tensor, as without save_to=
+            super().keep_input(idx, t)
+            return
+        if self.budget is not None:
+            _count(self.budget, idx, moved)
+        self.values[idx] = moved
+
+    def _one(self, idx: int, t: Tensor) -> Tensor:
+        d = t.detach()
+        moved = to_device(d, self.device)
+        if moved is d:
+            return super()._one(idx, t)
+        if self.budget is not None:
+            _count(self.budget, idx, moved)
+        return moved
+
+
 def _swap_first(args: tuple, kwargs: dict, first: Tensor) -> tuple[tuple, dict, Tensor]:
     """The call's arguments with ``first`` (the tensor it writes in place) replaced by a
     copy of it, wherever it is passed; and the copy."""
@@ -852,6 +909,8 @@ def replay(
     if not chosen and not inputs:
         budget = None  # nothing kept: nothing to count
     keeper: _Keeper | None = None
+    # save_to=: the device the trace kept its values on, and every run keeps them on
+    device: torch.device | None = getattr(trace, "_save_to", None)  # (older pickles: None)
     if hooks:
         # a hook may hand back a tensor it keeps, or write into an output outside any
         # call: every kept value is copied when it is made
@@ -862,8 +921,15 @@ def replay(
             def one(t: Tensor) -> Tensor:
                 t = t.detach()
                 if transform is None:
+                    if device is not None:
+                        moved = to_device(t, device)
+                        if moved is not t:  # a new tensor already: no second copy
+                            return moved
                     return t.clone()
-                return apply_transform(transform, t, f"the output of {op.label}")
+                kept = apply_transform(transform, t, f"the output of {op.label}")
+                if device is not None and isinstance(kept, Tensor):
+                    return to_device(kept, device)
+                return kept
 
             kept = tuple(one(t) for t in value) if isinstance(value, tuple) else one(value)
             if budget is not None:
@@ -871,7 +937,11 @@ def replay(
             values[op.index] = kept
 
     else:
-        keeper = _Keeper(trace, args, kwargs, budget)
+        keeper = (
+            _Keeper(trace, args, kwargs, budget)
+            if device is None
+            else _MovingKeeper(trace, args, kwargs, budget, device)
+        )
         values = keeper.values
 
         def keep(op: Op, value: Any) -> None:
@@ -893,6 +963,7 @@ def replay(
         or getattr(trace, "_state_before", None)
         or getattr(trace, "_param_writes", None)
         or getattr(trace, "_state", None)
+        or _any_training(trace)
     ):  # the forward may write into the model: what it writes is kept, to put back
         writes, modules, _ = _keep_cache(trace)
         undo = _StateKeeper(trace, modules)
@@ -914,6 +985,8 @@ def replay(
             else:
                 keep(op, t)
         output = replayer.run(model, args, kwargs)
+        if device is not None:  # the output nodes' values too (.output stays as it is)
+            _keep_outputs(trace, output, values, device, budget)
     except Exception:
         if budget is None or budget.over_limit is None:
             raise
@@ -932,11 +1005,50 @@ def replay(
         if undo is not None:
             undo.restore()
         raise _memory_error(trace, budget.over_limit)
+    if device is None:
+        named = dict(paths(output, "output", []))
+        for op in trace.ops:
+            if op.kind == "output" and op.name in named:
+                values[op.index] = named[op.name].detach()
+    return Activations(trace, values, output)
+
+
+def _keep_outputs(
+    trace: Trace, output: Any, values: dict[int, Any], device: torch.device, budget: Budget | None
+) -> None:
+    """The output nodes' values on ``device`` (``save_to=``), counted where they are
+    copies; the model's output itself (``Activations.output``) stays where the model
+    made it: it is the forward's result, not a saved value."""
     named = dict(paths(output, "output", []))
     for op in trace.ops:
         if op.kind == "output" and op.name in named:
-            values[op.index] = named[op.name].detach()
-    return Activations(trace, values, output)
+            d = named[op.name].detach()
+            moved = to_device(d, device)
+            values[op.index] = moved
+            if budget is not None and moved is not d:
+                _count(budget, op.index, moved)
+
+
+def _any_training(trace: Trace) -> bool:
+    """Whether a module of the model is in training mode (a BatchNorm switched back to
+    ``train()`` in a model in ``eval()``, whose forward then writes its running
+    statistics) where a call may write: read per run (a module's mode may change between
+    runs) from the trace's module list; none is read where no call can write."""
+    writes, modules, _ = _keep_cache(trace)
+    if not writes:  # (the only calls whose writes the state keeper would see)
+        return False
+    return any(m.training for m in modules)
+
+
+def _save_to_fix(device: torch.device | None) -> str:
+    """The fix of a run whose values are kept on an accelerator: keep them in the
+    machine's memory instead, as the trace's ``save_to=`` (which every run follows)."""
+    if device is None or device.type == "cpu":
+        return ""
+    return (
+        f"keep them off {device} with save_to='cpu' at trace time (every run keeps its "
+        "values where the trace does: lurker.trace(model, x, save_to='cpu')); "
+    )
 
 
 def _memory_error(trace: Trace, over: OverLimit) -> MemoryLimitError:
@@ -955,8 +1067,9 @@ def _memory_error(trace: Trace, over: OverLimit) -> MemoryLimitError:
         "x.split(n): tr.run(batch)); save= only the ops you need (tr.run(x, "
         "save=['layer4', 'relu_8']), module paths or op labels); trace with transform= to "
         "keep a reduction, which every run applies (lurker.trace(model, x, save=..., "
-        "transform=lambda t: t.mean(tuple(range(2, t.dim()))))); or set the limit with "
-        "max_memory= (tr.run(x, max_memory='8GB'); max_memory=None turns this check off)."
+        "transform=lambda t: t.mean(tuple(range(2, t.dim()))))); "
+        f"{_save_to_fix(over.device)}or set the limit with max_memory= (tr.run(x, "
+        "max_memory='8GB'); max_memory=None turns this check off)."
     )
     return MemoryLimitError(
         text, partial=None, failed_op=op.label, saved_bytes=over.saved, limit=over.limit

@@ -61,7 +61,8 @@ def trace(
             (``nn.Conv2d``), or a predicate ``fn(op) -> bool``.
         transform: applied to each saved activation (and gradient) before it is kept,
             e.g. ``lambda t: t.mean((2, 3))`` to keep only spatial means.
-        save_to: device for saved tensors (e.g. ``"cpu"`` to keep GPU memory free).
+        save_to: device for saved tensors (e.g. ``"cpu"`` to keep GPU memory free), in
+            the trace and in every :meth:`Trace.run` of it.
         grads: register gradient hooks so that after ``trace.backward()`` (or your own
             ``.backward()`` on ``trace.output``) each saved op holds its gradient.
         max_memory: most bytes of saved activations before the trace stops with
@@ -1065,6 +1066,8 @@ class Trace(Graph):
         # why validation cannot compare the output with an untraced forward, if it cannot
         self._no_output_check: str | None = None
         self._transform: Callable[[Tensor], Tensor] | None = None
+        # save_to= as a device (None: values stay where they are made), for run too
+        self._save_to: torch.device | None = None
         # max_memory= the trace was made with, parsed: (limit, fraction, "auto"), for run
         self._max_memory: tuple[int | None, float | None, bool] = (None, AUTO_FRACTION, True)
         self._model_hooks: _hooks.ModelHooks = {}  # the model's own hooks when traced
@@ -1179,6 +1182,12 @@ class Trace(Graph):
         ``max_memory=None`` runs unguarded). Stopped, the run frees what it saved, leaves
         the model's state as it was and the trace ready for the next run (a smaller
         batch, fewer ops in ``save=``). What hooks keep themselves is theirs to bound.
+
+        A trace made with ``save_to=`` keeps every run's values on that device too, after
+        its ``transform=`` (inputs, ops' outputs, the output nodes), so that a loop over
+        a stimulus set on a GPU fills the CPU's memory, not the GPU's; a value already
+        there is not copied, and ``max_memory`` counts against that device's memory.
+        ``.output``, the model's return value, stays where the model made it.
         """
         from ._replay import replay
 
