@@ -213,6 +213,9 @@ def test_on_a_gpu_a_run_with_save_to_cpu_keeps_its_values_off_it(hooked):
     model = model.cuda().eval()
     x = torch.randn(1, 3, 32, 32, device="cuda")
     tr = lurker.trace(model, x, save_to="cpu")
+    # the trace's own values, its output node's too, are on the CPU as the runs' are
+    kept = [t for op in tr.ops if op.activation is not None for t in _tensors(op.activation)]
+    assert {t.device.type for t in kept} == {"cpu"}
     plain = lurker.trace(model, x)
     big = torch.randn(16, 3, 32, 32, device="cuda")
     hooks = {"0": lambda op, o: None} if hooked else None

@@ -107,7 +107,10 @@ def attach_outputs(rec: Recorder, output: Any) -> None:
         if parent_act is not None:
             node.activation = parent_act[k] if isinstance(parent_act, tuple) else parent_act
         if rec.save.wants_op(node) and node.activation is None:
-            node.activation = t.detach()
+            # the model's output as it returned it (no transform=, which is written for
+            # the layers saved), on save_to='s device as every saved value (and as runs)
+            a = t.detach()
+            node.activation = a if rec.device is None else a.to(rec.device)
         nodes[src].children.append(idx)
         nodes.append(node)
 
