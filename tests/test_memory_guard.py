@@ -470,3 +470,44 @@ def test_bad_max_memory_in_a_run_is_the_same_clear_error(value):
         tr.run(x, max_memory=value)
     _nothing_installed()
     assert tr.run(x).output.shape == (2, 4, 12, 12)
+
+
+class _Detached(nn.Module):
+    """A conv's output kept twice over: as it is, and through ``detach()`` (no ``_base``,
+    the same storage), then written in place (the run keeps a copy of what it overwrites)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        d = torch.relu(y.detach())
+        d.add_(1)
+        return y[:, :2].sum() + d.mean()
+
+
+def test_a_run_counts_each_storage_it_keeps_once_so_a_run_that_fits_runs():
+    """Oracle: the distinct storages a finished run's values hold (not the input's or
+    the parameters'). That many bytes fit; one fewer stops the run. A ``detach()`` shares
+    its storage with no ``_base`` to say so: counted again, a run that fits was stopped."""
+    torch.manual_seed(0)
+    model, x = _Detached().eval(), torch.randn(2, 3, 8, 8)
+    tr = lurker.trace(model, x[:1], max_memory=None)
+    acts = tr.run(x, save="all", max_memory=None)
+    known = {x.untyped_storage().data_ptr()}
+    known |= {p.untyped_storage().data_ptr() for p in model.parameters()}
+    held: dict[int, int] = {}
+    for i, v in acts._values.items():
+        if tr.ops[i].kind == "output":  # the output is the caller's, kept or not
+            continue
+        for t in v if isinstance(v, tuple) else (v,):
+            s = t.untyped_storage()
+            if s.data_ptr() not in known:
+                held[s.data_ptr()] = s.nbytes()
+    total = sum(held.values())
+    assert total >= 2 * 8 * 8 * 8 * 4 * 2  # the conv's output and the relu's copy at least
+    got = tr.run(x, save="all", max_memory=total)
+    torch.testing.assert_close(got["detach_1"], acts["detach_1"])
+    with pytest.raises(lurker.MemoryLimitError):
+        tr.run(x, save="all", max_memory=total - 1)

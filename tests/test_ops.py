@@ -492,6 +492,11 @@ def test_flops_of_einsum_tensordot_and_recurrent_ops_equal_torchs_counter(save: 
         ("...ij,...jk", (2, 3, 4, 5), (3, 5, 6)),  # ... and an implicit output
         ("b...d,b...d->b...", (2, 3, 4), (2, 3, 4)),  # a batched dot product
         ("...i,...i->i", (3, 4), (3, 4)),  # the ellipsis' axes summed out
+        # an index of size 1 in one operand, summed out: summed from the other alone first
+        ("bij,bjk->ik", (1, 4, 5), (3, 5, 6)),
+        ("...ij,...jk->ik", (2, 1, 4, 5), (3, 5, 6)),
+        ("ij,jk->ik", (3, 1), (4, 5)),  # ... which leaves an outer product: not counted
+        ("...i,...i->i", (3, 4), (4,)),  # an ellipsis on one operand alone: no matmul
     ],
 )
 def test_einsum_flops_equal_torchs_counter(eq: str, a: tuple, b: tuple) -> None:
@@ -513,9 +518,22 @@ def test_an_einsum_of_three_operands_is_a_flops_unknown_and_a_sum_is_not() -> No
     assert tr["einsum_1"].flops is None and tr.flops_unknown == 1
     assert "at least" in tr.summary()
     assert lurker.Graph.from_json(tr.to_json()).flops_unknown == 1
-    for eq, xs in (("ij,ij->ij", (a, a)), ("ij->ji", (a,)), ("i,j->ij", (a[0], b[0]))):
+    # an ellipsis that covers no axis contracts nothing: the total stays exact
+    v = a[0]
+    for eq, xs in (
+        ("ij,ij->ij", (a, a)),
+        ("ij->ji", (a,)),
+        ("i,j->ij", (a[0], b[0])),
+        ("...i,...i->i", (v, v)),
+        ("...i,...i,...i->i", (v, v, v)),
+        ("...i,...i->i", (a, v)),
+    ):
         tr = lurker.trace(_Einsum(eq), *xs)
         assert tr["einsum_1"].flops is None and tr.flops_unknown == 0, eq
+        assert lurker.Graph.from_json(tr.to_json()).flops_unknown == 0, eq
+    batched = [torch.randn(2, *t.shape) for t in (a, b, c)]
+    tr = lurker.trace(_Einsum("...ij,...jk,...kl->...il"), *batched)
+    assert tr.flops_unknown == 1 == lurker.Graph.from_json(tr.to_json()).flops_unknown
 
 
 class _Einsum(nn.Module):

@@ -140,10 +140,13 @@ class Budget:
     :data:`AUTO_FIRST_CHECK` saved bytes for ``"auto"``, never below it.
     """
 
-    __slots__ = ("basis", "check", "fraction", "over_limit", "saved")
+    __slots__ = ("basis", "check", "fraction", "over_limit", "saved", "storages")
 
     def __init__(self, limit: int | None, fraction: float | None, auto: bool) -> None:
         self.saved = 0
+        # data pointers of the storages counted: a value on one counted already (a
+        # ``detach()``, an in-place op's result) adds nothing, as in the recorder
+        self.storages: set[int] = set()
         self.over_limit: OverLimit | None = None
         self.fraction: float | None = None
         self.basis = ""

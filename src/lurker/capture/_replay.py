@@ -684,10 +684,11 @@ class _Keeper:
                 return copy
             self.aliases.setdefault(ptr, []).append(idx)
         if budget is not None:
-            # new memory unless it is a kept output again (an in-place op's) or a view of
-            # one; checked either way (before_write may have copied what this op wrote)
+            # new memory unless its storage was counted already: a kept output again (an
+            # in-place op's), a view of one, or a detach() of one, which has no _base;
+            # checked either way (before_write may have copied what this op wrote)
             if base is None and i not in self.made:
-                budget.saved += t.nbytes
+                _count_storage(budget, t)
             if budget.saved > budget.check:
                 budget.over(idx, t.nbytes, t.device)
         self.made[i] = t
@@ -814,6 +815,20 @@ def _nbytes(value: Any) -> int:
     if isinstance(value, tuple):
         return sum([t.nbytes for t in value if isinstance(t, Tensor)])
     return value.nbytes if isinstance(value, Tensor) else 0
+
+
+def _count_storage(budget: Budget, t: Tensor) -> None:
+    """Add the bytes of the storage ``t`` lies on, unless counted already (the tensors
+    kept hold their storages, so a counted pointer is never reused while the run lasts)."""
+    try:
+        storage = t.untyped_storage()
+    except (RuntimeError, NotImplementedError):  # no plain storage (sparse, ...)
+        budget.saved += t.nbytes
+        return
+    ptr = storage.data_ptr()
+    if ptr not in budget.storages:
+        budget.storages.add(ptr)
+        budget.saved += storage.nbytes()
 
 
 def _count(budget: Budget, idx: int, value: Any) -> None:

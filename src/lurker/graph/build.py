@@ -69,12 +69,13 @@ def index(nodes: list[Op]) -> dict[str, int]:
     return found
 
 
-def flops_unknown(node: Op) -> bool:
+def flops_unknown(node: Op, nodes: list[Op] | None = None) -> bool:
     """Whether ``node`` is an op of a kind whose FLOPs are counted (a conv, linear,
     matmul-like, attention or recurrent op) that has no count, its arguments being ones
     the rule cannot read: a total over the graph leaves it out, so it is a lower bound.
     An ``einsum`` that contracts nothing (a sum, a transpose, an outer product) has no
-    count by rule; one that does but has none (three operands or more) is unknown."""
+    count by rule; one that does but has none (three operands or more) is unknown.
+    ``nodes``: the graph's, whose output shapes tell what an einsum's ellipsis covers."""
     if node.kind != "op" or node.name not in _FLOP_OPS or node.flops is not None:
         return False
     if node.name != "einsum":
@@ -86,6 +87,9 @@ def flops_unknown(node: Op) -> bool:
     rest = args[1:] if "equation" not in kwargs else args
     if len(rest) == 1 and isinstance(rest[0], (list, tuple)):  # einsum(eq, [a, b])
         rest = rest[0]
+    shapes = [_shape_tree(r, nodes) for r in rest] if nodes is not None else []
+    if shapes and all(type(s) is tuple and all(type(n) is int for n in s) for s in shapes):
+        return catalogue.einsum_contracts(equation, shapes)
     return catalogue.einsum_contracts(equation, len(rest))
 
 

@@ -178,7 +178,8 @@ class Graph:
         leaves them out."""
         from .build import flops_unknown
 
-        return sum(map(flops_unknown, self.ops))
+        ops = self.ops
+        return sum(flops_unknown(op, ops) for op in ops)
 
     @property
     def is_recurrent(self) -> bool:

@@ -764,16 +764,39 @@ def einsum_flops(equation: str, operands: Any, out: Shape) -> int | None:
     if parsed is None:
         return None
     subs, rhs = parsed
+    sizes = _einsum_sizes(subs, operands)
+    if sizes is None:
+        return None
     size: dict[str, int] = {}
-    for letters, shape in zip(subs, operands, strict=True):
-        if len(letters) != len(shape):
-            return None
-        for c, n in zip(letters, shape):
+    for each in sizes:
+        for c, n in each.items():
             size[c] = max(size.get(c, 1), n)
-    both = set(subs[0]) & set(subs[1])
+    both = _multiplied(subs, sizes, rhs)
     if not both - set(rhs):  # nothing contracted: an outer or element-wise product
         return None
     return 2 * prod(n for c, n in size.items() if c in both or c in rhs)
+
+
+def _einsum_sizes(subs: list[str], operands: Any) -> list[dict[str, int]] | None:
+    """Each operand's size per index letter; None where a subscript does not fit its shape."""
+    sizes = []
+    for letters, shape in zip(subs, operands, strict=True):
+        if len(letters) != len(shape):
+            return None
+        sizes.append(dict(zip(letters, shape, strict=True)))
+    return sizes
+
+
+def _multiplied(subs: list[str], sizes: list[dict[str, int]], rhs: str) -> set[str]:
+    """The letters of two operands or more that einsum multiplies over: an index the output
+    leaves out where all operands but one have it of size 1 (broadcast) is summed out of
+    that one alone, before any product, as torch does; it costs no multiplication."""
+    found = set()
+    for c in set("".join(subs)):
+        held = [s[c] for s in sizes if c in s]
+        if len(held) >= 2 and (c in rhs or sum(n != 1 for n in held) != 1):
+            found.add(c)
+    return found
 
 
 def _einsum_letters(equation: str, operands: Any) -> tuple[list[str], str] | None:
@@ -812,11 +835,23 @@ def _einsum_letters(equation: str, operands: Any) -> tuple[list[str], str] | Non
     return subs, rhs
 
 
-def einsum_contracts(equation: str, operands: int) -> bool:
+def einsum_contracts(equation: str, operands: int | list[Shape]) -> bool:
     """Whether an ``einsum`` of ``operands`` operands contracts an index (one of two or
     more operands' that the output leaves out): a matmul-like op with a cost, whether or
     not :func:`einsum_flops` can count it. A sum, a transpose, an outer or element-wise
-    product does not."""
+    product does not.
+
+    ``operands``: their shapes where known (an ellipsis then covers the axes it does, and
+    an index of size 1 in all operands but one is summed out of that one, as in
+    :func:`einsum_flops`), else how many there are (an ellipsis is then read as one more
+    index, which may cover no axis: a guess that errs towards "contracts")."""
+    if not isinstance(operands, int):
+        parsed = _einsum_letters(equation, operands)
+        sizes = None if parsed is None else _einsum_sizes(parsed[0], operands)
+        if parsed is not None and sizes is not None:
+            subs, rhs = parsed
+            return len(subs) >= 2 and bool(_multiplied(subs, sizes, rhs) - set(rhs))
+        operands = len(operands)
     # the ellipsis as one more index: summed where the output leaves it out
     eq = equation.replace(" ", "").replace("...", "\u00b7")
     lhs, arrow, rhs = eq.partition("->")
