@@ -117,12 +117,10 @@ def attach_outputs(rec: Recorder, output: Any) -> None:
 
 def public_calls(rec: Recorder) -> None:
     """Each recorded op's ``target`` and ``source`` (resolved once per place an op is
-    made, then shared by every op made there; the model's table of places keeps it from
-    trace to trace). ``args``/``kwargs`` of an op whose raw call the
-    recorder kept are made from it when first read (:func:`live_call`)."""
+    made, then shared by every op made there). ``args``/``kwargs`` of an op whose raw
+    call the recorder kept are made from it when first read (:func:`live_call`)."""
     _source = _recorder._source
     targets = _TARGETS
-    sources = rec.index.place_sources if rec.index is not None else {}
     for node in rec.nodes:
         func = node._func
         if func is None:  # inputs, outputs, buffers, constants
@@ -136,10 +134,7 @@ def public_calls(rec: Recorder) -> None:
         entry = node._key
         sites = entry[3]
         if type(sites) is list:  # first op from this place: find its source line
-            known = sources.get(entry[4])  # as the last trace found it, from these sites?
-            if known is None or known[0] != sites:
-                known = sources[entry[4]] = (sites.copy(), _source(sites))
-            sites = entry[3] = known[1]
+            sites = entry[3] = _source(sites)
         node.source = sites
 
 

@@ -248,9 +248,6 @@ class _ModelIndex:
         # rolling key (op name, module paths, call sites, parameters) -> the number of its
         # place (see _place): the same on every trace of the model
         self.places: dict[tuple[Any, ...], int] = {}
-        # place number -> (call sites of its first op in the last trace, their source):
-        # the next trace's first op there is most often called from the same sites
-        self.place_sources: dict[int, tuple[list[int], str | None]] = {}
         parents: dict[str, str | None] = {}
         children: dict[str, list[str]] = {}
         counts: dict[str, dict[int, int]] = {}
@@ -422,7 +419,7 @@ class _Core:
         self.buffer_nodes: dict[int, int] = {}
         self.constant_nodes: dict[int, int] = {}
         # place number (see _place) -> [class number, passes so far, label, call sites
-        # (their source once the build found it), place number]
+        # (their source once the build found it)]
         self.keys: dict[int, list[Any]] = {}
         self._places: dict[tuple[Any, ...], int] = {}  # the model's table (attach())
         self.name_counts: dict[str, int] = {}
@@ -1364,9 +1361,9 @@ class _Core:
                 place = _place(places, key, name, paths, frames, pnames)
             entry = keys.get(place)
             if entry is None:  # a new rolled op: its number among ops of its name,
-                # passes so far, label, the call sites its source is found from, place
+                # passes so far, label, the call sites its source is found from
                 n = counts[name] = counts.get(name, 0) + 1
-                entry = keys[place] = [n, 0, f"{name}_{n}", sites, place]
+                entry = keys[place] = [n, 0, f"{name}_{n}", sites]
             entry[1] += 1
             node.label = node.rolled = entry[2]
             node.pass_num = entry[1]
