@@ -133,6 +133,26 @@ def test_a_run_keeping_activations_of_a_model_in_training_mode_warns():
     torch.testing.assert_close(got, _hooked(model, ["2"], x)["2"], rtol=0, atol=0)
 
 
+def test_a_run_warns_of_one_dropout_left_in_training_mode_in_a_model_in_eval_mode():
+    # model.eval() and then one layer switched back (fine-tuning code, MC dropout): only
+    # the root's mode was read, and the run's activations were silently random
+    model = _dropout_model().eval()
+    x = torch.randn(8, 6)
+    tr = lurker.trace(model, x[:1], save=["2"])
+    model[2].train()
+    said = (
+        r"eval mode, but 2 \(Dropout\) is in training mode and computes otherwise.*model\.eval\(\)"
+    )
+    with pytest.warns(UserWarning, match=said), torch.no_grad():
+        first, second = tr.run(x)["2"], tr.run(x)["2"]
+    assert not torch.equal(first, second)  # what the warning is about: each run differs
+    model[2].eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.no_grad():
+            tr.run(x)
+
+
 def test_a_run_that_keeps_nothing_does_not_warn_of_training_mode():
     # lurker's own replays (explain, probe) keep nothing and say it themselves, or switch
     # the model to eval mode

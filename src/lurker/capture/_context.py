@@ -132,6 +132,20 @@ def _train_dependent(m: torch.nn.Module) -> bool:
     return False
 
 
+def mode_dependent(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules of ``model`` of a kind that may compute otherwise in training mode
+    (dropout, stochastic depth, attention with dropout, norms), whatever their settings
+    now: a caller that checks modes per forward keeps this list and walks only it."""
+    kinds = (
+        torch.nn.modules.dropout._DropoutNd,
+        torch.nn.MultiheadAttention,
+        torch.nn.modules.batchnorm._NormBase,
+    )
+    return [
+        m for m in model.modules() if isinstance(m, kinds) or type(m).__name__ in _STOCHASTIC_DEPTH
+    ]
+
+
 def training_layers(model: torch.nn.Module) -> list[str]:
     """The layers of ``model`` in training mode that compute otherwise at inference
     (``'features.3 (Dropout)'``, the model itself as ``'the model'``), in module order:

@@ -376,9 +376,17 @@ def _warn_training(model: nn.Module) -> None:
     found = _context.training_layers(model)
     if found:
         more = f" and {len(found) - 3} more" if len(found) > 3 else ""
+        what = (
+            f"{type(model).__name__} is in training mode, where"
+            if model.training
+            else f"{type(model).__name__} is in eval mode, but"
+        )
+        one = len(found) == 1
+        where = "" if model.training else f" {'is' if one else 'are'} in training mode and"
         warn(
-            f"{type(model).__name__} is in training mode, where {', '.join(found[:3])}{more} "
-            "compute otherwise than at inference: dropout is random on every forward and "
+            f"{what} {', '.join(found[:3])}{more}{where} "
+            f"{'computes' if one else 'compute'} otherwise than at inference: dropout is "
+            "random on every forward and "
             "BatchNorm normalises by the statistics of the batch (and updates its running "
             "ones), so the activations this run keeps change from run to run or with the "
             "stimuli that share its batch. Call model.eval() first (the run uses the model's "
@@ -1165,8 +1173,8 @@ class Trace(Graph):
         that may return a replacement output, as in :meth:`hooks`, for this call only
         (after those of any ``with trace.hooks(...)`` block). Saved values are those after
         the hooks. The forward runs in the caller's grad mode: gradients flow through
-        replacements. A run that keeps activations of a model in training mode with
-        dropout or BatchNorm warns: its values are random or depend on the batch.
+        replacements. A run that keeps activations while a dropout or BatchNorm of the
+        model is in training mode warns: its values are random or depend on the batch.
 
         Raises :class:`~lurker.errors.GraphChangedError` if the new input takes another
         path through the model (a data-dependent branch, or hooks of the model's own added
@@ -1192,10 +1200,15 @@ class Trace(Graph):
         from ._replay import replay
 
         model = self.model
-        # (the walk only for a model whose root is in training mode, as models come from
-        # their constructors: run() is the per-batch call of a stimulus loop)
-        if model is not None and model.training and save is not False and save != "none":
-            _warn_training(model)
+        # (run() is the per-batch call of a stimulus loop: the modes of the modules that
+        # can depend on them only, listed once per trace; a model in eval() with one
+        # Dropout or BatchNorm switched back to train() too)
+        if model is not None and save is not False and save != "none":
+            watched = self.__dict__.get("_mode_dependent")
+            if watched is None:
+                watched = self.__dict__["_mode_dependent"] = _context.mode_dependent(model)
+            if model.training or any([m.training for m in watched]):
+                _warn_training(model)
         active = self._active_hooks
         if hooks:
             active = [*active, _hooks.resolve(self, hooks)]
