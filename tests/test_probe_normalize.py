@@ -229,6 +229,50 @@ def test_a_python_run_reloads_with_the_statistics_it_was_probed_with(
     assert recorded_normalize({}) is None  # none recorded: the channel rule's default
 
 
+def test_a_python_run_over_an_image_folder_records_it_for_serve_and_export(
+    setup: tuple[str, Path], tmp_path: Path
+) -> None:
+    """`lurker.probe(model, image_folder(FOLDER, ...))` recorded no dataset, so `lurker
+    serve` and `lurker export` showed "no image" on every unit page (with no option to give
+    the folder but Python's create_app). The run records the folder, as `--data FOLDER`
+    does; a Subset of it (whose sample ids are not the folder's) is not recorded. Oracle:
+    the folder's files read with PIL."""
+    from io import BytesIO
+
+    from fastapi.testclient import TestClient
+    from torch.utils.data import Subset
+
+    from lurker.models import load_model
+    from lurker.probe.data import image_folder
+    from lurker.server.app import create_app
+    from lurker.server.export import export_site
+
+    spec, folder = setup
+    net = load_model(spec, None, device="cpu")
+    out = tmp_path / "run"
+    lurker.probe(net, image_folder(folder, SIZE), out=out, k=3, progress=False, device="cpu")
+    assert lurker.Run.open(out).meta["config"]["data"] == str(folder.absolute())
+    pixels = [np.asarray(Image.open(f).convert("RGB")) for f in sorted(folder.glob("*/*.png"))]
+    client = TestClient(create_app(str(out), live=False))
+    for sid in (0, 4):
+        r = client.get(f"/api/runs/run/samples/{sid}/image.png")
+        assert r.status_code == 200, r.text
+        assert np.array_equal(
+            np.asarray(Image.open(BytesIO(r.content)).convert("RGB")), pixels[sid]
+        )
+    site = export_site(out, tmp_path / "site", progress=False)
+    exported = sorted((site / "data" / "runs" / "run" / "samples").glob("*/image.png"))
+    assert exported  # every top-k sample's image, from the recorded folder
+    for f in exported:
+        sid = int(f.parent.name)
+        assert np.array_equal(np.asarray(Image.open(f).convert("RGB")), pixels[sid])
+    sub = tmp_path / "subset"
+    lurker.probe(
+        net, Subset(image_folder(folder, SIZE), [5, 1]), out=sub, k=2, progress=False, device="cpu"
+    )
+    assert "data" not in lurker.Run.open(sub).meta["config"]
+
+
 def test_an_empty_class_folder_is_warned_about_once_per_probe_not_per_reload(
     setup: tuple[str, Path], tmp_path: Path
 ) -> None:

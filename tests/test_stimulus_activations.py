@@ -110,6 +110,96 @@ def test_a_transform_that_raises_is_named_not_the_model():
         tr.run(torch.randn(2, 3, 8, 8))
 
 
+class _Tanh(nn.Module):
+    """conv -> tanh -> conv: no op of its own writes in place, so any write into a saved
+    value is the transform's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Conv2d(3, 6, 3), nn.Tanh(), nn.Conv2d(6, 4, 3))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x).mean((2, 3))
+
+
+@pytest.mark.parametrize(
+    "transform",
+    [lambda t: t.relu_(), lambda t: t.sub_(t.mean()).mean((2, 3))],
+    ids=["relu_", "sub_-then-mean"],
+)
+def test_a_transform_that_writes_into_the_activation_is_refused_not_a_changed_forward(
+    transform: Callable[[Tensor], Tensor],
+):
+    # the transform gets the model's own tensor (detached, not copied): one that wrote
+    # into it changed the rest of the forward, and the trace's output and every later
+    # saved value were silently not the model's (0.3-0.7 off its plain forward)
+    model = _Tanh().eval()
+    x = torch.randn(3, 3, 12, 12)
+    stimuli = x.clone()
+    with torch.no_grad():
+        plain = model(x)
+    for name in ("net.0", "input_1"):
+        with pytest.raises(lurker.TraceError, match=r"transform= changed .* in place") as err:
+            lurker.trace(model, x, save=[name, "net.2"], transform=transform)
+        assert err.value.failed_op == ("conv2d_1" if name == "net.0" else "input_1")
+        # the caller's stimuli are as they were (the transform wrote into a copy of them)
+        assert torch.equal(x, stimuli)
+    with torch.no_grad():  # the model is as it was: its forward is the plain one
+        torch.testing.assert_close(model(x), plain, rtol=0, atol=0)
+    # a batch norm's running statistics (buffers, which save="all" keeps) are not written
+    bn = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+    state = {k: v.clone() for k, v in bn.state_dict().items()}
+    with pytest.raises(lurker.TraceError, match=r"transform= changed"):
+        lurker.trace(bn, x, transform=lambda t: t.abs_())
+    assert all(torch.equal(v, state[k]) for k, v in bn.state_dict().items())
+    tr = lurker.trace(
+        model, x[:1], save=["input_1"], transform=lambda t: t.mul_(2) if len(t) > 1 else t
+    )
+    with pytest.raises(lurker.LurkerError, match=r"transform= changed"):
+        tr.run(x)
+    assert torch.equal(x, stimuli)
+    # a run of a trace whose transform writes only into larger batches is refused too
+    tr = lurker.trace(
+        model,
+        x[:1],
+        save=["net.0"],
+        transform=lambda t: t.relu_() if t.shape[0] > 1 else t.mean((2, 3)),
+    )
+    with pytest.raises(lurker.LurkerError, match=r"transform= changed the output of conv2d_1"):
+        tr.run(x)
+    good = lurker.trace(model, x[:1], save=["net.0"], transform=lambda t: t.relu().mean((2, 3)))
+    with torch.no_grad():
+        acts = good.run(x)
+    torch.testing.assert_close(acts.output, plain, rtol=0, atol=0)
+    oracle = _hooked(model, ["net.0"], x)["net.0"]
+    torch.testing.assert_close(acts["net.0"], oracle.relu().mean((2, 3)), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("transform", "kind"),
+    [
+        (lambda t: (t.mean((2, 3)), t.amax((2, 3))), "tuple"),
+        (lambda t: t.mean().item(), "float"),
+        (lambda t: t.mean((2, 3)).numpy(), "ndarray"),
+        (lambda t: None, "NoneType"),
+    ],
+    ids=["tuple", "float", "numpy", "none"],
+)
+def test_a_transform_that_returns_no_tensor_is_named_not_the_model(
+    transform: Callable[[Tensor], object], kind: str
+):
+    # its result reached the memory guard's `.nbytes` and the error blamed the model's own
+    # code ("Sequential raised AttributeError ... in its own code"), or was kept as it was
+    model = _model()
+    x = torch.randn(2, 3, 8, 8)
+    said = rf"transform= returned {kind} on the output of conv2d .* not a tensor.*torch\.stack"
+    with pytest.raises(lurker.TraceError, match=said) as err:
+        lurker.trace(model, x, save=["0.conv"], transform=transform)
+    assert err.value.failed_op == "conv2d_1"
+    assert "in its own code" not in str(err.value)
+
+
 def _dropout_model() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 3))

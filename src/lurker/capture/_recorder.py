@@ -804,6 +804,8 @@ class _Core:
         for o in outs:
             s = o.detach()
             if self.transform is not None:
+                if node.kind in _SOURCE_KINDS:  # the caller's input, the model's buffer: a
+                    s = s.clone()  # transform that writes into it must not change them
                 try:
                     s = apply_transform(self.transform, s, _what(node))
                 except TransformFailed as e:  # so that the error can name it
@@ -1404,6 +1406,10 @@ def _meta(t: Tensor) -> TensorMeta:
     return _new_tuple(TensorMeta, (tuple(t.shape), dtype, device, t.requires_grad))
 
 
+#: nodes whose values are the caller's or the model's own (not made by the forward)
+_SOURCE_KINDS = frozenset({"input", "buffer", "constant"})
+
+
 class TransformFailed(LurkerError):
     """``transform=`` raised on a saved value: the message names the op and its shape,
     ``node`` is the node whose value it was (set where it is known: at record time)."""
@@ -1427,7 +1433,19 @@ def apply_transform(transform: Callable[[Tensor], Any], t: Tensor, what: str) ->
     A transform that returns ``t`` itself or a view of it (``t.flatten(1)``, ``t[:, :8]``)
     would share storage with the model's tensor, which a later in-place op (resnet's
     ``ReLU(inplace=True)`` after a batch norm) overwrites: such a result is copied, so the
-    saved value is the op's own. ``what`` names the value in the error if it raises."""
+    saved value is the op's own. ``what`` names the value in the error if it raises.
+
+    ``t`` is the model's own tensor (detached, not copied: a copy per op would cost as much
+    as the ops), so a transform that writes into it (``t.relu_()``, ``t.sub_(m)``) changes
+    the forward: every later value and the output would be silently wrong. Its version
+    counter tells such a write, which is refused (a model input or buffer is handed over
+    as a copy, so the caller's stimuli and the model's state stay as they were); so is a
+    result that is no tensor (a float, a tuple, None), which nothing downstream could keep,
+    count or move."""
+    try:
+        version = t._version
+    except RuntimeError:  # an inference tensor keeps no version counter
+        version = None
     try:
         out = transform(t)
     except Exception as e:
@@ -1436,13 +1454,26 @@ def apply_transform(transform: Callable[[Tensor], Any], t: Tensor, what: str) ->
             f"{str(e).strip()}. It runs on every saved activation (and gradient): save only "
             "values it accepts (save= op labels or module paths), or make it accept this one."
         ) from e
-    if isinstance(out, Tensor):
-        try:
-            shared = out.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
-        except (RuntimeError, NotImplementedError):  # no plain storage: a fresh value
-            shared = False
-        if shared:
-            out = out.clone()
+    if version is not None and t._version != version:
+        raise TransformFailed(
+            f"transform= changed {what} of shape {tuple(t.shape)} in place: it is the "
+            "model's own tensor, which the rest of the forward reads, so every later value "
+            "and the output would be wrong. Return a new tensor instead (t.relu() rather "
+            "than t.relu_(), t - m rather than t.sub_(m))."
+        )
+    if not isinstance(out, Tensor):
+        raise TransformFailed(
+            f"transform= returned {type(out).__name__} on {what} of shape {tuple(t.shape)}, "
+            "not a tensor: it must return the tensor to keep (several statistics stacked "
+            "into one, torch.stack([t.mean((2, 3)), t.amax((2, 3))], 1); .numpy() or .item() "
+            "on the values the trace or run gives back)."
+        )
+    try:
+        shared = out.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # no plain storage: a fresh value
+        shared = False
+    if shared:
+        out = out.clone()
     return out
 
 

@@ -648,8 +648,8 @@ class _Keeper:
         """Keep a model input as given, as ``lurker.trace`` does (a copy of a large input
         would cost more than a small model's ops): copied only if a call of the forward
         may write into it (see :meth:`before_write`)."""
-        if self.transform is not None:
-            self.keep(idx, t)
+        if self.transform is not None:  # a copy: a transform that writes into the caller's
+            self.keep(idx, t.detach().clone())  # stimuli is refused, not left changing them
             return
         if self.aliases is not None:
             try:
@@ -760,8 +760,8 @@ class _MovingKeeper(_Keeper):
         self.values[idx] = kept
 
     def keep_input(self, idx: int, t: Tensor) -> None:
-        if self.transform is not None:
-            self.keep(idx, t)
+        if self.transform is not None:  # a copy, as the base class's
+            self.keep(idx, t.detach().clone())
             return
         d = t.detach()
         moved = to_device(d, self.device)
@@ -997,8 +997,8 @@ def replay(
         for op, t in inputs:  # the values going in
             if keeper is not None:
                 keeper.keep_input(op.index, t)
-            else:
-                keep(op, t)
+            else:  # (a transform gets a copy of the caller's stimuli, as the keepers give)
+                keep(op, t.detach().clone() if trace._transform is not None else t)
         output = replayer.run(model, args, kwargs)
         if device is not None:  # the output nodes' values too (.output stays as it is)
             _keep_outputs(trace, output, values, device, budget)

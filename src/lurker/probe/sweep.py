@@ -1094,6 +1094,19 @@ class _Plan:
         }
 
 
+def _recorded_folder(dataset: Any) -> dict[str, str]:
+    """The ``data`` a run records for lurker's own image folder given from Python, as
+    ``lurker probe --data FOLDER`` records it, so that ``lurker serve``, ``lurker images``
+    and ``lurker export`` read its images again (with the run's image size, channels and
+    recorded mean and std). Only the folder itself: a ``Subset`` of it, or a subclass with
+    its own loading, would be read back as other samples under the same ids."""
+    from .data import ImageFolderDataset
+
+    if type(dataset) is ImageFolderDataset:
+        return {"data": str(dataset.root)}
+    return {}
+
+
 def _plan(
     model: nn.Module,
     dataset: Any,
@@ -1205,6 +1218,7 @@ def _plan(
             **({"feature_names": names} if names is not None else {}),
             **({"channel_names": channels} if channels is not None else {}),
             **({"sample_rate": rate} if rate is not None else {}),
+            **_recorded_folder(dataset),
             **(meta or {}),
             # a raw dataset (uint8 0..255) is reloaded raw whoever probed it: its mean 0 and
             # std 1 alone would read it back as [0, 1] floats the model scales again
