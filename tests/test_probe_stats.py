@@ -413,6 +413,25 @@ def test_cpu_kernels_use_as_many_threads_as_torch():
     check_against(res, exp)
 
 
+def test_cpu_kernels_give_the_same_results_on_any_number_of_threads():
+    # the kernels run on as many threads as torch (1 under torchrun ranks, all cores alone):
+    # a run's statistics must not depend on that (means are reduced per map, extremes and
+    # class sums per unit, in sample order, whatever thread takes them)
+    pytest.importorskip("numba")
+    acts, ids, labels = make_data((5, 6, 7), seed=107, ties=True)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            results.append(feed(UnitStats(5, 4, 4, device="cpu", hist_bins=8), acts, ids, labels))
+    finally:
+        torch.set_num_threads(before)
+    assert_same(results[0].result(), results[1].result())
+    exp, _ = oracle(acts, ids, labels, 4, 4, results[0].result()["hist_edges"])
+    check_against(results[0].result(), exp)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("ties", [False, True])
 def test_cuda_matches_bruteforce(ties):

@@ -61,12 +61,14 @@ def use_threads(n: int) -> None:
     """Run the kernels on ``n`` threads (at most numba's pool): as many as torch uses, so
     that e.g. torchrun ranks limited to one thread each do not all fan out to every core.
 
-    numba's OpenMP threading layer shares torch's OpenMP runtime, and starting it sets
-    that runtime's thread count to numba's whole pool: torch would then run every later
-    forward on all cores, ignoring ``torch.set_num_threads`` or ``OMP_NUM_THREADS``, and a
-    convolution on another thread count rounds differently (the sweep's first batch would
-    not match the same images in later batches, nor a resumed run). Torch's count is put
-    back."""
+    Where numba's OpenMP threading layer loads the same OpenMP runtime as torch (one
+    libgomp for both), starting it sets that runtime's thread count to numba's whole pool:
+    torch would then run every later forward on all cores, ignoring
+    ``torch.set_num_threads`` or ``OMP_NUM_THREADS``, and a convolution on another thread
+    count rounds differently (the sweep's first batch would not match the same images in
+    later batches, nor a resumed run). Torch's count is put back. (A pip install of torch
+    bundles its own libgomp: the two runtimes are then apart, each with worker threads
+    that spin a while after a parallel call, which contend on a machine with few cores.)"""
     if getattr(_threads, "n", None) != n:
         torch_threads = torch.get_num_threads()
         numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
