@@ -102,7 +102,8 @@ def test_explain_dash_m_gives_a_runs_model(tmp_path: Path):
     from lurker.probe.data import load_dataset
 
     data = Subset(load_dataset("digits", 16, channels=1), range(8))
-    net = DigitsNet().eval()  # random init, seed 0: what load_model builds
+    torch.manual_seed(0)  # random init, seed 0: what load_model builds (the run's model)
+    net = DigitsNet().eval()
     lurker.probe(net, data, out=tmp_path / "run", k=2, progress=False, device="cpu")
     img = tmp_path / "7.png"
     Image.fromarray((torch.rand(16, 16) * 255).byte().numpy(), "L").save(img)

@@ -18,6 +18,7 @@ from fastapi.testclient import TestClient
 from explorer_fixtures import ExplorerRun, explorer_run, forget_mean_peaks  # noqa: F401
 from lurker.examples import DigitsNet
 from lurker.probe.data import load_dataset
+from lurker.probe.sweep import fingerprint
 from lurker.server import create_app
 
 GRAD = "/api/runs/{run}/layers/features.4/units/1/max/0/grad.png"
@@ -35,6 +36,12 @@ def _set_config(run: Path, **changes: object) -> None:
         config = json.loads(value)
         config.update(changes)
         conn.execute("UPDATE meta SET value = ? WHERE key = 'config'", (json.dumps(config),))
+
+
+def _set_meta(run: Path, **changes: object) -> None:
+    with sqlite3.connect(run / "run.db") as conn:
+        for key, value in changes.items():
+            conn.execute("UPDATE meta SET value = ? WHERE key = ?", (json.dumps(value), key))
 
 
 def _copy(explorer_run: ExplorerRun, dest: Path) -> Path:  # noqa: F811
@@ -67,9 +74,10 @@ def test_folder_model_attaches_only_to_matching_runs(
     bare = _copy(explorer_run, root / "bare")  # records no model
     _set_config(other, weights=str(other_weights))
     _set_config(bare, model_spec=None, weights=None)
-    app = create_app(root, model="lurker.examples:DigitsNet", weights=str(explorer_run.weights))
     theirs = DigitsNet()
     theirs.load_state_dict(torch.load(other_weights))
+    _set_meta(other, model_fingerprint=fingerprint(theirs))  # as if probed with them
+    app = create_app(root, model="lurker.examples:DigitsNet", weights=str(explorer_run.weights))
     with TestClient(app) as c:
         got = c.get("/api/runs/same/live/sample-4").json()["predictions"]
         assert [p["class"] for p in got] == _top(explorer_run.model, 4)
@@ -103,8 +111,17 @@ def test_a_foreign_model_never_writes_the_cache(
     run = _copy(explorer_run, tmp_path / "digits")
     forget_mean_peaks(run)  # an older run: its mean-list crops are made with the model
     assert not (run / "cache").exists()
-    # a single run served with other weights than it records
+    # a single run served with other weights than it records: refused, nothing made
     app = create_app(run, model="lurker.examples:DigitsNet", weights=str(other_weights))
+    with TestClient(app) as c:
+        assert c.get(GRAD.format(run="digits")).status_code == 409
+        assert c.get(MEAN_CROP.format(run="digits")).status_code == 409
+    assert not (run / "cache").exists() or not _files(run)
+    # the same weights from another file than it records: the run's model, but not the
+    # file it records (which may change apart from this one): kept out of its cache too
+    copied = tmp_path / "copied.pt"
+    shutil.copyfile(explorer_run.weights, copied)
+    app = create_app(run, model="lurker.examples:DigitsNet", weights=str(copied))
     with TestClient(app) as c:
         first = c.get(GRAD.format(run="digits"))
         assert first.status_code == 200 and first.content.startswith(b"\x89PNG")

@@ -824,7 +824,10 @@ def images(
 
     With --explanations, precompute the Explain page's explanations of dataset samples
     instead (heatmaps; per-token, per-feature or along-time scores on a run of token ids,
-    feature vectors or signals), with the run's own model, into the run's cache/."""
+    feature vectors or signals), with the run's own model, into the run's cache/.
+
+    The model is the one the run records (spec and weights); where it is not the model
+    the run was probed with (the weights file changed since), nothing is made."""
     from .probe.views import UnitImages
 
     if methods is not None and explanations is None:
@@ -895,9 +898,16 @@ Examples:
     "-m",
     default=None,
     metavar="SPEC",
-    help="Model spec for the live views (default: the one the run records, if any).",
+    help="Model spec for the live views (default: the one the run records, if any). It must "
+    "be the model the run was probed with: one whose fingerprint differs from the run's is "
+    "never run (the live views say so).",
 )
-@click.option("--weights", "-w", type=click.Path(dir_okay=False), help="State dict to load.")
+@click.option(
+    "--weights",
+    "-w",
+    type=click.Path(dir_okay=False),
+    help="State dict to load: the one the probe loaded (other weights are refused).",
+)
 @click.option(
     "--host",
     default="127.0.0.1",
@@ -933,6 +943,8 @@ def serve(
 
     Prints the URL and serves until Ctrl-C. Without --model, the live views use the model
     the run records (runs made by `lurker probe`); everything precomputed works without one.
+    A model that is not the one the run was probed with (its fingerprint differs: other
+    weights, a weights file trained again since) is never run: the live views say why.
     """
     from .server.serve import serve_forever
     from .vocab import read_vocab
@@ -1116,6 +1128,7 @@ def explain(
         parse_target,
     )
     from .models import image_channels, load_model
+    from .store.schema import DB_NAME
 
     if method not in explain_pkg.METHODS:  # before the model is built
         raise LurkerError(
@@ -1131,6 +1144,7 @@ def explain(
         opts["layer"] = layer
     goal = parse_target(target)
     normalize = _explain_normalize(normalize, mean, std)
+    run_dir = Path(model).expanduser()
     model, weights, image_size, channel_dim, normalize = _explain_run(
         model, weights, image_size, channel_dim, normalize, model_spec
     )
@@ -1148,6 +1162,8 @@ def explain(
             param_hint="'--evaluate'",
         )
     net = load_model(model, weights, device=device)
+    if (run_dir / DB_NAME).is_file():  # explained as the run's model: it must be that one
+        _refuse_other_model(net, run_dir, model, weights)
     if channel_dim is None or channel_dim == 1:
         channels = image_channels(net, image_size, device=device) or 3
     else:
@@ -1293,6 +1309,18 @@ def _recorded_model(
             "them with --weights"
         )
     return spec, weights
+
+
+def _refuse_other_model(net: Any, run: Path, spec: str, weights: str | None) -> None:
+    """Refuse a model other than the one ``run`` was probed with (its recorded fingerprint
+    differs): what it makes would be shown or stored as the run's."""
+    from .probe.identity import model_mismatch
+    from .store import Run
+
+    with Run.open(run) as r:
+        why = model_mismatch(net, r.meta, run, spec, weights)
+    if why is not None:
+        raise LurkerError(why[0].upper() + why[1:])
 
 
 @main.command(
@@ -1474,7 +1502,6 @@ def featviz(
         )
     if is_run:
         run_or_model = str(where)
-        from .probe.sweep import fingerprint
         from .store import Run
 
         if out is not None:
@@ -1500,13 +1527,7 @@ def featviz(
             net = channels_first_view(
                 load_model(spec, weights, device=device), cfg.get("channel_dim")
             )
-            stored = run.meta.get("model_fingerprint")
-            if stored and fingerprint(net) != stored:
-                raise LurkerError(
-                    f"the model {spec} (with these weights) is not the one run {run.path} was "
-                    "made with (their fingerprints differ); pass the model and --weights the "
-                    "probe used"
-                )
+            _refuse_other_model(net, run.path, spec, weights)
             saved: list[int] = []
 
             def store(part: Any) -> None:

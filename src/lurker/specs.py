@@ -24,3 +24,15 @@ def same_spec(recorded: str | None, given: str | None) -> bool:
     """Whether a spec given now names what a run recorded: the same text, or the same file
     once made absolute (runs record ``file.py`` specs absolute)."""
     return given is not None and recorded in (given, absolute_spec(given))
+
+
+def same_weights(a: str | None, b: str | None) -> bool:
+    """Whether two weights paths (None: no weights) name the same file."""
+    if a is None or b is None:
+        return a is None and b is None
+    if a == b:
+        return True
+    try:
+        return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+    except OSError:
+        return False

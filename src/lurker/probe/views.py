@@ -125,6 +125,7 @@ class UnitImages:
         cfg = self.run.meta.get("config") or {}
         if model is None or dataset is None:  # before loading what would make no picture
             self._no_pictures()
+        given, spec, weights = model is not None, None, None
         if model is None or dataset is None:
             from ..models import default_device, load_model
 
@@ -155,6 +156,7 @@ class UnitImages:
                         "images from Python: UnitImages(run, model=..., dataset=...).write_all().",
                     )
                 model = load_model(spec, weights, device=device or default_device())
+                given = False
             if dataset is None:
                 data = str(cfg["data"])
                 moved = Path(data).is_absolute() and not Path(data).exists()
@@ -177,6 +179,13 @@ class UnitImages:
 
         # fed (N, C, H, W) images as the probe fed it (a channels-last model, the run says)
         model = channels_first_view(model, cfg.get("channel_dim"))
+        # another model's gradients would be stored as the run's unit images: refused
+        # before anything is written (a run that records no fingerprint is not checked)
+        from .identity import model_mismatch
+
+        why = model_mismatch(model, self.run.meta, self.run.path, None if given else spec, weights)
+        if why is not None:
+            raise LurkerError(f"cannot make the unit images: {why}")
         self.model = model  # run in eval mode, and given back in the mode it came in
         self.dataset = pdata.wrap(dataset)
         self.device = next((p.device for p in self.model.parameters()), torch.device("cpu"))

@@ -51,6 +51,16 @@ def no_model(run_id: str, reason: str | None = None) -> ApiError:
     )
 
 
+def wrong_model(run_id: str, reason: str) -> ApiError:
+    """409: the model attached is not the one the run was probed with (its fingerprint
+    differs), so the live endpoints compute nothing with it."""
+    return ApiError(
+        409,
+        f"run {run_id!r}: {reason}. The pages of what the run stores (top images, "
+        "histograms, graph, map) work without it.",
+    )
+
+
 def model_failed(what: str, e: BaseException) -> ApiError:
     """400 ``{what} failed on this input: RuntimeError: ...``: the model's own error (out of
     memory, a bug in it) said in one line, flagged ``model_failed`` so that precompute

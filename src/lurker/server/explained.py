@@ -174,6 +174,10 @@ def precompute(
             if s.foreign_model:  # cannot happen through create_app(run) alone; said anyway
                 raise LurkerError("the attached model is not the run's own")
         except ApiError:
+            if s.mismatch is not None:  # another model than the run's: nothing is written
+                raise LurkerError(
+                    f"cannot precompute the explanations of run {e.path}: {s.mismatch}"
+                ) from None
             # the server's 409 says to serve with --model, which precomputes nothing
             raise LurkerError(
                 f"cannot precompute the explanations of run {e.path}: "

@@ -170,6 +170,14 @@ def export_site(
         raise e.for_verb("export") from None
     # the route functions read only request.app: the documents are the API's own
     request = Request({"type": "http", "app": app, "method": "GET", "headers": []})
+    try:
+        # planned before anything is written (a run whose recorded model is not the one it
+        # was probed with has its filters left out, warned of, here)
+        entries = app.state.registry.entries.values()
+        runs = [_plan(request, e) for e in entries if e.run is not None]
+    except BaseException:
+        app.state.registry.close()
+        raise
     site.mkdir(parents=True, exist_ok=True)
     # the earlier export's files go first (old hashed bundles, images of units no longer
     # in the run would linger beside the new ones); nothing else in the folder is touched
@@ -179,8 +187,6 @@ def export_site(
     out_files = _Files(site, "data", bar, written)
     try:
         _copy_front_end(static, site, written)
-        entries = app.state.registry.entries.values()
-        runs = [_plan(request, e) for e in entries if e.run is not None]
         bar.total = sum(plan.items for plan in runs) + 1  # and runs.json, written last
         for plan in runs:
             _export_run(request, plan, out_files, make_images)
@@ -272,10 +278,17 @@ def _filter_plan(request: Any, e: Any) -> _FilterPlan | None:
     try:
         if reason is not None:
             raise ApiError(409, reason)
+        s.model()  # loaded and checked to be the run's before any layer is looked at
         listing = filter_listing(s)
         layers = {name: layer_filters(s, name) for name in listing.layers}
         documents = {name: filters_document(s, f) for name, f in layers.items()}
     except (ApiError, LurkerError) as err:
+        if s.mismatch is not None:  # its filters would be another model's: left out
+            warn(
+                f"run {e.id}: the site shows no first-layer filters: they are drawn from the "
+                f"run's model, and {s.mismatch}"
+            )
+            return None
         if s.config.get("model_spec"):
             why = err.detail if isinstance(err, ApiError) else str(err)
             warn(f"run {e.id}: the site shows no first-layer filters, they need the model: {why}")

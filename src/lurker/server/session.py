@@ -9,6 +9,7 @@ clicking through the channels of an op costs no forward pass.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import math
@@ -23,11 +24,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from lurker.errors import GraphChangedError, LurkerError
-from lurker.specs import same_spec
+from lurker.specs import same_spec, same_weights
 from lurker.store.files import safe_component
 
 from .classes import class_names
-from .errors import ApiError, listing, model_failed, no_model
+from .errors import ApiError, listing, model_failed, no_model, wrong_model
 from .state import (
     clip_frames,
     input_dtype,
@@ -127,18 +128,6 @@ def _model_thread() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(1, thread_name_prefix="lurker-model")
 
 
-def same_weights(a: str | None, b: str | None) -> bool:
-    """Whether two weights paths (None: no weights) name the same file."""
-    if a is None or b is None:
-        return a is None and b is None
-    if a == b:
-        return True
-    try:
-        return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
-    except OSError:
-        return False
-
-
 def _load(spec: str | None, weights: str | None, device: str | None) -> Any:
     from lurker.models import default_device, load_model
 
@@ -161,6 +150,9 @@ class Session:
         self._vocab: tuple[Any, list[str | None] | None, str | None] | None = None
         self._model: Any = None
         self._model_error: str | None = None
+        #: why the attached model is not the run's (its fingerprint differs): it is never
+        #: computed with, and every endpoint that needs the model says this
+        self._mismatch: str | None = None
         self._unit_images: Any = None
         self._trace: Trace | None = None
         self._layouts: dict[int, Any] | None = None  # op index -> probe Layout or Skip
@@ -265,6 +257,8 @@ class Session:
         """None when a model is attached or loadable, else why not."""
         if not self.source.live:
             return "this server was started without models"
+        if self._mismatch is not None:
+            return self._mismatch
         if self.uses_given:
             return self.source._error
         if self._model_error is not None:
@@ -315,14 +309,16 @@ class Session:
         with self._guard:
             if self._model is not None:
                 return self._model
+            if self._mismatch is not None:
+                raise wrong_model(self.entry.id, self._mismatch)
             reason = self.model_reason()
             if reason is not None:
                 raise no_model(self.entry.id, reason)
             try:
                 if self.uses_given:
-                    self._model = self.source.load()
+                    model = self.source.load()
                 else:
-                    self._model = _load(
+                    model = _load(
                         self.config["model_spec"], self.config.get("weights"), self.source.device
                     )
             except LurkerError as e:
@@ -330,12 +326,50 @@ class Session:
                     self._model_error = f"cannot load the run's model: {e}"
                 raise no_model(self.entry.id, self.model_reason() or str(e)) from None
             from lurker.models import channels_first_view
+            from lurker.probe.identity import model_mismatch
 
             # the live view, uploads and unit images feed (N, C, H, W) images, as the probe
             # did: a channels-last model (the run's channel_dim) gets them so moved
-            self._model = channels_first_view(self._model, self.config.get("channel_dim"))
-            self._model.eval()
+            model = channels_first_view(model, self.config.get("channel_dim"))
+            # another model than the run's (other weights, a random init built otherwise)
+            # would show its numbers beside the run's stored top images: checked once here
+            spec, weights = self._model_origin()
+            why = model_mismatch(model, self.entry.open_run().meta, self.entry.path, spec, weights)
+            if why is not None:
+                self._mismatch = why
+                raise wrong_model(self.entry.id, why)
+            self._model = model.eval()
             return self._model
+
+    @property
+    def mismatch(self) -> str | None:
+        """Why the loaded model is not the run's (its fingerprint differs), once known."""
+        return self._mismatch
+
+    def unchecked(self) -> bool:
+        """Whether the model is still to be loaded and compared with the run's recorded
+        fingerprint (:meth:`check_model`): False once it has been, for an older run that
+        records no fingerprint, and where no model can be had."""
+        if self._model is not None or self.model_reason() is not None:
+            return False
+        return bool(self.entry.open_run().meta.get("model_fingerprint"))
+
+    def check_model(self) -> None:
+        """Load the model now where :meth:`unchecked`, so that a model other than the run's
+        is known (and said by :meth:`model_reason`, the Home page's ``live_reason``) before
+        a live page asks for it. Run it on the model's thread (:meth:`executor`)."""
+        if self.unchecked():
+            with contextlib.suppress(ApiError):
+                self.model()
+
+    def _model_origin(self) -> tuple[str | None, str | None]:
+        """The spec and weights the attached model was loaded from (None, None: a model
+        object given from Python)."""
+        if self.uses_given:
+            if self.source.model_obj is not None:
+                return None, None
+            return self.source.spec, self.source.weights
+        return self.config.get("model_spec"), self.config.get("weights")
 
     def unit_images(self) -> Any:
         """lurker.probe.UnitImages over this run's model and dataset."""

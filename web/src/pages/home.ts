@@ -79,7 +79,9 @@ export async function renderHome(root: HTMLElement, ctx: PageContext): Promise<v
           ["dataset map", s.holds.map ? h("a", { href: ctx.href("map") }, "made") : h("span", { class: "muted" }, "none (lurker map RUN)")],
           ["feature visualizations", featviz.length ? `${featviz.length} layer${featviz.length === 1 ? "" : "s"}: ${featviz.slice(0, 4).join(", ")}${featviz.length > 4 ? ", …" : ""}` : h("span", { class: "muted" }, "none (lurker featviz RUN --layer L)")],
           ["explanations", explained ? h("a", { href: ctx.href("explain") }, `${fmt(explained)} sample${explained === 1 ? "" : "s"} precomputed`) : s.holds.live ? h("a", { href: ctx.href("explain") }, "computed on request") : h("span", { class: "muted" }, "none precomputed")],
-          ["live model", s.holds.live ? h("a", { href: ctx.href("live") }, "attached") : h("span", { class: "muted" }, ctx.api.isStatic ? `none in a static export (${serveCommand(s)})` : `none (${serveCommand(s, false)})`)],
+          // why not, where the server knows (its weights are gone, or the model loads but is
+          // not the one the run was probed with: its fingerprint differs), said here once
+          ["live model", s.holds.live ? h("a", { href: ctx.href("live") }, "attached") : ctx.api.isStatic ? h("span", { class: "muted" }, `none in a static export (${serveCommand(s)})`) : [h("span", { class: "muted" }, `none (${serveCommand(s, false)})`), s.holds.live_reason ? h("span", { class: "live-reason" }, `: ${s.holds.live_reason}`) : null]],
           // the server makes a unit's or sample's images the first time a page shows
           // them and keeps them, so this count grows as one browses: say so, not leave a
           // number that changes unexplained (an export's count is fixed when written)

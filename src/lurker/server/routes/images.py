@@ -16,7 +16,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
 from ..deps import entry, live_call, on_model, session
-from ..errors import ApiError
+from ..errors import ApiError, wrong_model
 from ..schemas import EntryPeaks
 from ..session import Session
 from ..state import RunEntry, clip_frames, entry_frames, unrecorded_frame
@@ -272,6 +272,8 @@ def _unit_image(
     model_reason, data_reason = s.model_reason(), s.dataset_reason()
     if model_reason is None and data_reason is None:
         return s, info.name
+    if s.mismatch is not None:  # a model is attached, but not the run's: said as the model's
+        raise wrong_model(e.id, s.mismatch)  # endpoints say it, whatever was asked first
     why = model_reason or data_reason
     serve = (
         "Serve the run with `lurker serve RUN --model SPEC --weights WEIGHTS`, or "

@@ -125,6 +125,10 @@ def summarize(request: Request, e: RunEntry) -> RunSummary:
         params, ops, flops = graph.num_params, graph.num_ops, graph.flops
         flops_unknown = graph.flops_unknown
     s = session(request, e)
+    if s.unchecked():
+        # a model other than the run's is said here, before a live page asks for it: the
+        # model is loaded (on its own thread) and compared once, on the first summary
+        s.executor().submit(s.check_model).result()
     live_reason = s.model_reason()
     dataset_reason = s.dataset_reason()
     skipped = run._query("SELECT path, reason FROM skipped ORDER BY id LIMIT ?", (SKIPPED_LISTED,))
