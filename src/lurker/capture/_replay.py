@@ -699,18 +699,8 @@ class _Keeper:
         aliases = self.aliases
         if not aliases:
             return
-        info = _funcs.func_info(func)
-        out = kwargs.get("out")
-        if out is not None:
-            targets = tensors(out, [])
-        elif info.inplace_first and ins:
-            targets = ins[:1]
-        elif info.mutates_buffers:  # running statistics, in training mode
-            targets = _funcs.mutated_buffers(info, args, kwargs)
-        else:  # recorded as in place, by no rule known beforehand: any argument
-            targets = ins
         values = self.values
-        for t in targets:
+        for t in _write_targets(func, ins, args, kwargs):
             try:
                 ptr = t.untyped_storage().data_ptr()
             except (RuntimeError, NotImplementedError):
@@ -780,6 +770,21 @@ class _MovingKeeper(_Keeper):
         if self.budget is not None:
             _count(self.budget, idx, moved)
         return moved
+
+
+def _write_targets(func: Any, ins: list[Tensor], args: tuple, kwargs: dict) -> list[Tensor]:
+    """The tensors a call recorded as writing may write into: its ``out=``, its first
+    argument (an in-place op), the running statistics it updates (in training mode), or,
+    by no rule known beforehand, any of its tensor arguments."""
+    info = _funcs.func_info(func)
+    out = kwargs.get("out")
+    if out is not None:
+        return tensors(out, [])
+    if info.inplace_first and ins:
+        return ins[:1]
+    if info.mutates_buffers:
+        return _funcs.mutated_buffers(info, args, kwargs)
+    return ins
 
 
 def _swap_first(args: tuple, kwargs: dict, first: Tensor) -> tuple[tuple, dict, Tensor]:
@@ -862,17 +867,7 @@ class _StateKeeper:
         )
 
     def before_write(self, func: Any, ins: list[Tensor], args: tuple, kwargs: dict) -> None:
-        info = _funcs.func_info(func)
-        out = kwargs.get("out")
-        if out is not None:
-            targets = tensors(out, [])
-        elif info.inplace_first and ins:
-            targets = ins[:1]
-        elif info.mutates_buffers:
-            targets = _funcs.mutated_buffers(info, args, kwargs)
-        else:
-            targets = ins
-        for t in targets:
+        for t in _write_targets(func, ins, args, kwargs):
             held = self.state.get(id(t if t._base is None else t._base))
             if held is not None and id(held) not in self.before:
                 self.before[id(held)] = (held, held.detach().clone())

@@ -205,14 +205,7 @@ def _product(
         if ql in subs[1] and ql not in subs[0] and kl in subs[0] and kl not in subs[1]:
             return (b, _axis(subs[1], ql, len(sb))), (a, _axis(subs[0], kl, len(sa)))
         return None
-    a, b = (
-        (call.get("batch1"), call.get("batch2"))
-        if name == "baddbmm"
-        else (
-            call.get("self", call.get("input")),
-            call.get("other", call.get("mat2")),
-        )
-    )
+    a, b = _operands(call, name)
     sa, sb = _shape(ops, a), _shape(ops, b)
     if sa is None or sb is None or len(sa) < 2 or len(sb) < 2:
         return None
@@ -255,6 +248,13 @@ def _values(ops: list[Op], softmax: Op, keys: int) -> tuple[int, tuple[int, ...]
             elif name in ("transpose", "permute", "mT", "t") and _swaps_last_two(child, len(out)):
                 todo.append((c, -1 - (at == -1), (*path, c)))
     return None
+
+
+def _operands(call: dict[str, Any], name: str) -> tuple[Any, Any]:
+    """The two matrices a ``matmul``, ``bmm`` or ``baddbmm`` call multiplies, bound by name."""
+    if name == "baddbmm":
+        return call.get("batch1"), call.get("batch2")
+    return call.get("self", call.get("input")), call.get("other", call.get("mat2"))
 
 
 def _swaps_last_two(op: Op, ndim: int) -> bool:
@@ -300,14 +300,7 @@ def _contracts(ops: list[Op], op: Op, weights: int, at: int, keys: int) -> bool:
         letters = w.replace("...", "")
         key = next((c for c in letters if _axis(w, c, len(sw)) == len(sw) + at), None)
         return key is not None and key in other and key not in out
-    a, b = (
-        (call.get("batch1"), call.get("batch2"))
-        if name == "baddbmm"
-        else (
-            call.get("self", call.get("input")),
-            call.get("other", call.get("mat2")),
-        )
-    )
+    a, b = _operands(call, name)
     sa, sb = _shape(ops, a), _shape(ops, b)
     if sa is None or sb is None or len(sa) < 2 or len(sb) < 2:
         return False
