@@ -282,3 +282,41 @@ def test_a_random_init_run_is_served_with_its_rebuilt_model_and_a_mismatch_says_
         assert "probe with --weights FILE" in why
         r = c.get("/api/runs/rand/live/sample-0")
         assert r.status_code == 409 and "probe with --weights FILE" in r.json()["detail"]
+
+
+def test_a_model_built_under_inference_mode_is_the_runs_own(runs: dict[str, Any]) -> None:
+    """A model made inside torch.inference_mode() (its tensors keep no version counter)
+    is the run's own when its weights are: it attaches and predicts as the model does,
+    where reading its version counters made every page that needs it fail."""
+    from lurker.probe.data import load_dataset
+
+    with torch.inference_mode():
+        model = DigitsNet().eval()
+        model.load_state_dict(runs["model"].state_dict())
+    assert next(model.parameters()).is_inference()
+    x = load_dataset("digits:test", 16, channels=1)[0][0]
+    with torch.no_grad():
+        want = torch.softmax(runs["model"](x[None]), 1)[0]
+    with TestClient(create_app(runs["run"], model_obj=model)) as c:
+        holds = c.get("/api/runs/digits").json()["holds"]
+        assert holds["live"] is True, holds["live_reason"]
+        r = c.get("/api/runs/digits/live/sample-0")
+        assert r.status_code == 200, r.text
+        best = r.json()["predictions"][0]
+        assert best["class"] == int(want.argmax())
+
+
+def test_a_model_that_cannot_be_used_is_said_on_the_home_page(runs: dict[str, Any]) -> None:
+    """A model the check cannot read (left on the meta device: a lazy init never
+    materialised) does not fail the run's summary, which the Home page needs: the
+    summary says why the live views are off, and the live endpoints refuse."""
+    model = DigitsNet().to("meta")
+    with TestClient(create_app(runs["run"], model_obj=model)) as c:
+        r = c.get("/api/runs/digits")
+        assert r.status_code == 200, r.text
+        holds = r.json()["holds"]
+        assert holds["live"] is False
+        assert "the model cannot be used" in holds["live_reason"]
+        assert "meta" in holds["live_reason"]
+        r = c.get("/api/runs/digits/live/sample-0")
+        assert r.status_code == 409 and "the model cannot be used" in r.json()["detail"]

@@ -176,6 +176,52 @@ def test_a_transform_that_writes_into_the_activation_is_refused_not_a_changed_fo
     torch.testing.assert_close(acts["net.0"], oracle.relu().mean((2, 3)), rtol=0, atol=0)
 
 
+class _Views(nn.Module):
+    """A forward whose ops hand back views of tensors from outside it: ``flatten`` of the
+    caller's input, a slice of a parameter (a ViT's ``pos_embed[:, 1:]``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pos = nn.Parameter(torch.randn(1, 8) - 0.5)
+        self.lin = nn.Linear(8, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.lin(x.flatten(1) + self.pos[:, :8])
+
+
+@pytest.mark.parametrize(("shape", "op"), [((2, 8), "flatten"), ((1, 8), "getitem")])
+def test_a_refused_transform_leaves_the_stimuli_and_weights_an_op_views_unchanged(
+    shape: tuple[int, ...], op: str
+):
+    # an op's output that views the caller's input or a parameter was handed to the
+    # transform as it is: the write was refused, but it had reached the stimuli or the
+    # weight, so a rerun after fixing the transform read other stimuli, another model
+    torch.manual_seed(0)
+    model = _Views().eval()
+    weight = model.pos.detach().clone()
+
+    armed = [True]
+
+    def writes(t: Tensor) -> Tensor:  # in place on the one value of this shape, if armed
+        return t.relu_() if armed[0] and tuple(t.shape) == shape else t.float()
+
+    x = torch.randn(2, 2, 4) - 0.5
+    stimuli = x.clone()
+    with pytest.raises(lurker.TraceError, match=rf"transform= changed the output of {op}"):
+        lurker.trace(model, x, transform=writes)
+    assert torch.equal(x, stimuli) and torch.equal(model.pos.detach(), weight)
+    armed[0] = False
+    tr = lurker.trace(model, x, transform=writes)
+    armed[0] = True  # the run applies the trace's transform
+    with pytest.raises(lurker.LurkerError, match=rf"transform= changed the output of {op}_1"):
+        tr.run(x)
+    assert torch.equal(x, stimuli) and torch.equal(model.pos.detach(), weight)
+    # a transform that writes nothing keeps the values the op made
+    good = lurker.trace(model, x, transform=lambda t: t * 2)
+    want = {"flatten": x.flatten(1), "getitem": model.pos.detach()[:, :8]}[op]
+    torch.testing.assert_close(good[f"{op}_1"].activation, want * 2, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize(
     ("transform", "kind"),
     [

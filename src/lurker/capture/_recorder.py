@@ -30,7 +30,7 @@ import operator
 import os
 import sys
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Container, Iterable
 from time import perf_counter
 from typing import Any
 
@@ -375,6 +375,8 @@ class _Core:
         self.model = model
         self.save = save
         self.transform = transform
+        # storages of the parameters, buffers, inputs and constants (see _outside)
+        self._outside_ptrs: set[int] | None = None
         self.device = device
         self.grads = grads
         self.nodes: list[Op] = []
@@ -657,7 +659,20 @@ class _Core:
         return calls[2 * ((len(calls) >> 1) - 1 - d) + 1]
 
     # ------------------------------------------------------------------ sources
+    def _outside(self) -> set[int]:
+        """Storages of the tensors from outside the forward: the model's parameters and
+        buffers, the inputs and constants met so far (made once, for ``transform=``)."""
+        if self._outside_ptrs is None:
+            model = self.model
+            mods = model.modules() if isinstance(model, nn.Module) else []
+            self._outside_ptrs = outside_storages(mods, [])
+        return self._outside_ptrs
+
     def add_source_node(self, kind: str, name: str, t: Tensor) -> int:
+        if self.transform is not None:  # an op's output viewing it is not handed over as is
+            ptr = storage_ptr(t)
+            if ptr is not None:
+                self._outside().add(ptr)
         idx = len(self.nodes)
         node = _blank(idx, kind, name, self.stack)
         if kind == "input":  # its label now, so that save=["input_1"] finds it (the build
@@ -807,7 +822,7 @@ class _Core:
                 if node.kind in _SOURCE_KINDS:  # the caller's input, the model's buffer: a
                     s = s.clone()  # transform that writes into it must not change them
                 try:
-                    s = apply_transform(self.transform, s, _what(node))
+                    s = apply_transform(self.transform, s, _what(node), self._outside())
                 except TransformFailed as e:  # so that the error can name it
                     e.node = node
                     raise
@@ -1427,7 +1442,37 @@ def _what(node: Op) -> str:
     return f"the output of {node.name} (op {node.index})"
 
 
-def apply_transform(transform: Callable[[Tensor], Any], t: Tensor, what: str) -> Any:
+def storage_ptr(t: Tensor) -> int | None:
+    """The address of the storage ``t`` lies on (shared by its views), or None where it
+    has no plain storage (sparse, ...)."""
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
+def outside_storages(modules: Iterable[nn.Module], more: Iterable[Any]) -> set[int]:
+    """The storages of ``modules``' parameters and buffers and of the tensors in ``more``
+    (inputs, constants): an op's output on one of them (``x.flatten(1)`` of the input,
+    ``pos_embed[:, 1:]``) is the caller's or the model's own tensor."""
+    found: set[int] = set()
+    for m in modules:
+        for t in (*m._parameters.values(), *m._buffers.values()):
+            if isinstance(t, Tensor):
+                found.add(storage_ptr(t) or 0)
+    for t in more:
+        if isinstance(t, Tensor):
+            found.add(storage_ptr(t) or 0)
+    found.discard(0)
+    return found
+
+
+def apply_transform(
+    transform: Callable[[Tensor], Any],
+    t: Tensor,
+    what: str,
+    outside: Container[int] | None = None,
+) -> Any:
     """``transform(t)`` as a value of its own.
 
     A transform that returns ``t`` itself or a view of it (``t.flatten(1)``, ``t[:, :8]``)
@@ -1439,9 +1484,13 @@ def apply_transform(transform: Callable[[Tensor], Any], t: Tensor, what: str) ->
     as the ops), so a transform that writes into it (``t.relu_()``, ``t.sub_(m)``) changes
     the forward: every later value and the output would be silently wrong. Its version
     counter tells such a write, which is refused (a model input or buffer is handed over
-    as a copy, so the caller's stimuli and the model's state stay as they were); so is a
-    result that is no tensor (a float, a tuple, None), which nothing downstream could keep,
-    count or move."""
+    as a copy, so the caller's stimuli and the model's state stay as they were, and so is a
+    value on the storage of one in ``outside`` (:func:`outside_storages`): a view of the
+    input, a slice of a parameter); so is a result that is no tensor (a float, a tuple,
+    None), which nothing downstream could keep, count or move."""
+    copied = outside is not None and storage_ptr(t) in outside
+    if copied:  # the refused write must not reach the caller's or the model's tensor
+        t = t.clone()
     try:
         version = t._version
     except RuntimeError:  # an inference tensor keeps no version counter

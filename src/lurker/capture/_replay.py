@@ -24,7 +24,7 @@ from ._hooks import Resolved
 from ._memory import AUTO_FRACTION, TRACED, Budget, OverLimit, fmt_bytes, parse_max_memory
 from ._mode import OpMode, produced
 from ._policy import check_classes, check_patterns, make_policy
-from ._recorder import apply_transform, param_names
+from ._recorder import apply_transform, outside_storages, param_names
 from ._tree import call_tensors, paths, tensors
 
 if TYPE_CHECKING:
@@ -621,6 +621,8 @@ class _Keeper:
             outside.update(map(id, m._parameters.values()))
             outside.update(map(id, m._buffers.values()))
         self.outside = outside
+        # transform= is handed a copy of a value on their storages (see apply_transform)
+        self.storages = _outside_storages(trace, args, kwargs) if self.transform else None
         self.inputs = (args, kwargs)  # keeps the input ids above valid while it runs
         self.made: dict[int, Tensor] = {}  # id -> each output kept as is (holds it)
         # storage pointer -> indices of kept values on it; only if some call may write
@@ -630,10 +632,11 @@ class _Keeper:
         if self.transform is not None:
             transform = self.transform
             what = f"the output of {self.labels[idx].label}"
+            where = self.storages
             kept = (
-                tuple(apply_transform(transform, t.detach(), what) for t in value)
+                tuple(apply_transform(transform, t.detach(), what, where) for t in value)
                 if isinstance(value, tuple)
-                else apply_transform(transform, value.detach(), what)
+                else apply_transform(transform, value.detach(), what, where)
             )
             if self.budget is not None:  # the reduced values are what is kept
                 _count(self.budget, idx, kept)
@@ -737,12 +740,11 @@ class _MovingKeeper(_Keeper):
         if self.transform is None:
             super().keep(idx, value)  # each tensor through _one, below
             return
-        transform, device = self.transform, self.device
+        transform, device, where = self.transform, self.device, self.storages
         what = f"the output of {self.labels[idx].label}"
 
-        def one(t: Tensor) -> Any:
-            kept = apply_transform(transform, t.detach(), what)  # a value of its own
-            return to_device(kept, device) if isinstance(kept, Tensor) else kept
+        def one(t: Tensor) -> Tensor:  # a value of its own
+            return to_device(apply_transform(transform, t.detach(), what, where), device)
 
         kept = tuple(one(t) for t in value) if isinstance(value, tuple) else one(value)
         if self.budget is not None:  # the reduced values, where they are kept
@@ -814,6 +816,14 @@ def _keep_cache(trace: Trace) -> tuple[frozenset[int], list[Any], list[int]]:
         cached = (writes, mods, [id(t) for t in consts if isinstance(t, Tensor)])
         trace.__dict__["_replay_keep"] = cached
     return cached
+
+
+def _outside_storages(trace: Trace, args: tuple, kwargs: dict) -> set[int]:
+    """The storages of the run's inputs, the model's parameters and buffers and the
+    trace's constants, for ``transform=`` (:func:`apply_transform`)."""
+    _, mods, _ = _keep_cache(trace)
+    consts = [op._key for op in trace.ops if op.kind == "constant"]
+    return outside_storages(mods, [*tensors((args, kwargs), []), *consts])
 
 
 def _nbytes(value: Any) -> int:
@@ -925,6 +935,7 @@ def replay(
         # a hook may hand back a tensor it keeps, or write into an output outside any
         # call: every kept value is copied when it is made
         transform = trace._transform
+        storages = _outside_storages(trace, args, kwargs) if transform is not None else None
         values: dict[int, Any] = {}
 
         def keep(op: Op, value: Any) -> None:
@@ -936,10 +947,8 @@ def replay(
                         if moved is not t:  # a new tensor already: no second copy
                             return moved
                     return t.clone()
-                kept = apply_transform(transform, t, f"the output of {op.label}")
-                if device is not None and isinstance(kept, Tensor):
-                    return to_device(kept, device)
-                return kept
+                kept = apply_transform(transform, t, f"the output of {op.label}", storages)
+                return kept if device is None else to_device(kept, device)
 
             kept = tuple(one(t) for t in value) if isinstance(value, tuple) else one(value)
             if budget is not None:

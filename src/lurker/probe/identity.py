@@ -35,9 +35,11 @@ def _stamp(model: nn.Module) -> tuple[Any, ...]:
     in-place write bumps it), so a model trained further is fingerprinted again."""
     out: list[Any] = []
     for name, t in model.state_dict(keep_vars=True).items():
-        if isinstance(t, Tensor) and not t.is_quantized:
+        if isinstance(t, Tensor) and not t.is_quantized and not t.is_inference():
             out.append((name, t.data_ptr(), t._version))
-        else:  # a quantized weight or packed params: no cheap stamp, always read again
+        else:  # a quantized weight, packed params, or an inference tensor (a model built
+            # under torch.inference_mode(), which keeps no version counter): no cheap
+            # stamp, always read again
             out.append((name, object()))
     return tuple(out)
 

@@ -9,7 +9,6 @@ clicking through the channels of an op costs no forward pass.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import math
@@ -259,10 +258,10 @@ class Session:
             return "this server was started without models"
         if self._mismatch is not None:
             return self._mismatch
-        if self.uses_given:
-            return self.source._error
         if self._model_error is not None:
             return self._model_error
+        if self.uses_given:
+            return self.source._error
         spec = self.config.get("model_spec")
         if not spec:
             return "the run does not record its model (it was probed from Python)"
@@ -358,9 +357,15 @@ class Session:
         """Load the model now where :meth:`unchecked`, so that a model other than the run's
         is known (and said by :meth:`model_reason`, the Home page's ``live_reason``) before
         a live page asks for it. Run it on the model's thread (:meth:`executor`)."""
-        if self.unchecked():
-            with contextlib.suppress(ApiError):
-                self.model()
+        if not self.unchecked():
+            return
+        try:
+            self.model()
+        except ApiError:  # why is said by model_reason()
+            pass
+        except Exception as e:  # the model's own failure: said on the Home page, not a 500
+            with self._guard:
+                self._model_error = f"the model cannot be used: {type(e).__name__}: {e}"
 
     def _model_origin(self) -> tuple[str | None, str | None]:
         """The spec and weights the attached model was loaded from (None, None: a model
