@@ -7,6 +7,7 @@ holds alone. A run that records no fingerprint (older runs) is not checked."""
 
 from __future__ import annotations
 
+import copy
 import shutil
 import sqlite3
 from pathlib import Path
@@ -320,3 +321,16 @@ def test_a_model_that_cannot_be_used_is_said_on_the_home_page(runs: dict[str, An
         assert "meta" in holds["live_reason"]
         r = c.get("/api/runs/digits/live/sample-0")
         assert r.status_code == 409 and "the model cannot be used" in r.json()["detail"]
+
+
+def test_the_same_weights_in_another_dtype_are_named_as_a_possible_cause() -> None:
+    """A run probed with ``model.half()`` and served in float32 computes other numbers:
+    refused, and the reason names the dtype among the causes, not only other weights."""
+    from lurker.probe.identity import model_mismatch
+    from lurker.probe.sweep import fingerprint
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4))
+    meta = {"model_fingerprint": fingerprint(copy.deepcopy(model).half())}
+    why = model_mismatch(model, meta, "runs/r")
+    assert why is not None and "another dtype" in why
+    assert model_mismatch(copy.deepcopy(model).half(), meta, "runs/r") is None

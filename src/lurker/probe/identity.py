@@ -88,8 +88,8 @@ def model_mismatch(
         what = f"the model {spec} with no weights (random init)"
     head = (
         f"{what} is not the one run {run} was probed with (its fingerprint {now}, the "
-        f"run's {want}: other weights or another architecture), so nothing is computed "
-        "with it"
+        f"run's {want}: other weights, another architecture, or the same weights in "
+        "another dtype, model.half() against float32), so nothing is computed with it"
     )
     if spec is not None and same_spec(rec_spec, spec) and same_weights(rec_weights, weights):
         if weights:
