@@ -201,6 +201,14 @@ def _text_net() -> nn.Module:
 SPECS = {"text": "_text_net", "wine": "WineNet", "eeg": "EegNet"}
 
 
+def as_spec(kind: str, model: nn.Module) -> nn.Module:
+    """``model`` as the kind's spec builds it, with its weights: the run records the spec,
+    and its fingerprint the class, so the model probed is the one the spec loads."""
+    net = globals()[SPECS[kind]]()
+    net.load_state_dict(model.state_dict())
+    return net.eval()
+
+
 @pytest.fixture(scope="module", params=KINDS)
 def precomputed(request: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """The kind's run probed with its model spec and weights recorded, its top-k samples'
@@ -213,6 +221,7 @@ def precomputed(request: Any, tmp_path_factory: pytest.TempPathFactory) -> Itera
 
     kind = request.param
     model, data, _, k = _model_and_data(kind)
+    model = as_spec(kind, model)
     root = tmp_path_factory.mktemp(f"explained-{kind}")
     torch.save(model.state_dict(), root / "w.pt")
     meta = {"model_spec": f"{__name__}:{SPECS[kind]}", "weights": str(root / "w.pt")}

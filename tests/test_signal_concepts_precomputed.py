@@ -40,6 +40,7 @@ def _run(root: Path, methods: list[str] | None) -> dict[str, Any]:
     from lurker.server.export import export_site
 
     model, data, _, k = t._model_and_data("eeg")
+    model = t.as_spec("eeg", model)
     torch.save(model.state_dict(), root / "w.pt")
     meta = {"model_spec": "test_export_pictureless:EegNet", "weights": str(root / "w.pt")}
     run = probe(model, data, out=root / RID, k=k, batch_size=16, progress=False, meta=meta)

@@ -322,10 +322,9 @@ def test_precomputing_stops_on_the_models_own_error_not_leaving_methods_out(tmp_
 
     torch.manual_seed(0)
     data = TensorDataset(torch.randn(N, 3, 64), torch.arange(N) % 2)
-    torch.save(Boom().state_dict(), tmp_path / "w.pt")
+    model = Boom().eval()  # the weights saved are the probed model's
+    torch.save(model.state_dict(), tmp_path / "w.pt")
     meta = {"model_spec": f"{__name__}:Boom", "weights": str(tmp_path / "w.pt")}
-    probe(
-        Boom().eval(), data, out=tmp_path / "r", k=K, batch_size=8, progress=False, meta=meta
-    ).close()
+    probe(model, data, out=tmp_path / "r", k=K, batch_size=8, progress=False, meta=meta).close()
     with pytest.raises(LurkerError, match=r"sample 0: \w+ failed on this input.*out of memory"):
         precompute(tmp_path / "r", 2, dataset=data, progress=False)
