@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .nodes import OpRef
+from .nodes import OpRef, refs
 
 if TYPE_CHECKING:
     from .graph import Graph
@@ -167,14 +167,8 @@ def _scores(
             if hit is not None:
                 return op.index, *hit
         elif name in _SCORE_STEPS or name in _RESHAPES:
-            todo.extend(r for r in _tensor_args(op) if type(r) is OpRef)
+            todo.extend(r for r in refs(op) if type(r) is OpRef)
     return None
-
-
-def _tensor_args(op: Op) -> list[Any]:
-    from .nodes import refs
-
-    return list(refs(op))
 
 
 def _product(
@@ -231,7 +225,7 @@ def _values(ops: list[Op], softmax: Op, keys: int) -> tuple[int, tuple[int, ...]
             child = ops[c]
             if child.kind != "op" or not child.outputs:
                 continue
-            ref = next((r for r in _tensor_args(child) if type(r) is OpRef and r.index == i), None)
+            ref = next((r for r in refs(child) if type(r) is OpRef and r.index == i), None)
             if ref is None:
                 continue
             name = _name(child)
