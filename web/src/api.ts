@@ -536,6 +536,10 @@ export interface LiveAttention {
   /** on a softmax op: the op making its scores (q kᵀ) and the one weighing the values */
   scores_op: string | null;
   values_op: string | null;
+  /** cross-attention (keys from other model inputs than the queries): each side's inputs in words */
+  cross: string | null;
+  /** what each of `windows` is: a window of the image, or a sequence lurker cannot name */
+  sequence: "window" | "sequence";
 }
 
 export interface Kernel {

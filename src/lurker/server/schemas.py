@@ -948,6 +948,12 @@ class LiveAttention(BaseModel):
     #: weighted sum of the values with its output (null on a scaled_dot_product_attention)
     scores_op: str | None = None
     values_op: str | None = None
+    #: on a softmax of cross-attention (its keys made from other model inputs than its
+    #: queries): where each side comes from, in words; null for self-attention
+    cross: str | None = None
+    #: what each of ``windows`` is: "window" (a window of the image, the trace says) or
+    #: "sequence" (lurker cannot tell what the model folded into the batch axis)
+    sequence: str = "window"
 
 
 class MapValues(BaseModel):

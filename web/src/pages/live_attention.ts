@@ -7,8 +7,9 @@
  * kept in the URL (`query`, `head`, `window`). The server computes the weights from the
  * op's own query and key on the image; on a softmax of attention written out by hand
  * (`q @ kᵀ`, softmax, `@ v`) they are that softmax's output, read, not recomputed, one
- * window at a time where windows are folded into the batch axis (Swin). Where they cannot
- * be had, the card says why.
+ * window at a time where windows are folded into the batch axis (Swin; a "sequence" where
+ * the trace does not say what is folded there), headed "Cross-attention" where the keys come
+ * from another model input. Where they cannot be had, the card says why.
  */
 import { loadImage, p, type AttentionPatches, type LiveAttention } from "../api";
 import type { PageContext } from "../context";
@@ -203,13 +204,14 @@ export function attentionCard(ctx: PageContext, image: string, op: string): HTML
           doc.mask ? `; mask: ${doc.mask}` : "",
           ".",
         ].join("");
-    const win = doc.window === null ? "" : ` · window ${doc.window} (of 0..${doc.windows - 1})`;
+    const seqWord = doc.sequence ?? "window";
+    const win = doc.window === null ? "" : ` · ${seqWord} ${doc.window} (of 0..${doc.windows - 1})`;
     const windowSelect =
       doc.windows > 1
         ? h(
             "select",
-            { id: "attn-window", "aria-label": "window", onchange: (e: Event) => choose({ window: Number((e.target as HTMLSelectElement).value), query: 0 }, "attn-window") },
-            Array.from({ length: doc.windows }, (_, i) => h("option", { value: i, selected: i === doc.window }, `window ${i}`)),
+            { id: "attn-window", "aria-label": seqWord, onchange: (e: Event) => choose({ window: Number((e.target as HTMLSelectElement).value), query: 0 }, "attn-window") },
+            Array.from({ length: doc.windows }, (_, i) => h("option", { value: i, selected: i === doc.window }, `${seqWord} ${i}`)),
           )
         : null;
     const r = range(vals);
@@ -277,13 +279,13 @@ export function attentionCard(ctx: PageContext, image: string, op: string): HTML
       : null;
     fill(
       card,
-      h("h3", null, written ? `Attention weights: output of ${doc.op} ` : "Attention ", h("span", { class: "muted" }, `${doc.heads} head${doc.heads === 1 ? "" : "s"} · ${doc.queries} query × ${doc.keys} key tokens${doc.windows > 1 ? ` · ${doc.windows} windows` : ""}`)),
+      h("h3", null, written ? `${doc.cross ? "Cross-attention" : "Attention"} weights: output of ${doc.op} ` : "Attention ", h("span", { class: "muted" }, `${doc.heads} head${doc.heads === 1 ? "" : "s"} · ${doc.queries} query × ${doc.keys} key tokens${doc.windows > 1 ? ` · ${doc.windows} ${seqWord}s` : ""}`)),
       h("p", { class: "muted small attn-what" }, what),
       doc.notes.map((n) => h("p", { class: "notice info small attn-note" }, n)),
       h(
         "div",
         { class: "attn-controls" },
-        windowSelect ? h("label", null, "Window ", windowSelect) : null,
+        windowSelect ? h("label", null, seqWord === "window" ? "Window " : "Sequence ", windowSelect) : null,
         h("label", null, "Query ", querySelect),
         h("label", null, "Head ", headSelect),
       ),

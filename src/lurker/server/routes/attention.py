@@ -53,6 +53,8 @@ class Weights:
     last_query: bool = False  # the last query is the default (it sees every key)
     scores_op: str | None = None
     values_op: str | None = None
+    cross: str | None = None  # cross-attention: where the queries and the keys come from
+    sequence: str = "window"  # what each of the windows is: "window" or "sequence"
 
 
 def sdpa_weights(
@@ -194,6 +196,8 @@ def _attention(
         window=(window or 0) if windows > 1 else None,
         scores_op=found.scores_op,
         values_op=found.values_op,
+        cross=found.cross,
+        sequence=found.sequence,
     )
 
 
@@ -296,21 +300,12 @@ def _softmax_weights(s: Session, iid: str, node: Any, found: Any) -> Weights:
         "whatever scale, bias and mask the model applies on the way, which lurker does not "
         f"recompute; {values} weighs the values with them."
     ]
-    if t.dim() == 3 and t.shape[0] > 1:
-        notes.append(
-            f"Its output is {list(t.shape)}: lurker reads its first axis as {t.shape[0]} "
-            "heads (one input, heads folded into the batch axis, as nn.MultiheadAttention "
-            "folds them); the shape alone cannot tell heads from windows folded there."
-        )
-    w = t.reshape(1, 1, L, S) if t.dim() == 2 else t.reshape(-1, *t.shape[-3:])
+    w, fold_notes, sequence = _unfold(t, found.folds)
+    notes.extend(fold_notes)
     windows = int(w.shape[0])
-    if windows > 1:
-        notes.append(
-            f"Its batch axis holds {windows} sequences for this one input: windows of the "
-            "image folded into the batch axis, as in Swin's windowed attention, each its own "
-            f"{L} x {S} attention. One window is shown at a time, numbered in the order the "
-            "model folded them; the mean is over one window's heads, never over windows."
-        )
+    cross = _cross_words(tr, found)
+    if cross:
+        notes.insert(0, f"Cross-attention: {cross}.")
     for i in found.between:
         op = tr.ops[i]
         try:
@@ -337,8 +332,8 @@ def _softmax_weights(s: Session, iid: str, node: Any, found: Any) -> Weights:
         patches, note = (
             None,
             (
-                "its tokens are shown by position within the window: lurker cannot place a "
-                "window folded into the batch axis on the image"
+                f"its tokens are shown by position within the {sequence}: lurker does not "
+                f"place a {sequence} folded into the batch axis on the image"
             ),
         )
     else:
@@ -347,8 +342,90 @@ def _softmax_weights(s: Session, iid: str, node: Any, found: Any) -> Weights:
         )
     return Weights(
         w, None, False, None, notes, patches, note, last_query=last,
-        scores_op=scores, values_op=values,
+        scores_op=scores, values_op=values, cross=cross, sequence=sequence,
     )  # fmt: skip
+
+
+def _unfold(t: Any, folds: tuple[tuple[str, int], ...] | None) -> tuple[Any, list[str], str]:
+    """Softmax output ``t`` (one input's, ``(..., L, S)``) as ``(sequences, heads, L, S)``,
+    the notes saying how its leading axes were read, and what a sequence is ("window" or
+    "sequence"). ``folds`` (:class:`lurker.graph.attention.SoftmaxAttention`) say what the
+    leading axes hold, read from the trace: heads are put last, windows first, whatever
+    order the model folded them in. Where the trace does not say, a 3-D output's first axis
+    is not called heads (it may be windows or inputs): each of its slices is shown apart,
+    no mean taken across them; a 4-D or wider one is read as ``(..., heads, L, S)``, the
+    form attention documents."""
+    L, S = (int(n) for n in t.shape[-2:])
+    lead = [int(n) for n in t.shape[:-2]]
+    n = math.prod(lead)
+    if folds is not None:
+        # one input: the batch's factors are 1 here, whatever batch the trace ran
+        kept = [(k, m) for k, m in folds if k != "batch"]
+        if math.prod(m for _, m in kept) == n:
+            heads = [i for i, (k, _) in enumerate(kept) if k == "heads"]
+            rest = [i for i, (k, _) in enumerate(kept) if k != "heads"]
+            h = math.prod(kept[i][1] for i in heads)
+            w = t.reshape(*(m for _, m in kept), L, S)
+            w = w.permute(*rest, *heads, len(kept), len(kept) + 1).reshape(n // h, h, L, S)
+            notes = []
+            if n > 1 and (len(lead) == 1 or n // h > 1):
+                said = " x ".join(f"{k} {m}" for k, m in kept)
+                notes.append(
+                    f"Its output is {[*lead, L, S]}: lurker followed the reshapes and "
+                    "permutes that made its query from the model's input, which say its "
+                    f"leading axes hold {said} (in that order) for this one input"
+                    + (", no heads" if not heads else "")
+                    + "."
+                )
+            if n // h > 1:
+                notes.append(
+                    f"Its batch axis holds {n // h} sequences for this one input: windows of "
+                    "the image folded into the batch axis, as in Swin's windowed attention, "
+                    f"each its own {L} x {S} attention. One window is shown at a time, "
+                    "numbered in the order the model folded them; the mean is over one "
+                    "window's heads, never over windows."
+                )
+            return w, notes, "window"
+    if len(lead) <= 1:
+        if n <= 1:
+            return t.reshape(1, 1, L, S), [], "window"
+        return (
+            t.reshape(n, 1, L, S),
+            [
+                f"Its output is {[n, L, S]}: lurker cannot tell from the trace whether its "
+                f"first axis holds {n} heads, windows or inputs folded into the batch axis "
+                "(the reshapes that made its query are not ones it follows back to the "
+                f"input), so each of the {n} is shown apart as a sequence, one at a time, "
+                "with no mean over them."
+            ],
+            "sequence",
+        )
+    w = t.reshape(-1, *t.shape[-3:])
+    notes = [
+        f"Its output is {[*lead, L, S]}: lurker could not follow the reshapes that made its "
+        "query back to the input, so it reads axis -3 as the heads, the form attention "
+        "documents (batch, heads, L, S)."
+    ]
+    if w.shape[0] > 1:
+        notes.append(
+            f"Its leading axes hold {int(w.shape[0])} sequences for this one input, each shown "
+            "apart, one at a time; the mean is over one sequence's heads, never over them."
+        )
+    return w, notes, "sequence"
+
+
+def _cross_words(tr: Any, found: Any) -> str | None:
+    """Cross-attention in words (the keys come from other model inputs than the queries,
+    :attr:`lurker.graph.attention.SoftmaxAttention.cross`), naming each side's inputs."""
+    if not found.cross:
+        return None
+
+    def side(ix: tuple[int, ...]) -> str:
+        named = [f"{tr.ops[i].name} ({tr.ops[i].label})" for i in ix]
+        return ("input " if len(named) == 1 else "inputs ") + " and ".join(named)
+
+    q = side(found.query_inputs) if found.query_inputs else "no model input"
+    return f"its keys come from the model's {side(found.key_inputs)}, its queries from {q}"
 
 
 def _check_form(what: str, q: Any, k: Any, gqa: bool) -> None:
