@@ -146,6 +146,18 @@ def test_half_overflow_is_in_module_b() -> None:
     assert "in module 'b'" in str(first)
 
 
+def test_a_half_overflow_says_the_dtypes_largest_value_and_a_zero_divisor_does_not() -> None:
+    # the inputs' ranges alone (min 30, max 330) do not say that 300 * 330 * 8 is past
+    # float16's 65504 to a reader who does not know the number
+    model, x = _half_case()
+    first = lurker.trace(model, x).first_nonfinite()
+    assert first is not None and first.op.dtype == "float16"
+    assert "float16's largest finite value is 65504" in str(first)
+    model, x = _stdnorm_case()  # float32, and a NaN, not an overflow
+    first = lurker.trace(model, x).first_nonfinite()
+    assert first is not None and "largest finite value" not in str(first)
+
+
 def test_finite_model_reports_none() -> None:
     model, _ = _stdnorm_case()
     x = torch.randn(2, 1, 8, 8)

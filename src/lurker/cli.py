@@ -171,6 +171,24 @@ def _one_line_warning(
     return f"warning: {message}\n"
 
 
+def _stats_table(tr: Any) -> str:
+    """``lurker trace --stats``: one row per op of ``Trace.stats()``, in execution order."""
+    rows = [("op", "module", "shape", "mean", "std", "min", "max", "zeros")]
+    for label, st in tr.stats().items():
+        op = tr[label]
+        shape = "x".join(map(str, op.shape)) if op.shape is not None else "--"
+        nums = [st.mean, st.std, st.min, st.max]
+        cells = [f"{v:.4g}" if v is not None else "--" for v in nums]
+        note = f" ({st.nonfinite:,} NaN/inf)" if st.nonfinite else ""
+        rows.append((label, op.module or "", shape, *cells, f"{st.zeros:.1%}{note}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [
+        "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+        for r in rows
+    ]
+    return "\n".join(["stats: each op's output (mean, std, min, max of its finite values)", *lines])
+
+
 @main.command(
     epilog="""\b
 Examples:
@@ -223,6 +241,12 @@ Examples:
     show_default=True,
     help="Re-run every op from its saved inputs and compare with the traced output.",
 )
+@click.option(
+    "--stats",
+    is_flag=True,
+    help="Also print each op's mean, std, min, max and fraction of zeros (a layer whose "
+    "values explode or whose ReLU never fires).",
+)
 @device_option
 @_friendly
 def trace(
@@ -236,6 +260,7 @@ def trace(
     direction: str,
     json_out: str | None,
     validate: bool,
+    stats: bool,
     device: str,
 ) -> None:
     """Trace MODEL on random inputs: print a summary, draw the graph, validate, and name
@@ -276,6 +301,8 @@ def trace(
         click.echo("non-finite: none (every op's output is finite)")
     else:
         click.secho(f"non-finite: {first}", fg="yellow")
+    if stats:
+        click.echo(_stats_table(tr))
     path = tr.render(out, depth=depth, rolled=rolled, direction=direction)
     click.echo(f"graph: {path}")
     if json_out:

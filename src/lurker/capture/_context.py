@@ -7,7 +7,7 @@ under the state it ran in, and the untraced comparison forward runs under the tr
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any, NamedTuple
 
@@ -136,24 +136,35 @@ def mode_dependent(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The modules of ``model`` of a kind that may compute otherwise in training mode
     (dropout, stochastic depth, attention with dropout, norms), whatever their settings
     now: a caller that checks modes per forward keeps this list and walks only it."""
-    kinds = (
-        torch.nn.modules.dropout._DropoutNd,
-        torch.nn.MultiheadAttention,
-        torch.nn.modules.batchnorm._NormBase,
-    )
-    return [
-        m for m in model.modules() if isinstance(m, kinds) or type(m).__name__ in _STOCHASTIC_DEPTH
-    ]
+    return [m for m in model.modules() if mode_kind(m)]
 
 
-def training_layers(model: torch.nn.Module) -> list[str]:
+_MODE_KINDS = (
+    torch.nn.modules.dropout._DropoutNd,
+    torch.nn.MultiheadAttention,
+    torch.nn.modules.batchnorm._NormBase,
+)
+
+
+def mode_kind(m: torch.nn.Module) -> bool:
+    """Whether ``m`` is of a kind that may compute otherwise in training mode (see
+    :func:`mode_dependent`), whatever its settings now."""
+    return isinstance(m, _MODE_KINDS) or type(m).__name__ in _STOCHASTIC_DEPTH
+
+
+def training_layers(
+    model: torch.nn.Module, among: Iterable[tuple[str, torch.nn.Module]] | None = None
+) -> list[str]:
     """The layers of ``model`` in training mode that compute otherwise at inference
     (``'features.3 (Dropout)'``, the model itself as ``'the model'``), in module order:
     dropout makes every forward random, BatchNorm normalises by the batch's statistics.
+    ``among``: the ``(path, module)`` pairs to look at, the model itself left out (a
+    cached list of its :func:`mode_kind` layers), instead of a walk of the whole model.
     Lurker never switches the mode itself; its callers say so instead."""
+    pairs = model.named_modules() if among is None else [("", model), *among]
     return [
         f"{name or 'the model'} ({type(m).__name__})"
-        for name, m in model.named_modules()
+        for name, m in pairs
         if m.training and _train_dependent(m)
     ]
 

@@ -70,10 +70,12 @@ class FirstNonFinite:
             f"{label} (min {lo:.4g}, max {hi:.4g})" if lo is not None and hi is not None else label
             for label, lo, hi in self.inputs
         )
-        finite = "" if any(label in self.unchecked for label, _, _ in self.inputs) else "finite "
+        checked = not any(label in self.unchecked for label, _, _ in self.inputs)
+        finite = "finite " if checked else ""
         text = f"{head}, from {finite}inputs {ins}" if ins else head
         if self.params:
             text += f"; its parameters {', '.join(self.params)} are not finite"
+        text += _overflow_note(op.dtype, self.count, checked and bool(ins))
         if self.unchecked:
             shown = ", ".join(self.unchecked[:5]) + (", ..." if len(self.unchecked) > 5 else "")
             text += (
@@ -81,6 +83,24 @@ class FirstNonFinite:
                 "made it first: trace with save='all' to check them"
             )
         return text + "."
+
+
+#: half-precision dtypes, by the name ``Op.dtype`` gives, and their largest finite value
+_HALF_MAX = {"float16": "65504", "bfloat16": "3.39e38"}
+
+
+def _overflow_note(dtype: str | None, count: NonFiniteCount, finite_inputs: bool) -> str:
+    """Where a half-precision op made ±inf from finite inputs, the dtype's largest value:
+    the usual cause (a square or an exp past float16's 65504, in ``E[x²] - E[x]²`` say),
+    which the inputs' ranges alone do not say to a reader who does not know it. Stated
+    as a fact, not as the cause: ``log(0)`` is -inf in any dtype."""
+    top = _HALF_MAX.get(dtype or "")
+    if top is None or not finite_inputs or not (count.posinf or count.neginf):
+        return ""
+    return (
+        f" ({dtype}'s largest finite value is {top}: a larger result overflows to inf, "
+        "where float32 would hold it)"
+    )
 
 
 def _tensors(value: Any) -> list[Tensor]:

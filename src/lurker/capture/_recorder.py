@@ -332,6 +332,9 @@ class _ModelIndex:
             for path, mod in self.modules.items()
         ]
         self.stamp = _stamp(self.modules.values())
+        # layers whose computation may depend on train/eval mode (the per-trace check of a
+        # model in eval mode holding some in training mode walks only these)
+        self.mode_layers = [(p, m) for p, m in self.modules.items() if p and _context.mode_kind(m)]
         # the model is the cache's weak key: a strong reference to it here would keep it
         # (and all its weights) alive for good
         del self.modules[""]

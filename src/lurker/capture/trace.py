@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from ..errors import LurkerError, MemoryLimitError, TraceError, first_three, warn
 from ..graph.graph import Graph
 from ..graph.nodes import Op
-from . import _context, _hooks, _lazy, _nonfinite, _state
+from . import _context, _hooks, _lazy, _nonfinite, _state, _stats
 from ._build import build
 from ._hooks import HookFn
 from ._memory import AUTO_FRACTION, TRACED, fmt_bytes, parse_max_memory
@@ -39,6 +39,7 @@ from ._policy import (
     shared_module_note,
 )
 from ._recorder import Recorder, TransformFailed, _model_index, is_compiled
+from ._stats import OpStats
 from ._tree import map_tensors, paths
 
 
@@ -215,6 +216,8 @@ def _record(
         check_patterns(policy, tr.ops, tr.modules, model, stacklevel=4)
         if rec.saved_modules:
             _warn_no_output(tr, rec.saved_modules, policy.patterns or ())
+        if not model.training and idx.mode_layers:
+            _warn_mixed_modes(model, idx.mode_layers)
         return tr
     finally:
         if gc_was_on:
@@ -391,6 +394,33 @@ def _warn_training(model: nn.Module) -> None:
             "ones), so the activations this run keeps change from run to run or with the "
             "stimuli that share its batch. Call model.eval() first (the run uses the model's "
             "mode as it is now), unless training-mode values are what you want."
+        )
+
+
+#: nodes that hold the model's state (running statistics, constants), not computed values:
+#: left out of stats(), where a BatchNorm's zero running mean would read as a dead layer
+_STATE_KINDS = frozenset({"buffer", "constant"})
+
+
+def _warn_mixed_modes(model: nn.Module, layers: list[tuple[str, nn.Module]]) -> None:
+    """Say so where a model in eval mode holds a dropout or BatchNorm in training mode (one
+    switched back by fine-tuning code, or a submodule built after ``model.eval()``): the
+    trace then records a random dropout and a BatchNorm that normalises by the batch and
+    updates its running statistics, where ``model.eval()`` promised inference, and only the
+    ops' ``training=True`` arguments would show it. A model wholly in training mode is
+    traced as it is, unwarned: that is a choice, not a slip (``tr.run`` warns of both when
+    it keeps activations). ``layers``: the model's cached mode-dependent layers, so a
+    trace does not walk the whole model for this."""
+    found = _context.training_layers(model, layers)
+    if found:
+        one = len(found) == 1
+        warn(
+            f"{type(model).__name__} is in eval mode, but {first_three(found)} "
+            f"{'is' if one else 'are'} in training mode, so this trace records "
+            f"{'it' if one else 'them'} computing as in training: dropout drops values at "
+            "random, BatchNorm normalises by the batch's own statistics and updates its "
+            "running ones (their ops' training=True). Call model.eval() before tracing, "
+            "unless training-mode values are what you want."
         )
 
 
@@ -1147,6 +1177,21 @@ class Trace(Graph):
         (after ``transform=``), not while tracing, so a trace pays nothing for it."""
         return _nonfinite.nonfinite(self)
 
+    def stats(self) -> dict[str, OpStats]:
+        """Mean, std, min, max (of the finite values), fraction of zeros and NaN/inf count
+        of every saved op's floating-point output (and the inputs'; not the buffers and
+        constants the model holds), by label in execution order: a layer
+        that explodes or dies, read off one dict; two traces' (two checkpoints, before and
+        after a fix) compare by label. Counted now from the saved values (after
+        ``transform=``), not while tracing."""
+        acts = [
+            (op.label, op.activation)
+            for op in self.ops
+            if op.activation is not None and op.kind not in _STATE_KINDS
+        ]
+        _stats.require_saved(len(acts), "This trace")
+        return _stats.table(acts)
+
     def first_nonfinite(self) -> FirstNonFinite | None:
         """The first op, in execution order, whose saved output holds NaN or ±inf, with its
         counts, its inputs' ranges, non-finite parameters and the earlier ops not saved;
@@ -1404,6 +1449,17 @@ class Activations(Mapping[str, Any]):
 
     def __len__(self) -> int:
         return len(self._values)
+
+    def stats(self) -> dict[str, OpStats]:
+        """:meth:`Trace.stats` of this run's kept values, by op label in execution order:
+        a new input's (or, with ``hooks=``, an edited model's) figures beside the trace's."""
+        _stats.require_saved(len(self._values), "This run")
+        ops = self._trace.ops
+        return _stats.table(
+            (ops[i].label, v)
+            for i, v in sorted(self._values.items())
+            if ops[i].kind not in _STATE_KINDS
+        )
 
     def __repr__(self) -> str:
         out = self.output
