@@ -340,3 +340,50 @@ def test_a_model_that_trims_its_ids_by_batch_is_refused_not_zeroed() -> None:
     assert bool((whole.attribution[1, :2] != 0).all())
     with pytest.raises(LurkerError, match=r"did not look up .*internal_batch_size"):
         lurker.explain(model, ids, method="integrated_gradients", n_steps=4, internal_batch_size=1)
+
+
+class CharLM(nn.Module):
+    """A one-block causal language model (minGPT's attention written out by hand):
+    logits ``(B, L, VOCAB)``, a score per class at every position."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(VOCAB, DIM)
+        self.pos = nn.Embedding(16, DIM)
+        self.qkv = nn.Linear(DIM, 3 * DIM)
+        self.head = nn.Linear(DIM, VOCAB)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        t = ids.shape[1]
+        x = self.tok(ids) + self.pos(torch.arange(t))
+        q, k, v = self.qkv(x).split(DIM, dim=2)
+        att = (q @ k.transpose(-2, -1)) / DIM**0.5
+        att = att.masked_fill(torch.ones(t, t).tril() == 0, float("-inf")).softmax(-1)
+        return self.head(x + att @ v)
+
+
+def test_a_language_models_class_target_names_the_last_positions_unit() -> None:
+    """A language model's logits are ``(B, L, V)``: a class target is refused, and the
+    message names the unit target of the last position's score, ``(LAYER, CLASS, 0,
+    L-1)``, not ``(LAYER, CLASS)`` alone (which averages the score over the positions: not
+    the next token's). The unit it names is the next-token logit's autograd gradient at
+    the embedding's output, and differs from the average over positions."""
+    torch.manual_seed(0)
+    model = CharLM().eval()
+    ids = torch.randint(0, VOCAB, (1, 7), generator=torch.Generator().manual_seed(1))
+    with pytest.raises(LurkerError, match="a class target needs the model") as err:
+        lurker.explain(model, ids, 3, "input_x_gradient")
+    said = str(err.value)
+    assert "(LAYER, CLASS, 0, 6)" in said and "('head', 3, 0, 6)" in said, said
+    assert "averaged over the positions" in said and "('fc', 3)" not in said
+    e = lurker.explain(model, ids, ("head", 3, 0, 6), "input_x_gradient")
+    emb = model.tok(ids).detach().requires_grad_(True)
+    hook = model.tok.register_forward_hook(lambda m, i, o: emb)
+    try:
+        model(ids)[0, -1, 3].backward()
+    finally:
+        hook.remove()
+    want = (emb * emb.grad).sum(-1)
+    torch.testing.assert_close(e.attribution, want.detach(), rtol=1e-5, atol=1e-6)
+    mean = lurker.explain(model, ids, ("head", 3), "input_x_gradient").attribution
+    assert not torch.allclose(mean, e.attribution, atol=1e-3)

@@ -98,3 +98,24 @@ def test_a_model_without_scores_per_image_says_why_it_has_no_top5(tmp_path):
     assert doc["predictions_note"].startswith("the model's output is 1x3x16x16, not one score")
     sample = client.get("/api/runs/run/samples/3").json()
     assert sample["prediction"] == [] and "1x3x16x16" in sample["prediction_error"]
+
+
+def test_a_language_models_live_input_says_which_unit_is_the_next_token(tmp_path):
+    """A language model's output is a score per class at every token, ``(1, L, V)``: no
+    top-5 is made of it, and the note says so in a text run's words (not "for the
+    image ... a segmentation map") with the unit that is the last token's score."""
+    from test_explain_tokens import VOCAB, CharLM
+
+    torch.manual_seed(0)
+    model = CharLM().eval()
+    ids = torch.randint(0, VOCAB, (12, 6), generator=torch.Generator().manual_seed(0))
+    data = torch.utils.data.TensorDataset(ids, ids[:, -1])
+    probe(model, data, out=tmp_path / "run", layers=["qkv"], progress=False).close()
+    client = TestClient(create_app(tmp_path / "run", model_obj=model, dataset=data))
+    r = client.post("/api/runs/run/live/inputs", json={"ids": [1, 2, 3, 4, 5, 6]})
+    assert r.status_code == 200, r.text
+    doc = r.json()
+    assert doc["predictions"] == []
+    note = doc["predictions_note"]
+    assert "1x6x30" in note and "at each of its 6 tokens" in note, note
+    assert "LAYER:CLASS:0:5" in note and "image" not in note and "segmentation" not in note

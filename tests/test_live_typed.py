@@ -268,6 +268,44 @@ def test_the_sample_page_opens_live_filled_with_that_sample(browser: Any, text: 
         assert pg.input_value("#live-text") == " ".join(map(str, ids))
 
 
+CHARS = list(" abcdefghijklmnopq\n.")  # a character-level vocabulary: space and newline are tokens
+
+
+@pytest.fixture(scope="module")
+def chars(text: dict) -> Iterator[str]:
+    """The text run served with a character-level vocabulary (a char GPT's)."""
+    from lurker.server import create_app
+    from lurker.server.serve import background
+
+    app = create_app(text["run"], model_obj=text["model"], dataset=text["data"], vocab=CHARS)
+    with background(app) as url:
+        yield url.rstrip("/")
+
+
+def test_a_character_vocabulary_reads_typed_text_one_character_a_token(text: dict, chars: str):
+    """With a character-level vocabulary, typed text is read one character per token,
+    spaces and newlines included (as a char model was trained), not split at spaces into
+    words no entry spells; its units are the ones forward hooks give on those ids."""
+    typed = "ab c\nd."
+    ids = [CHARS.index(c) for c in typed]
+    r = _post(chars, "text", {"text": typed})
+    assert r.status_code == 200, r.text
+    doc = r.json()
+    assert doc["ids"] == ids and doc["words"] == list(typed)
+    acts, _ = _hooked(text["model"], TEXT_LAYER, torch.tensor([ids]))
+    assert _by_layer(doc, TEXT_LAYER)["max"] == pytest.approx(
+        acts.amax(0).tolist(), rel=1e-4, abs=1e-5
+    )
+    # case is not folded (a char model's 'A' is not its 'a'), and the unknown one is named
+    bad = _post(chars, "text", {"text": "aB,"})
+    assert bad.status_code == 422 and "'B', ','" in bad.json()["detail"], bad.text
+    assert "characters" in bad.json()["detail"]
+    summary = httpx.get(f"{chars}/api/runs/text", timeout=60).json()["dataset"]
+    assert summary["vocab_chars"] is True
+    words = httpx.get(f"{text['vocab_url']}/api/runs/text", timeout=60).json()["dataset"]
+    assert words["vocab_chars"] is False
+
+
 def test_each_listed_unit_names_the_position_where_it_peaks(text: dict):
     """Live said how strongly a unit fires, not where: ``peak`` is each unit's argmax over
     its tokens, as forward hooks give it (units on the last axis of ``(tokens, units)``)."""

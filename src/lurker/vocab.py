@@ -225,3 +225,12 @@ def words_of(ids: Sequence[int], words: Sequence[str | None]) -> list[str | None
     the id)."""
     n = len(words)
     return [words[i] if 0 <= i < n else None for i in ids]
+
+
+def per_character(words: Sequence[str | None] | None) -> bool:
+    """Whether a vocabulary is a character-level one (minGPT's and nanoGPT's char models):
+    every entry that names a token is one character, space and newline included. Typed
+    text is then read one character per token, as such a model was trained, since
+    splitting it at spaces would leave words no entry spells (and drop the spaces)."""
+    named = [w for w in words or () if w is not None]
+    return len(named) > 1 and all(len(w) == 1 for w in named)

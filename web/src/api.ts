@@ -48,6 +48,8 @@ export interface RunSummary {
     /** the token ids per sample where the inputs are token ids (no picture); null else */
     tokens?: number | null;
     vocab_size?: number | null;
+    /** a character-level vocabulary: Live reads typed text one character per token */
+    vocab_chars?: boolean;
     /** the values per sample where the inputs are flat vectors, not token ids (no picture); null else */
     features?: number | null;
     /** each feature's name (the dataset's `feature_names`), null where it gave none */

@@ -125,6 +125,7 @@ def class_output_error(
     """Why a class target does not fit the model's output ``out``, and what does
     (``batch``: the rows of the input, where the output's first axis has another size;
     ``input_shape``: the input's, to tell a batch read off another axis of it)."""
+    example, cli_example = "('fc', 3)", "fc:3"
     if isinstance(out, Tensor) and batch is not None and out.shape[0] in (input_shape or ())[1:]:
         axis = list(input_shape or ())[1:].index(out.shape[0]) + 1
         what = (
@@ -141,6 +142,18 @@ def class_output_error(
             f"{batch} rows (a time-major model's (steps, batch, classes), or (classes, "
             "batch): return out[-1] or out.transpose(0, 1) from the wrapper)"
         )
+    elif isinstance(out, Tensor) and out.dim() == 3:
+        # a score per class at each position (a language model's logits): the unit target
+        # alone averages over the positions, which is not the next token's score
+        last = out.shape[1] - 1
+        what = (
+            f"a tensor of shape {tuple(out.shape)}, a score per class at each of its "
+            f"{out.shape[1]} positions (a language model's (batch, tokens, vocabulary) "
+            "logits). (LAYER, CLASS) alone is the class's score averaged over the "
+            "positions; one position's score, such as the next-token prediction at the "
+            f"last, is (LAYER, CLASS, 0, {last}) (the explorer's LAYER:CLASS:0:{last})"
+        )
+        example, cli_example = f"('head', 3, 0, {last})", f"head:3:0:{last}"
     elif isinstance(out, Tensor):
         what = f"a tensor of shape {tuple(out.shape)}"
     elif isinstance(out, (tuple, list)) or hasattr(out, "keys"):
@@ -157,10 +170,10 @@ def class_output_error(
         f"{what}. Target the class as a unit of the layer that computes its score, "
     )
     return LurkerError(
-        head + "(LAYER, CLASS) such as ('fc', 3) (a module path or a trace label: "
+        head + f"(LAYER, CLASS) such as {example} (a module path or a trace label: "
         "lurker.trace(model, x) lists them), or wrap the model in a module whose forward "
         "returns that tensor",
-        cli=head + "--target LAYER:CLASS such as fc:3 (a module path or a trace label: "
+        cli=head + f"--target LAYER:CLASS such as {cli_example} (a module path or a trace label: "
         "lurker trace MODEL lists them)",
     )
 

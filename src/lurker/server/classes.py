@@ -38,9 +38,22 @@ def no_scores(run: Any) -> str | None:
     if meta is None or len(meta.shape) == 2:
         return None
     shape = "x".join(str(d) for d in meta.shape)
+    from .state import token_length
+
+    # (batch, tokens, classes) on a run of token ids: a language model's logits
+    if len(meta.shape) == 3 and meta.shape[1] == token_length(run):
+        last = int(meta.shape[1]) - 1
+        return (
+            f"the model's output is {shape}, a score per class at each of its "
+            f"{meta.shape[1]} tokens (a language model's next-token logits), not one "
+            "score per class for the input, so there is no top-5 to show; explain one "
+            "position's score as a unit of the layer that makes it, "
+            f"LAYER:CLASS:0:POSITION (the last of a sample's {meta.shape[1]} tokens: "
+            f"LAYER:CLASS:0:{last})"
+        )
     return (
-        f"the model's output is {shape}, not one score per class for the image, so there is "
-        "no top-5 to show (a segmentation map, a detection, features)"
+        f"the model's output is {shape}, not one score per class for the input, so there "
+        "is no top-5 to show (a segmentation map, a detection, features)"
     )
 
 

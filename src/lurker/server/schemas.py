@@ -94,6 +94,9 @@ class DatasetInfo(BaseModel):
     #: How many ids the run's vocabulary names (the pages show words beside the ids);
     #: null without one, and for inputs that are not token ids.
     vocab_size: int | None = None
+    #: Whether that vocabulary is character-level (every token one character, space and
+    #: newline included): Live then reads typed text one character per token, not words.
+    vocab_chars: bool = False
     #: Why the vocabulary given to the server shows no words on this run (it does not fit
     #: it: the pages show the ids), ``run '<id>': ...``; null when it fits or none is given.
     vocab_error: str | None = None

@@ -14,6 +14,7 @@
 import { loadImage, p, type AttentionPatches, type LiveAttention } from "../api";
 import type { PageContext } from "../context";
 import { fill, fmt, h, notice } from "../dom";
+import { visibleText } from "../images";
 
 /** The heat colour of the largest weight (the smallest: clear over the image, white in the matrix). */
 const HEAT = [200, 16, 60];
@@ -28,9 +29,10 @@ function toInt(v: string | null): number | null {
   return Number(v);
 }
 
-/** `token 0 (class token)`, `token 5 (patch row 1, col 0)`, `token 3`. */
-function tokenName(patches: AttentionPatches | null, i: number, side: "query" | "key"): string {
-  if (!patches) return `token ${i}`;
+/** `token 0 (class token)`, `token 5 (patch row 1, col 0)`, `token 3`, and on a typed
+ * sequence `token 3 “e”` (its text, whitespace made visible). */
+function tokenName(patches: AttentionPatches | null, words: Words, i: number, side: "query" | "key"): string {
+  if (!patches) return words?.[i] != null ? `token ${i} “${visibleText(words[i]!)}”` : `token ${i}`;
   const cells = side === "query" ? patches.queries : patches.keys;
   const cell = cells[i];
   if (cell === undefined) return `token ${i}`;
@@ -125,7 +127,13 @@ function range(vals: (number | null)[]): [number, number] | null {
   return fin.length ? [Math.min(...fin), Math.max(...fin)] : null;
 }
 
-export function attentionCard(ctx: PageContext, image: string, op: string): HTMLElement {
+/** The text of each token of a typed sequence (null: an id without a word), where the
+ * attention's keys are those tokens. */
+type Words = (string | null)[] | null;
+
+/** `words`: the fed sequence's tokens' text (a text run's Live), used where the op's keys
+ * and queries are exactly those tokens, to name them and to tint the text by weight. */
+export function attentionCard(ctx: PageContext, image: string, op: string, fed: Words = null): HTMLElement {
   const card = h("section", { class: "card attention", id: "attention", "aria-label": "attention weights" }, h("h3", null, "Attention"), h("p", { class: "muted" }, "Computing the attention weights…"));
   const state = { query: toInt(ctx.params.get("query")), head: toInt(ctx.params.get("head")), window: toInt(ctx.params.get("window")), seq: 0 };
   const base = p("runs", ctx.run, "live", image, "ops", op, "attention");
@@ -174,6 +182,8 @@ export function attentionCard(ctx: PageContext, image: string, op: string): HTML
 
   const render = (doc: LiveAttention) => {
     const patches = doc.patches;
+    // names and text only where the op's tokens are the fed sequence's, one for one
+    const words: Words = !patches && fed && fed.some((w) => w !== null) && fed.length === doc.keys && doc.queries === doc.keys && doc.windows <= 1 ? fed : null;
     const heads = Array.from({ length: doc.heads }, (_, i) => i);
     const headName = (hd: number | null) => (hd === null ? (doc.heads > 1 ? `mean of the ${doc.heads} heads` : "the one head") : `head ${hd}`);
     const rowOf = (hd: number | null) => (hd === null ? doc.mean : doc.rows[hd]);
@@ -183,7 +193,7 @@ export function attentionCard(ctx: PageContext, image: string, op: string): HTML
     const querySelect = h(
       "select",
       { id: "attn-query", "aria-label": "query token", onchange: (e: Event) => choose({ query: Number((e.target as HTMLSelectElement).value) }, "attn-query") },
-      Array.from({ length: doc.queries }, (_, i) => h("option", { value: i, selected: i === doc.query }, tokenName(patches, i, "query"))),
+      Array.from({ length: doc.queries }, (_, i) => h("option", { value: i, selected: i === doc.query }, tokenName(patches, words, i, "query"))),
     );
     const headSelect = h(
       "select",
@@ -221,20 +231,20 @@ export function attentionCard(ctx: PageContext, image: string, op: string): HTML
     const top = h(
       "ol",
       { class: "attn-top small" },
-      order.map((t) => h("li", { "data-key": t }, `${tokenName(patches, t, "key")}: `, h("b", null, fmt(vals[t], 3)))),
+      order.map((t) => h("li", { "data-key": t }, `${tokenName(patches, words, t, "key")}: `, h("b", null, fmt(vals[t], 3)))),
     );
     const apart = patches ? vals.map((v, t) => [t, v] as const).filter(([t]) => patches.boxes[t] === null) : [];
     let picture: HTMLElement;
     if (masked) {
-      picture = notice(`Every key of ${tokenName(patches, doc.query, "query")} is masked out: it has no weights (no softmax to take). Choose another query.`);
+      picture = notice(`Every key of ${tokenName(patches, words, doc.query, "query")} is masked out: it has no weights (no softmax to take). Choose another query.`);
     } else if (patches) {
       const readout = h("p", { class: "small attn-readout", "aria-live": "polite" }, "hover over a patch for its weight; click one to make it the query");
-      const big = overlay(ctx, image, patches, vals, doc.query, BIG, `weights of ${tokenName(patches, doc.query, "query")} on the image's patches, ${headName(doc.head)}`);
+      const big = overlay(ctx, image, patches, vals, doc.query, BIG, `weights of ${tokenName(patches, words, doc.query, "query")} on the image's patches, ${headName(doc.head)}`);
       big.id = "attn-overlay";
       big.title = "click a patch to make it the query";
       big.addEventListener("mousemove", (ev) => {
         const t = keyAt(big, patches, ev);
-        readout.textContent = t === null ? "" : `${tokenName(patches, t, "key")}: ${fmt(vals[t], 4)}`;
+        readout.textContent = t === null ? "" : `${tokenName(patches, words, t, "key")}: ${fmt(vals[t], 4)}`;
       });
       big.addEventListener("click", (ev) => {
         const t = keyAt(big, patches, ev);
@@ -252,15 +262,15 @@ export function attentionCard(ctx: PageContext, image: string, op: string): HTML
           h("div", { class: "attn-legend", id: "attn-legend" }, h("span", null, fmt(span[0], 3)), h("span", { class: "attn-bar", "aria-hidden": "true" }), h("span", null, fmt(span[1], 3))),
           h("p", { class: "small" }, `Each patch tinted from its smallest weight (${fmt(span[0], 4)}, clear) to its largest (${fmt(span[1], 4)}, deep red); the query's own patch outlined blue. Over all ${doc.keys} keys: `, h("span", { id: "attn-range" }, r ? `min ${fmt(r[0], 4)} · max ${fmt(r[1], 4)}` : "no finite weight"), fin < vals.length ? ` (${vals.length - fin} masked)` : "", "."),
           apart.length
-            ? h("p", { class: "small attn-apart", id: "attn-apart" }, "Not on the image: ", apart.map(([t, v], i) => [i ? ", " : "", `${tokenName(patches, t, "key")} `, h("b", null, fmt(v, 4))]).flat())
+            ? h("p", { class: "small attn-apart", id: "attn-apart" }, "Not on the image: ", apart.map(([t, v], i) => [i ? ", " : "", `${tokenName(patches, words, t, "key")} `, h("b", null, fmt(v, 4))]).flat())
             : null,
           readout,
         ),
       );
     } else {
-      picture = h("div", { class: "attn-big" }, notice(doc.patches_note ?? "Its tokens do not map to patches of the image."), strip(vals, doc.keys, doc.causal ? doc.query : null));
+      picture = h("div", { class: "attn-big" }, notice(doc.patches_note ?? "Its tokens do not map to patches of the image."), strip(vals, doc.keys, doc.causal ? doc.query : null), words ? tintedText(words, vals, doc.query, doc.causal) : null);
     }
-    const matrix = doc.matrix ? matrixView(doc, patches, (q) => choose({ query: q })) : notice(doc.matrix_note ?? "No matrix.");
+    const matrix = doc.matrix ? matrixView(doc, patches, words, (q) => choose({ query: q })) : notice(doc.matrix_note ?? "No matrix.");
     const small = patches && !masked && doc.heads > 1
       ? h(
           "div",
@@ -292,7 +302,7 @@ export function attentionCard(ctx: PageContext, image: string, op: string): HTML
       h(
         "div",
         { class: "attn-row" },
-        h("div", { class: "attn-col" }, h("h4", null, `${tokenName(patches, doc.query, "query")} attends to · ${headName(doc.head)}${win}`), picture, masked ? null : h("h4", null, "Strongest keys"), masked ? null : top),
+        h("div", { class: "attn-col" }, h("h4", null, `${tokenName(patches, words, doc.query, "query")} attends to · ${headName(doc.head)}${win}`), picture, masked ? null : h("h4", null, "Strongest keys"), masked ? null : top),
         h("div", { class: "attn-col" }, h("h4", null, `Every query's weights · ${headName(doc.head)}${win}`), matrix),
       ),
       small ? h("h4", null, "Per head (each tinted from its own smallest to largest patch weight; click one to show it)") : null,
@@ -322,6 +332,24 @@ function strip(vals: (number | null)[], n: number, after: number | null): HTMLEl
   return h("figure", { class: "attn-strip-fig" }, canvas, h("figcaption", { class: "small" }, `Key tokens 0..${n - 1}, left to right: white the smallest weight (${fmt(r[0], 4)}), red the largest (${fmt(r[1], 4)})${after !== null && after < n - 1 ? `; grey: the keys after the query, which is_causal leaves out` : ""}.`));
 }
 
+/** The typed sequence's text, each token tinted by the query's weight on it (white the
+ * smallest, red the largest, as the strip; keys after a causal query grey), the query
+ * outlined: which characters or words it reads, readable as text. */
+function tintedText(words: (string | null)[], vals: (number | null)[], query: number, causal: boolean): HTMLElement {
+  const r = range(vals) ?? [0, 0];
+  return h(
+    "p",
+    { class: "token-strip attn-tokens", id: "attn-tokens", "aria-label": "the sequence, each token tinted by its weight" },
+    words.map((w, t) => {
+      const v = vals[t];
+      const out = v === null || (causal && t > query);
+      const tok = h("span", { class: t === query ? "tok tok-peak" : "tok", "data-pos": t, title: `token ${t}: ${out ? "left out" : fmt(v, 4)}` }, w === null ? `#${t}` : visibleText(w));
+      tok.style.background = out ? MASKED : matrixColour(scaled(v, r));
+      return tok;
+    }),
+  );
+}
+
 function matrixColour(t: number): string {
   const c = Math.max(0, Math.min(1, t));
   const mix = (x: number) => Math.round(255 + (x - 255) * c);
@@ -331,7 +359,7 @@ function matrixColour(t: number): string {
 /** The queries x keys weights of the chosen head (or the mean) as a heat map, white the
  * smallest to red the largest; the chosen query's row outlined; hover for a weight, click a row to choose
  * its query. */
-function matrixView(doc: LiveAttention, patches: AttentionPatches | null, pick: (q: number) => void): HTMLElement {
+function matrixView(doc: LiveAttention, patches: AttentionPatches | null, words: Words, pick: (q: number) => void): HTMLElement {
   const m = doc.matrix!;
   const nullRows = m.filter((row) => row.every((v) => v === null)).length;
   const L = doc.queries;
@@ -365,7 +393,7 @@ function matrixView(doc: LiveAttention, patches: AttentionPatches | null, pick: 
   canvas.addEventListener("mousemove", (ev) => {
     const [i, j] = at(ev);
     const v = m[i][j];
-    readout.textContent = `query ${tokenName(patches, i, "query")} → key ${tokenName(patches, j, "key")}: ${v === null ? "masked" : doc.causal && j > i ? "0 (after the query: left out by is_causal)" : fmt(v, 4)}`;
+    readout.textContent = `query ${tokenName(patches, words, i, "query")} → key ${tokenName(patches, words, j, "key")}: ${v === null ? "masked" : doc.causal && j > i ? "0 (after the query: left out by is_causal)" : fmt(v, 4)}`;
   });
   canvas.addEventListener("click", (ev) => pick(at(ev)[0]));
   return h(

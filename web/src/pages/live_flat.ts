@@ -11,6 +11,7 @@
 import { p, type LiveInput, type LiveLayerUnits, type RunSummary, type SampleDoc } from "../api";
 import type { PageContext } from "../context";
 import { append, fill, fmt, h, notice } from "../dom";
+import { visibleText } from "../images";
 import { topPredictions } from "../predictions";
 import { attentionCard } from "./live_attention";
 
@@ -19,14 +20,16 @@ export async function renderFlatLive(root: HTMLElement, ctx: PageContext, summar
   const count = tokens ?? summary.dataset.features ?? 0;
   const names = summary.dataset.feature_names ?? null;
   const hasVocab = !!summary.dataset.vocab_size;
+  // a character-level vocabulary (a char GPT's): the text is read one character per token
+  const chars = hasVocab && !!summary.dataset.vocab_chars;
   const params = new URLSearchParams(ctx.params);
   const sample = params.get("sample");
   const result = h("section", { class: "live-flat-result", id: "live-result", "aria-live": "polite" });
 
   // the input: a text box (token runs) or one number field per feature
-  const mode = h("select", { id: "live-mode", "aria-label": "what the text box holds" }, h("option", { value: "text", disabled: hasVocab ? null : "" }, "words"), h("option", { value: "ids" }, "token ids"));
+  const mode = h("select", { id: "live-mode", "aria-label": "what the text box holds" }, h("option", { value: "text", disabled: hasVocab ? null : "" }, chars ? "characters" : "words"), h("option", { value: "ids" }, "token ids"));
   (mode as HTMLSelectElement).value = hasVocab ? "text" : "ids";
-  const text = h("textarea", { id: "live-text", rows: 3, "aria-label": "the input sequence", placeholder: hasVocab ? "type a sentence: words split at spaces" : "type token ids: 12 7 3 …" });
+  const text = h("textarea", { id: "live-text", rows: 3, "aria-label": "the input sequence", placeholder: chars ? "type text: one token per character, spaces included (Shift+Enter: a newline)" : hasVocab ? "type a sentence: words split at spaces" : "type token ids: 12 7 3 …" });
   const fields: HTMLInputElement[] = [];
   const grid = h("div", { class: "feature-form", id: "live-features" });
   if (tokens === null) {
@@ -74,9 +77,9 @@ export async function renderFlatLive(root: HTMLElement, ctx: PageContext, summar
       if (ctx.signal.aborted) return;
       if (tokens !== null && doc.tokens) {
         const words = doc.token_text;
-        const asWords = hasVocab && !!words && words.every((w) => w !== null && !/\s/.test(w));
+        const asWords = hasVocab && !!words && words.every((w) => w !== null && (chars || !/\s/.test(w)));
         (mode as HTMLSelectElement).value = asWords ? "text" : "ids";
-        (text as HTMLTextAreaElement).value = asWords ? words!.join(" ") : doc.tokens.join(" ");
+        (text as HTMLTextAreaElement).value = asWords ? words!.join(chars ? "" : " ") : doc.tokens.join(" ");
         expected = asWords ? doc.tokens.slice() : null;
       } else if (doc.features) {
         doc.features.forEach((v, i) => fields[i] && (fields[i].value = v === null ? "" : String(v)));
@@ -98,8 +101,10 @@ export async function renderFlatLive(root: HTMLElement, ctx: PageContext, summar
   async function run(): Promise<void> {
     let body: Record<string, unknown>;
     if (tokens !== null) {
-      const raw = (text as HTMLTextAreaElement).value.trim();
-      if ((mode as HTMLSelectElement).value === "text") body = { text: raw };
+      const typed = (text as HTMLTextAreaElement).value;
+      const raw = typed.trim();
+      // characters are tokens, spaces at either end included
+      if ((mode as HTMLSelectElement).value === "text") body = { text: chars ? typed : raw };
       else body = { ids: raw.split(/[\s,]+/).filter((t) => t).map((t) => (/^-?\d+$/.test(t) ? Number(t) : t)) };
     } else {
       // a field the browser cannot read as a number is sent as typed, so the server names it
@@ -127,14 +132,14 @@ export async function renderFlatLive(root: HTMLElement, ctx: PageContext, summar
     }
     result.removeAttribute("aria-busy");
     fill(result, fedCard(doc), ...doc.layers.map((l) => layerCard(ctx, l, doc)));
-    if (tokens !== null) void attentionOps(ctx, result, doc.input);
+    if (tokens !== null) void attentionOps(ctx, result, doc.input, doc.words ?? null);
   }
 }
 
 /** The model's attention ops (`scaled_dot_product_attention`, or a softmax of attention
  * written out by hand: the graph view's `a`), a chooser of them and the
  * chosen one's weights on this sequence; nothing where the model has none. */
-async function attentionOps(ctx: PageContext, result: HTMLElement, input: string): Promise<void> {
+async function attentionOps(ctx: PageContext, result: HTMLElement, input: string, words: (string | null)[] | null): Promise<void> {
   let ops: string[];
   try {
     const view = await ctx.api.json<{ nodes: { l: string; t: string; a?: number }[] }>(p("runs", ctx.run, "graph"));
@@ -146,7 +151,7 @@ async function attentionOps(ctx: PageContext, result: HTMLElement, input: string
   if (!ops.length || ctx.signal.aborted || !result.isConnected) return;
   const asked = ctx.params.get("op");
   let op = asked !== null && ops.includes(asked) ? asked : ops[0];
-  const slot = h("div", null, attentionCard(ctx, input, op));
+  const slot = h("div", null, attentionCard(ctx, input, op, words));
   const select = h(
     "select",
     { id: "attn-op", "aria-label": "attention op" },
@@ -159,7 +164,7 @@ async function attentionOps(ctx: PageContext, result: HTMLElement, input: string
     ctx.params.delete("query"); // another op's tokens: its own defaults
     ctx.params.delete("head");
     ctx.replaceParams(new URLSearchParams(ctx.params));
-    fill(slot, attentionCard(ctx, input, op));
+    fill(slot, attentionCard(ctx, input, op, words));
   });
   result.append(
     h("section", { class: "live-attention", id: "live-attention" }, h("p", { class: "attn-controls" }, h("label", null, `Attention op (${ops.length}) `, select)), slot),
@@ -169,7 +174,7 @@ async function attentionOps(ctx: PageContext, result: HTMLElement, input: string
 /** What the model was fed (words with their ids) and its top classes. */
 function fedCard(doc: LiveInput): HTMLElement {
   const fed = doc.ids
-    ? h("p", { class: "token-strip", id: "live-fed" }, doc.ids.map((id, i) => h("span", { class: "tok", title: `token ${i}: id ${id}` }, doc.words?.[i] ?? String(id), doc.words?.[i] != null ? h("sub", { class: "muted" }, String(id)) : null)))
+    ? h("p", { class: "token-strip", id: "live-fed" }, doc.ids.map((id, i) => h("span", { class: "tok", title: `token ${i}: id ${id}` }, doc.words?.[i] != null ? visibleText(doc.words[i]!) : String(id), doc.words?.[i] != null ? h("sub", { class: "muted" }, String(id)) : null)))
     : null;
   return h(
     "section",
@@ -187,7 +192,9 @@ function peakAt(l: LiveLayerUnits, u: number, doc: LiveInput): HTMLElement | nul
   const at = l.peak?.[u];
   if (at == null || l.positions < 2) return null;
   const tokens = doc.ids && doc.ids.length === l.positions;
-  const word = tokens ? (doc.words?.[at] ?? null) : null;
+  // whitespace made visible: a peak at a space would read as empty quotes
+  const spelled = tokens ? (doc.words?.[at] ?? null) : null;
+  const word = spelled === null ? null : visibleText(spelled);
   const tok = tokens ? (word ?? `id ${doc.ids![at]}`) : null;
   // a peak on the padding the server added is no word the user typed: said so
   const padding = tokens && doc.padded_from != null && at >= doc.padded_from;

@@ -344,9 +344,10 @@ def _top(peak: Any, n: int = 10) -> list[int]:
 def _token_ids(s: Session, body: LiveInputBody) -> list[int]:
     """The ids of a typed sequence: ``ids`` checked (integers within the model's
     embedding), or ``text`` split at whitespace and each word looked up in the run's
-    vocabulary (exactly, else ignoring case where that names one word); a word not in it
-    is named, never dropped."""
-    from lurker.vocab import id_space
+    vocabulary (exactly, else ignoring case where that names one word), or, with a
+    character-level vocabulary, each character looked up exactly; a word not in it is
+    named, never dropped."""
+    from lurker.vocab import id_space, per_character
 
     if (body.text is None) == (body.ids is None) or body.features is not None:
         raise ApiError(
@@ -374,9 +375,12 @@ def _token_ids(s: Session, body: LiveInputBody) -> list[int]:
             exact.setdefault(w, i)
             folded.setdefault(w.casefold(), set()).add(i)
         ids, unknown = [], []
-        for word in body.text.split():
+        chars = per_character(vocab)
+        # a character-level vocabulary reads each character, spaces included, exactly;
+        # any other splits the text at whitespace into words
+        for word in body.text if chars else body.text.split():
             hit = exact.get(word)
-            if hit is None and len(folded.get(word.casefold(), ())) == 1:
+            if hit is None and not chars and len(folded.get(word.casefold(), ())) == 1:
                 hit = next(iter(folded[word.casefold()]))
             if hit is None:
                 unknown.append(word)
@@ -384,10 +388,11 @@ def _token_ids(s: Session, body: LiveInputBody) -> list[int]:
                 ids.append(hit)
         if unknown:
             shown = ", ".join(repr(w) for w in dict.fromkeys(unknown))
+            what = "characters" if chars else "words"
             raise ApiError(
                 422,
-                f"not in the run's vocabulary ({sum(w is not None for w in vocab)} words): "
-                f"{shown}; use other words, or type the token ids as numbers",
+                f"not in the run's vocabulary ({sum(w is not None for w in vocab)} {what}): "
+                f"{shown}; use other {what}, or type the token ids as numbers",
             )
     else:
         ids = []

@@ -6,6 +6,8 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
+from lurker.vocab import per_character
+
 from ..classes import class_units
 from ..deps import entry, registry, session
 from ..explained import explained_samples
@@ -160,6 +162,7 @@ def summarize(request: Request, e: RunEntry) -> RunSummary:
             std=cfg.get("std"),
             tokens=token_length(run),
             vocab_size=None if (v := s.vocab()) is None else len(v),
+            vocab_chars=per_character(v),
             vocab_error=s.vocab_error(),
             features=vector_length(run),
             feature_names=feature_names(run),
