@@ -113,24 +113,29 @@ export async function renderHome(root: HTMLElement, ctx: PageContext): Promise<v
       ),
     ),
     h("h2", { id: "layers" }, "Layers"),
+    // (scrolls sideways on a phone rather than widening the page)
     h(
-      "table",
-      { class: "table layers" },
-      h("thead", null, h("tr", null, ["#", "layer", "op", "kind", "units", "output shape", ""].map((c) => h("th", null, c)))),
+      "div",
+      { class: "table-scroll" },
       h(
-        "tbody",
-        null,
-        s.layers.map((l, i) =>
-          h(
-            "tr",
-            null,
-            h("td", { class: "num" }, i),
-            h("td", null, h("a", { href: ctx.href("layer", l.name) }, l.name)),
-            h("td", null, h("code", null, l.op ?? "–")),
-            h("td", null, l.kind ?? "–"),
-            h("td", { class: "num" }, fmt(l.num_units)),
-            h("td", null, shape(l.shape)),
-            h("td", null, s.holds.graph && l.op ? h("a", { href: ctx.href("graph") + "?focus=" + encodeURIComponent(l.op), class: "muted" }, "in graph") : null),
+        "table",
+        { class: "table layers" },
+        h("thead", null, h("tr", null, ["#", "layer", "op", "kind", "units", "output shape", ""].map((c) => h("th", null, c)))),
+        h(
+          "tbody",
+          null,
+          s.layers.map((l, i) =>
+            h(
+              "tr",
+              null,
+              h("td", { class: "num" }, i),
+              h("td", null, h("a", { href: ctx.href("layer", l.name) }, l.name)),
+              h("td", null, h("code", null, l.op ?? "–")),
+              h("td", null, l.kind ?? "–"),
+              h("td", { class: "num" }, fmt(l.num_units)),
+              h("td", null, shape(l.shape)),
+              h("td", null, s.holds.graph && l.op ? h("a", { href: ctx.href("graph") + "?focus=" + encodeURIComponent(l.op), class: "muted" }, "in graph") : null),
+            ),
           ),
         ),
       ),

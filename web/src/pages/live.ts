@@ -133,7 +133,11 @@ export async function renderLive(root: HTMLElement, ctx: PageContext): Promise<v
     maps.append(notice("Choose an op to see its feature maps."));
     return;
   }
-  await showOp(maps, ctx, image, op);
+  // a probed op's output maps are its layer's units: linked to their pages, and the unit a
+  // unit page sent here with (`unit=U`) marked
+  const layer = summary.layers.find((l) => l.op === op)?.name ?? null;
+  const unit = params.get("unit");
+  await showOp(maps, ctx, image, op, layer ? { layer, unit: unit !== null && /^\d+$/.test(unit) ? Number(unit) : null } : null);
 }
 
 async function fillPicker(el: HTMLElement, ctx: PageContext, summary: RunSummary, current: string | null, choose: (label: string) => void): Promise<void> {
@@ -256,7 +260,13 @@ function span(lo: number, hi: number): string {
   return lo === hi ? `input ${lo}` : `inputs ${lo}–${hi}`;
 }
 
-async function showOp(el: HTMLElement, ctx: PageContext, image: string, op: string): Promise<void> {
+/** The probed layer an op's output is (its maps are the layer's units) and the unit to mark. */
+interface Probed {
+  layer: string;
+  unit: number | null;
+}
+
+async function showOp(el: HTMLElement, ctx: PageContext, image: string, op: string, probed: Probed | null = null): Promise<void> {
   const base = p("runs", ctx.run, "live", image, "ops", op);
   let info: OpDoc;
   try {
@@ -283,7 +293,11 @@ async function showOp(el: HTMLElement, ctx: PageContext, image: string, op: stri
   };
   const inCount = info.input?.channels ?? 0;
   const outCount = info.output.channels;
-  const sel: { in: number | null; out: number | null } = { in: null, out: null };
+  // the output maps are the probed layer's units where the live maps and the probe agree on
+  // the axis that holds them
+  const units = probed && info.output.unit_axis !== null && info.output.unit_axis !== undefined && !isVector(info.output) ? probed : null;
+  const marked = units && units.unit !== null && units.unit < outCount ? units.unit : null;
+  const sel: { in: number | null; out: number | null } = { in: null, out: kernel ? marked : null };
   // the sides shown as vectors (one value per index), once their values have loaded
   const vectors: Partial<Record<"input" | "output", VectorHandle>> = {};
   // a side whose vector indexes channels (maps of one value each): picked by index
@@ -417,9 +431,12 @@ async function showOp(el: HTMLElement, ctx: PageContext, image: string, op: stri
             (flat === undefined ? "" : `: constant, ${constantText(flat, bad)} at every position`) +
             (bad ? ` (${bad} value${bad === 1 ? "" : "s"} not finite: NaN or ±inf, magenta)` : ""),
         };
-        box.append(
-          kernel ? h("button", { type: "button", ...attrs, onclick: () => choose(side, c) }, face, h("span", null, c)) : h("div", attrs, face, h("span", null, c)),
-        );
+        const tile = kernel ? h("button", { type: "button", ...attrs, onclick: () => choose(side, c) }, face, h("span", null, c)) : h("div", attrs, face, h("span", null, c));
+        if (side === "output" && c === marked) {
+          tile.classList.add("unit-mark");
+          tile.id = "marked-unit";
+        }
+        box.append(tile);
       }
       shown = upto;
       more.textContent = `show ${Math.min(PAGE, t.channels - shown)} more of ${t.channels - shown}`;
@@ -449,6 +466,7 @@ async function showOp(el: HTMLElement, ctx: PageContext, image: string, op: stri
       { class: "card", "data-side": side },
       h("h3", null, `${side} `, h("span", { class: "muted" }, `${shape(t.shape)} · ${what}`)),
       from,
+      side === "output" && units ? unitsLine(ctx, units.layer, marked) : null,
       t.note ? h("p", { class: "muted small map-note" }, t.note) : null,
       ...(t.patchless ?? []).map((tok, _, all) => patchlessStrip(tok, side, all.length === 1)),
     );
@@ -487,6 +505,7 @@ async function showOp(el: HTMLElement, ctx: PageContext, image: string, op: stri
     } else {
       card.append(box, more);
       add();
+      while (side === "output" && marked !== null && shown <= marked) add();
     }
     return card;
   };
@@ -508,6 +527,7 @@ async function showOp(el: HTMLElement, ctx: PageContext, image: string, op: stri
       h("code", null, info.op),
       kernel ? h("span", { class: "sub" }, ` kernel ${shape(kernel.shape)}${(kernel.groups ?? 1) > 1 ? ` · ${kernel.groups} groups` : ""}${kernel.transposed ? " · transposed" : ""}`) : null,
       h("span", { class: "sub" }, " · ", h("a", { href: graphHref(ctx, info.op), class: "in-graph" }, "show in the graph")),
+      probed ? h("span", { class: "sub" }, " · probed layer ", h("a", { href: ctx.href("layer", probed.layer), class: "probed-layer" }, probed.layer)) : null,
     ),
     // attention: a fused call's weights are computed apart; a hand-written one's softmax output is read
     info.attention ? attentionCard(ctx, image, info.op) : null,
@@ -526,6 +546,20 @@ async function showOp(el: HTMLElement, ctx: PageContext, image: string, op: stri
       : h("div", { class: "maps-row", style: "grid-template-columns: minmax(0, 1fr) minmax(0, 1fr)" }, inputCard, outputCard),
   );
   if (kernel) void showPair();
+  if (marked !== null) el.querySelector("#marked-unit")?.scrollIntoView({ block: "center" });
+}
+
+/** Under a probed op's output heading: its maps are the layer's units, each with its page;
+ * the one a unit page sent here with is named and linked. */
+function unitsLine(ctx: PageContext, layer: string, marked: number | null): HTMLElement {
+  return h(
+    "p",
+    { class: "small units-line" },
+    "These maps are the units of the probed layer ",
+    h("a", { href: ctx.href("layer", layer) }, layer),
+    ": map i is unit i, whose page shows what it responds to over the dataset.",
+    marked !== null ? [" Marked (orange): ", h("a", { href: ctx.href("unit", layer, marked), id: "marked-unit-link" }, `unit ${marked}`), "."] : "",
+  );
 }
 
 /** A token with no patch (a ViT's class token), which the maps of a patch grid leave

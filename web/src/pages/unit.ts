@@ -339,7 +339,10 @@ export async function renderUnit(root: HTMLElement, ctx: PageContext, args: stri
     const tied = entries.length > 1 && told === entries.length;
     const tailCount = tied ? 0 : told;
     const tailFrom = entries.length - tailCount;
-    const figures = entries.map((e) => figure(ctx, layer, unit, list, list === "relevance" ? "input" : kind(), e, tab === "max" && !crop && positions > 1, images.ok, shown, noImageWhy, tagOf(list, e), captionOf(list, e)));
+    // each sample run live with this unit's map marked at its op (where a model is attached)
+    const liveOp = !ctx.api.isStatic && summary?.holds.live && images.ok ? (doc.layer.op_label ?? doc.layer.op ?? null) : null;
+    const liveHref = liveOp ? (e: TopEntry) => ctx.href("live") + "?" + new URLSearchParams({ image: `sample-${e.sample_id}`, op: liveOp, unit: String(unit) }) : null;
+    const figures = entries.map((e) => figure(ctx, layer, unit, list, list === "relevance" ? "input" : kind(), e, tab === "max" && !crop && positions > 1, images.ok, shown, noImageWhy, tagOf(list, e), captionOf(list, e), liveHref?.(e) ?? null));
     // a static export's missing images: each tile says so in a word, the page says why once
     // (a sentence per tile does not fit in it)
     const whys = [...new Set(figures.flatMap((f) => [...f.querySelectorAll<HTMLElement>(".no-img[data-why]")].map((x) => x.dataset.why ?? "")))];
@@ -422,7 +425,7 @@ export async function renderUnit(root: HTMLElement, ctx: PageContext, args: stri
   );
 }
 
-function figure(ctx: PageContext, layer: string, unit: number, list: List, kind: EntryKind, e: TopEntry, markPeak: boolean, images: boolean, shown: Shown | null, noImageWhy: string | null, tokenTag: HTMLElement | null = null, caption: HTMLElement | null = null): HTMLElement {
+function figure(ctx: PageContext, layer: string, unit: number, list: List, kind: EntryKind, e: TopEntry, markPeak: boolean, images: boolean, shown: Shown | null, noImageWhy: string | null, tokenTag: HTMLElement | null = null, caption: HTMLElement | null = null, live: string | null = null): HTMLElement {
   const visual = images ? entryImage(ctx, layer, unit, list, kind, e, shown, noImageWhy) : noImage();
   const isCrop = kind === "crop" || kind === "grad_crop";
   const frame = h("div", { class: isCrop ? "frame crop" : "frame" }, visual, tokenTag);
@@ -447,6 +450,7 @@ function figure(ctx: PageContext, layer: string, unit: number, list: List, kind:
       null,
       h("span", { class: "value" }, fmt(e.value)),
       h("a", { href: ctx.href("sample", e.sample_id) }, `#${e.sample_id}`),
+      live ? h("a", { class: "live-link", href: live, title: `run the model on sample ${e.sample_id} in the live view, this unit's map marked` }, "live") : null,
       e.class_name ? classSpan(e.class_name, e.label) : null,
       caption,
     ),
