@@ -8,9 +8,11 @@ so the server can load the model and the dataset on its own.
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -168,23 +170,34 @@ def summary_rank_behind(app: Any, url: Callable[[int], str], started: threading.
     return order.index("summary")
 
 
+class SiteServer(ThreadingHTTPServer):
+    """The static file server of :func:`static_server`."""
+
+    # a page asks for many files at once; the default backlog of 5 connections
+    # overflows on a loaded machine and the browser sees ERR_CONNECTION_RESET
+    request_queue_size = 128
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A browser that drops a request it no longer needs (an image of a page it
+        left) breaks the pipe the answer is written to: harmless, and said by no traceback
+        on stderr. Any other error is printed as the server always does."""
+        if isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+            return
+        super().handle_error(request, client_address)
+
+
 @contextlib.contextmanager
 def static_server(site: Path) -> Iterator[str]:
     """Serve an exported site with Python's static file server (what `lurker export`
     promises to work with), on a free port in a thread: yields its URL."""
     import functools
-    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+    from http.server import SimpleHTTPRequestHandler
 
     class Quiet(SimpleHTTPRequestHandler):
         def log_message(self, *args: Any) -> None:
             pass
 
-    class Server(ThreadingHTTPServer):
-        # a page asks for many files at once; the default backlog of 5 connections
-        # overflows on a loaded machine and the browser sees ERR_CONNECTION_RESET
-        request_queue_size = 128
-
-    httpd = Server(("127.0.0.1", 0), functools.partial(Quiet, directory=str(site)))
+    httpd = SiteServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(site)))
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     try:

@@ -44,6 +44,9 @@ def test_demo_serves_the_explorer(tmp_path: Path) -> None:
         with urllib.request.urlopen(url, timeout=30) as r:
             page = r.read().decode()
         assert r.status == 200 and "<script" in page and 'content="served"' in page
+        # the model's check against the run's fingerprint ends (it runs in the background)
+        with urllib.request.urlopen(url + "api/runs/run/model-check?wait=60", timeout=90) as r:
+            assert json.load(r)["state"] == "ok"
         with urllib.request.urlopen(url + "api/runs/run", timeout=30) as r:
             summary = json.load(r)
         # the run records its model and data: the live page works with no --model

@@ -88,7 +88,10 @@ def test_precompute_leaves_the_method_out_saying_why(tmp_path: Path) -> None:
     why = done.skipped["integrated_gradients"]
     assert "baseline of integrated_gradients (its default baseline, zeros)" in why
     assert "baseline=" in why
-    assert explained.explained_samples(tmp_path / "r") == ["sample-0", "sample-1"]
+    assert explained.explained_samples(tmp_path / "r", _fingerprint(tmp_path / "r")) == [
+        "sample-0",
+        "sample-1",
+    ]
     assert done.made > 0 and "saliency" not in done.skipped
     with pytest.raises(LurkerError, match="baseline of integrated_gradients"):
         explained.precompute(
@@ -301,7 +304,7 @@ def test_the_cli_naming_a_refused_baseline_method_writes_nothing(tmp_path: Path)
         main, ["images", str(run), "--explanations", "2", "--methods", "saliency"]
     )
     assert res.exit_code == 0, res.output
-    assert explained_samples(run) == ["sample-0", "sample-1"]
+    assert explained_samples(run, _fingerprint(run)) == ["sample-0", "sample-1"]
     x = _labelled().tensors[0][:2]
     want = lurker.explain(_model(), x, method="saliency")
     for i in range(2):
@@ -476,3 +479,11 @@ def test_a_feature_vector_runs_explain_page_greys_out_integrated_gradients(tmp_p
         for method in why:  # each method still offered answers
             r = get_json(f"{s['url']}/api/runs/v/live/sample-1/explain/{method}.json?target=top")
             assert len(r["scores"]) == 6
+
+
+def _fingerprint(run_dir: Path) -> str | None:
+    """The model fingerprint the run records (its explanation cache is trusted under it)."""
+    from lurker.store import Run
+
+    with Run.open(run_dir) as run:
+        return run.meta.get("model_fingerprint")

@@ -505,11 +505,19 @@ def test_a_sample_concept_relevance_fails_on_is_not_half_explained(tmp_path: Pat
     assert "no rule for cumsum_1" in said and "Traceback" not in res.output
     explained = run / "cache" / "explain"
     assert not explained.exists() or not [p for p in explained.rglob("*") if p.is_file()]
-    assert explained_samples(run) == []
+    assert explained_samples(run, _fingerprint(run)) == []
     res = CliRunner().invoke(main, [*args, "saliency"])
     assert res.exit_code == 0, res.output
-    assert explained_samples(run) == ["sample-0", "sample-1"]
+    assert explained_samples(run, _fingerprint(run)) == ["sample-0", "sample-1"]
     want = XP.explain(model, bright_data().tensors[0][:2], method="saliency")
     for i in range(2):
         got = np.load(explained / f"sample-{i}" / "saliency-top.npy")
         np.testing.assert_allclose(got, want.heatmap(i).numpy(), rtol=1e-5, atol=1e-7)
+
+
+def _fingerprint(run_dir: Path) -> str | None:
+    """The model fingerprint the run records (its explanation cache is trusted under it)."""
+    from lurker.store import Run
+
+    with Run.open(run_dir) as run:
+        return run.meta.get("model_fingerprint")

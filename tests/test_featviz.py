@@ -338,8 +338,9 @@ def test_bad_input_is_named_with_its_fix(digits, run_dir, tmp_path):
         lurker.featviz(model, "features.8", objective="direction", directions=[[1, 0, 0]])
     with pytest.raises(LurkerError, match=r"input channels.*pass channels="):
         lurker.featviz(nn.Sequential(nn.Linear(4, 4)), "0")
+    probed = _run_model(run_dir)  # the model the run was probed with (its fingerprint)
     with pytest.raises(UnknownLayerError, match="Valid layers"):
-        lurker.featviz(model, "nope", run=run_dir)
+        lurker.featviz(probed, "nope", run=run_dir)
     # a run that does not record the model's input shape
     old = tmp_path / "old"
     shutil.copytree(run_dir, old)
@@ -348,8 +349,11 @@ def test_bad_input_is_named_with_its_fix(digits, run_dir, tmp_path):
         del cfg["input_shape"]
         conn.execute("UPDATE meta SET value=? WHERE key='config'", (json.dumps(cfg),))
     with pytest.raises(LurkerError, match=r"does not record its model's input shape.*channels="):
-        lurker.featviz(model, "features.8", run=old)
-    assert lurker.featviz(model, "features.8", [0], steps=1, run=old, channels=1, size=16)
+        lurker.featviz(probed, "features.8", run=old)
+    assert lurker.featviz(probed, "features.8", [0], steps=1, run=old, channels=1, size=16)
+    # another model than the run's is refused before anything is computed
+    with pytest.raises(LurkerError, match=r"is not the one run .* was probed with"):
+        lurker.featviz(model, "features.8", [0], steps=1, run=run_dir)
     r = CliRunner().invoke(main, ["featviz", str(old), "--layer", "features.8", "--steps", "1"])
     assert r.exit_code == 2 and "--channels C and --image-size H" in r.output
     assert "Traceback" not in r.output
@@ -640,12 +644,12 @@ def test_resume_from_python_skips_only_units_of_this_model_and_settings(run_dir,
     assert said == ["units 0-1 already made with these settings; making 2"]
     fv = lurker.featviz(model, "features.8", [0, 1], steps=3, run=run, resume=True)
     assert fv.units == [0, 1] and fv.skipped == []  # other steps
-    # another model's images are never taken for this one's (the settings hold its id)
+    # another model is refused (never given this one's images, nor computing for the run)
     other = _run_model(run)
     with torch.no_grad():
         other.features[0].weight.mul_(1.01)
-    fv = lurker.featviz(other, "features.8", [0, 1], steps=2, run=run, resume=True)
-    assert fv.units == [0, 1] and fv.skipped == []
+    with pytest.raises(LurkerError, match=r"is not the one run .* was probed with"):
+        lurker.featviz(other, "features.8", [0, 1], steps=2, run=run, resume=True)
     # everything skipped: an empty result, not an error
     fv = lurker.featviz(model, "features.8", [0, 1], steps=2, run=run, resume=True)
     assert fv.units == [] and fv.skipped == [0, 1] and fv.images.shape == (0, 1, 16, 16)

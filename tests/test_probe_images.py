@@ -517,7 +517,8 @@ def test_write_all_layers_and_kinds(probed: Any, tmp_path: Path) -> None:
     result = images.write_all(
         layers=["3"], kinds=["grad", "grad_crop"], which=["max"], progress=False
     )
-    assert sorted(p.name for p in (run / "cache").iterdir()) == ["grad", "grad_crop"]
+    # the stamp names the model that made them (the run's)
+    assert sorted(p.name for p in (run / "cache").iterdir()) == ["grad", "grad_crop", "model.json"]
     assert [p.name for p in (run / "cache" / "grad").iterdir()] == ["3"]
     assert len(list((run / "cache" / "grad_crop" / "3").iterdir())) == 5 * 3 == result.made / 2
     with pytest.raises(LurkerError, match=r"zzz.*This run's layers: 1, 3, 4"):
@@ -560,7 +561,11 @@ def test_killed_write_all_resumes_without_redoing(
     with pytest.raises(Killed):
         images.write_all(kinds=views.KINDS, progress=False)
     monkeypatch.setattr(views, "_write", write)
-    before = {p: p.stat().st_mtime_ns for p in (run / "cache").rglob("*") if p.is_file()}
+    before = {
+        p: p.stat().st_mtime_ns
+        for p in (run / "cache").rglob("*")
+        if p.is_file() and p.name != "model.json"  # the stamp of the model that made them
+    }
     assert 0 < len(before) <= 30
     assert not [p for p in before if p.name.startswith(".lurker-tmp")]
     for p in before:
@@ -613,7 +618,7 @@ def test_cli_images(tmp_path: Path) -> None:
     r = CliRunner().invoke(main, [*args, "--which", "max", "-b", "5"])
     assert r.exit_code == 0, r.output
     cache = out / "cache"
-    assert sorted(p.name for p in cache.iterdir()) == ["crop", "grad", "samples"]
+    assert sorted(p.name for p in cache.iterdir()) == ["crop", "grad", "model.json", "samples"]
     assert len(list((cache / "grad" / "features.8").iterdir())) == 32 * 2  # units x k, max only
     assert len(list((cache / "crop" / "features.8").iterdir())) == 32 * 2
     n = len(list((cache / "samples").iterdir()))

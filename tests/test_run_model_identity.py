@@ -62,6 +62,14 @@ def _forget_fingerprint(run: Path) -> None:
     db.close()
 
 
+def _holds(c: TestClient, run: str) -> dict[str, Any]:
+    """The run summary's ``holds`` once the model's check against the run's fingerprint,
+    which the first summary starts in the background, has ended."""
+    state = c.get(f"/api/runs/{run}/model-check", params={"wait": 60}).json()["state"]
+    assert state != "checking", "the model's check did not end in 60 s"
+    return c.get(f"/api/runs/{run}").json()["holds"]  # type: ignore[no-any-return]
+
+
 def _digit_png(path: Path) -> Path:
     from lurker.probe.data import load_dataset
 
@@ -80,7 +88,7 @@ def test_serving_other_weights_refuses_every_model_endpoint_and_keeps_the_stored
     other = str(runs["root"] / "other.pt")
     run = _copy(runs["run"], runs["root"] / "other-served" / "digits")
     with TestClient(create_app(run, model=SPEC, weights=other)) as c:
-        holds = c.get("/api/runs/digits").json()["holds"]
+        holds = _holds(c, "digits")
         assert holds["live"] is False
         why = holds["live_reason"]
         assert "is not the one run" in why and other in why
@@ -121,7 +129,7 @@ def test_a_model_object_of_other_weights_is_refused_too(runs: dict[str, Any]) ->
         r = c.get("/api/runs/digits/live/sample-0")
         assert r.status_code == 409
         assert "the model object given (DigitsNet) is not the one run" in r.json()["detail"]
-        holds = c.get("/api/runs/digits").json()["holds"]
+        holds = _holds(c, "digits")
         assert holds["live"] is False and "model object given" in holds["live_reason"]
 
 
@@ -140,7 +148,7 @@ def test_the_runs_own_model_works_as_before(runs: dict[str, Any]) -> None:
         create_app(runs["run"], model_obj=runs["model"]),
     ):
         with TestClient(app) as c:
-            holds = c.get("/api/runs/digits").json()["holds"]
+            holds = _holds(c, "digits")
             assert holds["live"] is True and holds["live_reason"] is None
             r = c.get("/api/runs/digits/live/sample-0")
             assert r.status_code == 200, r.text
@@ -271,14 +279,14 @@ def test_a_random_init_run_is_served_with_its_rebuilt_model_and_a_mismatch_says_
                                   "--layers", LAYER, "--k", "2", "--out", str(out)])  # fmt: skip
     assert r.exit_code == 0, r.output
     with TestClient(create_app(out)) as c:
-        assert c.get("/api/runs/rand").json()["holds"]["live"] is True
+        assert _holds(c, "rand")["live"] is True
         assert c.get("/api/runs/rand/live/sample-0").status_code == 200
     db = sqlite3.connect(out / "run.db")
     with db:
         db.execute("UPDATE meta SET value = ? WHERE key = 'model_fingerprint'", ('"0123"',))
     db.close()
     with TestClient(create_app(out)) as c:
-        why = c.get("/api/runs/rand").json()["holds"]["live_reason"]
+        why = _holds(c, "rand")["live_reason"]
         assert "probed from a random-init" in why and "a run stores no weights" in why
         assert "probe with --weights FILE" in why
         r = c.get("/api/runs/rand/live/sample-0")
@@ -299,7 +307,7 @@ def test_a_model_built_under_inference_mode_is_the_runs_own(runs: dict[str, Any]
     with torch.no_grad():
         want = torch.softmax(runs["model"](x[None]), 1)[0]
     with TestClient(create_app(runs["run"], model_obj=model)) as c:
-        holds = c.get("/api/runs/digits").json()["holds"]
+        holds = _holds(c, "digits")
         assert holds["live"] is True, holds["live_reason"]
         r = c.get("/api/runs/digits/live/sample-0")
         assert r.status_code == 200, r.text
@@ -315,8 +323,8 @@ def test_a_model_that_cannot_be_used_is_said_on_the_home_page(runs: dict[str, An
     with TestClient(create_app(runs["run"], model_obj=model)) as c:
         r = c.get("/api/runs/digits")
         assert r.status_code == 200, r.text
-        holds = r.json()["holds"]
-        assert holds["live"] is False
+        holds = _holds(c, "digits")
+        assert holds["live"] is False and holds["model_check"] == "refused"
         assert "the model cannot be used" in holds["live_reason"]
         assert "meta" in holds["live_reason"]
         r = c.get("/api/runs/digits/live/sample-0")

@@ -51,8 +51,8 @@ def test_home_says_the_model_is_not_the_runs_and_the_stored_pages_work(
     import urllib.request
 
     url, root = served["url"], served["root"]
-    with urllib.request.urlopen(f"{url}api/runs/digits") as r:
-        reason = json.load(r)["holds"]["live_reason"]
+    with urllib.request.urlopen(f"{url}api/runs/digits/model-check?wait=60", timeout=90) as r:
+        reason = json.load(r)["live_reason"]
     assert "is not the one run" in reason and f"--weights {root / 'digits.pt'}" in reason
     with strict_page(browser) as pg:
         pg.goto(f"{url}#/r/digits")

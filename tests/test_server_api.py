@@ -70,6 +70,8 @@ def test_runs_list(client: TestClient, run: Run):
 
 
 def test_run_summary(client: TestClient, run: Run):
+    # (the model's check against the run's fingerprint runs in the background: ended first)
+    assert client.get("/api/runs/digits/model-check?wait=60").json()["state"] == "ok"
     r = client.get("/api/runs/digits")
     assert r.status_code == 200
     s = r.json()

@@ -34,6 +34,7 @@ from explorer_fixtures import (  # noqa: F401
 from lurker.cli import main
 from lurker.server import create_app, export_site, static_path, static_segment
 from lurker.store import Run
+from lurker.store.files import claim_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -283,14 +284,17 @@ def test_cached_model_images_exported_and_listed(
     static_dir: Path,
     tmp_path: Path,
 ):
-    """A gradient or a mean-list crop in the run's cache (made with the model: a run of an
-    older lurker, which kept no peaks for the mean list) is exported at its API path and
+    """A gradient or a mean-list crop in the run's cache (made with the run's model, the
+    cache stamped so: a run of an older lurker, which kept no peaks for the mean list) is
+    exported at its API path and
     listed in the unit's chunk; a second export replaces the first."""
     run_dir = tmp_path / "digits"
     shutil.copytree(explorer_run.path, run_dir, ignore=shutil.ignore_patterns("cache"))
     forget_mean_peaks(run_dir)
     with Run.open(run_dir) as run:
         info = run.layers[1]
+        fingerprint = run.meta.get("model_fingerprint")
+    claim_cache(run_dir, fingerprint)  # made by the run's model, as `lurker images` stamps it
     grad = run_dir / "cache" / "grad" / info.name / "00003-mean-001.png"
     crop = run_dir / "cache" / "crop" / info.name / "00003-mean-002.png"
     for f, colour in ((grad, 7), (crop, 9)):
@@ -766,6 +770,7 @@ def test_exported_pages_name_the_command_that_serves_the_run_with_its_model(
     if not (STATIC / "index.html").is_file():
         pytest.skip(f"the explorer's front end is not built ({STATIC}/index.html): run `make web`")
     served = TestClient(create_app(explorer_run.path, static_dir=STATIC))
+    assert served.get("/api/runs/digits/model-check?wait=60").json()["state"] == "ok"
     assert served.get("/api/runs/digits").json()["holds"]["live"] is True
     bare = _without_model_spec(explorer_run.path, tmp_path / "runs" / "digits")
     shown: dict[str, list[str]] = {}

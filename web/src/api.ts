@@ -72,7 +72,7 @@ export interface RunSummary {
     store_version: number | null;
     status: string | null;
   };
-  holds: { graph: boolean; live: boolean; live_reason?: string | null; dataset?: boolean; dataset_reason?: string | null; cached_images: number; featviz?: string[]; map?: boolean; relevance?: boolean; explained?: number };
+  holds: { graph: boolean; live: boolean; live_reason?: string | null; model_check?: ModelCheckState; dataset?: boolean; dataset_reason?: string | null; cached_images: number; featviz?: string[]; map?: boolean; relevance?: boolean; explained?: number };
   missing: string[];
   layers: LayerBrief[];
   /** A token of the run as probed: image URLs carrying it (`?v=`) are cached for good. */
@@ -607,6 +607,16 @@ export function p(...segments: (string | number)[]): string {
   return segments.map((s) => "/" + encodeURIComponent(String(s))).join("");
 }
 
+/** Where the server's check of a run's model against its recorded fingerprint stands. */
+export type ModelCheckState = "checking" | "ok" | "refused" | null;
+
+/** `GET /runs/RUN/model-check`: the check's state and what the summary's holds say now. */
+export interface ModelCheck {
+  state: ModelCheckState;
+  live: boolean;
+  live_reason: string | null;
+}
+
 export class Api {
   readonly isStatic: boolean;
   private cache = new Map<string, Promise<unknown>>();
@@ -682,6 +692,24 @@ export class Api {
   /** The run's summary (its manifest). */
   summary(run: string): Promise<RunSummary> {
     return this.json<RunSummary>(p("runs", run));
+  }
+
+  /**
+   * The run's summary once the server's check of its model against the run's recorded
+   * fingerprint has ended (`holds.model_check` no longer "checking": the first summary
+   * starts it in the background and answers at once, not live meanwhile). Waits on
+   * `/runs/RUN/model-check?wait=20`, which answers as soon as the check ends, then reads
+   * the summary again; gives up (the summary as it is) when `signal` fires.
+   */
+  async checkedSummary(run: string, signal?: AbortSignal): Promise<RunSummary> {
+    let s = await this.summary(run);
+    while (!this.isStatic && s.holds.model_check === "checking" && !signal?.aborted) {
+      const c = await this.get<ModelCheck>(this.jsonUrl(p("runs", run, "model-check")) + "?wait=20", false, null);
+      if (c.state === "checking") continue;
+      this.cache.delete(this.jsonUrl(p("runs", run)));
+      s = await this.summary(run);
+    }
+    return s;
   }
 
   /** GET a JSON document; immutable run documents are cached for the page's life. A

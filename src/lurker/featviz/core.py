@@ -228,6 +228,14 @@ def featviz(
 
         held = run if isinstance(run, Run) else Run.open(run)
         model = channels_first_view(model, (held.meta.get("config") or {}).get("channel_dim"))
+        # another model's images would be stored (or shown) as the run's units': refused
+        # before any step, as `lurker featviz RUN` refuses it (a run that records no
+        # fingerprint is not checked)
+        from ..probe.identity import model_mismatch
+
+        why = model_mismatch(model, held.meta, held.path)
+        if why is not None:
+            raise LurkerError(why[0].upper() + why[1:])
     rate = held.sample_rate if run is not None else None
     cfg = _Config.make(
         model, layer, units, objective, steps, size, channels, lr, param, images_per_unit,

@@ -35,11 +35,12 @@ from PIL import Image
 from ..capture import Trace, evaluating, settled_trace
 from ..errors import LurkerError, close_names, warn
 from ..store import MissingFromRunError, Run, StoreError, atomic_write_bytes
-from ..store.files import remove_stale_tmp, safe_component
+from ..store.files import claim_cache, remove_stale_tmp, safe_component
 from ..store.run import LayerInfo
 from . import data as pdata
 from .images import (
     ImageCache,
+    MemoryImageCache,
     _gradients,
     _Reached,
     _unit_map,
@@ -190,7 +191,15 @@ class UnitImages:
         self.dataset = pdata.wrap(dataset)
         self.device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
         self.batch_size = batch_size
-        self.cache = ImageCache()
+        self.cache: ImageCache = ImageCache()
+        # the cache's model-made files are this model's from now on: those made before
+        # lurker recorded which model made them, or by another, are dropped (not served
+        # as this model's); a cache it cannot write keeps what it makes in memory
+        self._fingerprint = self.run.meta.get("model_fingerprint")
+        try:
+            claim_cache(self.run.path, self._fingerprint)
+        except OSError:
+            self.cache = MemoryImageCache()
         self._trace: Trace | None = None
         self._layers: dict[str, _Layer] = {}
         self._peaks: dict[tuple[str, int, int], tuple[int, int]] = {}
@@ -598,6 +607,8 @@ class UnitImages:
         names = self.select(layers)
         t0 = time.perf_counter()
         remove_stale_tmp(Path(self.run.path) / "cache")  # a SIGKILL's half-written files
+        if not isinstance(self.cache, MemoryImageCache):  # (the cache deleted since)
+            claim_cache(self.run.path, self._fingerprint)
         plan, samples, frames, total = self._plan(names, kinds, lists)
         # token ids have no picture: refused naming them, before any progress is said
         sid = samples[0] if samples else next((j.sample_id for _, js in plan for j in js), None)

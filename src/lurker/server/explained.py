@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 
 from lurker.errors import LurkerError
+from lurker.store.files import cache_trusted
 
 if TYPE_CHECKING:
     from lurker.explain.lrp import NoRule
@@ -52,6 +53,8 @@ def cached_file(s: Any, image: str, name: str) -> Path | None:
     (none kept, not a sample, or a foreign model attached: its answers are not these)."""
     if not (image.startswith("sample-") and image[7:].isdigit()) or s.foreign_model:
         return None
+    if not s.cache_trusted():  # made before lurker recorded by which model: not the run's
+        return None
     path = sample_folder(s.entry.path, image) / name
     return path if path.is_file() else None
 
@@ -79,7 +82,7 @@ def explained_index(s: Any) -> dict[str, Any]:
     if s.foreign_model:
         return {"target": TARGET, "samples": listed}
     flat = pictureless(s)
-    for image in explained_samples(s.entry.path):
+    for image in explained_samples(s.entry.path, s.fingerprint):
         folder = sample_folder(s.entry.path, image)
         if not flat and not (folder / "input.png").is_file():
             continue
@@ -390,6 +393,7 @@ def _live_files(s: Any, image: str, folder: Path) -> None:
     from .schemas import LiveImage
 
     flat = pictureless(s)
+    s.claim_cache()  # (what an older lurker or another model left is not this model's)
     if (folder / "live.json").is_file() and (flat or (folder / "input.png").is_file()):
         return
     x = s.live_input(image)
@@ -411,9 +415,12 @@ def _live_files(s: Any, image: str, folder: Path) -> None:
     )
 
 
-def explained_samples(run_path: Path) -> list[str]:
+def explained_samples(run_path: Path, fingerprint: str | None) -> list[str]:
     """The ``sample-N`` folders of the run's explanation cache that hold ``live.json``,
-    by sample number."""
+    by sample number; none where the cache is not the run's model's (``fingerprint``, the
+    run's: see :func:`lurker.store.files.cache_trusted`)."""
+    if not cache_trusted(run_path, fingerprint):
+        return []
     root = run_path / "cache" / "explain"
     try:
         names = [p.name for p in root.iterdir() if (p / "live.json").is_file()]

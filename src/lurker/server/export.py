@@ -51,7 +51,7 @@ import numpy as np
 
 from lurker.errors import LurkerError, warn
 from lurker.store.featviz import featviz_images
-from lurker.store.files import safe_component
+from lurker.store.files import UNKNOWN_ORIGIN, cache_trusted, cache_unknown, safe_component
 from lurker.vocab import VocabLike
 
 from .routes.samples import APPEARANCES_PAGE
@@ -406,6 +406,14 @@ def _export_run(request: Any, plan: _Plan, files: _Files, make_images: bool) -> 
         {"total": e.sample_count(), "samples": listed, "no_image": no_image},
     )
     _export_explanations(request, s, e, files, plan.explained, set(ranked), sample_page)
+    fingerprint = run.meta.get("model_fingerprint")
+    if cache_unknown(e.path, fingerprint):  # its gradients and explanations are left out
+        warn(
+            f"run {e.id}: its cache holds gradient images or explanations {UNKNOWN_ORIGIN} "
+            "in this export; make them again with the run's model (`lurker images RUN`, "
+            "and `--explanations top` for explanations), then export again"
+        )
+    trusted = cache_trusted(e.path, fingerprint)
     frames: dict[tuple[int, int], bool] = {}  # (sample, frame) of a clip: exported or not
 
     def frame_image(sid: int, frame: int) -> bool:
@@ -421,7 +429,9 @@ def _export_run(request: Any, plan: _Plan, files: _Files, make_images: bool) -> 
     drawn = plan.filters.layers if plan.filters is not None else {}
     for info in run.layers:
         files.json(_rel("runs", e.id, "layers", info.name), layer_detail(request, e.id, info.name))
-        _export_units(request, e, info, files, images, no_image, frame_image, info.name in drawn)
+        _export_units(
+            request, e, info, files, images, no_image, frame_image, info.name in drawn, trusted
+        )
     if plan.filters is not None:
         _export_filters(plan.filters, e.id, files)
     # feature visualizations stored in the run (`lurker featviz`): the unit pages show them
@@ -573,13 +583,15 @@ def _export_units(
     no_image: str | None,
     frame_image: Callable[[int, int], bool] = lambda sid, frame: False,
     filters: bool = False,
+    trusted: bool = True,
 ) -> None:
     """A layer's unit documents in chunks, its cached entry images, and ``units/index``
-    (with ``no_image``: why some top-k samples have no image, for the unit pages; and
-    ``filters``: whether the export holds the layer's filters)."""
+    (with ``no_image``: why some top-k samples have no image, for the unit pages;
+    ``filters``: whether the export holds the layer's filters; ``trusted``: whether the
+    cache's model-made images are the run's model's, see ``cache_trusted``: else none)."""
     from .routes.units import unit_detail
 
-    cached = _cached_unit_images(e.path / "cache", info.name)
+    cached = _cached_unit_images(e.path / "cache", info.name) if trusted else {}
     base = ("runs", e.id, "layers", info.name)
     size = 0
     thumbs: list[dict[str, Any] | None] = []

@@ -122,6 +122,16 @@ class DatasetInfo(BaseModel):
     channel_range: dict[str, list[Any]] | None = None
 
 
+class ModelCheck(BaseModel):
+    """Where the check of a run's model against its recorded fingerprint stands (the Home
+    page polls it while the summary said ``checking``)."""
+
+    state: Literal["checking", "ok", "refused"] | None = None
+    #: ``holds.live`` and ``holds.live_reason`` of the run's summary, now.
+    live: bool
+    live_reason: str | None = None
+
+
 class ProbeInfo(BaseModel):
     k: int | None = None
     hist_bins: int | None = None
@@ -137,6 +147,11 @@ class Holds(BaseModel):
     live: bool
     #: Why ``live`` is false (what to pass to get a model); null when it is true.
     live_reason: str | None = None
+    #: The attached model's check against the run's recorded fingerprint: ``checking``
+    #: (under way in the background: ``live`` is false until it passes; ask
+    #: ``/runs/{run}/model-check``), ``ok``, ``refused`` (``live_reason`` says why); null
+    #: where there is nothing to check (no model, a run that records no fingerprint).
+    model_check: Literal["checking", "ok", "refused"] | None = None
     #: The run's dataset can be loaded (sample images without a cached file).
     dataset: bool = False
     #: Why ``dataset`` is false (how to give the run its images); null when it is true.

@@ -15,7 +15,7 @@ import math
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -167,6 +167,10 @@ class Session:
         # documents made from the dataset, by a key naming the run's generation
         self._made: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
         self._executor = _model_thread()  # its thread starts on the first submit
+        #: the background check of the model against the run's fingerprint (check_model
+        #: on the model's thread), started by the first summary: the summary never waits
+        self._check: Future[None] | None = None
+        self._check_lock = threading.Lock()
 
     # -- which model -----------------------------------------------------------------------
 
@@ -367,6 +371,32 @@ class Session:
             with self._guard:
                 self._model_error = f"the model cannot be used: {type(e).__name__}: {e}"
 
+    def start_check(self) -> Future[None] | None:
+        """Start :meth:`check_model` on the model's thread where the model is still to be
+        checked (once); the check under way or done, or None where there is none."""
+        with self._check_lock:
+            if self._check is None and self.unchecked():
+                self._check = self.executor().submit(self.check_model)
+            return self._check
+
+    def check_state(self) -> str | None:
+        """Where the model's check against the run's fingerprint stands, starting it if
+        need be (never waiting for it): ``"checking"`` (loading and comparing, on the model's
+        thread, maybe behind a long job), ``"ok"`` (it is the run's model), ``"refused"``
+        (it is not, or cannot be used: :meth:`model_reason` says why); None where there is
+        nothing to check (no model to be had, an older run that records no fingerprint,
+        a server without models)."""
+        check = self.start_check()
+        if check is not None and not check.done():
+            return "checking"
+        if not self.source.live or not self.fingerprint:
+            return None
+        if self._model is not None:
+            return "ok"
+        if check is not None or self._mismatch is not None:
+            return "ok" if self.model_reason() is None else "refused"
+        return None
+
     def _model_origin(self) -> tuple[str | None, str | None]:
         """The spec and weights the attached model was loaded from (None, None: a model
         object given from Python)."""
@@ -375,6 +405,27 @@ class Session:
                 return None, None
             return self.source.spec, self.source.weights
         return self.config.get("model_spec"), self.config.get("weights")
+
+    @property
+    def fingerprint(self) -> str | None:
+        """The fingerprint of the model the run was probed with, as it records it (None:
+        an older run, which records none)."""
+        fp = self.entry.open_run().meta.get("model_fingerprint")
+        return fp if isinstance(fp, str) and fp else None
+
+    def cache_trusted(self) -> bool:
+        """Whether what the model made in the run's ``cache/`` (gradients, explanations)
+        was made by the run's model: its stamp names the run's fingerprint."""
+        from lurker.store.files import cache_trusted
+
+        return cache_trusted(self.entry.path, self.fingerprint)
+
+    def claim_cache(self) -> None:
+        """Before the run's model (checked) writes into the run's ``cache/``: make the
+        cache its own (files of unknown origin dropped, the stamp written)."""
+        from lurker.store.files import claim_cache
+
+        claim_cache(self.entry.path, self.fingerprint)
 
     def unit_images(self) -> Any:
         """lurker.probe.UnitImages over this run's model and dataset."""

@@ -22,7 +22,7 @@ import numpy as np
 
 from lurker.errors import LurkerError
 from lurker.store import MissingFromRunError, Run, StoreError
-from lurker.store.files import lock_holder
+from lurker.store.files import GENERATION_MARKER, lock_holder
 from lurker.store.schema import DB_NAME, HIST_DTYPE, TOP_DTYPE, from_blob
 from lurker.vocab import reads_ids
 
@@ -608,7 +608,7 @@ class RunEntry:
         (a read-only run: its images are revalidated instead)."""
         if self.run is None or not self.run.complete or self.signature is None:
             return None
-        marker = self.path / "cache" / ".generation"
+        marker = self.path / "cache" / GENERATION_MARKER
         try:
             st = marker.stat()
         except FileNotFoundError:
@@ -623,6 +623,8 @@ class RunEntry:
                 return None
         except OSError:
             return None
+        # (a cache of unknown origin made the run's model's drops its files and this
+        # marker: lurker.store.files.claim_cache; a browser never keeps the dropped ones)
         cache = (st.st_ino, st.st_ctime_ns)
         key = repr((*self.run.identity, *self.signature[:2], cache))
         return hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]

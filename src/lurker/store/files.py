@@ -253,3 +253,91 @@ def sample_file(root: Path, sample_id: int, ext: str = "png") -> Path:
     folder = root / "cache" / "samples"
     folder.mkdir(parents=True, exist_ok=True)
     return folder / f"{sample_id:08d}.{safe_component(ext.lstrip('.') or 'bin')}"
+
+
+#: The file in ``cache/`` whose identity is the cache's generation (a server's image
+#: token): made when missing, removed when the cache's pictures are replaced wholesale.
+GENERATION_MARKER = ".generation"
+#: The file in ``cache/`` naming the model that made what the cache holds of a model's
+#: making (:data:`MODEL_MADE`): ``{"model_fingerprint": fp}``, the run's recorded one.
+MODEL_STAMP = "model.json"
+#: The ``cache/`` folders whose files a model makes (gradients, the crops of entries whose
+#: peak the run does not store, explanations with their predictions): trusted only under
+#: a stamp naming the run's model. Crops of stored peaks are the dataset's alone, but sit
+#: in ``crop/`` beside those, so the folder goes with them.
+MODEL_MADE = ("grad", "grad_crop", "crop", "explain")
+
+
+def cache_origin(root: str | os.PathLike[str]) -> str | None:
+    """The fingerprint of the model that made the model-made files of run ``root``'s
+    cache, as its stamp records it; None without a (readable) stamp."""
+    import json
+
+    try:
+        doc = json.loads((Path(root) / "cache" / MODEL_STAMP).read_text("utf-8"))
+    except (OSError, ValueError):
+        return None
+    fp = doc.get("model_fingerprint") if isinstance(doc, dict) else None
+    return fp if isinstance(fp, str) and fp else None
+
+
+def cache_trusted(root: str | os.PathLike[str], fingerprint: str | None) -> bool:
+    """Whether the model-made files of run ``root``'s cache are the run's model's: its
+    stamp names ``fingerprint`` (the run's ``model_fingerprint``). A run that records
+    none (an older run) is not checked. Files without a stamp (made by a lurker before
+    it kept one, maybe with another model) or under another model's are not trusted."""
+    return not fingerprint or cache_origin(root) == fingerprint
+
+
+def cache_unknown(root: str | os.PathLike[str], fingerprint: str | None) -> bool:
+    """Whether run ``root``'s cache holds model-made files it does not trust
+    (:func:`cache_trusted`): said where they would have been shown."""
+    if cache_trusted(root, fingerprint):
+        return False
+    cache = Path(root) / "cache"
+    for name in MODEL_MADE:
+        with contextlib.suppress(OSError), os.scandir(cache / name) as it:
+            if any(True for _ in it):
+                return True
+    return False
+
+
+#: why untrusted model-made files are not shown, for the messages that say so
+UNKNOWN_ORIGIN = (
+    "made before lurker recorded which model made a run's cached images (or by another "
+    "model than the run's), so of unknown origin: not shown"
+)
+
+
+def claim_cache(root: str | os.PathLike[str], fingerprint: str | None) -> None:
+    """Make run ``root``'s cache the model ``fingerprint``'s (the run's, checked by the
+    caller) before it writes a model-made file there: files it does not trust are
+    deleted (moved aside first, so no reader sees half a folder) and the stamp written.
+    Raises OSError where the cache cannot be written (a read-only run)."""
+    import json
+    import shutil
+
+    if cache_trusted(root, fingerprint):
+        return
+    cache = Path(root) / "cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    dropped = False
+    for name in MODEL_MADE:
+        folder = cache / name
+        if not folder.exists():
+            continue
+        aside = cache / f"{_tmp_tag()}untrusted-{name}-{os.urandom(4).hex()}"
+        try:
+            os.replace(folder, aside)
+        except FileNotFoundError:  # another writer of the same model moved it meanwhile
+            continue
+        dropped = True
+        shutil.rmtree(aside, ignore_errors=True)
+    doc = json.dumps({"model_fingerprint": fingerprint}).encode("utf-8")
+    atomic_write_bytes(cache / MODEL_STAMP, doc, durable=False)
+    if dropped:
+        # other pictures will come under the same names: a new cache generation, so that
+        # no browser keeps its copies of the dropped ones (a fresh cache only stamped
+        # keeps its generation: nothing it served changes)
+        with contextlib.suppress(FileNotFoundError):
+            (cache / GENERATION_MARKER).unlink()

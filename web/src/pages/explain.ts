@@ -78,7 +78,9 @@ export async function renderExplain(root: HTMLElement, ctx: PageContext): Promis
   // the image's predictions arrive, instead of a page with only its title
   const loading = h("p", { class: "loading busy", role: "status" }, "Loading…");
   append(root, h("h1", null, "Explain", h("span", { class: "sub" }, " why the model decided this, method by method")), loading);
-  const summary = await ctx.api.json<RunSummary>(p("runs", ctx.run));
+  // (once the server's check of the model against the run's has ended)
+  const summary = await ctx.api.checkedSummary(ctx.run, ctx.signal);
+  if (ctx.signal.aborted) return;
   // a text model's run: its samples are token ids, explained token by token
   if ((summary.dataset.tokens ?? null) !== null) return renderTokenExplain(root, ctx, summary, loading);
   // a tabular model's run: its samples are feature vectors, explained feature by feature

@@ -17,6 +17,46 @@ export async function renderHome(root: HTMLElement, ctx: PageContext): Promise<v
   const tokens = d.tokens ?? null;
   const pictureless = tokens !== null || (d.features ?? null) !== null || (d.signal ?? null) !== null;
   const shownClasses = d.classes.slice(0, 40).join(", ") + (classes > 40 ? `, … (${classes - 40} more)` : "");
+  // what depends on the model's check against the run's fingerprint, which the server
+  // runs in the background (the summary answers at once, "checking"): drawn again in
+  // place when it ends, the rest of the page usable meanwhile
+  const modelParts = (t: RunSummary) => {
+    const live = t.holds.live;
+    const explainCell = h("span", { class: "explanations" }, explained ? h("a", { href: ctx.href("explain") }, `${fmt(explained)} sample${explained === 1 ? "" : "s"} precomputed`) : live ? h("a", { href: ctx.href("explain") }, "computed on request") : h("span", { class: "muted" }, "none precomputed"));
+    const check = t.holds.model_check ?? "none";
+    const liveCell = h(
+      "span",
+      { class: "live-model", "data-model-check": check },
+      ...(check === "checking"
+        ? [h("span", { class: "check-spinner", "aria-hidden": "true" }), h("span", { class: "model-checking", role: "status" }, "checking the model… (loading it and comparing it with the one the run was probed with)")]
+        : live
+          ? [h("a", { href: ctx.href("live") }, "attached")]
+          : ctx.api.isStatic
+            ? [h("span", { class: "muted" }, `none in a static export (${serveCommand(t)})`)]
+            : [h("span", { class: "muted" }, `none (${serveCommand(t, false)})`), t.holds.live_reason ? h("span", { class: "live-reason" }, `: ${t.holds.live_reason}`) : null]),
+    );
+    const links = h(
+      "p",
+      { class: "entry-links" },
+      h("a", { class: "button", href: ctx.href("samples") }, "Browse samples"),
+      t.holds.graph ? h("a", { class: "button", href: ctx.href("graph") }, "Open the graph") : null,
+      // token ids and feature vectors are typed into Live; a signal is a dataset sample
+      live ? h("a", { class: "button", href: ctx.href("live") }, tokens !== null || (d.features ?? null) !== null ? "Live: type an input" : "Live view") : null,
+      t.holds.map ? h("a", { class: "button", href: ctx.href("map") }, "Dataset map") : null,
+      // the Explain page works wherever explanations can be made or were precomputed
+      live || explained ? h("a", { class: "button", href: ctx.href("explain") }, pictureless ? "Explain a sample" : "Explain an image") : null,
+    );
+    return { explainCell, liveCell, links };
+  };
+  const { explainCell, liveCell, links } = modelParts(s);
+  if (s.holds.model_check === "checking" && !ctx.api.isStatic)
+    void ctx.api.checkedSummary(ctx.run, ctx.signal).then((t) => {
+      if (ctx.signal.aborted || t.holds.model_check === "checking") return;
+      const now = modelParts(t);
+      explainCell.replaceWith(now.explainCell);
+      liveCell.replaceWith(now.liveCell);
+      links.replaceWith(now.links);
+    }, () => undefined);
   append(root, 
     h("h1", null, m.name ?? ctx.run, h("span", { class: "sub", title: "the run's name: its folder" }, ` · `, h("code", null, s.id))),
     s.missing.length ? notice(`This run lacks: ${s.missing.join("; ")}.`) : null,
@@ -78,10 +118,10 @@ export async function renderHome(root: HTMLElement, ctx: PageContext): Promise<v
           ["graph", s.holds.graph ? h("a", { href: ctx.href("graph") }, "traced graph") : "not recorded"],
           ["dataset map", s.holds.map ? h("a", { href: ctx.href("map") }, "made") : h("span", { class: "muted" }, "none (lurker map RUN)")],
           ["feature visualizations", featviz.length ? `${featviz.length} layer${featviz.length === 1 ? "" : "s"}: ${featviz.slice(0, 4).join(", ")}${featviz.length > 4 ? ", …" : ""}` : h("span", { class: "muted" }, "none (lurker featviz RUN --layer L)")],
-          ["explanations", explained ? h("a", { href: ctx.href("explain") }, `${fmt(explained)} sample${explained === 1 ? "" : "s"} precomputed`) : s.holds.live ? h("a", { href: ctx.href("explain") }, "computed on request") : h("span", { class: "muted" }, "none precomputed")],
+          ["explanations", explainCell],
           // why not, where the server knows (its weights are gone, or the model loads but is
           // not the one the run was probed with: its fingerprint differs), said here once
-          ["live model", s.holds.live ? h("a", { href: ctx.href("live") }, "attached") : ctx.api.isStatic ? h("span", { class: "muted" }, `none in a static export (${serveCommand(s)})`) : [h("span", { class: "muted" }, `none (${serveCommand(s, false)})`), s.holds.live_reason ? h("span", { class: "live-reason" }, `: ${s.holds.live_reason}`) : null]],
+          ["live model", liveCell],
           // the server makes a unit's or sample's images the first time a page shows
           // them and keeps them, so this count grows as one browses: say so, not leave a
           // number that changes unexplained (an export's count is fixed when written)
@@ -99,17 +139,7 @@ export async function renderHome(root: HTMLElement, ctx: PageContext): Promise<v
           ["probed", [h("span", { title: s.probe.created ?? null }, probedAt(s.probe.created)), s.probe.lurker_version ? ` with lurker ${s.probe.lurker_version}` : ""]],
           ["status", s.probe.status ?? "–"],
         ]),
-        h(
-          "p",
-          { class: "entry-links" },
-          h("a", { class: "button", href: ctx.href("samples") }, "Browse samples"),
-          s.holds.graph ? h("a", { class: "button", href: ctx.href("graph") }, "Open the graph") : null,
-          // token ids and feature vectors are typed into Live; a signal is a dataset sample
-          s.holds.live ? h("a", { class: "button", href: ctx.href("live") }, tokens !== null || (d.features ?? null) !== null ? "Live: type an input" : "Live view") : null,
-          s.holds.map ? h("a", { class: "button", href: ctx.href("map") }, "Dataset map") : null,
-          // the Explain page works wherever explanations can be made or were precomputed
-          s.holds.live || explained ? h("a", { class: "button", href: ctx.href("explain") }, pictureless ? "Explain a sample" : "Explain an image") : null,
-        ),
+        links,
       ),
     ),
     h("h2", { id: "layers" }, "Layers"),

@@ -48,7 +48,10 @@ export async function renderLive(root: HTMLElement, ctx: PageContext): Promise<v
   document.title = `live · ${ctx.run} · lurker`;
   // the run's summary first (a static export holds it too): the heading names its input,
   // which is no image on a run of token ids, feature vectors or signals
-  const summary = await ctx.api.json<RunSummary>(p("runs", ctx.run));
+  // (once the server's check of the model against the run's has ended: never computed
+  // with before it passes)
+  const summary = await ctx.api.checkedSummary(ctx.run, ctx.signal);
+  if (ctx.signal.aborted) return;
   append(root, h("h1", null, "Live", h("span", { class: "sub" }, ` the model on one ${liveInput(summary)}`)));
   if (ctx.api.isStatic) {
     root.append(

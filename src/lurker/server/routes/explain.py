@@ -470,12 +470,21 @@ def stored_result(
 
 
 # ------------------------------------------------------------------ the run's cache/
-def disk_file(s: Session, key: tuple[str, str, str, str]) -> FilePath | None:
+def disk_file(s: Session, key: tuple[str, str, str, str], writing: bool = False) -> FilePath | None:
     """``cache/explain/<image>/<method>-<target>[-<layer>].json`` for a dataset sample
     explained by the run's own model; None for uploads (their ids live only as long as
-    the server) and for a foreign model (what it makes is not the run's)."""
+    the server) and for a foreign model (what it makes is not the run's). A cache not
+    stamped with the run's model (an older lurker's, of unknown origin) is read as empty,
+    and ``writing`` makes it this model's first (its untrusted files dropped)."""
     image, method, target, layer = key
     if not _SAMPLE.fullmatch(image) or s.foreign_model:
+        return None
+    if writing:
+        try:
+            s.claim_cache()
+        except OSError:  # a read-only run: kept in memory only
+            return None
+    elif not s.cache_trusted():
         return None
     parts = [method, target] + ([layer] if layer else [])
     name = "-".join(safe_component(p) for p in parts)
@@ -537,8 +546,10 @@ def _write_disk(s: Session, key: tuple[str, str, str, str], r: Result) -> None:
     """Keep a sample's explanation in the run's cache (atomically, as unit images are); a
     read-only run keeps it in memory only; so does a run probed again while it was made
     (its model and inputs were the old run's)."""
-    meta = disk_file(s, key)
-    if meta is None or s.entry.changed():
+    if s.entry.changed():
+        return
+    meta = disk_file(s, key, writing=True)
+    if meta is None:
         return
     buf = io.BytesIO()
     np.save(buf, r.heat.numpy().astype(np.float32), allow_pickle=False)
@@ -926,8 +937,10 @@ def _read_concepts(s: Session, key: tuple[str, str, str, str]) -> ConceptResult 
 
 def _write_concepts(s: Session, key: tuple[str, str, str, str], r: ConceptResult) -> None:
     """Keep a sample's concept relevance in the run's cache (see :func:`_read_concepts`)."""
-    path = disk_file(s, key)
-    if path is None or s.entry.changed():  # (probed again meanwhile: not the new run's)
+    if s.entry.changed():  # (probed again meanwhile: not the new run's)
+        return
+    path = disk_file(s, key, writing=True)
+    if path is None:
         return
     units = sorted(r.heat)
     meta = {

@@ -15,6 +15,8 @@ from fastapi import APIRouter, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
+from lurker.store.files import UNKNOWN_ORIGIN
+
 from ..deps import entry, live_call, on_model, session
 from ..errors import ApiError, wrong_model
 from ..schemas import EntryPeaks
@@ -263,9 +265,12 @@ def _unit_image(
             return s, info.name
         return _sample_image(request, run_id, top.sample_id)
     target = s.unit_file(kind, info.name, unit, which, rank)
-    if target.is_file() and target.stat().st_size > 0:
-        return png_response(target, request, e)
     stored = kind == "crop" and top.y is not None and top.x is not None  # the peak is in the run
+    # a model's image is served only when the cache says the run's model made it
+    trusted = stored or s.cache_trusted()
+    cached = target.is_file() and target.stat().st_size > 0
+    if cached and trusted:
+        return png_response(target, request, e)
     if stored and s.dataset_reason() is None:
         found = s.crop_png(info, unit, rank, top.sample_id, top.y, top.x, top.path, which)
         return png_response(found, request, e)
@@ -275,6 +280,13 @@ def _unit_image(
     if s.mismatch is not None:  # a model is attached, but not the run's: said as the model's
         raise wrong_model(e.id, s.mismatch)  # endpoints say it, whatever was asked first
     why = model_reason or data_reason
+    if cached:  # there, but of unknown origin: not shown as the run's model's
+        raise ApiError(
+            404,
+            f"the {kind} image of {info.name} unit {unit} ({which} list, rank {rank}) in the "
+            f"run's cache was {UNKNOWN_ORIGIN}; making it again needs the model and the "
+            f"dataset ({why}). {_cache_hint(s, kind)}",
+        )
     serve = (
         "Serve the run with `lurker serve RUN --model SPEC --weights WEIGHTS`, or "
         if data_reason is None

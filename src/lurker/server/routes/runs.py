@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
+from starlette.concurrency import run_in_threadpool
 
 from lurker.vocab import per_character
 
@@ -15,6 +17,7 @@ from ..schemas import (
     DatasetInfo,
     Holds,
     LayerBrief,
+    ModelCheck,
     ModelInfo,
     ProbeInfo,
     RunGeneration,
@@ -127,10 +130,10 @@ def summarize(request: Request, e: RunEntry) -> RunSummary:
         params, ops, flops = graph.num_params, graph.num_ops, graph.flops
         flops_unknown = graph.flops_unknown
     s = session(request, e)
-    if s.unchecked():
-        # a model other than the run's is said here, before a live page asks for it: the
-        # model is loaded (on its own thread) and compared once, on the first summary
-        s.executor().submit(s.check_model).result()
+    # a model other than the run's is said on the Home page before a live page asks for
+    # it: the first summary starts loading and comparing it (on the model's thread) and
+    # answers at once, `model_check` "checking" (not live) until it is done
+    check = s.check_state()
     live_reason = s.model_reason()
     dataset_reason = s.dataset_reason()
     skipped = run._query("SELECT path, reason FROM skipped ORDER BY id LIMIT ?", (SKIPPED_LISTED,))
@@ -181,15 +184,16 @@ def summarize(request: Request, e: RunEntry) -> RunSummary:
         ),
         holds=Holds(
             graph=has_graph,
-            live=live_reason is None,
+            live=live_reason is None and check != "checking",
             live_reason=live_reason,
+            model_check=check,
             dataset=dataset_reason is None,
             dataset_reason=dataset_reason,
             featviz=run.featviz_layers(),
             cached_images=e.cached_images(),
             map=run.has_map,
             relevance=run.has_relevance,
-            explained=len(explained_samples(e.path)),
+            explained=len(explained_samples(e.path, meta.get("model_fingerprint"))),
         ),
         missing=e.missing(),
         layers=[layer_brief(info, scores.get(info.op or "")) for info in run.layers],
@@ -198,6 +202,34 @@ def summarize(request: Request, e: RunEntry) -> RunSummary:
         additions=additions,
         featviz_layers=featviz_layers,
     )
+
+
+@router.get(
+    "/runs/{run_id}/model-check",
+    response_model=ModelCheck,
+    summary="Where the check of the run's model against its recorded fingerprint stands",
+)
+async def model_check(
+    request: Request,
+    run_id: str,
+    wait: float = Query(
+        0.0,
+        ge=0.0,
+        le=60.0,
+        description="seconds to wait for a check under way to end before answering",
+    ),
+) -> ModelCheck:
+    """The model's check (the summary's ``holds.model_check``), started if need be;
+    ``wait``: answered as soon as it ends, or after that many seconds, still
+    ``checking`` (a page asks again). Never waits on the model's thread itself."""
+    s = await run_in_threadpool(lambda: session(request, entry(request, run_id)))
+    check = await run_in_threadpool(s.start_check)
+    if check is not None and wait > 0 and not check.done():
+        # asyncio.wait cancels nothing on timeout: the check goes on
+        await asyncio.wait([asyncio.wrap_future(check)], timeout=wait)
+    state = await run_in_threadpool(s.check_state)
+    reason = await run_in_threadpool(s.model_reason)
+    return ModelCheck(state=state, live=reason is None and state != "checking", live_reason=reason)
 
 
 @router.get(
