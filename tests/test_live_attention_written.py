@@ -309,7 +309,9 @@ def test_swin_windows_are_served_one_at_a_time(served: dict[str, Any]):
     doc = _get(client, "swin", "softmax_1")
     assert (doc["windows"], doc["window"], doc["heads"], doc["queries"]) == (4, 0, 2, 16)
     assert any("4 sequences for this one input: windows" in n for n in doc["notes"])
-    assert doc["patches"] is None and "within the window" in doc["patches_note"]
+    # placed on the image (window 0: the top-left 4x4 patches; tests/test_live_attention_windows.py)
+    assert doc["patches"]["window"] is True and doc["patches_note"] is None
+    assert doc["patches"]["keys"][:5] == [[0, 0], [0, 1], [0, 2], [0, 3], [1, 0]]
     for window in range(4):
         for head in (None, 1):
             query = {} if head is None else {"head": head}

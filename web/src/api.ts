@@ -501,6 +501,8 @@ export interface AttentionPatches {
   queries: (number[] | null)[];
   /** per key token its patch [y0, y1, x0, x1] in the image (half-open); null: none */
   boxes: (number[] | null)[];
+  /** the tokens are one window's (Swin): `rows` x `cols` is the whole grid, `boxes` the window's patches */
+  window?: boolean;
 }
 
 /** An attention op's weights on one image (`.../ops/OP/attention?query=Q&head=H`). */

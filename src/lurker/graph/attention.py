@@ -632,3 +632,352 @@ def _size(atoms: list[_Atom]) -> int:
     for a in atoms:
         n *= a[1]
     return n
+
+
+# Where each query and key token of a softmax's output lies on the image, per leading
+# index: the patch boxes of the patch embedding carried element by element along the ops
+# that made q and k (reshapes, permutes, a cyclic roll, padding, strided slices and the
+# concatenation of patch merging, norms and linear layers), so a window folded into the
+# batch axis is placed whatever the model's reshapes. A box is ``(y0, y1, x0, x1)`` in the
+# input, half-open; ``-1`` in all four: no patch (padding, a class token).
+_Boxes = Any  # np.ndarray of shape (*tensor shape, 4)
+#: Ops that keep every element's position: its box is its argument's (broadcast to the
+#: output's shape).
+_KEEP_POSITION = _SCORE_STEPS | _WEIGHT_STEPS | frozenset({
+    "gelu", "relu", "silu", "sigmoid", "softplus", "elu", "leaky_relu", "hardswish",
+    "exp", "abs", "sqrt", "rsqrt", "pow", "batch_norm", "identity",
+})  # fmt: skip
+_NORMS = frozenset({"layer_norm", "rms_norm"})
+
+
+@dataclass(frozen=True)
+class TokenBoxes:
+    """Each token's patch of the image for every leading index of a softmax's output."""
+
+    #: ``(*leading, L, 4)``: query token l's box at each leading index of the softmax's
+    #: output (its shape in the trace, batch included)
+    queries: Any
+    #: ``(*leading, S, 4)``: key token s's box likewise
+    keys: Any
+    #: the op whose output grid the boxes start from (the patch embedding)
+    start: int
+    #: the cyclic shifts (``roll`` ops) on the way from it to the query
+    rolls: tuple[int, ...] = ()
+
+
+def token_boxes(graph: Graph, found: SoftmaxAttention, rfs: dict[int, Any]) -> TokenBoxes | str:
+    """Where each query and key token of attention ``found`` lies on the image, for every
+    leading index (window, head) of its softmax's output, or why lurker cannot say.
+
+    The boxes start at the patch embedding: the op nearest the query, on the ops that
+    made it from the model's input, that is a convolution or pool whose receptive field
+    (``rfs``, :func:`lurker.graph.receptive.receptive_fields`) keeps both image axes;
+    each position of its output is its patch. From there each element's box is carried
+    op by op, as the op moves elements: reshapes and permutes, ``roll`` (Swin's cyclic
+    shift), padding (no patch), slicing and ``cat`` (patch merging: a merged token's box
+    is the union of its parts'), norms and linear layers over the channels (the union over
+    them), ops that keep each element in place; and from q and kᵀ through the scores'
+    product and the ops between it and the softmax. An op that moves elements in any
+    other way stops it, and is named."""
+    import numpy as np
+
+    ops = graph.ops
+    chain = _chain(ops, found.query)
+    start = next(
+        (
+            r.index
+            for r in chain
+            if _name(ops[r.index]) in _CONVS | _POOLS
+            and r.output == 0
+            and (rf := rfs.get(r.index)) is not None
+            and rf.y.dim is not None
+            and rf.x.dim is not None
+            and rf.y.dim != rf.x.dim
+        ),
+        None,
+    )
+    if start is None:
+        return (
+            "lurker found no patch embedding (a convolution that keeps the image's two axes) "
+            "on the ops that made its query from the input"
+        )
+    rf = rfs[start]
+    shape = tuple(ops[start].outputs[0].shape)
+    ya, xa = rf.y.dim, rf.x.dim
+    lo_y, hi_y = (np.asarray(v, dtype=np.int64) for v in (rf.y.lo, rf.y.hi))
+    lo_x, hi_x = (np.asarray(v, dtype=np.int64) for v in (rf.x.lo, rf.x.hi))
+    if len(lo_y) != shape[ya] or len(lo_x) != shape[xa]:
+        return f"the receptive field of {ops[start].label} does not match its grid"
+
+    def along(v: Any, axis: int) -> Any:
+        sh = [1] * len(shape)
+        sh[axis] = len(v)
+        return np.broadcast_to(v.reshape(sh), shape)
+
+    base = np.stack([along(lo_y, ya), along(hi_y, ya), along(lo_x, xa), along(hi_x, xa)], -1)
+    memo: dict[tuple[int, int], _Boxes | str] = {(start, 0): base}
+    rolls: list[int] = []
+    q = _carry(ops, found.query, memo, rolls)
+    k = _carry(ops, found.key, memo, rolls)
+    for got in (q, k):
+        if isinstance(got, str):
+            return got
+    at = _at_scores(ops, found, q, k)
+    if isinstance(at, str):
+        return at
+    qb, kb = at
+    for ref, pred in _score_path(ops, found):
+        qb, kb = _move(ops, ref, pred, qb), _move(ops, ref, pred, kb)
+        if isinstance(qb, str) or isinstance(kb, str):
+            return qb if isinstance(qb, str) else kb  # type: ignore[return-value]
+    sm = tuple(ops[found.softmax].outputs[0].shape)
+    if qb.shape[:-1] != sm or kb.shape[:-1] != sm:
+        return "lurker could not carry the tokens' boxes to the softmax's output"
+    # a query's box is one across its keys, a key's across its queries
+    if not ((qb == qb[..., :1, :]).all() and (kb == kb[..., :1, :, :]).all()):
+        return "the boxes lurker carried differ along the other token axis"
+    return TokenBoxes(qb[..., 0, :], kb[..., 0, :, :], start, tuple(sorted(set(rolls))))
+
+
+_POOLS = frozenset({"max_pool2d", "avg_pool2d", "max_pool3d", "avg_pool3d"})
+
+
+def _chain(ops: list[Op], ref: OpRef) -> list[OpRef]:
+    """The outputs from ``ref`` back to the model's input along :func:`_pred`, nearest first."""
+    out: list[OpRef] = []
+    cur: OpRef | None = ref
+    while cur is not None and len(out) < 1_000_000:
+        out.append(cur)
+        op = ops[cur.index]
+        cur = _pred(ops, op) if op.kind == "op" else None
+    return out
+
+
+def _needs(ops: list[Op], ref: OpRef) -> list[OpRef] | str:
+    """The outputs whose boxes make ``ref``'s: the parts of a cat or stack that come from
+    the input, else the one argument its elements come from (:func:`_pred`)."""
+    op = ops[ref.index]
+    if op.kind != "op":
+        return f"the tokens come from {op.label}, not from the patch embedding"
+    if _name(op) in ("cat", "concat", "concatenate", "stack"):
+        call = _call(op) or {}
+        parts = call.get("tensors")
+        if isinstance(parts, (list, tuple)):
+            return [r for r in parts if _from_input(ops, r)]
+    pred = _pred(ops, op)
+    if pred is None:
+        return f"{op.label} ({op.name}) is made from no tensor of the input"
+    return [pred]
+
+
+def _carry(
+    ops: list[Op], target: OpRef, memo: dict[tuple[int, int], _Boxes | str], rolls: list[int]
+) -> _Boxes | str:
+    """The boxes of ``target``'s elements, from those in ``memo`` (the patch embedding's)."""
+    todo = [target]
+    while todo:
+        ref = todo[-1]
+        key = (ref.index, ref.output)
+        if key in memo:
+            todo.pop()
+            continue
+        needs = _needs(ops, ref)
+        if isinstance(needs, str):
+            memo[key] = needs
+            todo.pop()
+            continue
+        missing = [r for r in needs if (r.index, r.output) not in memo]
+        if missing:
+            todo.extend(missing)
+            continue
+        todo.pop()
+        got = [memo[(r.index, r.output)] for r in needs]
+        bad = next((g for g in got if isinstance(g, str)), None)
+        if bad is not None:
+            memo[key] = bad
+        elif len(needs) == 1 and _name(ops[ref.index]) not in (
+            "cat",
+            "concat",
+            "concatenate",
+            "stack",
+        ):
+            memo[key] = _move(ops, ref, needs[0], got[0])
+            if _name(ops[ref.index]) == "roll":
+                rolls.append(ref.index)
+        else:
+            memo[key] = _joined(ops, ref, got)
+    return memo[(target.index, target.output)]
+
+
+def _union(b: _Boxes, axes: tuple[int, ...]) -> _Boxes:
+    """The smallest box holding the boxes of ``b`` over tensor ``axes`` (kept, size 1);
+    elements with no patch are left out (none left: no patch)."""
+    import numpy as np
+
+    valid = b[..., 0] >= 0
+    big = np.iinfo(np.int64).max
+    lo = np.where(valid[..., None], b, big)[..., [0, 2]].min(axes, keepdims=True)
+    hi = np.where(valid[..., None], b, -1)[..., [1, 3]].max(axes, keepdims=True)
+    out = np.stack([lo[..., 0], hi[..., 0], lo[..., 1], hi[..., 1]], -1)
+    return np.where(valid.any(axes, keepdims=True)[..., None], out, -1)
+
+
+def _move(ops: list[Op], ref: OpRef, pred: OpRef, b: _Boxes) -> _Boxes | str:
+    """The boxes of op output ``ref``'s elements from those of its argument ``pred``."""
+    import numpy as np
+
+    op = ops[ref.index]
+    out, inp = _shape(ops, ref), _shape(ops, pred)
+    if out is None or inp is None or b.shape[:-1] != inp:
+        return f"lurker cannot follow the tokens through {op.label} ({op.name})"
+    name = _name(op)
+    why = f"lurker cannot follow the tokens through {op.label} ({op.name})"
+    call = _call(op) or {}
+    n = len(inp)
+    try:
+        if name in _RESHAPES or name in ("view_as", "reshape_as"):
+            return b.reshape(*out, 4)
+        if name in _PERMUTES:
+            perm = _perm(op, n)
+            return why if perm is None else b.transpose(*perm, n)
+        if name in _KEEP_POSITION and out == inp:
+            return b
+        if name in _KEEP_POSITION:  # a binary op broadcasting its argument
+            return np.broadcast_to(b, (*out, 4))
+        if name in _NORMS:
+            ns = call.get("normalized_shape")
+            k = len(ns) if isinstance(ns, (tuple, list)) else 1
+            return np.broadcast_to(_union(b, tuple(range(n - k, n))), b.shape)
+        if name in _CHANNEL_MAKERS and name != "embedding":
+            return np.broadcast_to(_union(b, (n - 1,)), (*out, 4))
+        if name == "roll":
+            shifts, dims = call.get("shifts"), call.get("dims")
+            if dims is None or dims == ():
+                flat = np.roll(b.reshape(-1, 4), shifts, axis=0)
+                return flat.reshape(b.shape)
+            return np.roll(
+                b,
+                shifts,
+                axis=tuple(d % n for d in dims) if isinstance(dims, (tuple, list)) else dims % n,
+            )
+        if name in ("pad", "constant_pad_nd"):
+            pad = call.get("pad")
+            mode = call.get("mode", "constant")
+            if mode != "constant" or not isinstance(pad, (tuple, list)):
+                return why + f": padding of mode {mode!r}"
+            width = [(0, 0)] * (n + 1)
+            for i in range(len(pad) // 2):
+                width[n - 1 - i] = (pad[2 * i], pad[2 * i + 1])
+            crop = tuple(
+                slice(max(-a, 0), b.shape[d] - max(-z, 0)) for d, (a, z) in enumerate(width)
+            )
+            width = [(max(a, 0), max(z, 0)) for a, z in width]
+            return np.pad(b[crop], width, constant_values=-1)
+        if name == "getitem":
+            idx = call.get("index")
+            idx = idx if isinstance(idx, tuple) else (idx,)
+            if not all(i is None or i is Ellipsis or type(i) in (int, slice) for i in idx):
+                return why + ": an index that is a tensor or a list"
+            if any(
+                type(i) is slice
+                and not all(type(v) in (int, type(None)) for v in (i.start, i.stop, i.step))
+                for i in idx
+            ):
+                return why
+            return b[(*idx, slice(None)) if Ellipsis in idx else (*idx, Ellipsis, slice(None))]
+        if name == "select":
+            dim, index = call.get("dim"), call.get("index")
+            if isinstance(dim, int) and isinstance(index, int):
+                return np.take(b, index, axis=dim % n)
+        if name == "unbind":
+            dim = call.get("dim", 0)
+            if isinstance(dim, int):
+                return np.take(b, ref.output, axis=dim % n)
+        if name in _SPLITS:
+            dim = call.get("dim", 0)
+            if isinstance(dim, int):
+                dim %= n
+                sizes = [o.shape[dim] for o in op.outputs]
+                at = sum(sizes[: ref.output])
+                return np.take(b, range(at, at + sizes[ref.output]), axis=dim)
+    except (ValueError, IndexError, TypeError):
+        return why
+    return why
+
+
+def _joined(ops: list[Op], ref: OpRef, parts: list[_Boxes]) -> _Boxes | str:
+    """The boxes of a ``cat`` or ``stack`` (parts not from the input: no patch)."""
+    import numpy as np
+
+    op = ops[ref.index]
+    call = _call(op) or {}
+    tensors = call.get("tensors")
+    dim = call.get("dim", 0)
+    out = _shape(ops, ref)
+    if not isinstance(tensors, (list, tuple)) or not isinstance(dim, int) or out is None:
+        return f"lurker cannot follow the tokens through {op.label} ({op.name})"
+    it = iter(parts)
+    full = []
+    for r in tensors:
+        sh = _shape(ops, r)
+        if sh is None:
+            return f"lurker cannot follow the tokens through {op.label} ({op.name})"
+        full.append(next(it) if _from_input(ops, r) else np.full((*sh, 4), -1, np.int64))
+    try:
+        if _name(op) == "stack":
+            got = np.stack(full, axis=dim % (len(out)))
+        else:
+            got = np.concatenate(full, axis=dim % len(out))
+    except ValueError:
+        return f"lurker cannot follow the tokens through {op.label} ({op.name})"
+    return got if got.shape[:-1] == out else f"lurker cannot follow the tokens through {op.label}"
+
+
+def _at_scores(
+    ops: list[Op], found: SoftmaxAttention, q: _Boxes, k: _Boxes
+) -> tuple[_Boxes, _Boxes] | str:
+    """The query's and the key's boxes at every element of the scores' product's output:
+    each operand's boxes joined over the axes the product contracts, placed on the axis
+    its tokens take in the output and broadcast along the others."""
+    import numpy as np
+
+    op = ops[found.scores]
+    out = tuple(op.outputs[0].shape)
+    call = _call(op) or {}
+    name = _name(op)
+    placed = []
+    if name == "einsum":
+        parsed = _einsum(call)
+        if parsed is None or any("..." in s for s in (*parsed[0], parsed[1])):
+            return f"lurker cannot place the tokens through {op.label} (einsum)"
+        subs, letters, operands = parsed
+        for b, ref in ((q, found.query), (k, found.key)):
+            sub = subs[0] if operands[0] == ref else subs[1]
+            gone = tuple(i for i, c in enumerate(sub) if c not in letters)
+            b = _union(b, gone) if gone else b
+            keep = [c for c in sub if c in letters]
+            b = b.reshape(*(b.shape[i] for i, c in enumerate(sub) if c in letters), 4)
+            order = [keep.index(c) if c in keep else None for c in letters]
+            axes = [i for i in order if i is not None]
+            b = b.transpose(*axes, len(axes))
+            sh = [b.shape[axes.index(i)] if i is not None else 1 for i in order]
+            placed.append(np.broadcast_to(b.reshape(*sh, 4), (*out, 4)))
+    else:
+        a, _ = _operands(call, name)
+        for b, ref in ((q, found.query), (k, found.key)):
+            first = ref == a
+            ax = b.ndim - 2  # the tensor's last axis
+            # contract E: operand a's tokens are then the output's axis -2, b's its axis -1
+            b = _union(b, (ax,) if first else (ax - 1,))
+            try:
+                placed.append(np.broadcast_to(b, (*out, 4)))
+            except ValueError:
+                return f"lurker cannot place the tokens through {op.label} ({op.name})"
+    return placed[0], placed[1]
+
+
+def _score_path(ops: list[Op], found: SoftmaxAttention) -> list[tuple[OpRef, OpRef]]:
+    """The ops from the scores' product to the softmax, as (output, its argument) pairs."""
+    sm = ops[found.softmax]
+    got = _scores(ops, sm, tuple(sm.outputs[0].shape[-2:]))
+    return [] if got is None else list(got[3])

@@ -911,6 +911,9 @@ class AttentionPatches(BaseModel):
     queries: list[list[int] | None]
     #: per key token: its patch ``[y0, y1, x0, x1]`` in the image (half-open); null: none
     boxes: list[list[int] | None]
+    #: the tokens are one window's (windows folded into the batch axis, Swin): ``rows``
+    #: x ``cols`` is the stage's whole patch grid, ``boxes`` the window's patches
+    window: bool = False
 
 
 class LiveAttention(BaseModel):

@@ -9,7 +9,9 @@
  * (`q @ kᵀ`, softmax, `@ v`) they are that softmax's output, read, not recomputed, one
  * window at a time where windows are folded into the batch axis (Swin; a "sequence" where
  * the trace does not say what is folded there), headed "Cross-attention" where the keys come
- * from another model input. Where they cannot be had, the card says why.
+ * from another model input. A window's tokens are drawn on the image where the server
+ * places them (`patches.window`): the window outlined, the image outside it dimmed. Where
+ * they cannot be had, the card says why.
  */
 import { loadImage, p, type AttentionPatches, type LiveAttention } from "../api";
 import type { PageContext } from "../context";
@@ -81,14 +83,24 @@ function overlay(ctx: PageContext, image: string, patches: AttentionPatches, val
     const sy = canvas.height / ih;
     g.imageSmoothingEnabled = false;
     g.drawImage(img, 0, 0, canvas.width, canvas.height);
+    if (patches.window) {
+      // one window's attention: the image outside the window dimmed (its keys are all there is)
+      g.fillStyle = "rgba(0, 0, 0, 0.6)";
+      g.fillRect(0, 0, canvas.width, canvas.height);
+      patches.boxes.forEach((b) => {
+        if (b) g.drawImage(img, b[2], b[0], b[3] - b[2], b[1] - b[0], b[2] * sx, b[0] * sy, (b[3] - b[2]) * sx, (b[1] - b[0]) * sy);
+      });
+    }
     g.fillStyle = "rgba(0, 0, 0, 0.15)"; // the image a little darker, so the tint reads
-    g.fillRect(0, 0, canvas.width, canvas.height);
+    if (patches.window) patches.boxes.forEach((b) => b && g.fillRect(b[2] * sx, b[0] * sy, (b[3] - b[2]) * sx, (b[1] - b[0]) * sy));
+    else g.fillRect(0, 0, canvas.width, canvas.height);
     patches.boxes.forEach((b, t) => {
       const v = vals[t];
       if (!b || v === null) return;
       g.fillStyle = heat(scaled(v, span), 0.8);
       g.fillRect(b[2] * sx, b[0] * sy, (b[3] - b[2]) * sx, (b[1] - b[0]) * sy);
     });
+    if (patches.window) outline(g, patches, sx, sy);
     const own = query === null ? null : patches.queries[query];
     if (own) {
       const t = patches.keys.findIndex((c) => c !== null && c[0] === own[0] && c[1] === own[1]);
@@ -102,6 +114,35 @@ function overlay(ctx: PageContext, image: string, patches: AttentionPatches, val
     canvas.dataset.ready = "1";
   });
   return canvas;
+}
+
+/** The outline of a window's patches: each patch edge with no patch of the window beside
+ * it on the grid, so a window that wraps around the image's edges (a cyclic shift) is
+ * outlined in each of its pieces. */
+function outline(g: CanvasRenderingContext2D, patches: AttentionPatches, sx: number, sy: number): void {
+  const inside = new Set(patches.keys.filter((c): c is number[] => c !== null).map((c) => `${c[0]},${c[1]}`));
+  g.strokeStyle = "#ffd400";
+  g.lineWidth = 2;
+  g.beginPath();
+  patches.boxes.forEach((b, t) => {
+    const c = patches.keys[t];
+    if (!b || !c) return;
+    const [y0, y1, x0, x1] = [b[0] * sy, b[1] * sy, b[2] * sx, b[3] * sx];
+    const edges: [number, number, number, number, number, number][] = [
+      [-1, 0, x0, y0, x1, y0],
+      [1, 0, x0, y1, x1, y1],
+      [0, -1, x0, y0, x0, y1],
+      [0, 1, x1, y0, x1, y1],
+    ];
+    for (const [dr, dc, ax, ay, bx, by] of edges) {
+      if (inside.has(`${c[0] + dr},${c[1] + dc}`)) continue;
+      // just inside the canvas, so an edge on the image's border shows whole
+      const cl = (v: number, n: number) => Math.min(Math.max(v, 1), n - 1);
+      g.moveTo(cl(ax, g.canvas.width), cl(ay, g.canvas.height));
+      g.lineTo(cl(bx, g.canvas.width), cl(by, g.canvas.height));
+    }
+  });
+  g.stroke();
 }
 
 /** The key token under a point of an overlay (null: none, or a token with no patch). */
@@ -260,7 +301,7 @@ export function attentionCard(ctx: PageContext, image: string, op: string, fed: 
           "figcaption",
           null,
           h("div", { class: "attn-legend", id: "attn-legend" }, h("span", null, fmt(span[0], 3)), h("span", { class: "attn-bar", "aria-hidden": "true" }), h("span", null, fmt(span[1], 3))),
-          h("p", { class: "small" }, `Each patch tinted from its smallest weight (${fmt(span[0], 4)}, clear) to its largest (${fmt(span[1], 4)}, deep red); the query's own patch outlined blue. Over all ${doc.keys} keys: `, h("span", { id: "attn-range" }, r ? `min ${fmt(r[0], 4)} · max ${fmt(r[1], 4)}` : "no finite weight"), fin < vals.length ? ` (${vals.length - fin} masked)` : "", "."),
+          h("p", { class: "small" }, patches.window ? `Window ${doc.window}'s patches outlined yellow, the image outside it dimmed: its queries attend to its ${doc.keys} keys only. ` : "", `Each patch tinted from its smallest weight (${fmt(span[0], 4)}, clear) to its largest (${fmt(span[1], 4)}, deep red); the query's own patch outlined blue. Over all ${doc.keys} keys: `, h("span", { id: "attn-range" }, r ? `min ${fmt(r[0], 4)} · max ${fmt(r[1], 4)}` : "no finite weight"), fin < vals.length ? ` (${vals.length - fin} masked)` : "", "."),
           apart.length
             ? h("p", { class: "small attn-apart", id: "attn-apart" }, "Not on the image: ", apart.map(([t, v], i) => [i ? ", " : "", `${tokenName(patches, words, t, "key")} `, h("b", null, fmt(v, 4))]).flat())
             : null,

@@ -55,6 +55,8 @@ class Weights:
     values_op: str | None = None
     cross: str | None = None  # cross-attention: where the queries and the keys come from
     sequence: str = "window"  # what each of the windows is: "window" or "sequence"
+    #: per window (windows folded into the batch axis, Swin), its tokens on the image
+    window_patches: list[AttentionPatches] | None = None
 
 
 def sdpa_weights(
@@ -142,10 +144,14 @@ def _attention(
         )
     w = found.weights[window or 0]
     heads, L, S = (int(n) for n in w.shape)
+    patches = found.window_patches[window or 0] if found.window_patches else found.patches
+    if query is None and patches is not None and patches.window:
+        # a window has no class token: its first token with a patch
+        query = next((i for i, c in enumerate(patches.queries) if c is not None), 0)
     if query is None:
         # the class token sees the whole image; a causal call's last query sees every key
         # (its first sees only itself: a weight of 1, which says nothing)
-        cells = found.patches.queries if found.patches else []
+        cells = patches.queries if patches else []
         query = next(
             (i for i, c in enumerate(cells) if c is None), L - 1 if found.last_query else 0
         )
@@ -189,7 +195,7 @@ def _attention(
         matrix_min=matrix_min,
         matrix_max=matrix_max,
         matrix_note=matrix_note,
-        patches=found.patches,
+        patches=patches,
         patches_note=found.patches_note,
         masked=masked,
         windows=windows,
@@ -328,22 +334,133 @@ def _softmax_weights(s: Session, iid: str, node: Any, found: Any) -> Weights:
                 "weighs keys 0..i only, as a causal mask gives): the last query, which sees "
                 "every key, is shown first."
             )
-    if windows > 1:
-        patches, note = (
-            None,
-            (
-                f"its tokens are shown by position within the {sequence}: lurker does not "
-                f"place a {sequence} folded into the batch axis on the image"
-            ),
-        )
-    else:
+    patches: AttentionPatches | None = None
+    note: str | None = None
+    placed: list[AttentionPatches] | None = None
+    if windows == 1:  # a ViT's tokens: the probe's token boxes, as for a fused call
         patches, note = _patches_of(
             s, iid, found.query, found.query_axis, L, found.key, found.key_axis, S
         )
+    if patches is None and s.token_length() is None:
+        got = _placed(s, iid, found, windows)
+        if isinstance(got, str):
+            if windows > 1:
+                note = (
+                    f"its tokens are shown by position within the {sequence}: lurker cannot "
+                    f"place a {sequence} folded into the batch axis on the image ({got})"
+                )
+        else:
+            placed, words = got
+            note = None
+            notes.append(words)
     return Weights(
         w, None, False, None, notes, patches, note, last_query=last,
         scores_op=scores, values_op=values, cross=cross, sequence=sequence,
+        window_patches=placed,
     )  # fmt: skip
+
+
+def _placed(
+    s: Session, iid: str, found: Any, windows: int
+) -> tuple[list[AttentionPatches], str] | str:
+    """Each window's tokens on the image (windows in the order :func:`_unfold` shows
+    them), and a note saying how they were placed; or why they cannot be. The boxes are
+    the patch embedding's, carried along the ops that made the query and key
+    (:func:`lurker.graph.attention.token_boxes`: the window partition's reshapes and
+    permutes, a cyclic shift, padding, patch merging), so each (window, token) is placed
+    as the model's own ops place it."""
+    import torch
+
+    from lurker.graph.attention import token_boxes
+    from lurker.graph.receptive import receptive_fields
+
+    tr = s.trace()
+    rfs = s.cached(("receptive-fields", s.entry.generation, id(tr)), lambda: receptive_fields(tr))
+    tb = token_boxes(tr, found, rfs)
+    if isinstance(tb, str):
+        return tb
+    if found.folds is None:
+        return "the trace does not say which of its leading axes hold the windows"
+    sides = []
+    for arr in (tb.queries, tb.keys):
+        n = int(arr.shape[-2])
+        # one input: index 0 on the trace's batch factors
+        a = arr.reshape(*(m for _, m in found.folds), n, 4)
+        a = a[tuple(0 if k == "batch" else slice(None) for k, _ in found.folds)]
+        a, _, _ = _unfold(torch.from_numpy(a.copy()), found.folds)
+        if int(a.shape[0]) != windows or not bool((a == a[:, :1]).all()):
+            return "the boxes lurker carried differ between heads"
+        sides.append(a[:, 0].numpy())
+    qs, ks = sides
+    have = [tuple(int(v) for v in b) for b in ks.reshape(-1, 4) if b[0] >= 0]
+    if not have:
+        return "none of its keys comes from a patch"
+    ys = sorted({b[0] for b in have})
+    xs = sorted({b[2] for b in have})
+    if len(set(have)) != len(ys) * len(xs) or len({(b[0], b[2]) for b in have}) != len(set(have)):
+        return "its tokens' patches do not tile one grid"
+    row = {y: i for i, y in enumerate(ys)}
+    col = {x: i for i, x in enumerate(xs)}
+    h, w = (int(n) for n in s.live_input(iid).shape[-2:])
+
+    def cell(b: Any) -> list[int] | None:
+        return None if b[0] < 0 else [row.get(int(b[0]), -1), col.get(int(b[2]), -1)]
+
+    out = []
+    for win in range(windows):
+        qc = [cell(b) for b in qs[win]]
+        if any(c is not None and -1 in c for c in qc):
+            return "its queries' patches are not on its keys' grid"
+        out.append(
+            AttentionPatches(
+                rows=len(ys),
+                cols=len(xs),
+                image_size=[h, w],
+                keys=[cell(b) for b in ks[win]],
+                queries=qc,
+                boxes=[
+                    None
+                    if b[0] < 0
+                    else [
+                        max(int(b[0]), 0),
+                        min(int(b[1]), h),
+                        max(int(b[2]), 0),
+                        min(int(b[3]), w),
+                    ]
+                    for b in ks[win]
+                ],
+                window=windows > 1,
+            )
+        )
+    size = sorted({(b[1] - b[0], b[3] - b[2]) for b in have})
+    ph, pw = size[len(size) // 2]
+    ops = tr.ops
+    words = (
+        f"Its tokens are placed on the image by following the trace from the patch "
+        f"embedding {ops[tb.start].label} ({ops[tb.start].name}) to its query and key: "
+        f"each token is a {ph}x{pw}-pixel patch of the {len(ys)} x {len(xs)} grid"
+    )
+    if windows > 1:
+        words += (
+            ", each window's patches outlined on the image (a window is "
+            f"{windows} of the image's, numbered as the model folded them)"
+        )
+    if tb.rolls:
+        said = ", ".join(f"{ops[i].label} (shifts {_call_shifts(ops[i])})" for i in tb.rolls)
+        words += (
+            f"; the cyclic shift of {said} is followed, so a window at the image's edge "
+            "wraps around to its other side, in up to four pieces"
+        )
+    return out, words + "."
+
+
+def _call_shifts(op: Any) -> Any:
+    from lurker.ops.catalogue import bind
+
+    try:
+        return bind(op.name, op.args or (), op.kwargs or {}, op.target).get("shifts")
+    except (KeyError, TypeError):
+        return "?"
 
 
 def _unfold(t: Any, folds: tuple[tuple[str, int], ...] | None) -> tuple[Any, list[str], str]:
