@@ -124,6 +124,65 @@ def test_conservation_with_biases_zeroed(arch, composite) -> None:
     assert float(((total - logit).abs() / logit.abs()).max()) < 1e-5
 
 
+def test_vit_cp_equals_gradient_x_input_of_the_linearized_vit() -> None:
+    """The conservative propagation (Ali et al., 2022) on a whole torchvision ViT, against
+    an oracle that shares no code with lurker: autograd's gradient x input of the same
+    ViT (biases, positional embedding and class token zeroed) rewritten so that what CP
+    holds constant is constant: the attention's softmax and LayerNorm's std detached, and
+    GELU's ratio gelu(z) / z detached (the identity rule). On a bias-free network built
+    of such linear maps epsilon-LRP is gradient x input; the rewritten ViT gives the same
+    logits, so nothing else was changed."""
+    import copy
+    import types
+
+    import torch.nn.functional as F
+
+    m = zero_biases(vit_tv()).double()
+    with torch.no_grad():  # a head and norms away from their init, so every rule matters
+        for name, p in m.named_parameters():
+            if name.endswith("weight") and p.dim() == 1:
+                p.uniform_(0.5, 1.5)
+
+    class FixedStdLayerNorm(nn.Module):
+        def __init__(self, ln: nn.LayerNorm) -> None:
+            super().__init__()
+            self.ln = ln
+
+        def forward(self, v: torch.Tensor) -> torch.Tensor:
+            std = (v.var(-1, unbiased=False, keepdim=True) + self.ln.eps).sqrt().detach()
+            return (v - v.mean(-1, keepdim=True)) / std * self.ln.weight + self.ln.bias
+
+    class IdentityRuleGELU(nn.Module):
+        def forward(self, z: torch.Tensor) -> torch.Tensor:
+            return z * (F.gelu(z) / z).detach()
+
+    def fixed_attention(self: nn.MultiheadAttention, q, k, v, **_: object):
+        B, L, D = q.shape
+        H = self.num_heads
+        qkv = F.linear(q, self.in_proj_weight, self.in_proj_bias).chunk(3, -1)
+        q_, k_, v_ = (t.reshape(B, L, H, D // H).transpose(1, 2) for t in qkv)
+        a = torch.softmax(q_ @ k_.transpose(-1, -2) / (D // H) ** 0.5, -1).detach()
+        return self.out_proj((a @ v_).transpose(1, 2).reshape(B, L, D)), None
+
+    oracle = copy.deepcopy(m)
+    for mod in list(oracle.modules()):
+        for name, child in list(mod.named_children()):
+            if isinstance(child, nn.LayerNorm):
+                setattr(mod, name, FixedStdLayerNorm(child))
+            elif isinstance(child, nn.GELU):
+                setattr(mod, name, IdentityRuleGELU())
+            elif isinstance(child, nn.MultiheadAttention):
+                child.forward = types.MethodType(fixed_attention, child)
+    torch.manual_seed(3)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.allclose(oracle(x), m(x), rtol=1e-10, atol=1e-12)
+    xg = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(oracle(xg)[[0, 1], [0, 4]].sum(), xg)
+    e = lurker.explain(m, x, target=[0, 4], method="lrp", attention="cp", **TINY)
+    assert rel_err(e.attribution, g * x) < 1e-9
+
+
 def test_alpha2_beta1_conserves_where_both_parts_exist() -> None:
     """alpha - beta = 1 conserves a neuron's relevance when it has both positive and
     negative contributions (random weights: every neuron of VGG)."""

@@ -61,3 +61,47 @@ def test_explain_card_titles_keep_their_tag_on_one_line(
             # the title on one line, and the tag's top within it, not on a line below
             assert name_height < 1.5 * line, f"{method}: its title wraps at 1280 px"
             assert tag_top < name_top + line / 2, f"{method}: its tag wrapped below the title"
+
+
+def test_explain_cards_show_the_settings_each_method_ran_with(
+    browser: Any, served: dict[str, Any]
+) -> None:
+    """A researcher reproducing a heatmap in Python needs its settings on the card
+    (before: only in the caption's hover title, never seen on a touch screen or a
+    projector): every option the server's JSON gives, by name, LRP's per-op bookkeeping
+    and the gamma-box options of another composite left out, a baseline of None said as
+    zeros. Oracles: the JSON of each method and ``lurker.explain``'s own defaults."""
+    import inspect
+
+    import lurker
+
+    def default(method: str, name: str) -> Any:
+        compute = lurker.explain.METHODS[method].compute
+        return inspect.signature(compute).parameters[name].default
+
+    with strict_page(browser, width=1280, height=900) as pg:
+        pg.goto(served["url"] + "/explain?image=sample-0")
+        shown: dict[str, str] = {}
+        for method in ("saliency", "integrated_gradients", "smoothgrad", "occlusion", "lrp"):
+            line = pg.locator(f".explain-card[data-method={method}] .method-settings code")
+            line.wait_for()
+            shown[method] = line.inner_text()
+    api = served["api"] + "/live/sample-0/explain"
+    for method, text in shown.items():
+        options = get_json(f"{api}/{method}.json?target=top")["options"]
+        for key, value in options.items():
+            if key in ("flows", "relevance_start", "relevance_input"):
+                assert key not in text
+            elif key in ("gamma", "low", "high"):
+                assert f"{key}=" not in text  # epsilon_plus_flat reads none of them
+            elif value is None:
+                assert f"{key}=0 (zeros)" in text if key == "baseline" else f"{key}=" not in text
+            else:
+                assert f"{key}=" in text, (method, key, text)
+    ig = shown["integrated_gradients"]
+    assert f"n_steps={default('integrated_gradients', 'n_steps')}" in ig
+    assert f"integration={default('integrated_gradients', 'integration')}" in ig
+    assert "baseline=0 (zeros)" in ig
+    assert "seed=0" in shown["smoothgrad"] and "stdev=0.15" in shown["smoothgrad"]
+    assert shown["saliency"] == "abs=True"
+    assert "composite=epsilon_plus_flat" in shown["lrp"] and "epsilon=1.00e-6" in shown["lrp"]

@@ -1,6 +1,7 @@
 """Integrated gradients (Sundararajan et al., 2017, arXiv:1703.01365): ``(x - x0) *
 integral_0^1 d score / d x (x0 + a (x - x0)) da``, the integral by Gauss-Legendre
-quadrature or a Riemann sum with Captum's nodes and weights.
+quadrature or a Riemann sum with Captum's nodes and weights (the trapezoid's weights
+corrected: see :func:`nodes`).
 
 All steps of all rows go through the model as one batch (chunked by
 ``internal_batch_size`` to bound memory), one forward and one backward, rather than one
@@ -26,7 +27,12 @@ METHODS = ("gausslegendre", "riemann_left", "riemann_right", "riemann_middle", "
 
 
 def nodes(method: str, n: int) -> tuple[list[float], list[float]]:
-    """``(alphas, weights)`` of the quadrature on [0, 1], as Captum defines them."""
+    """``(alphas, weights)`` of the quadrature on [0, 1]: Captum's nodes, and its weights
+    but for ``riemann_trapezoid``. Captum gives the trapezoid's ``n`` nodes, spaced
+    ``1 / (n - 1)``, the weights ``1 / n`` (halved at the ends), which sum to
+    ``(n - 1) / n``: every attribution is that much too small (a linear model's misses
+    ``1 / n`` of ``f(x) - f(x0)``). Here the trapezoid's weights are the rule's own,
+    ``1 / (n - 1)`` (halved at the ends), summing to 1: ``n / (n - 1)`` times Captum's."""
     n = check_count("integrated gradients", "n_steps", n)
     if method == "gausslegendre":
         t, w = np.polynomial.legendre.leggauss(n)
@@ -37,7 +43,8 @@ def nodes(method: str, n: int) -> tuple[list[float], list[float]]:
         raise LurkerError(f"a Riemann sum needs n_steps >= 2, got {n}")
     w = [1 / n] * n
     kind = method.split("_")[1]
-    if kind == "trapezoid":
+    if kind == "trapezoid":  # nodes 1 / (n - 1) apart, so weights of 1 / (n - 1)
+        w = [1 / (n - 1)] * n
         w[0] /= 2
         w[-1] /= 2
         a = torch.linspace(0, 1, n, dtype=torch.float64)

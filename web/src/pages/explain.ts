@@ -21,7 +21,7 @@ import { imagePicker } from "../picker";
 import { renderTokenExplain } from "./explain_tokens";
 import { renderFeatureExplain } from "./explain_features";
 import { renderSignalExplain } from "./explain_signal";
-import { DELTA_NOTE, TITLES, unavailableCard } from "./explain_flat";
+import { DELTA_NOTE, TITLES, fillSettings, settingsLine, unavailableCard } from "./explain_flat";
 import { classLabel, classText, namesWidth } from "../classes";
 import { conceptFrame, conceptLayerSelect, conceptLead, conceptNeedsModel, conceptPrecomputedNote, conceptUnavailable, conceptUnitTitle, type ConceptRanking } from "../concepts";
 
@@ -396,12 +396,14 @@ function methodCard(ctx: PageContext, image: string, m: ExplainMethod, target: s
   const spinner = h("div", { class: "spinner", role: "status", "aria-label": `computing ${m.name}` });
   const heat = h("img", { class: "heat pixelated", alt: `${m.name} heatmap`, "data-method": m.name, loading: "lazy", decoding: "async" });
   const stack = h("div", { class: "stack busy" }, h("img", { class: "base pixelated", src: inputSrc, alt: "" }), heat, spinner);
+  const settings = settingsLine(); // what it ran with, to re-run it in Python
   const card = h(
     "figure",
     { class: "card explain-card", "data-method": m.name },
     h("h3", { title: m.summary }, h("span", { class: "name" }, TITLES[m.name] ?? m.name), h("span", { class: "muted sign" }, m.signed ? " signed" : " ≥ 0")),
     stack,
     caption,
+    settings,
     // what the method computes, in one sentence from the server: a hover title alone is unseen on a projector or a touch screen
     m.summary ? h("p", { class: "method-summary small muted" }, m.summary) : null,
   );
@@ -423,6 +425,7 @@ function methodCard(ctx: PageContext, image: string, m: ExplainMethod, target: s
         ...(r.notes ?? []).map((n) => h("span", { class: "explain-note", role: "note" }, n)),
       );
       caption.title = `options: ${JSON.stringify(r.options)}`;
+      fillSettings(settings, r.options);
     } catch (err) {
       fill(caption, (err as Error).message);
     }

@@ -33,6 +33,43 @@ export interface FlatResult {
   signal_scores?: (number | null)[][] | null;
 }
 
+/** LRP's bookkeeping in its options (relevance per op), not a setting a person re-runs with. */
+const NOT_SETTINGS = new Set(["flows", "relevance_start", "relevance_input"]);
+/** LRP options only the epsilon-gamma-box composite reads. */
+const GAMMA_BOX = new Set(["gamma", "low", "high"]);
+
+/** The settings a method ran with, from its result's `options`, for a person to read and
+ * re-run it with (`lurker.explain(..., key=value)`): shown on each card, not only in a
+ * hover title, which a projector or a touch screen never shows. Written as Python's values
+ * (True, a tuple); None is left out, but a baseline of None, which is zeros. */
+export function settingsText(options: Record<string, unknown> | null | undefined): string {
+  const o = options ?? {};
+  const value = (v: unknown): string =>
+    typeof v === "boolean" ? (v ? "True" : "False") : typeof v === "number" ? (Number.isInteger(v) ? String(v) : fmt(v)) : Array.isArray(v) ? `(${v.map(value).join(", ")})` : typeof v === "object" ? JSON.stringify(v) : String(v);
+  const parts: string[] = [];
+  for (const [k, v] of Object.entries(o)) {
+    if (NOT_SETTINGS.has(k)) continue;
+    if (GAMMA_BOX.has(k) && "composite" in o && o.composite !== "epsilon_gamma_box") continue;
+    if (v === null || v === undefined) {
+      if (k === "baseline") parts.push("baseline=0 (zeros)");
+      continue;
+    }
+    parts.push(`${k}=${value(v)}`);
+  }
+  return parts.join(" · ");
+}
+
+/** A card's settings line (empty until its result comes). */
+export function settingsLine(): HTMLElement {
+  return h("p", { class: "method-settings small muted" });
+}
+
+/** Fill a card's settings line from its result. */
+export function fillSettings(line: HTMLElement, options: Record<string, unknown> | null | undefined): void {
+  const text = settingsText(options);
+  fill(line, text ? ["settings: ", h("code", null, text)] : null);
+}
+
 /** What differs between token ids and feature vectors. */
 export interface FlatKind {
   /** "token" or "feature" */
@@ -288,6 +325,7 @@ function methodCard(ctx: PageContext, image: string, m: FlatMethod, target: stri
   if (m.unavailable) return unavailableCard(m, TITLES[m.name] ?? m.name, m.unavailable, `card ${kind.css}-card unavailable`);
   const body = h("div", { class: "spinner", role: "status", "aria-label": `computing ${m.name}` });
   const caption = h("p", { class: "small muted" }, "computing…");
+  const settings = settingsLine();
   // SmoothGrad, like saliency, is a gradient's size here: the result says which
   const sign = h("span", { class: "muted sign" }, m.signed ? " signed" : " ≥ 0");
   const card = h(
@@ -296,6 +334,7 @@ function methodCard(ctx: PageContext, image: string, m: FlatMethod, target: stri
     h("h3", { title: m.summary }, h("span", { class: "name" }, TITLES[m.name] ?? m.name), sign),
     body,
     caption,
+    settings,
     m.summary ? h("p", { class: "method-summary small muted" }, m.summary) : null,
   );
   const url = `${p("runs", ctx.run, "live", image, "explain", m.name)}.json?${new URLSearchParams({ target })}`;
@@ -311,6 +350,7 @@ function methodCard(ctx: PageContext, image: string, m: FlatMethod, target: stri
         ...(r.notes ?? []).map((n) => h("span", { class: "explain-note", role: "note" }, n)),
       );
       caption.title = `options: ${JSON.stringify(r.options)}`;
+      fillSettings(settings, r.options);
     } catch (err) {
       body.remove();
       fill(caption, h("span", { class: "error-text" }, (err as Error).message));
