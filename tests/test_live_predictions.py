@@ -3,6 +3,7 @@ where the model's outputs are those classes."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from fastapi.testclient import TestClient
 
@@ -100,10 +101,11 @@ def test_a_model_without_scores_per_image_says_why_it_has_no_top5(tmp_path):
     assert sample["prediction"] == [] and "1x3x16x16" in sample["prediction_error"]
 
 
-def test_a_language_models_live_input_says_which_unit_is_the_next_token(tmp_path):
-    """A language model's output is a score per class at every token, ``(1, L, V)``: no
-    top-5 is made of it, and the note says so in a text run's words (not "for the
-    image ... a segmentation map") with the unit that is the last token's score."""
+def test_a_language_models_live_input_gives_the_next_token_at_the_last_position(tmp_path):
+    """A language model's output is a score per class at every token, ``(1, L, V)``: the
+    top-5 is the next token's, at the last position (the softmax of that row), and each
+    entry says the position and the Explain target of its score (not "for the image ...
+    a segmentation map")."""
     from test_explain_tokens import VOCAB, CharLM
 
     torch.manual_seed(0)
@@ -115,7 +117,12 @@ def test_a_language_models_live_input_says_which_unit_is_the_next_token(tmp_path
     r = client.post("/api/runs/run/live/inputs", json={"ids": [1, 2, 3, 4, 5, 6]})
     assert r.status_code == 200, r.text
     doc = r.json()
-    assert doc["predictions"] == []
-    note = doc["predictions_note"]
-    assert "1x6x30" in note and "at each of its 6 tokens" in note, note
-    assert "LAYER:CLASS:0:5" in note and "image" not in note and "segmentation" not in note
+    with torch.no_grad():
+        p = model(torch.tensor([[1, 2, 3, 4, 5, 6]]))[0, -1].softmax(-1)
+    top = p.topk(5)
+    assert [q["class"] for q in doc["predictions"]] == top.indices.tolist()
+    assert [q["prob"] for q in doc["predictions"]] == pytest.approx(top.values.tolist(), rel=1e-5)
+    assert {q["position"] for q in doc["predictions"]} == {5} and doc["predictions_note"] is None
+    assert [q["target"] for q in doc["predictions"]] == [
+        f"head:{c}:0:5" for c in top.indices.tolist()
+    ]

@@ -297,10 +297,15 @@ def trace(
         report = tr.validate()
         click.secho(f"validation: {report}", fg="green")
     first = tr.first_nonfinite()
-    if first is None:
+    masks = tr.masked_infs()  # an attention mask's -inf, made 0 by its softmax: by design
+    if first is None and not masks:
         click.echo("non-finite: none (every op's output is finite)")
+    elif first is None:
+        click.echo("non-finite: none (every other op's output is finite)")
     else:
         click.secho(f"non-finite: {first}", fg="yellow")
+    for mask in masks:
+        click.echo(f"by design: {mask}")
     if stats:
         click.echo(_stats_table(tr))
     path = tr.render(out, depth=depth, rolled=rolled, direction=direction)

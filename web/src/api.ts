@@ -287,6 +287,11 @@ export interface Prediction {
   class: number;
   name: string | null;
   prob: number;
+  /** a language model's (1, L, V) scores: the position whose next token this is (the
+   * last, L - 1), the name then the vocabulary's token; null: one score per class */
+  position?: number | null;
+  /** with `position`: this next token as an Explain target, `LAYER:CLASS:0:POSITION` */
+  target?: string | null;
 }
 
 export interface Appearance {

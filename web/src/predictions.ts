@@ -6,6 +6,22 @@
 import type { Prediction } from "./api";
 import { classLabel, namesWidth } from "./classes";
 import { h, pct } from "./dom";
+import { visibleText } from "./images";
+
+/** A prediction's name as the pages show it: a language model's next token as its text
+ * with whitespace made visible (a space as ␣, a newline as ↵), else the class's label. */
+export function predictionLabel(q: Prediction): string {
+  return q.position != null && q.name != null ? visibleText(q.name) : classLabel(q.name, q.class);
+}
+
+/** What a list of predictions is: "next token after position 19 (the last)" for a
+ * language model's scores at every position, else the top classes. */
+export function predictionsHead(preds: Prediction[]): string {
+  const at = preds[0]?.position;
+  return at != null
+    ? `The model's top ${preds.length} next tokens: its prediction at the last position (${at}), token and probability (softmax over the vocabulary)`
+    : `The model's top ${preds.length}: class and probability`;
+}
 
 /** `[why none, head, list]`: the first null when there are predictions, the second when
  * there are none; `list` carries the extra class and id a page styles or tests by. */
@@ -16,11 +32,11 @@ export function topPredictions(
 ): [HTMLElement | null, HTMLElement | null, HTMLElement] {
   return [
     !preds.length && note ? h("p", { class: "muted small", id: "no-predictions" }, `No top-5: ${note}.`) : null,
-    preds.length ? h("p", { class: "muted small", id: "preds-head" }, `The model's top ${preds.length}: class and probability`) : null,
+    preds.length ? h("p", { class: "muted small", id: "preds-head" }, predictionsHead(preds)) : null,
     h(
       "ol",
-      { class: list.class ? `preds ${list.class}` : "preds", id: list.id ?? null, style: namesWidth(preds.map((q) => classLabel(q.name, q.class))) },
-      preds.map((q) => h("li", null, h("span", { class: "pname" }, classLabel(q.name, q.class)), h("span", { class: "pbar", style: `width:${(100 * q.prob).toFixed(1)}%` }), h("span", { class: "muted" }, pct(q.prob)))),
+      { class: list.class ? `preds ${list.class}` : "preds", id: list.id ?? null, style: namesWidth(preds.map(predictionLabel)) },
+      preds.map((q) => h("li", null, h("span", { class: "pname" }, predictionLabel(q)), h("span", { class: "pbar", style: `width:${(100 * q.prob).toFixed(1)}%` }), h("span", { class: "muted" }, pct(q.prob)))),
     ),
   ];
 }

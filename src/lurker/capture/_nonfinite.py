@@ -103,6 +103,110 @@ def _overflow_note(dtype: str | None, count: NonFiniteCount, finite_inputs: bool
     )
 
 
+#: ops that write an attention mask's -inf (``att.masked_fill(mask, -inf)``, ``torch.where``,
+#: a mask made by ``torch.full(..., -inf).triu(1)`` and added to the scores)
+_MASKING = frozenset(
+    {"masked_fill", "masked_fill_", "where", "full", "full_like", "new_full", "fill_",
+     "triu", "tril", "triu_", "tril_", "add", "add_", "sub", "sub_", "setitem",
+     "index_put", "index_put_", "masked_scatter"}
+)  # fmt: skip
+#: ops that carry a mask's -inf to the softmax unchanged in kind (shape and type changes)
+_CARRY = frozenset(
+    {"view", "reshape", "transpose", "permute", "contiguous", "expand", "expand_as",
+     "unsqueeze", "squeeze", "getitem", "to", "float", "half", "bfloat16", "type",
+     "type_as", "clone", "dropout", "narrow", "repeat", "flatten", "unflatten", "__getitem__"}
+)  # fmt: skip
+#: recorded calls (``generated``: a tensor made from no tensor, ``torch.full``)
+_MADE = frozenset({"op", "generated"})
+#: a softmax turns -inf into 0 (a row of only -inf into NaN, which it then holds)
+_SOFTMAX = frozenset({"softmax", "_softmax"})
+
+
+@dataclass(frozen=True)
+class MaskedInf:
+    """-inf written by design, an attention mask's: ``op`` made it (a ``masked_fill``, a
+    ``where``, a mask added to the scores) and it reached only ``softmaxes``, whose outputs
+    are finite (``exp(-inf)`` is 0: the masked keys get no weight). ``through`` are the ops
+    that carried it there; none of them is a non-finite problem."""
+
+    op: Op
+    count: NonFiniteCount
+    softmaxes: tuple[str, ...]
+    through: tuple[str, ...]
+
+    def __str__(self) -> str:
+        return f"-inf from {self.op.label}, an attention mask, made finite by {', '.join(self.softmaxes)}"
+
+
+def _only_neginf(value: Any) -> bool:
+    c = count(value)
+    return c.total > 0 and c.nan == 0 and c.posinf == 0
+
+
+def _to_softmax(tr: Trace, op: Op) -> tuple[list[int], list[int]] | None:
+    """The softmaxes ``op``'s -inf reaches and the ops that carry it there, or None where
+    it reaches anything else (a value the model keeps, an op not saved, a softmax that is
+    not finite): then it is not a mask's by design."""
+    softmaxes: list[int] = []
+    through: list[int] = []
+    todo, seen = [op.index], {op.index}
+    while todo:
+        node = tr.ops[todo.pop()]
+        if not node.children:
+            return None
+        for c in node.children:
+            child = tr.ops[c]
+            if c in seen:
+                continue
+            seen.add(c)
+            if child.kind not in _MADE or child.activation is None:
+                return None
+            if child.name in _SOFTMAX:
+                if not _finite(child.activation):
+                    return None
+                softmaxes.append(c)
+            elif child.name in _MASKING | _CARRY and _only_neginf(child.activation):
+                through.append(c)
+                todo.append(c)
+            else:
+                return None
+    return (softmaxes, through) if softmaxes else None
+
+
+def masked_infs(tr: Trace) -> list[MaskedInf]:
+    """Every attention mask's -inf that only a softmax read, in execution order."""
+    _require_saved(tr)
+    return _masks(tr)[0]
+
+
+def _masks(tr: Trace) -> tuple[list[MaskedInf], set[int]]:
+    found: list[MaskedInf] = []
+    absorbed: set[int] = set()
+    for op in tr.ops:
+        if (
+            op.index in absorbed
+            or op.kind not in _MADE
+            or op.name not in _MASKING
+            or op.activation is None
+            or not _only_neginf(op.activation)
+        ):
+            continue
+        reach = _to_softmax(tr, op)
+        if reach is None:
+            continue
+        softmaxes, through = reach
+        absorbed |= {op.index, *through}
+        found.append(
+            MaskedInf(
+                op,
+                count(op.activation),
+                tuple(tr.ops[i].label for i in sorted(softmaxes)),
+                tuple(tr.ops[i].label for i in sorted(through)),
+            )
+        )
+    return found, absorbed
+
+
 def _tensors(value: Any) -> list[Tensor]:
     if isinstance(value, Tensor):
         return [value]
@@ -159,7 +263,10 @@ def nonfinite(tr: Trace) -> dict[str, NonFiniteCount]:
 def first_nonfinite(tr: Trace) -> FirstNonFinite | None:
     _require_saved(tr)
     unchecked: list[str] = []
+    masked = _masks(tr)[1]  # an attention mask's -inf, which a softmax makes 0: by design
     for op in tr.ops:
+        if op.index in masked:
+            continue
         if op.activation is None:
             if op.kind not in ("output", "constant", "readout"):
                 unchecked.append(op.label)

@@ -29,7 +29,7 @@ from . import _context, _hooks, _lazy, _nonfinite, _state, _stats
 from ._build import build
 from ._hooks import HookFn
 from ._memory import AUTO_FRACTION, TRACED, fmt_bytes, parse_max_memory
-from ._nonfinite import FirstNonFinite, NonFiniteCount
+from ._nonfinite import FirstNonFinite, MaskedInf, NonFiniteCount
 from ._policy import (
     check_classes,
     check_patterns,
@@ -1195,11 +1195,20 @@ class Trace(Graph):
     def first_nonfinite(self) -> FirstNonFinite | None:
         """The first op, in execution order, whose saved output holds NaN or ±inf, with its
         counts, its inputs' ranges, non-finite parameters and the earlier ops not saved;
-        None when every saved value is finite. ``str()`` of it is one sentence.
+        None when every saved value is finite. ``str()`` of it is one sentence. An
+        attention mask's -inf that only a softmax reads (:meth:`masked_infs`) is by design
+        and passed over; one that reaches any other value is found as any other.
 
         Raises :class:`~lurker.errors.LurkerError` when the trace saved nothing, or when the
         output is not finite but no saved value is (the culprit was not saved)."""
         return _nonfinite.first_nonfinite(self)
+
+    def masked_infs(self) -> list[MaskedInf]:
+        """The -inf attention masks write by design (``masked_fill(mask, -inf)``, ``where``,
+        a mask added to the scores) that reach only a softmax, which makes them 0, in
+        execution order; :meth:`first_nonfinite` passes over them. ``str()`` of one:
+        ``-inf from masked_fill_1, an attention mask, made finite by softmax_1``."""
+        return _nonfinite.masked_infs(self)
 
     # ------------------------------------------------------------------ actions
     def run(

@@ -183,7 +183,33 @@ class Graph:
 
     @property
     def is_recurrent(self) -> bool:
-        return any(op.num_passes > 1 for op in self.ops)
+        """Whether the model feeds a result back into the code that made it: an op that
+        ran several times whose later pass depends on an earlier pass's output (an RNN's
+        step loop, a block applied to its own output), or torch's own recurrent kernel
+        (``nn.LSTM``'s ``lstm``). Several passes that do not feed one another, a
+        generator over ``(q, k, v)`` reshaping each once, are one step, not a loop."""
+        from ..ops.catalogue import RECURRENT
+
+        ops = self.ops
+        if any(op.kind == "op" and op.name in RECURRENT for op in ops):
+            return True
+        bits: dict[str, int] = {}  # each op place that ran several passes: a bit
+        for op in ops:
+            if op.num_passes > 1 and op.rolled:
+                bits.setdefault(op.rolled, 1 << len(bits))
+        if not bits:
+            return False
+        # the places upstream of each op, in index (topological) order
+        upstream: list[int] = [0] * len(ops)
+        for op in ops:
+            seen = 0
+            for p in op.parents:
+                seen |= upstream[p] | bits.get(ops[p].rolled, 0) * (ops[p].num_passes > 1)
+            upstream[op.index] = seen
+            own = bits.get(op.rolled, 0) if op.num_passes > 1 else 0
+            if seen & own:
+                return True
+        return False
 
     @property
     def has_branching(self) -> bool:

@@ -612,6 +612,15 @@ class Prediction(BaseModel):
     #: classes (a 1000-class head over a 3-folder dataset)
     name: str | None
     prob: float
+    #: The position whose scores these are where the model scores every position of a
+    #: sequence of token ids, ``(1, L, V)``: a language model's next token after the
+    #: last, ``L - 1``, named by the run's vocabulary; null for one score per class.
+    position: int | None = None
+    #: Where ``position`` is set, this next token as the Explain page's target: its score
+    #: at that position, a unit of the layer that makes the scores,
+    #: ``LAYER:CLASS:0:POSITION`` (``lurker.explain(model, ids, (LAYER, CLASS, 0,
+    #: POSITION))``); null else.
+    target: str | None = None
 
     model_config = {"populate_by_name": True}
 

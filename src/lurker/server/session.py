@@ -1117,6 +1117,12 @@ class Session:
             except Exception as e:  # the model's own error, said in one line
                 raise model_failed("the model", e) from None
         logits = _first_tensor(out)
+        position: int | None = None
+        if logits is not None and self._next_token_scores(x, logits):
+            # a language model's (1, L, V): a score per vocabulary entry at each position;
+            # the prediction is the next token's, at the last position
+            position = int(logits.shape[1]) - 1
+            logits = logits[:, position]
         if logits is None or logits.dim() != 2 or logits.shape[0] != 1:
             return []
         from lurker.models import probabilities
@@ -1126,11 +1132,56 @@ class Session:
         # ranked by the logits: tiny logits (a random-init head) give a softmax that is
         # uniform in float32, whose order says nothing
         idx = scores.topk(min(top, scores.numel())).indices
-        names = class_names(self.entry.open_run(), scores.numel())
+        run = self.entry.open_run()
+        if position is None:
+            names: list[str | None] = list(class_names(run, scores.numel()))
+        else:  # next tokens are named by the vocabulary (the dataset's classes else)
+            names = list(self.vocab() or class_names(run, scores.numel()))
+        layer = None if position is None else self.scores_layer()
         return [
-            {"class": int(i), "name": names[i] if i < len(names) else None, "prob": float(probs[i])}
+            {
+                "class": int(i),
+                "name": names[i] if i < len(names) else None,
+                "prob": float(probs[i]),
+                "position": position,
+                # the Explain page's target for this next token: its score at that position
+                "target": None if layer is None else f"{layer}:{int(i)}:0:{position}",
+            }
             for i in idx.tolist()
         ]
+
+    def scores_layer(self) -> str | None:
+        """The layer that makes the model's (first) output, as a unit target names it: the
+        run's probed layer of that op, else its module path (a language model's ``head``),
+        else its trace label; None where the run records no graph."""
+        run = self.entry.open_run()
+        graph = run.graph
+        if graph is None:
+            return None
+        out = next((op for op in graph.ops if op.kind == "output" and op.parents), None)
+        if out is None:
+            return None
+        op = graph.ops[out.parents[0]]
+        probed = next((i.name for i in run.layers if i.op == op.label), None)
+        if probed is not None:
+            return probed
+        if op.module and op.module in op.module_outputs:
+            return op.module
+        return op.label
+
+    def _next_token_scores(self, x: torch.Tensor, logits: torch.Tensor) -> bool:
+        """Whether ``logits`` are a language model's for the token ids ``x``: ``(1, L, V)``,
+        one row of scores per id fed, on a run of token ids."""
+        from .state import token_length
+
+        return (
+            logits.dim() == 3
+            and logits.shape[0] == 1
+            and x.dim() == 1
+            and not x.is_floating_point()
+            and logits.shape[1] == x.shape[0]
+            and token_length(self.entry.open_run()) is not None
+        )
 
     def example_input(self, model: Any) -> torch.Tensor:
         """A batch of one zero input shaped like the run's, on the model's device: what

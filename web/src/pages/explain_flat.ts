@@ -5,10 +5,11 @@
  * and one card per method that scores each token or feature (the server's
  * `explain/methods`); how a card draws its scores is the kind's (`FlatKind`).
  */
-import { p, serveCommand, type ExplainedIndex, type RunSummary, type SampleDoc } from "../api";
+import { p, serveCommand, type ExplainedIndex, type Prediction, type RunSummary, type SampleDoc } from "../api";
 import type { PageContext } from "../context";
 import { append, fill, fmt, h, notice, pct } from "../dom";
 import { classLabel, namesWidth } from "../classes";
+import { predictionLabel } from "../predictions";
 
 export interface FlatMethod {
   name: string;
@@ -109,7 +110,7 @@ export const TITLES: Record<string, string> = {
 export async function renderFlatExplain(root: HTMLElement, ctx: PageContext, summary: RunSummary, loading: HTMLElement, kind: FlatKind): Promise<void> {
   const params = new URLSearchParams(ctx.params);
   const image = params.get("image");
-  const target = params.get("target") || "top";
+  let target = params.get("target") || "top";
   const go = (next: Record<string, string | null>) => {
     const q = new URLSearchParams(params);
     for (const [k, v] of Object.entries(next)) (v === null ? q.delete(k) : q.set(k, v));
@@ -191,9 +192,16 @@ export async function renderFlatExplain(root: HTMLElement, ctx: PageContext, sum
   loading.remove();
   const preds = doc.prediction ?? [];
   const topClass = preds[0]?.class;
+  // a language model's scores at every position: its prediction is the next token at the
+  // last position, so that token's score there is the default target, LAYER:CLASS:0:L-1
+  // (not the class's score averaged over the positions), and the chooser's targets are
+  // the top-5 next tokens'
+  const nextAt = preds[0]?.position ?? null;
+  if (target === "top" && preds[0]?.target) target = preds[0].target;
+  const choiceOf = (q: Prediction) => q.target ?? String(q.class);
   // a unit target LAYER:CHANNEL: the unit's activation averaged over its positions (tokens,
   // time steps), as lurker.explain(model, x, target=(layer, channel)) scores it
-  const isUnit = target.includes(":");
+  const isUnit = target.includes(":") && !preds.some((q) => q.target === target);
   const unitField = h("input", {
     type: "text",
     id: "explain-unit",
@@ -221,16 +229,16 @@ export async function renderFlatExplain(root: HTMLElement, ctx: PageContext, sum
   );
   const chooser = h(
     "ol",
-    { class: "preds target-list", "aria-label": "target class", style: namesWidth(preds.map((q) => classLabel(q.name, q.class))) },
+    { class: "preds target-list", "aria-label": "target class", style: namesWidth(preds.map(predictionLabel)) },
     preds.map((q) => {
-      const on = !isUnit && (target === String(q.class) || (target === "top" && q.class === topClass));
+      const on = !isUnit && (target === choiceOf(q) || (target === "top" && q.class === topClass));
       return h(
         "li",
         null,
         h(
           "button",
-          { type: "button", class: on ? "target on" : "target", "data-class": q.class, "aria-pressed": String(on), onclick: () => go({ target: String(q.class) }) },
-          h("span", { class: "pname" }, classLabel(q.name, q.class)),
+          { type: "button", class: on ? "target on" : "target", "data-class": q.class, "data-target": choiceOf(q), "aria-pressed": String(on), title: q.target ? `target ${q.target}: this token's score at position ${q.position}` : null, onclick: () => go({ target: choiceOf(q) }) },
+          h("span", { class: "pname" }, predictionLabel(q)),
           h("span", { class: "pbar", style: `width:${(100 * q.prob).toFixed(1)}%` }),
           h("span", { class: "muted" }, pct(q.prob)),
         ),
@@ -245,7 +253,7 @@ export async function renderFlatExplain(root: HTMLElement, ctx: PageContext, sum
       { class: "card explain-image" },
       h("h3", null, "Sample ", h("a", { href: ctx.href("sample", String(sid)), id: "image-name" }, `#${sid}`), h("span", { class: "muted" }, ` · ${kind.what.replace(/^\w+ of /, "")}`)),
       kind.sample(doc),
-      doc.prediction_error ? notice(doc.prediction_error, "error") : h("div", null, h("p", { class: "muted small" }, "Target: a class the model predicts…"), chooser),
+      doc.prediction_error ? notice(doc.prediction_error, "error") : h("div", null, h("p", { class: "muted small", id: "target-head" }, nextAt !== null ? `Target: a next token the model predicts at the last position (${nextAt}), its score there…` : "Target: a class the model predicts…"), chooser),
       unitRow,
     ),
     h("p", { class: "muted small", id: kind.legendId }, kind.legend),

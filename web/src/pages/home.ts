@@ -2,6 +2,7 @@
 import { serveCommand, type RunSummary } from "../api";
 import type { PageContext } from "../context";
 import { append, type Child, facts, flopsTotal, fmt, h, notice, probedAt, shape } from "../dom";
+import { visibleText } from "../images";
 
 export async function renderHome(root: HTMLElement, ctx: PageContext): Promise<void> {
   const s = await ctx.api.json<RunSummary>(`/runs/${encodeURIComponent(ctx.run)}`);
@@ -16,7 +17,10 @@ export async function renderHome(root: HTMLElement, ctx: PageContext): Promise<v
   // top-k entry is a sample, and the live view takes a typed input instead of an image
   const tokens = d.tokens ?? null;
   const pictureless = tokens !== null || (d.features ?? null) !== null || (d.signal ?? null) !== null;
-  const shownClasses = d.classes.slice(0, 40).join(", ") + (classes > 40 ? `, … (${classes - 40} more)` : "");
+  // a text run's classes are tokens (a char model's next characters): a space or a
+  // newline shown as Live shows them (␣, ↵), not as a blank between two commas
+  const className = (n: string) => (tokens !== null || /^\s*$/.test(n) ? visibleText(n) : n);
+  const shownClasses = d.classes.slice(0, 40).map(className).join(", ") + (classes > 40 ? `, … (${classes - 40} more)` : "");
   // what depends on the model's check against the run's fingerprint, which the server
   // runs in the background (the summary answers at once, "checking"): drawn again in
   // place when it ends, the rest of the page usable meanwhile
@@ -125,7 +129,10 @@ export async function renderHome(root: HTMLElement, ctx: PageContext): Promise<v
           // the server makes a unit's or sample's images the first time a page shows
           // them and keeps them, so this count grows as one browses: say so, not leave a
           // number that changes unexplained (an export's count is fixed when written)
-          ctx.api.isStatic
+          // token ids and feature vectors have no picture: no image is ever cached
+          tokens !== null || d.features != null
+            ? ["images", h("span", { class: "muted cached-images" }, `none: the inputs are ${tokens !== null ? "token ids, which the pages show as their tokens" : "feature vectors, which the pages show as their values"}, not as pictures`)]
+            : ctx.api.isStatic
             ? ["cached images", fmt(s.holds.cached_images)]
             : [
                 "images cached so far",

@@ -13,6 +13,7 @@ import { append, facts, fill, fmt, h, notice, pct } from "../dom";
 import { featureRows, featureScale, featureStrip, imageState, tokenSequence } from "../images";
 import { durationText, fetchedSignal, signalDocPlot } from "../signal";
 import { classLabel, classText } from "../classes";
+import { predictionLabel } from "../predictions";
 
 /** Entries per "show more" request (the server's default page, so a static export holds
  * the same pages: `?offset=N&limit=PAGE`). */
@@ -43,7 +44,7 @@ export async function renderSample(root: HTMLElement, ctx: PageContext, args: st
   const pred = held?.predictions.length ? held.predictions : doc.prediction;
   // no model ran here, but the run recorded the top class (the Map page shows it too)
   const stored = !pred?.length ? (doc.stored_prediction ?? null) : null;
-  const predItem = (q: Prediction) => h("li", { class: q.name !== null && q.class === s.label ? "match" : null }, `${classLabel(q.name, q.class)} `, h("span", { class: "muted" }, pct(q.prob)));
+  const predItem = (q: Prediction) => h("li", { class: q.name !== null && q.class === s.label ? "match" : null }, `${predictionLabel(q)} `, h("span", { class: "muted" }, pct(q.prob)));
   // the top class against the label, said in words (a bold true class lower in the
   // top-5 did not say the model got it wrong); only where the outputs are the dataset's
   // classes (a prediction has a name then), as the Map page calls samples misclassified
@@ -51,8 +52,8 @@ export async function renderSample(root: HTMLElement, ctx: PageContext, args: st
   const verdict =
     top && top.name !== null && s.label !== null
       ? top.class === s.label
-        ? h("p", { class: "verdict", id: "verdict", "data-verdict": "correct" }, `predicted ${classLabel(top.name, top.class)}: correct`)
-        : h("p", { class: "verdict error-text", id: "verdict", "data-verdict": "misclassified" }, h("strong", null, `predicted ${classLabel(top.name, top.class)}, true ${labelText(s)}: misclassified`))
+        ? h("p", { class: "verdict", id: "verdict", "data-verdict": "correct" }, `predicted ${predictionLabel(top)}: correct`)
+        : h("p", { class: "verdict error-text", id: "verdict", "data-verdict": "misclassified" }, h("strong", null, `predicted ${predictionLabel(top)}, true ${labelText(s)}: misclassified`))
       : null;
   const plural = (n: number, word: string) => `${n} ${word}${n === 1 ? "" : "s"}`;
   append(
@@ -89,6 +90,7 @@ export async function renderSample(root: HTMLElement, ctx: PageContext, args: st
               ? [
                   verdict,
                   h("ol", { class: "preds" }, pred.map(predItem)),
+                  pred[0].position != null ? h("span", { class: "muted small", id: "pred-position" }, `the next token at the last position (${pred[0].position}), softmax over the vocabulary`) : null,
                   held ? h("span", { class: "muted small", id: "pred-precomputed" }, "made with the run's model when its explanations were precomputed") : null,
                 ]
               : stored

@@ -42,7 +42,7 @@ from fastapi.responses import Response
 
 from lurker.errors import LurkerError, collected
 from lurker.explain.base import BASELINE_EXAMPLES
-from lurker.explain.tokens import TOKEN_METHODS
+from lurker.explain.tokens import SUMMED, TOKEN_METHODS
 from lurker.store import atomic_write_bytes
 from lurker.store.files import safe_component
 from lurker.vocab import embedding_reads_ids, words_of
@@ -1054,7 +1054,12 @@ def methods(request: Request, run_id: str) -> ExplainMethods:
                 name=name,
                 summary=cls.summary,
                 needs_layer=_needs_layer(cls),
-                signed=cls.signed,
+                # on token ids a gradient's length per token (saliency, SmoothGrad) is
+                # >= 0: only the methods whose scores are summed over the embedding keep
+                # a sign, as the scores the method returns say
+                signed=cls.signed
+                if s.token_length() is None or not by_embedding
+                else name in SUMMED,
                 unavailable=refused.get(name),
             )
             for name, cls in shown.items()

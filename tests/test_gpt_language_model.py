@@ -1,0 +1,343 @@
+"""A character-level minGPT in lurker reads as a language model, not as an image
+classifier: its causal mask's -inf is by design (a softmax makes it 0), a generator over
+``(q, k, v)`` is not recurrence, and the explorer's top-5 and Explain target are the next
+token's at the last position. Oracles: a plain forward's softmax, ``lurker.explain`` with
+the unit target of that position, and the values the model's own ops make."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+from fastapi.testclient import TestClient
+from torch import nn
+
+import lurker
+from explorer_fixtures import skip_without_browser, strict_page
+from lurker.cli import main
+
+TEXT = "the cat sat on the mat.\nthe dog sat on the log.\n" * 3
+CHARS = sorted(set(TEXT))
+CONTEXT = 32
+
+
+class Block(nn.Module):
+    """minGPT's block: hand-written causal attention (``masked_fill(mask, -inf)`` before the
+    softmax, q, k and v reshaped by one generator expression), then an MLP."""
+
+    def __init__(self, dim: int = 16, heads: int = 2) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.c_attn = nn.Linear(dim, 3 * dim)
+        self.c_proj = nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+        self.register_buffer(
+            "bias", torch.tril(torch.ones(CONTEXT, CONTEXT)).view(1, 1, CONTEXT, CONTEXT)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape
+        q, k, v = self.c_attn(self.ln1(x)).split(c, dim=2)
+        q, k, v = (z.view(b, t, self.heads, c // self.heads).transpose(1, 2) for z in (q, k, v))
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+        att = att.masked_fill(self.bias[:, :, :t, :t] == 0, float("-inf"))
+        att = F.softmax(att, dim=-1)
+        y = (att @ v).transpose(1, 2).contiguous().view(b, t, c)
+        x = x + self.c_proj(y)
+        return x + self.mlp(self.ln2(x))
+
+
+class CharGPT(nn.Module):
+    """Token and position embeddings, two blocks, an lm head: logits ``(B, L, V)``."""
+
+    def __init__(self, vocab: int = len(CHARS), dim: int = 16) -> None:
+        super().__init__()
+        self.wte, self.wpe = nn.Embedding(vocab, dim), nn.Embedding(CONTEXT, dim)
+        self.blocks = nn.ModuleList(Block(dim) for _ in range(2))
+        self.ln_f = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, vocab, bias=False)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.wte(idx) + self.wpe(torch.arange(idx.size(1)))
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln_f(x))
+
+
+class Windows(torch.utils.data.TensorDataset):
+    """``(32 token ids, next-char label)`` windows of the text; its classes are the
+    characters (a space and a newline among them)."""
+
+    classes = CHARS
+
+
+def windows() -> Windows:
+    ids = torch.tensor([CHARS.index(ch) for ch in TEXT])
+    starts = range(0, len(ids) - CONTEXT - 1, 3)
+    x = torch.stack([ids[i : i + CONTEXT] for i in starts])
+    return Windows(x, torch.stack([ids[i + CONTEXT] for i in starts]))
+
+
+# -- the trace: the mask's -inf, and no recurrence ------------------------------------------
+
+
+def test_the_causal_masks_inf_is_by_design_not_a_nonfinite_problem() -> None:
+    torch.manual_seed(0)
+    ids = torch.randint(0, len(CHARS), (1, 10))
+    tr = lurker.trace(CharGPT().eval(), ids)
+    masked = [op for op in tr if op.name == "masked_fill"]
+    softmax = [op for op in tr if op.name == "softmax"]
+    assert len(masked) == len(softmax) == 2
+    # the oracle: the masked_fill's own output holds one -inf per key after its query
+    for op in masked:
+        assert int(op.activation.isneginf().sum()) == 2 * 10 * 9 // 2  # heads x T(T-1)/2
+    assert all(bool(op.activation.isfinite().all()) for op in softmax)
+    assert tr.first_nonfinite() is None
+    said = [str(m) for m in tr.masked_infs()]
+    assert said == [
+        f"-inf from {m.label}, an attention mask, made finite by {s.label}"
+        for m, s in zip(masked, softmax)
+    ]
+    assert said[0] == "-inf from masked_fill_1, an attention mask, made finite by softmax_1"
+
+
+class LeakyMask(nn.Module):
+    """The masked scores also reach a value the model keeps (their mean): -inf there is
+    a real problem, not a mask's."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        att = x @ x.transpose(-2, -1)
+        t = x.shape[1]
+        att = att.masked_fill(torch.ones(t, t).tril() == 0, float("-inf"))
+        return att.softmax(-1) @ x + att.mean()
+
+
+class FullyMaskedRow(nn.Module):
+    """A query whose keys are all masked: its softmax row is 0 / 0 = NaN."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        att = x @ x.transpose(-2, -1)
+        mask = torch.ones(4, 4).tril() == 0
+        mask[0, 0] = True
+        return att.masked_fill(mask, float("-inf")).softmax(-1) @ x
+
+
+def test_a_mask_whose_inf_reaches_another_value_is_still_the_first_nonfinite() -> None:
+    tr = lurker.trace(LeakyMask(), torch.randn(1, 4, 3))
+    first = tr.first_nonfinite()
+    assert first is not None and first.op.name == "masked_fill" and first.count.neginf == 6
+    assert tr.masked_infs() == []
+    tr = lurker.trace(FullyMaskedRow(), torch.randn(1, 4, 3))
+    first = tr.first_nonfinite()
+    assert first is not None and first.op.name == "masked_fill"
+    assert tr.masked_infs() == []  # its softmax is NaN: nothing made it finite
+
+
+def test_an_added_mask_is_by_design_too() -> None:
+    class Added(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            t = x.shape[1]
+            mask = torch.full((t, t), float("-inf")).triu(1)
+            return ((x @ x.transpose(-2, -1)) + mask).softmax(-1) @ x
+
+    tr = lurker.trace(Added(), torch.randn(1, 5, 3))
+    assert tr.first_nonfinite() is None
+    (m,) = tr.masked_infs()
+    assert m.op.name == "full" and m.softmaxes == ("softmax_1",)
+    assert [tr[label].name for label in m.through] == ["triu", "add"]
+
+
+def test_cli_trace_says_the_mask_is_by_design(tmp_path: Path) -> None:
+    f = tmp_path / "gpt.py"
+    f.write_text(f"import sys\nsys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+                 "from test_gpt_language_model import CharGPT\n")  # fmt: skip
+    args = ["trace", f"{f}:CharGPT", "-i", "1,32", "--input-dtype", "long"]
+    r = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "g.dot")])
+    assert r.exit_code == 0, r.output
+    assert "non-finite: none" in r.output and "made 1,984 -inf" not in r.output
+    assert "-inf from masked_fill_1, an attention mask, made finite by softmax_1" in r.output
+    assert "Recurrent:   no" in r.output
+
+
+def test_a_generator_over_q_k_v_is_not_recurrence_but_a_loop_on_its_output_is() -> None:
+    tr = lurker.trace(CharGPT().eval(), torch.randint(0, len(CHARS), (1, 8)))
+    # the generator runs view and transpose three times at one place...
+    assert {op.num_passes for op in tr if op.name == "view" and op.num_passes > 1} == {3}
+    # ...on three distinct tensors, none fed by another: one step, not a loop
+    assert not tr.is_recurrent and "Recurrent:   no" in tr.summary()
+
+    class Refine(nn.Module):  # one module applied to its own output
+        def __init__(self) -> None:
+            super().__init__()
+            self.step = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for _ in range(3):
+                x = torch.tanh(self.step(x))
+            return x
+
+    class Cells(nn.Module):  # an LSTM stepped by hand
+        def __init__(self) -> None:
+            super().__init__()
+            self.cell = nn.LSTMCell(3, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = c = torch.zeros(1, 4)
+            for t in range(x.shape[0]):
+                h, c = self.cell(x[t], (h, c))
+            return h
+
+    for model, x in [
+        (Refine(), torch.randn(1, 4)),
+        (Cells(), torch.randn(5, 1, 3)),
+        (nn.LSTM(3, 4), torch.randn(5, 1, 3)),  # torch's own recurrent kernel, one call
+    ]:
+        tr = lurker.trace(model, x)
+        assert tr.is_recurrent and "Recurrent:   yes" in tr.summary(), type(model).__name__
+
+
+# -- the explorer: the next token at the last position -------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gpt(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    from lurker.probe import probe
+    from lurker.server import create_app
+    from lurker.server.serve import background
+
+    torch.manual_seed(0)
+    model, data = CharGPT(), windows()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    x, y = data.tensors
+    for _ in range(60):  # a few steps: its top tokens are not a random head's ties
+        loss = F.cross_entropy(model(x)[:, -1], y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    root = tmp_path_factory.mktemp("gpt")
+    probe(model, data, out=root / "gpt", layers=["blocks.1.mlp.2"], k=4, progress=False).close()
+    app = create_app(root / "gpt", model_obj=model, dataset=data, vocab=CHARS)
+    with background(app) as url:
+        yield {"client": TestClient(app), "url": url.rstrip("/"), "model": model, "data": data}
+
+
+def _oracle(model: nn.Module, ids: list[int]) -> tuple[list[int], list[float]]:
+    with torch.no_grad():
+        p = model(torch.tensor([ids]))[0, -1].softmax(-1)
+    top = p.topk(5)
+    return top.indices.tolist(), top.values.tolist()
+
+
+def test_live_shows_the_next_token_top5_at_the_last_position(gpt: dict) -> None:
+    ids = [CHARS.index(ch) for ch in "the cat sat on the m"]
+    r = gpt["client"].post("/api/runs/gpt/live/inputs", json={"ids": ids})
+    assert r.status_code == 200, r.text
+    doc = r.json()
+    want, probs = _oracle(gpt["model"], ids)
+    preds = doc["predictions"]
+    assert [q["class"] for q in preds] == want and doc["predictions_note"] is None
+    assert [q["prob"] for q in preds] == pytest.approx(probs, rel=1e-5)
+    assert [q["name"] for q in preds] == [CHARS[i] for i in want]  # the vocabulary's chars
+    assert {q["position"] for q in preds} == {len(ids) - 1}
+    assert preds[0]["target"] == f"head:{want[0]}:0:{len(ids) - 1}"
+    # a dataset sample's page
+    want, probs = _oracle(gpt["model"], gpt["data"].tensors[0][3].tolist())
+    page = gpt["client"].get("/api/runs/gpt/samples/3").json()
+    assert [q["class"] for q in page["prediction"]] == want and page["prediction_error"] is None
+    assert [q["prob"] for q in page["prediction"]] == pytest.approx(probs, rel=1e-5)
+    assert page["prediction"][0]["position"] == CONTEXT - 1
+
+
+@pytest.mark.parametrize("method", ["saliency", "input_x_gradient", "integrated_gradients"])
+def test_explains_default_target_is_the_next_token_at_the_last_position(
+    gpt: dict, method: str
+) -> None:
+    page = gpt["client"].get("/api/runs/gpt/samples/5").json()
+    target = page["prediction"][0]["target"]
+    top = page["prediction"][0]["class"]
+    assert target == f"head:{top}:0:{CONTEXT - 1}"
+    r = gpt["client"].get(
+        f"/api/runs/gpt/live/sample-5/explain/{method}.json", params={"target": target}
+    )
+    assert r.status_code == 200, r.text
+    ids = gpt["data"].tensors[0][5][None]
+    want = lurker.explain(gpt["model"], ids, ("head", top, 0, CONTEXT - 1), method).attribution[0]
+    assert r.json()["scores"] == pytest.approx(want.tolist(), rel=1e-4, abs=1e-6)
+    # not the class's score averaged over the positions
+    mean = lurker.explain(gpt["model"], ids, ("head", top), method).attribution[0]
+    assert not torch.allclose(mean, want, atol=1e-4)
+
+
+def test_smoothgrad_on_tokens_is_said_unsigned_as_its_scores_are(gpt: dict) -> None:
+    info = gpt["client"].get("/api/runs/gpt/explain/methods").json()
+    signed = {m["name"]: m["signed"] for m in info["methods"]}
+    assert signed == {
+        "saliency": False, "input_x_gradient": True,
+        "integrated_gradients": True, "smoothgrad": False,
+    }  # fmt: skip
+    target = gpt["client"].get("/api/runs/gpt/samples/2").json()["prediction"][0]["target"]
+    for name, is_signed in signed.items():
+        r = gpt["client"].get(
+            f"/api/runs/gpt/live/sample-2/explain/{name}.json", params={"target": target}
+        )
+        doc = r.json()
+        assert doc["signed"] == is_signed
+        if not is_signed:
+            assert min(doc["scores"]) >= 0
+        else:
+            assert min(doc["scores"]) < 0 < max(doc["scores"])
+
+
+def _shoot(pg: Any, name: str) -> None:
+    """A screenshot where ``LURKER_SHOTS`` names a folder (to look at; nothing asserted)."""
+    where = os.environ.get("LURKER_SHOTS")
+    if where:
+        pg.screenshot(path=os.path.join(where, f"gpt-{name}.png"), full_page=True)
+
+
+def test_the_pages_read_the_gpt_as_a_language_model(browser: Any, gpt: dict) -> None:
+    """Live shows the next-token top-5 (spaces as ␣), the Explain page's default target is
+    the top next token's score at the last position, chosen in its target chooser, and
+    Home names the classes ␣ and ↵ and says a text run has no images."""
+    skip_without_browser()
+    typed = "the cat sat on the"  # the next character is a space
+    ids = [CHARS.index(ch) for ch in typed]
+    want, _ = _oracle(gpt["model"], ids)
+    with strict_page(browser) as pg:
+        pg.goto(f"{gpt['url']}/#/r/gpt/live")
+        pg.fill("#live-text", typed)
+        pg.press("#live-text", "Enter")
+        pg.wait_for_selector("#live-preds li")
+        assert f"at the last position ({len(ids) - 1})" in pg.inner_text("#preds-head")
+        names = pg.locator("#live-preds .pname").all_inner_texts()
+        assert names == [CHARS[i].replace(" ", "␣").replace("\n", "↵") for i in want]
+        _shoot(pg, "live")
+
+        page = gpt["client"].get("/api/runs/gpt/samples/5").json()
+        pg.goto(f"{gpt['url']}/#/r/gpt/explain?image=sample-5")
+        pg.wait_for_selector(".target.on")
+        on = pg.locator(".target.on")
+        assert on.get_attribute("data-target") == page["prediction"][0]["target"]
+        assert on.get_attribute("data-class") == str(page["prediction"][0]["class"])
+        assert pg.locator("#explain-unit").input_value() == ""
+        assert f"at the last position ({CONTEXT - 1})" in pg.inner_text("#target-head")
+        pg.wait_for_selector("[data-method=smoothgrad] .tok[data-score]")
+        assert pg.inner_text("[data-method=smoothgrad] .sign").strip() == "≥ 0"
+        _shoot(pg, "explain")
+
+        pg.goto(f"{gpt['url']}/#/r/gpt")
+        pg.wait_for_selector(".cached-images")
+        text = pg.inner_text("main") if pg.locator("main").count() else pg.inner_text("body")
+        shown = ", ".join("␣" if c == " " else "↵" if c == "\n" else c for c in CHARS)
+        assert f"{len(CHARS)}: {shown}" in text
+        assert "cached so far" not in text and "inputs are token ids" in text
+        _shoot(pg, "home")
