@@ -53,12 +53,13 @@ def test_layer_page_shows_the_filters_grid_and_a_cell_opens_its_unit(page: Any, 
     )
     cells = page.locator("#filters a.filter-cell")
     assert cells.count() == 16
-    # each cell lies over its kernel in the picture: cell 5's box is unit 5's
-    box = cells.nth(5).bounding_box()
-    img = page.locator("#filters img").bounding_box()
-    assert box["x"] > img["x"] and box["y"] >= img["y"] and box["width"] > 4
+    # each cell shows its kernel (its cell of the grid picture, cropped) over its number
+    cell = page.locator('#filters a.filter-cell[data-unit="5"]')
+    pic = cell.locator(".filter-pic").bounding_box()
+    assert pic["width"] > 4 and pic["height"] > 4
+    assert cell.locator(".filter-num").inner_text() == "5"
     assert "grey" in page.locator("#filters").inner_text()
-    cells.nth(5).click()
+    cell.click()
     page.wait_for_url("**#/r/d/unit/features.0/5")
     page.wait_for_selector("#unit-filter img")
     page.wait_for_function("() => document.querySelector('#unit-filter img').naturalWidth > 0")

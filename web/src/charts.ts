@@ -8,6 +8,33 @@ import type { Places } from "./images";
 
 const M = { top: 10, right: 14, bottom: 40, left: 56 };
 
+/**
+ * A chart drawn at the width its box has, up to `width`: `make(w)` draws it `w` px wide,
+ * and a narrower box (a phone's card) gets it redrawn at its own width, with fewer ticks,
+ * rather than the wide drawing shrunk, which took its axis text down to 7 px. Never
+ * narrower than `least` px: below that the box scrolls sideways. Redrawn when the box's
+ * width changes (a phone turned).
+ */
+export function fitted(make: (width: number) => SVGSVGElement, width: number, least = 240): HTMLElement {
+  const box = document.createElement("div");
+  box.className = "chart-fit";
+  let drawn = width;
+  box.append(make(width));
+  new ResizeObserver(() => {
+    if (!box.isConnected) return;
+    const w = Math.max(least, Math.min(width, Math.floor(box.clientWidth)));
+    if (!box.clientWidth || w === drawn) return;
+    drawn = w;
+    box.replaceChildren(make(w));
+  }).observe(box);
+  return box;
+}
+
+/** How many ticks an axis `span` px long has room for (one per 70 px, 2 to `most`). */
+function tickCount(span: number, most: number): number {
+  return Math.max(2, Math.min(most, Math.floor(span / 70)));
+}
+
 /** Counts per bin over the activation axis; y on a symlog scale since the mass sits near 0.
  * `yLabel` says what a count is (samples, or sample-and-unit values of a layer). */
 export function histogramChart(
@@ -74,7 +101,7 @@ export function histogramChart(
   svg
     .append("g")
     .attr("transform", `translate(0,${height - M.bottom})`)
-    .call(axisBottom(x).ticks(6).tickFormat((d) => tick(Number(d))));
+    .call(axisBottom(x).ticks(tickCount(width - M.left - M.right, 6)).tickFormat((d) => tick(Number(d))));
   svg
     .append("g")
     .attr("class", "y-axis")
@@ -143,7 +170,8 @@ export function barChart(
   rows: { label: string; value: number }[],
   { width = 420, xLabel = "mean activation" }: { width?: number; xLabel?: string } = {},
 ): SVGSVGElement {
-  const left = Math.min(160, 12 + 7 * Math.max(4, ...rows.map((r) => Math.min(r.label.length, 22))));
+  // (at most a third of a narrow chart: the bars keep room)
+  const left = Math.min(160, Math.floor(width / 3), 12 + 7 * Math.max(4, ...rows.map((r) => Math.min(r.label.length, 22))));
   const band = 20;
   const height = M.top + rows.length * band + M.bottom;
   const svg = create("svg")
@@ -187,7 +215,7 @@ export function barChart(
   svg
     .append("g")
     .attr("transform", `translate(0,${height - M.bottom})`)
-    .call(axisBottom(x).ticks(5).tickFormat((d) => tick(Number(d))));
+    .call(axisBottom(x).ticks(tickCount(width - M.right - 40 - left, 5)).tickFormat((d) => tick(Number(d))));
   axisLabels(svg.node()!, width, height, xLabel, null, left);
   return svg.node()!;
 }

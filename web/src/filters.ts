@@ -16,7 +16,9 @@ export async function layerFilters(ctx: PageContext, layer: string): Promise<Lay
     if (!index?.filters) return null;
     return ctx.api.json<LayerFilters>(p("runs", ctx.run, "layers", layer, "filters")).catch(() => null);
   }
-  const summary = await ctx.api.summary(ctx.run).catch(() => null);
+  // the kernels are the model's weights: only once the server's model passed its check
+  // against the run's (the summary says "checking" until then)
+  const summary = await ctx.api.checkedSummary(ctx.run, ctx.signal).catch(() => null);
   if (!summary?.holds.live) return null;
   // which layers have filters: one document per run, so no other layer's page asks (a 404)
   const listed = await ctx.api.json<{ layers: string[] }>(p("runs", ctx.run, "filters")).catch(() => null);
@@ -31,42 +33,72 @@ function withQuery(url: string, query: string): string {
 
 function scaleText(f: LayerFilters): string {
   const colours = f.colour === "rgb" ? "the kernel's input channels 0, 1, 2 drawn as red, green, blue" : "grey: one input channel";
-  const norm = f.normalize ? `; the run's images were normalised as ${f.normalize === "none" ? "none (pixels in [0, 1])" : f.normalize}` : "";
-  return `Each kernel's weights as pixels, ${colours}. Every unit shares one scale, symmetric around 0: mid-grey is 0, ±${fmt(f.max_abs)} (the layer's largest |w|) is full intensity${norm}.`;
+  return `Each kernel's weights as pixels, ${colours}. Every unit shares one scale, symmetric around 0: mid-grey is 0, ±${fmt(f.max_abs)} (the layer's largest |w|) is full intensity.${normalizeText(f.normalize)}`;
 }
 
-/** The grid of every unit's kernel, each cell a link to its unit. */
+/** What the run's image normalisation means for reading the kernels, in words: a kernel
+ * is what it multiplies the model's input by, so its colours are those of the image as
+ * the model is fed it. */
+export function normalizeText(normalize: string | null | undefined): string {
+  if (!normalize) return "";
+  if (normalize === "none")
+    return " The model is fed the image's pixels as they are, each from 0 (black) to 1 (white), so a kernel's bright weights add where the image is bright and its dark ones subtract.";
+  if (normalize === "raw")
+    return " The model is fed the image's raw pixel values, 0 to 255, and scales them itself: a kernel's bright weights still add where the image is bright.";
+  return ` The model is fed the image normalised (${normalize}: each channel less its mean, over its spread), so 0 is an average pixel, not black: a kernel's bright weights add where the image is brighter than average, its dark ones where it is darker.`;
+}
+
+/** The card of every unit's kernel, each a link to its unit, numbered by unit and in the
+ * unit grid's order (see {@link orderFilters}); each kernel is its cell of the server's
+ * one grid picture (one request), cropped. */
 export function filtersSection(ctx: PageContext, layer: string, f: LayerFilters): HTMLElement {
   const [ch, cw] = f.cell;
   const width = f.gap + f.columns * (cw + f.gap);
-  const height = f.gap + f.rows * (ch + f.gap);
-  const zoom = Math.max(1, Math.floor(480 / Math.max(width, height)));
-  const pct = (v: number, of: number) => `${((100 * v) / of).toFixed(4)}%`;
+  // about 48 px a kernel (a 3x3 one was 16 px wide in a 480 px picture, too small to read)
+  const zoom = Math.max(1, Math.round(48 / Math.max(ch, cw)));
+  const src = ctx.api.pngUrl(p("runs", ctx.run, "layers", layer, "filters.png"));
   const cells = f.units.map((u) => {
     const y = f.gap + Math.floor(u.unit / f.columns) * (ch + f.gap);
     const x = f.gap + (u.unit % f.columns) * (cw + f.gap);
-    return h("a", {
-      class: "filter-cell",
-      href: ctx.href("unit", layer, u.unit),
-      "data-unit": u.unit,
-      title: `unit ${u.unit}: weights ${fmt(u.min)} .. ${fmt(u.max)}`,
-      "aria-label": `unit ${u.unit}`,
-      style: `left:${pct(x, width)};top:${pct(y, height)};width:${pct(cw, width)};height:${pct(ch, height)}`,
-    });
-  });
-  const img = h("img", {
-    src: ctx.api.pngUrl(p("runs", ctx.run, "layers", layer, "filters.png")),
-    alt: `the ${f.units.length} kernels of ${layer}`,
-    width: width * zoom,
-    height: height * zoom,
+    return h(
+      "a",
+      {
+        class: "filter-cell",
+        href: ctx.href("unit", layer, u.unit),
+        "data-unit": u.unit,
+        title: `unit ${u.unit}: weights ${fmt(u.min)} .. ${fmt(u.max)}`,
+        "aria-label": `unit ${u.unit}`,
+      },
+      h(
+        "span",
+        { class: "filter-pic", style: `width:${cw * zoom}px;height:${ch * zoom}px` },
+        h("img", { src, alt: "", style: `width:${width * zoom}px;left:${-x * zoom}px;top:${-y * zoom}px` }),
+      ),
+      h("span", { class: "filter-num" }, String(u.unit)),
+    );
   });
   return h(
     "section",
     { class: "card filters", id: "filters" },
     h("h2", null, "Filters ", h("span", { class: "muted small" }, `${f.units.length} kernels ${f.shape[2]}×${f.shape[3]}, ${f.colour === "rgb" ? "RGB" : "grey"}, read from the input image`)),
-    h("p", { class: "muted small" }, scaleText(f), " Click a kernel to open its unit."),
-    h("div", { class: "filter-grid" }, img, ...cells),
+    h("p", { class: "muted small" }, scaleText(f), " Each kernel is numbered by its unit; click one to open its unit. ", h("span", { id: "filters-order" }, "In unit order.")),
+    h("div", { class: "filter-grid" }, ...cells),
   );
+}
+
+/** Puts the filters card's kernels in `units`' order (the unit grid's sort), and says
+ * which order that is (`sort`: the grid's sort key). */
+export function orderFilters(section: HTMLElement, units: number[], sort: string): void {
+  const grid = section.querySelector(".filter-grid");
+  if (!grid) return;
+  const byUnit = new Map([...grid.querySelectorAll<HTMLElement>(".filter-cell")].map((c) => [Number(c.dataset.unit), c]));
+  for (const u of units) {
+    const cell = byUnit.get(u);
+    if (cell) grid.append(cell);
+  }
+  const said = section.querySelector("#filters-order");
+  if (said) said.textContent = sort === "index" ? "In unit order, as the grid below." : `In the grid's order below: by ${sort}, highest first.`;
+  (grid as HTMLElement).dataset.order = sort;
 }
 
 /** One unit's kernel, enlarged (nearest neighbour), with its range. */

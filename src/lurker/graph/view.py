@@ -19,6 +19,7 @@ from importlib import resources
 from typing import Any
 
 from .attention import attention_softmaxes
+from .call_args import call_args, in_training
 from .drawn import merge_edges, readout_values
 from .edges import edges as graph_edges
 from .graph import Graph
@@ -65,6 +66,9 @@ def graph_view(
         for o in ops
         if o.name in ("scaled_dot_product_attention", "_native_multi_head_attention")
     }
+    labels = [""] * (max((o.index for o in ops), default=-1) + 1)
+    for o in ops:
+        labels[o.index] = o.label
     for rolled, passes in graph.rolled().items():
         op = passes[0]
         if op.kind in HIDDEN_KINDS:
@@ -99,6 +103,11 @@ def graph_view(
             node["v"] = readout_values(passes)
         if any(o.index in attention for o in passes):
             node["a"] = 1
+        args = call_args(op, labels)
+        if args:
+            node["A"] = args
+        if any(in_training(o) for o in passes):
+            node["T"] = 1
         for o in passes:
             layer = layers.get(o.label)
             if layer is not None:

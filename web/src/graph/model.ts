@@ -31,6 +31,8 @@ export interface ViewNode {
   v?: string;
   L?: string;
   nf?: number; // its probed layer made NaN or +inf: on at least this many samples
+  A?: string; // the call's arguments, one line: `conv2d_1, weight=..., training=False`
+  T?: 1; // ran as in training (a batch_norm or dropout with training=True)
 }
 
 /** `[src, dst, count?, branchLabel?]` node positions. */

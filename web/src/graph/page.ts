@@ -89,6 +89,17 @@ const nfBadge = (right: number, top: number, text: string) => {
     `<text x="${f1(right - w / 2)}" y="${f1(top + 3)}" text-anchor="middle">${text}</text></g>`
   );
 };
+/** "train" at a node's bottom-left corner: it ran as in training (a batch_norm or dropout
+ * called with training=True), which an eval model's op never does. */
+const trainBadge = (left: number, bottom: number) =>
+  `<g class="train-badge"><rect x="${f1(left)}" y="${f1(bottom - 6)}" width="34" height="13" rx="6"/>` +
+  `<text x="${f1(left + 17)}" y="${f1(bottom + 4)}" text-anchor="middle">train</text></g>`;
+
+/** An op's call arguments (the document's one line) as HTML, `training=True` in bold. */
+export function argsHtml(args: string | undefined): string {
+  return esc(args ?? "").replace(/\btraining=True\b/g, '<b class="train">training=True</b>');
+}
+
 /** A module's tooltip row: how many probed layers inside it made NaN or +inf. */
 const nfTip = (n: number) =>
   n ? `<b class="nf">${n} probed ${n === 1 ? "layer" : "layers"} inside made NaN or +inf</b>` : "";
@@ -302,6 +313,9 @@ class GraphPage {
   private hitsEl!: HTMLSpanElement;
   /** "see LABEL live": the live view of the op last clicked, searched or focused. */
   private liveLink!: HTMLAnchorElement;
+  /** The selected op's call (its arguments), under the bar: what a tooltip shows only
+   * while hovered, kept for the op last clicked, searched or focused. */
+  private callLine!: HTMLDivElement;
   private matches: Target[] = [];
   private matchAt = -1;
   private current: ItemKey | null = null;
@@ -474,6 +488,9 @@ class GraphPage {
     // before d3-zoom reads its floor for this wheel turn (the view may have been resized)
     canvas.addEventListener("wheel", () => this.zoomFloor(), { capture: true, passive: true });
     this.page.insertBefore(bar, this.status);
+    this.callLine = el("div", "graph-call");
+    this.callLine.hidden = true;
+    this.page.insertBefore(this.callLine, this.status);
     const nan = this.nonfiniteLine();
     if (nan) this.page.insertBefore(nan, this.status);
     this.page.append(legend, canvas);
@@ -563,6 +580,7 @@ class GraphPage {
       ["l-readout", "readout", has("readout")],
       ["l-failed", "failed op", has("failed")],
       ["l-nan", "made NaN or +inf (probed layer)", d.first_nonfinite !== undefined],
+      ["l-train", "ran as in training (training=True)", d.nodes.some((n) => n.T)],
       // the blue underlined labels: ops a probed layer reads, each a link to its units
       ["l-probed", "probed layer (click to see its units)", d.nodes.some((n) => n.L)],
       ["l-mod", "module (click to open)", d.groups.some((gr, g) => g && !this.st.transparent[g] && (gr.N ?? 0) > 0)],
@@ -699,7 +717,7 @@ class GraphPage {
     const n = this.doc.nodes[k];
     const kind = n.k ?? (n.P ? "param" : "op");
     const nf = n.nf !== undefined ? (k === this.doc.first_nonfinite ? " nonfinite nf-first" : " nonfinite") : "";
-    const cls = `nd n-${kind}${n.k === "generated" && n.P ? " n-param" : ""}${n.L ? " probed" : ""}${nf}${extra}`;
+    const cls = `nd n-${kind}${n.k === "generated" && n.P ? " n-param" : ""}${n.L ? " probed" : ""}${n.T ? " training" : ""}${nf}${extra}`;
     const x0 = f1(cx - w / 2);
     const y0 = f1(cy - h / 2);
     let shape: string;
@@ -721,6 +739,7 @@ class GraphPage {
       `<text class="l1" x="${f1(cx)}" y="${f1(b ? cy - 3 : cy + 4)}" text-anchor="middle">${esc(a)}</text>` +
       (b ? `<text class="l2" x="${f1(cx)}" y="${f1(cy + 11)}" text-anchor="middle">${esc(b)}</text>` : "") +
       (nf ? nfBadge(cx + w / 2, cy - h / 2, "NaN") : "") +
+      (n.T ? trainBadge(cx - w / 2 - 4, cy + h / 2) : "") +
       `</g>`
     );
   }
@@ -1217,6 +1236,8 @@ class GraphPage {
     if (n.s?.length)
       rows.push(`shape: ${n.s.map((s) => esc(shapeText(s))).join(", ")} <span class="k">${esc(n.d ?? d.dtype)}</span>`);
     if (n.v !== undefined) rows.push(`value: ${esc(n.v)}`);
+    if (n.A) rows.push(`<span class="call">call: ${esc(n.t)}(${argsHtml(n.A)})</span>`);
+    if (n.T) rows.push(`<b class="train">ran as in training</b>: ${n.t === "batch_norm" ? "normalised by the batch's own statistics, not the running ones" : "dropped values at random"}; an eval model's op never does`);
     if (n.P) rows.push(`params: ${fmt(n.P)}`);
     if (n.f !== undefined) rows.push(`FLOPs: ${fmt(n.f)}${n.p ? " (all passes)" : ""}`);
     if (n.p) rows.push(`passes: ${n.p} <span class="k">(${esc(n.l)}:1 \u2026 ${esc(n.l)}:${n.p})</span>`);
@@ -1292,6 +1313,7 @@ class GraphPage {
   /** Points the bar's live link at node k: its input and output maps on an image. */
   private showLive(k: number): void {
     const n = this.doc.nodes[k];
+    this.showCall(n);
     // a static export runs no model: its live view only says so, so offer no link to it
     if (!n || n.k === "input" || n.k === "output" || this.ctx.api.isStatic) {
       this.liveLink.hidden = true;
@@ -1301,6 +1323,19 @@ class GraphPage {
     this.liveLink.textContent = `see ${n.l} live →`;
     this.liveLink.title = "its input and output feature maps (and kernels) on an image";
     this.liveLink.hidden = false;
+  }
+
+  /** The selected op's call under the bar (hidden for an op without one). */
+  private showCall(n: ViewNode | undefined): void {
+    if (!n?.A) {
+      this.callLine.hidden = true;
+      return;
+    }
+    this.callLine.innerHTML =
+      `<b>${esc(n.l)}</b> <span class="k">${esc(n.t)}</span>(${argsHtml(n.A)})` +
+      (n.T ? ` <b class="train">ran as in training</b>` : "");
+    this.callLine.dataset.op = n.l;
+    this.callLine.hidden = false;
   }
 
   /** Opens the groups around a node or group, then centres and marks it. */

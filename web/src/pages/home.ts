@@ -171,7 +171,7 @@ export async function renderHome(root: HTMLElement, ctx: PageContext): Promise<v
               h("td", null, l.kind ?? "–"),
               h("td", { class: "num" }, fmt(l.num_units)),
               h("td", null, shape(l.shape)),
-              h("td", null, s.holds.graph && l.op ? h("a", { href: ctx.href("graph") + "?focus=" + encodeURIComponent(l.op), class: "muted" }, "in graph") : null),
+              h("td", null, s.holds.graph && l.op ? h("a", { href: ctx.href("graph") + "?focus=" + encodeURIComponent(l.op), class: "graph-link", title: `${l.op} in the traced graph` }, "in graph") : null),
             ),
           ),
         ),

@@ -1,12 +1,12 @@
 /** `#/r/RUN/layer/LAYER?sort=max|mean|index&thumb=input|crop|featviz`: every unit as a thumbnail. */
 import { cropCanvas, p, type LayerDoc } from "../api";
-import { histogramChart, positionCount, sampleValueLabel } from "../charts";
+import { fitted, histogramChart, positionCount, sampleValueLabel } from "../charts";
 import type { PageContext } from "../context";
 import { append, facts, fill, fmt, h, notice, shape, withId } from "../dom";
 import { anyPlace, averagedPlaces, type Places, featureBins, featureName, featureScale, imageState, layerPlaces, noImage, patchless, tokenSequence } from "../images";
 import { outputClass } from "../classes";
 import { durationText, secondsText, signalTilePlot } from "../signal";
-import { filtersSection, layerFilters } from "../filters";
+import { filtersSection, layerFilters, orderFilters } from "../filters";
 
 const SORTS = ["max", "mean", "index"] as const;
 /** Cards built before the page first shows: more than a large screen holds. */
@@ -212,6 +212,9 @@ export async function renderLayer(root: HTMLElement, ctx: PageContext, args: str
     if (next < order.length) setTimeout(more, 0);
   };
 
+  // the filters card (a first convolution's), once loaded: its kernels in the grid's order
+  let filters: HTMLElement | null = null;
+  let order: number[] = [];
   const draw = () => {
     const sorted = [...units];
     if (sort !== "index") {
@@ -219,6 +222,8 @@ export async function renderLayer(root: HTMLElement, ctx: PageContext, args: str
       sorted.sort((a, b) => (b[key] ?? -Infinity) - (a[key] ?? -Infinity));
     }
     fillGrid(sorted);
+    order = sorted.map((u) => u.unit);
+    if (filters) orderFilters(filters, order, sort);
     const seg = (el: HTMLElement, options: string[], value: string, set: (v: string) => void) =>
       fill(
         el,
@@ -250,7 +255,10 @@ export async function renderLayer(root: HTMLElement, ctx: PageContext, args: str
   // stays empty (and takes no room) on any other layer or page
   const filtersSlot = h("div", { class: "filters-slot" });
   void layerFilters(ctx, name).then((f) => {
-    if (f) fill(filtersSlot, filtersSection(ctx, name, f));
+    if (!f) return;
+    filters = filtersSection(ctx, name, f);
+    orderFilters(filters, order, sort);
+    fill(filtersSlot, filters);
   });
 
   append(root, 
@@ -275,7 +283,7 @@ export async function renderLayer(root: HTMLElement, ctx: PageContext, args: str
         "section",
         { class: "card chart-card" },
         h("h3", null, "Activations of all units"),
-        histogramChart(doc.histogram, { width: 460, height: 190, xLabel: sampleValueLabel(places), yLabel: "samples × units" }),
+        fitted((width) => histogramChart(doc.histogram, { width, height: 190, xLabel: sampleValueLabel(places), yLabel: "samples × units" }), 460),
         h("p", { class: "muted small" }, positions > 1 ? "every unit's per-sample means, counted together" : "every unit's per-sample activations, counted together"),
       ),
     ),

@@ -19,6 +19,15 @@ import { predictionLabel } from "../predictions";
  * the same pages: `?offset=N&limit=PAGE`). */
 const PAGE = 200;
 
+/** The unit a sample page was reached from (its query's `layer` and `unit`), with the op
+ * its layer probes; null where the query names none, or a layer or unit the run lacks. */
+function fromUnit(params: URLSearchParams, summary: RunSummary): { layer: string; unit: number; op: string } | null {
+  const raw = params.get("unit") ?? "";
+  const l = summary.layers.find((x) => x.name === params.get("layer"));
+  if (!l?.op || !/^\d+$/.test(raw) || Number(raw) >= l.num_units) return null;
+  return { layer: l.name, unit: Number(raw), op: l.op };
+}
+
 /** The sample's class as every page names one (see classes.ts): `4`, `cat`, `10 (index 0)`. */
 export function labelText(s: SampleBrief): string {
   if (s.label === null) return "unlabelled";
@@ -55,6 +64,10 @@ export async function renderSample(root: HTMLElement, ctx: PageContext, args: st
         ? h("p", { class: "verdict", id: "verdict", "data-verdict": "correct" }, `predicted ${predictionLabel(top)}: correct`)
         : h("p", { class: "verdict error-text", id: "verdict", "data-verdict": "misclassified" }, h("strong", null, `predicted ${predictionLabel(top)}, true ${labelText(s)}: misclassified`))
       : null;
+  // reached from a unit's page (`?layer=L&unit=U`): Live opens at that unit's op with its map
+  // marked, as the unit page's own live links do; else on Live's default op
+  const from = fromUnit(ctx.params, summary);
+  const liveHref = ctx.href("live") + "?" + new URLSearchParams(from ? { image: `sample-${s.id}`, op: from.op, unit: String(from.unit) } : { image: `sample-${s.id}` });
   const plural = (n: number, word: string) => `${n} ${word}${n === 1 ? "" : "s"}`;
   append(
     root,
@@ -125,7 +138,7 @@ export async function renderSample(root: HTMLElement, ctx: PageContext, args: st
           : h(
               "p",
               { class: "entry-links" },
-              ctx.api.isStatic ? null : h("a", { class: "button", id: "open-live", href: ctx.href("live") + "?image=sample-" + s.id }, "Open in live view"),
+              ctx.api.isStatic ? null : h("a", { class: "button", id: "open-live", href: liveHref, title: from ? `at ${from.layer}'s op (${from.op}), unit ${from.unit}'s map marked` : "the model run on this sample, op by op" }, from ? `Open in live view at unit ${from.unit}` : "Open in live view"),
               pred || explained ? h("a", { class: "button", id: "explain-this", href: ctx.href("explain") + "?image=sample-" + s.id }, (images.signal ?? null) !== null ? "Explain this sample" : "Explain this image") : null,
             ),
       ),

@@ -3,7 +3,7 @@
  * page. One JSON request (the unit) plus its images; toggles only swap image URLs.
  */
 import { cropCanvas, p, type EntryKind, type FeatVizView, type Shown, type TopEntry, type UnitDoc } from "../api";
-import { barChart, dataBins, histogramChart, positionCount, sampleValueLabel } from "../charts";
+import { barChart, dataBins, fitted, histogramChart, positionCount, sampleValueLabel } from "../charts";
 import type { PageContext } from "../context";
 import { append, fill, fmt, h, notice, withId } from "../dom";
 import { featureRows, featureScale, featureStrip, imageState, layerPlaces, type Places, noImage, patchless, tokenMeanOver, tokenSequence, topFeatures } from "../images";
@@ -340,7 +340,8 @@ export async function renderUnit(root: HTMLElement, ctx: PageContext, args: stri
     const tailCount = tied ? 0 : told;
     const tailFrom = entries.length - tailCount;
     // each sample run live with this unit's map marked at its op (where a model is attached)
-    const liveOp = !ctx.api.isStatic && summary?.holds.live && images.ok ? (doc.layer.op_label ?? doc.layer.op ?? null) : null;
+    // (a model still being checked counts: Live waits for the check and says its outcome)
+    const liveOp = !ctx.api.isStatic && (summary?.holds.live || summary?.holds.model_check === "checking") && images.ok ? (doc.layer.op_label ?? doc.layer.op ?? null) : null;
     const liveHref = liveOp ? (e: TopEntry) => ctx.href("live") + "?" + new URLSearchParams({ image: `sample-${e.sample_id}`, op: liveOp, unit: String(unit) }) : null;
     const figures = entries.map((e) => figure(ctx, layer, unit, list, list === "relevance" ? "input" : kind(), e, tab === "max" && !crop && positions > 1, images.ok, shown, noImageWhy, tagOf(list, e), captionOf(list, e), liveHref?.(e) ?? null));
     // a static export's missing images: each tile says so in a word, the page says why once
@@ -406,7 +407,7 @@ export async function renderUnit(root: HTMLElement, ctx: PageContext, args: stri
         constant
           ? notice(`Every class's mean is ${fmt(doc.max)}: a constant unit tells no class from another.`)
           : classes.length
-            ? barChart(classes, { width: 520, xLabel: "mean activation over the class's samples" })
+            ? fitted((width) => barChart(classes, { width, xLabel: "mean activation over the class's samples" }), 520)
             : notice(
                 summary?.dataset.labels_ignored
                   ? `No class means: ${summary.dataset.labels_ignored}, so the probe kept the run unlabelled.`
@@ -417,7 +418,7 @@ export async function renderUnit(root: HTMLElement, ctx: PageContext, args: stri
         "section",
         { class: "card" },
         h("h3", null, "Activation distribution"),
-        histogramChart(doc.histogram, { width: 520, height: 220, mark: doc.mean, xLabel: sampleValueLabel(places), yLabel: "samples" }),
+        fitted((width) => histogramChart(doc.histogram, { width, height: 220, mark: doc.mean, xLabel: sampleValueLabel(places), yLabel: "samples" }), 520),
         h("p", { class: "muted small", id: "unit-hist-note" }, `one value per sample: ${positions > 1 ? (over ? `the unit averaged over ${over}` : places.kind === "spatial" ? "the unit's map averaged over its positions" : `the unit averaged over its ${places.many}`) : "the unit's activation"}; the line marks the mean over the dataset`),
         constant ? h("p", { class: "muted small", id: "constant-bin" }, oneBinText(doc)) : withId(h("p", { class: "muted small" }, binsText(doc)), "unit-hist-bins"),
       ),
@@ -449,7 +450,7 @@ function figure(ctx: PageContext, layer: string, unit: number, list: List, kind:
       "figcaption",
       null,
       h("span", { class: "value" }, fmt(e.value)),
-      h("a", { href: ctx.href("sample", e.sample_id) }, `#${e.sample_id}`),
+      h("a", { class: "sample-link", href: sampleHref(ctx, e.sample_id, layer, unit) }, `#${e.sample_id}`),
       live ? h("a", { class: "live-link", href: live, title: `run the model on sample ${e.sample_id} in the live view, this unit's map marked` }, "live") : null,
       e.class_name ? classSpan(e.class_name, e.label) : null,
       caption,
@@ -802,9 +803,15 @@ function featvizFigures(ctx: PageContext, layer: string, unit: number, f: FeatVi
           { class: "frame" },
           notHeld !== null ? h("div", { class: "no-img", title: notHeld }, "not in this export") : images ? h("img", { src, alt: `best dataset sample ${f.best_sample}` }) : noImage(),
         ),
-        h("figcaption", null, h("span", { class: "value" }, fmt(f.best_dataset)), h("a", { href: ctx.href("sample", f.best_sample) }, `#${f.best_sample}`), h("span", { class: "cls", title: "the best dataset sample (rank 1 of the mean list)" }, "best sample")),
+        h("figcaption", null, h("span", { class: "value" }, fmt(f.best_dataset)), h("a", { class: "sample-link", href: sampleHref(ctx, f.best_sample, layer, unit) }, `#${f.best_sample}`), h("span", { class: "cls", title: "the best dataset sample (rank 1 of the mean list)" }, "best sample")),
       ),
     );
   }
   return out;
+}
+
+/** A sample's page reached from this unit: it says so in its query (`layer`, `unit`), so
+ * its "Open in live view" opens Live at the unit's op with the unit's map marked. */
+function sampleHref(ctx: PageContext, sample: number, layer: string, unit: number): string {
+  return ctx.href("sample", sample) + "?" + new URLSearchParams({ layer, unit: String(unit) });
 }
