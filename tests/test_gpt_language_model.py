@@ -155,6 +155,22 @@ def test_an_added_mask_is_by_design_too() -> None:
     assert [tr[label].name for label in m.through] == ["triu", "add"]
 
 
+def test_a_float16_overflow_into_a_softmax_is_not_called_a_mask() -> None:
+    # scores - 40000 in float16: -30000 - 40000 is past -65504, so -inf from finite inputs
+    # reaches only the softmax, which makes it 0; an overflow all the same, not a mask's
+    class Shifted(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.softmax(x * 100.0 - 40000.0, -1)
+
+    x = torch.tensor([[1.0, 2.0, -300.0]], dtype=torch.float16)
+    assert bool((x.float() * 100 - 40000).isfinite().all())  # float32 holds it
+    tr = lurker.trace(Shifted(), x)
+    assert tr.masked_infs() == []
+    first = tr.first_nonfinite()
+    assert first is not None and first.op.name == "sub" and first.count.neginf == 1
+    assert "float16's largest finite value is 65504" in str(first)
+
+
 def test_cli_trace_says_the_mask_is_by_design(tmp_path: Path) -> None:
     f = tmp_path / "gpt.py"
     f.write_text(f"import sys\nsys.path.insert(0, {str(Path(__file__).parent)!r})\n"

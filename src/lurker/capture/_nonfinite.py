@@ -110,6 +110,11 @@ _MASKING = frozenset(
      "triu", "tril", "triu_", "tril_", "add", "add_", "sub", "sub_", "setitem",
      "index_put", "index_put_", "masked_scatter"}
 )  # fmt: skip
+#: of those, the ones that write no -inf of their own: from finite inputs, their -inf is an
+#: overflow (a float16 ``scores - 70000``), not a mask; a mask's reaches them from a parent
+_PASSING = frozenset(
+    {"triu", "tril", "triu_", "tril_", "add", "add_", "sub", "sub_"}
+)  # fmt: skip
 #: ops that carry a mask's -inf to the softmax unchanged in kind (shape and type changes)
 _CARRY = frozenset(
     {"view", "reshape", "transpose", "permute", "contiguous", "expand", "expand_as",
@@ -179,6 +184,16 @@ def masked_infs(tr: Trace) -> list[MaskedInf]:
     return _masks(tr)[0]
 
 
+def _neginf_in(tr: Trace, op: Op) -> bool:
+    """Whether a parent of ``op`` (a saved value: a buffer, a constant, an op) holds -inf,
+    which ``op`` then passes on; an unsaved parent cannot say, so it does not count."""
+    for p in op.parents:
+        value = tr.ops[p].activation
+        if value is not None and count(value).neginf:
+            return True
+    return False
+
+
 def _masks(tr: Trace) -> tuple[list[MaskedInf], set[int]]:
     found: list[MaskedInf] = []
     absorbed: set[int] = set()
@@ -189,6 +204,7 @@ def _masks(tr: Trace) -> tuple[list[MaskedInf], set[int]]:
             or op.name not in _MASKING
             or op.activation is None
             or not _only_neginf(op.activation)
+            or (op.name in _PASSING and not _neginf_in(tr, op))
         ):
             continue
         reach = _to_softmax(tr, op)

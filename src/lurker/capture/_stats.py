@@ -79,6 +79,8 @@ def of(value: Any) -> OpStats | None:
         numel += flat.numel()
         for start in range(0, flat.numel(), _CHUNK):
             chunk = flat[start : start + _CHUNK]
+            if chunk.device.type == "mps":  # no float64 on Apple GPUs: reduce on the CPU
+                chunk = chunk.cpu()
             zeros += int((chunk == 0).sum())
             finite = chunk.isfinite()
             k = int(finite.sum())

@@ -704,8 +704,10 @@ def token_boxes(graph: Graph, found: SoftmaxAttention, rfs: dict[int, Any]) -> T
     rf = rfs[start]
     shape = tuple(ops[start].outputs[0].shape)
     ya, xa = rf.y.dim, rf.x.dim
-    lo_y, hi_y = (np.asarray(v, dtype=np.int64) for v in (rf.y.lo, rf.y.hi))
-    lo_x, hi_x = (np.asarray(v, dtype=np.int64) for v in (rf.x.lo, rf.x.hi))
+    # int32 pixel coordinates: a box array per op carried, (*shape, 4), is held until the
+    # softmax, so half of int64's memory on a large model's early stages counts
+    lo_y, hi_y = (np.asarray(v, dtype=np.int32) for v in (rf.y.lo, rf.y.hi))
+    lo_x, hi_x = (np.asarray(v, dtype=np.int32) for v in (rf.x.lo, rf.x.hi))
     if len(lo_y) != shape[ya] or len(lo_x) != shape[xa]:
         return f"the receptive field of {ops[start].label} does not match its grid"
 
@@ -815,7 +817,7 @@ def _union(b: _Boxes, axes: tuple[int, ...]) -> _Boxes:
     import numpy as np
 
     valid = b[..., 0] >= 0
-    big = np.iinfo(np.int64).max
+    big = np.iinfo(np.int32).max
     lo = np.where(valid[..., None], b, big)[..., [0, 2]].min(axes, keepdims=True)
     hi = np.where(valid[..., None], b, -1)[..., [1, 3]].max(axes, keepdims=True)
     out = np.stack([lo[..., 0], hi[..., 0], lo[..., 1], hi[..., 1]], -1)
@@ -922,7 +924,7 @@ def _joined(ops: list[Op], ref: OpRef, parts: list[_Boxes]) -> _Boxes | str:
         sh = _shape(ops, r)
         if sh is None:
             return f"lurker cannot follow the tokens through {op.label} ({op.name})"
-        full.append(next(it) if _from_input(ops, r) else np.full((*sh, 4), -1, np.int64))
+        full.append(next(it) if _from_input(ops, r) else np.full((*sh, 4), -1, np.int32))
     try:
         if _name(op) == "stack":
             got = np.stack(full, axis=dim % (len(out)))
