@@ -6,6 +6,7 @@ the unit target of that position, and the values the model's own ops make."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Iterator
@@ -357,3 +358,176 @@ def test_the_pages_read_the_gpt_as_a_language_model(browser: Any, gpt: dict) -> 
         assert f"{len(CHARS)}: {shown}" in text
         assert "cached so far" not in text and "inputs are token ids" in text
         _shoot(pg, "home")
+
+
+# -- precomputed explanations, a padded typed input, the graph's non-finite marks ----------
+
+
+@pytest.fixture(scope="module")
+def gpt_run(gpt: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The trained GPT probed with its spec and weights recorded (as ``lurker probe``
+    records them), so ``lurker images --explanations`` can load it; samples 0 and 1
+    precomputed with saliency and input x gradient."""
+    from lurker.probe import probe
+
+    root = tmp_path_factory.mktemp("gpt-run")
+    torch.save(gpt["model"].state_dict(), root / "w.pt")
+    meta = {
+        "model_spec": f"{__name__}:CharGPT",
+        "weights": str(root / "w.pt"),
+        "data": f"{__name__}:windows",
+    }
+    probe(
+        gpt["model"], gpt["data"], out=root / "gpt", layers=["blocks.1.mlp.2"], k=4,
+        progress=False, meta=meta,
+    ).close()  # fmt: skip
+    args = ["images", str(root / "gpt"), "--explanations", "2"]
+    res = CliRunner().invoke(main, [*args, "--methods", "saliency,input_x_gradient"])
+    assert res.exit_code == 0, res.output
+    said = " ".join(res.output.split())
+    assert "4 explanations made" in said
+    assert "explaining the top next token's score at the last position (head:" in said
+    return root / "gpt"
+
+
+PRECOMPUTED = ("saliency", "input_x_gradient")
+
+
+def test_precomputed_explanations_are_the_next_tokens_at_the_last_position(
+    gpt: dict, gpt_run: Path, tmp_path: Path
+) -> None:
+    """``lurker images --explanations`` used the target ``top``, which a (1, L, V) model
+    refuses: nothing was made. Each sample is now explained for its top next token's score
+    at the last position, as the served page defaults to; a server without the model and
+    a static export answer those scores at that target. Oracle: ``lurker.explain`` with
+    the unit target ``("head", c, 0, L - 1)``."""
+    from explorer_fixtures import without_weights
+    from lurker.server import create_app, export_site, static_segment
+
+    model, ids = gpt["model"], gpt["data"].tensors[0]
+    targets = {}
+    for sid in (0, 1):
+        top = _oracle(model, ids[sid].tolist())[0][0]
+        targets[sid] = (top, f"head:{top}:0:{CONTEXT - 1}")
+    bare = without_weights(gpt_run, tmp_path / "bare")
+    with TestClient(create_app(bare, dataset=gpt["data"])) as c:
+        assert c.get("/api/runs/gpt").json()["holds"]["live"] is False
+        index = c.get("/api/runs/gpt/explained").json()
+        assert [(e["sample"], e["target"], e["methods"]) for e in index["samples"]] == [
+            (sid, targets[sid][1], list(PRECOMPUTED)) for sid in (0, 1)
+        ]
+        assert [e["top"]["target"] for e in index["samples"]] == [targets[0][1], targets[1][1]]
+        served = {}
+        for sid, (top, target) in targets.items():
+            want = {
+                m: lurker.explain(model, ids[sid][None], ("head", top, 0, CONTEXT - 1), m)
+                for m in PRECOMPUTED
+            }
+            for m in PRECOMPUTED:
+                r = c.get(f"/api/runs/gpt/live/sample-{sid}/explain/{m}.json?target={target}")
+                assert r.status_code == 200, r.text
+                doc = r.json()
+                assert doc["cached"] and doc["target"] == target
+                got = doc["scores"]
+                assert got == pytest.approx(want[m].attribution[0].tolist(), rel=1e-4, abs=1e-6)
+                served[(sid, m)] = doc
+    # the static export holds them at the path its Explain page asks for
+    site = export_site(gpt_run, tmp_path / "site", dataset=gpt["data"], progress=False)
+    data = site / "data" / "runs" / "gpt"
+    exported = json.loads((data / "explained.json").read_text())
+    assert [e["target"] for e in exported["samples"]] == [targets[0][1], targets[1][1]]
+    for sid, (_, target) in targets.items():
+        for m in PRECOMPUTED:
+            name = static_segment(f"{m}.json?target={target}") + ".json"
+            doc = json.loads((data / "live" / f"sample-{sid}" / "explain" / name).read_text())
+            assert doc["scores"] == served[(sid, m)]["scores"]
+
+
+class FixedGPT(CharGPT):
+    """The GPT with its position embedding added whole: it takes only sequences of
+    ``CONTEXT`` tokens, as a model traced or exported at one length does."""
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.wte(idx) + self.wpe.weight
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln_f(x))
+
+
+class PaddedWindows(Windows):
+    pad_id = CHARS.index(".")  # the run's padding id, stored by the probe
+
+
+def test_a_padded_typed_input_predicts_after_its_last_typed_token(
+    gpt: dict, tmp_path: Path
+) -> None:
+    """Live pads a short input for a model of one length: the top-5 was the next token
+    after the last pad. It is now the next token after the last typed one, at its
+    position, with that position's Explain target. Oracle: the causal GPT's own forward
+    on the unpadded text (its scores there do not see the padding after them)."""
+    from lurker.probe import probe
+    from lurker.server import create_app
+
+    fixed = FixedGPT().eval()
+    fixed.load_state_dict(gpt["model"].state_dict())
+    data = PaddedWindows(*gpt["data"].tensors)
+    probe(
+        fixed, data, out=tmp_path / "fixed", layers=["blocks.1.mlp.2"], k=4, progress=False
+    ).close()
+    typed = "the cat sat on"
+    ids = [CHARS.index(ch) for ch in typed]
+    with TestClient(
+        create_app(tmp_path / "fixed", model_obj=fixed, dataset=data, vocab=CHARS)
+    ) as c:
+        r = c.post("/api/runs/fixed/live/inputs", json={"text": typed})
+        assert r.status_code == 200, r.text
+        doc = r.json()
+    assert doc["padded_from"] == len(ids) and len(doc["ids"]) == CONTEXT
+    want, probs = _oracle(gpt["model"], ids)  # the same weights, no padding
+    preds = doc["predictions"]
+    assert [q["class"] for q in preds] == want
+    assert [q["prob"] for q in preds] == pytest.approx(probs, rel=1e-4)
+    assert {q["position"] for q in preds} == {len(ids) - 1}
+    assert preds[0]["target"] == f"head:{want[0]}:0:{len(ids) - 1}"
+    with torch.no_grad():  # not the scores after the padding
+        padded = fixed(torch.tensor([doc["ids"]]))[0, -1]
+    assert padded.softmax(-1).topk(5).values.tolist() != pytest.approx(probs, rel=1e-4)
+
+
+def test_the_graph_marks_a_real_nan_and_not_an_attention_masks_inf(tmp_path: Path) -> None:
+    """The graph page's marks read the probe's NaN and +inf counts: a probed causal mask
+    (-inf a softmax makes 0) is not marked, a fully masked row's softmax (0 / 0 = NaN) is.
+    Oracle: the probed ops' own outputs, checked with torch."""
+    from lurker.probe import probe
+    from lurker.server import create_app
+
+    torch.manual_seed(0)
+    gpt, rows = CharGPT().eval(), FullyMaskedRow()
+    tokens = windows()
+    vectors = torch.utils.data.TensorDataset(torch.randn(12, 4, 3), torch.zeros(12).long())
+    tr = lurker.trace(gpt, tokens.tensors[0][:1])
+    assert bool(tr["masked_fill_1"].activation.isneginf().any())  # the mask is there
+    assert bool(lurker.trace(rows, vectors.tensors[0][:1])["softmax_1"].activation.isnan().any())
+    layers = ["masked_fill_1", "softmax_1"]
+    probe(
+        gpt,
+        tokens,
+        out=tmp_path / "gpt",
+        layers=layers,
+        k=3,
+        progress=False,
+        unit_dim=dict.fromkeys(layers, 1),
+    ).close()  # fmt: skip (no warning: the mask is not the probe's concern)
+    with pytest.warns(UserWarning, match=r"\(softmax_1\) had NaN"):
+        probe(
+            rows, vectors, out=tmp_path / "rows", layers=layers, k=3, progress=False,
+            unit_dim=dict.fromkeys(layers, 1),
+        ).close()  # fmt: skip
+    with TestClient(create_app(tmp_path)) as c:
+        marks = {}
+        for name in ("gpt", "rows"):
+            doc = c.get(f"/api/runs/{name}/graph").json()
+            marks[name] = {n["L"]: n.get("nf") for n in doc["nodes"] if "L" in n}
+            marks[name]["first"] = doc.get("first_nonfinite")
+    assert marks["gpt"] == {"masked_fill_1": None, "softmax_1": None, "first": None}
+    assert marks["rows"]["masked_fill_1"] is None and marks["rows"]["softmax_1"] == 12

@@ -863,7 +863,7 @@ def test_exported_pages_show_the_filters_only_with_the_model(
         pg.goto(f"{url}#/r/digits/layer/{layer}")
         pg.wait_for_function(loaded, arg="#filters .filter-grid img")
         assert pg.locator("#filters a.filter-cell").count() == units
-        pg.locator("#filters a.filter-cell").nth(1).click()
+        pg.locator('#filters a.filter-cell[data-unit="1"]').click()  # (cells in the grid's order)
         pg.wait_for_url(f"**#/r/digits/unit/{layer}/1")
         pg.wait_for_function(loaded, arg="#unit-filter img")
         assert "mid-grey is 0" in pg.locator("#unit-filter").inner_text()

@@ -830,8 +830,8 @@ def map_(
     "--explanations",
     default=None,
     metavar="top|N",
-    help="Instead of unit images: explain dataset samples for their top class, as the "
-    "Explain page does ('top': the samples some unit ranks in its top-k, those `lurker "
+    help="Instead of unit images: explain dataset samples for their top class (a "
+    "language model's: its top next token at the last position), as the Explain page does ('top': the samples some unit ranks in its top-k, those `lurker "
     "export` holds; N: samples 0..N-1). Served without running the model, exported by `lurker export`.",
 )
 @click.option(
@@ -903,7 +903,8 @@ def images(
             click.echo(f"lurker: {', '.join(names)} left out: {why}", err=True)
         click.echo(
             f"{done.made} explanations made ({done.existing} already there) for "
-            f"{done.samples} samples in {done.seconds:.1f} s; in {Path(run) / 'cache' / 'explain'}"
+            f"{done.samples} samples, explaining {done.explains}, in {done.seconds:.1f} s; "
+            f"in {Path(run) / 'cache' / 'explain'}"
         )
         return
     unit_images = UnitImages(run, device=device, batch_size=batch_size)  # errors say what to pass

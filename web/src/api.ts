@@ -421,7 +421,9 @@ export interface ExportedSamples {
 export interface ExplainedIndex {
   target: string;
   /** `concepts`: the layer whose concept relevance (top units, with maps) is held, or null */
-  samples: { image: string; sample: number; methods: string[]; concepts: string | null; top: Prediction | null }[];
+  /** each sample's `target`: what its explanations were made for and are asked by, "top"
+   * (the top class) or a language model's next token at the last position, `LAYER:CLASS:0:L-1` */
+  samples: { image: string; sample: number; methods: string[]; concepts: string | null; top: Prediction | null; target?: string }[];
 }
 
 export interface LiveImage {

@@ -15,11 +15,13 @@ export function predictionLabel(q: Prediction): string {
 }
 
 /** What a list of predictions is: "next token after position 19 (the last)" for a
- * language model's scores at every position, else the top classes. */
-export function predictionsHead(preds: Prediction[]): string {
+ * language model's scores at every position (`paddedFrom`: where Live padded the typed
+ * input, the prediction then at the last typed token's position), else the top classes. */
+export function predictionsHead(preds: Prediction[], paddedFrom: number | null = null): string {
   const at = preds[0]?.position;
+  const where = paddedFrom != null && at === paddedFrom - 1 ? `the last typed position (${at}), not the padding after it` : `the last position (${at})`;
   return at != null
-    ? `The model's top ${preds.length} next tokens: its prediction at the last position (${at}), token and probability (softmax over the vocabulary)`
+    ? `The model's top ${preds.length} next tokens: its prediction at ${where}, token and probability (softmax over the vocabulary)`
     : `The model's top ${preds.length}: class and probability`;
 }
 
@@ -29,10 +31,11 @@ export function topPredictions(
   preds: Prediction[],
   note: string | null | undefined,
   list: { class?: string; id?: string } = {},
+  paddedFrom: number | null = null,
 ): [HTMLElement | null, HTMLElement | null, HTMLElement] {
   return [
     !preds.length && note ? h("p", { class: "muted small", id: "no-predictions" }, `No top-5: ${note}.`) : null,
-    preds.length ? h("p", { class: "muted small", id: "preds-head" }, predictionsHead(preds)) : null,
+    preds.length ? h("p", { class: "muted small", id: "preds-head" }, predictionsHead(preds, paddedFrom)) : null,
     h(
       "ol",
       { class: list.class ? `preds ${list.class}` : "preds", id: list.id ?? null, style: namesWidth(preds.map(predictionLabel)) },

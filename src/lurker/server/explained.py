@@ -2,7 +2,8 @@
 
 ``lurker images RUN --explanations top|N`` fills ``cache/explain/sample-N/`` through the
 Explain endpoints' own code (:mod:`lurker.server.routes.explain`), with the run's own
-model, for the top predicted class (the Explain page's default target): a later server
+model, for the top predicted class (the Explain page's default target; a language model's
+next token at the last position, :func:`sample_target`): a later server
 answers from those files without running the model, and ``lurker export`` writes them into the
 static site. Beside the explanations each sample keeps what the page shows with them and
 what only the model can give: its predictions (``live.json``, the live endpoint's
@@ -27,7 +28,8 @@ from lurker.store.files import cache_trusted
 if TYPE_CHECKING:
     from lurker.explain.lrp import NoRule
 
-#: The target precomputed explanations are made for (the Explain page's default).
+#: The target precomputed explanations are made for (the Explain page's default), but on
+#: a language model, whose sample's target is its next token's (:func:`sample_target`).
 TARGET = "top"
 #: The name that asks precompute for concept relevance beside the attribution methods.
 CONCEPTS = "concepts"
@@ -42,6 +44,9 @@ class Precomputed:
     #: methods left out (not asked for by name) because the run's model cannot give
     #: them, each with why (Grad-CAM on a model with no map along time, LRP on an LSTM)
     skipped: dict[str, str] = field(default_factory=dict)
+    #: what the explanations explain, in words ("the top class", or a language model's
+    #: next token at the last position with its target)
+    explains: str = "the top class"
 
 
 def sample_folder(run_path: Path, image: str) -> Path:
@@ -57,6 +62,26 @@ def cached_file(s: Any, image: str, name: str) -> Path | None:
         return None
     path = sample_folder(s.entry.path, image) / name
     return path if path.is_file() else None
+
+
+def sample_target(s: Any, image: str) -> str:
+    """The target a dataset sample is precomputed for, as the Explain page defaults to it:
+    the top class (``"top"``), but on a language model (``(1, L, V)`` logits over token
+    ids), whose ``"top"`` is refused, the top next token's score at the last position,
+    ``LAYER:CLASS:0:L-1`` (the prediction's ``target``); runs the model once."""
+    if s.token_length() is None:
+        return TARGET
+    preds = s.predictions(s.live_input(image), top=1)
+    return str(preds[0].get("target") or TARGET) if preds else TARGET
+
+
+def held_target(live: Any) -> str:
+    """The target a sample's explanations were precomputed for, read from its kept
+    ``live.json`` (its top prediction's ``target``, a language model's), else ``"top"``."""
+    preds = live.get("predictions") if isinstance(live, dict) else None
+    top = preds[0] if isinstance(preds, list) and preds and isinstance(preds[0], dict) else None
+    target = top.get("target") if top is not None else None
+    return target if isinstance(target, str) and target else TARGET
 
 
 def pictureless(s: Any) -> bool:
@@ -86,16 +111,17 @@ def explained_index(s: Any) -> dict[str, Any]:
         folder = sample_folder(s.entry.path, image)
         if not flat and not (folder / "input.png").is_file():
             continue
-        methods = [m for m in METHODS if stored_result(s, image, m, TARGET) is not None]
-        concepts = stored_concepts(s, image, TARGET)
-        if not methods and concepts is None:
-            continue
         try:
             live = json.loads((folder / "live.json").read_text("utf-8"))
             preds = live.get("predictions") if isinstance(live, dict) else None
             top = preds[0] if isinstance(preds, list) and preds else None
         except (OSError, ValueError):
             continue  # no or a damaged live.json: the page could not show the sample
+        target = held_target(live)  # the top class, or a language model's next token
+        methods = [m for m in METHODS if stored_result(s, image, m, target) is not None]
+        concepts = stored_concepts(s, image, target)
+        if not methods and concepts is None:
+            continue
         listed.append(
             {
                 "image": image,
@@ -103,6 +129,7 @@ def explained_index(s: Any) -> dict[str, Any]:
                 "methods": methods,
                 "concepts": concepts,
                 "top": top,
+                "target": target,
             }
         )
     return {"target": TARGET, "samples": listed}
@@ -121,8 +148,9 @@ def precompute(
     static export holds; an int N: samples 0..N-1) with ``methods`` (default: every method
     the Explain page shows, and ``"concepts"``: the concept relevance it shows first, the
     top units of the default layer with their heatmaps, where the run has such a layer)
-    for the top class, into the run's ``cache/``. Resumable: what is cached already is
-    kept."""
+    for the top class (a language model's: its top next token at the last position, see
+    :func:`sample_target`), into the run's ``cache/``. Resumable: what is cached already
+    is kept."""
     from starlette.requests import Request
 
     from lurker.explain import METHODS
@@ -162,6 +190,7 @@ def precompute(
     request = Request({"type": "http", "app": app, "method": "GET", "headers": []})
     start = time.perf_counter()
     made = existing = 0
+    targets: set[str] = set()
     try:
         s = session(request, e)
         if isinstance(samples, int):
@@ -255,6 +284,8 @@ def precompute(
             image = f"sample-{sid}" if flat else image_id(s, f"sample-{sid}")
             folder = sample_folder(e.path, image)
             try:
+                target = sample_target(s, image)  # "top", or a language model's next token
+                targets.add(target)
                 # every method of the sample is made before any of its files is written:
                 # one that fails (a model refusing integrated gradients' zeros, concept
                 # relevance meeting an op LRP has no rule for on this input's path) leaves
@@ -262,17 +293,17 @@ def precompute(
                 kept: list[tuple[Any, Any]] = []
                 for method in [m for m in methods if m != CONCEPTS]:
                     # (not an older lurker's default layer: made again at today's)
-                    if stored_result(s, image, method, TARGET, older=False) is not None:
+                    if stored_result(s, image, method, target, older=False) is not None:
                         existing += 1
                         continue
                     try:
-                        kept.append(unkept_result(s, image, method, TARGET, None))
+                        kept.append(unkept_result(s, image, method, target, None))
                     except ApiError as err:
                         if not left_out(method, err, n, sid):
                             raise
                 if CONCEPTS in methods:  # the ranking the page shows first, its maps: made
                     try:  # last and kept by itself, so the first file written is its own
-                        ranking = concept_ranking(s, image, TARGET, None, CONCEPT_TOP)
+                        ranking = concept_ranking(s, image, target, None, CONCEPT_TOP)
                     except ApiError as err:
                         if not left_out(CONCEPTS, err, n, sid):
                             raise
@@ -291,7 +322,16 @@ def precompute(
         skipped.update({m: f"{why}; {_instead(methods)}" for m, why in refused.items()})
     finally:
         app.state.registry.close()
-    return Precomputed(len(ids), made, existing, time.perf_counter() - start, skipped)
+    explains = "the top class"
+    if targets - {TARGET}:  # a language model's: each sample's top next token
+        shown = sorted(targets - {TARGET})
+        explains = (
+            "the top next token's score at the last position ("
+            + ", ".join(shown[:3])
+            + (", ..." if len(shown) > 3 else "")
+            + ")"
+        )
+    return Precomputed(len(ids), made, existing, time.perf_counter() - start, skipped, explains)
 
 
 #: what explains a model that Grad-CAM or LRP cannot (by method name), first named first

@@ -464,10 +464,11 @@ def _export_explanations(
 ) -> None:
     """The explanations the run's cache holds (``lurker images RUN --explanations``) at
     the paths the static Explain page asks for, and ``explained.json``: which samples
-    have them, with which methods (the top class only, as precomputed). On a run with no
+    have them, with which methods (the top class only, as precomputed; a language model's
+    next token at the last position, at the target the sample names). On a run with no
     picture the page reads a held sample's values from its page document, written here
     (``sample_page``) where no top-k list holds the sample (``exported``)."""
-    from urllib.parse import urlencode
+    from urllib.parse import unquote, urlencode
 
     from .explained import TARGET, pictureless, sample_folder
     from .routes.explain import (
@@ -486,17 +487,20 @@ def _export_explanations(
         image, methods = held["image"], held["methods"]
         folder = sample_folder(e.path, image)
         base = ("runs", e.id, "live", image)
-        query = urlencode({"target": TARGET})
+        target = held.get("target") or TARGET  # a language model's: its next token
+        # the query as the page's client names the file: URL-decoded (head:3:0:31, not
+        # head%3A3...), as static_path decodes each segment
+        query = unquote(urlencode({"target": target}))
         if flat:
             sid = int(image.removeprefix("sample-"))
             if sid not in exported:  # precomputed beyond the top-k lists
                 sample_page(sid)
                 exported.add(sid)
             for m in methods:
-                doc = explain_result(s, image, m, TARGET, None)
+                doc = explain_result(s, image, m, target, None)
                 files.json(_rel(*base, "explain", f"{m}.json?{query}"), doc)
             if held["concepts"] is not None:  # a signal's: the maps are in the JSON
-                ranking = concept_ranking(s, image, TARGET, None, CONCEPT_TOP)
+                ranking = concept_ranking(s, image, target, None, CONCEPT_TOP)
                 files.json(
                     _rel(*base, "explain", f"concepts.json?{query}&top={CONCEPT_TOP}"), ranking
                 )
@@ -505,16 +509,16 @@ def _export_explanations(
         files.json(_rel(*base), json.loads((folder / "live.json").read_text(encoding="utf-8")))
         files.image(_rel(*base, "input.png"), folder / "input.png")
         for m in methods:
-            doc = explain_result(s, image, m, TARGET, None)
+            doc = explain_result(s, image, m, target, None)
             files.json(_rel(*base, "explain", f"{m}.json?{query}"), doc)
-            png = explain_png_response(s, image, m, TARGET, None, overlay=False)
+            png = explain_png_response(s, image, m, target, None, overlay=False)
             files.image(_rel(*base, "explain", f"{m}.png?{query}&overlay=0"), bytes(png.body))
         if held["concepts"] is not None:  # the ranking the page asks first, and its maps
-            ranking = concept_ranking(s, image, TARGET, None, CONCEPT_TOP)
+            ranking = concept_ranking(s, image, target, None, CONCEPT_TOP)
             files.json(_rel(*base, "explain", f"concepts.json?{query}&top={CONCEPT_TOP}"), ranking)
-            maps = urlencode({"target": TARGET, "layer": ranking.layer, "overlay": 0})
+            maps = unquote(urlencode({"target": target, "layer": ranking.layer, "overlay": 0}))
             for u in ranking.units:
-                png = concept_png_response(s, image, u.unit, TARGET, ranking.layer, overlay=False)
+                png = concept_png_response(s, image, u.unit, target, ranking.layer, overlay=False)
                 files.image(
                     _rel(*base, "explain", "concepts", f"{u.unit}.png?{maps}"), bytes(png.body)
                 )

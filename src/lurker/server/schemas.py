@@ -614,7 +614,9 @@ class Prediction(BaseModel):
     prob: float
     #: The position whose scores these are where the model scores every position of a
     #: sequence of token ids, ``(1, L, V)``: a language model's next token after the
-    #: last, ``L - 1``, named by the run's vocabulary; null for one score per class.
+    #: last, ``L - 1`` (in Live, the last typed token's where the server padded the
+    #: input after it: ``padded_from - 1``), named by the run's vocabulary; null for one
+    #: score per class.
     position: int | None = None
     #: Where ``position`` is set, this next token as the Explain page's target: its score
     #: at that position, a unit of the layer that makes the scores,
@@ -1049,13 +1051,18 @@ class ExplainedSample(BaseModel):
     concepts: str | None = None
     #: the run's model's top prediction for the sample (null when it made none)
     top: Prediction | None
+    #: the target the explanations were made for and are asked by: ``"top"`` (the top
+    #: class), or on a language model the top next token's score at the last position,
+    #: ``LAYER:CLASS:0:L-1`` (``top.target``), as the Explain page defaults to it
+    target: str = "top"
 
 
 class ExplainedIndex(BaseModel):
     """The dataset samples whose explanations the run's ``cache/`` holds (``lurker images
     RUN --explanations``): what a server without the model, or a static export, can show."""
 
-    #: the target they explain (the top predicted class)
+    #: the target they explain (the top predicted class; a language model's samples name
+    #: theirs, the next token at the last position, in their own ``target``)
     target: str
     samples: list[ExplainedSample]
 

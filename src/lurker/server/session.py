@@ -1103,9 +1103,14 @@ class Session:
         # a video clip as its middle frame, as its sample image
         return pdata.to_pil(pdata.denormalize(pdata.clip_frame(t), mean, std))
 
-    def predictions(self, x: torch.Tensor, top: int = 5) -> list[dict[str, Any]]:
+    def predictions(
+        self, x: torch.Tensor, top: int = 5, last: int | None = None
+    ) -> list[dict[str, Any]]:
         """Top-``top`` classes of the model's output for one input, with their probabilities
-        (:func:`lurker.models.probabilities`: the softmax of logits, or the model's own)."""
+        (:func:`lurker.models.probabilities`: the softmax of logits, or the model's own).
+        On a language model's ``(1, L, V)`` the next token's at the last position, or at
+        ``last`` where the sequence was padded after it (Live's typed input: the padding's
+        scores would predict what follows a pad token, not the typed text)."""
         import torch
 
         model = self.model()
@@ -1120,8 +1125,11 @@ class Session:
         position: int | None = None
         if logits is not None and self._next_token_scores(x, logits):
             # a language model's (1, L, V): a score per vocabulary entry at each position;
-            # the prediction is the next token's, at the last position
+            # the prediction is the next token's, at the last position (the last typed
+            # one where the server padded the input after it)
             position = int(logits.shape[1]) - 1
+            if last is not None and 0 <= last < position:
+                position = last
             logits = logits[:, position]
         if logits is None or logits.dim() != 2 or logits.shape[0] != 1:
             return []

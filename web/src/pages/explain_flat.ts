@@ -8,7 +8,7 @@
 import { p, serveCommand, type ExplainedIndex, type Prediction, type RunSummary, type SampleDoc } from "../api";
 import type { PageContext } from "../context";
 import { append, fill, fmt, h, notice, pct } from "../dom";
-import { classLabel, namesWidth } from "../classes";
+import { namesWidth } from "../classes";
 import { predictionLabel } from "../predictions";
 
 export interface FlatMethod {
@@ -132,14 +132,18 @@ export async function renderFlatExplain(root: HTMLElement, ctx: PageContext, sum
   }
   if (explained) {
     const held = explained.samples.find((e) => e.image === image) ?? null;
+    // a language model's samples are precomputed for their top next token at the last
+    // position (LAYER:CLASS:0:L-1), the served page's default, not the top class
+    const nextToken = explained.samples.some((e) => e.top?.position != null);
+    const what = nextToken ? "the top next token at the last position" : "the top class";
     const list = h(
       "section",
       { class: "card", id: "explain-picker" },
       h("h3", null, "Sample to explain"),
-      h("p", { class: "muted small" }, `The inputs are ${kind.what}. ${explained.samples.length} samples' explanations were precomputed (the top class only):`),
-      h("p", { class: "explained-list" }, explained.samples.flatMap((e, i) => [i ? " " : null, h("a", { href: ctx.href("explain") + "?image=" + e.image, class: e.image === image ? "on" : null, "data-sample": e.sample, title: e.top ? `predicted ${classLabel(e.top.name, e.top.class)}` : e.methods.join(", ") }, `#${e.sample}`)])),
+      h("p", { class: "muted small" }, `The inputs are ${kind.what}. ${explained.samples.length} samples' explanations were precomputed (${what} only):`),
+      h("p", { class: "explained-list" }, explained.samples.flatMap((e, i) => [i ? " " : null, h("a", { href: ctx.href("explain") + "?image=" + e.image, class: e.image === image ? "on" : null, "data-sample": e.sample, title: e.top ? `predicted ${predictionLabel(e.top)}` : e.methods.join(", ") }, `#${e.sample}`)])),
     );
-    const said = `${ctx.api.isStatic ? "This static export holds" : "Without the model, this server has"} the explanations of the top class of the samples listed, precomputed with the run's model; other samples and classes run the model: \`${serveCommand(summary, ctx.api.isStatic)}\`.`;
+    const said = `${ctx.api.isStatic ? "This static export holds" : "Without the model, this server has"} the explanations of ${what} of the samples listed, precomputed with the run's model; other samples and ${nextToken ? "targets" : "classes"} run the model: \`${serveCommand(summary, ctx.api.isStatic)}\`.`;
     if (!held) {
       loading.remove();
       if (image) root.append(notice(`${image} has no precomputed explanation here. ${said}`, "error"));
@@ -147,7 +151,7 @@ export async function renderFlatExplain(root: HTMLElement, ctx: PageContext, sum
       root.append(list);
       return;
     }
-    if (target !== "top") root.append(notice(`Only the top class is precomputed: shown below. Target ${target} runs the model: \`${serveCommand(summary, ctx.api.isStatic)}\`.`));
+    if (target !== "top" && target !== held.target) root.append(notice(`Only ${what} is precomputed: shown below. Target ${target} runs the model: \`${serveCommand(summary, ctx.api.isStatic)}\`.`));
     return renderHeld(root, ctx, held, list, said, loading, kind);
   }
   const field = h("input", { type: "number", min: 0, max: Math.max(0, summary.dataset.size - 1), id: "explain-sample", "aria-label": "sample id", value: image?.startsWith("sample-") ? image.slice(7) : "" });
@@ -282,6 +286,7 @@ async function renderHeld(root: HTMLElement, ctx: PageContext, held: ExplainedIn
   if (ctx.signal.aborted) return;
   loading.remove();
   const top = held.top;
+  const heldTarget = held.target ?? "top";
   append(
     root,
     h("div", { id: "explained-only" }, notice(said)),
@@ -295,13 +300,13 @@ async function renderHeld(root: HTMLElement, ctx: PageContext, held: ExplainedIn
         ? h(
             "div",
             null,
-            h("p", { class: "muted small" }, "Target: the class the model predicts (precomputed)"),
-            h("ol", { class: "preds target-list", "aria-label": "target class", style: namesWidth([classLabel(top.name, top.class)]) }, h("li", null, h("button", { type: "button", class: "target on", "data-class": top.class, "aria-pressed": "true", disabled: true }, h("span", { class: "pname" }, classLabel(top.name, top.class)), h("span", { class: "pbar", style: `width:${(100 * top.prob).toFixed(1)}%` }), h("span", { class: "muted" }, pct(top.prob))))),
+            h("p", { class: "muted small", id: "target-head" }, top.position != null ? `Target: the next token the model predicts at the last position (${top.position}), its score there, ${heldTarget} (precomputed)` : "Target: the class the model predicts (precomputed)"),
+            h("ol", { class: "preds target-list", "aria-label": "target class", style: namesWidth([predictionLabel(top)]) }, h("li", null, h("button", { type: "button", class: "target on", "data-class": top.class, "data-target": heldTarget, "aria-pressed": "true", disabled: true }, h("span", { class: "pname" }, predictionLabel(top)), h("span", { class: "pbar", style: `width:${(100 * top.prob).toFixed(1)}%` }), h("span", { class: "muted" }, pct(top.prob))))),
           )
         : null,
     ),
     h("p", { class: "muted small", id: kind.legendId }, kind.legend),
-    h("div", { class: kind.css }, methods.map((m) => methodCard(ctx, held.image, m, "top", doc, kind))),
+    h("div", { class: kind.css }, methods.map((m) => methodCard(ctx, held.image, m, heldTarget, doc, kind))),
     kind.held?.(held, doc) ?? null,
   );
 }

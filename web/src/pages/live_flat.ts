@@ -182,7 +182,7 @@ function fedCard(doc: LiveInput): HTMLElement {
     h("h3", null, "Prediction"),
     doc.fitted ? h("p", { class: "notice small", id: "live-fitted" }, doc.fitted) : null,
     fed,
-    ...topPredictions(doc.predictions, doc.predictions_note, { class: "live-preds", id: "live-preds" }),
+    ...topPredictions(doc.predictions, doc.predictions_note, { class: "live-preds", id: "live-preds" }, doc.padded_from ?? null),
   );
 }
 

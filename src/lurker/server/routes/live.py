@@ -235,7 +235,8 @@ async def typed_input(request: Request, run_id: str, body: LiveInputBody) -> Liv
             except ApiError as again:
                 again.detail = f"{fitted[:-1]}; the model still fails: {again.detail}"
                 raise again from None
-        preds = s.predictions(x)
+        # a language model's next token after the last typed token, not after the padding
+        preds = s.predictions(x, last=None if padded_from is None else padded_from - 1)
         return LiveInput(
             input=input_id,
             ids=ids,
