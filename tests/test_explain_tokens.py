@@ -387,3 +387,25 @@ def test_a_language_models_class_target_names_the_last_positions_unit() -> None:
     torch.testing.assert_close(e.attribution, want.detach(), rtol=1e-5, atol=1e-6)
     mean = lurker.explain(model, ids, ("head", 3), "input_x_gradient").attribution
     assert not torch.allclose(mean, e.attribution, atol=1e-3)
+
+
+def test_a_3d_output_of_a_model_not_of_token_ids_is_not_read_as_a_language_model() -> None:
+    """A 1-D segmentation's output is ``(batch, classes, steps)``: its second axis is the
+    classes, not positions. The class target's refusal must not call it a language model's
+    logits nor name ``(LAYER, CLASS, 0, classes - 1)`` as "the last position": that unit
+    exists (step 4 of 40) and would silently explain another step's score. Oracle:
+    autograd's gradient of the last step's score differs from the one at that step."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(2, 8, 3, padding=1), nn.ReLU(), nn.Conv1d(8, 5, 1)).eval()
+    x = torch.randn(2, 2, 40)
+    with pytest.raises(LurkerError, match="a class target needs the model") as err:
+        lurker.explain(model, x, 3, "saliency")
+    said = str(err.value)
+    assert "(2, 5, 40)" in said
+    assert "language model" not in said and "0, 4)" not in said, said
+    xs = x.clone().requires_grad_(True)
+    (g4,) = torch.autograd.grad(model(xs)[:, 3, 4].sum(), xs)
+    (g39,) = torch.autograd.grad(model(xs)[:, 3, 39].sum(), xs)
+    e = lurker.explain(model, x, ("2", 3, 0, 4), "saliency")
+    torch.testing.assert_close(e.attribution, g4.abs())
+    assert not torch.allclose(g4.abs(), g39.abs())

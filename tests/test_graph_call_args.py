@@ -69,3 +69,59 @@ def test_the_served_graph_names_the_run_s_batch_norm_arguments(
     for n, bn in zip(nodes, bns, strict=True):
         assert f"training={bn.training}" in n["A"] and not bn.training and "T" not in n
         assert f"eps={bn.eps}" in n["A"] and f"momentum={bn.momentum}" in n["A"]
+
+
+class _Stats(nn.Module):
+    """A BatchNorm built without running statistics, and std/var called positionally."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(4, track_running_stats=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn(x)
+        return y.std(-1, False).sum() + y.var(False) + y.std(1, True, True).sum()
+
+
+def test_positional_std_and_var_arguments_are_named_as_torch_reads_them() -> None:
+    """``x.std(-1, False)`` is torch's ``(input, dim, unbiased)`` overload and
+    ``x.var(False)`` its ``(input, unbiased)``: the graph must not call that bool
+    ``keepdim`` or ``dim``. Oracle: torch's own results for the keyword forms."""
+    import lurker
+    from lurker.graph.view import graph_view
+
+    x = torch.randn(3, 4, 5)
+    assert torch.equal(x.std(-1, False), x.std(-1, unbiased=False))
+    assert x.std(-1, False).shape == (3, 4)  # not keepdim
+    assert torch.equal(x.var(False), x.var(unbiased=False))
+    assert torch.equal(x.std(1, True, True), x.std(1, unbiased=True, keepdim=True))
+    doc = graph_view(lurker.trace(_Stats().eval(), x))
+    calls = [n["A"] for n in doc["nodes"] if n.get("t") in ("std", "var")]
+    assert calls == [
+        "batch_norm_1, dim=-1, unbiased=False",
+        "batch_norm_1, unbiased=False",
+        "batch_norm_1, dim=1, unbiased=True, keepdim=True",
+    ]
+
+
+def test_a_batch_norm_without_running_statistics_is_not_marked_as_training() -> None:
+    """``track_running_stats=False``: the module, in eval mode, normalises by the batch's
+    statistics by design (it has no others), so torch calls ``batch_norm`` with
+    ``training=True``; the graph's "train" mark (an eval model's op run as in training)
+    would be a false alarm there. Oracle: the eval module's output is the batch-statistics
+    normalisation, and the module is in eval mode."""
+    import lurker
+    from lurker.graph.view import graph_view
+
+    model = _Stats().eval()
+    x = torch.randn(3, 4, 5)
+    mean, var = x.mean((0, 2), keepdim=True), x.var((0, 2), unbiased=False, keepdim=True)
+    w, b = model.bn.weight[:, None], model.bn.bias[:, None]
+    want = (x - mean) / (var + model.bn.eps).sqrt() * w + b
+    torch.testing.assert_close(model.bn(x), want)
+    assert not model.bn.training
+    doc = graph_view(lurker.trace(model, x))
+    (bn,) = [n for n in doc["nodes"] if n.get("t") == "batch_norm"]
+    assert "running_mean=None" in bn["A"] and "training=True" in bn["A"]
+    assert "T" not in bn
+    assert not any(n.get("T") for n in doc["nodes"])

@@ -481,7 +481,11 @@ def _render_digits_run(out: Path) -> None:
         }
     samples = sorted(p.name for p in (out / "cache" / "samples").iterdir())
     assert samples == [f"{i:08d}.png" for i in sorted(ids)]  # each sample once
-    assert sorted(p.name for p in (out / "cache").iterdir()) == ["grad", "samples"]
+    assert sorted(p.name for p in (out / "cache").iterdir()) == [
+        "grad",
+        "model.json",
+        "samples",
+    ]  # (the stamp: its model made them)
 
 
 def test_crash_before_results_never_leaves_complete_run_with_new_meta(

@@ -917,7 +917,9 @@ class Engine:
             start = _rows(r0.movedim(unit_layout.batch, 0))  # per batch row
         else:
             if not isinstance(output, Tensor) or output.dim() != 2:
-                raise class_output_error(output)
+                from .tokens import Embedded
+
+                raise class_output_error(output, token_ids=isinstance(self.model, Embedded))
             if output.shape[0] != x.shape[0]:  # a batch on another axis: rows mixed up
                 raise class_output_error(output, x.shape[0], tuple(x.shape))
             classes = output.detach().argmax(1).tolist() if parsed is None else parsed

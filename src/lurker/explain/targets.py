@@ -120,11 +120,17 @@ UNIT_HINT = (
 
 
 def class_output_error(
-    out: Any, batch: int | None = None, input_shape: tuple[int, ...] | None = None
+    out: Any,
+    batch: int | None = None,
+    input_shape: tuple[int, ...] | None = None,
+    token_ids: bool = False,
 ) -> LurkerError:
     """Why a class target does not fit the model's output ``out``, and what does
     (``batch``: the rows of the input, where the output's first axis has another size;
-    ``input_shape``: the input's, to tell a batch read off another axis of it)."""
+    ``input_shape``: the input's, to tell a batch read off another axis of it;
+    ``token_ids``: the input is token ids, so a 3-D output is read as a language model's
+    ``(batch, tokens, vocabulary)``: on other inputs, a 1-D segmentation's ``(batch,
+    classes, steps)`` say, its second axis is not the positions)."""
     example, cli_example = "('fc', 3)", "fc:3"
     if isinstance(out, Tensor) and batch is not None and out.shape[0] in (input_shape or ())[1:]:
         axis = list(input_shape or ())[1:].index(out.shape[0]) + 1
@@ -142,7 +148,7 @@ def class_output_error(
             f"{batch} rows (a time-major model's (steps, batch, classes), or (classes, "
             "batch): return out[-1] or out.transpose(0, 1) from the wrapper)"
         )
-    elif isinstance(out, Tensor) and out.dim() == 3:
+    elif isinstance(out, Tensor) and out.dim() == 3 and token_ids:
         # a score per class at each position (a language model's logits): the unit target
         # alone averages over the positions, which is not the next token's score
         last = out.shape[1] - 1
@@ -353,18 +359,21 @@ class Forward:
             if isinstance(self.model, Embedded):
                 self.model.rows = None
             with torch.no_grad():
-                out = self._model_output(self.model(self.x), self.x.shape)
+                out = self._model_output(
+                    self.model(self.x), self.x.shape, isinstance(self.model, Embedded)
+                )
             self.classes = out.argmax(1)
             self.target = self.classes.tolist()
         return self.classes
 
     @staticmethod
-    def _model_output(out: Any, shape: tuple[int, ...]) -> Tensor:
+    def _model_output(out: Any, shape: tuple[int, ...], token_ids: bool) -> Tensor:
         """The model's (batch, classes) output for an input of ``shape``, a batch of
         ``shape[0]`` rows: a batch on another axis would have each row scored by another's
-        (or a class's) values."""
+        (or a class's) values. ``token_ids``: the model reads token ids (its refusal of a
+        3-D output names the last token's unit)."""
         if not isinstance(out, Tensor) or out.dim() != 2:
-            raise class_output_error(out)
+            raise class_output_error(out, token_ids=token_ids)
         if out.shape[0] != shape[0]:
             raise class_output_error(out, shape[0], tuple(shape))
         return out
@@ -394,7 +403,7 @@ class Forward:
                 )
             out = output if isinstance(output, Tensor) else None
         else:
-            out = self._model_output(output, xb.shape)
+            out = self._model_output(output, xb.shape, isinstance(self.model, Embedded))
             if self.classes is None:
                 if rows is not None:
                     self.resolve_top()

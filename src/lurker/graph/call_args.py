@@ -63,7 +63,10 @@ NAMES: dict[str, tuple[str, ...]] = {
     "transpose": ("input", "dim0", "dim1"),
     "clamp": ("input", "min", "max"),
     "scaled_dot_product_attention": _SDPA,
-    **{n: _REDUCE for n in ("sum", "mean", "amax", "amin", "argmax", "argmin", "std", "var")},
+    **{n: _REDUCE for n in ("sum", "mean", "amax", "amin", "argmax", "argmin")},
+    # torch's positional overload is (input, dim, unbiased, keepdim): ``x.std(-1, False)``
+    # is unbiased=False, not keepdim (and ``x.var(False)`` is (input, unbiased): below)
+    **{n: ("input", "dim", "unbiased", "keepdim") for n in ("std", "var")},
 }
 
 #: Ops whose ``training`` defaults to True when the call leaves it out (``F.dropout(x)``).
@@ -92,6 +95,8 @@ def call_args(op: Op, labels: list[str]) -> str:
         # graph's edges and the module's parameters say it, and a 10,000-op graph stays small
         return ""
     names = NAMES.get(op.name, ())
+    if op.name in ("std", "var") and len(op.args) > 1 and type(op.args[1]) is bool:
+        names = ("input", "unbiased")  # torch.std(input, unbiased): a bool is never a dim
     # a parameter of the op's own module as `self.weight` (the page names the module)
     own = (op.module or "").split(":")[0]
     own = own + "." if own else ""
@@ -112,10 +117,17 @@ def _is_tensor(a: Any) -> bool:
 
 def in_training(op: Op) -> bool:
     """Whether ``op`` ran as in training: a ``batch_norm`` or ``dropout`` called with
-    ``training=True`` (a dropout's default), which an eval model never asks for."""
+    ``training=True`` (a dropout's default), which an eval model never asks for. A
+    ``batch_norm`` without running statistics (``track_running_stats=False``) is not:
+    the batch's are the only ones it has, in eval mode too, as its module was built."""
     if op.name != "batch_norm" and op.name not in _TRAINING_DEFAULT:
         return False
     names = NAMES[op.name]
+    if op.name == "batch_norm":
+        at = names.index("running_mean")
+        stats = op.kwargs.get("running_mean", op.args[at] if len(op.args) > at else None)
+        if stats is None:
+            return False
     at = names.index("training")
     value: Any = op.kwargs.get("training", op.args[at] if len(op.args) > at else None)
     if value is None and "training" not in op.kwargs:
