@@ -14,13 +14,12 @@ a float16 layer's statistics overflow.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from torch import Tensor
-
 from ..errors import LurkerError
+from ._tree import tensors
 
 #: elements reduced at a time: a chunk's float64 copy is at most 32 MiB, whatever the layer
 _CHUNK = 1 << 22
@@ -58,24 +57,17 @@ class OpStats:
         return text
 
 
-def _floats(value: Any) -> Iterator[Tensor]:
-    """The real floating-point tensors of a saved value (a tensor, or nested tuples and
-    lists of them); integer, boolean and complex ones have no such statistics."""
-    if isinstance(value, Tensor):
-        if value.is_floating_point():
-            yield value.detach()
-    elif isinstance(value, (tuple, list)):
-        for v in value:
-            yield from _floats(v)
-
-
 def of(value: Any) -> OpStats | None:
     """The statistics of a saved value; None when it holds no floating-point element."""
     numel = zeros = bad = 0
     n, mean, m2 = 0, 0.0, 0.0  # finite elements so far, their mean, sum of squared deviations
     lo, hi = math.inf, -math.inf
-    for t in _floats(value):
-        flat = t.reshape(-1)
+    # the real floating-point tensors of the value (integer, boolean and complex ones have
+    # no such statistics)
+    for t in tensors(value, []):
+        if not t.is_floating_point():
+            continue
+        flat = t.detach().reshape(-1)
         numel += flat.numel()
         for start in range(0, flat.numel(), _CHUNK):
             chunk = flat[start : start + _CHUNK]

@@ -184,40 +184,10 @@ _PERMUTES = frozenset({"transpose", "swapaxes", "swapdims", "permute", "mT", "t"
 def _perm(op: Op, ndim: int) -> list[int] | None:
     """The axes of a transpose or permute's input that its output's axes are, in order
     (output axis i is input axis ``perm[i]``); None where the call cannot be read."""
-    name = op.name
-    if name == "mT" or (name == "t" and ndim == 2):
-        return [*range(ndim - 2), ndim - 1, ndim - 2]
-    call = _call(op)
-    if call is None or ndim < 1:
-        return None
-    out = list(range(ndim))
-    if name in ("transpose", "swapaxes", "swapdims"):
-        a, b = (
-            call.get(n) for n in (("dim0", "dim1") if name == "transpose" else ("axis0", "axis1"))
-        )
-        if name == "swapdims":
-            a, b = call.get("dim0", a), call.get("dim1", b)
-        if not (isinstance(a, int) and isinstance(b, int)):
-            return None
-        a, b = a % ndim, b % ndim
-        out[a], out[b] = out[b], out[a]
-        return out
-    if name == "movedim":
-        src, dst = call.get("source"), call.get("destination")
-        if not (isinstance(src, int) and isinstance(dst, int)):
-            return None
-        out.remove(src % ndim)
-        out.insert(dst % ndim, src % ndim)
-        return out
-    dims = call.get("dims")
-    if isinstance(dims, (tuple, list)) and len(dims) == 1 and isinstance(dims[0], (tuple, list)):
-        dims = dims[0]
-    if not isinstance(dims, (tuple, list)) or len(dims) != ndim:
-        return None
-    if not all(isinstance(d, int) for d in dims):
-        return None
-    dims = [d % ndim for d in dims]
-    return dims if sorted(dims) == out else None
+    from .receptive import axis_permutation
+
+    call = {} if op.name in ("mT", "t") else _call(op)
+    return None if call is None else axis_permutation(op.name, call, ndim)
 
 
 def _keeps(shape_in: tuple[int, ...], shape_out: tuple[int, ...], *pos: int) -> bool:

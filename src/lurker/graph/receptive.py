@@ -777,33 +777,72 @@ def _h_reshape(op: Op, k: int, parents: list[_Parent], out: tuple[int, ...]) -> 
 def _perm(op: Op, nd: int) -> list[int] | None:
     """Output dim e holds input dim perm[e]."""
     name = _base_name(op.name)
+    if name not in _PERMUTING:
+        return None
+    return axis_permutation(name, {} if name in _NO_ARGS else _args(op), nd)
+
+
+#: ops that reorder axes, and those of them that take no arguments to say how
+_PERMUTING = frozenset(
+    {"permute", "transpose", "swapaxes", "swapdims", "t", "T", "H", "mT", "mH", "adjoint",
+     "movedim", "moveaxis"}
+)  # fmt: skip
+_NO_ARGS = frozenset({"t", "T", "H", "mT", "mH", "adjoint"})
+
+
+def axis_permutation(name: str, call: dict[str, Any], nd: int) -> list[int] | None:
+    """Which input axis each output axis of the reordering op ``name`` (``permute``,
+    ``transpose`` and its aliases, ``t``/``mT`` and their kin, ``movedim``) is, from its
+    arguments bound by name (``call``): output axis e holds input axis ``perm[e]``. None
+    where the arguments cannot be read (not whole numbers, not a permutation) or ``name``
+    reorders no axes. One reading for every analysis that follows axes through these ops
+    (receptive fields, attention's query and key axes)."""
     perm = list(range(nd))
     if name == "permute":
-        return _dims(_args(op).get("dims"), nd)
+        dims = call.get("dims")
+        if (
+            isinstance(dims, (tuple, list))
+            and len(dims) == 1
+            and isinstance(dims[0], (tuple, list))
+        ):
+            dims = dims[0]  # x.permute((0, 2, 1)): the dims as one tuple
+        got = _ints(dims, nd)
+        return got if got is not None and sorted(got) == perm else None
     if name in ("transpose", "swapaxes", "swapdims"):
-        c = _args(op)
-        a = c.get("dim0", c.get("axis0"))
-        b = c.get("dim1", c.get("axis1"))
-        if a is None or b is None:
+        a = call.get("dim0", call.get("axis0"))
+        b = call.get("dim1", call.get("axis1"))
+        if not (isinstance(a, int) and isinstance(b, int)) or not nd:
             return None
-        a, b = int(a) % nd, int(b) % nd
+        a, b = a % nd, b % nd
         perm[a], perm[b] = perm[b], perm[a]
         return perm
     if name in ("t", "T", "H"):
         return perm[::-1]
-    if name in ("mT", "mH", "adjoint") and nd >= 2:
+    if name in ("mT", "mH", "adjoint"):
+        if nd < 2:
+            return None
         perm[-1], perm[-2] = perm[-2], perm[-1]
         return perm
     if name in ("movedim", "moveaxis"):
-        c = _args(op)
-        src = _dims(c.get("source", 0), nd)
-        dst = _dims(c.get("destination", 0), nd)
+        src = _ints(call.get("source", 0), nd)
+        dst = _ints(call.get("destination", 0), nd)
+        if src is None or dst is None or len(src) != len(dst):
+            return None
         res: list[int | None] = [None] * nd
         for s, t in zip(src, dst):
             res[t] = s
         rest = iter(d for d in range(nd) if d not in src)
         return [r if r is not None else next(rest) for r in res]
     return None
+
+
+def _ints(v: Any, nd: int) -> list[int] | None:
+    """Axis numbers (one or a sequence) made non-negative; None where one is not a whole
+    number or there are no axes."""
+    seq = v if isinstance(v, (tuple, list)) else [v]
+    if not nd or not all(isinstance(d, int) and not isinstance(d, bool) for d in seq):
+        return None
+    return [d % nd for d in seq]
 
 
 def _h_permute(op: Op, k: int, parents: list[_Parent], out: tuple[int, ...]) -> _Maps | None:
